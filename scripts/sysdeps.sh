@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install the Debian packages btrdelta's demo and tests use, only those that are missing,
+# with a single `apt-get update` first. Idempotent; a no-op on a prepared machine.
+set -euo pipefail
+# command -> Debian package
+declare -A need=(
+  [btrfs]=btrfs-progs [mkfs.ext4]=e2fsprogs [xfs_io]=xfsprogs [setfattr]=attr
+  [setcap]=libcap2-bin [zstd]=zstd [bsdiff]=bsdiff [xdelta3]=xdelta3 [rsync]=rsync
+  [fusermount3]=fuse3 [nbdinfo]=libnbd-bin [casync]=casync [nginx]=nginx-light
+  [debootstrap]=debootstrap [losetup]=mount
+)
+missing=()
+for cmd in "${!need[@]}"; do
+  command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("${need[$cmd]}")
+done
+# python3-venv is needed to make the venv on Debian's own python
+if ! python3 -c 'import ensurepip' >/dev/null 2>&1; then missing+=(python3-venv); fi
+if [ ${#missing[@]} -eq 0 ]; then exit 0; fi
+if [ "$(id -u)" -ne 0 ]; then
+  echo "sysdeps: missing packages ${missing[*]} and not root; install them first" >&2
+  exit 1
+fi
+echo "sysdeps: installing ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

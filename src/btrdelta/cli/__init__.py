@@ -1,0 +1,91 @@
+"""The ``btrdelta`` command: one entry point, one module per subcommand.
+
+Every ``btrdelta/cli/<name>_cmd.py`` module is a subcommand; it exposes ``add_parser(sub)``
+(registers its argparse parser and sets ``func=run``) and ``run(args) -> int``. Commands are
+thin: parse, call the public API, format. Errors become one line on stderr and the exit code
+of the error class (see ``docs/cli.md``); ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+import signal
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+from ..errors import BtrdeltaError
+
+__all__ = ["build_parser", "main"]
+
+EXIT_CODES_EPILOG = """\
+exit codes:
+  0  success                      5  checksum mismatch
+  1  other error                  6  missing parent / base / chunk
+  2  usage error                  7  transport (HTTP) error
+  3  malformed stream or archive  8  I/O error while applying
+  4  unsafe path in input         130 interrupted
+"""
+
+
+def _command_modules() -> list[str]:
+    names = [m.name for m in pkgutil.iter_modules(__path__) if m.name.endswith("_cmd")]
+    return sorted(names)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand registered."""
+    parser = argparse.ArgumentParser(
+        prog="btrdelta",
+        description=(
+            "Small, fast and safe updates from btrfs send streams: read, dump, verify, "
+            "receive, send and delta-compress streams; chunk and clone whole images."
+        ),
+        epilog=EXIT_CODES_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"btrdelta {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show a Python traceback on errors"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _command_modules():
+        module = importlib.import_module(f"{__name__}.{name}")
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (only ``__main__`` calls ``sys.exit``)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except BtrdeltaError as exc:
+        if args.debug:
+            raise
+        print(f"btrdelta {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except BrokenPipeError:
+        # the reader went away (`btrdelta dump | head`): exit quietly, like coreutils
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except OSError:
+            pass
+        return 128 + signal.SIGPIPE
+    except KeyboardInterrupt:
+        print(f"btrdelta {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        if args.debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"btrdelta {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,163 @@
+"""The one exception tree of btrdelta.
+
+Every error a caller can act on derives from :class:`BtrdeltaError`; each carries where it
+happened (``source`` name, byte ``offset``, record ``index``, ``path``) and the exit code the
+CLI uses. ``str(err)`` is a single line naming what and where, e.g.
+``stream.bin: offset 81920, record 17 (WRITE): CRC32C mismatch``.
+
+::
+
+    BtrdeltaError                 exit 1
+    ├── StreamFormatError         exit 3  bad stream / archive / patch bytes, truncation
+    │   ├── ChecksumError         exit 5  a CRC or digest did not match (expected, actual)
+    │   └── UnsupportedVersionError exit 3
+    ├── UnsafePathError           exit 4  '..', absolute, NUL, symlinked parent, outside DEST
+    ├── MissingBaseError          exit 6  parent subvolume, delta base file, chunk not found
+    ├── ApplyError                exit 8  an OSError while applying, with op and path
+    ├── TransportError            exit 7  HTTP / network failure (url, status)
+    └── ProtocolError             exit 9  sender/receiver negotiation
+
+Low-level exceptions (``struct.error``, ``IndexError``, ``UnicodeDecodeError``) never escape
+a decoder; they are wrapped with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ApplyError",
+    "BtrdeltaError",
+    "ChecksumError",
+    "MissingBaseError",
+    "ProtocolError",
+    "StreamFormatError",
+    "TransportError",
+    "UnsafePathError",
+    "UnsupportedVersionError",
+]
+
+
+def _show_path(path: bytes | str) -> str:
+    if isinstance(path, bytes):
+        return path.decode("utf-8", "backslashreplace")
+    return path
+
+
+class BtrdeltaError(Exception):
+    """Base of every btrdelta error; carries location fields and an exit code."""
+
+    exit_code = 1
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        source: str | None = None,
+        offset: int | None = None,
+        index: int | None = None,
+        command: str | None = None,
+        path: bytes | str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.source = source
+        self.offset = offset
+        self.index = index
+        self.command = command
+        self.path = path
+
+    def located(self, **where: object) -> BtrdeltaError:
+        """Fill in location fields that are still unknown; returns ``self``."""
+        for key, value in where.items():
+            if value is not None and getattr(self, key, None) is None:
+                setattr(self, key, value)
+        return self
+
+    def __str__(self) -> str:
+        where: list[str] = []
+        if self.offset is not None:
+            where.append(f"offset {self.offset}")
+        if self.index is not None:
+            rec = f"record {self.index}"
+            if self.command:
+                rec += f" ({self.command})"
+            where.append(rec)
+        elif self.command:
+            where.append(self.command)
+        if self.path is not None:
+            where.append(f"path {_show_path(self.path)!r}")
+        text = ", ".join(where)
+        if self.source:
+            text = f"{self.source}: {text}" if text else self.source
+        return f"{text}: {self.message}" if text else self.message
+
+
+class StreamFormatError(BtrdeltaError):
+    """Bytes that are not a valid stream, archive or patch (includes truncation)."""
+
+    exit_code = 3
+
+
+class ChecksumError(StreamFormatError):
+    """A CRC or digest did not match."""
+
+    exit_code = 5
+
+    def __init__(
+        self, message: str, *, expected: object = None, actual: object = None, **where: object
+    ) -> None:
+        super().__init__(message, **where)  # type: ignore[arg-type]
+        self.expected = expected
+        self.actual = actual
+
+
+class UnsupportedVersionError(StreamFormatError):
+    """A format version this build does not implement."""
+
+    exit_code = 3
+
+
+class UnsafePathError(BtrdeltaError):
+    """A path that would leave the destination ('..', absolute, NUL, symlinked parent)."""
+
+    exit_code = 4
+
+
+class MissingBaseError(BtrdeltaError):
+    """A parent subvolume, delta base file or chunk that is needed but not present."""
+
+    exit_code = 6
+
+
+class ApplyError(BtrdeltaError):
+    """An operating-system error while applying a record, with the operation and path."""
+
+    exit_code = 8
+
+    def __init__(self, message: str, *, op: str | None = None, **where: object) -> None:
+        super().__init__(message, **where)  # type: ignore[arg-type]
+        self.op = op
+
+
+class TransportError(BtrdeltaError):
+    """An HTTP or network failure."""
+
+    exit_code = 7
+
+    def __init__(
+        self, message: str, *, url: str | None = None, status: int | None = None, **where: object
+    ) -> None:
+        super().__init__(message, **where)  # type: ignore[arg-type]
+        self.url = url
+        self.status = status
+
+    def __str__(self) -> str:
+        base = super().__str__()
+        if self.url and self.url not in base:
+            base = f"{self.url}: {base}"
+        return base
+
+
+class ProtocolError(BtrdeltaError):
+    """A sender/receiver negotiation went wrong."""
+
+    exit_code = 9

@@ -1,0 +1,336 @@
+"""Reading send streams: a sans-I/O push parser and a pull reader over a binary file.
+
+Strategy (h11-style): :class:`StreamParser` owns all state. The caller feeds bytes in any
+split with :meth:`StreamParser.feed` (an empty feed means EOF) and pulls events with
+:meth:`StreamParser.next_event`, which returns a :class:`StreamHeader`, a record, ``NEED_DATA``
+or ``EOF``. A command that lies wholly inside one fed buffer is decoded in place: its file
+data is a ``memoryview`` of the caller's buffer, which therefore must not be modified after
+feeding. A command split across feeds is assembled once into a buffer of exactly its size.
+
+:class:`StreamReader` is the pull side: it reads large blocks from a file or pipe with
+``readinto`` into fresh buffers and feeds the parser. Peak memory is a block plus the largest
+command (the payload length is checked against the version's limit before any allocation),
+whatever the stream size.
+
+Several streams concatenated in one file (``btrfs send A B``) come out as a sequence:
+each begins with a :class:`StreamHeader` event. EOF is clean only where a new stream header
+could start (right after END), as in btrfs-progs.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Literal
+
+import crc32c as _crc32c
+
+from ..errors import BtrdeltaError, ChecksumError, StreamFormatError
+from .codec import _HDR6, _ZERO_CRC, decode_payload, decode_stream_header
+from .constants import (
+    CMD_HEADER,
+    CMD_HEADER_SIZE,
+    MAX_PAYLOAD,
+    STREAM_HEADER_SIZE,
+    Cmd,
+)
+from .records import End, Record
+
+__all__ = ["EOF", "NEED_DATA", "Event", "StreamHeader", "StreamParser", "StreamReader"]
+
+_crc = _crc32c.crc32c
+_unpack_cmd = CMD_HEADER.unpack_from
+_pack_hdr6 = _HDR6.pack
+_CMD_NAMES = {int(c): c.name for c in Cmd}
+
+
+class Sentinel(enum.Enum):
+    """Parser sentinels."""
+
+    NEED_DATA = "NEED_DATA"
+    EOF = "EOF"
+
+
+NEED_DATA: Literal[Sentinel.NEED_DATA] = Sentinel.NEED_DATA
+EOF: Literal[Sentinel.EOF] = Sentinel.EOF
+
+
+@dataclass(slots=True)
+class StreamHeader:
+    """Start of one (possibly concatenated) stream: its protocol version and byte offset."""
+
+    version: int
+    offset: int = 0
+
+
+Event = StreamHeader | Record
+
+
+class StreamParser:
+    """Push parser for btrfs send streams (sans-I/O).
+
+    Args:
+        source: name used in error messages (a file name, ``-`` for stdin).
+        verify_crc: check the CRC32C of every command (default on; turning it off is only
+            for measuring).
+    """
+
+    def __init__(self, *, source: str | None = None, verify_crc: bool = True) -> None:
+        self.source = source
+        self.verify_crc = verify_crc
+        #: protocol version of the stream being read (0 before the first header)
+        self.version = 0
+        #: number of stream headers seen so far
+        self.streams = 0
+        #: index of the next command (0-based, counted over the whole input)
+        self.index = 0
+        self._chunks: list[memoryview] = []
+        self._cur: memoryview = memoryview(b"")
+        self._pos = 0  # position in _cur
+        self._avail = 0  # bytes available in _cur[_pos:] + _chunks
+        self._consumed = 0  # absolute offset of _cur[_pos]
+        self._eof = False
+        self._expect_header = True
+        self._failed: BtrdeltaError | None = None
+
+    # -- input -------------------------------------------------------------------------
+
+    def feed(self, data: Any) -> None:
+        """Give the parser more bytes; ``b""`` marks the end of input."""
+        if self._eof:
+            raise StreamFormatError("data fed after EOF", source=self.source)
+        view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        if not len(view):
+            self._eof = True
+            return
+        if self._pos >= len(self._cur) and not self._chunks:
+            self._cur = view
+            self._pos = 0
+        else:
+            self._chunks.append(view)
+        self._avail += len(view)
+
+    @property
+    def offset(self) -> int:
+        """Absolute byte offset of the next unparsed byte."""
+        return self._consumed
+
+    def needed(self) -> int:
+        """Bytes still missing to complete the item being parsed (a hint for readers)."""
+        if self._expect_header:
+            want = STREAM_HEADER_SIZE
+        elif self._avail < CMD_HEADER_SIZE:
+            want = CMD_HEADER_SIZE
+        else:
+            want = CMD_HEADER_SIZE + int.from_bytes(self._peek(CMD_HEADER_SIZE)[0:4], "little")
+        return max(0, want - self._avail)
+
+    # -- buffer helpers ----------------------------------------------------------------
+
+    def _peek(self, n: int) -> memoryview:
+        """The next ``n`` bytes (``n <= _avail``) as one contiguous view, without consuming."""
+        end = self._pos + n
+        if end <= len(self._cur):
+            return self._cur[self._pos : end]
+        # assemble exactly n bytes into a new buffer (a split command: copied once)
+        buf = bytearray(n)
+        got = len(self._cur) - self._pos
+        buf[:got] = self._cur[self._pos :]
+        merged = 0
+        for chunk in self._chunks:
+            take = min(len(chunk), n - got)
+            buf[got : got + take] = chunk[:take]
+            got += take
+            merged += 1
+            if got == n:
+                break
+        # replace the consumed-from chunks by the merged buffer + the rest of the last chunk
+        last = self._chunks[merged - 1]
+        rest = last[take:]
+        self._chunks = ([rest] if len(rest) else []) + self._chunks[merged:]
+        self._cur = memoryview(buf)
+        self._pos = 0
+        return self._cur
+
+    def _advance(self, n: int) -> None:
+        self._pos += n
+        self._avail -= n
+        self._consumed += n
+        if self._pos >= len(self._cur) and self._chunks:
+            self._cur = self._chunks.pop(0)
+            self._pos = 0
+
+    # -- events ------------------------------------------------------------------------
+
+    def _error(self, exc: BtrdeltaError, offset: int | None = None, cmd: int | None = None) -> None:
+        exc.located(
+            source=self.source,
+            offset=self._consumed if offset is None else offset,
+            index=self.index if not self._expect_header else None,
+            command=_CMD_NAMES.get(cmd, None) if cmd is not None else None,
+        )
+        self._failed = exc
+        raise exc
+
+    def next_event(self) -> Event | Literal[Sentinel.NEED_DATA, Sentinel.EOF]:
+        """Return the next header or record, ``NEED_DATA`` or ``EOF``.
+
+        Raises:
+            StreamFormatError: the bytes are not a valid stream (with offset and record).
+        """
+        if self._failed is not None:
+            raise self._failed
+        if self._expect_header:
+            if self._avail < STREAM_HEADER_SIZE:
+                if not self._eof:
+                    return NEED_DATA
+                if self._avail == 0:
+                    if self.streams:
+                        return EOF
+                    self._error(StreamFormatError("empty stream is not a valid send stream"))
+                self._error(StreamFormatError("truncated stream header"))
+            start = self._consumed
+            try:
+                version = decode_stream_header(self._peek(STREAM_HEADER_SIZE))
+            except BtrdeltaError as exc:
+                self._error(exc)
+            self._advance(STREAM_HEADER_SIZE)
+            self.version = version
+            self.streams += 1
+            self._expect_header = False
+            return StreamHeader(version, start)
+
+        if self._avail < CMD_HEADER_SIZE:
+            if not self._eof:
+                return NEED_DATA
+            if self._avail == 0:
+                self._error(StreamFormatError("unexpected EOF in stream (no END command)"))
+            self._error(StreamFormatError("truncated command header"))
+        cur = self._cur
+        pos = self._pos
+        if pos + CMD_HEADER_SIZE <= len(cur):
+            length, cmd, crc = _unpack_cmd(cur, pos)
+        else:
+            length, cmd, crc = _unpack_cmd(self._peek(CMD_HEADER_SIZE), 0)
+        if length > MAX_PAYLOAD[self.version]:
+            self._error(
+                StreamFormatError(
+                    f"command length {length} exceeds the v{self.version} limit"
+                    f" of {MAX_PAYLOAD[self.version]}"
+                ),
+                cmd=cmd,
+            )
+        total = CMD_HEADER_SIZE + length
+        if self._avail < total:
+            if not self._eof:
+                return NEED_DATA
+            self._error(
+                StreamFormatError(
+                    f"truncated command: {total} bytes announced, {self._avail} present"
+                ),
+                cmd=cmd,
+            )
+        if pos + total <= len(cur):
+            mv = cur
+            start = pos
+        else:
+            mv = self._peek(total)
+            start = 0
+        if self.verify_crc:
+            actual = _crc(
+                mv[start + CMD_HEADER_SIZE : start + total],
+                _crc(_ZERO_CRC, _crc(_pack_hdr6(length, cmd), 0xFFFFFFFF)),
+            ) ^ 0xFFFFFFFF
+            if actual != crc:
+                self._error(
+                    ChecksumError(
+                        f"CRC32C mismatch (stored {crc:#010x}, computed {actual:#010x})",
+                        expected=crc,
+                        actual=actual,
+                    ),
+                    cmd=cmd,
+                )
+        try:
+            rec = decode_payload(cmd, mv, start + CMD_HEADER_SIZE, start + total, self.version)
+        except BtrdeltaError as exc:
+            self._error(exc, cmd=cmd)
+        self._advance(total)
+        self.index += 1
+        if type(rec) is End:
+            self._expect_header = True
+        return rec
+
+    def __iter__(self) -> Iterator[Event]:
+        """Events available now (stops at ``NEED_DATA`` or ``EOF``)."""
+        while True:
+            ev = self.next_event()
+            if ev is NEED_DATA or ev is EOF:
+                return
+            yield ev
+
+
+class StreamReader:
+    """Pull reader over a binary file or pipe.
+
+    Iterating yields records (headers skipped); :meth:`events` also yields a
+    :class:`StreamHeader` before each concatenated stream.
+
+    Args:
+        file: a binary file object with ``readinto`` (a file, a pipe, ``sys.stdin.buffer``).
+        source: name for error messages.
+        block_size: bytes per read.
+        verify_crc: check every command's CRC32C.
+    """
+
+    def __init__(
+        self,
+        file: BinaryIO,
+        *,
+        source: str | None = None,
+        block_size: int = 1 << 20,
+        verify_crc: bool = True,
+    ) -> None:
+        self.file = file
+        self.parser = StreamParser(source=source, verify_crc=verify_crc)
+        self.block_size = block_size
+
+    @property
+    def version(self) -> int:
+        """Version of the stream being read."""
+        return self.parser.version
+
+    def _fill(self) -> None:
+        parser = self.parser
+        size = max(self.block_size, parser.needed())
+        buf = bytearray(size)
+        n = self.file.readinto(buf)  # type: ignore[attr-defined]
+        if not n:
+            parser.feed(b"")
+        else:
+            parser.feed(memoryview(buf)[:n])
+
+    def events(self) -> Iterator[Event]:
+        """Yield stream headers and records until the input ends."""
+        parser = self.parser
+        next_event = parser.next_event
+        while True:
+            ev = next_event()
+            if ev is NEED_DATA:
+                self._fill()
+                continue
+            if ev is EOF:
+                return
+            yield ev
+
+    def __iter__(self) -> Iterator[Record]:
+        for ev in self.events():
+            if type(ev) is not StreamHeader:
+                yield ev  # type: ignore[misc]
+
+
+def iter_records(file: BinaryIO, *, source: str | None = None) -> Iterator[Record]:
+    """Records of every stream in ``file`` (headers skipped)."""
+    return iter(StreamReader(file, source=source))

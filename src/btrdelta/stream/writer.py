@@ -1,0 +1,83 @@
+"""Writing send streams.
+
+:class:`StreamWriter` takes a ``write`` callable (a file's ``write``, a socket's
+``sendall``, ``list.append``) and never opens anything itself. It writes the 17-byte header
+before the first record and after every END (a record after END starts a new concatenated
+stream, exactly as ``btrfs send A B`` lays them out), so that for every stream ``S``
+``write(read(S)) == S`` byte for byte.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from ..errors import StreamFormatError
+from .codec import encode_record, encode_stream_header
+from .reader import Event, StreamHeader
+from .records import End, Record
+
+__all__ = ["StreamWriter", "write_stream"]
+
+
+class StreamWriter:
+    """Serialize records (and stream headers) to a ``write`` callable.
+
+    Args:
+        write: called with each piece (``bytes`` or ``memoryview``) in order.
+        version: protocol version of the streams to write (1, 2 or 3).
+    """
+
+    def __init__(self, write: Callable[[Any], object], version: int = 1) -> None:
+        encode_stream_header(version)  # validates the version
+        self._write = write
+        self.version = version
+        self._need_header = True
+        #: bytes written so far
+        self.bytes_written = 0
+        #: records written so far
+        self.records = 0
+
+    def start_stream(self, version: int | None = None) -> None:
+        """Write a stream header now (for a new concatenated stream, possibly of another
+        version)."""
+        if version is not None:
+            self.version = version
+        header = encode_stream_header(self.version)
+        self._write(header)
+        self.bytes_written += len(header)
+        self._need_header = False
+
+    def write(self, rec: Record) -> None:
+        """Append one record; refuses what the stream version cannot express."""
+        pieces = encode_record(rec, self.version)
+        if self._need_header:
+            self.start_stream()
+        write = self._write
+        n = 0
+        for piece in pieces:
+            write(piece)
+            n += len(piece)
+        self.bytes_written += n
+        self.records += 1
+        if type(rec) is End:
+            self._need_header = True
+
+    def write_event(self, ev: Event) -> None:
+        """Append a header or a record as read by :meth:`StreamReader.events`."""
+        if isinstance(ev, StreamHeader):
+            if not self._need_header:
+                raise StreamFormatError("stream header in the middle of a stream (no END)")
+            self.start_stream(ev.version)
+        else:
+            self.write(ev)
+
+
+def write_stream(
+    records: Iterable[Event], write: Callable[[Any], object], version: int = 1
+) -> StreamWriter:
+    """Write ``records`` (headers allowed) with a new :class:`StreamWriter`; returns it."""
+    writer = StreamWriter(write, version)
+    for ev in records:
+        writer.write_event(ev)
+    return writer
