@@ -14,6 +14,7 @@ that overruns its command is a :class:`~btrdelta.errors.StreamFormatError`. That
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import uuid
 from collections.abc import Callable, Sequence
@@ -169,7 +170,7 @@ class _Decoder:
         spec = COMMAND_SPECS[cmd]
         self.cmd = cmd
         self.cls = RECORD_TYPES[cmd]
-        order = [f.name for f in self.cls.__dataclass_fields__.values()]
+        order = [f.name for f in dataclasses.fields(self.cls)]
         self.nfields = len(order)
         #: attribute number -> (record position, converter)
         self.slot: dict[int, int] = {}

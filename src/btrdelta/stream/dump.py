@@ -14,6 +14,7 @@ timestamps). Lines are ``bytes``; non-UTF-8 names pass through unchanged.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import re
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from typing import Any
 
 from ..errors import StreamFormatError
 from .records import (
+    RECORD_TYPES,
     Chmod,
     Chown,
     Clone,
@@ -279,7 +281,7 @@ def record_to_json(rec: Record, index: int | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"cmd": rec.cmd.name.lower()}
     if index is not None:
         out["index"] = index
-    for name in rec.__dataclass_fields__:
+    for name in _FIELDS[type(rec)]:
         value = getattr(rec, name)
         if value is None:
             continue
@@ -292,3 +294,8 @@ def record_to_json(rec: Record, index: int | None = None) -> dict[str, Any]:
         else:
             out[name] = str(value)
     return out
+
+
+_FIELDS: dict[type[Any], tuple[str, ...]] = {
+    cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in RECORD_TYPES.values()
+}
