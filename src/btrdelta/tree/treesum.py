@@ -1,0 +1,277 @@
+"""A checksum of a whole directory tree, to verify an update and to compare receivers.
+
+Per entry (sorted by name, bytes) it covers: file type, ``st_mode``, uid, gid, mtime in
+nanoseconds, size, content (BLAKE3), symlink target, device numbers, link count and
+hard-link group (which other path shares the inode), and every extended attribute (name and
+value, not following symlinks). Optionally (``holes=True``) the data/hole layout of regular
+files, found with ``SEEK_DATA``/``SEEK_HOLE`` and rounded to 4 KiB blocks.
+
+It never covers atime, ctime, inode numbers or the device. Entries on another device than the
+root (nested btrfs subvolumes) and btrfs's empty-subvolume stubs (directories with inode 2)
+are skipped, because send streams never carry them. ``ignore_root_mtime`` drops the root's
+mtime, which a receiver cannot reproduce after an incremental stream (the kernel sends no
+UTIMES for an unchanged root that orphans were created in).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import blake3
+
+__all__ = ["Entry", "diff_manifests", "tree_manifest", "tree_sum"]
+
+_ZEROS = bytes(1 << 20)
+_BLOCK = 4096
+_READ = 1 << 20
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What the checksum covers for one path (relative, bytes; ``b"."`` is the root)."""
+
+    path: bytes
+    kind: str  # f d l c b p s
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int | None
+    size: int | None = None
+    digest: str | None = None
+    target: bytes | None = None
+    rdev: tuple[int, int] | None = None
+    nlink: int | None = None
+    link_group: bytes | None = None
+    xattrs: tuple[tuple[bytes, bytes], ...] = ()
+    layout: tuple[tuple[int, int], ...] | None = None
+    extra: dict[str, object] = field(default_factory=dict, compare=False)
+
+    def line(self) -> str:
+        """One manifest line (stable text, used for the digest and for diffs)."""
+        parts = [
+            _show(self.path),
+            self.kind,
+            f"mode={self.mode:o}",
+            f"uid={self.uid}",
+            f"gid={self.gid}",
+        ]
+        if self.mtime_ns is not None:
+            parts.append(f"mtime={self.mtime_ns}")
+        if self.size is not None:
+            parts.append(f"size={self.size}")
+        if self.digest is not None:
+            parts.append(f"data={self.digest}")
+        if self.target is not None:
+            parts.append(f"target={_show(self.target)}")
+        if self.rdev is not None:
+            parts.append(f"rdev={self.rdev[0]}:{self.rdev[1]}")
+        if self.nlink is not None:
+            parts.append(f"nlink={self.nlink}")
+        if self.link_group is not None:
+            parts.append(f"linked={_show(self.link_group)}")
+        for name, value in self.xattrs:
+            parts.append(f"xattr:{_show(name)}={value.hex()}")
+        if self.layout is not None:
+            parts.append("layout=" + ",".join(f"{a}+{n}" for a, n in self.layout))
+        return " ".join(parts)
+
+
+def _show(b: bytes) -> str:
+    return b.decode("utf-8", "backslashreplace").replace("\n", "\\n").replace(" ", "\\x20")
+
+
+def _xattrs(path: bytes, exclude: frozenset[bytes]) -> tuple[tuple[bytes, bytes], ...]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EPERM):
+            return ()
+        raise
+    out = []
+    for name in sorted(n.encode("utf-8", "surrogateescape") for n in names):
+        if name in exclude:
+            continue
+        try:
+            value = os.getxattr(path, name, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:
+                continue
+            raise
+        out.append((name, value))
+    return tuple(out)
+
+
+def _file_digest(path: bytes, size: int, want_layout: bool) -> tuple[str, tuple[tuple[int, int], ...] | None]:
+    """BLAKE3 of the content (holes read as zeros) and, if asked, the data extents."""
+    h = blake3.blake3()
+    layout: list[tuple[int, int]] = []
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        pos = 0
+        while pos < size:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole until EOF
+                    data = size
+                elif exc.errno == errno.EINVAL:  # fs without SEEK_DATA
+                    data = pos
+                else:
+                    raise
+            data = min(data, size)
+            _feed_zeros(h, data - pos)
+            if data >= size:
+                break
+            try:
+                hole = os.lseek(fd, data, os.SEEK_HOLE)
+            except OSError:
+                hole = size
+            hole = min(hole, size)
+            os.lseek(fd, data, os.SEEK_SET)
+            left = hole - data
+            while left > 0:
+                chunk = os.read(fd, min(_READ, left))
+                if not chunk:
+                    raise OSError(errno.EIO, "file shrank while hashing", path)
+                h.update(chunk)
+                left -= len(chunk)
+            if want_layout:
+                a = data // _BLOCK * _BLOCK
+                b = min(-(-hole // _BLOCK) * _BLOCK, -(-size // _BLOCK) * _BLOCK)
+                if layout and layout[-1][0] + layout[-1][1] >= a:
+                    start = layout[-1][0]
+                    layout[-1] = (start, max(b, start + layout[-1][1]) - start)
+                else:
+                    layout.append((a, b - a))
+            pos = hole
+    finally:
+        os.close(fd)
+    return h.hexdigest(), (tuple(layout) if want_layout else None)
+
+
+def _feed_zeros(h: blake3.blake3, n: int) -> None:
+    while n > 0:
+        take = min(n, len(_ZEROS))
+        h.update(memoryview(_ZEROS)[:take])
+        n -= take
+
+
+def _kind(mode: int) -> str:
+    fmt = stat.S_IFMT(mode)
+    return {
+        stat.S_IFREG: "f",
+        stat.S_IFDIR: "d",
+        stat.S_IFLNK: "l",
+        stat.S_IFCHR: "c",
+        stat.S_IFBLK: "b",
+        stat.S_IFIFO: "p",
+        stat.S_IFSOCK: "s",
+    }.get(fmt, "?")
+
+
+def _walk(root: bytes) -> Iterator[tuple[bytes, bytes, os.stat_result]]:
+    """(relative path, absolute path, lstat) in sorted depth-first order."""
+    st = os.lstat(root)
+    dev = st.st_dev
+    yield b".", root, st
+    stack: list[tuple[bytes, bytes]] = [(b"", root)]
+    while stack:
+        rel, absdir = stack.pop()
+        with os.scandir(absdir) as it:
+            names = sorted(e.name for e in it)
+        subdirs = []
+        for name in names:
+            full = os.path.join(absdir, name)
+            est = os.lstat(full)
+            if est.st_dev != dev:
+                continue  # another subvolume / mount
+            if stat.S_ISDIR(est.st_mode) and est.st_ino == 2 and not os.listdir(full):
+                continue  # btrfs empty-subvolume stub in a snapshot
+            r = rel + b"/" + name if rel else name
+            yield r, full, est
+            if stat.S_ISDIR(est.st_mode):
+                subdirs.append((r, full))
+        stack.extend(reversed(subdirs))
+
+
+def tree_manifest(
+    path: str | os.PathLike[str] | bytes,
+    *,
+    holes: bool = False,
+    ignore_root_mtime: bool = False,
+    exclude_xattrs: Iterable[bytes] = (),
+) -> list[Entry]:
+    """Every entry of the tree at ``path`` as :class:`Entry` values, sorted by path."""
+    root = os.fsencode(path)
+    exclude = frozenset(exclude_xattrs)
+    groups: dict[int, bytes] = {}
+    out: list[Entry] = []
+    for rel, full, st in _walk(root):
+        mode = st.st_mode
+        kind = _kind(mode)
+        mtime: int | None = st.st_mtime_ns
+        if rel == b"." and ignore_root_mtime:
+            mtime = None
+        size = digest = target = rdev = nlink = group = None
+        layout = None
+        if kind == "f":
+            size = st.st_size
+            digest, layout = _file_digest(full, st.st_size, holes)
+        elif kind == "l":
+            target = os.readlink(full)
+        elif kind in "cb":
+            rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+        if kind != "d":
+            nlink = st.st_nlink
+            if st.st_nlink > 1:
+                group = groups.setdefault(st.st_ino, rel)
+                if group == rel:
+                    group = None
+        xattrs = _xattrs(full, exclude) if kind != "s" else ()
+        out.append(
+            Entry(rel, kind, mode, st.st_uid, st.st_gid, mtime, size, digest, target, rdev,
+                  nlink, group, xattrs, layout)
+        )
+    return out
+
+
+def tree_sum(
+    path: str | os.PathLike[str] | bytes,
+    *,
+    holes: bool = False,
+    ignore_root_mtime: bool = False,
+    exclude_xattrs: Iterable[bytes] = (),
+) -> str:
+    """Hex BLAKE3 over the manifest of the tree at ``path`` (equal trees, equal sums)."""
+    h = blake3.blake3()
+    for entry in tree_manifest(
+        path, holes=holes, ignore_root_mtime=ignore_root_mtime, exclude_xattrs=exclude_xattrs
+    ):
+        h.update(entry.line().encode("utf-8", "surrogateescape") + b"\n")
+    return str(h.hexdigest())
+
+
+def diff_manifests(a: list[Entry], b: list[Entry], limit: int = 20) -> list[str]:
+    """Human-readable differences between two manifests (empty when equal)."""
+    da = {e.path: e for e in a}
+    db = {e.path: e for e in b}
+    out: list[str] = []
+    for path in sorted(da.keys() | db.keys()):
+        ea, eb = da.get(path), db.get(path)
+        if ea is None:
+            out.append(f"only in second: {_show(path)}")
+        elif eb is None:
+            out.append(f"only in first: {_show(path)}")
+        elif ea.line() != eb.line():
+            la, lb = ea.line().split(" "), eb.line().split(" ")
+            fa = [x for x in la if x not in lb]
+            fb = [x for x in lb if x not in la]
+            out.append(f"differs: {_show(path)}: {' '.join(fa)} != {' '.join(fb)}")
+        if len(out) >= limit:
+            out.append("...")
+            break
+    return out
