@@ -1,0 +1,92 @@
+"""A read-only FUSE file system exposing an image from a chunk store as one file.
+
+``MOUNTPOINT/<NAME>`` is the image, bit for bit; reads map to ``pread`` on chunk files
+(:class:`~btrdelta.chunk.store.ImageReader`). Then ``mount -o loop,ro MOUNTPOINT/NAME DIR``
+mounts the ext4/squashfs/erofs inside. Built on ``mfusepy`` (ctypes over libfuse); libfuse
+handles SIGINT/SIGTERM by leaving its loop and unmounting.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+from typing import Any
+
+import mfusepy
+
+from .store import ChunkStore, ImageReader
+
+__all__ = ["ImageFS", "mount_image"]
+
+
+class ImageFS(mfusepy.Operations):  # type: ignore[misc]
+    """FUSE operations: a root directory holding one read-only file.
+
+    Args:
+        reader: the image.
+        name: the file name inside the mount point.
+    """
+
+    use_ns = True
+
+    def __init__(self, reader: ImageReader, name: str) -> None:
+        self.reader = reader
+        self.name = name
+        self.path = "/" + name
+        now = time.time_ns()
+        self._times = {"st_atime": now, "st_mtime": now, "st_ctime": now}
+
+    def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
+        """Attributes of ``/`` and of the image file."""
+        if path == "/":
+            return {"st_mode": stat.S_IFDIR | 0o555, "st_nlink": 2, **self._times}
+        if path == self.path:
+            return {
+                "st_mode": stat.S_IFREG | 0o444, "st_nlink": 1, "st_size": self.reader.size,
+                "st_blocks": (self.reader.size + 511) // 512, **self._times,
+            }
+        raise mfusepy.FuseOSError(errno.ENOENT)
+
+    def readdir(self, path: str, fh: int) -> list[str]:
+        """The root lists the image file."""
+        if path != "/":
+            raise mfusepy.FuseOSError(errno.ENOTDIR)
+        return [".", "..", self.name]
+
+    def open(self, path: str, flags: int) -> int:
+        """Open the image read-only."""
+        if path != self.path:
+            raise mfusepy.FuseOSError(errno.ENOENT)
+        if flags & (os.O_WRONLY | os.O_RDWR):
+            raise mfusepy.FuseOSError(errno.EROFS)
+        return 0
+
+    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        """Bytes of the image."""
+        if path not in (None, self.path):
+            raise mfusepy.FuseOSError(errno.ENOENT)
+        try:
+            return self.reader.pread(size, offset)
+        except Exception as exc:  # a missing chunk must surface as EIO, not kill libfuse
+            raise mfusepy.FuseOSError(errno.EIO) from exc
+
+    def statfs(self, path: str) -> dict[str, int]:
+        """A small static answer (``df`` works)."""
+        blocks = (self.reader.size + 4095) // 4096
+        return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": blocks, "f_bfree": 0,
+                "f_bavail": 0, "f_files": 2, "f_ffree": 0, "f_namemax": 255}
+
+
+def mount_image(store: ChunkStore, name: str, mountpoint: str, *, debug: bool = False) -> None:
+    """Serve ``name`` at ``mountpoint`` until unmounted or SIGINT/SIGTERM (blocks)."""
+    _, index = store.read_description(name)
+    reader = ImageReader(store, index)
+    try:
+        mfusepy.FUSE(
+            ImageFS(reader, name), mountpoint, foreground=True, ro=True, debug=debug,
+            fsname=f"btrdelta:{name}", subtype="btrdelta", nothreads=False,
+        )
+    finally:
+        reader.close()

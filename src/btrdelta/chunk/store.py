@@ -1,0 +1,326 @@
+"""The local chunk store: verified chunks by id, image descriptions, random-access reads.
+
+Layout (``docs/formats/chunk-store.md``)::
+
+    STORE/chunks/<first 2 hex digits>/<64 hex digits>   one uncompressed chunk per file
+    STORE/<NAME>                                        description: header || index || sig
+
+Invariant: a file under ``chunks/`` always holds bytes whose BLAKE3 is its name. Chunks are
+written under a temporary name in the same directory and renamed into place only after the
+hash was checked, so an interrupted writer leaves at most a ``.tmp-*`` file that
+:meth:`ChunkStore.gc` removes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import blake3
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from ..errors import ChecksumError, MissingBaseError, StreamFormatError, UnsafePathError
+from .archive import ArchiveHeader, ArchiveIndex, decode_description
+from .chunker import DIGEST_SIZE, chunk_digest
+
+__all__ = ["ChunkStore", "GcReport", "ImageReader", "VerifyReport", "split_store_name"]
+
+_TMP = ".tmp-"
+
+
+def split_store_name(target: str) -> tuple[str, str]:
+    """``"STORE/NAME"`` -> ``("STORE", "NAME")``, refusing names that leave the store."""
+    store, name = os.path.split(os.path.normpath(target))
+    if not name or name in (".", "..", "chunks") or name.startswith(".") or "\0" in name:
+        raise UnsafePathError(f"bad image name {name!r} (want STORE/NAME)", path=target)
+    return store or ".", name
+
+
+@dataclass(frozen=True, slots=True)
+class GcReport:
+    """What :meth:`ChunkStore.gc` removed."""
+
+    removed: int
+    removed_bytes: int
+    kept: int
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    """What :meth:`ChunkStore.verify` found (``missing`` and ``bad`` are chunk ids)."""
+
+    chunks: int
+    missing: list[bytes]
+    bad: list[bytes]
+
+    @property
+    def ok(self) -> bool:
+        """No chunk is missing or damaged."""
+        return not self.missing and not self.bad
+
+
+class ChunkStore:
+    """A directory of verified chunks and image descriptions.
+
+    Args:
+        root: the store directory (created on first write).
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = os.fspath(root)
+        self.chunks_dir = os.path.join(self.root, "chunks")
+
+    # -- chunks ----------------------------------------------------------------------------
+    def chunk_path(self, digest: bytes) -> str:
+        """Path of the file holding chunk ``digest``."""
+        hexd = digest.hex()
+        return os.path.join(self.chunks_dir, hexd[:2], hexd)
+
+    def has(self, digest: bytes) -> bool:
+        """The chunk is in the store."""
+        return os.path.exists(self.chunk_path(digest))
+
+    def put(self, digest: bytes, data: bytes | bytearray | memoryview) -> bool:
+        """Store ``data`` as chunk ``digest`` after checking its hash.
+
+        Returns:
+            ``True`` if written, ``False`` if the store already had it.
+
+        Raises:
+            ChecksumError: ``data`` does not hash to ``digest`` (nothing is written).
+        """
+        actual = chunk_digest(data)
+        if actual != digest:
+            raise ChecksumError(
+                f"chunk {digest.hex()[:16]}… does not match its id",
+                expected=digest.hex(), actual=actual.hex(),
+            )
+        path = self.chunk_path(digest)
+        if os.path.exists(path):
+            return False
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f"{_TMP}{os.getpid()}-{threading.get_ident()}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return True
+
+    def iter_chunks(self) -> Iterator[tuple[bytes, str]]:
+        """Every stored chunk id with its path (temporary files excluded)."""
+        try:
+            subdirs = sorted(os.listdir(self.chunks_dir))
+        except FileNotFoundError:
+            return
+        for sub in subdirs:
+            directory = os.path.join(self.chunks_dir, sub)
+            for name in sorted(os.listdir(directory)):
+                if len(name) == 2 * DIGEST_SIZE and name.startswith(sub):
+                    try:
+                        yield bytes.fromhex(name), os.path.join(directory, name)
+                    except ValueError:
+                        continue
+
+    # -- descriptions ----------------------------------------------------------------------
+    def description_path(self, name: str) -> str:
+        """Path of description ``name``."""
+        _, name = split_store_name(os.path.join(self.root, name))
+        return os.path.join(self.root, name)
+
+    def write_description(self, name: str, blob: bytes) -> None:
+        """Atomically write description ``name``."""
+        path = self.description_path(name)
+        os.makedirs(self.root, exist_ok=True)
+        tmp = os.path.join(self.root, f"{_TMP}{name}-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, path)
+
+    def read_description(
+        self, name: str, *, public_key: Ed25519PublicKey | None = None
+    ) -> tuple[ArchiveHeader, ArchiveIndex]:
+        """Read and check description ``name`` (signature too when a key is given)."""
+        path = self.description_path(name)
+        try:
+            with open(path, "rb") as f:
+                blob = f.read(256 << 20)
+        except FileNotFoundError:
+            raise MissingBaseError("no such image in the store", path=path) from None
+        return decode_description(blob, source=path, public_key=public_key)
+
+    def descriptions(self) -> list[str]:
+        """Names of the descriptions in the store."""
+        try:
+            entries = sorted(os.listdir(self.root))
+        except FileNotFoundError:
+            return []
+        names = []
+        for name in entries:
+            path = os.path.join(self.root, name)
+            if name == "chunks" or name.startswith(".") or not os.path.isfile(path):
+                continue
+            with open(path, "rb") as f:
+                if f.read(8) == b"BDCHUNK\n":
+                    names.append(name)
+        return names
+
+    # -- maintenance -----------------------------------------------------------------------
+    def verify(
+        self, name: str, *, on_progress: Callable[[int, int], None] | None = None
+    ) -> VerifyReport:
+        """Check that every chunk ``name`` needs is present and hashes to its id."""
+        _, index = self.read_description(name)
+        missing, bad = [], []
+        total = len(index.digests)
+        for i, digest in enumerate(index.digests):
+            path = self.chunk_path(digest)
+            try:
+                with open(path, "rb") as f:
+                    actual = blake3.blake3(f.read()).digest()
+            except FileNotFoundError:
+                missing.append(digest)
+                continue
+            if actual != digest:
+                bad.append(digest)
+            if on_progress is not None:
+                on_progress(i + 1, total)
+        return VerifyReport(total, missing, bad)
+
+    def gc(self, *, dry_run: bool = False) -> GcReport:
+        """Remove chunks no description uses, and leftover temporary files."""
+        used: set[bytes] = set()
+        for name in self.descriptions():
+            try:
+                used.update(self.read_description(name)[1].digests)
+            except StreamFormatError as exc:
+                raise exc.located(path=self.description_path(name)) from None
+        removed = removed_bytes = kept = 0
+        for digest, path in self.iter_chunks():
+            if digest in used:
+                kept += 1
+                continue
+            removed += 1
+            removed_bytes += os.path.getsize(path)
+            if not dry_run:
+                os.unlink(path)
+        for directory in (self.root, *self._chunk_subdirs()):
+            with contextlib.suppress(FileNotFoundError):
+                for entry in os.listdir(directory):
+                    if entry.startswith(_TMP) and not dry_run:
+                        os.unlink(os.path.join(directory, entry))
+        return GcReport(removed, removed_bytes, kept)
+
+    def _chunk_subdirs(self) -> list[str]:
+        try:
+            return [os.path.join(self.chunks_dir, d) for d in os.listdir(self.chunks_dir)]
+        except FileNotFoundError:
+            return []
+
+
+class ImageReader:
+    """Random-access, thread-safe reads of an image rebuilt from a store.
+
+    Args:
+        store: where the chunks are.
+        index: the image's decoded index.
+        max_open: file descriptors kept open (LRU).
+    """
+
+    def __init__(self, store: ChunkStore, index: ArchiveIndex, *, max_open: int = 256) -> None:
+        self.store = store
+        self.index = index
+        self.size = index.starts[-1]
+        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._lock = threading.Lock()
+        self._max_open = max_open
+
+    def _fd(self, entry: int) -> int:
+        """Descriptor of chunk ``entry``; the caller holds ``self._lock``."""
+        fd = self._fds.get(entry)
+        if fd is not None:
+            self._fds.move_to_end(entry)
+            return fd
+        path = self.store.chunk_path(self.index.digests[entry])
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise MissingBaseError("chunk missing from the store", path=path) from None
+        self._fds[entry] = fd
+        while len(self._fds) > self._max_open:
+            _, victim = self._fds.popitem(last=False)
+            os.close(victim)
+        return fd
+
+    def _read_chunk(self, entry: int, n: int, inner: int) -> bytes:
+        # the lock spans the read so an evicted descriptor is never closed (and its
+        # number reused) while another thread reads from it
+        with self._lock:
+            data = os.pread(self._fd(entry), n, inner)
+        if len(data) != n:
+            raise MissingBaseError(
+                "chunk file shorter than its index entry",
+                path=self.store.chunk_path(self.index.digests[entry]),
+            )
+        return data
+
+    def pread(self, length: int, offset: int) -> bytes:
+        """Up to ``length`` bytes at ``offset`` (short only at the end of the image)."""
+        if offset >= self.size or length <= 0:
+            return b""
+        end = min(self.size, offset + length)
+        starts, order = self.index.starts, self.index.order
+        pos = bisect.bisect_right(starts, offset) - 1
+        pieces = []
+        while offset < end:
+            chunk_start, chunk_end = starts[pos], starts[pos + 1]
+            n = min(end, chunk_end) - offset
+            data = self._read_chunk(order[pos], n, offset - chunk_start)
+            pieces.append(data)
+            offset += n
+            pos += 1
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def write_image(
+        self, fd: int, *, image_digest: bytes,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """Write the whole image to ``fd`` at offset 0, checking the whole-image BLAKE3.
+
+        Raises:
+            ChecksumError: the rebuilt image does not match ``image_digest``.
+        """
+        hasher = blake3.blake3()
+        starts, order = self.index.starts, self.index.order
+        for pos, entry in enumerate(order):
+            start, end = starts[pos], starts[pos + 1]
+            data = self._read_chunk(entry, end - start, 0)
+            hasher.update(data)
+            view = memoryview(data)
+            while view:
+                written = os.pwrite(fd, view, start)
+                view = view[written:]
+                start += written
+            if on_progress is not None:
+                on_progress(end, self.size)
+        if hasher.digest() != image_digest:
+            raise ChecksumError(
+                "rebuilt image does not match the archive's image digest",
+                expected=image_digest.hex(), actual=hasher.digest().hex(),
+            )
+
+    def close(self) -> None:
+        """Close every cached descriptor."""
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()

@@ -1,0 +1,204 @@
+"""Range planning and HTTP range syntax (sans-I/O).
+
+This module owns the pure parts of range transport: coalescing the byte ranges a client
+lacks into few requests, the ``Range``/``Content-Range`` header syntax, and parsing
+``multipart/byteranges`` bodies. No sockets, no files.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from ..errors import TransportError
+
+__all__ = [
+    "Part",
+    "Span",
+    "batch_spans",
+    "coalesce",
+    "format_range_header",
+    "parse_content_range",
+    "parse_multipart_byteranges",
+    "parse_range_header",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """One wanted piece: ``length`` bytes at ``start``, tagged with a caller's ``key``."""
+
+    key: int
+    start: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        """Exclusive end offset."""
+        return self.start + self.length
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """A contiguous byte range ``[start, end)`` covering one or more parts."""
+
+    start: int
+    end: int
+    parts: tuple[Part, ...]
+
+    @property
+    def length(self) -> int:
+        """Bytes in the span."""
+        return self.end - self.start
+
+
+def coalesce(parts: Iterable[Part], *, max_gap: int = 0, max_span: int = 8 << 20) -> list[Span]:
+    """Merge parts into spans, joining neighbours at most ``max_gap`` bytes apart.
+
+    Args:
+        parts: wanted pieces (any order; overlaps allowed).
+        max_gap: unwanted bytes we accept to fetch to save a range.
+        max_span: a span is not grown past this many bytes (a single larger part still
+            makes its own span).
+
+    Returns:
+        Spans sorted by offset; every part is inside exactly one span.
+    """
+    spans: list[Span] = []
+    cur: list[Part] = []
+    start = end = 0
+    for part in sorted(parts, key=lambda p: (p.start, p.length)):
+        if cur and part.start - end <= max_gap and max(end, part.end) - start <= max_span:
+            cur.append(part)
+            end = max(end, part.end)
+            continue
+        if cur:
+            spans.append(Span(start, end, tuple(cur)))
+        cur, start, end = [part], part.start, part.end
+    if cur:
+        spans.append(Span(start, end, tuple(cur)))
+    return spans
+
+
+def batch_spans(
+    spans: Sequence[Span], *, max_ranges: int, max_bytes: int = 16 << 20
+) -> list[list[Span]]:
+    """Group spans into requests of at most ``max_ranges`` ranges and ``max_bytes`` bytes."""
+    batches: list[list[Span]] = []
+    cur: list[Span] = []
+    size = 0
+    for span in spans:
+        if cur and (len(cur) >= max_ranges or size + span.length > max_bytes):
+            batches.append(cur)
+            cur, size = [], 0
+        cur.append(span)
+        size += span.length
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def format_range_header(spans: Sequence[tuple[int, int]]) -> str:
+    """``[(0, 10), (20, 30)]`` (half-open) -> ``"bytes=0-9,20-29"``."""
+    return "bytes=" + ",".join(f"{a}-{b - 1}" for a, b in spans)
+
+
+_CONTENT_RANGE = re.compile(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.ASCII)
+
+
+def parse_content_range(value: str) -> tuple[int, int, int | None]:
+    """``"bytes 0-9/100"`` -> ``(0, 10, 100)`` (half-open; total ``None`` for ``*``).
+
+    Raises:
+        TransportError: malformed header.
+    """
+    m = _CONTENT_RANGE.match(value)
+    if not m:
+        raise TransportError(f"malformed Content-Range {value[:80]!r}")
+    first, last = int(m[1]), int(m[2])
+    total = None if m[3] == "*" else int(m[3])
+    if last < first or (total is not None and last >= total):
+        raise TransportError(f"impossible Content-Range {value[:80]!r}")
+    return first, last + 1, total
+
+
+_RANGE_SPEC = re.compile(r"\s*(\d*)\s*-\s*(\d*)\s*$", re.ASCII)
+
+
+def parse_range_header(
+    value: str, size: int, *, max_ranges: int = 64
+) -> list[tuple[int, int]] | None:
+    """Parse a request ``Range`` header against a resource of ``size`` bytes.
+
+    Returns:
+        Half-open ranges clipped to the resource, ``[]`` if none is satisfiable (416), or
+        ``None`` if the header is malformed or too many ranges (serve the whole resource).
+    """
+    unit, _, specs = value.partition("=")
+    if unit.strip().lower() != "bytes" or not specs:
+        return None
+    ranges: list[tuple[int, int]] = []
+    items = specs.split(",")
+    if len(items) > max_ranges:
+        return None
+    for item in items:
+        m = _RANGE_SPEC.match(item)
+        if not m or (not m[1] and not m[2]):
+            return None
+        if not m[1]:  # suffix range: last N bytes
+            n = int(m[2])
+            if n == 0:
+                continue
+            ranges.append((max(0, size - n), size))
+            continue
+        first = int(m[1])
+        last = int(m[2]) if m[2] else size - 1
+        if last < first:
+            return None
+        if first >= size:
+            continue
+        ranges.append((first, min(last, size - 1) + 1))
+    return ranges
+
+
+def parse_multipart_byteranges(
+    body: bytes | memoryview, boundary: bytes
+) -> list[tuple[int, memoryview]]:
+    """Split a ``multipart/byteranges`` body into ``(start, data)`` parts.
+
+    Each part's length comes from its ``Content-Range``; the data are views into ``body``.
+
+    Raises:
+        TransportError: the body is not well-formed.
+    """
+    mv = memoryview(body)
+    raw = bytes(mv) if not isinstance(body, bytes) else body
+    delim = b"--" + boundary
+    parts: list[tuple[int, memoryview]] = []
+    pos = raw.find(delim)
+    if pos < 0:
+        raise TransportError("multipart body without its boundary")
+    while True:
+        pos += len(delim)
+        if raw.startswith(b"--", pos):
+            return parts
+        head_end = raw.find(b"\r\n\r\n", pos)
+        if head_end < 0:
+            raise TransportError("multipart part headers truncated")
+        content_range = None
+        for line in raw[pos:head_end].split(b"\r\n"):
+            name, _, val = line.partition(b":")
+            if name.strip().lower() == b"content-range":
+                content_range = val.decode("latin-1")
+        if content_range is None:
+            raise TransportError("multipart part without Content-Range")
+        first, end, _total = parse_content_range(content_range)
+        data_start = head_end + 4
+        data_end = data_start + (end - first)
+        if data_end > len(raw):
+            raise TransportError("multipart part data truncated")
+        parts.append((first, mv[data_start:data_end]))
+        pos = raw.find(delim, data_end)
+        if pos < 0:
+            raise TransportError("multipart body truncated (no closing boundary)")
