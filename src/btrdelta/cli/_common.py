@@ -38,7 +38,7 @@ def open_input(name: str) -> Iterator[BinaryIO]:
         yield sys.stdin.buffer
         return
     with open(name, "rb", buffering=0) as f:
-        yield f  # type: ignore[misc]
+        yield f
 
 
 @contextlib.contextmanager

@@ -170,7 +170,7 @@ class StreamParser:
             source=self.source,
             offset=self._consumed if offset is None else offset,
             index=self.index if not self._expect_header else None,
-            command=_CMD_NAMES.get(cmd, None) if cmd is not None else None,
+            command=_CMD_NAMES.get(cmd) if cmd is not None else None,
         )
         self._failed = exc
         raise exc

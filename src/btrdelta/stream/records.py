@@ -2,7 +2,7 @@
 
 Records are small slotted dataclasses; treat them as values (the codec never mutates one).
 Paths, names and xattr values are ``bytes`` (POSIX paths are bytes; decode only to show
-them). UUIDs are :class:`uuid.UUID`, times are ``int`` nanoseconds since the epoch (signed),
+them). UUIDs are :class:`UUID`, times are ``int`` nanoseconds since the epoch (signed),
 file data (``Write.data``, ``EncodedWrite.data``) is a ``memoryview`` into the buffer the
 command arrived in: it is valid as long as the record is alive, and a sink that keeps data
 beyond that copies it. Field order follows the kernel's attribute order, with attributes that
@@ -12,9 +12,9 @@ and ``None`` when absent.
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from typing import ClassVar
+from uuid import UUID
 
 from .constants import Cmd
 
@@ -58,7 +58,7 @@ class Subvol:
 
     cmd: ClassVar[Cmd] = Cmd.SUBVOL
     path: bytes
-    uuid: uuid.UUID
+    uuid: UUID
     ctransid: int
 
 
@@ -68,9 +68,9 @@ class Snapshot:
 
     cmd: ClassVar[Cmd] = Cmd.SNAPSHOT
     path: bytes
-    uuid: uuid.UUID
+    uuid: UUID
     ctransid: int
-    clone_uuid: uuid.UUID
+    clone_uuid: UUID
     clone_ctransid: int
 
 
@@ -206,7 +206,7 @@ class Clone:
     offset: int
     length: int
     path: bytes
-    clone_uuid: uuid.UUID
+    clone_uuid: UUID
     clone_ctransid: int
     clone_path: bytes
     clone_offset: int
@@ -347,7 +347,7 @@ Record = (
 
 #: Command number -> record class.
 RECORD_TYPES: dict[Cmd, type[Record]] = {
-    cls.cmd: cls  # type: ignore[misc]
+    cls.cmd: cls
     for cls in (
         Subvol,
         Snapshot,

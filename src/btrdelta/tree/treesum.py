@@ -105,7 +105,9 @@ def _xattrs(path: bytes, exclude: frozenset[bytes]) -> tuple[tuple[bytes, bytes]
     return tuple(out)
 
 
-def _file_digest(path: bytes, size: int, want_layout: bool) -> tuple[str, tuple[tuple[int, int], ...] | None]:
+def _file_digest(
+    path: bytes, size: int, want_layout: bool
+) -> tuple[str, tuple[tuple[int, int], ...] | None]:
     """BLAKE3 of the content (holes read as zeros) and, if asked, the data extents."""
     h = blake3.blake3()
     layout: list[tuple[int, int]] = []

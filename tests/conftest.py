@@ -1,0 +1,125 @@
+"""Shared fixtures: clean environment, hypothesis profiles, kernel-made streams."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from btrdelta.testing.loopfs import BtrfsUnavailable, btrfs_available, loop_fs
+from btrdelta.testing.scenarios import SCENARIOS, make_snapshots, send
+
+settings.register_profile(
+    "ci", max_examples=60, derandomize=True, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(
+    "deep", max_examples=2000, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(
+    "dev", max_examples=100, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("BTRDELTA_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("TZ", "UTC")
+
+
+def require_btrfs() -> None:
+    """Skip (or, under CI=true, fail) when loop-mounted btrfs cannot be used here."""
+    reason = btrfs_available()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but btrfs is unavailable: {reason}")
+        pytest.skip(f"btrfs unavailable: {reason}")
+
+
+@pytest.fixture(scope="session")
+def btrfs_ok() -> None:
+    require_btrfs()
+
+
+@dataclass(frozen=True)
+class KernelStream:
+    """A stream the kernel made: scenario name, kind (full/incr/multi/...), file."""
+
+    name: str
+    path: Path
+
+    def __str__(self) -> str:
+        return self.name
+
+
+#: (mount options, scenarios it applies to or None for all, proto variants)
+_FS_VARIANTS = [
+    ("compress=zstd", None),
+    ("compress=lzo", {"compressible-data-W6", "hole-punch-016", "reflinks-same-file-200",
+                      "reflink-deep-paths-108"}),
+    ("compress-force=zlib", {"compressible-data-W6", "prealloc-punch-169",
+                             "write-into-prealloc-046", "odd-names-W8"}),
+]
+
+
+@pytest.fixture(scope="session")
+def kernel_streams(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[KernelStream]]:
+    """Kernel streams of every scenario: full A and A->B, as v1 and v2 --compressed-data.
+
+    Built once per session on loop-mounted btrfs (zstd for all scenarios; lzo and zlib for a
+    few), plus multi-subvolume layouts (`send A B`, `send -e A B`) and a `--no-data` stream.
+    """
+    require_btrfs()
+    out = tmp_path_factory.mktemp("kernel-streams")
+    streams: list[KernelStream] = []
+    try:
+        for options, only in _FS_VARIANTS:
+            comp = options.split("=")[1]
+            with loop_fs("btrfs", size="3G", options=options) as mnt:
+                for sc in SCENARIOS:
+                    if only is not None and sc.name not in only:
+                        continue
+                    pair = make_snapshots(mnt, sc)
+                    for tag, proto, compressed in (("v1", 1, False), ("v2", 2, True)):
+                        if comp != "zstd" and tag == "v1":
+                            continue
+                        base = f"{sc.name}.{comp}.{tag}"
+                        a = send(pair.a, out / f"{base}.A", proto=proto, compressed=compressed)
+                        b = send(pair.b, out / f"{base}.B", parent=pair.a, proto=proto,
+                                 compressed=compressed)
+                        streams += [KernelStream(f"{base}.A", a), KernelStream(f"{base}.B", b)]
+                    if comp == "zstd" and sc.name == "compressible-data-W6":
+                        nd = send(pair.b, out / f"{sc.name}.nodata", parent=pair.a,
+                                  extra=("--no-data",))
+                        multi = send(pair.a, out / "multi.AB", extra=(str(pair.b),))
+                        multi_e = send(pair.a, out / "multi-e.AB", extra=("-e", str(pair.b)))
+                        streams += [KernelStream("nodata", nd), KernelStream("multi", multi),
+                                    KernelStream("multi-e", multi_e)]
+    except BtrfsUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but btrfs is unavailable: {exc}")
+        pytest.skip(str(exc))
+    return streams
+
+
+def committed_streams() -> list[Path]:
+    """Small kernel-made streams committed in tests/data/streams (usable without root)."""
+    return sorted((DATA / "streams").glob("*.stream"))
+
+
+def progs_dump(path: Path) -> subprocess.CompletedProcess[bytes]:
+    """`btrfs receive --dump -f path` (the oracle for dump text)."""
+    return subprocess.run(["btrfs", "receive", "--dump", "-f", str(path)], capture_output=True,
+                          check=False, env={**os.environ, "TZ": "UTC"})
