@@ -1,0 +1,171 @@
+"""Clone from local archives into a store: bit-perfect output, reuse, seeds, resume, gc."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+from btrdelta.chunk.archive import decode_header
+from btrdelta.chunk.clone import FileSource, clone
+from btrdelta.chunk.store import ChunkStore
+from btrdelta.errors import ChecksumError, MissingBaseError, StreamFormatError
+from btrdelta.transport.plan import Span
+
+from .images import ImagePair
+
+
+def _clone(arc: Path, store: ChunkStore, name: str, **kw):  # type: ignore[no-untyped-def]
+    src = FileSource(arc)
+    try:
+        return clone(src, store, name, **kw)
+    finally:
+        src.close()
+
+
+def test_clone_v1_then_v2_reuses_chunks(image_pair: ImagePair, tmp_path: Path) -> None:
+    store = ChunkStore(tmp_path / "store")
+    r1 = _clone(image_pair.arc1, store, "v1", output=str(tmp_path / "v1.img"))
+    assert (tmp_path / "v1.img").read_bytes() == image_pair.img1.read_bytes()
+    assert r1.from_store == 0 and r1.fetched == r1.chunks
+    dry = _clone(image_pair.arc2, store, "v2", dry_run=True)
+    assert not (tmp_path / "store" / "v2").exists()
+    r2 = _clone(image_pair.arc2, store, "v2", output=str(tmp_path / "v2.img"))
+    assert (tmp_path / "v2.img").read_bytes() == image_pair.img2.read_bytes()
+    assert dry.fetch_bytes == r2.fetch_bytes
+    assert r2.from_store > r2.chunks // 2  # most of v2 was already there
+    arc2_size = image_pair.arc2.stat().st_size
+    assert r2.fetch_bytes + r2.index_bytes < arc2_size / 3
+    assert store.verify("v2").ok and store.verify("v1").ok
+    # a second clone of the same image fetches nothing
+    again = _clone(image_pair.arc2, store, "v2")
+    assert again.fetched == 0 and again.fetch_bytes == 0
+
+
+def test_seed_supplies_chunks(image_pair: ImagePair, tmp_path: Path) -> None:
+    store = ChunkStore(tmp_path / "store")
+    r = _clone(image_pair.arc2, store, "v2", seeds=[str(image_pair.img1)],
+               output=str(tmp_path / "v2.img"))
+    assert r.from_seeds > r.chunks // 2
+    assert r.fetched == r.chunks - r.from_seeds
+    assert (tmp_path / "v2.img").read_bytes() == image_pair.img2.read_bytes()
+
+
+class _Interrupting(FileSource):
+    """Delivers ``limit`` chunks (one per span), then fails like a dropped link."""
+
+    def __init__(self, path: Path, limit: int) -> None:
+        super().__init__(path)
+        self.limit = limit
+        self.delivered: list[Span] = []
+
+    def fetch(self, spans: Sequence[Span], on_span: Callable[[Span, memoryview], None]) -> None:
+        for part in (p for span in spans for p in span.parts):
+            if len(self.delivered) == self.limit:
+                raise ConnectionResetError("link dropped")
+            one = Span(part.start, part.end, (part,))
+            on_span(one, memoryview(self.read(part.start, part.end)))
+            self.delivered.append(one)
+
+
+def test_interrupted_clone_resumes_without_refetching(image_pair: ImagePair, tmp_path: Path) -> None:
+    store = ChunkStore(tmp_path / "store")
+    src = _Interrupting(image_pair.arc1, limit=20)
+    with pytest.raises(ConnectionResetError):
+        clone(src, store, "v1")
+    src.close()
+    assert not (tmp_path / "store" / "v1").exists()  # no description until complete
+    got = sum(len(s.parts) for s in src.delivered)
+    assert got > 0
+    r = _clone(image_pair.arc1, store, "v1", output=str(tmp_path / "out"))
+    assert r.from_store == got
+    assert r.fetched == r.chunks - got
+    assert (tmp_path / "out").read_bytes() == image_pair.img1.read_bytes()
+
+
+def test_corrupted_chunk_is_never_stored(image_pair: ImagePair, tmp_path: Path) -> None:
+    arc = bytearray(image_pair.arc1.read_bytes())
+    h = decode_header(arc)
+    from btrdelta.chunk.archive import decode_index
+
+    index = decode_index(h, arc[h.index_offset : h.index_offset + h.index_size])
+    victim = max(range(h.chunk_count), key=lambda e: index.comp_sizes[e])
+    mid = index.offsets[victim] + index.comp_sizes[victim] // 2
+    arc[mid] ^= 0x55
+    bad = tmp_path / "bad.cba"
+    bad.write_bytes(bytes(arc))
+    store = ChunkStore(tmp_path / "store")
+    with pytest.raises(StreamFormatError) as info:  # zstd checksum or BLAKE3 mismatch
+        _clone(bad, store, "v1")
+    assert info.value.index == victim
+    assert not store.has(index.digests[victim])
+    assert not (tmp_path / "store" / "v1").exists()
+    for digest, path in store.iter_chunks():  # every stored chunk is good
+        from btrdelta.chunk.chunker import chunk_digest
+
+        assert chunk_digest(Path(path).read_bytes()) == digest
+
+
+def test_truncated_archive_fails_clearly(image_pair: ImagePair, tmp_path: Path) -> None:
+    short = tmp_path / "short.cba"
+    short.write_bytes(image_pair.arc1.read_bytes()[:5000])
+    with pytest.raises(StreamFormatError, match="truncated"):
+        _clone(short, ChunkStore(tmp_path / "s"), "x")
+
+
+def test_verify_and_gc(image_pair: ImagePair, tmp_path: Path) -> None:
+    store = ChunkStore(tmp_path / "store")
+    _clone(image_pair.arc1, store, "v1")
+    _clone(image_pair.arc2, store, "v2")
+    assert store.descriptions() == ["v1", "v2"]
+    only_v1 = set(store.read_description("v1")[1].digests) - set(store.read_description("v2")[1].digests)
+    assert only_v1
+    # damage one chunk: verify names it
+    victim = next(iter(only_v1))
+    Path(store.chunk_path(victim)).write_bytes(b"garbage")
+    report = store.verify("v1")
+    assert report.bad == [victim] and not store.verify("v2").bad
+    os.unlink(store.description_path("v1"))
+    (Path(store.chunks_dir) / "00").mkdir(exist_ok=True)
+    (Path(store.chunks_dir) / "00" / ".tmp-123-456").write_bytes(b"leftover")
+    gc = store.gc()
+    assert gc.removed == len(only_v1)
+    assert not any(store.has(d) for d in only_v1)
+    assert store.verify("v2").ok
+    assert not (Path(store.chunks_dir) / "00" / ".tmp-123-456").exists()
+    with pytest.raises(MissingBaseError):
+        store.read_description("v1")
+
+
+def test_missing_chunk_is_reported(image_pair: ImagePair, tmp_path: Path) -> None:
+    from btrdelta.chunk.store import ImageReader
+
+    store = ChunkStore(tmp_path / "store")
+    _clone(image_pair.arc1, store, "v1")
+    h, index = store.read_description("v1")
+    os.unlink(store.chunk_path(index.digests[index.order[0]]))
+    reader = ImageReader(store, index)
+    with pytest.raises(MissingBaseError):
+        reader.pread(10, 0)
+    assert reader.pread(10, h.image_size - 10) == image_pair.img1.read_bytes()[-10:]
+    reader.close()
+    shutil.rmtree(tmp_path / "store")
+
+
+def test_output_digest_is_checked(image_pair: ImagePair, tmp_path: Path) -> None:
+    from btrdelta.chunk.clone import write_output
+
+    store = ChunkStore(tmp_path / "store")
+    _clone(image_pair.arc1, store, "v1")
+    h, index = store.read_description("v1")
+    # swap a chunk file for another stored chunk of the same length: hashes no longer match
+    digest = index.digests[0]
+    data = bytearray(Path(store.chunk_path(digest)).read_bytes())
+    data[0] ^= 1
+    Path(store.chunk_path(digest)).write_bytes(bytes(data))
+    with pytest.raises(ChecksumError):
+        write_output(store, index, h, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
