@@ -153,7 +153,7 @@ def parse_range_header(
             ranges.append((max(0, size - n), size))
             continue
         first = int(m[1])
-        last = int(m[2]) if m[2] else size - 1
+        last = int(m[2]) if m[2] else max(first, size - 1)
         if last < first:
             return None
         if first >= size:

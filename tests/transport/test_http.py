@@ -1,0 +1,192 @@
+"""Fetching against real local servers: ours, and a flaky one that misbehaves on purpose."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from btrdelta.chunk.chunker import ChunkerParams, chunk_digest
+from btrdelta.chunk.clone import HttpSource, clone
+from btrdelta.chunk.compress import compress_image
+from btrdelta.chunk.store import ChunkStore
+from btrdelta.errors import StreamFormatError, TransportError
+from btrdelta.transport.http import RangeFetcher
+from btrdelta.transport.plan import parse_range_header
+from btrdelta.transport.server import StaticRequestHandler, StaticServer
+
+PARAMS = ChunkerParams.from_avg(4096)
+
+
+class FlakyHandler(StaticRequestHandler):
+    """Misbehaves while ``server.faults`` is positive (or always, for some modes)."""
+
+    server: FlakyServer
+
+    def _serve(self, *, body: bool) -> None:
+        mode = self.server.take_fault(multi="," in (self.headers.get("Range") or ""))
+        if mode is None:
+            super()._serve(body=body)
+            return
+        self.server.fault_log.append(mode)
+        if mode == "drop":
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        if mode == "500":
+            self._error(500)  # type: ignore[arg-type]
+            return
+        path = self._resolve()
+        assert path is not None
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if mode in ("norange", "nomulti"):
+                self._send_whole(f, size, body)
+                return
+            if mode == "truncate":  # a 206 whose body stops half way
+                ranges = parse_range_header(self.headers["Range"], size)
+                assert ranges
+                start, end = ranges[0]
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+                self.send_header("Content-Length", str(end - start))
+                self.end_headers()
+                f.seek(start)
+                self.wfile.write(f.read((end - start) // 2))
+                self.close_connection = True
+                return
+        raise AssertionError(mode)
+
+
+class FlakyServer(StaticServer):
+    def __init__(self, root: Path, mode: str, faults: int) -> None:
+        super().__init__(root, handler=FlakyHandler)
+        self.mode = mode
+        self.faults = faults
+        self.fault_log: list[str] = []
+        self._flock = threading.Lock()
+
+    def take_fault(self, *, multi: bool) -> str | None:
+        with self._flock:
+            if self.mode == "norange":
+                return "norange"
+            if self.mode == "nomulti":
+                return "nomulti" if multi else None
+            if self.faults <= 0:
+                return None
+            self.faults -= 1
+            return self.mode
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
+    base = tmp_path_factory.mktemp("flaky")
+    data = b"".join(Path(p).read_bytes() for p in sorted(Path(httpx.__file__).parent.glob("*.py")))
+    img = base / "img"
+    img.write_bytes(data)
+    with open(base / "img.cba", "wb") as f:
+        compress_image(img, f, params=PARAMS)
+    return base, data
+
+
+def _flaky(root: Path, mode: str, faults: int = 3) -> Iterator[FlakyServer]:
+    server = FlakyServer(root, mode, faults)
+    with server.running():
+        yield server
+
+
+def _clone(url: str, store: ChunkStore, **kw):  # type: ignore[no-untyped-def]
+    fetcher = RangeFetcher(url, backoff=0.01, max_ranges=kw.pop("max_ranges", 16),
+                           parallel=3)
+    src = HttpSource(url, fetcher)
+    try:
+        return clone(src, store, "img", **kw)
+    finally:
+        src.close()
+
+
+def _preload_every_other_chunk(arc: Path, store: ChunkStore) -> None:
+    """Store half the chunks so the rest form many separate ranges (multi-range requests)."""
+    import zstandard
+
+    from btrdelta.chunk.archive import decode_header, decode_index
+
+    blob = arc.read_bytes()
+    h = decode_header(blob)
+    index = decode_index(h, blob[h.index_offset : h.index_offset + h.index_size])
+    for e in range(0, h.chunk_count, 2):
+        frame = blob[index.offsets[e] : index.offsets[e] + index.comp_sizes[e]]
+        store.put(index.digests[e], zstandard.ZstdDecompressor().decompress(frame))
+
+
+def _store_is_clean(store: ChunkStore) -> None:
+    for digest, path in store.iter_chunks():
+        assert chunk_digest(Path(path).read_bytes()) == digest
+
+
+@pytest.mark.parametrize("mode", ["drop", "500", "truncate", "norange", "nomulti"])
+def test_clone_survives_misbehaving_server(archive, mode: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    root, data = archive
+    for server in _flaky(root, mode):
+        store = ChunkStore(tmp_path / "store")
+        _preload_every_other_chunk(root / "img.cba", store)
+        out = tmp_path / "out"
+        report = _clone(f"{server.url}/img.cba", store, output=str(out), max_ranges=4)
+        assert out.read_bytes() == data
+        assert server.fault_log, "the fault was never injected"
+        if mode in ("drop", "500", "truncate"):
+            assert report.requests > 3
+        assert report.full_download == (mode == "norange")
+        _store_is_clean(store)
+
+
+def test_permanent_failure_is_a_clear_error(archive, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    root, _ = archive
+    for server in _flaky(root, "500", faults=10**6):
+        with pytest.raises(TransportError, match="giving up after 6 attempts: HTTP 500"):
+            _clone(f"{server.url}/img.cba", ChunkStore(tmp_path / "s"))
+    for server in _flaky(root, "500", faults=0):
+        with pytest.raises(TransportError, match="404"):
+            _clone(f"{server.url}/missing.cba", ChunkStore(tmp_path / "s"))
+
+
+def test_corrupted_chunk_from_server_is_refused(archive, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    root, _ = archive
+    bad_root = tmp_path / "bad"
+    bad_root.mkdir()
+    arc = bytearray((root / "img.cba").read_bytes())
+    arc[200] ^= 0xFF  # inside the first compressed chunk
+    (bad_root / "img.cba").write_bytes(bytes(arc))
+    store = ChunkStore(tmp_path / "store")
+    for server in _flaky(bad_root, "500", faults=0):
+        with pytest.raises(StreamFormatError) as info:  # zstd frame check or BLAKE3
+            _clone(f"{server.url}/img.cba", store)
+        assert "chunk 0" in str(info.value)
+    _store_is_clean(store)
+    assert not (tmp_path / "store" / "img").exists()
+
+
+def test_static_server_ranges_match_file(archive) -> None:  # type: ignore[no-untyped-def]
+    root, _ = archive
+    blob = (root / "img.cba").read_bytes()
+    lines: list[str] = []
+    server = StaticServer(root, log=lines.append)
+    with server.running(), httpx.Client() as client:
+        url = f"{server.url}/img.cba"
+        r = client.get(url, headers={"Range": "bytes=10-19"})
+        assert r.status_code == 206 and r.content == blob[10:20]
+        assert r.headers["content-range"] == f"bytes 10-19/{len(blob)}"
+        r = client.get(url, headers={"Range": "bytes=0-3,100-103"})
+        assert r.status_code == 206
+        assert r.headers["content-type"].startswith("multipart/byteranges")
+        r = client.get(url, headers={"Range": f"bytes={len(blob)}-"})
+        assert r.status_code == 416
+        assert client.get(url).content == blob
+        assert client.get(f"{server.url}/../../etc/passwd").status_code == 404
+        assert client.head(url).headers["content-length"] == str(len(blob))
+    assert server.bytes_served == sum(int(line.rsplit(" ", 1)[1]) for line in lines)
+    assert any(line.endswith(f" 200 {len(blob)}") for line in lines)
