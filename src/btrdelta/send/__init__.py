@@ -1,0 +1,83 @@
+"""Userspace send: btrfs send streams made from plain directory trees.
+
+``send_records(new_dir, parent_dir)`` yields the records of a stream that recreates
+``new_dir`` (full) or turns ``parent_dir`` into ``new_dir`` (incremental) on any receiver of
+btrfs send streams, the kernel's ``btrfs receive`` included; ``send_stream`` writes them.
+Modules: :mod:`.scan` (walking a tree, identity), :mod:`.diff` (matching inodes, comparing
+content), :mod:`.order` (namespace changes in a valid order, orphans), :mod:`.emit`
+(records, data, compression), :mod:`.kernel` (handing read-only btrfs snapshots to
+``btrfs send``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from ..stream.records import Record
+from ..stream.writer import StreamWriter
+from .emit import COMPRESSORS, Sender, SendStats
+from .kernel import is_readonly_snapshot, kernel_send
+from .scan import Tree, scan_tree
+
+__all__ = [
+    "COMPRESSORS",
+    "SendStats",
+    "Sender",
+    "Tree",
+    "is_readonly_snapshot",
+    "kernel_send",
+    "scan_tree",
+    "send_records",
+    "send_stream",
+]
+
+PathArg = str | bytes | os.PathLike[str]
+
+
+def send_records(
+    new_dir: PathArg,
+    parent_dir: PathArg | None = None,
+    *,
+    version: int = 1,
+    compress: str | None = None,
+    quick: bool = False,
+    name: bytes | None = None,
+    on_progress: Callable[[SendStats], None] | None = None,
+) -> Iterator[Record]:
+    """Yield the records of a send stream of ``new_dir`` (incremental from ``parent_dir``).
+
+    Args:
+        new_dir: the tree to send.
+        parent_dir: the tree the receiver has already (``None``: a full stream).
+        version: stream version the records must fit (1, 2 or 3).
+        compress: ``"zstd"`` or ``"zlib"`` to send data as ``ENCODED_WRITE`` (v2+).
+        quick: trust equal size and mtime at the same path as unchanged content.
+        name: subvolume name in the stream (default: basename of ``new_dir``).
+        on_progress: called with :class:`SendStats` now and then.
+
+    Yields:
+        ``Subvol``/``Snapshot`` first, ``End`` last. ``Write.data`` is only valid until the
+        next record is requested.
+    """
+    sender = Sender(
+        new_dir, parent_dir, version=version, compress=compress, quick=quick, name=name,
+        on_progress=on_progress,
+    )
+    yield from sender.records()
+
+
+def send_stream(
+    write: Callable[[Any], object],
+    new_dir: PathArg,
+    parent_dir: PathArg | None = None,
+    *,
+    version: int = 1,
+    **kwargs: Any,
+) -> StreamWriter:
+    """Write the stream of :func:`send_records` to ``write``; returns the writer."""
+    writer = StreamWriter(write, version)
+    for rec in send_records(new_dir, parent_dir, version=version, **kwargs):
+        writer.write(rec)
+    return writer

@@ -1,0 +1,299 @@
+"""Matching the inodes of an old and a new tree, and comparing file contents.
+
+Strategy: the receiver starts from the old tree, so every new inode that can be *the same*
+inode as an old one saves a create (and usually its data). :func:`match_trees` pairs them:
+
+1. regular files at the same path whose content is equal (compared chunk by chunk, or with
+   ``quick=True`` trusted when size and mtime agree, as rsync does) -> unchanged;
+2. the remaining files whose content equals an unmatched old file of the same size (BLAKE3
+   over the data, computed only for sizes that occur on both sides) -> moved/renamed;
+3. the remaining files with an unmatched old regular file at one of their paths -> changed in
+   place (the emitter then sends only the blocks that differ);
+4. symlinks with the same path and target, then the same target elsewhere; device nodes,
+   FIFOs and sockets with the same path, type and device number;
+5. directories bottom-up by votes: each matched child votes for the old directory its old
+   counterpart lived in (a same-named entry votes twice); without votes, the same path.
+
+Whatever stays unmatched is created (new side) or deleted (old side). :class:`ContentIndex`
+caches content digests, and :func:`changed_ranges` finds the blocks of a file that differ.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import blake3
+
+from .scan import ROOT, Tree, data_segments, open_file
+
+__all__ = [
+    "BLOCK",
+    "ContentIndex",
+    "Match",
+    "changed_ranges",
+    "files_equal",
+    "match_trees",
+]
+
+#: granularity of in-place diffs (the btrfs sector size)
+BLOCK = 4096
+_READ = 1 << 20
+
+
+@dataclass
+class Match:
+    """Pairs of old and new node ids that are the same inode."""
+
+    n2o: dict[int, int] = field(default_factory=dict)
+    o2n: dict[int, int] = field(default_factory=dict)
+    #: new ids of regular files whose content equals their old counterpart
+    unchanged: set[int] = field(default_factory=set)
+
+    def pair(self, new_id: int, old_id: int) -> None:
+        """Record that ``new_id`` is ``old_id``."""
+        self.n2o[new_id] = old_id
+        self.o2n[old_id] = new_id
+
+
+class ContentIndex:
+    """Lazily computed BLAKE3 content digests of the regular files of two trees."""
+
+    def __init__(self, old: Tree, new: Tree) -> None:
+        self.old = old
+        self.new = new
+        self._old: dict[int, bytes] = {}
+        self._new: dict[int, bytes] = {}
+        #: bytes read for hashing (progress)
+        self.bytes_hashed = 0
+
+    def _digest(self, path: bytes, size: int) -> bytes:
+        h = blake3.blake3(max_threads=blake3.blake3.AUTO if size > (8 << 20) else 1)
+        if size:
+            fd = open_file(path)
+            try:
+                with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
+                    while True:
+                        chunk = f.read(_READ)
+                        if not chunk:
+                            break
+                        h.update(chunk)
+            finally:
+                os.close(fd)
+        self.bytes_hashed += size
+        return h.digest()
+
+    def old_digest(self, nid: int) -> bytes:
+        """Content digest of old node ``nid``."""
+        d = self._old.get(nid)
+        if d is None:
+            node = self.old.nodes[nid]
+            d = self._old[nid] = self._digest(self.old.abspath(self.old.paths(nid)[0]), node.size)
+        return d
+
+    def new_digest(self, nid: int) -> bytes:
+        """Content digest of new node ``nid``."""
+        d = self._new.get(nid)
+        if d is None:
+            node = self.new.nodes[nid]
+            d = self._new[nid] = self._digest(self.new.abspath(self.new.paths(nid)[0]), node.size)
+        return d
+
+
+def files_equal(a: bytes, b: bytes, size: int) -> bool:
+    """True if the two files (both of ``size`` bytes) have the same content."""
+    if size == 0:
+        return True
+    fa, fb = open_file(a), open_file(b)
+    try:
+        pos = 0
+        while pos < size:
+            x = os.pread(fa, _READ, pos)
+            y = os.pread(fb, _READ, pos)
+            if x != y:
+                return False
+            if not x:
+                return True
+            pos += len(x)
+        return True
+    finally:
+        os.close(fa)
+        os.close(fb)
+
+
+def _overlap(
+    segs: list[tuple[int, int]], start: int, end: int
+) -> Iterator[tuple[int, int]]:
+    for off, length in segs:
+        a, b = max(off, start), min(off + length, end)
+        if a < b:
+            yield a, b - a
+
+
+def changed_ranges(
+    old_path: bytes, new_path: bytes, old_size: int, new_size: int
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Where a changed file differs from its old version.
+
+    Returns:
+        ``(writes, holes)``: byte ranges ``(offset, length)`` of the new file's data that
+        differ from the old content (block aligned, except at EOF), and ranges that are holes
+        in the new file but data in the old one (to punch), both below ``new_size``.
+    """
+    fo, fn = open_file(old_path), open_file(new_path)
+    try:
+        new_segs = data_segments(fn, new_size)
+        old_segs = data_segments(fo, old_size)
+        writes: list[tuple[int, int]] = []
+
+        def add(a: int, b: int) -> None:
+            if writes and writes[-1][0] + writes[-1][1] == a:
+                writes[-1] = (writes[-1][0], b - writes[-1][0])
+            else:
+                writes.append((a, b - a))
+
+        for off, length in new_segs:
+            # compare in reads aligned to BLOCK so that write ranges are block aligned
+            pos = off - off % BLOCK
+            end = off + length
+            while pos < end:
+                want = min(_READ, end - pos)
+                y = os.pread(fn, want, pos)
+                if not y:
+                    break
+                x = os.pread(fo, len(y), pos) if pos < old_size else b""
+                if x != y:
+                    n = len(y)
+                    for b0 in range(0, n, BLOCK):
+                        b1 = min(b0 + BLOCK, n)
+                        if x[b0:b1] != y[b0:b1]:
+                            add(pos + b0, pos + b1)
+                pos += len(y)
+        # holes of the new file that were data in the old one
+        holes: list[tuple[int, int]] = []
+        limit = min(old_size, new_size)
+        pos = 0
+        gaps: list[tuple[int, int]] = []
+        for off, length in [*new_segs, (limit, 0)]:
+            if off > pos:
+                gaps.append((pos, min(off, limit) - pos))
+            pos = max(pos, off + length)
+            if pos >= limit:
+                break
+        for g_off, g_len in gaps:
+            if g_len > 0:
+                holes.extend(_overlap(old_segs, g_off, g_off + g_len))
+        return writes, holes
+    finally:
+        os.close(fo)
+        os.close(fn)
+
+
+def match_trees(old: Tree, new: Tree, index: ContentIndex, *, quick: bool = False) -> Match:
+    """Pair the inodes of ``old`` and ``new`` (see the module docstring)."""
+    m = Match()
+    m.pair(ROOT, ROOT)
+    onodes, nnodes = old.nodes, new.nodes
+
+    def old_at(new_id: int) -> list[int]:
+        """Unmatched old nodes at any path of new node ``new_id``."""
+        out = []
+        for path in new.paths(new_id):
+            oid = old.lookup(path)
+            if oid is not None and oid not in m.o2n:
+                out.append(oid)
+        return out
+
+    regs = [n for n in nnodes.values() if n.is_reg]
+    # 1. same path, same content
+    for node in regs:
+        for oid in old_at(node.id):
+            o = onodes[oid]
+            if not o.is_reg or o.size != node.size:
+                continue
+            if (quick and o.mtime_ns == node.mtime_ns) or files_equal(
+                old.abspath(old.paths(oid)[0]), new.abspath(new.paths(node.id)[0]), node.size
+            ):
+                m.pair(node.id, oid)
+                m.unchanged.add(node.id)
+                break
+    # 2. same content elsewhere (moved / renamed)
+    by_size: dict[int, list[int]] = defaultdict(list)
+    for o in onodes.values():
+        if o.is_reg and o.id not in m.o2n:
+            by_size[o.size].append(o.id)
+    for node in regs:
+        if node.id in m.n2o:
+            continue
+        cands = [c for c in by_size.get(node.size, ()) if c not in m.o2n]
+        if not cands:
+            continue
+        names = {name for _p, name in node.dentries}
+        cands.sort(key=lambda c: not any(n in names for _p, n in onodes[c].dentries))
+        digest = index.new_digest(node.id)
+        for c in cands:
+            if index.old_digest(c) == digest:
+                m.pair(node.id, c)
+                m.unchanged.add(node.id)
+                break
+    # 3. same path, changed content
+    for node in regs:
+        if node.id in m.n2o:
+            continue
+        for oid in old_at(node.id):
+            if onodes[oid].is_reg:
+                m.pair(node.id, oid)
+                break
+    # 4. symlinks and special files
+    by_target: dict[bytes, list[int]] = defaultdict(list)
+    for o in onodes.values():
+        if o.fmt == 0o120000:
+            by_target[o.target].append(o.id)
+    others = [n for n in nnodes.values() if not n.is_reg and not n.is_dir]
+    for node in others:
+        for oid in old_at(node.id):
+            o = onodes[oid]
+            if o.fmt == node.fmt and o.rdev == node.rdev and o.target == node.target:
+                m.pair(node.id, oid)
+                break
+    for node in others:
+        if node.id in m.n2o or node.fmt != 0o120000:
+            continue
+        for c in by_target.get(node.target, ()):
+            if c not in m.o2n:
+                m.pair(node.id, c)
+                break
+    # 5. directories, deepest first
+    depth: dict[int, int] = {ROOT: 0}
+    order: list[int] = []
+    stack = [ROOT]
+    while stack:
+        d = stack.pop()
+        order.append(d)
+        for cid in new.children[d].values():
+            if nnodes[cid].is_dir:
+                depth[cid] = depth[d] + 1
+                stack.append(cid)
+    for d in reversed(order):
+        if d == ROOT:
+            continue
+        votes: dict[int, int] = defaultdict(int)
+        for name, cid in new.children[d].items():
+            matched = m.n2o.get(cid)
+            if matched is None:
+                continue
+            for op, oname in onodes[matched].dentries:
+                if op not in m.o2n:
+                    votes[op] += 2 if oname == name else 1
+        same_path = old_at(d)
+        same: int | None = None
+        if same_path and onodes[same_path[0]].is_dir:
+            same = same_path[0]
+        if votes:
+            best = max(votes, key=lambda o: (votes[o], o == same, -o))
+            m.pair(d, best)
+        elif same is not None:
+            m.pair(d, same)
+    return m

@@ -1,0 +1,448 @@
+"""Turning scanned and matched trees into send-stream records.
+
+Order of a stream (every step valid for a path-based receiver such as ``btrfs receive``):
+
+1. ``SUBVOL`` (full) or ``SNAPSHOT`` of the parent (incremental), UUIDs derived from the
+   trees (see :mod:`btrdelta.send.scan`);
+2. the namespace records from :mod:`btrdelta.send.order`;
+3. per inode of the new tree (top-down, the root last), in the kernel's per-inode order:
+   xattr changes, data (``WRITE`` / ``ENCODED_WRITE`` / ``CLONE``, hole punches), ``TRUNCATE``,
+   ``CHOWN``, ``CHMOD`` (never for symlinks), ``security.capability`` (re-set after chown and
+   after data, which both clear it), ``UTIMES`` last;
+4. ``END``.
+
+Data: v1 writes are 48 KiB, v2/v3 writes 128 KiB, as the kernel sends them. Holes stay holes
+(data ranges come from ``SEEK_DATA``/``SEEK_HOLE``). With ``compress``, each 128 KiB piece that
+starts on a 4 KiB boundary (and is 4 KiB aligned or ends at EOF) is compressed, zero padded
+to 4 KiB as btrfs lays out a compressed extent, and sent as ``ENCODED_WRITE`` (zstd: one frame,
+level 3, window log 17; zlib: one zlib stream), unless compressing does not save a sector.
+A new file whose whole content equals a file of the old tree or one already sent becomes a
+``CLONE`` (from the parent subvolume at its *old* path, which the receiver keeps intact, or
+from the new subvolume).
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections import defaultdict
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
+
+import zstandard
+
+from ..errors import BtrdeltaError
+from ..stream.constants import Compression
+from ..stream.records import (
+    Chmod,
+    Chown,
+    Clone,
+    EncodedWrite,
+    End,
+    Fallocate,
+    Record,
+    RemoveXattr,
+    SetXattr,
+    Snapshot,
+    Subvol,
+    Truncate,
+    Utimes,
+    Write,
+)
+from .diff import ContentIndex, Match, changed_ranges, match_trees
+from .order import Namespace, order_namespace
+from .scan import ROOT, Node, Tree, data_segments, open_file, scan_tree
+
+__all__ = ["COMPRESSORS", "SendStats", "Sender"]
+
+CAPS = b"security.capability"
+_SECTOR = 4096
+_ENCODED_MAX = 128 * 1024
+_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+_ZEROS = bytes(_ENCODED_MAX)
+
+
+def _zstd() -> Callable[[bytes], bytes]:
+    params = zstandard.ZstdCompressionParameters.from_level(
+        3, window_log=17, write_content_size=1
+    )
+    cctx = zstandard.ZstdCompressor(compression_params=params)
+    return cctx.compress
+
+
+def _zlib() -> Callable[[bytes], bytes]:
+    return lambda data: zlib.compress(data, 3)
+
+
+#: name -> (btrfs compression value, factory of a compress function)
+COMPRESSORS: dict[str, tuple[int, Callable[[], Callable[[bytes], bytes]]]] = {
+    "zstd": (int(Compression.ZSTD), _zstd),
+    "zlib": (int(Compression.ZLIB), _zlib),
+}
+
+
+@dataclass
+class SendStats:
+    """Counters for progress reports."""
+
+    files_scanned: int = 0
+    bytes_scanned: int = 0
+    bytes_read: int = 0
+    data_bytes: int = 0
+    records: int = 0
+    phase: str = "scan"
+
+
+def _round_up(n: int, to: int = _SECTOR) -> int:
+    return -(-n // to) * to
+
+
+class Sender:
+    """Produces the records of a full or incremental send.
+
+    Args:
+        new_dir: the tree to send.
+        parent_dir: the tree the receiver already has (``None``: full stream).
+        version: stream version (1, 2 or 3); v1 cannot carry compressed data.
+        compress: ``"zstd"``, ``"zlib"`` or ``None``.
+        quick: trust equal size and mtime at the same path as "unchanged" (like rsync).
+        clone_min: smallest file (bytes) that is deduplicated with ``CLONE``.
+        name: subvolume name in the stream (default: the basename of ``new_dir``).
+        on_progress: called with :class:`SendStats` now and then.
+    """
+
+    def __init__(
+        self,
+        new_dir: str | bytes | os.PathLike[str],
+        parent_dir: str | bytes | os.PathLike[str] | None = None,
+        *,
+        version: int = 1,
+        compress: str | None = None,
+        quick: bool = False,
+        clone_min: int = 16 * 1024,
+        name: bytes | None = None,
+        on_progress: Callable[[SendStats], None] | None = None,
+    ) -> None:
+        if version not in (1, 2, 3):
+            raise BtrdeltaError(f"unsupported stream version {version}")
+        if compress is not None and compress not in COMPRESSORS:
+            raise BtrdeltaError(f"unknown compression {compress!r} (zstd, zlib)")
+        if compress is not None and version < 2:
+            raise BtrdeltaError("compressed data needs stream version 2 or later")
+        self.new_dir = os.fsencode(new_dir)
+        self.parent_dir = os.fsencode(parent_dir) if parent_dir is not None else None
+        self.version = version
+        self.quick = quick
+        self.clone_min = clone_min
+        self.stats = SendStats()
+        self._on_progress = on_progress
+        self._compress: Callable[[bytes], bytes] | None = None
+        self._compression = 0
+        if compress is not None:
+            self._compression, factory = COMPRESSORS[compress]
+            self._compress = factory()
+        self.chunk = 48 * 1024 if version == 1 else 128 * 1024
+        base = os.path.basename(self.new_dir.rstrip(b"/")) or b"subvol"
+        self.name = name if name is not None else base
+        self._read = 0
+        self.new = self._scan(self.new_dir)
+        self.old = self._scan(self.parent_dir) if self.parent_dir is not None else None
+        # a full send is an incremental one from a tree that holds only the root directory
+        self._base = self.old if self.old is not None else Tree(
+            self.new_dir, {ROOT: self.new.nodes[ROOT]}, {ROOT: {}}
+        )
+        self._index = ContentIndex(self._base, self.new)
+
+    # -- progress ------------------------------------------------------------------------
+
+    def _progress(self) -> None:
+        if self._on_progress is not None:
+            self._on_progress(self.stats)
+
+    def _scan(self, path: bytes) -> Tree:
+        files0, bytes0 = self.stats.files_scanned, self.stats.bytes_scanned
+
+        def on_entry(files: int, nbytes: int) -> None:
+            self.stats.files_scanned = files0 + files
+            self.stats.bytes_scanned = bytes0 + nbytes
+            if files % 256 == 0:
+                self._progress()
+
+        return scan_tree(path, on_entry=on_entry)
+
+    # -- identity ------------------------------------------------------------------------
+
+    def header(self) -> Subvol | Snapshot:
+        """The stream's first record."""
+        uuid, ctransid = self.new.subvol_uuid(), self.new.ctransid()
+        if self.old is None:
+            return Subvol(path=self.name, uuid=uuid, ctransid=ctransid)
+        return Snapshot(
+            path=self.name,
+            uuid=uuid,
+            ctransid=ctransid,
+            clone_uuid=self.old.subvol_uuid(),
+            clone_ctransid=self.old.ctransid(),
+        )
+
+    # -- the stream ----------------------------------------------------------------------
+
+    def records(self) -> Iterator[Record]:
+        """Every record of the stream, ``SUBVOL``/``SNAPSHOT`` first and ``END`` last."""
+        old = self._base
+        self.stats.phase = "match"
+        self._progress()
+        match = match_trees(old, self.new, self._index, quick=self.quick)
+        if self.old is None:
+            match.unchanged.discard(ROOT)
+        self.stats.phase = "send"
+        self._progress()
+        yield self._count(self.header())
+        names, ns = order_namespace(old, self.new, match)
+        for rec in names:
+            yield self._count(rec)
+        yield from self._inodes(old, match, ns)
+        yield self._count(End())
+        self.stats.phase = "done"
+        self._progress()
+
+    def _count(self, rec: Record) -> Record:
+        self.stats.records += 1
+        return rec
+
+    def _inodes(self, old: Tree, match: Match, ns: Namespace) -> Iterator[Record]:
+        new = self.new
+        full = self.old is None
+        # clone sources: (size, digest) -> ("old"|"new", path)
+        old_by_size: dict[int, list[int]] = defaultdict(list)
+        if not full:
+            for o in old.nodes.values():
+                if o.is_reg and o.size >= self.clone_min:
+                    old_by_size[o.size].append(o.id)
+        new_by_size: dict[int, list[int]] = defaultdict(list)
+        order: list[int] = []
+        stack = [ROOT]
+        seen: set[int] = set()
+        while stack:
+            d = stack.pop()
+            kids = new.children[d]
+            subdirs = []
+            for _name, cid in sorted(kids.items()):
+                if cid in seen:
+                    continue
+                seen.add(cid)
+                if new.nodes[cid].is_dir:
+                    subdirs.append(cid)
+                else:
+                    order.append(cid)
+            order.extend(subdirs)
+            stack.extend(reversed(subdirs))
+        order.append(ROOT)
+        for nid in order:
+            node = new.nodes[nid]
+            oid = match.n2o.get(nid)
+            onode = old.nodes[oid] if oid is not None and not full else None
+            yield from self._inode(node, onode, match, ns, old_by_size, new_by_size)
+            if node.is_reg and node.size >= self.clone_min:
+                new_by_size[node.size].append(nid)
+            self.stats.bytes_read = self._read + self._index.bytes_hashed
+            self._progress()
+
+    def _inode(
+        self,
+        node: Node,
+        onode: Node | None,
+        match: Match,
+        ns: Namespace,
+        old_by_size: dict[int, list[int]],
+        new_by_size: dict[int, list[int]],
+    ) -> Iterator[Record]:
+        path = self.new.paths(node.id)[0]
+        is_link = node.fmt == 0o120000
+        created = onode is None
+        # xattrs other than capabilities
+        old_x = onode.xattrs if onode is not None else {}
+        for xname in sorted(old_x):
+            if xname not in node.xattrs:
+                yield self._count(RemoveXattr(path=path, name=xname))
+        for xname, value in sorted(node.xattrs.items()):
+            if xname == CAPS:
+                continue
+            if old_x.get(xname) != value:
+                yield self._count(SetXattr(path=path, name=xname, data=value))
+        # data
+        data_changed = False
+        if node.is_reg and node.id not in match.unchanged:
+            if created:
+                data_changed = yield from self._new_data(node, path, old_by_size, new_by_size)
+            else:
+                assert onode is not None
+                data_changed = yield from self._changed_data(node, onode, path)
+        # ownership, mode, capabilities, times
+        chowned = created or (onode is not None and (onode.uid, onode.gid) != (node.uid, node.gid))
+        if chowned:
+            yield self._count(Chown(path=path, uid=node.uid, gid=node.gid))
+        perms = node.mode & 0o7777
+        if not is_link and (
+            created
+            or (onode is not None and onode.mode & 0o7777 != perms)
+            or (chowned and perms & 0o6000)
+        ):
+            yield self._count(Chmod(path=path, mode=perms))
+        caps = node.xattrs.get(CAPS)
+        if caps is not None and (
+            created or chowned or data_changed or (onode is not None and old_x.get(CAPS) != caps)
+        ):
+            yield self._count(SetXattr(path=path, name=CAPS, data=caps))
+        key = match.n2o.get(node.id, -1 - node.id)
+        if (
+            created
+            or data_changed
+            or key in ns.touched
+            or (onode is not None and onode.mtime_ns != node.mtime_ns)
+        ):
+            yield self._count(
+                Utimes(
+                    path=path,
+                    atime=node.atime_ns,
+                    mtime=node.mtime_ns,
+                    ctime=node.ctime_ns,
+                    otime=node.ctime_ns if self.version >= 2 else None,
+                )
+            )
+
+    # -- data ----------------------------------------------------------------------------
+
+    def _find_clone(
+        self, node: Node, old_by_size: dict[int, list[int]], new_by_size: dict[int, list[int]]
+    ) -> Clone | None:
+        if node.size < self.clone_min:
+            return None
+        olds = old_by_size.get(node.size, [])
+        news = new_by_size.get(node.size, [])
+        if not olds and not news:
+            return None
+        index = self._index
+        digest = index.new_digest(node.id)
+        path = self.new.paths(node.id)[0]
+        assert self.old is not None or not olds
+        for oid in olds:
+            if index.old_digest(oid) == digest:
+                assert self.old is not None
+                return Clone(
+                    offset=0,
+                    length=node.size,
+                    path=path,
+                    clone_uuid=self.old.subvol_uuid(),
+                    clone_ctransid=self.old.ctransid(),
+                    clone_path=self.old.paths(oid)[0],
+                    clone_offset=0,
+                )
+        for nid in news:
+            if index.new_digest(nid) == digest:
+                return Clone(
+                    offset=0,
+                    length=node.size,
+                    path=path,
+                    clone_uuid=self.new.subvol_uuid(),
+                    clone_ctransid=self.new.ctransid(),
+                    clone_path=self.new.paths(nid)[0],
+                    clone_offset=0,
+                )
+        return None
+
+    def _new_data(
+        self,
+        node: Node,
+        path: bytes,
+        old_by_size: dict[int, list[int]],
+        new_by_size: dict[int, list[int]],
+    ) -> Generator[Record, None, bool]:
+        clone = self._find_clone(node, old_by_size, new_by_size)
+        if clone is not None:
+            yield self._count(clone)
+            return True
+        fd = open_file(self.new.abspath(path))
+        try:
+            end = 0
+            for off, length in data_segments(fd, node.size):
+                yield from self._write_range(fd, path, off, length, node.size)
+                end = off + length
+        finally:
+            os.close(fd)
+        if end < node.size:
+            yield self._count(Truncate(path=path, size=node.size))
+        return True
+
+    def _changed_data(
+        self, node: Node, onode: Node, path: bytes
+    ) -> Generator[Record, None, bool]:
+        assert self.old is not None
+        old_path = self.old.abspath(self.old.paths(onode.id)[0])
+        new_abs = self.new.abspath(path)
+        writes, holes = changed_ranges(old_path, new_abs, onode.size, node.size)
+        self._read += node.size + onode.size
+        changed = bool(writes or holes) or onode.size != node.size
+        for off, length in holes:
+            if self.version >= 2:
+                yield self._count(Fallocate(path=path, mode=_PUNCH, offset=off, size=length))
+            else:
+                pos = off
+                while pos < off + length:
+                    n = min(self.chunk, off + length - pos)
+                    yield self._count(Write(path=path, offset=pos, data=memoryview(_ZEROS)[:n]))
+                    pos += n
+        if writes:
+            fd = open_file(new_abs)
+            try:
+                for off, length in writes:
+                    yield from self._write_range(fd, path, off, length, node.size)
+            finally:
+                os.close(fd)
+        if onode.size != node.size:
+            yield self._count(Truncate(path=path, size=node.size))
+        return changed
+
+    def _write_range(
+        self, fd: int, path: bytes, off: int, length: int, size: int
+    ) -> Iterator[Record]:
+        end = off + length
+        pos = off
+        while pos < end:
+            n = min(self.chunk, end - pos)
+            buf = os.pread(fd, n, pos)
+            if len(buf) != n:
+                raise BtrdeltaError("file changed while sending (short read)", path=path)
+            self._read += n
+            enc = self._encode(path, pos, buf, size) if self._compress is not None else None
+            if enc is not None:
+                yield self._count(enc)
+            else:
+                self.stats.data_bytes += n
+                yield self._count(Write(path=path, offset=pos, data=memoryview(buf)))
+            pos += n
+
+    def _encode(self, path: bytes, pos: int, buf: bytes, size: int) -> EncodedWrite | None:
+        n = len(buf)
+        if pos % _SECTOR or (n % _SECTOR and pos + n != size) or n <= _SECTOR:
+            return None
+        assert self._compress is not None
+        ram = _round_up(n)
+        plain = buf if ram == n else buf + _ZEROS[: ram - n]
+        packed = self._compress(plain)
+        disk = _round_up(len(packed))
+        if disk >= ram:
+            return None
+        data = packed + _ZEROS[: disk - len(packed)]
+        self.stats.data_bytes += disk
+        return EncodedWrite(
+            path=path,
+            offset=pos,
+            unencoded_file_len=n,
+            unencoded_len=ram,
+            unencoded_offset=0,
+            compression=self._compression,
+            data=memoryview(data),
+            encryption=0,
+        )
+

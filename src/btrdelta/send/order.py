@@ -1,0 +1,218 @@
+"""Ordering the namespace changes of an incremental (or full) send.
+
+The receiver is path based and starts from the old tree, so creates, renames, links,
+unlinks and rmdirs must come in an order where every single step is valid: a name must be
+free before something is renamed onto it, a directory must exist before entries go into it,
+must be empty before it is removed, and must never be moved below itself.
+
+Strategy (one pass top-down over the new tree, then one clean-up pass), with a simulation of
+the receiver's namespace so every path we emit is the path *at that moment*:
+
+* Visit the new tree's entries top-down. An entry that is already in place is left alone.
+  Otherwise, if its name is occupied by something else, that occupant is moved out of the
+  way: unlinked if it is a doomed non-directory, else renamed to an orphan name
+  ``o<ino>-<gen>-<idx>`` in the subvolume root (exactly like the kernel; ``idx`` is bumped
+  while the name exists in either tree's root). Then the inode is created there, renamed
+  there from a name it no longer keeps, or hard-linked there from a name it keeps.
+* Because every ancestor of a visited entry is already at its final place, a moved
+  directory can never land below itself: cycles and swaps resolve through orphans.
+* Finally every name that is not part of the new tree is unlinked, and unmatched
+  directories are removed deepest first.
+
+Records are produced with the old inodes' paths as they are at that step; the emitter adds
+data and metadata afterwards (all names are then final).
+"""
+
+from __future__ import annotations
+
+import stat
+from dataclasses import dataclass, field
+
+from ..stream.records import (
+    Link,
+    Mkdir,
+    Mkfifo,
+    Mkfile,
+    Mknod,
+    Mksock,
+    Record,
+    Rename,
+    Rmdir,
+    Symlink,
+    Unlink,
+)
+from .diff import Match
+from .scan import ROOT, Node, Tree
+
+__all__ = ["Namespace", "order_namespace"]
+
+Dentry = tuple[int, bytes]
+
+
+@dataclass
+class Namespace:
+    """The receiver's namespace during the send: keys are old node ids for old inodes and
+    ``-1 - new_id`` for inodes the stream creates."""
+
+    children: dict[int, dict[bytes, int]]
+    dentries: dict[int, list[Dentry]]
+    #: keys whose directory entries changed (their mtime must be re-sent)
+    touched: set[int] = field(default_factory=set)
+    #: new ids of the inodes the stream created
+    created: set[int] = field(default_factory=set)
+
+    def dir_path(self, key: int) -> bytes:
+        """Current path of directory ``key``."""
+        parts: list[bytes] = []
+        while key != ROOT:
+            parent, name = self.dentries[key][0]
+            parts.append(name)
+            key = parent
+        return b"/".join(reversed(parts))
+
+    def path(self, parent: int, name: bytes) -> bytes:
+        """Current path of entry ``name`` in directory ``parent``."""
+        base = self.dir_path(parent)
+        return base + b"/" + name if base else name
+
+    def add(self, key: int, parent: int, name: bytes) -> None:
+        """Record a new entry."""
+        self.children[parent][name] = key
+        self.dentries.setdefault(key, []).append((parent, name))
+        self.touched.add(parent)
+
+    def remove(self, key: int, parent: int, name: bytes) -> None:
+        """Record a removed entry."""
+        del self.children[parent][name]
+        self.dentries[key].remove((parent, name))
+        self.touched.add(parent)
+
+
+def _create(node: Node, path: bytes, ino: int) -> Record:
+    fmt = node.fmt
+    if fmt == stat.S_IFREG:
+        return Mkfile(path=path, ino=ino)
+    if fmt == stat.S_IFDIR:
+        return Mkdir(path=path, ino=ino)
+    if fmt == stat.S_IFLNK:
+        return Symlink(path=path, ino=ino, target=node.target)
+    if fmt == stat.S_IFIFO:
+        return Mkfifo(path=path, ino=ino, rdev=0, mode=node.mode)
+    if fmt == stat.S_IFSOCK:
+        return Mksock(path=path, ino=ino, rdev=0, mode=node.mode)
+    return Mknod(path=path, ino=ino, rdev=node.rdev, mode=node.mode)
+
+
+def order_namespace(old: Tree, new: Tree, match: Match) -> tuple[list[Record], Namespace]:
+    """The namespace records that turn ``old`` into ``new`` given ``match``.
+
+    Returns:
+        The records (creates, renames, links, unlinks, rmdirs) and the final
+        :class:`Namespace` (which inodes were created, which directories touched).
+    """
+    ns = Namespace(
+        children={d: dict(kids) for d, kids in old.children.items()},
+        dentries={nid: list(node.dentries) for nid, node in old.nodes.items()},
+    )
+    out: list[Record] = []
+    n2o = match.n2o
+    next_ino = max((n.ino for n in old.nodes.values()), default=256) + 1
+    new_ino: dict[int, int] = {}
+    root_names = set(old.children[ROOT]) | set(new.children[ROOT])
+    orphan_seq: dict[int, int] = {}
+
+    def key_of(new_id: int) -> int:
+        oid = n2o.get(new_id)
+        return oid if oid is not None else -1 - new_id
+
+    def final_dentries(key: int) -> set[Dentry]:
+        nid = match.o2n.get(key) if key >= 0 else -1 - key
+        if nid is None:
+            return set()
+        return {(key_of(p), name) for p, name in new.nodes[nid].dentries}
+
+    def orphan_name(key: int) -> bytes:
+        ino = old.nodes[key].ino
+        idx = orphan_seq.get(key, 0)
+        while True:
+            name = b"o%d-0-%d" % (ino, idx)
+            idx += 1
+            if name not in root_names and name not in ns.children[ROOT]:
+                orphan_seq[key] = idx
+                return name
+
+    def evict(parent: int, name: bytes, key: int) -> None:
+        src = ns.path(parent, name)
+        is_dir = key >= 0 and old.nodes[key].is_dir
+        if not is_dir and key >= 0 and key not in match.o2n:
+            out.append(Unlink(path=src))
+            ns.remove(key, parent, name)
+            return
+        oname = orphan_name(key)
+        out.append(Rename(path=src, path_to=oname))
+        ns.remove(key, parent, name)
+        ns.add(key, ROOT, oname)
+        if is_dir:
+            ns.touched.add(key)
+
+    stack = [ROOT]
+    while stack:
+        d = stack.pop()
+        pkey = key_of(d)
+        subdirs: list[int] = []
+        for name, cid in sorted(new.children[d].items()):
+            node = new.nodes[cid]
+            if node.is_dir:
+                subdirs.append(cid)
+            ckey = key_of(cid)
+            occupant = ns.children[pkey].get(name)
+            if occupant == ckey:
+                continue
+            if occupant is not None:
+                evict(pkey, name, occupant)
+            target = ns.path(pkey, name)
+            if ckey < 0 and cid not in ns.created:
+                ino = new_ino[cid] = next_ino
+                next_ino += 1
+                out.append(_create(node, target, ino))
+                ns.created.add(cid)
+                ns.add(ckey, pkey, name)
+                if node.is_dir:
+                    ns.children[ckey] = {}
+                continue
+            current = ns.dentries.get(ckey, [])
+            finals = final_dentries(ckey)
+            pending = [dn for dn in current if dn not in finals]
+            if pending:
+                src_parent, src_name = pending[0]
+                out.append(Rename(path=ns.path(src_parent, src_name), path_to=target))
+                ns.remove(ckey, src_parent, src_name)
+                ns.add(ckey, pkey, name)
+                if node.is_dir:
+                    ns.touched.add(ckey)
+            else:
+                src_parent, src_name = current[0]
+                out.append(Link(path=target, path_link=ns.path(src_parent, src_name)))
+                ns.add(ckey, pkey, name)
+        stack.extend(reversed(subdirs))
+
+    # clean-up: names that are not part of the new tree
+    doomed_dirs: list[int] = []
+    for key in list(ns.dentries):
+        if key < 0:
+            continue
+        onode = old.nodes[key]
+        if onode.is_dir:
+            if key not in match.o2n and ns.dentries[key]:
+                doomed_dirs.append(key)
+            continue
+        finals = final_dentries(key)
+        for dn in [dn for dn in ns.dentries[key] if dn not in finals]:
+            out.append(Unlink(path=ns.path(*dn)))
+            ns.remove(key, *dn)
+    depth = {k: ns.dir_path(k).count(b"/") for k in doomed_dirs}
+    for key in sorted(doomed_dirs, key=lambda k: -depth[k]):
+        parent, name = ns.dentries[key][0]
+        out.append(Rmdir(path=ns.path(parent, name)))
+        ns.remove(key, parent, name)
+    return out, ns

@@ -1,0 +1,88 @@
+"""Fixtures for send tests: a loop-mounted btrfs holding plain source trees and receives."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from btrdelta.send import send_stream
+from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs
+from btrdelta.testing.scenarios import Scenario
+from tests.conftest import require_btrfs
+
+
+@dataclass
+class Workspace:
+    """A btrfs mount: plain directories for source trees, a directory to receive into."""
+
+    mnt: Path
+
+    def fresh(self, tag: str) -> Path:
+        d = self.mnt / f"{tag}-{uuid.uuid4().hex[:8]}"
+        d.mkdir()
+        return d
+
+
+@pytest.fixture(scope="session")
+def btrfs_ws() -> Iterator[Workspace]:
+    """One loop-mounted btrfs for the whole session (sources and receive targets)."""
+    require_btrfs()
+    try:
+        with loop_fs("btrfs", size="4G") as mnt:
+            yield Workspace(mnt)
+    except BtrfsUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but btrfs is unavailable: {exc}")
+        pytest.skip(str(exc))
+
+
+def bash(script: str, cwd: Path) -> None:
+    """Run a recipe with bash -euo pipefail in ``cwd``."""
+    proc = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=cwd, capture_output=True, check=False,
+        env={**os.environ, "LC_ALL": "C.UTF-8"},
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"recipe failed: {script!r}: {proc.stderr.decode(errors='replace')}")
+
+
+def build_pair(base: Path, sc: Scenario) -> tuple[Path, Path]:
+    """OLD by recipe a, NEW as a reflink copy of OLD changed by recipe b (plain dirs)."""
+    old = base / "old"
+    new = base / "new"
+    old.mkdir()
+    bash(sc.a, old)
+    subprocess.run(["cp", "-a", "--reflink=auto", str(old), str(new)], check=True)
+    for part in sc.b.split("\nREMOUNT\n"):
+        bash(part, new)
+    return old, new
+
+
+def make_stream(out: Path, new: Path, parent: Path | None = None, **kw: object) -> Path:
+    """Write btrdelta's stream of ``new`` (incremental from ``parent``) to ``out``."""
+    version = int(kw.pop("version", 1))  # type: ignore[call-overload]
+    with open(out, "wb") as f:
+        send_stream(f.write, new, parent, version=version, **kw)
+    return out
+
+
+def kernel_receive(stream: Path, dest: Path) -> None:
+    """The kernel's `btrfs receive` (fails the test with its stderr)."""
+    proc = subprocess.run(
+        ["btrfs", "receive", "-f", str(stream), str(dest)], capture_output=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+
+
+def progs_dump_ok(stream: Path) -> str:
+    proc = subprocess.run(
+        ["btrfs", "receive", "--dump", "-f", str(stream)], capture_output=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    return proc.stdout.decode(errors="replace")
