@@ -1,0 +1,830 @@
+"""Applying send-stream records to a destination directory with system calls.
+
+:class:`Applier` has one method per command, looked up in a ``type(record) -> method``
+table built once. It receives each subvolume under a temporary name inside DEST
+(``.btrdelta-tmp-…``) and renames it to its final name only when the subvolume is complete
+(END, or the next SUBVOL/SNAPSHOT); :meth:`Applier.abort` removes the temporary one, so a
+failed or interrupted receive leaves nothing under the final name and never touches the
+parent (an incremental stream works on a snapshot or a copy of it).
+
+Two backends:
+
+* ``btrfs`` (DEST on btrfs): real subvolumes. SUBVOL creates one, SNAPSHOT snapshots the
+  local parent found by received UUID, else UUID, in the UUID tree; at the end the received
+  UUID and transid are set and the subvolume is made read-only, as ``btrfs receive`` does, so
+  the two tools can alternate. ENCODED_WRITE is passed through with the encoded-write ioctl.
+* ``dir`` (any other filesystem, or forced): a subvolume is a directory; the parent of an
+  incremental stream is copied with ``cp -a --reflink=auto`` (reflinks where the filesystem
+  can, else ``copy_file_range``, holes kept) and :mod:`.registry` records uuid/transid.
+  ENCODED_WRITE is decompressed.
+
+Every path goes through :class:`.sandbox.Sandbox` (no ``..``, no absolute paths, no
+symlink followed, nothing outside the subvolume). FILEATTR is ignored by default, exactly
+as btrfs-progs does; with ``apply_fileattr=True`` the flags that have a ``chattr``
+equivalent are set with ``FS_IOC_SETFLAGS`` when the subvolume is finished (so an
+immutable or append-only flag cannot block the stream's own later commands).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import stat
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from ..errors import ApplyError, BtrdeltaError, MissingBaseError, StreamFormatError
+from ..stream.records import (
+    Chmod,
+    Chown,
+    Clone,
+    EnableVerity,
+    EncodedWrite,
+    End,
+    Fallocate,
+    Fileattr,
+    Link,
+    Mkdir,
+    Mkfifo,
+    Mkfile,
+    Mknod,
+    Mksock,
+    Record,
+    RemoveXattr,
+    Rename,
+    Rmdir,
+    SetXattr,
+    Snapshot,
+    Subvol,
+    Symlink,
+    Truncate,
+    Unlink,
+    UpdateExtent,
+    Utimes,
+    Write,
+)
+from . import subvol as sv
+from .encoded import decode_extent
+from .registry import Registry, RegistryEntry
+from .sandbox import Sandbox, check_name, split_path
+
+__all__ = ["Applier", "ReceivedSubvol", "find_parent", "find_subvolume"]
+
+#: largest decompressed extent accepted from an ENCODED_WRITE (the kernel uses 128 KiB)
+MAX_UNENCODED = 8 << 20
+_WRITE_FLAGS = os.O_WRONLY
+_FALLOC_PUNCH = 0x02 | 0x01  # PUNCH_HOLE | KEEP_SIZE
+_ZEROS = bytes(1 << 20)
+_TMP_PREFIX = ".btrdelta-tmp-"
+_FALLBACK_ERRNOS = (errno.ENOTTY, errno.EINVAL, errno.ENOSPC, errno.EOPNOTSUPP, errno.EXDEV,
+                    errno.EPERM)
+
+# btrfs inode-item flags (FILEATTR) -> FS_IOC_SETFLAGS bits
+_FILEATTR_MAP = {
+    0x2: 0x00800000,  # NODATACOW -> FS_NOCOW_FL
+    0x8: 0x00000400,  # NOCOMPRESS -> FS_NOCOMP_FL
+    0x20: 0x00000008,  # SYNC
+    0x40: 0x00000010,  # IMMUTABLE
+    0x80: 0x00000020,  # APPEND
+    0x100: 0x00000040,  # NODUMP
+    0x200: 0x00000080,  # NOATIME
+    0x400: 0x00010000,  # DIRSYNC
+    0x800: 0x00000004,  # COMPRESS -> FS_COMPR_FL
+}
+_FSFLAGS_MANAGED = 0
+for _v in _FILEATTR_MAP.values():
+    _FSFLAGS_MANAGED |= _v
+
+
+@dataclass
+class ReceivedSubvol:
+    """One subvolume a receive finished."""
+
+    name: str
+    path: Path
+    uuid: UUID
+    ctransid: int
+    parent_uuid: UUID | None
+    parent_path: Path | None
+    #: True for a real btrfs subvolume, False for a directory (registry backend)
+    btrfs: bool
+    records: int = 0
+    data_bytes: int = 0
+
+
+@dataclass
+class _Current:
+    rec: Subvol | Snapshot
+    name: bytes
+    tmp: bytes
+    sandbox: Sandbox | None
+    parent_path: Path | None
+    records: int = 0
+    data_bytes: int = 0
+    fileattrs: list[tuple[int, int]] = field(default_factory=list)
+
+
+def find_subvolume(dest: Path, wanted: UUID, *, btrfs: bool) -> Path | None:
+    """Directory of a received subvolume below ``dest`` with (received) UUID ``wanted``."""
+    if btrfs:
+        dest_real = Path(os.path.realpath(dest))
+        for p in sv.find_subvolumes_by_uuid(dest, wanted):
+            if p.is_relative_to(dest_real) and not p.name.startswith(_TMP_PREFIX):
+                return p
+        return None
+    found = Registry(dest).find(wanted)
+    return found
+
+
+def find_parent(dest: Path, snapshot: Snapshot, *, backend: str = "auto") -> Path:
+    """The local directory of the parent subvolume a SNAPSHOT record is based on.
+
+    Args:
+        dest: the receive destination directory.
+        snapshot: the SNAPSHOT record (its ``clone_uuid`` names the parent).
+        backend: ``"auto"`` (btrfs when DEST is on btrfs), ``"btrfs"`` or ``"dir"``.
+
+    Raises:
+        MissingBaseError: no such subvolume below ``dest``.
+    """
+    found = find_subvolume(dest, snapshot.clone_uuid, btrfs=_use_btrfs(dest, backend))
+    if found is None:
+        raise MissingBaseError(
+            f"cannot find parent subvolume {snapshot.clone_uuid} in {dest}",
+            path=snapshot.path,
+        )
+    return found
+
+
+def _use_btrfs(dest: Path, backend: str) -> bool:
+    if backend not in ("auto", "btrfs", "dir"):
+        raise ValueError(f"unknown backend {backend!r}")
+    if backend == "dir":
+        return False
+    fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        on_btrfs = sv.is_btrfs(fd)
+    finally:
+        os.close(fd)
+    if backend == "btrfs" and not on_btrfs:
+        raise BtrdeltaError(f"{dest} is not on btrfs (use the directory backend)")
+    return on_btrfs
+
+
+def _warn_default(msg: str) -> None:
+    import warnings
+
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+class Applier:
+    """Apply records to the destination directory ``dest``.
+
+    Args:
+        dest: existing directory that receives the subvolumes.
+        backend: ``"auto"``, ``"btrfs"`` or ``"dir"`` (see the module docstring).
+        dry_run: check and resolve everything (paths, parents, clone sources), write nothing.
+        apply_fileattr: set FILEATTR flags that map to ``chattr`` flags (default: ignore
+            them, like btrfs-progs).
+        force_decompress: never pass ENCODED_WRITE through, always decompress.
+        on_warning: called with a message for things skipped (default: ``warnings.warn``).
+    """
+
+    def __init__(
+        self,
+        dest: Path,
+        *,
+        backend: str = "auto",
+        dry_run: bool = False,
+        apply_fileattr: bool = False,
+        force_decompress: bool = False,
+        on_warning: Callable[[str], None] | None = None,
+    ) -> None:
+        self.dest = Path(dest)
+        if not self.dest.is_dir():
+            raise BtrdeltaError(f"destination {dest} is not a directory")
+        self.btrfs = _use_btrfs(self.dest, backend)
+        self.dry_run = dry_run
+        self.apply_fileattr = apply_fileattr
+        self.force_decompress = force_decompress
+        self.warn = on_warning or _warn_default
+        self.received: list[ReceivedSubvol] = []
+        self._cur: _Current | None = None
+        self._dest_fd = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._wpath: bytes | None = None
+        self._wfd = -1
+        self._clone_roots: dict[UUID, Sandbox] = {}
+        self._warned: set[str] = set()
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            Subvol: self.subvol,
+            Snapshot: self.snapshot,
+            Mkfile: self.mkfile,
+            Mkdir: self.mkdir,
+            Mknod: self.mknod,
+            Mkfifo: self.mkfifo,
+            Mksock: self.mksock,
+            Symlink: self.symlink,
+            Rename: self.rename,
+            Link: self.link,
+            Unlink: self.unlink,
+            Rmdir: self.rmdir,
+            SetXattr: self.set_xattr,
+            RemoveXattr: self.remove_xattr,
+            Write: self.write,
+            Clone: self.clone,
+            Truncate: self.truncate,
+            Chmod: self.chmod,
+            Chown: self.chown,
+            Utimes: self.utimes,
+            End: self.end,
+            UpdateExtent: self.update_extent,
+            Fallocate: self.fallocate,
+            Fileattr: self.fileattr,
+            EncodedWrite: self.encoded_write,
+            EnableVerity: self.enable_verity,
+        }
+
+    # -- driver ------------------------------------------------------------------------
+
+    @property
+    def in_subvolume(self) -> bool:
+        """True between SUBVOL/SNAPSHOT and the END that finishes it."""
+        return self._cur is not None
+
+    def apply(self, rec: Record, index: int | None = None) -> None:
+        """Apply one record; errors carry ``index``, the command name and the path.
+
+        Raises:
+            UnsafePathError: a path that would leave the subvolume.
+            MissingBaseError: parent or clone source not found.
+            ApplyError: a system call failed.
+            StreamFormatError: a record that makes no sense here.
+        """
+        handler = self._handlers.get(type(rec))
+        try:
+            if handler is None:
+                return  # records this version does not model pass (as progs ignores them)
+            if self._cur is None and type(rec) not in (Subvol, Snapshot, End):
+                raise StreamFormatError("command before SUBVOL/SNAPSHOT")
+            if self._cur is not None:
+                self._cur.records += 1
+                if self._cur.sandbox is not None:
+                    self._cur.sandbox.trim()
+            handler(rec)
+        except BtrdeltaError as exc:
+            raise exc.located(index=index, command=rec.cmd.name.lower(),
+                              path=getattr(rec, "path", None)) from exc.__cause__
+        except OSError as exc:
+            op = rec.cmd.name.lower()
+            where = f" ({exc.filename})" if exc.filename and op in ("subvol", "snapshot") else ""
+            raise ApplyError(
+                f"{op} failed: {exc.strerror or exc}{where}", op=op, index=index,
+                command=op, path=getattr(rec, "path", None),
+            ) from exc
+
+    def close(self) -> None:
+        """Abort any unfinished subvolume and release descriptors."""
+        self.abort()
+        if self._dest_fd >= 0:
+            os.close(self._dest_fd)
+            self._dest_fd = -1
+
+    def __enter__(self) -> Applier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- subvolume start / finish ------------------------------------------------------
+
+    def _begin(self, rec: Subvol | Snapshot) -> bytes:
+        if self._cur is not None:
+            self.finish()
+        name = check_name(rec.path, "subvolume name")
+        if os.path.lexists(self.dest / os.fsdecode(name)):
+            raise ApplyError("destination subvolume already exists", op="subvol")
+        return name
+
+    def _tmp_name(self, rec: Subvol | Snapshot) -> bytes:
+        return f"{_TMP_PREFIX}{rec.uuid.hex[:12]}-{os.getpid()}".encode()
+
+    def subvol(self, rec: Subvol) -> None:
+        """SUBVOL: start a new empty subvolume (or directory)."""
+        name = self._begin(rec)
+        tmp = self._tmp_name(rec)
+        cur = _Current(rec, name, tmp, None, None)
+        if not self.dry_run:
+            self._cur = cur
+            if self.btrfs:
+                sv.create_subvolume(self._dest_fd, tmp)
+            else:
+                os.mkdir(tmp, 0o755, dir_fd=self._dest_fd)
+            cur.sandbox = Sandbox.open(tmp, dir_fd=self._dest_fd)
+        self._cur = cur
+
+    def snapshot(self, rec: Snapshot) -> None:
+        """SNAPSHOT: start from a writable snapshot (or copy) of the local parent."""
+        name = self._begin(rec)
+        parent = find_subvolume(self.dest, rec.clone_uuid, btrfs=self.btrfs)
+        if parent is None:
+            raise MissingBaseError(f"cannot find parent subvolume {rec.clone_uuid}")
+        tmp = self._tmp_name(rec)
+        cur = _Current(rec, name, tmp, None, parent)
+        if not self.dry_run:
+            self._cur = cur
+            if self.btrfs:
+                pfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    sv.create_snapshot(self._dest_fd, tmp, pfd)
+                finally:
+                    os.close(pfd)
+            else:
+                _copy_tree(parent, self.dest / os.fsdecode(tmp))
+            cur.sandbox = Sandbox.open(tmp, dir_fd=self._dest_fd)
+        self._cur = cur
+
+    def end(self, rec: End) -> None:
+        """END: finish the current subvolume."""
+        if self._cur is not None:
+            self.finish()
+
+    def finish(self) -> ReceivedSubvol | None:
+        """Finish the current subvolume: received UUID, read-only, rename into place."""
+        cur = self._cur
+        if cur is None:
+            return None
+        rec = cur.rec
+        parent_uuid = rec.clone_uuid if isinstance(rec, Snapshot) else None
+        final = self.dest / os.fsdecode(cur.name)
+        if not self.dry_run:
+            assert cur.sandbox is not None
+            self._close_write()
+            self._close_clone_roots()
+            for fd, flags in cur.fileattrs:
+                try:
+                    old = sv.get_fsflags(fd)
+                    sv.set_fsflags(fd, (old & ~_FSFLAGS_MANAGED) | flags)
+                except OSError as exc:
+                    self._warn_once("fileattr", f"cannot set file attributes: {exc.strerror}")
+                finally:
+                    os.close(fd)
+            cur.fileattrs.clear()
+            root_fd = cur.sandbox.root_fd
+            if self.btrfs:
+                sv.set_received(root_fd, rec.uuid, rec.ctransid)
+                sv.set_readonly(root_fd, True)
+            cur.sandbox.close()
+            sv.rename_noreplace(self._dest_fd, cur.tmp, cur.name)
+            if not self.btrfs:
+                Registry(self.dest).add(
+                    RegistryEntry(os.fsdecode(cur.name), rec.uuid, rec.ctransid, parent_uuid)
+                )
+        self._cur = None
+        done = ReceivedSubvol(
+            name=os.fsdecode(cur.name), path=final, uuid=rec.uuid, ctransid=rec.ctransid,
+            parent_uuid=parent_uuid, parent_path=cur.parent_path, btrfs=self.btrfs,
+            records=cur.records, data_bytes=cur.data_bytes,
+        )
+        self.received.append(done)
+        return done
+
+    def abort(self) -> None:
+        """Remove the unfinished subvolume (its temporary name) if there is one."""
+        cur = self._cur
+        self._cur = None
+        self._close_write()
+        self._close_clone_roots()
+        if cur is None or self.dry_run:
+            return
+        for fd, _ in cur.fileattrs:
+            os.close(fd)
+        if cur.sandbox is not None:
+            cur.sandbox.close()
+        with contextlib.suppress(OSError):
+            if self.btrfs:
+                try:
+                    sv.delete_subvolume(self._dest_fd, cur.tmp)
+                    return
+                except OSError:
+                    pass
+            shutil.rmtree(os.fsdecode(cur.tmp), dir_fd=self._dest_fd)
+
+    # -- helpers -----------------------------------------------------------------------
+
+    @property
+    def _sb(self) -> Sandbox:
+        cur = self._cur
+        assert cur is not None
+        assert cur.sandbox is not None
+        return cur.sandbox
+
+    def _warn_once(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            self.warn(msg)
+
+    def _close_write(self) -> None:
+        if self._wfd >= 0:
+            os.close(self._wfd)
+        self._wfd = -1
+        self._wpath = None
+
+    def _write_fd(self, path: bytes) -> int:
+        if self._wpath == path:
+            return self._wfd
+        self._close_write()
+        self._wfd = self._sb.open_file(path, _WRITE_FLAGS)
+        self._wpath = path
+        return self._wfd
+
+    def _close_clone_roots(self) -> None:
+        for sb in self._clone_roots.values():
+            sb.close()
+        self._clone_roots.clear()
+
+    def _check(self, *paths: bytes) -> bool:
+        """In dry-run mode validate the paths and return True (the caller then stops)."""
+        if self.dry_run:
+            for p in paths:
+                split_path(p)
+            return True
+        return False
+
+    # -- entries -----------------------------------------------------------------------
+
+    def mkfile(self, rec: Mkfile) -> None:
+        """MKFILE: empty regular file, mode 0600 until CHMOD."""
+        if self._check(rec.path):
+            return
+        fd, name = self._sb.parent(rec.path)
+        os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600, dir_fd=fd))
+
+    def mkdir(self, rec: Mkdir) -> None:
+        """MKDIR: directory, mode 0700 until CHMOD."""
+        if self._check(rec.path):
+            return
+        fd, name = self._sb.parent(rec.path)
+        os.mkdir(name, 0o700, dir_fd=fd)
+
+    def mknod(self, rec: Mknod) -> None:
+        """MKNOD: device node (or other special file) with the type bits of ``mode``."""
+        kind = stat.S_IFMT(rec.mode)
+        if kind not in (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFREG):
+            raise StreamFormatError(f"mknod with unsupported file type {oct(rec.mode)}")
+        if self._check(rec.path):
+            return
+        fd, name = self._sb.parent(rec.path)
+        os.mknod(name, kind, rec.rdev, dir_fd=fd)
+
+    def mkfifo(self, rec: Mkfifo) -> None:
+        """MKFIFO: named pipe, mode 0600."""
+        if self._check(rec.path):
+            return
+        fd, name = self._sb.parent(rec.path)
+        os.mkfifo(name, 0o600, dir_fd=fd)
+
+    def mksock(self, rec: Mksock) -> None:
+        """MKSOCK: socket node, mode 0600."""
+        if self._check(rec.path):
+            return
+        fd, name = self._sb.parent(rec.path)
+        os.mknod(name, stat.S_IFSOCK | 0o600, 0, dir_fd=fd)
+
+    def symlink(self, rec: Symlink) -> None:
+        """SYMLINK: a link to any target (it is never followed by the receiver)."""
+        if not rec.target or b"\0" in rec.target:
+            raise StreamFormatError("empty symlink target or NUL in it")
+        if self._check(rec.path):
+            return
+        fd, name = self._sb.parent(rec.path)
+        os.symlink(rec.target, name, dir_fd=fd)
+
+    def rename(self, rec: Rename) -> None:
+        """RENAME: atomic rename inside the subvolume (never follows the last component)."""
+        if self._check(rec.path, rec.path_to):
+            return
+        self._close_write()
+        sb = self._sb
+        sfd, sname = sb.parent(rec.path)
+        dfd, dname = sb.parent(rec.path_to)
+        os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+        sb.invalidate(rec.path)
+        sb.invalidate(rec.path_to)
+
+    def link(self, rec: Link) -> None:
+        """LINK: new name ``path`` for the existing ``path_link`` (both inside)."""
+        if self._check(rec.path, rec.path_link):
+            return
+        sb = self._sb
+        sfd, sname = sb.parent(rec.path_link)
+        dfd, dname = sb.parent(rec.path)
+        os.link(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+
+    def unlink(self, rec: Unlink) -> None:
+        """UNLINK: remove a non-directory."""
+        if self._check(rec.path):
+            return
+        self._close_write()
+        fd, name = self._sb.parent(rec.path)
+        os.unlink(name, dir_fd=fd)
+
+    def rmdir(self, rec: Rmdir) -> None:
+        """RMDIR: remove an empty directory."""
+        if self._check(rec.path):
+            return
+        self._close_write()
+        sb = self._sb
+        sb.invalidate(rec.path)
+        fd, name = sb.parent(rec.path)
+        os.rmdir(name, dir_fd=fd)
+
+    # -- xattrs ------------------------------------------------------------------------
+
+    def _xattr_unsupported(self, name: bytes, exc: OSError) -> bool:
+        if exc.errno in (errno.EOPNOTSUPP, errno.ENOTSUP) and (
+            not self.btrfs or name.startswith(b"btrfs.")
+        ):
+            shown = name.decode("utf-8", "backslashreplace")
+            self._warn_once(f"xattr:{shown}",
+                            f"extended attribute {shown} not supported here; skipped")
+            return True
+        return False
+
+    def set_xattr(self, rec: SetXattr) -> None:
+        """SET_XATTR: ``lsetxattr`` (``btrfs.*`` properties are skipped off btrfs)."""
+        if self._check(rec.path):
+            return
+        if not self.btrfs and rec.name.startswith(b"btrfs."):
+            self._xattr_unsupported(rec.name, OSError(errno.EOPNOTSUPP, "unsupported"))
+            return
+        try:
+            if rec.path:
+                os.setxattr(self._sb.proc_path(rec.path), rec.name, rec.data,
+                            follow_symlinks=False)
+            else:
+                os.setxattr(self._sb.root_fd, rec.name, rec.data)
+        except OSError as exc:
+            if not self._xattr_unsupported(rec.name, exc):
+                raise
+
+    def remove_xattr(self, rec: RemoveXattr) -> None:
+        """REMOVE_XATTR: ``lremovexattr``."""
+        if self._check(rec.path):
+            return
+        try:
+            if rec.path:
+                os.removexattr(self._sb.proc_path(rec.path), rec.name, follow_symlinks=False)
+            else:
+                os.removexattr(self._sb.root_fd, rec.name)
+        except OSError as exc:
+            if not self._xattr_unsupported(rec.name, exc):
+                raise
+
+    # -- data --------------------------------------------------------------------------
+
+    def write(self, rec: Write) -> None:
+        """WRITE: ``pwrite`` the data at the offset."""
+        if self._check(rec.path):
+            return
+        fd = self._write_fd(rec.path)
+        data = rec.data
+        n = len(data)
+        done = os.pwrite(fd, data, rec.offset)
+        while done < n:
+            done += os.pwrite(fd, memoryview(data)[done:], rec.offset + done)
+        assert self._cur is not None
+        self._cur.data_bytes += n
+
+    def _clone_source(self, clone_uuid: UUID) -> Sandbox | None:
+        cur = self._cur
+        assert cur is not None
+        if clone_uuid == cur.rec.uuid:
+            return cur.sandbox
+        sb = self._clone_roots.get(clone_uuid)
+        if sb is not None:
+            return sb
+        found = find_subvolume(self.dest, clone_uuid, btrfs=self.btrfs)
+        if found is None:
+            raise MissingBaseError(f"cannot find clone source subvolume {clone_uuid}")
+        if self.dry_run:
+            return None
+        sb = Sandbox.open(found)
+        self._clone_roots[clone_uuid] = sb
+        return sb
+
+    def clone(self, rec: Clone) -> None:
+        """CLONE: reflink (``FICLONERANGE``) a range, else copy it with ``copy_file_range``."""
+        src_sb = self._clone_source(rec.clone_uuid)
+        if self._check(rec.path, rec.clone_path) or src_sb is None:
+            return
+        dst = self._write_fd(rec.path)
+        src = src_sb.open_file(rec.clone_path, os.O_RDONLY)
+        try:
+            try:
+                sv.clone_range(dst, rec.offset, src, rec.clone_offset, rec.length)
+                return
+            except OSError as exc:
+                if exc.errno not in _FALLBACK_ERRNOS:
+                    raise
+            _copy_range(src, rec.clone_offset, dst, rec.offset, rec.length)
+        finally:
+            os.close(src)
+
+    def truncate(self, rec: Truncate) -> None:
+        """TRUNCATE: set the size."""
+        if self._check(rec.path):
+            return
+        os.ftruncate(self._write_fd(rec.path), rec.size)
+
+    def update_extent(self, rec: UpdateExtent) -> None:
+        """UPDATE_EXTENT: no-op (``--no-data`` streams), as in btrfs-progs."""
+        self._check(rec.path)
+
+    def fallocate(self, rec: Fallocate) -> None:
+        """FALLOCATE: pass the mode to ``fallocate(2)``; zero-fill if holes are unsupported."""
+        if self._check(rec.path):
+            return
+        fd = self._write_fd(rec.path)
+        try:
+            sv.fallocate(fd, rec.mode, rec.offset, rec.size)
+        except OSError as exc:
+            if exc.errno != errno.EOPNOTSUPP:
+                raise
+            if rec.mode & 0x02:  # punch hole: write zeros inside the current size
+                end = min(rec.offset + rec.size, os.fstat(fd).st_size)
+                _write_zeros(fd, rec.offset, end - rec.offset)
+            elif rec.mode == 0:
+                os.posix_fallocate(fd, rec.offset, rec.size)
+            else:
+                self._warn_once("fallocate", f"fallocate mode {rec.mode} unsupported; skipped")
+
+    def fileattr(self, rec: Fileattr) -> None:
+        """FILEATTR: ignored (like btrfs-progs) unless ``apply_fileattr``; see module doc."""
+        if self._check(rec.path) or not self.apply_fileattr:
+            return
+        flags = 0
+        for bit, fs_bit in _FILEATTR_MAP.items():
+            if rec.fileattr & bit:
+                flags |= fs_bit
+        sb = self._sb
+        pfd = sb.open_path(rec.path)
+        try:
+            st = os.fstat(pfd)
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+                return
+            fd = os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        finally:
+            os.close(pfd)
+        assert self._cur is not None
+        self._cur.fileattrs.append((fd, flags))
+
+    def encoded_write(self, rec: EncodedWrite) -> None:
+        """ENCODED_WRITE: encoded-write ioctl on btrfs; else decompress and ``pwrite``."""
+        if rec.encryption:
+            raise StreamFormatError(f"encrypted ENCODED_WRITE ({rec.encryption}) unsupported")
+        if not 1 <= rec.compression <= 7:
+            raise StreamFormatError(f"unsupported ENCODED_WRITE compression {rec.compression}")
+        if (rec.unencoded_len > MAX_UNENCODED
+                or rec.unencoded_offset + rec.unencoded_file_len > rec.unencoded_len):
+            raise StreamFormatError(
+                f"bad ENCODED_WRITE lengths (file_len {rec.unencoded_file_len}, "
+                f"unencoded_len {rec.unencoded_len}, offset {rec.unencoded_offset})"
+            )
+        if self._check(rec.path):
+            return
+        fd = self._write_fd(rec.path)
+        assert self._cur is not None
+        self._cur.data_bytes += rec.unencoded_file_len
+        if self.btrfs and not self.force_decompress:
+            try:
+                sv.encoded_write(fd, rec.data, rec.offset, rec.unencoded_file_len,
+                                 rec.unencoded_len, rec.unencoded_offset, rec.compression)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTTY, errno.EINVAL, errno.ENOSPC):
+                    raise
+        plain = decode_extent(rec.data, rec.compression, rec.unencoded_len)
+        view = memoryview(plain)[rec.unencoded_offset : rec.unencoded_offset
+                                 + rec.unencoded_file_len]
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], rec.offset + done)
+
+    def enable_verity(self, rec: EnableVerity) -> None:
+        """ENABLE_VERITY: ``FS_IOC_ENABLE_VERITY``, or a warning where unsupported."""
+        if self._check(rec.path):
+            return
+        if self._wpath == rec.path:
+            self._close_write()
+        fd = self._sb.open_file(rec.path, os.O_RDONLY)
+        try:
+            sv.enable_verity(fd, rec.algorithm, rec.block_size, rec.salt, rec.sig)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTTY, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+            self.warn(
+                f"fs-verity is not supported on this filesystem; "
+                f"{os.fsdecode(rec.path)} received without verity"
+            )
+        finally:
+            os.close(fd)
+
+    # -- metadata ----------------------------------------------------------------------
+
+    def chmod(self, rec: Chmod) -> None:
+        """CHMOD: permission bits; never through a symlink (symlinks have none on Linux)."""
+        if self._check(rec.path):
+            return
+        mode = rec.mode & 0o7777
+        if not rec.path:
+            os.chmod(self._sb.root_fd, mode)
+            return
+        pfd = self._sb.open_path(rec.path)
+        try:
+            if stat.S_ISLNK(os.fstat(pfd).st_mode):
+                return
+            os.chmod(f"/proc/self/fd/{pfd}", mode)
+        finally:
+            os.close(pfd)
+
+    def chown(self, rec: Chown) -> None:
+        """CHOWN: numeric owner, not following symlinks."""
+        if self._check(rec.path):
+            return
+        if not rec.path:
+            os.chown(self._sb.root_fd, rec.uid, rec.gid)
+            return
+        fd, name = self._sb.parent(rec.path)
+        os.chown(name, rec.uid, rec.gid, dir_fd=fd, follow_symlinks=False)
+
+    def utimes(self, rec: Utimes) -> None:
+        """UTIMES: atime and mtime in ns, not following symlinks (ctime/otime cannot be set)."""
+        if self._check(rec.path):
+            return
+        times = (rec.atime, rec.mtime)
+        if not rec.path:
+            os.utime(self._sb.root_fd, ns=times)
+            return
+        fd, name = self._sb.parent(rec.path)
+        os.utime(name, ns=times, dir_fd=fd, follow_symlinks=False)
+
+
+def _write_zeros(fd: int, offset: int, length: int) -> None:
+    while length > 0:
+        n = os.pwrite(fd, memoryview(_ZEROS)[: min(length, len(_ZEROS))], offset)
+        offset += n
+        length -= n
+
+
+def _copy_range(src: int, src_off: int, dst: int, dst_off: int, length: int) -> None:
+    """Copy a byte range between files in the kernel, keeping holes of the source."""
+    end = src_off + length
+    pos = src_off
+    while pos < end:
+        try:
+            data = os.lseek(src, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:  # ENXIO: only a hole up to EOF
+                raise
+            data = end
+        data = min(data, end)
+        if data > pos:  # a hole in the source: make the destination range a hole too
+            hole_dst = dst_off + (pos - src_off)
+            size = os.fstat(dst).st_size
+            try:
+                if hole_dst < size:
+                    sv.fallocate(dst, _FALLOC_PUNCH, hole_dst, min(data - pos, size - hole_dst))
+            except OSError:
+                _write_zeros(dst, hole_dst, min(data - pos, size - hole_dst))
+            if dst_off + (data - src_off) > size:
+                os.ftruncate(dst, dst_off + (data - src_off))
+            pos = data
+            if pos >= end:
+                break
+        hole = min(os.lseek(src, pos, os.SEEK_HOLE), end)
+        while pos < hole:
+            n = os.copy_file_range(src, dst, hole - pos, pos, dst_off + (pos - src_off))
+            if n == 0:
+                return
+            pos += n
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    """Copy a received directory for an incremental stream (reflinks where possible)."""
+    proc = subprocess.run(
+        ["cp", "-a", "--reflink=auto", "--no-target-directory", "--", str(src), str(dst)],
+        capture_output=True, check=False,
+    )
+    if proc.returncode != 0:
+        shutil.rmtree(dst, ignore_errors=True)
+        raise ApplyError(
+            f"copying parent {src} failed: {proc.stderr.decode(errors='replace').strip()}",
+            op="snapshot",
+        )

@@ -1,0 +1,95 @@
+"""Receive fixtures: kernel streams received by the kernel and by btrdelta (ext4, btrfs)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from btrdelta.receive import receive
+from btrdelta.stream import StreamReader
+from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs
+from tests.conftest import KernelStream
+
+
+@dataclass
+class Targets:
+    """Loop filesystems: kernel-received btrfs, btrdelta into btrfs, btrdelta into ext4."""
+
+    kernel: Path
+    ours_btrfs: Path
+    ours_ext4: Path
+    scratch_btrfs: Path
+    warnings: list[str] = field(default_factory=list)
+
+
+@pytest.fixture(scope="session")
+def targets() -> Iterator[Targets]:
+    try:
+        with ExitStack() as stack:
+            kernel = stack.enter_context(loop_fs("btrfs", size="4G"))
+            ours_btrfs = stack.enter_context(loop_fs("btrfs", size="4G"))
+            ours_ext4 = stack.enter_context(loop_fs("ext4", size="4G"))
+            scratch = stack.enter_context(loop_fs("btrfs", size="2G"))
+            yield Targets(kernel, ours_btrfs, ours_ext4, scratch)
+    except BtrfsUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but btrfs is unavailable: {exc}")
+        pytest.skip(str(exc))
+
+
+def kernel_receive(stream: Path, dest: Path) -> None:
+    """`btrfs receive -f stream dest` (the oracle)."""
+    proc = subprocess.run(["btrfs", "receive", "-f", str(stream), str(dest)],
+                          capture_output=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"btrfs receive {stream.name}: {proc.stderr.decode(errors='replace')}")
+
+
+def our_receive(stream: Path, dest: Path, warnings: list[str] | None = None,
+                **kw: object) -> list[object]:
+    """btrdelta's receive through the Python API."""
+    with open(stream, "rb") as f:
+        return receive(StreamReader(f, source=stream.name).events(), dest,  # type: ignore[arg-type]
+                       on_warning=(warnings.append if warnings is not None else None), **kw)
+
+
+@dataclass
+class Group:
+    """One scenario variant: streams A and B received three ways."""
+
+    name: str
+    a: KernelStream
+    b: KernelStream
+    dirs: dict[str, Path]
+    error: str | None = None
+
+
+@pytest.fixture(scope="session")
+def received(kernel_streams: list[KernelStream], targets: Targets) -> dict[str, Group]:
+    by_name = {ks.name: ks for ks in kernel_streams}
+    groups: dict[str, Group] = {}
+    for name, ks in by_name.items():
+        if not name.endswith(".A") or name[:-2] + ".B" not in by_name:
+            continue
+        base = name[:-2]
+        g = Group(base, ks, by_name[base + ".B"], {})
+        for key, root in (("kernel", targets.kernel), ("btrfs", targets.ours_btrfs),
+                          ("ext4", targets.ours_ext4)):
+            d = root / base
+            d.mkdir()
+            g.dirs[key] = d
+        try:
+            for stream in (g.a.path, g.b.path):
+                kernel_receive(stream, g.dirs["kernel"])
+                our_receive(stream, g.dirs["btrfs"], targets.warnings)
+                our_receive(stream, g.dirs["ext4"], targets.warnings)
+        except Exception as exc:  # reported by the test of this group
+            g.error = f"{type(exc).__name__}: {exc}"
+        groups[base] = g
+    return groups

@@ -1,0 +1,92 @@
+"""btrdelta receive gives the tree `btrfs receive` gives, for every kernel-made scenario.
+
+Each scenario's full stream A and incremental A->B (v1, and v2 --compressed-data with zstd,
+lzo, zlib) are received by the kernel into one btrfs and by btrdelta into ext4 (directory
+backend) and into another btrfs (real subvolumes); the trees are compared with tree-sum
+(type, mode, owner, size, content, xattrs, symlink targets, rdev, link counts and groups,
+mtimes in ns, and for v2 the hole layout).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from btrdelta.receive.subvol import subvol_info
+from btrdelta.tree.treesum import diff_manifests, tree_manifest
+from btrdelta.testing.scenarios import SCENARIOS
+from tests.conftest import _FS_VARIANTS
+
+from .conftest import Group
+
+pytestmark = pytest.mark.btrfs
+
+
+def _group_names() -> list[str]:
+    names = []
+    for options, only in _FS_VARIANTS:
+        comp = options.split("=")[1]
+        for sc in SCENARIOS:
+            if only is not None and sc.name not in only:
+                continue
+            for tag in ("v1", "v2"):
+                if comp != "zstd" and tag == "v1":
+                    continue
+                names.append(f"{sc.name}.{comp}.{tag}")
+    return names
+
+
+def _compare(g: Group, snap: str, holes: bool, ignore_root_mtime: bool) -> list[str]:
+    ref = tree_manifest(g.dirs["kernel"] / snap, holes=holes,
+                        ignore_root_mtime=ignore_root_mtime)
+    problems = []
+    for key in ("btrfs", "ext4"):
+        ours = tree_manifest(g.dirs[key] / snap, holes=holes,
+                             ignore_root_mtime=ignore_root_mtime)
+        diff = diff_manifests(ref, ours)
+        if diff:
+            problems.append(f"{key} {snap}: " + "; ".join(diff))
+    return problems
+
+
+@pytest.mark.parametrize("name", _group_names())
+def test_same_tree_as_kernel_receive(name: str, received: dict[str, Group]) -> None:
+    g = received[name]
+    assert g.error is None, g.error
+    snaps = sorted(p.name for p in g.dirs["kernel"].iterdir())
+    assert len(snaps) == 2, snaps
+    assert sorted(p.name for p in g.dirs["btrfs"].iterdir()) == snaps
+    assert sorted(p.name for p in g.dirs["ext4"].iterdir() if not p.name.startswith(".")) == snaps
+    holes = name.endswith(".v2")
+    problems = []
+    a, b = snaps
+    problems += _compare(g, a, holes, ignore_root_mtime=False)
+    problems += _compare(g, b, holes, ignore_root_mtime=True)
+    assert not problems, "\n".join(problems)
+
+
+def test_btrfs_identity_matches_kernel_receive(received: dict[str, Group]) -> None:
+    import os
+
+    g = received["hole-punch-016.zstd.v2"]
+    assert g.error is None, g.error
+    for snap in sorted(p.name for p in g.dirs["kernel"].iterdir()):
+        fds = [os.open(g.dirs[k] / snap, os.O_RDONLY) for k in ("kernel", "btrfs")]
+        try:
+            kern, ours = (subvol_info(fd) for fd in fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        assert ours.received_uuid == kern.received_uuid is not None
+        assert ours.stransid == kern.stransid
+        assert ours.readonly and kern.readonly
+        assert ours.uuid != kern.uuid
+
+
+def test_the_comparison_can_fail(received: dict[str, Group]) -> None:
+    # the oracle is not vacuous: A and B of a scenario differ, and ours are non-trivial
+    g = received["compressible-data-W6.zstd.v2"]
+    a, b = sorted(p.name for p in g.dirs["ext4"].iterdir() if not p.name.startswith("."))
+    ma = tree_manifest(g.dirs["ext4"] / a, holes=True)
+    mb = tree_manifest(g.dirs["kernel"] / b, holes=True)
+    assert len(ma) >= 5
+    assert diff_manifests(ma, mb)
