@@ -1,0 +1,88 @@
+"""Registry of binary delta codecs: stable numeric ids and names, ``make``/``apply``.
+
+Each codec turns ``(old, new)`` into a patch and back: ``apply(old, make(old, new)) == new``.
+The id is stored in every PATCH record of a delta stream and is never reused; the name is
+the CLI spelling. A codec whose library is not installed stays registered but
+``available()`` is false and using it raises :class:`CodecUnavailableError` naming the
+missing package, so a delta stream made elsewhere fails with a clear message, not an import
+crash. ``auto`` is not a codec: :func:`make_best` tries several and keeps the smallest.
+
+Patches are untrusted input: ``apply`` checks the sizes a patch declares against the
+caller's expectation before the library allocates anything, and turns every library error
+into :class:`~btrdelta.errors.StreamFormatError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ...errors import BtrdeltaError, StreamFormatError
+from .base import Codec, CodecUnavailableError
+from .bsdiff import BsdiffCodec
+from .hdiff import HdiffCodec
+from .zstd import ZstdCodec
+
+__all__ = [
+    "AUTO",
+    "CODECS",
+    "Codec",
+    "CodecUnavailableError",
+    "available_codecs",
+    "get_codec",
+    "make_best",
+]
+
+#: id -> codec instance (ids are stable: they are written into delta streams)
+CODECS: dict[int, Codec] = {c.codec_id: c for c in (BsdiffCodec(), ZstdCodec(), HdiffCodec())}
+_BY_NAME: dict[str, Codec] = {c.name: c for c in CODECS.values()}
+_BY_NAME["zstd-long"] = _BY_NAME["zstd"]
+_BY_NAME["hdiffpatch"] = _BY_NAME["hdiff"]
+
+#: codecs ``auto`` tries, in order (the fast, strong ones; bsdiff is ~4x slower than hdiff
+#: for larger patches on typical binaries, so it is only used when asked for)
+AUTO: tuple[str, ...] = ("hdiff", "zstd")
+
+
+def get_codec(key: int | str) -> Codec:
+    """The codec with this id or name.
+
+    Raises:
+        StreamFormatError: no codec has this id (a delta stream from a newer version).
+        BtrdeltaError: no codec has this name.
+        CodecUnavailableError: the codec's library is not installed.
+    """
+    if isinstance(key, int):
+        codec = CODECS.get(key)
+        if codec is None:
+            raise StreamFormatError(f"unknown delta codec id {key}")
+    else:
+        codec = _BY_NAME.get(key)
+        if codec is None:
+            names = ", ".join(sorted({"auto", *_BY_NAME}))
+            raise BtrdeltaError(f"unknown codec {key!r} (choose from {names})")
+    codec.require()
+    return codec
+
+
+def available_codecs() -> list[Codec]:
+    """Registered codecs whose libraries are installed."""
+    return [c for c in CODECS.values() if c.available()]
+
+
+def make_best(old: bytes, new: bytes, names: Sequence[str] = AUTO) -> tuple[Codec, bytes]:
+    """Make a patch with each available codec of ``names``; return the smallest.
+
+    Raises:
+        CodecUnavailableError: none of the codecs is available.
+    """
+    best: tuple[Codec, bytes] | None = None
+    for name in names:
+        codec = _BY_NAME[name]
+        if not codec.available():
+            continue
+        patch = codec.make(old, new)
+        if best is None or len(patch) < len(best[1]):
+            best = (codec, patch)
+    if best is None:
+        raise CodecUnavailableError(f"none of the codecs {', '.join(names)} is installed")
+    return best

@@ -1,0 +1,384 @@
+"""``delta expand`` and direct application: a delta stream back to its btrfs stream.
+
+Strategy: one generator, :func:`expand_items`, turns delta items into output items in
+order: a stream header, a raw btrfs command (carried as is or inflated from the zstd
+carrier), or a regenerated WRITE. For a ``PATCH`` it reads the old file (safely, below the
+old root), checks its size and digest first, applies the codec, checks the new content's
+size and digest, and only then lets the PWRITEs that follow produce WRITE commands from it.
+:func:`expand_to` encodes the output as bytes (``delta expand``, byte-identical to the
+stream ``delta make`` read), :func:`expand_events` decodes it into the events
+:class:`~btrdelta.stream.StreamReader` gives (``btrdelta receive`` of a delta stream).
+Both check the final ``DEND`` record: command count, size and digest of the whole expanded
+stream.
+
+Memory: the zstd carrier is inflated piecewise (a hostile ZCMDS cannot expand beyond its
+declared length by more than a bounded amount); patches and new contents are bounded by
+``max_file_size``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import zstandard
+
+from ..errors import BtrdeltaError, ChecksumError, StreamFormatError
+from ..stream import records as R
+from ..stream.codec import command_crc, decode_payload, encode_record
+from ..stream.constants import CMD_HEADER, CMD_HEADER_SIZE, MAGIC, MAX_PAYLOAD, STREAM_HEADER
+from ..stream.reader import Event, StreamHeader
+from .codecs import get_codec
+from .format import (
+    BtrfsCommand,
+    DeltaEnd,
+    DeltaItem,
+    DeltaParser,
+    HashAlgo,
+    Patch,
+    PatchData,
+    PWrite,
+    StreamStart,
+    ZCommands,
+    iter_items,
+)
+from .oldfiles import digest, hasher, read_old_file
+
+__all__ = [
+    "DEFAULT_MAX_FILE_SIZE",
+    "OldRoot",
+    "expand_events",
+    "expand_items",
+    "expand_to",
+    "open_delta",
+]
+
+DEFAULT_MAX_FILE_SIZE = 1 << 30
+#: largest decompressed size one ZCMDS record may declare
+MAX_ZCMDS_RAW = 64 << 20
+#: compressed bytes fed to the inflater at a time (bounds the output of one call)
+_ZFEED = 1024
+_MAX_CMD = max(int(c) for c in R.RECORD_TYPES)
+
+#: the old snapshot: a directory, or a function giving it from the stream's SNAPSHOT/SUBVOL
+OldRoot = str | os.PathLike[str] | Callable[[Any], "str | os.PathLike[str]"]
+
+# output kinds of expand_items
+HEADER, RAW, WRITE = 0, 1, 2
+
+
+@dataclass(slots=True)
+class _Active:
+    patch: Patch
+    content: bytes
+    pos: int = 0
+
+
+class _Expander:
+    def __init__(self, old_root: OldRoot, max_file_size: int, source: str | None) -> None:
+        self.old_root = old_root
+        self.root: str | os.PathLike[str] | None = (
+            None if callable(old_root) else old_root
+        )
+        self.max_file_size = max_file_size
+        self.source = source
+        self.version = 0
+        self.dctx: Any = None
+        self.count = 0
+        self.size = 0
+        self.hash: Any = None
+        self.index = 0
+        self.active: _Active | None = None
+        self.pending: Patch | None = None
+        self.pdata: list[bytes] = []
+        self.pdata_len = 0
+
+    def fail(self, msg: str, exc: BtrdeltaError | None = None) -> BtrdeltaError:
+        err = exc if exc is not None else StreamFormatError(msg)
+        return err.located(source=self.source, index=self.index)
+
+    # -- ZCMDS -------------------------------------------------------------------------
+
+    def inflate(self, item: ZCommands) -> bytes:
+        if item.raw_len > MAX_ZCMDS_RAW:
+            raise self.fail(f"ZCMDS declares {item.raw_len} bytes (limit {MAX_ZCMDS_RAW})")
+        if self.dctx is None:
+            self.dctx = zstandard.ZstdDecompressor(max_window_size=1 << 31).decompressobj()
+        out: list[bytes] = []
+        got = 0
+        z = item.zdata
+        try:
+            for i in range(0, len(z), _ZFEED):
+                piece = self.dctx.decompress(z[i : i + _ZFEED])
+                got += len(piece)
+                if got > item.raw_len:
+                    raise self.fail("ZCMDS inflates to more than it declares")
+                out.append(piece)
+        except zstandard.ZstdError as exc:
+            raise self.fail(f"ZCMDS carrier is corrupt: {exc}") from exc
+        if got != item.raw_len:
+            raise self.fail(f"ZCMDS inflates to {got} bytes, declares {item.raw_len}")
+        return b"".join(out)
+
+    def split(self, raw: bytes) -> Iterator[tuple[int, memoryview]]:
+        """Whole btrfs commands in ``raw`` (CRC-checked)."""
+        if not self.version:
+            raise self.fail("btrfs commands before any STREAM record")
+        mv = memoryview(raw)
+        pos = 0
+        limit = MAX_PAYLOAD[self.version]
+        while pos < len(mv):
+            if len(mv) - pos < CMD_HEADER_SIZE:
+                raise self.fail("carried commands end inside a command header")
+            length, cmd, crc = CMD_HEADER.unpack_from(mv, pos)
+            end = pos + CMD_HEADER_SIZE + length
+            if not 0 < cmd <= _MAX_CMD or length > limit or end > len(mv):
+                raise self.fail(f"carried command {cmd} of length {length} is invalid")
+            if command_crc(length, cmd, mv[pos + CMD_HEADER_SIZE : end]) != crc:
+                raise self.fail("", ChecksumError("CRC32C mismatch in a carried command"))
+            yield cmd, mv[pos:end]
+            pos = end
+
+    # -- patches -----------------------------------------------------------------------
+
+    def start_patch(self, p: Patch) -> None:
+        if self.active is not None or self.pending is not None:
+            raise self.fail("PATCH while another patch is not used up")
+        if p.new_size > self.max_file_size or p.old_size > self.max_file_size:
+            raise self.fail(
+                f"patch sizes {p.old_size}/{p.new_size} exceed the limit {self.max_file_size}"
+            )
+        if p.patch_len == 0 or p.patch_len >= p.new_size:
+            raise self.fail(f"patch length {p.patch_len} is not below new size {p.new_size}")
+        if self.root is None:
+            raise self.fail("PATCH before any SNAPSHOT or SUBVOL")
+        self.pending = p
+        self.pdata = []
+        self.pdata_len = 0
+
+    def add_pdata(self, d: PatchData) -> None:
+        p = self.pending
+        if p is None:
+            raise self.fail("PDATA without a PATCH")
+        self.pdata_len += len(d.data)
+        if self.pdata_len > p.patch_len:
+            raise self.fail("PDATA longer than the patch length")
+        self.pdata.append(bytes(d.data))
+        if self.pdata_len == p.patch_len:
+            self.finish_patch(p, b"".join(self.pdata))
+
+    def finish_patch(self, p: Patch, patch: bytes) -> None:
+        self.pending = None
+        self.pdata = []
+        assert self.root is not None
+        try:
+            codec = get_codec(p.codec)
+            old = read_old_file(
+                self.root, p.base_path, expected_size=p.old_size, max_size=self.max_file_size,
+                algo=p.hash_algo, expected_digest=p.old_digest,
+            )
+            assert old is not None
+            new = codec.apply(old, patch, new_size=p.new_size)
+        except BtrdeltaError as exc:
+            raise exc.located(source=self.source, index=self.index, path=p.base_path) from None
+        actual = digest(p.hash_algo, new)
+        if actual != p.new_digest:
+            raise self.fail("", ChecksumError(
+                "patched content differs from the new content (wrong old file or bad patch)",
+                expected=p.new_digest.hex(), actual=actual.hex(), path=p.path,
+            ))
+        self.active = _Active(p, new)
+
+    def pwrite(self, w: PWrite) -> Iterator[R.Write]:
+        a = self.active
+        if a is None:
+            raise self.fail("PWRITE without a patched content")
+        if a.pos + w.length > len(a.content) or w.length == 0:
+            raise self.fail("PWRITE runs past the patched content")
+        if self.version == 1 and w.chunk > 0xFFFF:
+            raise self.fail(f"PWRITE chunk {w.chunk} does not fit a v1 WRITE")
+        if w.offset + w.length >= 1 << 64:
+            raise self.fail("PWRITE offset overflows")
+        content = memoryview(a.content)
+        path = a.patch.path
+        off, pos, end = w.offset, a.pos, a.pos + w.length
+        while pos < end:
+            n = min(w.chunk, end - pos)
+            yield R.Write(path, off, content[pos : pos + n])
+            pos += n
+            off += n
+        a.pos = end
+        if end == len(a.content):
+            self.active = None
+
+    # -- driver ------------------------------------------------------------------------
+
+    def run(self, items: Iterable[DeltaItem]) -> Iterator[tuple[int, Any, Any]]:
+        for item in items:
+            self.index += 1
+            cls = type(item)
+            if cls is BtrfsCommand:
+                yield from self.commands([(item.cmd, item.raw)])  # type: ignore[union-attr]
+            elif cls is ZCommands:
+                raw = self.inflate(item)  # type: ignore[arg-type]
+                yield from self.commands(self.split(raw))
+            elif cls is PWrite:
+                for rec in self.pwrite(item):  # type: ignore[arg-type]
+                    yield WRITE, rec, None
+            elif cls is PatchData:
+                self.add_pdata(item)  # type: ignore[arg-type]
+            elif cls is Patch:
+                self.start_patch(item)  # type: ignore[arg-type]
+            elif cls is StreamStart:
+                self.check_idle("STREAM")
+                self.version = item.version  # type: ignore[union-attr]
+                if callable(self.old_root):
+                    self.root = None
+                if self.hash is None:
+                    self.hash = hasher(HashAlgo.BLAKE3)
+                yield HEADER, item.version, None  # type: ignore[union-attr]
+            elif cls is DeltaEnd:
+                self.check_idle("DEND")
+                self.check_end(item)  # type: ignore[arg-type]
+                return
+        raise self.fail("truncated delta stream (no DEND record)")
+
+    def check_idle(self, what: str) -> None:
+        if self.active is not None or self.pending is not None:
+            raise self.fail(f"{what} while a patch is not used up")
+
+    def commands(self, cmds: Iterable[tuple[int, memoryview]]) -> Iterator[tuple[int, Any, Any]]:
+        if not self.version:
+            raise self.fail("btrfs commands before any STREAM record")
+        for cmd, raw in cmds:
+            if self.root is None and cmd in (1, 2):
+                try:
+                    rec = decode_payload(cmd, raw, CMD_HEADER_SIZE, len(raw), self.version)
+                except BtrdeltaError as exc:
+                    raise self.fail("", exc) from None
+                assert callable(self.old_root)
+                self.root = self.old_root(rec)
+            yield RAW, cmd, raw
+
+    def check_end(self, end: DeltaEnd) -> None:
+        algo_hash = self.hash if self.hash is not None else hasher(HashAlgo.BLAKE3)
+        if end.hash_algo != HashAlgo.BLAKE3:
+            raise self.fail("DEND uses a digest this build does not check")
+        if end.count != self.count or end.size != self.size:
+            raise self.fail("", ChecksumError(
+                f"expanded stream has {self.count} commands / {self.size} bytes, "
+                f"DEND says {end.count} / {end.size}",
+                expected=(end.count, end.size), actual=(self.count, self.size),
+            ))
+        actual = bytes(algo_hash.digest())
+        if actual != end.digest:
+            raise self.fail("", ChecksumError(
+                "expanded stream digest mismatch", expected=end.digest.hex(), actual=actual.hex()
+            ))
+
+
+def expand_items(
+    items: Iterable[DeltaItem],
+    old_root: OldRoot,
+    *,
+    max_file_size: int = DEFAULT_MAX_FILE_SIZE,
+    source: str | None = None,
+) -> Iterator[tuple[int, list[Any], R.Record | StreamHeader | None]]:
+    """Expand delta items to ``(kind, pieces, record)`` with the bytes of each output item.
+
+    ``pieces`` are the exact bytes of the btrfs stream; ``record`` is the decoded WRITE for
+    regenerated writes and ``None`` otherwise (headers and carried commands are decoded by
+    the caller if it needs them). The final DEND check runs before the generator ends.
+    """
+    ex = _Expander(old_root, max_file_size, source)
+    for kind, a, b in ex.run(items):
+        if kind == HEADER:
+            pieces: list[Any] = [STREAM_HEADER.pack(MAGIC, a)]
+            yield kind, pieces, StreamHeader(a, ex.size)
+        elif kind == RAW:
+            pieces = [b]
+            ex.count += 1
+            yield kind, pieces, None
+        else:
+            try:
+                pieces = encode_record(a, ex.version)
+            except BtrdeltaError as exc:
+                raise ex.fail("", exc) from None
+            ex.count += 1
+            yield kind, pieces, a
+        for piece in pieces:
+            ex.hash.update(piece)
+            ex.size += len(piece)
+
+
+def open_delta(f: BinaryIO, *, source: str | None = None) -> Iterator[DeltaItem]:
+    """Delta items read from a binary file."""
+    read = getattr(f, "read1", None) or f.read
+    return iter_items(read, source=source, parser=DeltaParser(source=source))
+
+
+def expand_to(
+    items: Iterable[DeltaItem],
+    old_root: OldRoot,
+    write: Callable[[Any], object],
+    *,
+    max_file_size: int = DEFAULT_MAX_FILE_SIZE,
+    source: str | None = None,
+) -> int:
+    """Write the expanded btrfs stream to ``write``; returns its size in bytes."""
+    size = 0
+    for _kind, pieces, _rec in expand_items(
+        items, old_root, max_file_size=max_file_size, source=source
+    ):
+        for piece in pieces:
+            write(piece)
+            size += len(piece)
+    return size
+
+
+def expand_events(
+    delta_events: Iterable[DeltaItem] | BinaryIO,
+    old_root: OldRoot | Path,
+    *,
+    max_file_size: int = DEFAULT_MAX_FILE_SIZE,
+    source: str | None = None,
+) -> Iterator[Event]:
+    """The events of the expanded stream, as :meth:`StreamReader.events` yields them.
+
+    Args:
+        delta_events: delta items (:func:`open_delta`) or a binary file with a delta stream.
+        old_root: the old snapshot's directory, or a function of the stream's SNAPSHOT
+            (or SUBVOL) record returning it (``lambda s: find_parent(dest, s)``).
+        max_file_size: largest old file / new content a patch may involve.
+        source: input name for error messages.
+
+    Each patched file's old content is verified before, and its new content after the
+    patch is applied, before any of its WRITE events is yielded.
+    """
+    items: Iterable[DeltaItem]
+    if hasattr(delta_events, "read"):
+        items = open_delta(delta_events, source=source)  # type: ignore[arg-type]
+    else:
+        items = delta_events
+    version = 0
+    for kind, pieces, rec in expand_items(
+        items, old_root, max_file_size=max_file_size, source=source
+    ):
+        if kind == HEADER:
+            assert isinstance(rec, StreamHeader)
+            version = rec.version
+            yield rec
+        elif kind == RAW:
+            raw = pieces[0]
+            cmd = int.from_bytes(raw[4:6], "little")
+            try:
+                yield decode_payload(cmd, raw, CMD_HEADER_SIZE, len(raw), version)
+            except BtrdeltaError as exc:
+                raise exc.located(source=source) from None
+        else:
+            assert rec is not None
+            assert not isinstance(rec, StreamHeader)
+            yield rec

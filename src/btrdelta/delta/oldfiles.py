@@ -1,0 +1,145 @@
+"""Reading files of the old snapshot safely, and the digests delta streams use.
+
+Paths come from streams, so they are untrusted: :func:`read_old_file` refuses absolute
+paths, ``.``/``..`` and empty components, walks every directory with
+``openat(O_DIRECTORY | O_NOFOLLOW)`` and opens the file with ``O_NOFOLLOW``, so nothing
+outside the old root (and no symlink) is ever read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from typing import Any
+
+import blake3
+
+from ..errors import ApplyError, ChecksumError, MissingBaseError, UnsafePathError
+from .format import HashAlgo
+
+__all__ = ["digest", "hasher", "old_file_size", "read_old_file"]
+
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+def hasher(algo: int) -> Any:
+    """A new hash object for ``algo`` (``update``/``digest``)."""
+    if algo == HashAlgo.BLAKE3:
+        return blake3.blake3(max_threads=1)
+    if algo == HashAlgo.SHA256:
+        return hashlib.sha256()
+    raise ValueError(f"unknown hash algorithm {algo}")  # pragma: no cover
+
+
+def digest(algo: int, data: Any) -> bytes:
+    """Digest of ``data`` with ``algo``."""
+    h = hasher(algo)
+    h.update(data)
+    return bytes(h.digest())
+
+
+def _components(path: bytes) -> list[bytes]:
+    if not path or path.startswith(b"/") or b"\x00" in path:
+        raise UnsafePathError("unsafe old-file path", path=path)
+    parts = path.split(b"/")
+    if any(p in (b"", b".", b"..") for p in parts):
+        raise UnsafePathError("unsafe old-file path", path=path)
+    return parts
+
+
+def _open(root: str | os.PathLike[str], path: bytes) -> int | None:
+    """An O_RDONLY fd of the regular file ``root/path``, or ``None`` if there is none."""
+    parts = _components(path)
+    fd = os.open(root, _DIR)
+    try:
+        for part in parts[:-1]:
+            try:
+                nfd = os.open(part, _DIR, dir_fd=fd)
+            except (FileNotFoundError, NotADirectoryError, OSError):
+                return None
+            os.close(fd)
+            fd = nfd
+        try:
+            ffd = os.open(parts[-1], _FILE, dir_fd=fd)
+        except OSError:
+            return None
+        if not stat.S_ISREG(os.fstat(ffd).st_mode):
+            os.close(ffd)
+            return None
+        return ffd
+    finally:
+        os.close(fd)
+
+
+def old_file_size(root: str | os.PathLike[str], path: bytes) -> int | None:
+    """Size of the regular file ``root/path``, ``None`` if absent or not a regular file."""
+    try:
+        fd = _open(root, path)
+    except UnsafePathError:
+        return None
+    if fd is None:
+        return None
+    try:
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
+def read_old_file(
+    root: str | os.PathLike[str],
+    path: bytes,
+    *,
+    expected_size: int | None = None,
+    max_size: int = 1 << 32,
+    algo: int | None = None,
+    expected_digest: bytes | None = None,
+) -> bytes | None:
+    """Content of the regular file ``root/path``.
+
+    Returns ``None`` if the file does not exist (or is not regular) and nothing is
+    expected of it.
+
+    Raises:
+        UnsafePathError: ``path`` is absolute or has ``..``/empty components.
+        MissingBaseError: ``expected_size`` is given and the file is missing.
+        ChecksumError: the size or the ``algo`` digest differs from what is expected.
+    """
+    fd = _open(root, path)
+    if fd is None:
+        if expected_size is None:
+            return None
+        raise MissingBaseError("old file of a patch is missing", path=path)
+    try:
+        size = os.fstat(fd).st_size
+        if expected_size is not None and size != expected_size:
+            raise ChecksumError(
+                f"old file has {size} bytes, the patch expects {expected_size}",
+                expected=expected_size, actual=size, path=path,
+            )
+        if size > max_size:
+            return None
+        pieces: list[bytes] = []
+        got = 0
+        while got < size:
+            piece = os.read(fd, min(size - got, 1 << 30))
+            if not piece:
+                break
+            pieces.append(piece)
+            got += len(piece)
+        if got != size:
+            raise ApplyError("old file changed while being read", op="read", path=path)
+    except OSError as exc:
+        raise ApplyError(f"cannot read old file: {exc.strerror}", op="read", path=path) from exc
+    finally:
+        os.close(fd)
+    data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+    if algo is not None and expected_digest is not None:
+        actual = digest(algo, data)
+        if actual != expected_digest:
+            raise ChecksumError(
+                "old file differs from the one the patch was made against",
+                expected=expected_digest.hex(), actual=actual.hex(), path=path,
+            )
+    return data

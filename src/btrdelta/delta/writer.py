@@ -1,0 +1,105 @@
+"""Writing delta streams: framing, and the stream-wide zstd carrier for btrfs commands.
+
+:class:`DeltaWriter` takes a ``write`` callable. Original btrfs commands given to
+:meth:`DeltaWriter.command` are collected and emitted as ``ZCMDS`` records: each one is the
+next piece of a single zstd frame that runs over the whole delta stream (long window,
+long-distance matching), flushed at a block boundary so that every record decompresses on
+its own to whole commands while still referring back to everything before it. With
+``level=0`` commands are written as they are (uncompressed passthrough).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import zstandard
+
+from .format import (
+    BtrfsCommand,
+    DeltaItem,
+    ZCommands,
+    encode_delta_header,
+    encode_item,
+)
+
+__all__ = ["DEFAULT_LEVEL", "DEFAULT_WINDOW_LOG", "DeltaWriter"]
+
+#: zstd level of the command carrier (``zstd -19``)
+DEFAULT_LEVEL = 19
+#: zstd window of the carrier (``--long=27``: 128 MiB; the reader accepts up to 2**31)
+DEFAULT_WINDOW_LOG = 27
+#: raw command bytes gathered before a ZCMDS record is cut
+ZCMDS_TARGET = 1 << 20
+
+
+class DeltaWriter:
+    """Serialize a delta stream to ``write``.
+
+    Args:
+        write: called with each piece (``bytes`` or ``memoryview``) in order.
+        level: zstd level for carried btrfs commands; 0 writes them uncompressed.
+        window_log: zstd window log of the carrier frame.
+        threads: zstd worker threads for the carrier (0: compress in the caller's thread).
+    """
+
+    def __init__(
+        self,
+        write: Callable[[Any], object],
+        *,
+        level: int = DEFAULT_LEVEL,
+        window_log: int = DEFAULT_WINDOW_LOG,
+        threads: int = 0,
+    ) -> None:
+        self._write = write
+        self.level = level
+        self._pending: list[Any] = []
+        self._pending_len = 0
+        self._cobj: Any = None
+        if level:
+            params = zstandard.ZstdCompressionParameters.from_level(
+                level, window_log=window_log, enable_ldm=True, threads=threads
+            )
+            self._cobj = zstandard.ZstdCompressor(compression_params=params).compressobj()
+        #: bytes written so far
+        self.bytes_written = 0
+        #: bytes of btrfs commands carried (uncompressed size)
+        self.raw_bytes = 0
+        self._emit([encode_delta_header()])
+
+    def _emit(self, pieces: list[Any]) -> None:
+        write = self._write
+        for piece in pieces:
+            write(piece)
+            self.bytes_written += len(piece)
+
+    def command(self, raw: Any) -> None:
+        """Carry one original btrfs command (its raw bytes, header and CRC included)."""
+        self.raw_bytes += len(raw)
+        if self._cobj is None:
+            self._emit([memoryview(raw)])
+            return
+        self._pending.append(raw)
+        self._pending_len += len(raw)
+        if self._pending_len >= ZCMDS_TARGET:
+            self.flush()
+
+    def flush(self) -> None:
+        """Cut a ZCMDS record with the commands gathered so far."""
+        if not self._pending:
+            return
+        cobj = self._cobj
+        raw = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        zdata = cobj.compress(raw) + cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        item = ZCommands(self._pending_len, memoryview(zdata))
+        self._pending = []
+        self._pending_len = 0
+        self._emit(encode_item(item))
+
+    def item(self, item: DeltaItem) -> None:
+        """Write a delta record (flushes carried commands first, keeping the order)."""
+        if isinstance(item, BtrfsCommand):
+            self.command(item.raw)
+            return
+        self.flush()
+        self._emit(encode_item(item))
