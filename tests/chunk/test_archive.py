@@ -63,13 +63,15 @@ def test_round_trip_rebuilds_image(tmp_path) -> None:  # type: ignore[no-untyped
         pieces.append(raw)
     assert b"".join(pieces) == data
     hdr, idx = decode_description(_description(arc))
-    assert hdr == h and list(idx.order) == list(index.order)
+    assert hdr == h
+    assert list(idx.order) == list(index.order)
 
 
 def test_empty_image(tmp_path) -> None:  # type: ignore[no-untyped-def]
     arc = _archive(tmp_path, b"")
     h, idx = decode_description(_description(arc))
-    assert h.image_size == 0 and len(idx.order) == 0
+    assert h.image_size == 0
+    assert len(idx.order) == 0
 
 
 @given(st.data())
@@ -127,7 +129,8 @@ def test_signature_verifies_and_tamper_fails(tmp_path) -> None:  # type: ignore[
 
     tampered = bytearray(desc)
     end = HEADER_SIZE + h.index_size
-    tampered[end - 4 : end], tampered[end - 8 : end - 4] = tampered[end - 8 : end - 4], tampered[end - 4 : end]
+    last, prev = tampered[end - 4 : end], tampered[end - 8 : end - 4]
+    tampered[end - 8 : end] = last + prev
     tampered[112:144] = blake3.blake3(bytes(tampered[HEADER_SIZE:end])).digest()
     tampered[156:160] = crc32c.crc32c(bytes(tampered[:156])).to_bytes(4, "little")
     decode_description(bytes(tampered))  # structurally valid ...

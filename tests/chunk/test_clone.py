@@ -30,7 +30,8 @@ def test_clone_v1_then_v2_reuses_chunks(image_pair: ImagePair, tmp_path: Path) -
     store = ChunkStore(tmp_path / "store")
     r1 = _clone(image_pair.arc1, store, "v1", output=str(tmp_path / "v1.img"))
     assert (tmp_path / "v1.img").read_bytes() == image_pair.img1.read_bytes()
-    assert r1.from_store == 0 and r1.fetched == r1.chunks
+    assert r1.from_store == 0
+    assert r1.fetched == r1.chunks
     dry = _clone(image_pair.arc2, store, "v2", dry_run=True)
     assert not (tmp_path / "store" / "v2").exists()
     r2 = _clone(image_pair.arc2, store, "v2", output=str(tmp_path / "v2.img"))
@@ -39,10 +40,12 @@ def test_clone_v1_then_v2_reuses_chunks(image_pair: ImagePair, tmp_path: Path) -
     assert r2.from_store > r2.chunks // 2  # most of v2 was already there
     arc2_size = image_pair.arc2.stat().st_size
     assert r2.fetch_bytes + r2.index_bytes < arc2_size / 3
-    assert store.verify("v2").ok and store.verify("v1").ok
+    assert store.verify("v2").ok
+    assert store.verify("v1").ok
     # a second clone of the same image fetches nothing
     again = _clone(image_pair.arc2, store, "v2")
-    assert again.fetched == 0 and again.fetch_bytes == 0
+    assert again.fetched == 0
+    assert again.fetch_bytes == 0
 
 
 def test_seed_supplies_chunks(image_pair: ImagePair, tmp_path: Path) -> None:
@@ -71,7 +74,9 @@ class _Interrupting(FileSource):
             self.delivered.append(one)
 
 
-def test_interrupted_clone_resumes_without_refetching(image_pair: ImagePair, tmp_path: Path) -> None:
+def test_interrupted_clone_resumes_without_refetching(
+    image_pair: ImagePair, tmp_path: Path
+) -> None:
     store = ChunkStore(tmp_path / "store")
     src = _Interrupting(image_pair.arc1, limit=20)
     with pytest.raises(ConnectionResetError):
@@ -121,13 +126,15 @@ def test_verify_and_gc(image_pair: ImagePair, tmp_path: Path) -> None:
     _clone(image_pair.arc1, store, "v1")
     _clone(image_pair.arc2, store, "v2")
     assert store.descriptions() == ["v1", "v2"]
-    only_v1 = set(store.read_description("v1")[1].digests) - set(store.read_description("v2")[1].digests)
+    v1, v2 = store.read_description("v1")[1], store.read_description("v2")[1]
+    only_v1 = set(v1.digests) - set(v2.digests)
     assert only_v1
     # damage one chunk: verify names it
     victim = next(iter(only_v1))
     Path(store.chunk_path(victim)).write_bytes(b"garbage")
     report = store.verify("v1")
-    assert report.bad == [victim] and not store.verify("v2").bad
+    assert report.bad == [victim]
+    assert not store.verify("v2").bad
     os.unlink(store.description_path("v1"))
     (Path(store.chunks_dir) / "00").mkdir(exist_ok=True)
     (Path(store.chunks_dir) / "00" / ".tmp-123-456").write_bytes(b"leftover")

@@ -51,7 +51,9 @@ def _need(tool: str) -> None:
         pytest.skip(f"{tool} not installed")
 
 
-def test_nbdcopy_reads_the_image(nbd_server: NbdServer, image_pair: ImagePair, tmp_path: Path) -> None:
+def test_nbdcopy_reads_the_image(
+    nbd_server: NbdServer, image_pair: ImagePair, tmp_path: Path
+) -> None:
     _need("nbdcopy")
     info = subprocess.run(["nbdinfo", "--json", nbd_server.uri], capture_output=True,
                           text=True, check=True, timeout=60).stdout
@@ -114,7 +116,7 @@ def test_fuse_file_loop_mounts_to_the_source_tree(
         assert proc.poll() is None, log.read_text()
         assert (fuse_dir / "v2").stat().st_size == image_pair.img2.stat().st_size
         assert (fuse_dir / "v2").read_bytes() == image_pair.img2.read_bytes()
-        with pytest.raises(OSError):
+        with pytest.raises(OSError, match="Read-only"):
             open(fuse_dir / "v2", "r+b")  # noqa: SIM115 - must fail
         subprocess.run(["mount", "-o", "loop,ro", str(fuse_dir / "v2"), str(loop_dir)],
                        check=True, timeout=60)

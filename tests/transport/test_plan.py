@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -41,7 +43,7 @@ def test_coalesce_covers_every_part_once(raw, gap: int, max_span: int, rnd) -> N
     assert keys == list(range(len(parts)))
     for s in spans:
         assert all(s.start <= p.start and p.end <= s.end for p in s.parts)
-    assert all(a.end <= b.start for a, b in zip(spans, spans[1:], strict=False))
+    assert all(a.end <= b.start for a, b in itertools.pairwise(spans))
     batches = batch_spans(spans, max_ranges=3, max_bytes=1000)
     assert [s for b in batches for s in b] == spans
     assert all(len(b) <= 3 for b in batches)

@@ -1,0 +1,207 @@
+"""``btrdelta image`` and ``btrdelta serve`` end to end: real ext4 images over nginx and ours."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from btrdelta.cli import main
+from tests.chunk.images import ImagePair, make_ext4, make_trees
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> ImagePair:
+    base = tmp_path_factory.mktemp("cli-images")
+    tree1, tree2 = make_trees(base)
+    img1, img2 = base / "v1.ext4", base / "v2.ext4"
+    make_ext4(tree1, img1)
+    make_ext4(tree2, img2)
+    www = base / "www"
+    www.mkdir()
+    for img, arc in ((img1, www / "v1.cba"), (img2, www / "v2.cba")):
+        argv = ["image", "compress", "-i", str(img), "-o", str(arc), "--avg-chunk", "16K"]
+        assert main(argv) == 0
+    return ImagePair(tree1, tree2, img1, img2, www / "v1.cba", www / "v2.cba")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "server exited early"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(port)
+
+
+@pytest.fixture
+def nginx(images: ImagePair, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.path.exists(binary):
+        if os.environ.get("CI") == "true":
+            pytest.fail("nginx is required under CI")
+        pytest.skip("nginx not installed")
+    port = _free_port()
+    log = tmp_path / "access.log"
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(f"""
+daemon off; master_process off; worker_processes 1; pid {tmp_path}/nginx.pid;
+error_log {tmp_path}/error.log;
+events {{ worker_connections 64; }}
+http {{
+  access_log {log} combined; log_format bytes '$status $body_bytes_sent';
+  client_body_temp_path {tmp_path}/body; proxy_temp_path {tmp_path}/proxy;
+  fastcgi_temp_path {tmp_path}/fcgi; uwsgi_temp_path {tmp_path}/uwsgi;
+  scgi_temp_path {tmp_path}/scgi;
+  server {{ listen 127.0.0.1:{port}; root {images.arc1.parent};
+            access_log {tmp_path}/bytes.log bytes; }}
+}}
+""")
+    proc = subprocess.Popen([binary, "-c", str(conf), "-e", str(tmp_path / "error.log")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port, proc)
+        yield f"http://127.0.0.1:{port}", tmp_path / "bytes.log"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+@pytest.fixture
+def serve(images: ImagePair, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "btrdelta", "serve", str(images.arc1.parent), "--port",
+             str(port)], stdout=subprocess.DEVNULL, stderr=logf)
+    try:
+        _wait_port(port, proc)
+        yield f"http://127.0.0.1:{port}", log
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    assert "stopped:" in log.read_text()
+
+
+def _served(log: Path, kind: str) -> int:
+    """Body bytes the server logged (nginx: '$status $bytes'; ours: '... status bytes')."""
+    time.sleep(0.2)  # let the server flush its log line
+    total = 0
+    for line in log.read_text().splitlines():
+        fields = line.split()
+        if kind == "nginx" or (len(fields) >= 5 and fields[1] in ("GET", "HEAD")):
+            total += int(fields[-1])
+    return total
+
+
+def _clone_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, object]:
+    capsys.readouterr()
+    assert main(["image", "clone", "--json", *args]) == 0
+    out: dict[str, object] = json.loads(capsys.readouterr().out)
+    return out
+
+
+@pytest.mark.parametrize("server", ["nginx", "serve"])
+def test_clone_v1_then_v2_over_http(
+    server: str, images: ImagePair, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    request: pytest.FixtureRequest,
+) -> None:
+    url, log = request.getfixturevalue(server)
+    store = tmp_path / "store"
+    _clone_json(capsys, f"{url}/v1.cba", f"{store}/v1", "--output", str(tmp_path / "v1.img"))
+    assert (tmp_path / "v1.img").read_bytes() == images.img1.read_bytes()
+    v1_bytes = _served(log, server)
+    assert v1_bytes <= images.arc1.stat().st_size * 1.01
+
+    dry = _clone_json(capsys, "--dry-run", f"{url}/v2.cba", f"{store}/v2")
+    report = _clone_json(capsys, f"{url}/v2.cba", f"{store}/v2", "--output",
+                         str(tmp_path / "v2.img"))
+    assert (tmp_path / "v2.img").read_bytes() == images.img2.read_bytes()
+    v2_bytes = _served(log, server) - v1_bytes
+    assert report["fetch_bytes"] == dry["fetch_bytes"]
+    # what the server sent for v2 (dry run included): chunks v1 lacked + index, and
+    # multipart framing; far less than the full v2 archive
+    needed = int(report["fetch_bytes"]) + int(report["index_bytes"])  # type: ignore[call-overload]
+    assert v2_bytes <= 1.05 * needed + 2 * int(report["index_bytes"]) + 4096  # type: ignore[call-overload]
+    assert v2_bytes < images.arc2.stat().st_size / 3
+    assert main(["image", "verify", f"{store}/v2"]) == 0
+
+
+def test_info_gc_and_errors(
+    images: ImagePair, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = tmp_path / "store"
+    assert main(["image", "clone", str(images.arc1), f"{store}/v1"]) == 0
+    assert main(["image", "clone", str(images.arc2), f"{store}/v2"]) == 0
+    capsys.readouterr()
+    assert main(["image", "info", "--json", str(images.arc2)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["image_size"] == images.img2.stat().st_size
+    assert info["kind"] == "archive"
+    assert main(["image", "info", "--json", f"{store}/v2"]) == 0
+    assert json.loads(capsys.readouterr().out)["kind"] == "description"
+    os.unlink(store / "v1")
+    assert main(["image", "gc", str(store)]) == 0
+    assert "removed" in capsys.readouterr().out
+    assert main(["image", "verify", f"{store}/v2"]) == 0
+    # errors: one line, the class's exit code, no traceback
+    bad = tmp_path / "bad.cba"
+    bad.write_bytes(b"not an archive" * 20)
+    capsys.readouterr()
+    assert main(["image", "info", str(bad)]) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "bad magic" in err
+    assert main(["image", "clone", str(images.arc1), f"{store}/chunks"]) == 4
+    assert main(["image", "verify", f"{store}/nope"]) == 6
+
+
+def test_signed_archive_and_tampering(
+    images: ImagePair, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = Ed25519PrivateKey.generate()
+    priv, pub = tmp_path / "key.pem", tmp_path / "key.pub"
+    priv.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    arc = tmp_path / "signed.cba"
+    assert main(["image", "compress", "-i", str(images.img1), "-o", str(arc), "--sign", str(priv),
+                 "--avg-chunk", "16K"]) == 0
+    assert main(["image", "info", "--key", str(pub), str(arc)]) == 0
+    store = tmp_path / "store"
+    assert main(["image", "clone", "--key", str(pub), str(arc), f"{store}/ok"]) == 0
+    assert main(["image", "verify", "--key", str(pub), f"{store}/ok"]) == 0
+    # flip one byte of the signature: refused before anything is fetched or stored
+    blob = bytearray(arc.read_bytes())
+    blob[-1] ^= 1
+    tampered = tmp_path / "tampered.cba"
+    tampered.write_bytes(bytes(blob))
+    capsys.readouterr()
+    assert main(["image", "clone", "--key", str(pub), str(tampered), f"{tmp_path}/s2/x"]) == 5
+    assert "signature" in capsys.readouterr().err
+    assert not (tmp_path / "s2").exists()
+    # unsigned archive but a key required
+    assert main(["image", "clone", "--key", str(pub), str(images.arc1), f"{tmp_path}/s3/x"]) == 5
