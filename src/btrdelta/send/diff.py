@@ -6,7 +6,9 @@ inode as an old one saves a create (and usually its data). :func:`match_trees` p
 1. regular files at the same path whose content is equal (compared chunk by chunk, or with
    ``quick=True`` trusted when size and mtime agree, as rsync does) -> unchanged;
 2. the remaining files whose content equals an unmatched old file of the same size (BLAKE3
-   over the data, computed only for sizes that occur on both sides) -> moved/renamed;
+   over the data, computed only for sizes that occur on both sides) -> moved/renamed, unless
+   the old file's path still holds a regular file (then that one is changed in place and the
+   copy becomes a clone from the parent);
 3. the remaining files with an unmatched old regular file at one of their paths -> changed in
    place (the emitter then sends only the blocks that differ);
 4. symlinks with the same path and target, then the same target elsewhere; device nodes,
@@ -191,6 +193,11 @@ def changed_ranges(
         os.close(fn)
 
 
+def _is_reg_at(tree: Tree, path: bytes) -> bool:
+    nid = tree.lookup(path)
+    return nid is not None and tree.nodes[nid].is_reg
+
+
 def match_trees(old: Tree, new: Tree, index: ContentIndex, *, quick: bool = False) -> Match:
     """Pair the inodes of ``old`` and ``new`` (see the module docstring)."""
     m = Match()
@@ -220,9 +227,13 @@ def match_trees(old: Tree, new: Tree, index: ContentIndex, *, quick: bool = Fals
                 m.unchanged.add(node.id)
                 break
     # 2. same content elsewhere (moved / renamed)
+    # An old file that still has a regular file at one of its paths is left for step 3:
+    # changing it in place and cloning the copy from the parent beats resending that path.
     by_size: dict[int, list[int]] = defaultdict(list)
     for o in onodes.values():
         if o.is_reg and o.id not in m.o2n:
+            if any(_is_reg_at(new, p) for p in old.paths(o.id)):
+                continue
             by_size[o.size].append(o.id)
     for node in regs:
         if node.id in m.n2o:
