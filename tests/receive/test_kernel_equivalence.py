@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 
 from btrdelta.receive.subvol import subvol_info
-from btrdelta.tree.treesum import diff_manifests, tree_manifest
 from btrdelta.testing.scenarios import SCENARIOS
+from btrdelta.tree.treesum import diff_manifests, tree_manifest
 from tests.conftest import _FS_VARIANTS
 
 from .conftest import Group
@@ -78,7 +78,8 @@ def test_btrfs_identity_matches_kernel_receive(received: dict[str, Group]) -> No
                 os.close(fd)
         assert ours.received_uuid == kern.received_uuid is not None
         assert ours.stransid == kern.stransid
-        assert ours.readonly and kern.readonly
+        assert ours.readonly
+        assert kern.readonly
         assert ours.uuid != kern.uuid
 
 

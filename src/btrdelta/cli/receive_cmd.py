@@ -1,0 +1,106 @@
+"""``btrdelta receive``: apply a send stream below a directory, like ``btrfs receive``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from ..receive import ReceivedSubvol, receive
+from ..stream.reader import Event, StreamReader
+from ._common import Progress, human_bytes, open_input
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``receive``."""
+    p = sub.add_parser(
+        "receive",
+        help="apply a send stream to a directory (any filesystem) or btrfs",
+        description=(
+            "Apply a btrfs send stream below DEST with ordinary system calls. On btrfs each "
+            "subvolume is a real subvolume (snapshot of the local parent, received UUID set, "
+            "read-only at the end), interchangeable with `btrfs receive`; on other "
+            "filesystems it is a directory and DEST/.btrdelta-subvols.json records what was "
+            "received. Paths never leave the subvolume (confinement is always on); a failed "
+            "receive leaves nothing under the subvolume's final name."
+        ),
+        epilog="example: btrfs send -p /snap/A /snap/B | btrdelta receive /target",
+    )
+    p.add_argument("-f", "--file", dest="file", metavar="FILE", default="-",
+                   help="read the stream from FILE (default '-': standard input)")
+    p.add_argument("dest", nargs="?", metavar="DEST", help="directory to receive into")
+    p.add_argument("-e", dest="stop_at_end", action="store_true",
+                   help="stop after the first END (of concatenated streams)")
+    p.add_argument("-E", "--max-errors", type=int, default=1, metavar="N",
+                   help="stop after N failed commands (0: never; default 1)")
+    p.add_argument("--dump", action="store_true",
+                   help="print the stream instead of applying it (same as `btrdelta dump`)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="parse the stream and resolve paths, parents and clone sources; "
+                        "write nothing")
+    p.add_argument("--backend", choices=("auto", "btrfs", "dir"), default="auto",
+                   help="btrfs subvolumes or plain directories (default: by DEST's filesystem)")
+    p.add_argument("--fileattr", action="store_true",
+                   help="apply FILEATTR inode flags with chattr equivalents (btrfs receive "
+                        "ignores them)")
+    p.add_argument("--force-decompress", action="store_true",
+                   help="decompress ENCODED_WRITE data even where btrfs could store it as is")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="progress on stderr")
+    p.set_defaults(func=run)
+
+
+def open_events(
+    f: BinaryIO, name: str, dest: Path | None = None, backend: str = "auto"
+) -> Iterator[Event]:
+    """The events to apply, from the input file (the one place the input is decoded).
+
+    A delta stream (``btrdelta delta make``) is expanded on the fly against the local
+    parent of its snapshot (see :func:`btrdelta.delta.expand_events`).
+    """
+    from ..delta.expand import delta_parent, expand_events, sniff
+
+    is_delta, f = sniff(f)
+    if is_delta and dest is not None:
+        return expand_events(f, delta_parent(dest, backend), source=name)
+    return StreamReader(f, source=name).events()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Receive the stream."""
+    if args.dump:
+        from . import dump_cmd
+
+        return dump_cmd.run(argparse.Namespace(file=args.file, input=None, json=False,
+                                               all=False))
+    if not args.dest:
+        print("btrdelta receive: error: DEST is required (unless --dump)", file=sys.stderr)
+        return 2
+    progress = Progress(Progress.wanted(args) and args.verbose > 0, "receive: ")
+
+    def on_progress(records: int, nbytes: int) -> None:
+        progress.update(f"{records} records, {human_bytes(nbytes)}")
+
+    def on_subvol(done: ReceivedSubvol) -> None:
+        kind = "snapshot" if done.parent_uuid else "subvol"
+        print(f"At {kind} {done.name}", file=sys.stderr)
+
+    def on_warning(msg: str) -> None:
+        print(f"btrdelta receive: warning: {msg}", file=sys.stderr)
+
+    with open_input(args.file) as f:
+        try:
+            done = receive(
+                open_events(f, args.file, Path(args.dest), args.backend), Path(args.dest),
+                stop_at_end=args.stop_at_end,
+                max_errors=args.max_errors, dry_run=args.dry_run, backend=args.backend,
+                apply_fileattr=args.fileattr, force_decompress=args.force_decompress,
+                on_progress=on_progress, on_warning=on_warning, on_subvol=on_subvol,
+            )
+        finally:
+            progress.done()
+    if args.dry_run:
+        print(f"dry run: {len(done)} subvolume(s) would be received", file=sys.stderr)
+    return 0

@@ -1,0 +1,119 @@
+"""`btrdelta receive`: options, exit codes, one-line errors (crafted streams, no root)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from btrdelta.cli import main
+from btrdelta.stream.records import End, Mkdir, Mkfile, Snapshot, Write
+from tests.receive.helpers import UUID_A, UUID_B, snapshot_tree, stream_bytes, subvol
+
+GOOD = [subvol(b"A"), Mkdir(path=b"d", ino=257), Mkfile(path=b"d/f", ino=258),
+        Write(path=b"d/f", offset=0, data=b"data\n"), End()]
+
+
+@pytest.fixture
+def dest(tmp_path: Path) -> Path:
+    d = tmp_path / "dest"
+    d.mkdir()
+    return d
+
+
+def _stream(tmp_path: Path, records: list, name: str = "s.stream") -> Path:
+    p = tmp_path / name
+    p.write_bytes(stream_bytes(records))
+    return p
+
+
+def test_receive_file(tmp_path: Path, dest: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["receive", "-f", str(_stream(tmp_path, GOOD)), str(dest)]) == 0
+    assert (dest / "A" / "d" / "f").read_bytes() == b"data\n"
+    assert "At subvol A" in capsys.readouterr().err
+
+
+def test_receive_stdin_subprocess(tmp_path: Path, dest: Path) -> None:
+    stream = _stream(tmp_path, GOOD)
+    with open(stream, "rb") as f:
+        proc = subprocess.run([sys.executable, "-m", "btrdelta", "receive", "-v", str(dest)],
+                              stdin=f, capture_output=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert (dest / "A" / "d" / "f").read_bytes() == b"data\n"
+
+
+def test_unsafe_path_exit_code_and_one_line(tmp_path: Path, dest: Path) -> None:
+    bad = _stream(tmp_path, [subvol(b"A"), Mkfile(path=b"../escape", ino=257), End()])
+    proc = subprocess.run([sys.executable, "-m", "btrdelta", "receive", "-f", str(bad),
+                           str(dest)], capture_output=True, check=False)
+    assert proc.returncode == 4
+    err = proc.stderr.decode()
+    assert err.count("\n") == 1
+    assert "record 1 (mkfile)" in err
+    assert "../escape" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "escape").exists()
+    assert list(dest.iterdir()) == []
+
+
+def test_missing_parent_exit_code(tmp_path: Path, dest: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    s = _stream(tmp_path, [Snapshot(path=b"B", uuid=UUID_B, ctransid=2, clone_uuid=UUID_A,
+                                    clone_ctransid=1), End()])
+    assert main(["receive", "-f", str(s), str(dest)]) == 6
+    assert "cannot find parent subvolume" in capsys.readouterr().err
+
+
+def test_bad_crc_exit_code(tmp_path: Path, dest: Path) -> None:
+    s = _stream(tmp_path, GOOD)
+    data = bytearray(s.read_bytes())
+    data[-15] ^= 1
+    s.write_bytes(bytes(data))
+    assert main(["receive", "-f", str(s), str(dest)]) == 5
+    assert list(dest.iterdir()) == []
+
+
+def test_dump_is_btrdelta_dump(tmp_path: Path, capfdbinary: pytest.CaptureFixture[bytes]) -> None:
+    s = _stream(tmp_path, GOOD)
+    assert main(["dump", "-f", str(s)]) == 0
+    ref = capfdbinary.readouterr().out
+    assert main(["receive", "--dump", "-f", str(s)]) == 0
+    assert capfdbinary.readouterr().out == ref
+    assert b"mkfile" in ref
+
+
+def test_dry_run(tmp_path: Path, dest: Path) -> None:
+    s = _stream(tmp_path, GOOD)
+    before = snapshot_tree(dest)
+    assert main(["receive", "--dry-run", "-f", str(s), str(dest)]) == 0
+    assert snapshot_tree(dest) == before
+    bad = _stream(tmp_path, [subvol(b"A"), Mkfile(path=b"/etc/x", ino=257), End()], "b")
+    assert main(["receive", "--dry-run", "-f", str(bad), str(dest)]) == 4
+
+
+def test_stop_at_end(tmp_path: Path, dest: Path) -> None:
+    two = [*GOOD, subvol(b"Z", UUID_B), Mkfile(path=b"z", ino=257), End()]
+    s = _stream(tmp_path, two)
+    assert main(["receive", "-e", "-f", str(s), str(dest)]) == 0
+    assert sorted(p.name for p in dest.iterdir() if not p.name.startswith(".")) == ["A"]
+    dest2 = tmp_path / "dest2"
+    dest2.mkdir()
+    assert main(["receive", "-f", str(s), str(dest2)]) == 0
+    assert sorted(p.name for p in dest2.iterdir() if not p.name.startswith(".")) == ["A", "Z"]
+
+
+def test_max_errors(tmp_path: Path, dest: Path) -> None:
+    from btrdelta.stream.records import Unlink
+
+    s = _stream(tmp_path, [subvol(b"A"), Unlink(path=b"missing"), Mkfile(path=b"ok", ino=257),
+                           End()])
+    assert main(["receive", "-f", str(s), str(dest)]) == 8
+    assert not (dest / "A").exists()
+    assert main(["receive", "-E", "0", "-f", str(s), str(dest)]) == 8
+    assert (dest / "A" / "ok").exists()
+
+
+def test_dest_required(tmp_path: Path) -> None:
+    assert main(["receive", "-f", str(_stream(tmp_path, GOOD))]) == 2

@@ -1,0 +1,36 @@
+"""`btrfs receive` and `btrdelta receive` alternate on one btrfs, in both orders."""
+
+from __future__ import annotations
+
+import pytest
+
+from btrdelta.tree.treesum import diff_manifests, tree_manifest
+
+from .conftest import Group, Targets, kernel_receive, our_receive
+
+pytestmark = pytest.mark.btrfs
+
+NAMES = ["inversion-030.zstd.v2", "compressible-data-W6.zstd.v2", "compressible-data-W6.lzo.v2",
+         "reflinks-same-file-200.zstd.v1", "xattrs.zstd.v1", "capabilities-214.zstd.v2",
+         "special-files.zstd.v1", "many-links-272.zstd.v2"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_alternating_receivers(name: str, received: dict[str, Group], targets: Targets) -> None:
+    g = received[name]
+    assert g.error is None, g.error
+    snaps = sorted(p.name for p in g.dirs["kernel"].iterdir())
+    ours_then_kernel = targets.scratch_btrfs / f"ok-{name}"
+    kernel_then_ours = targets.scratch_btrfs / f"ko-{name}"
+    ours_then_kernel.mkdir()
+    kernel_then_ours.mkdir()
+    our_receive(g.a.path, ours_then_kernel)
+    kernel_receive(g.b.path, ours_then_kernel)  # btrfs receive finds our received parent
+    kernel_receive(g.a.path, kernel_then_ours)
+    our_receive(g.b.path, kernel_then_ours)  # and we find the kernel's
+    holes = name.endswith(".v2")
+    for snap in snaps:
+        ref = tree_manifest(g.dirs["kernel"] / snap, holes=holes, ignore_root_mtime=True)
+        for d in (ours_then_kernel, kernel_then_ours):
+            got = tree_manifest(d / snap, holes=holes, ignore_root_mtime=True)
+            assert not diff_manifests(ref, got), (d.name, snap, diff_manifests(ref, got))
