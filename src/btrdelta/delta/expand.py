@@ -18,6 +18,7 @@ declared length by more than a bounded amount); patches and new contents are bou
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from ..stream.constants import CMD_HEADER, CMD_HEADER_SIZE, MAGIC, MAX_PAYLOAD, 
 from ..stream.reader import Event, StreamHeader
 from .codecs import get_codec
 from .format import (
+    DELTA_MAGIC,
     BtrfsCommand,
     DeltaEnd,
     DeltaItem,
@@ -43,17 +45,20 @@ from .format import (
     PWrite,
     StreamStart,
     ZCommands,
+    is_delta_stream,
     iter_items,
 )
 from .oldfiles import digest, hasher, read_old_file
 
 __all__ = [
     "DEFAULT_MAX_FILE_SIZE",
+    "delta_parent",
     "OldRoot",
     "expand_events",
     "expand_items",
     "expand_to",
     "open_delta",
+    "sniff",
 ]
 
 DEFAULT_MAX_FILE_SIZE = 1 << 30
@@ -83,6 +88,7 @@ class _Expander:
         self.root: str | os.PathLike[str] | None = (
             None if callable(old_root) else old_root
         )
+        self.head: Any = None  # SNAPSHOT/SUBVOL of the current stream (for a callable root)
         self.max_file_size = max_file_size
         self.source = source
         self.version = 0
@@ -154,7 +160,13 @@ class _Expander:
         if p.patch_len == 0 or p.patch_len >= p.new_size:
             raise self.fail(f"patch length {p.patch_len} is not below new size {p.new_size}")
         if self.root is None:
-            raise self.fail("PATCH before any SNAPSHOT or SUBVOL")
+            if self.head is None:
+                raise self.fail("PATCH before any SNAPSHOT or SUBVOL")
+            assert callable(self.old_root)
+            try:
+                self.root = self.old_root(self.head)
+            except BtrdeltaError as exc:
+                raise exc.located(source=self.source, index=self.index) from None
         self.pending = p
         self.pdata = []
         self.pdata_len = 0
@@ -254,13 +266,12 @@ class _Expander:
         if not self.version:
             raise self.fail("btrfs commands before any STREAM record")
         for cmd, raw in cmds:
-            if self.root is None and cmd in (1, 2):
+            if cmd in (1, 2) and callable(self.old_root):
                 try:
-                    rec = decode_payload(cmd, raw, CMD_HEADER_SIZE, len(raw), self.version)
+                    self.head = decode_payload(cmd, raw, CMD_HEADER_SIZE, len(raw), self.version)
                 except BtrdeltaError as exc:
                     raise self.fail("", exc) from None
-                assert callable(self.old_root)
-                self.root = self.old_root(rec)
+                self.root = None
             yield RAW, cmd, raw
 
     def check_end(self, end: DeltaEnd) -> None:
@@ -312,6 +323,41 @@ def expand_items(
         for piece in pieces:
             ex.hash.update(piece)
             ex.size += len(piece)
+
+
+class _Prefixed(io.RawIOBase):
+    """A file that first returns ``prefix``, then the rest of ``f``."""
+
+    def __init__(self, prefix: bytes, f: BinaryIO) -> None:
+        super().__init__()
+        self._prefix = memoryview(prefix)
+        self._f = f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if len(self._prefix):
+            n = min(len(b), len(self._prefix))
+            b[:n] = self._prefix[:n]
+            self._prefix = self._prefix[n:]
+            return n
+        return int(self._f.readinto(b) or 0)  # type: ignore[attr-defined]
+
+
+def sniff(f: BinaryIO) -> tuple[bool, BinaryIO]:
+    """Whether ``f`` holds a delta stream, and a file that reads ``f`` from its start.
+
+    Reads the first bytes of ``f`` (a file or a pipe) to look for the delta magic.
+    """
+    prefix = b""
+    while len(prefix) < len(DELTA_MAGIC):
+        more = f.read(len(DELTA_MAGIC) - len(prefix))
+        if not more:
+            break
+        prefix += more
+    wrapped = io.BufferedReader(_Prefixed(prefix, f), 1 << 20)
+    return is_delta_stream(prefix), wrapped
 
 
 def open_delta(f: BinaryIO, *, source: str | None = None) -> Iterator[DeltaItem]:
@@ -382,3 +428,18 @@ def expand_events(
             assert rec is not None
             assert not isinstance(rec, StreamHeader)
             yield rec
+
+
+def delta_parent(dest: Path, backend: str = "auto") -> Callable[[Any], Path]:
+    """The old-root function for receiving a delta stream below ``dest``: the local parent
+    subvolume of the stream's SNAPSHOT (a full stream has no old files to patch against).
+    """
+    from ..errors import MissingBaseError
+    from ..receive import find_parent
+
+    def resolve(head: Any) -> Path:
+        if not isinstance(head, R.Snapshot):
+            raise MissingBaseError("a delta of a full stream needs an old tree (delta expand)")
+        return find_parent(dest, head, backend=backend)
+
+    return resolve

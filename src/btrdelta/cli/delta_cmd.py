@@ -1,0 +1,161 @@
+"""``btrdelta delta make|expand|stat``: delta streams (file data as binary patches)."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from typing import BinaryIO
+
+from ..delta.codecs import AUTO, CODECS
+from ..delta.expand import DEFAULT_MAX_FILE_SIZE, expand_to, open_delta
+from ..delta.make import MakeOptions, make_delta
+from ..delta.stats import collect_delta_stats
+from ..errors import BtrdeltaError
+from ._common import Progress, add_input, human_bytes, input_name, open_input, open_output
+
+_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'64M' -> 67108864 (K, M, G, T suffixes, binary)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    try:
+        if t and t[-1] in _UNITS:
+            return int(float(t[:-1]) * _UNITS[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``delta`` and its subcommands."""
+    p = sub.add_parser(
+        "delta",
+        help="make, expand and inspect delta streams (file data as binary patches)",
+        description=(
+            "A delta stream is a btrfs send stream in which the data of files that exist in "
+            "the old snapshot is replaced by binary patches against them; everything else is "
+            "carried zstd-compressed. `delta expand` gives back the original stream byte for "
+            "byte; `btrdelta receive` applies delta streams directly."
+        ),
+        epilog="example: btrfs send -p /snap/A /snap/B | btrdelta delta make --old /snap/A - "
+               "| btrdelta receive /target",
+    )
+
+    def usage(_args: argparse.Namespace) -> int:
+        p.print_help(sys.stderr)
+        return 2
+
+    p.set_defaults(func=usage)
+    dsub = p.add_subparsers(dest="delta_command", metavar="SUBCOMMAND")
+    codecs = sorted({"auto", *(c.name for c in CODECS.values())})
+
+    m = dsub.add_parser("make", help="btrfs stream + old snapshot -> delta stream")
+    add_input(m)
+    m.add_argument("--old", required=True, metavar="OLD_DIR",
+                   help="the old snapshot (the stream's parent) as a directory")
+    m.add_argument("-o", "--output", default="-", metavar="DELTA",
+                   help="write the delta stream to DELTA (default '-': standard output)")
+    m.add_argument("--codec", default="auto", choices=codecs,
+                   help=f"patch codec (auto: smallest of {', '.join(AUTO)} per file)")
+    m.add_argument("--max-file-size", type=parse_size, default=MakeOptions.max_file_size,
+                   metavar="SIZE", help="do not diff files larger than SIZE (default 256M)")
+    m.add_argument("-j", "--jobs", type=int, default=MakeOptions().jobs, metavar="N",
+                   help="diff threads (default: number of CPUs)")
+    m.add_argument("--level", type=int, default=MakeOptions.level, metavar="L",
+                   help="zstd level of carried data, 0 = uncompressed (default 19)")
+    m.add_argument("--json", action="store_true", help="print a JSON summary on stderr")
+    m.add_argument("--progress", action="store_true", help="show progress on stderr")
+    m.set_defaults(func=run_make)
+
+    e = dsub.add_parser("expand", help="delta stream + old snapshot -> the btrfs stream")
+    add_input(e, "delta stream")
+    e.add_argument("--old", required=True, metavar="OLD_DIR", help="the old snapshot")
+    e.add_argument("-o", "--output", default="-", metavar="STREAM",
+                   help="write the btrfs stream to STREAM (default '-': standard output)")
+    e.add_argument("--max-file-size", type=parse_size, default=DEFAULT_MAX_FILE_SIZE,
+                   metavar="SIZE", help="refuse patches of files larger than SIZE (1G)")
+    e.set_defaults(func=run_expand)
+
+    s = dsub.add_parser("stat", help="patched files and bytes saved per codec")
+    add_input(s, "delta stream")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=run_stat)
+
+
+def run_make(args: argparse.Namespace) -> int:
+    """``delta make``."""
+    if args.jobs < 1:
+        raise BtrdeltaError("-j must be at least 1")
+    opts = MakeOptions(
+        codec=args.codec, max_file_size=args.max_file_size, jobs=args.jobs, level=args.level
+    )
+    name = input_name(args)
+    progress = Progress(Progress.wanted(args), "delta make: ")
+    t0 = time.monotonic()
+
+    def on_progress(nin: int, nout: int) -> None:
+        progress.update(f"{human_bytes(nin)} in, {human_bytes(nout)} out")
+
+    with open_input(name) as f, open_output(args.output) as out:
+        src: BinaryIO = f if isinstance(f, io.BufferedReader) else io.BufferedReader(
+            f, 1 << 20  # type: ignore[type-var]
+        )
+        stats = make_delta(src, args.old, out.write, opts, source=name, on_progress=on_progress)
+    progress.done()
+    secs = time.monotonic() - t0
+    if args.json:
+        print(json.dumps({**stats.as_json(), "seconds": round(secs, 3)}), file=sys.stderr)
+    elif progress.enabled:
+        ratio = stats.output_bytes / stats.input_bytes if stats.input_bytes else 0.0
+        print(
+            f"delta make: {human_bytes(stats.input_bytes)} -> {human_bytes(stats.output_bytes)}"
+            f" ({ratio:.1%}), {stats.patched_files} files patched, {secs:.1f}s",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def run_expand(args: argparse.Namespace) -> int:
+    """``delta expand``."""
+    name = input_name(args)
+    with open_input(name) as f, open_output(args.output) as out:
+        expand_to(
+            open_delta(f, source=name), args.old, out.write,
+            max_file_size=args.max_file_size, source=name,
+        )
+    return 0
+
+
+def run_stat(args: argparse.Namespace) -> int:
+    """``delta stat``."""
+    name = input_name(args)
+    with open_input(name) as f:
+        st = collect_delta_stats(open_delta(f, source=name), source=name)
+        st.size = f.seek(0, 1) if f.seekable() else 0
+    print_delta_stats(st, name, as_json=args.json)
+    return 0
+
+
+def print_delta_stats(st: object, name: str, *, as_json: bool) -> None:
+    """Print a :class:`~btrdelta.delta.stats.DeltaStats` (also used by ``btrdelta stat``)."""
+    from ..delta.stats import DeltaStats
+
+    assert isinstance(st, DeltaStats)
+    if as_json:
+        print(json.dumps({"kind": "delta", **st.as_json()}))
+        return
+    print(f"delta stream:  {name} ({human_bytes(st.size)}, {st.size} bytes)")
+    print(f"expands to:    {human_bytes(st.expanded_size)} ({st.expanded_commands} commands, "
+          f"{st.streams} stream(s), version {', '.join(map(str, st.versions))})")
+    print(f"carried:       {st.carried_commands} commands, {human_bytes(st.carried_raw_bytes)}"
+          f" stored in {human_bytes(st.carried_stored_bytes)}")
+    total = sum(st.patched_files.values())
+    print(f"patched files: {total} ({st.regenerated_writes} writes regenerated)")
+    for codec in sorted(st.patched_files):
+        print(f"  {codec:<8} {st.patched_files[codec]:>6} files  "
+              f"{human_bytes(st.replaced_bytes[codec])} as {human_bytes(st.patch_bytes[codec])}"
+              f" of patches, saved {human_bytes(st.saved_bytes[codec])}")

@@ -1,0 +1,121 @@
+"""Delta fixtures: kernel snapshot pairs kept mounted (the old trees make and expand need)."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs, run
+from btrdelta.testing.scenarios import SCENARIOS, make_snapshots, send
+from tests.conftest import require_btrfs
+
+
+@dataclass
+class Pair:
+    """A kernel snapshot pair with its incremental streams (v1, v2 --compressed-data)."""
+
+    name: str
+    a: Path
+    b: Path
+    streams: dict[str, Path]
+    mnt: Path
+
+
+def _edit(data: bytes, rnd: random.Random) -> bytes:
+    """A small, realistic change: a few bytes patched, a short insertion, a deletion."""
+    buf = bytearray(data)
+    if not buf:
+        return b"new"
+    for _ in range(3):
+        i = rnd.randrange(len(buf))
+        buf[i : i + 4] = rnd.randbytes(4)
+    i = rnd.randrange(len(buf))
+    buf[i:i] = b"/* rebuilt */"
+    j = rnd.randrange(len(buf))
+    del buf[j : j + 16]
+    return bytes(buf)
+
+
+def build_release(root: Path) -> None:
+    """A small 'release': stdlib modules and a few binaries."""
+    (root / "lib").mkdir(parents=True)
+    (root / "bin").mkdir()
+    for src in sorted(Path("/usr/lib/python3.11").glob("*.py"))[:120]:
+        shutil.copy2(src, root / "lib" / src.name)
+    for name in ("bash", "zstd", "btrfs"):
+        path = shutil.which(name)
+        if path:
+            shutil.copy2(path, root / "bin" / name)
+    os.symlink("bin/bash", root / "sh")
+
+
+def rebuild_release(root: Path, seed: int = 7) -> None:
+    """Rewrite every file with small changes as a fresh copy (new inodes everywhere)."""
+    rnd = random.Random(seed)
+    fresh = root.parent / (root.name + ".new")
+    shutil.copytree(root, fresh, symlinks=True)
+    for path in sorted(fresh.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            data = _edit(path.read_bytes(), rnd)
+            path.unlink()
+            path.write_bytes(data)
+            path.chmod(0o755 if "bin" in path.parts else 0o644)
+    shutil.rmtree(root)
+    fresh.rename(root)
+
+
+def _make_release_pair(mnt: Path, out: Path) -> Pair:
+    vol = mnt / "vol-release"
+    run("btrfs", "-q", "subvolume", "create", vol)
+    build_release(vol / "usr")
+    run("sync")
+    a, b = mnt / "release-A", mnt / "release-B"
+    run("btrfs", "-q", "subvolume", "snapshot", "-r", vol, a)
+    rebuild_release(vol / "usr")
+    run("sync")
+    run("btrfs", "-q", "subvolume", "snapshot", "-r", vol, b)
+    streams = {
+        "v1": send(b, out / "release.v1", parent=a, proto=1),
+        "v2": send(b, out / "release.v2", parent=a, proto=2, compressed=True),
+        "v2plain": send(b, out / "release.v2plain", parent=a, proto=2),
+    }
+    return Pair("rebuilt-release", a, b, streams, mnt)
+
+
+@pytest.fixture(scope="session")
+def delta_pairs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Pair]]:
+    """Every scenario (and a rebuilt release) as mounted snapshots + incremental streams."""
+    require_btrfs()
+    out = tmp_path_factory.mktemp("delta-streams")
+    try:
+        with loop_fs("btrfs", size="2G", options="compress=zstd") as mnt:
+            pairs: dict[str, Pair] = {}
+            for sc in SCENARIOS:
+                sp = make_snapshots(mnt, sc)
+                streams = {
+                    "v1": send(sp.b, out / f"{sc.name}.v1", parent=sp.a, proto=1),
+                    "v2": send(sp.b, out / f"{sc.name}.v2", parent=sp.a, proto=2,
+                               compressed=True),
+                }
+                pairs[sc.name] = Pair(sc.name, sp.a, sp.b, streams, mnt)
+            pairs["rebuilt-release"] = _make_release_pair(mnt, out)
+            yield pairs
+    except BtrfsUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but btrfs is unavailable: {exc}")
+        pytest.skip(str(exc))
+
+
+def btrfs_receive(stream: Path, dest: Path) -> None:
+    """The oracle: `btrfs receive -f stream dest`."""
+    proc = subprocess.run(["btrfs", "receive", "-f", str(stream), str(dest)],
+                          capture_output=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.decode(errors="replace"))
