@@ -12,7 +12,7 @@ from typing import BinaryIO
 from ..delta.codecs import AUTO, CODECS
 from ..delta.expand import DEFAULT_MAX_FILE_SIZE, expand_to, open_delta
 from ..delta.make import MakeOptions, make_delta
-from ..delta.stats import collect_delta_stats
+from ..delta.stats import delta_stats_of_file
 from ..errors import BtrdeltaError
 from ._common import Progress, add_input, human_bytes, input_name, open_input, open_output
 
@@ -134,8 +134,7 @@ def run_stat(args: argparse.Namespace) -> int:
     """``delta stat``."""
     name = input_name(args)
     with open_input(name) as f:
-        st = collect_delta_stats(open_delta(f, source=name), source=name)
-        st.size = f.seek(0, 1) if f.seekable() else 0
+        st = delta_stats_of_file(f, source=name)
     print_delta_stats(st, name, as_json=args.json)
     return 0
 

@@ -30,6 +30,16 @@ def run(args: argparse.Namespace) -> int:
     """Print the statistics."""
     name = input_name(args)
     with open_input(name) as f:
+        from ..delta.expand import sniff
+
+        is_delta, f = sniff(f)
+        if is_delta:  # a delta stream: patched files and bytes saved per codec
+            from ..delta.stats import delta_stats_of_file
+            from .delta_cmd import print_delta_stats
+
+            delta = delta_stats_of_file(f, source=name)
+            print_delta_stats(delta, name, as_json=args.json)
+            return 0
         reader = StreamReader(f, source=name)
         st = collect_stats(reader.events())
         st.size = reader.parser.offset

@@ -9,14 +9,24 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 from .codecs import CODECS
 from .expand import _Expander
-from .format import BtrfsCommand, DeltaEnd, DeltaItem, Patch, PatchData, PWrite, StreamStart
+from .format import (
+    BtrfsCommand,
+    DeltaEnd,
+    DeltaItem,
+    DeltaParser,
+    Patch,
+    PatchData,
+    PWrite,
+    StreamStart,
+    iter_items,
+)
 from .format import ZCommands as _Z
 
-__all__ = ["DeltaStats", "collect_delta_stats"]
+__all__ = ["DeltaStats", "collect_delta_stats", "delta_stats_of_file"]
 
 
 @dataclass
@@ -104,4 +114,13 @@ def collect_delta_stats(items: Iterable[DeltaItem], source: str | None = None) -
             st.expanded_commands = item.count
         elif isinstance(item, PatchData):
             pass
+    return st
+
+
+def delta_stats_of_file(f: BinaryIO, source: str | None = None) -> DeltaStats:
+    """:func:`collect_delta_stats` of the delta stream in a binary file (size included)."""
+    parser = DeltaParser(source=source)
+    read = getattr(f, "read1", None) or f.read
+    st = collect_delta_stats(iter_items(read, parser=parser), source=source)
+    st.size = parser.offset
     return st

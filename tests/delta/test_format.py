@@ -1,0 +1,159 @@
+"""Delta-stream format without a kernel: synthetic streams, hostile input, the push parser."""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from btrdelta.delta import MakeOptions, expand_events, expand_to, make_delta, open_delta
+from btrdelta.delta.format import (
+    NEED_DATA,
+    DeltaEnd,
+    DeltaParser,
+    HashAlgo,
+    Patch,
+    PatchData,
+    PWrite,
+    StreamStart,
+    is_delta_stream,
+)
+from btrdelta.delta.writer import DeltaWriter
+from btrdelta.errors import BtrdeltaError, StreamFormatError, UnsafePathError
+from btrdelta.stream import StreamReader, StreamWriter
+from btrdelta.stream import records as R
+
+
+def _stream(version: int, files: dict[bytes, bytes]) -> bytes:
+    out: list[bytes] = []
+    w = StreamWriter(out.append, version)
+    w.write(R.Snapshot(b"B", uuid.uuid4(), 9, uuid.uuid4(), 8))
+    chunk = 49152 if version == 1 else 131072
+    for i, (path, data) in enumerate(files.items()):
+        w.write(R.Mkfile(f"o{300 + i}-1-0".encode(), 300 + i))
+        w.write(R.Rename(f"o{300 + i}-1-0".encode(), path))
+        for off in range(0, len(data), chunk):
+            w.write(R.Write(path, off, data[off : off + chunk]))
+        w.write(R.Truncate(path, len(data)))
+        w.write(R.Utimes(path, 1, 2, 3))
+    w.write(R.End())
+    return b"".join(bytes(p) for p in out)
+
+
+@pytest.fixture
+def old_tree(tmp_path: Path) -> Path:
+    old = tmp_path / "old"
+    (old / "d").mkdir(parents=True)
+    base = os.urandom(20_000) * 4
+    (old / "d" / "f1").write_bytes(base)
+    (old / "d" / "f2").write_bytes(base[::-1])
+    return old
+
+
+def _new_files(old: Path) -> dict[bytes, bytes]:
+    f1 = (old / "d" / "f1").read_bytes()
+    f2 = (old / "d" / "f2").read_bytes()
+    return {b"d/f1": f1[:5000] + b"CHANGED" + f1[5000:], b"d/f2": f2 + b"tail",
+            b"d/new": os.urandom(3000)}
+
+
+def _make(stream: bytes, old: Path, **kw: object) -> bytes:
+    out: list[bytes] = []
+    make_delta(io.BufferedReader(io.BytesIO(stream)), old, out.append,  # type: ignore[arg-type]
+               MakeOptions(**kw))  # type: ignore[arg-type]
+    return b"".join(bytes(p) for p in out)
+
+
+def _expand(delta: bytes, old: Path) -> bytes:
+    out: list[bytes] = []
+    expand_to(open_delta(io.BytesIO(delta)), old, out.append)
+    return b"".join(bytes(p) for p in out)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("level", [0, 3])
+def test_synthetic_round_trip(old_tree: Path, version: int, level: int) -> None:
+    stream = _stream(version, _new_files(old_tree))
+    delta = _make(stream, old_tree, level=level, jobs=2)
+    assert is_delta_stream(delta)
+    assert not is_delta_stream(stream)
+    assert len(delta) < 10_000 < len(stream)
+    assert _expand(delta, old_tree) == stream
+    # direct application yields the records the plain stream has
+    events = list(expand_events(io.BytesIO(delta), old_tree))
+    plain = list(StreamReader(io.BytesIO(stream)).events())
+    assert [type(e) for e in events] == [type(e) for e in plain]
+    assert [bytes(e.data) for e in events if isinstance(e, R.Write)] == [
+        bytes(e.data) for e in plain if isinstance(e, R.Write)
+    ]
+
+
+def test_parser_accepts_any_split(old_tree: Path) -> None:
+    delta = _make(_stream(2, _new_files(old_tree)), old_tree)
+    for step in (1, 7, 4096):
+        p = DeltaParser()
+        items = []
+        for i in range(0, len(delta) + 1, step):
+            p.feed(delta[i : i + step])
+            while (item := p.next_item()) not in (NEED_DATA, None):
+                items.append(type(item))
+        p.feed(b"")
+        assert p.next_item() is None
+        assert items[0] is StreamStart
+        assert items[-1] is DeltaEnd
+
+
+@given(cut=st.integers(min_value=0, max_value=10**9), flip=st.integers(0, 255))
+def test_truncated_or_flipped_delta_raises_only_our_errors(cut: int, flip: int) -> None:
+    old = Path(os.environ.get("TMPDIR", "/tmp")) / f"btrdelta-hyp-{os.getpid()}"
+    (old / "d").mkdir(parents=True, exist_ok=True)
+    if not (old / "d" / "f1").exists():
+        (old / "d" / "f1").write_bytes(b"0123456789abcdef" * 3000)
+        (old / "d" / "f2").write_bytes(b"fedcba9876543210" * 3000)
+    delta = _make(_stream(2, _new_files(old)), old, level=3)
+    cut %= len(delta)
+    for bad in (delta[:cut], delta[:cut] + bytes([delta[cut] ^ (flip or 1)]) + delta[cut + 1 :]):
+        with pytest.raises(BtrdeltaError):
+            _expand(bad, old)
+
+
+def _hostile(base_path: bytes) -> bytes:
+    out: list[bytes] = []
+    w = DeltaWriter(out.append, level=0)
+    w.item(StreamStart(1))
+    sw: list[bytes] = []
+    StreamWriter(sw.append, 1).write(R.Snapshot(b"B", uuid.uuid4(), 1, uuid.uuid4(), 1))
+    w.command(b"".join(bytes(p) for p in sw)[17:])
+    w.item(Patch(b"x", base_path, 3, HashAlgo.BLAKE3, 10, bytes(32), 100, bytes(32), 20))
+    w.item(PatchData(memoryview(bytes(20))))
+    w.item(PWrite(0, 100, 100))
+    w.item(DeltaEnd(0, 0, HashAlgo.BLAKE3, bytes(32)))
+    return b"".join(bytes(p) for p in out)
+
+
+@pytest.mark.parametrize("path", [b"../../etc/passwd", b"/etc/passwd", b"a/../../b", b"a//b",
+                                  b"a\x00b", b""])
+def test_hostile_old_paths_are_refused(tmp_path: Path, path: bytes) -> None:
+    with pytest.raises(UnsafePathError):
+        _expand(_hostile(path), tmp_path)
+
+
+def test_symlinks_in_the_old_tree_are_not_followed(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_bytes(b"s" * 10)
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "link").symlink_to(tmp_path)
+    (old / "flink").symlink_to(tmp_path / "secret")
+    for path in (b"link/secret", b"flink"):
+        with pytest.raises(BtrdeltaError, match="missing"):
+            _expand(_hostile(path), old)
+
+
+def test_plain_stream_is_not_a_delta(old_tree: Path) -> None:
+    with pytest.raises(StreamFormatError, match="magic"):
+        _expand(_stream(1, {}), old_tree)
