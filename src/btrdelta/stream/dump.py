@@ -17,7 +17,7 @@ import base64
 import dataclasses
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..errors import StreamFormatError
@@ -28,7 +28,6 @@ from .records import (
     Clone,
     EnableVerity,
     EncodedWrite,
-    End,
     Fallocate,
     Fileattr,
     Link,
@@ -94,102 +93,127 @@ def _join(a: str, b: str) -> str:
 
 
 class TextDumper:
-    """Renders records as ``btrfs receive --dump`` lines (latin-1 ``str``, encode to bytes).
+    """Renders records as ``btrfs receive --dump`` lines (latin-1 ``str``: bytes 1:1).
 
-    Args:
-        tz_cache: reuse formatted timestamps (they depend on ``TZ`` like progs' output).
+    State carried between records: the current subvolume prefix (``./<subvol>``), exactly
+    as progs keeps ``full_subvol_path``.
     """
 
     def __init__(self) -> None:
-        self.prefix = "."  # progs: full_subvol_path starts as "."
+        self._set_prefix(b".")  # progs: full_subvol_path starts as "."
         self._times: dict[int, str] = {}
-        self._fmt: dict[type[Any], Callable[[Any], str | None]] = {
-            Subvol: self._subvol,
-            Snapshot: self._snapshot,
-            Mkfile: _none,
-            Mkdir: _none,
-            Mknod: _mknod,
-            Mkfifo: _none,
-            Mksock: _none,
-            Symlink: _symlink,
-            Rename: self._rename,
-            Link: _link,
-            Unlink: _none,
-            Rmdir: _none,
-            SetXattr: _set_xattr,
-            RemoveXattr: _remove_xattr,
-            Write: _write,
-            Clone: self._clone,
-            Truncate: _truncate,
-            Chmod: _chmod,
-            Chown: _chown,
-            Utimes: self._utimes,
-            UpdateExtent: _update_extent,
-            Fallocate: _fallocate,
-            Fileattr: _fileattr,
-            EncodedWrite: _encoded_write,
-            EnableVerity: _enable_verity,
+        steps: dict[type[Any], tuple[str, Callable[[Any], str | None] | None]] = {
+            Subvol: ("subvol", self._subvol),
+            Snapshot: ("snapshot", self._snapshot),
+            Mkfile: ("mkfile", None),
+            Mkdir: ("mkdir", None),
+            Mknod: ("mknod", _mknod),
+            Mkfifo: ("mkfifo", None),
+            Mksock: ("mksock", None),
+            Symlink: ("symlink", _symlink),
+            Rename: ("rename", self._rename),
+            Link: ("link", _link),
+            Unlink: ("unlink", None),
+            Rmdir: ("rmdir", None),
+            SetXattr: ("set_xattr", _set_xattr),
+            RemoveXattr: ("remove_xattr", _remove_xattr),
+            Write: ("write", _write),
+            Clone: ("clone", self._clone),
+            Truncate: ("truncate", _truncate),
+            Chmod: ("chmod", _chmod),
+            Chown: ("chown", _chown),
+            Utimes: ("utimes", self._utimes),
+            UpdateExtent: ("update_extent", _update_extent),
+            Fallocate: ("fallocate", _fallocate),
+            Fileattr: ("fileattr", _fileattr),
+            EncodedWrite: ("encoded_write", _encoded_write),
+            EnableVerity: ("enable_verity", _enable_verity),
         }
+        self._plan = {cls: (f"{title:<16}", fn) for cls, (title, fn) in steps.items()}
 
-    _TITLES: dict[type[Any], str] = {  # noqa: RUF012
-        Subvol: "subvol", Snapshot: "snapshot", Mkfile: "mkfile", Mkdir: "mkdir",
-        Mknod: "mknod", Mkfifo: "mkfifo", Mksock: "mksock", Symlink: "symlink",
-        Rename: "rename", Link: "link", Unlink: "unlink", Rmdir: "rmdir",
-        SetXattr: "set_xattr", RemoveXattr: "remove_xattr", Write: "write", Clone: "clone",
-        Truncate: "truncate", Chmod: "chmod", Chown: "chown", Utimes: "utimes",
-        UpdateExtent: "update_extent", Fallocate: "fallocate", Fileattr: "fileattr",
-        EncodedWrite: "encoded_write", EnableVerity: "enable_verity",
-    }
+    def _set_prefix(self, prefix: bytes) -> None:
+        self.prefix = prefix
+        self._pre = (prefix[:-1] if prefix.endswith(b"/") else prefix) + b"/"
+
+    def _full(self, path: bytes) -> bytes:
+        """progs ``path_cat_out(prefix, path)``."""
+        nul = path.find(b"\0")
+        if nul >= 0:
+            path = path[:nul]
+        if len(self.prefix) + len(path) + 2 >= PATH_MAX:
+            raise StreamFormatError(f"path invalid: {path[:64]!r}... is too long")
+        if path.endswith(b"/"):
+            path = path[:-1]
+        return self._pre + path
 
     def line(self, rec: Record) -> str | None:
         """The dump line for ``rec`` (with trailing newline), or ``None`` for END."""
-        cls = type(rec)
-        if cls is End:
-            return None
-        args = self._fmt[cls](rec)
-        if cls is Subvol or cls is Snapshot:
-            full = self.prefix
-        else:
-            full = _join(self.prefix, rec.path.decode("latin-1"))  # type: ignore[union-attr]
-        shown = escape_path(full.encode("latin-1"))
-        title = self._TITLES[cls]
-        if args is None:
-            return f"{title:<16}{shown}\n"
-        pad = 32 - len(shown)
-        return f"{title:<16}{shown}{' ' * (pad if pad > 1 else 1)}{args}\n"
+        text = self.render((rec,))
+        return text or None
+
+    def render(self, recs: Iterable[Record]) -> str:
+        """The dump lines of ``recs`` joined (END renders as nothing)."""
+        plan = self._plan
+        out: list[str] = []
+        append = out.append
+        plain = _PLAIN.search
+        for rec in recs:
+            step = plan.get(rec.__class__)
+            if step is None:
+                continue  # END
+            title, argf = step
+            args = argf(rec) if argf is not None else None  # may change the prefix
+            if rec.__class__ is Subvol or rec.__class__ is Snapshot:
+                full = self.prefix
+            else:
+                path = rec.path  # type: ignore[union-attr]
+                if path.endswith(b"/") or b"\0" in path or len(path) > 2000:
+                    full = self._full(path)
+                else:
+                    full = self._pre + path
+            shown = full.decode("latin-1") if plain(full) is None else escape_path(full)
+            if args is None:
+                append(f"{title}{shown}\n")
+            else:
+                pad = 32 - len(shown)
+                append(f"{title}{shown}{_SPACES[pad] if pad > 1 else ' '}{args}\n")
+        return "".join(out)
 
     # commands that use the dumper's state
 
     def _subvol(self, r: Subvol) -> str:
-        self.prefix = _join(".", r.path.decode("latin-1"))
+        self._set_prefix(_join(".", r.path.decode("latin-1")).encode("latin-1"))
         return f"uuid={r.uuid} transid={r.ctransid}"
 
     def _snapshot(self, r: Snapshot) -> str:
-        self.prefix = _join(".", r.path.decode("latin-1"))
+        self._set_prefix(_join(".", r.path.decode("latin-1")).encode("latin-1"))
         return (
             f"uuid={r.uuid} transid={r.ctransid} parent_uuid={r.clone_uuid}"
             f" parent_transid={r.clone_ctransid}"
         )
 
     def _rename(self, r: Rename) -> str:
-        to = _join(self.prefix, r.path_to.decode("latin-1"))
-        return f"dest={escape_path(to.encode('latin-1'))}"
+        return f"dest={escape_path(self._full(r.path_to))}"
 
     def _clone(self, r: Clone) -> str:
-        src = _join(self.prefix, _cstr(r.clone_path))
+        src = self._full(r.clone_path).decode("latin-1")
         return f"offset={r.offset} len={r.length} from={src} clone_offset={r.clone_offset}"
+
+    def _utimes(self, r: Utimes) -> str:
+        times = self._times
+        a = times.get(r.atime // _NS) or self._time(r.atime)
+        m = times.get(r.mtime // _NS) or self._time(r.mtime)
+        c = times.get(r.ctime // _NS) or self._time(r.ctime)
+        return f"atime={a} mtime={m} ctime={c}"
 
     def _time(self, ns: int) -> str:
         sec = ns // _NS
-        text = self._times.get(sec)
-        if text is None:
-            text = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(sec))
-            self._times[sec] = text
+        text = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(sec))
+        self._times[sec] = text
         return text
 
-    def _utimes(self, r: Utimes) -> str:
-        t = self._time
-        return f"atime={t(r.atime)} mtime={t(r.mtime)} ctime={t(r.ctime)}"
+
+_SPACES = [" " * n for n in range(33)]
 
 
 def _none(r: Any) -> None:

@@ -20,6 +20,7 @@ could start (right after END), as in btrfs-progs.
 from __future__ import annotations
 
 import enum
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Literal
@@ -27,12 +28,14 @@ from typing import Any, BinaryIO, Literal
 import crc32c as _crc32c
 
 from ..errors import BtrdeltaError, ChecksumError, StreamFormatError
-from .codec import _HDR6, _ZERO_CRC, decode_payload, decode_stream_header
+from .codec import _FAST, _HDR6, _ZERO_CRC, decode_payload_fast, decode_stream_header
 from .constants import (
     CMD_HEADER,
     CMD_HEADER_SIZE,
+    MAX_CMD,
     MAX_PAYLOAD,
     STREAM_HEADER_SIZE,
+    SUPPORTED_VERSIONS,
     Cmd,
 )
 from .records import End, Record
@@ -40,9 +43,15 @@ from .records import End, Record
 __all__ = ["EOF", "NEED_DATA", "Event", "StreamHeader", "StreamParser", "StreamReader"]
 
 _crc = _crc32c.crc32c
+_CRC_FIELD = struct.Struct("<I")
 _unpack_cmd = CMD_HEADER.unpack_from
 _pack_hdr6 = _HDR6.pack
 _CMD_NAMES = {int(c): c.name for c in Cmd}
+#: fast decoders for (v1, v2+) keyed by command number, only commands the version defines
+_FAST_BY_VERSION = {
+    ver: {c: dec for (c, v2), dec in _FAST.items() if v2 == (ver >= 2) and c <= MAX_CMD[ver]}
+    for ver in SUPPORTED_VERSIONS
+}
 
 
 class Sentinel(enum.Enum):
@@ -73,12 +82,19 @@ class StreamParser:
     Args:
         source: name used in error messages (a file name, ``-`` for stdin).
         verify_crc: check the CRC32C of every command (default on; turning it off is only
-            for measuring).
+            for measuring and fuzzing the decoder).
+        may_modify_input: allow the parser to zero the 4 CRC bytes of each command inside
+            writable fed buffers (never file data); faster, for callers that own the buffers.
     """
 
-    def __init__(self, *, source: str | None = None, verify_crc: bool = True) -> None:
+    def __init__(
+        self, *, source: str | None = None, verify_crc: bool = True, may_modify_input: bool = False
+    ) -> None:
         self.source = source
         self.verify_crc = verify_crc
+        # the pull reader owns its buffers: the CRC field of each command may then be zeroed
+        # in place, so one CRC call covers header and payload (as btrfs-progs does)
+        self._inplace = may_modify_input
         #: protocol version of the stream being read (0 before the first header)
         self.version = 0
         #: number of stream headers seen so far
@@ -93,6 +109,8 @@ class StreamParser:
         self._eof = False
         self._expect_header = True
         self._failed: BtrdeltaError | None = None
+        self._ready: list[Event] = []  # decoded by the batch loop, not yet returned
+        self._ready_pos = 0
 
     # -- input -------------------------------------------------------------------------
 
@@ -175,14 +193,97 @@ class StreamParser:
         self._failed = exc
         raise exc
 
+    def take_batch(self) -> list[Event]:
+        """Decode and return every complete, ordinary command available now (maybe none).
+
+        A fast path for pull readers: it never returns headers, errors or NEED_DATA; call
+        :meth:`next_event` when it returns an empty list.
+        """
+        if self._ready_pos < len(self._ready) or self._expect_header or self._failed:
+            return []
+        batch: list[Event] = []
+        if self._avail >= CMD_HEADER_SIZE:
+            self._decode_batch(batch)
+        return batch
+
+    def _decode_batch(self, ready: list[Event]) -> None:
+        """Decode every complete, well-formed command in the current buffer at once.
+
+        This is the hot loop: locals only, kernel-order fast decoders, CRC over views. It
+        stops at anything unusual (split command, bad CRC, unexpected layout, END) and leaves
+        it to :meth:`next_event`, which handles it one command at a time with full errors.
+        """
+        cur = self._cur
+        pos = start = self._pos
+        limit = len(cur)
+        maxp = MAX_PAYLOAD[self.version]
+        verify = self.verify_crc
+        inplace = self._inplace and not cur.readonly
+        fast = _FAST_BY_VERSION[self.version]
+        append = ready.append
+        before = len(ready)
+        crc = _crc
+        zero = _ZERO_CRC
+        while pos + 10 <= limit:
+            length, cmd, stored = _unpack_cmd(cur, pos)
+            end = pos + 10 + length
+            if length > maxp or end > limit:
+                break
+            if verify:
+                if inplace:
+                    cur[pos + 6 : pos + 10] = zero
+                    ok = crc(cur[pos:end], 0xFFFFFFFF) ^ 0xFFFFFFFF == stored
+                    if not ok:
+                        cur[pos + 6 : pos + 10] = _CRC_FIELD.pack(stored)
+                else:
+                    ok = (
+                        crc(cur[pos + 10 : end], crc(zero, crc(cur[pos : pos + 6], 0xFFFFFFFF)))
+                        ^ 0xFFFFFFFF
+                    ) == stored
+                if not ok:
+                    break
+            decoder = fast.get(cmd)
+            rec = decoder(cur, pos + 10, end) if decoder is not None else None
+            if rec is None:
+                if verify and inplace:  # the slow path re-reads this command
+                    cur[pos + 6 : pos + 10] = _CRC_FIELD.pack(stored)
+                break
+            append(rec)
+            pos = end
+            if rec.__class__ is End:
+                self._expect_header = True
+                break
+        n = pos - start
+        if n:
+            self.index += len(ready) - before
+            self._pos = pos
+            self._avail -= n
+            self._consumed += n
+            if self._pos >= len(cur) and self._chunks:
+                self._cur = self._chunks.pop(0)
+                self._pos = 0
+
     def next_event(self) -> Event | Literal[Sentinel.NEED_DATA, Sentinel.EOF]:
         """Return the next header or record, ``NEED_DATA`` or ``EOF``.
 
         Raises:
             StreamFormatError: the bytes are not a valid stream (with offset and record).
         """
+        ready = self._ready
+        if self._ready_pos < len(ready):
+            ev = ready[self._ready_pos]
+            self._ready_pos += 1
+            return ev
+        if ready:
+            ready.clear()
+            self._ready_pos = 0
         if self._failed is not None:
             raise self._failed
+        if not self._expect_header and self._avail >= CMD_HEADER_SIZE:
+            self._decode_batch(ready)
+            if ready:
+                self._ready_pos = 1
+                return ready[0]
         if self._expect_header:
             if self._avail < STREAM_HEADER_SIZE:
                 if not self._eof:
@@ -254,7 +355,9 @@ class StreamParser:
                     cmd=cmd,
                 )
         try:
-            rec = decode_payload(cmd, mv, start + CMD_HEADER_SIZE, start + total, self.version)
+            rec = decode_payload_fast(
+                cmd, mv, start + CMD_HEADER_SIZE, start + total, self.version
+            )
         except BtrdeltaError as exc:
             self._error(exc, cmd=cmd)
         self._advance(total)
@@ -294,7 +397,7 @@ class StreamReader:
         verify_crc: bool = True,
     ) -> None:
         self.file = file
-        self.parser = StreamParser(source=source, verify_crc=verify_crc)
+        self.parser = StreamParser(source=source, verify_crc=verify_crc, may_modify_input=True)
         self.block_size = block_size
 
     @property
@@ -312,23 +415,29 @@ class StreamReader:
         else:
             parser.feed(memoryview(buf)[:n])
 
-    def events(self) -> Iterator[Event]:
-        """Yield stream headers and records until the input ends."""
+    def _iterate(self, headers: bool) -> Iterator[Event]:
         parser = self.parser
         next_event = parser.next_event
+        take_batch = parser.take_batch
         while True:
+            batch = take_batch()
+            if batch:
+                yield from batch
+                continue
             ev = next_event()
             if ev is NEED_DATA:
                 self._fill()
-                continue
-            if ev is EOF:
+            elif ev is EOF:
                 return
-            yield ev
+            elif headers or ev.__class__ is not StreamHeader:
+                yield ev
+
+    def events(self) -> Iterator[Event]:
+        """Yield stream headers and records until the input ends."""
+        return self._iterate(True)
 
     def __iter__(self) -> Iterator[Record]:
-        for ev in self.events():
-            if type(ev) is not StreamHeader:
-                yield ev  # type: ignore[misc]
+        return self._iterate(False)  # type: ignore[return-value]
 
 
 def iter_records(file: BinaryIO, *, source: str | None = None) -> Iterator[Record]:
