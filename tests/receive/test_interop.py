@@ -34,3 +34,34 @@ def test_alternating_receivers(name: str, received: dict[str, Group], targets: T
         for d in (ours_then_kernel, kernel_then_ours):
             got = tree_manifest(d / snap, holes=holes, ignore_root_mtime=True)
             assert not diff_manifests(ref, got), (d.name, snap, diff_manifests(ref, got))
+
+
+def test_encoded_writes_pass_through_on_btrfs(
+    received: dict[str, Group], targets: Targets, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    from btrdelta.receive import applier
+    from btrdelta.stream import StreamReader
+    from btrdelta.stream.records import EncodedWrite
+
+    g = received["compressible-data-W6.zstd.v2"]
+    n_encoded = sum(type(r) is EncodedWrite
+                    for r in StreamReader(io.BytesIO(g.a.path.read_bytes())))
+    assert n_encoded >= 3
+    calls: list[int] = []
+    real = applier.decode_extent
+
+    def counting(data: object, compression: int, unencoded_len: int) -> bytes:
+        calls.append(compression)
+        return real(data, compression, unencoded_len)
+
+    monkeypatch.setattr(applier, "decode_extent", counting)
+    d = targets.scratch_btrfs / "passthrough"
+    d.mkdir()
+    our_receive(g.a.path, d)
+    assert len(calls) < n_encoded / 2, (len(calls), n_encoded)
+    ext4 = targets.ours_ext4 / "passthrough"
+    ext4.mkdir()
+    our_receive(g.a.path, ext4)
+    assert len(calls) >= n_encoded  # off btrfs everything is decompressed

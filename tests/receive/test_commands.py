@@ -1,0 +1,162 @@
+"""Single commands on the directory backend: encoded writes (zlib, zstd, btrfs LZO framing),
+fallocate, fileattr, enable_verity, special files (crafted streams, checked by reading back)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+import zlib
+from pathlib import Path
+
+import lzallright
+import pytest
+import zstandard
+
+from btrdelta.errors import StreamFormatError
+from btrdelta.receive import receive
+from btrdelta.receive.subvol import get_fsflags, set_fsflags
+from btrdelta.stream.records import (
+    Chmod,
+    EnableVerity,
+    EncodedWrite,
+    End,
+    Fallocate,
+    Fileattr,
+    Mkfifo,
+    Mkfile,
+    Mknod,
+    Mksock,
+    Truncate,
+    Utimes,
+    Write,
+)
+
+from .helpers import events, subvol
+
+TEXT = b"".join(b"line %d of some compressible text\n" % i for i in range(6000))[:131072]
+
+
+def btrfs_lzo_frame(data: bytes, sector: int = 4096) -> bytes:
+    """btrfs's LZO framing (independent encoder, per send-stream.md section 3.4)."""
+    lzo = lzallright.LZOCompressor()
+    out = bytearray(4)
+    for i in range(0, len(data), sector):
+        seg = lzo.compress(data[i : i + sector])
+        room = sector - len(out) % sector
+        if room < 4:
+            out += bytes(room)
+        out += struct.pack("<I", len(seg)) + seg
+    struct.pack_into("<I", out, 0, len(out))
+    return bytes(out) + bytes(-len(out) % sector)
+
+
+@pytest.fixture
+def dest(tmp_path: Path) -> Path:
+    d = tmp_path / "dest"
+    d.mkdir()
+    return d
+
+
+@pytest.mark.parametrize(("compression", "payload"), [
+    (1, zlib.compress(TEXT) + bytes(100)),
+    (2, zstandard.ZstdCompressor().compress(TEXT) + bytes(100)),
+    (3, btrfs_lzo_frame(TEXT)),
+    (5, btrfs_lzo_frame(TEXT, 16384)),
+], ids=["zlib", "zstd", "lzo-4k", "lzo-16k"])
+def test_encoded_write_decompressed(compression: int, payload: bytes, dest: Path) -> None:
+    recs = [subvol(), Mkfile(path=b"f", ino=257),
+            EncodedWrite(path=b"f", offset=8192, unencoded_file_len=50000, unencoded_len=131072,
+                         unencoded_offset=1000, compression=compression, data=payload,
+                         encryption=0),
+            End()]
+    receive(events(recs, version=2), dest)
+    got = (dest / "sv" / "f").read_bytes()
+    assert got == bytes(8192) + TEXT[1000:51000]
+
+
+@pytest.mark.parametrize("rec", [
+    EncodedWrite(path=b"f", offset=0, unencoded_file_len=10, unencoded_len=1 << 40,
+                 unencoded_offset=0, compression=2, data=b"x", encryption=0),
+    EncodedWrite(path=b"f", offset=0, unencoded_file_len=100, unencoded_len=50,
+                 unencoded_offset=0, compression=2, data=b"x", encryption=0),
+    EncodedWrite(path=b"f", offset=0, unencoded_file_len=10, unencoded_len=4096,
+                 unencoded_offset=0, compression=2, data=b"garbage", encryption=0),
+    EncodedWrite(path=b"f", offset=0, unencoded_file_len=10, unencoded_len=4096,
+                 unencoded_offset=0, compression=3, data=b"\xff\xff\x00\x00" * 8, encryption=0),
+    EncodedWrite(path=b"f", offset=0, unencoded_file_len=10, unencoded_len=4096,
+                 unencoded_offset=0, compression=9, data=b"x", encryption=0),
+    EncodedWrite(path=b"f", offset=0, unencoded_file_len=10, unencoded_len=4096,
+                 unencoded_offset=0, compression=1, data=b"x", encryption=1),
+], ids=["huge", "lengths", "bad-zstd", "bad-lzo", "unknown", "encrypted"])
+def test_hostile_encoded_write(rec: EncodedWrite, dest: Path) -> None:
+    with pytest.raises(StreamFormatError) as info:
+        receive(events([subvol(), Mkfile(path=b"f", ino=257), rec, End()], version=2), dest)
+    assert info.value.index == 2
+    assert list(dest.iterdir()) == []
+
+
+def test_fallocate_punch_hole_and_truncate(dest: Path) -> None:
+    data = b"\xaa" * (1 << 20)
+    recs = [subvol(), Mkfile(path=b"f", ino=257),
+            *(Write(path=b"f", offset=o, data=data[o : o + 131072])
+              for o in range(0, len(data), 131072)),
+            Fallocate(path=b"f", mode=3, offset=256 << 10, size=256 << 10),
+            Truncate(path=b"f", size=2 << 20), End()]
+    receive(events(recs, version=2), dest)
+    p = dest / "sv" / "f"
+    got = p.read_bytes()
+    assert got == data[: 256 << 10] + bytes(256 << 10) + data[512 << 10 :] + bytes(1 << 20)
+    with open(p, "rb") as f:
+        assert os.lseek(f.fileno(), 256 << 10, os.SEEK_HOLE) == 256 << 10
+        assert os.lseek(f.fileno(), 256 << 10, os.SEEK_DATA) == 512 << 10
+
+
+def test_fileattr_ignored_by_default_applied_on_request(dest: Path) -> None:
+    recs = [subvol(), Mkfile(path=b"f", ino=257), Write(path=b"f", offset=0, data=b"x"),
+            Fileattr(path=b"f", fileattr=0x80 | 0x200),  # APPEND | NOATIME
+            Utimes(path=b"f", atime=10**18, mtime=10**18, ctime=10**18, otime=10**18), End()]
+    receive(events(recs, version=2), dest)
+    fd = os.open(dest / "sv" / "f", os.O_RDONLY)
+    try:
+        assert get_fsflags(fd) & 0xA0 == 0
+    finally:
+        os.close(fd)
+    dest2 = dest.parent / "dest2"
+    dest2.mkdir()
+    receive(events(recs, version=2), dest2, apply_fileattr=True)
+    fd = os.open(dest2 / "sv" / "f", os.O_RDONLY)
+    try:
+        flags = get_fsflags(fd)
+        assert flags & 0x20  # FS_APPEND_FL, set after the stream's own UTIMES
+        assert flags & 0x80  # FS_NOATIME_FL
+        set_fsflags(fd, flags & ~0x20)
+    finally:
+        os.close(fd)
+    assert os.stat(dest2 / "sv" / "f").st_mtime_ns == 10**18
+
+
+def test_enable_verity_warns_where_unsupported(dest: Path) -> None:
+    warnings: list[str] = []
+    recs = [subvol(), Mkfile(path=b"f", ino=257), Write(path=b"f", offset=0, data=b"v" * 9000),
+            EnableVerity(path=b"f", algorithm=1, block_size=4096, salt=b"", sig=b""), End()]
+    receive(events(recs, version=3), dest, on_warning=warnings.append)
+    assert (dest / "sv" / "f").read_bytes() == b"v" * 9000
+    assert any("verity" in w for w in warnings)
+
+
+def test_special_files(dest: Path) -> None:
+    recs = [subvol(), Mknod(path=b"c", ino=257, rdev=os.makedev(1, 3), mode=0o20644),
+            Mknod(path=b"b", ino=258, rdev=os.makedev(7, 200), mode=0o60600),
+            Mkfifo(path=b"p", ino=259, rdev=0, mode=0o10600),
+            Mksock(path=b"s", ino=260, rdev=0, mode=0o140600),
+            Chmod(path=b"c", mode=0o640), End()]
+    receive(events(recs), dest)
+    root = dest / "sv"
+    st = os.lstat(root / "c")
+    assert stat.S_ISCHR(st.st_mode)
+    assert st.st_rdev == os.makedev(1, 3)
+    assert stat.S_IMODE(st.st_mode) == 0o640
+    assert stat.S_ISBLK(os.lstat(root / "b").st_mode)
+    assert stat.S_ISFIFO(os.lstat(root / "p").st_mode)
+    assert stat.S_ISSOCK(os.lstat(root / "s").st_mode)
