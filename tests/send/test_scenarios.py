@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from btrdelta.receive import receive
 from btrdelta.stream import StreamHeader, StreamReader
 from btrdelta.stream.records import Snapshot, Subvol
 from btrdelta.testing.scenarios import SCENARIOS
@@ -22,6 +23,12 @@ def assert_same_tree(expected: Path, got: Path) -> None:
     assert not diff, "\n".join(diff)
 
 
+def userspace_receive(stream: Path, dest: Path) -> None:
+    """btrdelta's own receiver into a plain directory (no btrfs features used)."""
+    with open(stream, "rb") as f:
+        receive(StreamReader(f, source=str(stream)).events(), dest, backend="dir")
+
+
 def read_all(stream: Path) -> list[object]:
     with open(stream, "rb") as f:
         return list(StreamReader(f, source=str(stream)).events())
@@ -30,7 +37,9 @@ def read_all(stream: Path) -> list[object]:
 @pytest.mark.btrfs
 @pytest.mark.parametrize(("version", "compress"), VARIANTS, ids=["v1", "v2-zstd"])
 @pytest.mark.parametrize("scenario", PLAIN, ids=[sc.name for sc in PLAIN])
-def test_scenario_kernel_receive(btrfs_ws: Workspace, scenario, version, compress) -> None:
+def test_scenario_kernel_receive(
+    btrfs_ws: Workspace, tmp_path: Path, scenario, version, compress
+) -> None:
     base = btrfs_ws.fresh(scenario.name)
     old, new = build_pair(base, scenario)
     full = make_stream(base / "full.stream", old, version=version, compress=compress)
@@ -52,6 +61,13 @@ def test_scenario_kernel_receive(btrfs_ws: Workspace, scenario, version, compres
     assert_same_tree(old, dest / "old")
     kernel_receive(incr, dest)
     assert_same_tree(new, dest / "new")
+    # and btrdelta's own receiver into a plain directory on another filesystem (ext4/tmpfs)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    userspace_receive(full, plain)
+    assert_same_tree(old, plain / "old")
+    userspace_receive(incr, plain)
+    assert_same_tree(new, plain / "new")
 
 
 @pytest.mark.btrfs
