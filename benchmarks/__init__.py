@@ -1,0 +1,1 @@
+"""btrdelta benchmarks: `make bench` (or `python -m benchmarks [NAME...]`)."""

@@ -1,0 +1,105 @@
+"""Real tree pairs for benchmarks, built once and cached under benchmarks/.cache/.
+
+``debian_pair()`` is a Debian bookworm minbase root made with ``debootstrap`` (OLD), and the
+same root after ``apt-get upgrade`` with bookworm-security and bookworm-updates enabled in a
+chroot (NEW): the update a device really receives. Building needs root and the Debian
+mirror; when either is missing, ``fallback_pair()`` gives a real tree of this machine
+(``/usr/lib/python3*`` and ``/usr/share/doc``) and a copy with a tenth of its files edited.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+from pathlib import Path
+
+CACHE = Path(os.environ.get("BTRDELTA_BENCH_CACHE", Path(__file__).parent / ".cache"))
+MIRROR = "http://deb.debian.org/debian"
+SECURITY = "http://deb.debian.org/debian-security"
+
+
+def _sh(*cmd: str, **kw: object) -> None:
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)  # type: ignore[call-overload]
+
+
+def _clean_apt(root: Path) -> None:
+    for d in ("var/lib/apt/lists", "var/cache/apt"):
+        p = root / d
+        if p.exists():
+            for child in p.iterdir():
+                if child.is_file():
+                    child.unlink()
+    for f in ("var/cache/ldconfig/aux-cache",):
+        (root / f).unlink(missing_ok=True)
+
+
+def debian_pair() -> tuple[Path, Path]:
+    """(OLD, NEW): bookworm minbase before and after ``apt-get upgrade`` (cached)."""
+    old, new = CACHE / "debian-old", CACHE / "debian-new"
+    done = CACHE / "debian.done"
+    if done.exists():
+        return old, new
+    CACHE.mkdir(parents=True, exist_ok=True)
+    for d in (old, new):
+        if d.exists():
+            shutil.rmtree(d)
+    _sh("debootstrap", "--variant=minbase", "bookworm", str(old), MIRROR)
+    _clean_apt(old)
+    _sh("cp", "-a", str(old), str(new))
+    (new / "etc/apt/sources.list").write_text(
+        f"deb {MIRROR} bookworm main\n"
+        f"deb {MIRROR} bookworm-updates main\n"
+        f"deb {SECURITY} bookworm-security main\n"
+    )
+    env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    _sh("chroot", str(new), "apt-get", "-qq", "update", env=env)
+    _sh("chroot", str(new), "apt-get", "-qq", "-y", "upgrade", env=env)
+    _sh("chroot", str(new), "apt-get", "clean", env=env)
+    _clean_apt(new)
+    done.write_text("ok\n")
+    return old, new
+
+
+def fallback_pair() -> tuple[Path, Path]:
+    """(OLD, NEW) from this machine's own files: NEW edits ~10% of OLD's files a little."""
+    old, new = CACHE / "local-old", CACHE / "local-new"
+    done = CACHE / "local.done"
+    if done.exists():
+        return old, new
+    for d in (old, new):
+        if d.exists():
+            shutil.rmtree(d)
+    old.mkdir(parents=True)
+    for src in sorted(Path("/usr/lib").glob("python3*"))[:1] + [Path("/usr/share/doc")]:
+        _sh("cp", "-a", str(src), str(old / src.name))
+    _sh("cp", "-a", str(old), str(new))
+    rng = random.Random(1)
+    files = sorted(p for p in new.rglob("*") if p.is_file() and not p.is_symlink())
+    for p in rng.sample(files, len(files) // 10):
+        data = bytearray(p.read_bytes())
+        for _ in range(3):
+            if data:
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        p.write_bytes(bytes(data))
+    done.write_text("ok\n")
+    return old, new
+
+
+def real_pair() -> tuple[str, Path, Path]:
+    """(name, OLD, NEW): the Debian pair if it can be built here, else the local one."""
+    try:
+        return ("debian-bookworm-minbase-upgrade", *debian_pair())
+    except (subprocess.CalledProcessError, FileNotFoundError, PermissionError) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        print(f"# debootstrap pair unavailable ({exc}; {detail[-200:]!r}); using local trees")
+        return ("local-usr-lib-python", *fallback_pair())
+
+
+def rebuilt_copy(src: Path, dst: Path) -> Path:
+    """A copy of ``src`` with new inodes for every file (a release rebuilt from scratch)."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    _sh("cp", "-a", "--reflink=never", str(src), str(dst))
+    return dst
