@@ -9,7 +9,6 @@ largest command, not the stream size.
 from __future__ import annotations
 
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -18,7 +17,15 @@ from pathlib import Path
 
 from btrdelta.stream import StreamReader, StreamWriter
 from btrdelta.stream.records import (
-    Chmod, Chown, End, Mkdir, Mkfile, Rename, Subvol, Utimes, Write,
+    Chmod,
+    Chown,
+    End,
+    Mkdir,
+    Mkfile,
+    Rename,
+    Subvol,
+    Utimes,
+    Write,
 )
 from btrdelta.testing.loopfs import btrfs_available, loop_fs
 

@@ -72,7 +72,7 @@ def fallback_pair() -> tuple[Path, Path]:
         if d.exists():
             shutil.rmtree(d)
     old.mkdir(parents=True)
-    for src in sorted(Path("/usr/lib").glob("python3*"))[:1] + [Path("/usr/share/doc")]:
+    for src in [*sorted(Path("/usr/lib").glob("python3*"))[:1], Path("/usr/share/doc")]:
         _sh("cp", "-a", str(src), str(old / src.name))
     _sh("cp", "-a", str(old), str(new))
     rng = random.Random(1)
