@@ -1,0 +1,102 @@
+"""`btrdelta send` from the command line: output, progress, errors, --kernel, verify."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from btrdelta.cli import main
+from btrdelta.stream import StreamHeader, StreamReader
+from btrdelta.stream.records import EncodedWrite, Snapshot
+from tests.conftest import require_btrfs
+
+
+def _tree(root: Path) -> Path:
+    root.mkdir()
+    (root / "d").mkdir()
+    (root / "d" / "text").write_bytes(b"compressible line\n" * 20000)
+    (root / "link").symlink_to("d/text")
+    return root
+
+
+def _records(path: Path) -> list[object]:
+    with open(path, "rb") as f:
+        return [ev for ev in StreamReader(f).events() if type(ev) is not StreamHeader]
+
+
+def test_full_and_incremental_then_verify(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old = _tree(tmp_path / "old")
+    subprocess.run(["cp", "-a", str(old), str(tmp_path / "new")], check=True)
+    new = tmp_path / "new"
+    (new / "d" / "text").rename(new / "moved")
+    assert main(["send", str(old), "-o", str(tmp_path / "full.s")]) == 0
+    assert main(["send", str(new), "--parent", str(old), "-o", str(tmp_path / "incr.s"),
+                 "--compress", "zstd", "--progress"]) == 0
+    err = capsys.readouterr().err
+    assert "records" in err
+    for s in ("full.s", "incr.s"):
+        assert main(["verify", str(tmp_path / s)]) == 0
+        dump = subprocess.run(["btrfs", "receive", "--dump", "-f", str(tmp_path / s)],
+                              capture_output=True, check=False)
+        assert dump.returncode == 0, dump.stderr
+    recs = _records(tmp_path / "incr.s")
+    assert isinstance(recs[0], Snapshot)
+    assert recs[0].path == b"new"
+    assert not [r for r in recs if isinstance(r, EncodedWrite)]  # a move sends no data
+    main(["send", str(new), "-o", str(tmp_path / "c.s"), "--compress", "zlib"])
+    assert [r for r in _records(tmp_path / "c.s") if isinstance(r, EncodedWrite)]
+
+
+def test_stdout(tmp_path: Path, capfdbinary: pytest.CaptureFixture[bytes]) -> None:
+    tree = _tree(tmp_path / "t")
+    assert main(["send", str(tree), "--proto", "2", "--name", "custom"]) == 0
+    out = capfdbinary.readouterr().out
+    assert out.startswith(b"btrfs-stream\0\x02\0\0\0")
+    assert b"custom" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["send", "/nonexistent/dir"], "cannot scan"),
+        (["send", "TREE", "--proto", "1", "--compress", "zstd"], "needs --proto 2"),
+        (["send", "TREE", "--kernel"], "read-only btrfs snapshots"),
+    ],
+)
+def test_errors_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    tree = _tree(tmp_path / "t")
+    argv = [str(tree) if a == "TREE" else a for a in argv]
+    rc = main([*argv, "-o", str(tmp_path / "out.s")])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out.s").exists()
+
+
+@pytest.mark.btrfs
+def test_kernel_mode_runs_btrfs_send(tmp_path: Path) -> None:
+    require_btrfs()
+    from btrdelta.testing.loopfs import loop_fs
+
+    with loop_fs("btrfs", size="256M") as mnt:
+        subprocess.run(["btrfs", "-q", "subvolume", "create", str(mnt / "vol")], check=True)
+        _tree(mnt / "vol" / "t")
+        subprocess.run(["btrfs", "-q", "subvolume", "snapshot", "-r", str(mnt / "vol"),
+                        str(mnt / "A")], check=True)
+        (mnt / "vol" / "added").write_bytes(b"x" * 1000)
+        subprocess.run(["btrfs", "-q", "subvolume", "snapshot", "-r", str(mnt / "vol"),
+                        str(mnt / "B")], check=True)
+        out = tmp_path / "k.s"
+        assert main(["send", str(mnt / "B"), "-p", str(mnt / "A"), "--kernel",
+                     "-o", str(out)]) == 0
+        recs = _records(out)
+        assert isinstance(recs[0], Snapshot)
+        assert recs[0].path == b"B"
+        assert main(["verify", str(out)]) == 0
