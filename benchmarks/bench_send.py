@@ -1,0 +1,108 @@
+"""``btrdelta send`` vs the kernel's ``btrfs send -p`` and ``rsync --only-write-batch``.
+
+Trees: ``benchmarks.trees.real_pair()`` (a Debian bookworm minbase before and after
+``apt-get upgrade``, cached; else a real tree of this machine). On a loop-mounted btrfs:
+
+* ``A``: OLD as a read-only snapshot;
+* ``B-rsync``: a snapshot of A with NEW rsynced in place (``rsync -aHAX --delete``): what the
+  kernel handles best, it sends only changed extents;
+* ``B-rebuilt``: NEW copied into a fresh subvolume (every file new, as a release pipeline
+  rebuilds its image from scratch): the kernel resends everything.
+
+For both, the incremental stream of the kernel (``btrfs send -p A B``) is compared with
+``btrdelta send B --parent A`` (same snapshots read as plain directories; default exact
+content comparison and ``--quick`` size+mtime trust like rsync), and the generation time with
+``rsync -aHAX --only-write-batch`` (B -> A). Peak RSS of each process from ``os.wait4``.
+Each btrdelta stream is received by the kernel and checked with tree-sum.
+
+Run: ``.venv/bin/python -m benchmarks.bench_send`` (needs root and loop devices).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from benchmarks.trees import real_pair
+from btrdelta.testing.loopfs import loop_fs
+from btrdelta.testing.loopfs import run as sh
+from btrdelta.tree.treesum import tree_sum
+
+PY = sys.executable
+
+
+def _timed(cmd: list[str]) -> tuple[float, int]:
+    """Run ``cmd``; return (wall seconds, peak RSS in KiB)."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.monotonic() - t0
+    err = proc.stderr.read() if proc.stderr else b""
+    if status != 0:
+        raise RuntimeError(f"{cmd} failed: {err.decode(errors='replace')[-500:]}")
+    return elapsed, usage.ru_maxrss
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:8.2f} MiB"
+
+
+def run() -> list[str]:
+    """Run the benchmark; return (and print) the result lines."""
+    lines: list[str] = []
+
+    def out(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    name, old, new = real_pair()
+    out(f"# bench_send on {name}")
+    with loop_fs("btrfs", size="4G") as mnt:
+        sh("btrfs", "-q", "subvolume", "create", mnt / "vol")
+        sh("cp", "-a", f"{old}/.", str(mnt / "vol"))
+        sh("btrfs", "-q", "subvolume", "snapshot", "-r", mnt / "vol", mnt / "A")
+        sh("rsync", "-aHAX", "--delete", f"{new}/", f"{mnt / 'vol'}/")
+        sh("btrfs", "-q", "subvolume", "snapshot", "-r", mnt / "vol", mnt / "B-rsync")
+        sh("btrfs", "-q", "subvolume", "create", mnt / "vol2")
+        sh("cp", "-a", "--reflink=never", f"{new}/.", str(mnt / "vol2"))
+        sh("btrfs", "-q", "subvolume", "snapshot", "-r", mnt / "vol2", mnt / "B-rebuilt")
+        sh("sync")
+        a = mnt / "A"
+        for case in ("B-rsync", "B-rebuilt"):
+            b = mnt / case
+            ks = mnt / f"{case}.kernel"
+            kt, krss = _timed(["btrfs", "-q", "send", "-p", str(a), "-f", str(ks), str(b)])
+            ksize = ks.stat().st_size
+            out(f"{case:10s} kernel btrfs send -p      {_mib(ksize)}  {kt:6.2f}s"
+                f" {krss // 1024:4d} MB")
+            bt, brss = _timed(["rsync", "-aHAX", "--delete",
+                               f"--only-write-batch={mnt / (case + '.rsync')}",
+                               f"{b}/", f"{a}/"])
+            rsize = (mnt / f"{case}.rsync").stat().st_size
+            out(f"{case:10s} rsync --only-write-batch  {_mib(rsize)}  {bt:6.2f}s"
+                f" {brss // 1024:4d} MB")
+            for flags in ([], ["--quick"], ["--proto", "2", "--compress", "zstd"]):
+                s = mnt / f"{case}.btrdelta{''.join(flags)}"
+                t, rss = _timed([PY, "-m", "btrdelta", "send", str(b), "--parent", str(a),
+                                 "-o", str(s), *flags])
+                size = s.stat().st_size
+                label = " ".join(flags) or "(exact)"
+                out(f"{case:10s} btrdelta send {label:12s} {_mib(size)}  {t:6.2f}s"
+                    f" {rss // 1024:4d} MB   size/kernel {size / ksize:6.3f}"
+                    f"  time/rsync {t / bt:5.2f}")
+            # correctness: the kernel receives btrdelta's streams
+            dest = mnt / f"recv-{case}"
+            dest.mkdir()
+            full = mnt / "A.full"
+            sh(PY, "-m", "btrdelta", "send", str(a), "-o", str(full))
+            sh("btrfs", "receive", "-f", full, dest)
+            sh("btrfs", "receive", "-f", mnt / f"{case}.btrdelta", dest)
+            ok = tree_sum(dest / case) == tree_sum(b)
+            out(f"{case:10s} kernel receive of btrdelta's streams == {case}: {ok}")
+    return lines
+
+
+if __name__ == "__main__":
+    run()
