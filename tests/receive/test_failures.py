@@ -175,3 +175,16 @@ def test_disk_full(tmp_path: Path) -> None:
         assert "No space left" in str(info.value)
         assert info.value.path == b"f"
         assert _entries(dest) == []
+
+
+def test_read_ahead_thread_gives_same_result_and_errors(dest: Path) -> None:
+    receive(events(FULL), dest, read_ahead=True)
+    parent_sum = tree_sum(dest / "A")
+    data = bytearray(stream_bytes(INCR))
+    data[-20] ^= 0xFF
+    with pytest.raises(ChecksumError):
+        receive(StreamReader(io.BytesIO(bytes(data))).events(), dest, read_ahead=True)
+    assert _entries(dest) == ["A"]
+    receive(events(INCR), dest, read_ahead=True)
+    assert (dest / "B" / "moved").read_bytes() == b"HELLO" + b"hello" * 99
+    assert tree_sum(dest / "A") == parent_sum

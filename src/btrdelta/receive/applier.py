@@ -272,10 +272,11 @@ class Applier:
                 return  # records this version does not model pass (as progs ignores them)
             if self._cur is None and type(rec) not in (Subvol, Snapshot, End):
                 raise StreamFormatError("command before SUBVOL/SNAPSHOT")
-            if self._cur is not None:
-                self._cur.records += 1
-                if self._cur.sandbox is not None:
-                    self._cur.sandbox.trim()
+            cur = self._cur
+            if cur is not None:
+                cur.records += 1
+                if not cur.records & 63 and cur.sandbox is not None:
+                    cur.sandbox.trim()
             handler(rec)
         except BtrdeltaError as exc:
             raise exc.located(index=index, command=rec.cmd.name.lower(),
@@ -463,8 +464,13 @@ class Applier:
         if self._check(rec.path):
             return
         fd, name = self._sb.parent(rec.path)
-        os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o600, dir_fd=fd))
+        new = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      0o600, dir_fd=fd)
+        # keep it as the write descriptor: the kernel renames the new file to its place
+        # and writes it next (rename() moves the cached path along)
+        self._close_write()
+        self._wfd = new
+        self._wpath = rec.path
 
     def mkdir(self, rec: Mkdir) -> None:
         """MKDIR: directory, mode 0700 until CHMOD."""
@@ -510,13 +516,21 @@ class Applier:
         """RENAME: atomic rename inside the subvolume (never follows the last component)."""
         if self._check(rec.path, rec.path_to):
             return
-        self._close_write()
         sb = self._sb
         sfd, sname = sb.parent(rec.path)
         dfd, dname = sb.parent(rec.path_to)
         os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
         sb.invalidate(rec.path)
         sb.invalidate(rec.path_to)
+        wpath = self._wpath
+        if wpath is not None:
+            # the cached descriptor follows its inode to the new name
+            if wpath == rec.path:
+                self._wpath = rec.path_to
+            elif wpath.startswith(rec.path + b"/"):
+                self._wpath = rec.path_to + wpath[len(rec.path):]
+            elif wpath == rec.path_to or wpath.startswith(rec.path_to + b"/"):
+                self._close_write()
 
     def link(self, rec: Link) -> None:
         """LINK: new name ``path`` for the existing ``path_link`` (both inside)."""
@@ -531,7 +545,8 @@ class Applier:
         """UNLINK: remove a non-directory."""
         if self._check(rec.path):
             return
-        self._close_write()
+        if self._wpath == rec.path:
+            self._close_write()
         fd, name = self._sb.parent(rec.path)
         os.unlink(name, dir_fd=fd)
 
@@ -745,6 +760,9 @@ class Applier:
         mode = rec.mode & 0o7777
         if not rec.path:
             os.chmod(self._sb.root_fd, mode)
+            return
+        if self._wpath == rec.path:  # the file just written: a regular file we hold open
+            os.fchmod(self._wfd, mode)
             return
         pfd = self._sb.open_path(rec.path)
         try:

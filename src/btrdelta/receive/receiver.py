@@ -10,7 +10,9 @@ including ``KeyboardInterrupt``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from ..errors import BtrdeltaError, StreamFormatError
@@ -18,7 +20,68 @@ from ..stream.reader import Event, StreamHeader
 from ..stream.records import End, Snapshot, Subvol
 from .applier import Applier, ReceivedSubvol
 
-__all__ = ["receive"]
+__all__ = ["prefetch", "receive"]
+
+_BATCH_EVENTS = 256
+_BATCH_BYTES = 4 << 20
+_QUEUE_BATCHES = 4
+_DONE = object()
+
+
+def prefetch(events: Iterable[Event]) -> Iterator[Event]:
+    """Pull ``events`` in a helper thread, a few batches ahead of the consumer.
+
+    Decoding (CRC, TLV parsing, reading the input) then overlaps the receiver's system
+    calls, which release the GIL. Memory stays bounded: at most ``_QUEUE_BATCHES`` batches
+    of at most ``_BATCH_BYTES`` of file data (plus one command) are in flight. An exception
+    in the producer is re-raised in the consumer; closing the generator (an error or Ctrl-C
+    in the consumer) stops the producer.
+    """
+    q: queue.Queue[object] = queue.Queue(_QUEUE_BATCHES)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            batch: list[Event] = []
+            nbytes = 0
+            for ev in events:
+                batch.append(ev)
+                data = getattr(ev, "data", None)
+                if data is not None:
+                    nbytes += len(data)
+                if len(batch) >= _BATCH_EVENTS or nbytes >= _BATCH_BYTES:
+                    if not put(batch):
+                        return
+                    batch = []
+                    nbytes = 0
+            if batch and not put(batch):
+                return
+            put(_DONE)
+        except BaseException as exc:  # handed to the consumer
+            put(exc)
+
+    thread = threading.Thread(target=produce, name="btrdelta-receive-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield from item  # type: ignore[misc]
+    finally:
+        stop.set()
+        thread.join()
 
 
 def receive(
@@ -34,6 +97,7 @@ def receive(
     on_progress: Callable[[int, int], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
     on_subvol: Callable[[ReceivedSubvol], None] | None = None,
+    read_ahead: bool = False,
 ) -> list[ReceivedSubvol]:
     """Apply a stream of events (stream headers and records) below ``dest``.
 
@@ -53,6 +117,9 @@ def receive(
         on_progress: called now and then with ``(records done, file bytes written)``.
         on_warning: called with a message for anything skipped (default: warnings.warn).
         on_subvol: called with each finished subvolume.
+        read_ahead: pull ``events`` in a helper thread (see :func:`prefetch`) so decoding
+            overlaps applying; the iterator is then driven from that thread. Off by
+            default: with many small commands the GIL hand-over costs more than it saves.
 
     Returns:
         The finished subvolumes, in stream order.
@@ -67,28 +134,39 @@ def receive(
         Path(dest), backend=backend, dry_run=dry_run, apply_fileattr=apply_fileattr,
         force_decompress=force_decompress, on_warning=on_warning,
     ) as applier:
-        for ev in events:
-            if type(ev) is StreamHeader:
-                continue
-            index += 1
-            is_start = type(ev) is Subvol or type(ev) is Snapshot
-            before = len(applier.received)
-            try:
-                applier.apply(ev, index)  # type: ignore[arg-type]
-            except BtrdeltaError as exc:
-                errors.append(exc)
-                if is_start or (max_errors and len(errors) >= max_errors):
-                    raise
-            if on_subvol is not None and len(applier.received) > before:
-                for done in applier.received[before:]:
-                    on_subvol(done)
-            if on_progress is not None and index % 512 == 0:
-                cur = applier._cur
-                on_progress(index + 1, data_bytes + (cur.data_bytes if cur else 0))
-            if type(ev) is End:
-                data_bytes += sum(r.data_bytes for r in applier.received[before:])
-                if stop_at_end:
-                    break
+        source = prefetch(events) if read_ahead and not dry_run else iter(events)
+        apply = applier.apply
+        received = applier.received
+        reported = 0
+        try:
+            for ev in source:
+                kind = type(ev)
+                if kind is StreamHeader:
+                    continue
+                index += 1
+                try:
+                    apply(ev, index)  # type: ignore[arg-type]
+                except BtrdeltaError as exc:
+                    errors.append(exc)
+                    if kind is Subvol or kind is Snapshot or (
+                        max_errors and len(errors) >= max_errors
+                    ):
+                        raise
+                if kind is End or kind is Subvol or kind is Snapshot:
+                    for done in received[reported:]:
+                        data_bytes += done.data_bytes
+                        if on_subvol is not None:
+                            on_subvol(done)
+                    reported = len(received)
+                    if kind is End and stop_at_end:
+                        break
+                if on_progress is not None and not index & 511:
+                    cur = applier._cur
+                    on_progress(index + 1, data_bytes + (cur.data_bytes if cur else 0))
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
         if applier.in_subvolume:
             raise StreamFormatError("stream ended without END", index=index)
         if on_progress is not None:

@@ -54,16 +54,14 @@ def split_path(path: bytes) -> list[bytes]:
     """
     if not path:
         return []
-    if path[:1] == b"/":
-        raise UnsafePathError("absolute path in stream", path=path)
-    if b"\0" in path:
-        raise UnsafePathError("NUL byte in stream path", path=path)
     parts = path.split(b"/")
-    for part in parts:
-        if not part or part == b"." or part == b"..":
-            raise UnsafePathError(
-                "empty, '.' or '..' component in stream path", path=path
-            )
+    # membership tests on the list run in C: one pass per forbidden component
+    if b"" in parts or b".." in parts or b"." in parts or b"\0" in path:
+        if path[:1] == b"/":
+            raise UnsafePathError("absolute path in stream", path=path)
+        if b"\0" in path:
+            raise UnsafePathError("NUL byte in stream path", path=path)
+        raise UnsafePathError("empty, '.' or '..' component in stream path", path=path)
     return parts
 
 
@@ -78,6 +76,8 @@ class Sandbox:
     def __init__(self, root_fd: int) -> None:
         self.root_fd = root_fd
         self._dirs: dict[bytes, int] = {}
+        #: every cached key and all its ancestors: a rename of anything else is cheap
+        self._prefixes: set[bytes] = set()
 
     @classmethod
     def open(
@@ -106,6 +106,7 @@ class Sandbox:
         for fd in self._dirs.values():
             os.close(fd)
         self._dirs.clear()
+        self._prefixes.clear()
 
     def trim(self) -> None:
         """Bound the cache; call between records (never while holding a returned fd)."""
@@ -114,12 +115,22 @@ class Sandbox:
 
     def invalidate(self, path: bytes) -> None:
         """Drop cached directories at or below ``path`` (after it was renamed or removed)."""
-        if not self._dirs:
+        if path not in self._prefixes:
             return
         prefix = path + b"/"
         stale = [k for k in self._dirs if k == path or k.startswith(prefix)]
         for key in stale:
             os.close(self._dirs.pop(key))
+        self._prefixes = set()
+        for key in self._dirs:
+            self._add_prefixes(key)
+
+    def _add_prefixes(self, key: bytes) -> None:
+        prefixes = self._prefixes
+        while key and key not in prefixes:
+            prefixes.add(key)
+            cut = key.rfind(b"/")
+            key = key[:cut] if cut > 0 else b""
 
     def dir_fd(self, parts: list[bytes], path: bytes) -> int:
         """Descriptor of the directory named by ``parts`` (walked without following links).
@@ -162,6 +173,7 @@ class Sandbox:
             raise
         for k, nfd in opened:
             self._dirs[k] = nfd
+        self._add_prefixes(opened[-1][0])
         return cur
 
     def parent(self, path: bytes) -> tuple[int, bytes]:
@@ -173,7 +185,13 @@ class Sandbox:
         parts = split_path(path)
         if not parts:
             raise UnsafePathError("this command cannot apply to the subvolume root", path=path)
-        return self.dir_fd(parts[:-1], path), parts[-1]
+        name = parts[-1]
+        if len(parts) == 1:
+            return self.root_fd, name
+        fd = self._dirs.get(path[: -len(name) - 1])
+        if fd is not None:
+            return fd, name
+        return self.dir_fd(parts[:-1], path), name
 
     def open_path(self, path: bytes) -> int:
         """An ``O_PATH`` descriptor of the entry itself (a symlink is not followed)."""

@@ -1,0 +1,204 @@
+"""``btrdelta receive`` vs ``btrfs receive``, same streams, same machine, one run.
+
+Streams (made by the kernel on a loop-mounted btrfs):
+
+* a real tree: ``benchmarks.trees`` (a Debian minbase pair) when it exists, else a copy of
+  real directories of this machine (/usr/bin, /usr/share/doc, /usr/include, /usr/lib/python3,
+  /usr/share/zoneinfo, /usr/share/perl: ~20k files, ~600 MB) as snapshot A, and B = A after
+  an "upgrade" (10% of the files rewritten, some removed, new files, a renamed directory);
+  full A and incremental A->B, v1, plus v2 ``--compressed-data`` on a zstd-mounted source;
+* a large-file stream: one 2 GB file (half random, half compressible text), v1.
+
+Each stream is received by ``btrfs receive`` and by ``btrdelta receive`` (as a command, into
+btrfs, fresh destination per run, best of ``REPEAT`` for the tree streams) and also by
+``btrdelta receive`` into ext4 (directory backend, for information). Wall time and the peak
+RSS of each receiving process (``os.wait4`` rusage) are reported with the ratio.
+
+Run: ``.venv/bin/python -m benchmarks.bench_receive`` (needs root and loop devices).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from btrdelta.testing.loopfs import loop_fs
+from btrdelta.testing.loopfs import run as sh
+
+PY = sys.executable
+REPEAT = 2
+TREE_DIRS = ["/usr/bin", "/usr/share/doc", "/usr/include", "/usr/lib/python3",
+             "/usr/share/zoneinfo", "/usr/share/perl"]
+LARGE = int(os.environ.get("BTRDELTA_BENCH_LARGE", str(2 << 30)))
+
+
+def _timed(cmd: list[str]) -> tuple[float, int]:
+    """Run ``cmd``; return (seconds, peak RSS in KiB of that process)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - t0
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if proc.stderr:
+        proc.stderr.close()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {err}")
+    return elapsed, usage.ru_maxrss
+
+
+def _fill_tree(vol: Path) -> None:
+    try:
+        from benchmarks import trees  # type: ignore[attr-defined]
+
+        a, _b = trees.debian_minbase_pair()  # pragma: no cover - when the lead ships it
+        sh("cp", "-a", "--", f"{a}/.", str(vol))
+        return
+    except (ImportError, AttributeError):
+        pass
+    for d in TREE_DIRS:
+        if os.path.isdir(d):
+            dst = vol / d.strip("/").replace("/", "_")
+            sh("cp", "-a", "--", d, str(dst))
+
+
+def _upgrade(vol: Path) -> None:
+    rng = random.Random(42)
+    files = sorted(p for p in vol.rglob("*") if p.is_file() and not p.is_symlink())
+    for p in rng.sample(files, len(files) // 10):
+        data = p.read_bytes()
+        p.unlink()  # new inode, as a package manager writes it
+        p.write_bytes(data[: len(data) // 2] + b"upgraded\n" + data[len(data) // 2 :])
+    for p in rng.sample(files, len(files) // 50):
+        if p.exists():
+            p.unlink()
+    new = vol / "usr_share_newpkg"
+    new.mkdir()
+    for i in range(300):
+        (new / f"f{i}").write_bytes(os.urandom(rng.randrange(100, 20000)))
+    dirs = sorted(p for p in vol.iterdir() if p.is_dir())
+    dirs[0].rename(vol / (dirs[0].name + "-renamed"))
+
+
+def _large(vol: Path) -> None:
+    half = LARGE // 2
+    path = vol / "disk.img"
+    with open(path, "wb") as f:
+        f.truncate(0)
+    sh("dd", "if=/dev/urandom", f"of={path}", "bs=4M", f"count={half >> 22}", "status=none")
+    text = b"".join(b"%08d some text of a large file\n" % i for i in range(100000))
+    with open(path, "ab") as f:
+        left = LARGE - half
+        while left > 0:
+            n = min(left, len(text))
+            f.write(text[:n])
+            left -= n
+
+
+def _make_streams(src: Path, out: Path, v2: bool) -> dict[str, Path]:
+    streams: dict[str, Path] = {}
+    tag = "v2" if v2 else "v1"
+    vol = src / f"vol-{tag}"
+    sh("btrfs", "-q", "subvolume", "create", str(vol))
+    _fill_tree(vol)
+    sh("sync")
+    sh("btrfs", "-q", "subvolume", "snapshot", "-r", str(vol), str(src / f"A-{tag}"))
+    _upgrade(vol)
+    sh("sync")
+    sh("btrfs", "-q", "subvolume", "snapshot", "-r", str(vol), str(src / f"B-{tag}"))
+    extra = ["--proto", "2", "--compressed-data"] if v2 else []
+    streams[f"tree-full-{tag}"] = out / f"A-{tag}.stream"
+    sh("btrfs", "-q", "send", *extra, "-f", str(streams[f"tree-full-{tag}"]),
+       str(src / f"A-{tag}"))
+    streams[f"tree-incr-{tag}"] = out / f"B-{tag}.stream"
+    sh("btrfs", "-q", "send", *extra, "-p", str(src / f"A-{tag}"), "-f",
+       str(streams[f"tree-incr-{tag}"]), str(src / f"B-{tag}"))
+    return streams
+
+
+def _receive_pair(kind: str, full: Path, incr: Path | None, dests: dict[str, Path],
+                  round_: int) -> dict[str, tuple[float, int]]:
+    """Receive full (+ incr) with each tool; time the last stream received."""
+    results: dict[str, tuple[float, int]] = {}
+    tools = {
+        "btrfs": lambda s, d: ["btrfs", "receive", "-f", str(s), str(d)],
+        "btrdelta": lambda s, d: [PY, "-m", "btrdelta", "receive", "-f", str(s), str(d)],
+        "btrdelta-ext4": lambda s, d: [PY, "-m", "btrdelta", "receive", "-f", str(s), str(d)],
+    }
+    for tool, mk in tools.items():
+        d = dests[tool] / f"{kind}-{round_}"
+        d.mkdir()
+        if incr is not None:
+            subprocess.run(mk(full, d), check=True, capture_output=True)
+            sh("sync")
+            results[tool] = _timed(mk(incr, d))
+        else:
+            results[tool] = _timed(mk(full, d))
+        sh("sync")
+    return results
+
+
+def run() -> list[str]:
+    """Run the benchmark; return (and print) the result lines."""
+    lines: list[str] = []
+
+    def report(name: str, res: dict[str, tuple[float, int]], size: int) -> None:
+        kt, krss = res["btrfs"]
+        ot, orss = res["btrdelta"]
+        et, erss = res["btrdelta-ext4"]
+        line = (f"{name:18s} {size / 2**20:8.1f} MiB  btrfs receive {kt:6.2f}s {krss // 1024:4d} MB"
+                f" | btrdelta {ot:6.2f}s {orss // 1024:4d} MB  ratio {ot / kt:4.2f}"
+                f" | btrdelta->ext4 {et:6.2f}s {erss // 1024:4d} MB")
+        print(line, flush=True)
+        lines.append(line)
+
+    with loop_fs("btrfs", size="8G") as src, loop_fs("btrfs", size="8G") as kdst, \
+            loop_fs("btrfs", size="8G") as odst, loop_fs("ext4", size="8G") as edst:
+        out = src / "streams"
+        out.mkdir()
+        streams = _make_streams(src, out, v2=False)
+        sh("mount", "-o", "remount,compress=zstd", str(src))
+        streams.update(_make_streams(src, out, v2=True))
+        dests = {"btrfs": kdst, "btrdelta": odst, "btrdelta-ext4": edst}
+        for tag in ("v1", "v2"):
+            full, incr = streams[f"tree-full-{tag}"], streams[f"tree-incr-{tag}"]
+            best_f: dict[str, tuple[float, int]] = {}
+            best_i: dict[str, tuple[float, int]] = {}
+            for r in range(REPEAT):
+                for best, args in ((best_f, (full, None)), (best_i, (full, incr))):
+                    res = _receive_pair(f"{tag}-{'f' if args[1] is None else 'i'}",
+                                        args[0], args[1], dests, r)
+                    for k, v in res.items():
+                        if k not in best or v[0] < best[k][0]:
+                            best[k] = v
+            report(f"tree full {tag}", best_f, full.stat().st_size)
+            report(f"tree incr {tag}", best_i, incr.stat().st_size)
+        for d in (kdst, odst, edst):
+            for p in list(d.iterdir()):
+                if p.name != "lost+found":
+                    subprocess.run(["btrfs", "-q", "subvolume", "delete", *map(str, p.iterdir())],
+                                   capture_output=True, check=False)
+                    shutil.rmtree(p, ignore_errors=True)
+        for p in out.glob("*.stream"):
+            p.unlink()
+        sh("mount", "-o", "remount,compress=no", str(src))
+        vol = src / "vol-large"
+        sh("btrfs", "-q", "subvolume", "create", str(vol))
+        _large(vol)
+        sh("sync")
+        sh("btrfs", "-q", "subvolume", "snapshot", "-r", str(vol), str(src / "L"))
+        large = out / "large.stream"
+        sh("btrfs", "-q", "send", "-f", str(large), str(src / "L"))
+        shutil.rmtree(vol, ignore_errors=True)
+        res = _receive_pair("large", large, None, dests, 0)
+        report("large file v1", res, large.stat().st_size)
+    return lines
+
+
+if __name__ == "__main__":
+    run()
