@@ -86,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         if args.debug:
             raise
-        where = f"{exc.filename}: " if exc.filename else ""
+        name = exc.filename
+        where = f"{os.fsdecode(name) if isinstance(name, bytes) else name}: " if name else ""
         print(f"btrdelta {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
