@@ -19,13 +19,14 @@ from ..stream.records import Record
 from ..stream.writer import StreamWriter
 from .emit import COMPRESSORS, Sender, SendStats
 from .kernel import is_readonly_snapshot, kernel_send
-from .scan import Tree, scan_tree
+from .scan import Tree, hash_contents, scan_tree
 
 __all__ = [
     "COMPRESSORS",
     "SendStats",
     "Sender",
     "Tree",
+    "hash_contents",
     "is_readonly_snapshot",
     "kernel_send",
     "scan_tree",
@@ -43,6 +44,7 @@ def send_records(
     version: int = 1,
     compress: str | None = None,
     quick: bool = False,
+    workers: int | None = None,
     name: bytes | None = None,
     on_progress: Callable[[SendStats], None] | None = None,
 ) -> Iterator[Record]:
@@ -54,6 +56,7 @@ def send_records(
         version: stream version the records must fit (1, 2 or 3).
         compress: ``"zstd"`` or ``"zlib"`` to send data as ``ENCODED_WRITE`` (v2+).
         quick: trust equal size and mtime at the same path as unchanged content.
+        workers: threads reading and hashing file contents (default: CPU count, at most 4).
         name: subvolume name in the stream (default: basename of ``new_dir``).
         on_progress: called with :class:`SendStats` now and then.
 
@@ -62,7 +65,8 @@ def send_records(
         next record is requested.
     """
     sender = Sender(
-        new_dir, parent_dir, version=version, compress=compress, quick=quick, name=name,
+        new_dir, parent_dir, version=version, compress=compress, quick=quick, workers=workers,
+        name=name,
         on_progress=on_progress,
     )
     yield from sender.records()

@@ -3,10 +3,11 @@
 Strategy: the receiver starts from the old tree, so every new inode that can be *the same*
 inode as an old one saves a create (and usually its data). :func:`match_trees` pairs them:
 
-1. regular files at the same path whose content is equal (compared chunk by chunk, or with
-   ``quick=True`` trusted when size and mtime agree, as rsync does) -> unchanged;
-2. the remaining files whose content equals an unmatched old file of the same size (BLAKE3
-   over the data, computed only for sizes that occur on both sides) -> moved/renamed, unless
+1. regular files at the same path whose content is equal (equal BLAKE3 digests from
+   :func:`~btrdelta.send.scan.hash_contents`, or with ``quick=True`` trusted when size and
+   mtime agree, as rsync does) -> unchanged;
+2. the remaining files whose content equals an unmatched old file (same digest) ->
+   moved/renamed, unless
    the old file's path still holds a regular file (then that one is changed in place and the
    copy becomes a clone from the parent);
 3. the remaining files with an unmatched old regular file at one of their paths -> changed in
@@ -16,8 +17,8 @@ inode as an old one saves a create (and usually its data). :func:`match_trees` p
 5. directories bottom-up by votes: each matched child votes for the old directory its old
    counterpart lived in (a same-named entry votes twice); without votes, the same path.
 
-Whatever stays unmatched is created (new side) or deleted (old side). :class:`ContentIndex`
-caches content digests, and :func:`changed_ranges` finds the blocks of a file that differ.
+Whatever stays unmatched is created (new side) or deleted (old side).
+:func:`changed_ranges` finds the blocks of a changed file that differ.
 """
 
 from __future__ import annotations
@@ -27,13 +28,10 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import blake3
-
 from .scan import ROOT, Tree, data_segments, open_file
 
 __all__ = [
     "BLOCK",
-    "ContentIndex",
     "Match",
     "changed_ranges",
     "files_equal",
@@ -60,66 +58,24 @@ class Match:
         self.o2n[old_id] = new_id
 
 
-class ContentIndex:
-    """Lazily computed BLAKE3 content digests of the regular files of two trees."""
-
-    def __init__(self, old: Tree, new: Tree) -> None:
-        self.old = old
-        self.new = new
-        self._old: dict[int, bytes] = {}
-        self._new: dict[int, bytes] = {}
-        #: bytes read for hashing (progress)
-        self.bytes_hashed = 0
-
-    def _digest(self, path: bytes, size: int) -> bytes:
-        h = blake3.blake3(max_threads=blake3.blake3.AUTO if size > (8 << 20) else 1)
-        if size:
-            fd = open_file(path)
-            try:
-                with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
-                    while True:
-                        chunk = f.read(_READ)
-                        if not chunk:
-                            break
-                        h.update(chunk)
-            finally:
-                os.close(fd)
-        self.bytes_hashed += size
-        return h.digest()
-
-    def old_digest(self, nid: int) -> bytes:
-        """Content digest of old node ``nid``."""
-        d = self._old.get(nid)
-        if d is None:
-            node = self.old.nodes[nid]
-            d = self._old[nid] = self._digest(self.old.abspath(self.old.paths(nid)[0]), node.size)
-        return d
-
-    def new_digest(self, nid: int) -> bytes:
-        """Content digest of new node ``nid``."""
-        d = self._new.get(nid)
-        if d is None:
-            node = self.new.nodes[nid]
-            d = self._new[nid] = self._digest(self.new.abspath(self.new.paths(nid)[0]), node.size)
-        return d
-
-
 def files_equal(a: bytes, b: bytes, size: int) -> bool:
-    """True if the two files (both of ``size`` bytes) have the same content."""
+    """True if the two files (both of ``size`` bytes) have the same content (early exit)."""
     if size == 0:
         return True
-    fa, fb = open_file(a), open_file(b)
+    fa = open_file(a)
+    try:
+        fb = open_file(b)
+    except OSError:
+        os.close(fa)
+        raise
     try:
         pos = 0
         while pos < size:
             x = os.pread(fa, _READ, pos)
-            y = os.pread(fb, _READ, pos)
-            if x != y:
+            if not x or x != os.pread(fb, len(x), pos):
                 return False
-            if not x:
-                return True
             pos += len(x)
-        return True
+        return not os.pread(fb, 1, size)
     finally:
         os.close(fa)
         os.close(fb)
@@ -198,7 +154,7 @@ def _is_reg_at(tree: Tree, path: bytes) -> bool:
     return nid is not None and tree.nodes[nid].is_reg
 
 
-def match_trees(old: Tree, new: Tree, index: ContentIndex, *, quick: bool = False) -> Match:
+def match_trees(old: Tree, new: Tree, *, quick: bool = False) -> Match:
     """Pair the inodes of ``old`` and ``new`` (see the module docstring)."""
     m = Match()
     m.pair(ROOT, ROOT)
@@ -220,32 +176,30 @@ def match_trees(old: Tree, new: Tree, index: ContentIndex, *, quick: bool = Fals
             o = onodes[oid]
             if not o.is_reg or o.size != node.size:
                 continue
-            if (quick and o.mtime_ns == node.mtime_ns) or files_equal(
-                old.abspath(old.paths(oid)[0]), new.abspath(new.paths(node.id)[0]), node.size
-            ):
+            if (quick and o.mtime_ns == node.mtime_ns) or o.digest == node.digest:
                 m.pair(node.id, oid)
                 m.unchanged.add(node.id)
                 break
     # 2. same content elsewhere (moved / renamed)
     # An old file that still has a regular file at one of its paths is left for step 3:
     # changing it in place and cloning the copy from the parent beats resending that path.
-    by_size: dict[int, list[int]] = defaultdict(list)
+    by_digest: dict[bytes, list[int]] = defaultdict(list)
     for o in onodes.values():
         if o.is_reg and o.id not in m.o2n:
             if any(_is_reg_at(new, p) for p in old.paths(o.id)):
                 continue
-            by_size[o.size].append(o.id)
+            by_digest[o.digest].append(o.id)
     for node in regs:
         if node.id in m.n2o:
             continue
-        cands = [c for c in by_size.get(node.size, ()) if c not in m.o2n]
+        cands = [c for c in by_digest.get(node.digest, ()) if c not in m.o2n]
         if not cands:
             continue
         names = {name for _p, name in node.dentries}
         cands.sort(key=lambda c: not any(n in names for _p, n in onodes[c].dentries))
-        digest = index.new_digest(node.id)
-        for c in cands:
-            if index.old_digest(c) == digest:
+        new_abs = new.abspath(node.path)
+        for c in cands:  # digests are not collision resistant: confirm byte by byte
+            if files_equal(old.abspath(onodes[c].path), new_abs, node.size):
                 m.pair(node.id, c)
                 m.unchanged.add(node.id)
                 break

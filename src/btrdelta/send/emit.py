@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections import defaultdict
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
@@ -40,6 +39,7 @@ from ..stream.records import (
     EncodedWrite,
     End,
     Fallocate,
+    Fileattr,
     Record,
     RemoveXattr,
     SetXattr,
@@ -49,9 +49,9 @@ from ..stream.records import (
     Utimes,
     Write,
 )
-from .diff import ContentIndex, Match, changed_ranges, match_trees
+from .diff import Match, changed_ranges, files_equal, match_trees
 from .order import Namespace, order_namespace
-from .scan import ROOT, Node, Tree, data_segments, open_file, scan_tree
+from .scan import ROOT, Node, Tree, data_segments, hash_contents, open_file, scan_tree
 
 __all__ = ["COMPRESSORS", "SendStats", "Sender"]
 
@@ -107,6 +107,7 @@ class Sender:
         compress: ``"zstd"``, ``"zlib"`` or ``None``.
         quick: trust equal size and mtime at the same path as "unchanged" (like rsync).
         clone_min: smallest file (bytes) that is deduplicated with ``CLONE``.
+        workers: threads that read and hash file contents (default: CPU count, at most 4).
         name: subvolume name in the stream (default: the basename of ``new_dir``).
         on_progress: called with :class:`SendStats` now and then.
     """
@@ -120,6 +121,7 @@ class Sender:
         compress: str | None = None,
         quick: bool = False,
         clone_min: int = 16 * 1024,
+        workers: int | None = None,
         name: bytes | None = None,
         on_progress: Callable[[SendStats], None] | None = None,
     ) -> None:
@@ -134,6 +136,7 @@ class Sender:
         self.version = version
         self.quick = quick
         self.clone_min = clone_min
+        self.workers = workers
         self.stats = SendStats()
         self._on_progress = on_progress
         self._compress: Callable[[bytes], bytes] | None = None
@@ -151,7 +154,8 @@ class Sender:
         self._base = self.old if self.old is not None else Tree(
             self.new_dir, {ROOT: self.new.nodes[ROOT]}, {ROOT: {}}
         )
-        self._index = ContentIndex(self._base, self.new)
+        self._base.hashed = self.old is None or self._base.hashed
+        self._hashed = 0
 
     # -- progress ------------------------------------------------------------------------
 
@@ -190,9 +194,18 @@ class Sender:
     def records(self) -> Iterator[Record]:
         """Every record of the stream, ``SUBVOL``/``SNAPSHOT`` first and ``END`` last."""
         old = self._base
+        self.stats.phase = "hash"
+        self._progress()
+
+        def on_bytes(n: int) -> None:
+            self._hashed = n
+            self.stats.bytes_read = self._read + n
+            self._progress()
+
+        hash_contents([self._base, self.new], workers=self.workers, on_bytes=on_bytes)
         self.stats.phase = "match"
         self._progress()
-        match = match_trees(old, self.new, self._index, quick=self.quick)
+        match = match_trees(old, self.new, quick=self.quick)
         if self.old is None:
             match.unchanged.discard(ROOT)
         self.stats.phase = "send"
@@ -213,13 +226,13 @@ class Sender:
     def _inodes(self, old: Tree, match: Match, ns: Namespace) -> Iterator[Record]:
         new = self.new
         full = self.old is None
-        # clone sources: (size, digest) -> ("old"|"new", path)
-        old_by_size: dict[int, list[int]] = defaultdict(list)
+        # clone sources by content digest: old files, and new files already sent
+        old_by_digest: dict[bytes, int] = {}
         if not full:
             for o in old.nodes.values():
                 if o.is_reg and o.size >= self.clone_min:
-                    old_by_size[o.size].append(o.id)
-        new_by_size: dict[int, list[int]] = defaultdict(list)
+                    old_by_digest.setdefault(o.digest, o.id)
+        new_by_digest: dict[bytes, int] = {}
         order: list[int] = []
         stack = [ROOT]
         seen: set[int] = set()
@@ -242,10 +255,10 @@ class Sender:
             node = new.nodes[nid]
             oid = match.n2o.get(nid)
             onode = old.nodes[oid] if oid is not None and not full else None
-            yield from self._inode(node, onode, match, ns, old_by_size, new_by_size)
+            yield from self._inode(node, onode, match, ns, old_by_digest, new_by_digest)
             if node.is_reg and node.size >= self.clone_min:
-                new_by_size[node.size].append(nid)
-            self.stats.bytes_read = self._read + self._index.bytes_hashed
+                new_by_digest.setdefault(node.digest, nid)
+            self.stats.bytes_read = self._read + self._hashed
             self._progress()
 
     def _inode(
@@ -254,10 +267,10 @@ class Sender:
         onode: Node | None,
         match: Match,
         ns: Namespace,
-        old_by_size: dict[int, list[int]],
-        new_by_size: dict[int, list[int]],
+        old_by_digest: dict[bytes, int],
+        new_by_digest: dict[bytes, int],
     ) -> Iterator[Record]:
-        path = self.new.paths(node.id)[0]
+        path = node.path
         is_link = node.fmt == 0o120000
         created = onode is None
         # xattrs other than capabilities
@@ -274,7 +287,7 @@ class Sender:
         data_changed = False
         if node.is_reg and node.id not in match.unchanged:
             if created:
-                data_changed = yield from self._new_data(node, path, old_by_size, new_by_size)
+                data_changed = yield from self._new_data(node, path, old_by_digest, new_by_digest)
             else:
                 assert onode is not None
                 data_changed = yield from self._changed_data(node, onode, path)
@@ -289,6 +302,13 @@ class Sender:
             or (chowned and perms & 0o6000)
         ):
             yield self._count(Chmod(path=path, mode=perms))
+        if (
+            self.version >= 2
+            and onode is not None
+            and not is_link
+            and onode.flags != node.flags
+        ):
+            yield self._count(Fileattr(path=path, fileattr=node.flags))
         caps = node.xattrs.get(CAPS)
         if caps is not None and (
             created or chowned or data_changed or (onode is not None and old_x.get(CAPS) != caps)
@@ -314,51 +334,48 @@ class Sender:
     # -- data ----------------------------------------------------------------------------
 
     def _find_clone(
-        self, node: Node, old_by_size: dict[int, list[int]], new_by_size: dict[int, list[int]]
+        self, node: Node, old_by_digest: dict[bytes, int], new_by_digest: dict[bytes, int]
     ) -> Clone | None:
         if node.size < self.clone_min:
             return None
-        olds = old_by_size.get(node.size, [])
-        news = new_by_size.get(node.size, [])
-        if not olds and not news:
-            return None
-        index = self._index
-        digest = index.new_digest(node.id)
-        path = self.new.paths(node.id)[0]
-        assert self.old is not None or not olds
-        for oid in olds:
-            if index.old_digest(oid) == digest:
-                assert self.old is not None
-                return Clone(
-                    offset=0,
-                    length=node.size,
-                    path=path,
-                    clone_uuid=self.old.subvol_uuid(),
-                    clone_ctransid=self.old.ctransid(),
-                    clone_path=self.old.paths(oid)[0],
-                    clone_offset=0,
-                )
-        for nid in news:
-            if index.new_digest(nid) == digest:
-                return Clone(
-                    offset=0,
-                    length=node.size,
-                    path=path,
-                    clone_uuid=self.new.subvol_uuid(),
-                    clone_ctransid=self.new.ctransid(),
-                    clone_path=self.new.paths(nid)[0],
-                    clone_offset=0,
-                )
+        new_abs = self.new.abspath(node.path)
+        oid = old_by_digest.get(node.digest)
+        if oid is not None and self.old is not None and files_equal(
+            self.old.abspath(self.old.nodes[oid].path), new_abs, node.size
+        ):
+            assert self.old is not None
+            return Clone(
+                offset=0,
+                length=node.size,
+                path=node.path,
+                clone_uuid=self.old.subvol_uuid(),
+                clone_ctransid=self.old.ctransid(),
+                clone_path=self.old.nodes[oid].path,
+                clone_offset=0,
+            )
+        nid = new_by_digest.get(node.digest)
+        if nid is not None and files_equal(
+            self.new.abspath(self.new.nodes[nid].path), new_abs, node.size
+        ):
+            return Clone(
+                offset=0,
+                length=node.size,
+                path=node.path,
+                clone_uuid=self.new.subvol_uuid(),
+                clone_ctransid=self.new.ctransid(),
+                clone_path=self.new.nodes[nid].path,
+                clone_offset=0,
+            )
         return None
 
     def _new_data(
         self,
         node: Node,
         path: bytes,
-        old_by_size: dict[int, list[int]],
-        new_by_size: dict[int, list[int]],
+        old_by_digest: dict[bytes, int],
+        new_by_digest: dict[bytes, int],
     ) -> Generator[Record, None, bool]:
-        clone = self._find_clone(node, old_by_size, new_by_size)
+        clone = self._find_clone(node, old_by_digest, new_by_digest)
         if clone is not None:
             yield self._count(clone)
             return True
@@ -378,7 +395,7 @@ class Sender:
         self, node: Node, onode: Node, path: bytes
     ) -> Generator[Record, None, bool]:
         assert self.old is not None
-        old_path = self.old.abspath(self.old.paths(onode.id)[0])
+        old_path = self.old.abspath(onode.path)
         new_abs = self.new.abspath(path)
         writes, holes = changed_ranges(old_path, new_abs, onode.size, node.size)
         self._read += node.size + onode.size

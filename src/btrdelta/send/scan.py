@@ -1,29 +1,42 @@
 """Scanning a directory tree into the inode/dentry model the sender works on.
 
-:func:`scan_tree` walks a tree with ``os.scandir``/``lstat`` (never following symlinks) and
-returns a :class:`Tree`: one :class:`Node` per inode (hard links grouped by
-``(st_dev, st_ino)``), each with its metadata, extended attributes (``lgetxattr``) and
-dentries ``(parent node id, name)``. Entries on another device than the root (mount points,
-nested btrfs subvolumes) are skipped, as ``btrfs send`` skips nested subvolumes. File data is
-not read here; :func:`data_segments` and :func:`open_file` serve the emitters later.
+:func:`scan_tree` walks a tree (never following symlinks: ``lstat`` relative to an open
+directory descriptor) and returns a :class:`Tree`: one :class:`Node` per inode (hard links
+grouped by ``(st_dev, st_ino)``), each with its metadata, extended attributes
+(``lgetxattr``), inode flags (directories: ``FS_IOC_GETFLAGS`` on the descriptor the scan
+holds anyway) and dentries ``(parent node id, name)``. Entries on another device than the
+root (mount points, nested btrfs subvolumes) are skipped, as ``btrfs send`` skips nested
+subvolumes.
 
-The module also owns the tree *identity* (:meth:`Tree.identity`): a digest of every path's
-metadata (type, mode, owner, size, mtime, device numbers, symlink target, xattrs, hard-link
-group), from which the subvolume UUID and ctransid of a stream are derived, so that the same
-tree always gets the same UUID (atime is excluded: reading a tree changes it).
+:func:`hash_contents` then reads every regular file of one or more trees exactly once, in a
+thread pool (``read`` releases the GIL), and stores each file's content digest (XXH3-128:
+as fast as the copy out of the page cache, where BLAKE3 would double the cost) and inode
+flags. Same-path files with equal size and digest are "unchanged"; matches across paths
+(renames, clones) are confirmed byte by byte before use (XXH3 is not collision resistant,
+so content crafted to collide can at worst keep a same-path file's old content, never put
+one file's bytes at another path). The digests also feed the tree *identity*
+(:meth:`Tree.identity`): a BLAKE3 digest over every inode's dentries, metadata
+(type, mode, owner, size, mtime, device numbers, symlink target, xattrs, flags, hard-link
+group) and content digest, from which the subvolume UUID of a stream is derived — the same
+tree always gets the same UUID, any change of content or metadata a different one (atime and
+ctime are excluded: reading or copying a tree changes them).
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 import struct
+import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import blake3
+import xxhash
 
 from ..errors import BtrdeltaError
 
@@ -31,7 +44,9 @@ __all__ = [
     "ROOT",
     "Node",
     "Tree",
+    "btrfs_flags",
     "data_segments",
+    "hash_contents",
     "kernel_rdev",
     "open_file",
     "scan_tree",
@@ -44,6 +59,28 @@ ROOT = 0
 _FIRST_INO = 257
 
 _UUID_NAMESPACE = uuid.UUID("6b1d5c1e-2f3a-5b8e-9c4d-62747264656c")  # "btrdel" namespace
+
+_FS_IOC_GETFLAGS = 0x80086601
+#: FS_IOC_GETFLAGS bit -> btrfs inode-item flag (what the kernel's FILEATTR carries)
+_FS_TO_BTRFS = (
+    (0x00800000, 0x2),  # FS_NOCOW_FL -> NODATACOW
+    (0x00000400, 0x8),  # FS_NOCOMP_FL -> NOCOMPRESS
+    (0x00000008, 0x20),  # FS_SYNC_FL -> SYNC
+    (0x00000010, 0x40),  # FS_IMMUTABLE_FL -> IMMUTABLE
+    (0x00000020, 0x80),  # FS_APPEND_FL -> APPEND
+    (0x00000040, 0x100),  # FS_NODUMP_FL -> NODUMP
+    (0x00000080, 0x200),  # FS_NOATIME_FL -> NOATIME
+    (0x00010000, 0x400),  # FS_DIRSYNC_FL -> DIRSYNC
+    (0x00000004, 0x800),  # FS_COMPR_FL -> COMPRESS
+)
+_FS_KNOWN = 0
+for _fs, _bt in _FS_TO_BTRFS:
+    _FS_KNOWN |= _fs
+_NO_FLAGS = (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS, errno.EPERM,
+             errno.EACCES)
+
+#: files up to this size are read with one ``read``; larger ones in pieces of this size
+_WHOLE = 1 << 20
 
 
 @dataclass(slots=True)
@@ -60,6 +97,8 @@ class Node:
     atime_ns: int
     mtime_ns: int
     ctime_ns: int
+    #: relative path of the first dentry (``b""`` for the root)
+    path: bytes = b""
     #: device numbers in the kernel's "new" encoding (0 for non-devices)
     rdev: int = 0
     #: symlink target
@@ -67,6 +106,10 @@ class Node:
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
     #: (parent node id, name) for every hard link; the root has none
     dentries: list[tuple[int, bytes]] = field(default_factory=list)
+    #: btrfs inode flags (FILEATTR encoding) mapped from ``FS_IOC_GETFLAGS``
+    flags: int = 0
+    #: XXH3-128 of the content (regular files, after :func:`hash_contents`)
+    digest: bytes = b""
 
     @property
     def fmt(self) -> int:
@@ -94,21 +137,18 @@ class Tree:
     children: dict[int, dict[bytes, int]]
     files: int = 0
     data_bytes: int = 0
+    #: True once :func:`hash_contents` filled in the digests
+    hashed: bool = False
     _identity: bytes | None = None
 
     def path_of(self, parent: int, name: bytes) -> bytes:
         """Relative path of dentry ``name`` in directory ``parent``."""
-        base = self.dir_path(parent)
+        base = self.nodes[parent].path
         return base + b"/" + name if base else name
 
     def dir_path(self, nid: int) -> bytes:
         """Relative path of directory ``nid`` (``b""`` for the root)."""
-        parts: list[bytes] = []
-        while nid != ROOT:
-            parent, name = self.nodes[nid].dentries[0]
-            parts.append(name)
-            nid = parent
-        return b"/".join(reversed(parts))
+        return self.nodes[nid].path
 
     def paths(self, nid: int) -> list[bytes]:
         """Every relative path of node ``nid``."""
@@ -118,7 +158,7 @@ class Tree:
 
     def abspath(self, rel: bytes) -> bytes:
         """Absolute path of relative path ``rel``."""
-        return os.path.join(self.root, rel) if rel else self.root
+        return self.root + b"/" + rel if rel else self.root
 
     def lookup(self, rel: bytes) -> int | None:
         """Node id at relative path ``rel`` or ``None``."""
@@ -133,32 +173,32 @@ class Tree:
         return nid
 
     def identity(self) -> bytes:
-        """32-byte digest of the tree's metadata (see the module docstring)."""
+        """32-byte digest of the tree's content and metadata (see the module docstring).
+
+        Raises:
+            BtrdeltaError: the tree's contents were not hashed yet.
+        """
         if self._identity is None:
-            h = blake3.blake3()
-            first_path: dict[int, bytes] = {}
-            stack = [(ROOT, b"")]
-            pack = struct.Struct("<IIIQqQ").pack
-            while stack:
-                nid, rel = stack.pop()
+            if not self.hashed:
+                raise BtrdeltaError("tree identity needs content digests (hash_contents)")
+            pack = struct.Struct("<IIIQqQQII").pack
+            parts: list[bytes] = []
+            add = parts.append
+            for nid in range(len(self.nodes)):  # scan order: deterministic for a tree
                 node = self.nodes[nid]
-                group = first_path.setdefault(nid, rel)
-                h.update(rel + b"\0")
-                h.update(pack(node.mode, node.uid, node.gid, node.size if node.is_reg else 0,
-                              node.mtime_ns, node.rdev))
-                h.update(struct.pack("<I", len(node.target)) + node.target)
-                if group != rel:
-                    h.update(b"L" + group + b"\0")
-                for name in sorted(node.xattrs):
-                    value = node.xattrs[name]
-                    h.update(struct.pack("<II", len(name), len(value)) + name + value)
-                kids = self.children.get(nid)
-                if kids:
-                    stack.extend(
-                        (kids[name], rel + b"/" + name if rel else name)
-                        for name in sorted(kids, reverse=True)
-                    )
-            self._identity = h.digest()
+                for parent, name in node.dentries:
+                    add(struct.pack("<QI", parent, len(name)) + name)
+                add(pack(node.mode, node.uid, node.gid, node.size if node.is_reg else 0,
+                         node.mtime_ns, node.rdev, node.flags, len(node.dentries),
+                         len(node.target)))
+                add(node.target)
+                add(node.digest)
+                if node.xattrs:
+                    for name in sorted(node.xattrs):
+                        value = node.xattrs[name]
+                        add(struct.pack("<II", len(name), len(value)) + name + value)
+                add(b"\0")
+            self._identity = blake3.blake3(b"".join(parts)).digest()
         return self._identity
 
     def subvol_uuid(self) -> uuid.UUID:
@@ -175,6 +215,24 @@ def kernel_rdev(st_rdev: int) -> int:
     """Device number in the kernel's "new" encoding used by send streams."""
     major, minor = os.major(st_rdev), os.minor(st_rdev)
     return (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)
+
+
+def btrfs_flags(fd: int) -> int:
+    """The inode flags of open file ``fd`` in btrfs's FILEATTR encoding (0 if unsupported)."""
+    try:
+        raw = fcntl.ioctl(fd, _FS_IOC_GETFLAGS, b"\0\0\0\0\0\0\0\0")
+    except OSError as exc:
+        if exc.errno in _NO_FLAGS:
+            return 0
+        raise
+    fs = int.from_bytes(raw[:4], "little")
+    if not fs & _FS_KNOWN:
+        return 0
+    out = 0
+    for fs_bit, bt_bit in _FS_TO_BTRFS:
+        if fs & fs_bit:
+            out |= bt_bit
+    return out
 
 
 def _read_xattrs(path: bytes) -> dict[bytes, bytes]:
@@ -196,21 +254,24 @@ def _read_xattrs(path: bytes) -> dict[bytes, bytes]:
     return out
 
 
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 def scan_tree(
     path: str | bytes | os.PathLike[str],
     *,
     on_entry: Callable[[int, int], None] | None = None,
 ) -> Tree:
-    """Scan the tree rooted at ``path``.
+    """Scan the tree rooted at ``path`` (metadata only; see :func:`hash_contents`).
 
     Args:
         path: the tree's root directory.
-        on_entry: called as ``on_entry(files, bytes)`` after each entry (progress).
+        on_entry: called as ``on_entry(files, bytes)`` every 256 entries (progress).
 
     Raises:
-        BtrdeltaError: ``path`` is not a directory.
+        BtrdeltaError: ``path`` is not a directory or cannot be read.
     """
-    root = os.fsencode(path)
+    root = os.fsencode(path).rstrip(b"/") or b"/"
     try:
         st = os.lstat(root)
     except OSError as exc:
@@ -222,67 +283,86 @@ def scan_tree(
     children: dict[int, dict[bytes, int]] = {}
     by_inode: dict[int, int] = {}
     tree = Tree(root, nodes, children)
+    s_ifmt, s_ifdir, s_ifreg, s_iflnk = 0o170000, stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK
+    s_ifchr, s_ifblk, s_ifsock = stat.S_IFCHR, stat.S_IFBLK, stat.S_IFSOCK
+    lstat, listxattr = os.lstat, os.listxattr
 
-    def make(st: os.stat_result, full: bytes) -> Node:
+    def make(st: os.stat_result, full: bytes, rel: bytes, dfd: int | None, name: bytes) -> Node:
         nid = len(nodes)
-        node = Node(
-            id=nid,
-            ino=256 if nid == ROOT else _FIRST_INO + nid - 1,
-            mode=st.st_mode,
-            uid=st.st_uid,
-            gid=st.st_gid,
-            size=st.st_size,
-            atime_ns=st.st_atime_ns,
-            mtime_ns=st.st_mtime_ns,
-            ctime_ns=st.st_ctime_ns,
-        )
-        fmt = stat.S_IFMT(st.st_mode)
-        if fmt in (stat.S_IFCHR, stat.S_IFBLK):
+        mode = st.st_mode
+        node = Node(nid, 256 if nid == ROOT else _FIRST_INO + nid - 1, mode, st.st_uid,
+                    st.st_gid, st.st_size, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns,
+                    rel)
+        fmt = mode & s_ifmt
+        if fmt == s_iflnk:
+            node.target = os.readlink(name, dir_fd=dfd)
+        elif fmt in (s_ifchr, s_ifblk):
             node.rdev = kernel_rdev(st.st_rdev)
-        elif fmt == stat.S_IFLNK:
-            node.target = os.readlink(full)
-        if fmt != stat.S_IFSOCK:
-            node.xattrs = _read_xattrs(full)
+        if fmt != s_ifsock:
+            try:
+                has = listxattr(full, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTSUP, errno.EPERM):
+                    raise
+                has = []
+            if has:
+                node.xattrs = _read_xattrs(full)
         nodes[nid] = node
         return node
 
-    make(st, root)
+    make(st, root, b"", None, root)
     children[ROOT] = {}
-    stack: list[tuple[int, bytes]] = [(ROOT, root)]
+    files = data = 0
+    stack: list[tuple[int, bytes, bytes]] = [(ROOT, root, b"")]
     while stack:
-        dir_id, absdir = stack.pop()
+        dir_id, absdir, reldir = stack.pop()
         try:
-            with os.scandir(absdir) as it:
-                names = sorted(e.name for e in it)
+            dfd = os.open(absdir, _DIR_FLAGS)
         except OSError as exc:
             raise BtrdeltaError(f"cannot read directory: {exc.strerror}", path=absdir) from exc
-        kids = children[dir_id]
-        subdirs: list[tuple[int, bytes]] = []
-        for name in names:
-            full = os.path.join(absdir, name)
-            est = os.lstat(full)
-            if est.st_dev != dev:
-                continue  # mount point or nested subvolume: not part of this tree
-            if stat.S_ISDIR(est.st_mode) and est.st_ino == 2 and not os.listdir(full):
-                continue  # btrfs empty-subvolume stub in a snapshot
-            nid_opt = by_inode.get(est.st_ino) if est.st_nlink > 1 else None
-            if nid_opt is not None and not stat.S_ISDIR(est.st_mode):
-                node = nodes[nid_opt]
-            else:
-                node = make(est, full)
-                if est.st_nlink > 1 and not stat.S_ISDIR(est.st_mode):
-                    by_inode[est.st_ino] = node.id
-                tree.files += 1
-                if node.is_reg:
-                    tree.data_bytes += est.st_size
-            node.dentries.append((dir_id, name))
-            kids[name] = node.id
-            if node.is_dir:
-                children[node.id] = {}
-                subdirs.append((node.id, full))
-            if on_entry is not None:
-                on_entry(tree.files, tree.data_bytes)
+        try:
+            nodes[dir_id].flags = btrfs_flags(dfd)
+            try:
+                names = sorted(os.listdir(absdir))
+            except OSError as exc:
+                raise BtrdeltaError(
+                    f"cannot read directory: {exc.strerror}", path=absdir
+                ) from exc
+            kids = children[dir_id]
+            subdirs: list[tuple[int, bytes, bytes]] = []
+            prefix = absdir + b"/"
+            relprefix = reldir + b"/" if reldir else b""
+            for name in names:
+                est = lstat(name, dir_fd=dfd)
+                if est.st_dev != dev:
+                    continue  # mount point or nested subvolume: not part of this tree
+                fmt = est.st_mode & s_ifmt
+                if fmt == s_ifdir and est.st_ino == 2 and not os.listdir(prefix + name):
+                    continue  # btrfs empty-subvolume stub in a snapshot
+                linked = est.st_nlink > 1 and fmt != s_ifdir
+                nid_opt = by_inode.get(est.st_ino) if linked else None
+                if nid_opt is not None:
+                    node = nodes[nid_opt]
+                else:
+                    node = make(est, prefix + name, relprefix + name, dfd, name)
+                    if linked:
+                        by_inode[est.st_ino] = node.id
+                    files += 1
+                    if fmt == s_ifreg:
+                        data += est.st_size
+                node.dentries.append((dir_id, name))
+                kids[name] = node.id
+                if fmt == s_ifdir:
+                    children[node.id] = {}
+                    subdirs.append((node.id, prefix + name, relprefix + name))
+                if on_entry is not None and files % 256 == 0:
+                    on_entry(files, data)
+        finally:
+            os.close(dfd)
         stack.extend(reversed(subdirs))
+    tree.files, tree.data_bytes = files, data
+    if on_entry is not None:
+        on_entry(files, data)
     return tree
 
 
@@ -294,6 +374,105 @@ def open_file(path: bytes) -> int:
         return os.open(path, flags | os.O_NOATIME)
     except PermissionError:
         return os.open(path, flags)
+
+
+def _hash_file(path: bytes, size: int, buf: bytearray) -> tuple[bytes, int]:
+    """(XXH3-128 of the content, btrfs flags) of one regular file of ``size`` bytes."""
+    try:
+        fd = open_file(path)
+    except OSError as exc:
+        raise BtrdeltaError(f"cannot read file: {exc.strerror}", path=path) from exc
+    try:
+        flags = btrfs_flags(fd)
+        if size <= _WHOLE:
+            data = os.read(fd, size + 1) if size else b""
+            if len(data) != size:
+                raise BtrdeltaError("file changed while sending (size differs)", path=path)
+            return xxhash.xxh3_128_digest(data), flags
+        h = xxhash.xxh3_128()
+        view = memoryview(buf)
+        pos = 0
+        while pos < size:
+            n = os.preadv(fd, [view], pos)
+            if n <= 0:
+                break
+            h.update(view[: min(n, size - pos)])
+            pos += n
+        if pos != size or os.pread(fd, 1, size):
+            raise BtrdeltaError("file changed while sending (size differs)", path=path)
+        return h.digest(), flags
+    finally:
+        os.close(fd)
+
+
+def hash_contents(
+    trees: Sequence[Tree],
+    *,
+    workers: int | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> int:
+    """Read every regular file of ``trees`` once and fill in ``digest`` and ``flags``.
+
+    Files are hashed in batches by a pool of ``workers`` threads (default: the CPU count,
+    at most 4); reads release the GIL, so the work spreads over cores.
+
+    Args:
+        trees: trees from :func:`scan_tree` (already hashed ones are skipped).
+        workers: thread count.
+        on_bytes: called in the calling thread with the total bytes hashed so far.
+
+    Returns:
+        The number of bytes read.
+
+    Raises:
+        BtrdeltaError: a file cannot be read or changed size since the scan.
+    """
+    jobs: list[tuple[Node, bytes]] = []
+    for tree in trees:
+        if tree.hashed:
+            continue
+        jobs.extend((n, tree.root + b"/" + n.path) for n in tree.nodes.values() if n.is_reg)
+    # big files first, so one late big file does not leave a core idle at the end
+    jobs.sort(key=lambda j: -j[0].size)
+    local = threading.local()
+
+    def run(batch: list[tuple[Node, bytes]]) -> int:
+        buf = getattr(local, "buf", None)
+        if buf is None:
+            buf = local.buf = bytearray(_WHOLE)
+        total = 0
+        for node, path in batch:
+            node.digest, node.flags = _hash_file(path, node.size, buf)
+            total += node.size
+        return total
+
+    batches: list[list[tuple[Node, bytes]]] = []
+    cur: list[tuple[Node, bytes]] = []
+    cur_bytes = 0
+    for job in jobs:
+        cur.append(job)
+        cur_bytes += job[0].size + 16384
+        if cur_bytes >= (8 << 20) or len(cur) >= 256:
+            batches.append(cur)
+            cur, cur_bytes = [], 0
+    if cur:
+        batches.append(cur)
+    n_workers = workers or min(4, os.cpu_count() or 1)
+    done = 0
+    if n_workers <= 1 or len(batches) <= 1:
+        for batch in batches:
+            done += run(batch)
+            if on_bytes is not None:
+                on_bytes(done)
+    else:
+        with ThreadPoolExecutor(n_workers, thread_name_prefix="btrdelta-hash") as pool:
+            for n in pool.map(run, batches):
+                done += n
+                if on_bytes is not None:
+                    on_bytes(done)
+    for tree in trees:
+        tree.hashed = True
+    return done
 
 
 def data_segments(fd: int, size: int) -> list[tuple[int, int]]:
