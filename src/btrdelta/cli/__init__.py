@@ -36,8 +36,9 @@ def _command_modules() -> list[str]:
     return sorted(names)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every subcommand registered."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser with every subcommand registered (or just ``only``, when a
+    module ``<only>_cmd`` registers it: saves importing every command on each run)."""
     parser = argparse.ArgumentParser(
         prog="btrdelta",
         description=(
@@ -52,7 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", help="show a Python traceback on errors"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _command_modules():
+    names = _command_modules()
+    if only is not None and f"{only.replace('-', '_')}_cmd" in names:
+        first = f"{only.replace('-', '_')}_cmd"
+        importlib.import_module(f"{__name__}.{first}").add_parser(sub)
+        if only in sub.choices:
+            return parser
+        names.remove(first)
+    for name in names:
         module = importlib.import_module(f"{__name__}.{name}")
         module.add_parser(sub)
     return parser
@@ -60,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (only ``__main__`` calls ``sys.exit``)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(next((w for w in words if not w.startswith("-")), None))
+    args = parser.parse_args(words)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
