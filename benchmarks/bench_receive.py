@@ -43,7 +43,7 @@ def _timed(cmd: list[str]) -> tuple[float, int]:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _pid, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - t0
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
     if proc.stderr:
         proc.stderr.close()
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -134,7 +134,7 @@ def _receive_pair(kind: str, full: Path, incr: Path | None, dests: dict[str, Pat
         d = dests[tool] / f"{kind}-{round_}"
         d.mkdir()
         if incr is not None:
-            subprocess.run(mk(full, d), check=True, capture_output=True)
+            _timed(mk(full, d))
             sh("sync")
             results[tool] = _timed(mk(incr, d))
         else:

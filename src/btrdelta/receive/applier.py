@@ -32,7 +32,6 @@ import errno
 import os
 import shutil
 import stat
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +69,7 @@ from ..stream.records import (
     Write,
 )
 from . import subvol as sv
+from .copy import copy_range, copy_tree, write_zeros
 from .encoded import decode_extent
 from .registry import Registry, RegistryEntry
 from .sandbox import Sandbox, check_name, split_path
@@ -79,8 +79,6 @@ __all__ = ["Applier", "ReceivedSubvol", "find_parent", "find_subvolume"]
 #: largest decompressed extent accepted from an ENCODED_WRITE (the kernel uses 128 KiB)
 MAX_UNENCODED = 8 << 20
 _WRITE_FLAGS = os.O_WRONLY
-_FALLOC_PUNCH = 0x02 | 0x01  # PUNCH_HOLE | KEEP_SIZE
-_ZEROS = bytes(1 << 20)
 _TMP_PREFIX = ".btrdelta-tmp-"
 _FALLBACK_ERRNOS = (errno.ENOTTY, errno.EINVAL, errno.ENOSPC, errno.EOPNOTSUPP, errno.EXDEV,
                     errno.EPERM)
@@ -346,7 +344,7 @@ class Applier:
                 finally:
                     os.close(pfd)
             else:
-                _copy_tree(parent, self.dest / os.fsdecode(tmp))
+                copy_tree(parent, self.dest / os.fsdecode(tmp))
             cur.sandbox = Sandbox.open(tmp, dir_fd=self._dest_fd)
         self._cur = cur
 
@@ -648,7 +646,7 @@ class Applier:
             except OSError as exc:
                 if exc.errno not in _FALLBACK_ERRNOS:
                     raise
-            _copy_range(src, rec.clone_offset, dst, rec.offset, rec.length)
+            copy_range(src, rec.clone_offset, dst, rec.offset, rec.length)
         finally:
             os.close(src)
 
@@ -674,7 +672,7 @@ class Applier:
                 raise
             if rec.mode & 0x02:  # punch hole: write zeros inside the current size
                 end = min(rec.offset + rec.size, os.fstat(fd).st_size)
-                _write_zeros(fd, rec.offset, end - rec.offset)
+                write_zeros(fd, rec.offset, end - rec.offset)
             elif rec.mode == 0:
                 os.posix_fallocate(fd, rec.offset, rec.size)
             else:
@@ -792,57 +790,3 @@ class Applier:
             return
         fd, name = self._sb.parent(rec.path)
         os.utime(name, ns=times, dir_fd=fd, follow_symlinks=False)
-
-
-def _write_zeros(fd: int, offset: int, length: int) -> None:
-    while length > 0:
-        n = os.pwrite(fd, memoryview(_ZEROS)[: min(length, len(_ZEROS))], offset)
-        offset += n
-        length -= n
-
-
-def _copy_range(src: int, src_off: int, dst: int, dst_off: int, length: int) -> None:
-    """Copy a byte range between files in the kernel, keeping holes of the source."""
-    end = src_off + length
-    pos = src_off
-    while pos < end:
-        try:
-            data = os.lseek(src, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno != errno.ENXIO:  # ENXIO: only a hole up to EOF
-                raise
-            data = end
-        data = min(data, end)
-        if data > pos:  # a hole in the source: make the destination range a hole too
-            hole_dst = dst_off + (pos - src_off)
-            size = os.fstat(dst).st_size
-            try:
-                if hole_dst < size:
-                    sv.fallocate(dst, _FALLOC_PUNCH, hole_dst, min(data - pos, size - hole_dst))
-            except OSError:
-                _write_zeros(dst, hole_dst, min(data - pos, size - hole_dst))
-            if dst_off + (data - src_off) > size:
-                os.ftruncate(dst, dst_off + (data - src_off))
-            pos = data
-            if pos >= end:
-                break
-        hole = min(os.lseek(src, pos, os.SEEK_HOLE), end)
-        while pos < hole:
-            n = os.copy_file_range(src, dst, hole - pos, pos, dst_off + (pos - src_off))
-            if n == 0:
-                return
-            pos += n
-
-
-def _copy_tree(src: Path, dst: Path) -> None:
-    """Copy a received directory for an incremental stream (reflinks where possible)."""
-    proc = subprocess.run(
-        ["cp", "-a", "--reflink=auto", "--no-target-directory", "--", str(src), str(dst)],
-        capture_output=True, check=False,
-    )
-    if proc.returncode != 0:
-        shutil.rmtree(dst, ignore_errors=True)
-        raise ApplyError(
-            f"copying parent {src} failed: {proc.stderr.decode(errors='replace').strip()}",
-            op="snapshot",
-        )
