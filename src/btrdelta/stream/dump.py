@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..errors import StreamFormatError
+from .reader import _speedups
 from .records import (
     RECORD_TYPES,
     Chmod,
@@ -179,6 +180,12 @@ class TextDumper:
                 append(f"{title}{shown}{_SPACES[pad] if pad > 1 else ' '}{args}\n")
         return "".join(out)
 
+    _render_py = render  # the reference; the C renderer hands it what it does not render
+
+    def _render_c(self, recs: Iterable[Record]) -> str:
+        """:meth:`render` by ``_speedups.render_dump`` (byte-identical)."""
+        return _speedups.render_dump(recs, self)  # type: ignore[no-any-return]
+
     # commands that use the dumper's state
 
     def _subvol(self, r: Subvol) -> str:
@@ -214,6 +221,8 @@ class TextDumper:
 
 
 _SPACES = [" " * n for n in range(33)]
+if _speedups is not None:
+    TextDumper.render = TextDumper._render_c  # type: ignore[method-assign]
 
 
 def _none(r: Any) -> None:

@@ -19,8 +19,11 @@ could start (right after END), as in btrfs-progs.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import os
 import struct
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Literal
@@ -30,15 +33,19 @@ import crc32c as _crc32c
 from ..errors import BtrdeltaError, ChecksumError, StreamFormatError
 from .codec import _FAST, _HDR6, _ZERO_CRC, decode_payload_fast, decode_stream_header
 from .constants import (
+    ATTR_KIND,
     CMD_HEADER,
     CMD_HEADER_SIZE,
+    COMMAND_SPECS,
     MAX_CMD,
     MAX_PAYLOAD,
     STREAM_HEADER_SIZE,
     SUPPORTED_VERSIONS,
+    Attr,
     Cmd,
+    Kind,
 )
-from .records import End, Record
+from .records import RECORD_TYPES, End, Record
 
 __all__ = ["EOF", "NEED_DATA", "Event", "StreamHeader", "StreamParser", "StreamReader"]
 
@@ -206,7 +213,27 @@ class StreamParser:
             self._decode_batch(batch)
         return batch
 
-    def _decode_batch(self, ready: list[Event]) -> None:
+    def _decode_batch_c(self, ready: list[Event]) -> None:
+        """:meth:`_decode_batch_py` done by ``_speedups.decode_batch`` (same contract)."""
+        cur = self._cur
+        start = self._pos
+        recs, pos, hit_end = _speedups.decode_batch(
+            cur, start, len(cur), self.version, self.verify_crc
+        )
+        n = pos - start
+        if n:
+            ready += recs
+            self.index += len(recs)
+            if hit_end:
+                self._expect_header = True
+            self._pos = pos
+            self._avail -= n
+            self._consumed += n
+            if pos >= len(cur) and self._chunks:
+                self._cur = self._chunks.pop(0)
+                self._pos = 0
+
+    def _decode_batch_py(self, ready: list[Event]) -> None:
         """Decode every complete, well-formed command in the current buffer at once.
 
         This is the hot loop: locals only, kernel-order fast decoders, CRC over views. It
@@ -262,6 +289,9 @@ class StreamParser:
             if self._pos >= len(cur) and self._chunks:
                 self._cur = self._chunks.pop(0)
                 self._pos = 0
+
+    #: the live batch decoder (replaced by _decode_batch_c when the accelerator is importable)
+    _decode_batch = _decode_batch_py
 
     def next_event(self) -> Event | Literal[Sentinel.NEED_DATA, Sentinel.EOF]:
         """Return the next header or record, ``NEED_DATA`` or ``EOF``.
@@ -373,6 +403,51 @@ class StreamParser:
             if ev is NEED_DATA or ev is EOF:
                 return
             yield ev
+
+
+# --- optional C accelerator ---------------------------------------------------------------
+#
+# dulwich-style: the Python code above stays the reference; ``_speedups`` (C, built when a
+# compiler is present) replaces the batch loop when importable, unless BTRDELTA_PURE_PYTHON=1.
+# It gets the decoding plan from COMMAND_SPECS, the same rules as codec._gen_fast_decoder.
+
+_KIND_CODE = {Kind.U8: 0, Kind.U32: 1, Kind.U64: 2, Kind.UUID: 3, Kind.TIMESPEC: 4,
+              Kind.BYTES: 5, Kind.DATA: 6}
+
+
+def _speedups_plan() -> tuple[Any, ...]:
+    """``configure()`` arguments: per command, the kernel-order fields fast decoders accept."""
+    commands: list[Any] = [None] * (max(COMMAND_SPECS) + 1)
+    for cmd, spec in COMMAND_SPECS.items():
+        cls = RECORD_TYPES[cmd]
+        order = [f.name for f in dataclasses.fields(cls)]
+        plans = [
+            tuple(
+                (int(f.attr), _KIND_CODE[ATTR_KIND[f.attr]], order.index(f.name))
+                for f in spec.fields
+                if not f.optional or (v2 and f.attr in (Attr.OTIME, Attr.ENCRYPTION))
+            )
+            for v2 in (False, True)
+        ]
+        commands[cmd] = (cls, len(order), *plans)
+    limits = ((0, 0), *((int(MAX_CMD[v]), MAX_PAYLOAD[v]) for v in SUPPORTED_VERSIONS))
+    return uuid.UUID, tuple(commands), limits, int(Cmd.END)
+
+
+def _load_speedups() -> Any:
+    if os.environ.get("BTRDELTA_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from . import _speedups as mod
+    except ImportError:
+        return None
+    mod.configure(*_speedups_plan())
+    return mod
+
+
+_speedups: Any = _load_speedups()
+if _speedups is not None:
+    StreamParser._decode_batch = StreamParser._decode_batch_c
 
 
 class StreamReader:
