@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import random
+from concurrent.futures import ThreadPoolExecutor
 
+import blake3
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from btrdelta.chunk.chunker import ChunkerParams, chunk_digest, iter_chunks, map_file
+from btrdelta.chunk.chunker import (
+    ChunkerParams,
+    chunk_digest,
+    hash_chunks,
+    iter_chunks,
+    map_file,
+)
 from btrdelta.errors import StreamFormatError
 
 SMALL = ChunkerParams(min_size=64, avg_size=256, max_size=1024)
@@ -60,3 +68,24 @@ def test_map_file_matches_buffer(tmp_path) -> None:  # type: ignore[no-untyped-d
 def test_bad_params_rejected(mn: int, avg: int, mx: int) -> None:
     with pytest.raises(StreamFormatError):
         ChunkerParams(mn, avg, mx).validate()
+
+
+_POOL = ThreadPoolExecutor(1)
+
+
+@given(st.integers(0, 2**32), st.integers(0, 40_000), st.sampled_from([4096, 5000, 1 << 20]),
+       st.booleans())
+def test_windowed_hashing_equals_whole_buffer_cut(
+    seed: int, size: int, window: int, threaded: bool
+) -> None:
+    # low-entropy data so that some cuts are forced at max_size, others content-defined
+    rng = random.Random(seed)
+    data = bytes(rng.choice(b"\0\0\0ab") for _ in range(size // 4)) + rng.randbytes(size)
+    oracle = [(o, blake3.blake3(bytes(v)).digest(), len(v)) for o, v in iter_chunks(data, SMALL)]
+    batches = list(hash_chunks(data, SMALL, window=window, pool=_POOL if threaded else None))
+    got = [(o, d, len(v)) for b in batches
+           for o, v, d in zip(b.offsets, b.views, b.digests, strict=True)]
+    assert got == oracle
+    if len(data) > 4 * window:
+        assert len(batches) > 1  # the windows really split the input
+    assert all(b.end == b.offsets[-1] + len(b.views[-1]) for b in batches)

@@ -3,9 +3,14 @@
 This module owns the chunker parameters and how a buffer or a file becomes a sequence of
 ``(offset, length, digest)`` chunk references. It knows nothing of archives or stores.
 
-Strategy: a file is ``mmap``-ed once and cut with ``FastCDC.cut_buf``; every chunk is a
-``memoryview`` into the map, hashed by the C BLAKE3 implementation. No byte is copied in
-Python. Block devices work too (their size comes from ``lseek(SEEK_END)``).
+Strategy: a file is ``mmap``-ed once (``MADV_SEQUENTIAL``) and cut window by window with
+``FastCDC.cut_buf`` (the cut loop runs without the GIL); every chunk is a ``memoryview``
+into the map, hashed by the C BLAKE3 implementation. No byte is copied in Python.
+:func:`hash_chunks` hashes each chunk right after it is cut (while it is still in the CPU
+cache) on one core, or hands each window's chunks to a worker thread (BLAKE3 releases the
+GIL too), so cutting and hashing overlap on two cores. A window ends one chunk early and
+the next window starts at that chunk, so windows cut exactly like the whole buffer. Block
+devices work too (their size comes from ``lseek(SEEK_END)``).
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 import blake3
@@ -23,15 +30,20 @@ from ..errors import StreamFormatError
 
 __all__ = [
     "DIGEST_SIZE",
+    "ChunkBatch",
     "ChunkRef",
     "ChunkerParams",
     "chunk_digest",
+    "hash_chunks",
     "iter_chunks",
     "map_file",
 ]
 
 #: Bytes in a chunk id (BLAKE3-256).
 DIGEST_SIZE = 32
+
+#: Bytes cut per window by :func:`hash_chunks` (raised to at least 4 max-size chunks).
+WINDOW_SIZE = 16 << 20
 
 # pyfastcdc's accepted ranges (FastCDC 2020)
 _MIN_RANGE = (64, 1 << 20)
@@ -125,6 +137,96 @@ def iter_chunks(
         return
     for chunk in params.make().cut_buf(buf):
         yield chunk.offset, chunk.data
+
+
+@dataclass(slots=True)
+class ChunkBatch:
+    """Consecutive chunks of one input, in input order.
+
+    Attributes:
+        offsets: input offset of each chunk.
+        views: each chunk's bytes (views into the input: valid while it is).
+        digests: each chunk's id (:func:`chunk_digest`).
+    """
+
+    offsets: list[int]
+    views: list[memoryview]
+    digests: list[bytes]
+
+    @property
+    def end(self) -> int:
+        """Input offset just past the batch's last chunk."""
+        return self.offsets[-1] + len(self.views[-1]) if self.offsets else 0
+
+
+def _digests(views: list[memoryview]) -> list[bytes]:
+    new = blake3.blake3
+    return [new(v).digest() for v in views]
+
+
+def hash_chunks(
+    buf: bytes | bytearray | memoryview,
+    params: ChunkerParams,
+    *,
+    pool: Executor | None = None,
+    window: int = WINDOW_SIZE,
+) -> Iterator[ChunkBatch]:
+    """Cut ``buf`` into content-defined chunks and hash them, one window at a time.
+
+    The chunks are exactly those of :func:`iter_chunks` on the whole buffer.
+
+    Args:
+        buf: the whole input (a :func:`map_file` view for files).
+        params: chunker parameters.
+        pool: when given, each window's chunks are hashed by a task on this executor while
+            the calling thread cuts the next window (two cores); otherwise the calling
+            thread hashes each chunk right after cutting it (one core).
+        window: bytes cut per batch.
+
+    Yields:
+        Batches of consecutive chunks covering ``buf`` in order.
+    """
+    mv = memoryview(buf)
+    size = len(mv)
+    window = max(window, 4 * params.max_size)
+    cutter = params.make()
+    new = blake3.blake3
+    pending: deque[tuple[list[int], list[memoryview], Future[list[bytes]]]] = deque()
+    pos = 0
+    while pos < size:
+        end = min(size, pos + window)
+        offsets: list[int] = []
+        views: list[memoryview] = []
+        digests: list[bytes] = []
+        if pool is None:
+            prev: memoryview | None = None
+            for chunk in cutter.cut_buf(mv[pos:end]):
+                if prev is not None:  # hash one behind: the last chunk may be re-cut
+                    digests.append(new(prev).digest())
+                prev = chunk.data
+                offsets.append(pos + chunk.offset)
+                views.append(prev)
+            if end == size and prev is not None:
+                digests.append(new(prev).digest())
+        else:
+            for chunk in cutter.cut_buf(mv[pos:end]):
+                offsets.append(pos + chunk.offset)
+                views.append(chunk.data)
+        if end < size:  # the window's last cut is not content-defined: cut it again
+            pos = offsets.pop()
+            views.pop()
+        else:
+            pos = end
+        if pool is None:
+            yield ChunkBatch(offsets, views, digests)
+            continue
+        pending.append((offsets, views, pool.submit(_digests, views)))
+        if len(pending) > 2:
+            o, v, fut = pending.popleft()
+            yield ChunkBatch(o, v, fut.result())
+    while pending:
+        o, v, fut = pending.popleft()
+        yield ChunkBatch(o, v, fut.result())
 
 
 @contextlib.contextmanager

@@ -1,8 +1,10 @@
 """Build a chunk archive from an image: chunk, hash, compress each distinct chunk once.
 
-Strategy: the calling thread maps the image and cuts it (FastCDC + BLAKE3, both C, the
-GIL released for large buffers); each new chunk is handed to a thread pool that compresses
-it with zstd (``zstandard`` releases the GIL), so both cores work. Compressed chunks are
+Strategy: the calling thread maps the image and cuts it (FastCDC, C, without the GIL); a
+hashing thread computes each window's chunk ids (BLAKE3, GIL released) while the next
+window is cut, and another hashes the whole image for its digest; each new chunk goes to
+a thread pool that compresses it with zstd (``zstandard`` releases the GIL), so both cores
+work. Compressed chunks are
 written in first-seen order right after a placeholder header; the index follows the data
 and the real header is written last, so the archive is produced in one pass without a
 temporary copy.
@@ -31,7 +33,7 @@ from .archive import (
     sign,
     with_index_digest,
 )
-from .chunker import ChunkerParams, chunk_digest, iter_chunks, map_file
+from .chunker import ChunkBatch, ChunkerParams, hash_chunks, map_file
 
 __all__ = ["CompressReport", "compress_image"]
 
@@ -44,6 +46,10 @@ class CompressReport:
     archive_size: int
     distinct_bytes: int
     compressed_bytes: int
+
+
+def _digest(view: memoryview) -> bytes:
+    return blake3.blake3(view).digest()
 
 
 def compress_image(
@@ -80,7 +86,6 @@ def compress_image(
     seen: dict[bytes, int] = {}
     digests: list[bytes] = []
     raw_sizes, comp_sizes, offsets, order = array("I"), array("I"), array("Q"), array("I")
-    image_hash = blake3.blake3()
     out.write(b"\0" * HEADER_SIZE)
     pos = HEADER_SIZE
     pending: deque[Future[bytes]] = deque()
@@ -94,12 +99,8 @@ def compress_image(
             comp_sizes.append(len(blob))
             pos += len(blob)
 
-    with map_file(image) as view, ThreadPoolExecutor(workers) as pool:
-        size = len(view)
-        data = memoryview(b"")
-        for offset, data in iter_chunks(view, params):
-            image_hash.update(data)
-            digest = chunk_digest(data)
+    def take(batch: ChunkBatch) -> None:
+        for data, digest in zip(batch.views, batch.digests, strict=True):
             entry = seen.get(digest)
             if entry is None:
                 entry = seen[digest] = len(digests)
@@ -108,15 +109,30 @@ def compress_image(
                 pending.append(pool.submit(compress, data))
                 drain(4 * workers)
             order.append(entry)
+
+    def cut_all(view: memoryview, hashers: ThreadPoolExecutor) -> None:
+        # a function of its own so that no chunk view outlives it (and the map)
+        for batch in hash_chunks(view, params, pool=hashers):
+            take(batch)
             if on_progress is not None:
-                on_progress(offset + len(data), size)
+                on_progress(batch.end, len(view))
+
+    with (
+        map_file(image) as view,
+        ThreadPoolExecutor(workers, thread_name_prefix="zstd") as pool,
+        ThreadPoolExecutor(2, thread_name_prefix="blake3") as hashers,
+    ):
+        size = len(view)
+        # the whole-image digest is one more pass over the map, on its own thread
+        image_digest = hashers.submit(_digest, view)
+        cut_all(view, hashers)
         drain(0)
-        del data  # the last chunk view must not outlive the map
+        image_hash = image_digest.result()
     index = encode_index(digests, offsets, comp_sizes, raw_sizes, order)
     header = with_index_digest(
         ArchiveHeader(
             params=params, image_size=size, chunk_count=len(digests), order_count=len(order),
-            index_offset=pos, image_digest=image_hash.digest(), signed=key is not None,
+            index_offset=pos, image_digest=image_hash, signed=key is not None,
         ),
         index,
     )
