@@ -51,7 +51,7 @@ from ..stream.records import (
 )
 from .diff import Match, changed_ranges, files_equal, match_trees
 from .order import Namespace, order_namespace
-from .scan import ROOT, Node, Tree, data_segments, hash_contents, open_file, scan_tree
+from .scan import ROOT, ContentHasher, Node, Tree, data_segments, open_file, scan_tree
 
 __all__ = ["COMPRESSORS", "SendStats", "Sender"]
 
@@ -148,13 +148,23 @@ class Sender:
         base = os.path.basename(self.new_dir.rstrip(b"/")) or b"subvol"
         self.name = name if name is not None else base
         self._read = 0
-        self.new = self._scan(self.new_dir)
-        self.old = self._scan(self.parent_dir) if self.parent_dir is not None else None
+        # hashing one tree overlaps with scanning the next
+        self._hasher = ContentHasher(workers)
+        try:
+            self.old = self._scan(self.parent_dir) if self.parent_dir is not None else None
+            if self.old is not None:
+                self._hasher.submit(self.old)
+            self.new = self._scan(self.new_dir)
+            self._hasher.submit(self.new)
+        except BaseException:
+            self._hasher.close()
+            raise
         # a full send is an incremental one from a tree that holds only the root directory
         self._base = self.old if self.old is not None else Tree(
             self.new_dir, {ROOT: self.new.nodes[ROOT]}, {ROOT: {}}
         )
         self._base.hashed = self.old is None or self._base.hashed
+        self._hasher.submit(self._base)
         self._hashed = 0
 
     # -- progress ------------------------------------------------------------------------
@@ -202,7 +212,7 @@ class Sender:
             self.stats.bytes_read = self._read + n
             self._progress()
 
-        hash_contents([self._base, self.new], workers=self.workers, on_bytes=on_bytes)
+        self._hasher.wait(on_bytes)
         self.stats.phase = "match"
         self._progress()
         match = match_trees(old, self.new, quick=self.quick)

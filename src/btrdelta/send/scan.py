@@ -32,7 +32,7 @@ import struct
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import blake3
@@ -42,6 +42,7 @@ from ..errors import BtrdeltaError
 
 __all__ = [
     "ROOT",
+    "ContentHasher",
     "Node",
     "Tree",
     "btrfs_flags",
@@ -405,6 +406,79 @@ def _hash_file(path: bytes, size: int, buf: bytearray) -> tuple[bytes, int]:
         os.close(fd)
 
 
+class ContentHasher:
+    """Reads and hashes the regular files of trees in a thread pool, while the caller goes on.
+
+    :meth:`submit` queues a scanned tree (so hashing the old tree overlaps with scanning the
+    new one), :meth:`wait` finishes. Files go to the workers in batches (big files first);
+    reads release the GIL, so the work spreads over cores.
+
+    Args:
+        workers: thread count (default: the CPU count, at most 4).
+    """
+
+    def __init__(self, workers: int | None = None) -> None:
+        self.workers = workers or min(4, os.cpu_count() or 1)
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="btrdelta-hash")
+        self._local = threading.local()
+        self._futures: list[Future[int]] = []
+        self._trees: list[Tree] = []
+
+    def _run(self, batch: list[tuple[Node, bytes]]) -> int:
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = bytearray(_WHOLE)
+        total = 0
+        for node, path in batch:
+            node.digest, node.flags = _hash_file(path, node.size, buf)
+            total += node.size
+        return total
+
+    def submit(self, tree: Tree) -> None:
+        """Queue every regular file of ``tree`` (no-op for a hashed or queued tree)."""
+        if tree.hashed or any(t is tree for t in self._trees):
+            return
+        self._trees.append(tree)
+        jobs = [(n, tree.root + b"/" + n.path) for n in tree.nodes.values() if n.is_reg]
+        jobs.sort(key=lambda j: -j[0].size)
+        cur: list[tuple[Node, bytes]] = []
+        cur_bytes = 0
+        for job in jobs:
+            cur.append(job)
+            cur_bytes += job[0].size + 16384
+            if cur_bytes >= (8 << 20) or len(cur) >= 256:
+                self._futures.append(self._pool.submit(self._run, cur))
+                cur, cur_bytes = [], 0
+        if cur:
+            self._futures.append(self._pool.submit(self._run, cur))
+
+    def wait(self, on_bytes: Callable[[int], None] | None = None) -> int:
+        """Wait for every queued file; returns the bytes read.
+
+        Args:
+            on_bytes: called with the total bytes hashed so far, as batches finish.
+
+        Raises:
+            BtrdeltaError: a file cannot be read or changed size since the scan.
+        """
+        done = 0
+        try:
+            for fut in self._futures:
+                done += fut.result()
+                if on_bytes is not None:
+                    on_bytes(done)
+        finally:
+            self.close()
+        for tree in self._trees:
+            tree.hashed = True
+        return done
+
+
+    def close(self) -> None:
+        """Drop queued work and stop the threads (after an error elsewhere)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def hash_contents(
     trees: Sequence[Tree],
     *,
@@ -413,12 +487,9 @@ def hash_contents(
 ) -> int:
     """Read every regular file of ``trees`` once and fill in ``digest`` and ``flags``.
 
-    Files are hashed in batches by a pool of ``workers`` threads (default: the CPU count,
-    at most 4); reads release the GIL, so the work spreads over cores.
-
     Args:
         trees: trees from :func:`scan_tree` (already hashed ones are skipped).
-        workers: thread count.
+        workers: thread count (see :class:`ContentHasher`).
         on_bytes: called in the calling thread with the total bytes hashed so far.
 
     Returns:
@@ -427,52 +498,10 @@ def hash_contents(
     Raises:
         BtrdeltaError: a file cannot be read or changed size since the scan.
     """
-    jobs: list[tuple[Node, bytes]] = []
+    hasher = ContentHasher(workers)
     for tree in trees:
-        if tree.hashed:
-            continue
-        jobs.extend((n, tree.root + b"/" + n.path) for n in tree.nodes.values() if n.is_reg)
-    # big files first, so one late big file does not leave a core idle at the end
-    jobs.sort(key=lambda j: -j[0].size)
-    local = threading.local()
-
-    def run(batch: list[tuple[Node, bytes]]) -> int:
-        buf = getattr(local, "buf", None)
-        if buf is None:
-            buf = local.buf = bytearray(_WHOLE)
-        total = 0
-        for node, path in batch:
-            node.digest, node.flags = _hash_file(path, node.size, buf)
-            total += node.size
-        return total
-
-    batches: list[list[tuple[Node, bytes]]] = []
-    cur: list[tuple[Node, bytes]] = []
-    cur_bytes = 0
-    for job in jobs:
-        cur.append(job)
-        cur_bytes += job[0].size + 16384
-        if cur_bytes >= (8 << 20) or len(cur) >= 256:
-            batches.append(cur)
-            cur, cur_bytes = [], 0
-    if cur:
-        batches.append(cur)
-    n_workers = workers or min(4, os.cpu_count() or 1)
-    done = 0
-    if n_workers <= 1 or len(batches) <= 1:
-        for batch in batches:
-            done += run(batch)
-            if on_bytes is not None:
-                on_bytes(done)
-    else:
-        with ThreadPoolExecutor(n_workers, thread_name_prefix="btrdelta-hash") as pool:
-            for n in pool.map(run, batches):
-                done += n
-                if on_bytes is not None:
-                    on_bytes(done)
-    for tree in trees:
-        tree.hashed = True
-    return done
+        hasher.submit(tree)
+    return hasher.wait(on_bytes)
 
 
 def data_segments(fd: int, size: int) -> list[tuple[int, int]]:
