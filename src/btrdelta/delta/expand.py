@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import crc32c
 import zstandard
 
 from ..errors import BtrdeltaError, ChecksumError, StreamFormatError
@@ -35,6 +36,8 @@ from ..stream.reader import Event, StreamHeader
 from .codecs import get_codec
 from .format import (
     DELTA_MAGIC,
+    INNER_RECORDS,
+    SAME_CODEC,
     BtrfsCommand,
     DeltaEnd,
     DeltaItem,
@@ -42,13 +45,16 @@ from .format import (
     HashAlgo,
     Patch,
     PatchData,
+    PEncoded,
     PWrite,
     StreamStart,
     ZCommands,
+    decode_item,
     is_delta_stream,
     iter_items,
 )
 from .oldfiles import digest, hasher, read_old_file
+from .recompress import compress_extent
 
 __all__ = [
     "DEFAULT_MAX_FILE_SIZE",
@@ -127,10 +133,14 @@ class _Expander:
             raise self.fail(f"ZCMDS carrier is corrupt: {exc}") from exc
         if got != item.raw_len:
             raise self.fail(f"ZCMDS inflates to {got} bytes, declares {item.raw_len}")
-        return b"".join(out)
+        raw = b"".join(out)
+        if item.crc is not None and crc32c.crc32c(raw) != item.crc:
+            raise self.fail("", ChecksumError("CRC32C mismatch of a ZCMDS record's content"))
+        return raw
 
-    def split(self, raw: bytes) -> Iterator[tuple[int, memoryview]]:
-        """Whole btrfs commands in ``raw`` (CRC-checked)."""
+    def split(self, raw: bytes, crc_checked: bool = False) -> Iterator[DeltaItem]:
+        """Whole records in inflated carrier bytes: btrfs commands (CRC-checked) and, when
+        the carrier's content CRC was checked (format 2), delta records with a zero CRC."""
         if not self.version:
             raise self.fail("btrfs commands before any STREAM record")
         mv = memoryview(raw)
@@ -141,11 +151,20 @@ class _Expander:
                 raise self.fail("carried commands end inside a command header")
             length, cmd, crc = CMD_HEADER.unpack_from(mv, pos)
             end = pos + CMD_HEADER_SIZE + length
+            if crc_checked and cmd in INNER_RECORDS:
+                if crc != 0 or end > len(mv):
+                    raise self.fail(f"carried delta record {cmd} is invalid")
+                try:
+                    yield decode_item(cmd, mv, pos + CMD_HEADER_SIZE, end)
+                except BtrdeltaError as exc:
+                    raise self.fail("", exc) from None
+                pos = end
+                continue
             if not 0 < cmd <= _MAX_CMD or length > limit or end > len(mv):
                 raise self.fail(f"carried command {cmd} of length {length} is invalid")
             if command_crc(length, cmd, mv[pos + CMD_HEADER_SIZE : end]) != crc:
                 raise self.fail("", ChecksumError("CRC32C mismatch in a carried command"))
-            yield cmd, mv[pos:end]
+            yield BtrfsCommand(cmd, mv[pos:end])
             pos = end
 
     # -- patches -----------------------------------------------------------------------
@@ -157,7 +176,10 @@ class _Expander:
             raise self.fail(
                 f"patch sizes {p.old_size}/{p.new_size} exceed the limit {self.max_file_size}"
             )
-        if p.patch_len == 0 or p.patch_len >= p.new_size:
+        if p.codec == SAME_CODEC:
+            if p.patch_len or p.old_size != p.new_size:
+                raise self.fail("a 'same' patch with patch bytes or a size change")
+        elif p.patch_len == 0 or p.patch_len >= p.new_size:
             raise self.fail(f"patch length {p.patch_len} is not below new size {p.new_size}")
         if self.root is None:
             if self.head is None:
@@ -170,6 +192,8 @@ class _Expander:
         self.pending = p
         self.pdata = []
         self.pdata_len = 0
+        if p.data is not None or p.codec == SAME_CODEC:
+            self.finish_patch(p, bytes(p.data) if p.data is not None else b"")
 
     def add_pdata(self, d: PatchData) -> None:
         p = self.pending
@@ -187,12 +211,15 @@ class _Expander:
         self.pdata = []
         assert self.root is not None
         try:
-            codec = get_codec(p.codec)
             old = read_old_file(
                 self.root, p.base_path, expected_size=p.old_size, max_size=self.max_file_size,
                 algo=p.hash_algo, expected_digest=p.old_digest,
             )
             assert old is not None
+            if p.codec == SAME_CODEC:
+                self.active = _Active(p, old)
+                return
+            codec = get_codec(p.codec)
             new = codec.apply(old, patch, new_size=p.new_size)
         except BtrdeltaError as exc:
             raise exc.located(source=self.source, index=self.index, path=p.base_path) from None
@@ -226,37 +253,85 @@ class _Expander:
         if end == len(a.content):
             self.active = None
 
+    def pencoded(self, e: PEncoded) -> tuple[R.EncodedWrite, list[Any]]:
+        """The ENCODED_WRITE a PENC record stands for, and its exact bytes."""
+        a = self.active
+        if a is None:
+            raise self.fail("PENC without a patched content")
+        if a.pos + e.length > len(a.content) or e.length == 0:
+            raise self.fail("PENC runs past the patched content")
+        if self.version < 2:
+            raise self.fail("PENC in a v1 stream (ENCODED_WRITE needs v2)")
+        raw = memoryview(a.content)[a.pos : a.pos + e.length]
+        try:
+            packed = compress_extent(raw, e.compression, e.level)
+        except BtrdeltaError as exc:
+            raise self.fail("", exc) from None
+        if len(packed) > e.disk_len:
+            raise self.fail("", ChecksumError(
+                f"recompressed extent has {len(packed)} bytes, more than {e.disk_len}",
+                path=a.patch.path,
+            ))
+        data = packed + bytes(e.disk_len - len(packed))
+        rec = R.EncodedWrite(
+            a.patch.path, e.offset, e.file_len, e.unencoded_len, e.unencoded_offset,
+            e.compression, memoryview(data), e.encryption,
+        )
+        try:
+            pieces = encode_record(rec, self.version)
+        except BtrdeltaError as exc:
+            raise self.fail("", exc) from None
+        if CMD_HEADER.unpack_from(pieces[0])[2] != e.crc:
+            raise self.fail("", ChecksumError(
+                "recompressed extent differs from the original (another zstd/zlib build?)",
+                path=a.patch.path,
+            ))
+        a.pos += e.length
+        if a.pos == len(a.content):
+            self.active = None
+        return rec, pieces
+
     # -- driver ------------------------------------------------------------------------
 
     def run(self, items: Iterable[DeltaItem]) -> Iterator[tuple[int, Any, Any]]:
         for item in items:
             self.index += 1
-            cls = type(item)
-            if cls is BtrfsCommand:
-                yield from self.commands([(item.cmd, item.raw)])  # type: ignore[union-attr]
-            elif cls is ZCommands:
-                raw = self.inflate(item)  # type: ignore[arg-type]
-                yield from self.commands(self.split(raw))
-            elif cls is PWrite:
-                for rec in self.pwrite(item):  # type: ignore[arg-type]
-                    yield WRITE, rec, None
-            elif cls is PatchData:
-                self.add_pdata(item)  # type: ignore[arg-type]
-            elif cls is Patch:
-                self.start_patch(item)  # type: ignore[arg-type]
-            elif cls is StreamStart:
-                self.check_idle("STREAM")
-                self.version = item.version  # type: ignore[union-attr]
-                if callable(self.old_root):
-                    self.root = None
-                if self.hash is None:
-                    self.hash = hasher(HashAlgo.BLAKE3)
-                yield HEADER, item.version, None  # type: ignore[union-attr]
-            elif cls is DeltaEnd:
+            if type(item) is DeltaEnd:
                 self.check_idle("DEND")
-                self.check_end(item)  # type: ignore[arg-type]
+                self.check_end(item)
                 return
+            yield from self.handle(item)
         raise self.fail("truncated delta stream (no DEND record)")
+
+    def handle(self, item: DeltaItem, inner: bool = False) -> Iterator[tuple[int, Any, Any]]:
+        """Output items for one delta item (``inner``: it came out of the carrier)."""
+        cls = type(item)
+        if cls is BtrfsCommand:
+            yield from self.commands([(item.cmd, item.raw)])  # type: ignore[union-attr]
+        elif cls is ZCommands and not inner:
+            z: ZCommands = item  # type: ignore[assignment]
+            raw = self.inflate(z)
+            for sub in self.split(raw, crc_checked=z.crc is not None):
+                yield from self.handle(sub, inner=True)
+        elif cls is PWrite:
+            for rec in self.pwrite(item):  # type: ignore[arg-type]
+                yield WRITE, rec, None
+        elif cls is PEncoded:
+            yield WRITE, *self.pencoded(item)  # type: ignore[arg-type]
+        elif cls is PatchData:
+            self.add_pdata(item)  # type: ignore[arg-type]
+        elif cls is Patch:
+            self.start_patch(item)  # type: ignore[arg-type]
+        elif cls is StreamStart and not inner:
+            self.check_idle("STREAM")
+            self.version = item.version  # type: ignore[union-attr]
+            if callable(self.old_root):
+                self.root = None
+            if self.hash is None:
+                self.hash = hasher(HashAlgo.BLAKE3)
+            yield HEADER, item.version, None  # type: ignore[union-attr]
+        else:
+            raise self.fail(f"unexpected {cls.__name__} record")
 
     def check_idle(self, what: str) -> None:
         if self.active is not None or self.pending is not None:
@@ -314,10 +389,13 @@ def expand_items(
             ex.count += 1
             yield kind, pieces, None
         else:
-            try:
-                pieces = encode_record(a, ex.version)
-            except BtrdeltaError as exc:
-                raise ex.fail("", exc) from None
+            if b is not None:
+                pieces = b  # already encoded and checked (PENC)
+            else:
+                try:
+                    pieces = encode_record(a, ex.version)
+                except BtrdeltaError as exc:
+                    raise ex.fail("", exc) from None
             ex.count += 1
             yield kind, pieces, a
         for piece in pieces:

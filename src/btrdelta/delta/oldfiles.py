@@ -24,10 +24,27 @@ _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
+class _Blake3_128:
+    """BLAKE3 with a 16-byte output (the first 16 bytes of its extendable output)."""
+
+    __slots__ = ("_h",)
+
+    def __init__(self) -> None:
+        self._h = blake3.blake3(max_threads=1)
+
+    def update(self, data: Any) -> None:
+        self._h.update(data)
+
+    def digest(self) -> bytes:
+        return bytes(self._h.digest(length=16))
+
+
 def hasher(algo: int) -> Any:
     """A new hash object for ``algo`` (``update``/``digest``)."""
     if algo == HashAlgo.BLAKE3:
         return blake3.blake3(max_threads=1)
+    if algo == HashAlgo.BLAKE3_128:
+        return _Blake3_128()
     if algo == HashAlgo.SHA256:
         return hashlib.sha256()
     raise ValueError(f"unknown hash algorithm {algo}")  # pragma: no cover

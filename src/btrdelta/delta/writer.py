@@ -6,6 +6,12 @@ next piece of a single zstd frame that runs over the whole delta stream (long wi
 long-distance matching), flushed at a block boundary so that every record decompresses on
 its own to whole commands while still referring back to everything before it. With
 ``level=0`` commands are written as they are (uncompressed passthrough).
+
+The patch metadata rides in the same frame (format 2): PWRITE, PENC and PATCH records
+whose patch bytes fit in :data:`INNER_PATCH_MAX` are framed with a zero CRC and carried
+like btrfs commands, so their paths and sizes compress against the btrfs commands around
+them; each ZCMDS record holds the CRC32C of what it inflates to. Larger patches stay
+outside the carrier (PATCH + PDATA), as patches are already compressed.
 """
 
 from __future__ import annotations
@@ -13,17 +19,25 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import crc32c
 import zstandard
 
 from .format import (
     BtrfsCommand,
     DeltaItem,
+    Patch,
+    PatchData,
+    PEncoded,
+    PWrite,
     ZCommands,
     encode_delta_header,
     encode_item,
 )
 
-__all__ = ["DEFAULT_LEVEL", "DEFAULT_WINDOW_LOG", "DeltaWriter"]
+__all__ = ["DEFAULT_LEVEL", "DEFAULT_WINDOW_LOG", "INNER_PATCH_MAX", "DeltaWriter"]
+
+#: largest patch carried inside the zstd carrier (bigger ones: PATCH + PDATA outside)
+INNER_PATCH_MAX = 64 << 10
 
 #: zstd level of the command carrier (``zstd -19``)
 DEFAULT_LEVEL = 19
@@ -91,7 +105,7 @@ class DeltaWriter:
         cobj = self._cobj
         raw = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
         zdata = cobj.compress(raw) + cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
-        item = ZCommands(self._pending_len, memoryview(zdata))
+        item = ZCommands(self._pending_len, memoryview(zdata), crc32c.crc32c(raw))
         self._pending = []
         self._pending_len = 0
         self._emit(encode_item(item))
@@ -100,6 +114,30 @@ class DeltaWriter:
         """Write a delta record (flushes carried commands first, keeping the order)."""
         if isinstance(item, BtrfsCommand):
             self.command(item.raw)
+            return
+        if self._cobj is not None and (
+            isinstance(item, (PWrite, PEncoded))
+            or (isinstance(item, Patch) and (
+                (item.data is not None and len(item.data) <= INNER_PATCH_MAX)
+                or item.patch_len == 0
+            ))
+        ):
+            pieces = encode_item(item, inner=True)
+            for piece in pieces:
+                self._pending.append(piece)
+                self._pending_len += len(piece)
+            self.raw_bytes += sum(len(p) for p in pieces)
+            if self._pending_len >= ZCMDS_TARGET:
+                self.flush()
+            return
+        if isinstance(item, Patch) and item.data is not None:
+            # too big for the carrier: the patch bytes go in PDATA records outside it
+            self.flush()
+            data = item.data
+            item.data = None
+            self._emit(encode_item(item))
+            for i in range(0, len(data), 1 << 20):
+                self._emit(encode_item(PatchData(data[i : i + (1 << 20)])))
             return
         self.flush()
         self._emit(encode_item(item))
