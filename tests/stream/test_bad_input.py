@@ -18,6 +18,9 @@ from btrdelta.stream.codec import command_crc
 from btrdelta.stream.records import End, Mkfile, Subvol, Write
 from tests.conftest import committed_streams
 
+# every test runs with the C accelerator and with pure Python (tests/stream/conftest.py)
+pytestmark = pytest.mark.usefixtures("backend")
+
 HDR = b"btrfs-stream\0" + struct.pack("<I", 2)
 
 

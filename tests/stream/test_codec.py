@@ -35,6 +35,9 @@ from btrdelta.stream.records import (
     Write,
 )
 
+# every test runs with the C accelerator and with pure Python (tests/stream/conftest.py)
+pytestmark = pytest.mark.usefixtures("backend")
+
 _NS = 10**9
 _KIND_STRATEGY: dict[Kind, st.SearchStrategy[Any]] = {
     Kind.U8: st.integers(0, 255),

@@ -14,7 +14,8 @@ from btrdelta.stream import EOF, NEED_DATA, StreamParser, StreamReader, StreamWr
 from btrdelta.stream.records import End
 from tests.conftest import KernelStream, committed_streams, progs_dump
 
-pytestmark = pytest.mark.btrfs
+# every test runs with the C accelerator and with pure Python (tests/stream/conftest.py)
+pytestmark = [pytest.mark.btrfs, pytest.mark.usefixtures("backend")]
 
 
 def _roundtrip(data: bytes) -> bytes:

@@ -1,0 +1,239 @@
+"""The C accelerator against the pure-Python reference: same records, same errors, same dump.
+
+Differential tests: every input is read (and dumped) by both backends and the outcomes must
+be identical, records or the exact error. Kernel-made streams are the real-data oracle; the
+hypothesis tests mutate them and draw records (odd paths, huge values) to hit the corners.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import subprocess
+import sys
+import uuid
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import btrdelta.stream as stream
+from btrdelta.errors import BtrdeltaError
+from btrdelta.stream import StreamParser, StreamReader, StreamWriter, TextDumper, btrfs_crc32c
+from btrdelta.stream.records import End, Mkfile, Snapshot, Subvol, Utimes, Write
+from tests.conftest import KernelStream, committed_streams
+from tests.stream.conftest import c_available
+from tests.stream.test_bad_input import _CORPUS, _OPS
+from tests.stream.test_codec import records
+
+pytestmark = pytest.mark.skipif(
+    not c_available() and os.environ.get("CI") != "true", reason="C accelerator not built"
+)
+
+
+def _outcome(data: bytes, backend: str, verify: bool = True, split: int = 0) -> Any:
+    """Events of ``data`` (fed whole, or in two parts at ``split``) or the error raised."""
+    stream._use_backend(backend)
+    parser = StreamParser(source="t", verify_crc=verify)
+    got: list[Any] = []
+    try:
+        for part in (data[:split], data[split:]) if split else (data,):
+            if part:
+                parser.feed(part)
+            got.extend(parser)
+        parser.feed(b"")
+        got.extend(parser)
+    except BtrdeltaError as exc:
+        return ("error", type(exc), str(exc), exc.offset, exc.index)
+    return got
+
+
+def _both(data: bytes, **kw: Any) -> tuple[Any, Any]:
+    before = stream.BACKEND
+    try:
+        return _outcome(data, "python", **kw), _outcome(data, "c", **kw)
+    finally:
+        stream._use_backend(before)
+
+
+def _dump_both(recs: list[Any]) -> tuple[Any, Any]:
+    out = []
+    for backend in ("python", "c"):
+        stream._use_backend(backend)
+        dumper = TextDumper()
+        try:
+            out.append(dumper.render(recs))
+        except Exception as exc:  # the same failure, whatever it is (e.g. a time localtime
+            out.append(("error", type(exc), str(exc)))  # cannot represent)
+    stream._use_backend("c")
+    return out[0], out[1]
+
+
+def test_backend_is_c_and_env_forces_python() -> None:
+    assert stream.BACKEND == "c"
+    code = "import btrdelta.stream as s; print(s.BACKEND)"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BTRDELTA_")}
+    plain = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                           text=True, check=True)
+    forced = subprocess.run([sys.executable, "-c", code],
+                            env={**env, "BTRDELTA_PURE_PYTHON": "1"}, capture_output=True,
+                            text=True, check=True)
+    assert (plain.stdout.strip(), forced.stdout.strip()) == ("c", "python")
+
+
+@pytest.mark.parametrize("path", committed_streams(), ids=lambda p: p.name)
+def test_backends_agree_on_committed_kernel_streams(path: Any) -> None:
+    data = path.read_bytes()
+    py, c = _both(data)
+    assert not isinstance(py, tuple)
+    assert c == py
+    text_py, text_c = _dump_both([e for e in py if not isinstance(e, stream.StreamHeader)])
+    assert text_c == text_py
+    assert text_c.encode("latin-1") == path.with_suffix(".dump").read_bytes()
+
+
+@pytest.mark.btrfs
+def test_backends_agree_on_every_kernel_stream(kernel_streams: list[KernelStream]) -> None:
+    for ks in kernel_streams:
+        data = ks.path.read_bytes()
+        py, c = _both(data)
+        assert not isinstance(py, tuple), ks.name
+        assert c == py, ks.name
+        recs = [e for e in py if not isinstance(e, stream.StreamHeader)]
+        text_py, text_c = _dump_both(recs)
+        assert text_c == text_py, ks.name
+
+
+@given(st.integers(0, len(_CORPUS) - 1), _OPS, st.booleans(), st.integers(0, 4096))
+def test_mutated_streams_same_records_or_same_error(
+    which: int, ops: list[tuple[str, int, int, bytes]], verify: bool, split: int
+) -> None:
+    buf = bytearray(_CORPUS[which])
+    for op, where, val, blob in ops:
+        pos = where % (len(buf) + 1)
+        if op == "flip" and pos < len(buf):
+            buf[pos] ^= val
+        elif op == "cut":
+            del buf[pos:]
+        elif op == "insert":
+            buf[pos:pos] = blob
+        else:
+            del buf[pos : pos + val % 17]
+    data = bytes(buf)
+    py, c = _both(data, verify=verify, split=split % (len(data) + 1))
+    assert c == py
+
+
+_PATHS = st.one_of(
+    st.binary(min_size=0, max_size=40),
+    st.builds(lambda a, b: a + b"/" + b, st.binary(max_size=8), st.binary(max_size=8)),
+    st.sampled_from([b"a/", b"", b"x\0y", b"\\ \t\n\xff", b"dir/" * 600, b"d" * 2001]),
+)
+
+
+@st.composite
+def dump_records(draw: st.DrawFn) -> list[Any]:
+    recs = draw(st.lists(records(), max_size=12))
+    out: list[Any] = []
+    for rec in recs:
+        # paths with the quirks the renderer cares about: trailing '/', NUL, escapes, length
+        if hasattr(rec, "path") and draw(st.booleans()):
+            rec.path = draw(_PATHS)
+        out.append(rec)
+    if draw(st.booleans()):
+        out.insert(draw(st.integers(0, len(out))),
+                   Subvol(draw(_PATHS), uuid.UUID(int=3), draw(st.integers(0, 2**64 - 1))))
+    if draw(st.booleans()):
+        out.insert(draw(st.integers(0, len(out))), End())
+    return out
+
+
+@given(dump_records())
+def test_dump_rendering_is_identical(recs: list[Any]) -> None:
+    py, c = _dump_both(recs)
+    assert c == py
+
+
+def test_dump_rendering_of_odd_values() -> None:
+    # values a decoder never makes but a caller may: negative and huge ints, bytes-likes,
+    # times beyond int64 nanoseconds, a prefix with a NUL
+    recs: list[Any] = [
+        Snapshot(b"s\0nap", uuid.UUID(int=1), 2, uuid.UUID(int=3), 4), Mkfile(b"f", 5),
+        Subvol(b"sub/", uuid.UUID(int=1), 2),
+        Write(b"f", -1, b"abc"), Write(b"f", 2**70, bytearray(b"xy")),
+        Utimes(b"f", -1, 2**80, -(10**18) - 1, None), Utimes(b"f", True, 0, 0),
+        Mkfile(bytearray(b"ba"), 1),
+    ]
+    py, c = _dump_both(recs)
+    assert c == py
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, 8, 9, 255, 768, 769, 3000, 24575, 24576, 24583,
+                                  100_000, 262_154])
+def test_crc32c_matches_the_library(size: int) -> None:
+    from btrdelta.stream import _speedups  # type: ignore[attr-defined]
+
+    data = os.urandom(size + 3)
+    for off in (0, 1, 3):  # unaligned starts
+        piece = data[off : off + size]
+        for seed in (0, 0xFFFFFFFF, 0x12345678):
+            want = btrfs_crc32c([piece], seed)
+            assert _speedups.crc32c(piece, seed) == want
+            assert _speedups.crc32c_table(piece, seed) == want
+
+
+def test_decode_batch_contract() -> None:
+    from btrdelta.stream import _speedups  # type: ignore[attr-defined]
+
+    out = io.BytesIO()
+    w = StreamWriter(out.write, 2)
+    w.write(Subvol(b"s", uuid.UUID(int=9), 1))
+    w.write(Write(b"f", 0, b"data" * 10))
+    w.write(End())
+    w.write(Mkfile(b"after-end", 1))
+    raw = out.getvalue()
+    mv = memoryview(bytearray(raw))
+    recs, pos, hit_end = _speedups.decode_batch(mv, 17, len(mv), 2, True)
+    assert [type(r) for r in recs] == [Subvol, Write, End]
+    assert hit_end is True
+    assert recs[1].data.obj is mv.obj  # file data is a view of the buffer, not a copy
+    assert raw[pos : pos + 13] == b"btrfs-stream\0"  # stopped right after END
+    # a command cut short stops the batch before it
+    pos2 = 17 + 10 + struct.unpack_from("<I", raw, 17)[0]  # end of SUBVOL
+    assert _speedups.decode_batch(mv, 17, pos2 + 20, 2, True)[1:] == (pos2, False)
+    # a bad CRC stops the batch there (the Python slow path names the error)
+    bad = bytearray(raw)
+    bad[pos - 10 - 1] ^= 1  # last byte of the WRITE data
+    recs, pos3, _ = _speedups.decode_batch(memoryview(bad), 17, len(bad), 2, True)
+    assert (len(recs), pos3) == (1, pos2)
+    recs, _, _ = _speedups.decode_batch(memoryview(bad), 17, len(bad), 2, False)
+    assert len(recs) == 3
+    # a length beyond the version limit stops it; arguments outside the buffer are refused
+    huge = struct.pack("<IHI", 0xFFFFFFF0, 15, 0)
+    assert _speedups.decode_batch(huge, 0, len(huge), 2, True) == ([], 0, False)
+    for args in ((mv, -1, 10), (mv, 10, 5), (mv, 0, len(mv) + 1)):
+        with pytest.raises(ValueError, match="outside"):
+            _speedups.decode_batch(*args, 2, True)
+    with pytest.raises(ValueError, match="version"):
+        _speedups.decode_batch(mv, 0, 0, 4, True)
+    with pytest.raises(ValueError, match="1-D"):
+        _speedups.decode_batch(memoryview(bytearray(8)).cast("I"), 0, 0, 2, True)
+
+
+def test_reader_uses_the_c_batch_loop() -> None:
+    # large writes: the C loop yields everything between the header and END in one batch
+    out = io.BytesIO()
+    w = StreamWriter(out.write, 2)
+    w.write(Subvol(b"s", uuid.UUID(int=1), 1))
+    for i in range(50):
+        w.write(Write(b"f", i * 4096, bytes(4096)))
+    w.write(End())
+    reader = StreamReader(io.BytesIO(out.getvalue()))
+    parser = reader.parser
+    parser.feed(out.getvalue())
+    assert parser.next_event() == stream.StreamHeader(2, 0)
+    batch = parser.take_batch()
+    assert len(batch) == 52
+    assert type(batch[-1]) is End
