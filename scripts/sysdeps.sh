@@ -15,6 +15,13 @@ for cmd in "${!need[@]}"; do
 done
 # python3-venv is needed to make the venv on Debian's own python
 if ! python3 -c 'import ensurepip' >/dev/null 2>&1; then missing+=(python3-venv); fi
+# the optional C accelerator (btrdelta.stream._speedups) needs a compiler and Python.h;
+# python3-dev only helps Debian's own python (headers under /usr/include)
+command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || missing+=(gcc)
+pyinc=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>/dev/null || true)
+if [ -n "$pyinc" ] && [ ! -f "$pyinc/Python.h" ]; then
+  case "$pyinc" in /usr/include/*) missing+=(python3-dev) ;; esac
+fi
 if [ ${#missing[@]} -eq 0 ]; then exit 0; fi
 if [ "$(id -u)" -ne 0 ]; then
   echo "sysdeps: missing packages ${missing[*]} and not root; install them first" >&2
