@@ -34,23 +34,31 @@ from btrdelta.tree.treesum import tree_sum
 PY = sys.executable
 
 
-#: timings are the best of this many runs (the machine is shared and noisy)
+#: timings are the best of this many rounds (the machine is shared and noisy); in each
+#: round every tool runs once, interleaved, so load spikes hit all of them alike
 REPEAT = int(os.environ.get("BTRDELTA_BENCH_REPEAT", "3"))
 
 
-def _timed(cmd: list[str]) -> tuple[float, int]:
-    """Run ``cmd`` REPEAT times; return (best wall seconds, peak RSS in KiB)."""
-    best, rss = float("inf"), 0
+def _timed_once(cmd: list[str]) -> tuple[float, int]:
+    """Run ``cmd``; return (wall seconds, peak RSS in KiB)."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.monotonic() - t0
+    err = proc.stderr.read() if proc.stderr else b""
+    if status != 0:
+        raise RuntimeError(f"{cmd} failed: {err.decode(errors='replace')[-500:]}")
+    return elapsed, usage.ru_maxrss
+
+
+def _timed_rounds(cmds: dict[str, list[str]]) -> dict[str, tuple[float, int]]:
+    """Best wall time and peak RSS of each command over REPEAT interleaved rounds."""
+    best: dict[str, tuple[float, int]] = {k: (float("inf"), 0) for k in cmds}
     for _ in range(REPEAT):
-        t0 = time.monotonic()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _pid, status, usage = os.wait4(proc.pid, 0)
-        elapsed = time.monotonic() - t0
-        err = proc.stderr.read() if proc.stderr else b""
-        if status != 0:
-            raise RuntimeError(f"{cmd} failed: {err.decode(errors='replace')[-500:]}")
-        best, rss = min(best, elapsed), max(rss, usage.ru_maxrss)
-    return best, rss
+        for key, cmd in cmds.items():
+            t, rss = _timed_once(cmd)
+            best[key] = (min(best[key][0], t), max(best[key][1], rss))
+    return best
 
 
 def _mib(n: int) -> str:
@@ -81,22 +89,30 @@ def run() -> list[str]:
         for case in ("B-rsync", "B-rebuilt"):
             b = mnt / case
             ks = mnt / f"{case}.kernel"
-            kt, krss = _timed(["btrfs", "-q", "send", "-p", str(a), "-f", str(ks), str(b)])
+            rs = mnt / f"{case}.rsync"
+            variants: list[list[str]] = [[], ["--quick"], ["--proto", "2", "--compress", "zstd"]]
+            cmds = {
+                "kernel": ["btrfs", "-q", "send", "-p", str(a), "-f", str(ks), str(b)],
+                "rsync": ["rsync", "-aHAX", "--delete", f"--only-write-batch={rs}",
+                          f"{b}/", f"{a}/"],
+            }
+            for flags in variants:
+                cmds[" ".join(flags) or "(exact)"] = [
+                    PY, "-m", "btrdelta", "send", str(b), "--parent", str(a),
+                    "-o", str(mnt / f"{case}.btrdelta{''.join(flags)}"), *flags,
+                ]
+            best = _timed_rounds(cmds)
+            kt, krss = best["kernel"]
             ksize = ks.stat().st_size
             out(f"{case:10s} kernel btrfs send -p      {_mib(ksize)}  {kt:6.2f}s"
                 f" {krss // 1024:4d} MB")
-            bt, brss = _timed(["rsync", "-aHAX", "--delete",
-                               f"--only-write-batch={mnt / (case + '.rsync')}",
-                               f"{b}/", f"{a}/"])
-            rsize = (mnt / f"{case}.rsync").stat().st_size
-            out(f"{case:10s} rsync --only-write-batch  {_mib(rsize)}  {bt:6.2f}s"
+            bt, brss = best["rsync"]
+            out(f"{case:10s} rsync --only-write-batch  {_mib(rs.stat().st_size)}  {bt:6.2f}s"
                 f" {brss // 1024:4d} MB")
-            for flags in ([], ["--quick"], ["--proto", "2", "--compress", "zstd"]):
-                s = mnt / f"{case}.btrdelta{''.join(flags)}"
-                t, rss = _timed([PY, "-m", "btrdelta", "send", str(b), "--parent", str(a),
-                                 "-o", str(s), *flags])
-                size = s.stat().st_size
+            for flags in variants:
                 label = " ".join(flags) or "(exact)"
+                t, rss = best[label]
+                size = (mnt / f"{case}.btrdelta{''.join(flags)}").stat().st_size
                 out(f"{case:10s} btrdelta send {label:12s} {_mib(size)}  {t:6.2f}s"
                     f" {rss // 1024:4d} MB   size/kernel {size / ksize:6.3f}"
                     f"  time/rsync {t / bt:5.2f}")

@@ -23,10 +23,16 @@ Whatever stays unmatched is created (new side) or deleted (old side).
 
 from __future__ import annotations
 
+import bisect
+import contextlib
+import mmap
 import os
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+
+import xxhash
+from pyfastcdc.cy import FastCDC
 
 from .scan import ROOT, Tree, data_segments, open_file
 
@@ -36,6 +42,7 @@ __all__ = [
     "changed_ranges",
     "files_equal",
     "match_trees",
+    "shifted_clones",
 ]
 
 #: granularity of in-place diffs (the btrfs sector size)
@@ -149,6 +156,114 @@ def changed_ranges(
         os.close(fn)
 
 
+#: FastCDC parameters for finding moved data inside a changed file
+_CDC_AVG, _CDC_MIN, _CDC_MAX = 8192, 2048, 65536
+
+
+@contextlib.contextmanager
+def _mapped(path: bytes, size: int) -> Iterator[mmap.mmap | bytes]:
+    if size == 0:
+        yield b""
+        return
+    fd = open_file(path)
+    try:
+        mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    try:
+        yield mm
+    finally:
+        with contextlib.suppress(BufferError):
+            mm.close()
+
+
+def shifted_clones(
+    old_path: bytes,
+    new_path: bytes,
+    old_size: int,
+    new_size: int,
+    writes: list[tuple[int, int]],
+    *,
+    min_len: int = 16384,
+) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]]]:
+    """Find data of a changed file's ``writes`` elsewhere in its old version.
+
+    Both versions are cut into content-defined chunks (FastCDC); a chunk of the new file
+    that overlaps a write range and is found (XXH3, then byte comparison) in the old file at
+    an offset that differs by a multiple of 4 KiB can be *cloned* from the old file, because
+    the kernel clones only block-aligned ranges. Runs of such chunks with the same shift are
+    merged and trimmed to whole blocks; pieces of at least ``min_len`` bytes become clones.
+
+    Args:
+        old_path: the old version of the file.
+        new_path: the new version.
+        old_size: old size in bytes.
+        new_size: new size in bytes.
+        writes: the block-aligned ranges that differ at equal offsets
+            (from :func:`changed_ranges`).
+        min_len: the shortest clone worth a record.
+
+    Returns:
+        ``(clones, writes)``: ``(offset, length, old_offset)`` ranges to clone from the old
+        file, and what is left of ``writes``; together they cover ``writes`` exactly.
+    """
+    if old_size < min_len or sum(n for _o, n in writes) < min_len:
+        return [], writes
+    with _mapped(old_path, old_size) as mo, _mapped(new_path, new_size) as mn:
+        if len(mo) != old_size or len(mn) != new_size:
+            return [], writes
+        cdc = FastCDC(_CDC_AVG, min_size=_CDC_MIN, max_size=_CDC_MAX)
+        where: dict[int, int] = {}
+        for c in cdc.cut_buf(mo):
+            where.setdefault(xxhash.xxh3_64_intdigest(c.data), c.offset)
+        starts = [o for o, _n in writes]
+        runs: list[list[int]] = []  # [start, end, shift]
+        for c in cdc.cut_buf(mn):
+            off, n = c.offset, c.length
+            i = bisect.bisect_right(starts, off + n - 1) - 1
+            if i < 0 or writes[i][0] + writes[i][1] <= off:
+                continue  # overlaps no write range (they are sorted and disjoint)
+            src = where.get(xxhash.xxh3_64_intdigest(c.data))
+            if src is None or src == off or (off - src) % BLOCK:
+                continue
+            if mo[src : src + n] != mn[off : off + n]:
+                continue  # hash collision
+            shift = off - src
+            if runs and runs[-1][1] == off and runs[-1][2] == shift:
+                runs[-1][1] = off + n
+            else:
+                runs.append([off, off + n, shift])
+    aligned = [
+        (a, b, sh)
+        for a0, b0, sh in runs
+        for a, b in [(-(-a0 // BLOCK) * BLOCK, b0 // BLOCK * BLOCK)]
+        if b - a >= min_len
+    ]
+    if not aligned:
+        return [], writes
+    clones: list[tuple[int, int, int]] = []
+    rest: list[tuple[int, int]] = []
+    j = 0
+    for w0, wn in writes:
+        w1 = w0 + wn
+        pos = w0
+        while j < len(aligned) and aligned[j][1] <= w0:
+            j += 1
+        for a, b, sh in aligned[j:]:
+            if a >= w1:
+                break
+            x0, x1 = max(a, pos), min(b, w1)
+            if x1 - x0 < min_len:
+                continue
+            if x0 > pos:
+                rest.append((pos, x0 - pos))
+            clones.append((x0, x1 - x0, x0 - sh))
+            pos = x1
+        if pos < w1:
+            rest.append((pos, w1 - pos))
+    return clones, rest
+
+
 def _is_reg_at(tree: Tree, path: bytes) -> bool:
     nid = tree.lookup(path)
     return nid is not None and tree.nodes[nid].is_reg
@@ -160,11 +275,18 @@ def match_trees(old: Tree, new: Tree, *, quick: bool = False) -> Match:
     m.pair(ROOT, ROOT)
     onodes, nnodes = old.nodes, new.nodes
 
+    old_by_path = {old.path_of(p, name): o.id for o in onodes.values() for p, name in o.dentries}
+    old_by_path[b""] = ROOT
+
     def old_at(new_id: int) -> list[int]:
         """Unmatched old nodes at any path of new node ``new_id``."""
+        node = nnodes[new_id]
+        if len(node.dentries) == 1:
+            oid = old_by_path.get(node.path)
+            return [oid] if oid is not None and oid not in m.o2n else []
         out = []
         for path in new.paths(new_id):
-            oid = old.lookup(path)
+            oid = old_by_path.get(path)
             if oid is not None and oid not in m.o2n:
                 out.append(oid)
         return out

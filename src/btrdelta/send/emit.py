@@ -51,7 +51,7 @@ from ..stream.records import (
 )
 from .diff import Match, changed_ranges, files_equal, match_trees
 from .order import Namespace, order_namespace
-from .scan import ROOT, ContentHasher, Node, Tree, data_segments, open_file, scan_tree
+from .scan import ROOT, ContentHasher, ForkedScan, Node, Tree, data_segments, open_file, scan_tree
 
 __all__ = ["COMPRESSORS", "SendStats", "Sender"]
 
@@ -148,16 +148,27 @@ class Sender:
         base = os.path.basename(self.new_dir.rstrip(b"/")) or b"subvol"
         self.name = name if name is not None else base
         self._read = 0
-        # hashing one tree overlaps with scanning the next
+        # the old tree is scanned and hashed by a child process (a second core, no GIL)
+        # while this one scans the new tree and hashes it in threads
+        forked: ForkedScan | None = None
+        if self.parent_dir is not None and (workers or os.cpu_count() or 1) > 1:
+            forked = ForkedScan(self.parent_dir)
         self._hasher = ContentHasher(workers)
         try:
-            self.old = self._scan(self.parent_dir) if self.parent_dir is not None else None
-            if self.old is not None:
-                self._hasher.submit(self.old)
             self.new = self._scan(self.new_dir)
             self._hasher.submit(self.new)
+            self.old = None
+            if forked is not None:
+                self.old = forked.result()
+                self.stats.files_scanned += self.old.files
+                self.stats.bytes_scanned += self.old.data_bytes
+            elif self.parent_dir is not None:
+                self.old = self._scan(self.parent_dir)
+                self._hasher.submit(self.old)
         except BaseException:
             self._hasher.close()
+            if forked is not None:
+                forked.close()
             raise
         # a full send is an incremental one from a tree that holds only the root directory
         self._base = self.old if self.old is not None else Tree(
@@ -261,15 +272,31 @@ class Sender:
             order.extend(subdirs)
             stack.extend(reversed(subdirs))
         order.append(ROOT)
-        for nid in order:
+        unchanged, touched = match.unchanged, ns.touched
+        for i, nid in enumerate(order):
             node = new.nodes[nid]
             oid = match.n2o.get(nid)
             onode = old.nodes[oid] if oid is not None and not full else None
-            yield from self._inode(node, onode, match, ns, old_by_digest, new_by_digest)
+            if (
+                onode is not None  # fast path: nothing at all to send for this inode
+                and (nid in unchanged or not node.is_reg)
+                and onode.mtime_ns == node.mtime_ns
+                and onode.mode == node.mode
+                and onode.uid == node.uid
+                and onode.gid == node.gid
+                and onode.flags == node.flags
+                and oid not in touched
+                and onode.xattrs == node.xattrs
+            ):
+                pass
+            else:
+                yield from self._inode(node, onode, match, ns, old_by_digest, new_by_digest)
             if node.is_reg and node.size >= self.clone_min:
                 new_by_digest.setdefault(node.digest, nid)
-            self.stats.bytes_read = self._read + self._hashed
-            self._progress()
+            if i % 64 == 0:
+                self.stats.bytes_read = self._read + self._hashed
+                self._progress()
+        self.stats.bytes_read = self._read + self._hashed
 
     def _inode(
         self,

@@ -24,9 +24,12 @@ ctime are excluded: reading or copying a tree changes them).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import marshal
 import os
+import signal
 import stat
 import struct
 import threading
@@ -34,6 +37,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import blake3
 import xxhash
@@ -43,6 +47,7 @@ from ..errors import BtrdeltaError
 __all__ = [
     "ROOT",
     "ContentHasher",
+    "ForkedScan",
     "Node",
     "Tree",
     "btrfs_flags",
@@ -419,9 +424,12 @@ class ContentHasher:
 
     def __init__(self, workers: int | None = None) -> None:
         self.workers = workers or min(4, os.cpu_count() or 1)
-        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="btrdelta-hash")
+        self._pool: ThreadPoolExecutor | None = None
+        if self.workers > 1:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="btrdelta-hash")
         self._local = threading.local()
         self._futures: list[Future[int]] = []
+        self._batches: list[list[tuple[Node, bytes]]] = []
         self._trees: list[Tree] = []
 
     def _run(self, batch: list[tuple[Node, bytes]]) -> int:
@@ -447,10 +455,16 @@ class ContentHasher:
             cur.append(job)
             cur_bytes += job[0].size + 16384
             if cur_bytes >= (8 << 20) or len(cur) >= 256:
-                self._futures.append(self._pool.submit(self._run, cur))
+                self._queue(cur)
                 cur, cur_bytes = [], 0
         if cur:
-            self._futures.append(self._pool.submit(self._run, cur))
+            self._queue(cur)
+
+    def _queue(self, batch: list[tuple[Node, bytes]]) -> None:
+        if self._pool is None:
+            self._batches.append(batch)  # one worker: hashed in wait(), in this thread
+        else:
+            self._futures.append(self._pool.submit(self._run, batch))
 
     def wait(self, on_bytes: Callable[[int], None] | None = None) -> int:
         """Wait for every queued file; returns the bytes read.
@@ -463,6 +477,10 @@ class ContentHasher:
         """
         done = 0
         try:
+            for batch in self._batches:
+                done += self._run(batch)
+                if on_bytes is not None:
+                    on_bytes(done)
             for fut in self._futures:
                 done += fut.result()
                 if on_bytes is not None:
@@ -476,7 +494,91 @@ class ContentHasher:
 
     def close(self) -> None:
         """Drop queued work and stop the threads (after an error elsewhere)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._batches.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class ForkedScan:
+    """Scans and hashes one tree in a forked child process, while the caller does the other.
+
+    Like rsync's sender/receiver processes, this puts the two trees of an incremental send
+    on two cores without the GIL in the way. The child runs :func:`scan_tree` and
+    :func:`hash_contents` (one thread), computes the identity, and sends the nodes back as
+    plain tuples through a pipe; :meth:`result` rebuilds the :class:`Tree`. Create it before
+    starting any thread.
+
+    Args:
+        path: the tree's root directory.
+    """
+
+    def __init__(self, path: str | bytes | os.PathLike[str]) -> None:
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child (coverage cannot follow os._exit)
+            os.close(rfd)
+            code = 0
+            try:
+                payload: Any
+                try:
+                    tree = scan_tree(path)
+                    hash_contents([tree], workers=1)
+                    nodes = [tuple(getattr(n, f) for f in Node.__slots__)
+                             for n in tree.nodes.values()]
+                    payload = ("ok", tree.root, tree.files, tree.data_bytes, nodes,
+                               tree.children, tree.identity())
+                except BtrdeltaError as exc:
+                    payload = ("error", exc.message, exc.path)
+                except OSError as exc:
+                    payload = ("error", f"cannot scan: {exc.strerror or exc}", exc.filename)
+                with os.fdopen(wfd, "wb") as f:
+                    f.write(marshal.dumps(payload))
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(wfd)
+        self._pid: int | None = pid
+        self._rfd = rfd
+        self._path = os.fsencode(path)
+
+    def result(self) -> Tree:
+        """Wait for the child; the scanned and hashed tree.
+
+        Raises:
+            BtrdeltaError: the child failed (the error it met, or its exit status).
+        """
+        try:
+            with os.fdopen(self._rfd, "rb") as f:
+                data = f.read()
+        finally:
+            self._rfd = -1
+            status = self._reap()
+        if not data:
+            raise BtrdeltaError(f"scanning process failed (status {status})", path=self._path)
+        payload = marshal.loads(data)  # our own child's output (marshal: fastest codec)
+        if payload[0] == "error":
+            raise BtrdeltaError(payload[1], path=payload[2])
+        _ok, root, files, data_bytes, rows, children, identity = payload
+        nodes = {row[0]: Node(*row) for row in rows}
+        return Tree(root, nodes, children, files, data_bytes, hashed=True, _identity=identity)
+
+    def _reap(self) -> int:
+        if self._pid is None:
+            return 0
+        _pid, status = os.waitpid(self._pid, 0)
+        self._pid = None
+        return status
+
+    def close(self) -> None:
+        """Stop the child if it still runs (after an error elsewhere)."""
+        if self._rfd >= 0:
+            os.close(self._rfd)
+            self._rfd = -1
+        if self._pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._pid, signal.SIGKILL)
+            self._reap()
 
 
 def hash_contents(
