@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -10,12 +11,13 @@ from pathlib import Path
 import pytest
 
 from btrdelta.chunk.archive import decode_header
+from btrdelta.chunk.chunker import ChunkerParams, chunk_digest, iter_chunks
 from btrdelta.chunk.clone import FileSource, clone
 from btrdelta.chunk.store import ChunkStore
 from btrdelta.errors import ChecksumError, MissingBaseError, StreamFormatError
 from btrdelta.transport.plan import Span
 
-from .images import ImagePair
+from .images import PARAMS, ImagePair
 
 
 def _clone(arc: Path, store: ChunkStore, name: str, **kw):  # type: ignore[no-untyped-def]
@@ -109,8 +111,6 @@ def test_corrupted_chunk_is_never_stored(image_pair: ImagePair, tmp_path: Path) 
     assert not store.has(index.digests[victim])
     assert not (tmp_path / "store" / "v1").exists()
     for digest, path in store.iter_chunks():  # every stored chunk is good
-        from btrdelta.chunk.chunker import chunk_digest
-
         assert chunk_digest(Path(path).read_bytes()) == digest
 
 
@@ -176,3 +176,71 @@ def test_output_digest_is_checked(image_pair: ImagePair, tmp_path: Path) -> None
     with pytest.raises(ChecksumError):
         write_output(store, index, h, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_output_copies_from_seed(image_pair: ImagePair, tmp_path: Path) -> None:
+    store = ChunkStore(tmp_path / "store")
+    out = tmp_path / "v2.img"
+    r = _clone(image_pair.arc2, store, "v2", seeds=[str(image_pair.img1)], output=str(out))
+    assert out.read_bytes() == image_pair.img2.read_bytes()
+    size = image_pair.img2.stat().st_size
+    assert r.out_in_place == 0  # a new file: nothing is in place
+    assert r.out_from_seeds + r.out_from_store == size
+    # every image position whose chunk v1 holds came from the seed, the rest from the store
+    v1 = {chunk_digest(v) for _, v in iter_chunks(image_pair.img1.read_bytes(), PARAMS)}
+    v2 = image_pair.img2.read_bytes()
+    expected = sum(len(v) for _, v in iter_chunks(v2, PARAMS) if chunk_digest(v) in v1)
+    assert r.out_from_seeds == expected > size // 2
+
+
+def test_output_that_is_the_seed_is_updated_in_place(
+    image_pair: ImagePair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = ChunkStore(tmp_path / "store")
+    _clone(image_pair.arc1, store, "v1")  # the store already has v1's chunks
+    target = tmp_path / "partition.img"  # "the A partition", updated to v2 where it is
+    old = image_pair.img1.read_bytes()
+    target.write_bytes(old + b"junk past the new end" * 1000)
+    inode = target.stat().st_ino
+    writes: list[tuple[int, int]] = []
+    real_pwrite = os.pwrite
+
+    def spy(fd: int, data: bytes | memoryview, offset: int) -> int:
+        n = real_pwrite(fd, data, offset)
+        writes.append((offset, offset + n))
+        return n
+
+    monkeypatch.setattr(os, "pwrite", spy)
+    r = _clone(image_pair.arc2, store, "v2", seeds=[str(target)], output=str(target))
+    monkeypatch.undo()
+    new = image_pair.img2.read_bytes()
+    assert target.read_bytes() == new  # bit-perfect, trailing junk cut off
+    assert target.stat().st_ino == inode  # the same file, not a replacement
+    # oracle: chunks of v2 whose bytes v1 has at the same offset are left alone, no others
+    keep = [(o, o + len(v)) for o, v in iter_chunks(new, PARAMS) if old[o : o + len(v)] == v]
+    assert r.out_in_place == sum(b - a for a, b in keep) > len(new) // 5
+    written = sum(b - a for a, b in writes)
+    assert written == len(new) - r.out_in_place
+    for a, b in keep:
+        assert not any(wa < b and a < wb for wa, wb in writes), (a, b)
+
+
+def test_in_place_output_never_reads_what_it_overwrote(tmp_path: Path) -> None:
+    # v2 swaps v1's halves: every chunk is in the seed, but at another offset, which the
+    # in-place writes destroy; those chunks must come from the store
+    from btrdelta.chunk.compress import compress_image
+
+    params = ChunkerParams.from_avg(4096)
+    old = random.Random(5).randbytes(300_000)
+    new = old[150_000:] + old[:150_000]
+    (tmp_path / "new.img").write_bytes(new)
+    with open(tmp_path / "new.cba", "wb") as f:
+        compress_image(tmp_path / "new.img", f, params=params)
+    target = tmp_path / "target"
+    target.write_bytes(old)
+    store = ChunkStore(tmp_path / "store")
+    r = _clone(tmp_path / "new.cba", store, "new", seeds=[str(target)], output=str(target))
+    assert target.read_bytes() == new
+    assert r.from_seeds > r.chunks // 2  # the seed supplied chunks to the store
+    assert r.out_from_seeds == 0  # but never to its own overwritten copy
+    assert r.out_from_store + r.out_in_place == len(new)

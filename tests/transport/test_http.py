@@ -191,3 +191,33 @@ def test_static_server_ranges_match_file(archive) -> None:  # type: ignore[no-un
         assert client.head(url).headers["content-length"] == str(len(blob))
     assert server.bytes_served == sum(int(line.rsplit(" ", 1)[1]) for line in lines)
     assert any(line.endswith(f" 200 {len(blob)}") for line in lines)
+
+
+def test_dry_run_against_server_ignoring_range_reports_archive_size(
+    archive, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from btrdelta.cli import main
+
+    root, _ = archive
+    size = (root / "img.cba").stat().st_size
+    for server in _flaky(root, "norange"):
+        store = ChunkStore(tmp_path / "store")
+        report = _clone(f"{server.url}/img.cba", store, dry_run=True)
+        assert report.full_download
+        assert report.fetch_bytes == report.archive_size == size
+        assert report.bytes_received < size  # the whole body was not downloaded
+        assert not list(store.iter_chunks())
+        assert not (tmp_path / "store" / "img").exists()
+        capsys.readouterr()
+        assert main(["image", "clone", "--dry-run", f"{server.url}/img.cba",
+                     f"{tmp_path}/store/img"]) == 0
+        out = capsys.readouterr().out
+        assert "ignores Range" in out
+        assert main(["image", "clone", "--dry-run", "--json", f"{server.url}/img.cba",
+                     f"{tmp_path}/store/img"]) == 0
+        got = json.loads(capsys.readouterr().out)
+        assert got["full_download"] is True
+        assert got["fetch_bytes"] == size
+        assert not (tmp_path / "store" / "img").exists()

@@ -7,7 +7,10 @@ Data flow::
       -> which of the rest a seed holds (seed cut with the archive's chunker parameters)
       -> missing chunks: coalesced ranges, fetched in parallel, each decompressed with a
          size bound, hash-checked, then stored                (the store never holds a bad chunk)
-      -> description written last (atomic)                    -> optional full image output
+      -> description written last (atomic)
+      -> optional full image output: chunks a seed holds copied from the seed, chunks
+         already at the right offset of an output that is a seed left alone, the rest
+         read from the store; checked against the whole-image digest
 
 An interrupted clone resumes: chunks already stored are not fetched again.
 """
@@ -16,16 +19,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import blake3
 import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ..errors import BtrdeltaError, ChecksumError, StreamFormatError
+from ..errors import ChecksumError, MissingBaseError, StreamFormatError
 from ..transport.http import FetchStats, RangeFetcher, RangesNotSupported
 from ..transport.plan import Part, Span, coalesce
 from .archive import (
@@ -36,10 +42,21 @@ from .archive import (
     decode_index,
     verify_signature,
 )
-from .chunker import chunk_digest, iter_chunks, map_file
+from .chunker import ChunkerParams, chunk_digest, hash_chunks, map_file
 from .store import ChunkStore, ImageReader
 
-__all__ = ["ArchiveSource", "CloneReport", "FileSource", "HttpSource", "clone", "open_source"]
+__all__ = [
+    "ArchiveSource",
+    "CloneReport",
+    "FileSource",
+    "HttpSource",
+    "OutputReport",
+    "SeedMap",
+    "clone",
+    "open_source",
+    "scan_seeds",
+    "write_output",
+]
 
 
 class ArchiveSource(Protocol):
@@ -137,7 +154,10 @@ class CloneReport:
     seed_bytes: int = 0
     missing_bytes: int = 0
     spans: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
+    out_in_place: int = 0
+    out_from_seeds: int = 0
+    out_from_store: int = 0
+    archive_size: int = 0
 
 
 def read_index(
@@ -180,8 +200,10 @@ def clone(
         name: the description's name in the store.
         seeds: files or devices that may hold some chunks (an older image, the A partition).
         output: also write the full image here (file or device), checked against the
-            archive's whole-image digest.
-        dry_run: stop after planning; the report says what would be fetched.
+            archive's whole-image digest; seeds supply the chunks they hold, and an output
+            that is itself a seed is updated in place.
+        dry_run: stop after planning; the report says what would be fetched (the whole
+            archive, ``full_download``, when the server ignores Range).
         public_key: require a valid Ed25519 signature before trusting the index.
         max_gap: unneeded bytes accepted between two ranges to merge them.
         on_progress: ``(phase, done, total)`` callback.
@@ -194,21 +216,24 @@ def clone(
     if isinstance(source, HttpSource):
         try:
             header, index, description = read_index(source, public_key=public_key)
-        except RangesNotSupported:
-            return _clone_full_download(source, store, name, seeds=seeds, output=output,
+        except RangesNotSupported as refused:
+            return _clone_full_download(source, store, name, refused, seeds=seeds, output=output,
                                         dry_run=dry_run, public_key=public_key,
                                         max_gap=max_gap, on_progress=on_progress)
     else:
         header, index, description = read_index(source, public_key=public_key)
     report.image_size = header.image_size
+    report.archive_size = header.archive_size
     report.chunks = header.chunk_count
     report.index_bytes = len(description)
     wanted = {d: i for i, d in enumerate(index.digests)}
     missing = {d: i for d, i in wanted.items() if not store.has(d)}
     report.from_store = len(wanted) - len(missing)
-    if missing and seeds:
-        report.from_seeds, report.seed_bytes = _take_from_seeds(
-            seeds, header, index, missing, store, dry_run=dry_run, on_progress=on_progress)
+    seed_map = None
+    if seeds and (missing or (output is not None and not dry_run)):
+        seed_map, report.from_seeds, report.seed_bytes = scan_seeds(
+            seeds, header.params, wanted, missing, store, dry_run=dry_run,
+            on_progress=on_progress)
     parts = [Part(i, index.offsets[i], index.comp_sizes[i]) for i in missing.values()]
     spans = coalesce(parts, max_gap=max_gap)
     report.spans = len(spans)
@@ -246,7 +271,10 @@ def clone(
     report.fetched = len(missing)
     store.write_description(name, description)
     if output is not None:
-        write_output(store, index, header, output, on_progress=on_progress)
+        out = write_output(store, index, header, output, seeds=seed_map,
+                           on_progress=on_progress)
+        report.out_in_place, report.out_from_seeds = out.in_place, out.from_seeds
+        report.out_from_store = out.from_store
     report.requests, report.bytes_received = source.stats.requests, source.stats.bytes_received
     return report
 
@@ -271,78 +299,265 @@ def _decompress(
     return raw
 
 
-def _take_from_seeds(
-    seeds: Sequence[str], header: ArchiveHeader, index: ArchiveIndex,
-    missing: dict[bytes, int], store: ChunkStore, *, dry_run: bool,
-    on_progress: Callable[[str, int, int], None] | None,
-) -> tuple[int, int]:
-    """Cut each seed like the archive, store the chunks it has; returns (count, bytes)."""
+@dataclass(slots=True)
+class SeedMap:
+    """Where the image's chunks sit in the seeds (found by cutting them like the archive).
+
+    Attributes:
+        paths: the seeds, in the order given.
+        where: chunk id -> ``(seed number, offset)`` of its first occurrence.
+        at: per seed, offset -> id of every wanted chunk found there.
+    """
+
+    paths: list[str] = field(default_factory=list)
+    where: dict[bytes, tuple[int, int]] = field(default_factory=dict)
+    at: list[dict[int, bytes]] = field(default_factory=list)
+
+
+def scan_seeds(
+    seeds: Sequence[str], params: ChunkerParams, wanted: Container[bytes],
+    missing: dict[bytes, int], store: ChunkStore, *, dry_run: bool = False,
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> tuple[SeedMap, int, int]:
+    """Cut each seed like the archive; store the missing chunks it holds, map the wanted ones.
+
+    Chunks found are removed from ``missing``.
+
+    Returns:
+        ``(seed map, chunks stored from seeds, their bytes)``.
+    """
+    seed_map = SeedMap()
     found = nbytes = 0
-    for seed in seeds:
-        with map_file(seed) as view:
-            data = memoryview(b"")
-            for offset, data in iter_chunks(view, header.params):
-                digest = chunk_digest(data)
-                if digest in missing:
-                    if not dry_run:
-                        store.put(digest, data)
-                    del missing[digest]
-                    found += 1
-                    nbytes += len(data)
-                if on_progress is not None:
-                    on_progress("seed", offset + len(data), len(view))
-            del data
-        if not missing:
-            break
-    return found, nbytes
+    with ThreadPoolExecutor(1, thread_name_prefix="blake3") as pool:
+        for k, seed in enumerate(seeds):
+            seed_map.paths.append(seed)
+            at: dict[int, bytes] = {}
+            seed_map.at.append(at)
+            with map_file(seed) as view:
+                for batch in hash_chunks(view, params, pool=pool):
+                    for offset, data, digest in zip(
+                        batch.offsets, batch.views, batch.digests, strict=True
+                    ):
+                        if digest not in wanted:
+                            continue
+                        at[offset] = digest
+                        seed_map.where.setdefault(digest, (k, offset))
+                        if digest in missing:
+                            if not dry_run:
+                                store.put(digest, data)
+                            del missing[digest]
+                            found += 1
+                            nbytes += len(data)
+                    if on_progress is not None:
+                        on_progress("seed", batch.end, len(view))
+                del batch  # no chunk view may outlive the map
+    return seed_map, found, nbytes
+
+
+@dataclass(slots=True)
+class OutputReport:
+    """Where :func:`write_output` took the image's bytes from.
+
+    Attributes:
+        in_place: bytes already right in an output written in place: not written.
+        from_seeds: bytes written from seeds.
+        from_store: bytes written from the chunk store.
+    """
+
+    in_place: int = 0
+    from_seeds: int = 0
+    from_store: int = 0
+
+
+_COPY_BLOCK = 8 << 20
+
+
+def _same_file(a: str, b: str) -> bool:
+    """``a`` and ``b`` are the same file, or nodes of the same block device."""
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISBLK(sa.st_mode) and stat.S_ISBLK(sb.st_mode):
+        return sa.st_rdev == sb.st_rdev
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def _pread_exact(fd: int, n: int, offset: int, name: str) -> bytes:
+    data = os.pread(fd, n, offset)
+    if len(data) != n:
+        raise MissingBaseError(f"seed shorter than when it was scanned ({offset} + {n})",
+                               path=name, offset=offset + len(data))
+    return data
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+def _copy_image(
+    reader: ImageReader, out_fd: int, seeds: SeedMap | None, seed_fds: list[int],
+    out_seed: int | None, *, in_place: bool, on_progress: Callable[[int, int], None] | None,
+) -> tuple[bytes, OutputReport]:
+    """Write every image position to ``out_fd``; returns (BLAKE3 of the image, report).
+
+    A position whose chunk a seed holds is copied from the seed (neighbouring positions
+    contiguous in the seed in one read); when the output is seed ``out_seed``, positions
+    whose chunk is already at that offset are not written (their bytes are read back for the
+    image digest), and chunks elsewhere in it come from other seeds or the store, since the
+    output may already have overwritten them. With ``in_place``, any other chunk is compared
+    with the bytes already at its offset and written only if they differ (a device is
+    rewritten only where the image changed).
+    """
+    index = reader.index
+    starts, order, digests = index.starts, index.order, index.digests
+    hasher = blake3.blake3()
+    report = OutputReport()
+    # a run: (kind, fd, source offset, image start, image end); kind 0 store, 1 seed, 2 keep
+    run: list[int] = []
+
+    def put(data: bytes, start: int) -> bool:
+        """Write ``data`` at ``start`` unless (in place) it is already there."""
+        if in_place and os.pread(out_fd, len(data), start) == data:
+            report.in_place += len(data)
+            return False
+        _pwrite_all(out_fd, data, start)
+        return True
+
+    def flush() -> None:
+        if not run:
+            return
+        kind, fd, src, start, end = run
+        run.clear()
+        while start < end:
+            n = min(_COPY_BLOCK, end - start)
+            data = _pread_exact(fd, n, src, seeds.paths[fd_owner[fd]] if seeds else "")
+            hasher.update(data)
+            if kind == 1:
+                if put(data, start):
+                    report.from_seeds += n
+            else:
+                report.in_place += n
+            start += n
+            src += n
+
+    fd_owner = {fd: k for k, fd in enumerate(seed_fds)}
+    for pos, entry in enumerate(order):
+        start, end = starts[pos], starts[pos + 1]
+        digest = digests[entry]
+        kind, fd, src = 0, -1, 0
+        if seeds is not None:
+            if out_seed is not None and seeds.at[out_seed].get(start) == digest:
+                kind, fd, src = 2, seed_fds[out_seed], start
+            else:
+                loc = seeds.where.get(digest)
+                if loc is not None and loc[0] != out_seed:
+                    kind, fd, src = 1, seed_fds[loc[0]], loc[1]
+        if run and (kind == 0 or run[0] != kind or run[1] != fd
+                    or run[2] + run[4] - run[3] != src or run[4] != start):
+            flush()
+        if kind == 0:
+            data = reader.read_chunk(entry, end - start)
+            hasher.update(data)
+            if put(data, start):
+                report.from_store += end - start
+        elif run:
+            run[4] = end
+        else:
+            run.extend((kind, fd, src, start, end))
+        if on_progress is not None and (kind == 0 or pos % 64 == 0):
+            on_progress(end, reader.size)
+    flush()
+    return hasher.digest(), report
 
 
 def write_output(
     store: ChunkStore, index: ArchiveIndex, header: ArchiveHeader, output: str, *,
+    seeds: SeedMap | None = None,
     on_progress: Callable[[str, int, int], None] | None = None,
-) -> None:
-    """Write the full image to ``output`` (file: atomically; device: in place)."""
+) -> OutputReport:
+    """Write the full image to ``output``, checked against the archive's image digest.
+
+    A new regular file is written under a temporary name and renamed into place; a device,
+    or a file that is one of the seeds, is written in place (then chunks already at the
+    right offset are left alone). Chunks a seed holds are copied from it.
+
+    Raises:
+        ChecksumError: the bytes written do not hash to the image digest.
+        MissingBaseError: a chunk is missing from the store.
+    """
+    out_seed = None
+    if seeds is not None:
+        out_seed = next((k for k, p in enumerate(seeds.paths) if _same_file(p, output)), None)
     is_device = os.path.exists(output) and not os.path.isfile(output)
-    reader = ImageReader(store, index)
+    in_place = is_device or out_seed is not None
     progress = None if on_progress is None else (lambda d, t: on_progress("output", d, t))
+    reader = ImageReader(store, index)
+    seed_fds: list[int] = []
+    tmp = None
+    fd = -1
     try:
-        if is_device:
+        if seeds is not None:
+            for k, path in enumerate(seeds.paths):
+                flags = os.O_RDWR if k == out_seed else os.O_RDONLY
+                seed_fds.append(os.open(path, flags | os.O_CLOEXEC))
+        if out_seed is not None:
+            fd = os.dup(seed_fds[out_seed])
+        elif is_device:
             fd = os.open(output, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                reader.write_image(fd, image_digest=header.image_digest, on_progress=progress)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            return
-        directory = os.path.dirname(os.path.abspath(output))
-        fd, tmp = tempfile.mkstemp(prefix=".btrdelta-", dir=directory)
-        try:
+        else:
+            directory = os.path.dirname(os.path.abspath(output))
+            fd, tmp = tempfile.mkstemp(prefix=".btrdelta-", dir=directory)
             os.ftruncate(fd, header.image_size)
-            reader.write_image(fd, image_digest=header.image_digest, on_progress=progress)
-            os.close(fd)
-            fd = -1
+        digest, report = _copy_image(reader, fd, seeds, seed_fds, out_seed,
+                                     in_place=in_place, on_progress=progress)
+        if in_place and not is_device:
+            os.ftruncate(fd, header.image_size)
+        if digest != header.image_digest:
+            raise ChecksumError(
+                "rebuilt image does not match the archive's image digest",
+                expected=header.image_digest.hex(), actual=digest.hex(), path=output,
+            )
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        if tmp is not None:
             os.replace(tmp, output)
-        except BaseException:
-            if fd >= 0:
-                os.close(fd)
+            tmp = None
+        return report
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            raise
-    finally:
+        for sfd in seed_fds:
+            os.close(sfd)
         reader.close()
 
 
 def _clone_full_download(
-    source: HttpSource, store: ChunkStore, name: str, **kwargs: object
+    source: HttpSource, store: ChunkStore, name: str, refused: RangesNotSupported,
+    **kwargs: object,
 ) -> CloneReport:
-    """The server ignores Range: download the whole archive once, clone from the file."""
+    """The server ignores Range: download the whole archive once, clone from the file.
+
+    With ``dry_run`` nothing is downloaded: the report says the whole archive would be
+    (its size from the refused request's ``Content-Length``; 0 if the server sent none).
+    """
+    if kwargs.get("dry_run"):
+        size = refused.size or 0
+        return CloneReport(
+            full_download=True, fetch_bytes=size, archive_size=size,
+            requests=source.stats.requests, bytes_received=source.stats.bytes_received,
+        )
     os.makedirs(store.root, exist_ok=True)
     with tempfile.NamedTemporaryFile(prefix=".tmp-download-", dir=store.root) as tmp:
-        if kwargs.get("dry_run"):
-            raise BtrdeltaError(
-                "server ignores Range requests: a clone would download the whole archive",
-            )
-        source.fetcher.download(tmp)  # type: ignore[arg-type]
+        size = source.fetcher.download(tmp)  # type: ignore[arg-type]
         tmp.flush()
         local = FileSource(tmp.name)
         try:
@@ -350,6 +565,8 @@ def _clone_full_download(
         finally:
             local.close()
     report.full_download = True
+    report.archive_size = size
+    report.fetch_bytes = size
     report.requests = source.stats.requests
     report.bytes_received = source.stats.bytes_received
     return report

@@ -227,6 +227,15 @@ class ChunkStore:
             return []
 
 
+@dataclass(slots=True)
+class _OpenChunk:
+    """A cached chunk descriptor: readers using it, and whether the LRU dropped it."""
+
+    fd: int
+    users: int = 1
+    evicted: bool = False
+
+
 class ImageReader:
     """Random-access, thread-safe reads of an image rebuilt from a store.
 
@@ -240,32 +249,50 @@ class ImageReader:
         self.store = store
         self.index = index
         self.size = index.starts[-1]
-        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._fds: OrderedDict[int, _OpenChunk] = OrderedDict()
         self._lock = threading.Lock()
         self._max_open = max_open
 
-    def _fd(self, entry: int) -> int:
-        """Descriptor of chunk ``entry``; the caller holds ``self._lock``."""
-        fd = self._fds.get(entry)
-        if fd is not None:
-            self._fds.move_to_end(entry)
-            return fd
-        path = self.store.chunk_path(self.index.digests[entry])
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise MissingBaseError("chunk missing from the store", path=path) from None
-        self._fds[entry] = fd
-        while len(self._fds) > self._max_open:
-            _, victim = self._fds.popitem(last=False)
-            os.close(victim)
-        return fd
-
-    def _read_chunk(self, entry: int, n: int, inner: int) -> bytes:
-        # the lock spans the read so an evicted descriptor is never closed (and its
-        # number reused) while another thread reads from it
+    def _acquire(self, entry: int) -> _OpenChunk:
+        """An open descriptor of chunk ``entry``, pinned until :meth:`_release`."""
         with self._lock:
-            data = os.pread(self._fd(entry), n, inner)
+            slot = self._fds.get(entry)
+            if slot is not None:
+                self._fds.move_to_end(entry)
+                slot.users += 1
+                return slot
+            path = self.store.chunk_path(self.index.digests[entry])
+            try:
+                slot = _OpenChunk(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+            except FileNotFoundError:
+                raise MissingBaseError("chunk missing from the store", path=path) from None
+            self._fds[entry] = slot
+            while len(self._fds) > self._max_open:
+                _, victim = self._fds.popitem(last=False)
+                victim.evicted = True
+                if victim.users == 0:
+                    os.close(victim.fd)
+            return slot
+
+    def _release(self, slot: _OpenChunk) -> None:
+        with self._lock:
+            slot.users -= 1
+            if slot.evicted and slot.users == 0:
+                os.close(slot.fd)
+
+    def read_chunk(self, entry: int, n: int, inner: int = 0) -> bytes:
+        """``n`` bytes at ``inner`` in dictionary entry ``entry``'s chunk file.
+
+        Raises:
+            MissingBaseError: the chunk file is missing or too short.
+        """
+        # the lock only guards the LRU: reads run in parallel, and a descriptor evicted
+        # while pinned is closed by its last user (its number is never reused under a read)
+        slot = self._acquire(entry)
+        try:
+            data = os.pread(slot.fd, n, inner)
+        finally:
+            self._release(slot)
         if len(data) != n:
             raise MissingBaseError(
                 "chunk file shorter than its index entry",
@@ -284,43 +311,17 @@ class ImageReader:
         while offset < end:
             chunk_start, chunk_end = starts[pos], starts[pos + 1]
             n = min(end, chunk_end) - offset
-            data = self._read_chunk(order[pos], n, offset - chunk_start)
+            data = self.read_chunk(order[pos], n, offset - chunk_start)
             pieces.append(data)
             offset += n
             pos += 1
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
-    def write_image(
-        self, fd: int, *, image_digest: bytes,
-        on_progress: Callable[[int, int], None] | None = None,
-    ) -> None:
-        """Write the whole image to ``fd`` at offset 0, checking the whole-image BLAKE3.
-
-        Raises:
-            ChecksumError: the rebuilt image does not match ``image_digest``.
-        """
-        hasher = blake3.blake3()
-        starts, order = self.index.starts, self.index.order
-        for pos, entry in enumerate(order):
-            start, end = starts[pos], starts[pos + 1]
-            data = self._read_chunk(entry, end - start, 0)
-            hasher.update(data)
-            view = memoryview(data)
-            while view:
-                written = os.pwrite(fd, view, start)
-                view = view[written:]
-                start += written
-            if on_progress is not None:
-                on_progress(end, self.size)
-        if hasher.digest() != image_digest:
-            raise ChecksumError(
-                "rebuilt image does not match the archive's image digest",
-                expected=image_digest.hex(), actual=hasher.digest().hex(),
-            )
-
     def close(self) -> None:
-        """Close every cached descriptor."""
+        """Close every cached descriptor (call when no read is running)."""
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
+            for slot in self._fds.values():
+                slot.evicted = True
+                if slot.users == 0:
+                    os.close(slot.fd)
             self._fds.clear()

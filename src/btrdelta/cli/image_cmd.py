@@ -157,18 +157,27 @@ def run_clone(args: argparse.Namespace) -> int:
         source.close()
     progress.done()
     if args.json:
-        fields = ("image_size", "chunks", "from_store", "from_seeds", "fetched", "fetch_bytes",
-                  "index_bytes", "missing_bytes", "spans", "requests", "bytes_received",
-                  "full_download")
+        fields = ("image_size", "archive_size", "chunks", "from_store", "from_seeds", "fetched",
+                  "fetch_bytes", "index_bytes", "missing_bytes", "spans", "requests",
+                  "bytes_received", "full_download", "out_in_place", "out_from_seeds",
+                  "out_from_store")
         print(json.dumps({f: getattr(report, f) for f in fields} | {"dry_run": args.dry_run}))
         return 0
     verb = "would fetch" if args.dry_run else "fetched"
+    if report.full_download and args.dry_run:
+        print(f"{args.target}: the server ignores Range requests: a clone would download the "
+              f"whole archive ({human_bytes(report.archive_size)})")
+        return 0
     n_fetch = report.chunks - report.from_store - report.from_seeds
     print(f"{args.target}: {report.chunks} chunks: {report.from_store} in store, "
           f"{report.from_seeds} from seeds, {verb} {n_fetch}"
           f" ({human_bytes(report.fetch_bytes)} + {human_bytes(report.index_bytes)} index); "
           f"{report.requests} requests, {human_bytes(report.bytes_received)} received"
           f"{' (server ignores Range: whole archive downloaded)' if report.full_download else ''}")
+    if args.output:
+        print(f"{args.output}: {human_bytes(report.out_in_place)} already in place, "
+              f"{human_bytes(report.out_from_seeds)} copied from seeds, "
+              f"{human_bytes(report.out_from_store)} from the store")
     return 0
 
 

@@ -38,7 +38,13 @@ _RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
 class RangesNotSupported(TransportError):
-    """The server answered a range request with the whole resource (status 200)."""
+    """The server answered a range request with the whole resource (status 200).
+
+    Attributes:
+        size: the resource's ``Content-Length`` when the server sent one, else ``None``.
+    """
+
+    size: int | None = None
 
 
 class _Retry(Exception):
@@ -164,8 +170,11 @@ class RangeFetcher:
             try:
                 resp = self._request([(start, end)])
                 if resp.status_code == 200:
-                    raise RangesNotSupported("server ignores Range requests", url=self.url,
+                    exc = RangesNotSupported("server ignores Range requests", url=self.url,
                                              status=200)
+                    length = resp.headers.get("content-length", "")
+                    exc.size = int(length) if length.isdigit() else None
+                    raise exc
                 got = self._single_part(resp)
                 if got[0] > start or got[0] + len(got[1]) < end:
                     raise _Retry("server sent a different range than asked")
