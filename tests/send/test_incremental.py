@@ -22,7 +22,7 @@ from btrdelta.stream.records import (
     Write,
 )
 from tests.send.conftest import Workspace, kernel_receive, make_stream
-from tests.send.test_scenarios import assert_same_tree
+from tests.send.test_scenarios import assert_same_tree, userspace_receive
 
 
 def _rand(n: int, seed: int) -> bytes:
@@ -147,3 +147,42 @@ def test_encoded_writes_land_compressed(btrfs_ws: Workspace, algo: str) -> None:
     # the kernel stored our bytes as compressed extents (BTRFS_IOC_ENCODED_WRITE)
     assert _encoded_extents(dest / "tree" / "text") >= len(enc) // 2
     assert _encoded_extents(dest / "tree" / "random") == 0
+
+
+@pytest.mark.btrfs
+@pytest.mark.parametrize("version", [1, 2])
+def test_shifted_data_is_cloned_from_the_old_version(
+    btrfs_ws: Workspace, tmp_path: Path, version: int
+) -> None:
+    """Inserting whole blocks shifts the rest of a file: the shifted part is cloned from the
+    old version (block-aligned partial clones), not resent; kernel and userspace receive."""
+    base = btrfs_ws.fresh(f"shift{version}")
+    old, new = _pair(base)
+    data = (old / "big.bin").read_bytes()
+    inserted = _rand(3 * 4096, 5)
+    (new / "big.bin").write_bytes(data[:100_000] + inserted + data[100_000:])
+    other = (old / "dir" / "other.bin").read_bytes()  # unaligned insert: cannot be cloned
+    (new / "dir" / "other.bin").write_bytes(other[:5000] + b"x" * 100 + other[5000:])
+    recs = list(send_records(new, old, version=version))
+    head = recs[0]
+    assert isinstance(head, Snapshot)
+    clones = [r for r in recs if isinstance(r, Clone)]
+    assert clones
+    assert {c.path for c in clones} == {b"big.bin"}
+    for c in clones:
+        assert c.clone_uuid == head.clone_uuid
+        assert c.clone_path == b"big.bin"
+        assert c.offset % 4096 == 0
+        assert c.clone_offset % 4096 == 0
+        assert c.length % 4096 == 0
+        assert c.offset - c.clone_offset == len(inserted)
+    cloned = sum(c.length for c in clones)
+    assert cloned > len(data) - 100_000 - 64 * 1024
+    big_written = sum(len(r.data) for r in recs if isinstance(r, Write) and r.path == b"big.bin")
+    assert big_written < len(inserted) + 64 * 1024
+    _roundtrip(base, old, new, version=version)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    userspace_receive(base / "full.s", plain)
+    userspace_receive(base / "incr.s", plain)
+    assert_same_tree(new, plain / "new")

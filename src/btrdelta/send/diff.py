@@ -161,18 +161,21 @@ _CDC_AVG, _CDC_MIN, _CDC_MAX = 8192, 2048, 65536
 
 
 @contextlib.contextmanager
-def _mapped(path: bytes, size: int) -> Iterator[mmap.mmap | bytes]:
+def _mapped(path: bytes, size: int) -> Iterator[memoryview]:
     if size == 0:
-        yield b""
+        yield memoryview(b"")
         return
     fd = open_file(path)
     try:
         mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
     finally:
         os.close(fd)
+    view = memoryview(mm)
     try:
-        yield mm
+        yield view
     finally:
+        with contextlib.suppress(BufferError):
+            view.release()
         with contextlib.suppress(BufferError):
             mm.close()
 
@@ -226,7 +229,7 @@ def shifted_clones(
             src = where.get(xxhash.xxh3_64_intdigest(c.data))
             if src is None or src == off or (off - src) % BLOCK:
                 continue
-            if mo[src : src + n] != mn[off : off + n]:
+            if mo[src : src + n].tobytes() != c.data.tobytes():
                 continue  # hash collision
             shift = off - src
             if runs and runs[-1][1] == off and runs[-1][2] == shift:

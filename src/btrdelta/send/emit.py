@@ -49,7 +49,7 @@ from ..stream.records import (
     Utimes,
     Write,
 )
-from .diff import Match, changed_ranges, files_equal, match_trees
+from .diff import Match, changed_ranges, files_equal, match_trees, shifted_clones
 from .order import Namespace, order_namespace
 from .scan import ROOT, ContentHasher, ForkedScan, Node, Tree, data_segments, open_file, scan_tree
 
@@ -89,6 +89,7 @@ class SendStats:
     bytes_scanned: int = 0
     bytes_read: int = 0
     data_bytes: int = 0
+    cloned_bytes: int = 0
     records: int = 0
     phase: str = "scan"
 
@@ -108,6 +109,8 @@ class Sender:
         quick: trust equal size and mtime at the same path as "unchanged" (like rsync).
         clone_min: smallest file (bytes) that is deduplicated with ``CLONE``.
         workers: threads that read and hash file contents (default: CPU count, at most 4).
+        shift_min: shortest range of a changed file that is cloned from elsewhere in its old
+            version when found there at a 4 KiB-aligned shift (0: never look).
         name: subvolume name in the stream (default: the basename of ``new_dir``).
         on_progress: called with :class:`SendStats` now and then.
     """
@@ -122,6 +125,7 @@ class Sender:
         quick: bool = False,
         clone_min: int = 16 * 1024,
         workers: int | None = None,
+        shift_min: int = 16 * 1024,
         name: bytes | None = None,
         on_progress: Callable[[SendStats], None] | None = None,
     ) -> None:
@@ -137,6 +141,7 @@ class Sender:
         self.quick = quick
         self.clone_min = clone_min
         self.workers = workers
+        self.shift_min = shift_min
         self.stats = SendStats()
         self._on_progress = on_progress
         self._compress: Callable[[bytes], bytes] | None = None
@@ -446,11 +451,32 @@ class Sender:
                     n = min(self.chunk, off + length - pos)
                     yield self._count(Write(path=path, offset=pos, data=memoryview(_ZEROS)[:n]))
                     pos += n
-        if writes:
+        clones: list[tuple[int, int, int]] = []
+        if self.shift_min and writes:
+            clones, writes = shifted_clones(
+                old_path, new_abs, onode.size, node.size, writes, min_len=self.shift_min
+            )
+        ops = sorted([(off, length, -1) for off, length in writes] + clones)
+        if ops:
+            assert self.old is not None
             fd = open_file(new_abs)
             try:
-                for off, length in writes:
-                    yield from self._write_range(fd, path, off, length, node.size)
+                for off, length, src in ops:
+                    if src < 0:
+                        yield from self._write_range(fd, path, off, length, node.size)
+                        continue
+                    self.stats.cloned_bytes += length
+                    yield self._count(
+                        Clone(
+                            offset=off,
+                            length=length,
+                            path=path,
+                            clone_uuid=self.old.subvol_uuid(),
+                            clone_ctransid=self.old.ctransid(),
+                            clone_path=onode.path,
+                            clone_offset=src,
+                        )
+                    )
             finally:
                 os.close(fd)
         if onode.size != node.size:
