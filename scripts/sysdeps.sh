@@ -13,6 +13,11 @@ missing=()
 for cmd in "${!need[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("${need[$cmd]}")
 done
+# `btrdelta image mount` (mfusepy, ctypes) loads libfuse 2 or 3 at run time: check the files
+libs=$(/sbin/ldconfig -p)
+for lib in libfuse.so.2:libfuse2 libfuse3.so.3:libfuse3-3; do
+  [[ $libs == *"${lib%%:*} "* ]] || missing+=("${lib#*:}")
+done
 # python3-venv is needed to make the venv on Debian's own python
 if ! python3 -c 'import ensurepip' >/dev/null 2>&1; then missing+=(python3-venv); fi
 # the optional C accelerator (btrdelta.stream._speedups) needs a compiler and Python.h;

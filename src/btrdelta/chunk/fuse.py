@@ -3,7 +3,8 @@
 ``MOUNTPOINT/<NAME>`` is the image, bit for bit; reads map to ``pread`` on chunk files
 (:class:`~btrdelta.chunk.store.ImageReader`). Then ``mount -o loop,ro MOUNTPOINT/NAME DIR``
 mounts the ext4/squashfs/erofs inside. Built on ``mfusepy`` (ctypes over libfuse); libfuse
-handles SIGINT/SIGTERM by leaving its loop and unmounting.
+handles SIGINT/SIGTERM by leaving its loop and unmounting. Both libfuse 2 and libfuse 3
+work (``mfusepy`` loads libfuse 2 when installed, else libfuse 3; :data:`LIBFUSE` says which).
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ import mfusepy
 
 from .store import ChunkStore, ImageReader
 
-__all__ = ["ImageFS", "mount_image"]
+__all__ = ["LIBFUSE", "ImageFS", "mount_image"]
+
+#: ``(major, minor)`` of the libfuse ``mfusepy`` loaded.
+LIBFUSE: tuple[int, int] = (mfusepy.fuse_version_major, mfusepy.fuse_version_minor)
+
+# libfuse 3's fuse_main_real() returns 8 whenever its loop ends with a non-zero result, and
+# the loop's result is the signal number when SIGINT/SIGTERM stopped it: a normal stop
+_FUSE3_LOOP_ENDED = 8
 
 
 class ImageFS(mfusepy.Operations):  # type: ignore[misc]
@@ -88,5 +96,8 @@ def mount_image(store: ChunkStore, name: str, mountpoint: str, *, debug: bool = 
             ImageFS(reader, name), mountpoint, foreground=True, ro=True, debug=debug,
             fsname=f"btrdelta:{name}", subtype="btrdelta", nothreads=False,
         )
+    except RuntimeError as exc:
+        if not (LIBFUSE[0] == 3 and exc.args == (_FUSE3_LOOP_ENDED,)):
+            raise
     finally:
         reader.close()

@@ -68,11 +68,12 @@ class ChunkStore:
     """A directory of verified chunks and image descriptions.
 
     Args:
-        root: the store directory (created on first write).
+        root: the store directory (created on first write); kept as an absolute path, so a
+            process that changes directory (libfuse 3 does) still finds its chunks.
     """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = os.fspath(root)
+        self.root = os.path.abspath(os.fspath(root))
         self.chunks_dir = os.path.join(self.root, "chunks")
 
     # -- chunks ----------------------------------------------------------------------------
