@@ -63,6 +63,7 @@ def test_stdout(tmp_path: Path, capfdbinary: pytest.CaptureFixture[bytes]) -> No
     ("argv", "message"),
     [
         (["send", "/nonexistent/dir"], "cannot scan"),
+        (["send", "TREE", "--parent", "/nonexistent/dir"], "cannot scan"),
         (["send", "TREE", "--proto", "1", "--compress", "zstd"], "needs --proto 2"),
         (["send", "TREE", "--kernel"], "read-only btrfs snapshots"),
     ],

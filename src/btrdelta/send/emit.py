@@ -7,8 +7,10 @@ Order of a stream (every step valid for a path-based receiver such as ``btrfs re
 2. the namespace records from :mod:`btrdelta.send.order`;
 3. per inode of the new tree (top-down, the root last), in the kernel's per-inode order:
    xattr changes, data (``WRITE`` / ``ENCODED_WRITE`` / ``CLONE``, hole punches), ``TRUNCATE``,
-   ``CHOWN``, ``CHMOD`` (never for symlinks), ``security.capability`` (re-set after chown and
-   after data, which both clear it), ``UTIMES`` last;
+   ``CHOWN``, ``CHMOD`` (never for symlinks), ``FILEATTR`` (v2+, only for inodes of the parent
+   whose ``chattr`` flags changed, as the kernel does), ``security.capability`` (re-set after
+   chown and after data, which both clear it), ``UTIMES`` last; inodes with nothing to send
+   are skipped without building anything;
 4. ``END``.
 
 Data: v1 writes are 48 KiB, v2/v3 writes 128 KiB, as the kernel sends them. Holes stay holes
@@ -18,7 +20,13 @@ to 4 KiB as btrfs lays out a compressed extent, and sent as ``ENCODED_WRITE`` (z
 level 3, window log 17; zlib: one zlib stream), unless compressing does not save a sector.
 A new file whose whole content equals a file of the old tree or one already sent becomes a
 ``CLONE`` (from the parent subvolume at its *old* path, which the receiver keeps intact, or
-from the new subvolume).
+from the new subvolume). In a changed file, ranges found in its old version at a 4 KiB-aligned
+shift (:func:`~btrdelta.send.diff.shifted_clones`) become partial ``CLONE`` records from the
+parent, the rest ``WRITE`` records.
+
+Before any record, both trees are scanned and every regular file read once and hashed
+(:mod:`btrdelta.send.scan`): the parent tree in a forked child process, the new tree here with
+a thread pool, so an incremental send uses two cores like rsync's sender/receiver pair.
 """
 
 from __future__ import annotations
