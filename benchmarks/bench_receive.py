@@ -10,7 +10,8 @@ Streams (made by the kernel on a loop-mounted btrfs):
 * a large-file stream: one 2 GB file (half random, half compressible text), v1.
 
 Each stream is received by ``btrfs receive`` and by ``btrdelta receive`` (as a command, into
-btrfs, fresh destination per run, best of ``REPEAT`` for the tree streams) and also by
+btrfs, fresh destination per run, best of ``REPEAT`` rounds with the order of the tools
+alternating) and also by
 ``btrdelta receive`` into ext4 (directory backend, for information). Wall time and the peak
 RSS of each receiving process (``os.wait4`` rusage) are reported with the ratio.
 
@@ -130,7 +131,10 @@ def _receive_pair(kind: str, full: Path, incr: Path | None, dests: dict[str, Pat
         "btrdelta": lambda s, d: [PY, "-m", "btrdelta", "receive", "-f", str(s), str(d)],
         "btrdelta-ext4": lambda s, d: [PY, "-m", "btrdelta", "receive", "-f", str(s), str(d)],
     }
-    for tool, mk in tools.items():
+    order = list(tools.items())
+    if round_ % 2:  # alternate who goes first (page cache, writeback, allocator state)
+        order.reverse()
+    for tool, mk in order:
         d = dests[tool] / f"{kind}-{round_}"
         d.mkdir()
         if incr is not None:
@@ -184,6 +188,9 @@ def run() -> list[str]:
                     subprocess.run(["btrfs", "-q", "subvolume", "delete", *map(str, p.iterdir())],
                                    capture_output=True, check=False)
                     shutil.rmtree(p, ignore_errors=True)
+            if d != edst:
+                subprocess.run(["btrfs", "subvolume", "sync", str(d)], capture_output=True,
+                               check=False)
         for p in out.glob("*.stream"):
             p.unlink()
         sh("mount", "-o", "remount,compress=no", str(src))
@@ -195,8 +202,20 @@ def run() -> list[str]:
         large = out / "large.stream"
         sh("btrfs", "-q", "send", "-f", str(large), str(src / "L"))
         shutil.rmtree(vol, ignore_errors=True)
-        res = _receive_pair("large", large, None, dests, 0)
-        report("large file v1", res, large.stat().st_size)
+        best: dict[str, tuple[float, int]] = {}
+        for r in range(REPEAT):
+            for k, v in _receive_pair("large", large, None, dests, r).items():
+                if k not in best or v[0] < best[k][0]:
+                    best[k] = v
+            for tool, root in dests.items():  # keep the destinations from filling up
+                sub = root / f"large-{r}"
+                subprocess.run(["btrfs", "-q", "subvolume", "delete", *map(str, sub.iterdir())],
+                               capture_output=True, check=False)
+                shutil.rmtree(sub, ignore_errors=True)
+                if tool != "btrdelta-ext4":
+                    subprocess.run(["btrfs", "subvolume", "sync", str(root)],
+                                   capture_output=True, check=False)
+        report("large file v1", best, large.stat().st_size)
     return lines
 
 

@@ -306,26 +306,28 @@ class _IoVec(ctypes.Structure):
     _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
 
+_ENCODED_ARGS = struct.Struct("<QQqQQQQII64x")  # struct btrfs_ioctl_encoded_io_args
+
+
 def encoded_write(
     fd: int, data: Any, offset: int, length: int, unencoded_len: int,
     unencoded_offset: int, compression: int, encryption: int = 0,
 ) -> None:
     """``BTRFS_IOC_ENCODED_WRITE``: store already-compressed ``data`` as one extent."""
     mv = memoryview(data).cast("B")
-    if mv.readonly:
-        cbuf: Any = ctypes.create_string_buffer(bytes(mv), len(mv))
+    if mv.readonly or not len(mv):
+        keep: Any = ctypes.create_string_buffer(bytes(mv), max(1, len(mv)))
+        addr = ctypes.addressof(keep)
     else:
-        cbuf = (ctypes.c_char * len(mv)).from_buffer(mv)
-    iov = _IoVec(ctypes.addressof(cbuf), len(mv))
-    args = bytearray(128)
-    struct.pack_into(
-        "<QQqQQQQII", args, 0, ctypes.addressof(iov), 1, offset, 0, length, unencoded_len,
-        unencoded_offset, compression, encryption,
-    )
+        keep = ctypes.c_char.from_buffer(mv)  # the first byte: its address is the buffer's
+        addr = ctypes.addressof(keep)
+    iov = _IoVec(addr, len(mv))
+    args = _ENCODED_ARGS.pack(ctypes.addressof(iov), 1, offset, 0, length, unencoded_len,
+                              unencoded_offset, compression, encryption)
     try:
         fcntl.ioctl(fd, _ENCODED_WRITE, args)
     finally:
-        del cbuf
+        del keep
 
 
 def clone_range(dst_fd: int, dst_offset: int, src_fd: int, src_offset: int, length: int) -> None:
