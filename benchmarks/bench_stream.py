@@ -15,7 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
-from btrdelta.stream import StreamReader, StreamWriter
+from btrdelta.stream import BACKEND, StreamReader, StreamWriter
 from btrdelta.stream.records import (
     Chmod,
     Chown,
@@ -121,8 +121,15 @@ def _peak_rss_reading(path: Path) -> int:
     return int(out.strip()) * 1024
 
 
+def _backend() -> str:
+    if BACKEND != "c":
+        return "python (pure; BTRDELTA_PURE_PYTHON set or the C accelerator not built)"
+    from btrdelta.stream import _speedups  # type: ignore[attr-defined]
+    return f"c (btrdelta.stream._speedups, CRC32C {_speedups.CRC_IMPL})"
+
+
 def run() -> list[str]:
-    lines = []
+    lines = [f"backend: {_backend()}"]
     large = _large_stream()
     size = large.stat().st_size
     subprocess.run(["cat", str(large)], stdout=subprocess.DEVNULL, check=True)  # page cache
