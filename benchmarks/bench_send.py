@@ -16,7 +16,9 @@ content comparison and ``--quick`` size+mtime trust like rsync), and the generat
 Each btrdelta stream is received by the kernel and checked with tree-sum. Times are the
 best of ``BTRDELTA_BENCH_REPEAT`` (default 3) runs.
 
-Run: ``.venv/bin/python -m benchmarks.bench_send`` (needs root and loop devices).
+Run: ``.venv/bin/python -m benchmarks send`` (needs root and loop devices; the loop image
+goes to ``$BTRDELTA_BENCH_WORKDIR``, default the system temp dir, e.g. ``/dev/shm`` when the
+disk is short of space).
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def run() -> list[str]:
 
     name, old, new = real_pair()
     out(f"# bench_send on {name}")
-    with loop_fs("btrfs", size="4G") as mnt:
+    with loop_fs("btrfs", size="4G", workdir=os.environ.get("BTRDELTA_BENCH_WORKDIR")) as mnt:
         sh("btrfs", "-q", "subvolume", "create", mnt / "vol")
         sh("cp", "-a", f"{old}/.", str(mnt / "vol"))
         sh("btrfs", "-q", "subvolume", "snapshot", "-r", mnt / "vol", mnt / "A")
