@@ -144,7 +144,19 @@ def _receive_pair(kind: str, full: Path, incr: Path | None, dests: dict[str, Pat
         else:
             results[tool] = _timed(mk(full, d))
         sh("sync")
+    for root in dests.values():  # free the space before the next round
+        _remove(root / f"{kind}-{round_}")
     return results
+
+
+def _remove(d: Path) -> None:
+    subs = [str(p) for p in d.iterdir()] if d.exists() else []
+    if subs:
+        subprocess.run(["btrfs", "-q", "subvolume", "delete", *subs], capture_output=True,
+                       check=False)
+    shutil.rmtree(d, ignore_errors=True)
+    subprocess.run(["btrfs", "subvolume", "sync", str(d.parent)], capture_output=True,
+                   check=False)
 
 
 def run() -> list[str]:

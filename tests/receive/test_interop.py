@@ -65,3 +65,31 @@ def test_encoded_writes_pass_through_on_btrfs(
     ext4.mkdir()
     our_receive(g.a.path, ext4)
     assert len(calls) >= n_encoded  # off btrfs everything is decompressed
+
+
+@pytest.mark.parametrize("name", ["multi", "multi-e", "nodata"])
+def test_multi_subvolume_and_no_data_streams(
+    name: str, kernel_streams: list, received: dict[str, Group], targets: Targets
+) -> None:
+    by_name = {ks.name: ks for ks in kernel_streams}
+    stream = by_name[name].path
+    dirs = {k: root / f"special-{name}" for k, root in (
+        ("kernel", targets.kernel), ("btrfs", targets.ours_btrfs), ("ext4", targets.ours_ext4))}
+    for d in dirs.values():
+        d.mkdir()
+    if name == "nodata":  # incremental: needs its parent first
+        base = by_name["compressible-data-W6.zstd.v1.A"].path
+        kernel_receive(base, dirs["kernel"])
+        our_receive(base, dirs["btrfs"])
+        our_receive(base, dirs["ext4"])
+    kernel_receive(stream, dirs["kernel"])
+    our_receive(stream, dirs["btrfs"])
+    our_receive(stream, dirs["ext4"])
+    snaps = sorted(p.name for p in dirs["kernel"].iterdir())
+    assert len(snaps) == 2
+    for key in ("btrfs", "ext4"):
+        assert sorted(p.name for p in dirs[key].iterdir() if not p.name.startswith(".")) == snaps
+        for snap in snaps:
+            ref = tree_manifest(dirs["kernel"] / snap, ignore_root_mtime=True)
+            got = tree_manifest(dirs[key] / snap, ignore_root_mtime=True)
+            assert not diff_manifests(ref, got), (key, snap, diff_manifests(ref, got))
