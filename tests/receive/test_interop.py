@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from btrdelta.tree.treesum import diff_manifests, tree_manifest
@@ -93,3 +96,44 @@ def test_multi_subvolume_and_no_data_streams(
             ref = tree_manifest(dirs["kernel"] / snap, ignore_root_mtime=True)
             got = tree_manifest(dirs[key] / snap, ignore_root_mtime=True)
             assert not diff_manifests(ref, got), (key, snap, diff_manifests(ref, got))
+
+
+def test_parent_found_when_a_subvolume_is_mounted(btrfs_ok: None, tmp_path: Path) -> None:
+    # DEST below a `-o subvol=top` mount: UUID-tree paths are relative to the top level
+    import subprocess
+
+    from btrdelta.receive import receive
+    from btrdelta.receive.subvol import subvol_info
+    from btrdelta.testing.loopfs import loop_fs
+    from btrdelta.testing.loopfs import run as sh
+
+    from .helpers import UUID_A, UUID_B, events
+    from .test_failures import FULL, INCR
+
+    with loop_fs("btrfs", size="256M") as mnt:
+        sh("btrfs", "-q", "subvolume", "create", str(mnt / "top"))
+        with open("/proc/mounts") as f:
+            dev = next(line.split()[0] for line in f if line.split()[1] == str(mnt))
+        m2 = tmp_path / "m2"
+        m2.mkdir()
+        sh("mount", "-o", "subvol=top", dev, str(m2))
+        try:
+            (m2 / "dest").mkdir()
+            receive(events(FULL), m2 / "dest")
+            receive(events(INCR), m2 / "dest")
+            assert (m2 / "dest" / "B" / "moved").read_bytes().startswith(b"HELLOhello")
+            fd = os.open(m2 / "dest" / "B", os.O_RDONLY)
+            try:
+                info = subvol_info(fd)
+            finally:
+                os.close(fd)
+            assert info.received_uuid == UUID_B
+            assert info.readonly
+            fd = os.open(m2 / "dest" / "A", os.O_RDONLY)
+            try:
+                assert subvol_info(fd).received_uuid == UUID_A
+                assert info.parent_uuid == subvol_info(fd).uuid
+            finally:
+                os.close(fd)
+        finally:
+            subprocess.run(["umount", str(m2)], check=False)
