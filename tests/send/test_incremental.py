@@ -186,3 +186,39 @@ def test_shifted_data_is_cloned_from_the_old_version(
     userspace_receive(base / "full.s", plain)
     userspace_receive(base / "incr.s", plain)
     assert_same_tree(new, plain / "new")
+
+
+@pytest.mark.btrfs
+def test_new_file_pieces_cloned_from_old_file_of_same_name(
+    btrfs_ws: Workspace, tmp_path: Path
+) -> None:
+    """A new file that holds most of an old file with the same name (grown by an append, or
+    with whole blocks inserted) clones those parts from the old file."""
+    base = btrfs_ws.fresh("xfile")
+    old, new = _pair(base)
+    data = (old / "big.bin").read_bytes()
+    (new / "dir" / "big.bin").write_bytes(data + b"appended" * 600)  # shift 0
+    (new / "v2").mkdir()
+    (new / "v2" / "big.bin").write_bytes(_rand(8192, 6) + data[: 600_000])  # shift 8 KiB
+    recs = list(send_records(new, old, version=2))
+    head = recs[0]
+    assert isinstance(head, Snapshot)
+    clones = [r for r in recs if isinstance(r, Clone)]
+    by_path: dict[bytes, int] = {}
+    for c in clones:
+        assert c.clone_uuid == head.clone_uuid
+        assert c.clone_path == b"big.bin"
+        assert c.offset % 4096 == 0
+        assert c.clone_offset % 4096 == 0
+        assert c.length % 4096 == 0
+        by_path[c.path] = by_path.get(c.path, 0) + c.length
+    assert by_path[b"dir/big.bin"] > len(data) - 64 * 1024
+    assert by_path[b"v2/big.bin"] > 600_000 - 64 * 1024
+    written = sum(len(r.data) for r in recs if isinstance(r, Write))
+    assert written < 4 * 64 * 1024
+    _roundtrip(base, old, new, version=2)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    userspace_receive(base / "full.s", plain)
+    userspace_receive(base / "incr.s", plain)
+    assert_same_tree(new, plain / "new")

@@ -189,21 +189,22 @@ def shifted_clones(
     *,
     min_len: int = 16384,
 ) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]]]:
-    """Find data of a changed file's ``writes`` elsewhere in its old version.
+    """Find data of a new file's ``writes`` in an old file (its old version, or another).
 
-    Both versions are cut into content-defined chunks (FastCDC); a chunk of the new file
-    that overlaps a write range and is found (XXH3, then byte comparison) in the old file at
-    an offset that differs by a multiple of 4 KiB can be *cloned* from the old file, because
-    the kernel clones only block-aligned ranges. Runs of such chunks with the same shift are
-    merged and trimmed to whole blocks; pieces of at least ``min_len`` bytes become clones.
+    Both files are cut into content-defined chunks (FastCDC); a chunk of the new file that
+    overlaps a write range and is found (XXH3, then byte comparison) in the old file at an
+    offset that differs by a multiple of 4 KiB (0 included) can be *cloned* from the old
+    file, because the kernel clones only block-aligned ranges. Runs of such chunks with the
+    same shift are merged and trimmed to whole blocks; pieces of at least ``min_len`` bytes
+    become clones.
 
     Args:
-        old_path: the old version of the file.
-        new_path: the new version.
+        old_path: the old file (in the parent tree).
+        new_path: the new file.
         old_size: old size in bytes.
         new_size: new size in bytes.
-        writes: the block-aligned ranges that differ at equal offsets
-            (from :func:`changed_ranges`).
+        writes: block-aligned ranges of the new file to look for (e.g. the ranges that
+            differ at equal offsets, from :func:`changed_ranges`, or all its data).
         min_len: the shortest clone worth a record.
 
     Returns:
@@ -227,7 +228,7 @@ def shifted_clones(
             if i < 0 or writes[i][0] + writes[i][1] <= off:
                 continue  # overlaps no write range (they are sorted and disjoint)
             src = where.get(xxhash.xxh3_64_intdigest(c.data))
-            if src is None or src == off or (off - src) % BLOCK:
+            if src is None or (off - src) % BLOCK:
                 continue
             if mo[src : src + n].tobytes() != c.data.tobytes():
                 continue  # hash collision

@@ -150,6 +150,7 @@ class Sender:
         self.clone_min = clone_min
         self.workers = workers
         self.shift_min = shift_min
+        self._old_by_name: dict[bytes, list[Node]] | None = None
         self.stats = SendStats()
         self._on_progress = on_progress
         self._compress: Callable[[bytes], bytes] | None = None
@@ -429,17 +430,70 @@ class Sender:
         if clone is not None:
             yield self._count(clone)
             return True
-        fd = open_file(self.new.abspath(path))
+        new_abs = self.new.abspath(path)
+        fd = open_file(new_abs)
         try:
-            end = 0
-            for off, length in data_segments(fd, node.size):
-                yield from self._write_range(fd, path, off, length, node.size)
-                end = off + length
+            segs = data_segments(fd, node.size)
+            end = segs[-1][0] + segs[-1][1] if segs else 0
+            clones: list[tuple[int, int, int]] = []
+            source = self._similar_old_file(node)
+            if source is not None:
+                assert self.old is not None
+                clones, segs = shifted_clones(
+                    self.old.abspath(source.path), new_abs, source.size, node.size, segs,
+                    min_len=self.shift_min,
+                )
+            yield from self._emit_ops(fd, node, path, segs, clones, source)
         finally:
             os.close(fd)
         if end < node.size:
             yield self._count(Truncate(path=path, size=node.size))
         return True
+
+    def _similar_old_file(self, node: Node) -> Node | None:
+        """An old file to look for pieces of a new file in: one with the same name (a file
+        that moved and changed, or a copy that grew), the closest in size."""
+        if self.old is None or not self.shift_min or node.size < self.shift_min:
+            return None
+        if self._old_by_name is None:
+            self._old_by_name = {}
+            for o in self.old.nodes.values():
+                if o.is_reg and o.size >= self.shift_min:
+                    for _p, name in o.dentries:
+                        self._old_by_name.setdefault(name, []).append(o)
+        cands = {o.id: o for _p, name in node.dentries for o in self._old_by_name.get(name, ())}
+        if not cands:
+            return None
+        return min(cands.values(), key=lambda o: (abs(o.size - node.size), o.id))
+
+    def _emit_ops(
+        self,
+        fd: int,
+        node: Node,
+        path: bytes,
+        writes: list[tuple[int, int]],
+        clones: list[tuple[int, int, int]],
+        source: Node | None,
+    ) -> Iterator[Record]:
+        """Writes from the new file and clones from ``source`` (old tree), by offset."""
+        for off, length, src in sorted([(o, n, -1) for o, n in writes] + clones):
+            if src < 0:
+                yield from self._write_range(fd, path, off, length, node.size)
+                continue
+            assert self.old is not None
+            assert source is not None
+            self.stats.cloned_bytes += length
+            yield self._count(
+                Clone(
+                    offset=off,
+                    length=length,
+                    path=path,
+                    clone_uuid=self.old.subvol_uuid(),
+                    clone_ctransid=self.old.ctransid(),
+                    clone_path=source.path,
+                    clone_offset=src,
+                )
+            )
 
     def _changed_data(
         self, node: Node, onode: Node, path: bytes
@@ -464,27 +518,10 @@ class Sender:
             clones, writes = shifted_clones(
                 old_path, new_abs, onode.size, node.size, writes, min_len=self.shift_min
             )
-        ops = sorted([(off, length, -1) for off, length in writes] + clones)
-        if ops:
-            assert self.old is not None
+        if writes or clones:
             fd = open_file(new_abs)
             try:
-                for off, length, src in ops:
-                    if src < 0:
-                        yield from self._write_range(fd, path, off, length, node.size)
-                        continue
-                    self.stats.cloned_bytes += length
-                    yield self._count(
-                        Clone(
-                            offset=off,
-                            length=length,
-                            path=path,
-                            clone_uuid=self.old.subvol_uuid(),
-                            clone_ctransid=self.old.ctransid(),
-                            clone_path=onode.path,
-                            clone_offset=src,
-                        )
-                    )
+                yield from self._emit_ops(fd, node, path, writes, clones, onode)
             finally:
                 os.close(fd)
         if onode.size != node.size:
