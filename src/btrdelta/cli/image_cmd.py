@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from ..chunk.archive import HEADER_SIZE, decode_header
 from ..chunk.chunker import ChunkerParams
 from ..chunk.clone import clone, open_source, read_index
-from ..chunk.compress import compress_image
+from ..chunk.compress import DEFAULT_LEVEL, compress_image
 from ..chunk.store import ChunkStore, ImageReader, split_store_name
 from ..errors import BtrdeltaError, ChecksumError
 from ._common import Progress, human_bytes, open_output
@@ -52,7 +52,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     c.add_argument("-o", "--output", required=True, metavar="ARCHIVE", help="archive to write")
     c.add_argument("--avg-chunk", type=_size, default=64 << 10, metavar="SIZE",
                    help="average chunk size (default 64K; min = avg/4, max = avg*4)")
-    c.add_argument("--level", type=int, default=3, help="zstd level (default 3)")
+    c.add_argument("--level", type=int, default=DEFAULT_LEVEL,
+                   help=f"zstd level (default {DEFAULT_LEVEL}: compressed once, fetched often)")
     c.add_argument("--sign", metavar="KEY", help="Ed25519 private key (PEM) to sign with")
     c.add_argument("--threads", type=int, default=None, help="compression threads (default: CPUs)")
     c.add_argument("--progress", action="store_true", help="show progress on stderr")
