@@ -32,6 +32,7 @@ a thread pool, so an incremental send uses two cores like rsync's sender/receive
 from __future__ import annotations
 
 import os
+import threading
 import zlib
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
@@ -165,7 +166,11 @@ class Sender:
         # the old tree is scanned and hashed by a child process (a second core, no GIL)
         # while this one scans the new tree and hashes it in threads
         forked: ForkedScan | None = None
-        if self.parent_dir is not None and (workers or os.cpu_count() or 1) > 1:
+        if (
+            self.parent_dir is not None
+            and (workers or os.cpu_count() or 1) > 1
+            and threading.active_count() == 1  # forking a threaded process is unsafe
+        ):
             forked = ForkedScan(self.parent_dir)
         self._hasher = ContentHasher(workers)
         try:
