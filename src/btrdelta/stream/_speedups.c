@@ -247,6 +247,16 @@ crc_update(uint32_t crc, const uint8_t *p, size_t len)
     return crc_sw(crc, p, len);
 }
 
+static inline int
+crc_is_hw(void)
+{
+#ifdef HAVE_X86_CRC
+    return have_hw_crc;
+#else
+    return 0;
+#endif
+}
+
 static void
 crc_init(void)
 {
@@ -290,15 +300,26 @@ static uint32_t max_payload[NVERSIONS];
 static long end_cmd = -1;
 static PyObject *uuid_cls;
 static PyObject *kw_bytes; /* ("bytes",) */
+/*
+ * Without hardware CRC here (not x86, or no SSE4.2) large file data is checked by the
+ * Python CRC32C library instead (crc32c.crc32c(data, value), standard convention), which
+ * has its own hardware paths (ARMv8 crc, ...): the table runs at ~1-2 GB/s only.
+ */
+static PyObject *lib_crc;
+#define LIB_CRC_MIN 4096
 static int configured;
 
 static PyObject *
 configure(PyObject *self, PyObject *args)
 {
-    PyObject *ucls, *commands, *limits;
+    PyObject *ucls, *commands, *limits, *crcf = Py_None;
     long endc;
-    if (!PyArg_ParseTuple(args, "OOOl:configure", &ucls, &commands, &limits, &endc))
+    if (!PyArg_ParseTuple(args, "OOOl|O:configure", &ucls, &commands, &limits, &endc, &crcf))
         return NULL;
+    if (crcf != Py_None && !PyCallable_Check(crcf)) {
+        PyErr_SetString(PyExc_TypeError, "crc function must be callable or None");
+        return NULL;
+    }
     if (!PyTuple_Check(commands) || PyTuple_GET_SIZE(commands) > NCMD) {
         PyErr_SetString(PyExc_ValueError, "commands: a tuple of at most 64 entries");
         return NULL;
@@ -376,6 +397,12 @@ configure(PyObject *self, PyObject *args)
     memcpy(max_payload, mp, sizeof(mp));
     Py_INCREF(ucls);
     Py_XSETREF(uuid_cls, ucls);
+    if (crcf == Py_None)
+        Py_CLEAR(lib_crc);
+    else {
+        Py_INCREF(crcf);
+        Py_XSETREF(lib_crc, crcf);
+    }
     end_cmd = endc;
     configured = 1;
     Py_RETURN_NONE;
@@ -495,6 +522,32 @@ done:
     return rec;
 }
 
+/* continue the raw CRC register *crc over mv[start:end] with the Python library */
+static int
+lib_crc32c(PyObject *mv, size_t start, size_t end, uint32_t *crc)
+{
+    PyObject *piece = PySequence_GetSlice(mv, (Py_ssize_t)start, (Py_ssize_t)end);
+    if (piece == NULL)
+        return -1;
+    PyObject *seed = PyLong_FromUnsignedLong(*crc ^ 0xFFFFFFFFu);
+    if (seed == NULL) {
+        Py_DECREF(piece);
+        return -1;
+    }
+    PyObject *argv[2] = {piece, seed};
+    PyObject *res = PyObject_Vectorcall(lib_crc, argv, 2, NULL);
+    Py_DECREF(piece);
+    Py_DECREF(seed);
+    if (res == NULL)
+        return -1;
+    unsigned long v = PyLong_AsUnsignedLong(res);
+    Py_DECREF(res);
+    if (v == (unsigned long)-1 && PyErr_Occurred())
+        return -1;
+    *crc = (uint32_t)v ^ 0xFFFFFFFFu;
+    return 0;
+}
+
 PyDoc_STRVAR(decode_batch_doc,
 "decode_batch(buf, pos, limit, version, verify_crc, /) -> (records, new_pos, hit_end)\n\n"
 "Decode every complete, kernel-order command in buf[pos:limit]; stop at the first one that\n"
@@ -573,7 +626,12 @@ decode_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (verify) {
             uint32_t crc = crc_update(0, h, 6);
             crc = crc_update(crc, zero4, 4);
-            crc = crc_update(crc, h + 10, length);
+            if (length >= LIB_CRC_MIN && lib_crc != NULL && !crc_is_hw()) {
+                if (lib_crc32c(mv, p + 10, end, &crc) < 0)
+                    goto finish;
+            }
+            else
+                crc = crc_update(crc, h + 10, length);
             if (crc != le32(h + 6))
                 break;
         }
@@ -1295,12 +1353,41 @@ py_crc32c_table(PyObject *self, PyObject *args)
     return crc_common(args, 1);
 }
 
+/* tests: run the table path (and the library for large data) on a machine with SSE4.2 */
+static PyObject *
+py_set_crc_impl(PyObject *self, PyObject *arg)
+{
+    const char *name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : NULL;
+    if (name == NULL || (strcmp(name, "table") && strcmp(name, "sse4.2"))) {
+        PyErr_SetString(PyExc_ValueError, "crc implementation: 'table' or 'sse4.2'");
+        return NULL;
+    }
+    PyObject *prev = PyUnicode_FromString(crc_is_hw() ? "sse4.2" : "table");
+#ifdef HAVE_X86_CRC
+    if (!strcmp(name, "sse4.2") && !__builtin_cpu_supports("sse4.2")) {
+        Py_XDECREF(prev);
+        PyErr_SetString(PyExc_ValueError, "this CPU has no SSE4.2");
+        return NULL;
+    }
+    have_hw_crc = !strcmp(name, "sse4.2");
+#else
+    if (!strcmp(name, "sse4.2")) {
+        Py_XDECREF(prev);
+        PyErr_SetString(PyExc_ValueError, "built without SSE4.2 support");
+        return NULL;
+    }
+#endif
+    return prev;
+}
+
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
-     "configure(uuid_cls, commands, limits, end_cmd, /): set the decoding plan."},
+     "configure(uuid_cls, commands, limits, end_cmd, crc32c=None, /): set the decoding plan."},
     {"decode_batch", (PyCFunction)(void (*)(void))decode_batch, METH_FASTCALL,
      decode_batch_doc},
     {"render_dump", (PyCFunction)(void (*)(void))render_dump, METH_FASTCALL, render_dump_doc},
+    {"_set_crc_impl", py_set_crc_impl, METH_O,
+     "_set_crc_impl(name, /) -> previous: 'sse4.2' or 'table' (for tests)."},
     {"crc32c", py_crc32c, METH_VARARGS,
      "crc32c(data, crc=0, /): btrfs CRC32C (raw register) with the fastest implementation."},
     {"crc32c_table", py_crc32c_table, METH_VARARGS,

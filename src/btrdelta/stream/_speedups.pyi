@@ -1,6 +1,6 @@
 """Optional C accelerator for btrdelta.stream (see _speedups.c); absent without a compiler."""
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 #: "sse4.2" (hardware CRC32C, three interleaved streams) or "table" (slicing-by-8)
@@ -12,6 +12,7 @@ def configure(
                           tuple[tuple[int, int, int], ...]] | None, ...],
     limits: tuple[tuple[int, int], ...],
     end_cmd: int,
+    crc32c: Callable[[Any, int], int] | None = None,
     /,
 ) -> None: ...
 def decode_batch(
@@ -20,3 +21,4 @@ def decode_batch(
 def render_dump(records: Iterable[Any], dumper: Any, /) -> str: ...
 def crc32c(data: Any, crc: int = 0, /) -> int: ...
 def crc32c_table(data: Any, crc: int = 0, /) -> int: ...
+def _set_crc_impl(name: str, /) -> str: ...

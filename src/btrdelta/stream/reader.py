@@ -431,7 +431,7 @@ def _speedups_plan() -> tuple[Any, ...]:
         ]
         commands[cmd] = (cls, len(order), *plans)
     limits = ((0, 0), *((int(MAX_CMD[v]), MAX_PAYLOAD[v]) for v in SUPPORTED_VERSIONS))
-    return uuid.UUID, tuple(commands), limits, int(Cmd.END)
+    return uuid.UUID, tuple(commands), limits, int(Cmd.END), _crc
 
 
 def _load_speedups() -> Any:
