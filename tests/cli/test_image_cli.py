@@ -205,3 +205,28 @@ def test_signed_archive_and_tampering(
     assert not (tmp_path / "s2").exists()
     # unsigned archive but a key required
     assert main(["image", "clone", "--key", str(pub), str(images.arc1), f"{tmp_path}/s3/x"]) == 5
+
+
+def test_clone_output_uses_seeds_and_updates_a_seed_in_place(
+    images: ImagePair, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    size = images.img2.stat().st_size
+    new = images.img2.read_bytes()
+    # a separate output: what the seed (v1) holds is copied from it
+    out = tmp_path / "b.img"
+    r = _clone_json(capsys, "--seed", str(images.img1), "--output", str(out), str(images.arc2),
+                    f"{tmp_path}/s1/v2")
+    assert out.read_bytes() == new
+    assert r["out_in_place"] == 0
+    assert int(r["out_from_seeds"]) > size // 2  # type: ignore[call-overload]
+    assert int(r["out_from_seeds"]) + int(r["out_from_store"]) == size  # type: ignore[call-overload]
+    # the A/B case on one file: the seed is the output, updated where it differs only
+    part = tmp_path / "partition.img"
+    shutil.copyfile(images.img1, part)
+    capsys.readouterr()
+    assert main(["image", "clone", "--seed", str(part), "--output", str(part), str(images.arc2),
+                 f"{tmp_path}/s2/v2"]) == 0
+    text = capsys.readouterr().out
+    assert part.read_bytes() == new
+    assert "already in place" in text
+    assert main(["image", "verify", f"{tmp_path}/s2/v2"]) == 0
