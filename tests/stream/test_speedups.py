@@ -268,3 +268,31 @@ def test_large_data_crc_with_each_implementation(impl: str) -> None:
         assert "CRC32C mismatch" in c[2]
     finally:
         _speedups._set_crc_impl(prev)
+
+
+@given(st.lists(records(), min_size=1, max_size=8), st.sampled_from([1, 2, 3]))
+def test_c_loop_decodes_every_kernel_order_command_itself(recs: list[Any], version: int) -> None:
+    # the plan handed to C covers every command: kernel-order records never fall back
+    from btrdelta.stream import _speedups  # type: ignore[attr-defined]
+    from btrdelta.stream.constants import COMMAND_SPECS
+    from btrdelta.stream.records import EncodedWrite
+
+    kept = []
+    for rec in recs:
+        if COMMAND_SPECS[rec.cmd].version > version:
+            continue
+        # the kernel sends OTIME and ENCRYPTION exactly from v2 on
+        if isinstance(rec, Utimes) and (rec.otime is None) != (version == 1):
+            continue
+        if isinstance(rec, EncodedWrite) and rec.encryption is None:
+            continue
+        kept.append(rec)
+    out = io.BytesIO()
+    w = StreamWriter(out.write, version)
+    for rec in kept:
+        w.write(rec)
+    w.write(End())
+    raw = memoryview(out.getvalue())
+    got, pos, hit_end = _speedups.decode_batch(raw, 17, len(raw), version, True)
+    assert got == [*kept, End()]
+    assert (pos, hit_end) == (len(raw), True)
