@@ -156,8 +156,16 @@ def changed_ranges(
         os.close(fn)
 
 
-#: FastCDC parameters for finding moved data inside a changed file
-_CDC_AVG, _CDC_MIN, _CDC_MAX = 8192, 2048, 65536
+#: FastCDC average chunk size for finding moved data in a file: 8 KiB, larger for files of
+#: more than _CDC_CHUNKS * 8 KiB so the chunk index stays small (memory bounded per file)
+_CDC_AVG, _CDC_AVG_MAX, _CDC_CHUNKS = 8192, 1 << 20, 32768
+
+
+def _cdc_for(size: int) -> FastCDC:
+    avg = _CDC_AVG
+    while avg < _CDC_AVG_MAX and size // avg > _CDC_CHUNKS:
+        avg *= 2
+    return FastCDC(avg, min_size=avg // 4, max_size=avg * 8)
 
 
 @contextlib.contextmanager
@@ -216,7 +224,7 @@ def shifted_clones(
     with _mapped(old_path, old_size) as mo, _mapped(new_path, new_size) as mn:
         if len(mo) != old_size or len(mn) != new_size:
             return [], writes
-        cdc = FastCDC(_CDC_AVG, min_size=_CDC_MIN, max_size=_CDC_MAX)
+        cdc = _cdc_for(max(old_size, new_size))
         where: dict[int, int] = {}
         for c in cdc.cut_buf(mo):
             where.setdefault(xxhash.xxh3_64_intdigest(c.data), c.offset)
