@@ -142,3 +142,12 @@ def test_v2_data_is_not_copied_and_v1_otime_is_optional() -> None:
     assert bytes(write.data) == payload
     utimes = next(e for e in events if type(e) is Utimes)
     assert utimes.otime is None
+
+
+def test_dump_of_an_unrepresentable_time_is_our_error(tmp_path: Any) -> None:
+    from btrdelta.stream import TextDumper
+
+    dumper = TextDumper()
+    dumper.render([Subvol(b"s", uuid.UUID(int=1), 1)])
+    with pytest.raises(StreamFormatError, match="failed to convert time"):
+        dumper.render([Utimes(b"f", (2**62) * 10**9, 0, 0)])

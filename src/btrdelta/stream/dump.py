@@ -215,7 +215,11 @@ class TextDumper:
 
     def _time(self, ns: int) -> str:
         sec = ns // _NS
-        text = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(sec))
+        try:
+            text = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(sec))
+        except (OverflowError, OSError, ValueError) as exc:
+            # progs fails the same way: "failed to convert time ... to local time"
+            raise StreamFormatError(f"failed to convert time {sec} to local time") from exc
         self._times[sec] = text
         return text
 
