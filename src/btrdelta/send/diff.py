@@ -24,8 +24,6 @@ Whatever stays unmatched is created (new side) or deleted (old side).
 from __future__ import annotations
 
 import bisect
-import contextlib
-import mmap
 import os
 from collections import defaultdict
 from collections.abc import Iterator
@@ -34,6 +32,7 @@ from dataclasses import dataclass, field
 import xxhash
 from pyfastcdc.cy import FastCDC
 
+from ..errors import BtrdeltaError
 from .scan import ROOT, Tree, data_segments, open_file
 
 __all__ = [
@@ -168,24 +167,29 @@ def _cdc_for(size: int) -> FastCDC:
     return FastCDC(avg, min_size=avg // 4, max_size=avg * 8)
 
 
-@contextlib.contextmanager
-def _mapped(path: bytes, size: int) -> Iterator[memoryview]:
-    if size == 0:
-        yield memoryview(b"")
-        return
-    fd = open_file(path)
-    try:
-        mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
-    finally:
-        os.close(fd)
-    view = memoryview(mm)
-    try:
-        yield view
-    finally:
-        with contextlib.suppress(BufferError):
-            view.release()
-        with contextlib.suppress(BufferError):
-            mm.close()
+#: files are cut into chunks in windows of this many bytes (bounded memory)
+_WINDOW = 16 << 20
+
+
+def _cut(
+    fd: int, ranges: list[tuple[int, int]], cdc: FastCDC, path: bytes
+) -> Iterator[tuple[int, memoryview]]:
+    """``(offset, data)`` of the content-defined chunks of ``ranges`` of an open file, read
+    in windows with ``pread`` (holes outside the ranges are never read or mapped)."""
+    for start, length in ranges:
+        end = start + length
+        pos = start
+        while pos < end:
+            n = min(_WINDOW, end - pos)
+            buf = os.pread(fd, n, pos)
+            if len(buf) != n:
+                raise BtrdeltaError("file changed while sending (short read)", path=path)
+            chunks = list(cdc.cut_buf(buf))
+            if pos + n < end and len(chunks) > 1:
+                chunks.pop()  # cut at the window's end, not by content: redo it next time
+            for c in chunks:
+                yield pos + c.offset, c.data
+            pos += chunks[-1].offset + chunks[-1].length
 
 
 def shifted_clones(
@@ -221,30 +225,50 @@ def shifted_clones(
     """
     if old_size < min_len or sum(n for _o, n in writes) < min_len:
         return [], writes
-    with _mapped(old_path, old_size) as mo, _mapped(new_path, new_size) as mn:
-        if len(mo) != old_size or len(mn) != new_size:
-            return [], writes
-        cdc = _cdc_for(max(old_size, new_size))
+    cdc = _cdc_for(max(old_size, new_size))
+    # the new file only around the write ranges (CDC cut points resynchronise within a
+    # couple of chunks), merged
+    margin = 2 * cdc.max_size
+    around: list[tuple[int, int]] = []
+    for off, n in writes:
+        a, b = max(0, off - margin), min(new_size, off + n + margin)
+        if around and a <= around[-1][1]:
+            around[-1] = (around[-1][0], max(around[-1][1], b))
+        else:
+            around.append((a, b))
+    fo = open_file(old_path)
+    try:
+        fn = open_file(new_path)
+    except OSError:
+        os.close(fo)
+        raise
+    try:
         where: dict[int, int] = {}
-        for c in cdc.cut_buf(mo):
-            where.setdefault(xxhash.xxh3_64_intdigest(c.data), c.offset)
+        for off, data in _cut(fo, data_segments(fo, old_size), cdc, old_path):
+            where.setdefault(xxhash.xxh3_64_intdigest(data), off)
+        if not where:
+            return [], writes
         starts = [o for o, _n in writes]
         runs: list[list[int]] = []  # [start, end, shift]
-        for c in cdc.cut_buf(mn):
-            off, n = c.offset, c.length
+        ranges = [(a, b - a) for a, b in around]
+        for off, data in _cut(fn, ranges, cdc, new_path):
+            n = len(data)
             i = bisect.bisect_right(starts, off + n - 1) - 1
             if i < 0 or writes[i][0] + writes[i][1] <= off:
                 continue  # overlaps no write range (they are sorted and disjoint)
-            src = where.get(xxhash.xxh3_64_intdigest(c.data))
+            src = where.get(xxhash.xxh3_64_intdigest(data))
             if src is None or (off - src) % BLOCK:
                 continue
-            if mo[src : src + n].tobytes() != c.data.tobytes():
+            if os.pread(fo, n, src) != bytes(data):
                 continue  # hash collision
             shift = off - src
             if runs and runs[-1][1] == off and runs[-1][2] == shift:
                 runs[-1][1] = off + n
             else:
                 runs.append([off, off + n, shift])
+    finally:
+        os.close(fo)
+        os.close(fn)
     aligned = [
         (a, b, sh)
         for a0, b0, sh in runs

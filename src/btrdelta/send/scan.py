@@ -87,6 +87,7 @@ _NO_FLAGS = (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS, errno.E
 
 #: files up to this size are read with one ``read``; larger ones in pieces of this size
 _WHOLE = 1 << 20
+_ZERO_VIEW = memoryview(bytes(_WHOLE))
 
 
 @dataclass(slots=True)
@@ -241,13 +242,7 @@ def btrfs_flags(fd: int) -> int:
     return out
 
 
-def _read_xattrs(path: bytes) -> dict[bytes, bytes]:
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError as exc:
-        if exc.errno in (errno.ENOTSUP, errno.EPERM):
-            return {}
-        raise
+def _read_xattrs(path: bytes, names: list[str]) -> dict[bytes, bytes]:
     out: dict[bytes, bytes] = {}
     for sname in names:
         name = sname.encode("utf-8", "surrogateescape")
@@ -312,7 +307,7 @@ def scan_tree(
                     raise
                 has = []
             if has:
-                node.xattrs = _read_xattrs(full)
+                node.xattrs = _read_xattrs(full, has)
         nodes[nid] = node
         return node
 
@@ -398,13 +393,20 @@ def _hash_file(path: bytes, size: int, buf: bytearray) -> tuple[bytes, int]:
         h = xxhash.xxh3_128()
         view = memoryview(buf)
         pos = 0
-        while pos < size:
-            n = os.preadv(fd, [view], pos)
-            if n <= 0:
-                break
-            h.update(view[: min(n, size - pos)])
-            pos += n
-        if pos != size or os.pread(fd, 1, size):
+        # holes are hashed as the zeros they read as, without reading them
+        for off, length in [*data_segments(fd, size), (size, 0)]:
+            while pos < off:
+                n = min(_WHOLE, off - pos)
+                h.update(_ZERO_VIEW[:n])
+                pos += n
+            end = off + length
+            while pos < end:
+                n = os.preadv(fd, [view[: min(_WHOLE, end - pos)]], pos)
+                if n <= 0:
+                    raise BtrdeltaError("file changed while sending (short read)", path=path)
+                h.update(view[:n])
+                pos += n
+        if os.pread(fd, 1, size):
             raise BtrdeltaError("file changed while sending (size differs)", path=path)
         return h.digest(), flags
     finally:
