@@ -244,3 +244,29 @@ def test_in_place_output_never_reads_what_it_overwrote(tmp_path: Path) -> None:
     assert r.from_seeds > r.chunks // 2  # the seed supplied chunks to the store
     assert r.out_from_seeds == 0  # but never to its own overwritten copy
     assert r.out_from_store + r.out_in_place == len(new)
+
+
+@pytest.mark.btrfs
+def test_block_device_seed_is_updated_in_place(image_pair: ImagePair, tmp_path: Path) -> None:
+    # the A/B update on a real block device (a loop device over a copy of v1)
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("root and losetup are required under CI")
+        pytest.skip("needs root and losetup")
+    backing = tmp_path / "disk.img"
+    shutil.copyfile(image_pair.img1, backing)
+    dev = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    try:
+        store = ChunkStore(tmp_path / "store")
+        r = _clone(image_pair.arc2, store, "v2", seeds=[dev], output=dev)
+        with open(dev, "rb") as f:
+            assert f.read() == image_pair.img2.read_bytes()
+        assert r.out_in_place > 0
+        assert r.out_from_seeds == 0  # the only seed is the output itself
+        assert r.out_in_place + r.out_from_store == image_pair.img2.stat().st_size
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+    assert backing.read_bytes() == image_pair.img2.read_bytes()
