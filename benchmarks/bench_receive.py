@@ -15,7 +15,9 @@ alternating) and also by
 ``btrdelta receive`` into ext4 (directory backend, for information). Wall time and the peak
 RSS of each receiving process (``os.wait4`` rusage) are reported with the ratio.
 
-Run: ``.venv/bin/python -m benchmarks.bench_receive`` (needs root and loop devices).
+Run: ``.venv/bin/python -m benchmarks.bench_receive`` (needs root and loop devices;
+``BTRDELTA_BENCH_LARGE`` sets the large file's size, ``BTRDELTA_BENCH_WORKDIR`` where the
+loop images live).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ REPEAT = 2
 TREE_DIRS = ["/usr/bin", "/usr/share/doc", "/usr/include", "/usr/lib/python3",
              "/usr/share/zoneinfo", "/usr/share/perl"]
 LARGE = int(os.environ.get("BTRDELTA_BENCH_LARGE", str(2 << 30)))
+#: where the loop images live (e.g. /dev/shm when the disk is short of space)
+WORKDIR = os.environ.get("BTRDELTA_BENCH_WORKDIR") or None
 
 
 def _timed(cmd: list[str]) -> tuple[float, int]:
@@ -173,8 +177,11 @@ def run() -> list[str]:
         print(line, flush=True)
         lines.append(line)
 
-    with loop_fs("btrfs", size="8G") as src, loop_fs("btrfs", size="8G") as kdst, \
-            loop_fs("btrfs", size="8G") as odst, loop_fs("ext4", size="8G") as edst:
+    w = WORKDIR
+    with loop_fs("btrfs", size="8G", workdir=w) as src, \
+            loop_fs("btrfs", size="8G", workdir=w) as kdst, \
+            loop_fs("btrfs", size="8G", workdir=w) as odst, \
+            loop_fs("ext4", size="8G", workdir=w) as edst:
         out = src / "streams"
         out.mkdir()
         streams = _make_streams(src, out, v2=False)
@@ -219,14 +226,6 @@ def run() -> list[str]:
             for k, v in _receive_pair("large", large, None, dests, r).items():
                 if k not in best or v[0] < best[k][0]:
                     best[k] = v
-            for tool, root in dests.items():  # keep the destinations from filling up
-                sub = root / f"large-{r}"
-                subprocess.run(["btrfs", "-q", "subvolume", "delete", *map(str, sub.iterdir())],
-                               capture_output=True, check=False)
-                shutil.rmtree(sub, ignore_errors=True)
-                if tool != "btrdelta-ext4":
-                    subprocess.run(["btrfs", "subvolume", "sync", str(root)],
-                                   capture_output=True, check=False)
         report("large file v1", best, large.stat().st_size)
     return lines
 
