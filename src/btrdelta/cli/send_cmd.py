@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from typing import TYPE_CHECKING
 
 from ..errors import BtrdeltaError
-from ..send import SendStats, kernel_send, send_records
-from ..stream import StreamWriter
+from ..send.scan import TreeScan
 from ._common import Progress, human_bytes, open_output
+
+if TYPE_CHECKING:
+    from ..send import SendStats
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -51,8 +54,30 @@ def run(args: argparse.Namespace) -> int:
         raise BtrdeltaError("--compress needs --proto 2 or later")
     progress = Progress(Progress.wanted(args), "send: ")
     started = time.monotonic()
+    scan: TreeScan | None = None
+    if not args.kernel:
+        # start reading the trees (child process + threads) before the slow imports below
+        scan = TreeScan(
+            args.new_dir, args.parent,
+            on_entry=lambda files, nbytes: progress.update(
+                f"scan: {files} files, {human_bytes(nbytes)} scanned"
+            ),
+        )
+    try:
+        return _send(args, version, compress, progress, started, scan)
+    finally:
+        if scan is not None:
+            scan.close()
+
+
+def _send(args: argparse.Namespace, version: int, compress: str | None, progress: Progress,
+          started: float, scan: TreeScan | None) -> int:
+    """Write the stream (imports the encoder while ``scan`` reads the trees)."""
+    from ..send import kernel_send, send_records
+    from ..stream import StreamWriter
+
     with open_output(args.output) as out:
-        if args.kernel:
+        if scan is None:
             n = kernel_send(out.write, args.new_dir, args.parent, version=version,
                             compressed=compress is not None)
             progress.done(f"{human_bytes(n)} from btrfs send")
@@ -69,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
         name = os.fsencode(args.name) if args.name else None
         for rec in send_records(args.new_dir, args.parent, version=version, compress=compress,
-                                quick=args.quick, name=name, on_progress=show):
+                                quick=args.quick, name=name, on_progress=show, scan=scan):
             writer.write(rec)
     progress.done(
         f"{writer.records} records, {human_bytes(writer.bytes_written)} in "

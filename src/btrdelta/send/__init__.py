@@ -3,29 +3,37 @@
 ``send_records(new_dir, parent_dir)`` yields the records of a stream that recreates
 ``new_dir`` (full) or turns ``parent_dir`` into ``new_dir`` (incremental) on any receiver of
 btrfs send streams, the kernel's ``btrfs receive`` included; ``send_stream`` writes them.
-Modules: :mod:`.scan` (walking a tree, identity), :mod:`.diff` (matching inodes, comparing
-content), :mod:`.order` (namespace changes in a valid order, orphans), :mod:`.emit`
+Modules: :mod:`.scan` (walking and hashing trees, identity), :mod:`.diff` (matching inodes,
+comparing content), :mod:`.order` (namespace changes in a valid order, orphans), :mod:`.emit`
 (records, data, compression), :mod:`.kernel` (handing read-only btrfs snapshots to
 ``btrfs send``).
+
+Importing this package is cheap: :mod:`.emit` (and with it the stream codec) and
+:mod:`.kernel` load on first use, so a caller can start a :class:`TreeScan` (child process,
+hashing threads) first and import the rest while the trees are being read.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..stream.records import Record
-from ..stream.writer import StreamWriter
-from .emit import COMPRESSORS, Sender, SendStats
-from .kernel import is_readonly_snapshot, kernel_send
-from .scan import Tree, hash_contents, scan_tree
+from .scan import Tree, TreeScan, hash_contents, scan_tree
+
+if TYPE_CHECKING:
+    from ..stream.records import Record
+    from ..stream.writer import StreamWriter
+    from .emit import COMPRESSORS, Sender, SendStats
+    from .kernel import is_readonly_snapshot, kernel_send
 
 __all__ = [
     "COMPRESSORS",
     "SendStats",
     "Sender",
     "Tree",
+    "TreeScan",
     "hash_contents",
     "is_readonly_snapshot",
     "kernel_send",
@@ -34,7 +42,22 @@ __all__ = [
     "send_stream",
 ]
 
+_LAZY = {
+    "COMPRESSORS": ".emit",
+    "SendStats": ".emit",
+    "Sender": ".emit",
+    "is_readonly_snapshot": ".kernel",
+    "kernel_send": ".kernel",
+}
+
 PathArg = str | bytes | os.PathLike[str]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module, __name__), name)
 
 
 def send_records(
@@ -47,6 +70,7 @@ def send_records(
     workers: int | None = None,
     name: bytes | None = None,
     on_progress: Callable[[SendStats], None] | None = None,
+    scan: TreeScan | None = None,
 ) -> Iterator[Record]:
     """Yield the records of a send stream of ``new_dir`` (incremental from ``parent_dir``).
 
@@ -59,15 +83,17 @@ def send_records(
         workers: threads reading and hashing file contents (default: CPU count, at most 4).
         name: subvolume name in the stream (default: basename of ``new_dir``).
         on_progress: called with :class:`SendStats` now and then.
+        scan: a :class:`TreeScan` of the same trees the caller started already.
 
     Yields:
         ``Subvol``/``Snapshot`` first, ``End`` last. ``Write.data`` is only valid until the
         next record is requested.
     """
+    from .emit import Sender
+
     sender = Sender(
         new_dir, parent_dir, version=version, compress=compress, quick=quick, workers=workers,
-        name=name,
-        on_progress=on_progress,
+        name=name, on_progress=on_progress, scan=scan,
     )
     yield from sender.records()
 
@@ -81,6 +107,8 @@ def send_stream(
     **kwargs: Any,
 ) -> StreamWriter:
     """Write the stream of :func:`send_records` to ``write``; returns the writer."""
+    from ..stream.writer import StreamWriter
+
     writer = StreamWriter(write, version)
     for rec in send_records(new_dir, parent_dir, version=version, **kwargs):
         writer.write(rec)

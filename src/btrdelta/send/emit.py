@@ -32,7 +32,6 @@ a thread pool, so an incremental send uses two cores like rsync's sender/receive
 from __future__ import annotations
 
 import os
-import threading
 import zlib
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
@@ -60,7 +59,7 @@ from ..stream.records import (
 )
 from .diff import Match, changed_ranges, files_equal, match_trees, shifted_clones
 from .order import Namespace, order_namespace
-from .scan import ROOT, ContentHasher, ForkedScan, Node, Tree, data_segments, open_file, scan_tree
+from .scan import ROOT, Node, Tree, TreeScan, data_segments, open_file
 
 __all__ = ["COMPRESSORS", "SendStats", "Sender"]
 
@@ -122,6 +121,8 @@ class Sender:
             version when found there at a 4 KiB-aligned shift (0: never look).
         name: subvolume name in the stream (default: the basename of ``new_dir``).
         on_progress: called with :class:`SendStats` now and then.
+        scan: the trees' :class:`~btrdelta.send.scan.TreeScan`, if the caller started it
+            already (default: started here).
     """
 
     def __init__(
@@ -137,13 +138,19 @@ class Sender:
         shift_min: int = 16 * 1024,
         name: bytes | None = None,
         on_progress: Callable[[SendStats], None] | None = None,
+        scan: TreeScan | None = None,
     ) -> None:
+        problem = None
         if version not in (1, 2, 3):
-            raise BtrdeltaError(f"unsupported stream version {version}")
-        if compress is not None and compress not in COMPRESSORS:
-            raise BtrdeltaError(f"unknown compression {compress!r} (zstd, zlib)")
-        if compress is not None and version < 2:
-            raise BtrdeltaError("compressed data needs stream version 2 or later")
+            problem = f"unsupported stream version {version}"
+        elif compress is not None and compress not in COMPRESSORS:
+            problem = f"unknown compression {compress!r} (zstd, zlib)"
+        elif compress is not None and version < 2:
+            problem = "compressed data needs stream version 2 or later"
+        if problem is not None:
+            if scan is not None:
+                scan.close()
+            raise BtrdeltaError(problem)
         self.new_dir = os.fsencode(new_dir)
         self.parent_dir = os.fsencode(parent_dir) if parent_dir is not None else None
         self.version = version
@@ -165,30 +172,16 @@ class Sender:
         self._read = 0
         # the old tree is scanned and hashed by a child process (a second core, no GIL)
         # while this one scans the new tree and hashes it in threads
-        forked: ForkedScan | None = None
-        if (
-            self.parent_dir is not None
-            and (workers or os.cpu_count() or 1) > 1
-            and threading.active_count() == 1  # forking a threaded process is unsafe
-        ):
-            forked = ForkedScan(self.parent_dir)
-        self._hasher = ContentHasher(workers)
-        try:
-            self.new = self._scan(self.new_dir)
-            self._hasher.submit(self.new)
-            self.old = None
-            if forked is not None:
-                self.old = forked.result()
-                self.stats.files_scanned += self.old.files
-                self.stats.bytes_scanned += self.old.data_bytes
-            elif self.parent_dir is not None:
-                self.old = self._scan(self.parent_dir)
-                self._hasher.submit(self.old)
-        except BaseException:
-            self._hasher.close()
-            if forked is not None:
-                forked.close()
-            raise
+        if scan is None:
+            scan = TreeScan(self.new_dir, self.parent_dir, workers=workers,
+                            on_entry=self._on_entry(0, 0))
+        elif scan.parent_dir != self.parent_dir:
+            scan.close()
+            raise BtrdeltaError("the prepared scan is of another parent tree")
+        self.new = scan.new
+        self.stats.files_scanned, self.stats.bytes_scanned = self.new.files, self.new.data_bytes
+        self.old = scan.old_tree(on_entry=self._on_entry(self.new.files, self.new.data_bytes))
+        self._hasher = scan.hasher
         # a full send is an incremental one from a tree that holds only the root directory
         self._base = self.old if self.old is not None else Tree(
             self.new_dir, {ROOT: self.new.nodes[ROOT]}, {ROOT: {}}
@@ -203,16 +196,13 @@ class Sender:
         if self._on_progress is not None:
             self._on_progress(self.stats)
 
-    def _scan(self, path: bytes) -> Tree:
-        files0, bytes0 = self.stats.files_scanned, self.stats.bytes_scanned
-
+    def _on_entry(self, files0: int, bytes0: int) -> Callable[[int, int], None]:
         def on_entry(files: int, nbytes: int) -> None:
             self.stats.files_scanned = files0 + files
             self.stats.bytes_scanned = bytes0 + nbytes
-            if files % 256 == 0:
-                self._progress()
+            self._progress()
 
-        return scan_tree(path, on_entry=on_entry)
+        return on_entry
 
     # -- identity ------------------------------------------------------------------------
 

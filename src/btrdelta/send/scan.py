@@ -48,6 +48,7 @@ __all__ = [
     "ROOT",
     "ContentHasher",
     "ForkedScan",
+    "TreeScan",
     "Node",
     "Tree",
     "btrfs_flags",
@@ -581,6 +582,80 @@ class ForkedScan:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self._pid, signal.SIGKILL)
             self._reap()
+
+
+class TreeScan:
+    """The reading half of a send: scan both trees and hash their contents, on two cores.
+
+    The parent tree (if any) goes to a :class:`ForkedScan` child process (when there is more
+    than one CPU, ``workers`` is not 1 and no other thread runs: forking a threaded process
+    is unsafe); this process scans the new tree and queues its files on a
+    :class:`ContentHasher`. The constructor returns once the new tree is scanned, so the
+    caller can do other work (such as importing the stream encoder) while both trees are
+    still being hashed; :meth:`old_tree` and :attr:`hasher` finish the job.
+
+    Args:
+        new_dir: the tree to send.
+        parent_dir: the tree the receiver has (``None``: full send).
+        workers: hashing threads (see :class:`ContentHasher`); 1 also disables the child.
+        on_entry: progress of the new tree's scan (see :func:`scan_tree`).
+
+    Raises:
+        BtrdeltaError: the new tree cannot be scanned.
+    """
+
+    def __init__(
+        self,
+        new_dir: str | bytes | os.PathLike[str],
+        parent_dir: str | bytes | os.PathLike[str] | None = None,
+        *,
+        workers: int | None = None,
+        on_entry: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.parent_dir = os.fsencode(parent_dir) if parent_dir is not None else None
+        self._forked: ForkedScan | None = None
+        if (
+            self.parent_dir is not None
+            and (workers or os.cpu_count() or 1) > 1
+            and threading.active_count() == 1
+        ):
+            self._forked = ForkedScan(self.parent_dir)
+        self.hasher = ContentHasher(workers)
+        self._old: Tree | None = None
+        try:
+            self.new = scan_tree(new_dir, on_entry=on_entry)
+            self.hasher.submit(self.new)
+        except BaseException:
+            self.close()
+            raise
+
+    def old_tree(self, on_entry: Callable[[int, int], None] | None = None) -> Tree | None:
+        """The parent tree (waits for the child, or scans it here); ``None`` for a full send.
+
+        Raises:
+            BtrdeltaError: the parent tree cannot be scanned.
+        """
+        if self._old is None and self.parent_dir is not None:
+            try:
+                if self._forked is not None:
+                    self._old = self._forked.result()
+                    self._forked = None
+                    if on_entry is not None:
+                        on_entry(self._old.files, self._old.data_bytes)
+                else:
+                    self._old = scan_tree(self.parent_dir, on_entry=on_entry)
+                    self.hasher.submit(self._old)
+            except BaseException:
+                self.close()
+                raise
+        return self._old
+
+    def close(self) -> None:
+        """Stop the child and the hashing threads (after an error)."""
+        self.hasher.close()
+        if self._forked is not None:
+            self._forked.close()
+            self._forked = None
 
 
 def hash_contents(
