@@ -1,18 +1,29 @@
 """Delta streams vs peer tools on real tree pairs (needs root, btrfs, zstd, rsync, xdelta3).
 
-Pairs: two adjacent numpy wheels unpacked into trees (downloaded once with ``pip download``
-into a cache), and a "rebuilt release" (stdlib modules and binaries, every file rewritten
-with small edits as new inodes). For each pair, side by side in one run: the delta stream
-(``btrdelta delta make``, as downloaded), the kernel's incremental stream with
-``zstd -19 --long``, an ``rsync --only-write-batch`` batch with ``zstd -19``, and ext4 images
-of both trees (``mkfs.ext4 -d``, same size and UUID) with ``xdelta3 -9 -B <size>`` and
-``zstd -19 --long=31 --patch-from``; plus make / expand throughput.
+Pairs: the Debian bookworm minbase root before and after ``apt-get upgrade``
+(:func:`benchmarks.trees.real_pair`, cached), two adjacent numpy wheels unpacked into trees
+(downloaded once with ``pip download``) and a "rebuilt release" (stdlib modules and binaries,
+every file rewritten with small edits as new inodes). NEW is always written as fresh files
+(new inodes), as an image rebuilt from scratch would be. For each pair, side by side in one
+run:
 
-Run: ``.venv/bin/python -m benchmarks.bench_delta``.
+* sizes: the delta stream (``btrdelta delta make``, as downloaded) of the kernel's
+  incremental stream; the kernel stream with ``zstd -19 --long``; an
+  ``rsync --only-write-batch`` batch with ``zstd -19``; ext4 images of both trees
+  (``mkfs.ext4 -d``, same size and UUID) with ``xdelta3 -9 -B <size>`` and
+  ``zstd -19 --long=31 --patch-from``; and the same for the ``--compressed-data`` stream
+  (compress=zstd file system), whose extents ``delta make`` regenerates by recompressing;
+* speed and memory of the CLI (child processes, startup included): ``delta make`` in MB/s of
+  diffed data (the new content of the files it diffed) and of stream, ``delta expand`` and
+  ``btrdelta receive`` of the delta in MB/s of expanded stream, each with its peak RSS
+  (``ru_maxrss`` from ``wait4``) next to the largest file diffed.
+
+Run: ``.venv/bin/python -m benchmarks delta``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -25,12 +36,15 @@ from pathlib import Path
 from btrdelta.testing.loopfs import loop_fs
 from btrdelta.testing.loopfs import run as sh
 
+from .trees import real_pair
+
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "btrdelta-bench"
 NUMPY = ("1.26.3", "1.26.4")
 PY = sys.executable
+BTRDELTA = [PY, "-m", "btrdelta"]
 
 
-def _numpy_trees(work: Path) -> tuple[Path, Path] | None:
+def _numpy_trees() -> tuple[Path, Path] | None:
     trees = []
     for ver in NUMPY:
         dest = CACHE / f"numpy-{ver}"
@@ -59,7 +73,7 @@ def _release_trees(work: Path) -> tuple[Path, Path]:
     a = work / "rel-a" / "usr"
     build_release(a)
     b = work / "rel-b" / "usr"
-    shutil.copytree(a, b, symlinks=True)
+    sh("cp", "-a", str(a), str(b))
     rebuild_release(b)
     return a.parent, b.parent
 
@@ -69,13 +83,28 @@ def _size(path: Path) -> int:
 
 
 def _zstd(src: Path, *args: str) -> int:
-    out = src.with_suffix(".zst")
+    out = src.with_suffix(src.suffix + ".zst")
     sh("zstd", "-q", "-f", *args, str(src), "-o", str(out))
     return _size(out)
 
 
 def _tree_bytes(root: Path) -> int:
     return sum(p.lstat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _timed(cmd: list[str | os.PathLike[str]]) -> tuple[float, int, bytes]:
+    """Run ``cmd``; (seconds, peak RSS in bytes, stderr). Raises on failure."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen([os.fspath(c) for c in cmd], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    secs = time.monotonic() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd}: exit {proc.returncode}: {err.decode(errors='replace')}")
+    return secs, usage.ru_maxrss * 1024, err
 
 
 def _ext4_images(a: Path, b: Path, work: Path) -> dict[str, int]:
@@ -93,23 +122,25 @@ def _ext4_images(a: Path, b: Path, work: Path) -> dict[str, int]:
     xd = work / "img.xdelta"
     sh("xdelta3", "-9", "-f", "-B", str(size_mb << 20), "-e", "-s", str(imgs[0]), str(imgs[1]),
        str(xd))
-    res["ext4 xdelta3 -9 -B"] = _size(xd)
+    res["ext4 image xdelta3 -9 -B"] = _size(xd)
     pf = work / "img.patch.zst"
     sh("zstd", "-q", "-f", "-19", "--long=31", "--patch-from=" + str(imgs[0]), str(imgs[1]),
        "-o", str(pf))
-    res["ext4 zstd -19 --long=31 --patch-from"] = _size(pf)
+    res["ext4 image zstd -19 --long=31 --patch-from"] = _size(pf)
+    for img in imgs:
+        img.unlink()
     return res
 
 
-def _measure(name: str, a_tree: Path, b_tree: Path, work: Path) -> list[str]:
-    lines = [f"== {name}: {_tree_bytes(a_tree) / 1e6:.1f} MB -> {_tree_bytes(b_tree) / 1e6:.1f} MB"]
-    with loop_fs("btrfs", size="2G", options="compress=zstd") as mnt:
+def _kernel_streams(a_tree: Path, b_tree: Path, work: Path) -> dict[str, Path]:
+    """Kernel streams A -> B (NEW as fresh files): plain v1, and v2 --compressed-data; plus
+    the full stream of A (to seed receive targets)."""
+    with loop_fs("btrfs", size="3G", options="compress=zstd") as mnt:
         vol = mnt / "vol"
         sh("btrfs", "-q", "subvolume", "create", vol)
         sh("cp", "-a", f"{a_tree}/.", str(vol))
         sh("sync")
         sh("btrfs", "-q", "subvolume", "snapshot", "-r", vol, mnt / "A")
-        # B as a fresh copy (new inodes), as a rebuilt image would be
         for child in vol.iterdir():
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)
@@ -118,55 +149,115 @@ def _measure(name: str, a_tree: Path, b_tree: Path, work: Path) -> list[str]:
         sh("cp", "-a", f"{b_tree}/.", str(vol))
         sh("sync")
         sh("btrfs", "-q", "subvolume", "snapshot", "-r", vol, mnt / "B")
-        stream = work / f"{name}.stream"
-        sh("btrfs", "-q", "send", "-p", mnt / "A", "-f", stream, mnt / "B")
-        delta = work / f"{name}.delta"
-        t0 = time.monotonic()
-        sh(PY, "-m", "btrdelta", "delta", "make", "-f", stream, "--old", mnt / "A", "-o", delta)
-        t_make = time.monotonic() - t0
-        back = work / f"{name}.back"
-        t0 = time.monotonic()
-        sh(PY, "-m", "btrdelta", "delta", "expand", "-f", delta, "--old", mnt / "A", "-o", back)
-        t_expand = time.monotonic() - t0
-        assert back.read_bytes() == stream.read_bytes(), "expand(make(S)) != S"
-        sizes = {"delta stream (btrdelta)": _size(delta),
-                 "kernel stream zstd -19 --long": _zstd(stream, "-19", "--long=27")}
+        out = {"plain": work / "AB.stream", "compressed": work / "AB.cstream",
+               "full-A": work / "A.full"}
+        sh("btrfs", "-q", "send", "-p", mnt / "A", "-f", out["plain"], mnt / "B")
+        sh("btrfs", "-q", "send", "--proto", "2", "--compressed-data", "-p", mnt / "A", "-f",
+           out["compressed"], mnt / "B")
+        sh("btrfs", "-q", "send", "-f", out["full-A"], mnt / "A")
+    return out
+
+
+def _mb(n: int, secs: float) -> str:
+    return f"{n / secs / 1e6:6.1f} MB/s" if secs > 0 else "   inf"
+
+
+def _delta_runs(stream: Path, full_a: Path, a_tree: Path, work: Path, tag: str,
+                lines: list[str]) -> int:
+    """make / expand / receive one stream; returns the delta's size."""
+    delta = work / f"{tag}.delta"
+    t_make, rss_make, err = _timed([*BTRDELTA, "delta", "make", "-f", stream, "--old", a_tree,
+                                    "-o", delta, "--json"])
+    stats = json.loads(err.decode().strip().splitlines()[-1])
+    back = work / f"{tag}.back"
+    t_exp, rss_exp, _ = _timed([*BTRDELTA, "delta", "expand", "-f", delta, "--old", a_tree,
+                                "-o", back])
+    same = back.read_bytes() == stream.read_bytes()
+    back.unlink()
+    dest = work / f"{tag}.recv"
+    dest.mkdir()
+    sh(*BTRDELTA, "receive", "--backend", "dir", "-f", full_a, dest)
+    t_rcv, rss_rcv, _ = _timed([*BTRDELTA, "receive", "--backend", "dir", "-f", delta, dest])
+    shutil.rmtree(dest)
+    s = _size(stream)
+    diffed = stats.get("diffed_bytes", 0)
+    largest = stats.get("largest_diffed", 0)
+    enc = stats.get("encoded_writes", {})
+    enc_txt = ", ".join(f"{k} {v['regenerated']}/{v['tried']}" for k, v in enc.items())
+    lines.append(
+        f"  [{tag}] expand(make(S)) == S: {same}; {stats['patched_files']} files patched"
+        + (f"; encoded writes regenerated: {enc_txt}" if enc_txt else "")
+    )
+    lines.append(
+        f"  [{tag}] make    {_mb(diffed, t_make)} of diffed data ({diffed / 1e6:.1f} MB), "
+        f"{_mb(s, t_make)} of stream, {t_make:5.1f} s, peak RSS {rss_make / 1e6:5.0f} MB "
+        f"(largest file diffed {largest / 1e6:.1f} MB)"
+    )
+    lines.append(f"  [{tag}] expand  {_mb(s, t_exp)}, {t_exp:5.1f} s, peak RSS "
+                 f"{rss_exp / 1e6:5.0f} MB")
+    lines.append(f"  [{tag}] receive {_mb(s, t_rcv)}, {t_rcv:5.1f} s, peak RSS "
+                 f"{rss_rcv / 1e6:5.0f} MB (plain-directory backend)")
+    return _size(delta)
+
+
+def _measure(name: str, a_tree: Path, b_tree: Path, work: Path) -> list[str]:
+    lines = [f"-- {name}: {_tree_bytes(a_tree) / 1e6:.1f} MB -> "
+             f"{_tree_bytes(b_tree) / 1e6:.1f} MB"]
+    streams = _kernel_streams(a_tree, b_tree, work)
+    sizes: dict[str, int] = {}
+    sizes["delta stream (btrdelta delta make)"] = _delta_runs(
+        streams["plain"], streams["full-A"], a_tree, work, "plain", lines
+    )
+    sizes["kernel stream zstd -19 --long"] = _zstd(streams["plain"], "-19", "--long=27")
     batch = work / "rsync.batch"
     dst = work / "rsync-dst"
-    shutil.copytree(a_tree, dst, symlinks=True)
-    sh("rsync", "-a", "--delete", f"--only-write-batch={batch}", f"{b_tree}/", f"{dst}/")
+    sh("cp", "-a", str(a_tree), str(dst))  # not copytree: trees have device nodes
+    sh("rsync", "-aHAX", "--delete", f"--only-write-batch={batch}", f"{b_tree}/", f"{dst}/")
+    shutil.rmtree(dst)
     sizes["rsync batch zstd -19"] = _zstd(batch, "-19")
     sizes.update(_ext4_images(a_tree, b_tree, work))
-    s = _size(stream)
-    lines.append(f"  kernel stream (raw)                    {s:>12,d} B")
+    s = _size(streams["plain"])
+    ours = sizes["delta stream (btrdelta delta make)"]
+    lines.append(f"  kernel stream (raw, v1)                        {s:>12,d} B")
     for label, n in sorted(sizes.items(), key=lambda kv: kv[1]):
-        lines.append(f"  {label:<38} {n:>12,d} B  ({n / s:6.2%} of stream)")
-    lines.append(
-        f"  make {s / t_make / 1e6:.1f} MB/s of stream ({t_make:.1f}s), "
-        f"expand {s / t_expand / 1e6:.1f} MB/s ({t_expand:.1f}s) [CLI, incl. startup]"
-    )
+        mark = "" if label.startswith("delta") else f"  delta is {ours / n:6.1%} of it"
+        lines.append(f"  {label:<46} {n:>12,d} B  ({n / s:6.2%} of stream){mark}")
+    cs = _size(streams["compressed"])
+    cdelta = _delta_runs(streams["compressed"], streams["full-A"], a_tree, work, "compressed",
+                         lines)
+    czstd = _zstd(streams["compressed"], "-19", "--long=27")
+    lines.append(f"  --compressed-data stream (v2, compress=zstd)   {cs:>12,d} B")
+    lines.append(f"  {'  its zstd -19 --long':<46} {czstd:>12,d} B")
+    lines.append(f"  {'  its delta stream':<46} {cdelta:>12,d} B  ({cdelta / cs:6.2%} of it)")
     return lines
 
 
 def run() -> list[str]:
     """Measure every pair; one printable line per result."""
     lines: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="bench-delta-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-delta-", dir="/var/tmp") as tmp:
         work = Path(tmp)
         pairs: list[tuple[str, Path, Path]] = []
-        np_trees = _numpy_trees(work)
+        name, old, new = real_pair()
+        pairs.append((name, old, new))
+        np_trees = _numpy_trees()
         if np_trees is not None:
-            pairs.append((f"numpy {NUMPY[0]} -> {NUMPY[1]}", *np_trees))
+            pairs.append((f"numpy-{NUMPY[0]}-to-{NUMPY[1]}", *np_trees))
         else:
             lines.append("numpy wheels unavailable (pip download failed): skipped")
-        pairs.append(("rebuilt-release", *_release_trees(work)))
+        if os.environ.get("BTRDELTA_BENCH_RELEASE", "1") != "0":
+            pairs.append(("rebuilt-release", *_release_trees(work)))
+        only = os.environ.get("BTRDELTA_BENCH_PAIRS")
         for name, a, b in pairs:
-            sub = work / name.split()[0]
+            if only and not any(w in name for w in only.split(",")):
+                continue
+            sub = work / name
             sub.mkdir()
-            lines += _measure(name.split()[0], a, b, sub)
+            lines += _measure(name, a, b, sub)
+            shutil.rmtree(sub)
     return lines
 
 
 if __name__ == "__main__":
     for line in run():
-        print(line)
+        print(line, flush=True)

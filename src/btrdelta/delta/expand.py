@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,7 @@ from .format import (
 )
 from .oldfiles import digest, hasher, read_old_file
 from .recompress import compress_extent
+from .writer import SAME_PATH_TLV
 
 __all__ = [
     "DEFAULT_MAX_FILE_SIZE",
@@ -73,6 +75,9 @@ MAX_ZCMDS_RAW = 64 << 20
 #: compressed bytes fed to the inflater at a time (bounds the output of one call)
 _ZFEED = 1024
 _MAX_CMD = max(int(c) for c in R.RECORD_TYPES)
+_CRC_FIELD = struct.Struct("<I")
+_TLV_HEAD = struct.Struct("<HH")
+_PATH_ATTR = 15  # btrfs's PATH attribute
 
 #: the old snapshot: a directory, or a function giving it from the stream's SNAPSHOT/SUBVOL
 OldRoot = str | os.PathLike[str] | Callable[[Any], "str | os.PathLike[str]"]
@@ -107,6 +112,8 @@ class _Expander:
         self.pending: Patch | None = None
         self.pdata: list[bytes] = []
         self.pdata_len = 0
+        #: the last path carried (btrfs command or PATCH): format 2 may leave it out
+        self.last_path: bytes | None = None
 
     def fail(self, msg: str, exc: BtrdeltaError | None = None) -> BtrdeltaError:
         err = exc if exc is not None else StreamFormatError(msg)
@@ -162,9 +169,35 @@ class _Expander:
                 continue
             if not 0 < cmd <= _MAX_CMD or length > limit or end > len(mv):
                 raise self.fail(f"carried command {cmd} of length {length} is invalid")
-            if command_crc(length, cmd, mv[pos + CMD_HEADER_SIZE : end]) != crc:
+            if crc_checked:
+                # format 2: the CRC field is zero in the carrier, put the real one back;
+                # a first TLV (0xffff, 0) stands for PATH = the previous path
+                if crc != 0:
+                    raise self.fail(f"carried command {cmd} has a non-zero CRC field")
+                first = mv[pos + 10 : pos + 14] if length >= 4 else b""
+                if first == SAME_PATH_TLV:
+                    if self.last_path is None:
+                        raise self.fail("carried command refers to a previous path: none")
+                    path = self.last_path
+                    length += len(path)
+                    if length > limit:
+                        raise self.fail(f"carried command {cmd} of length {length} is invalid")
+                    buf = bytearray(CMD_HEADER.pack(length, cmd, 0))
+                    buf += _TLV_HEAD.pack(_PATH_ATTR, len(path))
+                    buf += path
+                    buf += mv[pos + 14 : end]
+                else:
+                    buf = bytearray(mv[pos:end])
+                    if length >= 4 and _TLV_HEAD.unpack_from(buf, 10)[0] == _PATH_ATTR:
+                        n = _TLV_HEAD.unpack_from(buf, 10)[1]
+                        self.last_path = bytes(buf[14 : 14 + n])
+                view = memoryview(buf)
+                _CRC_FIELD.pack_into(buf, 6, command_crc(length, cmd, view[CMD_HEADER_SIZE:]))
+                yield BtrfsCommand(cmd, view)
+            elif command_crc(length, cmd, mv[pos + CMD_HEADER_SIZE : end]) != crc:
                 raise self.fail("", ChecksumError("CRC32C mismatch in a carried command"))
-            yield BtrfsCommand(cmd, mv[pos:end])
+            else:
+                yield BtrfsCommand(cmd, mv[pos:end])
             pos = end
 
     # -- patches -----------------------------------------------------------------------
@@ -172,6 +205,13 @@ class _Expander:
     def start_patch(self, p: Patch) -> None:
         if self.active is not None or self.pending is not None:
             raise self.fail("PATCH while another patch is not used up")
+        if p.path is None:
+            if self.last_path is None:
+                raise self.fail("PATCH refers to a previous path: there is none")
+            p.path = self.last_path
+        if p.base_path is None:
+            p.base_path = p.path
+        self.last_path = p.path
         if p.new_size > self.max_file_size or p.old_size > self.max_file_size:
             raise self.fail(
                 f"patch sizes {p.old_size}/{p.new_size} exceed the limit {self.max_file_size}"

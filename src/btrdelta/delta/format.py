@@ -167,10 +167,13 @@ class ZCommands:
 
 @dataclass(slots=True)
 class Patch:
-    """A patch from old file ``base_path`` to the data of the PWRITEs that follow."""
+    """A patch from old file ``base_path`` to the data of the PWRITEs that follow.
 
-    path: bytes
-    base_path: bytes
+    As decoded from format 2, ``path`` is ``None`` when it is the previous path and
+    ``base_path`` is ``None`` when it equals ``path`` (the expander fills them in)."""
+
+    path: Any  # bytes (None only as decoded, see above)
+    base_path: Any
     codec: int
     hash_algo: int
     old_size: int
@@ -268,11 +271,14 @@ def _frame(cmd: int, attrs: bytes, data: Any = None, inner: bool = False) -> lis
     return [CMD_HEADER.pack(length, cmd, value ^ 0xFFFFFFFF), *pieces]
 
 
-def encode_item(item: DeltaItem, *, inner: bool = False) -> list[Any]:
+def encode_item(
+    item: DeltaItem, *, inner: bool = False, omit_path: bool = False, omit_base: bool = False
+) -> list[Any]:
     """Encode one delta item as pieces for ``writelines`` (btrfs commands: their raw bytes).
 
     ``inner``: for the inside of the zstd carrier (CRC field 0; PATCH, PDATA, PWRITE and
-    PENC only).
+    PENC only). ``omit_path`` / ``omit_base`` (format 2, PATCH): leave out PATH (it is the
+    previous path, see the format doc) / BASE_PATH (it equals PATH).
 
     Raises:
         StreamFormatError: a value does not fit its attribute.
@@ -288,9 +294,12 @@ def encode_item(item: DeltaItem, *, inner: bool = False) -> list[Any]:
             attrs += _tlv(DAttr.CRC, u32(item.crc))
         return _frame(DCmd.ZCMDS, attrs + _U16.pack(DAttr.DATA), item.zdata)
     if isinstance(item, Patch):
-        parts = [
-            _tlv(DAttr.PATH, item.path),
-            _tlv(DAttr.BASE_PATH, item.base_path),
+        parts = []
+        if not omit_path:
+            parts.append(_tlv(DAttr.PATH, item.path))
+        if not omit_base:
+            parts.append(_tlv(DAttr.BASE_PATH, item.base_path))
+        parts += [
             _tlv(DAttr.CODEC, u32(item.codec)),
             _tlv(DAttr.HASH, u32(item.hash_algo)),
             _tlv(DAttr.OLD_SIZE, u64(item.old_size)),
@@ -371,7 +380,7 @@ _REQUIRED: dict[int, tuple[DAttr, ...]] = {
 #: attributes a record may carry without needing them (format 2)
 _OPTIONAL: dict[int, tuple[DAttr, ...]] = {
     DCmd.ZCMDS: (DAttr.CRC,),
-    DCmd.PATCH: (DAttr.DATA,),
+    DCmd.PATCH: (DAttr.DATA,),  # PATH and BASE_PATH may be left out too (format 2)
     DCmd.PENC: (DAttr.ENCRYPTION,),
 }
 
@@ -415,7 +424,7 @@ def _decode_attrs(cmd: int, mv: memoryview, pos: int, end: int) -> dict[DAttr, A
     for attr in _REQUIRED[cmd]:
         if attr not in values and not (
             attr is DAttr.NEW_DIGEST and values.get(DAttr.CODEC) == SAME_CODEC
-        ):
+        ) and not (cmd == DCmd.PATCH and attr in (DAttr.PATH, DAttr.BASE_PATH)):
             raise StreamFormatError(f"missing attribute {attr.name}")
     return values
 
@@ -455,7 +464,7 @@ def decode_item(cmd: int, mv: memoryview, start: int, end: int) -> DeltaItem:
         if data is not None and len(data) != a[DAttr.LENGTH]:
             raise StreamFormatError("PATCH carries a different number of bytes than LENGTH")
         return Patch(
-            a[DAttr.PATH], a[DAttr.BASE_PATH], a[DAttr.CODEC], algo, a[DAttr.OLD_SIZE],
+            a.get(DAttr.PATH), a.get(DAttr.BASE_PATH), a[DAttr.CODEC], algo, a[DAttr.OLD_SIZE],
             a[DAttr.OLD_DIGEST], a[DAttr.NEW_SIZE], a[DAttr.NEW_DIGEST], a[DAttr.LENGTH], data,
         )
     if cmd == DCmd.PDATA:
@@ -484,7 +493,7 @@ def _needs_v2(item: DeltaItem) -> bool:
     if isinstance(item, Patch):
         return item.data is not None or item.codec == SAME_CODEC or (
             item.hash_algo == HashAlgo.BLAKE3_128
-        )
+        ) or item.path is None or item.base_path is None
     return isinstance(item, PEncoded)
 
 

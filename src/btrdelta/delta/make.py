@@ -95,6 +95,9 @@ class MakeStats:
     groups: int = 0
     candidates: int = 0
     patched_files: int = 0
+    #: new content given to the diff workers (bytes), and the largest old/new file diffed
+    diffed_bytes: int = 0
+    largest_diffed: int = 0
     #: WRITE bytes replaced by patches, and the patches' size, by codec name
     replaced_bytes: Counter[str] = field(default_factory=Counter)
     patch_bytes: Counter[str] = field(default_factory=Counter)
@@ -111,6 +114,8 @@ class MakeStats:
             "commands": self.commands,
             "candidates": self.candidates,
             "patched_files": self.patched_files,
+            "diffed_bytes": self.diffed_bytes,
+            "largest_diffed": self.largest_diffed,
             "encoded_writes": {
                 name: {"tried": n, "regenerated": self.encoded_regenerated[name]}
                 for name, n in sorted(self.encoded_tried.items())
@@ -221,7 +226,9 @@ class _RawReader:
 
 
 class _Group:
-    __slots__ = ("base", "buffering", "path", "records", "version", "write_bytes", "writes")
+    __slots__ = (
+        "base", "buffering", "old_size", "path", "records", "version", "write_bytes", "writes",
+    )
 
     # write_bytes: WRITE data + decompressed size of candidate ENCODED_WRITEs
     # writes: WRITEs + candidate ENCODED_WRITEs
@@ -234,6 +241,7 @@ class _Group:
         self.records: list[_Raw] = []
         self.write_bytes = 0
         self.writes = 0
+        self.old_size = 0
 
 
 def _canonical_write(r: _Raw, version: int) -> bool:
@@ -503,6 +511,8 @@ def make_delta(
             for r in group.records:
                 put_raw(r)
             return
+        stats.diffed_bytes += group.write_bytes
+        stats.largest_diffed = max(stats.largest_diffed, group.write_bytes, group.old_size)
         slot = _Slot()
         slot.group = group
         slot.size = group.write_bytes
@@ -546,6 +556,7 @@ def make_delta(
                         ok = size is not None and 0 < size <= opts.max_file_size
                         stats.candidates += ok
                         group = _Group(path, base, reader.version, ok)
+                        group.old_size = size or 0
                     if not group.buffering:
                         put_raw(r)
                     else:

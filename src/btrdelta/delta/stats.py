@@ -98,16 +98,29 @@ def collect_delta_stats(items: Iterable[DeltaItem], source: str | None = None) -
             st.carried_stored_bytes += len(item.raw)
         elif isinstance(item, _Z):
             raw = ex.inflate(item)
-            inner = list(ex.split(raw, crc_checked=item.crc is not None))
-            st.carried_commands += sum(1 for i in inner if isinstance(i, BtrfsCommand))
+            for sub in ex.split(raw, crc_checked=item.crc is not None):
+                if isinstance(sub, BtrfsCommand):
+                    st.carried_commands += 1
+                else:
+                    _follow(ex, sub)
+                    _count(st, [sub])
             st.carried_raw_bytes += len(raw)
             st.carried_stored_bytes += len(item.zdata)
-            _count(st, (i for i in inner if not isinstance(i, BtrfsCommand)))
         else:
+            _follow(ex, item)
             _count(st, [item])
             if isinstance(item, StreamStart):
                 ex.version = item.version
     return st
+
+
+def _follow(ex: _Expander, item: DeltaItem) -> None:
+    """Keep the expander's previous path in step (format-2 path elision)."""
+    if isinstance(item, Patch):
+        if item.path is not None:
+            ex.last_path = item.path
+        elif ex.last_path is None:
+            raise ex.fail("PATCH refers to a previous path: there is none")
 
 
 def _count(st: DeltaStats, items: Iterable[DeltaItem]) -> None:

@@ -10,18 +10,22 @@ its own to whole commands while still referring back to everything before it. Wi
 The patch metadata rides in the same frame (format 2): PWRITE, PENC and PATCH records
 whose patch bytes fit in :data:`INNER_PATCH_MAX` are framed with a zero CRC and carried
 like btrfs commands, so their paths and sizes compress against the btrfs commands around
-them; each ZCMDS record holds the CRC32C of what it inflates to. Larger patches stay
+them; each ZCMDS record holds the CRC32C of what it inflates to. Carried btrfs commands
+have their CRC field zeroed too (the expander recomputes it: 4 incompressible bytes saved
+per command). Larger patches stay
 outside the carrier (PATCH + PDATA), as patches are already compressed.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from typing import Any
 
 import crc32c
 import zstandard
 
+from ..stream.constants import Attr
 from .format import (
     BtrfsCommand,
     DeltaItem,
@@ -35,6 +39,14 @@ from .format import (
 )
 
 __all__ = ["DEFAULT_LEVEL", "DEFAULT_WINDOW_LOG", "INNER_PATCH_MAX", "DeltaWriter"]
+
+_ZERO_CRC = bytes(4)
+_PATH_TLV = struct.pack("<H", int(Attr.PATH))
+#: first TLV of a carried btrfs command whose PATH is the previous path (format 2)
+SAME_PATH_TLV = _SAME_PATH = struct.pack("<HH", 0xFFFF, 0)
+_HDR6 = struct.Struct("<IH")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
 
 #: largest patch carried inside the zstd carrier (bigger ones: PATCH + PDATA outside)
 INNER_PATCH_MAX = 64 << 10
@@ -70,6 +82,8 @@ class DeltaWriter:
         self._pending: list[Any] = []
         self._pending_len = 0
         self._cobj: Any = None
+        #: the last path carried (btrfs command or PATCH), for path elision
+        self._last_path: bytes | None = None
         if level:
             params = zstandard.ZstdCompressionParameters.from_level(
                 level, window_log=window_log, enable_ldm=True, threads=threads
@@ -93,7 +107,22 @@ class DeltaWriter:
         if self._cobj is None:
             self._emit([memoryview(raw)])
             return
-        self._pending.append(raw)
+        # the CRC field is zeroed: it is 4 incompressible bytes per command, and the
+        # expander recomputes it (the carrier's own CRC32C covers the content)
+        mv = memoryview(raw)
+        if len(mv) >= 14 and mv[10:12] == _PATH_TLV:
+            # a PATH equal to the previous one is replaced by the marker TLV (0xffff, 0)
+            n = _U16.unpack_from(mv, 12)[0]
+            path = bytes(mv[14 : 14 + n])
+            if path == self._last_path:
+                head = _HDR6.pack(_U32.unpack_from(mv, 0)[0] - n, _U16.unpack_from(mv, 4)[0])
+                self._pending += (head, _ZERO_CRC, _SAME_PATH, mv[14 + n :])
+                self._pending_len += len(raw) - n
+                if self._pending_len >= ZCMDS_TARGET:
+                    self.flush()
+                return
+            self._last_path = path
+        self._pending += (mv[:6], _ZERO_CRC, mv[10:])
         self._pending_len += len(raw)
         if self._pending_len >= ZCMDS_TARGET:
             self.flush()
@@ -115,6 +144,11 @@ class DeltaWriter:
         if isinstance(item, BtrfsCommand):
             self.command(item.raw)
             return
+        omit: dict[str, bool] = {}
+        if isinstance(item, Patch) and self._cobj is not None:
+            omit = {"omit_path": item.path == self._last_path,
+                    "omit_base": item.base_path == item.path}
+            self._last_path = item.path
         if self._cobj is not None and (
             isinstance(item, (PWrite, PEncoded))
             or (isinstance(item, Patch) and (
@@ -122,7 +156,7 @@ class DeltaWriter:
                 or item.patch_len == 0
             ))
         ):
-            pieces = encode_item(item, inner=True)
+            pieces = encode_item(item, inner=True, **omit)
             for piece in pieces:
                 self._pending.append(piece)
                 self._pending_len += len(piece)
@@ -135,9 +169,9 @@ class DeltaWriter:
             self.flush()
             data = item.data
             item.data = None
-            self._emit(encode_item(item))
+            self._emit(encode_item(item, **omit))
             for i in range(0, len(data), 1 << 20):
                 self._emit(encode_item(PatchData(data[i : i + (1 << 20)])))
             return
         self.flush()
-        self._emit(encode_item(item))
+        self._emit(encode_item(item, **omit))
