@@ -41,8 +41,8 @@ PY = sys.executable
 REPEAT = int(os.environ.get("BTRDELTA_BENCH_REPEAT", "3"))
 
 
-def _timed_once(cmd: list[str]) -> tuple[float, int]:
-    """Run ``cmd``; return (wall seconds, peak RSS in KiB)."""
+def _timed_once(cmd: list[str]) -> tuple[float, int, float]:
+    """Run ``cmd``; return (wall seconds, peak RSS in KiB, CPU seconds incl. children)."""
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _pid, status, usage = os.wait4(proc.pid, 0)
@@ -50,16 +50,18 @@ def _timed_once(cmd: list[str]) -> tuple[float, int]:
     err = proc.stderr.read() if proc.stderr else b""
     if status != 0:
         raise RuntimeError(f"{cmd} failed: {err.decode(errors='replace')[-500:]}")
-    return elapsed, usage.ru_maxrss
+    return elapsed, usage.ru_maxrss, usage.ru_utime + usage.ru_stime
 
 
-def _timed_rounds(cmds: dict[str, list[str]]) -> dict[str, tuple[float, int]]:
-    """Best wall time and peak RSS of each command over REPEAT interleaved rounds."""
-    best: dict[str, tuple[float, int]] = {k: (float("inf"), 0) for k in cmds}
+def _timed_rounds(cmds: dict[str, list[str]]) -> dict[str, tuple[float, int, float]]:
+    """Best wall time, peak RSS and least CPU time of each command over REPEAT interleaved
+    rounds (CPU time is what decides when the other engineers' jobs fill both cores)."""
+    best: dict[str, tuple[float, int, float]] = {k: (float("inf"), 0, float("inf")) for k in cmds}
     for _ in range(REPEAT):
         for key, cmd in cmds.items():
-            t, rss = _timed_once(cmd)
-            best[key] = (min(best[key][0], t), max(best[key][1], rss))
+            t, rss, cpu = _timed_once(cmd)
+            b = best[key]
+            best[key] = (min(b[0], t), max(b[1], rss), min(b[2], cpu))
     return best
 
 
@@ -104,20 +106,20 @@ def run() -> list[str]:
                     "-o", str(mnt / f"{case}.btrdelta{''.join(flags)}"), *flags,
                 ]
             best = _timed_rounds(cmds)
-            kt, krss = best["kernel"]
+            kt, krss, kcpu = best["kernel"]
             ksize = ks.stat().st_size
             out(f"{case:10s} kernel btrfs send -p      {_mib(ksize)}  {kt:6.2f}s"
-                f" {krss // 1024:4d} MB")
-            bt, brss = best["rsync"]
+                f" {krss // 1024:4d} MB  cpu {kcpu:5.2f}s")
+            bt, brss, bcpu = best["rsync"]
             out(f"{case:10s} rsync --only-write-batch  {_mib(rs.stat().st_size)}  {bt:6.2f}s"
-                f" {brss // 1024:4d} MB")
+                f" {brss // 1024:4d} MB  cpu {bcpu:5.2f}s")
             for flags in variants:
                 label = " ".join(flags) or "(exact)"
-                t, rss = best[label]
+                t, rss, cpu = best[label]
                 size = (mnt / f"{case}.btrdelta{''.join(flags)}").stat().st_size
                 out(f"{case:10s} btrdelta send {label:12s} {_mib(size)}  {t:6.2f}s"
-                    f" {rss // 1024:4d} MB   size/kernel {size / ksize:6.3f}"
-                    f"  time/rsync {t / bt:5.2f}")
+                    f" {rss // 1024:4d} MB  cpu {cpu:5.2f}s   size/kernel {size / ksize:6.3f}"
+                    f"  time/rsync {t / bt:5.2f}  cpu/rsync {cpu / bcpu:5.2f}")
             # correctness: the kernel receives btrdelta's streams
             dest = mnt / f"recv-{case}"
             dest.mkdir()

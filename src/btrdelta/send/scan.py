@@ -8,8 +8,9 @@ holds anyway) and dentries ``(parent node id, name)``. Entries on another device
 root (mount points, nested btrfs subvolumes) are skipped, as ``btrfs send`` skips nested
 subvolumes.
 
-:func:`hash_contents` then reads every regular file of one or more trees exactly once, in a
-thread pool (``read`` releases the GIL), and stores each file's content digest (XXH3-128:
+:func:`hash_contents` (:class:`ContentHasher`) then reads every regular file of one or more
+trees exactly once, in a thread pool (``read`` releases the GIL; holes are hashed as zeros
+without being read), and stores each file's content digest (XXH3-128:
 as fast as the copy out of the page cache, where BLAKE3 would double the cost) and inode
 flags. Same-path files with equal size and digest are "unchanged"; matches across paths
 (renames, clones) are confirmed byte by byte before use (XXH3 is not collision resistant,
@@ -20,6 +21,9 @@ one file's bytes at another path). The digests also feed the tree *identity*
 group) and content digest, from which the subvolume UUID of a stream is derived — the same
 tree always gets the same UUID, any change of content or metadata a different one (atime and
 ctime are excluded: reading or copying a tree changes them).
+
+:class:`TreeScan` runs the whole reading half of a send on two cores: the parent tree in a
+:class:`ForkedScan` child process, the new tree here.
 """
 
 from __future__ import annotations
