@@ -3,13 +3,12 @@
 Strategy: the receiver starts from the old tree, so every new inode that can be *the same*
 inode as an old one saves a create (and usually its data). :func:`match_trees` pairs them:
 
-1. regular files at the same path whose content is equal (equal BLAKE3 digests from
-   :func:`~btrdelta.send.scan.hash_contents`, or with ``quick=True`` trusted when size and
-   mtime agree, as rsync does) -> unchanged;
-2. the remaining files whose content equals an unmatched old file (same digest) ->
-   moved/renamed, unless
-   the old file's path still holds a regular file (then that one is changed in place and the
-   copy becomes a clone from the parent);
+1. regular files at the same path whose content is equal (equal size and XXH3-128 digest
+   from :func:`~btrdelta.send.scan.hash_contents`, or with ``quick=True`` trusted when size
+   and mtime agree, as rsync does) -> unchanged;
+2. the remaining files whose content equals an unmatched old file (same digest, confirmed
+   byte by byte) -> moved/renamed, unless the old file's path still holds a regular file
+   (then that one is changed in place and the copy becomes a clone from the parent);
 3. the remaining files with an unmatched old regular file at one of their paths -> changed in
    place (the emitter then sends only the blocks that differ);
 4. symlinks with the same path and target, then the same target elsewhere; device nodes,
@@ -18,7 +17,8 @@ inode as an old one saves a create (and usually its data). :func:`match_trees` p
    counterpart lived in (a same-named entry votes twice); without votes, the same path.
 
 Whatever stays unmatched is created (new side) or deleted (old side).
-:func:`changed_ranges` finds the blocks of a changed file that differ.
+:func:`changed_ranges` finds the blocks of a changed file that differ, and
+:func:`shifted_clones` those of them that exist in an old file at a block-aligned shift.
 """
 
 from __future__ import annotations
