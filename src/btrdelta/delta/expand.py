@@ -121,7 +121,7 @@ class _Expander:
 
     # -- ZCMDS -------------------------------------------------------------------------
 
-    def inflate(self, item: ZCommands) -> bytes:
+    def inflate(self, item: ZCommands) -> bytearray:
         if item.raw_len > MAX_ZCMDS_RAW:
             raise self.fail(f"ZCMDS declares {item.raw_len} bytes (limit {MAX_ZCMDS_RAW})")
         if self.dctx is None:
@@ -140,12 +140,12 @@ class _Expander:
             raise self.fail(f"ZCMDS carrier is corrupt: {exc}") from exc
         if got != item.raw_len:
             raise self.fail(f"ZCMDS inflates to {got} bytes, declares {item.raw_len}")
-        raw = b"".join(out)
+        raw = bytearray().join(out)
         if item.crc is not None and crc32c.crc32c(raw) != item.crc:
             raise self.fail("", ChecksumError("CRC32C mismatch of a ZCMDS record's content"))
         return raw
 
-    def split(self, raw: bytes, crc_checked: bool = False) -> Iterator[DeltaItem]:
+    def split(self, raw: bytearray, crc_checked: bool = False) -> Iterator[DeltaItem]:
         """Whole records in inflated carrier bytes: btrfs commands (CRC-checked) and, when
         the carrier's content CRC was checked (format 2), delta records with a zero CRC."""
         if not self.version:
@@ -186,14 +186,20 @@ class _Expander:
                     buf += _TLV_HEAD.pack(_PATH_ATTR, len(path))
                     buf += path
                     buf += mv[pos + 14 : end]
+                    view = memoryview(buf)
+                    _CRC_FIELD.pack_into(
+                        buf, 6, command_crc(length, cmd, view[CMD_HEADER_SIZE:])
+                    )
+                    yield BtrfsCommand(cmd, view)
                 else:
-                    buf = bytearray(mv[pos:end])
-                    if length >= 4 and _TLV_HEAD.unpack_from(buf, 10)[0] == _PATH_ATTR:
-                        n = _TLV_HEAD.unpack_from(buf, 10)[1]
-                        self.last_path = bytes(buf[14 : 14 + n])
-                view = memoryview(buf)
-                _CRC_FIELD.pack_into(buf, 6, command_crc(length, cmd, view[CMD_HEADER_SIZE:]))
-                yield BtrfsCommand(cmd, view)
+                    # in place: the inflated buffer is ours
+                    if length >= 4 and _TLV_HEAD.unpack_from(raw, pos + 10)[0] == _PATH_ATTR:
+                        n = _TLV_HEAD.unpack_from(raw, pos + 10)[1]
+                        self.last_path = bytes(mv[pos + 14 : pos + 14 + n])
+                    _CRC_FIELD.pack_into(
+                        raw, pos + 6, command_crc(length, cmd, mv[pos + CMD_HEADER_SIZE : end])
+                    )
+                    yield BtrfsCommand(cmd, mv[pos:end])
             elif command_crc(length, cmd, mv[pos + CMD_HEADER_SIZE : end]) != crc:
                 raise self.fail("", ChecksumError("CRC32C mismatch in a carried command"))
             else:
@@ -351,8 +357,12 @@ class _Expander:
         elif cls is ZCommands and not inner:
             z: ZCommands = item  # type: ignore[assignment]
             raw = self.inflate(z)
+            callable_root = callable(self.old_root)
             for sub in self.split(raw, crc_checked=z.crc is not None):
-                yield from self.handle(sub, inner=True)
+                if type(sub) is BtrfsCommand and not callable_root:
+                    yield RAW, sub.cmd, sub.raw
+                else:
+                    yield from self.handle(sub, inner=True)
         elif cls is PWrite:
             for rec in self.pwrite(item):  # type: ignore[arg-type]
                 yield WRITE, rec, None

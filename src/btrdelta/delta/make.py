@@ -34,7 +34,7 @@ from ..stream import records as R
 from ..stream.codec import command_crc, decode_payload, decode_stream_header, encode_record
 from ..stream.constants import CMD_HEADER, CMD_HEADER_SIZE, MAX_PAYLOAD, STREAM_HEADER_SIZE, Cmd
 from ..tree.pathmap import PathMap
-from .codecs import AUTO, Codec, get_codec, make_best
+from .codecs import AUTO, Codec, get_codec, make_auto
 from .format import (
     PDATA_CHUNK,
     SAME_CODEC,
@@ -222,6 +222,53 @@ class _RawReader:
         return _Raw(cmd, buf, rec)
 
 
+# --- old files by name ----------------------------------------------------------------
+
+
+def _common_len(a: bytes, b: bytes) -> int:
+    """Length of the common prefix of two byte strings (short paths; not a hot path)."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+class _OldIndex:
+    """Old files by base name, for new files whose own base path has no old file (a file in
+    a renamed versioned directory: ``pkg-1.2.dist-info/RECORD`` -> ``pkg-1.1.dist-info``).
+
+    Built on first use by walking the old tree (no symlinks followed). The candidate whose
+    path shares the longest prefix + suffix with the new path wins; the patch is only kept
+    if it is smaller than the data, so a poor guess costs time, never size.
+    """
+
+    #: candidates compared per lookup (common names such as __init__.py have many)
+    MAX_CANDIDATES = 256
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = os.fsencode(root)
+        self._names: dict[bytes, list[bytes]] | None = None
+
+    def _build(self) -> dict[bytes, list[bytes]]:
+        names: dict[bytes, list[bytes]] = {}
+        for dirpath, _dirs, files in os.walk(self.root):
+            rel = os.path.relpath(dirpath, self.root)
+            prefix = b"" if rel == b"." else rel + b"/"
+            for name in files:
+                names.setdefault(name, []).append(prefix + name)
+        return names
+
+    def similar(self, path: bytes) -> bytes | None:
+        """The old file most like ``path`` (same base name), or ``None``."""
+        if self._names is None:
+            self._names = self._build()
+        name = path.rsplit(b"/", 1)[-1]
+        best: tuple[int, bytes] | None = None
+        for cand in self._names.get(name, ())[: self.MAX_CANDIDATES]:
+            score = _common_len(cand, path) + _common_len(cand[::-1], path[::-1])
+            if best is None or score > best[0]:
+                best = (score, cand)
+        return None if best is None else best[1]
+
+
 # --- groups -----------------------------------------------------------------------------
 
 
@@ -331,7 +378,7 @@ def _diff(
         return _Result(None, b"", len(old), old_digest, old_digest, len(new), replaced, encoded)
     codec: Codec
     if opts.codec == "auto":
-        codec, patch = make_best(old, new, AUTO)
+        codec, patch = make_auto(old, new, AUTO)
     else:
         codec = get_codec(opts.codec)
         patch = codec.make(old, new)
@@ -449,11 +496,14 @@ def make_delta(
     reader = _RawReader(src, source, HashAlgo.BLAKE3)
     out = DeltaWriter(write, level=opts.level)
     pathmap = PathMap()
+    index = _OldIndex(old_root)
     queue: deque[_Slot] = deque()
     in_flight = 0
     queued = 0
     max_flight = max(1, opts.jobs) * 2
-    max_queued = max(64 << 20, 2 * opts.max_file_size)
+    # bytes of groups waiting or being diffed before the reader waits (a larger group is
+    # still diffed, alone): bounds memory by the files, not by the stream
+    max_queued = 32 << 20
     pool = ThreadPoolExecutor(max_workers=max(1, opts.jobs), thread_name_prefix="btrdelta-diff")
 
     def emit_slot(slot: _Slot) -> None:
@@ -553,6 +603,10 @@ def make_delta(
                         base = pathmap.base(path)
                         stats.groups += 1
                         size = old_file_size(old_root, base) if base else None
+                        if size is None and base:
+                            alt = index.similar(base)
+                            if alt is not None:
+                                base, size = alt, old_file_size(old_root, alt)
                         ok = size is not None and 0 < size <= opts.max_file_size
                         stats.candidates += ok
                         group = _Group(path, base, reader.version, ok)
