@@ -157,3 +157,20 @@ def test_recompression_matches_library_oracles() -> None:
     assert guesser.find(data, bytes(bad), 2) is None
     assert natural_extent(b"garbage" * 100, 2) is None
     assert natural_extent(b"garbage" * 100, 1) is None
+
+
+@pytest.mark.btrfs
+def test_no_recompress_carries_extents(compressed_pairs: dict[str, Pair], tmp_path: Path) -> None:
+    pair = compressed_pairs["zstd"]
+    stream = pair.streams["v2"]
+    delta = tmp_path / "delta"
+    proc = subprocess.run(
+        [sys.executable, "-m", "btrdelta", "delta", "make", "--no-recompress", "-f",
+         str(stream), "--old", str(pair.a), "-o", str(delta)], capture_output=True, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    st = collect_delta_stats(open_delta(io.BytesIO(delta.read_bytes())))
+    assert st.regenerated_encoded == 0
+    assert _expand(delta.read_bytes(), pair.a) == stream.read_bytes()
+    # regenerating is what makes the compressed stream small
+    assert len(_make(stream, pair.a)[0]) < delta.stat().st_size / 5

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from btrdelta.delta import MakeOptions, expand_events, expand_to, make_delta, open_delta
 from btrdelta.delta.format import (
     NEED_DATA,
+    BtrfsCommand,
     DeltaEnd,
     DeltaParser,
     HashAlgo,
@@ -21,10 +22,12 @@ from btrdelta.delta.format import (
     PatchData,
     PWrite,
     StreamStart,
+    ZCommands,
     is_delta_stream,
 )
+from btrdelta.delta.stats import collect_delta_stats
 from btrdelta.delta.writer import DeltaWriter
-from btrdelta.errors import BtrdeltaError, StreamFormatError, UnsafePathError
+from btrdelta.errors import BtrdeltaError, ChecksumError, StreamFormatError, UnsafePathError
 from btrdelta.stream import StreamReader, StreamWriter
 from btrdelta.stream import records as R
 
@@ -157,3 +160,52 @@ def test_symlinks_in_the_old_tree_are_not_followed(tmp_path: Path) -> None:
 def test_plain_stream_is_not_a_delta(old_tree: Path) -> None:
     with pytest.raises(StreamFormatError, match="magic"):
         _expand(_stream(1, {}), old_tree)
+
+
+def test_format2_same_files_paths_and_renamed_dirs(tmp_path: Path) -> None:
+    """Unchanged rebuilt files become 'same' patches; a file in a renamed versioned
+    directory is patched against its namesake; both expand exactly."""
+    old = tmp_path / "old"
+    (old / "pkg-1.0.dist-info").mkdir(parents=True)
+    record = b"".join(b"pkg/m%04d.py,sha256=%064x,%d\n" % (i, i * 7919, i) for i in range(3000))
+    (old / "pkg-1.0.dist-info" / "RECORD").write_bytes(record)
+    same = os.urandom(50_000)
+    (old / "same.bin").write_bytes(same)
+    files = {b"same.bin": same,
+             b"pkg-1.1.dist-info/RECORD": record.replace(b"m0007.py", b"m0007.pyx")}
+    stream = _stream(2, files)
+    delta = _make(stream, old, level=19)
+    assert _expand(delta, old) == stream
+    st = collect_delta_stats(open_delta(io.BytesIO(delta)))
+    assert st.patched_files["same"] == 1
+    assert sum(st.patched_files.values()) == 2  # RECORD found in the renamed directory
+    assert len(delta) < 2_000 < len(stream) // 50
+    # format 1 readers' view: the version field says 2; a format-1 header with format-2
+    # records is refused
+    assert delta[17:21] == (2).to_bytes(4, "little")
+    with pytest.raises(StreamFormatError, match="format-2"):
+        _expand(delta[:17] + (1).to_bytes(4, "little") + delta[21:], old)
+
+
+def test_format2_carrier_content_is_checked(old_tree: Path) -> None:
+    """A carrier whose inflated content does not match its CRC is refused before use."""
+    delta = _make(_stream(2, _new_files(old_tree)), old_tree, level=3)
+    p = DeltaParser()
+    p.feed(delta)
+    p.feed(b"")
+    items = []
+    while (item := p.next_item()) not in (NEED_DATA, None):
+        items.append(item)
+    z = next(i for i in items if isinstance(i, ZCommands))
+    assert z.crc is not None
+    out: list[bytes] = []
+    w = DeltaWriter(out.append, level=0)
+    for item in items:
+        if item is z:
+            item = ZCommands(z.raw_len, z.zdata, z.crc ^ 1)
+        if isinstance(item, BtrfsCommand):
+            w.command(item.raw)
+        else:
+            w.item(item)
+    with pytest.raises(ChecksumError, match="ZCMDS"):
+        _expand(b"".join(bytes(x) for x in out), old_tree)

@@ -60,13 +60,17 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     m.add_argument("-o", "--output", default="-", metavar="DELTA",
                    help="write the delta stream to DELTA (default '-': standard output)")
     m.add_argument("--codec", default="auto", choices=codecs,
-                   help=f"patch codec (auto: smallest of {', '.join(AUTO)} per file)")
+                   help=f"patch codec (auto: smallest of {', '.join(AUTO)} per file; large "
+                        "files with a good first patch skip the second codec)")
     m.add_argument("--max-file-size", type=parse_size, default=MakeOptions.max_file_size,
                    metavar="SIZE", help="do not diff files larger than SIZE (default 256M)")
     m.add_argument("-j", "--jobs", type=int, default=MakeOptions().jobs, metavar="N",
                    help="diff threads (default: number of CPUs)")
     m.add_argument("--level", type=int, default=MakeOptions.level, metavar="L",
                    help="zstd level of carried data, 0 = uncompressed (default 19)")
+    m.add_argument("--no-recompress", dest="recompress", action="store_false",
+                   help="carry compressed extents (ENCODED_WRITE) as they are instead of "
+                        "regenerating them by recompression")
     m.add_argument("--json", action="store_true", help="print a JSON summary on stderr")
     m.add_argument("--progress", action="store_true", help="show progress on stderr")
     m.set_defaults(func=run_make)
@@ -91,7 +95,8 @@ def run_make(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise BtrdeltaError("-j must be at least 1")
     opts = MakeOptions(
-        codec=args.codec, max_file_size=args.max_file_size, jobs=args.jobs, level=args.level
+        codec=args.codec, max_file_size=args.max_file_size, jobs=args.jobs, level=args.level,
+        recompress=args.recompress,
     )
     name = input_name(args)
     progress = Progress(Progress.wanted(args), "delta make: ")
@@ -153,7 +158,8 @@ def print_delta_stats(st: object, name: str, *, as_json: bool) -> None:
     print(f"carried:       {st.carried_commands} commands, {human_bytes(st.carried_raw_bytes)}"
           f" stored in {human_bytes(st.carried_stored_bytes)}")
     total = sum(st.patched_files.values())
-    print(f"patched files: {total} ({st.regenerated_writes} writes regenerated)")
+    print(f"patched files: {total} ({st.regenerated_writes} writes and "
+          f"{st.regenerated_encoded} compressed extents regenerated)")
     for codec in sorted(st.patched_files):
         print(f"  {codec:<8} {st.patched_files[codec]:>6} files  "
               f"{human_bytes(st.replaced_bytes[codec])} as {human_bytes(st.patch_bytes[codec])}"
