@@ -438,15 +438,24 @@ def _gen_fast_decoder(cmd: Cmd, v2: bool) -> Callable[[memoryview, int, int], An
 
 Field_ = Any
 #: (command number, v2+) -> fast decoder
-_FAST: dict[tuple[int, bool], Callable[[memoryview, int, int], Any]] = {
-    (int(c), v2): _gen_fast_decoder(c, v2) for c in COMMAND_SPECS for v2 in (False, True)
-}
+_FAST: dict[tuple[int, bool], Callable[[memoryview, int, int], Any] | None] = {}
+
+
+def fast_decoder(cmd: int, v2: bool) -> Callable[[memoryview, int, int], Any] | None:
+    """The generated kernel-order decoder of ``cmd`` (v1 or v2+ layout), made on first use."""
+    key = (cmd, v2)
+    try:
+        return _FAST[key]
+    except KeyError:
+        dec = _gen_fast_decoder(Cmd(cmd), v2) if cmd in _DECODERS and cmd else None
+        _FAST[key] = dec
+        return dec
 
 
 def decode_payload_fast(cmd: int, mv: memoryview, start: int, end: int, version: int) -> Record:
     """Like :func:`decode_payload`, trying the kernel-order fast path first."""
-    fast = _FAST.get((cmd, version >= 2))
-    if fast is not None and cmd <= MAX_CMD[version]:
+    fast = fast_decoder(cmd, version >= 2) if 0 < cmd <= MAX_CMD[version] else None
+    if fast is not None:
         rec = fast(mv, start, end)
         if rec is not None:
             return rec  # type: ignore[no-any-return]

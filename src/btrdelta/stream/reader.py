@@ -31,7 +31,7 @@ from typing import Any, BinaryIO, Literal
 import crc32c as _crc32c
 
 from ..errors import BtrdeltaError, ChecksumError, StreamFormatError
-from .codec import _FAST, _HDR6, _ZERO_CRC, decode_payload_fast, decode_stream_header
+from .codec import _HDR6, _ZERO_CRC, decode_payload_fast, decode_stream_header, fast_decoder
 from .constants import (
     ATTR_KIND,
     CMD_HEADER,
@@ -55,10 +55,20 @@ _unpack_cmd = CMD_HEADER.unpack_from
 _pack_hdr6 = _HDR6.pack
 _CMD_NAMES = {int(c): c.name for c in Cmd}
 #: fast decoders for (v1, v2+) keyed by command number, only commands the version defines
-_FAST_BY_VERSION = {
-    ver: {c: dec for (c, v2), dec in _FAST.items() if v2 == (ver >= 2) and c <= MAX_CMD[ver]}
-    for ver in SUPPORTED_VERSIONS
-}
+class _FastTable(dict[int, Any]):
+    """Command number -> generated fast decoder for one stream version (filled on use)."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__()
+        self.version = version
+
+    def __missing__(self, cmd: int) -> Any:
+        dec = fast_decoder(cmd, self.version >= 2) if 0 < cmd <= MAX_CMD[self.version] else None
+        self[cmd] = dec
+        return dec
+
+
+_FAST_BY_VERSION = {ver: _FastTable(ver) for ver in SUPPORTED_VERSIONS}
 
 
 class Sentinel(enum.Enum):
@@ -269,7 +279,7 @@ class StreamParser:
                     ) == stored
                 if not ok:
                     break
-            decoder = fast.get(cmd)
+            decoder = fast[cmd]
             rec = decoder(cur, pos + 10, end) if decoder is not None else None
             if rec is None:
                 if verify and inplace:  # the slow path re-reads this command
