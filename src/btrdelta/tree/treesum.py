@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import blake3
 
+from .._fs import data_segments
+
 __all__ = ["Entry", "diff_manifests", "tree_manifest", "tree_sum"]
 
 _ZEROS = bytes(1 << 20)
@@ -114,42 +116,26 @@ def _file_digest(
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         pos = 0
-        while pos < size:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # only a hole until EOF
-                    data = size
-                elif exc.errno == errno.EINVAL:  # fs without SEEK_DATA
-                    data = pos
-                else:
-                    raise
-            data = min(data, size)
+        for data, length in data_segments(fd, size):
             _feed_zeros(h, data - pos)
-            if data >= size:
-                break
-            try:
-                hole = os.lseek(fd, data, os.SEEK_HOLE)
-            except OSError:
-                hole = size
-            hole = min(hole, size)
             os.lseek(fd, data, os.SEEK_SET)
-            left = hole - data
+            left = length
             while left > 0:
                 chunk = os.read(fd, min(_READ, left))
                 if not chunk:
                     raise OSError(errno.EIO, "file shrank while hashing", path)
                 h.update(chunk)
                 left -= len(chunk)
-            if want_layout:
+            pos = data + length
+            if want_layout:  # whole 4 KiB blocks, neighbours merged
                 a = data // _BLOCK * _BLOCK
-                b = min(-(-hole // _BLOCK) * _BLOCK, -(-size // _BLOCK) * _BLOCK)
+                b = min(-(-pos // _BLOCK) * _BLOCK, -(-size // _BLOCK) * _BLOCK)
                 if layout and layout[-1][0] + layout[-1][1] >= a:
                     start = layout[-1][0]
                     layout[-1] = (start, max(b, start + layout[-1][1]) - start)
                 else:
                     layout.append((a, b - a))
-            pos = hole
+        _feed_zeros(h, size - pos)
     finally:
         os.close(fd)
     return h.hexdigest(), (tuple(layout) if want_layout else None)

@@ -1,0 +1,145 @@
+"""tree-sum: equal trees give equal sums; every covered property changes the sum."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from btrdelta.cli import main
+from btrdelta.tree import diff_manifests, tree_manifest, tree_sum
+
+
+def _make(root: Path) -> Path:
+    (root / "d").mkdir(parents=True)
+    (root / "d/f").write_bytes(b"hello" * 1000)
+    (root / "g").write_bytes(b"")
+    os.link(root / "d/f", root / "d/hard")
+    os.symlink("d/f", root / "l")
+    with open(root / "sparse", "wb") as f:
+        f.truncate(1 << 20)
+        f.seek(512 << 10)
+        f.write(b"x" * 4096)
+    os.mkfifo(root / "p")
+    os.setxattr(root / "d/f", "user.k", b"v")
+    for p in (root / "d/f", root / "g", root / "d", root / "sparse", root):
+        os.utime(p, ns=(1, 1_500_000_000_123_456_789))
+    os.utime(root / "l", ns=(1, 7), follow_symlinks=False)
+    return root
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    subprocess.run(["cp", "-a", "--sparse=always", str(src), str(dst)], check=True)
+    return dst
+
+
+def test_copies_are_equal_and_the_sum_is_stable(tmp_path: Path) -> None:
+    a = _make(tmp_path / "a")
+    b = _copy(a, tmp_path / "b")
+    assert tree_sum(a) == tree_sum(b) == tree_sum(a)
+    assert tree_sum(a, holes=True) == tree_sum(b, holes=True)
+    assert diff_manifests(tree_manifest(a), tree_manifest(b)) == []
+
+
+def _chmod(r: Path) -> None:
+    os.chmod(r / "g", 0o600)
+
+
+def _chown(r: Path) -> None:
+    os.lchown(r / "g", 1234, 1234)
+
+
+def _mtime(r: Path) -> None:
+    os.utime(r / "d/f", ns=(1, 1_500_000_000_123_456_788))  # one nanosecond
+
+
+def _content(r: Path) -> None:
+    data = bytearray((r / "d/f").read_bytes())
+    data[-1] ^= 1
+    st = os.stat(r / "d/f")
+    (r / "d/f").write_bytes(bytes(data))
+    os.utime(r / "d/f", ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _xattr(r: Path) -> None:
+    os.setxattr(r / "d/f", "user.k", b"w")
+
+
+def _symlink(r: Path) -> None:
+    (r / "l").unlink()
+    os.symlink("d/F", r / "l")
+    os.utime(r / "l", ns=(1, 7), follow_symlinks=False)
+
+
+def _hardlink_group(r: Path) -> None:
+    st = os.stat(r / "d/hard")
+    (r / "d/hard").unlink()
+    shutil.copy2(r / "d/f", r / "d/hard")  # same content, no longer the same inode
+    os.link(r / "g", r / "g2")  # keep link counts plausible elsewhere
+    os.utime(r / "d/hard", ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _fifo_to_file(r: Path) -> None:
+    (r / "p").unlink()
+    (r / "p").write_bytes(b"")
+
+
+@pytest.mark.parametrize(
+    "change", [_chmod, _chown, _mtime, _content, _xattr, _symlink, _hardlink_group, _fifo_to_file]
+)
+def test_every_covered_property_changes_the_sum(
+    tmp_path: Path, change: Callable[[Path], None]
+) -> None:
+    a = _make(tmp_path / "a")
+    b = _copy(a, tmp_path / "b")
+    root_mtime = os.stat(b).st_mtime_ns
+    change(b)
+    os.utime(b, ns=(1, root_mtime))
+    assert tree_sum(a) != tree_sum(b)
+    assert diff_manifests(tree_manifest(a), tree_manifest(b))
+
+
+def test_holes_only_with_holes_option(tmp_path: Path) -> None:
+    a = _make(tmp_path / "a")
+    b = _copy(a, tmp_path / "b")
+    # fill the hole with real zeros: same content, other layout
+    data = (b / "sparse").read_bytes()
+    st = os.stat(b / "sparse")
+    (b / "sparse").unlink()
+    (b / "sparse").write_bytes(data)
+    os.utime(b / "sparse", ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.utime(b, ns=(1, os.stat(a).st_mtime_ns))
+    assert tree_sum(a) == tree_sum(b)
+    assert tree_sum(a, holes=True) != tree_sum(b, holes=True)
+
+
+def test_root_mtime_and_excluded_xattrs(tmp_path: Path) -> None:
+    a = _make(tmp_path / "a")
+    b = _copy(a, tmp_path / "b")
+    os.utime(b, ns=(1, 42))
+    os.setxattr(b / "g", "user.extra", b"1")
+    assert tree_sum(a) != tree_sum(b)
+    assert tree_sum(a, ignore_root_mtime=True, exclude_xattrs=[b"user.extra"]) == tree_sum(
+        b, ignore_root_mtime=True, exclude_xattrs=[b"user.extra"]
+    )
+
+
+def test_cli_compare_and_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = _make(tmp_path / "a")
+    b = _copy(a, tmp_path / "b")
+    assert main(["tree-sum", "--compare", str(a), str(b)]) == 0
+    _xattr(b)
+    assert main(["tree-sum", "--compare", str(a), str(b)]) == 1
+    out = capsys.readouterr().out
+    assert "differs: d/f" in out
+    assert "xattr:user.k" in out
+    assert main(["tree-sum", "--manifest", str(a)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(". d ")
+    assert any(x.startswith("sparse f") for x in lines)
+    assert main(["tree-sum", str(a)]) == 0
+    assert capsys.readouterr().out.split()[0] == tree_sum(a)
