@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..receive import ReceivedSubvol, receive
+from ..stream.constants import MAGIC
 from ..stream.reader import Event, StreamReader
 from ._common import Progress, human_bytes, open_input
 
@@ -52,6 +53,27 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(func=run)
 
 
+def _is_send_stream(f: BinaryIO) -> bool:
+    """Whether ``f`` starts with the send-stream magic, looked at without consuming it.
+
+    A seekable file is read and rewound; a buffered pipe is peeked. ``False`` when that
+    cannot be told without reading (the caller then sniffs the input the general way).
+    """
+    want = len(MAGIC)
+    peek = getattr(f, "peek", None)
+    try:
+        if peek is not None:
+            return bytes(peek(want)[:want]) == MAGIC
+        if f.seekable():
+            pos = f.tell()
+            head = f.read(want)
+            f.seek(pos)
+            return head == MAGIC
+    except (OSError, ValueError):
+        pass
+    return False
+
+
 def open_events(
     f: BinaryIO, name: str, dest: Path | None = None, backend: str = "auto"
 ) -> Iterator[Event]:
@@ -60,6 +82,9 @@ def open_events(
     A delta stream (``btrdelta delta make``) is expanded on the fly against the local
     parent of its snapshot (see :func:`btrdelta.delta.expand_events`).
     """
+    if _is_send_stream(f):
+        # the common case: no wrapper around the input, no import of the delta package
+        return StreamReader(f, source=name).events()
     from ..delta.expand import delta_parent, expand_events, sniff
 
     is_delta, f = sniff(f)

@@ -11,12 +11,10 @@ its own limit), so a hostile payload cannot make us allocate more.
 
 from __future__ import annotations
 
+import functools
 import struct
 import zlib
 from typing import Any
-
-import lzallright
-import zstandard
 
 from ..errors import StreamFormatError
 
@@ -25,8 +23,6 @@ __all__ = ["COMPRESSION_NAMES", "decode_extent"]
 COMPRESSION_NAMES = {0: "none", 1: "zlib", 2: "zstd", 3: "lzo-4k", 4: "lzo-8k", 5: "lzo-16k",
                      6: "lzo-32k", 7: "lzo-64k"}
 
-_zstd = zstandard.ZstdDecompressor()
-_lzo = lzallright.LZOCompressor()
 _U32 = struct.Struct("<I")
 
 
@@ -35,9 +31,32 @@ def _zlib(data: memoryview, limit: int) -> bytes:
     return d.decompress(data, limit)
 
 
+@functools.cache
+def _zstd() -> Any:
+    # imported on first use: a receive without decompression does not pay for it
+    import zstandard
+
+    return zstandard.ZstdDecompressor()
+
+
+@functools.cache
+def _lzo() -> Any:
+    import lzallright
+
+    return lzallright.LZOCompressor()
+
+
+@functools.cache
+def _errors() -> tuple[type[BaseException], ...]:
+    import lzallright
+    import zstandard
+
+    return (zlib.error, zstandard.ZstdError, lzallright.LZOError, ValueError)
+
+
 def _zstd_frame(data: memoryview, limit: int) -> bytes:
     # one frame followed by zero padding; max_output_size bounds the allocation
-    return _zstd.decompress(data, max_output_size=limit)[:limit]
+    return _zstd().decompress(data, max_output_size=limit)[:limit]
 
 
 def _lzo_frames(data: memoryview, limit: int, sector: int) -> bytes:
@@ -59,7 +78,7 @@ def _lzo_frames(data: memoryview, limit: int, sector: int) -> bytes:
         pos += 4
         if seg_len > total - pos or seg_len > sector + sector // 16 + 64 + 3:
             raise ValueError(f"LZO segment length {seg_len} is out of bounds")
-        out = _lzo.decompress(bytes(data[pos : pos + seg_len]), output_size_hint=sector)
+        out = _lzo().decompress(bytes(data[pos : pos + seg_len]), output_size_hint=sector)
         if len(out) > sector:
             raise ValueError("LZO segment decompressed to more than one sector")
         pieces.append(out)
@@ -84,7 +103,7 @@ def decode_extent(data: Any, compression: int, unencoded_len: int) -> bytes:
             out = _lzo_frames(mv, unencoded_len, 4096 << (compression - 3))
         else:
             raise StreamFormatError(f"unsupported ENCODED_WRITE compression {compression}")
-    except (zlib.error, zstandard.ZstdError, lzallright.LZOError, ValueError) as exc:
+    except _errors() as exc:
         name = COMPRESSION_NAMES.get(compression, str(compression))
         raise StreamFormatError(f"cannot decompress {name} extent: {exc}") from exc
     if len(out) < unencoded_len:
