@@ -23,6 +23,7 @@ Run: ``.venv/bin/python -m benchmarks delta``.
 
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 import shutil
@@ -73,6 +74,7 @@ def _release_trees(work: Path) -> tuple[Path, Path]:
     a = work / "rel-a" / "usr"
     build_release(a)
     b = work / "rel-b" / "usr"
+    b.parent.mkdir(parents=True)
     sh("cp", "-a", str(a), str(b))
     rebuild_release(b)
     return a.parent, b.parent
@@ -93,18 +95,22 @@ def _tree_bytes(root: Path) -> int:
 
 
 def _timed(cmd: list[str | os.PathLike[str]]) -> tuple[float, int, bytes]:
-    """Run ``cmd``; (seconds, peak RSS in bytes, stderr). Raises on failure."""
-    t0 = time.monotonic()
-    proc = subprocess.Popen([os.fspath(c) for c in cmd], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    assert proc.stderr is not None
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    secs = time.monotonic() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"{cmd}: exit {proc.returncode}: {err.decode(errors='replace')}")
-    return secs, usage.ru_maxrss * 1024, err
+    """Run ``cmd``; (seconds, peak RSS in bytes, stderr). Raises on failure.
+
+    The peak RSS is GNU time's ``%M`` of the command: ``wait4`` of a child forked from this
+    (large) process would count the pages it had before ``exec``.
+    """
+    with tempfile.NamedTemporaryFile(prefix="rss-") as rss:
+        t0 = time.monotonic()
+        proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss.name,
+                               *(os.fspath(c) for c in cmd)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
+        secs = time.monotonic() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cmd}: exit {proc.returncode}: "
+                               f"{proc.stderr.decode(errors='replace')}")
+        kib = int(Path(rss.name).read_text().split()[-1])
+    return secs, kib * 1024, proc.stderr
 
 
 def _ext4_images(a: Path, b: Path, work: Path) -> dict[str, int]:
@@ -172,12 +178,16 @@ def _delta_runs(stream: Path, full_a: Path, a_tree: Path, work: Path, tag: str,
     back = work / f"{tag}.back"
     t_exp, rss_exp, _ = _timed([*BTRDELTA, "delta", "expand", "-f", delta, "--old", a_tree,
                                 "-o", back])
-    same = back.read_bytes() == stream.read_bytes()
+    same = filecmp.cmp(back, stream, shallow=False)
     back.unlink()
     dest = work / f"{tag}.recv"
     dest.mkdir()
     sh(*BTRDELTA, "receive", "--backend", "dir", "-f", full_a, dest)
     t_rcv, rss_rcv, _ = _timed([*BTRDELTA, "receive", "--backend", "dir", "-f", delta, dest])
+    shutil.rmtree(dest)
+    dest.mkdir()  # the same receive of the plain stream, for reference
+    sh(*BTRDELTA, "receive", "--backend", "dir", "-f", full_a, dest)
+    t_plain, _, _ = _timed([*BTRDELTA, "receive", "--backend", "dir", "-f", stream, dest])
     shutil.rmtree(dest)
     s = _size(stream)
     diffed = stats.get("diffed_bytes", 0)
@@ -196,7 +206,8 @@ def _delta_runs(stream: Path, full_a: Path, a_tree: Path, work: Path, tag: str,
     lines.append(f"  [{tag}] expand  {_mb(s, t_exp)}, {t_exp:5.1f} s, peak RSS "
                  f"{rss_exp / 1e6:5.0f} MB")
     lines.append(f"  [{tag}] receive {_mb(s, t_rcv)}, {t_rcv:5.1f} s, peak RSS "
-                 f"{rss_rcv / 1e6:5.0f} MB (plain-directory backend)")
+                 f"{rss_rcv / 1e6:5.0f} MB (plain-directory backend; the plain stream itself: "
+                 f"{_mb(s, t_plain)})")
     return _size(delta)
 
 

@@ -70,6 +70,20 @@ def _dctx() -> Any:
 
 
 def _zstd_compressor(level: int, size: int) -> Any:
+    """A (thread-local, reused) compressor with btrfs's parameters for ``size`` bytes."""
+    cache: dict[tuple[int, int], Any] | None = getattr(_local, "cctx", None)
+    if cache is None:
+        cache = _local.cctx = {}
+    key = (level, size)
+    cctx = cache.get(key)
+    if cctx is None:
+        if len(cache) >= 64:
+            cache.clear()
+        cctx = cache[key] = _new_zstd_compressor(level, size)
+    return cctx
+
+
+def _new_zstd_compressor(level: int, size: int) -> Any:
     key = (level, size)
     params = _zstd_params.get(key)
     if params is None:
