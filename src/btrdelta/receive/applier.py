@@ -264,17 +264,17 @@ class Applier:
             ApplyError: a system call failed.
             StreamFormatError: a record that makes no sense here.
         """
-        handler = self._handlers.get(type(rec))
+        handler = self._handlers.get(rec.__class__)
         try:
             if handler is None:
                 return  # records this version does not model pass (as progs ignores them)
-            if self._cur is None and type(rec) not in (Subvol, Snapshot, End):
-                raise StreamFormatError("command before SUBVOL/SNAPSHOT")
             cur = self._cur
             if cur is not None:
                 cur.records += 1
                 if not cur.records & 63 and cur.sandbox is not None:
                     cur.sandbox.trim()
+            elif rec.__class__ not in (Subvol, Snapshot, End):
+                raise StreamFormatError("command before SUBVOL/SNAPSHOT")
             handler(rec)
         except BtrdeltaError as exc:
             raise exc.located(index=index, command=rec.cmd.name.lower(),

@@ -56,7 +56,8 @@ def _errors() -> tuple[type[BaseException], ...]:
 
 def _zstd_frame(data: memoryview, limit: int) -> bytes:
     # one frame followed by zero padding; max_output_size bounds the allocation
-    return _zstd().decompress(data, max_output_size=limit)[:limit]
+    out: bytes = _zstd().decompress(data, max_output_size=limit)
+    return out[:limit]
 
 
 def _lzo_frames(data: memoryview, limit: int, sector: int) -> bytes:

@@ -76,6 +76,9 @@ class Sandbox:
     def __init__(self, root_fd: int) -> None:
         self.root_fd = root_fd
         self._dirs: dict[bytes, int] = {}
+        #: the last :meth:`parent` answer (consecutive records mostly name one path); it is
+        #: dropped whenever a cached directory descriptor is closed
+        self._last: tuple[bytes, tuple[int, bytes]] | None = None
         #: every cached key and all its ancestors: a rename of anything else is cheap
         self._prefixes: set[bytes] = set()
 
@@ -103,6 +106,7 @@ class Sandbox:
 
     def clear(self) -> None:
         """Forget all cached directories."""
+        self._last = None
         for fd in self._dirs.values():
             os.close(fd)
         self._dirs.clear()
@@ -117,6 +121,7 @@ class Sandbox:
         """Drop cached directories at or below ``path`` (after it was renamed or removed)."""
         if path not in self._prefixes:
             return
+        self._last = None
         prefix = path + b"/"
         stale = [k for k in self._dirs if k == path or k.startswith(prefix)]
         for key in stale:
@@ -182,16 +187,20 @@ class Sandbox:
         Raises:
             UnsafePathError: the path is unsafe or is the root (``b""``).
         """
+        last = self._last
+        if last is not None and last[0] == path:
+            return last[1]  # checked and resolved by the previous call, still open
         parts = split_path(path)
         if not parts:
             raise UnsafePathError("this command cannot apply to the subvolume root", path=path)
         name = parts[-1]
         if len(parts) == 1:
-            return self.root_fd, name
-        fd = self._dirs.get(path[: -len(name) - 1])
-        if fd is not None:
-            return fd, name
-        return self.dir_fd(parts[:-1], path), name
+            found = (self.root_fd, name)
+        else:
+            fd = self._dirs.get(path[: -len(name) - 1])
+            found = (fd if fd is not None else self.dir_fd(parts[:-1], path), name)
+        self._last = (path, found)
+        return found
 
     def open_path(self, path: bytes) -> int:
         """An ``O_PATH`` descriptor of the entry itself (a symlink is not followed)."""
