@@ -25,6 +25,7 @@ from btrdelta.stream.records import (
     Mkfile,
     Mknod,
     Rename,
+    Rmdir,
     SetXattr,
     Symlink,
     Truncate,
@@ -195,3 +196,52 @@ def test_snapshot_parent_must_be_inside_dest(world: tuple[Path, Path]) -> None:
                                  clone_ctransid=7), End()]), dest)
     assert info.value.index == 0
     assert list(dest.iterdir()) == []
+
+
+def test_remembered_parent_does_not_outlive_a_directory_rename(
+    world: tuple[Path, Path],
+) -> None:
+    # d/f resolved (and remembered), then d renamed away and replaced by a symlink: the next
+    # command on d/f must walk again and refuse the symlink, not reuse the old directory
+    _attack(world, [
+        Mkdir(path=b"d", ino=257),
+        Mkfile(path=b"d/f", ino=258),
+        Utimes(path=b"d/f", atime=0, mtime=0, ctime=0),
+        Rename(path=b"d", path_to=b"e"),
+        Symlink(path=b"d", ino=259, target=_o(world) + b"/sub"),
+        Utimes(path=b"d/f", atime=0, mtime=0, ctime=0),
+    ])
+
+
+def test_remembered_parent_does_not_outlive_rmdir(world: tuple[Path, Path]) -> None:
+    _outside, dest = world
+    receive(events([
+        subvol(),
+        Mkdir(path=b"d", ino=257),
+        Mkfile(path=b"d/f", ino=258),
+        Unlink(path=b"d/f"),
+        Rmdir(path=b"d"),
+        Mkdir(path=b"d", ino=259),
+        Mkfile(path=b"d/f", ino=260),
+        Write(path=b"d/f", offset=0, data=b"new"),
+        End(),
+    ]), dest)
+    (sub,) = [p for p in dest.iterdir() if p.is_dir()]
+    assert (sub / "d" / "f").read_bytes() == b"new"
+
+
+def test_remembered_parent_does_not_outlive_a_cache_trim(world: tuple[Path, Path]) -> None:
+    # more than the cache bound of directories: the cache is cleared between records,
+    # also between two commands on one path; each must still land in its own directory
+    _outside, dest = world
+    recs: list[object] = [subvol()]
+    for i in range(300):
+        d = b"d%d" % i
+        recs += [Mkdir(path=d, ino=300 + 2 * i), Mkfile(path=d + b"/f", ino=301 + 2 * i),
+                 Utimes(path=d + b"/f", atime=i, mtime=i, ctime=0),
+                 Utimes(path=d + b"/f", atime=i, mtime=i * 1000, ctime=0)]
+    receive(events([*recs, End()]), dest)
+    (sub,) = [p for p in dest.iterdir() if p.is_dir()]
+    assert sorted(p.name for p in sub.iterdir()) == sorted(f"d{i}" for i in range(300))
+    for i in range(300):
+        assert (sub / f"d{i}" / "f").stat().st_mtime_ns == i * 1000
