@@ -209,3 +209,31 @@ def test_format2_carrier_content_is_checked(old_tree: Path) -> None:
             w.item(item)
     with pytest.raises(ChecksumError, match="ZCMDS"):
         _expand(b"".join(bytes(x) for x in out), old_tree)
+
+
+def test_hostile_penc_is_refused(tmp_path: Path) -> None:
+    """A PENC announcing a huge padded size (or a bad level) fails before allocating."""
+    from btrdelta.delta.format import PEncoded
+
+    (tmp_path / "f").write_bytes(b"x" * 5000)
+    for penc in (PEncoded(0, 100, 100, 100, 0, 2, None, 1 << 40, 3, 0),
+                 PEncoded(0, 100, 100, 100, 0, 2, None, 4096, 99, 0),
+                 PEncoded(0, 100, 100, 100, 0, 5, None, 4096, 3, 0)):
+        out: list[bytes] = []
+        w = DeltaWriter(out.append, level=0)
+        w.item(StreamStart(2))
+        sw: list[bytes] = []
+        StreamWriter(sw.append, 2).write(R.Snapshot(b"B", uuid.uuid4(), 1, uuid.uuid4(), 1))
+        w.command(b"".join(bytes(p) for p in sw)[17:])
+        w.item(Patch(b"f", b"f", 0, HashAlgo.BLAKE3_128, 5000,
+                     _b3_128(b"x" * 5000), 5000, b"", 0))
+        w.item(penc)
+        w.item(DeltaEnd(0, 0, HashAlgo.BLAKE3, bytes(32)))
+        with pytest.raises(StreamFormatError, match="PENC disk length|level|compression"):
+            _expand(b"".join(bytes(x) for x in out), tmp_path)
+
+
+def _b3_128(data: bytes) -> bytes:
+    from btrdelta.delta.oldfiles import digest
+
+    return digest(HashAlgo.BLAKE3_128, data)

@@ -308,6 +308,8 @@ class _Expander:
             raise self.fail("PENC runs past the patched content")
         if self.version < 2:
             raise self.fail("PENC in a v1 stream (ENCODED_WRITE needs v2)")
+        if e.disk_len > MAX_PAYLOAD[self.version]:
+            raise self.fail(f"PENC disk length {e.disk_len} exceeds a command's payload")
         raw = memoryview(a.content)[a.pos : a.pos + e.length]
         try:
             packed = compress_extent(raw, e.compression, e.level)
