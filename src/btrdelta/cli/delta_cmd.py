@@ -14,20 +14,15 @@ from ..delta.expand import DEFAULT_MAX_FILE_SIZE, expand_to, open_delta
 from ..delta.make import MakeOptions, make_delta
 from ..delta.stats import delta_stats_of_file
 from ..errors import BtrdeltaError
-from ._common import Progress, add_input, human_bytes, input_name, open_input, open_output
-
-_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """'64M' -> 67108864 (K, M, G, T suffixes, binary)."""
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    try:
-        if t and t[-1] in _UNITS:
-            return int(float(t[:-1]) * _UNITS[t[-1]])
-        return int(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+from ._common import (
+    Progress,
+    add_input,
+    human_bytes,
+    input_name,
+    open_input,
+    open_output,
+    parse_size,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -19,17 +19,7 @@ from ..chunk.clone import clone, open_source, read_index
 from ..chunk.compress import DEFAULT_LEVEL, compress_image
 from ..chunk.store import ChunkStore, ImageReader, split_store_name
 from ..errors import BtrdeltaError, ChecksumError
-from ._common import Progress, human_bytes, open_output
-
-
-def _size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = units.get(t[-1:], 1)
-    try:
-        return int(t[:-1] if t[-1:] in units else t) * mult
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+from ._common import Progress, human_bytes, open_output, parse_size
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -50,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     c = isub.add_parser("compress", help="chunk and compress an image into an archive")
     c.add_argument("-i", "--input", required=True, metavar="IMAGE", help="image file or device")
     c.add_argument("-o", "--output", required=True, metavar="ARCHIVE", help="archive to write")
-    c.add_argument("--avg-chunk", type=_size, default=64 << 10, metavar="SIZE",
+    c.add_argument("--avg-chunk", type=parse_size, default=64 << 10, metavar="SIZE",
                    help="average chunk size (default 64K; min = avg/4, max = avg*4)")
     c.add_argument("--level", type=int, default=DEFAULT_LEVEL,
                    help=f"zstd level (default {DEFAULT_LEVEL}: compressed once, fetched often)")
