@@ -180,11 +180,12 @@ def test_format2_same_files_paths_and_renamed_dirs(tmp_path: Path) -> None:
     assert st.patched_files["same"] == 1
     assert sum(st.patched_files.values()) == 2  # RECORD found in the renamed directory
     assert len(delta) < 2_000 < len(stream) // 50
-    # format 1 readers' view: the version field says 2; a format-1 header with format-2
-    # records is refused
-    assert delta[17:21] == (2).to_bytes(4, "little")
+    # the version field says 3; older headers with newer records are refused
+    assert delta[17:21] == (3).to_bytes(4, "little")
     with pytest.raises(StreamFormatError, match="format-2"):
         _expand(delta[:17] + (1).to_bytes(4, "little") + delta[21:], old)
+    with pytest.raises(StreamFormatError, match="format-3"):
+        _expand(delta[:17] + (2).to_bytes(4, "little") + delta[21:], old)
 
 
 def test_format2_carrier_content_is_checked(old_tree: Path) -> None:
@@ -229,7 +230,7 @@ def test_hostile_penc_is_refused(tmp_path: Path) -> None:
                      _b3_128(b"x" * 5000), 5000, b"", 0))
         w.item(penc)
         w.item(DeltaEnd(0, 0, HashAlgo.BLAKE3, bytes(32)))
-        with pytest.raises(StreamFormatError, match="PENC disk length|level|compression"):
+        with pytest.raises(StreamFormatError, match=r"PENC disk length|level|compression"):
             _expand(b"".join(bytes(x) for x in out), tmp_path)
 
 
@@ -237,3 +238,68 @@ def _b3_128(data: bytes) -> bytes:
     from btrdelta.delta.oldfiles import digest
 
     return digest(HashAlgo.BLAKE3_128, data)
+
+
+_TIMES = st.integers(0, (1 << 63) * 1_000_000_000 - 1)  # the encoder: signed seconds
+
+
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 1 << 40), _TIMES, _TIMES, _TIMES),
+                min_size=1, max_size=12))
+def test_format3_carrier_folding_is_exact(ops: list[tuple[int, int, int, int, int]]) -> None:
+    """Folded commands (orphan names, previous paths, time differences) unfold to the exact
+    bytes; the folded forms of a re-created file are smaller than the originals."""
+    from btrdelta.delta.carrier import CarrierState, fold, unfold
+
+    recs: list[R.Record] = []
+    for kind, ino, a, m, c in ops:
+        orphan = f"o{ino}-7-0".encode()
+        final = f"dir/f{ino}".encode()
+        if kind == 0:
+            recs += [R.Mkfile(orphan, ino), R.Rename(orphan, final)]
+        elif kind == 1:
+            recs.append(R.Mkdir(b"x" + orphan, ino))  # not an orphan name: kept
+        elif kind == 2:
+            recs.append(R.Utimes(final, a, m, c))
+        elif kind == 3:
+            recs.append(R.Chown(final, 0, ino & 0xFFFF))
+        else:
+            recs.append(R.Utimes(final, a, m, c, m))
+    out: list[bytes] = []
+    w = StreamWriter(out.append, 2)
+    for rec in recs:
+        w.write(rec)
+    raws = []
+    pos = 17
+    blob = b"".join(bytes(p) for p in out)
+    while pos < len(blob):
+        n = int.from_bytes(blob[pos : pos + 4], "little") + 10
+        raws.append(blob[pos : pos + n])
+        pos += n
+    ws, rs = CarrierState(), CarrierState()
+    for raw in raws:
+        folded = b"".join(bytes(p) for p in fold(raw[4] | raw[5] << 8, memoryview(raw), ws))
+        assert len(folded) <= len(raw)
+        back = unfold(raw[4] | raw[5] << 8, memoryview(folded), 0, len(folded), rs, 1 << 16)
+        expect = raw[:6] + bytes(4) + raw[10:]
+        assert (folded if back is None else bytes(back)) == expect
+    assert ws == rs
+
+
+def test_format3_hostile_markers_are_refused() -> None:
+    """Orphan-name and times markers where they cannot be are clear format errors."""
+    from btrdelta.delta.carrier import CarrierState, unfold
+
+    def cmd(num: int, payload: bytes) -> memoryview:
+        return memoryview(len(payload).to_bytes(4, "little") + num.to_bytes(2, "little")
+                          + bytes(4) + payload)
+
+    bad = [
+        cmd(19, b"\xfe\xff\x03\x007-0" + b"\x06\x00\x08\x00" + bytes(8)),  # CHOWN, no INO
+        cmd(3, b"\xfe\xff\x40\x007-0"),  # orphan marker overruns
+        cmd(20, b"\xff\xff\x00\x00"),  # previous path: there is none yet
+        cmd(20, b"\x0f\x00\x01\x00a" + b"\xfd\xff\x03\x00" + b"\x0b\x00\x00"),  # width 0
+        cmd(20, b"\x0f\x00\x01\x00a" + b"\xfd\xff\x04\x00" + b"\x0b\x00\x01\xff"),  # < 0
+    ]
+    for mv in bad:
+        with pytest.raises(StreamFormatError):
+            unfold(mv[4] | mv[5] << 8, mv, 0, len(mv), CarrierState(), 1 << 16)

@@ -34,6 +34,7 @@ from ..stream import records as R
 from ..stream.codec import command_crc, decode_payload, encode_record
 from ..stream.constants import CMD_HEADER, CMD_HEADER_SIZE, MAGIC, MAX_PAYLOAD, STREAM_HEADER
 from ..stream.reader import Event, StreamHeader
+from .carrier import SAME_PATH_TLV, CarrierState, unfold
 from .codecs import get_codec
 from .format import (
     DELTA_MAGIC,
@@ -56,7 +57,6 @@ from .format import (
 )
 from .oldfiles import digest, hasher, read_old_file
 from .recompress import compress_extent
-from .writer import SAME_PATH_TLV
 
 __all__ = [
     "DEFAULT_MAX_FILE_SIZE",
@@ -112,8 +112,17 @@ class _Expander:
         self.pending: Patch | None = None
         self.pdata: list[bytes] = []
         self.pdata_len = 0
-        #: the last path carried (btrfs command or PATCH): format 2 may leave it out
-        self.last_path: bytes | None = None
+        #: the previous path (format 2 may leave it out) and folded times (format 3)
+        self.cstate = CarrierState()
+
+    @property
+    def last_path(self) -> bytes | None:
+        """The previous path (last carried PATH, PATCH path; RENAME's PATH_TO in format 3)."""
+        return self.cstate.last_path
+
+    @last_path.setter
+    def last_path(self, path: bytes | None) -> None:
+        self.cstate.last_path = path
 
     def fail(self, msg: str, exc: BtrdeltaError | None = None) -> BtrdeltaError:
         err = exc if exc is not None else StreamFormatError(msg)
@@ -145,9 +154,12 @@ class _Expander:
             raise self.fail("", ChecksumError("CRC32C mismatch of a ZCMDS record's content"))
         return raw
 
-    def split(self, raw: bytearray, crc_checked: bool = False) -> Iterator[DeltaItem]:
+    def split(
+        self, raw: bytearray, crc_checked: bool = False, fmt: int = 2
+    ) -> Iterator[DeltaItem]:
         """Whole records in inflated carrier bytes: btrfs commands (CRC-checked) and, when
-        the carrier's content CRC was checked (format 2), delta records with a zero CRC."""
+        the carrier's content CRC was checked (format 2), delta records with a zero CRC;
+        format 3 commands are unfolded (:func:`.carrier.unfold`)."""
         if not self.version:
             raise self.fail("btrfs commands before any STREAM record")
         mv = memoryview(raw)
@@ -162,9 +174,12 @@ class _Expander:
                 if crc != 0 or end > len(mv):
                     raise self.fail(f"carried delta record {cmd} is invalid")
                 try:
-                    yield decode_item(cmd, mv, pos + CMD_HEADER_SIZE, end)
+                    sub = decode_item(cmd, mv, pos + CMD_HEADER_SIZE, end)
                 except BtrdeltaError as exc:
                     raise self.fail("", exc) from None
+                if fmt < 3 and type(sub) is Patch and sub.hash_algo == HashAlgo.BLAKE3_64:
+                    raise self.fail("format-3 digest in an older delta stream")
+                yield sub
                 pos = end
                 continue
             if not 0 < cmd <= _MAX_CMD or length > limit or end > len(mv):
@@ -174,6 +189,26 @@ class _Expander:
                 # a first TLV (0xffff, 0) stands for PATH = the previous path
                 if crc != 0:
                     raise self.fail(f"carried command {cmd} has a non-zero CRC field")
+                if fmt >= 3:
+                    try:
+                        buf3 = unfold(cmd, mv, pos, end, self.cstate, limit)
+                    except BtrdeltaError as exc:
+                        raise self.fail("", exc) from None
+                    if buf3 is None:
+                        _CRC_FIELD.pack_into(
+                            raw, pos + 6,
+                            command_crc(length, cmd, mv[pos + CMD_HEADER_SIZE : end]),
+                        )
+                        yield BtrfsCommand(cmd, mv[pos:end])
+                    else:
+                        view = memoryview(buf3)
+                        _CRC_FIELD.pack_into(
+                            buf3, 6,
+                            command_crc(len(buf3) - CMD_HEADER_SIZE, cmd, view[CMD_HEADER_SIZE:]),
+                        )
+                        yield BtrfsCommand(cmd, view)
+                    pos = end
+                    continue
                 first = mv[pos + 10 : pos + 14] if length >= 4 else b""
                 if first == SAME_PATH_TLV:
                     if self.last_path is None:
@@ -360,7 +395,7 @@ class _Expander:
             z: ZCommands = item  # type: ignore[assignment]
             raw = self.inflate(z)
             callable_root = callable(self.old_root)
-            for sub in self.split(raw, crc_checked=z.crc is not None):
+            for sub in self.split(raw, crc_checked=z.crc is not None, fmt=z.fmt):
                 if type(sub) is BtrfsCommand and not callable_root:
                     yield RAW, sub.cmd, sub.raw
                 else:

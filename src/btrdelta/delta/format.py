@@ -65,9 +65,9 @@ __all__ = [
 DELTA_MAGIC: Final = b"btrdelta-dstream\x00"
 DELTA_HEADER: Final = struct.Struct("<17sI")  # magic, format version
 DELTA_HEADER_SIZE: Final = DELTA_HEADER.size  # 21
-DELTA_VERSION: Final = 2
+DELTA_VERSION: Final = 3
 #: format versions this reader understands (1: everything at top level)
-DELTA_VERSIONS: Final = frozenset({1, 2})
+DELTA_VERSIONS: Final = frozenset({1, 2, 3})
 
 #: Largest payload of one delta record (btrfs commands keep their own, smaller limits).
 MAX_DELTA_PAYLOAD: Final = 8 << 20
@@ -128,9 +128,15 @@ class HashAlgo(enum.IntEnum):
     BLAKE3 = 2
     #: the first 16 bytes of BLAKE3 (per-file digests; the stream digest stays 32 bytes)
     BLAKE3_128 = 3
+    #: the first 8 bytes of BLAKE3 (format 3: the old digest of a ``same`` patch, which
+    #: only checks that the local old file is the one the delta was made against; the
+    #: DEND digest covers the whole expanded stream)
+    BLAKE3_64 = 4
 
 
-DIGEST_SIZE: Final = {HashAlgo.SHA256: 32, HashAlgo.BLAKE3: 32, HashAlgo.BLAKE3_128: 16}
+DIGEST_SIZE: Final = {
+    HashAlgo.SHA256: 32, HashAlgo.BLAKE3: 32, HashAlgo.BLAKE3_128: 16, HashAlgo.BLAKE3_64: 8,
+}
 
 #: codec id of a "same content" patch: the new content is the old file, no patch bytes
 SAME_CODEC: Final = 0
@@ -163,6 +169,8 @@ class ZCommands:
     raw_len: int
     zdata: memoryview
     crc: int | None = None
+    #: format version of the delta stream it came from (3: commands folded, ``.carrier``)
+    fmt: int = 2
 
 
 @dataclass(slots=True)
@@ -626,6 +634,12 @@ class DeltaParser:
                 self._fail(exc, cmd)
             if self.version < 2 and _needs_v2(item):
                 self._fail(StreamFormatError("format-2 record in a format-1 delta stream"), cmd)
+            if self.version < 3 and isinstance(item, Patch) and (
+                item.hash_algo == HashAlgo.BLAKE3_64
+            ):
+                self._fail(StreamFormatError("format-3 digest in an older delta stream"), cmd)
+        if isinstance(item, ZCommands):
+            item.fmt = self.version
         self._pos += total
         self.index += 1
         if isinstance(item, DeltaEnd):

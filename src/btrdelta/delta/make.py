@@ -437,10 +437,16 @@ def _patched_items(group: _Group, res: _Result, opts: MakeOptions) -> list[Delta
     view = memoryview(res.patch)
     inline = len(view) <= PDATA_CHUNK
     codec_id = SAME_CODEC if res.codec is None else res.codec.codec_id
+    algo, old_digest = opts.hash_algo, res.old_digest
+    if res.codec is None and algo == HashAlgo.BLAKE3_128:
+        # format 3: a 'same' patch's digest only checks the local old file (BLAKE3's
+        # output is a stream: its first 8 bytes are the 8-byte digest)
+        algo, old_digest = HashAlgo.BLAKE3_64, old_digest[:8]
     items: list[DeltaItem] = [
         Patch(
-            group.path, group.base, codec_id, opts.hash_algo, res.old_size,
-            res.old_digest, res.new_size, res.new_digest, len(res.patch),
+            group.path, group.base, codec_id, algo, res.old_size,
+            old_digest, res.new_size, res.new_digest if res.codec else old_digest,
+            len(res.patch),
             view if inline and res.codec is not None else None,
         )
     ]

@@ -28,6 +28,7 @@ class _Blake3_128:
     """BLAKE3 with a 16-byte output (the first 16 bytes of its extendable output)."""
 
     __slots__ = ("_h",)
+    LENGTH = 16
 
     def __init__(self) -> None:
         self._h = blake3.blake3(max_threads=1)
@@ -36,7 +37,14 @@ class _Blake3_128:
         self._h.update(data)
 
     def digest(self) -> bytes:
-        return bytes(self._h.digest(length=16))
+        return bytes(self._h.digest(length=self.LENGTH))
+
+
+class _Blake3_64(_Blake3_128):
+    """BLAKE3 with an 8-byte output (a prefix of the 16-byte one)."""
+
+    __slots__ = ()
+    LENGTH = 8
 
 
 def hasher(algo: int) -> Any:
@@ -45,6 +53,8 @@ def hasher(algo: int) -> Any:
         return blake3.blake3(max_threads=1)
     if algo == HashAlgo.BLAKE3_128:
         return _Blake3_128()
+    if algo == HashAlgo.BLAKE3_64:
+        return _Blake3_64()
     if algo == HashAlgo.SHA256:
         return hashlib.sha256()
     raise ValueError(f"unknown hash algorithm {algo}")  # pragma: no cover

@@ -98,7 +98,7 @@ def collect_delta_stats(items: Iterable[DeltaItem], source: str | None = None) -
             st.carried_stored_bytes += len(item.raw)
         elif isinstance(item, _Z):
             raw = ex.inflate(item)
-            for sub in ex.split(raw, crc_checked=item.crc is not None):
+            for sub in ex.split(raw, crc_checked=item.crc is not None, fmt=item.fmt):
                 if isinstance(sub, BtrfsCommand):
                     st.carried_commands += 1
                 else:

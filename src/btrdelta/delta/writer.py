@@ -12,7 +12,8 @@ whose patch bytes fit in :data:`INNER_PATCH_MAX` are framed with a zero CRC and 
 like btrfs commands, so their paths and sizes compress against the btrfs commands around
 them; each ZCMDS record holds the CRC32C of what it inflates to. Carried btrfs commands
 have their CRC field zeroed too (the expander recomputes it: 4 incompressible bytes saved
-per command). Larger patches stay
+per command), and format 3 folds repeated paths, orphan names and times
+(:mod:`.carrier`). Larger patches stay
 outside the carrier (PATCH + PDATA), as patches are already compressed.
 """
 
@@ -25,7 +26,7 @@ from typing import Any
 import crc32c
 import zstandard
 
-from ..stream.constants import Attr
+from .carrier import CarrierState, fold
 from .format import (
     BtrfsCommand,
     DeltaItem,
@@ -40,13 +41,7 @@ from .format import (
 
 __all__ = ["DEFAULT_LEVEL", "DEFAULT_WINDOW_LOG", "INNER_PATCH_MAX", "DeltaWriter"]
 
-_ZERO_CRC = bytes(4)
-_PATH_TLV = struct.pack("<H", int(Attr.PATH))
-#: first TLV of a carried btrfs command whose PATH is the previous path (format 2)
-SAME_PATH_TLV = _SAME_PATH = struct.pack("<HH", 0xFFFF, 0)
-_HDR6 = struct.Struct("<IH")
 _U16 = struct.Struct("<H")
-_U32 = struct.Struct("<I")
 
 #: largest patch carried inside the zstd carrier (bigger ones: PATCH + PDATA outside)
 INNER_PATCH_MAX = 64 << 10
@@ -86,8 +81,8 @@ class DeltaWriter:
         self._pending: list[Any] = []
         self._pending_len = 0
         self._cobj: Any = None
-        #: the last path carried (btrfs command or PATCH), for path elision
-        self._last_path: bytes | None = None
+        #: the previous path and times, for folding carried commands (format 3)
+        self._state = CarrierState()
         if level:
             params = zstandard.ZstdCompressionParameters.from_level(
                 level, window_log=window_log, enable_ldm=True, threads=threads,
@@ -113,23 +108,12 @@ class DeltaWriter:
         if self._cobj is None:
             self._emit([memoryview(raw)])
             return
-        # the CRC field is zeroed: it is 4 incompressible bytes per command, and the
-        # expander recomputes it (the carrier's own CRC32C covers the content)
-        mv = memoryview(raw)
-        if len(mv) >= 14 and mv[10:12] == _PATH_TLV:
-            # a PATH equal to the previous one is replaced by the marker TLV (0xffff, 0)
-            n = _U16.unpack_from(mv, 12)[0]
-            path = bytes(mv[14 : 14 + n])
-            if path == self._last_path:
-                head = _HDR6.pack(_U32.unpack_from(mv, 0)[0] - n, _U16.unpack_from(mv, 4)[0])
-                self._pending += (head, _ZERO_CRC, _SAME_PATH, mv[14 + n :])
-                self._pending_len += len(raw) - n
-                if self._pending_len >= ZCMDS_TARGET:
-                    self.flush()
-                return
-            self._last_path = path
-        self._pending += (mv[:6], _ZERO_CRC, mv[10:])
-        self._pending_len += len(raw)
+        # the CRC field is zeroed (4 incompressible bytes; the expander recomputes it and
+        # the carrier's own CRC32C covers the content), repeated paths, orphan names and
+        # times are folded (format 3, :mod:`.carrier`)
+        pieces = fold(int(_U16.unpack_from(raw, 4)[0]), memoryview(raw), self._state)
+        self._pending += pieces
+        self._pending_len += sum(len(p) for p in pieces)
         if self._pending_len >= ZCMDS_TARGET:
             self.flush()
 
@@ -152,9 +136,9 @@ class DeltaWriter:
             return
         omit: dict[str, bool] = {}
         if isinstance(item, Patch) and self._cobj is not None:
-            omit = {"omit_path": item.path == self._last_path,
+            omit = {"omit_path": item.path == self._state.last_path,
                     "omit_base": item.base_path == item.path}
-            self._last_path = item.path
+            self._state.last_path = item.path
         if self._cobj is not None and (
             isinstance(item, (PWrite, PEncoded))
             or (isinstance(item, Patch) and (

@@ -1,0 +1,203 @@
+"""How btrfs commands are written inside the zstd carrier (format 3), and back.
+
+Format 2 zeroes a carried command's CRC field and replaces a PATH equal to the *previous
+path* by the marker TLV ``(0xffff, 0)``. Format 3 adds three transforms that take away
+what a re-created file (``MKFILE o<ino>-<gen>-<idx>``, ``RENAME`` into place, ``CHOWN``,
+``CHMOD``, ``UTIMES``) repeats in every command, and is exact by construction (the writer
+folds only what :func:`unfold` rebuilds byte for byte; the ZCMDS CRC32C, the recomputed
+command CRC and the DEND BLAKE3 digest guard the result):
+
+* **orphan names**: a creation (MKFILE..SYMLINK) whose PATH is ``o<INO>-<rest>`` and whose
+  second TLV is INO is written with the first TLV ``(0xfffe, len(rest))`` + ``rest``: the
+  path follows from the inode number (``rest`` is the same ``<gen>-<idx>`` every time, so
+  it compresses to nothing);
+* **times as differences**: the timespec TLVs (ATIME/MTIME/CTIME/OTIME, 12 bytes each)
+  after the path of a UTIMES become one TLV ``(0xfffd, n)`` holding, per timespec, its u16
+  type, a width byte ``w`` (1..13) and the ``w``-byte signed little-endian difference, in
+  nanoseconds, to the last folded timespec of the same type (0 at the start);
+* **RENAME sets the previous path to its PATH_TO**, so the commands and PATCH on a file
+  renamed into place name it by the marker.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from ..errors import StreamFormatError
+from ..stream.constants import CMD_HEADER, CMD_HEADER_SIZE, Attr, Cmd
+
+__all__ = ["CarrierState", "fold", "unfold", "SAME_PATH_TLV"]
+
+_TLV = struct.Struct("<HH")
+_U64 = struct.Struct("<Q")
+_TIMESPEC = struct.Struct("<QI")
+_HDR6 = struct.Struct("<IH")
+_ZERO_CRC = bytes(4)
+
+#: first TLV of a carried command whose PATH is the previous path (format 2)
+SAME_PATH_TLV = _TLV.pack(0xFFFF, 0)
+ORPHAN_TLV = 0xFFFE
+TIMES_TLV = 0xFFFD
+
+_CREATES = frozenset(
+    {int(Cmd.MKFILE), int(Cmd.MKDIR), int(Cmd.MKNOD), int(Cmd.MKFIFO), int(Cmd.MKSOCK),
+     int(Cmd.SYMLINK)}
+)
+_TIME_ATTRS = frozenset({int(Attr.ATIME), int(Attr.MTIME), int(Attr.CTIME), int(Attr.OTIME)})
+_PATH = int(Attr.PATH)
+_PATH_TO = int(Attr.PATH_TO)
+_INO = int(Attr.INO)
+_NS = 1_000_000_000
+#: largest timespec as nanoseconds (u64 seconds, nanoseconds below 10**9)
+_MAX_NS = (1 << 64) * _NS - 1
+_MAX_WIDTH = 13
+
+
+@dataclass(slots=True)
+class CarrierState:
+    """What both sides remember between carried commands."""
+
+    #: the previous path (last PATH carried, PATH_TO of a RENAME in format 3, PATCH path)
+    last_path: bytes | None = None
+    #: last folded timespec, as nanoseconds, by TLV type
+    times: dict[int, int] = field(default_factory=dict)
+
+
+def _rename_to(mv: memoryview, pos: int, end: int) -> bytes | None:
+    """PATH_TO of a RENAME payload whose TLVs start at ``pos`` (after its PATH)."""
+    if end - pos < 4:
+        return None
+    t, n = _TLV.unpack_from(mv, pos)
+    if t != _PATH_TO or pos + 4 + n > end:
+        return None
+    return bytes(mv[pos + 4 : pos + 4 + n])
+
+
+def _fold_times(mv: memoryview, pos: int, end: int, state: CarrierState) -> bytes | None:
+    """The TIMES TLV standing for the timespec TLVs in ``mv[pos:end]``, or ``None``."""
+    if (end - pos) % 16 or end == pos:
+        return None
+    entries: list[tuple[int, int]] = []
+    for p in range(pos, end, 16):
+        t, n = _TLV.unpack_from(mv, p)
+        sec, nsec = _TIMESPEC.unpack_from(mv, p + 4)
+        if t not in _TIME_ATTRS or n != 12 or nsec >= _NS:
+            return None
+        entries.append((t, sec * _NS + nsec))
+    parts = []
+    for t, ns in entries:
+        d = ns - state.times.get(t, 0)
+        w = (d.bit_length() + 8) // 8
+        parts.append(struct.pack("<HB", t, w) + d.to_bytes(w, "little", signed=True))
+        state.times[t] = ns
+    value = b"".join(parts)
+    return _TLV.pack(TIMES_TLV, len(value)) + value
+
+
+def fold(cmd: int, raw: memoryview, state: CarrierState) -> list[bytes | memoryview]:
+    """The carrier form (format 3) of the btrfs command ``raw`` (header included)."""
+    length = len(raw) - CMD_HEADER_SIZE
+    end = len(raw)
+    if length < 4 or _TLV.unpack_from(raw, CMD_HEADER_SIZE)[0] != _PATH:
+        return [raw[:6], _ZERO_CRC, raw[CMD_HEADER_SIZE:]]
+    n = _TLV.unpack_from(raw, CMD_HEADER_SIZE)[1]
+    rest = CMD_HEADER_SIZE + 4 + n
+    path = bytes(raw[CMD_HEADER_SIZE + 4 : rest])
+    first: bytes | memoryview
+    if path == state.last_path:
+        first = SAME_PATH_TLV
+    else:
+        first = raw[CMD_HEADER_SIZE:rest]
+        if cmd in _CREATES and end - rest >= 12:
+            t, m = _TLV.unpack_from(raw, rest)
+            if t == _INO and m == 8:
+                prefix = b"o%d-" % _U64.unpack_from(raw, rest + 4)[0]
+                if path.startswith(prefix) and len(path) - len(prefix) < 0x10000:
+                    tail = path[len(prefix) :]
+                    first = _TLV.pack(ORPHAN_TLV, len(tail)) + tail
+        state.last_path = path
+    tail_parts: list[bytes | memoryview] = [raw[rest:]]
+    if cmd == Cmd.UTIMES:
+        times = _fold_times(raw, rest, end, state)
+        if times is not None:
+            tail_parts = [times]
+    elif cmd == Cmd.RENAME:
+        to = _rename_to(raw, rest, end)
+        if to is not None:
+            state.last_path = to
+    new_len = len(first) + sum(len(p) for p in tail_parts)
+    return [_HDR6.pack(new_len, cmd), _ZERO_CRC, first, *tail_parts]
+
+
+def _unfold_times(value: memoryview, state: CarrierState) -> bytearray:
+    out = bytearray()
+    pos = 0
+    while pos < len(value):
+        if len(value) - pos < 3:
+            raise StreamFormatError("carried UTIMES times are truncated")
+        t, w = struct.unpack_from("<HB", value, pos)
+        pos += 3
+        if t not in _TIME_ATTRS or not 1 <= w <= _MAX_WIDTH or pos + w > len(value):
+            raise StreamFormatError("carried UTIMES times are invalid")
+        ns = state.times.get(t, 0) + int.from_bytes(value[pos : pos + w], "little", signed=True)
+        pos += w
+        if not 0 <= ns <= _MAX_NS:
+            raise StreamFormatError("carried UTIMES time is out of range")
+        state.times[t] = ns
+        out += _TLV.pack(t, 12) + _TIMESPEC.pack(*divmod(ns, _NS))
+    return out
+
+
+def unfold(
+    cmd: int, mv: memoryview, pos: int, end: int, state: CarrierState, limit: int
+) -> bytearray | None:
+    """The btrfs command (header with a zero CRC field, payload) a format-3 carried
+    command ``mv[pos:end]`` stands for; ``None`` if it is stored as it is (only its CRC
+    and the previous path need updating by the caller).
+
+    Raises:
+        StreamFormatError: a marker is malformed or refers to nothing.
+    """
+    p = pos + CMD_HEADER_SIZE
+    if end - p < 4:
+        return None
+    t, n = _TLV.unpack_from(mv, p)
+    if t == 0xFFFF and n == 0:
+        if state.last_path is None:
+            raise StreamFormatError("carried command refers to a previous path: none")
+        path = state.last_path
+        rest = p + 4
+    elif t == ORPHAN_TLV:
+        rest = p + 4 + n
+        if cmd not in _CREATES or rest + 12 > end or _TLV.unpack_from(mv, rest) != (_INO, 8):
+            raise StreamFormatError("orphan-name marker on a command without an inode number")
+        path = b"o%d-" % _U64.unpack_from(mv, rest + 4)[0] + bytes(mv[p + 4 : rest])
+    elif t == _PATH:
+        rest = p + 4 + n
+        if rest > end:
+            raise StreamFormatError("carried command's PATH overruns it")
+        path = bytes(mv[p + 4 : rest])
+    else:
+        return None
+    state.last_path = path
+    tail: bytes | memoryview | bytearray = mv[rest:end]
+    if cmd == Cmd.UTIMES and end - rest >= 4 and _TLV.unpack_from(mv, rest)[0] == TIMES_TLV:
+        k = _TLV.unpack_from(mv, rest)[1]
+        if rest + 4 + k != end:
+            raise StreamFormatError("carried UTIMES times do not end the command")
+        tail = _unfold_times(mv[rest + 4 : end], state)
+    elif cmd == Cmd.RENAME:
+        to = _rename_to(mv, rest, end)
+        if to is not None:
+            state.last_path = to
+    if t == _PATH and tail is not None and type(tail) is memoryview:
+        return None
+    length = 4 + len(path) + len(tail)
+    if length > limit:
+        raise StreamFormatError(f"carried command {cmd} of length {length} is invalid")
+    buf = bytearray(CMD_HEADER.pack(length, cmd, 0))
+    buf += _TLV.pack(_PATH, len(path))
+    buf += path
+    buf += tail
+    return buf
