@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,9 +112,3 @@ def delta_pairs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         pytest.skip(str(exc))
 
 
-def btrfs_receive(stream: Path, dest: Path) -> None:
-    """The oracle: `btrfs receive -f stream dest`."""
-    proc = subprocess.run(["btrfs", "receive", "-f", str(stream), str(dest)],
-                          capture_output=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr.decode(errors="replace"))

@@ -14,9 +14,10 @@ from btrdelta.delta import MakeOptions, expand_to, make_delta, open_delta
 from btrdelta.delta.stats import collect_delta_stats
 from btrdelta.errors import ChecksumError
 from btrdelta.testing.scenarios import SCENARIOS, send
+from btrdelta.testing.scenarios import kernel_receive as btrfs_receive
 from btrdelta.tree.treesum import tree_sum
 
-from .conftest import Pair, btrfs_receive
+from .conftest import Pair
 
 pytestmark = pytest.mark.btrfs
 

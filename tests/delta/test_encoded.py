@@ -20,11 +20,12 @@ from btrdelta.delta.stats import collect_delta_stats
 from btrdelta.stream import records as R
 from btrdelta.stream.reader import iter_records
 from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs, run
+from btrdelta.testing.scenarios import kernel_receive as btrfs_receive
 from btrdelta.testing.scenarios import send
 from btrdelta.tree.treesum import tree_sum
 from tests.conftest import require_btrfs
 
-from .conftest import Pair, btrfs_receive, build_release, rebuild_release
+from .conftest import Pair, build_release, rebuild_release
 
 ALGOS = ["zstd", "zlib", "lzo"]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ import pytest
 from btrdelta.receive import receive
 from btrdelta.stream import StreamReader
 from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs
+from btrdelta.testing.scenarios import kernel_receive
 from tests.conftest import KernelStream
 
 
@@ -41,14 +41,6 @@ def targets() -> Iterator[Targets]:
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI=true but btrfs is unavailable: {exc}")
         pytest.skip(str(exc))
-
-
-def kernel_receive(stream: Path, dest: Path) -> None:
-    """`btrfs receive -f stream dest` (the oracle)."""
-    proc = subprocess.run(["btrfs", "receive", "-f", str(stream), str(dest)],
-                          capture_output=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"btrfs receive {stream.name}: {proc.stderr.decode(errors='replace')}")
 
 
 def our_receive(stream: Path, dest: Path, warnings: list[str] | None = None,

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from btrdelta.testing.scenarios import kernel_receive
 from btrdelta.tree.treesum import diff_manifests, tree_manifest
 
-from .conftest import Group, Targets, kernel_receive, our_receive
+from .conftest import Group, Targets, our_receive
 
 pytestmark = pytest.mark.btrfs
 

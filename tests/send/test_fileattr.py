@@ -9,9 +9,9 @@ import pytest
 
 from btrdelta.send import send_records
 from btrdelta.stream.records import Fileattr
-from btrdelta.testing.scenarios import SCENARIOS, make_snapshots
+from btrdelta.testing.scenarios import SCENARIOS, kernel_receive, make_snapshots
 from btrdelta.testing.scenarios import send as kernel_send_file
-from tests.send.conftest import Workspace, kernel_receive, make_stream, progs_dump_ok
+from tests.send.conftest import Workspace, make_stream, progs_dump_ok
 from tests.send.test_scenarios import assert_same_tree
 
 

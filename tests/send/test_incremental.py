@@ -21,7 +21,8 @@ from btrdelta.stream.records import (
     Subvol,
     Write,
 )
-from tests.send.conftest import Workspace, kernel_receive, make_stream
+from btrdelta.testing.scenarios import kernel_receive
+from tests.send.conftest import Workspace, make_stream
 from tests.send.test_scenarios import assert_same_tree, userspace_receive
 
 

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.send.conftest import Workspace, kernel_receive, make_stream
+from btrdelta.testing.scenarios import kernel_receive
+from tests.send.conftest import Workspace, make_stream
 from tests.send.test_scenarios import assert_same_tree, userspace_receive
 
 NAMES = ["a", "b", "c", "d"]

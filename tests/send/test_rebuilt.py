@@ -8,8 +8,9 @@ import subprocess
 
 import pytest
 
+from btrdelta.testing.scenarios import kernel_receive
 from btrdelta.testing.scenarios import send as kernel_send_file
-from tests.send.conftest import Workspace, kernel_receive, make_stream
+from tests.send.conftest import Workspace, make_stream
 from tests.send.test_scenarios import assert_same_tree
 
 

@@ -10,9 +10,9 @@ import pytest
 from btrdelta.receive import receive
 from btrdelta.stream import StreamHeader, StreamReader
 from btrdelta.stream.records import Snapshot, Subvol
-from btrdelta.testing.scenarios import SCENARIOS
+from btrdelta.testing.scenarios import SCENARIOS, kernel_receive
 from btrdelta.tree.treesum import diff_manifests, tree_manifest
-from tests.send.conftest import Workspace, build_pair, kernel_receive, make_stream, progs_dump_ok
+from tests.send.conftest import Workspace, build_pair, make_stream, progs_dump_ok
 
 PLAIN = [sc for sc in SCENARIOS if not sc.btrfs_only]
 VARIANTS = [(1, None), (2, "zstd")]

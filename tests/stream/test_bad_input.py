@@ -138,9 +138,9 @@ _OPS = st.lists(
 )
 
 
-@given(st.integers(0, len(_CORPUS) - 1), _OPS)
-def test_mutations_raise_only_our_error(which: int, ops: list[tuple[str, int, int, bytes]]) -> None:
-    buf = bytearray(_CORPUS[which])
+def mutate(data: bytes, ops: list[tuple[str, int, int, bytes]]) -> bytearray:
+    """Apply drawn damage (flip, cut, insert, delete) to a copy of ``data``."""
+    buf = bytearray(data)
     for op, where, val, blob in ops:
         pos = where % (len(buf) + 1)
         if op == "flip" and pos < len(buf):
@@ -151,6 +151,12 @@ def test_mutations_raise_only_our_error(which: int, ops: list[tuple[str, int, in
             buf[pos:pos] = blob
         else:
             del buf[pos : pos + val % 17]
+    return buf
+
+
+@given(st.integers(0, len(_CORPUS) - 1), _OPS)
+def test_mutations_raise_only_our_error(which: int, ops: list[tuple[str, int, int, bytes]]) -> None:
+    buf = mutate(_CORPUS[which], ops)
     for verify in (True, False):  # without CRCs the decoder itself is exercised
         parser = StreamParser(verify_crc=verify)
         if buf:

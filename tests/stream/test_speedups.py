@@ -25,7 +25,7 @@ from btrdelta.stream import StreamParser, StreamReader, StreamWriter, TextDumper
 from btrdelta.stream.records import End, Mkfile, Snapshot, Subvol, Utimes, Write
 from tests.conftest import KernelStream, committed_streams
 from tests.stream.conftest import c_available
-from tests.stream.test_bad_input import _CORPUS, _OPS
+from tests.stream.test_bad_input import _CORPUS, _OPS, mutate
 from tests.stream.test_codec import records
 
 pytestmark = pytest.mark.skipif(
@@ -110,17 +110,7 @@ def test_backends_agree_on_every_kernel_stream(kernel_streams: list[KernelStream
 def test_mutated_streams_same_records_or_same_error(
     which: int, ops: list[tuple[str, int, int, bytes]], verify: bool, split: int
 ) -> None:
-    buf = bytearray(_CORPUS[which])
-    for op, where, val, blob in ops:
-        pos = where % (len(buf) + 1)
-        if op == "flip" and pos < len(buf):
-            buf[pos] ^= val
-        elif op == "cut":
-            del buf[pos:]
-        elif op == "insert":
-            buf[pos:pos] = blob
-        else:
-            del buf[pos : pos + val % 17]
+    buf = mutate(_CORPUS[which], ops)
     data = bytes(buf)
     py, c = _both(data, verify=verify, split=split % (len(data) + 1))
     assert c == py

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .loopfs import run
 
-__all__ = ["SCENARIOS", "Scenario", "SnapshotPair", "make_snapshots", "send"]
+__all__ = ["SCENARIOS", "Scenario", "SnapshotPair", "kernel_receive", "make_snapshots", "send"]
 
 
 @dataclass(frozen=True)
@@ -217,3 +217,13 @@ def send(snapshot: Path, out: Path, *, parent: Path | None = None, proto: int = 
     cmd += [*extra, "-f", out, snapshot]
     run(*cmd)
     return out
+
+
+def kernel_receive(stream: Path, dest: Path, *extra: str) -> None:
+    """The oracle receiver: ``btrfs receive -f stream dest``; raises with its stderr."""
+    proc = subprocess.run(["btrfs", "receive", *extra, "-f", str(stream), str(dest)],
+                          capture_output=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"btrfs receive {stream.name}: {proc.stderr.decode(errors='replace').strip()}"
+        )
