@@ -36,6 +36,7 @@ from .constants import (
     TLV_HEADER,
     Attr,
     Cmd,
+    Field,
     Kind,
 )
 from .records import RECORD_TYPES, Record
@@ -183,17 +184,12 @@ class _Decoder:
             self.optional[pos] = f.optional
         self._attr_at = {pos: f.attr for f in spec.fields for pos in [order.index(f.name)]}
 
-    def missing(self, values: list[Any], swallowed: bool) -> StreamFormatError:
-        for pos, val in enumerate(values):
-            if val is _MISSING and not self.optional[pos]:
-                attr = self._attr_at[pos]
-                hint = (
-                    " (DATA carries no length in v2+ and must be last: v1-form DATA?)"
-                    if swallowed
-                    else ""
-                )
-                return StreamFormatError(f"missing attribute {attr.name}{hint}")
-        raise AssertionError("missing() called with nothing missing")  # pragma: no cover
+    def missing(self, pos: int, swallowed: bool) -> StreamFormatError:
+        """The error for the required attribute at record position ``pos``."""
+        hint = ""
+        if swallowed:
+            hint = " (DATA carries no length in v2+ and must be last: v1-form DATA?)"
+        return StreamFormatError(f"missing attribute {self._attr_at[pos].name}{hint}")
 
 
 _MISSING: Any = object()
@@ -258,7 +254,7 @@ def decode_payload(cmd: int, mv: memoryview, start: int, end: int, version: int)
     for i, val in enumerate(values):
         if val is _MISSING:
             if not dec.optional[i]:
-                raise dec.missing(values, swallowed)
+                raise dec.missing(i, swallowed)
             values[i] = None
     return dec.cls(*values)
 
@@ -370,7 +366,7 @@ def _gen_fast_decoder(cmd: Cmd, v2: bool) -> Callable[[memoryview, int, int], An
     ns: dict[str, Any] = {"TLV": _TLV, "U16": _U16_FROM, "UUID": uuid.UUID, "NS": _NS,
                           "Cls": cls}
     lines = ["def fast(mv, p, end):"]
-    seg: list[tuple[Field_, Kind]] = []
+    seg: list[tuple[Field, Kind]] = []
     var: dict[str, str] = {}
     counter = [0]
 
@@ -436,7 +432,6 @@ def _gen_fast_decoder(cmd: Cmd, v2: bool) -> Callable[[memoryview, int, int], An
     return ns["fast"]  # type: ignore[no-any-return]
 
 
-Field_ = Any
 #: (command number, v2+) -> fast decoder
 _FAST: dict[tuple[int, bool], Callable[[memoryview, int, int], Any] | None] = {}
 
