@@ -70,16 +70,22 @@ def rebuild_release(root: Path, seed: int = 7) -> None:
     fresh.rename(root)
 
 
-def _make_release_pair(mnt: Path, out: Path) -> Pair:
-    vol = mnt / "vol-release"
+def release_snapshots(mnt: Path, prefix: str = "release-") -> tuple[Path, Path]:
+    """Snapshots A (a release) and B (the same release rebuilt) on the btrfs at ``mnt``."""
+    vol = mnt / f"vol-{prefix}"
     run("btrfs", "-q", "subvolume", "create", vol)
     build_release(vol / "usr")
     run("sync")
-    a, b = mnt / "release-A", mnt / "release-B"
+    a, b = mnt / f"{prefix}A", mnt / f"{prefix}B"
     run("btrfs", "-q", "subvolume", "snapshot", "-r", vol, a)
     rebuild_release(vol / "usr")
     run("sync")
     run("btrfs", "-q", "subvolume", "snapshot", "-r", vol, b)
+    return a, b
+
+
+def _make_release_pair(mnt: Path, out: Path) -> Pair:
+    a, b = release_snapshots(mnt)
     streams = {
         "v1": send(b, out / "release.v1", parent=a, proto=1),
         "v2": send(b, out / "release.v2", parent=a, proto=2, compressed=True),

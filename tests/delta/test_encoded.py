@@ -19,13 +19,13 @@ from btrdelta.delta.recompress import LevelGuesser, compress_extent, natural_ext
 from btrdelta.delta.stats import collect_delta_stats
 from btrdelta.stream import records as R
 from btrdelta.stream.reader import iter_records
-from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs, run
+from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs
 from btrdelta.testing.scenarios import kernel_receive as btrfs_receive
 from btrdelta.testing.scenarios import send
 from btrdelta.tree.treesum import tree_sum
 from tests.conftest import require_btrfs
 
-from .conftest import Pair, build_release, rebuild_release
+from .conftest import Pair, release_snapshots
 
 ALGOS = ["zstd", "zlib", "lzo"]
 
@@ -41,15 +41,7 @@ def compressed_pairs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[
                 loop_fs("btrfs", size="1G", options="compress=zlib") as m2, \
                 loop_fs("btrfs", size="1G", options="compress=lzo") as m3:
             for algo, mnt in zip(ALGOS, (m1, m2, m3), strict=True):
-                vol = mnt / "vol"
-                run("btrfs", "-q", "subvolume", "create", vol)
-                build_release(vol / "usr")
-                run("sync")
-                a, b = mnt / "A", mnt / "B"
-                run("btrfs", "-q", "subvolume", "snapshot", "-r", vol, a)
-                rebuild_release(vol / "usr")
-                run("sync")
-                run("btrfs", "-q", "subvolume", "snapshot", "-r", vol, b)
+                a, b = release_snapshots(mnt, prefix="")
                 stream = send(b, out / f"{algo}.stream", parent=a, proto=2, compressed=True)
                 pairs[algo] = Pair(algo, a, b, {"v2": stream}, mnt)
             yield pairs
