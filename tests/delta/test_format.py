@@ -180,8 +180,10 @@ def test_format2_same_files_paths_and_renamed_dirs(tmp_path: Path) -> None:
     assert st.patched_files["same"] == 1
     assert sum(st.patched_files.values()) == 2  # RECORD found in the renamed directory
     assert len(delta) < 2_000 < len(stream) // 50
-    # the version field says 3; older headers with newer records are refused
-    assert delta[17:21] == (3).to_bytes(4, "little")
+    # the version field says 4; older headers with newer records are refused
+    assert delta[17:21] == (4).to_bytes(4, "little")
+    with pytest.raises(StreamFormatError, match="format-3/4"):
+        _expand(delta[:17] + (3).to_bytes(4, "little") + delta[21:], old)
     with pytest.raises(StreamFormatError, match="format-2"):
         _expand(delta[:17] + (1).to_bytes(4, "little") + delta[21:], old)
     with pytest.raises(StreamFormatError, match="format-3"):

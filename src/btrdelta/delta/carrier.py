@@ -17,6 +17,12 @@ command CRC and the DEND BLAKE3 digest guard the result):
   nanoseconds, to the last folded timespec of the same type (0 at the start);
 * **RENAME sets the previous path to its PATH_TO**, so the commands and PATCH on a file
   renamed into place name it by the marker.
+
+Format 4 adds **name references**: the base names of carried UNLINKs are listed in order;
+a RENAME whose PATH_TO lies in the same directory as the previous RENAME's PATH_TO and
+whose name was unlinked before (a rebuilt file put back where the old one was) writes its
+PATH_TO as ``(0xfffc, n)`` + the zigzag LEB128 difference between the list index and the
+last referenced index + 1.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from dataclasses import dataclass, field
 
 from ..errors import StreamFormatError
 from ..stream.constants import CMD_HEADER, CMD_HEADER_SIZE, Attr, Cmd
+from .format import read_uvarint
+from .format import uvarint as _uvarint
 
 __all__ = ["CarrierState", "fold", "unfold", "SAME_PATH_TLV"]
 
@@ -39,6 +47,7 @@ _ZERO_CRC = bytes(4)
 SAME_PATH_TLV = _TLV.pack(0xFFFF, 0)
 ORPHAN_TLV = 0xFFFE
 TIMES_TLV = 0xFFFD
+NAMEREF_TLV = 0xFFFC
 
 _CREATES = frozenset(
     {int(Cmd.MKFILE), int(Cmd.MKDIR), int(Cmd.MKNOD), int(Cmd.MKFIFO), int(Cmd.MKSOCK),
@@ -46,6 +55,7 @@ _CREATES = frozenset(
 )
 _TIME_ATTRS = frozenset({int(Attr.ATIME), int(Attr.MTIME), int(Attr.CTIME), int(Attr.OTIME)})
 _PATH = int(Attr.PATH)
+_UNLINK = int(Cmd.UNLINK)
 _PATH_TO = int(Attr.PATH_TO)
 _INO = int(Attr.INO)
 _NS = 1_000_000_000
@@ -62,6 +72,48 @@ class CarrierState:
     last_path: bytes | None = None
     #: last folded timespec, as nanoseconds, by TLV type
     times: dict[int, int] = field(default_factory=dict)
+    #: carrier format (4: UNLINK names are listed, RENAME targets may refer to them)
+    fmt: int = 4
+    #: base names of carried UNLINKs in order, and where each name occurs in that list
+    names: list[bytes] = field(default_factory=list)
+    name_at: dict[bytes, list[int]] = field(default_factory=dict)
+    #: last referenced index of ``names``
+    name_pos: int = -1
+    #: directory (with its trailing ``/``, ``b""`` at the top) of the last RENAME's PATH_TO
+    rename_dir: bytes | None = None
+
+    def unlinked(self, path: bytes) -> None:
+        """Remember the base name of a carried UNLINK (format 4)."""
+        name = path[path.rfind(b"/") + 1 :]
+        self.name_at.setdefault(name, []).append(len(self.names))
+        self.names.append(name)
+
+    def name_ref(self, to: bytes) -> bytes | None:
+        """The NAMEREF TLV for a RENAME to ``to``, or ``None``; updates the state."""
+        cut = to.rfind(b"/") + 1
+        d, name = to[:cut], to[cut:]
+        same_dir = d == self.rename_dir
+        self.rename_dir = d
+        at = self.name_at.get(name) if same_dir else None
+        if not at:
+            return None
+        want = self.name_pos + 1
+        k = min(at, key=lambda i: abs(i - want)) if len(at) > 1 else at[0]
+        delta = k - want
+        self.name_pos = k
+        value = _uvarint(delta * 2 if delta >= 0 else -delta * 2 - 1)
+        return _TLV.pack(NAMEREF_TLV, len(value)) + value
+
+    def resolve_ref(self, value: memoryview) -> bytes:
+        """PATH_TO of a RENAME written with a NAMEREF TLV of ``value``."""
+        z, end = read_uvarint(value, 0, len(value))
+        if end != len(value) or self.rename_dir is None:
+            raise StreamFormatError("invalid RENAME name reference")
+        k = self.name_pos + 1 + (z >> 1 if not z & 1 else -((z + 1) >> 1))
+        if not 0 <= k < len(self.names):
+            raise StreamFormatError("RENAME name reference out of range")
+        self.name_pos = k
+        return self.rename_dir + self.names[k]
 
 
 def _rename_to(mv: memoryview, pos: int, end: int) -> bytes | None:
@@ -126,6 +178,11 @@ def fold(cmd: int, raw: memoryview, state: CarrierState) -> list[bytes | memoryv
         to = _rename_to(raw, rest, end)
         if to is not None:
             state.last_path = to
+            ref = state.name_ref(to)
+            if ref is not None:
+                tail_parts = [ref, raw[rest + 4 + len(to) :]]
+    elif cmd == _UNLINK:
+        state.unlinked(path)
     new_len = len(first) + sum(len(p) for p in tail_parts)
     return [_HDR6.pack(new_len, cmd), _ZERO_CRC, first, *tail_parts]
 
@@ -188,9 +245,26 @@ def unfold(
             raise StreamFormatError("carried UTIMES times do not end the command")
         tail = _unfold_times(mv[rest + 4 : end], state)
     elif cmd == Cmd.RENAME:
-        to = _rename_to(mv, rest, end)
-        if to is not None:
-            state.last_path = to
+        if (
+            state.fmt >= 4 and end - rest >= 4
+            and _TLV.unpack_from(mv, rest)[0] == NAMEREF_TLV
+        ):
+            k = _TLV.unpack_from(mv, rest)[1]
+            if rest + 4 + k > end:
+                raise StreamFormatError("RENAME name reference overruns the command")
+            ref_to = state.resolve_ref(mv[rest + 4 : rest + 4 + k])
+            tail = bytearray(_TLV.pack(_PATH_TO, len(ref_to)))
+            tail += ref_to
+            tail += mv[rest + 4 + k : end]
+            state.last_path = ref_to
+        else:
+            to = _rename_to(mv, rest, end)
+            if to is not None:
+                state.last_path = to
+                if state.fmt >= 4:
+                    state.name_ref(to)
+    elif cmd == _UNLINK and state.fmt >= 4:
+        state.unlinked(path)
     if t == _PATH and tail is not None and type(tail) is memoryview:
         return None
     length = 4 + len(path) + len(tail)

@@ -41,6 +41,7 @@ from .format import (
     INNER_RECORDS,
     SAME_CODEC,
     BtrfsCommand,
+    DCmd,
     DeltaEnd,
     DeltaItem,
     DeltaParser,
@@ -165,6 +166,7 @@ class _Expander:
         mv = memoryview(raw)
         pos = 0
         limit = MAX_PAYLOAD[self.version]
+        self.cstate.fmt = fmt
         while pos < len(mv):
             if len(mv) - pos < CMD_HEADER_SIZE:
                 raise self.fail("carried commands end inside a command header")
@@ -177,8 +179,12 @@ class _Expander:
                     sub = decode_item(cmd, mv, pos + CMD_HEADER_SIZE, end)
                 except BtrdeltaError as exc:
                     raise self.fail("", exc) from None
-                if fmt < 3 and type(sub) is Patch and sub.hash_algo == HashAlgo.BLAKE3_64:
-                    raise self.fail("format-3 digest in an older delta stream")
+                if type(sub) is Patch and (
+                    (fmt < 3 and sub.hash_algo == HashAlgo.BLAKE3_64)
+                    or (fmt < 4 and cmd == DCmd.CPATCH)
+                    or (cmd != DCmd.CPATCH and sub.hash_algo == HashAlgo.BLAKE3_32)
+                ):
+                    raise self.fail("format-3/4 patch record in an older delta stream")
                 yield sub
                 pos = end
                 continue
@@ -304,7 +310,7 @@ class _Expander:
             new = codec.apply(old, patch, new_size=p.new_size)
         except BtrdeltaError as exc:
             raise exc.located(source=self.source, index=self.index, path=p.base_path) from None
-        actual = digest(p.hash_algo, new)
+        actual = digest(p.new_algo if p.new_algo is not None else p.hash_algo, new)
         if actual != p.new_digest:
             raise self.fail("", ChecksumError(
                 "patched content differs from the new content (wrong old file or bad patch)",
@@ -409,6 +415,12 @@ class _Expander:
             self.add_pdata(item)  # type: ignore[arg-type]
         elif cls is Patch:
             self.start_patch(item)  # type: ignore[arg-type]
+            if item.auto_chunk:  # type: ignore[union-attr]
+                # CPATCH: its one PWRITE (the whole new content from offset 0) is implied
+                yield from self.handle(
+                    PWrite(0, item.new_size, item.auto_chunk),  # type: ignore[union-attr]
+                    inner=True,
+                )
         elif cls is StreamStart and not inner:
             self.check_idle("STREAM")
             self.version = item.version  # type: ignore[union-attr]

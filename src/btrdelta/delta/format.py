@@ -65,9 +65,9 @@ __all__ = [
 DELTA_MAGIC: Final = b"btrdelta-dstream\x00"
 DELTA_HEADER: Final = struct.Struct("<17sI")  # magic, format version
 DELTA_HEADER_SIZE: Final = DELTA_HEADER.size  # 21
-DELTA_VERSION: Final = 3
+DELTA_VERSION: Final = 4
 #: format versions this reader understands (1: everything at top level)
-DELTA_VERSIONS: Final = frozenset({1, 2, 3})
+DELTA_VERSIONS: Final = frozenset({1, 2, 3, 4})
 
 #: Largest payload of one delta record (btrfs commands keep their own, smaller limits).
 MAX_DELTA_PAYLOAD: Final = 8 << 20
@@ -91,6 +91,9 @@ class DCmd(enum.IntEnum):
     PWRITE = 204
     DEND = 205
     PENC = 206
+    #: format 4, inside the carrier only: a compact PATCH (varints, short digests, the
+    #: patch bytes inline, optionally its one PWRITE implied)
+    CPATCH = 207
 
 
 class DAttr(enum.IntEnum):
@@ -132,10 +135,14 @@ class HashAlgo(enum.IntEnum):
     #: only checks that the local old file is the one the delta was made against; the
     #: DEND digest covers the whole expanded stream)
     BLAKE3_64 = 4
+    #: the first 4 bytes of BLAKE3 (format 4, CPATCH: the new-content digest, and the old
+    #: digest of a ``same`` patch)
+    BLAKE3_32 = 5
 
 
 DIGEST_SIZE: Final = {
     HashAlgo.SHA256: 32, HashAlgo.BLAKE3: 32, HashAlgo.BLAKE3_128: 16, HashAlgo.BLAKE3_64: 8,
+    HashAlgo.BLAKE3_32: 4,
 }
 
 #: codec id of a "same content" patch: the new content is the old file, no patch bytes
@@ -191,6 +198,10 @@ class Patch:
     patch_len: int
     #: the patch bytes when carried in the record itself (no PDATA follows)
     data: memoryview | None = None
+    #: digest algorithm of ``new_digest`` when it differs from ``hash_algo`` (CPATCH)
+    new_algo: int | None = None
+    #: CPATCH: > 0 means one ``PWrite(0, new_size, auto_chunk)`` follows, implied
+    auto_chunk: int = 0
 
 
 @dataclass(slots=True)
@@ -243,7 +254,123 @@ DeltaItem = (
 )
 
 #: delta records that may be carried inside the zstd carrier (format 2)
-INNER_RECORDS: Final = frozenset({DCmd.PATCH, DCmd.PDATA, DCmd.PWRITE, DCmd.PENC})
+INNER_RECORDS: Final = frozenset(
+    {DCmd.PATCH, DCmd.PDATA, DCmd.PWRITE, DCmd.PENC, DCmd.CPATCH}
+)
+
+#: CPATCH flags
+CP_PATH, CP_BASE, CP_SAME, CP_AUTO = 1, 2, 4, 8
+#: digest algorithms of a CPATCH: old file (changed content), new content, ``same`` file
+CP_OLD_ALGO, CP_NEW_ALGO, CP_SAME_ALGO = HashAlgo.BLAKE3_64, HashAlgo.BLAKE3_32, HashAlgo.BLAKE3_32
+
+
+def _uvarint(value: int) -> bytes:
+    """LEB128 (7 bits a byte, least significant first)."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def read_uvarint(mv: Any, pos: int, end: int) -> tuple[int, int]:
+    """A LEB128 value at ``mv[pos:end]`` (at most 10 bytes) and the position after it.
+
+    Raises:
+        StreamFormatError: truncated or longer than 10 bytes.
+    """
+    value = shift = 0
+    for i in range(pos, min(end, pos + 10)):
+        b = mv[i]
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, i + 1
+        shift += 7
+    raise StreamFormatError("truncated or overlong varint")
+
+
+uvarint = _uvarint
+
+
+def can_compact(item: Patch) -> bool:
+    """Whether a PATCH can be written as a CPATCH (format 4, inside the carrier)."""
+    if item.codec == SAME_CODEC:
+        return item.hash_algo == CP_SAME_ALGO
+    return (
+        item.data is not None and item.hash_algo == CP_OLD_ALGO
+        and item.new_algo == CP_NEW_ALGO
+    )
+
+
+def _encode_cpatch(item: Patch, omit_path: bool, omit_base: bool) -> list[Any]:
+    flags = (0 if omit_path else CP_PATH) | (0 if omit_base else CP_BASE)
+    flags |= (CP_SAME if item.codec == SAME_CODEC else 0) | (CP_AUTO if item.auto_chunk else 0)
+    parts = [bytes([flags])]
+    if not omit_path:
+        parts += [_uvarint(len(item.path)), item.path]
+    if not omit_base:
+        parts += [_uvarint(len(item.base_path)), item.base_path]
+    if item.codec == SAME_CODEC:
+        parts += [_uvarint(item.old_size), item.old_digest]
+    else:
+        parts += [
+            _uvarint(item.codec), _uvarint(item.old_size), _uvarint(item.new_size),
+            item.old_digest, item.new_digest,
+        ]
+    if item.auto_chunk:
+        parts.append(_uvarint(item.auto_chunk))
+    attrs = b"".join(parts)
+    return _frame(DCmd.CPATCH, attrs, item.data if item.codec != SAME_CODEC else None, True)
+
+
+def _decode_cpatch(mv: memoryview, pos: int, end: int) -> Patch:
+    if pos >= end:
+        raise StreamFormatError("empty CPATCH")
+    flags = mv[pos]
+    pos += 1
+    if flags & ~(CP_PATH | CP_BASE | CP_SAME | CP_AUTO):
+        raise StreamFormatError(f"CPATCH has unknown flags {flags:#x}")
+    paths: list[bytes | None] = []
+    for bit in (CP_PATH, CP_BASE):
+        if flags & bit:
+            n, pos = read_uvarint(mv, pos, end)
+            if n > 0xFFFF or pos + n > end:
+                raise StreamFormatError("CPATCH path overruns the record")
+            paths.append(mv[pos : pos + n].tobytes())
+            pos += n
+        else:
+            paths.append(None)
+    if flags & CP_SAME:
+        size, pos = read_uvarint(mv, pos, end)
+        k = DIGEST_SIZE[CP_SAME_ALGO]
+        if pos + k > end:
+            raise StreamFormatError("CPATCH digest overruns the record")
+        dig = mv[pos : pos + k].tobytes()
+        pos += k
+        patch = Patch(paths[0], paths[1], SAME_CODEC, CP_SAME_ALGO, size, dig, size, dig, 0)
+    else:
+        codec, pos = read_uvarint(mv, pos, end)
+        old_size, pos = read_uvarint(mv, pos, end)
+        new_size, pos = read_uvarint(mv, pos, end)
+        k, j = DIGEST_SIZE[CP_OLD_ALGO], DIGEST_SIZE[CP_NEW_ALGO]
+        if pos + k + j > end or codec == SAME_CODEC:
+            raise StreamFormatError("CPATCH is truncated or names the 'same' codec")
+        old_dig = mv[pos : pos + k].tobytes()
+        new_dig = mv[pos + k : pos + k + j].tobytes()
+        pos += k + j
+        patch = Patch(paths[0], paths[1], codec, CP_OLD_ALGO, old_size, old_dig, new_size,
+                      new_dig, 0, None, CP_NEW_ALGO)
+    if flags & CP_AUTO:
+        patch.auto_chunk, pos = read_uvarint(mv, pos, end)
+        if not 0 < patch.auto_chunk < 1 << 32:
+            raise StreamFormatError("CPATCH implied PWRITE chunk is invalid")
+    if not flags & CP_SAME:
+        patch.data = mv[pos:end]
+        patch.patch_len = end - pos
+    elif pos != end:
+        raise StreamFormatError("a 'same' CPATCH carries patch bytes")
+    return patch
 
 
 # --- encoding ---------------------------------------------------------------------------
@@ -280,13 +407,15 @@ def _frame(cmd: int, attrs: bytes, data: Any = None, inner: bool = False) -> lis
 
 
 def encode_item(
-    item: DeltaItem, *, inner: bool = False, omit_path: bool = False, omit_base: bool = False
+    item: DeltaItem, *, inner: bool = False, omit_path: bool = False, omit_base: bool = False,
+    compact: bool = False,
 ) -> list[Any]:
     """Encode one delta item as pieces for ``writelines`` (btrfs commands: their raw bytes).
 
     ``inner``: for the inside of the zstd carrier (CRC field 0; PATCH, PDATA, PWRITE and
     PENC only). ``omit_path`` / ``omit_base`` (format 2, PATCH): leave out PATH (it is the
-    previous path, see the format doc) / BASE_PATH (it equals PATH).
+    previous path, see the format doc) / BASE_PATH (it equals PATH). ``compact`` (format 4,
+    with ``inner``, when :func:`can_compact`): write a PATCH as a CPATCH.
 
     Raises:
         StreamFormatError: a value does not fit its attribute.
@@ -302,6 +431,8 @@ def encode_item(
             attrs += _tlv(DAttr.CRC, u32(item.crc))
         return _frame(DCmd.ZCMDS, attrs + _U16.pack(DAttr.DATA), item.zdata)
     if isinstance(item, Patch):
+        if inner and compact:
+            return _encode_cpatch(item, omit_path, omit_base)
         parts = []
         if not omit_path:
             parts.append(_tlv(DAttr.PATH, item.path))
@@ -443,6 +574,8 @@ def decode_item(cmd: int, mv: memoryview, start: int, end: int) -> DeltaItem:
     Raises:
         StreamFormatError: unknown record, bad or missing attribute (no location).
     """
+    if cmd == DCmd.CPATCH:
+        return _decode_cpatch(mv, start, end)
     if cmd not in _REQUIRED:
         raise StreamFormatError(f"unknown delta record number {cmd}")
     a = _decode_attrs(cmd, mv, start, end)
@@ -638,6 +771,10 @@ class DeltaParser:
                 item.hash_algo == HashAlgo.BLAKE3_64
             ):
                 self._fail(StreamFormatError("format-3 digest in an older delta stream"), cmd)
+            if isinstance(item, Patch) and (
+                cmd == DCmd.CPATCH or item.hash_algo == HashAlgo.BLAKE3_32
+            ):
+                self._fail(StreamFormatError("CPATCH or 4-byte digest outside the carrier"), cmd)
         if isinstance(item, ZCommands):
             item.fmt = self.version
         self._pos += total

@@ -22,20 +22,28 @@ equal to the old file becomes a ``same`` patch (no patch bytes at all).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
+
+import zstandard
 
 from ..errors import BtrdeltaError, ChecksumError, StreamFormatError
 from ..stream import records as R
 from ..stream.codec import command_crc, decode_payload, decode_stream_header, encode_record
 from ..stream.constants import CMD_HEADER, CMD_HEADER_SIZE, MAX_PAYLOAD, STREAM_HEADER_SIZE, Cmd
 from ..tree.pathmap import PathMap
-from .codecs import AUTO, Codec, get_codec, make_auto
+from .codecs import AUTO, CODECS, Codec, get_codec, make_auto
 from .format import (
+    CP_NEW_ALGO,
+    CP_OLD_ALGO,
+    CP_SAME_ALGO,
+    DIGEST_SIZE,
     PDATA_CHUNK,
     SAME_CODEC,
     BtrfsCommand,
@@ -47,10 +55,11 @@ from .format import (
     PEncoded,
     PWrite,
     StreamStart,
+    can_compact,
 )
-from .oldfiles import digest, hasher, old_file_size, read_old_file
+from .oldfiles import digest, hasher, old_file_size, open_old_file, read_old_file
 from .recompress import MAX_EXTENT, LevelGuesser, natural_extent, regenerable
-from .writer import DEFAULT_LEVEL, DeltaWriter
+from .writer import DEFAULT_LEVEL, INNER_PATCH_MAX, DeltaWriter
 
 __all__ = ["MakeOptions", "MakeStats", "make_delta"]
 
@@ -358,6 +367,76 @@ def _content(
     return pieces, replaced, encoded
 
 
+def _carried_cost(patch: bytes) -> int:
+    """About what an uncompressed patch costs inside the zstd carrier (its size alone
+    compressed, less a frame's overhead)."""
+    # a compressor object is not thread-safe: one per call (the patches are small)
+    return max(1, len(zstandard.ZstdCompressor(level=19).compress(patch)) - 12)
+
+
+class _Budget:
+    """Bytes of old + new content diffed at once (a larger pair runs alone), so ``-j``
+    workers do not multiply the memory a codec needs for the largest files."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, n: int) -> Iterator[None]:
+        with self._cond:
+            while self.used and self.used + n > self.limit:
+                self._cond.wait()
+            self.used += n
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= n
+                self._cond.notify_all()
+
+
+#: old + new bytes diffed concurrently (HDiffPatch needs ~4x the old file besides)
+_BIG = _Budget(48 << 20)
+#: largest new content also diffed with ``hdiff-raw`` (one more suffix-array build)
+RAW_MAX_FILE = 4 << 20
+
+
+def _same_as_old(
+    old_root: str | os.PathLike[str], base: bytes, pieces: list[Any], size: int,
+    opts: MakeOptions,
+) -> bytes | None:
+    """The digest of the old file if its content is exactly ``pieces`` (read in bounded
+    blocks: a rebuilt but unchanged file costs no copy of either side), else ``None``."""
+    try:
+        fd = open_old_file(old_root, base)
+    except BtrdeltaError:
+        return None
+    if fd is None:
+        return None
+    h = hasher(opts.hash_algo)
+    try:
+        if os.fstat(fd).st_size != size:
+            return None
+        for piece in pieces:
+            view = memoryview(piece)
+            pos = 0
+            while pos < len(view):
+                block = os.read(fd, min(len(view) - pos, 1 << 20))
+                if not block or view[pos : pos + len(block)] != block:
+                    return None
+                h.update(block)
+                pos += len(block)
+        if os.read(fd, 1):
+            return None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return bytes(h.digest())
+
+
 def _diff(
     old_root: str | os.PathLike[str], group: _Group, opts: MakeOptions,
     guesser: LevelGuesser | None,
@@ -366,7 +445,21 @@ def _diff(
     pieces, replaced, encoded = _content(group, guesser)
     if not pieces:
         return None
+    size = sum(len(p) for p in pieces)
+    if size == group.old_size:
+        same = _same_as_old(old_root, group.base, pieces, size, opts)
+        if same is not None:
+            return _Result(None, b"", size, same, same, size, replaced, encoded)
+    with _BIG.hold(size + group.old_size):
+        return _diff_content(old_root, group, opts, pieces, replaced, encoded)
+
+
+def _diff_content(
+    old_root: str | os.PathLike[str], group: _Group, opts: MakeOptions, pieces: list[Any],
+    replaced: int, encoded: dict[int, tuple[int, int]],
+) -> _Result | None:
     new = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+    del pieces[:]
     try:
         old = read_old_file(old_root, group.base, max_size=opts.max_file_size)
     except BtrdeltaError:
@@ -379,10 +472,18 @@ def _diff(
     codec: Codec
     if opts.codec == "auto":
         codec, patch = make_auto(old, new, AUTO)
+        cost = len(patch)
+        raw_codec = CODECS[4]
+        if opts.level and len(new) <= RAW_MAX_FILE and raw_codec.available():
+            # inside the carrier an uncompressed patch is compressed with everything else
+            raw = raw_codec.make(old, new)
+            if len(raw) <= INNER_PATCH_MAX and _carried_cost(raw) < cost:
+                codec, patch, cost = raw_codec, raw, _carried_cost(raw)
     else:
         codec = get_codec(opts.codec)
         patch = codec.make(old, new)
-    if len(patch) >= min(replaced, len(new)):
+        cost = len(patch)
+    if cost >= min(replaced, len(new)):
         return None
     if codec.apply(old, patch, new_size=len(new)) != new:  # pragma: no cover - codec bug
         return None
@@ -437,24 +538,40 @@ def _patched_items(group: _Group, res: _Result, opts: MakeOptions) -> list[Delta
     view = memoryview(res.patch)
     inline = len(view) <= PDATA_CHUNK
     codec_id = SAME_CODEC if res.codec is None else res.codec.codec_id
-    algo, old_digest = opts.hash_algo, res.old_digest
-    if res.codec is None and algo == HashAlgo.BLAKE3_128:
-        # format 3: a 'same' patch's digest only checks the local old file (BLAKE3's
-        # output is a stream: its first 8 bytes are the 8-byte digest)
+    algo, old_digest, new_digest = opts.hash_algo, res.old_digest, res.new_digest
+    new_algo: int | None = None
+    compact = opts.level > 0 and len(view) <= INNER_PATCH_MAX
+    if compact and algo == HashAlgo.BLAKE3_128:
+        # format 4 (CPATCH, inside the carrier): BLAKE3's output is a stream, so its first
+        # 8 / 4 bytes are the short digests; the old file is checked with 8 bytes before
+        # use, the patched content with 4 (the DEND digest covers the whole stream)
+        if res.codec is None:
+            algo, old_digest = CP_SAME_ALGO, old_digest[: DIGEST_SIZE[CP_SAME_ALGO]]
+        else:
+            algo, old_digest = CP_OLD_ALGO, old_digest[: DIGEST_SIZE[CP_OLD_ALGO]]
+            new_algo, new_digest = CP_NEW_ALGO, new_digest[: DIGEST_SIZE[CP_NEW_ALGO]]
+    elif res.codec is None and algo == HashAlgo.BLAKE3_128:
+        # format 3: a 'same' patch's digest only checks the local old file
         algo, old_digest = HashAlgo.BLAKE3_64, old_digest[:8]
-    items: list[DeltaItem] = [
-        Patch(
-            group.path, group.base, codec_id, algo, res.old_size,
-            old_digest, res.new_size, res.new_digest if res.codec else old_digest,
-            len(res.patch),
-            view if inline and res.codec is not None else None,
-        )
-    ]
+    patch = Patch(
+        group.path, group.base, codec_id, algo, res.old_size,
+        old_digest, res.new_size, new_digest if res.codec else old_digest,
+        len(res.patch),
+        view if inline and res.codec is not None else None,
+        new_algo,
+    )
+    items: list[DeltaItem] = [patch]
     if not inline:
         items.extend(
             PatchData(view[i : i + PDATA_CHUNK]) for i in range(0, len(view), PDATA_CHUNK)
         )
     _runs(group, items, res.encoded)
+    if compact and can_compact(patch) and len(items) == 2:
+        run = items[1]
+        if type(run) is PWrite and run.offset == 0 and run.length == res.new_size:
+            # the one PWRITE of a whole file is implied by the CPATCH
+            patch.auto_chunk = run.chunk
+            del items[1]
     return items
 
 

@@ -18,7 +18,7 @@ import blake3
 from ..errors import ApplyError, ChecksumError, MissingBaseError, UnsafePathError
 from .format import HashAlgo
 
-__all__ = ["digest", "hasher", "old_file_size", "read_old_file"]
+__all__ = ["digest", "hasher", "old_file_size", "open_old_file", "read_old_file"]
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -47,6 +47,13 @@ class _Blake3_64(_Blake3_128):
     LENGTH = 8
 
 
+class _Blake3_32(_Blake3_128):
+    """BLAKE3 with a 4-byte output (a prefix of the 16-byte one)."""
+
+    __slots__ = ()
+    LENGTH = 4
+
+
 def hasher(algo: int) -> Any:
     """A new hash object for ``algo`` (``update``/``digest``)."""
     if algo == HashAlgo.BLAKE3:
@@ -55,6 +62,8 @@ def hasher(algo: int) -> Any:
         return _Blake3_128()
     if algo == HashAlgo.BLAKE3_64:
         return _Blake3_64()
+    if algo == HashAlgo.BLAKE3_32:
+        return _Blake3_32()
     if algo == HashAlgo.SHA256:
         return hashlib.sha256()
     raise ValueError(f"unknown hash algorithm {algo}")  # pragma: no cover
@@ -98,6 +107,16 @@ def _open(root: str | os.PathLike[str], path: bytes) -> int | None:
         return ffd
     finally:
         os.close(fd)
+
+
+def open_old_file(root: str | os.PathLike[str], path: bytes) -> int | None:
+    """An O_RDONLY fd (the caller closes it) of the regular file ``root/path``, ``None`` if
+    there is none.
+
+    Raises:
+        UnsafePathError: ``path`` is absolute or has ``..``/empty components.
+    """
+    return _open(root, path)
 
 
 def old_file_size(root: str | os.PathLike[str], path: bytes) -> int | None:

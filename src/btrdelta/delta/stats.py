@@ -134,6 +134,8 @@ def _count(st: DeltaStats, items: Iterable[DeltaItem]) -> None:
             st.patched_files[name] += 1
             st.replaced_bytes[name] += item.new_size
             st.patch_bytes[name] += item.patch_len
+            if item.auto_chunk:  # CPATCH: its one PWRITE is implied
+                st.regenerated_writes += -(-item.new_size // item.auto_chunk)
         elif isinstance(item, PWrite):
             st.regenerated_writes += -(-item.length // item.chunk)
         elif isinstance(item, PEncoded):

@@ -35,6 +35,7 @@ from .format import (
     PEncoded,
     PWrite,
     ZCommands,
+    can_compact,
     encode_delta_header,
     encode_item,
 )
@@ -146,7 +147,8 @@ class DeltaWriter:
                 or item.patch_len == 0
             ))
         ):
-            pieces = encode_item(item, inner=True, **omit)
+            compact = isinstance(item, Patch) and can_compact(item)
+            pieces = encode_item(item, inner=True, compact=compact, **omit)
             for piece in pieces:
                 self._pending.append(piece)
                 self._pending_len += len(piece)
