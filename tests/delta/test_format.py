@@ -245,12 +245,15 @@ def _b3_128(data: bytes) -> bytes:
 _TIMES = st.integers(0, (1 << 63) * 1_000_000_000 - 1)  # the encoder: signed seconds
 
 
-@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 1 << 40), _TIMES, _TIMES, _TIMES),
+@given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 1 << 40), _TIMES, _TIMES, _TIMES),
                 min_size=1, max_size=12))
 def test_format3_carrier_folding_is_exact(ops: list[tuple[int, int, int, int, int]]) -> None:
-    """Folded commands (orphan names, previous paths, time differences) unfold to the exact
-    bytes; the folded forms of a re-created file are smaller than the originals."""
-    from btrdelta.delta.carrier import CarrierState, fold, unfold
+    """Folded commands (orphan names, previous paths, time differences; format 4: UNLINK
+    names as references to the old directory listing, RENAME targets as references to
+    unlinked names) unfold to the exact bytes; folded forms are never larger."""
+    from btrdelta.delta.carrier import NAME_CMDS, CarrierState, feed_names, fold, unfold
+
+    old_names = sorted(f"f{i}".encode() for i in range(0, 40, 3))
 
     recs: list[R.Record] = []
     for kind, ino, a, m, c in ops:
@@ -264,6 +267,10 @@ def test_format3_carrier_folding_is_exact(ops: list[tuple[int, int, int, int, in
             recs.append(R.Utimes(final, a, m, c))
         elif kind == 3:
             recs.append(R.Chown(final, 0, ino & 0xFFFF))
+        elif kind == 5:  # an old file (or not) unlinked from the old directory
+            recs.append(R.Unlink(f"dir/f{ino % 40}".encode()))
+        elif kind == 6:  # a rebuilt file put in place under an unlinked name
+            recs += [R.Mkfile(orphan, ino), R.Rename(orphan, f"dir/f{a % 40}".encode())]
         else:
             recs.append(R.Utimes(final, a, m, c, m))
     out: list[bytes] = []
@@ -277,13 +284,20 @@ def test_format3_carrier_folding_is_exact(ops: list[tuple[int, int, int, int, in
         n = int.from_bytes(blob[pos : pos + 4], "little") + 10
         raws.append(blob[pos : pos + n])
         pos += n
-    ws, rs = CarrierState(), CarrierState()
+    def lister(path: bytes) -> list[bytes] | None:
+        return old_names if path == b"dir" else None
+
+    ws, rs = CarrierState(lister=lister), CarrierState(lister=lister)
     for raw in raws:
-        folded = b"".join(bytes(p) for p in fold(raw[4] | raw[5] << 8, memoryview(raw), ws))
+        cmd = raw[4] | raw[5] << 8
+        folded = b"".join(bytes(p) for p in fold(cmd, memoryview(raw), ws))
         assert len(folded) <= len(raw)
-        back = unfold(raw[4] | raw[5] << 8, memoryview(folded), 0, len(folded), rs, 1 << 16)
+        back = unfold(cmd, memoryview(folded), 0, len(folded), rs, 1 << 16)
         expect = raw[:6] + bytes(4) + raw[10:]
         assert (folded if back is None else bytes(back)) == expect
+        if cmd in NAME_CMDS:
+            feed_names(ws, cmd, memoryview(raw), 2)
+            feed_names(rs, cmd, memoryview(expect), 2)
     assert ws == rs
 
 

@@ -28,14 +28,17 @@ last referenced index + 1.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import StreamFormatError
+from ..stream.codec import decode_payload
 from ..stream.constants import CMD_HEADER, CMD_HEADER_SIZE, Attr, Cmd
+from ..tree.pathmap import PathMap
 from .format import read_uvarint
 from .format import uvarint as _uvarint
 
-__all__ = ["CarrierState", "fold", "unfold", "SAME_PATH_TLV"]
+__all__ = ["NAME_CMDS", "CarrierState", "feed_names", "fold", "unfold", "SAME_PATH_TLV"]
 
 _TLV = struct.Struct("<HH")
 _U64 = struct.Struct("<Q")
@@ -48,6 +51,7 @@ SAME_PATH_TLV = _TLV.pack(0xFFFF, 0)
 ORPHAN_TLV = 0xFFFE
 TIMES_TLV = 0xFFFD
 NAMEREF_TLV = 0xFFFC
+OLDREF_TLV = 0xFFFB
 
 _CREATES = frozenset(
     {int(Cmd.MKFILE), int(Cmd.MKDIR), int(Cmd.MKNOD), int(Cmd.MKFIFO), int(Cmd.MKSOCK),
@@ -81,6 +85,61 @@ class CarrierState:
     name_pos: int = -1
     #: directory (with its trailing ``/``, ``b""`` at the top) of the last RENAME's PATH_TO
     rename_dir: bytes | None = None
+    #: format 4: sorted entry names of a directory of the old snapshot (``None``: none)
+    lister: Callable[[bytes], list[bytes] | None] | None = field(default=None, compare=False)
+    #: names of the stream's current paths in the old snapshot (fed by the caller)
+    pathmap: PathMap = field(default_factory=PathMap, compare=False)
+    #: directory of the last UNLINK and the index of its name in the old listing
+    unlink_dir: bytes | None = None
+    unlink_pos: int = -1
+    #: references to old listings that cannot be resolved give ``?`` names (``stat``)
+    lenient: bool = False
+    _listings: dict[bytes, tuple[list[bytes], dict[bytes, int]] | None] = field(
+        default_factory=dict, compare=False
+    )
+
+    def _listing(self, d: bytes) -> tuple[list[bytes], dict[bytes, int]] | None:
+        origin = self.pathmap.origin(d)
+        if origin is None or self.lister is None:
+            return None
+        if origin not in self._listings:
+            names = self.lister(origin)
+            self._listings[origin] = (
+                None if names is None else (names, {n: i for i, n in enumerate(names)})
+            )
+        return self._listings[origin]
+
+    def unlink_ref(self, path: bytes) -> bytes | None:
+        """The OLDREF TLV standing for the PATH of an UNLINK of ``path``, or ``None``
+        (format 4); updates the state."""
+        cut = path.rfind(b"/")
+        d, name = (path[:cut], path[cut + 1 :]) if cut >= 0 else (b"", path)
+        if d != self.unlink_dir:
+            self.unlink_dir, self.unlink_pos = d, -1
+            return None
+        listing = self._listing(d)
+        if listing is None or name not in listing[1]:
+            return None
+        k = listing[1][name]
+        delta = k - (self.unlink_pos + 1)
+        self.unlink_pos = k
+        value = _uvarint(delta * 2 if delta >= 0 else -delta * 2 - 1)
+        return _TLV.pack(OLDREF_TLV, len(value)) + value
+
+    def resolve_unlink(self, value: memoryview) -> bytes:
+        """The PATH of an UNLINK written with an OLDREF TLV of ``value``."""
+        z, end = read_uvarint(value, 0, len(value))
+        d = self.unlink_dir
+        listing = None if d is None else self._listing(d)
+        if self.lenient and end == len(value) and d is not None and listing is None:
+            return d + b"/?" if d else b"?"
+        if end != len(value) or d is None or listing is None:
+            raise StreamFormatError("UNLINK name reference without an old directory listing")
+        k = self.unlink_pos + 1 + (z >> 1 if not z & 1 else -((z + 1) >> 1))
+        if not 0 <= k < len(listing[0]):
+            raise StreamFormatError("UNLINK name reference out of range")
+        self.unlink_pos = k
+        return d + b"/" + listing[0][k] if d else listing[0][k]
 
     def unlinked(self, path: bytes) -> None:
         """Remember the base name of a carried UNLINK (format 4)."""
@@ -157,7 +216,11 @@ def fold(cmd: int, raw: memoryview, state: CarrierState) -> list[bytes | memoryv
     rest = CMD_HEADER_SIZE + 4 + n
     path = bytes(raw[CMD_HEADER_SIZE + 4 : rest])
     first: bytes | memoryview
-    if path == state.last_path:
+    ref = state.unlink_ref(path) if cmd == _UNLINK else None
+    if ref is not None:
+        first = ref
+        state.last_path = path
+    elif path == state.last_path:
         first = SAME_PATH_TLV
     else:
         first = raw[CMD_HEADER_SIZE:rest]
@@ -181,7 +244,7 @@ def fold(cmd: int, raw: memoryview, state: CarrierState) -> list[bytes | memoryv
             ref = state.name_ref(to)
             if ref is not None:
                 tail_parts = [ref, raw[rest + 4 + len(to) :]]
-    elif cmd == _UNLINK:
+    if cmd == _UNLINK:
         state.unlinked(path)
     new_len = len(first) + sum(len(p) for p in tail_parts)
     return [_HDR6.pack(new_len, cmd), _ZERO_CRC, first, *tail_parts]
@@ -235,8 +298,15 @@ def unfold(
         if rest > end:
             raise StreamFormatError("carried command's PATH overruns it")
         path = bytes(mv[p + 4 : rest])
+    elif t == OLDREF_TLV and cmd == _UNLINK and state.fmt >= 4:
+        rest = p + 4 + n
+        if rest > end:
+            raise StreamFormatError("UNLINK name reference overruns the command")
+        path = state.resolve_unlink(mv[p + 4 : rest])
     else:
         return None
+    if cmd == _UNLINK and state.fmt >= 4 and t != OLDREF_TLV:
+        state.unlink_ref(path)
     state.last_path = path
     tail: bytes | memoryview | bytearray = mv[rest:end]
     if cmd == Cmd.UTIMES and end - rest >= 4 and _TLV.unpack_from(mv, rest)[0] == TIMES_TLV:
@@ -275,3 +345,20 @@ def unfold(
     buf += path
     buf += tail
     return buf
+
+
+#: commands that change names (what :class:`~btrdelta.tree.pathmap.PathMap` follows)
+NAME_CMDS: frozenset[int] = _CREATES | {
+    int(Cmd.RENAME), int(Cmd.LINK), int(Cmd.UNLINK), int(Cmd.RMDIR), int(Cmd.SNAPSHOT),
+    int(Cmd.SUBVOL),
+}
+
+
+def feed_names(state: CarrierState, cmd: int, raw: memoryview, version: int) -> None:
+    """Follow a carried name command (header included, as in the original stream) in
+    ``state.pathmap``; both sides call it after :func:`fold` / :func:`unfold`.
+
+    Raises:
+        StreamFormatError: the command does not decode.
+    """
+    state.pathmap.feed(decode_payload(cmd, raw, CMD_HEADER_SIZE, len(raw), version))

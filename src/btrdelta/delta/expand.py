@@ -34,7 +34,7 @@ from ..stream import records as R
 from ..stream.codec import command_crc, decode_payload, encode_record
 from ..stream.constants import CMD_HEADER, CMD_HEADER_SIZE, MAGIC, MAX_PAYLOAD, STREAM_HEADER
 from ..stream.reader import Event, StreamHeader
-from .carrier import SAME_PATH_TLV, CarrierState, unfold
+from .carrier import NAME_CMDS, SAME_PATH_TLV, CarrierState, feed_names, unfold
 from .codecs import get_codec
 from .format import (
     DELTA_MAGIC,
@@ -56,7 +56,7 @@ from .format import (
     is_delta_stream,
     iter_items,
 )
-from .oldfiles import digest, hasher, read_old_file
+from .oldfiles import digest, hasher, list_old_dir, read_old_file
 from .recompress import compress_extent
 
 __all__ = [
@@ -113,8 +113,9 @@ class _Expander:
         self.pending: Patch | None = None
         self.pdata: list[bytes] = []
         self.pdata_len = 0
-        #: the previous path (format 2 may leave it out) and folded times (format 3)
-        self.cstate = CarrierState()
+        #: the previous path (format 2 may leave it out) and folded times (format 3);
+        #: old directory listings (format 4)
+        self.cstate = CarrierState(lister=self.list_old_dir)
 
     @property
     def last_path(self) -> bytes | None:
@@ -201,18 +202,23 @@ class _Expander:
                     except BtrdeltaError as exc:
                         raise self.fail("", exc) from None
                     if buf3 is None:
+                        view = mv[pos:end]
                         _CRC_FIELD.pack_into(
                             raw, pos + 6,
                             command_crc(length, cmd, mv[pos + CMD_HEADER_SIZE : end]),
                         )
-                        yield BtrfsCommand(cmd, mv[pos:end])
                     else:
                         view = memoryview(buf3)
                         _CRC_FIELD.pack_into(
                             buf3, 6,
                             command_crc(len(buf3) - CMD_HEADER_SIZE, cmd, view[CMD_HEADER_SIZE:]),
                         )
-                        yield BtrfsCommand(cmd, view)
+                    if fmt >= 4 and cmd in NAME_CMDS:
+                        try:
+                            feed_names(self.cstate, cmd, view, self.version)
+                        except BtrdeltaError as exc:
+                            raise self.fail("", exc) from None
+                    yield BtrfsCommand(cmd, view)
                     pos = end
                     continue
                 first = mv[pos + 10 : pos + 14] if length >= 4 else b""
@@ -268,19 +274,28 @@ class _Expander:
                 raise self.fail("a 'same' patch with patch bytes or a size change")
         elif p.patch_len == 0 or p.patch_len >= p.new_size:
             raise self.fail(f"patch length {p.patch_len} is not below new size {p.new_size}")
-        if self.root is None:
-            if self.head is None:
-                raise self.fail("PATCH before any SNAPSHOT or SUBVOL")
-            assert callable(self.old_root)
-            try:
-                self.root = self.old_root(self.head)
-            except BtrdeltaError as exc:
-                raise exc.located(source=self.source, index=self.index) from None
+        self.resolve_root("PATCH")
         self.pending = p
         self.pdata = []
         self.pdata_len = 0
         if p.data is not None or p.codec == SAME_CODEC:
             self.finish_patch(p, bytes(p.data) if p.data is not None else b"")
+
+    def resolve_root(self, what: str) -> str | os.PathLike[str]:
+        """The old snapshot's directory (asked of the old-root function once a stream)."""
+        if self.root is None:
+            if self.head is None:
+                raise self.fail(f"{what} before any SNAPSHOT or SUBVOL")
+            assert callable(self.old_root)
+            try:
+                self.root = self.old_root(self.head)
+            except BtrdeltaError as exc:
+                raise exc.located(source=self.source, index=self.index) from None
+        return self.root
+
+    def list_old_dir(self, path: bytes) -> list[bytes] | None:
+        """Sorted names in the old snapshot's directory ``path`` (format 4 references)."""
+        return list_old_dir(self.resolve_root("UNLINK reference"), path)
 
     def add_pdata(self, d: PatchData) -> None:
         p = self.pending

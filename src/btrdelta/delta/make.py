@@ -617,7 +617,7 @@ def make_delta(
     guesser = LevelGuesser() if opts.recompress else None
     stats = MakeStats()
     reader = _RawReader(src, source, HashAlgo.BLAKE3)
-    out = DeltaWriter(write, level=opts.level)
+    out = DeltaWriter(write, level=opts.level, old_root=old_root)
     pathmap = PathMap()
     index = _OldIndex(old_root)
     queue: deque[_Slot] = deque()

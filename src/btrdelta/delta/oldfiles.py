@@ -18,7 +18,9 @@ import blake3
 from ..errors import ApplyError, ChecksumError, MissingBaseError, UnsafePathError
 from .format import HashAlgo
 
-__all__ = ["digest", "hasher", "old_file_size", "open_old_file", "read_old_file"]
+__all__ = [
+    "digest", "hasher", "list_old_dir", "old_file_size", "open_old_file", "read_old_file",
+]
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -105,6 +107,32 @@ def _open(root: str | os.PathLike[str], path: bytes) -> int | None:
             os.close(ffd)
             return None
         return ffd
+    finally:
+        os.close(fd)
+
+
+def list_old_dir(root: str | os.PathLike[str], path: bytes) -> list[bytes] | None:
+    """Sorted entry names of the directory ``root/path`` (``b""``: the root itself), walked
+    without following symlinks; ``None`` if it is not a directory or the path is unsafe."""
+    try:
+        parts = _components(path) if path else []
+    except UnsafePathError:
+        return None
+    try:
+        fd = os.open(root, _DIR)
+    except OSError:
+        return None
+    try:
+        for part in parts:
+            try:
+                nfd = os.open(part, _DIR, dir_fd=fd)
+            except OSError:
+                return None
+            os.close(fd)
+            fd = nfd
+        return sorted(os.fsencode(name) for name in os.listdir(fd))
+    except OSError:
+        return None
     finally:
         os.close(fd)
 

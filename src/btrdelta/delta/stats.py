@@ -90,6 +90,9 @@ def collect_delta_stats(items: Iterable[DeltaItem], source: str | None = None) -
     """
     st = DeltaStats()
     ex = _Expander(".", 0, source)
+    # no old snapshot here: UNLINK names that refer to its listings are not resolved
+    ex.cstate.lister = None
+    ex.cstate.lenient = True
     for item in items:
         ex.index += 1
         if isinstance(item, BtrfsCommand):

@@ -19,6 +19,7 @@ outside the carrier (PATCH + PDATA), as patches are already compressed.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +27,7 @@ from typing import Any
 import crc32c
 import zstandard
 
-from .carrier import CarrierState, fold
+from .carrier import NAME_CMDS, CarrierState, feed_names, fold
 from .format import (
     BtrfsCommand,
     DeltaItem,
@@ -34,11 +35,13 @@ from .format import (
     PatchData,
     PEncoded,
     PWrite,
+    StreamStart,
     ZCommands,
     can_compact,
     encode_delta_header,
     encode_item,
 )
+from .oldfiles import list_old_dir
 
 __all__ = ["DEFAULT_LEVEL", "DEFAULT_WINDOW_LOG", "INNER_PATCH_MAX", "DeltaWriter"]
 
@@ -67,6 +70,7 @@ class DeltaWriter:
         level: zstd level for carried btrfs commands; 0 writes them uncompressed.
         window_log: zstd window log of the carrier frame.
         threads: zstd worker threads for the carrier (0: compress in the caller's thread).
+        old_root: the old snapshot, whose directory listings UNLINKs may refer to.
     """
 
     def __init__(
@@ -76,14 +80,20 @@ class DeltaWriter:
         level: int = DEFAULT_LEVEL,
         window_log: int = DEFAULT_WINDOW_LOG,
         threads: int = 0,
+        old_root: str | os.PathLike[str] | None = None,
     ) -> None:
         self._write = write
         self.level = level
         self._pending: list[Any] = []
         self._pending_len = 0
         self._cobj: Any = None
-        #: the previous path and times, for folding carried commands (format 3)
+        #: the previous path and times, for folding carried commands (format 3); names
+        #: of the old snapshot's directories (format 4)
         self._state = CarrierState()
+        if old_root is not None:
+            root = old_root
+            self._state.lister = lambda path: list_old_dir(root, path)
+        self._version = 1
         if level:
             params = zstandard.ZstdCompressionParameters.from_level(
                 level, window_log=window_log, enable_ldm=True, threads=threads,
@@ -112,7 +122,10 @@ class DeltaWriter:
         # the CRC field is zeroed (4 incompressible bytes; the expander recomputes it and
         # the carrier's own CRC32C covers the content), repeated paths, orphan names and
         # times are folded (format 3, :mod:`.carrier`)
-        pieces = fold(int(_U16.unpack_from(raw, 4)[0]), memoryview(raw), self._state)
+        cmd = int(_U16.unpack_from(raw, 4)[0])
+        pieces = fold(cmd, memoryview(raw), self._state)
+        if cmd in NAME_CMDS:
+            feed_names(self._state, cmd, memoryview(raw), self._version)
         self._pending += pieces
         self._pending_len += sum(len(p) for p in pieces)
         if self._pending_len >= ZCMDS_TARGET:
@@ -135,6 +148,8 @@ class DeltaWriter:
         if isinstance(item, BtrfsCommand):
             self.command(item.raw)
             return
+        if isinstance(item, StreamStart):
+            self._version = item.version
         omit: dict[str, bool] = {}
         if isinstance(item, Patch) and self._cobj is not None:
             omit = {"omit_path": item.path == self._state.last_path,
