@@ -285,6 +285,7 @@ typedef struct {
     uint16_t attr;
     uint8_t kind;
     uint8_t pos;
+    uint8_t optional; /* absent from the command: the record field stays None */
 } FieldPlan;
 
 typedef struct {
@@ -368,8 +369,9 @@ configure(PyObject *self, PyObject *args)
                 return NULL;
             }
             for (Py_ssize_t i = 0; i < n; i++) {
-                int attr, kind, pos;
-                if (!PyArg_ParseTuple(PyTuple_GET_ITEM(plans[v2], i), "iii", &attr, &kind, &pos))
+                int attr, kind, pos, optional = 0;
+                if (!PyArg_ParseTuple(PyTuple_GET_ITEM(plans[v2], i), "iii|p", &attr, &kind, &pos,
+                                      &optional))
                     return NULL;
                 if (attr <= 0 || attr > 0xFFFF || kind < 0 || kind >= K_COUNT || pos < 0 ||
                     pos >= nfields) {
@@ -379,6 +381,7 @@ configure(PyObject *self, PyObject *args)
                 fresh[c].plan[v2][i].attr = (uint16_t)attr;
                 fresh[c].plan[v2][i].kind = (uint8_t)kind;
                 fresh[c].plan[v2][i].pos = (uint8_t)pos;
+                fresh[c].plan[v2][i].optional = (uint8_t)optional;
             }
             fresh[c].nplan[v2] = (int)n;
         }
@@ -455,10 +458,13 @@ decode_one(const CmdPlan *cp, int v2, PyObject *mv, const uint8_t *base, size_t 
             p = end;
         }
         else {
-            if (end - p < 4)
+            if (end - p < 4 || le16(base + p) != f->attr) {
+                if (f->optional)
+                    continue;
                 goto done;
-            uint16_t t = le16(base + p), n = le16(base + p + 2);
-            if (t != f->attr || (size_t)n > end - p - 4)
+            }
+            uint16_t n = le16(base + p + 2);
+            if ((size_t)n > end - p - 4)
                 goto done;
             const uint8_t *v = base + p + 4;
             uint32_t want = fixed_size[f->kind];
@@ -1325,18 +1331,23 @@ finish:
 /* ---------------------------------------------------------------------------------------
  * CRC entry points (for tests and for the curious) */
 
+/* force_sw: the table path; std: the usual convention (register inverted in and out) */
 static PyObject *
-crc_common(PyObject *args, int force_sw)
+crc_common(PyObject *args, int force_sw, int std)
 {
     Py_buffer data;
     unsigned long seed = 0;
     if (!PyArg_ParseTuple(args, "y*|k", &data, &seed))
         return NULL;
     uint32_t crc = (uint32_t)seed;
+    if (std)
+        crc = ~crc;
     if (force_sw)
         crc = crc_sw(crc, data.buf, (size_t)data.len);
     else
         crc = crc_update(crc, data.buf, (size_t)data.len);
+    if (std)
+        crc = ~crc;
     PyBuffer_Release(&data);
     return PyLong_FromUnsignedLong(crc);
 }
@@ -1344,13 +1355,19 @@ crc_common(PyObject *args, int force_sw)
 static PyObject *
 py_crc32c(PyObject *self, PyObject *args)
 {
-    return crc_common(args, 0);
+    return crc_common(args, 0, 0);
+}
+
+static PyObject *
+py_crc32c_std(PyObject *self, PyObject *args)
+{
+    return crc_common(args, 0, 1);
 }
 
 static PyObject *
 py_crc32c_table(PyObject *self, PyObject *args)
 {
-    return crc_common(args, 1);
+    return crc_common(args, 1, 0);
 }
 
 /* tests: run the table path (and the library for large data) on a machine with SSE4.2 */
@@ -1390,6 +1407,9 @@ static PyMethodDef methods[] = {
      "_set_crc_impl(name, /) -> previous: 'sse4.2' or 'table' (for tests)."},
     {"crc32c", py_crc32c, METH_VARARGS,
      "crc32c(data, crc=0, /): btrfs CRC32C (raw register) with the fastest implementation."},
+    {"crc32c_std", py_crc32c_std, METH_VARARGS,
+     "crc32c_std(data, value=0, /): CRC-32C in the usual convention (like the crc32c "
+     "package: value is a finished CRC to continue)."},
     {"crc32c_table", py_crc32c_table, METH_VARARGS,
      "crc32c_table(data, crc=0, /): btrfs CRC32C with the slicing-by-8 table."},
     {NULL, NULL, 0, NULL},

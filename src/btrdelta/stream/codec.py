@@ -20,8 +20,6 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import crc32c as _crc32c
-
 from ..errors import StreamFormatError, UnsupportedVersionError
 from .constants import (
     ATTR_KIND,
@@ -39,6 +37,7 @@ from .constants import (
     Field,
     Kind,
 )
+from .crc import crc32c
 from .records import RECORD_TYPES, Record
 
 __all__ = [
@@ -49,7 +48,7 @@ __all__ = [
     "encode_stream_header",
 ]
 
-_crc = _crc32c.crc32c
+_crc = crc32c
 _ZERO_CRC = b"\x00\x00\x00\x00"
 _HDR6 = struct.Struct("<IH")
 _U8 = struct.Struct("<B")

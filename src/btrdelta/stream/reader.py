@@ -28,10 +28,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Literal
 
-import crc32c as _crc32c
-
 from ..errors import BtrdeltaError, ChecksumError, StreamFormatError
-from .codec import _HDR6, _ZERO_CRC, decode_payload_fast, decode_stream_header, fast_decoder
+from .codec import (
+    _HDR6,
+    _ZERO_CRC,
+    decode_payload,
+    decode_payload_fast,
+    decode_stream_header,
+    fast_decoder,
+)
 from .constants import (
     ATTR_KIND,
     CMD_HEADER,
@@ -41,15 +46,15 @@ from .constants import (
     MAX_PAYLOAD,
     STREAM_HEADER_SIZE,
     SUPPORTED_VERSIONS,
-    Attr,
     Cmd,
     Kind,
 )
+from .crc import crc32c
 from .records import RECORD_TYPES, End, Record
 
 __all__ = ["EOF", "NEED_DATA", "Event", "StreamHeader", "StreamParser", "StreamReader"]
 
-_crc = _crc32c.crc32c
+_crc = crc32c
 _CRC_FIELD = struct.Struct("<I")
 _unpack_cmd = CMD_HEADER.unpack_from
 _pack_hdr6 = _HDR6.pack
@@ -395,9 +400,7 @@ class StreamParser:
                     cmd=cmd,
                 )
         try:
-            rec = decode_payload_fast(
-                cmd, mv, start + CMD_HEADER_SIZE, start + total, self.version
-            )
+            rec = _decode_one(cmd, mv, start + CMD_HEADER_SIZE, start + total, self.version)
         except BtrdeltaError as exc:
             self._error(exc, cmd=cmd)
         self._advance(total)
@@ -431,11 +434,14 @@ def _speedups_plan() -> tuple[Any, ...]:
     for cmd, spec in COMMAND_SPECS.items():
         cls = RECORD_TYPES[cmd]
         order = [f.name for f in dataclasses.fields(cls)]
+        # optional (v2+) attributes are decoded where the kernel puts them, skipped when
+        # absent
+        # (this kernel leaves ENCRYPTION out of ENCODED_WRITE when it is 0)
         plans = [
             tuple(
-                (int(f.attr), _KIND_CODE[ATTR_KIND[f.attr]], order.index(f.name))
+                (int(f.attr), _KIND_CODE[ATTR_KIND[f.attr]], order.index(f.name), f.optional)
                 for f in spec.fields
-                if not f.optional or (v2 and f.attr in (Attr.OTIME, Attr.ENCRYPTION))
+                if v2 or not f.optional
             )
             for v2 in (False, True)
         ]
@@ -456,8 +462,12 @@ def _load_speedups() -> Any:
 
 
 _speedups: Any = _load_speedups()
+#: one command outside a batch; with the C decoder these are rare (split across reads,
+#: unusual layouts), not worth generating a Python fast decoder (~2 ms each) for
+_decode_one = decode_payload_fast
 if _speedups is not None:
     StreamParser._decode_batch = StreamParser._decode_batch_c
+    _decode_one = decode_payload
 
 
 class StreamReader:
