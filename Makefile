@@ -10,7 +10,7 @@ all: test
 sysdeps:
 	@scripts/sysdeps.sh
 
-$(STAMP): pyproject.toml setup.py src/btrdelta/stream/_speedups.c
+$(STAMP): pyproject.toml setup.py src/btrdelta/stream/_speedups.c src/btrdelta/receive/_fastapply.c
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip >/dev/null
 	@$(BIN)/python -m pip install -q -e '.[test,dev]'

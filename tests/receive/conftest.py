@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +15,18 @@ from btrdelta.stream import StreamReader
 from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs
 from btrdelta.testing.scenarios import kernel_receive
 from tests.conftest import KernelStream
+
+
+@pytest.fixture(params=["c", "python"])
+def applier_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with the applier's C fast path, then with the Python handlers alone."""
+    from btrdelta.receive import applier
+
+    if request.param == "c" and applier._fastapply is None:
+        pytest.skip("the C fast path (receive/_fastapply.c) is not built")
+    if request.param == "python":
+        monkeypatch.setattr(applier, "_fastapply", None)
+    return str(request.param)
 
 
 @dataclass
@@ -41,6 +53,19 @@ def targets() -> Iterator[Targets]:
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI=true but btrfs is unavailable: {exc}")
         pytest.skip(str(exc))
+
+
+@contextmanager
+def python_applier() -> Iterator[None]:
+    """The applier without its C fast path (the Python handlers apply every record)."""
+    from btrdelta.receive import applier
+
+    saved = applier._fastapply
+    applier._fastapply = None
+    try:
+        yield
+    finally:
+        applier._fastapply = saved
 
 
 def our_receive(stream: Path, dest: Path, warnings: list[str] | None = None,
@@ -72,8 +97,8 @@ def received(kernel_streams: list[KernelStream], targets: Targets) -> dict[str, 
         base = name[:-2]
         g = Group(base, ks, by_name[base + ".B"], {})
         for key, root in (("kernel", targets.kernel), ("btrfs", targets.ours_btrfs),
-                          ("ext4", targets.ours_ext4)):
-            d = root / base
+                          ("ext4", targets.ours_ext4), ("btrfs-python", targets.ours_btrfs)):
+            d = root / (base if key != "btrfs-python" else base + ".python")
             d.mkdir()
             g.dirs[key] = d
         try:
@@ -81,6 +106,8 @@ def received(kernel_streams: list[KernelStream], targets: Targets) -> dict[str, 
                 kernel_receive(stream, g.dirs["kernel"])
                 our_receive(stream, g.dirs["btrfs"], targets.warnings)
                 our_receive(stream, g.dirs["ext4"], targets.warnings)
+                with python_applier():
+                    our_receive(stream, g.dirs["btrfs-python"], targets.warnings)
         except Exception as exc:  # reported by the test of this group
             g.error = f"{type(exc).__name__}: {exc}"
         groups[base] = g

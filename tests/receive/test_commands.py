@@ -34,6 +34,9 @@ from btrdelta.stream.records import (
 
 from .helpers import events, subvol
 
+# every test runs with the C fast path of the applier and with the Python handlers alone
+pytestmark = pytest.mark.usefixtures("applier_impl")
+
 TEXT = b"".join(b"line %d of some compressible text\n" % i for i in range(6000))[:131072]
 
 

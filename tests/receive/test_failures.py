@@ -32,6 +32,9 @@ from btrdelta.tree.treesum import tree_sum
 
 from .helpers import UUID_A, UUID_B, events, snapshot_tree, stream_bytes, subvol
 
+# every test runs with the C fast path of the applier and with the Python handlers alone
+pytestmark = pytest.mark.usefixtures("applier_impl")
+
 FULL = [subvol(b"A"), Mkdir(path=b"d", ino=257), Mkfile(path=b"d/f", ino=258),
         Write(path=b"d/f", offset=0, data=b"hello" * 100), Chmod(path=b"d/f", mode=0o644),
         Utimes(path=b"d/f", atime=10**18, mtime=10**18, ctime=10**18), End()]
@@ -188,3 +191,19 @@ def test_read_ahead_thread_gives_same_result_and_errors(dest: Path) -> None:
     receive(events(INCR), dest, read_ahead=True)
     assert (dest / "B" / "moved").read_bytes() == b"HELLO" + b"hello" * 99
     assert tree_sum(dest / "A") == parent_sum
+
+
+def test_error_names_the_record_after_a_long_run_of_applied_ones(dest: Path) -> None:
+    # hundreds of records the fast path applies, then one that fails: the error carries
+    # that record's index and path, and nothing is left under the final name
+    recs = [subvol(b"A")]
+    for i in range(300):
+        name = b"f%d" % i
+        recs += [Mkfile(path=name, ino=257 + i), Write(path=name, offset=0, data=b"x" * i),
+                 Chmod(path=name, mode=0o644)]
+    recs += [Write(path=b"missing/file", offset=0, data=b"y"), End()]
+    with pytest.raises(ApplyError) as info:
+        receive(events(recs), dest)
+    assert info.value.index == len(recs) - 2
+    assert info.value.path == b"missing/file"
+    assert _entries(dest) == []

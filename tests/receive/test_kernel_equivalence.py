@@ -39,7 +39,7 @@ def _compare(g: Group, snap: str, holes: bool, ignore_root_mtime: bool) -> list[
     ref = tree_manifest(g.dirs["kernel"] / snap, holes=holes,
                         ignore_root_mtime=ignore_root_mtime)
     problems = []
-    for key in ("btrfs", "ext4"):
+    for key in ("btrfs", "ext4", "btrfs-python"):
         ours = tree_manifest(g.dirs[key] / snap, holes=holes,
                              ignore_root_mtime=ignore_root_mtime)
         diff = diff_manifests(ref, ours)

@@ -36,6 +36,9 @@ from btrdelta.stream.records import (
 
 from .helpers import UUID_A, UUID_B, events, snapshot_tree, subvol
 
+# every test runs with the C fast path of the applier and with the Python handlers alone
+pytestmark = pytest.mark.usefixtures("applier_impl")
+
 
 @pytest.fixture
 def world(tmp_path: Path) -> tuple[Path, Path]:

@@ -19,10 +19,14 @@ Two backends:
   ENCODED_WRITE is decompressed.
 
 Every path goes through :class:`.sandbox.Sandbox` (no ``..``, no absolute paths, no
-symlink followed, nothing outside the subvolume). FILEATTR is ignored by default, exactly
-as btrfs-progs does; with ``apply_fileattr=True`` the flags that have a ``chattr``
-equivalent are set with ``FS_IOC_SETFLAGS`` when the subvolume is finished (so an
-immutable or append-only flag cannot block the stream's own later commands).
+symlink followed, nothing outside the subvolume). :meth:`Applier.apply_fast` runs the common
+commands of a batch through the optional C module ``_fastapply`` (same system calls, same
+path rules); it hands every record it does not handle, or whose system call fails, back to
+the Python handlers here, which stay the reference for every command and every error.
+FILEATTR is ignored by default, exactly as btrfs-progs does; with ``apply_fileattr=True``
+the flags that have a ``chattr`` equivalent are set with ``FS_IOC_SETFLAGS`` when the
+subvolume is finished (so an immutable or append-only flag cannot block the stream's own
+later commands).
 """
 
 from __future__ import annotations
@@ -75,6 +79,22 @@ from .registry import Registry, RegistryEntry
 from .sandbox import Sandbox, check_name, split_path
 
 __all__ = ["Applier", "ReceivedSubvol", "find_parent", "find_subvolume"]
+
+
+def _load_fastapply() -> Any:
+    if os.environ.get("BTRDELTA_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from . import _fastapply as mod
+    except ImportError:
+        return None
+    mod.configure((Mkfile, Mkdir, Symlink, Rename, Link, Unlink, Rmdir, Write, Truncate, Chmod,
+                   Chown, Utimes, UpdateExtent, EncodedWrite))
+    return mod
+
+
+#: the C fast path (``_fastapply.c``), or None (no compiler, or ``BTRDELTA_PURE_PYTHON=1``)
+_fastapply: Any = _load_fastapply()
 
 #: largest decompressed extent accepted from an ENCODED_WRITE (the kernel uses 128 KiB)
 MAX_UNENCODED = 8 << 20
@@ -219,6 +239,9 @@ class Applier:
         self._wfd = -1
         self._clone_roots: dict[UUID, Sandbox] = {}
         self._warned: set[str] = set()
+        self._fast: Any = _fastapply.Fast() if _fastapply is not None and not dry_run else None
+        #: the C side may hold the write descriptor or have renamed cached directories
+        self._fast_dirty = False
         self._handlers: dict[type, Callable[[Any], None]] = {
             Subvol: self.subvol,
             Snapshot: self.snapshot,
@@ -255,6 +278,51 @@ class Applier:
         """True between SUBVOL/SNAPSHOT and the END that finishes it."""
         return self._cur is not None
 
+    @property
+    def fast(self) -> bool:
+        """True when :meth:`apply_fast` can apply records (the C module is loaded)."""
+        return self._fast is not None
+
+    def apply_fast(self, batch: list[Any], start: int) -> int:
+        """Apply ``batch[start:]`` through the C fast path while it can.
+
+        Returns:
+            The index of the first record not applied: one the fast path does not handle
+            or whose system call failed (nothing of it was applied). Pass it to
+            :meth:`apply`, which applies it or raises the located error.
+        """
+        fast = self._fast
+        cur = self._cur
+        if fast is None or cur is None:
+            return start
+        if self._wfd >= 0:
+            assert self._wpath is not None
+            fast.give_write(self._wpath, self._wfd)
+            self._wfd = -1
+            self._wpath = None
+        self._fast_dirty = True
+        stop, nbytes = fast.run(batch, start)
+        cur.records += stop - start
+        cur.data_bytes += nbytes
+        return int(stop)
+
+    def _from_fast(self) -> None:
+        """Take back the write descriptor and drop stale directories after C ran."""
+        self._fast_dirty = False
+        fast = self._fast
+        taken = fast.take_write()
+        if taken is not None:
+            self._close_write()
+            self._wpath, self._wfd = taken
+        cur = self._cur
+        if fast.take_dirs_changed() and cur is not None and cur.sandbox is not None:
+            cur.sandbox.clear()
+
+    def _fast_reset(self, root_fd: int) -> None:
+        if self._fast is not None:
+            self._fast_dirty = False
+            self._fast.reset(root_fd, self.btrfs and not self.force_decompress)
+
     def apply(self, rec: Record, index: int | None = None) -> None:
         """Apply one record; errors carry ``index``, the command name and the path.
 
@@ -264,6 +332,8 @@ class Applier:
             ApplyError: a system call failed.
             StreamFormatError: a record that makes no sense here.
         """
+        if self._fast_dirty:
+            self._from_fast()
         handler = self._handlers.get(rec.__class__)
         try:
             if handler is None:
@@ -290,6 +360,8 @@ class Applier:
     def close(self) -> None:
         """Abort any unfinished subvolume and release descriptors."""
         self.abort()
+        if self._fast is not None:
+            self._fast.close()
         if self._dest_fd >= 0:
             os.close(self._dest_fd)
             self._dest_fd = -1
@@ -325,6 +397,7 @@ class Applier:
             else:
                 os.mkdir(tmp, 0o755, dir_fd=self._dest_fd)
             cur.sandbox = Sandbox.open(tmp, dir_fd=self._dest_fd)
+            self._fast_reset(cur.sandbox.root_fd)
         self._cur = cur
 
     def snapshot(self, rec: Snapshot) -> None:
@@ -346,6 +419,7 @@ class Applier:
             else:
                 copy_tree(parent, self.dest / os.fsdecode(tmp))
             cur.sandbox = Sandbox.open(tmp, dir_fd=self._dest_fd)
+            self._fast_reset(cur.sandbox.root_fd)
         self._cur = cur
 
     def end(self, rec: End) -> None:
@@ -363,6 +437,7 @@ class Applier:
         final = self.dest / os.fsdecode(cur.name)
         if not self.dry_run:
             assert cur.sandbox is not None
+            self._fast_reset(-1)
             self._close_write()
             self._close_clone_roots()
             for fd, flags in cur.fileattrs:
@@ -397,6 +472,7 @@ class Applier:
         """Remove the unfinished subvolume (its temporary name) if there is one."""
         cur = self._cur
         self._cur = None
+        self._fast_reset(-1)
         self._close_write()
         self._close_clone_roots()
         if cur is None or self.dry_run:
@@ -520,6 +596,8 @@ class Applier:
         os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
         sb.invalidate(rec.path)
         sb.invalidate(rec.path_to)
+        if self._fast is not None:
+            self._fast.clear_dirs()
         wpath = self._wpath
         if wpath is not None:
             # the cached descriptor follows its inode to the new name
@@ -555,6 +633,8 @@ class Applier:
         self._close_write()
         sb = self._sb
         sb.invalidate(rec.path)
+        if self._fast is not None:
+            self._fast.clear_dirs()
         fd, name = sb.parent(rec.path)
         os.rmdir(name, dir_fd=fd)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
 from pathlib import Path
 
 from ..errors import BtrdeltaError, StreamFormatError
@@ -22,6 +23,8 @@ from .applier import Applier, ReceivedSubvol
 
 __all__ = ["prefetch", "receive"]
 
+#: records handed to the applier at a time (the C fast path runs through a batch)
+_APPLY_BATCH = 256
 _BATCH_EVENTS = 256
 _BATCH_BYTES = 4 << 20
 _QUEUE_BATCHES = 4
@@ -138,33 +141,50 @@ def receive(
         apply = applier.apply
         received = applier.received
         reported = 0
+        fast = applier.fast
+        it = iter(source)
         try:
-            for ev in source:
-                kind = type(ev)
-                if kind is StreamHeader:
-                    continue
-                index += 1
-                try:
-                    apply(ev, index)  # type: ignore[arg-type]
-                except BtrdeltaError as exc:
-                    errors.append(exc)
-                    if kind is Subvol or kind is Snapshot or (
-                        max_errors and len(errors) >= max_errors
-                    ):
-                        raise
-                if kind is End or kind is Subvol or kind is Snapshot:
-                    for done in received[reported:]:
-                        data_bytes += done.data_bytes
-                        if on_subvol is not None:
-                            on_subvol(done)
-                    reported = len(received)
-                    if kind is End and stop_at_end:
-                        break
-                if on_progress is not None and not index & 511:
+            stop = False
+            while not stop:
+                batch = list(islice(it, _APPLY_BATCH))
+                if not batch:
+                    break
+                i, n = 0, len(batch)
+                while i < n:
+                    if fast:  # the common commands in C, up to one it hands back
+                        j = applier.apply_fast(batch, i)
+                        index += j - i
+                        i = j
+                        if i == n:
+                            break
+                    ev = batch[i]
+                    i += 1
+                    kind = type(ev)
+                    if kind is StreamHeader:
+                        continue
+                    index += 1
+                    try:
+                        apply(ev, index)  # type: ignore[arg-type]
+                    except BtrdeltaError as exc:
+                        errors.append(exc)
+                        if kind is Subvol or kind is Snapshot or (
+                            max_errors and len(errors) >= max_errors
+                        ):
+                            raise
+                    if kind is End or kind is Subvol or kind is Snapshot:
+                        for done in received[reported:]:
+                            data_bytes += done.data_bytes
+                            if on_subvol is not None:
+                                on_subvol(done)
+                        reported = len(received)
+                        if kind is End and stop_at_end:
+                            stop = True
+                            break
+                if on_progress is not None:
                     cur = applier._cur
                     on_progress(index + 1, data_bytes + (cur.data_bytes if cur else 0))
         finally:
-            close = getattr(source, "close", None)
+            close = getattr(it, "close", None)
             if close is not None:
                 close()
         if applier.in_subvolume:

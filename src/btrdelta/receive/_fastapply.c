@@ -1,0 +1,936 @@
+/*
+ * btrdelta.receive._fastapply: the common send-stream commands applied in C.
+ *
+ * Strategy: the Python Applier (applier.py) stays the reference. It handles every command,
+ * every fallback and every error message. This module runs the hot, simple commands of a
+ * batch of records with the same system calls and the same path rules as the Python code:
+ * MKFILE, MKDIR, SYMLINK, RENAME, LINK, UNLINK, RMDIR, WRITE, TRUNCATE, CHMOD, CHOWN, UTIMES,
+ * UPDATE_EXTENT and (when enabled, on btrfs) ENCODED_WRITE passed through with the
+ * encoded-write ioctl. It stops *before* the first record it does not handle, whose path
+ * breaks a rule, or whose system call fails, with nothing of that record applied; the
+ * Python applier then applies that record itself and raises the located error or takes its
+ * fallback (EOPNOTSUPP, decompression, ...). Records that need more (SUBVOL, SNAPSHOT, END,
+ * CLONE, xattrs, special files, FALLOCATE, FILEATTR, verity) always go to Python.
+ *
+ * Path rules (sandbox.py): a stream path is split on '/', every component must be non-empty
+ * and neither "." nor ".."; no NUL. Directories are opened one component at a time with
+ * openat(O_DIRECTORY | O_NOFOLLOW) from the subvolume root descriptor, so no symlink is ever
+ * followed, and the last component is used with the *at call that does not follow it.
+ * Opened directories are cached by path; a RENAME or RMDIR drops every entry at or below
+ * the paths it changed.
+ *
+ * Hand-over with Python: one cached write descriptor (the file last created or written)
+ * moves between the two sides with give_write()/take_write(); take_dirs_changed() tells
+ * Python to drop its own directory cache after C renamed or removed directories, and
+ * clear_dirs() does the same on this side after Python did.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+enum {
+    OP_MKFILE,
+    OP_MKDIR,
+    OP_SYMLINK,
+    OP_RENAME,
+    OP_LINK,
+    OP_UNLINK,
+    OP_RMDIR,
+    OP_WRITE,
+    OP_TRUNCATE,
+    OP_CHMOD,
+    OP_CHOWN,
+    OP_UTIMES,
+    OP_UPDATE_EXTENT,
+    OP_ENCODED_WRITE,
+    NOPS
+};
+
+/* largest decompressed extent accepted from an ENCODED_WRITE (applier.MAX_UNENCODED) */
+#define MAX_UNENCODED (8u << 20)
+#define DIRS_TRIM 256
+#define DIR_FLAGS (O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+#define PATH_FLAGS (O_PATH | O_NOFOLLOW | O_CLOEXEC)
+
+/* struct btrfs_ioctl_encoded_io_args and BTRFS_IOC_ENCODED_WRITE (linux/btrfs.h) */
+struct encoded_io_args {
+    const struct iovec *iov;
+    unsigned long iovcnt;
+    int64_t offset;
+    uint64_t flags;
+    uint64_t len;
+    uint64_t unencoded_len;
+    uint64_t unencoded_offset;
+    uint32_t compression;
+    uint32_t encryption;
+    uint8_t reserved[64];
+};
+#define IOC_ENCODED_WRITE 0x40809440u
+
+static PyTypeObject *op_types[NOPS];
+static PyObject *s_path, *s_path_to, *s_path_link, *s_target, *s_data, *s_offset, *s_size,
+    *s_mode, *s_uid, *s_gid, *s_atime, *s_mtime, *s_unencoded_file_len, *s_unencoded_len,
+    *s_unencoded_offset, *s_compression, *s_encryption;
+
+typedef struct {
+    char *path;
+    size_t len;
+    uint64_t hash;
+    int fd;
+} DirEnt;
+
+typedef struct {
+    PyObject_HEAD
+    int root_fd; /* borrowed from the Python sandbox; -1 = no subvolume */
+    int encoded; /* pass ENCODED_WRITE through with the ioctl */
+    int wfd;     /* owned */
+    char *wpath;
+    size_t wlen, wcap;
+    DirEnt *dirs;
+    size_t ndirs, dcap;
+    int dirs_changed;
+} Fast;
+
+/* ---------------------------------------------------------------------------------------
+ * paths */
+
+/* 0 if `p` (n bytes) is a valid stream path naming an entry (non-empty). */
+static int
+check_path(const char *p, size_t n)
+{
+    if (n == 0 || memchr(p, 0, n) != NULL)
+        return -1;
+    const char *end = p + n;
+    for (;;) {
+        const char *s = memchr(p, '/', (size_t)(end - p));
+        size_t len = s ? (size_t)(s - p) : (size_t)(end - p);
+        if (len == 0 || (len == 1 && p[0] == '.') || (len == 2 && p[0] == '.' && p[1] == '.'))
+            return -1;
+        if (s == NULL)
+            return 0;
+        p = s + 1;
+    }
+}
+
+static uint64_t
+hash_bytes(const char *p, size_t n)
+{
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ (uint8_t)p[i]) * 1099511628211ull;
+    return h;
+}
+
+static int
+dir_lookup(Fast *f, const char *p, size_t n, uint64_t h)
+{
+    for (size_t i = 0; i < f->ndirs; i++) {
+        DirEnt *e = &f->dirs[i];
+        if (e->hash == h && e->len == n && memcmp(e->path, p, n) == 0)
+            return e->fd;
+    }
+    return -1;
+}
+
+static int
+dir_add(Fast *f, const char *p, size_t n, uint64_t h, int fd)
+{
+    if (f->ndirs == f->dcap) {
+        size_t cap = f->dcap ? f->dcap * 2 : 64;
+        DirEnt *d = realloc(f->dirs, cap * sizeof(DirEnt));
+        if (d == NULL)
+            return -1;
+        f->dirs = d;
+        f->dcap = cap;
+    }
+    char *copy = malloc(n ? n : 1);
+    if (copy == NULL)
+        return -1;
+    memcpy(copy, p, n);
+    f->dirs[f->ndirs++] = (DirEnt){copy, n, h, fd};
+    return 0;
+}
+
+static void
+dirs_clear(Fast *f)
+{
+    for (size_t i = 0; i < f->ndirs; i++) {
+        close(f->dirs[i].fd);
+        free(f->dirs[i].path);
+    }
+    f->ndirs = 0;
+}
+
+/* drop cached directories at or below `p` */
+static void
+dirs_invalidate(Fast *f, const char *p, size_t n)
+{
+    size_t i = 0;
+    while (i < f->ndirs) {
+        DirEnt *e = &f->dirs[i];
+        if (e->len >= n && memcmp(e->path, p, n) == 0 && (e->len == n || e->path[n] == '/')) {
+            close(e->fd);
+            free(e->path);
+            f->dirs[i] = f->dirs[--f->ndirs];
+        }
+        else {
+            i++;
+        }
+    }
+}
+
+/* descriptor of the directory `p` (n bytes, checked), walked without following links */
+static int
+dir_fd(Fast *f, const char *p, size_t n)
+{
+    if (n == 0)
+        return f->root_fd;
+    int fd = dir_lookup(f, p, n, hash_bytes(p, n));
+    if (fd >= 0)
+        return fd;
+    /* the longest cached prefix is where the walk starts */
+    size_t start = 0;
+    int cur = f->root_fd;
+    for (size_t cut = n; cut-- > 0;) {
+        if (p[cut] != '/')
+            continue;
+        int c = dir_lookup(f, p, cut, hash_bytes(p, cut));
+        if (c >= 0) {
+            start = cut + 1;
+            cur = c;
+            break;
+        }
+    }
+    char name[NAME_MAX + 1];
+    while (start < n) {
+        const char *s = memchr(p + start, '/', n - start);
+        size_t stop = s ? (size_t)(s - p) : n;
+        size_t len = stop - start;
+        if (len > NAME_MAX)
+            return -1;
+        memcpy(name, p + start, len);
+        name[len] = 0;
+        int nfd;
+        Py_BEGIN_ALLOW_THREADS
+        nfd = openat(cur, name, DIR_FLAGS);
+        Py_END_ALLOW_THREADS
+        if (nfd < 0)
+            return -1;
+        if (dir_add(f, p, stop, hash_bytes(p, stop), nfd) < 0) {
+            close(nfd);
+            return -1;
+        }
+        cur = nfd;
+        start = stop + 1;
+    }
+    return cur;
+}
+
+/* (directory descriptor, NUL-terminated last component) of a checked entry path */
+static int
+parent_of(Fast *f, const char *p, size_t n, char *name)
+{
+    const char *slash = NULL;
+    for (size_t i = n; i-- > 0;) {
+        if (p[i] == '/') {
+            slash = p + i;
+            break;
+        }
+    }
+    const char *last = slash ? slash + 1 : p;
+    size_t len = (size_t)(p + n - last);
+    if (len > NAME_MAX)
+        return -1;
+    memcpy(name, last, len);
+    name[len] = 0;
+    return slash ? dir_fd(f, p, (size_t)(slash - p)) : f->root_fd;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * the write descriptor */
+
+static void
+write_close(Fast *f)
+{
+    if (f->wfd >= 0)
+        close(f->wfd);
+    f->wfd = -1;
+    f->wlen = 0;
+}
+
+static int
+wpath_set(Fast *f, const char *p, size_t n)
+{
+    if (n > f->wcap) {
+        char *w = realloc(f->wpath, n);
+        if (w == NULL)
+            return -1;
+        f->wpath = w;
+        f->wcap = n;
+    }
+    memcpy(f->wpath, p, n);
+    f->wlen = n;
+    return 0;
+}
+
+static inline int
+is_wpath(Fast *f, const char *p, size_t n)
+{
+    return f->wfd >= 0 && f->wlen == n && memcmp(f->wpath, p, n) == 0;
+}
+
+/* an open regular file for writing (Sandbox.open_file), cached as the write descriptor */
+static int
+write_fd(Fast *f, const char *p, size_t n)
+{
+    if (is_wpath(f, p, n))
+        return f->wfd;
+    char name[NAME_MAX + 1];
+    int dfd = parent_of(f, p, n, name);
+    if (dfd < 0)
+        return -1;
+    int fd = -1;
+    Py_BEGIN_ALLOW_THREADS
+    int pfd = openat(dfd, name, PATH_FLAGS);
+    if (pfd >= 0) {
+        struct stat st;
+        if (fstat(pfd, &st) == 0 && S_ISREG(st.st_mode)) {
+            char proc[64];
+            snprintf(proc, sizeof proc, "/proc/self/fd/%d", pfd);
+            fd = open(proc, O_WRONLY | O_CLOEXEC);
+        }
+        close(pfd);
+    }
+    Py_END_ALLOW_THREADS
+    if (fd < 0)
+        return -1;
+    write_close(f);
+    if (wpath_set(f, p, n) < 0) {
+        close(fd);
+        return -1;
+    }
+    f->wfd = fd;
+    return fd;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * record fields (a missing or mistyped field hands the record to Python) */
+
+static int
+get_bytes(PyObject *rec, PyObject *name, const char **p, size_t *n, PyObject **keep)
+{
+    PyObject *v = PyObject_GetAttr(rec, name);
+    if (v == NULL)
+        return -1;
+    if (!PyBytes_Check(v)) {
+        Py_DECREF(v);
+        return -1;
+    }
+    *p = PyBytes_AS_STRING(v);
+    *n = (size_t)PyBytes_GET_SIZE(v);
+    *keep = v;
+    return 0;
+}
+
+static int
+get_i64(PyObject *rec, PyObject *name, long long *out)
+{
+    PyObject *v = PyObject_GetAttr(rec, name);
+    if (v == NULL)
+        return -1;
+    int overflow = 0;
+    long long x = PyLong_Check(v) ? PyLong_AsLongLongAndOverflow(v, &overflow) : -1;
+    int bad = !PyLong_Check(v) || overflow || (x == -1 && PyErr_Occurred());
+    Py_DECREF(v);
+    if (bad)
+        return -1;
+    *out = x;
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * commands: 0 = applied, -1 = hand the record to Python (nothing of it applied) */
+
+/* r = expr, with the GIL released around the system call */
+#define SYSCALL(r, expr)                                                                      \
+    do {                                                                                      \
+        Py_BEGIN_ALLOW_THREADS r = (long)(expr);                                              \
+        Py_END_ALLOW_THREADS                                                                  \
+    } while (0)
+
+static int
+do_entry(Fast *f, int op, PyObject *rec)
+{
+    const char *p;
+    size_t n;
+    PyObject *keep = NULL;
+    if (get_bytes(rec, s_path, &p, &n, &keep) < 0)
+        return -1;
+    int ret = -1;
+    char name[NAME_MAX + 1];
+    if (check_path(p, n) < 0)
+        goto out;
+    if (op == OP_UNLINK && is_wpath(f, p, n))
+        write_close(f);
+    if (op == OP_RMDIR) {
+        write_close(f);
+        dirs_invalidate(f, p, n);
+        f->dirs_changed = 1;
+    }
+    int dfd = parent_of(f, p, n, name);
+    if (dfd < 0)
+        goto out;
+    long r;
+    switch (op) {
+    case OP_MKFILE: {
+        long fd;
+        SYSCALL(fd, openat(dfd, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+                           0600));
+        if (fd < 0)
+            goto out;
+        write_close(f);
+        if (wpath_set(f, p, n) < 0) {
+            close((int)fd);
+            goto out;
+        }
+        f->wfd = (int)fd;
+        break;
+    }
+    case OP_MKDIR:
+        SYSCALL(r, mkdirat(dfd, name, 0700));
+        if (r < 0)
+            goto out;
+        break;
+    case OP_UNLINK:
+        SYSCALL(r, unlinkat(dfd, name, 0));
+        if (r < 0)
+            goto out;
+        break;
+    case OP_RMDIR:
+        SYSCALL(r, unlinkat(dfd, name, AT_REMOVEDIR));
+        if (r < 0)
+            goto out;
+        break;
+    case OP_SYMLINK: {
+        const char *t;
+        size_t tn;
+        PyObject *tkeep = NULL;
+        if (get_bytes(rec, s_target, &t, &tn, &tkeep) < 0)
+            goto out;
+        int bad = tn == 0 || memchr(t, 0, tn) != NULL;
+        r = -1;
+        if (!bad)
+            SYSCALL(r, symlinkat(t, dfd, name));
+        Py_DECREF(tkeep);
+        if (r < 0)
+            goto out;
+        break;
+    }
+    default:
+        goto out;
+    }
+    ret = 0;
+out:
+    Py_XDECREF(keep);
+    return ret;
+}
+
+/* RENAME and LINK: two paths */
+static int
+do_two(Fast *f, int op, PyObject *rec)
+{
+    const char *a, *b;
+    size_t an, bn;
+    PyObject *ka = NULL, *kb = NULL;
+    int ret = -1;
+    char aname[NAME_MAX + 1], bname[NAME_MAX + 1];
+    if (get_bytes(rec, s_path, &a, &an, &ka) < 0)
+        return -1;
+    if (get_bytes(rec, op == OP_RENAME ? s_path_to : s_path_link, &b, &bn, &kb) < 0)
+        goto out;
+    if (check_path(a, an) < 0 || check_path(b, bn) < 0)
+        goto out;
+    int afd = parent_of(f, a, an, aname);
+    if (afd < 0)
+        goto out;
+    int bfd = parent_of(f, b, bn, bname);
+    if (bfd < 0)
+        goto out;
+    long r;
+    if (op == OP_LINK) { /* new name `path` for the existing `path_link` */
+        SYSCALL(r, linkat(bfd, bname, afd, aname, 0));
+        if (r == 0)
+            ret = 0;
+        goto out;
+    }
+    SYSCALL(r, renameat(afd, aname, bfd, bname));
+    if (r < 0)
+        goto out;
+    dirs_invalidate(f, a, an);
+    dirs_invalidate(f, b, bn);
+    f->dirs_changed = 1;
+    if (f->wfd >= 0) { /* the cached descriptor follows its inode to the new name */
+        const char *w = f->wpath;
+        size_t wn = f->wlen;
+        if (wn == an && memcmp(w, a, an) == 0) {
+            if (wpath_set(f, b, bn) < 0)
+                write_close(f);
+        }
+        else if (wn > an && memcmp(w, a, an) == 0 && w[an] == '/') {
+            size_t rest = wn - an;
+            char *nw = malloc(bn + rest);
+            if (nw == NULL) {
+                write_close(f);
+            }
+            else {
+                memcpy(nw, b, bn);
+                memcpy(nw + bn, w + an, rest);
+                if (wpath_set(f, nw, bn + rest) < 0)
+                    write_close(f);
+                free(nw);
+            }
+        }
+        else if (wn >= bn && memcmp(w, b, bn) == 0 && (wn == bn || w[bn] == '/')) {
+            write_close(f);
+        }
+    }
+    ret = 0;
+out:
+    Py_XDECREF(ka);
+    Py_XDECREF(kb);
+    return ret;
+}
+
+static int
+do_data(Fast *f, int op, PyObject *rec, long long *nbytes)
+{
+    const char *p;
+    size_t n;
+    PyObject *keep = NULL;
+    if (get_bytes(rec, s_path, &p, &n, &keep) < 0)
+        return -1;
+    int ret = -1;
+    long long off = 0;
+    if (check_path(p, n) < 0)
+        goto out;
+    if (op == OP_UPDATE_EXTENT) { /* a no-op, as in btrfs-progs */
+        ret = 0;
+        goto out;
+    }
+    if (op == OP_TRUNCATE) {
+        long long size;
+        if (get_i64(rec, s_size, &size) < 0 || size < 0)
+            goto out;
+        int fd = write_fd(f, p, n);
+        long r = -1;
+        if (fd >= 0)
+            SYSCALL(r, ftruncate(fd, (off_t)size));
+        if (r == 0)
+            ret = 0;
+        goto out;
+    }
+    if (get_i64(rec, s_offset, &off) < 0 || off < 0)
+        goto out;
+    long long file_len = 0, unenc_len = 0, unenc_off = 0, comp = 0;
+    if (op == OP_ENCODED_WRITE) {
+        if (!f->encoded)
+            goto out;
+        PyObject *e = PyObject_GetAttr(rec, s_encryption);
+        if (e == NULL)
+            goto out;
+        int plain = e == Py_None || (PyLong_Check(e) && PyLong_AsLongLong(e) == 0);
+        Py_DECREF(e);
+        if (!plain || get_i64(rec, s_unencoded_file_len, &file_len) < 0 ||
+            get_i64(rec, s_unencoded_len, &unenc_len) < 0 ||
+            get_i64(rec, s_unencoded_offset, &unenc_off) < 0 ||
+            get_i64(rec, s_compression, &comp) < 0)
+            goto out;
+        if (comp < 1 || comp > 7 || unenc_len < 0 || unenc_len > MAX_UNENCODED ||
+            file_len < 0 || unenc_off < 0 || unenc_off + file_len > unenc_len)
+            goto out;
+    }
+    PyObject *data = PyObject_GetAttr(rec, s_data);
+    if (data == NULL)
+        goto out;
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) {
+        Py_DECREF(data);
+        goto out;
+    }
+    int fd = write_fd(f, p, n);
+    if (fd >= 0 && op == OP_WRITE) {
+        size_t done = 0, len = (size_t)view.len;
+        const char *buf = view.buf;
+        Py_BEGIN_ALLOW_THREADS
+        while (done < len) {
+            ssize_t w = pwrite(fd, buf + done, len - done, (off_t)(off + (long long)done));
+            if (w <= 0)
+                break;
+            done += (size_t)w;
+        }
+        Py_END_ALLOW_THREADS
+        if (done == len) {
+            *nbytes += (long long)len;
+            ret = 0;
+        }
+    }
+    else if (fd >= 0) {
+        struct iovec iov = {view.buf, (size_t)view.len};
+        struct encoded_io_args args;
+        memset(&args, 0, sizeof args);
+        args.iov = &iov;
+        args.iovcnt = 1;
+        args.offset = off;
+        args.len = (uint64_t)file_len;
+        args.unencoded_len = (uint64_t)unenc_len;
+        args.unencoded_offset = (uint64_t)unenc_off;
+        args.compression = (uint32_t)comp;
+        long r = -1;
+        if (view.len > 0)
+            SYSCALL(r, ioctl(fd, IOC_ENCODED_WRITE, &args));
+        if (r >= 0) {
+            *nbytes += file_len;
+            ret = 0;
+        }
+    }
+    PyBuffer_Release(&view);
+    Py_DECREF(data);
+out:
+    Py_XDECREF(keep);
+    return ret;
+}
+
+/* CHMOD, CHOWN, UTIMES: an empty path is the subvolume root */
+static int
+do_meta(Fast *f, int op, PyObject *rec)
+{
+    const char *p;
+    size_t n;
+    PyObject *keep = NULL;
+    if (get_bytes(rec, s_path, &p, &n, &keep) < 0)
+        return -1;
+    int ret = -1;
+    char name[NAME_MAX + 1];
+    int dfd = f->root_fd;
+    if (n != 0) {
+        if (check_path(p, n) < 0)
+            goto out;
+        dfd = parent_of(f, p, n, name);
+        if (dfd < 0)
+            goto out;
+    }
+    long r;
+    if (op == OP_CHMOD) {
+        long long mode;
+        if (get_i64(rec, s_mode, &mode) < 0)
+            goto out;
+        mode_t m = (mode_t)(mode & 07777);
+        if (n == 0) {
+            SYSCALL(r, fchmod(f->root_fd, m));
+        }
+        else if (is_wpath(f, p, n)) { /* the file just written: a regular file held open */
+            SYSCALL(r, fchmod(f->wfd, m));
+        }
+        else {
+            r = -1;
+            Py_BEGIN_ALLOW_THREADS
+            int pfd = openat(dfd, name, PATH_FLAGS);
+            if (pfd >= 0) {
+                struct stat st;
+                if (fstat(pfd, &st) == 0) {
+                    if (S_ISLNK(st.st_mode)) { /* symlinks have no mode on Linux */
+                        r = 0;
+                    }
+                    else {
+                        char proc[64];
+                        snprintf(proc, sizeof proc, "/proc/self/fd/%d", pfd);
+                        r = chmod(proc, m);
+                    }
+                }
+                close(pfd);
+            }
+            Py_END_ALLOW_THREADS
+        }
+    }
+    else if (op == OP_CHOWN) {
+        long long uid, gid;
+        if (get_i64(rec, s_uid, &uid) < 0 || get_i64(rec, s_gid, &gid) < 0 || uid < 0 ||
+            gid < 0 || uid > UINT32_MAX || gid > UINT32_MAX)
+            goto out;
+        if (n == 0)
+            SYSCALL(r, fchown(f->root_fd, (uid_t)uid, (gid_t)gid));
+        else
+            SYSCALL(r, fchownat(dfd, name, (uid_t)uid, (gid_t)gid, AT_SYMLINK_NOFOLLOW));
+    }
+    else {
+        long long at, mt;
+        if (get_i64(rec, s_atime, &at) < 0 || get_i64(rec, s_mtime, &mt) < 0 || at < 0 ||
+            mt < 0)
+            goto out;
+        struct timespec ts[2] = {{(time_t)(at / 1000000000), (long)(at % 1000000000)},
+                                 {(time_t)(mt / 1000000000), (long)(mt % 1000000000)}};
+        if (n == 0)
+            SYSCALL(r, futimens(f->root_fd, ts));
+        else
+            SYSCALL(r, utimensat(dfd, name, ts, AT_SYMLINK_NOFOLLOW));
+    }
+    if (r < 0)
+        goto out;
+    ret = 0;
+out:
+    Py_XDECREF(keep);
+    return ret;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * the Fast type */
+
+static int
+Fast_init(Fast *self, PyObject *args, PyObject *kwds)
+{
+    self->root_fd = -1;
+    self->wfd = -1;
+    return 0;
+}
+
+static void
+Fast_release(Fast *self)
+{
+    write_close(self);
+    dirs_clear(self);
+}
+
+static void
+Fast_dealloc(Fast *self)
+{
+    Fast_release(self);
+    free(self->dirs);
+    free(self->wpath);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+Fast_reset(Fast *self, PyObject *args)
+{
+    int root_fd, encoded;
+    if (!PyArg_ParseTuple(args, "ip:reset", &root_fd, &encoded))
+        return NULL;
+    Fast_release(self);
+    self->root_fd = root_fd;
+    self->encoded = encoded;
+    self->dirs_changed = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Fast_run(Fast *self, PyObject *args)
+{
+    PyObject *batch;
+    Py_ssize_t start;
+    if (!PyArg_ParseTuple(args, "O!n:run", &PyList_Type, &batch, &start))
+        return NULL;
+    Py_ssize_t i = start < 0 ? 0 : start;
+    long long nbytes = 0;
+    if (self->root_fd >= 0) {
+        for (; i < PyList_GET_SIZE(batch); i++) {
+            PyObject *rec = PyList_GET_ITEM(batch, i);
+            PyTypeObject *t = Py_TYPE(rec);
+            int op = 0;
+            while (op < NOPS && op_types[op] != t)
+                op++;
+            if (op == NOPS)
+                break;
+            if (self->ndirs > DIRS_TRIM)
+                dirs_clear(self);
+            int r;
+            switch (op) {
+            case OP_RENAME:
+            case OP_LINK:
+                r = do_two(self, op, rec);
+                break;
+            case OP_WRITE:
+            case OP_TRUNCATE:
+            case OP_UPDATE_EXTENT:
+            case OP_ENCODED_WRITE:
+                r = do_data(self, op, rec, &nbytes);
+                break;
+            case OP_CHMOD:
+            case OP_CHOWN:
+            case OP_UTIMES:
+                r = do_meta(self, op, rec);
+                break;
+            default:
+                r = do_entry(self, op, rec);
+            }
+            if (r < 0) {
+                PyErr_Clear(); /* Python applies this record and reports its own error */
+                break;
+            }
+        }
+    }
+    return Py_BuildValue("nL", i, nbytes);
+}
+
+static PyObject *
+Fast_take_write(Fast *self, PyObject *unused)
+{
+    if (self->wfd < 0)
+        Py_RETURN_NONE;
+    PyObject *r = Py_BuildValue("(y#i)", self->wpath, (Py_ssize_t)self->wlen, self->wfd);
+    if (r != NULL) {
+        self->wfd = -1;
+        self->wlen = 0;
+    }
+    return r;
+}
+
+static PyObject *
+Fast_give_write(Fast *self, PyObject *args)
+{
+    const char *p;
+    Py_ssize_t n;
+    int fd;
+    if (!PyArg_ParseTuple(args, "y#i:give_write", &p, &n, &fd))
+        return NULL;
+    write_close(self);
+    if (wpath_set(self, p, (size_t)n) < 0)
+        return PyErr_NoMemory();
+    self->wfd = fd;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Fast_clear_dirs(Fast *self, PyObject *unused)
+{
+    dirs_clear(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Fast_take_dirs_changed(Fast *self, PyObject *unused)
+{
+    int c = self->dirs_changed;
+    self->dirs_changed = 0;
+    return PyBool_FromLong(c);
+}
+
+static PyObject *
+Fast_close(Fast *self, PyObject *unused)
+{
+    Fast_release(self);
+    self->root_fd = -1;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Fast_methods[] = {
+    {"reset", (PyCFunction)Fast_reset, METH_VARARGS,
+     "reset(root_fd, encoded): start on a subvolume root (-1: none); drop all state."},
+    {"run", (PyCFunction)Fast_run, METH_VARARGS,
+     "run(batch, start) -> (stop, data_bytes): apply batch[start:] until a record that "
+     "Python must apply; stop is its index."},
+    {"take_write", (PyCFunction)Fast_take_write, METH_NOARGS,
+     "take_write() -> (path, fd) | None: hand the cached write descriptor to the caller."},
+    {"give_write", (PyCFunction)Fast_give_write, METH_VARARGS,
+     "give_write(path, fd): take ownership of the caller's write descriptor for path."},
+    {"clear_dirs", (PyCFunction)Fast_clear_dirs, METH_NOARGS,
+     "clear_dirs(): forget cached directories (after Python renamed or removed some)."},
+    {"take_dirs_changed", (PyCFunction)Fast_take_dirs_changed, METH_NOARGS,
+     "take_dirs_changed() -> bool: did C rename or remove entries since the last call."},
+    {"close", (PyCFunction)Fast_close, METH_NOARGS, "close(): release every descriptor."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject FastType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "btrdelta.receive._fastapply.Fast",
+    .tp_basicsize = sizeof(Fast),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "C state of the fast apply path: a subvolume root, cached directories and "
+              "one write descriptor.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Fast_init,
+    .tp_dealloc = (destructor)Fast_dealloc,
+    .tp_methods = Fast_methods,
+};
+
+/* configure(types): the record classes in OP order */
+static PyObject *
+configure(PyObject *self, PyObject *arg)
+{
+    if (!PyTuple_Check(arg) || PyTuple_GET_SIZE(arg) != NOPS) {
+        PyErr_Format(PyExc_TypeError, "configure() needs a tuple of %d record classes", NOPS);
+        return NULL;
+    }
+    for (int i = 0; i < NOPS; i++) {
+        PyObject *t = PyTuple_GET_ITEM(arg, i);
+        if (!PyType_Check(t)) {
+            PyErr_SetString(PyExc_TypeError, "configure() needs record classes");
+            return NULL;
+        }
+        Py_INCREF(t);
+        Py_XDECREF(op_types[i]);
+        op_types[i] = (PyTypeObject *)t;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"configure", configure, METH_O,
+     "configure(types): the record classes of MKFILE, MKDIR, SYMLINK, RENAME, LINK, UNLINK, "
+     "RMDIR, WRITE, TRUNCATE, CHMOD, CHOWN, UTIMES, UPDATE_EXTENT, ENCODED_WRITE."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_fastapply",
+    "Optional C fast path of the receive applier (see _fastapply.c).", -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__fastapply(void)
+{
+#define I(var, text)                                                                          \
+    if ((var = PyUnicode_InternFromString(text)) == NULL)                                     \
+    return NULL
+    I(s_path, "path");
+    I(s_path_to, "path_to");
+    I(s_path_link, "path_link");
+    I(s_target, "target");
+    I(s_data, "data");
+    I(s_offset, "offset");
+    I(s_size, "size");
+    I(s_mode, "mode");
+    I(s_uid, "uid");
+    I(s_gid, "gid");
+    I(s_atime, "atime");
+    I(s_mtime, "mtime");
+    I(s_unencoded_file_len, "unencoded_file_len");
+    I(s_unencoded_len, "unencoded_len");
+    I(s_unencoded_offset, "unencoded_offset");
+    I(s_compression, "compression");
+    I(s_encryption, "encryption");
+#undef I
+    if (PyType_Ready(&FastType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&FastType);
+    if (PyModule_AddObject(m, "Fast", (PyObject *)&FastType) < 0) {
+        Py_DECREF(&FastType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
