@@ -12,7 +12,7 @@ import pytest
 
 from btrdelta.delta import MakeOptions, expand_to, make_delta, open_delta
 from btrdelta.delta.stats import collect_delta_stats
-from btrdelta.errors import ChecksumError
+from btrdelta.errors import BtrdeltaError, ChecksumError
 from btrdelta.testing.scenarios import SCENARIOS, send
 from btrdelta.testing.scenarios import kernel_receive as btrfs_receive
 from btrdelta.tree.treesum import tree_sum
@@ -168,3 +168,16 @@ def test_wrong_old_file_fails_cleanly(delta_pairs: dict[str, Pair], tmp_path: Pa
     assert "old file differs" in proc.stderr.decode()
     assert tree_sum(parent) == before
     assert not (dest / pair.b.name).exists()
+
+
+def test_old_tree_with_other_names_fails_cleanly(delta_pairs: dict[str, Pair]) -> None:
+    """Format 4 names unlinked files by their place in the old directory's listing: an old
+    tree with one more name there expands to nothing but a clear error."""
+    pair = delta_pairs["rebuilt-release"]
+    delta, _ = make(pair.streams["v1"], pair.a)
+    other = pair.mnt / "other-names-old"
+    subprocess.run(["cp", "-a", "--reflink=always", str(pair.a), str(other)], check=True)
+    (other / "usr" / "lib" / "___first.py").write_bytes(b"")
+    with pytest.raises(BtrdeltaError):
+        expand(delta, other)
+    assert expand(delta, pair.a) == pair.streams["v1"].read_bytes()

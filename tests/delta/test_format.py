@@ -30,6 +30,7 @@ from btrdelta.delta.writer import DeltaWriter
 from btrdelta.errors import BtrdeltaError, ChecksumError, StreamFormatError, UnsafePathError
 from btrdelta.stream import StreamReader, StreamWriter
 from btrdelta.stream import records as R
+from btrdelta.stream.constants import Cmd
 
 
 def _stream(version: int, files: dict[bytes, bytes]) -> bytes:
@@ -315,7 +316,46 @@ def test_format3_hostile_markers_are_refused() -> None:
         cmd(20, b"\xff\xff\x00\x00"),  # previous path: there is none yet
         cmd(20, b"\x0f\x00\x01\x00a" + b"\xfd\xff\x03\x00" + b"\x0b\x00\x00"),  # width 0
         cmd(20, b"\x0f\x00\x01\x00a" + b"\xfd\xff\x04\x00" + b"\x0b\x00\x01\xff"),  # < 0
+        # format 4: an UNLINK name reference before any UNLINK in its directory, a RENAME
+        # name reference before any RENAME / unlinked name, an overlong varint
+        cmd(Cmd.UNLINK, b"\xfb\xff\x01\x00\x00"),
+        cmd(Cmd.RENAME, b"\x0f\x00\x01\x00a" + b"\xfc\xff\x01\x00\x00"),
+        cmd(Cmd.RENAME, b"\x0f\x00\x01\x00a" + b"\xfc\xff\x0b\x00" + b"\xff" * 11),
     ]
     for mv in bad:
         with pytest.raises(StreamFormatError):
             unfold(mv[4] | mv[5] << 8, mv, 0, len(mv), CarrierState(), 1 << 16)
+
+
+@given(st.binary(max_size=64))
+def test_cpatch_garbage_raises_only_our_error(data: bytes) -> None:
+    """Any CPATCH payload decodes to a patch or raises StreamFormatError."""
+    from btrdelta.delta.format import DCmd, decode_item
+
+    try:
+        item = decode_item(DCmd.CPATCH, memoryview(data), 0, len(data))
+    except StreamFormatError:
+        return
+    assert isinstance(item, Patch)
+    assert item.patch_len == (0 if item.codec == 0 else len(item.data or b""))
+
+
+def test_cpatch_round_trip() -> None:
+    """A CPATCH decodes to the patch it was encoded from (previous path, implied PWRITE)."""
+    from btrdelta.delta.format import DCmd, decode_item, encode_item
+
+    p = Patch(b"a/b", b"a/c", 3, HashAlgo.BLAKE3_64, 70000, bytes(range(8)), 70010,
+              bytes(range(4)), 5, memoryview(b"hello"), HashAlgo.BLAKE3_32, 49152)
+    raw = b"".join(bytes(x) for x in encode_item(p, inner=True, compact=True))
+    assert raw[4] | raw[5] << 8 == DCmd.CPATCH
+    back = decode_item(DCmd.CPATCH, memoryview(raw), 10, len(raw))
+    assert isinstance(back, Patch)
+    assert (back.path, back.base_path, back.codec, back.old_size, back.new_size,
+            back.old_digest, back.new_digest, bytes(back.data or b""), back.auto_chunk) == (
+        b"a/b", b"a/c", 3, 70000, 70010, bytes(range(8)), bytes(range(4)), b"hello", 49152)
+    same = Patch(b"x", b"x", 0, HashAlgo.BLAKE3_32, 9, b"abcd", 9, b"abcd", 0)
+    raw = b"".join(bytes(x) for x in encode_item(same, inner=True, compact=True,
+                                                  omit_path=True, omit_base=True))
+    back = decode_item(DCmd.CPATCH, memoryview(raw), 10, len(raw))
+    assert isinstance(back, Patch)
+    assert (back.path, back.codec, back.old_size, back.old_digest) == (None, 0, 9, b"abcd")
