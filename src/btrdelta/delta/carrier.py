@@ -32,13 +32,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import StreamFormatError
-from ..stream.codec import decode_payload
 from ..stream.constants import CMD_HEADER, CMD_HEADER_SIZE, Attr, Cmd
 from ..tree.pathmap import PathMap
 from .format import read_uvarint
 from .format import uvarint as _uvarint
 
-__all__ = ["NAME_CMDS", "CarrierState", "feed_names", "fold", "unfold", "SAME_PATH_TLV"]
+__all__ = ["NAME_CMDS", "CarrierState", "fold", "unfold", "SAME_PATH_TLV"]
 
 _TLV = struct.Struct("<HH")
 _U64 = struct.Struct("<Q")
@@ -233,6 +232,7 @@ def fold(cmd: int, raw: memoryview, state: CarrierState) -> list[bytes | memoryv
                     first = _TLV.pack(ORPHAN_TLV, len(tail)) + tail
         state.last_path = path
     tail_parts: list[bytes | memoryview] = [raw[rest:]]
+    to: bytes | None = None
     if cmd == Cmd.UTIMES:
         times = _fold_times(raw, rest, end, state)
         if times is not None:
@@ -246,6 +246,8 @@ def fold(cmd: int, raw: memoryview, state: CarrierState) -> list[bytes | memoryv
                 tail_parts = [ref, raw[rest + 4 + len(to) :]]
     if cmd == _UNLINK:
         state.unlinked(path)
+    if cmd in NAME_CMDS:
+        _follow(state, cmd, path, to if cmd == Cmd.RENAME else None, raw, rest, end)
     new_len = len(first) + sum(len(p) for p in tail_parts)
     return [_HDR6.pack(new_len, cmd), _ZERO_CRC, first, *tail_parts]
 
@@ -308,6 +310,7 @@ def unfold(
     if cmd == _UNLINK and state.fmt >= 4 and t != OLDREF_TLV:
         state.unlink_ref(path)
     state.last_path = path
+    to: bytes | None = None
     tail: bytes | memoryview | bytearray = mv[rest:end]
     if cmd == Cmd.UTIMES and end - rest >= 4 and _TLV.unpack_from(mv, rest)[0] == TIMES_TLV:
         k = _TLV.unpack_from(mv, rest)[1]
@@ -322,11 +325,11 @@ def unfold(
             k = _TLV.unpack_from(mv, rest)[1]
             if rest + 4 + k > end:
                 raise StreamFormatError("RENAME name reference overruns the command")
-            ref_to = state.resolve_ref(mv[rest + 4 : rest + 4 + k])
-            tail = bytearray(_TLV.pack(_PATH_TO, len(ref_to)))
-            tail += ref_to
+            to = state.resolve_ref(mv[rest + 4 : rest + 4 + k])
+            tail = bytearray(_TLV.pack(_PATH_TO, len(to)))
+            tail += to
             tail += mv[rest + 4 + k : end]
-            state.last_path = ref_to
+            state.last_path = to
         else:
             to = _rename_to(mv, rest, end)
             if to is not None:
@@ -335,6 +338,8 @@ def unfold(
                     state.name_ref(to)
     elif cmd == _UNLINK and state.fmt >= 4:
         state.unlinked(path)
+    if state.fmt >= 4 and cmd in NAME_CMDS:
+        _follow(state, cmd, path, to, mv, rest, end)
     if t == _PATH and tail is not None and type(tail) is memoryview:
         return None
     length = 4 + len(path) + len(tail)
@@ -347,18 +352,39 @@ def unfold(
     return buf
 
 
+
 #: commands that change names (what :class:`~btrdelta.tree.pathmap.PathMap` follows)
 NAME_CMDS: frozenset[int] = _CREATES | {
     int(Cmd.RENAME), int(Cmd.LINK), int(Cmd.UNLINK), int(Cmd.RMDIR), int(Cmd.SNAPSHOT),
     int(Cmd.SUBVOL),
 }
+_LINK, _RMDIR, _SUBVOL = int(Cmd.LINK), int(Cmd.RMDIR), int(Cmd.SUBVOL)
+_PATH_LINK = int(Attr.PATH_LINK)
 
 
-def feed_names(state: CarrierState, cmd: int, raw: memoryview, version: int) -> None:
-    """Follow a carried name command (header included, as in the original stream) in
-    ``state.pathmap``; both sides call it after :func:`fold` / :func:`unfold`.
-
-    Raises:
-        StreamFormatError: the command does not decode.
-    """
-    state.pathmap.feed(decode_payload(cmd, raw, CMD_HEADER_SIZE, len(raw), version))
+def _follow(
+    state: CarrierState, cmd: int, path: bytes, to: bytes | None, buf: memoryview, rest: int,
+    end: int,
+) -> None:
+    """Follow a carried name command in ``state.pathmap`` (format 4; both sides, with the
+    fields fold/unfold already have: no second decode)."""
+    pm = state.pathmap
+    try:
+        if cmd in _CREATES:
+            pm.create(path)
+        elif cmd == Cmd.RENAME:
+            if to is not None:
+                pm.rename(path, to)
+        elif cmd == _LINK:
+            if end - rest >= 4:
+                t, n = _TLV.unpack_from(buf, rest)
+                if t == _PATH_LINK and rest + 4 + n <= end:
+                    pm.link(path, bytes(buf[rest + 4 : rest + 4 + n]))
+        elif cmd in (_UNLINK, _RMDIR):
+            pm.remove(path)
+        else:  # SNAPSHOT, SUBVOL: a new stream
+            state.pathmap = PathMap()
+            state.pathmap.full = cmd == _SUBVOL
+            state._listings.clear()
+    except ValueError:  # the subvolume root as a name: nothing to follow
+        pass

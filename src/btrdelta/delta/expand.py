@@ -34,7 +34,7 @@ from ..stream import records as R
 from ..stream.codec import command_crc, decode_payload, encode_record
 from ..stream.constants import CMD_HEADER, CMD_HEADER_SIZE, MAGIC, MAX_PAYLOAD, STREAM_HEADER
 from ..stream.reader import Event, StreamHeader
-from .carrier import NAME_CMDS, SAME_PATH_TLV, CarrierState, feed_names, unfold
+from .carrier import SAME_PATH_TLV, CarrierState, unfold
 from .codecs import get_codec
 from .format import (
     DELTA_MAGIC,
@@ -213,11 +213,6 @@ class _Expander:
                             buf3, 6,
                             command_crc(len(buf3) - CMD_HEADER_SIZE, cmd, view[CMD_HEADER_SIZE:]),
                         )
-                    if fmt >= 4 and cmd in NAME_CMDS:
-                        try:
-                            feed_names(self.cstate, cmd, view, self.version)
-                        except BtrdeltaError as exc:
-                            raise self.fail("", exc) from None
                     yield BtrfsCommand(cmd, view)
                     pos = end
                     continue

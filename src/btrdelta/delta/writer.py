@@ -27,7 +27,7 @@ from typing import Any
 import crc32c
 import zstandard
 
-from .carrier import NAME_CMDS, CarrierState, feed_names, fold
+from .carrier import CarrierState, fold
 from .format import (
     BtrfsCommand,
     DeltaItem,
@@ -35,7 +35,6 @@ from .format import (
     PatchData,
     PEncoded,
     PWrite,
-    StreamStart,
     ZCommands,
     can_compact,
     encode_delta_header,
@@ -52,12 +51,12 @@ INNER_PATCH_MAX = 64 << 10
 
 #: zstd level of the command carrier (``zstd -19``)
 DEFAULT_LEVEL = 19
-#: zstd window of the carrier (``--long=25``: 32 MiB, with long-distance matching; the
+#: zstd window of the carrier (``--long=23``: 8 MiB, with long-distance matching; the
 #: reader accepts up to 2**31)
-DEFAULT_WINDOW_LOG = 25
-#: hash and chain tables of the carrier (level 19 would take 2**24 chain entries: 64 MiB
-#: more memory for 0.03% of size on the Debian upgrade pair)
-CARRIER_TABLE_LOG = 22
+DEFAULT_WINDOW_LOG = 23
+#: hash and chain tables of the carrier (2**20 entries: 8 MiB each; 2**25 / 2**22 took 50 MB
+#: more peak memory for 0.02% of size on the Debian upgrade pair)
+CARRIER_TABLE_LOG = 20
 #: raw command bytes gathered before a ZCMDS record is cut
 ZCMDS_TARGET = 1 << 20
 
@@ -93,7 +92,6 @@ class DeltaWriter:
         if old_root is not None:
             root = old_root
             self._state.lister = lambda path: list_old_dir(root, path)
-        self._version = 1
         if level:
             params = zstandard.ZstdCompressionParameters.from_level(
                 level, window_log=window_log, enable_ldm=True, threads=threads,
@@ -122,10 +120,7 @@ class DeltaWriter:
         # the CRC field is zeroed (4 incompressible bytes; the expander recomputes it and
         # the carrier's own CRC32C covers the content), repeated paths, orphan names and
         # times are folded (format 3, :mod:`.carrier`)
-        cmd = int(_U16.unpack_from(raw, 4)[0])
-        pieces = fold(cmd, memoryview(raw), self._state)
-        if cmd in NAME_CMDS:
-            feed_names(self._state, cmd, memoryview(raw), self._version)
+        pieces = fold(int(_U16.unpack_from(raw, 4)[0]), memoryview(raw), self._state)
         self._pending += pieces
         self._pending_len += sum(len(p) for p in pieces)
         if self._pending_len >= ZCMDS_TARGET:
@@ -148,8 +143,6 @@ class DeltaWriter:
         if isinstance(item, BtrfsCommand):
             self.command(item.raw)
             return
-        if isinstance(item, StreamStart):
-            self._version = item.version
         omit: dict[str, bool] = {}
         if isinstance(item, Patch) and self._cobj is not None:
             omit = {"omit_path": item.path == self._state.last_path,
