@@ -10,9 +10,7 @@ import time
 from typing import BinaryIO
 
 from ..delta.codecs import AUTO, CODECS
-from ..delta.expand import DEFAULT_MAX_FILE_SIZE, expand_to, open_delta
-from ..delta.make import MakeOptions, make_delta
-from ..delta.stats import delta_stats_of_file
+from ..delta.options import DEFAULT_MAX_FILE_SIZE, MakeOptions
 from ..errors import BtrdeltaError
 from ._common import (
     Progress,
@@ -87,6 +85,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def run_make(args: argparse.Namespace) -> int:
     """``delta make``."""
+    from ..delta.make import make_delta
+
     if args.jobs < 1:
         raise BtrdeltaError("-j must be at least 1")
     opts = MakeOptions(
@@ -121,6 +121,8 @@ def run_make(args: argparse.Namespace) -> int:
 
 def run_expand(args: argparse.Namespace) -> int:
     """``delta expand``."""
+    from ..delta.expand import expand_to, open_delta
+
     name = input_name(args)
     with open_input(name) as f, open_output(args.output) as out:
         expand_to(
@@ -132,6 +134,8 @@ def run_expand(args: argparse.Namespace) -> int:
 
 def run_stat(args: argparse.Namespace) -> int:
     """``delta stat``."""
+    from ..delta.stats import delta_stats_of_file
+
     name = input_name(args)
     with open_input(name) as f:
         st = delta_stats_of_file(f, source=name)

@@ -1,14 +1,18 @@
 """Delta streams: btrfs send streams whose file data is replaced by binary patches.
 
-``format`` (records, sans-I/O), ``codecs`` (bsdiff, zstd long-window, HDiffPatch),
-``make`` (stream + old snapshot -> delta stream), ``expand`` (delta stream + old snapshot
--> the original stream, byte for byte, or its events for ``btrdelta receive``).
-See ``docs/formats/delta-stream.md``.
+``format`` (records, sans-I/O), ``carrier`` (commands inside the zstd carrier), ``codecs``
+(bsdiff, zstd long-window, HDiffPatch), ``make`` (stream + old snapshot -> delta stream),
+``expand`` (delta stream + old snapshot -> the original stream, byte for byte, or its events
+for ``btrdelta receive``). See ``docs/formats/delta-stream.md``.
+
+The names below are imported on first use (the CLI's start-up does not pay for the codec
+and compression libraries of a command it does not run).
 """
 
-from .expand import expand_events, expand_items, expand_to, open_delta
-from .format import DELTA_MAGIC, is_delta_stream
-from .make import MakeOptions, MakeStats, make_delta
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __all__ = [
     "DELTA_MAGIC",
@@ -21,3 +25,18 @@ __all__ = [
     "make_delta",
     "open_delta",
 ]
+
+_WHERE = {
+    "DELTA_MAGIC": "format", "is_delta_stream": "format", "MakeOptions": "options",
+    "MakeStats": "make", "make_delta": "make", "expand_events": "expand",
+    "expand_items": "expand", "expand_to": "expand", "open_delta": "expand",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

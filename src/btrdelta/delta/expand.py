@@ -26,13 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import crc32c
 import zstandard
 
 from ..errors import BtrdeltaError, ChecksumError, StreamFormatError
 from ..stream import records as R
 from ..stream.codec import command_crc, decode_payload, encode_record
 from ..stream.constants import CMD_HEADER, CMD_HEADER_SIZE, MAGIC, MAX_PAYLOAD, STREAM_HEADER
+from ..stream.crc import crc32c
 from ..stream.reader import Event, StreamHeader
 from .carrier import SAME_PATH_TLV, CarrierState, unfold
 from .codecs import get_codec
@@ -57,6 +57,7 @@ from .format import (
     iter_items,
 )
 from .oldfiles import digest, hasher, list_old_dir, read_old_file
+from .options import DEFAULT_MAX_FILE_SIZE
 from .recompress import compress_extent
 
 __all__ = [
@@ -70,7 +71,6 @@ __all__ = [
     "sniff",
 ]
 
-DEFAULT_MAX_FILE_SIZE = 1 << 30
 #: largest decompressed size one ZCMDS record may declare
 MAX_ZCMDS_RAW = 64 << 20
 #: compressed bytes fed to the inflater at a time (bounds the output of one call)
@@ -152,7 +152,7 @@ class _Expander:
         if got != item.raw_len:
             raise self.fail(f"ZCMDS inflates to {got} bytes, declares {item.raw_len}")
         raw = bytearray().join(out)
-        if item.crc is not None and crc32c.crc32c(raw) != item.crc:
+        if item.crc is not None and crc32c(raw, 0) != item.crc:
             raise self.fail("", ChecksumError("CRC32C mismatch of a ZCMDS record's content"))
         return raw
 

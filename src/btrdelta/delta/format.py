@@ -32,11 +32,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-import crc32c as _crc32c
-
 from ..errors import BtrdeltaError, ChecksumError, StreamFormatError, UnsupportedVersionError
 from ..stream.codec import command_crc
 from ..stream.constants import CMD_HEADER, CMD_HEADER_SIZE, MAX_PAYLOAD, SUPPORTED_VERSIONS, Cmd
+from ..stream.crc import crc32c
 
 __all__ = [
     "DELTA_HEADER",
@@ -78,7 +77,7 @@ _TLV = struct.Struct("<HH")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
-_crc = _crc32c.crc32c
+_crc = crc32c
 
 
 class DCmd(enum.IntEnum):

@@ -24,9 +24,9 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-import crc32c
 import zstandard
 
+from ..stream.crc import crc32c
 from .carrier import CarrierState, fold
 from .format import (
     BtrfsCommand,
@@ -41,6 +41,7 @@ from .format import (
     encode_item,
 )
 from .oldfiles import list_old_dir
+from .options import DEFAULT_LEVEL
 
 __all__ = ["DEFAULT_LEVEL", "DEFAULT_WINDOW_LOG", "INNER_PATCH_MAX", "DeltaWriter"]
 
@@ -49,8 +50,6 @@ _U16 = struct.Struct("<H")
 #: largest patch carried inside the zstd carrier (bigger ones: PATCH + PDATA outside)
 INNER_PATCH_MAX = 64 << 10
 
-#: zstd level of the command carrier (``zstd -19``)
-DEFAULT_LEVEL = 19
 #: zstd window of the carrier (``--long=23``: 8 MiB, with long-distance matching; the
 #: reader accepts up to 2**31)
 DEFAULT_WINDOW_LOG = 23
@@ -133,7 +132,7 @@ class DeltaWriter:
         cobj = self._cobj
         raw = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
         zdata = cobj.compress(raw) + cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
-        item = ZCommands(self._pending_len, memoryview(zdata), crc32c.crc32c(raw))
+        item = ZCommands(self._pending_len, memoryview(zdata), crc32c(raw, 0))
         self._pending = []
         self._pending_len = 0
         self._emit(encode_item(item))

@@ -1,0 +1,39 @@
+"""Knobs of ``delta make`` and ``delta expand`` (a light module: the CLI builds its parser
+from these defaults without importing the codecs' libraries)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from .format import HashAlgo
+
+__all__ = ["DEFAULT_LEVEL", "DEFAULT_MAX_FILE_SIZE", "MakeOptions"]
+
+#: zstd level of the command carrier (``zstd -19``)
+DEFAULT_LEVEL = 19
+#: largest old file / new content a patch may involve when expanding
+DEFAULT_MAX_FILE_SIZE = 1 << 30
+
+
+@dataclass
+class MakeOptions:
+    """Knobs of :func:`make_delta`.
+
+    Attributes:
+        codec: a codec name, or ``auto`` (smallest of :data:`~.codecs.AUTO` per file).
+        max_file_size: files (old or new data) larger than this are not diffed.
+        min_file_size: groups with less WRITE data than this are not diffed.
+        jobs: diff worker threads.
+        level: zstd level of carried commands (0: uncompressed passthrough).
+        hash_algo: digest for old file, new content and the whole stream.
+    """
+
+    codec: str = "auto"
+    max_file_size: int = 256 << 20
+    min_file_size: int = 64
+    jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
+    level: int = DEFAULT_LEVEL
+    hash_algo: int = HashAlgo.BLAKE3_128
+    #: regenerate compressed extents (ENCODED_WRITE) by recompressing them
+    recompress: bool = True
