@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import pkgutil
 import signal
 import sys
 from collections.abc import Sequence
@@ -32,8 +31,9 @@ exit codes:
 
 
 def _command_modules() -> list[str]:
-    names = [m.name for m in pkgutil.iter_modules(__path__) if m.name.endswith("_cmd")]
-    return sorted(names)
+    # a directory listing, not pkgutil (whose import costs ~4 ms of every command's start)
+    here = os.path.dirname(__file__)
+    return sorted(n[:-3] for n in os.listdir(here) if n.endswith("_cmd.py"))
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -75,7 +74,6 @@ from ..stream.records import (
 from . import subvol as sv
 from .copy import copy_range, copy_tree, write_zeros
 from .encoded import decode_extent
-from .registry import Registry, RegistryEntry
 from .sandbox import Sandbox, check_name, split_path
 
 __all__ = ["Applier", "ReceivedSubvol", "find_parent", "find_subvolume"]
@@ -156,6 +154,8 @@ def find_subvolume(dest: Path, wanted: UUID, *, btrfs: bool) -> Path | None:
             if p.is_relative_to(dest_real) and not p.name.startswith(_TMP_PREFIX):
                 return p
         return None
+    from .registry import Registry  # the directory backend only (json)
+
     found = Registry(dest).find(wanted)
     return found
 
@@ -456,6 +456,8 @@ class Applier:
             cur.sandbox.close()
             sv.rename_noreplace(self._dest_fd, cur.tmp, cur.name)
             if not self.btrfs:
+                from .registry import Registry, RegistryEntry
+
                 Registry(self.dest).add(
                     RegistryEntry(os.fsdecode(cur.name), rec.uuid, rec.ctransid, parent_uuid)
                 )
@@ -488,6 +490,8 @@ class Applier:
                     return
                 except OSError:
                     pass
+            import shutil  # only to clean up a failed receive
+
             shutil.rmtree(os.fsdecode(cur.tmp), dir_fd=self._dest_fd)
 
     # -- helpers -----------------------------------------------------------------------

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 from ..errors import ApplyError
@@ -68,6 +66,9 @@ def copy_range(src: int, src_off: int, dst: int, dst_off: int, length: int) -> N
 
 def copy_tree(src: Path, dst: Path) -> None:
     """Copy a received directory for an incremental stream (reflinks where possible)."""
+    import shutil  # an incremental receive into a directory only
+    import subprocess
+
     proc = subprocess.run(
         ["cp", "-a", "--reflink=auto", "--no-target-directory", "--", str(src), str(dst)],
         capture_output=True, check=False,
