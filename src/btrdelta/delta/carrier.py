@@ -59,6 +59,8 @@ _CREATES = frozenset(
 _TIME_ATTRS = frozenset({int(Attr.ATIME), int(Attr.MTIME), int(Attr.CTIME), int(Attr.OTIME)})
 _PATH = int(Attr.PATH)
 _UNLINK = int(Cmd.UNLINK)
+_UTIMES = int(Cmd.UTIMES)
+_RENAME = int(Cmd.RENAME)
 _PATH_TO = int(Attr.PATH_TO)
 _INO = int(Attr.INO)
 _NS = 1_000_000_000
@@ -233,11 +235,11 @@ def fold(cmd: int, raw: memoryview, state: CarrierState) -> list[bytes | memoryv
         state.last_path = path
     tail_parts: list[bytes | memoryview] = [raw[rest:]]
     to: bytes | None = None
-    if cmd == Cmd.UTIMES:
+    if cmd == _UTIMES:
         times = _fold_times(raw, rest, end, state)
         if times is not None:
             tail_parts = [times]
-    elif cmd == Cmd.RENAME:
+    elif cmd == _RENAME:
         to = _rename_to(raw, rest, end)
         if to is not None:
             state.last_path = to
@@ -247,7 +249,7 @@ def fold(cmd: int, raw: memoryview, state: CarrierState) -> list[bytes | memoryv
     if cmd == _UNLINK:
         state.unlinked(path)
     if cmd in NAME_CMDS:
-        _follow(state, cmd, path, to if cmd == Cmd.RENAME else None, raw, rest, end)
+        _follow(state, cmd, path, to if cmd == _RENAME else None)
     new_len = len(first) + sum(len(p) for p in tail_parts)
     return [_HDR6.pack(new_len, cmd), _ZERO_CRC, first, *tail_parts]
 
@@ -312,12 +314,12 @@ def unfold(
     state.last_path = path
     to: bytes | None = None
     tail: bytes | memoryview | bytearray = mv[rest:end]
-    if cmd == Cmd.UTIMES and end - rest >= 4 and _TLV.unpack_from(mv, rest)[0] == TIMES_TLV:
+    if cmd == _UTIMES and end - rest >= 4 and _TLV.unpack_from(mv, rest)[0] == TIMES_TLV:
         k = _TLV.unpack_from(mv, rest)[1]
         if rest + 4 + k != end:
             raise StreamFormatError("carried UTIMES times do not end the command")
         tail = _unfold_times(mv[rest + 4 : end], state)
-    elif cmd == Cmd.RENAME:
+    elif cmd == _RENAME:
         if (
             state.fmt >= 4 and end - rest >= 4
             and _TLV.unpack_from(mv, rest)[0] == NAMEREF_TLV
@@ -339,7 +341,7 @@ def unfold(
     elif cmd == _UNLINK and state.fmt >= 4:
         state.unlinked(path)
     if state.fmt >= 4 and cmd in NAME_CMDS:
-        _follow(state, cmd, path, to, mv, rest, end)
+        _follow(state, cmd, path, to)
     if t == _PATH and tail is not None and type(tail) is memoryview:
         return None
     length = 4 + len(path) + len(tail)
@@ -353,34 +355,27 @@ def unfold(
 
 
 
-#: commands that change names (what :class:`~btrdelta.tree.pathmap.PathMap` follows)
-NAME_CMDS: frozenset[int] = _CREATES | {
-    int(Cmd.RENAME), int(Cmd.LINK), int(Cmd.UNLINK), int(Cmd.RMDIR), int(Cmd.SNAPSHOT),
-    int(Cmd.SUBVOL),
-}
-_LINK, _RMDIR, _SUBVOL = int(Cmd.LINK), int(Cmd.RMDIR), int(Cmd.SUBVOL)
-_PATH_LINK = int(Attr.PATH_LINK)
+#: commands that move directories (what the directory-origin model follows): only the
+#: origin of a directory that holds unlinked names is ever asked for, and a wrong answer
+#: costs size, never exactness (both sides compute the same listing index), so files'
+#: creations, links and unlinks are left out (two thirds of the name commands)
+NAME_CMDS: frozenset[int] = frozenset(
+    {int(Cmd.MKDIR), int(Cmd.RENAME), int(Cmd.RMDIR), int(Cmd.SNAPSHOT), int(Cmd.SUBVOL)}
+)
+_MKDIR, _RMDIR, _SUBVOL = int(Cmd.MKDIR), int(Cmd.RMDIR), int(Cmd.SUBVOL)
 
 
-def _follow(
-    state: CarrierState, cmd: int, path: bytes, to: bytes | None, buf: memoryview, rest: int,
-    end: int,
-) -> None:
-    """Follow a carried name command in ``state.pathmap`` (format 4; both sides, with the
-    fields fold/unfold already have: no second decode)."""
+def _follow(state: CarrierState, cmd: int, path: bytes, to: bytes | None) -> None:
+    """Follow a carried directory command in ``state.pathmap`` (format 4; both sides, with
+    the fields fold/unfold already have: no second decode)."""
     pm = state.pathmap
     try:
-        if cmd in _CREATES:
-            pm.create(path)
-        elif cmd == Cmd.RENAME:
+        if cmd == _RENAME:
             if to is not None:
                 pm.rename(path, to)
-        elif cmd == _LINK:
-            if end - rest >= 4:
-                t, n = _TLV.unpack_from(buf, rest)
-                if t == _PATH_LINK and rest + 4 + n <= end:
-                    pm.link(path, bytes(buf[rest + 4 : rest + 4 + n]))
-        elif cmd in (_UNLINK, _RMDIR):
+        elif cmd == _MKDIR:
+            pm.create(path)
+        elif cmd == _RMDIR:
             pm.remove(path)
         else:  # SNAPSHOT, SUBVOL: a new stream
             state.pathmap = PathMap()

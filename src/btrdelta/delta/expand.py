@@ -31,7 +31,14 @@ import zstandard
 from ..errors import BtrdeltaError, ChecksumError, StreamFormatError
 from ..stream import records as R
 from ..stream.codec import command_crc, decode_payload, encode_record
-from ..stream.constants import CMD_HEADER, CMD_HEADER_SIZE, MAGIC, MAX_PAYLOAD, STREAM_HEADER
+from ..stream.constants import (
+    CMD_HEADER,
+    CMD_HEADER_SIZE,
+    MAGIC,
+    MAX_PAYLOAD,
+    STREAM_HEADER,
+    Attr,
+)
 from ..stream.crc import crc32c
 from ..stream.reader import Event, StreamHeader
 from .carrier import SAME_PATH_TLV, CarrierState, unfold
@@ -56,7 +63,7 @@ from .format import (
     is_delta_stream,
     iter_items,
 )
-from .oldfiles import digest, hasher, list_old_dir, read_old_file
+from .oldfiles import DirCache, digest, hasher, list_old_dir, read_old_file
 from .options import DEFAULT_MAX_FILE_SIZE
 from .recompress import compress_extent
 
@@ -73,10 +80,16 @@ __all__ = [
 
 #: largest decompressed size one ZCMDS record may declare
 MAX_ZCMDS_RAW = 64 << 20
+#: pieces below this size are hashed / written in batches of _BATCH / _WRITE_BATCH bytes
+_SMALL = 4096
+_BATCH = 1 << 16
+_WRITE_BATCH = 1 << 18
 #: compressed bytes fed to the inflater at a time (bounds the output of one call)
 _ZFEED = 1024
 _MAX_CMD = max(int(c) for c in R.RECORD_TYPES)
 _CRC_FIELD = struct.Struct("<I")
+_U16 = struct.Struct("<H")
+_HDR_ZERO_CRC = struct.Struct("<IHI")
 _TLV_HEAD = struct.Struct("<HH")
 _PATH_ATTR = 15  # btrfs's PATH attribute
 
@@ -116,6 +129,10 @@ class _Expander:
         #: the previous path (format 2 may leave it out) and folded times (format 3);
         #: old directory listings (format 4)
         self.cstate = CarrierState(lister=self.list_old_dir)
+        #: directory fd of the last old file read
+        self.dirs = DirCache()
+        #: small pieces not hashed yet (see :meth:`add`)
+        self.pend = bytearray()
 
     @property
     def last_path(self) -> bytes | None:
@@ -310,7 +327,7 @@ class _Expander:
         try:
             old = read_old_file(
                 self.root, p.base_path, expected_size=p.old_size, max_size=self.max_file_size,
-                algo=p.hash_algo, expected_digest=p.old_digest,
+                algo=p.hash_algo, expected_digest=p.old_digest, cache=self.dirs,
             )
             assert old is not None
             if p.codec == SAME_CODEC:
@@ -393,14 +410,17 @@ class _Expander:
     # -- driver ------------------------------------------------------------------------
 
     def run(self, items: Iterable[DeltaItem]) -> Iterator[tuple[int, Any, Any]]:
-        for item in items:
-            self.index += 1
-            if type(item) is DeltaEnd:
-                self.check_idle("DEND")
-                self.check_end(item)
-                return
-            yield from self.handle(item)
-        raise self.fail("truncated delta stream (no DEND record)")
+        try:
+            for item in items:
+                self.index += 1
+                if type(item) is DeltaEnd:
+                    self.check_idle("DEND")
+                    self.check_end(item)
+                    return
+                yield from self.handle(item)
+            raise self.fail("truncated delta stream (no DEND record)")
+        finally:
+            self.dirs.close()
 
     def handle(self, item: DeltaItem, inner: bool = False) -> Iterator[tuple[int, Any, Any]]:
         """Output items for one delta item (``inner``: it came out of the carrier)."""
@@ -458,7 +478,26 @@ class _Expander:
                 self.root = None
             yield RAW, cmd, raw
 
+    def add(self, piece: Any) -> None:
+        """Count and hash one piece of the expanded stream (small pieces are hashed in
+        batches: one hash call per ~64 KiB instead of one per command)."""
+        n = len(piece)
+        self.size += n
+        if n < _SMALL:
+            self.pend += piece
+            if len(self.pend) >= _BATCH:
+                self.hash.update(self.pend)
+                self.pend.clear()
+        else:
+            if self.pend:
+                self.hash.update(self.pend)
+                self.pend.clear()
+            self.hash.update(piece)
+
     def check_end(self, end: DeltaEnd) -> None:
+        if self.pend:
+            self.hash.update(self.pend)
+            self.pend.clear()
         algo_hash = self.hash if self.hash is not None else hasher(HashAlgo.BLAKE3)
         if end.hash_algo != HashAlgo.BLAKE3:
             raise self.fail("DEND uses a digest this build does not check")
@@ -473,6 +512,33 @@ class _Expander:
             raise self.fail("", ChecksumError(
                 "expanded stream digest mismatch", expected=end.digest.hex(), actual=actual.hex()
             ))
+
+
+_WRITE_CMD = int(R.Write.cmd)
+_PATH_TLV = struct.Struct("<HH")
+_OFFSET_TLV = struct.Struct("<HHQ")
+
+
+def _encode_write(rec: R.Write, version: int) -> list[Any]:
+    """The bytes of a regenerated WRITE, as :func:`~btrdelta.stream.codec.encode_record`
+    gives them (PATH, FILE_OFFSET, DATA; v1 DATA with a length, v2+ without), without its
+    copies of the data (the hot path of expansion)."""
+    path, data = rec.path, rec.data
+    n = len(data)
+    if len(path) > 0xFFFF or (version < 2 and n > 0xFFFF):
+        return encode_record(rec, version)  # its checks and errors
+    attrs = bytearray(_PATH_TLV.pack(int(Attr.PATH), len(path)))
+    attrs += path
+    attrs += _OFFSET_TLV.pack(int(Attr.FILE_OFFSET), 8, rec.offset)
+    attrs += _PATH_TLV.pack(int(Attr.DATA), n) if version < 2 else _U16.pack(int(Attr.DATA))
+    length = len(attrs) + n
+    if length > MAX_PAYLOAD[version]:
+        return encode_record(rec, version)
+    # btrfs's CRC: seed 0 and no final inversion, i.e. the library's CRC continued from
+    # 0xFFFFFFFF and inverted (stream.codec.command_crc)
+    crc = crc32c(_HDR_ZERO_CRC.pack(length, _WRITE_CMD, 0), 0xFFFFFFFF)
+    crc = crc32c(data, crc32c(attrs, crc)) ^ 0xFFFFFFFF
+    return [CMD_HEADER.pack(length, _WRITE_CMD, crc), attrs, data]
 
 
 def expand_items(
@@ -502,14 +568,13 @@ def expand_items(
                 pieces = b  # already encoded and checked (PENC)
             else:
                 try:
-                    pieces = encode_record(a, ex.version)
+                    pieces = _encode_write(a, ex.version)
                 except BtrdeltaError as exc:
                     raise ex.fail("", exc) from None
             ex.count += 1
             yield kind, pieces, a
         for piece in pieces:
-            ex.hash.update(piece)
-            ex.size += len(piece)
+            ex.add(piece)
 
 
 class _Prefixed(io.RawIOBase):
@@ -561,14 +626,31 @@ def expand_to(
     max_file_size: int = DEFAULT_MAX_FILE_SIZE,
     source: str | None = None,
 ) -> int:
-    """Write the expanded btrfs stream to ``write``; returns its size in bytes."""
+    """Write the expanded btrfs stream to ``write``; returns its size in bytes.
+
+    Small pieces (headers, carried commands) are gathered and written ~256 KiB at a time;
+    ``write`` is called for the last of them before the function returns.
+    """
     size = 0
+    pend = bytearray()
     for _kind, pieces, _rec in expand_items(
         items, old_root, max_file_size=max_file_size, source=source
     ):
         for piece in pieces:
-            write(piece)
-            size += len(piece)
+            n = len(piece)
+            size += n
+            if n < _SMALL:
+                pend += piece
+                if len(pend) >= _WRITE_BATCH:
+                    write(pend)
+                    pend = bytearray()
+            else:
+                if pend:
+                    write(pend)
+                    pend = bytearray()
+                write(piece)
+    if pend:
+        write(pend)
     return size
 
 

@@ -19,6 +19,7 @@ from ..errors import ApplyError, ChecksumError, MissingBaseError, UnsafePathErro
 from .format import HashAlgo
 
 __all__ = [
+    "DirCache",
     "digest", "hasher", "list_old_dir", "old_file_size", "open_old_file", "read_old_file",
 ]
 
@@ -87,9 +88,59 @@ def _components(path: bytes) -> list[bytes]:
     return parts
 
 
-def _open(root: str | os.PathLike[str], path: bytes) -> int | None:
+class DirCache:
+    """Keeps the directory fd of the last old file opened (files of one directory come one
+    after the other in a stream): one ``openat`` per file instead of one per path
+    component. Not thread-safe; :meth:`close` releases the fd."""
+
+    __slots__ = ("_fd", "_key")
+
+    def __init__(self) -> None:
+        self._key: tuple[Any, tuple[bytes, ...]] | None = None
+        self._fd = -1
+
+    def dir_fd(self, root: str | os.PathLike[str], parts: list[bytes]) -> int | None:
+        """A borrowed fd of ``root/parts...`` (walked without following symlinks)."""
+        key = (os.fspath(root), tuple(parts))
+        if key == self._key:
+            return self._fd
+        self.close()
+        fd = os.open(root, _DIR)
+        for part in parts:
+            try:
+                nfd = os.open(part, _DIR, dir_fd=fd)
+            except OSError:
+                os.close(fd)
+                return None
+            os.close(fd)
+            fd = nfd
+        self._key, self._fd = key, fd
+        return fd
+
+    def close(self) -> None:
+        """Close the cached directory fd."""
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._key, self._fd = None, -1
+
+
+def _open(
+    root: str | os.PathLike[str], path: bytes, cache: DirCache | None = None
+) -> int | None:
     """An O_RDONLY fd of the regular file ``root/path``, or ``None`` if there is none."""
     parts = _components(path)
+    if cache is not None:
+        dfd = cache.dir_fd(root, parts[:-1])
+        if dfd is None:
+            return None
+        try:
+            ffd = os.open(parts[-1], _FILE, dir_fd=dfd)
+        except OSError:
+            return None
+        if not stat.S_ISREG(os.fstat(ffd).st_mode):
+            os.close(ffd)
+            return None
+        return ffd
     fd = os.open(root, _DIR)
     try:
         for part in parts[:-1]:
@@ -169,8 +220,9 @@ def read_old_file(
     max_size: int = 1 << 32,
     algo: int | None = None,
     expected_digest: bytes | None = None,
+    cache: DirCache | None = None,
 ) -> bytes | None:
-    """Content of the regular file ``root/path``.
+    """Content of the regular file ``root/path`` (``cache``: reuse directory fds).
 
     Returns ``None`` if the file does not exist (or is not regular) and nothing is
     expected of it.
@@ -180,7 +232,7 @@ def read_old_file(
         MissingBaseError: ``expected_size`` is given and the file is missing.
         ChecksumError: the size or the ``algo`` digest differs from what is expected.
     """
-    fd = _open(root, path)
+    fd = _open(root, path, cache)
     if fd is None:
         if expected_size is None:
             return None
