@@ -456,14 +456,16 @@ def _diff_content(
         return _Result(None, b"", len(old), old_digest, old_digest, len(new), replaced, encoded)
     codec: Codec
     if opts.codec == "auto":
-        codec, patch = make_auto(old, new, AUTO)
-        cost = len(patch)
         raw_codec = CODECS[4]
+        raw: bytes | None = None
         if opts.level and len(new) <= RAW_MAX_FILE and raw_codec.available():
-            # inside the carrier an uncompressed patch is compressed with everything else
+            # one diff gives both HDiffPatch candidates (hdiff is recompressed from it)
             raw = raw_codec.make(old, new)
-            if len(raw) <= INNER_PATCH_MAX and _carried_cost(raw) < cost:
-                codec, patch, cost = raw_codec, raw, _carried_cost(raw)
+        codec, patch = make_auto(old, new, AUTO, hdiff_raw=raw)
+        cost = len(patch)
+        # inside the carrier an uncompressed patch is compressed with everything else
+        if raw is not None and len(raw) <= INNER_PATCH_MAX and _carried_cost(raw) < cost:
+            codec, patch, cost = raw_codec, raw, _carried_cost(raw)
     else:
         codec = get_codec(opts.codec)
         patch = codec.make(old, new)

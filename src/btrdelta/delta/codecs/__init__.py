@@ -72,8 +72,13 @@ def available_codecs() -> list[Codec]:
     return [c for c in CODECS.values() if c.available()]
 
 
-def make_best(old: bytes, new: bytes, names: Sequence[str] = AUTO) -> tuple[Codec, bytes]:
+def make_best(
+    old: bytes, new: bytes, names: Sequence[str] = AUTO, *, hdiff_raw: bytes | None = None
+) -> tuple[Codec, bytes]:
     """Make a patch with each available codec of ``names``; return the smallest.
+
+    ``hdiff_raw``: the ``hdiff-raw`` patch of the same files, if already made (``hdiff`` is
+    then recompressed from it instead of diffed again).
 
     Raises:
         CodecUnavailableError: none of the codecs is available.
@@ -83,7 +88,10 @@ def make_best(old: bytes, new: bytes, names: Sequence[str] = AUTO) -> tuple[Code
         codec = _BY_NAME[name]
         if not codec.available():
             continue
-        patch = codec.make(old, new)
+        if hdiff_raw is not None and isinstance(codec, HdiffCodec) and codec.codec_id == 3:
+            patch = codec.from_raw(hdiff_raw, len(new))
+        else:
+            patch = codec.make(old, new)
         if best is None or len(patch) < len(best[1]):
             best = (codec, patch)
     if best is None:
@@ -98,7 +106,9 @@ AUTO_SMALL = 256 << 10
 AUTO_GOOD_RATIO = 0.05
 
 
-def make_auto(old: bytes, new: bytes, names: Sequence[str] = AUTO) -> tuple[Codec, bytes]:
+def make_auto(
+    old: bytes, new: bytes, names: Sequence[str] = AUTO, *, hdiff_raw: bytes | None = None
+) -> tuple[Codec, bytes]:
     """The ``auto`` choice: like :func:`make_best`, but a large file whose first patch is
     already small (below 5% of it) is not diffed again with the slower codecs.
 
@@ -106,11 +116,11 @@ def make_auto(old: bytes, new: bytes, names: Sequence[str] = AUTO) -> tuple[Code
     21.0 KB of patches, hdiff + zstd 3.4 s and 20.8 KB.
     """
     if len(new) <= AUTO_SMALL:
-        return make_best(old, new, names)
+        return make_best(old, new, names, hdiff_raw=hdiff_raw)
     avail = [n for n in names if _BY_NAME[n].available()]
     if not avail:
         raise CodecUnavailableError(f"none of the codecs {', '.join(names)} is installed")
-    codec, patch = make_best(old, new, avail[:1])
+    codec, patch = make_best(old, new, avail[:1], hdiff_raw=hdiff_raw)
     if len(patch) <= AUTO_GOOD_RATIO * len(new) or len(avail) == 1:
         return codec, patch
     other, alt = make_best(old, new, avail[1:])

@@ -45,12 +45,21 @@ class HdiffCodec(Codec):
     module = "hdiffpatch"
     package = "hdiffpatch"
 
+    def _config(self, new_size: int) -> object:
+        h = self.lib()
+        window = min(max((max(new_size, 1) - 1).bit_length(), 10), 27)
+        return h.ZStdConfig(level=19, window=window)
+
     def make(self, old: bytes, new: bytes) -> bytes:
         """An HDIFF13 patch with a zstd-compressed body."""
         h = self.lib()
-        window = min(max((max(len(new), 1) - 1).bit_length(), 10), 27)
-        config = h.ZStdConfig(level=19, window=window)
-        return bytes(h.diff(bytes(old), bytes(new), config, validate=False))
+        return bytes(h.diff(bytes(old), bytes(new), self._config(len(new)), validate=False))
+
+    def from_raw(self, raw: bytes, new_size: int) -> bytes:
+        """The patch :meth:`make` gives, from the uncompressed diff of the same files
+        (:class:`HdiffRawCodec`): HDiffPatch recompresses it without diffing again (the
+        same bytes, measured)."""
+        return bytes(self.lib().recompress(bytes(raw), self._config(new_size)))
 
     def apply(self, old: bytes, patch: bytes, *, new_size: int | None = None) -> bytes:
         """Apply an HDIFF13 patch after checking the sizes it declares."""
