@@ -100,3 +100,13 @@ def test_missing_library_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(CodecUnavailableError, match="bsdiff4"):
         codec.make(b"a", b"b")
     assert os.environ.get("BTRDELTA_NOPE") is None
+
+
+def test_hdiff_from_raw_is_the_compressed_diff() -> None:
+    """``delta make`` diffs once: the compressed hdiff patch recompressed from the raw one
+    is byte for byte what a second diff would give, and applies."""
+    old, new = _real_pair()
+    hdiff, raw = get_codec("hdiff"), get_codec("hdiff-raw")
+    patch = raw.make(old, new)
+    assert hdiff.from_raw(patch, len(new)) == hdiff.make(old, new)  # type: ignore[attr-defined]
+    assert hdiff.apply(old, hdiff.from_raw(patch, len(new)), new_size=len(new)) == new  # type: ignore[attr-defined]
