@@ -218,18 +218,14 @@ class _Expander:
                         buf3 = unfold(cmd, mv, pos, end, self.cstate, limit)
                     except BtrdeltaError as exc:
                         raise self.fail("", exc) from None
+                    # the CRC field is 0 in both forms: btrfs's CRC (seed 0, no final
+                    # inversion) of header + payload is one library call
                     if buf3 is None:
                         view = mv[pos:end]
-                        _CRC_FIELD.pack_into(
-                            raw, pos + 6,
-                            command_crc(length, cmd, mv[pos + CMD_HEADER_SIZE : end]),
-                        )
+                        _CRC_FIELD.pack_into(raw, pos + 6, crc32c(view, 0xFFFFFFFF) ^ 0xFFFFFFFF)
                     else:
                         view = memoryview(buf3)
-                        _CRC_FIELD.pack_into(
-                            buf3, 6,
-                            command_crc(len(buf3) - CMD_HEADER_SIZE, cmd, view[CMD_HEADER_SIZE:]),
-                        )
+                        _CRC_FIELD.pack_into(buf3, 6, crc32c(buf3, 0xFFFFFFFF) ^ 0xFFFFFFFF)
                     yield BtrfsCommand(cmd, view)
                     pos = end
                     continue

@@ -72,8 +72,20 @@ def hasher(algo: int) -> Any:
     raise ValueError(f"unknown hash algorithm {algo}")  # pragma: no cover
 
 
+#: BLAKE3 digests of buffers from this size on use every core (same output)
+_THREADED = 1 << 20
+_BLAKE3_LENGTH = {
+    HashAlgo.BLAKE3: 32, HashAlgo.BLAKE3_128: 16, HashAlgo.BLAKE3_64: 8, HashAlgo.BLAKE3_32: 4,
+}
+
+
 def digest(algo: int, data: Any) -> bytes:
     """Digest of ``data`` with ``algo``."""
+    length = _BLAKE3_LENGTH.get(algo)  # type: ignore[call-overload]
+    if length is not None and len(data) >= _THREADED:
+        h3 = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        h3.update(data)
+        return bytes(h3.digest(length=length))
     h = hasher(algo)
     h.update(data)
     return bytes(h.digest())
