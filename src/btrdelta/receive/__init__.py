@@ -9,9 +9,13 @@ ENCODED_WRITE), :mod:`.registry` (uuid -> directory on non-btrfs destinations).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .applier import Applier, ReceivedSubvol, find_parent, find_subvolume
 from .receiver import receive
-from .registry import REGISTRY_NAME, Registry
+
+if TYPE_CHECKING:
+    from .registry import REGISTRY_NAME, Registry
 
 __all__ = [
     "REGISTRY_NAME",
@@ -22,3 +26,12 @@ __all__ = [
     "find_subvolume",
     "receive",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # the registry (json) serves only destinations that are not btrfs: imported on first use
+    if name in ("REGISTRY_NAME", "Registry"):
+        from . import registry
+
+        return getattr(registry, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

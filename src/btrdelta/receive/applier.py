@@ -36,11 +36,11 @@ import errno
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+from .._value import value_class
 from ..errors import ApplyError, BtrdeltaError, MissingBaseError, StreamFormatError
 from ..stream.records import (
     Chmod,
@@ -118,7 +118,7 @@ for _v in _FILEATTR_MAP.values():
     _FSFLAGS_MANAGED |= _v
 
 
-@dataclass
+@value_class
 class ReceivedSubvol:
     """One subvolume a receive finished."""
 
@@ -134,16 +134,23 @@ class ReceivedSubvol:
     data_bytes: int = 0
 
 
-@dataclass
 class _Current:
-    rec: Subvol | Snapshot
-    name: bytes
-    tmp: bytes
-    sandbox: Sandbox | None
-    parent_path: Path | None
-    records: int = 0
-    data_bytes: int = 0
-    fileattrs: list[tuple[int, int]] = field(default_factory=list)
+    """The subvolume being received."""
+
+    __slots__ = ("data_bytes", "fileattrs", "name", "parent_path", "rec", "records", "sandbox",
+                 "tmp")
+
+    def __init__(self, rec: Subvol | Snapshot, name: bytes, tmp: bytes,
+                 sandbox: Sandbox | None, parent_path: Path | None) -> None:
+        self.rec = rec
+        self.name = name
+        self.tmp = tmp
+        self.sandbox = sandbox
+        self.parent_path = parent_path
+        self.records = 0
+        self.data_bytes = 0
+        #: (descriptor, FS_IOC_SETFLAGS flags) applied when the subvolume is finished
+        self.fileattrs: list[tuple[int, int]] = []
 
 
 def find_subvolume(dest: Path, wanted: UUID, *, btrfs: bool) -> Path | None:

@@ -19,10 +19,11 @@ import fcntl
 import os
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from uuid import UUID
+
+from .._value import value_class
 
 __all__ = [
     "BTRFS_SUPER_MAGIC",
@@ -141,7 +142,7 @@ def set_readonly(fd: int, readonly: bool = True) -> None:
     fcntl.ioctl(fd, _SUBVOL_SETFLAGS, struct.pack("<Q", flags))
 
 
-@dataclass(frozen=True)
+@value_class
 class SubvolInfo:
     """Identity of a subvolume (from ``BTRFS_IOC_GET_SUBVOL_INFO``)."""
 

@@ -14,12 +14,12 @@ that overruns its command is a :class:`~btrdelta.errors.StreamFormatError`. That
 
 from __future__ import annotations
 
-import dataclasses
 import struct
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .._value import field_names
 from ..errors import StreamFormatError, UnsupportedVersionError
 from .constants import (
     ATTR_KIND,
@@ -170,7 +170,7 @@ class _Decoder:
         spec = COMMAND_SPECS[cmd]
         self.cmd = cmd
         self.cls = RECORD_TYPES[cmd]
-        order = [f.name for f in dataclasses.fields(self.cls)]
+        order = list(field_names(self.cls))
         self.nfields = len(order)
         #: attribute number -> (record position, converter)
         self.slot: dict[int, int] = {}
@@ -361,7 +361,7 @@ _FIXED_FMT = {Kind.U8: "B", Kind.U32: "I", Kind.U64: "Q", Kind.UUID: "16s", Kind
 def _gen_fast_decoder(cmd: Cmd, v2: bool) -> Callable[[memoryview, int, int], Any]:
     spec = COMMAND_SPECS[cmd]
     cls = RECORD_TYPES[cmd]
-    order = [f.name for f in dataclasses.fields(cls)]
+    order = list(field_names(cls))
     ns: dict[str, Any] = {"TLV": _TLV, "U16": _U16_FROM, "UUID": uuid.UUID, "NS": _NS,
                           "Cls": cls}
     lines = ["def fast(mv, p, end):"]

@@ -14,12 +14,12 @@ timestamps). Lines are ``bytes``; non-UTF-8 names pass through unchanged.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import re
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .._value import field_names
 from ..errors import StreamFormatError
 from .reader import _speedups
 from .records import (
@@ -334,5 +334,5 @@ def record_to_json(rec: Record, index: int | None = None) -> dict[str, Any]:
 
 
 _FIELDS: dict[type[Any], tuple[str, ...]] = {
-    cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in RECORD_TYPES.values()
+    cls: field_names(cls) for cls in RECORD_TYPES.values()
 }

@@ -19,15 +19,14 @@ could start (right after END), as in btrfs-progs.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import os
 import struct
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any, BinaryIO, Literal
 
+from .._value import field_names, value_class
 from ..errors import BtrdeltaError, ChecksumError, StreamFormatError
 from .codec import (
     _HDR6,
@@ -87,7 +86,7 @@ NEED_DATA: Literal[Sentinel.NEED_DATA] = Sentinel.NEED_DATA
 EOF: Literal[Sentinel.EOF] = Sentinel.EOF
 
 
-@dataclass(slots=True)
+@value_class
 class StreamHeader:
     """Start of one (possibly concatenated) stream: its protocol version and byte offset."""
 
@@ -433,7 +432,7 @@ def _speedups_plan() -> tuple[Any, ...]:
     commands: list[Any] = [None] * (max(COMMAND_SPECS) + 1)
     for cmd, spec in COMMAND_SPECS.items():
         cls = RECORD_TYPES[cmd]
-        order = [f.name for f in dataclasses.fields(cls)]
+        order = list(field_names(cls))
         # optional (v2+) attributes are decoded where the kernel puts them, skipped when
         # absent
         # (this kernel leaves ENCRYPTION out of ENCODED_WRITE when it is 0)

@@ -1,21 +1,22 @@
 """One typed record per send-stream command.
 
-Records are small slotted dataclasses; treat them as values (the codec never mutates one).
-Paths, names and xattr values are ``bytes`` (POSIX paths are bytes; decode only to show
-them). UUIDs are :class:`UUID`, times are ``int`` nanoseconds since the epoch (signed),
-file data (``Write.data``, ``EncodedWrite.data``) is a ``memoryview`` into the buffer the
-command arrived in: it is valid as long as the record is alive, and a sink that keeps data
-beyond that copies it. Field order follows the kernel's attribute order, with attributes that
-may be absent (``Utimes.otime`` in v1, ``EncodedWrite.encryption`` for inline extents) last
-and ``None`` when absent.
+Records are small slotted value classes (:mod:`btrdelta._value`, like slotted dataclasses);
+treat them as values (the codec never mutates one). Paths, names and xattr values are
+``bytes`` (POSIX paths are bytes; decode only to show them). UUIDs are :class:`UUID`, times
+are ``int`` nanoseconds since the epoch (signed), file data (``Write.data``,
+``EncodedWrite.data``) is a ``memoryview`` into the buffer the command arrived in: it is
+valid as long as the record is alive, and a sink that keeps data beyond that copies it.
+Field order follows the kernel's attribute order, with attributes that may be absent
+(``Utimes.otime`` in v1, ``EncodedWrite.encryption`` for inline extents) last and ``None``
+when absent.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 from uuid import UUID
 
+from .._value import value_class
 from .constants import Cmd
 
 __all__ = [
@@ -52,7 +53,7 @@ __all__ = [
 Data = memoryview | bytes
 
 
-@dataclass(slots=True)
+@value_class
 class Subvol:
     """Start of a full stream: a new subvolume ``path`` (its own name only)."""
 
@@ -62,7 +63,7 @@ class Subvol:
     ctransid: int
 
 
-@dataclass(slots=True)
+@value_class
 class Snapshot:
     """Start of an incremental stream: snapshot of the parent ``clone_uuid`` named ``path``."""
 
@@ -74,7 +75,7 @@ class Snapshot:
     clone_ctransid: int
 
 
-@dataclass(slots=True)
+@value_class
 class Mkfile:
     """Create an empty regular file."""
 
@@ -83,7 +84,7 @@ class Mkfile:
     ino: int
 
 
-@dataclass(slots=True)
+@value_class
 class Mkdir:
     """Create a directory."""
 
@@ -92,7 +93,7 @@ class Mkdir:
     ino: int
 
 
-@dataclass(slots=True)
+@value_class
 class Mknod:
     """Create a device node; ``mode`` is the full ``st_mode``, ``rdev`` the Linux encoding."""
 
@@ -103,7 +104,7 @@ class Mknod:
     mode: int
 
 
-@dataclass(slots=True)
+@value_class
 class Mkfifo:
     """Create a FIFO."""
 
@@ -114,7 +115,7 @@ class Mkfifo:
     mode: int
 
 
-@dataclass(slots=True)
+@value_class
 class Mksock:
     """Create a UNIX socket node."""
 
@@ -125,7 +126,7 @@ class Mksock:
     mode: int
 
 
-@dataclass(slots=True)
+@value_class
 class Symlink:
     """Create symlink ``path`` pointing to ``target``."""
 
@@ -135,7 +136,7 @@ class Symlink:
     target: bytes
 
 
-@dataclass(slots=True)
+@value_class
 class Rename:
     """Rename ``path`` to ``path_to`` (atomic replace)."""
 
@@ -144,7 +145,7 @@ class Rename:
     path_to: bytes
 
 
-@dataclass(slots=True)
+@value_class
 class Link:
     """Create hard link ``path`` (the new name) to the existing ``path_link``."""
 
@@ -153,7 +154,7 @@ class Link:
     path_link: bytes
 
 
-@dataclass(slots=True)
+@value_class
 class Unlink:
     """Remove a non-directory name."""
 
@@ -161,7 +162,7 @@ class Unlink:
     path: bytes
 
 
-@dataclass(slots=True)
+@value_class
 class Rmdir:
     """Remove an empty directory."""
 
@@ -169,7 +170,7 @@ class Rmdir:
     path: bytes
 
 
-@dataclass(slots=True)
+@value_class
 class SetXattr:
     """Set extended attribute ``name`` to ``data`` (without following symlinks)."""
 
@@ -179,7 +180,7 @@ class SetXattr:
     data: bytes
 
 
-@dataclass(slots=True)
+@value_class
 class RemoveXattr:
     """Remove extended attribute ``name``."""
 
@@ -188,7 +189,7 @@ class RemoveXattr:
     name: bytes
 
 
-@dataclass(slots=True)
+@value_class
 class Write:
     """Write ``data`` at ``offset``."""
 
@@ -198,7 +199,7 @@ class Write:
     data: Data
 
 
-@dataclass(slots=True)
+@value_class
 class Clone:
     """Copy ``length`` bytes from ``clone_path``@``clone_offset`` of subvolume ``clone_uuid``."""
 
@@ -212,7 +213,7 @@ class Clone:
     clone_offset: int
 
 
-@dataclass(slots=True)
+@value_class
 class Truncate:
     """Set the file size."""
 
@@ -221,7 +222,7 @@ class Truncate:
     size: int
 
 
-@dataclass(slots=True)
+@value_class
 class Chmod:
     """Set permission bits (``mode & 0o7777``)."""
 
@@ -230,7 +231,7 @@ class Chmod:
     mode: int
 
 
-@dataclass(slots=True)
+@value_class
 class Chown:
     """Set numeric owner and group (without following symlinks)."""
 
@@ -240,7 +241,7 @@ class Chown:
     gid: int
 
 
-@dataclass(slots=True)
+@value_class
 class Utimes:
     """Set atime and mtime; ctime and otime (v2+) are carried but cannot be applied."""
 
@@ -252,14 +253,14 @@ class Utimes:
     otime: int | None = None
 
 
-@dataclass(slots=True)
+@value_class
 class End:
     """End of one logical stream."""
 
     cmd: ClassVar[Cmd] = Cmd.END
 
 
-@dataclass(slots=True)
+@value_class
 class UpdateExtent:
     """``--no-data`` marker: the byte range changed (receivers ignore it)."""
 
@@ -269,7 +270,7 @@ class UpdateExtent:
     size: int
 
 
-@dataclass(slots=True)
+@value_class
 class Fallocate:
     """``fallocate(2)`` with ``mode`` (FALLOC_FL_* bits) over ``offset``..``offset+size``."""
 
@@ -280,7 +281,7 @@ class Fallocate:
     size: int
 
 
-@dataclass(slots=True)
+@value_class
 class Fileattr:
     """btrfs inode flags (the inode item's ``flags``, not FS_IOC_SETFLAGS bits)."""
 
@@ -289,7 +290,7 @@ class Fileattr:
     fileattr: int
 
 
-@dataclass(slots=True)
+@value_class
 class EncodedWrite:
     """Compressed extent data in btrfs's on-disk layout (see docs/formats/send-stream.md)."""
 
@@ -304,7 +305,7 @@ class EncodedWrite:
     encryption: int | None = None
 
 
-@dataclass(slots=True)
+@value_class
 class EnableVerity:
     """Enable fs-verity with these parameters."""
 

@@ -1,0 +1,68 @@
+"""``btrdelta._value.value_class`` behaves like ``@dataclass(slots=True)`` (the oracle)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import pytest
+
+from btrdelta._value import field_names, value_class
+
+
+@value_class
+class Ours:
+    kind: ClassVar[str] = "k"
+    path: bytes
+    size: int
+    extra: int | None = None
+
+
+@dataclasses.dataclass(slots=True)
+class Theirs:
+    kind: ClassVar[str] = "k"
+    path: bytes
+    size: int
+    extra: int | None = None
+
+
+@value_class
+class Empty:
+    tag: ClassVar[int] = 3
+
+
+@pytest.mark.parametrize(("args", "kwargs"), [((b"p", 1), {}), ((b"p",), {"size": 2, "extra": 5}),
+                                         ((), {"path": b"x", "size": 0})])
+def test_same_as_a_slotted_dataclass(args: tuple, kwargs: dict) -> None:
+    ours, theirs = Ours(*args, **kwargs), Theirs(*args, **kwargs)
+    assert repr(ours).replace("Ours", "Theirs") == repr(theirs)
+    assert field_names(Ours) == tuple(f.name for f in dataclasses.fields(Theirs))
+    assert Ours.__slots__ == Theirs.__slots__  # type: ignore[attr-defined]
+    assert Ours.kind == "k"
+    assert ours.kind == "k"
+    assert ours == Ours(*args, **kwargs)
+    assert ours != Ours(b"other", 9)
+    assert ours != theirs  # another class: NotImplemented on both sides
+    with pytest.raises(AttributeError):
+        ours.not_a_field = 1  # type: ignore[attr-defined]
+    with pytest.raises(TypeError):
+        hash(ours)
+
+
+def test_init_errors_like_a_dataclass() -> None:
+    with pytest.raises(TypeError):
+        Ours(b"p")  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        Ours(b"p", 1, 2, 3)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        @value_class
+        class Bad:
+            a: int = 0
+            b: int
+
+
+def test_no_fields() -> None:
+    assert Empty() == Empty()
+    assert repr(Empty()) == "Empty()"
+    assert field_names(Empty) == ()
+    assert Empty.tag == 3
