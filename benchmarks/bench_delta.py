@@ -16,7 +16,7 @@ run:
 * speed and memory of the CLI (child processes, startup included): ``delta make`` in MB/s of
   diffed data (the new content of the files it diffed) and of stream, ``delta expand`` and
   ``btrdelta receive`` of the delta in MB/s of expanded stream, each with its peak RSS
-  (``ru_maxrss`` from ``wait4``) next to the largest file diffed.
+  (GNU time's ``%M`` of the command) next to the largest file diffed.
 
 Run: ``.venv/bin/python -m benchmarks delta``.
 """
