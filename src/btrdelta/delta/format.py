@@ -15,9 +15,10 @@ attributes, CRC32C with btrfs's convention) behind its own 21-byte header
   patch's new content with known parameters (zstd / zlib level), zero-padded;
 * ``DEND`` (205): the end, with the size and digest of the whole expanded stream.
 
-Format version 2 lets the zstd carrier hold delta records too (PATCH with its patch bytes
-inline, PDATA, PWRITE, PENC; their CRC field is 0, the carrier's own CRC32C covers them),
-adds the ``same`` codec (id 0, no patch bytes) and 16-byte BLAKE3 digests.
+Format 2 lets the zstd carrier hold delta records too (PATCH with inline patch bytes,
+PDATA, PWRITE, PENC; CRC field 0, the carrier's CRC32C covers them), adds the ``same``
+codec (id 0) and 16-byte BLAKE3 digests. Format 4 adds ``CPATCH`` (207, carrier only):
+a PATCH with varints, 8/4-byte digests and its one whole-file PWRITE implied.
 
 This module owns bytes <-> records only: no files, no decompression of patches. Parsing
 untrusted input raises only :class:`~btrdelta.errors.StreamFormatError` (and its

@@ -17,7 +17,11 @@ when :mod:`.recompress` regenerates its payload bit for bit (zstd, most zlib); i
 becomes a ``PENC`` record. Others are carried as they are, like every command that is not
 a WRITE of a patched group. A WRITE (or ENCODED_WRITE) is only replaced when our encoder
 reproduces its bytes exactly, so expansion is byte-identical by construction. A new content
-equal to the old file becomes a ``same`` patch (no patch bytes at all).
+equal to the old file becomes a ``same`` patch (no patch bytes at all); it is found by
+comparing the old file block by block with the WRITE data (no copy of either side). Other
+files are diffed with at most :data:`_BIG` bytes of old + new content in flight across the
+workers; with the carrier on, an uncompressed HDiffPatch diff (``hdiff-raw``, compressed by
+the carrier with everything around it) competes with the compressed patches.
 """
 
 from __future__ import annotations
