@@ -314,9 +314,10 @@ def _encode_cpatch(item: Patch, omit_path: bool, omit_base: bool) -> list[Any]:
     if item.codec == SAME_CODEC:
         parts += [_uvarint(item.old_size), item.old_digest]
     else:
+        d = item.new_size - item.old_size  # zigzag: sizes usually change by a few bytes
         parts += [
-            _uvarint(item.codec), _uvarint(item.old_size), _uvarint(item.new_size),
-            item.old_digest, item.new_digest,
+            _uvarint(item.codec), _uvarint(item.old_size),
+            _uvarint(d * 2 if d >= 0 else -d * 2 - 1), item.old_digest, item.new_digest,
         ]
     if item.auto_chunk:
         parts.append(_uvarint(item.auto_chunk))
@@ -352,7 +353,10 @@ def _decode_cpatch(mv: memoryview, pos: int, end: int) -> Patch:
     else:
         codec, pos = read_uvarint(mv, pos, end)
         old_size, pos = read_uvarint(mv, pos, end)
-        new_size, pos = read_uvarint(mv, pos, end)
+        z, pos = read_uvarint(mv, pos, end)
+        new_size = old_size + (z >> 1 if not z & 1 else -((z + 1) >> 1))
+        if new_size < 0:
+            raise StreamFormatError("CPATCH new size is negative")
         k, j = DIGEST_SIZE[CP_OLD_ALGO], DIGEST_SIZE[CP_NEW_ALGO]
         if pos + k + j > end or codec == SAME_CODEC:
             raise StreamFormatError("CPATCH is truncated or names the 'same' codec")
