@@ -8,7 +8,6 @@ outside the old root (and no symlink) is ever read.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from typing import Any
@@ -68,6 +67,8 @@ def hasher(algo: int) -> Any:
     if algo == HashAlgo.BLAKE3_32:
         return _Blake3_32()
     if algo == HashAlgo.SHA256:
+        import hashlib  # on first use: its import loads every algorithm (~20 ms)
+
         return hashlib.sha256()
     raise ValueError(f"unknown hash algorithm {algo}")  # pragma: no cover
 
