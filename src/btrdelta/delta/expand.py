@@ -30,7 +30,7 @@ import zstandard
 
 from ..errors import BtrdeltaError, ChecksumError, StreamFormatError
 from ..stream import records as R
-from ..stream.codec import command_crc, decode_payload, encode_record
+from ..stream.codec import command_crc, decode_payload, decode_payload_fast, encode_record
 from ..stream.constants import (
     CMD_HEADER,
     CMD_HEADER_SIZE,
@@ -686,7 +686,7 @@ def expand_events(
             raw = pieces[0]
             cmd = int.from_bytes(raw[4:6], "little")
             try:
-                yield decode_payload(cmd, raw, CMD_HEADER_SIZE, len(raw), version)
+                yield decode_payload_fast(cmd, raw, CMD_HEADER_SIZE, len(raw), version)
             except BtrdeltaError as exc:
                 raise exc.located(source=source) from None
         else:
