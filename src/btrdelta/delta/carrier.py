@@ -134,11 +134,19 @@ class CarrierState:
         listing = None if d is None else self._listing(d)
         if self.lenient and end == len(value) and d is not None and listing is None:
             return d + b"/?" if d else b"?"
-        if end != len(value) or d is None or listing is None:
-            raise StreamFormatError("UNLINK name reference without an old directory listing")
+        if end != len(value) or d is None:
+            raise StreamFormatError("invalid UNLINK name reference")
+        if listing is None:
+            raise StreamFormatError(
+                f"UNLINK refers to the listing of directory {d.decode(errors='replace')!r} of "
+                "the old snapshot, which has none (not the delta's old snapshot?)"
+            )
         k = self.unlink_pos + 1 + (z >> 1 if not z & 1 else -((z + 1) >> 1))
         if not 0 <= k < len(listing[0]):
-            raise StreamFormatError("UNLINK name reference out of range")
+            raise StreamFormatError(
+                f"UNLINK name reference out of range of directory "
+                f"{d.decode(errors='replace')!r} (not the delta's old snapshot?)"
+            )
         self.unlink_pos = k
         return d + b"/" + listing[0][k] if d else listing[0][k]
 
