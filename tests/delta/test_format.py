@@ -356,3 +356,28 @@ def test_cpatch_round_trip() -> None:
     back = decode_item(DCmd.CPATCH, memoryview(raw), 10, len(raw))
     assert isinstance(back, Patch)
     assert (back.path, back.codec, back.old_size, back.old_digest) == (None, 0, 9, b"abcd")
+
+
+def test_unchanged_rebuilt_file_is_not_copied(tmp_path: Path) -> None:
+    """A large file rebuilt with the same content becomes a 'same' patch without a copy of
+    the old file or of the new content: Python allocations during make stay near the one
+    buffered copy of its WRITE commands (format 3 held three: commands, joined content, old
+    file)."""
+    import tracemalloc
+
+    old = tmp_path / "old"
+    old.mkdir()
+    data = os.urandom(16 << 20)
+    (old / "big").write_bytes(data)
+    stream = _stream(2, {b"big": data})
+    del data
+    tracemalloc.start()
+    try:
+        delta = _make(stream, old, jobs=2)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert _expand(delta, old) == stream
+    st = collect_delta_stats(open_delta(io.BytesIO(delta)))
+    assert st.patched_files["same"] == 1
+    assert peak < 1.5 * (16 << 20), peak
