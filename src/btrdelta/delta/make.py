@@ -388,7 +388,9 @@ class _Budget:
 
 #: old + new bytes diffed concurrently (HDiffPatch needs ~4x the old file besides)
 _BIG = _Budget(48 << 20)
-#: largest new content also diffed with ``hdiff-raw`` (one more suffix-array build)
+#: largest new content diffed as ``hdiff-raw`` first (the compressed ``hdiff`` candidate is
+#: recompressed from it); larger files are diffed by ``hdiff`` directly (their raw patches
+#: rarely fit inside the carrier)
 RAW_MAX_FILE = 4 << 20
 
 
