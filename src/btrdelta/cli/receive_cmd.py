@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -76,15 +76,16 @@ def _is_send_stream(f: BinaryIO) -> bool:
 
 def open_events(
     f: BinaryIO, name: str, dest: Path | None = None, backend: str = "auto"
-) -> Iterator[Event]:
+) -> Iterable[Event]:
     """The events to apply, from the input file (the one place the input is decoded).
 
-    A delta stream (``btrdelta delta make``) is expanded on the fly against the local
-    parent of its snapshot (see :func:`btrdelta.delta.expand_events`).
+    A plain stream is its :class:`StreamReader` (``receive`` takes its decoded batches
+    whole). A delta stream (``btrdelta delta make``) is expanded on the fly against the
+    local parent of its snapshot (see :func:`btrdelta.delta.expand_events`).
     """
     if _is_send_stream(f):
         # the common case: no wrapper around the input, no import of the delta package
-        return StreamReader(f, source=name).events()
+        return StreamReader(f, source=name)
     from ..delta.expand import delta_parent, expand_events, sniff
 
     is_delta, f = sniff(f)

@@ -12,19 +12,20 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
-from itertools import islice
+from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
 
 from ..errors import BtrdeltaError, StreamFormatError
-from ..stream.reader import Event, StreamHeader
+from ..stream.reader import Event, StreamHeader, StreamReader
 from ..stream.records import End, Snapshot, Subvol
 from .applier import Applier, ReceivedSubvol
 
 __all__ = ["prefetch", "receive"]
 
-#: records handed to the applier at a time (the C fast path runs through a batch)
+#: records (and bytes of file data) handed to the applier at a time, from sources other
+#: than a StreamReader (the C fast path runs through a batch)
 _APPLY_BATCH = 256
+_APPLY_BYTES = 1 << 20
 _BATCH_EVENTS = 256
 _BATCH_BYTES = 4 << 20
 _QUEUE_BATCHES = 4
@@ -87,6 +88,23 @@ def prefetch(events: Iterable[Event]) -> Iterator[Event]:
         thread.join()
 
 
+def _batched(events: Iterator[Event]) -> Generator[list[Event], None, None]:
+    """Lists of at most ``_APPLY_BATCH`` events and about ``_APPLY_BYTES`` of file data."""
+    batch: list[Event] = []
+    nbytes = 0
+    for ev in events:
+        batch.append(ev)
+        data = getattr(ev, "data", None)
+        if data is not None:
+            nbytes += len(data)
+        if len(batch) >= _APPLY_BATCH or nbytes >= _APPLY_BYTES:
+            yield batch
+            batch = []
+            nbytes = 0
+    if batch:
+        yield batch
+
+
 def receive(
     events: Iterable[Event],
     dest: Path,
@@ -106,7 +124,8 @@ def receive(
 
     Args:
         events: stream headers and records, e.g. ``StreamReader(f).events()``; plain
-            records work too.
+            records work too. A :class:`StreamReader` itself is read a decoded batch at a
+            time (the fastest way).
         dest: existing directory; each subvolume becomes ``dest/<name>``.
         stop_at_end: stop after the first END (``btrfs receive -e``).
         max_errors: stop after this many failed commands (0: never stop); a failure in
@@ -137,18 +156,19 @@ def receive(
         Path(dest), backend=backend, dry_run=dry_run, apply_fileattr=apply_fileattr,
         force_decompress=force_decompress, on_warning=on_warning,
     ) as applier:
-        source = prefetch(events) if read_ahead and not dry_run else iter(events)
+        inner: Iterator[Event] | None = None
+        if isinstance(events, StreamReader) and not read_ahead:
+            source = events.batches()  # decoded lists as they are, about one block each
+        else:
+            inner = prefetch(events) if read_ahead and not dry_run else iter(events)
+            source = _batched(inner)
         apply = applier.apply
         received = applier.received
         reported = 0
         fast = applier.fast
-        it = iter(source)
         try:
             stop = False
-            while not stop:
-                batch = list(islice(it, _APPLY_BATCH))
-                if not batch:
-                    break
+            for batch in source:
                 i, n = 0, len(batch)
                 while i < n:
                     if fast:  # the common commands in C, up to one it hands back
@@ -180,11 +200,14 @@ def receive(
                         if kind is End and stop_at_end:
                             stop = True
                             break
+                if stop:
+                    break
                 if on_progress is not None:
                     cur = applier._cur
                     on_progress(index + 1, data_bytes + (cur.data_bytes if cur else 0))
         finally:
-            close = getattr(it, "close", None)
+            source.close()
+            close = getattr(inner, "close", None)
             if close is not None:
                 close()
         if applier.in_subvolume:
