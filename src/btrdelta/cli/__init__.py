@@ -9,16 +9,18 @@ of the error class (see ``docs/cli.md``); ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from .. import __version__
 from ..errors import BtrdeltaError
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "entry", "main"]
 
 EXIT_CODES_EPILOG = """\
 exit codes:
@@ -64,6 +66,28 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         module = importlib.import_module(f"{__name__}.{name}")
         module.add_parser(sub)
     return parser
+
+
+def entry() -> NoReturn:
+    """The console script (and ``python -m btrdelta``): :func:`main`, then a quick exit.
+
+    Interpreter finalization (clearing every module, final collections) costs ~10 ms, a
+    measurable part of receiving a small incremental stream. When nothing is left to
+    finalize — no other thread, no ``atexit`` handler — the process exits right after
+    standard output and error are flushed.
+    """
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:
+        sys.exit(code)  # the usual shutdown reports it
+    threading = sys.modules.get("threading")
+    callbacks = getattr(atexit, "_ncallbacks", None)
+    if (threading is None or threading.active_count() == 1) and callbacks is not None \
+            and callbacks() == 0:
+        os._exit(code)
+    sys.exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
