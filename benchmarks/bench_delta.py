@@ -16,7 +16,10 @@ run:
 * speed and memory of the CLI (child processes, startup included): ``delta make`` in MB/s of
   diffed data (the new content of the files it diffed) and of stream, ``delta expand`` and
   ``btrdelta receive`` of the delta in MB/s of expanded stream, each with its peak RSS
-  (GNU time's ``%M`` of the command) next to the largest file diffed.
+  (GNU time's ``%M`` of the command) next to the largest file diffed. Receives go into a
+  loop-mounted btrfs whose parent A the kernel received (a device's layout: the parent is
+  snapshotted, not copied), next to ``btrdelta receive`` and ``btrfs receive`` of the
+  plain stream in the same run.
 
 Run: ``.venv/bin/python -m benchmarks delta``.
 """
@@ -168,6 +171,26 @@ def _mb(n: int, secs: float) -> str:
     return f"{n / secs / 1e6:6.1f} MB/s" if secs > 0 else "   inf"
 
 
+def _receive_runs(stream: Path, delta: Path, full_a: Path) -> dict[str, tuple[float, int]]:
+    """Seconds and peak RSS of receiving, on a loop-mounted btrfs whose parent subvolume A
+    was received by the kernel: the delta by btrdelta, and the plain stream by btrdelta and
+    by ``btrfs receive`` (the peer), each into a fresh directory."""
+    out: dict[str, tuple[float, int]] = {}
+    size = max(1 << 30, 4 * _size(full_a) + 2 * _size(stream))
+    with loop_fs("btrfs", size=str(size)) as mnt:
+        for label, cmd, src in (("delta", [*BTRDELTA, "receive"], delta),
+                                ("stream", [*BTRDELTA, "receive"], stream),
+                                ("kernel", ["btrfs", "receive"], stream)):
+            dest = mnt / label
+            dest.mkdir()
+            sh("btrfs", "receive", "-f", full_a, dest)
+            sh("sync")
+            t, rss, _ = _timed([*cmd, "-f", src, dest])
+            out[label] = (t, rss)
+            sh("sync")
+    return out
+
+
 def _delta_runs(stream: Path, full_a: Path, a_tree: Path, work: Path, tag: str,
                 lines: list[str]) -> int:
     """make / expand / receive one stream; returns the delta's size."""
@@ -180,15 +203,7 @@ def _delta_runs(stream: Path, full_a: Path, a_tree: Path, work: Path, tag: str,
                                 "-o", back])
     same = filecmp.cmp(back, stream, shallow=False)
     back.unlink()
-    dest = work / f"{tag}.recv"
-    dest.mkdir()
-    sh(*BTRDELTA, "receive", "--backend", "dir", "-f", full_a, dest)
-    t_rcv, rss_rcv, _ = _timed([*BTRDELTA, "receive", "--backend", "dir", "-f", delta, dest])
-    shutil.rmtree(dest)
-    dest.mkdir()  # the same receive of the plain stream, for reference
-    sh(*BTRDELTA, "receive", "--backend", "dir", "-f", full_a, dest)
-    t_plain, _, _ = _timed([*BTRDELTA, "receive", "--backend", "dir", "-f", stream, dest])
-    shutil.rmtree(dest)
+    receives = _receive_runs(stream, delta, full_a)
     s = _size(stream)
     diffed = stats.get("diffed_bytes", 0)
     largest = stats.get("largest_diffed", 0)
@@ -205,9 +220,13 @@ def _delta_runs(stream: Path, full_a: Path, a_tree: Path, work: Path, tag: str,
     )
     lines.append(f"  [{tag}] expand  {_mb(s, t_exp)}, {t_exp:5.1f} s, peak RSS "
                  f"{rss_exp / 1e6:5.0f} MB")
+    t_rcv, rss_rcv = receives["delta"]
+    t_plain, _ = receives["stream"]
+    t_kern, rss_kern = receives["kernel"]
     lines.append(f"  [{tag}] receive {_mb(s, t_rcv)}, {t_rcv:5.1f} s, peak RSS "
-                 f"{rss_rcv / 1e6:5.0f} MB (plain-directory backend; the plain stream itself: "
-                 f"{_mb(s, t_plain)})")
+                 f"{rss_rcv / 1e6:5.0f} MB into btrfs (the plain stream: btrdelta "
+                 f"{_mb(s, t_plain)}, btrfs receive {_mb(s, t_kern)}, "
+                 f"{rss_kern / 1e6:.0f} MB)")
     return _size(delta)
 
 
