@@ -55,20 +55,9 @@ def prefetch(events: Iterable[Event]) -> Iterator[Event]:
 
     def produce() -> None:
         try:
-            batch: list[Event] = []
-            nbytes = 0
-            for ev in events:
-                batch.append(ev)
-                data = getattr(ev, "data", None)
-                if data is not None:
-                    nbytes += len(data)
-                if len(batch) >= _BATCH_EVENTS or nbytes >= _BATCH_BYTES:
-                    if not put(batch):
-                        return
-                    batch = []
-                    nbytes = 0
-            if batch and not put(batch):
-                return
+            for batch in _batched(iter(events), _BATCH_EVENTS, _BATCH_BYTES):
+                if not put(batch):
+                    return
             put(_DONE)
         except BaseException as exc:  # handed to the consumer
             put(exc)
@@ -88,8 +77,10 @@ def prefetch(events: Iterable[Event]) -> Iterator[Event]:
         thread.join()
 
 
-def _batched(events: Iterator[Event]) -> Generator[list[Event], None, None]:
-    """Lists of at most ``_APPLY_BATCH`` events and about ``_APPLY_BYTES`` of file data."""
+def _batched(
+    events: Iterator[Event], count: int = _APPLY_BATCH, size: int = _APPLY_BYTES
+) -> Generator[list[Event], None, None]:
+    """Lists of at most ``count`` events and about ``size`` bytes of file data."""
     batch: list[Event] = []
     nbytes = 0
     for ev in events:
@@ -97,7 +88,7 @@ def _batched(events: Iterator[Event]) -> Generator[list[Event], None, None]:
         data = getattr(ev, "data", None)
         if data is not None:
             nbytes += len(data)
-        if len(batch) >= _APPLY_BATCH or nbytes >= _APPLY_BYTES:
+        if len(batch) >= count or nbytes >= size:
             yield batch
             batch = []
             nbytes = 0

@@ -512,21 +512,10 @@ class StreamReader:
             parser.feed(memoryview(buf)[:n])
 
     def _iterate(self, headers: bool) -> Iterator[Event]:
-        parser = self.parser
-        next_event = parser.next_event
-        take_batch = parser.take_batch
-        while True:
-            batch = take_batch()
-            if batch:
+        for batch in self.batches():
+            # a header comes alone (from next_event), never inside a decoded batch
+            if headers or batch[0].__class__ is not StreamHeader:
                 yield from batch
-                continue
-            ev = next_event()
-            if ev is NEED_DATA:
-                self._fill()
-            elif ev is EOF:
-                return
-            elif headers or ev.__class__ is not StreamHeader:
-                yield ev
 
     def events(self) -> Iterator[Event]:
         """Yield stream headers and records until the input ends."""
