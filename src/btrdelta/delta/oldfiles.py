@@ -144,35 +144,31 @@ def _open(
     parts = _components(path)
     if cache is not None:
         dfd = cache.dir_fd(root, parts[:-1])
-        if dfd is None:
-            return None
-        try:
-            ffd = os.open(parts[-1], _FILE, dir_fd=dfd)
-        except OSError:
-            return None
-        if not stat.S_ISREG(os.fstat(ffd).st_mode):
-            os.close(ffd)
-            return None
-        return ffd
+        return None if dfd is None else _open_regular(parts[-1], dfd)
     fd = os.open(root, _DIR)
     try:
         for part in parts[:-1]:
             try:
                 nfd = os.open(part, _DIR, dir_fd=fd)
-            except (FileNotFoundError, NotADirectoryError, OSError):
+            except OSError:
                 return None
             os.close(fd)
             fd = nfd
-        try:
-            ffd = os.open(parts[-1], _FILE, dir_fd=fd)
-        except OSError:
-            return None
-        if not stat.S_ISREG(os.fstat(ffd).st_mode):
-            os.close(ffd)
-            return None
-        return ffd
+        return _open_regular(parts[-1], fd)
     finally:
         os.close(fd)
+
+
+def _open_regular(name: bytes, dir_fd: int) -> int | None:
+    """``name`` in ``dir_fd`` opened with ``_FILE``, if it is a regular file."""
+    try:
+        ffd = os.open(name, _FILE, dir_fd=dir_fd)
+    except OSError:
+        return None
+    if not stat.S_ISREG(os.fstat(ffd).st_mode):
+        os.close(ffd)
+        return None
+    return ffd
 
 
 def list_old_dir(root: str | os.PathLike[str], path: bytes) -> list[bytes] | None:

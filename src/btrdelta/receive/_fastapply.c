@@ -360,6 +360,20 @@ get_i64(PyObject *rec, PyObject *name, long long *out)
     return 0;
 }
 
+/* a path field, checked (an empty one only where `root_ok`: the subvolume root); the bytes
+ * object is kept alive in *keep, released here on failure */
+static int
+get_path(PyObject *rec, PyObject *name, int root_ok, const char **p, size_t *n,
+         PyObject **keep)
+{
+    if (get_bytes(rec, name, p, n, keep) < 0)
+        return -1;
+    if ((*n == 0 && root_ok) || check_path(*p, *n) == 0)
+        return 0;
+    Py_CLEAR(*keep);
+    return -1;
+}
+
 /* ---------------------------------------------------------------------------------------
  * commands: 0 = applied, -1 = hand the record to Python (nothing of it applied) */
 
@@ -376,12 +390,10 @@ do_entry(Fast *f, int op, PyObject *rec)
     const char *p;
     size_t n;
     PyObject *keep = NULL;
-    if (get_bytes(rec, s_path, &p, &n, &keep) < 0)
+    if (get_path(rec, s_path, 0, &p, &n, &keep) < 0)
         return -1;
     int ret = -1;
     char name[NAME_MAX + 1];
-    if (check_path(p, n) < 0)
-        goto out;
     if (op == OP_UNLINK && is_wpath(f, p, n))
         write_close(f);
     if (op == OP_RMDIR) {
@@ -456,11 +468,9 @@ do_two(Fast *f, int op, PyObject *rec)
     PyObject *ka = NULL, *kb = NULL;
     int ret = -1;
     char aname[NAME_MAX + 1], bname[NAME_MAX + 1];
-    if (get_bytes(rec, s_path, &a, &an, &ka) < 0)
+    if (get_path(rec, s_path, 0, &a, &an, &ka) < 0)
         return -1;
-    if (get_bytes(rec, op == OP_RENAME ? s_path_to : s_path_link, &b, &bn, &kb) < 0)
-        goto out;
-    if (check_path(a, an) < 0 || check_path(b, bn) < 0)
+    if (get_path(rec, op == OP_RENAME ? s_path_to : s_path_link, 0, &b, &bn, &kb) < 0)
         goto out;
     int afd = parent_of(f, a, an, aname);
     if (afd < 0)
@@ -519,12 +529,10 @@ do_data(Fast *f, int op, PyObject *rec, long long *nbytes)
     const char *p;
     size_t n;
     PyObject *keep = NULL;
-    if (get_bytes(rec, s_path, &p, &n, &keep) < 0)
+    if (get_path(rec, s_path, 0, &p, &n, &keep) < 0)
         return -1;
     int ret = -1;
     long long off = 0;
-    if (check_path(p, n) < 0)
-        goto out;
     if (op == OP_UPDATE_EXTENT) { /* a no-op, as in btrfs-progs */
         ret = 0;
         goto out;
@@ -619,14 +627,12 @@ do_meta(Fast *f, int op, PyObject *rec)
     const char *p;
     size_t n;
     PyObject *keep = NULL;
-    if (get_bytes(rec, s_path, &p, &n, &keep) < 0)
+    if (get_path(rec, s_path, 1, &p, &n, &keep) < 0)
         return -1;
     int ret = -1;
     char name[NAME_MAX + 1];
     int dfd = f->root_fd;
     if (n != 0) {
-        if (check_path(p, n) < 0)
-            goto out;
         dfd = parent_of(f, p, n, name);
         if (dfd < 0)
             goto out;
