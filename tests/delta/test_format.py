@@ -381,3 +381,27 @@ def test_unchanged_rebuilt_file_is_not_copied(tmp_path: Path) -> None:
     st = collect_delta_stats(open_delta(io.BytesIO(delta)))
     assert st.patched_files["same"] == 1
     assert peak < 1.5 * (16 << 20), peak
+
+
+def test_old_root_may_be_a_symlink_to_the_old_tree(old_tree: Path, tmp_path: Path) -> None:
+    """``--old`` names the old tree; a symlink to it is followed (only paths below it are
+    walked without following symlinks), also for UNLINK references to old listings."""
+    from btrdelta.cli import main
+
+    files = _new_files(old_tree)
+    out: list[bytes] = []
+    w = StreamWriter(out.append, 1)
+    w.write(R.Snapshot(b"B", uuid.uuid4(), 9, uuid.uuid4(), 8))
+    w.write(R.Unlink(b"d/f2"))
+    for off in range(0, len(files[b"d/f1"]), 49152):
+        w.write(R.Write(b"d/f1", off, files[b"d/f1"][off : off + 49152]))
+    w.write(R.End())
+    stream = tmp_path / "s"
+    stream.write_bytes(b"".join(bytes(p) for p in out))
+    link = tmp_path / "old-link"
+    link.symlink_to(old_tree)
+    delta, back = tmp_path / "d", tmp_path / "back"
+    assert main(["delta", "make", "-f", str(stream), "--old", str(link), "-o", str(delta)]) == 0
+    assert main(["delta", "expand", "-f", str(delta), "--old", str(link), "-o", str(back)]) == 0
+    assert back.read_bytes() == stream.read_bytes()
+    assert len(delta.read_bytes()) < 2000

@@ -23,6 +23,8 @@ __all__ = [
 ]
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: the old root itself is the user's path: a symlink to it is followed
+_ROOT = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
@@ -118,7 +120,7 @@ class DirCache:
         if key == self._key:
             return self._fd
         self.close()
-        fd = os.open(root, _DIR)
+        fd = os.open(root, _ROOT)
         for part in parts:
             try:
                 nfd = os.open(part, _DIR, dir_fd=fd)
@@ -145,7 +147,7 @@ def _open(
     if cache is not None:
         dfd = cache.dir_fd(root, parts[:-1])
         return None if dfd is None else _open_regular(parts[-1], dfd)
-    fd = os.open(root, _DIR)
+    fd = os.open(root, _ROOT)
     try:
         for part in parts[:-1]:
             try:
@@ -179,7 +181,7 @@ def list_old_dir(root: str | os.PathLike[str], path: bytes) -> list[bytes] | Non
     except UnsafePathError:
         return None
     try:
-        fd = os.open(root, _DIR)
+        fd = os.open(root, _ROOT)
     except OSError:
         return None
     try:
