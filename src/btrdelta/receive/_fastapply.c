@@ -19,6 +19,11 @@
  * Opened directories are cached by path; a RENAME or RMDIR drops every entry at or below
  * the paths it changed.
  *
+ * A run gathers the fields of its records with the GIL held (up to the first record Python
+ * must apply), then makes all their system calls with the GIL released once, so a reader
+ * thread (decoding, or expanding a delta stream) runs meanwhile without a hand-over per
+ * system call.
+ *
  * Hand-over with Python: one cached write descriptor (the file last created or written)
  * moves between the two sides with give_write()/take_write(); take_dirs_changed() tells
  * Python to drop its own directory cache after C renamed or removed directories, and
@@ -101,6 +106,8 @@ typedef struct {
     DirEnt *dirs;
     size_t ndirs, dcap;
     int dirs_changed;
+    struct Op *ops; /* gathered records of a run */
+    size_t ocap;
 } Fast;
 
 /* ---------------------------------------------------------------------------------------
@@ -222,10 +229,7 @@ dir_fd(Fast *f, const char *p, size_t n)
             return -1;
         memcpy(name, p + start, len);
         name[len] = 0;
-        int nfd;
-        Py_BEGIN_ALLOW_THREADS
-        nfd = openat(cur, name, DIR_FLAGS);
-        Py_END_ALLOW_THREADS
+        int nfd = openat(cur, name, DIR_FLAGS);
         if (nfd < 0)
             return -1;
         if (dir_add(f, p, stop, hash_bytes(p, stop), nfd) < 0) {
@@ -302,7 +306,6 @@ write_fd(Fast *f, const char *p, size_t n)
     if (dfd < 0)
         return -1;
     int fd = -1;
-    Py_BEGIN_ALLOW_THREADS
     int pfd = openat(dfd, name, PATH_FLAGS);
     if (pfd >= 0) {
         struct stat st;
@@ -313,7 +316,6 @@ write_fd(Fast *f, const char *p, size_t n)
         }
         close(pfd);
     }
-    Py_END_ALLOW_THREADS
     if (fd < 0)
         return -1;
     write_close(f);
@@ -326,7 +328,19 @@ write_fd(Fast *f, const char *p, size_t n)
 }
 
 /* ---------------------------------------------------------------------------------------
- * record fields (a missing or mistyped field hands the record to Python) */
+ * gathering: a record's fields into an Op, with the GIL held (a missing, mistyped or
+ * out-of-range field, or a path that breaks the rules, hands the record to Python) */
+
+/* one record to apply, its fields extracted; `kp`/`kq` keep the path bytes alive and `view`
+ * pins the data of WRITE/ENCODED_WRITE while the GIL is released */
+typedef struct Op {
+    int op;
+    const char *p, *q; /* PATH; PATH_TO / PATH_LINK / symlink target */
+    size_t n, qn;
+    long long v[5]; /* offset/size/mode/uid,gid/atime,mtime/encoded-write parameters */
+    PyObject *kp, *kq;
+    Py_buffer view;
+} Op;
 
 static int
 get_bytes(PyObject *rec, PyObject *name, const char **p, size_t *n, PyObject **keep)
@@ -360,8 +374,7 @@ get_i64(PyObject *rec, PyObject *name, long long *out)
     return 0;
 }
 
-/* a path field, checked (an empty one only where `root_ok`: the subvolume root); the bytes
- * object is kept alive in *keep, released here on failure */
+/* a path field, checked (an empty one only where `root_ok`: the subvolume root) */
 static int
 get_path(PyObject *rec, PyObject *name, int root_ok, const char **p, size_t *n,
          PyObject **keep)
@@ -374,120 +387,164 @@ get_path(PyObject *rec, PyObject *name, int root_ok, const char **p, size_t *n,
     return -1;
 }
 
-/* ---------------------------------------------------------------------------------------
- * commands: 0 = applied, -1 = hand the record to Python (nothing of it applied) */
-
-/* r = expr, with the GIL released around the system call */
-#define SYSCALL(r, expr)                                                                      \
-    do {                                                                                      \
-        Py_BEGIN_ALLOW_THREADS r = (long)(expr);                                              \
-        Py_END_ALLOW_THREADS                                                                  \
-    } while (0)
+static void
+op_release(Op *o)
+{
+    Py_CLEAR(o->kp);
+    Py_CLEAR(o->kq);
+    if (o->view.obj != NULL)
+        PyBuffer_Release(&o->view);
+}
 
 static int
-do_entry(Fast *f, int op, PyObject *rec)
+get_data(PyObject *rec, Op *o)
 {
-    const char *p;
-    size_t n;
-    PyObject *keep = NULL;
-    if (get_path(rec, s_path, 0, &p, &n, &keep) < 0)
+    PyObject *data = PyObject_GetAttr(rec, s_data);
+    if (data == NULL)
         return -1;
-    int ret = -1;
+    int r = PyObject_GetBuffer(data, &o->view, PyBUF_SIMPLE);
+    Py_DECREF(data);
+    return r;
+}
+
+/* 0: `o` holds the record's fields; -1: Python applies it (o released) */
+static int
+gather(Fast *f, int op, PyObject *rec, Op *o)
+{
+    memset(o, 0, sizeof *o);
+    o->op = op;
+    long long *v = o->v;
+    int root_ok = op == OP_CHMOD || op == OP_CHOWN || op == OP_UTIMES;
+    if (get_path(rec, s_path, root_ok, &o->p, &o->n, &o->kp) < 0)
+        return -1;
+    switch (op) {
+    case OP_SYMLINK:
+        if (get_bytes(rec, s_target, &o->q, &o->qn, &o->kq) < 0 || o->qn == 0 ||
+            memchr(o->q, 0, o->qn) != NULL)
+            goto fail;
+        break;
+    case OP_RENAME:
+    case OP_LINK:
+        if (get_path(rec, op == OP_RENAME ? s_path_to : s_path_link, 0, &o->q, &o->qn,
+                     &o->kq) < 0)
+            goto fail;
+        break;
+    case OP_TRUNCATE:
+        if (get_i64(rec, s_size, &v[0]) < 0 || v[0] < 0)
+            goto fail;
+        break;
+    case OP_WRITE:
+        if (get_i64(rec, s_offset, &v[0]) < 0 || v[0] < 0 || get_data(rec, o) < 0)
+            goto fail;
+        break;
+    case OP_ENCODED_WRITE: {
+        /* v: offset, unencoded file length, unencoded length and offset, compression */
+        if (!f->encoded)
+            goto fail;
+        PyObject *e = PyObject_GetAttr(rec, s_encryption);
+        if (e == NULL)
+            goto fail;
+        int plain = e == Py_None || (PyLong_Check(e) && PyLong_AsLongLong(e) == 0);
+        Py_DECREF(e);
+        if (!plain || get_i64(rec, s_offset, &v[0]) < 0 || v[0] < 0 ||
+            get_i64(rec, s_unencoded_file_len, &v[1]) < 0 ||
+            get_i64(rec, s_unencoded_len, &v[2]) < 0 ||
+            get_i64(rec, s_unencoded_offset, &v[3]) < 0 ||
+            get_i64(rec, s_compression, &v[4]) < 0)
+            goto fail;
+        if (v[4] < 1 || v[4] > 7 || v[2] < 0 || v[2] > MAX_UNENCODED || v[1] < 0 ||
+            v[3] < 0 || v[3] + v[1] > v[2])
+            goto fail;
+        if (get_data(rec, o) < 0 || o->view.len == 0)
+            goto fail;
+        break;
+    }
+    case OP_CHMOD:
+        if (get_i64(rec, s_mode, &v[0]) < 0)
+            goto fail;
+        break;
+    case OP_CHOWN:
+        if (get_i64(rec, s_uid, &v[0]) < 0 || get_i64(rec, s_gid, &v[1]) < 0 || v[0] < 0 ||
+            v[1] < 0 || v[0] > UINT32_MAX || v[1] > UINT32_MAX)
+            goto fail;
+        break;
+    case OP_UTIMES:
+        if (get_i64(rec, s_atime, &v[0]) < 0 || get_i64(rec, s_mtime, &v[1]) < 0 ||
+            v[0] < 0 || v[1] < 0)
+            goto fail;
+        break;
+    default: /* MKFILE, MKDIR, UNLINK, RMDIR, UPDATE_EXTENT: the path is all */
+        break;
+    }
+    return 0;
+fail:
+    op_release(o);
+    return -1;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * executing: the system calls of one gathered record, with the GIL released (no Python
+ * object is touched); 0 = applied, -1 = hand the record to Python (nothing of it applied) */
+
+static int
+exec_entry(Fast *f, const Op *o)
+{
+    const char *p = o->p;
+    size_t n = o->n;
     char name[NAME_MAX + 1];
-    if (op == OP_UNLINK && is_wpath(f, p, n))
+    if (o->op == OP_UNLINK && is_wpath(f, p, n))
         write_close(f);
-    if (op == OP_RMDIR) {
+    if (o->op == OP_RMDIR) {
         write_close(f);
         dirs_invalidate(f, p, n);
         f->dirs_changed = 1;
     }
     int dfd = parent_of(f, p, n, name);
     if (dfd < 0)
-        goto out;
-    long r;
-    switch (op) {
+        return -1;
+    switch (o->op) {
     case OP_MKFILE: {
-        long fd;
-        SYSCALL(fd, openat(dfd, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
-                           0600));
+        int fd = openat(dfd, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
         if (fd < 0)
-            goto out;
+            return -1;
         write_close(f);
         if (wpath_set(f, p, n) < 0) {
-            close((int)fd);
-            goto out;
+            close(fd);
+            return -1;
         }
-        f->wfd = (int)fd;
-        break;
+        f->wfd = fd;
+        return 0;
     }
     case OP_MKDIR:
-        SYSCALL(r, mkdirat(dfd, name, 0700));
-        if (r < 0)
-            goto out;
-        break;
+        return mkdirat(dfd, name, 0700) < 0 ? -1 : 0;
     case OP_UNLINK:
-        SYSCALL(r, unlinkat(dfd, name, 0));
-        if (r < 0)
-            goto out;
-        break;
+        return unlinkat(dfd, name, 0) < 0 ? -1 : 0;
     case OP_RMDIR:
-        SYSCALL(r, unlinkat(dfd, name, AT_REMOVEDIR));
-        if (r < 0)
-            goto out;
-        break;
-    case OP_SYMLINK: {
-        const char *t;
-        size_t tn;
-        PyObject *tkeep = NULL;
-        if (get_bytes(rec, s_target, &t, &tn, &tkeep) < 0)
-            goto out;
-        int bad = tn == 0 || memchr(t, 0, tn) != NULL;
-        r = -1;
-        if (!bad)
-            SYSCALL(r, symlinkat(t, dfd, name));
-        Py_DECREF(tkeep);
-        if (r < 0)
-            goto out;
-        break;
-    }
+        return unlinkat(dfd, name, AT_REMOVEDIR) < 0 ? -1 : 0;
+    case OP_SYMLINK: /* a bytes object's buffer ends with a NUL */
+        return symlinkat(o->q, dfd, name) < 0 ? -1 : 0;
     default:
-        goto out;
+        return -1;
     }
-    ret = 0;
-out:
-    Py_XDECREF(keep);
-    return ret;
 }
 
 /* RENAME and LINK: two paths */
 static int
-do_two(Fast *f, int op, PyObject *rec)
+exec_two(Fast *f, const Op *o)
 {
-    const char *a, *b;
-    size_t an, bn;
-    PyObject *ka = NULL, *kb = NULL;
-    int ret = -1;
+    const char *a = o->p, *b = o->q;
+    size_t an = o->n, bn = o->qn;
     char aname[NAME_MAX + 1], bname[NAME_MAX + 1];
-    if (get_path(rec, s_path, 0, &a, &an, &ka) < 0)
-        return -1;
-    if (get_path(rec, op == OP_RENAME ? s_path_to : s_path_link, 0, &b, &bn, &kb) < 0)
-        goto out;
     int afd = parent_of(f, a, an, aname);
     if (afd < 0)
-        goto out;
+        return -1;
     int bfd = parent_of(f, b, bn, bname);
     if (bfd < 0)
-        goto out;
-    long r;
-    if (op == OP_LINK) { /* new name `path` for the existing `path_link` */
-        SYSCALL(r, linkat(bfd, bname, afd, aname, 0));
-        if (r == 0)
-            ret = 0;
-        goto out;
-    }
-    SYSCALL(r, renameat(afd, aname, bfd, bname));
-    if (r < 0)
-        goto out;
+        return -1;
+    if (o->op == OP_LINK) /* new name `path` for the existing `path_link` */
+        return linkat(bfd, bname, afd, aname, 0) < 0 ? -1 : 0;
+    if (renameat(afd, aname, bfd, bname) < 0)
+        return -1;
     dirs_invalidate(f, a, an);
     dirs_invalidate(f, b, bn);
     f->dirs_changed = 1;
@@ -516,188 +573,125 @@ do_two(Fast *f, int op, PyObject *rec)
             write_close(f);
         }
     }
-    ret = 0;
-out:
-    Py_XDECREF(ka);
-    Py_XDECREF(kb);
-    return ret;
+    return 0;
 }
 
+/* WRITE, TRUNCATE, UPDATE_EXTENT, ENCODED_WRITE */
 static int
-do_data(Fast *f, int op, PyObject *rec, long long *nbytes)
+exec_data(Fast *f, const Op *o, long long *nbytes)
 {
-    const char *p;
-    size_t n;
-    PyObject *keep = NULL;
-    if (get_path(rec, s_path, 0, &p, &n, &keep) < 0)
+    if (o->op == OP_UPDATE_EXTENT) /* a no-op, as in btrfs-progs */
+        return 0;
+    int fd = write_fd(f, o->p, o->n);
+    if (fd < 0)
         return -1;
-    int ret = -1;
-    long long off = 0;
-    if (op == OP_UPDATE_EXTENT) { /* a no-op, as in btrfs-progs */
-        ret = 0;
-        goto out;
-    }
-    if (op == OP_TRUNCATE) {
-        long long size;
-        if (get_i64(rec, s_size, &size) < 0 || size < 0)
-            goto out;
-        int fd = write_fd(f, p, n);
-        long r = -1;
-        if (fd >= 0)
-            SYSCALL(r, ftruncate(fd, (off_t)size));
-        if (r == 0)
-            ret = 0;
-        goto out;
-    }
-    if (get_i64(rec, s_offset, &off) < 0 || off < 0)
-        goto out;
-    long long file_len = 0, unenc_len = 0, unenc_off = 0, comp = 0;
-    if (op == OP_ENCODED_WRITE) {
-        if (!f->encoded)
-            goto out;
-        PyObject *e = PyObject_GetAttr(rec, s_encryption);
-        if (e == NULL)
-            goto out;
-        int plain = e == Py_None || (PyLong_Check(e) && PyLong_AsLongLong(e) == 0);
-        Py_DECREF(e);
-        if (!plain || get_i64(rec, s_unencoded_file_len, &file_len) < 0 ||
-            get_i64(rec, s_unencoded_len, &unenc_len) < 0 ||
-            get_i64(rec, s_unencoded_offset, &unenc_off) < 0 ||
-            get_i64(rec, s_compression, &comp) < 0)
-            goto out;
-        if (comp < 1 || comp > 7 || unenc_len < 0 || unenc_len > MAX_UNENCODED ||
-            file_len < 0 || unenc_off < 0 || unenc_off + file_len > unenc_len)
-            goto out;
-    }
-    PyObject *data = PyObject_GetAttr(rec, s_data);
-    if (data == NULL)
-        goto out;
-    Py_buffer view;
-    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) {
-        Py_DECREF(data);
-        goto out;
-    }
-    int fd = write_fd(f, p, n);
-    if (fd >= 0 && op == OP_WRITE) {
-        size_t done = 0, len = (size_t)view.len;
-        const char *buf = view.buf;
-        Py_BEGIN_ALLOW_THREADS
+    const long long *v = o->v;
+    if (o->op == OP_TRUNCATE)
+        return ftruncate(fd, (off_t)v[0]) < 0 ? -1 : 0;
+    if (o->op == OP_WRITE) {
+        size_t done = 0, len = (size_t)o->view.len;
+        const char *buf = o->view.buf;
         while (done < len) {
-            ssize_t w = pwrite(fd, buf + done, len - done, (off_t)(off + (long long)done));
+            ssize_t w = pwrite(fd, buf + done, len - done, (off_t)(v[0] + (long long)done));
             if (w <= 0)
-                break;
+                return -1;
             done += (size_t)w;
         }
-        Py_END_ALLOW_THREADS
-        if (done == len) {
-            *nbytes += (long long)len;
-            ret = 0;
-        }
+        *nbytes += (long long)len;
+        return 0;
     }
-    else if (fd >= 0) {
-        struct iovec iov = {view.buf, (size_t)view.len};
-        struct encoded_io_args args;
-        memset(&args, 0, sizeof args);
-        args.iov = &iov;
-        args.iovcnt = 1;
-        args.offset = off;
-        args.len = (uint64_t)file_len;
-        args.unencoded_len = (uint64_t)unenc_len;
-        args.unencoded_offset = (uint64_t)unenc_off;
-        args.compression = (uint32_t)comp;
-        long r = -1;
-        if (view.len > 0)
-            SYSCALL(r, ioctl(fd, IOC_ENCODED_WRITE, &args));
-        if (r >= 0) {
-            *nbytes += file_len;
-            ret = 0;
-        }
-    }
-    PyBuffer_Release(&view);
-    Py_DECREF(data);
-out:
-    Py_XDECREF(keep);
-    return ret;
+    struct iovec iov = {o->view.buf, (size_t)o->view.len};
+    struct encoded_io_args args;
+    memset(&args, 0, sizeof args);
+    args.iov = &iov;
+    args.iovcnt = 1;
+    args.offset = v[0];
+    args.len = (uint64_t)v[1];
+    args.unencoded_len = (uint64_t)v[2];
+    args.unencoded_offset = (uint64_t)v[3];
+    args.compression = (uint32_t)v[4];
+    if (ioctl(fd, IOC_ENCODED_WRITE, &args) < 0)
+        return -1;
+    *nbytes += v[1];
+    return 0;
 }
 
 /* CHMOD, CHOWN, UTIMES: an empty path is the subvolume root */
 static int
-do_meta(Fast *f, int op, PyObject *rec)
+exec_meta(Fast *f, const Op *o)
 {
-    const char *p;
-    size_t n;
-    PyObject *keep = NULL;
-    if (get_path(rec, s_path, 1, &p, &n, &keep) < 0)
-        return -1;
-    int ret = -1;
+    const char *p = o->p;
+    size_t n = o->n;
+    const long long *v = o->v;
     char name[NAME_MAX + 1];
     int dfd = f->root_fd;
     if (n != 0) {
         dfd = parent_of(f, p, n, name);
         if (dfd < 0)
-            goto out;
+            return -1;
     }
-    long r;
-    if (op == OP_CHMOD) {
-        long long mode;
-        if (get_i64(rec, s_mode, &mode) < 0)
-            goto out;
-        mode_t m = (mode_t)(mode & 07777);
-        if (n == 0) {
-            SYSCALL(r, fchmod(f->root_fd, m));
-        }
-        else if (is_wpath(f, p, n)) { /* the file just written: a regular file held open */
-            SYSCALL(r, fchmod(f->wfd, m));
-        }
-        else {
-            r = -1;
-            Py_BEGIN_ALLOW_THREADS
-            int pfd = openat(dfd, name, PATH_FLAGS);
-            if (pfd >= 0) {
-                struct stat st;
-                if (fstat(pfd, &st) == 0) {
-                    if (S_ISLNK(st.st_mode)) { /* symlinks have no mode on Linux */
-                        r = 0;
-                    }
-                    else {
-                        char proc[64];
-                        snprintf(proc, sizeof proc, "/proc/self/fd/%d", pfd);
-                        r = chmod(proc, m);
-                    }
-                }
-                close(pfd);
-            }
-            Py_END_ALLOW_THREADS
-        }
-    }
-    else if (op == OP_CHOWN) {
-        long long uid, gid;
-        if (get_i64(rec, s_uid, &uid) < 0 || get_i64(rec, s_gid, &gid) < 0 || uid < 0 ||
-            gid < 0 || uid > UINT32_MAX || gid > UINT32_MAX)
-            goto out;
+    int r;
+    if (o->op == OP_CHMOD) {
+        mode_t m = (mode_t)(v[0] & 07777);
         if (n == 0)
-            SYSCALL(r, fchown(f->root_fd, (uid_t)uid, (gid_t)gid));
+            return fchmod(f->root_fd, m) < 0 ? -1 : 0;
+        if (is_wpath(f, p, n)) /* the file just written: a regular file held open */
+            return fchmod(f->wfd, m) < 0 ? -1 : 0;
+        r = -1;
+        int pfd = openat(dfd, name, PATH_FLAGS);
+        if (pfd >= 0) {
+            struct stat st;
+            if (fstat(pfd, &st) == 0) {
+                if (S_ISLNK(st.st_mode)) { /* symlinks have no mode on Linux */
+                    r = 0;
+                }
+                else {
+                    char proc[64];
+                    snprintf(proc, sizeof proc, "/proc/self/fd/%d", pfd);
+                    r = chmod(proc, m);
+                }
+            }
+            close(pfd);
+        }
+    }
+    else if (o->op == OP_CHOWN) {
+        if (n == 0)
+            r = fchown(f->root_fd, (uid_t)v[0], (gid_t)v[1]);
         else
-            SYSCALL(r, fchownat(dfd, name, (uid_t)uid, (gid_t)gid, AT_SYMLINK_NOFOLLOW));
+            r = fchownat(dfd, name, (uid_t)v[0], (gid_t)v[1], AT_SYMLINK_NOFOLLOW);
     }
     else {
-        long long at, mt;
-        if (get_i64(rec, s_atime, &at) < 0 || get_i64(rec, s_mtime, &mt) < 0 || at < 0 ||
-            mt < 0)
-            goto out;
-        struct timespec ts[2] = {{(time_t)(at / 1000000000), (long)(at % 1000000000)},
-                                 {(time_t)(mt / 1000000000), (long)(mt % 1000000000)}};
+        struct timespec ts[2] = {{(time_t)(v[0] / 1000000000), (long)(v[0] % 1000000000)},
+                                 {(time_t)(v[1] / 1000000000), (long)(v[1] % 1000000000)}};
         if (n == 0)
-            SYSCALL(r, futimens(f->root_fd, ts));
+            r = futimens(f->root_fd, ts);
         else
-            SYSCALL(r, utimensat(dfd, name, ts, AT_SYMLINK_NOFOLLOW));
+            r = utimensat(dfd, name, ts, AT_SYMLINK_NOFOLLOW);
     }
-    if (r < 0)
-        goto out;
-    ret = 0;
-out:
-    Py_XDECREF(keep);
-    return ret;
+    return r < 0 ? -1 : 0;
+}
+
+static int
+exec_op(Fast *f, const Op *o, long long *nbytes)
+{
+    if (f->ndirs > DIRS_TRIM)
+        dirs_clear(f);
+    switch (o->op) {
+    case OP_RENAME:
+    case OP_LINK:
+        return exec_two(f, o);
+    case OP_WRITE:
+    case OP_TRUNCATE:
+    case OP_UPDATE_EXTENT:
+    case OP_ENCODED_WRITE:
+        return exec_data(f, o, nbytes);
+    case OP_CHMOD:
+    case OP_CHOWN:
+    case OP_UTIMES:
+        return exec_meta(f, o);
+    default:
+        return exec_entry(f, o);
+    }
 }
 
 /* ---------------------------------------------------------------------------------------
@@ -724,6 +718,7 @@ Fast_dealloc(Fast *self)
     Fast_release(self);
     free(self->dirs);
     free(self->wpath);
+    free(self->ops);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -748,45 +743,40 @@ Fast_run(Fast *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "O!n:run", &PyList_Type, &batch, &start))
         return NULL;
     Py_ssize_t i = start < 0 ? 0 : start;
+    Py_ssize_t size = PyList_GET_SIZE(batch);
     long long nbytes = 0;
-    if (self->root_fd >= 0) {
-        for (; i < PyList_GET_SIZE(batch); i++) {
-            PyObject *rec = PyList_GET_ITEM(batch, i);
-            PyTypeObject *t = Py_TYPE(rec);
-            int op = 0;
-            while (op < NOPS && op_types[op] != t)
-                op++;
-            if (op == NOPS)
-                break;
-            if (self->ndirs > DIRS_TRIM)
-                dirs_clear(self);
-            int r;
-            switch (op) {
-            case OP_RENAME:
-            case OP_LINK:
-                r = do_two(self, op, rec);
-                break;
-            case OP_WRITE:
-            case OP_TRUNCATE:
-            case OP_UPDATE_EXTENT:
-            case OP_ENCODED_WRITE:
-                r = do_data(self, op, rec, &nbytes);
-                break;
-            case OP_CHMOD:
-            case OP_CHOWN:
-            case OP_UTIMES:
-                r = do_meta(self, op, rec);
-                break;
-            default:
-                r = do_entry(self, op, rec);
-            }
-            if (r < 0) {
-                PyErr_Clear(); /* Python applies this record and reports its own error */
-                break;
-            }
+    if (self->root_fd < 0 || i >= size)
+        return Py_BuildValue("nL", i, nbytes);
+    if ((size_t)(size - i) > self->ocap) {
+        Op *ops = realloc(self->ops, (size_t)(size - i) * sizeof(Op));
+        if (ops == NULL)
+            return PyErr_NoMemory();
+        self->ops = ops;
+        self->ocap = (size_t)(size - i);
+    }
+    /* gather with the GIL: up to the first record Python must apply */
+    Py_ssize_t count = 0;
+    for (Py_ssize_t j = i; j < size; j++, count++) {
+        PyTypeObject *t = Py_TYPE(PyList_GET_ITEM(batch, j));
+        int op = 0;
+        while (op < NOPS && op_types[op] != t)
+            op++;
+        if (op == NOPS)
+            break;
+        if (gather(self, op, PyList_GET_ITEM(batch, j), &self->ops[count]) < 0) {
+            PyErr_Clear(); /* Python applies this record and reports its own error */
+            break;
         }
     }
-    return Py_BuildValue("nL", i, nbytes);
+    /* apply without the GIL, once for the run: a reader thread runs meanwhile */
+    Py_ssize_t done = 0;
+    Py_BEGIN_ALLOW_THREADS
+    while (done < count && exec_op(self, &self->ops[done], &nbytes) == 0)
+        done++;
+    Py_END_ALLOW_THREADS
+    for (Py_ssize_t k = 0; k < count; k++)
+        op_release(&self->ops[k]);
+    return Py_BuildValue("nL", i + done, nbytes);
 }
 
 static PyObject *

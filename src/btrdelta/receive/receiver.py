@@ -14,13 +14,14 @@ import queue
 import threading
 from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from ..errors import BtrdeltaError, StreamFormatError
 from ..stream.reader import Event, StreamHeader, StreamReader
 from ..stream.records import End, Snapshot, Subvol
 from .applier import Applier, ReceivedSubvol
 
-__all__ = ["prefetch", "receive"]
+__all__ = ["BatchedEvents", "prefetch", "receive"]
 
 #: records (and bytes of file data) handed to the applier at a time, from sources other
 #: than a StreamReader (the C fast path runs through a batch)
@@ -32,12 +33,22 @@ _QUEUE_BATCHES = 4
 _DONE = object()
 
 
-def prefetch(events: Iterable[Event]) -> Iterator[Event]:
-    """Pull ``events`` in a helper thread, a few batches ahead of the consumer.
+@runtime_checkable
+class BatchedEvents(Protocol):
+    """Events that also come in lists (a :class:`StreamReader`, an expanded delta stream):
+    ``receive`` takes the lists and saves the per-event iteration."""
 
-    Decoding (CRC, TLV parsing, reading the input) then overlaps the receiver's system
-    calls, which release the GIL. Memory stays bounded: at most ``_QUEUE_BATCHES`` batches
-    of at most ``_BATCH_BYTES`` of file data (plus one command) are in flight. An exception
+    def batches(self) -> Generator[list[Event], None, None]:
+        """The events, in lists."""
+        ...
+
+
+def prefetch(batches: Iterable[list[Event]]) -> Iterator[list[Event]]:
+    """Pull ``batches`` (lists of events) in a helper thread, a few ahead of the consumer.
+
+    Producing them (reading, CRC, decoding, expanding a delta stream) then overlaps the
+    receiver's system calls: the C fast path releases the GIL once for each run of records.
+    Memory stays bounded: at most ``_QUEUE_BATCHES`` batches are in flight. An exception
     in the producer is re-raised in the consumer; closing the generator (an error or Ctrl-C
     in the consumer) stops the producer.
     """
@@ -55,7 +66,7 @@ def prefetch(events: Iterable[Event]) -> Iterator[Event]:
 
     def produce() -> None:
         try:
-            for batch in _batched(iter(events), _BATCH_EVENTS, _BATCH_BYTES):
+            for batch in batches:
                 if not put(batch):
                     return
             put(_DONE)
@@ -71,7 +82,7 @@ def prefetch(events: Iterable[Event]) -> Iterator[Event]:
                 return
             if isinstance(item, BaseException):
                 raise item
-            yield from item  # type: ignore[misc]
+            yield item  # type: ignore[misc]
     finally:
         stop.set()
         thread.join()
@@ -115,8 +126,8 @@ def receive(
 
     Args:
         events: stream headers and records, e.g. ``StreamReader(f).events()``; plain
-            records work too. A :class:`StreamReader` itself is read a decoded batch at a
-            time (the fastest way).
+            records work too. A :class:`StreamReader` itself, or any
+            :class:`BatchedEvents`, is read a decoded batch at a time (the fastest way).
         dest: existing directory; each subvolume becomes ``dest/<name>``.
         stop_at_end: stop after the first END (``btrfs receive -e``).
         max_errors: stop after this many failed commands (0: never stop); a failure in
@@ -130,9 +141,10 @@ def receive(
         on_progress: called now and then with ``(records done, file bytes written)``.
         on_warning: called with a message for anything skipped (default: warnings.warn).
         on_subvol: called with each finished subvolume.
-        read_ahead: pull ``events`` in a helper thread (see :func:`prefetch`) so decoding
-            overlaps applying; the iterator is then driven from that thread. Off by
-            default: with many small commands the GIL hand-over costs more than it saves.
+        read_ahead: pull ``events`` in a helper thread (see :func:`prefetch`) so producing
+            them overlaps applying; the iterator is then driven from that thread. Worth it
+            when producing costs CPU (expanding a delta stream: ``btrdelta receive`` turns
+            it on there); a plain stream decodes faster than the system calls apply it.
 
     Returns:
         The finished subvolumes, in stream order.
@@ -147,12 +159,14 @@ def receive(
         Path(dest), backend=backend, dry_run=dry_run, apply_fileattr=apply_fileattr,
         force_decompress=force_decompress, on_warning=on_warning,
     ) as applier:
-        inner: Iterator[Event] | None = None
-        if isinstance(events, StreamReader) and not read_ahead:
-            source = events.batches()  # decoded lists as they are, about one block each
+        batches: Generator[list[Event], None, None]
+        if isinstance(events, (StreamReader, BatchedEvents)):
+            batches = events.batches()  # decoded lists as they are (about one block each)
+        elif read_ahead and not dry_run:
+            batches = _batched(iter(events), _BATCH_EVENTS, _BATCH_BYTES)
         else:
-            inner = prefetch(events) if read_ahead and not dry_run else iter(events)
-            source = _batched(inner)
+            batches = _batched(iter(events))
+        source = prefetch(batches) if read_ahead and not dry_run else batches
         apply = applier.apply
         received = applier.received
         reported = 0
@@ -197,10 +211,11 @@ def receive(
                     cur = applier._cur
                     on_progress(index + 1, data_bytes + (cur.data_bytes if cur else 0))
         finally:
-            source.close()
-            close = getattr(inner, "close", None)
+            close = getattr(source, "close", None)
             if close is not None:
                 close()
+            if source is not batches:
+                batches.close()
         if applier.in_subvolume:
             raise StreamFormatError("stream ended without END", index=index)
         if on_progress is not None:
