@@ -117,13 +117,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"btrdelta receive: warning: {msg}", file=sys.stderr)
 
     with open_input(args.file) as f:
+        events = open_events(f, args.file, Path(args.dest), args.backend)
         try:
             done = receive(
-                open_events(f, args.file, Path(args.dest), args.backend), Path(args.dest),
+                events, Path(args.dest),
                 stop_at_end=args.stop_at_end,
                 max_errors=args.max_errors, dry_run=args.dry_run, backend=args.backend,
                 apply_fileattr=args.fileattr, force_decompress=args.force_decompress,
                 on_progress=on_progress, on_warning=on_warning, on_subvol=on_subvol,
+                # a delta stream is expanded in a helper thread while C applies records
+                read_ahead=not isinstance(events, StreamReader),
             )
         finally:
             progress.done()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import io
 import os
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -30,7 +30,7 @@ import zstandard
 
 from ..errors import BtrdeltaError, ChecksumError, StreamFormatError
 from ..stream import records as R
-from ..stream.codec import command_crc, decode_payload, decode_payload_fast, encode_record
+from ..stream.codec import command_crc, decode_payload, encode_record
 from ..stream.constants import (
     CMD_HEADER,
     CMD_HEADER_SIZE,
@@ -40,7 +40,7 @@ from ..stream.constants import (
     Attr,
 )
 from ..stream.crc import crc32c
-from ..stream.reader import Event, StreamHeader
+from ..stream.reader import EOF, NEED_DATA, Event, StreamHeader, StreamParser
 from .carrier import SAME_PATH_TLV, CarrierState, unfold
 from .codecs import get_codec
 from .format import (
@@ -70,7 +70,9 @@ from .recompress import compress_extent
 __all__ = [
     "DEFAULT_MAX_FILE_SIZE",
     "delta_parent",
+    "DeltaEvents",
     "OldRoot",
+    "expand_batches",
     "expand_events",
     "expand_items",
     "expand_to",
@@ -96,7 +98,8 @@ _PATH_ATTR = 15  # btrfs's PATH attribute
 #: the old snapshot: a directory, or a function giving it from the stream's SNAPSHOT/SUBVOL
 OldRoot = str | os.PathLike[str] | Callable[[Any], "str | os.PathLike[str]"]
 
-# output kinds of expand_items
+# output kinds of expand_items: a stream header, carried btrfs commands (a group of whole
+# commands), a regenerated WRITE or ENCODED_WRITE
 HEADER, RAW, WRITE = 0, 1, 2
 
 
@@ -422,16 +425,32 @@ class _Expander:
         """Output items for one delta item (``inner``: it came out of the carrier)."""
         cls = type(item)
         if cls is BtrfsCommand:
-            yield from self.commands([(item.cmd, item.raw)])  # type: ignore[union-attr]
+            cmd: BtrfsCommand = item  # type: ignore[assignment]
+            if not self.version:
+                raise self.fail("btrfs commands before any STREAM record")
+            if cmd.cmd <= 2:
+                self.new_head(cmd.cmd, cmd.raw)
+            yield RAW, 1, cmd.raw
         elif cls is ZCommands and not inner:
+            # consecutive carried commands come out as one group of bytes
             z: ZCommands = item  # type: ignore[assignment]
             raw = self.inflate(z)
-            callable_root = callable(self.old_root)
+            group = bytearray()
+            n = 0
             for sub in self.split(raw, crc_checked=z.crc is not None, fmt=z.fmt):
-                if type(sub) is BtrfsCommand and not callable_root:
-                    yield RAW, sub.cmd, sub.raw
-                else:
-                    yield from self.handle(sub, inner=True)
+                if type(sub) is BtrfsCommand:
+                    if sub.cmd <= 2:
+                        self.new_head(sub.cmd, sub.raw)
+                    group += sub.raw
+                    n += 1
+                    continue
+                if n:
+                    yield RAW, n, group
+                    group = bytearray()
+                    n = 0
+                yield from self.handle(sub, inner=True)
+            if n:
+                yield RAW, n, group
         elif cls is PWrite:
             for rec in self.pwrite(item):  # type: ignore[arg-type]
                 yield WRITE, rec, None
@@ -462,17 +481,14 @@ class _Expander:
         if self.active is not None or self.pending is not None:
             raise self.fail(f"{what} while a patch is not used up")
 
-    def commands(self, cmds: Iterable[tuple[int, memoryview]]) -> Iterator[tuple[int, Any, Any]]:
-        if not self.version:
-            raise self.fail("btrfs commands before any STREAM record")
-        for cmd, raw in cmds:
-            if cmd in (1, 2) and callable(self.old_root):
-                try:
-                    self.head = decode_payload(cmd, raw, CMD_HEADER_SIZE, len(raw), self.version)
-                except BtrdeltaError as exc:
-                    raise self.fail("", exc) from None
-                self.root = None
-            yield RAW, cmd, raw
+    def new_head(self, cmd: int, raw: memoryview) -> None:
+        """A SUBVOL or SNAPSHOT command: the old root of what follows may change."""
+        if callable(self.old_root):
+            try:
+                self.head = decode_payload(cmd, raw, CMD_HEADER_SIZE, len(raw), self.version)
+            except BtrdeltaError as exc:
+                raise self.fail("", exc) from None
+            self.root = None
 
     def add(self, piece: Any) -> None:
         """Count and hash one piece of the expanded stream (small pieces are hashed in
@@ -546,9 +562,11 @@ def expand_items(
 ) -> Iterator[tuple[int, list[Any], R.Record | StreamHeader | None]]:
     """Expand delta items to ``(kind, pieces, record)`` with the bytes of each output item.
 
-    ``pieces`` are the exact bytes of the btrfs stream; ``record`` is the decoded WRITE for
-    regenerated writes and ``None`` otherwise (headers and carried commands are decoded by
-    the caller if it needs them). The final DEND check runs before the generator ends.
+    An output item is a stream header, a group of consecutive carried btrfs commands or
+    one regenerated WRITE / ENCODED_WRITE. ``pieces`` are its exact bytes in the btrfs
+    stream; ``record`` is the decoded header or WRITE, ``None`` for a group of carried
+    commands (the caller decodes those if it needs them). The final DEND check runs before
+    the generator ends.
     """
     ex = _Expander(old_root, max_file_size, source)
     for kind, a, b in ex.run(items):
@@ -557,7 +575,7 @@ def expand_items(
             yield kind, pieces, StreamHeader(a, ex.size)
         elif kind == RAW:
             pieces = [b]
-            ex.count += 1
+            ex.count += a
             yield kind, pieces, None
         else:
             if b is not None:
@@ -650,13 +668,86 @@ def expand_to(
     return size
 
 
+#: events (and bytes of regenerated file data) in one batch of :func:`expand_batches`
+_EVENTS_BATCH = 2048
+_EVENTS_BYTES = 4 << 20
+
+
+def expand_batches(
+    items: Iterable[DeltaItem],
+    old_root: OldRoot,
+    *,
+    max_file_size: int = DEFAULT_MAX_FILE_SIZE,
+    source: str | None = None,
+) -> Generator[list[Event], None, None]:
+    """The events of the expanded stream in lists (what ``receive`` applies a list at a
+    time). Carried commands are decoded a group at a time by a
+    :class:`~btrdelta.stream.StreamParser` (the C batch decoder when built), which also
+    checks that the expanded stream is well formed; regenerated WRITEs are the records
+    the expansion made."""
+    parser = StreamParser(source=source, verify_crc=False)
+    take_batch = parser.take_batch
+    next_event = parser.next_event
+    batch: list[Event] = []
+    nbytes = 0
+    for kind, pieces, rec in expand_items(
+        items, old_root, max_file_size=max_file_size, source=source
+    ):
+        if kind == WRITE:
+            batch.append(rec)  # type: ignore[arg-type]
+            nbytes += len(rec.data)  # type: ignore[union-attr]
+        else:
+            parser.feed(pieces[0])
+            try:
+                while True:
+                    got = take_batch()
+                    if got:
+                        batch += got
+                        continue
+                    ev = next_event()
+                    if ev is NEED_DATA or ev is EOF:  # EOF: never fed, never seen
+                        break
+                    # a header: the expansion's own (its offset counts regenerated WRITEs)
+                    batch.append(rec if kind == HEADER else ev)  # type: ignore[arg-type]
+            except BtrdeltaError as exc:  # offsets and indexes of the parser's are not ours
+                raise StreamFormatError(f"a carried command does not decode: {exc.message}",
+                                        source=source) from None
+        if len(batch) >= _EVENTS_BATCH or nbytes >= _EVENTS_BYTES:
+            yield batch
+            batch = []
+            nbytes = 0
+    if batch:
+        yield batch
+
+
+class DeltaEvents:
+    """The events of a delta stream's expansion: iterate over it for the events one by one,
+    as :meth:`StreamReader.events` yields them, or call :meth:`batches` for lists of them
+    (``receive`` does, like it does with a :class:`StreamReader`)."""
+
+    def __init__(
+        self, items: Iterable[DeltaItem], old_root: OldRoot, max_file_size: int,
+        source: str | None,
+    ) -> None:
+        self._args = (items, old_root, max_file_size, source)
+
+    def batches(self) -> Generator[list[Event], None, None]:
+        """Lists of events (see :func:`expand_batches`); call it once."""
+        items, old_root, max_file_size, source = self._args
+        return expand_batches(items, old_root, max_file_size=max_file_size, source=source)
+
+    def __iter__(self) -> Iterator[Event]:
+        for batch in self.batches():
+            yield from batch
+
+
 def expand_events(
     delta_events: Iterable[DeltaItem] | BinaryIO,
     old_root: OldRoot | Path,
     *,
     max_file_size: int = DEFAULT_MAX_FILE_SIZE,
     source: str | None = None,
-) -> Iterator[Event]:
+) -> DeltaEvents:
     """The events of the expanded stream, as :meth:`StreamReader.events` yields them.
 
     Args:
@@ -667,32 +758,15 @@ def expand_events(
         source: input name for error messages.
 
     Each patched file's old content is verified before, and its new content after the
-    patch is applied, before any of its WRITE events is yielded.
+    patch is applied, before any of its WRITE events is yielded. The result is iterable
+    once; its ``batches()`` gives the events in lists.
     """
     items: Iterable[DeltaItem]
     if hasattr(delta_events, "read"):
         items = open_delta(delta_events, source=source)  # type: ignore[arg-type]
     else:
         items = delta_events
-    version = 0
-    for kind, pieces, rec in expand_items(
-        items, old_root, max_file_size=max_file_size, source=source
-    ):
-        if kind == HEADER:
-            assert isinstance(rec, StreamHeader)
-            version = rec.version
-            yield rec
-        elif kind == RAW:
-            raw = pieces[0]
-            cmd = int.from_bytes(raw[4:6], "little")
-            try:
-                yield decode_payload_fast(cmd, raw, CMD_HEADER_SIZE, len(raw), version)
-            except BtrdeltaError as exc:
-                raise exc.located(source=source) from None
-        else:
-            assert rec is not None
-            assert not isinstance(rec, StreamHeader)
-            yield rec
+    return DeltaEvents(items, old_root, max_file_size, source)
 
 
 def delta_parent(dest: Path, backend: str = "auto") -> Callable[[Any], Path]:
