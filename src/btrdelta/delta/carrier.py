@@ -206,12 +206,16 @@ def _fold_times(mv: memoryview, pos: int, end: int, state: CarrierState) -> byte
             return None
         entries.append((t, sec * _NS + nsec))
     parts = []
+    times = dict(state.times)
     for t, ns in entries:
-        d = ns - state.times.get(t, 0)
+        d = ns - times.get(t, 0)
         w = (d.bit_length() + 8) // 8
         parts.append(struct.pack("<HB", t, w) + d.to_bytes(w, "little", signed=True))
-        state.times[t] = ns
+        times[t] = ns
     value = b"".join(parts)
+    if 4 + len(value) > end - pos:  # huge jumps: the differences are not smaller
+        return None
+    state.times = times
     return _TLV.pack(TIMES_TLV, len(value)) + value
 
 
