@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from btrdelta.delta import MakeOptions, expand_events, expand_to, make_delta, open_delta
+from btrdelta.delta.expand import _unfold_run
 from btrdelta.delta.format import (
     NEED_DATA,
     BtrfsCommand,
@@ -30,6 +31,7 @@ from btrdelta.delta.writer import DeltaWriter
 from btrdelta.errors import BtrdeltaError, ChecksumError, StreamFormatError, UnsafePathError
 from btrdelta.stream import StreamReader, StreamWriter
 from btrdelta.stream import records as R
+from btrdelta.stream.codec import command_crc
 from btrdelta.stream.constants import Cmd
 
 
@@ -289,14 +291,34 @@ def test_format3_carrier_folding_is_exact(ops: list[tuple[int, int, int, int, in
         return old_names if path == b"dir" else None
 
     ws, rs = CarrierState(lister=lister), CarrierState(lister=lister)
+    carrier = bytearray()
     for raw in raws:
         cmd = raw[4] | raw[5] << 8
         folded = b"".join(bytes(p) for p in fold(cmd, memoryview(raw), ws))
         assert len(folded) <= len(raw)
+        carrier += folded
         back = unfold(cmd, memoryview(folded), 0, len(folded), rs, 1 << 16)
         expect = raw[:6] + bytes(4) + raw[10:]
         assert (folded if back is None else bytes(back)) == expect
     assert ws == rs
+    # the C path (as the expansion drives it: C while it can, Python for one command)
+    # gives the original commands, CRCs included, and the same state
+    if _unfold_run is not None:
+        cs = CarrierState(lister=lister)
+        group = bytearray()
+        pos = 0
+        while pos < len(carrier):
+            pos, _n = _unfold_run(carrier, pos, group, cs, 4, 1 << 16, int(max(Cmd)))
+            if pos < len(carrier):
+                end = pos + 10 + int.from_bytes(carrier[pos : pos + 4], "little")
+                cmd = carrier[pos + 4] | carrier[pos + 5] << 8
+                back = unfold(cmd, memoryview(carrier), pos, end, cs, 1 << 16)
+                one = bytearray(carrier[pos:end] if back is None else back)
+                one[6:10] = command_crc(len(one) - 10, cmd, bytes(one[10:])).to_bytes(4, "little")
+                group += one
+                pos = end
+        assert bytes(group) == b"".join(raws)
+        assert cs == rs
 
 
 def test_format3_hostile_markers_are_refused() -> None:

@@ -95,6 +95,19 @@ _HDR_ZERO_CRC = struct.Struct("<IHI")
 _TLV_HEAD = struct.Struct("<HH")
 _PATH_ATTR = 15  # btrfs's PATH attribute
 
+def _load_unfold() -> Any:
+    if os.environ.get("BTRDELTA_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from ._unfold import run
+    except ImportError:  # no compiler at install time, or no stream._speedups
+        return None
+    return run
+
+
+#: the C path of carrier unfolding (``_unfold.c``), or None
+_unfold_run: Any = _load_unfold()
+
 #: the old snapshot: a directory, or a function giving it from the stream's SNAPSHOT/SUBVOL
 OldRoot = str | os.PathLike[str] | Callable[[Any], "str | os.PathLike[str]"]
 
@@ -136,6 +149,9 @@ class _Expander:
         self.dirs = DirCache()
         #: small pieces not hashed yet (see :meth:`add`)
         self.pend = bytearray()
+        #: carried btrfs commands gathered by :meth:`split` and how many
+        self.group = bytearray()
+        self.group_n = 0
 
     @property
     def last_path(self) -> bytes | None:
@@ -177,18 +193,29 @@ class _Expander:
         return raw
 
     def split(
-        self, raw: bytearray, crc_checked: bool = False, fmt: int = 2
+        self, raw: bytearray, crc_checked: bool = False, fmt: int = 2, grouped: bool = False
     ) -> Iterator[DeltaItem]:
         """Whole records in inflated carrier bytes: btrfs commands (CRC-checked) and, when
         the carrier's content CRC was checked (format 2), delta records with a zero CRC;
-        format 3 commands are unfolded (:func:`.carrier.unfold`)."""
+        format 3 commands are unfolded (:func:`.carrier.unfold`).
+
+        ``grouped``: btrfs commands are appended to ``self.group`` (counted in
+        ``self.group_n``) instead of yielded, and SUBVOL/SNAPSHOT set the old root's
+        head; the common format-3/4 commands are then unfolded by the C module when built.
+        """
         if not self.version:
             raise self.fail("btrfs commands before any STREAM record")
         mv = memoryview(raw)
         pos = 0
         limit = MAX_PAYLOAD[self.version]
         self.cstate.fmt = fmt
+        fast = _unfold_run if grouped and crc_checked and fmt >= 3 else None
         while pos < len(mv):
+            if fast is not None:
+                pos, n = fast(raw, pos, self.group, self.cstate, fmt, limit, _MAX_CMD)
+                self.group_n += n
+                if pos >= len(mv):
+                    break
             if len(mv) - pos < CMD_HEADER_SIZE:
                 raise self.fail("carried commands end inside a command header")
             length, cmd, crc = CMD_HEADER.unpack_from(mv, pos)
@@ -229,7 +256,10 @@ class _Expander:
                     else:
                         view = memoryview(buf3)
                         _CRC_FIELD.pack_into(buf3, 6, crc32c(buf3, 0xFFFFFFFF) ^ 0xFFFFFFFF)
-                    yield BtrfsCommand(cmd, view)
+                    if grouped:
+                        self.add_to_group(cmd, view)
+                    else:
+                        yield BtrfsCommand(cmd, view)
                     pos = end
                     continue
                 first = mv[pos + 10 : pos + 14] if length >= 4 else b""
@@ -248,7 +278,6 @@ class _Expander:
                     _CRC_FIELD.pack_into(
                         buf, 6, command_crc(length, cmd, view[CMD_HEADER_SIZE:])
                     )
-                    yield BtrfsCommand(cmd, view)
                 else:
                     # in place: the inflated buffer is ours
                     if length >= 4 and _TLV_HEAD.unpack_from(raw, pos + 10)[0] == _PATH_ATTR:
@@ -257,12 +286,23 @@ class _Expander:
                     _CRC_FIELD.pack_into(
                         raw, pos + 6, command_crc(length, cmd, mv[pos + CMD_HEADER_SIZE : end])
                     )
-                    yield BtrfsCommand(cmd, mv[pos:end])
+                    view = mv[pos:end]
             elif command_crc(length, cmd, mv[pos + CMD_HEADER_SIZE : end]) != crc:
                 raise self.fail("", ChecksumError("CRC32C mismatch in a carried command"))
             else:
-                yield BtrfsCommand(cmd, mv[pos:end])
+                view = mv[pos:end]
+            if grouped:
+                self.add_to_group(cmd, view)
+            else:
+                yield BtrfsCommand(cmd, view)
             pos = end
+
+    def add_to_group(self, cmd: int, raw: memoryview) -> None:
+        """Append one btrfs command to the group of carried commands (see :meth:`split`)."""
+        if cmd <= 2:
+            self.new_head(cmd, raw)
+        self.group += raw
+        self.group_n += 1
 
     # -- patches -----------------------------------------------------------------------
 
@@ -435,22 +475,12 @@ class _Expander:
             # consecutive carried commands come out as one group of bytes
             z: ZCommands = item  # type: ignore[assignment]
             raw = self.inflate(z)
-            group = bytearray()
-            n = 0
-            for sub in self.split(raw, crc_checked=z.crc is not None, fmt=z.fmt):
-                if type(sub) is BtrfsCommand:
-                    if sub.cmd <= 2:
-                        self.new_head(sub.cmd, sub.raw)
-                    group += sub.raw
-                    n += 1
-                    continue
-                if n:
-                    yield RAW, n, group
-                    group = bytearray()
-                    n = 0
+            for sub in self.split(raw, crc_checked=z.crc is not None, fmt=z.fmt, grouped=True):
+                if self.group_n:
+                    yield from self.flush_group()
                 yield from self.handle(sub, inner=True)
-            if n:
-                yield RAW, n, group
+            if self.group_n:
+                yield from self.flush_group()
         elif cls is PWrite:
             for rec in self.pwrite(item):  # type: ignore[arg-type]
                 yield WRITE, rec, None
@@ -480,6 +510,13 @@ class _Expander:
     def check_idle(self, what: str) -> None:
         if self.active is not None or self.pending is not None:
             raise self.fail(f"{what} while a patch is not used up")
+
+    def flush_group(self) -> Iterator[tuple[int, Any, Any]]:
+        """The group of carried commands as one output item; a new group starts (the
+        yielded one is never appended to again: records keep views of it)."""
+        n, group = self.group_n, self.group
+        self.group, self.group_n = bytearray(), 0
+        yield RAW, n, group
 
     def new_head(self, cmd: int, raw: memoryview) -> None:
         """A SUBVOL or SNAPSHOT command: the old root of what follows may change."""

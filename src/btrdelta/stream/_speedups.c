@@ -247,6 +247,13 @@ crc_update(uint32_t crc, const uint8_t *p, size_t len)
     return crc_sw(crc, p, len);
 }
 
+/* crc_update for other C modules (the capsule _crc_update) */
+static uint32_t
+crc_update_ext(uint32_t crc, const uint8_t *p, size_t len)
+{
+    return crc_update(crc, p, len);
+}
+
 static inline int
 crc_is_hw(void)
 {
@@ -1480,6 +1487,15 @@ PyInit__speedups(void)
     const char *impl = "table";
 #endif
     if (PyModule_AddStringConstant(m, "CRC_IMPL", impl) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    /* uint32_t crc_update(uint32_t crc, const uint8_t *p, size_t len): CRC32C without
+     * inversions (btrfs's command CRC is crc_update(0, header + payload)) */
+    PyObject *cap = PyCapsule_New((void *)crc_update_ext,
+                                  "btrdelta.stream._speedups._crc_update", NULL);
+    if (cap == NULL || PyModule_AddObject(m, "_crc_update", cap) < 0) {
+        Py_XDECREF(cap);
         Py_DECREF(m);
         return NULL;
     }

@@ -1,0 +1,445 @@
+/*
+ * btrdelta.delta._unfold: the common carried commands of a format-3/4 delta stream unfolded
+ * in C (see carrier.py for the carrier form).
+ *
+ * Strategy: carrier.unfold() in Python stays the reference and the only place with error
+ * messages. run() unfolds carried commands one after the other into the caller's group
+ * (a bytearray of whole btrfs commands, CRCs set) and stops *before* the first command it
+ * does not handle, or that is malformed in any way, with nothing of that command applied to
+ * the state: Python then unfolds that one (and raises its located error), and calls run()
+ * again. Handled here: the PATH forms "previous path" (0xffff), orphan name (0xfffe) and
+ * literal PATH, times folded as differences (0xfffd) in UTIMES, and commands stored as they
+ * are. Left to Python: SUBVOL/SNAPSHOT (a new old root), RENAME (name references, the
+ * previous path becomes PATH_TO), and in format 4 UNLINK (listing references), MKDIR and
+ * RMDIR (the directory-origin model follows them), and every delta record.
+ *
+ * The state shared with Python (CarrierState.last_path and .times) is read at the start of
+ * a run and written back at its end.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+/* btrfs commands and attributes (stream/constants.py) */
+enum { C_SUBVOL = 1, C_SNAPSHOT = 2, C_MKFILE = 3, C_MKDIR = 4, C_MKNOD = 5, C_MKFIFO = 6,
+       C_MKSOCK = 7, C_SYMLINK = 8, C_RENAME = 9, C_UNLINK = 11, C_RMDIR = 12,
+       C_UTIMES = 20 };
+enum { A_INO = 3, A_CTIME = 9, A_MTIME = 10, A_ATIME = 11, A_OTIME = 12, A_PATH = 15 };
+/* carrier markers (carrier.py) */
+enum { SAME_PATH = 0xFFFF, ORPHAN = 0xFFFE, TIMES = 0xFFFD };
+#define HDR 10
+#define NS 1000000000ull
+#define MAX_WIDTH 13
+
+typedef unsigned __int128 u128;
+typedef __int128 i128;
+
+/* the BTRFS CRC32C of a buffer (seed 0, no final inversion), from stream._speedups */
+typedef uint32_t (*crc_fn)(uint32_t, const uint8_t *, size_t);
+static crc_fn crc_update;
+
+static PyObject *s_last_path, *s_times, *billion;
+
+static inline uint16_t
+le16(const uint8_t *p)
+{
+    return (uint16_t)(p[0] | p[1] << 8);
+}
+
+static inline uint32_t
+le32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static inline void
+put16(uint8_t *p, uint16_t v)
+{
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+}
+
+static inline void
+put32(uint8_t *p, uint32_t v)
+{
+    for (int i = 0; i < 4; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static inline void
+put64(uint8_t *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static int
+time_slot(unsigned t)
+{
+    switch (t) {
+    case A_CTIME:
+        return 0;
+    case A_MTIME:
+        return 1;
+    case A_ATIME:
+        return 2;
+    case A_OTIME:
+        return 3;
+    default:
+        return -1;
+    }
+}
+
+static const unsigned slot_attr[4] = {A_CTIME, A_MTIME, A_ATIME, A_OTIME};
+
+/* the folded times of the state: present[], value in ns; -1 on a value this cannot hold */
+typedef struct {
+    int loaded;
+    int present[4];
+    int changed[4];
+    u128 ns[4];
+} Times;
+
+static int
+times_load(Times *tm, PyObject *state)
+{
+    PyObject *d = PyObject_GetAttr(state, s_times);
+    if (d == NULL)
+        return -1;
+    int ret = -1;
+    if (!PyDict_Check(d))
+        goto out;
+    for (int i = 0; i < 4; i++) {
+        PyObject *key = PyLong_FromLong(slot_attr[i]);
+        if (key == NULL)
+            goto out;
+        PyObject *v = PyDict_GetItemWithError(d, key);
+        Py_DECREF(key);
+        tm->present[i] = v != NULL;
+        tm->ns[i] = 0;
+        if (v == NULL) {
+            if (PyErr_Occurred())
+                goto out;
+            continue;
+        }
+        PyObject *qr = PyNumber_Divmod(v, billion);
+        if (qr == NULL)
+            goto out;
+        unsigned long long sec = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(qr, 0));
+        unsigned long long nsec = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(qr, 1));
+        Py_DECREF(qr);
+        if (PyErr_Occurred())
+            goto out;
+        tm->ns[i] = (u128)sec * NS + nsec;
+    }
+    tm->loaded = 1;
+    ret = 0;
+out:
+    Py_DECREF(d);
+    return ret;
+}
+
+static int
+times_store(const Times *tm, PyObject *state)
+{
+    PyObject *d = PyObject_GetAttr(state, s_times);
+    if (d == NULL)
+        return -1;
+    int ret = 0;
+    for (int i = 0; i < 4 && ret == 0; i++) {
+        if (!tm->changed[i])
+            continue;
+        ret = -1;
+        PyObject *sec = PyLong_FromUnsignedLongLong((unsigned long long)(tm->ns[i] / NS));
+        PyObject *nsec = PyLong_FromUnsignedLongLong((unsigned long long)(tm->ns[i] % NS));
+        PyObject *key = PyLong_FromLong(slot_attr[i]);
+        PyObject *mul = sec ? PyNumber_Multiply(sec, billion) : NULL;
+        PyObject *val = mul && nsec ? PyNumber_Add(mul, nsec) : NULL;
+        if (val != NULL && key != NULL)
+            ret = PyDict_SetItem(d, key, val);
+        Py_XDECREF(sec);
+        Py_XDECREF(nsec);
+        Py_XDECREF(key);
+        Py_XDECREF(mul);
+        Py_XDECREF(val);
+    }
+    Py_DECREF(d);
+    return ret;
+}
+
+/* a growable byte buffer */
+typedef struct {
+    uint8_t *p;
+    size_t n, cap;
+} Buf;
+
+static int
+buf_reserve(Buf *b, size_t n)
+{
+    if (n <= b->cap)
+        return 0;
+    size_t cap = b->cap ? b->cap : 256;
+    while (cap < n)
+        cap *= 2;
+    uint8_t *p = PyMem_Realloc(b->p, cap);
+    if (p == NULL)
+        return -1;
+    b->p = p;
+    b->cap = cap;
+    return 0;
+}
+
+static int
+buf_set(Buf *b, const uint8_t *p, size_t n)
+{
+    if (buf_reserve(b, n) < 0)
+        return -1;
+    memmove(b->p, p, n);
+    b->n = n;
+    return 0;
+}
+
+/* append n bytes of room to the bytearray `out`; its new tail, or NULL */
+static uint8_t *
+grow(PyObject *out, size_t n)
+{
+    Py_ssize_t old = PyByteArray_GET_SIZE(out);
+    if (PyByteArray_Resize(out, old + (Py_ssize_t)n) < 0)
+        return NULL;
+    return (uint8_t *)PyByteArray_AS_STRING(out) + old;
+}
+
+/* the UTIMES times TLV value v[0:n] unfolded into `tail` (12-byte timespec TLVs), the
+ * times in `tmp` advanced; -1 if anything is off (Python then reports it) */
+static int
+unfold_times(const uint8_t *v, size_t n, Times *tmp, Buf *tail)
+{
+    static const i128 max_ns = (i128)(((u128)1 << 64) * NS - 1);
+    size_t pos = 0;
+    tail->n = 0;
+    while (pos < n) {
+        if (n - pos < 3)
+            return -1;
+        unsigned t = le16(v + pos);
+        unsigned w = v[pos + 2];
+        pos += 3;
+        int slot = time_slot(t);
+        if (slot < 0 || w < 1 || w > MAX_WIDTH || pos + w > n)
+            return -1;
+        u128 raw = 0;
+        for (unsigned i = 0; i < w; i++)
+            raw |= (u128)v[pos + i] << (8 * i);
+        if (v[pos + w - 1] & 0x80)
+            raw |= ~(u128)0 << (8 * w); /* sign extension, w <= 13 */
+        pos += w;
+        i128 ns = (i128)tmp->ns[slot] + (i128)raw;
+        if (ns < 0 || ns > max_ns)
+            return -1;
+        tmp->ns[slot] = (u128)ns;
+        tmp->present[slot] = 1;
+        tmp->changed[slot] = 1;
+        if (buf_reserve(tail, tail->n + 16) < 0)
+            return -1;
+        uint8_t *o = tail->p + tail->n;
+        put16(o, (uint16_t)t);
+        put16(o + 2, 12);
+        put64(o + 4, (uint64_t)((u128)ns / NS));
+        put32(o + 12, (uint32_t)((u128)ns % NS));
+        tail->n += 16;
+    }
+    return 0;
+}
+
+static int
+is_create(unsigned cmd)
+{
+    return cmd == C_MKFILE || cmd == C_MKDIR || cmd == C_MKNOD || cmd == C_MKFIFO ||
+           cmd == C_MKSOCK || cmd == C_SYMLINK;
+}
+
+static PyObject *
+run(PyObject *self, PyObject *args)
+{
+    Py_buffer raw;
+    Py_ssize_t start, limit;
+    PyObject *out, *state;
+    int fmt, max_cmd;
+    if (!PyArg_ParseTuple(args, "y*nO!Oini:run", &raw, &start, &PyByteArray_Type, &out,
+                          &state, &fmt, &limit, &max_cmd))
+        return NULL;
+    const uint8_t *b = raw.buf;
+    size_t len = (size_t)raw.len;
+    size_t p = start < 0 ? len : (size_t)start;
+    Py_ssize_t count = 0;
+    PyObject *result = NULL;
+    Buf last = {0}, path = {0}, tail = {0};
+    int have_last = 0, last_changed = 0;
+    Times times = {0}, tmp;
+
+    PyObject *lp = PyObject_GetAttr(state, s_last_path);
+    if (lp == NULL)
+        goto done;
+    if (PyBytes_Check(lp)) {
+        have_last = 1;
+        if (buf_set(&last, (const uint8_t *)PyBytes_AS_STRING(lp),
+                    (size_t)PyBytes_GET_SIZE(lp)) < 0) {
+            Py_DECREF(lp);
+            PyErr_NoMemory();
+            goto done;
+        }
+    }
+    Py_DECREF(lp);
+
+    while (p + HDR <= len) {
+        uint32_t length = le32(b + p);
+        unsigned cmd = le16(b + p + 4);
+        size_t end = p + HDR + (size_t)length;
+        if (cmd == 0 || (int)cmd > max_cmd || (Py_ssize_t)length > limit || end > len ||
+            le32(b + p + 6) != 0)
+            break;
+        if (cmd == C_SUBVOL || cmd == C_SNAPSHOT || cmd == C_RENAME)
+            break;
+        if (fmt >= 4 && (cmd == C_UNLINK || cmd == C_MKDIR || cmd == C_RMDIR))
+            break;
+        size_t q = p + HDR, rest = 0;
+        int as_is = 0, has_path = 1, times_tail = 0;
+        unsigned t = 0;
+        if (end - q < 4) {
+            as_is = 1;
+            has_path = 0;
+        }
+        else {
+            t = le16(b + q);
+            unsigned n = le16(b + q + 2);
+            if (t == SAME_PATH && n == 0) {
+                if (!have_last)
+                    break;
+                rest = q + 4;
+                if (buf_set(&path, last.p, last.n) < 0)
+                    break;
+            }
+            else if (t == ORPHAN) {
+                rest = q + 4 + n;
+                if (!is_create(cmd) || rest + 12 > end || le16(b + rest) != A_INO ||
+                    le16(b + rest + 2) != 8)
+                    break;
+                uint64_t ino = 0;
+                for (int i = 7; i >= 0; i--)
+                    ino = ino << 8 | b[rest + 4 + i];
+                char head[32];
+                int hn = snprintf(head, sizeof head, "o%llu-", (unsigned long long)ino);
+                if (buf_reserve(&path, (size_t)hn + n) < 0)
+                    break;
+                memcpy(path.p, head, (size_t)hn);
+                memcpy(path.p + hn, b + q + 4, n);
+                path.n = (size_t)hn + n;
+            }
+            else if (t == A_PATH) {
+                rest = q + 4 + n;
+                if (rest > end || buf_set(&path, b + q + 4, n) < 0)
+                    break;
+            }
+            else {
+                as_is = 1;
+                has_path = 0;
+            }
+        }
+        if (has_path && cmd == C_UTIMES && end - rest >= 4 && le16(b + rest) == TIMES) {
+            size_t k = le16(b + rest + 2);
+            if (rest + 4 + k != end)
+                break;
+            if (!times.loaded && times_load(&times, state) < 0) {
+                PyErr_Clear();
+                break;
+            }
+            tmp = times;
+            if (unfold_times(b + rest + 4, k, &tmp, &tail) < 0)
+                break;
+            times_tail = 1;
+        }
+        if (has_path && t == A_PATH && !times_tail)
+            as_is = 1;
+        size_t taillen = times_tail ? tail.n : end - rest;
+        size_t newlen = as_is ? length : 4 + path.n + taillen;
+        if (!as_is && (path.n > 0xFFFF || newlen > (size_t)limit))
+            break;
+        uint8_t *o = grow(out, HDR + newlen);
+        if (o == NULL) {
+            PyErr_Clear();
+            break;
+        }
+        if (as_is) {
+            memcpy(o, b + p, HDR + length);
+        }
+        else {
+            put32(o, (uint32_t)newlen);
+            put16(o + 4, (uint16_t)cmd);
+            put32(o + 6, 0);
+            put16(o + 10, A_PATH);
+            put16(o + 12, (uint16_t)path.n);
+            memcpy(o + 14, path.p, path.n);
+            memcpy(o + 14 + path.n, times_tail ? tail.p : b + rest, taillen);
+        }
+        put32(o + 6, crc_update(0, o, HDR + newlen));
+        /* the command is out: its effects on the state are committed */
+        if (has_path) {
+            if (buf_set(&last, path.p, path.n) < 0) { /* cannot happen: path fits */
+                PyErr_NoMemory();
+                goto done;
+            }
+            have_last = 1;
+            last_changed = 1;
+        }
+        if (times_tail)
+            times = tmp;
+        count++;
+        p = end;
+    }
+    if (last_changed) {
+        PyObject *v = PyBytes_FromStringAndSize((const char *)last.p, (Py_ssize_t)last.n);
+        if (v == NULL || PyObject_SetAttr(state, s_last_path, v) < 0) {
+            Py_XDECREF(v);
+            goto done;
+        }
+        Py_DECREF(v);
+    }
+    if (times.loaded && times_store(&times, state) < 0)
+        goto done;
+    result = Py_BuildValue("nn", (Py_ssize_t)p, count);
+done:
+    PyMem_Free(last.p);
+    PyMem_Free(path.p);
+    PyMem_Free(tail.p);
+    PyBuffer_Release(&raw);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"run", run, METH_VARARGS,
+     "run(raw, pos, group, state, fmt, limit, max_cmd) -> (pos, count): unfold the carried "
+     "commands of raw[pos:] into the bytearray group (CRCs set) up to the first one Python "
+     "must unfold; state is the CarrierState (last_path and times are read and updated)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_unfold",
+    "Optional C path of the delta carrier's unfolding (see _unfold.c).", -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__unfold(void)
+{
+    crc_update = (crc_fn)PyCapsule_Import("btrdelta.stream._speedups._crc_update", 0);
+    if (crc_update == NULL)
+        return NULL;
+    if ((s_last_path = PyUnicode_InternFromString("last_path")) == NULL ||
+        (s_times = PyUnicode_InternFromString("times")) == NULL ||
+        (billion = PyLong_FromUnsignedLongLong(NS)) == NULL)
+        return NULL;
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,8 @@
+"""Optional C path of the delta carrier's unfolding (see _unfold.c); absent without a
+compiler or without btrdelta.stream._speedups."""
+
+from typing import Any
+
+def run(
+    raw: Any, pos: int, group: bytearray, state: Any, fmt: int, limit: int, max_cmd: int, /
+) -> tuple[int, int]: ...
