@@ -677,6 +677,8 @@ def expand_items(
             if kind != PENC and not waiting:
                 yield output(kind, a, b)
                 continue
+            if kind == RAW and type(b) is memoryview:
+                b = bytes(b)  # a delta item's bytes are valid until the parser's next item
             size = (
                 a.penc.disk_len if kind == PENC else len(b) if kind == RAW
                 else len(a.data) if kind == WRITE else 0
