@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from btrdelta.delta import expand as expand_mod
+from btrdelta.delta.recompress import compress_extent
 from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs, run
 from btrdelta.testing.scenarios import SCENARIOS, make_snapshots, send
 from tests.conftest import require_btrfs
@@ -118,3 +122,21 @@ def delta_pairs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         pytest.skip(str(exc))
 
 
+@pytest.fixture
+def penc_pool(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Force the thread pool (4 threads, a 512 KiB window) and scramble completion order:
+    each recompression in a worker sleeps 0-3 ms. Returns the names of the threads that
+    recompressed an extent."""
+    names: list[str] = []
+
+    def slow(raw: memoryview, compression: int, level: int) -> bytes:
+        name = threading.current_thread().name
+        names.append(name)
+        if name.startswith("btrdelta-penc"):
+            time.sleep((len(raw) * 7919 + len(names)) % 4 / 1000)
+        return compress_extent(raw, compression, level)
+
+    monkeypatch.setattr(expand_mod, "_WORKERS", 4)
+    monkeypatch.setattr(expand_mod, "_WINDOW", 512 << 10)
+    monkeypatch.setattr(expand_mod, "compress_extent", slow)
+    return names

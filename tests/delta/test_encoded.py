@@ -7,6 +7,7 @@ import io
 import os
 import subprocess
 import sys
+import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from btrdelta.delta import MakeOptions, expand_to, make_delta, open_delta
+from btrdelta.delta import MakeOptions, expand_events, expand_to, make_delta, open_delta
 from btrdelta.delta.recompress import LevelGuesser, compress_extent, natural_extent
 from btrdelta.delta.stats import collect_delta_stats
 from btrdelta.stream import records as R
@@ -101,6 +102,26 @@ def test_compressed_streams_expand_exactly(compressed_pairs: dict[str, Pair], al
         # no userspace LZO1X-1 behaves like the kernel's: LZO extents stay as they are
         assert not tried
         assert st.regenerated_encoded == 0
+
+
+@pytest.mark.btrfs
+@pytest.mark.parametrize("algo", ["zstd", "zlib"])
+def test_compressed_streams_expand_exactly_in_threads(
+    compressed_pairs: dict[str, Pair], algo: str, penc_pool: list[str]
+) -> None:
+    """The kernel's extents recompressed by 4 threads finishing out of order (penc_pool):
+    the expanded stream and the received records are still the kernel's, in order."""
+    pair = compressed_pairs[algo]
+    stream = pair.streams["v2"]
+    delta = _make(stream, pair.a)[0]
+    before = threading.active_count()
+    assert _expand(delta, pair.a) == stream.read_bytes()
+    pooled = sum(n.startswith("btrdelta-penc") for n in penc_pool)
+    assert pooled >= (30 if algo == "zstd" else 5), (pooled, len(penc_pool))
+    got = [(e.path, e.offset, bytes(e.data))
+           for e in expand_events(io.BytesIO(delta), pair.a) if type(e) is R.EncodedWrite]
+    assert got == [(e.path, e.offset, bytes(e.data)) for e in _encoded(stream)]
+    assert threading.active_count() == before
 
 
 @pytest.mark.btrfs

@@ -5,15 +5,21 @@ order: a stream header, a raw btrfs command (carried as is or inflated from the 
 carrier), or a regenerated WRITE. For a ``PATCH`` it reads the old file (safely, below the
 old root), checks its size and digest first, applies the codec, checks the new content's
 size and digest, and only then lets the PWRITEs that follow produce WRITE commands from it.
-:func:`expand_to` encodes the output as bytes (``delta expand``, byte-identical to the
-stream ``delta make`` read), :func:`expand_events` decodes it into the events
-:class:`~btrdelta.stream.StreamReader` gives (``btrdelta receive`` of a delta stream).
+A ``PENC`` (an ENCODED_WRITE of a ``--compressed-data`` stream) is recompressed from the
+new content in a pool of threads (zstd and zlib release the GIL) while the records after
+it are parsed; outputs still come out in stream order. :func:`expand_to` encodes the
+output as bytes (``delta expand``, byte-identical to the stream ``delta make`` read),
+:func:`expand_events` decodes it into the events :class:`~btrdelta.stream.StreamReader`
+gives (``btrdelta receive`` of a delta stream).
 Both check the final ``DEND`` record: command count, size and digest of the whole expanded
 stream.
 
 Memory: the zstd carrier is inflated piecewise (a hostile ZCMDS cannot expand beyond its
 declared length by more than a bounded amount); patches and new contents are bounded by
-``max_file_size``.
+``max_file_size``. Outputs that wait for an extent being recompressed (and the outputs
+queued behind it) are bounded by ``_WINDOW`` (32 MiB) plus one output; when the window is
+full, expansion waits for the first of them. The threads (one per usable CPU, none with a
+single CPU) start at the first large PENC and stop when the expansion ends or is closed.
 """
 
 from __future__ import annotations
@@ -21,7 +27,10 @@ from __future__ import annotations
 import io
 import os
 import struct
+from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -114,6 +123,28 @@ OldRoot = str | os.PathLike[str] | Callable[[Any], "str | os.PathLike[str]"]
 # output kinds of expand_items: a stream header, carried btrfs commands (a group of whole
 # commands), a regenerated WRITE or ENCODED_WRITE
 HEADER, RAW, WRITE = 0, 1, 2
+# and of _Expander.run only: an ENCODED_WRITE being regenerated (a future), the DEND record
+PENC, END = 3, 4
+#: outputs waiting behind an extent being recompressed: at most this many bytes (and items)
+_WINDOW = 32 << 20
+_WINDOW_ITEMS = 4096
+#: threads recompressing extents (one per CPU this process may use; none if only one);
+#: extents below _INLINE bytes are recompressed at once
+_WORKERS = (
+    len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+)
+_INLINE = 8192
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A PENC record whose extent is being recompressed (``packed``, in a worker thread)."""
+
+    packed: Future[bytes] | bytes  # bytes: recompressed at once (a small extent)
+    penc: PEncoded
+    path: bytes
+    version: int
+    index: int  # of the delta record, for errors
 
 
 @dataclass(slots=True)
@@ -152,6 +183,8 @@ class _Expander:
         #: carried btrfs commands gathered by :meth:`split` and how many
         self.group = bytearray()
         self.group_n = 0
+        #: recompression threads (PENC), started at the first PENC; see :meth:`close`
+        self.pool: ThreadPoolExecutor | None = None
 
     @property
     def last_path(self) -> bytes | None:
@@ -406,8 +439,10 @@ class _Expander:
         if end == len(a.content):
             self.active = None
 
-    def pencoded(self, e: PEncoded) -> tuple[R.EncodedWrite, list[Any]]:
-        """The ENCODED_WRITE a PENC record stands for, and its exact bytes."""
+    def pencoded(self, e: PEncoded) -> _Pending:
+        """Start regenerating the ENCODED_WRITE a PENC record stands for: its extent is
+        recompressed in a worker thread (a small one at once, which costs less than
+        handing it over); :meth:`regenerated` gives the record."""
         a = self.active
         if a is None:
             raise self.fail("PENC without a patched content")
@@ -418,43 +453,62 @@ class _Expander:
         if e.disk_len > MAX_PAYLOAD[self.version]:
             raise self.fail(f"PENC disk length {e.disk_len} exceeds a command's payload")
         raw = memoryview(a.content)[a.pos : a.pos + e.length]
-        try:
-            packed = compress_extent(raw, e.compression, e.level)
-        except BtrdeltaError as exc:
-            raise self.fail("", exc) from None
-        if len(packed) > e.disk_len:
-            raise self.fail("", ChecksumError(
-                f"recompressed extent has {len(packed)} bytes, more than {e.disk_len}",
-                path=a.patch.path,
-            ))
-        data = packed + bytes(e.disk_len - len(packed))
-        rec = R.EncodedWrite(
-            a.patch.path, e.offset, e.file_len, e.unencoded_len, e.unencoded_offset,
-            e.compression, memoryview(data), e.encryption,
-        )
-        try:
-            pieces = encode_record(rec, self.version)
-        except BtrdeltaError as exc:
-            raise self.fail("", exc) from None
-        if CMD_HEADER.unpack_from(pieces[0])[2] != e.crc:
-            raise self.fail("", ChecksumError(
-                "recompressed extent differs from the original (another zstd/zlib build?)",
-                path=a.patch.path,
-            ))
+        packed: Future[bytes] | bytes
+        if e.length < _INLINE or _WORKERS < 2:
+            try:
+                packed = compress_extent(raw, e.compression, e.level)
+            except BtrdeltaError as exc:
+                raise self.fail("", exc) from None
+        else:
+            if self.pool is None:
+                self.pool = ThreadPoolExecutor(_WORKERS, "btrdelta-penc")
+            packed = self.pool.submit(compress_extent, raw, e.compression, e.level)
         a.pos += e.length
         if a.pos == len(a.content):
             self.active = None
+        return _Pending(packed, e, a.patch.path, self.version, self.index)
+
+    def regenerated(self, p: _Pending) -> tuple[R.EncodedWrite, list[Any]]:
+        """The ENCODED_WRITE of a :meth:`pencoded` record and its exact bytes, checked
+        against the original command's CRC (waits for the recompression)."""
+        e, path = p.penc, p.path
+        try:
+            packed = p.packed if isinstance(p.packed, bytes) else p.packed.result()
+            if len(packed) > e.disk_len:
+                raise ChecksumError(
+                    f"recompressed extent has {len(packed)} bytes, more than {e.disk_len}",
+                    path=path,
+                )
+            data = packed + bytes(e.disk_len - len(packed))
+            rec = R.EncodedWrite(
+                path, e.offset, e.file_len, e.unencoded_len, e.unencoded_offset,
+                e.compression, memoryview(data), e.encryption,
+            )
+            pieces = encode_record(rec, p.version)
+            if CMD_HEADER.unpack_from(pieces[0])[2] != e.crc:
+                raise ChecksumError(
+                    "recompressed extent differs from the original (another zstd/zlib build?)",
+                    path=path,
+                )
+        except BtrdeltaError as exc:
+            raise exc.located(source=self.source, index=p.index) from None
         return rec, pieces
+
+    def close(self) -> None:
+        """Stop the recompression threads (queued work is cancelled, running work ends)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
 
     # -- driver ------------------------------------------------------------------------
 
-    def run(self, items: Iterable[DeltaItem]) -> Iterator[tuple[int, Any, Any]]:
+    def run(self, items: Iterable[DeltaItem]) -> Generator[tuple[int, Any, Any], None, None]:
         try:
             for item in items:
                 self.index += 1
                 if type(item) is DeltaEnd:
                     self.check_idle("DEND")
-                    self.check_end(item)
+                    yield END, item, None  # checked once all output before it is out
                     return
                 yield from self.handle(item)
             raise self.fail("truncated delta stream (no DEND record)")
@@ -485,7 +539,11 @@ class _Expander:
             for rec in self.pwrite(item):  # type: ignore[arg-type]
                 yield WRITE, rec, None
         elif cls is PEncoded:
-            yield WRITE, *self.pencoded(item)  # type: ignore[arg-type]
+            pending = self.pencoded(item)  # type: ignore[arg-type]
+            if isinstance(pending.packed, bytes):
+                yield WRITE, *self.regenerated(pending)
+            else:
+                yield PENC, pending, None
         elif cls is PatchData:
             self.add_pdata(item)  # type: ignore[arg-type]
         elif cls is Patch:
@@ -596,7 +654,7 @@ def expand_items(
     *,
     max_file_size: int = DEFAULT_MAX_FILE_SIZE,
     source: str | None = None,
-) -> Iterator[tuple[int, list[Any], R.Record | StreamHeader | None]]:
+) -> Generator[tuple[int, list[Any], R.Record | StreamHeader | None], None, None]:
     """Expand delta items to ``(kind, pieces, record)`` with the bytes of each output item.
 
     An output item is a stream header, a group of consecutive carried btrfs commands or
@@ -604,28 +662,76 @@ def expand_items(
     stream; ``record`` is the decoded header or WRITE, ``None`` for a group of carried
     commands (the caller decodes those if it needs them). The final DEND check runs before
     the generator ends.
+
+    Strategy: compressed extents (PENC) are recompressed in worker threads while the
+    delta items after them are parsed. Outputs come out strictly in stream order: an
+    output that follows an extent still being recompressed waits in a FIFO (at most
+    ``_WINDOW`` bytes, then the first one is waited for). An error of a later record is
+    raised only after the outputs before it (and their own errors). Closing the generator
+    stops the threads.
     """
     ex = _Expander(old_root, max_file_size, source)
-    for kind, a, b in ex.run(items):
+    run = ex.run(items)
+    waiting: deque[tuple[int, Any, Any, int]] = deque()  # (kind, a, b, size) of run()
+    nbytes = 0
+
+    def output(kind: int, a: Any, b: Any) -> tuple[int, list[Any], Any]:
+        """One output of run() as expand_items yields it, counted and hashed, in order."""
+        rec: Any = None
         if kind == HEADER:
             pieces: list[Any] = [STREAM_HEADER.pack(MAGIC, a)]
-            yield kind, pieces, StreamHeader(a, ex.size)
+            rec = StreamHeader(a, ex.size)
         elif kind == RAW:
             pieces = [b]
             ex.count += a
-            yield kind, pieces, None
         else:
-            if b is not None:
-                pieces = b  # already encoded and checked (PENC)
-            else:
-                try:
-                    pieces = _encode_write(a, ex.version)
-                except BtrdeltaError as exc:
-                    raise ex.fail("", exc) from None
+            rec, pieces = ex.regenerated(a) if kind == PENC else (a, b)
+            kind = WRITE
             ex.count += 1
-            yield kind, pieces, a
         for piece in pieces:
             ex.add(piece)
+        return kind, pieces, rec
+
+    try:
+        while True:
+            failed: Exception | None = None  # raised once the outputs before it are out
+            try:
+                kind, a, b = next(run)
+                if kind == WRITE and b is None:
+                    try:  # now: the stream version may change before it goes out
+                        b = _encode_write(a, ex.version)
+                    except BtrdeltaError as exc:
+                        raise ex.fail("", exc) from None
+            except Exception as exc:
+                failed = exc
+            if failed is not None or kind == END:
+                while waiting:  # the outputs before the failing or last record come first
+                    yield output(*waiting.popleft()[:3])
+                if failed is not None:
+                    raise failed
+                ex.check_end(a)
+                return
+            if kind != PENC and not waiting:
+                yield output(kind, a, b)
+                continue
+            if kind == RAW and type(b) is memoryview:
+                b = bytes(b)  # a delta item's bytes are valid until the parser's next item
+            size = (
+                a.penc.disk_len if kind == PENC else len(b) if kind == RAW
+                else len(a.data) if kind == WRITE else 0
+            )
+            waiting.append((kind, a, b, size))
+            nbytes += size
+            while waiting and (
+                nbytes > _WINDOW or len(waiting) > _WINDOW_ITEMS
+                or waiting[0][0] != PENC or waiting[0][1].packed.done()
+            ):
+                kind, a, b, size = waiting.popleft()
+                nbytes -= size
+                yield output(kind, a, b)
+    finally:
+        run.close()
+        ex.close()
 
 
 class _Prefixed(io.RawIOBase):
@@ -684,22 +790,22 @@ def expand_to(
     """
     size = 0
     pend = bytearray()
-    for _kind, pieces, _rec in expand_items(
-        items, old_root, max_file_size=max_file_size, source=source
-    ):
-        for piece in pieces:
-            n = len(piece)
-            size += n
-            if n < _SMALL:
-                pend += piece
-                if len(pend) >= _WRITE_BATCH:
-                    write(pend)
-                    pend = bytearray()
-            else:
-                if pend:
-                    write(pend)
-                    pend = bytearray()
-                write(piece)
+    outputs = expand_items(items, old_root, max_file_size=max_file_size, source=source)
+    with closing(outputs):  # an error in write stops the recompression threads at once
+        for _kind, pieces, _rec in outputs:
+            for piece in pieces:
+                n = len(piece)
+                size += n
+                if n < _SMALL:
+                    pend += piece
+                    if len(pend) >= _WRITE_BATCH:
+                        write(pend)
+                        pend = bytearray()
+                else:
+                    if pend:
+                        write(pend)
+                        pend = bytearray()
+                    write(piece)
     if pend:
         write(pend)
     return size
@@ -727,32 +833,32 @@ def expand_batches(
     next_event = parser.next_event
     batch: list[Event] = []
     nbytes = 0
-    for kind, pieces, rec in expand_items(
-        items, old_root, max_file_size=max_file_size, source=source
-    ):
-        if kind == WRITE:
-            batch.append(rec)  # type: ignore[arg-type]
-            nbytes += len(rec.data)  # type: ignore[union-attr]
-        else:
-            parser.feed(pieces[0])
-            try:
-                while True:
-                    got = take_batch()
-                    if got:
-                        batch += got
-                        continue
-                    ev = next_event()
-                    if ev is NEED_DATA or ev is EOF:  # EOF: never fed, never seen
-                        break
-                    # a header: the expansion's own (its offset counts regenerated WRITEs)
-                    batch.append(rec if kind == HEADER else ev)  # type: ignore[arg-type]
-            except BtrdeltaError as exc:  # offsets and indexes of the parser's are not ours
-                raise StreamFormatError(f"a carried command does not decode: {exc.message}",
-                                        source=source) from None
-        if len(batch) >= _EVENTS_BATCH or nbytes >= _EVENTS_BYTES:
-            yield batch
-            batch = []
-            nbytes = 0
+    outputs = expand_items(items, old_root, max_file_size=max_file_size, source=source)
+    with closing(outputs):  # closing this generator stops the recompression threads
+        for kind, pieces, rec in outputs:
+            if kind == WRITE:
+                batch.append(rec)  # type: ignore[arg-type]
+                nbytes += len(rec.data)  # type: ignore[union-attr]
+            else:
+                parser.feed(pieces[0])
+                try:
+                    while True:
+                        got = take_batch()
+                        if got:
+                            batch += got
+                            continue
+                        ev = next_event()
+                        if ev is NEED_DATA or ev is EOF:  # EOF: never fed, never seen
+                            break
+                        # a header: the expansion's own (its offset counts regenerated WRITEs)
+                        batch.append(rec if kind == HEADER else ev)  # type: ignore[arg-type]
+                except BtrdeltaError as exc:  # offsets and indexes of the parser's are not ours
+                    raise StreamFormatError(f"a carried command does not decode: {exc.message}",
+                                            source=source) from None
+            if len(batch) >= _EVENTS_BATCH or nbytes >= _EVENTS_BYTES:
+                yield batch
+                batch = []
+                nbytes = 0
     if batch:
         yield batch
 

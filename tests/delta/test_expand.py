@@ -1,0 +1,207 @@
+"""Expansion of compressed extents (PENC) in worker threads: stream order, errors, clean-up.
+
+The streams are synthetic ``--compressed-data`` streams: their ENCODED_WRITEs are made by
+:func:`compress_extent` the way btrfs makes them, so ``delta make`` replaces every one of
+them by a PENC record (the kernel-made streams are in ``test_encoded.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import random
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+
+from btrdelta.delta import MakeOptions, expand_events, expand_to, make_delta, open_delta
+from btrdelta.delta import expand as expand_mod
+from btrdelta.delta.expand import WRITE, expand_items
+from btrdelta.delta.format import NEED_DATA, BtrfsCommand, DeltaParser, PEncoded
+from btrdelta.delta.recompress import ZLIB, ZSTD, compress_extent
+from btrdelta.delta.stats import collect_delta_stats
+from btrdelta.delta.writer import DeltaWriter
+from btrdelta.errors import ChecksumError, StreamFormatError
+from btrdelta.stream import StreamReader, StreamWriter
+from btrdelta.stream import records as R
+
+#: extent sizes cycled through: pooled (>= 8 KiB) and recompressed at once (small)
+_SIZES = [128 << 10, 128 << 10, 4096, 20_000, 128 << 10, 1000, 64 << 10]
+
+
+def _text(rnd: random.Random, n: int) -> bytes:
+    words = [b"alpha", b"beta", b"gamma", b"extent", b"zstd", b"btrfs", b"\n", b"42"]
+    return b" ".join(rnd.choice(words) for _ in range(n // 4))[:n]
+
+
+@dataclasses.dataclass
+class _Case:
+    old: Path
+    stream: bytes
+    delta: bytes
+    pencs: int
+
+
+def _case(tmp: Path, compression: int) -> _Case:
+    """Three files rewritten with small changes, sent as compressed extents, and their
+    delta (every extent a PENC), with a plain WRITE and other commands in between."""
+    rnd = random.Random(compression)
+    old = tmp / "old"
+    old.mkdir()
+    out: list[bytes] = []
+    w = StreamWriter(out.append, 2)
+    w.write(R.Snapshot(b"B", uuid.uuid4(), 9, uuid.uuid4(), 8))
+    for i in range(3):
+        name = b"f%d" % i
+        base = _text(rnd, 1_500_000 + i * 300_000)
+        (old / name.decode()).write_bytes(base)
+        new = base[:50_000 * (i + 1)] + b"CHANGED" + base[50_000 * (i + 1) :]
+        w.write(R.Mkfile(b"o%d-1-0" % (300 + i), 300 + i))
+        w.write(R.Rename(b"o%d-1-0" % (300 + i), name))
+        off = 0
+        for k in range(len(new)):
+            if off >= len(new):
+                break
+            raw = new[off : off + _SIZES[k % len(_SIZES)]]
+            packed = compress_extent(raw, compression, 3)
+            packed += bytes(-len(packed) % 4096)
+            w.write(R.EncodedWrite(name, off, len(raw), -(-len(raw) // 4096) * 4096, 0,
+                                   compression, packed, 0))
+            off += len(raw)
+        w.write(R.Truncate(name, len(new)))
+        w.write(R.Utimes(name, 1, 2, 3))
+    w.write(R.Mkfile(b"o400-1-0", 400))
+    w.write(R.Write(b"o400-1-0", 0, b"plain data " * 100))
+    w.write(R.End())
+    stream = b"".join(bytes(p) for p in out)
+    d: list[bytes] = []
+    make_delta(io.BufferedReader(io.BytesIO(stream)), old, d.append,  # type: ignore[arg-type]
+               MakeOptions(jobs=1, level=0))
+    delta = b"".join(bytes(p) for p in d)
+    pencs = collect_delta_stats(open_delta(io.BytesIO(delta))).regenerated_encoded
+    return _Case(old, stream, delta, pencs)
+
+
+@pytest.fixture(scope="module", params=[ZSTD, ZLIB], ids=["zstd", "zlib"])
+def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> _Case:
+    return _case(tmp_path_factory.mktemp("penc"), request.param)
+
+
+def _threads() -> int:
+    return sum(t.name.startswith("btrdelta-penc") for t in threading.enumerate())
+
+
+def test_extents_recompressed_in_threads_come_out_in_order(
+    case: _Case, penc_pool: list[str]
+) -> None:
+    assert case.pencs >= 60  # every extent became a PENC
+    before = threading.active_count()
+    out: list[bytes] = []
+    assert expand_to(open_delta(io.BytesIO(case.delta)), case.old, out.append) == len(
+        case.stream
+    )
+    assert b"".join(bytes(p) for p in out) == case.stream
+    workers = [n for n in penc_pool if n.startswith("btrdelta-penc")]
+    assert len(workers) >= case.pencs // 2, penc_pool  # the large ones went to the pool
+    assert len(set(workers)) > 1
+    assert threading.active_count() == before
+    # receive's consumer: the same records as the stream, in the same order
+    events = list(expand_events(io.BytesIO(case.delta), case.old))
+    plain = list(StreamReader(io.BytesIO(case.stream)).events())
+    assert [type(e) for e in events] == [type(e) for e in plain]
+    enc = [(e.path, e.offset, bytes(e.data)) for e in events if type(e) is R.EncodedWrite]
+    assert enc == [(e.path, e.offset, bytes(e.data)) for e in plain if type(e) is R.EncodedWrite]
+    assert threading.active_count() == before
+
+
+def _items(delta: bytes) -> list[object]:
+    p = DeltaParser()
+    p.feed(delta)
+    p.feed(b"")
+    items = []
+    while (item := p.next_item()) not in (NEED_DATA, None):
+        items.append(item)
+    return items
+
+
+def _rewrite(items: list[object]) -> bytes:
+    out: list[bytes] = []
+    w = DeltaWriter(out.append, level=0)
+    for item in items:
+        if isinstance(item, BtrfsCommand):
+            w.command(item.raw)
+        else:
+            w.item(item)  # type: ignore[arg-type]
+    return b"".join(bytes(x) for x in out)
+
+
+def _collect(delta: bytes, old: Path, got: list[tuple[int, bytes, object]]) -> None:
+    """Append the outputs of ``delta``'s expansion to ``got`` as they come."""
+    for kind, pieces, rec in expand_items(open_delta(io.BytesIO(delta)), old):
+        got.append((kind, b"".join(bytes(p) for p in pieces), rec))
+
+
+def test_wrong_recompression_fails_at_its_record(case: _Case, penc_pool: list[str]) -> None:
+    """A PENC whose recorded CRC does not match what recompression gives: ChecksumError
+    naming the path and the record, raised after every output before it, none after."""
+    items = _items(case.delta)
+    indexes = [i for i, it in enumerate(items)
+               if isinstance(it, PEncoded) and it.length >= 64 << 10]
+    bad_at = indexes[len(indexes) // 2]
+    bad = items[bad_at]
+    assert isinstance(bad, PEncoded)
+    items[bad_at] = dataclasses.replace(bad, crc=bad.crc ^ 1)
+    expected: list[tuple[int, bytes, object]] = []
+    _collect(case.delta, case.old, expected)
+    before = threading.active_count()
+    got: list[tuple[int, bytes, object]] = []
+    with pytest.raises(ChecksumError, match="recompressed extent differs") as info:
+        _collect(_rewrite(items), case.old, got)
+    # the outputs before the bad extent, exactly; its own output never came
+    n = len(got)
+    assert got == expected[:n]
+    rec = expected[n][2]
+    assert expected[n][0] == WRITE
+    assert type(rec) is R.EncodedWrite
+    assert rec.offset == bad.offset
+    assert info.value.path == rec.path
+    assert info.value.index == bad_at + 1
+    assert threading.active_count() == before
+    # an error after pending extents (no DEND) comes after their outputs
+    got = []
+    with pytest.raises(StreamFormatError, match="no DEND"):
+        _collect(_rewrite(_items(case.delta)[:-1]), case.old, got)
+    assert got == expected
+    assert threading.active_count() == before
+
+
+def test_closing_early_stops_the_threads(
+    case: _Case, penc_pool: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = threading.active_count()
+    gen = expand_items(open_delta(io.BytesIO(case.delta)), case.old)
+    for n, _ in enumerate(gen):
+        if _threads() and n > 3:
+            break
+    assert _threads()
+    gen.close()
+    assert threading.active_count() == before
+
+    # an error in expand_to's writer
+    def write(piece: object) -> None:
+        if _threads():
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        expand_to(open_delta(io.BytesIO(case.delta)), case.old, write)
+    assert threading.active_count() == before
+
+    # receive's batches, abandoned after the first one made while the threads run
+    monkeypatch.setattr(expand_mod, "_EVENTS_BATCH", 2)
+    batches = expand_events(io.BytesIO(case.delta), case.old).batches()
+    while not _threads():
+        next(batches)
+    batches.close()
+    assert threading.active_count() == before
