@@ -18,6 +18,7 @@ from btrdelta.receive import receive
 from btrdelta.receive.subvol import get_fsflags, set_fsflags
 from btrdelta.stream.records import (
     Chmod,
+    Clone,
     EnableVerity,
     EncodedWrite,
     End,
@@ -32,7 +33,7 @@ from btrdelta.stream.records import (
     Write,
 )
 
-from .helpers import events, subvol
+from .helpers import UUID_A, events, subvol
 
 # every test runs with the C fast path of the applier and with the Python handlers alone
 pytestmark = pytest.mark.usefixtures("applier_impl")
@@ -113,6 +114,20 @@ def test_fallocate_punch_hole_and_truncate(dest: Path) -> None:
     with open(p, "rb") as f:
         assert os.lseek(f.fileno(), 256 << 10, os.SEEK_HOLE) == 256 << 10
         assert os.lseek(f.fileno(), 256 << 10, os.SEEK_DATA) == 512 << 10
+
+
+def test_clones_within_the_subvolume(dest: Path) -> None:
+    """CLONE (copied where the file system has no reflinks); after the first one the C
+    path takes them: ranges, tails and offsets land where the Python handler puts them."""
+    data = os.urandom(3 * 4096 + 100)
+    recs = [subvol(), Mkfile(path=b"g", ino=257), Write(path=b"g", offset=0, data=data),
+            Mkfile(path=b"f", ino=258)]
+    # aligned; the source's unaligned tail; an unaligned destination (never a reflink)
+    for off, length, src in ((0, 4096, 4096), (4096, 4196, 8192), (8292, 4096, 0)):
+        recs.append(Clone(offset=off, length=length, path=b"f", clone_uuid=UUID_A,
+                          clone_ctransid=1, clone_path=b"g", clone_offset=src))
+    receive(events([*recs, End()]), dest)
+    assert (dest / "sv" / "f").read_bytes() == data[4096:8192] + data[8192:] + data[:4096]
 
 
 def test_fileattr_ignored_by_default_applied_on_request(dest: Path) -> None:

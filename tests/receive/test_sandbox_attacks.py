@@ -163,6 +163,26 @@ def test_clone_through_planted_symlink(world: tuple[Path, Path]) -> None:
     ])
 
 
+def _legit_clone() -> list:
+    # a first clone from this subvolume (the C path then takes the next ones)
+    return [
+        Mkfile(path=b"g", ino=257), Write(path=b"g", offset=0, data=b"g" * 8192),
+        Mkfile(path=b"f", ino=259),
+        Clone(offset=0, length=4096, path=b"f", clone_uuid=UUID_A, clone_ctransid=7,
+              clone_path=b"g", clone_offset=0),
+    ]
+
+
+@pytest.mark.parametrize("where", [b"s/secret", b"s", b"../../outside/secret", b"g/../s"])
+def test_clone_after_a_legit_one_cannot_leave(world: tuple[Path, Path], where: bytes) -> None:
+    _attack(world, [
+        Symlink(path=b"s", ino=258, target=_o(world)),
+        *_legit_clone(),
+        Clone(offset=4096, length=4096, path=b"f", clone_uuid=UUID_A, clone_ctransid=7,
+              clone_path=where, clone_offset=0),
+    ], exc=BtrdeltaError)
+
+
 def test_clone_from_an_unknown_subvolume(world: tuple[Path, Path]) -> None:
     _attack(world, [
         Mkfile(path=b"f", ino=259),

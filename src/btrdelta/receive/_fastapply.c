@@ -5,12 +5,14 @@
  * every fallback and every error message. This module runs the hot, simple commands of a
  * batch of records with the same system calls and the same path rules as the Python code:
  * MKFILE, MKDIR, SYMLINK, RENAME, LINK, UNLINK, RMDIR, WRITE, TRUNCATE, CHMOD, CHOWN, UTIMES,
- * UPDATE_EXTENT and (when enabled, on btrfs) ENCODED_WRITE passed through with the
- * encoded-write ioctl. It stops *before* the first record it does not handle, whose path
- * breaks a rule, or whose system call fails, with nothing of that record applied; the
- * Python applier then applies that record itself and raises the located error or takes its
- * fallback (EOPNOTSUPP, decompression, ...). Records that need more (SUBVOL, SNAPSHOT, END,
- * CLONE, xattrs, special files, FALLOCATE, FILEATTR, verity) always go to Python.
+ * UPDATE_EXTENT, (when enabled, on btrfs) ENCODED_WRITE passed through with the
+ * encoded-write ioctl, and CLONE (FICLONERANGE) from the one source subvolume Python
+ * registered with set_clone_source(). It stops *before* the first record it does not
+ * handle, whose path breaks a rule, or whose system call fails, with nothing of that
+ * record applied; the Python applier then applies that record itself and raises the located error or takes its
+ * fallback (EOPNOTSUPP, decompression, copying what cannot be cloned, ...). Records that
+ * need more (SUBVOL, SNAPSHOT, END, xattrs, special files, FALLOCATE, FILEATTR, verity)
+ * always go to Python.
  *
  * Path rules (sandbox.py): a stream path is split on '/', every component must be non-empty
  * and neither "." nor ".."; no NUL. Directories are opened one component at a time with
@@ -60,6 +62,7 @@ enum {
     OP_UTIMES,
     OP_UPDATE_EXTENT,
     OP_ENCODED_WRITE,
+    OP_CLONE,
     NOPS
 };
 
@@ -84,10 +87,20 @@ struct encoded_io_args {
 };
 #define IOC_ENCODED_WRITE 0x40809440u
 
+/* struct file_clone_range and FICLONERANGE (linux/fs.h) */
+struct clone_range_args {
+    int64_t src_fd;
+    uint64_t src_offset;
+    uint64_t src_length;
+    uint64_t dest_offset;
+};
+#define IOC_FICLONERANGE 0x4020940Du
+
 static PyTypeObject *op_types[NOPS];
 static PyObject *s_path, *s_path_to, *s_path_link, *s_target, *s_data, *s_offset, *s_size,
     *s_mode, *s_uid, *s_gid, *s_atime, *s_mtime, *s_unencoded_file_len, *s_unencoded_len,
-    *s_unencoded_offset, *s_compression, *s_encryption;
+    *s_unencoded_offset, *s_compression, *s_encryption, *s_length, *s_clone_path,
+    *s_clone_offset, *s_clone_uuid, *s_bytes;
 
 typedef struct {
     char *path;
@@ -108,6 +121,13 @@ typedef struct {
     int dirs_changed;
     struct Op *ops; /* gathered records of a run */
     size_t ocap;
+    /* CLONE source: the subvolume of uuid clone_uuid (root fd borrowed from Python), and
+     * its directory last opened (owned) */
+    int clone_fd;
+    unsigned char clone_uuid[16];
+    int sdir_fd;
+    char *sdir;
+    size_t sdir_len, sdir_cap;
 } Fast;
 
 /* ---------------------------------------------------------------------------------------
@@ -459,6 +479,23 @@ gather(Fast *f, int op, PyObject *rec, Op *o)
             goto fail;
         break;
     }
+    case OP_CLONE: {
+        /* v: offset, length, clone offset; only from the registered source subvolume */
+        if (f->clone_fd < 0 || get_i64(rec, s_offset, &v[0]) < 0 || v[0] < 0 ||
+            get_i64(rec, s_length, &v[1]) < 0 || v[1] <= 0 ||
+            get_i64(rec, s_clone_offset, &v[2]) < 0 || v[2] < 0 ||
+            get_path(rec, s_clone_path, 0, &o->q, &o->qn, &o->kq) < 0)
+            goto fail;
+        PyObject *u = PyObject_GetAttr(rec, s_clone_uuid);
+        PyObject *ub = u ? PyObject_GetAttr(u, s_bytes) : NULL;
+        Py_XDECREF(u);
+        int same = ub != NULL && PyBytes_Check(ub) && PyBytes_GET_SIZE(ub) == 16 &&
+                   memcmp(PyBytes_AS_STRING(ub), f->clone_uuid, 16) == 0;
+        Py_XDECREF(ub);
+        if (!same)
+            goto fail;
+        break;
+    }
     case OP_CHMOD:
         if (get_i64(rec, s_mode, &v[0]) < 0)
             goto fail;
@@ -616,6 +653,89 @@ exec_data(Fast *f, const Op *o, long long *nbytes)
     return 0;
 }
 
+static void
+sdir_close(Fast *f)
+{
+    if (f->sdir_fd >= 0)
+        close(f->sdir_fd);
+    f->sdir_fd = -1;
+    f->sdir_len = 0;
+}
+
+/* CLONE: FICLONERANGE from the file at the clone path of the source subvolume (walked
+ * without following symlinks; the directory of the last one is kept open) */
+static int
+exec_clone(Fast *f, const Op *o, long long *nbytes)
+{
+    const char *p = o->q;
+    size_t n = o->qn;
+    const char *slash = memrchr(p, '/', n);
+    size_t dlen = slash ? (size_t)(slash - p) : 0;
+    const char *last = slash ? slash + 1 : p;
+    size_t len = (size_t)(p + n - last);
+    char name[NAME_MAX + 1];
+    if (len > NAME_MAX)
+        return -1;
+    memcpy(name, last, len);
+    name[len] = 0;
+    int dfd = f->clone_fd;
+    if (dlen > 0) {
+        if (!(f->sdir_fd >= 0 && f->sdir_len == dlen && memcmp(f->sdir, p, dlen) == 0)) {
+            sdir_close(f);
+            int cur = f->clone_fd;
+            size_t start = 0;
+            while (start < dlen) {
+                const char *s = memchr(p + start, '/', dlen - start);
+                size_t stop = s ? (size_t)(s - p) : dlen;
+                char part[NAME_MAX + 1];
+                if (stop - start > NAME_MAX) {
+                    if (cur != f->clone_fd)
+                        close(cur);
+                    return -1;
+                }
+                memcpy(part, p + start, stop - start);
+                part[stop - start] = 0;
+                int nfd = openat(cur, part, DIR_FLAGS);
+                if (cur != f->clone_fd)
+                    close(cur);
+                if (nfd < 0)
+                    return -1;
+                cur = nfd;
+                start = stop + 1;
+            }
+            if (dlen > f->sdir_cap) {
+                char *d = realloc(f->sdir, dlen);
+                if (d == NULL) {
+                    close(cur);
+                    return -1;
+                }
+                f->sdir = d;
+                f->sdir_cap = dlen;
+            }
+            memcpy(f->sdir, p, dlen);
+            f->sdir_len = dlen;
+            f->sdir_fd = cur;
+        }
+        dfd = f->sdir_fd;
+    }
+    int dst = write_fd(f, o->p, o->n);
+    if (dst < 0)
+        return -1;
+    int src = openat(dfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+    if (src < 0)
+        return -1;
+    struct stat st;
+    int r = -1;
+    if (fstat(src, &st) == 0 && S_ISREG(st.st_mode)) {
+        struct clone_range_args args = {src, (uint64_t)o->v[2], (uint64_t)o->v[1],
+                                        (uint64_t)o->v[0]};
+        r = ioctl(dst, IOC_FICLONERANGE, &args);
+    }
+    close(src);
+    (void)nbytes;
+    return r < 0 ? -1 : 0;
+}
+
 /* CHMOD, CHOWN, UTIMES: an empty path is the subvolume root */
 static int
 exec_meta(Fast *f, const Op *o)
@@ -689,6 +809,8 @@ exec_op(Fast *f, const Op *o, long long *nbytes)
     case OP_CHOWN:
     case OP_UTIMES:
         return exec_meta(f, o);
+    case OP_CLONE:
+        return exec_clone(f, o, nbytes);
     default:
         return exec_entry(f, o);
     }
@@ -702,6 +824,8 @@ Fast_init(Fast *self, PyObject *args, PyObject *kwds)
 {
     self->root_fd = -1;
     self->wfd = -1;
+    self->clone_fd = -1;
+    self->sdir_fd = -1;
     return 0;
 }
 
@@ -710,6 +834,8 @@ Fast_release(Fast *self)
 {
     write_close(self);
     dirs_clear(self);
+    sdir_close(self);
+    self->clone_fd = -1;
 }
 
 static void
@@ -719,6 +845,7 @@ Fast_dealloc(Fast *self)
     free(self->dirs);
     free(self->wpath);
     free(self->ops);
+    free(self->sdir);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -780,6 +907,24 @@ Fast_run(Fast *self, PyObject *args)
 }
 
 static PyObject *
+Fast_set_clone_source(Fast *self, PyObject *args)
+{
+    const char *u;
+    Py_ssize_t n;
+    int fd;
+    if (!PyArg_ParseTuple(args, "y#i:set_clone_source", &u, &n, &fd))
+        return NULL;
+    if (n != 16) {
+        PyErr_SetString(PyExc_ValueError, "set_clone_source() needs a 16-byte uuid");
+        return NULL;
+    }
+    sdir_close(self);
+    memcpy(self->clone_uuid, u, 16);
+    self->clone_fd = fd;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
 Fast_take_write(Fast *self, PyObject *unused)
 {
     if (self->wfd < 0)
@@ -836,6 +981,9 @@ static PyMethodDef Fast_methods[] = {
     {"run", (PyCFunction)Fast_run, METH_VARARGS,
      "run(batch, start) -> (stop, data_bytes): apply batch[start:] until a record that "
      "Python must apply; stop is its index."},
+    {"set_clone_source", (PyCFunction)Fast_set_clone_source, METH_VARARGS,
+     "set_clone_source(uuid_bytes, root_fd): CLONE records from this subvolume (its root "
+     "descriptor is borrowed) are applied here; reset() forgets it."},
     {"take_write", (PyCFunction)Fast_take_write, METH_NOARGS,
      "take_write() -> (path, fd) | None: hand the cached write descriptor to the caller."},
     {"give_write", (PyCFunction)Fast_give_write, METH_VARARGS,
@@ -884,7 +1032,7 @@ configure(PyObject *self, PyObject *arg)
 static PyMethodDef methods[] = {
     {"configure", configure, METH_O,
      "configure(types): the record classes of MKFILE, MKDIR, SYMLINK, RENAME, LINK, UNLINK, "
-     "RMDIR, WRITE, TRUNCATE, CHMOD, CHOWN, UTIMES, UPDATE_EXTENT, ENCODED_WRITE."},
+     "RMDIR, WRITE, TRUNCATE, CHMOD, CHOWN, UTIMES, UPDATE_EXTENT, ENCODED_WRITE, CLONE."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -916,6 +1064,11 @@ PyInit__fastapply(void)
     I(s_unencoded_offset, "unencoded_offset");
     I(s_compression, "compression");
     I(s_encryption, "encryption");
+    I(s_length, "length");
+    I(s_clone_path, "clone_path");
+    I(s_clone_offset, "clone_offset");
+    I(s_clone_uuid, "clone_uuid");
+    I(s_bytes, "bytes");
 #undef I
     if (PyType_Ready(&FastType) < 0)
         return NULL;

@@ -87,7 +87,7 @@ def _load_fastapply() -> Any:
     except ImportError:
         return None
     mod.configure((Mkfile, Mkdir, Symlink, Rename, Link, Unlink, Rmdir, Write, Truncate, Chmod,
-                   Chown, Utimes, UpdateExtent, EncodedWrite))
+                   Chown, Utimes, UpdateExtent, EncodedWrite, Clone))
     return mod
 
 
@@ -728,6 +728,8 @@ class Applier:
         src_sb = self._clone_source(rec.clone_uuid)
         if self._check(rec.path, rec.clone_path) or src_sb is None:
             return
+        if self._fast is not None:  # the next CLONEs from this subvolume are applied in C
+            self._fast.set_clone_source(rec.clone_uuid.bytes, src_sb.root_fd)
         dst = self._write_fd(rec.path)
         src = src_sb.open_file(rec.clone_path, os.O_RDONLY)
         try:
