@@ -98,6 +98,36 @@ def _make_release_pair(mnt: Path, out: Path) -> Pair:
     return Pair("rebuilt-release", a, b, streams, mnt)
 
 
+def _make_same_pair(mnt: Path, out: Path) -> Pair:
+    """A release rebuilt with most files unchanged in content (new inodes, same bytes), as
+    an image rebuilt from scratch is; plus a sparse file and one file that really
+    changed."""
+    vol = mnt / "vol-same"
+    run("btrfs", "-q", "subvolume", "create", vol)
+    usr = vol / "usr"
+    build_release(usr)
+    with open(usr / "sparse", "wb") as f:
+        f.write(os.urandom(300_000))
+        f.seek(3 << 20)
+        f.write(os.urandom(70_001))
+    run("sync")
+    a, b = mnt / "same-A", mnt / "same-B"
+    run("btrfs", "-q", "subvolume", "snapshot", "-r", vol, a)
+    for path in sorted(p for p in usr.rglob("*") if p.is_file() and not p.is_symlink()):
+        fresh = path.with_name(path.name + ".fresh")
+        run("cp", "-p", "--sparse=always", "--reflink=never", str(path), str(fresh))
+        fresh.rename(path)
+    lib = sorted((usr / "lib").iterdir())[3]
+    lib.write_bytes(_edit(lib.read_bytes(), random.Random(3)))
+    run("sync")
+    run("btrfs", "-q", "subvolume", "snapshot", "-r", vol, b)
+    streams = {
+        "v1": send(b, out / "same.v1", parent=a, proto=1),
+        "v2plain": send(b, out / "same.v2plain", parent=a, proto=2),
+    }
+    return Pair("rebuilt-same", a, b, streams, mnt)
+
+
 @pytest.fixture(scope="session")
 def delta_pairs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Pair]]:
     """Every scenario (and a rebuilt release) as mounted snapshots + incremental streams."""
@@ -115,6 +145,7 @@ def delta_pairs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
                 }
                 pairs[sc.name] = Pair(sc.name, sp.a, sp.b, streams, mnt)
             pairs["rebuilt-release"] = _make_release_pair(mnt, out)
+            pairs["rebuilt-same"] = _make_same_pair(mnt, out)
             yield pairs
     except BtrfsUnavailable as exc:
         if os.environ.get("CI") == "true":

@@ -3,7 +3,9 @@ the rebuilt-release ratio, wrong old files."""
 
 from __future__ import annotations
 
+import fcntl
 import io
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +107,56 @@ def test_receive_delta_matches_btrfs_receive(
     pair = delta_pairs[name]
     kernel, ours = _receive_both(pair, "v2", tmp_path)
     assert tree_sum(ours, ignore_root_mtime=True) == tree_sum(kernel, ignore_root_mtime=True)
+
+
+def _shared_bytes(path: Path) -> int:
+    """Bytes of ``path``'s extents that FIEMAP flags as shared with another file."""
+    fiemap = 0xC020660B  # FS_IOC_FIEMAP
+    count = 256
+    head = struct.Struct("=QQIIII")
+    ext = struct.Struct("=QQQQQIIII")
+    buf = bytearray(head.pack(0, 1 << 62, 1, 0, count, 0) + bytes(ext.size * count))
+    with open(path, "rb") as f:
+        fcntl.ioctl(f.fileno(), fiemap, buf)
+    mapped = head.unpack_from(buf)[3]
+    shared = 0
+    for i in range(mapped):
+        _log, _phys, length, _r1, _r2, flags, *_ = ext.unpack_from(buf, head.size + i * ext.size)
+        if flags & 0x2000:  # FIEMAP_EXTENT_SHARED
+            shared += length
+    return shared
+
+
+@pytest.mark.parametrize("version", ["v1", "v2plain"])
+def test_receive_reflinks_unchanged_files_from_the_parent(
+    delta_pairs: dict[str, Pair], version: str, tmp_path: Path
+) -> None:
+    """Files rebuilt with unchanged content come out of ``btrdelta receive`` as reflinks of
+    the parent's (the kernel's receive writes them again): the same tree, holes included;
+    where reflinks are not possible they are copied."""
+    pair = delta_pairs["rebuilt-same"]
+    kernel, ours = _receive_both(pair, version, tmp_path)
+    assert tree_sum(ours, ignore_root_mtime=True, holes=True) == tree_sum(
+        kernel, ignore_root_mtime=True, holes=True
+    )
+    same = [p.relative_to(ours) for p in sorted((ours / "usr/lib").iterdir())]
+    same = [p for p in same if (ours / p).read_bytes() == (pair.a / p).read_bytes()]
+    assert len(same) >= 100
+    for name in [Path("usr/bin/bash"), *same]:
+        size = (ours / name).stat().st_size
+        assert _shared_bytes(ours / name) >= size - 4096, name
+        assert _shared_bytes(kernel / name) == 0, name
+    # elsewhere (the directory backend on a file system without reflinks) it is copied
+    dest = tmp_path / "dir-target"
+    dest.mkdir()
+    receive = [sys.executable, "-m", "btrdelta", "receive", "--backend", "dir"]
+    full_a = send(pair.a, tmp_path / "A.dir-full")
+    subprocess.run([*receive, "-f", str(full_a), str(dest)], check=True, capture_output=True)
+    delta = tmp_path / "delta"  # made by _receive_both
+    subprocess.run([*receive, "-f", str(delta), str(dest)], check=True, capture_output=True)
+    assert tree_sum(dest / pair.b.name, ignore_root_mtime=True, holes=True) == tree_sum(
+        kernel, ignore_root_mtime=True, holes=True
+    )
 
 
 def test_pipe_send_make_receive(delta_pairs: dict[str, Pair], tmp_path: Path) -> None:

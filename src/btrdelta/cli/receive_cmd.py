@@ -90,7 +90,7 @@ def open_events(
 
     is_delta, f = sniff(f)
     if is_delta and dest is not None:
-        return expand_events(f, delta_parent(dest, backend), source=name)
+        return expand_events(f, delta_parent(dest, backend), source=name, clone_same=True)
     return StreamReader(f, source=name).events()
 
 

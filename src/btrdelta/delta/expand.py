@@ -154,8 +154,20 @@ class _Active:
     pos: int = 0
 
 
+class _SameWrite(R.Write):
+    """A regenerated WRITE of content equal to the (verified) old file's. ``apply`` is what
+    ``receive`` applies instead: a CLONE of the PWRITE's whole range from the parent
+    snapshot on its first chunk, ``None`` on the others (see ``clone_same``)."""
+
+    __slots__ = ("apply",)
+    apply: R.Clone | None
+
+
 class _Expander:
-    def __init__(self, old_root: OldRoot, max_file_size: int, source: str | None) -> None:
+    def __init__(
+        self, old_root: OldRoot, max_file_size: int, source: str | None,
+        clone_same: bool = False,
+    ) -> None:
         self.old_root = old_root
         self.root: str | os.PathLike[str] | None = (
             None if callable(old_root) else old_root
@@ -163,6 +175,9 @@ class _Expander:
         self.head: Any = None  # SNAPSHOT/SUBVOL of the current stream (for a callable root)
         self.max_file_size = max_file_size
         self.source = source
+        #: regenerated WRITEs of unchanged content carry a CLONE from the parent snapshot
+        #: (``_SameWrite``; only when the old root comes from the stream's SNAPSHOT)
+        self.clone_same = clone_same and callable(old_root)
         self.version = 0
         self.dctx: Any = None
         self.count = 0
@@ -430,6 +445,20 @@ class _Expander:
         content = memoryview(a.content)
         path = a.patch.path
         off, pos, end = w.offset, a.pos, a.pos + w.length
+        head = self.head
+        if self.clone_same and a.patch.codec == SAME_CODEC and type(head) is R.Snapshot:
+            # content equal to the verified old file: receive reflinks it from the parent
+            clone: R.Clone | None = R.Clone(
+                off, w.length, path, head.clone_uuid, head.clone_ctransid,
+                a.patch.base_path, pos,
+            )
+            while pos < end:
+                n = min(w.chunk, end - pos)
+                rec = _SameWrite(path, off, content[pos : pos + n])
+                rec.apply, clone = clone, None
+                yield rec
+                pos += n
+                off += n
         while pos < end:
             n = min(w.chunk, end - pos)
             yield R.Write(path, off, content[pos : pos + n])
@@ -654,6 +683,7 @@ def expand_items(
     *,
     max_file_size: int = DEFAULT_MAX_FILE_SIZE,
     source: str | None = None,
+    clone_same: bool = False,
 ) -> Generator[tuple[int, list[Any], R.Record | StreamHeader | None], None, None]:
     """Expand delta items to ``(kind, pieces, record)`` with the bytes of each output item.
 
@@ -670,7 +700,7 @@ def expand_items(
     raised only after the outputs before it (and their own errors). Closing the generator
     stops the threads.
     """
-    ex = _Expander(old_root, max_file_size, source)
+    ex = _Expander(old_root, max_file_size, source, clone_same)
     run = ex.run(items)
     waiting: deque[tuple[int, Any, Any, int]] = deque()  # (kind, a, b, size) of run()
     nbytes = 0
@@ -822,21 +852,33 @@ def expand_batches(
     *,
     max_file_size: int = DEFAULT_MAX_FILE_SIZE,
     source: str | None = None,
+    clone_same: bool = False,
 ) -> Generator[list[Event], None, None]:
     """The events of the expanded stream in lists (what ``receive`` applies a list at a
     time). Carried commands are decoded a group at a time by a
     :class:`~btrdelta.stream.StreamParser` (the C batch decoder when built), which also
     checks that the expanded stream is well formed; regenerated WRITEs are the records
-    the expansion made."""
+    the expansion made.
+
+    ``clone_same``: the WRITEs of a file whose content equals its old file (verified
+    before) become one CLONE from the parent snapshot per PWRITE range (``old_root`` must
+    then be a function of the stream's SNAPSHOT, as for ``receive``): the receiver
+    reflinks the unchanged data instead of writing it again (and falls back to copying
+    where it cannot). The tree is the same; the old and new versions share the extents.
+    The expanded stream is still checked as a whole (DEND)."""
     parser = StreamParser(source=source, verify_crc=False)
     take_batch = parser.take_batch
     next_event = parser.next_event
     batch: list[Event] = []
     nbytes = 0
-    outputs = expand_items(items, old_root, max_file_size=max_file_size, source=source)
+    outputs = expand_items(items, old_root, max_file_size=max_file_size, source=source,
+                           clone_same=clone_same)
     with closing(outputs):  # closing this generator stops the recompression threads
         for kind, pieces, rec in outputs:
-            if kind == WRITE:
+            if type(rec) is _SameWrite:
+                if rec.apply is not None:
+                    batch.append(rec.apply)
+            elif kind == WRITE:
                 batch.append(rec)  # type: ignore[arg-type]
                 nbytes += len(rec.data)  # type: ignore[union-attr]
             else:
@@ -870,14 +912,15 @@ class DeltaEvents:
 
     def __init__(
         self, items: Iterable[DeltaItem], old_root: OldRoot, max_file_size: int,
-        source: str | None,
+        source: str | None, clone_same: bool = False,
     ) -> None:
-        self._args = (items, old_root, max_file_size, source)
+        self._args = (items, old_root, max_file_size, source, clone_same)
 
     def batches(self) -> Generator[list[Event], None, None]:
         """Lists of events (see :func:`expand_batches`); call it once."""
-        items, old_root, max_file_size, source = self._args
-        return expand_batches(items, old_root, max_file_size=max_file_size, source=source)
+        items, old_root, max_file_size, source, clone_same = self._args
+        return expand_batches(items, old_root, max_file_size=max_file_size, source=source,
+                              clone_same=clone_same)
 
     def __iter__(self) -> Iterator[Event]:
         for batch in self.batches():
@@ -890,6 +933,7 @@ def expand_events(
     *,
     max_file_size: int = DEFAULT_MAX_FILE_SIZE,
     source: str | None = None,
+    clone_same: bool = False,
 ) -> DeltaEvents:
     """The events of the expanded stream, as :meth:`StreamReader.events` yields them.
 
@@ -899,6 +943,8 @@ def expand_events(
             (or SUBVOL) record returning it (``lambda s: find_parent(dest, s)``).
         max_file_size: largest old file / new content a patch may involve.
         source: input name for error messages.
+        clone_same: unchanged content as CLONEs from the parent (see
+            :func:`expand_batches`; ``btrdelta receive`` does this).
 
     Each patched file's old content is verified before, and its new content after the
     patch is applied, before any of its WRITE events is yielded. The result is iterable
@@ -909,7 +955,7 @@ def expand_events(
         items = open_delta(delta_events, source=source)  # type: ignore[arg-type]
     else:
         items = delta_events
-    return DeltaEvents(items, old_root, max_file_size, source)
+    return DeltaEvents(items, old_root, max_file_size, source, clone_same)
 
 
 def delta_parent(dest: Path, backend: str = "auto") -> Callable[[Any], Path]:
