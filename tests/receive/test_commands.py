@@ -24,15 +24,18 @@ from btrdelta.stream.records import (
     End,
     Fallocate,
     Fileattr,
+    Mkdir,
     Mkfifo,
     Mkfile,
     Mknod,
     Mksock,
+    Rename,
     Truncate,
     Utimes,
     Write,
 )
 
+from .conftest import Targets
 from .helpers import UUID_A, events, subvol
 
 # every test runs with the C fast path of the applier and with the Python handlers alone
@@ -128,6 +131,31 @@ def test_clones_within_the_subvolume(dest: Path) -> None:
                           clone_ctransid=1, clone_path=b"g", clone_offset=src))
     receive(events([*recs, End()]), dest)
     assert (dest / "sv" / "f").read_bytes() == data[4096:8192] + data[8192:] + data[:4096]
+
+
+@pytest.mark.btrfs
+def test_clone_source_follows_renames_on_btrfs(targets: Targets, applier_impl: str,
+                                               tmp_path: Path) -> None:
+    """Reflinks (btrfs): a clone source in the subvolume being received is looked up by its
+    path at the time of the clone, also after its directory was renamed away."""
+    dest = targets.scratch_btrfs / f"clone-rename-{applier_impl}-{tmp_path.name}"
+    dest.mkdir()
+    old, new = os.urandom(8192), os.urandom(8192)
+
+    def clone(path: bytes) -> Clone:
+        return Clone(offset=0, length=8192, path=path, clone_uuid=UUID_A, clone_ctransid=1,
+                     clone_path=b"d/g", clone_offset=0)
+
+    recs = [subvol(), Mkdir(path=b"d", ino=256), Mkfile(path=b"d/g", ino=257),
+            Write(path=b"d/g", offset=0, data=old), Mkfile(path=b"f", ino=258), clone(b"f"),
+            Mkfile(path=b"f2", ino=262), clone(b"f2"),  # the C path, after Python's first
+            Rename(path=b"d", path_to=b"e"), Mkdir(path=b"d", ino=259),
+            Mkfile(path=b"d/g", ino=260), Write(path=b"d/g", offset=0, data=new),
+            Mkfile(path=b"h", ino=261), clone(b"h"), End()]
+    receive(events(recs), dest)
+    assert (dest / "sv" / "f").read_bytes() == old
+    assert (dest / "sv" / "f2").read_bytes() == old
+    assert (dest / "sv" / "h").read_bytes() == new
 
 
 def test_fileattr_ignored_by_default_applied_on_request(dest: Path) -> None:

@@ -122,7 +122,8 @@ typedef struct {
     struct Op *ops; /* gathered records of a run */
     size_t ocap;
     /* CLONE source: the subvolume of uuid clone_uuid (root fd borrowed from Python), and
-     * its directory last opened (owned) */
+     * its directory last opened (owned; dropped on any rename or rmdir, since the source
+     * may be the subvolume being received) */
     int clone_fd;
     unsigned char clone_uuid[16];
     int sdir_fd;
@@ -519,6 +520,8 @@ fail:
     return -1;
 }
 
+static void sdir_close(Fast *f);
+
 /* ---------------------------------------------------------------------------------------
  * executing: the system calls of one gathered record, with the GIL released (no Python
  * object is touched); 0 = applied, -1 = hand the record to Python (nothing of it applied) */
@@ -534,6 +537,7 @@ exec_entry(Fast *f, const Op *o)
     if (o->op == OP_RMDIR) {
         write_close(f);
         dirs_invalidate(f, p, n);
+        sdir_close(f); /* the clone source may be this subvolume */
         f->dirs_changed = 1;
     }
     int dfd = parent_of(f, p, n, name);
@@ -584,6 +588,7 @@ exec_two(Fast *f, const Op *o)
         return -1;
     dirs_invalidate(f, a, an);
     dirs_invalidate(f, b, bn);
+    sdir_close(f); /* the clone source may be this subvolume */
     f->dirs_changed = 1;
     if (f->wfd >= 0) { /* the cached descriptor follows its inode to the new name */
         const char *w = f->wpath;
@@ -956,6 +961,7 @@ static PyObject *
 Fast_clear_dirs(Fast *self, PyObject *unused)
 {
     dirs_clear(self);
+    sdir_close(self);
     Py_RETURN_NONE;
 }
 
