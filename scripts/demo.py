@@ -3,7 +3,8 @@
 1. a btrfs on a loop file; release v1, then v2 *rebuilt* (every file rewritten, a few changed)
 2. the kernel's full and incremental send streams; btrdelta verify / stat / dump on them
 3. a delta stream: the incremental stream with binary patches; expanded back bit for bit
-4. a device without btrfs (ext4): btrdelta receive of v1, then of the delta; tree-sum check
+4. a device without btrfs (ext4): btrdelta receive of v1, then of the delta; tree-sum check;
+   the same on btrfs, where unchanged files are reflinked from v1
 5. userspace send from plain directories, received by the kernel's btrfs receive
 6. whole images: a chunk archive served over HTTP, cloned reusing what the device has
 """
@@ -126,12 +127,17 @@ def main() -> int:
         sh(f"btrdelta delta expand -f v1-v2.delta --old {src}/v1 -o back.stream"
            " && cmp back.stream v1-v2.stream && echo 'expanded stream is bit-identical'")
 
-        step("4. A device without btrfs (ext4): receive v1, then apply the delta directly")
+        step("4. A device receives v1, then applies the delta directly: ext4, then btrfs")
         dev = stack.enter_context(loop_fs("ext4", size="512M"))
         sh(f"btrdelta receive -f v1.stream {dev}")
         sh(f"btrdelta receive -f v1-v2.delta {dev}")
         sh(f"ls {dev}")
         sh(f"btrdelta tree-sum --ignore-root-mtime --compare {dev}/v2 {src}/v2")
+        print("  (on a btrfs device, unchanged files are reflinked from v1 instead:)")
+        bdev = stack.enter_context(loop_fs("btrfs", size="512M"))
+        sh(f"btrfs -q receive -f v1.stream {bdev} && btrdelta receive -f v1-v2.delta {bdev}")
+        sh(f"btrdelta tree-sum --ignore-root-mtime --compare {bdev}/v2 {src}/v2")
+        sh(f"sync && btrfs filesystem du -s {bdev}/v2")
 
         step("5. Userspace send from plain directories (a build host without btrfs)")
         plain = work / "plain"
