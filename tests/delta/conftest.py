@@ -124,6 +124,7 @@ def _make_same_pair(mnt: Path, out: Path) -> Pair:
     streams = {
         "v1": send(b, out / "same.v1", parent=a, proto=1),
         "v2plain": send(b, out / "same.v2plain", parent=a, proto=2),
+        "v2": send(b, out / "same.v2", parent=a, proto=2, compressed=True),
     }
     return Pair("rebuilt-same", a, b, streams, mnt)
 

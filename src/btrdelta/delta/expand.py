@@ -145,6 +145,8 @@ class _Pending:
     path: bytes
     version: int
     index: int  # of the delta record, for errors
+    #: receive: the CLONE from the parent that stands for it (unchanged content)
+    clone: R.Clone | None = None
 
 
 @dataclass(slots=True)
@@ -158,6 +160,14 @@ class _SameWrite(R.Write):
     """A regenerated WRITE of content equal to the (verified) old file's. ``apply`` is what
     ``receive`` applies instead: a CLONE of the PWRITE's whole range from the parent
     snapshot on its first chunk, ``None`` on the others (see ``clone_same``)."""
+
+    __slots__ = ("apply",)
+    apply: R.Clone | None
+
+
+class _SameEncodedWrite(R.EncodedWrite):
+    """A regenerated ENCODED_WRITE of content equal to the old file's; ``apply`` is the
+    CLONE of its file range from the parent that ``receive`` applies instead."""
 
     __slots__ = ("apply",)
     apply: R.Clone | None
@@ -445,13 +455,8 @@ class _Expander:
         content = memoryview(a.content)
         path = a.patch.path
         off, pos, end = w.offset, a.pos, a.pos + w.length
-        head = self.head
-        if self.clone_same and a.patch.codec == SAME_CODEC and type(head) is R.Snapshot:
-            # content equal to the verified old file: receive reflinks it from the parent
-            clone: R.Clone | None = R.Clone(
-                off, w.length, path, head.clone_uuid, head.clone_ctransid,
-                a.patch.base_path, pos,
-            )
+        clone = self.same_clone(a, off, w.length, pos)
+        if clone is not None:
             while pos < end:
                 n = min(w.chunk, end - pos)
                 rec = _SameWrite(path, off, content[pos : pos + n])
@@ -468,6 +473,17 @@ class _Expander:
         if end == len(a.content):
             self.active = None
 
+    def same_clone(self, a: _Active, offset: int, length: int, old_offset: int) -> R.Clone | None:
+        """With ``clone_same``, for content equal to the verified old file: the CLONE from
+        the parent snapshot that puts ``length`` bytes of it at ``old_offset`` into the new
+        file at ``offset`` (what ``receive`` applies instead of the regenerated write)."""
+        head = self.head
+        if not self.clone_same or a.patch.codec != SAME_CODEC or type(head) is not R.Snapshot:
+            return None
+        assert a.patch.base_path is not None
+        return R.Clone(offset, length, a.patch.path, head.clone_uuid, head.clone_ctransid,
+                       a.patch.base_path, old_offset)
+
     def pencoded(self, e: PEncoded) -> _Pending:
         """Start regenerating the ENCODED_WRITE a PENC record stands for: its extent is
         recompressed in a worker thread (a small one at once, which costs less than
@@ -482,6 +498,7 @@ class _Expander:
         if e.disk_len > MAX_PAYLOAD[self.version]:
             raise self.fail(f"PENC disk length {e.disk_len} exceeds a command's payload")
         raw = memoryview(a.content)[a.pos : a.pos + e.length]
+        clone = self.same_clone(a, e.offset, e.file_len, a.pos + e.unencoded_offset)
         packed: Future[bytes] | bytes
         if e.length < _INLINE or _WORKERS < 2:
             try:
@@ -495,7 +512,7 @@ class _Expander:
         a.pos += e.length
         if a.pos == len(a.content):
             self.active = None
-        return _Pending(packed, e, a.patch.path, self.version, self.index)
+        return _Pending(packed, e, a.patch.path, self.version, self.index, clone)
 
     def regenerated(self, p: _Pending) -> tuple[R.EncodedWrite, list[Any]]:
         """The ENCODED_WRITE of a :meth:`pencoded` record and its exact bytes, checked
@@ -509,10 +526,12 @@ class _Expander:
                     path=path,
                 )
             data = packed + bytes(e.disk_len - len(packed))
-            rec = R.EncodedWrite(
+            rec = (R.EncodedWrite if p.clone is None else _SameEncodedWrite)(
                 path, e.offset, e.file_len, e.unencoded_len, e.unencoded_offset,
                 e.compression, memoryview(data), e.encryption,
             )
+            if p.clone is not None:
+                rec.apply = p.clone  # type: ignore[attr-defined]
             pieces = encode_record(rec, p.version)
             if CMD_HEADER.unpack_from(pieces[0])[2] != e.crc:
                 raise ChecksumError(
@@ -875,7 +894,7 @@ def expand_batches(
                            clone_same=clone_same)
     with closing(outputs):  # closing this generator stops the recompression threads
         for kind, pieces, rec in outputs:
-            if type(rec) is _SameWrite:
+            if type(rec) is _SameWrite or type(rec) is _SameEncodedWrite:
                 if rec.apply is not None:
                     batch.append(rec.apply)
             elif kind == WRITE:
