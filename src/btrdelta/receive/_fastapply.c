@@ -263,24 +263,71 @@ dir_fd(Fast *f, const char *p, size_t n)
     return cur;
 }
 
-/* (directory descriptor, NUL-terminated last component) of a checked entry path */
-static int
-parent_of(Fast *f, const char *p, size_t n, char *name)
+/* the last component of a checked path into `name` (NUL-terminated); the length of the
+ * directory part before it (0: none), or -1 if the name is too long */
+static long
+split_last(const char *p, size_t n, char *name)
 {
-    const char *slash = NULL;
-    for (size_t i = n; i-- > 0;) {
-        if (p[i] == '/') {
-            slash = p + i;
-            break;
-        }
-    }
+    const char *slash = memrchr(p, '/', n);
     const char *last = slash ? slash + 1 : p;
     size_t len = (size_t)(p + n - last);
     if (len > NAME_MAX)
         return -1;
     memcpy(name, last, len);
     name[len] = 0;
-    return slash ? dir_fd(f, p, (size_t)(slash - p)) : f->root_fd;
+    return slash ? (long)(slash - p) : 0;
+}
+
+/* (directory descriptor, NUL-terminated last component) of a checked entry path */
+static int
+parent_of(Fast *f, const char *p, size_t n, char *name)
+{
+    long dlen = split_last(p, n, name);
+    if (dlen < 0)
+        return -1;
+    return dlen ? dir_fd(f, p, (size_t)dlen) : f->root_fd;
+}
+
+/* an owned descriptor of the directory `p` (n bytes, checked, non-empty) below `root`,
+ * walked one component at a time without following links */
+static int
+walk_dirs(int root, const char *p, size_t n)
+{
+    int cur = root;
+    size_t start = 0;
+    while (start < n) {
+        const char *s = memchr(p + start, '/', n - start);
+        size_t stop = s ? (size_t)(s - p) : n;
+        char part[NAME_MAX + 1];
+        int nfd = -1;
+        if (stop - start <= NAME_MAX) {
+            memcpy(part, p + start, stop - start);
+            part[stop - start] = 0;
+            nfd = openat(cur, part, DIR_FLAGS);
+        }
+        if (cur != root)
+            close(cur);
+        if (nfd < 0)
+            return -1;
+        cur = nfd;
+        start = stop + 1;
+    }
+    return cur;
+}
+
+/* copy `p` (n bytes) into the growable buffer *buf (capacity *cap) */
+static int
+path_copy(char **buf, size_t *cap, const char *p, size_t n)
+{
+    if (n > *cap) {
+        char *b = realloc(*buf, n);
+        if (b == NULL)
+            return -1;
+        *buf = b;
+        *cap = n;
+    }
+    memcpy(*buf, p, n);
+    return 0;
 }
 
 /* ---------------------------------------------------------------------------------------
@@ -298,14 +345,8 @@ write_close(Fast *f)
 static int
 wpath_set(Fast *f, const char *p, size_t n)
 {
-    if (n > f->wcap) {
-        char *w = realloc(f->wpath, n);
-        if (w == NULL)
-            return -1;
-        f->wpath = w;
-        f->wcap = n;
-    }
-    memcpy(f->wpath, p, n);
+    if (path_copy(&f->wpath, &f->wcap, p, n) < 0)
+        return -1;
     f->wlen = n;
     return 0;
 }
@@ -670,56 +711,26 @@ sdir_close(Fast *f)
 /* CLONE: FICLONERANGE from the file at the clone path of the source subvolume (walked
  * without following symlinks; the directory of the last one is kept open) */
 static int
-exec_clone(Fast *f, const Op *o, long long *nbytes)
+exec_clone(Fast *f, const Op *o)
 {
-    const char *p = o->q;
-    size_t n = o->qn;
-    const char *slash = memrchr(p, '/', n);
-    size_t dlen = slash ? (size_t)(slash - p) : 0;
-    const char *last = slash ? slash + 1 : p;
-    size_t len = (size_t)(p + n - last);
     char name[NAME_MAX + 1];
-    if (len > NAME_MAX)
+    long dlen = split_last(o->q, o->qn, name);
+    if (dlen < 0)
         return -1;
-    memcpy(name, last, len);
-    name[len] = 0;
     int dfd = f->clone_fd;
     if (dlen > 0) {
-        if (!(f->sdir_fd >= 0 && f->sdir_len == dlen && memcmp(f->sdir, p, dlen) == 0)) {
+        if (!(f->sdir_fd >= 0 && f->sdir_len == (size_t)dlen &&
+              memcmp(f->sdir, o->q, (size_t)dlen) == 0)) {
             sdir_close(f);
-            int cur = f->clone_fd;
-            size_t start = 0;
-            while (start < dlen) {
-                const char *s = memchr(p + start, '/', dlen - start);
-                size_t stop = s ? (size_t)(s - p) : dlen;
-                char part[NAME_MAX + 1];
-                if (stop - start > NAME_MAX) {
-                    if (cur != f->clone_fd)
-                        close(cur);
-                    return -1;
-                }
-                memcpy(part, p + start, stop - start);
-                part[stop - start] = 0;
-                int nfd = openat(cur, part, DIR_FLAGS);
-                if (cur != f->clone_fd)
-                    close(cur);
-                if (nfd < 0)
-                    return -1;
-                cur = nfd;
-                start = stop + 1;
+            int fd = walk_dirs(f->clone_fd, o->q, (size_t)dlen);
+            if (fd < 0)
+                return -1;
+            if (path_copy(&f->sdir, &f->sdir_cap, o->q, (size_t)dlen) < 0) {
+                close(fd);
+                return -1;
             }
-            if (dlen > f->sdir_cap) {
-                char *d = realloc(f->sdir, dlen);
-                if (d == NULL) {
-                    close(cur);
-                    return -1;
-                }
-                f->sdir = d;
-                f->sdir_cap = dlen;
-            }
-            memcpy(f->sdir, p, dlen);
-            f->sdir_len = dlen;
-            f->sdir_fd = cur;
+            f->sdir_len = (size_t)dlen;
+            f->sdir_fd = fd;
         }
         dfd = f->sdir_fd;
     }
@@ -737,7 +748,6 @@ exec_clone(Fast *f, const Op *o, long long *nbytes)
         r = ioctl(dst, IOC_FICLONERANGE, &args);
     }
     close(src);
-    (void)nbytes;
     return r < 0 ? -1 : 0;
 }
 
@@ -815,7 +825,7 @@ exec_op(Fast *f, const Op *o, long long *nbytes)
     case OP_UTIMES:
         return exec_meta(f, o);
     case OP_CLONE:
-        return exec_clone(f, o, nbytes);
+        return exec_clone(f, o);
     default:
         return exec_entry(f, o);
     }
