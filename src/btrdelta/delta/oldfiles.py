@@ -103,6 +103,25 @@ def _components(path: bytes) -> list[bytes]:
     return parts
 
 
+def _walk(root: str | os.PathLike[str], parts: list[bytes]) -> int | None:
+    """An owned fd of the directory ``root/parts...`` (the root followed, the parts
+    walked without following symlinks), ``None`` if there is none.
+
+    Raises:
+        OSError: the root itself cannot be opened.
+    """
+    fd = os.open(root, _ROOT)
+    for part in parts:
+        try:
+            nfd = os.open(part, _DIR, dir_fd=fd)
+        except OSError:
+            os.close(fd)
+            return None
+        os.close(fd)
+        fd = nfd
+    return fd
+
+
 class DirCache:
     """Keeps the directory fd of the last old file opened (files of one directory come one
     after the other in a stream): one ``openat`` per file instead of one per path
@@ -120,16 +139,9 @@ class DirCache:
         if key == self._key:
             return self._fd
         self.close()
-        fd = os.open(root, _ROOT)
-        for part in parts:
-            try:
-                nfd = os.open(part, _DIR, dir_fd=fd)
-            except OSError:
-                os.close(fd)
-                return None
-            os.close(fd)
-            fd = nfd
-        self._key, self._fd = key, fd
+        fd = _walk(root, parts)
+        if fd is not None:
+            self._key, self._fd = key, fd
         return fd
 
     def close(self) -> None:
@@ -147,15 +159,10 @@ def _open(
     if cache is not None:
         dfd = cache.dir_fd(root, parts[:-1])
         return None if dfd is None else _open_regular(parts[-1], dfd)
-    fd = os.open(root, _ROOT)
+    fd = _walk(root, parts[:-1])
+    if fd is None:
+        return None
     try:
-        for part in parts[:-1]:
-            try:
-                nfd = os.open(part, _DIR, dir_fd=fd)
-            except OSError:
-                return None
-            os.close(fd)
-            fd = nfd
         return _open_regular(parts[-1], fd)
     finally:
         os.close(fd)
@@ -181,17 +188,12 @@ def list_old_dir(root: str | os.PathLike[str], path: bytes) -> list[bytes] | Non
     except UnsafePathError:
         return None
     try:
-        fd = os.open(root, _ROOT)
+        fd = _walk(root, parts)
     except OSError:
         return None
+    if fd is None:
+        return None
     try:
-        for part in parts:
-            try:
-                nfd = os.open(part, _DIR, dir_fd=fd)
-            except OSError:
-                return None
-            os.close(fd)
-            fd = nfd
         return sorted(os.fsencode(name) for name in os.listdir(fd))
     except OSError:
         return None
