@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from btrdelta.delta import expand as expand_mod
+from btrdelta.delta.format import NEED_DATA, DeltaParser
 from btrdelta.delta.recompress import compress_extent
 from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs, run
 from btrdelta.testing.scenarios import SCENARIOS, make_snapshots, send
@@ -29,6 +30,17 @@ class Pair:
     b: Path
     streams: dict[str, Path]
     mnt: Path
+
+
+def delta_items(delta: bytes) -> list[object]:
+    """Every item of a whole delta stream, parsed at once."""
+    p = DeltaParser()
+    p.feed(delta)
+    p.feed(b"")
+    items = []
+    while (item := p.next_item()) not in (NEED_DATA, None):
+        items.append(item)
+    return items
 
 
 def _edit(data: bytes, rnd: random.Random) -> bytes:

@@ -19,13 +19,15 @@ import pytest
 from btrdelta.delta import MakeOptions, expand_events, expand_to, make_delta, open_delta
 from btrdelta.delta import expand as expand_mod
 from btrdelta.delta.expand import WRITE, expand_items
-from btrdelta.delta.format import NEED_DATA, BtrfsCommand, DeltaParser, PEncoded
+from btrdelta.delta.format import BtrfsCommand, PEncoded
 from btrdelta.delta.recompress import ZLIB, ZSTD, compress_extent
 from btrdelta.delta.stats import collect_delta_stats
 from btrdelta.delta.writer import DeltaWriter
 from btrdelta.errors import ChecksumError, StreamFormatError
 from btrdelta.stream import StreamReader, StreamWriter
 from btrdelta.stream import records as R
+
+from .conftest import delta_items
 
 #: extent sizes cycled through: pooled (>= 8 KiB) and recompressed at once (small)
 _SIZES = [128 << 10, 128 << 10, 4096, 20_000, 128 << 10, 1000, 64 << 10]
@@ -116,16 +118,6 @@ def test_extents_recompressed_in_threads_come_out_in_order(
     assert threading.active_count() == before
 
 
-def _items(delta: bytes) -> list[object]:
-    p = DeltaParser()
-    p.feed(delta)
-    p.feed(b"")
-    items = []
-    while (item := p.next_item()) not in (NEED_DATA, None):
-        items.append(item)
-    return items
-
-
 def _rewrite(items: list[object]) -> bytes:
     out: list[bytes] = []
     w = DeltaWriter(out.append, level=0)
@@ -146,7 +138,7 @@ def _collect(delta: bytes, old: Path, got: list[tuple[int, bytes, object]]) -> N
 def test_wrong_recompression_fails_at_its_record(case: _Case, penc_pool: list[str]) -> None:
     """A PENC whose recorded CRC does not match what recompression gives: ChecksumError
     naming the path and the record, raised after every output before it, none after."""
-    items = _items(case.delta)
+    items = delta_items(case.delta)
     indexes = [i for i, it in enumerate(items)
                if isinstance(it, PEncoded) and it.length >= 64 << 10]
     bad_at = indexes[len(indexes) // 2]
@@ -172,7 +164,7 @@ def test_wrong_recompression_fails_at_its_record(case: _Case, penc_pool: list[st
     # an error after pending extents (no DEND) comes after their outputs
     got = []
     with pytest.raises(StreamFormatError, match="no DEND"):
-        _collect(_rewrite(_items(case.delta)[:-1]), case.old, got)
+        _collect(_rewrite(delta_items(case.delta)[:-1]), case.old, got)
     assert got == expected
     assert threading.active_count() == before
 

@@ -34,6 +34,8 @@ from btrdelta.stream import records as R
 from btrdelta.stream.codec import command_crc
 from btrdelta.stream.constants import Cmd
 
+from .conftest import delta_items
+
 
 def _stream(version: int, files: dict[bytes, bytes]) -> bytes:
     out: list[bytes] = []
@@ -196,12 +198,7 @@ def test_format2_same_files_paths_and_renamed_dirs(tmp_path: Path) -> None:
 def test_format2_carrier_content_is_checked(old_tree: Path) -> None:
     """A carrier whose inflated content does not match its CRC is refused before use."""
     delta = _make(_stream(2, _new_files(old_tree)), old_tree, level=3)
-    p = DeltaParser()
-    p.feed(delta)
-    p.feed(b"")
-    items = []
-    while (item := p.next_item()) not in (NEED_DATA, None):
-        items.append(item)
+    items = delta_items(delta)
     z = next(i for i in items if isinstance(i, ZCommands))
     assert z.crc is not None
     out: list[bytes] = []
