@@ -6,6 +6,7 @@ import io
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -251,9 +252,53 @@ def test_format3_carrier_folding_is_exact(ops: list[tuple[int, int, int, int, in
     """Folded commands (orphan names, previous paths, time differences; format 4: UNLINK
     names as references to the old directory listing, RENAME targets as references to
     unlinked names) unfold to the exact bytes; folded forms are never larger."""
-    from btrdelta.delta.carrier import CarrierState, fold, unfold
+    from btrdelta.delta.carrier import CarrierState, unfold
 
-    old_names = sorted(f"f{i}".encode() for i in range(0, 40, 3))
+    raws, carrier, ws = _folded_carrier(ops)
+    rs = CarrierState(lister=_lister)
+    pos = 0
+    for raw in raws:
+        cmd = raw[4] | raw[5] << 8
+        end = pos + 10 + int.from_bytes(carrier[pos : pos + 4], "little")
+        assert end - pos <= len(raw)  # folded forms are never larger
+        back = unfold(cmd, memoryview(carrier), pos, end, rs, 1 << 16)
+        expect = raw[:6] + bytes(4) + raw[10:]
+        assert (carrier[pos:end] if back is None else bytes(back)) == expect
+        pos = end
+    assert ws == rs
+    # the C path (as the expansion drives it: C while it can, Python for one command)
+    # gives the original commands, CRCs included, and the same state
+    if _unfold_run is not None:
+        cs = CarrierState(lister=_lister)
+        group = bytearray()
+        pos = 0
+        while pos < len(carrier):
+            pos, _n = _unfold_run(carrier, pos, group, cs, 4, 1 << 16, int(max(Cmd)))
+            if pos < len(carrier):
+                end = pos + 10 + int.from_bytes(carrier[pos : pos + 4], "little")
+                cmd = carrier[pos + 4] | carrier[pos + 5] << 8
+                back = unfold(cmd, memoryview(carrier), pos, end, cs, 1 << 16)
+                one = bytearray(carrier[pos:end] if back is None else back)
+                one[6:10] = command_crc(len(one) - 10, cmd, bytes(one[10:])).to_bytes(4, "little")
+                group += one
+                pos = end
+        assert bytes(group) == b"".join(raws)
+        assert cs == rs
+
+
+_OLD_NAMES = sorted(f"f{i}".encode() for i in range(0, 40, 3))
+
+
+def _lister(path: bytes) -> list[bytes] | None:
+    return _OLD_NAMES if path == b"dir" else None
+
+
+def _folded_carrier(
+    ops: list[tuple[int, int, int, int, int]],
+) -> tuple[list[bytes], bytearray, Any]:
+    """Commands from ``ops`` (see the folding test), their carrier form (format 4) and the
+    writer's final state."""
+    from btrdelta.delta.carrier import CarrierState, fold
 
     recs: list[R.Record] = []
     for kind, ino, a, m, c in ops:
@@ -284,38 +329,45 @@ def test_format3_carrier_folding_is_exact(ops: list[tuple[int, int, int, int, in
         n = int.from_bytes(blob[pos : pos + 4], "little") + 10
         raws.append(blob[pos : pos + n])
         pos += n
-    def lister(path: bytes) -> list[bytes] | None:
-        return old_names if path == b"dir" else None
-
-    ws, rs = CarrierState(lister=lister), CarrierState(lister=lister)
+    ws = CarrierState(lister=_lister)
     carrier = bytearray()
     for raw in raws:
         cmd = raw[4] | raw[5] << 8
-        folded = b"".join(bytes(p) for p in fold(cmd, memoryview(raw), ws))
-        assert len(folded) <= len(raw)
-        carrier += folded
-        back = unfold(cmd, memoryview(folded), 0, len(folded), rs, 1 << 16)
-        expect = raw[:6] + bytes(4) + raw[10:]
-        assert (folded if back is None else bytes(back)) == expect
-    assert ws == rs
-    # the C path (as the expansion drives it: C while it can, Python for one command)
-    # gives the original commands, CRCs included, and the same state
-    if _unfold_run is not None:
-        cs = CarrierState(lister=lister)
-        group = bytearray()
-        pos = 0
-        while pos < len(carrier):
-            pos, _n = _unfold_run(carrier, pos, group, cs, 4, 1 << 16, int(max(Cmd)))
-            if pos < len(carrier):
-                end = pos + 10 + int.from_bytes(carrier[pos : pos + 4], "little")
-                cmd = carrier[pos + 4] | carrier[pos + 5] << 8
-                back = unfold(cmd, memoryview(carrier), pos, end, cs, 1 << 16)
-                one = bytearray(carrier[pos:end] if back is None else back)
-                one[6:10] = command_crc(len(one) - 10, cmd, bytes(one[10:])).to_bytes(4, "little")
-                group += one
-                pos = end
-        assert bytes(group) == b"".join(raws)
-        assert cs == rs
+        carrier += b"".join(bytes(p) for p in fold(cmd, memoryview(raw), ws))
+    return raws, carrier, ws
+
+
+def _split_grouped(carrier: bytes, use_c: bool, monkeypatch: pytest.MonkeyPatch) -> object:
+    """What the expansion's split() makes of a carrier: the group of btrfs commands and
+    the final state, or the error it raises."""
+    from btrdelta.delta import expand as E
+
+    monkeypatch.setattr(E, "_unfold_run", _unfold_run if use_c else None)
+    ex = E._Expander(".", 1 << 20, "x")
+    ex.version = 1
+    ex.cstate.lister = _lister
+    try:
+        list(ex.split(bytearray(carrier), crc_checked=True, fmt=4, grouped=True))
+    except BtrdeltaError as exc:
+        return ("error", str(exc), bytes(ex.group))
+    return bytes(ex.group), ex.cstate
+
+
+@pytest.mark.skipif(_unfold_run is None, reason="the C unfold path (_unfold.c) is not built")
+@given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 1 << 40), _TIMES, _TIMES, _TIMES),
+                min_size=1, max_size=8),
+       st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), min_size=1,
+                max_size=4))
+def test_unfold_in_c_matches_python_on_damaged_carriers(
+    ops: list[tuple[int, int, int, int, int]], damage: list[tuple[int, int]]
+) -> None:
+    """Untrusted carriers: with bytes changed anywhere, the C path stops where Python would
+    fail (the same error) and otherwise gives the same commands and state."""
+    _raws, carrier, _ws = _folded_carrier(ops)
+    for at, value in damage:
+        carrier[at % len(carrier)] = value
+    with pytest.MonkeyPatch.context() as mp:
+        assert _split_grouped(carrier, True, mp) == _split_grouped(carrier, False, mp)
 
 
 def test_format3_hostile_markers_are_refused() -> None:
