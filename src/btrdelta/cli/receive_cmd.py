@@ -25,9 +25,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "read-only at the end), interchangeable with `btrfs receive`; on other "
             "filesystems it is a directory and DEST/.btrdelta-subvols.json records what was "
             "received. Paths never leave the subvolume (confinement is always on); a failed "
-            "receive leaves nothing under the subvolume's final name."
+            "receive leaves nothing under the subvolume's final name. A delta stream "
+            "(`btrdelta delta make`) is applied directly against the local parent: each old "
+            "file is verified before it is patched, each new content after; files whose "
+            "content did not change are reflinked from the parent (copied where reflinks are "
+            "impossible) instead of written again."
         ),
-        epilog="example: btrfs send -p /snap/A /snap/B | btrdelta receive /target",
+        epilog="examples: btrfs send -p /snap/A /snap/B | btrdelta receive /target; "
+               "btrdelta receive -f A-B.delta /target (a delta stream; A was received there)",
     )
     p.add_argument("-f", "--file", dest="file", metavar="FILE", default="-",
                    help="read the stream from FILE (default '-': standard input)")
