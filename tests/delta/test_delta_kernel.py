@@ -133,7 +133,7 @@ def test_receive_reflinks_unchanged_files_from_the_parent(
 ) -> None:
     """Files rebuilt with unchanged content come out of ``btrdelta receive`` as reflinks of
     the parent's (the kernel's receive writes them again): the same tree, holes included;
-    where reflinks are not possible they are copied. ``v2`` is a ``--compressed-data``
+    the directory backend writes them. ``v2`` is a ``--compressed-data``
     stream (compress=zstd): its extents are regenerated to check the stream, and the
     reflink is applied instead of the encoded write."""
     pair = delta_pairs["rebuilt-same"]
@@ -148,7 +148,7 @@ def test_receive_reflinks_unchanged_files_from_the_parent(
         size = (ours / name).stat().st_size
         assert _shared_bytes(ours / name) >= size - 4096, name
         assert _shared_bytes(kernel / name) == 0, name
-    # elsewhere (the directory backend on a file system without reflinks) it is copied
+    # the directory backend (here on ext4) writes them, as the stream does
     dest = tmp_path / "dir-target"
     dest.mkdir()
     receive = [sys.executable, "-m", "btrdelta", "receive", "--backend", "dir"]

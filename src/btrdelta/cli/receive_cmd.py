@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
-from ..receive import ReceivedSubvol, receive
+from ..receive import ReceivedSubvol, receive, uses_btrfs
 from ..stream.constants import MAGIC
 from ..stream.reader import Event, StreamReader
 from ._common import Progress, human_bytes, open_input
@@ -95,7 +95,10 @@ def open_events(
 
     is_delta, f = sniff(f)
     if is_delta and dest is not None:
-        return expand_events(f, delta_parent(dest, backend), source=name, clone_same=True)
+        # reflinks where the destination has them (a clone that must be copied costs more
+        # than the write it stands for)
+        return expand_events(f, delta_parent(dest, backend), source=name,
+                             clone_same=uses_btrfs(dest, backend))
     return StreamReader(f, source=name).events()
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .applier import Applier, ReceivedSubvol, find_parent, find_subvolume
+from .applier import Applier, ReceivedSubvol, find_parent, find_subvolume, uses_btrfs
 from .receiver import receive
 
 if TYPE_CHECKING:
@@ -25,6 +25,7 @@ __all__ = [
     "find_parent",
     "find_subvolume",
     "receive",
+    "uses_btrfs",
 ]
 
 

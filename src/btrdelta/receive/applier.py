@@ -178,7 +178,7 @@ def find_parent(dest: Path, snapshot: Snapshot, *, backend: str = "auto") -> Pat
     Raises:
         MissingBaseError: no such subvolume below ``dest``.
     """
-    found = find_subvolume(dest, snapshot.clone_uuid, btrfs=_use_btrfs(dest, backend))
+    found = find_subvolume(dest, snapshot.clone_uuid, btrfs=uses_btrfs(dest, backend))
     if found is None:
         raise MissingBaseError(
             f"cannot find parent subvolume {snapshot.clone_uuid} in {dest}",
@@ -187,7 +187,12 @@ def find_parent(dest: Path, snapshot: Snapshot, *, backend: str = "auto") -> Pat
     return found
 
 
-def _use_btrfs(dest: Path, backend: str) -> bool:
+def uses_btrfs(dest: Path, backend: str = "auto") -> bool:
+    """Whether a receive into ``dest`` with ``backend`` makes btrfs subvolumes.
+
+    Raises:
+        BtrdeltaError: ``backend="btrfs"`` and ``dest`` is not on btrfs.
+    """
     if backend not in ("auto", "btrfs", "dir"):
         raise ValueError(f"unknown backend {backend!r}")
     if backend == "dir":
@@ -234,7 +239,7 @@ class Applier:
         self.dest = Path(dest)
         if not self.dest.is_dir():
             raise BtrdeltaError(f"destination {dest} is not a directory")
-        self.btrfs = _use_btrfs(self.dest, backend)
+        self.btrfs = uses_btrfs(self.dest, backend)
         self.dry_run = dry_run
         self.apply_fileattr = apply_fileattr
         self.force_decompress = force_decompress
