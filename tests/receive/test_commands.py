@@ -119,9 +119,21 @@ def test_fallocate_punch_hole_and_truncate(dest: Path) -> None:
         assert os.lseek(f.fileno(), 256 << 10, os.SEEK_DATA) == 512 << 10
 
 
-def test_clones_within_the_subvolume(dest: Path) -> None:
+def test_clones_within_the_subvolume(dest: Path, applier_impl: str,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """CLONE (copied where the file system has no reflinks); after the first one the C
-    path takes them: ranges, tails and offsets land where the Python handler puts them."""
+    path takes them: ranges, tails, offsets and holes land where the Python handler puts
+    them."""
+    from btrdelta.receive.applier import Applier
+
+    by_python: list[Clone] = []
+    python_clone = Applier.clone
+
+    def spy(self: Applier, rec: Clone) -> None:
+        by_python.append(rec)
+        python_clone(self, rec)
+
+    monkeypatch.setattr(Applier, "clone", spy)
     data = os.urandom(3 * 4096 + 100)
     recs = [subvol(), Mkfile(path=b"g", ino=257), Write(path=b"g", offset=0, data=data),
             Mkfile(path=b"f", ino=258)]
@@ -129,8 +141,19 @@ def test_clones_within_the_subvolume(dest: Path) -> None:
     for off, length, src in ((0, 4096, 4096), (4096, 4196, 8192), (8292, 4096, 0)):
         recs.append(Clone(offset=off, length=length, path=b"f", clone_uuid=UUID_A,
                           clone_ctransid=1, clone_path=b"g", clone_offset=src))
+    # a source with a hole: copied, the hole is kept
+    recs += [Mkfile(path=b"s", ino=259), Write(path=b"s", offset=0, data=data[:4096]),
+             Write(path=b"s", offset=3 << 16, data=data[:100]), Mkfile(path=b"h", ino=260),
+             Clone(offset=0, length=(3 << 16) + 100, path=b"h", clone_uuid=UUID_A,
+                   clone_ctransid=1, clone_path=b"s", clone_offset=0)]
     receive(events([*recs, End()]), dest)
     assert (dest / "sv" / "f").read_bytes() == data[4096:8192] + data[8192:] + data[:4096]
+    h = dest / "sv" / "h"
+    assert h.read_bytes() == data[:4096] + bytes((3 << 16) - 4096) + data[:100]
+    with open(h, "rb") as fh:
+        assert os.lseek(fh.fileno(), 0, os.SEEK_HOLE) == 4096
+        assert os.lseek(fh.fileno(), 4096, os.SEEK_DATA) == 3 << 16
+    assert len(by_python) == (1 if applier_impl == "c" else 4)
 
 
 @pytest.mark.btrfs

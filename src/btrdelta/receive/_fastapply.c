@@ -708,8 +708,76 @@ sdir_close(Fast *f)
     f->sdir_len = 0;
 }
 
+/* `n` zero bytes written at `off` (where a hole cannot be punched) */
+static int
+write_zeros(int fd, off_t off, off_t n)
+{
+    static const char zeros[65536];
+    while (n > 0) {
+        ssize_t w = pwrite(fd, zeros, (size_t)(n < (off_t)sizeof zeros ? n : (off_t)sizeof zeros),
+                           off);
+        if (w <= 0)
+            return -1;
+        off += w;
+        n -= w;
+    }
+    return 0;
+}
+
+/* copy.copy_range in C: a byte range copied in the kernel one data segment at a time
+ * (SEEK_DATA/SEEK_HOLE), the source's holes punched in the destination */
+static int
+copy_range(int src, off_t src_off, int dst, off_t dst_off, off_t length)
+{
+    off_t end = src_off + length, pos = src_off;
+    while (pos < end) {
+        off_t data = lseek(src, pos, SEEK_DATA);
+        if (data < 0) {
+            if (errno != ENXIO) /* ENXIO: only a hole up to EOF */
+                return -1;
+            data = end;
+        }
+        if (data > end)
+            data = end;
+        if (data > pos) { /* a hole in the source: make the destination range a hole too */
+            off_t hole_dst = dst_off + (pos - src_off);
+            struct stat st;
+            if (fstat(dst, &st) < 0)
+                return -1;
+            if (hole_dst < st.st_size) {
+                off_t n = data - pos < st.st_size - hole_dst ? data - pos : st.st_size - hole_dst;
+                if (fallocate(dst, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, hole_dst, n) < 0 &&
+                    write_zeros(dst, hole_dst, n) < 0)
+                    return -1;
+            }
+            if (dst_off + (data - src_off) > st.st_size &&
+                ftruncate(dst, dst_off + (data - src_off)) < 0)
+                return -1;
+            pos = data;
+            if (pos >= end)
+                break;
+        }
+        off_t hole = lseek(src, pos, SEEK_HOLE);
+        if (hole < 0)
+            return -1;
+        if (hole > end)
+            hole = end;
+        while (pos < hole) {
+            loff_t in = pos, out = dst_off + (pos - src_off);
+            ssize_t n = copy_file_range(src, &in, dst, &out, (size_t)(hole - pos), 0);
+            if (n < 0)
+                return -1;
+            if (n == 0)
+                return 0;
+            pos += n;
+        }
+    }
+    return 0;
+}
+
 /* CLONE: FICLONERANGE from the file at the clone path of the source subvolume (walked
- * without following symlinks; the directory of the last one is kept open) */
+ * without following symlinks; the directory of the last one is kept open); where the file
+ * system cannot reflink that range, a copy (as the Python handler does) */
 static int
 exec_clone(Fast *f, const Op *o)
 {
@@ -746,6 +814,9 @@ exec_clone(Fast *f, const Op *o)
         struct clone_range_args args = {src, (uint64_t)o->v[2], (uint64_t)o->v[1],
                                         (uint64_t)o->v[0]};
         r = ioctl(dst, IOC_FICLONERANGE, &args);
+        if (r < 0 && (errno == ENOTTY || errno == EINVAL || errno == ENOSPC ||
+                      errno == EOPNOTSUPP || errno == EXDEV || errno == EPERM))
+            r = copy_range(src, (off_t)o->v[2], dst, (off_t)o->v[0], (off_t)o->v[1]);
     }
     close(src);
     return r < 0 ? -1 : 0;
