@@ -27,9 +27,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "received. Paths never leave the subvolume (confinement is always on); a failed "
             "receive leaves nothing under the subvolume's final name. A delta stream "
             "(`btrdelta delta make`) is applied directly against the local parent: each old "
-            "file is verified before it is patched, each new content after; files whose "
-            "content did not change are reflinked from the parent (copied where reflinks are "
-            "impossible) instead of written again."
+            "file is verified before it is patched, each new content after; on btrfs, files "
+            "whose content did not change are reflinked from the parent instead of written "
+            "again."
         ),
         epilog="examples: btrfs send -p /snap/A /snap/B | btrdelta receive /target; "
                "btrdelta receive -f A-B.delta /target (a delta stream; A was received there)",
