@@ -122,8 +122,8 @@ typedef struct {
     struct Op *ops; /* gathered records of a run */
     size_t ocap;
     /* CLONE source: the subvolume of uuid clone_uuid (root fd borrowed from Python), and
-     * its directory last opened (owned; dropped on any rename or rmdir, since the source
-     * may be the subvolume being received) */
+     * its directory last opened (owned; dropped on a rename or rmdir when the source is
+     * the subvolume being received, the only one this receive changes) */
     int clone_fd;
     unsigned char clone_uuid[16];
     int sdir_fd;
@@ -578,7 +578,8 @@ exec_entry(Fast *f, const Op *o)
     if (o->op == OP_RMDIR) {
         write_close(f);
         dirs_invalidate(f, p, n);
-        sdir_close(f); /* the clone source may be this subvolume */
+        if (f->clone_fd == f->root_fd) /* the clone source is this subvolume */
+            sdir_close(f);
         f->dirs_changed = 1;
     }
     int dfd = parent_of(f, p, n, name);
@@ -629,7 +630,8 @@ exec_two(Fast *f, const Op *o)
         return -1;
     dirs_invalidate(f, a, an);
     dirs_invalidate(f, b, bn);
-    sdir_close(f); /* the clone source may be this subvolume */
+    if (f->clone_fd == f->root_fd) /* the clone source is this subvolume */
+        sdir_close(f);
     f->dirs_changed = 1;
     if (f->wfd >= 0) { /* the cached descriptor follows its inode to the new name */
         const char *w = f->wpath;
