@@ -109,13 +109,18 @@ typedef struct {
     int fd;
 } DirEnt;
 
+/* a descriptor held open for a path (owned; fd -1: none) */
+typedef struct {
+    int fd;
+    char *path;
+    size_t len, cap;
+} Held;
+
 typedef struct {
     PyObject_HEAD
     int root_fd; /* borrowed from the Python sandbox; -1 = no subvolume */
     int encoded; /* pass ENCODED_WRITE through with the ioctl */
-    int wfd;     /* owned */
-    char *wpath;
-    size_t wlen, wcap;
+    Held w;      /* the write descriptor: the file last created or written */
     DirEnt *dirs;
     size_t ndirs, dcap;
     int dirs_changed;
@@ -126,9 +131,7 @@ typedef struct {
      * the subvolume being received, the only one this receive changes) */
     int clone_fd;
     unsigned char clone_uuid[16];
-    int sdir_fd;
-    char *sdir;
-    size_t sdir_len, sdir_cap;
+    Held src_dir;
 } Fast;
 
 /* ---------------------------------------------------------------------------------------
@@ -334,35 +337,49 @@ path_copy(char **buf, size_t *cap, const char *p, size_t n)
  * the write descriptor */
 
 static void
-write_close(Fast *f)
+held_close(Held *h)
 {
-    if (f->wfd >= 0)
-        close(f->wfd);
-    f->wfd = -1;
-    f->wlen = 0;
+    if (h->fd >= 0)
+        close(h->fd);
+    h->fd = -1;
+    h->len = 0;
 }
 
+/* the held descriptor now stands for path `p` (n bytes) */
 static int
-wpath_set(Fast *f, const char *p, size_t n)
+held_path(Held *h, const char *p, size_t n)
 {
-    if (path_copy(&f->wpath, &f->wcap, p, n) < 0)
+    if (path_copy(&h->path, &h->cap, p, n) < 0)
         return -1;
-    f->wlen = n;
+    h->len = n;
+    return 0;
+}
+
+/* hold `fd` (owned from now on: closed on failure) for path `p` */
+static int
+held_set(Held *h, int fd, const char *p, size_t n)
+{
+    held_close(h);
+    if (held_path(h, p, n) < 0) {
+        close(fd);
+        return -1;
+    }
+    h->fd = fd;
     return 0;
 }
 
 static inline int
-is_wpath(Fast *f, const char *p, size_t n)
+held_is(const Held *h, const char *p, size_t n)
 {
-    return f->wfd >= 0 && f->wlen == n && memcmp(f->wpath, p, n) == 0;
+    return h->fd >= 0 && h->len == n && memcmp(h->path, p, n) == 0;
 }
 
 /* an open regular file for writing (Sandbox.open_file), cached as the write descriptor */
 static int
 write_fd(Fast *f, const char *p, size_t n)
 {
-    if (is_wpath(f, p, n))
-        return f->wfd;
+    if (held_is(&f->w, p, n))
+        return f->w.fd;
     char name[NAME_MAX + 1];
     int dfd = parent_of(f, p, n, name);
     if (dfd < 0)
@@ -378,14 +395,8 @@ write_fd(Fast *f, const char *p, size_t n)
         }
         close(pfd);
     }
-    if (fd < 0)
+    if (fd < 0 || held_set(&f->w, fd, p, n) < 0)
         return -1;
-    write_close(f);
-    if (wpath_set(f, p, n) < 0) {
-        close(fd);
-        return -1;
-    }
-    f->wfd = fd;
     return fd;
 }
 
@@ -561,8 +572,6 @@ fail:
     return -1;
 }
 
-static void sdir_close(Fast *f);
-
 /* ---------------------------------------------------------------------------------------
  * executing: the system calls of one gathered record, with the GIL released (no Python
  * object is touched); 0 = applied, -1 = hand the record to Python (nothing of it applied) */
@@ -573,13 +582,13 @@ exec_entry(Fast *f, const Op *o)
     const char *p = o->p;
     size_t n = o->n;
     char name[NAME_MAX + 1];
-    if (o->op == OP_UNLINK && is_wpath(f, p, n))
-        write_close(f);
+    if (o->op == OP_UNLINK && held_is(&f->w, p, n))
+        held_close(&f->w);
     if (o->op == OP_RMDIR) {
-        write_close(f);
+        held_close(&f->w);
         dirs_invalidate(f, p, n);
         if (f->clone_fd == f->root_fd) /* the clone source is this subvolume */
-            sdir_close(f);
+            held_close(&f->src_dir);
         f->dirs_changed = 1;
     }
     int dfd = parent_of(f, p, n, name);
@@ -588,15 +597,7 @@ exec_entry(Fast *f, const Op *o)
     switch (o->op) {
     case OP_MKFILE: {
         int fd = openat(dfd, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
-        if (fd < 0)
-            return -1;
-        write_close(f);
-        if (wpath_set(f, p, n) < 0) {
-            close(fd);
-            return -1;
-        }
-        f->wfd = fd;
-        return 0;
+        return fd < 0 || held_set(&f->w, fd, p, n) < 0 ? -1 : 0;
     }
     case OP_MKDIR:
         return mkdirat(dfd, name, 0700) < 0 ? -1 : 0;
@@ -631,31 +632,31 @@ exec_two(Fast *f, const Op *o)
     dirs_invalidate(f, a, an);
     dirs_invalidate(f, b, bn);
     if (f->clone_fd == f->root_fd) /* the clone source is this subvolume */
-        sdir_close(f);
+        held_close(&f->src_dir);
     f->dirs_changed = 1;
-    if (f->wfd >= 0) { /* the cached descriptor follows its inode to the new name */
-        const char *w = f->wpath;
-        size_t wn = f->wlen;
+    if (f->w.fd >= 0) { /* the cached descriptor follows its inode to the new name */
+        const char *w = f->w.path;
+        size_t wn = f->w.len;
         if (wn == an && memcmp(w, a, an) == 0) {
-            if (wpath_set(f, b, bn) < 0)
-                write_close(f);
+            if (held_path(&f->w, b, bn) < 0)
+                held_close(&f->w);
         }
         else if (wn > an && memcmp(w, a, an) == 0 && w[an] == '/') {
             size_t rest = wn - an;
             char *nw = malloc(bn + rest);
             if (nw == NULL) {
-                write_close(f);
+                held_close(&f->w);
             }
             else {
                 memcpy(nw, b, bn);
                 memcpy(nw + bn, w + an, rest);
-                if (wpath_set(f, nw, bn + rest) < 0)
-                    write_close(f);
+                if (held_path(&f->w, nw, bn + rest) < 0)
+                    held_close(&f->w);
                 free(nw);
             }
         }
         else if (wn >= bn && memcmp(w, b, bn) == 0 && (wn == bn || w[bn] == '/')) {
-            write_close(f);
+            held_close(&f->w);
         }
     }
     return 0;
@@ -699,15 +700,6 @@ exec_data(Fast *f, const Op *o, long long *nbytes)
         return -1;
     *nbytes += v[1];
     return 0;
-}
-
-static void
-sdir_close(Fast *f)
-{
-    if (f->sdir_fd >= 0)
-        close(f->sdir_fd);
-    f->sdir_fd = -1;
-    f->sdir_len = 0;
 }
 
 /* `n` zero bytes written at `off` (where a hole cannot be punched) */
@@ -789,20 +781,12 @@ exec_clone(Fast *f, const Op *o)
         return -1;
     int dfd = f->clone_fd;
     if (dlen > 0) {
-        if (!(f->sdir_fd >= 0 && f->sdir_len == (size_t)dlen &&
-              memcmp(f->sdir, o->q, (size_t)dlen) == 0)) {
-            sdir_close(f);
+        if (!held_is(&f->src_dir, o->q, (size_t)dlen)) {
             int fd = walk_dirs(f->clone_fd, o->q, (size_t)dlen);
-            if (fd < 0)
+            if (fd < 0 || held_set(&f->src_dir, fd, o->q, (size_t)dlen) < 0)
                 return -1;
-            if (path_copy(&f->sdir, &f->sdir_cap, o->q, (size_t)dlen) < 0) {
-                close(fd);
-                return -1;
-            }
-            f->sdir_len = (size_t)dlen;
-            f->sdir_fd = fd;
         }
-        dfd = f->sdir_fd;
+        dfd = f->src_dir.fd;
     }
     int dst = write_fd(f, o->p, o->n);
     if (dst < 0)
@@ -843,8 +827,8 @@ exec_meta(Fast *f, const Op *o)
         mode_t m = (mode_t)(v[0] & 07777);
         if (n == 0)
             return fchmod(f->root_fd, m) < 0 ? -1 : 0;
-        if (is_wpath(f, p, n)) /* the file just written: a regular file held open */
-            return fchmod(f->wfd, m) < 0 ? -1 : 0;
+        if (held_is(&f->w, p, n)) /* the file just written: a regular file held open */
+            return fchmod(f->w.fd, m) < 0 ? -1 : 0;
         r = -1;
         int pfd = openat(dfd, name, PATH_FLAGS);
         if (pfd >= 0) {
@@ -911,18 +895,18 @@ static int
 Fast_init(Fast *self, PyObject *args, PyObject *kwds)
 {
     self->root_fd = -1;
-    self->wfd = -1;
+    self->w.fd = -1;
     self->clone_fd = -1;
-    self->sdir_fd = -1;
+    self->src_dir.fd = -1;
     return 0;
 }
 
 static void
 Fast_release(Fast *self)
 {
-    write_close(self);
+    held_close(&self->w);
     dirs_clear(self);
-    sdir_close(self);
+    held_close(&self->src_dir);
     self->clone_fd = -1;
 }
 
@@ -931,9 +915,9 @@ Fast_dealloc(Fast *self)
 {
     Fast_release(self);
     free(self->dirs);
-    free(self->wpath);
+    free(self->w.path);
     free(self->ops);
-    free(self->sdir);
+    free(self->src_dir.path);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -1006,7 +990,7 @@ Fast_set_clone_source(Fast *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "set_clone_source() needs a 16-byte uuid");
         return NULL;
     }
-    sdir_close(self);
+    held_close(&self->src_dir);
     memcpy(self->clone_uuid, u, 16);
     self->clone_fd = fd;
     Py_RETURN_NONE;
@@ -1015,12 +999,12 @@ Fast_set_clone_source(Fast *self, PyObject *args)
 static PyObject *
 Fast_take_write(Fast *self, PyObject *unused)
 {
-    if (self->wfd < 0)
+    if (self->w.fd < 0)
         Py_RETURN_NONE;
-    PyObject *r = Py_BuildValue("(y#i)", self->wpath, (Py_ssize_t)self->wlen, self->wfd);
+    PyObject *r = Py_BuildValue("(y#i)", self->w.path, (Py_ssize_t)self->w.len, self->w.fd);
     if (r != NULL) {
-        self->wfd = -1;
-        self->wlen = 0;
+        self->w.fd = -1;
+        self->w.len = 0;
     }
     return r;
 }
@@ -1033,10 +1017,8 @@ Fast_give_write(Fast *self, PyObject *args)
     int fd;
     if (!PyArg_ParseTuple(args, "y#i:give_write", &p, &n, &fd))
         return NULL;
-    write_close(self);
-    if (wpath_set(self, p, (size_t)n) < 0)
+    if (held_set(&self->w, fd, p, (size_t)n) < 0)
         return PyErr_NoMemory();
-    self->wfd = fd;
     Py_RETURN_NONE;
 }
 
@@ -1044,7 +1026,7 @@ static PyObject *
 Fast_clear_dirs(Fast *self, PyObject *unused)
 {
     dirs_clear(self);
-    sdir_close(self);
+    held_close(&self->src_dir);
     Py_RETURN_NONE;
 }
 
