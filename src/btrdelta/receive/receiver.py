@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from ..errors import BtrdeltaError, StreamFormatError
-from ..stream.reader import Event, StreamHeader, StreamReader
+from ..stream.reader import Event, StreamHeader
 from ..stream.records import End, Snapshot, Subvol
 from .applier import Applier, ReceivedSubvol
 
@@ -160,7 +160,7 @@ def receive(
         force_decompress=force_decompress, on_warning=on_warning,
     ) as applier:
         batches: Generator[list[Event], None, None]
-        if isinstance(events, (StreamReader, BatchedEvents)):
+        if isinstance(events, BatchedEvents):  # a StreamReader is one
             batches = events.batches()  # decoded lists as they are (about one block each)
         elif read_ahead and not dry_run:
             batches = _batched(iter(events), _BATCH_EVENTS, _BATCH_BYTES)
