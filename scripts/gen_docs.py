@@ -1,21 +1,26 @@
-"""Regenerate the command and attribute tables in docs/formats/send-stream.md from the code.
+"""Regenerate the parts of the docs that are made from the code.
 
-``python scripts/gen_docs.py`` rewrites the part between the GENERATED markers;
-``--check`` exits 1 if the page is out of date (a test runs it).
+- ``docs/formats/send-stream.md``: the command, attribute and limit tables
+  (``btrdelta.stream.constants``);
+- ``README.md``: the exit-code table (``btrdelta.errors``).
+
+``python scripts/gen_docs.py`` rewrites the text between each page's GENERATED markers;
+``--check`` exits 1 if a page is out of date (a test runs it).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+from btrdelta.errors import exit_codes
 from btrdelta.stream.constants import ATTR_KIND, ATTR_VERSION, COMMAND_SPECS, MAX_PAYLOAD
 
-DOC = Path(__file__).resolve().parent.parent / "docs/formats/send-stream.md"
-BEGIN, END = "<!-- BEGIN GENERATED TABLES -->", "<!-- END GENERATED TABLES -->"
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def tables() -> str:
+def send_stream_tables() -> str:
     out = ["### Commands (attributes in the order the kernel emits them)", "",
            "| # | command | since | attributes (`?` = may be absent) |", "|---|---|---|---|"]
     for cmd, spec in sorted(COMMAND_SPECS.items()):
@@ -30,17 +35,41 @@ def tables() -> str:
     return "\n".join(out)
 
 
+def exit_code_table() -> str:
+    rows = ["| code | meaning |", "|---|---|"]
+    rows += [f"| {code} | {meaning} |" for code, meaning in exit_codes()]
+    return "\n".join(rows)
+
+
+#: page -> (marker name, generator)
+PAGES: dict[str, tuple[str, Callable[[], str]]] = {
+    "docs/formats/send-stream.md": ("TABLES", send_stream_tables),
+    "README.md": ("EXIT CODES", exit_code_table),
+}
+
+
+def regenerate(text: str, name: str, body: str) -> str:
+    begin, end = f"<!-- BEGIN GENERATED {name} -->", f"<!-- END GENERATED {name} -->"
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{body}\n{end}{tail}"
+
+
 def main(argv: list[str]) -> int:
-    text = DOC.read_text()
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    new = f"{head}{BEGIN}\n{tables()}\n{END}{tail}"
-    if "--check" in argv:
-        if new != text:
-            print(f"{DOC} is out of date: run python scripts/gen_docs.py", file=sys.stderr)
-            return 1
-        return 0
-    DOC.write_text(new)
+    stale = []
+    for page, (name, make) in PAGES.items():
+        path = ROOT / page
+        text = path.read_text()
+        new = regenerate(text, name, make())
+        if new == text:
+            continue
+        if "--check" in argv:
+            stale.append(page)
+        else:
+            path.write_text(new)
+    if stale:
+        print(f"out of date: {', '.join(stale)}: run python scripts/gen_docs.py", file=sys.stderr)
+        return 1
     return 0
 
 

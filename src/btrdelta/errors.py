@@ -24,6 +24,9 @@ a decoder; they are wrapped with ``raise ... from exc``.
 from __future__ import annotations
 
 __all__ = [
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "EXIT_INTERRUPTED",
     "ApplyError",
     "BtrdeltaError",
     "ChecksumError",
@@ -33,7 +36,13 @@ __all__ = [
     "TransportError",
     "UnsafePathError",
     "UnsupportedVersionError",
+    "exit_codes",
 ]
+
+#: exit codes no error class carries (the CLI's own)
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 def _show_path(path: bytes | str) -> str:
@@ -46,6 +55,9 @@ class BtrdeltaError(Exception):
     """Base of every btrdelta error; carries location fields and an exit code."""
 
     exit_code = 1
+    #: what the exit code means, for the tables in ``--help`` and the README (classes that
+    #: share their parent's code say nothing)
+    meaning = "other error"
 
     def __init__(
         self,
@@ -95,12 +107,14 @@ class StreamFormatError(BtrdeltaError):
     """Bytes that are not a valid stream, archive or patch (includes truncation)."""
 
     exit_code = 3
+    meaning = "malformed stream, archive, patch or index"
 
 
 class ChecksumError(StreamFormatError):
     """A CRC or digest did not match."""
 
     exit_code = 5
+    meaning = "checksum or signature mismatch (CRC, digest, Ed25519)"
 
     def __init__(
         self, message: str, *, expected: object = None, actual: object = None, **where: object
@@ -120,18 +134,21 @@ class UnsafePathError(BtrdeltaError):
     """A path that would leave the destination ('..', absolute, NUL, symlinked parent)."""
 
     exit_code = 4
+    meaning = "unsafe path in the input"
 
 
 class MissingBaseError(BtrdeltaError):
     """A parent subvolume, delta base file or chunk that is needed but not present."""
 
     exit_code = 6
+    meaning = "missing parent subvolume, delta base or chunk"
 
 
 class ApplyError(BtrdeltaError):
     """An operating-system error while applying a record, with the operation and path."""
 
     exit_code = 8
+    meaning = "I/O error while applying"
 
     def __init__(self, message: str, *, op: str | None = None, **where: object) -> None:
         super().__init__(message, **where)  # type: ignore[arg-type]
@@ -142,6 +159,7 @@ class TransportError(BtrdeltaError):
     """An HTTP or network failure."""
 
     exit_code = 7
+    meaning = "transport (HTTP) error"
 
     def __init__(
         self, message: str, *, url: str | None = None, status: int | None = None, **where: object
@@ -161,3 +179,18 @@ class ProtocolError(BtrdeltaError):
     """A sender/receiver negotiation went wrong."""
 
     exit_code = 9
+    meaning = "replication protocol error"
+
+
+def exit_codes() -> list[tuple[int, str]]:
+    """Every exit code of the ``btrdelta`` command with its meaning, sorted (the tables of
+    ``--help`` and the README are generated from this)."""
+    codes = {EXIT_OK: "success", EXIT_USAGE: "usage error",
+             EXIT_INTERRUPTED: "interrupted"}
+    todo: list[type[BtrdeltaError]] = [BtrdeltaError]
+    while todo:
+        cls = todo.pop(0)
+        if "meaning" in cls.__dict__:
+            codes.setdefault(cls.exit_code, cls.meaning)
+        todo += cls.__subclasses__()
+    return sorted(codes.items())

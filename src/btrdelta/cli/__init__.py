@@ -18,18 +18,14 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from .. import __version__
-from ..errors import BtrdeltaError
+from ..errors import BtrdeltaError, exit_codes
 
-__all__ = ["build_parser", "entry", "main"]
+__all__ = ["build_parser", "entry", "exit_codes_epilog", "main"]
 
-EXIT_CODES_EPILOG = """\
-exit codes:
-  0  success                      5  checksum mismatch
-  1  other error                  6  missing parent / base / chunk
-  2  usage error                  7  transport (HTTP) error
-  3  malformed stream or archive  8  I/O error while applying
-  4  unsafe path in input         130 interrupted
-"""
+def exit_codes_epilog() -> str:
+    """The exit-code table of ``btrdelta --help`` (generated from :mod:`btrdelta.errors`)."""
+    rows = "".join(f"  {code:>3}  {meaning}\n" for code, meaning in exit_codes())
+    return f"exit codes:\n{rows}"
 
 
 def _command_modules() -> list[str]:
@@ -47,7 +43,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             "Small, fast and safe updates from btrfs send streams: read, dump, verify, "
             "receive, send and delta-compress streams; chunk and clone whole images."
         ),
-        epilog=EXIT_CODES_EPILOG,
+        epilog=exit_codes_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"btrdelta {__version__}")

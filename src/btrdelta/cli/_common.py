@@ -8,9 +8,13 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import BtrdeltaError
+
+if TYPE_CHECKING:
+    from ..stream.reader import StreamReader
+    from ..update.identify import Identified, Kind
 
 
 def add_input(parser: argparse.ArgumentParser, what: str = "stream") -> None:
@@ -126,3 +130,106 @@ def parse_size(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}")
     return value
+
+
+def sniff_input(f: BinaryIO, name: str, *accept: Kind) -> tuple[Identified, BinaryIO]:
+    """What input ``f`` is, and a file reading it from its start; refused with one line
+    unless it is one of ``accept`` (unknown data passes: the parser then names the bad
+    magic and its offset)."""
+    from ..update.identify import Kind, identify
+
+    what, f = identify(f)
+    if what.kind not in accept and what.kind is not Kind.UNKNOWN:
+        wanted = " or ".join(f"a {k.value}" for k in accept)
+        raise what.refuse(wanted, source=name)
+    return what, f
+
+
+# -- printers shared by several commands ------------------------------------------------
+
+_FLUSH_EVERY = 4096
+
+
+def dump_stream(f: BinaryIO, name: str, *, as_json: bool = False,
+                all_streams: bool = False) -> None:
+    """Print the stream in ``f`` as ``btrfs receive --dump`` does (or as JSON lines) on
+    standard output (``dump``, ``receive --dump``)."""
+    from ..stream import StreamReader
+    from ..update.identify import Kind
+
+    _, f = sniff_input(f, name, Kind.SEND_STREAM)
+    reader = StreamReader(f, source=name)
+    if as_json:
+        _dump_json(reader, sys.stdout.buffer, all_streams)
+    else:
+        _dump_text(reader, sys.stdout.buffer, all_streams)
+
+
+def _dump_text(reader: StreamReader, out: BinaryIO, all_streams: bool) -> None:
+    from ..stream import TextDumper
+    from ..stream.records import End, Record
+
+    dumper = TextDumper()
+    batch: list[Record] = []
+    try:
+        for rec in reader:
+            batch.append(rec)
+            if rec.__class__ is End and not all_streams:
+                break
+            if len(batch) >= _FLUSH_EVERY:
+                out.write(dumper.render(batch).encode("latin-1"))
+                batch.clear()
+    finally:
+        # what was read before an error is printed, as progs prints it
+        out.write(dumper.render(batch).encode("latin-1"))
+        out.flush()
+
+
+def _dump_json(reader: StreamReader, out: BinaryIO, all_streams: bool) -> None:
+    import json
+
+    from ..stream import StreamHeader, record_to_json
+    from ..stream.records import End
+
+    lines: list[str] = []
+    index = -1
+    try:
+        for ev in reader.events():
+            if isinstance(ev, StreamHeader):
+                lines.append(json.dumps({"stream": ev.version, "offset": ev.offset}))
+                continue
+            index += 1
+            lines.append(json.dumps(record_to_json(ev, index)))
+            if type(ev) is End and not all_streams:
+                break
+            if len(lines) >= _FLUSH_EVERY:
+                out.write(("\n".join(lines) + "\n").encode())
+                lines.clear()
+    finally:
+        if lines:
+            out.write(("\n".join(lines) + "\n").encode())
+        out.flush()
+
+
+def print_delta_stats(st: object, name: str, *, as_json: bool) -> None:
+    """Print a :class:`~btrdelta.delta.stats.DeltaStats` (``delta stat``, ``stat``)."""
+    import json
+
+    from ..delta.stats import DeltaStats
+
+    assert isinstance(st, DeltaStats)
+    if as_json:
+        print(json.dumps({"kind": "delta", **st.as_json()}))
+        return
+    print(f"delta stream:  {name} ({human_bytes(st.size)}, {st.size} bytes)")
+    print(f"expands to:    {human_bytes(st.expanded_size)} ({st.expanded_commands} commands, "
+          f"{st.streams} stream(s), version {', '.join(map(str, st.versions))})")
+    print(f"carried:       {st.carried_commands} commands, {human_bytes(st.carried_raw_bytes)}"
+          f" stored in {human_bytes(st.carried_stored_bytes)}")
+    total = sum(st.patched_files.values())
+    print(f"patched files: {total} ({st.regenerated_writes} writes and "
+          f"{st.regenerated_encoded} compressed extents regenerated)")
+    for codec in sorted(st.patched_files):
+        print(f"  {codec:<8} {st.patched_files[codec]:>6} files  "
+              f"{human_bytes(st.replaced_bytes[codec])} as {human_bytes(st.patch_bytes[codec])}"
+              f" of patches, saved {human_bytes(st.saved_bytes[codec])}")

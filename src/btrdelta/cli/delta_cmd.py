@@ -12,6 +12,7 @@ from typing import BinaryIO
 from ..delta.codecs import AUTO, CODECS
 from ..delta.options import DEFAULT_MAX_FILE_SIZE, MakeOptions
 from ..errors import BtrdeltaError
+from ..update.identify import Kind
 from ._common import (
     Progress,
     add_input,
@@ -20,6 +21,8 @@ from ._common import (
     open_input,
     open_output,
     parse_size,
+    print_delta_stats,
+    sniff_input,
 )
 
 
@@ -101,6 +104,7 @@ def run_make(args: argparse.Namespace) -> int:
         progress.update(f"{human_bytes(nin)} in, {human_bytes(nout)} out")
 
     with open_input(name) as f, open_output(args.output) as out:
+        _, f = sniff_input(f, name, Kind.SEND_STREAM)
         src: BinaryIO = f if isinstance(f, io.BufferedReader) else io.BufferedReader(
             f, 1 << 20  # type: ignore[type-var]
         )
@@ -125,6 +129,7 @@ def run_expand(args: argparse.Namespace) -> int:
 
     name = input_name(args)
     with open_input(name) as f, open_output(args.output) as out:
+        _, f = sniff_input(f, name, Kind.DELTA_STREAM)
         expand_to(
             open_delta(f, source=name), args.old, out.write,
             max_file_size=args.max_file_size, source=name,
@@ -138,28 +143,7 @@ def run_stat(args: argparse.Namespace) -> int:
 
     name = input_name(args)
     with open_input(name) as f:
+        _, f = sniff_input(f, name, Kind.DELTA_STREAM)
         st = delta_stats_of_file(f, source=name)
     print_delta_stats(st, name, as_json=args.json)
     return 0
-
-
-def print_delta_stats(st: object, name: str, *, as_json: bool) -> None:
-    """Print a :class:`~btrdelta.delta.stats.DeltaStats` (also used by ``btrdelta stat``)."""
-    from ..delta.stats import DeltaStats
-
-    assert isinstance(st, DeltaStats)
-    if as_json:
-        print(json.dumps({"kind": "delta", **st.as_json()}))
-        return
-    print(f"delta stream:  {name} ({human_bytes(st.size)}, {st.size} bytes)")
-    print(f"expands to:    {human_bytes(st.expanded_size)} ({st.expanded_commands} commands, "
-          f"{st.streams} stream(s), version {', '.join(map(str, st.versions))})")
-    print(f"carried:       {st.carried_commands} commands, {human_bytes(st.carried_raw_bytes)}"
-          f" stored in {human_bytes(st.carried_stored_bytes)}")
-    total = sum(st.patched_files.values())
-    print(f"patched files: {total} ({st.regenerated_writes} writes and "
-          f"{st.regenerated_encoded} compressed extents regenerated)")
-    for codec in sorted(st.patched_files):
-        print(f"  {codec:<8} {st.patched_files[codec]:>6} files  "
-              f"{human_bytes(st.replaced_bytes[codec])} as {human_bytes(st.patch_bytes[codec])}"
-              f" of patches, saved {human_bytes(st.saved_bytes[codec])}")

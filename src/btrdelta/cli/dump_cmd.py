@@ -3,15 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from typing import BinaryIO
 
-from ..stream import StreamHeader, StreamReader, TextDumper, record_to_json
-from ..stream.records import End, Record
-from ._common import add_input, input_name, open_input
-
-_FLUSH_EVERY = 4096
+from ._common import add_input, dump_stream, input_name, open_input
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -38,49 +31,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def run(args: argparse.Namespace) -> int:
     """Dump the stream."""
     name = input_name(args)
-    out = sys.stdout.buffer
     with open_input(name) as f:
-        reader = StreamReader(f, source=name)
-        if args.json:
-            _dump_json(reader, out, args.all)
-        else:
-            _dump_text(reader, out, args.all)
+        dump_stream(f, name, as_json=args.json, all_streams=args.all)
     return 0
-
-
-def _dump_text(reader: StreamReader, out: BinaryIO, all_streams: bool) -> None:
-    dumper = TextDumper()
-    batch: list[Record] = []
-    try:
-        for rec in reader:
-            batch.append(rec)
-            if rec.__class__ is End and not all_streams:
-                break
-            if len(batch) >= _FLUSH_EVERY:
-                out.write(dumper.render(batch).encode("latin-1"))
-                batch.clear()
-    finally:
-        # what was read before an error is printed, as progs prints it
-        out.write(dumper.render(batch).encode("latin-1"))
-        out.flush()
-
-
-def _dump_json(reader: StreamReader, out: BinaryIO, all_streams: bool) -> None:
-    lines: list[str] = []
-    index = -1
-    try:
-        for ev in reader.events():
-            if isinstance(ev, StreamHeader):
-                lines.append(json.dumps({"stream": ev.version, "offset": ev.offset}))
-                continue
-            index += 1
-            lines.append(json.dumps(record_to_json(ev, index)))
-            if type(ev) is End and not all_streams:
-                break
-            if len(lines) >= _FLUSH_EVERY:
-                out.write(("\n".join(lines) + "\n").encode())
-                lines.clear()
-    finally:
-        if lines:
-            out.write(("\n".join(lines) + "\n").encode())
-        out.flush()

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterable
-from pathlib import Path
-from typing import BinaryIO
 
-from ..receive import ReceivedSubvol, receive, uses_btrfs
-from ..stream.constants import MAGIC
-from ..stream.reader import Event, StreamReader
-from ._common import Progress, human_bytes, open_input
+from ..receive import ReceivedSubvol
+from ..update.receive import receive_any
+from ._common import Progress, dump_stream, human_bytes, open_input
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -58,57 +54,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(func=run)
 
 
-def _is_send_stream(f: BinaryIO) -> bool:
-    """Whether ``f`` starts with the send-stream magic, looked at without consuming it.
-
-    A seekable file is read and rewound; a buffered pipe is peeked. ``False`` when that
-    cannot be told without reading (the caller then sniffs the input the general way).
-    """
-    want = len(MAGIC)
-    peek = getattr(f, "peek", None)
-    try:
-        if peek is not None:
-            return bytes(peek(want)[:want]) == MAGIC
-        if f.seekable():
-            pos = f.tell()
-            head = f.read(want)
-            f.seek(pos)
-            return head == MAGIC
-    except (OSError, ValueError):
-        pass
-    return False
-
-
-def open_events(
-    f: BinaryIO, name: str, dest: Path | None = None, backend: str = "auto"
-) -> Iterable[Event]:
-    """The events to apply, from the input file (the one place the input is decoded).
-
-    A plain stream is its :class:`StreamReader` (``receive`` takes its decoded batches
-    whole). A delta stream (``btrdelta delta make``) is expanded on the fly against the
-    local parent of its snapshot (see :func:`btrdelta.delta.expand_events`).
-    """
-    if _is_send_stream(f):
-        # the common case: no wrapper around the input, no import of the delta package
-        return StreamReader(f, source=name)
-    from ..delta.expand import delta_parent, expand_events, sniff
-
-    is_delta, f = sniff(f)
-    if is_delta and dest is not None:
-        # reflinks where the destination has them (a clone that must be copied costs more
-        # than the write it stands for)
-        return expand_events(f, delta_parent(dest, backend), source=name,
-                             clone_same=uses_btrfs(dest, backend))
-    return StreamReader(f, source=name).events()
-
-
 def run(args: argparse.Namespace) -> int:
     """Receive the stream."""
     if args.dump:
-        from . import dump_cmd
-
-        return dump_cmd.run(argparse.Namespace(file=args.file, input=None, json=False,
-                                               all=False))
+        with open_input(args.file) as f:
+            dump_stream(f, args.file)
+        return 0
     if not args.dest:
         print("btrdelta receive: error: DEST is required (unless --dump)", file=sys.stderr)
         return 2
@@ -125,16 +76,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"btrdelta receive: warning: {msg}", file=sys.stderr)
 
     with open_input(args.file) as f:
-        events = open_events(f, args.file, Path(args.dest), args.backend)
         try:
-            done = receive(
-                events, Path(args.dest),
+            done = receive_any(
+                f, args.dest, source=args.file,
                 stop_at_end=args.stop_at_end,
                 max_errors=args.max_errors, dry_run=args.dry_run, backend=args.backend,
                 apply_fileattr=args.fileattr, force_decompress=args.force_decompress,
                 on_progress=on_progress, on_warning=on_warning, on_subvol=on_subvol,
-                # a delta stream is expanded in a helper thread while C applies records
-                read_ahead=not isinstance(events, StreamReader),
             )
         finally:
             progress.done()

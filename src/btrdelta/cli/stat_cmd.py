@@ -8,7 +8,15 @@ import json
 from ..stream import StreamReader
 from ..stream.constants import Compression
 from ..stream.stats import collect_stats
-from ._common import add_input, human_bytes, input_name, open_input
+from ..update.identify import Kind
+from ._common import (
+    add_input,
+    human_bytes,
+    input_name,
+    open_input,
+    print_delta_stats,
+    sniff_input,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -30,12 +38,9 @@ def run(args: argparse.Namespace) -> int:
     """Print the statistics."""
     name = input_name(args)
     with open_input(name) as f:
-        from ..delta.expand import sniff
-
-        is_delta, f = sniff(f)
-        if is_delta:  # a delta stream: patched files and bytes saved per codec
+        what, f = sniff_input(f, name, Kind.SEND_STREAM, Kind.DELTA_STREAM)
+        if what.kind is Kind.DELTA_STREAM:  # patched files and bytes saved per codec
             from ..delta.stats import delta_stats_of_file
-            from .delta_cmd import print_delta_stats
 
             delta = delta_stats_of_file(f, source=name)
             print_delta_stats(delta, name, as_json=args.json)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..stream import StreamHeader, StreamReader
-from ._common import add_input, human_bytes, input_name, open_input
+from ..update.identify import Kind
+from ._common import add_input, human_bytes, input_name, open_input, sniff_input
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -29,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     name = input_name(args)
     streams = records = 0
     with open_input(name) as f:
+        _, f = sniff_input(f, name, Kind.SEND_STREAM)
         reader = StreamReader(f, source=name)
         for ev in reader.events():
             if type(ev) is StreamHeader:

@@ -24,7 +24,6 @@ single CPU) start at the first large PENC and stop when the expansion ends or is
 
 from __future__ import annotations
 
-import io
 import os
 import struct
 from collections import deque
@@ -53,7 +52,6 @@ from ..stream.reader import EOF, NEED_DATA, Event, StreamHeader, StreamParser
 from .carrier import SAME_PATH_TLV, CarrierState, unfold
 from .codecs import get_codec
 from .format import (
-    DELTA_MAGIC,
     INNER_RECORDS,
     SAME_CODEC,
     BtrfsCommand,
@@ -69,7 +67,6 @@ from .format import (
     StreamStart,
     ZCommands,
     decode_item,
-    is_delta_stream,
     iter_items,
 )
 from .oldfiles import DirCache, digest, hasher, list_old_dir, read_old_file
@@ -78,7 +75,6 @@ from .recompress import compress_extent
 
 __all__ = [
     "DEFAULT_MAX_FILE_SIZE",
-    "delta_parent",
     "DeltaEvents",
     "OldRoot",
     "expand_batches",
@@ -86,7 +82,6 @@ __all__ = [
     "expand_items",
     "expand_to",
     "open_delta",
-    "sniff",
 ]
 
 #: largest decompressed size one ZCMDS record may declare
@@ -783,41 +778,6 @@ def expand_items(
         ex.close()
 
 
-class _Prefixed(io.RawIOBase):
-    """A file that first returns ``prefix``, then the rest of ``f``."""
-
-    def __init__(self, prefix: bytes, f: BinaryIO) -> None:
-        super().__init__()
-        self._prefix = memoryview(prefix)
-        self._f = f
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        if len(self._prefix):
-            n = min(len(b), len(self._prefix))
-            b[:n] = self._prefix[:n]
-            self._prefix = self._prefix[n:]
-            return n
-        return int(self._f.readinto(b) or 0)  # type: ignore[attr-defined]
-
-
-def sniff(f: BinaryIO) -> tuple[bool, BinaryIO]:
-    """Whether ``f`` holds a delta stream, and a file that reads ``f`` from its start.
-
-    Reads the first bytes of ``f`` (a file or a pipe) to look for the delta magic.
-    """
-    prefix = b""
-    while len(prefix) < len(DELTA_MAGIC):
-        more = f.read(len(DELTA_MAGIC) - len(prefix))
-        if not more:
-            break
-        prefix += more
-    wrapped = io.BufferedReader(_Prefixed(prefix, f), 1 << 20)
-    return is_delta_stream(prefix), wrapped
-
-
 def open_delta(f: BinaryIO, *, source: str | None = None) -> Iterator[DeltaItem]:
     """Delta items read from a binary file."""
     read = getattr(f, "read1", None) or f.read
@@ -975,18 +935,3 @@ def expand_events(
     else:
         items = delta_events
     return DeltaEvents(items, old_root, max_file_size, source, clone_same)
-
-
-def delta_parent(dest: Path, backend: str = "auto") -> Callable[[Any], Path]:
-    """The old-root function for receiving a delta stream below ``dest``: the local parent
-    subvolume of the stream's SNAPSHOT (a full stream has no old files to patch against).
-    """
-    from ..errors import MissingBaseError
-    from ..receive import find_parent
-
-    def resolve(head: Any) -> Path:
-        if not isinstance(head, R.Snapshot):
-            raise MissingBaseError("a delta of a full stream needs an old tree (delta expand)")
-        return find_parent(dest, head, backend=backend)
-
-    return resolve

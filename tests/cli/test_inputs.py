@@ -1,0 +1,88 @@
+"""Every command that reads a stream says what a wrong input is, in one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import committed_streams
+
+STREAM = committed_streams()[0]
+BTRDELTA = [sys.executable, "-m", "btrdelta"]
+
+
+def _run(*args: str | Path, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([*BTRDELTA, *map(str, args)], input=stdin, capture_output=True,
+                          check=False)
+
+
+def _one_line(proc: subprocess.CompletedProcess[bytes]) -> str:
+    err = proc.stderr.decode()
+    assert err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.fixture
+def zst(tmp_path: Path) -> Path:
+    out = tmp_path / "s.stream.zst"
+    subprocess.run(["zstd", "-q", "-f", str(STREAM), "-o", str(out)], check=True)
+    return out
+
+
+@pytest.mark.parametrize("command", [
+    ["receive", "-f", "{f}", "{dest}"], ["dump", "{f}"], ["verify", "{f}"], ["stat", "{f}"],
+    ["delta", "make", "--old", "{dest}", "-f", "{f}", "-o", "{dest}/out"],
+    ["delta", "expand", "--old", "{dest}", "-f", "{f}", "-o", "{dest}/out"],
+])
+def test_zstd_compressed_input_is_named(zst: Path, tmp_path: Path, command: list[str]) -> None:
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    proc = _run(*(w.format(f=zst, dest=dest) for w in command))
+    assert proc.returncode == 3
+    err = _one_line(proc)
+    assert "zstd-compressed data" in err
+    assert "zstd -dc" in err
+    assert list(dest.iterdir()) == []
+
+
+def test_compressed_stdin_is_named(zst: Path, tmp_path: Path) -> None:
+    proc = _run("receive", tmp_path, stdin=zst.read_bytes())
+    assert proc.returncode == 3
+    assert "zstd-compressed data" in _one_line(proc)
+
+
+def test_chunk_archive_to_receive_points_to_image_clone(tmp_path: Path) -> None:
+    archive = tmp_path / "img.cba"
+    image = tmp_path / "img"
+    image.write_bytes(STREAM.read_bytes() * 4)
+    subprocess.run([*BTRDELTA, "image", "compress", "-i", str(image), "-o", str(archive)],
+                   check=True, capture_output=True)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    proc = _run("receive", "-f", archive, dest)
+    assert proc.returncode == 3
+    assert "chunk archive" in (err := _one_line(proc))
+    assert "image clone" in err
+
+
+def test_delta_stream_given_to_dump_says_what_it_is(tmp_path: Path) -> None:
+    old = tmp_path / "old"
+    old.mkdir()
+    delta = tmp_path / "full.delta"
+    subprocess.run([*BTRDELTA, "delta", "make", "-f", str(STREAM), "--old", str(old), "-o",
+                    str(delta)], check=True)
+    proc = _run("dump", delta)
+    assert proc.returncode == 3
+    assert "delta stream" in _one_line(proc)
+
+
+def test_empty_input(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    proc = _run("verify", empty)
+    assert proc.returncode == 3
+    assert "empty input" in _one_line(proc)

@@ -1,0 +1,65 @@
+"""``receive_any``: a plain stream or a delta stream, whichever the input is, gives the tree
+the kernel's ``btrfs receive`` gives."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from btrdelta.delta.make import make_delta
+from btrdelta.delta.options import MakeOptions
+from btrdelta.errors import MissingBaseError
+from btrdelta.testing.loopfs import loop_fs
+from btrdelta.testing.scenarios import SCENARIOS, kernel_receive, make_snapshots, send
+from btrdelta.tree import tree_sum
+from btrdelta.update.receive import receive_any
+from tests.conftest import require_btrfs
+
+pytestmark = pytest.mark.btrfs
+SCENARIO = next(s for s in SCENARIOS if s.name == "compressible-data-W6")
+
+
+def _delta(stream: Path, old: Path, out: Path) -> Path:
+    with open(stream, "rb") as f, open(out, "wb") as o:
+        make_delta(f, old, o.write, MakeOptions(jobs=1))
+    return out
+
+
+@pytest.mark.parametrize("backend", ["btrfs", "dir"])
+def test_plain_then_delta_match_btrfs_receive(tmp_path: Path, backend: str) -> None:
+    require_btrfs()
+    with loop_fs("btrfs", size="1G") as mnt:
+        pair = make_snapshots(mnt, SCENARIO)
+        full = send(pair.a, tmp_path / "A.stream")
+        incr = send(pair.b, tmp_path / "B.stream", parent=pair.a)
+        delta = _delta(incr, pair.a, tmp_path / "B.delta")
+        kernel = mnt / "kernel"
+        kernel.mkdir()
+        kernel_receive(full, kernel)
+        kernel_receive(incr, kernel)
+        ours = mnt / "ours" if backend == "btrfs" else tmp_path / "ours"
+        ours.mkdir()
+        # a path, then an open file: the parent of the delta's snapshot is found in DEST
+        got = receive_any(full, ours, backend=backend)
+        assert [s.name for s in got] == [pair.a.name]
+        with open(delta, "rb") as f:
+            got = receive_any(f, ours, backend=backend)
+        assert [s.name for s in got] == [pair.b.name]
+        for name in (pair.a.name, pair.b.name):
+            assert tree_sum(ours / name, ignore_root_mtime=True) == \
+                tree_sum(kernel / name, ignore_root_mtime=True)
+
+
+def test_delta_without_its_parent_is_a_missing_base(tmp_path: Path) -> None:
+    require_btrfs()
+    with loop_fs("btrfs", size="1G") as mnt:
+        pair = make_snapshots(mnt, SCENARIO)
+        incr = send(pair.b, tmp_path / "B.stream", parent=pair.a)
+        delta = _delta(incr, pair.a, tmp_path / "B.delta").read_bytes()
+    dest = tmp_path / "empty"
+    dest.mkdir()
+    with pytest.raises(MissingBaseError):
+        receive_any(io.BufferedReader(io.BytesIO(delta)), dest, backend="dir")  # type: ignore[arg-type]
+    assert list(dest.iterdir()) == []
