@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, BinaryIO
 from ..errors import BtrdeltaError
 
 if TYPE_CHECKING:
-    from ..stream.reader import StreamReader
     from ..update.identify import Identified, Kind
 
 
@@ -147,67 +146,23 @@ def sniff_input(f: BinaryIO, name: str, *accept: Kind) -> tuple[Identified, Bina
 
 # -- printers shared by several commands ------------------------------------------------
 
-_FLUSH_EVERY = 4096
-
 
 def dump_stream(f: BinaryIO, name: str, *, as_json: bool = False,
                 all_streams: bool = False) -> None:
     """Print the stream in ``f`` as ``btrfs receive --dump`` does (or as JSON lines) on
     standard output (``dump``, ``receive --dump``)."""
     from ..stream import StreamReader
+    from ..stream.dump import JsonDumpSink, TextDumpSink
+    from ..stream.sink import feed
     from ..update.identify import Kind
 
     _, f = sniff_input(f, name, Kind.SEND_STREAM)
-    reader = StreamReader(f, source=name)
-    if as_json:
-        _dump_json(reader, sys.stdout.buffer, all_streams)
-    else:
-        _dump_text(reader, sys.stdout.buffer, all_streams)
-
-
-def _dump_text(reader: StreamReader, out: BinaryIO, all_streams: bool) -> None:
-    from ..stream import TextDumper
-    from ..stream.records import End, Record
-
-    dumper = TextDumper()
-    batch: list[Record] = []
+    out = sys.stdout.buffer
+    sink = JsonDumpSink(out.write) if as_json else TextDumpSink(out.write)
     try:
-        for rec in reader:
-            batch.append(rec)
-            if rec.__class__ is End and not all_streams:
-                break
-            if len(batch) >= _FLUSH_EVERY:
-                out.write(dumper.render(batch).encode("latin-1"))
-                batch.clear()
+        feed(StreamReader(f, source=name).events(), sink, stop_at_end=not all_streams)
     finally:
-        # what was read before an error is printed, as progs prints it
-        out.write(dumper.render(batch).encode("latin-1"))
-        out.flush()
-
-
-def _dump_json(reader: StreamReader, out: BinaryIO, all_streams: bool) -> None:
-    import json
-
-    from ..stream import StreamHeader, record_to_json
-    from ..stream.records import End
-
-    lines: list[str] = []
-    index = -1
-    try:
-        for ev in reader.events():
-            if isinstance(ev, StreamHeader):
-                lines.append(json.dumps({"stream": ev.version, "offset": ev.offset}))
-                continue
-            index += 1
-            lines.append(json.dumps(record_to_json(ev, index)))
-            if type(ev) is End and not all_streams:
-                break
-            if len(lines) >= _FLUSH_EVERY:
-                out.write(("\n".join(lines) + "\n").encode())
-                lines.clear()
-    finally:
-        if lines:
-            out.write(("\n".join(lines) + "\n").encode())
+        sink.close()  # what was read before an error is printed, as progs prints it
         out.flush()
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..stream import StreamHeader, StreamReader
+from ..stream import StreamReader
+from ..stream.sink import VerifySink, feed
 from ..update.identify import Kind
 from ._common import add_input, human_bytes, input_name, open_input, sniff_input
 
@@ -28,16 +29,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def run(args: argparse.Namespace) -> int:
     """Verify the stream."""
     name = input_name(args)
-    streams = records = 0
     with open_input(name) as f:
         _, f = sniff_input(f, name, Kind.SEND_STREAM)
         reader = StreamReader(f, source=name)
-        for ev in reader.events():
-            if type(ev) is StreamHeader:
-                streams += 1
-            else:
-                records += 1
+        sink = VerifySink()
+        feed(reader.events(), sink)
         size = reader.parser.offset
     if not args.quiet:
-        print(f"{name}: OK, {streams} stream(s), {records} commands, {human_bytes(size)}")
+        print(f"{name}: OK, {sink.streams} stream(s), {sink.records} commands, "
+              f"{human_bytes(size)}")
     return 0

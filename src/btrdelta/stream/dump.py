@@ -21,7 +21,7 @@ from typing import Any
 
 from .._value import field_names
 from ..errors import StreamFormatError
-from .reader import _speedups
+from .reader import StreamHeader, _speedups
 from .records import (
     RECORD_TYPES,
     Chmod,
@@ -52,7 +52,7 @@ from .records import (
     Write,
 )
 
-__all__ = ["TextDumper", "escape_path", "record_to_json"]
+__all__ = ["JsonDumpSink", "TextDumpSink", "TextDumper", "escape_path", "record_to_json"]
 
 PATH_MAX = 4096
 _NS = 1_000_000_000
@@ -294,6 +294,66 @@ def _enable_verity(r: EnableVerity) -> str:
         f"algorithm={r.algorithm} block_size={r.block_size} salt_len={len(r.salt)}"
         f" sig_len={len(r.sig)}"
     )
+
+
+class TextDumpSink:
+    """A :class:`~btrdelta.stream.sink.RecordSink` writing ``btrfs receive --dump`` text to
+    ``write`` (latin-1 bytes), rendering ``batch`` records at a time; :meth:`close` writes
+    what is left (after an error too: progs prints what it read before it)."""
+
+    def __init__(self, write: Callable[[bytes], object], batch: int = 4096) -> None:
+        self._write = write
+        self._dumper = TextDumper()
+        self._recs: list[Record] = []
+        self._batch = batch
+
+    def start(self, header: StreamHeader) -> None:
+        pass
+
+    def apply(self, rec: Record, index: int) -> None:
+        self._recs.append(rec)
+        if len(self._recs) >= self._batch:
+            self.flush()
+
+    def flush(self) -> None:
+        """Render and write the records held."""
+        if self._recs:
+            self._write(self._dumper.render(self._recs).encode("latin-1"))
+            self._recs.clear()
+
+    def close(self) -> None:
+        self.flush()
+
+
+class JsonDumpSink:
+    """A :class:`~btrdelta.stream.sink.RecordSink` writing JSON lines to ``write``: one
+    object per stream header (``{"stream": version, "offset": ...}``) and per record
+    (:func:`record_to_json`)."""
+
+    def __init__(self, write: Callable[[bytes], object], batch: int = 4096) -> None:
+        import json
+
+        self._dumps = json.dumps
+        self._write = write
+        self._lines: list[str] = []
+        self._batch = batch
+
+    def start(self, header: StreamHeader) -> None:
+        self._lines.append(self._dumps({"stream": header.version, "offset": header.offset}))
+
+    def apply(self, rec: Record, index: int) -> None:
+        self._lines.append(self._dumps(record_to_json(rec, index)))
+        if len(self._lines) >= self._batch:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the lines held."""
+        if self._lines:
+            self._write(("\n".join(self._lines) + "\n").encode())
+            self._lines.clear()
+
+    def close(self) -> None:
+        self.flush()
 
 
 # --- JSON ---------------------------------------------------------------------------------

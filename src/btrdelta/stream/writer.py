@@ -66,11 +66,24 @@ class StreamWriter:
     def write_event(self, ev: Event) -> None:
         """Append a header or a record as read by :meth:`StreamReader.events`."""
         if isinstance(ev, StreamHeader):
-            if not self._need_header:
-                raise StreamFormatError("stream header in the middle of a stream (no END)")
-            self.start_stream(ev.version)
+            self.start(ev)
         else:
             self.write(ev)
+
+    # the RecordSink interface (btrdelta.stream.sink)
+
+    def start(self, header: StreamHeader) -> None:
+        """Begin a concatenated stream of ``header``'s version (only after an END)."""
+        if not self._need_header:
+            raise StreamFormatError("stream header in the middle of a stream (no END)")
+        self.start_stream(header.version)
+
+    def apply(self, rec: Record, index: int) -> None:
+        """Append ``rec`` (:meth:`write`)."""
+        self.write(rec)
+
+    def close(self) -> None:
+        """Nothing is held back: every piece was handed to ``write`` already."""
 
 
 def write_stream(
