@@ -10,6 +10,7 @@ CLI uses. ``str(err)`` is a single line naming what and where, e.g.
     BtrdeltaError                 exit 1
     ├── StreamFormatError         exit 3  bad stream / archive / patch bytes, truncation
     │   ├── ChecksumError         exit 5  a CRC or digest did not match (expected, actual)
+    │   │   └── SignatureError    exit 5  missing, malformed or wrong signature, untrusted key
     │   └── UnsupportedVersionError exit 3
     ├── UnsafePathError           exit 4  '..', absolute, NUL, symlinked parent, outside DEST
     ├── MissingBaseError          exit 6  parent subvolume, delta base file, chunk not found
@@ -32,6 +33,7 @@ __all__ = [
     "ChecksumError",
     "MissingBaseError",
     "ProtocolError",
+    "SignatureError",
     "StreamFormatError",
     "TransportError",
     "UnsafePathError",
@@ -122,6 +124,13 @@ class ChecksumError(StreamFormatError):
         super().__init__(message, **where)  # type: ignore[arg-type]
         self.expected = expected
         self.actual = actual
+
+
+class SignatureError(ChecksumError):
+    """A signature is missing, malformed, made by a key not trusted here, does not verify,
+    or covers other content than the input's (``btrdelta.trust``)."""
+
+    exit_code = 5
 
 
 class UnsupportedVersionError(StreamFormatError):

@@ -25,10 +25,9 @@ from itertools import accumulate
 
 import blake3
 import crc32c
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from ..errors import ChecksumError, StreamFormatError, UnsupportedVersionError
+from ..errors import ChecksumError, SignatureError, StreamFormatError, UnsupportedVersionError
+from ..trust import PrivateKey, PublicKey, sign_message, verify_message
 from .chunker import ChunkerParams
 
 __all__ = [
@@ -318,7 +317,7 @@ def decode_index(
 
 def decode_description(
     buf: bytes | bytearray | memoryview, *, source: str | None = None,
-    public_key: Ed25519PublicKey | None = None,
+    public_key: PublicKey | None = None,
 ) -> tuple[ArchiveHeader, ArchiveIndex]:
     """Decode a store description (header || index || signature), checking it fully.
 
@@ -343,29 +342,27 @@ def decode_description(
     return header, index
 
 
-def sign(key: Ed25519PrivateKey, header: bytes, index: bytes) -> bytes:
+def sign(key: PrivateKey, header: bytes, index: bytes) -> bytes:
     """The Ed25519 signature over ``header || index`` (header must have ``signed`` set)."""
-    return key.sign(header + index)
+    return sign_message(key, header + index)
 
 
 def verify_signature(
-    key: Ed25519PublicKey, header: ArchiveHeader, header_bytes: bytes | memoryview,
+    key: PublicKey, header: ArchiveHeader, header_bytes: bytes | memoryview,
     index_bytes: bytes | memoryview, signature: bytes | memoryview, *, source: str | None = None,
 ) -> None:
     """Check the detached signature before anything in the index is trusted.
 
     Raises:
-        ChecksumError: unsigned archive, or the signature does not verify.
+        SignatureError: unsigned archive, or the signature does not verify.
     """
     if not header.signed or len(signature) != SIGNATURE_SIZE:
-        raise ChecksumError("archive is not signed but a key was given", source=source)
+        raise SignatureError("archive is not signed but a key was given", source=source)
     try:
-        key.verify(bytes(signature), bytes(header_bytes) + bytes(index_bytes))
-    except InvalidSignature:
-        raise ChecksumError(
-            "Ed25519 signature does not verify (tampered archive or wrong key)",
-            source=source, offset=header.index_offset + header.index_size,
-        ) from None
+        verify_message(key, bytes(header_bytes) + bytes(index_bytes), bytes(signature),
+                       what="archive", source=source)
+    except SignatureError as exc:
+        raise exc.located(offset=header.index_offset + header.index_size) from None
 
 
 def with_index_digest(header: ArchiveHeader, index: bytes) -> ArchiveHeader:

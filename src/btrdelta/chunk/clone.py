@@ -29,11 +29,11 @@ from typing import Protocol
 
 import blake3
 import zstandard
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..errors import ChecksumError, MissingBaseError, StreamFormatError
 from ..transport.http import FetchStats, RangeFetcher, RangesNotSupported
 from ..transport.plan import Part, Span, coalesce
+from ..trust import PublicKey
 from .archive import (
     HEADER_SIZE,
     ArchiveHeader,
@@ -161,7 +161,7 @@ class CloneReport:
 
 
 def read_index(
-    source: ArchiveSource, *, public_key: Ed25519PublicKey | None = None
+    source: ArchiveSource, *, public_key: PublicKey | None = None
 ) -> tuple[ArchiveHeader, ArchiveIndex, bytes]:
     """Read, check (signature first) and decode header and index.
 
@@ -188,7 +188,7 @@ def clone(
     seeds: Sequence[str] = (),
     output: str | None = None,
     dry_run: bool = False,
-    public_key: Ed25519PublicKey | None = None,
+    public_key: PublicKey | None = None,
     max_gap: int = 0,
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> CloneReport:

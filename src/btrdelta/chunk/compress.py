@@ -23,8 +23,8 @@ from typing import BinaryIO
 
 import blake3
 import zstandard
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from ..trust import PrivateKey
 from .archive import (
     HEADER_SIZE,
     ArchiveHeader,
@@ -64,7 +64,7 @@ def compress_image(
     *,
     params: ChunkerParams,
     level: int = DEFAULT_LEVEL,
-    key: Ed25519PrivateKey | None = None,
+    key: PrivateKey | None = None,
     threads: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> CompressReport:

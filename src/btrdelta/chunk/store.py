@@ -22,9 +22,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import blake3
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..errors import ChecksumError, MissingBaseError, StreamFormatError, UnsafePathError
+from ..trust import PublicKey
 from .archive import ArchiveHeader, ArchiveIndex, decode_description
 from .chunker import DIGEST_SIZE, chunk_digest
 
@@ -148,7 +148,7 @@ class ChunkStore:
         os.replace(tmp, path)
 
     def read_description(
-        self, name: str, *, public_key: Ed25519PublicKey | None = None
+        self, name: str, *, public_key: PublicKey | None = None
     ) -> tuple[ArchiveHeader, ArchiveIndex]:
         """Read and check description ``name`` (signature too when a key is given)."""
         path = self.description_path(name)

@@ -10,15 +10,13 @@ import sys
 import threading
 import types
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-
 from ..chunk.archive import HEADER_SIZE, decode_header
 from ..chunk.chunker import ChunkerParams
 from ..chunk.clone import clone, open_source, read_index
 from ..chunk.compress import DEFAULT_LEVEL, compress_image
 from ..chunk.store import ChunkStore, ImageReader, split_store_name
 from ..errors import BtrdeltaError, ChecksumError
+from ..trust import load_private_key, load_public_key
 from ._common import Progress, human_bytes, open_output, parse_size
 
 
@@ -89,33 +87,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     g.set_defaults(func=run_gc)
 
 
-def _load_private(path: str) -> Ed25519PrivateKey:
-    with open(path, "rb") as f:
-        key = serialization.load_pem_private_key(f.read(), password=None)
-    if not isinstance(key, Ed25519PrivateKey):
-        raise BtrdeltaError("not an Ed25519 private key", path=path)
-    return key
-
-
-def _load_public(path: str) -> Ed25519PublicKey:
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        key: object = serialization.load_pem_public_key(data)
-    except ValueError:
-        try:
-            key = serialization.load_pem_private_key(data, password=None).public_key()
-        except ValueError:
-            raise BtrdeltaError("not a PEM Ed25519 key", path=path) from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise BtrdeltaError("not an Ed25519 public key", path=path)
-    return key
-
-
 def run_compress(args: argparse.Namespace) -> int:
     """``image compress``."""
     params = ChunkerParams.from_avg(args.avg_chunk)
-    key = _load_private(args.sign) if args.sign else None
+    key = load_private_key(args.sign) if args.sign else None
     progress = Progress(Progress.wanted(args), "compress: ")
     with open_output(args.output) as out:
         if out is sys.stdout.buffer:
@@ -135,7 +110,7 @@ def run_compress(args: argparse.Namespace) -> int:
 def run_clone(args: argparse.Namespace) -> int:
     """``image clone``."""
     store_dir, name = split_store_name(args.target)
-    key = _load_public(args.key) if args.key else None
+    key = load_public_key(args.key) if args.key else None
     progress = Progress(Progress.wanted(args), "clone: ")
     source = open_source(args.source)
     try:
@@ -222,7 +197,7 @@ def run_nbd(args: argparse.Namespace) -> int:
 
 def run_info(args: argparse.Namespace) -> int:
     """``image info``."""
-    key = _load_public(args.key) if args.key else None
+    key = load_public_key(args.key) if args.key else None
     if os.path.isfile(args.source) and not args.source.startswith(("http://", "https://")):
         with open(args.source, "rb") as f:
             head = f.read(HEADER_SIZE)
@@ -275,7 +250,7 @@ def run_verify(args: argparse.Namespace) -> int:
     store_dir, name = split_store_name(args.target)
     store = ChunkStore(store_dir)
     if args.key:
-        store.read_description(name, public_key=_load_public(args.key))
+        store.read_description(name, public_key=load_public_key(args.key))
     report = store.verify(name)
     if not report.ok:
         first = (report.bad or report.missing)[0].hex()
