@@ -37,8 +37,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "carried zstd-compressed. `delta expand` gives back the original stream byte for "
             "byte; `btrdelta receive` applies delta streams directly."
         ),
-        epilog="example: btrfs send -p /snap/A /snap/B | btrdelta delta make --old /snap/A - "
-               "| btrdelta receive /target",
+        epilog="examples: btrfs send -p /snap/A /snap/B | btrdelta delta make --old /snap/A - "
+               "| btrdelta receive /target; btrdelta delta make -f A-B.stream --old /snap/A "
+               "-o A-B.delta --sign release.key (A-B.delta.sig verifies A-B.stream, A-B.delta "
+               "and the delta's expansion)",
     )
 
     def usage(_args: argparse.Namespace) -> int:
@@ -69,6 +71,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                         "regenerating them by recompression")
     m.add_argument("--json", action="store_true", help="print a JSON summary on stderr")
     m.add_argument("--progress", action="store_true", help="show progress on stderr")
+    m.add_argument("--sign", metavar="KEY",
+                   help="also write a detached Ed25519 signature (DELTA.sig) over the content: "
+                        "the plain stream read, which the delta expands to")
+    m.add_argument("--signature", metavar="SIG",
+                   help="where to write the signature (default DELTA.sig; needed with stdout)")
     m.set_defaults(func=run_make)
 
     e = dsub.add_parser("expand", help="delta stream + old snapshot -> the btrfs stream")
@@ -96,7 +103,10 @@ def run_make(args: argparse.Namespace) -> int:
         codec=args.codec, max_file_size=args.max_file_size, jobs=args.jobs, level=args.level,
         recompress=args.recompress,
     )
+    from ..update.signed import StreamSigner
+
     name = input_name(args)
+    signer = StreamSigner.start(args.sign, args.signature, args.output)
     progress = Progress(Progress.wanted(args), "delta make: ")
     t0 = time.monotonic()
 
@@ -104,11 +114,15 @@ def run_make(args: argparse.Namespace) -> int:
         progress.update(f"{human_bytes(nin)} in, {human_bytes(nout)} out")
 
     with open_input(name) as f, open_output(args.output) as out:
+        if signer is not None:
+            f = signer.reader(f)  # hashes the plain stream: the content the delta expands to
         _, f = sniff_input(f, name, Kind.SEND_STREAM)
         src: BinaryIO = f if isinstance(f, io.BufferedReader) else io.BufferedReader(
             f, 1 << 20  # type: ignore[type-var]
         )
         stats = make_delta(src, args.old, out.write, opts, source=name, on_progress=on_progress)
+        if signer is not None:
+            signer.finish()
     progress.done()
     secs = time.monotonic() - t0
     if args.json:

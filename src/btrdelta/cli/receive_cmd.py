@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+from collections.abc import Callable
 
 from ..receive import ReceivedSubvol
 from ..update.receive import receive_any
@@ -28,7 +30,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "again."
         ),
         epilog="examples: btrfs send -p /snap/A /snap/B | btrdelta receive /target; "
-               "btrdelta receive -f A-B.delta /target (a delta stream; A was received there)",
+               "btrdelta receive -f A-B.delta /target (a delta stream; A was received there); "
+               "btrdelta receive -f A-B.delta --key release.pub /target (refused unless "
+               "A-B.delta.sig is a valid signature by release.pub)",
     )
     p.add_argument("-f", "--file", dest="file", metavar="FILE", default="-",
                    help="read the stream from FILE (default '-': standard input)")
@@ -51,7 +55,26 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="decompress ENCODED_WRITE data even where btrfs could store it as is")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="progress on stderr")
+    p.add_argument("--key", action="append", metavar="PUBKEY",
+                   help="require a signature by this Ed25519 public key (repeatable: any of "
+                        "them); the subvolume gets its final name only after the signature "
+                        "verified over the whole stream (exit 5 otherwise)")
+    p.add_argument("--signature", metavar="SIG",
+                   help="the detached signature (default: FILE.sig; needed for stdin)")
     p.set_defaults(func=run)
+
+
+def _signed_receiver(args: argparse.Namespace) -> Callable[..., list[ReceivedSubvol]]:
+    """``receive --key``: the keys and the signature are read (and the signature checked)
+    before the input is opened."""
+    from ..trust import load_public_key, read_signature
+    from ..update.signed import receive_signed, signature_path
+
+    keys = [load_public_key(k) for k in args.key]
+    sig_path = signature_path(args.file, args.signature)
+    signature = read_signature(sig_path)
+    return functools.partial(receive_signed, signature=signature, keys=keys,
+                             signature_source=sig_path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,9 +98,12 @@ def run(args: argparse.Namespace) -> int:
     def on_warning(msg: str) -> None:
         print(f"btrdelta receive: warning: {msg}", file=sys.stderr)
 
+    receiver: Callable[..., list[ReceivedSubvol]] = receive_any
+    if args.key:
+        receiver = _signed_receiver(args)
     with open_input(args.file) as f:
         try:
-            done = receive_any(
+            done = receiver(
                 f, args.dest, source=args.file,
                 stop_at_end=args.stop_at_end,
                 max_errors=args.max_errors, dry_run=args.dry_run, backend=args.backend,

@@ -13,6 +13,7 @@ from ._common import Progress, human_bytes, open_output
 
 if TYPE_CHECKING:
     from ..send import SendStats
+    from ..update.signed import StreamSigner
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -26,8 +27,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "`btrfs receive` included. Works on plain directories on any filesystem: moved "
             "files become renames, changed files send only changed blocks, identical content "
             "becomes clones. Subvolume UUIDs are derived from the trees, so the stream for "
-            "the next version names this one as its parent."
+            "the next version names this one as its parent. With --sign, a detached "
+            "signature over the stream's content is written next to it (see `btrdelta sign`)."
         ),
+        epilog="examples: btrdelta send /build/v1 -o v1.stream; "
+               "btrdelta send -p /build/v1 /build/v2 -o v1-v2.stream --sign release.key "
+               "(also writes v1-v2.stream.sig)",
     )
     p.add_argument("new_dir", metavar="NEW_DIR", help="the tree to send")
     p.add_argument("-p", "--parent", metavar="OLD_DIR", help="the tree the receiver already has")
@@ -43,6 +48,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--kernel", action="store_true",
                    help="both trees are read-only btrfs snapshots: run `btrfs send` instead")
     p.add_argument("--progress", action="store_true", help="show progress on stderr")
+    p.add_argument("--sign", metavar="KEY",
+                   help="also write a detached Ed25519 signature of the stream (OUTPUT.sig)")
+    p.add_argument("--signature", metavar="SIG",
+                   help="where to write the signature (default OUTPUT.sig; needed with stdout)")
     p.set_defaults(func=run)
 
 
@@ -52,6 +61,11 @@ def run(args: argparse.Namespace) -> int:
     version = args.proto if args.proto is not None else (2 if compress else 1)
     if compress and version < 2:
         raise BtrdeltaError("--compress needs --proto 2 or later")
+    signer = None
+    if args.sign:
+        from ..update.signed import StreamSigner
+
+        signer = StreamSigner.start(args.sign, args.signature, args.output)
     progress = Progress(Progress.wanted(args), "send: ")
     started = time.monotonic()
     scan: TreeScan | None = None
@@ -64,25 +78,29 @@ def run(args: argparse.Namespace) -> int:
             ),
         )
     try:
-        return _send(args, version, compress, progress, started, scan)
+        _send(args, version, compress, progress, started, scan, signer)
     finally:
         if scan is not None:
             scan.close()
+    if signer is not None:
+        signer.finish()
+    return 0
 
 
 def _send(args: argparse.Namespace, version: int, compress: str | None, progress: Progress,
-          started: float, scan: TreeScan | None) -> int:
+          started: float, scan: TreeScan | None, signer: StreamSigner | None) -> None:
     """Write the stream (imports the encoder while ``scan`` reads the trees)."""
     from ..send import kernel_send, send_records
     from ..stream import StreamWriter
 
     with open_output(args.output) as out:
+        write = out.write if signer is None else signer.wrap(out.write)
         if scan is None:
-            n = kernel_send(out.write, args.new_dir, args.parent, version=version,
+            n = kernel_send(write, args.new_dir, args.parent, version=version,
                             compressed=compress is not None)
             progress.done(f"{human_bytes(n)} from btrfs send")
-            return 0
-        writer = StreamWriter(out.write, version)
+            return
+        writer = StreamWriter(write, version)
 
         def show(stats: SendStats) -> None:
             progress.update(
@@ -100,4 +118,3 @@ def _send(args: argparse.Namespace, version: int, compress: str | None, progress
         f"{writer.records} records, {human_bytes(writer.bytes_written)} in "
         f"{time.monotonic() - started:.1f}s"
     )
-    return 0
