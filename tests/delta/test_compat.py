@@ -1,0 +1,80 @@
+"""Format 4 is frozen: the committed deltas (tests/data/deltas) expand bit for bit.
+
+They were made by ``delta make`` from kernel-made A->B streams of a rebuilt release
+(``tests/data/make_deltas.py``); MANIFEST.json holds the size, command count and SHA-256 of
+each kernel stream, which the expansion must reproduce exactly against the old tree
+(``release.A.tar.gz``). Receiving them as records must give the records of that stream.
+Between them they hold every format-4 record and carrier form: STREAM, ZCMDS, PATCH + PDATA
+(a patch above 64 KiB), CPATCH (``same`` and patched, implied PWRITEs), PWRITE, PENC, DEND,
+raw commands at top level (level 0), and the folded commands (previous path, orphan names,
+times, UNLINK and RENAME name references).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from btrdelta._value import field_names
+from btrdelta.delta import expand_events, expand_to, open_delta
+from btrdelta.stream import StreamReader
+from btrdelta.stream.records import Record
+from tests.conftest import DATA
+
+DELTAS = DATA / "deltas"
+MANIFEST: dict[str, Any] = json.loads((DELTAS / "MANIFEST.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def old_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("frozen-old")
+    with tarfile.open(DELTAS / MANIFEST["old"]) as tar:
+        tar.extractall(root, filter="tar")
+    return root
+
+
+def _entries() -> list[Any]:
+    return [pytest.param(e, id=e["file"]) for e in MANIFEST["deltas"]]
+
+
+def _expanded(delta: bytes, old: Path) -> bytes:
+    out = io.BytesIO()
+    size = expand_to(open_delta(io.BytesIO(delta)), old, out.write)
+    assert size == len(out.getvalue())
+    return out.getvalue()
+
+
+def _plain(ev: object) -> tuple[Any, ...]:
+    """A record or header as comparable values (file data as bytes)."""
+    return (type(ev).__name__, *(bytes(v) if isinstance(v, memoryview) else v
+                                 for v in (getattr(ev, k) for k in field_names(type(ev)))))
+
+
+@pytest.mark.parametrize("entry", _entries())
+def test_frozen_delta_expands_bit_for_bit(entry: dict[str, Any], old_tree: Path) -> None:
+    delta = (DELTAS / entry["file"]).read_bytes()
+    assert delta[17:21] == (MANIFEST["format"]).to_bytes(4, "little") == (4).to_bytes(4, "little")
+    stream = _expanded(delta, old_tree)
+    want = entry["expanded"]
+    assert len(stream) == want["size"]
+    assert hashlib.sha256(stream).hexdigest() == want["sha256"]
+    assert sum(1 for _ in StreamReader(io.BytesIO(stream))) == want["commands"]
+
+
+@pytest.mark.parametrize("entry", _entries())
+def test_frozen_delta_received_as_the_streams_records(
+    entry: dict[str, Any], old_tree: Path
+) -> None:
+    delta = (DELTAS / entry["file"]).read_bytes()
+    stream = _expanded(delta, old_tree)
+    got = [_plain(ev) for ev in expand_events(io.BytesIO(delta), old_tree)]
+    want = [_plain(ev) for ev in StreamReader(io.BytesIO(stream)).events()]
+    assert got == want
+    assert sum(isinstance(ev, Record) for ev in
+               expand_events(io.BytesIO(delta), old_tree)) == entry["expanded"]["commands"]
