@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from btrdelta import _native
 from btrdelta.delta import MakeOptions, expand_events, expand_to, make_delta, open_delta
-from btrdelta.delta.expand import _unfold_run
 from btrdelta.delta.format import (
     NEED_DATA,
     BtrfsCommand,
@@ -268,12 +268,13 @@ def test_format3_carrier_folding_is_exact(ops: list[tuple[int, int, int, int, in
     assert ws == rs
     # the C path (as the expansion drives it: C while it can, Python for one command)
     # gives the original commands, CRCs included, and the same state
-    if _unfold_run is not None:
+    unfold_c = _native.live("unfold")
+    if unfold_c is not None:
         cs = CarrierState(lister=_lister)
         group = bytearray()
         pos = 0
         while pos < len(carrier):
-            pos, _n = _unfold_run(carrier, pos, group, cs, 4, 1 << 16, int(max(Cmd)))
+            pos, _n = unfold_c.run(carrier, pos, group, cs, 4, 1 << 16, int(max(Cmd)))
             if pos < len(carrier):
                 end = pos + 10 + int.from_bytes(carrier[pos : pos + 4], "little")
                 cmd = carrier[pos + 4] | carrier[pos + 5] << 8
@@ -337,13 +338,13 @@ def _folded_carrier(
     return raws, carrier, ws
 
 
-def _split_grouped(carrier: bytes, use_c: bool, monkeypatch: pytest.MonkeyPatch) -> object:
+def _split_grouped(carrier: bytes, use_c: bool) -> object:
     """What the expansion's split() makes of a carrier: the group of btrfs commands and
     the final state, or the error it raises."""
     from btrdelta.delta import expand as E
 
-    monkeypatch.setattr(E, "_unfold_run", _unfold_run if use_c else None)
-    ex = E._Expander(".", 1 << 20, "x")
+    with _native.use_backend("c" if use_c else "python", "unfold"):
+        ex = E._Expander(".", 1 << 20, "x")
     ex.version = 1
     ex.cstate.lister = _lister
     try:
@@ -353,7 +354,8 @@ def _split_grouped(carrier: bytes, use_c: bool, monkeypatch: pytest.MonkeyPatch)
     return bytes(ex.group), ex.cstate
 
 
-@pytest.mark.skipif(_unfold_run is None, reason="the C unfold path (_unfold.c) is not built")
+@pytest.mark.skipif(not _native.available("unfold"),
+                    reason="the C unfold path (_unfold.c) is not built")
 @given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 1 << 40), _TIMES, _TIMES, _TIMES),
                 min_size=1, max_size=8),
        st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), min_size=1,
@@ -366,8 +368,7 @@ def test_unfold_in_c_matches_python_on_damaged_carriers(
     _raws, carrier, _ws = _folded_carrier(ops)
     for at, value in damage:
         carrier[at % len(carrier)] = value
-    with pytest.MonkeyPatch.context() as mp:
-        assert _split_grouped(carrier, True, mp) == _split_grouped(carrier, False, mp)
+    assert _split_grouped(carrier, True) == _split_grouped(carrier, False)
 
 
 def test_format3_hostile_markers_are_refused() -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from btrdelta import _native
 from btrdelta.receive import receive
 from btrdelta.stream import StreamReader
 from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs
@@ -18,15 +19,12 @@ from tests.conftest import KernelStream
 
 
 @pytest.fixture(params=["c", "python"])
-def applier_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+def applier_impl(request: pytest.FixtureRequest) -> Iterator[str]:
     """Run a test with the applier's C fast path, then with the Python handlers alone."""
-    from btrdelta.receive import applier
-
-    if request.param == "c" and applier._fastapply is None:
+    if request.param == "c" and not _native.available("fastapply"):
         pytest.skip("the C fast path (receive/_fastapply.c) is not built")
-    if request.param == "python":
-        monkeypatch.setattr(applier, "_fastapply", None)
-    return str(request.param)
+    with _native.use_backend(request.param, "fastapply"):
+        yield str(request.param)
 
 
 @dataclass
@@ -55,17 +53,9 @@ def targets() -> Iterator[Targets]:
         pytest.skip(str(exc))
 
 
-@contextmanager
-def python_applier() -> Iterator[None]:
+def python_applier() -> AbstractContextManager[None]:
     """The applier without its C fast path (the Python handlers apply every record)."""
-    from btrdelta.receive import applier
-
-    saved = applier._fastapply
-    applier._fastapply = None
-    try:
-        yield
-    finally:
-        applier._fastapply = saved
+    return _native.use_backend("python", "fastapply")
 
 
 def our_receive(stream: Path, dest: Path, warnings: list[str] | None = None,

@@ -20,6 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import btrdelta.stream as stream
+from btrdelta import _native
 from btrdelta.errors import BtrdeltaError
 from btrdelta.stream import StreamParser, StreamReader, StreamWriter, TextDumper, btrfs_crc32c
 from btrdelta.stream.records import End, Mkfile, Snapshot, Subvol, Utimes, Write
@@ -33,10 +34,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _outcome(data: bytes, backend: str, verify: bool = True, split: int = 0) -> Any:
+def _outcome(data: bytes, backend: _native.Backend, verify: bool = True, split: int = 0) -> Any:
     """Events of ``data`` (fed whole, or in two parts at ``split``) or the error raised."""
-    stream._use_backend(backend)
-    parser = StreamParser(source="t", verify_crc=verify)
+    with _native.use_backend(backend, "speedups"):
+        parser = StreamParser(source="t", verify_crc=verify)
     got: list[Any] = []
     try:
         for part in (data[:split], data[split:]) if split else (data,):
@@ -51,27 +52,25 @@ def _outcome(data: bytes, backend: str, verify: bool = True, split: int = 0) -> 
 
 
 def _both(data: bytes, **kw: Any) -> tuple[Any, Any]:
-    before = stream.BACKEND
-    try:
-        return _outcome(data, "python", **kw), _outcome(data, "c", **kw)
-    finally:
-        stream._use_backend(before)
+    return _outcome(data, "python", **kw), _outcome(data, "c", **kw)
 
 
 def _dump_both(recs: list[Any]) -> tuple[Any, Any]:
     out = []
     for backend in ("python", "c"):
-        stream._use_backend(backend)
-        dumper = TextDumper()
+        with _native.use_backend(backend, "speedups"):
+            dumper = TextDumper()
         try:
             out.append(dumper.render(recs))
         except Exception as exc:  # the same failure, whatever it is (e.g. a time localtime
             out.append(("error", type(exc), str(exc)))  # cannot represent)
-    stream._use_backend("c")
     return out[0], out[1]
 
 
 def test_backend_is_c_and_env_forces_python() -> None:
+    assert stream.BACKEND == "c"
+    with _native.use_backend("python", "speedups"):
+        assert stream.BACKEND == "python"
     assert stream.BACKEND == "c"
     code = "import btrdelta.stream as s; print(s.BACKEND)"
     env = {k: v for k, v in os.environ.items() if not k.startswith("BTRDELTA_")}

@@ -36,6 +36,7 @@ from typing import Any, BinaryIO
 
 import zstandard
 
+from .. import _native
 from ..errors import BtrdeltaError, ChecksumError, StreamFormatError
 from ..stream import records as R
 from ..stream.codec import command_crc, decode_payload, encode_record
@@ -98,19 +99,6 @@ _U16 = struct.Struct("<H")
 _HDR_ZERO_CRC = struct.Struct("<IHI")
 _TLV_HEAD = struct.Struct("<HH")
 _PATH_ATTR = 15  # btrfs's PATH attribute
-
-def _load_unfold() -> Any:
-    if os.environ.get("BTRDELTA_PURE_PYTHON", "") not in ("", "0"):
-        return None
-    try:
-        from ._unfold import run
-    except ImportError:  # no compiler at install time, or no stream._speedups
-        return None
-    return run
-
-
-#: the C path of carrier unfolding (``_unfold.c``), or None
-_unfold_run: Any = _load_unfold()
 
 #: the old snapshot: a directory, or a function giving it from the stream's SNAPSHOT/SUBVOL
 OldRoot = str | os.PathLike[str] | Callable[[Any], "str | os.PathLike[str]"]
@@ -205,6 +193,9 @@ class _Expander:
         self.group_n = 0
         #: recompression threads (PENC), started at the first PENC; see :meth:`close`
         self.pool: ThreadPoolExecutor | None = None
+        #: the C path of carrier unfolding (``_unfold.c``) when it is live, or None
+        unfold_c = _native.live("unfold")
+        self.unfold_run: Any = unfold_c.run if unfold_c is not None else None
 
     @property
     def last_path(self) -> bytes | None:
@@ -262,7 +253,7 @@ class _Expander:
         pos = 0
         limit = MAX_PAYLOAD[self.version]
         self.cstate.fmt = fmt
-        fast = _unfold_run if grouped and crc_checked and fmt >= 3 else None
+        fast = self.unfold_run if grouped and crc_checked and fmt >= 3 else None
         while pos < len(mv):
             if fast is not None:
                 pos, n = fast(raw, pos, self.group, self.cstate, fmt, limit, _MAX_CMD)

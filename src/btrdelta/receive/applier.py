@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+from .. import _native
 from .._value import value_class
 from ..errors import ApplyError, BtrdeltaError, MissingBaseError, StreamFormatError
 from ..stream.records import (
@@ -79,20 +80,10 @@ from .sandbox import Sandbox, check_name, split_path
 __all__ = ["Applier", "ReceivedSubvol", "find_parent", "find_subvolume"]
 
 
-def _load_fastapply() -> Any:
-    if os.environ.get("BTRDELTA_PURE_PYTHON", "") not in ("", "0"):
-        return None
-    try:
-        from . import _fastapply as mod
-    except ImportError:
-        return None
-    mod.configure((Mkfile, Mkdir, Symlink, Rename, Link, Unlink, Rmdir, Write, Truncate, Chmod,
-                   Chown, Utimes, UpdateExtent, EncodedWrite, Clone))
-    return mod
-
-
-#: the C fast path (``_fastapply.c``), or None (no compiler, or ``BTRDELTA_PURE_PYTHON=1``)
-_fastapply: Any = _load_fastapply()
+# the C fast path (``_fastapply.c``), used by appliers made while it is live (btrdelta._native)
+_native.on_load("fastapply", lambda mod: mod.configure((
+    Mkfile, Mkdir, Symlink, Rename, Link, Unlink, Rmdir, Write, Truncate, Chmod, Chown, Utimes,
+    UpdateExtent, EncodedWrite, Clone)))
 
 #: largest decompressed extent accepted from an ENCODED_WRITE (the kernel uses 128 KiB)
 MAX_UNENCODED = 8 << 20
@@ -251,7 +242,8 @@ class Applier:
         self._wfd = -1
         self._clone_roots: dict[UUID, Sandbox] = {}
         self._warned: set[str] = set()
-        self._fast: Any = _fastapply.Fast() if _fastapply is not None and not dry_run else None
+        fastapply = _native.live("fastapply")
+        self._fast: Any = fastapply.Fast() if fastapply is not None and not dry_run else None
         #: the C side may hold the write descriptor or have renamed cached directories
         self._fast_dirty = False
         self._handlers: dict[type, Callable[[Any], None]] = {

@@ -19,9 +19,10 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .. import _native
 from .._value import field_names
 from ..errors import StreamFormatError
-from .reader import StreamHeader, _speedups
+from .reader import StreamHeader
 from .records import (
     RECORD_TYPES,
     Chmod,
@@ -102,6 +103,8 @@ class TextDumper:
 
     def __init__(self) -> None:
         self._set_prefix(b".")  # progs: full_subvol_path starts as "."
+        # the C renderer (``_speedups.render_dump``) when it is live (btrdelta._native)
+        self._c = _native.live("speedups")
         self._times: dict[int, str] = {}
         steps: dict[type[Any], tuple[str, Callable[[Any], str | None] | None]] = {
             Subvol: ("subvol", self._subvol),
@@ -154,6 +157,13 @@ class TextDumper:
 
     def render(self, recs: Iterable[Record]) -> str:
         """The dump lines of ``recs`` joined (END renders as nothing)."""
+        if self._c is not None:
+            return self._c.render_dump(recs, self)  # type: ignore[no-any-return]
+        return self._render_py(recs)
+
+    def _render_py(self, recs: Iterable[Record]) -> str:
+        """:meth:`render` in Python: the reference (the C renderer hands it what it does not
+        render itself, one record at a time)."""
         plan = self._plan
         out: list[str] = []
         append = out.append
@@ -179,12 +189,6 @@ class TextDumper:
                 pad = 32 - len(shown)
                 append(f"{title}{shown}{_SPACES[pad] if pad > 1 else ' '}{args}\n")
         return "".join(out)
-
-    _render_py = render  # the reference; the C renderer hands it what it does not render
-
-    def _render_c(self, recs: Iterable[Record]) -> str:
-        """:meth:`render` by ``_speedups.render_dump`` (byte-identical)."""
-        return _speedups.render_dump(recs, self)  # type: ignore[no-any-return]
 
     # commands that use the dumper's state
 
@@ -225,8 +229,6 @@ class TextDumper:
 
 
 _SPACES = [" " * n for n in range(33)]
-if _speedups is not None:
-    TextDumper.render = TextDumper._render_c  # type: ignore[method-assign]
 
 
 def _none(r: Any) -> None:

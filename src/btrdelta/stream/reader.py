@@ -20,12 +20,12 @@ could start (right after END), as in btrfs-progs.
 from __future__ import annotations
 
 import enum
-import os
 import struct
 import uuid
 from collections.abc import Generator, Iterator
 from typing import Any, BinaryIO, Literal
 
+from .. import _native
 from .._value import field_names, value_class
 from ..errors import BtrdeltaError, ChecksumError, StreamFormatError
 from .codec import (
@@ -132,6 +132,13 @@ class StreamParser:
         self._failed: BtrdeltaError | None = None
         self._ready: list[Event] = []  # decoded by the batch loop, not yet returned
         self._ready_pos = 0
+        # the backend is picked once, when the parser is made (btrdelta._native)
+        speedups = _native.live("speedups")
+        #: the C batch decoder, or None (the Python loop)
+        self._c_decode = speedups.decode_batch if speedups is not None else None
+        #: one command outside a batch; with the C decoder these are rare (split across
+        #: reads, unusual layouts), not worth generating a Python fast decoder (~2 ms each)
+        self._decode_one = decode_payload_fast if speedups is None else decode_payload
 
     # -- input -------------------------------------------------------------------------
 
@@ -231,7 +238,7 @@ class StreamParser:
         """:meth:`_decode_batch_py` done by ``_speedups.decode_batch`` (same contract)."""
         cur = self._cur
         start = self._pos
-        recs, pos, hit_end = _speedups.decode_batch(
+        recs, pos, hit_end = self._c_decode(  # type: ignore[misc]
             cur, start, len(cur), self.version, self.verify_crc
         )
         n = pos - start
@@ -304,8 +311,12 @@ class StreamParser:
                 self._cur = self._chunks.pop(0)
                 self._pos = 0
 
-    #: the live batch decoder (replaced by _decode_batch_c when the accelerator is importable)
-    _decode_batch = _decode_batch_py
+    def _decode_batch(self, ready: list[Event]) -> None:
+        """The batch decoder of this parser's backend (C or Python, same contract)."""
+        if self._c_decode is not None:
+            self._decode_batch_c(ready)
+        else:
+            self._decode_batch_py(ready)
 
     def next_event(self) -> Event | Literal[Sentinel.NEED_DATA, Sentinel.EOF]:
         """Return the next header or record, ``NEED_DATA`` or ``EOF``.
@@ -399,7 +410,7 @@ class StreamParser:
                     cmd=cmd,
                 )
         try:
-            rec = _decode_one(cmd, mv, start + CMD_HEADER_SIZE, start + total, self.version)
+            rec = self._decode_one(cmd, mv, start + CMD_HEADER_SIZE, start + total, self.version)
         except BtrdeltaError as exc:
             self._error(exc, cmd=cmd)
         self._advance(total)
@@ -420,8 +431,9 @@ class StreamParser:
 # --- optional C accelerator ---------------------------------------------------------------
 #
 # dulwich-style: the Python code above stays the reference; ``_speedups`` (C, built when a
-# compiler is present) replaces the batch loop when importable, unless BTRDELTA_PURE_PYTHON=1.
-# It gets the decoding plan from COMMAND_SPECS, the same rules as codec._gen_fast_decoder.
+# compiler is present) replaces the batch loop in parsers made while it is live
+# (``btrdelta._native``). It gets the decoding plan from COMMAND_SPECS, the same rules as
+# codec._gen_fast_decoder.
 
 _KIND_CODE = {Kind.U8: 0, Kind.U32: 1, Kind.U64: 2, Kind.UUID: 3, Kind.TIMESPEC: 4,
               Kind.BYTES: 5, Kind.DATA: 6}
@@ -449,24 +461,7 @@ def _speedups_plan() -> tuple[Any, ...]:
     return uuid.UUID, tuple(commands), limits, int(Cmd.END), _crc
 
 
-def _load_speedups() -> Any:
-    if os.environ.get("BTRDELTA_PURE_PYTHON", "") not in ("", "0"):
-        return None
-    try:
-        from . import _speedups as mod
-    except ImportError:
-        return None
-    mod.configure(*_speedups_plan())
-    return mod
-
-
-_speedups: Any = _load_speedups()
-#: one command outside a batch; with the C decoder these are rare (split across reads,
-#: unusual layouts), not worth generating a Python fast decoder (~2 ms each) for
-_decode_one = decode_payload_fast
-if _speedups is not None:
-    StreamParser._decode_batch = StreamParser._decode_batch_c
-    _decode_one = decode_payload
+_native.on_load("speedups", lambda mod: mod.configure(*_speedups_plan()))
 
 
 class StreamReader:

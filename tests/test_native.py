@@ -1,0 +1,97 @@
+"""The one backend switch (``btrdelta._native``): one setting, every accelerator, no patching."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from btrdelta import _native
+from btrdelta.delta.expand import _Expander
+from btrdelta.receive.applier import Applier
+from btrdelta.stream import StreamParser, StreamReader, StreamWriter, TextDumper
+from btrdelta.stream.records import End, Subvol
+
+pytestmark = pytest.mark.skipif(
+    not all(map(_native.available, _native.ACCELERATORS)) and os.environ.get("CI") != "true",
+    reason="C accelerators not built",
+)
+
+
+def _live_in(dest: Path) -> dict[str, bool]:
+    """Which accelerator the objects made now use (each consumer asks when it is made)."""
+    with Applier(dest) as applier:
+        fast = applier._fast is not None
+    return {
+        "speedups": StreamParser()._c_decode is not None and TextDumper()._c is not None,
+        "fastapply": fast,
+        "unfold": _Expander(".", 0, None).unfold_run is not None,
+    }
+
+
+def test_one_setting_picks_every_accelerator() -> None:
+    assert _native.BACKEND == "c"
+    assert _native.backends() == dict.fromkeys(_native.ACCELERATORS, "c")
+    code = ("from btrdelta import _native, stream; from btrdelta.stream import crc;"
+            "print(_native.BACKEND, sorted(_native.backends().values()), stream.BACKEND,"
+            " crc.IMPL)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BTRDELTA_")}
+    out = {}
+    for value in (None, "0", "1"):
+        extra = {} if value is None else {"BTRDELTA_PURE_PYTHON": value}
+        out[value] = subprocess.run([sys.executable, "-c", code], env={**env, **extra},
+                                    capture_output=True, text=True, check=True).stdout.split()
+    assert out[None] == out["0"]
+    assert out[None][:5] == ["c", "['c',", "'c',", "'c']", "c"]
+    assert out["1"] == ["python", "['python',", "'python',", "'python']", "python", "crc32c",
+                        "package"]
+
+
+def test_use_backend_reaches_objects_made_inside(tmp_path: Path) -> None:
+    assert _live_in(tmp_path) == dict.fromkeys(_native.ACCELERATORS, True)
+    with _native.use_backend("python"):
+        assert _native.BACKEND == "python"
+        assert _native.backends() == dict.fromkeys(_native.ACCELERATORS, "python")
+        assert _live_in(tmp_path) == dict.fromkeys(_native.ACCELERATORS, False)
+        with _native.use_backend("c", "unfold"):
+            assert _live_in(tmp_path) == {"speedups": False, "fastapply": False, "unfold": True}
+    assert _native.BACKEND == "c"
+    with _native.use_backend("python", "fastapply"):
+        assert _native.BACKEND == "c"
+        assert _native.backends()["fastapply"] == "python"
+        assert _live_in(tmp_path) == {"speedups": True, "fastapply": False, "unfold": True}
+    assert _live_in(tmp_path) == dict.fromkeys(_native.ACCELERATORS, True)
+
+
+def test_use_backend_restores_after_an_error() -> None:
+    with pytest.raises(KeyError), _native.use_backend("python"):
+        raise KeyError("x")
+    assert _native.BACKEND == "c"
+    assert _native.backends() == dict.fromkeys(_native.ACCELERATORS, "c")
+    with pytest.raises(ValueError, match="unknown accelerator"), _native.use_backend("c", "nope"):
+        pass
+    with pytest.raises(ValueError, match="backend"), _native.use_backend("rust"):  # type: ignore[arg-type]
+        pass
+
+
+def test_a_parser_keeps_the_backend_it_was_made_with() -> None:
+    out = io.BytesIO()
+    w = StreamWriter(out.write, 2)
+    w.write(Subvol(b"s", uuid.UUID(int=1), 1))
+    w.write(End())
+    with _native.use_backend("python"):
+        reader = StreamReader(io.BytesIO(out.getvalue()))
+    assert reader.parser._c_decode is None
+    assert [type(r) for r in reader] == [Subvol, End]  # read on, outside the block
+
+
+def test_on_load_configures_a_loaded_module_at_once() -> None:
+    seen: list[object] = []
+    _native.on_load("unfold", seen.append)
+    assert seen == [_native.live("unfold")]
+    _native._hooks["unfold"].remove(seen.append)
