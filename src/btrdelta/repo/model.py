@@ -1,0 +1,344 @@
+"""The repository's metadata documents as values: index, bins, timestamp (pure).
+
+``docs/formats/repository.md`` is the specification; this module encodes and decodes the
+``signed`` parts (plain JSON values) and checks every field, so a caller gets either a
+consistent document or a one-line :class:`~btrdelta.errors.StreamFormatError` naming the
+file and the field. Signatures and freshness are :mod:`.signing` and :mod:`.freshness`.
+
+* :class:`Index` (``index/<N>.json``, signed by the root key): every version in order with
+  the size of its full and of each delta into it (all the planner needs), the bins that hold
+  the rest, and the keys allowed to sign timestamps.
+* :class:`Bin` (``bins/<blake3>.json``, named by its hash in the index): for up to
+  :data:`BIN_SIZE` consecutive versions, the content identity and every artifact's path
+  and length.
+* :class:`Timestamp` (``timestamp.json``, short-lived, signed by a timestamp key): which
+  index is current, by version, path, length and hash.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from .canonical import Fields
+
+__all__ = [
+    "BIN_SIZE",
+    "IDENTITY_ALGORITHM",
+    "SPEC_VERSION",
+    "ArtifactRef",
+    "Bin",
+    "BinRef",
+    "DeltaRef",
+    "Index",
+    "IndexVersion",
+    "Timestamp",
+    "VersionRecord",
+    "check_version_name",
+    "format_time",
+    "parse_time",
+    "stream_uuid",
+]
+
+SPEC_VERSION = 1
+#: versions per bin file
+BIN_SIZE = 32
+#: how a release's content identity is computed: ``btrdelta tree-sum`` (default options)
+IDENTITY_ALGORITHM = "tree-sum-1"
+#: namespace of the subvolume UUIDs a repository's streams carry (``stream_uuid``)
+_UUID_NAMESPACE = uuid.UUID("8f3c2a4e-6b1d-5e7f-9a0b-c1d2e3f40516")
+
+VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~-]{0,127}")
+_ARTIFACT = re.compile(r"(deltas|fulls|packs|bins)/([0-9a-f]{64})\.(delta|fidx|pack|json)")
+_KIND_EXT = {"deltas": "delta", "fulls": "fidx", "packs": "pack", "bins": "json"}
+_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+_KEY = re.compile(r"[A-Za-z0-9+/]{43}=")
+_MAX_LEN = (1 << 53) - 1
+
+
+def check_version_name(name: str) -> str:
+    """``name`` if it is a valid version name (one safe path component), else ValueError."""
+    if not VERSION_NAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError(
+            f"version name {name!r} must be 1-128 of A-Z a-z 0-9 . _ + ~ - "
+            "and start with a letter or digit"
+        )
+    return name
+
+
+def stream_uuid(identity: str) -> uuid.UUID:
+    """The subvolume UUID every stream of the release with ``identity`` carries."""
+    return uuid.uuid5(_UUID_NAMESPACE, identity)
+
+
+def format_time(seconds: float) -> str:
+    """UTC time as metadata writes it: ``2026-12-03T11:55:45Z``."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(seconds)))
+
+
+def parse_time(text: str) -> int:
+    """Seconds since the epoch of a metadata time (ValueError if malformed)."""
+    if not _TIME.fullmatch(text):
+        raise ValueError(f"time {text!r} is not YYYY-MM-DDTHH:MM:SSZ")
+    import calendar
+
+    return calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ"))
+
+
+def _time_field(f: Fields, key: str) -> int:
+    try:
+        return parse_time(f.text(key))
+    except ValueError as exc:
+        f.fail(str(exc), key)
+
+
+@dataclass(frozen=True, slots=True)
+class ArtifactRef:
+    """A content-addressed file of the repository: the hex in its name is the BLAKE3-256
+    of its bytes."""
+
+    path: str
+    length: int
+
+    @property
+    def blake3(self) -> str:
+        """The file's BLAKE3-256 (hex), from its name."""
+        return self.path.split("/", 1)[1].split(".", 1)[0]
+
+    @classmethod
+    def make(cls, kind: str, digest_hex: str, length: int) -> ArtifactRef:
+        """``kind`` is ``deltas``, ``fulls``, ``packs`` or ``bins``."""
+        return cls(f"{kind}/{digest_hex}.{_KIND_EXT[kind]}", length)
+
+    def encode(self) -> dict[str, Any]:
+        return {"path": self.path, "length": self.length}
+
+    @classmethod
+    def decode(cls, f: Fields, kind: str) -> ArtifactRef:
+        path = f.text("path")
+        m = _ARTIFACT.fullmatch(path)
+        if m is None or m.group(1) != kind or m.group(3) != _KIND_EXT[kind]:
+            f.fail(f"not a {kind}/<blake3>.{_KIND_EXT[kind]} name", "path")
+        return cls(path, f.integer("length", 0, _MAX_LEN))
+
+
+@dataclass(frozen=True, slots=True)
+class IndexVersion:
+    """One version as the index lists it (position = list index + 1)."""
+
+    name: str
+    full_bytes: int
+    #: (position of the older version, bytes of the delta from it)
+    deltas: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class BinRef:
+    """Where the records of versions ``first .. first + count - 1`` are."""
+
+    first: int
+    count: int
+    ref: ArtifactRef
+
+
+@dataclass(frozen=True, slots=True)
+class Index:
+    """The signed part of ``index/<N>.json``."""
+
+    version: int
+    expires: int
+    timestamp_keys: tuple[str, ...]
+    versions: tuple[IndexVersion, ...]
+    bins: tuple[BinRef, ...]
+
+    def positions(self) -> dict[str, int]:
+        """Version name -> 1-based position."""
+        return {v.name: i + 1 for i, v in enumerate(self.versions)}
+
+    def bin_of(self, position: int) -> BinRef:
+        """The bin holding version ``position``."""
+        for b in self.bins:
+            if b.first <= position < b.first + b.count:
+                return b
+        raise KeyError(position)
+
+    def encode(self) -> dict[str, Any]:
+        return {
+            "type": "btrdelta-index",
+            "spec": SPEC_VERSION,
+            "version": self.version,
+            "expires": format_time(self.expires),
+            "identity": IDENTITY_ALGORITHM,
+            "timestamp_keys": list(self.timestamp_keys),
+            "versions": [
+                [v.name, v.full_bytes, [[a, n] for a, n in v.deltas]] for v in self.versions
+            ],
+            "bins": [
+                {"first": b.first, "count": b.count, **b.ref.encode()} for b in self.bins
+            ],
+        }
+
+    @classmethod
+    def decode(cls, obj: Any, source: str) -> Index:
+        f = Fields(obj, source)
+        f.expect("type", "btrdelta-index")
+        f.expect("spec", SPEC_VERSION)
+        f.expect("identity", IDENTITY_ALGORITHM)
+        keys = f.array("timestamp_keys", 16)
+        if not keys or not all(isinstance(k, str) and _KEY.fullmatch(k) for k in keys):
+            f.fail("not a list of base64 Ed25519 public keys", "timestamp_keys")
+        versions = _decode_versions(f)
+        bins = []
+        expect_first = 1
+        for b in f.items("bins"):
+            first, count = b.integer("first", 1), b.integer("count", 1, BIN_SIZE)
+            if first != expect_first:
+                b.fail(f"starts at {first}, expected {expect_first}", "first")
+            bins.append(BinRef(first, count, ArtifactRef.decode(b, "bins")))
+            expect_first += count
+        if expect_first != len(versions) + 1:
+            f.fail(f"bins cover {expect_first - 1} versions, the index has {len(versions)}",
+                   "bins")
+        return cls(f.integer("version", 1), _time_field(f, "expires"), tuple(keys),
+                   tuple(versions), tuple(bins))
+
+
+def _decode_versions(f: Fields) -> list[IndexVersion]:
+    out: list[IndexVersion] = []
+    seen: set[str] = set()
+    for i, item in enumerate(f.array("versions")):
+        where = f"versions[{i}]"
+        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
+                and type(item[1]) is int and isinstance(item[2], list)):
+            f.fail("not [name, full bytes, [[from, bytes], ...]]", where)
+        name, full, deltas = item
+        try:
+            check_version_name(name)
+        except ValueError as exc:
+            f.fail(str(exc), where)
+        if name in seen:
+            f.fail(f"version {name!r} listed twice", where)
+        seen.add(name)
+        if not 0 <= full <= _MAX_LEN:
+            f.fail("full bytes out of range", where)
+        edges = []
+        for d in deltas:
+            if not (isinstance(d, list) and len(d) == 2 and all(type(x) is int for x in d)
+                    and 1 <= d[0] <= i and 0 <= d[1] <= _MAX_LEN):
+                f.fail("a delta is not [older position, bytes]", where)
+            edges.append((d[0], d[1]))
+        if len({a for a, _ in edges}) != len(edges):
+            f.fail("two deltas from the same version", where)
+        out.append(IndexVersion(name, full, tuple(edges)))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaRef:
+    """A delta into a version, from the version at ``source`` (position)."""
+
+    source: int
+    ref: ArtifactRef
+
+
+@dataclass(frozen=True, slots=True)
+class VersionRecord:
+    """What a bin says about one version."""
+
+    name: str
+    #: content identity (``tree-sum`` of the release tree, hex)
+    identity: str
+    #: bytes of the release's plain send stream
+    stream_size: int
+    #: the full index (chunk description + pack table)
+    full: ArtifactRef
+    #: chunk packs this release added (their bytes start at ``base`` in the pack space)
+    packs: tuple[tuple[ArtifactRef, int], ...]
+    deltas: tuple[DeltaRef, ...]
+
+    def encode(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "identity": self.identity,
+            "stream_size": self.stream_size,
+            "full": self.full.encode(),
+            "packs": [{**p.encode(), "base": base} for p, base in self.packs],
+            "deltas": [{"from": d.source, **d.ref.encode()} for d in self.deltas],
+        }
+
+    @classmethod
+    def decode(cls, f: Fields) -> VersionRecord:
+        packs = tuple((ArtifactRef.decode(p, "packs"), p.integer("base", 0, _MAX_LEN))
+                      for p in f.items("packs"))
+        deltas = tuple(DeltaRef(d.integer("from", 1), ArtifactRef.decode(d, "deltas"))
+                       for d in f.items("deltas"))
+        name = f.text("name")
+        try:
+            check_version_name(name)
+        except ValueError as exc:
+            f.fail(str(exc), "name")
+        return cls(name, f.hex64("identity"), f.integer("stream_size", 0, _MAX_LEN),
+                   ArtifactRef.decode(f.sub("full"), "fulls"), packs, deltas)
+
+
+@dataclass(frozen=True, slots=True)
+class Bin:
+    """A bin file: the records of consecutive versions from position ``first``."""
+
+    first: int
+    versions: tuple[VersionRecord, ...] = field(default=())
+
+    def encode(self) -> dict[str, Any]:
+        return {
+            "type": "btrdelta-bin",
+            "spec": SPEC_VERSION,
+            "first": self.first,
+            "versions": [v.encode() for v in self.versions],
+        }
+
+    @classmethod
+    def decode(cls, obj: Any, source: str) -> Bin:
+        f = Fields(obj, source)
+        f.expect("type", "btrdelta-bin")
+        f.expect("spec", SPEC_VERSION)
+        records = tuple(VersionRecord.decode(v) for v in f.items("versions"))
+        return cls(f.integer("first", 1), records)
+
+
+@dataclass(frozen=True, slots=True)
+class Timestamp:
+    """The signed part of ``timestamp.json``."""
+
+    version: int
+    expires: int
+    index_version: int
+    index_length: int
+    index_blake3: str
+
+    @property
+    def index_path(self) -> str:
+        return f"index/{self.index_version}.json"
+
+    def encode(self) -> dict[str, Any]:
+        return {
+            "type": "btrdelta-timestamp",
+            "spec": SPEC_VERSION,
+            "version": self.version,
+            "expires": format_time(self.expires),
+            "index": {"version": self.index_version, "path": self.index_path,
+                      "length": self.index_length, "blake3": self.index_blake3},
+        }
+
+    @classmethod
+    def decode(cls, obj: Any, source: str) -> Timestamp:
+        f = Fields(obj, source)
+        f.expect("type", "btrdelta-timestamp")
+        f.expect("spec", SPEC_VERSION)
+        ix = f.sub("index")
+        out = cls(f.integer("version", 1), _time_field(f, "expires"), ix.integer("version", 1),
+                  ix.integer("length", 1, 64 << 20), ix.hex64("blake3"))
+        ix.expect("path", out.index_path)
+        return out
