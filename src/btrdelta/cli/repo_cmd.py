@@ -1,0 +1,164 @@
+"""``btrdelta repo``: publish releases into a versions repository on dumb mirrors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from ._common import Progress, human_bytes, parse_size
+
+_EPILOG = """\
+examples:
+  btrdelta repo init www/app
+  btrdelta repo add www/app 1.0 /build/app-1.0          # a tree, a ro snapshot or a full stream
+  btrdelta repo add www/app 1.1 /build/app-1.1 --parallel 4
+  btrdelta repo sign www/app --key root.pem --timestamp-key ts.pem --expires 7d
+  btrdelta repo sign www/app --timestamp-key ts.pem --expires 7d   # cron: timestamp only
+  btrdelta repo ls www/app          (or: btrdelta repo ls https://mirror/app --key root.pub)
+  rsync -a --exclude=/.btrdelta www/app/ mirror:/srv/app/   # what mirrors carry
+
+batch systems: `repo add REPO V SOURCE --plan-only` prints the delta jobs (JSON); run each
+anywhere the repository directory is mounted with `btrdelta repo run-job JOB.json`, then
+`repo add REPO V` picks up their results. See docs/repository.md.
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``repo`` and its subcommands."""
+    p = sub.add_parser(
+        "repo", help="versions repository: publish releases, deltas and a signed index",
+        description="A versions repository is a plain directory any static server or mirror "
+        "can carry: each release's full (chunked, deduplicated across releases), deltas at "
+        "logarithmic distances, a signed index. Devices update with `btrdelta update`. "
+        "Format: docs/formats/repository.md; workflow: docs/repository.md.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rsub = p.add_subparsers(dest="repo_command", metavar="SUBCOMMAND")
+
+    def usage(_args: argparse.Namespace) -> int:
+        p.print_help(sys.stderr)
+        return 2
+
+    p.set_defaults(func=usage)
+    i = rsub.add_parser("init", help="create an empty repository")
+    i.add_argument("repo", metavar="REPO")
+    i.add_argument("--avg-chunk", type=parse_size, default=64 << 10, metavar="SIZE",
+                   help="average chunk size of fulls (default 64K)")
+    i.add_argument("--level", type=int, default=12, help="zstd level of chunks (default 12)")
+    i.set_defaults(func=run_init)
+
+    a = rsub.add_parser("add", help="add the next release (full + deltas)")
+    a.add_argument("repo", metavar="REPO")
+    a.add_argument("version", metavar="VERSION")
+    a.add_argument("source", metavar="SOURCE", nargs="?",
+                   help="directory tree, read-only btrfs snapshot, or full send stream "
+                   "(not needed to finish a version whose jobs are pending)")
+    a.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="make deltas in N processes")
+    a.add_argument("--plan-only", action="store_true",
+                   help="store the full, write the delta jobs and print them as JSON")
+    a.add_argument("--no-verify", action="store_true",
+                   help="do not check each delta by applying it")
+    a.add_argument("--json", action="store_true", help="print the report as JSON")
+    a.add_argument("--progress", action="store_true", help="show progress on stderr")
+    a.set_defaults(func=run_add)
+
+    j = rsub.add_parser("run-job", help="run one delta job written by `repo add --plan-only`")
+    j.add_argument("job", metavar="JOB.json")
+    j.add_argument("--work", metavar="DIR", help="scratch directory (default: $TMPDIR)")
+    j.add_argument("--jobs", type=int, default=None, help="diff threads (default: CPUs)")
+    j.set_defaults(func=run_job)
+
+    ls = rsub.add_parser("ls", help="versions, artifacts and sizes of a repository")
+    ls.add_argument("repo", metavar="REPO")
+    ls.add_argument("--json", action="store_true", help="print JSON")
+    ls.set_defaults(func=run_ls)
+
+
+def parse_age(text: str) -> int:
+    """'7d' -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+    t = text.strip().lower()
+    try:
+        return int(t[:-1]) * units[t[-1]] if t and t[-1] in units else int(t)
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"not an age: {text!r} (e.g. 7d, 12h)") from None
+
+
+def run_init(args: argparse.Namespace) -> int:
+    """``repo init``."""
+    from ..update.publish import init_repo
+
+    init_repo(args.repo, avg_chunk=args.avg_chunk, level=args.level)
+    print(f"initialized empty repository {args.repo}")
+    return 0
+
+
+def run_add(args: argparse.Namespace) -> int:
+    """``repo add``."""
+    from ..update.publish import add_release
+
+    progress = Progress(Progress.wanted(args), "repo add: ")
+    report = add_release(args.repo, args.version, args.source, parallel=max(1, args.parallel),
+                         plan_only=args.plan_only, verify=not args.no_verify,
+                         on_progress=progress.update)
+    progress.done()
+    if args.plan_only:
+        from ..update.publish import Repo
+
+        jobs = [json.loads(p.read_text()) for p in sorted((Repo(args.repo).jobs
+                                                           / args.version).glob("*.json"))]
+        print(json.dumps(jobs, indent=1))
+        return 0
+    if args.json:
+        print(json.dumps({
+            "version": report.version, "position": report.position,
+            "identity": report.identity, "stream_size": report.stream_size,
+            "chunks": report.chunks, "new_chunks": report.new_chunks,
+            "new_chunk_bytes": report.new_chunk_bytes, "full_bytes": report.full_bytes,
+            "deltas": [{"from": a, "bytes": n, "seconds": round(t, 3)}
+                       for a, n, t in report.deltas],
+            "seconds": round(report.seconds, 3)}, indent=1))
+        return 0
+    print(f"{report.version} (#{report.position}): stream {human_bytes(report.stream_size)}, "
+          f"{report.new_chunks} of {report.chunks} chunks new "
+          f"({human_bytes(report.new_chunk_bytes)}), full download "
+          f"{human_bytes(report.full_bytes)}")
+    for source, n, secs in report.deltas:
+        print(f"  delta from {source}: {human_bytes(n)} ({secs:.1f} s)")
+    print(f"  {report.seconds:.1f} s")
+    return 0
+
+
+def run_job(args: argparse.Namespace) -> int:
+    """``repo run-job``."""
+    from ..update.jobs import run_job_file
+
+    out = run_job_file(args.job, work=args.work, jobs=args.jobs)
+    print(f"wrote {out}")
+    return 0
+
+
+def _print_listing(doc: dict[str, Any]) -> None:
+    print(f"{doc['versions_count']} versions, {doc['deltas_count']} deltas; "
+          f"{doc['signed']}")
+    for v in doc["versions"]:
+        print(f"{v['position']:>5}  {v['name']:<24} full {human_bytes(v['full_bytes']):>10}  "
+              f"stream {human_bytes(v['stream_size']):>10}  {v['identity'][:16]}")
+        for d in v["deltas"]:
+            print(f"         delta from {d['from']:<20} {human_bytes(d['bytes']):>10}  "
+                  f"{d['path']}")
+
+
+def run_ls(args: argparse.Namespace) -> int:
+    """``repo ls``."""
+    from ..update.listing import list_repo
+
+    doc = list_repo(args.repo)
+    if args.json:
+        print(json.dumps(doc, indent=1))
+    else:
+        _print_listing(doc)
+    return 0

@@ -1,0 +1,237 @@
+"""Cutting a release stream into the repository's chunk packs, and reading it back.
+
+:func:`pack_stream` cuts a plain send stream with the repository's FastCDC parameters,
+looks every chunk up in the chunk map (chunks stored by earlier releases are not stored
+again), compresses the new ones with zstd on a thread pool, appends them to new pack files
+at the end of the pack space, and returns the full index (``repo/fullindex.py``) that
+rebuilds the stream. :func:`open_full` reads a full back from the local packs, each chunk
+checked against its id, the whole against the stream digest.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from array import array
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import blake3
+import zstandard
+
+from ..chunk.archive import ArchiveHeader, encode_header, encode_index, with_index_digest
+from ..chunk.chunker import ChunkerParams, chunk_digest, hash_chunks, map_file
+from ..errors import ChecksumError, StreamFormatError
+from ..repo.catalog import CHUNK_RECORD, PackEntry
+from ..repo.fullindex import FullIndex, PackSlot, encode_pack_table
+from .streams import ChunkConcat
+
+__all__ = ["PACK_LIMIT", "PackResult", "open_full", "pack_stream"]
+
+#: a pack file is closed when it reaches this size (mirrors and object stores prefer
+#: files of bounded size)
+PACK_LIMIT = 256 << 20
+
+
+@dataclass(slots=True)
+class PackResult:
+    """What :func:`pack_stream` made."""
+
+    full_index: bytes
+    new_packs: list[PackEntry] = field(default_factory=list)
+    #: chunk map records of the new chunks
+    new_records: bytes = b""
+    chunks: int = 0
+    new_chunks: int = 0
+    new_bytes: int = 0
+    stream_size: int = 0
+    chunk_bytes: int = 0
+
+
+class _PackWriter:
+    """Appends compressed chunks to pack files in ``packs_dir`` from pack-space ``base``."""
+
+    def __init__(self, packs_dir: Path, tmp_dir: Path, base: int, limit: int) -> None:
+        self.packs_dir, self.tmp_dir, self.limit = packs_dir, tmp_dir, limit
+        self.base = base
+        self.done: list[PackEntry] = []
+        self._fd = -1
+        self._tmp = ""
+        self._len = 0
+        self._hash = blake3.blake3()
+
+    def append(self, blob: bytes) -> int:
+        """Store one frame; returns its pack-space offset."""
+        if self._fd < 0:
+            self._fd, self._tmp = tempfile.mkstemp(prefix="pack-", dir=self.tmp_dir)
+        offset = self.base + self._len
+        view = memoryview(blob)
+        while view:
+            view = view[os.write(self._fd, view):]
+        self._hash.update(blob)
+        self._len += len(blob)
+        if self._len >= self.limit:
+            self.close()
+        return offset
+
+    def close(self) -> None:
+        """Finish the open pack: fsync, rename to ``<blake3>.pack``."""
+        if self._fd < 0:
+            return
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+        pid = self._hash.hexdigest()
+        self.packs_dir.mkdir(exist_ok=True)
+        os.replace(self._tmp, self.packs_dir / f"{pid}.pack")
+        self.done.append(PackEntry(pid, self.base, self._len))
+        self.base += self._len
+        self._len = 0
+        self._hash = blake3.blake3()
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            os.unlink(self._tmp)
+            self._fd = -1
+
+
+def pack_stream(
+    stream: Path, repo: Path, tmp_dir: Path, *, params: ChunkerParams, level: int,
+    chunk_map: dict[bytes, tuple[int, int, int]], packs: list[PackEntry],
+    threads: int | None = None, limit: int = PACK_LIMIT,
+) -> PackResult:
+    """Store the chunks of ``stream`` that ``chunk_map`` lacks; returns the full index.
+
+    ``chunk_map`` is updated with the new chunks; ``packs`` is the catalog's pack space
+    (the new packs start at its end).
+    """
+    workers = threads or os.cpu_count() or 1
+    local = threading.local()
+
+    def compress(data: memoryview) -> bytes:
+        cctx = getattr(local, "cctx", None)
+        if cctx is None:
+            cctx = local.cctx = zstandard.ZstdCompressor(level=level, write_content_size=True)
+        return bytes(cctx.compress(data))
+
+    end = packs[-1].base + packs[-1].length if packs else 160
+    writer = _PackWriter(repo / "packs", tmp_dir, end, limit)
+    res = PackResult(b"")
+    entries: dict[bytes, int] = {}
+    digests: list[bytes] = []
+    offsets, comp, raw, order = array("Q"), array("I"), array("I"), array("I")
+    pending: deque[tuple[int, bytes, int, Future[bytes]]] = deque()
+    records: list[bytes] = []
+
+    def drain(keep: int) -> None:
+        while len(pending) > keep:
+            entry, digest, size, fut = pending.popleft()
+            blob = fut.result()
+            offset = writer.append(blob)
+            offsets[entry], comp[entry] = offset, len(blob)
+            chunk_map[digest] = (offset, len(blob), size)
+            records.append(CHUNK_RECORD.pack(digest, offset, len(blob), size))
+            res.new_chunks += 1
+            res.new_bytes += len(blob)
+
+    try:
+        with map_file(stream) as view, \
+                ThreadPoolExecutor(workers, thread_name_prefix="zstd") as pool, \
+                ThreadPoolExecutor(2, thread_name_prefix="blake3") as hashers:
+            whole = hashers.submit(lambda: blake3.blake3(view).digest())
+            for batch in hash_chunks(view, params, pool=hashers):
+                for data, digest in zip(batch.views, batch.digests, strict=True):
+                    entry = entries.get(digest)
+                    if entry is None:
+                        entry = entries[digest] = len(digests)
+                        digests.append(digest)
+                        raw.append(len(data))
+                        known = chunk_map.get(digest)
+                        if known is not None:
+                            offsets.append(known[0])
+                            comp.append(known[1])
+                        else:
+                            offsets.append(0)
+                            comp.append(0)
+                            pending.append((entry, digest, len(data),
+                                            pool.submit(compress, data)))
+                            drain(4 * workers)
+                    order.append(entry)
+                    res.chunks += 1
+                del batch
+            drain(0)
+            writer.close()
+            res.stream_size = len(view)
+            stream_digest = whole.result()
+    except BaseException:
+        writer.abort()
+        raise
+    res.new_packs = writer.done
+    res.new_records = b"".join(records)
+    res.chunk_bytes = sum(comp)
+    index = encode_index(digests, offsets, comp, raw, order)
+    header = with_index_digest(ArchiveHeader(
+        params=params, image_size=res.stream_size, chunk_count=len(digests),
+        order_count=len(order), index_offset=max(writer.base, end),
+        image_digest=stream_digest), index)
+    space = packs + writer.done
+    used = _used_packs(space, offsets)
+    res.full_index = encode_header(header) + index + encode_pack_table(used)
+    return res
+
+
+def _used_packs(space: list[PackEntry], offsets: array[int]) -> list[PackSlot]:
+    import bisect
+
+    bases = [p.base for p in space]
+    used: set[int] = set()
+    for off in offsets:
+        used.add(bisect.bisect_right(bases, off) - 1)
+    return [PackSlot(bytes.fromhex(space[i].id), space[i].base, space[i].length)
+            for i in sorted(used)]
+
+
+def open_full(full: FullIndex, read_pack: Callable[[PackSlot, int, int], bytes],
+              *, source: str) -> ChunkConcat:
+    """The stream of ``full``, each chunk read with ``read_pack(slot, start, end)`` (offsets
+    inside the pack), decompressed with a size bound and checked against its id."""
+    index = full.index
+    dctx = zstandard.ZstdDecompressor()
+
+    def get(pos: int) -> bytes:
+        entry = index.order[pos]
+        off, size, rawsize = index.offsets[entry], index.comp_sizes[entry], index.raw_sizes[entry]
+        slot = full.pack_at(off)
+        blob = read_pack(slot, off - slot.base, off - slot.base + size)
+        try:
+            data = dctx.decompress(blob, max_output_size=rawsize)
+        except zstandard.ZstdError as exc:
+            raise StreamFormatError(f"chunk {entry}: bad zstd frame ({exc})", source=slot.path,
+                                    offset=off - slot.base) from exc
+        if len(data) != rawsize or chunk_digest(data) != index.digests[entry]:
+            raise ChecksumError(f"chunk {entry} does not match its id", source=slot.path,
+                                offset=off - slot.base)
+        return data
+
+    return ChunkConcat(len(index.order), get, full.header.image_digest, source=source)
+
+
+def local_pack_reader(repo: Path) -> Callable[[PackSlot, int, int], bytes]:
+    """``read_pack`` for packs in a local repository directory."""
+    fds: dict[bytes, int] = {}
+
+    def read(slot: PackSlot, start: int, end: int) -> bytes:
+        fd = fds.get(slot.pack_id)
+        if fd is None:
+            fd = fds[slot.pack_id] = os.open(repo / slot.path, os.O_RDONLY | os.O_CLOEXEC)
+        data = os.pread(fd, end - start, start)
+        if len(data) != end - start:
+            raise StreamFormatError("pack truncated", source=slot.path, offset=start + len(data))
+        return data
+
+    return read

@@ -1,0 +1,289 @@
+"""Publishing releases into a versions repository: ``repo init`` and ``repo add``.
+
+A repository is a plain directory (``docs/formats/repository.md``); the publisher's own
+state lives in ``REPO/.btrdelta/`` (the catalog, the chunk map, trees kept for future
+deltas, delta jobs, temporary files; mirrors need none of it). ``repo add`` of release
+``p``:
+
+1. materializes SOURCE (a directory, a read-only snapshot, or a full send stream) as a
+   tree, takes its content identity (``tree-sum``), writes its normalized plain stream
+   (:mod:`.streams`) and stores the stream's new chunks in packs (:mod:`.packs`);
+2. receives that stream into ``.btrdelta/trees/<version>`` and checks the received tree
+   has the same identity (the full is what clients get, proven on the spot);
+3. records the version with its delta jobs pending (catalog written atomically), then makes
+   one delta from each release of :func:`btrdelta.repo.layout.delta_sources` (in
+   ``--parallel`` processes, or on other machines: :mod:`.jobs`), each checked by applying
+   it, and records them;
+4. drops the trees no future delta needs.
+
+Every artifact is written under a temporary name and renamed to its content-addressed
+name; the catalog names an artifact only after it is in place. Signing is :mod:`.sign`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..chunk.chunker import ChunkerParams
+from ..errors import BtrdeltaError, ChecksumError
+from ..repo.canonical import parse_json
+from ..repo.catalog import Catalog, CatalogVersion, decode_chunk_map
+from ..repo.layout import delta_sources, future_sources
+from ..repo.model import check_version_name
+from ..tree import diff_manifests, tree_manifest, tree_sum
+from .packs import pack_stream
+from .streams import receive_release, write_release_stream
+
+__all__ = ["AddReport", "Repo", "add_release", "init_repo"]
+
+META = ".btrdelta"
+DEFAULT_LEVEL = 12
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Repo:
+    """A repository directory on the publisher's side."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.meta = self.root / META
+        self.trees = self.meta / "trees"
+        self.tmp = self.meta / "tmp"
+        self.jobs = self.meta / "jobs"
+        self.catalog_path = self.meta / "catalog.json"
+        self.chunks_path = self.meta / "chunks.bin"
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the repository's lock (one writer at a time)."""
+        if not self.catalog_path.exists():
+            raise BtrdeltaError("not a repository (run `btrdelta repo init` first)",
+                                path=str(self.root))
+        fd = os.open(self.meta / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise BtrdeltaError("repository is busy (another repo add/sign runs)",
+                                    path=str(self.root)) from None
+            yield
+        finally:
+            os.close(fd)
+
+    def load(self) -> Catalog:
+        """The catalog."""
+        with open(self.catalog_path, "rb") as f:
+            data = f.read()
+        return Catalog.decode(parse_json(data, str(self.catalog_path)), str(self.catalog_path))
+
+    def save(self, catalog: Catalog) -> None:
+        """Write the catalog atomically."""
+        _write_atomic(self.catalog_path, catalog.encode())
+
+    def chunk_map(self, catalog: Catalog) -> dict[bytes, tuple[int, int, int]]:
+        """The chunk map, cut back to the catalog's pack space."""
+        try:
+            data = self.chunks_path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        out, valid = decode_chunk_map(data, catalog.pack_end)
+        if valid != len(data):
+            os.truncate(self.chunks_path, valid)
+        return out
+
+    def write_html(self, catalog: Catalog) -> None:
+        """Write ``index.html`` for the catalog."""
+        from ..repo.html import render_html
+
+        _write_atomic(self.root / "index.html", render_html(catalog).encode())
+
+    def write_artifact(self, kind: str, digest_hex: str, ext: str, data: bytes) -> None:
+        """Put a content-addressed file in place (tmp + rename)."""
+        d = self.root / kind
+        d.mkdir(exist_ok=True)
+        _write_atomic(d / f"{digest_hex}.{ext}", data)
+
+
+def init_repo(root: str | os.PathLike[str], *, avg_chunk: int = 64 << 10,
+              level: int = DEFAULT_LEVEL) -> Repo:
+    """Create an empty repository (the directory may exist, empty)."""
+    repo = Repo(root)
+    if repo.root.exists() and any(repo.root.iterdir()):
+        raise BtrdeltaError("directory is not empty", path=str(repo.root))
+    params = ChunkerParams.from_avg(avg_chunk)
+    repo.meta.mkdir(parents=True)
+    cat = Catalog(params, level)
+    repo.save(cat)
+    repo.write_html(cat)
+    return repo
+
+
+@dataclass(slots=True)
+class AddReport:
+    """What ``repo add`` did."""
+
+    version: str
+    position: int
+    identity: str = ""
+    stream_size: int = 0
+    chunks: int = 0
+    new_chunks: int = 0
+    new_chunk_bytes: int = 0
+    full_bytes: int = 0
+    #: (source version, delta bytes, seconds)
+    deltas: list[tuple[str, int, float]] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+Progress = Callable[[str], None]
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a tree of the publisher's cache (a btrfs subvolume or a directory)."""
+    if not os.path.lexists(path):
+        return
+    from ..receive import subvol as sv
+
+    parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if sv.is_btrfs(parent):
+            with contextlib.suppress(OSError):
+                sv.delete_subvolume(parent, os.fsencode(path.name))
+                return
+    finally:
+        os.close(parent)
+    shutil.rmtree(path)
+
+
+def _check_same(received: Path, source: Path, identity: str) -> None:
+    if tree_sum(received) != identity:
+        diffs = diff_manifests(tree_manifest(source), tree_manifest(received), limit=3)
+        raise ChecksumError(
+            "the release tree does not survive a send stream round trip: "
+            + "; ".join(diffs), path=str(source))
+
+
+def _source_tree(repo: Repo, name: str, source: Path) -> tuple[Path, bool]:
+    """A directory with the release: SOURCE itself, or a full stream received (True)."""
+    if source.is_dir():
+        return source, False
+    stage = f".incoming-{name}"
+    _remove_tree(repo.trees / stage)
+    with open(source, "rb") as f:
+        receive_release(f, repo.trees, stage, source=str(source), delta=False)
+    return repo.trees / stage, True
+
+
+def _ingest(repo: Repo, cat: Catalog, name: str, source: Path, report: AddReport,
+            say: Progress) -> CatalogVersion:
+    """Steps 1-2 of the module docstring; returns the new catalog entry."""
+    repo.trees.mkdir(exist_ok=True)
+    repo.tmp.mkdir(exist_ok=True)
+    tree, temporary = _source_tree(repo, name, source)
+    stream = repo.tmp / f"full-{os.getpid()}.stream"
+    try:
+        say(f"{name}: content identity")
+        identity = tree_sum(tree)
+        say(f"{name}: full stream")
+        with open(stream, "wb") as f:
+            write_release_stream(f.write, tree, name, identity)
+        say(f"{name}: chunks")
+        chunk_map = repo.chunk_map(cat)
+        packed = pack_stream(stream, repo.root, repo.tmp, params=cat.params, level=cat.level,
+                             chunk_map=chunk_map, packs=cat.packs)
+        say(f"{name}: receiving the full")
+        _remove_tree(repo.trees / name)
+        with open(stream, "rb") as f:
+            receive_release(f, repo.trees, name, source=str(stream), delta=False)
+        _check_same(repo.trees / name, tree, identity)
+    finally:
+        stream.unlink(missing_ok=True)
+        if temporary:
+            _remove_tree(tree)
+    import blake3
+
+    full_hex = blake3.blake3(packed.full_index).hexdigest()
+    repo.write_artifact("fulls", full_hex, "fidx", packed.full_index)
+    with open(repo.chunks_path, "ab") as f:
+        f.write(packed.new_records)
+        f.flush()
+        os.fsync(f.fileno())
+    report.identity, report.stream_size = identity, packed.stream_size
+    report.chunks, report.new_chunks = packed.chunks, packed.new_chunks
+    report.new_chunk_bytes = packed.new_bytes
+    cat.packs.extend(packed.new_packs)
+    entry = CatalogVersion(
+        name, identity, packed.stream_size, full_hex, len(packed.full_index),
+        len(packed.full_index) + packed.chunk_bytes, [p.id for p in packed.new_packs],
+        pending=delta_sources(len(cat.versions) + 1))
+    report.full_bytes = entry.full_bytes
+    return entry
+
+
+def add_release(
+    root: str | os.PathLike[str], name: str, source: str | os.PathLike[str] | None, *,
+    parallel: int = 1, plan_only: bool = False, verify: bool = True,
+    on_progress: Progress | None = None,
+) -> AddReport:
+    """Add release ``name`` from ``source`` (see the module docstring).
+
+    Re-running it for a version whose delta jobs are pending (``plan_only``, or an
+    interrupted run) picks up the job results that exist and runs the rest; ``source`` is
+    then not needed.
+    """
+    from .jobs import plan_jobs, run_pending
+
+    try:
+        check_version_name(name)
+    except ValueError as exc:
+        raise BtrdeltaError(str(exc)) from None
+    repo = Repo(root)
+    say = on_progress or (lambda _msg: None)
+    t0 = time.monotonic()
+    with repo.locked():
+        cat = repo.load()
+        pos = cat.position(name)
+        if pos is None:
+            if source is None:
+                raise BtrdeltaError(f"version {name!r} is new: give its SOURCE")
+            report = AddReport(name, len(cat.versions) + 1)
+            entry = _ingest(repo, cat, name, Path(source), report, say)
+            cat.versions.append(entry)
+            repo.save(cat)
+            pos = len(cat.versions)
+        else:
+            entry = cat.versions[pos - 1]
+            if not entry.pending:
+                raise BtrdeltaError(f"version {name!r} is already in the repository "
+                                    "(published artifacts never change)")
+            report = AddReport(name, pos, entry.identity, entry.stream_size,
+                               full_bytes=entry.full_bytes)
+        if plan_only:
+            report.pending = [cat.versions[a - 1].name for a in entry.pending]
+            plan_jobs(repo, cat, pos)
+        else:
+            run_pending(repo, cat, pos, report, parallel=parallel, verify=verify, say=say)
+            keep = {cat.versions[a - 1].name for a in future_sources(
+                len(cat.versions), range(1, len(cat.versions) + 1))}
+            for child in repo.trees.iterdir() if repo.trees.exists() else ():
+                if not child.name.startswith(".") and child.name not in keep:
+                    _remove_tree(child)
+        repo.write_html(cat)
+    report.seconds = time.monotonic() - t0
+    return report

@@ -1,0 +1,164 @@
+"""Release streams of a versions repository, made and received the same way everywhere.
+
+* :func:`write_release_stream`: the plain send stream of a release tree (full, or
+  incremental from an older release), *normalized* so that it depends only on the tree's
+  content: every subvolume UUID is the repository's UUID of the release
+  (:func:`btrdelta.repo.model.stream_uuid` of its identity) and UTIMES carry the mtime as
+  atime, ctime and otime (receivers cannot set ctime; atime changes by reading). A device
+  that holds a release regenerates the publisher's full stream of it byte for byte: its
+  chunks are seeds for a full download.
+* :class:`ChunkConcat`: a readable file over chunks in order (a full rebuilt from a chunk
+  store or from packs), checking the whole stream's BLAKE3 before its last byte is handed
+  out, so a receive never finishes on bytes that do not check.
+* :func:`receive_release`: receive a plain or delta stream into ``dest`` under a staging
+  name, the parent of a delta being found by its UUID below ``dest``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable, Generator, Iterable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import blake3
+
+from ..errors import ChecksumError
+from ..receive import ReceivedSubvol, receive
+from ..repo.model import stream_uuid
+from ..stream.reader import Event, StreamReader
+from ..stream.records import Clone, Record, Snapshot, Subvol, Utimes
+from ..stream.writer import StreamWriter
+
+__all__ = ["STREAM_VERSION", "ChunkConcat", "receive_release", "write_release_stream"]
+
+#: send-stream version of repository streams (128 KiB writes, what the kernel sends with
+#: ``--proto 2``; btrfs-progs 6.0+ receives it)
+STREAM_VERSION = 2
+
+
+def normalize(records: Iterable[Record], identity: str,
+              parent_identity: str | None = None) -> Iterator[Record]:
+    """Rewrite UUIDs and times of a send stream's records (see the module docstring)."""
+    new_uuid = stream_uuid(identity)
+    old_uuid = stream_uuid(parent_identity) if parent_identity else None
+    mapping: dict[Any, Any] = {}
+    for rec in records:
+        if isinstance(rec, Utimes):
+            rec.atime = rec.ctime = rec.mtime
+            if rec.otime is not None:
+                rec.otime = rec.mtime
+        elif isinstance(rec, Clone):
+            rec.clone_uuid = mapping.get(rec.clone_uuid, rec.clone_uuid)
+        elif isinstance(rec, Subvol):
+            mapping[rec.uuid] = new_uuid
+            rec.uuid = new_uuid
+        elif isinstance(rec, Snapshot):
+            if old_uuid is None:
+                raise ValueError("an incremental stream needs the parent's identity")
+            mapping[rec.uuid] = new_uuid
+            mapping[rec.clone_uuid] = old_uuid
+            rec.uuid = new_uuid
+            rec.clone_uuid = old_uuid
+        yield rec
+
+
+def write_release_stream(
+    write: Callable[[Any], object], tree: str | os.PathLike[str], name: str, identity: str,
+    *, parent: str | os.PathLike[str] | None = None, parent_identity: str | None = None,
+    workers: int | None = None,
+) -> int:
+    """Write the normalized stream of ``tree`` (incremental from ``parent``); returns its
+    size in bytes."""
+    from ..send import send_records
+
+    size = 0
+
+    def counted(data: Any) -> object:
+        nonlocal size
+        size += memoryview(data).nbytes
+        return write(data)
+
+    writer = StreamWriter(counted, STREAM_VERSION)
+    records = send_records(tree, parent, version=STREAM_VERSION, name=name.encode(),
+                           workers=workers)
+    for rec in normalize(records, identity, parent_identity):
+        writer.write(rec)
+    return size
+
+
+class ChunkConcat(io.RawIOBase):
+    """The bytes of chunks ``get(0)``, ``get(1)``, … (``count`` of them), checked against
+    ``digest`` (BLAKE3-256 of all of them) before the last byte is returned."""
+
+    def __init__(self, count: int, get: Callable[[int], bytes], digest: bytes,
+                 *, source: str) -> None:
+        super().__init__()
+        self._count = count
+        self._get = get
+        self._digest = digest
+        self._source = source
+        self._pos = 0
+        self._buf = memoryview(b"")
+        self._hasher = blake3.blake3()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self._buf:
+            if self._pos >= self._count:
+                return 0
+            data = self._get(self._pos)
+            self._pos += 1
+            self._hasher.update(data)
+            self.size += len(data)
+            if self._pos == self._count and self._hasher.digest() != self._digest:
+                raise ChecksumError("rebuilt stream does not match its BLAKE3 digest",
+                                    source=self._source, offset=self.size)
+            self._buf = memoryview(data)
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+
+class _Renamed:
+    """Events of a stream whose subvolume gets a local staging name."""
+
+    def __init__(self, events: Any, name: bytes) -> None:
+        self._events = events
+        self._name = name
+
+    def __iter__(self) -> Iterator[Event]:
+        for batch in self.batches():
+            yield from batch
+
+    def batches(self) -> Generator[list[Event], None, None]:
+        for batch in self._events.batches():
+            for ev in batch:
+                if isinstance(ev, (Subvol, Snapshot)):
+                    ev.path = self._name
+            yield batch
+
+
+def receive_release(
+    stream: BinaryIO, dest: Path, stage: str, *, source: str, delta: bool,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> ReceivedSubvol:
+    """Receive one release stream (plain, or a delta against its parent below ``dest``)
+    into ``dest/stage``; returns it. A failure leaves nothing under ``stage``."""
+    from ..update.receive import open_events
+
+    events: Any = open_events(stream, dest, source=source)
+    is_delta = not isinstance(events, StreamReader)
+    if is_delta != delta:
+        raise ChecksumError(f"expected a {'delta' if delta else 'plain'} stream",
+                            source=source, offset=0)
+    done = receive(_Renamed(events, stage.encode()), dest, stop_at_end=True,
+                   read_ahead=is_delta, on_progress=on_progress)
+    if len(done) != 1:
+        raise ChecksumError(f"{len(done)} subvolumes in one release stream", source=source)
+    return done[0]

@@ -1,0 +1,99 @@
+"""``repo init/add``: fulls deduplicated in packs, deltas at the layout's distances, each
+artifact content-addressed; checked by receiving them with the public CLI (tree-sum oracle)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import blake3
+import pytest
+
+from btrdelta.cli import main
+from btrdelta.repo.fullindex import decode_full_index
+from btrdelta.repo.layout import delta_sources
+from btrdelta.tree import tree_sum
+from btrdelta.update.packs import local_pack_reader, open_full
+from btrdelta.update.publish import Repo
+
+N = 5
+
+
+@pytest.fixture(scope="module")
+def repo(releases: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("publish") / "repo"
+    assert main(["repo", "init", str(root), "--avg-chunk", "4K"]) == 0
+    for i in range(N - 1):
+        extra = ["--parallel", "2"] if i == 3 else []  # v4 has two deltas: two processes
+        assert main(["repo", "add", str(root), f"v{i + 1}", str(releases[i]), *extra]) == 0
+    # the last one as a batch system would: plan, run each job, pick the results up
+    assert main(["repo", "add", str(root), f"v{N}", str(releases[N - 1]), "--plan-only"]) == 0
+    return root
+
+
+def test_catalog_follows_the_layout_and_names_are_content_hashes(repo: Path) -> None:
+    cat = Repo(repo).load()
+    assert [v.name for v in cat.versions] == [f"v{i}" for i in range(1, N + 1)]
+    for pos, v in enumerate(cat.versions[: N - 1], 1):
+        assert sorted(v.deltas) == sorted(delta_sources(pos))
+        for digest, length in v.deltas.values():
+            data = (repo / "deltas" / f"{digest}.delta").read_bytes()
+            assert (len(data), blake3.blake3(data).hexdigest()) == (length, digest)
+    assert cat.versions[-1].pending == delta_sources(N)
+    # packs hold each chunk once: less than every full on its own
+    packs = sum(p.stat().st_size for p in (repo / "packs").iterdir())
+    assert packs == sum(p.length for p in cat.packs)
+    assert packs < sum(v.full_bytes for v in cat.versions) * 0.8
+
+
+def test_fulls_rebuild_the_release_trees(repo: Path, releases: list[Path],
+                                         tmp_path: Path) -> None:
+    cat = Repo(repo).load()
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    for pos in (1, 3):
+        v = cat.versions[pos - 1]
+        data = (repo / "fulls" / f"{v.full_id}.fidx").read_bytes()
+        full = decode_full_index(data, source="fidx")
+        stream = tmp_path / f"{v.name}.stream"
+        stream.write_bytes(open_full(full, local_pack_reader(repo), source="x").read())
+        assert main(["receive", "-f", str(stream), str(dest)]) == 0
+        assert tree_sum(dest / v.name) == tree_sum(releases[pos - 1]) == v.identity
+    # a delta applies on the received full with the public CLI
+    digest, _ = cat.versions[3].deltas[3]
+    assert main(["receive", "-f", str(repo / "deltas" / f"{digest}.delta"), str(dest)]) == 0
+    assert tree_sum(dest / "v4") == tree_sum(releases[3])
+
+
+def test_jobs_run_elsewhere_are_adopted(repo: Path, releases: list[Path], tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    jobs = sorted((repo / ".btrdelta" / "jobs" / f"v{N}").glob("*.json"))
+    assert len(jobs) == len(delta_sources(N))
+    for job in jobs:
+        spec = json.loads(job.read_text())
+        assert spec["command"][:3] == ["btrdelta", "repo", "run-job"]
+        assert main(["repo", "run-job", str(job), "--work", str(tmp_path)]) == 0
+        assert Path(spec["output"]).exists()
+    capsys.readouterr()
+    assert main(["repo", "add", str(repo), f"v{N}", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {d["from"] for d in report["deltas"]} == {f"v{a}" for a in delta_sources(N)}
+    cat = Repo(repo).load()
+    assert cat.versions[-1].pending == []
+    assert not (repo / ".btrdelta" / "jobs" / f"v{N}").exists()
+
+
+def test_refusals(repo: Path, releases: list[Path], tmp_path: Path,
+                  capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    assert main(["repo", "add", str(repo), "v1", str(releases[0])]) == 1
+    assert "already in the repository" in capsys.readouterr().err
+    assert main(["repo", "add", str(repo), "../x", str(releases[0])]) != 0
+    assert "version name" in capsys.readouterr().err
+    assert main(["repo", "add", str(tmp_path), "v1", str(releases[0])]) == 1
+    assert "not a repository" in capsys.readouterr().err
+    assert main(["repo", "init", str(repo)]) == 1
+    assert "not empty" in capsys.readouterr().err
+    assert main(["repo", "ls", str(repo), "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert [v["name"] for v in listing["versions"]] == [f"v{i}" for i in range(1, N + 1)]
