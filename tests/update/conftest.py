@@ -20,3 +20,68 @@ def releases() -> list[Path]:
             pytest.fail("pip download of the MarkupSafe wheels failed under CI")
         pytest.skip("pip download of the MarkupSafe wheels failed (no network?)")
     return trees
+
+
+class Nginx:
+    """nginx serving one directory on a loopback port; counts body bytes per request."""
+
+    def __init__(self, root: Path, work: Path, *, limit_rate: str = "0") -> None:
+        import shutil
+        import socket
+        import subprocess
+
+        binary = shutil.which("nginx") or "/usr/sbin/nginx"
+        if not os.path.exists(binary):
+            if os.environ.get("CI") == "true":
+                pytest.fail("nginx is required under CI")
+            pytest.skip("nginx not installed")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        work.mkdir(parents=True, exist_ok=True)
+        self.log = work / "bytes.log"
+        conf = work / "nginx.conf"
+        conf.write_text(f"""
+daemon off; master_process off; worker_processes 1; pid {work}/nginx.pid;
+error_log {work}/error.log;
+events {{ worker_connections 64; }}
+http {{
+  log_format bytes '$status $body_bytes_sent $request_uri';
+  client_body_temp_path {work}/body; proxy_temp_path {work}/proxy;
+  fastcgi_temp_path {work}/fcgi; uwsgi_temp_path {work}/uwsgi; scgi_temp_path {work}/scgi;
+  server {{ listen 127.0.0.1:{self.port}; root {root}; access_log {self.log} bytes;
+             limit_rate {limit_rate}; }}
+}}
+""")
+        self.proc = subprocess.Popen([binary, "-c", str(conf), "-e", str(work / "error.log")],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{self.port}"
+        import time
+
+        deadline = time.monotonic() + 20
+        while True:
+            assert self.proc.poll() is None, "nginx exited early"
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def served(self) -> int:
+        """Body bytes served so far (from nginx's access log)."""
+        import time
+
+        time.sleep(0.1)  # nginx writes its log line after the response
+        if not self.log.exists():
+            return 0
+        return sum(int(line.split()[1]) for line in self.log.read_text().splitlines())
+
+    def requests(self) -> list[tuple[int, int, str]]:
+        return [(int(a), int(b), c) for a, b, c in
+                (line.split(" ", 2) for line in self.log.read_text().splitlines())]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=20)

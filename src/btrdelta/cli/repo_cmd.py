@@ -71,8 +71,20 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     j.add_argument("--jobs", type=int, default=None, help="diff threads (default: CPUs)")
     j.set_defaults(func=run_job)
 
+    s = rsub.add_parser("sign", help="sign the index (root key) and the timestamp")
+    s.add_argument("repo", metavar="REPO")
+    s.add_argument("--key", metavar="ROOT_KEY", help="root private key: sign a new index")
+    s.add_argument("--timestamp-key", metavar="KEY",
+                   help="timestamp private key (default: the root key)")
+    s.add_argument("--expires", default="7d", metavar="AGE",
+                   help="timestamp lifetime (default 7d; s m h d suffixes)")
+    s.add_argument("--index-expires", default="365d", metavar="AGE",
+                   help="index lifetime (default 365d)")
+    s.set_defaults(func=run_sign)
+
     ls = rsub.add_parser("ls", help="versions, artifacts and sizes of a repository")
-    ls.add_argument("repo", metavar="REPO")
+    ls.add_argument("repo", metavar="REPO|URL")
+    ls.add_argument("--key", metavar="ROOT_PUB", help="verify the index (URLs)")
     ls.add_argument("--json", action="store_true", help="print JSON")
     ls.set_defaults(func=run_ls)
 
@@ -141,6 +153,18 @@ def run_job(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_sign(args: argparse.Namespace) -> int:
+    """``repo sign``."""
+    from ..update.sign import sign_repo
+
+    if not args.key and not args.timestamp_key:
+        raise SystemExit("btrdelta repo sign: give --key (new index) or --timestamp-key")
+    res = sign_repo(args.repo, root_key=args.key, timestamp_key=args.timestamp_key,
+                    expires=parse_age(args.expires), index_expires=parse_age(args.index_expires))
+    print(res)
+    return 0
+
+
 def _print_listing(doc: dict[str, Any]) -> None:
     print(f"{doc['versions_count']} versions, {doc['deltas_count']} deltas; "
           f"{doc['signed']}")
@@ -156,7 +180,7 @@ def run_ls(args: argparse.Namespace) -> int:
     """``repo ls``."""
     from ..update.listing import list_repo
 
-    doc = list_repo(args.repo)
+    doc = list_repo(args.repo, key=args.key)
     if args.json:
         print(json.dumps(doc, indent=1))
     else:

@@ -39,8 +39,60 @@ def _catalog_listing(cat: Catalog, where: str) -> dict[str, Any]:
     }
 
 
-def list_repo(location: str) -> dict[str, Any]:
-    """A JSON-able listing of the repository at ``location``."""
+def _remote_listing(url: str, *, key: str | None) -> dict[str, Any]:
+    from .. import trust
+    from ..repo.canonical import Fields, parse_json
+    from ..repo.freshness import TrustedState
+    from ..repo.metadata import MetaCache, load_index, version_records
+    from ..repo.mirror import Mirrors
+    from ..repo.model import Index, Timestamp
+
+    mirrors = Mirrors([url])
+    cache = MetaCache(None)
+    try:
+        if key is not None:
+            v = load_index(mirrors, [trust.load_public_key(key)], TrustedState(), cache)
+            index, ts, note = v.index, v.timestamp, "signatures verified"
+        else:
+            raw = mirrors.get(mirrors.urls[0], "timestamp.json", 1 << 16)
+            ts = Timestamp.decode(Fields(parse_json(raw, "timestamp.json"),
+                                         "timestamp.json").get("signed"), "timestamp.json")
+            data = mirrors.fetch(ts.index_path, length=ts.index_length,
+                                 digest=ts.index_blake3)
+            index = Index.decode(Fields(parse_json(data, ts.index_path),
+                                        ts.index_path).get("signed"), ts.index_path)
+            note = "signatures NOT verified (give --key)"
+        records = version_records(mirrors, index, cache, range(1, len(index.versions) + 1))
+    finally:
+        mirrors.close()
+    names = [v.name for v in index.versions]
+    versions: list[dict[str, Any]] = []
+    for pos, rec in sorted(records.items()):
+        versions.append({
+            "position": pos, "name": rec.name, "identity": rec.identity,
+            "stream_size": rec.stream_size, "full_bytes": index.versions[pos - 1].full_bytes,
+            "full": rec.full.path, "packs": [p.path for p, _base in rec.packs],
+            "deltas": [{"from": names[d.source - 1], "bytes": d.ref.length,
+                        "path": d.ref.path} for d in rec.deltas],
+            "pending": [],
+        })
+    return {
+        "repository": url,
+        "signed": f"index version {index.version}, timestamp version {ts.version}; {note}",
+        "versions_count": len(versions), "deltas_count": sum(len(v["deltas"]) for v in versions),
+        "storage": {
+            "packs": sum(p.length for r in records.values() for p, _b in r.packs),
+            "full_indexes": sum(r.full.length for r in records.values()),
+            "deltas": sum(d.ref.length for r in records.values() for d in r.deltas),
+        },
+        "versions": versions,
+    }
+
+
+def list_repo(location: str, *, key: str | None = None) -> dict[str, Any]:
+    """A JSON-able listing of the repository at ``location`` (directory or URL)."""
+    if location.startswith(("http://", "https://")):
+        return _remote_listing(location, key=key)
     from .publish import Repo
 
     repo = Repo(location)

@@ -1,0 +1,117 @@
+"""``btrdelta update``: bring DEST to a version of a repository by the cheapest path."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from ._common import Progress, human_bytes
+
+_EPILOG = """\
+examples:
+  btrdelta update https://updates.example/app /var/lib/app --key root.pub
+  btrdelta update https://a.example/app /var/lib/app --mirror https://b.example/app
+  btrdelta update URL /var/lib/app --to 1.4 --dry-run --json   # the plan only, as JSON
+
+DEST holds versions as DEST/VERSION (btrfs subvolumes, or directories elsewhere). The root
+key given once is remembered in DEST/.btrdelta/root.pub. An interrupted update resumes.
+Exit codes: 5 a signature, hash, expiry or rollback check failed; 7 every mirror failed.
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``update``."""
+    p = sub.add_parser(
+        "update", help="update DEST from a versions repository (cheapest path, verified)",
+        description="Verify the repository's signed index (freshness, rollback), find which "
+        "versions DEST holds (by content identity), plan the cheapest download over every "
+        "delta and full, print the plan, then fetch, verify and apply it. See "
+        "docs/repository.md.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("url", metavar="URL", help="repository base URL (or directory)")
+    p.add_argument("dest", metavar="DEST", help="directory holding versions as DEST/VERSION")
+    p.add_argument("--to", metavar="VERSION", help="version wanted (default: the newest)")
+    p.add_argument("--key", metavar="ROOT_PUB", help="the repository's root public key")
+    p.add_argument("--mirror", action="append", default=[], metavar="URL",
+                   help="another mirror, tried when one fails (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, download nothing")
+    p.add_argument("--json", action="store_true", help="print the plan and result as JSON")
+    p.add_argument("--progress", action="store_true",
+                   help="progress on stderr even when it is not a terminal")
+    p.set_defaults(func=run)
+
+
+class _Reporter:
+    """Turns update events into a progress line: bytes, rate, ETA, hop."""
+
+    def __init__(self, progress: Progress, as_json: bool) -> None:
+        self.progress = progress
+        self.as_json = as_json
+        self.total = 0
+        self.done = 0
+        self.start = time.monotonic()
+        self.hop = ""
+
+    def __call__(self, ev: dict[str, Any]) -> None:
+        kind = ev["event"]
+        if kind == "plan":
+            self.total = int(ev["to_download"])
+            self.start = time.monotonic()
+            if not self.as_json:
+                _print_plan(ev)
+        elif kind in ("fetch", "apply", "verify"):
+            what = f"{ev['from']} -> {ev['to']}" if ev["from"] else f"full {ev['to']}"
+            self.hop = f"hop {ev['hop']}/{ev['hops']} {kind} {what}"
+            self._show(force=True)
+        elif kind == "bytes":
+            self.done += int(ev["n"])
+            self._show()
+        elif kind == "seed":
+            self.hop = f"regenerating {ev['version']} as a seed"
+            self._show(force=True)
+
+    def _show(self, force: bool = False) -> None:
+        secs = max(time.monotonic() - self.start, 1e-6)
+        rate = self.done / secs
+        left = max(0, self.total - self.done)
+        eta = f"{left / rate:.0f} s" if rate > 0 and left else "-"
+        self.progress.update(
+            f"{self.hop}: {human_bytes(self.done)}/{human_bytes(self.total)} "
+            f"{human_bytes(rate)}/s ETA {eta}", force=force)
+
+
+def _print_plan(ev: dict[str, Any]) -> None:
+    plan = ev["plan"]
+    start = plan["start"] or "nothing"
+    if not plan["steps"]:
+        print(f"{ev['target']} is already in DEST")
+        return
+    print(f"plan: from {start} to {ev['target']}: {plan['hops']} hops, "
+          f"{human_bytes(plan['bytes'])} ({ev['to_download']} bytes to download)")
+    for s in plan["steps"]:
+        what = f"delta {s['from']} -> {s['to']}" if s["kind"] == "delta" else f"full {s['to']}"
+        print(f"  {what}: {human_bytes(s['bytes'])}")
+    sys.stdout.flush()
+
+
+def run(args: argparse.Namespace) -> int:
+    """``update``."""
+    from ..update.versions import update
+
+    progress = Progress(Progress.wanted(args) and not args.dry_run, "update: ")
+    reporter = _Reporter(progress, args.json)
+    try:
+        result = update(args.url, args.dest, to=args.to, key=args.key, mirrors=args.mirror,
+                        dry_run=args.dry_run, on_event=reporter)
+    finally:
+        progress.done()
+    if args.json:
+        print(json.dumps(result.to_json(), indent=1))
+    elif not args.dry_run and result.plan.steps:
+        print(f"{result.target} is in {result.path} ({human_bytes(result.received)} "
+              f"received in {result.seconds:.1f} s)")
+    return 0

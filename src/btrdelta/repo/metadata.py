@@ -1,0 +1,161 @@
+"""A client's view of a repository: the verified index, its bins and full indexes.
+
+:func:`load_index` runs TUF's update steps (``freshness``) on each mirror in turn until one
+serves a consistent, fresh, signed state: ``timestamp.json``, then the index it names (from
+the local cache when the hash is one already verified, else downloaded and checked against
+the timestamp's length and hash), the root key's signature on the index, the timestamp's
+signature by a key the index lists, then versions and expiry. Bins and full indexes are
+immutable and named by their hash: they are fetched once, checked, and kept in a
+:class:`MetaCache`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+
+from .. import trust
+from ..errors import ChecksumError, StreamFormatError
+from .canonical import Fields, parse_json
+from .freshness import TrustedState, check_index, check_timestamp
+from .fullindex import FullIndex, decode_full_index
+from .mirror import Mirrors
+from .model import ArtifactRef, Bin, Index, Timestamp, VersionRecord
+from .signing import CONTEXT_INDEX, CONTEXT_TIMESTAMP, open_document
+
+__all__ = ["MetaCache", "Verified", "load_index", "version_records"]
+
+_MAX_TIMESTAMP = 64 << 10
+
+
+class MetaCache:
+    """Verified metadata files kept by their BLAKE3 (``None`` directory: no cache)."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.dir = directory
+
+    def get(self, digest: str) -> bytes | None:
+        if self.dir is None:
+            return None
+        try:
+            data = (self.dir / digest).read_bytes()
+        except FileNotFoundError:
+            return None
+        return data if blake3.blake3(data).hexdigest() == digest else None
+
+    def put(self, digest: str, data: bytes) -> None:
+        if self.dir is None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f".{digest}.tmp-{os.getpid()}"
+        tmp.write_bytes(data)
+        os.replace(tmp, self.dir / digest)
+
+    def fetch(self, mirrors: Mirrors, ref: ArtifactRef) -> bytes:
+        data = self.get(ref.blake3)
+        if data is None:
+            data = mirrors.fetch(ref.path, length=ref.length, digest=ref.blake3)
+            self.put(ref.blake3, data)
+        return data
+
+
+@dataclass(slots=True)
+class Verified:
+    """The repository state a client trusts now."""
+
+    index: Index
+    timestamp: Timestamp
+    index_blake3: str
+    index_bytes: int
+    timestamp_bytes: int
+    #: metadata bytes downloaded (timestamp, index unless cached, bins, full indexes)
+    downloaded: int = 0
+
+
+def load_index(mirrors: Mirrors, keys: Sequence[trust.PublicKey], trusted: TrustedState,
+               cache: MetaCache, *, now: float | None = None) -> Verified:
+    """The verified index (see the module docstring); ``trusted`` is not modified."""
+    when = time.time() if now is None else now
+    before = mirrors.stats.bytes_received
+
+    def attempt(url: str) -> Verified:
+        ts_bytes = mirrors.get(url, "timestamp.json", _MAX_TIMESTAMP)
+        claimed = Timestamp.decode(Fields(parse_json(ts_bytes, "timestamp.json"),
+                                          "timestamp.json").get("signed"), "timestamp.json")
+        # an expired or rolled-back timestamp is refused before anything it names is fetched
+        check_timestamp(claimed, now=when, trusted=trusted)
+        data = cache.get(claimed.index_blake3)
+        if data is None:
+            data = mirrors.fetch(claimed.index_path, length=claimed.index_length,
+                                 digest=claimed.index_blake3)
+        source = claimed.index_path
+        index = Index.decode(open_document(data, source, keys, CONTEXT_INDEX), source)
+        ts_keys = [trust.parse_public_key(k.encode(), source=source)
+                   for k in index.timestamp_keys]
+        ts = Timestamp.decode(open_document(ts_bytes, "timestamp.json", ts_keys,
+                                            CONTEXT_TIMESTAMP), "timestamp.json")
+        check_timestamp(ts, now=when, trusted=trusted)
+        check_index(index, ts, claimed.index_blake3, now=when, trusted=trusted, source=source)
+        cache.put(claimed.index_blake3, data)
+        return Verified(index, ts, claimed.index_blake3, len(data), len(ts_bytes))
+
+    out = mirrors.each("timestamp.json", attempt)
+    out.downloaded = mirrors.stats.bytes_received - before
+    return out
+
+
+def version_records(mirrors: Mirrors, index: Index, cache: MetaCache,
+                    positions: Sequence[int]) -> dict[int, VersionRecord]:
+    """The bin records of ``positions``, each bin checked against the index."""
+    out: dict[int, VersionRecord] = {}
+    for ref in sorted({index.bin_of(p) for p in positions}, key=lambda b: b.first):
+        data = cache.fetch(mirrors, ref.ref)
+        b = Bin.decode(parse_json(data, ref.ref.path), ref.ref.path)
+        if b.first != ref.first or len(b.versions) != ref.count:
+            raise ChecksumError("bin does not cover the versions the index says",
+                                source=ref.ref.path)
+        for k, rec in enumerate(b.versions):
+            pos = ref.first + k
+            iv = index.versions[pos - 1]
+            edges = tuple((d.source, d.ref.length) for d in rec.deltas)
+            if rec.name != iv.name or sorted(edges) != sorted(iv.deltas):
+                raise ChecksumError(f"record of {rec.name!r} disagrees with the index",
+                                    source=ref.ref.path)
+            out[pos] = rec
+    return out
+
+
+def full_index(mirrors: Mirrors, rec: VersionRecord, cache: MetaCache) -> FullIndex:
+    """The verified full index of a version."""
+    data = cache.fetch(mirrors, rec.full)
+    full = decode_full_index(data, source=rec.full.path)
+    if full.header.image_size != rec.stream_size:
+        raise StreamFormatError("full index disagrees with the bin on the stream size",
+                                source=rec.full.path)
+    return full
+
+
+def save_trusted(path: Path, verified: Verified) -> None:
+    """Remember ``verified`` as the newest trusted state (atomic)."""
+    import json
+
+    state = TrustedState(verified.index.version, verified.timestamp.version,
+                         verified.index_blake3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(state.encode()) + "\n")
+    os.replace(tmp, path)
+
+
+def read_trusted(path: Path) -> TrustedState:
+    """The trusted state kept at ``path`` (fresh when absent)."""
+    with contextlib.suppress(FileNotFoundError):
+        data = path.read_bytes()
+        return TrustedState.decode(parse_json(data, str(path)), str(path))
+    return TrustedState()

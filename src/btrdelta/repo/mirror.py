@@ -1,0 +1,239 @@
+"""Mirror access: the same file from several mirrors, verified, resumable (floor 3, I/O).
+
+Every file of a repository except ``timestamp.json`` is immutable and named by what it is
+(a content hash, or an index version whose hash the timestamp names), so any mirror can
+serve any of them and a file is only trusted once its length and BLAKE3 match. A
+:class:`Mirrors` tries the mirrors in order for each file: on a connection failure, an HTTP
+error (404 included), a truncated body or wrong bytes it moves to the next one, and a mirror
+that failed is tried last from then on. Only when every mirror failed does the fetch fail:
+with :class:`~btrdelta.errors.ChecksumError` (exit 5) if some mirror served wrong bytes,
+else :class:`~btrdelta.errors.TransportError` (exit 7), one line naming the file and what
+each mirror did.
+
+:meth:`Mirrors.download` writes an artifact to ``<path>.part`` in pieces of
+:data:`PIECE` bytes (ranges), so an interrupted download resumes where it stopped; the file
+is renamed to its final name only after its BLAKE3 checked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import blake3
+import httpx
+
+from ..errors import BtrdeltaError, ChecksumError, StreamFormatError, TransportError
+from ..transport.http import FetchStats, RangeFetcher
+
+__all__ = ["PIECE", "Mirrors"]
+
+#: bytes fetched per range request of a download (and lost at most by an interruption)
+PIECE = 4 << 20
+_T = TypeVar("_T")
+
+
+class _WrongBytes(Exception):
+    """A mirror served bytes that do not check."""
+
+
+class Mirrors:
+    """Several base URLs (or local directories) of one repository.
+
+    Args:
+        urls: mirror base URLs (``http(s)://…``) or directories, in order of preference.
+        client: an ``httpx.Client`` (tests inject transports).
+        retries: attempts per request after the first (per mirror).
+        on_bytes: called with the number of body bytes each time some arrive.
+    """
+
+    def __init__(self, urls: Sequence[str], *, client: httpx.Client | None = None,
+                 retries: int = 2, timeout: float = 30.0,
+                 on_bytes: Callable[[int], None] | None = None) -> None:
+        if not urls:
+            raise BtrdeltaError("no mirror given")
+        self.urls = [u.rstrip("/") for u in urls]
+        self._own = client is None
+        self.client = client or httpx.Client(timeout=timeout, follow_redirects=True)
+        self.retries = retries
+        self.on_bytes = on_bytes
+        self.stats = FetchStats()
+        self._failed: list[str] = []
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        if self._own:
+            self.client.close()
+
+    def order(self) -> list[str]:
+        """Mirrors to try, those that failed before last."""
+        return sorted(self.urls, key=lambda u: u in self._failed)
+
+    def _mark_failed(self, url: str) -> None:
+        with self._lock:
+            if url not in self._failed:
+                self._failed.append(url)
+
+    def _count(self, n: int) -> None:
+        with self._lock:
+            self.stats.bytes_received += n
+            self.stats.requests += 1
+        if self.on_bytes is not None and n:
+            self.on_bytes(n)
+
+    def each(self, path: str, attempt: Callable[[str], _T]) -> _T:
+        """``attempt(mirror)`` on each mirror until one succeeds (see the module docstring).
+
+        ``attempt`` raises :class:`TransportError` or :class:`ChecksumError` (or any
+        :class:`StreamFormatError`) to move to the next mirror.
+        """
+        problems: list[str] = []
+        wrong = None
+        for url in self.order():
+            try:
+                return attempt(url)
+            except (ChecksumError, StreamFormatError, _WrongBytes) as exc:
+                wrong = wrong or exc
+                problems.append(f"{url}: {exc}")
+            except TransportError as exc:
+                problems.append(f"{url}: {exc.message}")
+            except httpx.HTTPError as exc:
+                problems.append(f"{url}: {type(exc).__name__}: {exc}")
+            self._mark_failed(url)
+        text = f"every mirror failed: {'; '.join(problems)}"
+        if isinstance(wrong, ChecksumError):  # signatures, freshness: keep the class
+            raise type(wrong)(text, source=path)
+        if wrong is not None:
+            raise ChecksumError(text, source=path)
+        raise TransportError(text, url=path)
+
+    # -- whole small files -------------------------------------------------------------
+
+    def get(self, url: str, path: str, max_size: int) -> bytes:
+        """The whole file ``path`` from mirror ``url`` (at most ``max_size`` bytes)."""
+        if not url.startswith(("http://", "https://")):
+            try:
+                with open(os.path.join(url, path), "rb") as f:
+                    data = f.read(max_size + 1)
+            except OSError as exc:
+                raise TransportError(f"{path}: {exc.strerror}", url=url) from None
+        else:
+            data = self._http_get(f"{url}/{path}", max_size)
+        if len(data) > max_size:
+            raise _WrongBytes(f"{path} is larger than {max_size} bytes")
+        self._count(len(data))
+        return data
+
+    def _http_get(self, full: str, max_size: int) -> bytes:
+        last = ""
+        for _ in range(self.retries + 1):
+            try:
+                with self.client.stream("GET", full, headers={"Accept-Encoding": "identity"}) \
+                        as resp:
+                    if resp.status_code != 200:
+                        raise TransportError(f"HTTP {resp.status_code}", url=full,
+                                             status=resp.status_code)
+                    chunks, n = [], 0
+                    for block in resp.iter_raw(1 << 16):
+                        chunks.append(block)
+                        n += len(block)
+                        if n > max_size:
+                            break
+                    data = b"".join(chunks)
+                    length = resp.headers.get("content-length")
+                    if n <= max_size and length is not None and length.isdigit() \
+                            and int(length) != n:
+                        raise httpx.ReadError(f"body truncated ({n} of {length} bytes)")
+                    return data
+            except httpx.TransportError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+        raise TransportError(last, url=full)
+
+    def fetch(self, path: str, *, length: int, digest: str) -> bytes:
+        """An immutable file whose length and BLAKE3 (hex) are known."""
+
+        def attempt(url: str) -> bytes:
+            data = self.get(url, path, length)
+            if len(data) != length or blake3.blake3(data).hexdigest() != digest:
+                raise _WrongBytes(f"wrong bytes ({len(data)} bytes, expected {length} with "
+                                  f"BLAKE3 {digest[:16]}…)")
+            return data
+
+        return self.each(path, attempt)
+
+    # -- artifacts ----------------------------------------------------------------------
+
+    def download(self, path: str, out: Path, *, length: int, digest: str) -> Path:
+        """Download artifact ``path`` to ``out`` (resuming ``out.part``); returns ``out``.
+
+        An existing ``out`` is trusted only if it hashes right (then nothing is fetched).
+        """
+        if out.exists():
+            if _file_blake3(out) == digest:
+                return out
+            out.unlink()
+        part = out.with_name(out.name + ".part")
+
+        def attempt(url: str) -> Path:
+            try:
+                self._fill(url, path, part, length)
+                if _file_blake3(part) != digest:
+                    raise _WrongBytes(f"wrong bytes (BLAKE3 is not {digest[:16]}…)")
+            except _WrongBytes:
+                part.unlink(missing_ok=True)
+                raise
+            os.replace(part, out)
+            return out
+
+        return self.each(path, attempt)
+
+    def _fill(self, url: str, path: str, part: Path, length: int) -> None:
+        have = part.stat().st_size if part.exists() else 0
+        if have > length:
+            part.unlink()
+            have = 0
+        if not url.startswith(("http://", "https://")):
+            src = os.path.join(url, path)
+            with open(src, "rb") as f, open(part, "ab") as out:
+                f.seek(have)
+                while have < length:
+                    data = f.read(min(PIECE, length - have))
+                    if not data:
+                        raise _WrongBytes(f"{path} is shorter than {length} bytes")
+                    out.write(data)
+                    have += len(data)
+                    self._count(len(data))
+            return
+        fetcher = RangeFetcher(f"{url}/{path}", client=self.client, retries=self.retries,
+                               parallel=1)
+        with open(part, "ab") as out:
+            while have < length:
+                end = min(length, have + PIECE)
+                data = fetcher.get_range(have, end)
+                if len(data) != end - have:
+                    raise _WrongBytes(f"range [{have}, {end}) came back short")
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+                have = end
+                self._count(len(data))
+
+    def fetcher(self, url: str, path: str) -> RangeFetcher:
+        """A range fetcher for ``path`` on mirror ``url`` (sharing this client)."""
+        return RangeFetcher(f"{url}/{path}", client=self.client, retries=self.retries)
+
+    def note_bytes(self, n: int) -> None:
+        """Count ``n`` bytes received by a caller's own fetcher."""
+        self._count(n)
+
+
+def _file_blake3(path: Path) -> str:
+    h = blake3.blake3()
+    with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return str(h.hexdigest())

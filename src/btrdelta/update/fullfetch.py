@@ -1,0 +1,144 @@
+"""Downloading a release's full: its chunks from the mirrors' packs into a local chunk store.
+
+The full index is a chunk-archive description over the pack space (``repo/fullindex.py``),
+so the image clone does the work (:func:`btrdelta.chunk.clone.clone`): chunks the store
+already holds (an interrupted download) are skipped, chunks found in seeds are copied from
+them, the rest are fetched as coalesced ranges, each checked against its id before it is
+stored. :class:`PackSource` is the byte source it reads: the description from the verified
+full index, chunk ranges from the pack files, mirror after mirror.
+
+Seeds are the plain streams of versions the device holds, regenerated from their trees
+(:func:`btrdelta.update.streams.write_release_stream` writes the publisher's stream byte for
+byte), so every chunk two releases share is reused without knowing where it is.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ..chunk.archive import HEADER_SIZE
+from ..chunk.clone import CloneReport, clone
+from ..chunk.store import ChunkStore, ImageReader
+from ..errors import ChecksumError, StreamFormatError, TransportError
+from ..repo.fullindex import FullIndex, PackSlot
+from ..repo.mirror import Mirrors
+from ..transport.http import FetchStats
+from ..transport.plan import Part, Span
+from .streams import ChunkConcat
+
+__all__ = ["PackSource", "fetch_full", "full_cost", "store_stream"]
+
+
+class PackSource:
+    """The :class:`~btrdelta.chunk.clone.ArchiveSource` of a full over the mirrors."""
+
+    def __init__(self, full: FullIndex, mirrors: Mirrors, name: str) -> None:
+        self.full = full
+        self.mirrors = mirrors
+        self.name = name
+        self.stats: FetchStats = mirrors.stats
+
+    def read(self, start: int, end: int) -> bytes:
+        """Header and index come from the verified full index."""
+        desc = self.full.description
+        if end <= HEADER_SIZE:
+            return desc[start:end]
+        base = self.full.header.index_offset
+        if start >= base and end - base + HEADER_SIZE <= len(desc):
+            return desc[start - base + HEADER_SIZE : end - base + HEADER_SIZE]
+        raise StreamFormatError(f"no bytes [{start}, {end}) outside chunks", source=self.name)
+
+    def close(self) -> None:
+        """Nothing to release (the mirrors belong to the caller)."""
+
+    def fetch(self, spans: Sequence[Span], on_span: Callable[[Span, memoryview], None]) -> None:
+        """Deliver every span, each pack's ranges from the first mirror that serves them."""
+        by_pack: dict[PackSlot, list[Span]] = {}
+        for span in spans:
+            for part in span.parts:  # a chunk lies in one pack; a span may cross packs
+                slot = self.full.pack_at(part.start)
+                by_pack.setdefault(slot, []).append(Span(part.start, part.end, (part,)))
+        for slot, pieces in by_pack.items():
+            self._fetch_pack(slot, _merge(pieces), on_span)
+
+    def _fetch_pack(self, slot: PackSlot, spans: list[Span],
+                    on_span: Callable[[Span, memoryview], None]) -> None:
+        todo = {(s.start, s.end): s for s in spans}
+        lock = threading.Lock()
+
+        def attempt(url: str) -> None:
+            failed: list[str] = []
+
+            def deliver(rel: Span, data: memoryview) -> None:
+                span = todo[(rel.start + slot.base, rel.end + slot.base)]
+                try:
+                    on_span(span, data)
+                except (ChecksumError, StreamFormatError) as exc:
+                    failed.append(str(exc))
+                    return
+                with lock:
+                    todo.pop((span.start, span.end), None)
+
+            fetcher = self.mirrors.fetcher(url, slot.path)
+            rel = [Span(s.start - slot.base, s.end - slot.base,
+                        tuple(Part(p.key, p.start - slot.base, p.length) for p in s.parts))
+                   for s in sorted(todo.values(), key=lambda s: s.start)]
+            try:
+                fetcher.fetch_spans(rel, deliver)
+            finally:
+                self.mirrors.note_bytes(fetcher.stats.bytes_received)
+            if failed:
+                raise ChecksumError(f"{len(failed)} chunks did not check: {failed[0]}",
+                                    source=slot.path)
+            if todo:
+                raise TransportError(f"{len(todo)} ranges not delivered", url=slot.path)
+
+        self.mirrors.each(slot.path, attempt)
+
+
+def _merge(pieces: list[Span]) -> list[Span]:
+    """Adjacent chunk spans of one pack joined (one range each)."""
+    out: list[Span] = []
+    for s in sorted(pieces, key=lambda s: s.start):
+        if out and out[-1].end == s.start and out[-1].length + s.length <= 8 << 20:
+            last = out[-1]
+            out[-1] = Span(last.start, s.end, last.parts + s.parts)
+        else:
+            out.append(s)
+    return out
+
+
+def full_cost(target: FullIndex, held: Sequence[FullIndex], store: ChunkStore,
+              index_length: int) -> int:
+    """Bytes to download the full of ``target`` given the chunks of the ``held`` versions'
+    fulls (their regenerated streams) and of the local store."""
+    have: set[bytes] = set()
+    for f in held:
+        have.update(f.index.digests)
+    idx = target.index
+    return index_length + sum(
+        idx.comp_sizes[i] for i, d in enumerate(idx.digests)
+        if d not in have and not store.has(d))
+
+
+def fetch_full(full: FullIndex, mirrors: Mirrors, store: ChunkStore, name: str,
+               seeds: Sequence[Path], *, dry_run: bool = False,
+               on_progress: Callable[[str, int, int], None] | None = None) -> CloneReport:
+    """Bring every chunk of ``full`` into ``store`` (described as ``name``)."""
+    source = PackSource(full, mirrors, name)
+    return clone(source, store, name, seeds=[str(s) for s in seeds], dry_run=dry_run,
+                 on_progress=on_progress)
+
+
+def store_stream(full: FullIndex, store: ChunkStore, *, source: str) -> ChunkConcat:
+    """The full's plain stream read from the store (checked against its BLAKE3)."""
+    reader = ImageReader(store, full.index)
+    order, sizes = full.index.order, full.index.raw_sizes
+
+    def get(pos: int) -> bytes:
+        entry = order[pos]
+        return reader.read_chunk(entry, sizes[entry])
+
+    return ChunkConcat(len(order), get, full.header.image_digest, source=source)

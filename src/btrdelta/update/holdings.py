@@ -1,0 +1,154 @@
+"""What an update destination holds, and placing new versions in it safely.
+
+DEST holds versions as ``DEST/<version>`` (btrfs subvolumes, or directories with the
+receive registry). A version counts as held only when its tree's content identity
+(``tree-sum``) equals the index's, whatever its name says. While an update runs:
+
+* a version being received is ``DEST/.btrdelta-stage-<version>`` until its identity checked;
+* a verified intermediate version of a multi-hop path is ``DEST/.btrdelta-hop-<version>``
+  (held, so an interrupted update resumes from it; removed when the update is done);
+* the wanted version is renamed to ``DEST/<version>`` last, never over an existing entry.
+
+Existing versions are never written to. A held version a delta needs as its parent must be
+found by the stream's parent UUID (the repository's UUID of that release); one received
+from the repository is, any other copy gets an alias: a registry entry (directories), or a
+read-only snapshot ``.btrdelta-base-<version>`` carrying that UUID (btrfs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from ..errors import ApplyError
+from ..receive import ReceivedSubvol, find_subvolume, uses_btrfs
+from ..receive import subvol as sv
+from ..repo.model import stream_uuid
+from ..tree import tree_sum
+
+__all__ = [
+    "HOP_PREFIX",
+    "STAGE_PREFIX",
+    "cleanup",
+    "ensure_parent",
+    "find_held",
+    "place",
+    "remove_entry",
+]
+
+STAGE_PREFIX = ".btrdelta-stage-"
+HOP_PREFIX = ".btrdelta-hop-"
+BASE_PREFIX = ".btrdelta-base-"
+_RECEIVE_TMP = ".btrdelta-tmp-"
+#: inode number of a btrfs subvolume's root directory
+_SUBVOL_ROOT_INO = 256
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_entry(dest: Path, name: str) -> None:
+    """Remove ``dest/name`` (a subvolume, even read-only, or a directory)."""
+    path = dest / name
+    if not os.path.lexists(path):
+        return
+    fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if sv.is_btrfs(fd):
+            with contextlib.suppress(OSError):
+                sv.delete_subvolume(fd, name.encode())
+                return
+    finally:
+        os.close(fd)
+    shutil.rmtree(path)
+
+
+def cleanup(dest: Path) -> None:
+    """Remove what an interrupted update left: staged versions, and unfinished receives
+    of processes that are gone."""
+    for entry in os.listdir(dest):
+        if entry.startswith(STAGE_PREFIX):
+            remove_entry(dest, entry)
+        elif entry.startswith(_RECEIVE_TMP):
+            pid = entry.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                remove_entry(dest, entry)
+
+
+def find_held(dest: Path, wanted: dict[str, str]) -> dict[str, Path]:
+    """Versions of ``wanted`` (name -> identity) that ``dest`` holds: name -> directory.
+
+    Candidates are ``DEST/<name>`` and ``DEST/.btrdelta-hop-<name>``; each is checked by
+    its tree-sum.
+    """
+    held: dict[str, Path] = {}
+    for name, identity in wanted.items():
+        for path in (dest / name, dest / f"{HOP_PREFIX}{name}"):
+            if path.is_dir() and not path.is_symlink() and tree_sum(path) == identity:
+                held[name] = path
+                break
+    return held
+
+
+def ensure_parent(dest: Path, path: Path, name: str, identity: str) -> None:
+    """Make held version ``path`` findable as the parent of the repository's deltas."""
+    uid = stream_uuid(identity)
+    btrfs = uses_btrfs(dest)
+    found = find_subvolume(dest, uid, btrfs=btrfs)
+    if found is not None and tree_sum(found) == identity:
+        return
+    if not btrfs:
+        from ..receive.registry import Registry, RegistryEntry
+
+        Registry(dest).add(RegistryEntry(path.name, uid, 0))
+        return
+    base = f"{BASE_PREFIX}{name}"
+    remove_entry(dest, base)
+    dfd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if path.stat().st_ino == _SUBVOL_ROOT_INO:  # a subvolume: a snapshot costs nothing
+            src = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                sv.create_snapshot(dfd, base.encode(), src)
+            finally:
+                os.close(src)
+        else:  # a plain directory: a new subvolume with a (reflinked) copy
+            sv.create_subvolume(dfd, base.encode())
+            proc = subprocess.run(["cp", "-a", "--reflink=auto", "--", f"{path}/.",
+                                   f"{dest / base}/"], capture_output=True, check=False)
+            if proc.returncode != 0:
+                raise ApplyError(f"copying {path} failed: "
+                                 f"{proc.stderr.decode(errors='replace').strip()}")
+    finally:
+        os.close(dfd)
+    fd = os.open(dest / base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        sv.set_received(fd, uid, 0)
+        sv.set_readonly(fd, True)
+    finally:
+        os.close(fd)
+
+
+def place(dest: Path, stage: str, final: str, received: ReceivedSubvol) -> Path:
+    """Rename a verified version from ``stage`` to ``final`` (never over an entry)."""
+    dfd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        sv.rename_noreplace(dfd, stage.encode(), final.encode())
+    finally:
+        os.close(dfd)
+    if not received.btrfs:
+        from ..receive.registry import Registry, RegistryEntry
+
+        Registry(dest).add(RegistryEntry(final, received.uuid, received.ctransid,
+                                         received.parent_uuid))
+    return dest / final

@@ -1,0 +1,307 @@
+"""``btrdelta update URL DEST``: bring DEST to a version of a repository by the cheapest path.
+
+1. Lock DEST; clean up what an interrupted run left (:func:`.holdings.cleanup`).
+2. Verify the repository's state (:func:`btrdelta.repo.metadata.load_index`: timestamp,
+   index, signatures, freshness, rollback) on the first mirror that serves a good one, and
+   remember it (``DEST/.btrdelta/trusted/<root key id>.json``).
+3. Find the versions DEST holds: names of the index present in DEST (or left as verified
+   intermediates), each checked by its content identity.
+4. Plan (:func:`btrdelta.repo.plan.plan_update`) over every delta and every full; the
+   target's full is priced with the chunks of the held versions and of the local chunk
+   store. The plan (with its byte count) goes to the caller before anything is downloaded.
+5. Apply hop by hop: download the artifact (resumable, every mirror in turn, hash
+   checked), receive it under a staging name, check the received tree's content identity,
+   then rename it (intermediate versions to a hidden name). The target is renamed to
+   ``DEST/<version>`` last; intermediates, downloads and chunks are then removed.
+
+State lives in ``DEST/.btrdelta/``: the pinned root key, trusted versions, a cache of
+verified metadata, downloads (``*.part`` while incomplete), a chunk store for fulls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .. import trust
+from ..chunk.store import ChunkStore
+from ..errors import BtrdeltaError, ChecksumError, MissingBaseError
+from ..repo.metadata import (
+    MetaCache,
+    Verified,
+    full_index,
+    load_index,
+    read_trusted,
+    save_trusted,
+    version_records,
+)
+from ..repo.mirror import Mirrors
+from ..repo.model import VersionRecord
+from ..repo.plan import Plan, Step, plan_update
+from ..tree import tree_sum
+from . import holdings
+from .fullfetch import fetch_full, full_cost, store_stream
+from .streams import receive_release, write_release_stream
+
+__all__ = ["UpdateResult", "update"]
+
+STATE = ".btrdelta"
+Event = Callable[[dict[str, Any]], None]
+
+
+@dataclass(slots=True)
+class UpdateResult:
+    """What an update planned and did."""
+
+    target: str
+    plan: Plan
+    names: list[str]
+    held: list[str] = field(default_factory=list)
+    #: metadata bytes downloaded (timestamp, index, bins, full indexes)
+    metadata_bytes: int = 0
+    #: artifact bytes still to download when the plan was made (resumed downloads count
+    #: what is missing)
+    to_download: int = 0
+    #: every byte received from the mirrors by this run
+    received: int = 0
+    applied: int = 0
+    seconds: float = 0.0
+    path: Path | None = None
+    index_version: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "target": self.target, "held": self.held, "index_version": self.index_version,
+            "plan": self.plan.to_json(self.names), "to_download": self.to_download,
+            "metadata_bytes": self.metadata_bytes, "received": self.received,
+            "hops_applied": self.applied, "seconds": round(self.seconds, 3),
+            "path": str(self.path) if self.path else None,
+        }
+
+
+class _Dest:
+    """The state directory of a destination."""
+
+    def __init__(self, dest: Path) -> None:
+        self.dest = dest
+        self.state = dest / STATE
+        self.downloads = self.state / "downloads"
+        self.tmp = self.state / "tmp"
+        self.store = ChunkStore(self.state / "chunks")
+        self.meta = MetaCache(self.state / "meta")
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        self.state.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.state / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise BtrdeltaError("another update of this destination is running",
+                                    path=str(self.dest)) from None
+            yield
+        finally:
+            os.close(fd)
+
+    def root_keys(self, key: str | None) -> list[trust.PublicKey]:
+        """The root key given (then pinned), or the one pinned before."""
+        pinned = self.state / "root.pub"
+        if key is not None:
+            pub = trust.load_public_key(key)
+            tmp = pinned.with_name(f"root.pub.tmp-{os.getpid()}")
+            tmp.write_text(trust.public_key_text(pub) + "\n")
+            os.replace(tmp, pinned)
+            return [pub]
+        if not pinned.exists():
+            raise BtrdeltaError("no root key: give --key ROOT_PUB (it is remembered in "
+                                f"{pinned})")
+        return [trust.load_public_key(str(pinned))]
+
+
+def _holdings(d: _Dest, mirrors: Mirrors, verified: Verified
+              ) -> tuple[dict[int, Path], dict[int, VersionRecord]]:
+    index = verified.index
+    positions = index.positions()
+    present = [p for name, p in positions.items()
+               if os.path.isdir(d.dest / name)
+               or os.path.isdir(d.dest / f"{holdings.HOP_PREFIX}{name}")]
+    records = version_records(mirrors, index, d.meta, present)
+    found = holdings.find_held(d.dest, {records[p].name: records[p].identity for p in present})
+    return {positions[n]: path for n, path in found.items()}, records
+
+
+def _plan(d: _Dest, mirrors: Mirrors, verified: Verified, held: dict[int, Path],
+          records: dict[int, VersionRecord], target: int) -> Plan:
+    index = verified.index
+    plan = plan_update(index, set(held), target)
+    if not held or target in held or not plan.steps:
+        return plan
+    records.update(version_records(mirrors, index, d.meta, [target]))
+    rec = records[target]
+    if plan.bytes <= rec.full.length:  # the full cannot beat it even reusing every chunk
+        return plan
+    fulls = [full_index(mirrors, records[p], d.meta) for p in sorted(held)]
+    cost = full_cost(full_index(mirrors, rec, d.meta), fulls, d.store, rec.full.length)
+    return plan_update(index, set(held), target, full_cost={target: cost})
+
+
+def _missing_bytes(d: _Dest, plan: Plan, records: dict[int, VersionRecord]) -> int:
+    total = 0
+    for step in plan.steps:
+        if step.kind == "delta":
+            ref = next(x.ref for x in records[step.target].deltas if x.source == step.source)
+            out = d.downloads / ref.path.split("/")[1]
+            part = out.with_name(out.name + ".part")
+            have = out.stat().st_size if out.exists() else (
+                part.stat().st_size if part.exists() else 0)
+            total += max(0, ref.length - have)
+        else:
+            total += step.bytes
+    return total
+
+
+def update(
+    url: str, dest: str | os.PathLike[str], *, to: str | None = None, key: str | None = None,
+    mirrors: Sequence[str] = (), dry_run: bool = False, client: httpx.Client | None = None,
+    on_event: Event | None = None, now: float | None = None,
+) -> UpdateResult:
+    """Update ``dest`` from the repository at ``url`` (and ``mirrors``); see the module
+    docstring. ``on_event`` receives progress events (dicts with an ``"event"`` key); the
+    plan is the first (``{"event": "plan", ...}``), before any artifact is downloaded."""
+    t0 = time.monotonic()
+    d = _Dest(Path(dest))
+    d.dest.mkdir(parents=True, exist_ok=True)
+    emit = on_event or (lambda _e: None)
+    m = Mirrors([url, *mirrors], client=client,
+                on_bytes=lambda n: emit({"event": "bytes", "n": n}))
+    try:
+        with d.locked():
+            keys = d.root_keys(key)
+            trusted_path = d.state / "trusted" / f"{trust.key_id(keys[0])}.json"
+            verified = load_index(m, keys, read_trusted(trusted_path), d.meta, now=now)
+            save_trusted(trusted_path, verified)
+            holdings.cleanup(d.dest)
+            result = _run(d, m, verified, to, dry_run, emit)
+            result.metadata_bytes += verified.downloaded
+    finally:
+        m.close()
+    result.received = m.stats.bytes_received
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+def _run(d: _Dest, m: Mirrors, verified: Verified, to: str | None, dry_run: bool,
+         emit: Event) -> UpdateResult:
+    index = verified.index
+    names = [v.name for v in index.versions]
+    if not names:
+        raise MissingBaseError("the repository has no versions")
+    target = index.positions().get(to) if to is not None else len(names)
+    if target is None:
+        raise MissingBaseError(f"version {to!r} is not in the repository (newest: "
+                               f"{names[-1]!r})")
+    before = m.stats.bytes_received
+    held, records = _holdings(d, m, verified)
+    plan = _plan(d, m, verified, held, records, target)
+    records.update(version_records(m, index, d.meta, [s.target for s in plan.steps]))
+    res = UpdateResult(names[target - 1], plan, names, [names[p - 1] for p in sorted(held)],
+                       index_version=index.version)
+    res.to_download = _missing_bytes(d, plan, records)
+    res.metadata_bytes = m.stats.bytes_received - before
+    final = d.dest / names[target - 1]
+    if target not in held and os.path.lexists(final):
+        raise BtrdeltaError(f"{final} exists and is not version {names[target - 1]!r} "
+                            "(its content identity differs); not touching it")
+    emit({"event": "plan", **res.to_json()})
+    if dry_run or not plan.steps:
+        res.path = held.get(target) if target in held else None
+        return res
+    current = held.get(plan.start) if plan.start is not None else None
+    for i, step in enumerate(plan.steps, 1):
+        current = _apply(d, m, step, records, held, current, last=i == len(plan.steps),
+                         hop=(i, len(plan.steps)), emit=emit)
+        res.applied += 1
+    res.path = current
+    _finish(d)
+    emit({"event": "done", "path": str(current)})
+    return res
+
+
+def _apply(d: _Dest, m: Mirrors, step: Step, records: dict[int, VersionRecord],
+           held: dict[int, Path], parent: Path | None, *, last: bool,
+           hop: tuple[int, int], emit: Event) -> Path:
+    rec = records[step.target]
+    stage = f"{holdings.STAGE_PREFIX}{rec.name}"
+    info = {"hop": hop[0], "hops": hop[1], "kind": step.kind, "to": rec.name,
+            "from": records[step.source].name if step.source else None, "bytes": step.bytes}
+    emit({"event": "fetch", **info})
+    if step.kind == "delta":
+        if parent is None or step.source is None:
+            raise MissingBaseError("a delta hop without its parent version")
+        src = records[step.source]
+        holdings.ensure_parent(d.dest, parent, src.name, src.identity)
+        ref = next(x.ref for x in rec.deltas if x.source == step.source)
+        d.downloads.mkdir(parents=True, exist_ok=True)
+        path = m.download(ref.path, d.downloads / ref.path.split("/")[1],
+                          length=ref.length, digest=ref.blake3)
+        emit({"event": "apply", **info})
+        with open(path, "rb") as f:
+            received = receive_release(f, d.dest, stage, source=ref.path, delta=True)
+    else:
+        full = full_index(m, rec, d.meta)
+        seeds = _seeds(d, held, records, emit)
+        try:
+            fetch_full(full, m, d.store, rec.name, seeds,
+                       on_progress=lambda phase, done, total: emit(
+                           {"event": "progress", "phase": phase, "done": done,
+                            "total": total, **info}))
+        finally:
+            for s in seeds:
+                s.unlink(missing_ok=True)
+        emit({"event": "apply", **info})
+        stream = store_stream(full, d.store, source=rec.full.path)
+        received = receive_release(stream, d.dest, stage, source=rec.full.path,  # type: ignore[arg-type]
+                                   delta=False)
+    emit({"event": "verify", **info})
+    if tree_sum(d.dest / stage) != rec.identity:
+        holdings.remove_entry(d.dest, stage)
+        raise ChecksumError(f"received {rec.name} does not have the content identity the "
+                            "index signs", source=f"hop {hop[0]}")
+    name = rec.name if last else f"{holdings.HOP_PREFIX}{rec.name}"
+    if not last:
+        holdings.remove_entry(d.dest, name)
+    return holdings.place(d.dest, stage, name, received)
+
+
+def _seeds(d: _Dest, held: dict[int, Path], records: dict[int, VersionRecord],
+           emit: Event) -> list[Path]:
+    """Regenerated plain streams of the held versions (seeds for a full)."""
+    d.tmp.mkdir(parents=True, exist_ok=True)
+    out = []
+    for p, path in sorted(held.items()):
+        rec = records[p]
+        emit({"event": "seed", "version": rec.name})
+        seed = d.tmp / f"seed-{p}.stream"
+        with open(seed, "wb") as f:
+            write_release_stream(f.write, path, rec.name, rec.identity)
+        out.append(seed)
+    return out
+
+
+def _finish(d: _Dest) -> None:
+    """Drop what only this update needed: intermediates, downloads, chunks, aliases."""
+    for entry in os.listdir(d.dest):
+        if entry.startswith((holdings.HOP_PREFIX, holdings.BASE_PREFIX)):
+            holdings.remove_entry(d.dest, entry)
+    for sub in (d.downloads, d.tmp, d.store.root):
+        shutil.rmtree(sub, ignore_errors=True)

@@ -1,0 +1,343 @@
+"""``btrdelta update`` from a signed repository of nine real MarkupSafe releases served by
+nginx on loopback. Oracles: tree-sum of the release trees, bytes from nginx's access log,
+``delta make`` of the exact pair for the direct delta."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from btrdelta import trust
+from btrdelta.cli import main
+from btrdelta.tree import tree_sum
+from btrdelta.update.publish import Repo
+from tests.update.conftest import Nginx
+
+N = 9
+
+
+@pytest.fixture(scope="module")
+def signed(releases: list[Path], tmp_path_factory: pytest.TempPathFactory
+           ) -> tuple[Path, Path, Path]:
+    """(repository, root public key, timestamp private key)."""
+    base = tmp_path_factory.mktemp("versions")
+    root = base / "repo"
+    keys = {}
+    for name in ("root", "ts"):
+        trust.save_key_pair(trust.generate_key(), str(base / f"{name}.pem"),
+                            str(base / f"{name}.pub"))
+        keys[name] = base / f"{name}.pem"
+    assert main(["repo", "init", str(root), "--avg-chunk", "4K"]) == 0
+    for i, tree in enumerate(releases[:N], 1):
+        assert main(["repo", "add", str(root), f"v{i}", str(tree)]) == 0
+    assert main(["repo", "sign", str(root), "--key", str(keys["root"]), "--timestamp-key",
+                 str(keys["ts"]), "--expires", "1d"]) == 0
+    return root, base / "root.pub", keys["ts"]
+
+
+@pytest.fixture(scope="module")
+def server(signed: tuple[Path, Path, Path], tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[Nginx]:
+    srv = Nginx(signed[0], tmp_path_factory.mktemp("nginx"))
+    yield srv
+    srv.stop()
+
+
+def _update(url: str, dest: Path, key: Path | None, *args: str,
+            capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    capsys.readouterr()
+    argv = ["update", url, str(dest), *args] + (["--key", str(key)] if key else [])
+    rc = main(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def _direct_delta(old: Path, new: Path, work: Path) -> int:
+    stream, delta = work / "pair.stream", work / "pair.delta"
+    assert main(["send", "--proto", "2", "--parent", str(old), str(new), "-o", str(stream)]) == 0
+    assert main(["delta", "make", "-f", str(stream), "--old", str(old), "-o", str(delta)]) == 0
+    return delta.stat().st_size
+
+
+def test_every_start_reaches_newest_and_middle(
+    signed: tuple[Path, Path, Path], server: Nginx, releases: list[Path], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    root, pub, _ = signed
+    cat = Repo(root).load()
+    ratios = []
+    for start in range(0, N):
+        for target in (N, 5):
+            if start >= target:
+                continue
+            dest = tmp_path / f"d{start}-{target}"
+            if start:
+                rc, _, err = _update(server.url, dest, pub, "--to", f"v{start}", capsys=capsys)
+                assert rc == 0, err
+            before = server.served()
+            rc, out, err = _update(server.url, dest, pub, "--to", f"v{target}", "--json",
+                                   capsys=capsys)
+            assert rc == 0, err
+            served = server.served() - before
+            report = json.loads(out)
+            assert tree_sum(dest / f"v{target}") == tree_sum(releases[target - 1])
+            if start:  # the old version is still there, untouched
+                assert tree_sum(dest / f"v{start}") == tree_sum(releases[start - 1])
+            assert sorted(os.listdir(dest)) == sorted(
+                [".btrdelta", ".btrdelta-subvols.json", f"v{target}"]
+                + ([f"v{start}"] if start else []))
+            artifacts = served - report["metadata_bytes"]
+            # what nginx sent is the plan (plus multipart/byteranges framing)
+            assert report["plan"]["bytes"] <= artifacts <= report["plan"]["bytes"] * 1.02 + 1024
+            assert report["plan"]["bytes"] <= cat.versions[target - 1].full_bytes
+            if start:
+                direct = _direct_delta(releases[start - 1], releases[target - 1], tmp_path)
+                ratios.append(artifacts / direct)
+                assert artifacts <= 4 * direct, (start, target, artifacts, direct)
+    print("planned/direct:", [round(r, 2) for r in ratios])
+
+
+def _copy_repo(signed: tuple[Path, Path, Path], dest: Path) -> Path:
+    """A copy of the repository with its catalog (not the publisher's trees)."""
+    shutil.copytree(signed[0], dest, ignore=shutil.ignore_patterns("trees", "lock"))
+    return dest
+
+
+def _at_v8(url: str, tmp_path: Path, pub: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    dest = tmp_path / "dest"
+    rc, _, err = _update(url, dest, pub, "--to", "v8", capsys=capsys)
+    assert rc == 0, err
+    return dest
+
+
+def _snapshot(dest: Path) -> dict[str, str]:
+    """Every entry of DEST but the state directory, with the tree-sum of versions."""
+    return {p: tree_sum(dest / p) if (dest / p).is_dir() else "" for p in os.listdir(dest)
+            if p != ".btrdelta"}
+
+
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset % len(data)] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["delta", "index", "pack", "expired", "rollback", "bin"])
+def test_tampering_is_refused_and_dest_unchanged(
+    damage: str, signed: tuple[Path, Path, Path], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    root, pub, ts_key = signed
+    repo = _copy_repo(signed, tmp_path / "www")
+    srv = Nginx(repo, tmp_path / "nginx")
+    try:
+        dest = _at_v8(srv.url, tmp_path, pub, capsys)
+        before = _snapshot(dest)
+        cat = Repo(root).load()
+        args: list[str] = []
+        if damage == "delta":
+            digest, _ = cat.versions[N - 1].deltas[N - 1]
+            _flip(repo / "deltas" / f"{digest}.delta", 1000)
+            what = f"deltas/{digest}.delta"
+        elif damage == "index":
+            _flip(repo / "index" / "1.json", 300)
+            what = "index/1.json"
+            shutil.rmtree(dest / ".btrdelta" / "meta")  # not the verified copy it has
+        elif damage == "bin":
+            (b,) = (repo / "bins").iterdir()
+            _flip(b, 50)
+            what = f"bins/{b.name}"
+            shutil.rmtree(dest / ".btrdelta" / "meta")  # not the verified copy it has
+        elif damage == "pack":
+            shutil.rmtree(dest)
+            dest.mkdir()
+            before = _snapshot(dest)
+            for pack in (repo / "packs").iterdir():
+                _flip(pack, 100)
+            what = "packs/"
+        elif damage == "expired":
+            # the cron job stopped: the timestamp ran out
+            assert main(["repo", "sign", str(repo), "--timestamp-key", str(ts_key),
+                         "--expires", "0"]) == 0
+            what = "expired"
+        else:  # rollback: a newer timestamp was seen, the mirror serves the old one again
+            old = (repo / "timestamp.json").read_bytes()
+            assert main(["repo", "sign", str(repo), "--timestamp-key", str(ts_key)]) == 0
+            assert _update(srv.url, dest, pub, "--dry-run", capsys=capsys)[0] == 0
+            (repo / "timestamp.json").write_bytes(old)
+            what = "rollback"
+        if damage == "pack":
+            args = ["--to", "v8"]
+        rc, _out, err = _update(srv.url, dest, pub, *args, capsys=capsys)
+        assert rc == 5, (damage, rc, err)
+        line = err.strip().splitlines()
+        assert len(line) == 1, err
+        assert what in line[0], line[0]
+        assert "Traceback" not in err
+        assert _snapshot(dest) == before
+    finally:
+        srv.stop()
+
+
+def test_an_older_signed_index_is_a_rollback(
+    signed: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    _root, pub, ts_key = signed
+    repo = _copy_repo(signed, tmp_path / "www")
+    old_ts = (repo / "timestamp.json").read_bytes()
+    srv = Nginx(repo, tmp_path / "nginx")
+    try:
+        root_key = pub.with_suffix(".pem")
+        assert main(["repo", "sign", str(repo), "--key", str(root_key), "--timestamp-key",
+                     str(ts_key)]) == 0  # index version 2
+        dest = _at_v8(srv.url, tmp_path, pub, capsys)
+        before = _snapshot(dest)
+        (repo / "timestamp.json").write_bytes(old_ts)  # names index 1, validly signed
+        rc, _, err = _update(srv.url, dest, pub, capsys=capsys)
+        assert rc == 5
+        assert "rollback" in err
+        assert _snapshot(dest) == before
+    finally:
+        srv.stop()
+
+
+def _artifact_bytes(srv: Nginx) -> int:
+    return sum(n for _status, n, uri in srv.requests()
+               if uri.startswith(("/deltas/", "/packs/", "/fulls/")))
+
+
+def test_kill_9_and_resume(signed: tuple[Path, Path, Path], releases: list[Path],
+                           tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root, pub, _ = signed
+    srv = Nginx(root, tmp_path / "nginx", limit_rate="6k")  # slow: kills land mid-transfer
+    try:
+        dest = tmp_path / "dest"
+        rc, _, err = _update(srv.url, dest, pub, "--to", "v1", capsys=capsys)
+        assert rc == 0, err
+        v1 = tree_sum(dest / "v1")
+        rc, out, _ = _update(srv.url, dest, None, "--dry-run", "--json", capsys=capsys)
+        plan = json.loads(out)["plan"]
+        assert plan["hops"] >= 3
+        biggest = max(s["bytes"] for s in plan["steps"])
+        start = _artifact_bytes(srv)
+        rng = random.Random(14)
+        kills = 0
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
+        for _ in range(12):
+            proc = subprocess.Popen([sys.executable, "-m", "btrdelta", "update", srv.url,
+                                     str(dest)], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, env=env)
+            time.sleep(rng.uniform(0.4, 2.0))
+            if proc.poll() is not None:
+                break
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            assert tree_sum(dest / "v1") == v1  # the old version is never touched
+        rc, _, err = _update(srv.url, dest, None, capsys=capsys)
+        assert rc == 0, err
+        assert kills >= 2
+        assert tree_sum(dest / "v9") == tree_sum(releases[8])
+        assert tree_sum(dest / "v1") == v1
+        assert sorted(os.listdir(dest)) == [".btrdelta", ".btrdelta-subvols.json", "v1", "v9"]
+        again = _artifact_bytes(srv) - start - plan["bytes"]
+        # each interruption costs at most the artifact it was downloading
+        assert again <= kills * biggest, (again, kills, biggest)
+    finally:
+        srv.stop()
+
+
+class _TruncatingServer:
+    """Serves a directory; artifact bodies are cut in half (Content-Length says more)."""
+
+    def __init__(self, root: Path) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                path = root / self.path.lstrip("/")
+                if not path.is_file():
+                    self.send_error(404)
+                    return
+                data = path.read_bytes()
+                rng = self.headers.get("Range")
+                status = 200
+                if rng and rng.startswith("bytes="):
+                    a, _, b = rng[6:].partition("-")
+                    first, last = int(a), min(int(b) if b else len(data) - 1, len(data) - 1)
+                    body, status = data[first : last + 1], 206
+                else:
+                    body = data
+                self.send_response(status)
+                if status == 206:
+                    self.send_header("Content-Range", f"bytes {first}-{last}/{len(data)}")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                cut = self.path.startswith(("/deltas/", "/packs/"))
+                self.wfile.write(body[: len(body) // 2] if cut else body)
+                if cut:
+                    self.close_connection = True
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("fault", ["404", "wrong-bytes", "truncated", "refused"])
+def test_a_failing_mirror_is_replaced_by_the_next(
+    fault: str, signed: tuple[Path, Path, Path], server: Nginx, releases: list[Path],
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    root, pub, _ = signed
+    dest = _at_v8(server.url, tmp_path, pub, capsys)
+    repo = _copy_repo(signed, tmp_path / "www")
+    digest, _ = Repo(root).load().versions[N - 1].deltas[N - 1]
+    artifact = repo / "deltas" / f"{digest}.delta"
+    bad: Nginx | _TruncatingServer | None = None
+    if fault == "404":
+        artifact.unlink()
+    elif fault == "wrong-bytes":
+        _flip(artifact, 10)
+    if fault == "truncated":
+        bad = _TruncatingServer(repo)
+        url = bad.url
+    elif fault == "refused":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    else:
+        bad = Nginx(repo, tmp_path / "bad")
+        url = bad.url
+    try:
+        rc, _out, err = _update(url, dest, pub, "--mirror", server.url, "--json", capsys=capsys)
+        assert rc == 0, err
+        assert tree_sum(dest / "v9") == tree_sum(releases[8])
+        # every mirror failing is exit 7 (transport) naming each mirror
+        if fault in ("404", "refused"):
+            shutil.rmtree(dest / "v9")
+            rc, _, err = _update(url, dest, pub, capsys=capsys)
+            assert rc == 7 if fault == "refused" else rc in (5, 7), err
+            assert url in err
+    finally:
+        if bad is not None:
+            bad.stop()
