@@ -341,3 +341,57 @@ def test_a_failing_mirror_is_replaced_by_the_next(
     finally:
         if bad is not None:
             bad.stop()
+
+
+def test_held_versions_are_checked_by_content_and_seed_the_full(
+    signed: tuple[Path, Path, Path], server: Nginx, releases: list[Path], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    root, pub, _ = signed
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    # a plain copy of v9 (never received from the repository) and a v5 that is not v5
+    shutil.copytree(releases[8], dest / "v9", symlinks=True)
+    shutil.copytree(releases[3], dest / "v5", symlinks=True)
+    before = server.served()
+    rc, out, err = _update(server.url, dest, pub, "--to", "v8", "--json", capsys=capsys)
+    assert rc == 0, err
+    report = json.loads(out)
+    assert report["held"] == ["v9"]
+    assert [s["kind"] for s in report["plan"]["steps"]] == ["full"]
+    full = Repo(root).load().versions[7].full_bytes
+    # chunks v8 shares with v9 came from v9's regenerated stream
+    assert report["plan"]["bytes"] < full
+    assert server.served() - before - report["metadata_bytes"] < full
+    assert tree_sum(dest / "v8") == tree_sum(releases[7])
+    assert tree_sum(dest / "v5") == tree_sum(releases[3])  # untouched
+    # the wrong v5 is refused as a target rather than overwritten
+    rc, _, err = _update(server.url, dest, pub, "--to", "v5", capsys=capsys)
+    assert rc == 1
+    assert "is not version 'v5'" in err
+    # a delta from the copied v9? none go backwards; from v8 (received) forward there is one
+    shutil.rmtree(dest / "v9")
+    rc, out, err = _update(server.url, dest, pub, "--json", capsys=capsys)
+    assert rc == 0, err
+    assert [s["kind"] for s in json.loads(out)["plan"]["steps"]] == ["delta"]
+    assert tree_sum(dest / "v9") == tree_sum(releases[8])
+
+
+def test_repo_ls_over_http_and_timestamp_keys(
+    signed: tuple[Path, Path, Path], server: Nginx, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    root, pub, _ = signed
+    capsys.readouterr()
+    assert main(["repo", "ls", server.url, "--key", str(pub), "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert [v["name"] for v in listing["versions"]] == [f"v{i}" for i in range(1, N + 1)]
+    assert "verified" in listing["signed"]
+    local = Repo(root).load()
+    assert listing["versions"][8]["full_bytes"] == local.versions[8].full_bytes
+    # the cron job cannot use a key the index does not list
+    stranger = tmp_path / "k"
+    trust.save_key_pair(trust.generate_key(), str(stranger) + ".pem", str(stranger) + ".pub")
+    repo = _copy_repo(signed, tmp_path / "www")
+    assert main(["repo", "sign", str(repo), "--timestamp-key", str(stranger) + ".pem"]) == 1
+    assert "not one the current index lists" in capsys.readouterr().err

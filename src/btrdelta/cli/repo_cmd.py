@@ -14,8 +14,8 @@ examples:
   btrdelta repo init www/app
   btrdelta repo add www/app 1.0 /build/app-1.0          # a tree, a ro snapshot or a full stream
   btrdelta repo add www/app 1.1 /build/app-1.1 --parallel 4
-  btrdelta repo sign www/app --key root.pem --timestamp-key ts.pem --expires 7d
-  btrdelta repo sign www/app --timestamp-key ts.pem --expires 7d   # cron: timestamp only
+  btrdelta repo sign www/app --key root.key --timestamp-key timestamp.key --expires 7d
+  btrdelta repo sign www/app --timestamp-key timestamp.key --expires 7d   # cron: timestamp only
   btrdelta repo ls www/app          (or: btrdelta repo ls https://mirror/app --key root.pub)
   rsync -a --exclude=/.btrdelta www/app/ mirror:/srv/app/   # what mirrors carry
 
