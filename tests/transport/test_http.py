@@ -15,6 +15,7 @@ from btrdelta.chunk.clone import HttpSource, clone
 from btrdelta.chunk.compress import compress_image
 from btrdelta.chunk.store import ChunkStore
 from btrdelta.errors import StreamFormatError, TransportError
+from btrdelta.transport.config import HttpConfig
 from btrdelta.transport.http import RangeFetcher
 from btrdelta.transport.plan import parse_range_header
 from btrdelta.transport.server import StaticRequestHandler, StaticServer
@@ -100,8 +101,8 @@ def _flaky(root: Path, mode: str, faults: int = 3) -> Iterator[FlakyServer]:
 
 
 def _clone(url: str, store: ChunkStore, **kw):  # type: ignore[no-untyped-def]
-    fetcher = RangeFetcher(url, backoff=0.01, max_ranges=kw.pop("max_ranges", 16),
-                           parallel=3)
+    fetcher = RangeFetcher(url, HttpConfig(backoff=0.01, jobs=3),
+                           max_ranges=kw.pop("max_ranges", 16))
     src = HttpSource(url, fetcher)
     try:
         return clone(src, store, "img", **kw)

@@ -31,6 +31,7 @@ import blake3
 import zstandard
 
 from ..errors import ChecksumError, MissingBaseError, StreamFormatError
+from ..transport.config import HttpConfig
 from ..transport.http import FetchStats, RangeFetcher, RangesNotSupported
 from ..transport.plan import Part, Span, coalesce
 from ..trust import PublicKey
@@ -112,10 +113,16 @@ class FileSource:
 class HttpSource:
     """An archive behind an HTTP(S) URL, read with range requests."""
 
-    def __init__(self, url: str, fetcher: RangeFetcher | None = None) -> None:
+    def __init__(self, url: str, fetcher: RangeFetcher | None = None,
+                 config: HttpConfig | None = None) -> None:
         self.name = url
-        self.fetcher = fetcher or RangeFetcher(url)
+        self.fetcher = fetcher or RangeFetcher(url, config)
         self.stats = self.fetcher.stats
+
+    @property
+    def size(self) -> int | None:
+        """The archive's size as the server reported it (after the first read)."""
+        return self.fetcher.size
 
     def read(self, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` (raises ``RangesNotSupported`` if the server ignores Range)."""
@@ -130,10 +137,11 @@ class HttpSource:
         self.fetcher.close()
 
 
-def open_source(location: str) -> ArchiveSource:
-    """A :class:`HttpSource` for ``http(s)://`` locations, else a :class:`FileSource`."""
+def open_source(location: str, config: HttpConfig | None = None) -> ArchiveSource:
+    """A :class:`HttpSource` (with ``config``) for ``http(s)://`` locations, else a
+    :class:`FileSource`."""
     if location.startswith(("http://", "https://")):
-        return HttpSource(location)
+        return HttpSource(location, config=config)
     return FileSource(location)
 
 
@@ -160,16 +168,32 @@ class CloneReport:
     archive_size: int = 0
 
 
+#: Largest index read from an archive (~5M chunk positions: a 320 GiB image at 64 KiB
+#: chunks). The signature covers header || index, so the index size from the header is
+#: bounded, and checked against the archive's real size, before the index is read.
+MAX_INDEX_SIZE = 256 << 20
+
+
 def read_index(
-    source: ArchiveSource, *, public_key: PublicKey | None = None
+    source: ArchiveSource, *, public_key: PublicKey | None = None,
+    max_index_size: int = MAX_INDEX_SIZE,
 ) -> tuple[ArchiveHeader, ArchiveIndex, bytes]:
-    """Read, check (signature first) and decode header and index.
+    """Read, check (sizes, then signature) and decode header and index.
 
     Returns:
         ``(header, index, description_bytes)``.
     """
     head = source.read(0, HEADER_SIZE)
     header = decode_header(head, source=source.name)
+    size = getattr(source, "size", None)
+    if size is not None and size != header.archive_size:
+        raise StreamFormatError(
+            f"archive is {size} bytes, its header says {header.archive_size}",
+            source=source.name, offset=0)
+    if header.index_size > max_index_size:
+        raise StreamFormatError(
+            f"index of {header.index_size} bytes exceeds the {max_index_size}-byte limit "
+            "(not read)", source=source.name, offset=64)
     start = header.index_offset
     tail = source.read(start, start + header.index_size + header.sig_size)
     index_bytes = memoryview(tail)[: header.index_size]

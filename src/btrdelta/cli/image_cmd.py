@@ -18,6 +18,7 @@ from ..chunk.store import ChunkStore, ImageReader, split_store_name
 from ..errors import BtrdeltaError, ChecksumError
 from ..trust import load_private_key, load_public_key
 from ._common import Progress, human_bytes, open_output, parse_size
+from .http_options import add_http_options, http_config
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -57,6 +58,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     cl.add_argument("--key", metavar="PUBKEY", help="require a valid signature by this key (PEM)")
     cl.add_argument("--json", action="store_true", help="print the report as JSON")
     cl.add_argument("--progress", action="store_true", help="show progress on stderr")
+    add_http_options(cl)
     cl.set_defaults(func=run_clone)
 
     m = isub.add_parser("mount", help="FUSE: expose an image in the store as one read-only file")
@@ -74,6 +76,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     i.add_argument("source", metavar="ARCHIVE|STORE/NAME")
     i.add_argument("--key", metavar="PUBKEY", help="also check the signature with this key")
     i.add_argument("--json", action="store_true", help="print JSON")
+    add_http_options(i)
     i.set_defaults(func=run_info)
 
     v = isub.add_parser("verify", help="check an image in the store (every chunk's hash)")
@@ -112,7 +115,7 @@ def run_clone(args: argparse.Namespace) -> int:
     store_dir, name = split_store_name(args.target)
     key = load_public_key(args.key) if args.key else None
     progress = Progress(Progress.wanted(args), "clone: ")
-    source = open_source(args.source)
+    source = open_source(args.source, http_config(args))
     try:
         report = clone(
             source, ChunkStore(store_dir), name, seeds=args.seed, output=args.output,
@@ -211,7 +214,7 @@ def run_info(args: argparse.Namespace) -> int:
         header, index = ChunkStore(store_dir).read_description(name, public_key=key)
         archive_size = header.archive_size
     else:
-        source = open_source(args.source)
+        source = open_source(args.source, http_config(args))
         try:
             header, index, _ = read_index(source, public_key=key)
         finally:

@@ -1,2 +1,4 @@
-"""Byte-range transport: which ranges to ask for (``plan``), fetching them over HTTP with
-retries (``http``), and a small static server with Range support (``server``)."""
+"""Byte-range transport: which ranges to ask for (``plan``), the HTTP settings every fetcher
+shares (``config``), the per-request deadline and rate limit under httpx (``pacing``),
+fetching ranges with bounded reads and retries (``http``), and a small static server with
+Range support (``server``)."""

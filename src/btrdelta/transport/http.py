@@ -1,29 +1,42 @@
-"""Fetching byte ranges over HTTP(S) with ``httpx``: several requests in flight, retries.
+"""Fetching byte ranges over HTTP(S) with ``httpx``: bounded reads, retries, parallel requests.
 
 Strategy: spans (from :mod:`.plan`) are grouped into requests of several ranges each; a
-thread pool keeps a few requests in flight on one pooled ``httpx.Client``. Each response is
-checked (status, ``Content-Range``, multipart parts, exact length) and every span it
-delivers goes to the caller's ``on_span`` callback in the worker thread. Spans not
-delivered are queued again. Connection drops, 5xx/429 and truncated bodies are retried with
-exponential back-off; a server that answers a multi-range request with a single range or
-the whole resource makes the fetcher fall back to one range per request. A server that
-ignores ``Range`` altogether is detected by :meth:`RangeFetcher.get_range` (it raises
+thread pool keeps ``config.jobs`` requests in flight on one pooled ``httpx.Client`` (built by
+:class:`.config.HttpConfig`: TLS, headers, deadline, rate limit). Each response is checked
+(status, ``Content-Range``, multipart parts, exact length) and every span it delivers goes
+to the caller's ``on_span`` callback in the worker thread.
+
+Every read is bounded by what was asked: a reply body may hold the bytes asked for plus a
+little multipart framing, never more (a longer announced ``Content-Length`` is refused
+before reading, a longer body is cut off); a request must also finish within its deadline
+(:mod:`.pacing`), so a server that trickles bytes is cut off too.
+
+Transient failures (connection refused, dropped or timed out, 5xx/429, truncated bodies,
+ranges missing from a reply) are retried by ``tenacity`` with exponential back-off and
+jitter, ``config.retries`` times; permanent ones (4xx, a certificate that does not verify,
+a redirect loop, an oversized reply) fail at once. A server that answers a multi-range
+request with the whole resource makes the fetcher fall back to one range per request; one
+that ignores ``Range`` altogether is detected by :meth:`RangeFetcher.get_range` (it raises
 :class:`RangesNotSupported`), so the caller can download the whole resource instead.
 """
 
 from __future__ import annotations
 
-import random
+import contextlib
+import ssl
+import sys
 import threading
-import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, NoReturn
 
 import httpx
+import tenacity
 
 from ..errors import TransportError
+from .config import HttpConfig
+from .pacing import deadline
 from .plan import (
     Span,
     batch_spans,
@@ -35,6 +48,8 @@ from .plan import (
 __all__ = ["FetchStats", "RangeFetcher", "RangesNotSupported"]
 
 _RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+#: multipart framing allowed per part (boundary, Content-Type, Content-Range lines)
+_PART_OVERHEAD = 512
 
 
 class RangesNotSupported(TransportError):
@@ -45,6 +60,10 @@ class RangesNotSupported(TransportError):
     """
 
     size: int | None = None
+
+
+class _Oversize(TransportError):
+    """A reply longer than what was asked (refused, not retried)."""
 
 
 class _Retry(Exception):
@@ -74,40 +93,39 @@ class RangeFetcher:
 
     Args:
         url: the resource.
-        client: an ``httpx.Client`` (tests inject transports); one is made if omitted.
-        parallel: requests in flight.
-        retries: attempts per range after the first, before giving up.
-        backoff: first back-off delay in seconds (doubles each attempt, with jitter).
+        config: TLS, headers, timeouts, retries, parallel requests, rate limit.
+        client: an ``httpx.Client`` (tests inject one); made from ``config`` if omitted.
         max_ranges: ranges per request (1 disables multi-range requests).
         max_request_bytes: bytes asked for in one request.
+        log: called with one line per retry (default: standard error).
+
+    Attributes:
+        size: the resource's size as the server reported it in ``Content-Range``
+            (``None`` until a range reply said).
     """
 
     def __init__(
         self,
         url: str,
+        config: HttpConfig | None = None,
         *,
         client: httpx.Client | None = None,
-        parallel: int = 4,
-        retries: int = 5,
-        backoff: float = 0.2,
         max_ranges: int = 16,
         max_request_bytes: int = 16 << 20,
-        timeout: float = 30.0,
+        log: Callable[[str], None] | None = None,
     ) -> None:
         self.url = url
+        self.config = config or HttpConfig()
         self._own_client = client is None
-        self.client = client or httpx.Client(
-            timeout=timeout,
-            limits=httpx.Limits(max_connections=parallel, max_keepalive_connections=parallel),
-            follow_redirects=True,
-        )
-        self.parallel = max(1, parallel)
-        self.retries = retries
-        self.backoff = backoff
+        self.client = client or self.config.client()
         self.max_ranges = max(1, max_ranges)
         self.max_request_bytes = max_request_bytes
         self.stats = FetchStats()
+        self.size: int | None = None
+        self._log = log or _stderr
         self._lock = threading.Lock()
+        self._multi = self.max_ranges > 1
+        self._cancel = threading.Event()
 
     def close(self) -> None:
         """Close the client if this fetcher made it."""
@@ -127,26 +145,57 @@ class RangeFetcher:
             self.stats.bytes_received += received
             self.stats.retries += retries
 
-    def _sleep(self, attempt: int) -> None:
-        time.sleep(self.backoff * (2**attempt) * (0.5 + random.random() / 2))
+    def _retrying(self) -> tenacity.Retrying:
+        cfg = self.config
+        return tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(_Retry),
+            stop=tenacity.stop_after_attempt(cfg.retries + 1),
+            wait=tenacity.wait_exponential(multiplier=cfg.backoff, max=cfg.retry_max_wait)
+            + tenacity.wait_random(0, cfg.backoff),
+            sleep=self._sleep,
+            before_sleep=self._before_sleep,
+            retry_error_callback=self._give_up,
+        )
+
+    def _sleep(self, seconds: float) -> None:
+        if self._cancel.wait(seconds):
+            raise TransportError("cancelled", url=self.url)
+
+    def _before_sleep(self, state: tenacity.RetryCallState) -> None:
+        self._count(retries=1)
+        wait = state.next_action.sleep if state.next_action else 0.0
+        self._log(f"{self.url}: {_outcome(state)}; attempt {state.attempt_number + 1} of "
+                  f"{self.config.retries + 1} in {wait:.1f} s")
+
+    def _give_up(self, state: tenacity.RetryCallState) -> NoReturn:
+        raise TransportError(
+            f"giving up after {state.attempt_number} attempts: {_outcome(state)}", url=self.url)
 
     def _request(self, ranges: Sequence[tuple[int, int]]) -> _Response:
-        """One GET; a 200 answer is not read (the caller decides), others are read fully.
+        """One GET; a 200 answer is not read (the caller decides), a 206 is read up to what
+        was asked (plus multipart framing), others are not read.
 
         Raises:
             _Retry: a transient failure; TransportError: a permanent one.
         """
+        if self._cancel.is_set():
+            raise TransportError("cancelled", url=self.url)
         headers = {"Range": format_range_header(ranges), "Accept-Encoding": "identity"}
+        asked = sum(b - a for a, b in ranges)
+        limit = asked + _PART_OVERHEAD * (len(ranges) + 1) if len(ranges) > 1 else asked
         self._count(requests=1)
+        cfg = self.config
         try:
-            with self.client.stream("GET", self.url, headers=headers) as resp:
+            with deadline(cfg.timeout, cfg.deadline_speed), \
+                    self.client.stream("GET", self.url, headers=headers) as resp:
                 status = resp.status_code
                 if status == 200:
                     return _Response(200, resp.headers, b"")
-                content = resp.read() if status == 206 else b""
-        except httpx.TransportError as exc:  # drops, resets, truncated bodies, timeouts
-            raise _Retry(f"{type(exc).__name__}: {exc}") from exc
-        self._count(received=len(content))
+                content = self._read_bounded(resp, asked, limit) if status == 206 else b""
+        except httpx.HTTPError as exc:
+            raise _classify(exc, self) from exc
+        except httpx.InvalidURL as exc:
+            raise TransportError(f"invalid URL: {exc}", url=self.url) from None
         if status in _RETRY_STATUS:
             raise _Retry(f"HTTP {status}")
         if status != 206:
@@ -157,6 +206,23 @@ class RangeFetcher:
             raise _Retry(f"body truncated ({len(content)} of {length} bytes)")
         return _Response(status, resp.headers, content)
 
+    def _read_bounded(self, resp: httpx.Response, asked: int, limit: int) -> bytes:
+        """The body, refused if the server announces or sends more than ``limit`` bytes."""
+        length = resp.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise _Oversize(f"reply of {length} bytes announced for {asked} bytes asked; "
+                            "refused", url=self.url)
+        buf = bytearray()
+        try:
+            for block in resp.iter_raw():
+                if len(buf) + len(block) > limit:
+                    raise _Oversize(f"reply longer than the {asked} bytes asked; cut off",
+                                    url=self.url)
+                buf += block
+        finally:
+            self._count(received=len(buf))
+        return bytes(buf)
+
     # -- public API ------------------------------------------------------------------------
     def get_range(self, start: int, end: int) -> bytes:
         """Bytes ``[start, end)``, retrying transient failures.
@@ -165,69 +231,69 @@ class RangeFetcher:
             RangesNotSupported: the server answered with the whole resource (not read).
             TransportError: permanent failure or retries exhausted.
         """
-        attempt = 0
-        while True:
-            try:
-                resp = self._request([(start, end)])
-                if resp.status_code == 200:
-                    exc = RangesNotSupported("server ignores Range requests", url=self.url,
-                                             status=200)
-                    length = resp.headers.get("content-length", "")
-                    exc.size = int(length) if length.isdigit() else None
-                    raise exc
-                got = self._single_part(resp)
-                if got[0] > start or got[0] + len(got[1]) < end:
-                    raise _Retry("server sent a different range than asked")
-                return bytes(got[1][start - got[0] : end - got[0]])
-            except _Retry as exc:
-                attempt = self._retry_or_fail(attempt, str(exc))
+        data: bytes = self._retrying()(self._get_range_once, start, end)
+        return data
 
-    def _retry_or_fail(self, attempt: int, why: str) -> int:
-        if attempt >= self.retries:
-            raise TransportError(f"giving up after {attempt + 1} attempts: {why}", url=self.url)
-        self._count(retries=1)
-        self._sleep(attempt)
-        return attempt + 1
+    def _get_range_once(self, start: int, end: int) -> bytes:
+        resp = self._request([(start, end)])
+        if resp.status_code == 200:
+            exc = RangesNotSupported("server ignores Range requests", url=self.url, status=200)
+            length = resp.headers.get("content-length", "")
+            exc.size = int(length) if length.isdigit() else None
+            raise exc
+        first, data = self._single_part(resp)
+        if first != start or len(data) != end - start:
+            raise _Retry("server sent a different range than asked")
+        return bytes(data)
 
     def _single_part(self, resp: _Response) -> tuple[int, memoryview]:
         value = resp.headers.get("content-range")
         if value is None:
             raise _Retry("206 response without Content-Range")
         try:
-            first, end, _ = parse_content_range(value)
+            first, end, total = parse_content_range(value)
         except TransportError as exc:
             raise _Retry(str(exc)) from exc
         if end - first != len(resp.content):
             raise _Retry(f"body is {len(resp.content)} bytes, Content-Range says {end - first}")
+        if total is not None:
+            self.size = total
         return first, memoryview(resp.content)
 
     def download(self, out: BinaryIO) -> int:
-        """Stream the whole resource into ``out`` (for servers without Range support)."""
-        attempt = 0
-        while True:
-            out.seek(0)
-            out.truncate()
-            self._count(requests=1)
-            try:
-                with self.client.stream("GET", self.url) as resp:
-                    if resp.status_code in _RETRY_STATUS:
-                        raise _Retry(f"HTTP {resp.status_code}")
-                    if resp.status_code != 200:
-                        raise TransportError(f"HTTP {resp.status_code}", url=self.url,
-                                             status=resp.status_code)
-                    n = 0
-                    for block in resp.iter_raw(1 << 20):
-                        out.write(block)
-                        n += len(block)
-                    self._count(received=n)
-                    length = resp.headers.get("content-length")
-                    if length is not None and length.isdigit() and int(length) != n:
-                        raise _Retry(f"body truncated ({n} of {length} bytes)")
-                    return n
-            except httpx.TransportError as exc:
-                attempt = self._retry_or_fail(attempt, f"{type(exc).__name__}: {exc}")
-            except _Retry as exc:
-                attempt = self._retry_or_fail(attempt, str(exc))
+        """Stream the whole resource into ``out`` (for servers without Range support).
+
+        The body goes to ``out`` (not memory); a server's ``Content-Length`` bounds it.
+        """
+        n: int = self._retrying()(self._download_once, out)
+        return n
+
+    def _download_once(self, out: BinaryIO) -> int:
+        out.seek(0)
+        out.truncate()
+        self._count(requests=1)
+        n = 0
+        cfg = self.config
+        try:
+            with contextlib.ExitStack() as stack:
+                with deadline(cfg.timeout, cfg.deadline_speed):
+                    resp = stack.enter_context(self.client.stream("GET", self.url))
+                if resp.status_code in _RETRY_STATUS:
+                    raise _Retry(f"HTTP {resp.status_code}")
+                if resp.status_code != 200:
+                    raise TransportError(f"HTTP {resp.status_code}", url=self.url,
+                                         status=resp.status_code)
+                for block in _paced(resp, cfg):
+                    out.write(block)
+                    n += len(block)
+                length = resp.headers.get("content-length")
+                if length is not None and length.isdigit() and int(length) != n:
+                    raise _Retry(f"body truncated ({n} of {length} bytes)")
+                return n
+        except httpx.HTTPError as exc:
+            raise _classify(exc, self) from exc
+        finally:
+            self._count(received=n)
 
     def fetch_spans(
         self, spans: Sequence[Span], on_span: Callable[[Span, memoryview], None]
@@ -239,52 +305,50 @@ class RangeFetcher:
         Raises:
             TransportError: a span could not be fetched after all retries.
         """
-        attempts: dict[tuple[int, int], int] = {}
-        queue = list(spans)
-        multi = self.max_ranges > 1
-        with ThreadPoolExecutor(self.parallel, thread_name_prefix="fetch") as pool:
-            running: dict[Future[tuple[list[Span], bool]], list[Span]] = {}
+        batches = batch_spans(spans, max_ranges=self.max_ranges if self._multi else 1,
+                              max_bytes=self.max_request_bytes)
+        self._cancel.clear()
+        with ThreadPoolExecutor(self.config.jobs, thread_name_prefix="fetch") as pool:
+            futures = [pool.submit(self._fetch_batch, b, on_span) for b in batches]
             try:
-                while queue or running:
-                    while queue and len(running) < self.parallel:
-                        per = self.max_ranges if multi else 1
-                        take = batch_spans(queue, max_ranges=per,
-                                           max_bytes=self.max_request_bytes)[0]
-                        del queue[: len(take)]
-                        running[pool.submit(self._fetch_batch, take, on_span)] = take
-                    done, _ = wait(running, return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        batch = running.pop(fut)
-                        try:
-                            leftover, refused_multi = fut.result()
-                        except _Retry as exc:
-                            leftover, refused_multi = batch, False
-                            why = str(exc)
-                        else:
-                            why = "server did not send every range asked for"
-                        if refused_multi:
-                            multi = False
-                        for span in leftover:
-                            key = (span.start, span.end)
-                            n = attempts.get(key, 0)
-                            if not refused_multi:
-                                self._retry_or_fail(n, why)
-                                attempts[key] = n + 1
-                            queue.append(span)
-                        queue.sort(key=lambda s: s.start)
+                wait(futures, return_when=FIRST_EXCEPTION)
+                for fut in futures:
+                    if fut.done():
+                        fut.result()  # the first failure, if any, is raised here
             except BaseException:
-                for fut in running:
+                self._cancel.set()
+                for fut in futures:
                     fut.cancel()
                 raise
 
-    def _fetch_batch(
-        self, batch: list[Span], on_span: Callable[[Span, memoryview], None]
-    ) -> tuple[list[Span], bool]:
-        """One request for ``batch``; returns (spans not delivered, server refused multi)."""
-        resp = self._request([(s.start, s.end) for s in batch])
+    def _fetch_batch(self, batch: list[Span], on_span: Callable[[Span, memoryview], None]
+                     ) -> None:
+        """Fetch ``batch`` (one request, retried for the ranges still missing)."""
+        pending = batch
+        for attempt in self._retrying():
+            with attempt:
+                if len(pending) > 1 and not self._multi:
+                    for span in pending:
+                        self._fetch_batch([span], on_span)
+                    return
+                pending = self._fetch_once(pending, on_span)
+                if pending:
+                    raise _Retry("server did not send every range asked for")
+
+    def _fetch_once(self, batch: list[Span], on_span: Callable[[Span, memoryview], None]
+                    ) -> list[Span]:
+        """One request for ``batch``; returns the spans it did not deliver."""
+        try:
+            resp = self._request([(s.start, s.end) for s in batch])
+        except _Oversize:
+            if len(batch) == 1:
+                raise
+            self._multi = False  # e.g. a server coalescing distant ranges: ask one by one
+            return batch
         if resp.status_code == 200:
             if len(batch) > 1:
-                return batch, True
+                self._multi = False
+                return batch
             raise RangesNotSupported("server ignores Range requests", url=self.url, status=200)
         ctype = resp.headers.get("content-type", "")
         if ctype.lower().startswith("multipart/byteranges"):
@@ -303,7 +367,58 @@ class RangeFetcher:
                     break
             else:
                 leftover.append(span)
-        return leftover, bool(leftover) and len(batch) > 1 and len(parts) == 1
+        if leftover and len(batch) > 1 and len(parts) == 1:
+            self._multi = False  # answered a multi-range request with one range
+        return leftover
+
+
+def _paced(resp: httpx.Response, cfg: HttpConfig) -> Iterator[bytes]:
+    """The raw body in blocks, each block read under the request deadline."""
+    it = resp.iter_raw(1 << 20)
+    while True:
+        with deadline(cfg.timeout, cfg.deadline_speed):
+            block = next(it, None)
+        if block is None:
+            return
+        yield block
+
+
+def _classify(exc: httpx.HTTPError, fetcher: RangeFetcher) -> Exception:
+    """A transient :class:`_Retry` or a permanent :class:`TransportError` for ``exc``."""
+    why = f"{type(exc).__name__}: {_one_line(exc)}"
+    if isinstance(exc, httpx.TooManyRedirects):
+        return TransportError(
+            f"more than {fetcher.config.max_redirects} redirects (a redirect loop?)",
+            url=fetcher.url)
+    if isinstance(exc, httpx.UnsupportedProtocol | httpx.DecodingError | httpx.LocalProtocolError):
+        return TransportError(why, url=fetcher.url)
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return TransportError(
+                f"TLS: server certificate not trusted ({cause.verify_message or cause.reason}); "
+                "is --ca-cert right?", url=fetcher.url)
+        if isinstance(cause, ssl.SSLError) and "ALERT" in str(cause.reason or ""):
+            return TransportError(f"TLS: the server refused the handshake ({cause.reason})",
+                                  url=fetcher.url)
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(exc, httpx.TransportError):
+        return _Retry(why)
+    return TransportError(why, url=fetcher.url)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def _outcome(state: tenacity.RetryCallState) -> str:
+    exc = state.outcome.exception() if state.outcome is not None else None
+    return _one_line(exc) if exc is not None else "no result"
+
+
+def _stderr(line: str) -> None:
+    print(f"btrdelta: {line}", file=sys.stderr, flush=True)
 
 
 def _boundary(content_type: str) -> bytes:
@@ -312,4 +427,3 @@ def _boundary(content_type: str) -> bytes:
         if name.lower() == "boundary" and value:
             return value.strip('"').encode("latin-1")
     raise _Retry("multipart response without a boundary")
-
