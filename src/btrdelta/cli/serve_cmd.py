@@ -3,12 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
 import types
 
+from ..errors import BtrdeltaError
+from ..transport.listen import parse_port
 from ..transport.server import StaticServer
+
+
+def _port(text: str) -> int:
+    try:
+        return parse_port(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
+    return value
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -21,10 +41,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "Logs one line per request with the body bytes sent on stderr; stops cleanly on "
             "SIGINT or SIGTERM and prints the total. Production uses any web server or CDN."
         ),
+        epilog="example: btrdelta serve ./www --bind 0.0.0.0 --port 8080",
     )
     p.add_argument("dir", metavar="DIR", help="directory to serve")
-    p.add_argument("--port", type=int, default=8080, help="TCP port (0: any free; default 8080)")
-    p.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=_port, default=8080,
+                   help="TCP port (0: any free; default 8080)")
+    p.add_argument("--bind", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; :: for all IPv6)")
+    p.add_argument("--idle-timeout", type=_seconds, default=60.0, metavar="SECONDS",
+                   help="close a connection silent (or not reading) this long (default 60)")
     p.add_argument("-q", "--quiet", action="store_true", help="do not log requests")
     p.set_defaults(func=run)
 
@@ -36,7 +61,10 @@ def run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(line, file=sys.stderr, flush=True)
 
-    server = StaticServer(args.dir, (args.bind, args.port), log=log)
+    if not os.path.isdir(args.dir):
+        raise BtrdeltaError("not a directory", path=args.dir)
+    server = StaticServer(args.dir, (args.bind, args.port), log=log,
+                          idle_timeout=args.idle_timeout)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: types.FrameType | None) -> None:

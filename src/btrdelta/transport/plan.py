@@ -18,6 +18,7 @@ __all__ = [
     "Span",
     "batch_spans",
     "coalesce",
+    "coalesce_ranges",
     "format_range_header",
     "parse_content_range",
     "parse_multipart_byteranges",
@@ -124,6 +125,13 @@ def parse_content_range(value: str) -> tuple[int, int, int | None]:
 
 
 _RANGE_SPEC = re.compile(r"\s*(\d*)\s*-\s*(\d*)\s*$", re.ASCII)
+#: a position with more digits than this is past the end of any file (and never parsed:
+#: a 5000-digit number would exceed Python's int-from-string limit)
+_MAX_DIGITS = 18
+
+
+def _position(digits: str) -> int:
+    return int(digits) if len(digits.lstrip("0")) <= _MAX_DIGITS else 10**_MAX_DIGITS
 
 
 def parse_range_header(
@@ -132,8 +140,9 @@ def parse_range_header(
     """Parse a request ``Range`` header against a resource of ``size`` bytes.
 
     Returns:
-        Half-open ranges clipped to the resource, ``[]`` if none is satisfiable (416), or
-        ``None`` if the header is malformed or too many ranges (serve the whole resource).
+        Half-open ranges clipped to the resource, in the order asked, ``[]`` if none is
+        satisfiable (416), or ``None`` if the header is malformed or has too many ranges
+        (serve the whole resource, as RFC 9110 section 14.2 allows).
     """
     unit, _, specs = value.partition("=")
     if unit.strip().lower() != "bytes" or not specs:
@@ -147,19 +156,33 @@ def parse_range_header(
         if not m or (not m[1] and not m[2]):
             return None
         if not m[1]:  # suffix range: last N bytes
-            n = int(m[2])
+            n = _position(m[2])
             if n == 0:
                 continue
             ranges.append((max(0, size - n), size))
             continue
-        first = int(m[1])
-        last = int(m[2]) if m[2] else max(first, size - 1)
+        first = _position(m[1])
+        last = _position(m[2]) if m[2] else max(first, size - 1)
         if last < first:
             return None
         if first >= size:
             continue
         ranges.append((first, min(last, size - 1) + 1))
     return ranges
+
+
+def coalesce_ranges(ranges: Sequence[tuple[int, int]], *, max_gap: int = 80
+                    ) -> list[tuple[int, int]]:
+    """Sort and merge ranges that overlap or lie less than ``max_gap`` bytes apart (less
+    than the framing of another multipart part), as RFC 9110 section 15.3.7.2 allows: the
+    reply to overlapping ranges is never longer than the resource."""
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if merged and start - merged[-1][1] < max_gap:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
 
 
 def parse_multipart_byteranges(

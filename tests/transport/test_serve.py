@@ -1,0 +1,122 @@
+"""``btrdelta serve`` against requests that used to crash or abuse it, and its start-up
+errors. Each test failed before the hardening (thread crash, 64 copies, no idle timeout,
+Nagle stalls, a bare "Address already in use")."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from btrdelta.cli import main
+from btrdelta.transport.server import StaticServer
+
+SIZE = 300_000
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[StaticServer]:
+    (tmp_path / "f.bin").write_bytes(bytes(range(256)) * (SIZE // 256) + b"x" * (SIZE % 256))
+    lines: list[str] = []
+    srv = StaticServer(tmp_path, log=lines.append, idle_timeout=0.5)
+    with srv.running():
+        yield srv
+    assert not [line for line in lines if "error in handler" in line]
+
+
+@pytest.fixture
+def conn(server: StaticServer) -> Iterator[http.client.HTTPConnection]:
+    host, port = server.server_address[:2]
+    connection = http.client.HTTPConnection(str(host), int(port), timeout=10)
+    yield connection
+    connection.close()
+
+
+def test_nul_in_path_is_404_and_the_connection_lives(conn: http.client.HTTPConnection) -> None:
+    conn.request("GET", "/f.bin%00.txt")
+    resp = conn.getresponse()
+    assert resp.status == 404
+    resp.read()
+    conn.request("GET", "/f.bin", headers={"Range": "bytes=0-9"})  # same connection
+    assert conn.getresponse().read() == bytes(range(10))
+
+
+@pytest.mark.parametrize(("spec", "status", "body"), [
+    ("bytes=" + "9" * 5000 + "-", 416, b""),
+    ("bytes=0-" + "9" * 5000, 206, None),  # to the end
+    ("bytes=-" + "9" * 5000, 206, None),   # the last 10**5000 bytes: all of them
+])
+def test_huge_range_numbers(conn: http.client.HTTPConnection, spec: str, status: int,
+                            body: bytes | None) -> None:
+    conn.request("GET", "/f.bin", headers={"Range": spec})
+    resp = conn.getresponse()
+    assert resp.status == status
+    data = resp.read()
+    if body is None:
+        assert len(data) == SIZE
+        assert resp.getheader("Content-Range") == f"bytes 0-{SIZE - 1}/{SIZE}"
+
+
+def test_overlapping_ranges_are_coalesced(conn: http.client.HTTPConnection) -> None:
+    conn.request("GET", "/f.bin", headers={"Range": "bytes=" + ",".join(["0-99999"] * 64)})
+    resp = conn.getresponse()
+    data = resp.read()
+    assert resp.status == 206
+    assert resp.getheader("Content-Range") == f"bytes 0-99999/{SIZE}"
+    assert len(data) == 100_000
+    # separate ranges still come as multipart, in offset order, neighbours merged
+    conn.request("GET", "/f.bin", headers={"Range": "bytes=5000-5009,0-9,20-29"})
+    resp = conn.getresponse()
+    body = resp.read()
+    assert resp.getheader("Content-Type").startswith("multipart/byteranges")
+    assert body.count(b"Content-Range:") == 2
+    assert b"Content-Range: bytes 0-29/" in body
+    assert b"Content-Range: bytes 5000-5009/" in body
+
+
+def test_idle_connection_is_closed(server: StaticServer) -> None:
+    with socket.create_connection(server.server_address[:2], timeout=5) as sock:
+        start = time.monotonic()
+        assert sock.recv(100) == b""  # closed by the server, not our 5 s timeout
+        assert time.monotonic() - start < 3
+
+
+def test_keep_alive_requests_do_not_stall(conn: http.client.HTTPConnection) -> None:
+    # headers and sendfile body are two writes: with Nagle on, each small reply waited for
+    # the client's delayed ACK (~40 ms); with TCP_NODELAY a request takes well under that
+    times = []
+    for i in range(30):
+        start = time.perf_counter()
+        conn.request("GET", "/f.bin", headers={"Range": f"bytes={i * 100}-{i * 100 + 99}"})
+        assert len(conn.getresponse().read()) == 100
+        times.append(time.perf_counter() - start)
+    assert statistics.median(times) < 0.02, times
+
+
+def test_serve_start_up_errors_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        assert main(["serve", str(tmp_path), "--port", str(port)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"btrdelta serve: error: cannot listen on 127.0.0.1:{port}: address "
+                       "already in use (another server on that port?)"]
+    assert main(["serve", str(tmp_path), "--port", "0", "--bind", "no-such-host.invalid"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "cannot listen on no-such-host.invalid:0: unknown host" in err[0]
+    assert main(["serve", str(tmp_path / "nope"), "--port", "0"]) == 1
+    assert "not a directory" in capsys.readouterr().err
+    for bad in (["--port", "70000"], ["--port", "http"], ["--idle-timeout", "0"]):
+        with pytest.raises(SystemExit) as info:
+            main(["serve", str(tmp_path), *bad])
+        assert info.value.code == 2
+        assert "error: argument" in capsys.readouterr().err
