@@ -6,7 +6,8 @@ set -euo pipefail
 declare -A need=(
   [btrfs]=btrfs-progs [mkfs.ext4]=e2fsprogs [xfs_io]=xfsprogs [setfattr]=attr
   [setcap]=libcap2-bin [zstd]=zstd [bsdiff]=bsdiff [xdelta3]=xdelta3 [rsync]=rsync
-  [fusermount3]=fuse3 [nbdinfo]=libnbd-bin [casync]=casync [nginx]=nginx-light
+  [fusermount3]=fuse3 [nbdinfo]=libnbd-bin [nbdsh]=python3-libnbd [qemu-img]=qemu-utils
+  [casync]=casync [nginx]=nginx-light
   [debootstrap]=debootstrap [losetup]=mount [chromium]=chromium
 )
 missing=()

@@ -67,7 +67,7 @@ def test_nbdcopy_reads_the_image(
     out = tmp_path / "copy.img"
     subprocess.run(["nbdcopy", nbd_server.uri, str(out)], check=True, timeout=120)
     assert out.read_bytes() == image_pair.img2.read_bytes()
-    assert nbd_server.bytes_read >= image_pair.img2.stat().st_size
+    assert nbd_server.bytes_read > 0  # zero runs are skipped (block status): test_nbd.py
 
 
 def test_nbd_unknown_export_and_write_refused(nbd_server: NbdServer) -> None:

@@ -16,6 +16,7 @@ from ..chunk.clone import clone, open_source, read_index
 from ..chunk.compress import DEFAULT_LEVEL, compress_image
 from ..chunk.store import ChunkStore, ImageReader, split_store_name
 from ..errors import BtrdeltaError, ChecksumError
+from ..transport.listen import ListenAddress, parse_listen, server_tls
 from ..trust import load_private_key, load_public_key
 from ._common import Progress, human_bytes, open_output, parse_size
 from .http_options import add_http_options, http_config
@@ -68,8 +69,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
     n = isub.add_parser("nbd", help="serve an image in the store over NBD (read-only)")
     n.add_argument("target", metavar="STORE/NAME")
-    n.add_argument("--listen", default="127.0.0.1:10809", metavar="ADDR",
-                   help="HOST:PORT or unix:PATH (default 127.0.0.1:10809)")
+    n.add_argument("--listen", default="127.0.0.1:10809", metavar="ADDR", type=_listen,
+                   help="HOST:PORT, [IPV6]:PORT or unix:PATH (default 127.0.0.1:10809)")
+    n.add_argument("--tls-cert", metavar="PEM",
+                   help="serve TLS only (clients use nbds://) with this certificate")
+    n.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    n.add_argument("--tls-client-ca", metavar="PEM",
+                   help="also require a client certificate signed by this CA")
+    n.epilog = ("example: btrdelta image nbd /var/lib/images/v2 --listen unix:/run/v2.sock & "
+                "nbdinfo --map 'nbd+unix:///v2?socket=/run/v2.sock'")
     n.set_defaults(func=run_nbd)
 
     i = isub.add_parser("info", help="what an archive (path or URL) or description holds")
@@ -88,6 +96,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     g.add_argument("store", metavar="STORE")
     g.add_argument("--dry-run", action="store_true", help="only report")
     g.set_defaults(func=run_gc)
+
+
+def _listen(text: str) -> ListenAddress:
+    try:
+        return parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def run_compress(args: argparse.Namespace) -> int:
@@ -156,7 +171,8 @@ def _wait_for_signal() -> None:
     def on_signal(signum: int, frame: types.FrameType | None) -> None:
         stop.set()
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {s: signal.signal(s, on_signal) for s in signals}
     try:
         while not stop.wait(0.5):
             pass
@@ -181,8 +197,13 @@ def run_nbd(args: argparse.Namespace) -> int:
     store_dir, name = split_store_name(args.target)
     store = ChunkStore(store_dir)
     _, index = store.read_description(name)
+    tls = server_tls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     reader = ImageReader(store, index)
-    server = NbdServer(reader, name, args.listen)
+    try:
+        server = NbdServer(reader, name, args.listen, tls=tls)
+    except BaseException:
+        reader.close()
+        raise
     thread = threading.Thread(target=server.serve_forever, name="nbd", daemon=True)
     thread.start()
     print(f"serving {name} ({human_bytes(reader.size)}) on {server.uri}", file=sys.stderr,
