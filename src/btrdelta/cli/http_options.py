@@ -57,8 +57,10 @@ def _header(text: str) -> str:
     return text
 
 
-def add_http_options(parser: argparse.ArgumentParser) -> None:
-    """Add the shared HTTP(S) options to ``parser`` (in their own help group)."""
+def add_http_options(parser: argparse.ArgumentParser, *, retries: int = _DEFAULT.retries
+                     ) -> None:
+    """Add the shared HTTP(S) options to ``parser`` (in their own help group); ``retries``
+    is the command's default (``update`` tries the next mirror after 2)."""
     g = parser.add_argument_group(
         "HTTP(S) options", "how http:// and https:// sources are fetched")
     g.add_argument("--ca-cert", metavar="PEM",
@@ -75,9 +77,9 @@ def add_http_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=_seconds, default=_DEFAULT.timeout, metavar="SECONDS",
                    help="connect timeout and longest silence; a slower request must average "
                         f"{_DEFAULT.min_speed} B/s after that (default {_DEFAULT.timeout:g})")
-    g.add_argument("--retries", type=_count, default=_DEFAULT.retries, metavar="N",
+    g.add_argument("--retries", type=_count, default=retries, metavar="N",
                    help="retries of a failed request: refused or dropped connection, "
-                        f"timeout, 5xx (default {_DEFAULT.retries}; waits double from "
+                        f"timeout, 5xx (default {retries}; waits double from "
                         f"{_DEFAULT.backoff:g} s)")
     g.add_argument("--retry-max-wait", type=_seconds, default=_DEFAULT.retry_max_wait,
                    metavar="SECONDS",

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from ._common import Progress, human_bytes
+from .http_options import add_http_options, http_config
 
 _EPILOG = """\
 examples:
@@ -42,6 +43,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--json", action="store_true", help="print the plan and result as JSON")
     p.add_argument("--progress", action="store_true",
                    help="progress on stderr even when it is not a terminal")
+    add_http_options(p, retries=2)
     p.set_defaults(func=run)
 
 
@@ -102,11 +104,12 @@ def run(args: argparse.Namespace) -> int:
     """``update``."""
     from ..update.versions import update
 
+    config = http_config(args)
     progress = Progress(Progress.wanted(args) and not args.dry_run, "update: ")
     reporter = _Reporter(progress, args.json)
     try:
         result = update(args.url, args.dest, to=args.to, key=args.key, mirrors=args.mirror,
-                        dry_run=args.dry_run, on_event=reporter)
+                        dry_run=args.dry_run, on_event=reporter, config=config)
     finally:
         progress.done()
     if args.json:

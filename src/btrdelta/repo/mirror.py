@@ -28,7 +28,9 @@ import blake3
 import httpx
 
 from ..errors import BtrdeltaError, ChecksumError, StreamFormatError, TransportError
+from ..transport.config import HttpConfig
 from ..transport.http import FetchStats, RangeFetcher
+from ..transport.pacing import deadline
 
 __all__ = ["PIECE", "Mirrors"]
 
@@ -46,20 +48,23 @@ class Mirrors:
 
     Args:
         urls: mirror base URLs (``http(s)://…``) or directories, in order of preference.
-        client: an ``httpx.Client`` (tests inject transports).
-        retries: attempts per request after the first (per mirror).
+        config: HTTP settings (TLS, headers, timeouts, retries per request and mirror,
+            rate limit); default: 2 retries, then the next mirror.
+        client: an ``httpx.Client`` (tests inject transports); made from ``config`` if
+            omitted.
         on_bytes: called with the number of body bytes each time some arrive.
     """
 
-    def __init__(self, urls: Sequence[str], *, client: httpx.Client | None = None,
-                 retries: int = 2, timeout: float = 30.0,
+    def __init__(self, urls: Sequence[str], *, config: HttpConfig | None = None,
+                 client: httpx.Client | None = None,
                  on_bytes: Callable[[int], None] | None = None) -> None:
         if not urls:
             raise BtrdeltaError("no mirror given")
         self.urls = [u.rstrip("/") for u in urls]
+        self.config = config or HttpConfig(retries=2)
         self._own = client is None
-        self.client = client or httpx.Client(timeout=timeout, follow_redirects=True)
-        self.retries = retries
+        self.client = client or self.config.client()
+        self.retries = self.config.retries
         self.on_bytes = on_bytes
         self.stats = FetchStats()
         self._failed: list[str] = []
@@ -132,8 +137,9 @@ class Mirrors:
         last = ""
         for _ in range(self.retries + 1):
             try:
-                with self.client.stream("GET", full, headers={"Accept-Encoding": "identity"}) \
-                        as resp:
+                with deadline(self.config.timeout, self.config.deadline_speed), \
+                        self.client.stream("GET", full,
+                                           headers={"Accept-Encoding": "identity"}) as resp:
                     if resp.status_code != 200:
                         raise TransportError(f"HTTP {resp.status_code}", url=full,
                                              status=resp.status_code)
@@ -208,8 +214,7 @@ class Mirrors:
                     have += len(data)
                     self._count(len(data))
             return
-        fetcher = RangeFetcher(f"{url}/{path}", client=self.client, retries=self.retries,
-                               parallel=1)
+        fetcher = RangeFetcher(f"{url}/{path}", self.config, client=self.client)
         with open(part, "ab") as out:
             while have < length:
                 end = min(length, have + PIECE)
@@ -224,7 +229,7 @@ class Mirrors:
 
     def fetcher(self, url: str, path: str) -> RangeFetcher:
         """A range fetcher for ``path`` on mirror ``url`` (sharing this client)."""
-        return RangeFetcher(f"{url}/{path}", client=self.client, retries=self.retries)
+        return RangeFetcher(f"{url}/{path}", self.config, client=self.client)
 
     def note_bytes(self, n: int) -> None:
         """Count ``n`` bytes received by a caller's own fetcher."""

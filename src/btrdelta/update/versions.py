@@ -47,6 +47,7 @@ from ..repo.metadata import (
 from ..repo.mirror import Mirrors
 from ..repo.model import VersionRecord
 from ..repo.plan import Plan, Step, plan_update
+from ..transport.config import HttpConfig
 from ..tree import tree_sum
 from . import holdings
 from .fullfetch import fetch_full, full_cost, store_stream
@@ -174,6 +175,7 @@ def update(
     url: str, dest: str | os.PathLike[str], *, to: str | None = None, key: str | None = None,
     mirrors: Sequence[str] = (), dry_run: bool = False, client: httpx.Client | None = None,
     on_event: Event | None = None, now: float | None = None,
+    config: HttpConfig | None = None,
 ) -> UpdateResult:
     """Update ``dest`` from the repository at ``url`` (and ``mirrors``); see the module
     docstring. ``on_event`` receives progress events (dicts with an ``"event"`` key); the
@@ -182,7 +184,7 @@ def update(
     d = _Dest(Path(dest))
     d.dest.mkdir(parents=True, exist_ok=True)
     emit = on_event or (lambda _e: None)
-    m = Mirrors([url, *mirrors], client=client,
+    m = Mirrors([url, *mirrors], config=config, client=client,
                 on_bytes=lambda n: emit({"event": "bytes", "n": n}))
     try:
         with d.locked():

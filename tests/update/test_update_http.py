@@ -1,0 +1,45 @@
+"""``btrdelta update`` takes the shared HTTP options: a repository behind nginx with TLS, a
+client certificate and a token header required (certificates made by the test)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from btrdelta import trust
+from btrdelta.cli import main
+from btrdelta.tree import tree_sum
+from tests.transport.certs import make_certs
+from tests.transport.nginx import nginx
+
+
+def test_update_over_mutual_tls_with_a_token(
+    releases: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "repo"
+    trust.save_key_pair(trust.generate_key(), str(tmp_path / "root.pem"),
+                        str(tmp_path / "root.pub"))
+    assert main(["repo", "init", str(root), "--avg-chunk", "4K"]) == 0
+    assert main(["repo", "add", str(root), "v1", str(releases[0])]) == 0
+    assert main(["repo", "sign", str(root), "--key", str(tmp_path / "root.pem"),
+                 "--timestamp-key", str(tmp_path / "root.pem"), "--expires", "1d"]) == 0
+    certs = make_certs(tmp_path / "certs")
+    block = f"""
+      listen 127.0.0.1:{{port}} ssl; root {root};
+      ssl_certificate {certs.server_cert}; ssl_certificate_key {certs.server_key};
+      ssl_client_certificate {certs.ca}; ssl_verify_client on;
+      location / {{ if ($http_x_token != "t0ken") {{ return 403; }} }}
+    """
+    tls = ["--ca-cert", str(certs.ca), "--client-cert", str(certs.client_cert),
+           "--client-key", str(certs.client_key)]
+    with nginx(tmp_path / "nginx", block) as port:
+        url = f"https://127.0.0.1:{port}"
+        dest = tmp_path / "dest"
+        capsys.readouterr()
+        args = ["update", url, str(dest), "--key", str(tmp_path / "root.pub"), *tls]
+        assert main(args) == 7  # no token: 403
+        assert "403" in capsys.readouterr().err
+        assert main([*args, "--header", "X-Token: t0ken", "-j", "2"]) == 0, \
+            capsys.readouterr().err
+    assert tree_sum(dest / "v1") == tree_sum(releases[0])
