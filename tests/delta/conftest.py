@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from btrdelta.delta import expand as expand_mod
-from btrdelta.delta.format import NEED_DATA, DeltaParser
+from btrdelta.delta.parser import EOF, NEED_DATA, DeltaParser
 from btrdelta.delta.recompress import compress_extent
 from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs, run
 from btrdelta.testing.scenarios import SCENARIOS, make_snapshots, send
@@ -38,7 +38,7 @@ def delta_items(delta: bytes) -> list[object]:
     p.feed(delta)
     p.feed(b"")
     items = []
-    while (item := p.next_item()) not in (NEED_DATA, None):
+    while (item := p.next_item()) not in (NEED_DATA, EOF):
         items.append(item)
     return items
 

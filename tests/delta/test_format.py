@@ -15,10 +15,8 @@ from hypothesis import strategies as st
 from btrdelta import _native
 from btrdelta.delta import MakeOptions, expand_events, expand_to, make_delta, open_delta
 from btrdelta.delta.format import (
-    NEED_DATA,
     BtrfsCommand,
     DeltaEnd,
-    DeltaParser,
     HashAlgo,
     Patch,
     PatchData,
@@ -27,6 +25,7 @@ from btrdelta.delta.format import (
     ZCommands,
     is_delta_stream,
 )
+from btrdelta.delta.parser import EOF, NEED_DATA, DeltaParser
 from btrdelta.delta.stats import collect_delta_stats
 from btrdelta.delta.writer import DeltaWriter
 from btrdelta.errors import BtrdeltaError, ChecksumError, StreamFormatError, UnsafePathError
@@ -109,10 +108,10 @@ def test_parser_accepts_any_split(old_tree: Path) -> None:
         items = []
         for i in range(0, len(delta) + 1, step):
             p.feed(delta[i : i + step])
-            while (item := p.next_item()) not in (NEED_DATA, None):
+            while (item := p.next_item()) not in (NEED_DATA, EOF):
                 items.append(type(item))
         p.feed(b"")
-        assert p.next_item() is None
+        assert p.next_item() is EOF
         assert items[0] is StreamStart
         assert items[-1] is DeltaEnd
 
@@ -399,7 +398,8 @@ def test_format3_hostile_markers_are_refused() -> None:
 @given(st.binary(max_size=64))
 def test_cpatch_garbage_raises_only_our_error(data: bytes) -> None:
     """Any CPATCH payload decodes to a patch or raises StreamFormatError."""
-    from btrdelta.delta.format import DCmd, decode_item
+    from btrdelta.delta.encoding import decode_item
+    from btrdelta.delta.format import DCmd
 
     try:
         item = decode_item(DCmd.CPATCH, memoryview(data), 0, len(data))
@@ -411,7 +411,8 @@ def test_cpatch_garbage_raises_only_our_error(data: bytes) -> None:
 
 def test_cpatch_round_trip() -> None:
     """A CPATCH decodes to the patch it was encoded from (previous path, implied PWRITE)."""
-    from btrdelta.delta.format import DCmd, decode_item, encode_item
+    from btrdelta.delta.encoding import decode_item, encode_item
+    from btrdelta.delta.format import DCmd
 
     p = Patch(b"a/b", b"a/c", 3, HashAlgo.BLAKE3_64, 70000, bytes(range(8)), 70010,
               bytes(range(4)), 5, memoryview(b"hello"), HashAlgo.BLAKE3_32, 49152)

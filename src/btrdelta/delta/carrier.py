@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from ..errors import StreamFormatError
 from ..stream.constants import CMD_HEADER, CMD_HEADER_SIZE, Attr, Cmd
 from ..tree.pathmap import PathMap
-from .format import read_uvarint
-from .format import uvarint as _uvarint
+from .encoding import read_uvarint
+from .encoding import uvarint as _uvarint
 
 __all__ = ["NAME_CMDS", "CarrierState", "fold", "unfold", "SAME_PATH_TLV"]
 

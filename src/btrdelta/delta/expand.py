@@ -52,6 +52,7 @@ from ..stream.crc import crc32c
 from ..stream.reader import EOF, NEED_DATA, Event, StreamHeader, StreamParser
 from .carrier import SAME_PATH_TLV, CarrierState, unfold
 from .codecs import get_codec
+from .encoding import decode_item
 from .format import (
     INNER_RECORDS,
     SAME_CODEC,
@@ -59,7 +60,6 @@ from .format import (
     DCmd,
     DeltaEnd,
     DeltaItem,
-    DeltaParser,
     HashAlgo,
     Patch,
     PatchData,
@@ -67,11 +67,10 @@ from .format import (
     PWrite,
     StreamStart,
     ZCommands,
-    decode_item,
-    iter_items,
 )
 from .oldfiles import DirCache, digest, hasher, list_old_dir, read_old_file
 from .options import DEFAULT_MAX_FILE_SIZE
+from .parser import DeltaParser, iter_items
 from .recompress import compress_extent
 
 __all__ = [

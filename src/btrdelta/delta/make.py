@@ -43,6 +43,7 @@ from ..stream.codec import command_crc, decode_payload, decode_stream_header, en
 from ..stream.constants import CMD_HEADER, CMD_HEADER_SIZE, MAX_PAYLOAD, STREAM_HEADER_SIZE, Cmd
 from ..tree.pathmap import PathMap
 from .codecs import AUTO, CODECS, Codec, get_codec, make_auto
+from .encoding import can_compact
 from .format import (
     CP_NEW_ALGO,
     CP_OLD_ALGO,
@@ -59,7 +60,6 @@ from .format import (
     PEncoded,
     PWrite,
     StreamStart,
-    can_compact,
 )
 from .oldfiles import digest, hasher, old_file_size, open_old_file, read_old_file
 from .options import MakeOptions

@@ -18,14 +18,13 @@ from .format import (
     BtrfsCommand,
     DeltaEnd,
     DeltaItem,
-    DeltaParser,
     Patch,
     PEncoded,
     PWrite,
     StreamStart,
-    iter_items,
 )
 from .format import ZCommands as _Z
+from .parser import DeltaParser, iter_items
 
 __all__ = ["DeltaStats", "collect_delta_stats", "delta_stats_of_file"]
 

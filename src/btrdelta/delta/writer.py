@@ -28,6 +28,7 @@ import zstandard
 
 from ..stream.crc import crc32c
 from .carrier import CarrierState, fold
+from .encoding import can_compact, encode_item
 from .format import (
     BtrfsCommand,
     DeltaItem,
@@ -36,9 +37,7 @@ from .format import (
     PEncoded,
     PWrite,
     ZCommands,
-    can_compact,
     encode_delta_header,
-    encode_item,
 )
 from .oldfiles import list_old_dir
 from .options import DEFAULT_LEVEL

@@ -27,7 +27,6 @@ from .constants import (
     COMMAND_SPECS,
     MAGIC,
     MAX_ATTR,
-    MAX_CMD,
     MAX_PAYLOAD,
     STREAM_HEADER,
     SUPPORTED_VERSIONS,
@@ -38,6 +37,7 @@ from .constants import (
     Kind,
 )
 from .crc import crc32c
+from .framing import legal, send_place
 from .records import RECORD_TYPES, Record
 
 __all__ = [
@@ -204,8 +204,8 @@ def decode_payload(cmd: int, mv: memoryview, start: int, end: int, version: int)
         StreamFormatError: unknown command, bad attribute, missing attribute (no location:
             the caller adds offset and record number).
     """
-    if cmd > MAX_CMD[version] or cmd == 0:
-        if cmd in _DECODERS and cmd != 0:
+    if not legal(cmd, send_place(version)):
+        if cmd in _DECODERS:
             raise StreamFormatError(
                 f"command {Cmd(cmd).name} does not exist in stream version {version}"
             )
@@ -448,7 +448,7 @@ def fast_decoder(cmd: int, v2: bool) -> Callable[[memoryview, int, int], Any] | 
 
 def decode_payload_fast(cmd: int, mv: memoryview, start: int, end: int, version: int) -> Record:
     """Like :func:`decode_payload`, trying the kernel-order fast path first."""
-    fast = fast_decoder(cmd, version >= 2) if 0 < cmd <= MAX_CMD[version] else None
+    fast = fast_decoder(cmd, version >= 2) if legal(cmd, send_place(version)) else None
     if fast is not None:
         rec = fast(mv, start, end)
         if rec is not None:

@@ -121,8 +121,8 @@ class Compression(enum.IntEnum):
     LZO_64K = 7
 
 
-#: Highest command / attribute number each version defines.
-MAX_CMD: Final = {1: Cmd.UPDATE_EXTENT, 2: Cmd.ENCODED_WRITE, 3: Cmd.ENABLE_VERITY}
+#: Highest attribute number each version defines (which command is legal in which
+#: version: the ``version`` of COMMAND_SPECS, in ``framing.RECORDS``).
 MAX_ATTR: Final = {1: Attr.CLONE_LEN, 2: Attr.ENCRYPTION, 3: Attr.VERITY_SIG_DATA}
 
 

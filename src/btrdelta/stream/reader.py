@@ -1,11 +1,16 @@
 """Reading send streams: a sans-I/O push parser and a pull reader over a binary file.
 
-Strategy (h11-style): :class:`StreamParser` owns all state. The caller feeds bytes in any
+Strategy (h11-style): :class:`StreamParser` owns the parsing state; its input is a
+:class:`~.framing.Framer` (the framing all formats share). The caller feeds bytes in any
 split with :meth:`StreamParser.feed` (an empty feed means EOF) and pulls events with
-:meth:`StreamParser.next_event`, which returns a :class:`StreamHeader`, a record, ``NEED_DATA``
-or ``EOF``. A command that lies wholly inside one fed buffer is decoded in place: its file
-data is a ``memoryview`` of the caller's buffer, which therefore must not be modified after
-feeding. A command split across feeds is assembled once into a buffer of exactly its size.
+:meth:`StreamParser.next_event`, which returns a :class:`StreamHeader`, a record,
+``NEED_DATA`` or ``EOF``. A command that lies wholly inside one fed buffer is decoded in
+place: its file data is a ``memoryview`` of the caller's buffer, which therefore must not be
+modified after feeding. A command split across feeds is assembled once into a buffer of
+exactly its size. :meth:`StreamParser.take_batch` decodes every whole command of the current
+buffer at once (the C batch decoder when it is live, see :mod:`btrdelta._native`, else a
+Python loop), leaving anything unusual to :meth:`~StreamParser.next_event`, which also makes
+every error.
 
 :class:`StreamReader` is the pull side: it reads large blocks from a file or pipe with
 ``readinto`` into fresh buffers and feeds the parser. Peak memory is a block plus the largest
@@ -19,7 +24,6 @@ could start (right after END), as in btrfs-progs.
 
 from __future__ import annotations
 
-import enum
 import struct
 import uuid
 from collections.abc import Generator, Iterator
@@ -27,9 +31,8 @@ from typing import Any, BinaryIO, Literal
 
 from .. import _native
 from .._value import field_names, value_class
-from ..errors import BtrdeltaError, ChecksumError, StreamFormatError
+from ..errors import BtrdeltaError, StreamFormatError
 from .codec import (
-    _HDR6,
     _ZERO_CRC,
     decode_payload,
     decode_payload_fast,
@@ -41,7 +44,6 @@ from .constants import (
     CMD_HEADER,
     CMD_HEADER_SIZE,
     COMMAND_SPECS,
-    MAX_CMD,
     MAX_PAYLOAD,
     STREAM_HEADER_SIZE,
     SUPPORTED_VERSIONS,
@@ -49,41 +51,43 @@ from .constants import (
     Kind,
 )
 from .crc import crc32c
+from .framing import EOF, NEED_DATA, Framer, Framing, Sentinel, legal, max_command, send_place
 from .records import RECORD_TYPES, End, Record
 
-__all__ = ["EOF", "NEED_DATA", "Event", "StreamHeader", "StreamParser", "StreamReader"]
+__all__ = ["EOF", "NEED_DATA", "SEND_FRAMING", "Event", "StreamHeader", "StreamParser",
+           "StreamReader"]
 
 _crc = crc32c
 _CRC_FIELD = struct.Struct("<I")
 _unpack_cmd = CMD_HEADER.unpack_from
-_pack_hdr6 = _HDR6.pack
-_CMD_NAMES = {int(c): c.name for c in Cmd}
-#: fast decoders for (v1, v2+) keyed by command number, only commands the version defines
+
+#: the send stream's words for framing errors (see ``docs/formats/send-stream.md``)
+SEND_FRAMING = Framing(
+    eof="unexpected EOF in stream (no END command)",
+    short_header="truncated command header",
+    too_long="command length {length} exceeds the v{version} limit of {limit}",
+    truncated="truncated command: {total} bytes announced, {avail} present",
+    names={int(c): c.name for c in Cmd},
+    max_payload=lambda cmd, version: MAX_PAYLOAD[version],
+)
+
+
 class _FastTable(dict[int, Any]):
-    """Command number -> generated fast decoder for one stream version (filled on use)."""
+    """Command number -> generated fast decoder for one stream version (filled on use;
+    ``None`` for commands the version does not define)."""
 
     def __init__(self, version: int) -> None:
         super().__init__()
         self.version = version
 
     def __missing__(self, cmd: int) -> Any:
-        dec = fast_decoder(cmd, self.version >= 2) if 0 < cmd <= MAX_CMD[self.version] else None
+        ok = legal(cmd, send_place(self.version))
+        dec = fast_decoder(cmd, self.version >= 2) if ok else None
         self[cmd] = dec
         return dec
 
 
 _FAST_BY_VERSION = {ver: _FastTable(ver) for ver in SUPPORTED_VERSIONS}
-
-
-class Sentinel(enum.Enum):
-    """Parser sentinels."""
-
-    NEED_DATA = "NEED_DATA"
-    EOF = "EOF"
-
-
-NEED_DATA: Literal[Sentinel.NEED_DATA] = Sentinel.NEED_DATA
-EOF: Literal[Sentinel.EOF] = Sentinel.EOF
 
 
 @value_class
@@ -103,7 +107,7 @@ class StreamParser:
     Args:
         source: name used in error messages (a file name, ``-`` for stdin).
         verify_crc: check the CRC32C of every command (default on; turning it off is only
-            for measuring and fuzzing the decoder).
+            for measuring and fuzzing the decoder, or for commands checked before).
         may_modify_input: allow the parser to zero the 4 CRC bytes of each command inside
             writable fed buffers (never file data); faster, for callers that own the buffers.
     """
@@ -113,23 +117,13 @@ class StreamParser:
     ) -> None:
         self.source = source
         self.verify_crc = verify_crc
+        self._in = Framer(SEND_FRAMING, source=source, verify_crc=verify_crc)
         # the pull reader owns its buffers: the CRC field of each command may then be zeroed
         # in place, so one CRC call covers header and payload (as btrfs-progs does)
         self._inplace = may_modify_input
-        #: protocol version of the stream being read (0 before the first header)
-        self.version = 0
         #: number of stream headers seen so far
         self.streams = 0
-        #: index of the next command (0-based, counted over the whole input)
-        self.index = 0
-        self._chunks: list[memoryview] = []
-        self._cur: memoryview = memoryview(b"")
-        self._pos = 0  # position in _cur
-        self._avail = 0  # bytes available in _cur[_pos:] + _chunks
-        self._consumed = 0  # absolute offset of _cur[_pos]
-        self._eof = False
         self._expect_header = True
-        self._failed: BtrdeltaError | None = None
         self._ready: list[Event] = []  # decoded by the batch loop, not yet returned
         self._ready_pos = 0
         # the backend is picked once, when the parser is made (btrdelta._native)
@@ -144,82 +138,39 @@ class StreamParser:
 
     def feed(self, data: Any) -> None:
         """Give the parser more bytes; ``b""`` marks the end of input."""
-        if self._eof:
-            raise StreamFormatError("data fed after EOF", source=self.source)
-        view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data
-        if view.ndim != 1 or view.itemsize != 1:
-            view = view.cast("B")
-        if not len(view):
-            self._eof = True
-            return
-        if self._pos >= len(self._cur) and not self._chunks:
-            self._cur = view
-            self._pos = 0
-        else:
-            self._chunks.append(view)
-        self._avail += len(view)
+        self._in.feed(data)
+
+    def begin(self, version: int) -> None:
+        """A stream of ``version`` starts here whose header is not in the input (a stream
+        embedded in another format, such as a delta stream's STREAM record): the next
+        bytes fed are its commands. Only where a header may come (before any input, after
+        an END)."""
+        if not self._expect_header or version not in SUPPORTED_VERSIONS:
+            raise ValueError(f"cannot begin a stream of version {version} here")
+        self._in.version = version
+        self.streams += 1
+        self._expect_header = False
+
+    @property
+    def version(self) -> int:
+        """Protocol version of the stream being read (0 before the first header)."""
+        return self._in.version
+
+    @property
+    def index(self) -> int:
+        """Index of the next command (0-based, counted over the whole input)."""
+        return self._in.index
 
     @property
     def offset(self) -> int:
         """Absolute byte offset of the next unparsed byte."""
-        return self._consumed
+        return self._in.offset
 
     def needed(self) -> int:
         """Bytes still missing to complete the item being parsed (a hint for readers)."""
-        if self._expect_header:
-            want = STREAM_HEADER_SIZE
-        elif self._avail < CMD_HEADER_SIZE:
-            want = CMD_HEADER_SIZE
-        else:
-            want = CMD_HEADER_SIZE + int.from_bytes(self._peek(CMD_HEADER_SIZE)[0:4], "little")
-        return max(0, want - self._avail)
+        return self._in.needed(STREAM_HEADER_SIZE if self._expect_header else 0)
 
-    # -- buffer helpers ----------------------------------------------------------------
-
-    def _peek(self, n: int) -> memoryview:
-        """The next ``n`` bytes (``n <= _avail``) as one contiguous view, without consuming."""
-        end = self._pos + n
-        if end <= len(self._cur):
-            return self._cur[self._pos : end]
-        # assemble exactly n bytes into a new buffer (a split command: copied once)
-        buf = bytearray(n)
-        got = len(self._cur) - self._pos
-        buf[:got] = self._cur[self._pos :]
-        merged = 0
-        for chunk in self._chunks:
-            take = min(len(chunk), n - got)
-            buf[got : got + take] = chunk[:take]
-            got += take
-            merged += 1
-            if got == n:
-                break
-        # replace the consumed-from chunks by the merged buffer + the rest of the last chunk
-        last = self._chunks[merged - 1]
-        rest = last[take:]
-        self._chunks = ([rest] if len(rest) else []) + self._chunks[merged:]
-        self._cur = memoryview(buf)
-        self._pos = 0
-        return self._cur
-
-    def _advance(self, n: int) -> None:
-        self._pos += n
-        self._avail -= n
-        self._consumed += n
-        if self._pos >= len(self._cur) and self._chunks:
-            self._cur = self._chunks.pop(0)
-            self._pos = 0
-
-    # -- events ------------------------------------------------------------------------
-
-    def _error(self, exc: BtrdeltaError, offset: int | None = None, cmd: int | None = None) -> None:
-        exc.located(
-            source=self.source,
-            offset=self._consumed if offset is None else offset,
-            index=self.index if not self._expect_header else None,
-            command=_CMD_NAMES.get(cmd) if cmd is not None else None,
-        )
-        self._failed = exc
-        raise exc
+    # -- batches -----------------------------------------------------------------------
 
     def take_batch(self) -> list[Event]:
         """Decode and return every complete, ordinary command available now (maybe none).
@@ -227,47 +178,47 @@ class StreamParser:
         A fast path for pull readers: it never returns headers, errors or NEED_DATA; call
         :meth:`next_event` when it returns an empty list.
         """
-        if self._ready_pos < len(self._ready) or self._expect_header or self._failed:
+        if self._ready_pos < len(self._ready) or self._expect_header or self._in.failed:
             return []
         batch: list[Event] = []
-        if self._avail >= CMD_HEADER_SIZE:
+        if self._in.avail >= CMD_HEADER_SIZE:
             self._decode_batch(batch)
         return batch
 
+    def _decode_batch(self, ready: list[Event]) -> None:
+        """The batch decoder of this parser's backend (C or Python, same contract)."""
+        if self._c_decode is not None:
+            self._decode_batch_c(ready)
+        else:
+            self._decode_batch_py(ready)
+
     def _decode_batch_c(self, ready: list[Event]) -> None:
         """:meth:`_decode_batch_py` done by ``_speedups.decode_batch`` (same contract)."""
-        cur = self._cur
-        start = self._pos
+        cur, start = self._in.window()
         recs, pos, hit_end = self._c_decode(  # type: ignore[misc]
-            cur, start, len(cur), self.version, self.verify_crc
+            cur, start, len(cur), self._in.version, self.verify_crc
         )
-        n = pos - start
-        if n:
+        if pos > start:
             ready += recs
-            self.index += len(recs)
             if hit_end:
                 self._expect_header = True
-            self._pos = pos
-            self._avail -= n
-            self._consumed += n
-            if pos >= len(cur) and self._chunks:
-                self._cur = self._chunks.pop(0)
-                self._pos = 0
+            self._in.consume(pos - start, len(recs))
 
     def _decode_batch_py(self, ready: list[Event]) -> None:
         """Decode every complete, well-formed command in the current buffer at once.
 
-        This is the hot loop: locals only, kernel-order fast decoders, CRC over views. It
-        stops at anything unusual (split command, bad CRC, unexpected layout, END) and leaves
-        it to :meth:`next_event`, which handles it one command at a time with full errors.
+        This is the hot loop of the Python backend: locals only, kernel-order fast
+        decoders, CRC over views. It stops at anything unusual (split command, bad CRC,
+        unexpected layout, END) and leaves it to :meth:`next_event`, which handles it one
+        command at a time with full errors.
         """
-        cur = self._cur
-        pos = start = self._pos
+        cur, start = self._in.window()
+        pos = start
         limit = len(cur)
-        maxp = MAX_PAYLOAD[self.version]
+        maxp = MAX_PAYLOAD[self._in.version]
         verify = self.verify_crc
         inplace = self._inplace and not cur.readonly
-        fast = _FAST_BY_VERSION[self.version]
+        fast = _FAST_BY_VERSION[self._in.version]
         append = ready.append
         before = len(ready)
         crc = _crc
@@ -301,22 +252,10 @@ class StreamParser:
             if rec.__class__ is End:
                 self._expect_header = True
                 break
-        n = pos - start
-        if n:
-            self.index += len(ready) - before
-            self._pos = pos
-            self._avail -= n
-            self._consumed += n
-            if self._pos >= len(cur) and self._chunks:
-                self._cur = self._chunks.pop(0)
-                self._pos = 0
+        if pos > start:
+            self._in.consume(pos - start, len(ready) - before)
 
-    def _decode_batch(self, ready: list[Event]) -> None:
-        """The batch decoder of this parser's backend (C or Python, same contract)."""
-        if self._c_decode is not None:
-            self._decode_batch_c(ready)
-        else:
-            self._decode_batch_py(ready)
+    # -- events ------------------------------------------------------------------------
 
     def next_event(self) -> Event | Literal[Sentinel.NEED_DATA, Sentinel.EOF]:
         """Return the next header or record, ``NEED_DATA`` or ``EOF``.
@@ -332,89 +271,52 @@ class StreamParser:
         if ready:
             ready.clear()
             self._ready_pos = 0
-        if self._failed is not None:
-            raise self._failed
-        if not self._expect_header and self._avail >= CMD_HEADER_SIZE:
+        if self._in.failed is not None:
+            raise self._in.failed
+        if self._expect_header:
+            return self._next_header()
+        if self._in.avail >= CMD_HEADER_SIZE:
             self._decode_batch(ready)
             if ready:
                 self._ready_pos = 1
                 return ready[0]
-        if self._expect_header:
-            if self._avail < STREAM_HEADER_SIZE:
-                if not self._eof:
-                    return NEED_DATA
-                if self._avail == 0:
-                    if self.streams:
-                        return EOF
-                    self._error(StreamFormatError("empty stream is not a valid send stream"))
-                self._error(StreamFormatError("truncated stream header"))
-            start = self._consumed
-            try:
-                version = decode_stream_header(self._peek(STREAM_HEADER_SIZE))
-            except BtrdeltaError as exc:
-                self._error(exc)
-            self._advance(STREAM_HEADER_SIZE)
-            self.version = version
-            self.streams += 1
-            self._expect_header = False
-            return StreamHeader(version, start)
+        return self._next_command()
 
-        if self._avail < CMD_HEADER_SIZE:
-            if not self._eof:
+    def _next_header(self) -> StreamHeader | Literal[Sentinel.NEED_DATA, Sentinel.EOF]:
+        fr = self._in
+        if fr.avail < STREAM_HEADER_SIZE:
+            if not fr.eof:
                 return NEED_DATA
-            if self._avail == 0:
-                self._error(StreamFormatError("unexpected EOF in stream (no END command)"))
-            self._error(StreamFormatError("truncated command header"))
-        cur = self._cur
-        pos = self._pos
-        if pos + CMD_HEADER_SIZE <= len(cur):
-            length, cmd, crc = _unpack_cmd(cur, pos)
-        else:
-            length, cmd, crc = _unpack_cmd(self._peek(CMD_HEADER_SIZE), 0)
-        if length > MAX_PAYLOAD[self.version]:
-            self._error(
-                StreamFormatError(
-                    f"command length {length} exceeds the v{self.version} limit"
-                    f" of {MAX_PAYLOAD[self.version]}"
-                ),
-                cmd=cmd,
-            )
-        total = CMD_HEADER_SIZE + length
-        if self._avail < total:
-            if not self._eof:
-                return NEED_DATA
-            self._error(
-                StreamFormatError(
-                    f"truncated command: {total} bytes announced, {self._avail} present"
-                ),
-                cmd=cmd,
-            )
-        if pos + total <= len(cur):
-            mv = cur
-            start = pos
-        else:
-            mv = self._peek(total)
-            start = 0
-        if self.verify_crc:
-            actual = _crc(
-                mv[start + CMD_HEADER_SIZE : start + total],
-                _crc(_ZERO_CRC, _crc(_pack_hdr6(length, cmd), 0xFFFFFFFF)),
-            ) ^ 0xFFFFFFFF
-            if actual != crc:
-                self._error(
-                    ChecksumError(
-                        f"CRC32C mismatch (stored {crc:#010x}, computed {actual:#010x})",
-                        expected=crc,
-                        actual=actual,
-                    ),
-                    cmd=cmd,
-                )
+            if not fr.avail:
+                if self.streams:
+                    return EOF
+                fr.fail(StreamFormatError("empty stream is not a valid send stream"),
+                        indexed=False)
+            fr.fail(StreamFormatError("truncated stream header"), indexed=False)
+        start = fr.offset
         try:
-            rec = self._decode_one(cmd, mv, start + CMD_HEADER_SIZE, start + total, self.version)
+            version = decode_stream_header(fr.peek(STREAM_HEADER_SIZE))
         except BtrdeltaError as exc:
-            self._error(exc, cmd=cmd)
-        self._advance(total)
-        self.index += 1
+            fr.fail(exc, indexed=False)
+        fr.consume(STREAM_HEADER_SIZE, 0)
+        fr.version = version
+        self.streams += 1
+        self._expect_header = False
+        return StreamHeader(version, start)
+
+    def _next_command(self) -> Record | Literal[Sentinel.NEED_DATA]:
+        """One command by the general decoder (the one that names every error)."""
+        fr = self._in
+        frame = fr.next_frame()
+        if frame is NEED_DATA:
+            return NEED_DATA
+        cmd, mv, start, length = frame
+        try:
+            rec = self._decode_one(cmd, mv, start + CMD_HEADER_SIZE,
+                                   start + CMD_HEADER_SIZE + length, fr.version)
+        except BtrdeltaError as exc:
+            fr.fail(exc, cmd=cmd)
+        fr.consume(CMD_HEADER_SIZE + length)
         if type(rec) is End:
             self._expect_header = True
         return rec
@@ -433,7 +335,7 @@ class StreamParser:
 # dulwich-style: the Python code above stays the reference; ``_speedups`` (C, built when a
 # compiler is present) replaces the batch loop in parsers made while it is live
 # (``btrdelta._native``). It gets the decoding plan from COMMAND_SPECS, the same rules as
-# codec._gen_fast_decoder.
+# codec._gen_fast_decoder, and each version's highest command from the framing's table.
 
 _KIND_CODE = {Kind.U8: 0, Kind.U32: 1, Kind.U64: 2, Kind.UUID: 3, Kind.TIMESPEC: 4,
               Kind.BYTES: 5, Kind.DATA: 6}
@@ -457,7 +359,7 @@ def _speedups_plan() -> tuple[Any, ...]:
             for v2 in (False, True)
         ]
         commands[cmd] = (cls, len(order), *plans)
-    limits = ((0, 0), *((int(MAX_CMD[v]), MAX_PAYLOAD[v]) for v in SUPPORTED_VERSIONS))
+    limits = ((0, 0), *((max_command(v), MAX_PAYLOAD[v]) for v in SUPPORTED_VERSIONS))
     return uuid.UUID, tuple(commands), limits, int(Cmd.END), _crc
 
 

@@ -1,0 +1,408 @@
+"""Delta records as bytes and back: TLV attributes, the compact CPATCH, LEB128 varints.
+
+:func:`encode_item` gives the pieces of one record for ``writelines`` (btrfs commands:
+their raw bytes), framed as the shared framing wants (``stream.framing``: u32 length, u16
+number, u32 CRC32C; a zero CRC inside the carrier). :func:`decode_item` turns a delta
+record's payload back into an item, checking every attribute: decoding untrusted bytes
+raises only :class:`~btrdelta.errors.StreamFormatError` (without a location: the parser
+adds it). The numbers and item types are in :mod:`.format`; reading a whole delta stream
+is :mod:`.parser`.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from ..errors import StreamFormatError, UnsupportedVersionError
+from ..stream.constants import CMD_HEADER, SUPPORTED_VERSIONS
+from ..stream.crc import crc32c
+from .format import (
+    CP_AUTO,
+    CP_BASE,
+    CP_NEW_ALGO,
+    CP_OLD_ALGO,
+    CP_PATH,
+    CP_SAME,
+    CP_SAME_ALGO,
+    DIGEST_SIZE,
+    MAX_DELTA_PAYLOAD,
+    SAME_CODEC,
+    BtrfsCommand,
+    DAttr,
+    DCmd,
+    DeltaEnd,
+    DeltaItem,
+    HashAlgo,
+    Patch,
+    PatchData,
+    PEncoded,
+    PWrite,
+    StreamStart,
+    ZCommands,
+)
+
+__all__ = ["can_compact", "decode_item", "encode_item", "read_uvarint", "uvarint"]
+
+_TLV = struct.Struct("<HH")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_crc = crc32c
+
+
+def _uvarint(value: int) -> bytes:
+    """LEB128 (7 bits a byte, least significant first)."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def read_uvarint(mv: Any, pos: int, end: int) -> tuple[int, int]:
+    """A LEB128 value at ``mv[pos:end]`` (at most 10 bytes) and the position after it.
+
+    Raises:
+        StreamFormatError: truncated or longer than 10 bytes.
+    """
+    value = shift = 0
+    for i in range(pos, min(end, pos + 10)):
+        b = mv[i]
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, i + 1
+        shift += 7
+    raise StreamFormatError("truncated or overlong varint")
+
+
+uvarint = _uvarint
+
+
+def can_compact(item: Patch) -> bool:
+    """Whether a PATCH can be written as a CPATCH (format 4, inside the carrier)."""
+    if item.codec == SAME_CODEC:
+        return item.hash_algo == CP_SAME_ALGO
+    return (
+        item.data is not None and item.hash_algo == CP_OLD_ALGO
+        and item.new_algo == CP_NEW_ALGO
+    )
+
+
+def _encode_cpatch(item: Patch, omit_path: bool, omit_base: bool) -> list[Any]:
+    flags = (0 if omit_path else CP_PATH) | (0 if omit_base else CP_BASE)
+    flags |= (CP_SAME if item.codec == SAME_CODEC else 0) | (CP_AUTO if item.auto_chunk else 0)
+    parts = [bytes([flags])]
+    if not omit_path:
+        parts += [_uvarint(len(item.path)), item.path]
+    if not omit_base:
+        parts += [_uvarint(len(item.base_path)), item.base_path]
+    if item.codec == SAME_CODEC:
+        parts += [_uvarint(item.old_size), item.old_digest]
+    else:
+        d = item.new_size - item.old_size  # zigzag: sizes usually change by a few bytes
+        parts += [
+            _uvarint(item.codec), _uvarint(item.old_size),
+            _uvarint(d * 2 if d >= 0 else -d * 2 - 1), item.old_digest, item.new_digest,
+        ]
+    if item.auto_chunk:
+        parts.append(_uvarint(item.auto_chunk))
+    attrs = b"".join(parts)
+    return _frame(DCmd.CPATCH, attrs, item.data if item.codec != SAME_CODEC else None, True)
+
+
+def _decode_cpatch(mv: memoryview, pos: int, end: int) -> Patch:
+    if pos >= end:
+        raise StreamFormatError("empty CPATCH")
+    flags = mv[pos]
+    pos += 1
+    if flags & ~(CP_PATH | CP_BASE | CP_SAME | CP_AUTO):
+        raise StreamFormatError(f"CPATCH has unknown flags {flags:#x}")
+    paths: list[bytes | None] = []
+    for bit in (CP_PATH, CP_BASE):
+        if flags & bit:
+            n, pos = read_uvarint(mv, pos, end)
+            if n > 0xFFFF or pos + n > end:
+                raise StreamFormatError("CPATCH path overruns the record")
+            paths.append(mv[pos : pos + n].tobytes())
+            pos += n
+        else:
+            paths.append(None)
+    if flags & CP_SAME:
+        size, pos = read_uvarint(mv, pos, end)
+        k = DIGEST_SIZE[CP_SAME_ALGO]
+        if pos + k > end:
+            raise StreamFormatError("CPATCH digest overruns the record")
+        dig = mv[pos : pos + k].tobytes()
+        pos += k
+        patch = Patch(paths[0], paths[1], SAME_CODEC, CP_SAME_ALGO, size, dig, size, dig, 0)
+    else:
+        codec, pos = read_uvarint(mv, pos, end)
+        old_size, pos = read_uvarint(mv, pos, end)
+        z, pos = read_uvarint(mv, pos, end)
+        new_size = old_size + (z >> 1 if not z & 1 else -((z + 1) >> 1))
+        if new_size < 0:
+            raise StreamFormatError("CPATCH new size is negative")
+        k, j = DIGEST_SIZE[CP_OLD_ALGO], DIGEST_SIZE[CP_NEW_ALGO]
+        if pos + k + j > end or codec == SAME_CODEC:
+            raise StreamFormatError("CPATCH is truncated or names the 'same' codec")
+        old_dig = mv[pos : pos + k].tobytes()
+        new_dig = mv[pos + k : pos + k + j].tobytes()
+        pos += k + j
+        patch = Patch(paths[0], paths[1], codec, CP_OLD_ALGO, old_size, old_dig, new_size,
+                      new_dig, 0, None, CP_NEW_ALGO)
+    if flags & CP_AUTO:
+        patch.auto_chunk, pos = read_uvarint(mv, pos, end)
+        if not 0 < patch.auto_chunk < 1 << 32:
+            raise StreamFormatError("CPATCH implied PWRITE chunk is invalid")
+    if not flags & CP_SAME:
+        patch.data = mv[pos:end]
+        patch.patch_len = end - pos
+    elif pos != end:
+        raise StreamFormatError("a 'same' CPATCH carries patch bytes")
+    return patch
+
+
+# --- encoding ---------------------------------------------------------------------------
+
+
+def _tlv(attr: DAttr, value: bytes) -> bytes:
+    if len(value) > 0xFFFF:
+        raise StreamFormatError(f"delta attribute {attr.name} longer than 65535 bytes")
+    return _TLV.pack(int(attr), len(value)) + value
+
+
+def _frame(cmd: int, attrs: bytes, data: Any = None, inner: bool = False) -> list[Any]:
+    length = len(attrs) + (len(data) if data is not None else 0)
+    if length > MAX_DELTA_PAYLOAD:
+        raise StreamFormatError(f"delta record {cmd} payload of {length} bytes is too large")
+    pieces: list[Any] = [attrs] if data is None else [attrs, data]
+    if inner:
+        return [CMD_HEADER.pack(length, cmd, 0), *pieces]
+    value = _crc(struct.pack("<IH", length, cmd), 0xFFFFFFFF)
+    value = _crc(b"\x00\x00\x00\x00", value)
+    for piece in pieces:
+        value = _crc(piece, value)
+    return [CMD_HEADER.pack(length, cmd, value ^ 0xFFFFFFFF), *pieces]
+
+
+def encode_item(
+    item: DeltaItem, *, inner: bool = False, omit_path: bool = False, omit_base: bool = False,
+    compact: bool = False,
+) -> list[Any]:
+    """Encode one delta item as pieces for ``writelines`` (btrfs commands: their raw bytes).
+
+    ``inner``: for the inside of the zstd carrier (CRC field 0; PATCH, PDATA, PWRITE and
+    PENC only). ``omit_path`` / ``omit_base`` (format 2, PATCH): leave out PATH (it is the
+    previous path, see the format doc) / BASE_PATH (it equals PATH). ``compact`` (format 4,
+    with ``inner``, when :func:`can_compact`): write a PATCH as a CPATCH.
+
+    Raises:
+        StreamFormatError: a value does not fit its attribute.
+    """
+    u32, u64 = _U32.pack, _U64.pack
+    if isinstance(item, BtrfsCommand):
+        return [item.raw]
+    if isinstance(item, StreamStart):
+        return _frame(DCmd.STREAM, _tlv(DAttr.VERSION, u32(item.version)))
+    if isinstance(item, ZCommands):
+        attrs = _tlv(DAttr.LENGTH, u64(item.raw_len))
+        if item.crc is not None:
+            attrs += _tlv(DAttr.CRC, u32(item.crc))
+        return _frame(DCmd.ZCMDS, attrs + _U16.pack(DAttr.DATA), item.zdata)
+    if isinstance(item, Patch):
+        if inner and compact:
+            return _encode_cpatch(item, omit_path, omit_base)
+        parts = []
+        if not omit_path:
+            parts.append(_tlv(DAttr.PATH, item.path))
+        if not omit_base:
+            parts.append(_tlv(DAttr.BASE_PATH, item.base_path))
+        parts += [
+            _tlv(DAttr.CODEC, u32(item.codec)),
+            _tlv(DAttr.HASH, u32(item.hash_algo)),
+            _tlv(DAttr.OLD_SIZE, u64(item.old_size)),
+            _tlv(DAttr.OLD_DIGEST, item.old_digest),
+            _tlv(DAttr.NEW_SIZE, u64(item.new_size)),
+        ]
+        if item.codec != SAME_CODEC:
+            parts.append(_tlv(DAttr.NEW_DIGEST, item.new_digest))
+        parts.append(_tlv(DAttr.LENGTH, u64(item.patch_len)))
+        if item.data is not None:
+            parts.append(_U16.pack(DAttr.DATA))
+        return _frame(DCmd.PATCH, b"".join(parts), item.data, inner)
+    if isinstance(item, PatchData):
+        return _frame(DCmd.PDATA, _U16.pack(DAttr.DATA), item.data, inner)
+    if isinstance(item, PWrite):
+        attrs = (
+            _tlv(DAttr.OFFSET, u64(item.offset))
+            + _tlv(DAttr.LENGTH, u64(item.length))
+            + _tlv(DAttr.CHUNK, u32(item.chunk))
+        )
+        return _frame(DCmd.PWRITE, attrs, None, inner)
+    if isinstance(item, PEncoded):
+        parts = [
+            _tlv(DAttr.OFFSET, u64(item.offset)),
+            _tlv(DAttr.LENGTH, u64(item.length)),
+            _tlv(DAttr.FILE_LEN, u64(item.file_len)),
+            _tlv(DAttr.UNENC_LEN, u64(item.unencoded_len)),
+            _tlv(DAttr.UNENC_OFFSET, u64(item.unencoded_offset)),
+            _tlv(DAttr.COMPRESSION, u32(item.compression)),
+        ]
+        if item.encryption is not None:
+            parts.append(_tlv(DAttr.ENCRYPTION, u32(item.encryption)))
+        parts += [
+            _tlv(DAttr.DISK_LEN, u64(item.disk_len)),
+            _tlv(DAttr.LEVEL, u32(item.level & 0xFFFFFFFF)),
+            _tlv(DAttr.CRC, u32(item.crc)),
+        ]
+        return _frame(DCmd.PENC, b"".join(parts), None, inner)
+    if isinstance(item, DeltaEnd):
+        attrs = (
+            _tlv(DAttr.COUNT, u64(item.count))
+            + _tlv(DAttr.LENGTH, u64(item.size))
+            + _tlv(DAttr.HASH, u32(item.hash_algo))
+            + _tlv(DAttr.DIGEST, item.digest)
+        )
+        return _frame(DCmd.DEND, attrs)
+    raise TypeError(f"not a delta item: {item!r}")  # pragma: no cover
+
+
+# --- decoding ---------------------------------------------------------------------------
+
+_U32_ATTRS = {
+    DAttr.VERSION, DAttr.CODEC, DAttr.HASH, DAttr.CHUNK, DAttr.COMPRESSION, DAttr.ENCRYPTION,
+    DAttr.LEVEL, DAttr.CRC,
+}
+_U64_ATTRS = {
+    DAttr.OLD_SIZE, DAttr.NEW_SIZE, DAttr.LENGTH, DAttr.OFFSET, DAttr.COUNT, DAttr.FILE_LEN,
+    DAttr.UNENC_LEN, DAttr.UNENC_OFFSET, DAttr.DISK_LEN,
+}
+_BYTES_ATTRS = {DAttr.PATH, DAttr.BASE_PATH, DAttr.OLD_DIGEST, DAttr.NEW_DIGEST, DAttr.DIGEST}
+
+#: which attributes each delta record must carry (DATA: the rest of the record)
+_REQUIRED: dict[int, tuple[DAttr, ...]] = {
+    DCmd.STREAM: (DAttr.VERSION,),
+    DCmd.ZCMDS: (DAttr.LENGTH, DAttr.DATA),
+    DCmd.PATCH: (
+        DAttr.PATH, DAttr.BASE_PATH, DAttr.CODEC, DAttr.HASH, DAttr.OLD_SIZE,
+        DAttr.OLD_DIGEST, DAttr.NEW_SIZE, DAttr.NEW_DIGEST, DAttr.LENGTH,
+    ),
+    DCmd.PDATA: (DAttr.DATA,),
+    DCmd.PWRITE: (DAttr.OFFSET, DAttr.LENGTH, DAttr.CHUNK),
+    DCmd.DEND: (DAttr.COUNT, DAttr.LENGTH, DAttr.HASH, DAttr.DIGEST),
+    DCmd.PENC: (
+        DAttr.OFFSET, DAttr.LENGTH, DAttr.FILE_LEN, DAttr.UNENC_LEN, DAttr.UNENC_OFFSET,
+        DAttr.COMPRESSION, DAttr.DISK_LEN, DAttr.LEVEL, DAttr.CRC,
+    ),
+}
+#: attributes a record may carry without needing them (format 2)
+_OPTIONAL: dict[int, tuple[DAttr, ...]] = {
+    DCmd.ZCMDS: (DAttr.CRC,),
+    DCmd.PATCH: (DAttr.DATA,),  # PATH and BASE_PATH may be left out too (format 2)
+    DCmd.PENC: (DAttr.ENCRYPTION,),
+}
+
+
+def _decode_attrs(cmd: int, mv: memoryview, pos: int, end: int) -> dict[DAttr, Any]:
+    allowed = _REQUIRED[cmd] + _OPTIONAL.get(cmd, ())
+    values: dict[DAttr, Any] = {}
+    while pos < end:
+        if end - pos < 2:
+            raise StreamFormatError("attribute header overruns record end")
+        (t,) = _U16.unpack_from(mv, pos)
+        try:
+            attr = DAttr(t)
+        except ValueError:
+            raise StreamFormatError(f"invalid delta attribute type {t}") from None
+        if attr not in allowed:
+            raise StreamFormatError(f"attribute {attr.name} is not valid for {DCmd(cmd).name}")
+        if attr in values:
+            raise StreamFormatError(f"duplicate attribute {attr.name}")
+        if attr is DAttr.DATA:
+            values[attr] = mv[pos + 2 : end]
+            pos = end
+            break
+        if end - pos < 4:
+            raise StreamFormatError("attribute header overruns record end")
+        (_, n) = _TLV.unpack_from(mv, pos)
+        pos += 4
+        if pos + n > end:
+            raise StreamFormatError(f"attribute {attr.name} (length {n}) overruns record end")
+        if attr in _U32_ATTRS:
+            if n != 4:
+                raise StreamFormatError(f"attribute {attr.name} has invalid size {n}")
+            values[attr] = _U32.unpack_from(mv, pos)[0]
+        elif attr in _U64_ATTRS:
+            if n != 8:
+                raise StreamFormatError(f"attribute {attr.name} has invalid size {n}")
+            values[attr] = _U64.unpack_from(mv, pos)[0]
+        else:
+            values[attr] = mv[pos : pos + n].tobytes()
+        pos += n
+    for attr in _REQUIRED[cmd]:
+        if attr not in values and not (
+            attr is DAttr.NEW_DIGEST and values.get(DAttr.CODEC) == SAME_CODEC
+        ) and not (cmd == DCmd.PATCH and attr in (DAttr.PATH, DAttr.BASE_PATH)):
+            raise StreamFormatError(f"missing attribute {attr.name}")
+    return values
+
+
+def decode_item(cmd: int, mv: memoryview, start: int, end: int) -> DeltaItem:
+    """Decode the payload ``mv[start:end]`` of delta record ``cmd`` (200..205).
+
+    Raises:
+        StreamFormatError: unknown record, bad or missing attribute (no location).
+    """
+    if cmd == DCmd.CPATCH:
+        return _decode_cpatch(mv, start, end)
+    if cmd not in _REQUIRED:
+        raise StreamFormatError(f"unknown delta record number {cmd}")
+    a = _decode_attrs(cmd, mv, start, end)
+    if cmd == DCmd.STREAM:
+        if a[DAttr.VERSION] not in SUPPORTED_VERSIONS:
+            raise UnsupportedVersionError(
+                f"embedded btrfs stream version {a[DAttr.VERSION]} is not supported"
+            )
+        return StreamStart(a[DAttr.VERSION])
+    if cmd == DCmd.ZCMDS:
+        return ZCommands(a[DAttr.LENGTH], a[DAttr.DATA], a.get(DAttr.CRC))
+    if cmd == DCmd.PATCH:
+        algo = a[DAttr.HASH]
+        if algo not in DIGEST_SIZE:
+            raise StreamFormatError(f"unknown hash algorithm {algo}")
+        same = a[DAttr.CODEC] == SAME_CODEC
+        if same:
+            if DAttr.NEW_DIGEST in a or a[DAttr.LENGTH] or DAttr.DATA in a:
+                raise StreamFormatError("a 'same' patch has no new digest and no patch bytes")
+            if a[DAttr.OLD_SIZE] != a[DAttr.NEW_SIZE]:
+                raise StreamFormatError("a 'same' patch must keep the size")
+            a[DAttr.NEW_DIGEST] = a[DAttr.OLD_DIGEST]
+        for attr in (DAttr.OLD_DIGEST, DAttr.NEW_DIGEST):
+            if len(a[attr]) != DIGEST_SIZE[HashAlgo(algo)]:
+                raise StreamFormatError(f"{attr.name} has the wrong size for its algorithm")
+        data = a.get(DAttr.DATA)
+        if data is not None and len(data) != a[DAttr.LENGTH]:
+            raise StreamFormatError("PATCH carries a different number of bytes than LENGTH")
+        return Patch(
+            a.get(DAttr.PATH), a.get(DAttr.BASE_PATH), a[DAttr.CODEC], algo, a[DAttr.OLD_SIZE],
+            a[DAttr.OLD_DIGEST], a[DAttr.NEW_SIZE], a[DAttr.NEW_DIGEST], a[DAttr.LENGTH], data,
+        )
+    if cmd == DCmd.PDATA:
+        return PatchData(a[DAttr.DATA])
+    if cmd == DCmd.PWRITE:
+        if a[DAttr.CHUNK] == 0:
+            raise StreamFormatError("PWRITE with chunk size 0")
+        return PWrite(a[DAttr.OFFSET], a[DAttr.LENGTH], a[DAttr.CHUNK])
+    if cmd == DCmd.PENC:
+        level = a[DAttr.LEVEL]
+        return PEncoded(
+            a[DAttr.OFFSET], a[DAttr.LENGTH], a[DAttr.FILE_LEN], a[DAttr.UNENC_LEN],
+            a[DAttr.UNENC_OFFSET], a[DAttr.COMPRESSION], a.get(DAttr.ENCRYPTION),
+            a[DAttr.DISK_LEN], level - (1 << 32) if level & 0x80000000 else level, a[DAttr.CRC],
+        )
+    algo = a[DAttr.HASH]
+    if algo not in DIGEST_SIZE or len(a[DAttr.DIGEST]) != DIGEST_SIZE[HashAlgo(algo)]:
+        raise StreamFormatError("DEND digest has an unknown algorithm or the wrong size")
+    return DeltaEnd(a[DAttr.COUNT], a[DAttr.LENGTH], algo, a[DAttr.DIGEST])
