@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from btrdelta import _native
-from btrdelta.delta.expand import _Expander
+from btrdelta.delta.unpack import CarrierReader
 from btrdelta.receive.applier import Applier
 from btrdelta.stream import StreamParser, StreamReader, StreamWriter, TextDumper
 from btrdelta.stream.records import End, Subvol
@@ -30,7 +30,7 @@ def _live_in(dest: Path) -> dict[str, bool]:
     return {
         "speedups": StreamParser()._c_decode is not None and TextDumper()._c is not None,
         "fastapply": fast,
-        "unfold": _Expander(".", 0, None).unfold_run is not None,
+        "unfold": CarrierReader(None)._unfold_c is not None,
     }
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from btrdelta.delta import expand as expand_mod
+from btrdelta.delta import patching
 from btrdelta.delta.parser import EOF, NEED_DATA, DeltaParser
 from btrdelta.delta.recompress import compress_extent
 from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs, run
@@ -180,7 +181,7 @@ def penc_pool(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             time.sleep((len(raw) * 7919 + len(names)) % 4 / 1000)
         return compress_extent(raw, compression, level)
 
-    monkeypatch.setattr(expand_mod, "_WORKERS", 4)
+    monkeypatch.setattr(patching, "_WORKERS", 4)
     monkeypatch.setattr(expand_mod, "_WINDOW", 512 << 10)
-    monkeypatch.setattr(expand_mod, "compress_extent", slow)
+    monkeypatch.setattr(patching, "compress_extent", slow)
     return names

@@ -23,6 +23,7 @@ import pytest
 
 from btrdelta._value import field_names
 from btrdelta.delta import expand_events, expand_to, open_delta
+from btrdelta.errors import UnsupportedVersionError
 from btrdelta.stream import StreamReader
 from btrdelta.stream.records import Record
 from tests.conftest import DATA
@@ -65,6 +66,22 @@ def test_frozen_delta_expands_bit_for_bit(entry: dict[str, Any], old_tree: Path)
     assert len(stream) == want["size"]
     assert hashlib.sha256(stream).hexdigest() == want["sha256"]
     assert sum(1 for _ in StreamReader(io.BytesIO(stream))) == want["commands"]
+
+
+@pytest.mark.parametrize("version", [1, 2, 3, 5, 0])
+def test_other_versions_are_refused_with_what_to_do(version: int, old_tree: Path) -> None:
+    """Formats 1-3 were never released: their deltas are refused, saying to make them
+    again; an unknown version is refused as such. Nothing is expanded."""
+    delta = (DELTAS / MANIFEST["deltas"][0]["file"]).read_bytes()
+    out = io.BytesIO()
+    with pytest.raises(UnsupportedVersionError) as err:
+        expand_to(open_delta(io.BytesIO(delta[:17] + version.to_bytes(4, "little")
+                                        + delta[21:]), source="old.delta"), old_tree, out.write)
+    text = str(err.value)
+    assert text.startswith("old.delta: offset 0: ")
+    assert f"delta format version {version}" in text
+    assert ("make the delta again" in text) == (version in (1, 2, 3))
+    assert out.getvalue() == b""
 
 
 @pytest.mark.parametrize("entry", _entries())

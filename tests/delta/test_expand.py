@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from btrdelta.delta import MakeOptions, expand_events, expand_to, make_delta, open_delta
-from btrdelta.delta import expand as expand_mod
+from btrdelta.delta import events as events_mod
 from btrdelta.delta.expand import WRITE, expand_items
 from btrdelta.delta.format import BtrfsCommand, PEncoded
 from btrdelta.delta.recompress import ZLIB, ZSTD, compress_extent
@@ -191,7 +191,7 @@ def test_closing_early_stops_the_threads(
     assert threading.active_count() == before
 
     # receive's batches, abandoned after the first one made while the threads run
-    monkeypatch.setattr(expand_mod, "_EVENTS_BATCH", 2)
+    monkeypatch.setattr(events_mod, "_EVENTS_BATCH", 2)
     batches = expand_events(io.BytesIO(case.delta), case.old).batches()
     while not _threads():
         next(batches)

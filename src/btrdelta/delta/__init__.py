@@ -1,9 +1,11 @@
 """Delta streams: btrfs send streams whose file data is replaced by binary patches.
 
-``format`` (records, sans-I/O), ``carrier`` (commands inside the zstd carrier), ``codecs``
-(bsdiff, zstd long-window, HDiffPatch), ``make`` (stream + old snapshot -> delta stream),
-``expand`` (delta stream + old snapshot -> the original stream, byte for byte, or its events
-for ``btrdelta receive``). See ``docs/formats/delta-stream.md``.
+``format`` (numbers and items), ``encoding`` (items <-> bytes), ``parser`` (sans-I/O, on
+the framing of ``stream.framing``), ``carrier`` (commands inside the zstd carrier, folded)
+and ``unpack`` (the carrier read back), ``codecs`` (bsdiff, zstd long-window, HDiffPatch),
+``make`` (stream + old snapshot -> delta stream), ``expand`` (delta stream + old snapshot ->
+the original stream, byte for byte; ``patching`` applies the patches) and ``events`` (its
+records for ``btrdelta receive``). See ``docs/formats/delta-stream.md``.
 
 The names below are imported on first use (the CLI's start-up does not pay for the codec
 and compression libraries of a command it does not run).
@@ -28,7 +30,7 @@ __all__ = [
 
 _WHERE = {
     "DELTA_MAGIC": "format", "is_delta_stream": "format", "MakeOptions": "options",
-    "MakeStats": "make", "make_delta": "make", "expand_events": "expand",
+    "MakeStats": "make", "make_delta": "make", "expand_events": "events",
     "expand_items": "expand", "expand_to": "expand", "open_delta": "expand",
 }
 

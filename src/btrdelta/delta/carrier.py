@@ -1,9 +1,9 @@
-"""How btrfs commands are written inside the zstd carrier (format 3), and back.
+"""How btrfs commands are written inside the zstd carrier, and back.
 
-Format 2 zeroes a carried command's CRC field and replaces a PATH equal to the *previous
-path* by the marker TLV ``(0xffff, 0)``. Format 3 adds three transforms that take away
-what a re-created file (``MKFILE o<ino>-<gen>-<idx>``, ``RENAME`` into place, ``CHOWN``,
-``CHMOD``, ``UTIMES``) repeats in every command, and is exact by construction (the writer
+A carried command's CRC field is zero (the expander recomputes it) and a PATH equal to the
+*previous path* is the marker TLV ``(0xffff, 0)``. Three transforms take away what a
+re-created file (``MKFILE o<ino>-<gen>-<idx>``, ``RENAME`` into place, ``CHOWN``,
+``CHMOD``, ``UTIMES``) repeats in every command, and are exact by construction (the writer
 folds only what :func:`unfold` rebuilds byte for byte; the ZCMDS CRC32C, the recomputed
 command CRC and the DEND BLAKE3 digest guard the result):
 
@@ -18,11 +18,13 @@ command CRC and the DEND BLAKE3 digest guard the result):
 * **RENAME sets the previous path to its PATH_TO**, so the commands and PATCH on a file
   renamed into place name it by the marker.
 
-Format 4 adds **name references**: the base names of carried UNLINKs are listed in order;
-a RENAME whose PATH_TO lies in the same directory as the previous RENAME's PATH_TO and
-whose name was unlinked before (a rebuilt file put back where the old one was) writes its
-PATH_TO as ``(0xfffc, n)`` + the zigzag LEB128 difference between the list index and the
-last referenced index + 1.
+And **name references**: the base names of carried UNLINKs are listed in order; a RENAME
+whose PATH_TO lies in the same directory as the previous RENAME's PATH_TO and whose name
+was unlinked before (a rebuilt file put back where the old one was) writes its PATH_TO as
+``(0xfffc, n)`` + the zigzag LEB128 difference between the list index and the last
+referenced index + 1; an UNLINK in the directory of the previous one writes its PATH as
+``(0xfffb, n)`` + a reference into the sorted listing of that directory in the old
+snapshot. The read side (inflating, splitting, the C path) is :mod:`.unpack`.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ _TIMESPEC = struct.Struct("<QI")
 _HDR6 = struct.Struct("<IH")
 _ZERO_CRC = bytes(4)
 
-#: first TLV of a carried command whose PATH is the previous path (format 2)
+#: first TLV of a carried command whose PATH is the previous path
 SAME_PATH_TLV = _TLV.pack(0xFFFF, 0)
 ORPHAN_TLV = 0xFFFE
 TIMES_TLV = 0xFFFD
@@ -73,12 +75,10 @@ _MAX_WIDTH = 13
 class CarrierState:
     """What both sides remember between carried commands."""
 
-    #: the previous path (last PATH carried, PATH_TO of a RENAME in format 3, PATCH path)
+    #: the previous path (last PATH carried, PATH_TO of a RENAME, PATCH path)
     last_path: bytes | None = None
     #: last folded timespec, as nanoseconds, by TLV type
     times: dict[int, int] = field(default_factory=dict)
-    #: carrier format (4: UNLINK names are listed, RENAME targets may refer to them)
-    fmt: int = 4
     #: base names of carried UNLINKs in order, and where each name occurs in that list
     names: list[bytes] = field(default_factory=list)
     name_at: dict[bytes, list[int]] = field(default_factory=dict)
@@ -86,7 +86,7 @@ class CarrierState:
     name_pos: int = -1
     #: directory (with its trailing ``/``, ``b""`` at the top) of the last RENAME's PATH_TO
     rename_dir: bytes | None = None
-    #: format 4: sorted entry names of a directory of the old snapshot (``None``: none)
+    #: sorted entry names of a directory of the old snapshot (``None``: none)
     lister: Callable[[bytes], list[bytes] | None] | None = field(default=None, compare=False)
     #: names of the stream's current paths in the old snapshot (fed by the caller)
     pathmap: PathMap = field(default_factory=PathMap, compare=False)
@@ -111,8 +111,8 @@ class CarrierState:
         return self._listings[origin]
 
     def unlink_ref(self, path: bytes) -> bytes | None:
-        """The OLDREF TLV standing for the PATH of an UNLINK of ``path``, or ``None``
-        (format 4); updates the state."""
+        """The OLDREF TLV standing for the PATH of an UNLINK of ``path``, or ``None``;
+        updates the state."""
         cut = path.rfind(b"/")
         d, name = (path[:cut], path[cut + 1 :]) if cut >= 0 else (b"", path)
         if d != self.unlink_dir:
@@ -151,7 +151,7 @@ class CarrierState:
         return d + b"/" + listing[0][k] if d else listing[0][k]
 
     def unlinked(self, path: bytes) -> None:
-        """Remember the base name of a carried UNLINK (format 4)."""
+        """Remember the base name of a carried UNLINK."""
         name = path[path.rfind(b"/") + 1 :]
         self.name_at.setdefault(name, []).append(len(self.names))
         self.names.append(name)
@@ -220,7 +220,7 @@ def _fold_times(mv: memoryview, pos: int, end: int, state: CarrierState) -> byte
 
 
 def fold(cmd: int, raw: memoryview, state: CarrierState) -> list[bytes | memoryview]:
-    """The carrier form (format 3) of the btrfs command ``raw`` (header included)."""
+    """The carrier form of the btrfs command ``raw`` (header included)."""
     length = len(raw) - CMD_HEADER_SIZE
     end = len(raw)
     if length < 4 or _TLV.unpack_from(raw, CMD_HEADER_SIZE)[0] != _PATH:
@@ -288,7 +288,7 @@ def _unfold_times(value: memoryview, state: CarrierState) -> bytearray:
 def unfold(
     cmd: int, mv: memoryview, pos: int, end: int, state: CarrierState, limit: int
 ) -> bytearray | None:
-    """The btrfs command (header with a zero CRC field, payload) a format-3 carried
+    """The btrfs command (header with a zero CRC field, payload) a carried
     command ``mv[pos:end]`` stands for; ``None`` if it is stored as it is (only its CRC
     and the previous path need updating by the caller).
 
@@ -314,14 +314,14 @@ def unfold(
         if rest > end:
             raise StreamFormatError("carried command's PATH overruns it")
         path = bytes(mv[p + 4 : rest])
-    elif t == OLDREF_TLV and cmd == _UNLINK and state.fmt >= 4:
+    elif t == OLDREF_TLV and cmd == _UNLINK:
         rest = p + 4 + n
         if rest > end:
             raise StreamFormatError("UNLINK name reference overruns the command")
         path = state.resolve_unlink(mv[p + 4 : rest])
     else:
         return None
-    if cmd == _UNLINK and state.fmt >= 4 and t != OLDREF_TLV:
+    if cmd == _UNLINK and t != OLDREF_TLV:
         state.unlink_ref(path)
     state.last_path = path
     to: bytes | None = None
@@ -332,10 +332,7 @@ def unfold(
             raise StreamFormatError("carried UTIMES times do not end the command")
         tail = _unfold_times(mv[rest + 4 : end], state)
     elif cmd == _RENAME:
-        if (
-            state.fmt >= 4 and end - rest >= 4
-            and _TLV.unpack_from(mv, rest)[0] == NAMEREF_TLV
-        ):
+        if end - rest >= 4 and _TLV.unpack_from(mv, rest)[0] == NAMEREF_TLV:
             k = _TLV.unpack_from(mv, rest)[1]
             if rest + 4 + k > end:
                 raise StreamFormatError("RENAME name reference overruns the command")
@@ -348,11 +345,10 @@ def unfold(
             to = _rename_to(mv, rest, end)
             if to is not None:
                 state.last_path = to
-                if state.fmt >= 4:
-                    state.name_ref(to)
-    elif cmd == _UNLINK and state.fmt >= 4:
+                state.name_ref(to)
+    elif cmd == _UNLINK:
         state.unlinked(path)
-    if state.fmt >= 4 and cmd in NAME_CMDS:
+    if cmd in NAME_CMDS:
         _follow(state, cmd, path, to)
     if t == _PATH and tail is not None and type(tail) is memoryview:
         return None
@@ -378,7 +374,7 @@ _MKDIR, _RMDIR, _SUBVOL = int(Cmd.MKDIR), int(Cmd.RMDIR), int(Cmd.SUBVOL)
 
 
 def _follow(state: CarrierState, cmd: int, path: bytes, to: bytes | None) -> None:
-    """Follow a carried directory command in ``state.pathmap`` (format 4; both sides, with
+    """Follow a carried directory command in ``state.pathmap`` (both sides, with
     the fields fold/unfold already have: no second decode)."""
     pm = state.pathmap
     try:

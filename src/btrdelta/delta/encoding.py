@@ -81,7 +81,7 @@ uvarint = _uvarint
 
 
 def can_compact(item: Patch) -> bool:
-    """Whether a PATCH can be written as a CPATCH (format 4, inside the carrier)."""
+    """Whether a PATCH can be written as a CPATCH (inside the carrier)."""
     if item.codec == SAME_CODEC:
         return item.hash_algo == CP_SAME_ALGO
     return (
@@ -194,9 +194,9 @@ def encode_item(
     """Encode one delta item as pieces for ``writelines`` (btrfs commands: their raw bytes).
 
     ``inner``: for the inside of the zstd carrier (CRC field 0; PATCH, PDATA, PWRITE and
-    PENC only). ``omit_path`` / ``omit_base`` (format 2, PATCH): leave out PATH (it is the
-    previous path, see the format doc) / BASE_PATH (it equals PATH). ``compact`` (format 4,
-    with ``inner``, when :func:`can_compact`): write a PATCH as a CPATCH.
+    PENC only). ``omit_path`` / ``omit_base`` (PATCH): leave out PATH (it is the previous
+    path, see the format doc) / BASE_PATH (it equals PATH). ``compact`` (with ``inner``,
+    when :func:`can_compact`): write a PATCH as a CPATCH.
 
     Raises:
         StreamFormatError: a value does not fit its attribute.
@@ -207,9 +207,7 @@ def encode_item(
     if isinstance(item, StreamStart):
         return _frame(DCmd.STREAM, _tlv(DAttr.VERSION, u32(item.version)))
     if isinstance(item, ZCommands):
-        attrs = _tlv(DAttr.LENGTH, u64(item.raw_len))
-        if item.crc is not None:
-            attrs += _tlv(DAttr.CRC, u32(item.crc))
+        attrs = _tlv(DAttr.LENGTH, u64(item.raw_len)) + _tlv(DAttr.CRC, u32(item.crc))
         return _frame(DCmd.ZCMDS, attrs + _U16.pack(DAttr.DATA), item.zdata)
     if isinstance(item, Patch):
         if inner and compact:
@@ -284,7 +282,7 @@ _BYTES_ATTRS = {DAttr.PATH, DAttr.BASE_PATH, DAttr.OLD_DIGEST, DAttr.NEW_DIGEST,
 #: which attributes each delta record must carry (DATA: the rest of the record)
 _REQUIRED: dict[int, tuple[DAttr, ...]] = {
     DCmd.STREAM: (DAttr.VERSION,),
-    DCmd.ZCMDS: (DAttr.LENGTH, DAttr.DATA),
+    DCmd.ZCMDS: (DAttr.LENGTH, DAttr.CRC, DAttr.DATA),
     DCmd.PATCH: (
         DAttr.PATH, DAttr.BASE_PATH, DAttr.CODEC, DAttr.HASH, DAttr.OLD_SIZE,
         DAttr.OLD_DIGEST, DAttr.NEW_SIZE, DAttr.NEW_DIGEST, DAttr.LENGTH,
@@ -297,10 +295,9 @@ _REQUIRED: dict[int, tuple[DAttr, ...]] = {
         DAttr.COMPRESSION, DAttr.DISK_LEN, DAttr.LEVEL, DAttr.CRC,
     ),
 }
-#: attributes a record may carry without needing them (format 2)
+#: attributes a record may carry without needing them
 _OPTIONAL: dict[int, tuple[DAttr, ...]] = {
-    DCmd.ZCMDS: (DAttr.CRC,),
-    DCmd.PATCH: (DAttr.DATA,),  # PATH and BASE_PATH may be left out too (format 2)
+    DCmd.PATCH: (DAttr.DATA,),  # PATH and BASE_PATH may be left out too
     DCmd.PENC: (DAttr.ENCRYPTION,),
 }
 
@@ -367,7 +364,7 @@ def decode_item(cmd: int, mv: memoryview, start: int, end: int) -> DeltaItem:
             )
         return StreamStart(a[DAttr.VERSION])
     if cmd == DCmd.ZCMDS:
-        return ZCommands(a[DAttr.LENGTH], a[DAttr.DATA], a.get(DAttr.CRC))
+        return ZCommands(a[DAttr.LENGTH], a[DAttr.DATA], a[DAttr.CRC])
     if cmd == DCmd.PATCH:
         algo = a[DAttr.HASH]
         if algo not in DIGEST_SIZE:

@@ -39,6 +39,7 @@ __all__ = [
     "DELTA_MAGIC",
     "DELTA_VERSION",
     "DELTA_VERSIONS",
+    "RETIRED_VERSIONS",
     "DIGEST_SIZE",
     "INNER_RECORDS",
     "MAX_DELTA_PAYLOAD",
@@ -64,8 +65,12 @@ DELTA_MAGIC: Final = b"btrdelta-dstream\x00"
 DELTA_HEADER: Final = struct.Struct("<17sI")  # magic, format version
 DELTA_HEADER_SIZE: Final = DELTA_HEADER.size  # 21
 DELTA_VERSION: Final = 4
-#: format versions this reader understands (1: everything at top level)
-DELTA_VERSIONS: Final = frozenset({1, 2, 3, 4})
+#: format versions this reader reads. Format 4 is frozen: a change to what it means needs a
+#: new version, read next to it (``docs/formats/delta-stream.md``, "Versions")
+DELTA_VERSIONS: Final = frozenset({4})
+#: format versions that were written during development only (never released): refused
+#: with a message saying to make the delta again
+RETIRED_VERSIONS: Final = frozenset({1, 2, 3})
 
 #: Largest payload of one delta record (btrfs commands keep their own, smaller limits).
 MAX_DELTA_PAYLOAD: Final = 8 << 20
@@ -108,11 +113,11 @@ class HashAlgo(enum.IntEnum):
     BLAKE3 = 2
     #: the first 16 bytes of BLAKE3 (per-file digests; the stream digest stays 32 bytes)
     BLAKE3_128 = 3
-    #: the first 8 bytes of BLAKE3 (format 3: the old digest of a ``same`` patch, which
+    #: the first 8 bytes of BLAKE3 (the old digest of a ``same`` patch, which
     #: only checks that the local old file is the one the delta was made against; the
     #: DEND digest covers the whole expanded stream)
     BLAKE3_64 = 4
-    #: the first 4 bytes of BLAKE3 (format 4, CPATCH: the new-content digest, and the old
+    #: the first 4 bytes of BLAKE3 (CPATCH: the new-content digest, and the old
     #: digest of a ``same`` patch)
     BLAKE3_32 = 5
 
@@ -147,21 +152,19 @@ class BtrfsCommand:
 @dataclass(slots=True)
 class ZCommands:
     """Next piece of the stream-wide zstd frame; decompresses to ``raw_len`` bytes of
-    complete records (btrfs commands; in format 2 also delta records), whose CRC32C is
-    ``crc`` (format 2; ``None`` in format 1)."""
+    complete carried records (btrfs commands, folded, and delta records), whose CRC32C is
+    ``crc``."""
 
     raw_len: int
     zdata: memoryview
-    crc: int | None = None
-    #: format version of the delta stream it came from (3: commands folded, ``.carrier``)
-    fmt: int = 2
+    crc: int
 
 
 @dataclass(slots=True)
 class Patch:
     """A patch from old file ``base_path`` to the data of the PWRITEs that follow.
 
-    As decoded from format 2, ``path`` is ``None`` when it is the previous path and
+    As decoded, ``path`` is ``None`` when it is the previous path and
     ``base_path`` is ``None`` when it equals ``path`` (the expander fills them in)."""
 
     path: Any  # bytes (None only as decoded, see above)

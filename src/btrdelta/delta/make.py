@@ -544,7 +544,7 @@ def _patched_items(group: _Group, res: _Result, opts: MakeOptions) -> list[Delta
             algo, old_digest = CP_OLD_ALGO, old_digest[: DIGEST_SIZE[CP_OLD_ALGO]]
             new_algo, new_digest = CP_NEW_ALGO, new_digest[: DIGEST_SIZE[CP_NEW_ALGO]]
     elif res.codec is None and algo == HashAlgo.BLAKE3_128:
-        # format 3: a 'same' patch's digest only checks the local old file
+        # outside the carrier, a 'same' patch's digest only checks the local old file
         algo, old_digest = HashAlgo.BLAKE3_64, old_digest[:8]
     patch = Patch(
         group.path, group.base, codec_id, algo, res.old_size,

@@ -38,14 +38,12 @@ from .format import (
     DELTA_MAGIC,
     DELTA_VERSIONS,
     MAX_DELTA_PAYLOAD,
-    SAME_CODEC,
+    RETIRED_VERSIONS,
     BtrfsCommand,
     DeltaEnd,
     DeltaItem,
     HashAlgo,
     Patch,
-    PEncoded,
-    ZCommands,
 )
 
 __all__ = ["DELTA_FRAMING", "EOF", "NEED_DATA", "DeltaParser", "iter_items"]
@@ -144,6 +142,10 @@ class DeltaParser:
         magic, version = DELTA_HEADER.unpack_from(fr.peek(DELTA_HEADER_SIZE))
         if magic != DELTA_MAGIC:
             fr.fail(StreamFormatError("bad magic, not a btrdelta delta stream"), indexed=False)
+        if version in RETIRED_VERSIONS:
+            fr.fail(UnsupportedVersionError(
+                f"delta format version {version} is no longer read (it was never released): "
+                "make the delta again with this btrdelta"), indexed=False)
         if version not in DELTA_VERSIONS:
             fr.fail(UnsupportedVersionError(f"unsupported delta format version {version}"),
                     indexed=False)
@@ -158,30 +160,11 @@ class DeltaParser:
             item = decode_item(cmd, mv, start + CMD_HEADER_SIZE, end)
         except BtrdeltaError as exc:
             fr.fail(exc, cmd=cmd)
-        if fr.version < 2 and _needs_v2(item):
-            fr.fail(StreamFormatError("format-2 record in a format-1 delta stream"), cmd=cmd)
-        if fr.version < 3 and isinstance(item, Patch) and (
-            item.hash_algo == HashAlgo.BLAKE3_64
-        ):
-            fr.fail(StreamFormatError("format-3 digest in an older delta stream"), cmd=cmd)
         if not legal(cmd, Place.DELTA) or (
             isinstance(item, Patch) and item.hash_algo == HashAlgo.BLAKE3_32
         ):
             fr.fail(StreamFormatError("CPATCH or 4-byte digest outside the carrier"), cmd=cmd)
-        if isinstance(item, ZCommands):
-            item.fmt = fr.version
         return item
-
-
-def _needs_v2(item: DeltaItem) -> bool:
-    """Whether ``item`` uses something format 1 does not have."""
-    if isinstance(item, ZCommands):
-        return item.crc is not None
-    if isinstance(item, Patch):
-        return item.data is not None or item.codec == SAME_CODEC or (
-            item.hash_algo == HashAlgo.BLAKE3_128
-        ) or item.path is None or item.base_path is None
-    return isinstance(item, PEncoded)
 
 
 def iter_items(

@@ -11,8 +11,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from ..errors import BtrdeltaError, StreamFormatError
+from .carrier import CarrierState
 from .codecs import CODECS
-from .expand import _Expander
 from .format import (
     SAME_CODEC,
     BtrfsCommand,
@@ -22,9 +23,10 @@ from .format import (
     PEncoded,
     PWrite,
     StreamStart,
+    ZCommands,
 )
-from .format import ZCommands as _Z
 from .parser import DeltaParser, iter_items
+from .unpack import CarrierReader
 
 __all__ = ["DeltaStats", "collect_delta_stats", "delta_stats_of_file"]
 
@@ -88,41 +90,50 @@ def collect_delta_stats(items: Iterable[DeltaItem], source: str | None = None) -
         StreamFormatError: the delta stream is malformed (carrier included).
     """
     st = DeltaStats()
-    ex = _Expander(".", 0, source)
     # no old snapshot here: UNLINK names that refer to its listings are not resolved
-    ex.cstate.lister = None
-    ex.cstate.lenient = True
-    for item in items:
-        ex.index += 1
-        if isinstance(item, BtrfsCommand):
-            st.carried_commands += 1
-            st.carried_raw_bytes += len(item.raw)
-            st.carried_stored_bytes += len(item.raw)
-        elif isinstance(item, _Z):
-            raw = ex.inflate(item)
-            for sub in ex.split(raw, crc_checked=item.crc is not None, fmt=item.fmt):
-                if isinstance(sub, BtrfsCommand):
-                    st.carried_commands += 1
-                else:
-                    _follow(ex, sub)
-                    _count(st, [sub])
-            st.carried_raw_bytes += len(raw)
-            st.carried_stored_bytes += len(item.zdata)
-        else:
-            _follow(ex, item)
-            _count(st, [item])
-            if isinstance(item, StreamStart):
-                ex.version = item.version
+    carrier = CarrierReader(None)
+    carrier.state.lenient = True
+    version = 0
+    for index, item in enumerate(items, 1):
+        try:
+            version = _fold(st, carrier, item, version)
+        except BtrdeltaError as exc:
+            exc.located(source=source, index=index)
+            raise
     return st
 
 
-def _follow(ex: _Expander, item: DeltaItem) -> None:
-    """Keep the expander's previous path in step (format-2 path elision)."""
+def _fold(st: DeltaStats, carrier: CarrierReader, item: DeltaItem, version: int) -> int:
+    """Count one delta item; returns the version of the embedded stream after it."""
+    if isinstance(item, BtrfsCommand):
+        st.carried_commands += 1
+        st.carried_raw_bytes += len(item.raw)
+        st.carried_stored_bytes += len(item.raw)
+    elif isinstance(item, ZCommands):
+        raw = carrier.inflate(item)
+        for sub in carrier.split(raw, version):
+            if isinstance(sub, BtrfsCommand):
+                st.carried_commands += 1
+            else:
+                _follow(carrier.state, sub)
+                _count(st, [sub])
+        st.carried_raw_bytes += len(raw)
+        st.carried_stored_bytes += len(item.zdata)
+    else:
+        _follow(carrier.state, item)
+        _count(st, [item])
+        if isinstance(item, StreamStart):
+            return item.version
+    return version
+
+
+def _follow(state: CarrierState, item: DeltaItem) -> None:
+    """Keep the previous path in step (a PATCH may leave its path out)."""
     if isinstance(item, Patch):
         if item.path is not None:
-            ex.last_path = item.path
-        elif ex.last_path is None:
-            raise ex.fail("PATCH refers to a previous path: there is none")
+            state.last_path = item.path
+        elif state.last_path is None:
+            raise StreamFormatError("PATCH refers to a previous path: there is none")
 
 
 def _count(st: DeltaStats, items: Iterable[DeltaItem]) -> None:

@@ -7,14 +7,14 @@ long-distance matching), flushed at a block boundary so that every record decomp
 its own to whole commands while still referring back to everything before it. With
 ``level=0`` commands are written as they are (uncompressed passthrough).
 
-The patch metadata rides in the same frame (format 2): PWRITE, PENC and PATCH records
-whose patch bytes fit in :data:`INNER_PATCH_MAX` are framed with a zero CRC and carried
-like btrfs commands, so their paths and sizes compress against the btrfs commands around
-them; each ZCMDS record holds the CRC32C of what it inflates to. Carried btrfs commands
-have their CRC field zeroed too (the expander recomputes it: 4 incompressible bytes saved
-per command), and format 3 folds repeated paths, orphan names and times
-(:mod:`.carrier`). Larger patches stay
-outside the carrier (PATCH + PDATA), as patches are already compressed.
+The patch metadata rides in the same frame: PWRITE, PENC and PATCH records whose patch
+bytes fit in :data:`INNER_PATCH_MAX` (as CPATCH when they can) are framed with a zero CRC
+and carried like btrfs commands, so their paths and sizes compress against the btrfs
+commands around them; each ZCMDS record holds the CRC32C of what it inflates to. Carried
+btrfs commands have their CRC field zeroed too (the expander recomputes it: 4
+incompressible bytes saved per command), and repeated paths, orphan names, times and names
+are folded (:mod:`.carrier`). Larger patches stay outside the carrier (PATCH + PDATA), as
+patches are already compressed.
 """
 
 from __future__ import annotations
@@ -84,8 +84,8 @@ class DeltaWriter:
         self._pending: list[Any] = []
         self._pending_len = 0
         self._cobj: Any = None
-        #: the previous path and times, for folding carried commands (format 3); names
-        #: of the old snapshot's directories (format 4)
+        #: the previous path and times, for folding carried commands; names of the old
+        #: snapshot's directories
         self._state = CarrierState()
         if old_root is not None:
             root = old_root
@@ -117,7 +117,7 @@ class DeltaWriter:
             return
         # the CRC field is zeroed (4 incompressible bytes; the expander recomputes it and
         # the carrier's own CRC32C covers the content), repeated paths, orphan names and
-        # times are folded (format 3, :mod:`.carrier`)
+        # times are folded (:mod:`.carrier`)
         pieces = fold(int(_U16.unpack_from(raw, 4)[0]), memoryview(raw), self._state)
         self._pending += pieces
         self._pending_len += sum(len(p) for p in pieces)

@@ -31,7 +31,7 @@ from typing import Any, BinaryIO, Literal
 
 from .. import _native
 from .._value import field_names, value_class
-from ..errors import BtrdeltaError, StreamFormatError
+from ..errors import BtrdeltaError, StreamFormatError, UnsupportedVersionError
 from .codec import (
     _ZERO_CRC,
     decode_payload,
@@ -144,9 +144,16 @@ class StreamParser:
         """A stream of ``version`` starts here whose header is not in the input (a stream
         embedded in another format, such as a delta stream's STREAM record): the next
         bytes fed are its commands. Only where a header may come (before any input, after
-        an END)."""
-        if not self._expect_header or version not in SUPPORTED_VERSIONS:
-            raise ValueError(f"cannot begin a stream of version {version} here")
+        an END).
+
+        Raises:
+            StreamFormatError: the stream before has not ended, or ``version`` is not 1..3.
+        """
+        if not self._expect_header:
+            self._in.fail(StreamFormatError("a stream begins before the END of the one before"))
+        if version not in SUPPORTED_VERSIONS:
+            self._in.fail(UnsupportedVersionError(f"unsupported stream version {version}"),
+                          indexed=False)
         self._in.version = version
         self.streams += 1
         self._expect_header = False

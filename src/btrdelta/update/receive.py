@@ -56,7 +56,7 @@ def open_events(
     if what.kind is Kind.SEND_STREAM:
         return StreamReader(f, source=source)
     if what.kind is Kind.DELTA_STREAM:
-        from ..delta.expand import expand_events
+        from ..delta.events import expand_events
 
         # reflinks where the destination has them (a clone that must be copied costs more
         # than the write it stands for)

@@ -242,7 +242,8 @@ def open_signed_events(
 
     if not is_delta:
         return SignedEvents(StreamReader(buf, source=source), finish, source=source)
-    from ..delta.expand import expand_events, open_delta
+    from ..delta.events import expand_events
+    from ..delta.expand import open_delta
     from ..delta.format import DeltaEnd
     from ..receive import uses_btrfs
     from .receive import delta_parent

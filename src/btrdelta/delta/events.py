@@ -1,0 +1,152 @@
+"""A delta stream expanded straight into records, for ``btrdelta receive``.
+
+:func:`expand_batches` takes the outputs of :func:`.expand.expand_items` (which counts and
+hashes every byte of the expanded stream for the DEND check) and hands on records, never
+bytes to parse again: a stream header and the regenerated WRITE / ENCODED_WRITE records go
+as they are; only the carried btrfs commands, which are bytes by nature (inflated and
+unfolded from the zstd carrier), are decoded, a group at a time, by one
+:class:`~btrdelta.stream.StreamParser` (the C batch decoder when it is live). The parser
+also checks that the expanded stream is well formed: a command after END, a new stream
+before END, a command the embedded version does not define.
+
+With ``clone_same`` (``btrdelta receive`` on btrfs), the records of a file whose content is
+its old file's become one CLONE from the parent snapshot per PWRITE range (or PENC extent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterable, Iterator
+from contextlib import closing
+from pathlib import Path
+from typing import BinaryIO
+
+from ..errors import BtrdeltaError, StreamFormatError
+from ..stream.reader import EOF, NEED_DATA, Event, StreamParser
+from .expand import HEADER, WRITE, OldRoot, expand_items, open_delta
+from .format import DeltaItem
+from .options import DEFAULT_MAX_FILE_SIZE
+from .patching import SameEncodedWrite, SameWrite
+
+__all__ = ["DeltaEvents", "expand_batches", "expand_events"]
+
+#: events (and bytes of regenerated file data) in one batch of :func:`expand_batches`
+_EVENTS_BATCH = 2048
+_EVENTS_BYTES = 4 << 20
+
+
+def _decode_group(parser: StreamParser, group: bytearray, batch: list[Event]) -> None:
+    """Append the records of a group of carried commands, decoded in place, to ``batch``."""
+    parser.feed(group)
+    while True:
+        got = parser.take_batch()
+        if got:
+            batch += got
+            continue
+        ev = parser.next_event()
+        if ev is NEED_DATA or ev is EOF:  # EOF: never fed
+            return
+        batch.append(ev)
+
+
+def expand_batches(
+    items: Iterable[DeltaItem],
+    old_root: OldRoot,
+    *,
+    max_file_size: int = DEFAULT_MAX_FILE_SIZE,
+    source: str | None = None,
+    clone_same: bool = False,
+) -> Generator[list[Event], None, None]:
+    """The events of the expanded stream in lists (what ``receive`` applies a list at a
+    time): headers and regenerated records as the expansion made them, carried commands
+    decoded a group at a time.
+
+    ``clone_same``: the WRITEs of a file whose content equals its old file (verified
+    before) become one CLONE from the parent snapshot per PWRITE range (``old_root`` must
+    then be a function of the stream's SNAPSHOT, as for ``receive``): the receiver
+    reflinks the unchanged data instead of writing it again (and falls back to copying
+    where it cannot). The tree is the same; the old and new versions share the extents.
+    The expanded stream is still checked as a whole (DEND)."""
+    parser = StreamParser(source=source, verify_crc=False)
+    batch: list[Event] = []
+    nbytes = 0
+    outputs = expand_items(items, old_root, max_file_size=max_file_size, source=source,
+                           clone_same=clone_same)
+    with closing(outputs):  # closing this generator stops the recompression threads
+        for kind, pieces, rec in outputs:
+            cls = rec.__class__
+            if cls is SameWrite or cls is SameEncodedWrite:
+                if rec.apply is not None:  # type: ignore[union-attr]
+                    batch.append(rec.apply)  # type: ignore[union-attr]
+            elif kind == WRITE:
+                batch.append(rec)  # type: ignore[arg-type]
+                nbytes += len(rec.data)  # type: ignore[union-attr]
+            else:
+                try:
+                    if kind == HEADER:
+                        # the expansion's own header (its offset counts regenerated WRITEs)
+                        parser.begin(rec.version)  # type: ignore[union-attr]
+                        batch.append(rec)  # type: ignore[arg-type]
+                    else:
+                        _decode_group(parser, pieces[0], batch)
+                except BtrdeltaError as exc:  # offsets and indexes of the parser's are not ours
+                    raise StreamFormatError(f"a carried command does not decode: {exc.message}",
+                                            source=source) from None
+            if len(batch) >= _EVENTS_BATCH or nbytes >= _EVENTS_BYTES:
+                yield batch
+                batch = []
+                nbytes = 0
+    if batch:
+        yield batch
+
+
+class DeltaEvents:
+    """The events of a delta stream's expansion: iterate over it for the events one by one,
+    as :meth:`StreamReader.events` yields them, or call :meth:`batches` for lists of them
+    (``receive`` does, like it does with a :class:`StreamReader`)."""
+
+    def __init__(
+        self, items: Iterable[DeltaItem], old_root: OldRoot, max_file_size: int,
+        source: str | None, clone_same: bool = False,
+    ) -> None:
+        self._args = (items, old_root, max_file_size, source, clone_same)
+
+    def batches(self) -> Generator[list[Event], None, None]:
+        """Lists of events (see :func:`expand_batches`); call it once."""
+        items, old_root, max_file_size, source, clone_same = self._args
+        return expand_batches(items, old_root, max_file_size=max_file_size, source=source,
+                              clone_same=clone_same)
+
+    def __iter__(self) -> Iterator[Event]:
+        for batch in self.batches():
+            yield from batch
+
+
+def expand_events(
+    delta_events: Iterable[DeltaItem] | BinaryIO,
+    old_root: OldRoot | Path,
+    *,
+    max_file_size: int = DEFAULT_MAX_FILE_SIZE,
+    source: str | None = None,
+    clone_same: bool = False,
+) -> DeltaEvents:
+    """The events of the expanded stream, as :meth:`StreamReader.events` yields them.
+
+    Args:
+        delta_events: delta items (:func:`open_delta`) or a binary file with a delta stream.
+        old_root: the old snapshot's directory, or a function of the stream's SNAPSHOT
+            (or SUBVOL) record returning it (``lambda s: find_parent(dest, s)``).
+        max_file_size: largest old file / new content a patch may involve.
+        source: input name for error messages.
+        clone_same: unchanged content as CLONEs from the parent (see
+            :func:`expand_batches`; ``btrdelta receive`` does this).
+
+    Each patched file's old content is verified before, and its new content after the
+    patch is applied, before any of its WRITE events is yielded. The result is iterable
+    once; its ``batches()`` gives the events in lists.
+    """
+    items: Iterable[DeltaItem]
+    if hasattr(delta_events, "read"):
+        items = open_delta(delta_events, source=source)  # type: ignore[arg-type]
+    else:
+        items = delta_events
+    return DeltaEvents(items, old_root, max_file_size, source, clone_same)

@@ -1,0 +1,292 @@
+"""Patched files during expansion: a PATCH's old file checked and patched, then its new
+content handed out, in order, by the PWRITE and PENC records that follow.
+
+For a ``PATCH`` (inline patch bytes, or the PDATA records after it) :class:`Patcher` reads
+the old file below the old root (safely: no symlink followed), checks its size and digest
+**before** anything of it is produced, applies the codec and checks the new content's size
+and digest. A ``PWRITE`` then gives WRITE records of the new content; a ``PENC`` (an
+ENCODED_WRITE of a ``--compressed-data`` stream) recompresses the next bytes of it, in a
+pool of threads when the extent is large (zstd and zlib release the GIL), and
+:meth:`Patcher.regenerated` gives the record once its command's CRC32C matched the
+original's. For ``btrdelta receive`` on btrfs (``clone_same``), the records of a file whose
+content is its old file's carry the CLONE from the parent snapshot that ``receive`` applies
+instead (:class:`SameWrite`, :class:`SameEncodedWrite`).
+
+Errors are :class:`~btrdelta.errors.BtrdeltaError` with the path where one is known; the
+expansion (:mod:`.expand`) adds the source and the record index.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import BtrdeltaError, ChecksumError, StreamFormatError
+from ..stream import records as R
+from ..stream.codec import encode_record
+from ..stream.constants import CMD_HEADER, MAX_PAYLOAD
+from .carrier import CarrierState
+from .codecs import get_codec
+from .format import SAME_CODEC, Patch, PatchData, PEncoded, PWrite
+from .oldfiles import DirCache, digest, read_old_file
+from .recompress import compress_extent
+
+__all__ = ["Patcher", "Pending", "SameEncodedWrite", "SameWrite"]
+
+#: threads recompressing extents (one per CPU this process may use; none if only one);
+#: extents below _INLINE bytes are recompressed at once
+_WORKERS = (
+    len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+)
+_INLINE = 8192
+
+
+@dataclass(slots=True)
+class Pending:
+    """A PENC record whose extent is being recompressed (``packed``, in a worker thread)."""
+
+    packed: Future[bytes] | bytes  # bytes: recompressed at once (a small extent)
+    penc: PEncoded
+    path: bytes
+    version: int
+    index: int  # of the delta record, for errors
+    #: receive: the CLONE from the parent that stands for it (unchanged content)
+    clone: R.Clone | None = None
+
+
+@dataclass(slots=True)
+class _Active:
+    patch: Patch
+    content: bytes
+    pos: int = 0
+
+
+class SameWrite(R.Write):
+    """A regenerated WRITE of content equal to the (verified) old file's. ``apply`` is what
+    ``receive`` applies instead: a CLONE of the PWRITE's whole range from the parent
+    snapshot on its first chunk, ``None`` on the others (see ``clone_same``)."""
+
+    __slots__ = ("apply",)
+    apply: R.Clone | None
+
+
+class SameEncodedWrite(R.EncodedWrite):
+    """A regenerated ENCODED_WRITE of content equal to the old file's; ``apply`` is the
+    CLONE of its file range from the parent that ``receive`` applies instead."""
+
+    __slots__ = ("apply",)
+    apply: R.Clone | None
+
+
+class Patcher:
+    """The patch being applied and the new content being handed out.
+
+    Args:
+        root_of: the old snapshot's directory (``root_of(what)``; ``what`` names the record
+            that needs it, for the error when there is none).
+        state: the carrier's state, whose previous path a PATCH may refer to.
+        max_file_size: largest old file / new content a patch may involve.
+        source: input name for errors located later (:meth:`regenerated`).
+        clone_same: give unchanged content's records a CLONE from the parent snapshot.
+    """
+
+    def __init__(
+        self, root_of: Callable[[str], str | os.PathLike[str]], state: CarrierState,
+        max_file_size: int, source: str | None, clone_same: bool,
+    ) -> None:
+        self.root_of = root_of
+        self.state = state
+        self.max_file_size = max_file_size
+        self.source = source
+        self.clone_same = clone_same
+        #: version of the embedded btrfs stream, and its SNAPSHOT/SUBVOL (set by the caller)
+        self.version = 0
+        self.head: Any = None
+        self.active: _Active | None = None
+        self.pending: Patch | None = None
+        self.pdata: list[bytes] = []
+        self.pdata_len = 0
+        #: directory fd of the last old file read
+        self.dirs = DirCache()
+        #: recompression threads (PENC), started at the first large PENC; see :meth:`close`
+        self.pool: ThreadPoolExecutor | None = None
+
+    def check_idle(self, what: str) -> None:
+        """``what`` may only come when no patch is being used."""
+        if self.active is not None or self.pending is not None:
+            raise StreamFormatError(f"{what} while a patch is not used up")
+
+    def start(self, p: Patch) -> None:
+        """A PATCH: checked, and applied at once when it needs no PDATA."""
+        if self.active is not None or self.pending is not None:
+            raise StreamFormatError("PATCH while another patch is not used up")
+        if p.path is None:
+            if self.state.last_path is None:
+                raise StreamFormatError("PATCH refers to a previous path: there is none")
+            p.path = self.state.last_path
+        if p.base_path is None:
+            p.base_path = p.path
+        self.state.last_path = p.path
+        if p.new_size > self.max_file_size or p.old_size > self.max_file_size:
+            raise StreamFormatError(
+                f"patch sizes {p.old_size}/{p.new_size} exceed the limit {self.max_file_size}"
+            )
+        if p.codec == SAME_CODEC:
+            if p.patch_len or p.old_size != p.new_size:
+                raise StreamFormatError("a 'same' patch with patch bytes or a size change")
+        elif p.patch_len == 0 or p.patch_len >= p.new_size:
+            raise StreamFormatError(
+                f"patch length {p.patch_len} is not below new size {p.new_size}")
+        self.root_of("PATCH")
+        self.pending = p
+        self.pdata = []
+        self.pdata_len = 0
+        if p.data is not None or p.codec == SAME_CODEC:
+            self._finish(p, bytes(p.data) if p.data is not None else b"")
+
+    def add_pdata(self, d: PatchData) -> None:
+        """A PDATA: the next patch bytes (the patch is applied with its last piece)."""
+        p = self.pending
+        if p is None:
+            raise StreamFormatError("PDATA without a PATCH")
+        self.pdata_len += len(d.data)
+        if self.pdata_len > p.patch_len:
+            raise StreamFormatError("PDATA longer than the patch length")
+        self.pdata.append(bytes(d.data))
+        if self.pdata_len == p.patch_len:
+            self._finish(p, b"".join(self.pdata))
+
+    def _finish(self, p: Patch, patch: bytes) -> None:
+        self.pending = None
+        self.pdata = []
+        root = self.root_of("PATCH")  # known since the PATCH came
+        try:
+            old = read_old_file(
+                root, p.base_path, expected_size=p.old_size,
+                max_size=self.max_file_size, algo=p.hash_algo, expected_digest=p.old_digest,
+                cache=self.dirs,
+            )
+            assert old is not None
+            if p.codec == SAME_CODEC:
+                self.active = _Active(p, old)
+                return
+            new = get_codec(p.codec).apply(old, patch, new_size=p.new_size)
+        except BtrdeltaError as exc:
+            raise exc.located(path=p.base_path) from None
+        actual = digest(p.new_algo if p.new_algo is not None else p.hash_algo, new)
+        if actual != p.new_digest:
+            raise ChecksumError(
+                "patched content differs from the new content (wrong old file or bad patch)",
+                expected=p.new_digest.hex(), actual=actual.hex(), path=p.path,
+            )
+        self.active = _Active(p, new)
+
+    def pwrite(self, w: PWrite) -> Iterator[R.Write]:
+        """The WRITE records of a PWRITE, data taken in order from the new content."""
+        a = self.active
+        if a is None:
+            raise StreamFormatError("PWRITE without a patched content")
+        if a.pos + w.length > len(a.content) or w.length == 0:
+            raise StreamFormatError("PWRITE runs past the patched content")
+        if self.version == 1 and w.chunk > 0xFFFF:
+            raise StreamFormatError(f"PWRITE chunk {w.chunk} does not fit a v1 WRITE")
+        if w.offset + w.length >= 1 << 64:
+            raise StreamFormatError("PWRITE offset overflows")
+        content = memoryview(a.content)
+        path = a.patch.path
+        off, pos, end = w.offset, a.pos, a.pos + w.length
+        clone = self._same_clone(a, off, w.length, pos)
+        if clone is not None:
+            while pos < end:
+                n = min(w.chunk, end - pos)
+                rec = SameWrite(path, off, content[pos : pos + n])
+                rec.apply, clone = clone, None
+                yield rec
+                pos += n
+                off += n
+        while pos < end:
+            n = min(w.chunk, end - pos)
+            yield R.Write(path, off, content[pos : pos + n])
+            pos += n
+            off += n
+        a.pos = end
+        if end == len(a.content):
+            self.active = None
+
+    def _same_clone(self, a: _Active, offset: int, length: int,
+                    old_offset: int) -> R.Clone | None:
+        """With ``clone_same``, for content equal to the verified old file: the CLONE from
+        the parent snapshot that puts ``length`` bytes of it at ``old_offset`` into the new
+        file at ``offset`` (what ``receive`` applies instead of the regenerated write)."""
+        head = self.head
+        if not self.clone_same or a.patch.codec != SAME_CODEC or type(head) is not R.Snapshot:
+            return None
+        assert a.patch.base_path is not None
+        return R.Clone(offset, length, a.patch.path, head.clone_uuid, head.clone_ctransid,
+                       a.patch.base_path, old_offset)
+
+    def pencoded(self, e: PEncoded, index: int) -> Pending:
+        """Start regenerating the ENCODED_WRITE a PENC record (number ``index``) stands for:
+        its extent is recompressed in a worker thread (a small one at once, which costs
+        less than handing it over); :meth:`regenerated` gives the record."""
+        a = self.active
+        if a is None:
+            raise StreamFormatError("PENC without a patched content")
+        if a.pos + e.length > len(a.content) or e.length == 0:
+            raise StreamFormatError("PENC runs past the patched content")
+        if self.version < 2:
+            raise StreamFormatError("PENC in a v1 stream (ENCODED_WRITE needs v2)")
+        if e.disk_len > MAX_PAYLOAD[self.version]:
+            raise StreamFormatError(f"PENC disk length {e.disk_len} exceeds a command's payload")
+        raw = memoryview(a.content)[a.pos : a.pos + e.length]
+        clone = self._same_clone(a, e.offset, e.file_len, a.pos + e.unencoded_offset)
+        packed: Future[bytes] | bytes
+        if e.length < _INLINE or _WORKERS < 2:
+            packed = compress_extent(raw, e.compression, e.level)
+        else:
+            if self.pool is None:
+                self.pool = ThreadPoolExecutor(_WORKERS, "btrdelta-penc")
+            packed = self.pool.submit(compress_extent, raw, e.compression, e.level)
+        a.pos += e.length
+        if a.pos == len(a.content):
+            self.active = None
+        return Pending(packed, e, a.patch.path, self.version, index, clone)
+
+    def regenerated(self, p: Pending) -> tuple[R.EncodedWrite, list[Any]]:
+        """The ENCODED_WRITE of a :meth:`pencoded` record and its exact bytes, checked
+        against the original command's CRC (waits for the recompression)."""
+        e, path = p.penc, p.path
+        try:
+            packed = p.packed if isinstance(p.packed, bytes) else p.packed.result()
+            if len(packed) > e.disk_len:
+                raise ChecksumError(
+                    f"recompressed extent has {len(packed)} bytes, more than {e.disk_len}",
+                    path=path,
+                )
+            data = packed + bytes(e.disk_len - len(packed))
+            rec = (R.EncodedWrite if p.clone is None else SameEncodedWrite)(
+                path, e.offset, e.file_len, e.unencoded_len, e.unencoded_offset,
+                e.compression, memoryview(data), e.encryption,
+            )
+            if p.clone is not None:
+                rec.apply = p.clone  # type: ignore[attr-defined]
+            pieces = encode_record(rec, p.version)
+            if CMD_HEADER.unpack_from(pieces[0])[2] != e.crc:
+                raise ChecksumError(
+                    "recompressed extent differs from the original (another zstd/zlib build?)",
+                    path=path,
+                )
+        except BtrdeltaError as exc:
+            raise exc.located(source=self.source, index=p.index) from None
+        return rec, pieces
+
+    def close(self) -> None:
+        """Stop the recompression threads (queued work is cancelled, running work ends) and
+        close the cached directory."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+        self.dirs.close()

@@ -1,0 +1,175 @@
+"""The zstd carrier read back: ZCMDS pieces inflated, their records split and unfolded.
+
+A delta stream's ZCMDS records are consecutive pieces of one zstd frame (:mod:`.writer`);
+each inflates to whole carried records with a zero CRC field: btrfs commands in their
+folded form (:mod:`.carrier`) and the delta records the carrier may hold (PATCH, PDATA,
+PWRITE, PENC, CPATCH: ``stream.framing.RECORDS``). :meth:`CarrierReader.inflate` inflates
+one piece, bounded (a hostile piece cannot inflate past what it declares by more than what
+``_ZFEED`` compressed bytes give), and checks its CRC32C before any of it is used.
+:meth:`CarrierReader.split` then yields the delta records, decoded, and the btrfs commands,
+unfolded with their CRC put back: one by one, or (``grouped``, for the expansion) appended
+to one group of bytes that the caller takes whole with :meth:`CarrierReader.take_group`.
+There, the common forms are unfolded by the C module ``_unfold`` when it is live
+(:mod:`btrdelta._native`); :func:`.carrier.unfold` does the rest and is the reference.
+
+Errors are :class:`~btrdelta.errors.StreamFormatError` (a CRC mismatch:
+:class:`~btrdelta.errors.ChecksumError`) without a location: the caller adds the index of
+the delta record.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import zstandard
+
+from .. import _native
+from ..errors import ChecksumError, StreamFormatError
+from ..stream.constants import CMD_HEADER, CMD_HEADER_SIZE, MAX_PAYLOAD
+from ..stream.crc import crc32c
+from ..stream.framing import Place, legal, max_command
+from .carrier import CarrierState, unfold
+from .encoding import decode_item
+from .format import (
+    DELTA_VERSION,
+    INNER_RECORDS,
+    BtrfsCommand,
+    DCmd,
+    DeltaItem,
+    HashAlgo,
+    Patch,
+    ZCommands,
+)
+
+__all__ = ["MAX_ZCMDS_RAW", "CarrierReader"]
+
+#: largest decompressed size one ZCMDS record may declare
+MAX_ZCMDS_RAW = 64 << 20
+#: compressed bytes fed to the inflater at a time (bounds the output of one call)
+_ZFEED = 1024
+_MAX_CMD = max_command(3)
+_CRC_FIELD = struct.Struct("<I")
+
+
+class CarrierReader:
+    """The carrier of one delta stream, read back.
+
+    Args:
+        lister: sorted entry names of a directory of the old snapshot (UNLINK references),
+            ``None`` where there is none.
+        on_head: called with a SUBVOL or SNAPSHOT command (number, raw bytes) as it goes
+            into the group (the old root of what follows may change).
+    """
+
+    def __init__(
+        self, lister: Callable[[bytes], list[bytes] | None] | None,
+        on_head: Callable[[int, memoryview], None] | None = None,
+    ) -> None:
+        #: the previous path, folded times, names and listings both sides follow
+        self.state = CarrierState(lister=lister)
+        self.on_head = on_head
+        self._dctx: Any = None
+        #: carried btrfs commands gathered by :meth:`split` (``grouped``) and how many
+        self.group = bytearray()
+        self.count = 0
+        # the C path of unfolding (``_unfold.c``) when it is live, or None
+        unfold_c = _native.live("unfold")
+        self._unfold_c: Any = unfold_c.run if unfold_c is not None else None
+
+    def inflate(self, item: ZCommands) -> bytearray:
+        """The records a ZCMDS piece carries, inflated and checked against its CRC32C."""
+        if item.raw_len > MAX_ZCMDS_RAW:
+            raise StreamFormatError(
+                f"ZCMDS declares {item.raw_len} bytes (limit {MAX_ZCMDS_RAW})")
+        if self._dctx is None:
+            self._dctx = zstandard.ZstdDecompressor(max_window_size=1 << 31).decompressobj()
+        out: list[bytes] = []
+        got = 0
+        z = item.zdata
+        try:
+            for i in range(0, len(z), _ZFEED):
+                piece = self._dctx.decompress(z[i : i + _ZFEED])
+                got += len(piece)
+                if got > item.raw_len:
+                    raise StreamFormatError("ZCMDS inflates to more than it declares")
+                out.append(piece)
+        except zstandard.ZstdError as exc:
+            raise StreamFormatError(f"ZCMDS carrier is corrupt: {exc}") from exc
+        if got != item.raw_len:
+            raise StreamFormatError(f"ZCMDS inflates to {got} bytes, declares {item.raw_len}")
+        raw = bytearray().join(out)
+        if crc32c(raw, 0) != item.crc:
+            raise ChecksumError("CRC32C mismatch of a ZCMDS record's content")
+        return raw
+
+    def split(self, raw: bytearray, version: int, grouped: bool = False) -> Iterator[DeltaItem]:
+        """The records in inflated carrier bytes ``raw`` (which this may modify) of an
+        embedded stream of ``version``: delta records decoded, btrfs commands unfolded with
+        their CRC (yielded, or with ``grouped`` appended to :attr:`group`)."""
+        if not version:
+            raise StreamFormatError("btrfs commands before any STREAM record")
+        mv = memoryview(raw)
+        pos = 0
+        limit = MAX_PAYLOAD[version]
+        fast = self._unfold_c if grouped else None
+        while pos < len(mv):
+            if fast is not None:
+                pos, n = fast(raw, pos, self.group, self.state, DELTA_VERSION, limit, _MAX_CMD)
+                self.count += n
+                if pos >= len(mv):
+                    break
+            if len(mv) - pos < CMD_HEADER_SIZE:
+                raise StreamFormatError("carried commands end inside a command header")
+            length, cmd, crc = CMD_HEADER.unpack_from(mv, pos)
+            end = pos + CMD_HEADER_SIZE + length
+            if cmd in INNER_RECORDS:
+                yield self._record(cmd, mv, pos, end, crc)
+            else:
+                view = self._command(raw, cmd, pos, length, crc, limit)
+                if not grouped:
+                    yield BtrfsCommand(cmd, view)
+                else:
+                    if cmd <= 2 and self.on_head is not None:  # SUBVOL, SNAPSHOT
+                        self.on_head(cmd, view)
+                    self.group += view
+                    self.count += 1
+            pos = end
+
+    @staticmethod
+    def _record(cmd: int, mv: memoryview, pos: int, end: int, crc: int) -> DeltaItem:
+        """A carried delta record (zero CRC field: the piece's CRC covered it)."""
+        if crc != 0 or end > len(mv):
+            raise StreamFormatError(f"carried delta record {cmd} is invalid")
+        sub = decode_item(cmd, mv, pos + CMD_HEADER_SIZE, end)
+        if type(sub) is Patch and cmd != DCmd.CPATCH and sub.hash_algo == HashAlgo.BLAKE3_32:
+            raise StreamFormatError("a 4-byte digest outside a CPATCH")
+        return sub
+
+    def _command(
+        self, raw: bytearray, cmd: int, pos: int, length: int, crc: int, limit: int
+    ) -> memoryview:
+        """A carried btrfs command, unfolded, with its CRC32C put back."""
+        end = pos + CMD_HEADER_SIZE + length
+        if not legal(cmd, Place.CARRIER) or length > limit or end > len(raw):
+            raise StreamFormatError(f"carried command {cmd} of length {length} is invalid")
+        if crc != 0:
+            raise StreamFormatError(f"carried command {cmd} has a non-zero CRC field")
+        mv = memoryview(raw)
+        buf = unfold(cmd, mv, pos, end, self.state, limit)
+        # the CRC field is 0 in both forms: btrfs's CRC (seed 0, no final inversion) of
+        # header + payload is one library call
+        if buf is None:
+            view = mv[pos:end]
+            _CRC_FIELD.pack_into(raw, pos + 6, crc32c(view, 0xFFFFFFFF) ^ 0xFFFFFFFF)
+            return view
+        _CRC_FIELD.pack_into(buf, 6, crc32c(buf, 0xFFFFFFFF) ^ 0xFFFFFFFF)
+        return memoryview(buf)
+
+    def take_group(self) -> tuple[int, bytearray]:
+        """The commands gathered so far (how many, their bytes); a new group starts (the
+        one returned is never appended to again: records keep views of it)."""
+        got = self.count, self.group
+        self.group, self.count = bytearray(), 0
+        return got
