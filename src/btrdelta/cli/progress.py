@@ -1,0 +1,166 @@
+"""Progress on standard error: one implementation for every command.
+
+Shown by default when standard error is a terminal, never with ``-q``, and also into a file
+or pipe with ``--progress``. On a terminal it is a ``tqdm`` bar (bytes or items, rate,
+percentage and ETA when the total is known, one line redrawn in place); elsewhere it is a
+plain line every few seconds (no carriage returns, no escape codes: a log file stays
+readable). :meth:`Progress.message` prints a line (e.g. ``At snapshot B``) without tearing
+the bar. The library code reports through callbacks (``on_progress(done, total)``) and never
+sees this class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+__all__ = ["Progress", "add_progress_options", "progress_wanted"]
+
+#: seconds between plain lines when standard error is not a terminal
+_PLAIN_EVERY = 5.0
+
+
+def add_progress_options(parser: argparse.ArgumentParser, *, verbose: bool = False) -> None:
+    """``-q/--quiet`` and ``--progress`` (and ``-v/--verbose`` when the command has more
+    to say), spelled the same in every command."""
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="print nothing but errors (no progress, no summary)")
+    parser.add_argument("--progress", action="store_true",
+                        help="show progress even when standard error is not a terminal "
+                             "(plain lines, no escape codes)")
+    if verbose:
+        parser.add_argument("-v", "--verbose", action="count", default=0,
+                            help="say more (repeat for even more)")
+
+
+def progress_wanted(args: argparse.Namespace, stream: TextIO | None = None) -> bool:
+    """Progress is shown with ``--progress``, or on a terminal unless ``-q``."""
+    if getattr(args, "quiet", False):
+        return False
+    if getattr(args, "progress", False):
+        return True
+    return (stream or sys.stderr).isatty()
+
+
+def _width(stream: TextIO) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return 80  # not a real terminal (a test's stand-in): tqdm measures it itself
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+class Progress:
+    """Progress of one job: ``update(done, total)`` as it goes, ``close()`` at the end.
+
+    Args:
+        label: what is being done (``"receive"``).
+        enabled: from :func:`progress_wanted`; a disabled progress prints nothing.
+        unit: ``"B"`` (bytes, shown as KiB/MiB) or an item name (``"chunks"``).
+        total: the total when known (percentage and ETA), else ``None``.
+        stream: where to print (standard error).
+    """
+
+    def __init__(self, label: str, *, enabled: bool, unit: str = "B", total: int | None = None,
+                 stream: TextIO | None = None) -> None:
+        self.enabled = enabled
+        self.label = label
+        self.unit = unit
+        self.total = total
+        self._stream = stream or sys.stderr
+        self._bar: Any = None
+        self._done = 0
+        self._note = ""
+        self._started = time.monotonic()
+        self._last_line = self._started
+        if enabled and self._stream.isatty():
+            from tqdm import tqdm
+
+            bytes_ = unit == "B"
+            # a terminal that reports no width (a fresh pty, some serial consoles): 80
+            dynamic = _width(self._stream) > 0
+            self._bar = tqdm(
+                total=total, desc=label, unit=unit, unit_scale=bytes_,
+                unit_divisor=1024 if bytes_ else 1000, file=self._stream,
+                dynamic_ncols=dynamic, ncols=None if dynamic else 80, mininterval=0.1,
+                leave=True,
+            )
+
+    def update(self, done: int, total: int | None = None, note: str = "") -> None:
+        """``done`` units so far (of ``total``, when it became known); ``note`` is shown
+        after the figures (e.g. ``"12 files"``)."""
+        if not self.enabled:
+            return
+        if total is not None and total != self.total:
+            self.total = total
+            if self._bar is not None:
+                self._bar.total = total
+        self._note = note
+        if self._bar is not None:
+            self._bar.update(done - self._done)
+            if note:
+                self._bar.set_postfix_str(note, refresh=False)
+        else:
+            now = time.monotonic()
+            if now - self._last_line >= _PLAIN_EVERY:
+                self._last_line = now
+                self._done = done
+                self._print(self._line(done, now))
+        self._done = done
+
+    def message(self, text: str) -> None:
+        """Print ``text`` as a line of its own (above the bar on a terminal). Shown even when
+        progress is disabled unless ``quiet`` is what disabled it: callers decide."""
+        if self._bar is not None:
+            self._bar.write(text, file=self._stream)
+        else:
+            self._print(text)
+
+    def close(self, summary: str | None = None) -> None:
+        """End the bar (or print a last plain line); ``summary`` is printed after it."""
+        if self.enabled:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+            elif self._done:
+                self._print(self._line(self._done, time.monotonic()))
+            if summary:
+                self._print(summary)
+        self.enabled = False
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _line(self, done: int, now: float) -> str:
+        secs = max(now - self._started, 1e-9)
+        if self.unit == "B":
+            figures = f"{_human(done)}, {_human(done / secs)}/s"
+            if self.total:
+                figures = f"{_human(done)} of {_human(self.total)}, {_human(done / secs)}/s"
+        else:
+            figures = f"{done} {self.unit}" + (f" of {self.total}" if self.total else "")
+        if self.total:
+            pct = 100.0 * done / self.total
+            rate = done / secs
+            eta = (self.total - done) / rate if rate > 0 else 0.0
+            figures += f", {pct:.0f}%, ETA {eta:.0f}s"
+        note = f", {self._note}" if self._note else ""
+        return f"{self.label}: {figures}{note}"
+
+    def _print(self, text: str) -> None:
+        self._stream.write(text + "\n")
+        self._stream.flush()

@@ -1,0 +1,82 @@
+"""One progress display: a bar on a terminal, plain lines in a file, nothing with -q."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+
+from btrdelta.cli.progress import Progress, add_progress_options, progress_wanted
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _args(*words: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_progress_options(p, verbose=True)
+    return p.parse_args(list(words))
+
+
+def test_when_shown() -> None:
+    tty, log = _Tty(), io.StringIO()
+    assert progress_wanted(_args(), tty)
+    assert not progress_wanted(_args(), log)
+    assert progress_wanted(_args("--progress"), log)
+    assert not progress_wanted(_args("-q"), tty)
+    assert not progress_wanted(_args("-q", "--progress"), tty)
+
+
+def test_terminal_gets_a_bar_with_percentage_and_eta() -> None:
+    tty = _Tty()
+    with Progress("receive", enabled=True, total=10 << 20, stream=tty) as p:
+        for i in range(1, 11):
+            p.update(i << 20, note=f"{i} files")
+        p.message("At snapshot B")
+    out = tty.getvalue()
+    assert "\r" in out
+    assert "100%" in out
+    assert "10.0M" in out  # bytes in binary units
+    assert "At snapshot B\n" in out
+
+
+def test_a_file_gets_plain_lines_without_escapes() -> None:
+    log = io.StringIO()
+    p = Progress("clone", enabled=True, total=4 << 20, stream=log)
+    p.update(1 << 20)
+    p.message("note")
+    p.close("done: 4 chunks")
+    out = log.getvalue()
+    assert "\r" not in out
+    assert "\x1b" not in out
+    assert out.splitlines() == ["note", out.splitlines()[1], "done: 4 chunks"]
+    assert "1.0 MiB of 4.0 MiB" in out
+    assert "25%" in out
+    assert "ETA" in out
+
+
+def test_disabled_prints_nothing() -> None:
+    tty = _Tty()
+    p = Progress("x", enabled=False, stream=tty)
+    p.update(5)
+    p.close("summary")
+    assert tty.getvalue() == ""
+
+
+def test_a_real_terminal(tmp_path: object) -> None:
+    # a pseudo-terminal, as a user's shell gives: the bar is drawn in place
+    master, slave = os.openpty()
+    try:
+        with os.fdopen(os.dup(slave), "w") as term:
+            with Progress("send", enabled=progress_wanted(_args(), term), unit="files",
+                          stream=term) as p:
+                p.update(3)
+            assert p._bar is None
+        out = os.read(master, 65536).decode()
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert "send" in out
+    assert "3files" in out.replace(" ", "")
