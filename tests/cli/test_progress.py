@@ -74,7 +74,17 @@ def test_a_real_terminal(tmp_path: object) -> None:
                           stream=term) as p:
                 p.update(3)
             assert p._bar is None
-        out = os.read(master, 65536).decode()
+        os.set_blocking(master, False)
+        chunks = []
+        while True:  # a pty hands out what was written in pieces: read them all
+            try:
+                chunk = os.read(master, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        out = b"".join(chunks).decode()
     finally:
         os.close(master)
         os.close(slave)
