@@ -141,4 +141,5 @@ def store_stream(full: FullIndex, store: ChunkStore, *, source: str) -> ChunkCon
         entry = order[pos]
         return reader.read_chunk(entry, sizes[entry])
 
-    return ChunkConcat(len(order), get, full.header.image_digest, source=source)
+    return ChunkConcat(len(order), get, full.header.image_digest, source=source,
+                       on_close=reader.close)

@@ -174,15 +174,21 @@ def pack_stream(
     res.new_packs = writer.done
     res.new_records = b"".join(records)
     res.chunk_bytes = sum(comp)
-    index = encode_index(digests, offsets, comp, raw, order)
-    header = with_index_digest(ArchiveHeader(
-        params=params, image_size=res.stream_size, chunk_count=len(digests),
-        order_count=len(order), index_offset=max(writer.base, end),
-        image_digest=stream_digest), index)
-    space = packs + writer.done
-    used = _used_packs(space, offsets)
-    res.full_index = encode_header(header) + index + encode_pack_table(used)
+    res.full_index = _full_index(params, res.stream_size, stream_digest, digests, offsets,
+                                 comp, raw, order, packs + writer.done)
     return res
+
+
+def _full_index(params: ChunkerParams, size: int, digest: bytes, digests: list[bytes],
+                offsets: array[int], comp: array[int], raw: array[int], order: array[int],
+                space: list[PackEntry]) -> bytes:
+    """Description over the pack space + the table of the packs it uses."""
+    index = encode_index(digests, offsets, comp, raw, order)
+    end = space[-1].base + space[-1].length if space else 160
+    header = with_index_digest(ArchiveHeader(
+        params=params, image_size=size, chunk_count=len(digests), order_count=len(order),
+        index_offset=end, image_digest=digest), index)
+    return encode_header(header) + index + encode_pack_table(_used_packs(space, offsets))
 
 
 def _used_packs(space: list[PackEntry], offsets: array[int]) -> list[PackSlot]:

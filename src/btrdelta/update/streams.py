@@ -93,8 +93,9 @@ class ChunkConcat(io.RawIOBase):
     ``digest`` (BLAKE3-256 of all of them) before the last byte is returned."""
 
     def __init__(self, count: int, get: Callable[[int], bytes], digest: bytes,
-                 *, source: str) -> None:
+                 *, source: str, on_close: Callable[[], None] | None = None) -> None:
         super().__init__()
+        self._on_close = on_close
         self._count = count
         self._get = get
         self._digest = digest
@@ -106,6 +107,12 @@ class ChunkConcat(io.RawIOBase):
 
     def readable(self) -> bool:
         return True
+
+    def close(self) -> None:
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
+        super().close()
 
     def readinto(self, b: Any) -> int:
         while not self._buf:

@@ -271,9 +271,9 @@ def _apply(d: _Dest, m: Mirrors, step: Step, records: dict[int, VersionRecord],
             for s in seeds:
                 s.unlink(missing_ok=True)
         emit({"event": "apply", **info})
-        stream = store_stream(full, d.store, source=rec.full.path)
-        received = receive_release(stream, d.dest, stage, source=rec.full.path,  # type: ignore[arg-type]
-                                   delta=False)
+        with store_stream(full, d.store, source=rec.full.path) as stream:
+            received = receive_release(stream, d.dest, stage,  # type: ignore[arg-type]
+                                       source=rec.full.path, delta=False)
     emit({"event": "verify", **info})
     if tree_sum(d.dest / stage) != rec.identity:
         holdings.remove_entry(d.dest, stage)
