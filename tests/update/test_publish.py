@@ -83,6 +83,18 @@ def test_jobs_run_elsewhere_are_adopted(repo: Path, releases: list[Path], tmp_pa
     assert not (repo / ".btrdelta" / "jobs" / f"v{N}").exists()
 
 
+def test_a_full_send_stream_is_a_source(releases: list[Path], tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    assert main(["repo", "init", str(root)]) == 0
+    stream = tmp_path / "r.stream"
+    assert main(["send", str(releases[0]), "-o", str(stream)]) == 0
+    assert main(["repo", "add", str(root), "a", str(stream)]) == 0
+    assert main(["repo", "add", str(root), "b", str(releases[1])]) == 0
+    cat = Repo(root).load()
+    assert cat.versions[0].identity == tree_sum(releases[0])
+    assert sorted(cat.versions[1].deltas) == [1]
+
+
 def test_refusals(repo: Path, releases: list[Path], tmp_path: Path,
                   capsys: pytest.CaptureFixture[str]) -> None:
     capsys.readouterr()

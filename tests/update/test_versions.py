@@ -377,6 +377,22 @@ def test_held_versions_are_checked_by_content_and_seed_the_full(
     assert tree_sum(dest / "v9") == tree_sum(releases[8])
 
 
+def test_progress_goes_to_stderr_only_when_asked(
+    signed: tuple[Path, Path, Path], server: Nginx, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _, pub, _ = signed
+    rc, out, err = _update(server.url, tmp_path / "a", pub, "--to", "v2", capsys=capsys)
+    assert rc == 0
+    assert err == ""  # not a terminal: quiet
+    assert "plan: from nothing to v2: 1 hops" in out
+    rc, out, err = _update(server.url, tmp_path / "a", pub, "--progress", capsys=capsys)
+    assert rc == 0
+    assert "hop 1/" in err
+    assert "B/s ETA" in err
+    assert "v9 is in" in out
+
+
 def test_repo_ls_over_http_and_timestamp_keys(
     signed: tuple[Path, Path, Path], server: Nginx, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
@@ -395,3 +411,42 @@ def test_repo_ls_over_http_and_timestamp_keys(
     repo = _copy_repo(signed, tmp_path / "www")
     assert main(["repo", "sign", str(repo), "--timestamp-key", str(stranger) + ".pem"]) == 1
     assert "not one the current index lists" in capsys.readouterr().err
+
+
+@pytest.mark.btrfs
+def test_btrfs_dest_gets_read_only_subvolumes(
+    signed: tuple[Path, Path, Path], server: Nginx, releases: list[Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from btrdelta.receive import subvol as sv
+    from btrdelta.repo.model import stream_uuid
+    from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs
+
+    _, pub, _ = signed
+    try:
+        ctx = loop_fs("btrfs", size="512M")
+        mnt = ctx.__enter__()
+    except BtrfsUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but btrfs is unavailable: {exc}")
+        pytest.skip(str(exc))
+    try:
+        dest = mnt / "dest"
+        rc, _, err = _update(server.url, dest, pub, "--to", "v4", capsys=capsys)
+        assert rc == 0, err
+        # a plain directory copy of v6: not received, yet a parent for the deltas from it
+        shutil.copytree(releases[5], dest / "v6", symlinks=True)
+        rc, out, err = _update(server.url, dest, pub, "--json", capsys=capsys)
+        assert rc == 0, err
+        report = json.loads(out)
+        assert report["plan"]["start"] == "v6"
+        assert tree_sum(dest / "v9") == tree_sum(releases[8])
+        assert sorted(os.listdir(dest)) == [".btrdelta", "v4", "v6", "v9"]
+        for name, pos in (("v4", 4), ("v9", 9)):
+            assert (dest / name).stat().st_ino == 256  # a subvolume
+            with pytest.raises(OSError, match="Read-only"):
+                (dest / name / "new-file").write_text("x")
+            identity = Repo(signed[0]).load().versions[pos - 1].identity
+            assert sv.find_subvolumes_by_uuid(dest, stream_uuid(identity))[0].name == name
+    finally:
+        ctx.__exit__(None, None, None)
