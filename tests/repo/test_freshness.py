@@ -56,7 +56,7 @@ def test_signatures_bind_the_role_and_the_content() -> None:
         open_document(doc, "i", [root.public_key()], CONTEXT_TIMESTAMP)
     with pytest.raises(SignatureError, match="not signed by a trusted key"):
         open_document(doc, "i", [other.public_key()], CONTEXT_INDEX)
-    tampered = doc.replace(b'"version": 5', b'"version": 6')
+    tampered = doc.replace(b'"version":5', b'"version":6')
     assert tampered != doc
     with pytest.raises(SignatureError):
         open_document(tampered, "i", [root.public_key()], CONTEXT_INDEX)

@@ -44,9 +44,14 @@ def _check(value: Any, where: str) -> None:
     raise StreamFormatError(f"{where}: {type(value).__name__} is not JSON")
 
 
-def canonical(value: Any) -> bytes:
-    """The canonical encoding of ``value`` (the bytes signatures cover)."""
-    _check(value, "$")
+def canonical(value: Any, *, parsed: bool = False) -> bytes:
+    """The canonical encoding of ``value`` (the bytes signatures cover).
+
+    ``parsed``: ``value`` came from :func:`parse_json`, which admits nothing else than
+    canonical JSON values (no floats), so the check is skipped.
+    """
+    if not parsed:
+        _check(value, "$")
     return json.dumps(
         value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     ).encode("utf-8")

@@ -179,13 +179,10 @@ def build_metadata(
     catalog: Catalog, *, version: int, expires: int, timestamp_keys: tuple[str, ...],
 ) -> tuple[Index, list[tuple[ArtifactRef, bytes]]]:
     """The index and the bin files (reference and bytes) for the catalog's versions."""
-    packs = {k.id: k for k in catalog.packs}
     records = [
         VersionRecord(
             v.name, v.identity, v.stream_size,
             ArtifactRef.make("fulls", v.full_id, v.full_length),
-            tuple((ArtifactRef.make("packs", k, packs[k].length), packs[k].base)
-                  for k in v.packs),
             tuple(DeltaRef(a, ArtifactRef.make("deltas", h, n))
                   for a, (h, n) in sorted(v.deltas.items(), reverse=True)),
         )

@@ -44,8 +44,8 @@ __all__ = [
 ]
 
 SPEC_VERSION = 1
-#: versions per bin file
-BIN_SIZE = 32
+#: versions per bin file (small: a client fetches the bins of the few versions it needs)
+BIN_SIZE = 4
 #: how a release's content identity is computed: ``btrdelta tree-sum`` (default options)
 IDENTITY_ALGORITHM = "tree-sum-1"
 #: namespace of the subvolume UUIDs a repository's streams carry (``stream_uuid``)
@@ -56,6 +56,7 @@ _ARTIFACT = re.compile(r"(deltas|fulls|packs|bins)/([0-9a-f]{64})\.(delta|fidx|p
 _KIND_EXT = {"deltas": "delta", "fulls": "fidx", "packs": "pack", "bins": "json"}
 _TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 _KEY = re.compile(r"[A-Za-z0-9+/]{43}=")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 _MAX_LEN = (1 << 53) - 1
 
 
@@ -176,9 +177,7 @@ class Index:
             "versions": [
                 [v.name, v.full_bytes, [[a, n] for a, n in v.deltas]] for v in self.versions
             ],
-            "bins": [
-                {"first": b.first, "count": b.count, **b.ref.encode()} for b in self.bins
-            ],
+            "bins": [[b.count, b.ref.length, b.ref.blake3] for b in self.bins],
         }
 
     @classmethod
@@ -193,12 +192,13 @@ class Index:
         versions = _decode_versions(f)
         bins = []
         expect_first = 1
-        for b in f.items("bins"):
-            first, count = b.integer("first", 1), b.integer("count", 1, BIN_SIZE)
-            if first != expect_first:
-                b.fail(f"starts at {first}, expected {expect_first}", "first")
-            bins.append(BinRef(first, count, ArtifactRef.decode(b, "bins")))
-            expect_first += count
+        for i, b in enumerate(f.array("bins")):
+            if not (isinstance(b, list) and len(b) == 3 and type(b[0]) is int
+                    and 1 <= b[0] <= BIN_SIZE and type(b[1]) is int and 0 < b[1] <= _MAX_LEN
+                    and isinstance(b[2], str) and _HEX64.fullmatch(b[2])):
+                f.fail("not [count, length, blake3]", f"bins[{i}]")
+            bins.append(BinRef(expect_first, b[0], ArtifactRef.make("bins", b[2], b[1])))
+            expect_first += b[0]
         if expect_first != len(versions) + 1:
             f.fail(f"bins cover {expect_first - 1} versions, the index has {len(versions)}",
                    "bins")
@@ -255,8 +255,6 @@ class VersionRecord:
     stream_size: int
     #: the full index (chunk description + pack table)
     full: ArtifactRef
-    #: chunk packs this release added (their bytes start at ``base`` in the pack space)
-    packs: tuple[tuple[ArtifactRef, int], ...]
     deltas: tuple[DeltaRef, ...]
 
     def encode(self) -> dict[str, Any]:
@@ -265,14 +263,11 @@ class VersionRecord:
             "identity": self.identity,
             "stream_size": self.stream_size,
             "full": self.full.encode(),
-            "packs": [{**p.encode(), "base": base} for p, base in self.packs],
             "deltas": [{"from": d.source, **d.ref.encode()} for d in self.deltas],
         }
 
     @classmethod
     def decode(cls, f: Fields) -> VersionRecord:
-        packs = tuple((ArtifactRef.decode(p, "packs"), p.integer("base", 0, _MAX_LEN))
-                      for p in f.items("packs"))
         deltas = tuple(DeltaRef(d.integer("from", 1), ArtifactRef.decode(d, "deltas"))
                        for d in f.items("deltas"))
         name = f.text("name")
@@ -281,7 +276,7 @@ class VersionRecord:
         except ValueError as exc:
             f.fail(str(exc), "name")
         return cls(name, f.hex64("identity"), f.integer("stream_size", 0, _MAX_LEN),
-                   ArtifactRef.decode(f.sub("full"), "fulls"), packs, deltas)
+                   ArtifactRef.decode(f.sub("full"), "fulls"), deltas)
 
 
 @dataclass(frozen=True, slots=True)

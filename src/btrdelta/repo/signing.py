@@ -31,8 +31,8 @@ CONTEXT_INDEX = "btrdelta-index"
 CONTEXT_TIMESTAMP = "btrdelta-timestamp"
 
 
-def _digest(signed: Any) -> trust.ContentDigest:
-    payload = canonical(signed)
+def _digest(signed: Any, *, parsed: bool = False) -> trust.ContentDigest:
+    payload = canonical(signed, parsed=parsed)
     return trust.ContentDigest(trust.DIGEST_BLAKE3, blake3.blake3(payload).digest(),
                                len(payload))
 
@@ -42,8 +42,8 @@ def sign_document(signed: Any, keys: Sequence[trust.PrivateKey], context: str) -
     content = _digest(signed)
     sigs = [trust.sign(k, content, context).to_json()
             for k in sorted(keys, key=trust.key_id)]
-    text = json.dumps({"signed": signed, "signatures": sigs}, sort_keys=True, indent=1,
-                      ensure_ascii=False)
+    text = json.dumps({"signed": signed, "signatures": sigs}, sort_keys=True,
+                      separators=(",", ":"), ensure_ascii=False)
     return text.encode("utf-8") + b"\n"
 
 
@@ -59,7 +59,7 @@ def open_document(
     f = Fields(parse_json(data, source), source)
     signed = f.get("signed")
     sigs = f.array("signatures", 64)
-    content = _digest(signed)
+    content = _digest(signed, parsed=True)
     trusted = {trust.key_id(k) for k in keys}
     problems: list[str] = []
     for i, obj in enumerate(sigs):

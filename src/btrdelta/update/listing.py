@@ -71,7 +71,7 @@ def _remote_listing(url: str, *, key: str | None) -> dict[str, Any]:
         versions.append({
             "position": pos, "name": rec.name, "identity": rec.identity,
             "stream_size": rec.stream_size, "full_bytes": index.versions[pos - 1].full_bytes,
-            "full": rec.full.path, "packs": [p.path for p, _base in rec.packs],
+            "full": rec.full.path,
             "deltas": [{"from": names[d.source - 1], "bytes": d.ref.length,
                         "path": d.ref.path} for d in rec.deltas],
             "pending": [],
@@ -81,7 +81,6 @@ def _remote_listing(url: str, *, key: str | None) -> dict[str, Any]:
         "signed": f"index version {index.version}, timestamp version {ts.version}; {note}",
         "versions_count": len(versions), "deltas_count": sum(len(v["deltas"]) for v in versions),
         "storage": {
-            "packs": sum(p.length for r in records.values() for p, _b in r.packs),
             "full_indexes": sum(r.full.length for r in records.values()),
             "deltas": sum(d.ref.length for r in records.values() for d in r.deltas),
         },

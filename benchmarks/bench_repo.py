@@ -1,0 +1,268 @@
+"""Versions repository: eight real regex releases (a 2.5 MB native library each) published
+with ``repo add``, served by nginx on loopback, updated with ``btrdelta update``.
+
+Side by side in one run:
+
+* for every start version (and an empty DEST) to the newest: bytes of the planned path
+  (nginx's access log), the direct delta for that pair (``btrdelta send --parent`` then
+  ``delta make``), the full (``full_bytes``), and ``zstd -19 --long=27`` of the incremental
+  stream (userspace send, the kernel's format); hops;
+* mirror storage: ours (packs + full indexes + deltas) vs storing every full on its own vs
+  all-pairs deltas (+ the deduplicated fulls); deltas per release; ``repo add`` seconds per
+  release (``--parallel 2``, each delta checked by applying it);
+* ``update`` throughput in MB/s of expanded stream applied (full from nothing; the multi-hop
+  path from the oldest);
+* scale: a synthetic 1,000-version index (full and delta sizes drawn from the real
+  sequence): plan time and peak memory of a client (parse, verify the signature, plan),
+  and the metadata bytes a client downloads (timestamp + index + the bins it needs).
+
+Run: ``.venv/bin/python -m benchmarks repo``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+from btrdelta import trust
+from btrdelta.chunk.chunker import ChunkerParams
+from btrdelta.cli import main
+from btrdelta.repo.catalog import Catalog, CatalogVersion, PackEntry, build_metadata
+from btrdelta.repo.layout import delta_sources
+from btrdelta.repo.model import BIN_SIZE, Index
+from btrdelta.repo.plan import plan_update
+from btrdelta.repo.signing import CONTEXT_INDEX, open_document, sign_document
+from btrdelta.testing.wheels import REGEX, release_trees
+from btrdelta.tree import tree_sum
+from btrdelta.update.publish import Repo
+from tests.update.conftest import Nginx
+
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "btrdelta-bench"
+
+
+def _quiet(argv: list[str]) -> int:
+    """``btrdelta`` in this process, output discarded."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return main(argv)
+
+
+def _kib(n: float) -> str:
+    return f"{n / 1024:.1f} KiB"
+
+
+def _publish(trees: list[Path], work: Path) -> tuple[Path, Path, list[float]]:
+    root = work / "repo"
+    base = work / "keys"
+    base.mkdir()
+    trust.save_key_pair(trust.generate_key(), str(base / "root.key"), str(base / "root.pub"))
+    assert _quiet(["repo", "init", str(root)]) == 0
+    times = []
+    for i, tree in enumerate(trees, 1):
+        t = time.monotonic()
+        assert _quiet(["repo", "add", str(root), f"r{i}", str(tree), "--parallel", "2"]) == 0
+        times.append(time.monotonic() - t)
+    assert _quiet(["repo", "sign", str(root), "--key", str(base / "root.key")]) == 0
+    return root, base / "root.pub", times
+
+
+def _direct(old: Path, new: Path, work: Path) -> tuple[int, int]:
+    """(direct delta bytes, zstd -19 --long of the incremental stream)."""
+    stream, delta = work / "pair.stream", work / "pair.delta"
+    assert _quiet(["send", "--proto", "2", "--parent", str(old), str(new), "-o",
+                   str(stream)]) == 0
+    assert _quiet(["delta", "make", "-f", str(stream), "--old", str(old), "-o",
+                   str(delta)]) == 0
+    z = subprocess.run(["zstd", "-19", "--long=27", "-c", "-q", str(stream)],
+                       capture_output=True, check=True).stdout
+    return delta.stat().st_size, len(z)
+
+
+def _update(url: str, dest: Path, key: Path | None, *args: str) -> dict[str, object]:
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["update", url, str(dest), "--json", *args]
+                  + (["--key", str(key)] if key else []))
+    assert rc == 0
+    out: dict[str, object] = json.loads(buf.getvalue())
+    return out
+
+
+def bench_paths(trees: list[Path], root: Path, pub: Path, srv: Nginx, work: Path
+                ) -> list[str]:
+    cat = Repo(root).load()
+    n = len(trees)
+    lines = ["start -> newest: planned (hops) | direct delta | planned/direct | full | "
+             "zstd -19 --long incremental"]
+    ratios = []
+    for start in range(0, n):
+        dest = work / f"d{start}"
+        if start:
+            _update(srv.url, dest, pub, "--to", f"r{start}")
+        before = srv.served()
+        rep = _update(srv.url, dest, pub)
+        served = srv.served() - before - int(rep["metadata_bytes"])  # type: ignore[call-overload]
+        plan = rep["plan"]
+        hops = plan["hops"]  # type: ignore[index]
+        full = cat.versions[n - 1].full_bytes
+        assert tree_sum(dest / f"r{n}") == tree_sum(trees[-1])
+        if start:
+            direct, zst = _direct(trees[start - 1], trees[-1], work)
+            ratios.append(served / direct)
+            lines.append(f"r{start} -> r{n}: {_kib(served)} ({hops}) | {_kib(direct)} | "
+                         f"{served / direct:.2f} | {_kib(full)} | {_kib(zst)}")
+        else:
+            lines.append(f"empty -> r{n}: {_kib(served)} ({hops}) | - | - | {_kib(full)} | -")
+        shutil.rmtree(dest)
+    lines.append(f"planned/direct: max {max(ratios):.2f}, median "
+                 f"{statistics.median(ratios):.2f} (goal <= 1.2)")
+    return lines
+
+
+def bench_storage(trees: list[Path], root: Path, times: list[float], work: Path) -> list[str]:
+    cat = Repo(root).load()
+    packs = sum(p.length for p in cat.packs)
+    fidx = sum(v.full_length for v in cat.versions)
+    deltas = sum(n for v in cat.versions for _h, n in v.deltas.values())
+    count = sum(len(v.deltas) for v in cat.versions)
+    fulls_alone = sum(v.full_bytes for v in cat.versions)
+    all_pairs = 0
+    for w in range(2, len(trees) + 1):
+        for u in range(1, w):
+            all_pairs += _direct(trees[u - 1], trees[w - 1], work)[0]
+    ours = packs + fidx + deltas
+    return [
+        f"storage: ours {_kib(ours)} (packs {_kib(packs)}, full indexes {_kib(fidx)}, "
+        f"{count} deltas {_kib(deltas)}); every full alone {_kib(fulls_alone)} "
+        f"({ours / fulls_alone:.2f}x); all-pairs deltas + dedup fulls "
+        f"{_kib(all_pairs + packs + fidx)} ({ours / (all_pairs + packs + fidx):.2f}x)",
+        f"deltas per release: {count / len(cat.versions):.2f} (goal <= 2.2)",
+        "repo add seconds per release (--parallel 2, deltas checked): "
+        + ", ".join(f"{t:.1f}" for t in times) + f"; median {statistics.median(times):.1f}",
+    ]
+
+
+def _expanded(delta: Path) -> int:
+    from btrdelta.delta.expand import open_delta
+    from btrdelta.delta.format import DeltaEnd
+
+    with open(delta, "rb") as f:
+        for item in open_delta(f):
+            if isinstance(item, DeltaEnd):
+                return int(item.size)
+    return 0
+
+
+def bench_throughput(trees: list[Path], root: Path, pub: Path, srv: Nginx, work: Path
+                     ) -> list[str]:
+    cat = Repo(root).load()
+    n = len(trees)
+    dest = work / "tp"
+    t = time.monotonic()
+    _update(srv.url, dest, pub, "--to", f"r{n}")
+    full_secs = time.monotonic() - t
+    stream = cat.versions[n - 1].stream_size
+    shutil.rmtree(dest / f"r{n}")
+    _update(srv.url, dest, pub, "--to", "r1")
+    plan = _update(srv.url, dest, None, "--dry-run")["plan"]
+    expanded = 0
+    positions = {v.name: i + 1 for i, v in enumerate(cat.versions)}
+    for step in plan["steps"]:  # type: ignore[index]
+        h, _len = cat.versions[positions[step["to"]] - 1].deltas[positions[step["from"]]]
+        expanded += _expanded(root / "deltas" / f"{h}.delta")
+    t = time.monotonic()
+    _update(srv.url, dest, None)
+    path_secs = time.monotonic() - t
+    return [f"update throughput (wall, planning and tree-sum checks included): full "
+            f"{stream / full_secs / 1e6:.1f} MB/s ({stream >> 10} KiB stream in "
+            f"{full_secs:.2f} s); r1 -> r{n} {len(plan['steps'])} hops "  # type: ignore[index]
+            f"{expanded / path_secs / 1e6:.1f} MB/s of expanded stream ({expanded >> 10} KiB "
+            f"in {path_secs:.2f} s) (goal >= 100 MB/s)"]
+
+
+def bench_scale(root: Path, work: Path) -> list[str]:
+    real = Repo(root).load()
+    fulls = [v.full_bytes for v in real.versions]
+    sizes = [n for v in real.versions for _h, n in v.deltas.values()]
+    rng = random.Random(1000)
+    cat = Catalog(ChunkerParams.from_avg(65536), 12)
+    base = 160
+    for p in range(1, 1001):
+        pid = rng.randbytes(32).hex()
+        cat.packs.append(PackEntry(pid, base, 500_000))
+        base += 500_000
+        cat.versions.append(CatalogVersion(
+            f"2025.{p // 100}.{p % 100}", rng.randbytes(32).hex(), 3_000_000,
+            rng.randbytes(32).hex(), 2_000, rng.choice(fulls), [pid],
+            {a: (rng.randbytes(32).hex(), rng.choice(sizes)) for a in delta_sources(p)}))
+    key = trust.generate_key()
+    index, bins = build_metadata(cat, version=1, expires=int(time.time()) + 86400,
+                                 timestamp_keys=(trust.public_key_text(key),))
+    data = sign_document(index.encode(), [key], CONTEXT_INDEX)
+    bin_len = [len(b) for _ref, b in bins]
+    times, peaks, downloads = [], [], []
+    for k in range(20):
+        held = rng.randrange(1, 1000)
+        t = time.perf_counter()
+        idx = Index.decode(open_document(data, "i", [key.public_key()], CONTEXT_INDEX), "i")
+        plan = plan_update(idx, {held}, 1000)
+        times.append(time.perf_counter() - t)
+        if k < 3:  # memory in runs of their own (tracemalloc slows Python several times)
+            tracemalloc.start()
+            idx = Index.decode(open_document(data, "i", [key.public_key()], CONTEXT_INDEX),
+                               "i")
+            plan_update(idx, {held}, 1000)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+            tracemalloc.stop()
+        need = {held, 1000, *(s.target for s in plan.steps)}
+        bins_needed = {idx.bin_of(p).first for p in need}
+        downloads.append(len(data) + 700 + sum(bin_len[(f - 1) // BIN_SIZE] for f in bins_needed))
+    return [
+        f"scale, 1,000 versions: index {len(data) / 1024:.1f} KiB, bins "
+        f"{statistics.mean(bin_len) / 1024:.1f} KiB each; client plan (parse + verify + "
+        f"plan) median {statistics.median(times) * 1000:.1f} ms, max "
+        f"{max(times) * 1000:.1f} ms (goal < 100 ms), peak {max(peaks) / 2**20:.1f} MiB "
+        f"(goal < 64 MiB); metadata a client downloads (timestamp + index + bins it needs) "
+        f"median {statistics.median(downloads) / 1024:.1f} KiB, max "
+        f"{max(downloads) / 1024:.1f} KiB (goal < 100 KiB)",
+    ]
+
+
+def run() -> list[str]:
+    """Run the benchmark; returns lines of results."""
+    trees = release_trees(*REGEX, CACHE)
+    if trees is None:
+        return ["regex wheels unavailable (pip download failed): skipped"]
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    out = [f"load average at start: {load}; {len(trees)} regex releases "
+           f"({REGEX[1][0]} .. {REGEX[1][-1]}), trees of ~3 MB"]
+    with tempfile.TemporaryDirectory(prefix="bench-repo-") as tmp_s:
+        work = Path(tmp_s)
+        root, pub, times = _publish(trees, work)
+        srv = Nginx(root, work / "nginx")
+        try:
+            out += bench_paths(trees, root, pub, srv, work)
+            out += bench_throughput(trees, root, pub, srv, work)
+        finally:
+            srv.stop()
+        out += bench_storage(trees, root, times, work)
+        out += bench_scale(root, work)
+    return out
+
+
+if __name__ == "__main__":  # python -m benchmarks.bench_repo
+    for line in run():
+        print(line)
