@@ -21,6 +21,7 @@ Run: ``.venv/bin/python -m benchmarks repo``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -193,6 +194,47 @@ def bench_throughput(trees: list[Path], root: Path, pub: Path, srv: Nginx, work:
             f"in {path_secs:.2f} s) (goal >= 100 MB/s)"]
 
 
+def _timed_update(url: str, dest: Path, key: Path | None, to: str) -> dict[str, float]:
+    """Seconds per phase of one update (events timed): receive = apply -> verify."""
+    from btrdelta.update.versions import update
+
+    marks: list[tuple[str, float]] = []
+    update(url, dest, to=to, key=str(key) if key else None,
+           on_event=lambda ev: marks.append((str(ev["event"]), time.monotonic())))
+    out: dict[str, float] = {"receive": 0.0, "verify": 0.0}
+    phase = {"apply": "receive", "verify": "verify"}
+    for (kind, t), (_next, t2) in itertools.pairwise(marks):
+        if kind in phase:
+            out[phase[kind]] += t2 - t
+    out["wall"] = marks[-1][1] - marks[0][1]
+    return out
+
+
+def bench_apply(work: Path) -> list[str]:
+    """Apply rate on a larger release pair (numpy 1.26.3 -> 1.26.4, ~60 MB trees)."""
+    trees = release_trees("numpy", ("1.26.3", "1.26.4"), CACHE)
+    if trees is None:
+        return ["numpy wheels unavailable: apply rate not measured"]
+    root, pub, times = _publish(trees, work / "np")
+    cat = Repo(root).load()
+    srv = Nginx(root, work / "np-nginx")
+    try:
+        dest = work / "np-dest"
+        full = _timed_update(srv.url, dest, pub, "r1")
+        h, _n = cat.versions[1].deltas[1]
+        expanded = _expanded(root / "deltas" / f"{h}.delta")
+        hop = _timed_update(srv.url, dest, None, "r2")
+    finally:
+        srv.stop()
+    size = cat.versions[0].stream_size
+    return [f"apply rate, numpy 1.26.3 -> 1.26.4: full {size / full['receive'] / 1e6:.0f} MB/s "
+            f"of stream received ({size >> 20} MiB in {full['receive']:.2f} s; wall "
+            f"{full['wall']:.2f} s incl. download and tree-sum {full['verify']:.2f} s); delta "
+            f"{expanded / hop['receive'] / 1e6:.0f} MB/s of expanded stream ({expanded >> 20} "
+            f"MiB in {hop['receive']:.2f} s; wall {hop['wall']:.2f} s) (goal >= 100 MB/s); "
+            f"repo add {times[0]:.1f} s / {times[1]:.1f} s"]
+
+
 def bench_scale(root: Path, work: Path) -> list[str]:
     real = Repo(root).load()
     fulls = [v.full_bytes for v in real.versions]
@@ -260,6 +302,7 @@ def run() -> list[str]:
             srv.stop()
         out += bench_storage(trees, root, times, work)
         out += bench_scale(root, work)
+        out += bench_apply(work)
     return out
 
 
