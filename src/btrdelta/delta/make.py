@@ -1,70 +1,41 @@
 """``delta make``: turn a btrfs send stream into a delta stream against an old snapshot.
 
-Strategy: the input is read command by command, keeping each command's raw bytes. Names
-are followed with :class:`~btrdelta.tree.pathmap.PathMap`. The data records of one file
-(consecutive WRITE / CLONE / ENCODED_WRITE / FALLOCATE / UPDATE_EXTENT on one path) form a
-*group*, the only thing ever buffered (capped by ``max_file_size``). If the old snapshot has
-a regular file at the group's base path, a worker thread diffs the old file against the
-concatenated WRITE data of the group (the codec libraries release the GIL, so ``jobs``
-threads use ``jobs`` cores) and the group becomes ``PATCH``/``PDATA`` + ``PWRITE`` records,
-while its other records stay as they were; if the patch is not smaller than the data it
-replaces, the group stays as it was. Every other command goes into the stream-wide zstd
-carrier. Output order is input order: results are written as soon as every earlier group is
-done, and the reader waits when too many groups or bytes are in flight.
+Strategy: the input is read command by command, keeping each command's raw bytes
+(:mod:`.commands`). Names are followed with :class:`~btrdelta.tree.pathmap.PathMap`. The
+data records of one file (consecutive WRITE / CLONE / ENCODED_WRITE / FALLOCATE /
+UPDATE_EXTENT on one path) form a *group*, the only thing ever buffered (capped by
+``max_file_size``). If the old snapshot has a regular file at the group's base path, a
+worker thread diffs the old file against the group's new content (:mod:`.diffing`: the codec
+libraries release the GIL, so ``jobs`` threads use ``jobs`` cores) and the group becomes
+``PATCH``/``PDATA`` + ``PWRITE``/``PENC`` records, while its other records stay as they
+were; if the patch is not smaller than the data it replaces, the group stays as it was.
+Every other command goes into the stream-wide zstd carrier (:mod:`.writer`). Output order is
+input order: results are written as soon as every earlier group is done, and the reader
+waits when too many groups or bytes are in flight.
 
-An ENCODED_WRITE (``--compressed-data``) joins the new content with its decompressed bytes
-when :mod:`.recompress` regenerates its payload bit for bit (zstd, most zlib); it then
-becomes a ``PENC`` record. Others are carried as they are, like every command that is not
-a WRITE of a patched group. A WRITE (or ENCODED_WRITE) is only replaced when our encoder
-reproduces its bytes exactly, so expansion is byte-identical by construction. A new content
-equal to the old file becomes a ``same`` patch (no patch bytes at all); it is found by
-comparing the old file block by block with the WRITE data (no copy of either side). Other
-files are diffed with at most :data:`_BIG` bytes of old + new content in flight across the
-workers; with the carrier on, an uncompressed HDiffPatch diff (``hdiff-raw``, compressed by
-the carrier with everything around it) competes with the compressed patches.
+A WRITE (or ENCODED_WRITE) is only replaced when our encoder reproduces its bytes exactly,
+so expansion is byte-identical by construction.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import threading
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-import zstandard
-
-from ..errors import BtrdeltaError, ChecksumError, StreamFormatError
 from ..stream import records as R
-from ..stream.codec import command_crc, decode_payload, decode_stream_header, encode_record
-from ..stream.constants import CMD_HEADER, CMD_HEADER_SIZE, MAX_PAYLOAD, STREAM_HEADER_SIZE, Cmd
 from ..tree.pathmap import PathMap
-from .codecs import AUTO, CODECS, Codec, get_codec, make_auto
-from .encoding import can_compact
-from .format import (
-    CP_NEW_ALGO,
-    CP_OLD_ALGO,
-    CP_SAME_ALGO,
-    DIGEST_SIZE,
-    PDATA_CHUNK,
-    SAME_CODEC,
-    BtrfsCommand,
-    DeltaEnd,
-    DeltaItem,
-    HashAlgo,
-    Patch,
-    PatchData,
-    PEncoded,
-    PWrite,
-    StreamStart,
-)
-from .oldfiles import digest, hasher, old_file_size, open_old_file, read_old_file
+from .codecs import get_codec
+from .commands import RawCommand, RawCommands
+from .diffing import Group, OldIndex, Result, canonical_write, diff_group, patched_items
+from .format import BtrfsCommand, DeltaEnd, DeltaItem, HashAlgo, StreamStart
+from .oldfiles import old_file_size
 from .options import MakeOptions
-from .recompress import MAX_EXTENT, LevelGuesser, natural_extent, regenerable
-from .writer import INNER_PATCH_MAX, DeltaWriter
+from .recompress import MAX_EXTENT, LevelGuesser, regenerable
+from .writer import DeltaWriter
 
 __all__ = ["MakeOptions", "MakeStats", "make_delta"]
 
@@ -73,7 +44,9 @@ _NAME_RECORDS = (
     R.Rename, R.Link, R.Unlink, R.Rmdir, R.Mkfile, R.Mkdir, R.Mknod, R.Mkfifo, R.Mksock,
     R.Symlink, R.Snapshot, R.Subvol,
 )
-_CMD_NAMES = {int(c): c.name for c in Cmd}
+#: bytes of groups waiting or being diffed before the reader waits (a larger group is still
+#: diffed, alone): bounds memory by the files, not by the stream
+_MAX_QUEUED = 32 << 20
 
 
 @dataclass
@@ -122,463 +95,222 @@ class MakeStats:
         }
 
 
-# --- reading raw commands ---------------------------------------------------------------
-
-
-class _Raw:
-    __slots__ = ("cmd", "raw", "rec")
-
-    def __init__(self, cmd: int, raw: bytearray, rec: R.Record) -> None:
-        self.cmd = cmd
-        self.raw = raw
-        self.rec = rec
-
-
-class _RawReader:
-    """Commands of a btrfs stream with their raw bytes, CRC-checked and decoded."""
-
-    def __init__(self, f: BinaryIO, source: str | None, algo: int) -> None:
-        self.f = f
-        self.source = source
-        self.offset = 0
-        self.index = 0
-        self.version = 0
-        self.hash = hasher(algo)
-        self.streams = 0
-
-    def _read(self, n: int) -> bytes:
-        data = self.f.read(n)
-        if data is None:  # pragma: no cover - non-blocking files are not supported
-            data = b""
-        while len(data) < n:
-            more = self.f.read(n - len(data))
-            if not more:
-                break
-            data += more
-        return data
-
-    def _error(self, msg: str, cmd: int | None = None, exc: BtrdeltaError | None = None) -> None:
-        err = exc if exc is not None else StreamFormatError(msg)
-        err.located(
-            source=self.source, offset=self.offset, index=self.index,
-            command=_CMD_NAMES.get(cmd) if cmd is not None else None,
-        )
-        raise err
-
-    def header(self) -> int | None:
-        """Read a stream header; ``None`` at a clean end of input."""
-        data = self._read(STREAM_HEADER_SIZE)
-        if not data and self.streams:
-            return None
-        if len(data) < STREAM_HEADER_SIZE:
-            self._error("empty stream" if not data else "truncated stream header")
-        try:
-            self.version = decode_stream_header(data)
-        except BtrdeltaError as exc:
-            self._error("", exc=exc)
-        self.hash.update(data)
-        self.offset += STREAM_HEADER_SIZE
-        self.streams += 1
-        return self.version
-
-    def command(self) -> _Raw:
-        head = self._read(CMD_HEADER_SIZE)
-        if len(head) < CMD_HEADER_SIZE:
-            self._error("unexpected EOF in stream (no END command)")
-        length, cmd, crc = CMD_HEADER.unpack(head)
-        if length > MAX_PAYLOAD[self.version]:
-            self._error(f"command length {length} exceeds the v{self.version} limit", cmd)
-        buf = bytearray(CMD_HEADER_SIZE + length)
-        buf[:CMD_HEADER_SIZE] = head
-        view = memoryview(buf)
-        got = CMD_HEADER_SIZE
-        while got < len(buf):
-            n = self.f.readinto(view[got:])  # type: ignore[attr-defined]
-            if not n:
-                self._error(f"truncated command: {len(buf)} bytes announced", cmd)
-            got += n
-        actual = command_crc(length, cmd, view[CMD_HEADER_SIZE:])
-        if actual != crc:
-            self._error("", cmd, ChecksumError(
-                f"CRC32C mismatch (stored {crc:#010x}, computed {actual:#010x})",
-                expected=crc, actual=actual,
-            ))
-        try:
-            rec = decode_payload(cmd, view, CMD_HEADER_SIZE, len(buf), self.version)
-        except BtrdeltaError as exc:
-            self._error("", cmd, exc)
-        self.hash.update(buf)
-        self.offset += len(buf)
-        self.index += 1
-        return _Raw(cmd, buf, rec)
-
-
-# --- old files by name ----------------------------------------------------------------
-
-
-def _common_len(a: bytes, b: bytes) -> int:
-    """Length of the common prefix of two byte strings (short paths; not a hot path)."""
-    n = min(len(a), len(b))
-    return next((i for i in range(n) if a[i] != b[i]), n)
-
-
-class _OldIndex:
-    """Old files by base name, for new files whose own base path has no old file (a file in
-    a renamed versioned directory: ``pkg-1.2.dist-info/RECORD`` -> ``pkg-1.1.dist-info``).
-
-    Built on first use by walking the old tree (no symlinks followed). The candidate whose
-    path shares the longest prefix + suffix with the new path wins; the patch is only kept
-    if it is smaller than the data, so a poor guess costs time, never size.
-    """
-
-    #: candidates compared per lookup (common names such as __init__.py have many)
-    MAX_CANDIDATES = 256
-
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = os.fsencode(root)
-        self._names: dict[bytes, list[bytes]] | None = None
-
-    def _build(self) -> dict[bytes, list[bytes]]:
-        names: dict[bytes, list[bytes]] = {}
-        for dirpath, _dirs, files in os.walk(self.root):
-            rel = os.path.relpath(dirpath, self.root)
-            prefix = b"" if rel == b"." else rel + b"/"
-            for name in files:
-                names.setdefault(name, []).append(prefix + name)
-        return names
-
-    def similar(self, path: bytes) -> bytes | None:
-        """The old file most like ``path`` (same base name), or ``None``."""
-        if self._names is None:
-            self._names = self._build()
-        name = path.rsplit(b"/", 1)[-1]
-        best: tuple[int, bytes] | None = None
-        for cand in self._names.get(name, ())[: self.MAX_CANDIDATES]:
-            score = _common_len(cand, path) + _common_len(cand[::-1], path[::-1])
-            if best is None or score > best[0]:
-                best = (score, cand)
-        return None if best is None else best[1]
-
-
-# --- groups -----------------------------------------------------------------------------
-
-
-class _Group:
-    __slots__ = (
-        "base", "buffering", "old_size", "path", "records", "version", "write_bytes", "writes",
-    )
-
-    # write_bytes: WRITE data + decompressed size of candidate ENCODED_WRITEs
-    # writes: WRITEs + candidate ENCODED_WRITEs
-
-    def __init__(self, path: bytes, base: bytes, version: int, buffering: bool) -> None:
-        self.path = path
-        self.base = base
-        self.version = version
-        self.buffering = buffering
-        self.records: list[_Raw] = []
-        self.write_bytes = 0
-        self.writes = 0
-        self.old_size = 0
-
-
-def _canonical_write(r: _Raw, version: int) -> bool:
-    """Whether our encoder gives back exactly the raw bytes of this WRITE."""
-    rec = r.rec
-    if not len(rec.data):  # type: ignore[union-attr]
-        return False
-    try:
-        pieces = encode_record(rec, version)
-    except BtrdeltaError:
-        return False
-    head = pieces[0] + pieces[1]
-    return r.raw.startswith(head) and len(r.raw) == len(head) + (
-        len(pieces[2]) if len(pieces) > 2 else 0
-    )
-
-
-def _canonical(r: _Raw, version: int) -> bool:
-    """Whether our encoder gives back exactly the raw bytes of this command."""
-    try:
-        pieces = encode_record(r.rec, version)
-    except BtrdeltaError:
-        return False
-    return sum(len(p) for p in pieces) == len(r.raw) and b"".join(
-        bytes(p) for p in pieces
-    ) == r.raw
-
-
-@dataclass
-class _Result:
-    codec: Codec | None  # None: same content
-    patch: bytes
-    old_size: int
-    old_digest: bytes
-    new_digest: bytes
-    new_size: int
-    #: bytes of the original stream the patch stands for (WRITE data, encoded payloads)
-    replaced: int
-    #: record index -> (level, decompressed length) of regenerated ENCODED_WRITEs
-    encoded: dict[int, tuple[int, int]]
-
-
-def _content(
-    group: _Group, guesser: LevelGuesser | None
-) -> tuple[list[Any], int, dict[int, tuple[int, int]]]:
-    """The group's new content pieces, the stream bytes they replace, regenerated extents."""
-    pieces: list[Any] = []
-    replaced = 0
-    encoded: dict[int, tuple[int, int]] = {}
-    for i, r in enumerate(group.records):
-        rec = r.rec
-        if type(rec) is R.Write:
-            pieces.append(rec.data)
-            replaced += len(rec.data)
-        elif type(rec) is R.EncodedWrite and guesser is not None:
-            if not regenerable(rec.compression):
-                continue
-            raw = natural_extent(rec.data, rec.compression)
-            if raw is None or not _canonical(r, group.version):
-                continue
-            level = guesser.find(raw, rec.data, rec.compression)
-            if level is None:
-                continue
-            encoded[i] = (level, len(raw))
-            pieces.append(raw)
-            replaced += len(rec.data)
-    return pieces, replaced, encoded
-
-
-def _carried_cost(patch: bytes) -> int:
-    """About what an uncompressed patch costs inside the zstd carrier: its size alone
-    compressed, less a frame's overhead; a tiny patch (a few edits), which cannot compress
-    alone, compresses to ~60% with the patches around it (measured on the rebuilt-release
-    pair: 123 patches of ~70 bytes took 42 bytes each in the carrier)."""
-    # a compressor object is not thread-safe: one per call (the patches are small)
-    alone = max(1, len(zstandard.ZstdCompressor(level=19).compress(patch)) - 12)
-    return min(alone, len(patch) * 7 // 10) if len(patch) <= _TINY_PATCH else alone
-
-
-#: patches up to this size are estimated by ratio in the carrier (see _carried_cost)
-_TINY_PATCH = 128
-
-
-class _Budget:
-    """Bytes of old + new content diffed at once (a larger pair runs alone), so ``-j``
-    workers do not multiply the memory a codec needs for the largest files."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self._cond = threading.Condition()
-
-    @contextlib.contextmanager
-    def hold(self, n: int) -> Iterator[None]:
-        with self._cond:
-            while self.used and self.used + n > self.limit:
-                self._cond.wait()
-            self.used += n
-        try:
-            yield
-        finally:
-            with self._cond:
-                self.used -= n
-                self._cond.notify_all()
-
-
-#: old + new bytes diffed concurrently (HDiffPatch needs ~4x the old file besides)
-_BIG = _Budget(48 << 20)
-#: largest new content diffed as ``hdiff-raw`` first (the compressed ``hdiff`` candidate is
-#: recompressed from it); larger files are diffed by ``hdiff`` directly (their raw patches
-#: rarely fit inside the carrier)
-RAW_MAX_FILE = 4 << 20
-
-
-def _same_as_old(
-    old_root: str | os.PathLike[str], base: bytes, pieces: list[Any], size: int,
-    opts: MakeOptions,
-) -> bytes | None:
-    """The digest of the old file if its content is exactly ``pieces`` (read in bounded
-    blocks: a rebuilt but unchanged file costs no copy of either side), else ``None``."""
-    try:
-        fd = open_old_file(old_root, base)
-    except BtrdeltaError:
-        return None
-    if fd is None:
-        return None
-    h = hasher(opts.hash_algo)
-    try:
-        if os.fstat(fd).st_size != size:
-            return None
-        for piece in pieces:
-            view = memoryview(piece)
-            pos = 0
-            while pos < len(view):
-                block = os.read(fd, min(len(view) - pos, 1 << 20))
-                if not block or view[pos : pos + len(block)] != block:
-                    return None
-                h.update(block)
-                pos += len(block)
-        if os.read(fd, 1):
-            return None
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    return bytes(h.digest())
-
-
-def _diff(
-    old_root: str | os.PathLike[str], group: _Group, opts: MakeOptions,
-    guesser: LevelGuesser | None,
-) -> _Result | None:
-    """Worker: diff the old file against the group's new content (runs in a thread)."""
-    pieces, replaced, encoded = _content(group, guesser)
-    if not pieces:
-        return None
-    size = sum(len(p) for p in pieces)
-    if size == group.old_size:
-        same = _same_as_old(old_root, group.base, pieces, size, opts)
-        if same is not None:
-            return _Result(None, b"", size, same, same, size, replaced, encoded)
-    with _BIG.hold(size + group.old_size):
-        return _diff_content(old_root, group, opts, pieces, replaced, encoded)
-
-
-def _diff_content(
-    old_root: str | os.PathLike[str], group: _Group, opts: MakeOptions, pieces: list[Any],
-    replaced: int, encoded: dict[int, tuple[int, int]],
-) -> _Result | None:
-    new = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-    del pieces[:]
-    try:
-        old = read_old_file(old_root, group.base, max_size=opts.max_file_size)
-    except BtrdeltaError:
-        return None
-    if not old:
-        return None
-    old_digest = digest(opts.hash_algo, old)
-    if len(old) == len(new) and old == new:
-        return _Result(None, b"", len(old), old_digest, old_digest, len(new), replaced, encoded)
-    codec: Codec
-    if opts.codec == "auto":
-        raw_codec = CODECS[4]
-        raw: bytes | None = None
-        if opts.level and len(new) <= RAW_MAX_FILE and raw_codec.available():
-            # one diff gives both HDiffPatch candidates (hdiff is recompressed from it)
-            raw = raw_codec.make(old, new)
-        codec, patch = make_auto(old, new, AUTO, hdiff_raw=raw)
-        cost = len(patch)
-        # inside the carrier an uncompressed patch is compressed with everything else
-        if raw is not None and len(raw) <= INNER_PATCH_MAX and _carried_cost(raw) < cost:
-            codec, patch, cost = raw_codec, raw, _carried_cost(raw)
-    else:
-        codec = get_codec(opts.codec)
-        patch = codec.make(old, new)
-        cost = len(patch)
-    if cost >= min(replaced, len(new)):
-        return None
-    if codec.apply(old, patch, new_size=len(new)) != new:  # pragma: no cover - codec bug
-        return None
-    return _Result(
-        codec, patch, len(old), old_digest, digest(opts.hash_algo, new), len(new), replaced,
-        encoded,
-    )
-
-
-def _runs(group: _Group, items: list[DeltaItem], encoded: dict[int, tuple[int, int]]) -> None:
-    """The group's records with WRITE runs as PWRITE records, regenerated extents as PENC."""
-    run: list[int] | None = None  # offset, length, chunk, last length
-
-    def close() -> None:
-        nonlocal run
-        if run is not None:
-            items.append(PWrite(run[0], run[1], run[2]))
-            run = None
-
-    for i, r in enumerate(group.records):
-        rec = r.rec
-        enc = encoded.get(i)
-        if enc is not None:
-            assert type(rec) is R.EncodedWrite
-            close()
-            crc = CMD_HEADER.unpack_from(r.raw)[2]
-            items.append(PEncoded(
-                rec.offset, enc[1], rec.unencoded_file_len, rec.unencoded_len,
-                rec.unencoded_offset, rec.compression, rec.encryption, len(rec.data), enc[0],
-                crc,
-            ))
-        elif type(rec) is R.Write:
-            n = len(rec.data)
-            if (
-                run is not None
-                and run[0] + run[1] == rec.offset
-                and run[3] == run[2]
-                and n <= run[2]
-            ):
-                run[1] += n
-                run[3] = n
-            else:
-                close()
-                run = [rec.offset, n, n, n]
-        else:
-            close()
-            items.append(BtrfsCommand(r.cmd, memoryview(r.raw)))
-    close()
-
-
-def _patched_items(group: _Group, res: _Result, opts: MakeOptions) -> list[DeltaItem]:
-    view = memoryview(res.patch)
-    inline = len(view) <= PDATA_CHUNK
-    codec_id = SAME_CODEC if res.codec is None else res.codec.codec_id
-    algo, old_digest, new_digest = opts.hash_algo, res.old_digest, res.new_digest
-    new_algo: int | None = None
-    compact = opts.level > 0 and len(view) <= INNER_PATCH_MAX
-    if compact and algo == HashAlgo.BLAKE3_128:
-        # format 4 (CPATCH, inside the carrier): BLAKE3's output is a stream, so its first
-        # 8 / 4 bytes are the short digests; the old file is checked with 8 bytes before
-        # use, the patched content with 4 (the DEND digest covers the whole stream)
-        if res.codec is None:
-            algo, old_digest = CP_SAME_ALGO, old_digest[: DIGEST_SIZE[CP_SAME_ALGO]]
-        else:
-            algo, old_digest = CP_OLD_ALGO, old_digest[: DIGEST_SIZE[CP_OLD_ALGO]]
-            new_algo, new_digest = CP_NEW_ALGO, new_digest[: DIGEST_SIZE[CP_NEW_ALGO]]
-    elif res.codec is None and algo == HashAlgo.BLAKE3_128:
-        # outside the carrier, a 'same' patch's digest only checks the local old file
-        algo, old_digest = HashAlgo.BLAKE3_64, old_digest[:8]
-    patch = Patch(
-        group.path, group.base, codec_id, algo, res.old_size,
-        old_digest, res.new_size, new_digest if res.codec else old_digest,
-        len(res.patch),
-        view if inline and res.codec is not None else None,
-        new_algo,
-    )
-    items: list[DeltaItem] = [patch]
-    if not inline:
-        items.extend(
-            PatchData(view[i : i + PDATA_CHUNK]) for i in range(0, len(view), PDATA_CHUNK)
-        )
-    _runs(group, items, res.encoded)
-    if compact and can_compact(patch) and len(items) == 2:
-        run = items[1]
-        if type(run) is PWrite and run.offset == 0 and run.length == res.new_size:
-            # the one PWRITE of a whole file is implied by the CPATCH
-            patch.auto_chunk = run.chunk
-            del items[1]
-    return items
-
-
-# --- the driver -------------------------------------------------------------------------
-
-
 class _Slot:
+    """A place in the output order: a group being diffed (``future``), or the records that
+    came after the last group (``items``), with the bytes it holds."""
+
     __slots__ = ("future", "group", "items", "size")
 
     def __init__(self) -> None:
         self.items: list[DeltaItem] = []
-        self.future: Future[_Result | None] | None = None
-        self.group: _Group | None = None
+        self.future: Future[Result | None] | None = None
+        self.group: Group | None = None
         self.size = 0
+
+
+class _Maker:
+    """One run of :func:`make_delta`: the reader, the groups, the diff workers and the
+    output in input order."""
+
+    def __init__(
+        self, src: BinaryIO, old_root: str | os.PathLike[str], write: Callable[[Any], object],
+        opts: MakeOptions, source: str | None,
+        on_progress: Callable[[int, int], None] | None,
+    ) -> None:
+        self.old_root = old_root
+        self.opts = opts
+        self.on_progress = on_progress
+        self.guesser = LevelGuesser() if opts.recompress else None
+        self.stats = MakeStats()
+        self.reader = RawCommands(src, source, HashAlgo.BLAKE3)
+        self.out = DeltaWriter(write, level=opts.level, old_root=old_root)
+        self.pathmap = PathMap()
+        self.index = OldIndex(old_root)
+        #: the group of the file being read (its data records), if any
+        self.group: Group | None = None
+        #: output order: groups being diffed and the records after each
+        self.queue: deque[_Slot] = deque()
+        self.in_flight = 0
+        self.queued = 0
+        self.max_flight = max(1, opts.jobs) * 2
+        self.pool = ThreadPoolExecutor(max_workers=max(1, opts.jobs),
+                                       thread_name_prefix="btrdelta-diff")
+
+    def run(self) -> MakeStats:
+        """Read the whole input, write the whole delta stream."""
+        try:
+            while (version := self.reader.header()) is not None:
+                self.close_group()
+                self.put(StreamStart(version))
+                while self.command(self.reader.command()):
+                    pass
+            self.close_group()
+            self.drain(block=True)
+            while self.queue:
+                self.drain(block=True)
+            self.finish()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        self.stats.output_bytes = self.out.bytes_written
+        if self.on_progress is not None:
+            self.on_progress(self.reader.offset, self.out.bytes_written)
+        return self.stats
+
+    def command(self, r: RawCommand) -> bool:
+        """One command of the input; ``False`` after END."""
+        cls = type(r.rec)
+        if cls in _DATA_RECORDS:
+            self.data_record(r)
+            return True
+        self.close_group()
+        if cls in _NAME_RECORDS:
+            self.pathmap.feed(r.rec)
+        self.put_raw(r)
+        return cls is not R.End
+
+    def data_record(self, r: RawCommand) -> None:
+        """A data record: into its file's group (a new one at a new path)."""
+        path: bytes = r.rec.path  # type: ignore[union-attr]
+        group = self.group
+        if group is None or group.path != path:
+            self.close_group()
+            group = self.group = self.new_group(path)
+        if not group.buffering:
+            self.put_raw(r)
+        elif not self.buffer(group, r):
+            self.spill(group)
+            self.put_raw(r)
+
+    def new_group(self, path: bytes) -> Group:
+        """The group of the file at ``path``: buffered if it has an old file to diff."""
+        base = self.pathmap.base(path)
+        self.stats.groups += 1
+        size = old_file_size(self.old_root, base) if base else None
+        if size is None and base:
+            alt = self.index.similar(base)
+            if alt is not None:
+                base, size = alt, old_file_size(self.old_root, alt)
+        ok = size is not None and 0 < size <= self.opts.max_file_size
+        self.stats.candidates += ok
+        group = Group(path, base, self.reader.version, ok)
+        group.old_size = size or 0
+        return group
+
+    def buffer(self, group: Group, r: RawCommand) -> bool:
+        """Add a record to a buffered group; ``False`` if the group must be carried as it
+        is (too large, or a WRITE our encoder would not reproduce)."""
+        rec = r.rec
+        cls = type(rec)
+        if cls is R.EncodedWrite and self.guesser is not None and regenerable(
+            rec.compression  # type: ignore[union-attr]
+        ):
+            n = rec.unencoded_len  # type: ignore[union-attr]
+            if n > MAX_EXTENT or group.write_bytes + n > self.opts.max_file_size:
+                return False
+            group.write_bytes += n
+            group.writes += 1
+        elif cls is R.Write:
+            n = len(rec.data)  # type: ignore[union-attr]
+            if group.write_bytes + n > self.opts.max_file_size or not canonical_write(
+                r, self.reader.version
+            ):
+                return False
+            group.write_bytes += n
+            group.writes += 1
+        group.records.append(r)
+        return True
+
+    def spill(self, group: Group) -> None:
+        """Carry what a group buffered, and the rest of its records, as they are."""
+        for r in group.records:
+            self.put_raw(r)
+        group.records = []
+        group.buffering = False
+
+    def close_group(self) -> None:
+        """The current group is complete: handed to a diff worker (or carried)."""
+        group, self.group = self.group, None
+        if group is None or not group.buffering:
+            return
+        if group.writes == 0 or group.write_bytes < self.opts.min_file_size:
+            for r in group.records:
+                self.put_raw(r)
+            return
+        self.stats.diffed_bytes += group.write_bytes
+        self.stats.largest_diffed = max(self.stats.largest_diffed, group.write_bytes,
+                                        group.old_size)
+        slot = _Slot()
+        slot.group = group
+        slot.size = group.write_bytes
+        slot.future = self.pool.submit(diff_group, self.old_root, group, self.opts, self.guesser)
+        self.queue.append(slot)
+        self.queued += slot.size
+        self.in_flight += 1
+        self.queue.append(_Slot())  # records after the group
+        self.drain(block=self.in_flight >= self.max_flight or self.queued > _MAX_QUEUED)
+
+    def put(self, item: DeltaItem, size: int = 0) -> None:
+        """Output ``item`` after everything before it."""
+        if not self.queue:
+            self.out.item(item)
+            return
+        tail = self.queue[-1]
+        tail.items.append(item)
+        tail.size += size
+        self.queued += size
+
+    def put_raw(self, r: RawCommand) -> None:
+        self.put(BtrfsCommand(r.cmd, memoryview(r.raw)), len(r.raw))
+
+    def drain(self, block: bool) -> None:
+        """Write the slots that are done, in order (``block``: wait for them while too
+        many groups or bytes are in flight)."""
+        queue = self.queue
+        while queue:
+            slot = queue[0]
+            if slot.future is not None and not slot.future.done() and not block:
+                return
+            queue.popleft()
+            self.queued -= slot.size
+            self.emit(slot)
+            block = block and (self.in_flight >= self.max_flight or self.queued > _MAX_QUEUED)
+        if self.on_progress is not None:
+            self.on_progress(self.reader.offset, self.out.bytes_written)
+
+    def emit(self, slot: _Slot) -> None:
+        """Write one slot: its group patched (or as it was), then the records after it."""
+        if slot.future is not None:
+            group = slot.group
+            assert group is not None
+            res = slot.future.result()
+            self.in_flight -= 1
+            if res is None:
+                for r in group.records:
+                    self.out.command(r.raw)
+            else:
+                name = "same" if res.codec is None else res.codec.name
+                self.stats.patched_files += 1
+                self.stats.files_by_codec[name] += 1
+                self.stats.replaced_bytes[name] += res.replaced
+                self.stats.patch_bytes[name] += len(res.patch)
+                for item in patched_items(group, res, self.opts):
+                    self.out.item(item)
+        for item in slot.items:
+            self.out.item(item)
+
+    def finish(self) -> None:
+        """The DEND record: count, size and digest of the whole input."""
+        reader, stats = self.reader, self.stats
+        stats.commands = reader.index
+        stats.input_bytes = reader.offset
+        if self.guesser is not None:
+            for comp, n in self.guesser.tried.items():
+                name = {1: "zlib", 2: "zstd"}.get(comp, str(comp))
+                stats.encoded_tried[name] += n
+                stats.encoded_regenerated[name] += self.guesser.regenerated[comp]
+        self.out.item(
+            DeltaEnd(reader.index, reader.offset, HashAlgo.BLAKE3, bytes(reader.hash.digest()))
+        )
 
 
 def make_delta(
@@ -607,175 +339,4 @@ def make_delta(
     opts = options or MakeOptions()
     if opts.codec != "auto":
         get_codec(opts.codec)
-    guesser = LevelGuesser() if opts.recompress else None
-    stats = MakeStats()
-    reader = _RawReader(src, source, HashAlgo.BLAKE3)
-    out = DeltaWriter(write, level=opts.level, old_root=old_root)
-    pathmap = PathMap()
-    index = _OldIndex(old_root)
-    queue: deque[_Slot] = deque()
-    in_flight = 0
-    queued = 0
-    max_flight = max(1, opts.jobs) * 2
-    # bytes of groups waiting or being diffed before the reader waits (a larger group is
-    # still diffed, alone): bounds memory by the files, not by the stream
-    max_queued = 32 << 20
-    pool = ThreadPoolExecutor(max_workers=max(1, opts.jobs), thread_name_prefix="btrdelta-diff")
-
-    def emit_slot(slot: _Slot) -> None:
-        nonlocal in_flight
-        if slot.future is not None:
-            group = slot.group
-            assert group is not None
-            res = slot.future.result()
-            in_flight -= 1
-            if res is None:
-                for r in group.records:
-                    out.command(r.raw)
-            else:
-                name = "same" if res.codec is None else res.codec.name
-                stats.patched_files += 1
-                stats.files_by_codec[name] += 1
-                stats.replaced_bytes[name] += res.replaced
-                stats.patch_bytes[name] += len(res.patch)
-                for item in _patched_items(group, res, opts):
-                    out.item(item)
-        for item in slot.items:
-            out.item(item)
-
-    def drain(block: bool) -> None:
-        nonlocal queued
-        while queue:
-            slot = queue[0]
-            if slot.future is not None and not slot.future.done() and not block:
-                return
-            queue.popleft()
-            queued -= slot.size
-            emit_slot(slot)
-            block = block and (in_flight >= max_flight or queued > max_queued)
-        if on_progress is not None:
-            on_progress(reader.offset, out.bytes_written)
-
-    def put(item: DeltaItem, size: int = 0) -> None:
-        nonlocal queued
-        if not queue:
-            out.item(item)
-            return
-        tail = queue[-1]
-        tail.items.append(item)
-        tail.size += size
-        queued += size
-
-    def put_raw(r: _Raw) -> None:
-        put(BtrfsCommand(r.cmd, memoryview(r.raw)), len(r.raw))
-
-    def close_group(group: _Group | None) -> None:
-        nonlocal in_flight, queued
-        if group is None or not group.buffering:
-            return
-        if group.writes == 0 or group.write_bytes < opts.min_file_size:
-            for r in group.records:
-                put_raw(r)
-            return
-        stats.diffed_bytes += group.write_bytes
-        stats.largest_diffed = max(stats.largest_diffed, group.write_bytes, group.old_size)
-        slot = _Slot()
-        slot.group = group
-        slot.size = group.write_bytes
-        slot.future = pool.submit(_diff, old_root, group, opts, guesser)
-        queue.append(slot)
-        queued += slot.size
-        in_flight += 1
-        tail = _Slot()  # records after the group
-        queue.append(tail)
-        if in_flight >= max_flight or queued > max_queued:
-            drain(block=True)
-        else:
-            drain(block=False)
-
-    def spill(group: _Group) -> None:
-        for r in group.records:
-            put_raw(r)
-        group.records = []
-        group.buffering = False
-
-    group: _Group | None = None
-    try:
-        while True:
-            version = reader.header()
-            if version is None:
-                break
-            close_group(group)
-            group = None
-            put(StreamStart(version))
-            while True:
-                r = reader.command()
-                rec = r.rec
-                cls = type(rec)
-                if cls in _DATA_RECORDS:
-                    path: bytes = rec.path  # type: ignore[union-attr]
-                    if group is None or group.path != path:
-                        close_group(group)
-                        base = pathmap.base(path)
-                        stats.groups += 1
-                        size = old_file_size(old_root, base) if base else None
-                        if size is None and base:
-                            alt = index.similar(base)
-                            if alt is not None:
-                                base, size = alt, old_file_size(old_root, alt)
-                        ok = size is not None and 0 < size <= opts.max_file_size
-                        stats.candidates += ok
-                        group = _Group(path, base, reader.version, ok)
-                        group.old_size = size or 0
-                    if not group.buffering:
-                        put_raw(r)
-                    else:
-                        if cls is R.EncodedWrite and guesser is not None and regenerable(
-                            rec.compression  # type: ignore[union-attr]
-                        ):
-                            n = rec.unencoded_len  # type: ignore[union-attr]
-                            if n > MAX_EXTENT or group.write_bytes + n > opts.max_file_size:
-                                spill(group)
-                                put_raw(r)
-                                continue
-                            group.write_bytes += n
-                            group.writes += 1
-                        elif cls is R.Write:
-                            n = len(rec.data)  # type: ignore[union-attr]
-                            if group.write_bytes + n > opts.max_file_size or not _canonical_write(
-                                r, reader.version
-                            ):
-                                spill(group)
-                                put_raw(r)
-                                continue
-                            group.write_bytes += n
-                            group.writes += 1
-                        group.records.append(r)
-                    continue
-                close_group(group)
-                group = None
-                if cls in _NAME_RECORDS:
-                    pathmap.feed(rec)
-                put_raw(r)
-                if cls is R.End:
-                    break
-        close_group(group)
-        drain(block=True)
-        while queue:
-            drain(block=True)
-        stats.commands = reader.index
-        stats.input_bytes = reader.offset
-        if guesser is not None:
-            for comp, n in guesser.tried.items():
-                name = {1: "zlib", 2: "zstd"}.get(comp, str(comp))
-                stats.encoded_tried[name] += n
-                stats.encoded_regenerated[name] += guesser.regenerated[comp]
-        out.item(
-            DeltaEnd(reader.index, reader.offset, HashAlgo.BLAKE3, bytes(reader.hash.digest()))
-        )
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    stats.output_bytes = out.bytes_written
-    if on_progress is not None:
-        on_progress(reader.offset, out.bytes_written)
-    return stats
+    return _Maker(src, old_root, write, opts, source, on_progress).run()

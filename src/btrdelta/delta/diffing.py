@@ -1,0 +1,411 @@
+"""``delta make``'s diffing: which old file a new file is diffed against, the diff itself
+(in a worker thread), and the records a patched file becomes.
+
+A *group* is the data records of one file (consecutive WRITE / CLONE / ENCODED_WRITE /
+FALLOCATE / UPDATE_EXTENT on one path), buffered by :mod:`.make`. Its *base* is the old
+file it is diffed against: its origin in the old snapshot, else (:class:`OldIndex`) the old
+file with the same name whose path is most alike. :func:`diff_group` runs in a worker
+thread (the codec libraries release the GIL): the group's new content is the concatenated
+data of its WRITEs and of the ENCODED_WRITEs :mod:`.recompress` regenerates bit for bit; a
+new content equal to the old file is a ``same`` patch, found by comparing the two block by
+block without a copy of either; other files are diffed with at most ``_BIG`` bytes of old +
+new content in flight across the workers, and with the carrier on, an uncompressed
+HDiffPatch diff (``hdiff-raw``, compressed by the carrier with everything around it)
+competes with the compressed patches. A patch is kept only if it is smaller than the data
+it replaces, and only after applying it gave the new content back. :func:`patched_items`
+turns the result into PATCH (or CPATCH) + PDATA + PWRITE / PENC records, the group's other
+records staying as they were, in order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import zstandard
+
+from ..errors import BtrdeltaError
+from ..stream import records as R
+from ..stream.codec import encode_record
+from ..stream.constants import CMD_HEADER
+from .codecs import AUTO, CODECS, Codec, get_codec, make_auto
+from .commands import RawCommand
+from .encoding import can_compact
+from .format import (
+    CP_NEW_ALGO,
+    CP_OLD_ALGO,
+    CP_SAME_ALGO,
+    DIGEST_SIZE,
+    PDATA_CHUNK,
+    SAME_CODEC,
+    BtrfsCommand,
+    DeltaItem,
+    HashAlgo,
+    Patch,
+    PatchData,
+    PEncoded,
+    PWrite,
+)
+from .oldfiles import digest, hasher, open_old_file, read_old_file
+from .options import MakeOptions
+from .recompress import LevelGuesser, natural_extent, regenerable
+from .writer import INNER_PATCH_MAX
+
+__all__ = ["RAW_MAX_FILE", "Group", "OldIndex", "Result", "canonical_write", "diff_group",
+           "patched_items"]
+
+
+def _common_len(a: bytes, b: bytes) -> int:
+    """Length of the common prefix of two byte strings (short paths; not a hot path)."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+class OldIndex:
+    """Old files by base name, for new files whose own base path has no old file (a file in
+    a renamed versioned directory: ``pkg-1.2.dist-info/RECORD`` -> ``pkg-1.1.dist-info``).
+
+    Built on first use by walking the old tree (no symlinks followed). The candidate whose
+    path shares the longest prefix + suffix with the new path wins; the patch is only kept
+    if it is smaller than the data, so a poor guess costs time, never size.
+    """
+
+    #: candidates compared per lookup (common names such as __init__.py have many)
+    MAX_CANDIDATES = 256
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = os.fsencode(root)
+        self._names: dict[bytes, list[bytes]] | None = None
+
+    def _build(self) -> dict[bytes, list[bytes]]:
+        names: dict[bytes, list[bytes]] = {}
+        for dirpath, _dirs, files in os.walk(self.root):
+            rel = os.path.relpath(dirpath, self.root)
+            prefix = b"" if rel == b"." else rel + b"/"
+            for name in files:
+                names.setdefault(name, []).append(prefix + name)
+        return names
+
+    def similar(self, path: bytes) -> bytes | None:
+        """The old file most like ``path`` (same base name), or ``None``."""
+        if self._names is None:
+            self._names = self._build()
+        name = path.rsplit(b"/", 1)[-1]
+        best: tuple[int, bytes] | None = None
+        for cand in self._names.get(name, ())[: self.MAX_CANDIDATES]:
+            score = _common_len(cand, path) + _common_len(cand[::-1], path[::-1])
+            if best is None or score > best[0]:
+                best = (score, cand)
+        return None if best is None else best[1]
+
+
+# --- groups -----------------------------------------------------------------------------
+
+
+class Group:
+    __slots__ = (
+        "base", "buffering", "old_size", "path", "records", "version", "write_bytes", "writes",
+    )
+
+    # write_bytes: WRITE data + decompressed size of candidate ENCODED_WRITEs
+    # writes: WRITEs + candidate ENCODED_WRITEs
+
+    def __init__(self, path: bytes, base: bytes, version: int, buffering: bool) -> None:
+        self.path = path
+        self.base = base
+        self.version = version
+        self.buffering = buffering
+        self.records: list[RawCommand] = []
+        self.write_bytes = 0
+        self.writes = 0
+        self.old_size = 0
+
+
+def canonical_write(r: RawCommand, version: int) -> bool:
+    """Whether our encoder gives back exactly the raw bytes of this WRITE."""
+    rec = r.rec
+    if not len(rec.data):  # type: ignore[union-attr]
+        return False
+    try:
+        pieces = encode_record(rec, version)
+    except BtrdeltaError:
+        return False
+    head = pieces[0] + pieces[1]
+    return r.raw.startswith(head) and len(r.raw) == len(head) + (
+        len(pieces[2]) if len(pieces) > 2 else 0
+    )
+
+
+def _canonical(r: RawCommand, version: int) -> bool:
+    """Whether our encoder gives back exactly the raw bytes of this command."""
+    try:
+        pieces = encode_record(r.rec, version)
+    except BtrdeltaError:
+        return False
+    return sum(len(p) for p in pieces) == len(r.raw) and b"".join(
+        bytes(p) for p in pieces
+    ) == r.raw
+
+
+@dataclass
+class Result:
+    codec: Codec | None  # None: same content
+    patch: bytes
+    old_size: int
+    old_digest: bytes
+    new_digest: bytes
+    new_size: int
+    #: bytes of the original stream the patch stands for (WRITE data, encoded payloads)
+    replaced: int
+    #: record index -> (level, decompressed length) of regenerated ENCODED_WRITEs
+    encoded: dict[int, tuple[int, int]]
+
+
+def _content(
+    group: Group, guesser: LevelGuesser | None
+) -> tuple[list[Any], int, dict[int, tuple[int, int]]]:
+    """The group's new content pieces, the stream bytes they replace, regenerated extents."""
+    pieces: list[Any] = []
+    replaced = 0
+    encoded: dict[int, tuple[int, int]] = {}
+    for i, r in enumerate(group.records):
+        rec = r.rec
+        if type(rec) is R.Write:
+            pieces.append(rec.data)
+            replaced += len(rec.data)
+        elif type(rec) is R.EncodedWrite and guesser is not None:
+            if not regenerable(rec.compression):
+                continue
+            raw = natural_extent(rec.data, rec.compression)
+            if raw is None or not _canonical(r, group.version):
+                continue
+            level = guesser.find(raw, rec.data, rec.compression)
+            if level is None:
+                continue
+            encoded[i] = (level, len(raw))
+            pieces.append(raw)
+            replaced += len(rec.data)
+    return pieces, replaced, encoded
+
+
+def _carried_cost(patch: bytes) -> int:
+    """About what an uncompressed patch costs inside the zstd carrier: its size alone
+    compressed, less a frame's overhead; a tiny patch (a few edits), which cannot compress
+    alone, compresses to ~60% with the patches around it (measured on the rebuilt-release
+    pair: 123 patches of ~70 bytes took 42 bytes each in the carrier)."""
+    # a compressor object is not thread-safe: one per call (the patches are small)
+    alone = max(1, len(zstandard.ZstdCompressor(level=19).compress(patch)) - 12)
+    return min(alone, len(patch) * 7 // 10) if len(patch) <= _TINY_PATCH else alone
+
+
+#: patches up to this size are estimated by ratio in the carrier (see _carried_cost)
+_TINY_PATCH = 128
+
+
+class _Budget:
+    """Bytes of old + new content diffed at once (a larger pair runs alone), so ``-j``
+    workers do not multiply the memory a codec needs for the largest files."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, n: int) -> Iterator[None]:
+        with self._cond:
+            while self.used and self.used + n > self.limit:
+                self._cond.wait()
+            self.used += n
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= n
+                self._cond.notify_all()
+
+
+#: old + new bytes diffed concurrently (HDiffPatch needs ~4x the old file besides)
+_BIG = _Budget(48 << 20)
+#: largest new content diffed as ``hdiff-raw`` first (the compressed ``hdiff`` candidate is
+#: recompressed from it); larger files are diffed by ``hdiff`` directly (their raw patches
+#: rarely fit inside the carrier)
+RAW_MAX_FILE = 4 << 20
+
+
+def _same_as_old(
+    old_root: str | os.PathLike[str], base: bytes, pieces: list[Any], size: int,
+    opts: MakeOptions,
+) -> bytes | None:
+    """The digest of the old file if its content is exactly ``pieces`` (read in bounded
+    blocks: a rebuilt but unchanged file costs no copy of either side), else ``None``."""
+    try:
+        fd = open_old_file(old_root, base)
+    except BtrdeltaError:
+        return None
+    if fd is None:
+        return None
+    h = hasher(opts.hash_algo)
+    try:
+        if os.fstat(fd).st_size != size:
+            return None
+        for piece in pieces:
+            view = memoryview(piece)
+            pos = 0
+            while pos < len(view):
+                block = os.read(fd, min(len(view) - pos, 1 << 20))
+                if not block or view[pos : pos + len(block)] != block:
+                    return None
+                h.update(block)
+                pos += len(block)
+        if os.read(fd, 1):
+            return None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return bytes(h.digest())
+
+
+def diff_group(
+    old_root: str | os.PathLike[str], group: Group, opts: MakeOptions,
+    guesser: LevelGuesser | None,
+) -> Result | None:
+    """Worker: diff the old file against the group's new content (runs in a thread)."""
+    pieces, replaced, encoded = _content(group, guesser)
+    if not pieces:
+        return None
+    size = sum(len(p) for p in pieces)
+    if size == group.old_size:
+        same = _same_as_old(old_root, group.base, pieces, size, opts)
+        if same is not None:
+            return Result(None, b"", size, same, same, size, replaced, encoded)
+    with _BIG.hold(size + group.old_size):
+        return _diff_content(old_root, group, opts, pieces, replaced, encoded)
+
+
+def _diff_content(
+    old_root: str | os.PathLike[str], group: Group, opts: MakeOptions, pieces: list[Any],
+    replaced: int, encoded: dict[int, tuple[int, int]],
+) -> Result | None:
+    new = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+    del pieces[:]
+    try:
+        old = read_old_file(old_root, group.base, max_size=opts.max_file_size)
+    except BtrdeltaError:
+        return None
+    if not old:
+        return None
+    old_digest = digest(opts.hash_algo, old)
+    if len(old) == len(new) and old == new:
+        return Result(None, b"", len(old), old_digest, old_digest, len(new), replaced, encoded)
+    codec: Codec
+    if opts.codec == "auto":
+        raw_codec = CODECS[4]
+        raw: bytes | None = None
+        if opts.level and len(new) <= RAW_MAX_FILE and raw_codec.available():
+            # one diff gives both HDiffPatch candidates (hdiff is recompressed from it)
+            raw = raw_codec.make(old, new)
+        codec, patch = make_auto(old, new, AUTO, hdiff_raw=raw)
+        cost = len(patch)
+        # inside the carrier an uncompressed patch is compressed with everything else
+        if raw is not None and len(raw) <= INNER_PATCH_MAX and _carried_cost(raw) < cost:
+            codec, patch, cost = raw_codec, raw, _carried_cost(raw)
+    else:
+        codec = get_codec(opts.codec)
+        patch = codec.make(old, new)
+        cost = len(patch)
+    if cost >= min(replaced, len(new)):
+        return None
+    if codec.apply(old, patch, new_size=len(new)) != new:  # pragma: no cover - codec bug
+        return None
+    return Result(
+        codec, patch, len(old), old_digest, digest(opts.hash_algo, new), len(new), replaced,
+        encoded,
+    )
+
+
+def _runs(group: Group, items: list[DeltaItem], encoded: dict[int, tuple[int, int]]) -> None:
+    """The group's records with WRITE runs as PWRITE records, regenerated extents as PENC."""
+    run: list[int] | None = None  # offset, length, chunk, last length
+
+    def close() -> None:
+        nonlocal run
+        if run is not None:
+            items.append(PWrite(run[0], run[1], run[2]))
+            run = None
+
+    for i, r in enumerate(group.records):
+        rec = r.rec
+        enc = encoded.get(i)
+        if enc is not None:
+            assert type(rec) is R.EncodedWrite
+            close()
+            crc = CMD_HEADER.unpack_from(r.raw)[2]
+            items.append(PEncoded(
+                rec.offset, enc[1], rec.unencoded_file_len, rec.unencoded_len,
+                rec.unencoded_offset, rec.compression, rec.encryption, len(rec.data), enc[0],
+                crc,
+            ))
+        elif type(rec) is R.Write:
+            n = len(rec.data)
+            if (
+                run is not None
+                and run[0] + run[1] == rec.offset
+                and run[3] == run[2]
+                and n <= run[2]
+            ):
+                run[1] += n
+                run[3] = n
+            else:
+                close()
+                run = [rec.offset, n, n, n]
+        else:
+            close()
+            items.append(BtrfsCommand(r.cmd, memoryview(r.raw)))
+    close()
+
+
+def patched_items(group: Group, res: Result, opts: MakeOptions) -> list[DeltaItem]:
+    view = memoryview(res.patch)
+    inline = len(view) <= PDATA_CHUNK
+    codec_id = SAME_CODEC if res.codec is None else res.codec.codec_id
+    algo, old_digest, new_digest = opts.hash_algo, res.old_digest, res.new_digest
+    new_algo: int | None = None
+    compact = opts.level > 0 and len(view) <= INNER_PATCH_MAX
+    if compact and algo == HashAlgo.BLAKE3_128:
+        # format 4 (CPATCH, inside the carrier): BLAKE3's output is a stream, so its first
+        # 8 / 4 bytes are the short digests; the old file is checked with 8 bytes before
+        # use, the patched content with 4 (the DEND digest covers the whole stream)
+        if res.codec is None:
+            algo, old_digest = CP_SAME_ALGO, old_digest[: DIGEST_SIZE[CP_SAME_ALGO]]
+        else:
+            algo, old_digest = CP_OLD_ALGO, old_digest[: DIGEST_SIZE[CP_OLD_ALGO]]
+            new_algo, new_digest = CP_NEW_ALGO, new_digest[: DIGEST_SIZE[CP_NEW_ALGO]]
+    elif res.codec is None and algo == HashAlgo.BLAKE3_128:
+        # outside the carrier, a 'same' patch's digest only checks the local old file
+        algo, old_digest = HashAlgo.BLAKE3_64, old_digest[:8]
+    patch = Patch(
+        group.path, group.base, codec_id, algo, res.old_size,
+        old_digest, res.new_size, new_digest if res.codec else old_digest,
+        len(res.patch),
+        view if inline and res.codec is not None else None,
+        new_algo,
+    )
+    items: list[DeltaItem] = [patch]
+    if not inline:
+        items.extend(
+            PatchData(view[i : i + PDATA_CHUNK]) for i in range(0, len(view), PDATA_CHUNK)
+        )
+    _runs(group, items, res.encoded)
+    if compact and can_compact(patch) and len(items) == 2:
+        run = items[1]
+        if type(run) is PWrite and run.offset == 0 and run.length == res.new_size:
+            # the one PWRITE of a whole file is implied by the CPATCH
+            patch.auto_chunk = run.chunk
+            del items[1]
+    return items
