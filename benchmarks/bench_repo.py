@@ -65,7 +65,7 @@ def _kib(n: float) -> str:
 def _publish(trees: list[Path], work: Path) -> tuple[Path, Path, list[float]]:
     root = work / "repo"
     base = work / "keys"
-    base.mkdir()
+    base.mkdir(parents=True)
     trust.save_key_pair(trust.generate_key(), str(base / "root.key"), str(base / "root.pub"))
     assert _quiet(["repo", "init", str(root)]) == 0
     times = []
