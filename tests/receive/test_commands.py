@@ -14,8 +14,8 @@ import pytest
 import zstandard
 
 from btrdelta.errors import StreamFormatError
+from btrdelta.fs.btrfs import get_fsflags, set_fsflags
 from btrdelta.receive import receive
-from btrdelta.receive.subvol import get_fsflags, set_fsflags
 from btrdelta.stream.records import (
     Chmod,
     Clone,

@@ -103,8 +103,8 @@ def test_parent_found_when_a_subvolume_is_mounted(btrfs_ok: None, tmp_path: Path
     # DEST below a `-o subvol=top` mount: UUID-tree paths are relative to the top level
     import subprocess
 
+    from btrdelta.fs.btrfs import subvol_info
     from btrdelta.receive import receive
-    from btrdelta.receive.subvol import subvol_info
     from btrdelta.testing.loopfs import loop_fs
     from btrdelta.testing.loopfs import run as sh
 

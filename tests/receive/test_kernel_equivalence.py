@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from btrdelta.receive.subvol import subvol_info
+from btrdelta.fs.btrfs import subvol_info
 from btrdelta.testing.scenarios import SCENARIOS
 from btrdelta.tree.treesum import diff_manifests, tree_manifest
 from tests.conftest import _FS_VARIANTS

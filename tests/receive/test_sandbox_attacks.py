@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from btrdelta.errors import BtrdeltaError, MissingBaseError, UnsafePathError
+from btrdelta.fs.sandbox import split_path
 from btrdelta.receive import receive
-from btrdelta.receive.sandbox import split_path
 from btrdelta.stream.records import (
     Chmod,
     Chown,

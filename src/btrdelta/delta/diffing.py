@@ -29,6 +29,7 @@ from typing import Any
 import zstandard
 
 from ..errors import BtrdeltaError
+from ..fs.sandbox import open_regular as open_old_file
 from ..stream import records as R
 from ..stream.codec import encode_record
 from ..stream.constants import CMD_HEADER
@@ -50,7 +51,7 @@ from .format import (
     PEncoded,
     PWrite,
 )
-from .oldfiles import digest, hasher, open_old_file, read_old_file
+from .oldfiles import digest, hasher, read_old_file
 from .options import MakeOptions
 from .recompress import LevelGuesser, natural_extent, regenerable
 from .writer import INNER_PATCH_MAX

@@ -27,6 +27,7 @@ from contextlib import closing
 from typing import Any, BinaryIO
 
 from ..errors import BtrdeltaError, ChecksumError, StreamFormatError
+from ..fs.sandbox import list_dir as list_old_dir
 from ..stream import records as R
 from ..stream.codec import decode_payload, encode_record
 from ..stream.constants import CMD_HEADER, CMD_HEADER_SIZE, MAGIC, MAX_PAYLOAD, STREAM_HEADER, Attr
@@ -44,7 +45,7 @@ from .format import (
     StreamStart,
     ZCommands,
 )
-from .oldfiles import hasher, list_old_dir
+from .oldfiles import hasher
 from .options import DEFAULT_MAX_FILE_SIZE
 from .parser import DeltaParser, iter_items
 from .patching import Patcher, Pending

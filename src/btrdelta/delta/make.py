@@ -26,13 +26,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from ..fs.sandbox import file_size as old_file_size
 from ..stream import records as R
 from ..tree.pathmap import PathMap
 from .codecs import get_codec
 from .commands import RawCommand, RawCommands
 from .diffing import Group, OldIndex, Result, canonical_write, diff_group, patched_items
 from .format import BtrfsCommand, DeltaEnd, DeltaItem, HashAlgo, StreamStart
-from .oldfiles import old_file_size
 from .options import MakeOptions
 from .recompress import MAX_EXTENT, LevelGuesser, regenerable
 from .writer import DeltaWriter

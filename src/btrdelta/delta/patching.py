@@ -25,13 +25,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import BtrdeltaError, ChecksumError, StreamFormatError
+from ..fs.sandbox import DirCache
 from ..stream import records as R
 from ..stream.codec import encode_record
 from ..stream.constants import CMD_HEADER, MAX_PAYLOAD
 from .carrier import CarrierState
 from .codecs import get_codec
 from .format import SAME_CODEC, Patch, PatchData, PEncoded, PWrite
-from .oldfiles import DirCache, digest, read_old_file
+from .oldfiles import digest, read_old_file
 from .recompress import compress_extent
 
 __all__ = ["Patcher", "Pending", "SameEncodedWrite", "SameWrite"]

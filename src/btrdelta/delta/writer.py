@@ -26,6 +26,7 @@ from typing import Any
 
 import zstandard
 
+from ..fs.sandbox import list_dir
 from ..stream.crc import crc32c
 from .carrier import CarrierState, fold
 from .encoding import can_compact, encode_item
@@ -39,7 +40,6 @@ from .format import (
     ZCommands,
     encode_delta_header,
 )
-from .oldfiles import list_old_dir
 from .options import DEFAULT_LEVEL
 
 __all__ = ["DEFAULT_LEVEL", "DEFAULT_WINDOW_LOG", "INNER_PATCH_MAX", "DeltaWriter"]
@@ -89,7 +89,7 @@ class DeltaWriter:
         self._state = CarrierState()
         if old_root is not None:
             root = old_root
-            self._state.lister = lambda path: list_old_dir(root, path)
+            self._state.lister = lambda path: list_dir(root, path)
         if level:
             params = zstandard.ZstdCompressionParameters.from_level(
                 level, window_log=window_log, enable_ldm=True, threads=threads,

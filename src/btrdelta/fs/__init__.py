@@ -1,8 +1,12 @@
-"""Filesystem primitives below the engines (floor 1): the one safe path walk, btrfs ioctls
-and subvolume operations, FILEATTR flags both ways, copies and holes.
+"""Filesystem primitives below the engines (floor 1).
 
-Knows nothing of streams or formats; ``receive``, ``send``, ``delta`` and the workflows
-above them share it.
+Modules: :mod:`.sandbox` (the one safe walk of untrusted paths: ``openat``, no symlink
+followed, no ``..``), :mod:`.btrfs` (btrfs ioctls and subvolume operations, the default
+subvolume, UUID-tree lookups, FILEATTR <-> ``FS_*_FL`` flags both ways), :mod:`.copy`
+(data segments, copies that keep holes, tree copies).
+
+Knows nothing of streams or formats; ``receive``, ``send``, ``delta``, ``tree`` and the
+workflows above them share it.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 ``receive(events, dest)`` takes any iterator of stream events (from
 :class:`btrdelta.stream.StreamReader` or a later stage) and returns the subvolumes it
-finished. Modules: :mod:`.applier` (one method per command), :mod:`.sandbox` (safe path
-resolution), :mod:`.subvol` (btrfs and file ioctls), :mod:`.encoded` (decompressing
-ENCODED_WRITE), :mod:`.registry` (uuid -> directory on non-btrfs destinations).
+finished. Modules: :mod:`.applier` (one method per command), :mod:`.encoded` (decompressing
+ENCODED_WRITE), :mod:`.registry` (uuid -> directory on non-btrfs destinations). Paths,
+ioctls and copies are :mod:`btrdelta.fs`'s.
 """
 
 from __future__ import annotations

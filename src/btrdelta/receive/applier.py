@@ -18,7 +18,7 @@ Two backends:
   can, else ``copy_file_range``, holes kept) and :mod:`.registry` records uuid/transid.
   ENCODED_WRITE is decompressed.
 
-Every path goes through :class:`.sandbox.Sandbox` (no ``..``, no absolute paths, no
+Every path goes through :class:`btrdelta.fs.sandbox.Sandbox` (no ``..``, no absolute paths, no
 symlink followed, nothing outside the subvolume). :meth:`Applier.apply_fast` runs the common
 commands of a batch through the optional C module ``_fastapply`` (same system calls, same
 path rules); it hands every record it does not handle, or whose system call fails, back to
@@ -43,6 +43,10 @@ from uuid import UUID
 from .. import _native
 from .._value import value_class
 from ..errors import ApplyError, BtrdeltaError, MissingBaseError, StreamFormatError
+from ..fs import btrfs as sv
+from ..fs.btrfs import FS_FLAGS_KNOWN, fileattr_to_fsflags
+from ..fs.copy import copy_range, copy_tree, write_zeros
+from ..fs.sandbox import Sandbox, check_name, split_path
 from ..stream.records import (
     Chmod,
     Chown,
@@ -72,10 +76,7 @@ from ..stream.records import (
     Utimes,
     Write,
 )
-from . import subvol as sv
-from .copy import copy_range, copy_tree, write_zeros
-from .encoded import decode_extent
-from .sandbox import Sandbox, check_name, split_path
+from .encoded import MAX_UNENCODED, decode_extent
 
 __all__ = ["Applier", "ReceivedSubvol", "find_parent", "find_subvolume"]
 
@@ -85,28 +86,10 @@ _native.on_load("fastapply", lambda mod: mod.configure((
     Mkfile, Mkdir, Symlink, Rename, Link, Unlink, Rmdir, Write, Truncate, Chmod, Chown, Utimes,
     UpdateExtent, EncodedWrite, Clone)))
 
-#: largest decompressed extent accepted from an ENCODED_WRITE (the kernel uses 128 KiB)
-MAX_UNENCODED = 8 << 20
 _WRITE_FLAGS = os.O_WRONLY
 _TMP_PREFIX = ".btrdelta-tmp-"
 _FALLBACK_ERRNOS = (errno.ENOTTY, errno.EINVAL, errno.ENOSPC, errno.EOPNOTSUPP, errno.EXDEV,
                     errno.EPERM)
-
-# btrfs inode-item flags (FILEATTR) -> FS_IOC_SETFLAGS bits
-_FILEATTR_MAP = {
-    0x2: 0x00800000,  # NODATACOW -> FS_NOCOW_FL
-    0x8: 0x00000400,  # NOCOMPRESS -> FS_NOCOMP_FL
-    0x20: 0x00000008,  # SYNC
-    0x40: 0x00000010,  # IMMUTABLE
-    0x80: 0x00000020,  # APPEND
-    0x100: 0x00000040,  # NODUMP
-    0x200: 0x00000080,  # NOATIME
-    0x400: 0x00010000,  # DIRSYNC
-    0x800: 0x00000004,  # COMPRESS -> FS_COMPR_FL
-}
-_FSFLAGS_MANAGED = 0
-for _v in _FILEATTR_MAP.values():
-    _FSFLAGS_MANAGED |= _v
 
 
 @value_class
@@ -447,7 +430,7 @@ class Applier:
             for fd, flags in cur.fileattrs:
                 try:
                     old = sv.get_fsflags(fd)
-                    sv.set_fsflags(fd, (old & ~_FSFLAGS_MANAGED) | flags)
+                    sv.set_fsflags(fd, (old & ~FS_FLAGS_KNOWN) | flags)
                 except OSError as exc:
                     self._warn_once("fileattr", f"cannot set file attributes: {exc.strerror}")
                 finally:
@@ -772,10 +755,7 @@ class Applier:
         """FILEATTR: ignored (like btrfs-progs) unless ``apply_fileattr``; see module doc."""
         if self._check(rec.path) or not self.apply_fileattr:
             return
-        flags = 0
-        for bit, fs_bit in _FILEATTR_MAP.items():
-            if rec.fileattr & bit:
-                flags |= fs_bit
+        flags = fileattr_to_fsflags(rec.fileattr)
         sb = self._sb
         pfd = sb.open_path(rec.path)
         try:

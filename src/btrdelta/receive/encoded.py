@@ -18,7 +18,11 @@ from typing import Any
 
 from ..errors import StreamFormatError
 
-__all__ = ["COMPRESSION_NAMES", "decode_extent"]
+__all__ = ["COMPRESSION_NAMES", "MAX_UNENCODED", "decode_extent"]
+
+#: largest decompressed extent accepted from an ENCODED_WRITE (the kernel writes 128 KiB);
+#: the C fast path checks the same bound (``_constants.h``)
+MAX_UNENCODED = 8 << 20
 
 COMPRESSION_NAMES = {0: "none", 1: "zlib", 2: "zstd", 3: "lzo-4k", 4: "lzo-8k", 5: "lzo-16k",
                      6: "lzo-32k", 7: "lzo-64k"}

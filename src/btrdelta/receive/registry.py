@@ -26,7 +26,7 @@ from pathlib import Path
 from uuid import UUID
 
 from ..errors import StreamFormatError
-from .sandbox import check_name
+from ..fs.sandbox import check_name
 
 __all__ = ["REGISTRY_NAME", "Registry", "RegistryEntry"]
 

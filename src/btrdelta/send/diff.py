@@ -33,7 +33,8 @@ import xxhash
 from pyfastcdc.cy import FastCDC
 
 from ..errors import BtrdeltaError
-from .scan import ROOT, Tree, data_segments, open_file
+from ..fs.copy import data_segments
+from .scan import ROOT, Tree, open_file
 
 __all__ = [
     "BLOCK",

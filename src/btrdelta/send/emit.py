@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import zstandard
 
 from ..errors import BtrdeltaError
+from ..fs.copy import data_segments
 from ..stream.constants import Compression
 from ..stream.records import (
     Chmod,
@@ -59,7 +60,7 @@ from ..stream.records import (
 )
 from .diff import Match, changed_ranges, files_equal, match_trees, shifted_clones
 from .order import Namespace, order_namespace
-from .scan import ROOT, Node, Tree, TreeScan, data_segments, open_file
+from .scan import ROOT, Node, Tree, TreeScan, open_file
 
 __all__ = ["COMPRESSORS", "SendStats", "Sender"]
 

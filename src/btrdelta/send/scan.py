@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import marshal
 import os
 import signal
@@ -46,8 +45,9 @@ from typing import Any
 import blake3
 import xxhash
 
-from .._fs import data_segments
 from ..errors import BtrdeltaError
+from ..fs.btrfs import get_fileattr
+from ..fs.copy import data_segments
 
 __all__ = [
     "ROOT",
@@ -56,8 +56,6 @@ __all__ = [
     "TreeScan",
     "Node",
     "Tree",
-    "btrfs_flags",
-    "data_segments",
     "hash_contents",
     "kernel_rdev",
     "open_file",
@@ -72,24 +70,6 @@ _FIRST_INO = 257
 
 _UUID_NAMESPACE = uuid.UUID("6b1d5c1e-2f3a-5b8e-9c4d-62747264656c")  # "btrdel" namespace
 
-_FS_IOC_GETFLAGS = 0x80086601
-#: FS_IOC_GETFLAGS bit -> btrfs inode-item flag (what the kernel's FILEATTR carries)
-_FS_TO_BTRFS = (
-    (0x00800000, 0x2),  # FS_NOCOW_FL -> NODATACOW
-    (0x00000400, 0x8),  # FS_NOCOMP_FL -> NOCOMPRESS
-    (0x00000008, 0x20),  # FS_SYNC_FL -> SYNC
-    (0x00000010, 0x40),  # FS_IMMUTABLE_FL -> IMMUTABLE
-    (0x00000020, 0x80),  # FS_APPEND_FL -> APPEND
-    (0x00000040, 0x100),  # FS_NODUMP_FL -> NODUMP
-    (0x00000080, 0x200),  # FS_NOATIME_FL -> NOATIME
-    (0x00010000, 0x400),  # FS_DIRSYNC_FL -> DIRSYNC
-    (0x00000004, 0x800),  # FS_COMPR_FL -> COMPRESS
-)
-_FS_KNOWN = 0
-for _fs, _bt in _FS_TO_BTRFS:
-    _FS_KNOWN |= _fs
-_NO_FLAGS = (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS, errno.EPERM,
-             errno.EACCES)
 
 #: files up to this size are read with one ``read``; larger ones in pieces of this size
 _WHOLE = 1 << 20
@@ -230,24 +210,6 @@ def kernel_rdev(st_rdev: int) -> int:
     return (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)
 
 
-def btrfs_flags(fd: int) -> int:
-    """The inode flags of open file ``fd`` in btrfs's FILEATTR encoding (0 if unsupported)."""
-    try:
-        raw = fcntl.ioctl(fd, _FS_IOC_GETFLAGS, b"\0\0\0\0\0\0\0\0")
-    except OSError as exc:
-        if exc.errno in _NO_FLAGS:
-            return 0
-        raise
-    fs = int.from_bytes(raw[:4], "little")
-    if not fs & _FS_KNOWN:
-        return 0
-    out = 0
-    for fs_bit, bt_bit in _FS_TO_BTRFS:
-        if fs & fs_bit:
-            out |= bt_bit
-    return out
-
-
 def _read_xattrs(path: bytes, names: list[str]) -> dict[bytes, bytes]:
     out: dict[bytes, bytes] = {}
     for sname in names:
@@ -328,7 +290,7 @@ def scan_tree(
         except OSError as exc:
             raise BtrdeltaError(f"cannot read directory: {exc.strerror}", path=absdir) from exc
         try:
-            nodes[dir_id].flags = btrfs_flags(dfd)
+            nodes[dir_id].flags = get_fileattr(dfd)
             try:
                 names = sorted(os.listdir(absdir))
             except OSError as exc:
@@ -390,7 +352,7 @@ def _hash_file(path: bytes, size: int, buf: bytearray) -> tuple[bytes, int]:
     except OSError as exc:
         raise BtrdeltaError(f"cannot read file: {exc.strerror}", path=path) from exc
     try:
-        flags = btrfs_flags(fd)
+        flags = get_fileattr(fd)
         if size <= _WHOLE:
             data = os.read(fd, size + 1) if size else b""
             if len(data) != size:

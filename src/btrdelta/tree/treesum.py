@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import blake3
 
-from .._fs import data_segments
+from ..fs.copy import data_segments
 
 __all__ = ["Entry", "diff_manifests", "tree_manifest", "tree_sum"]
 

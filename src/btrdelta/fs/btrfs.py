@@ -1,45 +1,62 @@
-"""btrfs and Linux file ioctls the receiver needs, with ``fcntl.ioctl`` and ``struct``.
+"""btrfs and Linux file ioctls, with ``fcntl.ioctl`` and ``struct``.
 
 Owns: creating, snapshotting, deleting and finishing subvolumes
 (``BTRFS_IOC_SUBVOL_CREATE``, ``SNAP_CREATE_V2``, ``SNAP_DESTROY``, ``SET_RECEIVED_SUBVOL``,
-``SUBVOL_GETFLAGS``/``SETFLAGS``), reading a subvolume's identity (``GET_SUBVOL_INFO``),
-finding a subvolume by (received) UUID through the UUID tree (``TREE_SEARCH`` +
-``INO_LOOKUP``), and the data ioctls: ``BTRFS_IOC_ENCODED_WRITE``, ``FICLONERANGE``,
-``FS_IOC_ENABLE_VERITY``, ``FS_IOC_SETFLAGS`` and ``fallocate(2)`` with a mode.
+``SUBVOL_GETFLAGS``/``SETFLAGS``), the default subvolume (``BTRFS_IOC_DEFAULT_SUBVOL``; read
+back from the root tree as ``btrfs subvolume get-default`` does), reading a subvolume's
+identity (``GET_SUBVOL_INFO``), finding a subvolume by (received) UUID through the UUID tree
+(``TREE_SEARCH`` + ``INO_LOOKUP``), the data ioctls (``BTRFS_IOC_ENCODED_WRITE``,
+``FICLONERANGE``, ``FS_IOC_ENABLE_VERITY``, ``fallocate(2)`` with a mode,
+``renameat2(RENAME_NOREPLACE)``), and the inode flags: ``FS_IOC_GETFLAGS``/``SETFLAGS`` and
+the one table between btrfs's inode-item flags (what a send stream's FILEATTR carries) and
+the ``FS_*_FL`` bits of those ioctls, used both ways (:data:`FILEATTR_FLAGS`).
 
-Struct layouts and request numbers were checked against ``<linux/btrfs.h>`` (the request
-number encodes the struct size, so a wrong layout fails with ``ENOTTY``, never silently).
-Nothing here knows about streams; errors are plain :class:`OSError`.
+Struct layouts and request numbers were checked against ``<linux/btrfs.h>`` and
+``<linux/fs.h>`` (the request number encodes the struct size, so a wrong layout fails with
+``ENOTTY``, never silently); the C accelerators take the numbers they use from here through
+the generated ``_constants.h``. Nothing here knows about streams; errors are plain
+:class:`OSError`.
 """
 
 from __future__ import annotations
 
-import ctypes
+import errno
 import fcntl
+import functools
 import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, NamedTuple, NoReturn
 from uuid import UUID
 
 from .._value import value_class
 
 __all__ = [
     "BTRFS_SUPER_MAGIC",
+    "FILEATTR_FLAGS",
+    "FS_FLAGS_KNOWN",
+    "FS_TREE",
+    "IOCTLS",
+    "FileattrFlag",
     "SubvolInfo",
     "clone_range",
     "create_snapshot",
     "create_subvolume",
+    "default_subvolume",
     "delete_subvolume",
     "encoded_write",
     "enable_verity",
     "fallocate",
+    "fileattr_to_fsflags",
     "find_subvolumes_by_uuid",
     "fs_type",
+    "fsflags_to_fileattr",
+    "get_fileattr",
     "get_fsflags",
     "is_btrfs",
     "rename_noreplace",
+    "set_default_subvolume",
     "set_fsflags",
     "set_readonly",
     "set_received",
@@ -48,26 +65,81 @@ __all__ = [
 
 BTRFS_SUPER_MAGIC = 0x9123683E
 
-_SUBVOL_CREATE = 0x5000940E
-_SNAP_CREATE_V2 = 0x50009417
-_SNAP_DESTROY = 0x5000940F
-_SET_RECEIVED_SUBVOL = 0xC0C89425
-_SUBVOL_GETFLAGS = 0x80089419
-_SUBVOL_SETFLAGS = 0x4008941A
-_TREE_SEARCH = 0xD0009411
-_INO_LOOKUP = 0xD0009412
-_ENCODED_WRITE = 0x40809440
-_GET_SUBVOL_INFO = 0x81F8943C
-_FICLONERANGE = 0x4020940D
-_FS_IOC_ENABLE_VERITY = 0x40806685
-_FS_IOC_GETFLAGS = 0x80086601
-_FS_IOC_SETFLAGS = 0x40086602
+#: ioctl request numbers (``_IOW``/``_IOR``/``_IOWR`` of the structs used below), by the
+#: kernel's name without ``BTRFS_IOC_``/``FS_IOC_``; the generated C header has them as
+#: ``IOC_<name>``
+IOCTLS: Final = {
+    "SUBVOL_CREATE": 0x5000940E,
+    "SNAP_CREATE_V2": 0x50009417,
+    "SNAP_DESTROY": 0x5000940F,
+    "DEFAULT_SUBVOL": 0x40089413,
+    "SET_RECEIVED_SUBVOL": 0xC0C89425,
+    "SUBVOL_GETFLAGS": 0x80089419,
+    "SUBVOL_SETFLAGS": 0x4008941A,
+    "TREE_SEARCH": 0xD0009411,
+    "INO_LOOKUP": 0xD0009412,
+    "ENCODED_WRITE": 0x40809440,
+    "GET_SUBVOL_INFO": 0x81F8943C,
+    "FICLONERANGE": 0x4020940D,
+    "FS_ENABLE_VERITY": 0x40806685,
+    "FS_GETFLAGS": 0x80086601,
+    "FS_SETFLAGS": 0x40086602,
+}
+_SUBVOL_CREATE = IOCTLS["SUBVOL_CREATE"]
+_SNAP_CREATE_V2 = IOCTLS["SNAP_CREATE_V2"]
+_SNAP_DESTROY = IOCTLS["SNAP_DESTROY"]
+_DEFAULT_SUBVOL = IOCTLS["DEFAULT_SUBVOL"]
+_SET_RECEIVED_SUBVOL = IOCTLS["SET_RECEIVED_SUBVOL"]
+_SUBVOL_GETFLAGS = IOCTLS["SUBVOL_GETFLAGS"]
+_SUBVOL_SETFLAGS = IOCTLS["SUBVOL_SETFLAGS"]
+_TREE_SEARCH = IOCTLS["TREE_SEARCH"]
+_INO_LOOKUP = IOCTLS["INO_LOOKUP"]
+_ENCODED_WRITE = IOCTLS["ENCODED_WRITE"]
+_GET_SUBVOL_INFO = IOCTLS["GET_SUBVOL_INFO"]
+_FICLONERANGE = IOCTLS["FICLONERANGE"]
+_FS_IOC_ENABLE_VERITY = IOCTLS["FS_ENABLE_VERITY"]
+_FS_IOC_GETFLAGS = IOCTLS["FS_GETFLAGS"]
+_FS_IOC_SETFLAGS = IOCTLS["FS_SETFLAGS"]
+
+
+
+class FileattrFlag(NamedTuple):
+    """One btrfs inode-item flag that has a ``chattr`` equivalent."""
+
+    #: ``BTRFS_INODE_<name>``: the bit in the inode item, and in a stream's FILEATTR
+    name: str
+    bit: int
+    #: the ``FS_IOC_GETFLAGS``/``SETFLAGS`` bit (``<linux/fs.h>``)
+    fs_name: str
+    fs_bit: int
+
+
+#: btrfs inode-item flags <-> ``FS_*_FL`` bits, the one table read both ways
+FILEATTR_FLAGS: Final = (
+    FileattrFlag("NODATACOW", 0x2, "FS_NOCOW_FL", 0x00800000),
+    FileattrFlag("NOCOMPRESS", 0x8, "FS_NOCOMP_FL", 0x00000400),
+    FileattrFlag("SYNC", 0x20, "FS_SYNC_FL", 0x00000008),
+    FileattrFlag("IMMUTABLE", 0x40, "FS_IMMUTABLE_FL", 0x00000010),
+    FileattrFlag("APPEND", 0x80, "FS_APPEND_FL", 0x00000020),
+    FileattrFlag("NODUMP", 0x100, "FS_NODUMP_FL", 0x00000040),
+    FileattrFlag("NOATIME", 0x200, "FS_NOATIME_FL", 0x00000080),
+    FileattrFlag("DIRSYNC", 0x400, "FS_DIRSYNC_FL", 0x00010000),
+    FileattrFlag("COMPRESS", 0x800, "FS_COMPR_FL", 0x00000004),
+)
+#: every ``FS_*_FL`` bit of :data:`FILEATTR_FLAGS`
+FS_FLAGS_KNOWN: Final = sum(f.fs_bit for f in FILEATTR_FLAGS)
+#: errors of ``FS_IOC_GETFLAGS`` that mean "no flags here" (filesystem, file type, rights)
+_NO_FLAGS = (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS, errno.EPERM,
+             errno.EACCES)
 
 _SUBVOL_RDONLY = 1 << 1
 _VOL_NAME_MAX = 4087  # BTRFS_PATH_NAME_MAX
 _ROOT_TREE = 1
-_FS_TREE = 5
+#: id of the top-level subvolume (``BTRFS_FS_TREE_OBJECTID``)
+FS_TREE: Final = 5
+_ROOT_TREE_DIR = 6  # BTRFS_ROOT_TREE_DIR_OBJECTID: holds the "default" dir item
 _UUID_TREE = 9
+_DIR_ITEM_KEY = 84
 _ROOT_BACKREF_KEY = 144
 _UUID_KEY_SUBVOL = 251
 _UUID_KEY_RECEIVED_SUBVOL = 252
@@ -77,9 +149,28 @@ _SEARCH_HDR = struct.Struct("<3Q2I")  # 32 bytes
 _ROOT_REF = struct.Struct("<QQH")
 _U64_MAX = (1 << 64) - 1
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+
+
+@functools.cache
+def _libc() -> Any:
+    """libc through ctypes, loaded on first use (send and tree-sum never need it)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                               ctypes.c_uint]
+    return libc
+
+
+def _raise_errno(filename: str | None = None) -> NoReturn:
+    import ctypes
+
+    err = ctypes.get_errno()
+    if filename is None:
+        raise OSError(err, os.strerror(err))
+    raise OSError(err, os.strerror(err), filename)
 
 
 def _vol_args(name: bytes, fd: int = 0) -> bytearray:
@@ -93,10 +184,11 @@ def _vol_args(name: bytes, fd: int = 0) -> bytearray:
 
 def fs_type(fd: int) -> int:
     """``statfs.f_type`` of the filesystem holding ``fd``."""
+    import ctypes
+
     buf = ctypes.create_string_buffer(128)
-    if _libc.fstatfs(fd, buf) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    if _libc().fstatfs(fd, buf) != 0:
+        _raise_errno()
     return int(struct.unpack_from("<q", buf.raw, 0)[0])
 
 
@@ -131,6 +223,34 @@ def set_received(fd: int, received_uuid: UUID, stransid: int) -> None:
     buf[0:16] = received_uuid.bytes
     struct.pack_into("<Q", buf, 16, stransid)
     fcntl.ioctl(fd, _SET_RECEIVED_SUBVOL, buf)
+
+
+def set_default_subvolume(fd: int, subvol_id: int | None = None) -> None:
+    """Make subvolume ``subvol_id`` (default: the one containing ``fd``) the one a mount
+    without ``subvol=``/``subvolid=`` shows, on the filesystem holding ``fd``
+    (``btrfs subvolume set-default``)."""
+    if subvol_id is None:
+        subvol_id = subvol_info(fd).id
+    fcntl.ioctl(fd, _DEFAULT_SUBVOL, struct.pack("<Q", subvol_id))
+
+
+#: struct btrfs_dir_item: location key (objectid, type, offset), transid, data_len,
+#: name_len, type; the name follows
+_DIR_ITEM = struct.Struct("<QBQQHHB")
+
+
+def default_subvolume(fd: int) -> int:
+    """Id of the default subvolume of the filesystem holding ``fd`` (``btrfs subvolume
+    get-default``): the ``default`` entry of the root tree's directory, else the top level."""
+    for _off, data in _tree_search(fd, _ROOT_TREE, _ROOT_TREE_DIR, _DIR_ITEM_KEY):
+        pos = 0
+        while pos + _DIR_ITEM.size <= len(data):  # one hash bucket may hold several items
+            objectid, _t, _o, _tr, data_len, name_len, _ty = _DIR_ITEM.unpack_from(data, pos)
+            start = pos + _DIR_ITEM.size
+            if data[start : start + name_len] == b"default":
+                return int(objectid)
+            pos = start + name_len + data_len
+    return FS_TREE
 
 
 def set_readonly(fd: int, readonly: bool = True) -> None:
@@ -218,7 +338,7 @@ def _subvol_path(fd: int, subvol_id: int) -> bytes | None:
     parts: list[bytes] = []
     cur = subvol_id
     for _ in range(4096):
-        if cur == _FS_TREE:
+        if cur == FS_TREE:
             return b"".join(reversed(parts))
         refs = list(_tree_search(fd, _ROOT_TREE, cur, _ROOT_BACKREF_KEY))
         if not refs:
@@ -303,8 +423,14 @@ def find_subvolumes_by_uuid(dest: Path, wanted: UUID) -> list[Path]:
 # -- data ioctls -----------------------------------------------------------------------
 
 
-class _IoVec(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+@functools.cache
+def _iovec() -> Any:
+    import ctypes
+
+    class IoVec(ctypes.Structure):
+        _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+    return IoVec
 
 
 _ENCODED_ARGS = struct.Struct("<QQqQQQQII64x")  # struct btrfs_ioctl_encoded_io_args
@@ -315,6 +441,8 @@ def encoded_write(
     unencoded_offset: int, compression: int, encryption: int = 0,
 ) -> None:
     """``BTRFS_IOC_ENCODED_WRITE``: store already-compressed ``data`` as one extent."""
+    import ctypes
+
     mv = memoryview(data).cast("B")
     if mv.readonly or not len(mv):
         keep: Any = ctypes.create_string_buffer(bytes(mv), max(1, len(mv)))
@@ -322,7 +450,7 @@ def encoded_write(
     else:
         keep = ctypes.c_char.from_buffer(mv)  # the first byte: its address is the buffer's
         addr = ctypes.addressof(keep)
-    iov = _IoVec(addr, len(mv))
+    iov = _iovec()(addr, len(mv))
     args = _ENCODED_ARGS.pack(ctypes.addressof(iov), 1, offset, 0, length, unencoded_len,
                               unencoded_offset, compression, encryption)
     try:
@@ -339,13 +467,14 @@ def clone_range(dst_fd: int, dst_offset: int, src_fd: int, src_offset: int, leng
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """``fallocate(2)`` with a mode (``FALLOC_FL_*`` bits)."""
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    if _libc().fallocate(fd, mode, offset, length) != 0:
+        _raise_errno()
 
 
 def enable_verity(fd: int, algorithm: int, block_size: int, salt: bytes, sig: bytes) -> None:
     """``FS_IOC_ENABLE_VERITY`` on a file opened read-only."""
+    import ctypes
+
     salt_buf = ctypes.create_string_buffer(salt, max(1, len(salt)))
     sig_buf = ctypes.create_string_buffer(sig, max(1, len(sig)))
     args = bytearray(128)
@@ -369,13 +498,42 @@ def set_fsflags(fd: int, flags: int) -> None:
     fcntl.ioctl(fd, _FS_IOC_SETFLAGS, struct.pack("<q", flags))
 
 
+def fileattr_to_fsflags(fileattr: int) -> int:
+    """The ``FS_*_FL`` bits of btrfs inode flags ``fileattr`` (others are dropped)."""
+    flags = 0
+    for _name, bit, _fs_name, fs_bit in FILEATTR_FLAGS:
+        if fileattr & bit:
+            flags |= fs_bit
+    return flags
+
+
+def fsflags_to_fileattr(fsflags: int) -> int:
+    """The btrfs inode flags of ``FS_*_FL`` bits ``fsflags`` (others are dropped)."""
+    if not fsflags & FS_FLAGS_KNOWN:
+        return 0
+    out = 0
+    for _name, bit, _fs_name, fs_bit in FILEATTR_FLAGS:
+        if fsflags & fs_bit:
+            out |= bit
+    return out
+
+
+def get_fileattr(fd: int) -> int:
+    """The inode flags of open file ``fd`` in btrfs's FILEATTR encoding (0 where the
+    filesystem or the file type has none)."""
+    try:
+        fsflags = get_fsflags(fd)
+    except OSError as exc:
+        if exc.errno in _NO_FLAGS:
+            return 0
+        raise
+    return fsflags_to_fileattr(fsflags)
+
+
 _RENAME_NOREPLACE = 1
-_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
-                            ctypes.c_uint]
 
 
 def rename_noreplace(dir_fd: int, src: bytes, dst: bytes) -> None:
     """``renameat2(RENAME_NOREPLACE)`` inside one directory: fails if ``dst`` exists."""
-    if _libc.renameat2(dir_fd, src, dir_fd, dst, _RENAME_NOREPLACE) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), os.fsdecode(dst))
+    if _libc().renameat2(dir_fd, src, dir_fd, dst, _RENAME_NOREPLACE) != 0:
+        _raise_errno(os.fsdecode(dst))

@@ -1,11 +1,12 @@
-"""Copying data and trees for the directory backend, in the kernel (no Python byte loops).
+"""Copies and holes, in the kernel (no Python byte loops).
 
-``copy_range`` copies a byte range between two files with ``copy_file_range`` one data
-segment at a time (found with ``SEEK_DATA``/``SEEK_HOLE``) and punches holes where the source
-has them, so a CLONE that cannot be a reflink still gives the same hole layout.
+``data_segments`` lists the data (non-hole) ranges of a file with ``SEEK_DATA``/``SEEK_HOLE``
+(send and tree-sum read only those). ``copy_range`` copies a byte range between two files
+with ``copy_file_range`` one data segment at a time and punches holes where the source has
+them, so a CLONE that cannot be a reflink still gives the same hole layout.
 ``copy_tree`` copies a received directory for an incremental stream with
 ``cp -a --reflink=auto`` (reflinks where the filesystem can, ``copy_file_range`` otherwise;
-hard links, xattrs, owners, ns mtimes and holes kept).
+hard links, xattrs, owners, ns mtimes and holes kept): the directory backend of receive.
 """
 
 from __future__ import annotations
@@ -15,12 +16,41 @@ import os
 from pathlib import Path
 
 from ..errors import ApplyError
-from . import subvol as sv
+from .btrfs import fallocate
 
-__all__ = ["copy_range", "copy_tree", "write_zeros"]
+__all__ = ["copy_range", "copy_tree", "data_segments", "write_zeros"]
 
 _FALLOC_PUNCH = 0x02 | 0x01  # PUNCH_HOLE | KEEP_SIZE
 _ZEROS = bytes(1 << 20)
+
+
+def data_segments(fd: int, size: int) -> list[tuple[int, int]]:
+    """``(offset, length)`` of the data (non-hole) ranges of the open file, below ``size``."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    while pos < size:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                break
+            if exc.errno == errno.EINVAL:  # no SEEK_DATA support: all data
+                data = pos
+            else:
+                raise
+        if data >= size:
+            break
+        try:
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+        except OSError:
+            hole = size
+        hole = min(hole, size)
+        if out and out[-1][0] + out[-1][1] == data:
+            out[-1] = (out[-1][0], hole - out[-1][0])
+        else:
+            out.append((data, hole - data))
+        pos = hole
+    return out
 
 
 def write_zeros(fd: int, offset: int, length: int) -> None:
@@ -48,7 +78,7 @@ def copy_range(src: int, src_off: int, dst: int, dst_off: int, length: int) -> N
             size = os.fstat(dst).st_size
             try:
                 if hole_dst < size:
-                    sv.fallocate(dst, _FALLOC_PUNCH, hole_dst, min(data - pos, size - hole_dst))
+                    fallocate(dst, _FALLOC_PUNCH, hole_dst, min(data - pos, size - hole_dst))
             except OSError:
                 write_zeros(dst, hole_dst, min(data - pos, size - hole_dst))
             if dst_off + (data - src_off) > size:

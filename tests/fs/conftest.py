@@ -1,0 +1,40 @@
+"""Fixtures for the filesystem primitives: one loop-mounted btrfs for the module."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs
+from tests.conftest import require_btrfs
+
+
+@pytest.fixture(scope="module")
+def btrfs_mnt() -> Iterator[Path]:
+    """A fresh loop-mounted btrfs (the top-level subvolume mounted)."""
+    require_btrfs()
+    try:
+        with loop_fs("btrfs", size="256M") as mnt:
+            yield mnt
+    except BtrfsUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but btrfs is unavailable: {exc}")
+        pytest.skip(str(exc))
+
+
+def progs(*args: str | os.PathLike[str]) -> str:
+    """Run ``btrfs ARGS`` (btrfs-progs, the oracle) and return its standard output."""
+    proc = subprocess.run(["btrfs", *map(str, args)], capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def mount_source(mnt: Path) -> str:
+    """The device mounted on ``mnt``."""
+    return subprocess.run(["findmnt", "-no", "SOURCE", str(mnt)], capture_output=True,
+                          text=True, check=True).stdout.split("[")[0].strip()

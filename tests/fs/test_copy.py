@@ -1,0 +1,104 @@
+"""Copies and holes: data segments found with SEEK_DATA/SEEK_HOLE, ranges copied in the
+kernel with the source's hole layout, trees copied with ``cp -a --reflink=auto``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from btrdelta.errors import ApplyError
+from btrdelta.fs.copy import copy_range, copy_tree, data_segments, write_zeros
+
+_BLOCK = 1 << 16  # larger than any filesystem block: holes are kept as holes
+
+
+def _sparse(path: Path, pieces: list[tuple[int, bytes]], size: int) -> None:
+    with open(path, "wb") as f:
+        for offset, data in pieces:
+            f.seek(offset)
+            f.write(data)
+        f.truncate(size)
+
+
+def _segments(path: Path) -> list[tuple[int, int]]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return data_segments(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+def _holes_supported(tmp_path: Path) -> None:
+    probe = tmp_path / "probe"
+    _sparse(probe, [(4 * _BLOCK, b"x")], 8 * _BLOCK)
+    if _segments(probe) == [(0, 8 * _BLOCK)]:
+        pytest.skip("this filesystem does not report holes")
+
+
+def test_data_segments(tmp_path: Path) -> None:
+    _holes_supported(tmp_path)
+    f = tmp_path / "f"
+    _sparse(f, [(0, b"a" * _BLOCK), (3 * _BLOCK, b"b" * _BLOCK)], 6 * _BLOCK)
+    assert _segments(f) == [(0, _BLOCK), (3 * _BLOCK, _BLOCK)]
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        assert data_segments(fd, _BLOCK // 2) == [(0, _BLOCK // 2)]  # cut at ``size``
+        assert data_segments(fd, 0) == []
+    finally:
+        os.close(fd)
+    (tmp_path / "empty").write_bytes(b"")
+    assert _segments(tmp_path / "empty") == []
+
+
+def test_copy_range_keeps_holes(tmp_path: Path) -> None:
+    _holes_supported(tmp_path)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _sparse(src, [(_BLOCK, b"a" * _BLOCK), (4 * _BLOCK, b"b" * _BLOCK)], 6 * _BLOCK)
+    dst.write_bytes(b"z" * 8 * _BLOCK)  # data everywhere: holes must be punched
+    sfd = os.open(src, os.O_RDONLY)
+    dfd = os.open(dst, os.O_RDWR)
+    try:
+        copy_range(sfd, 0, dfd, _BLOCK, 6 * _BLOCK)
+    finally:
+        os.close(sfd)
+        os.close(dfd)
+    want = b"z" * _BLOCK + src.read_bytes() + b"z" * _BLOCK
+    assert dst.read_bytes() == want
+    # the source's holes at 0, 2..4 and 5..6 blocks, shifted by one block
+    assert _segments(dst) == [(0, _BLOCK), (2 * _BLOCK, _BLOCK), (5 * _BLOCK, _BLOCK),
+                              (7 * _BLOCK, _BLOCK)]
+
+
+def test_copy_range_past_the_end_extends(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _sparse(src, [(0, b"a" * 100)], 3 * _BLOCK)  # data, then a hole to the end
+    dst.write_bytes(b"")
+    sfd = os.open(src, os.O_RDONLY)
+    dfd = os.open(dst, os.O_RDWR)
+    try:
+        copy_range(sfd, 0, dfd, 10, 3 * _BLOCK)
+        write_zeros(dfd, 0, 10)
+    finally:
+        os.close(sfd)
+        os.close(dfd)
+    assert dst.read_bytes() == bytes(10) + src.read_bytes()
+
+
+def test_copy_tree(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"f" * 5000)
+    os.link(src / "d" / "f", src / "hard")
+    (src / "l").symlink_to("d/f")
+    os.utime(src / "d" / "f", ns=(10**18, 10**18))
+    copy_tree(src, tmp_path / "dst")
+    dst = tmp_path / "dst"
+    assert (dst / "d" / "f").read_bytes() == b"f" * 5000
+    assert os.stat(dst / "hard").st_ino == os.stat(dst / "d" / "f").st_ino
+    assert os.readlink(dst / "l") == "d/f"
+    assert os.stat(dst / "d" / "f").st_mtime_ns == 10**18
+    with pytest.raises(ApplyError, match="copying parent"):
+        copy_tree(tmp_path / "missing", tmp_path / "dst2")
+    assert not (tmp_path / "dst2").exists()
