@@ -10,7 +10,10 @@ all: test
 sysdeps:
 	@scripts/sysdeps.sh
 
-$(STAMP): pyproject.toml setup.py src/btrdelta/stream/_speedups.c src/btrdelta/receive/_fastapply.c
+#: the C accelerators and the header they share (scripts/gen_constants.py writes it)
+CSRC    := $(wildcard src/btrdelta/*/*.c) src/btrdelta/_constants.h
+
+$(STAMP): pyproject.toml setup.py $(CSRC)
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip >/dev/null
 	@$(BIN)/python -m pip install -q -e '.[test,dev]'

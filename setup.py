@@ -1,23 +1,26 @@
-"""Build hook for the optional C accelerator; all metadata lives in pyproject.toml.
+"""Build hook for the optional C accelerators; all metadata lives in pyproject.toml.
 
 ``btrdelta.stream._speedups``, ``btrdelta.receive._fastapply`` and ``btrdelta.delta._unfold``
-are optional: without a C
-compiler or Python headers the build skips them and btrdelta runs on its pure-Python code
-paths.
+are optional: without a C compiler or Python headers the build skips them and btrdelta runs
+on its pure-Python code paths. The three include ``src/btrdelta/_constants.h``, generated
+from the Python tables by ``scripts/gen_constants.py``.
 """
 
 from setuptools import Extension, setup
 
 _FLAGS = ["-O2", "-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter",
           "-Wno-missing-field-initializers"]
+_SHARED = {"include_dirs": ["src/btrdelta"], "depends": ["src/btrdelta/_constants.h"],
+           "optional": True}
 
 setup(
     ext_modules=[
         Extension("btrdelta.stream._speedups", ["src/btrdelta/stream/_speedups.c"],
-                  optional=True, extra_compile_args=_FLAGS),
+                  extra_compile_args=_FLAGS, **_SHARED),  # type: ignore[arg-type]
         Extension("btrdelta.receive._fastapply", ["src/btrdelta/receive/_fastapply.c"],
-                  optional=True, extra_compile_args=[*_FLAGS, "-D_GNU_SOURCE"]),
+                  extra_compile_args=[*_FLAGS, "-D_GNU_SOURCE"],
+                  **_SHARED),  # type: ignore[arg-type]
         Extension("btrdelta.delta._unfold", ["src/btrdelta/delta/_unfold.c"],
-                  optional=True, extra_compile_args=_FLAGS),
+                  extra_compile_args=_FLAGS, **_SHARED),  # type: ignore[arg-type]
     ]
 )

@@ -24,14 +24,9 @@
 #include <stdio.h>
 #include <string.h>
 
-/* btrfs commands and attributes (stream/constants.py) */
-enum { C_SUBVOL = 1, C_SNAPSHOT = 2, C_MKFILE = 3, C_MKDIR = 4, C_MKNOD = 5, C_MKFIFO = 6,
-       C_MKSOCK = 7, C_SYMLINK = 8, C_RENAME = 9, C_UNLINK = 11, C_RMDIR = 12,
-       C_UTIMES = 20 };
-enum { A_INO = 3, A_CTIME = 9, A_MTIME = 10, A_ATIME = 11, A_OTIME = 12, A_PATH = 15 };
-/* carrier markers (carrier.py) */
-enum { SAME_PATH = 0xFFFF, ORPHAN = 0xFFFE, TIMES = 0xFFFD };
-#define HDR 10
+/* generated: btrfs commands and attributes (stream/constants.py), CMD_HEADER_SIZE, the
+ * carrier markers SAME_PATH, ORPHAN, TIMES (carrier.py) */
+#include "_constants.h"
 #define NS 1000000000ull
 #define MAX_WIDTH 13
 
@@ -294,10 +289,10 @@ run(PyObject *self, PyObject *args)
     }
     Py_DECREF(lp);
 
-    while (p + HDR <= len) {
+    while (p + CMD_HEADER_SIZE <= len) {
         uint32_t length = le32(b + p);
         unsigned cmd = le16(b + p + 4);
-        size_t end = p + HDR + (size_t)length;
+        size_t end = p + CMD_HEADER_SIZE + (size_t)length;
         if (cmd == 0 || (int)cmd > max_cmd || (Py_ssize_t)length > limit || end > len ||
             le32(b + p + 6) != 0)
             break;
@@ -305,7 +300,7 @@ run(PyObject *self, PyObject *args)
             break;
         if (fmt >= 4 && (cmd == C_UNLINK || cmd == C_MKDIR || cmd == C_RMDIR))
             break;
-        size_t q = p + HDR, rest = 0;
+        size_t q = p + CMD_HEADER_SIZE, rest = 0;
         int as_is = 0, has_path = 1, times_tail = 0;
         unsigned t = 0;
         if (end - q < 4) {
@@ -367,13 +362,13 @@ run(PyObject *self, PyObject *args)
         size_t newlen = as_is ? length : 4 + path.n + taillen;
         if (!as_is && (path.n > 0xFFFF || newlen > (size_t)limit))
             break;
-        uint8_t *o = grow(out, HDR + newlen);
+        uint8_t *o = grow(out, CMD_HEADER_SIZE + newlen);
         if (o == NULL) {
             PyErr_Clear();
             break;
         }
         if (as_is) {
-            memcpy(o, b + p, HDR + length);
+            memcpy(o, b + p, CMD_HEADER_SIZE + length);
         }
         else {
             put32(o, (uint32_t)newlen);
@@ -384,7 +379,7 @@ run(PyObject *self, PyObject *args)
             memcpy(o + 14, path.p, path.n);
             memcpy(o + 14 + path.n, times_tail ? tail.p : b + rest, taillen);
         }
-        put32(o + 6, crc_update(0, o, HDR + newlen));
+        put32(o + 6, crc_update(0, o, CMD_HEADER_SIZE + newlen));
         /* the command is out: its effects on the state are committed */
         if (has_path) {
             if (buf_set(&last, path.p, path.n) < 0) { /* cannot happen: path fits */

@@ -47,8 +47,10 @@ _TIMESPEC = struct.Struct("<QI")
 _HDR6 = struct.Struct("<IH")
 _ZERO_CRC = bytes(4)
 
+#: TLV type of the marker "PATH is the previous path", with length 0
+SAME_PATH_MARK = 0xFFFF
 #: first TLV of a carried command whose PATH is the previous path
-SAME_PATH_TLV = _TLV.pack(0xFFFF, 0)
+SAME_PATH_TLV = _TLV.pack(SAME_PATH_MARK, 0)
 ORPHAN_TLV = 0xFFFE
 TIMES_TLV = 0xFFFD
 NAMEREF_TLV = 0xFFFC
@@ -299,7 +301,7 @@ def unfold(
     if end - p < 4:
         return None
     t, n = _TLV.unpack_from(mv, p)
-    if t == 0xFFFF and n == 0:
+    if t == SAME_PATH_MARK and n == 0:
         if state.last_path is None:
             raise StreamFormatError("carried command refers to a previous path: none")
         path = state.last_path

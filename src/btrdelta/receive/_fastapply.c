@@ -14,7 +14,7 @@
  * need more (SUBVOL, SNAPSHOT, END, xattrs, special files, FALLOCATE, FILEATTR, verity)
  * always go to Python.
  *
- * Path rules (sandbox.py): a stream path is split on '/', every component must be non-empty
+ * Path rules (fs/sandbox.py): a stream path is split on '/', every component must be non-empty
  * and neither "." nor ".."; no NUL. Directories are opened one component at a time with
  * openat(O_DIRECTORY | O_NOFOLLOW) from the subvolume root descriptor, so no symlink is ever
  * followed, and the last component is used with the *at call that does not follow it.
@@ -47,6 +47,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "_constants.h" /* generated: MAX_UNENCODED, DIR_FLAGS, ioctl numbers, ... */
+
 enum {
     OP_MKFILE,
     OP_MKDIR,
@@ -66,12 +68,6 @@ enum {
     NOPS
 };
 
-/* largest decompressed extent accepted from an ENCODED_WRITE (applier.MAX_UNENCODED) */
-#define MAX_UNENCODED (8u << 20)
-#define DIRS_TRIM 256
-#define DIR_FLAGS (O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
-#define PATH_FLAGS (O_PATH | O_NOFOLLOW | O_CLOEXEC)
-
 /* struct btrfs_ioctl_encoded_io_args and BTRFS_IOC_ENCODED_WRITE (linux/btrfs.h) */
 struct encoded_io_args {
     const struct iovec *iov;
@@ -85,7 +81,6 @@ struct encoded_io_args {
     uint32_t encryption;
     uint8_t reserved[64];
 };
-#define IOC_ENCODED_WRITE 0x40809440u
 
 /* struct file_clone_range and FICLONERANGE (linux/fs.h) */
 struct clone_range_args {
@@ -94,7 +89,6 @@ struct clone_range_args {
     uint64_t src_length;
     uint64_t dest_offset;
 };
-#define IOC_FICLONERANGE 0x4020940Du
 
 static PyTypeObject *op_types[NOPS];
 static PyObject *s_path, *s_path_to, *s_path_link, *s_target, *s_data, *s_offset, *s_size,
@@ -525,7 +519,7 @@ gather(Fast *f, int op, PyObject *rec, Op *o)
             get_i64(rec, s_unencoded_offset, &v[3]) < 0 ||
             get_i64(rec, s_compression, &v[4]) < 0)
             goto fail;
-        if (v[4] < 1 || v[4] > 7 || v[2] < 0 || v[2] > MAX_UNENCODED || v[1] < 0 ||
+        if (v[4] < 1 || v[4] > COMPRESSION_MAX || v[2] < 0 || v[2] > MAX_UNENCODED || v[1] < 0 ||
             v[3] < 0 || v[3] + v[1] > v[2])
             goto fail;
         if (get_data(rec, o) < 0 || o->view.len == 0)

@@ -25,6 +25,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "_constants.h" /* generated: command numbers, CMD_HEADER_SIZE, NVERSIONS */
+
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #include <nmmintrin.h>
 #define HAVE_X86_CRC 1
@@ -286,7 +288,6 @@ static const uint32_t fixed_size[K_COUNT] = {1, 4, 8, 16, 12, 0, 0};
 
 #define NCMD 64  /* command numbers accepted by configure() */
 #define MAXF 12  /* record fields per command */
-#define NVERSIONS 4
 
 typedef struct {
     uint16_t attr;
@@ -629,28 +630,28 @@ decode_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     int hit_end = 0;
     static const uint8_t zero4[4] = {0, 0, 0, 0};
 
-    while (lim - p >= 10) {
+    while (lim - p >= CMD_HEADER_SIZE) {
         const uint8_t *h = base + p;
         uint32_t length = le32(h);
         uint16_t cmd = le16(h + 4);
-        if (length > maxp || (size_t)length > lim - p - 10)
+        if (length > maxp || (size_t)length > lim - p - CMD_HEADER_SIZE)
             break;
-        size_t end = p + 10 + length;
+        size_t end = p + CMD_HEADER_SIZE + length;
         if (verify) {
             uint32_t crc = crc_update(0, h, 6);
             crc = crc_update(crc, zero4, 4);
             if (length >= LIB_CRC_MIN && lib_crc != NULL && !crc_is_hw()) {
-                if (lib_crc32c(mv, p + 10, end, &crc) < 0)
+                if (lib_crc32c(mv, p + CMD_HEADER_SIZE, end, &crc) < 0)
                     goto finish;
             }
             else
-                crc = crc_update(crc, h + 10, length);
+                crc = crc_update(crc, h + CMD_HEADER_SIZE, length);
             if (crc != le32(h + 6))
                 break;
         }
         if (cmd == 0 || cmd > maxc || cmd >= NCMD || cmds[cmd].cls == NULL)
             break;
-        PyObject *rec = decode_one(&cmds[cmd], v2, mv, base, p + 10, end);
+        PyObject *rec = decode_one(&cmds[cmd], v2, mv, base, p + CMD_HEADER_SIZE, end);
         if (rec == NOT_HANDLED)
             break;
         if (rec == NULL)
@@ -993,13 +994,6 @@ arg_dest_escaped(Out *o, PyObject *rec, PyObject *name)
     Py_DECREF(v);
     return rc;
 }
-
-enum {
-    C_SUBVOL = 1, C_SNAPSHOT, C_MKFILE, C_MKDIR, C_MKNOD, C_MKFIFO, C_MKSOCK, C_SYMLINK,
-    C_RENAME, C_LINK, C_UNLINK, C_RMDIR, C_SET_XATTR, C_REMOVE_XATTR, C_WRITE, C_CLONE,
-    C_TRUNCATE, C_CHMOD, C_CHOWN, C_UTIMES, C_END, C_UPDATE_EXTENT, C_FALLOCATE, C_FILEATTR,
-    C_ENCODED_WRITE, C_ENABLE_VERITY, C_LAST
-};
 
 static const char *const titles[C_LAST] = {
     [C_MKFILE] = "mkfile", [C_MKDIR] = "mkdir", [C_MKNOD] = "mknod", [C_MKFIFO] = "mkfifo",
