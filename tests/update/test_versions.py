@@ -418,7 +418,7 @@ def test_btrfs_dest_gets_read_only_subvolumes(
     signed: tuple[Path, Path, Path], server: Nginx, releases: list[Path],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from btrdelta.receive import subvol as sv
+    from btrdelta.fs import btrfs as sv
     from btrdelta.repo.model import stream_uuid
     from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs
 

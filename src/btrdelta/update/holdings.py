@@ -24,8 +24,8 @@ import subprocess
 from pathlib import Path
 
 from ..errors import ApplyError
+from ..fs import btrfs as sv
 from ..receive import ReceivedSubvol, find_subvolume, uses_btrfs
-from ..receive import subvol as sv
 from ..repo.model import stream_uuid
 from ..tree import tree_sum
 

@@ -158,7 +158,7 @@ def _remove_tree(path: Path) -> None:
     """Remove a tree of the publisher's cache (a btrfs subvolume or a directory)."""
     if not os.path.lexists(path):
         return
-    from ..receive import subvol as sv
+    from ..fs import btrfs as sv
 
     parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
