@@ -23,6 +23,7 @@ from btrdelta.trust import (
     Hasher,
     Signature,
     check_signature,
+    digest_bytes,
     generate_key,
     key_id,
     load_private_key,
@@ -54,9 +55,9 @@ def test_hasher_is_blake3_of_all_bytes_and_counts_them() -> None:
     c = _content()
     assert c.digest == blake3.blake3(CONTENT).digest()
     assert c.size == len(CONTENT)
-    s = Hasher(DIGEST_SHA256)
-    s.update(CONTENT)
-    assert s.result().digest == hashlib.sha256(CONTENT).digest()
+    assert digest_bytes(CONTENT) == c
+    assert digest_bytes(CONTENT, DIGEST_SHA256) == ContentDigest(
+        "sha256", hashlib.sha256(CONTENT).digest(), len(CONTENT))
 
 
 def test_generated_keys_are_openssl_keys_with_the_documented_id(tmp_path: Path) -> None:

@@ -18,10 +18,10 @@ one-line message; a key file that cannot be used is a :class:`~btrdelta.errors.B
 Example::
 
     key = generate_key()
-    h = Hasher()
-    h.update(b"...the payload...")
-    sig = sign(key, h.result(), "btrfs-stream")
-    verify(sig, [key.public_key()], h.result(), "btrfs-stream")  # -> the key ID
+    content = digest_bytes(b"...the payload...")  # or Hasher().update(...) piece by piece
+    sig = sign(key, content, "repo-index")
+    write_signature(sig, "index.json.sig")  # or embed sig.to_json() in a JSON document
+    verify(read_signature("index.json.sig"), [key.public_key()], content, "repo-index")
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ __all__ = [
     "PublicKey",
     "Signature",
     "check_signature",
+    "digest_bytes",
     "generate_key",
     "key_id",
     "load_private_key",
@@ -132,6 +133,13 @@ class Hasher:
     def result(self) -> ContentDigest:
         """The digest of everything added so far."""
         return ContentDigest(self.algorithm, bytes(self._h.digest()), self.size)
+
+
+def digest_bytes(data: Any, algorithm: str = DIGEST_BLAKE3) -> ContentDigest:
+    """The :class:`ContentDigest` of one buffer (an index file, a small payload)."""
+    h = Hasher(algorithm)
+    h.update(data)
+    return h.result()
 
 
 class HashingReader(io.RawIOBase):
