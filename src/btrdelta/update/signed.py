@@ -49,6 +49,7 @@ from .identify import Kind, identify
 
 if TYPE_CHECKING:
     from ..receive import ReceivedSubvol
+    from ..receive.receiver import BatchedEvents
 
 __all__ = ["PayloadInfo", "SignedEvents", "StreamSigner", "open_signed_events",
            "payload_digest", "receive_signed", "signature_path"]
@@ -145,7 +146,8 @@ class SignedEvents:
     END is refused before it reaches the receiver.
     """
 
-    def __init__(self, inner: Any, finish: Callable[[], None], *, source: str | None) -> None:
+    def __init__(self, inner: BatchedEvents, finish: Callable[[], None], *,
+                 source: str | None) -> None:
         self.inner = inner
         self._finish = finish
         self._source = source
@@ -180,7 +182,7 @@ class SignedEvents:
         """The events in lists (see the class docstring); call it once."""
         held: list[Event] | None = None
         starts, ended = 0, False
-        inner = self.inner.batches() if hasattr(self.inner, "batches") else _lists(self.inner)
+        inner = self.inner.batches()
         with closing(inner):
             for batch in inner:
                 if not batch:
@@ -197,17 +199,6 @@ class SignedEvents:
     def __iter__(self) -> Iterator[Event]:
         for batch in self.batches():
             yield from batch
-
-
-def _lists(events: Iterable[Event]) -> Generator[list[Event], None, None]:
-    batch: list[Event] = []
-    for ev in events:
-        batch.append(ev)
-        if len(batch) >= 256:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def open_signed_events(
