@@ -7,7 +7,8 @@ back from the root tree as ``btrfs subvolume get-default`` does), reading a subv
 identity (``GET_SUBVOL_INFO``), finding a subvolume by (received) UUID through the UUID tree
 (``TREE_SEARCH`` + ``INO_LOOKUP``), the data ioctls (``BTRFS_IOC_ENCODED_WRITE``,
 ``FICLONERANGE``, ``FS_IOC_ENABLE_VERITY``, ``fallocate(2)`` with a mode,
-``renameat2(RENAME_NOREPLACE)``), and the inode flags: ``FS_IOC_GETFLAGS``/``SETFLAGS`` and
+``renameat2(RENAME_NOREPLACE)`` and ``RENAME_EXCHANGE``), syncing and waiting for deleted
+subvolumes to be cleaned (``syncfs(2)``, ``BTRFS_IOC_SYNC``, ``FS_INFO``), and the inode flags: ``FS_IOC_GETFLAGS``/``SETFLAGS`` and
 the one table between btrfs's inode-item flags (what a send stream's FILEATTR carries) and
 the ``FS_*_FL`` bits of those ioctls, used both ways (:data:`FILEATTR_FLAGS`).
 
@@ -44,6 +45,7 @@ __all__ = [
     "create_snapshot",
     "create_subvolume",
     "default_subvolume",
+    "deleted_subvolumes",
     "delete_subvolume",
     "encoded_write",
     "enable_verity",
@@ -51,16 +53,21 @@ __all__ = [
     "fileattr_to_fsflags",
     "find_subvolumes_by_uuid",
     "fs_type",
+    "fs_uuid",
     "fsflags_to_fileattr",
     "get_fileattr",
     "get_fsflags",
     "is_btrfs",
+    "rename_exchange",
     "rename_noreplace",
     "set_default_subvolume",
     "set_fsflags",
     "set_readonly",
     "set_received",
     "subvol_info",
+    "subvol_path",
+    "syncfs",
+    "wait_subvolumes_gone",
 ]
 
 BTRFS_SUPER_MAGIC = 0x9123683E
@@ -84,6 +91,8 @@ IOCTLS: Final = {
     "FS_ENABLE_VERITY": 0x40806685,
     "FS_GETFLAGS": 0x80086601,
     "FS_SETFLAGS": 0x40086602,
+    "SYNC": 0x9408,  # _IO(0x94, 8)
+    "FS_INFO": 0x8400941F,  # _IOR(0x94, 31, struct btrfs_ioctl_fs_info_args): 1024 bytes
 }
 _SUBVOL_CREATE = IOCTLS["SUBVOL_CREATE"]
 _SNAP_CREATE_V2 = IOCTLS["SNAP_CREATE_V2"]
@@ -100,6 +109,8 @@ _FICLONERANGE = IOCTLS["FICLONERANGE"]
 _FS_IOC_ENABLE_VERITY = IOCTLS["FS_ENABLE_VERITY"]
 _FS_IOC_GETFLAGS = IOCTLS["FS_GETFLAGS"]
 _FS_IOC_SETFLAGS = IOCTLS["FS_SETFLAGS"]
+_IOC_SYNC = IOCTLS["SYNC"]
+_FS_INFO = IOCTLS["FS_INFO"]
 
 
 
@@ -141,6 +152,9 @@ _ROOT_TREE_DIR = 6  # BTRFS_ROOT_TREE_DIR_OBJECTID: holds the "default" dir item
 _UUID_TREE = 9
 _DIR_ITEM_KEY = 84
 _ROOT_BACKREF_KEY = 144
+_ROOT_ITEM_KEY = 132
+_ORPHAN_OBJECTID = (1 << 64) - 5  # BTRFS_ORPHAN_OBJECTID: deleted subvolumes wait here
+_ORPHAN_ITEM_KEY = 48
 _UUID_KEY_SUBVOL = 251
 _UUID_KEY_RECEIVED_SUBVOL = 252
 
@@ -161,6 +175,7 @@ def _libc() -> Any:
     libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
     libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
                                ctypes.c_uint]
+    libc.syncfs.argtypes = [ctypes.c_int]
     return libc
 
 
@@ -352,6 +367,53 @@ def _subvol_path(fd: int, subvol_id: int) -> bytes | None:
     return None
 
 
+def subvol_path(fd: int, subvol_id: int) -> bytes | None:
+    """Path of subvolume ``subvol_id`` below the top-level subvolume of the filesystem
+    holding ``fd`` (``b""`` for the top level itself, ``None`` when it is gone)."""
+    return _subvol_path(fd, subvol_id)
+
+
+def fs_uuid(fd: int) -> UUID:
+    """The filesystem's UUID (``BTRFS_IOC_FS_INFO``), the same from every subvolume."""
+    buf = bytearray(1024)
+    fcntl.ioctl(fd, _FS_INFO, buf)
+    return UUID(bytes=bytes(buf[16:32]))
+
+
+def syncfs(fd: int) -> None:
+    """``syncfs(2)``: write out the filesystem holding ``fd`` (on btrfs: flush delayed
+    allocation and commit the transaction)."""
+    if _libc().syncfs(fd) != 0:
+        _raise_errno()
+
+
+def deleted_subvolumes(fd: int) -> list[int]:
+    """Ids of subvolumes deleted but not yet cleaned up (ORPHAN items of the root tree)."""
+    return [off for off, _ in _tree_search(fd, _ROOT_TREE, _ORPHAN_OBJECTID, _ORPHAN_ITEM_KEY)]
+
+
+def wait_subvolumes_gone(fd: int, ids: list[int] | None = None,
+                         timeout: float = 60.0) -> bool:
+    """Wait until deleted subvolumes ``ids`` (default: all that wait) are cleaned up, their
+    space given back, as ``btrfs subvolume sync`` does: their ROOT_ITEMs leave the root
+    tree. False on timeout.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    left = deleted_subvolumes(fd) if ids is None else list(ids)
+    while left:
+        fcntl.ioctl(fd, _IOC_SYNC)  # commits, and wakes the cleaner that drops them
+        left = [i for i in left if any(True for _ in _tree_search(
+            fd, _ROOT_TREE, i, _ROOT_ITEM_KEY))]
+        if not left:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def _mount_of(path: Path) -> tuple[Path, bytes]:
     """``(mount point, subvolume path mounted there)`` of the btrfs holding ``path``."""
     real = os.path.realpath(path)
@@ -531,9 +593,17 @@ def get_fileattr(fd: int) -> int:
 
 
 _RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
 
 
 def rename_noreplace(dir_fd: int, src: bytes, dst: bytes) -> None:
     """``renameat2(RENAME_NOREPLACE)`` inside one directory: fails if ``dst`` exists."""
     if _libc().renameat2(dir_fd, src, dir_fd, dst, _RENAME_NOREPLACE) != 0:
         _raise_errno(os.fsdecode(dst))
+
+
+def rename_exchange(dir_fd: int, a: bytes, b: bytes) -> None:
+    """``renameat2(RENAME_EXCHANGE)`` inside one directory: swap ``a`` and ``b`` atomically
+    (both must exist; directories and subvolumes alike)."""
+    if _libc().renameat2(dir_fd, a, dir_fd, b, _RENAME_EXCHANGE) != 0:
+        _raise_errno(os.fsdecode(a))

@@ -1,0 +1,197 @@
+"""``btrdelta device``: A/B roots on btrfs, boot counting, overlays, factory reset, backups.
+
+Thin: each subcommand parses its arguments, calls one function of :mod:`btrdelta.device`
+and prints the result (``--json`` where a result is a document).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from ._common import Progress, human_bytes
+
+_FS_HELP = ("the device's btrfs: where its top-level subvolume is mounted (subvolid=5), or "
+            "a block device or image file (mounted privately for the command)")
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``device`` and its subcommands."""
+    p = sub.add_parser(
+        "device", help="A/B roots on btrfs: install by delta, boot counting, factory reset",
+        description="Device workflows on one btrfs filesystem: a read-only factory base and "
+        "two root slots (subvolumes fed by send or delta streams), writable state "
+        "subvolumes mounted as overlays, boot counting through the default subvolume and a "
+        "boot-counting file, factory reset and backups. Layout: docs/device.md.",
+        epilog="example: btrdelta device init /dev/mmcblk0p3 --factory rootfs-1.stream; "
+        "btrdelta device install /dev/mmcblk0p3 1-2.delta; btrdelta device status --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    dsub = p.add_subparsers(dest="device_command", metavar="SUBCOMMAND")
+
+    def usage(_args: argparse.Namespace) -> int:
+        p.print_help(sys.stderr)
+        return 2
+
+    p.set_defaults(func=usage)
+    _add_init(dsub)
+    _add_install(dsub)
+    s = dsub.add_parser("status", help="roots, default, trial, booted root, state subvolumes",
+                        epilog="example: btrdelta device status /mnt/top --json")
+    s.add_argument("fs", metavar="FS", help=_FS_HELP)
+    s.add_argument("--json", action="store_true", help="print the status document as JSON")
+    s.add_argument("--booted", metavar="ROOT", help="the booted root, when / does not tell")
+    s.set_defaults(func=run_status)
+    for name, helptext in (
+        ("mark-good", "the booted root (or --slot) is good: it becomes the default"),
+        ("mark-bad", "the booted root (or --slot) is bad: its trial ends, or the default "
+                     "goes back to the previous good root"),
+    ):
+        m = dsub.add_parser(name, help=helptext, description=helptext + ".",
+                            epilog=f"example: btrdelta device {name} /mnt/top --slot b")
+        m.add_argument("fs", metavar="FS", help=_FS_HELP)
+        m.add_argument("--slot", choices=("a", "b", "factory"),
+                       help="the root (default: the booted one)")
+        m.add_argument("--json", action="store_true", help="print the new status as JSON")
+        m.set_defaults(func=run_verdict, verdict=name)
+    r = dsub.add_parser("rollback", help="cancel a pending trial, or make the previous good "
+                        "root the default", epilog="example: btrdelta device rollback /mnt/top")
+    r.add_argument("fs", metavar="FS", help=_FS_HELP)
+    r.add_argument("--json", action="store_true", help="print the new status as JSON")
+    r.set_defaults(func=run_rollback)
+
+
+def _add_init(dsub: Any) -> None:
+    i = dsub.add_parser(
+        "init", help="lay out a btrfs filesystem as a device (factory base, slots, state)",
+        description="Receive the factory release as roots/factory (read-only), snapshot it "
+        "as slots a and b, create the writable state subvolumes and the state file, and "
+        "make slot a the default subvolume.",
+        epilog="example: btrdelta device init /mnt/top --factory rootfs-1.stream "
+        "--state etc:/etc:overlay --state home:/home:bind --tries 3",
+    )
+    i.add_argument("fs", metavar="FS", help=_FS_HELP)
+    i.add_argument("--factory", required=True, metavar="SOURCE",
+                   help="the factory release: a directory tree or a full send stream")
+    i.add_argument("--state", action="append", metavar="NAME:/PATH[:overlay|bind]",
+                   help="a state subvolume (repeatable; default etc:/etc:overlay, "
+                        "var:/var:overlay, home:/home:bind)")
+    i.add_argument("--tries", type=int, default=3, help="boots a new slot gets (default 3)")
+    i.add_argument("--hook", metavar="PROGRAM",
+                   help="boot hook: called as PROGRAM try|good|cancel SLOT [TRIES]")
+    i.add_argument("--expect-sum", metavar="TREESUM",
+                   help="the factory release's tree-sum (btrdelta tree-sum); refuse others")
+    i.add_argument("--force", action="store_true",
+                   help="lay out anew: deletes every root and state subvolume")
+    i.add_argument("--json", action="store_true", help="print the status as JSON")
+    i.set_defaults(func=run_init)
+
+
+def _add_install(dsub: Any) -> None:
+    n = dsub.add_parser(
+        "install", help="rebuild the inactive slot from a release; boot it once, with tries",
+        description="SOURCE is a delta stream, a send stream (incremental: its parent is "
+        "found among the roots by UUID) or a directory tree. The inactive slot is rebuilt "
+        "under a hidden name (a delta's old files verified before they are patched), its "
+        "tree-sum taken (and checked with --expect-sum), then the slot is committed as the "
+        "next boot by one atomic step: the boot-counting file try-SLOT+TRIES. Interrupted at "
+        "any point, the device still boots the old root; a re-run cleans up and completes.",
+        epilog="example: btrdelta device install /mnt/top v1-v2.delta --expect-sum 49a0...",
+    )
+    n.add_argument("fs", metavar="FS", help=_FS_HELP)
+    n.add_argument("source", metavar="SOURCE", help="delta stream, send stream ('-': stdin) "
+                   "or directory tree")
+    n.add_argument("--expect-sum", metavar="TREESUM", help="the release's tree-sum")
+    n.add_argument("--tries", type=int, help="boots the new slot gets (default: the device's)")
+    n.add_argument("--booted", metavar="ROOT", help="the booted root, when / does not tell")
+    n.add_argument("--json", action="store_true", help="print the result as JSON")
+    n.add_argument("-v", "--verbose", action="count", default=0, help="progress on stderr")
+    n.set_defaults(func=run_install)
+
+
+def _print_status(st: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(st, indent=1))
+        return
+    trial = st["trial"]
+    print(f"default: {st['default']}   booted: {st['booted'] or '?'}   "
+          f"next boot: {st['next_boot']}")
+    if trial:
+        print(f"trial: {trial['slot']}, {trial['tries_left']} tries left, "
+              f"{trial['boots']} boots made")
+    for name, r in st["roots"].items():
+        if not r["present"]:
+            print(f"  {name:8} (empty)")
+            continue
+        flags = "".join(f" [{f}]" for f in ("default", "booted") if r[f])
+        print(f"  {name:8} {r.get('release', '?'):24} {r.get('verdict', '?'):5} "
+              f"{r.get('tree_sum', '')[:16]}{flags}")
+    for s in st["state"]:
+        print(f"  state/{s['name']:6} {s['mode']:8} {s['path']}"
+              f"{'' if s['present'] else ' (missing)'}")
+    if st["pending"]:
+        print(f"pending: {st['pending']}")
+
+
+def run_init(args: argparse.Namespace) -> int:
+    """Lay out the device."""
+    from ..device import init
+
+    st = init(args.fs, args.factory, state=args.state, tries=args.tries, hook=args.hook,
+              expect_sum=args.expect_sum, force=args.force)
+    _print_status(st, args.json)
+    return 0
+
+
+def run_install(args: argparse.Namespace) -> int:
+    """Install a release."""
+    from ..device import install
+
+    progress = Progress(Progress.wanted(args) and args.verbose > 0, "install: ")
+
+    def on_progress(records: int, nbytes: int) -> None:
+        progress.update(f"{records} records, {human_bytes(nbytes)}")
+
+    def on_step(name: str) -> None:
+        if args.verbose:
+            progress.done(f"{name}...")
+
+    try:
+        res = install(args.fs, args.source, expect_sum=args.expect_sum, tries=args.tries,
+                      booted=args.booted, on_step=on_step, on_progress=on_progress)
+    finally:
+        progress.done()
+    if args.json:
+        print(json.dumps(res.to_json(), indent=1))
+    else:
+        print(f"installed {res.release} into slot {res.slot} ({res.records} records, "
+              f"{human_bytes(res.data_bytes)}, {res.seconds:.1f} s); next boot: {res.slot}, "
+              f"{res.tries} tries; tree-sum {res.tree_sum}")
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    """Print the status."""
+    from ..device import status
+
+    _print_status(status(args.fs, booted=args.booted), args.json)
+    return 0
+
+
+def run_verdict(args: argparse.Namespace) -> int:
+    """mark-good / mark-bad."""
+    from ..device import mark_bad, mark_good
+
+    fn = mark_good if args.verdict == "mark-good" else mark_bad
+    _print_status(fn(args.fs, slot=args.slot), args.json)
+    return 0
+
+
+def run_rollback(args: argparse.Namespace) -> int:
+    """Roll back."""
+    from ..device import rollback
+
+    _print_status(rollback(args.fs), args.json)
+    return 0

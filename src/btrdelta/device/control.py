@@ -1,0 +1,307 @@
+"""Lay out a device and steer its boots: init, status, recover, mark-good, mark-bad,
+rollback.
+
+Owns: ``device init`` (factory base, slots, state subvolumes, state file), the status
+report, recovery after an interrupted command (hidden work removed, a half-done install
+undone, the state file brought in line with the boot truth), and the verdicts on a booted
+root. Every writing command takes the device lock and recovers first.
+
+Does not own: building roots (:mod:`.roots`), the boot switches (:mod:`.boot`), installs
+(:mod:`.install`), factory reset and backups.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..receive import subvol as sv
+from .boot import (
+    booted_root,
+    call_hook,
+    clear_trial,
+    default_root,
+    exhaust_trial,
+    read_trial,
+    set_default_root,
+)
+from .layout import BOOTABLE, FACTORY, HIDDEN, SLOTS, DeviceError, Layout, open_device
+from .roots import build_root, place_root
+from .state import DeviceState, RootInfo, StateSubvol, load_state, parse_state_spec, save_state
+
+__all__ = [
+    "DEFAULT_STATE",
+    "init",
+    "mark_bad",
+    "mark_good",
+    "recover",
+    "rollback",
+    "status",
+]
+
+#: state subvolumes made when ``init`` is given none
+DEFAULT_STATE = ("etc:/etc:overlay", "var:/var:overlay", "home:/home:bind")
+
+
+def _make_state_subvol(layout: Layout, s: StateSubvol) -> None:
+    path = layout.state(s.name)
+    layout.create_subvolume(path)
+    if s.mode == "overlay":
+        (path / "upper").mkdir()
+        (path / "work").mkdir()
+
+
+def init(
+    fs: str | os.PathLike[str],
+    factory: str | os.PathLike[str],
+    *,
+    state: list[str] | None = None,
+    tries: int = 3,
+    hook: str | None = None,
+    expect_sum: str | None = None,
+    force: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Lay out device filesystem ``fs`` with ``factory`` (a tree, a full send stream) as
+    its factory base and both slots, the state subvolumes and the state file; the default
+    subvolume becomes slot ``a``.
+
+    Raises:
+        DeviceError: ``fs`` is already a device (without ``force``) or is not empty.
+    """
+    specs = [parse_state_spec(s) for s in (state if state is not None else DEFAULT_STATE)]
+    if len({s.name for s in specs}) != len(specs):
+        raise DeviceError("state subvolume names must differ")
+    if tries < 1:
+        raise DeviceError("tries must be at least 1")
+    with open_device(fs) as layout, layout.lock():
+        _prepare_empty(layout, force)
+        layout.roots.mkdir()
+        layout.state_dir.mkdir()
+        built = build_root(layout, factory, FACTORY, expect_sum=expect_sum,
+                           on_progress=on_progress)
+        place_root(layout, built, FACTORY)
+        for slot in SLOTS:
+            layout.snapshot(layout.root(FACTORY), layout.root(slot), readonly=True)
+        for s in specs:
+            _make_state_subvol(layout, s)
+        st = DeviceState(tries=tries, hook=hook, state=specs)
+        now = time.time()
+        for name in BOOTABLE:
+            st.roots[name] = RootInfo(built.release, str(built.uuid), built.tree_sum, now,
+                                      "good", built.source)
+        st.note("init", release=built.release, tree_sum=built.tree_sum)
+        layout.sync()
+        set_default_root(layout, SLOTS[0])
+        save_state(layout, st)  # last: a device exists once its state file does
+        call_hook(hook, "good", SLOTS[0])
+        return status_of(layout, st)
+
+
+def _prepare_empty(layout: Layout, force: bool) -> None:
+    ours = [layout.meta, layout.roots, layout.state_dir]
+    if layout.initialized() and not force:
+        raise DeviceError(f"{layout.top} is already a btrdelta device (--force lays it out "
+                          "anew: every root and state subvolume is deleted)")
+    present = [p for p in ours[1:] if os.path.lexists(p)]
+    if present and not force:
+        raise DeviceError(f"{layout.top} holds {', '.join(p.name for p in present)} from an "
+                          "unfinished init (--force deletes them)")
+    if force:
+        layout.state_file.unlink(missing_ok=True)
+        clear_trial(layout)
+        for p in ours[1:]:
+            layout.delete(p, wait=True)
+    layout.meta.mkdir(exist_ok=True)
+
+
+def recover(layout: Layout, st: DeviceState) -> list[str]:
+    """Finish or undo what an interrupted command left; returns what was done.
+
+    Hidden work in ``roots/`` goes; an install that did not reach its commit point loses
+    its half-made slot; a trial of the default root (mark-good cut short) is cleared;
+    records of roots that no longer exist are dropped.
+    """
+    done: list[str] = []
+    for entry in sorted(os.listdir(layout.roots)) if layout.roots.is_dir() else []:
+        if entry.startswith(HIDDEN):
+            layout.delete(layout.roots / entry, wait=True)
+            done.append(f"removed unfinished {entry}")
+    trial = read_trial(layout)
+    default = default_root(layout)
+    pending = st.pending or {}
+    if pending.get("op") == "install":
+        slot = str(pending.get("slot"))
+        committed = (trial is not None and trial.slot == slot) or default == slot
+        if not committed and slot in SLOTS and not _as_recorded(layout, st, slot):
+            layout.delete(layout.root(slot), wait=True)
+            st.roots.pop(slot, None)
+            done.append(f"removed slot {slot} of an install cut short")
+        st.pending = None
+    elif pending.get("op") == "factory-reset":
+        from .reset import finish_reset
+
+        done += finish_reset(layout, st)
+    if trial is not None and trial.slot == default:
+        clear_trial(layout)
+        done.append(f"cleared the trial of {default}, already the default")
+    for name in list(st.roots):
+        if not layout.is_subvolume(layout.root(name)):
+            del st.roots[name]
+            done.append(f"forgot root {name} (gone)")
+    if done or pending:
+        for what in done:
+            st.note("recover", what=what)
+        save_state(layout, st)
+    return done
+
+
+def _as_recorded(layout: Layout, st: DeviceState, name: str) -> bool:
+    """True when root ``name`` holds what the state file records (its received UUID), or
+    does not exist."""
+    path = layout.root(name)
+    if not os.path.lexists(path):
+        return True
+    info = st.roots.get(name)
+    if info is None or not layout.is_subvolume(path):
+        return False
+    with layout.fd(path) as fd:
+        got = sv.subvol_info(fd)
+    return str(got.received_uuid or got.uuid) == info.uuid
+
+
+def status_of(layout: Layout, st: DeviceState, booted: str | None = None) -> dict[str, Any]:
+    """The status document (``device status --json``)."""
+    trial = read_trial(layout)
+    default = default_root(layout)
+    booted = booted or booted_root(layout)
+    next_boot = trial.slot if trial is not None and trial.left > 0 else default
+    roots: dict[str, Any] = {}
+    for name in BOOTABLE:
+        path = layout.root(name)
+        info = st.roots.get(name)
+        roots[name] = {
+            "present": layout.is_subvolume(path),
+            **(vars(info) if info else {}),
+            "default": name == default,
+            "booted": name == booted,
+        }
+    return {
+        "filesystem": str(layout.top),
+        "default": default,
+        "booted": booted,
+        "next_boot": next_boot,
+        "trial": None if trial is None else {"slot": trial.slot, "tries_left": trial.left,
+                                             "boots": trial.done},
+        "tries": st.tries,
+        "hook": st.hook,
+        "roots": roots,
+        "state": [vars(s) | {"present": layout.is_subvolume(layout.state(s.name))}
+                  for s in st.state],
+        "pending": st.pending,
+        "generation": st.generation,
+        "log": st.log[-10:],
+    }
+
+
+def status(fs: str | os.PathLike[str], *, booted: str | None = None) -> dict[str, Any]:
+    """The device's status (read only: nothing is recovered or written)."""
+    with open_device(fs, readonly=True) as layout:
+        return status_of(layout, load_state(layout), booted)
+
+
+def _which(layout: Layout, slot: str | None, booted: str | None) -> str:
+    if slot is not None:
+        layout.root(slot)
+        return slot
+    running = booted or booted_root(layout)
+    if running is not None:
+        return running
+    trial = read_trial(layout)
+    if trial is not None and trial.left > 0 and trial.done > 0:
+        return trial.slot
+    raise DeviceError("cannot tell which root is booted here: name it with --slot")
+
+
+def mark_good(fs: str | os.PathLike[str], *, slot: str | None = None,
+              booted: str | None = None) -> dict[str, Any]:
+    """The booted root (or ``slot``) is good: it becomes the default subvolume (the commit
+    point) and its trial ends."""
+    with open_device(fs) as layout, layout.lock():
+        st = load_state(layout)
+        recover(layout, st)
+        name = _which(layout, slot, booted)
+        if not layout.is_subvolume(layout.root(name)):
+            raise DeviceError(f"root {name} does not exist")
+        set_default_root(layout, name)
+        clear_trial(layout)
+        call_hook(st.hook, "good", name)
+        st.root(name).verdict = "good"
+        st.note("mark-good", slot=name)
+        save_state(layout, st)
+        return status_of(layout, st, booted)
+
+
+def _fallback(layout: Layout, st: DeviceState, bad: str) -> str:
+    """The root to go back to from ``bad``: the other slot if it is not bad, else the
+    factory base."""
+    for name in (*SLOTS, FACTORY):
+        if name == bad or not layout.is_subvolume(layout.root(name)):
+            continue
+        info = st.roots.get(name)
+        if info is not None and info.verdict == "bad":
+            continue
+        if name != FACTORY and (info is None or info.verdict != "good"):
+            continue
+        return name
+    raise DeviceError(f"no good root to go back to from {bad}")
+
+
+def mark_bad(fs: str | os.PathLike[str], *, slot: str | None = None,
+             booted: str | None = None) -> dict[str, Any]:
+    """The booted root (or ``slot``) is bad: a pending trial of it ends (the next boot takes
+    the default); if it is the default, the default goes back to the previous good root."""
+    with open_device(fs) as layout, layout.lock():
+        st = load_state(layout)
+        recover(layout, st)
+        name = _which(layout, slot, booted)
+        trial = read_trial(layout)
+        if trial is not None and trial.slot == name:
+            exhaust_trial(layout)
+            call_hook(st.hook, "cancel", name)
+        if default_root(layout) == name:
+            back = _fallback(layout, st, name)
+            set_default_root(layout, back)
+            call_hook(st.hook, "good", back)
+            st.note("rollback", slot=back, reason=f"{name} marked bad")
+        st.root(name).verdict = "bad"
+        st.note("mark-bad", slot=name)
+        save_state(layout, st)
+        return status_of(layout, st, booted)
+
+
+def rollback(fs: str | os.PathLike[str], *, booted: str | None = None) -> dict[str, Any]:
+    """Go back: a pending trial is cancelled (the default boots next); without one, the
+    default subvolume goes back to the other good slot (or the factory base)."""
+    with open_device(fs) as layout, layout.lock():
+        st = load_state(layout)
+        recover(layout, st)
+        trial = read_trial(layout)
+        if trial is not None and trial.left > 0:
+            exhaust_trial(layout)
+            call_hook(st.hook, "cancel", trial.slot)
+            st.note("rollback", slot=default_root(layout), reason=f"trial of {trial.slot} "
+                    "cancelled")
+        else:
+            current = default_root(layout)
+            if current is None:
+                raise DeviceError("the default subvolume is not one of the roots")
+            back = _fallback(layout, st, current)
+            set_default_root(layout, back)
+            clear_trial(layout)
+            call_hook(st.hook, "good", back)
+            st.note("rollback", slot=back, reason=f"from {current}")
+        save_state(layout, st)
+        return status_of(layout, st, booted)

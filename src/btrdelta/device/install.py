@@ -1,0 +1,166 @@
+"""``device install``: rebuild the inactive slot from a release and boot it once.
+
+The steps, in order (``docs/device.md`` has the crash analysis of each)::
+
+    recover        hidden work of an earlier run removed, a half-made slot deleted
+    pick           the slot that is neither the default nor the booted root
+    intent         state file: {"pending": {"op": "install", "slot": S}}
+    receive        roots/.staged-S: snapshot of the parent + the stream (a delta's old
+                   files verified before they are patched), received UUID, read-only
+    verify         tree-sum of the new root (against the release's when given)
+    place          roots/S -> .old-S, .staged-S -> S, .old-S deleted; sync
+    COMMIT         .btrdelta/boot/try-S+N created (O_EXCL) and synced: the next boot
+                   takes S, at most N times, then the default again
+    hook           HOOK try S N (a bootloader that counts boots itself)
+    done           state file: pending cleared, S recorded "new"
+
+Before COMMIT a crash leaves the device booting the default root exactly as before (the
+new slot is never selectable); the next command (or a re-run) removes the half-made slot.
+After COMMIT the trial is in place; the re-run finds nothing to redo.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ApplyError
+from .boot import (
+    booted_root,
+    call_hook,
+    clear_trial,
+    default_root,
+    read_trial,
+    start_trial,
+)
+from .control import recover
+from .layout import SLOTS, DeviceError, Layout, is_enospc, open_device
+from .roots import build_root, place_root
+from .state import DeviceState, RootInfo, load_state, save_state
+
+__all__ = ["InstallResult", "install", "pick_slot"]
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    """What an install did."""
+
+    slot: str
+    release: str
+    uuid: str
+    tree_sum: str
+    tries: int
+    records: int
+    data_bytes: int
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        """As a JSON object."""
+        return dict(vars(self))
+
+
+def pick_slot(layout: Layout, st: DeviceState, booted: str | None) -> str:
+    """The slot an install rebuilds: neither the default root nor the booted one; of two
+    candidates the one not marked good, else the older."""
+    default = default_root(layout)
+    free = [s for s in SLOTS if s not in (default, booted)]
+    if not free:
+        trial = read_trial(layout)
+        if trial is not None and trial.slot == booted:
+            raise DeviceError(f"slot {booted} is booted on trial: mark it good or bad first")
+        raise DeviceError(f"no slot to install into (default {default}, booted {booted})")
+
+    def rank(s: str) -> tuple[bool, float]:
+        info = st.roots.get(s)
+        return (info is not None and info.verdict == "good"), (info.installed if info else 0)
+
+    return sorted(free, key=rank)[0]
+
+
+def install(
+    fs: str | os.PathLike[str],
+    source: str | os.PathLike[str],
+    *,
+    expect_sum: str | None = None,
+    tries: int | None = None,
+    booted: str | None = None,
+    on_step: Callable[[str], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> InstallResult:
+    """Install release ``source`` (a send stream, a delta stream or a directory tree) into
+    the inactive slot and make it the next boot, once, with ``tries`` boots.
+
+    Args:
+        fs: the device filesystem (top-level mount, block device or image).
+        source: the release; a stream's parent is found among the roots by UUID; a tree
+            is sent against the booted (else default) root.
+        expect_sum: the release's tree-sum; the install fails if the new root differs.
+        tries: boots the new slot gets before the default comes back (default: the
+            state file's).
+        booted: the booted root, when the running ``/`` does not tell (tests, rescue).
+        on_step: called with each step's name (``receive``, ``verify``, ``place``,
+            ``commit``, ``hook``, ``done``).
+        on_progress: ``(records, bytes)`` while receiving.
+
+    Raises:
+        ApplyError: disk full or another system-call failure (nothing selected, space
+            given back).
+        ChecksumError: a delta's old file or the new root's tree-sum did not verify.
+        MissingBaseError: the stream's parent is not on the device.
+    """
+    step = on_step or (lambda _name: None)
+    with open_device(fs) as layout, layout.lock():
+        st = load_state(layout)
+        recover(layout, st)
+        booted = booted or booted_root(layout)
+        slot = pick_slot(layout, st, booted)
+        n = tries if tries is not None else st.tries
+        if n < 1:
+            raise DeviceError("tries must be at least 1")
+        trial = read_trial(layout)
+        if trial is not None and trial.slot == slot:
+            clear_trial(layout)  # the slot of a pending trial is rebuilt: no boot of it
+            call_hook(st.hook, "cancel", slot)
+        st.pending = {"op": "install", "slot": slot, "started": round(time.time(), 3)}
+        save_state(layout, st)
+        step("receive")
+        parent_name = booted or default_root(layout)
+        parent = layout.root(parent_name) if parent_name else None
+        try:
+            built = build_root(layout, source, slot, parent=parent, expect_sum=expect_sum,
+                               on_progress=on_progress)
+        except BaseException as exc:
+            _abandon(layout, st, slot)
+            if is_enospc(exc) and not isinstance(exc, ApplyError):
+                raise ApplyError(f"disk full while installing into slot {slot}") from exc
+            raise
+        step("place")
+        place_root(layout, built, slot)
+        st.roots[slot] = RootInfo(built.release, str(built.uuid), built.tree_sum, time.time(),
+                                  "new", built.source)
+        save_state(layout, st)
+        step("commit")
+        start_trial(layout, slot, n)
+        step("hook")
+        call_hook(st.hook, "try", slot, str(n))
+        st.pending = None
+        st.note("install", slot=slot, release=built.release, tree_sum=built.tree_sum,
+                tries=n)
+        save_state(layout, st)
+        step("done")
+        return InstallResult(slot, built.release, str(built.uuid), built.tree_sum, n,
+                             built.records, built.data_bytes, built.seconds)
+
+
+def _abandon(layout: Layout, st: DeviceState, slot: str) -> None:
+    """After a failed receive: the intent is dropped (the old slot content, if any, was
+    never touched: the receive worked on a staging name)."""
+    try:
+        st.pending = None
+        st.note("install-failed", slot=slot)
+        save_state(layout, st)
+    except OSError:
+        pass  # disk full may refuse this too: the next command's recovery cleans up

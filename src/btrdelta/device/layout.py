@@ -1,0 +1,255 @@
+"""Where things live on a device's btrfs filesystem (the layout of ``docs/device.md``).
+
+Owns: the names of the layout (roots, slots, state subvolumes, metadata directory),
+opening a device filesystem (a mounted top-level subvolume, a block device or an image file,
+mounted privately for the time of one command), the device lock, and the low-level subvolume
+steps every workflow shares (snapshot, delete and wait, move into place, sync).
+
+Does not own: what the state file says (:mod:`.state`), boot selection (:mod:`.boot`),
+workflows (install, reset, backup).
+
+::
+
+    FS (top-level subvolume, id 5)
+    ├── .btrdelta/           metadata (plain directory, never booted)
+    │   ├── state.json       the state file (JSON, written atomically)
+    │   ├── mounts           what the initramfs mounts over the root (generated text)
+    │   ├── boot/            boot counting: at most one file try-SLOT+LEFT[-DONE]
+    │   ├── backups/NAME/    read-only snapshots: parents of the next incremental backup
+    │   └── lock             flock(2) of every writing command
+    ├── roots/               bootable read-only subvolumes
+    │   ├── factory          the factory base
+    │   ├── a, b             the two slots
+    │   └── .staged-*, .old-*, .btrdelta-tmp-*   hidden work (never selected by a boot)
+    └── state/               writable state subvolumes (etc, var, home, ...)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import BtrdeltaError
+from ..receive import subvol as sv
+
+__all__ = [
+    "BOOTABLE",
+    "FACTORY",
+    "SLOTS",
+    "DeviceError",
+    "Layout",
+    "open_device",
+]
+
+SLOTS = ("a", "b")
+FACTORY = "factory"
+BOOTABLE = (*SLOTS, FACTORY)
+META = ".btrdelta"
+ROOTS = "roots"
+STATE = "state"
+_TOP_LEVEL = 5
+#: prefixes of hidden work in roots/ and the top level (cleaned by recovery)
+HIDDEN = (".staged-", ".old-", ".btrdelta-tmp-", ".state-")
+
+
+class DeviceError(BtrdeltaError):
+    """A device workflow refused or failed (wrong layout, slot in use, nothing to do)."""
+
+
+class Layout:
+    """Paths and descriptors of one device filesystem, top-level mounted at ``top``."""
+
+    def __init__(self, top: Path) -> None:
+        self.top = Path(top)
+        self.meta = self.top / META
+        self.roots = self.top / ROOTS
+        self.state_dir = self.top / STATE
+        self.state_file = self.meta / "state.json"
+        self.mounts_file = self.meta / "mounts"
+        self.boot_dir = self.meta / "boot"
+        self.backups = self.meta / "backups"
+
+    def root(self, name: str) -> Path:
+        """The subvolume of bootable root ``name`` (``a``, ``b``, ``factory``)."""
+        if name not in BOOTABLE:
+            raise DeviceError(f"no root named {name!r} (one of {', '.join(BOOTABLE)})")
+        return self.roots / name
+
+    def state(self, name: str) -> Path:
+        """The state subvolume ``name``."""
+        return self.state_dir / name
+
+    def initialized(self) -> bool:
+        """True once ``device init`` finished (the state file exists)."""
+        return self.state_file.is_file()
+
+    # -- descriptors and subvolume steps ------------------------------------------------
+
+    @contextlib.contextmanager
+    def fd(self, path: Path | None = None) -> Iterator[int]:
+        """A directory descriptor of ``path`` (default: the top level)."""
+        fd = os.open(path or self.top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def sync(self) -> None:
+        """Commit everything written so far (one btrfs transaction)."""
+        with self.fd() as fd:
+            sv.syncfs(fd)
+
+    def subvol_id(self, path: Path) -> int:
+        """The subvolume id of ``path`` (a subvolume's root directory)."""
+        with self.fd(path) as fd:
+            return sv.subvol_info(fd).id
+
+    def is_subvolume(self, path: Path) -> bool:
+        """True when ``path`` is the root directory of a subvolume."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        return stat.S_ISDIR(st.st_mode) and st.st_ino == 256
+
+    def snapshot(self, source: Path, dest: Path, *, readonly: bool) -> None:
+        """Snapshot subvolume ``source`` to ``dest`` (same filesystem)."""
+        with self.fd(source) as sfd, self.fd(dest.parent) as dfd:
+            sv.create_snapshot(dfd, os.fsencode(dest.name), sfd, readonly=readonly)
+
+    def create_subvolume(self, dest: Path) -> None:
+        """An empty subvolume at ``dest``."""
+        with self.fd(dest.parent) as dfd:
+            sv.create_subvolume(dfd, os.fsencode(dest.name))
+
+    def delete(self, path: Path, *, wait: bool = False) -> None:
+        """Delete subvolume ``path`` (and subvolumes nested in it); with ``wait``, return
+        only when btrfs gave its space back."""
+        ids = self._delete_tree(path)
+        if wait and ids:
+            with self.fd() as fd:
+                sv.wait_subvolumes_gone(fd, ids)
+
+    def _delete_tree(self, path: Path) -> list[int]:
+        if not os.path.lexists(path):
+            return []
+        if not self.is_subvolume(path):
+            if os.path.isdir(path) and not os.path.islink(path):
+                ids: list[int] = []
+                for child in sorted(os.listdir(path)):
+                    ids += self._delete_tree(path / child)
+                shutil.rmtree(path, ignore_errors=True)
+                return ids
+            os.unlink(path)
+            return []
+        ids = []
+        with self.fd(path) as fd:
+            sid = sv.subvol_info(fd).id
+        for dirpath, dirnames, _files in os.walk(path):
+            for d in list(dirnames):
+                p = Path(dirpath) / d
+                if self.is_subvolume(p):
+                    ids += self._delete_tree(p)
+                    dirnames.remove(d)
+        with self.fd(path.parent) as dfd:
+            sv.delete_subvolume(dfd, os.fsencode(path.name))
+        return [*ids, sid]
+
+    def rename(self, src: Path, dst: Path, *, replace: bool = False) -> None:
+        """Rename within one directory; refuses to replace unless ``replace``."""
+        if src.parent != dst.parent:
+            os.rename(src, dst)
+            return
+        with self.fd(src.parent) as dfd:
+            if replace:
+                os.rename(src.name, dst.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            else:
+                sv.rename_noreplace(dfd, os.fsencode(src.name), os.fsencode(dst.name))
+
+    def exchange(self, a: Path, b: Path) -> None:
+        """Swap two names of one directory in one atomic step (``RENAME_EXCHANGE``)."""
+        with self.fd(a.parent) as dfd:
+            sv.rename_exchange(dfd, os.fsencode(a.name), os.fsencode(b.name))
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the device lock (one writing command at a time)."""
+        self.meta.mkdir(exist_ok=True)
+        fd = os.open(self.meta / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                raise DeviceError(f"{self.top}: another btrdelta device command is "
+                                  "running") from exc
+            yield
+        finally:
+            os.close(fd)
+
+
+def _check_top(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if not sv.is_btrfs(fd):
+            raise DeviceError(f"{path} is not on btrfs")
+        if sv.subvol_info(fd).id != _TOP_LEVEL:
+            raise DeviceError(f"{path} is not the top-level subvolume of its filesystem "
+                              "(mount it with -o subvolid=5, or give the device)")
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def open_device(fs: str | os.PathLike[str], *, readonly: bool = False) -> Iterator[Layout]:
+    """The :class:`Layout` of device filesystem ``fs``.
+
+    ``fs`` is a directory where the top-level subvolume is mounted, or a block device or
+    image file: then its top level is mounted (``subvolid=5``) on a private directory for
+    the time of the ``with`` block.
+    """
+    path = Path(fs)
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise DeviceError(f"{fs}: {exc.strerror}") from exc
+    if stat.S_ISDIR(st.st_mode):
+        _check_top(path)
+        yield Layout(path)
+        return
+    if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
+        raise DeviceError(f"{fs} is neither a directory, a block device nor an image file")
+    mnt = Path(tempfile.mkdtemp(prefix="btrdelta-device-"))
+    opts = "subvolid=5" + (",ro" if readonly else "")
+    if stat.S_ISREG(st.st_mode):
+        opts += ",loop"
+    proc = subprocess.run(["mount", "-t", "btrfs", "-o", opts, os.fspath(path), os.fspath(mnt)],
+                          capture_output=True, check=False)
+    if proc.returncode != 0:
+        os.rmdir(mnt)
+        msg = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise DeviceError(f"{fs}: cannot mount: {msg[-1] if msg else proc.returncode}")
+    try:
+        yield Layout(mnt)
+    finally:
+        done = subprocess.run(["umount", os.fspath(mnt)], capture_output=True, check=False)
+        if done.returncode != 0:
+            subprocess.run(["umount", "-l", os.fspath(mnt)], capture_output=True, check=False)
+        with contextlib.suppress(OSError):
+            os.rmdir(mnt)
+
+
+def is_enospc(exc: BaseException) -> bool:
+    """True when ``exc`` (or its cause) is a full filesystem."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__  # type: ignore[assignment]
+    return False

@@ -1,0 +1,218 @@
+"""Building a bootable root: receive a release under a hidden name in ``roots/``.
+
+Owns: turning a release source (a send stream, a delta stream, a directory tree) into a
+finished read-only subvolume ``roots/.staged-NAME`` and checking it; moving it into place.
+The stream's own subvolume name is replaced by the staging name on the fly (so any
+release stream fits any slot), and a stream holding more than one subvolume is refused.
+
+Does not own: which slot to build, when a root becomes bootable (:mod:`.install`,
+:mod:`.boot`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Generator, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from ..errors import ChecksumError
+from ..receive import ReceivedSubvol, receive
+from ..receive import subvol as sv
+from ..receive.receiver import BatchedEvents
+from ..stream.reader import Event, StreamReader
+from ..stream.records import Clone, Snapshot, Subvol
+from ..tree import tree_sum
+from ..update.receive import open_events
+from .layout import DeviceError, Layout
+
+__all__ = ["Built", "build_root", "place_root", "staged_path"]
+
+_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class Built:
+    """A root received and checked under its staging name."""
+
+    path: Path
+    release: str
+    uuid: UUID
+    tree_sum: str
+    records: int
+    data_bytes: int
+    seconds: float
+    source: str
+
+
+def staged_path(layout: Layout, name: str) -> Path:
+    """Where root ``name`` is built before it takes its name."""
+    return layout.roots / f".staged-{name}"
+
+
+class _Renamed:
+    """Events whose one SUBVOL/SNAPSHOT gets the staging name (and, for a stream sent
+    from a tree against a local root, whose parent and clone UUIDs name that root)."""
+
+    def __init__(self, events: Iterable[Event], name: bytes,
+                 local_parent: UUID | None = None) -> None:
+        self.events = events
+        self.name = name
+        #: the sent parent's UUID -> the local root's (tree sources only)
+        self.local_parent = local_parent
+        self.uuids: dict[UUID, UUID] = {}
+        self.original = b""
+
+    def _fix(self, ev: Any) -> Any:
+        kind = type(ev)
+        if kind is Subvol or kind is Snapshot:
+            if self.original:
+                raise DeviceError("a release stream must hold one subvolume; this one has "
+                                  f"{os.fsdecode(self.original)!r} and {os.fsdecode(ev.path)!r}")
+            self.original = ev.path
+            if kind is Subvol:
+                return Subvol(self.name, ev.uuid, ev.ctransid)
+            clone = ev.clone_uuid
+            if self.local_parent is not None:
+                self.uuids[clone] = clone = self.local_parent
+            return Snapshot(self.name, ev.uuid, ev.ctransid, clone, ev.clone_ctransid)
+        if kind is Clone and ev.clone_uuid in self.uuids:
+            return Clone(ev.offset, ev.length, ev.path, self.uuids[ev.clone_uuid],
+                         ev.clone_ctransid, ev.clone_path, ev.clone_offset)
+        return ev
+
+    def batches(self) -> Generator[list[Event], None, None]:
+        inner: Iterator[list[Event]]
+        if isinstance(self.events, BatchedEvents):
+            inner = self.events.batches()
+        else:
+            inner = _chunks(iter(self.events))
+        watch = (Subvol, Snapshot, Clone) if self.local_parent else (Subvol, Snapshot)
+        for batch in inner:
+            for i, ev in enumerate(batch):
+                if isinstance(ev, watch):
+                    batch[i] = self._fix(ev)
+            yield batch
+
+    def __iter__(self) -> Iterator[Event]:
+        for batch in self.batches():
+            yield from batch
+
+
+def _chunks(it: Iterator[Event]) -> Generator[list[Event], None, None]:
+    batch: list[Event] = []
+    for ev in it:
+        batch.append(ev)
+        if len(batch) >= _CHUNK:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _local_uuid(path: Path) -> UUID:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        info = sv.subvol_info(fd)
+    finally:
+        os.close(fd)
+    return info.received_uuid or info.uuid
+
+
+def _tree_events(tree: Path, parent: Path | None, name: str) -> Iterable[Event]:
+    """Records of a stream of ``tree``, incremental against local root ``parent``."""
+    from ..send import send_records
+
+    if parent is None:
+        return send_records(tree, name=name.encode())
+    return send_records(tree, parent, name=name.encode())
+
+
+def build_root(
+    layout: Layout,
+    source: str | os.PathLike[str],
+    name: str,
+    *,
+    parent: Path | None = None,
+    expect_sum: str | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Built:
+    """Receive ``source`` as ``roots/.staged-NAME`` (read-only, received UUID set), then
+    take its tree-sum and check it against ``expect_sum``.
+
+    ``source`` is a send stream or delta stream (a file, ``-``), or a directory tree (sent
+    against ``parent``, the local root the device runs, so unchanged files are shared).
+    A failure removes what was received and waits until btrfs gave the space back.
+
+    Raises:
+        ChecksumError: the tree-sum is not ``expect_sum``.
+        BtrdeltaError: the receive failed (bad stream, missing parent, disk full...).
+    """
+    staged = staged_path(layout, name)
+    if os.path.lexists(staged):
+        layout.delete(staged, wait=True)
+    start = time.monotonic()
+    label = os.fspath(source)
+    try:
+        done = _receive(layout, source, staged.name, parent, label, on_progress)
+        digest = tree_sum(staged)
+        if expect_sum and digest != expect_sum.lower():
+            raise ChecksumError(
+                f"received root has tree-sum {digest}, the release's is {expect_sum}",
+                expected=expect_sum, actual=digest, source=label)
+    except BaseException:
+        layout.delete(staged, wait=True)
+        raise
+    return Built(staged, done.name, done.uuid, digest, done.records, done.data_bytes,
+                 time.monotonic() - start, label)
+
+
+def _receive(layout: Layout, source: str | os.PathLike[str], staged: str,
+             parent: Path | None, label: str,
+             on_progress: Callable[[int, int], None] | None) -> ReceivedSubvol:
+    path = Path(source)
+    if label != "-" and path.is_dir():
+        events = _tree_events(path, parent, path.name)
+        renamed = _Renamed(events, staged.encode(),
+                           _local_uuid(parent) if parent is not None else None)
+        done = receive(renamed, layout.roots, on_progress=on_progress, read_ahead=True)
+        original = path.name.encode()
+        renamed.original = original
+    else:
+        import sys
+
+        f: Any = sys.stdin.buffer if label == "-" else open(path, "rb", buffering=0)  # noqa: SIM115
+        try:
+            events = open_events(f, layout.roots, source=label)
+            renamed = _Renamed(events, staged.encode())
+            done = receive(renamed, layout.roots, on_progress=on_progress,
+                           read_ahead=not isinstance(events, StreamReader))
+        finally:
+            if f is not sys.stdin.buffer:
+                f.close()
+        original = renamed.original
+    if len(done) != 1:
+        raise DeviceError(f"{label}: no subvolume received")
+    got = done[0]
+    return ReceivedSubvol(os.fsdecode(original), got.path, got.uuid, got.ctransid,
+                          got.parent_uuid, got.parent_path, got.btrfs, got.records,
+                          got.data_bytes)
+
+
+def place_root(layout: Layout, built: Built, name: str) -> None:
+    """Move a built root to ``roots/NAME``, replacing what is there (never the running or
+    selected root: the caller checked). The old one goes to ``.old-NAME`` first and is
+    deleted after, so a crash between the steps leaves hidden work for recovery."""
+    final = layout.roots / name
+    old = layout.roots / f".old-{name}"
+    if os.path.lexists(old):
+        layout.delete(old)
+    if os.path.lexists(final):
+        layout.rename(final, old)
+    layout.rename(built.path, final)
+    layout.sync()
+    if os.path.lexists(old):
+        layout.delete(old)

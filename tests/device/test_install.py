@@ -1,0 +1,143 @@
+"""init, install by delta, boot switch, verdicts and rollback on loop-mounted btrfs, with
+real Debian releases; oracles: tree-sum of the source trees, btrfs-progs for the default
+subvolume and the subvolume list."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from btrdelta import device
+from btrdelta.device.boot import select_root
+from btrdelta.device.layout import Layout
+from btrdelta.tree import tree_sum
+
+from .conftest import Release, btrdelta
+
+pytestmark = pytest.mark.btrfs
+
+
+def progs_default(mnt: Path) -> str:
+    """``btrfs subvolume get-default``'s path (btrfs-progs: the oracle)."""
+    out = subprocess.run(["btrfs", "subvolume", "get-default", str(mnt)], capture_output=True,
+                         text=True, check=True).stdout
+    return out.split(" path ")[1].strip()
+
+
+def subvolumes(mnt: Path) -> list[str]:
+    out = subprocess.run(["btrfs", "subvolume", "list", "-o", str(mnt)], capture_output=True,
+                         text=True, check=True).stdout
+    return sorted(line.split(" path ")[1].strip() for line in out.splitlines())
+
+
+def status(mnt: Path) -> dict:  # type: ignore[type-arg]
+    return json.loads(btrdelta("device", "status", mnt, "--json").stdout)
+
+
+def test_debian_install_by_delta(btrfs_dev: Path, debian_release: Release) -> None:
+    r = debian_release
+    btrdelta("device", "init", btrfs_dev, "--factory", r.full, "--expect-sum", r.old_sum)
+    assert progs_default(btrfs_dev) == "roots/a"
+    assert sorted(subvolumes(btrfs_dev)) == ["roots/a", "roots/b", "roots/factory",
+                                             "state/etc", "state/home", "state/var"]
+    for name in ("a", "b", "factory"):
+        assert tree_sum(btrfs_dev / "roots" / name) == r.old_sum
+    out = btrdelta("device", "install", btrfs_dev, r.delta, "--expect-sum", r.new_sum,
+                   "--json")
+    res = json.loads(out.stdout)
+    assert res["slot"] == "b"
+    assert res["tree_sum"] == r.new_sum
+    assert tree_sum(btrfs_dev / "roots/b") == r.new_sum
+    assert tree_sum(btrfs_dev / "roots/a") == r.old_sum  # the running root: untouched
+    st = status(btrfs_dev)
+    assert st["default"] == "a"
+    assert st["next_boot"] == "b"
+    assert st["trial"] == {"slot": "b", "tries_left": 3, "boots": 0}
+    assert progs_default(btrfs_dev) == "roots/a"  # only the trial points at b
+    # the boot: the trial is spent, b comes up; it is marked good
+    assert select_root(Layout(btrfs_dev))[0] == "b"
+    btrdelta("device", "mark-good", btrfs_dev, "--slot", "b")
+    assert progs_default(btrfs_dev) == "roots/b"
+    st = status(btrfs_dev)
+    assert st["trial"] is None
+    assert st["roots"]["b"]["verdict"] == "good"
+    # rollback: a is good, it becomes the default again
+    btrdelta("device", "rollback", btrfs_dev)
+    assert progs_default(btrfs_dev) == "roots/a"
+    assert subvolumes(btrfs_dev) == ["roots/a", "roots/b", "roots/factory", "state/etc",
+                                     "state/home", "state/var"]
+
+
+def test_wrong_release_sum_selects_nothing(btrfs_dev: Path, small_release: Release) -> None:
+    r = small_release
+    device.init(btrfs_dev, r.old, state=[])
+    proc = btrdelta("device", "install", btrfs_dev, r.delta, "--expect-sum", "0" * 64,
+                    check=False)
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert "tree-sum" in proc.stderr
+    st = device.status(btrfs_dev)
+    assert st["trial"] is None
+    assert st["next_boot"] == "a"
+    assert st["pending"] is None
+    assert tree_sum(btrfs_dev / "roots/b") == r.old_sum
+    assert subvolumes(btrfs_dev) == ["roots/a", "roots/b", "roots/factory"]
+
+
+def test_missing_parent_is_refused(btrfs_dev: Path, small_release: Release,
+                                   tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "file").write_text("not the parent\n")
+    device.init(btrfs_dev, other, state=[])
+    proc = btrdelta("device", "install", btrfs_dev, small_release.delta, check=False)
+    assert proc.returncode == 6, proc.stderr
+    assert "parent" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+    st = device.status(btrfs_dev)
+    assert st["trial"] is None
+    assert st["next_boot"] == "a"
+    assert subvolumes(btrfs_dev) == ["roots/a", "roots/b", "roots/factory"]
+
+
+def test_boot_counting_brings_the_default_back(btrfs_dev: Path,
+                                               small_release: Release) -> None:
+    r = small_release
+    device.init(btrfs_dev, r.old, state=[], tries=2)
+    device.install(btrfs_dev, r.stream)
+    layout = Layout(btrfs_dev)
+    boots = [select_root(layout) for _ in range(4)]
+    assert [b[0] for b in boots] == ["b", "b", "a", "a"]
+    assert boots[1][1] is not None
+    assert (boots[1][1].left, boots[1][1].done) == (0, 2)
+    st = device.status(btrfs_dev)
+    assert st["trial"] == {"slot": "b", "tries_left": 0, "boots": 2}
+    # the trial ran out: nothing says b runs, so nothing is marked good by guess
+    with pytest.raises(device.DeviceError, match="--slot"):
+        device.mark_good(btrfs_dev, booted=None)
+    st = device.mark_bad(btrfs_dev, slot="b")
+    assert st["roots"]["b"]["verdict"] == "bad"
+    assert st["next_boot"] == "a"
+    # the next install rebuilds b (the bad slot), never a (the default)
+    assert device.install(btrfs_dev, r.new).slot == "b"
+
+
+def test_install_from_tree_and_booted_slot_is_kept(btrfs_dev: Path,
+                                                   small_release: Release) -> None:
+    r = small_release
+    device.init(btrfs_dev, r.old, state=[])
+    res = device.install(btrfs_dev, r.new)
+    assert res.slot == "b"
+    assert res.tree_sum == r.new_sum
+    # booted on trial into b, not yet good: no slot can be rebuilt
+    with pytest.raises(device.DeviceError, match="on trial"):
+        device.install(btrfs_dev, r.new, booted="b")
+    device.mark_good(btrfs_dev, booted="b")
+    res = device.install(btrfs_dev, r.old, booted="b")
+    assert res.slot == "a"
+    assert tree_sum(btrfs_dev / "roots/a") == r.old_sum
+    assert sorted(os.listdir(btrfs_dev / "roots")) == ["a", "b", "factory"]
