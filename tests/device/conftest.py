@@ -23,7 +23,7 @@ from btrdelta.tree import tree_sum
 from tests.conftest import require_btrfs
 
 _CACHES = (Path("/work/bench-cache"), Path(__file__).parents[2] / "benchmarks" / ".cache")
-_SMALL = ("usr/lib/apt", "etc/apt", "var/lib/dpkg/status", "var/lib/dpkg/info/apt.list",
+_SMALL = ("usr/lib/apt", "etc/apt", "home", "var/lib/dpkg/status", "var/lib/dpkg/info/apt.list",
           "var/lib/dpkg/info/apt.md5sums")
 BTRDELTA = [sys.executable, "-m", "btrdelta"]
 

@@ -61,6 +61,82 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     r.add_argument("fs", metavar="FS", help=_FS_HELP)
     r.add_argument("--json", action="store_true", help="print the new status as JSON")
     r.set_defaults(func=run_rollback)
+    _add_overlay(dsub)
+    _add_reset_backup(dsub)
+
+
+def _add_overlay(dsub: Any) -> None:
+    m = dsub.add_parser(
+        "mount", help="mount a root read-only with the state subvolumes over it",
+        description="Mount the root the next boot takes (or --root) read-only on TARGET, "
+        "each overlay state subvolume as overlayfs (lower: the root's directory, upper: "
+        "state/NAME/upper) and each bind state subvolume over its path, as the initramfs "
+        "does. Undo with umount -R TARGET.",
+        epilog="example: btrdelta device mount /mnt/top /mnt/sysroot; chroot /mnt/sysroot",
+    )
+    m.add_argument("fs", metavar="FS", help=_FS_HELP)
+    m.add_argument("target", metavar="TARGET", help="an empty directory")
+    m.add_argument("--root", choices=("a", "b", "factory"), help="the root to mount")
+    m.add_argument("--no-state", action="store_true", help="the root alone, no state")
+    m.set_defaults(func=run_mount)
+    d = dsub.add_parser(
+        "diff", help="what the overlay state subvolumes change in the root",
+        description="Read each overlay's upper directory against the root: A added, "
+        "M modified (copied up), D deleted (whiteout), R directory replaced (opaque).",
+        epilog="example: btrdelta device diff /mnt/top",
+    )
+    d.add_argument("fs", metavar="FS", help=_FS_HELP)
+    d.add_argument("--root", choices=("a", "b", "factory"), help="the root to compare with")
+    d.add_argument("--json", action="store_true", help="JSON lines: {kind, path}")
+    d.set_defaults(func=run_diff)
+
+
+def _add_reset_backup(dsub: Any) -> None:
+    f = dsub.add_parser(
+        "factory-reset", help="fresh state subvolumes and the factory base, by one swap",
+        description="Every state subvolume is made anew (an empty overlay upper shows the "
+        "release's own files) except those kept, which are snapshotted as they are; all "
+        "are swapped in by one atomic rename, then the factory base (or the last good "
+        "slot) becomes the default. Reboot afterwards.",
+        epilog="example: btrdelta device factory-reset /mnt/top --keep home",
+    )
+    f.add_argument("fs", metavar="FS", help=_FS_HELP)
+    f.add_argument("--keep", action="append", default=[], metavar="SUBVOL",
+                   help="a state subvolume to keep (repeatable)")
+    f.add_argument("--to", choices=("factory", "last-good"), default="factory",
+                   help="the root selected (default: the factory base)")
+    f.add_argument("--json", action="store_true", help="print the report as JSON")
+    f.set_defaults(func=run_reset)
+    b = dsub.add_parser(
+        "backup", help="back up a state subvolume as (incremental, delta) send streams",
+        description="Snapshot state/SUBVOL read-only and send it to DEST (a directory or an "
+        "http(s) URL taking PUT): whole the first time, then incremental against the "
+        "previous backup and delta-compressed against its files. DEST/SUBVOL.backups.json "
+        "lists the chain.",
+        epilog="example: btrdelta device backup /mnt/top home /media/usb/backups",
+    )
+    b.add_argument("fs", metavar="FS", help=_FS_HELP)
+    b.add_argument("subvol", metavar="SUBVOL", help="state subvolume name (e.g. home)")
+    b.add_argument("dest", metavar="DEST", help="directory or http(s) URL")
+    b.add_argument("--full", action="store_true", help="a whole stream, not incremental")
+    b.add_argument("--json", action="store_true", help="print the index entry as JSON")
+    b.set_defaults(func=run_backup)
+    r = dsub.add_parser(
+        "restore", help="restore a state subvolume (or any directory) from its backups",
+        description="Receive the backup chain of SUBVOL from SRC (each delta verified "
+        "against the subvolume restored before it; the result against the backup's "
+        "tree-sum) and swap it in place of state/SUBVOL of FS. With --to-dir, receive it "
+        "below any directory instead (any filesystem).",
+        epilog="example: btrdelta device restore /mnt/top home /media/usb/backups",
+    )
+    r.add_argument("fs", metavar="FS|DIR", help=_FS_HELP + "; or a directory with --to-dir")
+    r.add_argument("subvol", metavar="SUBVOL", help="the backed-up subvolume's name")
+    r.add_argument("src", metavar="SRC", help="directory or http(s) URL of the backups")
+    r.add_argument("--upto", type=int, metavar="N", help="restore backup N (default: last)")
+    r.add_argument("--as", dest="as_name", metavar="NAME", help="restore as state/NAME")
+    r.add_argument("--to-dir", action="store_true",
+                   help="FS is a plain directory: receive the tree below it")
+    r.set_defaults(func=run_restore)
 
 
 def _add_init(dsub: Any) -> None:
@@ -194,4 +270,64 @@ def run_rollback(args: argparse.Namespace) -> int:
     from ..device import rollback
 
     _print_status(rollback(args.fs), args.json)
+    return 0
+
+
+def run_mount(args: argparse.Namespace) -> int:
+    """Mount a root with its state."""
+    from ..device.overlay import mount
+
+    res = mount(args.fs, args.target, root=args.root, state=not args.no_state)
+    mounts: list[tuple[str, str]] = res["mounts"]  # type: ignore[assignment]
+    print(f"mounted root {res['root']} on {args.target}"
+          + "".join(f"; {mode} {path}" for mode, path in mounts))
+    return 0
+
+
+def run_diff(args: argparse.Namespace) -> int:
+    """Print the overlay changes."""
+    from ..device.overlay import diff
+
+    for change in diff(args.fs, root=args.root):
+        print(json.dumps(vars(change)) if args.json else change.line())
+    return 0
+
+
+def run_reset(args: argparse.Namespace) -> int:
+    """Factory reset."""
+    from ..device.reset import factory_reset
+
+    res = factory_reset(args.fs, keep=args.keep, to=args.to)
+    if args.json:
+        print(json.dumps(res, indent=1))
+    else:
+        print(f"factory reset: root {res['root']}; reset {', '.join(res['reset']) or '-'}; "
+              f"kept {', '.join(res['kept']) or '-'}; reboot now")
+    return 0
+
+
+def run_backup(args: argparse.Namespace) -> int:
+    """Back up a state subvolume."""
+    from ..device.backup import backup
+
+    entry = backup(args.fs, args.subvol, args.dest, full=args.full)
+    if args.json:
+        print(json.dumps(entry, indent=1))
+    else:
+        kind = "whole" if entry["parent"] is None else f"delta from backup {entry['parent']}"
+        print(f"backup {entry['n']} of {args.subvol}: {entry['file']} ({kind}, "
+              f"{human_bytes(entry['bytes'])})")
+    return 0
+
+
+def run_restore(args: argparse.Namespace) -> int:
+    """Restore a state subvolume."""
+    from ..device.backup import restore, restore_to_dir
+
+    if args.to_dir:
+        got = restore_to_dir(args.src, args.subvol, args.fs, upto=args.upto)
+        print(f"restored {args.subvol} to {got}")
+        return 0
+    res = restore(args.fs, args.subvol, args.src, upto=args.upto, as_name=args.as_name)
+    print(f"restored state/{res['subvol']} (tree-sum {res['tree_sum']})")
     return 0

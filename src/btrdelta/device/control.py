@@ -28,8 +28,9 @@ from .boot import (
     set_default_root,
 )
 from .layout import BOOTABLE, FACTORY, HIDDEN, SLOTS, DeviceError, Layout, open_device
+from .reset import fresh_state_subvol
 from .roots import build_root, place_root
-from .state import DeviceState, RootInfo, StateSubvol, load_state, parse_state_spec, save_state
+from .state import DeviceState, RootInfo, load_state, parse_state_spec, save_state
 
 __all__ = [
     "DEFAULT_STATE",
@@ -43,14 +44,6 @@ __all__ = [
 
 #: state subvolumes made when ``init`` is given none
 DEFAULT_STATE = ("etc:/etc:overlay", "var:/var:overlay", "home:/home:bind")
-
-
-def _make_state_subvol(layout: Layout, s: StateSubvol) -> None:
-    path = layout.state(s.name)
-    layout.create_subvolume(path)
-    if s.mode == "overlay":
-        (path / "upper").mkdir()
-        (path / "work").mkdir()
 
 
 def init(
@@ -86,7 +79,7 @@ def init(
         for slot in SLOTS:
             layout.snapshot(layout.root(FACTORY), layout.root(slot), readonly=True)
         for s in specs:
-            _make_state_subvol(layout, s)
+            fresh_state_subvol(layout, s, layout.state(s.name))
         st = DeviceState(tries=tries, hook=hook, state=specs)
         now = time.time()
         for name in BOOTABLE:

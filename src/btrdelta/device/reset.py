@@ -19,24 +19,39 @@ finishes the root switch (:func:`finish_reset`, called by recovery).
 from __future__ import annotations
 
 import os
+import stat
+from pathlib import Path
 from typing import Any
 
 from .boot import call_hook, clear_trial, default_root, set_default_root
 from .layout import FACTORY, DeviceError, Layout, open_device
 from .state import DeviceState, StateSubvol, save_state
 
-__all__ = ["factory_reset", "finish_reset"]
+__all__ = ["factory_reset", "finish_reset", "fresh_state_subvol"]
 
 _PREPARED = ".state-reset"
 _MARK = ".btrdelta-generation"
 
 
-def _fresh(layout: Layout, s: StateSubvol, dest: str) -> None:
-    path = layout.top / dest / s.name
+def fresh_state_subvol(layout: Layout, s: StateSubvol, dest: os.PathLike[str]) -> None:
+    """A new state subvolume ``dest``: empty; for an overlay, with ``upper`` and ``work``,
+    ``upper`` taking mode, owner and times of the factory root's directory (an overlay's
+    top directory shows its upper directory's own attributes)."""
+    path = Path(dest)
     layout.create_subvolume(path)
-    if s.mode == "overlay":
-        (path / "upper").mkdir()
-        (path / "work").mkdir()
+    if s.mode != "overlay":
+        return
+    upper = path / "upper"
+    upper.mkdir()
+    (path / "work").mkdir()
+    like = layout.root(FACTORY) / s.path.lstrip("/")
+    try:
+        st = os.lstat(like)
+    except FileNotFoundError:
+        return
+    os.chown(upper, st.st_uid, st.st_gid)
+    os.chmod(upper, stat.S_IMODE(st.st_mode))
+    os.utime(upper, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def _generation(path: os.PathLike[str]) -> int | None:
@@ -92,7 +107,7 @@ def factory_reset(
             if s.name in keep and layout.is_subvolume(layout.state(s.name)):
                 layout.snapshot(layout.state(s.name), prepared / s.name, readonly=False)
             else:
-                _fresh(layout, s, _PREPARED)
+                fresh_state_subvol(layout, s, prepared / s.name)
         (prepared / _MARK).write_text(f"{gen}\n")
         layout.sync()
         st.pending = {"op": "factory-reset", "to": target, "generation": gen,

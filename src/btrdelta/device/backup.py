@@ -1,0 +1,262 @@
+"""``device backup`` / ``device restore``: state subvolumes as chains of send streams.
+
+A backup of ``state/NAME`` is a read-only snapshot ``.btrdelta/backups/NAME/NAME.N`` sent
+by the kernel (``btrfs send``): the first one whole (``NAME.N.stream``), the next ones
+incremental against the previous snapshot, kept on the device for that, and
+delta-compressed against its files (``NAME.N.delta``, ``btrdelta delta make``). The files
+and an index ``NAME.backups.json`` go to a directory (any filesystem) or an HTTP location
+that takes ``PUT`` (WebDAV, S3-style object stores behind a presigning proxy). Restore
+reads the index, receives the chain from the last full stream on (a delta's old files are
+verified against the subvolume restored before it) and puts a writable snapshot of the
+result in place of ``state/NAME``, or leaves the received tree in any directory.
+
+Index (version 1)::
+
+    {"format": "btrdelta-backups", "version": 1, "name": "home",
+     "backups": [{"n": 1, "file": "home.1.stream", "parent": null,
+                  "uuid": "...", "tree_sum": "...", "bytes": 1234, "time": 1700000000.0}]}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from ..errors import StreamFormatError, TransportError
+from ..receive import subvol as sv
+from ..tree import tree_sum
+from .layout import DeviceError, Layout, open_device
+from .state import load_state, write_atomic
+
+__all__ = ["backup", "restore", "restore_to_dir"]
+
+_FORMAT = "btrdelta-backups"
+
+
+class _Store:
+    """A backup location: a directory, or an ``http(s)://`` URL taking PUT and GET."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where.rstrip("/")
+        self.http = where.startswith(("http://", "https://"))
+        if not self.http:
+            Path(where).mkdir(parents=True, exist_ok=True)
+
+    def put(self, name: str, path: Path) -> None:
+        if not self.http:
+            dest = Path(self.where) / name
+            tmp = dest.with_name(f".{name}.tmp-{os.getpid()}")
+            shutil.copyfile(path, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+            return
+        import httpx
+
+        url = f"{self.where}/{name}"
+        try:
+            with open(path, "rb") as f:
+                resp = httpx.put(url, content=f, timeout=60)
+        except httpx.HTTPError as exc:
+            raise TransportError(f"PUT failed: {exc}", url=url) from exc
+        if resp.status_code not in (200, 201, 204):
+            raise TransportError(f"PUT answered {resp.status_code}", url=url,
+                                 status=resp.status_code)
+
+    def get(self, name: str, dest: BinaryIO) -> None:
+        if not self.http:
+            try:
+                with open(Path(self.where) / name, "rb") as f:
+                    shutil.copyfileobj(f, dest, 1 << 20)
+            except FileNotFoundError as exc:
+                raise DeviceError(f"{self.where}: no backup file {name}") from exc
+            return
+        import httpx
+
+        url = f"{self.where}/{name}"
+        try:
+            with httpx.stream("GET", url, timeout=60) as resp:
+                if resp.status_code != 200:
+                    raise TransportError(f"GET answered {resp.status_code}", url=url,
+                                         status=resp.status_code)
+                for chunk in resp.iter_bytes(1 << 20):
+                    dest.write(chunk)
+        except httpx.HTTPError as exc:
+            raise TransportError(f"GET failed: {exc}", url=url) from exc
+
+    def index(self, name: str) -> list[dict[str, Any]]:
+        with tempfile.TemporaryFile() as f:
+            try:
+                self.get(f"{name}.backups.json", f)
+            except DeviceError:
+                return []
+            except TransportError as exc:
+                if exc.status == 404:
+                    return []
+                raise
+            f.seek(0)
+            raw = f.read(1 << 20)
+        try:
+            doc = json.loads(raw)
+            if doc.get("format") != _FORMAT or doc.get("version") != 1:
+                raise ValueError("not a btrdelta backup index")
+            return [dict(b) for b in doc["backups"]]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise StreamFormatError(f"invalid backup index: {exc}",
+                                    source=f"{self.where}/{name}.backups.json") from exc
+
+    def put_index(self, name: str, entries: list[dict[str, Any]]) -> None:
+        doc = {"format": _FORMAT, "version": 1, "name": name, "backups": entries}
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            f.write(json.dumps(doc, indent=1).encode() + b"\n")
+            f.flush()
+            if self.http:
+                self.put(f"{name}.backups.json", Path(f.name))
+            else:
+                write_atomic(Path(self.where) / f"{name}.backups.json",
+                             Path(f.name).read_bytes())
+
+
+def _snapshots(layout: Layout, name: str) -> list[tuple[int, Path]]:
+    base = layout.backups / name
+    out = []
+    for entry in os.listdir(base) if base.is_dir() else []:
+        head, _, num = entry.rpartition(".")
+        if head == name and num.isdigit():
+            out.append((int(num), base / entry))
+    return sorted(out)
+
+
+def backup(fs: str | os.PathLike[str], name: str, dest: str, *,
+           full: bool = False) -> dict[str, Any]:
+    """Back up state subvolume ``name`` to ``dest`` (directory or URL): incremental against
+    the previous backup when it is both on the device and in ``dest``'s index, as a delta
+    stream against its files; else a whole stream. Returns the new index entry."""
+    from ..delta import make_delta
+    from ..send import kernel_send
+
+    store = _Store(dest)
+    with open_device(fs) as layout, layout.lock():
+        st = load_state(layout)
+        if name not in {s.name for s in st.state} or not layout.is_subvolume(layout.state(name)):
+            raise DeviceError(f"no state subvolume {name!r}")
+        entries = store.index(name)
+        local = _snapshots(layout, name)
+        known = {int(e["n"]) for e in entries}
+        prev = None if full or not local or local[-1][0] not in known else local[-1]
+        n = max([0, *known, *(k for k, _ in local)]) + 1
+        (layout.backups / name).mkdir(parents=True, exist_ok=True)
+        snap = layout.backups / name / f"{name}.{n}"
+        layout.snapshot(layout.state(name), snap, readonly=True)
+        try:
+            entry = _send(layout, snap, prev, store, name, n, kernel_send, make_delta)
+        except BaseException:
+            layout.delete(snap)
+            raise
+        for _k, old in local:  # only the newest snapshot is the next parent
+            layout.delete(old)
+        store.put_index(name, [*entries, entry])
+        return entry
+
+
+def _send(layout: Layout, snap: Path, prev: tuple[int, Path] | None, store: _Store,
+          name: str, n: int, kernel_send: Any, make_delta: Any) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(dir=layout.meta) as tmp:
+        stream = Path(tmp) / "stream"
+        with open(stream, "wb") as f:
+            kernel_send(f.write, snap, prev[1] if prev else None, version=2,
+                        compressed=True)
+        if prev is None:
+            file, out = f"{name}.{n}.stream", stream
+        else:
+            file, out = f"{name}.{n}.delta", Path(tmp) / "delta"
+            with open(stream, "rb") as src, open(out, "wb") as dst:
+                make_delta(src, prev[1], dst.write, source=str(snap))
+        store.put(file, out)
+        with layout.fd(snap) as fd:
+            uuid = sv.subvol_info(fd).uuid
+        return {"n": n, "file": file, "parent": prev[0] if prev else None, "uuid": str(uuid),
+                "tree_sum": tree_sum(snap), "bytes": out.stat().st_size,
+                "time": round(time.time(), 3)}
+
+
+def _chain(entries: list[dict[str, Any]], upto: int | None) -> list[dict[str, Any]]:
+    by_n = {int(e["n"]): e for e in entries}
+    if not by_n:
+        raise DeviceError("no backups to restore")
+    n: int | None = upto if upto is not None else max(by_n)
+    chain = []
+    while n is not None:
+        if n not in by_n:
+            raise DeviceError(f"backup {n} is missing from the index")
+        chain.append(by_n[n])
+        parent = by_n[n].get("parent")
+        n = None if parent is None else int(parent)
+    return list(reversed(chain))
+
+
+def restore_to_dir(src: str, name: str, dest: str | os.PathLike[str], *,
+                   upto: int | None = None) -> Path:
+    """Receive backup chain ``name`` from ``src`` below directory ``dest`` (any filesystem;
+    subvolumes on btrfs); returns the directory of the restored tree, checked against the
+    backup's tree-sum."""
+    from ..update.receive import receive_any
+
+    store = _Store(src)
+    chain = _chain(store.index(name), upto)
+    dest = Path(dest)
+    got: Path | None = None
+    for entry in chain:
+        with tempfile.TemporaryFile() as f:
+            store.get(str(entry["file"]), f)
+            f.seek(0)
+            done = receive_any(f, dest, source=f"{src}/{entry['file']}")
+        got = done[-1].path
+    assert got is not None
+    digest = tree_sum(got)
+    if digest != chain[-1]["tree_sum"]:
+        from ..errors import ChecksumError
+
+        raise ChecksumError(f"restored tree-sum {digest} differs from the backup's",
+                            expected=chain[-1]["tree_sum"], actual=digest, source=src)
+    return got
+
+
+def restore(fs: str | os.PathLike[str], name: str, src: str, *, upto: int | None = None,
+            as_name: str | None = None) -> dict[str, Any]:
+    """Restore backup chain ``name`` from ``src`` as state subvolume ``as_name`` (default
+    ``name``) of device ``fs``: received in a hidden directory, then a writable snapshot
+    swapped in place of the state subvolume in one rename."""
+    target = as_name or name
+    with open_device(fs) as layout, layout.lock():
+        st = load_state(layout)
+        if target not in {s.name for s in st.state}:
+            raise DeviceError(f"the device has no state subvolume {target!r}")
+        work = layout.meta / "restore"
+        layout.delete(work, wait=True)
+        work.mkdir()
+        try:
+            got = restore_to_dir(src, name, work, upto=upto)
+            fresh = layout.state_dir / f".restored-{target}"
+            layout.delete(fresh)
+            layout.snapshot(got, fresh, readonly=False)
+            live = layout.state(target)
+            if os.path.lexists(live):
+                layout.exchange(fresh, live)
+            else:
+                layout.rename(fresh, live)
+            layout.sync()
+            layout.delete(fresh)  # the old one, after the swap
+        finally:
+            layout.delete(work, wait=True)
+        st.note("restore", subvol=target, source=src)
+        from .state import save_state
+
+        save_state(layout, st)
+        return {"subvol": target, "tree_sum": tree_sum(layout.state(target))}
+

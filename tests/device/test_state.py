@@ -1,0 +1,197 @@
+"""Read-only roots with writable overlays, diff, factory reset, backup and restore, on
+loop-mounted btrfs (and ext4 as a backup location); oracles: overlayfs itself (the merged
+view), tree-sums of trees changed the same way by plain file operations, btrfs-progs."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from btrdelta import device
+from btrdelta.device.backup import backup, restore, restore_to_dir
+from btrdelta.device.overlay import diff, mount
+from btrdelta.device.reset import factory_reset
+from btrdelta.testing.loopfs import loop_fs
+from btrdelta.tree import diff_manifests, tree_manifest, tree_sum
+
+from .conftest import Release, btrdelta, copy_tree
+from .test_install import progs_default
+
+pytestmark = pytest.mark.btrfs
+STATE = ["etc:/etc:overlay", "var:/var:overlay", "home:/home:bind"]
+
+
+def _changes(root: Path) -> None:
+    """The same edits, on a mounted device or on a plain copy (the oracle)."""
+    (root / "etc/new.conf").write_text("added\n")
+    with open(root / "etc/apt/sources.list", "a") as f:
+        f.write("deb http://example.invalid/debian bookworm main\n")
+    os.unlink(root / "etc/apt/apt.conf.d/01autoremove")
+    shutil.rmtree(root / "etc/apt/trusted.gpg.d")
+    (root / "etc/apt/trusted.gpg.d").mkdir()
+    (root / "home/user").mkdir()
+    (root / "home/user/notes").write_text("mine\n")
+    for rel in ("etc/new.conf", "etc/apt/sources.list", "etc/apt/apt.conf.d",
+                "etc/apt/trusted.gpg.d", "etc/apt", "etc", "home/user/notes", "home/user",
+                "home"):
+        os.utime(root / rel, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
+
+
+@pytest.fixture
+def sysroot(tmp_path: Path) -> Iterator[Path]:
+    target = tmp_path / "sysroot"
+    target.mkdir()
+    yield target
+    subprocess.run(["umount", "-R", str(target)], capture_output=True, check=False)
+
+
+def _umount(target: Path) -> None:
+    subprocess.run(["umount", "-R", str(target)], check=True)
+
+
+def test_overlay_diff_and_factory_reset(btrfs_dev: Path, small_release: Release,
+                                        sysroot: Path, tmp_path: Path) -> None:
+    r = small_release
+    device.init(btrfs_dev, r.old, state=STATE)
+    btrdelta("device", "mount", btrfs_dev, sysroot)
+    _changes(sysroot)
+    with pytest.raises(OSError, match="Read-only") as exc:
+        (sysroot / "usr/lib/apt/x").write_text("the root is read-only")
+    assert exc.value.errno == errno.EROFS
+    _umount(sysroot)
+    assert tree_sum(btrfs_dev / "roots/a") == r.old_sum
+    # the oracle: a plain copy changed by the same file operations
+    expected = tmp_path / "expected"
+    copy_tree(btrfs_dev / "roots/a", expected)
+    _changes(expected)
+    mount(btrfs_dev, sysroot)
+    assert diff_manifests(tree_manifest(sysroot / "etc"), tree_manifest(expected / "etc")) == []
+    assert tree_sum(sysroot / "home") == tree_sum(expected / "home")
+    _umount(sysroot)
+    out = btrdelta("device", "diff", btrfs_dev).stdout.splitlines()
+    assert out == ["D /etc/apt/apt.conf.d/01autoremove", "M /etc/apt/sources.list",
+                   "R /etc/apt/trusted.gpg.d/", "A /etc/new.conf"]
+    # factory reset keeping home: /etc is the release's again, home stays
+    btrdelta("device", "factory-reset", btrfs_dev, "--keep", "home")
+    assert progs_default(btrfs_dev) == "roots/factory"
+    assert diff(btrfs_dev) == []
+    mount(btrfs_dev, sysroot)
+    assert tree_sum(sysroot / "etc") == tree_sum(btrfs_dev / "roots/factory/etc")
+    assert (sysroot / "home/user/notes").read_text() == "mine\n"
+    _umount(sysroot)
+    st = device.status(btrfs_dev)
+    assert st["pending"] is None
+    assert [s["present"] for s in st["state"]] == [True, True, True]
+    assert sorted(os.listdir(btrfs_dev)) == [".btrdelta", "roots", "state"]
+    factory_reset(btrfs_dev)
+    assert os.listdir(btrfs_dev / "state/home") == []
+    # an install after the reset goes to a slot, never to the factory base
+    assert device.install(btrfs_dev, r.delta).slot in ("a", "b")
+    assert tree_sum(btrfs_dev / "roots/factory") == r.old_sum
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def dav(tmp_path: Path) -> Iterator[str]:
+    """nginx taking PUT (WebDAV module) and serving GET: an HTTP backup location."""
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.path.exists(binary):
+        if os.environ.get("CI") == "true":
+            pytest.fail("nginx is required under CI")
+        pytest.skip("nginx not installed")
+    port = _free_port()
+    root = tmp_path / "www"
+    (root / "backups").mkdir(parents=True)
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(f"""
+daemon off; master_process off; worker_processes 1; pid {tmp_path}/nginx.pid;
+error_log {tmp_path}/error.log;
+events {{ worker_connections 64; }}
+http {{
+  access_log off; client_max_body_size 0;
+  client_body_temp_path {tmp_path}/body; proxy_temp_path {tmp_path}/proxy;
+  fastcgi_temp_path {tmp_path}/fcgi; uwsgi_temp_path {tmp_path}/uwsgi;
+  scgi_temp_path {tmp_path}/scgi;
+  server {{ listen 127.0.0.1:{port}; root {root};
+            location /backups/ {{ dav_methods PUT; create_full_put_path on; }} }}
+}}
+""")
+    proc = subprocess.Popen([binary, "-c", str(conf), "-e", str(tmp_path / "error.log")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}/backups"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def _edit(home: Path) -> None:
+    """A second day's changes: a file edited in place, one added, one removed."""
+    data = home / "data"
+    victims = sorted(p for p in data.rglob("*") if p.is_file() and not p.is_symlink())
+    with open(victims[0], "r+b") as f:
+        f.seek(100)
+        f.write(b"edited")
+    victims[1].unlink()
+    (data / "added").write_bytes(os.urandom(5000))
+
+
+def test_backup_to_ext4_and_http_restore_elsewhere(btrfs_dev: Path, small_release: Release,
+                                                   dav: str) -> None:
+    r = small_release
+    device.init(btrfs_dev, r.old, state=STATE)
+    home = btrfs_dev / "state/home"
+    copy_tree(r.new / "usr/lib/apt", home / "data")
+    with loop_fs("ext4", size="256M") as ext4:
+        dest = ext4 / "backups"
+        first = backup(btrfs_dev, "home", str(dest))
+        sums = [tree_sum(home)]
+        _edit(home)
+        out = btrdelta("device", "backup", btrfs_dev, "home", dest, "--json").stdout
+        second = json.loads(out)
+        sums.append(tree_sum(home))
+        assert first["file"] == "home.1.stream"
+        assert second["file"] == "home.2.delta"
+        assert second["parent"] == 1
+        assert second["bytes"] < first["bytes"] / 10  # incremental and delta-compressed
+        assert [first["tree_sum"], second["tree_sum"]] == sums
+        # back onto any filesystem (ext4: directories), and onto a fresh device
+        (ext4 / "restored").mkdir()
+        got = restore_to_dir(str(dest), "home", ext4 / "restored")
+        assert tree_sum(got) == sums[1]
+        with loop_fs("btrfs", size="1G") as other:
+            device.init(other, r.new, state=STATE)
+            btrdelta("device", "restore", other, "home", dest)
+            assert tree_sum(other / "state/home") == sums[1]
+            restore(other, "home", str(dest), upto=1)
+            assert tree_sum(other / "state/home") == sums[0]
+            (other / "state/home/written").write_text("the restored subvolume is writable\n")
+    # the same chain through HTTP PUT/GET (nginx)
+    first = backup(btrfs_dev, "home", dav, full=True)
+    (home / "later").write_text("x")
+    second = backup(btrfs_dev, "home", dav)
+    assert second["file"].endswith(".delta")
+    with loop_fs("btrfs", size="512M") as other:
+        (other / "r").mkdir()
+        got = restore_to_dir(dav, "home", other / "r")
+        assert tree_sum(got) == tree_sum(home)
