@@ -141,3 +141,37 @@ def test_install_from_tree_and_booted_slot_is_kept(btrfs_dev: Path,
     assert res.slot == "a"
     assert tree_sum(btrfs_dev / "roots/a") == r.old_sum
     assert sorted(os.listdir(btrfs_dev / "roots")) == ["a", "b", "factory"]
+
+
+def test_disk_full_during_install(small_release: Release, tmp_path: Path) -> None:
+    from btrdelta.testing.loopfs import loop_fs
+
+    from tests.conftest import require_btrfs
+
+    require_btrfs()
+    r = small_release
+    big = tmp_path / "big"
+    subprocess.run(["cp", "-a", str(r.new), str(big)], check=True)
+    with open(big / "payload", "wb") as f:  # incompressible, larger than the device
+        for _ in range(40):
+            f.write(os.urandom(8 << 20))
+    with loop_fs("btrfs", size="256M") as mnt:
+        device.init(mnt, r.old, state=["home:/home:bind"])
+        (mnt / "state/home/kept").write_text("state survives\n")
+        os.sync()
+        before = os.statvfs(mnt).f_bavail
+        proc = btrdelta("device", "install", mnt, big, check=False)
+        assert proc.returncode == 8, proc.stderr
+        assert "disk full" in proc.stderr
+        assert proc.stderr.count("\n") == 1
+        after = os.statvfs(mnt).f_bavail
+        assert after >= before * 0.95, (before, after)  # the space came back
+        st = device.status(mnt)
+        assert st["trial"] is None
+        assert st["next_boot"] == "a"
+        assert st["pending"] is None
+        assert tree_sum(mnt / "roots/b") == r.old_sum
+        assert subvolumes(mnt) == ["roots/a", "roots/b", "roots/factory", "state/home"]
+        assert (mnt / "state/home/kept").read_text() == "state survives\n"
+        # and an install that fits still works
+        assert device.install(mnt, r.delta).tree_sum == r.new_sum

@@ -134,8 +134,9 @@ def install(
                                on_progress=on_progress)
         except BaseException as exc:
             _abandon(layout, st, slot)
-            if is_enospc(exc) and not isinstance(exc, ApplyError):
-                raise ApplyError(f"disk full while installing into slot {slot}") from exc
+            if is_enospc(exc):
+                raise ApplyError(f"disk full while installing into slot {slot} (nothing "
+                                 f"selected, space given back): {exc}") from exc
             raise
         step("place")
         place_root(layout, built, slot)
@@ -145,7 +146,13 @@ def install(
         step("commit")
         start_trial(layout, slot, n)
         step("hook")
-        call_hook(st.hook, "try", slot, str(n))
+        try:
+            call_hook(st.hook, "try", slot, str(n))
+        except DeviceError:
+            clear_trial(layout)  # the bootloader was not told: no trial at all
+            st.pending = None
+            save_state(layout, st)
+            raise
         st.pending = None
         st.note("install", slot=slot, release=built.release, tree_sum=built.tree_sum,
                 tries=n)

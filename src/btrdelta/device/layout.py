@@ -134,9 +134,14 @@ class Layout:
         """Delete subvolume ``path`` (and subvolumes nested in it); with ``wait``, return
         only when btrfs gave its space back."""
         ids = self._delete_tree(path)
-        if wait and ids:
-            with self.fd() as fd:
-                sv.wait_subvolumes_gone(fd, ids)
+        if wait:
+            self.wait_cleaned(ids)
+
+    def wait_cleaned(self, ids: list[int] | None = None) -> None:
+        """Wait until deleted subvolumes (default: every one waiting) gave their space
+        back."""
+        with self.fd() as fd:
+            sv.wait_subvolumes_gone(fd, ids)
 
     def _delete_tree(self, path: Path) -> list[int]:
         if not os.path.lexists(path):

@@ -164,7 +164,8 @@ def build_root(
                 f"received root has tree-sum {digest}, the release's is {expect_sum}",
                 expected=expect_sum, actual=digest, source=label)
     except BaseException:
-        layout.delete(staged, wait=True)
+        layout.delete(staged)
+        layout.wait_cleaned()  # the receive's own unfinished subvolume too
         raise
     return Built(staged, done.name, done.uuid, digest, done.records, done.data_bytes,
                  time.monotonic() - start, label)

@@ -1,0 +1,146 @@
+"""The boot side: the initramfs script (run by busybox sh on the real filesystem) against
+the Python decision, and the boot hooks against the real bootloader tools (grub-editenv,
+fw_setenv/fw_printenv)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from btrdelta import device
+from btrdelta.device.boot import read_trial
+
+from .conftest import Release
+
+pytestmark = pytest.mark.btrfs
+CONTRIB = Path(__file__).parents[2] / "contrib" / "boot"
+
+
+def _need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{tool} is required under CI (scripts/sysdeps.sh installs it)")
+        pytest.skip(f"{tool} not installed")
+    return path
+
+
+def _script(*args: str | os.PathLike[str]) -> str:
+    busybox = _need("busybox")
+    proc = subprocess.run([busybox, "sh", str(CONTRIB / "btrdelta-boot.sh"),
+                           *map(os.fspath, args)], capture_output=True, text=True, check=True)
+    return proc.stdout.strip()
+
+
+def _source(mnt: Path) -> str:
+    return subprocess.run(["findmnt", "-n", "-o", "SOURCE", str(mnt)], capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+def test_initramfs_script_counts_boots_and_mounts(btrfs_dev: Path, small_release: Release,
+                                                  tmp_path: Path) -> None:
+    r = small_release
+    device.init(btrfs_dev, r.old, state=["etc:/etc:overlay", "home:/home:bind"], tries=2)
+    assert _script("select", btrfs_dev) == "default"
+    device.install(btrfs_dev, r.delta)
+    # what busybox decides, boot after boot, and the trial file it leaves
+    seen = []
+    for _ in range(3):
+        seen.append(_script("select", btrfs_dev))
+        trial = read_trial(device.Layout(btrfs_dev))
+        assert trial is not None
+        seen.append(trial.file_name)
+    assert seen == ["b", "try-b+1-1", "b", "try-b+0-2", "default", "try-b+0-2"]
+    st = device.status(btrfs_dev)
+    assert st["trial"] == {"slot": "b", "tries_left": 0, "boots": 2}
+    # the script's mount: the default root (a) with the overlay and the bind
+    root = tmp_path / "root"
+    root.mkdir()
+    (btrfs_dev / "state/etc/upper/hostname").write_text("device-1\n")
+    (btrfs_dev / "state/home/u").write_text("user\n")
+    try:
+        _script("mount", _source(btrfs_dev), btrfs_dev, root)
+        assert (root / "etc/hostname").read_text() == "device-1\n"
+        assert (root / "etc/apt/sources.list").exists()  # the lower layer shows through
+        assert (root / "home/u").read_text() == "user\n"
+        assert (root / "usr/lib/apt").is_dir()
+        findmnt = subprocess.run(["findmnt", "-n", "-o", "FSROOT", str(root)],
+                                 capture_output=True, text=True, check=True).stdout
+        assert findmnt.strip() == "/roots/a"
+    finally:
+        subprocess.run(["umount", "-R", str(root)], capture_output=True, check=False)
+
+
+def _hook(tmp_path: Path) -> Path:
+    """A boot hook that drives the GRUB and the U-Boot examples (and logs its calls)."""
+    grubenv = tmp_path / "grubenv"
+    subprocess.run([_need("grub-editenv"), str(grubenv), "create"], check=True)
+    uenv = tmp_path / "uboot.env"
+    uenv.write_bytes(b"\0" * 0x4000)
+    cfg = tmp_path / "fw_env.config"
+    cfg.write_text(f"{uenv} 0x0 0x4000\n")
+    defenv = tmp_path / "default.env"
+    defenv.write_text("bootdelay=1\n")
+    subprocess.run([_need("fw_setenv"), "-c", str(cfg), "-f", str(defenv), "bootdelay", "1"],
+                   check=True, capture_output=True)
+    hook = tmp_path / "hook"
+    hook.write_text(f"""#!/bin/sh
+set -e
+echo "$@" >> {tmp_path}/calls
+GRUBENV={grubenv} {CONTRIB}/grub.sh "$@"
+FW_ENV_CONFIG={cfg} {CONTRIB}/uboot.sh "$@"
+""")
+    hook.chmod(0o755)
+    return hook
+
+
+def _env(tmp_path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    grub = subprocess.run(["grub-editenv", str(tmp_path / "grubenv"), "list"],
+                          capture_output=True, text=True, check=True).stdout
+    uboot = subprocess.run(["fw_printenv", "-c", str(tmp_path / "fw_env.config")],
+                           capture_output=True, text=True, check=True).stdout
+
+    def parse(text: str) -> dict[str, str]:
+        return dict(line.split("=", 1) for line in text.splitlines()
+                    if line.startswith("btrdelta_"))
+
+    return parse(grub), parse(uboot)
+
+
+def test_hooks_drive_grub_and_uboot_environments(btrfs_dev: Path, small_release: Release,
+                                                 tmp_path: Path) -> None:
+    r = small_release
+    hook = _hook(tmp_path)
+    device.init(btrfs_dev, r.old, state=[], hook=str(hook), tries=3)
+    assert _env(tmp_path) == ({"btrdelta_default": "a"}, {"btrdelta_default": "a"})
+    device.install(btrfs_dev, r.delta)
+    want = {"btrdelta_default": "a", "btrdelta_try": "b", "btrdelta_left": "3"}
+    assert _env(tmp_path) == (want, want)
+    device.mark_good(btrfs_dev, slot="b")
+    assert _env(tmp_path) == ({"btrdelta_default": "b"}, {"btrdelta_default": "b"})
+    device.install(btrfs_dev, r.old, booted="b")
+    device.rollback(btrfs_dev, booted="b")  # the trial of a is cancelled
+    want = {"btrdelta_default": "b", "btrdelta_try": "a", "btrdelta_left": "0"}
+    assert _env(tmp_path) == (want, want)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls == ["good a", "try b 3", "good b", "try a 3", "cancel a"]
+
+
+def test_failing_hook_is_an_error(btrfs_dev: Path, small_release: Release,
+                                  tmp_path: Path) -> None:
+    hook = tmp_path / "hook"
+    hook.write_text("#!/bin/sh\necho 'no bootloader environment' >&2\nexit 1\n")
+    hook.chmod(0o755)
+    device.init(btrfs_dev, small_release.old, state=[])
+    st_path = btrfs_dev / ".btrdelta/state.json"
+    st_path.write_text(st_path.read_text().replace('"hook": null', f'"hook": "{hook}"'))
+    with pytest.raises(device.DeviceError, match="no bootloader environment"):
+        device.install(btrfs_dev, small_release.delta)
+    st = device.status(btrfs_dev)
+    assert st["trial"] is None  # the bootloader was not told: nothing selected
+    assert st["next_boot"] == "a"
+    assert st["pending"] is None
