@@ -7,6 +7,8 @@
    the same on btrfs, where unchanged files are reflinked from v1
 5. userspace send from plain directories, received by the kernel's btrfs receive
 6. whole images: a chunk archive served over HTTP, cloned reusing what the device has
+7. a device: factory base and A/B slots on btrfs, install by delta, boot counting brings the
+   old root back after a bad update, mark-good, overlays, factory reset, backup
 """
 
 from __future__ import annotations
@@ -168,8 +170,37 @@ def main() -> int:
         sh("cmp v2.out v2.ext4 && echo 'cloned v2 image is bit-identical'")
         print(f"  v2 archive {size(Path('srv/v2.cba')):,} bytes; "
               "the clone fetched only the chunks v1 did not have (see above)")
+        device_story(stack, src, work)
     print(f"\n{BOLD}demo finished in {time.monotonic() - t0:.0f} s{END}")
     return 0
+
+
+def device_story(stack: ExitStack, src: Path, work: Path) -> None:
+    """7. The device workflow on a loop btrfs (docs/device.md)."""
+    step("7. A device: A/B roots fed by the delta, boot counting, overlays, factory reset")
+    top = stack.enter_context(loop_fs("btrfs", size="1G"))
+    sh(f"btrdelta device init {top} --factory v1.stream --tries 2")
+    sh(f"btrfs subvolume get-default {top}")
+    sh(f"btrdelta device install {top} v1-v2.delta")
+    sh(f"btrdelta device status {top}")
+    boot = Path(__file__).resolve().parents[1] / "contrib/boot/btrdelta-boot.sh"
+    print("  three boots; v2 never marks itself good (its health check fails):")
+    for _ in range(3):
+        sh(f"busybox sh {boot} select {top}")
+    sh(f"btrdelta device status {top}")
+    print("  the old root is back by itself; install again, boot, health check passes:")
+    sh(f"btrdelta device mark-bad {top} --slot b")
+    sh(f"btrdelta device install {top} v1-v2.delta && busybox sh {boot} select {top}")
+    sh(f"btrdelta device mark-good {top} --slot b && btrfs subvolume get-default {top}")
+    sh(f"btrdelta tree-sum --ignore-root-mtime --compare {top}/roots/b {src}/v2")
+    sysroot = work / "sysroot"
+    sysroot.mkdir()
+    sh(f"btrdelta device mount {top} {sysroot}")
+    sh(f"echo device-1 > {sysroot}/etc/hostname && touch {sysroot}/usr/x 2>&1 | head -1",
+       check=False)
+    sh(f"umount -R {sysroot}; btrdelta device diff {top}")
+    sh(f"btrdelta device backup {top} home backups && ls backups")
+    sh(f"btrdelta device factory-reset {top} --keep home && btrdelta device status {top}")
 
 
 def _wait_port(log: Path) -> int:

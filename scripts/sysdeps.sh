@@ -8,8 +8,14 @@ declare -A need=(
   [setcap]=libcap2-bin [zstd]=zstd [bsdiff]=bsdiff [xdelta3]=xdelta3 [rsync]=rsync
   [fusermount3]=fuse3 [nbdinfo]=libnbd-bin [nbdsh]=python3-libnbd [qemu-img]=qemu-utils
   [casync]=casync [nginx]=nginx-light
-  [debootstrap]=debootstrap [losetup]=mount [chromium]=chromium
+  [debootstrap]=debootstrap [losetup]=mount [chromium]=chromium [busybox]=busybox-static
+  [grub-editenv]=grub-common [fw_setenv]=libubootenv-tool [findmnt]=mount
 )
+# `make vmtest` (scripts/sysdeps.sh --vm): qemu, cpio and modinfo for the initramfs
+if [ "${1:-}" = "--vm" ]; then
+  need+=([qemu-system-x86_64]=qemu-system-x86 [cpio]=cpio [modinfo]=kmod [xz]=xz-utils
+         [zstd]=zstd)
+fi
 missing=()
 for cmd in "${!need[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("${need[$cmd]}")

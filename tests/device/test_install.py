@@ -145,7 +145,6 @@ def test_install_from_tree_and_booted_slot_is_kept(btrfs_dev: Path,
 
 def test_disk_full_during_install(small_release: Release, tmp_path: Path) -> None:
     from btrdelta.testing.loopfs import loop_fs
-
     from tests.conftest import require_btrfs
 
     require_btrfs()
