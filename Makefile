@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: all sysdeps venv demo test lint bench clean
+.PHONY: all sysdeps venv demo test lint bench vmtest clean
 all: test
 
 sysdeps:
@@ -28,6 +28,11 @@ test: sysdeps venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
+
+# power cuts in qemu (docs/device.md §9): not part of `make test` (tens of minutes under TCG)
+vmtest: sysdeps venv
+	@scripts/sysdeps.sh --vm
+	BTRDELTA_VMTEST=1 $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/device/test_powercut.py
 
 lint: venv
 	$(BIN)/ruff check .

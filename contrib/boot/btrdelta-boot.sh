@@ -3,8 +3,9 @@
 #
 #   btrdelta-boot.sh select TOP          print the root to boot ("a", "b", "factory" or
 #                                        "default"), spending one try of a pending trial
-#   btrdelta-boot.sh mount DEV TOP ROOT  mount the chosen root read-only on ROOT and the
-#                                        state subvolumes over it (overlays, binds)
+#   btrdelta-boot.sh mount DEV TOP ROOT  select, then mount the chosen root read-only on ROOT
+#                                        and the state subvolumes over it (overlays, binds);
+#                                        prints the choice
 #
 # TOP is where the filesystem's top level is mounted read-write (mount -o subvolid=5).
 # Layout and rules: docs/device.md. The decision, in full:
@@ -60,6 +61,6 @@ mount_root() {
 
 case "${1:-}" in
     select) select_root "$2" ;;
-    mount) mount_root "$2" "$3" "$4" "$(select_root "$3")" ;;
+    mount) choice=$(select_root "$3"); mount_root "$2" "$3" "$4" "$choice"; echo "$choice" ;;
     *) echo "usage: $0 select TOP | mount DEV TOP ROOT" >&2; exit 2 ;;
 esac

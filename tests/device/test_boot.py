@@ -63,7 +63,7 @@ def test_initramfs_script_counts_boots_and_mounts(btrfs_dev: Path, small_release
     (btrfs_dev / "state/etc/upper/hostname").write_text("device-1\n")
     (btrfs_dev / "state/home/u").write_text("user\n")
     try:
-        _script("mount", _source(btrfs_dev), btrfs_dev, root)
+        assert _script("mount", _source(btrfs_dev), btrfs_dev, root) == "default"
         assert (root / "etc/hostname").read_text() == "device-1\n"
         assert (root / "etc/apt/sources.list").exists()  # the lower layer shows through
         assert (root / "home/u").read_text() == "user\n"

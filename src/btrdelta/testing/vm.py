@@ -1,0 +1,270 @@
+"""A small virtual machine for power-cut tests of device workflows (``make vmtest``).
+
+``VmKit.prepare(cache)`` fetches Debian's kernel package with ``apt-get download`` (once),
+extracts the kernel as an ELF ``vmlinux`` (booted through its PVH entry: no decompression,
+no BIOS wait) and builds an initramfs of busybox-static, the modules the device needs
+(btrfs, overlay, virtio, 9p, with their dependencies from ``depmod``), the initramfs
+script of ``contrib/boot`` and an ``/init`` that acts by the kernel command line:
+
+* ``btrdelta.mode=boot``: select and mount a root as a device boots (spending a try),
+  check it (release marker, state subvolumes present, the home marker, whether ``/etc``
+  shows the local ``hostname`` of the etc overlay), run its health check (a release marker
+  ``bad`` fails it) and, when it is healthy and on trial, mark it good; report one line
+  ``BTRDELTA-RESULT choice=... release=... state=... etc=... health=...``; power off.
+* ``btrdelta.mode=run``: run ``btrdelta ARGS`` (``btrdelta.args=`` with ``+`` for spaces)
+  from the host's filesystem, shared read-only over 9p, against the virtual disk; print
+  ``BTRDELTA-START`` before and ``BTRDELTA-DONE rc=N`` after; power off.
+
+``VmKit.run(image, mode, ...)`` boots qemu (KVM when it works, else TCG) and returns the
+serial console's lines; ``kill_after`` kills qemu (SIGKILL: a power cut) that many seconds
+after ``BTRDELTA-START``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import lzma
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["VmKit", "VmResult"]
+
+_MODULES = ("virtio_pci", "virtio_blk", "btrfs", "overlay", "9pnet_virtio", "9p",
+            "crc32c_generic", "crc32c-intel", "blake2b_generic", "xxhash_generic",
+            "sha256_generic")
+_CONTRIB = Path(__file__).resolve().parents[3] / "contrib" / "boot"
+
+_INIT = r"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+modprobe -a virtio_pci virtio_blk btrfs overlay 9pnet_virtio 9p 2>/dev/null
+for i in $(seq 100); do [ -b /dev/vda ] && break; sleep 0.1; done
+arg() { sed -n "s/.*btrdelta\.$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
+mode=$(arg mode)
+finish() { sync; echo "BTRDELTA-END"; poweroff -f; }
+mkdir -p /top /sysroot /host
+if [ "$mode" = boot ]; then
+    if ! mount -t btrfs -o subvolid=5 /dev/vda /top; then
+        echo "BTRDELTA-RESULT choice=none release=none state=none etc=none health=none"
+        finish
+    fi
+    choice=$(sh /btrdelta-boot.sh mount /dev/vda /top /sysroot 2>/dev/null | tail -1)
+    release=$(cat /sysroot/etc/btrdelta-release 2>/dev/null || echo none)
+    state=ok
+    for name in etc var home; do [ -d /top/state/$name ] || state=missing-$name; done
+    [ "$(cat /sysroot/home/marker 2>/dev/null)" = state-ok ] || state=home-lost
+    etc=release
+    [ "$(cat /sysroot/etc/hostname 2>/dev/null)" = vm-device ] && etc=local
+    health=ok
+    [ "$release" = bad ] && health=fail
+    [ "$release" = none ] && health=fail
+    echo "BTRDELTA-RESULT choice=$choice release=$release state=$state etc=$etc health=$health"
+    umount /sysroot/etc /sysroot/var /sysroot/home 2>/dev/null; umount /sysroot
+    umount /top
+    if [ "$health" = ok ] && [ "$choice" != default ]; then mode=run; good=$choice; fi
+fi
+if [ "$mode" = run ]; then
+    mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=524288 host /host
+    mount -t proc proc /host/proc; mount -t sysfs sys /host/sys
+    mount -t devtmpfs dev /host/dev; mount -t tmpfs tmp /host/tmp; mount -t tmpfs run /host/run
+    py=$(arg python); cwd=$(arg cwd)
+    if [ -n "$good" ]; then args="device mark-good /dev/vda --slot $good"
+    else args=$(arg args | tr + ' '); fi
+    echo "BTRDELTA-START"
+    chroot /host /bin/sh -c "cd $cwd && exec $py -m btrdelta $args" </dev/null
+    echo "BTRDELTA-DONE rc=$?"
+fi
+finish
+"""
+
+
+@dataclass
+class VmResult:
+    """One boot: the console lines, whether it was killed, seconds taken."""
+
+    lines: list[str]
+    killed: bool
+    seconds: float
+    started: float | None = None  # seconds from boot to BTRDELTA-START
+
+    def result(self) -> dict[str, str]:
+        """The ``BTRDELTA-RESULT`` fields (empty when there is none)."""
+        for line in self.lines:
+            if line.startswith("BTRDELTA-RESULT "):
+                return dict(f.split("=", 1) for f in line.split()[1:])
+        return {}
+
+    def done_rc(self) -> int | None:
+        """The exit code of the command run in the VM (``None``: it did not finish)."""
+        for line in self.lines:
+            m = re.match(r"BTRDELTA-DONE rc=(\d+)", line)
+            if m:
+                return int(m[1])
+        return None
+
+
+class VmKit:
+    """Kernel, initramfs and qemu settings for device power-cut tests."""
+
+    def __init__(self, vmlinux: Path, initrd: Path, accel: str) -> None:
+        self.vmlinux = vmlinux
+        self.initrd = initrd
+        self.accel = accel
+
+    @classmethod
+    def prepare(cls, cache: Path) -> VmKit:
+        """Fetch and extract the kernel, build the initramfs, pick the accelerator."""
+        cache.mkdir(parents=True, exist_ok=True)
+        kver, root = _kernel(cache)
+        vmlinux = cache / "vmlinux"
+        if not vmlinux.exists():
+            data = (root / "boot" / f"vmlinuz-{kver}").read_bytes()
+            start = data.find(b"\xfd7zXZ\x00")
+            if start < 0:
+                raise RuntimeError("vmlinuz: no xz-compressed kernel inside")
+            elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(data[start:])
+            vmlinux.write_bytes(elf)
+        initrd = cache / "initrd.cpio.gz"
+        _initramfs(root, kver, initrd)
+        kit = cls(vmlinux, initrd, "tcg")
+        kit.accel = kit._probe_kvm()
+        return kit
+
+    def _probe_kvm(self) -> str:
+        if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+            return "tcg"
+        with tempfile.TemporaryDirectory() as tmp:
+            img = Path(tmp) / "empty.img"
+            img.write_bytes(b"\0" * (1 << 20))
+            probe = VmKit(self.vmlinux, self.initrd, "kvm")
+            res = probe.run(img, "probe", timeout=30)
+        return "kvm" if any("BTRDELTA-END" in line for line in res.lines) else "tcg"
+
+    def command(self, image: Path, mode: str, args: str = "") -> list[str]:
+        """The qemu command line."""
+        accel = ["-enable-kvm"] if self.accel == "kvm" else ["-accel", "tcg"]
+        append = (f"console=ttyS0 panic=-1 quiet btrdelta.mode={mode} "
+                  f"btrdelta.python={sys.executable} btrdelta.cwd={os.getcwd()} "
+                  f"btrdelta.args={args.replace(' ', '+')}")
+        return ["qemu-system-x86_64", *accel, "-m", "1024", "-smp", "1", "-nodefaults",
+                "-no-reboot", "-display", "none", "-serial", "stdio",
+                "-kernel", str(self.vmlinux), "-initrd", str(self.initrd),
+                "-append", append,
+                "-drive", f"file={image},format=raw,if=virtio,cache=none,aio=threads",
+                "-virtfs", "local,path=/,mount_tag=host,security_model=none,readonly=on,"
+                "multidevs=remap"]
+
+    def run(self, image: Path, mode: str, args: str = "", *, kill_after: float | None = None,
+            timeout: float = 900) -> VmResult:
+        """Boot once; with ``kill_after``, SIGKILL qemu that long after BTRDELTA-START."""
+        t0 = time.monotonic()
+        proc = subprocess.Popen(self.command(image, mode, args), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        assert proc.stdout is not None
+        lines: list[str] = []
+        started: list[float] = []
+        killed = threading.Event()
+
+        def kill() -> None:
+            killed.set()
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+
+        watchdog = threading.Timer(timeout, kill)
+        watchdog.start()
+        timer: threading.Timer | None = None
+        try:
+            for raw in proc.stdout:
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                lines.append(line)
+                if line.startswith("BTRDELTA-START") and not started:
+                    started.append(time.monotonic() - t0)
+                    if kill_after is not None:
+                        timer = threading.Timer(kill_after, kill)
+                        timer.start()
+        finally:
+            proc.wait()
+            watchdog.cancel()
+            if timer is not None:
+                timer.cancel()
+        return VmResult(lines, killed.is_set(), time.monotonic() - t0,
+                        started[0] if started else None)
+
+
+def _kernel(cache: Path) -> tuple[str, Path]:
+    """``(version, extracted root)`` of Debian's ``linux-image-amd64`` (downloaded once)."""
+    root = cache / "kernel"
+    done = cache / "kernel.done"
+    if done.exists():
+        return done.read_text().strip(), root
+    out = subprocess.run(["apt-cache", "depends", "linux-image-amd64"], capture_output=True,
+                         text=True, check=True).stdout
+    m = re.search(r"Depends: (linux-image-(\S+))", out)
+    if m is None:
+        raise RuntimeError("apt-cache: no kernel package behind linux-image-amd64")
+    pkg, kver = m[1], m[2]
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        os.chmod(tmp, 0o755)  # apt's sandbox user writes there
+        subprocess.run(["apt-get", "download", pkg], cwd=tmp, check=True,
+                       capture_output=True)
+        deb = next(Path(tmp).glob("*.deb"))
+        shutil.rmtree(root, ignore_errors=True)
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+    done.write_text(f"{kver}\n")
+    return kver, root
+
+
+def _initramfs(root: Path, kver: str, out: Path) -> None:
+    """busybox-static, the modules (and their dependencies), the scripts, ``/init``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ird = Path(tmp)
+        for d in ("bin", "sbin", "proc", "sys", "dev", "tmp", "etc"):
+            (ird / d).mkdir()
+        busybox = shutil.which("busybox") or "/bin/busybox"
+        shutil.copy(busybox, ird / "bin" / "busybox")
+        os.symlink("/bin/busybox", ird / "sbin" / "modprobe")
+        moddir = root / "lib" / "modules" / kver
+        subprocess.run(["depmod", "-b", str(root), kver], check=True)
+        wanted = _module_files(moddir)
+        dest = ird / "lib" / "modules" / kver
+        for rel in wanted:
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(moddir / rel, dest / rel)
+        for name in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
+            if (moddir / name).exists():
+                shutil.copy(moddir / name, dest / name)
+        subprocess.run(["depmod", "-b", str(ird), kver], check=True)
+        shutil.copy(_CONTRIB / "btrdelta-boot.sh", ird / "btrdelta-boot.sh")
+        (ird / "init").write_text(_INIT)
+        os.chmod(ird / "init", 0o755)
+        files = subprocess.run(["find", "."], cwd=ird, capture_output=True, check=True).stdout
+        cpio = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=ird, input=files,
+                              capture_output=True, check=True).stdout
+        import gzip
+
+        out.write_bytes(gzip.compress(cpio, 1))
+
+
+def _module_files(moddir: Path) -> set[str]:
+    """The module files of :data:`_MODULES` and everything they depend on."""
+    deps: dict[str, list[str]] = {}
+    for line in (moddir / "modules.dep").read_text().splitlines():
+        head, _, tail = line.partition(":")
+        deps[head] = tail.split()
+    by_name = {Path(k).name.split(".ko")[0].replace("-", "_"): k for k in deps}
+    todo = [by_name[m.replace("-", "_")] for m in _MODULES if m.replace("-", "_") in by_name]
+    seen: set[str] = set()
+    while todo:
+        rel = todo.pop()
+        if rel not in seen:
+            seen.add(rel)
+            todo += deps.get(rel, [])
+    return seen

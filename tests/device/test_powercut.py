@@ -1,0 +1,211 @@
+"""Power cuts in a virtual machine (``make vmtest``; skipped by ``make test``).
+
+The device is a raw btrfs image initialized on the host with Debian bookworm minbase as its
+factory release (a marker ``/etc/btrdelta-release`` says ``old``/``new``/``bad``), state
+subvolumes etc (overlay), var (overlay), home (bind) with a marker each. qemu boots Debian's
+kernel with the busybox initramfs of :mod:`btrdelta.testing.vm`; installs and factory
+resets run inside the VM and qemu is killed (SIGKILL) at a random moment of them. The next
+boot must find the old or the new root, never neither, with every state subvolume intact;
+the host then checks the image (tree-sums against the source trees, consistent state) and
+re-runs the operation, which must complete. Figures go to ``VM_CACHE/figures.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from btrdelta import device
+from btrdelta.device.reset import factory_reset
+from btrdelta.testing.vm import VmKit
+from btrdelta.tree import tree_sum
+
+from .conftest import btrdelta, copy_tree, debian_trees
+
+ENABLED = bool(os.environ.get("BTRDELTA_VMTEST"))
+RUNS = int(os.environ.get("BTRDELTA_VMTEST_RUNS", "12"))
+CACHE = Path(os.environ.get("BTRDELTA_VM_CACHE", "/var/tmp/btrdelta-vm"))
+SEED = int(os.environ.get("BTRDELTA_VMTEST_SEED", str(int(time.time()))))
+pytestmark = [pytest.mark.btrfs, pytest.mark.timeout(5400),
+              pytest.mark.skipif(not ENABLED, reason="power-cut VM test: make vmtest")]
+STATE = ["etc:/etc:overlay", "var:/var:overlay", "home:/home:bind"]
+FIGURES: dict[str, list[str]] = {}
+
+
+class Releases:
+    """Copies of the Debian trees with a release marker, their sums, streams."""
+
+    def __init__(self, work: Path) -> None:
+        old, new = debian_trees()
+        self.trees: dict[str, Path] = {}
+        for name, src in (("old", old), ("new", new), ("bad", new)):
+            dst = work / name
+            copy_tree(src, dst)
+            (dst / "etc/btrdelta-release").write_text(f"{name}\n")
+            self.trees[name] = dst
+        self.sums = {k: tree_sum(v) for k, v in self.trees.items()}
+        self.full = work / "old.stream"
+        self.delta = work / "old-new.delta"
+        stream = work / "old-new.stream"
+        btrdelta("send", self.trees["old"], "-o", self.full)
+        btrdelta("send", "--parent", self.trees["old"], self.trees["new"], "-o", stream)
+        btrdelta("delta", "make", "-f", stream, "--old", self.trees["old"], "-o", self.delta)
+
+
+@contextmanager
+def mounted(image: Path) -> Iterator[Path]:
+    mnt = Path(f"{image}.mnt")
+    mnt.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-o", "loop,subvolid=5", str(image), str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.fixture(scope="module")
+def kit() -> VmKit:
+    return VmKit.prepare(CACHE)
+
+
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
+    return Releases(tmp_path_factory.mktemp("vm-releases"))
+
+
+@pytest.fixture(scope="module")
+def base_image(releases: Releases) -> Path:
+    image = CACHE / "base.img"
+    image.unlink(missing_ok=True)
+    with open(image, "wb") as f:
+        f.truncate(3 << 30)
+    subprocess.run(["mkfs.btrfs", "-q", "-f", str(image)], check=True, capture_output=True)
+    with mounted(image) as mnt:
+        device.init(mnt, releases.full, state=STATE, tries=2)
+        (mnt / "state/home/marker").write_text("state-ok\n")
+        (mnt / "state/etc/upper/hostname").write_text("vm-device\n")
+        (mnt / "state/var/upper/local-data").write_text("var-ok\n")
+    return image
+
+
+def fresh(base: Path, name: str) -> Path:
+    image = CACHE / f"{name}.img"
+    subprocess.run(["cp", "--sparse=always", str(base), str(image)], check=True)
+    return image
+
+
+def boot(kit: VmKit, image: Path) -> dict[str, str]:
+    res = kit.run(image, "boot")
+    got = res.result()
+    assert got, "\n".join(res.lines[-30:])
+    return got
+
+
+def _state_consistent(mnt: Path) -> str:
+    """``old`` (as before the reset), ``new`` (reset) — never a mix; home always kept."""
+    assert (mnt / "state/home/marker").read_text() == "state-ok\n"
+    etc = (mnt / "state/etc/upper/hostname").exists()
+    var = (mnt / "state/var/upper/local-data").exists()
+    assert etc == var, "a factory reset left the state subvolumes half reset"
+    return "old" if etc else "new"
+
+
+def test_power_cut_during_install(kit: VmKit, releases: Releases, base_image: Path) -> None:
+    r = releases
+    # an install that runs to its end: its length sets the range of the power cuts
+    image = fresh(base_image, "install")
+    ran = kit.run(image, "run", f"device install /dev/vda {r.delta}")
+    assert ran.done_rc() == 0, "\n".join(ran.lines[-30:])
+    assert ran.started is not None
+    length = ran.seconds - ran.started
+    first = boot(kit, image)  # the trial: new, healthy, marked good from inside the VM
+    assert first == {"choice": "b", "release": "new", "state": "ok", "etc": "local",
+                     "health": "ok"}
+    assert boot(kit, image)["release"] == "new"
+    with mounted(image) as mnt:
+        assert device.status(mnt)["default"] == "b"
+    rng = random.Random(SEED)
+    outcomes: Counter[str] = Counter()
+    for i in range(RUNS):
+        image = fresh(base_image, "install")
+        delay = rng.uniform(0.0, length)
+        cut = kit.run(image, "run", f"device install /dev/vda {r.delta}", kill_after=delay)
+        got = boot(kit, image)
+        assert got["state"] == "ok", (i, delay, got)
+        assert got["etc"] == "local", (i, delay, got)
+        assert got["release"] in ("old", "new"), (i, delay, got)
+        assert (got["choice"], got["release"]) in (("default", "old"), ("b", "new")), got
+        with mounted(image) as mnt:
+            assert tree_sum(mnt / "roots/a") == r.sums["old"]
+            if got["release"] == "new":
+                assert tree_sum(mnt / "roots/b") == r.sums["new"]
+            res = device.install(mnt, r.delta)  # the re-run completes
+            assert res.tree_sum == r.sums["new"]
+        outcomes[f"{'cut' if cut.killed else 'finished'}, booted {got['release']}"] += 1
+    FIGURES["install"] = [f"{n} x {what}" for what, n in sorted(outcomes.items())] + [
+        f"uninterrupted install in the VM: {length:.1f} s ({kit.accel}); cuts uniform in "
+        f"[0, {length:.1f}] s after the command started; seed {SEED}"]
+    _write_figures()
+
+
+def test_power_cut_during_factory_reset(kit: VmKit, releases: Releases,
+                                        base_image: Path) -> None:
+    image = fresh(base_image, "reset")
+    ran = kit.run(image, "run", "device factory-reset /dev/vda --keep home")
+    assert ran.done_rc() == 0, "\n".join(ran.lines[-30:])
+    assert ran.started is not None
+    length = ran.seconds - ran.started
+    with mounted(image) as mnt:
+        assert _state_consistent(mnt) == "new"
+    rng = random.Random(SEED + 1)
+    outcomes: Counter[str] = Counter()
+    for i in range(RUNS):
+        image = fresh(base_image, "reset")
+        delay = rng.uniform(0.0, length)
+        cut = kit.run(image, "run", "device factory-reset /dev/vda --keep home",
+                      kill_after=delay)
+        got = boot(kit, image)
+        assert got["state"] == "ok", (i, delay, got)
+        assert got["release"] == "old", (i, delay, got)  # factory and slot a: both old
+        with mounted(image) as mnt:
+            seen = _state_consistent(mnt)
+            default = device.status(mnt)["default"]
+            assert default in ("a", "factory")
+            factory_reset(mnt, keep=["home"])  # the re-run completes
+            assert _state_consistent(mnt) == "new"
+            assert device.status(mnt)["default"] == "factory"
+            assert tree_sum(mnt / "roots/factory") == releases.sums["old"]
+        outcomes[f"{'cut' if cut.killed else 'finished'}, state {seen}, root {default}"] += 1
+    FIGURES["factory-reset"] = [f"{n} x {what}" for what, n in sorted(outcomes.items())] + [
+        f"uninterrupted reset in the VM: {length:.1f} s; seed {SEED + 1}"]
+    _write_figures()
+
+
+def test_bad_update_comes_back_by_boot_counting(kit: VmKit, releases: Releases,
+                                                base_image: Path) -> None:
+    image = fresh(base_image, "bad")
+    with mounted(image) as mnt:
+        device.install(mnt, releases.trees["bad"], tries=2)
+    seq = [boot(kit, image) for _ in range(3)]
+    assert [(b["choice"], b["release"], b["health"]) for b in seq] == [
+        ("b", "bad", "fail"), ("b", "bad", "fail"), ("default", "old", "ok")]
+    with mounted(image) as mnt:
+        st = device.status(mnt)
+        assert st["trial"] == {"slot": "b", "tries_left": 0, "boots": 2}
+        assert st["default"] == "a"
+    FIGURES["bad update"] = ["boots: b (health check fails), b (fails), a (old root back, "
+                             "no command run)"]
+    _write_figures()
+
+
+def _write_figures() -> None:
+    (CACHE / "figures.json").write_text(json.dumps(FIGURES, indent=1))
