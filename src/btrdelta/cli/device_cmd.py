@@ -11,7 +11,8 @@ import json
 import sys
 from typing import Any
 
-from ._common import Progress, human_bytes
+from ._common import human_bytes
+from .progress import Progress, add_progress_options, progress_wanted
 
 _FS_HELP = ("the device's btrfs: where its top-level subvolume is mounted (subvolid=5), or "
             "a block device or image file (mounted privately for the command)")
@@ -183,7 +184,7 @@ def _add_install(dsub: Any) -> None:
     n.add_argument("--tries", type=int, help="boots the new slot gets (default: the device's)")
     n.add_argument("--booted", metavar="ROOT", help="the booted root, when / does not tell")
     n.add_argument("--json", action="store_true", help="print the result as JSON")
-    n.add_argument("-v", "--verbose", action="count", default=0, help="progress on stderr")
+    add_progress_options(n, verbose=True)
     n.set_defaults(func=run_install)
 
 
@@ -225,23 +226,20 @@ def run_install(args: argparse.Namespace) -> int:
     """Install a release."""
     from ..device import install
 
-    progress = Progress(Progress.wanted(args) and args.verbose > 0, "install: ")
+    with Progress("install", enabled=progress_wanted(args), unit="B") as progress:
 
-    def on_progress(records: int, nbytes: int) -> None:
-        progress.update(f"{records} records, {human_bytes(nbytes)}")
+        def on_progress(records: int, nbytes: int) -> None:
+            progress.update(nbytes, note=f"{records} records")
 
-    def on_step(name: str) -> None:
-        if args.verbose:
-            progress.done(f"{name}...")
+        def on_step(name: str) -> None:
+            if args.verbose:
+                progress.message(f"install: {name}")
 
-    try:
         res = install(args.fs, args.source, expect_sum=args.expect_sum, tries=args.tries,
                       booted=args.booted, on_step=on_step, on_progress=on_progress)
-    finally:
-        progress.done()
     if args.json:
         print(json.dumps(res.to_json(), indent=1))
-    else:
+    elif not args.quiet:
         print(f"installed {res.release} into slot {res.slot} ({res.records} records, "
               f"{human_bytes(res.data_bytes)}, {res.seconds:.1f} s); next boot: {res.slot}, "
               f"{res.tries} tries; tree-sum {res.tree_sum}")
