@@ -174,3 +174,31 @@ def test_disk_full_during_install(small_release: Release, tmp_path: Path) -> Non
         assert (mnt / "state/home/kept").read_text() == "state survives\n"
         # and an install that fits still works
         assert device.install(mnt, r.delta).tree_sum == r.new_sum
+
+
+def test_install_refuses_unsigned_or_wrongly_signed(btrfs_dev: Path, small_release: Release,
+                                                    tmp_path: Path) -> None:
+    r = small_release
+    btrdelta("key", "generate", "-o", tmp_path / "release")
+    btrdelta("key", "generate", "-o", tmp_path / "other")
+    delta = tmp_path / "update.delta"
+    subprocess.run(["cp", str(r.delta), str(delta)], check=True)
+    device.init(btrfs_dev, r.old, state=[])
+    # no signature at all
+    proc = btrdelta("device", "install", btrfs_dev, delta, "--key", tmp_path / "release.pub",
+                    check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.count("\n") == 1
+    # signed by a key the device does not trust
+    btrdelta("sign", delta, "--key", tmp_path / "other.key")
+    proc = btrdelta("device", "install", btrfs_dev, delta, "--key", tmp_path / "release.pub",
+                    check=False)
+    assert proc.returncode == 5, proc.stderr
+    st = device.status(btrfs_dev)
+    assert st["trial"] is None
+    assert st["next_boot"] == "a"
+    assert subvolumes(btrfs_dev) == ["roots/a", "roots/b", "roots/factory"]
+    # signed by the release key: installed
+    btrdelta("sign", delta, "--key", tmp_path / "release.key")
+    res = device.install(btrfs_dev, delta, keys=[str(tmp_path / "release.pub")])
+    assert res.tree_sum == r.new_sum

@@ -175,7 +175,9 @@ def _add_install(dsub: Any) -> None:
         "tree-sum taken (and checked with --expect-sum), then the slot is committed as the "
         "next boot by one atomic step: the boot-counting file try-SLOT+TRIES. Interrupted at "
         "any point, the device still boots the old root; a re-run cleans up and completes.",
-        epilog="example: btrdelta device install /mnt/top v1-v2.delta --expect-sum 49a0...",
+        epilog="examples: btrdelta device install /mnt/top v1-v2.delta --expect-sum 49a0...; "
+        "btrdelta device install /dev/mmcblk0p3 v1-v2.delta --key release.pub (refused "
+        "unless v1-v2.delta.sig is a signature by release.pub)",
     )
     n.add_argument("fs", metavar="FS", help=_FS_HELP)
     n.add_argument("source", metavar="SOURCE", help="delta stream, send stream ('-': stdin) "
@@ -183,6 +185,11 @@ def _add_install(dsub: Any) -> None:
     n.add_argument("--expect-sum", metavar="TREESUM", help="the release's tree-sum")
     n.add_argument("--tries", type=int, help="boots the new slot gets (default: the device's)")
     n.add_argument("--booted", metavar="ROOT", help="the booted root, when / does not tell")
+    n.add_argument("--key", action="append", metavar="PUBKEY",
+                   help="refuse SOURCE unless signed by this Ed25519 public key "
+                        "(repeatable: any of them; btrdelta sign, send/delta make --sign)")
+    n.add_argument("--signature", metavar="SIG",
+                   help="the detached signature (default SOURCE.sig; needed for stdin)")
     n.add_argument("--json", action="store_true", help="print the result as JSON")
     add_progress_options(n, verbose=True)
     n.set_defaults(func=run_install)
@@ -236,7 +243,8 @@ def run_install(args: argparse.Namespace) -> int:
                 progress.message(f"install: {name}")
 
         res = install(args.fs, args.source, expect_sum=args.expect_sum, tries=args.tries,
-                      booted=args.booted, on_step=on_step, on_progress=on_progress)
+                      booted=args.booted, keys=args.key, signature=args.signature,
+                      on_step=on_step, on_progress=on_progress)
     if args.json:
         print(json.dumps(res.to_json(), indent=1))
     elif not args.quiet:

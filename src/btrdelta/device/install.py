@@ -87,6 +87,8 @@ def install(
     expect_sum: str | None = None,
     tries: int | None = None,
     booted: str | None = None,
+    keys: list[str] | None = None,
+    signature: str | None = None,
     on_step: Callable[[str], None] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> InstallResult:
@@ -101,6 +103,8 @@ def install(
         tries: boots the new slot gets before the default comes back (default: the
             state file's).
         booted: the booted root, when the running ``/`` does not tell (tests, rescue).
+        keys: Ed25519 public key files: refuse a source not signed by one of them.
+        signature: the detached signature (default ``SOURCE.sig``).
         on_step: called with each step's name (``receive``, ``verify``, ``place``,
             ``commit``, ``hook``, ``done``).
         on_progress: ``(records, bytes)`` while receiving.
@@ -109,6 +113,7 @@ def install(
         ApplyError: disk full or another system-call failure (nothing selected, space
             given back).
         ChecksumError: a delta's old file or the new root's tree-sum did not verify.
+        SignatureError: ``keys`` given and the source is not signed by one of them.
         MissingBaseError: the stream's parent is not on the device.
     """
     step = on_step or (lambda _name: None)
@@ -131,7 +136,7 @@ def install(
         parent = layout.root(parent_name) if parent_name else None
         try:
             built = build_root(layout, source, slot, parent=parent, expect_sum=expect_sum,
-                               on_progress=on_progress)
+                               keys=keys, signature=signature, on_progress=on_progress)
         except BaseException as exc:
             _abandon(layout, st, slot)
             if is_enospc(exc):

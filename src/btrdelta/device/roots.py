@@ -138,6 +138,8 @@ def build_root(
     *,
     parent: Path | None = None,
     expect_sum: str | None = None,
+    keys: list[str] | None = None,
+    signature: str | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> Built:
     """Receive ``source`` as ``roots/.staged-NAME`` (read-only, received UUID set), then
@@ -145,7 +147,10 @@ def build_root(
 
     ``source`` is a send stream or delta stream (a file, ``-``), or a directory tree (sent
     against ``parent``, the local root the device runs, so unchanged files are shared).
-    A failure removes what was received and waits until btrfs gave the space back.
+    With ``keys`` (Ed25519 public key files) the stream must carry a signature by one of
+    them (``signature``, default ``SOURCE.sig``): the root gets its staging name only once
+    the whole input verified. A failure removes what was received and waits until btrfs
+    gave the space back.
 
     Raises:
         ChecksumError: the tree-sum is not ``expect_sum``.
@@ -157,7 +162,8 @@ def build_root(
     start = time.monotonic()
     label = os.fspath(source)
     try:
-        done = _receive(layout, source, staged.name, parent, label, on_progress)
+        done = _receive(layout, source, staged.name, parent, label, on_progress,
+                        _Signed(keys, signature, label) if keys else None)
         digest = tree_sum(staged)
         if expect_sum and digest != expect_sum.lower():
             raise ChecksumError(
@@ -171,11 +177,33 @@ def build_root(
                  time.monotonic() - start, label)
 
 
+@dataclass(frozen=True)
+class _Signed:
+    """The trusted keys and the signature file of a signed source."""
+
+    keys: list[str]
+    signature: str | None
+    label: str
+
+    def events(self, f: Any, dest: Path) -> Iterable[Event]:
+        from ..trust import load_public_key, read_signature
+        from ..update.signed import open_signed_events, signature_path
+
+        sig_path = signature_path(self.label, self.signature)
+        return open_signed_events(f, read_signature(sig_path),
+                                  [load_public_key(k) for k in self.keys], dest,
+                                  source=self.label, signature_source=sig_path)
+
+
 def _receive(layout: Layout, source: str | os.PathLike[str], staged: str,
              parent: Path | None, label: str,
-             on_progress: Callable[[int, int], None] | None) -> ReceivedSubvol:
+             on_progress: Callable[[int, int], None] | None,
+             signed: _Signed | None) -> ReceivedSubvol:
     path = Path(source)
     if label != "-" and path.is_dir():
+        if signed is not None:
+            raise DeviceError(f"{label}: a directory tree carries no signature (install a "
+                              "signed stream, or leave out --key)")
         events = _tree_events(path, parent, path.name)
         renamed = _Renamed(events, staged.encode(),
                            _local_uuid(parent) if parent is not None else None)
@@ -187,10 +215,12 @@ def _receive(layout: Layout, source: str | os.PathLike[str], staged: str,
 
         f: Any = sys.stdin.buffer if label == "-" else open(path, "rb", buffering=0)  # noqa: SIM115
         try:
-            events = open_events(f, layout.roots, source=label)
+            events = (signed.events(f, layout.roots) if signed is not None
+                      else open_events(f, layout.roots, source=label))
+            inner = getattr(events, "inner", events)  # a signed stream's own events
             renamed = _Renamed(events, staged.encode())
             done = receive(renamed, layout.roots, on_progress=on_progress,
-                           read_ahead=not isinstance(events, StreamReader))
+                           read_ahead=not isinstance(inner, StreamReader))
         finally:
             if f is not sys.stdin.buffer:
                 f.close()
