@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import time
 from collections import Counter
@@ -78,8 +79,12 @@ def kit() -> VmKit:
 
 
 @pytest.fixture(scope="module")
-def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
-    return Releases(tmp_path_factory.mktemp("vm-releases"))
+def releases() -> Releases:
+    # not below /tmp: the VM mounts a tmpfs there over the host's files it sees
+    work = CACHE / "releases"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    return Releases(work)
 
 
 @pytest.fixture(scope="module")

@@ -192,6 +192,7 @@ class VmKit:
                         timer.start()
         finally:
             proc.wait()
+            proc.stdout.close()
             watchdog.cancel()
             if timer is not None:
                 timer.cancel()
