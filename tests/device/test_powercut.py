@@ -128,10 +128,12 @@ def test_power_cut_during_install(kit: VmKit, releases: Releases, base_image: Pa
     r = releases
     # an install that runs to its end: its length sets the range of the power cuts
     image = fresh(base_image, "install")
-    ran = kit.run(image, "run", f"device install /dev/vda {r.delta}")
+    ran = kit.run(image, "run", f"device install -v /dev/vda {r.delta}")
     assert ran.done_rc() == 0, "\n".join(ran.lines[-30:])
     assert ran.started is not None
     length = ran.seconds - ran.started
+    commit = ran.when("install: commit")  # the step's start: the trial file comes next
+    assert commit is not None, "\n".join(ran.lines[-30:])
     first = boot(kit, image)  # the trial: new, healthy, marked good from inside the VM
     assert first == {"choice": "b", "release": "new", "state": "ok", "etc": "local",
                      "health": "ok"}
@@ -142,7 +144,8 @@ def test_power_cut_during_install(kit: VmKit, releases: Releases, base_image: Pa
     outcomes: Counter[str] = Counter()
     for i in range(RUNS):
         image = fresh(base_image, "install")
-        delay = rng.uniform(0.0, length)
+        # half of the cuts anywhere in the command, half within 3 s of its commit point
+        delay = rng.uniform(0.0, length) if i % 2 else rng.uniform(commit - 3, commit + 3)
         cut = kit.run(image, "run", f"device install /dev/vda {r.delta}", kill_after=delay)
         got = boot(kit, image)
         assert got["state"] == "ok", (i, delay, got)
@@ -155,10 +158,14 @@ def test_power_cut_during_install(kit: VmKit, releases: Releases, base_image: Pa
                 assert tree_sum(mnt / "roots/b") == r.sums["new"]
             res = device.install(mnt, r.delta)  # the re-run completes
             assert res.tree_sum == r.sums["new"]
-        outcomes[f"{'cut' if cut.killed else 'finished'}, booted {got['release']}"] += 1
+        what = f"{'cut' if cut.killed else 'finished'}, booted {got['release']}"
+        outcomes[what] += 1
+        print(f"install run {i + 1}/{RUNS}: power cut {delay:.1f} s after start: {what}",
+              flush=True)
     FIGURES["install"] = [f"{n} x {what}" for what, n in sorted(outcomes.items())] + [
-        f"uninterrupted install in the VM: {length:.1f} s ({kit.accel}); cuts uniform in "
-        f"[0, {length:.1f}] s after the command started; seed {SEED}"]
+        f"uninterrupted install in the VM: {length:.1f} s from the command's start to power "
+        f"off, commit step at {commit:.1f} s ({kit.accel}); cuts: half uniform in "
+        f"[0, {length:.1f}] s, half in [{commit - 3:.1f}, {commit + 3:.1f}] s; seed {SEED}"]
     _write_figures()
 
 
@@ -189,7 +196,10 @@ def test_power_cut_during_factory_reset(kit: VmKit, releases: Releases,
             assert _state_consistent(mnt) == "new"
             assert device.status(mnt)["default"] == "factory"
             assert tree_sum(mnt / "roots/factory") == releases.sums["old"]
-        outcomes[f"{'cut' if cut.killed else 'finished'}, state {seen}, root {default}"] += 1
+        what = f"{'cut' if cut.killed else 'finished'}, state {seen}, root {default}"
+        outcomes[what] += 1
+        print(f"reset run {i + 1}/{RUNS}: power cut {delay:.1f} s after start: {what}",
+              flush=True)
     FIGURES["factory-reset"] = [f"{n} x {what}" for what, n in sorted(outcomes.items())] + [
         f"uninterrupted reset in the VM: {length:.1f} s; seed {SEED + 1}"]
     _write_figures()

@@ -94,6 +94,15 @@ class VmResult:
     killed: bool
     seconds: float
     started: float | None = None  # seconds from boot to BTRDELTA-START
+    #: seconds from boot at which each line arrived
+    times: list[float] | None = None
+
+    def when(self, text: str) -> float | None:
+        """Seconds after BTRDELTA-START at which the first line holding ``text`` came."""
+        for line, t in zip(self.lines, self.times or [], strict=False):
+            if text in line and self.started is not None:
+                return t - self.started
+        return None
 
     def result(self) -> dict[str, str]:
         """The ``BTRDELTA-RESULT`` fields (empty when there is none)."""
@@ -170,6 +179,7 @@ class VmKit:
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         assert proc.stdout is not None
         lines: list[str] = []
+        times: list[float] = []
         started: list[float] = []
         killed = threading.Event()
 
@@ -185,6 +195,7 @@ class VmKit:
             for raw in proc.stdout:
                 line = raw.decode("utf-8", "replace").rstrip("\r\n")
                 lines.append(line)
+                times.append(time.monotonic() - t0)
                 if line.startswith("BTRDELTA-START") and not started:
                     started.append(time.monotonic() - t0)
                     if kill_after is not None:
@@ -197,7 +208,7 @@ class VmKit:
             if timer is not None:
                 timer.cancel()
         return VmResult(lines, killed.is_set(), time.monotonic() - t0,
-                        started[0] if started else None)
+                        started[0] if started else None, times)
 
 
 def _kernel(cache: Path) -> tuple[str, Path]:
