@@ -38,7 +38,7 @@ from .boot import (
 )
 from .control import recover
 from .layout import SLOTS, DeviceError, Layout, is_enospc, open_device
-from .roots import build_root, place_root
+from .roots import Built, build_root, place_root
 from .state import DeviceState, RootInfo, load_state, save_state
 
 __all__ = ["InstallResult", "install", "pick_slot"]
@@ -143,28 +143,33 @@ def install(
                 raise ApplyError(f"disk full while installing into slot {slot} (nothing "
                                  f"selected, space given back): {exc}") from exc
             raise
-        step("place")
-        place_root(layout, built, slot)
-        st.roots[slot] = RootInfo(built.release, str(built.uuid), built.tree_sum, time.time(),
-                                  "new", built.source)
-        save_state(layout, st)
-        step("commit")
-        start_trial(layout, slot, n)
-        step("hook")
-        try:
-            call_hook(st.hook, "try", slot, str(n))
-        except DeviceError:
-            clear_trial(layout)  # the bootloader was not told: no trial at all
-            st.pending = None
-            save_state(layout, st)
-            raise
-        st.pending = None
-        st.note("install", slot=slot, release=built.release, tree_sum=built.tree_sum,
-                tries=n)
-        save_state(layout, st)
-        step("done")
+        _commit(layout, st, built, slot, n, step)
         return InstallResult(slot, built.release, str(built.uuid), built.tree_sum, n,
                              built.records, built.data_bytes, built.seconds)
+
+
+def _commit(layout: Layout, st: DeviceState, built: Built, slot: str, n: int,
+            step: Callable[[str], None]) -> None:
+    """Place the built root, commit the trial, tell the hook, record it."""
+    step("place")
+    place_root(layout, built, slot)
+    st.roots[slot] = RootInfo(built.release, str(built.uuid), built.tree_sum, time.time(),
+                              "new", built.source)
+    save_state(layout, st)
+    step("commit")
+    start_trial(layout, slot, n)
+    step("hook")
+    try:
+        call_hook(st.hook, "try", slot, str(n))
+    except DeviceError:
+        clear_trial(layout)  # the bootloader was not told: no trial at all
+        st.pending = None
+        save_state(layout, st)
+        raise
+    st.pending = None
+    st.note("install", slot=slot, release=built.release, tree_sum=built.tree_sum, tries=n)
+    save_state(layout, st)
+    step("done")
 
 
 def _abandon(layout: Layout, st: DeviceState, slot: str) -> None:
