@@ -103,6 +103,8 @@ enum {
 #define IOC_FS_ENABLE_VERITY 0x40806685u
 #define IOC_FS_GETFLAGS 0x80086601u
 #define IOC_FS_SETFLAGS 0x40086602u
+#define IOC_SYNC 0x00009408u
+#define IOC_FS_INFO 0x8400941Fu
 
 /* the safe path walk (btrdelta.fs.sandbox); the flags need <fcntl.h> */
 #define DIR_FLAGS (O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..errors import StreamFormatError, TransportError
-from ..receive import subvol as sv
+from ..fs import btrfs as sv
 from ..tree import tree_sum
 from .layout import DeviceError, Layout, open_device
 from .state import load_state, write_atomic

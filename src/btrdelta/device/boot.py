@@ -23,7 +23,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..receive import subvol as sv
+from ..fs import btrfs as sv
 from .layout import BOOTABLE, FACTORY, ROOTS, DeviceError, Layout
 
 __all__ = [
@@ -132,7 +132,7 @@ def _root_name(layout: Layout, fd: int, subvol_id: int) -> str | None:
 def default_root(layout: Layout) -> str | None:
     """The root the default subvolume is (``None``: the default is not one of the roots)."""
     with layout.fd() as fd:
-        return _root_name(layout, fd, sv.get_default_subvol(fd))
+        return _root_name(layout, fd, sv.default_subvolume(fd))
 
 
 def set_default_root(layout: Layout, name: str) -> None:
@@ -140,7 +140,7 @@ def set_default_root(layout: Layout, name: str) -> None:
     sid = layout.subvol_id(layout.root(name))
     with layout.fd() as fd:
         sv.syncfs(fd)  # what the root holds is on disk before it is selected
-        sv.set_default_subvol(fd, sid)
+        sv.set_default_subvolume(fd, sid)
         sv.syncfs(fd)
 
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..receive import subvol as sv
+from ..fs import btrfs as sv
 from .boot import (
     booted_root,
     call_hook,

@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import BtrdeltaError
-from ..receive import subvol as sv
+from ..fs import btrfs as sv
 
 __all__ = [
     "BOOTABLE",

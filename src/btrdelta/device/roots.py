@@ -20,8 +20,8 @@ from typing import Any
 from uuid import UUID
 
 from ..errors import ChecksumError
+from ..fs import btrfs as sv
 from ..receive import ReceivedSubvol, receive
-from ..receive import subvol as sv
 from ..receive.receiver import BatchedEvents
 from ..stream.reader import Event, StreamReader
 from ..stream.records import Clone, Snapshot, Subvol

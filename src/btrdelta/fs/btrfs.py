@@ -8,9 +8,10 @@ identity (``GET_SUBVOL_INFO``), finding a subvolume by (received) UUID through t
 (``TREE_SEARCH`` + ``INO_LOOKUP``), the data ioctls (``BTRFS_IOC_ENCODED_WRITE``,
 ``FICLONERANGE``, ``FS_IOC_ENABLE_VERITY``, ``fallocate(2)`` with a mode,
 ``renameat2(RENAME_NOREPLACE)`` and ``RENAME_EXCHANGE``), syncing and waiting for deleted
-subvolumes to be cleaned (``syncfs(2)``, ``BTRFS_IOC_SYNC``, ``FS_INFO``), and the inode flags: ``FS_IOC_GETFLAGS``/``SETFLAGS`` and
-the one table between btrfs's inode-item flags (what a send stream's FILEATTR carries) and
-the ``FS_*_FL`` bits of those ioctls, used both ways (:data:`FILEATTR_FLAGS`).
+subvolumes to be cleaned (``syncfs(2)``, ``BTRFS_IOC_SYNC``, ``FS_INFO``), and the inode
+flags: ``FS_IOC_GETFLAGS``/``SETFLAGS`` and the one table between btrfs's inode-item flags
+(what a send stream's FILEATTR carries) and the ``FS_*_FL`` bits of those ioctls, used
+both ways (:data:`FILEATTR_FLAGS`).
 
 Struct layouts and request numbers were checked against ``<linux/btrfs.h>`` and
 ``<linux/fs.h>`` (the request number encodes the struct size, so a wrong layout fails with
