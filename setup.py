@@ -1,9 +1,10 @@
 """Build hook for the optional C accelerators; all metadata lives in pyproject.toml.
 
-``btrdelta.stream._speedups``, ``btrdelta.receive._fastapply`` and ``btrdelta.delta._unfold``
-are optional: without a C compiler or Python headers the build skips them and btrdelta runs
-on its pure-Python code paths. The three include ``src/btrdelta/_constants.h``, generated
-from the Python tables by ``scripts/gen_constants.py``.
+``btrdelta.stream._speedups``, ``btrdelta.receive._fastapply``, ``btrdelta.delta._unfold``
+and ``btrdelta.chunk._buzhash`` are optional: without a C compiler or Python headers the
+build skips them and btrdelta runs on its pure-Python code paths. The first three include
+``src/btrdelta/_constants.h``, generated from the Python tables by
+``scripts/gen_constants.py``; the chunker needs nothing from it.
 """
 
 from setuptools import Extension, setup
@@ -22,5 +23,7 @@ setup(
                   **_SHARED),  # type: ignore[arg-type]
         Extension("btrdelta.delta._unfold", ["src/btrdelta/delta/_unfold.c"],
                   extra_compile_args=_FLAGS, **_SHARED),  # type: ignore[arg-type]
+        Extension("btrdelta.chunk._buzhash", ["src/btrdelta/chunk/_buzhash.c"],
+                  optional=True, extra_compile_args=_FLAGS),
     ]
 )

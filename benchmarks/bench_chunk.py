@@ -150,7 +150,7 @@ def bench_compress_big(big: Path, www: Path) -> list[str]:
 
     _warm(big)
     t, c = time.perf_counter(), time.process_time()
-    with open(www / "big.cba", "wb") as f:
+    with open(www / "big.bdar", "wb") as f:
         rep = compress_image(big, f, params=ChunkerParams.from_avg(AVG), threads=2)
     dt, dc = time.perf_counter() - t, time.process_time() - c
     size = rep.header.image_size
@@ -188,7 +188,7 @@ def bench_clone(name: str, img1: Path, img2: Path, tmp: Path) -> tuple[list[str]
     www = tmp / "www"
     www.mkdir()
     params = ChunkerParams.from_avg(AVG)
-    for img, arc in ((img1, "v1.cba"), (img2, "v2.cba")):
+    for img, arc in ((img1, "v1.bdar"), (img2, "v2.bdar")):
         with open(www / arc, "wb") as f:
             compress_image(img, f, params=params)
     store = ChunkStore(tmp / "store")
@@ -196,7 +196,7 @@ def bench_clone(name: str, img1: Path, img2: Path, tmp: Path) -> tuple[list[str]
     with server.running():
         for v in ("v1", "v2"):
             before, before_req = server.bytes_served, server.requests
-            url = f"{server.url}/{v}.cba"
+            url = f"{server.url}/{v}.bdar"
             src = HttpSource(url, RangeFetcher(url))
             t = time.perf_counter()
             rep = clone(src, store, v)
@@ -205,7 +205,7 @@ def bench_clone(name: str, img1: Path, img2: Path, tmp: Path) -> tuple[list[str]
             served, requests = server.bytes_served - before, server.requests - before_req
         needed = rep.fetch_bytes + rep.index_bytes
         out.append(f"[{name}] image {img2.stat().st_size >> 20} MiB, v2 archive "
-                   f"{(www / 'v2.cba').stat().st_size} bytes")
+                   f"{(www / 'v2.bdar').stat().st_size} bytes")
         out.append(f"clone v2 over HTTP with v1 in store: {served} bytes in {requests} requests, "
                    f"{dt:.2f} s; needed = chunks v1 lacks {rep.fetch_bytes} + index "
                    f"{rep.index_bytes}: ratio {served / needed:.3f} (target <= 1.05)")

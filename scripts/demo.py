@@ -156,7 +156,7 @@ def main() -> int:
         for v in ("v1", "v2"):
             sh(f"mkfs.ext4 -q -F -d {src}/{v} -U 6ba7b810-9dad-11d1-80b4-00c04fd430c8 "
                f"-E root_owner=0:0 {v}.ext4 64M")
-            sh(f"mkdir -p srv && btrdelta image compress -i {v}.ext4 -o srv/{v}.cba")
+            sh(f"mkdir -p srv && btrdelta image compress -i {v}.ext4 -o srv/{v}.bdar")
         log = work / "serve.log"
         server = subprocess.Popen(
             [sys.executable, "-m", "btrdelta", "serve", "--port", "0", str(work / "srv")],
@@ -164,11 +164,11 @@ def main() -> int:
         stack.callback(server.terminate)
         port = _wait_port(log)
         url = f"http://127.0.0.1:{port}"
-        sh(f"btrdelta image clone {url}/v1.cba store/v1")
-        sh(f"btrdelta image clone --dry-run {url}/v2.cba store/v2")
-        sh(f"btrdelta image clone {url}/v2.cba store/v2 --output v2.out")
+        sh(f"btrdelta image clone {url}/v1.bdar store/v1")
+        sh(f"btrdelta image clone --dry-run {url}/v2.bdar store/v2")
+        sh(f"btrdelta image clone {url}/v2.bdar store/v2 --output v2.out")
         sh("cmp v2.out v2.ext4 && echo 'cloned v2 image is bit-identical'")
-        print(f"  v2 archive {size(Path('srv/v2.cba')):,} bytes; "
+        print(f"  v2 archive {size(Path('srv/v2.bdar')):,} bytes; "
               "the clone fetched only the chunks v1 did not have (see above)")
         device_story(stack, src, work)
     print(f"\n{BOLD}demo finished in {time.monotonic() - t0:.0f} s{END}")

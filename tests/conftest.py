@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, settings
 
 from btrdelta.testing.loopfs import BtrfsUnavailable, btrfs_available, loop_fs
 from btrdelta.testing.scenarios import SCENARIOS, make_snapshots, send
+from tests.chunk.images import ImagePair, build_pair
 
 settings.register_profile(
     "ci", max_examples=60, derandomize=True, deadline=None,
@@ -123,3 +124,9 @@ def progs_dump(path: Path) -> subprocess.CompletedProcess[bytes]:
     """`btrfs receive --dump -f path` (the oracle for dump text)."""
     return subprocess.run(["btrfs", "receive", "--dump", "-f", str(path)], capture_output=True,
                           check=False, env={**os.environ, "TZ": "UTC"})
+
+
+@pytest.fixture(scope="session")
+def image_pair(tmp_path_factory: pytest.TempPathFactory) -> ImagePair:
+    """Two versions of a real tree as ext4 images and their chunk archives (tests.chunk.images)."""
+    return build_pair(tmp_path_factory.mktemp("images"))

@@ -66,7 +66,7 @@ def build_pair(base: Path, *, params: ChunkerParams = PARAMS) -> ImagePair:
     img1, img2 = base / "v1.ext4", base / "v2.ext4"
     make_ext4(tree1, img1)
     make_ext4(tree2, img2)
-    arc1, arc2 = base / "v1.cba", base / "v2.cba"
+    arc1, arc2 = base / "v1.bdar", base / "v2.bdar"
     for img, arc in ((img1, arc1), (img2, arc2)):
         with open(arc, "wb") as f:
             compress_image(img, f, params=params)

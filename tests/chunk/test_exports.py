@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from btrdelta.chunk.clone import FileSource, clone
 from btrdelta.chunk.nbd import NbdServer
 from btrdelta.chunk.store import ChunkStore, ImageReader
+from btrdelta.update.clone import clone_image
 
 from .images import ImagePair, trees_equal
 
@@ -26,9 +26,7 @@ from .images import ImagePair, trees_equal
 @pytest.fixture(scope="module")
 def store_v2(image_pair: ImagePair, tmp_path_factory: pytest.TempPathFactory) -> ChunkStore:
     store = ChunkStore(tmp_path_factory.mktemp("exports") / "store")
-    src = FileSource(image_pair.arc2)
-    clone(src, store, "v2")
-    src.close()
+    clone_image(str(image_pair.arc2), target=f"{store.root}/v2")
     return store
 
 

@@ -30,10 +30,10 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> ImagePair:
     make_ext4(tree2, img2)
     www = base / "www"
     www.mkdir()
-    for img, arc in ((img1, www / "v1.cba"), (img2, www / "v2.cba")):
+    for img, arc in ((img1, www / "v1.bdar"), (img2, www / "v2.bdar")):
         argv = ["image", "compress", "-i", str(img), "-o", str(arc), "--avg-chunk", "16K"]
         assert main(argv) == 0
-    return ImagePair(tree1, tree2, img1, img2, www / "v1.cba", www / "v2.cba")
+    return ImagePair(tree1, tree2, img1, img2, www / "v1.bdar", www / "v2.bdar")
 
 
 def _free_port() -> int:
@@ -129,13 +129,13 @@ def test_clone_v1_then_v2_over_http(
 ) -> None:
     url, log = request.getfixturevalue(server)
     store = tmp_path / "store"
-    _clone_json(capsys, f"{url}/v1.cba", f"{store}/v1", "--output", str(tmp_path / "v1.img"))
+    _clone_json(capsys, f"{url}/v1.bdar", f"{store}/v1", "--output", str(tmp_path / "v1.img"))
     assert (tmp_path / "v1.img").read_bytes() == images.img1.read_bytes()
     v1_bytes = _served(log, server)
     assert v1_bytes <= images.arc1.stat().st_size * 1.01
 
-    dry = _clone_json(capsys, "--dry-run", f"{url}/v2.cba", f"{store}/v2")
-    report = _clone_json(capsys, f"{url}/v2.cba", f"{store}/v2", "--output",
+    dry = _clone_json(capsys, "--dry-run", f"{url}/v2.bdar", f"{store}/v2")
+    report = _clone_json(capsys, f"{url}/v2.bdar", f"{store}/v2", "--output",
                          str(tmp_path / "v2.img"))
     assert (tmp_path / "v2.img").read_bytes() == images.img2.read_bytes()
     v2_bytes = _served(log, server) - v1_bytes
@@ -166,7 +166,7 @@ def test_info_gc_and_errors(
     assert "removed" in capsys.readouterr().out
     assert main(["image", "verify", f"{store}/v2"]) == 0
     # errors: one line, the class's exit code, no traceback
-    bad = tmp_path / "bad.cba"
+    bad = tmp_path / "bad.bdar"
     bad.write_bytes(b"not an archive" * 20)
     capsys.readouterr()
     assert main(["image", "info", str(bad)]) == 3
@@ -187,7 +187,7 @@ def test_signed_archive_and_tampering(
                                        serialization.NoEncryption()))
     pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
                                                   serialization.PublicFormat.SubjectPublicKeyInfo))
-    arc = tmp_path / "signed.cba"
+    arc = tmp_path / "signed.bdar"
     assert main(["image", "compress", "-i", str(images.img1), "-o", str(arc), "--sign", str(priv),
                  "--avg-chunk", "16K"]) == 0
     assert main(["image", "info", "--key", str(pub), str(arc)]) == 0
@@ -197,7 +197,7 @@ def test_signed_archive_and_tampering(
     # flip one byte of the signature: refused before anything is fetched or stored
     blob = bytearray(arc.read_bytes())
     blob[-1] ^= 1
-    tampered = tmp_path / "tampered.cba"
+    tampered = tmp_path / "tampered.bdar"
     tampered.write_bytes(bytes(blob))
     capsys.readouterr()
     assert main(["image", "clone", "--key", str(pub), str(tampered), f"{tmp_path}/s2/x"]) == 5

@@ -11,14 +11,15 @@ import httpx
 import pytest
 
 from btrdelta.chunk.chunker import ChunkerParams, chunk_digest
-from btrdelta.chunk.clone import HttpSource, clone
 from btrdelta.chunk.compress import compress_image
+from btrdelta.chunk.source import HttpSource
 from btrdelta.chunk.store import ChunkStore
 from btrdelta.errors import StreamFormatError, TransportError
 from btrdelta.transport.config import HttpConfig
 from btrdelta.transport.http import RangeFetcher
 from btrdelta.transport.plan import parse_range_header
 from btrdelta.transport.server import StaticRequestHandler, StaticServer
+from btrdelta.update.clone import clone_image
 
 PARAMS = ChunkerParams.from_avg(4096)
 
@@ -89,7 +90,7 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
     data = b"".join(Path(p).read_bytes() for p in sorted(Path(httpx.__file__).parent.glob("*.py")))
     img = base / "img"
     img.write_bytes(data)
-    with open(base / "img.cba", "wb") as f:
+    with open(base / "img.bdar", "wb") as f:
         compress_image(img, f, params=PARAMS)
     return base, data
 
@@ -105,7 +106,7 @@ def _clone(url: str, store: ChunkStore, **kw):  # type: ignore[no-untyped-def]
                            max_ranges=kw.pop("max_ranges", 16))
     src = HttpSource(url, fetcher)
     try:
-        return clone(src, store, "img", **kw)
+        return clone_image(src, target=f"{store.root}/img", **kw)
     finally:
         src.close()
 
@@ -134,9 +135,9 @@ def test_clone_survives_misbehaving_server(archive, mode: str, tmp_path: Path) -
     root, data = archive
     for server in _flaky(root, mode):
         store = ChunkStore(tmp_path / "store")
-        _preload_every_other_chunk(root / "img.cba", store)
+        _preload_every_other_chunk(root / "img.bdar", store)
         out = tmp_path / "out"
-        report = _clone(f"{server.url}/img.cba", store, output=str(out), max_ranges=4)
+        report = _clone(f"{server.url}/img.bdar", store, output=str(out), max_ranges=4)
         assert out.read_bytes() == data
         assert server.fault_log, "the fault was never injected"
         if mode in ("drop", "500", "truncate"):
@@ -149,23 +150,23 @@ def test_permanent_failure_is_a_clear_error(archive, tmp_path: Path) -> None:  #
     root, _ = archive
     for server in _flaky(root, "500", faults=10**6):
         with pytest.raises(TransportError, match="giving up after 6 attempts: HTTP 500"):
-            _clone(f"{server.url}/img.cba", ChunkStore(tmp_path / "s"))
+            _clone(f"{server.url}/img.bdar", ChunkStore(tmp_path / "s"))
     for server in _flaky(root, "500", faults=0):
         with pytest.raises(TransportError, match="404"):
-            _clone(f"{server.url}/missing.cba", ChunkStore(tmp_path / "s"))
+            _clone(f"{server.url}/missing.bdar", ChunkStore(tmp_path / "s"))
 
 
 def test_corrupted_chunk_from_server_is_refused(archive, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     root, _ = archive
     bad_root = tmp_path / "bad"
     bad_root.mkdir()
-    arc = bytearray((root / "img.cba").read_bytes())
+    arc = bytearray((root / "img.bdar").read_bytes())
     arc[200] ^= 0xFF  # inside the first compressed chunk
-    (bad_root / "img.cba").write_bytes(bytes(arc))
+    (bad_root / "img.bdar").write_bytes(bytes(arc))
     store = ChunkStore(tmp_path / "store")
     for server in _flaky(bad_root, "500", faults=0):
         with pytest.raises(StreamFormatError) as info:  # zstd frame check or BLAKE3
-            _clone(f"{server.url}/img.cba", store)
+            _clone(f"{server.url}/img.bdar", store)
         assert "chunk 0" in str(info.value)
     _store_is_clean(store)
     assert not (tmp_path / "store" / "img").exists()
@@ -173,11 +174,11 @@ def test_corrupted_chunk_from_server_is_refused(archive, tmp_path: Path) -> None
 
 def test_static_server_ranges_match_file(archive) -> None:  # type: ignore[no-untyped-def]
     root, _ = archive
-    blob = (root / "img.cba").read_bytes()
+    blob = (root / "img.bdar").read_bytes()
     lines: list[str] = []
     server = StaticServer(root, log=lines.append)
     with server.running(), httpx.Client() as client:
-        url = f"{server.url}/img.cba"
+        url = f"{server.url}/img.bdar"
         r = client.get(url, headers={"Range": "bytes=10-19"})
         assert r.status_code == 206
         assert r.content == blob[10:20]
@@ -202,21 +203,21 @@ def test_dry_run_against_server_ignoring_range_reports_archive_size(
     from btrdelta.cli import main
 
     root, _ = archive
-    size = (root / "img.cba").stat().st_size
+    size = (root / "img.bdar").stat().st_size
     for server in _flaky(root, "norange"):
         store = ChunkStore(tmp_path / "store")
-        report = _clone(f"{server.url}/img.cba", store, dry_run=True)
+        report = _clone(f"{server.url}/img.bdar", store, dry_run=True)
         assert report.full_download
         assert report.fetch_bytes == report.archive_size == size
         assert report.bytes_received < size  # the whole body was not downloaded
         assert not list(store.iter_chunks())
         assert not (tmp_path / "store" / "img").exists()
         capsys.readouterr()
-        assert main(["image", "clone", "--dry-run", f"{server.url}/img.cba",
+        assert main(["image", "clone", "--dry-run", f"{server.url}/img.bdar",
                      f"{tmp_path}/store/img"]) == 0
         out = capsys.readouterr().out
         assert "ignores Range" in out
-        assert main(["image", "clone", "--dry-run", "--json", f"{server.url}/img.cba",
+        assert main(["image", "clone", "--dry-run", "--json", f"{server.url}/img.bdar",
                      f"{tmp_path}/store/img"]) == 0
         got = json.loads(capsys.readouterr().out)
         assert got["full_download"] is True

@@ -142,6 +142,24 @@ class ArchiveIndex:
         return self.digests.index(digest)
 
 
+#: magics of files people give instead of an archive, and what to tell them
+_OTHER_MAGICS = (
+    (b"\x28\xb5\x2f\xfd", "this is zstd-compressed: an archive is not compressed as a whole "
+     "(its chunks are); decompress it first (zstd -d)"),
+    (b"\xfd7zXZ\x00", "this is xz-compressed: decompress it first (xz -d)"),
+    (b"\x1f\x8b", "this is gzip-compressed: decompress it first (gzip -d)"),
+    (b"\x30\x00\x00\x00\x00\x00\x00\x00", "this looks like a casync index (.caibx): "
+     "name it with its .caibx suffix"),
+)
+
+
+def _not_an_archive(head: bytes) -> str:
+    for magic, what in _OTHER_MAGICS:
+        if head.startswith(magic):
+            return f"not a btrdelta chunk archive: {what}"
+    return "not a btrdelta chunk archive (bad magic)"
+
+
 def encode_header(h: ArchiveHeader) -> bytes:
     """The 160 header bytes for ``h``."""
     p = h.params
@@ -170,7 +188,7 @@ def decode_header(
             f"archive header truncated ({len(mv)} of {HEADER_SIZE} bytes)", source=source, offset=0
         )
     if bytes(mv[:8]) != MAGIC:
-        raise StreamFormatError("not a btrdelta chunk archive (bad magic)", source=source, offset=0)
+        raise StreamFormatError(_not_an_archive(bytes(mv[:8])), source=source, offset=0)
     (
         _magic, version, flags, hash_algo, compression, chunker, norm, min_size, avg_size,
         max_size, _reserved, seed, image_size, chunk_count, order_count, index_offset,

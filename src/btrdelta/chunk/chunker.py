@@ -18,21 +18,25 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import stat
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
+from typing import Protocol
 
 import blake3
 from pyfastcdc.cy import FastCDC
 
-from ..errors import StreamFormatError
+from ..errors import BtrdeltaError, StreamFormatError
 
 __all__ = [
     "DIGEST_SIZE",
     "ChunkBatch",
     "ChunkRef",
     "ChunkerParams",
+    "Chunking",
+    "FastCdcChunking",
     "chunk_digest",
     "hash_chunks",
     "iter_chunks",
@@ -229,14 +233,49 @@ def hash_chunks(
         yield ChunkBatch(o, v, fut.result())
 
 
+class Chunking(Protocol):
+    """How an input is cut and its chunks named: what a seed must be cut with to find an
+    image's chunks (FastCDC + BLAKE3 here, buzhash + SHA-512/256 for casync indexes)."""
+
+    def hash_chunks(self, view: memoryview, pool: Executor | None = None) -> Iterator[ChunkBatch]:
+        """Batches of consecutive chunks of ``view`` with their ids."""
+        ...
+
+    def digest(self, data: bytes | bytearray | memoryview) -> bytes:
+        """A chunk's id."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class FastCdcChunking:
+    """:class:`Chunking` of btrdelta archives: FastCDC with ``params``, BLAKE3 ids."""
+
+    params: ChunkerParams
+
+    def hash_chunks(self, view: memoryview, pool: Executor | None = None) -> Iterator[ChunkBatch]:
+        """See :func:`hash_chunks`."""
+        return hash_chunks(view, self.params, pool=pool)
+
+    def digest(self, data: bytes | bytearray | memoryview) -> bytes:
+        """See :func:`chunk_digest`."""
+        return chunk_digest(data)
+
+
 @contextlib.contextmanager
 def map_file(path: str | os.PathLike[str]) -> Iterator[memoryview]:
     """Map a regular file or block device read-only; yields a view of all of it.
 
     An empty input yields an empty view. The view must not outlive the context.
+
+    Raises:
+        BtrdeltaError: ``path`` is neither a regular file nor a block device.
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
+        if not (stat.S_ISREG(mode := os.fstat(fd).st_mode) or stat.S_ISBLK(mode)):
+            what = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise BtrdeltaError(f"{what}: an image is a regular file or a block device",
+                                path=os.fspath(path))
         size = os.lseek(fd, 0, os.SEEK_END)
         if size == 0:
             yield memoryview(b"")

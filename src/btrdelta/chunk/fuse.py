@@ -17,9 +17,10 @@ from typing import Any
 
 import mfusepy
 
+from ..errors import BtrdeltaError
 from .store import ChunkStore, ImageReader
 
-__all__ = ["LIBFUSE", "ImageFS", "mount_image"]
+__all__ = ["LIBFUSE", "ImageFS", "check_can_mount", "mount_image"]
 
 #: ``(major, minor)`` of the libfuse ``mfusepy`` loaded.
 LIBFUSE: tuple[int, int] = (mfusepy.fuse_version_major, mfusepy.fuse_version_minor)
@@ -87,9 +88,38 @@ class ImageFS(mfusepy.Operations):  # type: ignore[misc]
                 "f_bavail": 0, "f_files": 2, "f_ffree": 0, "f_namemax": 255}
 
 
+def check_can_mount(mountpoint: str, device: str = "/dev/fuse") -> None:
+    """Refuse, with one line, what libfuse would refuse with a message and a crash.
+
+    Raises:
+        BtrdeltaError: the mount point is not a directory, or FUSE cannot be used by this
+            user (no ``/dev/fuse``, or not writable: non-root users need it to be, or a
+            setuid ``fusermount``, which libfuse 2 does not fall back to here).
+    """
+    if not os.path.isdir(mountpoint):
+        what = "is not a directory" if os.path.exists(mountpoint) else "does not exist"
+        raise BtrdeltaError(f"mount point {what}", path=mountpoint)
+    try:
+        os.close(os.open(device, os.O_RDWR | os.O_CLOEXEC))
+    except FileNotFoundError:
+        raise BtrdeltaError("no FUSE device: load the fuse module (modprobe fuse)",
+                            path=device) from None
+    except PermissionError:
+        who = "root" if os.geteuid() == 0 else f"user {os.geteuid()}"
+        raise BtrdeltaError(f"FUSE is not available to {who}: mounting needs read-write "
+                            "access to the FUSE device (run as root, or grant access)",
+                            path=device) from None
+
+
 def mount_image(store: ChunkStore, name: str, mountpoint: str, *, debug: bool = False) -> None:
-    """Serve ``name`` at ``mountpoint`` until unmounted or SIGINT/SIGTERM (blocks)."""
+    """Serve ``name`` at ``mountpoint`` until unmounted or SIGINT/SIGTERM (blocks).
+
+    Raises:
+        BtrdeltaError: see :func:`check_can_mount`; or libfuse failed to mount (it said why
+            on standard error).
+    """
     _, index = store.read_description(name)
+    check_can_mount(mountpoint)
     reader = ImageReader(store, index)
     try:
         mfusepy.FUSE(
@@ -98,6 +128,7 @@ def mount_image(store: ChunkStore, name: str, mountpoint: str, *, debug: bool = 
         )
     except RuntimeError as exc:
         if not (LIBFUSE[0] == 3 and exc.args == (_FUSE3_LOOP_ENDED,)):
-            raise
+            raise BtrdeltaError("FUSE mount failed (see libfuse's message above)",
+                                path=mountpoint) from None
     finally:
         reader.close()

@@ -1,36 +1,64 @@
-"""The local chunk store: verified chunks by id, image descriptions, random-access reads.
+"""The local chunk store: verified chunks by id, image descriptions, a lock, checks and gc.
 
 Layout (``docs/formats/chunk-store.md``)::
 
     STORE/chunks/<first 2 hex digits>/<64 hex digits>   one uncompressed chunk per file
     STORE/<NAME>                                        description: header || index || sig
+    STORE/.sources/<NAME>                               where NAME was cloned from (one line)
+    STORE/.lock                                         flock: shared by writers and readers
+                                                        of chunks, exclusive for gc and repair
 
-Invariant: a file under ``chunks/`` always holds bytes whose BLAKE3 is its name. Chunks are
-written under a temporary name in the same directory and renamed into place only after the
-hash was checked, so an interrupted writer leaves at most a ``.tmp-*`` file that
-:meth:`ChunkStore.gc` removes.
+Invariants: a chunk file gets its name only after its bytes were checked against the id and
+``fsync``-ed (:func:`btrdelta.fs.atomic.create_file`), so a name never refers to a partial
+file written by this code; a description is written (atomically) only after every chunk it
+names was checked present and the chunk directories were ``fsync``-ed. Damage from outside
+(a crash of an older version, a bad disk, a stray write) is found by :meth:`ChunkStore.check`
+(size, then BLAKE3 of the content); damaged files are dropped (:meth:`ChunkStore.drop`) and
+fetched again by a clone or ``verify --repair``; :meth:`ChunkStore.gc` removes them too.
+This module does not fetch anything: that is the clone workflow's job.
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
+import fcntl
 import os
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import blake3
 
-from ..errors import ChecksumError, MissingBaseError, StreamFormatError, UnsafePathError
+from ..errors import (
+    BtrdeltaError,
+    ChecksumError,
+    MissingBaseError,
+    StreamFormatError,
+    UnsafePathError,
+)
+from ..fs.atomic import create_file, fsync_dir, write_atomic
 from ..trust import PublicKey
-from .archive import ArchiveHeader, ArchiveIndex, decode_description
+from .archive import MAGIC, ArchiveHeader, ArchiveIndex, decode_description
 from .chunker import DIGEST_SIZE, chunk_digest
 
-__all__ = ["ChunkStore", "GcReport", "ImageReader", "VerifyReport", "split_store_name"]
+__all__ = [
+    "ChunkCheck",
+    "ChunkStore",
+    "GcReport",
+    "ImageReader",
+    "StoreBusyError",
+    "VerifyReport",
+    "split_store_name",
+]
 
 _TMP = ".tmp-"
+_LOCK = ".lock"
+_SOURCES = ".sources"
+_READ_BLOCK = 4 << 20
 
 
 def split_store_name(target: str) -> tuple[str, str]:
@@ -41,27 +69,75 @@ def split_store_name(target: str) -> tuple[str, str]:
     return store or ".", name
 
 
+class StoreBusyError(BtrdeltaError):
+    """Another process holds the store's lock in a conflicting mode."""
+
+
 @dataclass(frozen=True, slots=True)
 class GcReport:
-    """What :meth:`ChunkStore.gc` removed."""
+    """What :meth:`ChunkStore.gc` removed (``damaged`` is included in ``removed``)."""
 
     removed: int
     removed_bytes: int
     kept: int
+    damaged: int = 0
+    leftovers: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
+class ChunkCheck:
+    """What :meth:`ChunkStore.check` found.
+
+    Attributes:
+        ok: ids present with the right size and content.
+        missing: ids with no file.
+        damaged: id -> what is wrong (``empty``, ``short``, ``long``, ``content``,
+            ``unreadable``).
+    """
+
+    ok: set[bytes] = field(default_factory=set)
+    missing: list[bytes] = field(default_factory=list)
+    damaged: dict[bytes, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
 class VerifyReport:
-    """What :meth:`ChunkStore.verify` found (``missing`` and ``bad`` are chunk ids)."""
+    """What a verify found (``missing`` and ``bad`` are chunk ids; ``reasons`` says why each
+    bad one is bad; ``repaired`` counts chunks fetched again by a repair)."""
 
     chunks: int
     missing: list[bytes]
     bad: list[bytes]
+    reasons: dict[bytes, str] = field(default_factory=dict)
+    repaired: int = 0
 
     @property
     def ok(self) -> bool:
         """No chunk is missing or damaged."""
         return not self.missing and not self.bad
+
+
+def _check_one(path: str, digest: bytes, size: int) -> str | None:
+    """Why the chunk file at ``path`` is not ``digest`` of ``size`` bytes (``None``: it is,
+    ``"missing"``: no file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    try:
+        actual = os.fstat(fd).st_size
+        if actual != size:
+            return "empty" if actual == 0 else ("short" if actual < size else "long")
+        hasher = blake3.blake3()
+        while block := os.read(fd, _READ_BLOCK):
+            hasher.update(block)
+        return None if hasher.digest() == digest else "content"
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    finally:
+        os.close(fd)
 
 
 class ChunkStore:
@@ -75,6 +151,52 @@ class ChunkStore:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.path.abspath(os.fspath(root))
         self.chunks_dir = os.path.join(self.root, "chunks")
+        self._dirty: set[str] = set()
+        self._dirty_lock = threading.Lock()
+
+    # -- lock ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def locked(self, *, exclusive: bool = False, wait: float = 0.0,
+               create: bool = False) -> Iterator[None]:
+        """Hold the store's lock: shared (clone, verify) or exclusive (gc, repair).
+
+        Args:
+            exclusive: exclusive mode.
+            wait: seconds to wait for a conflicting holder to finish (0: fail at once).
+            create: create the store directory if it does not exist.
+
+        Raises:
+            StoreBusyError: the lock could not be had in time.
+            MissingBaseError: the store does not exist (and ``create`` is false).
+        """
+        if create:
+            os.makedirs(self.root, exist_ok=True)
+        path = os.path.join(self.root, _LOCK)
+        flags = os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            try:
+                fd = os.open(path, flags | os.O_RDWR, 0o644)
+            except PermissionError:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise MissingBaseError("no chunk store here", path=self.root) from None
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        deadline = time.monotonic() + wait
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        what = "gc or a repair" if not exclusive else "a clone, verify or gc"
+                        raise StoreBusyError(
+                            f"store is busy ({what} holds its lock); try again later or "
+                            "give --wait SECONDS", path=self.root) from None
+                    time.sleep(0.1)
+            yield
+        finally:
+            os.close(fd)
 
     # -- chunks ----------------------------------------------------------------------------
     def chunk_path(self, digest: bytes) -> str:
@@ -83,14 +205,15 @@ class ChunkStore:
         return os.path.join(self.chunks_dir, hexd[:2], hexd)
 
     def has(self, digest: bytes) -> bool:
-        """The chunk is in the store."""
+        """A file for the chunk exists (its content is not checked: see :meth:`check`)."""
         return os.path.exists(self.chunk_path(digest))
 
     def put(self, digest: bytes, data: bytes | bytearray | memoryview) -> bool:
-        """Store ``data`` as chunk ``digest`` after checking its hash.
+        """Store ``data`` as chunk ``digest`` after checking its hash (durable once
+        :meth:`sync` returned).
 
         Returns:
-            ``True`` if written, ``False`` if the store already had it.
+            ``True`` if written, ``False`` if the store already had a file of that name.
 
         Raises:
             ChecksumError: ``data`` does not hash to ``digest`` (nothing is written).
@@ -101,30 +224,67 @@ class ChunkStore:
                 f"chunk {digest.hex()[:16]}… does not match its id",
                 expected=digest.hex(), actual=actual.hex(),
             )
-        path = self.chunk_path(digest)
-        if os.path.exists(path):
-            return False
-        directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f"{_TMP}{os.getpid()}-{threading.get_ident()}")
+        directory = os.path.dirname(self.chunk_path(digest))
+        for attempt in range(2):
+            try:
+                dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                break
+            except FileNotFoundError:
+                if attempt:
+                    raise
+                os.makedirs(directory, exist_ok=True)
+                with self._dirty_lock:
+                    self._dirty.update((self.chunks_dir, self.root))
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+            created = create_file(dir_fd, digest.hex(), data)
+        finally:
+            os.close(dir_fd)
+        if created:
+            with self._dirty_lock:
+                self._dirty.add(directory)
+        return created
+
+    def sync(self) -> None:
+        """``fsync`` every directory a chunk was added to since the last call."""
+        with self._dirty_lock:
+            dirty, self._dirty = self._dirty, set()
+        for directory in sorted(dirty, key=len, reverse=True):
+            fsync_dir(directory)
+
+    def drop(self, digest: bytes) -> bool:
+        """Remove chunk ``digest``'s file (a damaged one); ``False`` if there was none."""
+        try:
+            os.unlink(self.chunk_path(digest))
+        except FileNotFoundError:
+            return False
         return True
+
+    def check(
+        self, sizes: Mapping[bytes, int], *, jobs: int = 2,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> ChunkCheck:
+        """Check every chunk of ``sizes`` (id -> expected size): present, right size, and
+        hashing to its id. Reads run on ``jobs`` threads (BLAKE3 and reads release the GIL).
+        """
+        result = ChunkCheck()
+        items = list(sizes.items())
+        with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="check") as pool:
+            verdicts = pool.map(lambda item: _check_one(self.chunk_path(item[0]), *item), items)
+            for i, ((digest, _), verdict) in enumerate(zip(items, verdicts, strict=True)):
+                if verdict is None:
+                    result.ok.add(digest)
+                elif verdict == "missing":
+                    result.missing.append(digest)
+                else:
+                    result.damaged[digest] = verdict
+                if on_progress is not None and (i % 64 == 63 or i + 1 == len(items)):
+                    on_progress(i + 1, len(items))
+        return result
 
     def iter_chunks(self) -> Iterator[tuple[bytes, str]]:
         """Every stored chunk id with its path (temporary files excluded)."""
-        try:
-            subdirs = sorted(os.listdir(self.chunks_dir))
-        except FileNotFoundError:
-            return
-        for sub in subdirs:
-            directory = os.path.join(self.chunks_dir, sub)
+        for directory in self._chunk_subdirs():
+            sub = os.path.basename(directory)
             for name in sorted(os.listdir(directory)):
                 if len(name) == 2 * DIGEST_SIZE and name.startswith(sub):
                     try:
@@ -139,13 +299,11 @@ class ChunkStore:
         return os.path.join(self.root, name)
 
     def write_description(self, name: str, blob: bytes) -> None:
-        """Atomically write description ``name``."""
+        """Atomically and durably write description ``name`` (after :meth:`sync`)."""
         path = self.description_path(name)
         os.makedirs(self.root, exist_ok=True)
-        tmp = os.path.join(self.root, f"{_TMP}{name}-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            f.write(blob)
-        os.replace(tmp, path)
+        self.sync()
+        write_atomic(path, blob)
 
     def read_description(
         self, name: str, *, public_key: PublicKey | None = None
@@ -157,6 +315,8 @@ class ChunkStore:
                 blob = f.read(256 << 20)
         except FileNotFoundError:
             raise MissingBaseError("no such image in the store", path=path) from None
+        except IsADirectoryError:
+            raise MissingBaseError("not an image description (a directory)", path=path) from None
         return decode_description(blob, source=path, public_key=public_key)
 
     def descriptions(self) -> list[str]:
@@ -171,61 +331,103 @@ class ChunkStore:
             if name == "chunks" or name.startswith(".") or not os.path.isfile(path):
                 continue
             with open(path, "rb") as f:
-                if f.read(8) == b"BDCHUNK\n":
+                if f.read(8) == MAGIC:
                     names.append(name)
         return names
 
-    # -- maintenance -----------------------------------------------------------------------
-    def verify(
-        self, name: str, *, on_progress: Callable[[int, int], None] | None = None
-    ) -> VerifyReport:
-        """Check that every chunk ``name`` needs is present and hashes to its id."""
-        _, index = self.read_description(name)
-        missing, bad = [], []
-        total = len(index.digests)
-        for i, digest in enumerate(index.digests):
-            path = self.chunk_path(digest)
-            try:
-                with open(path, "rb") as f:
-                    actual = blake3.blake3(f.read()).digest()
-            except FileNotFoundError:
-                missing.append(digest)
-                continue
-            if actual != digest:
-                bad.append(digest)
-            if on_progress is not None:
-                on_progress(i + 1, total)
-        return VerifyReport(total, missing, bad)
+    def set_source(self, name: str, location: str) -> None:
+        """Record where image ``name`` was cloned from (for ``verify --repair``)."""
+        directory = os.path.join(self.root, _SOURCES)
+        os.makedirs(directory, exist_ok=True)
+        write_atomic(os.path.join(directory, name), location.encode() + b"\n")
 
-    def gc(self, *, dry_run: bool = False) -> GcReport:
-        """Remove chunks no description uses, and leftover temporary files."""
-        used: set[bytes] = set()
-        for name in self.descriptions():
+    def source_of(self, name: str) -> str | None:
+        """Where image ``name`` was cloned from, if recorded."""
+        path = os.path.join(self.root, _SOURCES, split_store_name(f"x/{name}")[1])
+        try:
+            with open(path, "rb") as f:
+                return f.read(64 << 10).decode("utf-8", "replace").strip() or None
+        except FileNotFoundError:
+            return None
+
+    # -- maintenance -----------------------------------------------------------------------
+    def sizes_of(self, name: str) -> dict[bytes, int]:
+        """Chunk id -> size for every chunk description ``name`` uses."""
+        _, index = self.read_description(name)
+        return dict(zip(index.digests, index.raw_sizes, strict=True))
+
+    def verify(
+        self, name: str, *, jobs: int = 2,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> VerifyReport:
+        """Check that every chunk ``name`` needs is present, of its size, hashing to its id."""
+        sizes = self.sizes_of(name)
+        found = self.check(sizes, jobs=jobs, on_progress=on_progress)
+        return VerifyReport(len(sizes), found.missing, list(found.damaged), found.damaged)
+
+    def gc(self, *, dry_run: bool = False, quick: bool = False, jobs: int = 2) -> GcReport:
+        """Remove chunks no description uses, damaged chunks and leftover temporary files.
+
+        Call it under the exclusive lock (:meth:`locked`). Kept chunks are checked like
+        :meth:`check` does (only their sizes with ``quick``).
+        """
+        used: dict[bytes, int] = {}
+        names = self.descriptions()
+        for name in names:
             try:
-                used.update(self.read_description(name)[1].digests)
+                used.update(self.sizes_of(name))
             except StreamFormatError as exc:
                 raise exc.located(path=self.description_path(name)) from None
         removed = removed_bytes = kept = 0
-        for digest, path in self.iter_chunks():
-            if digest in used:
+        stored = dict(self.iter_chunks())
+        damaged = self._damaged(
+            {d: s for d, s in used.items() if d in stored}, stored, quick=quick, jobs=jobs)
+        for digest, path in stored.items():
+            if digest in used and digest not in damaged:
                 kept += 1
                 continue
             removed += 1
-            removed_bytes += os.path.getsize(path)
-            if not dry_run:
-                os.unlink(path)
+            with contextlib.suppress(FileNotFoundError):
+                removed_bytes += os.lstat(path).st_size
+                if not dry_run:
+                    os.unlink(path)
+        leftovers = self._remove_leftovers(set(names), dry_run=dry_run)
+        return GcReport(removed, removed_bytes, kept, len(damaged), leftovers)
+
+    def _damaged(self, sizes: dict[bytes, int], paths: dict[bytes, str], *, quick: bool,
+                 jobs: int) -> set[bytes]:
+        if not quick:
+            return set(self.check(sizes, jobs=jobs).damaged)
+        bad = set()
+        for digest, size in sizes.items():
+            with contextlib.suppress(FileNotFoundError):
+                if os.lstat(paths[digest]).st_size != size:
+                    bad.add(digest)
+        return bad
+
+    def _remove_leftovers(self, names: set[str], *, dry_run: bool) -> int:
+        """Temporary files of interrupted writers, and source records of removed images."""
+        doomed = []
         for directory in (self.root, *self._chunk_subdirs()):
             with contextlib.suppress(FileNotFoundError):
-                for entry in os.listdir(directory):
-                    if entry.startswith(_TMP) and not dry_run:
-                        os.unlink(os.path.join(directory, entry))
-        return GcReport(removed, removed_bytes, kept)
+                doomed += [os.path.join(directory, e) for e in os.listdir(directory)
+                           if e.startswith(_TMP) or (e.startswith(".") and ".tmp-" in e)]
+        sources = os.path.join(self.root, _SOURCES)
+        with contextlib.suppress(FileNotFoundError):
+            doomed += [os.path.join(sources, e) for e in os.listdir(sources) if e not in names]
+        if not dry_run:
+            for path in doomed:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        return len(doomed)
 
     def _chunk_subdirs(self) -> list[str]:
         try:
-            return [os.path.join(self.chunks_dir, d) for d in os.listdir(self.chunks_dir)]
+            subs = sorted(os.listdir(self.chunks_dir))
         except FileNotFoundError:
             return []
+        return [os.path.join(self.chunks_dir, d) for d in subs
+                if len(d) == 2 and os.path.isdir(os.path.join(self.chunks_dir, d))]
 
 
 @dataclass(slots=True)

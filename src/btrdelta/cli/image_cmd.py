@@ -1,25 +1,31 @@
-"""``btrdelta image``: compress, clone, mount, nbd, info, verify and gc chunked images."""
+"""``btrdelta image``: compress, clone, mount, nbd, info, verify and gc chunked images.
+
+Thin: each subcommand parses its arguments, calls one function of
+:mod:`btrdelta.update.clone` / :mod:`btrdelta.update.image` (or an export of
+:mod:`btrdelta.chunk`), and prints the result.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import threading
 import types
 
-from ..chunk.archive import HEADER_SIZE, decode_header
-from ..chunk.chunker import ChunkerParams
-from ..chunk.clone import clone, open_source, read_index
-from ..chunk.compress import DEFAULT_LEVEL, compress_image
-from ..chunk.store import ChunkStore, ImageReader, split_store_name
-from ..errors import BtrdeltaError, ChecksumError
+from ..chunk.compress import DEFAULT_LEVEL
+from ..chunk.store import ChunkStore, ImageReader, VerifyReport, split_store_name
+from ..errors import BtrdeltaError, ChecksumError, MissingBaseError
 from ..transport.listen import ListenAddress, parse_listen, server_tls
 from ..trust import load_private_key, load_public_key
-from ._common import Progress, human_bytes, open_output, parse_size
+from ..update.clone import CloneReport, clone_image
+from ..update.image import RepairReport, compress_archive, gc_store, image_info, verify_image
+from ._common import Progress, human_bytes, parse_size
 from .http_options import add_http_options, http_config
+
+_FORMATS = ("Formats: docs/formats/chunk-archive.md, chunk-store.md, casync.md. Archives are "
+            "named *.bdar (the old *.cba names work too: readers go by content).")
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -27,46 +33,24 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = sub.add_parser(
         "image", help="chunked images: compress, clone over HTTP, mount, NBD export",
         description="Content-defined chunk archives of whole images (ext4, squashfs, erofs), "
-        "cloned into a local chunk store reusing what it (and seeds) hold, exposed read-only "
-        "through FUSE or NBD. Formats: docs/formats/chunk-archive.md, chunk-store.md.",
+        "cloned into a local chunk store and/or straight onto a file or device, reusing what "
+        "the store, the output and seeds hold; exposed read-only through FUSE or NBD. "
+        "casync/desync .caibx indexes and .castr stores are read too. " + _FORMATS,
     )
     isub = p.add_subparsers(dest="image_command", metavar="SUBCOMMAND")
+
     def usage(_args: argparse.Namespace) -> int:
         p.print_help(sys.stderr)
         return 2
 
     p.set_defaults(func=usage)
-
-    c = isub.add_parser("compress", help="chunk and compress an image into an archive")
-    c.add_argument("-i", "--input", required=True, metavar="IMAGE", help="image file or device")
-    c.add_argument("-o", "--output", required=True, metavar="ARCHIVE", help="archive to write")
-    c.add_argument("--avg-chunk", type=parse_size, default=64 << 10, metavar="SIZE",
-                   help="average chunk size (default 64K; min = avg/4, max = avg*4)")
-    c.add_argument("--level", type=int, default=DEFAULT_LEVEL,
-                   help=f"zstd level (default {DEFAULT_LEVEL}: compressed once, fetched often)")
-    c.add_argument("--sign", metavar="KEY", help="Ed25519 private key (PEM) to sign with")
-    c.add_argument("--threads", type=int, default=None, help="compression threads (default: CPUs)")
-    c.add_argument("--progress", action="store_true", help="show progress on stderr")
-    c.set_defaults(func=run_compress)
-
-    cl = isub.add_parser("clone", help="clone an archive (path or URL) into a chunk store")
-    cl.add_argument("source", metavar="SOURCE", help="archive path or http(s):// URL")
-    cl.add_argument("target", metavar="STORE/NAME", help="chunk store directory and image name")
-    cl.add_argument("--seed", action="append", default=[], metavar="FILE_OR_DEVICE",
-                    help="a file or device that may hold chunks (repeatable)")
-    cl.add_argument("--output", metavar="FILE_OR_DEVICE", help="also write the full image here")
-    cl.add_argument("--dry-run", action="store_true", help="only say how much would be fetched")
-    cl.add_argument("--key", metavar="PUBKEY", help="require a valid signature by this key (PEM)")
-    cl.add_argument("--json", action="store_true", help="print the report as JSON")
-    cl.add_argument("--progress", action="store_true", help="show progress on stderr")
-    add_http_options(cl)
-    cl.set_defaults(func=run_clone)
-
-    m = isub.add_parser("mount", help="FUSE: expose an image in the store as one read-only file")
+    _add_compress(isub)
+    _add_clone(isub)
+    m = isub.add_parser("mount", help="FUSE: expose an image in the store as one read-only file",
+                        epilog="example: btrdelta image mount /var/lib/images/v2 /run/img")
     m.add_argument("target", metavar="STORE/NAME")
     m.add_argument("mountpoint", metavar="MOUNTPOINT")
     m.set_defaults(func=run_mount)
-
     n = isub.add_parser("nbd", help="serve an image in the store over NBD (read-only)")
     n.add_argument("target", metavar="STORE/NAME")
     n.add_argument("--listen", default="127.0.0.1:10809", metavar="ADDR", type=_listen,
@@ -79,23 +63,78 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     n.epilog = ("example: btrdelta image nbd /var/lib/images/v2 --listen unix:/run/v2.sock & "
                 "nbdinfo --map 'nbd+unix:///v2?socket=/run/v2.sock'")
     n.set_defaults(func=run_nbd)
-
-    i = isub.add_parser("info", help="what an archive (path or URL) or description holds")
-    i.add_argument("source", metavar="ARCHIVE|STORE/NAME")
+    i = isub.add_parser("info", help="what an archive, description or casync index holds",
+                        epilog="example: btrdelta image info http://server/rootfs-v2.bdar")
+    i.add_argument("source", metavar="ARCHIVE|STORE/NAME|INDEX.caibx")
     i.add_argument("--key", metavar="PUBKEY", help="also check the signature with this key")
     i.add_argument("--json", action="store_true", help="print JSON")
     add_http_options(i)
     i.set_defaults(func=run_info)
-
-    v = isub.add_parser("verify", help="check an image in the store (every chunk's hash)")
-    v.add_argument("target", metavar="STORE/NAME")
-    v.add_argument("--key", metavar="PUBKEY", help="also check the description's signature")
-    v.set_defaults(func=run_verify)
-
-    g = isub.add_parser("gc", help="drop chunks no description in the store uses")
+    _add_verify(isub)
+    g = isub.add_parser("gc", help="drop unused and damaged chunks and leftovers from a store",
+                        epilog="example: btrdelta image gc /var/lib/images")
     g.add_argument("store", metavar="STORE")
     g.add_argument("--dry-run", action="store_true", help="only report")
+    g.add_argument("--quick", action="store_true",
+                   help="check kept chunks' sizes only, not their content")
+    g.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for a clone or verify holding the store to finish")
+    g.add_argument("--json", action="store_true", help="print the report as JSON")
     g.set_defaults(func=run_gc)
+
+
+def _add_compress(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    c = isub.add_parser("compress", help="chunk and compress an image into an archive",
+                        epilog="example: btrdelta image compress -i rootfs-v2.ext4 -o "
+                        "www/rootfs-v2.bdar --sign release.pem")
+    c.add_argument("-i", "--input", required=True, metavar="IMAGE", help="image file or device")
+    c.add_argument("-o", "--output", required=True, metavar="ARCHIVE",
+                   help="archive to write (*.bdar)")
+    c.add_argument("--avg-chunk", type=parse_size, default=64 << 10, metavar="SIZE",
+                   help="average chunk size (default 64K; min = avg/4, max = avg*4)")
+    c.add_argument("--level", type=int, default=DEFAULT_LEVEL,
+                   help=f"zstd level (default {DEFAULT_LEVEL}: compressed once, fetched often)")
+    c.add_argument("--sign", metavar="KEY", help="Ed25519 private key (PEM) to sign with")
+    c.add_argument("--threads", type=int, default=None, help="compression threads (default: CPUs)")
+    c.add_argument("--progress", action="store_true", help="show progress on stderr")
+    c.set_defaults(func=run_compress)
+
+
+def _add_clone(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    cl = isub.add_parser(
+        "clone", help="clone an archive or casync index into a store and/or onto an output",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Clone an image, fetching only the chunks that the store, the seeds and "
+        "the output's old content lack. Give STORE/NAME (a chunk store), --output (a file or "
+        "block device; no store needed), or both.",
+        epilog="examples:\n"
+        "  btrdelta image clone http://server/rootfs-v2.bdar /var/lib/images/v2 \\\n"
+        "      --seed /dev/mmcblk0p2\n"
+        "  btrdelta image clone http://server/rootfs-v2.bdar --output /dev/mmcblk0p3 \\\n"
+        "      --seed /dev/mmcblk0p2          # no store: straight onto slot B\n"
+        "  btrdelta image clone http://server/rootfs.caibx --output rootfs.img \\\n"
+        "      --castr http://server/default.castr    # a casync/desync index and store",
+    )
+    cl.add_argument("source", metavar="SOURCE", help="archive or .caibx (path or http(s) URL)")
+    cl.add_argument("target", metavar="STORE/NAME", nargs="?",
+                    help="chunk store directory and image name (optional with --output)")
+    cl.add_argument("--output", metavar="FILE_OR_DEVICE",
+                    help="write the image here (a device is updated in place, where it differs)")
+    cl.add_argument("--seed", action="append", default=[], metavar="FILE_OR_DEVICE",
+                    help="a file or device that may hold chunks (repeatable)")
+    cl.add_argument("--castr", action="append", default=[], metavar="STORE",
+                    help="casync chunk store (directory or URL) for a .caibx source, tried in "
+                    "order (repeatable; default: default.castr next to the index)")
+    cl.add_argument("--in-place", action="store_true",
+                    help="update an existing output file in place instead of replacing it")
+    cl.add_argument("--dry-run", action="store_true", help="only say how much would be fetched")
+    cl.add_argument("--key", metavar="PUBKEY", help="require a valid signature by this key (PEM)")
+    cl.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                    help="wait this long for a gc or repair holding the store to finish")
+    cl.add_argument("--json", action="store_true", help="print the report as JSON")
+    cl.add_argument("--progress", action="store_true", help="show progress on stderr")
+    add_http_options(cl)
+    cl.set_defaults(func=run_clone)
 
 
 def _listen(text: str) -> ListenAddress:
@@ -105,18 +144,34 @@ def _listen(text: str) -> ListenAddress:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _add_verify(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    v = isub.add_parser(
+        "verify", help="check an image in the store (every chunk's size and hash)",
+        epilog="example: btrdelta image verify --repair /var/lib/images/v2 --seed /dev/mmcblk0p2")
+    v.add_argument("target", metavar="STORE/NAME")
+    v.add_argument("--key", metavar="PUBKEY", help="also check the description's signature")
+    v.add_argument("--repair", action="store_true",
+                   help="drop damaged chunks and fetch what is missing again")
+    v.add_argument("--source", metavar="ARCHIVE",
+                   help="where --repair fetches from (default: where the image was cloned from)")
+    v.add_argument("--seed", action="append", default=[], metavar="FILE_OR_DEVICE",
+                   help="a file or device --repair may take chunks from (repeatable)")
+    v.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for the store's lock")
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_http_options(v)
+    v.set_defaults(func=run_verify)
+
+
 def run_compress(args: argparse.Namespace) -> int:
     """``image compress``."""
-    params = ChunkerParams.from_avg(args.avg_chunk)
     key = load_private_key(args.sign) if args.sign else None
     progress = Progress(Progress.wanted(args), "compress: ")
-    with open_output(args.output) as out:
-        if out is sys.stdout.buffer:
-            raise BtrdeltaError("compress needs a seekable output file (-o FILE)")
-        report = compress_image(
-            args.input, out, params=params, level=args.level, key=key, threads=args.threads,
-            on_progress=lambda d, t: progress.update(f"{human_bytes(d)} / {human_bytes(t)}"),
-        )
+    report = compress_archive(
+        args.input, args.output, avg_chunk=args.avg_chunk, level=args.level, key=key,
+        threads=args.threads,
+        on_progress=lambda d, t: progress.update(f"{human_bytes(d)} / {human_bytes(t)}"),
+    )
     progress.done()
     h = report.header
     print(f"{args.output}: {human_bytes(h.image_size)} image, {h.order_count} chunks "
@@ -125,44 +180,51 @@ def run_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+_CLONE_FIELDS = ("kind", "image_size", "archive_size", "chunks", "from_store", "damaged",
+                 "from_seeds", "fetched", "fetch_chunks", "fetch_bytes", "index_bytes",
+                 "missing_bytes", "spans", "requests", "bytes_received", "full_download",
+                 "out_in_place", "out_from_seeds", "out_from_store", "out_moved", "out_fetched")
+
+
 def run_clone(args: argparse.Namespace) -> int:
     """``image clone``."""
-    store_dir, name = split_store_name(args.target)
     key = load_public_key(args.key) if args.key else None
     progress = Progress(Progress.wanted(args), "clone: ")
-    source = open_source(args.source, http_config(args))
-    try:
-        report = clone(
-            source, ChunkStore(store_dir), name, seeds=args.seed, output=args.output,
-            dry_run=args.dry_run, public_key=key,
-            on_progress=lambda phase, d, t: progress.update(f"{phase} {d}/{t}"),
-        )
-    finally:
-        source.close()
+    report = clone_image(
+        args.source, target=args.target, output=args.output, seeds=args.seed,
+        castr=args.castr, dry_run=args.dry_run, public_key=key, in_place=args.in_place or None,
+        wait=args.wait, config=http_config(args),
+        on_progress=lambda phase, d, t: progress.update(f"{phase} {d}/{t}"),
+    )
     progress.done()
     if args.json:
-        fields = ("image_size", "archive_size", "chunks", "from_store", "from_seeds", "fetched",
-                  "fetch_bytes", "index_bytes", "missing_bytes", "spans", "requests",
-                  "bytes_received", "full_download", "out_in_place", "out_from_seeds",
-                  "out_from_store")
-        print(json.dumps({f: getattr(report, f) for f in fields} | {"dry_run": args.dry_run}))
+        print(json.dumps({f: getattr(report, f) for f in _CLONE_FIELDS}
+                         | {"dry_run": args.dry_run}))
         return 0
-    verb = "would fetch" if args.dry_run else "fetched"
+    _print_clone(args, report)
+    return 0
+
+
+def _print_clone(args: argparse.Namespace, report: CloneReport) -> None:
+    what = args.target or args.output
     if report.full_download and args.dry_run:
-        print(f"{args.target}: the server ignores Range requests: a clone would download the "
+        print(f"{what}: the server ignores Range requests: a clone would download the "
               f"whole archive ({human_bytes(report.archive_size)})")
-        return 0
-    n_fetch = report.chunks - report.from_store - report.from_seeds
-    print(f"{args.target}: {report.chunks} chunks: {report.from_store} in store, "
+        return
+    verb = "would fetch" if args.dry_run else "fetched"
+    n_fetch = report.fetch_chunks
+    damaged = f" ({report.damaged} damaged, dropped)" if report.damaged else ""
+    print(f"{what}: {report.chunks} chunks: {report.from_store} in store{damaged}, "
           f"{report.from_seeds} from seeds, {verb} {n_fetch}"
           f" ({human_bytes(report.fetch_bytes)} + {human_bytes(report.index_bytes)} index); "
           f"{report.requests} requests, {human_bytes(report.bytes_received)} received"
           f"{' (server ignores Range: whole archive downloaded)' if report.full_download else ''}")
-    if args.output:
+    if args.output and not args.dry_run:
         print(f"{args.output}: {human_bytes(report.out_in_place)} already in place, "
               f"{human_bytes(report.out_from_seeds)} copied from seeds, "
-              f"{human_bytes(report.out_from_store)} from the store")
-    return 0
+              f"{human_bytes(report.out_moved)} moved within it, "
+              f"{human_bytes(report.out_from_store)} from the store, "
+              f"{human_bytes(report.out_fetched)} downloaded")
 
 
 def _wait_for_signal() -> None:
@@ -222,76 +284,86 @@ def run_nbd(args: argparse.Namespace) -> int:
 def run_info(args: argparse.Namespace) -> int:
     """``image info``."""
     key = load_public_key(args.key) if args.key else None
-    if os.path.isfile(args.source) and not args.source.startswith(("http://", "https://")):
-        with open(args.source, "rb") as f:
-            head = f.read(HEADER_SIZE)
-        header = decode_header(head, source=args.source)
-        is_description = os.path.getsize(args.source) == (
-            HEADER_SIZE + header.index_size + header.sig_size)
-    else:
-        is_description = False
-    if is_description:
-        store_dir, name = split_store_name(args.source)
-        header, index = ChunkStore(store_dir).read_description(name, public_key=key)
-        archive_size = header.archive_size
-    else:
-        source = open_source(args.source, http_config(args))
-        try:
-            header, index, _ = read_index(source, public_key=key)
-        finally:
-            source.close()
-        archive_size = header.archive_size
-    p = header.params
-    distinct, compressed = sum(index.raw_sizes), sum(index.comp_sizes)
-    info: dict[str, object] = {
-        "kind": "description" if is_description else "archive",
-        "version": header.version, "image_size": header.image_size,
-        "image_blake3": header.image_digest.hex(), "chunks": header.order_count,
-        "distinct_chunks": header.chunk_count, "distinct_bytes": distinct,
-        "compressed_bytes": compressed, "archive_size": archive_size,
-        "index_bytes": header.index_size, "signed": header.signed,
-        "signature_checked": key is not None,
-        "chunker": {"min": p.min_size, "avg": p.avg_size, "max": p.max_size,
-                    "normalization": p.normalization, "seed": p.seed},
-    }
+    info = image_info(args.source, public_key=key, config=http_config(args))
     if args.json:
         print(json.dumps(info))
         return 0
-    print(f"{args.source}: chunk {info['kind']} v{header.version}")
-    print(f"  image      {human_bytes(header.image_size)} ({header.image_size} bytes), "
-          f"BLAKE3 {header.image_digest.hex()}")
-    print(f"  chunks     {header.order_count} ({header.chunk_count} distinct, "
-          f"{human_bytes(distinct)} -> {human_bytes(compressed)} zstd)")
-    print(f"  chunker    FastCDC min {p.min_size} avg {p.avg_size} max {p.max_size}")
-    print(f"  archive    {human_bytes(archive_size)}, index {human_bytes(header.index_size)}")
-    sig = "signed" if header.signed else "unsigned"
-    print(f"  signature  {sig}{' (verified)' if key is not None else ''}")
+    chunker = info["chunker"]
+    assert isinstance(chunker, dict)
+    size = int(info["image_size"])  # type: ignore[call-overload]
+    print(f"{args.source}: {info['kind']}" + (f" v{info['version']}" if "version" in info else ""))
+    print(f"  image      {human_bytes(size)} ({size} bytes)"
+          + (f", BLAKE3 {info['image_blake3']}" if "image_blake3" in info else ""))
+    print(f"  chunks     {info['chunks']} ({info['distinct_chunks']} distinct, "
+          f"{human_bytes(int(info['distinct_bytes']))})")  # type: ignore[call-overload]
+    print(f"  chunker    {chunker['name']} min {chunker['min']} avg {chunker['avg']} "
+          f"max {chunker['max']}")
+    if "archive_size" in info:
+        print(f"  archive    {human_bytes(int(info['archive_size']))}, "  # type: ignore[call-overload]
+              f"index {human_bytes(int(info['index_bytes']))}")  # type: ignore[call-overload]
+    sig = "signed" if info["signed"] else "unsigned"
+    print(f"  signature  {sig}{' (verified)' if info['signature_checked'] else ''}")
     return 0
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    """``image verify``."""
-    store_dir, name = split_store_name(args.target)
-    store = ChunkStore(store_dir)
-    if args.key:
-        store.read_description(name, public_key=load_public_key(args.key))
-    report = store.verify(name)
-    if not report.ok:
-        first = (report.bad or report.missing)[0].hex()
-        raise ChecksumError(
-            f"{len(report.missing)} chunk(s) missing, {len(report.bad)} damaged "
-            f"(first: {first})", path=args.target)
-    print(f"{args.target}: OK, {report.chunks} chunks")
-    return 0
+    """``image verify`` (exit 6 when chunks are missing, 5 when only damaged ones are)."""
+    key = load_public_key(args.key) if args.key else None
+    if (args.source or args.seed) and not args.repair:
+        raise BtrdeltaError("--source and --seed are for --repair")
+    report, fix = verify_image(args.target, repair=args.repair, source=args.source,
+                               seeds=args.seed, public_key=key, wait=args.wait,
+                               config=http_config(args))
+    if args.json:
+        print(json.dumps(_verify_json(report, fix)))
+    if report.ok:
+        if not args.json:
+            fixed = f", {fix.repaired} chunk(s) repaired from {fix.source}" if fix else ""
+            print(f"{args.target}: OK, {report.chunks} chunks{fixed}")
+        return 0
+    raise _verify_error(args.target, report, fix)
+
+
+def _verify_json(report: VerifyReport, fix: RepairReport | None) -> dict[str, object]:
+    out: dict[str, object] = {
+        "ok": report.ok, "chunks": report.chunks,
+        "missing": [d.hex() for d in report.missing],
+        "damaged": {d.hex(): report.reasons.get(d, "content") for d in report.bad},
+    }
+    if fix is not None:
+        out |= {"source": fix.source, "dropped": fix.dropped, "repaired": fix.repaired,
+                "not_in_source": [d.hex() for d in fix.lacking]}
+    return out
+
+
+def _verify_error(target: str, report: VerifyReport, fix: RepairReport | None) -> BtrdeltaError:
+    first = (report.missing or report.bad)[0].hex()
+    what = f"{len(report.missing)} chunk(s) missing, {len(report.bad)} damaged (first: {first})"
+    if fix is None:
+        hint = "; `btrdelta image verify --repair` drops damaged chunks and fetches them again"
+    elif fix.source is None:
+        hint = ("; no source is recorded for this image: give --source ARCHIVE (the archive "
+                "it was cloned from, path or URL) or --seed")
+    elif fix.lacking:
+        hint = f"; {len(fix.lacking)} of them are not in {fix.source}"
+    else:
+        hint = f"; still missing after fetching from {fix.source}"
+    if report.missing:
+        return MissingBaseError(what + hint, path=target)
+    return ChecksumError(what + hint, path=target)
 
 
 def run_gc(args: argparse.Namespace) -> int:
     """``image gc``."""
-    report = ChunkStore(args.store).gc(dry_run=args.dry_run)
+    report = gc_store(args.store, dry_run=args.dry_run, quick=args.quick, wait=args.wait)
+    if args.json:
+        print(json.dumps({"removed": report.removed, "removed_bytes": report.removed_bytes,
+                          "kept": report.kept, "damaged": report.damaged,
+                          "leftovers": report.leftovers, "dry_run": args.dry_run}))
+        return 0
     verb = "would remove" if args.dry_run else "removed"
-    print(f"{args.store}: {verb} {report.removed} chunks ({human_bytes(report.removed_bytes)}), "
+    damaged = f" ({report.damaged} damaged)" if report.damaged else ""
+    print(f"{args.store}: {verb} {report.removed} chunks{damaged} "
+          f"({human_bytes(report.removed_bytes)}) and {report.leftovers} leftover file(s), "
           f"kept {report.kept}")
     return 0
-
-
-

@@ -8,4 +8,4 @@ arguments or prints: that is ``btrdelta.cli``.
 
 from __future__ import annotations
 
-__all__: list[str] = []
+__all__ = ["clone", "image"]

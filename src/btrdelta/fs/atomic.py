@@ -1,0 +1,175 @@
+"""Files that appear whole or not at all, written without following a path anyone else controls.
+
+This module owns how btrdelta creates output files and store entries:
+
+* :func:`atomic_output` gives a writable, seekable file whose content replaces ``path`` only
+  when the ``with`` block succeeds: the bytes go to an unnamed file (``O_TMPFILE``) in the
+  same directory, or, where the file system has none, to a new temporary name opened with
+  ``O_CREAT | O_EXCL | O_NOFOLLOW``; then ``fsync``, a rename over ``path`` and an
+  ``fsync`` of the directory. On any failure the temporary file is removed and ``path`` is
+  untouched. No predictable name is ever opened, so a symlink planted by another user
+  (``OUT.tmp-1234 -> /etc/shadow``) is never written through.
+* :func:`create_file` durably creates a file that must not exist yet (a chunk in a store:
+  written, ``fsync``-ed, then linked under its final name, which fails if the name exists).
+
+It knows nothing of formats; callers decide what the bytes are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import stat
+from collections.abc import Iterator
+from typing import BinaryIO
+
+from ..errors import BtrdeltaError
+
+__all__ = ["atomic_output", "create_file", "fsync_dir", "write_atomic"]
+
+_PROC_FD = "/proc/self/fd"
+# O_TMPFILE answers these where the file system (or kernel) has no unnamed files
+_NO_TMPFILE = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT})
+
+
+def _tmp_name(base: str) -> str:
+    return f".{base}.tmp-{os.getpid()}-{secrets.token_hex(6)}"
+
+
+def _open_dir(directory: str) -> int:
+    return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _open_unnamed(dir_fd: int, mode: int) -> int | None:
+    """An ``O_TMPFILE`` file in ``dir_fd``, or ``None`` where there is none."""
+    if not hasattr(os, "O_TMPFILE") or not os.path.isdir(_PROC_FD):
+        return None
+    try:
+        return os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in _NO_TMPFILE:
+            return None
+        raise
+
+
+def _open_new(dir_fd: int, base: str, mode: int) -> tuple[int, str]:
+    """A new file under a fresh temporary name (never an existing file or a symlink)."""
+    flags = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_RDWR | os.O_CLOEXEC
+    while True:
+        name = _tmp_name(base)
+        try:
+            return os.open(name, flags, mode, dir_fd=dir_fd), name
+        except FileExistsError:
+            continue
+
+
+def fsync_dir(directory: str | int) -> None:
+    """``fsync`` a directory (by path or descriptor), making renames in it durable."""
+    if isinstance(directory, int):
+        os.fsync(directory)
+        return
+    fd = _open_dir(directory)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _link_unnamed(fd: int, dir_fd: int, name: str) -> None:
+    """Give the ``O_TMPFILE`` file ``fd`` the name ``name`` (fails if it exists)."""
+    os.link(f"{_PROC_FD}/{fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str], *, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """A new file that replaces ``path`` when the block succeeds (see the module docstring).
+
+    Args:
+        path: the file to create or replace. A symlink at ``path`` itself is replaced by the
+            file, not followed. A device or FIFO is written directly (the caller named it).
+        mode: permission bits of a new file (the umask applies).
+
+    Raises:
+        BtrdeltaError: ``path`` is a directory, or its directory does not exist.
+    """
+    path = os.fspath(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise BtrdeltaError("is a directory, not a file to write", path=path)
+    if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        with open(path, "wb") as special:  # a device or FIFO the caller asked for
+            yield special
+        return
+    directory, base = os.path.split(os.path.abspath(path))
+    try:
+        dir_fd = _open_dir(directory)
+    except FileNotFoundError:
+        raise BtrdeltaError("directory does not exist", path=directory) from None
+    tmp: str | None = None
+    try:
+        fd = _open_unnamed(dir_fd, mode)
+        if fd is None:
+            fd, tmp = _open_new(dir_fd, base, mode)
+        with os.fdopen(fd, "w+b") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+            if tmp is None:
+                tmp = _tmp_name(base)
+                _link_unnamed(f.fileno(), dir_fd, tmp)
+        os.rename(tmp, base, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        tmp = None
+        os.fsync(dir_fd)
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+        os.close(dir_fd)
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes | memoryview, *,
+                 mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` through :func:`atomic_output`."""
+    with atomic_output(path, mode=mode) as f:
+        f.write(data)
+
+
+def create_file(dir_fd: int, name: str, data: bytes | bytearray | memoryview, *,
+                mode: int = 0o444) -> bool:
+    """Durably create ``name`` in ``dir_fd`` holding ``data``, unless it already exists.
+
+    The data is written to an unnamed (or freshly named temporary) file and ``fsync``-ed
+    before the file gets its name, so ``name`` never refers to a partial file. The
+    directory is *not* ``fsync``-ed: callers creating many files do that once
+    (:func:`fsync_dir`).
+
+    Returns:
+        ``True`` if created, ``False`` if ``name`` already existed (left untouched).
+    """
+    tmp: str | None = None
+    fd = _open_unnamed(dir_fd, mode)
+    if fd is None:
+        fd, tmp = _open_new(dir_fd, name, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+        try:
+            if tmp is None:
+                _link_unnamed(fd, dir_fd, name)
+            else:
+                os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        os.close(fd)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
