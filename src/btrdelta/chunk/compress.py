@@ -58,6 +58,56 @@ def _digest(view: memoryview) -> bytes:
     return blake3.blake3(view).digest()
 
 
+class _ChunkWriter:
+    """Compresses each new chunk on a pool and writes the frames in first-seen order."""
+
+    def __init__(self, out: BinaryIO, pool: ThreadPoolExecutor, level: int, workers: int) -> None:
+        self.out = out
+        self.pool = pool
+        self.level = level
+        self.workers = workers
+        self.local = threading.local()
+        self.seen: dict[bytes, int] = {}
+        self.digests: list[bytes] = []
+        self.raw_sizes, self.comp_sizes = array("I"), array("I")
+        self.offsets, self.order = array("Q"), array("I")
+        self.pos = HEADER_SIZE
+        self.pending: deque[Future[bytes]] = deque()
+
+    def _compress(self, data: memoryview) -> bytes:
+        cctx = getattr(self.local, "cctx", None)
+        if cctx is None:
+            cctx = self.local.cctx = zstandard.ZstdCompressor(level=self.level,
+                                                              write_content_size=True)
+        return cctx.compress(data)
+
+    def drain(self, limit: int = 0) -> None:
+        """Write finished frames until at most ``limit`` are pending."""
+        while len(self.pending) > limit:
+            blob = self.pending.popleft().result()
+            self.out.write(blob)
+            self.offsets.append(self.pos)
+            self.comp_sizes.append(len(blob))
+            self.pos += len(blob)
+
+    def take(self, batch: ChunkBatch) -> None:
+        """Record a batch's chunks in the order; compress the ones not seen before."""
+        for data, digest in zip(batch.views, batch.digests, strict=True):
+            entry = self.seen.get(digest)
+            if entry is None:
+                entry = self.seen[digest] = len(self.digests)
+                self.digests.append(digest)
+                self.raw_sizes.append(len(data))
+                self.pending.append(self.pool.submit(self._compress, data))
+                self.drain(4 * self.workers)
+            self.order.append(entry)
+
+    def index(self) -> bytes:
+        """The index bytes (call after :meth:`drain`)."""
+        return encode_index(self.digests, self.offsets, self.comp_sizes, self.raw_sizes,
+                            self.order)
+
+
 def compress_image(
     image: str | os.PathLike[str],
     out: BinaryIO,
@@ -81,45 +131,12 @@ def compress_image(
     """
     params.validate()
     workers = threads or os.cpu_count() or 1
-    local = threading.local()
-
-    def compress(data: memoryview) -> bytes:
-        cctx = getattr(local, "cctx", None)
-        if cctx is None:
-            cctx = local.cctx = zstandard.ZstdCompressor(level=level, write_content_size=True)
-        return cctx.compress(data)
-
-    seen: dict[bytes, int] = {}
-    digests: list[bytes] = []
-    raw_sizes, comp_sizes, offsets, order = array("I"), array("I"), array("Q"), array("I")
     out.write(b"\0" * HEADER_SIZE)
-    pos = HEADER_SIZE
-    pending: deque[Future[bytes]] = deque()
 
-    def drain(limit: int) -> None:
-        nonlocal pos
-        while len(pending) > limit:
-            blob = pending.popleft().result()
-            out.write(blob)
-            offsets.append(pos)
-            comp_sizes.append(len(blob))
-            pos += len(blob)
-
-    def take(batch: ChunkBatch) -> None:
-        for data, digest in zip(batch.views, batch.digests, strict=True):
-            entry = seen.get(digest)
-            if entry is None:
-                entry = seen[digest] = len(digests)
-                digests.append(digest)
-                raw_sizes.append(len(data))
-                pending.append(pool.submit(compress, data))
-                drain(4 * workers)
-            order.append(entry)
-
-    def cut_all(view: memoryview, hashers: ThreadPoolExecutor) -> None:
+    def cut_all(view: memoryview, writer: _ChunkWriter, hashers: ThreadPoolExecutor) -> None:
         # a function of its own so that no chunk view outlives it (and the map)
         for batch in hash_chunks(view, params, pool=hashers):
-            take(batch)
+            writer.take(batch)
             if on_progress is not None:
                 on_progress(batch.end, len(view))
 
@@ -129,16 +146,18 @@ def compress_image(
         ThreadPoolExecutor(2, thread_name_prefix="blake3") as hashers,
     ):
         size = len(view)
+        writer = _ChunkWriter(out, pool, level, workers)
         # the whole-image digest is one more pass over the map, on its own thread
         image_digest = hashers.submit(_digest, view)
-        cut_all(view, hashers)
-        drain(0)
+        cut_all(view, writer, hashers)
+        writer.drain()
         image_hash = image_digest.result()
-    index = encode_index(digests, offsets, comp_sizes, raw_sizes, order)
+    index = writer.index()
     header = with_index_digest(
         ArchiveHeader(
-            params=params, image_size=size, chunk_count=len(digests), order_count=len(order),
-            index_offset=pos, image_digest=image_hash, signed=key is not None,
+            params=params, image_size=size, chunk_count=len(writer.digests),
+            order_count=len(writer.order), index_offset=writer.pos, image_digest=image_hash,
+            signed=key is not None,
         ),
         index,
     )
@@ -152,6 +171,6 @@ def compress_image(
     return CompressReport(
         header=replace(header),
         archive_size=header.archive_size,
-        distinct_bytes=sum(raw_sizes),
-        compressed_bytes=sum(comp_sizes),
+        distinct_bytes=sum(writer.raw_sizes),
+        compressed_bytes=sum(writer.comp_sizes),
     )
