@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from btrdelta.chunk.store import ChunkStore
 from btrdelta.cli import main
 from tests.chunk.images import ImagePair, make_ext4, make_trees
 
@@ -230,3 +232,88 @@ def test_clone_output_uses_seeds_and_updates_a_seed_in_place(
     assert part.read_bytes() == new
     assert "already in place" in text
     assert main(["image", "verify", f"{tmp_path}/s2/v2"]) == 0
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str], code: int, argv: list[str]) -> str:
+    """Run ``argv``; it must exit ``code`` with exactly one line on stderr, no traceback."""
+    capsys.readouterr()
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_user_mistakes_are_one_line_errors(
+    images: ImagePair, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = tmp_path / "store"
+    assert main(["image", "clone", str(images.arc1), f"{store}/v1"]) == 0
+    err = _one_line_error(capsys, 1, ["image", "mount", f"{store}/v1", str(tmp_path / "nope")])
+    assert "mount point does not exist" in err
+    err = _one_line_error(capsys, 1, ["image", "compress", "-i", str(tmp_path), "-o",
+                                      str(tmp_path / "x.bdar")])
+    assert "a directory" in err and "Cannot allocate memory" not in err
+    assert not (tmp_path / "x.bdar").exists()
+    # a zstd-compressed archive is named as such, not "bad magic"
+    zst = tmp_path / "v1.bdar.zst"
+    subprocess.run(["zstd", "-q", str(images.arc1), "-o", str(zst)], check=True)
+    for argv in (["image", "info", str(zst)], ["image", "clone", str(zst), f"{store}/z"]):
+        assert "zstd-compressed" in _one_line_error(capsys, 3, argv)
+    # missing chunks: exit 6 (a missing base), damaged ones only: exit 5
+    _, index = ChunkStore(store).read_description("v1")
+    first = store / "chunks" / index.digests[0].hex()[:2] / index.digests[0].hex()
+    first.chmod(0o644)
+    first.write_bytes(b"")
+    assert "1 damaged" in _one_line_error(capsys, 5, ["image", "verify", f"{store}/v1"])
+    first.unlink()
+    assert "1 chunk(s) missing" in _one_line_error(capsys, 6, ["image", "verify", f"{store}/v1"])
+
+
+def test_compress_never_writes_through_a_planted_symlink(
+    images: ImagePair, tmp_path: Path
+) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"do not overwrite")
+    out = tmp_path / "out.bdar"
+    # the temporary names a local user could predict (the old code opened OUT.tmp-PID)
+    for name in (f"out.bdar.tmp-{os.getpid()}", f".out.bdar.tmp-{os.getpid()}"):
+        (tmp_path / name).symlink_to(victim)
+    assert main(["image", "compress", "-i", str(images.img1), "-o", str(out),
+                 "--avg-chunk", "16K"]) == 0
+    assert victim.read_bytes() == b"do not overwrite"
+    assert out.read_bytes() == images.arc1.read_bytes()
+
+
+def _as_nobody(*cmd: str) -> list[str]:
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+
+
+def test_mount_as_a_user_without_fuse_access_is_one_line(
+    images: ImagePair, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        if os.environ.get("CI") == "true":
+            pytest.fail("root and setpriv are required under CI")
+        pytest.skip("needs root (to drop privileges with setpriv)")
+    if os.access("/dev/fuse", os.R_OK | os.W_OK, effective_ids=False) and \
+            os.stat("/dev/fuse").st_mode & 0o006:
+        pytest.skip("/dev/fuse is open to every user here: nothing to refuse")
+    base = Path(tempfile.mkdtemp(prefix="btrdelta-nobody-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        assert main(["image", "clone", str(images.arc1), f"{base}/store/v1"]) == 0
+        for p in [base / "store", *(base / "store").rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        (base / "mnt").mkdir()
+        probe = subprocess.run(_as_nobody(sys.executable, "-c", "import btrdelta"),
+                               capture_output=True, check=False)
+        if probe.returncode != 0:
+            pytest.skip(f"user nobody cannot run this Python: {probe.stderr[-200:]!r}")
+        proc = subprocess.run(
+            _as_nobody(sys.executable, "-m", "btrdelta", "image", "mount", f"{base}/store/v1",
+                       str(base / "mnt")), capture_output=True, text=True, timeout=60, check=False)
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert "FUSE is not available to user 65534" in proc.stderr
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
