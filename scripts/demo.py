@@ -170,6 +170,10 @@ def main() -> int:
         sh("cmp v2.out v2.ext4 && echo 'cloned v2 image is bit-identical'")
         print(f"  v2 archive {size(Path('srv/v2.bdar')):,} bytes; "
               "the clone fetched only the chunks v1 did not have (see above)")
+        # no store at all: straight onto the "slot" that holds v1, updated in place
+        sh("cp v1.ext4 slot-b.img")
+        sh(f"btrdelta image clone {url}/v2.bdar --output slot-b.img --in-place")
+        sh("cmp slot-b.img v2.ext4 && echo 'slot B now holds v2, bit-identical, no store used'")
         device_story(stack, src, work)
     print(f"\n{BOLD}demo finished in {time.monotonic() - t0:.0f} s{END}")
     return 0
