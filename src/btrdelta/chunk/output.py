@@ -257,7 +257,7 @@ class OutputWriter:
         self.plan = plan
         self.digest = digest
         self.in_place = in_place
-        self.report = OutputReport()
+        self.report = OutputReport(in_place=plan.nbytes[KEEP])
         self._lock = threading.Lock()
 
     def _put(self, data: bytes | memoryview, start: int) -> bool:

@@ -31,7 +31,7 @@ from ..chunk.archive import ArchiveHeader
 from ..chunk.castr import CastrChunks, default_store, read_caibx
 from ..chunk.casync import INDEX_SUFFIX, is_caibx
 from ..chunk.chunker import Chunking, FastCdcChunking
-from ..chunk.output import KEEP, Layout, OutputPlan, OutputWriter, plan_output
+from ..chunk.output import Layout, OutputPlan, OutputWriter, plan_output
 from ..chunk.seed import SeedMap, scan_seeds
 from ..chunk.source import (
     ArchiveChunks,
@@ -479,7 +479,6 @@ def _write_output(
                 seeds.append((seed_fd, path))
         writer = OutputWriter(fd, out.path, layout, plan, digest=image.chunking.digest,
                               in_place=out.in_place)
-        writer.report.in_place = plan.nbytes[KEEP]
         writer.write_local(seeds, store, on_progress=_phase(on_progress, "output"))
         if plan.fetch:
             entries = sorted(plan.fetch)
