@@ -12,9 +12,10 @@ Images (cached under ``benchmarks/.cache/chunk/``):
 
 Measured in one run, side by side: FastCDC+BLAKE3 on one core (pinned, from the page
 cache) and with the hashing thread; ``compress`` of the 2 GiB image on 2 cores; clone of
-v2 over HTTP (``btrdelta serve``) with v1 in the store, against ``casync extract`` of v2
-over HTTP seeded with v1 (same average chunk size, same server): bytes the server sent
-and requests; FUSE sequential read through the kernel (``dd`` of the mounted file) and NBD
+v2 over HTTP (``btrdelta serve``) with v1 in the store (and the store's size), and with no
+store straight onto a copy of v1 in place, against ``casync extract`` of v2 over HTTP
+seeded with v1 (same average chunk size, same server), and btrdelta reading casync's own
+index and store: bytes the server sent and requests; FUSE sequential read through the kernel (``dd`` of the mounted file) and NBD
 (``nbdcopy``).
 """
 
@@ -159,30 +160,27 @@ def bench_compress_big(big: Path, www: Path) -> list[str]:
             f"{dc:.1f} CPU s, archive {rep.archive_size >> 20} MiB (target < 60 s)"]
 
 
-def _casync_clone(server_url: str, cas: Path, img1: Path, img2: Path,
-                  counters: tuple[int, int], server: object) -> tuple[int, int]:
-    """casync extract of v2 over HTTP seeded with v1: (bytes served, requests)."""
-    for name, img in (("v1", img1), ("v2", img2)):
-        subprocess.run(["casync", "make", f"--store={cas}/{name}.castr", f"--chunk-size={AVG}",
-                        str(cas / f"{name}.caibx"), str(img)], check=True, capture_output=True)
-    before_bytes, before_req = counters
-    out = cas / "v2.out"
-    subprocess.run(["casync", "extract", f"--store={server_url}/casync/v2.castr",
-                    f"--seed={img1}", f"{server_url}/casync/v2.caibx", str(out)],
-                   check=True, capture_output=True)
-    if out.read_bytes() != img2.read_bytes():
-        raise AssertionError("casync extract produced a different image")
-    return (server.bytes_served - before_bytes,  # type: ignore[attr-defined]
-            server.requests - before_req)  # type: ignore[attr-defined]
+def _store_bytes(store: Path) -> int:
+    """Bytes of the chunk files in a store (what it costs on the device's disk)."""
+    return sum(p.stat().st_size for p in (store / "chunks").rglob("*") if p.is_file())
+
+
+def _served(server: object, before: tuple[int, int]) -> tuple[int, int]:
+    return (server.bytes_served - before[0],  # type: ignore[attr-defined]
+            server.requests - before[1])  # type: ignore[attr-defined]
+
+
+def _mark(server: object) -> tuple[int, int]:
+    return server.bytes_served, server.requests  # type: ignore[attr-defined]
 
 
 def bench_clone(name: str, img1: Path, img2: Path, tmp: Path) -> tuple[list[str], Path]:
+    """Bytes a device downloads for v2 holding v1: into a store, straight onto the old slot
+    (no store), and casync's ``extract`` (and btrdelta reading casync's own index)."""
     from btrdelta.chunk.chunker import ChunkerParams
-    from btrdelta.chunk.clone import HttpSource, clone
     from btrdelta.chunk.compress import compress_image
-    from btrdelta.chunk.store import ChunkStore
-    from btrdelta.transport.http import RangeFetcher
     from btrdelta.transport.server import StaticServer
+    from btrdelta.update.clone import clone_image
 
     out: list[str] = []
     www = tmp / "www"
@@ -191,35 +189,81 @@ def bench_clone(name: str, img1: Path, img2: Path, tmp: Path) -> tuple[list[str]
     for img, arc in ((img1, "v1.bdar"), (img2, "v2.bdar")):
         with open(www / arc, "wb") as f:
             compress_image(img, f, params=params)
-    store = ChunkStore(tmp / "store")
+    store = tmp / "store"
     server = StaticServer(www)
     with server.running():
         for v in ("v1", "v2"):
-            before, before_req = server.bytes_served, server.requests
-            url = f"{server.url}/{v}.bdar"
-            src = HttpSource(url, RangeFetcher(url))
+            before = _mark(server)
             t = time.perf_counter()
-            rep = clone(src, store, v)
+            rep = clone_image(f"{server.url}/{v}.bdar", target=f"{store}/{v}")
             dt = time.perf_counter() - t
-            src.close()
-            served, requests = server.bytes_served - before, server.requests - before_req
+            served, requests = _served(server, before)
         needed = rep.fetch_bytes + rep.index_bytes
-        out.append(f"[{name}] image {img2.stat().st_size >> 20} MiB, v2 archive "
+        size2 = img2.stat().st_size
+        out.append(f"[{name}] image {size2 >> 20} MiB, v2 archive "
                    f"{(www / 'v2.bdar').stat().st_size} bytes")
         out.append(f"clone v2 over HTTP with v1 in store: {served} bytes in {requests} requests, "
                    f"{dt:.2f} s; needed = chunks v1 lacks {rep.fetch_bytes} + index "
-                   f"{rep.index_bytes}: ratio {served / needed:.3f} (target <= 1.05)")
+                   f"{rep.index_bytes}: ratio {served / needed:.3f} (target <= 1.05); store "
+                   f"holds {_store_bytes(store) >> 20} MiB for v1+v2 "
+                   f"({_store_bytes(store) / size2:.2f} x one image)")
+        # no store: v2 written over a copy of v1 (the old slot), in place
+        slot = tmp / "slot.img"
+        shutil.copyfile(img1, slot)
+        before = _mark(server)
+        t = time.perf_counter()
+        rep = clone_image(f"{server.url}/v2.bdar", output=str(slot), in_place=True)
+        dt = time.perf_counter() - t
+        ours, our_req = _served(server, before)
+        if slot.read_bytes() != img2.read_bytes():
+            raise AssertionError("the in-place clone produced a different image")
+        out.append(f"clone v2 over HTTP straight onto the v1 slot, no store: {ours} bytes in "
+                   f"{our_req} requests, {dt:.2f} s; store 0 bytes; {rep.out_in_place >> 20} "
+                   f"MiB left in place, {rep.out_moved >> 20} MiB moved within the slot, "
+                   f"{rep.out_fetched >> 20} MiB downloaded")
+        slot.unlink()
         if shutil.which("casync"):
-            cas = www / "casync"
-            cas.mkdir()
-            c_bytes, c_req = _casync_clone(server.url, cas, img1, img2,
-                                           (server.bytes_served, server.requests), server)
-            out.append(f"casync extract v2 over HTTP seeded with v1 (--chunk-size={AVG}): "
-                       f"{c_bytes} bytes in {c_req} requests; btrdelta/casync bytes = "
-                       f"{served / c_bytes:.3f}, requests {requests} vs {c_req}")
+            out += _casync_side(server, www, img1, img2, tmp, ours)
         else:
             out.append("casync not installed: no comparison")
-    return out, tmp / "store"
+    return out, store
+
+
+def _casync_side(server: object, www: Path, img1: Path, img2: Path, tmp: Path,
+                 ours: int) -> list[str]:
+    """casync extract of v2 seeded with v1, and btrdelta reading casync's own files."""
+    from btrdelta.update.clone import clone_image
+
+    cas = www / "casync"
+    cas.mkdir()
+    for name, img in (("v1", img1), ("v2", img2)):
+        subprocess.run(["casync", "make", f"--store={cas}/default.castr",
+                        f"--chunk-size={AVG}", str(cas / f"{name}.caibx"), str(img)],
+                       check=True, capture_output=True)
+    before = _mark(server)
+    result = cas / "v2.out"
+    subprocess.run(["casync", "extract", f"--store={server.url}/casync/default.castr",
+                    f"--seed={img1}", f"{server.url}/casync/v2.caibx", str(result)],
+                   check=True, capture_output=True)
+    if result.read_bytes() != img2.read_bytes():
+        raise AssertionError("casync extract produced a different image")
+    result.unlink()
+    c_bytes, c_req = _served(server, before)
+    slot = tmp / "slot-casync.img"
+    shutil.copyfile(img1, slot)
+    before = _mark(server)
+    clone_image(f"{server.url}/casync/v2.caibx", output=str(slot), in_place=True)
+    b_bytes, b_req = _served(server, before)
+    if slot.read_bytes() != img2.read_bytes():
+        raise AssertionError("the clone of casync's index produced a different image")
+    slot.unlink()
+    return [
+        f"casync extract v2 over HTTP seeded with v1 (--chunk-size={AVG}): {c_bytes} bytes "
+        f"in {c_req} requests; btrdelta archive, no store / casync bytes = "
+        f"{ours / c_bytes:.3f}",
+        f"btrdelta clone of casync's own v2.caibx + default.castr onto the v1 slot: "
+        f"{b_bytes} bytes in {b_req} requests (btrdelta/casync bytes = {b_bytes / c_bytes:.3f})",
+    ]
 
 
 def bench_exports(store_dir: Path, tmp: Path) -> list[str]:
