@@ -15,8 +15,8 @@ cache) and with the hashing thread; ``compress`` of the 2 GiB image on 2 cores; 
 v2 over HTTP (``btrdelta serve``) with v1 in the store (and the store's size), and with no
 store straight onto a copy of v1 in place, against ``casync extract`` of v2 over HTTP
 seeded with v1 (same average chunk size, same server), and btrdelta reading casync's own
-index and store: bytes the server sent and requests; FUSE sequential read through the kernel (``dd`` of the mounted file) and NBD
-(``nbdcopy``).
+index and store: bytes the server sent and requests; FUSE sequential read through the
+kernel (``dd`` of the mounted file) and NBD (``nbdcopy``).
 """
 
 from __future__ import annotations

@@ -25,12 +25,14 @@ def _holder(store: Path, exclusive: bool) -> subprocess.Popen[str]:
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None and proc.stdout.readline() == "held\n"
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "held\n"
     return proc
 
 
 def _release(proc: subprocess.Popen[str]) -> None:
-    assert proc.stdin is not None and proc.stdout is not None
+    assert proc.stdin is not None
+    assert proc.stdout is not None
     proc.stdin.close()
     assert proc.wait(timeout=30) == 0
     proc.stdout.close()
@@ -38,9 +40,8 @@ def _release(proc: subprocess.Popen[str]) -> None:
 
 def test_lock_modes_exclude_what_they_must(tmp_path: Path) -> None:
     store = ChunkStore(tmp_path / "store")
-    with pytest.raises(MissingBaseError):  # no store, and not asked to create one
-        with store.locked():
-            pass
+    with pytest.raises(MissingBaseError), store.locked():  # no store, and not asked to create
+        pass
     with store.locked(create=True):
         pass
     clone = _holder(tmp_path / "store", exclusive=False)  # a clone or verify running

@@ -239,7 +239,8 @@ def _one_line_error(capsys: pytest.CaptureFixture[str], code: int, argv: list[st
     capsys.readouterr()
     assert main(argv) == code
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.count("\n") == 1, err
+    assert "Traceback" not in err
     return err
 
 
@@ -252,7 +253,8 @@ def test_user_mistakes_are_one_line_errors(
     assert "mount point does not exist" in err
     err = _one_line_error(capsys, 1, ["image", "compress", "-i", str(tmp_path), "-o",
                                       str(tmp_path / "x.bdar")])
-    assert "a directory" in err and "Cannot allocate memory" not in err
+    assert "a directory" in err
+    assert "Cannot allocate memory" not in err
     assert not (tmp_path / "x.bdar").exists()
     # a zstd-compressed archive is named as such, not "bad magic"
     zst = tmp_path / "v1.bdar.zst"
@@ -313,7 +315,8 @@ def test_mount_as_a_user_without_fuse_access_is_one_line(
             _as_nobody(sys.executable, "-m", "btrdelta", "image", "mount", f"{base}/store/v1",
                        str(base / "mnt")), capture_output=True, text=True, timeout=60, check=False)
         assert proc.returncode == 1, proc.stderr
-        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.count("\n") == 1, proc.stderr
+        assert "Traceback" not in proc.stderr
         assert "FUSE is not available to user 65534" in proc.stderr
     finally:
         shutil.rmtree(base, ignore_errors=True)

@@ -73,7 +73,8 @@ def test_gc_during_a_clone_is_refused_or_waits(
     before = _chunk_files(store)
     gc = _run("image", "gc", str(store))
     assert gc.returncode == 1
-    assert "busy" in gc.stderr and gc.stderr.count("\n") == 1
+    assert "busy" in gc.stderr
+    assert gc.stderr.count("\n") == 1
     assert _chunk_files(store) >= before  # nothing the clone wrote was removed
     waiting = subprocess.Popen(_btrdelta("image", "gc", "--wait", "100", "--json", str(store)),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -100,7 +101,8 @@ def test_kill_9_in_the_middle_of_a_clone_then_clone_again(
     # every chunk file the killed clone left is whole (written aside, fsynced, then named)
     report = ChunkStore(store).check({bytes.fromhex(p.name): p.stat().st_size
                                       for p in _chunk_files(store)})
-    assert not report.damaged and len(report.ok) == kept
+    assert not report.damaged
+    assert len(report.ok) == kept
     again = _run("image", "clone", "--json", slow_server, f"{store}/v2",
                  "--output", str(tmp_path / "v2.img"))
     assert again.returncode == 0, again.stderr
@@ -141,7 +143,8 @@ def test_damaged_chunk_files_are_found_dropped_and_fetched_again(
     verify = _run("image", "verify", "--json", f"{store}/v1")
     assert verify.returncode == 5
     assert json.loads(verify.stdout)["damaged"] == kinds
-    assert "3 damaged" in verify.stderr and "--repair" in verify.stderr
+    assert "3 damaged" in verify.stderr
+    assert "--repair" in verify.stderr
     # verify --repair drops them and fetches them from where v1 was cloned from
     repair = _run("image", "verify", "--repair", f"{store}/v1")
     assert repair.returncode == 0, repair.stderr
@@ -156,7 +159,8 @@ def test_damaged_chunk_files_are_found_dropped_and_fetched_again(
     gc = _run("image", "gc", "--json", str(store))
     assert json.loads(gc.stdout)["damaged"] == 3
     missing = _run("image", "verify", f"{store}/v1")
-    assert missing.returncode == 6 and "3 chunk(s) missing" in missing.stderr
+    assert missing.returncode == 6
+    assert "3 chunk(s) missing" in missing.stderr
     assert _run("image", "verify", "--repair", f"{store}/v1").returncode == 0
     out = tmp_path / "v1.img"
     assert _run("image", "clone", str(image_pair.arc1), f"{store}/v1", "--output",
@@ -173,7 +177,8 @@ def test_repair_says_what_it_needs_and_from_where(image_pair: ImagePair, tmp_pat
     assert repair.returncode == 6
     assert "give --source ARCHIVE" in repair.stderr
     report = json.loads(repair.stdout)
-    assert report["source"] is None and sorted(report["missing"]) == sorted(kinds)
+    assert report["source"] is None
+    assert sorted(report["missing"]) == sorted(kinds)
     # the running system (a seed) and the archive, named by hand
     fixed = _run("image", "verify", "--repair", "--json", "--source", str(image_pair.arc1),
                  "--seed", str(image_pair.img1), f"{store}/v1")

@@ -35,9 +35,13 @@ def test_replaces_whole_and_leaves_nothing_behind(tmp_path: Path, mode: str) -> 
 def test_failure_keeps_the_old_file(tmp_path: Path, mode: str) -> None:
     out = tmp_path / "out"
     out.write_bytes(b"old")
-    with pytest.raises(RuntimeError), atomic_output(out) as f:
-        f.write(b"half")
-        raise RuntimeError("disk full")
+    def fail() -> None:
+        with atomic_output(out) as f:
+            f.write(b"half")
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        fail()
     assert out.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 

@@ -95,7 +95,8 @@ def test_stores_are_tried_in_order_and_chunks_checked(
     with pytest.raises(MissingBaseError, match="none of the stores"):
         clone_image(str(casync_pair / "v1.caibx"), output=str(tmp_path / "y"),
                     castr=[str(empty)])
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert not (tmp_path / "x").exists()
+    assert not (tmp_path / "y").exists()
 
 
 def test_cli_clone_and_info_of_a_caibx(
