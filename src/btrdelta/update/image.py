@@ -34,6 +34,9 @@ def compress_archive(
 ) -> CompressReport:
     """Chunk and compress ``image`` into the archive ``output`` (written aside, renamed
     into place when complete; see :func:`btrdelta.fs.atomic.atomic_output`)."""
+    if output == "-":
+        raise BtrdeltaError("compress writes its header last: give a file (-o FILE), "
+                            "not standard output")
     params = ChunkerParams.from_avg(avg_chunk)
     with atomic_output(output) as out:
         return compress_image(image, out, params=params, level=level, key=key,
