@@ -1,7 +1,7 @@
 """Downloading a release's full: its chunks from the mirrors' packs into a local chunk store.
 
 The full index is a chunk-archive description over the pack space (``repo/fullindex.py``),
-so the image clone does the work (:func:`btrdelta.chunk.clone.clone`): chunks the store
+so the image clone does the work (:func:`btrdelta.update.clone.clone_image`): chunks the store
 already holds (an interrupted download) are skipped, chunks found in seeds are copied from
 them, the rest are fetched as coalesced ranges, each checked against its id before it is
 stored. :class:`PackSource` is the byte source it reads: the description from the verified
@@ -19,20 +19,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..chunk.archive import HEADER_SIZE
-from ..chunk.clone import CloneReport, clone
 from ..chunk.store import ChunkStore, ImageReader
 from ..errors import ChecksumError, StreamFormatError, TransportError
 from ..repo.fullindex import FullIndex, PackSlot
 from ..repo.mirror import Mirrors
 from ..transport.http import FetchStats
 from ..transport.plan import Part, Span
+from .clone import CloneReport, clone_image
 from .streams import ChunkConcat
 
 __all__ = ["PackSource", "fetch_full", "full_cost", "store_stream"]
 
 
 class PackSource:
-    """The :class:`~btrdelta.chunk.clone.ArchiveSource` of a full over the mirrors."""
+    """The :class:`~btrdelta.chunk.source.ArchiveSource` of a full over the mirrors."""
 
     def __init__(self, full: FullIndex, mirrors: Mirrors, name: str) -> None:
         self.full = full
@@ -128,8 +128,8 @@ def fetch_full(full: FullIndex, mirrors: Mirrors, store: ChunkStore, name: str,
                on_progress: Callable[[str, int, int], None] | None = None) -> CloneReport:
     """Bring every chunk of ``full`` into ``store`` (described as ``name``)."""
     source = PackSource(full, mirrors, name)
-    return clone(source, store, name, seeds=[str(s) for s in seeds], dry_run=dry_run,
-                 on_progress=on_progress)
+    return clone_image(source, target=f"{store.root}/{name}", seeds=[str(s) for s in seeds],
+                       dry_run=dry_run, on_progress=on_progress)
 
 
 def store_stream(full: FullIndex, store: ChunkStore, *, source: str) -> ChunkConcat:
