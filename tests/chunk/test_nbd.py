@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from btrdelta.chunk.clone import FileSource, clone
 from btrdelta.chunk.nbd import NbdServer
 from btrdelta.chunk.store import ChunkStore, ImageReader
 from btrdelta.cli import main
 from btrdelta.transport.listen import server_tls
+from btrdelta.update.clone import clone_image
 from tests.transport.certs import Certs, make_certs
 
 from .images import ImagePair
@@ -41,9 +41,7 @@ def _need(*tools: str) -> None:
 @pytest.fixture(scope="module")
 def store(image_pair: ImagePair, tmp_path_factory: pytest.TempPathFactory) -> ChunkStore:
     chunk_store = ChunkStore(tmp_path_factory.mktemp("nbd") / "store")
-    src = FileSource(image_pair.arc2)
-    clone(src, chunk_store, "v2")
-    src.close()
+    clone_image(str(image_pair.arc2), target=f"{chunk_store.root}/v2")
     return chunk_store
 
 

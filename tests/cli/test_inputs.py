@@ -56,7 +56,7 @@ def test_compressed_stdin_is_named(zst: Path, tmp_path: Path) -> None:
 
 
 def test_chunk_archive_to_receive_points_to_image_clone(tmp_path: Path) -> None:
-    archive = tmp_path / "img.cba"
+    archive = tmp_path / "img.bdar"
     image = tmp_path / "img"
     image.write_bytes(STREAM.read_bytes() * 4)
     subprocess.run([*BTRDELTA, "image", "compress", "-i", str(image), "-o", str(archive)],

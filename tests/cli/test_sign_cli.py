@@ -211,7 +211,7 @@ def test_archives_sign_with_generated_keys(
     priv, pub, other = keys
     img = tmp_path / "disk.img"
     img.write_bytes(bytes(range(256)) * 8192 + b"tail")
-    arc = tmp_path / "disk.cba"
+    arc = tmp_path / "disk.bdar"
     assert main(["image", "compress", "-i", str(img), "-o", str(arc), "--sign", str(priv),
                  "--avg-chunk", "16K"]) == 0
     assert main(["image", "info", "--key", str(pub), str(arc)]) == 0

@@ -58,7 +58,7 @@ def test_huge_announced_reply_to_the_header_request(tmp_path: Path) -> None:
         endless(sock)
 
     with HostileServer(reply).running() as server:
-        proc = _clone(f"{server.url}/a.cba", tmp_path)
+        proc = _clone(f"{server.url}/a.bdar", tmp_path)
     line = _one_line_error(proc, 7, f"reply of {3 << 30} bytes announced for 160 bytes asked")
     assert server.url in line
 
@@ -72,7 +72,7 @@ def test_endless_reply_is_cut_off(tmp_path: Path, framing: str) -> None:
                 else b"\0" * 65536)
 
     with HostileServer(reply).running() as server:
-        proc = _clone(f"{server.url}/a.cba", tmp_path)
+        proc = _clone(f"{server.url}/a.bdar", tmp_path)
     _one_line_error(proc, 7, "reply longer than the 160 bytes asked; cut off")
 
 
@@ -84,7 +84,7 @@ def test_trickling_server_hits_the_deadline(tmp_path: Path) -> None:
 
     with HostileServer(reply).running() as server:
         start = time.monotonic()
-        proc = _clone(f"{server.url}/a.cba", tmp_path, "--timeout", "1", "--retries", "0")
+        proc = _clone(f"{server.url}/a.bdar", tmp_path, "--timeout", "1", "--retries", "0")
         took = time.monotonic() - start
     _one_line_error(proc, 7, "server too slow: ")
     assert took < 10  # 1 s deadline (+ ~0.02 s for the bytes received), plus start-up
@@ -96,7 +96,7 @@ def test_redirect_loop_is_one_line(tmp_path: Path) -> None:
         _status(sock, f"HTTP/1.1 302 Found\nLocation: {path}x\nContent-Length: 0\n")
 
     with HostileServer(reply).running() as server:
-        proc = _clone(f"{server.url}/a.cba", tmp_path)
+        proc = _clone(f"{server.url}/a.bdar", tmp_path)
     _one_line_error(proc, 7, "more than 10 redirects (a redirect loop?)")
     assert len(server.seen) == 11
 
@@ -129,7 +129,7 @@ def test_index_size_is_bounded_before_it_is_read(tmp_path: Path, with_key: bool)
     key.write_bytes(Ed25519PrivateKey.generate().public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     with HostileServer(reply).running() as server:
-        proc = _clone(f"{server.url}/a.cba", tmp_path,
+        proc = _clone(f"{server.url}/a.bdar", tmp_path,
                       *(["--key", str(key)] if with_key else []))
     _one_line_error(proc, 3, "exceeds the 268435456-byte limit (not read)")
     assert [h["range"] for _, h in server.seen] == ["bytes=0-159"]
@@ -144,5 +144,5 @@ def test_header_disagreeing_with_the_served_size(tmp_path: Path) -> None:
         sock.sendall(header)
 
     with HostileServer(reply).running() as server:
-        proc = _clone(f"{server.url}/a.cba", tmp_path)
+        proc = _clone(f"{server.url}/a.bdar", tmp_path)
     _one_line_error(proc, 3, "archive is 5000 bytes, its header says")

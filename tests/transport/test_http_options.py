@@ -28,7 +28,7 @@ def www(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
     data = b"".join(Path(p).read_bytes() for p in sorted(Path(threading.__file__).parent.glob(
         "[a-f]*.py")))[: 3 << 20]
     (base / "img").write_bytes(data)
-    with open(base / "img.cba", "wb") as f:
+    with open(base / "img.bdar", "wb") as f:
         compress_image(base / "img", f, params=ChunkerParams.from_avg(16 << 10))
     return base, data
 
@@ -69,7 +69,7 @@ def test_clone_over_mutual_tls_with_a_token(
     log = tmp_path / "conns.log"
     fmt = "log_format conns '$connection $status $ssl_client_s_dn';"
     with nginx(tmp_path / "nginx", _server_block(root, certs, log), http_extra=fmt) as port:
-        url = f"https://127.0.0.1:{port}/img.cba"
+        url = f"https://127.0.0.1:{port}/img.bdar"
         store = f"{tmp_path}/store/img"
         tls = ["--ca-cert", str(certs.ca)]
         client = ["--client-cert", str(certs.client_cert), "--client-key", str(certs.client_key)]
@@ -108,7 +108,7 @@ def test_clone_over_mutual_tls_with_a_token(
 def test_bad_http_options_are_one_line(
     certs: Certs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    url = "https://127.0.0.1:1/img.cba"
+    url = "https://127.0.0.1:1/img.bdar"
     store = f"{tmp_path}/store/img"
     code, _, err = _run(capsys, "image", "clone", url, store, "--ca-cert", str(tmp_path / "no"))
     assert code == 1
@@ -132,7 +132,7 @@ def test_refused_connection_waits_as_long_as_asked(
 ) -> None:
     root, data = www
     port = free_port()
-    url = f"http://127.0.0.1:{port}/img.cba"
+    url = f"http://127.0.0.1:{port}/img.bdar"
     # impatient: gives up quickly, one line per retry, then the error
     start = time.monotonic()
     code, _, err = _run(capsys, "image", "clone", url, f"{tmp_path}/s1/img", "--retries", "2",
@@ -165,11 +165,11 @@ def test_refused_connection_waits_as_long_as_asked(
 
 def test_rate_limit_bounds_the_speed(www: tuple[Path, bytes]) -> None:
     root, _ = www
-    size = min(768 << 10, (root / "img.cba").stat().st_size)
+    size = min(768 << 10, (root / "img.bdar").stat().st_size)
     assert size > 256 << 10
     server = StaticServer(root)
     with server.running():
-        url = f"{server.url}/img.cba"
+        url = f"{server.url}/img.bdar"
         for rate in (None, 256 << 10):
             with RangeFetcher(url, HttpConfig(rate_limit=rate, jobs=2)) as fetcher:
                 start = time.monotonic()
