@@ -31,7 +31,27 @@ def _live_in(dest: Path) -> dict[str, bool]:
         "speedups": StreamParser()._c_decode is not None and TextDumper()._c is not None,
         "fastapply": fast,
         "unfold": CarrierReader(None)._unfold_c is not None,
+        "buzhash": _buzhash_runs_c(),
     }
+
+
+def _buzhash_runs_c() -> bool:
+    """Whether casync's chunker runs in C now (its Python reference is not called)."""
+    from btrdelta.chunk import buzhash
+
+    calls: list[int] = []
+    real = buzhash.cuts_py
+
+    def spy(*args: object) -> list[int]:
+        calls.append(1)
+        return real(*args)  # type: ignore[arg-type]
+
+    buzhash.cuts_py = spy  # type: ignore[assignment]
+    try:
+        buzhash.cuts(bytes(range(200)), 0, 200, 48, 96, 64)
+    finally:
+        buzhash.cuts_py = real  # type: ignore[assignment]
+    return not calls
 
 
 def test_one_setting_picks_every_accelerator() -> None:
@@ -47,9 +67,9 @@ def test_one_setting_picks_every_accelerator() -> None:
         out[value] = subprocess.run([sys.executable, "-c", code], env={**env, **extra},
                                     capture_output=True, text=True, check=True).stdout.split()
     assert out[None] == out["0"]
-    assert out[None][:5] == ["c", "['c',", "'c',", "'c']", "c"]
-    assert out["1"] == ["python", "['python',", "'python',", "'python']", "python", "crc32c",
-                        "package"]
+    assert out[None][:6] == ["c", "['c',", "'c',", "'c',", "'c']", "c"]
+    assert out["1"] == ["python", "['python',", "'python',", "'python',", "'python']", "python",
+                        "crc32c", "package"]
 
 
 def test_use_backend_reaches_objects_made_inside(tmp_path: Path) -> None:
@@ -59,12 +79,14 @@ def test_use_backend_reaches_objects_made_inside(tmp_path: Path) -> None:
         assert _native.backends() == dict.fromkeys(_native.ACCELERATORS, "python")
         assert _live_in(tmp_path) == dict.fromkeys(_native.ACCELERATORS, False)
         with _native.use_backend("c", "unfold"):
-            assert _live_in(tmp_path) == {"speedups": False, "fastapply": False, "unfold": True}
+            assert _live_in(tmp_path) == {"speedups": False, "fastapply": False, "unfold": True,
+                                          "buzhash": False}
     assert _native.BACKEND == "c"
     with _native.use_backend("python", "fastapply"):
         assert _native.BACKEND == "c"
         assert _native.backends()["fastapply"] == "python"
-        assert _live_in(tmp_path) == {"speedups": True, "fastapply": False, "unfold": True}
+        assert _live_in(tmp_path) == {"speedups": True, "fastapply": False, "unfold": True,
+                                      "buzhash": True}
     assert _live_in(tmp_path) == dict.fromkeys(_native.ACCELERATORS, True)
 
 

@@ -1,6 +1,6 @@
 """The one switch between btrdelta's C accelerators and its pure-Python code (floor 0).
 
-Three optional C modules are built when a compiler is present:
+Four optional C modules are built when a compiler is present:
 
 =============  ==============================  ===============================================
 name           module                          what it runs instead of the Python code
@@ -9,9 +9,10 @@ name           module                          what it runs instead of the Pytho
                                                CRC32C (SSE4.2)
 ``fastapply``  ``btrdelta.receive._fastapply`` the receive applier's common commands
 ``unfold``     ``btrdelta.delta._unfold``      unfolding the delta carrier's common commands
+``buzhash``    ``btrdelta.chunk._buzhash``     casync's chunker (cut points of a seed)
 =============  ==============================  ===============================================
 
-One setting picks the backend of all three: ``BTRDELTA_PURE_PYTHON=1`` makes it
+One setting picks the backend of all four: ``BTRDELTA_PURE_PYTHON=1`` makes it
 ``"python"``, otherwise it is ``"c"`` and every accelerator that is built is used. This
 module reads that variable once, at import: it is the only module besides ``cli`` that reads
 the environment. The Python code stays the reference: it handles what the C code hands
@@ -23,7 +24,7 @@ every object made after it::
 
     from btrdelta import _native
 
-    with _native.use_backend("python"):          # all three
+    with _native.use_backend("python"):          # all four
         ...
     with _native.use_backend("python", "fastapply"):   # only the applier's
         ...
@@ -65,6 +66,7 @@ ACCELERATORS: Final[dict[str, str]] = {
     "speedups": "btrdelta.stream._speedups",
     "fastapply": "btrdelta.receive._fastapply",
     "unfold": "btrdelta.delta._unfold",
+    "buzhash": "btrdelta.chunk._buzhash",
 }
 
 #: the backend asked for: ``"python"`` when ``BTRDELTA_PURE_PYTHON`` is set (not ``0``),

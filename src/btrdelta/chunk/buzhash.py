@@ -10,14 +10,15 @@ chunk ends at the end of the input.
 
 :func:`cuts` runs the C version (``_buzhash.c``, without the GIL) when it is built; the
 Python one here is the reference the tests compare it with, and the fallback (slow: a loop
-over bytes, ~1000 times slower; a warning is not printed, :data:`NATIVE` says which runs).
+over bytes, ~1000 times slower) when the C module is not built or
+``BTRDELTA_PURE_PYTHON=1`` (the :mod:`btrdelta._native` switch, asked at each call).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from .. import _native
 
-__all__ = ["NATIVE", "TABLE", "WINDOW", "cuts", "discriminator"]
+__all__ = ["TABLE", "WINDOW", "cuts", "cuts_py", "discriminator"]
 
 WINDOW = 48
 
@@ -103,23 +104,11 @@ def cuts_py(buf: bytes | bytearray | memoryview, start: int, stop: int, min_size
     return out
 
 
-def _load() -> Callable[..., list[int]] | None:
-    try:
-        from ._buzhash import cuts as native
-    except ImportError:
-        return None
-    return native
-
-
-_NATIVE = _load()
-
-#: The C chunker is built and used.
-NATIVE = _NATIVE is not None
-
-
 def cuts(buf: bytes | bytearray | memoryview, start: int, stop: int, min_size: int,
          max_size: int, d: int) -> list[int]:
-    """End offsets of casync chunks (see :func:`cuts_py`), in C when built."""
-    if _NATIVE is not None:
-        return _NATIVE(buf, start, stop, min_size, max_size, d)
+    """End offsets of casync chunks (see :func:`cuts_py`), in C when it is live."""
+    native = _native.live("buzhash")
+    if native is not None:
+        ends: list[int] = native.cuts(buf, start, stop, min_size, max_size, d)
+        return ends
     return cuts_py(buf, start, stop, min_size, max_size, d)
