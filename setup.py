@@ -2,9 +2,9 @@
 
 ``btrdelta.stream._speedups``, ``btrdelta.receive._fastapply``, ``btrdelta.delta._unfold``
 and ``btrdelta.chunk._buzhash`` are optional: without a C compiler or Python headers the
-build skips them and btrdelta runs on its pure-Python code paths. The first three include
+build skips them and btrdelta runs on its pure-Python code paths. All four include
 ``src/btrdelta/_constants.h``, generated from the Python tables by
-``scripts/gen_constants.py``; the chunker needs nothing from it.
+``scripts/gen_constants.py``.
 """
 
 from setuptools import Extension, setup
@@ -24,6 +24,6 @@ setup(
         Extension("btrdelta.delta._unfold", ["src/btrdelta/delta/_unfold.c"],
                   extra_compile_args=_FLAGS, **_SHARED),  # type: ignore[arg-type]
         Extension("btrdelta.chunk._buzhash", ["src/btrdelta/chunk/_buzhash.c"],
-                  optional=True, extra_compile_args=_FLAGS),
+                  extra_compile_args=_FLAGS, **_SHARED),  # type: ignore[arg-type]
     ]
 )

@@ -1,8 +1,8 @@
 """Regenerate src/btrdelta/_constants.h, the numbers the C accelerators share with Python.
 
-The C files (``stream/_speedups.c``, ``receive/_fastapply.c``, ``delta/_unfold.c``) include
-the header instead of re-declaring command and attribute numbers, ioctl numbers, open
-flags and limits; every value comes from the Python table that owns it.
+The C files (``stream/_speedups.c``, ``receive/_fastapply.c``, ``delta/_unfold.c``,
+``chunk/_buzhash.c``) include the header instead of re-declaring command and attribute
+numbers, ioctl numbers, open flags, limits and casync's chunker table; every value comes from the Python table that owns it.
 ``python scripts/gen_constants.py`` rewrites the header; ``--check`` exits 1 if the
 committed one is out of date (a test runs it). Rebuild the accelerators after a change
 (``make venv``).
@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+from btrdelta.chunk import buzhash
 from btrdelta.delta import carrier
 from btrdelta.fs import btrfs, sandbox
 from btrdelta.receive import encoded
@@ -76,6 +77,17 @@ def header() -> str:
         "/* TLV markers of carried commands in delta streams (btrdelta.delta.carrier) */",
         f"enum {{ SAME_PATH = 0x{carrier.SAME_PATH_MARK:04X}, ORPHAN = 0x{carrier.ORPHAN_TLV:04X},"
         f" TIMES = 0x{carrier.TIMES_TLV:04X} }};",
+        "",
+        "/* casync's chunker: window and buzhash table (btrdelta.chunk.buzhash); the table is",
+        " * an initializer, so that only the file that uses it holds it */",
+        f"#define BUZHASH_WINDOW {buzhash.WINDOW}",
+        "#define BUZHASH_TABLE_INIT { \\",
+    ]
+    rows = [", ".join(f"0x{v:08x}" for v in buzhash.TABLE[i : i + 6])
+            for i in range(0, len(buzhash.TABLE), 6)]
+    out += [f"    {row}, \\" for row in rows]
+    out += [
+        "}",
         "",
         "#endif",
         "",
