@@ -2,7 +2,8 @@
 
 The C files (``stream/_speedups.c``, ``receive/_fastapply.c``, ``delta/_unfold.c``,
 ``chunk/_buzhash.c``) include the header instead of re-declaring command and attribute
-numbers, ioctl numbers, open flags, limits and casync's chunker table; every value comes from the Python table that owns it.
+numbers, ioctl numbers, open flags, limits and casync's chunker table; every value comes
+from the Python table that owns it.
 ``python scripts/gen_constants.py`` rewrites the header; ``--check`` exits 1 if the
 committed one is out of date (a test runs it). Rebuild the accelerators after a change
 (``make venv``).
