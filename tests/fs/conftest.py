@@ -34,6 +34,13 @@ def progs(*args: str | os.PathLike[str]) -> str:
     return proc.stdout
 
 
+def subvolume_show(path: Path) -> dict[str, str]:
+    """``btrfs subvolume show PATH`` as a dict (``UUID``, ``Received UUID``, ``Flags``...)."""
+    out = progs("subvolume", "show", path)
+    return {k.strip(): v.strip() for k, _, v in
+            (line.partition(":") for line in out.splitlines()[1:]) if v.strip()}
+
+
 def mount_source(mnt: Path) -> str:
     """The device mounted on ``mnt``."""
     return subprocess.run(["findmnt", "-no", "SOURCE", str(mnt)], capture_output=True,

@@ -38,7 +38,7 @@ from btrdelta.fs.btrfs import (
     subvol_info,
 )
 
-from .conftest import mount_source, progs
+from .conftest import mount_source, progs, subvolume_show
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _BTRFS_BITS = sum(f.bit for f in FILEATTR_FLAGS)
@@ -57,12 +57,6 @@ def top(btrfs_mnt: Path) -> Iterator[int]:
         os.close(fd)
 
 
-def _show(path: Path) -> dict[str, str]:
-    out = progs("subvolume", "show", path)
-    return {k.strip(): v.strip() for k, _, v in
-            (line.partition(":") for line in out.splitlines()[1:]) if v}
-
-
 @pytest.mark.btrfs
 def test_subvolume_operations_match_progs(btrfs_mnt: Path, top: int) -> None:
     create_subvolume(top, b"a")
@@ -70,7 +64,7 @@ def test_subvolume_operations_match_progs(btrfs_mnt: Path, top: int) -> None:
     afd = _open(btrfs_mnt / "a")
     try:
         a = subvol_info(afd)
-        shown = _show(btrfs_mnt / "a")
+        shown = subvolume_show(btrfs_mnt / "a")
         assert shown["UUID"] == str(a.uuid)
         assert shown["Subvolume ID"] == str(a.id)
         assert shown["Parent UUID"] == "-"
@@ -89,7 +83,7 @@ def test_subvolume_operations_match_progs(btrfs_mnt: Path, top: int) -> None:
         b = subvol_info(bfd)
     finally:
         os.close(bfd)
-    shown = _show(btrfs_mnt / "b")
+    shown = subvolume_show(btrfs_mnt / "b")
     assert shown["Parent UUID"] == str(a.uuid) == str(b.parent_uuid)
     assert shown["Received UUID"] == str(received) == str(b.received_uuid)
     assert shown["Flags"] == "readonly"

@@ -2,7 +2,9 @@
 
 ``receive(events, dest)`` takes any iterator of stream events (from
 :class:`btrdelta.stream.StreamReader` or a later stage) and returns the subvolumes it
-finished. Modules: :mod:`.applier` (one method per command), :mod:`.encoded` (decompressing
+finished. Modules: :mod:`.receiver` (the receive loop), :mod:`.applier` (one method per
+command), :mod:`.subvolumes` (the lifecycle of a subvolume: begin, finish with a pre-commit
+hook, abort; parent lookups; usable without an applier), :mod:`.encoded` (decompressing
 ENCODED_WRITE), :mod:`.registry` (uuid -> directory on non-btrfs destinations). Paths,
 ioctls and copies are :mod:`btrdelta.fs`'s.
 """
@@ -11,8 +13,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .applier import Applier, ReceivedSubvol, find_parent, find_subvolume, uses_btrfs
+from .applier import Applier
 from .receiver import receive
+from .subvolumes import (
+    PendingSubvol,
+    PreCommit,
+    ReceivedSubvol,
+    Subvolumes,
+    find_parent,
+    find_subvolume,
+    uses_btrfs,
+)
 
 if TYPE_CHECKING:
     from .registry import REGISTRY_NAME, Registry
@@ -20,8 +31,11 @@ if TYPE_CHECKING:
 __all__ = [
     "REGISTRY_NAME",
     "Applier",
+    "PendingSubvol",
+    "PreCommit",
     "ReceivedSubvol",
     "Registry",
+    "Subvolumes",
     "find_parent",
     "find_subvolume",
     "receive",

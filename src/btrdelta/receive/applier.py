@@ -1,28 +1,21 @@
 """Applying send-stream records to a destination directory with system calls.
 
 :class:`Applier` has one method per command, looked up in a ``type(record) -> method``
-table built once. It receives each subvolume under a temporary name inside DEST
-(``.btrdelta-tmp-…``) and renames it to its final name only when the subvolume is complete
-(END, or the next SUBVOL/SNAPSHOT); :meth:`Applier.abort` removes the temporary one, so a
-failed or interrupted receive leaves nothing under the final name and never touches the
-parent (an incremental stream works on a snapshot or a copy of it).
+table built once. SUBVOL and SNAPSHOT begin a subvolume under a temporary name inside DEST,
+END (or the next SUBVOL/SNAPSHOT) finishes it and :meth:`Applier.abort` removes it, through
+:mod:`.subvolumes` (the lifecycle, parent lookups, backends and registry), so a failed or
+interrupted receive leaves nothing under the final name and never touches the parent (an
+incremental stream works on a snapshot or a copy of it).
 
-Two backends:
+On btrfs, ENCODED_WRITE is passed through with the encoded-write ioctl; on the directory
+backend it is decompressed.
 
-* ``btrfs`` (DEST on btrfs): real subvolumes. SUBVOL creates one, SNAPSHOT snapshots the
-  local parent found by received UUID, else UUID, in the UUID tree; at the end the received
-  UUID and transid are set and the subvolume is made read-only, as ``btrfs receive`` does, so
-  the two tools can alternate. ENCODED_WRITE is passed through with the encoded-write ioctl.
-* ``dir`` (any other filesystem, or forced): a subvolume is a directory; the parent of an
-  incremental stream is copied with ``cp -a --reflink=auto`` (reflinks where the filesystem
-  can, else ``copy_file_range``, holes kept) and :mod:`.registry` records uuid/transid.
-  ENCODED_WRITE is decompressed.
-
-Every path goes through :class:`btrdelta.fs.sandbox.Sandbox` (no ``..``, no absolute paths, no
-symlink followed, nothing outside the subvolume). :meth:`Applier.apply_fast` runs the common
-commands of a batch through the optional C module ``_fastapply`` (same system calls, same
-path rules); it hands every record it does not handle, or whose system call fails, back to
-the Python handlers here, which stay the reference for every command and every error.
+Every path goes through :class:`btrdelta.fs.sandbox.Sandbox` (no ``..``, no absolute
+paths, no symlink followed, nothing outside the subvolume). :meth:`Applier.apply_fast` runs
+the common commands of a batch through the optional C module ``_fastapply`` (same system
+calls, same path rules); it hands every record it does not handle, or whose system call
+fails, back to the Python handlers here, which stay the reference for every command and
+every error.
 FILEATTR is ignored by default, exactly as btrfs-progs does; with ``apply_fileattr=True``
 the flags that have a ``chattr`` equivalent are set with ``FS_IOC_SETFLAGS`` when the
 subvolume is finished (so an immutable or append-only flag cannot block the stream's own
@@ -31,7 +24,6 @@ later commands).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
@@ -41,12 +33,11 @@ from typing import Any
 from uuid import UUID
 
 from .. import _native
-from .._value import value_class
 from ..errors import ApplyError, BtrdeltaError, MissingBaseError, StreamFormatError
-from ..fs import btrfs as sv
+from ..fs import btrfs
 from ..fs.btrfs import FS_FLAGS_KNOWN, fileattr_to_fsflags
-from ..fs.copy import copy_range, copy_tree, write_zeros
-from ..fs.sandbox import Sandbox, check_name, split_path
+from ..fs.copy import copy_range, write_zeros
+from ..fs.sandbox import Sandbox, split_path
 from ..stream.records import (
     Chmod,
     Chown,
@@ -77,8 +68,9 @@ from ..stream.records import (
     Write,
 )
 from .encoded import MAX_UNENCODED, decode_extent
+from .subvolumes import PendingSubvol, PreCommit, ReceivedSubvol, Subvolumes
 
-__all__ = ["Applier", "ReceivedSubvol", "find_parent", "find_subvolume"]
+__all__ = ["Applier"]
 
 
 # the C fast path (``_fastapply.c``), used by appliers made while it is live (btrdelta._native)
@@ -87,98 +79,8 @@ _native.on_load("fastapply", lambda mod: mod.configure((
     UpdateExtent, EncodedWrite, Clone)))
 
 _WRITE_FLAGS = os.O_WRONLY
-_TMP_PREFIX = ".btrdelta-tmp-"
 _FALLBACK_ERRNOS = (errno.ENOTTY, errno.EINVAL, errno.ENOSPC, errno.EOPNOTSUPP, errno.EXDEV,
                     errno.EPERM)
-
-
-@value_class
-class ReceivedSubvol:
-    """One subvolume a receive finished."""
-
-    name: str
-    path: Path
-    uuid: UUID
-    ctransid: int
-    parent_uuid: UUID | None
-    parent_path: Path | None
-    #: True for a real btrfs subvolume, False for a directory (registry backend)
-    btrfs: bool
-    records: int = 0
-    data_bytes: int = 0
-
-
-class _Current:
-    """The subvolume being received."""
-
-    __slots__ = ("data_bytes", "fileattrs", "name", "parent_path", "rec", "records", "sandbox",
-                 "tmp")
-
-    def __init__(self, rec: Subvol | Snapshot, name: bytes, tmp: bytes,
-                 sandbox: Sandbox | None, parent_path: Path | None) -> None:
-        self.rec = rec
-        self.name = name
-        self.tmp = tmp
-        self.sandbox = sandbox
-        self.parent_path = parent_path
-        self.records = 0
-        self.data_bytes = 0
-        #: (descriptor, FS_IOC_SETFLAGS flags) applied when the subvolume is finished
-        self.fileattrs: list[tuple[int, int]] = []
-
-
-def find_subvolume(dest: Path, wanted: UUID, *, btrfs: bool) -> Path | None:
-    """Directory of a received subvolume below ``dest`` with (received) UUID ``wanted``."""
-    if btrfs:
-        dest_real = Path(os.path.realpath(dest))
-        for p in sv.find_subvolumes_by_uuid(dest, wanted):
-            if p.is_relative_to(dest_real) and not p.name.startswith(_TMP_PREFIX):
-                return p
-        return None
-    from .registry import Registry  # the directory backend only (json)
-
-    found = Registry(dest).find(wanted)
-    return found
-
-
-def find_parent(dest: Path, snapshot: Snapshot, *, backend: str = "auto") -> Path:
-    """The local directory of the parent subvolume a SNAPSHOT record is based on.
-
-    Args:
-        dest: the receive destination directory.
-        snapshot: the SNAPSHOT record (its ``clone_uuid`` names the parent).
-        backend: ``"auto"`` (btrfs when DEST is on btrfs), ``"btrfs"`` or ``"dir"``.
-
-    Raises:
-        MissingBaseError: no such subvolume below ``dest``.
-    """
-    found = find_subvolume(dest, snapshot.clone_uuid, btrfs=uses_btrfs(dest, backend))
-    if found is None:
-        raise MissingBaseError(
-            f"cannot find parent subvolume {snapshot.clone_uuid} in {dest}",
-            path=snapshot.path,
-        )
-    return found
-
-
-def uses_btrfs(dest: Path, backend: str = "auto") -> bool:
-    """Whether a receive into ``dest`` with ``backend`` makes btrfs subvolumes.
-
-    Raises:
-        BtrdeltaError: ``backend="btrfs"`` and ``dest`` is not on btrfs.
-    """
-    if backend not in ("auto", "btrfs", "dir"):
-        raise ValueError(f"unknown backend {backend!r}")
-    if backend == "dir":
-        return False
-    fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        on_btrfs = sv.is_btrfs(fd)
-    finally:
-        os.close(fd)
-    if backend == "btrfs" and not on_btrfs:
-        raise BtrdeltaError(f"{dest} is not on btrfs (use the directory backend)")
-    return on_btrfs
 
 
 def _warn_default(msg: str) -> None:
@@ -198,6 +100,8 @@ class Applier:
             them, like btrfs-progs).
         force_decompress: never pass ENCODED_WRITE through, always decompress.
         on_warning: called with a message for things skipped (default: ``warnings.warn``).
+        pre_commit: called with each complete subvolume before it gets its final name;
+            raising aborts it (see :meth:`.subvolumes.Subvolumes.finish`).
     """
 
     def __init__(
@@ -209,18 +113,21 @@ class Applier:
         apply_fileattr: bool = False,
         force_decompress: bool = False,
         on_warning: Callable[[str], None] | None = None,
+        pre_commit: PreCommit | None = None,
     ) -> None:
-        self.dest = Path(dest)
-        if not self.dest.is_dir():
-            raise BtrdeltaError(f"destination {dest} is not a directory")
-        self.btrfs = uses_btrfs(self.dest, backend)
+        #: the destination's subvolumes (begin, finish, abort, find)
+        self.subvols = Subvolumes(dest, backend=backend, dry_run=dry_run)
+        self.dest = self.subvols.dest
+        self.btrfs = self.subvols.btrfs
         self.dry_run = dry_run
+        self.pre_commit = pre_commit
         self.apply_fileattr = apply_fileattr
         self.force_decompress = force_decompress
         self.warn = on_warning or _warn_default
         self.received: list[ReceivedSubvol] = []
-        self._cur: _Current | None = None
-        self._dest_fd = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._cur: PendingSubvol | None = None
+        #: (descriptor, FS_IOC_SETFLAGS flags) applied when the subvolume is finished
+        self._fileattrs: list[tuple[int, int]] = []
         self._wpath: bytes | None = None
         self._wfd = -1
         self._clone_roots: dict[UUID, Sandbox] = {}
@@ -264,6 +171,11 @@ class Applier:
     def in_subvolume(self) -> bool:
         """True between SUBVOL/SNAPSHOT and the END that finishes it."""
         return self._cur is not None
+
+    @property
+    def current(self) -> PendingSubvol | None:
+        """The subvolume being received (its counters say how far), if any."""
+        return self._cur
 
     @property
     def fast(self) -> bool:
@@ -349,9 +261,7 @@ class Applier:
         self.abort()
         if self._fast is not None:
             self._fast.close()
-        if self._dest_fd >= 0:
-            os.close(self._dest_fd)
-            self._dest_fd = -1
+        self.subvols.close()
 
     def __enter__(self) -> Applier:
         return self
@@ -361,53 +271,21 @@ class Applier:
 
     # -- subvolume start / finish ------------------------------------------------------
 
-    def _begin(self, rec: Subvol | Snapshot) -> bytes:
+    def _begin(self, rec: Subvol | Snapshot, parent_uuid: UUID | None) -> None:
         if self._cur is not None:
             self.finish()
-        name = check_name(rec.path, "subvolume name")
-        if os.path.lexists(self.dest / os.fsdecode(name)):
-            raise ApplyError("destination subvolume already exists", op="subvol")
-        return name
-
-    def _tmp_name(self, rec: Subvol | Snapshot) -> bytes:
-        return f"{_TMP_PREFIX}{rec.uuid.hex[:12]}-{os.getpid()}".encode()
+        cur = self.subvols.begin(rec.path, rec.uuid, rec.ctransid, parent_uuid=parent_uuid)
+        self._cur = cur
+        if cur.sandbox is not None:
+            self._fast_reset(cur.sandbox.root_fd)
 
     def subvol(self, rec: Subvol) -> None:
         """SUBVOL: start a new empty subvolume (or directory)."""
-        name = self._begin(rec)
-        tmp = self._tmp_name(rec)
-        cur = _Current(rec, name, tmp, None, None)
-        if not self.dry_run:
-            self._cur = cur
-            if self.btrfs:
-                sv.create_subvolume(self._dest_fd, tmp)
-            else:
-                os.mkdir(tmp, 0o755, dir_fd=self._dest_fd)
-            cur.sandbox = Sandbox.open(tmp, dir_fd=self._dest_fd)
-            self._fast_reset(cur.sandbox.root_fd)
-        self._cur = cur
+        self._begin(rec, None)
 
     def snapshot(self, rec: Snapshot) -> None:
         """SNAPSHOT: start from a writable snapshot (or copy) of the local parent."""
-        name = self._begin(rec)
-        parent = find_subvolume(self.dest, rec.clone_uuid, btrfs=self.btrfs)
-        if parent is None:
-            raise MissingBaseError(f"cannot find parent subvolume {rec.clone_uuid}")
-        tmp = self._tmp_name(rec)
-        cur = _Current(rec, name, tmp, None, parent)
-        if not self.dry_run:
-            self._cur = cur
-            if self.btrfs:
-                pfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                try:
-                    sv.create_snapshot(self._dest_fd, tmp, pfd)
-                finally:
-                    os.close(pfd)
-            else:
-                copy_tree(parent, self.dest / os.fsdecode(tmp))
-            cur.sandbox = Sandbox.open(tmp, dir_fd=self._dest_fd)
-            self._fast_reset(cur.sandbox.root_fd)
-        self._cur = cur
+        self._begin(rec, rec.clone_uuid)
 
     def end(self, rec: End) -> None:
         """END: finish the current subvolume."""
@@ -415,45 +293,26 @@ class Applier:
             self.finish()
 
     def finish(self) -> ReceivedSubvol | None:
-        """Finish the current subvolume: received UUID, read-only, rename into place."""
+        """Finish the current subvolume: file attributes, then received UUID, read-only,
+        the pre-commit hook and its final name (:meth:`.subvolumes.Subvolumes.finish`)."""
         cur = self._cur
         if cur is None:
             return None
-        rec = cur.rec
-        parent_uuid = rec.clone_uuid if isinstance(rec, Snapshot) else None
-        final = self.dest / os.fsdecode(cur.name)
         if not self.dry_run:
-            assert cur.sandbox is not None
             self._fast_reset(-1)
             self._close_write()
             self._close_clone_roots()
-            for fd, flags in cur.fileattrs:
+            for fd, flags in self._fileattrs:
                 try:
-                    old = sv.get_fsflags(fd)
-                    sv.set_fsflags(fd, (old & ~FS_FLAGS_KNOWN) | flags)
+                    old = btrfs.get_fsflags(fd)
+                    btrfs.set_fsflags(fd, (old & ~FS_FLAGS_KNOWN) | flags)
                 except OSError as exc:
                     self._warn_once("fileattr", f"cannot set file attributes: {exc.strerror}")
                 finally:
                     os.close(fd)
-            cur.fileattrs.clear()
-            root_fd = cur.sandbox.root_fd
-            if self.btrfs:
-                sv.set_received(root_fd, rec.uuid, rec.ctransid)
-                sv.set_readonly(root_fd, True)
-            cur.sandbox.close()
-            sv.rename_noreplace(self._dest_fd, cur.tmp, cur.name)
-            if not self.btrfs:
-                from .registry import Registry, RegistryEntry
-
-                Registry(self.dest).add(
-                    RegistryEntry(os.fsdecode(cur.name), rec.uuid, rec.ctransid, parent_uuid)
-                )
+            self._fileattrs.clear()
+        done = self.subvols.finish(cur, pre_commit=self.pre_commit)
         self._cur = None
-        done = ReceivedSubvol(
-            name=os.fsdecode(cur.name), path=final, uuid=rec.uuid, ctransid=rec.ctransid,
-            parent_uuid=parent_uuid, parent_path=cur.parent_path, btrfs=self.btrfs,
-            records=cur.records, data_bytes=cur.data_bytes,
-        )
         self.received.append(done)
         return done
 
@@ -464,22 +323,11 @@ class Applier:
         self._fast_reset(-1)
         self._close_write()
         self._close_clone_roots()
-        if cur is None or self.dry_run:
-            return
-        for fd, _ in cur.fileattrs:
+        for fd, _ in self._fileattrs:
             os.close(fd)
-        if cur.sandbox is not None:
-            cur.sandbox.close()
-        with contextlib.suppress(OSError):
-            if self.btrfs:
-                try:
-                    sv.delete_subvolume(self._dest_fd, cur.tmp)
-                    return
-                except OSError:
-                    pass
-            import shutil  # only to clean up a failed receive
-
-            shutil.rmtree(os.fsdecode(cur.tmp), dir_fd=self._dest_fd)
+        self._fileattrs.clear()
+        if cur is not None:
+            self.subvols.abort(cur)
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -689,12 +537,12 @@ class Applier:
     def _clone_source(self, clone_uuid: UUID) -> Sandbox | None:
         cur = self._cur
         assert cur is not None
-        if clone_uuid == cur.rec.uuid:
+        if clone_uuid == cur.uuid:
             return cur.sandbox
         sb = self._clone_roots.get(clone_uuid)
         if sb is not None:
             return sb
-        found = find_subvolume(self.dest, clone_uuid, btrfs=self.btrfs)
+        found = self.subvols.find(clone_uuid)
         if found is None:
             raise MissingBaseError(f"cannot find clone source subvolume {clone_uuid}")
         if self.dry_run:
@@ -714,7 +562,7 @@ class Applier:
         src = src_sb.open_file(rec.clone_path, os.O_RDONLY)
         try:
             try:
-                sv.clone_range(dst, rec.offset, src, rec.clone_offset, rec.length)
+                btrfs.clone_range(dst, rec.offset, src, rec.clone_offset, rec.length)
                 return
             except OSError as exc:
                 if exc.errno not in _FALLBACK_ERRNOS:
@@ -739,7 +587,7 @@ class Applier:
             return
         fd = self._write_fd(rec.path)
         try:
-            sv.fallocate(fd, rec.mode, rec.offset, rec.size)
+            btrfs.fallocate(fd, rec.mode, rec.offset, rec.size)
         except OSError as exc:
             if exc.errno != errno.EOPNOTSUPP:
                 raise
@@ -765,8 +613,7 @@ class Applier:
             fd = os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         finally:
             os.close(pfd)
-        assert self._cur is not None
-        self._cur.fileattrs.append((fd, flags))
+        self._fileattrs.append((fd, flags))
 
     def encoded_write(self, rec: EncodedWrite) -> None:
         """ENCODED_WRITE: encoded-write ioctl on btrfs; else decompress and ``pwrite``."""
@@ -787,7 +634,7 @@ class Applier:
         self._cur.data_bytes += rec.unencoded_file_len
         if self.btrfs and not self.force_decompress:
             try:
-                sv.encoded_write(fd, rec.data, rec.offset, rec.unencoded_file_len,
+                btrfs.encoded_write(fd, rec.data, rec.offset, rec.unencoded_file_len,
                                  rec.unencoded_len, rec.unencoded_offset, rec.compression)
                 return
             except OSError as exc:
@@ -808,7 +655,7 @@ class Applier:
             self._close_write()
         fd = self._sb.open_file(rec.path, os.O_RDONLY)
         try:
-            sv.enable_verity(fd, rec.algorithm, rec.block_size, rec.salt, rec.sig)
+            btrfs.enable_verity(fd, rec.algorithm, rec.block_size, rec.salt, rec.sig)
         except OSError as exc:
             if exc.errno not in (errno.ENOTTY, errno.EOPNOTSUPP, errno.ENOTSUP):
                 raise

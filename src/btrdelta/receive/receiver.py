@@ -19,7 +19,8 @@ from typing import Protocol, runtime_checkable
 from ..errors import BtrdeltaError, StreamFormatError
 from ..stream.reader import Event, StreamHeader
 from ..stream.records import End, Snapshot, Subvol
-from .applier import Applier, ReceivedSubvol
+from .applier import Applier
+from .subvolumes import PreCommit, ReceivedSubvol
 
 __all__ = ["BatchedEvents", "prefetch", "receive"]
 
@@ -107,72 +108,49 @@ def _batched(
         yield batch
 
 
-def receive(
-    events: Iterable[Event],
-    dest: Path,
-    *,
-    stop_at_end: bool = False,
-    max_errors: int = 1,
-    dry_run: bool = False,
-    backend: str = "auto",
-    apply_fileattr: bool = False,
-    force_decompress: bool = False,
-    on_progress: Callable[[int, int], None] | None = None,
-    on_warning: Callable[[str], None] | None = None,
-    on_subvol: Callable[[ReceivedSubvol], None] | None = None,
-    read_ahead: bool = False,
-) -> list[ReceivedSubvol]:
-    """Apply a stream of events (stream headers and records) below ``dest``.
+def _event_batches(
+    events: Iterable[Event], *, read_ahead: bool
+) -> Generator[list[Event], None, None]:
+    """``events`` in lists: a :class:`BatchedEvents`' own, else gathered here (bigger ones
+    when a helper thread reads ahead)."""
+    if isinstance(events, BatchedEvents):  # a StreamReader is one
+        return events.batches()  # decoded lists as they are (about one block each)
+    if read_ahead:
+        return _batched(iter(events), _BATCH_EVENTS, _BATCH_BYTES)
+    return _batched(iter(events))
 
-    Args:
-        events: stream headers and records, e.g. ``StreamReader(f).events()``; plain
-            records work too. A :class:`StreamReader` itself, or any
-            :class:`BatchedEvents`, is read a decoded batch at a time (the fastest way).
-        dest: existing directory; each subvolume becomes ``dest/<name>``.
-        stop_at_end: stop after the first END (``btrfs receive -e``).
-        max_errors: stop after this many failed commands (0: never stop); a failure in
-            SUBVOL/SNAPSHOT always stops. With more than one allowed, failed commands are
-            skipped and the first error is raised after the stream was applied.
-        dry_run: check paths, find parents and clone sources, write nothing.
-        backend: ``"auto"`` (real subvolumes on btrfs, directories elsewhere), ``"btrfs"``
-            or ``"dir"``.
-        apply_fileattr: apply FILEATTR flags (btrfs-progs ignores them).
-        force_decompress: never pass ENCODED_WRITE through to btrfs.
-        on_progress: called now and then with ``(records done, file bytes written)``.
-        on_warning: called with a message for anything skipped (default: warnings.warn).
-        on_subvol: called with each finished subvolume.
-        read_ahead: pull ``events`` in a helper thread (see :func:`prefetch`) so producing
-            them overlaps applying; the iterator is then driven from that thread. Worth it
-            when producing costs CPU (expanding a delta stream: ``btrdelta receive`` turns
-            it on there); a plain stream decodes faster than the system calls apply it.
 
-    Returns:
-        The finished subvolumes, in stream order.
+class _Run:
+    """One :func:`receive`: the apply loop, the errors it keeps and the progress it reports."""
 
-    Raises:
-        BtrdeltaError: subclasses naming the record index, command and path.
-    """
-    errors: list[BtrdeltaError] = []
-    index = -1
-    data_bytes = 0
-    with Applier(
-        Path(dest), backend=backend, dry_run=dry_run, apply_fileattr=apply_fileattr,
-        force_decompress=force_decompress, on_warning=on_warning,
-    ) as applier:
-        batches: Generator[list[Event], None, None]
-        if isinstance(events, BatchedEvents):  # a StreamReader is one
-            batches = events.batches()  # decoded lists as they are (about one block each)
-        elif read_ahead and not dry_run:
-            batches = _batched(iter(events), _BATCH_EVENTS, _BATCH_BYTES)
-        else:
-            batches = _batched(iter(events))
-        source = prefetch(batches) if read_ahead and not dry_run else batches
+    def __init__(
+        self, applier: Applier, *, max_errors: int, stop_at_end: bool,
+        on_progress: Callable[[int, int], None] | None,
+        on_subvol: Callable[[ReceivedSubvol], None] | None,
+    ) -> None:
+        self.applier = applier
+        self.max_errors = max_errors
+        self.stop_at_end = stop_at_end
+        self.on_progress = on_progress
+        self.on_subvol = on_subvol
+        self.errors: list[BtrdeltaError] = []
+        #: index of the last record applied (or failed)
+        self.index = -1
+        #: file bytes of the finished subvolumes
+        self.data_bytes = 0
+        self._reported = 0
+
+    def apply(self, source: Iterable[list[Event]]) -> None:
+        """Apply every batch of ``source`` (the hot loop: the C fast path takes the common
+        commands, Python the others) up to the end or the END that stops the run."""
+        applier = self.applier
         apply = applier.apply
-        received = applier.received
-        reported = 0
         fast = applier.fast
+        errors = self.errors
+        max_errors = self.max_errors
+        on_progress = self.on_progress
+        index = self.index
         try:
-            stop = False
             for batch in source:
                 i, n = 0, len(batch)
                 while i < n:
@@ -197,35 +175,112 @@ def receive(
                         ):
                             raise
                     if kind is End or kind is Subvol or kind is Snapshot:
-                        for done in received[reported:]:
-                            data_bytes += done.data_bytes
-                            if on_subvol is not None:
-                                on_subvol(done)
-                        reported = len(received)
-                        if kind is End and stop_at_end:
-                            stop = True
-                            break
-                if stop:
-                    break
+                        self._report_finished()
+                        if kind is End and self.stop_at_end:
+                            return
                 if on_progress is not None:
-                    cur = applier._cur
-                    on_progress(index + 1, data_bytes + (cur.data_bytes if cur else 0))
+                    cur = applier.current
+                    on_progress(index + 1, self.data_bytes + (cur.data_bytes if cur else 0))
+        finally:
+            self.index = index
+
+    def _report_finished(self) -> None:
+        received = self.applier.received
+        for done in received[self._reported:]:
+            self.data_bytes += done.data_bytes
+            if self.on_subvol is not None:
+                self.on_subvol(done)
+        self._reported = len(received)
+
+    def check_end(self) -> None:
+        """After the last event: the stream must have ended its subvolume and had one.
+
+        Raises:
+            StreamFormatError: a subvolume without END, or nothing at all.
+        """
+        if self.applier.in_subvolume:
+            raise StreamFormatError("stream ended without END", index=self.index)
+        if self.on_progress is not None:
+            self.on_progress(self.index + 1, self.data_bytes)
+        if not self.applier.received and not self.errors and self.index < 0:
+            raise StreamFormatError("empty stream: nothing to receive")
+
+    def raise_errors(self) -> None:
+        """Raise the first error kept (naming how many more there were), if any."""
+        if self.errors:
+            first = self.errors[0]
+            if len(self.errors) > 1:
+                first.message += f" (and {len(self.errors) - 1} more errors)"
+                first.args = (first.message,)
+            raise first
+
+
+def receive(
+    events: Iterable[Event],
+    dest: Path,
+    *,
+    stop_at_end: bool = False,
+    max_errors: int = 1,
+    dry_run: bool = False,
+    backend: str = "auto",
+    apply_fileattr: bool = False,
+    force_decompress: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
+    on_subvol: Callable[[ReceivedSubvol], None] | None = None,
+    read_ahead: bool = False,
+    pre_commit: PreCommit | None = None,
+) -> list[ReceivedSubvol]:
+    """Apply a stream of events (stream headers and records) below ``dest``.
+
+    Args:
+        events: stream headers and records, e.g. ``StreamReader(f).events()``; plain
+            records work too. A :class:`StreamReader` itself, or any
+            :class:`BatchedEvents`, is read a decoded batch at a time (the fastest way).
+        dest: existing directory; each subvolume becomes ``dest/<name>``.
+        stop_at_end: stop after the first END (``btrfs receive -e``).
+        max_errors: stop after this many failed commands (0: never stop); a failure in
+            SUBVOL/SNAPSHOT always stops. With more than one allowed, failed commands are
+            skipped and the first error is raised after the stream was applied.
+        dry_run: check paths, find parents and clone sources, write nothing.
+        backend: ``"auto"`` (real subvolumes on btrfs, directories elsewhere), ``"btrfs"``
+            or ``"dir"``.
+        apply_fileattr: apply FILEATTR flags (btrfs-progs ignores them).
+        force_decompress: never pass ENCODED_WRITE through to btrfs.
+        on_progress: called now and then with ``(records done, file bytes written)``.
+        on_warning: called with a message for anything skipped (default: warnings.warn).
+        on_subvol: called with each finished subvolume.
+        read_ahead: pull ``events`` in a helper thread (see :func:`prefetch`) so producing
+            them overlaps applying; the iterator is then driven from that thread. Worth it
+            when producing costs CPU (expanding a delta stream: ``btrdelta receive`` turns
+            it on there); a plain stream decodes faster than the system calls apply it.
+        pre_commit: called with each complete subvolume, read-only under its temporary
+            name, before it gets its final name; raising aborts it and the receive (see
+            :meth:`.subvolumes.Subvolumes.finish`).
+
+    Returns:
+        The finished subvolumes, in stream order.
+
+    Raises:
+        BtrdeltaError: subclasses naming the record index, command and path.
+    """
+    read_ahead = read_ahead and not dry_run
+    with Applier(
+        Path(dest), backend=backend, dry_run=dry_run, apply_fileattr=apply_fileattr,
+        force_decompress=force_decompress, on_warning=on_warning, pre_commit=pre_commit,
+    ) as applier:
+        run = _Run(applier, max_errors=max_errors, stop_at_end=stop_at_end,
+                   on_progress=on_progress, on_subvol=on_subvol)
+        batches = _event_batches(events, read_ahead=read_ahead)
+        source = prefetch(batches) if read_ahead else batches
+        try:
+            run.apply(source)
         finally:
             close = getattr(source, "close", None)
             if close is not None:
                 close()
             if source is not batches:
                 batches.close()
-        if applier.in_subvolume:
-            raise StreamFormatError("stream ended without END", index=index)
-        if on_progress is not None:
-            on_progress(index + 1, data_bytes)
-        if not applier.received and not errors and index < 0:
-            raise StreamFormatError("empty stream: nothing to receive")
-    if errors:
-        first = errors[0]
-        if len(errors) > 1:
-            first.message += f" (and {len(errors) - 1} more errors)"
-            first.args = (first.message,)
-        raise first
+        run.check_end()
+    run.raise_errors()
     return applier.received

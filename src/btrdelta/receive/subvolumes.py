@@ -1,0 +1,318 @@
+"""The lifecycle of received subvolumes in a destination directory, usable without an
+:class:`~.applier.Applier`.
+
+A subvolume is made under a hidden temporary name inside DEST (``.btrdelta-tmp-…``) and
+gets its final name only when it is complete, so nothing incomplete is ever visible under
+the final name and the parent is never touched:
+
+* :meth:`Subvolumes.begin` creates it: empty, or a writable snapshot (btrfs) or copy
+  (directory backend) of a parent, found by (received) UUID or given as a path;
+* the caller fills it through :attr:`PendingSubvol.sandbox` (the applier applying records,
+  or a device workflow writing files);
+* :meth:`Subvolumes.finish` sets the received UUID and transid and makes it read-only (btrfs),
+  runs the pre-commit hook, renames it into place (``RENAME_NOREPLACE``) and, on the
+  directory backend, records it in the registry; :meth:`Subvolumes.abort` removes it.
+
+A pending subvolume ends exactly once: finish removes it on any failure (the hook raising
+included), and abort after that, or twice, does nothing.
+
+Two backends: ``btrfs`` (DEST on btrfs: real subvolumes, found through the UUID tree, as
+``btrfs receive`` does, so the two tools can alternate) and ``dir`` (any other filesystem,
+or forced: directories, found through :mod:`.registry`). Also the lookups a receive needs
+before it starts: :func:`find_subvolume`, :func:`find_parent`, :func:`uses_btrfs`.
+
+Knows nothing of applying records (that is :mod:`.applier`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+from uuid import UUID
+
+from .._value import value_class
+from ..errors import ApplyError, BtrdeltaError, MissingBaseError
+from ..fs.btrfs import (
+    create_snapshot,
+    create_subvolume,
+    delete_subvolume,
+    find_subvolumes_by_uuid,
+    is_btrfs,
+    rename_noreplace,
+    set_readonly,
+    set_received,
+)
+from ..fs.copy import copy_tree
+from ..fs.sandbox import Sandbox, check_name
+
+if TYPE_CHECKING:
+    from ..stream.records import Snapshot
+
+__all__ = [
+    "TMP_PREFIX",
+    "PendingSubvol",
+    "PreCommit",
+    "ReceivedSubvol",
+    "Subvolumes",
+    "find_parent",
+    "find_subvolume",
+    "uses_btrfs",
+]
+
+#: the temporary names of subvolumes being received start with this (never found as parents)
+TMP_PREFIX = ".btrdelta-tmp-"
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+@value_class
+class ReceivedSubvol:
+    """One subvolume a receive finished."""
+
+    name: str
+    path: Path
+    uuid: UUID
+    ctransid: int
+    parent_uuid: UUID | None
+    parent_path: Path | None
+    #: True for a real btrfs subvolume, False for a directory (registry backend)
+    btrfs: bool
+    records: int = 0
+    data_bytes: int = 0
+
+
+class PendingSubvol:
+    """A subvolume being made under its temporary name (see :meth:`Subvolumes.begin`)."""
+
+    __slots__ = ("ctransid", "data_bytes", "done", "name", "parent_path", "parent_uuid", "path",
+                 "records", "sandbox", "tmp", "uuid")
+
+    def __init__(self, name: bytes, tmp: bytes, path: Path, uuid: UUID, ctransid: int,
+                 parent_uuid: UUID | None, parent_path: Path | None) -> None:
+        #: the final name (one component of DEST) and the temporary one
+        self.name = name
+        self.tmp = tmp
+        #: the temporary directory itself (``DEST/tmp``)
+        self.path = path
+        self.uuid = uuid
+        self.ctransid = ctransid
+        self.parent_uuid = parent_uuid
+        self.parent_path = parent_path
+        #: its root directory, where the caller writes (None in a dry run)
+        self.sandbox: Sandbox | None = None
+        #: counters the caller keeps; :class:`ReceivedSubvol` reports them
+        self.records = 0
+        self.data_bytes = 0
+        #: finished or aborted
+        self.done = False
+
+
+#: called by :meth:`Subvolumes.finish` with the complete, read-only temporary subvolume
+#: before it gets its final name; raising aborts it (e.g. a signature that does not verify)
+PreCommit = Callable[[PendingSubvol], None]
+
+
+def uses_btrfs(dest: Path, backend: str = "auto") -> bool:
+    """Whether a receive into ``dest`` with ``backend`` makes btrfs subvolumes.
+
+    Raises:
+        BtrdeltaError: ``backend="btrfs"`` and ``dest`` is not on btrfs.
+    """
+    if backend not in ("auto", "btrfs", "dir"):
+        raise ValueError(f"unknown backend {backend!r}")
+    if backend == "dir":
+        return False
+    fd = os.open(dest, _DIR)
+    try:
+        on_btrfs = is_btrfs(fd)
+    finally:
+        os.close(fd)
+    if backend == "btrfs" and not on_btrfs:
+        raise BtrdeltaError(f"{dest} is not on btrfs (use the directory backend)")
+    return on_btrfs
+
+
+def find_subvolume(dest: Path, wanted: UUID, *, btrfs: bool) -> Path | None:
+    """Directory of a received subvolume below ``dest`` with (received) UUID ``wanted``."""
+    if btrfs:
+        dest_real = Path(os.path.realpath(dest))
+        for p in find_subvolumes_by_uuid(dest, wanted):
+            if p.is_relative_to(dest_real) and not p.name.startswith(TMP_PREFIX):
+                return p
+        return None
+    from .registry import Registry  # the directory backend only (json)
+
+    found = Registry(dest).find(wanted)
+    return found
+
+
+def find_parent(dest: Path, snapshot: Snapshot, *, backend: str = "auto") -> Path:
+    """The local directory of the parent subvolume a SNAPSHOT record is based on.
+
+    Args:
+        dest: the receive destination directory.
+        snapshot: the SNAPSHOT record (its ``clone_uuid`` names the parent).
+        backend: ``"auto"`` (btrfs when DEST is on btrfs), ``"btrfs"`` or ``"dir"``.
+
+    Raises:
+        MissingBaseError: no such subvolume below ``dest``.
+    """
+    found = find_subvolume(dest, snapshot.clone_uuid, btrfs=uses_btrfs(dest, backend))
+    if found is None:
+        raise MissingBaseError(
+            f"cannot find parent subvolume {snapshot.clone_uuid} in {dest}",
+            path=snapshot.path,
+        )
+    return found
+
+
+class Subvolumes:
+    """The subvolumes of destination directory ``dest``: find, begin, finish, abort.
+
+    Args:
+        dest: an existing directory.
+        backend: ``"auto"`` (btrfs when ``dest`` is on btrfs), ``"btrfs"`` or ``"dir"``.
+        dry_run: check names and find parents, create nothing.
+    """
+
+    def __init__(self, dest: Path, *, backend: str = "auto", dry_run: bool = False) -> None:
+        self.dest = Path(dest)
+        if not self.dest.is_dir():
+            raise BtrdeltaError(f"destination {dest} is not a directory")
+        #: real subvolumes (True) or directories and the registry (False)
+        self.btrfs = uses_btrfs(self.dest, backend)
+        self.dry_run = dry_run
+        self._dest_fd = os.open(self.dest, _DIR)
+
+    def close(self) -> None:
+        """Release the destination's descriptor (pending subvolumes are the caller's)."""
+        if self._dest_fd >= 0:
+            os.close(self._dest_fd)
+            self._dest_fd = -1
+
+    def __enter__(self) -> Subvolumes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def find(self, wanted: UUID) -> Path | None:
+        """Directory of a subvolume of DEST received as (else with UUID) ``wanted``."""
+        return find_subvolume(self.dest, wanted, btrfs=self.btrfs)
+
+    def begin(
+        self, name: bytes, uuid: UUID, ctransid: int, *, parent_uuid: UUID | None = None,
+        parent: Path | None = None,
+    ) -> PendingSubvol:
+        """Start subvolume ``name`` under a temporary name: empty, or a writable snapshot
+        (copy) of ``parent``, or of the subvolume found as ``parent_uuid``.
+
+        Args:
+            name: the final name, one component of DEST.
+            uuid, ctransid: what :meth:`finish` records as its received UUID and transid.
+            parent_uuid: the parent's (received) UUID, recorded; found in DEST when
+                ``parent`` is not given.
+            parent: the parent's directory (a subvolume on btrfs).
+
+        Raises:
+            UnsafePathError: ``name`` is not one safe path component.
+            ApplyError: DEST already has ``name``.
+            MissingBaseError: no subvolume ``parent_uuid`` in DEST.
+            OSError: creating, snapshotting or copying failed (nothing is left behind).
+        """
+        check_name(name, "subvolume name")
+        if os.path.lexists(self.dest / os.fsdecode(name)):
+            raise ApplyError("destination subvolume already exists", op="subvol")
+        if parent is None and parent_uuid is not None:
+            parent = self.find(parent_uuid)
+            if parent is None:
+                raise MissingBaseError(f"cannot find parent subvolume {parent_uuid}")
+        tmp = f"{TMP_PREFIX}{uuid.hex[:12]}-{os.getpid()}".encode()
+        pending = PendingSubvol(name, tmp, self.dest / os.fsdecode(tmp), uuid, ctransid,
+                                parent_uuid, parent)
+        if self.dry_run:
+            return pending
+        fd = self._dest_fd
+        if parent is None:
+            if self.btrfs:
+                create_subvolume(fd, tmp)
+            else:
+                os.mkdir(tmp, 0o755, dir_fd=fd)
+        elif self.btrfs:
+            pfd = os.open(parent, _DIR)
+            try:
+                create_snapshot(fd, tmp, pfd)
+            finally:
+                os.close(pfd)
+        else:
+            copy_tree(parent, pending.path)
+        try:
+            pending.sandbox = Sandbox.open(tmp, dir_fd=fd)
+        except BaseException:
+            self.abort(pending)
+            raise
+        return pending
+
+    def finish(self, pending: PendingSubvol, *,
+               pre_commit: PreCommit | None = None) -> ReceivedSubvol:
+        """Complete ``pending``: received UUID and transid, read-only (btrfs), then
+        ``pre_commit(pending)``, then the final name (and a registry entry on the directory
+        backend). On any failure before the rename it is removed and the error raised. In a
+        dry run nothing happens (no hook either).
+
+        Raises:
+            OSError: a system call failed (or what ``pre_commit`` raised).
+        """
+        if pending.done:
+            raise ValueError("subvolume already finished or aborted")
+        if not self.dry_run:
+            try:
+                sandbox = pending.sandbox
+                assert sandbox is not None
+                if self.btrfs:
+                    set_received(sandbox.root_fd, pending.uuid, pending.ctransid)
+                    set_readonly(sandbox.root_fd, True)
+                if pre_commit is not None:
+                    pre_commit(pending)
+                sandbox.close()
+                rename_noreplace(self._dest_fd, pending.tmp, pending.name)
+            except BaseException:
+                self.abort(pending)
+                raise
+            pending.done = True
+            if not self.btrfs:
+                from .registry import Registry, RegistryEntry
+
+                Registry(self.dest).add(RegistryEntry(
+                    os.fsdecode(pending.name), pending.uuid, pending.ctransid,
+                    pending.parent_uuid,
+                ))
+        pending.done = True
+        return ReceivedSubvol(
+            name=os.fsdecode(pending.name), path=self.dest / os.fsdecode(pending.name),
+            uuid=pending.uuid, ctransid=pending.ctransid, parent_uuid=pending.parent_uuid,
+            parent_path=pending.parent_path, btrfs=self.btrfs, records=pending.records,
+            data_bytes=pending.data_bytes,
+        )
+
+    def abort(self, pending: PendingSubvol) -> None:
+        """Remove ``pending`` (its temporary name); nothing once it is finished or aborted."""
+        if pending.done:
+            return
+        pending.done = True
+        if pending.sandbox is not None:
+            pending.sandbox.close()
+        if self.dry_run:
+            return
+        with contextlib.suppress(OSError):
+            if self.btrfs:
+                try:
+                    delete_subvolume(self._dest_fd, pending.tmp)
+                    return
+                except OSError:
+                    pass
+            import shutil  # only to clean up a failed receive
+
+            shutil.rmtree(os.fsdecode(pending.tmp), dir_fd=self._dest_fd)

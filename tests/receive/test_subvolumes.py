@@ -1,0 +1,180 @@
+"""The subvolume lifecycle without an applier: begin (empty or from a parent), fill, finish
+(received UUID, read-only, pre-commit hook, final name) or abort, on the directory backend
+and on real btrfs (checked with ``btrfs subvolume show``); and the hook through receive()."""
+
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from btrdelta.errors import ApplyError, ChecksumError, MissingBaseError, UnsafePathError
+from btrdelta.fs.sandbox import Sandbox
+from btrdelta.receive import (
+    PendingSubvol,
+    Registry,
+    Subvolumes,
+    find_parent,
+    find_subvolume,
+    receive,
+    uses_btrfs,
+)
+from btrdelta.receive.subvolumes import TMP_PREFIX
+from btrdelta.stream.records import Snapshot
+from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs
+from tests.conftest import require_btrfs
+from tests.fs.conftest import progs, subvolume_show
+
+from .helpers import events, subvol
+from .test_failures import FULL
+
+UUID_A, UUID_B = uuid.UUID(int=0xA), uuid.UUID(int=0xB)
+
+
+@pytest.fixture(scope="module")
+def btrfs_mnt() -> Iterator[Path]:
+    require_btrfs()
+    try:
+        with loop_fs("btrfs", size="256M") as mnt:
+            yield mnt
+    except BtrfsUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but btrfs is unavailable: {exc}")
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(params=["dir", "btrfs"])
+def dest(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    if request.param == "dir":
+        d = tmp_path / "dest"
+    else:
+        d = request.getfixturevalue("btrfs_mnt") / f"dest-{uuid.uuid4().hex[:8]}"
+    d.mkdir()
+    return d
+
+
+def _write(sandbox: Sandbox | None, path: bytes, data: bytes) -> None:
+    assert sandbox is not None
+    fd, name = sandbox.parent(path)
+    out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644,
+                  dir_fd=fd)
+    try:
+        os.write(out, data)
+    finally:
+        os.close(out)
+
+
+def _entries(dest: Path) -> list[str]:
+    """What DEST holds (temporaries included), the directory backend's registry left out."""
+    return sorted(p.name for p in dest.iterdir() if p.name != ".btrdelta-subvols.json")
+
+
+def test_slot_update_without_an_applier(dest: Path) -> None:
+    """A device-style update: the active slot snapshotted as a hidden temporary, changed,
+    then given its received UUID, made read-only and renamed into place."""
+    with Subvolumes(dest) as subs:
+        assert subs.btrfs == uses_btrfs(dest)
+        first = subs.begin(b"slot-a", UUID_A, 7)
+        _write(first.sandbox, b"os-release", b"v1\n")
+        a = subs.finish(first)
+        assert _entries(dest) == ["slot-a"]
+        pending = subs.begin(b"slot-b", UUID_B, 9, parent=a.path, parent_uuid=UUID_A)
+        assert pending.path == dest / os.fsdecode(pending.tmp)
+        assert pending.path.name.startswith(TMP_PREFIX)
+        assert (pending.path / "os-release").read_bytes() == b"v1\n"  # from the parent
+        _write(pending.sandbox, b"os-release", b"v2\n")
+        assert _entries(dest) == sorted(["slot-a", pending.path.name])  # not visible yet
+        b = subs.finish(pending)
+        assert subs.find(UUID_B) == b.path == dest / "slot-b"
+        assert find_subvolume(dest, UUID_A, btrfs=subs.btrfs) == a.path
+        snap = Snapshot(path=b"c", uuid=uuid.uuid4(), ctransid=1, clone_uuid=UUID_B,
+                        clone_ctransid=9)
+        assert find_parent(dest, snap) == b.path
+    assert _entries(dest) == ["slot-a", "slot-b"]
+    assert (dest / "slot-a" / "os-release").read_bytes() == b"v1\n"  # the parent untouched
+    assert (dest / "slot-b" / "os-release").read_bytes() == b"v2\n"
+    assert (b.uuid, b.ctransid, b.parent_uuid, b.parent_path) == (UUID_B, 9, UUID_A, a.path)
+    if b.btrfs:  # what the kernel recorded, as btrfs-progs shows it
+        shown_a, shown_b = subvolume_show(a.path), subvolume_show(b.path)
+        assert shown_b["Received UUID"] == str(UUID_B)
+        assert shown_b["Parent UUID"] == shown_a["UUID"]
+        assert shown_a["Received UUID"] == str(UUID_A)
+        assert shown_a["Flags"] == shown_b["Flags"] == "readonly"
+    else:
+        entries = {e.name: e for e in Registry(dest).entries()}
+        assert (entries["slot-b"].uuid, entries["slot-b"].parent_uuid) == (UUID_B, UUID_A)
+        assert (entries["slot-a"].uuid, entries["slot-a"].ctransid) == (UUID_A, 7)
+
+
+def test_pre_commit_hook_sees_the_finished_temporary_and_can_refuse_it(dest: Path) -> None:
+    seen: list[bytes] = []
+    with Subvolumes(dest) as subs:
+
+        def refuse(pending: PendingSubvol) -> None:
+            assert pending.sandbox is not None  # still open: the hook may read through it
+            assert not (dest / "slot").exists()
+            seen.append((pending.path / "f").read_bytes())
+            if subs.btrfs:  # already read-only: what is verified is what becomes visible
+                with pytest.raises(OSError, match="Read-only") as info:
+                    _write(pending.sandbox, b"f", b"changed")
+                assert info.value.errno == errno.EROFS
+            raise ChecksumError("signature does not verify")
+
+        pending = subs.begin(b"slot", UUID_A, 7)
+        _write(pending.sandbox, b"f", b"content")
+        with pytest.raises(ChecksumError, match="signature"):
+            subs.finish(pending, pre_commit=refuse)
+        assert pending.done
+        subs.abort(pending)  # after a failed finish: nothing more to do
+        with pytest.raises(ValueError, match="already"):
+            subs.finish(pending)
+        assert subs.find(UUID_A) is None
+    assert seen == [b"content"]
+    assert _entries(dest) == []  # neither the final name nor the temporary
+    if subs.btrfs:
+        assert TMP_PREFIX not in progs("subvolume", "list", dest)
+
+
+def test_abort_and_refused_begins(dest: Path) -> None:
+    with Subvolumes(dest) as subs:
+        pending = subs.begin(b"slot", UUID_A, 7)
+        _write(pending.sandbox, b"f", b"x")
+        subs.abort(pending)
+        subs.abort(pending)
+        assert _entries(dest) == []
+        (dest / "taken").mkdir()
+        with pytest.raises(ApplyError, match="already exists"):
+            subs.begin(b"taken", UUID_A, 7)
+        for bad in (b"", b"..", b"a/b", b"."):
+            with pytest.raises(UnsafePathError):
+                subs.begin(bad, UUID_A, 7)
+        with pytest.raises(MissingBaseError, match="parent"):
+            subs.begin(b"slot", UUID_B, 8, parent_uuid=UUID_A)
+        assert _entries(dest) == ["taken"]
+    with Subvolumes(dest, dry_run=True) as dry:
+        done = dry.finish(dry.begin(b"slot", UUID_A, 7))
+        assert done.path == dest / "slot"
+    assert _entries(dest) == ["taken"]
+
+
+def test_receive_runs_the_hook_before_each_final_name(dest: Path) -> None:
+    names: list[str] = []
+
+    def check(pending: PendingSubvol) -> None:
+        names.append(pending.path.name)
+        assert (pending.path / "d" / "f").read_bytes() == b"hello" * 100
+        if pending.uuid == UUID_B:
+            raise ChecksumError("signature does not verify")
+
+    (done,) = receive(events(FULL), dest, pre_commit=check)
+    assert done.name == "A"
+    second = [subvol(b"B", UUID_B, 8), *FULL[1:]]
+    with pytest.raises(ChecksumError) as info:
+        receive(events(second), dest, pre_commit=check)
+    assert info.value.index == len(FULL) - 1  # located at the END that finished it
+    assert [n.startswith(TMP_PREFIX) for n in names] == [True, True]
+    assert _entries(dest) == ["A"]
