@@ -200,7 +200,7 @@ def device_story(stack: ExitStack, src: Path, work: Path) -> None:
     sysroot = work / "sysroot"
     sysroot.mkdir()
     sh(f"btrdelta device mount {top} {sysroot}")
-    sh(f"echo device-1 > {sysroot}/etc/hostname && touch {sysroot}/usr/x 2>&1 | head -1",
+    sh(f"echo device-1 > {sysroot}/etc/hostname && touch {sysroot}/x 2>&1 | head -1",
        check=False)
     sh(f"umount -R {sysroot}; btrdelta device diff {top}")
     sh(f"btrdelta device backup {top} home backups && ls backups")
