@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING
 
 from ..errors import BtrdeltaError
 from ..send.scan import TreeScan
+from ..send.store import DEFAULT_STORE
 from ._common import Progress, human_bytes, open_output
 
 if TYPE_CHECKING:
-    from ..send import SendStats
+    from ..send import SendStats, StreamIds
     from ..update.signed import StreamSigner
 
 
@@ -48,6 +49,21 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--kernel", action="store_true",
                    help="both trees are read-only btrfs snapshots: run `btrfs send` instead")
     p.add_argument("--progress", action="store_true", help="show progress on stderr")
+    p.add_argument("--record", action="store_true",
+                   help="also record a sendshot of what was sent (what the receiver will "
+                        "hold), the base of later --from-sendshot sends")
+    p.add_argument("--from-sendshot", metavar="ID", dest="from_sendshot",
+                   help="incremental against a sendshot (an id, a unique prefix, or 'latest': "
+                        "the newest of this source); the old tree is not needed")
+    p.add_argument("--store", metavar="DIR",
+                   help=f"the sendshot store (default {DEFAULT_STORE})")
+    p.add_argument("--no-snapshot", action="store_true",
+                   help="read a writable btrfs subvolume live instead of from a temporary "
+                        "read-only snapshot")
+    p.add_argument("--parent-uuid", metavar="UUID[:CTRANSID]|btrfs",
+                   help="the UUID (and ctransid) the receiver knows the parent by, e.g. the "
+                        "UUID a kernel send of it named; 'btrfs': take it from the parent "
+                        "subvolume as btrfs send does (received UUID, else UUID)")
     p.add_argument("--sign", metavar="KEY",
                    help="also write a detached Ed25519 signature of the stream (OUTPUT.sig)")
     p.add_argument("--signature", metavar="SIG",
@@ -68,6 +84,14 @@ def run(args: argparse.Namespace) -> int:
         signer = StreamSigner.start(args.sign, args.signature, args.output)
     progress = Progress(Progress.wanted(args), "send: ")
     started = time.monotonic()
+    if args.record or args.from_sendshot:
+        if args.parent or args.kernel or args.parent_uuid:
+            raise BtrdeltaError("--record/--from-sendshot take no --parent, --parent-uuid or "
+                                "--kernel (the base is the sendshot)")
+        _send_sendshot(args, version, compress, progress, started, signer)
+        if signer is not None:
+            signer.finish()
+        return 0
     scan: TreeScan | None = None
     if not args.kernel:
         # start reading the trees (child process + threads) before the slow imports below
@@ -85,6 +109,62 @@ def run(args: argparse.Namespace) -> int:
     if signer is not None:
         signer.finish()
     return 0
+
+
+def _send_sendshot(args: argparse.Namespace, version: int, compress: str | None,
+                   progress: Progress, started: float, signer: StreamSigner | None) -> None:
+    """``--record`` / ``--from-sendshot``: the source frozen, the base a record."""
+    import sys
+
+    from ..send.sendshot import send_with_sendshots
+    from ..send.store import SendshotStore
+
+    store = SendshotStore(args.store or DEFAULT_STORE)
+    with open_output(args.output) as out:
+        write = out.write if signer is None else signer.wrap(out.write)
+        result = send_with_sendshots(
+            write, args.new_dir, store=store, from_sendshot=args.from_sendshot,
+            record=args.record, snapshot=not args.no_snapshot, version=version,
+            compress=compress, name=os.fsencode(args.name) if args.name else None,
+            on_progress=lambda st: progress.update(
+                f"{st.phase}: {st.files_scanned} files, {human_bytes(st.bytes_read)} read"),
+        )
+    if result.warning:
+        print(f"btrdelta send: warning: {result.warning}", file=sys.stderr)
+    base = f" against {result.base.digest[:12]}" if result.base is not None else ""
+    rec = f", recorded {result.recorded.digest}" if result.recorded is not None else ""
+    progress.done(f"sent {result.stream_uuid}{base}{rec} in "
+                  f"{time.monotonic() - started:.1f}s ({result.reused} files not read)")
+    if result.recorded is not None and not args.progress:
+        print(f"sendshot {result.recorded.digest}", file=sys.stderr)
+
+
+def _parent_ids(args: argparse.Namespace) -> StreamIds | None:
+    """``--parent-uuid``: the parent's identity as the receiver knows it."""
+    from uuid import UUID
+
+    from ..send import StreamIds
+
+    text = args.parent_uuid
+    if text is None:
+        return None
+    if not args.parent:
+        raise BtrdeltaError("--parent-uuid needs --parent")
+    if text == "btrfs":
+        from ..send.live import frozen
+
+        with frozen(args.parent, snapshot=False) as fz:
+            if fz.info is None:
+                raise BtrdeltaError("--parent-uuid btrfs: the parent is not a btrfs subvolume",
+                                    path=args.parent)
+            uuid = fz.stream_uuid
+            assert uuid is not None
+            return StreamIds(parent_uuid=uuid, parent_ctransid=fz.info.ctransid)
+    uuid_text, _, stamp = text.partition(":")
+    try:
+        return StreamIds(parent_uuid=UUID(uuid_text), parent_ctransid=int(stamp or 0))
+    except ValueError as exc:
+        raise BtrdeltaError(f"--parent-uuid: not UUID[:CTRANSID]: {text!r}") from exc
 
 
 def _send(args: argparse.Namespace, version: int, compress: str | None, progress: Progress,
@@ -112,7 +192,8 @@ def _send(args: argparse.Namespace, version: int, compress: str | None, progress
 
         name = os.fsencode(args.name) if args.name else None
         for rec in send_records(args.new_dir, args.parent, version=version, compress=compress,
-                                quick=args.quick, name=name, on_progress=show, scan=scan):
+                                quick=args.quick, name=name, on_progress=show, scan=scan,
+                                ids=_parent_ids(args)):
             writer.write(rec)
     progress.done(
         f"{writer.records} records, {human_bytes(writer.bytes_written)} in "

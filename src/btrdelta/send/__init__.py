@@ -6,7 +6,9 @@ btrfs send streams, the kernel's ``btrfs receive`` included; ``send_stream`` wri
 Modules: :mod:`.scan` (walking and hashing trees, identity), :mod:`.diff` (matching inodes,
 comparing content), :mod:`.order` (namespace changes in a valid order, orphans), :mod:`.emit`
 (records, data, compression), :mod:`.kernel` (handing read-only btrfs snapshots to
-``btrfs send``).
+``btrfs send``), :mod:`.live` (temporary snapshots of live subvolumes), :mod:`.record`,
+:mod:`.store` and :mod:`.sendshot` (sendshot records: the old side of an incremental send
+without the old tree).
 
 Importing this package is cheap: :mod:`.emit` (and with it the stream codec) and
 :mod:`.kernel` load on first use, so a caller can start a :class:`TreeScan` (child process,
@@ -25,13 +27,14 @@ from .scan import Tree, TreeScan, hash_contents, scan_tree
 if TYPE_CHECKING:
     from ..stream.records import Record
     from ..stream.writer import StreamWriter
-    from .emit import COMPRESSORS, Sender, SendStats
+    from .emit import COMPRESSORS, Sender, SendStats, StreamIds
     from .kernel import is_readonly_snapshot, kernel_send
 
 __all__ = [
     "COMPRESSORS",
     "SendStats",
     "Sender",
+    "StreamIds",
     "Tree",
     "TreeScan",
     "hash_contents",
@@ -46,6 +49,7 @@ _LAZY = {
     "COMPRESSORS": ".emit",
     "SendStats": ".emit",
     "Sender": ".emit",
+    "StreamIds": ".emit",
     "is_readonly_snapshot": ".kernel",
     "kernel_send": ".kernel",
 }
@@ -71,6 +75,7 @@ def send_records(
     name: bytes | None = None,
     on_progress: Callable[[SendStats], None] | None = None,
     scan: TreeScan | None = None,
+    ids: StreamIds | None = None,
 ) -> Iterator[Record]:
     """Yield the records of a send stream of ``new_dir`` (incremental from ``parent_dir``).
 
@@ -84,6 +89,7 @@ def send_records(
         name: subvolume name in the stream (default: basename of ``new_dir``).
         on_progress: called with :class:`SendStats` now and then.
         scan: a :class:`TreeScan` of the same trees the caller started already.
+        ids: UUIDs/ctransids to name instead of the derived ones (``--parent-uuid``).
 
     Yields:
         ``Subvol``/``Snapshot`` first, ``End`` last. ``Write.data`` is only valid until the
@@ -93,7 +99,7 @@ def send_records(
 
     sender = Sender(
         new_dir, parent_dir, version=version, compress=compress, quick=quick, workers=workers,
-        name=name, on_progress=on_progress, scan=scan,
+        name=name, on_progress=on_progress, scan=scan, ids=ids,
     )
     yield from sender.records()
 

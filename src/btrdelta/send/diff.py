@@ -306,11 +306,32 @@ def _is_reg_at(tree: Tree, path: bytes) -> bool:
     return nid is not None and tree.nodes[nid].is_reg
 
 
-def match_trees(old: Tree, new: Tree, *, quick: bool = False) -> Match:
-    """Pair the inodes of ``old`` and ``new`` (see the module docstring)."""
+def _match_identities(old: Tree, new: Tree, m: Match) -> None:
+    """Pair inodes with the same inode number (and btrfs generation, where known) and type:
+    the same inode, renamed or not (``old`` is a record of an earlier state of ``new``)."""
+    by_ino = {o.st_ino: o for o in old.nodes.values() if o.id != ROOT}
+    for node in new.nodes.values():
+        o = by_ino.get(node.st_ino)
+        if o is None or node.id == ROOT or o.fmt != node.fmt or o.id in m.o2n or (
+            o.generation and node.generation and o.generation != node.generation
+        ):
+            continue
+        m.pair(node.id, o.id)
+        if node.is_reg and o.size == node.size and o.bdigest and o.bdigest == node.bdigest:
+            m.unchanged.add(node.id)
+
+
+def match_trees(old: Tree, new: Tree, *, quick: bool = False, virtual: bool = False,
+                identities: bool = False) -> Match:
+    """Pair the inodes of ``old`` and ``new`` (see the module docstring). With ``virtual``
+    (``old`` is a sendshot record), content is compared by BLAKE3 digests instead of reading
+    old files; with ``identities`` (the record is of an earlier state of the same
+    filesystem tree) inodes are first paired by inode number and generation."""
     m = Match()
     m.pair(ROOT, ROOT)
     onodes, nnodes = old.nodes, new.nodes
+    if identities:
+        _match_identities(old, new, m)
 
     old_by_path = {old.path_of(p, name): o.id for o in onodes.values() for p, name in o.dentries}
     old_by_path[b""] = ROOT
@@ -331,11 +352,15 @@ def match_trees(old: Tree, new: Tree, *, quick: bool = False) -> Match:
     regs = [n for n in nnodes.values() if n.is_reg]
     # 1. same path, same content
     for node in regs:
+        if node.id in m.n2o:
+            continue
         for oid in old_at(node.id):
             o = onodes[oid]
             if not o.is_reg or o.size != node.size:
                 continue
-            if (quick and o.mtime_ns == node.mtime_ns) or o.digest == node.digest:
+            if (quick and o.mtime_ns == node.mtime_ns) or (
+                o.digest == node.digest and (not virtual or o.bdigest == node.bdigest)
+            ):
                 m.pair(node.id, oid)
                 m.unchanged.add(node.id)
                 break
@@ -358,7 +383,8 @@ def match_trees(old: Tree, new: Tree, *, quick: bool = False) -> Match:
         cands.sort(key=lambda c: not any(n in names for _p, n in onodes[c].dentries))
         new_abs = new.abspath(node.path)
         for c in cands:  # digests are not collision resistant: confirm byte by byte
-            if files_equal(old.abspath(onodes[c].path), new_abs, node.size):
+            if (onodes[c].bdigest == node.bdigest and onodes[c].size == node.size) \
+                    if virtual else files_equal(old.abspath(onodes[c].path), new_abs, node.size):
                 m.pair(node.id, c)
                 m.unchanged.add(node.id)
                 break
@@ -377,6 +403,8 @@ def match_trees(old: Tree, new: Tree, *, quick: bool = False) -> Match:
             by_target[o.target].append(o.id)
     others = [n for n in nnodes.values() if not n.is_reg and not n.is_dir]
     for node in others:
+        if node.id in m.n2o:
+            continue
         for oid in old_at(node.id):
             o = onodes[oid]
             if o.fmt == node.fmt and o.rdev == node.rdev and o.target == node.target:
@@ -401,7 +429,7 @@ def match_trees(old: Tree, new: Tree, *, quick: bool = False) -> Match:
                 depth[cid] = depth[d] + 1
                 stack.append(cid)
     for d in reversed(order):
-        if d == ROOT:
+        if d == ROOT or d in m.n2o:
             continue
         votes: dict[int, int] = defaultdict(int)
         for name, cid in new.children[d].items():

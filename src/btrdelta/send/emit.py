@@ -35,6 +35,7 @@ import os
 import zlib
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
+from uuid import UUID
 
 import zstandard
 
@@ -60,9 +61,10 @@ from ..stream.records import (
 )
 from .diff import Match, changed_ranges, files_equal, match_trees, shifted_clones
 from .order import Namespace, order_namespace
+from .record import BlockIndex, block_diff
 from .scan import ROOT, Node, Tree, TreeScan, open_file
 
-__all__ = ["COMPRESSORS", "SendStats", "Sender"]
+__all__ = ["COMPRESSORS", "SendStats", "Sender", "StreamIds"]
 
 CAPS = b"security.capability"
 _SECTOR = 4096
@@ -88,6 +90,18 @@ COMPRESSORS: dict[str, tuple[int, Callable[[], Callable[[bytes], bytes]]]] = {
     "zstd": (int(Compression.ZSTD), _zstd),
     "zlib": (int(Compression.ZLIB), _zlib),
 }
+
+
+@dataclass(frozen=True)
+class StreamIds:
+    """UUIDs and ctransids a stream names, when they are not derived from the trees: the
+    new subvolume's (a btrfs snapshot's, a record's) and the parent's (what the receiver
+    knows the parent by: a received UUID, a record's stream UUID, ``--parent-uuid``)."""
+
+    uuid: UUID | None = None
+    ctransid: int = 0
+    parent_uuid: UUID | None = None
+    parent_ctransid: int = 0
 
 
 @dataclass
@@ -124,6 +138,13 @@ class Sender:
         on_progress: called with :class:`SendStats` now and then.
         scan: the trees' :class:`~btrdelta.send.scan.TreeScan`, if the caller started it
             already (default: started here).
+        old_record: the parent as a tree without files (from a sendshot record,
+            :func:`~btrdelta.send.record.tree_from_record`) instead of ``parent_dir``: the new
+            tree must then be hashed in record mode (``TreeScan(seed=...)``); changed blocks
+            are found by digest, moved content by digest, nothing of the old tree is read.
+        ids: UUIDs and ctransids to name instead of the ones derived from the trees.
+        identities: ``old_record`` is a record of an earlier state of this very tree (inode
+            numbers are identities: renamed inodes are found by them).
     """
 
     def __init__(
@@ -140,6 +161,9 @@ class Sender:
         name: bytes | None = None,
         on_progress: Callable[[SendStats], None] | None = None,
         scan: TreeScan | None = None,
+        old_record: Tree | None = None,
+        ids: StreamIds | None = None,
+        identities: bool = False,
     ) -> None:
         problem = None
         if version not in (1, 2, 3):
@@ -181,14 +205,25 @@ class Sender:
             raise BtrdeltaError("the prepared scan is of another parent tree")
         self.new = scan.new
         self.stats.files_scanned, self.stats.bytes_scanned = self.new.files, self.new.data_bytes
-        self.old = scan.old_tree(on_entry=self._on_entry(self.new.files, self.new.data_bytes))
+        #: the parent is a record (no files to read)
+        self.virtual = old_record is not None
+        self.identities = identities and self.virtual
+        self.ids = ids or StreamIds()
+        self._index: BlockIndex | None = None
+        self._match: Match | None = None
+        if old_record is not None:
+            self.old: Tree | None = old_record
+        else:
+            self.old = scan.old_tree(on_entry=self._on_entry(self.new.files,
+                                                             self.new.data_bytes))
         self._hasher = scan.hasher
         # a full send is an incremental one from a tree that holds only the root directory
         self._base = self.old if self.old is not None else Tree(
             self.new_dir, {ROOT: self.new.nodes[ROOT]}, {ROOT: {}}
         )
         self._base.hashed = self.old is None or self._base.hashed
-        self._hasher.submit(self._base)
+        if not self.virtual:
+            self._hasher.submit(self._base)
         self._hashed = 0
 
     # -- progress ------------------------------------------------------------------------
@@ -209,16 +244,30 @@ class Sender:
 
     def header(self) -> Subvol | Snapshot:
         """The stream's first record."""
-        uuid, ctransid = self.new.subvol_uuid(), self.new.ctransid()
+        uuid, ctransid = self.new_ids()
         if self.old is None:
             return Subvol(path=self.name, uuid=uuid, ctransid=ctransid)
+        clone_uuid, clone_ctransid = self.parent_ids()
         return Snapshot(
             path=self.name,
             uuid=uuid,
             ctransid=ctransid,
-            clone_uuid=self.old.subvol_uuid(),
-            clone_ctransid=self.old.ctransid(),
+            clone_uuid=clone_uuid,
+            clone_ctransid=clone_ctransid,
         )
+
+    def new_ids(self) -> tuple[UUID, int]:
+        """The UUID and ctransid the stream names for the new subvolume."""
+        if self.ids.uuid is not None:
+            return self.ids.uuid, self.ids.ctransid
+        return self.new.subvol_uuid(), self.new.ctransid()
+
+    def parent_ids(self) -> tuple[UUID, int]:
+        """The UUID and ctransid the receiver knows the parent by."""
+        assert self.old is not None
+        if self.ids.parent_uuid is not None:
+            return self.ids.parent_uuid, self.ids.parent_ctransid
+        return self.old.subvol_uuid(), self.old.ctransid()
 
     # -- the stream ----------------------------------------------------------------------
 
@@ -236,7 +285,9 @@ class Sender:
         self._hasher.wait(on_bytes)
         self.stats.phase = "match"
         self._progress()
-        match = match_trees(old, self.new, quick=self.quick)
+        match = match_trees(old, self.new, quick=self.quick, virtual=self.virtual,
+                            identities=self.identities)
+        self._match = match
         if self.old is None:
             match.unchanged.discard(ROOT)
         self.stats.phase = "send"
@@ -387,16 +438,16 @@ class Sender:
             return None
         new_abs = self.new.abspath(node.path)
         oid = old_by_digest.get(node.digest)
-        if oid is not None and self.old is not None and files_equal(
-            self.old.abspath(self.old.nodes[oid].path), new_abs, node.size
+        if oid is not None and self.old is not None and self._same_as_old(
+            self.old.nodes[oid], node
         ):
-            assert self.old is not None
+            clone_uuid, clone_ctransid = self.parent_ids()
             return Clone(
                 offset=0,
                 length=node.size,
                 path=node.path,
-                clone_uuid=self.old.subvol_uuid(),
-                clone_ctransid=self.old.ctransid(),
+                clone_uuid=clone_uuid,
+                clone_ctransid=clone_ctransid,
                 clone_path=self.old.nodes[oid].path,
                 clone_offset=0,
             )
@@ -404,16 +455,27 @@ class Sender:
         if nid is not None and files_equal(
             self.new.abspath(self.new.nodes[nid].path), new_abs, node.size
         ):
+            uuid, ctransid = self.new_ids()
             return Clone(
                 offset=0,
                 length=node.size,
                 path=node.path,
-                clone_uuid=self.new.subvol_uuid(),
-                clone_ctransid=self.new.ctransid(),
+                clone_uuid=uuid,
+                clone_ctransid=ctransid,
                 clone_path=self.new.nodes[nid].path,
                 clone_offset=0,
             )
         return None
+
+    def _same_as_old(self, onode: Node, node: Node) -> bool:
+        """Whether new file ``node`` has the content of old file ``onode`` (BLAKE3 digests
+        for a record, else byte by byte)."""
+        if self.virtual:
+            return bool(onode.bdigest) and onode.bdigest == node.bdigest \
+                and onode.size == node.size
+        assert self.old is not None
+        return files_equal(self.old.abspath(onode.path), self.new.abspath(node.path),
+                           node.size)
 
     def _new_data(
         self,
@@ -426,20 +488,31 @@ class Sender:
         if clone is not None:
             yield self._count(clone)
             return True
+        if self.virtual:
+            source = self._similar_old_file(node)
+            index = self._block_index()
+            if source is not None:
+                index.add(source)
+            writes, vclones, _holes = block_diff(node, None, index, min_len=self.shift_min)
+            yield from self._emit_blocks(node, path, writes, vclones)
+            if not node.segments or sum(node.segments[-1]) < node.size:
+                yield self._count(Truncate(path=path, size=node.size))
+            return True
         new_abs = self.new.abspath(path)
         fd = open_file(new_abs)
         try:
             segs = data_segments(fd, node.size)
             end = segs[-1][0] + segs[-1][1] if segs else 0
-            clones: list[tuple[int, int, int]] = []
+            clones: list[tuple[int, int, Node, int]] = []
             source = self._similar_old_file(node)
             if source is not None:
                 assert self.old is not None
-                clones, segs = shifted_clones(
+                found, segs = shifted_clones(
                     self.old.abspath(source.path), new_abs, source.size, node.size, segs,
                     min_len=self.shift_min,
                 )
-            yield from self._emit_ops(fd, node, path, segs, clones, source)
+                clones = [(o, n, source, src) for o, n, src in found]
+            yield from self._emit_ops(fd, node, path, segs, clones)
         finally:
             os.close(fd)
         if end < node.size:
@@ -462,30 +535,54 @@ class Sender:
             return None
         return min(cands.values(), key=lambda o: (abs(o.size - node.size), o.id))
 
+    def _block_index(self) -> BlockIndex:
+        """Blocks of the old files whose data may have moved (record mode): files that
+        changed or went away; a file's own old version is added where it is compared."""
+        if self._index is None:
+            self._index = BlockIndex()
+            match, old = self._match, self.old
+            if match is not None and old is not None:
+                for o in old.nodes.values():
+                    nid = match.o2n.get(o.id)
+                    if o.is_reg and (nid is None or nid not in match.unchanged):
+                        self._index.add(o)
+        return self._index
+
+    def _emit_blocks(self, node: Node, path: bytes, writes: list[tuple[int, int]],
+                     clones: list[tuple[int, int, Node, int]]) -> Iterator[Record]:
+        if not writes and not clones:
+            return
+        fd = open_file(self.new.abspath(path))
+        try:
+            yield from self._emit_ops(fd, node, path, writes, clones)
+        finally:
+            os.close(fd)
+
     def _emit_ops(
         self,
         fd: int,
         node: Node,
         path: bytes,
         writes: list[tuple[int, int]],
-        clones: list[tuple[int, int, int]],
-        source: Node | None,
+        clones: list[tuple[int, int, Node, int]],
     ) -> Iterator[Record]:
-        """Writes from the new file and clones from ``source`` (old tree), by offset."""
-        for off, length, src in sorted([(o, n, -1) for o, n in writes] + clones):
-            if src < 0:
+        """Writes from the new file and clones from old files (``(offset, length, old node,
+        old offset)``), by offset."""
+        ops: list[tuple[int, int, Node | None, int]] = [(o, n, None, 0) for o, n in writes]
+        ops += clones
+        for off, length, source, src in sorted(ops, key=lambda op: op[0]):
+            if source is None:
                 yield from self._write_range(fd, path, off, length, node.size)
                 continue
-            assert self.old is not None
-            assert source is not None
+            clone_uuid, clone_ctransid = self.parent_ids()
             self.stats.cloned_bytes += length
             yield self._count(
                 Clone(
                     offset=off,
                     length=length,
                     path=path,
-                    clone_uuid=self.old.subvol_uuid(),
-                    clone_ctransid=self.old.ctransid(),
+                    clone_uuid=clone_uuid,
+                    clone_ctransid=clone_ctransid,
                     clone_path=source.path,
                     clone_offset=src,
                 )
@@ -495,11 +592,34 @@ class Sender:
         self, node: Node, onode: Node, path: bytes
     ) -> Generator[Record, None, bool]:
         assert self.old is not None
+        if self.virtual:
+            index = self._block_index()
+            index.add(onode)
+            writes, vclones, holes = block_diff(node, onode, index, min_len=self.shift_min)
+            yield from self._punch(path, holes)
+            yield from self._emit_blocks(node, path, writes, vclones)
+            if onode.size != node.size:
+                yield self._count(Truncate(path=path, size=node.size))
+            return bool(writes or vclones or holes) or onode.size != node.size
         old_path = self.old.abspath(onode.path)
         new_abs = self.new.abspath(path)
         writes, holes = changed_ranges(old_path, new_abs, onode.size, node.size)
         self._read += node.size + onode.size
         changed = bool(writes or holes) or onode.size != node.size
+        yield from self._punch(path, holes)
+        clones: list[tuple[int, int, Node, int]] = []
+        if self.shift_min and writes:
+            found, writes = shifted_clones(
+                old_path, new_abs, onode.size, node.size, writes, min_len=self.shift_min
+            )
+            clones = [(o, n, onode, src) for o, n, src in found]
+        yield from self._emit_blocks(node, path, writes, clones)
+        if onode.size != node.size:
+            yield self._count(Truncate(path=path, size=node.size))
+        return changed
+
+    def _punch(self, path: bytes, holes: list[tuple[int, int]]) -> Iterator[Record]:
+        """Holes of the new file that were data in the old one: punched (v2+) or zeros."""
         for off, length in holes:
             if self.version >= 2:
                 yield self._count(Fallocate(path=path, mode=_PUNCH, offset=off, size=length))
@@ -509,20 +629,6 @@ class Sender:
                     n = min(self.chunk, off + length - pos)
                     yield self._count(Write(path=path, offset=pos, data=memoryview(_ZEROS)[:n]))
                     pos += n
-        clones: list[tuple[int, int, int]] = []
-        if self.shift_min and writes:
-            clones, writes = shifted_clones(
-                old_path, new_abs, onode.size, node.size, writes, min_len=self.shift_min
-            )
-        if writes or clones:
-            fd = open_file(new_abs)
-            try:
-                yield from self._emit_ops(fd, node, path, writes, clones, onode)
-            finally:
-                os.close(fd)
-        if onode.size != node.size:
-            yield self._count(Truncate(path=path, size=node.size))
-        return changed
 
     def _write_range(
         self, fd: int, path: bytes, off: int, length: int, size: int

@@ -103,6 +103,16 @@ class Node:
     flags: int = 0
     #: XXH3-128 of the content (regular files, after :func:`hash_contents`)
     digest: bytes = b""
+    #: the inode number on the filesystem read (identity for sendshot records)
+    st_ino: int = 0
+    #: btrfs: the inode's generation (creation transid) and transid (last change), when known
+    generation: int = 0
+    transid: int = 0
+    #: record mode (see :class:`ContentHasher`): data ranges, seeded XXH3-128 of every 4 KiB
+    #: block of them, BLAKE3-256 of the content
+    segments: list[tuple[int, int]] | None = None
+    blocks: bytes = b""
+    bdigest: bytes = b""
 
     @property
     def fmt(self) -> int:
@@ -261,7 +271,7 @@ def scan_tree(
         mode = st.st_mode
         node = Node(nid, 256 if nid == ROOT else _FIRST_INO + nid - 1, mode, st.st_uid,
                     st.st_gid, st.st_size, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns,
-                    rel)
+                    rel, st_ino=st.st_ino)
         fmt = mode & s_ifmt
         if fmt == s_iflnk:
             node.target = os.readlink(name, dir_fd=dfd)
@@ -381,6 +391,64 @@ def _hash_file(path: bytes, size: int, buf: bytearray) -> tuple[bytes, int]:
         os.close(fd)
 
 
+#: size of the blocks a sendshot record digests
+BLOCK = 4096
+
+
+def block_segments(segs: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """Data segments widened to whole 4 KiB blocks (the last one ends at ``size``), merged."""
+    out: list[tuple[int, int]] = []
+    for off, length in segs:
+        a = off - off % BLOCK
+        b = min(size, -(-(off + length) // BLOCK) * BLOCK)
+        if out and a <= out[-1][0] + out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][0] + out[-1][1], b) - out[-1][0])
+        else:
+            out.append((a, b - a))
+    return out
+
+
+def _hash_file_blocks(
+    path: bytes, size: int, buf: bytearray, seed: int
+) -> tuple[bytes, int, list[tuple[int, int]], bytes, bytes]:
+    """Record mode: (XXH3-128 digest, flags, block-aligned data segments, seeded XXH3-128 of
+    each 4 KiB block of them, BLAKE3-256 digest) of one regular file, read once."""
+    try:
+        fd = open_file(path)
+    except OSError as exc:
+        raise BtrdeltaError(f"cannot read file: {exc.strerror}", path=path) from exc
+    try:
+        flags = get_fileattr(fd)
+        segs = block_segments(data_segments(fd, size), size) if size else []
+        h = xxhash.xxh3_128()
+        b3 = blake3.blake3()
+        view = memoryview(buf)
+        blocks: list[bytes] = []
+        bhash = xxhash.xxh3_128_digest
+        pos = 0
+        for off, length in [*segs, (size, 0)]:
+            while pos < off:  # a hole: zeros for the content digests, no block digests
+                n = min(_WHOLE, off - pos)
+                h.update(_ZERO_VIEW[:n])
+                b3.update(_ZERO_VIEW[:n])
+                pos += n
+            end = off + length
+            while pos < end:
+                n = os.preadv(fd, [view[: min(_WHOLE, end - pos)]], pos)
+                if n <= 0:
+                    raise BtrdeltaError("file changed while sending (short read)", path=path)
+                piece = view[:n]
+                h.update(piece)
+                b3.update(piece)
+                blocks += [bhash(piece[i:i + BLOCK], seed) for i in range(0, n, BLOCK)]
+                pos += n
+        if os.pread(fd, 1, size):
+            raise BtrdeltaError("file changed while sending (size differs)", path=path)
+        return h.digest(), flags, segs, b"".join(blocks), b3.digest()
+    finally:
+        os.close(fd)
+
+
 class ContentHasher:
     """Reads and hashes the regular files of trees in a thread pool, while the caller goes on.
 
@@ -390,9 +458,13 @@ class ContentHasher:
 
     Args:
         workers: thread count (default: the CPU count, at most 4).
+        seed: record mode (a sendshot record is made or read): also the data segments,
+            block digests (XXH3-128 with this seed) and BLAKE3 digest of each file; files
+            whose ``segments`` are already known (taken from a record) are not read.
     """
 
-    def __init__(self, workers: int | None = None) -> None:
+    def __init__(self, workers: int | None = None, seed: int | None = None) -> None:
+        self.seed = seed
         self.workers = workers or min(4, os.cpu_count() or 1)
         self._pool: ThreadPoolExecutor | None = None
         if self.workers > 1:
@@ -407,8 +479,13 @@ class ContentHasher:
         if buf is None:
             buf = self._local.buf = bytearray(_WHOLE)
         total = 0
+        seed = self.seed
         for node, path in batch:
-            node.digest, node.flags = _hash_file(path, node.size, buf)
+            if seed is None:
+                node.digest, node.flags = _hash_file(path, node.size, buf)
+            else:
+                (node.digest, node.flags, node.segments, node.blocks,
+                 node.bdigest) = _hash_file_blocks(path, node.size, buf, seed)
             total += node.size
         return total
 
@@ -417,7 +494,8 @@ class ContentHasher:
         if tree.hashed or any(t is tree for t in self._trees):
             return
         self._trees.append(tree)
-        jobs = [(n, tree.root + b"/" + n.path) for n in tree.nodes.values() if n.is_reg]
+        jobs = [(n, tree.root + b"/" + n.path) for n in tree.nodes.values()
+                if n.is_reg and n.segments is None]
         jobs.sort(key=lambda j: -j[0].size)
         cur: list[tuple[Node, bytes]] = []
         cur_bytes = 0
@@ -566,6 +644,9 @@ class TreeScan:
         parent_dir: the tree the receiver has (``None``: full send).
         workers: hashing threads (see :class:`ContentHasher`); 1 also disables the child.
         on_entry: progress of the new tree's scan (see :func:`scan_tree`).
+        seed: record mode (see :class:`ContentHasher`).
+        prepare: called with the new tree once scanned, before its files are queued (fills
+            in what a record already knows, so those files are not read).
 
     Raises:
         BtrdeltaError: the new tree cannot be scanned.
@@ -578,6 +659,8 @@ class TreeScan:
         *,
         workers: int | None = None,
         on_entry: Callable[[int, int], None] | None = None,
+        seed: int | None = None,
+        prepare: Callable[[Tree], None] | None = None,
     ) -> None:
         self.parent_dir = os.fsencode(parent_dir) if parent_dir is not None else None
         self._forked: ForkedScan | None = None
@@ -587,10 +670,12 @@ class TreeScan:
             and threading.active_count() == 1
         ):
             self._forked = ForkedScan(self.parent_dir)
-        self.hasher = ContentHasher(workers)
+        self.hasher = ContentHasher(workers, seed)
         self._old: Tree | None = None
         try:
             self.new = scan_tree(new_dir, on_entry=on_entry)
+            if prepare is not None:
+                prepare(self.new)
             self.hasher.submit(self.new)
         except BaseException:
             self.close()

@@ -29,6 +29,9 @@ later call. The words of the messages come from a :class:`Framing` value, one pe
 :data:`RECORDS` is the one table of which record number is legal where: in which send-stream
 version, at the top level of a delta stream, inside its zstd carrier.
 
+:func:`encode_frame` and :func:`iter_tlvs` build and walk one frame of TLVs for the formats
+that define their own records on this framing (the sendshot record, replication messages).
+
 This module knows nothing of what a payload means (``codec``, ``delta.format`` do), and
 never reads a file: :class:`~.reader.StreamReader` and ``delta.format.iter_items`` do.
 """
@@ -37,7 +40,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal, NoReturn
 
@@ -56,6 +59,8 @@ __all__ = [
     "Framing",
     "Place",
     "Sentinel",
+    "encode_frame",
+    "iter_tlvs",
     "legal",
     "max_command",
     "send_place",
@@ -400,3 +405,43 @@ class Framer:
 RECORD_NAMES: Final[Mapping[int, str]] = (
     {int(c): c.name for c in Cmd} | {int(c): c.name for c in DCmd}
 )
+
+
+# --- frames of TLVs (formats that define their own records on this framing) ---------------
+
+_TLV = struct.Struct("<HH")
+_FRAME_HDR = struct.Struct("<IHI")
+
+
+def encode_frame(cmd: int, attrs: Iterable[tuple[int, Any]]) -> bytes:
+    """One frame: record ``cmd`` with the TLVs ``(type, value)`` in order (values are
+    buffers of at most 65535 bytes), length and CRC32C filled in."""
+    parts: list[Any] = []
+    for typ, value in attrs:
+        n = len(value)
+        if n > 0xFFFF:
+            raise ValueError(f"TLV {typ} of {n} bytes does not fit a u16 length")
+        parts.append(_TLV.pack(typ, n))
+        parts.append(value)
+    payload = b"".join(parts)
+    crc = _crc(payload, _crc(_ZERO_CRC, _crc(_HDR6(len(payload), cmd), 0xFFFFFFFF))) \
+        ^ 0xFFFFFFFF
+    return _FRAME_HDR.pack(len(payload), cmd, crc) + payload
+
+
+def iter_tlvs(mv: memoryview, start: int, end: int) -> Iterator[tuple[int, memoryview]]:
+    """``(type, value)`` of the TLVs of the payload ``mv[start:end]`` (values are views).
+
+    Raises:
+        StreamFormatError: a TLV runs past the payload's end.
+    """
+    pos = start
+    while pos < end:
+        if pos + 4 > end:
+            raise StreamFormatError(f"truncated TLV header at payload byte {pos - start}")
+        typ, n = _TLV.unpack_from(mv, pos)
+        pos += 4
+        if pos + n > end:
+            raise StreamFormatError(f"TLV {typ} of {n} bytes runs past the record's end")
+        yield typ, mv[pos : pos + n]
+        pos += n

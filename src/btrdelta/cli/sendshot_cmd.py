@@ -1,0 +1,131 @@
+"""``btrdelta sendshot list|show|delete|prune|create``: the sendshot store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any
+
+from ..errors import BtrdeltaError
+from ..send.store import DEFAULT_STORE, SendshotStore, StoredSendshot, parse_grid
+
+_EPILOG = """\
+examples:
+  btrdelta send /data -o full.stream --record          # full stream + sendshot of /data
+  btrdelta send /data -o inc.stream --from-sendshot latest --record
+  btrdelta sendshot list
+  btrdelta sendshot prune --keep 3                      # or --grid 1h:24,1d:7,1w:4
+  btrdelta sendshot create /mnt/recv/data.20240101      # adopt a tree a receiver holds
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``sendshot``."""
+    p = sub.add_parser(
+        "sendshot", help="list, show, delete, prune or create sendshot records",
+        description=(
+            "Sendshots are records of what a receiver holds after a send (metadata and "
+            "block digests, no data): the base of an incremental `send --from-sendshot` "
+            "without keeping the old snapshot. Records live in a store (default "
+            f"{DEFAULT_STORE}, or --store DIR); a receiver's cursor (kept by `replicate`) "
+            "protects the record it needs from delete and prune."),
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--store", metavar="DIR", help=f"the store (default {DEFAULT_STORE})")
+    p.add_argument("--json", action="store_true", help="print JSON on standard output")
+    cmds = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    cmds.add_parser("list", help="every record, oldest first")
+    show = cmds.add_parser("show", help="one record in full (its head and counts)")
+    show.add_argument("id", metavar="ID", help="a digest, a unique prefix, or 'latest'")
+    delete = cmds.add_parser("delete", help="delete records")
+    delete.add_argument("ids", metavar="ID", nargs="+")
+    delete.add_argument("--force", action="store_true",
+                        help="also a record a receiver's cursor names")
+    prune = cmds.add_parser("prune", help="delete what a retention rule does not keep "
+                                          "(never what a receiver needs, never the newest)")
+    prune.add_argument("--keep", type=int, metavar="N", help="keep the newest N per source")
+    prune.add_argument("--grid", metavar="GRID",
+                       help="keep the newest in each interval: e.g. 1h:24,1d:7,1w:4")
+    prune.add_argument("-n", "--dry-run", action="store_true", help="only say what would go")
+    create = cmds.add_parser("create", help="record a tree a receiver already holds "
+                                            "(a received subvolume, a kernel-sent snapshot)")
+    create.add_argument("path", metavar="SUBVOL_OR_DIR")
+    create.add_argument("--uuid", help="the UUID the receiver knows it by (default: its "
+                                       "received UUID, else its UUID, else the content UUID)")
+    create.add_argument("--ctransid", type=int, help="the ctransid to name with --uuid")
+    create.add_argument("--name", help="subvolume name in later streams")
+    p.set_defaults(func=run)
+
+
+def _line(s: StoredSendshot) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created))
+    held = f"  held by {','.join(s.held_by)}" if s.held_by else ""
+    parent = f" <- {s.head.parent[:12]}" if s.head.parent else ""
+    return (f"{s.digest[:16]}  {when}  {s.head.kind:7}  {os.fsdecode(s.head.source)}  "
+            f"{s.head.stream_uuid}  {s.size} B{parent}{held}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one action."""
+    store = SendshotStore(args.store or DEFAULT_STORE)
+    out: Any = None
+    if args.action == "list":
+        every = store.records_list()
+        out = [s.to_json() for s in every]
+        if not args.json:
+            for s in every:
+                print(_line(s))
+    elif args.action == "show":
+        s = store.resolve(args.id)
+        reader, f = store.open(s)
+        try:
+            inodes = files = data = blocks = 0
+            for node in reader.inodes():
+                inodes += 1
+                if node.segments is not None:
+                    files += 1
+                    data += node.size
+                    blocks += len(node.blocks) // 16
+        finally:
+            f.close()
+        out = {**s.to_json(), "inodes": inodes, "files": files, "data_bytes": data,
+               "blocks": blocks, "seed": f"{s.head.seed:016x}",
+               "tree_digest": s.head.tree_digest.hex()}
+        if not args.json:
+            for k, v in out.items():
+                print(f"{k}: {v}")
+    elif args.action == "delete":
+        done = []
+        for ident in args.ids:
+            s = store.resolve(ident)
+            store.delete(s.digest, force=args.force)
+            done.append(s.digest)
+        out = {"deleted": done}
+    elif args.action == "prune":
+        if args.keep is None and args.grid is None:
+            raise BtrdeltaError("prune needs --keep N or --grid GRID")
+        grid = parse_grid(args.grid) if args.grid else None
+        gone = store.prune(keep=args.keep, grid=grid, dry_run=args.dry_run)
+        out = {"deleted": [s.digest for s in gone], "dry_run": args.dry_run}
+        if not args.json:
+            for s in gone:
+                print(("would delete " if args.dry_run else "deleted ") + _line(s))
+    else:
+        from uuid import UUID
+
+        from ..send.sendshot import adopt
+
+        try:
+            uuid = UUID(args.uuid) if args.uuid else None
+        except ValueError as exc:
+            raise BtrdeltaError(f"--uuid: not a UUID: {args.uuid!r}") from exc
+        s = adopt(store, args.path, uuid=uuid, ctransid=args.ctransid,
+                  name=os.fsencode(args.name) if args.name else None)
+        out = s.to_json()
+        if not args.json:
+            print(s.digest)
+    if args.json:
+        print(json.dumps(out))
+    return 0

@@ -1,0 +1,147 @@
+"""Reading a tree that does not change while it is sent: read-only snapshots of live subvolumes.
+
+:func:`frozen` gives the directory to read for a send source and what it is:
+
+* a read-only btrfs subvolume: read as it is (its UUID is the stream's, as ``btrfs send``
+  names it: the received UUID if it has one, else its own);
+* a writable btrfs subvolume: a temporary read-only snapshot next to it (or inside it when
+  its parent directory is on another filesystem), named ``.btrdelta-send-<pid>-<random>``,
+  deleted when the ``with`` block ends, on success, on an error and on Ctrl-C alike (the CLI
+  turns SIGTERM and SIGHUP into the same exception);
+* anything else: the live tree, with a warning that the result is only as consistent as the
+  tree was still while it was read.
+
+Owns nothing but that lifecycle; the identity rules are :class:`Frozen`'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator
+from uuid import UUID
+
+from .._value import value_class
+from ..errors import BtrdeltaError
+from ..fs.btrfs import SubvolInfo, create_snapshot, delete_subvolume, is_btrfs, subvol_info
+
+__all__ = ["LIVE_WARNING", "Frozen", "frozen"]
+
+_SUBVOL_ROOT_INO = 256
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+#: prefix of the temporary snapshots (never sent, never a parent)
+TMP_PREFIX = ".btrdelta-send-"
+LIVE_WARNING = ("not a btrfs subvolume: the tree is read live, so the result is only as "
+                "consistent as the tree was still while it was read")
+
+
+@value_class
+class Frozen:
+    """The tree a send reads, and its identity."""
+
+    #: the directory to read
+    path: bytes
+    #: the subvolume read (the snapshot), None when not a btrfs subvolume
+    info: SubvolInfo | None
+    #: a temporary snapshot made for this send (deleted afterwards)
+    temporary: bool = False
+    #: what to tell the user (the live-tree warning), or ""
+    warning: str = ""
+
+    @property
+    def stream_uuid(self) -> UUID | None:
+        """The UUID a stream of this tree names (as ``btrfs send``: received UUID, else
+        UUID); None off btrfs."""
+        if self.info is None:
+            return None
+        return self.info.received_uuid or self.info.uuid
+
+    @property
+    def lineage(self) -> UUID | None:
+        """The subvolume the snapshot was taken of (its parent UUID), else its own UUID: two
+        snapshots of one live subvolume share it."""
+        if self.info is None:
+            return None
+        return self.info.parent_uuid or self.info.uuid
+
+    @property
+    def generation(self) -> int:
+        """The newest transid any inode of the snapshot can carry (0 off btrfs)."""
+        if self.info is None:
+            return 0
+        return max(self.info.ctransid, self.info.otransid)
+
+
+def _subvol_of(path: bytes) -> SubvolInfo | None:
+    fd = os.open(path, _DIR)
+    try:
+        if not is_btrfs(fd) or os.fstat(fd).st_ino != _SUBVOL_ROOT_INO:
+            return None
+        try:
+            return subvol_info(fd)
+        except OSError:
+            return None
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def frozen(source: str | bytes | os.PathLike[str], *, snapshot: bool = True) -> Iterator[Frozen]:
+    """The tree to read for ``source`` (see the module docstring).
+
+    Args:
+        source: a directory: a btrfs subvolume (read-only or writable) or any tree.
+        snapshot: take a temporary snapshot of a writable subvolume (False: read it live).
+
+    Raises:
+        BtrdeltaError: ``source`` is not a directory, or the snapshot cannot be made.
+    """
+    path = os.fsencode(source).rstrip(b"/") or b"/"
+    if not os.path.isdir(path):
+        raise BtrdeltaError("not a directory", path=path)
+    info = _subvol_of(path)
+    if info is None:
+        yield Frozen(path, None, warning=LIVE_WARNING)
+        return
+    if info.readonly or not snapshot:
+        yield Frozen(path, info, warning="" if info.readonly else LIVE_WARNING)
+        return
+    name = f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}".encode()
+    src_fd = os.open(path, _DIR)
+    try:
+        where, dir_fd = _snapshot_next_to(path, name, src_fd)
+        try:
+            snap = os.path.join(where, name)
+            try:
+                snap_info = _subvol_of(snap)
+                if snap_info is None:  # pragma: no cover - the snapshot we just made
+                    raise BtrdeltaError("the snapshot is not a subvolume", path=snap)
+                yield Frozen(snap, snap_info, temporary=True)
+            finally:
+                with contextlib.suppress(OSError):
+                    delete_subvolume(dir_fd, name)
+        finally:
+            os.close(dir_fd)
+    finally:
+        os.close(src_fd)
+
+
+def _snapshot_next_to(path: bytes, name: bytes, src_fd: int) -> tuple[bytes, int]:
+    """Make the read-only snapshot ``name`` in the parent directory of ``path`` (else, when
+    that is another filesystem or not writable, inside ``path``); (directory, its fd)."""
+    last: OSError | None = None
+    for where in (os.path.dirname(path) or b".", path):
+        try:
+            dir_fd = os.open(where, _DIR)
+        except OSError as exc:
+            last = exc
+            continue
+        try:
+            create_snapshot(dir_fd, name, src_fd, readonly=True)
+            return where, dir_fd
+        except OSError as exc:
+            os.close(dir_fd)
+            last = exc
+    assert last is not None
+    raise BtrdeltaError(f"cannot snapshot the subvolume: {last.strerror}", path=path) from last

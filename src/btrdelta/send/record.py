@@ -1,0 +1,254 @@
+"""Between sendshot records and the sender's tree model.
+
+* :func:`tree_from_record`: the old side of an incremental send when the old tree is gone:
+  a :class:`~.scan.Tree` whose nodes carry the record's metadata, digests and block digests
+  and no files (``Tree.root`` is empty: nothing may read it).
+* :func:`record_inodes`: the inodes of a scanned and hashed tree, as a record stores them.
+* :func:`reuse_unchanged`: on btrfs, the files of a new snapshot whose inode was not written
+  since the record's snapshot (one ``TREE_SEARCH`` sweep, :func:`~btrdelta.fs.btrfs.changed_inodes`)
+  take their digests from the record and are never read.
+* :func:`block_diff`: which blocks of a file changed against its old version's digests, and
+  which of those are found elsewhere in old files (``CLONE`` instead of ``WRITE``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+from ..errors import StreamFormatError
+from ..fs.btrfs import changed_inodes
+from ..tree.sendshot import RecordInode, RecordReader, SendshotHead
+from .scan import BLOCK, ROOT, Node, Tree
+
+__all__ = ["BlockIndex", "block_diff", "record_inodes", "reuse_unchanged", "tree_from_record"]
+
+_D = 16  # bytes per block digest
+
+
+def tree_from_record(reader: RecordReader) -> Tree:
+    """The tree a record describes (node ids in record order, the root first).
+
+    Raises:
+        StreamFormatError: the record's names do not form a tree (an unknown parent, a
+            parent that is not a directory, a name used twice).
+    """
+    nodes: dict[int, Node] = {}
+    children: dict[int, dict[bytes, int]] = {}
+    by_ino: dict[int, int] = {}
+    tree = Tree(b"", nodes, children)
+    for rec in reader.inodes():
+        nid = len(nodes)
+        node = Node(nid, 256 if nid == ROOT else 257 + nid - 1, rec.mode, rec.uid, rec.gid,
+                    rec.size, rec.atime_ns, rec.mtime_ns, rec.ctime_ns, rdev=rec.rdev,
+                    target=rec.target, xattrs=rec.xattrs or {}, flags=rec.flags,
+                    digest=rec.digest, st_ino=rec.ino, generation=rec.generation,
+                    transid=rec.transid, segments=rec.segments, blocks=rec.blocks,
+                    bdigest=rec.bdigest)
+        if rec.ino in by_ino:
+            raise StreamFormatError(f"inode {rec.ino} appears twice", source=reader.source)
+        by_ino[rec.ino] = nid
+        nodes[nid] = node
+        if node.is_dir:
+            children[nid] = {}
+        if nid == ROOT:
+            if rec.dentries or not node.is_dir:
+                raise StreamFormatError("the first inode must be the root directory",
+                                        source=reader.source)
+            continue
+        if not rec.dentries:
+            raise StreamFormatError(f"inode {rec.ino} has no name", source=reader.source)
+        for parent_ino, name in rec.dentries:
+            pid = by_ino.get(parent_ino)
+            if pid is None or pid not in children or not name or b"/" in name \
+                    or name in (b".", b"..") or name in children[pid]:
+                raise StreamFormatError(f"inode {rec.ino}: bad name {name!r} in {parent_ino}",
+                                        source=reader.source)
+            children[pid][name] = nid
+            node.dentries.append((pid, name))
+        parent, name = node.dentries[0]
+        node.path = tree.path_of(parent, name)
+        if node.is_reg:
+            tree.files += 1
+            tree.data_bytes += node.size
+    if not nodes:
+        raise StreamFormatError("the record holds no inode", source=reader.source)
+    tree.hashed = True
+    tree._identity = reader.head.tree_digest or None
+    return tree
+
+
+def record_inodes(tree: Tree) -> Iterator[RecordInode]:
+    """The inodes of ``tree`` (scanned and hashed in record mode) as a record stores them."""
+    nodes = tree.nodes
+    for nid in range(len(nodes)):
+        n = nodes[nid]
+        yield RecordInode(
+            n.st_ino, n.mode, n.uid, n.gid, n.size if n.is_reg else 0, n.atime_ns,
+            n.mtime_ns, n.ctime_ns, [(nodes[p].st_ino, name) for p, name in n.dentries],
+            generation=n.generation, transid=n.transid, rdev=n.rdev, flags=n.flags,
+            target=n.target, xattrs=n.xattrs or None,
+            segments=n.segments if n.is_reg else None, digest=n.digest if n.is_reg else b"",
+            bdigest=n.bdigest if n.is_reg else b"", blocks=n.blocks if n.is_reg else b"",
+        )
+
+
+def reuse_unchanged(new: Tree, old: Tree, head: SendshotHead, snapshot_fd: int,
+                    generation: int) -> int:
+    """Fill in the files of ``new`` that did not change since ``old`` (a record of an
+    earlier snapshot of the same subvolume) from the record; returns how many.
+
+    Every inode of ``new`` gets its generation and transid when it changed (from the sweep);
+    an unchanged one keeps the record's. Needs root; raises ``OSError`` otherwise.
+    """
+    changed = changed_inodes(snapshot_fd, head.generation)
+    old_by_ino = {n.st_ino: n for n in old.nodes.values()}
+    reused = 0
+    for node in new.nodes.values():
+        got = changed.get(node.st_ino)
+        if got is not None:
+            node.generation, node.transid = got
+            continue
+        o = old_by_ino.get(node.st_ino)
+        if o is None or o.fmt != node.fmt or not o.generation:
+            continue  # not in the record (an inode older than it but never recorded)
+        node.generation, node.transid = o.generation, o.transid
+        if node.is_reg and o.segments is not None and o.size == node.size:
+            node.digest, node.bdigest, node.blocks = o.digest, o.bdigest, o.blocks
+            node.segments, node.flags = o.segments, o.flags
+            reused += 1
+    del generation
+    return reused
+
+
+def stamp_generations(tree: Tree, snapshot_fd: int) -> None:
+    """Give every inode of ``tree`` its btrfs generation and transid (a full sweep)."""
+    found = changed_inodes(snapshot_fd, 0)
+    for node in tree.nodes.values():
+        got = found.get(node.st_ino)
+        if got is not None:
+            node.generation, node.transid = got
+
+
+class BlockIndex:
+    """Where each block digest of some old files is: ``digest -> (old node, offset)``."""
+
+    def __init__(self) -> None:
+        self._where: dict[bytes, tuple[Node, int]] = {}
+        self._done: set[int] = set()
+
+    def add(self, node: Node) -> None:
+        """Index the blocks of old file ``node`` (once)."""
+        if node.id in self._done or node.segments is None:
+            return
+        self._done.add(node.id)
+        where = self._where
+        i = 0
+        blocks = node.blocks
+        for off, length in node.segments:
+            for pos in range(off, off + length, BLOCK):
+                if pos + BLOCK <= node.size:  # only whole blocks can be cloned anywhere
+                    where.setdefault(blocks[i:i + _D], (node, pos))
+                i += _D
+
+    def get(self, digest: bytes) -> tuple[Node, int] | None:
+        """The old file and offset of a block with ``digest``."""
+        return self._where.get(digest)
+
+
+def _blocks_at(node: Node) -> dict[int, bytes]:
+    """offset -> digest of each block of a file's data."""
+    out: dict[int, bytes] = {}
+    i = 0
+    for off, length in node.segments or ():
+        for pos in range(off, off + length, BLOCK):
+            out[pos] = node.blocks[i:i + _D]
+            i += _D
+    return out
+
+
+def block_diff(
+    node: Node, onode: Node | None, index: BlockIndex | None, *, min_len: int = BLOCK,
+) -> tuple[list[tuple[int, int]], list[tuple[int, int, Node, int]], list[tuple[int, int]]]:
+    """How to turn ``onode`` (old version, from a record, or None for a new file) into
+    ``node`` (hashed in record mode) without the old data.
+
+    Returns:
+        ``(writes, clones, holes)``: ranges of ``node`` to send as data; ranges
+        ``(offset, length, old node, old offset)`` found in old files (block aligned, at least
+        ``min_len``) to clone from the parent; ranges that are holes in ``node`` but data in
+        ``onode`` (to punch). Blocks equal to ``onode``'s at the same offset are in none.
+    """
+    old_at = _blocks_at(onode) if onode is not None else {}
+    writes: list[tuple[int, int]] = []
+    clones: list[tuple[int, int, Node, int]] = []
+    i = 0
+    for off, length in node.segments or ():
+        for pos in range(off, off + length, BLOCK):
+            d = node.blocks[i:i + _D]
+            i += _D
+            n = min(BLOCK, node.size - pos)
+            if old_at.get(pos) == d and (onode is None or pos + n <= onode.size):
+                continue
+            src = index.get(d) if index is not None and n == BLOCK else None
+            if src is not None:
+                src_node, src_off = src
+                if clones and clones[-1][0] + clones[-1][1] == pos and clones[-1][2] is \
+                        src_node and clones[-1][3] + clones[-1][1] == src_off:
+                    c = clones[-1]
+                    clones[-1] = (c[0], c[1] + n, c[2], c[3])
+                else:
+                    clones.append((pos, n, src_node, src_off))
+                continue
+            if writes and writes[-1][0] + writes[-1][1] == pos:
+                writes[-1] = (writes[-1][0], writes[-1][1] + n)
+            else:
+                writes.append((pos, n))
+    # clones shorter than min_len are sent as data
+    if min_len > BLOCK:
+        keep = []
+        for c in clones:
+            if c[1] >= min_len:
+                keep.append(c)
+            else:
+                writes.append((c[0], c[1]))
+        clones = keep
+        writes = _merge(sorted(writes))
+    holes: list[tuple[int, int]] = []
+    if onode is not None:
+        limit = min(onode.size, node.size)
+        new_data = node.segments or []
+        for off, length in onode.segments or ():
+            a, b = off, min(off + length, limit)
+            pos = a
+            for s_off, s_len in new_data:
+                if s_off + s_len <= pos:
+                    continue
+                if s_off >= b:
+                    break
+                if s_off > pos:
+                    holes.append((pos, s_off - pos))
+                pos = max(pos, s_off + s_len)
+            if pos < b:
+                holes.append((pos, b - pos))
+    return writes, clones, holes
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for off, n in ranges:
+        if out and out[-1][0] + out[-1][1] == off:
+            out[-1] = (out[-1][0], out[-1][1] + n)
+        else:
+            out.append((off, n))
+    return out
+
+
+def same_lineage(head: SendshotHead, lineage: object) -> bool:
+    """Whether a record was made from a snapshot of the subvolume ``lineage`` names."""
+    return head.subvol_uuid is not None and head.subvol_uuid == lineage
+
+
+def path_of(source: bytes) -> str:
+    """``source`` for messages."""
+    return os.fsdecode(source)

@@ -1,0 +1,217 @@
+"""Sends that record a sendshot, and incremental sends against one (no old tree needed).
+
+:func:`send_with_sendshots` is the whole job of ``btrdelta send SOURCE --record`` and
+``--from-sendshot ID``: freeze the source (:func:`~.live.frozen`: a temporary read-only
+snapshot of a live btrfs subvolume, deleted afterwards), load the base record, scan the
+snapshot (on btrfs, files whose inode was not written since the base's snapshot take their
+digests from the record and are not read; every other file is read once for its block
+digests), match and emit with the record as the old side (:class:`~.emit.Sender` with
+``old_record``), and after the last byte was written store the new record.
+
+The stream names the identities a receiver knows: the snapshot's UUID (its received UUID if
+it has one) and ctransid, as ``btrfs send`` would, and the base record's stream UUID as the
+parent, so kernel-made and btrdelta-made streams alternate on one receiver.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .._value import value_class
+from ..errors import BtrdeltaError
+from ..tree.sendshot import SendshotHead
+from .emit import Sender, SendStats, StreamIds
+from .live import Frozen, frozen
+from .record import record_inodes, reuse_unchanged, stamp_generations, tree_from_record
+from .scan import Tree, TreeScan
+from .store import SendshotStore, StoredSendshot
+
+__all__ = ["SendshotResult", "adopt", "load_base", "send_with_sendshots"]
+
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+@value_class
+class SendshotResult:
+    """What :func:`send_with_sendshots` did."""
+
+    #: the new record (None without ``record``)
+    recorded: StoredSendshot | None
+    #: the base record (None for a full stream)
+    base: StoredSendshot | None
+    stream_uuid: str
+    parent_uuid: str | None
+    #: files whose digests came from the base record (not read)
+    reused: int
+    stats: SendStats
+    #: the live-tree warning, or ""
+    warning: str = ""
+
+
+def load_base(store: SendshotStore, ident: str, source: bytes, lineage: object,
+              candidates: Any = None) -> tuple[StoredSendshot, Tree]:
+    """The record ``ident`` (``latest``: the newest of this source) and its tree."""
+    def mine(s: StoredSendshot) -> bool:
+        if lineage is not None:
+            return s.head.subvol_uuid == lineage
+        return s.head.source == source
+
+    rec = store.resolve(ident, lineage=mine, candidates=candidates)
+    reader, f = store.open(rec)
+    try:
+        tree = tree_from_record(reader)
+    finally:
+        f.close()
+    return rec, tree
+
+
+def _prepare(fz: Frozen, base: StoredSendshot | None, old: Tree | None,
+             counter: list[int]) -> Callable[[Tree], None]:
+    """What is filled in before the new tree's files are read (btrfs, as root)."""
+    def prepare(tree: Tree) -> None:
+        if fz.info is None:
+            return
+        fd = os.open(fz.path, _DIR)
+        try:
+            if base is not None and old is not None and base.head.generation and \
+                    base.head.subvol_uuid == fz.lineage:
+                counter[0] = reuse_unchanged(tree, old, base.head, fd, fz.generation)
+            else:
+                stamp_generations(tree, fd)
+        except PermissionError:
+            pass  # not root: every file is read
+        finally:
+            os.close(fd)
+
+    return prepare
+
+
+def send_with_sendshots(
+    write: Callable[[Any], object],
+    source: str | bytes | os.PathLike[str],
+    *,
+    store: SendshotStore,
+    from_sendshot: str | None = None,
+    record: bool = True,
+    candidates: Any = None,
+    snapshot: bool = True,
+    version: int = 1,
+    compress: str | None = None,
+    name: bytes | None = None,
+    on_progress: Callable[[SendStats], None] | None = None,
+    on_stream: Callable[[Sender], None] | None = None,
+    inflight: Callable[[Frozen], None] | None = None,
+) -> SendshotResult:
+    """Send ``source`` (full, or against the sendshot ``from_sendshot``) to ``write``.
+
+    Args:
+        write: where the stream's bytes go.
+        source: a btrfs subvolume (live or read-only) or any directory.
+        store: the sendshot store.
+        from_sendshot: a record id, a unique prefix, or ``latest`` (the newest record of this
+            source: same subvolume lineage on btrfs, same path elsewhere); None: full.
+        record: store a record of what was sent (after the stream's last byte).
+        candidates: with ``latest``, only these digests count (what a receiver holds).
+        snapshot: snapshot a live btrfs subvolume (False: read it live).
+        version, compress, name: as :class:`~.emit.Sender` (name: default the source's
+            base name).
+        on_progress: progress callback.
+        on_stream: called with the sender before the first record (its header is known).
+        inflight: called with the frozen tree once the stream is complete, before the
+            temporary snapshot is deleted.
+
+    Raises:
+        MissingBaseError: no such sendshot.
+        BtrdeltaError: the source cannot be read.
+    """
+    src = os.fsencode(source).rstrip(b"/") or b"/"
+    stream_name = name or os.path.basename(src) or b"subvol"
+    with frozen(src, snapshot=snapshot) as fz:
+        base: StoredSendshot | None = None
+        old: Tree | None = None
+        if from_sendshot is not None:
+            base, old = load_base(store, from_sendshot, src, fz.lineage, candidates)
+        seed = base.head.seed if base is not None else store.seed()
+        reused = [0]
+        scan = TreeScan(fz.path, None, seed=seed, prepare=_prepare(fz, base, old, reused))
+        ids = StreamIds(
+            uuid=fz.stream_uuid, ctransid=fz.info.ctransid if fz.info is not None else 0,
+            parent_uuid=base.head.stream_uuid if base is not None else None,
+            parent_ctransid=base.head.stream_ctransid if base is not None else 0,
+        )
+        same_tree = base is not None and (
+            base.head.subvol_uuid == fz.lineage if fz.lineage is not None
+            else base.head.source == src and base.head.kind == "sent")
+        sender = Sender(fz.path, None, version=version, compress=compress, name=stream_name,
+                        on_progress=on_progress, scan=scan, old_record=old, ids=ids,
+                        identities=same_tree)
+        from ..stream.writer import StreamWriter
+
+        writer = StreamWriter(write, version)
+        if on_stream is not None:
+            on_stream(sender)
+        for rec in sender.records():
+            writer.write(rec)
+        uuid, ctransid = sender.new_ids()
+        stored = None
+        if record:
+            head = SendshotHead(
+                stream_uuid=uuid, stream_ctransid=ctransid, name=stream_name,
+                created_ns=time.time_ns(), kind="sent", subvol_uuid=fz.lineage,
+                parent=base.digest if base is not None else None, source=src,
+                generation=fz.generation, seed=seed, tree_digest=sender.new.identity(),
+            )
+            stored = store.save(head, record_inodes(sender.new))
+        if inflight is not None:
+            inflight(fz)
+        return SendshotResult(
+            recorded=stored, base=base, stream_uuid=str(uuid),
+            parent_uuid=str(ids.parent_uuid) if ids.parent_uuid else None,
+            reused=reused[0], stats=sender.stats, warning=fz.warning,
+        )
+
+
+def adopt(store: SendshotStore, path: str | bytes | os.PathLike[str], *,
+          uuid: Any = None, ctransid: int | None = None, name: bytes | None = None
+          ) -> StoredSendshot:
+    """Record a tree the receiver already holds (``sendshot create``) without sending it.
+
+    Its identity is the one a receiver knows it by: a btrfs subvolume's received UUID and
+    stransid when it was received (the receiver's own copy, or the sender's snapshot that
+    the kernel sent), else its UUID and ctransid; a plain directory gets the UUID
+    ``btrdelta send`` derives from its content. ``uuid``/``ctransid`` override.
+    """
+    src = os.fsencode(path).rstrip(b"/") or b"/"
+    with frozen(src, snapshot=False) as fz:
+        seed = store.seed()
+        scan = TreeScan(fz.path, None, seed=seed, prepare=_prepare(fz, None, None, [0]))
+        try:
+            scan.hasher.wait()
+            tree = scan.new
+        finally:
+            scan.close()
+        info = fz.info
+        if uuid is None:
+            if info is not None and info.received_uuid is not None:
+                uuid, stamp = info.received_uuid, info.stransid
+            elif info is not None:
+                uuid, stamp = info.uuid, info.ctransid
+            else:
+                uuid, stamp = tree.subvol_uuid(), tree.ctransid()
+        else:
+            stamp = 0
+        if ctransid is not None:
+            stamp = ctransid
+        if fz.warning and info is not None:
+            raise BtrdeltaError("sendshot create needs a read-only subvolume (or a directory "
+                                "that is not a subvolume)", path=src)
+        head = SendshotHead(
+            stream_uuid=uuid, stream_ctransid=stamp,
+            name=name or os.path.basename(src) or b"subvol", created_ns=time.time_ns(),
+            kind="adopted", subvol_uuid=fz.lineage, source=src, generation=fz.generation,
+            seed=seed, tree_digest=tree.identity(),
+        )
+        return store.save(head, record_inodes(tree))

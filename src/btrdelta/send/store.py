@@ -1,0 +1,316 @@
+"""The sendshot store: a directory of records, the receivers' cursors, and retention.
+
+Layout (``docs/formats/sendshot.md``)::
+
+    STORE/records/<digest>.sendshot   one record, named by the BLAKE3-256 of its content
+    STORE/cursors.json                {"version": 1, "receivers": {ID: {"digest": ..., ...}}}
+    STORE/seed                        the block-digest seed of this store (hex, 0600)
+    STORE/.lock                       flock(2) while the store is changed
+
+Records are written to a temporary file (``O_EXCL``) and renamed to their name, so a record
+under its name is always complete. A *cursor* says which sendshot a receiver holds (what the
+next incremental is sent against); :meth:`SendshotStore.prune` never deletes a sendshot a
+cursor names, nor one an in-flight replication needs.
+
+Retention (:func:`plan_prune`, pure): keep the newest N, or a time grid such as
+``1h:24,1d:7,1w:4`` (the newest sendshot in each of the last 24 hours, 7 days and 4 weeks,
+as btrbk's and zrepl's grids), always keeping the newest one and every one a receiver needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import BtrdeltaError, MissingBaseError
+from ..tree.sendshot import RecordInode, RecordReader, SendshotHead, read_head, write_record
+
+__all__ = [
+    "DEFAULT_STORE",
+    "SendshotStore",
+    "StoredSendshot",
+    "parse_grid",
+    "plan_prune",
+]
+
+#: where records live unless ``--store`` says otherwise
+DEFAULT_STORE = "/var/lib/btrdelta/sendshots"
+_SUFFIX = ".sendshot"
+_HEX = re.compile(r"[0-9a-f]{4,64}")
+_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+
+
+@dataclass
+class StoredSendshot:
+    """One record of a store."""
+
+    digest: str
+    head: SendshotHead
+    size: int
+    path: str
+    #: receivers whose cursor names it
+    held_by: list[str] = field(default_factory=list)
+
+    @property
+    def created(self) -> float:
+        """Creation time (seconds since the epoch)."""
+        return self.head.created_ns / 1e9
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields ``sendshot list/show --json`` print."""
+        h = self.head
+        return {
+            "id": self.digest, "created": round(self.created, 3), "kind": h.kind,
+            "name": os.fsdecode(h.name), "source": os.fsdecode(h.source),
+            "stream_uuid": str(h.stream_uuid), "stream_ctransid": h.stream_ctransid,
+            "subvol_uuid": str(h.subvol_uuid) if h.subvol_uuid else None,
+            "parent": h.parent, "generation": h.generation, "bytes": self.size,
+            "held_by": self.held_by,
+        }
+
+
+class SendshotStore:
+    """A sendshot store directory (made on first write).
+
+    Args:
+        path: the store's directory.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self.records = os.path.join(self.path, "records")
+
+    # -- locking and files ------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the store's lock (writers exclude each other)."""
+        os.makedirs(self.records, mode=0o700, exist_ok=True)
+        fd = os.open(os.path.join(self.path, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                     0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def seed(self) -> int:
+        """The store's block-digest seed (made once, kept in ``STORE/seed``)."""
+        p = os.path.join(self.path, "seed")
+        try:
+            with open(p) as f:
+                return int(f.read().strip(), 16)
+        except FileNotFoundError:
+            pass
+        except ValueError as exc:
+            raise BtrdeltaError("the store's seed file is damaged", path=p) from exc
+        with self.locked():
+            with contextlib.suppress(FileExistsError):
+                fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(f"{secrets.randbits(63):016x}\n")
+            with open(p) as f:
+                return int(f.read().strip(), 16)
+
+    def save(self, head: SendshotHead, inodes: Iterator[RecordInode]) -> StoredSendshot:
+        """Write a record (temporary file, then its digest name); returns it."""
+        os.makedirs(self.records, mode=0o700, exist_ok=True)
+        tmp = os.path.join(self.records, f".tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                digest, _n = write_record(f.write, head, inodes)
+                f.flush()
+                os.fsync(f.fileno())
+            final = self._file(digest)
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return StoredSendshot(digest, head, os.path.getsize(final), final)
+
+    def _file(self, digest: str) -> str:
+        return os.path.join(self.records, digest + _SUFFIX)
+
+    # -- reading -----------------------------------------------------------------------
+
+    def records_list(self) -> list[StoredSendshot]:
+        """Every record, oldest first (records that cannot be read are skipped)."""
+        out: list[StoredSendshot] = []
+        try:
+            names = os.listdir(self.records)
+        except FileNotFoundError:
+            return out
+        held: dict[str, list[str]] = {}
+        for rid, cur in self.cursors().items():
+            held.setdefault(str(cur.get("digest")), []).append(rid)
+        for name in names:
+            if not name.endswith(_SUFFIX) or not _HEX.fullmatch(name[: -len(_SUFFIX)]):
+                continue
+            p = os.path.join(self.records, name)
+            try:
+                with open(p, "rb") as f:
+                    head = read_head(f, source=p)
+            except (OSError, BtrdeltaError):
+                continue
+            digest = name[: -len(_SUFFIX)]
+            out.append(StoredSendshot(digest, head, os.path.getsize(p), p,
+                                      sorted(held.get(digest, []))))
+        out.sort(key=lambda s: (s.head.created_ns, s.digest))
+        return out
+
+    def resolve(self, ident: str, *, lineage: Callable[[StoredSendshot], bool] | None = None,
+                candidates: Iterable[str] | None = None) -> StoredSendshot:
+        """The record named by ``ident``: a digest or a unique prefix of one (4+ hex
+        digits), or ``latest`` (the newest one that ``lineage`` accepts and, when
+        ``candidates`` is given, whose digest is among them).
+
+        Raises:
+            MissingBaseError: no such record (or several match a prefix).
+        """
+        every = self.records_list()
+        if ident == "latest":
+            wanted = set(candidates) if candidates is not None else None
+            found = [s for s in every if (lineage is None or lineage(s))
+                     and (wanted is None or s.digest in wanted)]
+            if not found:
+                raise MissingBaseError(f"no sendshot of this source in {self.path}")
+            return found[-1]
+        if not _HEX.fullmatch(ident):
+            raise MissingBaseError(f"not a sendshot id: {ident!r} (hex digest or 'latest')")
+        found = [s for s in every if s.digest.startswith(ident)]
+        if len(found) != 1:
+            what = "no" if not found else f"{len(found)}"
+            raise MissingBaseError(f"{what} sendshot matches {ident!r} in {self.path}")
+        return found[0]
+
+    def open(self, record: StoredSendshot) -> tuple[RecordReader, Any]:
+        """A reader of ``record`` and the file it reads (close it when done)."""
+        f = open(record.path, "rb")  # noqa: SIM115 - returned to the caller
+        try:
+            return RecordReader(f, source=record.path), f
+        except BaseException:
+            f.close()
+            raise
+
+    def delete(self, digest: str, *, force: bool = False) -> None:
+        """Delete one record.
+
+        Raises:
+            BtrdeltaError: a receiver's cursor names it (unless ``force``).
+        """
+        with self.locked():
+            held = [r for r, c in self.cursors().items() if c.get("digest") == digest]
+            if held and not force:
+                raise BtrdeltaError(f"sendshot {digest[:12]} is held by receiver(s) "
+                                    f"{', '.join(sorted(held))} (use --force)")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._file(digest))
+
+    # -- cursors -----------------------------------------------------------------------
+
+    def cursors(self) -> dict[str, dict[str, Any]]:
+        """``{receiver id: {"digest": ..., "updated": ..., ...}}``."""
+        p = os.path.join(self.path, "cursors.json")
+        try:
+            with open(p, "rb") as f:
+                doc = json.loads(f.read(16 << 20))
+        except FileNotFoundError:
+            return {}
+        except ValueError as exc:
+            raise BtrdeltaError(f"damaged cursor file: {exc}", path=p) from exc
+        receivers = doc.get("receivers", {}) if isinstance(doc, dict) else {}
+        return {str(k): v for k, v in receivers.items() if isinstance(v, dict)}
+
+    def set_cursor(self, receiver: str, digest: str | None, **extra: Any) -> None:
+        """Record that ``receiver`` holds ``digest`` (None: forget the receiver)."""
+        with self.locked():
+            cur = self.cursors()
+            if digest is None:
+                cur.pop(receiver, None)
+            else:
+                cur[receiver] = {"digest": digest, "updated": round(time.time(), 3), **extra}
+            p = os.path.join(self.path, "cursors.json")
+            tmp = f"{p}.tmp-{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump({"version": 1, "receivers": cur}, f, indent=1, sort_keys=True)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, p)
+
+    # -- retention ---------------------------------------------------------------------
+
+    def prune(self, *, keep: int | None = None, grid: list[tuple[int, int]] | None = None,
+              now: float | None = None, dry_run: bool = False,
+              group: Callable[[StoredSendshot], object] | None = None) -> list[StoredSendshot]:
+        """Delete what the rule does not keep (per source, see :func:`plan_prune`);
+        returns what was (or, with ``dry_run``, would be) deleted."""
+        with self.locked():
+            every = self.records_list()
+            needed = {str(c.get("digest")) for c in self.cursors().values()}
+            needed |= {str(c.get("inflight")) for c in self.cursors().values()
+                       if c.get("inflight")}
+            groups: dict[object, list[StoredSendshot]] = {}
+            for s in every:
+                key = group(s) if group is not None else (s.head.subvol_uuid or s.head.source)
+                groups.setdefault(key, []).append(s)
+            doomed: list[StoredSendshot] = []
+            for members in groups.values():
+                doomed += plan_prune(members, needed, keep=keep, grid=grid,
+                                     now=time.time() if now is None else now)
+            if not dry_run:
+                for s in doomed:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(s.path)
+            return doomed
+
+
+def parse_grid(text: str) -> list[tuple[int, int]]:
+    """``"1h:24,1d:7,1w:4"`` -> ``[(3600, 24), (86400, 7), (604800, 4)]``.
+
+    Raises:
+        BtrdeltaError: not a grid.
+    """
+    out: list[tuple[int, int]] = []
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)([mhdwy]):(\d+)\s*", part)
+        if not m:
+            raise BtrdeltaError(f"bad retention grid {text!r} (e.g. 1h:24,1d:7,1w:4)")
+        out.append((int(m.group(1)) * _UNITS[m.group(2)], int(m.group(3))))
+    return out
+
+
+def plan_prune(
+    records: list[StoredSendshot], needed: set[str], *, keep: int | None = None,
+    grid: list[tuple[int, int]] | None = None, now: float = 0.0,
+) -> list[StoredSendshot]:
+    """Which of ``records`` (one source, oldest first) to delete (pure).
+
+    Always kept: the newest, every digest in ``needed``, and what the rule keeps: the newest
+    ``keep``, or for each grid interval ``(seconds, count)`` the newest record in each of the
+    last ``count`` intervals of that length (counted back from ``now``). Without a rule
+    nothing is deleted.
+    """
+    if not records or (keep is None and not grid):
+        return []
+    kept = {records[-1].digest} | (needed & {r.digest for r in records})
+    if keep is not None:
+        kept |= {r.digest for r in records[-keep:]} if keep > 0 else set()
+    for seconds, count in grid or ():
+        for i in range(count):
+            lo, hi = now - (i + 1) * seconds, now - i * seconds
+            inside = [r for r in records if lo < r.created <= hi]
+            if inside:
+                kept.add(inside[-1].digest)
+    return [r for r in records if r.digest not in kept]

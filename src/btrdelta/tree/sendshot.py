@@ -1,0 +1,453 @@
+"""The sendshot record: what a receiver holds after applying one send stream, without data.
+
+A *sendshot* replaces the old snapshot that an incremental ``btrfs send -p`` needs: per
+inode its identity (inode number, btrfs generation and transid), metadata (type, mode,
+owner, times, ``chattr`` flags, xattrs, every name, device number, symlink target, size) and,
+per regular file, where its data is (data segments; the rest are holes), a digest of every
+4 KiB block of data (XXH3-128 seeded with the record's
+secret seed) and of the whole content (BLAKE3-256). No file data. The head names the stream
+the receiver got (its UUID and ctransid: the receiver's *received UUID*), the source
+subvolume, and the sendshot it was sent against.
+
+Encoding (``docs/formats/sendshot.md``): a 22-byte header (``btrdelta-sendshot\\0`` and a
+u32 version), then one zstd frame holding frames of TLVs on the send stream's framing
+(:mod:`btrdelta.stream.framing`: u32 length, u16 record, u32 CRC32C, TLVs): ``HEAD``, one
+``INODE`` per inode in scan order (root first, then depth first by sorted names), each
+regular file's ``BLOCKS`` right after its ``INODE``, and ``END`` with the counts. The
+record's *digest* (its name in a store) is the BLAKE3-256 of the uncompressed bytes
+(header included).
+
+Owns: the model (:class:`SendshotHead`, :class:`RecordInode`), :func:`write_record` (a
+streaming encoder onto any ``write``) and :class:`RecordReader` (a streaming decoder of a
+binary file: the head alone, or every inode). Knows nothing of where records are stored
+(``send.store``) or how trees are scanned (``send.scan``).
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO, Final
+
+import blake3
+import zstandard
+
+from .._value import value_class
+from ..errors import StreamFormatError, UnsupportedVersionError
+from ..stream.constants import CMD_HEADER_SIZE
+from ..stream.framing import NEED_DATA, Framer, Framing, encode_frame, iter_tlvs
+
+__all__ = [
+    "BLOCK",
+    "MAGIC",
+    "VERSION",
+    "RecordInode",
+    "RecordReader",
+    "SendshotHead",
+    "read_head",
+    "write_record",
+]
+
+MAGIC: Final = b"btrdelta-sendshot\0"
+VERSION: Final = 1
+_HEADER = struct.Struct("<18sI")
+#: bytes per block digest
+BLOCK: Final = 4096
+_DIGEST = 16
+#: the largest payload of a record frame (a BLOCKS frame holds up to 4095 digests)
+_MAX_PAYLOAD = 1 << 20
+
+# record numbers
+_HEAD, _INODE, _BLOCKS, _END = 1, 2, 3, 4
+_NAMES = {_HEAD: "HEAD", _INODE: "INODE", _BLOCKS: "BLOCKS", _END: "END"}
+
+# HEAD attributes
+(H_STREAM_UUID, H_CTRANSID, H_SUBVOL_UUID, H_PARENT, H_CREATED, H_NAME, H_SOURCE, H_GEN,
+ H_SEED, H_KIND, H_TREE, H_VERSION) = range(1, 13)
+# INODE attributes
+(I_INO, I_GEN, I_TRANSID, I_MODE, I_UID, I_GID, I_RDEV, I_SIZE, I_ATIME, I_MTIME, I_CTIME,
+ I_FLAGS, I_TARGET, I_XATTR, I_DENTRY, I_SEGMENTS, I_DIGEST, I_BDIGEST) = range(1, 19)
+# END attributes
+E_INODES, E_FILES, E_BYTES, E_BLOCKS = range(1, 5)
+
+_U64 = struct.Struct("<Q")
+_I64 = struct.Struct("<q")
+_U32 = struct.Struct("<I")
+_PAIR = struct.Struct("<QQ")
+_DENTRY = struct.Struct("<Q")
+_XATTR = struct.Struct("<H")
+
+
+@value_class
+class SendshotHead:
+    """What a sendshot record is about (its ``HEAD`` record)."""
+
+    #: the UUID and ctransid the receiver's copy is known by (its received UUID)
+    stream_uuid: uuid.UUID
+    stream_ctransid: int
+    #: the subvolume name in the stream
+    name: bytes
+    #: when the record was made (ns since the epoch)
+    created_ns: int
+    #: ``"sent"`` (made by a send) or ``"adopted"`` (``sendshot create``)
+    kind: str = "sent"
+    #: the source subvolume's own UUID (btrfs), else None
+    subvol_uuid: uuid.UUID | None = None
+    #: digest (hex) of the sendshot the stream was sent against (None: a full stream)
+    parent: str | None = None
+    #: the path the tree was read from
+    source: bytes = b""
+    #: btrfs: the generation of the read-only snapshot read (inode transids up to it are
+    #: in this record); 0 elsewhere
+    generation: int = 0
+    #: seed of the block digests (XXH3-128 seeded)
+    seed: int = 0
+    #: BLAKE3-256 identity of the tree (metadata and content digests), 32 bytes
+    tree_digest: bytes = b""
+
+
+@value_class
+class RecordInode:
+    """One inode of a sendshot record."""
+
+    ino: int
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    #: (parent directory's ino, name) for every name (none for the root)
+    dentries: list[tuple[int, bytes]]
+    generation: int = 0
+    transid: int = 0
+    rdev: int = 0
+    flags: int = 0
+    target: bytes = b""
+    xattrs: dict[bytes, bytes] | None = None
+    #: regular files: (offset, length) of the data (non-hole) ranges
+    segments: list[tuple[int, int]] | None = None
+    #: XXH3-128 of the content (the tree identity's digest), BLAKE3-256 of the content
+    digest: bytes = b""
+    bdigest: bytes = b""
+    #: seeded XXH3-128 of each 4 KiB block of the segments, concatenated
+    blocks: bytes = b""
+
+
+def _u64(v: int) -> bytes:
+    return _U64.pack(v)
+
+
+def _head_attrs(head: SendshotHead) -> list[tuple[int, bytes]]:
+    attrs = [
+        (H_VERSION, _U32.pack(VERSION)),
+        (H_STREAM_UUID, head.stream_uuid.bytes),
+        (H_CTRANSID, _u64(head.stream_ctransid)),
+        (H_NAME, head.name),
+        (H_CREATED, _u64(head.created_ns)),
+        (H_KIND, head.kind.encode()),
+        (H_SOURCE, head.source),
+        (H_GEN, _u64(head.generation)),
+        (H_SEED, _u64(head.seed)),
+        (H_TREE, head.tree_digest),
+    ]
+    if head.subvol_uuid is not None:
+        attrs.append((H_SUBVOL_UUID, head.subvol_uuid.bytes))
+    if head.parent is not None:
+        attrs.append((H_PARENT, bytes.fromhex(head.parent)))
+    return attrs
+
+
+def _inode_attrs(node: RecordInode) -> list[tuple[int, Any]]:
+    attrs: list[tuple[int, Any]] = [
+        (I_INO, _u64(node.ino)), (I_MODE, _U32.pack(node.mode)), (I_UID, _U32.pack(node.uid)),
+        (I_GID, _U32.pack(node.gid)), (I_SIZE, _u64(node.size)),
+        (I_ATIME, _I64.pack(node.atime_ns)), (I_MTIME, _I64.pack(node.mtime_ns)),
+        (I_CTIME, _I64.pack(node.ctime_ns)),
+    ]
+    if node.generation:
+        attrs += [(I_GEN, _u64(node.generation)), (I_TRANSID, _u64(node.transid))]
+    if node.rdev:
+        attrs.append((I_RDEV, _u64(node.rdev)))
+    if node.flags:
+        attrs.append((I_FLAGS, _u64(node.flags)))
+    if node.target:
+        attrs.append((I_TARGET, node.target))
+    for name, value in sorted((node.xattrs or {}).items()):
+        attrs.append((I_XATTR, _XATTR.pack(len(name)) + name + value))
+    attrs += [(I_DENTRY, _DENTRY.pack(p) + n) for p, n in node.dentries]
+    if node.segments is not None:
+        attrs.append((I_SEGMENTS, b"".join(_PAIR.pack(o, n) for o, n in node.segments)))
+    if node.digest:
+        attrs += [(I_DIGEST, node.digest), (I_BDIGEST, node.bdigest)]
+    return attrs
+
+
+_BLOCKS_PER_FRAME = 0xFFFF // _DIGEST
+
+
+def write_record(
+    write: Callable[[bytes], object], head: SendshotHead, inodes: Iterator[RecordInode],
+    *, level: int = 3,
+) -> tuple[str, int]:
+    """Encode a record onto ``write`` (compressed); returns ``(digest hex, inodes)``.
+
+    Args:
+        write: where the encoded bytes go.
+        head: the record's head.
+        inodes: every inode, the root first, in scan order.
+        level: zstd level.
+    """
+    digest = blake3.blake3()
+    cctx = zstandard.ZstdCompressor(level=level)
+    header = _HEADER.pack(MAGIC, VERSION)
+    write(header)
+    digest.update(header)
+    comp = cctx.compressobj()
+    pending: list[bytes] = []
+    size = 0
+
+    def put(frame: bytes) -> None:
+        nonlocal size
+        digest.update(frame)
+        pending.append(frame)
+        size += len(frame)
+        if size >= (1 << 20):
+            flush()
+
+    def flush() -> None:
+        nonlocal size
+        if pending:
+            out = comp.compress(b"".join(pending))
+            if out:
+                write(out)
+            pending.clear()
+            size = 0
+
+    put(encode_frame(_HEAD, _head_attrs(head)))
+    count = files = nbytes = nblocks = 0
+    for node in inodes:
+        put(encode_frame(_INODE, _inode_attrs(node)))
+        count += 1
+        if node.segments is not None:
+            files += 1
+            nbytes += node.size
+        blocks = node.blocks
+        nblocks += len(blocks) // _DIGEST
+        step = _BLOCKS_PER_FRAME * _DIGEST
+        for i in range(0, len(blocks), step):
+            put(encode_frame(_BLOCKS, [(1, blocks[i:i + step])]))
+    put(encode_frame(_END, [(E_INODES, _u64(count)), (E_FILES, _u64(files)),
+                            (E_BYTES, _u64(nbytes)), (E_BLOCKS, _u64(nblocks))]))
+    flush()
+    write(comp.flush())
+    return digest.hexdigest(), count
+
+
+_FRAMING = Framing(
+    eof="truncated sendshot record (no END record)",
+    short_header="truncated sendshot record (no END record)",
+    too_long="record length {length} exceeds {limit}",
+    truncated="truncated record: {total} bytes announced",
+    names=_NAMES,
+    max_payload=lambda cmd, version: _MAX_PAYLOAD,
+    unknown_by_number=True,
+)
+
+
+def _uuid(v: memoryview) -> uuid.UUID:
+    if len(v) != 16:
+        raise StreamFormatError("a UUID must be 16 bytes")
+    return uuid.UUID(bytes=bytes(v))
+
+
+def _int(v: memoryview) -> int:
+    if len(v) == 8:
+        return int(_U64.unpack(v)[0])
+    if len(v) == 4:
+        return int(_U32.unpack(v)[0])
+    raise StreamFormatError(f"an integer of {len(v)} bytes")
+
+
+def _decode_head(mv: memoryview, start: int, end: int) -> SendshotHead:
+    f: dict[int, memoryview] = dict(iter_tlvs(mv, start, end))
+    if H_VERSION in f and _int(f[H_VERSION]) != VERSION:
+        raise UnsupportedVersionError(f"sendshot record version {_int(f[H_VERSION])}")
+    for need in (H_STREAM_UUID, H_CTRANSID, H_NAME, H_CREATED):
+        if need not in f:
+            raise StreamFormatError(f"HEAD lacks attribute {need}")
+    parent = f.get(H_PARENT)
+    return SendshotHead(
+        stream_uuid=_uuid(f[H_STREAM_UUID]), stream_ctransid=_int(f[H_CTRANSID]),
+        name=bytes(f[H_NAME]), created_ns=_int(f[H_CREATED]),
+        kind=bytes(f.get(H_KIND, b"sent")).decode("ascii", "replace"),
+        subvol_uuid=_uuid(f[H_SUBVOL_UUID]) if H_SUBVOL_UUID in f else None,
+        parent=bytes(parent).hex() if parent is not None else None,
+        source=bytes(f.get(H_SOURCE, b"")), generation=_int(f[H_GEN]) if H_GEN in f else 0,
+        seed=_int(f[H_SEED]) if H_SEED in f else 0, tree_digest=bytes(f.get(H_TREE, b"")),
+    )
+
+
+def _i64(v: memoryview) -> int:
+    if len(v) != 8:
+        raise StreamFormatError("a time must be 8 bytes")
+    return int(_I64.unpack(v)[0])
+
+
+def _pairs(v: memoryview) -> list[tuple[int, int]]:
+    if len(v) % 16:
+        raise StreamFormatError("segments must be pairs of u64")
+    return [(int(a), int(b)) for a, b in _PAIR.iter_unpack(v)]
+
+
+def _decode_inode(mv: memoryview, start: int, end: int) -> RecordInode:
+    ints: dict[int, int] = {}
+    node = RecordInode(0, 0, 0, 0, 0, 0, 0, 0, [])
+    for typ, v in iter_tlvs(mv, start, end):
+        if typ in (I_ATIME, I_MTIME, I_CTIME):
+            ints[typ] = _i64(v)
+        elif typ == I_DENTRY:
+            if len(v) < 9:
+                raise StreamFormatError("a dentry needs a parent and a name")
+            node.dentries.append((int(_DENTRY.unpack_from(v)[0]), bytes(v[8:])))
+        elif typ == I_XATTR:
+            if len(v) < 2 or len(v) < 2 + _XATTR.unpack_from(v)[0]:
+                raise StreamFormatError("a truncated xattr")
+            n = _XATTR.unpack_from(v)[0]
+            if node.xattrs is None:
+                node.xattrs = {}
+            node.xattrs[bytes(v[2:2 + n])] = bytes(v[2 + n:])
+        elif typ == I_TARGET:
+            node.target = bytes(v)
+        elif typ == I_SEGMENTS:
+            node.segments = _pairs(v)
+        elif typ == I_DIGEST:
+            node.digest = bytes(v)
+        elif typ == I_BDIGEST:
+            node.bdigest = bytes(v)
+        elif typ <= I_BDIGEST:
+            ints[typ] = _int(v)
+    if I_INO not in ints or I_MODE not in ints:
+        raise StreamFormatError("INODE lacks its inode number or mode")
+    node.ino, node.mode = ints[I_INO], ints[I_MODE]
+    node.uid, node.gid = ints.get(I_UID, 0), ints.get(I_GID, 0)
+    node.size = ints.get(I_SIZE, 0)
+    node.atime_ns, node.mtime_ns = ints.get(I_ATIME, 0), ints.get(I_MTIME, 0)
+    node.ctime_ns = ints.get(I_CTIME, 0)
+    node.generation, node.transid = ints.get(I_GEN, 0), ints.get(I_TRANSID, 0)
+    node.rdev, node.flags = ints.get(I_RDEV, 0), ints.get(I_FLAGS, 0)
+    return node
+
+
+class RecordReader:
+    """Streaming decoder of an encoded record in ``file`` (a binary file at its start).
+
+    :attr:`head` is read on construction; :meth:`inodes` yields the rest (each regular
+    file with its block digests) and checks the ``END`` counts and the digest. Every error is
+    a :class:`~btrdelta.errors.StreamFormatError` naming ``source``, the offset in the
+    uncompressed record and the record number.
+
+    Args:
+        file: the encoded record.
+        source: its name in error messages.
+    """
+
+    def __init__(self, file: BinaryIO, *, source: str | None = None) -> None:
+        self.source = source
+        header = file.read(_HEADER.size)
+        if len(header) != _HEADER.size:
+            raise StreamFormatError("truncated sendshot record header", source=source)
+        magic, version = _HEADER.unpack(header)
+        if magic != MAGIC:
+            raise StreamFormatError("bad magic, not a sendshot record", source=source)
+        if version != VERSION:
+            raise UnsupportedVersionError(f"sendshot record version {version}", source=source)
+        self._digest = blake3.blake3(header)
+        self._reader = zstandard.ZstdDecompressor().stream_reader(file, read_across_frames=True)
+        self._framer = Framer(_FRAMING, source=source)
+        self._framer.version = VERSION
+        self._offset = _HEADER.size
+        cmd, mv, start, end = self._next()
+        if cmd != _HEAD:
+            self._framer.fail(StreamFormatError("the record does not start with HEAD"), cmd=cmd)
+        self.head: SendshotHead = self._decode(_decode_head, mv, start, end, cmd)
+        self._done()
+        #: the digest (hex) of the record, once :meth:`inodes` reached its end
+        self.digest: str | None = None
+
+    def _next(self) -> tuple[int, memoryview, int, int]:
+        fr = self._framer
+        while True:
+            frame = fr.next_frame()
+            if frame is not NEED_DATA:
+                cmd, mv, start, length = frame
+                self._len = CMD_HEADER_SIZE + length
+                self._digest.update(mv[start:start + self._len])
+                return cmd, mv, start + CMD_HEADER_SIZE, start + self._len
+            try:
+                chunk = self._reader.read(1 << 20)
+            except zstandard.ZstdError as exc:
+                raise StreamFormatError(f"corrupt compressed record: {exc}",
+                                        source=self.source) from exc
+            fr.feed(chunk)
+
+    def _done(self) -> None:
+        self._framer.consume(self._len)
+
+    def _decode(self, fn: Callable[[memoryview, int, int], Any], mv: memoryview, start: int,
+                end: int, cmd: int) -> Any:
+        try:
+            return fn(mv, start, end)
+        except StreamFormatError as exc:
+            self._framer.fail(exc, cmd=cmd)
+
+    def inodes(self) -> Iterator[RecordInode]:
+        """Every inode in record order, regular files with their ``blocks``.
+
+        Raises:
+            StreamFormatError: bad bytes, a wrong order, counts that do not match the END.
+        """
+        fr = self._framer
+        count = nblocks = 0
+        node: RecordInode | None = None
+        blocks: list[bytes] = []
+        while True:
+            cmd, mv, start, end = self._next()
+            if cmd == _BLOCKS:
+                if node is None or node.segments is None:
+                    fr.fail(StreamFormatError("BLOCKS without a regular file"), cmd=cmd)
+                for typ, v in iter_tlvs(mv, start, end):
+                    if typ == 1:
+                        blocks.append(bytes(v))
+                self._done()
+                continue
+            if node is not None:
+                node.blocks = b"".join(blocks)
+                nblocks += len(node.blocks) // _DIGEST
+                blocks = []
+                yield node
+                node = None
+            if cmd == _INODE:
+                node = self._decode(_decode_inode, mv, start, end, cmd)
+                count += 1
+                self._done()
+            elif cmd == _END:
+                ends = {t: _int(v) for t, v in iter_tlvs(mv, start, end)}
+                if ends.get(E_INODES) != count or ends.get(E_BLOCKS) != nblocks:
+                    fr.fail(StreamFormatError(
+                        f"END counts {ends.get(E_INODES)} inodes, {ends.get(E_BLOCKS)} "
+                        f"blocks; the record holds {count} and {nblocks}"), cmd=cmd)
+                self._done()
+                break
+            else:
+                fr.fail(StreamFormatError(f"unexpected record {cmd}"), cmd=cmd)
+        if fr.avail or self._reader.read(1):
+            fr.fail(StreamFormatError("data after the record's END"))
+        self.digest = self._digest.hexdigest()
+
+
+def read_head(file: BinaryIO, *, source: str | None = None) -> SendshotHead:
+    """The head of the record in ``file`` (decompresses only its start)."""
+    return RecordReader(file, source=source).head
