@@ -78,3 +78,23 @@ def progs_dump_ok(stream: Path) -> str:
     )
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     return proc.stdout.decode(errors="replace")
+
+
+@pytest.fixture
+def two_fs() -> Iterator[tuple[Path, Path]]:
+    """A sender btrfs and a receiver btrfs (fresh for each test)."""
+    require_btrfs()
+    try:
+        with loop_fs("btrfs", size="600M") as snd, loop_fs("btrfs", size="600M") as rcv:
+            yield snd, rcv
+    except BtrfsUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but btrfs is unavailable: {exc}")
+        pytest.skip(str(exc))
+
+
+def run(*cmd: str | os.PathLike[str]) -> str:
+    """Run a command; its stdout (fails the test with its stderr)."""
+    proc = subprocess.run([os.fspath(c) for c in cmd], capture_output=True, check=False)
+    assert proc.returncode == 0, f"{cmd}: {proc.stderr.decode(errors='replace')}"
+    return proc.stdout.decode()

@@ -56,6 +56,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                                        "received UUID, else its UUID, else the content UUID)")
     create.add_argument("--ctransid", type=int, help="the ctransid to name with --uuid")
     create.add_argument("--name", help="subvolume name in later streams")
+    create.add_argument("--source", metavar="SOURCE",
+                        help="the sender's source this is a copy of (e.g. PATH is the "
+                             "receiver's copy): `send SOURCE --from-sendshot latest` finds it")
     p.set_defaults(func=run)
 
 
@@ -122,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise BtrdeltaError(f"--uuid: not a UUID: {args.uuid!r}") from exc
         s = adopt(store, args.path, uuid=uuid, ctransid=args.ctransid,
-                  name=os.fsencode(args.name) if args.name else None)
+                  name=os.fsencode(args.name) if args.name else None, source=args.source)
         out = s.to_json()
         if not args.json:
             print(s.digest)

@@ -55,9 +55,8 @@ def load_base(store: SendshotStore, ident: str, source: bytes, lineage: object,
               candidates: Any = None) -> tuple[StoredSendshot, Tree]:
     """The record ``ident`` (``latest``: the newest of this source) and its tree."""
     def mine(s: StoredSendshot) -> bool:
-        if lineage is not None:
-            return s.head.subvol_uuid == lineage
-        return s.head.source == source
+        return (lineage is not None and s.head.subvol_uuid == lineage) or \
+            s.head.source == source
 
     rec = store.resolve(ident, lineage=mine, candidates=candidates)
     reader, f = store.open(rec)
@@ -175,14 +174,16 @@ def send_with_sendshots(
 
 
 def adopt(store: SendshotStore, path: str | bytes | os.PathLike[str], *,
-          uuid: Any = None, ctransid: int | None = None, name: bytes | None = None
-          ) -> StoredSendshot:
+          uuid: Any = None, ctransid: int | None = None, name: bytes | None = None,
+          source: str | bytes | os.PathLike[str] | None = None) -> StoredSendshot:
     """Record a tree the receiver already holds (``sendshot create``) without sending it.
 
     Its identity is the one a receiver knows it by: a btrfs subvolume's received UUID and
     stransid when it was received (the receiver's own copy, or the sender's snapshot that
     the kernel sent), else its UUID and ctransid; a plain directory gets the UUID
     ``btrdelta send`` derives from its content. ``uuid``/``ctransid`` override.
+    ``source``: the sender's source this tree is a copy of (``--from-sendshot latest`` of
+    that source then finds it; default: ``path`` itself).
     """
     src = os.fsencode(path).rstrip(b"/") or b"/"
     with frozen(src, snapshot=False) as fz:
@@ -211,7 +212,9 @@ def adopt(store: SendshotStore, path: str | bytes | os.PathLike[str], *,
         head = SendshotHead(
             stream_uuid=uuid, stream_ctransid=stamp,
             name=name or os.path.basename(src) or b"subvol", created_ns=time.time_ns(),
-            kind="adopted", subvol_uuid=fz.lineage, source=src, generation=fz.generation,
+            kind="adopted", subvol_uuid=fz.lineage if source is None else None,
+            source=src if source is None else os.fsencode(source).rstrip(b"/"),
+            generation=fz.generation if source is None else 0,
             seed=seed, tree_digest=tree.identity(),
         )
         return store.save(head, record_inodes(tree))

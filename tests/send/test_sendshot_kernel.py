@@ -1,0 +1,139 @@
+"""Sendshots and the kernel: identities a receiver of kernel streams knows, adopting a tree
+(`sendshot create`), `send --parent-uuid`, the temporary snapshot's life, files not read."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from btrdelta.cli import main
+from btrdelta.errors import BtrdeltaError
+from btrdelta.send.sendshot import send_with_sendshots
+from btrdelta.send.store import SendshotStore
+from btrdelta.tree import tree_sum
+from tests.send.conftest import run
+
+pytestmark = pytest.mark.btrfs
+
+
+def _fill(live: Path, n: int = 12) -> None:
+    (live / "d").mkdir()
+    for i in range(n):
+        (live / "d" / f"f{i}").write_bytes(os.urandom(30_000 + i))
+
+
+def _snapshots(mnt: Path) -> list[str]:
+    return [ln.split()[-1] for ln in run("btrfs", "subvolume", "list", mnt).splitlines()]
+
+
+def test_kernel_and_btrdelta_streams_alternate(two_fs: tuple[Path, Path], tmp_path: Path) -> None:
+    snd, rcv = two_fs
+    store = str(tmp_path / "store")
+    live = snd / "live"
+    run("btrfs", "subvolume", "create", live)
+    _fill(live)
+    # 1. kernel full of a read-only snapshot A
+    run("btrfs", "subvolume", "snapshot", "-r", live, snd / "A")
+    run("sh", "-c", f"btrfs send -q {snd / 'A'} | btrfs receive -q {rcv}")
+    # 2. the receiver's copy adopted as a base (its received UUID is A's UUID)
+    assert main(["sendshot", "--store", store, "create", str(rcv / "A"),
+                 "--source", str(live)]) == 0
+    (live / "d" / "f1").write_bytes(b"changed")
+    # 3. btrdelta incremental of the live subvolume against it: the kernel applies it
+    assert main(["send", str(live), "-o", str(tmp_path / "b"), "--from-sendshot", "latest",
+                 "--store", store, "--name", "B"]) == 0
+    run("btrfs", "receive", "-f", tmp_path / "b", rcv)
+    assert tree_sum(rcv / "B") == tree_sum(live)
+    # 4. btrdelta full of read-only snapshot C (its own UUID), then a kernel -p C D on top
+    run("btrfs", "subvolume", "snapshot", "-r", live, snd / "C")
+    assert main(["send", str(snd / "C"), "-o", str(tmp_path / "c"), "--record",
+                 "--store", store]) == 0
+    run("btrfs", "receive", "-f", tmp_path / "c", rcv)
+    (live / "d" / "f2").unlink()
+    run("btrfs", "subvolume", "snapshot", "-r", live, snd / "D")
+    run("sh", "-c", f"btrfs send -q -p {snd / 'C'} {snd / 'D'} | btrfs receive -q {rcv}")
+    assert tree_sum(rcv / "D") == tree_sum(live)
+
+
+def test_parent_uuid_names_the_kernel_identity(two_fs: tuple[Path, Path],
+                                               tmp_path: Path) -> None:
+    snd, rcv = two_fs
+    live = snd / "live"
+    run("btrfs", "subvolume", "create", live)
+    _fill(live, 4)
+    run("btrfs", "subvolume", "snapshot", "-r", live, snd / "A")
+    run("sh", "-c", f"btrfs send -q {snd / 'A'} | btrfs receive -q {rcv}")
+    new = tmp_path / "new"
+    subprocess.run(["cp", "-a", str(snd / "A"), str(new)], check=True)
+    (new / "extra").write_bytes(b"x" * 5000)
+    # the tree-derived UUID: a receiver of the kernel's stream cannot find the parent
+    assert main(["send", str(new), "-p", str(snd / "A"), "-o", str(tmp_path / "s1")]) == 0
+    proc = subprocess.run(["btrfs", "receive", "-f", str(tmp_path / "s1"), str(rcv)],
+                          capture_output=True, check=False)
+    assert proc.returncode != 0
+    assert b"cannot find parent" in proc.stderr
+    for flag in ("btrfs", run("btrfs", "subvolume", "show", snd / "A").split(
+            "UUID:", 1)[1].split()[0]):
+        out = tmp_path / f"s-{flag[:5]}"
+        assert main(["send", str(new), "-p", str(snd / "A"), "-o", str(out),
+                     "--parent-uuid", flag, "--name", f"n{flag[:5]}"]) == 0
+        run("btrfs", "receive", "-f", out, rcv)
+        assert tree_sum(rcv / f"n{flag[:5]}") == tree_sum(new)
+
+
+class _Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("exc", [_Boom, KeyboardInterrupt])
+def test_temporary_snapshot_deleted_on_failure(two_fs: tuple[Path, Path], tmp_path: Path,
+                                               exc: type[BaseException]) -> None:
+    snd, _rcv = two_fs
+    live = snd / "live"
+    run("btrfs", "subvolume", "create", live)
+    _fill(live)
+    written = [0]
+
+    def write(data: object) -> None:
+        written[0] += len(data)  # type: ignore[arg-type]
+        if written[0] > 100_000:
+            assert any(n.startswith(".btrdelta-send-") for n in _snapshots(snd))
+            raise exc()
+
+    store = SendshotStore(tmp_path / "store")
+    with pytest.raises(exc):
+        send_with_sendshots(write, live, store=store)
+    assert _snapshots(snd) == ["live"]
+    assert store.records_list() == []  # nothing recorded for a stream that did not end
+
+
+def test_unchanged_files_are_not_read(two_fs: tuple[Path, Path], tmp_path: Path) -> None:
+    snd, _rcv = two_fs
+    live = snd / "live"
+    run("btrfs", "subvolume", "create", live)
+    _fill(live, 20)
+    store = SendshotStore(tmp_path / "store")
+    sink = bytearray()
+    first = send_with_sendshots(sink.extend, live, store=store)
+    assert first.reused == 0
+    (live / "d" / "f3").write_bytes(b"new content")
+    second = send_with_sendshots(sink.extend, live, store=store, from_sendshot="latest")
+    assert second.reused == 19
+    assert second.stats.bytes_read < 20_000  # only d/f3 was read (hashed and sent)
+    assert second.base is not None
+    assert second.base.digest == first.recorded.digest  # type: ignore[union-attr]
+
+
+def test_plain_directory_warns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"a" * 10)
+    assert main(["send", str(src), "-o", str(tmp_path / "s"), "--record", "--store",
+                 str(tmp_path / "store")]) == 0
+    assert "only as consistent as the tree was still" in capsys.readouterr().err
+    with pytest.raises(BtrdeltaError, match="no sendshot matches"):
+        send_with_sendshots(bytearray().extend, src, store=SendshotStore(tmp_path / "store"),
+                            from_sendshot="abcd")

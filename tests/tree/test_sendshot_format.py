@@ -1,0 +1,97 @@
+"""The sendshot record format: round trip, digest, and damaged records (located errors)."""
+
+from __future__ import annotations
+
+import io
+import uuid
+
+import pytest
+import zstandard
+
+from btrdelta.errors import StreamFormatError, UnsupportedVersionError
+from btrdelta.send.store import StoredSendshot, parse_grid, plan_prune
+from btrdelta.tree.sendshot import RecordInode, RecordReader, SendshotHead, write_record
+
+HEAD = SendshotHead(stream_uuid=uuid.UUID(int=5), stream_ctransid=9, name=b"data",
+                    created_ns=1_700_000_000 * 10**9, subvol_uuid=uuid.UUID(int=7),
+                    parent="ab" * 32, source=b"/mnt/data", generation=42, seed=3,
+                    tree_digest=b"t" * 32)
+
+
+def _inodes() -> list[RecordInode]:
+    root = RecordInode(256, 0o40755, 0, 0, 0, 1, 2, 3, [], generation=5, transid=6)
+    big = RecordInode(257, 0o100644, 1000, 1000, 70_000 * 4096, 1, 2, 3, [(256, b"big")],
+                      segments=[(0, 70_000 * 4096)], digest=b"x" * 16, bdigest=b"y" * 32,
+                      blocks=bytes(range(256)) * (70_000 * 16 // 256),
+                      xattrs={b"user.a": b"1", b"security.capability": b"\x01" * 20})
+    link = RecordInode(258, 0o120777, 0, 0, 0, 1, 2, 3, [(256, b"ln"), (256, b"ln2")],
+                       target=b"big", rdev=0)
+    return [root, big, link]
+
+
+def _encode() -> tuple[bytes, str]:
+    out = io.BytesIO()
+    digest, n = write_record(out.write, HEAD, iter(_inodes()))
+    assert n == 3
+    return out.getvalue(), digest
+
+
+def test_round_trip_and_digest() -> None:
+    data, digest = _encode()
+    reader = RecordReader(io.BytesIO(data), source="r")
+    assert reader.head == HEAD
+    got = list(reader.inodes())
+    assert got == _inodes()
+    assert reader.digest == digest
+    assert _encode()[1] == digest  # deterministic
+    assert len(data) < 70_000 * 16 + 4096  # block digests do not compress; the rest does
+
+
+def _plain(data: bytes) -> bytes:
+    return zstandard.ZstdDecompressor().decompressobj().decompress(data[22:])
+
+
+def _repack(data: bytes, body: bytes) -> bytes:
+    return data[:22] + zstandard.ZstdCompressor().compress(body)
+
+
+@pytest.mark.parametrize("where", [40, 300, 2000])
+def test_flipped_byte_is_located(where: int) -> None:
+    data, _ = _encode()
+    body = bytearray(_plain(data))
+    body[where] ^= 0x40
+    with pytest.raises(StreamFormatError) as err:
+        list(RecordReader(io.BytesIO(_repack(data, bytes(body))), source="r").inodes())
+    assert "r: offset" in str(err.value)
+
+
+def test_truncated_and_foreign_input() -> None:
+    data, _ = _encode()
+    body = _plain(data)
+    with pytest.raises(StreamFormatError, match="truncated"):
+        list(RecordReader(io.BytesIO(_repack(data, body[:-30]))).inodes())
+    with pytest.raises(StreamFormatError, match="bad magic"):
+        RecordReader(io.BytesIO(b"btrfs-stream\0" + bytes(20)))
+    with pytest.raises(UnsupportedVersionError):
+        RecordReader(io.BytesIO(data[:18] + b"\x09\0\0\0" + data[22:]))
+    with pytest.raises(StreamFormatError, match="after the record's END"):
+        list(RecordReader(io.BytesIO(_repack(data, body + body[:40]))).inodes())
+
+
+def _s(digest: str, t: float) -> StoredSendshot:
+    return StoredSendshot(digest, SendshotHead(uuid.UUID(int=1), 1, b"n", int(t * 1e9)), 1, "")
+
+
+def test_retention_plans() -> None:
+    every = [_s(f"{i:02d}", 1000.0 + i * 600) for i in range(20)]  # every 10 min
+    now = 1000.0 + 19 * 600
+    assert plan_prune(every, set()) == []  # no rule: nothing goes
+    kept = {s.digest for s in every} - {s.digest for s in plan_prune(every, {"03"}, keep=2)}
+    assert kept == {"03", "18", "19"}  # the newest two and what a receiver holds
+    grid = parse_grid("1h:2")
+    kept = {s.digest for s in every} - {s.digest for s in plan_prune(every, set(), grid=grid,
+                                                                        now=now)}
+    assert kept == {"19", "13"}  # the newest in each of the last two hours
+    assert plan_prune(every, set(), keep=0)[-1].digest == "18"  # the newest always stays
+    with pytest.raises(Exception, match="bad retention grid"):
+        parse_grid("1x:3")
