@@ -26,7 +26,7 @@ from .._value import value_class
 from ..errors import BtrdeltaError
 from ..fs.btrfs import SubvolInfo, create_snapshot, delete_subvolume, is_btrfs, subvol_info
 
-__all__ = ["LIVE_WARNING", "Frozen", "frozen"]
+__all__ = ["LIVE_WARNING", "Frozen", "drop_snapshot", "frozen", "keep_snapshot"]
 
 _SUBVOL_ROOT_INO = 256
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -145,3 +145,39 @@ def _snapshot_next_to(path: bytes, name: bytes, src_fd: int) -> tuple[bytes, int
             last = exc
     assert last is not None
     raise BtrdeltaError(f"cannot snapshot the subvolume: {last.strerror}", path=path) from last
+
+
+def keep_snapshot(source: str | bytes | os.PathLike[str], name: bytes) -> bytes | None:
+    """A read-only snapshot ``name`` of the writable btrfs subvolume ``source`` that outlives
+    this process (a resumable replication reads it again); its path, or None when
+    ``source`` is not a writable subvolume (then it is read as it is). An existing snapshot
+    of that name is reused."""
+    path = os.fsencode(source).rstrip(b"/") or b"/"
+    info = _subvol_of(path)
+    if info is None or info.readonly:
+        return None
+    for where in (os.path.dirname(path) or b".", path):
+        snap = os.path.join(where, name)
+        if _subvol_of(snap) is not None if os.path.isdir(snap) else False:
+            return snap
+    src_fd = os.open(path, _DIR)
+    try:
+        where, dir_fd = _snapshot_next_to(path, name, src_fd)
+        os.close(dir_fd)
+        return os.path.join(where, name)
+    finally:
+        os.close(src_fd)
+
+
+def drop_snapshot(path: bytes) -> None:
+    """Delete a snapshot made by :func:`keep_snapshot` (nothing if it is gone)."""
+    parent, name = os.path.split(path.rstrip(b"/"))
+    try:
+        fd = os.open(parent or b".", _DIR)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            delete_subvolume(fd, name)
+    finally:
+        os.close(fd)

@@ -22,6 +22,7 @@ from typing import Any
 
 from .._value import value_class
 from ..errors import BtrdeltaError
+from ..stream.records import Record
 from ..tree.sendshot import SendshotHead
 from .emit import Sender, SendStats, StreamIds
 from .live import Frozen, frozen
@@ -103,6 +104,8 @@ def send_with_sendshots(
     on_progress: Callable[[SendStats], None] | None = None,
     on_stream: Callable[[Sender], None] | None = None,
     inflight: Callable[[Frozen], None] | None = None,
+    on_record: Callable[[Record], None] | None = None,
+    source_name: bytes | None = None,
 ) -> SendshotResult:
     """Send ``source`` (full, or against the sendshot ``from_sendshot``) to ``write``.
 
@@ -121,14 +124,18 @@ def send_with_sendshots(
         on_stream: called with the sender before the first record (its header is known).
         inflight: called with the frozen tree once the stream is complete, before the
             temporary snapshot is deleted.
+        on_record: called after each record was written (the first is the header).
+        source_name: the source path to record (default ``source``; a caller that froze the
+            source itself passes the live path here).
 
     Raises:
         MissingBaseError: no such sendshot.
         BtrdeltaError: the source cannot be read.
     """
-    src = os.fsencode(source).rstrip(b"/") or b"/"
+    path = os.path.abspath(os.fsencode(source))
+    src = os.path.abspath(source_name) if source_name is not None else path
     stream_name = name or os.path.basename(src) or b"subvol"
-    with frozen(src, snapshot=snapshot) as fz:
+    with frozen(path, snapshot=snapshot) as fz:
         base: StoredSendshot | None = None
         old: Tree | None = None
         if from_sendshot is not None:
@@ -154,6 +161,8 @@ def send_with_sendshots(
             on_stream(sender)
         for rec in sender.records():
             writer.write(rec)
+            if on_record is not None:
+                on_record(rec)
         uuid, ctransid = sender.new_ids()
         stored = None
         if record:
@@ -185,7 +194,7 @@ def adopt(store: SendshotStore, path: str | bytes | os.PathLike[str], *,
     ``source``: the sender's source this tree is a copy of (``--from-sendshot latest`` of
     that source then finds it; default: ``path`` itself).
     """
-    src = os.fsencode(path).rstrip(b"/") or b"/"
+    src = os.path.abspath(os.fsencode(path))
     with frozen(src, snapshot=False) as fz:
         seed = store.seed()
         scan = TreeScan(fz.path, None, seed=seed, prepare=_prepare(fz, None, None, [0]))
@@ -213,7 +222,7 @@ def adopt(store: SendshotStore, path: str | bytes | os.PathLike[str], *,
             stream_uuid=uuid, stream_ctransid=stamp,
             name=name or os.path.basename(src) or b"subvol", created_ns=time.time_ns(),
             kind="adopted", subvol_uuid=fz.lineage if source is None else None,
-            source=src if source is None else os.fsencode(source).rstrip(b"/"),
+            source=src if source is None else os.path.abspath(os.fsencode(source)),
             generation=fz.generation if source is None else 0,
             seed=seed, tree_digest=tree.identity(),
         )

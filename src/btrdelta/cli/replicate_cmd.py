@@ -1,0 +1,219 @@
+"""``btrdelta replicate``: send a subvolume to a receiver that keeps the base, resumably."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+from ..errors import BtrdeltaError, ProtocolError
+from ..send.store import DEFAULT_STORE
+from ._common import human_bytes, parse_size
+
+_EPILOG = """\
+examples:
+  btrdelta replicate /data /backup                       # a local destination (a pipe)
+  btrdelta replicate /data ssh://backup@nas:2222/pool/data
+  btrdelta replicate --listen 0.0.0.0:7447 --key nas.key --allow laptop.pub /pool/data
+  btrdelta replicate /data tcp://nas:7447 --key laptop.key --peer nas.pub
+  btrdelta replicate --serve /pool/data                  # what ssh runs on the other side
+
+Each run sends what changed since the newest sendshot the receiver holds (a full stream the
+first time), in checkpointed segments: run it again after a cut and it resumes. The sender
+keeps a cursor per receiver and prunes the sendshots no receiver needs."""
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``replicate``."""
+    p = sub.add_parser(
+        "replicate", help="send SOURCE to DEST (local, ssh://, tcp://) against what it holds",
+        description=(
+            "Replicate a subvolume (or any directory) to a receiver: the two sides agree on "
+            "the newest sendshot the receiver holds, the sender sends an incremental stream "
+            "against it (live subvolumes through a read-only snapshot kept until the receiver "
+            "committed), and the receiver shows the new subvolume only when it is complete."),
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("source", metavar="SOURCE", nargs="?", help="what to send")
+    p.add_argument("dest", metavar="DEST", nargs="?",
+                   help="a local directory, ssh://[user@]host[:port]/path or tcp://host:port")
+    p.add_argument("--serve", metavar="DIR", help="receive one transfer into DIR over "
+                                                  "standard input and output")
+    p.add_argument("--listen", metavar="ADDR", help="receive over TCP on HOST:PORT into DEST")
+    p.add_argument("--allow", metavar="PUBKEY", action="append", default=[],
+                   help="(--listen) a client key allowed to connect (repeatable)")
+    p.add_argument("--key", metavar="KEY", help="this side's private key (tcp)")
+    p.add_argument("--peer", metavar="PUBKEY", help="the server's public key (tcp://)")
+    p.add_argument("--no-auth", action="store_true",
+                   help="plain TCP without authentication (loopback addresses only)")
+    p.add_argument("--once", action="store_true", help="(--listen) exit after one transfer")
+    p.add_argument("--store", metavar="DIR", help=f"the sendshot store (default {DEFAULT_STORE})")
+    p.add_argument("--segment", metavar="SIZE", default="8M",
+                   help="bytes per checkpoint (resend at most this after a cut; default 8M)")
+    p.add_argument("--rate-limit", metavar="RATE", help="bytes per second at most (e.g. 20M)")
+    p.add_argument("--full", action="store_true",
+                   help="send a full stream when the receiver holds no common base")
+    p.add_argument("--compress", choices=("zstd", "none"), default="none",
+                   help="send file data compressed (ENCODED_WRITE)")
+    p.add_argument("--no-prune", action="store_true",
+                   help="keep sendshots no receiver needs")
+    p.add_argument("--ssh", default="ssh", metavar="CMD",
+                   help="the ssh command (with options), e.g. 'ssh -i key -o ...'")
+    p.add_argument("--remote-cmd", default="btrdelta", metavar="CMD",
+                   help="btrdelta on the other side (ssh://)")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="give up on a silent TCP peer after this long (default 60)")
+    p.add_argument("--backend", choices=("auto", "btrfs", "dir"), default="auto",
+                   help="(receiving) subvolumes on btrfs, or directories")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--json", action="store_true", help="print what was done as JSON")
+    p.set_defaults(func=run)
+
+
+def _interruptible() -> None:
+    """SIGTERM and SIGHUP end the run like Ctrl-C (temporary snapshots are removed)."""
+    def stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Replicate, serve or listen."""
+    _interruptible()
+    if args.serve:
+        return _serve(args)
+    if args.listen:
+        return _listen(args)
+    if not args.source or not args.dest:
+        raise BtrdeltaError("replicate needs SOURCE and DEST (or --serve/--listen)")
+    from ..send.store import SendshotStore
+    from ..update.replicate import replicate
+
+    store = SendshotStore(args.store or DEFAULT_STORE)
+    options: dict[str, Any] = {
+        "segment": parse_size(args.segment), "allow_full": args.full,
+        "prune": not args.no_prune, "compress": None if args.compress == "none" else "zstd",
+        "rate_limit": parse_size(args.rate_limit) if args.rate_limit else None,
+    }
+    for _attempt in range(2):
+        ch, peer = _connect(args)
+        try:
+            result = replicate(args.source, ch, store=store, peer=peer, **options)
+        finally:
+            ch.close()
+        if result.outcome != "diverged":
+            break
+    report = {k: getattr(result, k) for k in result.__match_args__}
+    if args.json:
+        print(json.dumps(report))
+    elif not args.quiet:
+        if result.outcome == "committed":
+            resumed = (f", resumed at {human_bytes(result.resumed_from)}"
+                       if result.resumed_from else "")
+            print(f"replicate: {result.kind} -> {result.name}: {human_bytes(result.sent)} "
+                  f"sent of {human_bytes(result.size)}{resumed}; sendshot "
+                  f"{(result.sendshot or '')[:16]}", file=sys.stderr)
+        else:
+            print(f"replicate: {result.outcome}: {result.message}", file=sys.stderr)
+    if result.outcome == "refused" and "already-current" not in result.message:
+        raise ProtocolError(result.message)
+    return 0
+
+
+def _connect(args: argparse.Namespace) -> tuple[Any, str]:
+    from ..update import channels
+
+    dest: str = args.dest
+    if dest.startswith("ssh://"):
+        return channels.spawn_ssh(dest, args.ssh, args.remote_cmd), dest
+    if dest.startswith("tcp://"):
+        host, port = channels.parse_address(dest[len("tcp://"):].rstrip("/"))
+        if args.no_auth:
+            channels.check_loopback(host)
+            sock = channels.connect_tcp(host, port, timeout=args.timeout)
+            return channels.SocketChannel(sock, dest), dest
+        if not args.key or not args.peer:
+            raise BtrdeltaError("tcp:// needs --key (this side's key) and --peer (the "
+                                "server's public key), or --no-auth on loopback")
+        from ..trust import load_private_key, load_public_key
+
+        key, peer = load_private_key(args.key), load_public_key(args.peer)
+        sock = channels.connect_tcp(host, port, timeout=args.timeout)
+        return channels.tls_client(sock, key, peer, dest), dest
+    extra = ["--backend", args.backend] if args.backend != "auto" else []
+    return channels.spawn_local(dest, extra), dest
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ..update.channels import PipeChannel
+    from ..update.replica import Replica
+
+    replica = Replica(args.serve, backend=args.backend)
+    ch = PipeChannel(os.fdopen(0, "rb", buffering=0), os.fdopen(1, "wb", buffering=0),
+                     name="stdio")
+    result = replica.serve(ch, peer="sender")
+    ch.close()
+    if result.outcome in ("failed",):
+        print(f"replicate --serve: {result.outcome}: {result.message}", file=sys.stderr)
+        return ProtocolError.exit_code
+    if result.outcome == "interrupted" and not args.quiet:
+        print(f"replicate --serve: interrupted ({result.message}); the transfer can resume",
+              file=sys.stderr)
+    return 0
+
+
+def _listen(args: argparse.Namespace) -> int:
+    import socket
+
+    from ..update import channels
+    from ..update.replica import Replica
+
+    dest = args.dest or args.source
+    if not dest:
+        raise BtrdeltaError("--listen needs DEST")
+    host, port = channels.parse_address(args.listen)
+    if args.no_auth:
+        channels.check_loopback(host)
+    elif not args.key or not args.allow:
+        raise BtrdeltaError("--listen needs --key and --allow PUBKEY... (or --no-auth on "
+                            "loopback)")
+    from ..trust import load_private_key, load_public_key
+
+    key = load_private_key(args.key) if not args.no_auth else None
+    allowed = [load_public_key(p) for p in args.allow]
+    replica = Replica(dest, backend=args.backend)
+    try:
+        server = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host
+                                      else socket.AF_INET, reuse_port=False)
+    except OSError as exc:
+        raise BtrdeltaError(f"cannot listen on {args.listen}: {exc.strerror or exc}") from exc
+    if not args.quiet:
+        print(f"replicate: listening on {args.listen}", file=sys.stderr, flush=True)
+    with server:
+        while True:
+            sock, addr = server.accept()
+            sock.settimeout(args.timeout)
+            name = f"{addr[0]}:{addr[1]}"
+            try:
+                if key is None:
+                    ch: Any = channels.SocketChannel(sock, name)
+                    who = "anonymous"
+                else:
+                    ch, who = channels.tls_server(sock, key, allowed, name)
+                result = replica.serve(ch, peer=name)
+                ch.close()
+                if not args.quiet:
+                    print(f"replicate: {name} ({who[:16]}): {result.outcome}, "
+                          f"{result.received_bytes} bytes received {result.message}".rstrip(),
+                          file=sys.stderr, flush=True)
+            except BtrdeltaError as exc:
+                sock.close()
+                print(f"replicate: {name}: refused: {exc}", file=sys.stderr, flush=True)
+                result = None
+            if args.once and result is not None:
+                return 0 if result.outcome == "committed" else ProtocolError.exit_code
