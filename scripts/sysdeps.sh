@@ -7,7 +7,7 @@ declare -A need=(
   [btrfs]=btrfs-progs [mkfs.ext4]=e2fsprogs [xfs_io]=xfsprogs [setfattr]=attr
   [setcap]=libcap2-bin [zstd]=zstd [bsdiff]=bsdiff [xdelta3]=xdelta3 [rsync]=rsync
   [fusermount3]=fuse3 [nbdinfo]=libnbd-bin [nbdsh]=python3-libnbd [qemu-img]=qemu-utils
-  [casync]=casync [nginx]=nginx-light
+  [casync]=casync [nginx]=nginx-light [sshd]=openssh-server [ssh-keygen]=openssh-client
   [debootstrap]=debootstrap [losetup]=mount [chromium]=chromium [busybox]=busybox-static
   [grub-editenv]=grub-common [fw_setenv]=libubootenv-tool [findmnt]=mount
 )

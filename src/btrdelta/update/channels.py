@@ -84,6 +84,8 @@ class PipeChannel:
     def __init__(self, rfile: BinaryIO | IO[bytes], wfile: BinaryIO | IO[bytes],
                  proc: subprocess.Popen[bytes] | None = None, *, name: str = "pipe") -> None:
         self.rfile, self.wfile, self.proc, self.name = rfile, wfile, proc, name
+        #: what the child said on standard error (once closed)
+        self.err = ""
 
     def read(self, n: int) -> bytes:
         try:
@@ -108,6 +110,9 @@ class PipeChannel:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+            if self.proc.stderr is not None:
+                self.err = self.stderr_text()
+                self.proc.stderr.close()
 
     def stderr_text(self) -> str:
         """What the child said on standard error (after it exited)."""

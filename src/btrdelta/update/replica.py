@@ -300,8 +300,8 @@ class Replica:
         if self.btrfs:
             for entry in sorted(os.scandir(self.dest), key=lambda e: e.name):
                 if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False) or \
-                        entry.inode() != 256:
-                    continue
+                        entry.stat(follow_symlinks=False).st_ino != 256:
+                    continue  # (readdir's inode of a subvolume is its id: stat it)
                 fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 try:
                     info = subvol_info(fd)

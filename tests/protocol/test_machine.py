@@ -1,0 +1,195 @@
+"""The replication state machine, in memory: a whole conversation, and every way a peer can
+break it (typed, located errors)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from btrdelta.errors import ProtocolError
+from btrdelta.protocol import (
+    EOF,
+    NEED_DATA,
+    Accept,
+    Ack,
+    Checkpoint,
+    Commit,
+    Committed,
+    Connection,
+    Data,
+    Held,
+    Hello,
+    Holdings,
+    Partial,
+    Plan,
+    Refuse,
+)
+from btrdelta.protocol.messages import decode, encode
+from btrdelta.protocol.plan import Known, choose
+from btrdelta.stream.constants import CMD_HEADER_SIZE
+
+U1, U2, U3 = uuid.UUID(int=1), uuid.UUID(int=2), uuid.UUID(int=3)
+D = "ab" * 32
+PLAN = Plan("incremental", "cd" * 16, "data.1", U2, 7, U1, D, 100, 1 << 20)
+
+
+def _pipe(src: Connection, dst: Connection, msg: object) -> object:
+    dst.receive_data(src.send(msg))  # type: ignore[arg-type]
+    return dst.next_event()
+
+
+def _to_stream() -> tuple[Connection, Connection]:
+    s, r = Connection("sender"), Connection("receiver")
+    assert _pipe(s, r, Hello("sender", (1,), (), "store", "/data")) == \
+        Hello("sender", (1,), (), "store", "/data")
+    _pipe(r, s, Hello("receiver", (1, 2), ("encoded",), "rid", "/dest"))
+    assert s.version == 1
+    held = Holdings((Held("data.0", U3, U1, 5, D),), Partial("cd" * 16, 0, 0, "00" * 32))
+    assert _pipe(r, s, held) == held
+    assert _pipe(s, r, PLAN) == PLAN
+    _pipe(r, s, Accept(PLAN.session))
+    return s, r
+
+
+def test_a_whole_conversation() -> None:
+    s, r = _to_stream()
+    payload = bytes(range(256)) * 1000  # more than one TLV
+    assert _pipe(s, r, Data(0, payload)) == Data(0, payload)
+    _pipe(s, r, Checkpoint(0, len(payload), D, D))
+    assert s.unacked == 1
+    _pipe(r, s, Ack(0, len(payload)))
+    assert s.unacked == 0
+    _pipe(s, r, Commit(len(payload), D, D))
+    assert _pipe(r, s, Committed("data.1", U2)) == Committed("data.1", U2)
+    r.receive_data(b"")
+    assert r.next_event() is EOF
+
+
+def test_split_feeds_need_data() -> None:
+    s, r = Connection("sender"), Connection("receiver")
+    wire = s.send(Hello("sender", (1,), (), "x"))
+    for i in range(len(wire) - 1):
+        r.receive_data(wire[i:i + 1])
+        assert r.next_event() is NEED_DATA
+    r.receive_data(wire[-1:])
+    assert isinstance(r.next_event(), Hello)
+
+
+@pytest.mark.parametrize("bad", ["gap", "checkpoint", "ack", "commit", "order", "role"])
+def test_order_and_offsets_are_enforced(bad: str) -> None:
+    s, r = _to_stream()
+    if bad == "gap":  # a DATA that skips bytes
+        _pipe(s, r, Data(0, b"x" * 10))
+        wire = Connection("sender")
+        wire.phase, wire._offset, wire._header_sent = "stream", 20, True
+        r.receive_data(wire.send(Data(20, b"y")))
+        with pytest.raises(ProtocolError, match="DATA at offset 20, expected 10"):
+            r.next_event()
+        with pytest.raises(ProtocolError):  # the error sticks
+            r.next_event()
+        return
+    if bad == "checkpoint":
+        _pipe(s, r, Data(0, b"x" * 10))
+        s._offset = 11  # a lying sender's checkpoint
+        r.receive_data(s.send(Checkpoint(0, 11, D, D)))
+        with pytest.raises(ProtocolError, match="CHECKPOINT 0 at 11"):
+            r.next_event()
+        return
+    if bad == "ack":
+        with pytest.raises(ProtocolError, match="ACK of checkpoint 0"):
+            _pipe(r, s, Ack(0, 0))
+        return
+    if bad == "commit":
+        _pipe(s, r, Data(0, b"x" * 10))
+        with pytest.raises(ProtocolError, match="COMMIT of 10 bytes before"):
+            s.send(Commit(10, D, D))
+        return
+    if bad == "order":
+        with pytest.raises(ProtocolError, match="HOLDINGS is not allowed now"):
+            _pipe(r, s, Holdings(()))
+        return
+    with pytest.raises(ProtocolError, match="comes from the receiver"):
+        s.send(Ack(0, 0))
+
+
+def test_malformed_bytes_are_located() -> None:
+    s, r = Connection("sender", source="peer"), Connection("receiver", source="peer")
+    wire = bytearray(s.send(Hello("sender", (1,), (), "x")))
+    wire[-1] ^= 1
+    r.receive_data(bytes(wire))
+    with pytest.raises(ProtocolError, match="peer: offset 18, record 0.*CRC32C"):
+        r.next_event()
+    r2 = Connection("receiver")
+    r2.receive_data(b"btrfs-stream\0\1\0\0\0\0")
+    with pytest.raises(ProtocolError, match="not a btrdelta replication peer"):
+        r2.next_event()
+    r3 = Connection("receiver")
+    from btrdelta.protocol.messages import header
+    from btrdelta.stream.framing import encode_frame
+
+    r3.receive_data(header() + encode_frame(77, []))
+    with pytest.raises(ProtocolError, match="unknown message 77"):
+        r3.next_event()
+    r4 = Connection("receiver")
+    r4.receive_data(header() + b"\xff\xff\xff\x7f" + bytes(6))
+    with pytest.raises(ProtocolError, match="exceeds"):
+        r4.next_event()
+    r5 = Connection("receiver")
+    r5.receive_data(header()[:5])
+    r5.receive_data(b"")
+    with pytest.raises(ProtocolError, match="closed before"):
+        r5.next_event()
+
+
+def test_versions_and_roles() -> None:
+    s, r = Connection("sender"), Connection("receiver")
+    _pipe(s, r, Hello("sender", (1,), (), "x"))
+    with pytest.raises(ProtocolError, match="no common protocol version"):
+        _pipe(r, s, Hello("receiver", (9,), (), "y"))
+    r2 = Connection("receiver")
+    with pytest.raises(ProtocolError, match="says it is a receiver"):
+        _pipe(Connection("receiver"), r2, Hello("receiver", (1,), (), "x"))
+
+
+def test_refusal_ends_the_conversation() -> None:
+    s, r = Connection("sender"), Connection("receiver")
+    _pipe(s, r, Hello("sender", (1,), (), "x"))
+    _pipe(r, s, Hello("receiver", (1,), (), "y"))
+    _pipe(r, s, Holdings(()))
+    assert _pipe(s, r, Refuse("already-current", "nothing to do")) == \
+        Refuse("already-current", "nothing to do")
+    assert r.phase == "done"
+    with pytest.raises(ProtocolError):
+        r.send(Accept("00" * 16))
+
+
+def test_every_message_round_trips() -> None:
+    msgs = [Hello("sender", (1, 2), ("a", "b"), "id", "n"), Holdings(()), PLAN,
+            Plan("full", "ee" * 16, "x", U1, 0, None, "", 0, 65536),
+            Refuse("diverged", "text"), Accept("cd" * 16), Data(5, b"abc"),
+            Checkpoint(3, 9, D, D), Ack(3, 9), Commit(9, D, ""), Committed("x", U1)]
+    for m in msgs:
+        frame = encode(m)
+        got = decode(int.from_bytes(frame[4:6], "little"), memoryview(frame), CMD_HEADER_SIZE,
+                     len(frame))
+        assert got == m
+
+
+def test_planning() -> None:
+    k0, k1 = Known("00" * 32, U1, 1), Known("11" * 32, U2, 2)
+    held = [Held("data.0", U3, U1, 1)]
+    assert choose([k0, k1], held, name="data").kind == "incremental"
+    assert choose([k0, k1], held, name="data").base == k0
+    assert choose([], [], name="data").kind == "full"
+    c = choose([k1], held, name="data")
+    assert (c.kind, c.code) == ("refuse", "no-common-base")
+    assert choose([k1], held, name="data", allow_full=True).kind == "full"
+    c = choose([k0], [*held, Held("data.1", uuid.uuid4(), uuid.uuid4(), 9)], name="data")
+    assert c.code == "diverged"
+    assert choose([k0], held, name="data", current=k0.digest).code == "already-current"
+    p = Partial("ab" * 16, 10, 1, D)
+    assert choose([k0], held, name="data", partial=p, inflight_session="ab" * 16).kind == \
+        "resume"
+    assert choose([k0], held, name="data", partial=p, inflight_session="cd" * 16).kind == \
+        "incremental"

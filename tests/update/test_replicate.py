@@ -1,0 +1,312 @@
+"""`btrdelta replicate` over a pipe (the receiver a `replicate --serve` child): rounds of a
+live btrfs subvolume, a cut connection resumed (bytes resent at most one segment, nothing
+half-applied), a lying sender refused with nothing applied, TCP peers refused before any
+subvolume is touched. Oracle: tree-sum of the received subvolume equals the source."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from btrdelta.errors import TransportError
+from btrdelta.protocol import Connection, Data, Hello, Holdings, Plan, Refuse
+from btrdelta.protocol.messages import Accept, Checkpoint, Commit
+from btrdelta.send.store import SendshotStore
+from btrdelta.stream.records import End, Mkfile, Snapshot, Subvol, Write
+from btrdelta.stream.writer import StreamWriter
+from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs
+from btrdelta.tree import tree_sum
+from btrdelta.update.channels import MessageIO, PipeChannel, spawn_local
+from btrdelta.update.replica import chain_next
+from btrdelta.update.replicate import replicate
+from tests.conftest import require_btrfs
+
+SEG = 1 << 20
+
+
+@pytest.fixture
+def fs2() -> Iterator[tuple[Path, Path]]:
+    require_btrfs()
+    try:
+        with loop_fs("btrfs", size="700M") as snd, loop_fs("btrfs", size="700M") as rcv:
+            yield snd, rcv
+    except BtrfsUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but btrfs is unavailable: {exc}")
+        pytest.skip(str(exc))
+
+
+def _sh(*cmd: object) -> str:
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, check=False)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    return proc.stdout.decode()
+
+
+def _visible(dest: Path) -> set[str]:
+    return {n for n in os.listdir(dest) if not n.startswith(".")}
+
+
+class _Cut:
+    """A channel that fails after ``limit`` bytes written (a cut connection)."""
+
+    def __init__(self, inner: PipeChannel, limit: int) -> None:
+        self.inner, self.limit, self.written = inner, limit, 0
+
+    def read(self, n: int) -> bytes:
+        return self.inner.read(n)
+
+    def write(self, data: bytes) -> None:
+        if self.written + len(data) > self.limit:
+            raise TransportError("cut by the test")
+        self.written += len(data)
+        self.inner.write(data)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _newest(dest: Path) -> Path:
+    return dest / sorted(_visible(dest))[-1]
+
+
+@pytest.mark.btrfs
+def test_rounds_and_a_cut_over_a_pipe(fs2: tuple[Path, Path], tmp_path: Path) -> None:
+    snd, rcv = fs2
+    live = snd / "vol"
+    _sh("btrfs", "subvolume", "create", live)
+    rng = random.Random(1)
+    for i in range(8):
+        (live / f"f{i}").write_bytes(rng.randbytes(700_000))
+    store = SendshotStore(tmp_path / "store")
+    dest = rcv / "backup"
+    dest.mkdir()
+    for rnd in range(3):
+        if rnd:
+            with open(live / f"f{rnd}", "r+b") as f:
+                f.seek(100_000)
+                f.write(rng.randbytes(50_000))
+            (live / f"new{rnd}").write_bytes(rng.randbytes(20_000))
+        ch = spawn_local(str(dest))
+        res = replicate(live, ch, store=store, segment=SEG)
+        ch.close()
+        assert res.outcome == "committed", res
+        assert res.kind == ("full" if not rnd else "incremental")
+        assert tree_sum(_newest(dest)) == tree_sum(live)
+        # the sender keeps nothing but the live subvolume; the store one sendshot
+        assert [ln.split()[-1] for ln in _sh("btrfs", "subvolume", "list", snd).splitlines()] \
+            == ["vol"]
+        assert len(store.records_list()) == 1
+    # a large change, cut after about 2.5 segments
+    (live / "big").write_bytes(rng.randbytes(6 * SEG))
+    before = _visible(dest)
+    cut = _Cut(spawn_local(str(dest)), int(2.5 * SEG))
+    with pytest.raises(TransportError):
+        replicate(live, cut, store=store, segment=SEG)
+    cut.close()
+    assert _visible(dest) == before  # nothing under a final name
+    assert (dest / ".btrdelta-partial" / "meta.json").exists()
+    # a changed source does not matter: the session's snapshot is read again
+    (live / "f7").write_bytes(b"changed after the cut")
+    ch = spawn_local(str(dest))
+    res = replicate(live, ch, store=store, segment=SEG)
+    ch.close()
+    assert res.outcome == "committed", res
+    assert res.kind == "resume"
+    assert res.resumed_from >= SEG
+    assert cut.written - res.resumed_from <= SEG + 64 * 1024  # resent at most one segment
+    got = _newest(dest)
+    assert (got / "big").read_bytes() == (live / "big").read_bytes()
+    assert (got / "f7").read_bytes() != b"changed after the cut"
+    assert not (dest / ".btrdelta-partial").exists()
+    # and the next round is an incremental from it
+    ch = spawn_local(str(dest))
+    res = replicate(live, ch, store=store, segment=SEG)
+    ch.close()
+    assert res.kind == "incremental"
+    assert tree_sum(_newest(dest)) == tree_sum(live)
+
+
+def test_already_current_and_refusals(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"a" * 5000)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    store = SendshotStore(tmp_path / "store")
+    ch = spawn_local(str(dest))
+    assert replicate(src, ch, store=store).outcome == "committed"
+    ch.close()
+    # a receiver with states of this source that the sender does not know
+    other = SendshotStore(tmp_path / "other")
+    ch = spawn_local(str(dest))
+    res = replicate(src, ch, store=other)
+    ch.close()
+    assert res.outcome == "refused"
+    assert "no-common-base" in res.message
+    ch = spawn_local(str(dest))
+    assert replicate(src, ch, store=other, allow_full=True).outcome == "committed"
+    ch.close()
+    assert len(_visible(dest)) == 2
+
+
+def _stream(records: list[object]) -> bytes:
+    out = bytearray()
+    w = StreamWriter(out.extend, 1)
+    for r in records:
+        w.write(r)  # type: ignore[arg-type]
+    return bytes(out)
+
+
+def _lying_sender(dest: Path, stream: bytes, plan_parent: object, *,
+                  corrupt_digest: bool = False) -> tuple[str, int, str]:
+    """Speak the protocol by hand to a `replicate --serve` child; (outcome, exit, stderr)."""
+    ch = spawn_local(str(dest))
+    io = MessageIO(ch, Connection("sender"))
+    io.send(Hello("sender", (1,), (), "liar", "/x"))
+    io.expect(Hello)
+    io.expect(Holdings)
+    import blake3
+
+    head = next(iter([None]))
+    del head
+    from btrdelta.stream import StreamHeader, StreamReader
+
+    with open(os.devnull, "rb"):
+        pass
+    import io as _io
+
+    first = next(ev for ev in StreamReader(_io.BytesIO(stream)).events()
+                 if type(ev) is not StreamHeader)
+    plan = Plan("incremental" if plan_parent else "full", "ab" * 16, os.fsdecode(first.path),
+                first.uuid, 1, plan_parent, "", len(stream), 1 << 20)  # type: ignore[attr-defined]
+    io.send(plan)
+    got = io.expect(Accept, Refuse)
+    if isinstance(got, Refuse):
+        ch.close()
+        return "refused-plan", ch.proc.returncode if ch.proc else -1, got.message
+    digest = blake3.blake3(stream).hexdigest()
+    chain = chain_next("00" * 32, digest)
+    io.send(Data(0, stream))
+    io.send(Checkpoint(0, len(stream), "00" * 32 if corrupt_digest else digest, chain))
+    answer = io.next()
+    if not isinstance(answer, Refuse):
+        io.send(Commit(len(stream), chain, ""))
+        answer = io.next()
+    ch.close()
+    assert ch.proc is not None
+    return type(answer).__name__, ch.proc.returncode, getattr(answer, "message", "")
+
+
+def test_a_lying_sender_gets_a_typed_refusal_and_nothing_is_applied(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    import uuid as _uuid
+
+    u = _uuid.uuid4()
+    # 1. a path that leaves the destination
+    hostile = _stream([Subvol(path=b"evil", uuid=u, ctransid=1),
+                       Mkfile(path=b"../../escaped", ino=257), End()])
+    what, code, text = _lying_sender(dest, hostile, None)
+    assert what == "Refuse"
+    assert code == 9
+    assert not (tmp_path / "escaped").exists()
+    # 2. a segment whose digest is not the announced one
+    good = _stream([Subvol(path=b"ok", uuid=u, ctransid=1),
+                    Mkfile(path=b"f", ino=257), Write(path=b"f", offset=0, data=b"x"), End()])
+    what, code, text = _lying_sender(dest, good, None, corrupt_digest=True)
+    assert what == "Refuse"
+    assert "does not match its checkpoint" in text
+    # 3. a stream for another base than the plan's
+    other = _stream([Snapshot(path=b"inc", uuid=u, ctransid=2, clone_uuid=_uuid.uuid4(),
+                              clone_ctransid=1), End()])
+    what, code, text = _lying_sender(dest, other, None)
+    assert what == "Refuse"
+    assert "not the planned one" in text
+    assert _visible(dest) == set()
+    assert not (dest / ".btrdelta-partial").exists()
+    assert not [n for n in os.listdir(dest) if n.startswith(".btrdelta-tmp-")]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _keys(tmp: Path, name: str) -> tuple[Path, Path]:
+    subprocess.run([sys.executable, "-m", "btrdelta", "key", "generate", "-o",
+                    str(tmp / name)], check=True, capture_output=True)
+    return tmp / f"{name}.key", tmp / f"{name}.pub"
+
+
+def _cli(*args: object, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "btrdelta", *map(str, args)],
+                          capture_output=True, text=True, check=False, timeout=timeout)
+
+
+def _listen(port: int, dest: Path, *extra: object) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-m", "btrdelta", "replicate", "--listen",
+                             f"127.0.0.1:{port}", *map(str, extra), str(dest)],
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    assert "listening" in proc.stderr.readline()
+    return proc
+
+
+def test_tcp_peers_must_authenticate(tmp_path: Path) -> None:
+    skey, spub = _keys(tmp_path, "server")
+    ckey, cpub = _keys(tmp_path, "client")
+    okey, _opub = _keys(tmp_path, "other")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"data" * 1000)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    port = _free_port()
+    srv = _listen(port, dest, "--key", skey, "--allow", cpub)
+    try:
+        store = ["--store", tmp_path / "store"]
+        url = f"tcp://127.0.0.1:{port}"
+        wrong_key = _cli("replicate", src, url, "--key", okey, "--peer", spub, *store)
+        assert wrong_key.returncode == 5, wrong_key.stderr
+        assert "does not allow key" in wrong_key.stderr
+        wrong_pin = _cli("replicate", src, url, "--key", ckey, "--peer", cpub, *store)
+        assert wrong_pin.returncode == 5, wrong_pin.stderr
+        assert "is not the pinned key" in wrong_pin.stderr
+        plain = _cli("replicate", src, url, "--no-auth", *store, timeout=30)
+        assert plain.returncode != 0
+        assert sorted(os.listdir(dest)) == [".btrdelta-replica.json"]  # nothing touched
+        ok = _cli("replicate", src, url, "--key", ckey, "--peer", spub, *store)
+        assert ok.returncode == 0, ok.stderr
+        (got,) = _visible(dest)
+        assert tree_sum(dest / got) == tree_sum(src)
+    finally:
+        srv.terminate()
+        srv.communicate()
+    nonloop = _cli("replicate", "--listen", "0.0.0.0:1", "--no-auth", dest)
+    assert nonloop.returncode == 1
+    assert "only allowed on a loopback address" in nonloop.stderr
+    assert _cli("replicate", src, "tcp://10.1.2.3:9", "--no-auth").returncode == 1
+
+
+def test_unauthenticated_loopback(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"x" * 10)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    port = _free_port()
+    srv = _listen(port, dest, "--no-auth", "--once")
+    ok = _cli("replicate", src, f"tcp://127.0.0.1:{port}", "--no-auth", "--store",
+              tmp_path / "store", "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert srv.wait(timeout=30) == 0
+    srv.communicate()
+    assert '"outcome": "committed"' in ok.stdout
