@@ -118,7 +118,7 @@ def test_malformed_bytes_are_located() -> None:
     wire = bytearray(s.send(Hello("sender", (1,), (), "x")))
     wire[-1] ^= 1
     r.receive_data(bytes(wire))
-    with pytest.raises(ProtocolError, match="peer: offset 18, record 0.*CRC32C"):
+    with pytest.raises(ProtocolError, match=r"peer: offset 18, record 0.*CRC32C"):
         r.next_event()
     r2 = Connection("receiver")
     r2.receive_data(b"btrfs-stream\0\1\0\0\0\0")

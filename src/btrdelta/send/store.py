@@ -233,10 +233,11 @@ class SendshotStore:
         return {str(k): v for k, v in receivers.items() if isinstance(v, dict)}
 
     def set_cursor(self, receiver: str, digest: str | None, **extra: Any) -> None:
-        """Record that ``receiver`` holds ``digest`` (None: forget the receiver)."""
+        """Record that ``receiver`` holds ``digest`` (None: nothing yet) and ``extra`` (e.g.
+        ``inflight``: its transfer in flight); None and no ``extra``: forget the receiver."""
         with self.locked():
             cur = self.cursors()
-            if digest is None:
+            if digest is None and not extra:
                 cur.pop(receiver, None)
             else:
                 cur[receiver] = {"digest": digest, "updated": round(time.time(), 3), **extra}
@@ -259,8 +260,8 @@ class SendshotStore:
         with self.locked():
             every = self.records_list()
             needed = {str(c.get("digest")) for c in self.cursors().values()}
-            needed |= {str(c.get("inflight")) for c in self.cursors().values()
-                       if c.get("inflight")}
+            needed |= {str(c["inflight"].get("base")) for c in self.cursors().values()
+                       if isinstance(c.get("inflight"), dict)}
             groups: dict[object, list[StoredSendshot]] = {}
             for s in every:
                 key = group(s) if group is not None else (s.head.subvol_uuid or s.head.source)
