@@ -188,3 +188,15 @@ def print_delta_stats(st: object, name: str, *, as_json: bool) -> None:
         print(f"  {codec:<8} {st.patched_files[codec]:>6} files  "
               f"{human_bytes(st.replaced_bytes[codec])} as {human_bytes(st.patch_bytes[codec])}"
               f" of patches, saved {human_bytes(st.saved_bytes[codec])}")
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP end the command like Ctrl-C (``KeyboardInterrupt``), so what it
+    made for the run (temporary snapshots, partial files) is removed on the way out."""
+    import signal
+
+    def stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 from typing import Any
 
 from ..errors import BtrdeltaError, ProtocolError
 from ..send.store import DEFAULT_STORE
-from ._common import human_bytes, parse_size
+from ._common import human_bytes, parse_size, stop_on_signals
 
 _EPILOG = """\
 examples:
@@ -73,18 +72,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(func=run)
 
 
-def _interruptible() -> None:
-    """SIGTERM and SIGHUP end the run like Ctrl-C (temporary snapshots are removed)."""
-    def stop(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, stop)
-
-
 def run(args: argparse.Namespace) -> int:
     """Replicate, serve or listen."""
-    _interruptible()
+    stop_on_signals()
     if args.serve:
         return _serve(args)
     if args.listen:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from ..errors import BtrdeltaError
 from ..send.scan import TreeScan
 from ..send.store import DEFAULT_STORE
-from ._common import Progress, human_bytes, open_output
+from ._common import Progress, human_bytes, open_output, stop_on_signals
 
 if TYPE_CHECKING:
     from ..send import SendStats, StreamIds
@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     progress = Progress(Progress.wanted(args), "send: ")
     started = time.monotonic()
     if args.record or args.from_sendshot:
+        stop_on_signals()
         if args.parent or args.kernel or args.parent_uuid:
             raise BtrdeltaError("--record/--from-sendshot take no --parent, --parent-uuid or "
                                 "--kernel (the base is the sendshot)")
