@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: all sysdeps venv demo test lint bench vmtest clean
+.PHONY: all sysdeps venv demo test lint bench vmtest soak clean
 all: test
 
 sysdeps:
@@ -33,6 +33,10 @@ test: sysdeps venv
 vmtest: sysdeps venv
 	@scripts/sysdeps.sh --vm
 	BTRDELTA_VMTEST=1 $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/device/test_powercut.py
+
+# replication soak (docs/replicate.md): many rounds with cuts; not part of `make test`
+soak: sysdeps venv
+	BTRDELTA_SOAK=1 $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/update/test_replicate_soak.py
 
 lint: venv
 	$(BIN)/ruff check .

@@ -1,0 +1,289 @@
+"""Sendshots vs keeping the old snapshot (``btrfs send -p``), and replication throughput.
+
+Three workloads on a loop-mounted btrfs, each over ``ROUNDS`` rounds of changes to one live
+subvolume (``BTRDELTA_BENCH_ROUNDS``, default 3):
+
+* ``in-place``: a tree of the Debian bookworm files of ``benchmarks.trees.real_pair()``
+  changed in place (appends, overwrites in the middle, truncations, renames, hard links,
+  deletions, xattrs, punched holes);
+* ``sqlite``: a SQLite database under a write load between rounds;
+* ``rebuilt``: a directory removed and written again with mostly the same content.
+
+Each round, side by side: the kernel (a read-only snapshot per round, the previous one kept,
+``btrfs send -p``) and ``btrdelta send LIVE --from-sendshot latest --record`` (no snapshot
+kept): stream bytes (goal <= 1.05x the kernel's, smaller where content moved), time (goal
+<= 2x, unchanged files never read), the record's size against the subvolume's data (goal
+<= 1 %). Both streams are received by ``btrfs receive`` and compared with tree-sum. After the
+rounds: what the kernel's kept snapshot pins (``btrfs filesystem du``), and, on the files that
+changed, the bytes a diff by fixed 4 KiB blocks finds against content-defined chunks (FastCDC,
+16 KiB average), with the size of their digests.
+
+Then ``btrdelta replicate LIVE DEST`` (a local ``--serve`` child over a pipe) against
+``btrfs send S | btrfs receive`` for a full stream (goal >= 0.9x the throughput), and the wire
+bytes of an incremental with ``--compress zstd`` against without.
+
+Run: ``.venv/bin/python -m benchmarks sendshot`` (root, loop devices).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import xxhash
+from pyfastcdc.cy import FastCDC
+
+from benchmarks.trees import real_pair
+from btrdelta.testing.loopfs import loop_fs
+from btrdelta.testing.loopfs import run as sh
+from btrdelta.tree.treesum import tree_sum
+
+PY = sys.executable
+ROUNDS = int(os.environ.get("BTRDELTA_BENCH_ROUNDS", "3"))
+WORKDIR = os.environ.get("BTRDELTA_BENCH_WORKDIR")
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def _timed(cmd: list[str]) -> float:
+    t = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"{cmd[:4]} failed: {proc.stderr.decode(errors='replace')[-400:]}")
+    return time.monotonic() - t
+
+
+def _du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+# -- workloads ---------------------------------------------------------------------------
+
+
+def _in_place(live: Path, rng: random.Random) -> Callable[[int], None]:
+    _name, _old, new = real_pair()
+    sh("cp", "-a", "--reflink=never", f"{new}/usr", str(live / "usr"))
+    files = sorted(p for p in (live / "usr").rglob("*") if p.is_file() and not p.is_symlink()
+                   and p.stat().st_size > 8192)
+
+    def change(i: int) -> None:
+        for p in rng.sample(files, 40):
+            if not p.exists():
+                continue
+            size = p.stat().st_size
+            with open(p, "r+b") as f:
+                f.seek(rng.randrange(size // 2))
+                f.write(rng.randbytes(4096))
+        for p in rng.sample(files, 20):
+            if p.exists():
+                with open(p, "ab") as f:
+                    f.write(rng.randbytes(3000))
+        for n, p in enumerate(rng.sample(files, 10)):
+            if p.exists():
+                p.rename(live / f"moved-{i}-{n}")
+        for n, p in enumerate(rng.sample(files, 10)):
+            if p.exists():
+                os.link(p, live / f"link-{i}-{n}")
+        for p in rng.sample(files, 10):
+            if p.exists():
+                os.truncate(p, p.stat().st_size // 2)
+        for p in rng.sample(files, 10):
+            if p.exists() and p.stat().st_nlink == 1:
+                p.unlink()
+        for p in rng.sample(files, 10):
+            if p.exists():
+                os.setxattr(p, "user.round", str(i).encode())
+        for p in rng.sample(files, 5):
+            if p.exists() and p.stat().st_size > 65536:
+                subprocess.run(["fallocate", "-p", "-o", "16384", "-l", "16384", str(p)],
+                               check=True)
+
+    return change
+
+
+def _sqlite(live: Path, rng: random.Random) -> Callable[[int], None]:
+    con = sqlite3.connect(live / "app.db")
+    con.execute("create table t (k integer primary key, v blob)")
+    con.executemany("insert into t values (?, ?)", [(k, rng.randbytes(600))
+                                                    for k in range(150_000)])
+    con.commit()
+    con.close()
+
+    def change(i: int) -> None:
+        c = sqlite3.connect(live / "app.db")
+        for _ in range(2000):
+            c.execute("update t set v = ? where k = ?", (rng.randbytes(600),
+                                                         rng.randrange(150_000)))
+        c.executemany("insert into t (v) values (?)", [(rng.randbytes(400),)
+                                                       for _ in range(3000)])
+        c.execute("delete from t where k % 211 = ?", (i,))
+        c.commit()
+        c.close()
+
+    return change
+
+
+def _rebuilt(live: Path, rng: random.Random) -> Callable[[int], None]:
+    _name, _old, new = real_pair()
+    src = new / "usr" / "share"
+
+    def build(i: int) -> None:
+        shutil.rmtree(live / "share", ignore_errors=True)
+        sh("cp", "-a", "--reflink=never", str(src), str(live / "share"))
+        for p in sorted((live / "share").rglob("*.gz"))[i * 7:(i + 1) * 7]:
+            p.write_bytes(p.read_bytes() + b"rebuilt")
+
+    build(0)
+    return build
+
+
+# -- one workload --------------------------------------------------------------------------
+
+
+def _diff_stats(old: Path, new: Path) -> tuple[int, int, int, int]:
+    """(bytes a fixed-block diff sends, bytes a CDC diff sends, block digests, CDC digests)
+    over the regular files of ``new`` that differ from ``old`` at the same path."""
+    fixed = cdc_bytes = nblocks = nchunks = 0
+    cdc = FastCDC(16384, min_size=4096, max_size=65536)
+    for p in new.rglob("*"):
+        if not p.is_file() or p.is_symlink():
+            continue
+        q = old / p.relative_to(new)
+        b = p.read_bytes()
+        a = q.read_bytes() if q.is_file() and not q.is_symlink() else b""
+        nblocks += -(-len(b) // 4096)
+        chunks = list(cdc.cut_buf(b)) if b else []
+        nchunks += len(chunks)
+        if a == b:
+            continue
+        old_blocks = {xxhash.xxh3_128_digest(a[i:i + 4096]) for i in range(0, len(a), 4096)}
+        fixed += sum(min(4096, len(b) - i) for i in range(0, len(b), 4096)
+                     if xxhash.xxh3_128_digest(b[i:i + 4096]) not in old_blocks)
+        old_chunks = {xxhash.xxh3_128_digest(c.data) for c in cdc.cut_buf(a)} if a else set()
+        cdc_bytes += sum(c.length for c in chunks
+                         if xxhash.xxh3_128_digest(c.data) not in old_chunks)
+    return fixed, cdc_bytes, nblocks, nchunks
+
+
+def _workload(name: str, setup: Callable[[Path, random.Random], Callable[[int], None]],
+              out: Callable[[str], None]) -> None:
+    rng = random.Random(11)
+    with loop_fs("btrfs", size="6G", workdir=WORKDIR) as mnt, \
+            loop_fs("btrfs", size="6G", workdir=WORKDIR) as rcv:
+        live, store = mnt / "live", mnt / "store"
+        sh("btrfs", "subvolume", "create", str(live))
+        change = setup(live, rng)
+        (rcv / "k").mkdir()
+        (rcv / "b").mkdir()
+        sums = {"k": 0, "b": 0, "kt": 0.0, "bt": 0.0}
+        prev = None
+        for i in range(ROUNDS + 1):
+            if i:
+                change(i)
+            sh("sync")
+            snap = mnt / f"snap{i}"
+            sh("btrfs", "subvolume", "snapshot", "-r", str(live), str(snap))
+            kfile, bfile = mnt / f"k{i}", mnt / f"b{i}"
+            kcmd = ["btrfs", "-q", "send", "-f", str(kfile), str(snap)]
+            if prev is not None:
+                kcmd[3:3] = ["-p", str(prev)]
+            kt = _timed(kcmd)
+            bcmd = [PY, "-m", "btrdelta", "send", str(live), "-o", str(bfile), "--record",
+                    "--store", str(store), "--name", f"live.{i}", "--proto", "2"]
+            if i:
+                bcmd += ["--from-sendshot", "latest"]
+            bt = _timed(bcmd)
+            sh("btrfs", "receive", "-f", str(kfile), str(rcv / "k"))
+            sh("btrfs", "receive", "-f", str(bfile), str(rcv / "b"))
+            ok = tree_sum(rcv / "b" / f"live.{i}") == tree_sum(snap)
+            ks, bs = kfile.stat().st_size, bfile.stat().st_size
+            data = sum(f.stat().st_size for f in live.rglob("*") if f.is_file()
+                       and not f.is_symlink())
+            rec = _du(store / "records")
+            if i:
+                sums["k"] += ks
+                sums["b"] += bs
+                sums["kt"] += kt
+                sums["bt"] += bt
+                out(f"{name} round {i}: stream {_mib(bs)} vs kernel -p {_mib(ks)} "
+                    f"({bs / max(ks, 1):.2f}x), {bt:.2f} s vs {kt:.2f} s "
+                    f"({bt / max(kt, 1e-3):.2f}x), record {_mib(rec)} = "
+                    f"{100 * rec / max(data, 1):.2f} % of {_mib(data)}, "
+                    f"tree-sum {'equal' if ok else 'DIFFERENT'}")
+            else:
+                out(f"{name} full: {_mib(bs)} vs kernel {_mib(ks)}, {bt:.2f} s vs {kt:.2f} s, "
+                    f"tree-sum {'equal' if ok else 'DIFFERENT'}")
+            if prev is not None and i == ROUNDS:
+                fixed, cdc, nb, nc = _diff_stats(prev, snap)
+                out(f"{name} blocks vs chunks (last round): fixed 4 KiB sends {_mib(fixed)} "
+                    f"({nb} digests), FastCDC 16 KiB sends {_mib(cdc)} ({nc} digests)")
+            if prev is not None and i < ROUNDS:
+                sh("btrfs", "subvolume", "delete", str(prev))
+            prev = snap
+            for f in (kfile, bfile):
+                f.unlink()
+        listing = sh("btrfs", "subvolume", "list", str(mnt)).split()
+        du = sh("btrfs", "filesystem", "du", "-s", "--raw", str(prev)).splitlines()[-1].split()
+        out(f"{name} total: {sums['b'] / max(sums['k'], 1):.2f}x kernel bytes, "
+            f"{sums['bt'] / max(sums['kt'], 1e-3):.2f}x kernel time; sender holds "
+            f"{'only the live subvolume' if listing.count('live') == 1 else listing} + "
+            f"sendshots {_mib(_du(store / 'records'))}; the kernel's kept snapshot pins "
+            f"{_mib(int(du[1]))} exclusive")
+
+
+def _replication(out: Callable[[str], None]) -> None:
+    _name, _old, new = real_pair()
+    with loop_fs("btrfs", size="6G", workdir=WORKDIR) as mnt, \
+            loop_fs("btrfs", size="6G", workdir=WORKDIR) as rcv:
+        live = mnt / "live"
+        sh("btrfs", "subvolume", "create", str(live))
+        sh("cp", "-a", "--reflink=never", f"{new}/usr", str(live / "usr"))
+        sh("sync")
+        sh("btrfs", "subvolume", "snapshot", "-r", str(live), str(mnt / "S"))
+        (rcv / "k").mkdir()
+        (rcv / "b").mkdir()
+        size = sum(f.stat().st_size for f in live.rglob("*") if f.is_file()
+                   and not f.is_symlink())
+        kt = _timed(["sh", "-c", f"btrfs -q send {mnt / 'S'} | btrfs -q receive {rcv / 'k'}"])
+        bt = _timed([PY, "-m", "btrdelta", "replicate", str(live), str(rcv / "b"), "--store",
+                     str(mnt / "store"), "-q"])
+        out(f"replicate full over a pipe: {_mib(size)} in {bt:.2f} s = {size / bt / 2**20:.0f} "
+            f"MiB/s vs btrfs send | btrfs receive {kt:.2f} s = {size / kt / 2**20:.0f} MiB/s "
+            f"({kt / bt:.2f}x throughput)")
+        rng = random.Random(2)
+        for p in sorted((live / "usr").rglob("*.so*"))[:200]:
+            if p.is_file() and not p.is_symlink():
+                p.write_bytes(p.read_bytes()[:100] + rng.randbytes(200) + p.read_bytes()[300:])
+        wire = {}
+        for comp in ("none", "zstd"):
+            store = mnt / f"store-{comp}"
+            shutil.copytree(mnt / "store", store)
+            sh(PY, "-m", "btrdelta", "send", str(live), "-o", str(mnt / f"inc-{comp}"),
+               "--from-sendshot", "latest", "--store", str(store), "--proto", "2",
+               *(["--compress", "zstd"] if comp == "zstd" else []))
+            wire[comp] = (mnt / f"inc-{comp}").stat().st_size
+        out(f"incremental on the wire: {_mib(wire['none'])} plain, {_mib(wire['zstd'])} with "
+            f"--compress zstd ({wire['zstd'] / max(wire['none'], 1):.2f}x)")
+
+
+def run() -> list[str]:
+    """Run the benchmark; return (and print) the result lines."""
+    lines: list[str] = []
+
+    def out(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    for name, setup in (("in-place", _in_place), ("sqlite", _sqlite), ("rebuilt", _rebuilt)):
+        _workload(name, setup, out)
+    _replication(out)
+    return lines
