@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import stat
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from pyfastcdc.cy import FastCDC
 
 from ..errors import BtrdeltaError
 from ..fs.copy import data_segments
-from .scan import ROOT, Tree, open_file
+from .scan import ROOT, Node, Tree, open_file
 
 __all__ = [
     "BLOCK",
@@ -227,16 +228,6 @@ def shifted_clones(
     if old_size < min_len or sum(n for _o, n in writes) < min_len:
         return [], writes
     cdc = _cdc_for(max(old_size, new_size))
-    # the new file only around the write ranges (CDC cut points resynchronise within a
-    # couple of chunks), merged
-    margin = 2 * cdc.max_size
-    around: list[tuple[int, int]] = []
-    for off, n in writes:
-        a, b = max(0, off - margin), min(new_size, off + n + margin)
-        if around and a <= around[-1][1]:
-            around[-1] = (around[-1][0], max(around[-1][1], b))
-        else:
-            around.append((a, b))
     fo = open_file(old_path)
     try:
         fn = open_file(new_path)
@@ -244,29 +235,8 @@ def shifted_clones(
         os.close(fo)
         raise
     try:
-        where: dict[int, int] = {}
-        for off, data in _cut(fo, data_segments(fo, old_size), cdc, old_path):
-            where.setdefault(xxhash.xxh3_64_intdigest(data), off)
-        if not where:
-            return [], writes
-        starts = [o for o, _n in writes]
-        runs: list[list[int]] = []  # [start, end, shift]
-        ranges = [(a, b - a) for a, b in around]
-        for off, data in _cut(fn, ranges, cdc, new_path):
-            n = len(data)
-            i = bisect.bisect_right(starts, off + n - 1) - 1
-            if i < 0 or writes[i][0] + writes[i][1] <= off:
-                continue  # overlaps no write range (they are sorted and disjoint)
-            src = where.get(xxhash.xxh3_64_intdigest(data))
-            if src is None or (off - src) % BLOCK:
-                continue
-            if os.pread(fo, n, src) != bytes(data):
-                continue  # hash collision
-            shift = off - src
-            if runs and runs[-1][1] == off and runs[-1][2] == shift:
-                runs[-1][1] = off + n
-            else:
-                runs.append([off, off + n, shift])
+        runs = _shifted_runs(fo, fn, old_path, new_path, old_size,
+                             _around(writes, new_size, 2 * cdc.max_size), writes, cdc)
     finally:
         os.close(fo)
         os.close(fn)
@@ -278,6 +248,54 @@ def shifted_clones(
     ]
     if not aligned:
         return [], writes
+    return _split_writes(writes, aligned, min_len)
+
+
+def _around(writes: list[tuple[int, int]], size: int, margin: int) -> list[tuple[int, int]]:
+    """The ranges ``(offset, length)`` of a file around its write ranges (CDC cut points
+    resynchronise within a couple of chunks), merged."""
+    around: list[tuple[int, int]] = []
+    for off, n in writes:
+        a, b = max(0, off - margin), min(size, off + n + margin)
+        if around and a <= around[-1][1]:
+            around[-1] = (around[-1][0], max(around[-1][1], b))
+        else:
+            around.append((a, b))
+    return [(a, b - a) for a, b in around]
+
+
+def _shifted_runs(fo: int, fn: int, old_path: bytes, new_path: bytes, old_size: int,
+                  ranges: list[tuple[int, int]], writes: list[tuple[int, int]], cdc: FastCDC
+                  ) -> list[list[int]]:
+    """``[start, end, shift]`` runs of new-file chunks overlapping ``writes`` found in the old
+    file at a 4 KiB-aligned shift (confirmed byte by byte)."""
+    where: dict[int, int] = {}
+    for off, data in _cut(fo, data_segments(fo, old_size), cdc, old_path):
+        where.setdefault(xxhash.xxh3_64_intdigest(data), off)
+    runs: list[list[int]] = []
+    if not where:
+        return runs
+    starts = [o for o, _n in writes]
+    for off, data in _cut(fn, ranges, cdc, new_path):
+        n = len(data)
+        i = bisect.bisect_right(starts, off + n - 1) - 1
+        if i < 0 or writes[i][0] + writes[i][1] <= off:
+            continue  # overlaps no write range (they are sorted and disjoint)
+        src = where.get(xxhash.xxh3_64_intdigest(data))
+        if src is None or (off - src) % BLOCK or os.pread(fo, n, src) != bytes(data):
+            continue  # not there, not at an aligned shift, or a hash collision
+        shift = off - src
+        if runs and runs[-1][1] == off and runs[-1][2] == shift:
+            runs[-1][1] = off + n
+        else:
+            runs.append([off, off + n, shift])
+    return runs
+
+
+def _split_writes(writes: list[tuple[int, int]], aligned: list[tuple[int, int, int]],
+                  min_len: int) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]]]:
+    """``writes`` cut into clones (where ``aligned`` runs cover at least ``min_len``) and
+    what is left to write."""
     clones: list[tuple[int, int, int]] = []
     rest: list[tuple[int, int]] = []
     j = 0
@@ -321,131 +339,144 @@ def _match_identities(old: Tree, new: Tree, m: Match) -> None:
             m.unchanged.add(node.id)
 
 
+class _Matcher:
+    """One :func:`match_trees`: the trees, the pairs so far, old nodes by path."""
+
+    def __init__(self, old: Tree, new: Tree, *, quick: bool, virtual: bool) -> None:
+        self.old, self.new, self.quick, self.virtual = old, new, quick, virtual
+        self.m = Match()
+        self.m.pair(ROOT, ROOT)
+        self.old_by_path = {old.path_of(p, name): o.id for o in old.nodes.values()
+                            for p, name in o.dentries}
+        self.old_by_path[b""] = ROOT
+        self.regs = [n for n in new.nodes.values() if n.is_reg]
+
+    def old_at(self, new_id: int) -> list[int]:
+        """Unmatched old nodes at any path of new node ``new_id``."""
+        node, o2n, by_path = self.new.nodes[new_id], self.m.o2n, self.old_by_path
+        if len(node.dentries) == 1:
+            oid = by_path.get(node.path)
+            return [oid] if oid is not None and oid not in o2n else []
+        found = [by_path.get(path) for path in self.new.paths(new_id)]
+        return [oid for oid in found if oid is not None and oid not in o2n]
+
+    def same_path_same_content(self) -> None:
+        """Step 1."""
+        m, onodes = self.m, self.old.nodes
+        for node in self.regs:
+            if node.id in m.n2o:
+                continue
+            for oid in self.old_at(node.id):
+                o = onodes[oid]
+                if not o.is_reg or o.size != node.size:
+                    continue
+                if (self.quick and o.mtime_ns == node.mtime_ns) or (
+                    o.digest == node.digest and (not self.virtual or o.bdigest == node.bdigest)
+                ):
+                    m.pair(node.id, oid)
+                    m.unchanged.add(node.id)
+                    break
+
+    def same_content_elsewhere(self) -> None:
+        """Step 2 (moved / renamed). An old file that still has a regular file at one of its
+        paths is left for step 3: changing it in place and cloning the copy from the parent
+        beats resending that path."""
+        m, old, new, onodes = self.m, self.old, self.new, self.old.nodes
+        by_digest: dict[bytes, list[int]] = defaultdict(list)
+        for o in onodes.values():
+            if o.is_reg and o.id not in m.o2n and \
+                    not any(_is_reg_at(new, p) for p in old.paths(o.id)):
+                by_digest[o.digest].append(o.id)
+        for node in self.regs:
+            if node.id in m.n2o:
+                continue
+            cands = [c for c in by_digest.get(node.digest, ()) if c not in m.o2n]
+            if not cands:
+                continue
+            names = {name for _p, name in node.dentries}
+            cands.sort(key=lambda c: not any(n in names for _p, n in onodes[c].dentries))
+            for c in cands:
+                if self._equal(onodes[c], node):
+                    m.pair(node.id, c)
+                    m.unchanged.add(node.id)
+                    break
+
+    def _equal(self, o: Node, node: Node) -> bool:
+        """Digests are not collision resistant: BLAKE3 (a record) or byte by byte."""
+        if self.virtual:
+            return o.bdigest == node.bdigest and o.size == node.size
+        return files_equal(self.old.abspath(o.path), self.new.abspath(node.path), node.size)
+
+    def same_path_changed(self) -> None:
+        """Step 3."""
+        m, onodes = self.m, self.old.nodes
+        for node in self.regs:
+            if node.id not in m.n2o:
+                oid = next((o for o in self.old_at(node.id) if onodes[o].is_reg), None)
+                if oid is not None:
+                    m.pair(node.id, oid)
+
+    def others(self) -> None:
+        """Step 4: symlinks and special files."""
+        m, onodes = self.m, self.old.nodes
+        by_target: dict[bytes, list[int]] = defaultdict(list)
+        for o in onodes.values():
+            if o.fmt == stat.S_IFLNK:
+                by_target[o.target].append(o.id)
+        others = [n for n in self.new.nodes.values() if not n.is_reg and not n.is_dir]
+        for node in others:
+            if node.id in m.n2o:
+                continue
+            for oid in self.old_at(node.id):
+                o = onodes[oid]
+                if o.fmt == node.fmt and o.rdev == node.rdev and o.target == node.target:
+                    m.pair(node.id, oid)
+                    break
+        for node in others:
+            if node.id in m.n2o or node.fmt != stat.S_IFLNK:
+                continue
+            c = next((c for c in by_target.get(node.target, ()) if c not in m.o2n), None)
+            if c is not None:
+                m.pair(node.id, c)
+
+    def directories(self) -> None:
+        """Step 5: directories, deepest first, by the votes of their matched children."""
+        m, new, onodes = self.m, self.new, self.old.nodes
+        order: list[int] = []
+        stack = [ROOT]
+        while stack:
+            d = stack.pop()
+            order.append(d)
+            stack += [cid for cid in new.children[d].values() if new.nodes[cid].is_dir]
+        for d in reversed(order):
+            if d == ROOT or d in m.n2o:
+                continue
+            votes: dict[int, int] = defaultdict(int)
+            for name, cid in new.children[d].items():
+                matched = m.n2o.get(cid)
+                for op, oname in onodes[matched].dentries if matched is not None else ():
+                    if op not in m.o2n:
+                        votes[op] += 2 if oname == name else 1
+            same_path = self.old_at(d)
+            same = same_path[0] if same_path and onodes[same_path[0]].is_dir else None
+            if votes:
+                m.pair(d, max(votes, key=lambda o: (votes[o], o == same, -o)))
+            elif same is not None:
+                m.pair(d, same)
+
+
 def match_trees(old: Tree, new: Tree, *, quick: bool = False, virtual: bool = False,
                 identities: bool = False) -> Match:
     """Pair the inodes of ``old`` and ``new`` (see the module docstring). With ``virtual``
     (``old`` is a sendshot record), content is compared by BLAKE3 digests instead of reading
     old files; with ``identities`` (the record is of an earlier state of the same
     filesystem tree) inodes are first paired by inode number and generation."""
-    m = Match()
-    m.pair(ROOT, ROOT)
-    onodes, nnodes = old.nodes, new.nodes
+    matcher = _Matcher(old, new, quick=quick, virtual=virtual)
     if identities:
-        _match_identities(old, new, m)
-
-    old_by_path = {old.path_of(p, name): o.id for o in onodes.values() for p, name in o.dentries}
-    old_by_path[b""] = ROOT
-
-    def old_at(new_id: int) -> list[int]:
-        """Unmatched old nodes at any path of new node ``new_id``."""
-        node = nnodes[new_id]
-        if len(node.dentries) == 1:
-            oid = old_by_path.get(node.path)
-            return [oid] if oid is not None and oid not in m.o2n else []
-        out = []
-        for path in new.paths(new_id):
-            oid = old_by_path.get(path)
-            if oid is not None and oid not in m.o2n:
-                out.append(oid)
-        return out
-
-    regs = [n for n in nnodes.values() if n.is_reg]
-    # 1. same path, same content
-    for node in regs:
-        if node.id in m.n2o:
-            continue
-        for oid in old_at(node.id):
-            o = onodes[oid]
-            if not o.is_reg or o.size != node.size:
-                continue
-            if (quick and o.mtime_ns == node.mtime_ns) or (
-                o.digest == node.digest and (not virtual or o.bdigest == node.bdigest)
-            ):
-                m.pair(node.id, oid)
-                m.unchanged.add(node.id)
-                break
-    # 2. same content elsewhere (moved / renamed)
-    # An old file that still has a regular file at one of its paths is left for step 3:
-    # changing it in place and cloning the copy from the parent beats resending that path.
-    by_digest: dict[bytes, list[int]] = defaultdict(list)
-    for o in onodes.values():
-        if o.is_reg and o.id not in m.o2n:
-            if any(_is_reg_at(new, p) for p in old.paths(o.id)):
-                continue
-            by_digest[o.digest].append(o.id)
-    for node in regs:
-        if node.id in m.n2o:
-            continue
-        cands = [c for c in by_digest.get(node.digest, ()) if c not in m.o2n]
-        if not cands:
-            continue
-        names = {name for _p, name in node.dentries}
-        cands.sort(key=lambda c: not any(n in names for _p, n in onodes[c].dentries))
-        new_abs = new.abspath(node.path)
-        for c in cands:  # digests are not collision resistant: confirm byte by byte
-            if (onodes[c].bdigest == node.bdigest and onodes[c].size == node.size) \
-                    if virtual else files_equal(old.abspath(onodes[c].path), new_abs, node.size):
-                m.pair(node.id, c)
-                m.unchanged.add(node.id)
-                break
-    # 3. same path, changed content
-    for node in regs:
-        if node.id in m.n2o:
-            continue
-        for oid in old_at(node.id):
-            if onodes[oid].is_reg:
-                m.pair(node.id, oid)
-                break
-    # 4. symlinks and special files
-    by_target: dict[bytes, list[int]] = defaultdict(list)
-    for o in onodes.values():
-        if o.fmt == 0o120000:
-            by_target[o.target].append(o.id)
-    others = [n for n in nnodes.values() if not n.is_reg and not n.is_dir]
-    for node in others:
-        if node.id in m.n2o:
-            continue
-        for oid in old_at(node.id):
-            o = onodes[oid]
-            if o.fmt == node.fmt and o.rdev == node.rdev and o.target == node.target:
-                m.pair(node.id, oid)
-                break
-    for node in others:
-        if node.id in m.n2o or node.fmt != 0o120000:
-            continue
-        for c in by_target.get(node.target, ()):
-            if c not in m.o2n:
-                m.pair(node.id, c)
-                break
-    # 5. directories, deepest first
-    depth: dict[int, int] = {ROOT: 0}
-    order: list[int] = []
-    stack = [ROOT]
-    while stack:
-        d = stack.pop()
-        order.append(d)
-        for cid in new.children[d].values():
-            if nnodes[cid].is_dir:
-                depth[cid] = depth[d] + 1
-                stack.append(cid)
-    for d in reversed(order):
-        if d == ROOT or d in m.n2o:
-            continue
-        votes: dict[int, int] = defaultdict(int)
-        for name, cid in new.children[d].items():
-            matched = m.n2o.get(cid)
-            if matched is None:
-                continue
-            for op, oname in onodes[matched].dentries:
-                if op not in m.o2n:
-                    votes[op] += 2 if oname == name else 1
-        same_path = old_at(d)
-        same: int | None = None
-        if same_path and onodes[same_path[0]].is_dir:
-            same = same_path[0]
-        if votes:
-            best = max(votes, key=lambda o: (votes[o], o == same, -o))
-            m.pair(d, best)
-        elif same is not None:
-            m.pair(d, same)
-    return m
+        _match_identities(old, new, matcher.m)
+    matcher.same_path_same_content()
+    matcher.same_content_elsewhere()
+    matcher.same_path_changed()
+    matcher.others()
+    matcher.directories()
+    return matcher.m

@@ -103,6 +103,115 @@ def _create(node: Node, path: bytes, ino: int) -> Record:
     return Mknod(path=path, ino=ino, rdev=node.rdev, mode=node.mode)
 
 
+class _Orderer:
+    """One :func:`order_namespace`: the simulated namespace and the records so far."""
+
+    def __init__(self, old: Tree, new: Tree, match: Match) -> None:
+        self.old, self.new, self.match = old, new, match
+        self.ns = Namespace(
+            children={d: dict(kids) for d, kids in old.children.items()},
+            dentries={nid: list(node.dentries) for nid, node in old.nodes.items()},
+        )
+        self.out: list[Record] = []
+        self.next_ino = max((n.ino for n in old.nodes.values()), default=256) + 1
+        self.root_names = set(old.children[ROOT]) | set(new.children[ROOT])
+        self.orphan_seq: dict[int, int] = {}
+
+    def key_of(self, new_id: int) -> int:
+        """The namespace key of new node ``new_id``."""
+        oid = self.match.n2o.get(new_id)
+        return oid if oid is not None else -1 - new_id
+
+    def final_dentries(self, key: int) -> set[Dentry]:
+        """The names ``key`` has in the new tree."""
+        nid = self.match.o2n.get(key) if key >= 0 else -1 - key
+        if nid is None:
+            return set()
+        return {(self.key_of(p), name) for p, name in self.new.nodes[nid].dentries}
+
+    def orphan_name(self, key: int) -> bytes:
+        """A free orphan name ``o<ino>-0-<idx>`` in the root for old inode ``key``."""
+        ino = self.old.nodes[key].ino
+        idx = self.orphan_seq.get(key, 0)
+        while True:
+            name = b"o%d-0-%d" % (ino, idx)
+            idx += 1
+            if name not in self.root_names and name not in self.ns.children[ROOT]:
+                self.orphan_seq[key] = idx
+                return name
+
+    def evict(self, parent: int, name: bytes, key: int) -> None:
+        """Free ``name`` in ``parent``: unlink a doomed file, else move it to an orphan."""
+        ns = self.ns
+        src = ns.path(parent, name)
+        is_dir = key >= 0 and self.old.nodes[key].is_dir
+        if not is_dir and key >= 0 and key not in self.match.o2n:
+            self.out.append(Unlink(path=src))
+            ns.remove(key, parent, name)
+            return
+        oname = self.orphan_name(key)
+        self.out.append(Rename(path=src, path_to=oname))
+        ns.remove(key, parent, name)
+        ns.add(key, ROOT, oname)
+        if is_dir:
+            ns.touched.add(key)
+
+    def place(self, pkey: int, name: bytes, cid: int) -> None:
+        """Put new node ``cid`` at ``name`` in directory ``pkey``: create, rename or link."""
+        ns, node = self.ns, self.new.nodes[cid]
+        ckey = self.key_of(cid)
+        occupant = ns.children[pkey].get(name)
+        if occupant == ckey:
+            return
+        if occupant is not None:
+            self.evict(pkey, name, occupant)
+        target = ns.path(pkey, name)
+        if ckey < 0 and cid not in ns.created:
+            self.out.append(_create(node, target, self.next_ino))
+            self.next_ino += 1
+            ns.created.add(cid)
+            ns.add(ckey, pkey, name)
+            if node.is_dir:
+                ns.children[ckey] = {}
+            return
+        current = ns.dentries.get(ckey, [])
+        finals = self.final_dentries(ckey)
+        pending = [dn for dn in current if dn not in finals]
+        if pending:
+            src_parent, src_name = pending[0]
+            self.out.append(Rename(path=ns.path(src_parent, src_name), path_to=target))
+            ns.remove(ckey, src_parent, src_name)
+            ns.add(ckey, pkey, name)
+            if node.is_dir:
+                ns.touched.add(ckey)
+        else:
+            src_parent, src_name = current[0]
+            self.out.append(Link(path=target, path_link=ns.path(src_parent, src_name)))
+            ns.add(ckey, pkey, name)
+
+    def clean_up(self) -> None:
+        """Unlink names that are not part of the new tree; remove doomed directories,
+        deepest first."""
+        ns = self.ns
+        doomed_dirs: list[int] = []
+        for key in list(ns.dentries):
+            if key < 0:
+                continue
+            if self.old.nodes[key].is_dir:
+                if key not in self.match.o2n and ns.dentries[key]:
+                    doomed_dirs.append(key)
+                continue
+            finals = self.final_dentries(key)
+            for dn in [dn for dn in ns.dentries[key] if dn not in finals]:
+                self.out.append(Unlink(path=ns.path(*dn)))
+                ns.remove(key, *dn)
+        depth = {k: ns.dir_path(k).count(b"/") for k in doomed_dirs}
+        for key in sorted(doomed_dirs, key=lambda k: -depth[k]):
+            parent, name = ns.dentries[key][0]
+            self.out.append(Rmdir(path=ns.path(parent, name)))
+            ns.remove(key, parent, name)
+
+
 def order_namespace(old: Tree, new: Tree, match: Match) -> tuple[list[Record], Namespace]:
     """The namespace records that turn ``old`` into ``new`` given ``match``.
 
@@ -110,109 +219,16 @@ def order_namespace(old: Tree, new: Tree, match: Match) -> tuple[list[Record], N
         The records (creates, renames, links, unlinks, rmdirs) and the final
         :class:`Namespace` (which inodes were created, which directories touched).
     """
-    ns = Namespace(
-        children={d: dict(kids) for d, kids in old.children.items()},
-        dentries={nid: list(node.dentries) for nid, node in old.nodes.items()},
-    )
-    out: list[Record] = []
-    n2o = match.n2o
-    next_ino = max((n.ino for n in old.nodes.values()), default=256) + 1
-    new_ino: dict[int, int] = {}
-    root_names = set(old.children[ROOT]) | set(new.children[ROOT])
-    orphan_seq: dict[int, int] = {}
-
-    def key_of(new_id: int) -> int:
-        oid = n2o.get(new_id)
-        return oid if oid is not None else -1 - new_id
-
-    def final_dentries(key: int) -> set[Dentry]:
-        nid = match.o2n.get(key) if key >= 0 else -1 - key
-        if nid is None:
-            return set()
-        return {(key_of(p), name) for p, name in new.nodes[nid].dentries}
-
-    def orphan_name(key: int) -> bytes:
-        ino = old.nodes[key].ino
-        idx = orphan_seq.get(key, 0)
-        while True:
-            name = b"o%d-0-%d" % (ino, idx)
-            idx += 1
-            if name not in root_names and name not in ns.children[ROOT]:
-                orphan_seq[key] = idx
-                return name
-
-    def evict(parent: int, name: bytes, key: int) -> None:
-        src = ns.path(parent, name)
-        is_dir = key >= 0 and old.nodes[key].is_dir
-        if not is_dir and key >= 0 and key not in match.o2n:
-            out.append(Unlink(path=src))
-            ns.remove(key, parent, name)
-            return
-        oname = orphan_name(key)
-        out.append(Rename(path=src, path_to=oname))
-        ns.remove(key, parent, name)
-        ns.add(key, ROOT, oname)
-        if is_dir:
-            ns.touched.add(key)
-
+    o = _Orderer(old, new, match)
     stack = [ROOT]
     while stack:
         d = stack.pop()
-        pkey = key_of(d)
+        pkey = o.key_of(d)
         subdirs: list[int] = []
         for name, cid in sorted(new.children[d].items()):
-            node = new.nodes[cid]
-            if node.is_dir:
+            if new.nodes[cid].is_dir:
                 subdirs.append(cid)
-            ckey = key_of(cid)
-            occupant = ns.children[pkey].get(name)
-            if occupant == ckey:
-                continue
-            if occupant is not None:
-                evict(pkey, name, occupant)
-            target = ns.path(pkey, name)
-            if ckey < 0 and cid not in ns.created:
-                ino = new_ino[cid] = next_ino
-                next_ino += 1
-                out.append(_create(node, target, ino))
-                ns.created.add(cid)
-                ns.add(ckey, pkey, name)
-                if node.is_dir:
-                    ns.children[ckey] = {}
-                continue
-            current = ns.dentries.get(ckey, [])
-            finals = final_dentries(ckey)
-            pending = [dn for dn in current if dn not in finals]
-            if pending:
-                src_parent, src_name = pending[0]
-                out.append(Rename(path=ns.path(src_parent, src_name), path_to=target))
-                ns.remove(ckey, src_parent, src_name)
-                ns.add(ckey, pkey, name)
-                if node.is_dir:
-                    ns.touched.add(ckey)
-            else:
-                src_parent, src_name = current[0]
-                out.append(Link(path=target, path_link=ns.path(src_parent, src_name)))
-                ns.add(ckey, pkey, name)
+            o.place(pkey, name, cid)
         stack.extend(reversed(subdirs))
-
-    # clean-up: names that are not part of the new tree
-    doomed_dirs: list[int] = []
-    for key in list(ns.dentries):
-        if key < 0:
-            continue
-        onode = old.nodes[key]
-        if onode.is_dir:
-            if key not in match.o2n and ns.dentries[key]:
-                doomed_dirs.append(key)
-            continue
-        finals = final_dentries(key)
-        for dn in [dn for dn in ns.dentries[key] if dn not in finals]:
-            out.append(Unlink(path=ns.path(*dn)))
-            ns.remove(key, *dn)
-    depth = {k: ns.dir_path(k).count(b"/") for k in doomed_dirs}
-    for key in sorted(doomed_dirs, key=lambda k: -depth[k]):
-        parent, name = ns.dentries[key][0]
-        out.append(Rmdir(path=ns.path(parent, name)))
-        ns.remove(key, parent, name)
-    return out, ns
+    o.clean_up()
+    return o.out, o.ns

@@ -236,6 +236,100 @@ def _read_xattrs(path: bytes, names: list[str]) -> dict[bytes, bytes]:
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+class _Scanner:
+    """One :func:`scan_tree`: the nodes so far, hard links by inode, counters."""
+
+    def __init__(self, root: bytes, dev: int,
+                 on_entry: Callable[[int, int], None] | None) -> None:
+        self.nodes: dict[int, Node] = {}
+        self.children: dict[int, dict[bytes, int]] = {}
+        self.by_inode: dict[int, int] = {}
+        self.tree = Tree(root, self.nodes, self.children)
+        self.dev = dev
+        self.on_entry = on_entry
+        self.files = self.data = 0
+
+    def make(self, st: os.stat_result, full: bytes, rel: bytes, dfd: int | None,
+             name: bytes) -> Node:
+        """A node for ``st`` (its symlink target, device number and xattrs read)."""
+        nodes = self.nodes
+        nid = len(nodes)
+        mode = st.st_mode
+        node = Node(nid, 256 if nid == ROOT else _FIRST_INO + nid - 1, mode, st.st_uid,
+                    st.st_gid, st.st_size, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns,
+                    rel, st_ino=st.st_ino)
+        fmt = stat.S_IFMT(mode)
+        if fmt == stat.S_IFLNK:
+            node.target = os.readlink(name, dir_fd=dfd)
+        elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
+            node.rdev = kernel_rdev(st.st_rdev)
+        if fmt != stat.S_IFSOCK:
+            try:
+                has = os.listxattr(full, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTSUP, errno.EPERM):
+                    raise
+                has = []
+            if has:
+                node.xattrs = _read_xattrs(full, has)
+        nodes[nid] = node
+        return node
+
+    def scan_dir(self, dir_id: int, absdir: bytes, reldir: bytes
+                 ) -> list[tuple[int, bytes, bytes]]:
+        """Read one directory's entries; returns its subdirectories to visit."""
+        try:
+            dfd = os.open(absdir, _DIR_FLAGS)
+        except OSError as exc:
+            raise BtrdeltaError(f"cannot read directory: {exc.strerror}", path=absdir) from exc
+        try:
+            self.nodes[dir_id].flags = get_fileattr(dfd)
+            try:
+                names = sorted(os.listdir(absdir))
+            except OSError as exc:
+                raise BtrdeltaError(
+                    f"cannot read directory: {exc.strerror}", path=absdir
+                ) from exc
+            kids = self.children[dir_id]
+            subdirs: list[tuple[int, bytes, bytes]] = []
+            prefix = absdir + b"/"
+            relprefix = reldir + b"/" if reldir else b""
+            lstat, s_ifmt, s_ifdir = os.lstat, 0o170000, stat.S_IFDIR
+            for name in names:
+                est = lstat(name, dir_fd=dfd)
+                if est.st_dev != self.dev:
+                    continue  # mount point or nested subvolume: not part of this tree
+                fmt = est.st_mode & s_ifmt
+                if fmt == s_ifdir and est.st_ino == 2 and not os.listdir(prefix + name):
+                    continue  # btrfs empty-subvolume stub in a snapshot
+                node = self._entry(est, fmt, prefix + name, relprefix + name, dfd, name)
+                node.dentries.append((dir_id, name))
+                kids[name] = node.id
+                if fmt == s_ifdir:
+                    self.children[node.id] = {}
+                    subdirs.append((node.id, prefix + name, relprefix + name))
+                if self.on_entry is not None and self.files % 256 == 0:
+                    self.on_entry(self.files, self.data)
+        finally:
+            os.close(dfd)
+        return subdirs
+
+    def _entry(self, est: os.stat_result, fmt: int, full: bytes, rel: bytes, dfd: int,
+               name: bytes) -> Node:
+        """The node of one directory entry (the existing one for another hard link)."""
+        linked = est.st_nlink > 1 and fmt != stat.S_IFDIR
+        nid = self.by_inode.get(est.st_ino) if linked else None
+        if nid is not None:
+            return self.nodes[nid]
+        node = self.make(est, full, rel, dfd, name)
+        if linked:
+            self.by_inode[est.st_ino] = node.id
+        self.files += 1
+        if fmt == stat.S_IFREG:
+            self.data += est.st_size
+        return node
+
+
 def scan_tree(
     path: str | bytes | os.PathLike[str],
     *,
@@ -257,91 +351,16 @@ def scan_tree(
         raise BtrdeltaError(f"cannot scan: {exc.strerror}", path=root) from exc
     if not stat.S_ISDIR(st.st_mode):
         raise BtrdeltaError("not a directory", path=root)
-    dev = st.st_dev
-    nodes: dict[int, Node] = {}
-    children: dict[int, dict[bytes, int]] = {}
-    by_inode: dict[int, int] = {}
-    tree = Tree(root, nodes, children)
-    s_ifmt, s_ifdir, s_ifreg, s_iflnk = 0o170000, stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK
-    s_ifchr, s_ifblk, s_ifsock = stat.S_IFCHR, stat.S_IFBLK, stat.S_IFSOCK
-    lstat, listxattr = os.lstat, os.listxattr
-
-    def make(st: os.stat_result, full: bytes, rel: bytes, dfd: int | None, name: bytes) -> Node:
-        nid = len(nodes)
-        mode = st.st_mode
-        node = Node(nid, 256 if nid == ROOT else _FIRST_INO + nid - 1, mode, st.st_uid,
-                    st.st_gid, st.st_size, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns,
-                    rel, st_ino=st.st_ino)
-        fmt = mode & s_ifmt
-        if fmt == s_iflnk:
-            node.target = os.readlink(name, dir_fd=dfd)
-        elif fmt in (s_ifchr, s_ifblk):
-            node.rdev = kernel_rdev(st.st_rdev)
-        if fmt != s_ifsock:
-            try:
-                has = listxattr(full, follow_symlinks=False)
-            except OSError as exc:
-                if exc.errno not in (errno.ENOTSUP, errno.EPERM):
-                    raise
-                has = []
-            if has:
-                node.xattrs = _read_xattrs(full, has)
-        nodes[nid] = node
-        return node
-
-    make(st, root, b"", None, root)
-    children[ROOT] = {}
-    files = data = 0
+    scanner = _Scanner(root, st.st_dev, on_entry)
+    scanner.make(st, root, b"", None, root)
+    scanner.children[ROOT] = {}
     stack: list[tuple[int, bytes, bytes]] = [(ROOT, root, b"")]
     while stack:
-        dir_id, absdir, reldir = stack.pop()
-        try:
-            dfd = os.open(absdir, _DIR_FLAGS)
-        except OSError as exc:
-            raise BtrdeltaError(f"cannot read directory: {exc.strerror}", path=absdir) from exc
-        try:
-            nodes[dir_id].flags = get_fileattr(dfd)
-            try:
-                names = sorted(os.listdir(absdir))
-            except OSError as exc:
-                raise BtrdeltaError(
-                    f"cannot read directory: {exc.strerror}", path=absdir
-                ) from exc
-            kids = children[dir_id]
-            subdirs: list[tuple[int, bytes, bytes]] = []
-            prefix = absdir + b"/"
-            relprefix = reldir + b"/" if reldir else b""
-            for name in names:
-                est = lstat(name, dir_fd=dfd)
-                if est.st_dev != dev:
-                    continue  # mount point or nested subvolume: not part of this tree
-                fmt = est.st_mode & s_ifmt
-                if fmt == s_ifdir and est.st_ino == 2 and not os.listdir(prefix + name):
-                    continue  # btrfs empty-subvolume stub in a snapshot
-                linked = est.st_nlink > 1 and fmt != s_ifdir
-                nid_opt = by_inode.get(est.st_ino) if linked else None
-                if nid_opt is not None:
-                    node = nodes[nid_opt]
-                else:
-                    node = make(est, prefix + name, relprefix + name, dfd, name)
-                    if linked:
-                        by_inode[est.st_ino] = node.id
-                    files += 1
-                    if fmt == s_ifreg:
-                        data += est.st_size
-                node.dentries.append((dir_id, name))
-                kids[name] = node.id
-                if fmt == s_ifdir:
-                    children[node.id] = {}
-                    subdirs.append((node.id, prefix + name, relprefix + name))
-                if on_entry is not None and files % 256 == 0:
-                    on_entry(files, data)
-        finally:
-            os.close(dfd)
-        stack.extend(reversed(subdirs))
-    tree.files, tree.data_bytes = files, data
+        stack.extend(reversed(scanner.scan_dir(*stack.pop())))
+    tree = scanner.tree
+    tree.files, tree.data_bytes = scanner.files, scanner.data
     if on_entry is not None:
-        on_entry(files, data)
+        on_entry(scanner.files, scanner.data)
     return tree
 
 

@@ -154,32 +154,42 @@ def send_with_sendshots(
         sender = Sender(fz.path, None, version=version, compress=compress, name=stream_name,
                         on_progress=on_progress, scan=scan, old_record=old, ids=ids,
                         identities=same_tree)
-        from ..stream.writer import StreamWriter
-
-        writer = StreamWriter(write, version)
         if on_stream is not None:
             on_stream(sender)
-        for rec in sender.records():
-            writer.write(rec)
-            if on_record is not None:
-                on_record(rec)
-        uuid, ctransid = sender.new_ids()
+        _write_stream(sender, write, version, on_record)
         stored = None
         if record:
-            head = SendshotHead(
-                stream_uuid=uuid, stream_ctransid=ctransid, name=stream_name,
-                created_ns=time.time_ns(), kind="sent", subvol_uuid=fz.lineage,
-                parent=base.digest if base is not None else None, source=src,
-                generation=fz.generation, seed=seed, tree_digest=sender.new.identity(),
-            )
-            stored = store.save(head, record_inodes(sender.new))
+            stored = _record(store, sender, fz, base, src, stream_name, seed)
         if inflight is not None:
             inflight(fz)
         return SendshotResult(
-            recorded=stored, base=base, stream_uuid=str(uuid),
+            recorded=stored, base=base, stream_uuid=str(sender.new_ids()[0]),
             parent_uuid=str(ids.parent_uuid) if ids.parent_uuid else None,
             reused=reused[0], stats=sender.stats, warning=fz.warning,
         )
+
+
+def _write_stream(sender: Sender, write: Callable[[Any], object], version: int,
+                  on_record: Callable[[Record], None] | None) -> None:
+    from ..stream.writer import StreamWriter
+
+    writer = StreamWriter(write, version)
+    for rec in sender.records():
+        writer.write(rec)
+        if on_record is not None:
+            on_record(rec)
+
+
+def _record(store: SendshotStore, sender: Sender, fz: Frozen, base: StoredSendshot | None,
+            src: bytes, name: bytes, seed: int) -> StoredSendshot:
+    """Store the record of what ``sender`` sent (after its last record)."""
+    uuid, ctransid = sender.new_ids()
+    head = SendshotHead(
+        stream_uuid=uuid, stream_ctransid=ctransid, name=name, created_ns=time.time_ns(),
+        kind="sent", subvol_uuid=fz.lineage, parent=base.digest if base is not None else None,
+        source=src, generation=fz.generation, seed=seed, tree_digest=sender.new.identity(),
+    )
+    return store.save(head, record_inodes(sender.new))
 
 
 def adopt(store: SendshotStore, path: str | bytes | os.PathLike[str], *,
