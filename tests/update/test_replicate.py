@@ -310,3 +310,41 @@ def test_unauthenticated_loopback(tmp_path: Path) -> None:
     assert srv.wait(timeout=30) == 0
     srv.communicate()
     assert '"outcome": "committed"' in ok.stdout
+
+
+def test_receivers_keep_their_own_cursors(tmp_path: Path) -> None:
+    src, other = tmp_path / "src", tmp_path / "other"
+    for d in (src, other):
+        d.mkdir()
+        (d / "a").write_bytes(os.urandom(40_000))
+    store = SendshotStore(tmp_path / "store")
+    from btrdelta.send.sendshot import send_with_sendshots
+
+    mine = send_with_sendshots(bytearray().extend, other, store=store).recorded
+    d1, d2 = tmp_path / "d1", tmp_path / "d2"
+    d1.mkdir()
+    d2.mkdir()
+
+    def rep(dest: Path) -> object:
+        ch = spawn_local(str(dest))
+        try:
+            return replicate(src, ch, store=store)
+        finally:
+            ch.close()
+
+    assert rep(d1).kind == "full"  # type: ignore[attr-defined]
+    (src / "b").write_bytes(b"b" * 30_000)
+    assert rep(d2).kind == "full"  # type: ignore[attr-defined]
+    (src / "c").write_bytes(b"c" * 30_000)
+    r1 = rep(d1)
+    assert r1.kind == "incremental"  # type: ignore[attr-defined]
+    assert tree_sum(_newest(d1)) == tree_sum(src)
+    r2 = rep(d2)
+    assert r2.kind == "incremental"  # type: ignore[attr-defined]
+    cursors = store.cursors()
+    assert len(cursors) == 2
+    kept = {s.digest for s in store.records_list()}
+    assert {c["digest"] for c in cursors.values()} <= kept
+    assert mine is not None
+    assert mine.digest in kept  # another source's sendshot is not pruned
+    assert len(kept) == 3  # one held by each receiver, and the other source's

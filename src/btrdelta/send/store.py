@@ -254,17 +254,18 @@ class SendshotStore:
 
     def prune(self, *, keep: int | None = None, grid: list[tuple[int, int]] | None = None,
               now: float | None = None, dry_run: bool = False,
-              group: Callable[[StoredSendshot], object] | None = None) -> list[StoredSendshot]:
+              only: Callable[[StoredSendshot], bool] | None = None) -> list[StoredSendshot]:
         """Delete what the rule does not keep (per source, see :func:`plan_prune`);
-        returns what was (or, with ``dry_run``, would be) deleted."""
+        returns what was (or, with ``dry_run``, would be) deleted. ``only``: consider only
+        the records it accepts (one source)."""
         with self.locked():
-            every = self.records_list()
+            every = [s for s in self.records_list() if only is None or only(s)]
             needed = {str(c.get("digest")) for c in self.cursors().values()}
             needed |= {str(c["inflight"].get("base")) for c in self.cursors().values()
                        if isinstance(c.get("inflight"), dict)}
             groups: dict[object, list[StoredSendshot]] = {}
             for s in every:
-                key = group(s) if group is not None else (s.head.subvol_uuid or s.head.source)
+                key = s.head.subvol_uuid or s.head.source
                 groups.setdefault(key, []).append(s)
             doomed: list[StoredSendshot] = []
             for members in groups.values():

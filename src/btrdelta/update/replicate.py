@@ -305,10 +305,10 @@ class _Sender:
             drop_snapshot(os.fsencode(flight["snapshot"]))
         pruned = 0
         if self.o.get("prune", True):
-            pruned = len(self.store.prune(keep=1, group=lambda s: s.head.source == self.source
-                                          or (s.head.subvol_uuid is not None
-                                              and s.head.subvol_uuid == result.recorded.head
-                                              .subvol_uuid if result.recorded else False)))
+            lineage = result.recorded.head.subvol_uuid if result.recorded else None
+            pruned = len(self.store.prune(keep=1, only=lambda s: s.head.source == self.source
+                                          or (lineage is not None
+                                              and s.head.subvol_uuid == lineage)))
         return ReplicateResult("committed", plan.kind, done.name, self.rid, plan.base or None,
                                recorded, sent, plan.offset, offset, pruned=pruned)
 
