@@ -137,3 +137,23 @@ def test_plain_directory_warns(tmp_path: Path, capsys: pytest.CaptureFixture[str
     with pytest.raises(BtrdeltaError, match="no sendshot matches"):
         send_with_sendshots(bytearray().extend, src, store=SendshotStore(tmp_path / "store"),
                             from_sendshot="abcd")
+
+
+def test_hard_link_named_in_a_later_directory(tmp_path: Path) -> None:
+    """A record lists a hard-linked inode where its first name is met; its other names may
+    be in directories recorded after it."""
+    src = tmp_path / "src"
+    (src / "z").mkdir(parents=True)
+    (src / "z" / "file").write_bytes(os.urandom(20_000))
+    os.link(src / "z" / "file", src / "a_link")
+    store = ["--store", str(tmp_path / "store")]
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    for i in range(2):
+        if i:
+            (src / "z" / "new").write_bytes(b"n" * 100)
+        out = tmp_path / f"s{i}"
+        args = ["send", str(src), "-o", str(out), "--record", *store, "--name", f"v{i}"]
+        assert main([*args, *(["--from-sendshot", "latest"] if i else [])]) == 0
+        assert main(["receive", "-f", str(out), str(dest)]) == 0
+        assert tree_sum(dest / f"v{i}") == tree_sum(src)

@@ -34,48 +34,63 @@ def tree_from_record(reader: RecordReader) -> Tree:
             parent that is not a directory, a name used twice).
     """
     nodes: dict[int, Node] = {}
-    children: dict[int, dict[bytes, int]] = {}
     by_ino: dict[int, int] = {}
-    tree = Tree(b"", nodes, children)
+    names: list[list[tuple[int, bytes]]] = []
     for rec in reader.inodes():
         nid = len(nodes)
-        node = Node(nid, 256 if nid == ROOT else 257 + nid - 1, rec.mode, rec.uid, rec.gid,
-                    rec.size, rec.atime_ns, rec.mtime_ns, rec.ctime_ns, rdev=rec.rdev,
-                    target=rec.target, xattrs=rec.xattrs or {}, flags=rec.flags,
-                    digest=rec.digest, st_ino=rec.ino, generation=rec.generation,
-                    transid=rec.transid, segments=rec.segments, blocks=rec.blocks,
-                    bdigest=rec.bdigest)
         if rec.ino in by_ino:
             raise StreamFormatError(f"inode {rec.ino} appears twice", source=reader.source)
         by_ino[rec.ino] = nid
-        nodes[nid] = node
-        if node.is_dir:
-            children[nid] = {}
-        if nid == ROOT:
-            if rec.dentries or not node.is_dir:
-                raise StreamFormatError("the first inode must be the root directory",
-                                        source=reader.source)
-            continue
-        if not rec.dentries:
-            raise StreamFormatError(f"inode {rec.ino} has no name", source=reader.source)
-        for parent_ino, name in rec.dentries:
+        nodes[nid] = Node(nid, 256 if nid == ROOT else 257 + nid - 1, rec.mode, rec.uid,
+                          rec.gid, rec.size, rec.atime_ns, rec.mtime_ns, rec.ctime_ns,
+                          rdev=rec.rdev, target=rec.target, xattrs=rec.xattrs or {},
+                          flags=rec.flags, digest=rec.digest, st_ino=rec.ino,
+                          generation=rec.generation, transid=rec.transid,
+                          segments=rec.segments, blocks=rec.blocks, bdigest=rec.bdigest)
+        names.append(rec.dentries)
+    if not nodes or names[0] or not nodes[ROOT].is_dir:
+        raise StreamFormatError("the first inode must be the root directory",
+                                source=reader.source)
+    children: dict[int, dict[bytes, int]] = {n.id: {} for n in nodes.values() if n.is_dir}
+    tree = Tree(b"", nodes, children)
+    # names last: a hard link's other names may be in directories recorded after it
+    for nid in range(1, len(nodes)):
+        node = nodes[nid]
+        if not names[nid]:
+            raise StreamFormatError(f"inode {node.st_ino} has no name", source=reader.source)
+        for parent_ino, name in names[nid]:
             pid = by_ino.get(parent_ino)
             if pid is None or pid not in children or not name or b"/" in name \
                     or name in (b".", b"..") or name in children[pid]:
-                raise StreamFormatError(f"inode {rec.ino}: bad name {name!r} in {parent_ino}",
-                                        source=reader.source)
+                raise StreamFormatError(f"inode {node.st_ino}: bad name {name!r} in "
+                                        f"{parent_ino}", source=reader.source)
             children[pid][name] = nid
             node.dentries.append((pid, name))
-        parent, name = node.dentries[0]
-        node.path = tree.path_of(parent, name)
         if node.is_reg:
             tree.files += 1
             tree.data_bytes += node.size
-    if not nodes:
-        raise StreamFormatError("the record holds no inode", source=reader.source)
+    _set_paths(tree)
     tree.hashed = True
     tree._identity = reader.head.tree_digest or None
     return tree
+
+
+def _set_paths(tree: Tree) -> None:
+    """Each node's path: its first name, under its parent's path (parents first)."""
+    done = {ROOT}
+    nodes = tree.nodes
+    for nid in range(1, len(nodes)):
+        chain = []
+        cur = nid
+        while cur not in done:
+            chain.append(cur)
+            cur = nodes[cur].dentries[0][0]
+            if len(chain) > len(nodes):
+                raise StreamFormatError("the record's directories form a cycle")
+        for c in reversed(chain):
+            parent, name = nodes[c].dentries[0]
+            nodes[c].path = tree.path_of(parent, name)
+            done.add(c)
 
 
 def record_inodes(tree: Tree) -> Iterator[RecordInode]:
