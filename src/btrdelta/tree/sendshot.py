@@ -66,8 +66,10 @@ _NAMES = {_HEAD: "HEAD", _INODE: "INODE", _BLOCKS: "BLOCKS", _END: "END"}
 (H_STREAM_UUID, H_CTRANSID, H_SUBVOL_UUID, H_PARENT, H_CREATED, H_NAME, H_SOURCE, H_GEN,
  H_SEED, H_KIND, H_TREE, H_VERSION) = range(1, 13)
 # INODE attributes
-(I_INO, I_GEN, I_TRANSID, I_MODE, I_UID, I_GID, I_RDEV, I_SIZE, I_ATIME, I_MTIME, I_CTIME,
- I_FLAGS, I_TARGET, I_XATTR, I_DENTRY, I_SEGMENTS, I_DIGEST, I_BDIGEST) = range(1, 19)
+I_FIXED, I_TARGET, I_XATTR, I_DENTRY, I_SEGMENTS, I_DIGESTS = range(1, 7)
+#: INODE's fixed fields: ino, generation, transid, mode, uid, gid, rdev, size, atime, mtime,
+#: ctime (i64 ns), flags
+_FIXED = struct.Struct("<QQQIIIQQqqqQ")
 # END attributes
 E_INODES, E_FILES, E_BYTES, E_BLOCKS = range(1, 5)
 
@@ -161,27 +163,18 @@ def _head_attrs(head: SendshotHead) -> list[tuple[int, bytes]]:
 
 
 def _inode_attrs(node: RecordInode) -> list[tuple[int, Any]]:
-    attrs: list[tuple[int, Any]] = [
-        (I_INO, _u64(node.ino)), (I_MODE, _U32.pack(node.mode)), (I_UID, _U32.pack(node.uid)),
-        (I_GID, _U32.pack(node.gid)), (I_SIZE, _u64(node.size)),
-        (I_ATIME, _I64.pack(node.atime_ns)), (I_MTIME, _I64.pack(node.mtime_ns)),
-        (I_CTIME, _I64.pack(node.ctime_ns)),
-    ]
-    if node.generation:
-        attrs += [(I_GEN, _u64(node.generation)), (I_TRANSID, _u64(node.transid))]
-    if node.rdev:
-        attrs.append((I_RDEV, _u64(node.rdev)))
-    if node.flags:
-        attrs.append((I_FLAGS, _u64(node.flags)))
+    attrs: list[tuple[int, Any]] = [(I_FIXED, _FIXED.pack(
+        node.ino, node.generation, node.transid, node.mode, node.uid, node.gid, node.rdev,
+        node.size, node.atime_ns, node.mtime_ns, node.ctime_ns, node.flags))]
     if node.target:
         attrs.append((I_TARGET, node.target))
-    for name, value in sorted((node.xattrs or {}).items()):
-        attrs.append((I_XATTR, _XATTR.pack(len(name)) + name + value))
+    if node.xattrs:
+        attrs += [(I_XATTR, _XATTR.pack(len(name)) + name + value)
+                  for name, value in sorted(node.xattrs.items())]
     attrs += [(I_DENTRY, _DENTRY.pack(p) + n) for p, n in node.dentries]
     if node.segments is not None:
         attrs.append((I_SEGMENTS, b"".join(_PAIR.pack(o, n) for o, n in node.segments)))
-    if node.digest:
-        attrs += [(I_DIGEST, node.digest), (I_BDIGEST, node.bdigest)]
+        attrs.append((I_DIGESTS, node.digest + node.bdigest))
     return attrs
 
 
@@ -290,54 +283,58 @@ def _decode_head(mv: memoryview, start: int, end: int) -> SendshotHead:
     )
 
 
-def _i64(v: memoryview) -> int:
-    if len(v) != 8:
-        raise StreamFormatError("a time must be 8 bytes")
-    return int(_I64.unpack(v)[0])
-
-
 def _pairs(v: memoryview) -> list[tuple[int, int]]:
     if len(v) % 16:
         raise StreamFormatError("segments must be pairs of u64")
     return [(int(a), int(b)) for a, b in _PAIR.iter_unpack(v)]
 
 
+_TLV = struct.Struct("<HH")
+
+
 def _decode_inode(mv: memoryview, start: int, end: int) -> RecordInode:
-    ints: dict[int, int] = {}
-    node = RecordInode(0, 0, 0, 0, 0, 0, 0, 0, [])
-    for typ, v in iter_tlvs(mv, start, end):
-        if typ in (I_ATIME, I_MTIME, I_CTIME):
-            ints[typ] = _i64(v)
+    pos = start
+    node: RecordInode | None = None
+    tlv = _TLV.unpack_from
+    while pos < end:
+        if pos + 4 > end:
+            raise StreamFormatError("a truncated TLV")
+        typ, n = tlv(mv, pos)
+        pos += 4
+        v = mv[pos:pos + n]
+        pos += n
+        if len(v) != n:
+            raise StreamFormatError(f"TLV {typ} runs past the record's end")
+        if typ == I_FIXED:
+            if n != _FIXED.size:
+                raise StreamFormatError(f"INODE fields of {n} bytes")
+            (ino, gen, transid, mode, uid, gid, rdev, size, atime, mtime, ctime,
+             flags) = _FIXED.unpack(v)
+            node = RecordInode(ino, mode, uid, gid, size, atime, mtime, ctime, [],
+                               generation=gen, transid=transid, rdev=rdev, flags=flags)
+        elif node is None:
+            raise StreamFormatError("INODE does not start with its fixed fields")
         elif typ == I_DENTRY:
-            if len(v) < 9:
+            if n < 9:
                 raise StreamFormatError("a dentry needs a parent and a name")
             node.dentries.append((int(_DENTRY.unpack_from(v)[0]), bytes(v[8:])))
-        elif typ == I_XATTR:
-            if len(v) < 2 or len(v) < 2 + _XATTR.unpack_from(v)[0]:
-                raise StreamFormatError("a truncated xattr")
-            n = _XATTR.unpack_from(v)[0]
-            if node.xattrs is None:
-                node.xattrs = {}
-            node.xattrs[bytes(v[2:2 + n])] = bytes(v[2 + n:])
-        elif typ == I_TARGET:
-            node.target = bytes(v)
         elif typ == I_SEGMENTS:
             node.segments = _pairs(v)
-        elif typ == I_DIGEST:
-            node.digest = bytes(v)
-        elif typ == I_BDIGEST:
-            node.bdigest = bytes(v)
-        elif typ <= I_BDIGEST:
-            ints[typ] = _int(v)
-    if I_INO not in ints or I_MODE not in ints:
-        raise StreamFormatError("INODE lacks its inode number or mode")
-    node.ino, node.mode = ints[I_INO], ints[I_MODE]
-    node.uid, node.gid = ints.get(I_UID, 0), ints.get(I_GID, 0)
-    node.size = ints.get(I_SIZE, 0)
-    node.atime_ns, node.mtime_ns = ints.get(I_ATIME, 0), ints.get(I_MTIME, 0)
-    node.ctime_ns = ints.get(I_CTIME, 0)
-    node.generation, node.transid = ints.get(I_GEN, 0), ints.get(I_TRANSID, 0)
-    node.rdev, node.flags = ints.get(I_RDEV, 0), ints.get(I_FLAGS, 0)
+        elif typ == I_DIGESTS:
+            if n != 48:
+                raise StreamFormatError("INODE digests must be 16 + 32 bytes")
+            node.digest, node.bdigest = bytes(v[:16]), bytes(v[16:])
+        elif typ == I_TARGET:
+            node.target = bytes(v)
+        elif typ == I_XATTR:
+            k = _XATTR.unpack_from(v)[0] if n >= 2 else n
+            if n < 2 + k:
+                raise StreamFormatError("a truncated xattr")
+            if node.xattrs is None:
+                node.xattrs = {}
+            node.xattrs[bytes(v[2:2 + k])] = bytes(v[2 + k:])
+    if node is None:
+        raise StreamFormatError("INODE lacks its fixed fields")
     return node
 
 
