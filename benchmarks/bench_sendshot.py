@@ -208,7 +208,11 @@ def _workload(name: str, setup: Callable[[Path, random.Random], Callable[[int], 
             ks, bs = kfile.stat().st_size, bfile.stat().st_size
             data = sum(f.stat().st_size for f in live.rglob("*") if f.is_file()
                        and not f.is_symlink())
-            rec = _du(store / "records")
+            rec = max((store / "records").iterdir(), key=lambda f: f.stat().st_mtime_ns
+                      ).stat().st_size  # this round's record
+            if prev is not None:  # what the kernel's kept snapshot pins now
+                du = sh("btrfs", "filesystem", "du", "-s", "--raw", str(prev))
+                sums["pinned"] = max(sums.get("pinned", 0), int(du.splitlines()[-1].split()[1]))
             if i:
                 sums["k"] += ks
                 sums["b"] += bs
@@ -232,12 +236,11 @@ def _workload(name: str, setup: Callable[[Path, random.Random], Callable[[int], 
             for f in (kfile, bfile):
                 f.unlink()
         listing = sh("btrfs", "subvolume", "list", str(mnt)).split()
-        du = sh("btrfs", "filesystem", "du", "-s", "--raw", str(prev)).splitlines()[-1].split()
         out(f"{name} total: {sums['b'] / max(sums['k'], 1):.2f}x kernel bytes, "
             f"{sums['bt'] / max(sums['kt'], 1e-3):.2f}x kernel time; sender holds "
             f"{'only the live subvolume' if listing.count('live') == 1 else listing} + "
-            f"sendshots {_mib(_du(store / 'records'))}; the kernel's kept snapshot pins "
-            f"{_mib(int(du[1]))} exclusive")
+            f"sendshots {_mib(_du(store / 'records'))} (all rounds' records); the kernel's "
+            f"kept snapshot pins up to {_mib(sums.get('pinned', 0))} (exclusive)")
 
 
 def _replication(out: Callable[[str], None]) -> None:
