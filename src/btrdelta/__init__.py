@@ -1,6 +1,67 @@
-"""btrdelta: small, fast and safe OS and application updates around btrfs send streams."""
+"""btrdelta: small, fast and safe OS and application updates around btrfs send streams.
+
+The public API (``docs/api.md``): one call per job, arguments in one order — what is read
+first, then the base it applies to, then where the result goes; options as keywords::
+
+    btrdelta.receive_any(stream, dest, **options)      # a send stream or a delta stream
+    btrdelta.send_tree(tree, output, parent=None, **options)
+    btrdelta.make_delta(stream, old, output, **options)
+    btrdelta.expand_delta(delta, old, output, **options)
+    btrdelta.clone_image(archive, target="STORE/NAME", output=None, **options)
+    btrdelta.update_from_repository(url, dest, to=None, key=None, **options)
+    btrdelta.tree_sum(tree)
+    btrdelta.identify(file)                            # what an input is
+
+Inputs and outputs are paths, ``"-"`` or binary files. (``receive_any``, ``send_tree`` and
+``update_from_repository`` are not called ``receive``, ``send`` and ``update``: those are
+subpackages.) Errors are :class:`BtrdeltaError` subclasses (``btrdelta.errors``). The names
+are imported on first use, so ``import btrdelta`` costs nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from .errors import BtrdeltaError
 
+if TYPE_CHECKING:
+    from .update.api import expand_delta, make_delta, receive_any, send_tree, tree_sum
+    from .update.clone import clone_image
+    from .update.identify import identify
+    from .update.versions import update as update_from_repository
+
 __version__ = "0.1.0"
-__all__ = ["BtrdeltaError", "__version__"]
+__all__ = [
+    "BtrdeltaError",
+    "__version__",
+    "clone_image",
+    "expand_delta",
+    "identify",
+    "make_delta",
+    "receive_any",
+    "send_tree",
+    "tree_sum",
+    "update_from_repository",
+]
+
+#: public name -> (module, name there)
+_WHERE = {
+    "expand_delta": ("update.api", "expand_delta"),
+    "make_delta": ("update.api", "make_delta"),
+    "receive_any": ("update.api", "receive_any"),
+    "send_tree": ("update.api", "send_tree"),
+    "tree_sum": ("update.api", "tree_sum"),
+    "clone_image": ("update.clone", "clone_image"),
+    "identify": ("update.identify", "identify"),
+    "update_from_repository": ("update.versions", "update"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{where[0]}", __name__), where[1])
+    globals()[name] = value
+    return value

@@ -8,4 +8,6 @@ arguments or prints: that is ``btrdelta.cli``.
 
 from __future__ import annotations
 
-__all__ = ["clone", "image"]
+__all__ = [  # the workflow modules (``btrdelta/__init__`` re-exports the main calls)
+    "api", "clone", "identify", "image", "receive", "signed", "versions", "publish",
+]

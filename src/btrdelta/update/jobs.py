@@ -31,6 +31,7 @@ import blake3
 
 from ..delta import MakeOptions, make_delta
 from ..errors import BtrdeltaError, ChecksumError
+from ..fs.atomic import atomic_output
 from ..repo.canonical import Fields, parse_json
 from ..repo.catalog import Catalog
 from ..repo.fullindex import decode_full_index
@@ -53,23 +54,15 @@ def make_delta_file(old: Path, new: Path, name: str, identity: str, old_identity
         write_release_stream(stream.write, new, name, identity, parent=old,
                              parent_identity=old_identity)
         stream.seek(0)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
+        with atomic_output(out) as f:
 
-                def write(data: Any) -> None:
-                    nonlocal size
-                    f.write(data)
-                    h.update(data)
-                    size += memoryview(data).nbytes
+            def write(data: Any) -> None:
+                nonlocal size
+                f.write(data)
+                h.update(data)
+                size += memoryview(data).nbytes
 
-                make_delta(stream, old, write, MakeOptions(jobs=jobs), source=str(new))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, out)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            make_delta(stream, old, write, MakeOptions(jobs=jobs), source=str(new))
     return h.hexdigest(), size
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from ..chunk.chunker import ChunkerParams
 from ..errors import BtrdeltaError, ChecksumError
+from ..fs.atomic import write_atomic
 from ..repo.canonical import parse_json
 from ..repo.catalog import Catalog, CatalogVersion, decode_chunk_map
 from ..repo.layout import delta_sources, future_sources
@@ -45,15 +46,6 @@ __all__ = ["AddReport", "Repo", "add_release", "init_repo"]
 
 META = ".btrdelta"
 DEFAULT_LEVEL = 12
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class Repo:
@@ -93,7 +85,7 @@ class Repo:
 
     def save(self, catalog: Catalog) -> None:
         """Write the catalog atomically."""
-        _write_atomic(self.catalog_path, catalog.encode())
+        write_atomic(self.catalog_path, catalog.encode())
 
     def chunk_map(self, catalog: Catalog) -> dict[bytes, tuple[int, int, int]]:
         """The chunk map, cut back to the catalog's pack space."""
@@ -110,13 +102,13 @@ class Repo:
         """Write ``index.html`` for the catalog."""
         from ..repo.html import render_html
 
-        _write_atomic(self.root / "index.html", render_html(catalog).encode())
+        write_atomic(self.root / "index.html", render_html(catalog).encode())
 
     def write_artifact(self, kind: str, digest_hex: str, ext: str, data: bytes) -> None:
         """Put a content-addressed file in place (tmp + rename)."""
         d = self.root / kind
         d.mkdir(exist_ok=True)
-        _write_atomic(d / f"{digest_hex}.{ext}", data)
+        write_atomic(d / f"{digest_hex}.{ext}", data)
 
 
 def init_repo(root: str | os.PathLike[str], *, avg_chunk: int = 64 << 10,

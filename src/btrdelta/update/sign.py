@@ -18,10 +18,11 @@ import blake3
 
 from .. import trust
 from ..errors import BtrdeltaError
+from ..fs.atomic import write_atomic
 from ..repo.catalog import build_metadata
 from ..repo.model import Timestamp, format_time
 from ..repo.signing import CONTEXT_INDEX, CONTEXT_TIMESTAMP, sign_document
-from .publish import Repo, _write_atomic
+from .publish import Repo
 
 __all__ = ["sign_repo"]
 
@@ -58,7 +59,7 @@ def sign_repo(root: str, *, root_key: str | None, timestamp_key: str | None,
                     repo.write_artifact("bins", ref.blake3, "json", data)
             (repo.root / "index").mkdir(exist_ok=True)
             index_bytes = sign_document(index.encode(), [rkey], CONTEXT_INDEX)
-            _write_atomic(repo.root / "index" / f"{version}.json", index_bytes)
+            write_atomic(repo.root / "index" / f"{version}.json", index_bytes)
             cat.index_version, cat.index_expires = version, index.expires
             cat.signed_versions = len(cat.versions)
         else:
@@ -72,7 +73,7 @@ def sign_repo(root: str, *, root_key: str | None, timestamp_key: str | None,
             _check_listed(index_bytes, str(path), tkey)
         ts = Timestamp(cat.timestamp_version + 1, when + expires, cat.index_version,
                        len(index_bytes), blake3.blake3(index_bytes).hexdigest())
-        _write_atomic(repo.root / "timestamp.json",
+        write_atomic(repo.root / "timestamp.json",
                       sign_document(ts.encode(), [tkey], CONTEXT_TIMESTAMP))
         cat.timestamp_version, cat.timestamp_expires = ts.version, ts.expires
         repo.save(cat)

@@ -35,6 +35,7 @@ import httpx
 from .. import trust
 from ..chunk.store import ChunkStore
 from ..errors import BtrdeltaError, ChecksumError, MissingBaseError
+from ..fs.atomic import write_atomic
 from ..repo.metadata import (
     MetaCache,
     Verified,
@@ -119,9 +120,7 @@ class _Dest:
         pinned = self.state / "root.pub"
         if key is not None:
             pub = trust.load_public_key(key)
-            tmp = pinned.with_name(f"root.pub.tmp-{os.getpid()}")
-            tmp.write_text(trust.public_key_text(pub) + "\n")
-            os.replace(tmp, pinned)
+            write_atomic(pinned, (trust.public_key_text(pub) + "\n").encode())
             return [pub]
         if not pinned.exists():
             raise BtrdeltaError("no root key: give --key ROOT_PUB (it is remembered in "
