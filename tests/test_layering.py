@@ -104,11 +104,10 @@ def violations(src: Path) -> list[str]:
         where = f"{path.relative_to(src.parent)}"
         tree = ast.parse(path.read_text(), str(path))
         if pkg == "":  # the top-level facade: floor 0 at import time, the API lazily
-            for node in tree.body:
-                if isinstance(node, ast.ImportFrom) and node.level and node.module and \
-                        FLOORS.get(node.module.split(".")[0], 9) > 0:
-                    found.append(f"{where}:{node.lineno}: the package facade imports "
-                                 f"{node.module} at import time (make it lazy)")
+            found += [f"{where}:{node.lineno}: the package facade imports {node.module} at "
+                      "import time (make it lazy)" for node in tree.body
+                      if isinstance(node, ast.ImportFrom) and node.level and node.module
+                      and FLOORS.get(node.module.split(".")[0], 9) > 0]
             continue
         if pkg not in FLOORS:
             found.append(f"{where}: package {pkg!r} has no floor (add it to the design)")
