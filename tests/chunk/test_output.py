@@ -42,12 +42,15 @@ def _image(blocks: list[bytes]) -> _Layout:
 
 
 @given(
-    st.integers(2, 40), st.randoms(use_true_random=False), st.integers(0, 6 * BLOCK),
+    st.integers(2, 40), st.integers(0, 2**32 - 1), st.integers(0, 6 * BLOCK),
     st.floats(0.0, 0.5),
 )
 def test_any_rearrangement_is_written_in_place_correctly(
-    n: int, rnd: random.Random, stash_limit: int, new_share: float
+    n: int, seed: int, stash_limit: int, new_share: float
 ) -> None:
+    # block contents from a seeded generator: drawing them from hypothesis' own entropy
+    # (st.randoms) exceeded its data budget on larger images (a failed health check)
+    rnd = random.Random(seed)
     old_blocks = [rnd.randbytes(BLOCK) for _ in range(n)]
     new_blocks = [rnd.choice(old_blocks) if rnd.random() >= new_share else rnd.randbytes(BLOCK)
                   for _ in range(rnd.randint(1, n + 3))]
