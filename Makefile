@@ -24,10 +24,14 @@ venv: $(STAMP)
 demo: sysdeps venv
 	@PATH="$(CURDIR)/$(BIN):$$PATH" scripts/demo.sh
 
+# pytest's temporary directories live in a fresh directory of this run only (never the
+# shared /tmp/pytest-of-USER, whose cleanup of other runs' trees can fail) and are removed
+# after it, pass or fail; `rm -rf` deletes trees of any depth
 test: sysdeps venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest
+	@tmp=$$(mktemp -d /tmp/btrdelta-test.XXXXXX); \
+	$(BIN)/python -m pytest --basetemp="$$tmp/t"; rc=$$?; rm -rf --one-file-system "$$tmp"; exit $$rc
 
 # power cuts in qemu (docs/device.md §9): not part of `make test` (tens of minutes under TCG)
 vmtest: sysdeps venv
