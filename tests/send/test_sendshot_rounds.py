@@ -1,6 +1,7 @@
 """Sendshots on real workloads: rounds of `send --from-sendshot latest --record` of a live
-btrfs subvolume (no old snapshot kept), each applied by the kernel's `btrfs receive` and by
-`btrdelta receive`; oracle: tree-sum of the received tree equals the source at send time.
+btrfs subvolume (no old snapshot kept: `btrfs subvolume list`, `btrfs filesystem du`), each
+applied by the kernel's `btrfs receive` and by `btrdelta receive` (one through `delta make` and
+`delta expand`); oracle: tree-sum of the received tree equals the source at send time.
 """
 
 from __future__ import annotations
@@ -37,9 +38,32 @@ def _records(stream: Path) -> list[object]:
         return [ev for ev in StreamReader(f).events() if type(ev) is not StreamHeader]
 
 
+def _exclusive(live: Path) -> None:
+    """The live subvolume shares no extent with anything (no old snapshot pins its data):
+    ``btrfs filesystem du`` counts all of it as exclusive, once deleted subvolumes are gone
+    (``filesystem sync`` commits and wakes the cleaner that drops them)."""
+    _run("btrfs", "filesystem", "sync", live.parent)
+    _run("btrfs", "subvolume", "sync", live.parent)
+    total, exclusive = _run("btrfs", "filesystem", "du", "-s", "--raw", live
+                            ).splitlines()[-1].split()[:2]
+    assert int(total) > 0
+    assert total == exclusive, (total, exclusive)
+
+
+def _through_a_delta(stream: Path, old: Path, tmp: Path) -> Path:
+    """``delta make`` of ``stream`` against the receiver's copy of its parent, expanded
+    again: the same bytes (the kernel then receives the expanded stream)."""
+    delta, back = tmp / f"{stream.name}.delta", tmp / f"{stream.name}.expanded"
+    assert main(["delta", "make", "-f", str(stream), "--old", str(old), "-o", str(delta)]) == 0
+    assert main(["delta", "expand", "-f", str(delta), "--old", str(old), "-o", str(back)]) == 0
+    assert back.read_bytes() == stream.read_bytes()
+    return back
+
+
 def _rounds(tmp: Path, snd: Path, rcv: Path, live: Path,
-            change: Callable[[int], None], rounds: int = 3) -> list[Path]:
-    """Full then `rounds` incrementals; every stream checked on both receivers."""
+            change: Callable[[int], None], rounds: int = 3, delta: bool = False) -> list[Path]:
+    """Full then `rounds` incrementals; every stream checked on both receivers (with
+    ``delta``, the last one reaches the kernel through ``delta make``/``delta expand``)."""
     store = tmp / "store"
     dirdest = tmp / "dirdest"
     dirdest.mkdir()
@@ -56,7 +80,10 @@ def _rounds(tmp: Path, snd: Path, rcv: Path, live: Path,
             args += ["--from-sendshot", "latest"]
         assert main(args) == 0
         expected = tree_sum(live, holes=True)
-        _run("btrfs", "receive", "-f", stream, kdest)
+        kstream = stream
+        if delta and i == rounds:
+            kstream = _through_a_delta(stream, kdest / f"data.{i - 1}", tmp)
+        _run("btrfs", "receive", "-f", kstream, kdest)
         assert main(["receive", "-f", str(stream), str(dirdest)]) == 0
         for got in (kdest / f"data.{i}", dirdest / f"data.{i}"):
             if tree_sum(got, holes=True) != expected:
@@ -65,6 +92,7 @@ def _rounds(tmp: Path, snd: Path, rcv: Path, live: Path,
         listing = _run("btrfs", "subvolume", "list", snd)
         assert [ln.split()[-1] for ln in listing.splitlines()] == [live.name], listing
         streams.append(stream)
+    _exclusive(live)
     return streams
 
 
@@ -100,7 +128,7 @@ def test_tree_modified_in_place(two_fs: tuple[Path, Path], tmp_path: Path) -> No
         (live / f"new{i}").write_bytes(_rand(rng, 50_000))
         (live / "d" / f"f{17}").write_bytes((live / "big").read_bytes()[:300_000])
 
-    streams = _rounds(tmp_path, snd, rcv, live, change)
+    streams = _rounds(tmp_path, snd, rcv, live, change, delta=True)
     # an incremental names the previous stream's UUID and does not resend unchanged files
     recs = _records(streams[2])
     head = recs[0]
