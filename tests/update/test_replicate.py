@@ -1,7 +1,8 @@
 """`btrdelta replicate` over a pipe (the receiver a `replicate --serve` child): rounds of a
-live btrfs subvolume, a cut connection resumed (bytes resent at most one segment, nothing
-half-applied), a lying sender refused with nothing applied, TCP peers refused before any
-subvolume is touched. Oracle: tree-sum of the received subvolume equals the source."""
+live btrfs subvolume (the plan's estimate of the data against the bytes changed), a cut
+connection resumed (bytes resent at most one segment, nothing half-applied), a lying sender
+refused with nothing applied, TCP peers refused before any subvolume is touched. Oracle:
+tree-sum of the received subvolume equals the source."""
 
 from __future__ import annotations
 
@@ -99,6 +100,10 @@ def test_rounds_and_a_cut_over_a_pipe(fs2: tuple[Path, Path], tmp_path: Path) ->
         assert res.outcome == "committed", res
         assert res.kind == ("full" if not rnd else "incremental")
         assert tree_sum(_newest(dest)) == tree_sum(live)
+        # the plan's estimate: every file's data, then the 4 KiB blocks overwritten (bytes
+        # 100_000..150_000: blocks 24..36) and the new file
+        assert res.estimate == (8 * 700_000 if not rnd else 13 * 4096 + 20_000), res
+        assert res.estimate < res.size
         # the sender keeps nothing but the live subvolume; the store one sendshot
         assert [ln.split()[-1] for ln in _sh("btrfs", "subvolume", "list", snd).splitlines()] \
             == ["vol"]
@@ -120,17 +125,21 @@ def test_rounds_and_a_cut_over_a_pipe(fs2: tuple[Path, Path], tmp_path: Path) ->
     assert res.outcome == "committed", res
     assert res.kind == "resume"
     assert res.resumed_from >= SEG
+    assert res.estimate == 6 * SEG  # of the whole stream
     assert cut.written - res.resumed_from <= SEG + 64 * 1024  # resent at most one segment
     got = _newest(dest)
     assert (got / "big").read_bytes() == (live / "big").read_bytes()
     assert (got / "f7").read_bytes() != b"changed after the cut"
     assert not (dest / ".btrdelta-partial").exists()
     # and the next round is an incremental from it
+    # f7 rewritten, and a new file with the content of another one: one CLONE, no data
+    (live / "copy").write_bytes((live / "f6").read_bytes())
     ch = spawn_local(str(dest))
     res = replicate(live, ch, store=store, segment=SEG)
     ch.close()
     assert res.kind == "incremental"
     assert tree_sum(_newest(dest)) == tree_sum(live)
+    assert res.estimate == len(b"changed after the cut"), res
 
 
 def test_already_current_and_refusals(tmp_path: Path) -> None:

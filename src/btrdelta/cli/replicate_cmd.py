@@ -106,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
             resumed = (f", resumed at {human_bytes(result.resumed_from)}"
                        if result.resumed_from else "")
             print(f"replicate: {result.kind} -> {result.name}: {human_bytes(result.sent)} "
-                  f"sent of {human_bytes(result.size)}{resumed}; sendshot "
+                  f"sent of {human_bytes(result.size)} (file data estimated "
+                  f"{human_bytes(result.estimate)}){resumed}; sendshot "
                   f"{(result.sendshot or '')[:16]}", file=sys.stderr)
         else:
             print(f"replicate: {result.outcome}: {result.message}", file=sys.stderr)

@@ -61,7 +61,7 @@ from ..stream.records import (
 )
 from .diff import Match, changed_ranges, files_equal, match_trees, shifted_clones
 from .order import Namespace, order_namespace
-from .record import BlockIndex, block_diff
+from .record import BlockIndex, Diff, block_diff
 from .scan import ROOT, Node, Tree, TreeScan, open_file
 
 __all__ = ["COMPRESSORS", "SendStats", "Sender", "StreamIds"]
@@ -211,6 +211,10 @@ class Sender:
         self.ids = ids or StreamIds()
         self._index: BlockIndex | None = None
         self._match: Match | None = None
+        #: record mode: each file's block diff, made by the estimate and used when sending
+        self._diffs: dict[int, Diff] = {}
+        #: bytes of file data the stream carries at most (set with the header)
+        self.estimate = 0
         if old_record is not None:
             self.old: Tree | None = old_record
         else:
@@ -290,6 +294,7 @@ class Sender:
         self._match = match
         if self.old is None:
             match.unchanged.discard(ROOT)
+        self.estimate = self._estimate(old, match)
         self.stats.phase = "send"
         self._progress()
         yield self._count(self.header())
@@ -304,6 +309,40 @@ class Sender:
     def _count(self, rec: Record) -> Record:
         self.stats.records += 1
         return rec
+
+    def _estimate(self, old: Tree, match: Match) -> int:
+        """Bytes of file data the stream will carry at most: in record mode the blocks that
+        differ from the receiver's and are not found in old files (the block diffs are kept
+        for sending), else every changed file whole."""
+        total = 0
+        olds = {(o.bdigest, o.size) for o in old.nodes.values()
+                if o.is_reg and o.bdigest and o.size >= self.clone_min} if self.virtual else set()
+        for nid, node in self.new.nodes.items():
+            if not node.is_reg or nid in match.unchanged:
+                continue
+            if node.segments is None:  # not hashed in record mode
+                total += node.size
+            elif not self.virtual:
+                total += sum(n for _o, n in node.segments)
+            else:
+                oid = match.n2o.get(nid)
+                onode = old.nodes[oid] if oid is not None else None
+                if onode is None and (node.bdigest, node.size) in olds:
+                    continue  # one CLONE of an old file
+                self._diffs[nid] = diff = self._diff(node, onode)
+                total += sum(n for _o, n in diff[0])
+        return total
+
+    def _diff(self, node: Node, onode: Node | None) -> Diff:
+        """Record mode: :func:`~.record.block_diff` of a changed (``onode``) or new file."""
+        got = self._diffs.pop(node.id, None)
+        if got is not None:
+            return got
+        index = self._block_index()
+        source = onode if onode is not None else self._similar_old_file(node)
+        if source is not None:
+            index.add(source)
+        return block_diff(node, onode, index, min_len=self.shift_min)
 
     def _inodes(self, old: Tree, match: Match, ns: Namespace) -> Iterator[Record]:
         new = self.new
@@ -489,11 +528,7 @@ class Sender:
             yield self._count(clone)
             return True
         if self.virtual:
-            source = self._similar_old_file(node)
-            index = self._block_index()
-            if source is not None:
-                index.add(source)
-            writes, vclones, _holes = block_diff(node, None, index, min_len=self.shift_min)
+            writes, vclones, _holes = self._diff(node, None)
             yield from self._emit_blocks(node, path, writes, vclones)
             if not node.segments or sum(node.segments[-1]) < node.size:
                 yield self._count(Truncate(path=path, size=node.size))
@@ -593,9 +628,7 @@ class Sender:
     ) -> Generator[Record, None, bool]:
         assert self.old is not None
         if self.virtual:
-            index = self._block_index()
-            index.add(onode)
-            writes, vclones, holes = block_diff(node, onode, index, min_len=self.shift_min)
+            writes, vclones, holes = self._diff(node, onode)
             yield from self._punch(path, holes)
             yield from self._emit_blocks(node, path, writes, vclones)
             if onode.size != node.size:

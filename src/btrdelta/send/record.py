@@ -21,9 +21,13 @@ from ..fs.btrfs import changed_inodes
 from ..tree.sendshot import RecordInode, RecordReader, SendshotHead
 from .scan import BLOCK, ROOT, Node, Tree
 
-__all__ = ["BlockIndex", "block_diff", "record_inodes", "reuse_unchanged", "tree_from_record"]
+__all__ = ["BlockIndex", "Diff", "block_diff", "record_inodes", "reuse_unchanged",
+           "tree_from_record"]
 
 _D = 16  # bytes per block digest
+
+#: :func:`block_diff`'s result: ranges to write, ranges to clone from old files, holes
+Diff = tuple[list[tuple[int, int]], list[tuple[int, int, Node, int]], list[tuple[int, int]]]
 
 
 def tree_from_record(reader: RecordReader) -> Tree:
@@ -184,7 +188,7 @@ def _blocks_at(node: Node) -> dict[int, bytes]:
 
 def block_diff(
     node: Node, onode: Node | None, index: BlockIndex | None, *, min_len: int = BLOCK,
-) -> tuple[list[tuple[int, int]], list[tuple[int, int, Node, int]], list[tuple[int, int]]]:
+) -> Diff:
     """How to turn ``onode`` (old version, from a record, or None for a new file) into
     ``node`` (hashed in record mode) without the old data.
 

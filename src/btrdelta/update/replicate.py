@@ -78,6 +78,8 @@ class ReplicateResult:
     size: int = 0
     message: str = ""
     pruned: int = 0
+    #: the plan's estimate of the file data in the whole stream (bytes)
+    estimate: int = 0
 
 
 class _Segments:
@@ -91,6 +93,12 @@ class _Segments:
         self.header: Record | None = None
         self.header_ready = threading.Event()
         self.stop = False
+        #: the sender's estimate of the file data it sends (known with the header)
+        self.estimate = 0
+        self._sender: Any = None
+
+    def on_stream(self, sender: Any) -> None:
+        self._sender = sender
 
     def write(self, piece: Any) -> None:
         if self.stop:
@@ -101,6 +109,7 @@ class _Segments:
     def on_record(self, rec: Record) -> None:
         if self.header is None:
             self.header = rec
+            self.estimate = getattr(self._sender, "estimate", 0)
             self.header_ready.set()
         if self._n >= self.size:
             self.flush()
@@ -216,7 +225,7 @@ class _Sender:
                     from_sendshot=flight.get("base"), record=True, snapshot=False,
                     version=self.o.get("version", 2), compress=self.o.get("compress"),
                     name=os.fsencode(flight["name"]), on_record=seg.on_record,
-                    source_name=self.source)
+                    on_stream=seg.on_stream, source_name=self.source)
                 seg.finish(result)
             except _Stopped:
                 pass
@@ -227,14 +236,16 @@ class _Sender:
         t.start()
         return t
 
-    def _plan(self, flight: dict[str, Any], header: Record | None, offset: int,
+    def _plan(self, flight: dict[str, Any], seg: _Segments, offset: int,
               segments: int) -> Plan:
+        header = seg.header
         if not isinstance(header, Subvol | Snapshot):
             raise BtrdeltaError("the stream did not start with a subvolume")
         parent = header.clone_uuid if isinstance(header, Snapshot) else None
         kind = "resume" if offset else ("incremental" if parent else "full")
         return Plan(kind, flight["session"], flight["name"], header.uuid, header.ctransid,
-                    parent, flight.get("base") or "", 0, self.o.get("segment", DEFAULT_SEGMENT),
+                    parent, flight.get("base") or "", seg.estimate,
+                    self.o.get("segment", DEFAULT_SEGMENT),
                     offset, segments)
 
     def _stream(self, flight: dict[str, Any], offset: int, segments: int,
@@ -246,7 +257,7 @@ class _Sender:
             if seg.header is None:
                 _kind, exc = seg.q.get()
                 raise exc
-            plan = self._plan(flight, seg.header, offset, segments)
+            plan = self._plan(flight, seg, offset, segments)
             io = self.io
             io.send(plan)
             io.expect(Accept)
@@ -310,7 +321,8 @@ class _Sender:
                                           or (lineage is not None
                                               and s.head.subvol_uuid == lineage)))
         return ReplicateResult("committed", plan.kind, done.name, self.rid, plan.base or None,
-                               recorded, sent, plan.offset, offset, pruned=pruned)
+                               recorded, sent, plan.offset, offset, pruned=pruned,
+                               estimate=plan.estimate)
 
     def _forget(self, flight: dict[str, Any]) -> None:
         cursor = self.store.cursors().get(self.rid, {})
