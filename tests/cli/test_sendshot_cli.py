@@ -1,0 +1,110 @@
+"""`btrdelta sendshot list|show|delete|prune` on records made by `send --record` of plain
+directories. Oracles: the stream UUIDs `btrfs receive --dump` (btrfs-progs) reads from each
+stream's header, the record files in the store, the source tree's files (os.walk)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from btrdelta.cli import main
+from btrdelta.send.store import SendshotStore
+
+
+def _json(capsys: pytest.CaptureFixture[str], *args: str) -> Any:
+    capsys.readouterr()
+    assert main(["sendshot", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _dumped_uuid(stream: Path) -> str:
+    """The UUID in a stream's first record, as btrfs-progs reads it."""
+    out = subprocess.run(["btrfs", "receive", "--dump", "-f", str(stream)], check=True,
+                         capture_output=True, text=True).stdout
+    m = re.search(r"uuid=([0-9a-f-]{36})", out.splitlines()[0])
+    assert m is not None, out.splitlines()[0]
+    return m.group(1)
+
+
+def _records(store: Path) -> set[str]:
+    return {n.split(".")[0] for n in os.listdir(store / "records")}
+
+
+def test_list_show_delete_prune(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = tmp_path / "store"
+    st = ["--store", str(store), "--json"]
+    src, other = tmp_path / "src", tmp_path / "other"
+    (src / "d").mkdir(parents=True)
+    other.mkdir()
+    (other / "x").write_bytes(b"x" * 5000)
+    streams = []
+    for i in range(4):
+        (src / "d" / f"f{i}").write_bytes(os.urandom(3000 + i))
+        out = tmp_path / f"s{i}"
+        more = ["--from-sendshot", "latest"] if i else []
+        assert main(["send", str(src), "-o", str(out), "--record", "--store", str(store),
+                     *more]) == 0
+        streams.append(out)
+    assert main(["send", str(other), "-o", str(tmp_path / "o0"), "--record", "--store",
+                 str(store)]) == 0
+
+    listed = _json(capsys, *st, "list")
+    ids = [r["id"] for r in listed]
+    assert set(ids) == _records(store)
+    mine = [r for r in listed if r["source"] == str(src)]
+    assert [r["stream_uuid"] for r in mine] == [_dumped_uuid(s) for s in streams]
+    assert [r["parent"] for r in mine] == [None] + [r["id"] for r in mine[:-1]]
+    for r in listed:
+        assert r["bytes"] == (store / "records").joinpath(
+            next(n for n in os.listdir(store / "records") if n.startswith(r["id"]))
+        ).stat().st_size
+
+    shown = _json(capsys, *st, "show", mine[-1]["id"][:10])
+    files = [Path(d, n) for d, _s, ns in os.walk(src) for n in ns]
+    assert shown["id"] == mine[-1]["id"]
+    assert shown["files"] == len(files)
+    assert shown["data_bytes"] == sum(f.stat().st_size for f in files)
+    assert shown["blocks"] == len(files)  # one 4 KiB block each
+
+    # a receiver's cursor holds round 1: delete refuses, prune keeps it
+    SendshotStore(store).set_cursor("nas", mine[1]["id"])
+    capsys.readouterr()
+    assert main(["sendshot", "--store", str(store), "delete", mine[1]["id"]]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "held by receiver(s) nas" in err
+    assert [r["held_by"] for r in _json(capsys, *st, "list")
+            if r["id"] == mine[1]["id"]] == [["nas"]]
+
+    dry = _json(capsys, *st, "prune", "--keep", "1", "--dry-run")
+    assert dry == {"deleted": [mine[0]["id"], mine[2]["id"]], "dry_run": True}
+    assert set(ids) == _records(store)
+    assert _json(capsys, *st, "prune", "--keep", "1")["deleted"] == dry["deleted"]
+    assert _records(store) == {mine[1]["id"], mine[3]["id"], *(set(ids) - {r["id"] for r in mine})}
+
+    # the next incremental is against the newest, which prune never deletes
+    assert main(["send", str(src), "-o", str(tmp_path / "s4"), "--record", "--store",
+                 str(store), "--from-sendshot", "latest"]) == 0
+    newest = _json(capsys, *st, "show", "latest")
+    assert newest["parent"] == mine[3]["id"]
+
+    # a grid of one hour keeps the newest of each source (and what is held)
+    gone = _json(capsys, *st, "prune", "--grid", "1h:24")
+    assert gone["deleted"] == [mine[3]["id"]]
+    assert _json(capsys, *st, "delete", "--force", mine[1]["id"]) == {"deleted": [mine[1]["id"]]}
+    assert len(_records(store)) == 2
+
+    # mistakes: one line, the error's exit code
+    for args, code in ((["prune"], 1), (["prune", "--grid", "1x:3"], 1),
+                       (["show", "0000"], 6)):
+        capsys.readouterr()
+        assert main(["sendshot", "--store", str(store), *args]) == code, args
+        err = capsys.readouterr().err
+        assert err.startswith("btrdelta sendshot: error: ")
+        assert err.count("\n") == 1
