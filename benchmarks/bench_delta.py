@@ -146,21 +146,27 @@ def _ext4_images(a: Path, b: Path, work: Path) -> dict[str, int]:
     return res
 
 
-def _kernel_streams(a_tree: Path, b_tree: Path, work: Path) -> dict[str, Path]:
-    """Kernel streams A -> B (NEW as fresh files): plain v1, and v2 --compressed-data; plus
-    the full stream of A (to seed receive targets)."""
+def _kernel_streams(a_tree: Path, b_tree: Path, work: Path,
+                    in_place: bool = False) -> dict[str, Path]:
+    """Kernel streams A -> B: plain v1, and v2 --compressed-data; plus the full stream of A
+    (to seed receive targets). NEW is written as fresh files (new inodes: the kernel resends
+    every file), or with ``in_place`` by ``rsync --delete`` over A (only what changed is
+    written, each changed file as a new inode renamed into place, as dpkg does)."""
     with loop_fs("btrfs", size="3G", options="compress=zstd") as mnt:
         vol = mnt / "vol"
         sh("btrfs", "-q", "subvolume", "create", vol)
         sh("cp", "-a", f"{a_tree}/.", str(vol))
         sh("sync")
         sh("btrfs", "-q", "subvolume", "snapshot", "-r", vol, mnt / "A")
-        for child in vol.iterdir():
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
-        sh("cp", "-a", f"{b_tree}/.", str(vol))
+        if in_place:
+            sh("rsync", "-aHAX", "--delete", f"{b_tree}/", f"{vol}/")
+        else:
+            for child in vol.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+            sh("cp", "-a", f"{b_tree}/.", str(vol))
         sh("sync")
         sh("btrfs", "-q", "subvolume", "snapshot", "-r", vol, mnt / "B")
         out = {"plain": work / "AB.stream", "compressed": work / "AB.cstream",

@@ -62,6 +62,37 @@ def debian_pair() -> tuple[Path, Path]:
     return old, new
 
 
+#: the packages of :func:`debian_install_pair` (27 packages with their dependencies, from
+#: bookworm main: Python 3.11 and its libraries, OpenSSL, CA certificates, PyYAML, six)
+INSTALL = ("python3", "ca-certificates", "python3-yaml", "python3-six")
+
+
+def debian_install_pair() -> tuple[Path, Path]:
+    """(OLD, NEW): the bookworm minbase root of :func:`debian_pair` (OLD, shared, never
+    modified) and a copy of it into which :data:`INSTALL` was installed with ``apt-get
+    install --no-install-recommends`` in a chroot (an update that is mostly new files)."""
+    old, _ = debian_pair()
+    new = CACHE / "debian-install-new"
+    done = CACHE / "debian-install.done"
+    if done.exists():
+        return old, new
+    tmp = CACHE / "debian-install-new.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    _sh("cp", "-a", str(old), str(tmp))
+    env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    _sh("chroot", str(tmp), "apt-get", "-qq", "update", env=env)
+    _sh("chroot", str(tmp), "apt-get", "-qq", "-y", "install", "--no-install-recommends",
+        *INSTALL, env=env)
+    _sh("chroot", str(tmp), "apt-get", "clean", env=env)
+    _clean_apt(tmp)
+    if new.exists():
+        shutil.rmtree(new)
+    tmp.rename(new)
+    done.write_text("ok\n")
+    return old, new
+
+
 def fallback_pair() -> tuple[Path, Path]:
     """(OLD, NEW) from this machine's own files: NEW edits ~10% of OLD's files a little."""
     old, new = CACHE / "local-old", CACHE / "local-new"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import io
+import os
 import struct
 import subprocess
 import sys
@@ -235,3 +236,40 @@ def test_old_tree_with_other_names_fails_cleanly(delta_pairs: dict[str, Pair]) -
     with pytest.raises(BtrdeltaError):
         expand(delta, other)
     assert expand(delta, pair.a) == pair.streams["v1"].read_bytes()
+
+
+def test_wrong_old_subvolume_is_refused(delta_pairs: dict[str, Pair], tmp_path: Path) -> None:
+    """--old a btrfs subvolume that is not the stream's parent: exit 6 naming both UUIDs,
+    nothing written. The parent itself, or a copy of it the kernel received (its received
+    UUID is the parent's UUID), is accepted."""
+    from btrdelta.fs.btrfs import subvol_info
+
+    pair = delta_pairs["rebuilt-release"]
+    stream = pair.streams["v1"]
+    wrong = delta_pairs[NAMES[0]].a
+
+    def uuid_of(path: Path) -> str:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return str(subvol_info(fd).uuid)
+        finally:
+            os.close(fd)
+
+    out = tmp_path / "D"
+    cmd = [sys.executable, "-m", "btrdelta", "delta", "make", "-f", str(stream), "-o", str(out),
+           "--old"]
+    proc = subprocess.run([*cmd, str(wrong)], capture_output=True, check=False)
+    err = proc.stderr.decode()
+    assert proc.returncode == 6, err
+    assert err.count("\n") == 1
+    assert "Traceback" not in err
+    assert uuid_of(wrong) in err
+    assert uuid_of(pair.a) in err
+    assert not out.exists()
+    # a received copy of the parent (received UUID = the parent's UUID) is the parent
+    dest = pair.mnt / "received-parent"
+    dest.mkdir()
+    btrfs_receive(send(pair.a, tmp_path / "A.full"), dest)
+    proc = subprocess.run([*cmd, str(dest / pair.a.name)], capture_output=True, check=False)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert expand(out.read_bytes(), dest / pair.a.name) == stream.read_bytes()

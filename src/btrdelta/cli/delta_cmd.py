@@ -69,6 +69,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     m.add_argument("--no-recompress", dest="recompress", action="store_false",
                    help="carry compressed extents (ENCODED_WRITE) as they are instead of "
                         "regenerating them by recompression")
+    m.add_argument("--verify", action="store_true",
+                   help="expand the delta made against --old before exiting 0 (as long as "
+                        "a delta expand; without it the delta's structure, patch lengths "
+                        "and command counts are checked, which costs little)")
     m.add_argument("--json", action="store_true", help="print a JSON summary on stderr")
     m.add_argument("--progress", action="store_true", help="show progress on stderr")
     m.add_argument("--sign", metavar="KEY",
@@ -101,7 +105,7 @@ def run_make(args: argparse.Namespace) -> int:
         raise BtrdeltaError("-j must be at least 1")
     opts = MakeOptions(
         codec=args.codec, max_file_size=args.max_file_size, jobs=args.jobs, level=args.level,
-        recompress=args.recompress,
+        recompress=args.recompress, verify="full" if args.verify else "cheap",
     )
     from ..update.signed import StreamSigner
 
@@ -125,6 +129,8 @@ def run_make(args: argparse.Namespace) -> int:
             signer.finish()
     progress.done()
     secs = time.monotonic() - t0
+    for line in stats.warnings:
+        print(f"delta make: warning: {line}", file=sys.stderr)
     if args.json:
         print(json.dumps({**stats.as_json(), "seconds": round(secs, 3)}), file=sys.stderr)
     elif progress.enabled:

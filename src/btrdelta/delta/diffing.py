@@ -50,6 +50,7 @@ from .format import (
     PatchData,
     PEncoded,
     PWrite,
+    patch_refusal,
 )
 from .oldfiles import digest, hasher, read_old_file
 from .options import MakeOptions
@@ -304,7 +305,8 @@ def _diff_content(
     old_digest = digest(opts.hash_algo, old)
     if len(old) == len(new) and old == new:
         return Result(None, b"", len(old), old_digest, old_digest, len(new), replaced, encoded)
-    codec: Codec
+    # (cost in the delta, codec, patch bytes)
+    candidates: list[tuple[int, Codec, bytes]] = []
     if opts.codec == "auto":
         raw_codec = CODECS[4]
         raw: bytes | None = None
@@ -312,16 +314,23 @@ def _diff_content(
             # one diff gives both HDiffPatch candidates (hdiff is recompressed from it)
             raw = raw_codec.make(old, new)
         codec, patch = make_auto(old, new, AUTO, hdiff_raw=raw)
-        cost = len(patch)
+        candidates.append((len(patch), codec, patch))
         # inside the carrier an uncompressed patch is compressed with everything else
-        if raw is not None and len(raw) <= INNER_PATCH_MAX and _carried_cost(raw) < cost:
-            codec, patch, cost = raw_codec, raw, _carried_cost(raw)
+        if raw is not None and len(raw) <= INNER_PATCH_MAX:
+            candidates.append((_carried_cost(raw), raw_codec, raw))
     else:
         codec = get_codec(opts.codec)
         patch = codec.make(old, new)
-        cost = len(patch)
-    if cost >= min(replaced, len(new)):
+        candidates.append((len(patch), codec, patch))
+    # the rule the expansion enforces (on the patch's length, whatever it costs), then
+    # the cheapest of what is left, if it costs less than the data it replaces
+    allowed = [
+        c for c in candidates
+        if c[0] < replaced and patch_refusal(c[1].codec_id, len(c[2]), len(old), len(new)) is None
+    ]
+    if not allowed:
         return None
+    _cost, codec, patch = min(allowed, key=lambda c: c[0])
     if codec.apply(old, patch, new_size=len(new)) != new:  # pragma: no cover - codec bug
         return None
     return Result(

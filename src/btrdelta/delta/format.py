@@ -59,6 +59,7 @@ __all__ = [
     "ZCommands",
     "encode_delta_header",
     "is_delta_stream",
+    "patch_refusal",
 ]
 
 DELTA_MAGIC: Final = b"btrdelta-dstream\x00"
@@ -241,6 +242,21 @@ INNER_RECORDS: Final = frozenset(c for c in DCmd if legal(c, Place.CARRIER))
 CP_PATH, CP_BASE, CP_SAME, CP_AUTO = 1, 2, 4, 8
 #: digest algorithms of a CPATCH: old file (changed content), new content, ``same`` file
 CP_OLD_ALGO, CP_NEW_ALGO, CP_SAME_ALGO = HashAlgo.BLAKE3_64, HashAlgo.BLAKE3_32, HashAlgo.BLAKE3_32
+
+
+def patch_refusal(codec: int, patch_len: int, old_size: int, new_size: int) -> str | None:
+    """Why a PATCH with these numbers is not allowed, or ``None`` if it is: the one rule
+    ``delta make`` (which never writes a patch it refuses) and the expansion (which refuses
+    it) share. A ``same`` patch has no patch bytes and keeps the size; any other patch has
+    patch bytes and fewer of them than the new content it stands for (a patch is only
+    worth writing when it is smaller than the data it replaces)."""
+    if codec == SAME_CODEC:
+        if patch_len or old_size != new_size:
+            return "a 'same' patch with patch bytes or a size change"
+        return None
+    if patch_len <= 0 or patch_len >= new_size:
+        return f"patch length {patch_len} is not below new size {new_size}"
+    return None
 
 
 def encode_delta_header(version: int = DELTA_VERSION) -> bytes:

@@ -27,6 +27,10 @@ class MakeOptions:
         jobs: diff worker threads.
         level: zstd level of carried commands (0: uncompressed passthrough).
         hash_algo: digest for old file, new content and the whole stream.
+        verify: check of the output before success (:mod:`.verify`): ``cheap`` (structure,
+            the patch rule, lengths and counts), ``full`` (a whole expansion), ``none``.
+        check_parent: refuse an old tree that is a btrfs subvolume other than the stream's
+            parent (off for streams whose parent UUID is not a btrfs one).
     """
 
     codec: str = "auto"
@@ -37,3 +41,5 @@ class MakeOptions:
     hash_algo: int = HashAlgo.BLAKE3_128
     #: regenerate compressed extents (ENCODED_WRITE) by recompressing them
     recompress: bool = True
+    verify: str = "cheap"
+    check_parent: bool = True

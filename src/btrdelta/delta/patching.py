@@ -31,7 +31,7 @@ from ..stream.codec import encode_record
 from ..stream.constants import CMD_HEADER, MAX_PAYLOAD
 from .carrier import CarrierState
 from .codecs import get_codec
-from .format import SAME_CODEC, Patch, PatchData, PEncoded, PWrite
+from .format import SAME_CODEC, Patch, PatchData, PEncoded, PWrite, patch_refusal
 from .oldfiles import digest, read_old_file
 from .recompress import compress_extent
 
@@ -135,12 +135,9 @@ class Patcher:
             raise StreamFormatError(
                 f"patch sizes {p.old_size}/{p.new_size} exceed the limit {self.max_file_size}"
             )
-        if p.codec == SAME_CODEC:
-            if p.patch_len or p.old_size != p.new_size:
-                raise StreamFormatError("a 'same' patch with patch bytes or a size change")
-        elif p.patch_len == 0 or p.patch_len >= p.new_size:
-            raise StreamFormatError(
-                f"patch length {p.patch_len} is not below new size {p.new_size}")
+        refusal = patch_refusal(p.codec, p.patch_len, p.old_size, p.new_size)
+        if refusal is not None:
+            raise StreamFormatError(refusal)
         self.root_of("PATCH")
         self.pending = p
         self.pdata = []

@@ -62,7 +62,9 @@ def make_delta_file(old: Path, new: Path, name: str, identity: str, old_identity
                 h.update(data)
                 size += memoryview(data).nbytes
 
-            make_delta(stream, old, write, MakeOptions(jobs=jobs), source=str(new))
+            # the stream's parent UUID is the release identity, not a btrfs UUID
+            make_delta(stream, old, write, MakeOptions(jobs=jobs, check_parent=False),
+                       source=str(new))
     return h.hexdigest(), size
 
 
