@@ -29,6 +29,7 @@ from typing import Any
 import zstandard
 
 from ..errors import BtrdeltaError
+from ..fs.sandbox import file_size as old_file_size
 from ..fs.sandbox import open_regular as open_old_file
 from ..stream import records as R
 from ..stream.codec import encode_record
@@ -52,57 +53,13 @@ from .format import (
     PWrite,
     patch_refusal,
 )
+from .nearest import MIN_SKETCH, OldIndex
 from .oldfiles import digest, hasher, read_old_file
 from .options import MakeOptions
 from .recompress import LevelGuesser, natural_extent, regenerable
 from .writer import INNER_PATCH_MAX
 
-__all__ = ["RAW_MAX_FILE", "Group", "OldIndex", "Result", "canonical_write", "diff_group",
-           "patched_items"]
-
-
-def _common_len(a: bytes, b: bytes) -> int:
-    """Length of the common prefix of two byte strings (short paths; not a hot path)."""
-    n = min(len(a), len(b))
-    return next((i for i in range(n) if a[i] != b[i]), n)
-
-
-class OldIndex:
-    """Old files by base name, for new files whose own base path has no old file (a file in
-    a renamed versioned directory: ``pkg-1.2.dist-info/RECORD`` -> ``pkg-1.1.dist-info``).
-
-    Built on first use by walking the old tree (no symlinks followed). The candidate whose
-    path shares the longest prefix + suffix with the new path wins; the patch is only kept
-    if it is smaller than the data, so a poor guess costs time, never size.
-    """
-
-    #: candidates compared per lookup (common names such as __init__.py have many)
-    MAX_CANDIDATES = 256
-
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = os.fsencode(root)
-        self._names: dict[bytes, list[bytes]] | None = None
-
-    def _build(self) -> dict[bytes, list[bytes]]:
-        names: dict[bytes, list[bytes]] = {}
-        for dirpath, _dirs, files in os.walk(self.root):
-            rel = os.path.relpath(dirpath, self.root)
-            prefix = b"" if rel == b"." else rel + b"/"
-            for name in files:
-                names.setdefault(name, []).append(prefix + name)
-        return names
-
-    def similar(self, path: bytes) -> bytes | None:
-        """The old file most like ``path`` (same base name), or ``None``."""
-        if self._names is None:
-            self._names = self._build()
-        name = path.rsplit(b"/", 1)[-1]
-        best: tuple[int, bytes] | None = None
-        for cand in self._names.get(name, ())[: self.MAX_CANDIDATES]:
-            score = _common_len(cand, path) + _common_len(cand[::-1], path[::-1])
-            if best is None or score > best[0]:
-                best = (score, cand)
-        return None if best is None else best[1]
+__all__ = ["RAW_MAX_FILE", "Group", "Result", "canonical_write", "diff_group", "patched_items"]
 
 
 # --- groups -----------------------------------------------------------------------------
@@ -110,14 +67,18 @@ class OldIndex:
 
 class Group:
     __slots__ = (
-        "base", "buffering", "old_size", "path", "records", "version", "write_bytes", "writes",
+        "base", "buffering", "name", "old_size", "path", "records", "version", "write_bytes",
+        "writes",
     )
 
+    # base: the old file at the group's own base path (None: there is none)
+    # name: that base path, whose name finds other candidates (:mod:`.nearest`)
     # write_bytes: WRITE data + decompressed size of candidate ENCODED_WRITEs
     # writes: WRITEs + candidate ENCODED_WRITEs
 
-    def __init__(self, path: bytes, base: bytes, version: int, buffering: bool) -> None:
+    def __init__(self, path: bytes, base: bytes | None, version: int, buffering: bool) -> None:
         self.path = path
+        self.name = base if base is not None else path
         self.base = base
         self.version = version
         self.buffering = buffering
@@ -165,6 +126,10 @@ class Result:
     replaced: int
     #: record index -> (level, decompressed length) of regenerated ENCODED_WRITEs
     encoded: dict[int, tuple[int, int]]
+    #: the old file patched against (None: the group's own base)
+    base: bytes | None = None
+    #: what the patch costs in the delta
+    cost: int = 0
 
 
 def _content(
@@ -273,38 +238,86 @@ def _same_as_old(
     return bytes(h.digest())
 
 
+#: a same-path patch costing more than this fraction of the new content is a poor base:
+#: old files found by name or content are tried too
+POOR_BASE = 0.25
+#: a base found by name or content must make the patch cost less than this fraction of
+#: the new content compressed alone (zstd -3), or the carrier does as well without it
+FOUND_GAIN = 0.75
+
+
 def diff_group(
     old_root: str | os.PathLike[str], group: Group, opts: MakeOptions,
-    guesser: LevelGuesser | None,
+    guesser: LevelGuesser | None, index: OldIndex | None = None,
 ) -> Result | None:
-    """Worker: diff the old file against the group's new content (runs in a thread)."""
+    """Worker: diff the group's new content against its base, or against the old files
+    nearest to it (runs in a thread)."""
     pieces, replaced, encoded = _content(group, guesser)
     if not pieces:
         return None
     size = sum(len(p) for p in pieces)
-    if size == group.old_size:
+    if group.base is not None and size == group.old_size:
         same = _same_as_old(old_root, group.base, pieces, size, opts)
         if same is not None:
             return Result(None, b"", size, same, same, size, replaced, encoded)
-    with _BIG.hold(size + group.old_size):
-        return _diff_content(old_root, group, opts, pieces, replaced, encoded)
-
-
-def _diff_content(
-    old_root: str | os.PathLike[str], group: Group, opts: MakeOptions, pieces: list[Any],
-    replaced: int, encoded: dict[int, tuple[int, int]],
-) -> Result | None:
     new = pieces[0] if len(pieces) == 1 else b"".join(pieces)
     del pieces[:]
-    try:
-        old = read_old_file(old_root, group.base, max_size=opts.max_file_size)
-    except BtrdeltaError:
+    best: Result | None = None
+    if group.base is not None:
+        best = _diff_base(old_root, group.base, new, opts, replaced, encoded)
+        if best is not None and best.cost <= POOR_BASE * size:
+            return best
+    if index is None or size < MIN_SKETCH:
+        return best
+    # no old file at its path, or a poor one: the nearest old files by name and content
+    found = index.by_name(group.name, size, exclude=group.base)[:1]
+    found += [c for c in index.by_content(new, exclude=group.base, limit=1) if c not in found]
+    if not found:
+        return best
+    alone = len(zstandard.ZstdCompressor(level=3).compress(new))
+    for base in found:
+        res = _diff_base(old_root, base, new, opts, replaced, encoded)
+        if res is not None and res.cost < FOUND_GAIN * alone and (
+            best is None or res.cost < best.cost
+        ):
+            best = res
+    return best
+
+
+def _diff_base(
+    old_root: str | os.PathLike[str], base: bytes, new: bytes, opts: MakeOptions,
+    replaced: int, encoded: dict[int, tuple[int, int]],
+) -> Result | None:
+    """The patch from the old file ``base`` to ``new``, if one is worth writing."""
+    old_size = old_file_size(old_root, base)
+    if not old_size or old_size > opts.max_file_size:
         return None
-    if not old:
-        return None
-    old_digest = digest(opts.hash_algo, old)
-    if len(old) == len(new) and old == new:
-        return Result(None, b"", len(old), old_digest, old_digest, len(new), replaced, encoded)
+    with _BIG.hold(len(new) + old_size):
+        try:
+            old = read_old_file(old_root, base, max_size=opts.max_file_size)
+        except BtrdeltaError:
+            return None
+        if not old:
+            return None
+        old_digest = digest(opts.hash_algo, old)
+        if len(old) == len(new) and old == new:
+            return Result(None, b"", len(old), old_digest, old_digest, len(new), replaced,
+                          encoded, base=base)
+        best = _best_patch(old, new, opts, replaced)
+        if best is None:
+            return None
+        cost, codec, patch = best
+        if codec.apply(old, patch, new_size=len(new)) != new:  # pragma: no cover - codec bug
+            return None
+    return Result(codec, patch, len(old), old_digest, digest(opts.hash_algo, new), len(new),
+                  replaced, encoded, base=base, cost=cost)
+
+
+def _best_patch(
+    old: bytes, new: bytes, opts: MakeOptions, replaced: int
+) -> tuple[int, Codec, bytes] | None:
+    """The cheapest allowed patch from ``old`` to ``new``: (its cost in the delta, codec,
+    patch bytes), or ``None`` if none costs less than the ``replaced`` stream bytes."""
     # (cost in the delta, codec, patch bytes)
     candidates: list[tuple[int, Codec, bytes]] = []
     if opts.codec == "auto":
@@ -328,15 +341,7 @@ def _diff_content(
         c for c in candidates
         if c[0] < replaced and patch_refusal(c[1].codec_id, len(c[2]), len(old), len(new)) is None
     ]
-    if not allowed:
-        return None
-    _cost, codec, patch = min(allowed, key=lambda c: c[0])
-    if codec.apply(old, patch, new_size=len(new)) != new:  # pragma: no cover - codec bug
-        return None
-    return Result(
-        codec, patch, len(old), old_digest, digest(opts.hash_algo, new), len(new), replaced,
-        encoded,
-    )
+    return min(allowed, key=lambda c: c[0]) if allowed else None
 
 
 def _runs(group: Group, items: list[DeltaItem], encoded: dict[int, tuple[int, int]]) -> None:
@@ -400,7 +405,7 @@ def patched_items(group: Group, res: Result, opts: MakeOptions) -> list[DeltaIte
         # outside the carrier, a 'same' patch's digest only checks the local old file
         algo, old_digest = HashAlgo.BLAKE3_64, old_digest[:8]
     patch = Patch(
-        group.path, group.base, codec_id, algo, res.old_size,
+        group.path, res.base or group.base, codec_id, algo, res.old_size,
         old_digest, res.new_size, new_digest if res.codec else old_digest,
         len(res.patch),
         view if inline and res.codec is not None else None,

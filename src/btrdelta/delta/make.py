@@ -32,8 +32,9 @@ from ..stream import records as R
 from ..tree.pathmap import PathMap
 from .codecs import get_codec
 from .commands import RawCommand, RawCommands
-from .diffing import Group, OldIndex, Result, canonical_write, diff_group, patched_items
+from .diffing import Group, Result, canonical_write, diff_group, patched_items
 from .format import BtrfsCommand, DeltaEnd, DeltaItem, HashAlgo, StreamStart
+from .nearest import MIN_SKETCH, OldIndex
 from .options import MakeOptions
 from .parent import PlainDirHints, check_parent, old_subvolume
 from .recompress import MAX_EXTENT, LevelGuesser, regenerable
@@ -64,6 +65,8 @@ class MakeStats:
     groups: int = 0
     candidates: int = 0
     patched_files: int = 0
+    #: files patched against an old file found by name or content (not their own path)
+    found_bases: int = 0
     #: new content given to the diff workers (bytes), and the largest old/new file diffed
     diffed_bytes: int = 0
     largest_diffed: int = 0
@@ -85,6 +88,7 @@ class MakeStats:
             "commands": self.commands,
             "candidates": self.candidates,
             "patched_files": self.patched_files,
+            "found_bases": self.found_bases,
             "diffed_bytes": self.diffed_bytes,
             "largest_diffed": self.largest_diffed,
             "warnings": self.warnings,
@@ -143,7 +147,7 @@ class _Maker:
         self.subvol = old_subvolume(old_root) if opts.check_parent else None
         self.hints = PlainDirHints(old_root) if self.subvol is None else None
         self.pathmap = PathMap()
-        self.index = OldIndex(old_root)
+        self.index = OldIndex(old_root, opts.max_file_size) if opts.nearest else None
         #: the group of the file being read (its data records), if any
         self.group: Group | None = None
         #: output order: groups being diffed and the records after each
@@ -227,18 +231,17 @@ class _Maker:
             self.put_raw(r)
 
     def new_group(self, path: bytes) -> Group:
-        """The group of the file at ``path``: buffered if it has an old file to diff."""
+        """The group of the file at ``path``: buffered if it has an old file to diff, or
+        may have one elsewhere in the old tree (:mod:`.nearest`, found by the worker)."""
         base = self.pathmap.base(path)
         self.stats.groups += 1
         size = old_file_size(self.old_root, base) if base else None
-        if size is None and base:
-            alt = self.index.similar(base)
-            if alt is not None:
-                base, size = alt, old_file_size(self.old_root, alt)
         ok = size is not None and 0 < size <= self.opts.max_file_size
         self.stats.candidates += ok
-        group = Group(path, base, self.reader.version, ok)
-        group.old_size = size or 0
+        group = Group(path, base if ok else None, self.reader.version,
+                      ok or self.index is not None)
+        group.name = base or path
+        group.old_size = size or 0 if ok else 0
         return group
 
     def buffer(self, group: Group, r: RawCommand) -> bool:
@@ -277,7 +280,9 @@ class _Maker:
         group, self.group = self.group, None
         if group is None or not group.buffering:
             return
-        if group.writes == 0 or group.write_bytes < self.opts.min_file_size:
+        if group.writes == 0 or group.write_bytes < (
+            self.opts.min_file_size if group.base is not None else MIN_SKETCH
+        ):
             for r in group.records:
                 self.put_raw(r)
             return
@@ -287,7 +292,8 @@ class _Maker:
         slot = _Slot()
         slot.group = group
         slot.size = group.write_bytes
-        slot.future = self.pool.submit(diff_group, self.old_root, group, self.opts, self.guesser)
+        slot.future = self.pool.submit(diff_group, self.old_root, group, self.opts, self.guesser,
+                                       self.index)
         self.queue.append(slot)
         self.queued += slot.size
         self.in_flight += 1
@@ -335,6 +341,7 @@ class _Maker:
             else:
                 name = "same" if res.codec is None else res.codec.name
                 self.stats.patched_files += 1
+                self.stats.found_bases += res.base is not None
                 self.stats.files_by_codec[name] += 1
                 self.stats.replaced_bytes[name] += res.replaced
                 self.stats.patch_bytes[name] += len(res.patch)

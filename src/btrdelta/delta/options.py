@@ -43,3 +43,5 @@ class MakeOptions:
     recompress: bool = True
     verify: str = "cheap"
     check_parent: bool = True
+    #: look for the old files nearest to a new file (by name and content, :mod:`.nearest`)
+    nearest: bool = True

@@ -1,0 +1,114 @@
+"""New files patched against the nearest old file: found by name (a hash suffix renamed)
+or by content (an unrelated name), and the delta expands to the stream."""
+
+from __future__ import annotations
+
+import io
+import random
+import uuid
+from pathlib import Path
+
+import pytest
+
+from btrdelta.delta import MakeOptions, expand_to, make_delta, open_delta
+from btrdelta.delta.make import MakeStats
+from btrdelta.delta.nearest import OldIndex, name_key
+from btrdelta.stream import StreamWriter
+from btrdelta.stream import records as R
+
+
+def _new_file_stream(path: bytes, data: bytes, unlink: bytes | None = None) -> bytes:
+    out: list[bytes] = []
+    w = StreamWriter(out.append, 1)
+    w.write(R.Snapshot(b"B", uuid.UUID(int=1), 9, uuid.UUID(int=2), 8))
+    if unlink is not None:
+        w.write(R.Unlink(unlink))
+    w.write(R.Mkfile(b"o300-7-0", 300))
+    w.write(R.Rename(b"o300-7-0", path))
+    for off in range(0, len(data), 49152):
+        w.write(R.Write(path, off, data[off : off + 49152]))
+    w.write(R.Utimes(path, 1, 2, 3))
+    w.write(R.End())
+    return b"".join(bytes(p) for p in out)
+
+
+def _round_trip(stream: bytes, old: Path, **kw: object) -> tuple[int, MakeStats]:
+    out: list[bytes] = []
+    stats = make_delta(io.BufferedReader(io.BytesIO(stream)), old,  # type: ignore[arg-type]
+                       out.append, MakeOptions(jobs=2, **kw))  # type: ignore[arg-type]
+    delta = b"".join(bytes(p) for p in out)
+    back: list[bytes] = []
+    expand_to(open_delta(io.BytesIO(delta)), old, back.append)
+    assert b"".join(bytes(p) for p in back) == stream
+    return len(delta), stats
+
+
+def _edited(data: bytes, rnd: random.Random, edits: int = 5) -> bytes:
+    buf = bytearray(data)
+    for _ in range(edits):
+        at = rnd.randrange(len(buf))
+        buf[at : at + 4] = rnd.randbytes(4)
+    return bytes(buf)
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [(b"libopenblasp-r0-24bff013.3.26.dev.so", b"libopenblasp-r0-01191904.3.27.so"),
+     (b"libgfortran-040039e1.so.5.0.0", b"libgfortran-3f2a1b0c.so.5.1.0"),
+     (b"libfoo.so.1.2.3", b"libfoo.so.1.2.4"),
+     (b"mod.cpython-311.pyc", b"mod.cpython-312.pyc")],
+)
+def test_names_modulo_versions_and_hashes(a: bytes, b: bytes) -> None:
+    assert name_key(a) == name_key(b)
+    assert name_key(a) != name_key(b"libother.so.1")
+
+
+def test_renamed_with_a_hash_suffix(tmp_path: Path) -> None:
+    """auditwheel's ``<pkg>.libs/lib<name>-<hash>.so``: a new name each release. The new
+    library (a few bytes changed) is patched against the old one: the delta is a small
+    fraction of the file, not the file compressed."""
+    rnd = random.Random(1)
+    lib = rnd.randbytes(300_000)
+    (tmp_path / "pkg.libs").mkdir()
+    (tmp_path / "pkg.libs/libfoo-1a2b3c4d.so.1.0").write_bytes(lib)
+    (tmp_path / "pkg.libs/libbar-5e6f7a8b.so").write_bytes(rnd.randbytes(50_000))
+    stream = _new_file_stream(b"pkg.libs/libfoo-9f8e7d6c.so.1.0", _edited(lib, rnd),
+                              unlink=b"pkg.libs/libfoo-1a2b3c4d.so.1.0")
+    size, stats = _round_trip(stream, tmp_path)
+    assert stats.found_bases == 1
+    assert size < 2_000 < 300_000
+    # without looking, the new library is carried whole (random bytes: ~300 KB)
+    size_plain, stats = _round_trip(stream, tmp_path, nearest=False)
+    assert stats.found_bases == 0
+    assert size_plain > 290_000
+
+
+def test_new_file_like_an_unrelated_old_file(tmp_path: Path) -> None:
+    """A new file whose name and directory share nothing with the old file it resembles
+    (a copied and edited data file) is found by its content."""
+    rnd = random.Random(2)
+    data = rnd.randbytes(200_000)
+    (tmp_path / "usr/share/a").mkdir(parents=True)
+    (tmp_path / "usr/share/a/data.bin").write_bytes(data)
+    for i in range(20):  # other old files, similar in size, different in content
+        (tmp_path / "usr/share/a" / f"other{i}.bin").write_bytes(rnd.randbytes(150_000))
+    new = _edited(data[:50_000] + b"inserted" + data[50_000:150_000] + data[150_016:], rnd)
+    stream = _new_file_stream(b"opt/thing/blob.dat", new)
+    size, stats = _round_trip(stream, tmp_path)
+    assert stats.found_bases == 1
+    assert size < 2_000
+
+
+def test_index_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only files of at least MIN_SKETCH bytes are sketched, within the byte budget."""
+    from btrdelta.delta import nearest
+
+    for i in range(30):
+        (tmp_path / f"f{i}").write_bytes(random.Random(i).randbytes(8192))
+    (tmp_path / "small").write_bytes(b"x" * 100)
+    monkeypatch.setattr(nearest, "SKETCH_BUDGET", 10 * 8192)
+    index = OldIndex(tmp_path, 1 << 20)
+    assert index.by_content(b"y" * 5000) == []
+    sketched = {p & 0xFFFFF for p in index._pairs}
+    assert len(sketched) == 10
+    assert len(index.paths) == 31
