@@ -99,13 +99,14 @@ def _round_trip(stream: bytes, old: Path, opts: MakeOptions) -> bytes:
 
 
 @pytest.mark.parametrize(
-    ("codec", "level"),
-    [("auto", 1), ("auto", 0), ("hdiff-raw", 1), ("hdiff", 1), ("zstd", 0), ("bsdiff", 1)],
+    ("codec", "level", "carrier"),
+    [("auto", 1, "zstd"), ("auto", 0, "zstd"), ("hdiff-raw", 1, "zstd"), ("hdiff", 1, "zstd"),
+     ("zstd", 0, "zstd"), ("bsdiff", 1, "zstd"), ("auto", 1, "xz")],
 )
 @settings(max_examples=30, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
-def test_expand_of_make_is_the_stream(tmp_path: Path, codec: str, level: int,
+def test_expand_of_make_is_the_stream(tmp_path: Path, codec: str, level: int, carrier: str,
                                       data: st.DataObject) -> None:
     old_files = data.draw(st.lists(_content(), min_size=1, max_size=4))
     root = tmp_path / f"old-{uuid.uuid4().hex}"
@@ -122,7 +123,7 @@ def test_expand_of_make_is_the_stream(tmp_path: Path, codec: str, level: int,
     version = data.draw(st.sampled_from([1, 2]))
     chunk = data.draw(st.sampled_from([1, 7, 4096, 49152]))
     stream = _stream(version, chunk, changes)
-    opts = MakeOptions(codec=codec, level=level, min_file_size=1,
+    opts = MakeOptions(codec=codec, level=level, min_file_size=1, carrier=carrier,
                        jobs=data.draw(st.sampled_from([1, 2])))
     assert _round_trip(stream, root, opts) == stream
 

@@ -208,6 +208,10 @@ def encode_item(
         return _frame(DCmd.STREAM, _tlv(DAttr.VERSION, u32(item.version)))
     if isinstance(item, ZCommands):
         attrs = _tlv(DAttr.LENGTH, u64(item.raw_len)) + _tlv(DAttr.CRC, u32(item.crc))
+        if item.codec:  # format 5
+            attrs += _tlv(DAttr.CODEC, u32(item.codec))
+            if item.dict_size:
+                attrs += _tlv(DAttr.DICT, u32(item.dict_size))
         return _frame(DCmd.ZCMDS, attrs + _U16.pack(DAttr.DATA), item.zdata)
     if isinstance(item, Patch):
         if inner and compact:
@@ -271,7 +275,7 @@ def encode_item(
 
 _U32_ATTRS = {
     DAttr.VERSION, DAttr.CODEC, DAttr.HASH, DAttr.CHUNK, DAttr.COMPRESSION, DAttr.ENCRYPTION,
-    DAttr.LEVEL, DAttr.CRC,
+    DAttr.LEVEL, DAttr.CRC, DAttr.DICT,
 }
 _U64_ATTRS = {
     DAttr.OLD_SIZE, DAttr.NEW_SIZE, DAttr.LENGTH, DAttr.OFFSET, DAttr.COUNT, DAttr.FILE_LEN,
@@ -299,6 +303,7 @@ _REQUIRED: dict[int, tuple[DAttr, ...]] = {
 _OPTIONAL: dict[int, tuple[DAttr, ...]] = {
     DCmd.PATCH: (DAttr.DATA,),  # PATH and BASE_PATH may be left out too
     DCmd.PENC: (DAttr.ENCRYPTION,),
+    DCmd.ZCMDS: (DAttr.CODEC, DAttr.DICT),  # format 5 (the parser checks which)
 }
 
 
@@ -364,7 +369,8 @@ def decode_item(cmd: int, mv: memoryview, start: int, end: int) -> DeltaItem:
             )
         return StreamStart(a[DAttr.VERSION])
     if cmd == DCmd.ZCMDS:
-        return ZCommands(a[DAttr.LENGTH], a[DAttr.DATA], a[DAttr.CRC])
+        return ZCommands(a[DAttr.LENGTH], a[DAttr.DATA], a[DAttr.CRC], a.get(DAttr.CODEC, 0),
+                         a.get(DAttr.DICT, 0))
     if cmd == DCmd.PATCH:
         algo = a[DAttr.HASH]
         if algo not in DIGEST_SIZE:

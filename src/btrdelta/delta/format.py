@@ -66,9 +66,15 @@ DELTA_MAGIC: Final = b"btrdelta-dstream\x00"
 DELTA_HEADER: Final = struct.Struct("<17sI")  # magic, format version
 DELTA_HEADER_SIZE: Final = DELTA_HEADER.size  # 21
 DELTA_VERSION: Final = 4
+#: format 5: format 4 whose ZCMDS records name their carrier's codec (zstd, or raw LZMA2
+#: with its dictionary size); written when the carrier is not zstd
+DELTA_VERSION_CODEC: Final = 5
 #: format versions this reader reads. Format 4 is frozen: a change to what it means needs a
 #: new version, read next to it (``docs/formats/delta-stream.md``, "Versions")
-DELTA_VERSIONS: Final = frozenset({4})
+DELTA_VERSIONS: Final = frozenset({4, 5})
+#: carrier codecs (the CODEC of a format-5 ZCMDS; format 4 is zstd only)
+CARRIER_ZSTD: Final = 1
+CARRIER_LZMA2: Final = 2
 #: format versions that were written during development only (never released): refused
 #: with a message saying to make the delta again
 RETIRED_VERSIONS: Final = frozenset({1, 2, 3})
@@ -105,6 +111,7 @@ class DAttr(enum.IntEnum):
     DISK_LEN = 21  # u64
     LEVEL = 22  # u32 (two's complement: zstd levels may be negative)
     CRC = 23  # u32
+    DICT = 24  # u32: dictionary size of an LZMA2 carrier (format 5)
 
 
 class HashAlgo(enum.IntEnum):
@@ -159,6 +166,10 @@ class ZCommands:
     raw_len: int
     zdata: memoryview
     crc: int
+    #: carrier codec (format 5 names it; 0 as decoded from format 4: zstd) and its
+    #: dictionary size (LZMA2)
+    codec: int = 0
+    dict_size: int = 0
 
 
 @dataclass(slots=True)

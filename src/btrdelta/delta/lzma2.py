@@ -37,7 +37,7 @@ _SIZE_T = ctypes.c_size_t
 
 
 class _Stream(ctypes.Structure):
-    _fields_ = [  # noqa: RUF012 (ctypes' own class attribute)
+    _fields_ = [
         ("next_in", ctypes.c_void_p), ("avail_in", _SIZE_T), ("total_in", ctypes.c_uint64),
         ("next_out", ctypes.c_void_p), ("avail_out", _SIZE_T),
         ("total_out", ctypes.c_uint64), ("allocator", ctypes.c_void_p),
@@ -49,7 +49,7 @@ class _Stream(ctypes.Structure):
 
 
 class _OptionsLzma(ctypes.Structure):
-    _fields_ = [  # noqa: RUF012
+    _fields_ = [
         ("dict_size", ctypes.c_uint32), ("preset_dict", ctypes.c_void_p),
         ("preset_dict_size", ctypes.c_uint32), ("lc", ctypes.c_uint32),
         ("lp", ctypes.c_uint32), ("pb", ctypes.c_uint32), ("mode", ctypes.c_int),
@@ -61,7 +61,7 @@ class _OptionsLzma(ctypes.Structure):
 
 
 class _Filter(ctypes.Structure):
-    _fields_ = [("id", ctypes.c_uint64), ("options", ctypes.c_void_p)]  # noqa: RUF012
+    _fields_ = [("id", ctypes.c_uint64), ("options", ctypes.c_void_p)]
 
 
 @functools.cache
@@ -98,7 +98,7 @@ class _Coder:
         if lib.lzma_lzma_preset(ctypes.byref(self.opts), preset):
             raise ValueError(f"bad LZMA preset {preset:#x}")  # pragma: no cover
         self.opts.dict_size = dict_size
-        chain = [(_LZMA_FILTER_X86, None)] if x86 else []
+        chain: list[tuple[int, Any]] = [(_LZMA_FILTER_X86, None)] if x86 else []
         chain += [(_LZMA_FILTER_LZMA2, ctypes.cast(ctypes.byref(self.opts), ctypes.c_void_p)),
                   (_LZMA_VLI_UNKNOWN, None)]
         self.filters = (_Filter * len(chain))(*[_Filter(i, o) for i, o in chain])

@@ -141,7 +141,7 @@ class _Maker:
             else FullCheck(old_root, opts.max_file_size) if opts.verify == "full" else None
         )
         self.out = DeltaWriter(write if self.check is None else self.checked_write,
-                               level=opts.level, old_root=old_root)
+                               level=opts.level, old_root=old_root, carrier=opts.carrier)
         #: the old tree's btrfs identity (checked against each SNAPSHOT), else what a
         #: plain directory looks like from the stream
         self.subvol = old_subvolume(old_root) if opts.check_parent else None

@@ -45,3 +45,6 @@ class MakeOptions:
     check_parent: bool = True
     #: look for the old files nearest to a new file (by name and content, :mod:`.nearest`)
     nearest: bool = True
+    #: codec of the carrier: ``zstd`` (format 4, fast to expand) or ``xz`` (raw LZMA2,
+    #: format 5: smaller, slower to make and to expand)
+    carrier: str = "zstd"

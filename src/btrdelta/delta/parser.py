@@ -33,6 +33,8 @@ from ..stream.framing import (
 )
 from .encoding import decode_item
 from .format import (
+    CARRIER_LZMA2,
+    CARRIER_ZSTD,
     DELTA_HEADER,
     DELTA_HEADER_SIZE,
     DELTA_MAGIC,
@@ -44,6 +46,7 @@ from .format import (
     DeltaItem,
     HashAlgo,
     Patch,
+    ZCommands,
 )
 
 __all__ = ["DELTA_FRAMING", "EOF", "NEED_DATA", "DeltaParser", "iter_items"]
@@ -77,6 +80,8 @@ class DeltaParser:
         self.source = source
         self._in = Framer(DELTA_FRAMING, source=source)
         self._ended = False
+        #: the carrier's (codec, dictionary size), from the first ZCMDS
+        self._codec: tuple[int, int] | None = None
 
     @property
     def version(self) -> int:
@@ -164,7 +169,28 @@ class DeltaParser:
             isinstance(item, Patch) and item.hash_algo == HashAlgo.BLAKE3_32
         ):
             fr.fail(StreamFormatError("CPATCH or 4-byte digest outside the carrier"), cmd=cmd)
+        if type(item) is ZCommands:
+            self._carrier(item)
         return item
+
+    def _carrier(self, z: ZCommands) -> None:
+        """Format 4: a zstd carrier, unnamed; format 5: CODEC named on every ZCMDS (DICT
+        with LZMA2 only), the same all along."""
+        fr = self._in
+        if fr.version == 4:
+            if z.codec or z.dict_size:
+                fr.fail(StreamFormatError("CODEC or DICT in a format-4 ZCMDS"), cmd=201)
+            z.codec = CARRIER_ZSTD
+            return
+        if z.codec not in (CARRIER_ZSTD, CARRIER_LZMA2) or (
+            (z.codec == CARRIER_LZMA2) != bool(z.dict_size)
+        ):
+            fr.fail(StreamFormatError(
+                f"ZCMDS carrier codec {z.codec} / dictionary {z.dict_size} is invalid"), cmd=201)
+        if self._codec is None:
+            self._codec = (z.codec, z.dict_size)
+        elif self._codec != (z.codec, z.dict_size):
+            fr.fail(StreamFormatError("ZCMDS records change the carrier's codec"), cmd=201)
 
 
 def iter_items(

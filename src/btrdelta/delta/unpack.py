@@ -33,6 +33,7 @@ from ..stream.framing import Place, legal, max_command
 from .carrier import CarrierState, unfold
 from .encoding import decode_item
 from .format import (
+    CARRIER_LZMA2,
     DELTA_VERSION,
     INNER_RECORDS,
     BtrfsCommand,
@@ -71,6 +72,7 @@ class CarrierReader:
         self.state = CarrierState(lister=lister)
         self.on_head = on_head
         self._dctx: Any = None
+        self._lzma: Any = None
         #: carried btrfs commands gathered by :meth:`split` (``grouped``) and how many
         self.group = bytearray()
         self.count = 0
@@ -83,6 +85,26 @@ class CarrierReader:
         if item.raw_len > MAX_ZCMDS_RAW:
             raise StreamFormatError(
                 f"ZCMDS declares {item.raw_len} bytes (limit {MAX_ZCMDS_RAW})")
+        lzma2 = item.codec == CARRIER_LZMA2
+        raw = self._inflate_lzma2(item) if lzma2 else self._inflate_zstd(item)
+        if crc32c(raw, 0) != item.crc:
+            raise ChecksumError("CRC32C mismatch of a ZCMDS record's content")
+        return raw
+
+    def _inflate_lzma2(self, item: ZCommands) -> bytearray:
+        if self._lzma is None:
+            from .lzma2 import Lzma2Decoder
+
+            self._lzma = Lzma2Decoder(item.dict_size)
+        # one call, bounded by the declared length (+1 to see an overrun)
+        out, used = self._lzma.decompress(item.zdata, item.raw_len + 1)
+        if len(out) != item.raw_len or used != len(item.zdata):
+            raise StreamFormatError(
+                f"ZCMDS inflates to {len(out)} bytes from {used} of {len(item.zdata)}, "
+                f"declares {item.raw_len}")
+        return bytearray(out)
+
+    def _inflate_zstd(self, item: ZCommands) -> bytearray:
         if self._dctx is None:
             self._dctx = zstandard.ZstdDecompressor(max_window_size=1 << 31).decompressobj()
         out: list[bytes] = []
@@ -99,10 +121,7 @@ class CarrierReader:
             raise StreamFormatError(f"ZCMDS carrier is corrupt: {exc}") from exc
         if got != item.raw_len:
             raise StreamFormatError(f"ZCMDS inflates to {got} bytes, declares {item.raw_len}")
-        raw = bytearray().join(out)
-        if crc32c(raw, 0) != item.crc:
-            raise ChecksumError("CRC32C mismatch of a ZCMDS record's content")
-        return raw
+        return bytearray().join(out)
 
     def split(self, raw: bytearray, version: int, grouped: bool = False) -> Iterator[DeltaItem]:
         """The records in inflated carrier bytes ``raw`` (which this may modify) of an

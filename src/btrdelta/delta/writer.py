@@ -31,6 +31,8 @@ from ..stream.crc import crc32c
 from .carrier import CarrierState, fold
 from .encoding import can_compact, encode_item
 from .format import (
+    CARRIER_LZMA2,
+    DELTA_VERSION_CODEC,
     BtrfsCommand,
     DeltaItem,
     Patch,
@@ -57,6 +59,9 @@ DEFAULT_WINDOW_LOG = 23
 CARRIER_TABLE_LOG = 20
 #: raw command bytes gathered before a ZCMDS record is cut
 ZCMDS_TARGET = 1 << 20
+#: dictionary of the ``xz`` carrier (LZMA2, format 5): 32 MiB (the encoder at -9e takes
+#: ~11x that, the decoder that much)
+XZ_DICT = 32 << 20
 
 
 class DeltaWriter:
@@ -78,6 +83,7 @@ class DeltaWriter:
         window_log: int = DEFAULT_WINDOW_LOG,
         threads: int = 0,
         old_root: str | os.PathLike[str] | None = None,
+        carrier: str = "zstd",
     ) -> None:
         self._write = write
         self.level = level
@@ -90,7 +96,14 @@ class DeltaWriter:
         if old_root is not None:
             root = old_root
             self._state.lister = lambda path: list_dir(root, path)
-        if level:
+        #: format 5 names the carrier's codec in every ZCMDS (format 4: zstd, unnamed)
+        self._codec = (0, 0)
+        if level and carrier == "xz":
+            from .lzma2 import Lzma2Encoder
+
+            self._codec = (CARRIER_LZMA2, XZ_DICT)
+            self._cobj = Lzma2Encoder(XZ_DICT, preset=min(level, 9), extreme=level >= 9)
+        elif level:
             params = zstandard.ZstdCompressionParameters.from_level(
                 level, window_log=window_log, enable_ldm=True, threads=threads,
                 chain_log=min(CARRIER_TABLE_LOG, window_log),
@@ -101,7 +114,7 @@ class DeltaWriter:
         self.bytes_written = 0
         #: bytes of btrfs commands carried (uncompressed size)
         self.raw_bytes = 0
-        self._emit([encode_delta_header()])
+        self._emit([encode_delta_header(DELTA_VERSION_CODEC if self._codec[0] else 4)])
 
     def _emit(self, pieces: list[Any]) -> None:
         write = self._write
@@ -130,8 +143,11 @@ class DeltaWriter:
             return
         cobj = self._cobj
         raw = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
-        zdata = cobj.compress(raw) + cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
-        item = ZCommands(self._pending_len, memoryview(zdata), crc32c(raw, 0))
+        if self._codec[0]:
+            zdata = cobj.compress(raw) + cobj.flush()
+        else:
+            zdata = cobj.compress(raw) + cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        item = ZCommands(self._pending_len, memoryview(zdata), crc32c(raw, 0), *self._codec)
         self._pending = []
         self._pending_len = 0
         self._emit(encode_item(item))
