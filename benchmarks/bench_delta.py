@@ -1,28 +1,31 @@
-"""Delta streams vs peer tools on real tree pairs (needs root, btrfs, zstd, rsync, xdelta3).
+"""Delta streams vs peer tools on real tree pairs (needs root, btrfs, xz, zstd, rsync, xdelta3).
 
-Pairs: the Debian bookworm minbase root before and after ``apt-get upgrade``
-(:func:`benchmarks.trees.real_pair`, cached), two adjacent numpy wheels unpacked into trees
-(downloaded once with ``pip download``) and a "rebuilt release" (stdlib modules and binaries,
-every file rewritten with small edits as new inodes). NEW is always written as fresh files
-(new inodes), as an image rebuilt from scratch would be. For each pair, side by side in one
-run:
+Pairs (cached under ``BTRDELTA_BENCH_CACHE``, :mod:`benchmarks.trees`): the Debian bookworm
+minbase root before and after ``apt-get upgrade``; the same minbase root with 27 packages
+installed (Python 3.11 among them: most of the update is new files), written in place
+(``rsync --delete`` over the old snapshot: only what changed is sent, as on a device
+running apt); scipy 1.13.0 -> 1.13.1 wheels unpacked into trees (its 35 MB vendored
+OpenBLAS is renamed with a new hash suffix); a "rebuilt release" (stdlib modules and
+binaries, every file rewritten with small edits as new inodes). Except the install pair, NEW
+is written as fresh files (new inodes: the kernel resends every file), as an image rebuilt
+from scratch would be. For each pair, side by side in one run:
 
 * sizes: the delta stream (``btrdelta delta make``, as downloaded) of the kernel's
-  incremental stream; the kernel stream with ``zstd -19 --long``; an
-  ``rsync --only-write-batch`` batch with ``zstd -19``; ext4 images of both trees
+  incremental stream with each carrier (``--carrier zstd``, format 4; ``--carrier xz``,
+  format 5); the kernel stream with ``xz -9e`` and with ``zstd -19 --long=27``; an
+  ``rsync --only-write-batch`` batch with ``xz -9e``; ext4 images of both trees
   (``mkfs.ext4 -d``, same size and UUID) with ``xdelta3 -9 -B <size>`` and
-  ``zstd -19 --long=31 --patch-from``; and the same for the ``--compressed-data`` stream
+  ``zstd -19 --long=31 --patch-from``; and the delta of the ``--compressed-data`` stream
   (compress=zstd file system), whose extents ``delta make`` regenerates by recompressing;
+  the table at the end puts them side by side with the best peer and our margin;
 * speed and memory of the CLI (child processes, startup included): ``delta make`` in MB/s of
-  diffed data (the new content of the files it diffed) and of stream, ``delta expand`` and
-  ``btrdelta receive`` of the delta in MB/s of expanded stream, each with its peak RSS
-  (GNU time's ``%M`` of the command) next to the largest file diffed. Receives go into a
-  loop-mounted btrfs whose parent A the kernel received (a device's layout: the parent is
-  snapshotted, not copied), next to ``btrdelta receive`` and ``btrfs receive`` of the
-  plain stream in the same run; the median of ``BTRDELTA_BENCH_REPEAT`` (3) rounds, the
-  loop image in /dev/shm when there is room (see :mod:`.bench_receive`): on the root disk
-  the loop device's writeback dominated and varied by 2x. The receive of a delta
-  reflinks unchanged files from the parent, so the on-disk figures would favour it more.
+  diffed data (the new content handed to the diff workers: files with an old file, and new
+  files looked up by name and content) and of stream, ``delta expand`` in MB/s of expanded
+  stream, each with its peak RSS (GNU time's ``%M``) next to the goal (64 MiB + 4x the
+  largest file diffed); with ``BTRDELTA_BENCH_RECEIVE`` (default 1), ``btrdelta receive``
+  of the zstd delta of the plain and of the ``--compressed-data`` stream, into a loop btrfs
+  whose parent A the kernel received, next to ``btrfs receive`` of the same stream (median
+  of ``BTRDELTA_BENCH_REPEAT`` rounds, :mod:`.bench_receive`).
 
 Run: ``.venv/bin/python -m benchmarks delta``.
 """
@@ -45,26 +48,29 @@ from btrdelta.testing.loopfs import loop_fs
 from btrdelta.testing.loopfs import run as sh
 
 from .bench_receive import REPEAT, WORKDIR
-from .trees import real_pair
+from .trees import CACHE, debian_install_pair, real_pair
 
-CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "btrdelta-bench"
-NUMPY = ("1.26.3", "1.26.4")
+#: scipy 1.13.0 -> 1.13.1: its vendored OpenBLAS (35 MB) is renamed
+#: libopenblasp-r0-24bff013.3.26.dev.so -> libopenblasp-r0-01191904.3.27.so
+SCIPY = ("1.13.0", "1.13.1")
 PY = sys.executable
 BTRDELTA = [PY, "-m", "btrdelta"]
 
 
-def _numpy_trees() -> tuple[Path, Path] | None:
+def _wheel_trees(pkg: str, versions: tuple[str, str]) -> tuple[Path, Path] | None:
+    """Two wheels of ``pkg`` unpacked into trees (downloaded once with ``pip download``)."""
     trees = []
-    for ver in NUMPY:
-        dest = CACHE / f"numpy-{ver}"
+    for ver in versions:
+        dest = CACHE / f"{pkg}-{ver}"
         if not dest.exists():
             wheels = CACHE / "wheels"
             wheels.mkdir(parents=True, exist_ok=True)
             proc = subprocess.run(
                 [PY, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                 "-d", str(wheels), f"numpy=={ver}"], capture_output=True, check=False,
+                 "--python-version", "3.11", "--platform", "manylinux2014_x86_64",
+                 "-d", str(wheels), f"{pkg}=={ver}"], capture_output=True, check=False,
             )
-            found = sorted(wheels.glob(f"numpy-{ver}-*.whl"))
+            found = sorted(wheels.glob(f"{pkg}-{ver}-*.whl"))
             if proc.returncode != 0 or not found:
                 return None
             tmp = dest.with_suffix(".tmp")
@@ -208,101 +214,162 @@ def _receive_runs(stream: Path, delta: Path, full_a: Path) -> dict[str, tuple[fl
             for label, r in runs.items()}
 
 
+def _stats(err: bytes, out: bytes = b"") -> dict[str, object]:
+    """The JSON summary of ``delta make --json`` (on stderr; on stdout in later CLIs)."""
+    for text in (err, out):
+        for line in reversed(text.decode(errors="replace").strip().splitlines()):
+            if line.startswith("{"):
+                return json.loads(line)  # type: ignore[no-any-return]
+    raise RuntimeError("delta make printed no JSON summary")
+
+
 def _delta_runs(stream: Path, full_a: Path, a_tree: Path, work: Path, tag: str,
-                lines: list[str]) -> int:
-    """make / expand / receive one stream; returns the delta's size."""
+                lines: list[str], carrier: str = "zstd", receive: bool = False) -> int:
+    """make / expand (/ receive) one stream with one carrier; returns the delta's size."""
     delta = work / f"{tag}.delta"
     t_make, rss_make, err = _timed([*BTRDELTA, "delta", "make", "-f", stream, "--old", a_tree,
-                                    "-o", delta, "--json"])
-    stats = json.loads(err.decode().strip().splitlines()[-1])
+                                    "-o", delta, "--json", "--carrier", carrier])
+    stats = _stats(err)
     back = work / f"{tag}.back"
     t_exp, rss_exp, _ = _timed([*BTRDELTA, "delta", "expand", "-f", delta, "--old", a_tree,
                                 "-o", back])
     same = filecmp.cmp(back, stream, shallow=False)
     back.unlink()
-    receives = _receive_runs(stream, delta, full_a)
     s = _size(stream)
-    diffed = stats.get("diffed_bytes", 0)
-    largest = stats.get("largest_diffed", 0)
-    enc = stats.get("encoded_writes", {})
+    diffed = int(stats.get("diffed_bytes", 0))  # type: ignore[call-overload]
+    largest = int(stats.get("largest_diffed", 0))  # type: ignore[call-overload]
+    enc: dict[str, dict[str, int]] = stats.get("encoded_writes", {})  # type: ignore[assignment]
     enc_txt = ", ".join(f"{k} {v['regenerated']}/{v['tried']}" for k, v in enc.items())
     lines.append(
-        f"  [{tag}] expand(make(S)) == S: {same}; {stats['patched_files']} files patched"
+        f"  [{tag}] expand(make(S)) == S: {same}; {stats['patched_files']} files patched, "
+        f"{stats.get('found_bases', 0)} against an old file found by name or content"
         + (f"; encoded writes regenerated: {enc_txt}" if enc_txt else "")
     )
+    limit = 64 * (1 << 20) + 4 * largest
     lines.append(
         f"  [{tag}] make    {_mb(diffed, t_make)} of diffed data ({diffed / 1e6:.1f} MB), "
         f"{_mb(s, t_make)} of stream, {t_make:5.1f} s, peak RSS {rss_make / 1e6:5.0f} MB "
-        f"(largest file diffed {largest / 1e6:.1f} MB)"
+        f"(largest file diffed {largest / 1e6:.1f} MB: goal {limit / 1e6:.0f} MB)"
     )
     lines.append(f"  [{tag}] expand  {_mb(s, t_exp)}, {t_exp:5.1f} s, peak RSS "
                  f"{rss_exp / 1e6:5.0f} MB")
-    t_rcv, rss_rcv = receives["delta"]
-    t_plain, _ = receives["stream"]
-    t_kern, rss_kern = receives["kernel"]
-    lines.append(f"  [{tag}] receive {_mb(s, t_rcv)}, {t_rcv:5.1f} s, peak RSS "
-                 f"{rss_rcv / 1e6:5.0f} MB into btrfs (the plain stream: btrdelta "
-                 f"{_mb(s, t_plain)}, btrfs receive {_mb(s, t_kern)}, "
-                 f"{rss_kern / 1e6:.0f} MB)")
+    if receive:
+        receives = _receive_runs(stream, delta, full_a)
+        t_rcv, rss_rcv = receives["delta"]
+        t_plain, _ = receives["stream"]
+        t_kern, rss_kern = receives["kernel"]
+        lines.append(f"  [{tag}] receive {_mb(s, t_rcv)}, {t_rcv:5.1f} s, peak RSS "
+                     f"{rss_rcv / 1e6:5.0f} MB into btrfs (the stream: btrdelta "
+                     f"{_mb(s, t_plain)}, btrfs receive {_mb(s, t_kern)}, "
+                     f"{rss_kern / 1e6:.0f} MB; delta/kernel time {t_rcv / t_kern:.2f}x)")
     return _size(delta)
 
 
-def _measure(name: str, a_tree: Path, b_tree: Path, work: Path) -> list[str]:
+def _xz(src: Path) -> int:
+    out = src.with_suffix(src.suffix + ".xz")
+    with open(out, "wb") as f:
+        subprocess.run(["xz", "-T1", "-9e", "-c", str(src)], stdout=f, check=True)
+    return _size(out)
+
+
+#: the columns of the table, in order
+COLUMNS = (
+    ("delta zstd", "delta (--carrier zstd)"),
+    ("delta xz", "delta (--carrier xz)"),
+    ("xz -9e", "kernel stream xz -9e"),
+    ("zstd -19 --long", "kernel stream zstd -19 --long=27"),
+    ("ext4 patch-from", "ext4 images zstd -19 --long=31 --patch-from"),
+    ("ext4 xdelta3", "ext4 images xdelta3 -9"),
+    ("rsync+xz", "rsync batch xz -9e"),
+)
+
+
+def _measure(name: str, a_tree: Path, b_tree: Path, work: Path,
+             in_place: bool) -> tuple[list[str], dict[str, int]]:
     lines = [f"-- {name}: {_tree_bytes(a_tree) / 1e6:.1f} MB -> "
-             f"{_tree_bytes(b_tree) / 1e6:.1f} MB"]
-    streams = _kernel_streams(a_tree, b_tree, work)
-    sizes: dict[str, int] = {}
-    sizes["delta stream (btrdelta delta make)"] = _delta_runs(
-        streams["plain"], streams["full-A"], a_tree, work, "plain", lines
-    )
-    sizes["kernel stream zstd -19 --long"] = _zstd(streams["plain"], "-19", "--long=27")
+             f"{_tree_bytes(b_tree) / 1e6:.1f} MB"
+             f" ({'written in place' if in_place else 'as fresh files'})"]
+    streams = _kernel_streams(a_tree, b_tree, work, in_place)
+    receive = os.environ.get("BTRDELTA_BENCH_RECEIVE", "1") != "0"
+    sizes: dict[str, int] = {"stream": _size(streams["plain"])}
+    for carrier in ("zstd", "xz"):
+        sizes[f"delta {carrier}"] = _delta_runs(
+            streams["plain"], streams["full-A"], a_tree, work, f"plain {carrier}", lines,
+            carrier, receive and carrier == "zstd")
+    sizes["xz -9e"] = _xz(streams["plain"])
+    sizes["zstd -19 --long"] = _zstd(streams["plain"], "-19", "--long=27")
     batch = work / "rsync.batch"
     dst = work / "rsync-dst"
     sh("cp", "-a", str(a_tree), str(dst))  # not copytree: trees have device nodes
     sh("rsync", "-aHAX", "--delete", f"--only-write-batch={batch}", f"{b_tree}/", f"{dst}/")
     shutil.rmtree(dst)
-    sizes["rsync batch zstd -19"] = _zstd(batch, "-19")
-    sizes.update(_ext4_images(a_tree, b_tree, work))
-    s = _size(streams["plain"])
-    ours = sizes["delta stream (btrdelta delta make)"]
-    lines.append(f"  kernel stream (raw, v1)                        {s:>12,d} B")
-    for label, n in sorted(sizes.items(), key=lambda kv: kv[1]):
-        mark = "" if label.startswith("delta") else f"  delta is {ours / n:6.1%} of it"
-        lines.append(f"  {label:<46} {n:>12,d} B  ({n / s:6.2%} of stream){mark}")
+    sizes["rsync+xz"] = _xz(batch)
+    images = _ext4_images(a_tree, b_tree, work)
+    sizes["ext4 patch-from"] = images["ext4 image zstd -19 --long=31 --patch-from"]
+    sizes["ext4 xdelta3"] = images["ext4 image xdelta3 -9 -B"]
+    s = sizes["stream"]
+    lines.append(f"  kernel stream (raw, v1)                           {s:>12,d} B")
+    for key, label in COLUMNS:
+        n = sizes[key]
+        mark = "" if key.startswith("delta") else (
+            f"  delta zstd {sizes['delta zstd'] / n:6.1%}, xz {sizes['delta xz'] / n:6.1%} of it")
+        lines.append(f"  {label:<49} {n:>12,d} B  ({n / s:6.2%}){mark}")
     cs = _size(streams["compressed"])
     cdelta = _delta_runs(streams["compressed"], streams["full-A"], a_tree, work, "compressed",
-                         lines)
-    czstd = _zstd(streams["compressed"], "-19", "--long=27")
-    lines.append(f"  --compressed-data stream (v2, compress=zstd)   {cs:>12,d} B")
-    lines.append(f"  {'  its zstd -19 --long':<46} {czstd:>12,d} B")
-    lines.append(f"  {'  its delta stream':<46} {cdelta:>12,d} B  ({cdelta / cs:6.2%} of it)")
-    return lines
+                         lines, "zstd", receive)
+    lines.append(f"  --compressed-data stream (v2, compress=zstd)      {cs:>12,d} B")
+    lines.append(f"  {'  its delta stream':<49} {cdelta:>12,d} B  ({cdelta / cs:6.2%} of it)")
+    return lines, sizes
+
+
+def _table(rows: list[tuple[str, dict[str, int]]]) -> list[str]:
+    """The side-by-side table: one row per pair, bytes; the best peer and our margin."""
+    head = ["pair", "stream", *(k for k, _ in COLUMNS), "best peer", "xz delta vs it"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, sz in rows:
+        peers = {k: v for k, v in sz.items() if k not in ("stream", "delta zstd", "delta xz")}
+        best = min(peers, key=lambda k: peers[k])
+        cells = [name, f"{sz['stream']:,}", *(f"{sz[k]:,}" for k, _ in COLUMNS),
+                 best, f"{sz['delta xz'] / peers[best] - 1:+.1%}"]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def _pairs(work: Path) -> list[tuple[str, Path, Path, bool]]:
+    """(name, OLD, NEW, in place) for every pair of the run."""
+    name, old, new = real_pair()
+    pairs = [(f"{name} (apt-get upgrade)", old, new, False)]
+    try:
+        pairs.append(("debian-bookworm-minbase + 27 packages (install)",
+                      *debian_install_pair(), True))
+    except (subprocess.CalledProcessError, FileNotFoundError, PermissionError) as exc:
+        print(f"# install pair unavailable: {exc}")
+    wheel = _wheel_trees("scipy", SCIPY)
+    if wheel is not None:
+        pairs.append((f"scipy {SCIPY[0]} -> {SCIPY[1]} (renamed vendored libraries)", *wheel,
+                      False))
+    if os.environ.get("BTRDELTA_BENCH_RELEASE", "1") != "0":
+        pairs.append(("rebuilt release (test tree)", *_release_trees(work), False))
+    only = os.environ.get("BTRDELTA_BENCH_PAIRS")
+    return [p for p in pairs if not only or any(w in p[0] for w in only.split(","))]
 
 
 def run() -> list[str]:
-    """Measure every pair; one printable line per result."""
+    """Measure every pair; one printable line per result, then the table."""
     lines: list[str] = []
+    rows: list[tuple[str, dict[str, int]]] = []
     with tempfile.TemporaryDirectory(prefix="bench-delta-", dir="/var/tmp") as tmp:
         work = Path(tmp)
-        pairs: list[tuple[str, Path, Path]] = []
-        name, old, new = real_pair()
-        pairs.append((name, old, new))
-        np_trees = _numpy_trees()
-        if np_trees is not None:
-            pairs.append((f"numpy-{NUMPY[0]}-to-{NUMPY[1]}", *np_trees))
-        else:
-            lines.append("numpy wheels unavailable (pip download failed): skipped")
-        if os.environ.get("BTRDELTA_BENCH_RELEASE", "1") != "0":
-            pairs.append(("rebuilt-release", *_release_trees(work)))
-        only = os.environ.get("BTRDELTA_BENCH_PAIRS")
-        for name, a, b in pairs:
-            if only and not any(w in name for w in only.split(",")):
-                continue
-            sub = work / name
+        for i, (name, a, b, in_place) in enumerate(_pairs(work)):
+            sub = work / f"pair{i}"
             sub.mkdir()
-            lines += _measure(name, a, b, sub)
+            got, sizes = _measure(name, a, b, sub, in_place)
+            for line in got:
+                print(f"   {line}", flush=True)
+            lines += got
+            rows.append((name, sizes))
             shutil.rmtree(sub)
-    return lines
+    return [*lines, "", *_table(rows)]
 
 
 if __name__ == "__main__":

@@ -267,20 +267,26 @@ def diff_group(
         best = _diff_base(old_root, group.base, new, opts, replaced, encoded)
         if best is not None and best.cost <= POOR_BASE * size:
             return best
-    if index is None or size < MIN_SKETCH:
+    if index is None:
         return best
-    # no old file at its path, or a poor one: the nearest old files by name and content
+    # no old file at its path, or a poor one: the nearest old files by name and content;
+    # an old file of the same base name (a versioned directory renamed) is taken like the
+    # file's own, others only when they beat the file compressed alone by far
     found = index.by_name(group.name, size, exclude=group.base)[:1]
-    found += [c for c in index.by_content(new, exclude=group.base, limit=1) if c not in found]
-    if not found:
-        return best
-    alone = len(zstandard.ZstdCompressor(level=3).compress(new))
-    for base in found:
+    if size >= MIN_SKETCH:
+        found += [(c, False) for c in index.by_content(new, exclude=group.base, limit=1)
+                  if c not in (f[0] for f in found)]
+    alone: int | None = None
+    for base, same_name in found:
         res = _diff_base(old_root, base, new, opts, replaced, encoded)
-        if res is not None and res.cost < FOUND_GAIN * alone and (
-            best is None or res.cost < best.cost
-        ):
-            best = res
+        if res is None or (best is not None and res.cost >= best.cost):
+            continue
+        if not same_name:
+            if alone is None:
+                alone = len(zstandard.ZstdCompressor(level=3).compress(new))
+            if res.cost >= FOUND_GAIN * alone:
+                continue
+        best = res
     return best
 
 

@@ -34,7 +34,7 @@ from .codecs import get_codec
 from .commands import RawCommand, RawCommands
 from .diffing import Group, Result, canonical_write, diff_group, patched_items
 from .format import BtrfsCommand, DeltaEnd, DeltaItem, HashAlgo, StreamStart
-from .nearest import MIN_SKETCH, OldIndex
+from .nearest import OldIndex
 from .options import MakeOptions
 from .parent import PlainDirHints, check_parent, old_subvolume
 from .recompress import MAX_EXTENT, LevelGuesser, regenerable
@@ -141,7 +141,8 @@ class _Maker:
             else FullCheck(old_root, opts.max_file_size) if opts.verify == "full" else None
         )
         self.out = DeltaWriter(write if self.check is None else self.checked_write,
-                               level=opts.level, old_root=old_root, carrier=opts.carrier)
+                               level=opts.level, old_root=old_root, carrier=opts.carrier,
+                               threads=opts.jobs if opts.jobs > 1 else 0)
         #: the old tree's btrfs identity (checked against each SNAPSHOT), else what a
         #: plain directory looks like from the stream
         self.subvol = old_subvolume(old_root) if opts.check_parent else None
@@ -280,9 +281,7 @@ class _Maker:
         group, self.group = self.group, None
         if group is None or not group.buffering:
             return
-        if group.writes == 0 or group.write_bytes < (
-            self.opts.min_file_size if group.base is not None else MIN_SKETCH
-        ):
+        if group.writes == 0 or group.write_bytes < self.opts.min_file_size:
             for r in group.records:
                 self.put_raw(r)
             return

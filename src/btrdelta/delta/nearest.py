@@ -162,9 +162,10 @@ class OldIndex:
         pairs.sort()
         self._pairs = array("Q", pairs)
 
-    def by_name(self, path: bytes, size: int, exclude: bytes | None = None) -> list[bytes]:
-        """Old files named like ``path`` (same base name first, then same name key),
-        best first."""
+    def by_name(self, path: bytes, size: int,
+                exclude: bytes | None = None) -> list[tuple[bytes, bool]]:
+        """Old files named like ``path``, best first, each with whether it has the same
+        base name (else the same name key)."""
         self._ensure(False)
         name = path.rsplit(b"/", 1)[-1]
         seen: set[int] = set()
@@ -179,7 +180,7 @@ class OldIndex:
                 score = _common(cand, path) + _common(cand[::-1], path[::-1])
                 ranked.append((tier, -score, abs(self.sizes[i] - size), i))
         ranked.sort()
-        return [self.paths[r[-1]] for r in ranked]
+        return [(self.paths[r[-1]], r[0] == 0) for r in ranked]
 
     def by_content(self, data: Any, exclude: bytes | None = None,
                    limit: int = 2) -> list[bytes]:

@@ -57,8 +57,10 @@ DEFAULT_WINDOW_LOG = 23
 #: hash and chain tables of the carrier (2**20 entries: 8 MiB each; 2**25 / 2**22 took 50 MB
 #: more peak memory for 0.02% of size on the Debian upgrade pair)
 CARRIER_TABLE_LOG = 20
-#: raw command bytes gathered before a ZCMDS record is cut
+#: raw command bytes gathered before a ZCMDS record is cut (with zstd worker threads: a
+#: flush waits for every job, so pieces are larger to keep the threads busy)
 ZCMDS_TARGET = 1 << 20
+ZCMDS_TARGET_THREADED = 8 << 20
 #: dictionary of the ``xz`` carrier (LZMA2, format 5): 32 MiB (the encoder at -9e takes
 #: ~11x that, the decoder that much)
 XZ_DICT = 32 << 20
@@ -72,6 +74,7 @@ class DeltaWriter:
         level: zstd level for carried btrfs commands; 0 writes them uncompressed.
         window_log: zstd window log of the carrier frame.
         threads: zstd worker threads for the carrier (0: compress in the caller's thread).
+        carrier: ``zstd`` (format 4) or ``xz`` (raw LZMA2, format 5).
         old_root: the old snapshot, whose directory listings UNLINKs may refer to.
     """
 
@@ -88,6 +91,7 @@ class DeltaWriter:
         self._write = write
         self.level = level
         self._pending: list[Any] = []
+        self._target = ZCMDS_TARGET_THREADED if threads and carrier == "zstd" else ZCMDS_TARGET
         self._pending_len = 0
         self._cobj: Any = None
         #: the previous path and times, for folding carried commands; names of the old
@@ -134,7 +138,7 @@ class DeltaWriter:
         pieces = fold(int(_U16.unpack_from(raw, 4)[0]), memoryview(raw), self._state)
         self._pending += pieces
         self._pending_len += sum(len(p) for p in pieces)
-        if self._pending_len >= ZCMDS_TARGET:
+        if self._pending_len >= self._target:
             self.flush()
 
     def flush(self) -> None:
@@ -175,7 +179,7 @@ class DeltaWriter:
                 self._pending.append(piece)
                 self._pending_len += len(piece)
             self.raw_bytes += sum(len(p) for p in pieces)
-            if self._pending_len >= ZCMDS_TARGET:
+            if self._pending_len >= self._target:
                 self.flush()
             return
         if isinstance(item, Patch) and item.data is not None:
