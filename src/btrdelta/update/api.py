@@ -73,8 +73,8 @@ def writing(target: Target) -> Iterator[BinaryIO]:
 def make_delta(
     stream: Target, old: str | os.PathLike[str], output: Target, *,
     codec: str = "auto", max_file_size: int | None = None, jobs: int | None = None,
-    level: int | None = None, recompress: bool = True, source: str | None = None,
-    on_progress: Callable[[int, int], None] | None = None,
+    level: int | None = None, recompress: bool = True, carrier: str = "zstd",
+    source: str | None = None, on_progress: Callable[[int, int], None] | None = None,
 ) -> MakeStats:
     """Make the delta stream of a btrfs send stream against its old snapshot.
 
@@ -83,7 +83,8 @@ def make_delta(
         old: the stream's parent snapshot as a directory (the old file contents).
         output: where the delta stream goes.
         codec: patch codec (``"auto"``: the smallest per file).
-        max_file_size, jobs, level, recompress: as ``btrdelta delta make --help`` says.
+        max_file_size, jobs, level, recompress, carrier: as ``btrdelta delta make --help``
+            says (``carrier="xz"``: the smaller format-5 delta, slower to make and expand).
         source: input name for error messages (default: the path).
         on_progress: called with (bytes read, bytes written) now and then.
 
@@ -93,9 +94,13 @@ def make_delta(
     from ..delta.make import make_delta as make
     from ..delta.options import MakeOptions
 
-    given = {"max_file_size": max_file_size, "jobs": jobs, "level": level}
-    opts = MakeOptions(codec=codec, recompress=recompress,
-                       **{k: v for k, v in given.items() if v is not None})
+    opts = MakeOptions(codec=codec, recompress=recompress, carrier=carrier)
+    if max_file_size is not None:
+        opts.max_file_size = max_file_size
+    if jobs is not None:
+        opts.jobs = jobs
+    if level is not None:
+        opts.level = level
     with reading(stream) as f, writing(output) as out:
         return make(f, old, out.write, opts, source=source or _name(stream),
                     on_progress=on_progress)
