@@ -15,11 +15,16 @@ parser on top reads its header with :meth:`Framer.peek` and takes the next frame
 :meth:`Framer.next_frame`, which returns ``NEED_DATA`` until the whole frame is there. A
 frame wholly inside one fed buffer is a view of that buffer (no copy: the caller must not
 modify a buffer once fed); a frame that spans feeds is assembled once, into a buffer of
-exactly its size. A frame's length is
-checked against the limit the caller gives before anything is allocated, and its CRC
-before it is returned. A frame stays unconsumed until :meth:`Framer.consume`, so a decode
-error is located at its start. Batch decoders (the C one included) read whole frames in
-place from :meth:`Framer.window` and report how far they got with :meth:`Framer.consume`.
+exactly its size. A frame's length is checked against its format's limit
+(:attr:`Framing.max_payload`) before anything is allocated, and its CRC before it is
+returned. A frame stays unconsumed until :meth:`Framer.consume`, so a decode error is
+located at its start. Batch decoders (the C one included) read whole frames in place from
+:meth:`Framer.window` and report how far they got with :meth:`Framer.consume`.
+
+A new format (the replication protocol's messages, say) gives its :class:`Framing` (limits,
+words for errors, names of its records), checks its own header with :meth:`Framer.peek` /
+:meth:`Framer.consume`, and decodes the payload of each frame :meth:`Framer.next_frame`
+returns; ``tests/stream/test_framing.py`` has a small example.
 
 Errors are :class:`~btrdelta.errors.StreamFormatError` (:class:`~btrdelta.errors.ChecksumError`
 for a CRC) located with the source name, the byte offset, the record index and the record's
@@ -32,8 +37,8 @@ version, at the top level of a delta stream, inside its zstd carrier.
 :func:`encode_frame` and :func:`iter_tlvs` build and walk one frame of TLVs for the formats
 that define their own records on this framing (the sendshot record, replication messages).
 
-This module knows nothing of what a payload means (``codec``, ``delta.format`` do), and
-never reads a file: :class:`~.reader.StreamReader` and ``delta.format.iter_items`` do.
+This module knows nothing of what a payload means (``codec``, ``delta.encoding`` do), and
+never reads a file: :class:`~.reader.StreamReader` and ``delta.parser.iter_items`` do.
 """
 
 from __future__ import annotations
