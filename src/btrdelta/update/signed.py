@@ -27,7 +27,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
-from ..errors import BtrdeltaError, StreamFormatError
+from ..errors import BtrdeltaError, SignatureError, StreamFormatError
 from ..stream.reader import Event, StreamHeader, StreamReader
 from ..stream.records import End, Snapshot, Subvol
 from ..trust import (
@@ -48,7 +48,7 @@ from ..trust import (
 from .identify import Kind, identify
 
 if TYPE_CHECKING:
-    from ..receive import ReceivedSubvol
+    from ..receive import PendingSubvol, ReceivedSubvol
     from ..receive.receiver import BatchedEvents
 
 __all__ = ["PayloadInfo", "SignedEvents", "StreamSigner", "open_signed_events",
@@ -154,12 +154,15 @@ class SignedEvents:
         #: True once the signature verified over the whole input's content
         self.verified = False
 
-    def require_verified(self) -> None:
-        """A pre-commit check: refuses unless the signature verified."""
+    def pre_commit(self, pending: PendingSubvol) -> None:
+        """The receiver's pre-commit hook: a complete subvolume gets its final name only
+        when the signature verified over the whole input (the gate above holds the END
+        back until then; this checks it at the point of commit too)."""
         if not self.verified:
-            from ..errors import SignatureError
-
-            raise SignatureError("signature not verified before commit", source=self._source)
+            raise SignatureError(
+                f"subvolume {pending.name.decode(errors='replace')!r} is complete but the "
+                "signature is not verified yet: not committed", source=self._source,
+            )
 
     def _check(self, batch: list[Event], starts: int, ended: bool) -> tuple[int, bool]:
         if ended:
@@ -273,7 +276,14 @@ def receive_signed(
                                 source=source, signature_source=signature_source)
     # a delta stream is expanded in a helper thread while C applies records
     options.setdefault("read_ahead", not isinstance(events.inner, StreamReader))
-    return receive(events, dest, **options)
+    given = options.pop("pre_commit", None)
+
+    def pre_commit(pending: PendingSubvol) -> None:
+        events.pre_commit(pending)
+        if given is not None:
+            given(pending)
+
+    return receive(events, dest, pre_commit=pre_commit, **options)
 
 
 class StreamSigner:
