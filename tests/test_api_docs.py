@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from pathlib import Path
@@ -36,3 +37,15 @@ def test_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     scope: dict[str, object] = {}
     for block in _blocks():
         exec(compile(block, str(DOC), "exec"), scope)
+
+
+def test_every_package_says_what_it_exports() -> None:
+    src = Path(btrdelta.__file__).parent
+    packages = sorted(p.parent for p in src.glob("*/__init__.py"))
+    assert len(packages) >= 13
+    for path in packages:
+        module = importlib.import_module(f"btrdelta.{path.name}")
+        assert isinstance(getattr(module, "__all__", None), list), path.name
+        for name in module.__all__:  # a name the package defines, or one of its modules
+            assert hasattr(module, name) or (path / f"{name}.py").exists() \
+                or (path / name / "__init__.py").exists(), f"{path.name}.{name}"

@@ -38,6 +38,7 @@ from ..fs import btrfs
 from ..fs.btrfs import FS_FLAGS_KNOWN, fileattr_to_fsflags
 from ..fs.copy import copy_range, write_zeros
 from ..fs.sandbox import Sandbox, split_path
+from ..stream.reader import StreamHeader
 from ..stream.records import (
     Chmod,
     Chown,
@@ -221,6 +222,13 @@ class Applier:
         if self._fast is not None:
             self._fast_dirty = False
             self._fast.reset(root_fd, self.btrfs and not self.force_decompress)
+
+    def start(self, header: StreamHeader) -> None:
+        """A stream begins: nothing to do (its SUBVOL/SNAPSHOT record starts the work).
+
+        With :meth:`apply` and :meth:`close` this makes the applier a
+        :class:`~btrdelta.stream.sink.RecordSink`, driven by :func:`~btrdelta.stream.sink.feed`.
+        """
 
     def apply(self, rec: Record, index: int | None = None) -> None:
         """Apply one record; errors carry ``index``, the command name and the path.

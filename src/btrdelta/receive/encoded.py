@@ -1,7 +1,7 @@
 """Decoding ENCODED_WRITE payloads (btrfs extents as stored on disk) to plain bytes.
 
 Used when the destination cannot take the extent as is (not btrfs, unaligned, LZO sector
-size mismatch). Formats, see ``shared/reference/send-stream.md`` §3.3-3.5: zlib is one zlib
+size mismatch). Formats (``docs/formats/send-stream.md``, "Encoded extents"): zlib is one zlib
 stream, zstd one zstd frame, LZO (compression 3..7) is btrfs's own framing of raw LZO1X
 segments of ``4096 << (compression - 3)`` bytes. Data after the end of the compressed
 stream (sector padding) is ignored; output shorter than ``unencoded_len`` is zero-extended.

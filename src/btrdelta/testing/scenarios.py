@@ -4,8 +4,8 @@ Each :class:`Scenario` is two bash recipes run inside a fresh subvolume on a loo
 btrfs: ``a`` builds the first snapshot, ``b`` changes it into the second (a line ``REMOUNT``
 in ``b`` unmounts and mounts the filesystem again, to make btrfs reuse inode numbers).
 :func:`make_streams` runs them and lets the *kernel* write the streams, which are then the
-real data every stream test is checked on. Recipes follow ``shared/reference/send-scenarios.md``
-(numbers in the names are its sections and the upstream test numbers).
+real data every stream test is checked on. Recipes follow the upstream tests they are
+named after (the number in a name is the upstream test's).
 """
 
 from __future__ import annotations

@@ -2,3 +2,7 @@
 shares (``config``), the per-request deadline and rate limit under httpx (``pacing``),
 fetching ranges with bounded reads and retries (``http``), and a small static server with
 Range support (``server``)."""
+
+from __future__ import annotations
+
+__all__ = ["config", "http", "listen", "pacing", "plan", "server"]  # modules
