@@ -40,7 +40,9 @@ vmtest: sysdeps venv
 
 # replication soak (docs/replicate.md): many rounds with cuts; not part of `make test`
 soak: sysdeps venv
-	BTRDELTA_SOAK=1 $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/update/test_replicate_soak.py
+	@tmp=$$(mktemp -d /tmp/btrdelta-soak.XXXXXX); \
+	BTRDELTA_SOAK=1 $(BIN)/python -m pytest -q -s -p no:cacheprovider --basetemp="$$tmp/t" \
+		tests/update/test_replicate_soak.py; rc=$$?; rm -rf --one-file-system "$$tmp"; exit $$rc
 
 lint: venv
 	$(BIN)/ruff check .
