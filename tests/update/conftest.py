@@ -1,8 +1,11 @@
-"""Release trees of a real wheel (MarkupSafe, nine releases), downloaded once per machine."""
+"""Release trees of a real wheel (MarkupSafe, nine releases), downloaded once per machine;
+nginx on loopback; and a check that no test of update/ leaves a file descriptor open."""
 
 from __future__ import annotations
 
+import multiprocessing.resource_tracker
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,27 @@ import pytest
 from btrdelta.testing.wheels import MARKUPSAFE, release_trees
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "btrdelta-tests"
+
+
+def open_fds() -> dict[int, str]:
+    """This process's open descriptors and what they are."""
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except FileNotFoundError:  # the descriptor listdir itself used
+            continue
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _no_fd_leak() -> Iterator[None]:
+    """Every descriptor a test (and the code it drives) opens is closed when it ends."""
+    multiprocessing.resource_tracker.ensure_running()  # one pipe for the process's life
+    before = open_fds()
+    yield
+    leaked = {fd: what for fd, what in open_fds().items() if before.get(fd) != what}
+    assert not leaked, f"{len(leaked)} descriptors left open: {sorted(leaked.items())[:8]}"
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from btrdelta.cli import main
 from btrdelta.repo.fullindex import decode_full_index
 from btrdelta.repo.layout import delta_sources
 from btrdelta.tree import tree_sum
-from btrdelta.update.packs import local_pack_reader, open_full
+from btrdelta.update.packs import LocalPacks, open_full
 from btrdelta.update.publish import Repo
 
 N = 5
@@ -56,7 +56,8 @@ def test_fulls_rebuild_the_release_trees(repo: Path, releases: list[Path],
         data = (repo / "fulls" / f"{v.full_id}.fidx").read_bytes()
         full = decode_full_index(data, source="fidx")
         stream = tmp_path / f"{v.name}.stream"
-        stream.write_bytes(open_full(full, local_pack_reader(repo), source="x").read())
+        with open_full(full, LocalPacks(repo), source="x") as rebuilt:
+            stream.write_bytes(rebuilt.read())
         assert main(["receive", "-f", str(stream), str(dest)]) == 0
         assert tree_sum(dest / v.name) == tree_sum(releases[pos - 1]) == v.identity
     # a delta applies on the received full with the public CLI

@@ -36,7 +36,7 @@ from ..repo.canonical import Fields, parse_json
 from ..repo.catalog import Catalog
 from ..repo.fullindex import decode_full_index
 from ..tree import tree_sum
-from .packs import local_pack_reader, open_full
+from .packs import LocalPacks, open_full
 from .streams import receive_release, write_release_stream
 
 __all__ = ["make_delta_file", "plan_jobs", "run_job_file", "run_pending"]
@@ -99,8 +99,9 @@ def _materialize(repo_root: Path, cat: Catalog, pos: int, trees: Path) -> Path:
     if blake3.blake3(data).hexdigest() != entry.full_id:
         raise ChecksumError("full index does not match its name", source=str(fidx))
     full = decode_full_index(data, source=str(fidx))
-    stream = open_full(full, local_pack_reader(repo_root), source=str(fidx))
-    receive_release(stream, trees, entry.name, source=str(fidx), delta=False)  # type: ignore[arg-type]
+    with open_full(full, LocalPacks(repo_root), source=str(fidx)) as stream:
+        receive_release(stream, trees, entry.name, source=str(fidx),  # type: ignore[arg-type]
+                        delta=False)
     if tree_sum(path) != entry.identity:
         raise ChecksumError(f"tree of {entry.name} rebuilt from its full differs from its "
                             "identity", source=str(fidx))

@@ -15,10 +15,10 @@ import tempfile
 import threading
 from array import array
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import blake3
 import zstandard
@@ -30,7 +30,7 @@ from ..repo.catalog import CHUNK_RECORD, PackEntry
 from ..repo.fullindex import FullIndex, PackSlot, encode_pack_table
 from .streams import ChunkConcat
 
-__all__ = ["PACK_LIMIT", "PackResult", "open_full", "pack_stream"]
+__all__ = ["PACK_LIMIT", "LocalPacks", "PackReader", "PackResult", "open_full", "pack_stream"]
 
 #: a pack file is closed when it reaches this size (mirrors and object stores prefer
 #: files of bounded size)
@@ -202,10 +202,10 @@ def _used_packs(space: list[PackEntry], offsets: array[int]) -> list[PackSlot]:
             for i in sorted(used)]
 
 
-def open_full(full: FullIndex, read_pack: Callable[[PackSlot, int, int], bytes],
-              *, source: str) -> ChunkConcat:
-    """The stream of ``full``, each chunk read with ``read_pack(slot, start, end)`` (offsets
-    inside the pack), decompressed with a size bound and checked against its id."""
+def open_full(full: FullIndex, packs: PackReader, *, source: str) -> ChunkConcat:
+    """The stream of ``full``, each chunk read with ``packs.read(slot, start, end)``
+    (offsets inside the pack), decompressed with a size bound and checked against its id.
+    Closing the stream closes ``packs``."""
     index = full.index
     dctx = zstandard.ZstdDecompressor()
 
@@ -213,7 +213,7 @@ def open_full(full: FullIndex, read_pack: Callable[[PackSlot, int, int], bytes],
         entry = index.order[pos]
         off, size, rawsize = index.offsets[entry], index.comp_sizes[entry], index.raw_sizes[entry]
         slot = full.pack_at(off)
-        blob = read_pack(slot, off - slot.base, off - slot.base + size)
+        blob = packs.read(slot, off - slot.base, off - slot.base + size)
         try:
             data = dctx.decompress(blob, max_output_size=rawsize)
         except zstandard.ZstdError as exc:
@@ -224,20 +224,41 @@ def open_full(full: FullIndex, read_pack: Callable[[PackSlot, int, int], bytes],
                                 offset=off - slot.base)
         return data
 
-    return ChunkConcat(len(index.order), get, full.header.image_digest, source=source)
+    return ChunkConcat(len(index.order), get, full.header.image_digest, source=source,
+                       on_close=packs.close)
 
 
-def local_pack_reader(repo: Path) -> Callable[[PackSlot, int, int], bytes]:
-    """``read_pack`` for packs in a local repository directory."""
-    fds: dict[bytes, int] = {}
+class PackReader(Protocol):
+    """Where :func:`open_full` reads chunk frames from."""
 
-    def read(slot: PackSlot, start: int, end: int) -> bytes:
-        fd = fds.get(slot.pack_id)
+    def read(self, slot: PackSlot, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of pack ``slot``."""
+        ...
+
+    def close(self) -> None:
+        """Release what reading held."""
+        ...
+
+
+class LocalPacks:
+    """Packs of a repository directory: one descriptor per pack read, kept until
+    :meth:`close` (the stream :func:`open_full` returns closes it)."""
+
+    def __init__(self, repo: Path) -> None:
+        self.repo = repo
+        self._fds: dict[bytes, int] = {}
+
+    def read(self, slot: PackSlot, start: int, end: int) -> bytes:
+        fd = self._fds.get(slot.pack_id)
         if fd is None:
-            fd = fds[slot.pack_id] = os.open(repo / slot.path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = self._fds[slot.pack_id] = os.open(self.repo / slot.path,
+                                                   os.O_RDONLY | os.O_CLOEXEC)
         data = os.pread(fd, end - start, start)
         if len(data) != end - start:
             raise StreamFormatError("pack truncated", source=slot.path, offset=start + len(data))
         return data
 
-    return read
+    def close(self) -> None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
