@@ -170,18 +170,24 @@ def _add_install(dsub: Any) -> None:
     n = dsub.add_parser(
         "install", help="rebuild the inactive slot from a release; boot it once, with tries",
         description="SOURCE is a delta stream, a send stream (incremental: its parent is "
-        "found among the roots by UUID) or a directory tree. The inactive slot is rebuilt "
+        "found among the roots by UUID), a directory tree, a versions repository URL (the "
+        "cheapest path from the running root's release, as btrdelta update plans it, "
+        "verified against the signed index) or a chunk archive (.bdar, path or URL) of a "
+        "root's plain send stream (chunks of the running root reused). The inactive slot is "
+        "rebuilt "
         "under a hidden name (a delta's old files verified before they are patched), its "
         "tree-sum taken (and checked with --expect-sum), then the slot is committed as the "
         "next boot by one atomic step: the boot-counting file try-SLOT+TRIES. Interrupted at "
         "any point, the device still boots the old root; a re-run cleans up and completes.",
         epilog="examples: btrdelta device install /mnt/top v1-v2.delta --expect-sum 49a0...; "
         "btrdelta device install /dev/mmcblk0p3 v1-v2.delta --key release.pub (refused "
-        "unless v1-v2.delta.sig is a signature by release.pub)",
+        "unless v1-v2.delta.sig is a signature by release.pub); btrdelta device install "
+        "/mnt/top https://updates.example.com/os --key root.pub --to 2.1; btrdelta device "
+        "install /mnt/top https://updates.example.com/rootfs-2.bdar",
     )
     n.add_argument("fs", metavar="FS", help=_FS_HELP)
-    n.add_argument("source", metavar="SOURCE", help="delta stream, send stream ('-': stdin) "
-                   "or directory tree")
+    n.add_argument("source", metavar="SOURCE", help="delta stream, send stream ('-': stdin), "
+                   "directory tree, repository URL or chunk archive (.bdar)")
     n.add_argument("--expect-sum", metavar="TREESUM", help="the release's tree-sum")
     n.add_argument("--tries", type=int, help="boots the new slot gets (default: the device's)")
     n.add_argument("--booted", metavar="ROOT", help="the booted root, when / does not tell")
@@ -190,6 +196,10 @@ def _add_install(dsub: Any) -> None:
                         "(repeatable: any of them; btrdelta sign, send/delta make --sign)")
     n.add_argument("--signature", metavar="SIG",
                    help="the detached signature (default SOURCE.sig; needed for stdin)")
+    n.add_argument("--to", metavar="VERSION",
+                   help="the repository version to install (default: the newest)")
+    n.add_argument("--mirror", action="append", default=[], metavar="URL",
+                   help="another URL of the repository, tried in turn (repeatable)")
     n.add_argument("--json", action="store_true", help="print the result as JSON")
     add_progress_options(n, verbose=True)
     n.set_defaults(func=run_install)
@@ -244,7 +254,8 @@ def run_install(args: argparse.Namespace) -> int:
 
         res = install(args.fs, args.source, expect_sum=args.expect_sum, tries=args.tries,
                       booted=args.booted, keys=args.key, signature=args.signature,
-                      on_step=on_step, on_progress=on_progress)
+                      to=args.to, mirrors=args.mirror, on_step=on_step,
+                      on_progress=on_progress)
     if args.json:
         print(json.dumps(res.to_json(), indent=1))
     elif not args.quiet:

@@ -21,13 +21,14 @@ After COMMIT the trial is in place; the re-run finds nothing to redo.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ApplyError
+from ..errors import ApplyError, BtrdeltaError
 from .boot import (
     booted_root,
     call_hook,
@@ -37,8 +38,9 @@ from .boot import (
     start_trial,
 )
 from .control import recover
+from .fetch import clear_work
 from .layout import SLOTS, DeviceError, Layout, is_enospc, open_device
-from .roots import Built, build_root, place_root
+from .roots import Built, Fetch, build_root, place_root
 from .state import DeviceState, RootInfo, load_state, save_state
 
 __all__ = ["InstallResult", "install", "pick_slot"]
@@ -89,11 +91,14 @@ def install(
     booted: str | None = None,
     keys: list[str] | None = None,
     signature: str | None = None,
+    to: str | None = None,
+    mirrors: Sequence[str] = (),
     on_step: Callable[[str], None] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> InstallResult:
-    """Install release ``source`` (a send stream, a delta stream or a directory tree) into
-    the inactive slot and make it the next boot, once, with ``tries`` boots.
+    """Install release ``source`` (a send stream, a delta stream, a directory tree, a
+    repository URL or a chunk archive of a plain stream) into the inactive slot and make it
+    the next boot, once, with ``tries`` boots.
 
     Args:
         fs: the device filesystem (top-level mount, block device or image).
@@ -103,8 +108,11 @@ def install(
         tries: boots the new slot gets before the default comes back (default: the
             state file's).
         booted: the booted root, when the running ``/`` does not tell (tests, rescue).
-        keys: Ed25519 public key files: refuse a source not signed by one of them.
+        keys: Ed25519 public key files: refuse a source not signed by one of them (a
+            repository's root key, or an archive's signing key: one key).
         signature: the detached signature (default ``SOURCE.sig``).
+        to: the repository version to install (default: the newest).
+        mirrors: more URLs of the repository, tried in turn.
         on_step: called with each step's name (``receive``, ``verify``, ``place``,
             ``commit``, ``hook``, ``done``).
         on_progress: ``(records, bytes)`` while receiving.
@@ -134,16 +142,22 @@ def install(
         step("receive")
         parent_name = booted or default_root(layout)
         parent = layout.root(parent_name) if parent_name else None
+        info = st.roots.get(parent_name) if parent_name else None
+        fetch = Fetch(to, tuple(mirrors), info.release if info else None)
         try:
             built = build_root(layout, source, slot, parent=parent, expect_sum=expect_sum,
-                               keys=keys, signature=signature, on_progress=on_progress)
+                               keys=keys, signature=signature, fetch=fetch,
+                               on_progress=on_progress)
         except BaseException as exc:
             _abandon(layout, st, slot)
+            with contextlib.suppress(OSError, BtrdeltaError):  # the first error is the news
+                clear_work(layout, resumable=not is_enospc(exc))
             if is_enospc(exc):
                 raise ApplyError(f"disk full while installing into slot {slot} (nothing "
                                  f"selected, space given back): {exc}") from exc
             raise
         _commit(layout, st, built, slot, n, step)
+        clear_work(layout)
         return InstallResult(slot, built.release, str(built.uuid), built.tree_sum, n,
                              built.records, built.data_bytes, built.seconds)
 

@@ -1,9 +1,10 @@
 """Building a bootable root: receive a release under a hidden name in ``roots/``.
 
-Owns: turning a release source (a send stream, a delta stream, a directory tree) into a
-finished read-only subvolume ``roots/.staged-NAME`` and checking it; moving it into place.
-The stream's own subvolume name is replaced by the staging name on the fly (so any
-release stream fits any slot), and a stream holding more than one subvolume is refused.
+Owns: turning a release source (a send stream, a delta stream, a directory tree; a
+repository or a chunk archive through :mod:`.fetch`) into a finished read-only subvolume
+``roots/.staged-NAME`` and checking it; moving it into place. The stream's own subvolume
+name is replaced by the staging name on the fly (so any release stream fits any slot), and
+a stream holding more than one subvolume is refused.
 
 Does not own: which slot to build, when a root becomes bootable (:mod:`.install`,
 :mod:`.boot`).
@@ -27,11 +28,22 @@ from ..stream.reader import Event, StreamReader
 from ..stream.records import Clone, Snapshot, Subvol
 from ..tree import tree_sum
 from ..update.receive import open_events
+from .fetch import archive_stream, from_repository, source_kind
 from .layout import DeviceError, Layout
 
-__all__ = ["Built", "build_root", "place_root", "staged_path"]
+__all__ = ["Built", "Fetch", "build_root", "place_root", "staged_path"]
 
 _CHUNK = 256
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """For a repository URL: the version wanted (default the newest), other mirrors, the
+    release name of the root the slot is rebuilt from."""
+
+    to: str | None = None
+    mirrors: tuple[str, ...] = ()
+    parent_release: str | None = None
 
 
 @dataclass(frozen=True)
@@ -140,16 +152,19 @@ def build_root(
     expect_sum: str | None = None,
     keys: list[str] | None = None,
     signature: str | None = None,
+    fetch: Fetch | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> Built:
     """Receive ``source`` as ``roots/.staged-NAME`` (read-only, received UUID set), then
     take its tree-sum and check it against ``expect_sum``.
 
-    ``source`` is a send stream or delta stream (a file, ``-``), or a directory tree (sent
-    against ``parent``, the local root the device runs, so unchanged files are shared).
-    With ``keys`` (Ed25519 public key files) the stream must carry a signature by one of
-    them (``signature``, default ``SOURCE.sig``): the root gets its staging name only once
-    the whole input verified. A failure removes what was received and waits until btrfs
+    ``source`` is a send stream or delta stream (a file, ``-``), a directory tree (sent
+    against ``parent``, the local root the device runs, so unchanged files are shared), a
+    repository URL or a chunk archive of a plain stream (:mod:`.fetch`; ``fetch`` says what
+    to take from a repository). With ``keys`` (Ed25519 public key files) the stream must
+    carry a signature by one of them (``signature``, default ``SOURCE.sig``): the root gets
+    its staging name only once the whole input verified; a repository's index and an
+    archive are checked against one key. A failure removes what was received and waits until btrfs
     gave the space back.
 
     Raises:
@@ -163,7 +178,7 @@ def build_root(
     label = os.fspath(source)
     try:
         done = _receive(layout, source, staged.name, parent, label, on_progress,
-                        _Signed(keys, signature, label) if keys else None)
+                        keys, signature, fetch or Fetch())
         digest = tree_sum(staged)
         if expect_sum and digest != expect_sum.lower():
             raise ChecksumError(
@@ -197,9 +212,20 @@ class _Signed:
 
 def _receive(layout: Layout, source: str | os.PathLike[str], staged: str,
              parent: Path | None, label: str,
-             on_progress: Callable[[int, int], None] | None,
-             signed: _Signed | None) -> ReceivedSubvol:
+             on_progress: Callable[[int, int], None] | None, keys: list[str] | None,
+             signature: str | None, fetch: Fetch) -> ReceivedSubvol:
     path = Path(source)
+    kind = source_kind(label)
+    if kind == "repository":
+        return from_repository(layout, label, layout.roots / staged, parent=parent,
+                               parent_release=fetch.parent_release, to=fetch.to,
+                               mirrors=fetch.mirrors, keys=keys, on_progress=on_progress)
+    if fetch.to is not None or fetch.mirrors:
+        raise DeviceError(f"{label}: --to and --mirror are for a repository URL")
+    if kind == "archive":  # an archive carries its signature in itself
+        with archive_stream(layout, label, parent=parent, keys=keys) as stream:
+            return _receive_stream(layout, stream, staged, label, on_progress, None)
+    signed = _Signed(keys, signature, label) if keys else None
     if label != "-" and path.is_dir():
         if signed is not None:
             raise DeviceError(f"{label}: a directory tree carries no signature (install a "
@@ -208,23 +234,31 @@ def _receive(layout: Layout, source: str | os.PathLike[str], staged: str,
         renamed = _Renamed(events, staged.encode(),
                            _local_uuid(parent) if parent is not None else None)
         done = receive(renamed, layout.roots, on_progress=on_progress, read_ahead=True)
-        original = path.name.encode()
-        renamed.original = original
-    else:
-        import sys
+        return _one(done, path.name.encode(), label)
+    import sys
 
-        f: Any = sys.stdin.buffer if label == "-" else open(path, "rb", buffering=0)  # noqa: SIM115
-        try:
-            events = (signed.events(f, layout.roots) if signed is not None
-                      else open_events(f, layout.roots, source=label))
-            inner = getattr(events, "inner", events)  # a signed stream's own events
-            renamed = _Renamed(events, staged.encode())
-            done = receive(renamed, layout.roots, on_progress=on_progress,
-                           read_ahead=not isinstance(inner, StreamReader))
-        finally:
-            if f is not sys.stdin.buffer:
-                f.close()
-        original = renamed.original
+    f: Any = sys.stdin.buffer if label == "-" else open(path, "rb", buffering=0)  # noqa: SIM115
+    try:
+        return _receive_stream(layout, f, staged, label, on_progress, signed)
+    finally:
+        if f is not sys.stdin.buffer:
+            f.close()
+
+
+def _receive_stream(layout: Layout, f: Any, staged: str, label: str,
+                    on_progress: Callable[[int, int], None] | None,
+                    signed: _Signed | None) -> ReceivedSubvol:
+    """Receive a (signed) send or delta stream read from ``f`` as ``roots/STAGED``."""
+    events = (signed.events(f, layout.roots) if signed is not None
+              else open_events(f, layout.roots, source=label))
+    inner = getattr(events, "inner", events)  # a signed stream's own events
+    renamed = _Renamed(events, staged.encode())
+    done = receive(renamed, layout.roots, on_progress=on_progress,
+                   read_ahead=not isinstance(inner, StreamReader))
+    return _one(done, renamed.original, label)
+
+
+def _one(done: list[ReceivedSubvol], original: bytes, label: str) -> ReceivedSubvol:
     if len(done) != 1:
         raise DeviceError(f"{label}: no subvolume received")
     got = done[0]

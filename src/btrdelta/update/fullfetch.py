@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..chunk.archive import HEADER_SIZE
+from ..chunk.archive import HEADER_SIZE, ArchiveIndex
 from ..chunk.store import ChunkStore, ImageReader
 from ..errors import ChecksumError, StreamFormatError, TransportError
 from ..repo.fullindex import FullIndex, PackSlot
@@ -132,14 +132,15 @@ def fetch_full(full: FullIndex, mirrors: Mirrors, store: ChunkStore, name: str,
                        dry_run=dry_run, on_progress=on_progress)
 
 
-def store_stream(full: FullIndex, store: ChunkStore, *, source: str) -> ChunkConcat:
-    """The full's plain stream read from the store (checked against its BLAKE3)."""
-    reader = ImageReader(store, full.index)
-    order, sizes = full.index.order, full.index.raw_sizes
+def store_stream(index: ArchiveIndex, digest: bytes, store: ChunkStore, *,
+                 source: str) -> ChunkConcat:
+    """The plain stream of an image whose chunks are all in ``store`` (checked against its
+    BLAKE3 ``digest``); closing it closes the store reader."""
+    reader = ImageReader(store, index)
+    order, sizes = index.order, index.raw_sizes
 
     def get(pos: int) -> bytes:
         entry = order[pos]
         return reader.read_chunk(entry, sizes[entry])
 
-    return ChunkConcat(len(order), get, full.header.image_digest, source=source,
-                       on_close=reader.close)
+    return ChunkConcat(len(order), get, digest, source=source, on_close=reader.close)

@@ -270,7 +270,8 @@ def _apply(d: _Dest, m: Mirrors, step: Step, records: dict[int, VersionRecord],
             for s in seeds:
                 s.unlink(missing_ok=True)
         emit({"event": "apply", **info})
-        with store_stream(full, d.store, source=rec.full.path) as stream:
+        with store_stream(full.index, full.header.image_digest, d.store,
+                          source=rec.full.path) as stream:
             received = receive_release(stream, d.dest, stage,  # type: ignore[arg-type]
                                        source=rec.full.path, delta=False)
     emit({"event": "verify", **info})

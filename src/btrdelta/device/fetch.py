@@ -1,0 +1,169 @@
+"""Releases ``device install`` fetches: from a versions repository or a chunk archive.
+
+Owns: telling a remote release source from a local stream or tree (:func:`source_kind`),
+and turning it into a received root under the staging name:
+
+* a **repository** (an ``http(s)://`` URL that is not a ``.bdar``): ``btrdelta update``
+  (:func:`btrdelta.update.versions.update`) runs on ``.btrdelta/fetch/`` of the device, where
+  the root the slot is rebuilt from was first snapshotted (read-only, under its release
+  name: the planner counts it as held only when its tree-sum is the index's identity of that
+  version). The planner picks the cheapest path (deltas, or the full reusing that root's
+  chunks); the version arrives verified against the signed index and is moved to the
+  staging name. The pinned root key and the trusted index state stay in
+  ``.btrdelta/fetch/.btrdelta/`` (rollback protection across installs); downloads and
+  verified intermediates stay there while an install is unfinished, so a re-run resumes.
+* a **chunk archive** (``.bdar``, a path or URL) whose image is a plain send stream of the
+  root: cloned into the chunk store ``.btrdelta/fetch/chunks`` (every chunk checked against
+  its id; chunks of the plain stream of the root the slot is rebuilt from are reused as
+  seeds; an interrupted clone resumes), then read back and received like a stream file.
+
+Does not own: the staging name, verification of the new root and the commit
+(:mod:`.roots`, :mod:`.install`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+from ..chunk.archive import MAGIC
+from ..chunk.source import is_url
+from ..chunk.store import ChunkStore
+from ..fs import btrfs as sv
+from ..receive import ReceivedSubvol
+from ..trust import load_public_key
+from ..update.holdings import HOP_PREFIX
+from .layout import DeviceError, Layout
+
+__all__ = ["WORK", "archive_stream", "clear_work", "from_repository", "source_kind"]
+
+#: the device's fetch area, below the metadata directory
+WORK = "fetch"
+_ARCHIVE_SUFFIX = ".bdar"
+_IMAGE = "release"
+
+
+def source_kind(source: str) -> str:
+    """``"repository"``, ``"archive"`` or ``"local"`` (a stream file, stdin or a tree)."""
+    if is_url(source):
+        return "archive" if source.split("?")[0].endswith(_ARCHIVE_SUFFIX) else "repository"
+    if source != "-" and os.path.isfile(source):
+        with open(source, "rb") as f:
+            if f.read(len(MAGIC)) == MAGIC:
+                return "archive"
+    return "local"
+
+
+def work_dir(layout: Layout) -> Path:
+    """The fetch area of the device (created)."""
+    work = layout.meta / WORK
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def clear_work(layout: Layout, *, resumable: bool = False) -> None:
+    """Drop what a fetch left; keep the pinned root key and the trusted index state, and
+    with ``resumable`` what a re-run resumes from (downloads, chunks, verified
+    intermediate versions)."""
+    work = layout.meta / WORK
+    if not work.is_dir():
+        return
+    for entry in sorted(os.listdir(work)):
+        kept = entry.startswith(HOP_PREFIX) or entry == "chunks"
+        if entry != ".btrdelta" and not (resumable and kept):
+            layout.delete(work / entry)
+    if not resumable:
+        for sub in ("downloads", "tmp", "chunks", "meta"):
+            shutil.rmtree(work / ".btrdelta" / sub, ignore_errors=True)
+
+
+def _one_key(keys: Sequence[str] | None, what: str) -> str | None:
+    if keys and len(keys) > 1:
+        raise DeviceError(f"{what} is checked against one key: give --key once")
+    return keys[0] if keys else None
+
+
+def from_repository(
+    layout: Layout, url: str, staged: Path, *, parent: Path | None, parent_release: str | None,
+    to: str | None, mirrors: Sequence[str], keys: Sequence[str] | None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> ReceivedSubvol:
+    """Bring version ``to`` (default: the newest) of the repository at ``url`` to
+    ``staged`` (a read-only subvolume, its tree-sum checked against the signed index)."""
+    from ..update.versions import update
+
+    work = work_dir(layout)
+    if parent is not None and parent_release and _plain_name(parent_release):
+        held = work / parent_release
+        if os.path.lexists(held):
+            layout.delete(held)
+        layout.snapshot(parent, held, readonly=True)
+    received = 0
+
+    def on_event(ev: dict[str, object]) -> None:
+        nonlocal received
+        if ev.get("event") == "bytes" and on_progress is not None:
+            received += int(ev["n"])  # type: ignore[call-overload]
+            on_progress(0, received)
+
+    res = update(url, work, to=to, key=_one_key(keys, "a repository's index"),
+                 mirrors=mirrors, on_event=on_event)
+    if res.path is None:
+        raise DeviceError(f"{url}: the update brought no version {res.target!r}")
+    # a read-only subvolume cannot change directory (its ".." is inside it): a snapshot
+    # takes the staging name, with the received UUID later deltas find it by
+    with layout.fd(res.path) as fd:
+        info = sv.subvol_info(fd)
+    layout.snapshot(res.path, staged, readonly=False)
+    with layout.fd(staged) as fd:
+        if info.received_uuid is not None:
+            sv.set_received(fd, info.received_uuid, info.stransid)
+        sv.set_readonly(fd, True)
+    layout.delete(res.path)
+    return ReceivedSubvol(res.target, staged, info.received_uuid or info.uuid,
+                          info.stransid, None, None, True, res.applied, res.received)
+
+
+def _plain_name(name: str) -> bool:
+    """A release name usable as one directory entry."""
+    return name not in (".", "..") and "/" not in name and not name.startswith(".btrdelta")
+
+
+@contextlib.contextmanager
+def archive_stream(
+    layout: Layout, location: str, *, parent: Path | None, keys: Sequence[str] | None,
+) -> Iterator[BinaryIO]:
+    """The plain send stream in the chunk archive at ``location``, its chunks brought into
+    the device's fetch store first (checked: per chunk, and the whole stream's BLAKE3 before
+    its last byte is read)."""
+    from ..update.clone import clone_image
+    from ..update.fullfetch import store_stream
+
+    work = work_dir(layout)
+    store = ChunkStore(work / "chunks")
+    key = _one_key(keys, "a chunk archive")
+    public_key = load_public_key(key) if key else None
+    seeds = [_seed(parent, work)] if parent is not None else []
+    try:
+        clone_image(location, target=f"{store.root}/{_IMAGE}", seeds=[str(s) for s in seeds],
+                    public_key=public_key)
+    finally:
+        for s in seeds:
+            s.unlink(missing_ok=True)
+    header, index = store.read_description(_IMAGE, public_key=public_key)
+    with store_stream(index, header.image_digest, store, source=location) as stream:
+        yield stream  # type: ignore[misc]
+
+
+def _seed(parent: Path, work: Path) -> Path:
+    """The plain stream of ``parent`` (a seed: its file data are chunks of the release's)."""
+    from ..send import send_stream
+
+    seed = work / "seed.stream"
+    with open(seed, "wb") as f:
+        send_stream(f.write, parent)
+    return seed

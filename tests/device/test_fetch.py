@@ -1,0 +1,142 @@
+"""``device install`` from a versions repository URL and from a chunk archive (.bdar), served
+by nginx; oracles: tree-sum of the release trees, bytes from nginx's access log, btrfs-progs'
+subvolume list."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from btrdelta import device
+from btrdelta.tree import tree_sum
+from tests.update.conftest import Nginx
+
+from .conftest import Release, btrdelta
+from .test_install import subvolumes
+
+pytestmark = pytest.mark.btrfs
+
+CLEAN = ["roots/a", "roots/b", "roots/factory"]
+
+
+@pytest.fixture(scope="module")
+def served(small_release: Release, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[tuple[Nginx, Path]]:
+    """nginx over a directory with a signed repository (versions ``old``, ``new``) in
+    ``repo/``, the plain stream of NEW as a chunk archive ``new.bdar``, and the keys."""
+    r = small_release
+    www = tmp_path_factory.mktemp("www")
+    btrdelta("key", "generate", "-o", www / "root")
+    btrdelta("key", "generate", "-o", www / "other")
+    btrdelta("repo", "init", www / "repo")
+    btrdelta("repo", "add", www / "repo", "old", r.old)
+    btrdelta("repo", "add", www / "repo", "new", r.new)
+    btrdelta("repo", "sign", www / "repo", "--key", www / "root.key")
+    btrdelta("send", r.new, "-o", www / "new.stream")
+    btrdelta("image", "compress", "-i", www / "new.stream", "-o", www / "new.bdar",
+             "--avg-chunk", "16K")
+    srv = Nginx(www, tmp_path_factory.mktemp("nginx"))
+    yield srv, www
+    srv.stop()
+
+
+def _versions(repo: Path) -> dict[str, int]:
+    """Bytes of each version's full, from ``repo ls --json``."""
+    doc = json.loads(btrdelta("repo", "ls", repo, "--json").stdout)
+    return {v["name"]: v for v in doc["versions"]}  # type: ignore[no-any-return]
+
+
+def test_install_from_a_repository_takes_the_delta(
+    btrfs_dev: Path, small_release: Release, served: tuple[Nginx, Path],
+) -> None:
+    r = small_release
+    srv, www = served
+    device.init(btrfs_dev, r.old, state=[])  # release "old", as the repository names it
+    # the wrong root key: refused, nothing selected, nothing left behind
+    proc = btrdelta("device", "install", btrfs_dev, f"{srv.url}/repo", "--key",
+                    www / "other.pub", check=False)
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert device.status(btrfs_dev)["next_boot"] == "a"
+    assert subvolumes(btrfs_dev) == CLEAN
+    before = srv.served()
+    out = btrdelta("device", "install", btrfs_dev, f"{srv.url}/repo", "--key",
+                   www / "root.pub", "--json").stdout
+    res = json.loads(out)
+    assert (res["slot"], res["release"], res["tree_sum"]) == ("b", "new", r.new_sum)
+    assert tree_sum(btrfs_dev / "roots/b") == r.new_sum
+    assert tree_sum(btrfs_dev / "roots/a") == r.old_sum
+    st = device.status(btrfs_dev)
+    assert st["next_boot"] == "b"
+    assert st["trial"]["slot"] == "b"
+    # the planner held "old" (the running root): it fetched the delta, not the full
+    info = _versions(www / "repo")["new"]
+    fetched = srv.served() - before
+    delta = min(d["bytes"] for d in info["deltas"])
+    assert fetched < info["full_bytes"] / 2, (fetched, info)
+    assert fetched < delta + 64 * 1024, (fetched, delta)
+    # nothing left in the fetch area but the trusted index state
+    assert subvolumes(btrfs_dev) == CLEAN
+    assert sorted(p.name for p in (btrfs_dev / ".btrdelta/fetch").iterdir()) == [".btrdelta"]
+
+
+def test_install_from_a_repository_with_no_held_version_takes_the_full(
+    btrfs_dev: Path, small_release: Release, served: tuple[Nginx, Path], tmp_path: Path,
+) -> None:
+    srv, www = served
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "file").write_text("not a release of the repository\n")
+    device.init(btrfs_dev, other, state=[])
+    res = device.install(btrfs_dev, f"{srv.url}/repo", keys=[str(www / "root.pub")],
+                         to="old")
+    assert (res.slot, res.release) == ("b", "old")
+    assert tree_sum(btrfs_dev / "roots/b") == small_release.old_sum
+    assert subvolumes(btrfs_dev) == CLEAN
+
+
+@pytest.mark.parametrize("where", ["file", "url"])
+def test_install_from_a_chunk_archive_reuses_the_running_root(
+    where: str, btrfs_dev: Path, small_release: Release, served: tuple[Nginx, Path],
+    tmp_path: Path,
+) -> None:
+    r = small_release
+    srv, www = served
+    device.init(btrfs_dev, r.old, state=[])
+    before = srv.served()
+    source = www / "new.bdar" if where == "file" else f"{srv.url}/new.bdar"
+    res = json.loads(btrdelta("device", "install", btrfs_dev, source, "--json").stdout)
+    assert (res["slot"], res["tree_sum"]) == ("b", r.new_sum)
+    assert tree_sum(btrfs_dev / "roots/b") == r.new_sum
+    assert device.status(btrfs_dev)["next_boot"] == "b"
+    assert subvolumes(btrfs_dev) == CLEAN
+    assert sorted(p.name for p in (btrfs_dev / ".btrdelta/fetch").iterdir()) == []
+    if where == "url":  # the chunks of the running root's stream were not downloaded
+        fetched = srv.served() - before
+        whole, seeded = (json.loads(btrdelta(
+            "image", "clone", www / "new.bdar", tmp_path / "store/x", *seed, "--dry-run",
+            "--json").stdout) for seed in ([], ["--seed", r.full]))
+        assert fetched < whole["fetch_bytes"]
+        assert fetched <= (seeded["fetch_bytes"] + seeded["index_bytes"]) * 1.02 + 8192, (
+            fetched, seeded)
+
+
+def test_a_damaged_archive_selects_nothing(btrfs_dev: Path, small_release: Release,
+                                           served: tuple[Nginx, Path], tmp_path: Path) -> None:
+    _, www = served
+    bad = tmp_path / "bad.bdar"
+    data = bytearray((www / "new.bdar").read_bytes())
+    data[len(data) // 2] ^= 0x40  # inside the chunk data
+    bad.write_bytes(bytes(data))
+    device.init(btrfs_dev, small_release.old, state=[])
+    proc = btrdelta("device", "install", btrfs_dev, bad, check=False)
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stderr.count("\n") == 1
+    st = device.status(btrfs_dev)
+    assert st["next_boot"] == "a"
+    assert st["trial"] is None
+    assert tree_sum(btrfs_dev / "roots/a") == small_release.old_sum
+    assert subvolumes(btrfs_dev) == CLEAN
