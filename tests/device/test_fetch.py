@@ -5,6 +5,7 @@ subvolume list."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from btrdelta import device
 from btrdelta.tree import tree_sum
 from tests.update.conftest import Nginx
 
-from .conftest import Release, btrdelta
+from .conftest import Release, btrdelta, copy_tree
 from .test_install import subvolumes
 
 pytestmark = pytest.mark.btrfs
@@ -140,3 +141,64 @@ def test_a_damaged_archive_selects_nothing(btrfs_dev: Path, small_release: Relea
     assert st["trial"] is None
     assert tree_sum(btrfs_dev / "roots/a") == small_release.old_sum
     assert subvolumes(btrfs_dev) == CLEAN
+
+
+def test_a_base_that_does_not_verify_fails_alone_and_comes_whole_from_a_repository(
+    btrfs_dev: Path, small_release: Release, tmp_path: Path,
+) -> None:
+    from btrdelta.fs import btrfs as sv
+
+    # two releases that differ in dpkg's status, which the delta patches
+    old, new, repo = tmp_path / "old", tmp_path / "new", tmp_path / "www/repo"
+    copy_tree(small_release.old, old)
+    copy_tree(small_release.old, new)
+    status = (new / "var/lib/dpkg/status").read_text()
+    mid = status.index("\n\n", len(status) // 2) + 2  # a stanza in the middle: a patch
+    (new / "var/lib/dpkg/status").write_text(
+        status[:mid] + "Package: btrdelta-test\nStatus: install ok installed\n\n" + status[mid:])
+    new_sum = tree_sum(new)
+    btrdelta("key", "generate", "-o", tmp_path / "root")
+    btrdelta("repo", "init", repo, "--avg-chunk", "4K")
+    btrdelta("repo", "add", repo, "old", old)
+    btrdelta("repo", "add", repo, "new", new)
+    btrdelta("repo", "sign", repo, "--key", tmp_path / "root.key")
+    btrdelta("send", "--parent", old, new, "-o", tmp_path / "update.stream")
+    btrdelta("delta", "make", "-f", tmp_path / "update.stream", "--old", old, "-o",
+             tmp_path / "update.delta")
+    device.init(btrfs_dev, old, state=[])
+    # the file is damaged (one byte, same size) in every root the delta could start from
+    for root in ("a", "factory"):
+        status_file = btrfs_dev / "roots" / root / "var/lib/dpkg/status"
+        fd = os.open(btrfs_dev / "roots" / root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            sv.set_readonly(fd, False)
+            data = bytearray(status_file.read_bytes())
+            data[-200] ^= 0x20  # inside the range the patch rewrites
+            status_file.write_bytes(bytes(data))
+            sv.set_readonly(fd, True)
+        finally:
+            os.close(fd)
+    damaged_sum = tree_sum(btrfs_dev / "roots/a")
+    # the delta alone: no other source for the file, the install fails cleanly
+    proc = btrdelta("device", "install", btrfs_dev, tmp_path / "update.delta", check=False)
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert "var/lib/dpkg/status" in proc.stderr
+    st = device.status(btrfs_dev)
+    assert st["next_boot"] == "a"
+    assert st["trial"] is None
+    assert tree_sum(btrfs_dev / "roots/a") == damaged_sum
+    assert subvolumes(btrfs_dev) == CLEAN
+    # the repository: the running root is not "old" any more (its tree-sum differs), the
+    # full comes with the running root's chunks as seeds, so only the file's chunks travel
+    srv = Nginx(tmp_path / "www", tmp_path / "nginx")
+    try:
+        res = device.install(btrfs_dev, f"{srv.url}/repo", keys=[str(tmp_path / "root.pub")])
+        fetched = srv.served()
+    finally:
+        srv.stop()
+    assert (res.slot, res.release, res.tree_sum) == ("b", "new", new_sum)
+    assert tree_sum(btrfs_dev / "roots/b") == new_sum
+    full = _versions(repo)["new"]["full_bytes"]
+    print(f"damaged base: {fetched} bytes served, the full is {full}")
+    assert fetched < full / 4, (fetched, full)

@@ -5,7 +5,8 @@
    index, signatures, freshness, rollback) on the first mirror that serves a good one, and
    remember it (``DEST/.btrdelta/trusted/<root key id>.json``).
 3. Find the versions DEST holds: names of the index present in DEST (or left as verified
-   intermediates), each checked by its content identity.
+   intermediates), each checked by its content identity. An entry whose content differs
+   is not held, but it seeds a full like a held version (a damaged file costs its chunks).
 4. Plan (:func:`btrdelta.repo.plan.plan_update`) over every delta and every full; the
    target's full is priced with the chunks of the held versions and of the local chunk
    store. The plan (with its byte count) goes to the caller before anything is downloaded.
@@ -129,15 +130,19 @@ class _Dest:
 
 
 def _holdings(d: _Dest, mirrors: Mirrors, verified: Verified
-              ) -> tuple[dict[int, Path], dict[int, VersionRecord]]:
+              ) -> tuple[dict[int, Path], dict[int, Path], dict[int, VersionRecord]]:
+    """Versions DEST holds (checked by content), entries named like a version whose
+    content differs (seeds for a full: their chunks are checked by id like any seed's), and
+    the records of both."""
     index = verified.index
     positions = index.positions()
-    present = [p for name, p in positions.items()
-               if os.path.isdir(d.dest / name)
-               or os.path.isdir(d.dest / f"{holdings.HOP_PREFIX}{name}")]
-    records = version_records(mirrors, index, d.meta, present)
+    present = {p: path for name, p in positions.items()
+               for path in (d.dest / name, d.dest / f"{holdings.HOP_PREFIX}{name}")
+               if path.is_dir() and not path.is_symlink()}
+    records = version_records(mirrors, index, d.meta, list(present))
     found = holdings.find_held(d.dest, {records[p].name: records[p].identity for p in present})
-    return {positions[n]: path for n, path in found.items()}, records
+    held = {positions[n]: path for n, path in found.items()}
+    return held, {p: path for p, path in present.items() if p not in held}, records
 
 
 def _plan(d: _Dest, mirrors: Mirrors, verified: Verified, held: dict[int, Path],
@@ -212,7 +217,7 @@ def _run(d: _Dest, m: Mirrors, verified: Verified, to: str | None, dry_run: bool
         raise MissingBaseError(f"version {to!r} is not in the repository (newest: "
                                f"{names[-1]!r})")
     before = m.stats.bytes_received
-    held, records = _holdings(d, m, verified)
+    held, unverified, records = _holdings(d, m, verified)
     plan = _plan(d, m, verified, held, records, target)
     records.update(version_records(m, index, d.meta, [s.target for s in plan.steps]))
     res = UpdateResult(names[target - 1], plan, names, [names[p - 1] for p in sorted(held)],
@@ -228,8 +233,9 @@ def _run(d: _Dest, m: Mirrors, verified: Verified, to: str | None, dry_run: bool
         res.path = held.get(target) if target in held else None
         return res
     current = held.get(plan.start) if plan.start is not None else None
+    seedable = {**unverified, **held}
     for i, step in enumerate(plan.steps, 1):
-        current = _apply(d, m, step, records, held, current, last=i == len(plan.steps),
+        current = _apply(d, m, step, records, seedable, current, last=i == len(plan.steps),
                          hop=(i, len(plan.steps)), emit=emit)
         res.applied += 1
     res.path = current
@@ -239,7 +245,7 @@ def _run(d: _Dest, m: Mirrors, verified: Verified, to: str | None, dry_run: bool
 
 
 def _apply(d: _Dest, m: Mirrors, step: Step, records: dict[int, VersionRecord],
-           held: dict[int, Path], parent: Path | None, *, last: bool,
+           seedable: dict[int, Path], parent: Path | None, *, last: bool,
            hop: tuple[int, int], emit: Event) -> Path:
     rec = records[step.target]
     stage = f"{holdings.STAGE_PREFIX}{rec.name}"
@@ -260,7 +266,7 @@ def _apply(d: _Dest, m: Mirrors, step: Step, records: dict[int, VersionRecord],
             received = receive_release(f, d.dest, stage, source=ref.path, delta=True)
     else:
         full = full_index(m, rec, d.meta)
-        seeds = _seeds(d, held, records, emit)
+        seeds = _seeds(d, seedable, records, emit)
         try:
             fetch_full(full, m, d.store, rec.name, seeds,
                        on_progress=lambda phase, done, total: emit(
@@ -285,12 +291,13 @@ def _apply(d: _Dest, m: Mirrors, step: Step, records: dict[int, VersionRecord],
     return holdings.place(d.dest, stage, name, received)
 
 
-def _seeds(d: _Dest, held: dict[int, Path], records: dict[int, VersionRecord],
+def _seeds(d: _Dest, trees: dict[int, Path], records: dict[int, VersionRecord],
            emit: Event) -> list[Path]:
-    """Regenerated plain streams of the held versions (seeds for a full)."""
+    """Regenerated plain streams of the versions DEST holds, and of entries named like a
+    version whose content differs (a damaged file costs its own chunks, not the full)."""
     d.tmp.mkdir(parents=True, exist_ok=True)
     out = []
-    for p, path in sorted(held.items()):
+    for p, path in sorted(trees.items()):
         rec = records[p]
         emit({"event": "seed", "version": rec.name})
         seed = d.tmp / f"seed-{p}.stream"
