@@ -65,7 +65,7 @@ class _Reporter:
             self.start = time.monotonic()
             if not self.as_json:
                 _print_plan(ev)
-        elif kind in ("fetch", "apply", "verify"):
+        elif kind in ("fetch", "apply"):
             what = f"{ev['from']} -> {ev['to']}" if ev["from"] else f"full {ev['to']}"
             self.hop = f"hop {ev['hop']}/{ev['hops']} {kind} {what}"
             self._show(force=True)

@@ -4,10 +4,11 @@ DEST holds versions as ``DEST/<version>`` (btrfs subvolumes, or directories with
 receive registry). A version counts as held only when its tree's content identity
 (``tree-sum``) equals the index's, whatever its name says. While an update runs:
 
-* a version being received is ``DEST/.btrdelta-stage-<version>`` until its identity checked;
+* a version being received is under a temporary name (``DEST/.btrdelta-tmp-…``, the
+  receive's: :mod:`btrdelta.receive.subvolumes`) until its identity checked;
 * a verified intermediate version of a multi-hop path is ``DEST/.btrdelta-hop-<version>``
   (held, so an interrupted update resumes from it; removed when the update is done);
-* the wanted version is renamed to ``DEST/<version>`` last, never over an existing entry.
+* the wanted version gets ``DEST/<version>`` last, never over an existing entry.
 
 Existing versions are never written to. A held version a delta needs as its parent must be
 found by the stream's parent UUID (the repository's UUID of that release); one received
@@ -20,29 +21,24 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
-from ..errors import ApplyError
 from ..fs import btrfs as sv
-from ..receive import ReceivedSubvol, find_subvolume, uses_btrfs
+from ..fs.copy import copy_tree
+from ..receive.subvolumes import TMP_PREFIX, Subvolumes
 from ..repo.model import stream_uuid
 from ..tree import tree_sum
 
 __all__ = [
     "HOP_PREFIX",
-    "STAGE_PREFIX",
     "cleanup",
     "ensure_parent",
     "find_held",
-    "place",
     "remove_entry",
 ]
 
-STAGE_PREFIX = ".btrdelta-stage-"
 HOP_PREFIX = ".btrdelta-hop-"
 BASE_PREFIX = ".btrdelta-base-"
-_RECEIVE_TMP = ".btrdelta-tmp-"
 #: inode number of a btrfs subvolume's root directory
 _SUBVOL_ROOT_INO = 256
 
@@ -74,12 +70,10 @@ def remove_entry(dest: Path, name: str) -> None:
 
 
 def cleanup(dest: Path) -> None:
-    """Remove what an interrupted update left: staged versions, and unfinished receives
-    of processes that are gone."""
+    """Remove what an interrupted update left: unfinished receives of processes that are
+    gone."""
     for entry in os.listdir(dest):
-        if entry.startswith(STAGE_PREFIX):
-            remove_entry(dest, entry)
-        elif entry.startswith(_RECEIVE_TMP):
+        if entry.startswith(TMP_PREFIX):
             pid = entry.rsplit("-", 1)[-1]
             if pid.isdigit() and not _pid_alive(int(pid)):
                 remove_entry(dest, entry)
@@ -103,52 +97,24 @@ def find_held(dest: Path, wanted: dict[str, str]) -> dict[str, Path]:
 def ensure_parent(dest: Path, path: Path, name: str, identity: str) -> None:
     """Make held version ``path`` findable as the parent of the repository's deltas."""
     uid = stream_uuid(identity)
-    btrfs = uses_btrfs(dest)
-    found = find_subvolume(dest, uid, btrfs=btrfs)
-    if found is not None and tree_sum(found) == identity:
-        return
-    if not btrfs:
-        from ..receive.registry import Registry, RegistryEntry
+    with Subvolumes(dest) as subs:
+        found = subs.find(uid)
+        if found is not None and tree_sum(found) == identity:
+            return
+        if not subs.btrfs:
+            from ..receive.registry import Registry, RegistryEntry
 
-        Registry(dest).add(RegistryEntry(path.name, uid, 0))
-        return
-    base = f"{BASE_PREFIX}{name}"
-    remove_entry(dest, base)
-    dfd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        if path.stat().st_ino == _SUBVOL_ROOT_INO:  # a subvolume: a snapshot costs nothing
-            src = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            Registry(dest).add(RegistryEntry(path.name, uid, 0))
+            return
+        base = f"{BASE_PREFIX}{name}"
+        remove_entry(dest, base)
+        # a subvolume: a snapshot costs nothing; a plain directory: a (reflinked) copy
+        is_subvol = path.stat().st_ino == _SUBVOL_ROOT_INO
+        pending = subs.begin(base.encode(), uid, 0, parent=path if is_subvol else None)
+        if not is_subvol:
             try:
-                sv.create_snapshot(dfd, base.encode(), src)
-            finally:
-                os.close(src)
-        else:  # a plain directory: a new subvolume with a (reflinked) copy
-            sv.create_subvolume(dfd, base.encode())
-            proc = subprocess.run(["cp", "-a", "--reflink=auto", "--", f"{path}/.",
-                                   f"{dest / base}/"], capture_output=True, check=False)
-            if proc.returncode != 0:
-                raise ApplyError(f"copying {path} failed: "
-                                 f"{proc.stderr.decode(errors='replace').strip()}")
-    finally:
-        os.close(dfd)
-    fd = os.open(dest / base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        sv.set_received(fd, uid, 0)
-        sv.set_readonly(fd, True)
-    finally:
-        os.close(fd)
-
-
-def place(dest: Path, stage: str, final: str, received: ReceivedSubvol) -> Path:
-    """Rename a verified version from ``stage`` to ``final`` (never over an entry)."""
-    dfd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        sv.rename_noreplace(dfd, stage.encode(), final.encode())
-    finally:
-        os.close(dfd)
-    if not received.btrfs:
-        from ..receive.registry import Registry, RegistryEntry
-
-        Registry(dest).add(RegistryEntry(final, received.uuid, received.ctransid,
-                                         received.parent_uuid))
-    return dest / final
+                copy_tree(path, pending.path)
+            except BaseException:
+                subs.abort(pending)
+                raise
+        subs.finish(pending)

@@ -101,10 +101,7 @@ def _materialize(repo_root: Path, cat: Catalog, pos: int, trees: Path) -> Path:
     full = decode_full_index(data, source=str(fidx))
     with open_full(full, LocalPacks(repo_root), source=str(fidx)) as stream:
         receive_release(stream, trees, entry.name, source=str(fidx),  # type: ignore[arg-type]
-                        delta=False)
-    if tree_sum(path) != entry.identity:
-        raise ChecksumError(f"tree of {entry.name} rebuilt from its full differs from its "
-                            "identity", source=str(fidx))
+                        delta=False, identity=entry.identity)
     return path
 
 

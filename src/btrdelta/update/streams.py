@@ -10,8 +10,9 @@
 * :class:`ChunkConcat`: a readable file over chunks in order (a full rebuilt from a chunk
   store or from packs), checking the whole stream's BLAKE3 before its last byte is handed
   out, so a receive never finishes on bytes that do not check.
-* :func:`receive_release`: receive a plain or delta stream into ``dest`` under a staging
-  name, the parent of a delta being found by its UUID below ``dest``.
+* :func:`receive_release`: receive a plain or delta stream as ``dest/NAME``, the parent of
+  a delta being found by its UUID below ``dest``; the name is taken only once the tree's
+  content identity checked.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ import blake3
 
 from ..errors import ChecksumError
 from ..receive import ReceivedSubvol, receive
+from ..receive.subvolumes import PendingSubvol
 from ..repo.model import stream_uuid
 from ..stream.reader import Event, StreamReader
 from ..stream.records import Clone, Record, Snapshot, Subvol, Utimes
 from ..stream.writer import StreamWriter
+from ..tree import tree_sum
 
 __all__ = ["STREAM_VERSION", "ChunkConcat", "receive_release", "write_release_stream"]
 
@@ -152,11 +155,14 @@ class _Renamed:
 
 
 def receive_release(
-    stream: BinaryIO, dest: Path, stage: str, *, source: str, delta: bool,
-    on_progress: Callable[[int, int], None] | None = None,
+    stream: BinaryIO, dest: Path, name: str, *, source: str, delta: bool,
+    identity: str | None = None, on_progress: Callable[[int, int], None] | None = None,
 ) -> ReceivedSubvol:
-    """Receive one release stream (plain, or a delta against its parent below ``dest``)
-    into ``dest/stage``; returns it. A failure leaves nothing under ``stage``."""
+    """Receive one release stream (plain, or a delta against its parent below ``dest``) as
+    ``dest/name``; returns it. The subvolume is made under a temporary name and gets
+    ``name`` only when complete and, with ``identity``, when its tree-sum is that identity
+    (:meth:`btrdelta.receive.subvolumes.Subvolumes.finish`'s pre-commit check). A failure
+    leaves nothing under ``name``."""
     from ..update.receive import open_events
 
     events: Any = open_events(stream, dest, source=source)
@@ -164,8 +170,14 @@ def receive_release(
     if is_delta != delta:
         raise ChecksumError(f"expected a {'delta' if delta else 'plain'} stream",
                             source=source, offset=0)
-    done = receive(_Renamed(events, stage.encode()), dest, stop_at_end=True,
-                   read_ahead=is_delta, on_progress=on_progress)
+
+    def check(pending: PendingSubvol) -> None:
+        if identity is not None and tree_sum(pending.path) != identity:
+            raise ChecksumError(f"received {name} does not have its content identity "
+                                f"{identity}", source=source)
+
+    done = receive(_Renamed(events, name.encode()), dest, stop_at_end=True,
+                   read_ahead=is_delta, on_progress=on_progress, pre_commit=check)
     if len(done) != 1:
         raise ChecksumError(f"{len(done)} subvolumes in one release stream", source=source)
     return done[0]

@@ -11,9 +11,10 @@
    target's full is priced with the chunks of the held versions and of the local chunk
    store. The plan (with its byte count) goes to the caller before anything is downloaded.
 5. Apply hop by hop: download the artifact (resumable, every mirror in turn, hash
-   checked), receive it under a staging name, check the received tree's content identity,
-   then rename it (intermediate versions to a hidden name). The target is renamed to
-   ``DEST/<version>`` last; intermediates, downloads and chunks are then removed.
+   checked), receive it (under a temporary name until the received tree's content
+   identity checked) as ``DEST/.btrdelta-hop-<version>`` for an intermediate version, as
+   ``DEST/<version>`` for the target, last; intermediates, downloads and chunks are then
+   removed.
 
 State lives in ``DEST/.btrdelta/``: the pinned root key, trusted versions, a cache of
 verified metadata, downloads (``*.part`` while incomplete), a chunk store for fulls.
@@ -35,7 +36,7 @@ import httpx
 
 from .. import trust
 from ..chunk.store import ChunkStore
-from ..errors import BtrdeltaError, ChecksumError, MissingBaseError
+from ..errors import BtrdeltaError, MissingBaseError
 from ..fs.atomic import write_atomic
 from ..repo.metadata import (
     MetaCache,
@@ -50,7 +51,6 @@ from ..repo.mirror import Mirrors
 from ..repo.model import VersionRecord
 from ..repo.plan import Plan, Step, plan_update
 from ..transport.config import HttpConfig
-from ..tree import tree_sum
 from . import holdings
 from .fullfetch import fetch_full, full_cost, store_stream
 from .streams import receive_release, write_release_stream
@@ -248,7 +248,9 @@ def _apply(d: _Dest, m: Mirrors, step: Step, records: dict[int, VersionRecord],
            seedable: dict[int, Path], parent: Path | None, *, last: bool,
            hop: tuple[int, int], emit: Event) -> Path:
     rec = records[step.target]
-    stage = f"{holdings.STAGE_PREFIX}{rec.name}"
+    name = rec.name if last else f"{holdings.HOP_PREFIX}{rec.name}"
+    if not last:  # an unverified leftover of an earlier run
+        holdings.remove_entry(d.dest, name)
     info = {"hop": hop[0], "hops": hop[1], "kind": step.kind, "to": rec.name,
             "from": records[step.source].name if step.source else None, "bytes": step.bytes}
     emit({"event": "fetch", **info})
@@ -263,7 +265,8 @@ def _apply(d: _Dest, m: Mirrors, step: Step, records: dict[int, VersionRecord],
                           length=ref.length, digest=ref.blake3)
         emit({"event": "apply", **info})
         with open(path, "rb") as f:
-            received = receive_release(f, d.dest, stage, source=ref.path, delta=True)
+            received = receive_release(f, d.dest, name, source=ref.path, delta=True,
+                                       identity=rec.identity)
     else:
         full = full_index(m, rec, d.meta)
         seeds = _seeds(d, seedable, records, emit)
@@ -278,17 +281,10 @@ def _apply(d: _Dest, m: Mirrors, step: Step, records: dict[int, VersionRecord],
         emit({"event": "apply", **info})
         with store_stream(full.index, full.header.image_digest, d.store,
                           source=rec.full.path) as stream:
-            received = receive_release(stream, d.dest, stage,  # type: ignore[arg-type]
-                                       source=rec.full.path, delta=False)
-    emit({"event": "verify", **info})
-    if tree_sum(d.dest / stage) != rec.identity:
-        holdings.remove_entry(d.dest, stage)
-        raise ChecksumError(f"received {rec.name} does not have the content identity the "
-                            "index signs", source=f"hop {hop[0]}")
-    name = rec.name if last else f"{holdings.HOP_PREFIX}{rec.name}"
-    if not last:
-        holdings.remove_entry(d.dest, name)
-    return holdings.place(d.dest, stage, name, received)
+            received = receive_release(stream, d.dest, name,  # type: ignore[arg-type]
+                                       source=rec.full.path, delta=False,
+                                       identity=rec.identity)
+    return received.path
 
 
 def _seeds(d: _Dest, trees: dict[int, Path], records: dict[int, VersionRecord],
