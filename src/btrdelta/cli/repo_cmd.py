@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from ..errors import BtrdeltaError
 from ._common import Progress, human_bytes, parse_size
 
 _EPILOG = """\
@@ -18,6 +19,7 @@ examples:
   btrdelta repo sign www/app --timestamp-key timestamp.key --expires 7d   # cron: timestamp only
   btrdelta repo ls www/app          (or: btrdelta repo ls https://mirror/app --key root.pub)
   rsync -a --exclude=/.btrdelta www/app/ mirror:/srv/app/   # what mirrors carry
+  btrdelta repo gc www/app --dry-run   # unreferenced packs, fulls, old indexes and bins
 
 batch systems: `repo add REPO V SOURCE --plan-only` prints the delta jobs (JSON); run each
 anywhere the repository directory is mounted with `btrdelta repo run-job JOB.json`, then
@@ -87,6 +89,22 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     ls.add_argument("--key", metavar="ROOT_PUB", help="verify the index (URLs)")
     ls.add_argument("--json", action="store_true", help="print JSON")
     ls.set_defaults(func=run_ls)
+    g = rsub.add_parser(
+        "gc", help="remove files no version or kept index refers to",
+        description="Remove from the repository what nothing refers to: packs and full "
+        "indexes of a repo add cut short, signed indexes older than the newest N and the "
+        "bins only they name, temporary files of killed writers, the publisher's scratch "
+        "space. What the catalog or a kept index names is never touched, so mirrors may "
+        "sync at any time (rsync --delete removes the same files there).",
+        epilog="example: btrdelta repo gc /srv/repo --dry-run; btrdelta repo gc /srv/repo "
+        "--keep-indexes 3")
+    g.add_argument("repo", metavar="REPO")
+    g.add_argument("--keep-indexes", type=int, default=2, metavar="N",
+                   help="signed indexes kept, newest first (default 2: a mirror one sign "
+                        "behind still serves a whole state)")
+    g.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    g.add_argument("--json", action="store_true", help="print the report as JSON")
+    g.set_defaults(func=run_gc)
 
 
 def parse_age(text: str) -> int:
@@ -174,6 +192,22 @@ def _print_listing(doc: dict[str, Any]) -> None:
         for d in v["deltas"]:
             print(f"         delta from {d['from']:<20} {human_bytes(d['bytes']):>10}  "
                   f"{d['path']}")
+
+
+def run_gc(args: argparse.Namespace) -> int:
+    """``repo gc``."""
+    from ..update.gc import collect_garbage
+
+    if args.keep_indexes < 1:
+        raise BtrdeltaError("--keep-indexes must be at least 1 (the current index)")
+    report = collect_garbage(args.repo, keep_indexes=args.keep_indexes, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=1))
+    else:
+        verb = "would remove" if args.dry_run else "removed"
+        print(f"{verb} {len(report.removed)} files ({human_bytes(report.bytes)}); kept "
+              f"indexes {', '.join(map(str, report.kept_indexes)) or '-'}")
+    return 0
 
 
 def run_ls(args: argparse.Namespace) -> int:
