@@ -99,6 +99,24 @@ def test_install_from_a_repository_with_no_held_version_takes_the_full(
     assert subvolumes(btrfs_dev) == CLEAN
 
 
+def test_init_from_a_repository_then_install_with_the_pinned_key(
+    btrfs_dev: Path, small_release: Release, served: tuple[Nginx, Path],
+) -> None:
+    r = small_release
+    srv, www = served
+    btrdelta("device", "init", btrfs_dev, "--factory", f"{srv.url}/repo", "--key",
+             www / "root.pub", "--to", "old", "--state", "home:/home:bind")
+    for root in ("factory", "a", "b"):
+        assert tree_sum(btrfs_dev / "roots" / root) == r.old_sum
+    assert device.status(btrfs_dev)["roots"]["a"]["release"] == "old"
+    # the root key was pinned by init: the install needs no --key
+    before = srv.served()
+    res = device.install(btrfs_dev, f"{srv.url}/repo")
+    assert (res.slot, res.release, res.tree_sum) == ("b", "new", r.new_sum)
+    assert srv.served() - before < _versions(www / "repo")["new"]["full_bytes"] / 2
+    assert subvolumes(btrfs_dev) == [*CLEAN, "state/home"]
+
+
 @pytest.mark.parametrize("where", ["file", "url"])
 def test_install_from_a_chunk_archive_reuses_the_running_root(
     where: str, btrfs_dev: Path, small_release: Release, served: tuple[Nginx, Path],

@@ -151,7 +151,14 @@ def _add_init(dsub: Any) -> None:
     )
     i.add_argument("fs", metavar="FS", help=_FS_HELP)
     i.add_argument("--factory", required=True, metavar="SOURCE",
-                   help="the factory release: a directory tree or a full send stream")
+                   help="the factory release: a directory tree, a full send stream, a "
+                        "repository URL (with --key; --to: a version other than the newest) "
+                        "or a chunk archive (.bdar) of a full send stream")
+    i.add_argument("--key", metavar="PUBKEY",
+                   help="a repository's root key, or the key a chunk archive is signed by")
+    i.add_argument("--to", metavar="VERSION", help="the repository version (default: newest)")
+    i.add_argument("--mirror", action="append", default=[], metavar="URL",
+                   help="another URL of the repository (repeatable)")
     i.add_argument("--state", action="append", metavar="NAME:/PATH[:overlay|bind]",
                    help="a state subvolume (repeatable; default etc:/etc:overlay, "
                         "var:/var:overlay, home:/home:bind)")
@@ -234,7 +241,8 @@ def run_init(args: argparse.Namespace) -> int:
     from ..device import init
 
     st = init(args.fs, args.factory, state=args.state, tries=args.tries, hook=args.hook,
-              expect_sum=args.expect_sum, force=args.force)
+              expect_sum=args.expect_sum, force=args.force,
+              key=args.key, to=args.to, mirrors=args.mirror)
     _print_status(st, args.json)
     return 0
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..fs import btrfs as sv
@@ -27,9 +27,10 @@ from .boot import (
     read_trial,
     set_default_root,
 )
+from .fetch import clear_work
 from .layout import BOOTABLE, FACTORY, HIDDEN, SLOTS, DeviceError, Layout, open_device
 from .reset import fresh_state_subvol
-from .roots import build_root, place_root
+from .roots import Fetch, build_root, place_root
 from .state import DeviceState, RootInfo, load_state, parse_state_spec, save_state
 
 __all__ = [
@@ -55,11 +56,15 @@ def init(
     hook: str | None = None,
     expect_sum: str | None = None,
     force: bool = False,
+    key: str | None = None,
+    to: str | None = None,
+    mirrors: Sequence[str] = (),
     on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Lay out device filesystem ``fs`` with ``factory`` (a tree, a full send stream) as
-    its factory base and both slots, the state subvolumes and the state file; the default
-    subvolume becomes slot ``a``.
+    """Lay out device filesystem ``fs`` with ``factory`` (a tree, a full send stream, a
+    repository URL: version ``to`` of it, with root key ``key``, or a chunk archive of a
+    full stream) as its factory base and both slots, the state subvolumes and the state
+    file; the default subvolume becomes slot ``a``.
 
     Raises:
         DeviceError: ``fs`` is already a device (without ``force``) or is not empty.
@@ -74,7 +79,9 @@ def init(
         layout.roots.mkdir()
         layout.state_dir.mkdir()
         built = build_root(layout, factory, FACTORY, expect_sum=expect_sum,
+                           keys=[key] if key else None, fetch=Fetch(to, tuple(mirrors)),
                            on_progress=on_progress)
+        clear_work(layout)
         place_root(layout, built, FACTORY)
         for slot in SLOTS:
             layout.snapshot(layout.root(FACTORY), layout.root(slot), readonly=True)
