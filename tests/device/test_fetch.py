@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +18,7 @@ from btrdelta import device
 from btrdelta.tree import tree_sum
 from tests.update.conftest import Nginx
 
-from .conftest import Release, btrdelta, copy_tree
+from .conftest import BTRDELTA, Release, btrdelta, copy_tree
 from .test_install import subvolumes
 
 pytestmark = pytest.mark.btrfs
@@ -115,6 +118,43 @@ def test_init_from_a_repository_then_install_with_the_pinned_key(
     assert (res.slot, res.release, res.tree_sum) == ("b", "new", r.new_sum)
     assert srv.served() - before < _versions(www / "repo")["new"]["full_bytes"] / 2
     assert subvolumes(btrfs_dev) == [*CLEAN, "state/home"]
+
+
+def test_a_killed_repository_install_keeps_the_old_root_and_resumes(
+    btrfs_dev: Path, small_release: Release, served: tuple[Nginx, Path], tmp_path: Path,
+) -> None:
+    r = small_release
+    srv, www = served
+    device.init(btrfs_dev, r.old, state=[])
+    slow = Nginx(www, tmp_path / "nginx", limit_rate="2k")  # the delta takes seconds
+    try:
+        proc = subprocess.Popen(
+            [*BTRDELTA, "device", "install", str(btrfs_dev), f"{slow.url}/repo", "--key",
+             str(www / "root.pub")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        downloads = btrfs_dev / ".btrdelta/fetch/.btrdelta/downloads"
+        deadline = time.monotonic() + 60
+        while not any(downloads.glob("*.part")):  # the delta is on its way
+            assert proc.poll() is None
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        cut = [n for _status, n, uri in slow.requests() if uri.startswith("/repo/deltas/")]
+    finally:
+        slow.stop()
+    # cut mid-download: the old root runs on, nothing is selected
+    assert tree_sum(btrfs_dev / "roots/a") == r.old_sum
+    st = device.status(btrfs_dev)
+    assert st["next_boot"] == "a"
+    assert st["trial"] is None
+    before = [n for _status, n, uri in srv.requests() if uri.startswith("/repo/deltas/")]
+    res = device.install(btrfs_dev, f"{srv.url}/repo")
+    assert (res.slot, res.tree_sum) == ("b", r.new_sum)
+    rest = [n for _status, n, uri in srv.requests() if uri.startswith("/repo/deltas/")]
+    length = min(d["bytes"] for d in _versions(www / "repo")["new"]["deltas"])
+    # what the kill cost: at most the artifact it was downloading
+    assert sum(cut) + sum(rest) - sum(before) <= 2 * length, (cut, rest, before, length)
+    assert subvolumes(btrfs_dev) == CLEAN
 
 
 @pytest.mark.parametrize("where", ["file", "url"])
