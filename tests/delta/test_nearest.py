@@ -112,3 +112,32 @@ def test_index_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     sketched = {p & 0xFFFFF for p in index._pairs}
     assert len(sketched) == 10
     assert len(index.paths) == 31
+
+
+def test_renamed_versioned_directory_among_many_of_the_same_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``pkg-1.2/core.py`` -> ``pkg-1.3/core.py`` where many other old files are named
+    ``core.py`` (more than are compared by name): the old file in the same place, modulo
+    versions, comes first. Small (not sketched): only its name can find it."""
+    from btrdelta.delta import nearest
+
+    monkeypatch.setattr(nearest, "MAX_CANDIDATES", 1)
+    rnd = random.Random(3)
+    for k in range(50):
+        d = tmp_path / "usr/lib/python3/dist-packages" / f"other{k}-2.0"
+        d.mkdir(parents=True)
+        (d / "core.py").write_bytes(rnd.randbytes(3000))
+    old = rnd.randbytes(3000)
+    pkg = tmp_path / "usr/lib/python3/dist-packages/zeta-1.2"
+    pkg.mkdir()
+    (pkg / "core.py").write_bytes(old)
+    (pkg / "util.py").write_bytes(rnd.randbytes(3000))
+    new_path = b"usr/lib/python3/dist-packages/zeta-1.3/core.py"
+    index = OldIndex(tmp_path, 1 << 20)
+    assert index.by_name(new_path, 3000) == [
+        (b"usr/lib/python3/dist-packages/zeta-1.2/core.py", True)]
+    assert len(index.by_name(new_path, 3000, limit=10)) >= 2
+    size, stats = _round_trip(_new_file_stream(new_path, _edited(old, rnd)), tmp_path)
+    assert stats.found_bases == 1
+    assert size < 1_000 < 3000

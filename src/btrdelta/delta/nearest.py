@@ -5,9 +5,14 @@ Releases move files: a vendored library renamed with a hash suffix
 ``pkg-1.2.dist-info``, ``__pycache__/*.cpython-311.pyc``. :class:`OldIndex` answers "which
 old files are most like this one" two ways, both bounded:
 
-* **by name** (:meth:`OldIndex.by_name`): old files with the same base name, or the same
-  name once digits and hex hashes are taken out (:func:`name_key`), ranked by how much of
-  the path they share (prefix + suffix), then by size;
+* **by name** (:meth:`OldIndex.by_name`): old files in the same place (the same directory
+  path and name once digits and hex hashes are taken out, :func:`name_key`: ``pkg-1.2/sub/``
+  and ``pkg-1.3/sub/``, ``lib/modules/6.1.0-13-amd64/`` and ``.../6.1.0-17-amd64/``),
+  first those of the same base name; then old files elsewhere with the same base name, or
+  the same name key; within each, ranked by how much of the path they share (prefix +
+  suffix), then by size. The place comes first because a common name (``__init__.py``,
+  ``RECORD``, ``Makefile``) has thousands of old files in a large tree, of which only
+  :data:`MAX_CANDIDATES` are compared;
 * **by content** (:meth:`OldIndex.by_content`): a bottom-k min-hash sketch of each old
   file's content-defined chunks (FastCDC cut points of its first :data:`SKETCH_BYTES`;
   the gear hash at a cut point identifies the content before it), indexed as one sorted
@@ -15,13 +20,13 @@ old files are most like this one" two ways, both bounded:
   of its chunk hashes.
 
 The index is built on first use by one walk of the old tree (no symlink followed). Time and
-memory are bounded on trees of 100k files and more: names are kept as one list of paths
-with two dicts of indices, at most :data:`MAX_SKETCHED` files are sketched, each from at
-most :data:`SKETCH_BYTES` bytes, :data:`SKETCH_BUDGET` bytes in all, and only files of at
-least :data:`MIN_SKETCH` bytes (smaller ones cost little in the carrier, which compresses
-them with what surrounds them). A guess only costs time: :mod:`.diffing` keeps a patch
-only when it is smaller than what it replaces. Owns the choice of candidates, not the
-diffing.
+memory are bounded on trees of 100k files and more (``benchmarks/bench_nearest.py``): names
+are kept as one list of paths with three dicts of indices, at most :data:`MAX_SKETCHED`
+files are sketched, each from at most :data:`SKETCH_BYTES` bytes, :data:`SKETCH_BUDGET`
+bytes in all, and only files of at least :data:`MIN_SKETCH` bytes (smaller ones cost
+little in the carrier, which compresses them with what surrounds them). A guess only
+costs time: :mod:`.diffing` keeps a patch only when it is smaller than what it replaces.
+Owns the choice of candidates, not the diffing.
 """
 
 from __future__ import annotations
@@ -71,6 +76,12 @@ def sketch(data: Any) -> list[int]:
     return sorted(hashes)[:SKETCH_K]
 
 
+def _place(dkey: bytes, key: bytes) -> int:
+    """The key of a place: a directory path and a name, both without versions and hashes
+    (a hash, not the pair: one int per old file in :attr:`OldIndex.by_place`)."""
+    return hash((dkey, key))
+
+
 def _common(a: bytes, b: bytes) -> int:
     n = min(len(a), len(b))
     return next((i for i in range(n) if a[i] != b[i]), n)
@@ -92,13 +103,15 @@ class OldIndex:
         self.sizes = array("Q")
         self.by_base: dict[bytes, list[int]] = {}
         self.by_key: dict[bytes, list[int]] = {}
+        #: hash of (directory key, name key) -> old files (see :func:`_place`)
+        self.by_place: dict[int, list[int]] = {}
         #: (hash << 20 | file) pairs, sorted (files are < 2**20 in the sketch)
         self._pairs = array("Q")
 
     def _walk(self) -> None:
-        stack = [b""]
+        stack = [(b"", b"")]  # (path, its directory key)
         while stack:
-            rel = stack.pop()
+            rel, dkey = stack.pop()
             try:
                 it = os.scandir(self.root + b"/" + rel if rel else self.root)
             except OSError:
@@ -108,15 +121,15 @@ class OldIndex:
                     path = rel + b"/" + e.name if rel else e.name
                     try:
                         if e.is_dir(follow_symlinks=False):
-                            stack.append(path)
+                            stack.append((path, dkey + b"/" + name_key(e.name)))
                         elif e.is_file(follow_symlinks=False):
                             size = e.stat(follow_symlinks=False).st_size
                             if 0 < size <= self.max_size:
-                                self._add(path, e.name, size)
+                                self._add(path, e.name, size, dkey)
                     except OSError:
                         continue
 
-    def _add(self, path: bytes, name: bytes, size: int) -> None:
+    def _add(self, path: bytes, name: bytes, size: int, dkey: bytes) -> None:
         i = len(self.paths)
         self.paths.append(path)
         self.sizes.append(size)
@@ -124,6 +137,7 @@ class OldIndex:
         key = name_key(name)
         if key:
             self.by_key.setdefault(key, []).append(i)
+        self.by_place.setdefault(_place(dkey, key or name), []).append(i)
 
     def _ensure(self, content: bool) -> None:
         if self._built and (self._sketched or not content):
@@ -162,16 +176,25 @@ class OldIndex:
         pairs.sort()
         self._pairs = array("Q", pairs)
 
-    def by_name(self, path: bytes, size: int,
-                exclude: bytes | None = None) -> list[tuple[bytes, bool]]:
-        """Old files named like ``path``, best first, each with whether it has the same
-        base name (else the same name key)."""
+    def by_name(self, path: bytes, size: int, exclude: bytes | None = None,
+                limit: int = 1) -> list[tuple[bytes, bool]]:
+        """At least the ``limit`` best old files named like ``path`` (see the module
+        docstring), best first, each with whether it has the same base name (else the same
+        name key). Tiers after the one that gives ``limit`` files are not looked at."""
         self._ensure(False)
-        name = path.rsplit(b"/", 1)[-1]
+        parent, _, name = path.rpartition(b"/")
+        key = name_key(name)
+        dkey = b"".join(b"/" + name_key(c) for c in parent.split(b"/")) if parent else b""
+        place = self.by_place.get(_place(dkey, key or name), [])
+        tail = b"/" + name
         seen: set[int] = set()
         ranked: list[tuple[int, int, int, int]] = []
-        for tier, found in enumerate((self.by_base.get(name, ()),
-                                      self.by_key.get(name_key(name), ()))):
+        for tier, found in enumerate((
+            [i for i in place[:MAX_CANDIDATES] if (b"/" + self.paths[i]).endswith(tail)],
+            place, self.by_base.get(name, ()), self.by_key.get(key, ()) if key else (),
+        )):
+            if len(ranked) >= limit:
+                break
             for i in found[:MAX_CANDIDATES]:
                 if i in seen or self.paths[i] == exclude:
                     continue
@@ -180,7 +203,7 @@ class OldIndex:
                 score = _common(cand, path) + _common(cand[::-1], path[::-1])
                 ranked.append((tier, -score, abs(self.sizes[i] - size), i))
         ranked.sort()
-        return [(self.paths[r[-1]], r[0] == 0) for r in ranked]
+        return [(self.paths[r[-1]], r[0] in (0, 2)) for r in ranked]
 
     def by_content(self, data: Any, exclude: bytes | None = None,
                    limit: int = 2) -> list[bytes]:
