@@ -49,3 +49,9 @@ def test_every_package_says_what_it_exports() -> None:
         for name in module.__all__:  # a name the package defines, or one of its modules
             assert hasattr(module, name) or (path / f"{name}.py").exists() \
                 or (path / name / "__init__.py").exists(), f"{path.name}.{name}"
+
+
+def test_make_delta_refuses_an_unknown_carrier(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="carrier must be 'zstd' or 'xz', not 'lz4'"):
+        btrdelta.make_delta(tmp_path / "none.stream", tmp_path, tmp_path / "d", carrier="lz4")
+    assert not (tmp_path / "d").exists()

@@ -94,6 +94,8 @@ def make_delta(
     from ..delta.make import make_delta as make
     from ..delta.options import MakeOptions
 
+    if carrier not in ("zstd", "xz"):
+        raise ValueError(f"carrier must be 'zstd' or 'xz', not {carrier!r}")
     opts = MakeOptions(codec=codec, recompress=recompress, carrier=carrier)
     if max_file_size is not None:
         opts.max_file_size = max_file_size
