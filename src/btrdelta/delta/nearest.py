@@ -21,7 +21,8 @@ old files are most like this one" two ways, both bounded:
 
 The index is built on first use by one walk of the old tree (no symlink followed). Time and
 memory are bounded on trees of 100k files and more (``benchmarks/bench_nearest.py``): names
-are kept as one list of paths with three dicts of indices, at most :data:`MAX_SKETCHED`
+are kept as one list of paths and three sorted arrays of (name hash, file) pairs (~200 bytes
+a file in all), at most :data:`MAX_FILES` files are indexed, :data:`MAX_SKETCHED`
 files are sketched, each from at most :data:`SKETCH_BYTES` bytes, :data:`SKETCH_BUDGET`
 bytes in all, and only files of at least :data:`MIN_SKETCH` bytes (smaller ones cost
 little in the carrier, which compresses them with what surrounds them). A guess only
@@ -54,6 +55,10 @@ MAX_SKETCHED = 200_000
 SKETCH_BUDGET = 512 << 20
 #: candidates compared per lookup by name (common names such as __init__.py have many)
 MAX_CANDIDATES = 256
+#: an index entry is (hash << _FILE_BITS | file): at most this many old files are indexed
+_FILE_BITS = 20
+MAX_FILES = 1 << _FILE_BITS
+_FILE_MASK = MAX_FILES - 1
 
 _CDC = FastCDC(2048, min_size=512, max_size=16384)
 _DIGITS = re.compile(rb"[0-9a-f]{7,}|[0-9]+")
@@ -76,10 +81,20 @@ def sketch(data: Any) -> list[int]:
     return sorted(hashes)[:SKETCH_K]
 
 
-def _place(dkey: bytes, key: bytes) -> int:
-    """The key of a place: a directory path and a name, both without versions and hashes
-    (a hash, not the pair: one int per old file in :attr:`OldIndex.by_place`)."""
-    return hash((dkey, key))
+def _slot(key: object) -> int:
+    """Where ``key`` (a name, a name key, a place) sorts in an index array: its hash in the
+    bits above the file number (a collision only costs a wasted comparison)."""
+    return (hash(key) & ((1 << (64 - _FILE_BITS)) - 1)) << _FILE_BITS
+
+
+def _lookup(table: array[int], slot: int) -> list[int]:
+    """The files (at most :data:`MAX_CANDIDATES`, in walk order) under ``slot``."""
+    found: list[int] = []
+    at = bisect.bisect_left(table, slot)
+    while at < len(table) and len(found) < MAX_CANDIDATES and table[at] & ~_FILE_MASK == slot:
+        found.append(table[at] & _FILE_MASK)
+        at += 1
+    return found
 
 
 def _common(a: bytes, b: bytes) -> int:
@@ -101,11 +116,11 @@ class OldIndex:
         self._sketched = False
         self.paths: list[bytes] = []
         self.sizes = array("Q")
-        self.by_base: dict[bytes, list[int]] = {}
-        self.by_key: dict[bytes, list[int]] = {}
-        #: hash of (directory key, name key) -> old files (see :func:`_place`)
-        self.by_place: dict[int, list[int]] = {}
-        #: (hash << 20 | file) pairs, sorted (files are < 2**20 in the sketch)
+        #: sorted (slot | file) of each file's base name, name key, place (see by_name)
+        self._names = array("Q")
+        self._keys = array("Q")
+        self._places = array("Q")
+        #: (hash << 20 | file) pairs of the sketches, sorted
         self._pairs = array("Q")
 
     def _walk(self) -> None:
@@ -131,13 +146,15 @@ class OldIndex:
 
     def _add(self, path: bytes, name: bytes, size: int, dkey: bytes) -> None:
         i = len(self.paths)
+        if i >= MAX_FILES:
+            return
         self.paths.append(path)
         self.sizes.append(size)
-        self.by_base.setdefault(name, []).append(i)
+        self._names.append(_slot(name) | i)
         key = name_key(name)
         if key:
-            self.by_key.setdefault(key, []).append(i)
-        self.by_place.setdefault(_place(dkey, key or name), []).append(i)
+            self._keys.append(_slot(key) | i)
+        self._places.append(_slot((dkey, key or name)) | i)
 
     def _ensure(self, content: bool) -> None:
         if self._built and (self._sketched or not content):
@@ -145,6 +162,8 @@ class OldIndex:
         with self._lock:
             if not self._built:
                 self._walk()
+                for table in ("_names", "_keys", "_places"):
+                    setattr(self, table, array("Q", sorted(getattr(self, table))))
                 self._built = True
             if content and not self._sketched:
                 self._sketch_all()
@@ -157,7 +176,7 @@ class OldIndex:
         count = 0
         for i in order:
             size = self.sizes[i]
-            if size < MIN_SKETCH or count >= MAX_SKETCHED or budget <= 0 or i >= 1 << 20:
+            if size < MIN_SKETCH or count >= MAX_SKETCHED or budget <= 0 or i >= MAX_FILES:
                 continue
             try:
                 fd = os.open(self.root + b"/" + self.paths[i],
@@ -172,7 +191,7 @@ class OldIndex:
                 os.close(fd)
             budget -= len(head)
             count += 1
-            pairs.extend((h & ~0xFFFFF) | i for h in sketch(head))
+            pairs.extend((h & ~_FILE_MASK) | i for h in sketch(head))
         pairs.sort()
         self._pairs = array("Q", pairs)
 
@@ -185,17 +204,18 @@ class OldIndex:
         parent, _, name = path.rpartition(b"/")
         key = name_key(name)
         dkey = b"".join(b"/" + name_key(c) for c in parent.split(b"/")) if parent else b""
-        place = self.by_place.get(_place(dkey, key or name), [])
+        place = _lookup(self._places, _slot((dkey, key or name)))
         tail = b"/" + name
         seen: set[int] = set()
         ranked: list[tuple[int, int, int, int]] = []
         for tier, found in enumerate((
-            [i for i in place[:MAX_CANDIDATES] if (b"/" + self.paths[i]).endswith(tail)],
-            place, self.by_base.get(name, ()), self.by_key.get(key, ()) if key else (),
+            [i for i in place if (b"/" + self.paths[i]).endswith(tail)], place,
+            [i for i in _lookup(self._names, _slot(name)) if (b"/" + self.paths[i]).endswith(tail)],
+            _lookup(self._keys, _slot(key)) if key else [],
         )):
             if len(ranked) >= limit:
                 break
-            for i in found[:MAX_CANDIDATES]:
+            for i in found:
                 if i in seen or self.paths[i] == exclude:
                     continue
                 seen.add(i)
@@ -216,11 +236,11 @@ class OldIndex:
         votes: Counter[int] = Counter()
         mine = sketch(data)
         for h in mine:
-            key = h & ~0xFFFFF
+            key = h & ~_FILE_MASK
             start = at = bisect.bisect_left(pairs, key)
             # a hash common to many files (zeros, a license text) says little
-            while at < len(pairs) and pairs[at] & ~0xFFFFF == key and at - start < 64:
-                votes[pairs[at] & 0xFFFFF] += 1
+            while at < len(pairs) and pairs[at] & ~_FILE_MASK == key and at - start < 64:
+                votes[pairs[at] & _FILE_MASK] += 1
                 at += 1
         need = max(2, len(mine) // 4)
         best = [i for i, n in votes.most_common(limit + 1) if n >= need
