@@ -140,6 +140,22 @@ def test_rounds_and_a_cut_over_a_pipe(fs2: tuple[Path, Path], tmp_path: Path) ->
     assert res.kind == "incremental"
     assert tree_sum(_newest(dest)) == tree_sum(live)
     assert res.estimate == len(b"changed after the cut"), res
+    # (the atimes tree-sum changed go first) nothing changed since: already current; then a
+    # write in place a moment ago (btrfs has not committed it, the subvolume's ctransid has
+    # not moved): a change to send
+    for step in ("atimes", "none", "write"):
+        if step == "write":
+            with open(live / "f5", "r+b") as f:
+                f.write(b"fresh")
+        ch = spawn_local(str(dest))
+        res = replicate(live, ch, store=store, segment=SEG)
+        ch.close()
+        if step == "none":
+            assert res.outcome == "refused", res
+            assert "already-current" in res.message
+        elif step == "write":
+            assert (res.outcome, res.kind) == ("committed", "incremental"), res
+            assert (_newest(dest) / "f5").read_bytes() == (live / "f5").read_bytes()
 
 
 def test_already_current_and_refusals(tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ import blake3
 
 from .._value import value_class
 from ..errors import BtrdeltaError, ProtocolError
+from ..fs.btrfs import subvol_info, syncfs
 from ..protocol import (
     Accept,
     Ack,
@@ -171,6 +172,21 @@ class _Sender:
                 if r.head.source == self.source or (lineage is not None
                                                      and r.head.subvol_uuid == lineage)]
 
+    def _unchanged_since(self, generation: int) -> bool:
+        """Whether the source subvolume was not written after transaction ``generation``.
+
+        Its ctransid only moves when a transaction that changed it commits: the running one
+        (writes of the last seconds) is committed first.
+        """
+        fd = os.open(self.source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            if subvol_info(fd).ctransid > generation:
+                return False
+            syncfs(fd)
+            return subvol_info(fd).ctransid <= generation
+        finally:
+            os.close(fd)
+
     def run(self) -> ReplicateResult:
         io = self.io
         io.send(Hello("sender", VERSIONS, (), self.store.path, os.fsdecode(self.source)))
@@ -184,7 +200,7 @@ class _Sender:
         records = self._mine(lineage)
         current = None
         if records and info is not None and records[-1].head.subvol_uuid == lineage and (
-                info.ctransid <= records[-1].head.generation):
+                self._unchanged_since(records[-1].head.generation)):
             current = records[-1].digest  # nothing written since its snapshot
         choice = choose(_known(records), holdings.held, name=self.name,
                         partial=holdings.partial,
