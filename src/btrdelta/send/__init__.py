@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .scan import Tree, TreeScan, hash_contents, scan_tree
@@ -76,6 +76,8 @@ def send_records(
     on_progress: Callable[[SendStats], None] | None = None,
     scan: TreeScan | None = None,
     ids: StreamIds | None = None,
+    clone_sources: Sequence[PathArg] = (),
+    no_data: bool = False,
 ) -> Iterator[Record]:
     """Yield the records of a send stream of ``new_dir`` (incremental from ``parent_dir``).
 
@@ -90,6 +92,11 @@ def send_records(
         on_progress: called with :class:`SendStats` now and then.
         scan: a :class:`TreeScan` of the same trees the caller started already.
         ids: UUIDs/ctransids to name instead of the derived ones (``--parent-uuid``).
+        clone_sources: more trees the receiver has (``btrfs send -c``): files found there
+            whole are sent as ``CLONE`` from them (the receiver finds them by the UUID a full
+            stream of each names).
+        no_data: ``UPDATE_EXTENT`` markers instead of file data (``btrfs send --no-data``,
+            the kernel's ``NO_FILE_DATA``): a stream that shows what changed, not how.
 
     Yields:
         ``Subvol``/``Snapshot`` first, ``End`` last. ``Write.data`` is only valid until the
@@ -99,7 +106,8 @@ def send_records(
 
     sender = Sender(
         new_dir, parent_dir, version=version, compress=compress, quick=quick, workers=workers,
-        name=name, on_progress=on_progress, scan=scan, ids=ids,
+        name=name, on_progress=on_progress, scan=scan, ids=ids, clone_sources=clone_sources,
+        no_data=no_data,
     )
     yield from sender.records()
 

@@ -20,9 +20,13 @@ to 4 KiB as btrfs lays out a compressed extent, and sent as ``ENCODED_WRITE`` (z
 level 3, window log 17; zlib: one zlib stream), unless compressing does not save a sector.
 A new file whose whole content equals a file of the old tree or one already sent becomes a
 ``CLONE`` (from the parent subvolume at its *old* path, which the receiver keeps intact, or
-from the new subvolume). In a changed file, ranges found in its old version at a 4 KiB-aligned
-shift (:func:`~btrdelta.send.diff.shifted_clones`) become partial ``CLONE`` records from the
-parent, the rest ``WRITE`` records.
+from the new subvolume, or from a clone source: ``send -c``, a tree the receiver has under
+the UUID a full stream of it names). In a changed file, ranges found in its old version at a
+4 KiB-aligned shift (:func:`~btrdelta.send.diff.shifted_clones`) become partial ``CLONE``
+records from the parent, the rest ``WRITE`` records. With ``no_data`` (the kernel's
+``NO_FILE_DATA``, ``send --no-data``) no file data is sent: each range that would be
+written, and each hole that would be punched, becomes one ``UPDATE_EXTENT`` (path, offset,
+length); clones stay.
 
 Before any record, both trees are scanned and every regular file read once and hashed
 (:mod:`btrdelta.send.scan`): the parent tree in a forked child process, the new tree here with
@@ -33,7 +37,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from uuid import UUID
 
@@ -56,13 +60,14 @@ from ..stream.records import (
     Snapshot,
     Subvol,
     Truncate,
+    UpdateExtent,
     Utimes,
     Write,
 )
 from .diff import Match, changed_ranges, files_equal, match_trees, shifted_clones
 from .order import Namespace, order_namespace
 from .record import BlockIndex, Diff, block_diff
-from .scan import ROOT, Node, Tree, TreeScan, open_file
+from .scan import ROOT, Node, Tree, TreeScan, open_file, scan_tree
 
 __all__ = ["COMPRESSORS", "SendStats", "Sender", "StreamIds"]
 
@@ -121,6 +126,17 @@ def _round_up(n: int, to: int = _SECTOR) -> int:
     return -(-n // to) * to
 
 
+def _option_problem(version: int, compress: str | None) -> str | None:
+    """What is wrong with a stream version and a compression, if anything."""
+    if version not in (1, 2, 3):
+        return f"unsupported stream version {version}"
+    if compress is not None and compress not in COMPRESSORS:
+        return f"unknown compression {compress!r} (zstd, zlib)"
+    if compress is not None and version < 2:
+        return "compressed data needs stream version 2 or later"
+    return None
+
+
 class Sender:
     """Produces the records of a full or incremental send.
 
@@ -145,6 +161,9 @@ class Sender:
         ids: UUIDs and ctransids to name instead of the ones derived from the trees.
         identities: ``old_record`` is a record of an earlier state of this very tree (inode
             numbers are identities: renamed inodes are found by them).
+        clone_sources: more trees the receiver has (as subvolumes received from full
+            streams of them): whole files found there are sent as ``CLONE`` from them.
+        no_data: send ``UPDATE_EXTENT`` instead of file data (``NO_FILE_DATA``).
     """
 
     def __init__(
@@ -164,14 +183,10 @@ class Sender:
         old_record: Tree | None = None,
         ids: StreamIds | None = None,
         identities: bool = False,
+        clone_sources: Sequence[str | bytes | os.PathLike[str]] = (),
+        no_data: bool = False,
     ) -> None:
-        problem = None
-        if version not in (1, 2, 3):
-            problem = f"unsupported stream version {version}"
-        elif compress is not None and compress not in COMPRESSORS:
-            problem = f"unknown compression {compress!r} (zstd, zlib)"
-        elif compress is not None and version < 2:
-            problem = "compressed data needs stream version 2 or later"
+        problem = _option_problem(version, compress)
         if problem is not None:
             if scan is not None:
                 scan.close()
@@ -183,6 +198,7 @@ class Sender:
         self.clone_min = clone_min
         self.workers = workers
         self.shift_min = shift_min
+        self.no_data = no_data
         self._old_by_name: dict[bytes, list[Node]] | None = None
         self.stats = SendStats()
         self._on_progress = on_progress
@@ -228,7 +244,21 @@ class Sender:
         self._base.hashed = self.old is None or self._base.hashed
         if not self.virtual:
             self._hasher.submit(self._base)
+        self.clone_trees = self._scan_clone_sources(scan, clone_sources)
         self._hashed = 0
+
+    def _scan_clone_sources(self, scan: TreeScan,
+                            sources: Sequence[str | bytes | os.PathLike[str]]) -> list[Tree]:
+        """Scan the clone sources (``send -c``) and queue them for hashing."""
+        trees: list[Tree] = []
+        try:
+            for src in sources:
+                trees.append(scan_tree(src))
+                self._hasher.submit(trees[-1])
+        except BaseException:
+            scan.close()
+            raise
+        return trees
 
     # -- progress ------------------------------------------------------------------------
 
@@ -354,6 +384,12 @@ class Sender:
                 if o.is_reg and o.size >= self.clone_min:
                     old_by_digest.setdefault(o.digest, o.id)
         new_by_digest: dict[bytes, int] = {}
+        #: whole files of the clone sources by content digest (``send -c``)
+        self._src_by_digest: dict[bytes, tuple[Tree, Node]] = {}
+        for tree in self.clone_trees:
+            for o in tree.nodes.values():
+                if o.is_reg and o.size >= self.clone_min:
+                    self._src_by_digest.setdefault(o.digest, (tree, o))
         order: list[int] = []
         stack = [ROOT]
         seen: set[int] = set()
@@ -488,6 +524,19 @@ class Sender:
                 clone_uuid=clone_uuid,
                 clone_ctransid=clone_ctransid,
                 clone_path=self.old.nodes[oid].path,
+                clone_offset=0,
+            )
+        found = self._src_by_digest.get(node.digest)
+        if found is not None and files_equal(
+            found[0].abspath(found[1].path), new_abs, node.size
+        ):
+            return Clone(
+                offset=0,
+                length=node.size,
+                path=node.path,
+                clone_uuid=found[0].subvol_uuid(),
+                clone_ctransid=found[0].ctransid(),
+                clone_path=found[1].path,
                 clone_offset=0,
             )
         nid = new_by_digest.get(node.digest)
@@ -654,7 +703,9 @@ class Sender:
     def _punch(self, path: bytes, holes: list[tuple[int, int]]) -> Iterator[Record]:
         """Holes of the new file that were data in the old one: punched (v2+) or zeros."""
         for off, length in holes:
-            if self.version >= 2:
+            if self.no_data:
+                yield self._count(UpdateExtent(path=path, offset=off, size=length))
+            elif self.version >= 2:
                 yield self._count(Fallocate(path=path, mode=_PUNCH, offset=off, size=length))
             else:
                 pos = off
@@ -666,6 +717,9 @@ class Sender:
     def _write_range(
         self, fd: int, path: bytes, off: int, length: int, size: int
     ) -> Iterator[Record]:
+        if self.no_data:  # NO_FILE_DATA: the range, not its bytes
+            yield self._count(UpdateExtent(path=path, offset=off, size=length))
+            return
         end = off + length
         pos = off
         while pos < end:

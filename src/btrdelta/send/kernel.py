@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import BtrdeltaError
@@ -42,13 +42,18 @@ def kernel_send(
     *,
     version: int = 1,
     compressed: bool = False,
+    clone_sources: Sequence[str | bytes | os.PathLike[str]] = (),
+    no_data: bool = False,
 ) -> int:
     """Run ``btrfs send`` and pass its stream to ``write``; returns the bytes written.
+
+    ``clone_sources`` (``-c``) and ``no_data`` (``--no-data``) are passed through; so is
+    ``version`` (``--proto``; 0: the highest the kernel supports).
 
     Raises:
         BtrdeltaError: a tree is not a read-only btrfs snapshot, or ``btrfs send`` failed.
     """
-    for what in (new_dir, parent_dir):
+    for what in (new_dir, parent_dir, *clone_sources):
         if what is not None and not is_readonly_snapshot(what):
             raise BtrdeltaError(
                 "--kernel needs read-only btrfs snapshots", path=os.fsencode(what)
@@ -56,6 +61,10 @@ def kernel_send(
     cmd: list[bytes | str] = ["btrfs", "-q", "send", "--proto", str(version)]
     if compressed:
         cmd.append("--compressed-data")
+    if no_data:
+        cmd.append("--no-data")
+    for src in clone_sources:
+        cmd += ["-c", os.fsencode(src)]
     if parent_dir is not None:
         cmd += ["-p", os.fsencode(parent_dir)]
     cmd.append(os.fsencode(new_dir))
