@@ -16,7 +16,8 @@ CLI uses. ``str(err)`` is a single line naming what and where, e.g.
     ├── MissingBaseError          exit 6  parent subvolume, delta base file, chunk not found
     ├── ApplyError                exit 8  an OSError while applying, with op and path
     ├── TransportError            exit 7  HTTP / network failure (url, status)
-    └── ProtocolError             exit 9  sender/receiver negotiation
+    ├── ProtocolError             exit 9  sender/receiver negotiation
+    └── UsageError                exit 2  options that contradict each other (the CLI's)
 
 Low-level exceptions (``struct.error``, ``IndexError``, ``UnicodeDecodeError``) never escape
 a decoder; they are wrapped with ``raise ... from exc``.
@@ -38,6 +39,7 @@ __all__ = [
     "TransportError",
     "UnsafePathError",
     "UnsupportedVersionError",
+    "UsageError",
     "exit_codes",
 ]
 
@@ -189,6 +191,14 @@ class ProtocolError(BtrdeltaError):
 
     exit_code = 9
     meaning = "replication protocol error"
+
+
+class UsageError(BtrdeltaError):
+    """Arguments that cannot work together (found after parsing: ``-f X`` and a positional
+    input, ``--json`` while the payload goes to standard output)."""
+
+    exit_code = EXIT_USAGE
+    meaning = "usage error"
 
 
 def exit_codes() -> list[tuple[int, str]]:

@@ -60,22 +60,24 @@ def test_stdout(tmp_path: Path, capfdbinary: pytest.CaptureFixture[bytes]) -> No
 
 
 @pytest.mark.parametrize(
-    ("argv", "message"),
+    ("argv", "message", "code"),
     [
-        (["send", "/nonexistent/dir"], "cannot scan"),
-        (["send", "TREE", "--parent", "/nonexistent/dir"], "cannot scan"),
-        (["send", "TREE", "--proto", "1", "--compress", "zstd"], "needs --proto 2"),
-        (["send", "TREE", "--kernel"], "read-only btrfs snapshots"),
+        (["send", "/nonexistent/dir"], "cannot scan", 1),
+        (["send", "TREE", "--parent", "/nonexistent/dir"], "cannot scan", 1),
+        (["send", "TREE", "--proto", "1", "--compress", "zstd"], "needs --proto 2", 2),
+        (["send", "TREE", "--proto", "1", "--compressed-data"], "needs --proto 2", 2),
+        (["send", "TREE", "--kernel"], "read-only btrfs snapshots", 1),
     ],
 )
 def test_errors_are_one_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str,
+    code: int,
 ) -> None:
     tree = _tree(tmp_path / "t")
     argv = [str(tree) if a == "TREE" else a for a in argv]
     rc = main([*argv, "-o", str(tmp_path / "out.s")])
     err = capsys.readouterr().err
-    assert rc == 1
+    assert rc == code
     assert message in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out.s").exists()

@@ -3,7 +3,11 @@
 Every ``btrdelta/cli/<name>_cmd.py`` module is a subcommand; it exposes ``add_parser(sub)``
 (registers its argparse parser and sets ``func=run``) and ``run(args) -> int``. Commands are
 thin: parse, call the public API, format. Errors become one line on stderr and the exit code
-of the error class (see ``docs/cli.md``); ``--debug`` shows the traceback.
+of the error class (the table of ``btrdelta --help`` and the README, generated from
+:func:`btrdelta.errors.exit_codes`); a usage mistake is one line and exit 2; ``--debug``
+shows the traceback. Conventions every command follows (``_common``, ``progress``):
+``-q/--quiet``, ``-v/--verbose``, ``--progress``, ``-j/--jobs``, ``--json`` (to standard
+output), ``-`` for standard input/output, an example in every ``--help``.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from typing import NoReturn
 
 from .. import __version__
 from ..errors import BtrdeltaError, exit_codes
+from ._common import HelpFormatter, Parser
 
-__all__ = ["build_parser", "entry", "exit_codes_epilog", "main"]
+__all__ = ["build_parser", "describe_os_error", "entry", "exit_codes_epilog", "main"]
 
 def exit_codes_epilog() -> str:
     """The exit-code table of ``btrdelta --help`` (generated from :mod:`btrdelta.errors`)."""
@@ -37,20 +42,23 @@ def _command_modules() -> list[str]:
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The argument parser with every subcommand registered (or just ``only``, when a
     module ``<only>_cmd`` registers it: saves importing every command on each run)."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="btrdelta",
         description=(
             "Small, fast and safe updates from btrfs send streams: read, dump, verify, "
             "receive, send and delta-compress streams; chunk and clone whole images."
         ),
-        epilog=exit_codes_epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  btrdelta receive -f A-B.stream /data/updates\n"
+               "  btrdelta send -p /build/v1 /build/v2 -f v1-v2.stream\n"
+               "  btrdelta receive --help          # every command has its own help\n\n"
+               + exit_codes_epilog(),
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"btrdelta {__version__}")
     parser.add_argument(
         "--debug", action="store_true", help="show a Python traceback on errors"
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     names = _command_modules()
     if only is not None and f"{only.replace('-', '_')}_cmd" in names:
         first = f"{only.replace('-', '_')}_cmd"
@@ -94,6 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
+    # "delta make", "image clone": the words that chose the command, for error lines
+    args.command = " ".join(v for k, v in vars(args).items()
+                            if k.endswith("command") and isinstance(v, str))
     try:
         return int(args.func(args) or 0)
     except BtrdeltaError as exc:
@@ -115,7 +126,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         if args.debug:
             raise
-        name = exc.filename
-        where = f"{os.fsdecode(name) if isinstance(name, bytes) else name}: " if name else ""
-        print(f"btrdelta {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(f"btrdelta {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 1
+    except Exception as exc:  # a bug: still one line (the mistake tests look for these)
+        if args.debug:
+            raise
+        print(f"btrdelta {args.command}: internal error: {type(exc).__name__}: {exc} "
+              "(--debug shows the traceback)", file=sys.stderr)
+        return 1
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``path: reason`` of an :class:`OSError`, without Python's ``[Errno N]``."""
+    name = exc.filename
+    where = f"{os.fsdecode(name) if isinstance(name, bytes) else name}: " if name else ""
+    return f"{where}{exc.strerror or exc}"

@@ -1,19 +1,58 @@
-"""Helpers shared by subcommands: opening inputs and outputs, progress on stderr."""
+"""Helpers shared by subcommands: the parser class and help layout, inputs and outputs,
+``--json``, sizes, and printers several commands share. Progress lives in :mod:`.progress`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
+import stat
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, NoReturn
 
-from ..errors import BtrdeltaError
+from ..errors import BtrdeltaError, UsageError
 
 if TYPE_CHECKING:
     from ..update.identify import Identified, Kind
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps each paragraph of a description or epilog; keeps indented lines (examples)
+    as they are written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        out = []
+        for block in text.strip("\n").split("\n\n"):
+            lines = block.splitlines()
+            if any(line.startswith("  ") for line in lines):
+                out.append("\n".join(indent + line for line in lines))
+            else:
+                out.append(textwrap.fill(" ".join(block.split()), width,
+                                         initial_indent=indent, subsequent_indent=indent))
+        return "\n\n".join(out)
+
+
+class Parser(argparse.ArgumentParser):
+    """The parser of every ``btrdelta`` command: a usage mistake is one line (naming the
+    command and where to read more) and exit 2."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def examples(*lines: str, note: str = "") -> str:
+    """An ``examples:`` epilog (one command per line), with an optional paragraph after."""
+    head = "example:" if len(lines) == 1 else "examples:"
+    text = head + "\n" + "\n".join(f"  {line}" for line in lines)
+    return f"{text}\n\n{note}" if note else text
 
 
 def add_input(parser: argparse.ArgumentParser, what: str = "stream") -> None:
@@ -22,34 +61,94 @@ def add_input(parser: argparse.ArgumentParser, what: str = "stream") -> None:
         "-f", "--file", dest="file", metavar="FILE", default=None,
         help=f"read the {what} from FILE ('-' or omitted: standard input)",
     )
-    parser.add_argument("input", nargs="?", metavar="FILE", help=argparse.SUPPRESS)
+    parser.add_argument("input", nargs="?", metavar="FILE",
+                        help=f"the {what} (same as -f FILE)")
 
 
 def input_name(args: argparse.Namespace) -> str:
-    """The input named by ``-f`` or the positional argument (default ``-``)."""
+    """The input named by ``-f`` or the positional argument (default ``-``).
+
+    Raises:
+        UsageError: both were given.
+    """
     if args.file and args.input:
-        raise BtrdeltaError("give the input either with -f or as an argument, not both")
+        raise UsageError("give the input either with -f or as an argument, not both")
     return str(args.file or args.input or "-")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a positive number: {text!r}")
+    return value
+
+
+def add_jobs(parser: argparse.ArgumentParser, default: int | None, what: str) -> None:
+    """``-j/--jobs N``: how many things run at once (threads, processes, connections)."""
+    parser.add_argument("-j", "--jobs", type=positive_int, default=default, metavar="N",
+                        help=what)
+
+
+def add_json(parser: argparse.ArgumentParser, what: str = "the result") -> None:
+    """``--json``: print ``what`` as one JSON object on standard output
+    (schemas: ``docs/cli-json.md``)."""
+    parser.add_argument("--json", action="store_true",
+                        help=f"print {what} as one JSON object on standard output "
+                             "(docs/cli-json.md)")
+
+
+def json_needs_stdout(args: argparse.Namespace, output: str | None) -> None:
+    """Refuse ``--json`` when the payload itself goes to standard output."""
+    if getattr(args, "json", False) and output in (None, "-"):
+        raise UsageError("--json prints on standard output: write the stream to a file (-o)")
 
 
 @contextlib.contextmanager
 def open_input(name: str) -> Iterator[BinaryIO]:
-    """Open ``name`` for binary reading; ``-`` is standard input."""
+    """Open ``name`` for binary reading; ``-`` is standard input.
+
+    Raises:
+        BtrdeltaError: standard input is a terminal, or ``name`` is a directory.
+    """
     if name == "-":
         if sys.stdin.isatty():
             raise BtrdeltaError("refusing to read a binary stream from a terminal (use -f FILE)")
         yield sys.stdin.buffer
         return
     with open(name, "rb", buffering=0) as f:
+        if stat.S_ISDIR(os.fstat(f.fileno()).st_mode):
+            raise BtrdeltaError("is a directory, not a file", source=name)
         yield f
+
+
+def input_size(f: BinaryIO) -> int | None:
+    """The size of a regular file (what progress shows a percentage of), else ``None``."""
+    try:
+        st = os.fstat(f.fileno())
+    except (OSError, ValueError, AttributeError):
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+def input_position(f: BinaryIO) -> int:
+    """How far ``f`` (a regular file) has been read: its descriptor's offset (0 if none)."""
+    try:
+        return os.lseek(f.fileno(), 0, os.SEEK_CUR)
+    except (OSError, ValueError, AttributeError):
+        return 0
 
 
 @contextlib.contextmanager
 def open_output(name: str | None, *, binary: bool = True) -> Iterator[BinaryIO]:
     """Open ``name`` for binary writing; ``-``/``None`` is standard output.
 
-    A file is written under a temporary name and renamed into place only on success, so
-    a failed run never leaves a half-written output behind.
+    A file is written under a new temporary name (``O_EXCL|O_NOFOLLOW``: never through a
+    planted symlink) and renamed into place only on success, so a failed run never leaves
+    a half-written output behind.
     """
     if name in (None, "-"):
         if binary and sys.stdout.isatty():
@@ -57,9 +156,13 @@ def open_output(name: str | None, *, binary: bool = True) -> Iterator[BinaryIO]:
         yield sys.stdout.buffer
         sys.stdout.buffer.flush()
         return
+    if os.path.isdir(name):
+        raise BtrdeltaError("is a directory (give a file name)", source=name)
     tmp = f"{name}.tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o666)
     try:
-        with open(tmp, "wb") as f:
+        with open(fd, "wb") as f:
             yield f
         os.replace(tmp, name)
     except BaseException:

@@ -5,25 +5,32 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 import time
 from typing import BinaryIO
 
 from ..delta.codecs import AUTO, CODECS
 from ..delta.options import DEFAULT_MAX_FILE_SIZE, MakeOptions
-from ..errors import BtrdeltaError
+from ..errors import MissingBaseError
 from ..update.identify import Kind
 from ._common import (
-    Progress,
     add_input,
+    add_jobs,
+    add_json,
+    examples,
     human_bytes,
     input_name,
+    input_position,
+    input_size,
+    json_needs_stdout,
     open_input,
     open_output,
     parse_size,
     print_delta_stats,
     sniff_input,
 )
+from .progress import Progress, add_progress_options, progress_wanted
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -37,10 +44,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "carried zstd-compressed. `delta expand` gives back the original stream byte for "
             "byte; `btrdelta receive` applies delta streams directly."
         ),
-        epilog="examples: btrfs send -p /snap/A /snap/B | btrdelta delta make --old /snap/A - "
-               "| btrdelta receive /target; btrdelta delta make -f A-B.stream --old /snap/A "
-               "-o A-B.delta --sign release.key (A-B.delta.sig verifies A-B.stream, A-B.delta "
-               "and the delta's expansion)",
+        epilog=examples(
+            "btrfs send -p /snap/A /snap/B | btrdelta delta make --old /snap/A | "
+            "btrdelta receive /target",
+            "btrdelta delta make -f A-B.stream --old /snap/A -o A-B.delta --sign release.key",
+            "btrdelta delta expand -f A-B.delta --old /snap/A -o A-B.stream",
+            "btrdelta delta stat A-B.delta",
+            note="A-B.delta.sig verifies A-B.stream, A-B.delta and the delta's expansion.",
+        ),
     )
 
     def usage(_args: argparse.Namespace) -> int:
@@ -51,7 +62,17 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     dsub = p.add_subparsers(dest="delta_command", metavar="SUBCOMMAND")
     codecs = sorted({"auto", *(c.name for c in CODECS.values())})
 
-    m = dsub.add_parser("make", help="btrfs stream + old snapshot -> delta stream")
+    m = dsub.add_parser(
+        "make", help="btrfs stream + old snapshot -> delta stream",
+        description="Read a btrfs send stream and the old snapshot it applies to; write a "
+        "delta stream in which the data of files that exist in the old snapshot are binary "
+        "patches against them. Progress on a terminal (percentage and ETA when the input "
+        "is a file); a summary with -v.",
+        epilog=examples(
+            "btrdelta delta make -f A-B.stream --old /snap/A -o A-B.delta",
+            "btrfs send -p /snap/A /snap/B | btrdelta delta make --old /snap/A -o A-B.delta",
+            "btrdelta delta make -q --json -f A-B.stream --old /snap/A -o A-B.delta"),
+    )
     add_input(m)
     m.add_argument("--old", required=True, metavar="OLD_DIR",
                    help="the old snapshot (the stream's parent) as a directory")
@@ -62,8 +83,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                         "files with a good first patch skip the second codec)")
     m.add_argument("--max-file-size", type=parse_size, default=MakeOptions.max_file_size,
                    metavar="SIZE", help="do not diff files larger than SIZE (default 256M)")
-    m.add_argument("-j", "--jobs", type=int, default=MakeOptions().jobs, metavar="N",
-                   help="diff threads (default: number of CPUs)")
+    add_jobs(m, MakeOptions().jobs, "diff threads (default: number of CPUs)")
     m.add_argument("--level", type=int, default=MakeOptions.level, metavar="L",
                    help="zstd level of carried data, 0 = uncompressed (default 19)")
     m.add_argument("--no-recompress", dest="recompress", action="store_false",
@@ -80,8 +100,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="expand the delta made against --old before exiting 0 (as long as "
                         "a delta expand; without it the delta's structure, patch lengths "
                         "and command counts are checked, which costs little)")
-    m.add_argument("--json", action="store_true", help="print a JSON summary on stderr")
-    m.add_argument("--progress", action="store_true", help="show progress on stderr")
+    add_json(m, "a summary (sizes, patched files, seconds)")
+    add_progress_options(m, verbose=True)
     m.add_argument("--sign", metavar="KEY",
                    help="also write a detached Ed25519 signature (DELTA.sig) over the content: "
                         "the plain stream read, which the delta expands to")
@@ -89,59 +109,82 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="where to write the signature (default DELTA.sig; needed with stdout)")
     m.set_defaults(func=run_make)
 
-    e = dsub.add_parser("expand", help="delta stream + old snapshot -> the btrfs stream")
+    e = dsub.add_parser(
+        "expand", help="delta stream + old snapshot -> the btrfs stream",
+        description="Turn a delta stream back into the btrfs send stream it was made from, "
+        "bit for bit, using the old snapshot. Progress on a terminal (percentage and ETA "
+        "when the input is a file).",
+        epilog=examples(
+            "btrdelta delta expand -f A-B.delta --old /snap/A -o A-B.stream",
+            "btrdelta delta expand --old /snap/A < A-B.delta | btrfs receive /target"),
+    )
     add_input(e, "delta stream")
     e.add_argument("--old", required=True, metavar="OLD_DIR", help="the old snapshot")
     e.add_argument("-o", "--output", default="-", metavar="STREAM",
                    help="write the btrfs stream to STREAM (default '-': standard output)")
     e.add_argument("--max-file-size", type=parse_size, default=DEFAULT_MAX_FILE_SIZE,
                    metavar="SIZE", help="refuse patches of files larger than SIZE (1G)")
+    add_json(e, "a summary (sizes, seconds)")
+    add_progress_options(e, verbose=True)
     e.set_defaults(func=run_expand)
 
-    s = dsub.add_parser("stat", help="patched files and bytes saved per codec")
+    s = dsub.add_parser(
+        "stat", help="patched files and bytes saved per codec",
+        description="What a delta stream holds: the stream it expands to, carried commands, "
+        "patched files and the bytes each codec saved.",
+        epilog=examples("btrdelta delta stat A-B.delta", "btrdelta delta stat --json A-B.delta"),
+    )
     add_input(s, "delta stream")
-    s.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json(s, "the statistics")
     s.set_defaults(func=run_stat)
+
+
+def _old_dir(path: str) -> None:
+    """The old snapshot must be a directory (exit 6, a missing delta base, otherwise)."""
+    if not os.path.isdir(path):
+        what = "not found" if not os.path.lexists(path) else "not a directory"
+        raise MissingBaseError(f"old snapshot {what}", path=path)
 
 
 def run_make(args: argparse.Namespace) -> int:
     """``delta make``."""
     from ..delta.make import make_delta
+    from ..update.signed import StreamSigner
 
-    if args.jobs < 1:
-        raise BtrdeltaError("-j must be at least 1")
+    json_needs_stdout(args, args.output)
+    _old_dir(args.old)
     opts = MakeOptions(
         codec=args.codec, max_file_size=args.max_file_size, jobs=args.jobs, level=args.level,
         recompress=args.recompress, verify="full" if args.verify else "cheap",
         carrier=args.carrier,
     )
-    from ..update.signed import StreamSigner
-
     name = input_name(args)
     signer = StreamSigner.start(args.sign, args.signature, args.output)
-    progress = Progress(Progress.wanted(args), "delta make: ")
     t0 = time.monotonic()
-
-    def on_progress(nin: int, nout: int) -> None:
-        progress.update(f"{human_bytes(nin)} in, {human_bytes(nout)} out")
-
     with open_input(name) as f, open_output(args.output) as out:
+        size = input_size(f)
+        progress = Progress("delta make", enabled=progress_wanted(args), total=size)
+
+        def on_progress(nin: int, nout: int) -> None:
+            progress.update(nin, note=f"{human_bytes(nout)} out")
+
         if signer is not None:
             f = signer.reader(f)  # hashes the plain stream: the content the delta expands to
         _, f = sniff_input(f, name, Kind.SEND_STREAM)
         src: BinaryIO = f if isinstance(f, io.BufferedReader) else io.BufferedReader(
             f, 1 << 20  # type: ignore[type-var]
         )
-        stats = make_delta(src, args.old, out.write, opts, source=name, on_progress=on_progress)
+        with progress:
+            stats = make_delta(src, args.old, out.write, opts, source=name,
+                               on_progress=on_progress)
         if signer is not None:
             signer.finish()
-    progress.done()
     secs = time.monotonic() - t0
     for line in stats.warnings:
         print(f"delta make: warning: {line}", file=sys.stderr)
     if args.json:
-        print(json.dumps({**stats.as_json(), "seconds": round(secs, 3)}), file=sys.stderr)
-    elif progress.enabled:
+        print(json.dumps({**stats.as_json(), "seconds": round(secs, 3)}))
+    elif args.verbose or (progress_wanted(args) and not args.quiet):
         ratio = stats.output_bytes / stats.input_bytes if stats.input_bytes else 0.0
         print(
             f"delta make: {human_bytes(stats.input_bytes)} -> {human_bytes(stats.output_bytes)}"
@@ -155,13 +198,35 @@ def run_expand(args: argparse.Namespace) -> int:
     """``delta expand``."""
     from ..delta.expand import expand_to, open_delta
 
+    json_needs_stdout(args, args.output)
+    _old_dir(args.old)
     name = input_name(args)
+    t0 = time.monotonic()
     with open_input(name) as f, open_output(args.output) as out:
+        size = input_size(f)
+        progress = Progress("delta expand", enabled=progress_wanted(args), total=size)
+        written = 0
+        raw = f
+
+        def write(data: bytes) -> None:
+            nonlocal written
+            out.write(data)
+            written += len(data)
+            progress.update(input_position(raw) if size is not None else written,
+                            note=f"{human_bytes(written)} out")
+
         _, f = sniff_input(f, name, Kind.DELTA_STREAM)
-        expand_to(
-            open_delta(f, source=name), args.old, out.write,
-            max_file_size=args.max_file_size, source=name,
-        )
+        with progress:
+            n = expand_to(open_delta(f, source=name), args.old, write,
+                          max_file_size=args.max_file_size, source=name)
+    secs = time.monotonic() - t0
+    in_bytes = size  # unknown for a pipe
+    if args.json:
+        print(json.dumps({"input_bytes": in_bytes, "output_bytes": n,
+                          "seconds": round(secs, 3)}))
+    elif args.verbose:
+        read = human_bytes(in_bytes) if in_bytes is not None else "stdin"
+        print(f"delta expand: {read} -> {human_bytes(n)}, {secs:.1f}s", file=sys.stderr)
     return 0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_input, dump_stream, input_name, open_input
+from ._common import add_input, dump_stream, examples, input_name, open_input
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -18,7 +18,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "after the first END; --all continues through concatenated streams. Timestamps "
             "are local time (TZ)."
         ),
-        epilog="example: btrfs send -p /snap/A /snap/B | btrdelta dump | head",
+        epilog=examples("btrfs send -p /snap/A /snap/B | btrdelta dump | head",
+                        "btrdelta dump --json A-B.stream | jq -c 'select(.cmd == \"write\")'"),
     )
     add_input(p)
     p.add_argument("--json", action="store_true",

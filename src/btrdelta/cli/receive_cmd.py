@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
+import json
+import os
 import sys
+import time
 from collections.abc import Callable
+from typing import BinaryIO
 
+from ..errors import ApplyError, UsageError
 from ..receive import ReceivedSubvol
 from ..update.receive import receive_any
-from ._common import Progress, dump_stream, human_bytes, open_input
+from ._common import add_json, dump_stream, input_position, input_size, open_input
+from .progress import Progress, add_progress_options, progress_wanted
+
+_EPILOG = """\
+examples:
+  btrfs send -p /snap/A /snap/B | btrdelta receive /target
+  btrdelta receive -f A-B.delta /target        # a delta stream; A was received there
+  btrdelta receive A-B.stream /target          # the input as an argument ('-': stdin)
+  btrdelta receive -f A-B.delta --key release.pub /target   # only if A-B.delta.sig is valid
+  btrdelta receive -q --json -f A.stream /target            # scripts: the result as JSON
+
+btrfs receive's options mean the same here: -f FILE, -e, -E N, -q, -C, --dump,
+--force-decompress. Receiving needs root (file owners, subvolumes)."""
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -27,20 +45,23 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "(`btrdelta delta make`) is applied directly against the local parent: each old "
             "file is verified before it is patched, each new content after; on btrfs, files "
             "whose content did not change are reflinked from the parent instead of written "
-            "again."
+            "again. Prints `At subvol NAME` / `At snapshot NAME` for each subvolume on "
+            "standard error (not with -q), and progress on a terminal."
         ),
-        epilog="examples: btrfs send -p /snap/A /snap/B | btrdelta receive /target; "
-               "btrdelta receive -f A-B.delta /target (a delta stream; A was received there); "
-               "btrdelta receive -f A-B.delta --key release.pub /target (refused unless "
-               "A-B.delta.sig is a valid signature by release.pub)",
+        epilog=_EPILOG,
     )
-    p.add_argument("-f", "--file", dest="file", metavar="FILE", default="-",
+    p.add_argument("-f", "--file", dest="file", metavar="FILE", default=None,
                    help="read the stream from FILE (default '-': standard input)")
+    p.add_argument("input", nargs="?", metavar="FILE",
+                   help="the stream, instead of -f FILE ('-': standard input)")
     p.add_argument("dest", nargs="?", metavar="DEST", help="directory to receive into")
     p.add_argument("-e", dest="stop_at_end", action="store_true",
                    help="stop after the first END (of concatenated streams)")
-    p.add_argument("-E", "--max-errors", type=int, default=1, metavar="N",
+    p.add_argument("-E", "--max-errors", type=_count, default=1, metavar="N",
                    help="stop after N failed commands (0: never; default 1)")
+    p.add_argument("-C", "--chroot", action="store_true",
+                   help="confine the receive to DEST (btrfs receive -C); always on here: every "
+                        "path of the stream is resolved beneath the subvolume it belongs to")
     p.add_argument("--dump", action="store_true",
                    help="print the stream instead of applying it (same as `btrdelta dump`)")
     p.add_argument("--dry-run", action="store_true",
@@ -53,65 +74,130 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                         "ignores them)")
     p.add_argument("--force-decompress", action="store_true",
                    help="decompress ENCODED_WRITE data even where btrfs could store it as is")
-    p.add_argument("-v", "--verbose", action="count", default=0,
-                   help="progress on stderr")
     p.add_argument("--key", action="append", metavar="PUBKEY",
                    help="require a signature by this Ed25519 public key (repeatable: any of "
                         "them); the subvolume gets its final name only after the signature "
                         "verified over the whole stream (exit 5 otherwise)")
     p.add_argument("--signature", metavar="SIG",
                    help="the detached signature (default: FILE.sig; needed for stdin)")
+    add_json(p, "the subvolumes received")
+    add_progress_options(p, verbose=True)
     p.set_defaults(func=run)
 
 
-def _signed_receiver(args: argparse.Namespace) -> Callable[..., list[ReceivedSubvol]]:
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"not a count: {text!r}")
+    return value
+
+
+def _signed_receiver(args: argparse.Namespace, name: str) -> Callable[..., list[ReceivedSubvol]]:
     """``receive --key``: the keys and the signature are read (and the signature checked)
     before the input is opened."""
     from ..trust import load_public_key, read_signature
     from ..update.signed import receive_signed, signature_path
 
     keys = [load_public_key(k) for k in args.key]
-    sig_path = signature_path(args.file, args.signature)
+    sig_path = signature_path(name, args.signature)
     signature = read_signature(sig_path)
     return functools.partial(receive_signed, signature=signature, keys=keys,
                              signature_source=sig_path)
 
 
+def _names(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(input, DEST) from ``-f``, ``[FILE] DEST``."""
+    if args.dest is None and args.input is not None and not args.dump:
+        args.dest, args.input = args.input, None  # `receive DEST`: the only argument is DEST
+    if args.file and args.input:
+        raise UsageError("give the input either with -f or as an argument, not both")
+    if args.dump and args.dest is not None:
+        raise UsageError("--dump takes no DEST")
+    if not args.dump and args.dest is None:
+        raise UsageError("DEST is required (unless --dump)")
+    return str(args.file or args.input or "-"), args.dest
+
+
 def run(args: argparse.Namespace) -> int:
     """Receive the stream."""
+    name, dest = _names(args)
     if args.dump:
-        with open_input(args.file) as f:
-            dump_stream(f, args.file)
+        with open_input(name) as f:
+            dump_stream(f, name)
         return 0
-    if not args.dest:
-        print("btrdelta receive: error: DEST is required (unless --dump)", file=sys.stderr)
-        return 2
-    progress = Progress(Progress.wanted(args) and args.verbose > 0, "receive: ")
+    assert dest is not None
+    if not os.path.isdir(dest):
+        from ..errors import BtrdeltaError
 
-    def on_progress(records: int, nbytes: int) -> None:
-        progress.update(f"{records} records, {human_bytes(nbytes)}")
-
-    def on_subvol(done: ReceivedSubvol) -> None:
-        kind = "snapshot" if done.parent_uuid else "subvol"
-        print(f"At {kind} {done.name}", file=sys.stderr)
-
-    def on_warning(msg: str) -> None:
-        print(f"btrdelta receive: warning: {msg}", file=sys.stderr)
-
+        what = "does not exist" if not os.path.lexists(dest) else "is not a directory"
+        raise BtrdeltaError(f"destination {what}", source=dest)
     receiver: Callable[..., list[ReceivedSubvol]] = receive_any
     if args.key:
-        receiver = _signed_receiver(args)
-    with open_input(args.file) as f:
-        try:
-            done = receiver(
-                f, args.dest, source=args.file,
-                stop_at_end=args.stop_at_end,
-                max_errors=args.max_errors, dry_run=args.dry_run, backend=args.backend,
-                apply_fileattr=args.fileattr, force_decompress=args.force_decompress,
-                on_progress=on_progress, on_warning=on_warning, on_subvol=on_subvol,
-            )
-        finally:
-            progress.done()
-    if args.dry_run:
+        receiver = _signed_receiver(args, name)
+    started = time.monotonic()
+    with open_input(name) as f:
+        done = _receive(args, receiver, f, name, dest)
+    if args.json:
+        print(json.dumps({
+            "input": name, "dest": dest, "dry_run": args.dry_run,
+            "seconds": round(time.monotonic() - started, 3),
+            "subvolumes": [_subvol_json(s) for s in done],
+        }))
+    elif args.dry_run and not args.quiet:
         print(f"dry run: {len(done)} subvolume(s) would be received", file=sys.stderr)
     return 0
+
+
+def _receive(args: argparse.Namespace, receiver: Callable[..., list[ReceivedSubvol]],
+             f: BinaryIO, name: str, dest: str) -> list[ReceivedSubvol]:
+    """Run ``receiver`` with progress (input bytes of a file: percentage and ETA; of a pipe:
+    file data written) and the ``At subvol`` lines."""
+    size = input_size(f)
+    progress = Progress("receive", enabled=progress_wanted(args), total=size)
+
+    def on_progress(records: int, nbytes: int) -> None:
+        done = input_position(f) if size is not None else nbytes
+        progress.update(done, note=f"{records} records")
+
+    def on_subvol(sv: ReceivedSubvol) -> None:
+        if args.quiet:
+            return
+        kind = "snapshot" if sv.parent_uuid else "subvol"
+        progress.message(f"At {kind} {sv.name}")
+        if args.verbose:
+            parent = f" parent={sv.parent_uuid}" if sv.parent_uuid else ""
+            progress.message(f"  uuid={sv.uuid} ctransid={sv.ctransid}{parent}: "
+                             f"{sv.records} records, {sv.data_bytes} bytes of file data")
+
+    def on_warning(msg: str) -> None:
+        progress.message(f"btrdelta receive: warning: {msg}")
+
+    try:
+        return receiver(
+            f, dest, source=name, stop_at_end=args.stop_at_end,
+            max_errors=args.max_errors, dry_run=args.dry_run, backend=args.backend,
+            apply_fileattr=args.fileattr, force_decompress=args.force_decompress,
+            on_progress=on_progress, on_warning=on_warning, on_subvol=on_subvol,
+        )
+    except ApplyError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, OSError) and cause.errno in (errno.EPERM, errno.EACCES) \
+                and os.geteuid() != 0:
+            exc.message += (f" (running as uid {os.geteuid()}: receiving needs root, to set "
+                            "file owners and make subvolumes)")
+            exc.args = (exc.message,)
+        raise
+    finally:
+        progress.close()
+
+
+def _subvol_json(sv: ReceivedSubvol) -> dict[str, object]:
+    return {
+        "name": sv.name, "path": str(sv.path), "uuid": str(sv.uuid), "ctransid": sv.ctransid,
+        "parent_uuid": str(sv.parent_uuid) if sv.parent_uuid else None,
+        "parent_path": str(sv.parent_path) if sv.parent_path else None,
+        "btrfs": sv.btrfs, "records": sv.records, "data_bytes": sv.data_bytes,
+    }

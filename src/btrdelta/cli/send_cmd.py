@@ -3,52 +3,81 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from typing import TYPE_CHECKING
 
-from ..errors import BtrdeltaError
+from ..errors import BtrdeltaError, UsageError
 from ..send.scan import TreeScan
 from ..send.store import DEFAULT_STORE
-from ._common import Progress, human_bytes, open_output, stop_on_signals
+from ._common import add_json, human_bytes, json_needs_stdout, open_output, stop_on_signals
+from .progress import Progress, add_progress_options, progress_wanted
 
 if TYPE_CHECKING:
     from ..send import SendStats, StreamIds
     from ..update.signed import StreamSigner
+
+#: the highest stream version this sender writes (``--proto 0``)
+_HIGHEST = 3
+
+_EPILOG = """\
+examples:
+  btrdelta send /build/v1 -f v1.stream
+  btrdelta send -p /build/v1 /build/v2 -f v1-v2.stream --sign release.key   # + v1-v2.stream.sig
+  btrdelta send -p /build/v1 -c /build/lib-2 /build/v2 | btrdelta receive /target
+  btrdelta send --no-data -p /build/v1 /build/v2 | btrdelta dump   # what changed, no data
+  btrdelta send --kernel -p /snap/A /snap/B -f A-B.stream           # runs btrfs send
+  btrdelta send /data -f inc.stream --from-sendshot latest --record  # no old tree needed
+
+btrfs send's options mean the same here: -p, -c (repeatable), -f FILE, --no-data,
+--compressed-data, --proto N (0: the highest, 3), -q, -v."""
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``send``."""
     p = sub.add_parser(
         "send",
-        help="make a send stream from a directory tree (incremental with --parent)",
+        help="make a send stream from a directory tree (incremental with -p)",
         description=(
             "Write a btrfs send stream that recreates NEW_DIR (full) or turns PARENT into "
-            "NEW_DIR (incremental, with --parent) on any receiver, the kernel's "
+            "NEW_DIR (incremental, with -p) on any receiver, the kernel's "
             "`btrfs receive` included. Works on plain directories on any filesystem: moved "
             "files become renames, changed files send only changed blocks, identical content "
-            "becomes clones. Subvolume UUIDs are derived from the trees, so the stream for "
-            "the next version names this one as its parent. With --sign, a detached "
+            "becomes clones (from the parent, from NEW_DIR itself, or from a clone source "
+            "given with -c). Subvolume UUIDs are derived from the trees, so the stream for "
+            "the next version names this one as its parent, and a clone source is found by "
+            "the receiver that received a full stream of it. With --sign, a detached "
             "signature over the stream's content is written next to it (see `btrdelta sign`)."
         ),
-        epilog="examples: btrdelta send /build/v1 -o v1.stream; "
-               "btrdelta send -p /build/v1 /build/v2 -o v1-v2.stream --sign release.key "
-               "(also writes v1-v2.stream.sig)",
+        epilog=_EPILOG,
     )
     p.add_argument("new_dir", metavar="NEW_DIR", help="the tree to send")
-    p.add_argument("-p", "--parent", metavar="OLD_DIR", help="the tree the receiver already has")
-    p.add_argument("-o", "--output", metavar="FILE", default="-",
+    p.add_argument("-p", "--parent", metavar="PARENT", help="the tree the receiver already has")
+    p.add_argument("-c", "--clone-src", action="append", default=[], metavar="CLONE_SRC",
+                   help="another tree the receiver has (received from a full stream of it): "
+                        "whole files found there are sent as clones (repeatable; btrfs "
+                        "send -c; without -p the stream is still a full one)")
+    p.add_argument("-f", "-o", "--output", dest="output", metavar="FILE", default="-",
                    help="write the stream to FILE ('-': standard output, the default)")
-    p.add_argument("--proto", type=int, choices=(1, 2, 3), default=None,
-                   help="stream version (default 1, or 2 with --compress)")
-    p.add_argument("--compress", choices=("zstd", "zlib", "none"), default="none",
-                   help="send data as btrfs-compressed ENCODED_WRITE (v2+; default none)")
+    p.add_argument("--proto", type=int, choices=(0, 1, 2, 3), default=None,
+                   help="stream version (0: the highest, 3; default 1, or 2 with compressed "
+                        "data)")
+    p.add_argument("--compressed-data", action="store_true",
+                   help="send data compressed (ENCODED_WRITE, proto 2+): btrfs send passes "
+                        "extents compressed on disk, btrdelta compresses as btrfs would "
+                        "(--compress, default zstd)")
+    p.add_argument("--compress", choices=("zstd", "zlib", "none"), default=None,
+                   help="compression of ENCODED_WRITE data (proto 2+; default none, or zstd "
+                        "with --compressed-data)")
+    p.add_argument("--no-data", action="store_true",
+                   help="send no file data: each changed range is an update_extent record "
+                        "(btrfs send --no-data: shows what changed; cannot update a receiver)")
     p.add_argument("--quick", action="store_true",
                    help="trust equal size and mtime at the same path as unchanged (like rsync)")
     p.add_argument("--name", help="subvolume name in the stream (default: basename of NEW_DIR)")
     p.add_argument("--kernel", action="store_true",
-                   help="both trees are read-only btrfs snapshots: run `btrfs send` instead")
-    p.add_argument("--progress", action="store_true", help="show progress on stderr")
+                   help="the trees are read-only btrfs snapshots: run `btrfs send` instead")
     p.add_argument("--record", action="store_true",
                    help="also record a sendshot of what was sent (what the receiver will "
                         "hold), the base of later --from-sendshot sends")
@@ -65,79 +94,122 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                         "UUID a kernel send of it named; 'btrfs': take it from the parent "
                         "subvolume as btrfs send does (received UUID, else UUID)")
     p.add_argument("--sign", metavar="KEY",
-                   help="also write a detached Ed25519 signature of the stream (OUTPUT.sig)")
+                   help="also write a detached Ed25519 signature of the stream (FILE.sig)")
     p.add_argument("--signature", metavar="SIG",
-                   help="where to write the signature (default OUTPUT.sig; needed with stdout)")
+                   help="where to write the signature (default FILE.sig; needed with stdout)")
+    add_json(p, "what was sent")
+    add_progress_options(p, verbose=True)
     p.set_defaults(func=run)
+
+
+def _options(args: argparse.Namespace) -> tuple[int, str | None]:
+    """(stream version, compression) from --proto, --compress and --compressed-data."""
+    compress = args.compress or ("zstd" if args.compressed_data else "none")
+    compress_ = None if compress == "none" else compress
+    if args.proto == 0:
+        version = _HIGHEST
+    elif args.proto is not None:
+        version = args.proto
+    else:
+        version = 2 if compress_ or args.compressed_data else 1
+    if (compress_ or args.compressed_data) and version < 2:
+        raise UsageError("compressed data needs --proto 2 or later")
+    if args.kernel and args.compress not in (None, "none"):
+        raise UsageError("--kernel sends what btrfs stores: use --compressed-data, not "
+                         "--compress")
+    json_needs_stdout(args, args.output)
+    return version, compress_
 
 
 def run(args: argparse.Namespace) -> int:
     """Send."""
-    compress = None if args.compress == "none" else args.compress
-    version = args.proto if args.proto is not None else (2 if compress else 1)
-    if compress and version < 2:
-        raise BtrdeltaError("--compress needs --proto 2 or later")
+    version, compress = _options(args)
     signer = None
     if args.sign:
         from ..update.signed import StreamSigner
 
         signer = StreamSigner.start(args.sign, args.signature, args.output)
-    progress = Progress(Progress.wanted(args), "send: ")
+    progress = Progress("send", enabled=progress_wanted(args))
+    if args.verbose:
+        progress.message(f"At subvol {args.new_dir}")
     started = time.monotonic()
-    if args.record or args.from_sendshot:
-        stop_on_signals()
-        if args.parent or args.kernel or args.parent_uuid:
-            raise BtrdeltaError("--record/--from-sendshot take no --parent, --parent-uuid or "
-                                "--kernel (the base is the sendshot)")
-        _send_sendshot(args, version, compress, progress, started, signer)
-        if signer is not None:
-            signer.finish()
-        return 0
     scan: TreeScan | None = None
-    if not args.kernel:
+    if not args.kernel and not (args.record or args.from_sendshot):
         # start reading the trees (child process + threads) before the slow imports below
         scan = TreeScan(
             args.new_dir, args.parent,
-            on_entry=lambda files, nbytes: progress.update(
-                f"scan: {files} files, {human_bytes(nbytes)} scanned"
-            ),
+            on_entry=lambda files, nbytes: progress.update(0, note=f"scan: {files} files"),
         )
     try:
-        _send(args, version, compress, progress, started, scan, signer)
+        if args.record or args.from_sendshot:
+            report = _send_sendshot(args, version, compress, progress, signer)
+        else:
+            report = _send(args, version, compress, progress, scan, signer)
     finally:
         if scan is not None:
             scan.close()
+        progress.close()
     if signer is not None:
         signer.finish()
+    report["seconds"] = round(time.monotonic() - started, 3)
+    if args.json:
+        print(json.dumps(report))
+    elif args.verbose or progress_wanted(args):
+        records = f"{report['records']} records, " if report["records"] is not None else ""
+        progress.message(f"{report['output']}: {records}"
+                         f"{human_bytes(int(str(report['bytes'])))} in "
+                         f"{report['seconds']:.1f}s")
+    if report["sendshot"] is not None and not args.quiet and not args.json:
+        progress.message(f"sendshot {report['sendshot']}")
     return 0
 
 
-def _send_sendshot(args: argparse.Namespace, version: int, compress: str | None,
-                   progress: Progress, started: float, signer: StreamSigner | None) -> None:
-    """``--record`` / ``--from-sendshot``: the source frozen, the base a record."""
-    import sys
+def _report(args: argparse.Namespace, version: int) -> dict[str, object]:
+    """The ``--json`` report with nothing known yet (docs/cli-json.md)."""
+    return {
+        "output": args.output, "version": version, "kernel": args.kernel,
+        "no_data": args.no_data, "uuid": None, "parent_uuid": None, "records": None,
+        "bytes": 0, "files": None, "bytes_read": None, "data_bytes": None,
+        "cloned_bytes": None, "sendshot": None, "from_sendshot": None}
 
+
+def _send_sendshot(args: argparse.Namespace, version: int, compress: str | None,
+                   progress: Progress, signer: StreamSigner | None) -> dict[str, object]:
+    """``--record`` / ``--from-sendshot``: the source frozen, the base a record."""
     from ..send.sendshot import send_with_sendshots
     from ..send.store import SendshotStore
 
+    stop_on_signals()
+    if args.parent or args.kernel or args.parent_uuid or args.clone_src or args.no_data:
+        raise UsageError("--record/--from-sendshot take no -p, -c, --parent-uuid, --no-data "
+                         "or --kernel (the base is the sendshot)")
+    report = _report(args, version)
     store = SendshotStore(args.store or DEFAULT_STORE)
+    written = [0]
     with open_output(args.output) as out:
         write = out.write if signer is None else signer.wrap(out.write)
+
+        def counted(data: bytes) -> None:
+            written[0] += len(data)
+            write(data)
+
         result = send_with_sendshots(
-            write, args.new_dir, store=store, from_sendshot=args.from_sendshot,
+            counted, args.new_dir, store=store, from_sendshot=args.from_sendshot,
             record=args.record, snapshot=not args.no_snapshot, version=version,
             compress=compress, name=os.fsencode(args.name) if args.name else None,
             on_progress=lambda st: progress.update(
-                f"{st.phase}: {st.files_scanned} files, {human_bytes(st.bytes_read)} read"),
+                st.bytes_read, note=f"{st.phase}: {st.files_scanned} files"),
         )
     if result.warning:
-        print(f"btrdelta send: warning: {result.warning}", file=sys.stderr)
-    base = f" against {result.base.digest[:12]}" if result.base is not None else ""
-    rec = f", recorded {result.recorded.digest}" if result.recorded is not None else ""
-    progress.done(f"sent {result.stream_uuid}{base}{rec} in "
-                  f"{time.monotonic() - started:.1f}s ({result.reused} files not read)")
-    if result.recorded is not None and not args.progress:
-        print(f"sendshot {result.recorded.digest}", file=sys.stderr)
+        progress.message(f"btrdelta send: warning: {result.warning}")
+    st = result.stats
+    report.update(uuid=result.stream_uuid, parent_uuid=result.parent_uuid,
+                  records=st.records, bytes=written[0], files=st.files_scanned,
+                  bytes_read=st.bytes_read, data_bytes=st.data_bytes,
+                  cloned_bytes=st.cloned_bytes,
+                  sendshot=result.recorded.digest if result.recorded is not None else None,
+                  from_sendshot=result.base.digest if result.base is not None else None)
+    return report
 
 
 def _parent_ids(args: argparse.Namespace) -> StreamIds | None:
@@ -150,7 +222,7 @@ def _parent_ids(args: argparse.Namespace) -> StreamIds | None:
     if text is None:
         return None
     if not args.parent:
-        raise BtrdeltaError("--parent-uuid needs --parent")
+        raise UsageError("--parent-uuid needs -p PARENT")
     if text == "btrfs":
         from ..send.live import frozen
 
@@ -164,39 +236,47 @@ def _parent_ids(args: argparse.Namespace) -> StreamIds | None:
     uuid_text, _, stamp = text.partition(":")
     try:
         return StreamIds(parent_uuid=UUID(uuid_text), parent_ctransid=int(stamp or 0))
-    except ValueError as exc:
-        raise BtrdeltaError(f"--parent-uuid: not UUID[:CTRANSID]: {text!r}") from exc
+    except ValueError:
+        raise UsageError(f"--parent-uuid: not UUID[:CTRANSID]: {text!r}") from None
 
 
 def _send(args: argparse.Namespace, version: int, compress: str | None, progress: Progress,
-          started: float, scan: TreeScan | None, signer: StreamSigner | None) -> None:
-    """Write the stream (imports the encoder while ``scan`` reads the trees)."""
+          scan: TreeScan | None, signer: StreamSigner | None) -> dict[str, object]:
+    """Write the stream (imports the encoder while ``scan`` reads the trees); the report."""
     from ..send import kernel_send, send_records
     from ..stream import StreamWriter
 
+    report = _report(args, version)
     with open_output(args.output) as out:
         write = out.write if signer is None else signer.wrap(out.write)
         if scan is None:
-            n = kernel_send(write, args.new_dir, args.parent, version=version,
-                            compressed=compress is not None)
-            progress.done(f"{human_bytes(n)} from btrfs send")
-            return
+            report["bytes"] = kernel_send(
+                write, args.new_dir, args.parent, version=0 if args.proto == 0 else version,
+                compressed=args.compressed_data, clone_sources=args.clone_src,
+                no_data=args.no_data)
+            return report
         writer = StreamWriter(write, version)
+        last: list[SendStats] = []
 
         def show(stats: SendStats) -> None:
-            progress.update(
-                f"{stats.phase}: {stats.files_scanned} files, "
-                f"{human_bytes(stats.bytes_scanned)} scanned, "
-                f"{human_bytes(stats.bytes_read)} read, "
-                f"{human_bytes(writer.bytes_written)} emitted"
-            )
+            last[:] = [stats]
+            progress.update(stats.bytes_read, note=f"{stats.phase}: {stats.files_scanned} "
+                            f"files, {human_bytes(writer.bytes_written)} sent")
 
         name = os.fsencode(args.name) if args.name else None
-        for rec in send_records(args.new_dir, args.parent, version=version, compress=compress,
-                                quick=args.quick, name=name, on_progress=show, scan=scan,
-                                ids=_parent_ids(args)):
+        records = send_records(args.new_dir, args.parent, version=version, compress=compress,
+                               quick=args.quick, name=name, on_progress=show, scan=scan,
+                               clone_sources=args.clone_src, no_data=args.no_data,
+                               ids=_parent_ids(args))
+        head = next(records)
+        report["uuid"] = str(getattr(head, "uuid", ""))
+        report["parent_uuid"] = str(getattr(head, "clone_uuid", "")) or None
+        writer.write(head)
+        for rec in records:
             writer.write(rec)
-    progress.done(
-        f"{writer.records} records, {human_bytes(writer.bytes_written)} in "
-        f"{time.monotonic() - started:.1f}s"
-    )
+    report.update(records=writer.records, bytes=writer.bytes_written)
+    if last:
+        st = last[0]
+        report.update(files=st.files_scanned, bytes_read=st.bytes_read,
+                      data_bytes=st.data_bytes, cloned_bytes=st.cloned_bytes)
+    return report

@@ -12,6 +12,7 @@ import types
 from ..errors import BtrdeltaError
 from ..transport.listen import parse_port
 from ..transport.server import StaticServer
+from ._common import examples
 
 
 def _port(text: str) -> int:
@@ -41,7 +42,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "Logs one line per request with the body bytes sent on stderr; stops cleanly on "
             "SIGINT or SIGTERM and prints the total. Production uses any web server or CDN."
         ),
-        epilog="example: btrdelta serve ./www --bind 0.0.0.0 --port 8080",
+        epilog=examples("btrdelta serve ./www --bind 0.0.0.0 --port 8080",
+                        "btrdelta serve -q ./www --port 0      # any free port, no request log"),
     )
     p.add_argument("dir", metavar="DIR", help="directory to serve")
     p.add_argument("--port", type=_port, default=8080,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._common import add_input, input_name, open_input
+from ._common import add_input, add_json, examples, input_name, open_input
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -21,15 +21,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "the delta's expansion (`verify --key`, `receive --key`). The stream is checked "
             "while it is read (framing and CRCs; for a delta its records)."
         ),
-        epilog="examples: btrfs send -p /snap/A -f A-B.stream /snap/B; "
-               "btrdelta sign A-B.stream --key release.key (writes A-B.stream.sig); "
-               "btrdelta receive -f A-B.stream --key release.pub /target",
+        epilog=examples("btrfs send -p /snap/A -f A-B.stream /snap/B",
+                        "btrdelta sign A-B.stream --key release.key     # writes A-B.stream.sig",
+                        "btrdelta receive -f A-B.stream --key release.pub /target"),
     )
     add_input(p)
     p.add_argument("--key", required=True, metavar="KEY", help="Ed25519 private key")
     p.add_argument("-o", "--signature", metavar="SIG",
                    help="write the signature to SIG (default FILE.sig; needed for stdin)")
-    p.add_argument("--json", action="store_true", help="print the signature's fields as JSON")
+    add_json(p, "the signature's fields")
     p.set_defaults(func=run)
 
 

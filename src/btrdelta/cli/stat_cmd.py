@@ -11,6 +11,8 @@ from ..stream.stats import collect_stats
 from ..update.identify import Kind
 from ._common import (
     add_input,
+    add_json,
+    examples,
     human_bytes,
     input_name,
     open_input,
@@ -26,11 +28,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="summarize a stream: commands, data bytes, compression, files touched",
         description=(
             "Read a whole send stream and print per-command counts, bytes of file data "
-            "(plain and compressed), bytes cloned, and the number of files touched."
+            "(plain and compressed), bytes cloned, and the number of files touched. A delta "
+            "stream: the stream it expands to, patched files and bytes saved per codec."
         ),
+        epilog=examples("btrdelta stat A-B.stream", "btrfs send /snap/A | btrdelta stat",
+                        "btrdelta stat --json A-B.delta"),
     )
     add_input(p)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json(p, "the statistics")
     p.set_defaults(func=run)
 
 
@@ -49,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         st = collect_stats(reader.events())
         st.size = reader.parser.offset
     if args.json:
-        print(json.dumps(st.as_json()))
+        print(json.dumps({"kind": "stream", **st.as_json()}))
         return 0
     print(f"stream:        {name} ({human_bytes(st.size)}, {st.size} bytes)")
     print(f"streams:       {st.streams} (version {', '.join(map(str, st.versions))})")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from ..tree import diff_manifests, tree_manifest, tree_sum
+from ._common import add_json, examples
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -20,7 +22,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "any filesystem. atime, ctime and inode numbers are not covered; nested btrfs "
             "subvolumes are skipped."
         ),
-        epilog="example: btrdelta tree-sum --compare /mnt/received/B /mnt/src/B",
+        epilog=examples("btrdelta tree-sum /mnt/received/B",
+                        "btrdelta tree-sum --compare /mnt/received/B /mnt/src/B",
+                        "btrdelta tree-sum --json --holes /mnt/received/B"),
     )
     p.add_argument("dir", help="root of the tree")
     p.add_argument("--holes", action="store_true", help="also cover the data/hole layout")
@@ -31,6 +35,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--manifest", action="store_true", help="print one line per entry")
     p.add_argument("--compare", metavar="OTHER",
                    help="compare with another tree; list differences, exit 1 if any")
+    add_json(p, "the sum (the manifest's lines, the differences)")
     p.set_defaults(func=run)
 
 
@@ -43,16 +48,29 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.compare:
         diffs = diff_manifests(tree_manifest(args.dir, **opts), tree_manifest(args.compare, **opts))
-        for line in diffs:
-            print(line)
+        if args.json:
+            print(json.dumps({"dir": args.dir, "other": args.compare, "equal": not diffs,
+                              "differences": diffs}))
+        else:
+            for line in diffs:
+                print(line)
         if diffs:
             print(f"trees differ: {args.dir} {args.compare}", file=sys.stderr)
             return 1
-        print(f"trees are equal: {args.dir} {args.compare}")
+        if not args.json:
+            print(f"trees are equal: {args.dir} {args.compare}")
         return 0
     if args.manifest:
-        for entry in tree_manifest(args.dir, **opts):
-            print(entry.line())
+        entries = (entry.line() for entry in tree_manifest(args.dir, **opts))
+        if args.json:
+            print(json.dumps({"dir": args.dir, "entries": list(entries)}))
+        else:
+            for line in entries:
+                print(line)
         return 0
-    print(f"{tree_sum(args.dir, **opts)}  {args.dir}")
+    total = tree_sum(args.dir, **opts)
+    if args.json:
+        print(json.dumps({"dir": args.dir, "sum": total}))
+    else:
+        print(f"{total}  {args.dir}")
     return 0

@@ -93,7 +93,8 @@ def decode_stream_header(buf: Any) -> int:
     """Validate a 17-byte stream header and return its version."""
     magic, version = STREAM_HEADER.unpack_from(buf, 0)
     if magic != MAGIC:
-        raise StreamFormatError(f"bad magic {bytes(magic)[:13]!r}, not a btrfs send stream")
+        raise StreamFormatError(
+            f"bad magic (starts {bytes(magic)[:13].hex(' ')}), not a btrfs send stream")
     if version not in SUPPORTED_VERSIONS:
         raise UnsupportedVersionError(f"unsupported stream version {version}")
     return int(version)

@@ -1,0 +1,137 @@
+"""One spelling across commands: ``-`` for stdin, ``-q``, ``--progress`` (plain lines in a
+file, percentage when the size is known), ``--json`` on standard output; examples in every
+``--help``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from btrdelta.cli import build_parser
+from btrdelta.stream import StreamReader
+from btrdelta.stream.records import Subvol
+from tests.cli.test_mistakes import COMMANDS
+from tests.conftest import committed_streams
+
+FULL = next(s for s in committed_streams() if ".A." in s.name)
+BTRDELTA = [sys.executable, "-m", "btrdelta"]
+
+
+def _run(*args: str | Path, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*BTRDELTA, *map(str, args)], input=stdin, capture_output=True,
+                          check=False, **({"text": True} if stdin is None else {}))
+
+
+def _uuid_of(stream: Path) -> str:
+    with open(stream, "rb") as f:
+        return str(next(e for e in StreamReader(f).events() if isinstance(e, Subvol)).uuid)
+
+
+def test_every_help_has_an_example() -> None:
+    parsers = [build_parser(), *(p for _, p in COMMANDS)]
+    for p in parsers:
+        text = p.format_help()
+        assert "example" in text, p.prog
+        assert any(line.strip().startswith(("btrdelta ", "btrfs send")) for line in
+                   text.split("example", 1)[1].splitlines()), p.prog
+        # long lines of the examples are kept as written, paragraphs are wrapped
+        assert max(len(line) for line in text.splitlines()) <= 100, p.prog
+
+
+def test_receive_stdin_dash_quiet_and_json(tmp_path: Path) -> None:
+    proc = subprocess.run([*BTRDELTA, "receive", "-q", "--json", "-", str(tmp_path)],
+                          input=FULL.read_bytes(), capture_output=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == b""  # -q: not even "At subvol"
+    report = json.loads(proc.stdout)
+    (sv,) = report["subvolumes"]
+    assert sv["uuid"] == _uuid_of(FULL)
+    assert Path(sv["path"]).is_dir()
+    assert sv["records"] > 0
+    assert report["dry_run"] is False
+
+
+def test_receive_progress_in_a_file_is_plain_with_a_percentage(tmp_path: Path) -> None:
+    proc = _run("receive", "--progress", FULL, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stderr
+    assert "\x1b" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[0].startswith("At subvol ")
+    assert "100%" in lines[-1]
+    assert "records" in lines[-1]
+
+
+def test_receive_without_progress_in_a_file_says_only_at_subvol(tmp_path: Path) -> None:
+    proc = _run("receive", "-f", FULL, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == [f"At subvol {FULL.name.split('.')[0]}-A"]
+
+
+def test_json_goes_to_stdout(tmp_path: Path) -> None:
+    verify = json.loads(_run("verify", "--json", FULL).stdout)
+    assert verify["ok"] is True
+    assert verify["kind"] == "stream"
+    assert verify["commands"] > 0
+    stat = json.loads(_run("stat", "--json", FULL).stdout)
+    assert stat["records"] == verify["commands"]
+    old = tmp_path / "old"
+    old.mkdir()
+    made = _run("delta", "make", "-q", "--json", "-f", FULL, "--old", old, "-o",
+                tmp_path / "d")
+    assert made.returncode == 0, made.stderr
+    assert made.stderr == ""
+    assert json.loads(made.stdout)["input_bytes"] == FULL.stat().st_size
+    expanded = _run("delta", "expand", "--json", "-f", tmp_path / "d", "--old", old, "-o",
+                    tmp_path / "s")
+    assert json.loads(expanded.stdout)["output_bytes"] == FULL.stat().st_size
+    assert (tmp_path / "s").read_bytes() == FULL.read_bytes()
+    tree = json.loads(_run("tree-sum", "--json", old).stdout)
+    assert tree == {"dir": str(old), "sum": tree["sum"]}
+    sent = json.loads(_run("send", "--json", "-q", old, "-f", tmp_path / "o.s").stdout)
+    assert sent["records"] > 0
+    assert sent["uuid"] == _uuid_of(tmp_path / "o.s")
+
+
+@pytest.mark.parametrize("argv", [
+    ["send", "--json", "{old}"],
+    ["delta", "make", "--json", "--old", "{old}", "-f", str(FULL)],
+    ["delta", "expand", "--json", "--old", "{old}", "-f", str(FULL)],
+])
+def test_json_with_the_payload_on_stdout_is_a_usage_error(tmp_path: Path,
+                                                         argv: list[str]) -> None:
+    proc = _run(*(a.format(old=tmp_path) for a in argv))
+    assert proc.returncode == 2
+    assert "--json prints on standard output" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_delta_expand_shows_progress(tmp_path: Path) -> None:
+    old = tmp_path / "old"
+    old.mkdir()
+    assert _run("delta", "make", "-f", FULL, "--old", old, "-o", tmp_path / "d").returncode == 0
+    proc = _run("delta", "expand", "--progress", "-f", tmp_path / "d", "--old", old, "-o",
+                tmp_path / "s")
+    assert proc.returncode == 0, proc.stderr
+    assert "delta expand:" in proc.stderr
+    assert "100%" in proc.stderr
+    assert "\r" not in proc.stderr
+
+
+def test_verify_accepts_a_delta_stream(tmp_path: Path) -> None:
+    old = tmp_path / "old"
+    old.mkdir()
+    assert _run("delta", "make", "-f", FULL, "--old", old, "-o", tmp_path / "d").returncode == 0
+    report = json.loads(_run("verify", "--json", tmp_path / "d").stdout)
+    assert report["kind"] == "delta"
+    assert report["content_bytes"] == FULL.stat().st_size
+    damaged = bytearray((tmp_path / "d").read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    (tmp_path / "bad").write_bytes(bytes(damaged))
+    proc = _run("verify", tmp_path / "bad")
+    assert proc.returncode in (3, 5)
+    assert proc.stderr.count("\n") == 1

@@ -1,0 +1,228 @@
+"""Every subcommand against the mistakes users make: one line, an exit code of the table.
+
+The commands are discovered from the parser, so a new command is covered the day it is
+added. Each argument a command requires (positionals and required options) is given the
+same wrong value: a missing path, a directory, a file of garbage, a zstd-compressed stream,
+an unreadable file (as an unprivileged user, as is every run marked "nobody"). Servers get
+a busy port. Whatever the command makes of it, it must end (no hang), exit 0 or with a code
+of ``errors.exit_codes()``, and on failure print exactly one line on standard error,
+naming the command, never a traceback or a Python repr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from btrdelta.cli import build_parser
+from btrdelta.errors import exit_codes
+from tests.conftest import committed_streams
+
+STREAM = next(s for s in committed_streams() if ".A." in s.name)  # a full stream
+CODES = {code for code, _ in exit_codes()}
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+#: what a user's mistake must never show
+LEAKS = ("Traceback", "internal error", "Errno", "b'", 'b"', "PosixPath(", "object at 0x")
+
+
+def leaves(parser: argparse.ArgumentParser,
+           words: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...],
+                                                          argparse.ArgumentParser]]:
+    """Every runnable command (``("delta", "make")``...) with its parser."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield words, parser
+        return
+    for name, child in subs[0].choices.items():
+        yield from leaves(child, (*words, name))
+
+
+COMMANDS = sorted(leaves(build_parser()), key=lambda c: c[0])
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[Path]:
+    """A directory an unprivileged user can reach (pytest's own is 0700)."""
+    root = Path(tempfile.mkdtemp(prefix="btrdelta-mistakes-"))
+    root.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def busy_port() -> Iterator[int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+def _value(kind: str, where: Path) -> str:
+    """A fresh wrong value of ``kind`` in ``where`` (runs do not share files)."""
+    v = where / "v"
+    if kind == "missing":
+        return str(where / "nonexistent" / "v")
+    if kind.startswith("dir"):
+        v.mkdir()
+        v.chmod(0o777)
+    elif kind == "garbage":
+        v.write_bytes(bytes(range(256)) * 20)
+    elif kind == "zstd":
+        subprocess.run(["zstd", "-q", "-f", str(STREAM), "-o", str(v)], check=True)
+    elif kind == "unreadable":
+        v.write_bytes(b"secret\n" * 10)
+        v.chmod(0)
+    return str(v)
+
+
+def _argv(words: tuple[str, ...], parser: argparse.ArgumentParser, value: str,
+          port: int) -> list[str]:
+    argv = list(words)
+    for a in parser._actions:
+        if a.option_strings:
+            if a.required:
+                argv += [a.option_strings[0], value]
+            elif "--port" in a.option_strings:
+                argv += ["--port", str(port)]
+            elif "--listen" in a.option_strings:
+                argv += ["--listen", f"127.0.0.1:{port}"]
+        elif a.dest != "help":
+            argv.append(value)
+    return argv
+
+
+def run_cli(argv: list[str], *, nobody: bool = False, cwd: Path | None = None,
+            stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    cmd = [sys.executable, "-m", "btrdelta", *argv]
+    if nobody:
+        cmd = [*NOBODY, *cmd]
+    return subprocess.run(cmd, input=stdin, stdin=None if stdin is not None else
+                          subprocess.DEVNULL, capture_output=True, timeout=60, cwd=cwd,
+                          check=False)
+
+
+def check(proc: subprocess.CompletedProcess[bytes], what: str) -> str:
+    """The run ended well: a table code, and one clean line on failure; returns it."""
+    err = proc.stderr.decode(errors="replace")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode in CODES, f"{what}: exit {proc.returncode}: {err}"
+    for leak in LEAKS:
+        assert leak not in err, f"{what}: {leak!r} in {err}"
+    if proc.returncode:
+        assert len(lines) == 1, f"{what}: {len(lines)} lines: {err}"
+        assert lines[0].startswith("btrdelta"), f"{what}: {err}"
+    return lines[0] if lines else ""
+
+
+KINDS = ["missing", "dir", "garbage", "zstd", "unreadable", "dir-nobody"]
+
+
+def test_commands_are_discovered() -> None:
+    names = {" ".join(w) for w, _ in COMMANDS}
+    assert {"receive", "send", "delta make", "delta expand", "verify", "image clone"} <= names
+
+
+def test_every_command_against_wrong_values(world: Path, busy_port: int) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("runs commands as an unprivileged user with setpriv (needs root)")
+    jobs = []
+    for words, parser in COMMANDS:
+        for kind in KINDS:
+            where = Path(tempfile.mkdtemp(dir=world))
+            where.chmod(0o755)
+            argv = _argv(words, parser, _value(kind, where), busy_port)
+            nobody = kind in ("unreadable", "dir-nobody")
+            jobs.append((f"{' '.join(words)} [{kind}]: {' '.join(argv)}", argv, nobody, where))
+
+    Job = tuple[str, list[str], bool, Path]
+
+    def one(job: Job) -> tuple[str, subprocess.CompletedProcess[bytes]]:
+        what, argv, nobody, where = job
+        return what, run_cli(argv, nobody=nobody, cwd=where)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(one, jobs))
+    failures = []
+    for what, proc in results:
+        try:
+            check(proc, what)
+        except AssertionError as exc:
+            failures.append(str(exc))
+    assert not failures, "\n".join(failures)
+
+
+def test_input_twice_is_a_usage_error(tmp_path: Path) -> None:
+    # every command with -f FILE and a positional FILE: both at once is exit 2
+    both = [(w, p) for w, p in COMMANDS
+            if any("-f" in a.option_strings and a.dest == "file" for a in p._actions)
+            and any(a.dest == "input" for a in p._actions)]
+    assert len(both) >= 6
+    for words, _ in both:
+        argv = [*words, "-f", str(STREAM), str(STREAM)]
+        if words[0] == "receive":
+            argv.append(str(tmp_path))
+        if words[0] == "delta" and words[1] in ("make", "expand"):
+            argv += ["--old", str(tmp_path), "-o", str(tmp_path / "out")]
+        if words == ("sign",):
+            argv += ["--key", str(tmp_path / "k")]
+        proc = run_cli(argv)
+        assert proc.returncode == 2, (words, proc.stderr)
+        assert "either with -f or as an argument" in check(proc, " ".join(words))
+
+
+def test_argparse_mistakes_are_one_line() -> None:
+    for argv in (["receive", "--no-such-option", "x"], ["send"], ["nosuchcommand"],
+                 ["image", "nbd", "store/x", "--listen", "bogus"],
+                 ["serve", ".", "--port", "99999"]):
+        proc = run_cli(argv)
+        assert proc.returncode == 2, argv
+        line = check(proc, " ".join(argv))
+        assert "--help" in line
+
+
+def test_old_snapshot_missing_is_exit_6(tmp_path: Path) -> None:
+    for sub in ("make", "expand"):
+        proc = run_cli(["delta", sub, "--old", str(tmp_path / "nonexistent"), "-f",
+                        str(STREAM), "-o", str(tmp_path / "out")])
+        assert proc.returncode == 6
+        assert "old snapshot not found" in check(proc, sub)
+        assert not (tmp_path / "out").exists()
+
+
+def test_receive_as_a_user_says_it_needs_root(world: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run as another user")
+    dest = Path(tempfile.mkdtemp(dir=world))
+    dest.chmod(0o777)
+    stream = dest / "s.stream"
+    shutil.copy(STREAM, stream)
+    stream.chmod(0o644)
+    proc = run_cli(["receive", "-f", str(stream), str(dest)], nobody=True)
+    assert proc.returncode == 8
+    line = check(proc, "receive as nobody")
+    assert "needs root" in line
+    assert "uid 65534" in line
+    assert [p.name for p in dest.iterdir()] == ["s.stream"]  # nothing left behind
+
+
+def test_servers_name_a_busy_port_and_a_bad_address(tmp_path: Path, busy_port: int) -> None:
+    cases = [
+        (["serve", str(tmp_path), "--port", str(busy_port)], f"127.0.0.1:{busy_port}"),
+        (["serve", str(tmp_path), "--bind", "999.1.1.1", "--port", "0"], "999.1.1.1"),
+        (["serve", str(tmp_path), "--bind", "no-such-host.invalid", "--port", "0"],
+         "no-such-host.invalid"),
+    ]
+    for argv, named in cases:
+        proc = run_cli(argv)
+        assert proc.returncode == 1, argv
+        assert named in check(proc, " ".join(argv))
