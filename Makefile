@@ -4,7 +4,11 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: all sysdeps venv demo test lint bench vmtest soak clean
+PREFIX  ?= /usr/local
+SHARE_FILES := $(wildcard share/man/man1/*.1) share/bash-completion/completions/btrdelta \
+               share/zsh/site-functions/_btrdelta
+
+.PHONY: all sysdeps venv demo test lint bench vmtest soak clean cli-files install-cli-files
 all: test
 
 sysdeps:
@@ -19,7 +23,12 @@ $(STAMP): pyproject.toml setup.py $(CSRC)
 	@$(BIN)/python -m pip install -q -e '.[test,dev]'
 	@touch $(STAMP)
 
-venv: $(STAMP)
+# man pages and completions into the venv (an editable install skips data files)
+$(VENV)/.cli-files: $(STAMP) $(SHARE_FILES)
+	@$(MAKE) -s install-cli-files PREFIX=$(CURDIR)/$(VENV)
+	@touch $@
+
+venv: $(STAMP) $(VENV)/.cli-files
 
 demo: sysdeps venv
 	@PATH="$(CURDIR)/$(BIN):$$PATH" scripts/demo.sh
@@ -53,3 +62,17 @@ bench: sysdeps venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+# man pages and bash/zsh completion, generated from the parser (committed; a test checks them)
+cli-files: venv
+	$(BIN)/python scripts/gen_cli_files.py
+
+# install them under $(DESTDIR)$(PREFIX)/share (a wheel installs them under its prefix too)
+install-cli-files:
+	install -d $(DESTDIR)$(PREFIX)/share/man/man1 \
+	  $(DESTDIR)$(PREFIX)/share/bash-completion/completions \
+	  $(DESTDIR)$(PREFIX)/share/zsh/site-functions
+	install -m 644 share/man/man1/*.1 $(DESTDIR)$(PREFIX)/share/man/man1/
+	install -m 644 share/bash-completion/completions/btrdelta \
+	  $(DESTDIR)$(PREFIX)/share/bash-completion/completions/
+	install -m 644 share/zsh/site-functions/_btrdelta $(DESTDIR)$(PREFIX)/share/zsh/site-functions/

@@ -135,3 +135,40 @@ def test_verify_accepts_a_delta_stream(tmp_path: Path) -> None:
     proc = _run("verify", tmp_path / "bad")
     assert proc.returncode in (3, 5)
     assert proc.stderr.count("\n") == 1
+
+
+def _documented_keys() -> dict[str, set[str]]:
+    """Top-level keys per ``## `btrdelta ... --json``` section of docs/cli-json.md."""
+    text = (Path(__file__).parents[2] / "docs" / "cli-json.md").read_text()
+    out: dict[str, set[str]] = {}
+    for section in text.split("\n## ")[1:]:
+        title, _, body = section.partition("\n")
+        keys = {line.split("`")[1] for line in body.splitlines()
+                if line.startswith("| `")}
+        if keys:
+            out[title] = keys
+    return out
+
+
+def test_json_keys_are_the_documented_ones(tmp_path: Path) -> None:
+    docs = _documented_keys()
+    old = tmp_path / "old"
+    old.mkdir()
+    runs = {
+        "`btrdelta receive --json`": ["receive", "-q", "--json", FULL, tmp_path],
+        "`btrdelta send --json`": ["send", "-q", "--json", old, "-f", tmp_path / "o.s"],
+        "`btrdelta verify --json`": ["verify", "--json", FULL],
+        "`btrdelta stat --json` (a send stream)": ["stat", "--json", FULL],
+        "`btrdelta delta make --json`": ["delta", "make", "-q", "--json", "-f", FULL,
+                                         "--old", old, "-o", tmp_path / "d"],
+        "`btrdelta stat --json` and `btrdelta delta stat --json` (a delta stream)":
+            ["delta", "stat", "--json", tmp_path / "d"],
+        "`btrdelta delta expand --json`": ["delta", "expand", "--json", "-f", tmp_path / "d",
+                                           "--old", old, "-o", tmp_path / "s"],
+        "`btrdelta tree-sum --json`": ["tree-sum", "--json", old],
+    }
+    assert set(runs) == set(docs)
+    for title, argv in runs.items():
+        proc = _run(*argv)
+        assert proc.returncode == 0, (title, proc.stderr)
+        assert set(json.loads(proc.stdout)) == docs[title], title

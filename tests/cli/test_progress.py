@@ -90,3 +90,14 @@ def test_a_real_terminal(tmp_path: object) -> None:
         os.close(slave)
     assert "send" in out
     assert "3files" in out.replace(" ", "")
+
+
+def test_more_than_announced_never_shows_past_100_percent() -> None:
+    log = io.StringIO()
+    p = Progress("update", enabled=True, total=100, stream=log)
+    p.update(150)
+    p.close()
+    line = log.getvalue().splitlines()[-1]
+    assert "150 B of 150 B" in line
+    assert "100%" in line
+    assert "ETA 0s" in line

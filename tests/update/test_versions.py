@@ -389,7 +389,8 @@ def test_progress_goes_to_stderr_only_when_asked(
     rc, out, err = _update(server.url, tmp_path / "a", pub, "--progress", capsys=capsys)
     assert rc == 0
     assert "hop 1/" in err
-    assert "B/s ETA" in err
+    assert "B/s, 100%, ETA" in err  # bytes of the plan: rate, percentage, ETA
+    assert "\r" not in err
     assert "v9 is in" in out
 
 

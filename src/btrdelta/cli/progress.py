@@ -102,6 +102,8 @@ class Progress:
         after the figures (e.g. ``"12 files"``)."""
         if not self.enabled:
             return
+        if self.total is not None and done > self.total and (total is None or done > total):
+            total = done  # more than announced (retries, metadata): never past 100%
         if total is not None and total != self.total:
             self.total = total
             if self._bar is not None:

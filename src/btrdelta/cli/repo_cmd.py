@@ -7,14 +7,15 @@ import json
 import sys
 from typing import Any
 
-from ..errors import BtrdeltaError
-from ._common import Progress, human_bytes, parse_size
+from ..errors import BtrdeltaError, UsageError
+from ._common import add_jobs, add_json, examples, human_bytes, parse_size
+from .progress import Progress, add_progress_options, progress_wanted
 
 _EPILOG = """\
 examples:
   btrdelta repo init www/app
   btrdelta repo add www/app 1.0 /build/app-1.0          # a tree, a ro snapshot or a full stream
-  btrdelta repo add www/app 1.1 /build/app-1.1 --parallel 4
+  btrdelta repo add www/app 1.1 /build/app-1.1 -j 4
   btrdelta repo sign www/app --key root.key --timestamp-key timestamp.key --expires 7d
   btrdelta repo sign www/app --timestamp-key timestamp.key --expires 7d   # cron: timestamp only
   btrdelta repo ls www/app          (or: btrdelta repo ls https://mirror/app --key root.pub)
@@ -44,50 +45,65 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         return 2
 
     p.set_defaults(func=usage)
-    i = rsub.add_parser("init", help="create an empty repository")
+    i = rsub.add_parser("init", help="create an empty repository",
+                        epilog=examples("btrdelta repo init www/app",
+                                        "btrdelta repo init www/app --avg-chunk 256K"))
     i.add_argument("repo", metavar="REPO")
     i.add_argument("--avg-chunk", type=parse_size, default=64 << 10, metavar="SIZE",
                    help="average chunk size of fulls (default 64K)")
     i.add_argument("--level", type=int, default=12, help="zstd level of chunks (default 12)")
     i.set_defaults(func=run_init)
 
-    a = rsub.add_parser("add", help="add the next release (full + deltas)")
+    a = rsub.add_parser(
+        "add", help="add the next release (full + deltas)",
+        epilog=examples("btrdelta repo add www/app 1.1 /build/app-1.1 -j 4",
+                        "btrdelta repo add www/app 1.2 /snap/app-1.2     # a ro btrfs snapshot",
+                        "btrdelta repo add www/app 1.3 rel-1.3.stream --plan-only > jobs.json"))
     a.add_argument("repo", metavar="REPO")
     a.add_argument("version", metavar="VERSION")
     a.add_argument("source", metavar="SOURCE", nargs="?",
                    help="directory tree, read-only btrfs snapshot, or full send stream "
                    "(not needed to finish a version whose jobs are pending)")
-    a.add_argument("--parallel", type=int, default=1, metavar="N",
-                   help="make deltas in N processes")
+    add_jobs(a, 1, "make deltas in N processes (default 1)")
+    a.add_argument("--parallel", dest="jobs", type=int, help=argparse.SUPPRESS)  # old name
     a.add_argument("--plan-only", action="store_true",
                    help="store the full, write the delta jobs and print them as JSON")
     a.add_argument("--no-verify", action="store_true",
                    help="do not check each delta by applying it")
-    a.add_argument("--json", action="store_true", help="print the report as JSON")
-    a.add_argument("--progress", action="store_true", help="show progress on stderr")
+    add_json(a, "the report")
+    add_progress_options(a)
     a.set_defaults(func=run_add)
 
-    j = rsub.add_parser("run-job", help="run one delta job written by `repo add --plan-only`")
+    j = rsub.add_parser("run-job", help="run one delta job written by `repo add --plan-only`",
+                        epilog=examples("btrdelta repo run-job www/app/.btrdelta/jobs/1.3/"
+                                        "1.1-1.3.json --work /scratch"))
     j.add_argument("job", metavar="JOB.json")
     j.add_argument("--work", metavar="DIR", help="scratch directory (default: $TMPDIR)")
-    j.add_argument("--jobs", type=int, default=None, help="diff threads (default: CPUs)")
+    add_jobs(j, None, "diff threads (default: CPUs)")
     j.set_defaults(func=run_job)
 
-    s = rsub.add_parser("sign", help="sign the index (root key) and the timestamp")
+    s = rsub.add_parser(
+        "sign", help="sign the index (root key) and the timestamp",
+        epilog=examples(
+            "btrdelta repo sign www/app --key root.key --timestamp-key ts.key --expires 7d",
+            "btrdelta repo sign www/app --timestamp-key ts.key --expires 1d   # cron"))
     s.add_argument("repo", metavar="REPO")
     s.add_argument("--key", metavar="ROOT_KEY", help="root private key: sign a new index")
     s.add_argument("--timestamp-key", metavar="KEY",
                    help="timestamp private key (default: the root key)")
-    s.add_argument("--expires", default="7d", metavar="AGE",
+    s.add_argument("--expires", default="7d", metavar="AGE", type=parse_age,
                    help="timestamp lifetime (default 7d; s m h d suffixes)")
-    s.add_argument("--index-expires", default="365d", metavar="AGE",
+    s.add_argument("--index-expires", default="365d", metavar="AGE", type=parse_age,
                    help="index lifetime (default 365d)")
     s.set_defaults(func=run_sign)
 
-    ls = rsub.add_parser("ls", help="versions, artifacts and sizes of a repository")
+    ls = rsub.add_parser(
+        "ls", help="versions, artifacts and sizes of a repository",
+        epilog=examples("btrdelta repo ls www/app",
+                        "btrdelta repo ls https://mirror.example/app --key root.pub --json"))
     ls.add_argument("repo", metavar="REPO|URL")
     ls.add_argument("--key", metavar="ROOT_PUB", help="verify the index (URLs)")
-    ls.add_argument("--json", action="store_true", help="print JSON")
+    add_json(ls, "the listing")
     ls.set_defaults(func=run_ls)
     g = rsub.add_parser(
         "gc", help="remove files no version or kept index refers to",
@@ -96,14 +112,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "bins only they name, temporary files of killed writers, the publisher's scratch "
         "space. What the catalog or a kept index names is never touched, so mirrors may "
         "sync at any time (rsync --delete removes the same files there).",
-        epilog="example: btrdelta repo gc /srv/repo --dry-run; btrdelta repo gc /srv/repo "
-        "--keep-indexes 3")
+        epilog=examples("btrdelta repo gc /srv/repo --dry-run",
+                        "btrdelta repo gc /srv/repo --keep-indexes 3"))
     g.add_argument("repo", metavar="REPO")
     g.add_argument("--keep-indexes", type=int, default=2, metavar="N",
                    help="signed indexes kept, newest first (default 2: a mirror one sign "
                         "behind still serves a whole state)")
     g.add_argument("--dry-run", action="store_true", help="only say what would be removed")
-    g.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_json(g, "the report")
     g.set_defaults(func=run_gc)
 
 
@@ -130,11 +146,17 @@ def run_add(args: argparse.Namespace) -> int:
     """``repo add``."""
     from ..update.publish import add_release
 
-    progress = Progress(Progress.wanted(args), "repo add: ")
-    report = add_release(args.repo, args.version, args.source, parallel=max(1, args.parallel),
-                         plan_only=args.plan_only, verify=not args.no_verify,
-                         on_progress=progress.update)
-    progress.done()
+    shown = progress_wanted(args)
+    progress = Progress("repo add", enabled=shown)
+
+    def say(step: str) -> None:
+        if shown:
+            progress.message(f"repo add: {step}")
+
+    with progress:
+        report = add_release(args.repo, args.version, args.source,
+                             parallel=max(1, args.jobs), plan_only=args.plan_only,
+                             verify=not args.no_verify, on_progress=say)
     if args.plan_only:
         from ..update.publish import Repo
 
@@ -151,6 +173,8 @@ def run_add(args: argparse.Namespace) -> int:
             "deltas": [{"from": a, "bytes": n, "seconds": round(t, 3)}
                        for a, n, t in report.deltas],
             "seconds": round(report.seconds, 3)}, indent=1))
+        return 0
+    if args.quiet:
         return 0
     print(f"{report.version} (#{report.position}): stream {human_bytes(report.stream_size)}, "
           f"{report.new_chunks} of {report.chunks} chunks new "
@@ -176,9 +200,9 @@ def run_sign(args: argparse.Namespace) -> int:
     from ..update.sign import sign_repo
 
     if not args.key and not args.timestamp_key:
-        raise SystemExit("btrdelta repo sign: give --key (new index) or --timestamp-key")
+        raise UsageError("give --key (new index) or --timestamp-key")
     res = sign_repo(args.repo, root_key=args.key, timestamp_key=args.timestamp_key,
-                    expires=parse_age(args.expires), index_expires=parse_age(args.index_expires))
+                    expires=args.expires, index_expires=args.index_expires)
     print(res)
     return 0
 

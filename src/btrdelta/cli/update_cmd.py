@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from typing import Any
 
-from ._common import Progress, human_bytes
+from ._common import add_json, human_bytes
 from .http_options import add_http_options, http_config
+from .progress import Progress, add_progress_options, progress_wanted
 
 _EPILOG = """\
 examples:
@@ -40,50 +40,40 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--mirror", action="append", default=[], metavar="URL",
                    help="another mirror, tried when one fails (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the plan, download nothing")
-    p.add_argument("--json", action="store_true", help="print the plan and result as JSON")
-    p.add_argument("--progress", action="store_true",
-                   help="progress on stderr even when it is not a terminal")
+    add_json(p, "the plan and the result")
+    add_progress_options(p)
     add_http_options(p, retries=2)
     p.set_defaults(func=run)
 
 
 class _Reporter:
-    """Turns update events into a progress line: bytes, rate, ETA, hop."""
+    """Turns update events into progress: bytes of the plan downloaded (rate, percentage,
+    ETA) and the hop being worked on."""
 
     def __init__(self, progress: Progress, as_json: bool) -> None:
         self.progress = progress
         self.as_json = as_json
-        self.total = 0
         self.done = 0
-        self.start = time.monotonic()
         self.hop = ""
 
     def __call__(self, ev: dict[str, Any]) -> None:
         kind = ev["event"]
         if kind == "plan":
-            self.total = int(ev["to_download"])
-            self.start = time.monotonic()
+            self.progress.update(0, total=int(ev["to_download"]) or None)
             if not self.as_json:
                 _print_plan(ev)
         elif kind in ("fetch", "apply"):
             what = f"{ev['from']} -> {ev['to']}" if ev["from"] else f"full {ev['to']}"
             self.hop = f"hop {ev['hop']}/{ev['hops']} {kind} {what}"
-            self._show(force=True)
+            if self.progress.enabled:
+                self.progress.message(f"update: {self.hop}")
+            self.progress.update(self.done, note=self.hop)
         elif kind == "bytes":
             self.done += int(ev["n"])
-            self._show()
+            self.progress.update(self.done, note=self.hop)
         elif kind == "seed":
             self.hop = f"regenerating {ev['version']} as a seed"
-            self._show(force=True)
-
-    def _show(self, force: bool = False) -> None:
-        secs = max(time.monotonic() - self.start, 1e-6)
-        rate = self.done / secs
-        left = max(0, self.total - self.done)
-        eta = f"{left / rate:.0f} s" if rate > 0 and left else "-"
-        self.progress.update(
-            f"{self.hop}: {human_bytes(self.done)}/{human_bytes(self.total)} "
-            f"{human_bytes(rate)}/s ETA {eta}", force=force)
+            self.progress.update(self.done, note=self.hop)
 
 
 def _print_plan(ev: dict[str, Any]) -> None:
@@ -105,16 +95,14 @@ def run(args: argparse.Namespace) -> int:
     from ..update.versions import update
 
     config = http_config(args)
-    progress = Progress(Progress.wanted(args) and not args.dry_run, "update: ")
-    reporter = _Reporter(progress, args.json)
-    try:
+    progress = Progress("update", enabled=progress_wanted(args) and not args.dry_run)
+    reporter = _Reporter(progress, args.json or args.quiet)
+    with progress:
         result = update(args.url, args.dest, to=args.to, key=args.key, mirrors=args.mirror,
                         dry_run=args.dry_run, on_event=reporter, config=config)
-    finally:
-        progress.done()
     if args.json:
         print(json.dumps(result.to_json(), indent=1))
-    elif not args.dry_run and result.plan.steps:
+    elif not args.dry_run and result.plan.steps and not args.quiet:
         print(f"{result.target} is in {result.path} ({human_bytes(result.received)} "
               f"received in {result.seconds:.1f} s)")
     return 0

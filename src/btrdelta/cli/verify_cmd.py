@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"input": name, "ok": True, "kind": "stream", "streams": sink.streams,
                           "versions": sink.versions, "commands": sink.records, "bytes": size,
-                          "signed_by": None}))
+                          "content_bytes": size, "signed_by": None}))
     elif not args.quiet:
         print(f"{name}: OK, {sink.streams} stream(s), {sink.records} commands, "
               f"{human_bytes(size)}")
@@ -104,7 +104,7 @@ def _verify_delta(args: argparse.Namespace, name: str, f: BinaryIO) -> int:
     info = payload_digest(f, source=name)
     if args.json:
         print(json.dumps({"input": name, "ok": True, "kind": "delta", "streams": info.streams,
-                          "commands": info.commands, "bytes": info.size,
+                          "versions": None, "commands": info.commands, "bytes": info.size,
                           "content_bytes": info.content.size, "signed_by": None}))
     elif not args.quiet:
         print(f"{name}: OK, delta stream ({human_bytes(info.size)}) of {info.streams} "
@@ -126,7 +126,7 @@ def _verify_signed(args: argparse.Namespace, name: str) -> int:
     kid = verify(sig, keys, info.content, CONTEXT_STREAM, source=name)
     if args.json:
         print(json.dumps({"input": name, "ok": True, "kind": info.kind,
-                          "streams": info.streams, "commands": info.commands,
+                          "streams": info.streams, "versions": None, "commands": info.commands,
                           "bytes": info.size, "content_bytes": info.content.size,
                           "signed_by": kid}))
     elif not args.quiet:
