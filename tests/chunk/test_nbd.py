@@ -197,7 +197,7 @@ def test_cli_listen_errors_are_one_line(
         port = busy.getsockname()[1]
         assert main(["image", "nbd", target, "--listen", f"127.0.0.1:{port}"]) == 1
         assert capsys.readouterr().err.strip().splitlines() == [
-            f"btrdelta image: error: cannot listen on 127.0.0.1:{port}: address already in "
+            f"btrdelta image nbd: error: cannot listen on 127.0.0.1:{port}: address already in "
             "use (another server on that port?)"]
     assert main(["image", "nbd", target, "--tls-cert", f"{tmp_path}/none.pem"]) == 1
     err = capsys.readouterr().err.strip().splitlines()

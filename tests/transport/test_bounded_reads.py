@@ -40,7 +40,7 @@ def _one_line_error(proc: subprocess.CompletedProcess[str], code: int, text: str
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == code, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert err[-1].startswith("btrdelta image: error: "), proc.stderr
+    assert err[-1].startswith("btrdelta image clone: error: "), proc.stderr
     assert text in err[-1], proc.stderr
     # anything before the error is one line per retry
     assert all(" attempt " in line for line in err[:-1]), proc.stderr

@@ -58,7 +58,7 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
 def _one_line(err: str, text: str) -> None:
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    assert lines[0].startswith("btrdelta image: error: "), err
+    assert lines[0].startswith("btrdelta image clone: error: "), err
     assert text in lines[0], err
 
 

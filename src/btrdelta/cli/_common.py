@@ -112,7 +112,8 @@ def open_input(name: str) -> Iterator[BinaryIO]:
     """Open ``name`` for binary reading; ``-`` is standard input.
 
     Raises:
-        BtrdeltaError: standard input is a terminal, or ``name`` is a directory.
+        BtrdeltaError: standard input is a terminal.
+        OSError: ``name`` cannot be opened (a directory: ``IsADirectoryError``).
     """
     if name == "-":
         if sys.stdin.isatty():
@@ -120,8 +121,6 @@ def open_input(name: str) -> Iterator[BinaryIO]:
         yield sys.stdin.buffer
         return
     with open(name, "rb", buffering=0) as f:
-        if stat.S_ISDIR(os.fstat(f.fileno()).st_mode):
-            raise BtrdeltaError("is a directory, not a file", source=name)
         yield f
 
 

@@ -102,8 +102,10 @@ def _headers(values: list[str]) -> tuple[tuple[str, str], ...]:
         try:
             with open(path, encoding="utf-8") as f:
                 lines = [line.rstrip("\r\n") for line in f]
-        except (OSError, UnicodeDecodeError) as exc:
-            raise BtrdeltaError(f"--header file not read: {exc}", path=path) from None
+        except OSError as exc:
+            raise BtrdeltaError(f"--header file not read: {exc.strerror}", path=path) from None
+        except UnicodeDecodeError:
+            raise BtrdeltaError("--header file not read: not UTF-8 text", path=path) from None
         for n, line in enumerate(lines, 1):
             if line.strip() and not line.lstrip().startswith("#"):
                 try:

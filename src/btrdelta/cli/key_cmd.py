@@ -7,6 +7,7 @@ import json
 import sys
 
 from ..trust import generate_key, key_id, load_public_key, public_key_text, save_key_pair
+from ._common import examples
 
 _EPILOG = """\
 examples:
@@ -33,7 +34,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "--key`, `image clone --key`)."
         ),
         epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 
     def usage(_args: argparse.Namespace) -> int:
@@ -46,7 +46,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "generate", help="make a new key pair: NAME.key (private) and NAME.pub",
         description="Write a new Ed25519 key pair: NAME.key (private, mode 0600) and "
                     "NAME.pub (public). Existing files are never overwritten.",
-        epilog="example: btrdelta key generate -o /secure/release",
+        epilog=examples("btrdelta key generate -o /secure/release",
+                        "btrdelta key generate -o release --json"),
     )
     g.add_argument("-o", "--output", required=True, metavar="NAME",
                    help="write NAME.key and NAME.pub")
@@ -57,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description="Print the key ID (SHA-256 of the 32 public-key bytes, the `key_id` of "
                     "signatures) and the public key as one base64 line. FILE may be a "
                     "private or a public key.",
-        epilog="example: btrdelta key show release.pub",
+        epilog=examples("btrdelta key show release.pub", "btrdelta key show --json release.key"),
     )
     s.add_argument("key", metavar="FILE", help="a private or public key file")
     s.add_argument("--json", action="store_true", help="print one JSON object")

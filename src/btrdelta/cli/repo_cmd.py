@@ -36,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "can carry: each release's full (chunked, deduplicated across releases), deltas at "
         "logarithmic distances, a signed index. Devices update with `btrdelta update`. "
         "Format: docs/formats/repository.md; workflow: docs/repository.md.",
-        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG,
     )
     rsub = p.add_subparsers(dest="repo_command", metavar="SUBCOMMAND")
 

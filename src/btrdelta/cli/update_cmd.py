@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "versions DEST holds (by content identity), plan the cheapest download over every "
         "delta and full, print the plan, then fetch, verify and apply it. See "
         "docs/repository.md.",
-        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG,
     )
     p.add_argument("url", metavar="URL", help="repository base URL (or directory)")
     p.add_argument("dest", metavar="DEST", help="directory holding versions as DEST/VERSION")
