@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any
 
-from ._common import human_bytes
+from ._common import examples, human_bytes
 from .progress import Progress, add_progress_options, progress_wanted
 
 _FS_HELP = ("the device's btrfs: where its top-level subvolume is mounted (subvolid=5), or "
@@ -26,9 +26,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "two root slots (subvolumes fed by send or delta streams), writable state "
         "subvolumes mounted as overlays, boot counting through the default subvolume and a "
         "boot-counting file, factory reset and backups. Layout: docs/device.md.",
-        epilog="example: btrdelta device init /dev/mmcblk0p3 --factory rootfs-1.stream; "
-        "btrdelta device install /dev/mmcblk0p3 1-2.delta; btrdelta device status --json",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=examples("btrdelta device init /dev/mmcblk0p3 --factory rootfs-1.stream",
+                        "btrdelta device install /dev/mmcblk0p3 1-2.delta",
+                        "btrdelta device status /dev/mmcblk0p3 --json"),
     )
     dsub = p.add_subparsers(dest="device_command", metavar="SUBCOMMAND")
 
@@ -40,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     _add_init(dsub)
     _add_install(dsub)
     s = dsub.add_parser("status", help="roots, default, trial, booted root, state subvolumes",
-                        epilog="example: btrdelta device status /mnt/top --json")
+                        epilog=examples("btrdelta device status /mnt/top --json"))
     s.add_argument("fs", metavar="FS", help=_FS_HELP)
     s.add_argument("--json", action="store_true", help="print the status document as JSON")
     s.add_argument("--booted", metavar="ROOT", help="the booted root, when / does not tell")
@@ -51,14 +51,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                      "goes back to the previous good root"),
     ):
         m = dsub.add_parser(name, help=helptext, description=helptext + ".",
-                            epilog=f"example: btrdelta device {name} /mnt/top --slot b")
+                            epilog=examples(f"btrdelta device {name} /mnt/top --slot b"))
         m.add_argument("fs", metavar="FS", help=_FS_HELP)
         m.add_argument("--slot", choices=("a", "b", "factory"),
                        help="the root (default: the booted one)")
         m.add_argument("--json", action="store_true", help="print the new status as JSON")
         m.set_defaults(func=run_verdict, verdict=name)
     r = dsub.add_parser("rollback", help="cancel a pending trial, or make the previous good "
-                        "root the default", epilog="example: btrdelta device rollback /mnt/top")
+                        "root the default", epilog=examples("btrdelta device rollback /mnt/top"))
     r.add_argument("fs", metavar="FS", help=_FS_HELP)
     r.add_argument("--json", action="store_true", help="print the new status as JSON")
     r.set_defaults(func=run_rollback)
@@ -73,7 +73,7 @@ def _add_overlay(dsub: Any) -> None:
         "each overlay state subvolume as overlayfs (lower: the root's directory, upper: "
         "state/NAME/upper) and each bind state subvolume over its path, as the initramfs "
         "does. Undo with umount -R TARGET.",
-        epilog="example: btrdelta device mount /mnt/top /mnt/sysroot; chroot /mnt/sysroot",
+        epilog=examples("btrdelta device mount /mnt/top /mnt/sysroot && chroot /mnt/sysroot"),
     )
     m.add_argument("fs", metavar="FS", help=_FS_HELP)
     m.add_argument("target", metavar="TARGET", help="an empty directory")
@@ -84,7 +84,7 @@ def _add_overlay(dsub: Any) -> None:
         "diff", help="what the overlay state subvolumes change in the root",
         description="Read each overlay's upper directory against the root: A added, "
         "M modified (copied up), D deleted (whiteout), R directory replaced (opaque).",
-        epilog="example: btrdelta device diff /mnt/top",
+        epilog=examples("btrdelta device diff /mnt/top"),
     )
     d.add_argument("fs", metavar="FS", help=_FS_HELP)
     d.add_argument("--root", choices=("a", "b", "factory"), help="the root to compare with")
@@ -99,7 +99,7 @@ def _add_reset_backup(dsub: Any) -> None:
         "release's own files) except those kept, which are snapshotted as they are; all "
         "are swapped in by one atomic rename, then the factory base (or the last good "
         "slot) becomes the default. Reboot afterwards.",
-        epilog="example: btrdelta device factory-reset /mnt/top --keep home",
+        epilog=examples("btrdelta device factory-reset /mnt/top --keep home"),
     )
     f.add_argument("fs", metavar="FS", help=_FS_HELP)
     f.add_argument("--keep", action="append", default=[], metavar="SUBVOL",
@@ -114,7 +114,7 @@ def _add_reset_backup(dsub: Any) -> None:
         "http(s) URL taking PUT): whole the first time, then incremental against the "
         "previous backup and delta-compressed against its files. DEST/SUBVOL.backups.json "
         "lists the chain.",
-        epilog="example: btrdelta device backup /mnt/top home /media/usb/backups",
+        epilog=examples("btrdelta device backup /mnt/top home /media/usb/backups"),
     )
     b.add_argument("fs", metavar="FS", help=_FS_HELP)
     b.add_argument("subvol", metavar="SUBVOL", help="state subvolume name (e.g. home)")
@@ -128,7 +128,7 @@ def _add_reset_backup(dsub: Any) -> None:
         "against the subvolume restored before it; the result against the backup's "
         "tree-sum) and swap it in place of state/SUBVOL of FS. With --to-dir, receive it "
         "below any directory instead (any filesystem).",
-        epilog="example: btrdelta device restore /mnt/top home /media/usb/backups",
+        epilog=examples("btrdelta device restore /mnt/top home /media/usb/backups"),
     )
     r.add_argument("fs", metavar="FS|DIR", help=_FS_HELP + "; or a directory with --to-dir")
     r.add_argument("subvol", metavar="SUBVOL", help="the backed-up subvolume's name")
@@ -146,8 +146,8 @@ def _add_init(dsub: Any) -> None:
         description="Receive the factory release as roots/factory (read-only), snapshot it "
         "as slots a and b, create the writable state subvolumes and the state file, and "
         "make slot a the default subvolume.",
-        epilog="example: btrdelta device init /mnt/top --factory rootfs-1.stream "
-        "--state etc:/etc:overlay --state home:/home:bind --tries 3",
+        epilog=examples("btrdelta device init /mnt/top --factory rootfs-1.stream "
+                        "--state etc:/etc:overlay --state home:/home:bind --tries 3"),
     )
     i.add_argument("fs", metavar="FS", help=_FS_HELP)
     i.add_argument("--factory", required=True, metavar="SOURCE",
@@ -186,11 +186,14 @@ def _add_install(dsub: Any) -> None:
         "tree-sum taken (and checked with --expect-sum), then the slot is committed as the "
         "next boot by one atomic step: the boot-counting file try-SLOT+TRIES. Interrupted at "
         "any point, the device still boots the old root; a re-run cleans up and completes.",
-        epilog="examples: btrdelta device install /mnt/top v1-v2.delta --expect-sum 49a0...; "
-        "btrdelta device install /dev/mmcblk0p3 v1-v2.delta --key release.pub (refused "
-        "unless v1-v2.delta.sig is a signature by release.pub); btrdelta device install "
-        "/mnt/top https://updates.example.com/os --key root.pub --to 2.1; btrdelta device "
-        "install /mnt/top https://updates.example.com/rootfs-2.bdar",
+        epilog=examples(
+            "btrdelta device install /mnt/top v1-v2.delta --expect-sum 49a0...",
+            "btrdelta device install /dev/mmcblk0p3 v1-v2.delta --key release.pub",
+            "btrdelta device install /mnt/top https://updates.example.com/os --key root.pub "
+            "--to 2.1",
+            "btrdelta device install /mnt/top https://updates.example.com/rootfs-2.bdar",
+            note="With --key, the release is refused unless v1-v2.delta.sig is a signature "
+                 "by release.pub."),
     )
     n.add_argument("fs", metavar="FS", help=_FS_HELP)
     n.add_argument("source", metavar="SOURCE", help="delta stream, send stream ('-': stdin), "
