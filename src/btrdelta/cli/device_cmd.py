@@ -146,8 +146,8 @@ def _add_init(dsub: Any) -> None:
         description="Receive the factory release as roots/factory (read-only), snapshot it "
         "as slots a and b, create the writable state subvolumes and the state file, and "
         "make slot a the default subvolume.",
-        epilog=examples("btrdelta device init /mnt/top --factory rootfs-1.stream "
-                        "--state etc:/etc:overlay --state home:/home:bind --tries 3"),
+        epilog=examples("btrdelta device init /mnt/top --factory rootfs-1.stream \\",
+                        "    --state etc:/etc:overlay --state home:/home:bind --tries 3"),
     )
     i.add_argument("fs", metavar="FS", help=_FS_HELP)
     i.add_argument("--factory", required=True, metavar="SOURCE",
