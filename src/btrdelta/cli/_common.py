@@ -10,7 +10,6 @@ import os
 import stat
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, BinaryIO, NoReturn
 
@@ -168,45 +167,6 @@ def open_output(name: str | None, *, binary: bool = True) -> Iterator[BinaryIO]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-class Progress:
-    """Throttled one-line progress on stderr (only when enabled)."""
-
-    def __init__(self, enabled: bool, label: str = "") -> None:
-        self.enabled = enabled
-        self.label = label
-        self._last = 0.0
-        self._shown = False
-
-    @staticmethod
-    def wanted(args: argparse.Namespace) -> bool:
-        """Progress is shown with ``--progress``/``-v`` or when stderr is a terminal."""
-        if getattr(args, "progress", False) or getattr(args, "verbose", 0):
-            return True
-        return sys.stderr.isatty()
-
-    def update(self, text: str, *, force: bool = False) -> None:
-        """Show ``text`` (at most ~10 times a second)."""
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if not force and now - self._last < 0.1:
-            return
-        self._last = now
-        sys.stderr.write(f"\r{self.label}{text}\x1b[K")
-        sys.stderr.flush()
-        self._shown = True
-
-    def done(self, text: str | None = None) -> None:
-        """Finish the progress line."""
-        if not self.enabled:
-            return
-        if text is not None:
-            self.update(text, force=True)
-        if self._shown:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
 
 
 def human_bytes(n: float) -> str:

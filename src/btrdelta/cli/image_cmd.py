@@ -21,8 +21,9 @@ from ..transport.listen import ListenAddress, parse_listen, server_tls
 from ..trust import load_private_key, load_public_key
 from ..update.clone import CloneReport, clone_image
 from ..update.image import RepairReport, compress_archive, gc_store, image_info, verify_image
-from ._common import Progress, human_bytes, parse_size
+from ._common import add_jobs, add_json, examples, human_bytes, parse_size
 from .http_options import add_http_options, http_config
+from .progress import Progress, add_progress_options, progress_wanted
 
 _FORMATS = ("Formats: docs/formats/chunk-archive.md, chunk-store.md, casync.md. Archives are "
             "named *.bdar (the old *.cba names work too: readers go by content).")
@@ -47,7 +48,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     _add_compress(isub)
     _add_clone(isub)
     m = isub.add_parser("mount", help="FUSE: expose an image in the store as one read-only file",
-                        epilog="example: btrdelta image mount /var/lib/images/v2 /run/img")
+                        epilog=examples("btrdelta image mount /var/lib/images/v2 /run/img"))
     m.add_argument("target", metavar="STORE/NAME")
     m.add_argument("mountpoint", metavar="MOUNTPOINT")
     m.set_defaults(func=run_mount)
@@ -60,11 +61,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     n.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     n.add_argument("--tls-client-ca", metavar="PEM",
                    help="also require a client certificate signed by this CA")
-    n.epilog = ("example: btrdelta image nbd /var/lib/images/v2 --listen unix:/run/v2.sock & "
-                "nbdinfo --map 'nbd+unix:///v2?socket=/run/v2.sock'")
+    n.epilog = examples("btrdelta image nbd /var/lib/images/v2 --listen unix:/run/v2.sock &",
+                        "nbdinfo --map 'nbd+unix:///v2?socket=/run/v2.sock'")
     n.set_defaults(func=run_nbd)
     i = isub.add_parser("info", help="what an archive, description or casync index holds",
-                        epilog="example: btrdelta image info http://server/rootfs-v2.bdar")
+                        epilog=examples("btrdelta image info http://server/rootfs-v2.bdar",
+                                        "btrdelta image info --json /var/lib/images/v2"))
     i.add_argument("source", metavar="ARCHIVE|STORE/NAME|INDEX.caibx")
     i.add_argument("--key", metavar="PUBKEY", help="also check the signature with this key")
     i.add_argument("--json", action="store_true", help="print JSON")
@@ -72,7 +74,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     i.set_defaults(func=run_info)
     _add_verify(isub)
     g = isub.add_parser("gc", help="drop unused and damaged chunks and leftovers from a store",
-                        epilog="example: btrdelta image gc /var/lib/images")
+                        epilog=examples("btrdelta image gc /var/lib/images",
+                                        "btrdelta image gc --dry-run --json /var/lib/images"))
     g.add_argument("store", metavar="STORE")
     g.add_argument("--dry-run", action="store_true", help="only report")
     g.add_argument("--quick", action="store_true",
@@ -85,8 +88,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def _add_compress(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     c = isub.add_parser("compress", help="chunk and compress an image into an archive",
-                        epilog="example: btrdelta image compress -i rootfs-v2.ext4 -o "
-                        "www/rootfs-v2.bdar --sign release.pem")
+                        epilog=examples("btrdelta image compress -i rootfs-v2.ext4 -o "
+                                        "www/rootfs-v2.bdar --sign release.pem"))
     c.add_argument("-i", "--input", required=True, metavar="IMAGE", help="image file or device")
     c.add_argument("-o", "--output", required=True, metavar="ARCHIVE",
                    help="archive to write (*.bdar)")
@@ -95,15 +98,16 @@ def _add_compress(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     c.add_argument("--level", type=int, default=DEFAULT_LEVEL,
                    help=f"zstd level (default {DEFAULT_LEVEL}: compressed once, fetched often)")
     c.add_argument("--sign", metavar="KEY", help="Ed25519 private key (PEM) to sign with")
-    c.add_argument("--threads", type=int, default=None, help="compression threads (default: CPUs)")
-    c.add_argument("--progress", action="store_true", help="show progress on stderr")
+    add_jobs(c, None, "compression threads (default: CPUs)")
+    c.add_argument("--threads", dest="jobs", type=int, help=argparse.SUPPRESS)  # old name
+    add_json(c, "what was written")
+    add_progress_options(c)
     c.set_defaults(func=run_compress)
 
 
 def _add_clone(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cl = isub.add_parser(
         "clone", help="clone an archive or casync index into a store and/or onto an output",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Clone an image, fetching only the chunks that the store, the seeds and "
         "the output's old content lack. Give STORE/NAME (a chunk store), --output (a file or "
         "block device; no store needed), or both.",
@@ -132,7 +136,7 @@ def _add_clone(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     cl.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                     help="wait this long for a gc or repair holding the store to finish")
     cl.add_argument("--json", action="store_true", help="print the report as JSON")
-    cl.add_argument("--progress", action="store_true", help="show progress on stderr")
+    add_progress_options(cl)
     add_http_options(cl)
     cl.set_defaults(func=run_clone)
 
@@ -166,14 +170,19 @@ def _add_verify(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 def run_compress(args: argparse.Namespace) -> int:
     """``image compress``."""
     key = load_private_key(args.sign) if args.sign else None
-    progress = Progress(Progress.wanted(args), "compress: ")
-    report = compress_archive(
-        args.input, args.output, avg_chunk=args.avg_chunk, level=args.level, key=key,
-        threads=args.threads,
-        on_progress=lambda d, t: progress.update(f"{human_bytes(d)} / {human_bytes(t)}"),
-    )
-    progress.done()
+    with Progress("compress", enabled=progress_wanted(args)) as progress:
+        report = compress_archive(
+            args.input, args.output, avg_chunk=args.avg_chunk, level=args.level, key=key,
+            threads=args.jobs, on_progress=lambda d, t: progress.update(d, total=t),
+        )
     h = report.header
+    if args.json:
+        print(json.dumps({"output": args.output, "image_size": h.image_size,
+                          "chunks": h.order_count, "distinct_chunks": h.chunk_count,
+                          "archive_size": report.archive_size, "signed": h.signed}))
+        return 0
+    if args.quiet:
+        return 0
     print(f"{args.output}: {human_bytes(h.image_size)} image, {h.order_count} chunks "
           f"({h.chunk_count} distinct), archive {human_bytes(report.archive_size)}"
           f"{', signed' if h.signed else ''}")
@@ -189,20 +198,51 @@ _CLONE_FIELDS = ("kind", "image_size", "archive_size", "chunks", "from_store", "
 def run_clone(args: argparse.Namespace) -> int:
     """``image clone``."""
     key = load_public_key(args.key) if args.key else None
-    progress = Progress(Progress.wanted(args), "clone: ")
-    report = clone_image(
-        args.source, target=args.target, output=args.output, seeds=args.seed,
-        castr=args.castr, dry_run=args.dry_run, public_key=key, in_place=args.in_place or None,
-        wait=args.wait, config=http_config(args),
-        on_progress=lambda phase, d, t: progress.update(f"{phase} {d}/{t}"),
-    )
-    progress.done()
+    with _Phases("clone", progress_wanted(args)) as progress:
+        report = clone_image(
+            args.source, target=args.target, output=args.output, seeds=args.seed,
+            castr=args.castr, dry_run=args.dry_run, public_key=key,
+            in_place=args.in_place or None, wait=args.wait, config=http_config(args),
+            on_progress=progress,
+        )
     if args.json:
         print(json.dumps({f: getattr(report, f) for f in _CLONE_FIELDS}
                          | {"dry_run": args.dry_run}))
         return 0
-    _print_clone(args, report)
+    if not args.quiet:
+        _print_clone(args, report)
     return 0
+
+
+class _Phases:
+    """Progress of a job in phases: one display per phase (``fetch``: bytes of the image
+    fetched, rate and ETA; ``check``: chunks looked at)."""
+
+    def __init__(self, label: str, enabled: bool) -> None:
+        self.label = label
+        self.enabled = enabled
+        self.phase = ""
+        self.current: Progress | None = None
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if phase != self.phase:
+            self.close()
+            self.phase = phase
+            self.current = Progress(f"{self.label} {phase}", enabled=self.enabled,
+                                    unit="chunks" if phase == "check" else "B", total=total)
+        assert self.current is not None
+        self.current.update(done, total=total)
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.current.close()
+            self.current = None
+
+    def __enter__(self) -> _Phases:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _print_clone(args: argparse.Namespace, report: CloneReport) -> None:

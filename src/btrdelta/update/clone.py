@@ -280,7 +280,9 @@ def clone_image(
         in_place: write an existing regular-file output in place.
         wait: seconds to wait for the store's lock.
         max_gap: unneeded bytes accepted between two archive ranges to merge them.
-        on_progress: ``(phase, done, total)``.
+        on_progress: ``(phase, done, total)``: ``check``: chunks of the store looked at;
+            ``fetch``: bytes of the image fetched; ``output`` and ``verify``: bytes of the
+            image.
         record_as: the location recorded in the store (default ``location``).
         config: HTTP settings (TLS, headers, timeouts, retries, jobs, rate limit).
 
@@ -413,12 +415,13 @@ def fetch_into_store(image: OpenImage, store: ChunkStore, entries: Sequence[int]
     """
     layout = image.layout
     done = [0]
+    total = sum(layout.raw_sizes[e] for e in entries)
 
     def on_chunk(entry: int, data: bytes) -> None:
         store.put(layout.digests[entry], data)
-        done[0] += 1
+        done[0] += layout.raw_sizes[entry]
         if on_progress is not None:
-            on_progress("fetch", done[0], len(entries))
+            on_progress("fetch", done[0], total)
 
     image.chunks.fetch(entries, on_chunk)
     for attempt in range(2):
@@ -483,14 +486,15 @@ def _write_output(
         if plan.fetch:
             entries = sorted(plan.fetch)
             done = [0]
+            total = sum(layout.raw_sizes[e] for e in entries)
 
             def on_chunk(entry: int, data: bytes) -> None:
                 if store is not None:
                     store.put(layout.digests[entry], data)
                 writer.put_fetched(entry, data)
-                done[0] += 1
+                done[0] += layout.raw_sizes[entry]
                 if on_progress is not None:
-                    on_progress("fetch", done[0], len(entries))
+                    on_progress("fetch", done[0], total)
 
             image.chunks.fetch(entries, on_chunk)
             fetched = len(entries)
