@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "the newest sendshot the receiver holds, the sender sends an incremental stream "
             "against it (live subvolumes through a read-only snapshot kept until the receiver "
             "committed), and the receiver shows the new subvolume only when it is complete."),
-        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG,
     )
     p.add_argument("source", metavar="SOURCE", nargs="?", help="what to send")
     p.add_argument("dest", metavar="DEST", nargs="?",

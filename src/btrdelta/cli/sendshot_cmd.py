@@ -10,6 +10,7 @@ from typing import Any
 
 from ..errors import BtrdeltaError
 from ..send.store import DEFAULT_STORE, SendshotStore, StoredSendshot, parse_grid
+from ._common import examples
 
 _EPILOG = """\
 examples:
@@ -31,26 +32,35 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "without keeping the old snapshot. Records live in a store (default "
             f"{DEFAULT_STORE}, or --store DIR); a receiver's cursor (kept by `replicate`) "
             "protects the record it needs from delete and prune."),
-        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG,
     )
     p.add_argument("--store", metavar="DIR", help=f"the store (default {DEFAULT_STORE})")
     p.add_argument("--json", action="store_true", help="print JSON on standard output")
     cmds = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    cmds.add_parser("list", help="every record, oldest first")
-    show = cmds.add_parser("show", help="one record in full (its head and counts)")
+    cmds.add_parser("list", help="every record, oldest first",
+                    epilog=examples("btrdelta sendshot list",
+                                    "btrdelta sendshot --store /var/lib/shots --json list"))
+    show = cmds.add_parser("show", help="one record in full (its head and counts)",
+                           epilog=examples("btrdelta sendshot show latest",
+                                           "btrdelta sendshot --json show 3f2a9c"))
     show.add_argument("id", metavar="ID", help="a digest, a unique prefix, or 'latest'")
-    delete = cmds.add_parser("delete", help="delete records")
+    delete = cmds.add_parser("delete", help="delete records",
+                             epilog=examples("btrdelta sendshot delete 3f2a9c 81b0d4"))
     delete.add_argument("ids", metavar="ID", nargs="+")
     delete.add_argument("--force", action="store_true",
                         help="also a record a receiver's cursor names")
     prune = cmds.add_parser("prune", help="delete what a retention rule does not keep "
-                                          "(never what a receiver needs, never the newest)")
+                                          "(never what a receiver needs, never the newest)",
+                            epilog=examples("btrdelta sendshot prune --keep 3",
+                                            "btrdelta sendshot prune --grid 1h:24,1d:7,1w:4 -n"))
     prune.add_argument("--keep", type=int, metavar="N", help="keep the newest N per source")
     prune.add_argument("--grid", metavar="GRID",
                        help="keep the newest in each interval: e.g. 1h:24,1d:7,1w:4")
     prune.add_argument("-n", "--dry-run", action="store_true", help="only say what would go")
     create = cmds.add_parser("create", help="record a tree a receiver already holds "
-                                            "(a received subvolume, a kernel-sent snapshot)")
+                                            "(a received subvolume, a kernel-sent snapshot)",
+                             epilog=examples("btrdelta sendshot create /mnt/recv/data.20240101 "
+                                             "--source /data"))
     create.add_argument("path", metavar="SUBVOL_OR_DIR")
     create.add_argument("--uuid", help="the UUID the receiver knows it by (default: its "
                                        "received UUID, else its UUID, else the content UUID)")
