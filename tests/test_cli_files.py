@@ -41,10 +41,10 @@ def _complete(*words: str) -> list[str]:
 
 
 def test_bash_completion_knows_commands_options_and_paths() -> None:
-    assert _complete("btrdelta", "re") == ["receive", "repo"]
+    assert _complete("btrdelta", "re") == ["receive", "replicate", "repo"]
     assert _complete("btrdelta", "delta", "ex") == ["expand"]
     assert "--max-errors" in _complete("btrdelta", "receive", "--")
-    assert _complete("btrdelta", "send", "--no-") == ["--no-data"]
+    assert _complete("btrdelta", "send", "--no-d") == ["--no-data"]
     assert _complete("btrdelta", "receive", "-f", "tests/data/streams/dir-rotation-083.A.v1.s"
                      ) == ["tests/data/streams/dir-rotation-083.A.v1.stream"]
 
