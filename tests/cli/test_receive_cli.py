@@ -117,3 +117,40 @@ def test_max_errors(tmp_path: Path, dest: Path) -> None:
 
 def test_dest_required(tmp_path: Path) -> None:
     assert main(["receive", "-f", str(_stream(tmp_path, GOOD))]) == 2
+
+
+@pytest.mark.btrfs
+def test_root_mount_finds_a_parent_outside_dest(btrfs_ok: None) -> None:
+    """``-m ROOTMOUNT`` (btrfs receive -m): the parent received into another directory of
+    the filesystem is found; without it only DEST is searched. Oracle: the kernel's
+    ``btrfs receive -m`` of the same incremental stream, compared by tree-sum."""
+    from btrdelta.testing.loopfs import loop_fs
+    from btrdelta.testing.scenarios import kernel_receive
+    from btrdelta.tree import tree_sum
+    from tests.conftest import committed_streams
+
+    full = next(s for s in committed_streams() if s.name == "dir-rotation-083.A.v1.stream")
+    incr = full.with_name("dir-rotation-083.B.v1.stream")
+    with loop_fs("btrfs", size="256M") as mnt:
+        for d in ("a", "b", "k"):
+            (mnt / d).mkdir()
+        assert main(["receive", "-q", "-f", str(full), str(mnt / "a")]) == 0
+        assert main(["receive", "-q", "-f", str(incr), str(mnt / "b")]) == 6
+        assert list((mnt / "b").iterdir()) == []
+        assert main(["receive", "-q", "-m", str(mnt), "-f", str(incr), str(mnt / "b")]) == 0
+        kernel_receive(incr, mnt / "k", "-m", str(mnt))
+        (ours,) = (mnt / "b").iterdir()
+        (theirs,) = (mnt / "k").iterdir()
+        assert ours.name == theirs.name
+        assert tree_sum(ours) == tree_sum(theirs)
+
+
+def test_root_mount_needs_btrfs(tmp_path: Path, dest: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    stream = _stream(tmp_path, GOOD)
+    argv = ["receive", "--backend", "dir", "-m", str(tmp_path), "-f", str(stream), str(dest)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "needs btrfs" in err
+    assert list(dest.iterdir()) == []

@@ -10,9 +10,10 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import ApplyError, UsageError
+from ..errors import ApplyError, BtrdeltaError, UsageError
 from ..receive import ReceivedSubvol
 from ..update.receive import receive_any
 from ._common import add_json, dump_stream, input_position, input_size, open_input
@@ -26,8 +27,9 @@ examples:
   btrdelta receive -f A-B.delta --key release.pub /target   # only if A-B.delta.sig is valid
   btrdelta receive -q --json -f A.stream /target            # scripts: the result as JSON
 
-btrfs receive's options mean the same here: -f FILE, -e, -E N, -q, -C, --dump,
---force-decompress. Receiving needs root (file owners, subvolumes)."""
+btrfs receive's options mean the same here: -f FILE, -e, -E N, -q, -C, -m ROOTMOUNT, --dump,
+--force-decompress. Parents and clone sources are looked for below DEST, or with -m below
+ROOTMOUNT (DEST's btrfs). Receiving needs root (file owners, subvolumes)."""
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -62,6 +64,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("-C", "--chroot", action="store_true",
                    help="confine the receive to DEST (btrfs receive -C); always on here: every "
                         "path of the stream is resolved beneath the subvolume it belongs to")
+    p.add_argument("-m", dest="search_root", metavar="ROOTMOUNT",
+                   help="look for parents and clone sources below ROOTMOUNT (a directory of "
+                        "DEST's btrfs, e.g. where its top level is mounted) instead of below "
+                        "DEST only (btrfs receive -m)")
     p.add_argument("--dump", action="store_true",
                    help="print the stream instead of applying it (same as `btrdelta dump`)")
     p.add_argument("--dry-run", action="store_true",
@@ -130,10 +136,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     assert dest is not None
     if not os.path.isdir(dest):
-        from ..errors import BtrdeltaError
-
         what = "does not exist" if not os.path.lexists(dest) else "is not a directory"
         raise BtrdeltaError(f"destination {what}", source=dest)
+    if args.search_root is not None and not os.path.isdir(args.search_root):
+        raise BtrdeltaError("-m: not a directory", source=args.search_root)
     receiver: Callable[..., list[ReceivedSubvol]] = receive_any
     if args.key:
         receiver = _signed_receiver(args, name)
@@ -181,6 +187,7 @@ def _receive(args: argparse.Namespace, receiver: Callable[..., list[ReceivedSubv
             max_errors=args.max_errors, dry_run=args.dry_run, backend=args.backend,
             apply_fileattr=args.fileattr, force_decompress=args.force_decompress,
             on_progress=on_progress, on_warning=on_warning, on_subvol=on_subvol,
+            search_root=None if args.search_root is None else Path(args.search_root),
         )
     except ApplyError as exc:
         cause = exc.__cause__

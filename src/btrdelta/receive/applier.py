@@ -103,6 +103,8 @@ class Applier:
         on_warning: called with a message for things skipped (default: ``warnings.warn``).
         pre_commit: called with each complete subvolume before it gets its final name;
             raising aborts it (see :meth:`.subvolumes.Subvolumes.finish`).
+        search_root: find parents and clone sources below this directory of ``dest``'s
+            btrfs instead of below ``dest`` (``btrfs receive -m``).
     """
 
     def __init__(
@@ -115,9 +117,11 @@ class Applier:
         force_decompress: bool = False,
         on_warning: Callable[[str], None] | None = None,
         pre_commit: PreCommit | None = None,
+        search_root: Path | None = None,
     ) -> None:
         #: the destination's subvolumes (begin, finish, abort, find)
-        self.subvols = Subvolumes(dest, backend=backend, dry_run=dry_run)
+        self.subvols = Subvolumes(dest, backend=backend, dry_run=dry_run,
+                                  search_root=search_root)
         self.dest = self.subvols.dest
         self.btrfs = self.subvols.btrfs
         self.dry_run = dry_run

@@ -230,6 +230,7 @@ def receive(
     on_subvol: Callable[[ReceivedSubvol], None] | None = None,
     read_ahead: bool = False,
     pre_commit: PreCommit | None = None,
+    search_root: Path | None = None,
 ) -> list[ReceivedSubvol]:
     """Apply a stream of events (stream headers and records) below ``dest``.
 
@@ -257,6 +258,8 @@ def receive(
         pre_commit: called with each complete subvolume, read-only under its temporary
             name, before it gets its final name; raising aborts it and the receive (see
             :meth:`.subvolumes.Subvolumes.finish`).
+        search_root: find parents and clone sources below this directory of ``dest``'s
+            btrfs instead of below ``dest`` (``btrfs receive -m``; btrfs only).
 
     Returns:
         The finished subvolumes, in stream order.
@@ -268,6 +271,7 @@ def receive(
     with Applier(
         Path(dest), backend=backend, dry_run=dry_run, apply_fileattr=apply_fileattr,
         force_decompress=force_decompress, on_warning=on_warning, pre_commit=pre_commit,
+        search_root=search_root,
     ) as applier:
         run = _Run(applier, max_errors=max_errors, stop_at_end=stop_at_end,
                    on_progress=on_progress, on_subvol=on_subvol)

@@ -134,35 +134,43 @@ def uses_btrfs(dest: Path, backend: str = "auto") -> bool:
     return on_btrfs
 
 
-def find_subvolume(dest: Path, wanted: UUID, *, btrfs: bool) -> Path | None:
-    """Directory of a received subvolume below ``dest`` with (received) UUID ``wanted``."""
+def find_subvolume(dest: Path, wanted: UUID, *, btrfs: bool,
+                   search_root: Path | None = None) -> Path | None:
+    """Directory of a received subvolume below ``dest`` (or below ``search_root``, on the
+    same btrfs: ``btrfs receive -m``) with (received) UUID ``wanted``."""
     if btrfs:
-        dest_real = Path(os.path.realpath(dest))
+        below = Path(os.path.realpath(search_root or dest))
         for p in find_subvolumes_by_uuid(dest, wanted):
-            if p.is_relative_to(dest_real) and not p.name.startswith(TMP_PREFIX):
+            if p.is_relative_to(below) and not p.name.startswith(TMP_PREFIX):
                 return p
         return None
+    if search_root is not None:
+        raise BtrdeltaError(f"{dest} is not on btrfs: parents are only looked for in it "
+                            "(-m/search_root needs btrfs)")
     from .registry import Registry  # the directory backend only (json)
 
     found = Registry(dest).find(wanted)
     return found
 
 
-def find_parent(dest: Path, snapshot: Snapshot, *, backend: str = "auto") -> Path:
+def find_parent(dest: Path, snapshot: Snapshot, *, backend: str = "auto",
+                search_root: Path | None = None) -> Path:
     """The local directory of the parent subvolume a SNAPSHOT record is based on.
 
     Args:
         dest: the receive destination directory.
         snapshot: the SNAPSHOT record (its ``clone_uuid`` names the parent).
         backend: ``"auto"`` (btrfs when DEST is on btrfs), ``"btrfs"`` or ``"dir"``.
+        search_root: look below this directory of DEST's btrfs instead of below ``dest``.
 
     Raises:
-        MissingBaseError: no such subvolume below ``dest``.
+        MissingBaseError: no such subvolume below ``dest`` (``search_root``).
     """
-    found = find_subvolume(dest, snapshot.clone_uuid, btrfs=uses_btrfs(dest, backend))
+    found = find_subvolume(dest, snapshot.clone_uuid, btrfs=uses_btrfs(dest, backend),
+                           search_root=search_root)
     if found is None:
         raise MissingBaseError(
-            f"cannot find parent subvolume {snapshot.clone_uuid} in {dest}",
+            f"cannot find parent subvolume {snapshot.clone_uuid} in {search_root or dest}",
             path=snapshot.path,
         )
     return found
@@ -175,14 +183,21 @@ class Subvolumes:
         dest: an existing directory.
         backend: ``"auto"`` (btrfs when ``dest`` is on btrfs), ``"btrfs"`` or ``"dir"``.
         dry_run: check names and find parents, create nothing.
+        search_root: find parents and clone sources below this directory of ``dest``'s
+            btrfs instead of below ``dest`` (``btrfs receive -m``; btrfs only).
     """
 
-    def __init__(self, dest: Path, *, backend: str = "auto", dry_run: bool = False) -> None:
+    def __init__(self, dest: Path, *, backend: str = "auto", dry_run: bool = False,
+                 search_root: Path | None = None) -> None:
         self.dest = Path(dest)
         if not self.dest.is_dir():
             raise BtrdeltaError(f"destination {dest} is not a directory")
         #: real subvolumes (True) or directories and the registry (False)
         self.btrfs = uses_btrfs(self.dest, backend)
+        if search_root is not None and not self.btrfs:
+            raise BtrdeltaError(f"{dest} is not on btrfs: parents are only looked for in it "
+                                "(-m/search_root needs btrfs)")
+        self.search_root = search_root
         self.dry_run = dry_run
         self._dest_fd = os.open(self.dest, _DIR)
 
@@ -199,8 +214,9 @@ class Subvolumes:
         self.close()
 
     def find(self, wanted: UUID) -> Path | None:
-        """Directory of a subvolume of DEST received as (else with UUID) ``wanted``."""
-        return find_subvolume(self.dest, wanted, btrfs=self.btrfs)
+        """Directory of a subvolume of DEST (or of the search root) received as (else
+        with UUID) ``wanted``."""
+        return find_subvolume(self.dest, wanted, btrfs=self.btrfs, search_root=self.search_root)
 
     def begin(
         self, name: bytes, uuid: UUID, ctransid: int, *, parent_uuid: UUID | None = None,

@@ -29,22 +29,25 @@ __all__ = ["delta_parent", "open_events", "receive_any"]
 Source = str | os.PathLike[str] | BinaryIO | IO[bytes]
 
 
-def delta_parent(dest: Path, backend: str = "auto") -> Callable[[Any], Path]:
+def delta_parent(dest: Path, backend: str = "auto",
+                 search_root: Path | None = None) -> Callable[[Any], Path]:
     """The old-root function for receiving a delta stream below ``dest``: the local parent
-    subvolume of the stream's SNAPSHOT (a full stream has no old files to patch against).
+    subvolume of the stream's SNAPSHOT (a full stream has no old files to patch against),
+    found below ``dest`` or ``search_root`` (see :func:`btrdelta.receive.receive`).
     """
     from ..stream.records import Snapshot
 
     def resolve(head: Any) -> Path:
         if not isinstance(head, Snapshot):
             raise MissingBaseError("a delta of a full stream needs an old tree (delta expand)")
-        return find_parent(dest, head, backend=backend)
+        return find_parent(dest, head, backend=backend, search_root=search_root)
 
     return resolve
 
 
 def open_events(
     f: BinaryIO, dest: Path, *, backend: str = "auto", source: str | None = None,
+    search_root: Path | None = None,
 ) -> Iterable[Event]:
     """The events to apply from input ``f`` (the one place an input is sniffed).
 
@@ -60,7 +63,7 @@ def open_events(
 
         # reflinks where the destination has them (a clone that must be copied costs more
         # than the write it stands for)
-        return expand_events(f, delta_parent(dest, backend), source=source,
+        return expand_events(f, delta_parent(dest, backend, search_root), source=source,
                              clone_same=uses_btrfs(dest, backend))
     if what.kind is Kind.UNKNOWN:
         # let the stream parser name the bad magic and its offset, as `btrfs receive` does
@@ -98,7 +101,8 @@ def receive_any(stream: Source, dest: str | os.PathLike[str], *, source: str | N
 
 def _receive_file(f: Any, source: str | None, dest: Path, backend: str,
                   options: dict[str, Any]) -> list[ReceivedSubvol]:
-    events = open_events(f, dest, backend=backend, source=source)
+    events = open_events(f, dest, backend=backend, source=source,
+                         search_root=options.get("search_root"))
     # a delta stream is expanded in a helper thread while C applies records
     options.setdefault("read_ahead", not isinstance(events, StreamReader))
     return receive(events, dest, **options)

@@ -213,12 +213,14 @@ def open_signed_events(
     backend: str = "auto",
     source: str | None = None,
     signature_source: str | None = None,
+    search_root: Path | None = None,
 ) -> SignedEvents:
     """The events of signed input ``f`` (a send stream or a delta stream), gated.
 
     The signature is checked against ``keys`` first: a malformed or untrusted signature
     is refused before anything is read or applied. A delta stream is expanded against the
-    local parent below ``dest``, as :func:`~btrdelta.update.receive.receive_any` does.
+    local parent below ``dest`` (or ``search_root``), as
+    :func:`~btrdelta.update.receive.receive_any` does.
     """
     keys = list(keys)
     check_signature(signature, keys, CONTEXT_STREAM, source=signature_source)
@@ -248,8 +250,9 @@ def open_signed_events(
                 end.append(DeltaEnd(item.count, item.size, item.hash_algo, bytes(item.digest)))
             yield item
 
-    events = expand_events(tap(open_delta(buf, source=source)), delta_parent(dest, backend),
-                           source=source, clone_same=uses_btrfs(dest, backend))
+    parent = delta_parent(dest, backend, search_root)
+    events = expand_events(tap(open_delta(buf, source=source)), parent, source=source,
+                           clone_same=uses_btrfs(dest, backend))
     return SignedEvents(events, finish, source=source)
 
 
@@ -273,7 +276,8 @@ def receive_signed(
 
     dest = Path(dest)
     events = open_signed_events(f, signature, keys, dest, backend=options.get("backend", "auto"),
-                                source=source, signature_source=signature_source)
+                                source=source, signature_source=signature_source,
+                                search_root=options.get("search_root"))
     # a delta stream is expanded in a helper thread while C applies records
     options.setdefault("read_ahead", not isinstance(events.inner, StreamReader))
     given = options.pop("pre_commit", None)
