@@ -62,7 +62,11 @@ def test_overlay_diff_and_factory_reset(btrfs_dev: Path, small_release: Release,
                                         sysroot: Path, tmp_path: Path) -> None:
     r = small_release
     device.init(btrfs_dev, r.old, state=STATE)
-    btrdelta("device", "mount", btrfs_dev, sysroot)
+    mounted = json.loads(btrdelta("device", "mount", btrfs_dev, sysroot, "--json").stdout)
+    assert mounted["root"] == "a"
+    assert mounted["mounts"]
+    for m in mounted["mounts"]:  # each one is a mount point now (paths inside the root)
+        assert os.path.ismount(sysroot / m["path"].lstrip("/")), m
     _changes(sysroot)
     with pytest.raises(OSError, match="Read-only") as exc:
         (sysroot / "usr/lib/apt/x").write_text("the root is read-only")
@@ -181,8 +185,8 @@ def test_backup_to_ext4_and_http_restore_elsewhere(btrfs_dev: Path, small_releas
         assert tree_sum(got) == sums[1]
         with loop_fs("btrfs", size="1G") as other:
             device.init(other, r.new, state=STATE)
-            btrdelta("device", "restore", other, "home", dest)
-            assert tree_sum(other / "state/home") == sums[1]
+            out = btrdelta("device", "restore", other, "home", dest, "--json").stdout
+            assert tree_sum(other / "state/home") == sums[1] == json.loads(out)["tree_sum"]
             restore(other, "home", str(dest), upto=1)
             assert tree_sum(other / "state/home") == sums[0]
             (other / "state/home/written").write_text("the restored subvolume is writable\n")

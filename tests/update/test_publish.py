@@ -73,8 +73,11 @@ def test_jobs_run_elsewhere_are_adopted(repo: Path, releases: list[Path], tmp_pa
     for job in jobs:
         spec = json.loads(job.read_text())
         assert spec["command"][:3] == ["btrdelta", "repo", "run-job"]
-        assert main(["repo", "run-job", str(job), "--work", str(tmp_path)]) == 0
-        assert Path(spec["output"]).exists()
+        capsys.readouterr()
+        assert main(["repo", "run-job", str(job), "--work", str(tmp_path), "--json"]) == 0
+        done = json.loads(capsys.readouterr().out)
+        assert done["output"] == spec["output"]
+        assert done["bytes"] == Path(spec["output"]).stat().st_size > 0
     capsys.readouterr()
     assert main(["repo", "add", str(repo), f"v{N}", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any
 
-from ._common import examples, human_bytes
+from ._common import add_json, examples, human_bytes
 from .progress import Progress, add_progress_options, progress_wanted
 
 _FS_HELP = ("the device's btrfs: where its top-level subvolume is mounted (subvolid=5), or "
@@ -79,6 +79,7 @@ def _add_overlay(dsub: Any) -> None:
     m.add_argument("target", metavar="TARGET", help="an empty directory")
     m.add_argument("--root", choices=("a", "b", "factory"), help="the root to mount")
     m.add_argument("--no-state", action="store_true", help="the root alone, no state")
+    add_json(m, "the root and the mounts made")
     m.set_defaults(func=run_mount)
     d = dsub.add_parser(
         "diff", help="what the overlay state subvolumes change in the root",
@@ -137,6 +138,7 @@ def _add_reset_backup(dsub: Any) -> None:
     r.add_argument("--as", dest="as_name", metavar="NAME", help="restore as state/NAME")
     r.add_argument("--to-dir", action="store_true",
                    help="FS is a plain directory: receive the tree below it")
+    add_json(r, "what was restored")
     r.set_defaults(func=run_restore)
 
 
@@ -307,6 +309,10 @@ def run_mount(args: argparse.Namespace) -> int:
 
     res = mount(args.fs, args.target, root=args.root, state=not args.no_state)
     mounts: list[tuple[str, str]] = res["mounts"]  # type: ignore[assignment]
+    if args.json:
+        print(json.dumps({"root": res["root"], "target": args.target,
+                          "mounts": [{"mode": m, "path": p} for m, p in mounts]}))
+        return 0
     print(f"mounted root {res['root']} on {args.target}"
           + "".join(f"; {mode} {path}" for mode, path in mounts))
     return 0
@@ -354,8 +360,14 @@ def run_restore(args: argparse.Namespace) -> int:
 
     if args.to_dir:
         got = restore_to_dir(args.src, args.subvol, args.fs, upto=args.upto)
-        print(f"restored {args.subvol} to {got}")
+        if args.json:
+            print(json.dumps({"subvol": args.subvol, "path": str(got), "tree_sum": None}))
+        else:
+            print(f"restored {args.subvol} to {got}")
         return 0
     res = restore(args.fs, args.subvol, args.src, upto=args.upto, as_name=args.as_name)
-    print(f"restored state/{res['subvol']} (tree-sum {res['tree_sum']})")
+    if args.json:
+        print(json.dumps({"subvol": res["subvol"], "path": None, "tree_sum": res["tree_sum"]}))
+    else:
+        print(f"restored state/{res['subvol']} (tree-sum {res['tree_sum']})")
     return 0

@@ -69,7 +69,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                                         "btrdelta image info --json /var/lib/images/v2"))
     i.add_argument("source", metavar="ARCHIVE|STORE/NAME|INDEX.caibx")
     i.add_argument("--key", metavar="PUBKEY", help="also check the signature with this key")
-    i.add_argument("--json", action="store_true", help="print JSON")
+    add_json(i, "what it holds")
     add_http_options(i)
     i.set_defaults(func=run_info)
     _add_verify(isub)
@@ -82,7 +82,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="check kept chunks' sizes only, not their content")
     g.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="wait this long for a clone or verify holding the store to finish")
-    g.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_json(g, "the report")
     g.set_defaults(func=run_gc)
 
 
@@ -135,7 +135,7 @@ def _add_clone(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     cl.add_argument("--key", metavar="PUBKEY", help="require a valid signature by this key (PEM)")
     cl.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                     help="wait this long for a gc or repair holding the store to finish")
-    cl.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_json(cl, "the report")
     add_progress_options(cl)
     add_http_options(cl)
     cl.set_defaults(func=run_clone)
@@ -162,7 +162,7 @@ def _add_verify(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                    help="a file or device --repair may take chunks from (repeatable)")
     v.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="wait this long for the store's lock")
-    v.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_json(v, "the report (also when it fails)")
     add_http_options(v)
     v.set_defaults(func=run_verify)
 

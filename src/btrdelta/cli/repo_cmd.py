@@ -52,6 +52,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     i.add_argument("--avg-chunk", type=parse_size, default=64 << 10, metavar="SIZE",
                    help="average chunk size of fulls (default 64K)")
     i.add_argument("--level", type=int, default=12, help="zstd level of chunks (default 12)")
+    add_json(i, "the repository made")
     i.set_defaults(func=run_init)
 
     a = rsub.add_parser(
@@ -80,6 +81,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     j.add_argument("job", metavar="JOB.json")
     j.add_argument("--work", metavar="DIR", help="scratch directory (default: $TMPDIR)")
     add_jobs(j, None, "diff threads (default: CPUs)")
+    add_json(j, "the delta written")
     j.set_defaults(func=run_job)
 
     s = rsub.add_parser(
@@ -95,6 +97,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="timestamp lifetime (default 7d; s m h d suffixes)")
     s.add_argument("--index-expires", default="365d", metavar="AGE", type=parse_age,
                    help="index lifetime (default 365d)")
+    add_json(s, "what is signed now")
     s.set_defaults(func=run_sign)
 
     ls = rsub.add_parser(
@@ -137,8 +140,12 @@ def run_init(args: argparse.Namespace) -> int:
     """``repo init``."""
     from ..update.publish import init_repo
 
-    init_repo(args.repo, avg_chunk=args.avg_chunk, level=args.level)
-    print(f"initialized empty repository {args.repo}")
+    repo = init_repo(args.repo, avg_chunk=args.avg_chunk, level=args.level)
+    if args.json:
+        print(json.dumps({"repo": str(repo.root), "avg_chunk": args.avg_chunk,
+                          "level": args.level}))
+    else:
+        print(f"initialized empty repository {args.repo}")
     return 0
 
 
@@ -191,7 +198,10 @@ def run_job(args: argparse.Namespace) -> int:
     from ..update.jobs import run_job_file
 
     out = run_job_file(args.job, work=args.work, jobs=args.jobs)
-    print(f"wrote {out}")
+    if args.json:
+        print(json.dumps({"job": args.job, "output": str(out), "bytes": out.stat().st_size}))
+    else:
+        print(f"wrote {out}")
     return 0
 
 
@@ -203,7 +213,11 @@ def run_sign(args: argparse.Namespace) -> int:
         raise UsageError("give --key (new index) or --timestamp-key")
     res = sign_repo(args.repo, root_key=args.key, timestamp_key=args.timestamp_key,
                     expires=args.expires, index_expires=args.index_expires)
-    print(res)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"index version {res['index_version']} ({res['versions']} versions), timestamp "
+              f"version {res['timestamp_version']} expires {res['timestamp_expires']}")
     return 0
 
 

@@ -36,8 +36,10 @@ def _next_index_version(repo: Repo, current: int) -> int:
 
 
 def sign_repo(root: str, *, root_key: str | None, timestamp_key: str | None,
-              expires: int, index_expires: int, now: float | None = None) -> str:
-    """Sign (see the module docstring); returns a one-line summary."""
+              expires: int, index_expires: int, now: float | None = None) -> dict[str, object]:
+    """Sign (see the module docstring); returns what is signed now: ``index_version``,
+    ``versions`` (how many the index lists), ``timestamp_version``, ``timestamp_expires``
+    (UTC, as metadata writes it)."""
     repo = Repo(root)
     when = int(time.time() if now is None else now)
     with repo.locked():
@@ -78,8 +80,8 @@ def sign_repo(root: str, *, root_key: str | None, timestamp_key: str | None,
         cat.timestamp_version, cat.timestamp_expires = ts.version, ts.expires
         repo.save(cat)
         repo.write_html(cat)
-    return (f"index version {cat.index_version} ({cat.signed_versions} versions), timestamp "
-            f"version {ts.version} expires {format_time(ts.expires)}")
+    return {"index_version": cat.index_version, "versions": cat.signed_versions,
+            "timestamp_version": ts.version, "timestamp_expires": format_time(ts.expires)}
 
 
 def _check_listed(index_bytes: bytes, source: str, key: trust.PrivateKey) -> None:
