@@ -271,6 +271,23 @@ def test_user_mistakes_are_one_line_errors(
     assert "1 chunk(s) missing" in _one_line_error(capsys, 6, ["image", "verify", f"{store}/v1"])
 
 
+@pytest.mark.parametrize("argv", [
+    ["image", "compress", "-i", "-", "-o", "x.bdar"],
+    ["image", "compress", "-i", "{image}", "-o", "-"],
+    ["image", "clone", "-", "store/v1"],
+    ["image", "clone", "{archive}", "--output", "-"],
+    ["image", "info", "-"],
+])
+def test_images_refuse_standard_input_and_output(
+    images: ImagePair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], argv: list[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    argv = [a.format(image=images.img1, archive=images.arc1) for a in argv]
+    assert "by ranges, not as a stream" in _one_line_error(capsys, 2, argv)
+    assert list(tmp_path.iterdir()) == []  # no file named '-' (or anything else) made
+
+
 def test_compress_never_writes_through_a_planted_symlink(
     images: ImagePair, tmp_path: Path
 ) -> None:

@@ -16,7 +16,7 @@ import types
 
 from ..chunk.compress import DEFAULT_LEVEL
 from ..chunk.store import ChunkStore, ImageReader, VerifyReport, split_store_name
-from ..errors import BtrdeltaError, ChecksumError, MissingBaseError
+from ..errors import BtrdeltaError, ChecksumError, MissingBaseError, UsageError
 from ..transport.listen import ListenAddress, parse_listen, server_tls
 from ..trust import load_private_key, load_public_key
 from ..update.clone import CloneReport, clone_image
@@ -167,8 +167,21 @@ def _add_verify(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     v.set_defaults(func=run_verify)
 
 
+#: why images take no '-' (streams do): every image command needs random access
+_NO_STDIO = "images are read and written by ranges, not as a stream: give a file or a device"
+
+
+def _no_stdio(option: str, value: str | None) -> None:
+    """Refuse ``-`` (standard input or output) where an image is, in one line."""
+    if value == "-":
+        raise UsageError(f"{option} -: {_NO_STDIO}" + ("" if option in ("-i", "-o", "--output")
+                                                         else " or an http(s) URL"))
+
+
 def run_compress(args: argparse.Namespace) -> int:
     """``image compress``."""
+    _no_stdio("-i", args.input)
+    _no_stdio("-o", args.output)
     key = load_private_key(args.sign) if args.sign else None
     with Progress("compress", enabled=progress_wanted(args)) as progress:
         report = compress_archive(
@@ -197,6 +210,8 @@ _CLONE_FIELDS = ("kind", "image_size", "archive_size", "chunks", "from_store", "
 
 def run_clone(args: argparse.Namespace) -> int:
     """``image clone``."""
+    _no_stdio("SOURCE", args.source)
+    _no_stdio("--output", args.output)
     key = load_public_key(args.key) if args.key else None
     with _Phases("clone", progress_wanted(args)) as progress:
         report = clone_image(
@@ -323,6 +338,7 @@ def run_nbd(args: argparse.Namespace) -> int:
 
 def run_info(args: argparse.Namespace) -> int:
     """``image info``."""
+    _no_stdio("SOURCE", args.source)
     key = load_public_key(args.key) if args.key else None
     info = image_info(args.source, public_key=key, config=http_config(args))
     if args.json:
