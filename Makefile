@@ -63,7 +63,8 @@ bench: sysdeps venv
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
 
-# man pages and bash/zsh completion, generated from the parser (committed; a test checks them)
+# man pages, bash/zsh completion (from the parser) and the README exit-code table (from
+# errors.py): committed; a test checks them
 cli-files: venv
 	$(BIN)/python scripts/gen_cli_files.py
 

@@ -1,4 +1,5 @@
-"""Regenerate the man pages and shell completions from the argument parser.
+"""Regenerate the man pages and shell completions from the argument parser, and the
+README's exit-code table from :func:`btrdelta.errors.exit_codes`.
 
 ``share/man/man1/btrdelta.1`` (the command and its list of subcommands) and
 ``btrdelta-COMMAND.1`` for each command (argparse-manpage); the bash and zsh completion
@@ -21,6 +22,8 @@ SHARE = ROOT / "share"
 MAN = SHARE / "man" / "man1"
 BASH = SHARE / "bash-completion" / "completions" / "btrdelta"
 ZSH = SHARE / "zsh" / "site-functions" / "_btrdelta"
+README = ROOT / "README.md"
+_BEGIN, _END = "<!-- BEGIN GENERATED EXIT CODES -->\n", "<!-- END GENERATED EXIT CODES -->\n"
 
 #: metavars of arguments that name a directory (completed as directories), and of those
 #: that name a file or a directory (completed as paths)
@@ -156,10 +159,24 @@ def completions() -> dict[Path, str]:
     return {BASH: shtab.complete(top, shell="bash"), ZSH: shtab.complete(top, shell="zsh")}
 
 
+def readme() -> str:
+    """README.md with the exit-code table between its markers made from ``errors.py``."""
+    from btrdelta.errors import exit_codes
+
+    text = README.read_text()
+    head, begin, rest = text.partition(_BEGIN)
+    _, end, tail = rest.partition(_END)
+    if not begin or not end:
+        raise SystemExit(f"{README}: the exit-code table markers are missing")
+    rows = "".join(f"| {code} | {meaning} |\n" for code, meaning in exit_codes())
+    return f"{head}{_BEGIN}| code | meaning |\n|---|---|\n{rows}{_END}{tail}"
+
+
 def expected() -> dict[Path, str]:
     """Every generated file and its content."""
     out = {MAN / name: text for name, text in man_pages().items()}
     out.update(completions())
+    out[README] = readme()
     return out
 
 
