@@ -183,7 +183,8 @@ def test_input_twice_is_a_usage_error(tmp_path: Path) -> None:
 def test_argparse_mistakes_are_one_line() -> None:
     for argv in (["receive", "--no-such-option", "x"], ["send"], ["nosuchcommand"],
                  ["image", "nbd", "store/x", "--listen", "bogus"],
-                 ["serve", ".", "--port", "99999"]):
+                 ["serve", ".", "--port", "99999"],
+                 ["replicate", "a", "b", "--rate-limit", "bogus"]):
         proc = run_cli(argv)
         assert proc.returncode == 2, argv
         line = check(proc, " ".join(argv))

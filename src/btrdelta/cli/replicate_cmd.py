@@ -50,9 +50,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="plain TCP without authentication (loopback addresses only)")
     p.add_argument("--once", action="store_true", help="(--listen) exit after one transfer")
     p.add_argument("--store", metavar="DIR", help=f"the sendshot store (default {DEFAULT_STORE})")
-    p.add_argument("--segment", metavar="SIZE", default="8M",
+    p.add_argument("--segment", metavar="SIZE", default="8M", type=parse_size,
                    help="bytes per checkpoint (resend at most this after a cut; default 8M)")
-    p.add_argument("--rate-limit", metavar="RATE", help="bytes per second at most (e.g. 20M)")
+    p.add_argument("--rate-limit", metavar="RATE", type=parse_size,
+                   help="bytes per second at most (e.g. 20M)")
     p.add_argument("--full", action="store_true",
                    help="send a full stream when the receiver holds no common base")
     p.add_argument("--compress", choices=("zstd", "none"), default="none",
@@ -86,9 +87,9 @@ def run(args: argparse.Namespace) -> int:
 
     store = SendshotStore(args.store or DEFAULT_STORE)
     options: dict[str, Any] = {
-        "segment": parse_size(args.segment), "allow_full": args.full,
+        "segment": args.segment, "allow_full": args.full,
         "prune": not args.no_prune, "compress": None if args.compress == "none" else "zstd",
-        "rate_limit": parse_size(args.rate_limit) if args.rate_limit else None,
+        "rate_limit": args.rate_limit or None,
     }
     for _attempt in range(2):
         ch, peer = _connect(args)
