@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -101,3 +102,23 @@ def test_gc_removes_what_nothing_names_and_every_version_still_updates(
     removed = json.loads(capsys.readouterr().out)["removed"]
     assert "index/2.json" in removed
     assert all(p == "index/2.json" or p.startswith("bins/") for p in removed)
+    # a `repo sign` cut short after writing its index, before the timestamp: the index the
+    # timestamp names stays, whatever --keep-indexes says, and so does the stray one (its
+    # number must not come back with other content)
+    shutil.copytree(repo, tmp_path / "copy")
+    assert main(["repo", "sign", str(tmp_path / "copy"), "--key", str(key)]) == 0
+    shutil.copy(tmp_path / "copy/index/5.json", repo / "index/5.json")
+    capsys.readouterr()
+    assert main(["repo", "gc", str(repo), "--keep-indexes", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["kept_indexes"] == [4, 5]
+    assert "index/3.json" in report["removed"]
+    srv = Nginx(repo, tmp_path / "nginx2")
+    try:
+        dest = tmp_path / "after"
+        assert main(["update", srv.url, str(dest), "--key", str(tmp_path / "root.pub")]) == 0
+        assert tree_sum(dest / "v5") == tree_sum(releases[4])
+    finally:
+        srv.stop()
+    assert main(["repo", "sign", str(repo), "--key", str(key)]) == 0
+    assert (repo / "index/6.json").exists()

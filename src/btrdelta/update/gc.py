@@ -5,8 +5,9 @@ What stays (everything else in the mirror directories goes):
 * the artifacts of the catalog's versions, signed yet or not: each version's full index,
   the packs the catalog lists, every delta made;
 * the newest ``keep_indexes`` signed indexes (``index/<N>.json``; a mirror a little behind
-  still serves the one its timestamp names) and the bins they name; ``timestamp.json`` and
-  ``index.html``.
+  still serves the one its timestamp names), the newest being the one ``timestamp.json``
+  names, and the bins they name; an index above that one (a ``repo sign`` cut short: its
+  number is never used again, so it stays); ``timestamp.json`` and ``index.html``.
 
 Garbage comes from ``repo add`` runs cut short (packs and a full index written before the
 catalog named them), older signed indexes and the bins only they named, and temporary
@@ -49,18 +50,20 @@ class GcReport:
                 "kept_indexes": self.kept_indexes}
 
 
-def _kept_indexes(root: Path, keep: int) -> tuple[list[int], set[str]]:
-    """The newest ``keep`` index versions and the paths of the bins they name."""
-    versions = sorted(int(m.group(1)) for p in (root / "index").glob("*.json")
-                      if (m := _INDEX_NAME.fullmatch(p.name)))
-    kept = versions[-keep:] if keep > 0 else []
+def _kept_indexes(root: Path, current: int, keep: int) -> tuple[list[int], set[str]]:
+    """The index versions kept: the newest ``keep`` up to ``current`` (the one the timestamp
+    names), and any above it (from a ``repo sign`` cut short: never named, but its number
+    must not come back with other content); and the paths of the bins the former name."""
+    found = sorted(int(m.group(1)) for p in (root / "index").glob("*.json")
+                   if (m := _INDEX_NAME.fullmatch(p.name)))
+    named = [n for n in found if n <= current][-keep:]
     bins: set[str] = set()
-    for n in kept:
+    for n in named:
         path = root / "index" / f"{n}.json"
         signed = Fields(parse_json(path.read_bytes(), str(path)), str(path)).get("signed")
         index = Index.decode(signed, str(path))
         bins.update(b.ref.path for b in index.bins)
-    return kept, bins
+    return named + [n for n in found if n > current], bins
 
 
 def _referenced(cat: Catalog) -> set[str]:
@@ -81,7 +84,7 @@ def collect_garbage(root: str | os.PathLike[str], *, keep_indexes: int = 2,
     report = GcReport()
     with repo.locked():
         cat = repo.load()
-        kept, bins = _kept_indexes(repo.root, keep_indexes)
+        kept, bins = _kept_indexes(repo.root, cat.index_version, keep_indexes)
         report.kept_indexes = kept
         keep = _referenced(cat) | bins | {f"index/{n}.json" for n in kept}
         for kind in _KINDS:
