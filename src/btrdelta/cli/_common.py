@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, BinaryIO, NoReturn
 
 from ..errors import BtrdeltaError, UsageError
+from ..fs.atomic import atomic_output
 
 if TYPE_CHECKING:
     from ..update.identify import Identified, Kind
@@ -144,9 +145,9 @@ def input_position(f: BinaryIO) -> int:
 def open_output(name: str | None, *, binary: bool = True) -> Iterator[BinaryIO]:
     """Open ``name`` for binary writing; ``-``/``None`` is standard output.
 
-    A file is written under a new temporary name (``O_EXCL|O_NOFOLLOW``: never through a
-    planted symlink) and renamed into place only on success, so a failed run never leaves
-    a half-written output behind.
+    A file is written through :func:`btrdelta.fs.atomic.atomic_output`: an unnamed (or new,
+    ``O_EXCL|O_NOFOLLOW``) file renamed into place only on success, so a failed run never
+    leaves a half-written output behind and no planted symlink is written through.
     """
     if name in (None, "-"):
         if binary and sys.stdout.isatty():
@@ -156,17 +157,8 @@ def open_output(name: str | None, *, binary: bool = True) -> Iterator[BinaryIO]:
         return
     if os.path.isdir(name):
         raise BtrdeltaError("is a directory (give a file name)", source=name)
-    tmp = f"{name}.tmp-{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o666)
-    try:
-        with open(fd, "wb") as f:
-            yield f
-        os.replace(tmp, name)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_output(name) as f:
+        yield f
 
 
 def human_bytes(n: float) -> str:

@@ -29,9 +29,10 @@ from typing import Any, BinaryIO
 
 from ..errors import StreamFormatError, TransportError
 from ..fs import btrfs as sv
+from ..fs.atomic import atomic_output, write_atomic
 from ..tree import tree_sum
 from .layout import DeviceError, Layout, open_device
-from .state import load_state, write_atomic
+from .state import load_state
 
 __all__ = ["backup", "restore", "restore_to_dir"]
 
@@ -49,12 +50,8 @@ class _Store:
 
     def put(self, name: str, path: Path) -> None:
         if not self.http:
-            dest = Path(self.where) / name
-            tmp = dest.with_name(f".{name}.tmp-{os.getpid()}")
-            shutil.copyfile(path, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
+            with open(path, "rb") as src, atomic_output(Path(self.where) / name) as out:
+                shutil.copyfileobj(src, out, 1 << 20)
             return
         import httpx
 

@@ -12,15 +12,14 @@ that finds it behind the boot truth (a power cut between the two) repairs it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..errors import StreamFormatError
+from ..fs.atomic import write_atomic
 from .layout import BOOTABLE, DeviceError, Layout
 
 __all__ = [
@@ -32,7 +31,6 @@ __all__ = [
     "load_state",
     "parse_state_spec",
     "save_state",
-    "write_atomic",
 ]
 
 FORMAT = "btrdelta-device"
@@ -157,28 +155,6 @@ def load_state(layout: Layout) -> DeviceState:
     except (ValueError, KeyError, TypeError) as exc:
         raise StreamFormatError(f"invalid device state file: {exc}",
                                 source=str(layout.state_file)) from exc
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data``: a power cut leaves the old or the new content."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def mounts_text(st: DeviceState) -> str:

@@ -4,9 +4,19 @@ Used when the destination cannot take the extent as is (not btrfs, unaligned, LZ
 size mismatch). Formats (``docs/formats/send-stream.md``, "Encoded extents"): zlib is one zlib
 stream, zstd one zstd frame, LZO (compression 3..7) is btrfs's own framing of raw LZO1X
 segments of ``4096 << (compression - 3)`` bytes. Data after the end of the compressed
-stream (sector padding) is ignored; output shorter than ``unencoded_len`` is zero-extended.
-The output is bounded by ``unencoded_len`` (≤ 128 KiB for kernel streams; the caller checks
-its own limit), so a hostile payload cannot make us allocate more.
+stream (sector padding) is ignored; output shorter than ``unencoded_len`` is zero-extended;
+a zstd frame or zlib stream that would inflate to more is refused (the kernel never writes
+one), LZO output is cut there.
+
+Memory is bounded by ``unencoded_len`` (≤ :data:`MAX_UNENCODED`, checked here too; the kernel
+writes ≤ 128 KiB), whatever the payload declares: a zstd frame is decoded in one shot only
+when its header declares a content size within the limit, otherwise through a reader that
+stops at the limit with a window of at most :data:`MAX_UNENCODED` (``zstandard`` ignores
+``max_output_size`` when the frame declares its own size, so a 32 KB frame declaring 1 GiB
+would otherwise be inflated whole); zlib is inflated with a ``max_length``; LZO output is
+checked per segment against the sector size (lzallright grows its buffer until the segment
+fits, so one hostile segment costs at most LZO's expansion ratio, ~255 times the segment's
+≤ 70 KB, in passing).
 """
 
 from __future__ import annotations
@@ -32,7 +42,10 @@ _U32 = struct.Struct("<I")
 
 def _zlib(data: memoryview, limit: int) -> bytes:
     d = zlib.decompressobj()
-    return d.decompress(data, limit)
+    out = d.decompress(data, limit)  # limit > 0: max_length 0 would mean "no limit"
+    if d.unconsumed_tail and d.decompress(d.unconsumed_tail, 1):
+        raise ValueError(f"inflates to more than the extent's {limit} bytes")
+    return out
 
 
 @functools.cache
@@ -40,7 +53,7 @@ def _zstd() -> Any:
     # imported on first use: a receive without decompression does not pay for it
     import zstandard
 
-    return zstandard.ZstdDecompressor()
+    return zstandard
 
 
 @functools.cache
@@ -58,10 +71,30 @@ def _errors() -> tuple[type[BaseException], ...]:
     return (zlib.error, zstandard.ZstdError, lzallright.LZOError, ValueError)
 
 
-def _zstd_frame(data: memoryview, limit: int) -> bytes:
-    # one frame followed by zero padding; max_output_size bounds the allocation
-    out: bytes = _zstd().decompress(data, max_output_size=limit)
-    return out[:limit]
+@functools.cache
+def _zstd_dctx() -> Any:
+    # the window bound makes a frame that needs more memory an error, not an allocation
+    return _zstd().ZstdDecompressor(max_window_size=MAX_UNENCODED)
+
+
+def _zstd_frame(data: memoryview, limit: int) -> bytes | bytearray:
+    # one frame followed by zero padding
+    declared = _zstd().frame_content_size(data)
+    if declared > limit:
+        raise ValueError(f"frame declares {declared} bytes, more than the extent's {limit}")
+    if declared >= 0:  # the kernel's frames: one shot, allocates `declared`
+        out: bytes = _zstd_dctx().decompress(data, max_output_size=limit)
+        return out
+    # size unknown: never ask for more than the limit (and one byte to see an excess); a
+    # reader over a buffer fills its output unless the frame ends first (a second call would
+    # take the padding for the next frame)
+    buf = bytearray(limit + 1)
+    reader = _zstd_dctx().stream_reader(data, read_across_frames=False)
+    got = reader.readinto(buf)
+    if got > limit:
+        raise ValueError(f"frame inflates to more than the extent's {limit} bytes")
+    del buf[limit:]
+    return buf
 
 
 def _lzo_frames(data: memoryview, limit: int, sector: int) -> bytes:
@@ -92,25 +125,30 @@ def _lzo_frames(data: memoryview, limit: int, sector: int) -> bytes:
     return b"".join(pieces)[:limit]
 
 
-def decode_extent(data: Any, compression: int, unencoded_len: int) -> bytes:
+def decode_extent(data: Any, compression: int, unencoded_len: int) -> bytes | bytearray:
     """Decompress one encoded extent to exactly ``unencoded_len`` bytes.
 
     Raises:
         StreamFormatError: unknown compression or undecodable data.
     """
+    if not 1 <= compression <= 7:
+        raise StreamFormatError(f"unsupported ENCODED_WRITE compression {compression}")
+    if not 0 <= unencoded_len <= MAX_UNENCODED:
+        raise StreamFormatError(
+            f"ENCODED_WRITE unencoded length {unencoded_len} is over the limit {MAX_UNENCODED}")
     mv = memoryview(data).cast("B")
     try:
-        if compression == 1:
+        if not unencoded_len:
+            out: bytes | bytearray = b""
+        elif compression == 1:
             out = _zlib(mv, unencoded_len)
         elif compression == 2:
             out = _zstd_frame(mv, unencoded_len)
-        elif 3 <= compression <= 7:
-            out = _lzo_frames(mv, unencoded_len, 4096 << (compression - 3))
         else:
-            raise StreamFormatError(f"unsupported ENCODED_WRITE compression {compression}")
+            out = _lzo_frames(mv, unencoded_len, 4096 << (compression - 3))
     except _errors() as exc:
         name = COMPRESSION_NAMES.get(compression, str(compression))
         raise StreamFormatError(f"cannot decompress {name} extent: {exc}") from exc
     if len(out) < unencoded_len:
-        out += bytes(unencoded_len - len(out))
+        out = bytes(out) + bytes(unencoded_len - len(out))
     return out

@@ -12,7 +12,6 @@ immutable and named by their hash: they are fetched once, checked, and kept in a
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import blake3
 
 from .. import trust
 from ..errors import ChecksumError, StreamFormatError
+from ..fs.atomic import write_atomic
 from .canonical import Fields, parse_json
 from .freshness import TrustedState, check_index, check_timestamp
 from .fullindex import FullIndex, decode_full_index
@@ -53,9 +53,7 @@ class MetaCache:
         if self.dir is None:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f".{digest}.tmp-{os.getpid()}"
-        tmp.write_bytes(data)
-        os.replace(tmp, self.dir / digest)
+        write_atomic(self.dir / digest, data)
 
     def fetch(self, mirrors: Mirrors, ref: ArtifactRef) -> bytes:
         data = self.get(ref.blake3)
@@ -148,9 +146,7 @@ def save_trusted(path: Path, verified: Verified) -> None:
     state = TrustedState(verified.index.version, verified.timestamp.version,
                          verified.index_blake3)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(state.encode()) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(state.encode()) + "\n").encode())
 
 
 def read_trusted(path: Path) -> TrustedState:
