@@ -3,7 +3,8 @@
 Modules: :mod:`.sandbox` (the one safe walk of untrusted paths: ``openat``, no symlink
 followed, no ``..``), :mod:`.btrfs` (btrfs ioctls and subvolume operations, the default
 subvolume, UUID-tree lookups, FILEATTR <-> ``FS_*_FL`` flags both ways), :mod:`.copy`
-(data segments, copies that keep holes, tree copies).
+(data segments, copies that keep holes, tree copies), :mod:`.remove` (deleting a tree of
+any depth without recursion).
 
 Knows nothing of streams or formats; ``receive``, ``send``, ``delta``, ``tree`` and the
 workflows above them share it.

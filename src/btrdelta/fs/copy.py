@@ -11,12 +11,14 @@ hard links, xattrs, owners, ns mtimes and holes kept): the directory backend of 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from pathlib import Path
 
 from ..errors import ApplyError
 from .btrfs import fallocate
+from .remove import remove_tree
 
 __all__ = ["copy_range", "copy_tree", "data_segments", "write_zeros"]
 
@@ -96,15 +98,19 @@ def copy_range(src: int, src_off: int, dst: int, dst_off: int, length: int) -> N
 
 def copy_tree(src: Path, dst: Path) -> None:
     """Copy a received directory for an incremental stream (reflinks where possible)."""
-    import shutil  # an incremental receive into a directory only
-    import subprocess
+    import subprocess  # an incremental receive into a directory only
 
     proc = subprocess.run(
         ["cp", "-a", "--reflink=auto", "--no-target-directory", "--", str(src), str(dst)],
         capture_output=True, check=False,
     )
     if proc.returncode != 0:
-        shutil.rmtree(dst, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            pfd = os.open(dst.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                remove_tree(pfd, dst.name)
+            finally:
+                os.close(pfd)
         raise ApplyError(
             f"copying parent {src} failed: {proc.stderr.decode(errors='replace').strip()}",
             op="snapshot",

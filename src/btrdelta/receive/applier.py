@@ -84,6 +84,23 @@ _FALLBACK_ERRNOS = (errno.ENOTTY, errno.EINVAL, errno.ENOSPC, errno.EOPNOTSUPP, 
                     errno.EPERM)
 
 
+#: the largest value a system call takes for an owner (``uid_t``) and for anything else
+#: (offsets, sizes, modes, times: ``off_t``/``long long``)
+_ID_MAX = (1 << 32) - 1
+_VALUE_MAX = (1 << 63) - 1
+
+
+def _out_of_range(rec: Record) -> str:
+    """The first integer field of ``rec`` no system call can take, e.g. ``uid 4294967301``."""
+    for name in rec.__match_args__:
+        value = getattr(rec, name)
+        if isinstance(value, int) and not 0 <= value <= (
+            _ID_MAX if name in ("uid", "gid") else _VALUE_MAX
+        ):
+            return f"{name} {value}"
+    return "a value"
+
+
 def _warn_default(msg: str) -> None:
     import warnings
 
@@ -266,6 +283,11 @@ class Applier:
             raise ApplyError(
                 f"{op} failed: {exc.strerror or exc}{where}", op=op, index=index,
                 command=op, path=getattr(rec, "path", None),
+            ) from exc
+        except OverflowError as exc:  # a u64 of the stream a system call cannot take
+            raise StreamFormatError(
+                f"{_out_of_range(rec)} is out of range for this system", index=index,
+                command=rec.cmd.name.lower(), path=getattr(rec, "path", None),
             ) from exc
 
     def close(self) -> None:

@@ -46,6 +46,7 @@ from ..fs.btrfs import (
     set_received,
 )
 from ..fs.copy import copy_tree
+from ..fs.remove import remove_tree
 from ..fs.sandbox import Sandbox, check_name
 
 if TYPE_CHECKING:
@@ -329,6 +330,4 @@ class Subvolumes:
                     return
                 except OSError:
                     pass
-            import shutil  # only to clean up a failed receive
-
-            shutil.rmtree(os.fsdecode(pending.tmp), dir_fd=self._dest_fd)
+            remove_tree(self._dest_fd, pending.tmp)  # any depth (shutil.rmtree recurses)

@@ -1,0 +1,97 @@
+"""Streams past the platform's limits: u64 values no system call takes, trees deeper than
+Python's recursion limit. Each is a one-line error (exit 3/4), never a traceback, and
+nothing is left in DEST (with ``-E 0`` the subvolume is finished without the bad command).
+"""
+
+from __future__ import annotations
+
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+
+from btrdelta.cli import main
+from btrdelta.stream.records import (
+    Chown,
+    Clone,
+    EncodedWrite,
+    End,
+    Mkdir,
+    Mkfile,
+    Mknod,
+    Rename,
+    Truncate,
+    Write,
+)
+
+from .helpers import UUID_A, stream_bytes, subvol
+
+pytestmark = pytest.mark.usefixtures("applier_impl")
+
+M = (1 << 64) - 1
+FILE = [Mkfile(path=b"f", ino=257), Write(path=b"f", offset=0, data=b"x" * 4096)]
+CASES = {
+    "chown-u64": ([*FILE, Chown(path=b"f", uid=M, gid=0)], "uid 18446744073709551615"),
+    "chown-u32+": ([*FILE, Chown(path=b"f", uid=0, gid=(1 << 32) + 5)], "gid 4294967301"),
+    "write": ([*FILE, Write(path=b"f", offset=M, data=b"x")], "offset 18446744073709551615"),
+    "write-2^63": ([*FILE, Write(path=b"f", offset=1 << 63, data=b"x")],
+                   "offset 9223372036854775808"),
+    "truncate": ([*FILE, Truncate(path=b"f", size=M)], "size 18446744073709551615"),
+    "clone": ([*FILE, Clone(offset=M, length=4096, path=b"f", clone_uuid=UUID_A,
+                            clone_ctransid=7, clone_path=b"f", clone_offset=0)],
+              "offset 18446744073709551615"),
+    "mknod": ([Mknod(path=b"n", ino=258, rdev=0, mode=M)], "mode 18446744073709551615"),
+    "encoded": ([*FILE, EncodedWrite(path=b"f", offset=M, unencoded_file_len=4,
+                                     unencoded_len=4, unencoded_offset=0, compression=1,
+                                     data=zlib.compress(b"data"))],
+                "offset 18446744073709551615"),
+}
+
+
+def _run(tmp_path: Path, records: list[object], *opts: str,
+         capsys: pytest.CaptureFixture[str]) -> tuple[int, str, Path]:
+    stream = tmp_path / "s.stream"
+    stream.write_bytes(stream_bytes([subvol(), *records, End()], version=2))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    capsys.readouterr()
+    code = main(["receive", *opts, "-f", str(stream), str(dest)])
+    return code, capsys.readouterr().err, dest
+
+
+@pytest.mark.parametrize("max_errors", ["1", "0"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_u64_out_of_range(case: str, max_errors: str, tmp_path: Path,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    records, named = CASES[case]
+    code, err, dest = _run(tmp_path, records, "-E", max_errors, capsys=capsys)
+    assert code == 3, err
+    lines = [line for line in err.splitlines() if not line.startswith("At subvol")]
+    assert len(lines) == 1, err
+    assert f"{named} is out of range for this system" in lines[0]
+    assert "record " in lines[0]
+    left = sorted(p.name for p in dest.iterdir() if p.name != ".btrdelta-subvols.json")
+    if max_errors == "0":  # the bad command skipped, the subvolume finished
+        assert left == ["sv"]
+        if records[0] is FILE[0]:
+            assert (dest / "sv" / "f").read_bytes()[:4096] == b"x" * 4096
+    else:
+        assert left == []
+
+
+def test_tree_deeper_than_the_recursion_limit_then_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # c grows one level per round with paths of at most 3 bytes: mkdir t; c -> t/c; t -> c
+    recs: list[object] = [Mkdir(path=b"c", ino=257)]
+    for i in range(sys.getrecursionlimit() + 200):
+        recs += [Mkdir(path=b"t", ino=258 + i), Rename(path=b"c", path_to=b"t/c"),
+                 Rename(path=b"t", path_to=b"c")]
+    recs.append(Mkfile(path=b"../escape", ino=1 << 20))
+    code, err, dest = _run(tmp_path, recs, capsys=capsys)
+    assert code == 4, err
+    assert "Traceback" not in err
+    assert "RecursionError" not in err
+    assert err.splitlines()[-1].endswith("empty, '.' or '..' component in stream path")
+    assert [p.name for p in dest.iterdir() if p.name != ".btrdelta-subvols.json"] == []
