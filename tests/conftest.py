@@ -40,6 +40,19 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TZ", "UTC")
 
 
+@pytest.fixture
+def deep_tmp_path(tmp_path: Path) -> Iterator[Path]:
+    """``tmp_path`` for a test that makes a directory tree deeper than Python's recursion
+    limit: its content is deleted with ``rm -rf`` at teardown, even when the test fails,
+    because pytest's own clean-up of old temporary directories (``shutil.rmtree``) dies of
+    ``RecursionError`` on such a tree in a later run."""
+    try:
+        yield tmp_path
+    finally:
+        subprocess.run(["rm", "-rf", "--one-file-system", "--", str(tmp_path)], check=True)
+        tmp_path.mkdir()
+
+
 def require_btrfs() -> None:
     """Skip (or, under CI=true, fail) when loop-mounted btrfs cannot be used here."""
     reason = btrfs_available()

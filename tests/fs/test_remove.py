@@ -29,7 +29,8 @@ def _dir_fd(path: Path) -> int:
     return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
 
 
-def test_deeper_than_the_recursion_limit_with_few_descriptors(tmp_path: Path) -> None:
+def test_deeper_than_the_recursion_limit_with_few_descriptors(deep_tmp_path: Path) -> None:
+    tmp_path = deep_tmp_path  # removed with rm -rf at teardown, even if this fails
     (tmp_path / "t").mkdir()
     _deep(tmp_path / "t", sys.getrecursionlimit() + 200)  # shutil.rmtree fails here
     (tmp_path / "t" / "f").write_bytes(b"x")

@@ -81,8 +81,9 @@ def test_u64_out_of_range(case: str, max_errors: str, tmp_path: Path,
 
 
 def test_tree_deeper_than_the_recursion_limit_then_an_error(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    deep_tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    tmp_path = deep_tmp_path  # removed with rm -rf at teardown, even if this fails
     # c grows one level per round with paths of at most 3 bytes: mkdir t; c -> t/c; t -> c
     recs: list[object] = [Mkdir(path=b"c", ino=257)]
     for i in range(sys.getrecursionlimit() + 200):
