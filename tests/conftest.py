@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,38 @@ def deep_tmp_path(tmp_path: Path) -> Iterator[Path]:
     finally:
         subprocess.run(["rm", "-rf", "--one-file-system", "--", str(tmp_path)], check=True)
         tmp_path.mkdir()
+
+
+#: run argv[2:] and write its peak RSS (bytes) to descriptor argv[1]; exit with its code
+_PEAK_RSS = """import os, subprocess, sys
+p = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(p.pid, 0)
+os.write(int(sys.argv[1]), b"%d" % (usage.ru_maxrss * 1024))
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
+def run_peak_rss(argv: list[str], env: dict[str, str]) -> tuple[int, str, int]:
+    """Exit code, stderr and peak RSS (bytes) of ``argv`` (stdout discarded).
+
+    Measured through a small intermediate process: a child of pytest itself inherits
+    pytest's peak RSS (Linux keeps the pre-``exec`` high-water mark in ``ru_maxrss``),
+    which after a few hundred tests is larger than any limit worth checking."""
+    r, w = os.pipe()
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", _PEAK_RSS, str(w), *argv], env=env,
+                                pass_fds=(w,), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        os.close(w)
+        w = -1
+        _, err = proc.communicate()
+        rss = os.read(r, 64)
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    return proc.returncode, err.decode(), int(rss or b"0")
 
 
 def require_btrfs() -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import struct
-import subprocess
 import sys
 import zlib
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from btrdelta.errors import StreamFormatError
 from btrdelta.receive.encoded import MAX_UNENCODED, decode_extent
 from btrdelta.stream.records import EncodedWrite, End, Mkfile
 from btrdelta.testing.loopfs import loop_fs
+from tests.conftest import run_peak_rss
 
 from .helpers import stream_bytes, subvol
 
@@ -87,14 +87,8 @@ def _receive(stream: Path, dest: Path, *extra: str, python: bool) -> tuple[int, 
     env = {k: v for k, v in os.environ.items() if not k.startswith("BTRDELTA_")}
     if python:
         env["BTRDELTA_PURE_PYTHON"] = "1"
-    proc = subprocess.Popen([sys.executable, "-m", "btrdelta", "receive", *extra, "-f",
-                             str(stream), str(dest)], stderr=subprocess.PIPE, env=env)
-    assert proc.stderr is not None
-    with proc.stderr:
-        err = proc.stderr.read().decode()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, err, usage.ru_maxrss * 1024
+    return run_peak_rss([sys.executable, "-m", "btrdelta", "receive", *extra, "-f",
+                         str(stream), str(dest)], env)
 
 
 @pytest.fixture(scope="module")
