@@ -59,3 +59,19 @@ def test_stop_at_end_and_flush_after_error() -> None:
     sink.close()
     assert out.getvalue()
     assert STREAMS[0].with_suffix(".dump").read_bytes().startswith(out.getvalue())
+
+
+@pytest.mark.parametrize("path", STREAMS[::4], ids=lambda p: p.name)
+def test_a_reader_fed_whole_batches_gives_the_same_output(path: object) -> None:
+    # feed(StreamReader) hands decoded batches to a sink with apply_batch (the text dumper),
+    # events one by one to the others: both give what the event loop gives
+    data = path.read_bytes() * 2  # type: ignore[attr-defined]
+    for make, stop in ((TextDumpSink, True), (TextDumpSink, False), (JsonDumpSink, False)):
+        by_event, by_batch = io.BytesIO(), io.BytesIO()
+        sink_e, sink_b = make(by_event.write), make(by_batch.write)
+        n_e = feed(StreamReader(io.BytesIO(data)).events(), sink_e, stop_at_end=stop)
+        n_b = feed(StreamReader(io.BytesIO(data)), sink_b, stop_at_end=stop)
+        sink_e.close()
+        sink_b.close()
+        assert (n_b, by_batch.getvalue()) == (n_e, by_event.getvalue())
+        assert by_batch.getvalue().count(b'"stream"') == (2 if make is JsonDumpSink else 0)

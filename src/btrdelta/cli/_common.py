@@ -214,7 +214,7 @@ def dump_stream(f: BinaryIO, name: str, *, as_json: bool = False,
     out = sys.stdout.buffer
     sink = JsonDumpSink(out.write) if as_json else TextDumpSink(out.write)
     try:
-        feed(StreamReader(f, source=name).events(), sink, stop_at_end=not all_streams)
+        feed(StreamReader(f, source=name), sink, stop_at_end=not all_streams)
     finally:
         sink.close()  # what was read before an error is printed, as progs prints it
         out.flush()

@@ -317,6 +317,12 @@ class TextDumpSink:
         if len(self._recs) >= self._batch:
             self.flush()
 
+    def apply_batch(self, recs: list[Record], index: int) -> None:
+        """Records ``index``, ``index + 1``, ... at once (see :func:`.sink.feed`)."""
+        self._recs += recs
+        if len(self._recs) >= self._batch:
+            self.flush()
+
     def flush(self) -> None:
         """Render and write the records held."""
         if self._recs:

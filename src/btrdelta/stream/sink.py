@@ -15,10 +15,11 @@ of a decoded batch to C at once; the ``Applier`` is still a sink, for every othe
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from itertools import chain
 from typing import Protocol, runtime_checkable
 
-from .reader import Event, StreamHeader
+from .reader import Event, StreamHeader, StreamReader
 from .records import End, Record
 
 __all__ = ["RecordSink", "VerifySink", "feed"]
@@ -57,12 +58,23 @@ class VerifySink:
         pass
 
 
-def feed(events: Iterable[Event], sink: RecordSink, *, stop_at_end: bool = False) -> int:
+def feed(events: Iterable[Event] | StreamReader, sink: RecordSink, *,
+         stop_at_end: bool = False) -> int:
     """Hand ``events`` (headers and records, e.g. ``StreamReader(f).events()``) to ``sink``;
     returns the number of records applied. The caller closes the sink.
 
     ``stop_at_end``: stop after the first END (what ``btrfs receive --dump`` and ``-e`` do).
+
+    When ``events`` is a :class:`~.reader.StreamReader` itself (its events come in decoded
+    lists) and the sink takes lists (an optional ``apply_batch(records, index)``),
+    whole decoded batches go to the sink: the dumpers render them at once, without a call
+    per record.
     """
+    if isinstance(events, StreamReader):
+        apply_batch = getattr(sink, "apply_batch", None)
+        if apply_batch is not None:
+            return _feed_batches(events.batches(), sink.start, apply_batch, stop_at_end)
+        events = chain.from_iterable(events.batches())  # headers included
     index = 0
     start, apply = sink.start, sink.apply
     for ev in events:
@@ -73,4 +85,21 @@ def feed(events: Iterable[Event], sink: RecordSink, *, stop_at_end: bool = False
         index += 1
         if stop_at_end and type(ev) is End:
             break
+    return index
+
+
+def _feed_batches(batches: Iterable[list[Event]], start: Callable[[StreamHeader], None],
+                  apply_batch: Callable[[list[Record], int], None], stop_at_end: bool) -> int:
+    index = 0
+    for batch in batches:
+        if type(batch[0]) is StreamHeader:  # a header comes alone, never inside a batch
+            start(batch[0])
+            continue
+        if stop_at_end:
+            end = next((i for i, rec in enumerate(batch) if type(rec) is End), None)
+            if end is not None:
+                apply_batch(batch[: end + 1], index)  # type: ignore[arg-type]
+                return index + end + 1
+        apply_batch(batch, index)  # type: ignore[arg-type]
+        index += len(batch)
     return index
