@@ -48,6 +48,25 @@ def _tree(root: Path, mib: int) -> Path:
     return root
 
 
+def _wait_gone(marker: str, timeout: float = 60) -> None:
+    """Wait until no process other than this one has ``marker`` on its command line (a
+    fixed sleep was too short on a loaded machine)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        alive = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if marker.encode() in cmd and b"--serve" in cmd and int(pid) != os.getpid():
+                alive.append(pid)
+        if not alive:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"processes serving {marker} still running after {timeout} s")
+
+
 def _visible(dest: Path) -> list[str]:
     return sorted(n for n in os.listdir(dest) if not n.startswith("."))
 
@@ -105,7 +124,7 @@ def test_over_openssh(sshd: tuple[int, str], tmp_path: Path) -> None:
     _wait_partial(dest, SEG)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
-    time.sleep(0.5)  # the remote --serve sees its stdin close
+    _wait_gone(str(dest))  # the remote --serve sees its stdin close and exits
     assert len(_visible(dest)) == 1
     again = subprocess.run([*BTRDELTA, "replicate", str(src), url, *common],
                            capture_output=True, text=True, check=False, env=_env())
