@@ -45,6 +45,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         return 2
 
     p.set_defaults(func=usage)
+    _add_init(rsub)
+    _add_add(rsub)
+    _add_run_job(rsub)
+    _add_sign(rsub)
+    _add_ls(rsub)
+    _add_gc(rsub)
+
+
+def _add_init(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     i = rsub.add_parser("init", help="create an empty repository",
                         epilog=examples("btrdelta repo init www/app",
                                         "btrdelta repo init www/app --avg-chunk 256K"))
@@ -55,6 +64,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_json(i, "the repository made")
     i.set_defaults(func=run_init)
 
+
+def _add_add(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     a = rsub.add_parser(
         "add", help="add the next release (full + deltas)",
         epilog=examples("btrdelta repo add www/app 1.1 /build/app-1.1 -j 4",
@@ -75,6 +86,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_progress_options(a)
     a.set_defaults(func=run_add)
 
+
+def _add_run_job(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     j = rsub.add_parser("run-job", help="run one delta job written by `repo add --plan-only`",
                         epilog=examples("btrdelta repo run-job www/app/.btrdelta/jobs/1.3/"
                                         "1.1-1.3.json --work /scratch"))
@@ -84,6 +97,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_json(j, "the delta written")
     j.set_defaults(func=run_job)
 
+
+def _add_sign(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = rsub.add_parser(
         "sign", help="sign the index (root key) and the timestamp",
         epilog=examples(
@@ -100,6 +115,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_json(s, "what is signed now")
     s.set_defaults(func=run_sign)
 
+
+def _add_ls(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ls = rsub.add_parser(
         "ls", help="versions, artifacts and sizes of a repository",
         epilog=examples("btrdelta repo ls www/app",
@@ -108,6 +125,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     ls.add_argument("--key", metavar="ROOT_PUB", help="verify the index (URLs)")
     add_json(ls, "the listing")
     ls.set_defaults(func=run_ls)
+
+
+def _add_gc(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     g = rsub.add_parser(
         "gc", help="remove files no version or kept index refers to",
         description="Remove from the repository what nothing refers to: packs and full "

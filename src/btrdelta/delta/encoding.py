@@ -216,24 +216,7 @@ def encode_item(
     if isinstance(item, Patch):
         if inner and compact:
             return _encode_cpatch(item, omit_path, omit_base)
-        parts = []
-        if not omit_path:
-            parts.append(_tlv(DAttr.PATH, item.path))
-        if not omit_base:
-            parts.append(_tlv(DAttr.BASE_PATH, item.base_path))
-        parts += [
-            _tlv(DAttr.CODEC, u32(item.codec)),
-            _tlv(DAttr.HASH, u32(item.hash_algo)),
-            _tlv(DAttr.OLD_SIZE, u64(item.old_size)),
-            _tlv(DAttr.OLD_DIGEST, item.old_digest),
-            _tlv(DAttr.NEW_SIZE, u64(item.new_size)),
-        ]
-        if item.codec != SAME_CODEC:
-            parts.append(_tlv(DAttr.NEW_DIGEST, item.new_digest))
-        parts.append(_tlv(DAttr.LENGTH, u64(item.patch_len)))
-        if item.data is not None:
-            parts.append(_U16.pack(DAttr.DATA))
-        return _frame(DCmd.PATCH, b"".join(parts), item.data, inner)
+        return _encode_patch(item, inner, omit_path, omit_base)
     if isinstance(item, PatchData):
         return _frame(DCmd.PDATA, _U16.pack(DAttr.DATA), item.data, inner)
     if isinstance(item, PWrite):
@@ -244,22 +227,7 @@ def encode_item(
         )
         return _frame(DCmd.PWRITE, attrs, None, inner)
     if isinstance(item, PEncoded):
-        parts = [
-            _tlv(DAttr.OFFSET, u64(item.offset)),
-            _tlv(DAttr.LENGTH, u64(item.length)),
-            _tlv(DAttr.FILE_LEN, u64(item.file_len)),
-            _tlv(DAttr.UNENC_LEN, u64(item.unencoded_len)),
-            _tlv(DAttr.UNENC_OFFSET, u64(item.unencoded_offset)),
-            _tlv(DAttr.COMPRESSION, u32(item.compression)),
-        ]
-        if item.encryption is not None:
-            parts.append(_tlv(DAttr.ENCRYPTION, u32(item.encryption)))
-        parts += [
-            _tlv(DAttr.DISK_LEN, u64(item.disk_len)),
-            _tlv(DAttr.LEVEL, u32(item.level & 0xFFFFFFFF)),
-            _tlv(DAttr.CRC, u32(item.crc)),
-        ]
-        return _frame(DCmd.PENC, b"".join(parts), None, inner)
+        return _encode_pencoded(item, inner)
     if isinstance(item, DeltaEnd):
         attrs = (
             _tlv(DAttr.COUNT, u64(item.count))
@@ -269,6 +237,48 @@ def encode_item(
         )
         return _frame(DCmd.DEND, attrs)
     raise TypeError(f"not a delta item: {item!r}")  # pragma: no cover
+
+
+def _encode_patch(item: Patch, inner: bool, omit_path: bool, omit_base: bool) -> list[Any]:
+    u32, u64 = _U32.pack, _U64.pack
+    parts = []
+    if not omit_path:
+        parts.append(_tlv(DAttr.PATH, item.path))
+    if not omit_base:
+        parts.append(_tlv(DAttr.BASE_PATH, item.base_path))
+    parts += [
+        _tlv(DAttr.CODEC, u32(item.codec)),
+        _tlv(DAttr.HASH, u32(item.hash_algo)),
+        _tlv(DAttr.OLD_SIZE, u64(item.old_size)),
+        _tlv(DAttr.OLD_DIGEST, item.old_digest),
+        _tlv(DAttr.NEW_SIZE, u64(item.new_size)),
+    ]
+    if item.codec != SAME_CODEC:
+        parts.append(_tlv(DAttr.NEW_DIGEST, item.new_digest))
+    parts.append(_tlv(DAttr.LENGTH, u64(item.patch_len)))
+    if item.data is not None:
+        parts.append(_U16.pack(DAttr.DATA))
+    return _frame(DCmd.PATCH, b"".join(parts), item.data, inner)
+
+
+def _encode_pencoded(item: PEncoded, inner: bool) -> list[Any]:
+    u32, u64 = _U32.pack, _U64.pack
+    parts = [
+        _tlv(DAttr.OFFSET, u64(item.offset)),
+        _tlv(DAttr.LENGTH, u64(item.length)),
+        _tlv(DAttr.FILE_LEN, u64(item.file_len)),
+        _tlv(DAttr.UNENC_LEN, u64(item.unencoded_len)),
+        _tlv(DAttr.UNENC_OFFSET, u64(item.unencoded_offset)),
+        _tlv(DAttr.COMPRESSION, u32(item.compression)),
+    ]
+    if item.encryption is not None:
+        parts.append(_tlv(DAttr.ENCRYPTION, u32(item.encryption)))
+    parts += [
+        _tlv(DAttr.DISK_LEN, u64(item.disk_len)),
+        _tlv(DAttr.LEVEL, u32(item.level & 0xFFFFFFFF)),
+        _tlv(DAttr.CRC, u32(item.crc)),
+    ]
+    return _frame(DCmd.PENC, b"".join(parts), None, inner)
 
 
 # --- decoding ---------------------------------------------------------------------------
