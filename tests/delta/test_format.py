@@ -268,15 +268,20 @@ def test_format3_carrier_folding_is_exact(ops: list[tuple[int, int, int, int, in
         assert (carrier[pos:end] if back is None else bytes(back)) == expect
         pos = end
     assert ws == rs
-    # the C path (as the expansion drives it: C while it can, Python for one command)
-    # gives the original commands, CRCs included, and the same state
+    # the C path (as the expansion drives it: C while it can, Python for one command,
+    # the group handed on whenever full) gives the original commands, CRCs included, and
+    # the same state
     unfold_c = _native.live("unfold")
     if unfold_c is not None:
         cs = CarrierState(lister=_lister)
         group = bytearray()
         pos = 0
         while pos < len(carrier):
-            pos, _n = unfold_c.run(carrier, pos, group, cs, 4, 1 << 16, int(max(Cmd)))
+            # a fresh group each call, handed on at 64 bytes (GROUP_MAX in the expansion):
+            # stopping and resuming anywhere gives the same bytes
+            part = bytearray()
+            pos, _n = unfold_c.run(carrier, pos, part, cs, 4, 1 << 16, int(max(Cmd)), 64)
+            group += part
             if pos < len(carrier):
                 end = pos + 10 + int.from_bytes(carrier[pos : pos + 4], "little")
                 cmd = carrier[pos + 4] | carrier[pos + 5] << 8

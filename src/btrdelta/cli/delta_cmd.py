@@ -123,7 +123,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     e.add_argument("-o", "--output", default="-", metavar="STREAM",
                    help="write the btrfs stream to STREAM (default '-': standard output)")
     e.add_argument("--max-file-size", type=parse_size, default=DEFAULT_MAX_FILE_SIZE,
-                   metavar="SIZE", help="refuse patches of files larger than SIZE (1G)")
+                   metavar="SIZE",
+                   help="the largest file a patch may rebuild and the most memory one record "
+                        "may take: a patch's old and new content, a carrier piece, the "
+                        "carrier's window (default 256M, delta make's default)")
     add_json(e, "a summary (sizes, seconds)")
     add_progress_options(e, verbose=True)
     e.set_defaults(func=run_expand)

@@ -16,7 +16,7 @@ from typing import BinaryIO
 from ..errors import ApplyError, BtrdeltaError, UsageError
 from ..receive import ReceivedSubvol
 from ..update.receive import receive_any
-from ._common import add_json, dump_stream, input_position, input_size, open_input
+from ._common import add_json, dump_stream, input_position, input_size, open_input, parse_size
 from .progress import Progress, add_progress_options, progress_wanted
 
 _EPILOG = """\
@@ -80,6 +80,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                         "ignores them)")
     p.add_argument("--force-decompress", action="store_true",
                    help="decompress ENCODED_WRITE data even where btrfs could store it as is")
+    p.add_argument("--max-file-size", type=parse_size, default=None,
+                   metavar="SIZE",
+                   help="delta streams: the largest file a patch may rebuild and the most "
+                        "memory one record may take (default 256M; as delta expand)")
     p.add_argument("--key", action="append", metavar="PUBKEY",
                    help="require a signature by this Ed25519 public key (repeatable: any of "
                         "them); the subvolume gets its final name only after the signature "
@@ -188,6 +192,7 @@ def _receive(args: argparse.Namespace, receiver: Callable[..., list[ReceivedSubv
             apply_fileattr=args.fileattr, force_decompress=args.force_decompress,
             on_progress=on_progress, on_warning=on_warning, on_subvol=on_subvol,
             search_root=None if args.search_root is None else Path(args.search_root),
+            max_file_size=args.max_file_size,
         )
     except ApplyError as exc:
         cause = exc.__cause__

@@ -260,11 +260,11 @@ static PyObject *
 run(PyObject *self, PyObject *args)
 {
     Py_buffer raw;
-    Py_ssize_t start, limit;
+    Py_ssize_t start, limit, max_out;
     PyObject *out, *state;
     int fmt, max_cmd;
-    if (!PyArg_ParseTuple(args, "y*nO!Oini:run", &raw, &start, &PyByteArray_Type, &out,
-                          &state, &fmt, &limit, &max_cmd))
+    if (!PyArg_ParseTuple(args, "y*nO!Oinin:run", &raw, &start, &PyByteArray_Type, &out,
+                          &state, &fmt, &limit, &max_cmd, &max_out))
         return NULL;
     const uint8_t *b = raw.buf;
     size_t len = (size_t)raw.len;
@@ -289,7 +289,9 @@ run(PyObject *self, PyObject *args)
     }
     Py_DECREF(lp);
 
-    while (p + CMD_HEADER_SIZE <= len) {
+    /* stops once the group holds max_out bytes: the caller hands it on (bounded memory
+       whatever the unfolding multiplies: a 4-byte "previous path" can stand for 64 KiB) */
+    while (p + CMD_HEADER_SIZE <= len && PyByteArray_GET_SIZE(out) < max_out) {
         uint32_t length = le32(b + p);
         unsigned cmd = le16(b + p + 4);
         size_t end = p + CMD_HEADER_SIZE + (size_t)length;
@@ -415,9 +417,10 @@ done:
 
 static PyMethodDef methods[] = {
     {"run", run, METH_VARARGS,
-     "run(raw, pos, group, state, fmt, limit, max_cmd) -> (pos, count): unfold the carried "
-     "commands of raw[pos:] into the bytearray group (CRCs set) up to the first one Python "
-     "must unfold; state is the CarrierState (last_path and times are read and updated)."},
+     "run(raw, pos, group, state, fmt, limit, max_cmd, max_out) -> (pos, count): unfold the "
+     "carried commands of raw[pos:] into the bytearray group (CRCs set) up to the first one "
+     "Python must unfold or until group holds max_out bytes; state is the CarrierState "
+     "(last_path and times are read and updated)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -4,5 +4,6 @@ compiler or without btrdelta.stream._speedups."""
 from typing import Any
 
 def run(
-    raw: Any, pos: int, group: bytearray, state: Any, fmt: int, limit: int, max_cmd: int, /
+    raw: Any, pos: int, group: bytearray, state: Any, fmt: int, limit: int, max_cmd: int,
+    max_out: int, /
 ) -> tuple[int, int]: ...

@@ -7,7 +7,10 @@ as they are; only the carried btrfs commands, which are bytes by nature (inflate
 unfolded from the zstd carrier), are decoded, a group at a time, by one
 :class:`~btrdelta.stream.StreamParser` (the C batch decoder when it is live). The parser
 also checks that the expanded stream is well formed: a command after END, a new stream
-before END, a command the embedded version does not define.
+before END, a command the embedded version does not define. A batch ending with END is
+held until the next output or the end of the expansion, so a single stream's END (where
+the receiver commits the subvolume) reaches the receiver only after DEND was checked and
+the input read to its end (bytes after DEND are refused).
 
 With ``clone_same`` (``btrdelta receive`` on btrfs), the records of a file whose content is
 its old file's become one CLONE from the parent snapshot per PWRITE range (or PENC extent).
@@ -22,6 +25,7 @@ from typing import BinaryIO
 
 from ..errors import BtrdeltaError, StreamFormatError
 from ..stream.reader import EOF, NEED_DATA, Event, StreamParser
+from ..stream.records import End
 from .expand import HEADER, WRITE, OldRoot, expand_items, open_delta
 from .format import DeltaItem
 from .options import DEFAULT_MAX_FILE_SIZE
@@ -86,16 +90,19 @@ def expand_batches(
                         # the expansion's own header (its offset counts regenerated WRITEs)
                         parser.begin(rec.version)  # type: ignore[union-attr]
                         batch.append(rec)  # type: ignore[arg-type]
-                    else:
+                    else:  # the events are views of the group's bytes
                         _decode_group(parser, pieces[0], batch)
+                        nbytes += len(pieces[0])
                 except BtrdeltaError as exc:  # offsets and indexes of the parser's are not ours
                     raise StreamFormatError(f"a carried command does not decode: {exc.message}",
                                             source=source) from None
-            if len(batch) >= _EVENTS_BATCH or nbytes >= _EVENTS_BYTES:
+            if (len(batch) >= _EVENTS_BATCH or nbytes >= _EVENTS_BYTES) and (
+                type(batch[-1]) is not End
+            ):
                 yield batch
                 batch = []
                 nbytes = 0
-    if batch:
+    if batch:  # END goes out with what came after it: DEND checked, no data after it
         yield batch
 
 

@@ -8,12 +8,17 @@ goes out, and the final ``DEND`` record is checked against the whole: command co
 and BLAKE3 digest of the expanded stream. :func:`expand_to` writes the output's bytes
 (``delta expand``); :mod:`.events` hands its records to ``btrdelta receive``.
 
-Memory: the zstd carrier is inflated piecewise (a hostile ZCMDS cannot expand beyond its
-declared length by more than a bounded amount); patches and new contents are bounded by
-``max_file_size``. An ENCODED_WRITE regenerated from a PENC is recompressed in a worker
-thread while the records after it are parsed; outputs still come out in stream order:
-those behind an extent being recompressed wait, at most ``_WINDOW`` (32 MiB) plus one
-output, then the first of them is waited for. The threads (one per usable CPU, none with a
+Memory is bounded by ``max_file_size`` (default :data:`DEFAULT_MAX_FILE_SIZE`, 256 MiB)
+whatever the input declares: a patched file's old and new content, one ZCMDS's inflated bytes
+(≤ 64 MiB by the format) and the carrier's zstd window may each be that large, no more;
+the zstd carrier is inflated piecewise (a hostile ZCMDS cannot expand beyond its declared
+length by more than a bounded amount) and its commands are unfolded and handed on
+:data:`~.unpack.GROUP_MAX` (1 MiB) at a time, however much they unfold to.
+
+An ENCODED_WRITE regenerated from a PENC is recompressed in a worker thread while the
+records after it are parsed; outputs still come out in stream order: those behind an
+extent being recompressed wait, at most ``_WINDOW`` (32 MiB) plus one output, then the
+first of them is waited for. The threads (one per usable CPU, none with a
 single CPU) start at the first large PENC and stop when the expansion ends or is closed.
 """
 
@@ -106,7 +111,7 @@ class _Expander:
         self.pend = bytearray()
         #: index of the delta record being expanded (1-based), for errors
         self.index = 0
-        self.carrier = CarrierReader(self.list_old_dir, self.new_head)
+        self.carrier = CarrierReader(self.list_old_dir, self.new_head, max_file_size)
         #: regenerated WRITEs of unchanged content carry a CLONE from the parent snapshot
         #: (only when the old root comes from the stream's SNAPSHOT)
         self.patcher = Patcher(self.resolve_root, self.carrier.state, max_file_size, source,
@@ -138,12 +143,16 @@ class _Expander:
 
     def run(self, items: Iterable[DeltaItem]) -> Generator[tuple[int, Any, Any], None, None]:
         """``(kind, a, b)`` outputs of ``items`` in order, ending with ``(END, DEND, None)``
-        (checked by the caller once all output before it is out)."""
-        for item in items:
+        (checked by the caller once all output before it is out). The input is read to its
+        end first: bytes after DEND are refused (the parser names their offset)."""
+        it = iter(items)
+        for item in it:
             self.index += 1
             try:
                 if type(item) is DeltaEnd:
                     self.patcher.check_idle("DEND")
+                    for _ in it:  # the parser raises on data after DEND; items, here
+                        raise StreamFormatError("records after DEND")
                 else:
                     yield from self.handle(item)
             except BtrdeltaError as exc:
@@ -203,7 +212,8 @@ class _Expander:
         for sub in carrier.split(carrier.inflate(z), self.version, grouped=True):
             if carrier.count:
                 yield RAW, *carrier.take_group()
-            yield from self.handle(sub, inner=True)
+            if sub is not None:  # None: the group is full (taken above)
+                yield from self.handle(sub, inner=True)
         if carrier.count:
             yield RAW, *carrier.take_group()
 

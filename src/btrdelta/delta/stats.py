@@ -114,7 +114,7 @@ def _fold(st: DeltaStats, carrier: CarrierReader, item: DeltaItem, version: int)
         for sub in carrier.split(raw, version):
             if isinstance(sub, BtrfsCommand):
                 st.carried_commands += 1
-            else:
+            elif sub is not None:  # (None only comes with grouped=True)
                 _follow(carrier.state, sub)
                 _count(st, [sub])
         st.carried_raw_bytes += len(raw)

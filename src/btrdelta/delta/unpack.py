@@ -44,10 +44,16 @@ from .format import (
     ZCommands,
 )
 
-__all__ = ["MAX_ZCMDS_RAW", "CarrierReader"]
+__all__ = ["GROUP_MAX", "MAX_ZCMDS_RAW", "CarrierReader"]
 
 #: largest decompressed size one ZCMDS record may declare
 MAX_ZCMDS_RAW = 64 << 20
+#: the carrier window (zstd) or dictionary (LZMA2) always accepted (``delta make`` writes
+#: 8 MiB / 32 MiB; a larger one is accepted up to the expansion's memory limit)
+MIN_CARRIER_WINDOW = 32 << 20
+#: carried commands gathered before :meth:`CarrierReader.split` hands them on (bytes, plus
+#: at most one command): what unfolding may hold whatever the carrier declares
+GROUP_MAX = 1 << 20
 #: compressed bytes fed to the inflater at a time (bounds the output of one call)
 _ZFEED = 1024
 _MAX_CMD = max_command(3)
@@ -62,15 +68,20 @@ class CarrierReader:
             ``None`` where there is none.
         on_head: called with a SUBVOL or SNAPSHOT command (number, raw bytes) as it goes
             into the group (the old root of what follows may change).
+        max_size: the most one ZCMDS may inflate to (below the format's
+            :data:`MAX_ZCMDS_RAW`) and the largest zstd window the carrier may ask for.
     """
 
     def __init__(
         self, lister: Callable[[bytes], list[bytes] | None] | None,
         on_head: Callable[[int, memoryview], None] | None = None,
+        max_size: int = MAX_ZCMDS_RAW,
     ) -> None:
         #: the previous path, folded times, names and listings both sides follow
         self.state = CarrierState(lister=lister)
         self.on_head = on_head
+        self.max_raw = min(max_size, MAX_ZCMDS_RAW)
+        self.max_window = min(max(max_size, MIN_CARRIER_WINDOW), 1 << 31)
         self._dctx: Any = None
         self._lzma: Any = None
         #: carried btrfs commands gathered by :meth:`split` (``grouped``) and how many
@@ -82,9 +93,9 @@ class CarrierReader:
 
     def inflate(self, item: ZCommands) -> bytearray:
         """The records a ZCMDS piece carries, inflated and checked against its CRC32C."""
-        if item.raw_len > MAX_ZCMDS_RAW:
+        if item.raw_len > self.max_raw:
             raise StreamFormatError(
-                f"ZCMDS declares {item.raw_len} bytes (limit {MAX_ZCMDS_RAW})")
+                f"ZCMDS declares {item.raw_len} bytes (limit {self.max_raw})")
         lzma2 = item.codec == CARRIER_LZMA2
         raw = self._inflate_lzma2(item) if lzma2 else self._inflate_zstd(item)
         if crc32c(raw, 0) != item.crc:
@@ -95,6 +106,10 @@ class CarrierReader:
         if self._lzma is None:
             from .lzma2 import Lzma2Decoder
 
+            if item.dict_size > self.max_window:
+                raise StreamFormatError(
+                    f"the ZCMDS carrier asks for a {item.dict_size}-byte LZMA2 dictionary "
+                    f"(limit {self.max_window}: --max-file-size)")
             self._lzma = Lzma2Decoder(item.dict_size)
         # one call, bounded by the declared length (+1 to see an overrun)
         out, used = self._lzma.decompress(item.zdata, item.raw_len + 1)
@@ -105,8 +120,10 @@ class CarrierReader:
         return bytearray(out)
 
     def _inflate_zstd(self, item: ZCommands) -> bytearray:
-        if self._dctx is None:
-            self._dctx = zstandard.ZstdDecompressor(max_window_size=1 << 31).decompressobj()
+        if self._dctx is None:  # the first piece: the frame header
+            self._check_window(item.zdata)
+            self._dctx = zstandard.ZstdDecompressor(
+                max_window_size=self.max_window).decompressobj()
         out: list[bytes] = []
         got = 0
         z = item.zdata
@@ -123,10 +140,26 @@ class CarrierReader:
             raise StreamFormatError(f"ZCMDS inflates to {got} bytes, declares {item.raw_len}")
         return bytearray().join(out)
 
-    def split(self, raw: bytearray, version: int, grouped: bool = False) -> Iterator[DeltaItem]:
+    def _check_window(self, head: memoryview) -> None:
+        """Refuse a carrier frame whose window is over the limit, naming both."""
+        try:
+            window = zstandard.get_frame_parameters(bytes(head[:18])).window_size
+        except zstandard.ZstdError as exc:
+            raise StreamFormatError(f"ZCMDS carrier is corrupt: {exc}") from exc
+        if window > self.max_window:
+            raise StreamFormatError(
+                f"the ZCMDS carrier asks for a {window}-byte zstd window "
+                f"(limit {self.max_window}: --max-file-size)")
+
+    def split(
+        self, raw: bytearray, version: int, grouped: bool = False
+    ) -> Iterator[DeltaItem | None]:
         """The records in inflated carrier bytes ``raw`` (which this may modify) of an
         embedded stream of ``version``: delta records decoded, btrfs commands unfolded with
-        their CRC (yielded, or with ``grouped`` appended to :attr:`group`)."""
+        their CRC (yielded, or with ``grouped`` appended to :attr:`group`). With ``grouped``,
+        ``None`` is yielded whenever the group holds :data:`GROUP_MAX` bytes: the caller
+        takes it (:meth:`take_group`), so memory stays bounded however much the carried
+        commands unfold to."""
         if not version:
             raise StreamFormatError("btrfs commands before any STREAM record")
         mv = memoryview(raw)
@@ -135,8 +168,12 @@ class CarrierReader:
         fast = self._unfold_c if grouped else None
         while pos < len(mv):
             if fast is not None:
-                pos, n = fast(raw, pos, self.group, self.state, DELTA_VERSION, limit, _MAX_CMD)
+                pos, n = fast(raw, pos, self.group, self.state, DELTA_VERSION, limit, _MAX_CMD,
+                              GROUP_MAX)
                 self.count += n
+                if len(self.group) >= GROUP_MAX:
+                    yield None
+                    continue
                 if pos >= len(mv):
                     break
             if len(mv) - pos < CMD_HEADER_SIZE:
@@ -154,6 +191,8 @@ class CarrierReader:
                         self.on_head(cmd, view)
                     self.group += view
                     self.count += 1
+                    if len(self.group) >= GROUP_MAX:
+                        yield None
             pos = end
 
     @staticmethod

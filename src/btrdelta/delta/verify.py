@@ -111,7 +111,8 @@ class OutputCheck:
             for sub in carrier.split(carrier.inflate(item), self.version,  # type: ignore[arg-type]
                                      grouped=True):
                 self._group()
-                self._item(sub, True)
+                if sub is not None:  # None: the group is full (taken above)
+                    self._item(sub, True)
             self._group()
         elif cls is Patch:
             self._patch(item)  # type: ignore[arg-type]

@@ -47,24 +47,28 @@ def delta_parent(dest: Path, backend: str = "auto",
 
 def open_events(
     f: BinaryIO, dest: Path, *, backend: str = "auto", source: str | None = None,
-    search_root: Path | None = None,
+    search_root: Path | None = None, max_file_size: int | None = None,
 ) -> Iterable[Event]:
     """The events to apply from input ``f`` (the one place an input is sniffed).
 
     A plain stream is its :class:`StreamReader` (``receive`` takes its decoded batches
     whole). A delta stream is expanded on the fly against the parent of its snapshot below
-    ``dest``. Anything else is refused with one line saying what it is.
+    ``dest`` (``max_file_size``: the expansion's memory limit, see
+    :func:`~btrdelta.delta.events.expand_events`). Anything else is refused with one line
+    saying what it is.
     """
     what, f = identify(f)
     if what.kind is Kind.SEND_STREAM:
         return StreamReader(f, source=source)
     if what.kind is Kind.DELTA_STREAM:
         from ..delta.events import expand_events
+        from ..delta.options import DEFAULT_MAX_FILE_SIZE
 
         # reflinks where the destination has them (a clone that must be copied costs more
         # than the write it stands for)
         return expand_events(f, delta_parent(dest, backend, search_root), source=source,
-                             clone_same=uses_btrfs(dest, backend))
+                             clone_same=uses_btrfs(dest, backend),
+                             max_file_size=max_file_size or DEFAULT_MAX_FILE_SIZE)
     if what.kind is Kind.UNKNOWN:
         # let the stream parser name the bad magic and its offset, as `btrfs receive` does
         return StreamReader(f, source=source)
@@ -80,7 +84,8 @@ def receive_any(stream: Source, dest: str | os.PathLike[str], *, source: str | N
         dest: an existing directory (btrfs: real subvolumes; elsewhere: directories).
         source: the input's name in error messages (default: the path, or the file's name).
         options: keyword options of :func:`btrdelta.receive.receive` (``backend``,
-            ``stop_at_end``, ``max_errors``, ``dry_run``, ``on_progress``...).
+            ``stop_at_end``, ``max_errors``, ``dry_run``, ``on_progress``...), and
+            ``max_file_size`` for a delta stream (the expansion's memory limit).
 
     Returns:
         The subvolumes received, in stream order.
@@ -102,7 +107,8 @@ def receive_any(stream: Source, dest: str | os.PathLike[str], *, source: str | N
 def _receive_file(f: Any, source: str | None, dest: Path, backend: str,
                   options: dict[str, Any]) -> list[ReceivedSubvol]:
     events = open_events(f, dest, backend=backend, source=source,
-                         search_root=options.get("search_root"))
+                         search_root=options.get("search_root"),
+                         max_file_size=options.pop("max_file_size", None))
     # a delta stream is expanded in a helper thread while C applies records
     options.setdefault("read_ahead", not isinstance(events, StreamReader))
     return receive(events, dest, **options)

@@ -214,6 +214,7 @@ def open_signed_events(
     source: str | None = None,
     signature_source: str | None = None,
     search_root: Path | None = None,
+    max_file_size: int | None = None,
 ) -> SignedEvents:
     """The events of signed input ``f`` (a send stream or a delta stream), gated.
 
@@ -250,9 +251,12 @@ def open_signed_events(
                 end.append(DeltaEnd(item.count, item.size, item.hash_algo, bytes(item.digest)))
             yield item
 
+    from ..delta.options import DEFAULT_MAX_FILE_SIZE
+
     parent = delta_parent(dest, backend, search_root)
     events = expand_events(tap(open_delta(buf, source=source)), parent, source=source,
-                           clone_same=uses_btrfs(dest, backend))
+                           clone_same=uses_btrfs(dest, backend),
+                           max_file_size=max_file_size or DEFAULT_MAX_FILE_SIZE)
     return SignedEvents(events, finish, source=source)
 
 
@@ -277,7 +281,8 @@ def receive_signed(
     dest = Path(dest)
     events = open_signed_events(f, signature, keys, dest, backend=options.get("backend", "auto"),
                                 source=source, signature_source=signature_source,
-                                search_root=options.get("search_root"))
+                                search_root=options.get("search_root"),
+                                max_file_size=options.pop("max_file_size", None))
     # a delta stream is expanded in a helper thread while C applies records
     options.setdefault("read_ahead", not isinstance(events.inner, StreamReader))
     given = options.pop("pre_commit", None)
