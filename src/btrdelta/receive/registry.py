@@ -3,35 +3,54 @@
 On a filesystem without subvolumes a received subvolume is a directory of DEST, and this
 small JSON file takes the place of the btrfs UUID tree: one entry per received subvolume
 with its directory name (one component, inside DEST), the stream's UUID and ctransid (the
-"received UUID" an incremental stream names as its parent or clone source) and the local
-parent it was based on. It is rewritten atomically (temporary file, fsync, rename), so a
-crash leaves either the old or the new registry. Entries whose directory has gone are
-ignored on lookup.
+"received UUID" an incremental stream names as its parent or clone source), the local
+parent it was based on and the directory's inode number.
 
-Layout (version 1)::
+Concurrent writers: every read-modify-write holds an exclusive ``flock`` on DEST itself (no
+lock file), and the file is replaced atomically (:func:`~btrdelta.fs.atomic.write_atomic`:
+unnamed temporary file, fsync, rename), so concurrent receives never lose each other's
+entries and a crash leaves the old or the new registry.
+
+A receive registers its subvolume *before* renaming it into place (the rename keeps the
+inode), so a crash or a full disk at the last step leaves either nothing under the final
+name or a registered subvolume. An entry is valid while its directory exists, and, when
+the entry records an inode, while no other entry of the same name records the
+directory's actual inode (the leftover of a receiver killed between registering and
+renaming never takes over the directory another receive put there; a registry copied
+with its DEST to another filesystem, where every inode differs, keeps working). Entries
+whose directory has been gone for an hour are dropped when the registry is next written.
+
+Layout (version 1; ``ino`` optional, absent in registries of older versions)::
 
     {"version": 1,
      "subvols": [{"name": "snapA", "uuid": "f580cab8-...", "ctransid": 7,
-                  "parent_uuid": null, "received_at": 1700000000.0}]}
+                  "parent_uuid": null, "received_at": 1700000000.0, "ino": 1311}]}
 """
 
 from __future__ import annotations
 
-import contextlib
+import fcntl
 import json
 import os
+import stat
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from uuid import UUID
 
 from ..errors import StreamFormatError
+from ..fs.atomic import write_atomic
 from ..fs.sandbox import check_name
 
 __all__ = ["REGISTRY_NAME", "Registry", "RegistryEntry"]
 
 REGISTRY_NAME = ".btrdelta-subvols.json"
 _MAX_SIZE = 64 << 20
+#: an entry whose directory is missing for this long is dropped (a registration whose rename
+#: is still to come is milliseconds old)
+_STALE_AFTER = 3600.0
 
 
 @dataclass(frozen=True)
@@ -43,6 +62,8 @@ class RegistryEntry:
     ctransid: int
     parent_uuid: UUID | None = None
     received_at: float = 0.0
+    #: inode number of the directory (``None``: not recorded)
+    ino: int | None = None
 
 
 class Registry:
@@ -79,6 +100,7 @@ class Registry:
                         ctransid=int(item["ctransid"]),
                         parent_uuid=UUID(parent) if parent else None,
                         received_at=float(item.get("received_at", 0.0)),
+                        ino=int(item["ino"]) if item.get("ino") is not None else None,
                     )
                 )
             return out
@@ -87,18 +109,49 @@ class Registry:
                                     source=str(self.path)) from exc
 
     def find(self, wanted: UUID) -> Path | None:
-        """Directory of the newest existing subvolume received with UUID ``wanted``."""
-        for entry in reversed(self.entries()):
-            if entry.uuid == wanted:
-                p = self.dest / entry.name
-                if p.is_dir() and not p.is_symlink():
-                    return p
+        """Directory of the newest valid subvolume received with UUID ``wanted``."""
+        entries = self.entries()
+        for entry in reversed(entries):
+            if entry.uuid == wanted and self._valid(entry, entries):
+                return self.dest / entry.name
         return None
 
+    def _valid(self, entry: RegistryEntry, entries: list[RegistryEntry]) -> bool:
+        ino = _ino(self.dest / entry.name)
+        return ino is not None and _owns(entry, ino, entries)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the registry's exclusive lock (``flock`` on DEST) for a read-modify-write."""
+        fd = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     def add(self, entry: RegistryEntry) -> None:
-        """Add (or replace, by name) an entry and rewrite the file atomically."""
-        entries = [e for e in self.entries() if e.name != entry.name]
-        entries.append(entry)
+        """Add an entry (its inode taken from its directory if it has none yet), replacing
+        those of the same name and inode (or of the same name, without inode)."""
+        if entry.ino is None:
+            entry = replace(entry, ino=_ino(self.dest / entry.name))
+        if not entry.received_at:
+            entry = replace(entry, received_at=time.time())
+        with self._locked():
+            kept = [e for e in self.entries()
+                    if e.name != entry.name or e.ino not in (entry.ino, None)]
+            self._write([*kept, entry])
+
+    def remove(self, name: str, uuid: UUID) -> None:
+        """Drop the entries of ``name`` received as ``uuid`` (an undone registration)."""
+        with self._locked():
+            entries = self.entries()
+            kept = [e for e in entries if e.name != name or e.uuid != uuid]
+            if len(kept) != len(entries):
+                self._write(kept)
+
+    def _write(self, entries: list[RegistryEntry]) -> None:
+        now = time.time()
         doc = {
             "version": 1,
             "subvols": [
@@ -107,21 +160,27 @@ class Registry:
                     "uuid": str(e.uuid),
                     "ctransid": e.ctransid,
                     "parent_uuid": str(e.parent_uuid) if e.parent_uuid else None,
-                    "received_at": e.received_at or time.time(),
+                    "received_at": e.received_at,
+                    **({"ino": e.ino} if e.ino is not None else {}),
                 }
                 for e in entries
-                if (self.dest / e.name).is_dir() or e.name == entry.name
+                if now - e.received_at < _STALE_AFTER or self._valid(e, entries)
             ],
         }
-        tmp = self.path.with_name(f"{REGISTRY_NAME}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "w") as f:
-                json.dump(doc, f, indent=1)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomic(self.path, (json.dumps(doc, indent=1) + "\n").encode())
+
+
+def _ino(path: Path) -> int | None:
+    """Inode number of directory ``path`` (not a symlink), or ``None``."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_ino if stat.S_ISDIR(st.st_mode) else None
+
+
+def _owns(entry: RegistryEntry, ino: int, entries: list[RegistryEntry]) -> bool:
+    """Whether ``entry`` stands for its directory, whose inode is ``ino``."""
+    if entry.ino is None or entry.ino == ino:
+        return True
+    return not any(e.name == entry.name and e.ino == ino for e in entries)

@@ -10,8 +10,9 @@ the final name and the parent is never touched:
 * the caller fills it through :attr:`PendingSubvol.sandbox` (the applier applying records,
   or a device workflow writing files);
 * :meth:`Subvolumes.finish` sets the received UUID and transid and makes it read-only (btrfs),
-  runs the pre-commit hook, renames it into place (``RENAME_NOREPLACE``) and, on the
-  directory backend, records it in the registry; :meth:`Subvolumes.abort` removes it.
+  runs the pre-commit hook, on the directory backend records it in the registry (under the
+  final name, before the rename: see :mod:`.registry`), and renames it into place
+  (``RENAME_NOREPLACE``); :meth:`Subvolumes.abort` removes it.
 
 A pending subvolume ends exactly once: finish removes it on any failure (the hook raising
 included), and abort after that, or twice, does nothing.
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING
 from uuid import UUID
 
 from .._value import value_class
-from ..errors import ApplyError, BtrdeltaError, MissingBaseError
+from ..errors import ApplyError, BtrdeltaError, MissingBaseError, UnsafePathError
 from ..fs.btrfs import (
     create_snapshot,
     create_subvolume,
@@ -51,6 +52,7 @@ from ..fs.sandbox import Sandbox, check_name
 
 if TYPE_CHECKING:
     from ..stream.records import Snapshot
+    from .registry import Registry
 
 __all__ = [
     "TMP_PREFIX",
@@ -65,6 +67,9 @@ __all__ = [
 
 #: the temporary names of subvolumes being received start with this (never found as parents)
 TMP_PREFIX = ".btrdelta-tmp-"
+_TMP = TMP_PREFIX.encode()
+#: the directory backend's registry (receive/registry.py), its temporary files included
+_REGISTRY = b".btrdelta-subvols.json"
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
@@ -234,12 +239,16 @@ class Subvolumes:
             parent: the parent's directory (a subvolume on btrfs).
 
         Raises:
-            UnsafePathError: ``name`` is not one safe path component.
+            UnsafePathError: ``name`` is not one safe path component, or a name btrdelta
+                reserves (``.btrdelta-tmp-*``, the registry's).
             ApplyError: DEST already has ``name``.
             MissingBaseError: no subvolume ``parent_uuid`` in DEST.
             OSError: creating, snapshotting or copying failed (nothing is left behind).
         """
         check_name(name, "subvolume name")
+        if name.startswith(_TMP) or _REGISTRY in name:
+            raise UnsafePathError(f"subvolume name {os.fsdecode(name)!r} is reserved by btrdelta "
+                                  "(its temporary subvolumes and registry)")
         if os.path.lexists(self.dest / os.fsdecode(name)):
             raise ApplyError("destination subvolume already exists", op="subvol")
         if parent is None and parent_uuid is not None:
@@ -293,19 +302,17 @@ class Subvolumes:
                     set_readonly(sandbox.root_fd, True)
                 if pre_commit is not None:
                     pre_commit(pending)
+                registry = None if self.btrfs else self._register(pending, sandbox.root_fd)
                 sandbox.close()
-                rename_noreplace(self._dest_fd, pending.tmp, pending.name)
+                try:
+                    rename_noreplace(self._dest_fd, pending.tmp, pending.name)
+                except BaseException:
+                    if registry is not None:
+                        registry.remove(os.fsdecode(pending.name), pending.uuid)
+                    raise
             except BaseException:
                 self.abort(pending)
                 raise
-            pending.done = True
-            if not self.btrfs:
-                from .registry import Registry, RegistryEntry
-
-                Registry(self.dest).add(RegistryEntry(
-                    os.fsdecode(pending.name), pending.uuid, pending.ctransid,
-                    pending.parent_uuid,
-                ))
         pending.done = True
         return ReceivedSubvol(
             name=os.fsdecode(pending.name), path=self.dest / os.fsdecode(pending.name),
@@ -313,6 +320,17 @@ class Subvolumes:
             parent_path=pending.parent_path, btrfs=self.btrfs, records=pending.records,
             data_bytes=pending.data_bytes,
         )
+
+    def _register(self, pending: PendingSubvol, root_fd: int) -> Registry:
+        """Record ``pending`` in the registry under its final name before the rename gives
+        it that name (the rename keeps the inode the entry records): a crash after the
+        rename leaves it registered, one before leaves nothing under the final name."""
+        from .registry import Registry, RegistryEntry
+
+        registry = Registry(self.dest)
+        registry.add(RegistryEntry(os.fsdecode(pending.name), pending.uuid, pending.ctransid,
+                                   pending.parent_uuid, ino=os.fstat(root_fd).st_ino))
+        return registry
 
     def abort(self, pending: PendingSubvol) -> None:
         """Remove ``pending`` (its temporary name); nothing once it is finished or aborted."""
