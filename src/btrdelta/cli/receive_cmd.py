@@ -16,7 +16,15 @@ from typing import BinaryIO
 from ..errors import ApplyError, BtrdeltaError, UsageError
 from ..receive import ReceivedSubvol
 from ..update.receive import receive_any
-from ._common import add_json, dump_stream, input_position, input_size, open_input, parse_size
+from ._common import (
+    add_json,
+    dump_stream,
+    input_position,
+    input_size,
+    open_input,
+    parse_size,
+    stop_on_signals,
+)
 from .progress import Progress, add_progress_options, progress_wanted
 
 _EPILOG = """\
@@ -144,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
         raise BtrdeltaError(f"destination {what}", source=dest)
     if args.search_root is not None and not os.path.isdir(args.search_root):
         raise BtrdeltaError("-m: not a directory", source=args.search_root)
+    stop_on_signals()  # SIGTERM/SIGHUP remove the temporary subvolume as Ctrl-C does
     receiver: Callable[..., list[ReceivedSubvol]] = receive_any
     if args.key:
         receiver = _signed_receiver(args, name)

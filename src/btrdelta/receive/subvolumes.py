@@ -14,6 +14,10 @@ the final name and the parent is never touched:
   final name, before the rename: see :mod:`.registry`), and renames it into place
   (``RENAME_NOREPLACE``); :meth:`Subvolumes.abort` removes it.
 
+A receiver killed outright (``kill -9``, a power cut) cannot clean up: the first
+:meth:`Subvolumes.begin` in a DEST removes the temporaries of dead receivers
+(:meth:`Subvolumes.sweep`; a live one holds an ``flock`` on its temporary).
+
 A pending subvolume ends exactly once: finish removes it on any failure (the hook raising
 included), and abort after that, or twice, does nothing.
 
@@ -28,6 +32,7 @@ Knows nothing of applying records (that is :mod:`.applier`).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -206,6 +211,7 @@ class Subvolumes:
         self.search_root = search_root
         self.dry_run = dry_run
         self._dest_fd = os.open(self.dest, _DIR)
+        self._swept = False
 
     def close(self) -> None:
         """Release the destination's descriptor (pending subvolumes are the caller's)."""
@@ -255,6 +261,9 @@ class Subvolumes:
             parent = self.find(parent_uuid)
             if parent is None:
                 raise MissingBaseError(f"cannot find parent subvolume {parent_uuid}")
+        if not self.dry_run and not self._swept:
+            self._swept = True
+            self.sweep()
         tmp = f"{TMP_PREFIX}{uuid.hex[:12]}-{os.getpid()}".encode()
         pending = PendingSubvol(name, tmp, self.dest / os.fsdecode(tmp), uuid, ctransid,
                                 parent_uuid, parent)
@@ -276,6 +285,8 @@ class Subvolumes:
             copy_tree(parent, pending.path)
         try:
             pending.sandbox = Sandbox.open(tmp, dir_fd=fd)
+            # held until the sandbox is closed: the temporary is not a dead receiver's
+            fcntl.flock(pending.sandbox.root_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BaseException:
             self.abort(pending)
             raise
@@ -332,6 +343,43 @@ class Subvolumes:
                                    pending.parent_uuid, ino=os.fstat(root_fd).st_ino))
         return registry
 
+    def sweep(self) -> list[str]:
+        """Remove the temporary subvolumes of receivers that died (``kill -9``, a power
+        cut): a ``.btrdelta-tmp-<uuid>-<pid>`` entry of DEST whose process is gone and that
+        no one holds locked (a live receiver keeps an ``flock`` on its temporary's root, so
+        one running in another PID namespace is left alone too). :meth:`begin` calls it
+        once. Returns the names removed."""
+        removed = []
+        for entry in os.scandir(self._dest_fd):
+            name = entry.name
+            pid = name.rsplit("-", 1)[-1]
+            if not name.startswith(TMP_PREFIX) or not pid.isdigit() or _alive(int(pid)):
+                continue
+            try:
+                fd = os.open(name, _DIR | os.O_NOFOLLOW, dir_fd=self._dest_fd)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # locked: its receiver is alive
+            finally:
+                os.close(fd)
+            self._remove(name.encode())
+            removed.append(name)
+        return removed
+
+    def _remove(self, tmp: bytes) -> None:
+        """Delete temporary ``tmp`` of DEST (a subvolume, or any directory tree)."""
+        with contextlib.suppress(OSError):
+            if self.btrfs:
+                try:
+                    delete_subvolume(self._dest_fd, tmp)
+                    return
+                except OSError:
+                    pass
+            remove_tree(self._dest_fd, tmp)  # any depth (shutil.rmtree recurses)
+
     def abort(self, pending: PendingSubvol) -> None:
         """Remove ``pending`` (its temporary name); nothing once it is finished or aborted."""
         if pending.done:
@@ -339,13 +387,16 @@ class Subvolumes:
         pending.done = True
         if pending.sandbox is not None:
             pending.sandbox.close()
-        if self.dry_run:
-            return
-        with contextlib.suppress(OSError):
-            if self.btrfs:
-                try:
-                    delete_subvolume(self._dest_fd, pending.tmp)
-                    return
-                except OSError:
-                    pass
-            remove_tree(self._dest_fd, pending.tmp)  # any depth (shutil.rmtree recurses)
+        if not self.dry_run:
+            self._remove(pending.tmp)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (in this PID namespace)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
