@@ -122,8 +122,9 @@ def test_dest_required(tmp_path: Path) -> None:
 @pytest.mark.btrfs
 def test_root_mount_finds_a_parent_outside_dest(btrfs_ok: None) -> None:
     """``-m ROOTMOUNT`` (btrfs receive -m): the parent received into another directory of
-    the filesystem is found; without it only DEST is searched. Oracle: the kernel's
-    ``btrfs receive -m`` of the same incremental stream, compared by tree-sum."""
+    the filesystem is found; with a ROOTMOUNT not holding it, it is not (without -m the
+    whole filesystem is searched for parents: tests/receive/test_parent_lookup.py).
+    Oracle: the kernel's ``btrfs receive -m`` of the same incremental stream, by tree-sum."""
     from btrdelta.testing.loopfs import loop_fs
     from btrdelta.testing.scenarios import kernel_receive
     from btrdelta.tree import tree_sum
@@ -135,7 +136,8 @@ def test_root_mount_finds_a_parent_outside_dest(btrfs_ok: None) -> None:
         for d in ("a", "b", "k"):
             (mnt / d).mkdir()
         assert main(["receive", "-q", "-f", str(full), str(mnt / "a")]) == 0
-        assert main(["receive", "-q", "-f", str(incr), str(mnt / "b")]) == 6
+        assert main(["receive", "-q", "-m", str(mnt / "k"), "-f", str(incr),
+                     str(mnt / "b")]) == 6
         assert list((mnt / "b").iterdir()) == []
         assert main(["receive", "-q", "-m", str(mnt), "-f", str(incr), str(mnt / "b")]) == 0
         kernel_receive(incr, mnt / "k", "-m", str(mnt))

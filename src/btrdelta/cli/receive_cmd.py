@@ -36,8 +36,9 @@ examples:
   btrdelta receive -q --json -f A.stream /target            # scripts: the result as JSON
 
 btrfs receive's options mean the same here: -f FILE, -e, -E N, -q, -C, -m ROOTMOUNT, --dump,
---force-decompress. Parents and clone sources are looked for below DEST, or with -m below
-ROOTMOUNT (DEST's btrfs). Receiving needs root (file owners, subvolumes)."""
+--force-decompress. Clone sources are looked for below DEST, parents too, then (btrfs)
+anywhere on DEST's filesystem; with -m both only below ROOTMOUNT (DEST's btrfs).
+Receiving needs root (file owners, subvolumes)."""
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -75,7 +76,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("-m", dest="search_root", metavar="ROOTMOUNT",
                    help="look for parents and clone sources below ROOTMOUNT (a directory of "
                         "DEST's btrfs, e.g. where its top level is mounted) instead of below "
-                        "DEST only (btrfs receive -m)")
+                        "DEST (clone sources) or anywhere on DEST's btrfs (parents) "
+                        "(btrfs receive -m)")
     p.add_argument("--dump", action="store_true",
                    help="print the stream instead of applying it (same as `btrdelta dump`)")
     p.add_argument("--dry-run", action="store_true",

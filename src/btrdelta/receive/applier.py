@@ -576,7 +576,8 @@ class Applier:
         sb = self._clone_roots.get(clone_uuid)
         if sb is not None:
             return sb
-        found = self.subvols.find(clone_uuid)
+        found = (cur.parent_path if clone_uuid == cur.parent_uuid and cur.parent_path
+                 else self.subvols.find(clone_uuid))  # the parent may lie outside DEST
         if found is None:
             raise MissingBaseError(f"cannot find clone source subvolume {clone_uuid}")
         if self.dry_run:

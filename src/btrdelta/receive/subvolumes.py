@@ -146,13 +146,19 @@ def uses_btrfs(dest: Path, backend: str = "auto") -> bool:
 
 
 def find_subvolume(dest: Path, wanted: UUID, *, btrfs: bool,
-                   search_root: Path | None = None) -> Path | None:
+                   search_root: Path | None = None, anywhere: bool = False) -> Path | None:
     """Directory of a received subvolume below ``dest`` (or below ``search_root``, on the
-    same btrfs: ``btrfs receive -m``) with (received) UUID ``wanted``."""
+    same btrfs: ``btrfs receive -m``) with (received) UUID ``wanted``.
+
+    ``anywhere`` (btrfs only, without ``search_root``; how a parent is looked up, as
+    ``btrfs receive`` does): one elsewhere on ``dest``'s filesystem (reachable through its
+    mount) will do when there is none below ``dest``; never one on another filesystem.
+    Clone sources stay below DEST (or ``search_root``)."""
     if btrfs:
         below = Path(os.path.realpath(search_root or dest))
-        for p in find_subvolumes_by_uuid(dest, wanted):
-            if p.is_relative_to(below) and not p.name.startswith(TMP_PREFIX):
+        anywhere = anywhere and search_root is None
+        for p in find_subvolumes_by_uuid(dest, wanted):  # those below dest first
+            if (anywhere or p.is_relative_to(below)) and not p.name.startswith(TMP_PREFIX):
                 return p
         return None
     if search_root is not None:
@@ -175,10 +181,12 @@ def find_parent(dest: Path, snapshot: Snapshot, *, backend: str = "auto",
         search_root: look below this directory of DEST's btrfs instead of below ``dest``.
 
     Raises:
-        MissingBaseError: no such subvolume below ``dest`` (``search_root``).
+        MissingBaseError: no such subvolume below ``dest`` (``search_root``; on btrfs
+            without ``search_root``: nor elsewhere on its filesystem, as ``btrfs receive``
+            looks; a subvolume below ``dest`` comes first).
     """
     found = find_subvolume(dest, snapshot.clone_uuid, btrfs=uses_btrfs(dest, backend),
-                           search_root=search_root)
+                           search_root=search_root, anywhere=True)
     if found is None:
         raise MissingBaseError(
             f"cannot find parent subvolume {snapshot.clone_uuid} in {search_root or dest}",
@@ -225,10 +233,12 @@ class Subvolumes:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def find(self, wanted: UUID) -> Path | None:
+    def find(self, wanted: UUID, *, anywhere: bool = False) -> Path | None:
         """Directory of a subvolume of DEST (or of the search root) received as (else
-        with UUID) ``wanted``."""
-        return find_subvolume(self.dest, wanted, btrfs=self.btrfs, search_root=self.search_root)
+        with UUID) ``wanted`` (``anywhere``: or elsewhere on DEST's btrfs when there is no
+        search root, see :func:`find_subvolume`)."""
+        return find_subvolume(self.dest, wanted, btrfs=self.btrfs, search_root=self.search_root,
+                              anywhere=anywhere)
 
     def begin(
         self, name: bytes, uuid: UUID, ctransid: int, *, parent_uuid: UUID | None = None,
@@ -258,7 +268,7 @@ class Subvolumes:
         if os.path.lexists(self.dest / os.fsdecode(name)):
             raise ApplyError("destination subvolume already exists", op="subvol")
         if parent is None and parent_uuid is not None:
-            parent = self.find(parent_uuid)
+            parent = self.find(parent_uuid, anywhere=True)
             if parent is None:
                 raise MissingBaseError(f"cannot find parent subvolume {parent_uuid}")
         if not self.dry_run and not self._swept:
