@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from pathlib import Path
 
 from ..fs import btrfs as sv
 from ..fs.copy import copy_tree
+from ..fs.remove import remove_tree
 from ..receive.subvolumes import TMP_PREFIX, Subvolumes
 from ..repo.model import stream_uuid
 from ..tree import tree_sum
@@ -64,9 +64,9 @@ def remove_entry(dest: Path, name: str) -> None:
             with contextlib.suppress(OSError):
                 sv.delete_subvolume(fd, name.encode())
                 return
+        remove_tree(fd, name)  # any depth: a tree that failed its check is untrusted
     finally:
         os.close(fd)
-    shutil.rmtree(path)
 
 
 def cleanup(dest: Path) -> None:
