@@ -9,6 +9,8 @@ a dependency) is resolved and checked against:
   (the formats and protocols stay sans-I/O);
 - who may parse arguments (``argparse``: only ``cli``) and read the environment
   (``os.environ``/``os.getenv``: only ``cli`` and the backend switch ``_native``).
+
+And the rooms stay small: no module over 800 lines, no function over 80.
 """
 
 from __future__ import annotations
@@ -164,3 +166,30 @@ def test_a_violation_is_caught(tmp_path: Path, module: str, code: str, expect: s
     found = violations(fake)
     assert len(found) == 1
     assert expect in found[0]
+
+
+def crowded(src: Path, max_module: int = 800, max_function: int = 80) -> list[str]:
+    """Modules over ``max_module`` lines, functions over ``max_function`` lines."""
+    found: list[str] = []
+    for path in sorted(src.rglob("*.py")):
+        text = path.read_text()
+        where = path.relative_to(src.parent)
+        if text.count("\n") > max_module:
+            found.append(f"{where}: {text.count(chr(10))} lines (split the room)")
+        for node in ast.walk(ast.parse(text, str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                if length > max_function:
+                    found.append(f"{where}:{node.lineno}: {node.name} is {length} lines")
+    return found
+
+
+def test_no_crowded_rooms() -> None:
+    assert crowded(SRC) == []
+
+
+def test_a_crowded_room_is_caught(tmp_path: Path) -> None:
+    (tmp_path / "btrdelta").mkdir()
+    body = "".join(f"    x{i} = {i}\n" for i in range(80))
+    (tmp_path / "btrdelta" / "m.py").write_text(f"def f():\n{body}")
+    assert crowded(tmp_path / "btrdelta") == ["btrdelta/m.py:1: f is 81 lines"]
