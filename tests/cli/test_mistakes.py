@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -32,7 +33,9 @@ STREAM = next(s for s in committed_streams() if ".A." in s.name)  # a full strea
 CODES = {code for code, _ in exit_codes()}
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 #: what a user's mistake must never show
-LEAKS = ("Traceback", "internal error", "Errno", "b'", 'b"', "PosixPath(", "object at 0x")
+LEAKS = ("Traceback", "internal error", "Errno", "PosixPath(", "object at 0x")
+#: a bytes repr (b'...'), not a path that ends in b and is quoted (/tmp/tmp2szp7bpb')
+BYTES_REPR = re.compile(r"(?<![\w./-])b['\"]")
 
 
 def leaves(parser: argparse.ArgumentParser,
@@ -118,6 +121,7 @@ def check(proc: subprocess.CompletedProcess[bytes], what: str) -> str:
     assert proc.returncode in CODES, f"{what}: exit {proc.returncode}: {err}"
     for leak in LEAKS:
         assert leak not in err, f"{what}: {leak!r} in {err}"
+    assert not BYTES_REPR.search(err), f"{what}: a bytes repr in {err}"
     if proc.returncode:
         assert len(lines) == 1, f"{what}: {len(lines)} lines: {err}"
         assert lines[0].startswith("btrdelta"), f"{what}: {err}"

@@ -60,8 +60,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
     p.set_defaults(func=usage)
     dsub = p.add_subparsers(dest="delta_command", metavar="SUBCOMMAND")
-    codecs = sorted({"auto", *(c.name for c in CODECS.values())})
+    _add_make(dsub)
+    _add_expand(dsub)
+    _add_stat(dsub)
 
+
+def _add_make(dsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    codecs = sorted({"auto", *(c.name for c in CODECS.values())})
     m = dsub.add_parser(
         "make", help="btrfs stream + old snapshot -> delta stream",
         description="Read a btrfs send stream and the old snapshot it applies to; write a "
@@ -109,6 +114,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="where to write the signature (default DELTA.sig; needed with stdout)")
     m.set_defaults(func=run_make)
 
+
+def _add_expand(dsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     e = dsub.add_parser(
         "expand", help="delta stream + old snapshot -> the btrfs stream",
         description="Turn a delta stream back into the btrfs send stream it was made from, "
@@ -131,6 +138,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_progress_options(e, verbose=True)
     e.set_defaults(func=run_expand)
 
+
+def _add_stat(dsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = dsub.add_parser(
         "stat", help="patched files and bytes saved per codec",
         description="What a delta stream holds: the stream it expands to, carried commands, "
