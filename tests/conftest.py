@@ -6,8 +6,10 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -93,6 +95,20 @@ def require_btrfs() -> None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI=true but btrfs is unavailable: {reason}")
         pytest.skip(f"btrfs unavailable: {reason}")
+
+
+@contextmanager
+def btrfs_loop(size: str = "256M", **kwargs: Any) -> Iterator[Path]:
+    """A loop-mounted btrfs (its top level) for a test or fixture; skipped where btrfs
+    cannot be used, failed instead under CI=true."""
+    require_btrfs()
+    try:
+        with loop_fs("btrfs", size=size, **kwargs) as mnt:
+            yield mnt
+    except BtrfsUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but btrfs is unavailable: {exc}")
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="session")

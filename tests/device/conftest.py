@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs
 from btrdelta.tree import tree_sum
-from tests.conftest import require_btrfs
+from tests.conftest import btrfs_loop
 
 _CACHES = (Path("/work/bench-cache"), Path(__file__).parents[2] / "benchmarks" / ".cache")
 _SMALL = ("usr/lib/apt", "etc/apt", "home", "var/lib/dpkg/status", "var/lib/dpkg/info/apt.list",
@@ -87,14 +86,8 @@ def debian_release(tmp_path_factory: pytest.TempPathFactory) -> Release:
 @pytest.fixture
 def btrfs_dev() -> Iterator[Path]:
     """A fresh loop-mounted btrfs (its top level): one device."""
-    require_btrfs()
-    try:
-        with loop_fs("btrfs", size="2G") as mnt:
-            yield mnt
-    except BtrfsUnavailable as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but btrfs is unavailable: {exc}")
-        pytest.skip(str(exc))
+    with btrfs_loop(size="2G") as mnt:
+        yield mnt
 
 
 def copy_tree(src: Path, dst: Path) -> None:

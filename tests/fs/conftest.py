@@ -9,21 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs
-from tests.conftest import require_btrfs
+from tests.conftest import btrfs_loop
 
 
 @pytest.fixture(scope="module")
 def btrfs_mnt() -> Iterator[Path]:
     """A fresh loop-mounted btrfs (the top-level subvolume mounted)."""
-    require_btrfs()
-    try:
-        with loop_fs("btrfs", size="256M") as mnt:
-            yield mnt
-    except BtrfsUnavailable as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but btrfs is unavailable: {exc}")
-        pytest.skip(str(exc))
+    with btrfs_loop(size="256M") as mnt:
+        yield mnt
 
 
 def progs(*args: str | os.PathLike[str]) -> str:

@@ -25,8 +25,7 @@ from btrdelta.receive import (
 )
 from btrdelta.receive.subvolumes import TMP_PREFIX
 from btrdelta.stream.records import Snapshot
-from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs
-from tests.conftest import require_btrfs
+from tests.conftest import btrfs_loop
 from tests.fs.conftest import progs, subvolume_show
 
 from .helpers import events, subvol
@@ -37,14 +36,8 @@ UUID_A, UUID_B = uuid.UUID(int=0xA), uuid.UUID(int=0xB)
 
 @pytest.fixture(scope="module")
 def btrfs_mnt() -> Iterator[Path]:
-    require_btrfs()
-    try:
-        with loop_fs("btrfs", size="256M") as mnt:
-            yield mnt
-    except BtrfsUnavailable as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but btrfs is unavailable: {exc}")
-        pytest.skip(str(exc))
+    with btrfs_loop(size="256M") as mnt:
+        yield mnt
 
 
 @pytest.fixture(params=["dir", "btrfs"])

@@ -14,7 +14,7 @@ import pytest
 from btrdelta.send import send_stream
 from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs
 from btrdelta.testing.scenarios import Scenario
-from tests.conftest import require_btrfs
+from tests.conftest import btrfs_loop, require_btrfs
 
 
 @dataclass
@@ -32,14 +32,8 @@ class Workspace:
 @pytest.fixture(scope="session")
 def btrfs_ws() -> Iterator[Workspace]:
     """One loop-mounted btrfs for the whole session (sources and receive targets)."""
-    require_btrfs()
-    try:
-        with loop_fs("btrfs", size="4G") as mnt:
-            yield Workspace(mnt)
-    except BtrfsUnavailable as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but btrfs is unavailable: {exc}")
-        pytest.skip(str(exc))
+    with btrfs_loop(size="4G") as mnt:
+        yield Workspace(mnt)
 
 
 def bash(script: str, cwd: Path) -> None:
