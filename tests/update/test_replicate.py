@@ -373,3 +373,27 @@ def test_receivers_keep_their_own_cursors(tmp_path: Path) -> None:
     assert mine is not None
     assert mine.digest in kept  # another source's sendshot is not pruned
     assert len(kept) == 3  # one held by each receiver, and the other source's
+
+
+def test_leftovers_deeper_than_the_recursion_limit_are_removed(deep_tmp_path: Path) -> None:
+    """An abandoned partial transfer and a dead receiver's temporary tree, both deeper than
+    Python's recursion limit (``shutil.rmtree`` dies on them), go before a new transfer."""
+    import uuid as _uuid
+
+    from tests.fs.test_remove import _deep
+
+    dest = deep_tmp_path / "dest"
+    dest.mkdir()
+    u = _uuid.uuid4()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    for name in (".btrdelta-partial", f".btrdelta-tmp-{u.hex[:12]}-{dead}"):
+        (dest / name).mkdir()
+        _deep(dest / name, sys.getrecursionlimit() + 200)
+    good = _stream([Subvol(path=b"ok", uuid=u, ctransid=1),
+                    Mkfile(path=b"f", ino=257), Write(path=b"f", offset=0, data=b"x"), End()])
+    what, code, text = _lying_sender(dest, good, None)
+    assert (what, code) == ("Committed", 0), text
+    assert (dest / "ok" / "f").read_bytes() == b"x"
+    assert not [n for n in os.listdir(dest) if n.startswith((".btrdelta-tmp-",
+                                                               ".btrdelta-partial"))]

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +43,7 @@ from ..errors import (
     UnsafePathError,
 )
 from ..fs.btrfs import delete_subvolume, subvol_info
+from ..fs.remove import remove_tree
 from ..fs.sandbox import check_name
 from ..protocol import (
     Accept,
@@ -89,6 +89,20 @@ class ServeResult:
     received: ReceivedSubvol | None = None
     #: bytes of stream this conversation added to the spool
     received_bytes: int = 0
+
+
+def _remove(path: Path, *, strict: bool = False) -> None:
+    """Remove ``path`` and what is below it, whatever its depth (``shutil.rmtree`` recurses
+    once per level); what cannot go stays, unless ``strict`` (then :class:`OSError`)."""
+    try:
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            remove_tree(fd, path.name)
+        finally:
+            os.close(fd)
+    except OSError:
+        if strict:
+            raise
 
 
 class _Spool:
@@ -165,7 +179,7 @@ class _Spool:
 
     def drop(self) -> None:
         self.close()
-        shutil.rmtree(self.path, ignore_errors=True)
+        _remove(self.path)
 
 
 class _SpoolReader:
@@ -366,7 +380,7 @@ class Replica:
             part_dir = self.dest / PARTIAL_DIR
             resume = self._partial() if plan.kind == "resume" else None
             if resume is None and part_dir.exists():
-                shutil.rmtree(part_dir)  # an older transfer this sender abandoned
+                _remove(part_dir, strict=True)  # an older transfer this sender abandoned
             self._sweep(plan.uuid)
             spool = _Spool(part_dir, plan, resume=resume)
             applier = _Applier(spool, self.dest, self.backend)
@@ -443,7 +457,8 @@ class Replica:
                     with contextlib.suppress(OSError):
                         delete_subvolume(fd, entry.name.encode())
                         continue
-                shutil.rmtree(entry.path, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    remove_tree(fd, entry.name)  # any depth: an unfinished, untrusted tree
             finally:
                 os.close(fd)
 
