@@ -8,7 +8,7 @@ PREFIX  ?= /usr/local
 SHARE_FILES := $(wildcard share/man/man1/*.1) share/bash-completion/completions/btrdelta \
                share/zsh/site-functions/_btrdelta
 
-.PHONY: all sysdeps venv demo test lint bench vmtest soak clean cli-files install-cli-files
+.PHONY: all sysdeps venv demo test lint bench vmtest soak clean cli-files install-cli-files sizes
 all: test
 
 sysdeps:
@@ -20,7 +20,7 @@ CSRC    := $(wildcard src/btrdelta/*/*.c) src/btrdelta/_constants.h
 $(STAMP): pyproject.toml setup.py $(CSRC)
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip >/dev/null
-	@$(BIN)/python -m pip install -q -e '.[test,dev]'
+	@$(BIN)/python -m pip install -q -e '.[all,test,dev]'
 	@touch $(STAMP)
 
 # man pages and completions into the venv (an editable install skips data files)
@@ -59,6 +59,12 @@ lint: venv
 
 bench: sysdeps venv
 	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m benchmarks
+
+# build the sdist and wheel, install each profile (core, [make], [hdiff], [image], [fuse],
+# [all]) into a fresh venv, print the installed sizes, smoke-test the core install (needs
+# the package index; ~2 minutes; not part of `make test`)
+sizes: venv
+	$(BIN)/python scripts/install_sizes.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -17,6 +17,7 @@ CLI uses. ``str(err)`` is a single line naming what and where, e.g.
     ├── ApplyError                exit 8  an OSError while applying, with op and path
     ├── TransportError            exit 7  HTTP / network failure (url, status)
     ├── ProtocolError             exit 9  sender/receiver negotiation
+    ├── MissingDependencyError    exit 10 an optional dependency (an extra) is not installed
     └── UsageError                exit 2  options that contradict each other (the CLI's)
 
 Low-level exceptions (``struct.error``, ``IndexError``, ``UnicodeDecodeError``) never escape
@@ -33,6 +34,7 @@ __all__ = [
     "BtrdeltaError",
     "ChecksumError",
     "MissingBaseError",
+    "MissingDependencyError",
     "ProtocolError",
     "SignatureError",
     "StreamFormatError",
@@ -191,6 +193,21 @@ class ProtocolError(BtrdeltaError):
 
     exit_code = 9
     meaning = "replication protocol error"
+
+
+class MissingDependencyError(BtrdeltaError):
+    """The work needs an optional dependency that is not installed (``btrdelta._optional``):
+    the message names the package and the extra that brings it."""
+
+    exit_code = 10
+    meaning = "an optional dependency is not installed (pip install 'btrdelta[EXTRA]')"
+
+    def __init__(self, package: str, extra: str, *, what: str = "") -> None:
+        spec = f"btrdelta[{extra}]" if extra else "btrdelta"
+        super().__init__(f"{what}needs the optional dependency {package}: "
+                         f"pip install '{spec}'")
+        self.package = package
+        self.extra = extra
 
 
 class UsageError(BtrdeltaError):

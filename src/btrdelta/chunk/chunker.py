@@ -23,12 +23,15 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import blake3
-from pyfastcdc.cy import FastCDC
 
+from .._optional import need
 from ..errors import BtrdeltaError, StreamFormatError
+
+if TYPE_CHECKING:  # pyfastcdc is optional ([image], [make]): imported when a cut starts
+    from pyfastcdc.cy import FastCDC
 
 __all__ = [
     "DIGEST_SIZE",
@@ -106,14 +109,19 @@ class ChunkerParams:
             raise StreamFormatError(f"chunker seed {self.seed} out of range")
 
     def make(self) -> FastCDC:
-        """A fresh (not thread-safe) FastCDC cutter."""
-        return FastCDC(
+        """A fresh (not thread-safe) FastCDC cutter.
+
+        Raises:
+            MissingDependencyError: ``pyfastcdc`` is not installed.
+        """
+        cutter: FastCDC = need("pyfastcdc.cy", "image").FastCDC(
             self.avg_size,
             min_size=self.min_size,
             max_size=self.max_size,
             normalized_chunking=self.normalization,
             seed=self.seed,
         )
+        return cutter
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from .. import __version__
+from .._optional import OPTIONAL, missing
 from ..errors import BtrdeltaError, exit_codes
 from ._common import HelpFormatter, Parser
 
@@ -131,6 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug: still one line (the mistake tests look for these)
         if args.debug:
             raise
+        top = (exc.name or "").split(".")[0] if isinstance(exc, ImportError) else ""
+        if top in OPTIONAL:  # an optional dependency imported without _optional.need()
+            err = missing(top)
+            print(f"btrdelta {args.command}: error: {err}", file=sys.stderr)
+            return err.exit_code
         print(f"btrdelta {args.command}: internal error: {type(exc).__name__}: {exc} "
               "(--debug shows the traceback)", file=sys.stderr)
         return 1

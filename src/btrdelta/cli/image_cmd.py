@@ -14,6 +14,7 @@ import sys
 import threading
 import types
 
+from .._optional import need
 from ..chunk.compress import DEFAULT_LEVEL
 from ..chunk.store import ChunkStore, ImageReader, VerifyReport, split_store_name
 from ..errors import BtrdeltaError, ChecksumError, MissingBaseError, UsageError
@@ -300,6 +301,7 @@ def _wait_for_signal() -> None:
 
 def run_mount(args: argparse.Namespace) -> int:
     """``image mount`` (blocks until unmounted or signalled)."""
+    need("mfusepy", "fuse")  # optional: ``[fuse]``
     from ..chunk.fuse import mount_image  # imported late: needs libfuse
 
     store_dir, name = split_store_name(args.target)

@@ -26,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from .._optional import need
 from ..errors import BtrdeltaError
 from ..fs.sandbox import file_size as old_file_size
 from ..stream import records as R
@@ -388,6 +389,7 @@ def make_delta(
         CodecUnavailableError: the requested codec is not installed.
     """
     opts = options or MakeOptions()
+    need("pyfastcdc.cy", "make")  # sketches of old files (nearest.py): fail before reading
     if opts.codec != "auto":
         get_codec(opts.codec)
     return _Maker(src, old_root, write, opts, source, on_progress).run()

@@ -33,6 +33,7 @@ Owns the choice of candidates, not the diffing.
 from __future__ import annotations
 
 import bisect
+import functools
 import os
 import re
 import threading
@@ -40,7 +41,7 @@ from array import array
 from collections import Counter
 from typing import Any
 
-from pyfastcdc.cy import FastCDC
+from .._optional import need
 
 __all__ = ["MIN_SKETCH", "OldIndex", "name_key", "sketch"]
 
@@ -60,8 +61,13 @@ _FILE_BITS = 20
 MAX_FILES = 1 << _FILE_BITS
 _FILE_MASK = MAX_FILES - 1
 
-_CDC = FastCDC(2048, min_size=512, max_size=16384)
 _DIGITS = re.compile(rb"[0-9a-f]{7,}|[0-9]+")
+
+
+@functools.cache
+def _cdc() -> Any:
+    """The FastCDC cutter of sketches (``pyfastcdc`` comes with ``[make]``)."""
+    return need("pyfastcdc.cy", "make").FastCDC(2048, min_size=512, max_size=16384)
 
 
 def name_key(name: bytes) -> bytes:
@@ -77,7 +83,7 @@ def sketch(data: Any) -> list[int]:
     """The bottom-k sketch of ``data`` (its first :data:`SKETCH_BYTES`): the smallest
     gear hashes at its content-defined cut points."""
     view = memoryview(data)[:SKETCH_BYTES]
-    hashes = {c.gear_hash for c in _CDC.cut_buf(view)}
+    hashes = {c.gear_hash for c in _cdc().cut_buf(view)}
     return sorted(hashes)[:SKETCH_K]
 
 

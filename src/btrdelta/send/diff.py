@@ -29,13 +29,15 @@ import stat
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import xxhash
-from pyfastcdc.cy import FastCDC
-
+from .._optional import need
 from ..errors import BtrdeltaError
 from ..fs.copy import data_segments
 from .scan import ROOT, Node, Tree, open_file
+
+if TYPE_CHECKING:  # pyfastcdc and xxhash come with [make]: imported when a send starts
+    from pyfastcdc.cy import FastCDC
 
 __all__ = [
     "BLOCK",
@@ -166,7 +168,9 @@ def _cdc_for(size: int) -> FastCDC:
     avg = _CDC_AVG
     while avg < _CDC_AVG_MAX and size // avg > _CDC_CHUNKS:
         avg *= 2
-    return FastCDC(avg, min_size=avg // 4, max_size=avg * 8)
+    cdc: FastCDC = need("pyfastcdc.cy", "make").FastCDC(avg, min_size=avg // 4,
+                                                        max_size=avg * 8)
+    return cdc
 
 
 #: files are cut into chunks in windows of this many bytes (bounded memory)
@@ -269,6 +273,7 @@ def _shifted_runs(fo: int, fn: int, old_path: bytes, new_path: bytes, old_size: 
                   ) -> list[list[int]]:
     """``[start, end, shift]`` runs of new-file chunks overlapping ``writes`` found in the old
     file at a 4 KiB-aligned shift (confirmed byte by byte)."""
+    xxhash = need("xxhash", "make")
     where: dict[int, int] = {}
     for off, data in _cut(fo, data_segments(fo, old_size), cdc, old_path):
         where.setdefault(xxhash.xxh3_64_intdigest(data), off)
@@ -471,6 +476,7 @@ def match_trees(old: Tree, new: Tree, *, quick: bool = False, virtual: bool = Fa
     (``old`` is a sendshot record), content is compared by BLAKE3 digests instead of reading
     old files; with ``identities`` (the record is of an earlier state of the same
     filesystem tree) inodes are first paired by inode number and generation."""
+    need("pyfastcdc.cy", "make")  # for shifted_clones, later: fail before any record
     matcher = _Matcher(old, new, quick=quick, virtual=virtual)
     if identities:
         _match_identities(old, new, matcher.m)

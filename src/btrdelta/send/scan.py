@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import blake3
-import xxhash
 
+from .._optional import need
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
 from ..fs.copy import data_segments
@@ -376,6 +376,7 @@ def open_file(path: bytes) -> int:
 
 def _hash_file(path: bytes, size: int, buf: bytearray) -> tuple[bytes, int]:
     """(XXH3-128 of the content, btrfs flags) of one regular file of ``size`` bytes."""
+    xxhash = need("xxhash", "make")
     try:
         fd = open_file(path)
     except OSError as exc:
@@ -432,6 +433,7 @@ def _hash_file_blocks(
 ) -> tuple[bytes, int, list[tuple[int, int]], bytes, bytes]:
     """Record mode: (XXH3-128 digest, flags, block-aligned data segments, seeded XXH3-128 of
     each 4 KiB block of them, BLAKE3-256 digest) of one regular file, read once."""
+    xxhash = need("xxhash", "make")
     try:
         fd = open_file(path)
     except OSError as exc:
@@ -681,6 +683,7 @@ class TreeScan:
         seed: int | None = None,
         prepare: Callable[[Tree], None] | None = None,
     ) -> None:
+        need("xxhash", "make")  # before any thread starts: a missing extra is one line
         self.parent_dir = os.fsencode(parent_dir) if parent_dir is not None else None
         self._forked: ForkedScan | None = None
         if (

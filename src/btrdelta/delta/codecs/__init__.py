@@ -95,7 +95,8 @@ def make_best(
         if best is None or len(patch) < len(best[1]):
             best = (codec, patch)
     if best is None:
-        raise CodecUnavailableError(f"none of the codecs {', '.join(names)} is installed")
+        raise CodecUnavailableError(_BY_NAME[names[0]].package,
+                                    what=f"codec {names[0]!r} ")
     return best
 
 
@@ -119,7 +120,8 @@ def make_auto(
         return make_best(old, new, names, hdiff_raw=hdiff_raw)
     avail = [n for n in names if _BY_NAME[n].available()]
     if not avail:
-        raise CodecUnavailableError(f"none of the codecs {', '.join(names)} is installed")
+        raise CodecUnavailableError(_BY_NAME[names[0]].package,
+                                    what=f"codec {names[0]!r} ")
     codec, patch = make_best(old, new, avail[:1], hdiff_raw=hdiff_raw)
     if len(patch) <= AUTO_GOOD_RATIO * len(new) or len(avail) == 1:
         return codec, patch

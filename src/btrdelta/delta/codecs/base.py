@@ -6,7 +6,8 @@ import importlib
 from types import ModuleType
 from typing import Any, ClassVar
 
-from ...errors import BtrdeltaError
+from ..._optional import OPTIONAL
+from ...errors import MissingDependencyError
 
 __all__ = ["Codec", "CodecUnavailableError"]
 
@@ -14,8 +15,12 @@ __all__ = ["Codec", "CodecUnavailableError"]
 DEFAULT_MAX_SIZE = 1 << 32
 
 
-class CodecUnavailableError(BtrdeltaError):
-    """The library a codec needs is not installed."""
+class CodecUnavailableError(MissingDependencyError):
+    """The library a codec needs is not installed (``hdiffpatch`` comes with the ``[hdiff]``
+    and ``[make]`` extras)."""
+
+    def __init__(self, package: str, *, what: str = "") -> None:
+        super().__init__(package, OPTIONAL.get(package, ("",))[0], what=what)
 
 
 class Codec:
@@ -32,21 +37,18 @@ class Codec:
 
     def __init__(self) -> None:
         self._mod: ModuleType | None = None
-        self._missing: str | None = None
+        self._missing = False
 
     def lib(self) -> Any:
         """The imported library (raises :class:`CodecUnavailableError` if missing)."""
         if self._mod is None:
-            if self._missing is None:
+            if not self._missing:
                 try:
                     self._mod = importlib.import_module(self.module)
-                except ImportError as exc:
-                    self._missing = str(exc)
+                except ImportError:
+                    self._missing = True
             if self._mod is None:
-                raise CodecUnavailableError(
-                    f"codec {self.name!r} is unavailable: Python package {self.package!r} "
-                    f"is not installed ({self._missing})"
-                )
+                raise CodecUnavailableError(self.package, what=f"codec {self.name!r} ")
         return self._mod
 
     def available(self) -> bool:
