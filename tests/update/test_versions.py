@@ -414,6 +414,49 @@ def test_repo_ls_over_http_and_timestamp_keys(
     assert "not one the current index lists" in capsys.readouterr().err
 
 
+def test_a_local_directory_or_file_url_is_a_mirror(
+    signed: tuple[Path, Path, Path], releases: list[Path], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Every fetching path (index, deltas, the chunk ranges of a full) reads a plain path
+    or a ``file://`` URL; a local mirror missing files gives way to the next."""
+    _, pub, _ = signed
+    www = _copy_repo(signed, tmp_path / "www")
+    shutil.rmtree(www / Repo(www).meta.name)  # a mirror's copy: no publisher catalog
+    url = (www.as_uri() + "/").replace("%20", " ")
+    # from nothing: the plan is the full (chunk ranges read from the local packs)
+    rc, out, err = _update(str(www), tmp_path / "a", pub, "--to", "v4", "--json",
+                           capsys=capsys)
+    assert rc == 0, err
+    assert [s["kind"] for s in json.loads(out)["plan"]["steps"]] == ["full"]
+    assert tree_sum(tmp_path / "a" / "v4") == tree_sum(releases[3])
+    # then deltas from a file:// URL
+    rc, out, err = _update(url, tmp_path / "a", None, "--json", capsys=capsys)
+    assert rc == 0, err
+    assert {s["kind"] for s in json.loads(out)["plan"]["steps"]} == {"delta"}
+    assert tree_sum(tmp_path / "a" / "v9") == tree_sum(releases[8])
+    # a local mirror without its packs: the full's chunks come from the next mirror
+    broken = tmp_path / "broken"
+    shutil.copytree(www, broken)
+    shutil.rmtree(broken / "packs")
+    rc, out, err = _update(str(broken), tmp_path / "b", pub, "--mirror", url, "--json",
+                           capsys=capsys)
+    assert rc == 0, err
+    assert [s["kind"] for s in json.loads(out)["plan"]["steps"]] == ["full"]
+    assert tree_sum(tmp_path / "b" / "v9") == tree_sum(releases[8])
+    # alone, it fails naming the pack (exit 7)
+    rc, _, err = _update(str(broken), tmp_path / "c", pub, capsys=capsys)
+    assert rc == 7
+    assert "packs/" in err
+    assert "No such file" in err
+    assert not (tmp_path / "c" / "v9").exists()
+    # repo ls of a mirror's copy by file:// URL, verified
+    assert main(["repo", "ls", url, "--key", str(pub), "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert [v["name"] for v in listing["versions"]] == [f"v{i}" for i in range(1, N + 1)]
+    assert "verified" in listing["signed"]
+
+
 @pytest.mark.btrfs
 def test_btrfs_dest_gets_read_only_subvolumes(
     signed: tuple[Path, Path, Path], server: Nginx, releases: list[Path],

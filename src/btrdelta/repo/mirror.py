@@ -13,6 +13,9 @@ each mirror did.
 :meth:`Mirrors.download` writes an artifact to ``<path>.part`` in pieces of
 :data:`PIECE` bytes (ranges), so an interrupted download resumes where it stopped; the file
 is renamed to its final name only after its BLAKE3 checked.
+
+A mirror is an ``http(s)://`` URL, a ``file://`` URL or a plain directory: every path
+(whole files, downloads, the chunk ranges of a full) reads the local ones with ``pread``.
 """
 
 from __future__ import annotations
@@ -31,12 +34,54 @@ from ..errors import BtrdeltaError, ChecksumError, StreamFormatError, TransportE
 from ..transport.config import HttpConfig
 from ..transport.http import FetchStats, RangeFetcher
 from ..transport.pacing import deadline
+from ..transport.plan import Span
 
-__all__ = ["PIECE", "Mirrors"]
+__all__ = ["PIECE", "Mirrors", "local_path"]
 
 #: bytes fetched per range request of a download (and lost at most by an interruption)
 PIECE = 4 << 20
 _T = TypeVar("_T")
+
+
+def local_path(location: str) -> str | None:
+    """The directory a mirror location names (a plain path or a ``file://`` URL), or None
+    for an ``http(s)://`` URL."""
+    if location.startswith(("http://", "https://")):
+        return None
+    if location.startswith("file://"):
+        from urllib.parse import unquote, urlsplit
+
+        parts = urlsplit(location)
+        if parts.netloc not in ("", "localhost"):
+            raise BtrdeltaError(f"file URL names another host: {parts.netloc}", path=location)
+        return unquote(parts.path) or "/"
+    return location
+
+
+class _FileRanges:
+    """:meth:`RangeFetcher.fetch_spans` over a local file (a mirror that is a directory)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.stats = FetchStats()
+
+    def fetch_spans(self, spans: Sequence[Span],
+                    on_span: Callable[[Span, memoryview], None]) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise TransportError(f"{exc.strerror}", url=self.path) from None
+        try:
+            for span in spans:
+                data = os.pread(fd, span.end - span.start, span.start)
+                self.stats.requests += 1
+                self.stats.bytes_received += len(data)
+                if len(data) != span.end - span.start:
+                    raise TransportError(f"range [{span.start}, {span.end}) past the end "
+                                         f"({span.start + len(data)} bytes)", url=self.path)
+                on_span(span, memoryview(data))
+        finally:
+            os.close(fd)
 
 
 class _WrongBytes(Exception):
@@ -60,7 +105,8 @@ class Mirrors:
                  on_bytes: Callable[[int], None] | None = None) -> None:
         if not urls:
             raise BtrdeltaError("no mirror given")
-        self.urls = [u.rstrip("/") for u in urls]
+        self.urls = [u.rstrip("/") or "/" for u in urls]
+        self._local = {u: local_path(u) for u in self.urls}
         self.config = config or HttpConfig(retries=2)
         self._own = client is None
         self.client = client or self.config.client()
@@ -120,9 +166,10 @@ class Mirrors:
 
     def get(self, url: str, path: str, max_size: int) -> bytes:
         """The whole file ``path`` from mirror ``url`` (at most ``max_size`` bytes)."""
-        if not url.startswith(("http://", "https://")):
+        local = self._local.get(url, local_path(url))
+        if local is not None:
             try:
-                with open(os.path.join(url, path), "rb") as f:
+                with open(os.path.join(local, path), "rb") as f:
                     data = f.read(max_size + 1)
             except OSError as exc:
                 raise TransportError(f"{path}: {exc.strerror}", url=url) from None
@@ -202,9 +249,13 @@ class Mirrors:
         if have > length:
             part.unlink()
             have = 0
-        if not url.startswith(("http://", "https://")):
-            src = os.path.join(url, path)
-            with open(src, "rb") as f, open(part, "ab") as out:
+        local = self._local.get(url, local_path(url))
+        if local is not None:
+            try:
+                f = open(os.path.join(local, path), "rb")  # noqa: SIM115
+            except OSError as exc:
+                raise TransportError(f"{path}: {exc.strerror}", url=url) from None
+            with f, open(part, "ab") as out:
                 f.seek(have)
                 while have < length:
                     data = f.read(min(PIECE, length - have))
@@ -227,8 +278,12 @@ class Mirrors:
                 have = end
                 self._count(len(data))
 
-    def fetcher(self, url: str, path: str) -> RangeFetcher:
-        """A range fetcher for ``path`` on mirror ``url`` (sharing this client)."""
+    def fetcher(self, url: str, path: str) -> RangeFetcher | _FileRanges:
+        """A range fetcher for ``path`` on mirror ``url`` (sharing this client; a local
+        mirror's file is read directly)."""
+        local = self._local.get(url, local_path(url))
+        if local is not None:
+            return _FileRanges(os.path.join(local, path))
         return RangeFetcher(f"{url}/{path}", self.config, client=self.client)
 
     def note_bytes(self, n: int) -> None:

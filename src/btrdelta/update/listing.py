@@ -90,11 +90,17 @@ def _remote_listing(url: str, *, key: str | None) -> dict[str, Any]:
 
 def list_repo(location: str, *, key: str | None = None) -> dict[str, Any]:
     """A JSON-able listing of the repository at ``location`` (directory or URL)."""
-    if location.startswith(("http://", "https://")):
+    from ..repo.mirror import local_path
+
+    directory = local_path(location)
+    if directory is None:
         return _remote_listing(location, key=key)
     from .publish import Repo
 
-    repo = Repo(location)
+    repo = Repo(directory)
+    if not repo.catalog_path.exists() and os.path.exists(os.path.join(directory,
+                                                                      "timestamp.json")):
+        return _remote_listing(directory, key=key)  # a mirror's copy: no publisher catalog
     if not repo.catalog_path.exists():
         raise FileNotFoundError(os.fspath(repo.catalog_path))
     return _catalog_listing(repo.load(), location)
