@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from btrdelta.repo.layout import delta_sources, future_sources, hops_bound, lowbit
+from btrdelta.repo.layout import (
+    delta_sources,
+    extra_budget,
+    future_sources,
+    hops_bound,
+    lowbit,
+    next_trial,
+    paths_to,
+)
 
 N = 1024
 
@@ -68,3 +77,73 @@ def test_future_sources_is_exactly_what_later_releases_use() -> None:
         assert future_sources(added, range(1, added + 1)) == {a for a in later if a <= added}
         # a publisher keeps O(log N) trees
         assert len(future_sources(added, range(1, added + 1))) <= added.bit_length() + 1
+
+
+#: bytes of ``delta make`` from release u to release w of the eight regex releases of
+#: benchmarks/bench_repo.py (row w = 2..8, column u = 1..w-1), measured on this machine:
+#: each release rebuilds a 2.5 MB library, so a delta costs about as much from any older one
+REGEX_DELTAS = (
+    (1308,),
+    (11577, 11262),
+    (127800, 127499, 125426),
+    (175213, 175008, 175051, 168936),
+    (216434, 216216, 216397, 205191, 46846),
+    (220049, 219843, 220115, 214767, 153000, 109938),
+    (503687, 503604, 502483, 501311, 500020, 471673, 471379),
+)
+
+
+def _publish(n: int, direct: Callable[[int, int], int]) -> tuple[list[dict[int, int]], int]:
+    """What ``repo add`` keeps (the layout, then measured extras as ``update.jobs`` tries
+    them: three trials at most); returns the deltas into each release and the trials."""
+    deltas: list[dict[int, int]] = []
+    trials = extras = 0
+    for p in range(1, n + 1):
+        deltas.append({a: direct(a, p) for a in delta_sources(p)})
+        tried: set[int] = set()
+        while len(tried) < 3 and extras < extra_budget(p):
+            u = next_trial(p, deltas, tried)
+            if u is None:
+                break
+            tried.add(u)
+            trials += 1
+            if paths_to(p, deltas)[u] > 1.2 * direct(u, p):
+                deltas[-1][u] = direct(u, p)
+                extras += 1
+    return deltas, trials
+
+
+def test_measured_extras_meet_the_ratio_on_the_regex_releases() -> None:
+    deltas, trials = _publish(8, lambda u, w: REGEX_DELTAS[w - 2][u - 1])
+    assert sum(len(d) for d in deltas) == 15  # 11 of the layout + 4 measured: 1.875/release
+    assert sorted(deltas[7]) == [3, 4, 6, 7]
+    assert trials == 8  # deltas made to find them
+    for w in range(2, 9):  # every pair, not only to the newest
+        dist = paths_to(w, deltas)
+        for u in range(1, w):
+            assert dist[u] <= 1.2 * REGEX_DELTAS[w - 2][u - 1], (u, w)
+    # the layout alone: r1..r3 -> r8 cost 1.25x the direct delta
+    plain = [{a: REGEX_DELTAS[p - 2][a - 1] for a in delta_sources(p)} for p in range(1, 9)]
+    assert paths_to(8, plain)[1] > 1.24 * REGEX_DELTAS[6][0]
+
+
+def test_extras_are_not_kept_where_a_chain_costs_what_a_direct_delta_does() -> None:
+    """Independent changes per release: the path through newer releases is the direct
+    delta's size, so every trial is dropped."""
+    deltas, trials = _publish(200, lambda u, w: 1000 * (w - u))
+    assert all(sorted(d) == sorted(delta_sources(p)) for p, d in enumerate(deltas, 1))
+    assert trials <= 3 * 200
+
+
+def test_extras_never_take_the_mean_over_2_2() -> None:
+    """A rebuilt library (a delta costs the same from anywhere): extras are spent up to
+    the budget, and at no size does the total pass 2.2 deltas per release."""
+    deltas, _ = _publish(300, lambda u, w: 1000 + w - u)
+    for n in range(1, 301):
+        assert sum(len(d) for d in deltas[:n]) <= 2.2 * n, n
+    assert sum(len(d) for d in deltas) > sum(len(delta_sources(p)) for p in range(1, 301))
+    total = 0
+    for n in range(1, 5000):  # the budget's bound, whatever the extras
+        total += len(delta_sources(n))
+        assert total == 2 * n - 1 - bin(n).count("1") - (n.bit_length() - 1)
+        assert total + extra_budget(n) <= 2.2 * n, n

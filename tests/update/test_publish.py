@@ -11,7 +11,7 @@ import pytest
 
 from btrdelta.cli import main
 from btrdelta.repo.fullindex import decode_full_index
-from btrdelta.repo.layout import delta_sources
+from btrdelta.repo.layout import delta_sources, paths_to
 from btrdelta.tree import tree_sum
 from btrdelta.update.packs import LocalPacks, open_full
 from btrdelta.update.publish import Repo
@@ -34,8 +34,14 @@ def repo(releases: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path
 def test_catalog_follows_the_layout_and_names_are_content_hashes(repo: Path) -> None:
     cat = Repo(repo).load()
     assert [v.name for v in cat.versions] == [f"v{i}" for i in range(1, N + 1)]
+    sizes = [{a: n for a, (_h, n) in v.deltas.items()} for v in cat.versions]
     for pos, v in enumerate(cat.versions[: N - 1], 1):
-        assert sorted(v.deltas) == sorted(delta_sources(pos))
+        assert set(delta_sources(pos)) <= set(v.deltas)
+        assert v.measured
+        # a measured extra is kept only where the path without it cost > 1.2x it
+        layout_only = [*sizes[: pos - 1], {a: sizes[pos - 1][a] for a in delta_sources(pos)}]
+        for u in set(v.deltas) - set(delta_sources(pos)):
+            assert paths_to(pos, layout_only)[u] > 1.2 * v.deltas[u][1], (u, pos)
         for digest, length in v.deltas.values():
             data = (repo / "deltas" / f"{digest}.delta").read_bytes()
             assert (len(data), blake3.blake3(data).hexdigest()) == (length, digest)

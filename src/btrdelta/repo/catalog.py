@@ -74,6 +74,8 @@ class CatalogVersion:
     deltas: dict[int, tuple[str, int]] = field(default_factory=dict)
     #: source positions whose delta is still to be made
     pending: list[int] = field(default_factory=list)
+    #: the measured extra deltas were tried (``repo.layout.next_trial``)
+    measured: bool = True
 
     def encode(self) -> dict[str, Any]:
         return {
@@ -82,7 +84,7 @@ class CatalogVersion:
             "full_bytes": self.full_bytes, "packs": self.packs,
             "deltas": [{"from": a, "id": h, "length": n}
                        for a, (h, n) in sorted(self.deltas.items(), reverse=True)],
-            "pending": sorted(self.pending, reverse=True),
+            "pending": sorted(self.pending, reverse=True), "measured": self.measured,
         }
 
     @classmethod
@@ -92,9 +94,10 @@ class CatalogVersion:
                   for d in f.items("deltas")}
         pending = [int(x) for x in f.array("pending")]
         packs = [str(x) for x in f.array("packs")]
+        raw = f.get("measured") if "measured" in f.obj else True  # older catalogs: done
         return cls(f.text("name"), f.hex64("identity"), f.integer("stream_size"),
                    full.hex64("id"), full.integer("length"), f.integer("full_bytes"),
-                   packs, deltas, pending)
+                   packs, deltas, pending, raw is True)
 
 
 @dataclass(slots=True)

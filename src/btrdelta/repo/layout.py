@@ -21,13 +21,33 @@ version 1000) for the same O(log N) hops; this one needs 2 on average.
 
 Every delta into ``p`` comes from an older release, so all of them are made when ``p`` is
 added and never again: artifacts are immutable.
+
+**Measured extras.** When every release rewrites the same bytes (a rebuilt shared library),
+a delta costs about the same from any older release, so a path of two such hops costs
+twice the direct delta. After the layout's deltas into ``p`` are made, :func:`next_trial`
+looks at what the repository already knows (every stored delta's size) for an older ``u``
+whose cheapest path to ``p`` costs more than ``ratio`` times the cheapest delta into ``p``
+from a release at least as new as ``u`` (an estimate of the direct delta ``u -> p``: a
+release is rarely closer to ``p`` than a newer one). The newest such ``u`` is tried: the
+delta ``u -> p`` is made, and kept only if the path it replaces cost more than ``ratio``
+times it. Extras are budgeted (:func:`extra_budget`) so that the layout's deltas plus the
+extras never exceed 2.2 per release at any repository size, and the layout's own edges keep
+the hop bound.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence, Set
 
-__all__ = ["delta_sources", "future_sources", "hops_bound", "lowbit"]
+__all__ = [
+    "delta_sources",
+    "extra_budget",
+    "future_sources",
+    "hops_bound",
+    "lowbit",
+    "next_trial",
+    "paths_to",
+]
 
 
 def lowbit(p: int) -> int:
@@ -61,3 +81,45 @@ def future_sources(added: int, positions: Iterable[int]) -> set[int]:
 def hops_bound(w: int) -> int:
     """The most delta hops from any older release to ``w`` (see the module docstring)."""
     return 2 * w.bit_length()
+
+
+def extra_budget(p: int) -> int:
+    """How many measured extra deltas releases ``1 .. p`` may hold in all.
+
+    The layout's deltas over ``N`` releases number ``2N - 1 - popcount(N) -
+    floor(log2 N)`` (each ``q`` has ``1 + tz(q)`` sources, ``tz(q)`` for a power of two), so
+    extras up to ``0.2 p + 2 + floor(log2 p)`` (non-decreasing in ``p``) keep the total at
+    most ``2.2 N`` for every ``N >= p``.
+    """
+    return p // 5 + 1 + p.bit_length() if p >= 1 else 0
+
+
+def paths_to(p: int, deltas: Sequence[Mapping[int, int]]) -> list[int]:
+    """Bytes of the cheapest delta path from each release to ``p`` (index ``u``; ``-1``:
+    no path). ``deltas[q - 1]`` maps each source of a delta into ``q`` to its bytes."""
+    inf = 1 << 62
+    dist = [inf] * (p + 1)
+    dist[p] = 0
+    for q in range(p, 1, -1):  # edges go forward: dist[q] is final when q is reached
+        if dist[q] >= inf:
+            continue
+        for a, size in deltas[q - 1].items():
+            if dist[q] + size < dist[a]:
+                dist[a] = dist[q] + size
+    return [-1 if d >= inf else d for d in dist]
+
+
+def next_trial(p: int, deltas: Sequence[Mapping[int, int]], tried: Set[int], *,
+               ratio: float = 1.2) -> int | None:
+    """The older release whose direct delta into ``p`` is worth making now, or None (see
+    the module docstring). ``tried``: sources already tried for ``p``."""
+    dist = paths_to(p, deltas)
+    into = deltas[p - 1]
+    best_newer = 1 << 62  # cheapest delta into p from a release at least as new as u
+    for u in range(p - 1, 0, -1):
+        if u in into:
+            best_newer = min(best_newer, into[u])
+            continue
+        if u not in tried and dist[u] > ratio * best_newer:
+            return u
+    return None

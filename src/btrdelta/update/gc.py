@@ -98,7 +98,7 @@ def collect_garbage(root: str | os.PathLike[str], *, keep_indexes: int = 2,
                 _remove(repo.root / entry, entry, report, dry_run)
         if not dry_run:
             shutil.rmtree(repo.tmp, ignore_errors=True)
-            pending = {v.name for v in cat.versions if v.pending}
+            pending = {v.name for v in cat.versions if v.pending or not v.measured}
             for job_dir in sorted(repo.jobs.iterdir()) if repo.jobs.is_dir() else ():
                 if job_dir.name not in pending:
                     shutil.rmtree(job_dir, ignore_errors=True)

@@ -35,6 +35,7 @@ from ..fs.atomic import atomic_output
 from ..repo.canonical import Fields, parse_json
 from ..repo.catalog import Catalog
 from ..repo.fullindex import decode_full_index
+from ..repo.layout import delta_sources, extra_budget, next_trial, paths_to
 from ..tree import tree_sum
 from .packs import LocalPacks, open_full
 from .streams import receive_release, write_release_stream
@@ -42,6 +43,10 @@ from .streams import receive_release, write_release_stream
 __all__ = ["make_delta_file", "plan_jobs", "run_job_file", "run_pending"]
 
 JOB_TYPE = "btrdelta-repo-job"
+#: measured extra deltas tried per release, and how much dearer than the direct delta the
+#: path must be for one to be kept (``repo.layout``)
+TRIALS = 3
+RATIO = 1.2
 
 
 def make_delta_file(old: Path, new: Path, name: str, identity: str, old_identity: str,
@@ -163,22 +168,70 @@ def run_pending(repo: Any, cat: Catalog, pos: int, report: Any, *, parallel: int
             for a, args in todo:
                 times[a] = _worker(args)[2]
     for a in sorted(outputs, reverse=True):
-        output = outputs[a]
         if verify:
             say(f"{entry.name}: checking the delta from {cat.versions[a - 1].name}")
-            _check_delta(output, trees, cat, a, pos)
-        data = output.read_bytes()
-        digest = blake3.blake3(data).hexdigest()
-        repo.write_artifact("deltas", digest, "delta", data)
-        entry.deltas[a] = (digest, len(data))
-        entry.pending.remove(a)
+            _check_delta(outputs[a], trees, cat, a, pos)
+        _record(repo, cat, pos, a, outputs[a], report, times.get(a, 0.0))
+    if not entry.measured:
+        _try_extras(repo, cat, pos, report, new, verify=verify, say=say)
+        entry.measured = True
         repo.save(cat)
-        output.unlink()
-        report.deltas.append((cat.versions[a - 1].name, len(data), times.get(a, 0.0)))
     with contextlib.suppress(OSError):
         for leftover in (repo.jobs / entry.name).iterdir():
             leftover.unlink()
         (repo.jobs / entry.name).rmdir()
+
+
+def _record(repo: Any, cat: Catalog, pos: int, a: int, output: Path, report: Any,
+            secs: float) -> None:
+    """Publish the delta ``a -> pos`` made in ``output`` and record it."""
+    entry = cat.versions[pos - 1]
+    data = output.read_bytes()
+    digest = blake3.blake3(data).hexdigest()
+    repo.write_artifact("deltas", digest, "delta", data)
+    entry.deltas[a] = (digest, len(data))
+    if a in entry.pending:
+        entry.pending.remove(a)
+    repo.save(cat)
+    output.unlink()
+    report.deltas.append((cat.versions[a - 1].name, len(data), secs))
+
+
+def _extras(cat: Catalog) -> int:
+    """Deltas of the catalog that the layout does not name (measured extras)."""
+    return sum(len(set(v.deltas) - set(delta_sources(q)))
+               for q, v in enumerate(cat.versions, 1))
+
+
+def _try_extras(repo: Any, cat: Catalog, pos: int, report: Any, new: Path, *, verify: bool,
+                say: Callable[[str], None]) -> None:
+    """Make the measured extra deltas into ``pos`` that pay (``repo.layout``): at most
+    :data:`TRIALS` tried, kept within :func:`~btrdelta.repo.layout.extra_budget`."""
+    entry = cat.versions[pos - 1]
+    tried: set[int] = set()
+    while len(tried) < TRIALS and _extras(cat) < extra_budget(pos):
+        sizes = [{a: n for a, (_h, n) in v.deltas.items()} for v in cat.versions[:pos]]
+        u = next_trial(pos, sizes, tried, ratio=RATIO)
+        if u is None:
+            return
+        tried.add(u)
+        path = paths_to(pos, sizes)[u]
+        old = _materialize(repo.root, cat, u, repo.trees)
+        _, output = _job_paths(repo, entry.name, u)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        _digest, size, secs = _worker((str(old), str(new), entry.name, entry.identity,
+                                      cat.versions[u - 1].identity, str(output),
+                                      str(repo.tmp), str(os.cpu_count() or 1)))
+        name = cat.versions[u - 1].name
+        if path <= RATIO * size:
+            say(f"{entry.name}: a delta from {name} ({size} bytes) does not pay (the path "
+                f"costs {path})")
+            output.unlink()
+            continue
+        if verify:
+            say(f"{entry.name}: checking the delta from {name}")
+            _check_delta(output, repo.trees, cat, u, pos)
+        _record(repo, cat, pos, u, output, report, secs)
 
 
 def run_job_file(job_file: str, *, work: str | None = None, jobs: int | None = None) -> Path:

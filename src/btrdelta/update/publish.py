@@ -13,7 +13,8 @@ deltas, delta jobs, temporary files; mirrors need none of it). ``repo add`` of r
 3. records the version with its delta jobs pending (catalog written atomically), then makes
    one delta from each release of :func:`btrdelta.repo.layout.delta_sources` (in
    ``--parallel`` processes, or on other machines: :mod:`.jobs`), each checked by applying
-   it, and records them;
+   it, and records them; then tries the measured extra deltas that pay
+   (:func:`btrdelta.repo.layout.next_trial`, made here, after the others);
 4. drops the trees no future delta needs.
 
 Every artifact is written under a temporary name and renamed to its content-addressed
@@ -223,7 +224,7 @@ def _ingest(repo: Repo, cat: Catalog, name: str, source: Path, report: AddReport
     entry = CatalogVersion(
         name, identity, packed.stream_size, full_hex, len(packed.full_index),
         len(packed.full_index) + packed.chunk_bytes, [p.id for p in packed.new_packs],
-        pending=delta_sources(len(cat.versions) + 1))
+        pending=delta_sources(len(cat.versions) + 1), measured=False)
     report.full_bytes = entry.full_bytes
     return entry
 
@@ -261,7 +262,7 @@ def add_release(
             pos = len(cat.versions)
         else:
             entry = cat.versions[pos - 1]
-            if not entry.pending:
+            if not entry.pending and entry.measured:
                 raise BtrdeltaError(f"version {name!r} is already in the repository "
                                     "(published artifacts never change)")
             report = AddReport(name, pos, entry.identity, entry.stream_size,

@@ -45,7 +45,7 @@ def sign_repo(root: str, *, root_key: str | None, timestamp_key: str | None,
     with repo.locked():
         cat = repo.load()
         if root_key is not None:
-            pending = [v.name for v in cat.versions if v.pending]
+            pending = [v.name for v in cat.versions if v.pending or not v.measured]
             if pending:
                 raise BtrdeltaError(f"versions with delta jobs pending: {', '.join(pending)} "
                                     "(finish them with `repo add REPO VERSION`)")
