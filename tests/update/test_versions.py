@@ -457,6 +457,69 @@ def test_a_local_directory_or_file_url_is_a_mirror(
     assert "verified" in listing["signed"]
 
 
+def test_root_key_rotation_through_the_cli(
+    signed: tuple[Path, Path, Path], releases: list[Path], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``repo sign --key NEW --previous-key OLD``: a device that pinned OLD follows
+    ``root/2.json`` to NEW; then OLD (or anyone) cannot extend the chain or sign indexes."""
+    from btrdelta.repo.rootchain import make_root
+
+    _, old_pub, _ = signed
+    old_key = old_pub.with_suffix(".pem")
+    www = _copy_repo(signed, tmp_path / "www")
+    srv = Nginx(www, tmp_path / "nginx")
+    try:
+        rc, _, err = _update(srv.url, tmp_path / "dev", old_pub, "--to", "v3", capsys=capsys)
+        assert rc == 0, err
+        new_key, new_pub = tmp_path / "new.pem", tmp_path / "new.pub"
+        trust.save_key_pair(trust.generate_key(), str(new_key), str(new_pub))
+        assert main(["repo", "sign", str(www), "--key", str(new_key), "--previous-key",
+                     str(old_key), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["root_version"] == 2
+        assert (www / "root" / "2.json").exists()
+        # the rotated-out key signs nothing more
+        assert main(["repo", "sign", str(www), "--key", str(old_key)]) == 1
+        assert "rotated out" in capsys.readouterr().err
+        # the device, pinned to the old key, follows the chain (no --key given)
+        rc, _, err = _update(srv.url, tmp_path / "dev", None, capsys=capsys)
+        assert rc == 0, err
+        assert tree_sum(tmp_path / "dev" / "v9") == tree_sum(releases[8])
+        # a new device given the new key, and repo ls with the old one
+        rc, _, err = _update(srv.url, tmp_path / "dev2", new_pub, "--to", "v2", capsys=capsys)
+        assert rc == 0, err
+        assert main(["repo", "ls", srv.url, "--key", str(old_pub), "--json"]) == 0
+        assert "verified" in json.loads(capsys.readouterr().out)["signed"]
+        # the old key (stolen) vouching for an attacker's root 3: refused, exit 5
+        thief = trust.generate_key()
+        (www / "root" / "3.json").write_bytes(
+            make_root(3, [thief], [trust.load_private_key(str(old_key))]))
+        before = _snapshot(tmp_path / "dev")
+        shutil.rmtree(tmp_path / "dev" / "v9")
+        before.pop("v9")
+        for dest, key in ((tmp_path / "dev", None), (tmp_path / "dev3", old_pub)):
+            rc, _, err = _update(srv.url, dest, key, capsys=capsys)
+            assert rc == 5, err
+            assert "root/3.json" in err
+            assert err.count("\n") == 1
+        assert _snapshot(tmp_path / "dev") == before
+        assert not (tmp_path / "dev3" / "v9").exists()
+        # a second, real rotation: both devices follow; one shipped with the newest key
+        # skips root 2 (its key did not sign it) and trusts root 3
+        (www / "root" / "3.json").unlink()
+        newer_key, newer_pub = tmp_path / "newer.pem", tmp_path / "newer.pub"
+        trust.save_key_pair(trust.generate_key(), str(newer_key), str(newer_pub))
+        assert main(["repo", "sign", str(www), "--key", str(newer_key), "--previous-key",
+                     str(new_key)]) == 0
+        for dest, key in ((tmp_path / "dev", None), (tmp_path / "dev3", old_pub),
+                          (tmp_path / "dev4", newer_pub)):
+            rc, _, err = _update(srv.url, dest, key, capsys=capsys)
+            assert rc == 0, err
+            assert tree_sum(dest / "v9") == tree_sum(releases[8])
+    finally:
+        srv.stop()
+
+
 @pytest.mark.btrfs
 def test_btrfs_dest_gets_read_only_subvolumes(
     signed: tuple[Path, Path, Path], server: Nginx, releases: list[Path],

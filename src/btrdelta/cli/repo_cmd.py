@@ -103,11 +103,15 @@ def _add_sign(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "sign", help="sign the index (root key) and the timestamp",
         epilog=examples(
             "btrdelta repo sign www/app --key root.key --timestamp-key ts.key --expires 7d",
-            "btrdelta repo sign www/app --timestamp-key ts.key --expires 1d   # cron"))
+            "btrdelta repo sign www/app --timestamp-key ts.key --expires 1d   # cron",
+            "btrdelta repo sign www/app --key new-root.key --previous-key root.key"))
     s.add_argument("repo", metavar="REPO")
     s.add_argument("--key", metavar="ROOT_KEY", help="root private key: sign a new index")
     s.add_argument("--timestamp-key", metavar="KEY",
                    help="timestamp private key (default: the root key)")
+    s.add_argument("--previous-key", metavar="OLD_ROOT_KEY",
+                   help="rotate the root key: root/<N>.json names --key, signed by this "
+                   "key and by --key (clients that pinned the old root follow it)")
     s.add_argument("--expires", default="7d", metavar="AGE", type=parse_age,
                    help="timestamp lifetime (default 7d; s m h d suffixes)")
     s.add_argument("--index-expires", default="365d", metavar="AGE", type=parse_age,
@@ -232,12 +236,14 @@ def run_sign(args: argparse.Namespace) -> int:
     if not args.key and not args.timestamp_key:
         raise UsageError("give --key (new index) or --timestamp-key")
     res = sign_repo(args.repo, root_key=args.key, timestamp_key=args.timestamp_key,
-                    expires=args.expires, index_expires=args.index_expires)
+                    expires=args.expires, index_expires=args.index_expires,
+                    previous_key=args.previous_key)
     if args.json:
         print(json.dumps(res))
     else:
         print(f"index version {res['index_version']} ({res['versions']} versions), timestamp "
-              f"version {res['timestamp_version']} expires {res['timestamp_expires']}")
+              f"version {res['timestamp_version']} expires {res['timestamp_expires']}, root "
+              f"version {res['root_version']}")
     return 0
 
 

@@ -46,12 +46,14 @@ def _remote_listing(url: str, *, key: str | None) -> dict[str, Any]:
     from ..repo.metadata import MetaCache, load_index, version_records
     from ..repo.mirror import Mirrors
     from ..repo.model import Index, Timestamp
+    from ..repo.rootchain import current_root
 
     mirrors = Mirrors([url])
     cache = MetaCache(None)
     try:
         if key is not None:
-            v = load_index(mirrors, [trust.load_public_key(key)], TrustedState(), cache)
+            keys = current_root(mirrors, [trust.load_public_key(key)], None)
+            v = load_index(mirrors, keys, TrustedState(), cache)
             index, ts, note = v.index, v.timestamp, "signatures verified"
         else:
             raw = mirrors.get(mirrors.urls[0], "timestamp.json", 1 << 16)

@@ -7,6 +7,10 @@ new version and expiry; the key must be one the current index lists. Order of wr
 bins, index, then ``timestamp.json`` (renamed into place), so a mirror never serves a
 timestamp naming files that are not there yet, as long as it syncs ``timestamp.json``
 last (``docs/repository.md``).
+
+With ``--previous-key OLD`` (and ``--key NEW``) the root key is rotated first:
+``root/<N+1>.json`` naming NEW, signed by OLD and NEW, is written before the bins, so a
+client that pinned OLD follows the chain to NEW before it reads the index NEW signs.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from ..errors import BtrdeltaError
 from ..fs.atomic import write_atomic
 from ..repo.catalog import build_metadata
 from ..repo.model import Timestamp, format_time
+from ..repo.rootchain import latest_root, make_root
 from ..repo.signing import CONTEXT_INDEX, CONTEXT_TIMESTAMP, sign_document
 from .publish import Repo
 
@@ -35,11 +40,43 @@ def _next_index_version(repo: Repo, current: int) -> int:
     return max([current, *found]) + 1
 
 
+def _rotate_or_check(repo: Repo, rkey: trust.PrivateKey, previous_key: str | None) -> int:
+    """With ``previous_key``: write ``root/<N+1>.json`` naming ``rkey``, signed by both
+    (``repo.rootchain``); without: ``rkey`` must be a key of the newest root. Returns the
+    root version now current (1: no rotation yet)."""
+    latest = latest_root(repo.root)
+    current = 1 if latest is None else latest.version
+    if previous_key is None:
+        if latest is not None and trust.public_key_text(rkey) not in latest.keys:
+            raise BtrdeltaError(f"this root key is not one of root version {current}'s "
+                                "(it was rotated out: sign with the newest root key)",
+                                path=str(repo.root / "root" / f"{current}.json"))
+        return current
+    prev = trust.load_private_key(previous_key)
+    if latest is not None and trust.public_key_text(prev) not in latest.keys:
+        raise BtrdeltaError(f"--previous-key is not a key of root version {current}",
+                            path=str(repo.root / "root" / f"{current}.json"))
+    if trust.key_id(prev) == trust.key_id(rkey):
+        raise BtrdeltaError("--previous-key and --key are the same key: nothing to rotate")
+    (repo.root / "root").mkdir(exist_ok=True)
+    path = repo.root / "root" / f"{current + 1}.json"
+    if path.exists():
+        raise BtrdeltaError("root version exists already", path=str(path))
+    write_atomic(path, make_root(current + 1, [rkey], [prev]))
+    return current + 1
+
+
 def sign_repo(root: str, *, root_key: str | None, timestamp_key: str | None,
-              expires: int, index_expires: int, now: float | None = None) -> dict[str, object]:
+              expires: int, index_expires: int, now: float | None = None,
+              previous_key: str | None = None) -> dict[str, object]:
     """Sign (see the module docstring); returns what is signed now: ``index_version``,
     ``versions`` (how many the index lists), ``timestamp_version``, ``timestamp_expires``
-    (UTC, as metadata writes it)."""
+    (UTC, as metadata writes it), ``root_version``.
+
+    ``previous_key`` (with ``root_key``): rotate the root key from it to ``root_key``
+    first (``root/<N>.json``, :mod:`btrdelta.repo.rootchain`)."""
+    if previous_key is not None and root_key is None:
+        raise BtrdeltaError("--previous-key rotates to --key: give both")
     repo = Repo(root)
     when = int(time.time() if now is None else now)
     with repo.locked():
@@ -52,6 +89,7 @@ def sign_repo(root: str, *, root_key: str | None, timestamp_key: str | None,
             if not cat.versions:
                 raise BtrdeltaError("nothing to sign: the repository has no versions")
             rkey = trust.load_private_key(root_key)
+            root_version = _rotate_or_check(repo, rkey, previous_key)
             tkey = trust.load_private_key(timestamp_key) if timestamp_key else rkey
             version = _next_index_version(repo, cat.index_version)
             index, bins = build_metadata(cat, version=version, expires=when + index_expires,
@@ -70,6 +108,8 @@ def sign_repo(root: str, *, root_key: str | None, timestamp_key: str | None,
             if not cat.index_version:
                 raise BtrdeltaError("no signed index yet: sign one with --key first")
             tkey = trust.load_private_key(timestamp_key)
+            latest = latest_root(repo.root)
+            root_version = 1 if latest is None else latest.version
             path = repo.root / "index" / f"{cat.index_version}.json"
             index_bytes = path.read_bytes()
             _check_listed(index_bytes, str(path), tkey)
@@ -81,7 +121,8 @@ def sign_repo(root: str, *, root_key: str | None, timestamp_key: str | None,
         repo.save(cat)
         repo.write_html(cat)
     return {"index_version": cat.index_version, "versions": cat.signed_versions,
-            "timestamp_version": ts.version, "timestamp_expires": format_time(ts.expires)}
+            "timestamp_version": ts.version, "timestamp_expires": format_time(ts.expires),
+            "root_version": root_version}
 
 
 def _check_listed(index_bytes: bytes, source: str, key: trust.PrivateKey) -> None:

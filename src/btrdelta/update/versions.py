@@ -1,8 +1,10 @@
 """``btrdelta update URL DEST``: bring DEST to a version of a repository by the cheapest path.
 
 1. Lock DEST; clean up what an interrupted run left (:func:`.holdings.cleanup`).
-2. Verify the repository's state (:func:`btrdelta.repo.metadata.load_index`: timestamp,
-   index, signatures, freshness, rollback) on the first mirror that serves a good one, and
+2. Walk the root chain from the pinned root key (:func:`btrdelta.repo.rootchain.current_root`:
+   rotations, remembered in ``DEST/.btrdelta/trusted/<root key id>.root.json``), verify the
+   repository's state (:func:`btrdelta.repo.metadata.load_index`: timestamp, index,
+   signatures, freshness, rollback) on the first mirror that serves a good one, and
    remember it (``DEST/.btrdelta/trusted/<root key id>.json``).
 3. Find the versions DEST holds: names of the index present in DEST (or left as verified
    intermediates), each checked by its content identity. An entry whose content differs
@@ -50,6 +52,7 @@ from ..repo.metadata import (
 from ..repo.mirror import Mirrors
 from ..repo.model import VersionRecord
 from ..repo.plan import Plan, Step, plan_update
+from ..repo.rootchain import current_root
 from ..transport.config import HttpConfig
 from . import holdings
 from .fullfetch import fetch_full, full_cost, store_stream
@@ -192,8 +195,9 @@ def update(
                 on_bytes=lambda n: emit({"event": "bytes", "n": n}))
     try:
         with d.locked():
-            keys = d.root_keys(key)
-            trusted_path = d.state / "trusted" / f"{trust.key_id(keys[0])}.json"
+            pinned = d.root_keys(key)
+            trusted_path = d.state / "trusted" / f"{trust.key_id(pinned[0])}.json"
+            keys = current_root(m, pinned, trusted_path.with_suffix(".root.json"))
             verified = load_index(m, keys, read_trusted(trusted_path), d.meta, now=now)
             save_trusted(trusted_path, verified)
             holdings.cleanup(d.dest)
