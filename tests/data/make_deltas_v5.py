@@ -5,7 +5,8 @@ Run once: ``.venv/bin/python tests/data/make_deltas_v5.py``. It expands the comm
 format-4 deltas of the kernel's release streams against the committed old tree (checking
 each against MANIFEST.json's SHA-256), makes format-5 deltas of those streams with today's
 ``delta make --carrier xz`` and appends their entries (``"format": 5``) to MANIFEST.json.
-Like format 4's, these files are frozen once committed.
+Like format 4's, these files are frozen once committed. (Run with the code of the day:
+``--carrier xz`` now writes format 6, see ``make_deltas_v6.py``.)
 """
 
 from __future__ import annotations

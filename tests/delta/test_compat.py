@@ -23,7 +23,7 @@ import pytest
 
 from btrdelta._value import field_names
 from btrdelta.delta import expand_events, expand_to, open_delta
-from btrdelta.errors import UnsupportedVersionError
+from btrdelta.errors import StreamFormatError, UnsupportedVersionError
 from btrdelta.stream import StreamReader
 from btrdelta.stream.records import Record
 from tests.conftest import DATA
@@ -68,7 +68,7 @@ def test_frozen_delta_expands_bit_for_bit(entry: dict[str, Any], old_tree: Path)
     assert sum(1 for _ in StreamReader(io.BytesIO(stream))) == want["commands"]
 
 
-@pytest.mark.parametrize("version", [1, 2, 3, 6, 0])
+@pytest.mark.parametrize("version", [1, 2, 3, 7, 0])
 def test_other_versions_are_refused_with_what_to_do(version: int, old_tree: Path) -> None:
     """Formats 1-3 were never released: their deltas are refused, saying to make them
     again; an unknown version is refused as such. Nothing is expanded."""
@@ -95,3 +95,15 @@ def test_frozen_delta_received_as_the_streams_records(
     assert got == want
     assert sum(isinstance(ev, Record) for ev in
                expand_events(io.BytesIO(delta), old_tree)) == entry["expanded"]["commands"]
+
+
+def test_x86_carrier_is_refused_in_format_5(old_tree: Path) -> None:
+    """Carrier codec 3 (LZMA2 after the x86 converter) is format 6's: a format-5 header on
+    it is a clear error, nothing expanded."""
+    entry = next(e for e in MANIFEST["deltas"] if e.get("format") == 6)
+    delta = (DELTAS / entry["file"]).read_bytes()
+    out = io.BytesIO()
+    with pytest.raises(StreamFormatError, match="carrier codec 3 .* is invalid"):
+        expand_to(open_delta(io.BytesIO(delta[:17] + (5).to_bytes(4, "little") + delta[21:])),
+                  old_tree, out.write)
+    assert out.getvalue() == b""

@@ -71,10 +71,18 @@ DELTA_VERSION: Final = 4
 DELTA_VERSION_CODEC: Final = 5
 #: format versions this reader reads. Format 4 is frozen: a change to what it means needs a
 #: new version, read next to it (``docs/formats/delta-stream.md``, "Versions")
-DELTA_VERSIONS: Final = frozenset({4, 5})
-#: carrier codecs (the CODEC of a format-5 ZCMDS; format 4 is zstd only)
+DELTA_VERSIONS: Final = frozenset({4, 5, 6})
+#: format 6: format 5 with one more carrier codec, raw LZMA2 after the x86 branch
+#: converter (:mod:`.bcj`); written by ``--carrier xz``
+DELTA_VERSION_X86: Final = 6
+#: carrier codecs (the CODEC of a format-5/6 ZCMDS; format 4 is zstd only)
 CARRIER_ZSTD: Final = 1
 CARRIER_LZMA2: Final = 2
+#: format 6 only: raw LZMA2 of the pieces' bytes after the x86 branch converter
+CARRIER_LZMA2_X86: Final = 3
+#: the carrier codecs each format version reads
+CARRIER_CODECS: Final = {5: (CARRIER_ZSTD, CARRIER_LZMA2),
+                         6: (CARRIER_ZSTD, CARRIER_LZMA2, CARRIER_LZMA2_X86)}
 #: format versions that were written during development only (never released): refused
 #: with a message saying to make the delta again
 RETIRED_VERSIONS: Final = frozenset({1, 2, 3})

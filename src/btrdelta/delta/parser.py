@@ -33,7 +33,7 @@ from ..stream.framing import (
 )
 from .encoding import decode_item
 from .format import (
-    CARRIER_LZMA2,
+    CARRIER_CODECS,
     CARRIER_ZSTD,
     DELTA_HEADER,
     DELTA_HEADER_SIZE,
@@ -174,16 +174,17 @@ class DeltaParser:
         return item
 
     def _carrier(self, z: ZCommands) -> None:
-        """Format 4: a zstd carrier, unnamed; format 5: CODEC named on every ZCMDS (DICT
-        with LZMA2 only), the same all along."""
+        """Format 4: a zstd carrier, unnamed; formats 5 and 6: CODEC named on every ZCMDS
+        (DICT with LZMA2 only; format 6 adds LZMA2 with x86 branches), the same all
+        along."""
         fr = self._in
         if fr.version == 4:
             if z.codec or z.dict_size:
                 fr.fail(StreamFormatError("CODEC or DICT in a format-4 ZCMDS"), cmd=201)
             z.codec = CARRIER_ZSTD
             return
-        if z.codec not in (CARRIER_ZSTD, CARRIER_LZMA2) or (
-            (z.codec == CARRIER_LZMA2) != bool(z.dict_size)
+        if z.codec not in CARRIER_CODECS[fr.version] or (
+            (z.codec != CARRIER_ZSTD) != bool(z.dict_size)
         ):
             fr.fail(StreamFormatError(
                 f"ZCMDS carrier codec {z.codec} / dictionary {z.dict_size} is invalid"), cmd=201)

@@ -30,10 +30,12 @@ from ..errors import ChecksumError, StreamFormatError
 from ..stream.constants import CMD_HEADER, CMD_HEADER_SIZE, MAX_PAYLOAD
 from ..stream.crc import crc32c
 from ..stream.framing import Place, legal, max_command
+from . import bcj
 from .carrier import CarrierState, unfold
 from .encoding import decode_item
 from .format import (
-    CARRIER_LZMA2,
+    CARRIER_ZSTD,
+    CARRIER_LZMA2_X86,
     DELTA_VERSION,
     INNER_RECORDS,
     BtrfsCommand,
@@ -84,6 +86,8 @@ class CarrierReader:
         self.max_window = min(max(max_size, MIN_CARRIER_WINDOW), 1 << 31)
         self._dctx: Any = None
         self._lzma: Any = None
+        #: bytes inflated from the carrier so far (the x86 converter's base)
+        self._inflated = 0
         #: carried btrfs commands gathered by :meth:`split` (``grouped``) and how many
         self.group = bytearray()
         self.count = 0
@@ -96,8 +100,11 @@ class CarrierReader:
         if item.raw_len > self.max_raw:
             raise StreamFormatError(
                 f"ZCMDS declares {item.raw_len} bytes (limit {self.max_raw})")
-        lzma2 = item.codec == CARRIER_LZMA2
+        lzma2 = item.codec != CARRIER_ZSTD
         raw = self._inflate_lzma2(item) if lzma2 else self._inflate_zstd(item)
+        if item.codec == CARRIER_LZMA2_X86:
+            bcj.decode(raw, self._inflated)
+        self._inflated += len(raw)
         if crc32c(raw, 0) != item.crc:
             raise ChecksumError("CRC32C mismatch of a ZCMDS record's content")
         return raw
@@ -110,7 +117,7 @@ class CarrierReader:
                 raise StreamFormatError(
                     f"the ZCMDS carrier asks for a {item.dict_size}-byte LZMA2 dictionary "
                     f"(limit {self.max_window}: --max-file-size)")
-            self._lzma = Lzma2Decoder(item.dict_size)
+            self._lzma = Lzma2Decoder(item.dict_size)  # x86 branches: after it (.bcj)
         # one call, bounded by the declared length (+1 to see an overrun)
         out, used = self._lzma.decompress(item.zdata, item.raw_len + 1)
         if len(out) != item.raw_len or used != len(item.zdata):
