@@ -154,3 +154,33 @@ def test_tiny_file_whose_raw_patch_is_longer_than_it(tmp_path: Path) -> None:
     stream = _stream(1, 4096, [(b"d/f0", new, False)])
     opts = MakeOptions(codec="auto", level=19, min_file_size=1, jobs=1)
     assert _round_trip(stream, tmp_path, opts) == stream
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_expand_of_make_with_several_old_files_as_one_base(tmp_path: Path,
+                                                           data: st.DataObject) -> None:
+    """New files made of slices of several old files (large enough to be looked up by
+    content), edited: with the xz carrier (format 6) they may be patched against a few
+    old files one after the other (PATCH/CPATCH with BASES); the delta expands to the
+    stream whatever the slices, and what make wrote obeys the patch rule."""
+    rnd = random.Random(data.draw(st.integers(0, 1 << 32)))
+    n_old = data.draw(st.integers(2, 5))
+    old_files = [rnd.randbytes(data.draw(st.integers(4096, 12_000))) for _ in range(n_old)]
+    root = tmp_path / f"old-{uuid.uuid4().hex}"
+    (root / "d").mkdir(parents=True)
+    for i, body in enumerate(old_files):
+        (root / f"d/f{i}").write_bytes(body)
+    changes: list[tuple[bytes, bytes, bool]] = []
+    for k in range(data.draw(st.integers(1, 3))):
+        picks = data.draw(st.lists(st.integers(0, n_old - 1), min_size=1, max_size=4))
+        body = b"".join(old_files[i][: data.draw(st.integers(1, len(old_files[i])))]
+                        for i in picks)
+        changes.append((f"d/new{k}-{rnd.getrandbits(32):08x}.bin".encode(),
+                        _edited(body, data.draw(st.sampled_from(EDITS)), data), True))
+    stream = _stream(data.draw(st.sampled_from([1, 2])),
+                     data.draw(st.sampled_from([4096, 49152])), changes)
+    opts = MakeOptions(min_file_size=1, carrier="xz", jobs=data.draw(st.sampled_from([1, 2])),
+                       max_bases=data.draw(st.integers(2, 4)))
+    assert _round_trip(stream, root, opts) == stream

@@ -130,6 +130,8 @@ class Result:
     base: bytes | None = None
     #: what the patch costs in the delta
     cost: int = 0
+    #: more old files after ``base`` in the old content (format 6 BASES)
+    bases: tuple[bytes, ...] = ()
 
 
 def _content(
@@ -287,7 +289,62 @@ def diff_group(
             if res.cost >= FOUND_GAIN * alone:
                 continue
         best = res
+    if opts.bases > 1 and size >= MIN_SKETCH and (best is None or best.cost > POOR_BASE * size):
+        # one old file is not enough: the nearest few, one after the other, as one base
+        first = best.base or group.base if best is not None else None
+        near = index.by_content(new, exclude=first, limit=opts.bases, share=8)
+        paths = ([first] if first else []) + near
+        res = _diff_bases(old_root, tuple(paths[: opts.bases]), new, opts, replaced, encoded)
+        if res is not None and (best is None or res.cost < best.cost):
+            if alone is None:
+                alone = len(zstandard.ZstdCompressor(level=3).compress(new))
+            if res.cost < FOUND_GAIN * alone:
+                best = res
     return best
+
+
+#: largest old content made of several old files (read whole, and ~4x that diffed)
+MULTI_MAX = 32 << 20
+
+
+def _diff_bases(
+    old_root: str | os.PathLike[str], paths: tuple[bytes, ...], new: bytes,
+    opts: MakeOptions, replaced: int, encoded: dict[int, tuple[int, int]],
+) -> Result | None:
+    """The patch from the old files ``paths`` (at least two), one after the other, to
+    ``new``, if one is worth writing."""
+    sizes = [old_file_size(old_root, p) or 0 for p in paths]
+    keep = [(p, n) for p, n in zip(paths, sizes, strict=True) if n]
+    total = 0
+    for i, (_, n) in enumerate(keep):
+        if total + n > min(MULTI_MAX, opts.max_file_size):
+            del keep[i:]
+            break
+        total += n
+    if len(keep) < 2:
+        return None
+    with _BIG.hold(len(new) + total):
+        pieces = []
+        for p, n in keep:
+            try:
+                data = read_old_file(old_root, p, expected_size=n, max_size=n)
+            except BtrdeltaError:
+                return None
+            if data is None:
+                return None
+            pieces.append(data)
+        old = b"".join(pieces)
+        del pieces
+        best = _best_patch(old, new, opts, replaced)
+        if best is None:
+            return None
+        cost, codec, patch = best
+        if codec.apply(old, patch, new_size=len(new)) != new:  # pragma: no cover - codec bug
+            return None
+        old_digest = digest(opts.hash_algo, old)
+    return Result(codec, patch, len(old), old_digest, digest(opts.hash_algo, new), len(new),
+                  replaced, encoded, base=keep[0][0], cost=cost,
+                  bases=tuple(p for p, _ in keep[1:]))
 
 
 def _diff_base(
@@ -416,6 +473,7 @@ def patched_items(group: Group, res: Result, opts: MakeOptions) -> list[DeltaIte
         len(res.patch),
         view if inline and res.codec is not None else None,
         new_algo,
+        bases=res.bases,
     )
     items: list[DeltaItem] = [patch]
     if not inline:

@@ -20,12 +20,14 @@ from ..stream.crc import crc32c
 from .format import (
     CP_AUTO,
     CP_BASE,
+    CP_BASES,
     CP_NEW_ALGO,
     CP_OLD_ALGO,
     CP_PATH,
     CP_SAME,
     CP_SAME_ALGO,
     DIGEST_SIZE,
+    MAX_BASES,
     MAX_DELTA_PAYLOAD,
     SAME_CODEC,
     BtrfsCommand,
@@ -42,7 +44,10 @@ from .format import (
     ZCommands,
 )
 
-__all__ = ["can_compact", "decode_item", "encode_item", "read_uvarint", "uvarint"]
+__all__ = [
+    "can_compact", "decode_bases", "decode_item", "encode_bases", "encode_item",
+    "read_uvarint", "uvarint",
+]
 
 _TLV = struct.Struct("<HH")
 _U16 = struct.Struct("<H")
@@ -80,6 +85,29 @@ def read_uvarint(mv: Any, pos: int, end: int) -> tuple[int, int]:
 uvarint = _uvarint
 
 
+def encode_bases(bases: tuple[bytes, ...]) -> bytes:
+    """The BASES value (or CPATCH field): each path as LEB128 length + bytes."""
+    return b"".join(_uvarint(len(b)) + b for b in bases)
+
+
+def decode_bases(mv: Any, pos: int, end: int) -> tuple[tuple[bytes, ...], int]:
+    """BASES entries in ``mv[pos:end]`` until ``end``: (paths, ``end``).
+
+    Raises:
+        StreamFormatError: an entry overruns, is empty, or there are too many.
+    """
+    out: list[bytes] = []
+    while pos < end:
+        n, pos = read_uvarint(mv, pos, end)
+        if n == 0 or n > 0xFFFF or pos + n > end:
+            raise StreamFormatError("BASES entry is empty or overruns the record")
+        out.append(bytes(mv[pos : pos + n]))
+        pos += n
+    if not out or len(out) >= MAX_BASES:
+        raise StreamFormatError(f"a patch names 1 + {len(out)} old files (at most {MAX_BASES})")
+    return tuple(out), pos
+
+
 def can_compact(item: Patch) -> bool:
     """Whether a PATCH can be written as a CPATCH (inside the carrier)."""
     if item.codec == SAME_CODEC:
@@ -93,11 +121,15 @@ def can_compact(item: Patch) -> bool:
 def _encode_cpatch(item: Patch, omit_path: bool, omit_base: bool) -> list[Any]:
     flags = (0 if omit_path else CP_PATH) | (0 if omit_base else CP_BASE)
     flags |= (CP_SAME if item.codec == SAME_CODEC else 0) | (CP_AUTO if item.auto_chunk else 0)
+    flags |= CP_BASES if item.bases else 0
     parts = [bytes([flags])]
     if not omit_path:
         parts += [_uvarint(len(item.path)), item.path]
     if not omit_base:
         parts += [_uvarint(len(item.base_path)), item.base_path]
+    if item.bases:
+        value = encode_bases(item.bases)
+        parts += [_uvarint(len(value)), value]
     if item.codec == SAME_CODEC:
         parts += [_uvarint(item.old_size), item.old_digest]
     else:
@@ -117,7 +149,9 @@ def _decode_cpatch(mv: memoryview, pos: int, end: int) -> Patch:
         raise StreamFormatError("empty CPATCH")
     flags = mv[pos]
     pos += 1
-    if flags & ~(CP_PATH | CP_BASE | CP_SAME | CP_AUTO):
+    if flags & ~(CP_PATH | CP_BASE | CP_SAME | CP_AUTO | CP_BASES) or (
+        flags & CP_BASES and flags & CP_SAME
+    ):
         raise StreamFormatError(f"CPATCH has unknown flags {flags:#x}")
     paths: list[bytes | None] = []
     for bit in (CP_PATH, CP_BASE):
@@ -129,6 +163,12 @@ def _decode_cpatch(mv: memoryview, pos: int, end: int) -> Patch:
             pos += n
         else:
             paths.append(None)
+    bases: tuple[bytes, ...] = ()
+    if flags & CP_BASES:
+        n, pos = read_uvarint(mv, pos, end)
+        if pos + n > end:
+            raise StreamFormatError("CPATCH BASES overrun the record")
+        bases, pos = decode_bases(mv, pos, pos + n)
     if flags & CP_SAME:
         size, pos = read_uvarint(mv, pos, end)
         k = DIGEST_SIZE[CP_SAME_ALGO]
@@ -156,6 +196,7 @@ def _decode_cpatch(mv: memoryview, pos: int, end: int) -> Patch:
         patch.auto_chunk, pos = read_uvarint(mv, pos, end)
         if not 0 < patch.auto_chunk < 1 << 32:
             raise StreamFormatError("CPATCH implied PWRITE chunk is invalid")
+    patch.bases = bases
     if not flags & CP_SAME:
         patch.data = mv[pos:end]
         patch.patch_len = end - pos
@@ -246,6 +287,8 @@ def _encode_patch(item: Patch, inner: bool, omit_path: bool, omit_base: bool) ->
         parts.append(_tlv(DAttr.PATH, item.path))
     if not omit_base:
         parts.append(_tlv(DAttr.BASE_PATH, item.base_path))
+    if item.bases:
+        parts.append(_tlv(DAttr.BASES, encode_bases(item.bases)))
     parts += [
         _tlv(DAttr.CODEC, u32(item.codec)),
         _tlv(DAttr.HASH, u32(item.hash_algo)),
@@ -291,7 +334,8 @@ _U64_ATTRS = {
     DAttr.OLD_SIZE, DAttr.NEW_SIZE, DAttr.LENGTH, DAttr.OFFSET, DAttr.COUNT, DAttr.FILE_LEN,
     DAttr.UNENC_LEN, DAttr.UNENC_OFFSET, DAttr.DISK_LEN,
 }
-_BYTES_ATTRS = {DAttr.PATH, DAttr.BASE_PATH, DAttr.OLD_DIGEST, DAttr.NEW_DIGEST, DAttr.DIGEST}
+_BYTES_ATTRS = {DAttr.PATH, DAttr.BASE_PATH, DAttr.OLD_DIGEST, DAttr.NEW_DIGEST, DAttr.DIGEST,
+                DAttr.BASES}
 
 #: which attributes each delta record must carry (DATA: the rest of the record)
 _REQUIRED: dict[int, tuple[DAttr, ...]] = {
@@ -311,7 +355,7 @@ _REQUIRED: dict[int, tuple[DAttr, ...]] = {
 }
 #: attributes a record may carry without needing them
 _OPTIONAL: dict[int, tuple[DAttr, ...]] = {
-    DCmd.PATCH: (DAttr.DATA,),  # PATH and BASE_PATH may be left out too
+    DCmd.PATCH: (DAttr.DATA, DAttr.BASES),  # PATH and BASE_PATH may be left out too
     DCmd.PENC: (DAttr.ENCRYPTION,),
     DCmd.ZCMDS: (DAttr.CODEC, DAttr.DICT),  # format 5 (the parser checks which)
 }
@@ -398,9 +442,16 @@ def decode_item(cmd: int, mv: memoryview, start: int, end: int) -> DeltaItem:
         data = a.get(DAttr.DATA)
         if data is not None and len(data) != a[DAttr.LENGTH]:
             raise StreamFormatError("PATCH carries a different number of bytes than LENGTH")
+        bases: tuple[bytes, ...] = ()
+        if DAttr.BASES in a:
+            if same:
+                raise StreamFormatError("a 'same' patch has no BASES")
+            raw = a[DAttr.BASES]
+            bases = decode_bases(raw, 0, len(raw))[0]
         return Patch(
             a.get(DAttr.PATH), a.get(DAttr.BASE_PATH), a[DAttr.CODEC], algo, a[DAttr.OLD_SIZE],
             a[DAttr.OLD_DIGEST], a[DAttr.NEW_SIZE], a[DAttr.NEW_DIGEST], a[DAttr.LENGTH], data,
+            bases=bases,
         )
     if cmd == DCmd.PDATA:
         return PatchData(a[DAttr.DATA])

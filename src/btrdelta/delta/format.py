@@ -42,6 +42,7 @@ __all__ = [
     "RETIRED_VERSIONS",
     "DIGEST_SIZE",
     "INNER_RECORDS",
+    "MAX_BASES",
     "MAX_DELTA_PAYLOAD",
     "PDATA_CHUNK",
     "SAME_CODEC",
@@ -120,6 +121,7 @@ class DAttr(enum.IntEnum):
     LEVEL = 22  # u32 (two's complement: zstd levels may be negative)
     CRC = 23  # u32
     DICT = 24  # u32: dictionary size of an LZMA2 carrier (format 5)
+    BASES = 25  # bytes: more old files after BASE_PATH, LEB128 length + path each (format 6)
 
 
 class HashAlgo(enum.IntEnum):
@@ -178,6 +180,9 @@ class ZCommands:
     #: dictionary size (LZMA2)
     codec: int = 0
     dict_size: int = 0
+    #: the delta's format version (set by the parser, not encoded): what the records
+    #: inside may use
+    version: int = 0
 
 
 @dataclass(slots=True)
@@ -202,6 +207,9 @@ class Patch:
     new_algo: int | None = None
     #: CPATCH: > 0 means one ``PWrite(0, new_size, auto_chunk)`` follows, implied
     auto_chunk: int = 0
+    #: format 6: more old files whose contents follow ``base_path``'s in the old content
+    #: (one base made of several old files; OLD_SIZE and OLD_DIGEST are the whole's)
+    bases: tuple[bytes, ...] = ()
 
 
 @dataclass(slots=True)
@@ -257,8 +265,12 @@ DeltaItem = (
 #: record is legal where, ``stream.framing.RECORDS``)
 INNER_RECORDS: Final = frozenset(c for c in DCmd if legal(c, Place.CARRIER))
 
-#: CPATCH flags
-CP_PATH, CP_BASE, CP_SAME, CP_AUTO = 1, 2, 4, 8
+#: CPATCH flags (CP_BASES: format 6)
+CP_PATH, CP_BASE, CP_SAME, CP_AUTO, CP_BASES = 1, 2, 4, 8, 16
+#: most old files one patch's old content is made of (BASE_PATH + BASES)
+MAX_BASES: Final = 8
+#: the first format version whose patches may have BASES
+BASES_VERSION: Final = 6
 #: digest algorithms of a CPATCH: old file (changed content), new content, ``same`` file
 CP_OLD_ALGO, CP_NEW_ALGO, CP_SAME_ALGO = HashAlgo.BLAKE3_64, HashAlgo.BLAKE3_32, HashAlgo.BLAKE3_32
 

@@ -232,9 +232,9 @@ class OldIndex:
         return [(self.paths[r[-1]], r[0] in (0, 2)) for r in ranked]
 
     def by_content(self, data: Any, exclude: bytes | None = None,
-                   limit: int = 2) -> list[bytes]:
-        """Old files whose sketches share most with ``data``'s (at least a quarter of
-        it), best first."""
+                   limit: int = 2, share: int = 4) -> list[bytes]:
+        """Old files whose sketches share most with ``data``'s (at least 1/``share`` of
+        it, and two hashes), best first."""
         if len(data) < MIN_SKETCH:
             return []
         self._ensure(True)
@@ -248,7 +248,7 @@ class OldIndex:
             while at < len(pairs) and pairs[at] & ~_FILE_MASK == key and at - start < 64:
                 votes[pairs[at] & _FILE_MASK] += 1
                 at += 1
-        need = max(2, len(mine) // 4)
+        need = max(2, len(mine) // share)
         best = [i for i, n in votes.most_common(limit + 1) if n >= need
                 and self.paths[i] != exclude]
         return [self.paths[i] for i in best[:limit]]

@@ -17,7 +17,7 @@ from ..errors import ApplyError, ChecksumError, MissingBaseError
 from ..fs.sandbox import DirCache, open_regular
 from .format import HashAlgo
 
-__all__ = ["digest", "hasher", "read_old_file"]
+__all__ = ["digest", "hasher", "read_old_file", "read_old_files"]
 
 
 class _Blake3_128:
@@ -142,4 +142,55 @@ def read_old_file(
                 "old file differs from the one the patch was made against",
                 expected=expected_digest.hex(), actual=actual.hex(), path=path,
             )
+    return data
+
+
+def read_old_files(
+    root: str | os.PathLike[str],
+    paths: tuple[bytes, ...],
+    *,
+    expected_size: int,
+    algo: int,
+    expected_digest: bytes,
+    cache: DirCache | None = None,
+) -> bytes:
+    """The old content of a patch made of several old files (BASE_PATH + BASES): their
+    contents one after the other, ``expected_size`` bytes in all (never more is read)
+    with the ``algo`` digest ``expected_digest``.
+
+    Raises:
+        UnsafePathError, MissingBaseError: as :func:`read_old_file`, for any of them.
+        ChecksumError: the total size or the digest differs from what is expected.
+    """
+    pieces: list[bytes] = []
+    left = expected_size
+    for path in paths:
+        fd = open_regular(root, path, cache)
+        if fd is None:
+            raise MissingBaseError("old file of a patch is missing", path=path)
+        try:
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        if size > left:
+            raise ChecksumError(
+                f"old files of the patch have more than the {expected_size} bytes it expects",
+                path=path,
+            )
+        data = read_old_file(root, path, expected_size=size, max_size=size, cache=cache)
+        assert data is not None
+        pieces.append(data)
+        left -= size
+    data = b"".join(pieces)
+    if left:
+        raise ChecksumError(
+            f"old files of the patch have {len(data)} bytes, the patch expects {expected_size}",
+            expected=expected_size, actual=len(data), path=paths[0],
+        )
+    actual = digest(algo, data)
+    if actual != expected_digest:
+        raise ChecksumError(
+            "old files differ from the ones the patch was made against",
+            expected=expected_digest.hex(), actual=actual.hex(), path=paths[0],
+        )
     return data

@@ -50,3 +50,11 @@ class MakeOptions:
     #: codec of the carrier: ``zstd`` (format 4, fast to expand) or ``xz`` (raw LZMA2,
     #: format 5: smaller, slower to make and to expand)
     carrier: str = "zstd"
+    #: most old files one patch may use as its base, one after the other (format 6:
+    #: ``--carrier xz``; 1 with any other carrier, whose formats have no BASES)
+    max_bases: int = 4
+
+    @property
+    def bases(self) -> int:
+        """Old files one patch may be made against (only format 6 has BASES)."""
+        return self.max_bases if self.carrier == "xz" and self.level > 0 else 1

@@ -33,6 +33,7 @@ from ..stream.framing import (
 )
 from .encoding import decode_item
 from .format import (
+    BASES_VERSION,
     CARRIER_CODECS,
     CARRIER_ZSTD,
     DELTA_HEADER,
@@ -169,6 +170,8 @@ class DeltaParser:
             isinstance(item, Patch) and item.hash_algo == HashAlgo.BLAKE3_32
         ):
             fr.fail(StreamFormatError("CPATCH or 4-byte digest outside the carrier"), cmd=cmd)
+        if isinstance(item, Patch) and item.bases and fr.version < BASES_VERSION:
+            fr.fail(StreamFormatError(f"BASES in a format-{fr.version} PATCH"), cmd=cmd)
         if type(item) is ZCommands:
             self._carrier(item)
         return item
@@ -178,6 +181,7 @@ class DeltaParser:
         (DICT with LZMA2 only; format 6 adds LZMA2 with x86 branches), the same all
         along."""
         fr = self._in
+        z.version = fr.version
         if fr.version == 4:
             if z.codec or z.dict_size:
                 fr.fail(StreamFormatError("CODEC or DICT in a format-4 ZCMDS"), cmd=201)

@@ -32,7 +32,7 @@ from ..stream.constants import CMD_HEADER, MAX_PAYLOAD
 from .carrier import CarrierState
 from .codecs import get_codec
 from .format import SAME_CODEC, Patch, PatchData, PEncoded, PWrite, patch_refusal
-from .oldfiles import digest, read_old_file
+from .oldfiles import digest, read_old_file, read_old_files
 from .recompress import compress_extent
 
 __all__ = ["Patcher", "Pending", "SameEncodedWrite", "SameWrite"]
@@ -162,11 +162,17 @@ class Patcher:
         self.pdata = []
         root = self.root_of("PATCH")  # known since the PATCH came
         try:
-            old = read_old_file(
-                root, p.base_path, expected_size=p.old_size,
-                max_size=self.max_file_size, algo=p.hash_algo, expected_digest=p.old_digest,
-                cache=self.dirs,
-            )
+            if p.bases:
+                old = read_old_files(
+                    root, (p.base_path, *p.bases), expected_size=p.old_size,
+                    algo=p.hash_algo, expected_digest=p.old_digest, cache=self.dirs,
+                )
+            else:
+                old = read_old_file(
+                    root, p.base_path, expected_size=p.old_size,
+                    max_size=self.max_file_size, algo=p.hash_algo,
+                    expected_digest=p.old_digest, cache=self.dirs,
+                )
             assert old is not None
             if p.codec == SAME_CODEC:
                 self.active = _Active(p, old)

@@ -34,6 +34,7 @@ from . import bcj
 from .carrier import CarrierState, unfold
 from .encoding import decode_item
 from .format import (
+    BASES_VERSION,
     CARRIER_ZSTD,
     CARRIER_LZMA2_X86,
     DELTA_VERSION,
@@ -88,6 +89,8 @@ class CarrierReader:
         self._lzma: Any = None
         #: bytes inflated from the carrier so far (the x86 converter's base)
         self._inflated = 0
+        #: format version of the delta (from its ZCMDS records)
+        self._format = BASES_VERSION
         #: carried btrfs commands gathered by :meth:`split` (``grouped``) and how many
         self.group = bytearray()
         self.count = 0
@@ -100,6 +103,7 @@ class CarrierReader:
         if item.raw_len > self.max_raw:
             raise StreamFormatError(
                 f"ZCMDS declares {item.raw_len} bytes (limit {self.max_raw})")
+        self._format = item.version or BASES_VERSION
         lzma2 = item.codec != CARRIER_ZSTD
         raw = self._inflate_lzma2(item) if lzma2 else self._inflate_zstd(item)
         if item.codec == CARRIER_LZMA2_X86:
@@ -202,14 +206,16 @@ class CarrierReader:
                         yield None
             pos = end
 
-    @staticmethod
-    def _record(cmd: int, mv: memoryview, pos: int, end: int, crc: int) -> DeltaItem:
+    def _record(self, cmd: int, mv: memoryview, pos: int, end: int, crc: int) -> DeltaItem:
         """A carried delta record (zero CRC field: the piece's CRC covered it)."""
         if crc != 0 or end > len(mv):
             raise StreamFormatError(f"carried delta record {cmd} is invalid")
         sub = decode_item(cmd, mv, pos + CMD_HEADER_SIZE, end)
-        if type(sub) is Patch and cmd != DCmd.CPATCH and sub.hash_algo == HashAlgo.BLAKE3_32:
-            raise StreamFormatError("a 4-byte digest outside a CPATCH")
+        if type(sub) is Patch:
+            if cmd != DCmd.CPATCH and sub.hash_algo == HashAlgo.BLAKE3_32:
+                raise StreamFormatError("a 4-byte digest outside a CPATCH")
+            if sub.bases and self._format < BASES_VERSION:
+                raise StreamFormatError(f"BASES in a format-{self._format} patch")
         return sub
 
     def _command(
