@@ -103,7 +103,7 @@ def test_x86_carrier_is_refused_in_format_5(old_tree: Path) -> None:
     entry = next(e for e in MANIFEST["deltas"] if e.get("format") == 6)
     delta = (DELTAS / entry["file"]).read_bytes()
     out = io.BytesIO()
-    with pytest.raises(StreamFormatError, match="carrier codec 3 .* is invalid"):
+    with pytest.raises(StreamFormatError, match=r"carrier codec 3 .* is invalid"):
         expand_to(open_delta(io.BytesIO(delta[:17] + (5).to_bytes(4, "little") + delta[21:])),
                   old_tree, out.write)
     assert out.getvalue() == b""

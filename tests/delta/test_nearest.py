@@ -165,3 +165,60 @@ def test_new_file_made_of_several_old_files(tmp_path: Path) -> None:
     assert size_one > 110_000
     size_zstd, _ = _round_trip(stream, tmp_path, carrier="zstd")
     assert size_zstd > 110_000
+
+
+def test_several_old_files_are_checked(tmp_path: Path) -> None:
+    """A patch against several old files: one of them changed is a ChecksumError, one
+    missing a MissingBaseError."""
+    from btrdelta.errors import ChecksumError, MissingBaseError
+
+    rnd = random.Random(6)
+    parts = [rnd.randbytes(30_000) for _ in range(2)]
+    (tmp_path / "a").mkdir()
+    for i, part in enumerate(parts):
+        (tmp_path / "a" / f"p{i}").write_bytes(part)
+    stream = _new_file_stream(b"b/bundle", _edited(parts[0] + parts[1], rnd))
+    out: list[bytes] = []
+    make_delta(io.BufferedReader(io.BytesIO(stream)), tmp_path, out.append,  # type: ignore[arg-type]
+               MakeOptions(carrier="xz", jobs=1))
+    delta = b"".join(bytes(p) for p in out)
+    assert len(delta) < 2_000
+
+    def expand(d: bytes) -> None:
+        expand_to(open_delta(io.BytesIO(d)), tmp_path, lambda _: None)
+
+    (tmp_path / "a/p1").write_bytes(parts[1][:-1] + b"!")
+    with pytest.raises(ChecksumError, match="old files differ"):
+        expand(delta)
+    (tmp_path / "a/p1").unlink()
+    with pytest.raises(MissingBaseError):
+        expand(delta)
+
+
+@pytest.mark.parametrize("version", [5, 6])
+def test_bases_only_in_format_6(version: int) -> None:
+    """A carried CPATCH with BASES decodes in a format-6 carrier and is refused in a
+    format-5 one (zstd carrier, whose codec both name)."""
+    import zstandard
+
+    from btrdelta.delta.encoding import encode_item
+    from btrdelta.delta.format import CP_NEW_ALGO, CP_OLD_ALGO, Patch, ZCommands
+    from btrdelta.delta.unpack import CarrierReader
+    from btrdelta.errors import StreamFormatError
+    from btrdelta.stream.crc import crc32c
+
+    patch = Patch(b"new", b"a/p0", 2, CP_OLD_ALGO, 100, bytes(8), 50, bytes(4), 3,
+                  memoryview(b"xyz"), CP_NEW_ALGO, bases=(b"a/p1", b"a/p2"))
+    raw = b"".join(bytes(p) for p in encode_item(patch, inner=True, compact=True))
+    z = ZCommands(len(raw), memoryview(zstandard.ZstdCompressor().compress(raw)),
+                  crc32c(raw, 0), codec=1, version=version)
+    carrier = CarrierReader(None)
+    if version == 5:
+        with pytest.raises(StreamFormatError, match="BASES in a format-5"):
+            list(carrier.split(carrier.inflate(z), 1))
+    else:
+        (got,) = list(carrier.split(carrier.inflate(z), 1))
+        assert isinstance(got, Patch)
+        assert got.bases == (b"a/p1", b"a/p2")
+        assert got.base_path == b"a/p0"
+        assert got.old_size == 100

@@ -99,8 +99,10 @@ def test_format_6_against_the_kernel(tmp_path: Path) -> None:
 
     # the bundle is one patch against the three old files, one after the other
     several = [p for p in _patches(delta) if p.bases]
-    assert len(several) == 1 and len(several[0].bases) == 2
-    assert several[0].new_size == len(bundle) and several[0].patch_len < 1_000
+    assert len(several) == 1
+    assert len(several[0].bases) == 2
+    assert several[0].new_size == len(bundle)
+    assert several[0].patch_len < 1_000
     # the executables (new, carried) cost less than in xz -9e of the stream (raw LZMA2,
     # same dictionary, no x86 filter), where the bundle is 150 KB of random bytes
     peer = len(lzma.compress(stream, lzma.FORMAT_RAW, filters=[

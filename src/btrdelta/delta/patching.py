@@ -162,6 +162,7 @@ class Patcher:
         self.pdata = []
         root = self.root_of("PATCH")  # known since the PATCH came
         try:
+            old: bytes | None
             if p.bases:
                 old = read_old_files(
                     root, (p.base_path, *p.bases), expected_size=p.old_size,

@@ -35,8 +35,8 @@ from .carrier import CarrierState, unfold
 from .encoding import decode_item
 from .format import (
     BASES_VERSION,
-    CARRIER_ZSTD,
     CARRIER_LZMA2_X86,
+    CARRIER_ZSTD,
     DELTA_VERSION,
     INNER_RECORDS,
     BtrfsCommand,
