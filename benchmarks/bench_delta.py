@@ -109,7 +109,8 @@ def _tree_bytes(root: Path) -> int:
 
 
 def _timed(cmd: list[str | os.PathLike[str]]) -> tuple[float, int, bytes]:
-    """Run ``cmd``; (seconds, peak RSS in bytes, stderr). Raises on failure.
+    """Run ``cmd``; (seconds, peak RSS in bytes, stderr then stdout: ``--json`` summaries
+    are on stdout). Raises on failure.
 
     The peak RSS is GNU time's ``%M`` of the command: ``wait4`` of a child forked from this
     (large) process would count the pages it had before ``exec``.
@@ -118,13 +119,13 @@ def _timed(cmd: list[str | os.PathLike[str]]) -> tuple[float, int, bytes]:
         t0 = time.monotonic()
         proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss.name,
                                *(os.fspath(c) for c in cmd)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
         secs = time.monotonic() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"{cmd}: exit {proc.returncode}: "
                                f"{proc.stderr.decode(errors='replace')}")
         kib = int(Path(rss.name).read_text().split()[-1])
-    return secs, kib * 1024, proc.stderr
+    return secs, kib * 1024, proc.stderr + b"\n" + proc.stdout
 
 
 def _ext4_images(a: Path, b: Path, work: Path) -> dict[str, int]:
