@@ -38,13 +38,15 @@ def _patches(delta: bytes) -> list[Patch]:
     """Every PATCH and CPATCH of a delta, carried or not."""
     out: list[Patch] = []
     carrier = CarrierReader(None)
+    codecs = set()
     for item in iter_items(io.BytesIO(delta).read):
         if isinstance(item, Patch):
             out.append(item)
         elif isinstance(item, ZCommands):
-            assert item.codec == CARRIER_LZMA2_X86
+            codecs.add(item.codec)
             raw = carrier.inflate(item)
             out += [s for s in carrier.split(raw, 1) if isinstance(s, Patch)]
+    assert CARRIER_LZMA2_X86 in codecs  # the executables went through the x86 converter
     return out
 
 

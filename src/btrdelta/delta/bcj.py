@@ -22,8 +22,10 @@ skipping to ``i + 4`` after an unconverted opcode keeps a later conversion from 
 the byte ``i + 4`` its test looked at. So both sides convert at the same offsets and the
 transform is exact on any bytes.
 
-Owns the transform only; the carrier (:mod:`.writer`, :mod:`.unpack`) applies it to each
-piece. The scan jumps from one ``E8``/``E9`` byte to the next with a compiled regular
+Owns the transform and the writer's choice of which pieces to convert (:func:`worth_it`:
+each ZCMDS of an LZMA2 carrier names codec 2 or 3, so pieces without machine code are
+left as they are); the carrier (:mod:`.writer`, :mod:`.unpack`) applies it to each piece.
+The scan jumps from one ``E8``/``E9`` byte to the next with a compiled regular
 expression, so Python touches only candidate bytes (~1 in 100 of machine code).
 """
 
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["decode", "encode"]
+__all__ = ["DENSITY", "decode", "encode", "worth_it"]
 
 _OPCODE = re.compile(rb"[\xe8\xe9]")
 _MASK = (1 << 25) - 1
@@ -39,15 +41,16 @@ _SIGN = 1 << 24
 _HIGH = 0xFE000000
 
 
-def _convert(buf: bytearray, base: int, sign: int) -> None:
+def _convert(buf: bytearray, base: int, sign: int) -> int:
     n = len(buf)
     search = _OPCODE.search
-    i = 0
+    i = done = 0
     while (m := search(buf, i)) is not None:
         i = m.start()
         if i + 5 > n:
-            return
+            break
         if buf[i + 4] in (0, 0xFF):
+            done += 1
             v = (int.from_bytes(buf[i + 1 : i + 5], "little") + sign * (base + i + 5)) & _MASK
             if v & _SIGN:
                 v |= _HIGH
@@ -55,12 +58,25 @@ def _convert(buf: bytearray, base: int, sign: int) -> None:
             i += 5
         else:
             i += 4
+    return done
 
 
-def encode(buf: bytearray, base: int) -> None:
+def encode(buf: bytearray, base: int) -> int:
     """Convert the branch operands of ``buf`` (inflated carrier bytes from offset
-    ``base`` of the carrier) to absolute targets, in place."""
-    _convert(buf, base, 1)
+    ``base`` of the carrier) to absolute targets, in place; how many."""
+    return _convert(buf, base, 1)
+
+
+def worth_it(raw: bytes | bytearray | memoryview, converted: int) -> bool:
+    """Whether a piece in which :func:`encode` converted ``converted`` operands is
+    machine code enough to be carried converted: at least one per :data:`DENSITY` bytes
+    (x86-64 code has one call per ~50-100 bytes; text has none, other data ~1 per 32
+    KiB, where converting costs ~0.1% of the carrier)."""
+    return converted * DENSITY >= len(raw)
+
+
+#: a piece is carried converted if it has at least one converted operand per this many bytes
+DENSITY = 4096
 
 
 def decode(buf: bytearray, base: int) -> None:

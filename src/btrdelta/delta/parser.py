@@ -35,6 +35,8 @@ from .encoding import decode_item
 from .format import (
     BASES_VERSION,
     CARRIER_CODECS,
+    CARRIER_LZMA2,
+    CARRIER_LZMA2_X86,
     CARRIER_ZSTD,
     DELTA_HEADER,
     DELTA_HEADER_SIZE,
@@ -192,9 +194,13 @@ class DeltaParser:
         ):
             fr.fail(StreamFormatError(
                 f"ZCMDS carrier codec {z.codec} / dictionary {z.dict_size} is invalid"), cmd=201)
+        # format 6: LZMA2 pieces with and without the x86 converter (codecs 2 and 3) may
+        # alternate, one LZMA2 stream with one dictionary
+        kind = (CARRIER_LZMA2 if z.codec == CARRIER_LZMA2_X86 and fr.version >= 6
+                else z.codec, z.dict_size)
         if self._codec is None:
-            self._codec = (z.codec, z.dict_size)
-        elif self._codec != (z.codec, z.dict_size):
+            self._codec = kind
+        elif self._codec != kind:
             fr.fail(StreamFormatError("ZCMDS records change the carrier's codec"), cmd=201)
 
 

@@ -32,6 +32,7 @@ from . import bcj
 from .carrier import CarrierState, fold
 from .encoding import can_compact, encode_item
 from .format import (
+    CARRIER_LZMA2,
     CARRIER_LZMA2_X86,
     DELTA_VERSION_X86,
     BtrfsCommand,
@@ -153,15 +154,21 @@ class DeltaWriter:
         cobj = self._cobj
         raw = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
         crc = crc32c(raw, 0)
-        if self._codec[0] == CARRIER_LZMA2_X86:
-            raw = bytearray(raw)
-            bcj.encode(raw, self._carried)
+        codec = self._codec
+        if codec[0] == CARRIER_LZMA2_X86:
+            # pieces with machine code go through the x86 converter (codec 3), others
+            # not (codec 2): both continue the same LZMA2 stream
+            conv = bytearray(raw)
+            if bcj.worth_it(raw, bcj.encode(conv, self._carried)):
+                raw = conv
+            else:
+                codec = (CARRIER_LZMA2, codec[1])
         self._carried += self._pending_len
-        if self._codec[0]:
+        if codec[0]:
             zdata = cobj.compress(raw) + cobj.flush()
         else:
             zdata = cobj.compress(raw) + cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
-        item = ZCommands(self._pending_len, memoryview(zdata), crc, *self._codec)
+        item = ZCommands(self._pending_len, memoryview(zdata), crc, *codec)
         self._pending = []
         self._pending_len = 0
         self._emit(encode_item(item))
