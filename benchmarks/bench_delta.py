@@ -119,7 +119,7 @@ def _timed(cmd: list[str | os.PathLike[str]]) -> tuple[float, int, bytes]:
         t0 = time.monotonic()
         proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss.name,
                                *(os.fspath(c) for c in cmd)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
+                              capture_output=True, check=False)
         secs = time.monotonic() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"{cmd}: exit {proc.returncode}: "
