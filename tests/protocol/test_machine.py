@@ -25,7 +25,7 @@ from btrdelta.protocol import (
     Plan,
     Refuse,
 )
-from btrdelta.protocol.messages import decode, encode
+from btrdelta.protocol.messages import MAX_DATA, decode, encode
 from btrdelta.protocol.plan import Known, choose
 from btrdelta.stream.constants import CMD_HEADER_SIZE
 
@@ -193,3 +193,26 @@ def test_planning() -> None:
         "resume"
     assert choose([k0], held, name="data", partial=p, inflight_session="cd" * 16).kind == \
         "incremental"
+
+
+@pytest.mark.parametrize("sizes", [[1], [10, 70_000, 3], [65535, 65535, 65536], [0, 5, 0],
+                                   [262_144], [100] * 50, [131_072, 10, 131_062]])
+def test_send_data_is_the_frame_of_the_joined_pieces(sizes: list[int]) -> None:
+    pieces = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+    s, r = _to_stream()
+    s2, _ = _to_stream()
+    joined = b"".join(pieces)
+    views = [memoryview(p) if i % 2 else p for i, p in enumerate(pieces)]
+    wire = s.send_data(0, views)
+    assert b"".join(wire) == s2.send(Data(0, joined))  # byte for byte, CRC included
+    # the pieces themselves (views of them), not copies
+    assert {id(b.obj) for b in wire if isinstance(b, memoryview)} == {id(p) for p in pieces if p}
+    r.receive_data(b"".join(wire))
+    assert r.next_event() == Data(0, joined)
+    with pytest.raises(ProtocolError, match=f"DATA at offset 0, expected {len(joined)}"):
+        s.send_data(0, pieces)  # the same rules as send()
+    with pytest.raises(ValueError, match="DATA of"):
+        s.send_data(len(joined), [bytes(MAX_DATA + 1)])
+    fresh = Connection("sender")
+    with pytest.raises(ProtocolError, match="not allowed now"):
+        fresh.send_data(0, [b"x"])

@@ -75,7 +75,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def run(args: argparse.Namespace) -> int:
     """Replicate, serve or listen."""
+    from .._malloc import keep_freed_memory
+
     stop_on_signals()
+    keep_freed_memory()  # the stream goes through Python buffers on both sides
     if args.serve:
         return _serve(args)
     if args.listen:

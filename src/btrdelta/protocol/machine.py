@@ -22,7 +22,8 @@ connection, raised again by every later call. Sockets, ssh and files are the cal
 
 from __future__ import annotations
 
-from typing import Final, Literal
+from collections.abc import Sequence
+from typing import Any, Final, Literal
 
 from ..errors import ProtocolError, StreamFormatError
 from ..stream.constants import CMD_HEADER_SIZE
@@ -46,6 +47,7 @@ from .messages import (
     check_header,
     decode,
     encode,
+    encode_data,
     header,
 )
 
@@ -111,7 +113,41 @@ class Connection:
             return header() + out
         return out
 
+    def send_data(self, offset: int, pieces: Sequence[Any]) -> list[Any]:
+        """:meth:`send` of ``Data(offset, b"".join(pieces))`` as buffers to write in order
+        (the pieces among them, not joined: for ``writev``).
+
+        Raises:
+            ProtocolError: DATA may not be sent now, or not at that offset.
+        """
+        out, size = encode_data(offset, pieces)
+        sender, phases = _ALLOWED[Data]
+        if sender != self.role or self.phase not in phases:
+            raise ProtocolError(f"DATA is not allowed now (phase {self.phase}, {self.role})")
+        self._check_data(offset, size)
+        self._offset += size
+        if not self._header_sent:
+            self._header_sent = True
+            out.insert(0, header())
+        return out
+
     # -- input ----------------------------------------------------------------------------
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not taken as messages yet."""
+        return self._in.avail
+
+    @property
+    def peer_header_read(self) -> bool:
+        """Whether the peer's header (before its first message) was received."""
+        return bool(self._in.version)
+
+    def needed(self) -> int:
+        """Bytes still missing for the peer's header or the next message (a read-size
+        hint: at least the rest of a header, counted up to the largest message)."""
+        fr = self._in
+        return fr.needed(0 if fr.version else HEADER.size)
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Bytes read from the peer (``b""``: the peer closed the connection)."""
@@ -174,8 +210,7 @@ class Connection:
         if isinstance(msg, Hello) and how == "receive" and msg.role != self.peer_role:
             raise ProtocolError(f"the peer says it is a {msg.role}, expected a {self.peer_role}")
         if isinstance(msg, Data):
-            if msg.offset != self._offset or not msg.data:
-                raise ProtocolError(f"DATA at offset {msg.offset}, expected {self._offset}")
+            self._check_data(msg.offset, len(msg.data))
         elif isinstance(msg, Checkpoint):
             if msg.index != self._next_index or msg.offset != self._offset or \
                     (msg.offset <= self._closed_at and msg.index):
@@ -189,6 +224,10 @@ class Connection:
                                           or self._acked != self._next_index - 1):
             raise ProtocolError(f"COMMIT of {msg.size} bytes before every byte was "
                                 f"checkpointed and acknowledged ({self._offset} sent)")
+
+    def _check_data(self, offset: int, size: int) -> None:
+        if offset != self._offset or not size:
+            raise ProtocolError(f"DATA at offset {offset}, expected {self._offset}")
 
     def _advance(self, msg: Message, who: str) -> None:
         if isinstance(msg, Refuse):

@@ -14,12 +14,13 @@ messages is :mod:`.machine`'s.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Final, TypeAlias
 from uuid import UUID
 
 from .._value import value_class
 from ..errors import ProtocolError
+from ..stream.crc import crc32c
 from ..stream.framing import Framing, encode_frame, iter_tlvs
 
 __all__ = [
@@ -71,6 +72,10 @@ FRAMING: Final = Framing(
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 _U16 = struct.Struct("<H")
+_TLV = struct.Struct("<HH")
+_HDR6 = struct.Struct("<IH")
+_FRAME_HDR = struct.Struct("<IHI")
+_ZERO_CRC = bytes(4)
 
 
 @value_class
@@ -292,6 +297,38 @@ def encode(msg: Message) -> bytes:
     if cmd == DATA and len(msg.data) > MAX_DATA:  # type: ignore[union-attr]
         raise ValueError(f"DATA of {len(msg.data)} bytes")  # type: ignore[union-attr]
     return encode_frame(cmd, attrs)
+
+
+def encode_data(offset: int, pieces: Sequence[Any]) -> tuple[list[Any], int]:
+    """The frame of ``Data(offset, b"".join(pieces))`` as buffers to write in order (the
+    pieces themselves among them, not copied), and the number of data bytes.
+
+    The bytes are those of :func:`encode`: the data cut into TLVs of 65535 bytes, the last
+    one shorter.
+    """
+    views = [memoryview(p).cast("B") for p in pieces]
+    total = sum(len(v) for v in views)
+    if total > MAX_DATA:
+        raise ValueError(f"DATA of {total} bytes")
+    out: list[Any] = [b"", _TLV.pack(_DOFF, 8) + _U64.pack(offset)]
+    left = done = 0
+    for view in views:
+        pos, n = 0, len(view)
+        while pos < n:
+            if not left:  # the next TLV: what remains, at most 65535 bytes
+                left = min(0xFFFF, total - done)
+                out.append(_TLV.pack(_DBYTES, left))
+            take = min(left, n - pos)
+            out.append(view[pos:pos + take] if take != n else view)
+            pos += take
+            left -= take
+            done += take
+    length = sum(len(b) for b in out)
+    crc = crc32c(_ZERO_CRC, crc32c(_HDR6.pack(length, DATA), 0xFFFFFFFF))
+    for b in out[1:]:
+        crc = crc32c(b, crc)
+    out[0] = _FRAME_HDR.pack(length, DATA, crc ^ 0xFFFFFFFF)
+    return out, total
 
 
 # -- decoding -------------------------------------------------------------------------

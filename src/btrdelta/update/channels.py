@@ -27,11 +27,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any, BinaryIO, Protocol
 
 from ..errors import BtrdeltaError, ProtocolError, SignatureError, TransportError
 from ..protocol import EOF, NEED_DATA, Connection, Message, Refuse
+from ..stream.constants import CMD_HEADER_SIZE
 from ..trust import (
     PrivateKey,
     PublicKey,
@@ -59,11 +60,19 @@ __all__ = [
 ]
 
 _AUTH_MAGIC = b"btrdelta-replicate-auth\0"
+#: the largest message read into a buffer of its announced size (larger ones are refused by
+#: the connection from their header)
+_MAX_READ = 1 << 20
 _AUTH_CONTEXT = b"btrdelta replicate client key v1\0"
 
 
 class Channel(Protocol):
-    """A duplex byte channel."""
+    """A duplex byte channel.
+
+    A channel may also have ``readinto(buf) -> int`` (0 at the end) and
+    ``writev(buffers)`` (send all of them, in order): :class:`MessageIO` then reads each
+    message into one buffer of its size and writes DATA without joining its pieces.
+    """
 
     def read(self, n: int) -> bytes:
         """Up to ``n`` bytes; ``b""`` when the peer closed."""
@@ -86,6 +95,8 @@ class PipeChannel:
         self.rfile, self.wfile, self.proc, self.name = rfile, wfile, proc, name
         #: what the child said on standard error (once closed)
         self.err = ""
+        for f in (rfile, wfile):
+            _widen_pipe(f)
 
     def read(self, n: int) -> bytes:
         try:
@@ -93,10 +104,27 @@ class PipeChannel:
         except OSError as exc:
             raise TransportError(f"{self.name}: read failed: {exc}") from exc
 
+    def readinto(self, buf: Any) -> int:
+        """Read into ``buf`` (some bytes, 0 at the end)."""
+        try:
+            f: Any = self.rfile
+            return int(f.readinto1(buf) if hasattr(f, "readinto1") else f.readinto(buf))
+        except OSError as exc:
+            raise TransportError(f"{self.name}: read failed: {exc}") from exc
+
     def write(self, data: bytes) -> None:
         try:
             self.wfile.write(data)
             self.wfile.flush()
+        except (OSError, ValueError) as exc:
+            raise TransportError(f"{self.name}: the peer went away ({exc})") from exc
+
+    def writev(self, buffers: Sequence[Any]) -> None:
+        """Write ``buffers`` in order with ``writev`` (no joined copy)."""
+        try:
+            self.wfile.flush()
+            fd = self.wfile.fileno()
+            _writev_all(lambda views: os.writev(fd, views), buffers)
         except (OSError, ValueError) as exc:
             raise TransportError(f"{self.name}: the peer went away ({exc})") from exc
 
@@ -121,6 +149,39 @@ class PipeChannel:
         with contextlib.suppress(OSError, ValueError):
             return self.proc.stderr.read().decode("utf-8", "replace").strip()
         return ""
+
+
+#: pipe buffer asked for (Linux's default largest for an unprivileged process is 1 MiB): a
+#: DATA message then crosses the pipe in one go instead of 64 KiB at a time
+_PIPE_SIZE = 1 << 20
+#: buffers per writev call (IOV_MAX is 1024 on Linux)
+_IOV_MAX = 1024
+
+
+def _widen_pipe(f: Any) -> None:
+    """Ask for a larger buffer when ``f`` is a pipe (nothing otherwise)."""
+    import fcntl
+    import stat
+
+    try:
+        fd = f.fileno()
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+    except (OSError, ValueError, AttributeError):
+        pass  # a smaller pipe is only slower
+
+
+def _writev_all(writev: Callable[[list[memoryview]], int], buffers: Sequence[Any]) -> None:
+    """``writev`` (``os.writev`` of a descriptor, a socket's ``sendmsg``) until every byte
+    of ``buffers`` is written."""
+    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    while views:
+        n = writev(views[:_IOV_MAX])
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
 
 
 def _spawn(cmd: list[str], name: str) -> PipeChannel:
@@ -179,12 +240,34 @@ class SocketChannel:
         except (OSError, ssl.SSLError) as exc:
             raise TransportError(f"{self.name}: read failed: {exc}") from exc
 
+    def readinto(self, buf: Any) -> int:
+        """Read into ``buf`` (some bytes, 0 at the end)."""
+        try:
+            return self.sock.recv_into(buf)
+        except TimeoutError as exc:
+            raise TransportError(f"{self.name}: the peer went silent (timeout)") from exc
+        except (OSError, ssl.SSLError) as exc:
+            raise TransportError(f"{self.name}: read failed: {exc}") from exc
+
     def write(self, data: bytes) -> None:
         try:
             self.sock.sendall(data)
         except TimeoutError as exc:
             raise TransportError(f"{self.name}: the peer went silent (timeout)") from exc
         except (OSError, ssl.SSLError) as exc:
+            raise TransportError(f"{self.name}: write failed: {exc}") from exc
+
+    def writev(self, buffers: Sequence[Any]) -> None:
+        """Send ``buffers`` in order (gathered by the kernel on a plain socket; TLS
+        encrypts one buffer at a time, so there they are joined)."""
+        if isinstance(self.sock, ssl.SSLSocket):
+            self.write(b"".join(buffers))
+            return
+        try:
+            _writev_all(self.sock.sendmsg, buffers)
+        except TimeoutError as exc:
+            raise TransportError(f"{self.name}: the peer went silent (timeout)") from exc
+        except OSError as exc:
             raise TransportError(f"{self.name}: write failed: {exc}") from exc
 
     def close(self) -> None:
@@ -382,13 +465,29 @@ class PeerClosed(TransportError):
 
 
 class MessageIO:
-    """Reading messages from and writing them to a channel through a connection."""
+    """Reading messages from and writing them to a channel through a connection.
+
+    On a channel with ``readinto``, each message is read into one buffer of its own size
+    (its header first, then the rest), so the connection never copies a message that two
+    reads cut in two; on a channel with ``writev``, :meth:`send_data` writes DATA without
+    joining its pieces.
+    """
 
     def __init__(self, ch: Channel, conn: Connection) -> None:
         self.ch, self.conn = ch, conn
+        self._readinto = getattr(ch, "readinto", None)
+        self._writev = getattr(ch, "writev", None)
 
     def send(self, msg: Message) -> None:
         self.ch.write(self.conn.send(msg))
+
+    def send_data(self, offset: int, pieces: Sequence[Any]) -> None:
+        """Send ``Data(offset, b"".join(pieces))``."""
+        out = self.conn.send_data(offset, pieces)
+        if self._writev is not None:
+            self._writev(out)
+        else:
+            self.ch.write(b"".join(out))
 
     def send_raw(self, msg: Message) -> None:
         """Send ``msg`` even where the order forbids it (a last REFUSE)."""
@@ -399,17 +498,67 @@ class MessageIO:
         while True:
             ev = self.conn.next_event()
             if ev is NEED_DATA:
-                data = self.ch.read(1 << 20)
-                self.conn.receive_data(data)
-                if not data:
-                    ev = self.conn.next_event() if self.conn._in.avail else EOF
-                    if ev is EOF or ev is NEED_DATA:
-                        raise PeerClosed("the peer closed the connection")
-                    return ev
-                continue
+                if self._read():
+                    continue
+                ev = self.conn.next_event() if self.conn.buffered else EOF
+                if ev is EOF or ev is NEED_DATA:
+                    raise PeerClosed("the peer closed the connection")
+                return ev
             if ev is EOF:
                 raise PeerClosed("the peer closed the connection")
             return ev
+
+    def _read(self) -> bool:
+        """Feed the connection more bytes; False (after feeding the end) at the end."""
+        conn = self.conn
+        if self._readinto is None:
+            data = self.ch.read(1 << 20)
+            conn.receive_data(data)
+            return bool(data)
+        if conn.buffered:  # the rest of what is there (a header read before)
+            return self._exact(conn.needed())
+        if not conn.peer_header_read:
+            return self._exact(conn.needed())
+        head = bytearray(CMD_HEADER_SIZE)
+        got = self._fill(head)
+        if got < CMD_HEADER_SIZE:
+            conn.receive_data(head[:got])
+            conn.receive_data(b"")
+            return False
+        length = int.from_bytes(head[:4], "little")
+        if length > _MAX_READ:  # the connection says what is wrong with it
+            conn.receive_data(head)
+            return True
+        frame = bytearray(CMD_HEADER_SIZE + length)
+        frame[:CMD_HEADER_SIZE] = head
+        got = self._fill(memoryview(frame)[CMD_HEADER_SIZE:])
+        conn.receive_data(memoryview(frame)[: CMD_HEADER_SIZE + got])
+        if got < length:
+            conn.receive_data(b"")
+            return False
+        return True
+
+    def _exact(self, n: int) -> bool:
+        buf = bytearray(max(n, 1))
+        got = self._fill(buf)
+        if got:
+            self.conn.receive_data(memoryview(buf)[:got])
+        if got < len(buf):
+            self.conn.receive_data(b"")
+            return False
+        return True
+
+    def _fill(self, buf: Any) -> int:
+        """Read until ``buf`` is full or the peer closed; the bytes read."""
+        view = memoryview(buf)
+        pos = 0
+        assert self._readinto is not None
+        while pos < len(view):
+            n = self._readinto(view[pos:])
+            if not n:
+                break
+            pos += n
+        return pos
 
     def expect(self, *kinds: type) -> Any:
         msg = self.next()

@@ -120,7 +120,10 @@ class _Spool:
         self.aborted: BaseException | None = None
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         self.fd = os.open(path / "stream", flags, 0o600)
-        os.ftruncate(self.fd, self.verified)  # drop an unverified tail
+        if os.fstat(self.fd).st_size != self.verified:
+            # drop an unverified tail (only then: btrfs writes back on close a file that
+            # was truncated, even to its own size, and this one is deleted once applied)
+            os.ftruncate(self.fd, self.verified)
         self.written = self.verified
         self._seg = blake3.blake3()
         self.added = 0

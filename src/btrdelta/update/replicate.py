@@ -25,7 +25,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -40,7 +40,6 @@ from ..protocol import (
     Checkpoint,
     Commit,
     Committed,
-    Data,
     Hello,
     Holdings,
     Plan,
@@ -83,13 +82,32 @@ class ReplicateResult:
     estimate: int = 0
 
 
+#: pieces of the stream shorter than this are copied together; longer ones (file data) are
+#: kept as they are until sent
+_SMALL = 64 << 10
+
+
+def _owned(piece: Any) -> Any:
+    """``piece`` if nothing can change it later (bytes, or a view of bytes), else a copy."""
+    if type(piece) is bytes or (type(piece) is memoryview and type(piece.obj) is bytes):
+        return piece
+    return bytes(piece)
+
+
 class _Segments:
-    """The producer's output cut into segments at record boundaries (a bounded queue)."""
+    """The producer's output cut into segments at record boundaries (a bounded queue).
+
+    A segment is queued as ``("segment", pieces, size, digest)``: the stream's pieces (small
+    ones gathered into one buffer, file data not copied) and the BLAKE3 digest of their
+    bytes, made here in the producer's thread; then ``("done", result)`` or
+    ``("error", exc)``.
+    """
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.q: queue.Queue[Any] = queue.Queue(maxsize=2)
-        self._buf: list[bytes] = []
+        self.q: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=2)
+        self._pieces: list[Any] = []
+        self._small = bytearray()
         self._n = 0
         self.header: Record | None = None
         self.header_ready = threading.Event()
@@ -104,8 +122,15 @@ class _Segments:
     def write(self, piece: Any) -> None:
         if self.stop:
             raise _Stopped()
-        self._buf.append(bytes(piece))
-        self._n += len(piece)
+        n = len(piece)
+        if n < _SMALL:
+            self._small += piece
+        else:
+            if self._small:
+                self._pieces.append(self._small)
+                self._small = bytearray()
+            self._pieces.append(_owned(piece))
+        self._n += n
 
     def on_record(self, rec: Record) -> None:
         if self.header is None:
@@ -116,11 +141,17 @@ class _Segments:
             self.flush()
 
     def flush(self) -> None:
-        if self._buf:
-            self._put(b"".join(self._buf))
-            self._buf, self._n = [], 0
+        if self._small:
+            self._pieces.append(self._small)
+            self._small = bytearray()
+        if self._pieces:
+            h = blake3.blake3()
+            for piece in self._pieces:
+                h.update(piece)
+            self._put(("segment", self._pieces, self._n, h.hexdigest()))
+            self._pieces, self._n = [], 0
 
-    def _put(self, item: Any) -> None:
+    def _put(self, item: tuple[Any, ...]) -> None:
         while not self.stop:
             try:
                 self.q.put(item, timeout=0.2)
@@ -142,6 +173,25 @@ class _Segments:
             except queue.Full:
                 if self.stop:
                     return
+
+
+def _messages(pieces: list[Any], limit: int) -> Iterator[list[memoryview]]:
+    """``pieces`` cut into groups of at most ``limit`` bytes (views, nothing copied)."""
+    group: list[memoryview] = []
+    room = limit
+    for piece in pieces:
+        view = memoryview(piece)
+        pos, n = 0, len(view)
+        while pos < n:
+            take = min(room, n - pos)
+            group.append(view[pos:pos + take])
+            pos += take
+            room -= take
+            if not room:
+                yield group
+                group, room = [], limit
+    if group:
+        yield group
 
 
 class _Stopped(Exception):
@@ -271,8 +321,7 @@ class _Sender:
         try:
             seg.header_ready.wait()
             if seg.header is None:
-                _kind, exc = seg.q.get()
-                raise exc
+                raise seg.q.get()[1]
             plan = self._plan(flight, seg, offset, segments)
             io = self.io
             io.send(plan)
@@ -291,15 +340,14 @@ class _Sender:
         started = time.monotonic()
         while True:
             item = seg.q.get()
-            if isinstance(item, tuple):
-                what, value = item
-                if what == "error":
-                    raise value
-                result = value
+            if item[0] != "segment":
+                if item[0] == "error":
+                    raise item[1]
+                result = item[1]
                 break
-            digest = blake3.blake3(item).hexdigest()
+            _what, pieces, size, digest = item
             chain = chain_next(chain, digest)
-            end = offset + len(item)
+            end = offset + size
             if index < plan.segments:  # the receiver has it: check, do not send
                 offset, index = end, index + 1
                 if index == plan.segments and chain != chain_at:
@@ -309,10 +357,12 @@ class _Sender:
                     return ReplicateResult("diverged", "resume", flight["name"], self.rid,
                                            message="the regenerated stream differs")
                 continue
-            for i in range(0, len(item), MAX_DATA):
-                piece = item[i:i + MAX_DATA]
-                io.send(Data(offset + i, piece))
-                sent += len(piece)
+            at = offset
+            for group in _messages(pieces, MAX_DATA):
+                io.send_data(at, group)
+                n = sum(len(v) for v in group)
+                at += n
+                sent += n
                 if rate:
                     ahead = sent / rate - (time.monotonic() - started)
                     if ahead > 0:
