@@ -216,3 +216,31 @@ def test_send_data_is_the_frame_of_the_joined_pieces(sizes: list[int]) -> None:
     fresh = Connection("sender")
     with pytest.raises(ProtocolError, match="not allowed now"):
         fresh.send_data(0, [b"x"])
+
+
+def test_the_highest_version_both_list_and_its_segment_digest() -> None:
+    import blake3
+    import xxhash
+
+    from btrdelta.protocol.messages import segment_hasher
+
+    s, r = Connection("sender"), Connection("receiver")
+    _pipe(s, r, Hello("sender", (1, 2), (), "x"))
+    _pipe(r, s, Hello("receiver", (1, 2), (), "y"))
+    assert s.version == r.version == 2
+    s, r = Connection("sender"), Connection("receiver")
+    _pipe(s, r, Hello("sender", (1, 2), (), "x"))
+    _pipe(r, s, Hello("receiver", (1,), (), "y"))  # an older receiver
+    assert s.version == r.version == 1
+    data = bytes(range(256)) * 300
+    for version, want in ((1, blake3.blake3(data).hexdigest()),
+                          (2, xxhash.xxh3_128_hexdigest(data))):
+        h = segment_hasher(version)
+        h.update(data[:1000])
+        h.update(data[1000:])
+        assert h.hexdigest() == want
+    # a CHECKPOINT carries either digest
+    for d in ("ab" * 16, "ab" * 32):
+        m = Checkpoint(1, 2, d, "cd" * 32)
+        frame = encode(m)
+        assert decode(7, memoryview(frame), CMD_HEADER_SIZE, len(frame)) == m

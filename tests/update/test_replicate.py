@@ -6,6 +6,7 @@ tree-sum of the received subvolume equals the source."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import socket
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from btrdelta.errors import TransportError
 from btrdelta.protocol import Connection, Data, Hello, Holdings, Plan, Refuse
@@ -190,11 +192,12 @@ def _stream(records: list[object]) -> bytes:
 
 
 def _lying_sender(dest: Path, stream: bytes, plan_parent: object, *,
-                  corrupt_digest: bool = False) -> tuple[str, int, str]:
+                  corrupt_digest: bool = False, versions: tuple[int, ...] = (1,),
+                  ) -> tuple[str, int, str]:
     """Speak the protocol by hand to a `replicate --serve` child; (outcome, exit, stderr)."""
     ch = spawn_local(str(dest))
     io = MessageIO(ch, Connection("sender"))
-    io.send(Hello("sender", (1,), (), "liar", "/x"))
+    io.send(Hello("sender", versions, (), "liar", "/x"))
     io.expect(Hello)
     io.expect(Holdings)
     import blake3
@@ -216,7 +219,9 @@ def _lying_sender(dest: Path, stream: bytes, plan_parent: object, *,
     if isinstance(got, Refuse):
         ch.close()
         return "refused-plan", ch.proc.returncode if ch.proc else -1, got.message
-    digest = blake3.blake3(stream).hexdigest()
+    # the segment digest of the version both speak: BLAKE3 (1), XXH3-128 (2)
+    digest = blake3.blake3(stream).hexdigest() if io.conn.version == 1 else \
+        xxhash.xxh3_128_hexdigest(stream)
     chain = chain_next("00" * 32, digest)
     io.send(Data(0, stream))
     io.send(Checkpoint(0, len(stream), "00" * 32 if corrupt_digest else digest, chain))
@@ -257,6 +262,31 @@ def test_a_lying_sender_gets_a_typed_refusal_and_nothing_is_applied(tmp_path: Pa
     assert _visible(dest) == set()
     assert not (dest / ".btrdelta-partial").exists()
     assert not [n for n in os.listdir(dest) if n.startswith(".btrdelta-tmp-")]
+
+
+@pytest.mark.parametrize("versions", [(1,), (1, 2), (2,)])
+def test_segment_digests_of_each_protocol_version(tmp_path: Path,
+                                                  versions: tuple[int, ...]) -> None:
+    import uuid as _uuid
+
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    good = _stream([Subvol(path=b"ok", uuid=_uuid.uuid4(), ctransid=1),
+                    Mkfile(path=b"f", ino=257), Write(path=b"f", offset=0, data=b"x" * 9000),
+                    End()])
+    what, code, text = _lying_sender(dest, good, None, versions=versions)
+    assert (what, code) == ("Committed", 0), text
+    assert (dest / "ok" / "f").read_bytes() == b"x" * 9000
+    # a partial transfer is offered for resuming only under the version it was digested in
+    part = dest / ".btrdelta-partial"
+    part.mkdir()
+    (part / "meta.json").write_text(json.dumps({"session": "ab" * 16, "offset": 0,
+                                                "segments": 0, "chain": "00" * 32,
+                                                "protocol": 1}))
+    from btrdelta.update.replica import Replica
+
+    assert Replica(dest).holdings(1).partial is not None
+    assert Replica(dest).holdings(2).partial is None
 
 
 def _free_port() -> int:

@@ -90,6 +90,7 @@ class Connection:
         #: the version both speak (after both HELLOs)
         self.version = 0
         self.peer_hello: Hello | None = None
+        self._mine: tuple[int, ...] = VERSIONS  # the versions this side's HELLO lists
         # the stream
         self._offset = 0  # next DATA offset
         self._closed_at = 0  # offset of the last CHECKPOINT
@@ -236,13 +237,16 @@ class Connection:
             self._hellos["sent" if who == self.role else "received"] = True
             if who != self.role:
                 self.peer_hello = msg
+            else:
+                self._mine = msg.versions
             if all(self._hellos.values()):
                 assert self.peer_hello is not None
-                common = set(VERSIONS) & set(self.peer_hello.versions)
+                # what both HELLOs list (and this build speaks)
+                common = set(VERSIONS) & set(self._mine) & set(self.peer_hello.versions)
                 if not common:
                     raise ProtocolError(
                         f"no common protocol version (peer: {self.peer_hello.versions}, "
-                        f"here: {VERSIONS})")
+                        f"here: {self._mine})")
                 self.version = max(common)
                 self.phase = "holdings"
         elif isinstance(msg, Holdings):

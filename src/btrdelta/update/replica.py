@@ -60,7 +60,7 @@ from ..protocol import (
     Plan,
     Refuse,
 )
-from ..protocol.messages import VERSIONS
+from ..protocol.messages import VERSIONS, segment_hasher
 from ..receive import ReceivedSubvol, receive, uses_btrfs
 from ..stream.reader import Event, StreamReader
 from ..stream.records import Clone, End, Snapshot, Subvol
@@ -108,9 +108,11 @@ def _remove(path: Path, *, strict: bool = False) -> None:
 class _Spool:
     """The partial transfer: spooled bytes, verified offset, waiting readers."""
 
-    def __init__(self, path: Path, plan: Plan, *, resume: dict[str, Any] | None) -> None:
+    def __init__(self, path: Path, plan: Plan, *, resume: dict[str, Any] | None,
+                 version: int) -> None:
         self.path = path
         self.plan = plan
+        self.version = version
         path.mkdir(exist_ok=True)
         self.cond = threading.Condition()
         self.verified = resume["offset"] if resume else 0
@@ -125,15 +127,15 @@ class _Spool:
             # was truncated, even to its own size, and this one is deleted once applied)
             os.ftruncate(self.fd, self.verified)
         self.written = self.verified
-        self._seg = blake3.blake3()
+        self._seg = segment_hasher(version)
         self.added = 0
         if resume is None:
             self._save()
 
     def _save(self) -> None:
         p = self.plan
-        doc = {"version": 1, "session": p.session, "name": p.name, "uuid": str(p.uuid),
-               "ctransid": p.ctransid,
+        doc = {"version": 1, "protocol": self.version, "session": p.session, "name": p.name,
+               "uuid": str(p.uuid), "ctransid": p.ctransid,
                "parent_uuid": str(p.parent_uuid) if p.parent_uuid else None, "base": p.base,
                "segment": p.segment, "offset": self.verified, "segments": self.segments,
                "chain": self.chain}
@@ -160,7 +162,7 @@ class _Spool:
             raise ProtocolError(f"segment {cp.index}: the chain of digests differs")
         with self.cond:
             self.chain, self.verified, self.segments = chain, cp.offset, cp.index + 1
-            self._seg = blake3.blake3()
+            self._seg = segment_hasher(self.version)
             self._save()
             self.cond.notify_all()
 
@@ -303,15 +305,19 @@ class Replica:
         """This destination's id (the sender keeps a cursor per id)."""
         return str(self.state["id"])
 
-    def _partial(self) -> dict[str, Any] | None:
+    def _partial(self, version: int | None) -> dict[str, Any] | None:
         try:
             doc = json.loads((self.dest / PARTIAL_DIR / "meta.json").read_text())
-            return doc if isinstance(doc, dict) else None
         except (OSError, ValueError):
             return None
+        if not isinstance(doc, dict) or (
+                version is not None and doc.get("protocol", 1) != version):
+            return None  # (its digests are another version's: it cannot be resumed)
+        return doc
 
-    def holdings(self) -> Holdings:
-        """What DEST holds: its subvolumes and a partial transfer."""
+    def holdings(self, version: int | None = None) -> Holdings:
+        """What DEST holds: its subvolumes and a partial transfer (one whose segments were
+        digested as in protocol ``version``, when given)."""
         held: list[Held] = []
         received = self.state.get("received", {})
         if self.btrfs:
@@ -331,7 +337,7 @@ class Replica:
 
             held += [Held(e.name, e.uuid, e.uuid, e.ctransid, received.get(e.name))
                      for e in Registry(self.dest).entries() if (self.dest / e.name).is_dir()]
-        part = self._partial()
+        part = self._partial(version)
         partial = None
         if part is not None:
             partial = Partial(part["session"], int(part["offset"]), int(part["segments"]),
@@ -370,7 +376,7 @@ class Replica:
         try:
             io.send(Hello("receiver", VERSIONS, ("encoded",), self.ident, str(self.dest)))
             io.expect(Hello)
-            holdings = self.holdings()
+            holdings = self.holdings(io.conn.version)
             io.send(holdings)
             msg = io.expect(Plan, Refuse)
             if isinstance(msg, Refuse):
@@ -381,11 +387,11 @@ class Replica:
                 io.send(refusal)
                 return ServeResult("refused", f"{refusal.code}: {refusal.message}")
             part_dir = self.dest / PARTIAL_DIR
-            resume = self._partial() if plan.kind == "resume" else None
+            resume = self._partial(io.conn.version) if plan.kind == "resume" else None
             if resume is None and part_dir.exists():
                 _remove(part_dir, strict=True)  # an older transfer this sender abandoned
             self._sweep(plan.uuid)
-            spool = _Spool(part_dir, plan, resume=resume)
+            spool = _Spool(part_dir, plan, resume=resume, version=io.conn.version)
             applier = _Applier(spool, self.dest, self.backend)
             applier.start()
             io.send(Accept(plan.session))

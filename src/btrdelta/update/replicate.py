@@ -29,8 +29,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 from uuid import UUID, uuid4
 
-import blake3
-
 from .._value import value_class
 from ..errors import BtrdeltaError, ProtocolError
 from ..fs.btrfs import subvol_info, syncfs
@@ -45,7 +43,7 @@ from ..protocol import (
     Plan,
     Refuse,
 )
-from ..protocol.messages import MAX_DATA, VERSIONS
+from ..protocol.messages import MAX_DATA, VERSIONS, segment_hasher
 from ..protocol.plan import Known, choose
 from ..send.live import drop_snapshot, frozen, keep_snapshot
 from ..send.sendshot import send_with_sendshots
@@ -98,13 +96,14 @@ class _Segments:
     """The producer's output cut into segments at record boundaries (a bounded queue).
 
     A segment is queued as ``("segment", pieces, size, digest)``: the stream's pieces (small
-    ones gathered into one buffer, file data not copied) and the BLAKE3 digest of their
-    bytes, made here in the producer's thread; then ``("done", result)`` or
+    ones gathered into one buffer, file data not copied) and the digest of their bytes
+    (``segment_hasher`` of the protocol ``version``), made here in the producer's thread;
+    then ``("done", result)`` or
     ``("error", exc)``.
     """
 
-    def __init__(self, size: int) -> None:
-        self.size = size
+    def __init__(self, size: int, version: int) -> None:
+        self.size, self.version = size, version
         self.q: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=2)
         self._pieces: list[Any] = []
         self._small = bytearray()
@@ -145,7 +144,7 @@ class _Segments:
             self._pieces.append(self._small)
             self._small = bytearray()
         if self._pieces:
-            h = blake3.blake3()
+            h = segment_hasher(self.version)
             for piece in self._pieces:
                 h.update(piece)
             self._put(("segment", self._pieces, self._n, h.hexdigest()))
@@ -316,7 +315,7 @@ class _Sender:
 
     def _stream(self, flight: dict[str, Any], offset: int, segments: int,
                 chain_at: str) -> ReplicateResult:
-        seg = _Segments(self.o.get("segment", DEFAULT_SEGMENT))
+        seg = _Segments(self.o.get("segment", DEFAULT_SEGMENT), self.io.conn.version)
         producer = self._producer(flight, seg)
         try:
             seg.header_ready.wait()
