@@ -1,0 +1,132 @@
+"""Replication throughput: ``btrdelta replicate`` over a pipe against ``btrfs send | btrfs
+receive``, on three trees (goal >= 0.9x the kernel's throughput on each):
+
+* ``large``: 4 files of 128 MiB of random bytes (the data path: reads, copies, digests,
+  the receiver's spool and writes);
+* ``small``: 20,000 files of 100 B to 8 KiB in 100 directories (the per-file path: scan,
+  records, one ``open``/``write``/``chown``/``chmod``/``utimes`` per file on the receiver);
+* ``debian``: the ``/usr`` of the Debian tree of ``benchmarks.trees.real_pair()``.
+
+Each tree is a subvolume of a loop-mounted btrfs, sent to another one; the kernel sends a
+read-only snapshot of it, ``btrdelta replicate SUBVOL DEST`` takes its own (and records a
+sendshot, as every replication does). The two alternate ``BTRDELTA_BENCH_REPS`` times
+(default 3) and the best time of each counts (the machine is shared); the CPU time of each
+side (user + system of every process, not the kernel's writeback threads) is printed too.
+Python's bytecode is compiled once before (an installed package has it; a development tree
+run with ``PYTHONDONTWRITEBYTECODE`` would compile every module in both processes of every
+run).
+
+Run: ``.venv/bin/python -m benchmarks replicate`` (root, loop devices).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from benchmarks.trees import real_pair
+from btrdelta.testing.loopfs import loop_fs
+from btrdelta.testing.loopfs import run as sh
+
+PY = sys.executable
+REPS = int(os.environ.get("BTRDELTA_BENCH_REPS", "3"))
+WORKDIR = os.environ.get("BTRDELTA_BENCH_WORKDIR")
+
+
+def _large(live: Path) -> None:
+    rng = random.Random(1)
+    for i in range(4):
+        with open(live / f"big{i}", "wb") as f:
+            for _ in range(128):
+                f.write(rng.randbytes(1 << 20))
+
+
+def _small(live: Path) -> None:
+    rng = random.Random(2)
+    for d in range(100):
+        (live / f"d{d}").mkdir()
+        for i in range(200):
+            (live / f"d{d}" / f"f{i}").write_bytes(rng.randbytes(rng.randrange(100, 8192)))
+
+
+def _debian(live: Path) -> None:
+    _name, _old, new = real_pair()
+    sh("cp", "-a", "--reflink=never", f"{new}/usr", str(live / "usr"))
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the command and its children)."""
+    cpu, t = _children_cpu(), time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, check=False, env=env)
+    wall = time.monotonic() - t
+    if proc.returncode:
+        raise RuntimeError(f"{cmd[:4]} failed: {proc.stderr.decode(errors='replace')[-600:]}")
+    return wall, _children_cpu() - cpu
+
+
+def _tree(name: str, fill: Callable[[Path], None], env: dict[str, str],
+          out: Callable[[str], None]) -> None:
+    with loop_fs("btrfs", size="3G", workdir=WORKDIR) as mnt, \
+            loop_fs("btrfs", size="3G", workdir=WORKDIR) as rcv:
+        live = mnt / "live"
+        sh("btrfs", "subvolume", "create", str(live))
+        fill(live)
+        sh("sync")
+        sh("btrfs", "subvolume", "snapshot", "-r", str(live), str(mnt / "S"))
+        files = [f for f in live.rglob("*") if f.is_file() and not f.is_symlink()]
+        size = sum(f.stat().st_size for f in files)
+        kernel: list[tuple[float, float]] = []
+        ours: list[tuple[float, float]] = []
+        for rep in range(REPS):
+            k, b = rcv / f"k{rep}", rcv / f"b{rep}"
+            k.mkdir()
+            b.mkdir()
+            sh("sync")
+            kernel.append(_timed(["sh", "-c", f"btrfs -q send {mnt / 'S'} | "
+                                              f"btrfs -q receive {k}"]))
+            sh("sync")
+            ours.append(_timed([PY, "-m", "btrdelta", "replicate", str(live), str(b),
+                                "--store", str(mnt / f"store{rep}"), "-q"], env))
+            for d in (k, b):  # room for the next round
+                for sub in d.iterdir():
+                    if sub.is_dir() and sub.stat().st_ino == 256:  # a subvolume
+                        sh("btrfs", "subvolume", "delete", str(sub))
+            sh("btrfs", "filesystem", "sync", str(rcv))
+        kt, kc = min(kernel)[0], min(c for _, c in kernel)
+        bt, bc = min(ours)[0], min(c for _, c in ours)
+        mib = size / 2**20
+        out(f"replicate {name} ({mib:.0f} MiB in {len(files)} files) over a pipe: "
+            f"{mib / bt:.0f} MiB/s ({bt:.2f} s, CPU {bc:.2f} s) vs btrfs send | btrfs "
+            f"receive {mib / kt:.0f} MiB/s ({kt:.2f} s, CPU {kc:.2f} s): "
+            f"{kt / bt:.2f}x throughput (goal >= 0.9x); all runs "
+            f"{' '.join(f'{t:.2f}' for t, _ in ours)} vs {' '.join(f'{t:.2f}' for t, _ in kernel)}")
+
+
+def run() -> list[str]:
+    """Run the benchmark; return (and print) the result lines."""
+    lines: list[str] = []
+
+    def out(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    with tempfile.TemporaryDirectory(prefix="btrdelta-pyc-") as pyc:
+        env = dict(os.environ, PYTHONPYCACHEPREFIX=pyc)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        subprocess.run([PY, "-m", "compileall", "-q", str(Path(__file__).parents[1] / "src")],
+                       env=env, check=False, capture_output=True)
+        for name, fill in (("large", _large), ("small", _small), ("debian", _debian)):
+            _tree(name, fill, env, out)
+    return lines
