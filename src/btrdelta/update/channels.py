@@ -28,20 +28,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import IO, Any, BinaryIO, Protocol
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from ..errors import BtrdeltaError, ProtocolError, SignatureError, TransportError
 from ..protocol import EOF, NEED_DATA, Connection, Message, Refuse
 from ..stream.constants import CMD_HEADER_SIZE
-from ..trust import (
-    PrivateKey,
-    PublicKey,
-    key_id,
-    parse_public_key,
-    public_key_text,
-    sign_message,
-    verify_message,
-)
+
+if TYPE_CHECKING:  # (the key functions are imported where TLS is used: not over a pipe)
+    from ..trust import PrivateKey, PublicKey
 
 __all__ = [
     "Channel",
@@ -315,6 +309,8 @@ def _cert_files(key: PrivateKey) -> Iterator[tuple[str, str]]:
     from cryptography.hazmat.primitives import serialization
     from cryptography.x509.oid import NameOID
 
+    from ..trust import key_id
+
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, key_id(key)[:32])])
     now = time.time()
     import datetime as dt
@@ -363,6 +359,8 @@ def _peer_key(sock: ssl.SSLSocket) -> PublicKey:
 def _raw(key: PublicKey) -> bytes:
     import base64
 
+    from ..trust import public_key_text
+
     return base64.b64decode(public_key_text(key))
 
 
@@ -383,6 +381,8 @@ def tls_client(sock: socket.socket, key: PrivateKey, server_key: PublicKey,
     Raises:
         SignatureError: the server's key is not the pinned one, or it refused ours.
     """
+    from ..trust import key_id, sign_message
+
     try:
         tls = _context(ssl.Purpose.SERVER_AUTH, key).wrap_socket(sock)
     except (OSError, ssl.SSLError) as exc:
@@ -418,6 +418,8 @@ def tls_server(sock: socket.socket, key: PrivateKey, allowed: Sequence[PublicKey
     Raises:
         SignatureError: the client's key is not allowed or its proof does not verify.
     """
+    from ..trust import key_id, parse_public_key, verify_message
+
     try:
         tls = _context(ssl.Purpose.CLIENT_AUTH, key).wrap_socket(sock, server_side=True)
     except (OSError, ssl.SSLError) as exc:
