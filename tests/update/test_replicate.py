@@ -193,7 +193,7 @@ def _stream(records: list[object]) -> bytes:
 
 def _lying_sender(dest: Path, stream: bytes, plan_parent: object, *,
                   corrupt_digest: bool = False, versions: tuple[int, ...] = (1,),
-                  ) -> tuple[str, int, str]:
+                  spoke: list[int] | None = None) -> tuple[str, int, str]:
     """Speak the protocol by hand to a `replicate --serve` child; (outcome, exit, stderr)."""
     ch = spawn_local(str(dest))
     io = MessageIO(ch, Connection("sender"))
@@ -219,6 +219,8 @@ def _lying_sender(dest: Path, stream: bytes, plan_parent: object, *,
     if isinstance(got, Refuse):
         ch.close()
         return "refused-plan", ch.proc.returncode if ch.proc else -1, got.message
+    if spoke is not None:
+        spoke.append(io.conn.version)
     # the segment digest of the version both speak: BLAKE3 (1), XXH3-128 (2)
     digest = blake3.blake3(stream).hexdigest() if io.conn.version == 1 else \
         xxhash.xxh3_128_hexdigest(stream)
@@ -274,8 +276,9 @@ def test_segment_digests_of_each_protocol_version(tmp_path: Path,
     good = _stream([Subvol(path=b"ok", uuid=_uuid.uuid4(), ctransid=1),
                     Mkfile(path=b"f", ino=257), Write(path=b"f", offset=0, data=b"x" * 9000),
                     End()])
-    what, code, text = _lying_sender(dest, good, None, versions=versions)
-    assert (what, code) == ("Committed", 0), text
+    spoke: list[int] = []
+    what, code, text = _lying_sender(dest, good, None, versions=versions, spoke=spoke)
+    assert (what, code, spoke) == ("Committed", 0, [max(versions)]), text
     assert (dest / "ok" / "f").read_bytes() == b"x" * 9000
     # a partial transfer is offered for resuming only under the version it was digested in
     part = dest / ".btrdelta-partial"
@@ -287,6 +290,40 @@ def test_segment_digests_of_each_protocol_version(tmp_path: Path,
 
     assert Replica(dest).holdings(1).partial is not None
     assert Replica(dest).holdings(2).partial is None
+
+
+def test_a_receiver_without_xxhash_speaks_version_1(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bare install (no [make] extra) receives with BLAKE3 segment digests."""
+    import uuid as _uuid
+
+    from btrdelta.protocol import messages
+
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(
+        "import sys\nclass _B:\n    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'xxhash':\n"
+        "            raise ModuleNotFoundError(name, name=name)\n"
+        "sys.meta_path.insert(0, _B())\n")
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(shim), str(root)]))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    good = _stream([Subvol(path=b"ok", uuid=_uuid.uuid4(), ctransid=1),
+                    Mkfile(path=b"f", ino=257), Write(path=b"f", offset=0, data=b"y" * 5000),
+                    End()])
+    spoke: list[int] = []
+    what, code, text = _lying_sender(dest, good, None, versions=(1, 2), spoke=spoke)
+    assert (what, code, spoke) == ("Committed", 0, [1]), text
+    assert json.loads((dest / ".btrdelta-replica.json").read_text())["received"] == {"ok": None}
+    assert messages.spoken() == (1, 2)
+
+    def missing(name: str) -> None:
+        raise messages.MissingDependencyError(name, "make")
+
+    monkeypatch.setattr(messages, "need", missing)
+    assert messages.spoken() == (1,)
 
 
 def _free_port() -> int:

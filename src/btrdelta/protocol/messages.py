@@ -19,10 +19,10 @@ from typing import Any, Final, TypeAlias
 from uuid import UUID
 
 import blake3
-import xxhash
 
+from .._optional import need
 from .._value import value_class
-from ..errors import ProtocolError
+from ..errors import MissingDependencyError, ProtocolError
 from ..stream.crc import crc32c
 from ..stream.framing import Framing, encode_frame, iter_tlvs
 
@@ -51,9 +51,19 @@ MAGIC: Final = b"btrdelta-repl\0"
 HEADER: Final = struct.Struct("<14sI")
 #: framing version written in the header
 WIRE_VERSION: Final = 1
-#: protocol versions this build speaks (HELLO): 2 digests segments with XXH3-128 instead of
-#: BLAKE3-256 (see :func:`segment_hasher`)
+#: protocol versions this build knows: 2 digests segments with XXH3-128 instead of
+#: BLAKE3-256 (see :func:`segment_hasher`), when the optional xxhash is installed
 VERSIONS: Final = (1, 2)
+
+
+def spoken() -> tuple[int, ...]:
+    """The versions this installation speaks (its HELLO): 2 only with xxhash (the
+    ``[make]`` extra; a bare receiver speaks 1)."""
+    try:
+        need("xxhash")
+    except MissingDependencyError:
+        return (1,)
+    return VERSIONS
 #: stream bytes in one DATA message
 MAX_DATA: Final = 256 * 1024
 _MAX_PAYLOAD = MAX_DATA + 64 * 1024
@@ -315,7 +325,7 @@ def segment_hasher(version: int) -> Any:
     times BLAKE3's speed (it was a third of the receiver's work).
     """
     if version >= 2:
-        return xxhash.xxh3_128()
+        return need("xxhash").xxh3_128()
     return blake3.blake3()
 
 

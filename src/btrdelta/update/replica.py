@@ -60,7 +60,7 @@ from ..protocol import (
     Plan,
     Refuse,
 )
-from ..protocol.messages import VERSIONS, segment_hasher
+from ..protocol.messages import segment_hasher, spoken
 from ..receive import ReceivedSubvol, receive, uses_btrfs
 from ..stream.reader import Event, StreamReader
 from ..stream.records import Clone, End, Snapshot, Subvol
@@ -374,7 +374,7 @@ class Replica:
         spool: _Spool | None = None
         applier: _Applier | None = None
         try:
-            io.send(Hello("receiver", VERSIONS, ("encoded",), self.ident, str(self.dest)))
+            io.send(Hello("receiver", spoken(), ("encoded",), self.ident, str(self.dest)))
             io.expect(Hello)
             holdings = self.holdings(io.conn.version)
             io.send(holdings)

@@ -43,7 +43,7 @@ from ..protocol import (
     Plan,
     Refuse,
 )
-from ..protocol.messages import MAX_DATA, VERSIONS, segment_hasher
+from ..protocol.messages import MAX_DATA, segment_hasher, spoken
 from ..protocol.plan import Known, choose
 from ..send.live import drop_snapshot, frozen, keep_snapshot
 from ..send.sendshot import send_with_sendshots
@@ -238,7 +238,7 @@ class _Sender:
 
     def run(self) -> ReplicateResult:
         io = self.io
-        io.send(Hello("sender", VERSIONS, (), self.store.path, os.fsdecode(self.source)))
+        io.send(Hello("sender", spoken(), (), self.store.path, os.fsdecode(self.source)))
         hello: Hello = io.expect(Hello)
         holdings: Holdings = io.expect(Holdings)
         self.rid = hello.ident
