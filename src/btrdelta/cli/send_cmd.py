@@ -134,7 +134,9 @@ def run(args: argparse.Namespace) -> int:
         progress.message(f"At subvol {args.new_dir}")
     started = time.monotonic()
     scan: TreeScan | None = None
-    if not args.kernel and not (args.record or args.from_sendshot):
+    if not args.kernel and not (args.record or args.from_sendshot) and (
+        args.parent or args.clone_src
+    ):
         # start reading the trees (child process + threads) before the slow imports below
         scan = TreeScan(
             args.new_dir, args.parent,
@@ -143,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.record or args.from_sendshot:
             report = _send_sendshot(args, version, compress, progress, signer)
+        elif not args.kernel and not args.parent and not args.clone_src:
+            report = _send_full(args, version, compress, progress, signer)
         else:
             report = _send(args, version, compress, progress, scan, signer)
     finally:
@@ -238,6 +242,28 @@ def _parent_ids(args: argparse.Namespace) -> StreamIds | None:
         return StreamIds(parent_uuid=UUID(uuid_text), parent_ctransid=int(stamp or 0))
     except ValueError:
         raise UsageError(f"--parent-uuid: not UUID[:CTRANSID]: {text!r}") from None
+
+
+def _send_full(args: argparse.Namespace, version: int, compress: str | None,
+               progress: Progress, signer: StreamSigner | None) -> dict[str, object]:
+    """A full stream (no -p, no -c), in bounded memory (:class:`~..send.full.FullSend`)."""
+    from ..send.full import FullSend
+
+    report = _report(args, version)
+
+    def show(stats: SendStats) -> None:
+        progress.update(stats.bytes_read, note=f"{stats.phase}: {stats.files_scanned} files")
+
+    sender = FullSend(args.new_dir, version=version, compress=compress, no_data=args.no_data,
+                      name=os.fsencode(args.name) if args.name else None, on_progress=show)
+    with open_output(args.output) as out:
+        records, nbytes = sender.write_to(out.write if signer is None else signer.wrap(out.write))
+    assert sender.header is not None
+    st = sender.stats
+    report.update(uuid=str(sender.header.uuid), records=records, bytes=nbytes,
+                  files=st.files_scanned, bytes_read=st.bytes_read, data_bytes=st.data_bytes,
+                  cloned_bytes=st.cloned_bytes)
+    return report
 
 
 def _send(args: argparse.Namespace, version: int, compress: str | None, progress: Progress,

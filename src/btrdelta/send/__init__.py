@@ -98,10 +98,19 @@ def send_records(
         no_data: ``UPDATE_EXTENT`` markers instead of file data (``btrfs send --no-data``,
             the kernel's ``NO_FILE_DATA``): a stream that shows what changed, not how.
 
+    A full stream (no parent, no clone sources, no ``scan``/``ids``) is made by
+    :class:`~.full.FullSend`: in bounded memory, each file read once.
+
     Yields:
         ``Subvol``/``Snapshot`` first, ``End`` last. ``Write.data`` is only valid until the
         next record is requested.
     """
+    if parent_dir is None and scan is None and ids is None and not clone_sources:
+        from .full import FullSend
+
+        yield from FullSend(new_dir, version=version, compress=compress, no_data=no_data,
+                            name=name, on_progress=on_progress).records()
+        return
     from .emit import Sender
 
     sender = Sender(

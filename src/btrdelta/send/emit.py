@@ -69,7 +69,8 @@ from .order import Namespace, order_namespace
 from .record import BlockIndex, Diff, block_diff
 from .scan import ROOT, Node, Tree, TreeScan, open_file, scan_tree
 
-__all__ = ["COMPRESSORS", "SendStats", "Sender", "StreamIds"]
+__all__ = ["CAPS", "COMPRESSORS", "SendStats", "Sender", "StreamIds", "encode_piece",
+           "option_problem"]
 
 CAPS = b"security.capability"
 _SECTOR = 4096
@@ -126,7 +127,7 @@ def _round_up(n: int, to: int = _SECTOR) -> int:
     return -(-n // to) * to
 
 
-def _option_problem(version: int, compress: str | None) -> str | None:
+def option_problem(version: int, compress: str | None) -> str | None:
     """What is wrong with a stream version and a compression, if anything."""
     if version not in (1, 2, 3):
         return f"unsupported stream version {version}"
@@ -186,7 +187,7 @@ class Sender:
         clone_sources: Sequence[str | bytes | os.PathLike[str]] = (),
         no_data: bool = False,
     ) -> None:
-        problem = _option_problem(version, compress)
+        problem = option_problem(version, compress)
         if problem is not None:
             if scan is not None:
                 scan.close()
@@ -737,26 +738,35 @@ class Sender:
             pos += n
 
     def _encode(self, path: bytes, pos: int, buf: bytes, size: int) -> EncodedWrite | None:
-        n = len(buf)
-        if pos % _SECTOR or (n % _SECTOR and pos + n != size) or n <= _SECTOR:
-            return None
         assert self._compress is not None
-        ram = _round_up(n)
-        plain = buf if ram == n else buf + _ZEROS[: ram - n]
-        packed = self._compress(plain)
-        disk = _round_up(len(packed))
-        if disk >= ram:
-            return None
-        data = packed + _ZEROS[: disk - len(packed)]
-        self.stats.data_bytes += disk
-        return EncodedWrite(
-            path=path,
-            offset=pos,
-            unencoded_file_len=n,
-            unencoded_len=ram,
-            unencoded_offset=0,
-            compression=self._compression,
-            data=memoryview(data),
-            encryption=0,
-        )
+        enc = encode_piece(self._compress, self._compression, path, pos, buf, size)
+        if enc is not None:
+            self.stats.data_bytes += len(enc.data)
+        return enc
 
+
+def encode_piece(compress: Callable[[bytes], bytes], compression: int, path: bytes, pos: int,
+                 buf: bytes, size: int) -> EncodedWrite | None:
+    """``buf`` (file data at ``pos`` of a file of ``size`` bytes) as an ``ENCODED_WRITE``
+    laid out as btrfs stores a compressed extent, or None when it cannot be one (not on a
+    sector boundary, one sector or less) or compressing does not save a sector."""
+    n = len(buf)
+    if pos % _SECTOR or (n % _SECTOR and pos + n != size) or n <= _SECTOR:
+        return None
+    ram = _round_up(n)
+    plain = buf if ram == n else buf + _ZEROS[: ram - n]
+    packed = compress(plain)
+    disk = _round_up(len(packed))
+    if disk >= ram:
+        return None
+    data = packed + _ZEROS[: disk - len(packed)]
+    return EncodedWrite(
+        path=path,
+        offset=pos,
+        unencoded_file_len=n,
+        unencoded_len=ram,
+        unencoded_offset=0,
+        compression=compression,
+        data=memoryview(data),
+        encryption=0,
+    )

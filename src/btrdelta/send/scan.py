@@ -58,8 +58,11 @@ __all__ = [
     "Tree",
     "hash_contents",
     "kernel_rdev",
+    "node_identity",
     "open_file",
+    "read_node",
     "scan_tree",
+    "uuid_of",
 ]
 
 #: node id of the tree's root directory
@@ -184,34 +187,40 @@ class Tree:
         if self._identity is None:
             if not self.hashed:
                 raise BtrdeltaError("tree identity needs content digests (hash_contents)")
-            pack = struct.Struct("<IIIQqQQII").pack
-            parts: list[bytes] = []
-            add = parts.append
-            for nid in range(len(self.nodes)):  # scan order: deterministic for a tree
-                node = self.nodes[nid]
-                for parent, name in node.dentries:
-                    add(struct.pack("<QI", parent, len(name)) + name)
-                add(pack(node.mode, node.uid, node.gid, node.size if node.is_reg else 0,
-                         node.mtime_ns, node.rdev, node.flags, len(node.dentries),
-                         len(node.target)))
-                add(node.target)
-                add(node.digest)
-                if node.xattrs:
-                    for name in sorted(node.xattrs):
-                        value = node.xattrs[name]
-                        add(struct.pack("<II", len(name), len(value)) + name + value)
-                add(b"\0")
+            parts = [node_identity(self.nodes[nid]) for nid in range(len(self.nodes))]
             self._identity = blake3.blake3(b"".join(parts)).digest()
         return self._identity
 
     def subvol_uuid(self) -> uuid.UUID:
         """Deterministic UUID of this tree (same tree, same UUID)."""
-        return uuid.uuid5(_UUID_NAMESPACE, self.identity().hex())
+        return uuid_of(self.identity())
 
     def ctransid(self) -> int:
         """Deterministic ctransid: the newest mtime in the tree, in seconds (at least 1)."""
         newest = max((n.mtime_ns for n in self.nodes.values()), default=0)
         return max(1, newest // 1_000_000_000)
+
+
+_PACK_NODE = struct.Struct("<IIIQqQQII").pack
+
+
+def node_identity(node: Node) -> bytes:
+    """What :meth:`Tree.identity` digests of one node (scan order, node ids as parents)."""
+    parts = [struct.pack("<QI", parent, len(name)) + name for parent, name in node.dentries]
+    parts.append(_PACK_NODE(node.mode, node.uid, node.gid, node.size if node.is_reg else 0,
+                            node.mtime_ns, node.rdev, node.flags, len(node.dentries),
+                            len(node.target)))
+    parts += (node.target, node.digest)
+    for name in sorted(node.xattrs):
+        value = node.xattrs[name]
+        parts.append(struct.pack("<II", len(name), len(value)) + name + value)
+    parts.append(b"\0")
+    return b"".join(parts)
+
+
+def uuid_of(identity: bytes) -> uuid.UUID:
+    """The subvolume UUID of a tree of this :meth:`Tree.identity`."""
+    return uuid.uuid5(_UUID_NAMESPACE, identity.hex())
 
 
 def kernel_rdev(st_rdev: int) -> int:
@@ -236,6 +245,32 @@ def _read_xattrs(path: bytes, names: list[str]) -> dict[bytes, bytes]:
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+def read_node(nid: int, st: os.stat_result, full: bytes, rel: bytes, dfd: int | None,
+              name: bytes) -> Node:
+    """Node ``nid`` for the entry ``name`` of directory ``dfd`` (``full``: its absolute path,
+    ``rel``: its path in the tree) whose ``lstat`` is ``st``: its symlink target, device
+    number and extended attributes read."""
+    mode = st.st_mode
+    node = Node(nid, 256 if nid == ROOT else _FIRST_INO + nid - 1, mode, st.st_uid,
+                st.st_gid, st.st_size, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns,
+                rel, st_ino=st.st_ino)
+    fmt = stat.S_IFMT(mode)
+    if fmt == stat.S_IFLNK:
+        node.target = os.readlink(name, dir_fd=dfd)
+    elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
+        node.rdev = kernel_rdev(st.st_rdev)
+    if fmt != stat.S_IFSOCK:
+        try:
+            has = os.listxattr(full, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTSUP, errno.EPERM):
+                raise
+            has = []
+        if has:
+            node.xattrs = _read_xattrs(full, has)
+    return node
+
+
 class _Scanner:
     """One :func:`scan_tree`: the nodes so far, hard links by inode, counters."""
 
@@ -252,27 +287,8 @@ class _Scanner:
     def make(self, st: os.stat_result, full: bytes, rel: bytes, dfd: int | None,
              name: bytes) -> Node:
         """A node for ``st`` (its symlink target, device number and xattrs read)."""
-        nodes = self.nodes
-        nid = len(nodes)
-        mode = st.st_mode
-        node = Node(nid, 256 if nid == ROOT else _FIRST_INO + nid - 1, mode, st.st_uid,
-                    st.st_gid, st.st_size, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns,
-                    rel, st_ino=st.st_ino)
-        fmt = stat.S_IFMT(mode)
-        if fmt == stat.S_IFLNK:
-            node.target = os.readlink(name, dir_fd=dfd)
-        elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
-            node.rdev = kernel_rdev(st.st_rdev)
-        if fmt != stat.S_IFSOCK:
-            try:
-                has = os.listxattr(full, follow_symlinks=False)
-            except OSError as exc:
-                if exc.errno not in (errno.ENOTSUP, errno.EPERM):
-                    raise
-                has = []
-            if has:
-                node.xattrs = _read_xattrs(full, has)
-        nodes[nid] = node
+        node = read_node(len(self.nodes), st, full, rel, dfd, name)
+        self.nodes[node.id] = node
         return node
 
     def scan_dir(self, dir_id: int, absdir: bytes, reldir: bytes

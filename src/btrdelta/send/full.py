@@ -1,0 +1,529 @@
+"""Full sends streamed directory by directory: bounded memory, every file read once.
+
+A full stream recreates a tree on an empty receiver: there is no old tree to match and no
+namespace to order around, so :class:`FullSend` walks the tree top-down one directory at a
+time (entries sorted by name: the order and node numbering of :func:`.scan.scan_tree`) and
+emits, per entry, its create record (``LINK`` for a further name of a hard-linked inode) and
+its xattrs, data and metadata in the order of :mod:`.emit`. A regular file is opened once and
+read once: its content digest is computed from the same reads that make its ``WRITE``
+records. A directory's own metadata comes after everything below it (a read-only directory
+is filled before its mode is set), the root's last.
+
+What stays in memory: the entries of the directory being read, the directories still to
+visit (each a path), for inodes with more than one link their first path and names, and for
+files of at least ``clone_min`` bytes their first path by content digest (a copy becomes a
+``CLONE`` from the new subvolume, confirmed byte by byte first). Nothing else grows with the
+tree; two unnamed temporary files in ``$TMPDIR`` take the rest:
+
+* the records: the stream's first record (``SUBVOL``) names the tree's UUID, which is
+  derived from the content of every file (:meth:`.scan.Tree.identity`), so the records after
+  it go to a spool as they are made and are copied out behind the header at the end
+  (``CLONE`` records from the new subvolume are patched with its UUID then). A full send
+  therefore needs free space for its stream in ``$TMPDIR``;
+* the identity's input, node by node (a hard-linked node's names are all known only at the
+  end).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+import tempfile
+import uuid
+from array import array
+from collections.abc import Callable, Iterator
+from typing import IO, Any
+
+import blake3
+import xxhash
+
+from ..errors import BtrdeltaError
+from ..fs.btrfs import get_fileattr
+from ..fs.copy import data_segments
+from ..stream.codec import decode_payload, encode_record, encode_stream_header
+from ..stream.reader import StreamReader
+from ..stream.records import (
+    Chmod,
+    Chown,
+    Clone,
+    End,
+    Link,
+    Record,
+    SetXattr,
+    Subvol,
+    Truncate,
+    UpdateExtent,
+    Utimes,
+    Write,
+)
+from .emit import CAPS, COMPRESSORS, SendStats, encode_piece, option_problem
+from .order import _create
+from .scan import ROOT, Node, node_identity, open_file, read_node, uuid_of
+
+__all__ = ["FullSend"]
+
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: files up to this size are read with one ``read`` (and kept until sent)
+_WHOLE = 1 << 20
+_ZEROS = bytes(_WHOLE)
+#: identity spool frames: literal bytes, or the node of a hard-linked inode (by st_ino)
+_FRAME = struct.Struct("<BQ")
+_LITERAL, _LINKED = 0, 1
+_HDR = struct.Struct("<IHI")
+#: the UUID of a CLONE from the new subvolume until its UUID is known
+_NIL = uuid.UUID(int=0)
+
+
+class _Spool:
+    """Encoded records (after a stream header) in an unnamed temporary file."""
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+        self.file: IO[bytes] = tempfile.TemporaryFile()
+        head = encode_stream_header(version)
+        self.file.write(head)
+        self.pos = len(head)
+        self.records = 0
+
+    def write(self, rec: Record) -> None:
+        write = self.file.write
+        for piece in encode_record(rec, self.version):
+            write(piece)
+            self.pos += len(piece)
+        self.records += 1
+
+    def mark(self) -> tuple[int, int]:
+        """Where the next record goes (for :meth:`rewind`)."""
+        return self.pos, self.records
+
+    def rewind(self, mark: tuple[int, int]) -> None:
+        """Drop the records written since ``mark``."""
+        self.file.truncate(mark[0])
+        self.file.seek(mark[0])
+        self.pos, self.records = mark
+
+    def patch_clones(self, offsets: array[int], subvol: uuid.UUID, ctransid: int) -> None:
+        """Name the new subvolume in the ``CLONE`` records at ``offsets``."""
+        self.file.flush()
+        fd = self.file.fileno()
+        for off in offsets:
+            length, cmd, _crc = _HDR.unpack(os.pread(fd, _HDR.size, off))
+            rec = decode_payload(cmd, memoryview(os.pread(fd, length, off + _HDR.size)),
+                                 0, length, self.version)
+            assert isinstance(rec, Clone)
+            fixed = Clone(offset=rec.offset, length=rec.length, path=rec.path,
+                          clone_uuid=subvol, clone_ctransid=ctransid,
+                          clone_path=rec.clone_path, clone_offset=rec.clone_offset)
+            data = b"".join(encode_record(fixed, self.version))
+            assert len(data) == _HDR.size + length
+            os.pwrite(fd, data, off)
+        self.file.seek(self.pos)
+
+    def copy_to(self, write: Callable[[Any], object], skip: int) -> int:
+        """Write the spool's bytes from ``skip`` on to ``write``; the bytes written."""
+        self.file.flush()
+        fd = self.file.fileno()
+        pos, total = skip, 0
+        while True:
+            chunk = os.pread(fd, 1 << 20, pos)
+            if not chunk:
+                return total
+            write(chunk)
+            pos += len(chunk)
+            total += len(chunk)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class _Identity:
+    """:meth:`.scan.Tree.identity` fed node by node (through a temporary file: a hard-linked
+    node's part is made at the end, when all its names are known)."""
+
+    def __init__(self) -> None:
+        self.file: IO[bytes] = tempfile.TemporaryFile()
+        self.buf = bytearray()
+        self.newest = 0
+
+    def add(self, node: Node) -> None:
+        self.newest = max(self.newest, node.mtime_ns)
+        self.buf += node_identity(node)
+        if len(self.buf) >= 1 << 20:
+            self._flush()
+
+    def add_linked(self, node: Node) -> None:
+        self.newest = max(self.newest, node.mtime_ns)
+        self._flush()
+        self.file.write(_FRAME.pack(_LINKED, node.st_ino))
+
+    def _flush(self) -> None:
+        if self.buf:
+            self.file.write(_FRAME.pack(_LITERAL, len(self.buf)))
+            self.file.write(self.buf)
+            self.buf.clear()
+
+    def digest(self, linked: dict[int, tuple[Node, bytes]]) -> bytes:
+        self._flush()
+        f = self.file
+        f.seek(0)
+        h = blake3.blake3()
+        while True:
+            head = f.read(_FRAME.size)
+            if not head:
+                break
+            kind, n = _FRAME.unpack(head)
+            h.update(f.read(n) if kind == _LITERAL else node_identity(linked[n][0]))
+        f.close()
+        return h.digest()
+
+
+class FullSend:
+    """One full send of the tree at ``new_dir`` (see the module docstring).
+
+    Args:
+        new_dir: the tree to send.
+        version: stream version (1, 2 or 3).
+        compress: ``"zstd"``, ``"zlib"`` or ``None`` (v2+).
+        no_data: ``UPDATE_EXTENT`` instead of file data.
+        name: subvolume name in the stream (default: the basename of ``new_dir``).
+        on_progress: called with :class:`~.emit.SendStats` now and then.
+        clone_min: smallest file sent as a ``CLONE`` of an earlier file with its content.
+
+    After :meth:`run`: :attr:`header` (the ``SUBVOL`` record) and :attr:`stats`.
+    """
+
+    def __init__(
+        self,
+        new_dir: str | bytes | os.PathLike[str],
+        *,
+        version: int = 1,
+        compress: str | None = None,
+        no_data: bool = False,
+        name: bytes | None = None,
+        on_progress: Callable[[SendStats], None] | None = None,
+        clone_min: int = 16 * 1024,
+    ) -> None:
+        problem = option_problem(version, compress)
+        if problem is not None:
+            raise BtrdeltaError(problem)
+        self.root = os.fsencode(new_dir).rstrip(b"/") or b"/"
+        self.version = version
+        self.no_data = no_data
+        self.clone_min = clone_min
+        self.chunk = 48 * 1024 if version == 1 else 128 * 1024
+        self._compress: Callable[[bytes], bytes] | None = None
+        self._compression = 0
+        if compress is not None:
+            self._compression, factory = COMPRESSORS[compress]
+            self._compress = factory()
+        base = os.path.basename(self.root) or b"subvol"
+        self.name = name if name is not None else base
+        self.stats = SendStats(phase="send")
+        self._on_progress = on_progress
+        self.header: Subvol | None = None
+        self._spool: _Spool | None = None
+        self._ident = _Identity()
+        self._nodes = 0
+        self._next_ino = 257
+        #: st_ino -> (node, first path) of inodes with more than one link
+        self._linked: dict[int, tuple[Node, bytes]] = {}
+        #: content digest -> first path, of files of at least clone_min bytes
+        self._by_digest: dict[bytes, bytes] = {}
+        self._clones: array[int] = array("Q")
+
+    # -- driving ------------------------------------------------------------------------
+
+    def write_to(self, write: Callable[[Any], object]) -> tuple[int, int]:
+        """Send the stream to ``write``; (records, bytes) written."""
+        spool = self.run()
+        try:
+            assert self.header is not None
+            head = encode_stream_header(self.version)
+            write(head)
+            pieces = encode_record(self.header, self.version)
+            for piece in pieces:
+                write(piece)
+            n = len(head) + sum(len(p) for p in pieces)
+            return spool.records + 1, n + spool.copy_to(write, len(head))
+        finally:
+            spool.close()
+
+    def records(self) -> Iterator[Record]:
+        """The stream's records (``SUBVOL`` first, ``END`` last), read back from the spool."""
+        spool = self.run()
+        try:
+            assert self.header is not None
+            yield self.header
+            spool.file.flush()
+            spool.file.seek(0)
+            yield from StreamReader(spool.file, source="send spool")  # type: ignore[arg-type]
+        finally:
+            spool.close()
+
+    def run(self) -> _Spool:
+        """Walk the tree into the spool; sets :attr:`header`; returns the spool."""
+        self._spool = spool = _Spool(self.version)
+        try:
+            self._walk()
+            spool.write(End())
+            identity = self._ident.digest(self._linked)
+            subvol = uuid_of(identity)
+            ctransid = max(1, self._ident.newest // 1_000_000_000)
+            spool.patch_clones(self._clones, subvol, ctransid)
+            self.header = Subvol(path=self.name, uuid=subvol, ctransid=ctransid)
+            self.stats.records = spool.records + 1
+            self.stats.phase = "done"
+            self._progress()
+        except BaseException:
+            spool.close()
+            raise
+        return spool
+
+    def _progress(self) -> None:
+        if self._on_progress is not None:
+            self._on_progress(self.stats)
+
+    def _emit(self, rec: Record) -> None:
+        assert self._spool is not None
+        self._spool.write(rec)
+
+    # -- the walk -----------------------------------------------------------------------
+
+    def _walk(self) -> None:
+        try:
+            st = os.lstat(self.root)
+        except OSError as exc:
+            raise BtrdeltaError(f"cannot scan: {exc.strerror}", path=self.root) from exc
+        if not stat.S_ISDIR(st.st_mode):
+            raise BtrdeltaError("not a directory", path=self.root)
+        self.dev = st.st_dev
+        root = read_node(ROOT, st, self.root, b"", None, self.root)
+        root.flags = self._dir_flags(self.root)
+        self._nodes = 1
+        self._ident.add(root)
+        # (node, absolute path) to visit, or (node, None): its metadata, after its subtree
+        stack: list[tuple[Node, bytes | None]] = [(root, None), (root, self.root)]
+        while stack:
+            node, absdir = stack.pop()
+            if absdir is None:
+                self._metadata(node)
+                continue
+            subdirs = self._directory(node, absdir)
+            for sub in reversed(subdirs):
+                stack.append((sub, None))
+                stack.append((sub, absdir + b"/" + sub.dentries[0][1]))
+
+    @staticmethod
+    def _dir_flags(path: bytes) -> int:
+        try:
+            fd = os.open(path, _DIR)
+        except OSError as exc:
+            raise BtrdeltaError(f"cannot read directory: {exc.strerror}", path=path) from exc
+        try:
+            return get_fileattr(fd)
+        finally:
+            os.close(fd)
+
+    def _directory(self, dnode: Node, absdir: bytes) -> list[Node]:
+        """Send the entries of one directory; its subdirectories (to visit next, in order)."""
+        try:
+            dfd = os.open(absdir, _DIR)
+            names = sorted(os.listdir(absdir))
+        except OSError as exc:
+            raise BtrdeltaError(f"cannot read directory: {exc.strerror}", path=absdir) from exc
+        subdirs: list[Node] = []
+        try:
+            prefix = absdir + b"/"
+            relprefix = dnode.path + b"/" if dnode.path else b""
+            for name in names:
+                st = os.lstat(name, dir_fd=dfd)
+                if st.st_dev != self.dev:
+                    continue  # mount point or nested subvolume: not part of this tree
+                is_dir = stat.S_ISDIR(st.st_mode)
+                if is_dir and st.st_ino == 2 and not os.listdir(prefix + name):
+                    continue  # btrfs empty-subvolume stub in a snapshot
+                node = self._entry(st, prefix + name, relprefix + name, dfd, name, dnode.id)
+                if node is not None and is_dir:
+                    subdirs.append(node)
+        finally:
+            os.close(dfd)
+        return subdirs
+
+    def _entry(self, st: os.stat_result, full: bytes, rel: bytes, dfd: int, name: bytes,
+               parent: int) -> Node | None:
+        """Send one entry; its node if it is a new one."""
+        linked = st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode)
+        if linked and st.st_ino in self._linked:
+            first, first_path = self._linked[st.st_ino]
+            first.dentries.append((parent, name))
+            self._emit(Link(path=rel, path_link=first_path))
+            return None
+        node = read_node(self._nodes, st, full, rel, dfd, name)
+        self._nodes += 1
+        node.dentries.append((parent, name))
+        self.stats.files_scanned += 1
+        self._emit(_create(node, rel, self._next_ino))
+        self._next_ino += 1
+        if node.is_dir:
+            node.flags = self._dir_flags(full)
+        else:
+            for xname, value in sorted(node.xattrs.items()):
+                if xname != CAPS:
+                    self._emit(SetXattr(path=rel, name=xname, data=value))
+            if node.is_reg:
+                self._file(node)
+            self._metadata(node, xattrs=False)
+        if linked:
+            self._linked[st.st_ino] = (node, rel)
+            self._ident.add_linked(node)
+        else:
+            self._ident.add(node)
+        if self.stats.files_scanned % 256 == 0:
+            self._progress()
+        return node
+
+    def _metadata(self, node: Node, *, xattrs: bool = True) -> None:
+        """Ownership, mode, capabilities and times of a created inode (xattrs first for a
+        directory, whose metadata comes after its subtree)."""
+        path = node.path
+        if xattrs:
+            for xname, value in sorted(node.xattrs.items()):
+                if xname != CAPS:
+                    self._emit(SetXattr(path=path, name=xname, data=value))
+        self._emit(Chown(path=path, uid=node.uid, gid=node.gid))
+        if node.fmt != stat.S_IFLNK:
+            self._emit(Chmod(path=path, mode=node.mode & 0o7777))
+        caps = node.xattrs.get(CAPS)
+        if caps is not None:
+            self._emit(SetXattr(path=path, name=CAPS, data=caps))
+        self._emit(Utimes(path=path, atime=node.atime_ns, mtime=node.mtime_ns,
+                          ctime=node.ctime_ns,
+                          otime=node.ctime_ns if self.version >= 2 else None))
+
+    # -- data ---------------------------------------------------------------------------
+
+    def _file(self, node: Node) -> None:
+        """Open and read one regular file once: its data records, digest and flags."""
+        full = self.root + b"/" + node.path
+        try:
+            fd = open_file(full)
+        except OSError as exc:
+            raise BtrdeltaError(f"cannot read file: {exc.strerror}", path=full) from exc
+        try:
+            node.flags = get_fileattr(fd)
+            size = node.size
+            segs = data_segments(fd, size) if size else []
+            assert self._spool is not None
+            mark = self._spool.mark()
+            sent = self.stats.data_bytes
+            self.stats.bytes_read += size
+            if size <= _WHOLE:
+                data = os.pread(fd, size + 1, 0) if size else b""
+                if len(data) != size:
+                    raise BtrdeltaError("file changed while sending (size differs)", path=full)
+                node.digest = xxhash.xxh3_128_digest(data)
+                if self._clone(node, full, data):
+                    self._clone_record(node)
+                    return
+                view = memoryview(data)
+                for off, length in segs:
+                    self._write_range(node, off, length, lambda p, n: view[p:p + n])
+            else:
+                node.digest = self._read_large(node, fd, segs, full)
+                if self._clone(node, full, None):
+                    self.stats.data_bytes = sent
+                    self._spool.rewind(mark)
+                    self._clone_record(node)
+                    return
+            if not segs or sum(segs[-1]) < size:
+                self._emit(Truncate(path=node.path, size=size))
+        finally:
+            os.close(fd)
+
+    def _read_large(self, node: Node, fd: int, segs: list[tuple[int, int]],
+                    full: bytes) -> bytes:
+        """Send the data ranges of a large file, hashing holes as the zeros they read as."""
+        h = xxhash.xxh3_128()
+        pos = 0
+
+        def piece(p: int, n: int) -> bytes:
+            nonlocal pos
+            while pos < p:  # a hole before this piece
+                k = min(_WHOLE, p - pos)
+                h.update(_ZEROS[:k])
+                pos += k
+            buf = os.pread(fd, n, p)
+            if len(buf) != n:
+                raise BtrdeltaError("file changed while sending (short read)", path=full)
+            h.update(buf)
+            pos = p + n
+            return buf
+
+        for off, length in segs:
+            self._write_range(node, off, length, piece)
+        while pos < node.size:
+            k = min(_WHOLE, node.size - pos)
+            h.update(_ZEROS[:k])
+            pos += k
+        if os.pread(fd, 1, node.size):
+            raise BtrdeltaError("file changed while sending (size differs)", path=full)
+        return h.digest()
+
+    def _write_range(self, node: Node, off: int, length: int,
+                     piece: Callable[[int, int], Any]) -> None:
+        """``WRITE``/``ENCODED_WRITE`` records of one data range (the kernel's sizes), or one
+        ``UPDATE_EXTENT`` (``no_data``: the range is still read, for the digest)."""
+        path, end, pos = node.path, off + length, off
+        while pos < end:
+            n = min(self.chunk, end - pos)
+            buf = piece(pos, n)
+            if not self.no_data:
+                enc = None
+                if self._compress is not None:
+                    enc = encode_piece(self._compress, self._compression, path, pos,
+                                       bytes(buf), node.size)
+                if enc is not None:
+                    self.stats.data_bytes += len(enc.data)
+                    self._emit(enc)
+                else:
+                    self.stats.data_bytes += n
+                    self._emit(Write(path=path, offset=pos, data=memoryview(buf)))
+            pos += n
+        if self.no_data:
+            self._emit(UpdateExtent(path=path, offset=off, size=length))
+
+    def _clone(self, node: Node, full: bytes, data: bytes | None) -> bool:
+        """Whether an earlier file of this tree has the same content (confirmed byte by
+        byte: against ``data``, or by reading both files); else this file's content is
+        remembered for later ones."""
+        if node.size < self.clone_min:
+            return False
+        first = self._by_digest.get(node.digest)
+        if first is None:
+            self._by_digest[node.digest] = node.path
+            return False
+        return _same(self.root + b"/" + first, full, node.size, data)
+
+    def _clone_record(self, node: Node) -> None:
+        """The ``CLONE`` of a file from the earlier one with its content (the new
+        subvolume's UUID is patched in at the end)."""
+        assert self._spool is not None
+        self._clones.append(self._spool.pos)
+        self.stats.cloned_bytes += node.size
+        self._emit(Clone(offset=0, length=node.size, path=node.path, clone_uuid=_NIL,
+                         clone_ctransid=0, clone_path=self._by_digest[node.digest],
+                         clone_offset=0))
+
+
+def _same(a: bytes, b: bytes, size: int, data: bytes | None) -> bool:
+    """Whether file ``a`` has the content ``data`` (or that of file ``b``)."""
+    from .diff import files_equal
+
+    if data is None:
+        return files_equal(a, b, size)
+    fd = open_file(a)
+    try:
+        return os.read(fd, size + 1) == data
+    finally:
+        os.close(fd)
