@@ -80,7 +80,7 @@ class _Spool:
 
     def __init__(self, version: int) -> None:
         self.version = version
-        self.file: IO[bytes] = tempfile.TemporaryFile()
+        self.file: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
         head = encode_stream_header(version)
         self.file.write(head)
         self.pos = len(head)
@@ -142,14 +142,14 @@ class _Identity:
     node's part is made at the end, when all its names are known)."""
 
     def __init__(self) -> None:
-        self.file: IO[bytes] = tempfile.TemporaryFile()
+        self.file: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed by digest()
         self.buf = bytearray()
         self.newest = 0
 
     def add(self, node: Node) -> None:
         self.newest = max(self.newest, node.mtime_ns)
         self.buf += node_identity(node)
-        if len(self.buf) >= 1 << 20:
+        if len(self.buf) >= 1 << 16:
             self._flush()
 
     def add_linked(self, node: Node) -> None:
@@ -257,7 +257,8 @@ class FullSend:
             yield self.header
             spool.file.flush()
             spool.file.seek(0)
-            yield from StreamReader(spool.file, source="send spool")  # type: ignore[arg-type]
+            yield from StreamReader(spool.file, source="send spool",  # type: ignore[arg-type]
+                                    block_size=1 << 16)
         finally:
             spool.close()
 
@@ -277,6 +278,7 @@ class FullSend:
             self._progress()
         except BaseException:
             spool.close()
+            self._ident.file.close()
             raise
         return spool
 

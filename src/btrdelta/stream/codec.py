@@ -289,6 +289,22 @@ _ENCODERS: dict[Kind, Callable[[Any], bytes]] = {
 }
 
 
+#: per command: (field name, attribute number, encoder (None: DATA), optional)
+_Plan = tuple[tuple[str, int, Callable[[Any], bytes] | None, bool], ...]
+_PLANS: dict[int, _Plan] = {}
+
+
+def _plan(cmd: int) -> _Plan:
+    plan = _PLANS.get(cmd)
+    if plan is None:
+        plan = _PLANS[cmd] = tuple(
+            (f.name, int(f.attr),
+             None if ATTR_KIND[f.attr] is Kind.DATA else _ENCODERS[ATTR_KIND[f.attr]],
+             f.optional)
+            for f in COMMAND_SPECS[Cmd(cmd)].fields)
+    return plan
+
+
 def encode_record(rec: Record, version: int) -> list[Any]:
     """Encode ``rec`` as one command of a ``version`` stream: ``[header, attrs, data?]``.
 
@@ -297,19 +313,19 @@ def encode_record(rec: Record, version: int) -> list[Any]:
             v1 stream, a value too long for its TLV, a payload above the version's limit).
     """
     cmd = rec.cmd
-    spec = COMMAND_SPECS[cmd]
-    if spec.version > version:
+    icmd = int(cmd)
+    if COMMAND_SPECS[cmd].version > version:
         raise StreamFormatError(f"{cmd.name} cannot be expressed in stream version {version}")
     parts: list[bytes] = []
     data: Any = None
-    for f in spec.fields:
-        value = getattr(rec, f.name)
+    tlv = TLV_HEADER.pack
+    for name, attr, enc, optional in _PLANS.get(icmd) or _plan(icmd):
+        value = getattr(rec, name)
         if value is None:
-            if f.optional:
+            if optional:
                 continue
-            raise StreamFormatError(f"{cmd.name}: attribute {f.attr.name} has no value")
-        kind = ATTR_KIND[f.attr]
-        if kind is Kind.DATA:
+            raise StreamFormatError(f"{cmd.name}: attribute {Attr(attr).name} has no value")
+        if enc is None:
             view = memoryview(value).cast("B") if not isinstance(value, bytes) else value
             if version >= 2:
                 parts.append(_U16.pack(_DATA))
@@ -319,18 +335,18 @@ def encode_record(rec: Record, version: int) -> list[Any]:
                 raise StreamFormatError(
                     f"{cmd.name}: {len(view)} bytes of data do not fit a v1 DATA attribute"
                 )
-            parts.append(TLV_HEADER.pack(_DATA, len(view)))
+            parts.append(tlv(_DATA, len(view)))
             parts.append(bytes(view))
             continue
         try:
-            raw = _ENCODERS[kind](value)
+            raw = enc(value)
         except (struct.error, ValueError, TypeError, AttributeError, OverflowError) as exc:
             raise StreamFormatError(
-                f"{cmd.name}: bad value for {f.attr.name}: {value!r}"
+                f"{cmd.name}: bad value for {Attr(attr).name}: {value!r}"
             ) from exc
         if len(raw) > 0xFFFF:
-            raise StreamFormatError(f"{cmd.name}: {f.attr.name} is longer than 65535 bytes")
-        parts.append(TLV_HEADER.pack(int(f.attr), len(raw)))
+            raise StreamFormatError(f"{cmd.name}: {Attr(attr).name} is longer than 65535 bytes")
+        parts.append(tlv(attr, len(raw)))
         parts.append(raw)
     attrs = b"".join(parts)
     length = len(attrs) + (len(data) if data is not None else 0)
@@ -339,12 +355,10 @@ def encode_record(rec: Record, version: int) -> list[Any]:
             f"{cmd.name}: payload of {length} bytes exceeds the v{version} limit"
             f" of {MAX_PAYLOAD[version]}"
         )
-    value = _crc(_HDR6.pack(length, int(cmd)), 0xFFFFFFFF)
-    value = _crc(_ZERO_CRC, value)
-    value = _crc(attrs, value)
+    value = _crc(_HDR6.pack(length, icmd) + _ZERO_CRC + attrs, 0xFFFFFFFF)
     if data is not None:
         value = _crc(data, value)
-    header = CMD_HEADER.pack(length, int(cmd), value ^ 0xFFFFFFFF)
+    header = CMD_HEADER.pack(length, icmd, value ^ 0xFFFFFFFF)
     return [header, attrs] if data is None else [header, attrs, data]
 
 
