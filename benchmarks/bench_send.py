@@ -16,9 +16,17 @@ content comparison and ``--quick`` size+mtime trust like rsync), and the generat
 Each btrdelta stream is received by the kernel and checked with tree-sum. Times are the
 best of ``BTRDELTA_BENCH_REPEAT`` (default 3) runs.
 
+Then :func:`run_many`: a tree of ``$BTRDELTA_BENCH_SEND_FILES`` (default 100,000; 0 skips
+it) tiny files, 1,000 a directory, as a read-only snapshot ``A`` and ``B`` (a snapshot of A
+with 1% of the files changed, 1% renamed across directories and two directories swapped).
+Full (``btrfs send A``) and incremental (``-p A B``) streams of the kernel and of btrdelta
+(``A``/``B`` read as plain directories), plus the whole-tree model the full send used before
+(``Sender``), with peak RSS (bytes a file) and CPU time against the kernel; btrdelta's full
+stream is received by the kernel and checked with tree-sum.
+
 Run: ``.venv/bin/python -m benchmarks send`` (needs root and loop devices; the loop image
 goes to ``$BTRDELTA_BENCH_WORKDIR``, default the system temp dir, e.g. ``/dev/shm`` when the
-disk is short of space).
+disk is short of space). ``python -m benchmarks.bench_send many`` runs only the second part.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from benchmarks.trees import real_pair
 from btrdelta.testing.loopfs import loop_fs
@@ -71,6 +80,102 @@ def _mib(n: int) -> str:
 
 def run() -> list[str]:
     """Run the benchmark; return (and print) the result lines."""
+    return _run_pair() + run_many()
+
+
+#: the old full-send path (the whole-tree model, as before send/full.py) for comparison
+_MODEL = ("import sys; from btrdelta.send.emit import Sender; "
+          "from btrdelta.stream.writer import StreamWriter; "
+          "f = open(sys.argv[2], 'wb'); w = StreamWriter(f.write, 1)\n"
+          "for r in Sender(sys.argv[1]).records(): w.write(r)")
+
+
+def _make_many(root: Path, files: int) -> None:
+    """``files`` tiny files, 1,000 a directory (a few bytes each, as fast as Python goes)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    for i in range(0, files, 1000):
+        d = root / f"d{i // 1000:05d}"
+        d.mkdir()
+        dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for j in range(i, min(files, i + 1000)):
+                fd = os.open(f"f{j:07d}", flags, 0o644, dir_fd=dfd)
+                os.write(fd, b"%d\n" % j)
+                os.close(fd)
+        finally:
+            os.close(dfd)
+
+
+def _change_many(root: Path, files: int) -> None:
+    """1% of the files rewritten, 1% moved to another directory, two directories swapped."""
+    dirs = max(1, (files + 999) // 1000)
+    for j in range(0, files, 100):
+        (root / f"d{j // 1000:05d}" / f"f{j:07d}").write_bytes(b"changed %d\n" % j)
+    for j in range(50, files, 100):
+        src = root / f"d{j // 1000:05d}" / f"f{j:07d}"
+        src.rename(root / f"d{(j // 1000 + 1) % dirs:05d}" / f"moved-{j:07d}")
+    if dirs > 2:
+        (root / "d00000").rename(root / "swap")
+        (root / "d00001").rename(root / "d00000")
+        (root / "swap").rename(root / "d00001")
+
+
+def run_many(files: int | None = None) -> list[str]:
+    """Full and incremental sends of a tree of many tiny files; the result lines."""
+    n = int(os.environ.get("BTRDELTA_BENCH_SEND_FILES", "100000")) if files is None else files
+    lines: list[str] = []
+    if n <= 0:
+        return lines
+
+    def out(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    size = f"{max(2, n * 6 // 1_000_000 + 2)}G"
+    with loop_fs("btrfs", size=size, workdir=os.environ.get("BTRDELTA_BENCH_WORKDIR")) as mnt:
+        sh("btrfs", "-q", "subvolume", "create", mnt / "vol")
+        t0 = time.monotonic()
+        _make_many(mnt / "vol", n)
+        sh("btrfs", "-q", "subvolume", "snapshot", "-r", mnt / "vol", mnt / "A")
+        _change_many(mnt / "vol", n)
+        sh("btrfs", "-q", "subvolume", "snapshot", "-r", mnt / "vol", mnt / "B")
+        sh("sync")
+        out(f"# many files: {n} files made in {time.monotonic() - t0:.0f}s")
+        a, b = mnt / "A", mnt / "B"
+        cmds = {
+            "kernel full": ["btrfs", "-q", "send", "-f", str(mnt / "k.full"), str(a)],
+            "btrdelta full": [PY, "-m", "btrdelta", "send", str(a), "-o", str(mnt / "o.full")],
+            "model full (before)": [PY, "-c", _MODEL, str(a), str(mnt / "m.full")],
+            "kernel -p": ["btrfs", "-q", "send", "-p", str(a), "-f", str(mnt / "k.inc"),
+                          str(b)],
+            "btrdelta -p": [PY, "-m", "btrdelta", "send", str(b), "-p", str(a), "-o",
+                            str(mnt / "o.inc")],
+        }
+        results = {key: _timed_rounds({key: cmd})[key] for key, cmd in cmds.items()}
+        base = _timed_once([PY, "-c", "import btrdelta.cli.send_cmd, btrdelta.send.full, "
+                            "btrdelta.send.emit"])[1]
+        out(f"# python with btrdelta's send imported: {base / 1024:.1f} MB (B/file: above it)")
+        for kind in ("full", "-p"):
+            kt, krss, kcpu = results[f"kernel {kind}"]
+            out(f"{kind:5s} kernel btrfs send       {kt:7.2f}s cpu {kcpu:7.2f}s"
+                f" rss {krss / 1024:8.1f} MB")
+            for key in (f"btrdelta {kind}", f"model {kind} (before)"):
+                if key not in results:
+                    continue
+                t, rss, cpu = results[key]
+                out(f"{kind:5s} {key:22s} {t:7.2f}s cpu {cpu:7.2f}s rss {rss / 1024:8.1f} MB"
+                    f"  {(rss - base) * 1024 / n:7.0f} B/file  rss/kernel {rss / krss:6.1f}"
+                    f"  time/kernel {t / kt:6.1f}  cpu/kernel {cpu / max(kcpu, 1e-3):6.1f}")
+        dest = mnt / "recv"
+        dest.mkdir()
+        sh("btrfs", "receive", "-f", mnt / "o.full", dest)
+        ok = tree_sum(dest / "A") == tree_sum(a)
+        out(f"full  kernel receive of btrdelta's full stream == A: {ok}")
+    return lines
+
+
+def _run_pair() -> list[str]:
+    """The real tree pair (see the module docstring); the result lines."""
     lines: list[str] = []
 
     def out(line: str) -> None:
@@ -133,4 +238,7 @@ def run() -> list[str]:
 
 
 if __name__ == "__main__":
-    run()
+    if sys.argv[1:] == ["many"]:
+        run_many()
+    else:
+        run()
