@@ -3,7 +3,8 @@
 ``send_records(new_dir, parent_dir)`` yields the records of a stream that recreates
 ``new_dir`` (full) or turns ``parent_dir`` into ``new_dir`` (incremental) on any receiver of
 btrfs send streams, the kernel's ``btrfs receive`` included; ``send_stream`` writes them.
-Modules: :mod:`.scan` (walking and hashing trees, identity), :mod:`.diff` (matching inodes,
+Modules: :mod:`.full` (full streams, directory by directory: bounded memory, each file read
+once), :mod:`.scan` (walking and hashing trees, identity), :mod:`.diff` (matching inodes,
 comparing content), :mod:`.order` (namespace changes in a valid order, orphans), :mod:`.emit`
 (records, data, compression), :mod:`.kernel` (handing read-only btrfs snapshots to
 ``btrfs send``), :mod:`.live` (temporary snapshots of live subvolumes), :mod:`.record`,

@@ -28,7 +28,8 @@ records from the parent, the rest ``WRITE`` records. With ``no_data`` (the kerne
 written, and each hole that would be punched, becomes one ``UPDATE_EXTENT`` (path, offset,
 length); clones stay.
 
-Before any record, both trees are scanned and every regular file read once and hashed
+Full sends without clone sources go through :mod:`.full` instead (no tree model). Here,
+before any record, both trees are scanned and every regular file read once and hashed
 (:mod:`btrdelta.send.scan`): the parent tree in a forked child process, the new tree here with
 a thread pool, so an incremental send uses two cores like rsync's sender/receiver pair.
 """
