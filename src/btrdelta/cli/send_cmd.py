@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import time
 from typing import TYPE_CHECKING
 
@@ -257,7 +258,11 @@ def _send_full(args: argparse.Namespace, version: int, compress: str | None,
     sender = FullSend(args.new_dir, version=version, compress=compress, no_data=args.no_data,
                       name=os.fsencode(args.name) if args.name else None, on_progress=show)
     with open_output(args.output) as out:
-        records, nbytes = sender.write_to(out.write if signer is None else signer.wrap(out.write))
+        # a new regular file takes the records directly (the first is written last)
+        direct = signer is None and args.output not in (None, "-") and out.seekable() \
+            and stat.S_ISREG(os.fstat(out.fileno()).st_mode) and out.tell() == 0
+        records, nbytes = sender.write_to(out.write if signer is None else signer.wrap(out.write),
+                                          out if direct else None)
     assert sender.header is not None
     st = sender.stats
     report.update(uuid=str(sender.header.uuid), records=records, bytes=nbytes,

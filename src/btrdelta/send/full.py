@@ -13,15 +13,14 @@ What stays in memory: the entries of the directory being read, the directories s
 visit (each a path), for inodes with more than one link their first path and names, and for
 files of at least ``clone_min`` bytes their first path by content digest (a copy becomes a
 ``CLONE`` from the new subvolume, confirmed byte by byte first). Nothing else grows with the
-tree; two unnamed temporary files in ``$TMPDIR`` take the rest:
-
-* the records: the stream's first record (``SUBVOL``) names the tree's UUID, which is
-  derived from the content of every file (:meth:`.scan.Tree.identity`), so the records after
-  it go to a spool as they are made and are copied out behind the header at the end
-  (``CLONE`` records from the new subvolume are patched with its UUID then). A full send
-  therefore needs free space for its stream in ``$TMPDIR``;
-* the identity's input, node by node (a hard-linked node's names are all known only at the
-  end).
+tree. The stream's first record (``SUBVOL``) names the tree's UUID, which is derived from
+the content of every file (:meth:`.scan.Tree.identity`), so the records after it are written
+as they are made, after room left for it, and it is written last: into a new regular output
+file directly, else (a pipe, a signed stream) into a spool, an unnamed temporary file in
+``$TMPDIR`` (default ``/var/tmp``) copied out behind the header at the end. ``CLONE``
+records from the new subvolume are patched with its UUID at the end. The identity's input
+goes to a second temporary file, node by node (a hard-linked node's names are all known only
+at the end).
 """
 
 from __future__ import annotations
@@ -75,15 +74,30 @@ _HDR = struct.Struct("<IHI")
 _NIL = uuid.UUID(int=0)
 
 
-class _Spool:
-    """Encoded records (after a stream header) in an unnamed temporary file."""
+def _spool_dir() -> str | None:
+    """Where the record spool goes: ``$TMPDIR``, else ``/var/tmp`` (meant for large
+    temporary files; ``/tmp`` is often in memory), else Python's default."""
+    tmpdir = os.environ.get("TMPDIR")
+    if tmpdir:
+        return tmpdir
+    return "/var/tmp" if os.path.isdir("/var/tmp") else None
 
-    def __init__(self, version: int) -> None:
+
+class _Spool:
+    """Encoded records after a stream header and ``reserve`` bytes for the first record:
+    in ``file`` (the output itself, when it is a regular file) or an unnamed temporary
+    file."""
+
+    def __init__(self, version: int, file: IO[bytes] | None = None, reserve: int = 0) -> None:
         self.version = version
-        self.file: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
+        self.owned = file is None
+        if file is None:
+            file = tempfile.TemporaryFile(dir=_spool_dir())  # noqa: SIM115 - see close()
+        self.file = file
         head = encode_stream_header(version)
-        self.file.write(head)
-        self.pos = len(head)
+        self.file.write(head + bytes(reserve))
+        self.head_len = len(head)
+        self.pos = len(head) + reserve
         self.records = 0
 
     def write(self, rec: Record) -> None:
@@ -134,7 +148,8 @@ class _Spool:
             total += len(chunk)
 
     def close(self) -> None:
-        self.file.close()
+        if self.owned:
+            self.file.close()
 
 
 class _Identity:
@@ -142,7 +157,8 @@ class _Identity:
     node's part is made at the end, when all its names are known)."""
 
     def __init__(self) -> None:
-        self.file: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed by digest()
+        self.file: IO[bytes] = tempfile.TemporaryFile(  # noqa: SIM115 - closed by digest()
+            dir=_spool_dir())
         self.buf = bytearray()
         self.newest = 0
 
@@ -234,8 +250,20 @@ class FullSend:
 
     # -- driving ------------------------------------------------------------------------
 
-    def write_to(self, write: Callable[[Any], object]) -> tuple[int, int]:
-        """Send the stream to ``write``; (records, bytes) written."""
+    def write_to(self, write: Callable[[Any], object],
+                 file: IO[bytes] | None = None) -> tuple[int, int]:
+        """Send the stream to ``write``; (records, bytes) written. With ``file`` (the new,
+        empty, regular file that ``write`` writes to) the records go straight into it and
+        the first one is written last, into the room left for it: no spool."""
+        if file is not None:
+            reserve = len(b"".join(encode_record(self._subvol(_NIL, 0), self.version)))
+            spool = self.run(file, reserve)
+            assert self.header is not None
+            data = b"".join(encode_record(self.header, self.version))
+            assert len(data) == reserve
+            file.flush()
+            os.pwrite(file.fileno(), data, spool.head_len)
+            return spool.records + 1, spool.pos
         spool = self.run()
         try:
             assert self.header is not None
@@ -248,6 +276,9 @@ class FullSend:
             return spool.records + 1, n + spool.copy_to(write, len(head))
         finally:
             spool.close()
+
+    def _subvol(self, subvol: uuid.UUID, ctransid: int) -> Subvol:
+        return Subvol(path=self.name, uuid=subvol, ctransid=ctransid)
 
     def records(self) -> Iterator[Record]:
         """The stream's records (``SUBVOL`` first, ``END`` last), read back from the spool."""
@@ -262,9 +293,10 @@ class FullSend:
         finally:
             spool.close()
 
-    def run(self) -> _Spool:
-        """Walk the tree into the spool; sets :attr:`header`; returns the spool."""
-        self._spool = spool = _Spool(self.version)
+    def run(self, file: IO[bytes] | None = None, reserve: int = 0) -> _Spool:
+        """Walk the tree into a spool (in ``file``, after ``reserve`` bytes); sets
+        :attr:`header`; returns the spool."""
+        self._spool = spool = _Spool(self.version, file, reserve)
         try:
             self._walk()
             spool.write(End())
@@ -272,7 +304,7 @@ class FullSend:
             subvol = uuid_of(identity)
             ctransid = max(1, self._ident.newest // 1_000_000_000)
             spool.patch_clones(self._clones, subvol, ctransid)
-            self.header = Subvol(path=self.name, uuid=subvol, ctransid=ctransid)
+            self.header = self._subvol(subvol, ctransid)
             self.stats.records = spool.records + 1
             self.stats.phase = "done"
             self._progress()
