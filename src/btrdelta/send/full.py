@@ -35,8 +35,8 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import blake3
-import xxhash
 
+from .._optional import need
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
 from ..fs.copy import data_segments
@@ -223,6 +223,7 @@ class FullSend:
         problem = option_problem(version, compress)
         if problem is not None:
             raise BtrdeltaError(problem)
+        self._xxh = need("xxhash", "make")
         self.root = os.fsencode(new_dir).rstrip(b"/") or b"/"
         self.version = version
         self.no_data = no_data
@@ -456,7 +457,7 @@ class FullSend:
                 data = os.pread(fd, size + 1, 0) if size else b""
                 if len(data) != size:
                     raise BtrdeltaError("file changed while sending (size differs)", path=full)
-                node.digest = xxhash.xxh3_128_digest(data)
+                node.digest = self._xxh.xxh3_128_digest(data)
                 if self._clone(node, full, data):
                     self._clone_record(node)
                     return
@@ -478,7 +479,7 @@ class FullSend:
     def _read_large(self, node: Node, fd: int, segs: list[tuple[int, int]],
                     full: bytes) -> bytes:
         """Send the data ranges of a large file, hashing holes as the zeros they read as."""
-        h = xxhash.xxh3_128()
+        h = self._xxh.xxh3_128()
         pos = 0
 
         def piece(p: int, n: int) -> bytes:
@@ -502,7 +503,8 @@ class FullSend:
             pos += k
         if os.pread(fd, 1, node.size):
             raise BtrdeltaError("file changed while sending (size differs)", path=full)
-        return h.digest()
+        digest: bytes = h.digest()
+        return digest
 
     def _write_range(self, node: Node, off: int, length: int,
                      piece: Callable[[int, int], Any]) -> None:
