@@ -255,8 +255,12 @@ def _send_full(args: argparse.Namespace, version: int, compress: str | None,
     def show(stats: SendStats) -> None:
         progress.update(stats.bytes_read, note=f"{stats.phase}: {stats.files_scanned} files")
 
+    # the spool of a stream to a pipe: $TMPDIR, else /var/tmp (meant for large temporary
+    # files; /tmp is often in memory)
+    tmpdir = os.environ.get("TMPDIR") or ("/var/tmp" if os.path.isdir("/var/tmp") else None)
     sender = FullSend(args.new_dir, version=version, compress=compress, no_data=args.no_data,
-                      name=os.fsencode(args.name) if args.name else None, on_progress=show)
+                      name=os.fsencode(args.name) if args.name else None, on_progress=show,
+                      tmpdir=tmpdir)
     with open_output(args.output) as out:
         # a new regular file takes the records directly (the first is written last)
         direct = signer is None and args.output not in (None, "-") and out.seekable() \

@@ -17,8 +17,8 @@ tree. The stream's first record (``SUBVOL``) names the tree's UUID, which is der
 the content of every file (:meth:`.scan.Tree.identity`), so the records after it are written
 as they are made, after room left for it, and it is written last: into a new regular output
 file directly, else (a pipe, a signed stream) into a spool, an unnamed temporary file in
-``$TMPDIR`` (default ``/var/tmp``) copied out behind the header at the end. ``CLONE``
-records from the new subvolume are patched with its UUID at the end. The identity's input
+``tmpdir`` (the CLI's: ``$TMPDIR``, else ``/var/tmp``) copied out behind the header at the
+end. ``CLONE`` records from the new subvolume are patched with its UUID at the end. The identity's input
 goes to a second temporary file, node by node (a hard-linked node's names are all known only
 at the end).
 """
@@ -74,25 +74,17 @@ _HDR = struct.Struct("<IHI")
 _NIL = uuid.UUID(int=0)
 
 
-def _spool_dir() -> str | None:
-    """Where the record spool goes: ``$TMPDIR``, else ``/var/tmp`` (meant for large
-    temporary files; ``/tmp`` is often in memory), else Python's default."""
-    tmpdir = os.environ.get("TMPDIR")
-    if tmpdir:
-        return tmpdir
-    return "/var/tmp" if os.path.isdir("/var/tmp") else None
-
-
 class _Spool:
     """Encoded records after a stream header and ``reserve`` bytes for the first record:
     in ``file`` (the output itself, when it is a regular file) or an unnamed temporary
     file."""
 
-    def __init__(self, version: int, file: IO[bytes] | None = None, reserve: int = 0) -> None:
+    def __init__(self, version: int, file: IO[bytes] | None = None, reserve: int = 0,
+                 tmpdir: str | None = None) -> None:
         self.version = version
         self.owned = file is None
         if file is None:
-            file = tempfile.TemporaryFile(dir=_spool_dir())  # noqa: SIM115 - see close()
+            file = tempfile.TemporaryFile(dir=tmpdir)  # noqa: SIM115 - see close()
         self.file = file
         head = encode_stream_header(version)
         self.file.write(head + bytes(reserve))
@@ -156,9 +148,9 @@ class _Identity:
     """:meth:`.scan.Tree.identity` fed node by node (through a temporary file: a hard-linked
     node's part is made at the end, when all its names are known)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tmpdir: str | None) -> None:
         self.file: IO[bytes] = tempfile.TemporaryFile(  # noqa: SIM115 - closed by digest()
-            dir=_spool_dir())
+            dir=tmpdir)
         self.buf = bytearray()
         self.newest = 0
 
@@ -205,6 +197,7 @@ class FullSend:
         name: subvolume name in the stream (default: the basename of ``new_dir``).
         on_progress: called with :class:`~.emit.SendStats` now and then.
         clone_min: smallest file sent as a ``CLONE`` of an earlier file with its content.
+        tmpdir: where the temporary files go (default: Python's, ``$TMPDIR`` or ``/tmp``).
 
     After :meth:`run`: :attr:`header` (the ``SUBVOL`` record) and :attr:`stats`.
     """
@@ -219,6 +212,7 @@ class FullSend:
         name: bytes | None = None,
         on_progress: Callable[[SendStats], None] | None = None,
         clone_min: int = 16 * 1024,
+        tmpdir: str | None = None,
     ) -> None:
         problem = option_problem(version, compress)
         if problem is not None:
@@ -240,7 +234,8 @@ class FullSend:
         self._on_progress = on_progress
         self.header: Subvol | None = None
         self._spool: _Spool | None = None
-        self._ident = _Identity()
+        self.tmpdir = tmpdir
+        self._ident = _Identity(tmpdir)
         self._nodes = 0
         self._next_ino = 257
         #: st_ino -> (node, first path) of inodes with more than one link
@@ -297,7 +292,7 @@ class FullSend:
     def run(self, file: IO[bytes] | None = None, reserve: int = 0) -> _Spool:
         """Walk the tree into a spool (in ``file``, after ``reserve`` bytes); sets
         :attr:`header`; returns the spool."""
-        self._spool = spool = _Spool(self.version, file, reserve)
+        self._spool = spool = _Spool(self.version, file, reserve, self.tmpdir)
         try:
             self._walk()
             spool.write(End())
