@@ -18,9 +18,9 @@ the content of every file (:meth:`.scan.Tree.identity`), so the records after it
 as they are made, after room left for it, and it is written last: into a new regular output
 file directly, else (a pipe, a signed stream) into a spool, an unnamed temporary file in
 ``tmpdir`` (the CLI's: ``$TMPDIR``, else ``/var/tmp``) copied out behind the header at the
-end. ``CLONE`` records from the new subvolume are patched with its UUID at the end. The identity's input
-goes to a second temporary file, node by node (a hard-linked node's names are all known only
-at the end).
+end. ``CLONE`` records from the new subvolume are patched with its UUID at the end. The
+identity's input goes to a second temporary file, node by node (a hard-linked node's names
+are all known only at the end).
 """
 
 from __future__ import annotations
