@@ -53,7 +53,11 @@ _NAME_RECORDS = (
 _REMOVALS = (R.Rename, R.Unlink, R.Rmdir)
 #: bytes of groups waiting or being diffed before the reader waits (a larger group is still
 #: diffed, alone): bounds memory by the files, not by the stream
-_MAX_QUEUED = 32 << 20
+_MAX_QUEUED = 8 << 20
+#: old + new bytes of the files being diffed at once: a diff takes ~6x its files (hdiff's
+#: suffix array of the old file, both files), so a pair above this is diffed alone and the
+#: peak stays ~6x the largest pair diffed, whatever the number of workers
+_DIFF_BUDGET = 8 << 20
 
 
 @dataclass
@@ -108,13 +112,21 @@ class MakeStats:
         }
 
 
+def _carrier_threads(opts: MakeOptions) -> int:
+    """zstd worker threads of the carrier: none (it runs on a thread of its own, beside the
+    diff workers, see :class:`~.writer.DeltaWriter`), unless BTRDELTA_CARRIER_THREADS
+    says otherwise (measurements)."""
+    return int(os.environ.get("BTRDELTA_CARRIER_THREADS", "0"))
+
+
 class _Slot:
     """A place in the output order: a group being diffed (``future``), or the records that
     came after the last group (``items``), with the bytes it holds."""
 
-    __slots__ = ("future", "group", "items", "size")
+    __slots__ = ("cost", "future", "group", "items", "size")
 
     def __init__(self) -> None:
+        self.cost = 0
         self.items: list[DeltaItem] = []
         self.future: Future[Result | None] | None = None
         self.group: Group | None = None
@@ -143,7 +155,7 @@ class _Maker:
         )
         self.out = DeltaWriter(write if self.check is None else self.checked_write,
                                level=opts.level, old_root=old_root, carrier=opts.carrier,
-                               threads=opts.jobs if opts.jobs > 1 else 0)
+                               threads=_carrier_threads(opts), background=opts.jobs > 1)
         #: the old tree's btrfs identity (checked against each SNAPSHOT), else what a
         #: plain directory looks like from the stream
         self.subvol = old_subvolume(old_root) if opts.check_parent else None
@@ -156,6 +168,8 @@ class _Maker:
         self.queue: deque[_Slot] = deque()
         self.in_flight = 0
         self.queued = 0
+        #: old + new bytes of the groups being diffed
+        self.diff_cost = 0
         self.max_flight = max(1, opts.jobs) * 2
         self.pool = ThreadPoolExecutor(max_workers=max(1, opts.jobs),
                                        thread_name_prefix="btrdelta-diff")
@@ -174,6 +188,7 @@ class _Maker:
             while self.queue:
                 self.drain(block=True)
             self.finish()
+            self.out.close()
             if self.check is not None:
                 try:
                     self.check.finish(self.stats.commands, self.stats.input_bytes)
@@ -182,6 +197,11 @@ class _Maker:
             done = True
         finally:
             self.pool.shutdown(wait=True, cancel_futures=True)
+            if not done:
+                try:
+                    self.out.close()
+                except BaseException:  # the error being raised says more
+                    pass
             if not done and isinstance(self.check, FullCheck):
                 self.check.abort()
         self.stats.output_bytes = self.out.bytes_written
@@ -289,16 +309,26 @@ class _Maker:
         self.stats.diffed_bytes += group.write_bytes
         self.stats.largest_diffed = max(self.stats.largest_diffed, group.write_bytes,
                                         group.old_size)
+        cost = group.write_bytes + (group.old_size or group.write_bytes)
+        if self.pressed(cost):
+            self.drain(block=True, extra=cost)
         slot = _Slot()
         slot.group = group
         slot.size = group.write_bytes
+        slot.cost = cost
+        self.diff_cost += cost
         slot.future = self.pool.submit(diff_group, self.old_root, group, self.opts, self.guesser,
                                        self.index)
         self.queue.append(slot)
         self.queued += slot.size
         self.in_flight += 1
         self.queue.append(_Slot())  # records after the group
-        self.drain(block=self.in_flight >= self.max_flight or self.queued > _MAX_QUEUED)
+        self.drain(block=self.pressed())
+
+    def pressed(self, extra: int = 0) -> bool:
+        """Too many groups, bytes or diff memory in flight (with ``extra`` more cost)?"""
+        return (self.in_flight >= self.max_flight or self.queued > _MAX_QUEUED
+                or (self.diff_cost > 0 and self.diff_cost + extra > max(_DIFF_BUDGET, extra)))
 
     def put(self, item: DeltaItem, size: int = 0) -> None:
         """Output ``item`` after everything before it."""
@@ -313,9 +343,9 @@ class _Maker:
     def put_raw(self, r: RawCommand) -> None:
         self.put(BtrfsCommand(r.cmd, memoryview(r.raw)), len(r.raw))
 
-    def drain(self, block: bool) -> None:
+    def drain(self, block: bool, extra: int = 0) -> None:
         """Write the slots that are done, in order (``block``: wait for them while too
-        many groups or bytes are in flight)."""
+        many groups, bytes or diff memory are in flight, ``extra`` cost included)."""
         queue = self.queue
         while queue:
             slot = queue[0]
@@ -324,7 +354,7 @@ class _Maker:
             queue.popleft()
             self.queued -= slot.size
             self.emit(slot)
-            block = block and (self.in_flight >= self.max_flight or self.queued > _MAX_QUEUED)
+            block = block and self.pressed(extra)
         if self.on_progress is not None:
             self.on_progress(self.reader.offset, self.out.bytes_written)
 
@@ -335,6 +365,7 @@ class _Maker:
             assert group is not None
             res = slot.future.result()
             self.in_flight -= 1
+            self.diff_cost -= slot.cost
             if res is None:
                 for r in group.records:
                     self.out.command(r.raw)

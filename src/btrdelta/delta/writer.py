@@ -15,12 +15,19 @@ btrfs commands have their CRC field zeroed too (the expander recomputes it: 4
 incompressible bytes saved per command), and repeated paths, orphan names, times and names
 are folded (:mod:`.carrier`). Larger patches stay outside the carrier (PATCH + PDATA), as
 patches are already compressed.
+
+With ``background=True`` the compression of the carrier and every write run on one thread
+of their own, in order, while the caller goes on folding commands (``delta make``: the
+reader and the diff workers keep the other cores busy); :meth:`DeltaWriter.close` waits for
+them and raises what they raised. The bytes written are the same either way.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import struct
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -70,6 +77,46 @@ ZCMDS_TARGET_THREADED = 8 << 20
 XZ_DICT = 64 << 20
 
 
+#: output tasks (a ZCMDS record to compress, records to write) waiting for the background
+#: thread: with ZCMDS_TARGET, ~4 MiB of commands held at most
+_BACKGROUND_DEPTH = 4
+
+
+class _Background:
+    """One thread running output tasks in the order they were given; the first exception a
+    task raises is re-raised to the caller (later tasks are dropped)."""
+
+    def __init__(self) -> None:
+        self._tasks: queue.Queue[Callable[[], object] | None] = queue.Queue(_BACKGROUND_DEPTH)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="btrdelta-carrier", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            if self._error is None:
+                try:
+                    task()
+                except BaseException as exc:  # re-raised in the caller's thread
+                    self._error = exc
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def submit(self, task: Callable[[], object]) -> None:
+        self._raise()
+        self._tasks.put(task)
+
+    def close(self) -> None:
+        """Wait for every task; raise what one of them raised."""
+        if self._thread.is_alive():
+            self._tasks.put(None)
+            self._thread.join()
+        self._raise()
+
+
 class DeltaWriter:
     """Serialize a delta stream to ``write``.
 
@@ -79,6 +126,7 @@ class DeltaWriter:
         window_log: zstd window log of the carrier frame.
         threads: zstd worker threads for the carrier (0: compress in the caller's thread).
         carrier: ``zstd`` (format 4) or ``xz`` (raw LZMA2, format 5).
+        background: compress and write on a thread of its own (call :meth:`close`).
         old_root: the old snapshot, whose directory listings UNLINKs may refer to.
     """
 
@@ -91,8 +139,10 @@ class DeltaWriter:
         threads: int = 0,
         old_root: str | os.PathLike[str] | None = None,
         carrier: str = "zstd",
+        background: bool = False,
     ) -> None:
         self._write = write
+        self._bg = _Background() if background else None
         self.level = level
         self._pending: list[Any] = []
         self._target = ZCMDS_TARGET_THREADED if threads and carrier == "zstd" else ZCMDS_TARGET
@@ -126,7 +176,18 @@ class DeltaWriter:
         self._carried = 0
         self._emit([encode_delta_header(DELTA_VERSION_X86 if self._codec[0] else 4)])
 
+    def close(self) -> None:
+        """Wait for the background thread's writes (raising what they raised)."""
+        if self._bg is not None:
+            self._bg.close()
+
     def _emit(self, pieces: list[Any]) -> None:
+        if self._bg is not None:
+            self._bg.submit(lambda: self._emit_now(pieces))
+        else:
+            self._emit_now(pieces)
+
+    def _emit_now(self, pieces: list[Any]) -> None:
         write = self._write
         for piece in pieces:
             write(piece)
@@ -151,8 +212,18 @@ class DeltaWriter:
         """Cut a ZCMDS record with the commands gathered so far."""
         if not self._pending:
             return
+        pending, length = self._pending, self._pending_len
+        self._pending = []
+        self._pending_len = 0
+        if self._bg is not None:
+            self._bg.submit(lambda: self._emit_now(self._compress(pending, length)))
+        else:
+            self._emit_now(self._compress(pending, length))
+
+    def _compress(self, pending: list[Any], length: int) -> list[Any]:
+        """The ZCMDS record of the carried pieces ``pending`` (``length`` bytes)."""
         cobj = self._cobj
-        raw = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        raw = pending[0] if len(pending) == 1 else b"".join(pending)
         crc = crc32c(raw, 0)
         codec = self._codec
         if codec[0] == CARRIER_LZMA2_X86:
@@ -163,15 +234,12 @@ class DeltaWriter:
                 raw = conv
             else:
                 codec = (CARRIER_LZMA2, codec[1])
-        self._carried += self._pending_len
+        self._carried += length
         if codec[0]:
             zdata = cobj.compress(raw) + cobj.flush()
         else:
             zdata = cobj.compress(raw) + cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
-        item = ZCommands(self._pending_len, memoryview(zdata), crc, *codec)
-        self._pending = []
-        self._pending_len = 0
-        self._emit(encode_item(item))
+        return encode_item(ZCommands(length, memoryview(zdata), crc, *codec))
 
     def item(self, item: DeltaItem) -> None:
         """Write a delta record (flushes carried commands first, keeping the order)."""

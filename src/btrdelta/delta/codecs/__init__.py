@@ -105,6 +105,9 @@ def make_best(
 #: patch is above :data:`AUTO_GOOD_RATIO` of the new size
 AUTO_SMALL = 256 << 10
 AUTO_GOOD_RATIO = 0.05
+#: ``auto``: pairs of files above this (old + new) get the first codec only (zstd's window
+#: and tables would take ~3x the pair on top of it, and ~0.4 s a MB at level 19)
+AUTO_SECOND_MAX = 16 << 20
 
 
 def make_auto(
@@ -123,7 +126,8 @@ def make_auto(
         raise CodecUnavailableError(_BY_NAME[names[0]].package,
                                     what=f"codec {names[0]!r} ")
     codec, patch = make_best(old, new, avail[:1], hdiff_raw=hdiff_raw)
-    if len(patch) <= AUTO_GOOD_RATIO * len(new) or len(avail) == 1:
+    if (len(patch) <= AUTO_GOOD_RATIO * len(new) or len(avail) == 1
+            or len(old) + len(new) > AUTO_SECOND_MAX):
         return codec, patch
     other, alt = make_best(old, new, avail[1:])
     return (other, alt) if len(alt) < len(patch) else (codec, patch)

@@ -13,6 +13,11 @@ __all__ = ["ZstdCodec"]
 LEVEL = 19
 #: largest window a patch may ask for when applied (2 GiB, zstd's --long=31)
 MAX_WINDOW_LOG = 31
+#: hash and chain tables of patches (2**21 / 2**20 entries, 8 + 4 MiB): level 19 sizes them
+#: to the files (2**24 entries, 64 MiB, for a 3.8 MB executable and its old version: 105 MB
+#: of memory and 2.3 s); capped, that patch is 2% smaller, made in 1.4 s with 79 MB
+CHAIN_LOG = 21
+HASH_LOG = 20
 
 
 def _window_log(old_size: int, new_size: int) -> int:
@@ -37,13 +42,14 @@ class ZstdCodec(Codec):
     def make(self, old: bytes, new: bytes) -> bytes:
         """A zstd frame (content size recorded) compressed against ``old``."""
         z = self.lib()
-        params = z.ZstdCompressionParameters.from_level(
-            LEVEL,
-            source_size=len(new),
-            dict_size=len(old),
+        sized = z.ZstdCompressionParameters.from_level(
+            LEVEL, source_size=len(new), dict_size=len(old),
             window_log=_window_log(len(old), len(new)),
-            enable_ldm=True,
-            write_content_size=1,
+        )
+        params = z.ZstdCompressionParameters.from_level(
+            LEVEL, source_size=len(new), dict_size=len(old), window_log=sized.window_log,
+            enable_ldm=True, write_content_size=1,
+            chain_log=min(sized.chain_log, CHAIN_LOG), hash_log=min(sized.hash_log, HASH_LOG),
         )
         cctx = z.ZstdCompressor(dict_data=self._dict(old), compression_params=params)
         return bytes(cctx.compress(bytes(new)))
