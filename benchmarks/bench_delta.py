@@ -108,24 +108,55 @@ def _tree_bytes(root: Path) -> int:
     return sum(p.lstat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
 
 
+#: CPU seconds (user + system) of the last command run by :func:`_timed`
+LAST_CPU = [0.0]
+
+
 def _timed(cmd: list[str | os.PathLike[str]]) -> tuple[float, int, bytes]:
     """Run ``cmd``; (seconds, peak RSS in bytes, stderr then stdout: ``--json`` summaries
-    are on stdout). Raises on failure.
+    are on stdout). Raises on failure. Its CPU seconds (user + system, every thread) are
+    left in ``LAST_CPU[0]``.
 
     The peak RSS is GNU time's ``%M`` of the command: ``wait4`` of a child forked from this
     (large) process would count the pages it had before ``exec``.
     """
     with tempfile.NamedTemporaryFile(prefix="rss-") as rss:
         t0 = time.monotonic()
-        proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss.name,
+        proc = subprocess.run(["/usr/bin/time", "-f", "%M %U %S", "-o", rss.name,
                                *(os.fspath(c) for c in cmd)],
                               capture_output=True, check=False)
         secs = time.monotonic() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"{cmd}: exit {proc.returncode}: "
                                f"{proc.stderr.decode(errors='replace')}")
-        kib = int(Path(rss.name).read_text().split()[-1])
-    return secs, kib * 1024, proc.stderr + b"\n" + proc.stdout
+        kib, user, system = Path(rss.name).read_text().split()[-3:]
+    LAST_CPU[0] = float(user) + float(system)
+    return secs, int(kib) * 1024, proc.stderr + b"\n" + proc.stdout
+
+
+def _load() -> str:
+    """The load average now (the machine is shared: wall times depend on it)."""
+    return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def _peers(stream: Path) -> dict[str, tuple[float, float]]:
+    """(wall, CPU) seconds of the peer tools on the same stream, in the same run:
+    ``zstd -19 --long=23 -T0`` (the carrier's level and window, every core) and its
+    ``zstd -d``; ``xz -9e -T0`` and ``xz -d``."""
+    out: dict[str, tuple[float, float]] = {}
+    z = stream.with_suffix(".peer.zst")
+    x = stream.with_suffix(".peer.xz")
+    for key, cmd in (
+        ("zstd -19", ["zstd", "-q", "-f", "-19", "--long=23", "-T0", stream, "-o", z]),
+        ("zstd -d", ["zstd", "-q", "-f", "-d", "--long=23", z, "-o", "/dev/null"]),
+        ("xz -9e", ["sh", "-c", f"xz -9e -T0 -c {stream} > {x}"]),
+        ("xz -d", ["sh", "-c", f"xz -d -c -T0 {x} > /dev/null"]),
+    ):
+        secs, _, _ = _timed(cmd)  # type: ignore[arg-type]
+        out[key] = (secs, LAST_CPU[0])
+    z.unlink()
+    x.unlink()
+    return out
 
 
 def _ext4_images(a: Path, b: Path, work: Path) -> dict[str, int]:
@@ -225,15 +256,19 @@ def _stats(err: bytes, out: bytes = b"") -> dict[str, object]:
 
 
 def _delta_runs(stream: Path, full_a: Path, a_tree: Path, work: Path, tag: str,
-                lines: list[str], carrier: str = "zstd", receive: bool = False) -> int:
+                lines: list[str], peers: dict[str, tuple[float, float]],
+                carrier: str = "zstd", receive: bool = False) -> int:
     """make / expand (/ receive) one stream with one carrier; returns the delta's size."""
     delta = work / f"{tag}.delta"
+    load = _load()
     t_make, rss_make, err = _timed([*BTRDELTA, "delta", "make", "-f", stream, "--old", a_tree,
                                     "-o", delta, "--json", "--carrier", carrier])
+    cpu_make = LAST_CPU[0]
     stats = _stats(err)
     back = work / f"{tag}.back"
     t_exp, rss_exp, _ = _timed([*BTRDELTA, "delta", "expand", "-f", delta, "--old", a_tree,
                                 "-o", back])
+    cpu_exp = LAST_CPU[0]
     same = filecmp.cmp(back, stream, shallow=False)
     back.unlink()
     s = _size(stream)
@@ -247,13 +282,22 @@ def _delta_runs(stream: Path, full_a: Path, a_tree: Path, work: Path, tag: str,
         + (f"; encoded writes regenerated: {enc_txt}" if enc_txt else "")
     )
     limit = 64 * (1 << 20) + 4 * largest
+    peer = peers["xz -9e" if carrier == "xz" else "zstd -19"]
+    peer_d = peers["xz -d" if carrier == "xz" else "zstd -d"]
+    name = "xz -9e -T0" if carrier == "xz" else "zstd -19 --long=23 -T0"
     lines.append(
         f"  [{tag}] make    {_mb(diffed, t_make)} of diffed data ({diffed / 1e6:.1f} MB), "
-        f"{_mb(s, t_make)} of stream, {t_make:5.1f} s, peak RSS {rss_make / 1e6:5.0f} MB "
-        f"(largest file diffed {largest / 1e6:.1f} MB: goal {limit / 1e6:.0f} MB)"
+        f"{_mb(s, t_make)} of stream, {t_make:5.1f} s ({cpu_make:5.1f} s CPU: "
+        f"{_mb(diffed, cpu_make)} of diffed data a CPU second), {load}; peak RSS "
+        f"{rss_make / 1e6:5.0f} MB (largest file diffed {largest / 1e6:.1f} MB: goal "
+        f"{limit / 1e6:.0f} MB: {'met' if rss_make <= limit else 'missed'}); "
+        f"{name} of the stream {peer[0]:5.1f} s ({peer[1]:5.1f} s CPU): make/peer time "
+        f"{t_make / peer[0]:.2f}x, CPU {cpu_make / peer[1]:.2f}x"
     )
-    lines.append(f"  [{tag}] expand  {_mb(s, t_exp)}, {t_exp:5.1f} s, peak RSS "
-                 f"{rss_exp / 1e6:5.0f} MB")
+    lines.append(f"  [{tag}] expand  {_mb(s, t_exp)}, {t_exp:5.1f} s ({cpu_exp:5.1f} s CPU: "
+                 f"{_mb(s, cpu_exp)} a CPU second), peak RSS {rss_exp / 1e6:5.0f} MB; "
+                 f"{name.split()[0]} -d of the peer's output {peer_d[0]:5.1f} s "
+                 f"({peer_d[1]:5.1f} s CPU): expand/peer time {t_exp / peer_d[0]:.2f}x")
     if receive:
         receives = _receive_runs(stream, delta, full_a)
         t_rcv, rss_rcv = receives["delta"]
@@ -293,10 +337,11 @@ def _measure(name: str, a_tree: Path, b_tree: Path, work: Path,
     streams = _kernel_streams(a_tree, b_tree, work, in_place)
     receive = os.environ.get("BTRDELTA_BENCH_RECEIVE", "1") != "0"
     sizes: dict[str, int] = {"stream": _size(streams["plain"])}
+    peers = _peers(streams["plain"])
     for carrier in ("zstd", "xz"):
         sizes[f"delta {carrier}"] = _delta_runs(
             streams["plain"], streams["full-A"], a_tree, work, f"plain {carrier}", lines,
-            carrier, receive and carrier == "zstd")
+            peers, carrier, receive and carrier == "zstd")
     sizes["xz -9e"] = _xz(streams["plain"])
     sizes["zstd -19 --long"] = _zstd(streams["plain"], "-19", "--long=27")
     batch = work / "rsync.batch"
@@ -317,7 +362,7 @@ def _measure(name: str, a_tree: Path, b_tree: Path, work: Path,
         lines.append(f"  {label:<49} {n:>12,d} B  ({n / s:6.2%}){mark}")
     cs = _size(streams["compressed"])
     cdelta = _delta_runs(streams["compressed"], streams["full-A"], a_tree, work, "compressed",
-                         lines, "zstd", receive)
+                         lines, _peers(streams["compressed"]), "zstd", receive)
     lines.append(f"  --compressed-data stream (v2, compress=zstd)      {cs:>12,d} B")
     lines.append(f"  {'  its delta stream':<49} {cdelta:>12,d} B  ({cdelta / cs:6.2%} of it)")
     return lines, sizes
