@@ -9,7 +9,9 @@ worker thread diffs the old file against the group's new content (:mod:`.diffing
 libraries release the GIL, so ``jobs`` threads use ``jobs`` cores) and the group becomes
 ``PATCH``/``PDATA`` + ``PWRITE``/``PENC`` records, while its other records stay as they
 were; if the patch is not smaller than the data it replaces, the group stays as it was.
-Every other command goes into the stream-wide zstd carrier (:mod:`.writer`). Output order is
+Every other command goes into the stream-wide carrier (:mod:`.writer`; with ``jobs`` > 1
+compressed and written on a thread of its own, so it runs beside the diff workers,
+single-threaded: the same bytes for any ``jobs``). Output order is
 input order: results are written as soon as every earlier group is done, and the reader
 waits when too many groups or bytes are in flight.
 
@@ -112,13 +114,6 @@ class MakeStats:
         }
 
 
-def _carrier_threads(opts: MakeOptions) -> int:
-    """zstd worker threads of the carrier: none (it runs on a thread of its own, beside the
-    diff workers, see :class:`~.writer.DeltaWriter`), unless BTRDELTA_CARRIER_THREADS
-    says otherwise (measurements)."""
-    return int(os.environ.get("BTRDELTA_CARRIER_THREADS", "0"))
-
-
 class _Slot:
     """A place in the output order: a group being diffed (``future``), or the records that
     came after the last group (``items``), with the bytes it holds."""
@@ -155,7 +150,7 @@ class _Maker:
         )
         self.out = DeltaWriter(write if self.check is None else self.checked_write,
                                level=opts.level, old_root=old_root, carrier=opts.carrier,
-                               threads=_carrier_threads(opts), background=opts.jobs > 1)
+                               background=opts.jobs > 1)
         #: the old tree's btrfs identity (checked against each SNAPSHOT), else what a
         #: plain directory looks like from the stream
         self.subvol = old_subvolume(old_root) if opts.check_parent else None
