@@ -109,3 +109,23 @@ def test_background_writer_writes_what_the_synchronous_one_does() -> None:
         w.close()
         outs.append(b"".join(bytes(p) for p in out))
     assert outs[0] == outs[1]
+
+
+def test_files_above_max_file_size_are_carried_not_diffed(
+    delta_pairs: dict[str, Pair]
+) -> None:
+    """The memory of a make is bounded by --max-file-size: larger files (old or new) are
+    carried as they are, never buffered for a diff; the delta still expands to the kernel's
+    stream (oracle)."""
+    pair = delta_pairs["rebuilt-release"]
+    stream = pair.streams["v1"]
+    limit = 64 << 10
+    out: list[bytes] = []
+    with open(stream, "rb") as f:
+        stats = make_delta(f, pair.a, out.append,
+                           MakeOptions(min_file_size=1, max_file_size=limit, jobs=2))
+    assert 0 < stats.largest_diffed <= limit
+    assert stats.patched_files < stats.groups
+    back: list[bytes] = []
+    expand_to(open_delta(io.BytesIO(b"".join(bytes(p) for p in out))), pair.a, back.append)
+    assert b"".join(bytes(p) for p in back) == stream.read_bytes()
