@@ -59,7 +59,7 @@ _MAX_QUEUED = 8 << 20
 #: old + new bytes of the files being diffed at once: a diff takes ~6x its files (hdiff's
 #: suffix array of the old file, both files), so a pair above this is diffed alone and the
 #: peak stays ~6x the largest pair diffed, whatever the number of workers (8 MiB: 74 MB
-#: peak on the rebuilt-release pair, 2 MiB: 72 MB, as -j1 but for the carrier's thread)
+#: peak on the rebuilt-release pair, 2 MiB: 72 MB; -j1: 65 MB)
 _DIFF_BUDGET = 2 << 20
 
 
