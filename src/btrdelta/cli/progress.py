@@ -94,7 +94,8 @@ class Progress:
                 total=total, desc=label, unit=unit, unit_scale=bytes_,
                 unit_divisor=1024 if bytes_ else 1000, file=self._stream,
                 dynamic_ncols=dynamic, ncols=None if dynamic else 80, mininterval=0.1,
-                leave=True,
+                # and no height either: tqdm then draws nothing on standard error
+                nrows=None if dynamic else 24, leave=True,
             )
 
     def update(self, done: int, total: int | None = None, note: str = "") -> None:

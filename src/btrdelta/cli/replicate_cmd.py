@@ -11,6 +11,7 @@ from typing import Any
 from ..errors import BtrdeltaError, ProtocolError
 from ..send.store import DEFAULT_STORE
 from ._common import human_bytes, parse_size, stop_on_signals
+from .progress import Progress, add_progress_options, progress_wanted
 
 _EPILOG = """\
 examples:
@@ -68,7 +69,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="give up on a silent TCP peer after this long (default 60)")
     p.add_argument("--backend", choices=("auto", "btrfs", "dir"), default="auto",
                    help="(receiving) subvolumes on btrfs, or directories")
-    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    add_progress_options(p)
     p.add_argument("--json", action="store_true", help="print what was done as JSON")
     p.set_defaults(func=run)
 
@@ -94,14 +95,19 @@ def run(args: argparse.Namespace) -> int:
         "prune": not args.no_prune, "compress": None if args.compress == "none" else "zstd",
         "rate_limit": args.rate_limit or None,
     }
-    for _attempt in range(2):
-        ch, peer = _connect(args)
-        try:
-            result = replicate(args.source, ch, store=store, peer=peer, **options)
-        finally:
-            ch.close()
-        if result.outcome != "diverged":
-            break
+    # bytes of the stream the receiver holds (resumed ones included) and the rate, after
+    # each checkpointed segment; the size is known only at the end
+    progress = Progress("replicate", enabled=progress_wanted(args))
+    options["on_progress"] = lambda done, _total: progress.update(done)
+    with progress:
+        for _attempt in range(2):
+            ch, peer = _connect(args)
+            try:
+                result = replicate(args.source, ch, store=store, peer=peer, **options)
+            finally:
+                ch.close()
+            if result.outcome != "diverged":
+                break
     report = {k: getattr(result, k) for k in result.__match_args__}
     if args.json:
         print(json.dumps(report))

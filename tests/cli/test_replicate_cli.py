@@ -1,0 +1,84 @@
+"""`btrdelta replicate` through the CLI: the shared progress (bytes and rate; a bar on a
+terminal by default, plain lines into a file only with --progress, nothing with -q, never
+escape codes into a file). Oracle: tree-sum of what the receiver holds equals the source's."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BTRDELTA = [sys.executable, "-m", "btrdelta"]
+
+
+def _source(tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(3 << 20))
+    (src / "small").write_bytes(b"x" * 100)
+    return src
+
+
+def _run(tmp_path: Path, dest: str, *flags: str, stderr: int | None = None,
+         ) -> subprocess.CompletedProcess[str]:
+    d = tmp_path / dest
+    d.mkdir()
+    return subprocess.run([*BTRDELTA, "replicate", *flags, "--segment", "1M", "--store",
+                           str(tmp_path / f"store-{dest}"), str(tmp_path / "src"), str(d)],
+                          text=True, check=False, timeout=120, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE if stderr is None else stderr)
+
+
+def _same_tree(tmp_path: Path, dest: str) -> None:
+    (got,) = [p for p in (tmp_path / dest).iterdir() if not p.name.startswith(".")]
+    sums = [subprocess.run([*BTRDELTA, "tree-sum", str(p)], capture_output=True, text=True,
+                           check=True).stdout.split()[0] for p in (tmp_path / "src", got)]
+    assert sums[0] == sums[1]
+
+
+def test_progress_in_a_file_only_with_progress_and_never_with_quiet(tmp_path: Path) -> None:
+    _source(tmp_path)
+    plain = _run(tmp_path, "plain")
+    assert plain.returncode == 0, plain.stderr
+    # not a terminal: only the summary
+    assert [ln.split(":")[0] for ln in plain.stderr.splitlines()] == ["replicate"]
+    assert "sent of" in plain.stderr
+    shown = _run(tmp_path, "shown", "--progress")
+    assert shown.returncode == 0, shown.stderr
+    assert "\r" not in shown.stderr
+    assert "\x1b" not in shown.stderr
+    lines = shown.stderr.splitlines()
+    assert lines[-2].startswith("replicate: 3.0 MiB, ")  # bytes, then the rate
+    assert lines[-2].endswith("/s")
+    assert "sent of" in lines[-1]
+    quiet = _run(tmp_path, "quiet", "-q", "--progress")
+    assert quiet.returncode == 0
+    assert quiet.stderr == ""
+    for dest in ("plain", "shown", "quiet"):
+        _same_tree(tmp_path, dest)
+
+
+def test_a_terminal_gets_the_bar_by_default(tmp_path: Path) -> None:
+    _source(tmp_path)
+    master, slave = os.openpty()
+    try:
+        proc = _run(tmp_path, "tty", stderr=slave)
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the writer side is closed and drained
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(master)
+    out = b"".join(chunks).decode()
+    assert proc.returncode == 0, out
+    # drawn in place (a fresh pty reports no size, as some serial consoles): bytes, rate
+    assert "\rreplicate: 0.00B [" in out, out
+    assert "B/s]" in out
+    _same_tree(tmp_path, "tty")
