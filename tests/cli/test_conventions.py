@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from btrdelta.stream import StreamReader
 from btrdelta.stream.records import Subvol
 from tests.cli.test_mistakes import COMMANDS
 from tests.conftest import committed_streams
+from tests.jsondoc import checked, documented, title
 
 FULL = next(s for s in committed_streams() if ".A." in s.name)
 BTRDELTA = [sys.executable, "-m", "btrdelta"]
@@ -139,21 +141,32 @@ def test_verify_accepts_a_delta_stream(tmp_path: Path) -> None:
     assert proc.stderr.count("\n") == 1
 
 
-def _documented_keys() -> dict[str, set[str]]:
-    """Top-level keys per ``## `btrdelta ... --json``` section of docs/cli-json.md."""
-    text = (Path(__file__).parents[2] / "docs" / "cli-json.md").read_text()
-    out: dict[str, set[str]] = {}
-    for section in text.split("\n## ")[1:]:
-        title, _, body = section.partition("\n")
-        keys = {line.split("`")[1] for line in body.splitlines()
-                if line.startswith("| `")}
-        if keys:
-            out[title] = keys
-    return out
+def _checked_in_tests() -> set[str]:
+    """Titles of the commands whose output some test passes through ``checked`` (or the
+    sendshot tests' ``_json``, which does)."""
+    calls = re.compile(r'(?:checked|_json)\(\s*(?:capsys,\s*)?"([a-z -]+)"')
+    tests = Path(__file__).parents[1]
+    return {title(c) for p in tests.rglob("*.py") for c in calls.findall(p.read_text())}
+
+
+def test_every_documented_command_is_checked() -> None:
+    here = set(_RUNS_HERE)
+    assert here | _checked_in_tests() >= set(documented()), sorted(set(documented())
+                                                                - here - _checked_in_tests())
+    assert not here & _checked_in_tests()
+
+
+#: sections of docs/cli-json.md checked by test_json_keys_are_the_documented_ones below
+_RUNS_HERE = (
+    "`btrdelta receive --json`", "`btrdelta send --json`", "`btrdelta verify --json`",
+    "`btrdelta stat --json` (a send stream)", "`btrdelta delta make --json`",
+    "`btrdelta stat --json` and `btrdelta delta stat --json` (a delta stream)",
+    "`btrdelta delta expand --json`", "`btrdelta tree-sum --json`",
+)
 
 
 def test_json_keys_are_the_documented_ones(tmp_path: Path) -> None:
-    docs = _documented_keys()
+    docs = documented()
     old = tmp_path / "old"
     old.mkdir()
     runs = {
@@ -169,11 +182,11 @@ def test_json_keys_are_the_documented_ones(tmp_path: Path) -> None:
                                            "--old", old, "-o", tmp_path / "s"],
         "`btrdelta tree-sum --json`": ["tree-sum", "--json", old],
     }
-    assert set(runs) == set(docs)
-    for title, argv in runs.items():
+    assert set(runs) == set(_RUNS_HERE)
+    for section, argv in runs.items():
         proc = _run(*argv)
-        assert proc.returncode == 0, (title, proc.stderr)
-        assert set(json.loads(proc.stdout)) == docs[title], title
+        assert proc.returncode == 0, (section, proc.stderr)
+        assert set(json.loads(proc.stdout)) == docs[section], section
 
 
 #: commands that report nothing (servers and mounts run until stopped)
@@ -202,15 +215,41 @@ def test_repo_init_and_sign_json(tmp_path: Path) -> None:
     tree.mkdir()
     (tree / "f").write_bytes(b"release 1\n" * 100)
     repo = tmp_path / "repo"
-    made = json.loads(_run("repo", "init", "--json", "--avg-chunk", "4K", repo).stdout)
+    made = checked("repo init", json.loads(_run("repo", "init", "--json", "--avg-chunk", "4K",
+                                                repo).stdout))
     assert made == {"repo": str(repo), "avg_chunk": 4096, "level": 12}
     assert _run("repo", "add", "-q", repo, "1", tree).returncode == 0
     signed = _run("repo", "sign", "--json", repo, "--key", tmp_path / "root.pem")
     assert signed.returncode == 0, signed.stderr
-    report = json.loads(signed.stdout)
+    report = checked("repo sign", json.loads(signed.stdout))
     # what the signed index and timestamp say, read back through `repo ls`
     listing = json.loads(_run("repo", "ls", "--json", repo).stdout)
     assert report["versions"] == listing["versions_count"] == 1
     assert report["index_version"] == 1
     assert report["timestamp_version"] == 1
     assert report["timestamp_expires"].endswith("Z")
+
+
+#: the one spelling of each shared flag
+_SPELLINGS = {"--quiet": ["-q", "--quiet"], "--verbose": ["-v", "--verbose"],
+              "--jobs": ["-j", "--jobs"], "--progress": ["--progress"]}
+#: commands whose -q silences a log, not progress (a server's request lines)
+_QUIET_WITHOUT_PROGRESS = {"serve"}
+
+
+def test_shared_flags_are_spelled_the_same_everywhere() -> None:
+    """``-q/--quiet``, ``-v/--verbose``, ``-j/--jobs``, ``--progress``: no other spelling
+    shown in any help, and ``-q`` only where there is progress (or a log) to silence."""
+    for words, p in COMMANDS:
+        name = " ".join(words)
+        shown = [a for a in p._actions if a.help != argparse.SUPPRESS]
+        opts = {o: a.option_strings for a in shown for o in a.option_strings}
+        for long, spelling in _SPELLINGS.items():
+            if long in opts:
+                assert opts[long] == spelling, (name, opts[long])
+        for short, long in (("-q", "--quiet"), ("-v", "--verbose"), ("-j", "--jobs")):
+            if short in opts:
+                assert long in opts[short], (name, short)
+        assert "--threads" not in opts, name
+        if "--quiet" in opts:
+            assert "--progress" in opts or name in _QUIET_WITHOUT_PROGRESS, name

@@ -4,10 +4,13 @@ escape codes into a file). Oracle: tree-sum of what the receiver holds equals th
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.jsondoc import checked
 
 BTRDELTA = [sys.executable, "-m", "btrdelta"]
 
@@ -82,3 +85,25 @@ def test_a_terminal_gets_the_bar_by_default(tmp_path: Path) -> None:
     assert "\rreplicate: 0.00B [" in out, out
     assert "B/s]" in out
     _same_tree(tmp_path, "tty")
+
+
+def test_json_report_and_the_sendshot_it_recorded(tmp_path: Path) -> None:
+    _source(tmp_path)
+    proc = _run(tmp_path, "j", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # not a terminal, no --progress: nothing but the JSON
+    report = checked("replicate", json.loads(proc.stdout))
+    assert report["outcome"] == "committed"
+    assert report["kind"] == "full"
+    assert report["sent"] == report["size"] > 3 << 20
+    (got,) = [p for p in (tmp_path / "j").iterdir() if not p.name.startswith(".")]
+    assert report["name"] == got.name
+    store = ["sendshot", "--store", str(tmp_path / "store-j"), "--json"]
+    listed = subprocess.run([*BTRDELTA, *store, "list"], capture_output=True, text=True,
+                            check=True).stdout
+    (shot,) = checked("sendshot list", json.loads(listed))
+    assert shot["id"] == report["sendshot"]
+    made = subprocess.run([*BTRDELTA, *store, "create", str(got), "--source",
+                           str(tmp_path / "src")], capture_output=True, text=True, check=True)
+    assert checked("sendshot create", json.loads(made.stdout))["source"] == str(tmp_path / "src")
+    _same_tree(tmp_path, "j")

@@ -15,12 +15,14 @@ import pytest
 
 from btrdelta.cli import main
 from btrdelta.send.store import SendshotStore
+from tests.jsondoc import checked
 
 
-def _json(capsys: pytest.CaptureFixture[str], *args: str) -> Any:
+def _json(capsys: pytest.CaptureFixture[str], command: str, *args: str) -> Any:
+    """``main(["sendshot", *args])``'s JSON, its keys checked (docs/cli-json.md)."""
     capsys.readouterr()
     assert main(["sendshot", *args]) == 0
-    return json.loads(capsys.readouterr().out)
+    return checked(command, json.loads(capsys.readouterr().out))
 
 
 def _dumped_uuid(stream: Path) -> str:
@@ -54,7 +56,7 @@ def test_list_show_delete_prune(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main(["send", str(other), "-o", str(tmp_path / "o0"), "--record", "--store",
                  str(store)]) == 0
 
-    listed = _json(capsys, *st, "list")
+    listed = _json(capsys, "sendshot list", *st, "list")
     ids = [r["id"] for r in listed]
     assert set(ids) == _records(store)
     mine = [r for r in listed if r["source"] == str(src)]
@@ -65,7 +67,7 @@ def test_list_show_delete_prune(tmp_path: Path, capsys: pytest.CaptureFixture[st
             next(n for n in os.listdir(store / "records") if n.startswith(r["id"]))
         ).stat().st_size
 
-    shown = _json(capsys, *st, "show", mine[-1]["id"][:10])
+    shown = _json(capsys, "sendshot show", *st, "show", mine[-1]["id"][:10])
     files = [Path(d, n) for d, _s, ns in os.walk(src) for n in ns]
     assert shown["id"] == mine[-1]["id"]
     assert shown["files"] == len(files)
@@ -79,25 +81,27 @@ def test_list_show_delete_prune(tmp_path: Path, capsys: pytest.CaptureFixture[st
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "held by receiver(s) nas" in err
-    assert [r["held_by"] for r in _json(capsys, *st, "list")
+    assert [r["held_by"] for r in _json(capsys, "sendshot list", *st, "list")
             if r["id"] == mine[1]["id"]] == [["nas"]]
 
-    dry = _json(capsys, *st, "prune", "--keep", "1", "--dry-run")
+    dry = _json(capsys, "sendshot prune", *st, "prune", "--keep", "1", "--dry-run")
     assert dry == {"deleted": [mine[0]["id"], mine[2]["id"]], "dry_run": True}
     assert set(ids) == _records(store)
-    assert _json(capsys, *st, "prune", "--keep", "1")["deleted"] == dry["deleted"]
+    pruned = _json(capsys, "sendshot prune", *st, "prune", "--keep", "1")
+    assert pruned["deleted"] == dry["deleted"]
     assert _records(store) == {mine[1]["id"], mine[3]["id"], *(set(ids) - {r["id"] for r in mine})}
 
     # the next incremental is against the newest, which prune never deletes
     assert main(["send", str(src), "-o", str(tmp_path / "s4"), "--record", "--store",
                  str(store), "--from-sendshot", "latest"]) == 0
-    newest = _json(capsys, *st, "show", "latest")
+    newest = _json(capsys, "sendshot show", *st, "show", "latest")
     assert newest["parent"] == mine[3]["id"]
 
     # a grid of one hour keeps the newest of each source (and what is held)
-    gone = _json(capsys, *st, "prune", "--grid", "1h:24")
+    gone = _json(capsys, "sendshot prune", *st, "prune", "--grid", "1h:24")
     assert gone["deleted"] == [mine[3]["id"]]
-    assert _json(capsys, *st, "delete", "--force", mine[1]["id"]) == {"deleted": [mine[1]["id"]]}
+    deleted = _json(capsys, "sendshot delete", *st, "delete", "--force", mine[1]["id"])
+    assert deleted == {"deleted": [mine[1]["id"]]}
     assert len(_records(store)) == 2
 
     # mistakes: one line, the error's exit code

@@ -16,6 +16,7 @@ import pytest
 
 from btrdelta import device
 from btrdelta.tree import tree_sum
+from tests.jsondoc import checked
 from tests.update.conftest import Nginx
 
 from .conftest import BTRDELTA, Release, btrdelta, copy_tree
@@ -49,7 +50,7 @@ def served(small_release: Release, tmp_path_factory: pytest.TempPathFactory
 
 def _versions(repo: Path) -> dict[str, int]:
     """Bytes of each version's full, from ``repo ls --json``."""
-    doc = json.loads(btrdelta("repo", "ls", repo, "--json").stdout)
+    doc = checked("repo ls", json.loads(btrdelta("repo", "ls", repo, "--json").stdout))
     return {v["name"]: v for v in doc["versions"]}  # type: ignore[no-any-return]
 
 
@@ -69,7 +70,7 @@ def test_install_from_a_repository_takes_the_delta(
     before = srv.served()
     out = btrdelta("device", "install", btrfs_dev, f"{srv.url}/repo", "--key",
                    www / "root.pub", "--json").stdout
-    res = json.loads(out)
+    res = checked("device install", json.loads(out))
     assert (res["slot"], res["release"], res["tree_sum"]) == ("b", "new", r.new_sum)
     assert tree_sum(btrfs_dev / "roots/b") == r.new_sum
     assert tree_sum(btrfs_dev / "roots/a") == r.old_sum
@@ -167,7 +168,8 @@ def test_install_from_a_chunk_archive_reuses_the_running_root(
     device.init(btrfs_dev, r.old, state=[])
     before = srv.served()
     source = www / "new.bdar" if where == "file" else f"{srv.url}/new.bdar"
-    res = json.loads(btrdelta("device", "install", btrfs_dev, source, "--json").stdout)
+    res = checked("device install",
+                  json.loads(btrdelta("device", "install", btrfs_dev, source, "--json").stdout))
     assert (res["slot"], res["tree_sum"]) == ("b", r.new_sum)
     assert tree_sum(btrfs_dev / "roots/b") == r.new_sum
     assert device.status(btrfs_dev)["next_boot"] == "b"

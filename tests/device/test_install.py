@@ -15,6 +15,7 @@ from btrdelta import device
 from btrdelta.device.boot import select_root
 from btrdelta.device.layout import Layout
 from btrdelta.tree import tree_sum
+from tests.jsondoc import checked
 
 from .conftest import Release, btrdelta
 
@@ -35,12 +36,15 @@ def subvolumes(mnt: Path) -> list[str]:
 
 
 def status(mnt: Path) -> dict:  # type: ignore[type-arg]
-    return json.loads(btrdelta("device", "status", mnt, "--json").stdout)
+    return checked("device status", json.loads(btrdelta("device", "status", mnt,
+                                                      "--json").stdout))
 
 
 def test_debian_install_by_delta(btrfs_dev: Path, debian_release: Release) -> None:
     r = debian_release
-    btrdelta("device", "init", btrfs_dev, "--factory", r.full, "--expect-sum", r.old_sum)
+    checked("device status", json.loads(btrdelta(
+        "device", "init", btrfs_dev, "--factory", r.full, "--expect-sum", r.old_sum,
+        "--json").stdout))
     assert progs_default(btrfs_dev) == "roots/a"
     assert sorted(subvolumes(btrfs_dev)) == ["roots/a", "roots/b", "roots/factory",
                                              "state/etc", "state/home", "state/var"]
@@ -48,7 +52,7 @@ def test_debian_install_by_delta(btrfs_dev: Path, debian_release: Release) -> No
         assert tree_sum(btrfs_dev / "roots" / name) == r.old_sum
     out = btrdelta("device", "install", btrfs_dev, r.delta, "--expect-sum", r.new_sum,
                    "--json")
-    res = json.loads(out.stdout)
+    res = checked("device install", json.loads(out.stdout))
     assert res["slot"] == "b"
     assert res["tree_sum"] == r.new_sum
     assert tree_sum(btrfs_dev / "roots/b") == r.new_sum
@@ -60,13 +64,15 @@ def test_debian_install_by_delta(btrfs_dev: Path, debian_release: Release) -> No
     assert progs_default(btrfs_dev) == "roots/a"  # only the trial points at b
     # the boot: the trial is spent, b comes up; it is marked good
     assert select_root(Layout(btrfs_dev))[0] == "b"
-    btrdelta("device", "mark-good", btrfs_dev, "--slot", "b")
+    checked("device status", json.loads(btrdelta("device", "mark-good", btrfs_dev, "--slot",
+                                                 "b", "--json").stdout))
     assert progs_default(btrfs_dev) == "roots/b"
     st = status(btrfs_dev)
     assert st["trial"] is None
     assert st["roots"]["b"]["verdict"] == "good"
     # rollback: a is good, it becomes the default again
-    btrdelta("device", "rollback", btrfs_dev)
+    checked("device status", json.loads(btrdelta("device", "rollback", btrfs_dev,
+                                                 "--json").stdout))
     assert progs_default(btrfs_dev) == "roots/a"
     assert subvolumes(btrfs_dev) == ["roots/a", "roots/b", "roots/factory", "state/etc",
                                      "state/home", "state/var"]

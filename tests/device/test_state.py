@@ -22,6 +22,7 @@ from btrdelta.device.overlay import diff, mount
 from btrdelta.device.reset import factory_reset
 from btrdelta.testing.loopfs import loop_fs
 from btrdelta.tree import diff_manifests, tree_manifest, tree_sum
+from tests.jsondoc import checked
 
 from .conftest import Release, btrdelta, copy_tree
 from .test_install import progs_default
@@ -62,7 +63,8 @@ def test_overlay_diff_and_factory_reset(btrfs_dev: Path, small_release: Release,
                                         sysroot: Path, tmp_path: Path) -> None:
     r = small_release
     device.init(btrfs_dev, r.old, state=STATE)
-    mounted = json.loads(btrdelta("device", "mount", btrfs_dev, sysroot, "--json").stdout)
+    mounted = checked("device mount", json.loads(btrdelta("device", "mount", btrfs_dev, sysroot,
+                                                          "--json").stdout))
     assert mounted["root"] == "a"
     assert mounted["mounts"]
     for m in mounted["mounts"]:  # each one is a mount point now (paths inside the root)
@@ -82,10 +84,16 @@ def test_overlay_diff_and_factory_reset(btrfs_dev: Path, small_release: Release,
     assert tree_sum(sysroot / "home") == tree_sum(expected / "home")
     _umount(sysroot)
     out = btrdelta("device", "diff", btrfs_dev).stdout.splitlines()
+    lines = btrdelta("device", "diff", btrfs_dev, "--json").stdout.splitlines()
+    assert len(lines) == len(out)
+    for line in lines:  # JSON lines, one change each
+        checked("device diff", json.loads(line))
     assert out == ["D /etc/apt/apt.conf.d/01autoremove", "M /etc/apt/sources.list",
                    "R /etc/apt/trusted.gpg.d/", "A /etc/new.conf"]
     # factory reset keeping home: /etc is the release's again, home stays
-    btrdelta("device", "factory-reset", btrfs_dev, "--keep", "home")
+    reset = json.loads(btrdelta("device", "factory-reset", btrfs_dev, "--keep", "home",
+                                "--json").stdout)
+    assert checked("device factory-reset", reset)["kept"] == ["home"]
     assert progs_default(btrfs_dev) == "roots/factory"
     assert diff(btrfs_dev) == []
     mount(btrfs_dev, sysroot)
@@ -172,7 +180,7 @@ def test_backup_to_ext4_and_http_restore_elsewhere(btrfs_dev: Path, small_releas
         sums = [tree_sum(home)]
         _edit(home)
         out = btrdelta("device", "backup", btrfs_dev, "home", dest, "--json").stdout
-        second = json.loads(out)
+        second = checked("device backup", json.loads(out))
         sums.append(tree_sum(home))
         assert first["file"] == "home.1.stream"
         assert second["file"] == "home.2.delta"
@@ -186,7 +194,8 @@ def test_backup_to_ext4_and_http_restore_elsewhere(btrfs_dev: Path, small_releas
         with loop_fs("btrfs", size="1G") as other:
             device.init(other, r.new, state=STATE)
             out = btrdelta("device", "restore", other, "home", dest, "--json").stdout
-            assert tree_sum(other / "state/home") == sums[1] == json.loads(out)["tree_sum"]
+            assert tree_sum(other / "state/home") == sums[1] == checked("device restore",
+                                                                       json.loads(out))["tree_sum"]
             restore(other, "home", str(dest), upto=1)
             assert tree_sum(other / "state/home") == sums[0]
             (other / "state/home/written").write_text("the restored subvolume is writable\n")

@@ -20,6 +20,7 @@ import pytest
 from btrdelta import trust
 from btrdelta.cli import main
 from btrdelta.tree import tree_sum
+from tests.jsondoc import checked
 from tests.update.conftest import Nginx
 
 MIRRORED = ("packs", "fulls", "deltas", "bins", "index")
@@ -75,7 +76,7 @@ def test_gc_removes_what_nothing_names_and_every_version_still_updates(
     assert set(json.loads(capsys.readouterr().out)["removed"]) == orphans | stale
     assert _listing(repo) == after_kill
     assert main(["repo", "gc", str(repo), "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    report = checked("repo gc", json.loads(capsys.readouterr().out))
     assert set(report["removed"]) == orphans | stale
     assert report["kept_indexes"] == [2, 3]
     assert _listing(repo) == after_kill - orphans - stale

@@ -15,6 +15,7 @@ from btrdelta.repo.layout import delta_sources, paths_to
 from btrdelta.tree import tree_sum
 from btrdelta.update.packs import LocalPacks, open_full
 from btrdelta.update.publish import Repo
+from tests.jsondoc import checked
 
 N = 5
 
@@ -81,12 +82,12 @@ def test_jobs_run_elsewhere_are_adopted(repo: Path, releases: list[Path], tmp_pa
         assert spec["command"][:3] == ["btrdelta", "repo", "run-job"]
         capsys.readouterr()
         assert main(["repo", "run-job", str(job), "--work", str(tmp_path), "--json"]) == 0
-        done = json.loads(capsys.readouterr().out)
+        done = checked("repo run-job", json.loads(capsys.readouterr().out))
         assert done["output"] == spec["output"]
         assert done["bytes"] == Path(spec["output"]).stat().st_size > 0
     capsys.readouterr()
     assert main(["repo", "add", str(repo), f"v{N}", "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    report = checked("repo add", json.loads(capsys.readouterr().out))
     assert {d["from"] for d in report["deltas"]} == {f"v{a}" for a in delta_sources(N)}
     cat = Repo(repo).load()
     assert cat.versions[-1].pending == []
@@ -117,5 +118,5 @@ def test_refusals(repo: Path, releases: list[Path], tmp_path: Path,
     assert main(["repo", "init", str(repo)]) == 1
     assert "not empty" in capsys.readouterr().err
     assert main(["repo", "ls", str(repo), "--json"]) == 0
-    listing = json.loads(capsys.readouterr().out)
+    listing = checked("repo ls", json.loads(capsys.readouterr().out))
     assert [v["name"] for v in listing["versions"]] == [f"v{i}" for i in range(1, N + 1)]

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from btrdelta.tree import tree_sum
+from tests.jsondoc import checked
 
 SEG = 1 << 20
 BTRDELTA = [sys.executable, "-m", "btrdelta"]
@@ -116,7 +117,7 @@ def test_over_openssh(sshd: tuple[int, str], tmp_path: Path) -> None:
     first = subprocess.run([*BTRDELTA, "replicate", str(src), url, *common],
                            capture_output=True, text=True, check=False, env=_env())
     assert first.returncode == 0, first.stderr
-    assert json.loads(first.stdout)["kind"] == "full"
+    assert checked("replicate", json.loads(first.stdout))["kind"] == "full"
     # killed mid-stream (rate-limited so it is surely in the middle), then resumed
     (src / "big").write_bytes(os.urandom(5 * SEG))
     proc = subprocess.Popen([*BTRDELTA, "replicate", str(src), url, *common, "--rate-limit",
@@ -129,7 +130,7 @@ def test_over_openssh(sshd: tuple[int, str], tmp_path: Path) -> None:
     again = subprocess.run([*BTRDELTA, "replicate", str(src), url, *common],
                            capture_output=True, text=True, check=False, env=_env())
     assert again.returncode == 0, again.stderr
-    report = json.loads(again.stdout)
+    report = checked("replicate", json.loads(again.stdout))
     assert report["kind"] == "resume"
     assert report["resumed_from"] >= SEG
     newest = dest / _visible(dest)[-1]

@@ -23,6 +23,7 @@ from btrdelta import trust
 from btrdelta.cli import main
 from btrdelta.tree import tree_sum
 from btrdelta.update.publish import Repo
+from tests.jsondoc import checked
 from tests.update.conftest import Nginx
 
 N = 9
@@ -91,7 +92,7 @@ def test_every_start_reaches_newest_and_middle(
                                    capsys=capsys)
             assert rc == 0, err
             served = server.served() - before
-            report = json.loads(out)
+            report = checked("update", json.loads(out))
             assert tree_sum(dest / f"v{target}") == tree_sum(releases[target - 1])
             if start:  # the old version is still there, untouched
                 assert tree_sum(dest / f"v{start}") == tree_sum(releases[start - 1])
@@ -228,7 +229,7 @@ def test_kill_9_and_resume(signed: tuple[Path, Path, Path], releases: list[Path]
         assert rc == 0, err
         v1 = tree_sum(dest / "v1")
         rc, out, _ = _update(srv.url, dest, None, "--dry-run", "--json", capsys=capsys)
-        plan = json.loads(out)["plan"]
+        plan = checked("update", json.loads(out))["plan"]
         assert plan["hops"] >= 3
         biggest = max(s["bytes"] for s in plan["steps"])
         start = _artifact_bytes(srv)
@@ -401,7 +402,7 @@ def test_repo_ls_over_http_and_timestamp_keys(
     root, pub, _ = signed
     capsys.readouterr()
     assert main(["repo", "ls", server.url, "--key", str(pub), "--json"]) == 0
-    listing = json.loads(capsys.readouterr().out)
+    listing = checked("repo ls", json.loads(capsys.readouterr().out))
     assert [v["name"] for v in listing["versions"]] == [f"v{i}" for i in range(1, N + 1)]
     assert "verified" in listing["signed"]
     local = Repo(root).load()
