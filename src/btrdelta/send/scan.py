@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import faulthandler
 import marshal
 import os
 import signal
@@ -602,6 +603,7 @@ class ForkedScan:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child (coverage cannot follow os._exit)
             os.close(rfd)
+            faulthandler.enable()  # a crash names where it happened on stderr
             code = 0
             try:
                 payload: Any
@@ -627,20 +629,21 @@ class ForkedScan:
         self._rfd = rfd
         self._path = os.fsencode(path)
 
-    def result(self) -> Tree:
-        """Wait for the child; the scanned and hashed tree.
+    def result(self) -> Tree | None:
+        """Wait for the child; the scanned and hashed tree, or ``None`` if the child died
+        without a word (killed by a signal: the caller scans the tree itself).
 
         Raises:
-            BtrdeltaError: the child failed (the error it met, or its exit status).
+            BtrdeltaError: the error the child met while scanning.
         """
         try:
             with os.fdopen(self._rfd, "rb") as f:
                 data = f.read()
         finally:
             self._rfd = -1
-            status = self._reap()
+            self._reap()
         if not data:
-            raise BtrdeltaError(f"scanning process failed (status {status})", path=self._path)
+            return None
         payload = marshal.loads(data)  # our own child's output (marshal: fastest codec)
         if payload[0] == "error":
             raise BtrdeltaError(payload[1], path=payload[2])
@@ -727,12 +730,13 @@ class TreeScan:
         """
         if self._old is None and self.parent_dir is not None:
             try:
-                if self._forked is not None:
-                    self._old = self._forked.result()
-                    self._forked = None
+                old = self._forked.result() if self._forked is not None else None
+                self._forked = None
+                if old is not None:
+                    self._old = old
                     if on_entry is not None:
-                        on_entry(self._old.files, self._old.data_bytes)
-                else:
+                        on_entry(old.files, old.data_bytes)
+                else:  # no child, or it died (a signal): scan the parent here
                     self._old = scan_tree(self.parent_dir, on_entry=on_entry)
                     self.hasher.submit(self._old)
             except BaseException:
