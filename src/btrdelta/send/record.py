@@ -4,9 +4,8 @@
   a :class:`~.scan.Tree` whose nodes carry the record's metadata, digests and block digests
   and no files (``Tree.root`` is empty: nothing may read it).
 * :func:`record_inodes`: the inodes of a scanned and hashed tree, as a record stores them.
-* :func:`reuse_unchanged`: on btrfs, the files of a new snapshot whose inode was not written
-  since the record's snapshot (one ``TREE_SEARCH`` sweep, :func:`~btrdelta.fs.btrfs.changed_inodes`)
-  take their digests from the record and are never read.
+* :func:`stamp_generations`: every inode's btrfs generation and transid, for the record (the
+  next send visits only what changed since: :mod:`~.rescan`).
 * :func:`block_diff`: which blocks of a file changed against its old version's digests, and
   which of those are found elsewhere in old files (``CLONE`` instead of ``WRITE``).
 """
@@ -21,7 +20,7 @@ from ..fs.btrfs import changed_inodes
 from ..tree.sendshot import RecordInode, RecordReader, SendshotHead
 from .scan import BLOCK, ROOT, Node, Tree
 
-__all__ = ["BlockIndex", "Diff", "block_diff", "record_inodes", "reuse_unchanged",
+__all__ = ["BlockIndex", "Diff", "block_diff", "record_inodes", "stamp_generations",
            "tree_from_record"]
 
 _D = 16  # bytes per block digest
@@ -110,34 +109,6 @@ def record_inodes(tree: Tree) -> Iterator[RecordInode]:
             segments=n.segments if n.is_reg else None, digest=n.digest if n.is_reg else b"",
             bdigest=n.bdigest if n.is_reg else b"", blocks=n.blocks if n.is_reg else b"",
         )
-
-
-def reuse_unchanged(new: Tree, old: Tree, head: SendshotHead, snapshot_fd: int,
-                    generation: int) -> int:
-    """Fill in the files of ``new`` that did not change since ``old`` (a record of an
-    earlier snapshot of the same subvolume) from the record; returns how many.
-
-    Every inode of ``new`` gets its generation and transid when it changed (from the sweep);
-    an unchanged one keeps the record's. Needs root; raises ``OSError`` otherwise.
-    """
-    changed = changed_inodes(snapshot_fd, head.generation)
-    old_by_ino = {n.st_ino: n for n in old.nodes.values()}
-    reused = 0
-    for node in new.nodes.values():
-        got = changed.get(node.st_ino)
-        if got is not None:
-            node.generation, node.transid = got
-            continue
-        o = old_by_ino.get(node.st_ino)
-        if o is None or o.fmt != node.fmt or not o.generation:
-            continue  # not in the record (an inode older than it but never recorded)
-        node.generation, node.transid = o.generation, o.transid
-        if node.is_reg and o.segments is not None and o.size == node.size:
-            node.digest, node.bdigest, node.blocks = o.digest, o.bdigest, o.blocks
-            node.segments, node.flags = o.segments, o.flags
-            reused += 1
-    del generation
-    return reused
 
 
 def stamp_generations(tree: Tree, snapshot_fd: int) -> None:

@@ -687,6 +687,8 @@ class TreeScan:
         seed: record mode (see :class:`ContentHasher`).
         prepare: called with the new tree once scanned, before its files are queued (fills
             in what a record already knows, so those files are not read).
+        new_tree: the new tree, already scanned (:mod:`~.rescan`): ``new_dir`` is not walked;
+            only its files without ``segments`` are read.
 
     Raises:
         BtrdeltaError: the new tree cannot be scanned.
@@ -701,6 +703,7 @@ class TreeScan:
         on_entry: Callable[[int, int], None] | None = None,
         seed: int | None = None,
         prepare: Callable[[Tree], None] | None = None,
+        new_tree: Tree | None = None,
     ) -> None:
         need("xxhash", "make")  # before any thread starts: a missing extra is one line
         self.parent_dir = os.fsencode(parent_dir) if parent_dir is not None else None
@@ -714,7 +717,7 @@ class TreeScan:
         self.hasher = ContentHasher(workers, seed)
         self._old: Tree | None = None
         try:
-            self.new = scan_tree(new_dir, on_entry=on_entry)
+            self.new = new_tree or scan_tree(new_dir, on_entry=on_entry)
             if prepare is not None:
                 prepare(self.new)
             self.hasher.submit(self.new)

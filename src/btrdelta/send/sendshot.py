@@ -3,9 +3,10 @@
 :func:`send_with_sendshots` is the whole job of ``btrdelta send SOURCE --record`` and
 ``--from-sendshot ID``: freeze the source (:func:`~.live.frozen`: a temporary read-only
 snapshot of a live btrfs subvolume, deleted afterwards), load the base record, scan the
-snapshot (on btrfs, files whose inode was not written since the base's snapshot take their
-digests from the record and are not read; every other file is read once for its block
-digests), match and emit with the record as the old side (:class:`~.emit.Sender` with
+snapshot (on btrfs, against a record of an earlier snapshot of the same subvolume, only the
+inodes written since are visited: :mod:`~.rescan`; everything else is taken from the record
+and neither stat'ed nor read; elsewhere the tree is walked and every file read once for its
+block digests), match and emit with the record as the old side (:class:`~.emit.Sender` with
 ``old_record``), and after the last byte was written store the new record.
 
 The stream names the identities a receiver knows: the snapshot's UUID (its received UUID if
@@ -22,11 +23,13 @@ from typing import Any
 
 from .._value import value_class
 from ..errors import BtrdeltaError
+from ..fs.btrfs import changed_inodes
 from ..stream.records import Record
 from ..tree.sendshot import SendshotHead
 from .emit import Sender, SendStats, StreamIds
 from .live import Frozen, frozen
-from .record import record_inodes, reuse_unchanged, stamp_generations, tree_from_record
+from .record import record_inodes, stamp_generations, tree_from_record
+from .rescan import Stale, rescan, usable
 from .scan import Tree, TreeScan
 from .store import SendshotStore, StoredSendshot
 
@@ -68,25 +71,43 @@ def load_base(store: SendshotStore, ident: str, source: bytes, lineage: object,
     return rec, tree
 
 
-def _prepare(fz: Frozen, base: StoredSendshot | None, old: Tree | None,
-             counter: list[int]) -> Callable[[Tree], None]:
-    """What is filled in before the new tree's files are read (btrfs, as root)."""
+def _stamp(fz: Frozen) -> Callable[[Tree], None]:
+    """Give every inode of a fully scanned tree its btrfs generation and transid (root)."""
     def prepare(tree: Tree) -> None:
         if fz.info is None:
             return
         fd = os.open(fz.path, _DIR)
         try:
-            if base is not None and old is not None and base.head.generation and \
-                    base.head.subvol_uuid == fz.lineage:
-                counter[0] = reuse_unchanged(tree, old, base.head, fd, fz.generation)
-            else:
-                stamp_generations(tree, fd)
+            stamp_generations(tree, fd)
         except PermissionError:
-            pass  # not root: every file is read
+            pass  # not root: the next send against this record reads every file
         finally:
             os.close(fd)
 
     return prepare
+
+
+def _scan(fz: Frozen, base: StoredSendshot | None, old: Tree | None,
+          seed: int) -> tuple[TreeScan, int]:
+    """The new tree's scan, and how many of its files were taken from the base record.
+
+    On btrfs, against a record of an earlier snapshot of the same subvolume, only what
+    changed since is visited (:func:`~.rescan.rescan`); otherwise the tree is walked whole
+    and every file read.
+    """
+    if fz.info is not None and base is not None and old is not None and \
+            usable(base.head, fz.lineage, fz.generation, fz.info.readonly):
+        fd = os.open(fz.path, _DIR)
+        try:
+            tree, _listed = rescan(old, fz.path, changed_inodes(fd, base.head.generation))
+        except (PermissionError, Stale):
+            pass  # not root, or the record disagrees with the tree: walk it whole
+        else:
+            reused = sum(1 for n in tree.nodes.values() if n.is_reg and n.segments is not None)
+            return TreeScan(fz.path, seed=seed, new_tree=tree), reused
+        finally:
+            os.close(fd)
+    return TreeScan(fz.path, None, seed=seed, prepare=_stamp(fz)), 0
 
 
 def send_with_sendshots(
@@ -141,8 +162,7 @@ def send_with_sendshots(
         if from_sendshot is not None:
             base, old = load_base(store, from_sendshot, src, fz.lineage, candidates)
         seed = base.head.seed if base is not None else store.seed()
-        reused = [0]
-        scan = TreeScan(fz.path, None, seed=seed, prepare=_prepare(fz, base, old, reused))
+        scan, reused = _scan(fz, base, old, seed)
         ids = StreamIds(
             uuid=fz.stream_uuid, ctransid=fz.info.ctransid if fz.info is not None else 0,
             parent_uuid=base.head.stream_uuid if base is not None else None,
@@ -165,7 +185,7 @@ def send_with_sendshots(
         return SendshotResult(
             recorded=stored, base=base, stream_uuid=str(sender.new_ids()[0]),
             parent_uuid=str(ids.parent_uuid) if ids.parent_uuid else None,
-            reused=reused[0], stats=sender.stats, warning=fz.warning,
+            reused=reused, stats=sender.stats, warning=fz.warning,
         )
 
 
@@ -207,7 +227,7 @@ def adopt(store: SendshotStore, path: str | bytes | os.PathLike[str], *,
     src = os.path.abspath(os.fsencode(path))
     with frozen(src, snapshot=False) as fz:
         seed = store.seed()
-        scan = TreeScan(fz.path, None, seed=seed, prepare=_prepare(fz, None, None, [0]))
+        scan = TreeScan(fz.path, None, seed=seed, prepare=_stamp(fz))
         try:
             scan.hasher.wait()
             tree = scan.new
