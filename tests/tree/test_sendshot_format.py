@@ -1,9 +1,11 @@
-"""The sendshot record format: round trip, digest, and damaged records (located errors)."""
+"""The sendshot record format: round trip, digest, damaged records (located errors), and
+records of version 1 (a file made by the btrdelta that wrote version 1) still read."""
 
 from __future__ import annotations
 
 import io
 import uuid
+from pathlib import Path
 
 import pytest
 import zstandard
@@ -26,13 +28,24 @@ def _inodes() -> list[RecordInode]:
                       xattrs={b"user.a": b"1", b"security.capability": b"\x01" * 20})
     link = RecordInode(258, 0o120777, 0, 0, 0, 1, 2, 3, [(256, b"ln"), (256, b"ln2")],
                        target=b"big", rdev=0)
-    return [root, big, link]
+    sub = RecordInode(259, 0o40700, 5, 6, 0, 1, 2, 3, [(256, b"sub")], flags=16)
+    # a hole, a short last block; a hard link named in a directory that comes later
+    holey = RecordInode(260, 0o100600, 0, 0, 3 * 4096 + 10, 1, 2, 3,
+                        [(256, b"holey"), (259, b"again")], segments=[(0, 4096),
+                                                                      (8192, 4106)],
+                        digest=b"h" * 16, bdigest=b"H" * 32, blocks=bytes(range(48)))
+    small = RecordInode(261, 0o100644, 0, 0, 100, 1, 2, 3, [(259, b"small")],
+                        segments=[(0, 100)], digest=b"s" * 16, bdigest=b"S" * 32)
+    empty = RecordInode(262, 0o100644, 0, 0, 0, 1, 2, 3, [(259, b"empty")], segments=[],
+                        digest=b"e" * 16, bdigest=b"E" * 32)
+    dev = RecordInode(263, 0o20644, 0, 0, 0, 1, 2, 3, [(259, b"dev")], rdev=0x801)
+    return [root, big, link, sub, holey, small, empty, dev]
 
 
 def _encode() -> tuple[bytes, str]:
     out = io.BytesIO()
     digest, n = write_record(out.write, HEAD, iter(_inodes()))
-    assert n == 3
+    assert n == 8
     return out.getvalue(), digest
 
 
@@ -41,7 +54,9 @@ def test_round_trip_and_digest() -> None:
     reader = RecordReader(io.BytesIO(data), source="r")
     assert reader.head == HEAD
     got = list(reader.inodes())
-    assert got == _inodes()
+    want = _inodes()
+    want[5].blocks = b""  # below a block: none kept
+    assert got == want
     assert reader.digest == digest
     assert _encode()[1] == digest  # deterministic
     assert len(data) < 70_000 * 16 + 4096  # block digests do not compress; the rest does
@@ -53,6 +68,41 @@ def _plain(data: bytes) -> bytes:
 
 def _repack(data: bytes, body: bytes) -> bytes:
     return data[:22] + zstandard.ZstdCompressor().compress(body)
+
+
+def test_version_1_is_still_read() -> None:
+    """A record made by the btrdelta that wrote version 1 (tests/tree/data)."""
+    data = (Path(__file__).parent / "data" / "sendshot-v1.record").read_bytes()
+    reader = RecordReader(io.BytesIO(data), source="v1")
+    assert reader.version == 1
+    assert reader.head == HEAD
+    got = list(reader.inodes())
+    assert [(n.ino, n.dentries, n.segments, n.blocks, n.xattrs, n.target) for n in got] == [
+        (256, [], None, b"", None, b""),
+        (257, [(256, b"f")], [(0, 4096), (8192, 4106)], bytes(range(48)), {b"user.a": b"1"},
+         b""),
+        (258, [(256, b"ln"), (256, b"ln2")], None, b"", None, b"f"),
+    ]
+    assert reader.digest == "76d06b87405d45fc7e4b4d3ab6e21a620eec381e5d997a97202b6b6f9e32e22c"
+
+
+def test_smaller_than_version_1() -> None:
+    """Many small files: the columns compress better than one record per inode, and a file
+    smaller than a block keeps no block digest."""
+    t = 1_700_000_000_000_000_000
+    files = [RecordInode(256, 0o40755, 0, 0, 0, 1, 2, 3, [])] + [RecordInode(
+        300 + i, 0o100644, 1000, 1000, 1000 + i, t + i * 7919, t + i * 7919, t + i * 7919,
+        [(256, f"file-{i:05d}.txt".encode())], generation=5, transid=6,
+        segments=[(0, 1000 + i)], digest=i.to_bytes(16, "big"),
+        bdigest=i.to_bytes(32, "big"), blocks=i.to_bytes(16, "little")) for i in range(2000)]
+    out = io.BytesIO()
+    write_record(out.write, HEAD, iter(files))
+    # version 1 took 84 + 48 + 16 + ~40 bytes of framing a file before compression
+    assert len(out.getvalue()) < 2000 * 60
+    got = list(RecordReader(io.BytesIO(out.getvalue())).inodes())
+    for f in files:
+        f.blocks = b""
+    assert got == files
 
 
 @pytest.mark.parametrize("where", [40, 300, 2000])

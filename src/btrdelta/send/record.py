@@ -45,11 +45,10 @@ def tree_from_record(reader: RecordReader) -> Tree:
             raise StreamFormatError(f"inode {rec.ino} appears twice", source=reader.source)
         by_ino[rec.ino] = nid
         nodes[nid] = Node(nid, 256 if nid == ROOT else 257 + nid - 1, rec.mode, rec.uid,
-                          rec.gid, rec.size, rec.atime_ns, rec.mtime_ns, rec.ctime_ns,
-                          rdev=rec.rdev, target=rec.target, xattrs=rec.xattrs or {},
-                          flags=rec.flags, digest=rec.digest, st_ino=rec.ino,
-                          generation=rec.generation, transid=rec.transid,
-                          segments=rec.segments, blocks=rec.blocks, bdigest=rec.bdigest)
+                          rec.gid, rec.size, rec.atime_ns, rec.mtime_ns, rec.ctime_ns, b"",
+                          rec.rdev, rec.target, rec.xattrs or {}, [], rec.flags, rec.digest,
+                          rec.ino, rec.generation, rec.transid, rec.segments, rec.blocks,
+                          rec.bdigest)
         names.append(rec.dentries)
     if not nodes or names[0] or not nodes[ROOT].is_dir:
         raise StreamFormatError("the first inode must be the root directory",
@@ -101,14 +100,16 @@ def record_inodes(tree: Tree) -> Iterator[RecordInode]:
     nodes = tree.nodes
     for nid in range(len(nodes)):
         n = nodes[nid]
-        yield RecordInode(
-            n.st_ino, n.mode, n.uid, n.gid, n.size if n.is_reg else 0, n.atime_ns,
-            n.mtime_ns, n.ctime_ns, [(nodes[p].st_ino, name) for p, name in n.dentries],
-            generation=n.generation, transid=n.transid, rdev=n.rdev, flags=n.flags,
-            target=n.target, xattrs=n.xattrs or None,
-            segments=n.segments if n.is_reg else None, digest=n.digest if n.is_reg else b"",
-            bdigest=n.bdigest if n.is_reg else b"", blocks=n.blocks if n.is_reg else b"",
-        )
+        dentries = [(nodes[p].st_ino, name) for p, name in n.dentries]
+        if n.is_reg:
+            yield RecordInode(n.st_ino, n.mode, n.uid, n.gid, n.size, n.atime_ns, n.mtime_ns,
+                              n.ctime_ns, dentries, n.generation, n.transid, n.rdev, n.flags,
+                              n.target, n.xattrs or None, n.segments, n.digest, n.bdigest,
+                              n.blocks)
+        else:
+            yield RecordInode(n.st_ino, n.mode, n.uid, n.gid, 0, n.atime_ns, n.mtime_ns,
+                              n.ctime_ns, dentries, n.generation, n.transid, n.rdev, n.flags,
+                              n.target, n.xattrs or None)
 
 
 def stamp_generations(tree: Tree, snapshot_fd: int) -> None:
@@ -129,13 +130,13 @@ class BlockIndex:
 
     def add(self, node: Node) -> None:
         """Index the blocks of old file ``node`` (once)."""
-        if node.id in self._done or node.segments is None:
+        if node.id in self._done or not _has_blocks(node):
             return
         self._done.add(node.id)
         where = self._where
         i = 0
         blocks = node.blocks
-        for off, length in node.segments:
+        for off, length in node.segments or ():
             for pos in range(off, off + length, BLOCK):
                 if pos + BLOCK <= node.size:  # only whole blocks can be cloned anywhere
                     where.setdefault(blocks[i:i + _D], (node, pos))
@@ -146,9 +147,18 @@ class BlockIndex:
         return self._where.get(digest)
 
 
+def _has_blocks(node: Node) -> bool:
+    """Whether ``node`` has the digest of every block of its data (a record holds none for
+    files smaller than a block: their content digests say it all)."""
+    return node.segments is not None and \
+        len(node.blocks) == _D * sum(-(-n // BLOCK) for _o, n in node.segments)
+
+
 def _blocks_at(node: Node) -> dict[int, bytes]:
-    """offset -> digest of each block of a file's data."""
+    """offset -> digest of each block of a file's data (none when not all are known)."""
     out: dict[int, bytes] = {}
+    if not _has_blocks(node):
+        return out
     i = 0
     for off, length in node.segments or ():
         for pos in range(off, off + length, BLOCK):
@@ -170,17 +180,18 @@ def block_diff(
         ``onode`` (to punch). Blocks equal to ``onode``'s at the same offset are in none.
     """
     old_at = _blocks_at(onode) if onode is not None else {}
+    known = _has_blocks(node)  # else every block is sent
     writes: list[tuple[int, int]] = []
     clones: list[tuple[int, int, Node, int]] = []
     i = 0
     for off, length in node.segments or ():
         for pos in range(off, off + length, BLOCK):
-            d = node.blocks[i:i + _D]
+            d = node.blocks[i:i + _D] if known else b""
             i += _D
             n = min(BLOCK, node.size - pos)
             if old_at.get(pos) == d and (onode is None or pos + n <= onode.size):
                 continue
-            src = index.get(d) if index is not None and n == BLOCK else None
+            src = index.get(d) if index is not None and n == BLOCK and known else None
             if src is not None:
                 src_node, src_off = src
                 if clones and clones[-1][0] + clones[-1][1] == pos and clones[-1][2] is \

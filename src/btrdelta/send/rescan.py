@@ -59,10 +59,9 @@ def usable(head: SendshotHead, lineage: UUID | None, generation: int, readonly: 
 def _copy(o: Node, nid: int, rel: bytes) -> Node:
     """A new tree's node for the unchanged inode ``o`` of the record."""
     return Node(nid, 256 if nid == ROOT else _FIRST_INO + nid - 1, o.mode, o.uid, o.gid,
-                o.size, o.atime_ns, o.mtime_ns, o.ctime_ns, rel, rdev=o.rdev,
-                target=o.target, xattrs=o.xattrs, flags=o.flags, digest=o.digest,
-                st_ino=o.st_ino, generation=o.generation, transid=o.transid,
-                segments=o.segments, blocks=o.blocks, bdigest=o.bdigest)
+                o.size, o.atime_ns, o.mtime_ns, o.ctime_ns, rel, o.rdev, o.target, o.xattrs,
+                [], o.flags, o.digest, o.st_ino, o.generation, o.transid, o.segments,
+                o.blocks, o.bdigest)
 
 
 class _Rebuild:

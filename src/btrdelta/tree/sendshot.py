@@ -10,12 +10,14 @@ the receiver got (its UUID and ctransid: the receiver's *received UUID*), the so
 subvolume, and the sendshot it was sent against.
 
 Encoding (``docs/formats/sendshot.md``): a 22-byte header (``btrdelta-sendshot\\0`` and a
-u32 version), then one zstd frame holding frames of TLVs on the send stream's framing
-(:mod:`btrdelta.stream.framing`: u32 length, u16 record, u32 CRC32C, TLVs): ``HEAD``, one
-``INODE`` per inode in scan order (root first, then depth first by sorted names), each
-regular file's ``BLOCKS`` right after its ``INODE``, and ``END`` with the counts. The
-record's *digest* (its name in a store) is the BLAKE3-256 of the uncompressed bytes
-(header included).
+u32 version), then zstd frames holding frames of TLVs on the send stream's framing
+(:mod:`btrdelta.stream.framing`: u32 length, u16 record, u32 CRC32C, TLVs): ``HEAD``, the
+inodes in scan order (root first, then depth first by sorted names) and ``END`` with the
+counts. Version 2 (written) stores the inodes as *columns*, one record per field of every
+inode (compact, decoded with one ``struct`` call per column); version 1 (still read) as one
+``INODE`` record per inode, each regular file's ``BLOCKS`` right after it. The record's
+*digest* (its name in a store) is the BLAKE3-256 of the uncompressed bytes (header
+included).
 
 Owns: the model (:class:`SendshotHead`, :class:`RecordInode`), :func:`write_record` (a
 streaming encoder onto any ``write``) and :class:`RecordReader` (a streaming decoder of a
@@ -27,7 +29,8 @@ from __future__ import annotations
 
 import struct
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from operator import attrgetter
 from typing import Any, BinaryIO, Final
 
 import blake3
@@ -41,6 +44,7 @@ from ..stream.framing import NEED_DATA, Framer, Framing, encode_frame, iter_tlvs
 __all__ = [
     "BLOCK",
     "MAGIC",
+    "READS",
     "VERSION",
     "RecordInode",
     "RecordReader",
@@ -50,7 +54,9 @@ __all__ = [
 ]
 
 MAGIC: Final = b"btrdelta-sendshot\0"
-VERSION: Final = 1
+VERSION: Final = 2
+#: the versions :class:`RecordInode` reads
+READS: Final = (1, 2)
 _HEADER = struct.Struct("<18sI")
 #: bytes per block digest
 BLOCK: Final = 4096
@@ -162,25 +168,6 @@ def _head_attrs(head: SendshotHead) -> list[tuple[int, bytes]]:
     return attrs
 
 
-def _inode_attrs(node: RecordInode) -> list[tuple[int, Any]]:
-    attrs: list[tuple[int, Any]] = [(I_FIXED, _FIXED.pack(
-        node.ino, node.generation, node.transid, node.mode, node.uid, node.gid, node.rdev,
-        node.size, node.atime_ns, node.mtime_ns, node.ctime_ns, node.flags))]
-    if node.target:
-        attrs.append((I_TARGET, node.target))
-    if node.xattrs:
-        attrs += [(I_XATTR, _XATTR.pack(len(name)) + name + value)
-                  for name, value in sorted(node.xattrs.items())]
-    attrs += [(I_DENTRY, _DENTRY.pack(p) + n) for p, n in node.dentries]
-    if node.segments is not None:
-        attrs.append((I_SEGMENTS, b"".join(_PAIR.pack(o, n) for o, n in node.segments)))
-        attrs.append((I_DIGESTS, node.digest + node.bdigest))
-    return attrs
-
-
-_BLOCKS_PER_FRAME = 0xFFFF // _DIGEST
-
-
 def write_record(
     write: Callable[[bytes], object], head: SendshotHead, inodes: Iterator[RecordInode],
     *, level: int = 3,
@@ -220,23 +207,196 @@ def write_record(
             size = 0
 
     put(encode_frame(_HEAD, _head_attrs(head)))
-    count = files = nbytes = nblocks = 0
-    for node in inodes:
-        put(encode_frame(_INODE, _inode_attrs(node)))
-        count += 1
-        if node.segments is not None:
-            files += 1
-            nbytes += node.size
-        blocks = node.blocks
-        nblocks += len(blocks) // _DIGEST
-        step = _BLOCKS_PER_FRAME * _DIGEST
-        for i in range(0, len(blocks), step):
-            put(encode_frame(_BLOCKS, [(1, blocks[i:i + step])]))
+    cols, (count, files, nbytes, nblocks) = encode_columns(inodes)
+    for c, data in cols:
+        put(encode_frame(c, [(1, data[i:i + 0xFFFF]) for i in range(0, len(data), 0xFFFF)]))
     put(encode_frame(_END, [(E_INODES, _u64(count)), (E_FILES, _u64(files)),
                             (E_BYTES, _u64(nbytes)), (E_BLOCKS, _u64(nblocks))]))
     flush()
     write(comp.flush())
     return digest.hexdigest(), count
+
+
+# -- version 2: columns ----------------------------------------------------------------
+
+#: NSEGS value: the file is one data segment ``(0, SIZE)``
+WHOLE: Final = 0xFFFFFFFF
+
+#: record number of each column, in the order they are written
+(C_INO, C_GEN, C_TRANSID, C_MODE, C_UID, C_GID, C_RDEV, C_SIZE, C_ATIME, C_MTIME, C_CTIME,
+ C_FLAGS, C_NNAMES, C_PARENT, C_NAMELEN, C_NAMES, C_TARGETLEN, C_TARGETS, C_NXATTRS,
+ C_XATTRS, C_NSEGS, C_SEGMENTS, C_DIGESTS, C_BLOCKS) = range(16, 40)
+FIRST_COLUMN: Final = C_INO
+COLUMNS: Final = {
+    C_INO: "INO", C_GEN: "GEN", C_TRANSID: "TRANSID", C_MODE: "MODE", C_UID: "UID",
+    C_GID: "GID", C_RDEV: "RDEV", C_SIZE: "SIZE", C_ATIME: "ATIME", C_MTIME: "MTIME",
+    C_CTIME: "CTIME", C_FLAGS: "FLAGS", C_NNAMES: "NNAMES", C_PARENT: "PARENT",
+    C_NAMELEN: "NAMELEN", C_NAMES: "NAMES", C_TARGETLEN: "TARGETLEN", C_TARGETS: "TARGETS",
+    C_NXATTRS: "NXATTRS", C_XATTRS: "XATTRS", C_NSEGS: "NSEGS", C_SEGMENTS: "SEGMENTS",
+    C_DIGESTS: "DIGESTS", C_BLOCKS: "BLOCKS",
+}
+#: struct code of the fixed-width per-inode columns
+_PER_INODE = ((C_INO, "Q"), (C_GEN, "Q"), (C_TRANSID, "Q"), (C_MODE, "I"), (C_UID, "I"),
+              (C_GID, "I"), (C_RDEV, "Q"), (C_SIZE, "Q"), (C_ATIME, "q"), (C_MTIME, "q"),
+              (C_CTIME, "q"), (C_FLAGS, "Q"), (C_NNAMES, "I"), (C_TARGETLEN, "I"),
+              (C_NXATTRS, "I"))
+_XHEAD = struct.Struct("<HI")
+
+
+def _pack(code: str, values: list[int]) -> bytes:
+    return struct.pack(f"<{len(values)}{code}", *values)
+
+
+def nblocks(segments: list[tuple[int, int]], size: int) -> int:
+    """Block digests a regular file of ``size`` with data ``segments`` has in a record."""
+    if size < BLOCK:
+        return 0
+    return sum(-(-n // BLOCK) for _o, n in segments)
+
+
+def encode_columns(inodes: Iterable[RecordInode]
+                   ) -> tuple[list[tuple[int, bytes]], tuple[int, int, int, int]]:
+    """The columns of ``inodes`` (the root first), and the END counts: inodes, regular
+    files, their bytes, block digests."""
+    fixed: dict[int, list[int]] = {}
+    parents: list[int] = []
+    namelens: list[int] = []
+    names: list[bytes] = []
+    targets: list[bytes] = []
+    xattrs: list[bytes] = []
+    nsegs: list[int] = []
+    segments: list[int] = []
+    digests: list[bytes] = []
+    blocks: list[bytes] = []
+    pending: list[tuple[int, bytes]] = []  # (parent ino, name): parents may come later
+    nbytes = 0
+    nodes = list(inodes)
+    for c, field in ((C_INO, "ino"), (C_GEN, "generation"), (C_TRANSID, "transid"),
+                     (C_MODE, "mode"), (C_UID, "uid"), (C_GID, "gid"), (C_RDEV, "rdev"),
+                     (C_SIZE, "size"), (C_ATIME, "atime_ns"), (C_MTIME, "mtime_ns"),
+                     (C_CTIME, "ctime_ns"), (C_FLAGS, "flags")):
+        get = attrgetter(field)
+        fixed[c] = [get(n) for n in nodes]
+    fixed[C_NNAMES] = [len(n.dentries) for n in nodes]
+    fixed[C_TARGETLEN] = [len(n.target) for n in nodes]
+    fixed[C_NXATTRS] = [len(n.xattrs) if n.xattrs else 0 for n in nodes]
+    index = {ino: i for i, ino in enumerate(fixed[C_INO])}
+    for node in nodes:
+        pending += node.dentries
+        targets.append(node.target)
+        if node.xattrs:
+            xattrs += [_XHEAD.pack(len(k), len(v)) + k + v for k, v in sorted(node.xattrs.items())]
+        if node.segments is None:
+            continue
+        if node.segments == [(0, node.size)] and node.size:
+            nsegs.append(WHOLE)
+        else:
+            nsegs.append(len(node.segments))
+            for off, length in node.segments:
+                segments += (off, length)
+        digests.append(node.digest + node.bdigest)
+        nbytes += node.size
+        if node.size >= BLOCK:
+            blocks.append(node.blocks)
+    for parent, name in pending:
+        parents.append(index[parent])
+        namelens.append(len(name))
+        names.append(name)
+    block_bytes = b"".join(blocks)
+    cols = [(c, _pack(code, fixed[c])) for c, code in _PER_INODE]
+    cols += [(C_PARENT, _pack("I", parents)), (C_NAMELEN, _pack("H", namelens)),
+             (C_NAMES, b"".join(names)), (C_TARGETS, b"".join(targets)),
+             (C_XATTRS, b"".join(xattrs)), (C_NSEGS, _pack("I", nsegs)),
+             (C_SEGMENTS, _pack("Q", segments)), (C_DIGESTS, b"".join(digests)),
+             (C_BLOCKS, block_bytes)]
+    cols.sort()
+    return cols, (len(fixed[C_INO]), len(digests), nbytes, len(block_bytes) // _DIGEST)
+
+
+def _array(cols: dict[int, memoryview], c: int, code: str, count: int) -> tuple[int, ...]:
+    v = cols[c]
+    if len(v) != count * struct.calcsize(code):
+        raise StreamFormatError(f"column {COLUMNS[c]} holds {len(v)} bytes, not {count} "
+                                f"values")
+    return struct.unpack(f"<{count}{code}", v)
+
+
+def _xattrs(v: memoryview, pos: int, count: int) -> tuple[dict[bytes, bytes], int]:
+    out: dict[bytes, bytes] = {}
+    for _ in range(count):
+        if pos + _XHEAD.size > len(v):
+            raise StreamFormatError("column XATTRS is truncated")
+        k, n = _XHEAD.unpack_from(v, pos)
+        pos += _XHEAD.size
+        if pos + k + n > len(v):
+            raise StreamFormatError("column XATTRS is truncated")
+        out[bytes(v[pos:pos + k])] = bytes(v[pos + k:pos + k + n])
+        pos += k + n
+    return out, pos
+
+
+def decode_columns(cols: dict[int, memoryview], count: int, nblk: int
+                   ) -> Iterator[RecordInode]:
+    """The inodes of the columns ``cols`` (``count`` inodes, ``nblk`` block digests).
+
+    Raises:
+        StreamFormatError: a column of the wrong length, a parent that is not an inode of
+            the record, names, targets, xattrs, segments or block digests that do not add
+            up.
+    """
+    f = {c: _array(cols, c, code, count) for c, code in _PER_INODE}
+    inos, modes = f[C_INO], f[C_MODE]
+    nd = sum(f[C_NNAMES])
+    parents = _array(cols, C_PARENT, "I", nd)
+    namelens = _array(cols, C_NAMELEN, "H", nd)
+    names, targets, xv = cols[C_NAMES], cols[C_TARGETS], cols[C_XATTRS]
+    if sum(namelens) != len(names) or sum(f[C_TARGETLEN]) != len(targets):
+        raise StreamFormatError("columns NAMES or TARGETS do not match their lengths")
+    files = sum(1 for m in modes if m & 0o170000 == 0o100000)
+    nsegs = _array(cols, C_NSEGS, "I", files)
+    seg_count = sum(n for n in nsegs if n != WHOLE)
+    segs = _array(cols, C_SEGMENTS, "Q", 2 * seg_count)
+    digests, blocks = cols[C_DIGESTS], cols[C_BLOCKS]
+    if len(digests) != 48 * files or len(blocks) != _DIGEST * nblk:
+        raise StreamFormatError("columns DIGESTS or BLOCKS do not match the files")
+    if any(p >= count for p in parents):
+        raise StreamFormatError(f"a dentry names a parent beyond the {count} inodes")
+    names_b, targets_b, digests_b, blocks_b = bytes(names), bytes(targets), bytes(digests), \
+        bytes(blocks)
+    d = npos = tpos = xpos = k = s = bpos = 0
+    for (ino, gen, transid, mode, uid, gid, rdev, size, atime, mtime, ctime, flags, nn, tl,
+         nx) in zip(*(f[c] for c, _ in _PER_INODE), strict=True):
+        dentries = []
+        for _ in range(nn):
+            end = npos + namelens[d]
+            dentries.append((inos[parents[d]], names_b[npos:end]))
+            npos = end
+            d += 1
+        node = RecordInode(ino, mode, uid, gid, size, atime, mtime, ctime, dentries, gen,
+                           transid, rdev, flags, targets_b[tpos:tpos + tl])
+        tpos += tl
+        if nx:
+            node.xattrs, xpos = _xattrs(xv, xpos, nx)
+        if mode & 0o170000 == 0o100000:
+            n = nsegs[k]
+            if n == WHOLE:
+                node.segments = [(0, size)] if size else []
+            else:
+                node.segments = [(segs[2 * j], segs[2 * j + 1]) for j in range(s, s + n)]
+                s += n
+            node.digest = digests_b[48 * k:48 * k + 16]
+            node.bdigest = digests_b[48 * k + 16:48 * k + 48]
+            k += 1
+            if size >= BLOCK:
+                nb = nblocks(node.segments, size) * _DIGEST
+                if bpos + nb > len(blocks_b):
+                    raise StreamFormatError("column BLOCKS is shorter than the files' "
+                                            "segments")
+                node.blocks = blocks_b[bpos:bpos + nb]
+                bpos += nb
+        yield node
+    if xpos != len(xv) or bpos != len(blocks) or s != seg_count:
+        raise StreamFormatError("columns XATTRS, SEGMENTS or BLOCKS hold more than the inodes")
 
 
 _FRAMING = Framing(
@@ -245,7 +405,7 @@ _FRAMING = Framing(
     too_long="record length {length} exceeds {limit}",
     truncated="truncated record: {total} bytes announced",
     names=_NAMES,
-    max_payload=lambda cmd, version: _MAX_PAYLOAD,
+    max_payload=lambda cmd, version: _MAX_PAYLOAD if cmd < FIRST_COLUMN else 0xFFFFFFFF,
     unknown_by_number=True,
 )
 
@@ -264,9 +424,9 @@ def _int(v: memoryview) -> int:
     raise StreamFormatError(f"an integer of {len(v)} bytes")
 
 
-def _decode_head(mv: memoryview, start: int, end: int) -> SendshotHead:
+def _decode_head(mv: memoryview, start: int, end: int, version: int) -> SendshotHead:
     f: dict[int, memoryview] = dict(iter_tlvs(mv, start, end))
-    if H_VERSION in f and _int(f[H_VERSION]) != VERSION:
+    if H_VERSION in f and _int(f[H_VERSION]) != version:
         raise UnsupportedVersionError(f"sendshot record version {_int(f[H_VERSION])}")
     for need in (H_STREAM_UUID, H_CTRANSID, H_NAME, H_CREATED):
         if need not in f:
@@ -359,17 +519,21 @@ class RecordReader:
         magic, version = _HEADER.unpack(header)
         if magic != MAGIC:
             raise StreamFormatError("bad magic, not a sendshot record", source=source)
-        if version != VERSION:
-            raise UnsupportedVersionError(f"sendshot record version {version}", source=source)
+        if version not in READS:
+            raise UnsupportedVersionError(
+                f"sendshot record version {version} (this btrdelta reads versions "
+                f"{', '.join(map(str, READS))}: a newer btrdelta made it)", source=source)
+        self.version = version
         self._digest = blake3.blake3(header)
         self._reader = zstandard.ZstdDecompressor().stream_reader(file, read_across_frames=True)
         self._framer = Framer(_FRAMING, source=source)
-        self._framer.version = VERSION
+        self._framer.version = version
         self._offset = _HEADER.size
         cmd, mv, start, end = self._next()
         if cmd != _HEAD:
             self._framer.fail(StreamFormatError("the record does not start with HEAD"), cmd=cmd)
-        self.head: SendshotHead = self._decode(_decode_head, mv, start, end, cmd)
+        self.head: SendshotHead = self._decode(
+            lambda mv, a, b: _decode_head(mv, a, b, version), mv, start, end, cmd)
         self._done()
         #: the digest (hex) of the record, once :meth:`inodes` reached its end
         self.digest: str | None = None
@@ -406,6 +570,35 @@ class RecordReader:
         Raises:
             StreamFormatError: bad bytes, a wrong order, counts that do not match the END.
         """
+        if self.version == 1:
+            yield from self._inodes_v1()
+            return
+        fr = self._framer
+        cols: dict[int, memoryview] = {}
+        for c in COLUMNS:
+            cmd, mv, start, end = self._next()
+            if cmd != c:
+                fr.fail(StreamFormatError(f"expected column {COLUMNS[c]}"), cmd=cmd)
+            cols[c] = memoryview(b"".join(v for typ, v in iter_tlvs(mv, start, end)
+                                          if typ == 1))
+            self._done()
+        cmd, mv, start, end = self._next()
+        if cmd != _END:
+            fr.fail(StreamFormatError("expected END after the columns"), cmd=cmd)
+        ends = {t: _int(v) for t, v in iter_tlvs(mv, start, end)}
+        self._done()
+        self._check_end()
+        try:
+            yield from decode_columns(cols, ends.get(E_INODES, 0), ends.get(E_BLOCKS, 0))
+        except StreamFormatError as exc:
+            fr.fail(exc, indexed=False)
+        self.digest = self._digest.hexdigest()
+
+    def _check_end(self) -> None:
+        if self._framer.avail or self._reader.read(1):
+            self._framer.fail(StreamFormatError("data after the record's END"))
+
+    def _inodes_v1(self) -> Iterator[RecordInode]:
         fr = self._framer
         count = nblocks = 0
         node: RecordInode | None = None
@@ -440,8 +633,7 @@ class RecordReader:
                 break
             else:
                 fr.fail(StreamFormatError(f"unexpected record {cmd}"), cmd=cmd)
-        if fr.avail or self._reader.read(1):
-            fr.fail(StreamFormatError("data after the record's END"))
+        self._check_end()
         self.digest = self._digest.hexdigest()
 
 
