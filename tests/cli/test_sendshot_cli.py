@@ -47,7 +47,7 @@ def test_list_show_delete_prune(tmp_path: Path, capsys: pytest.CaptureFixture[st
     (other / "x").write_bytes(b"x" * 5000)
     streams = []
     for i in range(4):
-        (src / "d" / f"f{i}").write_bytes(os.urandom(3000 + i))
+        (src / "d" / f"f{i}").write_bytes(os.urandom(5000 + i))
         out = tmp_path / f"s{i}"
         more = ["--from-sendshot", "latest"] if i else []
         assert main(["send", str(src), "-o", str(out), "--record", "--store", str(store),
@@ -72,7 +72,7 @@ def test_list_show_delete_prune(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert shown["id"] == mine[-1]["id"]
     assert shown["files"] == len(files)
     assert shown["data_bytes"] == sum(f.stat().st_size for f in files)
-    assert shown["blocks"] == len(files)  # one 4 KiB block each
+    assert shown["blocks"] == 2 * len(files)  # two 4 KiB blocks each
 
     # a receiver's cursor holds round 1: delete refuses, prune keeps it
     SendshotStore(store).set_cursor("nas", mine[1]["id"])
