@@ -1,12 +1,37 @@
-"""The reading half of a send: the parent tree scanned in a child process (send/scan.py)."""
+"""The reading half of a send: the parent tree scanned in a child process (send/scan.py).
+
+Each case runs in a fresh interpreter: :class:`TreeScan` forks only while no other thread
+runs, which a long pytest session cannot promise.
+"""
 
 from __future__ import annotations
 
 import os
-import signal
+import subprocess
+import sys
 from pathlib import Path
 
-from btrdelta.send.scan import TreeScan, hash_contents, scan_tree
+import pytest
+
+from btrdelta.send.scan import hash_contents, scan_tree
+
+_SCRIPT = """
+import os, signal, sys
+from btrdelta.send.scan import TreeScan
+scan = TreeScan(sys.argv[1], sys.argv[2], workers=2)
+try:
+    forked = scan._forked
+    assert forked is not None, "no child was forked"
+    if sys.argv[3] == "kill":
+        os.kill(forked._pid, signal.SIGKILL)
+    tree = scan.old_tree()
+    assert tree is not None
+    assert scan._forked is None
+    scan.hasher.wait()  # a tree scanned here is hashed by the threads with the new one
+    print(tree.identity().hex())
+finally:
+    scan.close()
+"""
 
 
 def _tree(root: Path) -> Path:
@@ -20,37 +45,17 @@ def _tree(root: Path) -> Path:
     return root
 
 
-def _expected(path: Path) -> bytes:
-    tree = scan_tree(path)
-    hash_contents([tree], workers=1)
-    return tree.identity()
-
-
-def test_a_child_killed_by_a_signal_is_replaced_by_a_scan_here(tmp_path: Path) -> None:
+@pytest.mark.parametrize("child", ["kill", "keep"])
+def test_the_parent_tree_whether_the_child_lives_or_is_killed(
+    tmp_path: Path, child: str
+) -> None:
     old = _tree(tmp_path / "old")
     new = _tree(tmp_path / "new")
-    scan = TreeScan(new, old, workers=2)
-    try:
-        forked = scan._forked
-        assert forked is not None
-        assert forked._pid is not None
-        os.kill(forked._pid, signal.SIGKILL)
-        tree = scan.old_tree()
-        assert tree is not None
-        scan.hasher.wait()  # scanned here: hashed by the threads with the new tree
-        assert tree.identity() == _expected(old)
-        assert scan._forked is None
-    finally:
-        scan.close()
-
-
-def test_the_child_scan_equals_a_scan_here(tmp_path: Path) -> None:
-    old = _tree(tmp_path / "old")
-    new = _tree(tmp_path / "new")
-    scan = TreeScan(new, old, workers=2)
-    try:
-        tree = scan.old_tree()
-        assert tree is not None
-        assert tree.identity() == _expected(old)
-    finally:
-        scan.close()
+    done = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, str(new), str(old), child],
+        capture_output=True, text=True, check=False, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    expected = scan_tree(old)
+    hash_contents([expected], workers=1)
+    assert done.stdout.strip() == expected.identity().hex()
