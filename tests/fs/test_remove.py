@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from btrdelta.fs.remove import remove_tree
+from btrdelta.fs.remove import remove_path, remove_tree
 
 
 def _deep(root: Path, depth: int) -> None:
@@ -77,3 +77,20 @@ def test_a_file_or_symlink_itself(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_remove_path_deep_tree_symlink_and_missing(deep_tmp_path: Path) -> None:
+    tmp_path = deep_tmp_path
+    (tmp_path / "t").mkdir()
+    _deep(tmp_path / "t", sys.getrecursionlimit() + 200)
+    remove_path(tmp_path / "t")
+    assert not (tmp_path / "t").exists()
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "f").write_bytes(b"x")
+    (tmp_path / "link").symlink_to("kept")
+    remove_path(tmp_path / "link")  # the symlink itself, not what it points to
+    assert (tmp_path / "kept" / "f").read_bytes() == b"x"
+    assert not (tmp_path / "link").is_symlink()
+    with pytest.raises(FileNotFoundError):
+        remove_path(tmp_path / "missing")
+    remove_path(tmp_path / "missing", ignore_errors=True)

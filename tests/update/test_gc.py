@@ -123,3 +123,22 @@ def test_gc_removes_what_nothing_names_and_every_version_still_updates(
         srv.stop()
     assert main(["repo", "sign", str(repo), "--key", str(key)]) == 0
     assert (repo / "index/6.json").exists()
+
+
+def test_gc_removes_leftovers_deeper_than_the_recursion_limit(deep_tmp_path: Path) -> None:
+    """A killed ``repo add`` of a deep tree leaves its temporaries; gc takes them away."""
+    repo = deep_tmp_path / "repo"
+    assert main(["repo", "init", str(repo)]) == 0
+    leftover = repo / ".btrdelta" / "tmp" / "job"
+    leftover.mkdir(parents=True)
+    fd = os.open(leftover, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(sys.getrecursionlimit() + 200):  # shutil.rmtree dies here
+            os.mkdir("d", dir_fd=fd)
+            child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    finally:
+        os.close(fd)
+    assert main(["repo", "gc", str(repo)]) == 0
+    assert not (repo / ".btrdelta" / "tmp").exists()

@@ -7,6 +7,7 @@ recurses once per level and fails past ~1000 with ``RecursionError``), symlinks 
 It walks down with ``openat(O_DIRECTORY|O_NOFOLLOW)`` and back up through ``..``, checking
 at every step up that ``..`` is the directory it came from (device and inode), so a tree
 moved meanwhile makes it stop with an error rather than delete elsewhere.
+:func:`remove_path` is the same for a path, where code would reach for ``shutil.rmtree``.
 
 Knows nothing of subvolumes: a btrfs subvolume is deleted with its ioctl
 (:func:`btrdelta.fs.btrfs.delete_subvolume`); a nested subvolume met here is an ordinary
@@ -18,7 +19,7 @@ from __future__ import annotations
 import errno
 import os
 
-__all__ = ["remove_tree"]
+__all__ = ["remove_path", "remove_tree"]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -52,6 +53,31 @@ def _first_subdir(fd: int) -> bytes | None:
 def _identity(fd: int) -> tuple[int, int]:
     st = os.fstat(fd)
     return st.st_dev, st.st_ino
+
+
+def remove_path(path: str | os.PathLike[str], *, ignore_errors: bool = False) -> None:
+    """Delete ``path`` (a directory tree of any depth, or any other entry; a symlink itself).
+
+    The path-based form of :func:`remove_tree`, for what ``shutil.rmtree`` would do.
+
+    Args:
+        path: what to delete; its parent directories are followed as usual.
+        ignore_errors: a missing ``path`` or an entry that cannot go is no error (what
+            could not be removed stays).
+
+    Raises:
+        OSError: ``path`` is missing or could not be removed (not with ``ignore_errors``).
+    """
+    try:
+        parent = os.open(os.path.dirname(os.path.abspath(path)) or "/",
+                         os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            remove_tree(parent, os.path.basename(os.path.abspath(path)))
+        finally:
+            os.close(parent)
+    except OSError:
+        if not ignore_errors:
+            raise
 
 
 def remove_tree(dir_fd: int, name: str | bytes) -> None:

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..fs.remove import remove_path
 from ..repo.canonical import Fields, parse_json
 from ..repo.catalog import Catalog
 from ..repo.model import Index
@@ -97,11 +97,11 @@ def collect_garbage(root: str | os.PathLike[str], *, keep_indexes: int = 2,
             if entry.startswith(".") and ".tmp-" in entry:
                 _remove(repo.root / entry, entry, report, dry_run)
         if not dry_run:
-            shutil.rmtree(repo.tmp, ignore_errors=True)
+            remove_path(repo.tmp, ignore_errors=True)
             pending = {v.name for v in cat.versions if v.pending or not v.measured}
             for job_dir in sorted(repo.jobs.iterdir()) if repo.jobs.is_dir() else ():
                 if job_dir.name not in pending:
-                    shutil.rmtree(job_dir, ignore_errors=True)
+                    remove_path(job_dir, ignore_errors=True)
     return report
 
 
@@ -111,6 +111,6 @@ def _remove(path: Path, rel: str, report: GcReport, dry_run: bool) -> None:
     report.bytes += st.st_size
     if not dry_run:
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
+            remove_path(path)
         else:
             path.unlink()

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from pathlib import Path
 from ..chunk.chunker import ChunkerParams
 from ..errors import BtrdeltaError, ChecksumError
 from ..fs.atomic import write_atomic
+from ..fs.remove import remove_path
 from ..repo.canonical import parse_json
 from ..repo.catalog import Catalog, CatalogVersion, decode_chunk_map
 from ..repo.layout import delta_sources, future_sources
@@ -161,7 +161,7 @@ def _remove_tree(path: Path) -> None:
                 return
     finally:
         os.close(parent)
-    shutil.rmtree(path)
+    remove_path(path)
 
 
 def _check_same(received: Path, source: Path, identity: str) -> None:

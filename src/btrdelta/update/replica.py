@@ -43,7 +43,7 @@ from ..errors import (
     UnsafePathError,
 )
 from ..fs.btrfs import delete_subvolume, subvol_info
-from ..fs.remove import remove_tree
+from ..fs.remove import remove_path, remove_tree
 from ..fs.sandbox import check_name
 from ..protocol import (
     Accept,
@@ -89,20 +89,6 @@ class ServeResult:
     received: ReceivedSubvol | None = None
     #: bytes of stream this conversation added to the spool
     received_bytes: int = 0
-
-
-def _remove(path: Path, *, strict: bool = False) -> None:
-    """Remove ``path`` and what is below it, whatever its depth (``shutil.rmtree`` recurses
-    once per level); what cannot go stays, unless ``strict`` (then :class:`OSError`)."""
-    try:
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            remove_tree(fd, path.name)
-        finally:
-            os.close(fd)
-    except OSError:
-        if strict:
-            raise
 
 
 class _Spool:
@@ -184,7 +170,7 @@ class _Spool:
 
     def drop(self) -> None:
         self.close()
-        _remove(self.path)
+        remove_path(self.path, ignore_errors=True)
 
 
 class _SpoolReader:
@@ -389,7 +375,7 @@ class Replica:
             part_dir = self.dest / PARTIAL_DIR
             resume = self._partial(io.conn.version) if plan.kind == "resume" else None
             if resume is None and part_dir.exists():
-                _remove(part_dir, strict=True)  # an older transfer this sender abandoned
+                remove_path(part_dir)  # an older transfer this sender abandoned
             self._sweep(plan.uuid)
             spool = _Spool(part_dir, plan, resume=resume, version=io.conn.version)
             applier = _Applier(spool, self.dest, self.backend)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from .. import trust
 from ..chunk.store import ChunkStore
 from ..errors import BtrdeltaError, MissingBaseError
 from ..fs.atomic import write_atomic
+from ..fs.remove import remove_path
 from ..repo.metadata import (
     MetaCache,
     Verified,
@@ -313,4 +313,4 @@ def _finish(d: _Dest) -> None:
         if entry.startswith((holdings.HOP_PREFIX, holdings.BASE_PREFIX)):
             holdings.remove_entry(d.dest, entry)
     for sub in (d.downloads, d.tmp, d.store.root):
-        shutil.rmtree(sub, ignore_errors=True)
+        remove_path(sub, ignore_errors=True)
