@@ -35,12 +35,13 @@ demo: sysdeps venv
 
 # pytest's temporary directories live in a fresh directory of this run only (never the
 # shared /tmp/pytest-of-USER, whose cleanup of other runs' trees can fail) and are removed
-# after it, pass or fail; `rm -rf` deletes trees of any depth
+# after it, pass, fail or killed (trap); `rm -rf` deletes trees of any depth
 test: sysdeps venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	@tmp=$$(mktemp -d /tmp/btrdelta-test.XXXXXX); \
-	$(BIN)/python -m pytest --basetemp="$$tmp/t"; rc=$$?; rm -rf --one-file-system "$$tmp"; exit $$rc
+	trap 'rm -rf --one-file-system "$$tmp"' EXIT; trap 'exit 143' INT TERM HUP; \
+	$(BIN)/python -m pytest --basetemp="$$tmp/t"
 
 # power cuts in qemu (docs/device.md §9): not part of `make test` (tens of minutes under TCG)
 vmtest: sysdeps venv
@@ -50,8 +51,9 @@ vmtest: sysdeps venv
 # replication soak (docs/replicate.md): many rounds with cuts; not part of `make test`
 soak: sysdeps venv
 	@tmp=$$(mktemp -d /tmp/btrdelta-soak.XXXXXX); \
+	trap 'rm -rf --one-file-system "$$tmp"' EXIT; trap 'exit 143' INT TERM HUP; \
 	BTRDELTA_SOAK=1 $(BIN)/python -m pytest -q -s -p no:cacheprovider --basetemp="$$tmp/t" \
-		tests/update/test_replicate_soak.py; rc=$$?; rm -rf --one-file-system "$$tmp"; exit $$rc
+		tests/update/test_replicate_soak.py
 
 lint: venv
 	$(BIN)/ruff check .
