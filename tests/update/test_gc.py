@@ -20,6 +20,7 @@ import pytest
 from btrdelta import trust
 from btrdelta.cli import main
 from btrdelta.tree import tree_sum
+from tests.fs.test_remove import _deep
 from tests.jsondoc import checked
 from tests.update.conftest import Nginx
 
@@ -131,14 +132,6 @@ def test_gc_removes_leftovers_deeper_than_the_recursion_limit(deep_tmp_path: Pat
     assert main(["repo", "init", str(repo)]) == 0
     leftover = repo / ".btrdelta" / "tmp" / "job"
     leftover.mkdir(parents=True)
-    fd = os.open(leftover, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for _ in range(sys.getrecursionlimit() + 200):  # shutil.rmtree dies here
-            os.mkdir("d", dir_fd=fd)
-            child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = child
-    finally:
-        os.close(fd)
+    _deep(leftover, sys.getrecursionlimit() + 200)  # shutil.rmtree dies here
     assert main(["repo", "gc", str(repo)]) == 0
     assert not (repo / ".btrdelta" / "tmp").exists()

@@ -67,6 +67,7 @@ __all__ = [
     "Subvolumes",
     "find_parent",
     "find_subvolume",
+    "pid_alive",
     "uses_btrfs",
 ]
 
@@ -363,7 +364,7 @@ class Subvolumes:
         for entry in os.scandir(self._dest_fd):
             name = entry.name
             pid = name.rsplit("-", 1)[-1]
-            if not name.startswith(TMP_PREFIX) or not pid.isdigit() or _alive(int(pid)):
+            if not name.startswith(TMP_PREFIX) or not pid.isdigit() or pid_alive(int(pid)):
                 continue
             try:
                 fd = os.open(name, _DIR | os.O_NOFOLLOW, dir_fd=self._dest_fd)
@@ -401,8 +402,9 @@ class Subvolumes:
             self._remove(pending.tmp)
 
 
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (in this PID namespace)."""
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (in this PID namespace): the owner of a temporary
+    name ``<prefix><pid>`` still works on it."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -25,7 +25,7 @@ from pathlib import Path
 from ..fs import btrfs as sv
 from ..fs.copy import copy_tree
 from ..fs.remove import remove_tree
-from ..receive.subvolumes import TMP_PREFIX, Subvolumes
+from ..receive.subvolumes import TMP_PREFIX, Subvolumes, pid_alive
 from ..repo.model import stream_uuid
 from ..tree import tree_sum
 
@@ -41,16 +41,6 @@ HOP_PREFIX = ".btrdelta-hop-"
 BASE_PREFIX = ".btrdelta-base-"
 #: inode number of a btrfs subvolume's root directory
 _SUBVOL_ROOT_INO = 256
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_entry(dest: Path, name: str) -> None:
@@ -75,7 +65,7 @@ def cleanup(dest: Path) -> None:
     for entry in os.listdir(dest):
         if entry.startswith(TMP_PREFIX):
             pid = entry.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 remove_entry(dest, entry)
 
 

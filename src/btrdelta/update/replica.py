@@ -62,6 +62,7 @@ from ..protocol import (
 )
 from ..protocol.messages import segment_hasher, spoken
 from ..receive import ReceivedSubvol, receive, uses_btrfs
+from ..receive.subvolumes import pid_alive
 from ..stream.reader import Event, StreamReader
 from ..stream.records import Clone, End, Snapshot, Subvol
 from .channels import Channel, MessageIO, PeerClosed, PeerRefused
@@ -444,7 +445,7 @@ class Replica:
             if not entry.name.startswith(prefix):
                 continue
             pid = entry.name[len(prefix):]
-            if pid.isdigit() and _alive(int(pid)):
+            if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
                 continue
             fd = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
@@ -456,15 +457,5 @@ class Replica:
                     remove_tree(fd, entry.name)  # any depth: an unfinished, untrusted tree
             finally:
                 os.close(fd)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid != os.getpid()
 
 
