@@ -339,8 +339,6 @@ def _diff_bases(
         if best is None:
             return None
         cost, codec, patch = best
-        if codec.apply(old, patch, new_size=len(new)) != new:  # pragma: no cover - codec bug
-            return None
         old_digest = digest(opts.hash_algo, old)
     return Result(codec, patch, len(old), old_digest, digest(opts.hash_algo, new), len(new),
                   replaced, encoded, base=keep[0][0], cost=cost,
@@ -370,8 +368,6 @@ def _diff_base(
         if best is None:
             return None
         cost, codec, patch = best
-        if codec.apply(old, patch, new_size=len(new)) != new:  # pragma: no cover - codec bug
-            return None
     return Result(codec, patch, len(old), old_digest, digest(opts.hash_algo, new), len(new),
                   replaced, encoded, base=base, cost=cost)
 
@@ -380,7 +376,8 @@ def _best_patch(
     old: bytes, new: bytes, opts: MakeOptions, replaced: int
 ) -> tuple[int, Codec, bytes] | None:
     """The cheapest allowed patch from ``old`` to ``new``: (its cost in the delta, codec,
-    patch bytes), or ``None`` if none costs less than the ``replaced`` stream bytes."""
+    patch bytes), or ``None`` if none costs less than the ``replaced`` stream bytes (or the
+    patch does not give ``new`` back: a codec bug never reaches a delta)."""
     # (cost in the delta, codec, patch bytes)
     candidates: list[tuple[int, Codec, bytes]] = []
     if opts.codec == "auto":
@@ -404,7 +401,12 @@ def _best_patch(
         c for c in candidates
         if c[0] < replaced and patch_refusal(c[1].codec_id, len(c[2]), len(old), len(new)) is None
     ]
-    return min(allowed, key=lambda c: c[0]) if allowed else None
+    if not allowed:
+        return None
+    best = min(allowed, key=lambda c: c[0])
+    if best[1].apply(old, best[2], new_size=len(new)) != new:  # pragma: no cover - codec bug
+        return None
+    return best
 
 
 def _runs(group: Group, items: list[DeltaItem], encoded: dict[int, tuple[int, int]]) -> None:
