@@ -122,13 +122,21 @@ def test_parser_accepts_any_split(old_tree: Path) -> None:
         assert items[-1] is DeltaEnd
 
 
+@pytest.fixture(scope="module")
+def hyp_old(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An old tree shared by every example (hypothesis refuses function-scoped fixtures)."""
+    old = tmp_path_factory.mktemp("hyp-old")
+    (old / "d").mkdir()
+    (old / "d" / "f1").write_bytes(b"0123456789abcdef" * 3000)
+    (old / "d" / "f2").write_bytes(b"fedcba9876543210" * 3000)
+    return old
+
+
 @given(cut=st.integers(min_value=0, max_value=10**9), flip=st.integers(0, 255))
-def test_truncated_or_flipped_delta_raises_only_our_errors(cut: int, flip: int) -> None:
-    old = Path(os.environ.get("TMPDIR", "/tmp")) / f"btrdelta-hyp-{os.getpid()}"
-    (old / "d").mkdir(parents=True, exist_ok=True)
-    if not (old / "d" / "f1").exists():
-        (old / "d" / "f1").write_bytes(b"0123456789abcdef" * 3000)
-        (old / "d" / "f2").write_bytes(b"fedcba9876543210" * 3000)
+def test_truncated_or_flipped_delta_raises_only_our_errors(
+    hyp_old: Path, cut: int, flip: int
+) -> None:
+    old = hyp_old
     delta = _make(_stream(2, _new_files(old)), old, level=3)
     cut %= len(delta)
     for bad in (delta[:cut], delta[:cut] + bytes([delta[cut] ^ (flip or 1)]) + delta[cut + 1 :]):
