@@ -602,10 +602,12 @@ class ForkedScan:
         rfd, wfd = os.pipe()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child (coverage cannot follow os._exit)
-            os.close(rfd)
-            faulthandler.enable()  # a crash names where it happened on stderr
             code = 0
             try:
+                os.close(rfd)
+                # a crash names where it happened on stderr (the descriptor: sys.stderr
+                # may be a Python object without one, e.g. under pytest's capture)
+                faulthandler.enable(file=2)
                 payload: Any
                 try:
                     tree = scan_tree(path)
