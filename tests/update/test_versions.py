@@ -378,6 +378,59 @@ def test_held_versions_are_checked_by_content_and_seed_the_full(
     assert tree_sum(dest / "v9") == tree_sum(releases[8])
 
 
+def test_a_delta_hop_reads_only_the_files_its_stream_changed(
+    signed: tuple[Path, Path, Path], server: Nginx, releases: list[Path], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The hop's result is checked by content identity (oracle: tree-sum of the release),
+    reading again only what the stream touched; a parent changed after it was checked
+    (same size and mtime) is seen by its ctime and the hop refused."""
+    from btrdelta.tree import treesum
+    from btrdelta.update import versions
+
+    _, pub, _ = signed
+    dest = tmp_path / "dest"
+    rc, _, err = _update(server.url, dest, pub, "--to", "v8", capsys=capsys)
+    assert rc == 0, err
+    read: list[str] = []
+    real = treesum._file_digest
+
+    def spy(path: bytes, size: int, want_layout: bool) -> tuple[str, object]:
+        read.append(os.fsdecode(path))
+        return real(path, size, want_layout)
+
+    monkeypatch.setattr(treesum, "_file_digest", spy)
+    rc, out, err = _update(server.url, dest, pub, "--json", capsys=capsys)
+    assert rc == 0, err
+    assert [s["kind"] for s in json.loads(out)["plan"]["steps"]] == ["delta"]
+    assert tree_sum(dest / "v9") == tree_sum(releases[8])
+    in_hop = [p.split("/.btrdelta-tmp-", 1)[1].split("/", 1)[1] for p in read
+              if "/.btrdelta-tmp-" in p]
+    unchanged = {"markupsafe/_speedups.c", "markupsafe/_native.py", "markupsafe/py.typed"}
+    assert in_hop
+    assert "markupsafe/__init__.py" in in_hop
+    assert not unchanged & set(in_hop)
+    assert len(in_hop) < sum(1 for p in (dest / "v9").rglob("*") if p.is_file())
+
+    # v9 again from v8, v8 changed behind the update's back once it was checked
+    shutil.rmtree(dest / "v9")
+    real_ensure = versions.holdings.ensure_parent
+    victim = dest / "v8" / "markupsafe" / "_speedups.c"
+
+    def tamper(*args: object) -> None:
+        real_ensure(*args)  # type: ignore[arg-type]
+        st = victim.stat()
+        with open(victim, "r+b") as f:
+            f.write(b"/* changed */")
+        os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    monkeypatch.setattr(versions.holdings, "ensure_parent", tamper)
+    rc, _, err = _update(server.url, dest, pub, capsys=capsys)
+    assert rc != 0
+    assert "does not have its content identity" in err
+    assert not (dest / "v9").exists()
+
+
 def test_progress_goes_to_stderr_only_when_asked(
     signed: tuple[Path, Path, Path], server: Nginx, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],

@@ -18,14 +18,18 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import blake3
 
 from ..fs.copy import data_segments
 
-__all__ = ["Entry", "diff_manifests", "tree_manifest", "tree_sum"]
+__all__ = ["Entry", "Reuse", "diff_manifests", "manifest_sum", "tree_manifest", "tree_sum"]
+
+#: ``reuse(relative path, lstat)`` of a regular file: its content digest when the caller
+#: knows it (the file is not read), or None (it is hashed)
+Reuse = Callable[[bytes, os.stat_result], "str | None"]
 
 _ZEROS = bytes(1 << 20)
 _BLOCK = 4096
@@ -192,8 +196,14 @@ def tree_manifest(
     holes: bool = False,
     ignore_root_mtime: bool = False,
     exclude_xattrs: Iterable[bytes] = (),
+    reuse: Reuse | None = None,
 ) -> list[Entry]:
-    """Every entry of the tree at ``path`` as :class:`Entry` values, sorted by path."""
+    """Every entry of the tree at ``path`` as :class:`Entry` values, sorted by path.
+
+    ``reuse`` (not with ``holes``) is asked for the content digest of each regular file
+    before it is read (see :data:`Reuse`); everything else is read from the tree."""
+    if reuse is not None and holes:
+        raise ValueError("reuse gives content digests, not layouts")
     root = os.fsencode(path)
     exclude = frozenset(exclude_xattrs)
     groups: dict[int, bytes] = {}
@@ -208,7 +218,9 @@ def tree_manifest(
         layout = None
         if kind == "f":
             size = st.st_size
-            digest, layout = _file_digest(full, st.st_size, holes)
+            digest = reuse(rel, st) if reuse is not None else None
+            if digest is None:
+                digest, layout = _file_digest(full, st.st_size, holes)
         elif kind == "l":
             target = os.readlink(full)
         elif kind in "cb":
@@ -235,10 +247,15 @@ def tree_sum(
     exclude_xattrs: Iterable[bytes] = (),
 ) -> str:
     """Hex BLAKE3 over the manifest of the tree at ``path`` (equal trees, equal sums)."""
-    h = blake3.blake3()
-    for entry in tree_manifest(
+    return manifest_sum(tree_manifest(
         path, holes=holes, ignore_root_mtime=ignore_root_mtime, exclude_xattrs=exclude_xattrs
-    ):
+    ))
+
+
+def manifest_sum(entries: Iterable[Entry]) -> str:
+    """The tree-sum of a manifest (:func:`tree_manifest`'s entries, in order)."""
+    h = blake3.blake3()
+    for entry in entries:
         h.update(entry.line().encode("utf-8", "surrogateescape") + b"\n")
     return str(h.hexdigest())
 

@@ -10,10 +10,14 @@ receive registry). A version counts as held only when its tree's content identit
   (held, so an interrupted update resumes from it; removed when the update is done);
 * the wanted version gets ``DEST/<version>`` last, never over an existing entry.
 
-Existing versions are never written to. A held version a delta needs as its parent must be
-found by the stream's parent UUID (the repository's UUID of that release); one received
-from the repository is, any other copy gets an alias: a registry entry (directories), or a
-read-only snapshot ``.btrdelta-base-<version>`` carrying that UUID (btrfs).
+Existing versions are never written to. :func:`find_held` reads every file of each
+candidate and returns its digests (:class:`~btrdelta.tree.incremental.Digests`), which the
+update keeps in memory to check a delta hop from it reading only what the hop changed.
+
+A held version a delta needs as its parent must be found by the stream's parent UUID (the
+repository's UUID of that release); one received from the repository is, any other copy
+gets an alias: a registry entry (directories), or a read-only snapshot
+``.btrdelta-base-<version>`` carrying that UUID (btrfs).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from ..fs.remove import remove_tree
 from ..receive.subvolumes import TMP_PREFIX, Subvolumes, pid_alive
 from ..repo.model import stream_uuid
 from ..tree import tree_sum
+from ..tree.incremental import Digests, verified_digests
 
 __all__ = [
     "HOP_PREFIX",
@@ -69,27 +74,32 @@ def cleanup(dest: Path) -> None:
                 remove_entry(dest, entry)
 
 
-def find_held(dest: Path, wanted: dict[str, str]) -> dict[str, Path]:
-    """Versions of ``wanted`` (name -> identity) that ``dest`` holds: name -> directory.
+def find_held(dest: Path, wanted: dict[str, str]) -> dict[str, Digests]:
+    """Versions of ``wanted`` (name -> identity) that ``dest`` holds: name -> the tree's
+    digests (its directory is their ``root``).
 
     Candidates are ``DEST/<name>`` and ``DEST/.btrdelta-hop-<name>``; each is checked by
-    its tree-sum.
+    its tree-sum, every file read.
     """
-    held: dict[str, Path] = {}
+    held: dict[str, Digests] = {}
     for name, identity in wanted.items():
         for path in (dest / name, dest / f"{HOP_PREFIX}{name}"):
-            if path.is_dir() and not path.is_symlink() and tree_sum(path) == identity:
-                held[name] = path
-                break
+            if path.is_dir() and not path.is_symlink():
+                digests = verified_digests(path)
+                if digests.identity == identity:
+                    held[name] = digests
+                    break
     return held
 
 
-def ensure_parent(dest: Path, path: Path, name: str, identity: str) -> None:
-    """Make held version ``path`` findable as the parent of the repository's deltas."""
+def ensure_parent(dest: Path, held: Digests, name: str) -> None:
+    """Make held version ``held`` (hashed by this process) findable as the parent of the
+    repository's deltas."""
+    identity, path = held.identity, held.root
     uid = stream_uuid(identity)
     with Subvolumes(dest) as subs:
         found = subs.find(uid)
-        if found is not None and tree_sum(found) == identity:
+        if found is not None and (held.same_root(found) or tree_sum(found) == identity):
             return
         if not subs.btrfs:
             from ..receive.registry import Registry, RegistryEntry

@@ -12,7 +12,10 @@
   out, so a receive never finishes on bytes that do not check.
 * :func:`receive_release`: receive a plain or delta stream as ``dest/NAME``, the parent of
   a delta being found by its UUID below ``dest``; the name is taken only once the tree's
-  content identity checked.
+  content identity checked. :func:`receive_version` does the same and returns the new
+  tree's file digests; given its parent's (:class:`~btrdelta.tree.incremental.Digests`,
+  hashed earlier by the caller), the identity of a delta's result is computed hashing only
+  the files the stream may have changed (:class:`~btrdelta.tree.incremental.Changes`).
 """
 
 from __future__ import annotations
@@ -32,9 +35,10 @@ from ..repo.model import stream_uuid
 from ..stream.reader import Event, StreamReader
 from ..stream.records import Clone, Record, Snapshot, Subvol, Utimes
 from ..stream.writer import StreamWriter
-from ..tree import tree_sum
+from ..tree.incremental import Changes, Digests, verified_digests
 
-__all__ = ["STREAM_VERSION", "ChunkConcat", "receive_release", "write_release_stream"]
+__all__ = ["STREAM_VERSION", "ChunkConcat", "receive_release", "receive_version",
+           "write_release_stream"]
 
 #: send-stream version of repository streams (128 KiB writes, what the kernel sends with
 #: ``--proto 2``; btrfs-progs 6.0+ receives it)
@@ -136,21 +140,26 @@ class ChunkConcat(io.RawIOBase):
 
 
 class _Renamed:
-    """Events of a stream whose subvolume gets a local staging name."""
+    """Events of a stream whose subvolume gets a local staging name (and each of them fed
+    to ``changes``)."""
 
-    def __init__(self, events: Any, name: bytes) -> None:
+    def __init__(self, events: Any, name: bytes, changes: Changes | None = None) -> None:
         self._events = events
         self._name = name
+        self._changes = changes
 
     def __iter__(self) -> Iterator[Event]:
         for batch in self.batches():
             yield from batch
 
     def batches(self) -> Generator[list[Event], None, None]:
+        feed = self._changes.feed if self._changes is not None else None
         for batch in self._events.batches():
             for ev in batch:
                 if isinstance(ev, (Subvol, Snapshot)):
                     ev.path = self._name
+                if feed is not None:
+                    feed(ev)
             yield batch
 
 
@@ -163,6 +172,28 @@ def receive_release(
     ``name`` only when complete and, with ``identity``, when its tree-sum is that identity
     (:meth:`btrdelta.receive.subvolumes.Subvolumes.finish`'s pre-commit check). A failure
     leaves nothing under ``name``."""
+    return _receive(stream, dest, name, source=source, delta=delta, identity=identity,
+                    parent=None, on_progress=on_progress)[0]
+
+
+def receive_version(
+    stream: BinaryIO, dest: Path, name: str, *, source: str, delta: bool, identity: str,
+    parent: Digests | None = None,
+) -> tuple[ReceivedSubvol, Digests]:
+    """:func:`receive_release` checking ``identity``; returns the version and its file
+    digests. With ``parent`` (the digests of the tree a delta applies to, hashed by the
+    caller in this process), files the stream did not change are not read again: see
+    :mod:`btrdelta.tree.incremental`. When the parent the receive used is not
+    ``parent.root``, every file is read."""
+    return _receive(stream, dest, name, source=source, delta=delta, identity=identity,
+                    parent=parent, on_progress=None)
+
+
+def _receive(
+    stream: BinaryIO, dest: Path, name: str, *, source: str, delta: bool,
+    identity: str | None, parent: Digests | None,
+    on_progress: Callable[[int, int], None] | None,
+) -> tuple[ReceivedSubvol, Digests]:
     from ..update.receive import open_events
 
     events: Any = open_events(stream, dest, source=source)
@@ -170,14 +201,26 @@ def receive_release(
     if is_delta != delta:
         raise ChecksumError(f"expected a {'delta' if delta else 'plain'} stream",
                             source=source, offset=0)
+    changes = Changes() if parent is not None and is_delta else None
+    digests: list[Digests] = []
 
     def check(pending: PendingSubvol) -> None:
-        if identity is not None and tree_sum(pending.path) != identity:
+        if identity is None:
+            return
+        if changes is not None and parent is not None and parent.same_root(
+                pending.parent_path):
+            got = changes.tree_sum(pending.path, parent)
+        else:
+            got = verified_digests(pending.path)
+        if got.identity != identity:
             raise ChecksumError(f"received {name} does not have its content identity "
                                 f"{identity}", source=source)
+        digests.append(got)
 
-    done = receive(_Renamed(events, name.encode()), dest, stop_at_end=True,
+    done = receive(_Renamed(events, name.encode(), changes), dest, stop_at_end=True,
                    read_ahead=is_delta, on_progress=on_progress, pre_commit=check)
     if len(done) != 1:
         raise ChecksumError(f"{len(done)} subvolumes in one release stream", source=source)
-    return done[0]
+    if digests:
+        digests[0].root = done[0].path
+    return done[0], (digests[0] if digests else Digests(done[0].path, "", {}))

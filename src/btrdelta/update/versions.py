@@ -16,7 +16,9 @@
    checked), receive it (under a temporary name until the received tree's content
    identity checked) as ``DEST/.btrdelta-hop-<version>`` for an intermediate version, as
    ``DEST/<version>`` for the target, last; intermediates, downloads and chunks are then
-   removed.
+   removed. A delta hop's identity is computed reading again only the files its stream
+   may have changed (:mod:`btrdelta.tree.incremental`): the parent's file digests come
+   from step 3 or from the hop before, in memory, never from disk.
 
 State lives in ``DEST/.btrdelta/``: the pinned root key, trusted versions, a cache of
 verified metadata, downloads (``*.part`` while incomplete), a chunk store for fulls.
@@ -54,9 +56,10 @@ from ..repo.model import VersionRecord
 from ..repo.plan import Plan, Step, plan_update
 from ..repo.rootchain import current_root
 from ..transport.config import HttpConfig
+from ..tree.incremental import Digests
 from . import holdings
 from .fullfetch import fetch_full, full_cost, store_stream
-from .streams import receive_release, write_release_stream
+from .streams import receive_version, write_release_stream
 
 __all__ = ["UpdateResult", "update"]
 
@@ -133,10 +136,10 @@ class _Dest:
 
 
 def _holdings(d: _Dest, mirrors: Mirrors, verified: Verified
-              ) -> tuple[dict[int, Path], dict[int, Path], dict[int, VersionRecord]]:
-    """Versions DEST holds (checked by content), entries named like a version whose
-    content differs (seeds for a full: their chunks are checked by id like any seed's), and
-    the records of both."""
+              ) -> tuple[dict[int, Digests], dict[int, Path], dict[int, VersionRecord]]:
+    """Versions DEST holds (checked by content; their digests, hashed now), entries named
+    like a version whose content differs (seeds for a full: their chunks are checked by id
+    like any seed's), and the records of both."""
     index = verified.index
     positions = index.positions()
     present = {p: path for name, p in positions.items()
@@ -144,11 +147,11 @@ def _holdings(d: _Dest, mirrors: Mirrors, verified: Verified
                if path.is_dir() and not path.is_symlink()}
     records = version_records(mirrors, index, d.meta, list(present))
     found = holdings.find_held(d.dest, {records[p].name: records[p].identity for p in present})
-    held = {positions[n]: path for n, path in found.items()}
+    held = {positions[n]: digests for n, digests in found.items()}
     return held, {p: path for p, path in present.items() if p not in held}, records
 
 
-def _plan(d: _Dest, mirrors: Mirrors, verified: Verified, held: dict[int, Path],
+def _plan(d: _Dest, mirrors: Mirrors, verified: Verified, held: dict[int, Digests],
           records: dict[int, VersionRecord], target: int) -> Plan:
     index = verified.index
     plan = plan_update(index, set(held), target)
@@ -234,23 +237,27 @@ def _run(d: _Dest, m: Mirrors, verified: Verified, to: str | None, dry_run: bool
                             "(its content identity differs); not touching it")
     emit({"event": "plan", **res.to_json()})
     if dry_run or not plan.steps:
-        res.path = held.get(target) if target in held else None
+        res.path = held[target].root if target in held else None
         return res
     current = held.get(plan.start) if plan.start is not None else None
-    seedable = {**unverified, **held}
+    seedable = {**unverified, **{p: h.root for p, h in held.items()}}
     for i, step in enumerate(plan.steps, 1):
         current = _apply(d, m, step, records, seedable, current, last=i == len(plan.steps),
                          hop=(i, len(plan.steps)), emit=emit)
         res.applied += 1
-    res.path = current
+    assert current is not None
+    res.path = current.root
     _finish(d)
-    emit({"event": "done", "path": str(current)})
+    emit({"event": "done", "path": str(current.root)})
     return res
 
 
 def _apply(d: _Dest, m: Mirrors, step: Step, records: dict[int, VersionRecord],
-           seedable: dict[int, Path], parent: Path | None, *, last: bool,
-           hop: tuple[int, int], emit: Event) -> Path:
+           seedable: dict[int, Path], parent: Digests | None, *, last: bool,
+           hop: tuple[int, int], emit: Event) -> Digests:
+    """Apply one step of the plan to ``parent`` (the digests of the version it starts from,
+    hashed by this run: only the files the delta may change are read again to check the
+    result's identity); returns the new version's digests."""
     rec = records[step.target]
     name = rec.name if last else f"{holdings.HOP_PREFIX}{rec.name}"
     if not last:  # an unverified leftover of an earlier run
@@ -262,15 +269,15 @@ def _apply(d: _Dest, m: Mirrors, step: Step, records: dict[int, VersionRecord],
         if parent is None or step.source is None:
             raise MissingBaseError("a delta hop without its parent version")
         src = records[step.source]
-        holdings.ensure_parent(d.dest, parent, src.name, src.identity)
+        holdings.ensure_parent(d.dest, parent, src.name)
         ref = next(x.ref for x in rec.deltas if x.source == step.source)
         d.downloads.mkdir(parents=True, exist_ok=True)
         path = m.download(ref.path, d.downloads / ref.path.split("/")[1],
                           length=ref.length, digest=ref.blake3)
         emit({"event": "apply", **info})
         with open(path, "rb") as f:
-            received = receive_release(f, d.dest, name, source=ref.path, delta=True,
-                                       identity=rec.identity)
+            return receive_version(f, d.dest, name, source=ref.path, delta=True,
+                                   identity=rec.identity, parent=parent)[1]
     else:
         full = full_index(m, rec, d.meta)
         seeds = _seeds(d, seedable, records, emit)
@@ -285,10 +292,9 @@ def _apply(d: _Dest, m: Mirrors, step: Step, records: dict[int, VersionRecord],
         emit({"event": "apply", **info})
         with store_stream(full.index, full.header.image_digest, d.store,
                           source=rec.full.path) as stream:
-            received = receive_release(stream, d.dest, name,  # type: ignore[arg-type]
-                                       source=rec.full.path, delta=False,
-                                       identity=rec.identity)
-    return received.path
+            return receive_version(stream, d.dest, name,  # type: ignore[arg-type]
+                                   source=rec.full.path, delta=False,
+                                   identity=rec.identity)[1]
 
 
 def _seeds(d: _Dest, trees: dict[int, Path], records: dict[int, VersionRecord],

@@ -1,0 +1,171 @@
+"""tree/incremental: the tree-sum of a parent's copy after records, reading only the files
+the records may have changed. Oracle: the full tree-sum of the result (every file read).
+
+Each case changes file contents without changing sizes and puts every mtime back, so a
+content digest reused where it must not be gives a different sum than the oracle's."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from btrdelta import stream as S
+from btrdelta.fs.copy import copy_tree
+from btrdelta.tree import incremental, tree_sum, treesum
+from btrdelta.tree.incremental import Changes, verified_digests
+
+T = 1_600_000_000_000_000_000
+
+
+def _parent(tmp_path: Path) -> Path:
+    root = tmp_path / "parent"
+    for rel, data in [("d/f", b"f" * 100), ("d/g", b"g" * 100), ("d/h1", b"h" * 50),
+                      ("e/keep", b"k" * 4000), ("top", b"t" * 10)]:
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    os.link(root / "d/h1", root / "d/h2")
+    os.setxattr(root / "top", "user.a", b"1")
+    for p in [*sorted(root.rglob("*"), reverse=True), root]:
+        os.utime(p, ns=(T, T))
+    return root
+
+
+def _apply(root: Path, changes: Changes, records: list[object]) -> None:
+    """Do what each record says to ``root`` (a minimal applier) and feed it to ``changes``;
+    every mtime is put back to T afterwards."""
+    for rec in records:
+        changes.feed(rec)
+        if isinstance(rec, S.Snapshot):
+            continue
+        p = root / os.fsdecode(rec.path)  # type: ignore[attr-defined]
+        if isinstance(rec, S.Write):
+            with open(p, "r+b") as f:
+                f.seek(rec.offset)
+                f.write(rec.data)
+        elif isinstance(rec, S.Truncate):
+            os.truncate(p, rec.size)
+        elif isinstance(rec, S.Mkfile):
+            p.touch()
+        elif isinstance(rec, S.Rename):
+            os.rename(p, root / os.fsdecode(rec.path_to))
+        elif isinstance(rec, S.Link):
+            os.link(root / os.fsdecode(rec.path_link), p)
+        elif isinstance(rec, S.Unlink):
+            os.unlink(p)
+        elif isinstance(rec, S.SetXattr):
+            os.setxattr(p, rec.name, rec.data)
+        else:
+            raise AssertionError(rec)
+    for p in [*list(root.rglob("*")), root]:
+        os.utime(p, ns=(T, T), follow_symlinks=False)
+
+
+def _snap() -> S.Snapshot:
+    return S.Snapshot(b"new", uuid.uuid4(), 2, uuid.uuid4(), 1)
+
+
+@pytest.fixture
+def hashed(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Paths whose contents tree_manifest reads."""
+    seen: list[bytes] = []
+    real = treesum._file_digest
+
+    def spy(path: bytes, size: int, want_layout: bool) -> tuple[str, object]:
+        seen.append(path)
+        return real(path, size, want_layout)
+
+    monkeypatch.setattr(treesum, "_file_digest", spy)
+    return seen
+
+
+CASES = {
+    "write in place": [S.Write(b"d/f", 3, b"XY")],
+    "hard link written through its other name": [S.Write(b"d/h2", 0, b"Z")],
+    "directory renamed away, written, renamed back": [
+        S.Rename(b"d", b"x"), S.Write(b"x/g", 0, b"Q"), S.Rename(b"x", b"d")],
+    "orphan renamed over a file": [
+        S.Mkfile(b"o257-1-0", 257), S.Write(b"o257-1-0", 0, b"n" * 100),
+        S.Rename(b"o257-1-0", b"d/f")],
+    "link made, written through, unlinked": [
+        S.Link(b"tmp", b"e/keep"), S.Write(b"tmp", 10, b"W"), S.Unlink(b"tmp")],
+    "two files swapped": [
+        S.Rename(b"d/f", b"o1"), S.Rename(b"d/g", b"d/f"), S.Rename(b"o1", b"d/g")],
+    "truncated and written back to its size": [
+        S.Truncate(b"e/keep", 0), S.Write(b"e/keep", 0, b"k" * 3999 + b"!")],
+    "xattr only": [S.SetXattr(b"top", b"user.a", b"2")],
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_incremental_sum_equals_the_full_one(tmp_path: Path, case: str,
+                                             hashed: list[bytes]) -> None:
+    parent = _parent(tmp_path)
+    digests = verified_digests(parent)
+    assert digests.identity == tree_sum(parent)
+    new = tmp_path / "new"
+    copy_tree(parent, new)
+    changes = Changes()
+    _apply(new, changes, [_snap(), *CASES[case]])
+    hashed.clear()
+    got = changes.tree_sum(new, digests)
+    read = {os.path.relpath(p, os.fsencode(new)) for p in hashed}
+    assert got.identity == tree_sum(new)
+    assert got.identity != digests.identity or case == "two files swapped"
+    assert b"top" not in read or case == "xattr only"  # untouched: never read
+    assert len(read) < 6
+    # the result's digests serve the next hop the same way
+    again = Changes()
+    _apply(new, again, [_snap()])
+    assert again.tree_sum(new, got).identity == got.identity
+
+
+def test_a_parent_changed_after_it_was_hashed_is_read_again(tmp_path: Path,
+                                                            hashed: list[bytes]) -> None:
+    """Changed after hashing, before the copy, same size and mtime: its ctime tells."""
+    parent = _parent(tmp_path)
+    digests = verified_digests(parent)
+    with open(parent / "e/keep", "r+b") as f:
+        f.write(b"changed")
+    os.utime(parent / "e/keep", ns=(T, T))
+    new = tmp_path / "new"
+    copy_tree(parent, new)
+    changes = Changes()
+    _apply(new, changes, [_snap()])
+    hashed.clear()
+    got = changes.tree_sum(new, digests)
+    read = [os.path.basename(p) for p in hashed]
+    assert got.identity == tree_sum(new) != digests.identity
+    assert read == [b"h1", b"h2", b"keep"]  # hard-linked files are always read
+
+
+def test_without_a_snapshot_every_file_is_read(tmp_path: Path, hashed: list[bytes]) -> None:
+    parent = _parent(tmp_path)
+    digests = verified_digests(parent)
+    hashed.clear()
+    got = Changes().tree_sum(parent, digests)
+    assert got.identity == digests.identity
+    assert len(hashed) == 6
+
+
+def test_an_unknown_record_without_a_path_trusts_nothing(tmp_path: Path,
+                                                         hashed: list[bytes]) -> None:
+    parent = _parent(tmp_path)
+    digests = verified_digests(parent)
+    changes = Changes()
+    changes.feed(_snap())
+    changes.feed(object())
+    hashed.clear()
+    assert changes.tree_sum(parent, digests).identity == digests.identity
+    assert len(hashed) == 6
+
+
+def test_digests_cover_singly_linked_files_only(tmp_path: Path) -> None:
+    parent = _parent(tmp_path)
+    files = verified_digests(parent).files
+    assert sorted(files) == [b"d/f", b"d/g", b"e/keep", b"top"]
+    assert incremental.Digests(parent, "", {}).same_root(parent)
+    assert not incremental.Digests(parent, "", {}).same_root(tmp_path)
