@@ -30,8 +30,7 @@ from __future__ import annotations
 import struct
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from operator import attrgetter
-from typing import Any, BinaryIO, Final
+from typing import TYPE_CHECKING, Any, BinaryIO, Final
 
 import blake3
 import zstandard
@@ -40,6 +39,9 @@ from .._value import value_class
 from ..errors import StreamFormatError, UnsupportedVersionError
 from ..stream.constants import CMD_HEADER_SIZE
 from ..stream.framing import NEED_DATA, Framer, Framing, encode_frame, iter_tlvs
+
+if TYPE_CHECKING:
+    from .columns import Columns, Encoded
 
 __all__ = [
     "BLOCK",
@@ -169,17 +171,21 @@ def _head_attrs(head: SendshotHead) -> list[tuple[int, bytes]]:
 
 
 def write_record(
-    write: Callable[[bytes], object], head: SendshotHead, inodes: Iterator[RecordInode],
-    *, level: int = 3,
+    write: Callable[[bytes], object], head: SendshotHead,
+    inodes: Iterable[RecordInode] | Encoded, *, level: int = 3,
 ) -> tuple[str, int]:
     """Encode a record onto ``write`` (compressed); returns ``(digest hex, inodes)``.
 
     Args:
         write: where the encoded bytes go.
         head: the record's head.
-        inodes: every inode, the root first, in scan order.
+        inodes: every inode, the root first; or the record's columns already encoded
+            (:meth:`~.columns.Columns.patched`).
         level: zstd level.
     """
+    from .columns import encode_rows
+
+    encoded = inodes if isinstance(inodes, tuple) else encode_rows(inodes)
     digest = blake3.blake3()
     cctx = zstandard.ZstdCompressor(level=level)
     header = _HEADER.pack(MAGIC, VERSION)
@@ -207,7 +213,7 @@ def write_record(
             size = 0
 
     put(encode_frame(_HEAD, _head_attrs(head)))
-    cols, (count, files, nbytes, nblocks) = encode_columns(inodes)
+    cols, (count, files, nbytes, nblocks) = encoded
     for c, data in cols:
         put(encode_frame(c, [(1, data[i:i + 0xFFFF]) for i in range(0, len(data), 0xFFFF)]))
     put(encode_frame(_END, [(E_INODES, _u64(count)), (E_FILES, _u64(files)),
@@ -236,167 +242,10 @@ COLUMNS: Final = {
     C_DIGESTS: "DIGESTS", C_BLOCKS: "BLOCKS",
 }
 #: struct code of the fixed-width per-inode columns
-_PER_INODE = ((C_INO, "Q"), (C_GEN, "Q"), (C_TRANSID, "Q"), (C_MODE, "I"), (C_UID, "I"),
-              (C_GID, "I"), (C_RDEV, "Q"), (C_SIZE, "Q"), (C_ATIME, "q"), (C_MTIME, "q"),
-              (C_CTIME, "q"), (C_FLAGS, "Q"), (C_NNAMES, "I"), (C_TARGETLEN, "I"),
-              (C_NXATTRS, "I"))
-_XHEAD = struct.Struct("<HI")
-
-
-def _pack(code: str, values: list[int]) -> bytes:
-    return struct.pack(f"<{len(values)}{code}", *values)
-
-
-def nblocks(segments: list[tuple[int, int]], size: int) -> int:
-    """Block digests a regular file of ``size`` with data ``segments`` has in a record."""
-    if size < BLOCK:
-        return 0
-    return sum(-(-n // BLOCK) for _o, n in segments)
-
-
-def encode_columns(inodes: Iterable[RecordInode]
-                   ) -> tuple[list[tuple[int, bytes]], tuple[int, int, int, int]]:
-    """The columns of ``inodes`` (the root first), and the END counts: inodes, regular
-    files, their bytes, block digests."""
-    fixed: dict[int, list[int]] = {}
-    parents: list[int] = []
-    namelens: list[int] = []
-    names: list[bytes] = []
-    targets: list[bytes] = []
-    xattrs: list[bytes] = []
-    nsegs: list[int] = []
-    segments: list[int] = []
-    digests: list[bytes] = []
-    blocks: list[bytes] = []
-    pending: list[tuple[int, bytes]] = []  # (parent ino, name): parents may come later
-    nbytes = 0
-    nodes = list(inodes)
-    for c, field in ((C_INO, "ino"), (C_GEN, "generation"), (C_TRANSID, "transid"),
-                     (C_MODE, "mode"), (C_UID, "uid"), (C_GID, "gid"), (C_RDEV, "rdev"),
-                     (C_SIZE, "size"), (C_ATIME, "atime_ns"), (C_MTIME, "mtime_ns"),
-                     (C_CTIME, "ctime_ns"), (C_FLAGS, "flags")):
-        get = attrgetter(field)
-        fixed[c] = [get(n) for n in nodes]
-    fixed[C_NNAMES] = [len(n.dentries) for n in nodes]
-    fixed[C_TARGETLEN] = [len(n.target) for n in nodes]
-    fixed[C_NXATTRS] = [len(n.xattrs) if n.xattrs else 0 for n in nodes]
-    index = {ino: i for i, ino in enumerate(fixed[C_INO])}
-    for node in nodes:
-        pending += node.dentries
-        targets.append(node.target)
-        if node.xattrs:
-            xattrs += [_XHEAD.pack(len(k), len(v)) + k + v for k, v in sorted(node.xattrs.items())]
-        if node.segments is None:
-            continue
-        if node.segments == [(0, node.size)] and node.size:
-            nsegs.append(WHOLE)
-        else:
-            nsegs.append(len(node.segments))
-            for off, length in node.segments:
-                segments += (off, length)
-        digests.append(node.digest + node.bdigest)
-        nbytes += node.size
-        if node.size >= BLOCK:
-            blocks.append(node.blocks)
-    for parent, name in pending:
-        parents.append(index[parent])
-        namelens.append(len(name))
-        names.append(name)
-    block_bytes = b"".join(blocks)
-    cols = [(c, _pack(code, fixed[c])) for c, code in _PER_INODE]
-    cols += [(C_PARENT, _pack("I", parents)), (C_NAMELEN, _pack("H", namelens)),
-             (C_NAMES, b"".join(names)), (C_TARGETS, b"".join(targets)),
-             (C_XATTRS, b"".join(xattrs)), (C_NSEGS, _pack("I", nsegs)),
-             (C_SEGMENTS, _pack("Q", segments)), (C_DIGESTS, b"".join(digests)),
-             (C_BLOCKS, block_bytes)]
-    cols.sort()
-    return cols, (len(fixed[C_INO]), len(digests), nbytes, len(block_bytes) // _DIGEST)
-
-
-def _array(cols: dict[int, memoryview], c: int, code: str, count: int) -> tuple[int, ...]:
-    v = cols[c]
-    if len(v) != count * struct.calcsize(code):
-        raise StreamFormatError(f"column {COLUMNS[c]} holds {len(v)} bytes, not {count} "
-                                f"values")
-    return struct.unpack(f"<{count}{code}", v)
-
-
-def _xattrs(v: memoryview, pos: int, count: int) -> tuple[dict[bytes, bytes], int]:
-    out: dict[bytes, bytes] = {}
-    for _ in range(count):
-        if pos + _XHEAD.size > len(v):
-            raise StreamFormatError("column XATTRS is truncated")
-        k, n = _XHEAD.unpack_from(v, pos)
-        pos += _XHEAD.size
-        if pos + k + n > len(v):
-            raise StreamFormatError("column XATTRS is truncated")
-        out[bytes(v[pos:pos + k])] = bytes(v[pos + k:pos + k + n])
-        pos += k + n
-    return out, pos
-
-
-def decode_columns(cols: dict[int, memoryview], count: int, nblk: int
-                   ) -> Iterator[RecordInode]:
-    """The inodes of the columns ``cols`` (``count`` inodes, ``nblk`` block digests).
-
-    Raises:
-        StreamFormatError: a column of the wrong length, a parent that is not an inode of
-            the record, names, targets, xattrs, segments or block digests that do not add
-            up.
-    """
-    f = {c: _array(cols, c, code, count) for c, code in _PER_INODE}
-    inos, modes = f[C_INO], f[C_MODE]
-    nd = sum(f[C_NNAMES])
-    parents = _array(cols, C_PARENT, "I", nd)
-    namelens = _array(cols, C_NAMELEN, "H", nd)
-    names, targets, xv = cols[C_NAMES], cols[C_TARGETS], cols[C_XATTRS]
-    if sum(namelens) != len(names) or sum(f[C_TARGETLEN]) != len(targets):
-        raise StreamFormatError("columns NAMES or TARGETS do not match their lengths")
-    files = sum(1 for m in modes if m & 0o170000 == 0o100000)
-    nsegs = _array(cols, C_NSEGS, "I", files)
-    seg_count = sum(n for n in nsegs if n != WHOLE)
-    segs = _array(cols, C_SEGMENTS, "Q", 2 * seg_count)
-    digests, blocks = cols[C_DIGESTS], cols[C_BLOCKS]
-    if len(digests) != 48 * files or len(blocks) != _DIGEST * nblk:
-        raise StreamFormatError("columns DIGESTS or BLOCKS do not match the files")
-    if any(p >= count for p in parents):
-        raise StreamFormatError(f"a dentry names a parent beyond the {count} inodes")
-    names_b, targets_b, digests_b, blocks_b = bytes(names), bytes(targets), bytes(digests), \
-        bytes(blocks)
-    d = npos = tpos = xpos = k = s = bpos = 0
-    for (ino, gen, transid, mode, uid, gid, rdev, size, atime, mtime, ctime, flags, nn, tl,
-         nx) in zip(*(f[c] for c, _ in _PER_INODE), strict=True):
-        dentries = []
-        for _ in range(nn):
-            end = npos + namelens[d]
-            dentries.append((inos[parents[d]], names_b[npos:end]))
-            npos = end
-            d += 1
-        node = RecordInode(ino, mode, uid, gid, size, atime, mtime, ctime, dentries, gen,
-                           transid, rdev, flags, targets_b[tpos:tpos + tl])
-        tpos += tl
-        if nx:
-            node.xattrs, xpos = _xattrs(xv, xpos, nx)
-        if mode & 0o170000 == 0o100000:
-            n = nsegs[k]
-            if n == WHOLE:
-                node.segments = [(0, size)] if size else []
-            else:
-                node.segments = [(segs[2 * j], segs[2 * j + 1]) for j in range(s, s + n)]
-                s += n
-            node.digest = digests_b[48 * k:48 * k + 16]
-            node.bdigest = digests_b[48 * k + 16:48 * k + 48]
-            k += 1
-            if size >= BLOCK:
-                nb = nblocks(node.segments, size) * _DIGEST
-                if bpos + nb > len(blocks_b):
-                    raise StreamFormatError("column BLOCKS is shorter than the files' "
-                                            "segments")
-                node.blocks = blocks_b[bpos:bpos + nb]
-                bpos += nb
-        yield node
-    if xpos != len(xv) or bpos != len(blocks) or s != seg_count:
-        raise StreamFormatError("columns XATTRS, SEGMENTS or BLOCKS hold more than the inodes")
+PER_INODE = ((C_INO, "Q"), (C_GEN, "Q"), (C_TRANSID, "Q"), (C_MODE, "I"), (C_UID, "I"),
+             (C_GID, "I"), (C_RDEV, "Q"), (C_SIZE, "Q"), (C_ATIME, "q"), (C_MTIME, "q"),
+             (C_CTIME, "q"), (C_FLAGS, "Q"), (C_NNAMES, "I"), (C_TARGETLEN, "I"),
+             (C_NXATTRS, "I"))
 
 
 _FRAMING = Framing(
@@ -573,14 +422,28 @@ class RecordReader:
         if self.version == 1:
             yield from self._inodes_v1()
             return
+        yield from self.columns().rows()
+
+    def columns(self) -> Columns:
+        """The record's inodes as :class:`~.columns.Columns` (a version 1 record's are
+        converted), decoded and checked whole; :attr:`digest` is then set.
+
+        Raises:
+            StreamFormatError: bad bytes, a wrong order, counts that do not match the END.
+        """
+        from .columns import Columns, encode_rows
+
+        if self.version == 1:
+            cols, (count, _f, _b, nblk) = encode_rows(self._inodes_v1())
+            return Columns({c: memoryview(v) for c, v in cols}, count, nblk)
         fr = self._framer
-        cols: dict[int, memoryview] = {}
+        cols_in: dict[int, memoryview] = {}
         for c in COLUMNS:
             cmd, mv, start, end = self._next()
             if cmd != c:
                 fr.fail(StreamFormatError(f"expected column {COLUMNS[c]}"), cmd=cmd)
-            cols[c] = memoryview(b"".join(v for typ, v in iter_tlvs(mv, start, end)
-                                          if typ == 1))
+            cols_in[c] = memoryview(b"".join(v for typ, v in iter_tlvs(mv, start, end)
+                                             if typ == 1))
             self._done()
         cmd, mv, start, end = self._next()
         if cmd != _END:
@@ -589,10 +452,11 @@ class RecordReader:
         self._done()
         self._check_end()
         try:
-            yield from decode_columns(cols, ends.get(E_INODES, 0), ends.get(E_BLOCKS, 0))
+            got = Columns(cols_in, ends.get(E_INODES, 0), ends.get(E_BLOCKS, 0))
         except StreamFormatError as exc:
             fr.fail(exc, indexed=False)
         self.digest = self._digest.hexdigest()
+        return got
 
     def _check_end(self) -> None:
         if self._framer.avail or self._reader.read(1):

@@ -1,0 +1,371 @@
+"""Version 2 sendshot records in memory as columns: decoding, rows, and patching.
+
+A version 2 record stores its inodes as columns (``docs/formats/sendshot.md`` §2).
+:class:`Columns` keeps them decoded (tuples of integers, byte strings) with the prefix sums
+that locate each row's names, target, xattrs, segments and block digests, so that:
+
+* :meth:`Columns.inode` materialises one row (:class:`~.sendshot.RecordInode`) and
+  :meth:`Columns.rows` all of them (a full load);
+* :meth:`Columns.patched` encodes the next record from this one: some rows dropped (inodes
+  changed or gone), new rows appended (their new versions), the root replaced or kept. Rows
+  kept are copied as runs of column slices (no Python work per unchanged inode but renumbering
+  the directory index of each name), so an incremental send's record costs what changed plus
+  C-speed copies;
+* :func:`encode_rows` encodes a whole record from its inodes (a full send).
+
+Knows the column layout only; the file format around it (frames, head, compression, digest)
+is :mod:`~.sendshot`'s.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import accumulate
+from typing import Final
+
+from ..errors import StreamFormatError
+from .sendshot import (
+    BLOCK,
+    C_ATIME,
+    C_BLOCKS,
+    C_CTIME,
+    C_DIGESTS,
+    C_FLAGS,
+    C_GEN,
+    C_GID,
+    C_INO,
+    C_MODE,
+    C_MTIME,
+    C_NAMELEN,
+    C_NAMES,
+    C_NNAMES,
+    C_NSEGS,
+    C_NXATTRS,
+    C_PARENT,
+    C_RDEV,
+    C_SEGMENTS,
+    C_SIZE,
+    C_TARGETLEN,
+    C_TARGETS,
+    C_TRANSID,
+    C_UID,
+    C_XATTRS,
+    COLUMNS,
+    PER_INODE,
+    WHOLE,
+    RecordInode,
+)
+
+__all__ = ["Columns", "encode_rows"]
+
+_D = 16  # bytes per block digest
+_XHEAD = struct.Struct("<HI")
+_REG = 0o100000
+#: the fixed per-inode columns and the RecordInode field each holds
+_FIELDS: Final = ((C_INO, "ino"), (C_GEN, "generation"), (C_TRANSID, "transid"),
+                  (C_MODE, "mode"), (C_UID, "uid"), (C_GID, "gid"), (C_RDEV, "rdev"),
+                  (C_SIZE, "size"), (C_ATIME, "atime_ns"), (C_MTIME, "mtime_ns"),
+                  (C_CTIME, "ctime_ns"), (C_FLAGS, "flags"))
+#: result of an encoding: the columns (record number, bytes) and the END counts (inodes,
+#: regular files, their bytes, block digests)
+Encoded = tuple[list[tuple[int, bytes]], tuple[int, int, int, int]]
+
+
+def _prefix(values: Iterable[int]) -> list[int]:
+    return list(accumulate(values, initial=0))
+
+
+def _unpack(data: memoryview | bytes, code: str, count: int, name: int) -> tuple[int, ...]:
+    if len(data) != count * struct.calcsize(code):
+        raise StreamFormatError(f"column {COLUMNS[name]} holds {len(data)} bytes, not {count} "
+                                f"values")
+    return struct.unpack(f"<{count}{code}", data)
+
+
+def _blocks_of(size: int, lengths: Iterable[int]) -> int:
+    """Block digests of a file of ``size`` whose segments have ``lengths``."""
+    if size < BLOCK:
+        return 0
+    return sum(-(-n // BLOCK) for n in lengths)
+
+
+class _Out:
+    """Columns being assembled: lists of values and byte pieces, packed at the end."""
+
+    def __init__(self) -> None:
+        self.fixed: dict[int, list[int]] = {c: [] for c, _code in PER_INODE}
+        self.parents: list[int] = []
+        self.namelens: list[int] = []
+        self.nsegs: list[int] = []
+        self.segs: list[int] = []
+        self.pieces: dict[int, list[bytes]] = {C_NAMES: [], C_TARGETS: [], C_XATTRS: [],
+                                               C_DIGESTS: [], C_BLOCKS: []}
+        self.count = 0
+
+    def add(self, rows: Sequence[RecordInode], index: dict[int, int]) -> None:
+        """Append ``rows``; ``index``: inode number -> row of the record being made."""
+        fixed = self.fixed
+        for c, field in _FIELDS:
+            fixed[c] += [getattr(r, field) for r in rows]
+        fixed[C_NNAMES] += [len(r.dentries) for r in rows]
+        fixed[C_TARGETLEN] += [len(r.target) for r in rows]
+        fixed[C_NXATTRS] += [len(r.xattrs) if r.xattrs else 0 for r in rows]
+        names, targets, xattrs = (self.pieces[c] for c in (C_NAMES, C_TARGETS, C_XATTRS))
+        digests, blocks = self.pieces[C_DIGESTS], self.pieces[C_BLOCKS]
+        for r in rows:
+            for parent, name in r.dentries:
+                where = index.get(parent)
+                if where is None:
+                    raise ValueError(f"inode {r.ino}: its directory {parent} is not recorded")
+                self.parents.append(where)
+                self.namelens.append(len(name))
+                names.append(name)
+            targets.append(r.target)
+            if r.xattrs:
+                xattrs += [_XHEAD.pack(len(k), len(v)) + k + v for k, v in sorted(r.xattrs.items())]
+            if r.mode & 0o170000 != _REG:
+                continue
+            segments = r.segments or []
+            if segments == [(0, r.size)] and r.size:
+                self.nsegs.append(WHOLE)
+            else:
+                self.nsegs.append(len(segments))
+                for off, length in segments:
+                    self.segs += (off, length)
+            digests.append(r.digest + r.bdigest)
+            if r.size >= BLOCK:
+                blocks.append(r.blocks)
+        self.count += len(rows)
+
+    def encoded(self) -> Encoded:
+        """The packed columns, in record-number order, and the END counts."""
+        def pack(code: str, values: list[int]) -> bytes:
+            return struct.pack(f"<{len(values)}{code}", *values)
+
+        cols = [(c, pack(code, self.fixed[c])) for c, code in PER_INODE]
+        cols += [(C_PARENT, pack("I", self.parents)), (C_NAMELEN, pack("H", self.namelens)),
+                 (C_NSEGS, pack("I", self.nsegs)), (C_SEGMENTS, pack("Q", self.segs))]
+        cols += [(c, b"".join(p)) for c, p in self.pieces.items()]
+        cols.sort()
+        nblocks = len(dict(cols)[C_BLOCKS]) // _D
+        return cols, (self.count, len(self.nsegs), sum(self.fixed[C_SIZE]), nblocks)
+
+
+def encode_rows(inodes: Iterable[RecordInode]) -> Encoded:
+    """The columns of ``inodes`` (the root first) and the END counts.
+
+    Raises:
+        ValueError: a name in a directory that is not among ``inodes``.
+    """
+    rows = list(inodes)
+    out = _Out()
+    out.add(rows, {r.ino: i for i, r in enumerate(rows)})
+    return out.encoded()
+
+
+class Columns:
+    """The decoded columns of a version 2 record (``count`` inodes, ``nblk`` block digests).
+
+    Raises:
+        StreamFormatError: a column of the wrong length, a parent that is not an inode of
+            the record, names, targets, xattrs, segments or block digests that do not add up.
+    """
+
+    def __init__(self, cols: dict[int, memoryview], count: int, nblk: int) -> None:
+        f = {c: _unpack(cols[c], code, count, c) for c, code in PER_INODE}
+        self.count = count
+        self.fixed = f
+        self.inos, self.modes, self.sizes = f[C_INO], f[C_MODE], f[C_SIZE]
+        nd = sum(f[C_NNAMES])
+        self.parents = _unpack(cols[C_PARENT], "I", nd, C_PARENT)
+        self.namelens = _unpack(cols[C_NAMELEN], "H", nd, C_NAMELEN)
+        self.names, self.targets = bytes(cols[C_NAMES]), bytes(cols[C_TARGETS])
+        self.xattrs = bytes(cols[C_XATTRS])
+        if sum(self.namelens) != len(self.names) or sum(f[C_TARGETLEN]) != len(self.targets):
+            raise StreamFormatError("columns NAMES or TARGETS do not match their lengths")
+        if nd and max(self.parents) >= count:
+            raise StreamFormatError(f"a dentry names a parent beyond the {count} inodes")
+        #: row -> its file index (regular files), and the rows of the files
+        self.file_rows = [r for r, m in enumerate(self.modes) if m & 0o170000 == _REG]
+        files = len(self.file_rows)
+        self.nsegs = _unpack(cols[C_NSEGS], "I", files, C_NSEGS)
+        seg_count = sum(n for n in self.nsegs if n != WHOLE)
+        self.segs = _unpack(cols[C_SEGMENTS], "Q", 2 * seg_count, C_SEGMENTS)
+        self.digests, self.blocks = bytes(cols[C_DIGESTS]), bytes(cols[C_BLOCKS])
+        if len(self.digests) != 48 * files or len(self.blocks) != _D * nblk:
+            raise StreamFormatError("columns DIGESTS or BLOCKS do not match the files")
+        # where each row's (each file's) pieces start
+        self.doff = _prefix(f[C_NNAMES])
+        self.noff = _prefix(self.namelens)
+        self.toff = _prefix(f[C_TARGETLEN])
+        self.foff = _prefix(m & 0o170000 == _REG for m in self.modes)
+        self.soff = _prefix(0 if n == WHOLE else 2 * n for n in self.nsegs)
+        sizes = self.sizes
+        counts = [(-(-sizes[r] // BLOCK) if sizes[r] >= BLOCK else 0) if n == WHOLE
+                  else _blocks_of(sizes[r], self.segs[self.soff[k] + 1:self.soff[k + 1]:2])
+                  for k, (r, n) in enumerate(zip(self.file_rows, self.nsegs, strict=True))]
+        self.boff = _prefix(counts)
+        if self.boff[-1] != nblk:
+            raise StreamFormatError("column BLOCKS does not match the files' segments")
+        self.xoff = self._xattr_offsets()
+        self._row_of: dict[int, int] | None = None
+
+    def _xattr_offsets(self) -> list[int]:
+        lengths = [0] * self.count
+        v, pos = self.xattrs, 0
+        for r, nx in enumerate(self.fixed[C_NXATTRS]):
+            start = pos
+            for _ in range(nx):
+                if pos + _XHEAD.size > len(v):
+                    raise StreamFormatError("column XATTRS is truncated")
+                k, n = _XHEAD.unpack_from(v, pos)
+                pos += _XHEAD.size + k + n
+            if pos > len(v):
+                raise StreamFormatError("column XATTRS is truncated")
+            lengths[r] = pos - start
+        if pos != len(v):
+            raise StreamFormatError("column XATTRS holds more than the inodes")
+        return _prefix(lengths)
+
+    def row_of(self) -> dict[int, int]:
+        """inode number -> row."""
+        if self._row_of is None:
+            self._row_of = dict(zip(self.inos, range(self.count), strict=True))
+        return self._row_of
+
+    def dentries(self, r: int) -> list[tuple[int, bytes]]:
+        """Row ``r``'s names as (row of the directory, name)."""
+        names, noff, parents = self.names, self.noff, self.parents
+        return [(parents[d], names[noff[d]:noff[d + 1]])
+                for d in range(self.doff[r], self.doff[r + 1])]
+
+    def children(self) -> dict[int, list[tuple[bytes, int]]]:
+        """row of a directory -> its entries as (name, row)."""
+        out: dict[int, list[tuple[bytes, int]]] = {}
+        names, noff, parents, doff = self.names, self.noff, self.parents, self.doff
+        for r in range(self.count):
+            for d in range(doff[r], doff[r + 1]):
+                out.setdefault(parents[d], []).append((names[noff[d]:noff[d + 1]], r))
+        return out
+
+    def inode(self, r: int) -> RecordInode:
+        """Row ``r`` whole."""
+        f, inos = self.fixed, self.inos
+        node = RecordInode(
+            inos[r], self.modes[r], f[C_UID][r], f[C_GID][r], self.sizes[r], f[C_ATIME][r],
+            f[C_MTIME][r], f[C_CTIME][r], [(inos[p], n) for p, n in self.dentries(r)],
+            f[C_GEN][r], f[C_TRANSID][r], f[C_RDEV][r], f[C_FLAGS][r],
+            self.targets[self.toff[r]:self.toff[r + 1]])
+        if self.xoff[r] != self.xoff[r + 1]:
+            node.xattrs = _parse_xattrs(self.xattrs, self.xoff[r], self.xoff[r + 1])
+        if node.mode & 0o170000 == _REG:
+            k = self.foff[r]
+            n = self.nsegs[k]
+            if n == WHOLE:
+                node.segments = [(0, node.size)]
+            else:
+                s = self.segs
+                node.segments = [(s[j], s[j + 1]) for j in range(self.soff[k], self.soff[k + 1], 2)]
+            node.digest = self.digests[48 * k:48 * k + 16]
+            node.bdigest = self.digests[48 * k + 16:48 * k + 48]
+            node.blocks = self.blocks[_D * self.boff[k]:_D * self.boff[k + 1]]
+        return node
+
+    def rows(self) -> Iterator[RecordInode]:
+        """Every row, in record order."""
+        for r in range(self.count):
+            yield self.inode(r)
+
+    def patched(self, drop: Iterable[int], added: Sequence[RecordInode],
+                root: RecordInode | None = None) -> Encoded:
+        """The columns of the record made of this one without the rows ``drop``, with
+        ``root`` instead of row 0 (None: row 0 kept) and ``added`` appended, and its END
+        counts. Kept rows keep their order; their names are renumbered.
+
+        Raises:
+            ValueError: a kept or added name in a directory that is not in the result, or an
+                inode number twice.
+        """
+        n = self.count
+        gone = sorted(set(drop) | ({0} if root is not None else set()))
+        runs: list[tuple[int, int]] = []
+        start = 0
+        for r in gone:
+            if r > start:
+                runs.append((start, r))
+            start = r + 1
+        if start < n:
+            runs.append((start, n))
+        head = [root] if root is not None else []
+        # the new row of each old row (-1: dropped) and of each new inode
+        new_row = [-1] * n
+        pos = len(head)
+        for a, b in runs:
+            new_row[a:b] = range(pos, pos + b - a)
+            pos += b - a
+        index = {r.ino: i for i, r in enumerate(head)}
+        index.update((r.ino, pos + i) for i, r in enumerate(added))
+        row_of = self.row_of()
+        for ino, i in index.items():
+            old = row_of.get(ino)
+            if old is not None:
+                if new_row[old] != -1:
+                    raise ValueError(f"inode {ino} is both kept and added")
+                new_row[old] = i
+        out = _Out()
+        out.add(head, _Lookup(index, row_of, new_row))
+        self._copy_runs(out, runs, new_row)
+        out.add(added, _Lookup(index, row_of, new_row))
+        return out.encoded()
+
+    def _copy_runs(self, out: _Out, runs: list[tuple[int, int]], new_row: list[int]) -> None:
+        """Append the rows of ``runs`` (column slices) to ``out``."""
+        f, doff, noff, foff = self.fixed, self.doff, self.noff, self.foff
+        for a, b in runs:
+            for c, _code in PER_INODE:
+                out.fixed[c] += f[c][a:b]
+            da, db = doff[a], doff[b]
+            parents = [new_row[p] for p in self.parents[da:db]]
+            if parents and min(parents) < 0:
+                bad = self.inos[self.parents[da + parents.index(min(parents))]]
+                raise ValueError(f"a kept inode is named in directory {bad}, which is not")
+            out.parents += parents
+            out.namelens += self.namelens[da:db]
+            out.pieces[C_NAMES].append(self.names[noff[da]:noff[db]])
+            out.pieces[C_TARGETS].append(self.targets[self.toff[a]:self.toff[b]])
+            out.pieces[C_XATTRS].append(self.xattrs[self.xoff[a]:self.xoff[b]])
+            fa, fb = foff[a], foff[b]
+            out.nsegs += self.nsegs[fa:fb]
+            out.segs += self.segs[self.soff[fa]:self.soff[fb]]
+            out.pieces[C_DIGESTS].append(self.digests[48 * fa:48 * fb])
+            out.pieces[C_BLOCKS].append(self.blocks[_D * self.boff[fa]:_D * self.boff[fb]])
+            out.count += b - a
+
+
+class _Lookup(dict[int, int]):
+    """inode number -> new row, for names of new rows: new inodes first, then kept rows."""
+
+    def __init__(self, index: dict[int, int], row_of: dict[int, int],
+                 new_row: list[int]) -> None:
+        super().__init__(index)
+        self.row_of, self.new_row = row_of, new_row
+
+    def get(self, ino: int, default: int | None = None) -> int | None:  # type: ignore[override]
+        got = super().get(ino)
+        if got is not None:
+            return got
+        old = self.row_of.get(ino)
+        if old is None or self.new_row[old] < 0:
+            return default
+        return self.new_row[old]
+
+
+def _parse_xattrs(v: bytes, pos: int, end: int) -> dict[bytes, bytes]:
+    out: dict[bytes, bytes] = {}
+    while pos < end:
+        k, n = _XHEAD.unpack_from(v, pos)
+        pos += _XHEAD.size
+        out[v[pos:pos + k]] = v[pos + k:pos + k + n]
+        pos += k + n
+    return out
