@@ -44,6 +44,7 @@ __all__ = [
     "FileattrFlag",
     "SubvolInfo",
     "changed_inodes",
+    "dir_path",
     "clone_range",
     "create_snapshot",
     "create_subvolume",
@@ -389,6 +390,19 @@ def changed_inodes(fd: int, since: int) -> dict[int, tuple[int, int]]:
             min_obj, min_type, min_off = obj + 1, 0, 0
         else:
             return out
+
+
+def dir_path(fd: int, ino: int) -> bytes | None:
+    """The path of directory ``ino`` relative to the subvolume holding ``fd`` (``b""``: its
+    root), from its back reference (``BTRFS_IOC_INO_LOOKUP``, needs ``CAP_SYS_ADMIN``); None
+    when no entry leads to it any more."""
+    try:
+        path = _ino_lookup(fd, 0, ino)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise
+    return path.rstrip(b"/")
 
 
 def _ino_lookup(fd: int, tree: int, objectid: int) -> bytes:

@@ -1,9 +1,11 @@
 """Between sendshot records and the sender's tree model.
 
-* :func:`tree_from_record`: the old side of an incremental send when the old tree is gone:
-  a :class:`~.scan.Tree` whose nodes carry the record's metadata, digests and block digests
-  and no files (``Tree.root`` is empty: nothing may read it).
-* :func:`record_inodes`: the inodes of a scanned and hashed tree, as a record stores them.
+* :func:`tree_from_record`: the old side of an incremental send when the old tree is gone
+  (and the new one is scanned whole): a :class:`~.scan.Tree` whose nodes (:func:`node_of`)
+  carry the record's metadata, digests and block digests and no files (``Tree.root`` is
+  empty: nothing may read it).
+* :func:`record_inodes` (:func:`record_inode`): the inodes of a scanned and hashed tree, as
+  a record stores them.
 * :func:`stamp_generations`: every inode's btrfs generation and transid, for the record (the
   next send visits only what changed since: :mod:`~.rescan`).
 * :func:`block_diff`: which blocks of a file changed against its old version's digests, and
@@ -13,15 +15,15 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from ..errors import StreamFormatError
 from ..fs.btrfs import changed_inodes
-from ..tree.sendshot import RecordInode, RecordReader, SendshotHead
+from ..tree.sendshot import RecordInode, SendshotHead
 from .scan import BLOCK, ROOT, Node, Tree
 
-__all__ = ["BlockIndex", "Diff", "block_diff", "record_inodes", "stamp_generations",
-           "tree_from_record"]
+__all__ = ["BlockIndex", "Diff", "block_diff", "node_of", "record_inode", "record_inodes",
+           "stamp_generations", "tree_from_record"]
 
 _D = 16  # bytes per block digest
 
@@ -29,7 +31,16 @@ _D = 16  # bytes per block digest
 Diff = tuple[list[tuple[int, int]], list[tuple[int, int, Node, int]], list[tuple[int, int]]]
 
 
-def tree_from_record(reader: RecordReader) -> Tree:
+def node_of(rec: RecordInode, nid: int) -> Node:
+    """Node ``nid`` of a tree for the record's inode ``rec`` (no names yet)."""
+    return Node(nid, 256 if nid == ROOT else 257 + nid - 1, rec.mode, rec.uid, rec.gid,
+                rec.size, rec.atime_ns, rec.mtime_ns, rec.ctime_ns, b"", rec.rdev,
+                rec.target, rec.xattrs or {}, [], rec.flags, rec.digest, rec.ino,
+                rec.generation, rec.transid, rec.segments, rec.blocks, rec.bdigest)
+
+
+def tree_from_record(inodes: Iterable[RecordInode], head: SendshotHead,
+                     source: str | None = None) -> Tree:
     """The tree a record describes (node ids in record order, the root first).
 
     Raises:
@@ -39,33 +50,28 @@ def tree_from_record(reader: RecordReader) -> Tree:
     nodes: dict[int, Node] = {}
     by_ino: dict[int, int] = {}
     names: list[list[tuple[int, bytes]]] = []
-    for rec in reader.inodes():
+    for rec in inodes:
         nid = len(nodes)
         if rec.ino in by_ino:
-            raise StreamFormatError(f"inode {rec.ino} appears twice", source=reader.source)
+            raise StreamFormatError(f"inode {rec.ino} appears twice", source=source)
         by_ino[rec.ino] = nid
-        nodes[nid] = Node(nid, 256 if nid == ROOT else 257 + nid - 1, rec.mode, rec.uid,
-                          rec.gid, rec.size, rec.atime_ns, rec.mtime_ns, rec.ctime_ns, b"",
-                          rec.rdev, rec.target, rec.xattrs or {}, [], rec.flags, rec.digest,
-                          rec.ino, rec.generation, rec.transid, rec.segments, rec.blocks,
-                          rec.bdigest)
+        nodes[nid] = node_of(rec, nid)
         names.append(rec.dentries)
     if not nodes or names[0] or not nodes[ROOT].is_dir:
-        raise StreamFormatError("the first inode must be the root directory",
-                                source=reader.source)
+        raise StreamFormatError("the first inode must be the root directory", source=source)
     children: dict[int, dict[bytes, int]] = {n.id: {} for n in nodes.values() if n.is_dir}
     tree = Tree(b"", nodes, children)
     # names last: a hard link's other names may be in directories recorded after it
     for nid in range(1, len(nodes)):
         node = nodes[nid]
         if not names[nid]:
-            raise StreamFormatError(f"inode {node.st_ino} has no name", source=reader.source)
+            raise StreamFormatError(f"inode {node.st_ino} has no name", source=source)
         for parent_ino, name in names[nid]:
             pid = by_ino.get(parent_ino)
             if pid is None or pid not in children or not name or b"/" in name \
                     or name in (b".", b"..") or name in children[pid]:
                 raise StreamFormatError(f"inode {node.st_ino}: bad name {name!r} in "
-                                        f"{parent_ino}", source=reader.source)
+                                        f"{parent_ino}", source=source)
             children[pid][name] = nid
             node.dentries.append((pid, name))
         if node.is_reg:
@@ -73,7 +79,7 @@ def tree_from_record(reader: RecordReader) -> Tree:
             tree.data_bytes += node.size
     _set_paths(tree)
     tree.hashed = True
-    tree._identity = reader.head.tree_digest or None
+    tree._identity = head.tree_digest or None
     return tree
 
 
@@ -95,21 +101,25 @@ def _set_paths(tree: Tree) -> None:
             done.add(c)
 
 
+def record_inode(n: Node, dentries: list[tuple[int, bytes]]) -> RecordInode:
+    """Node ``n`` (hashed in record mode) as a record stores it, named by ``dentries``
+    (directory inode number, name)."""
+    if n.is_reg:
+        return RecordInode(n.st_ino, n.mode, n.uid, n.gid, n.size, n.atime_ns, n.mtime_ns,
+                           n.ctime_ns, dentries, n.generation, n.transid, n.rdev, n.flags,
+                           n.target, n.xattrs or None, n.segments, n.digest, n.bdigest,
+                           n.blocks)
+    return RecordInode(n.st_ino, n.mode, n.uid, n.gid, 0, n.atime_ns, n.mtime_ns,
+                       n.ctime_ns, dentries, n.generation, n.transid, n.rdev, n.flags,
+                       n.target, n.xattrs or None)
+
+
 def record_inodes(tree: Tree) -> Iterator[RecordInode]:
     """The inodes of ``tree`` (scanned and hashed in record mode) as a record stores them."""
     nodes = tree.nodes
     for nid in range(len(nodes)):
         n = nodes[nid]
-        dentries = [(nodes[p].st_ino, name) for p, name in n.dentries]
-        if n.is_reg:
-            yield RecordInode(n.st_ino, n.mode, n.uid, n.gid, n.size, n.atime_ns, n.mtime_ns,
-                              n.ctime_ns, dentries, n.generation, n.transid, n.rdev, n.flags,
-                              n.target, n.xattrs or None, n.segments, n.digest, n.bdigest,
-                              n.blocks)
-        else:
-            yield RecordInode(n.st_ino, n.mode, n.uid, n.gid, 0, n.atime_ns, n.mtime_ns,
-                              n.ctime_ns, dentries, n.generation, n.transid, n.rdev, n.flags,
-                              n.target, n.xattrs or None)
+        yield record_inode(n, [(nodes[p].st_ino, name) for p, name in n.dentries])
 
 
 def stamp_generations(tree: Tree, snapshot_fd: int) -> None:

@@ -1,32 +1,31 @@
-"""The new tree of an incremental send against a record, from btrfs's own change tracking.
+"""What changed in a tree since a record of it, from btrfs's own change tracking: a send and a
+record that cost what changed, not the size of the tree.
 
-A full scan stats every inode of the tree; on a large tree where a few files changed that
-costs far more than the kernel's ``btrfs send -p``, which only visits what changed. When the
-record is of an earlier read-only snapshot of the same subvolume (its lineage UUID and
-generation match, see :func:`usable`) and the tree read now is a newer read-only snapshot of
-it, :func:`rescan` builds the new tree from the record and from the inodes btrfs says were
-written since the record's generation (:func:`~btrdelta.fs.btrfs.changed_inodes`: one
-``TREE_SEARCH`` sweep that skips every tree block not written since, as ``btrfs subvolume
-find-new`` does):
+When the record is of an earlier read-only snapshot of the same subvolume (lineage UUID and
+generation, see :func:`usable`) and the tree read now is a newer read-only snapshot of it,
+:func:`rescan` finds the changes without walking the tree, as ``btrfs send -p`` does with
+its two trees: :func:`~btrdelta.fs.btrfs.changed_inodes` (one ``TREE_SEARCH`` sweep that
+skips every tree block not written since the record's generation) names the inodes written
+since; everything else is as the record says and is neither stat'ed nor read.
 
-* a directory whose inode item was not written since keeps the record's entries (adding,
-  removing or renaming an entry rewrites the directory's inode item: size, mtime); a changed
-  one is listed (``lstat`` of its entries, as :func:`~.scan.scan_tree` does);
-* an inode whose item was not written since is taken from the record, digests and all, and
-  is neither stat'ed (unless a changed directory lists it) nor read; a changed one is
-  stat'ed and, for a regular file, read for its digests by the hasher;
-* an inode number reused after a delete is a new inode item (written since, with another
-  generation): it is changed;
-* deleted inodes are those no entry reaches any more (their directories changed).
+* every changed directory is found by its back reference (:func:`~btrdelta.fs.btrfs.dir_path`)
+  and listed (adding, removing or renaming an entry rewrites the directory's inode item), as
+  are the new directories found in those listings; an entry that btrfs calls unchanged must
+  be the recorded one (same name, same ctime), else :class:`Stale`;
+* a changed inode is stat'ed (a regular file then read by the hasher); its names are those the
+  listings show plus those in directories that did not change;
+* an inode number reused after a delete is another generation: a new inode;
+* deleted inodes are the recorded entries of listed directories that are gone and not found
+  elsewhere, and everything below a deleted directory.
 
-Nodes come in the order :func:`~.scan.scan_tree` gives them (directories depth first, the
-entries of each sorted by name), so the tree identity is the one a full scan computes. If
-what is found disagrees with the record (an entry of an unchanged directory that is no longer
-the recorded inode, or a listed inode that btrfs calls unchanged whose ctime differs), it
-raises :class:`Stale` and the caller falls back to a full scan.
+The result (:class:`Changes`) is two small trees: the part of the record (old) and of the
+snapshot (new) that the changes touch, with every ancestor directory up to the root on both
+sides, so :class:`~.emit.Sender` matches and emits only those; and the next record, made from
+the old one by dropping the rows of changed and deleted inodes and appending the new ones
+(:meth:`~btrdelta.tree.columns.Columns.patched`) once the new files are hashed.
 
-Owns the rebuild only; the sweep is :mod:`btrdelta.fs.btrfs`, the hashing
-:class:`~.scan.ContentHasher`.
+Owns the change finding only; the sweep is :mod:`btrdelta.fs.btrfs`, hashing
+:class:`~.scan.ContentHasher`, the stream :mod:`.emit`.
 """
 
 from __future__ import annotations
@@ -35,13 +34,17 @@ import os
 import stat
 from uuid import UUID
 
-from ..fs.btrfs import get_fileattr
-from ..tree.sendshot import SendshotHead
-from .scan import _FIRST_INO, ROOT, Node, Tree, _Scanner
+from ..fs.btrfs import dir_path, get_fileattr
+from ..tree.columns import Columns, Encoded
+from ..tree.sendshot import C_CTIME, C_GEN, RecordInode, SendshotHead
+from .record import node_of, record_inode
+from .scan import ROOT, Node, Tree, read_node
 
-__all__ = ["Stale", "rescan", "usable"]
+__all__ = ["Changes", "Stale", "rescan", "usable"]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FMT = 0o170000
+_DIR = stat.S_IFDIR
 
 
 class Stale(Exception):
@@ -50,140 +53,357 @@ class Stale(Exception):
 
 def usable(head: SendshotHead, lineage: UUID | None, generation: int, readonly: bool) -> bool:
     """Whether the tree read (a snapshot of subvolume ``lineage`` whose inodes carry
-    transids up to ``generation``) can be rebuilt from the record ``head`` by :func:`rescan`:
-    a read-only snapshot of the same subvolume, not older than the record's."""
+    transids up to ``generation``) can be compared with the record ``head`` by
+    :func:`rescan`: a read-only snapshot of the same subvolume, not older than the record's."""
     return (readonly and lineage is not None and head.subvol_uuid == lineage
             and head.generation > 0 and generation >= head.generation)
 
 
-def _copy(o: Node, nid: int, rel: bytes) -> Node:
-    """A new tree's node for the unchanged inode ``o`` of the record."""
-    return Node(nid, 256 if nid == ROOT else _FIRST_INO + nid - 1, o.mode, o.uid, o.gid,
-                o.size, o.atime_ns, o.mtime_ns, o.ctime_ns, rel, o.rdev, o.target, o.xattrs,
-                [], o.flags, o.digest, o.st_ino, o.generation, o.transid, o.segments,
-                o.blocks, o.bdigest)
+class Changes:
+    """The changed part of a tree (see the module docstring).
+
+    Attributes:
+        old: the record's inodes that changed or went away, and their ancestors (paths as
+            recorded): the old side of the send.
+        new: the snapshot's inodes that changed or are new, and their ancestors: the new
+            side (regular files that changed are not hashed yet).
+        reused: regular files taken from the record (not read).
+        listed: directories listed.
+    """
+
+    def __init__(self, old: Tree, new: Tree, cols: Columns, drop: list[int],
+                 fresh: dict[int, Node], root_changed: bool, listed: int) -> None:
+        self.old, self.new, self.listed = old, new, listed
+        self._cols, self._drop, self._fresh, self._root = cols, drop, fresh, root_changed
+        gone_files = sum(1 for r in drop if cols.modes[r] & _FMT == stat.S_IFREG)
+        self.reused = len(cols.file_rows) - gone_files
+
+    def record(self) -> Encoded:
+        """The columns of the record of the new tree (after its files were hashed)."""
+        nodes = self.new.nodes
+        rows: list[RecordInode] = []
+        root: RecordInode | None = None
+        for node in self._fresh.values():
+            rec = record_inode(node, [(nodes[p].st_ino, name) for p, name in node.dentries])
+            if node.id == ROOT:
+                root = rec
+            else:
+                rows.append(rec)
+        return self._cols.patched(self._drop, rows, root if self._root else None)
 
 
-class _Rebuild:
-    """One :func:`rescan`: the record by inode number, the changes, the new tree so far."""
+class _Delta:
+    """One :func:`rescan`: the record, the changes, what was found so far."""
 
-    def __init__(self, old: Tree, root: bytes, changed: dict[int, tuple[int, int]]) -> None:
-        self.old = old
-        self.old_by_ino = {n.st_ino: n for n in old.nodes.values()}
-        self.changed = changed
-        st = os.lstat(root)
-        self.sc = _Scanner(root, st.st_dev, None)
-        self.nodes = self.sc.nodes
-        self.children = self.sc.children
-        #: st_ino -> node id of the non-directories met so far (hard links)
-        self.linked: dict[int, int] = {}
-        self.listed = 0
-        o = self.old_by_ino.get(st.st_ino)
-        if o is None or st.st_ino in changed or not o.is_dir:
-            self._fresh(st, root, b"", None, root)
-        else:
-            self.nodes[ROOT] = _copy(o, ROOT, b"")
-        self.children[ROOT] = {}
+    def __init__(self, cols: Columns, root: bytes, fd: int,
+                 changed: dict[int, tuple[int, int]]) -> None:
+        self.cols, self.root, self.fd, self.changed = cols, root, fd, changed
+        self.row_of = cols.row_of()
+        self.inos, self.modes = cols.inos, cols.modes
+        self.dev = os.lstat(root).st_dev
+        #: listed directories (inode number) -> path, and their entries (name -> inode)
+        self.listed: dict[int, bytes] = {}
+        self.entries: dict[int, dict[bytes, int]] = {}
+        #: changed or new inodes -> their node, and their names (directory inode, name)
+        self.fresh: dict[int, Node] = {}
+        self.names: dict[int, list[tuple[int, bytes]]] = {}
+        self._alive: dict[int, bool] = {0: True}
+        self._children: dict[int, list[tuple[bytes, int]]] | None = None
 
-    def _fresh(self, st: os.stat_result, full: bytes, rel: bytes, dfd: int | None,
-               name: bytes) -> Node:
-        node = self.sc.make(st, full, rel, dfd, name)
-        node.generation, node.transid = self.changed.get(st.st_ino, (0, 0))
+    def same_row(self, ino: int) -> int | None:
+        """The record's row of inode ``ino`` if it is still that inode (not a reused
+        number)."""
+        r = self.row_of.get(ino)
+        if r is None:
+            return None
+        got = self.changed.get(ino)
+        gen = self.cols.fixed[C_GEN][r]
+        if got is not None and gen and got[0] != gen:
+            return None
+        return r
+
+    def children(self, r: int) -> list[tuple[bytes, int]]:
+        """The recorded entries of directory row ``r``."""
+        if self._children is None:
+            self._children = self.cols.children()
+        return self._children.get(r, [])
+
+    # -- finding the changes ----------------------------------------------------------
+
+    def list_changed(self) -> None:
+        """List every changed directory and the new directories below them."""
+        queue: list[tuple[int, bytes]] = []
+        for ino in self.changed:
+            r = self.same_row(ino)
+            if r is not None and self.modes[r] & _FMT == _DIR:
+                rel = dir_path(self.fd, ino)
+                if rel is not None:
+                    queue.append((ino, rel))
+        while queue:
+            ino, rel = queue.pop()
+            if ino not in self.listed:
+                queue += self._list(ino, rel)
+
+    def _make(self, st: os.stat_result, full: bytes, rel: bytes, dfd: int | None,
+              name: bytes) -> Node:
+        node = self.fresh.get(st.st_ino)
+        if node is None:
+            node = read_node(0, st, full, rel, dfd, name)
+            node.generation, node.transid = self.changed.get(st.st_ino, (0, 0))
+            self.fresh[st.st_ino] = node
+            self.names[st.st_ino] = []
         return node
 
-    def _add(self, dir_id: int, name: bytes, node: Node,
-             subdirs: list[tuple[int, bytes, bytes]], full: bytes, rel: bytes) -> None:
-        node.dentries.append((dir_id, name))
-        self.children[dir_id][name] = node.id
-        if node.is_dir:
-            self.children[node.id] = {}
-            subdirs.append((node.id, full, rel))
-        else:
-            self.linked.setdefault(node.st_ino, node.id)
-
-    def visit(self, dir_id: int, absdir: bytes, reldir: bytes
-              ) -> list[tuple[int, bytes, bytes]]:
-        """Fill in one directory's entries; returns its subdirectories to visit."""
-        node = self.nodes[dir_id]
-        o = self.old_by_ino.get(node.st_ino)
-        if node.st_ino in self.changed or o is None or not o.is_dir:
-            return self._listed(dir_id, absdir, reldir)
-        subdirs: list[tuple[int, bytes, bytes]] = []
-        prefix = absdir + b"/"
-        relprefix = reldir + b"/" if reldir else b""
-        old_nodes = self.old.nodes
-        for name, oid in sorted(self.old.children[o.id].items()):
-            rec = old_nodes[oid]
-            full, rel = prefix + name, relprefix + name
-            nid = self.linked.get(rec.st_ino)
-            if nid is not None:
-                kid = self.nodes[nid]
-            elif rec.st_ino in self.changed:
-                est = os.lstat(full)
-                if est.st_ino != rec.st_ino or stat.S_IFMT(est.st_mode) != rec.fmt:
-                    raise Stale(f"{os.fsdecode(rel)} is not the recorded inode")
-                kid = self._fresh(est, full, rel, None, full)
-            else:
-                kid = _copy(rec, len(self.nodes), rel)
-                self.nodes[kid.id] = kid
-            self._add(dir_id, name, kid, subdirs, full, rel)
-        return subdirs
-
-    def _listed(self, dir_id: int, absdir: bytes, reldir: bytes
-                ) -> list[tuple[int, bytes, bytes]]:
-        """A changed directory: list it as a full scan does."""
-        self.listed += 1
+    def _list(self, dino: int, rel: bytes) -> list[tuple[int, bytes]]:
+        """List directory ``dino`` at ``rel``; returns new directories to list."""
+        absdir = self.root + b"/" + rel if rel else self.root
+        self.listed[dino] = rel
+        ents = self.entries[dino] = {}
         dfd = os.open(absdir, _DIR_FLAGS)
         try:
-            self.nodes[dir_id].flags = get_fileattr(dfd)
-            subdirs: list[tuple[int, bytes, bytes]] = []
-            prefix = absdir + b"/"
-            relprefix = reldir + b"/" if reldir else b""
+            st = os.fstat(dfd)
+            if st.st_ino != dino:
+                raise Stale(f"{os.fsdecode(rel) or '/'} is not directory {dino}")
+            self._make(st, absdir, rel, None, absdir).flags = get_fileattr(dfd)
+            drow = self.same_row(dino)
+            more: list[tuple[int, bytes]] = []
+            prefix, relprefix = absdir + b"/", rel + b"/" if rel else b""
             for name in sorted(os.listdir(absdir)):
                 est = os.lstat(name, dir_fd=dfd)
-                if est.st_dev != self.sc.dev:
-                    continue  # a nested subvolume: not part of this tree
-                fmt = stat.S_IFMT(est.st_mode)
-                full, rel = prefix + name, relprefix + name
-                if fmt == stat.S_IFDIR and est.st_ino == 2 and not os.listdir(full):
-                    continue  # btrfs empty-subvolume stub in a snapshot
-                nid = self.linked.get(est.st_ino) if fmt != stat.S_IFDIR else None
-                rec = self.old_by_ino.get(est.st_ino)
-                if nid is not None:
-                    kid = self.nodes[nid]
-                elif est.st_ino in self.changed or rec is None or rec.fmt != fmt:
-                    kid = self._fresh(est, full, rel, dfd, name)
-                elif est.st_ctime_ns != rec.ctime_ns:
-                    raise Stale(f"{os.fsdecode(rel)} changed but btrfs does not say so")
-                else:
-                    kid = _copy(rec, len(self.nodes), rel)
-                    self.nodes[kid.id] = kid
-                self._add(dir_id, name, kid, subdirs, full, rel)
+                fmt = est.st_mode & _FMT
+                if est.st_dev != self.dev or (fmt == _DIR and est.st_ino == 2
+                                              and not os.listdir(prefix + name)):
+                    continue  # a nested subvolume (or its stub in a snapshot)
+                ino = est.st_ino
+                ents[name] = ino
+                r = self.same_row(ino)
+                if r is not None and self.modes[r] & _FMT != fmt:
+                    raise Stale(f"{os.fsdecode(relprefix + name)} changed its type")
+                if r is not None and ino not in self.changed:
+                    if est.st_ctime_ns != self.cols.fixed[C_CTIME][r] or \
+                            drow is None or (drow, name) not in self.cols.dentries(r):
+                        raise Stale(f"{os.fsdecode(relprefix + name)} changed but btrfs "
+                                    "does not say so")
+                    continue
+                self._make(est, prefix + name, relprefix + name, dfd, name)
+                self.names[ino].append((dino, name))
+                if fmt == _DIR and ino not in self.listed:
+                    more.append((ino, relprefix + name))
         finally:
             os.close(dfd)
-        return subdirs
+        return more
+
+    def alive(self, r: int) -> bool:
+        """Whether the recorded directory row ``r`` is still in the tree."""
+        chain: list[int] = []
+        cur = r
+        while cur not in self._alive:
+            ino = self.inos[cur]
+            if ino in self.listed:
+                self._alive[cur] = self.same_row(ino) == cur
+                break
+            if ino in self.changed:  # changed but not listed: no entry leads to it
+                self._alive[cur] = False
+                break
+            chain.append(cur)
+            parent, name = self.cols.dentries(cur)[0]
+            pino = self.inos[parent]
+            if pino in self.listed:
+                self._alive[cur] = self.entries[pino].get(name) == ino
+                chain.pop()
+                break
+            cur = parent
+        verdict = self._alive[cur]
+        for c in chain:
+            self._alive[c] = verdict
+        return verdict
+
+    def kept_names(self, r: int) -> list[tuple[int, bytes]]:
+        """Names of row ``r`` in directories that were not listed and are still there."""
+        inos = self.inos
+        return [(inos[p], name) for p, name in self.cols.dentries(r)
+                if inos[p] not in self.listed and self.alive(p)]
+
+    def stat_changed(self) -> None:
+        """Changed inodes that no listing showed: stat'ed at a name that did not change."""
+        for ino in self.changed:
+            r = self.same_row(ino)
+            if r is None:
+                continue  # new, but no entry leads to it: not part of the tree
+            kept = self.kept_names(r)
+            if ino in self.fresh:
+                self.names[ino] = kept + self.names[ino]
+            elif kept and self.modes[r] & _FMT != _DIR:
+                rel = self.new_path(self.row_of[kept[0][0]], kept[0][1])
+                full = self.root + b"/" + rel
+                st = os.lstat(full)
+                if st.st_ino != ino or st.st_mode & _FMT != self.modes[r] & _FMT:
+                    raise Stale(f"{os.fsdecode(rel)} is not the recorded inode")
+                self._make(st, full, rel, None, full)
+                self.names[ino] = kept
+
+    def new_path(self, drow: int, name: bytes) -> bytes:
+        """The path now of entry ``name`` of the recorded, still present directory
+        ``drow``."""
+        parts = [name]
+        cur = drow
+        while True:
+            ino = self.inos[cur]
+            rel = self.listed.get(ino)
+            if rel is not None or cur == 0:
+                head = rel or b""
+                break
+            parent, pname = self.cols.dentries(cur)[0]
+            parts.append(pname)
+            cur = parent
+        tail = b"/".join(reversed(parts))
+        return head + b"/" + tail if head else tail
+
+    def deleted(self) -> set[int]:
+        """Rows of the recorded inodes that are gone."""
+        cands: list[int] = []
+        for dino, ents in self.entries.items():
+            drow = self.same_row(dino)
+            if drow is not None:
+                cands += [r for name, r in self.children(drow)
+                          if ents.get(name) != self.inos[r] or self.same_row(self.inos[r]) != r]
+        for ino in self.changed:
+            r = self.row_of.get(ino)
+            if r is not None and (self.same_row(ino) is None or ino not in self.fresh):
+                cands.append(r)
+        dead: set[int] = set()
+        while cands:
+            r = cands.pop()
+            ino = self.inos[r]
+            if r in dead or (ino in self.fresh and self.same_row(ino) == r):
+                continue
+            if ino not in self.changed and self.kept_names(r):
+                raise Stale(f"inode {ino} lost a name but btrfs does not say it changed")
+            dead.add(r)
+            if self.modes[r] & _FMT == _DIR:
+                cands += [c for _name, c in self.children(r)]
+        return dead
+
+    # -- the two small trees ------------------------------------------------------------
+
+    def closure(self, dead: set[int]) -> tuple[set[int], set[int]]:
+        """(rows of the old side, inodes of the new side): the changes, their ancestors,
+        and every inode on one side that is still there on the other."""
+        old_side: set[int] = set()
+        new_side: set[int] = set()
+        todo_new = [*self.fresh, self.inos[0]]
+        todo_old = [*dead, 0]
+        inos, cols = self.inos, self.cols
+        while todo_new or todo_old:
+            while todo_new:
+                ino = todo_new.pop()
+                if ino in new_side:
+                    continue
+                new_side.add(ino)
+                r = self.same_row(ino)
+                if ino in self.fresh:
+                    todo_new += [p for p, _n in self.names[ino]]
+                else:
+                    assert r is not None
+                    todo_new += [inos[p] for p, _n in cols.dentries(r)]
+                if r is not None and r not in dead:
+                    todo_old.append(r)
+            while todo_old:
+                r = todo_old.pop()
+                if r in old_side:
+                    continue
+                old_side.add(r)
+                todo_old += [p for p, _n in cols.dentries(r)]
+                if r not in dead:
+                    todo_new.append(inos[r])
+        return old_side, new_side
+
+    def old_tree(self, rows: set[int]) -> Tree:
+        """The record's rows ``rows`` as a tree (root first; paths as recorded)."""
+        order = [0, *sorted(rows - {0})]
+        nid_of = {r: nid for nid, r in enumerate(order)}
+        nodes = {nid: node_of(self.cols.inode(r), nid) for nid, r in enumerate(order)}
+        dentries = {nid_of[r]: [(nid_of[p], name) for p, name in self.cols.dentries(r)]
+                    for r in order}
+        return _tree(b"", nodes, dentries)
+
+    def new_tree(self, inos: set[int]) -> tuple[Tree, dict[int, Node]]:
+        """The inodes ``inos`` of the snapshot as a tree, and its changed or new nodes by
+        inode number (their ``id`` set)."""
+        root_ino = self.inos[0]
+        order = [root_ino, *sorted(inos - {root_ino})]
+        nid_of = {ino: nid for nid, ino in enumerate(order)}
+        nodes: dict[int, Node] = {}
+        dentries: dict[int, list[tuple[int, bytes]]] = {}
+        fresh: dict[int, Node] = {}
+        for nid, ino in enumerate(order):
+            node = self.fresh.get(ino)
+            if node is not None:
+                node.id, node.ino = nid, 256 if nid == ROOT else 256 + nid
+                node.dentries = []
+                fresh[ino] = node
+                names = self.names[ino]
+            else:
+                r = self.row_of[ino]
+                node = node_of(self.cols.inode(r), nid)
+                names = [(self.inos[p], name) for p, name in self.cols.dentries(r)]
+            nodes[nid] = node
+            dentries[nid] = [(nid_of[p], name) for p, name in names]
+        return _tree(self.root, nodes, dentries), fresh
 
 
-def rescan(old: Tree, root: bytes, changed: dict[int, tuple[int, int]]) -> tuple[Tree, int]:
-    """The tree at ``root`` (a read-only snapshot) rebuilt from the record ``old`` (of an
-    earlier snapshot of the same subvolume) and ``changed`` (the inodes written since it:
-    ``{ino: (generation, transid)}``); returns the tree and how many directories were listed.
-
-    Regular files taken from the record keep its digests (``segments`` set: the hasher skips
-    them); changed ones have none yet.
-
-    Raises:
-        Stale: the tree disagrees with the record (scan it whole instead).
-        OSError: the tree cannot be read.
-    """
-    rb = _Rebuild(old, root, changed)
-    stack: list[tuple[int, bytes, bytes]] = [(ROOT, root, b"")]
-    while stack:
-        stack.extend(reversed(rb.visit(*stack.pop())))
-    tree = rb.sc.tree
-    for node in rb.nodes.values():
-        if node.id != ROOT:
+def _tree(root: bytes, nodes: dict[int, Node], dentries: dict[int, list[tuple[int, bytes]]]
+          ) -> Tree:
+    """A tree of ``nodes`` (ids 0..n-1, the root first) named by ``dentries``."""
+    children: dict[int, dict[bytes, int]] = {nid: {} for nid, n in nodes.items() if n.is_dir}
+    tree = Tree(root, nodes, children)
+    for nid, names in dentries.items():
+        node = nodes[nid]
+        node.dentries = names
+        for parent, name in names:
+            kids = children.get(parent)
+            if kids is None or name in kids:
+                raise Stale(f"inode {node.st_ino}: bad name {name!r}")
+            kids[name] = nid
+        if nid != ROOT:
             tree.files += 1
             if node.is_reg:
                 tree.data_bytes += node.size
-    return tree, rb.listed
+    # paths: the first name under the parent's path, parents first
+    done = {ROOT}
+    for nid in range(1, len(nodes)):
+        chain = []
+        cur = nid
+        while cur not in done:
+            chain.append(cur)
+            if not nodes[cur].dentries or len(chain) > len(nodes):
+                raise Stale(f"inode {nodes[cur].st_ino} has no path to the root")
+            cur = nodes[cur].dentries[0][0]
+        for c in reversed(chain):
+            nodes[c].path = tree.path_of(*nodes[c].dentries[0])
+            done.add(c)
+    return tree
+
+
+def rescan(cols: Columns, root: bytes, fd: int, changed: dict[int, tuple[int, int]]
+           ) -> Changes:
+    """The changes of the snapshot at ``root`` (``fd``: open on it) against the record
+    ``cols`` of an earlier snapshot of the same subvolume, given ``changed``, the inodes
+    written since (``{ino: (generation, transid)}``).
+
+    Raises:
+        Stale: the tree disagrees with the record (scan it whole instead).
+        OSError: the tree cannot be read (PermissionError: not root).
+    """
+    delta = _Delta(cols, root, fd, changed)
+    delta.list_changed()
+    delta.stat_changed()
+    dead = delta.deleted()
+    old_rows, new_inos = delta.closure(dead)
+    old = delta.old_tree(old_rows)
+    old.hashed = True
+    new, fresh = delta.new_tree(new_inos)
+    drop = sorted(dead | {r for ino in fresh if (r := delta.same_row(ino)) is not None})
+    root_ino = cols.inos[0]
+    return Changes(old, new, cols, [r for r in drop if r != 0], fresh, root_ino in fresh,
+                   len(delta.listed))

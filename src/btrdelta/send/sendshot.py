@@ -25,11 +25,12 @@ from .._value import value_class
 from ..errors import BtrdeltaError
 from ..fs.btrfs import changed_inodes
 from ..stream.records import Record
+from ..tree.columns import Columns
 from ..tree.sendshot import SendshotHead
 from .emit import Sender, SendStats, StreamIds
 from .live import Frozen, frozen
 from .record import record_inodes, stamp_generations, tree_from_record
-from .rescan import Stale, rescan, usable
+from .rescan import Changes, Stale, rescan, usable
 from .scan import Tree, TreeScan
 from .store import SendshotStore, StoredSendshot
 
@@ -56,8 +57,8 @@ class SendshotResult:
 
 
 def load_base(store: SendshotStore, ident: str, source: bytes, lineage: object,
-              candidates: Any = None) -> tuple[StoredSendshot, Tree]:
-    """The record ``ident`` (``latest``: the newest of this source) and its tree."""
+              candidates: Any = None) -> tuple[StoredSendshot, Columns]:
+    """The record ``ident`` (``latest``: the newest of this source) and its columns."""
     def mine(s: StoredSendshot) -> bool:
         return (lineage is not None and s.head.subvol_uuid == lineage) or \
             s.head.source == source
@@ -65,10 +66,10 @@ def load_base(store: SendshotStore, ident: str, source: bytes, lineage: object,
     rec = store.resolve(ident, lineage=mine, candidates=candidates)
     reader, f = store.open(rec)
     try:
-        tree = tree_from_record(reader)
+        cols = reader.columns()
     finally:
         f.close()
-    return rec, tree
+    return rec, cols
 
 
 def _stamp(fz: Frozen) -> Callable[[Tree], None]:
@@ -87,27 +88,29 @@ def _stamp(fz: Frozen) -> Callable[[Tree], None]:
     return prepare
 
 
-def _scan(fz: Frozen, base: StoredSendshot | None, old: Tree | None,
-          seed: int) -> tuple[TreeScan, int]:
-    """The new tree's scan, and how many of its files were taken from the base record.
+def _scan(fz: Frozen, base: StoredSendshot | None, cols: Columns | None,
+          seed: int) -> tuple[TreeScan, Tree | None, Changes | None]:
+    """The new tree's scan, the old tree, and the changes when only they were visited.
 
     On btrfs, against a record of an earlier snapshot of the same subvolume, only what
-    changed since is visited (:func:`~.rescan.rescan`); otherwise the tree is walked whole
-    and every file read.
+    changed since is visited and sent (:func:`~.rescan.rescan`: both trees are then the
+    changed part); otherwise the tree is walked whole and every file read, against the whole
+    record.
     """
-    if fz.info is not None and base is not None and old is not None and \
+    if fz.info is not None and base is not None and cols is not None and \
             usable(base.head, fz.lineage, fz.generation, fz.info.readonly):
         fd = os.open(fz.path, _DIR)
         try:
-            tree, _listed = rescan(old, fz.path, changed_inodes(fd, base.head.generation))
+            changes = rescan(cols, fz.path, fd, changed_inodes(fd, base.head.generation))
         except (PermissionError, Stale):
             pass  # not root, or the record disagrees with the tree: walk it whole
         else:
-            reused = sum(1 for n in tree.nodes.values() if n.is_reg and n.segments is not None)
-            return TreeScan(fz.path, seed=seed, new_tree=tree), reused
+            return TreeScan(fz.path, seed=seed, new_tree=changes.new), changes.old, changes
         finally:
             os.close(fd)
-    return TreeScan(fz.path, None, seed=seed, prepare=_stamp(fz)), 0
+    old = tree_from_record(cols.rows(), base.head, base.path) \
+        if cols is not None and base is not None else None
+    return TreeScan(fz.path, None, seed=seed, prepare=_stamp(fz)), old, None
 
 
 def send_with_sendshots(
@@ -158,11 +161,11 @@ def send_with_sendshots(
     stream_name = name or os.path.basename(src) or b"subvol"
     with frozen(path, snapshot=snapshot) as fz:
         base: StoredSendshot | None = None
-        old: Tree | None = None
+        cols: Columns | None = None
         if from_sendshot is not None:
-            base, old = load_base(store, from_sendshot, src, fz.lineage, candidates)
+            base, cols = load_base(store, from_sendshot, src, fz.lineage, candidates)
         seed = base.head.seed if base is not None else store.seed()
-        scan, reused = _scan(fz, base, old, seed)
+        scan, old, changes = _scan(fz, base, cols, seed)
         ids = StreamIds(
             uuid=fz.stream_uuid, ctransid=fz.info.ctransid if fz.info is not None else 0,
             parent_uuid=base.head.stream_uuid if base is not None else None,
@@ -179,13 +182,14 @@ def send_with_sendshots(
         _write_stream(sender, write, version, on_record)
         stored = None
         if record:
-            stored = _record(store, sender, fz, base, src, stream_name, seed)
+            stored = _record(store, sender, fz, base, src, stream_name, seed, changes)
         if inflight is not None:
             inflight(fz)
         return SendshotResult(
             recorded=stored, base=base, stream_uuid=str(sender.new_ids()[0]),
             parent_uuid=str(ids.parent_uuid) if ids.parent_uuid else None,
-            reused=reused, stats=sender.stats, warning=fz.warning,
+            reused=changes.reused if changes is not None else 0, stats=sender.stats,
+            warning=fz.warning,
         )
 
 
@@ -201,14 +205,19 @@ def _write_stream(sender: Sender, write: Callable[[Any], object], version: int,
 
 
 def _record(store: SendshotStore, sender: Sender, fz: Frozen, base: StoredSendshot | None,
-            src: bytes, name: bytes, seed: int) -> StoredSendshot:
-    """Store the record of what ``sender`` sent (after its last record)."""
+            src: bytes, name: bytes, seed: int, changes: Changes | None) -> StoredSendshot:
+    """Store the record of what ``sender`` sent (after its last record): the base record
+    patched with the changes, or the whole tree scanned. A patched record has no tree
+    identity (the stream named the snapshot's UUID, not one derived from the tree)."""
     uuid, ctransid = sender.new_ids()
     head = SendshotHead(
         stream_uuid=uuid, stream_ctransid=ctransid, name=name, created_ns=time.time_ns(),
         kind="sent", subvol_uuid=fz.lineage, parent=base.digest if base is not None else None,
-        source=src, generation=fz.generation, seed=seed, tree_digest=sender.new.identity(),
+        source=src, generation=fz.generation, seed=seed,
+        tree_digest=b"" if changes is not None else sender.new.identity(),
     )
+    if changes is not None:
+        return store.save(head, changes.record())
     return store.save(head, record_inodes(sender.new))
 
 

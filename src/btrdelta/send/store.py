@@ -28,10 +28,13 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import BtrdeltaError, MissingBaseError
 from ..tree.sendshot import RecordInode, RecordReader, SendshotHead, read_head, write_record
+
+if TYPE_CHECKING:
+    from ..tree.columns import Encoded
 
 __all__ = [
     "DEFAULT_STORE",
@@ -120,8 +123,10 @@ class SendshotStore:
             with open(p) as f:
                 return int(f.read().strip(), 16)
 
-    def save(self, head: SendshotHead, inodes: Iterator[RecordInode]) -> StoredSendshot:
-        """Write a record (temporary file, then its digest name); returns it."""
+    def save(self, head: SendshotHead, inodes: Iterable[RecordInode] | Encoded
+             ) -> StoredSendshot:
+        """Write a record (temporary file, then its digest name); returns it. ``inodes``:
+        every inode, or the columns already encoded."""
         os.makedirs(self.records, mode=0o700, exist_ok=True)
         tmp = os.path.join(self.records, f".tmp-{os.getpid()}-{secrets.token_hex(4)}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
