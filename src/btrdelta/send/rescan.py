@@ -108,7 +108,6 @@ class _Delta:
         self.fresh: dict[int, Node] = {}
         self.names: dict[int, list[tuple[int, bytes]]] = {}
         self._alive: dict[int, bool] = {0: True}
-        self._children: dict[int, list[tuple[bytes, int]]] | None = None
 
     def same_row(self, ino: int) -> int | None:
         """The record's row of inode ``ino`` if it is still that inode (not a reused
@@ -121,12 +120,6 @@ class _Delta:
         if got is not None and gen and got[0] != gen:
             return None
         return r
-
-    def children(self, r: int) -> list[tuple[bytes, int]]:
-        """The recorded entries of directory row ``r``."""
-        if self._children is None:
-            self._children = self.cols.children()
-        return self._children.get(r, [])
 
     # -- finding the changes ----------------------------------------------------------
 
@@ -265,7 +258,7 @@ class _Delta:
         for dino, ents in self.entries.items():
             drow = self.same_row(dino)
             if drow is not None:
-                cands += [r for name, r in self.children(drow)
+                cands += [r for name, r in self.cols.children(drow)
                           if ents.get(name) != self.inos[r] or self.same_row(self.inos[r]) != r]
         for ino in self.changed:
             r = self.row_of.get(ino)
@@ -281,7 +274,7 @@ class _Delta:
                 raise Stale(f"inode {ino} lost a name but btrfs does not say it changed")
             dead.add(r)
             if self.modes[r] & _FMT == _DIR:
-                cands += [c for _name, c in self.children(r)]
+                cands += [c for _name, c in self.cols.children(r)]
         return dead
 
     # -- the two small trees ------------------------------------------------------------

@@ -20,6 +20,7 @@ is :mod:`~.sendshot`'s.
 from __future__ import annotations
 
 import struct
+from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import accumulate
 from typing import Final
@@ -61,6 +62,7 @@ __all__ = ["Columns", "encode_rows"]
 
 _D = 16  # bytes per block digest
 _XHEAD = struct.Struct("<HI")
+_U32 = struct.Struct("<I")
 _REG = 0o100000
 #: the fixed per-inode columns and the RecordInode field each holds
 _FIELDS: Final = ((C_INO, "ino"), (C_GEN, "generation"), (C_TRANSID, "transid"),
@@ -199,22 +201,26 @@ class Columns:
         self.doff = _prefix(f[C_NNAMES])
         self.noff = _prefix(self.namelens)
         self.toff = _prefix(f[C_TARGETLEN])
-        self.foff = _prefix(m & 0o170000 == _REG for m in self.modes)
-        self.soff = _prefix(0 if n == WHOLE else 2 * n for n in self.nsegs)
-        sizes = self.sizes
-        counts = [(-(-sizes[r] // BLOCK) if sizes[r] >= BLOCK else 0) if n == WHOLE
-                  else _blocks_of(sizes[r], self.segs[self.soff[k] + 1:self.soff[k + 1]:2])
-                  for k, (r, n) in enumerate(zip(self.file_rows, self.nsegs, strict=True))]
+        self.foff = _prefix([m & 0o170000 == _REG for m in self.modes])
+        self.soff = _prefix([0 if n == WHOLE else 2 * n for n in self.nsegs])
+        sizes = [self.sizes[r] for r in self.file_rows]
+        counts = [(s + BLOCK - 1) // BLOCK if s >= BLOCK else 0 for s in sizes]
+        for k, n in enumerate(self.nsegs):
+            if n != WHOLE:  # a file with holes (rare): its segments' blocks
+                counts[k] = _blocks_of(sizes[k], self.segs[self.soff[k] + 1:self.soff[k + 1]:2])
         self.boff = _prefix(counts)
         if self.boff[-1] != nblk:
             raise StreamFormatError("column BLOCKS does not match the files' segments")
         self.xoff = self._xattr_offsets()
+        self._parents_bytes = bytes(cols[C_PARENT])
         self._row_of: dict[int, int] | None = None
 
     def _xattr_offsets(self) -> list[int]:
         lengths = [0] * self.count
         v, pos = self.xattrs, 0
-        for r, nx in enumerate(self.fixed[C_NXATTRS]):
+        nxattrs = self.fixed[C_NXATTRS]
+        for r in [r for r, nx in enumerate(nxattrs) if nx]:
+            nx = nxattrs[r]
             start = pos
             for _ in range(nx):
                 if pos + _XHEAD.size > len(v):
@@ -240,13 +246,20 @@ class Columns:
         return [(parents[d], names[noff[d]:noff[d + 1]])
                 for d in range(self.doff[r], self.doff[r + 1])]
 
-    def children(self) -> dict[int, list[tuple[bytes, int]]]:
-        """row of a directory -> its entries as (name, row)."""
-        out: dict[int, list[tuple[bytes, int]]] = {}
-        names, noff, parents, doff = self.names, self.noff, self.parents, self.doff
-        for r in range(self.count):
-            for d in range(doff[r], doff[r + 1]):
-                out.setdefault(parents[d], []).append((names[noff[d]:noff[d + 1]], r))
+    def children(self, r: int) -> list[tuple[bytes, int]]:
+        """The entries of directory row ``r`` as (name, row) (a search of the PARENT column:
+        no index of every directory is built)."""
+        out: list[tuple[bytes, int]] = []
+        raw, key = self._parents_bytes, _U32.pack(r)
+        names, noff, doff = self.names, self.noff, self.doff
+        pos = raw.find(key)
+        while pos >= 0:
+            if pos % 4 == 0:
+                d = pos // 4
+                out.append((names[noff[d]:noff[d + 1]], bisect_right(doff, d) - 1))
+                pos = raw.find(key, pos + 4)
+            else:
+                pos = raw.find(key, pos + 1)
         return out
 
     def inode(self, r: int) -> RecordInode:
