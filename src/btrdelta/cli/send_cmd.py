@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import stat
 import time
@@ -158,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
         signer.finish()
     report["seconds"] = round(time.monotonic() - started, 3)
     if args.json:
+        import json
+
         print(json.dumps(report))
     elif args.verbose or progress_wanted(args):
         records = f"{report['records']} records, " if report["records"] is not None else ""

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 import stat
 from collections.abc import Iterator
 from typing import BinaryIO
@@ -35,7 +34,7 @@ _NO_TMPFILE = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENO
 
 
 def _tmp_name(base: str) -> str:
-    return f".{base}.tmp-{os.getpid()}-{secrets.token_hex(6)}"
+    return f".{base}.tmp-{os.getpid()}-{os.urandom(6).hex()}"
 
 
 def _open_dir(directory: str) -> int:

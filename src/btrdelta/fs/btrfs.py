@@ -29,11 +29,13 @@ import functools
 import os
 import struct
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any, Final, NamedTuple, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, NoReturn
 from uuid import UUID
 
 from .._value import value_class
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 __all__ = [
     "BTRFS_SUPER_MAGIC",
@@ -480,6 +482,8 @@ def wait_subvolumes_gone(fd: int, ids: list[int] | None = None,
 
 def _mount_of(path: Path) -> tuple[Path, bytes]:
     """``(mount point, subvolume path mounted there)`` of the btrfs holding ``path``."""
+    from pathlib import Path
+
     real = os.path.realpath(path)
     best: tuple[str, bytes] | None = None
     with open("/proc/self/mountinfo", "rb") as f:
@@ -518,6 +522,8 @@ def find_subvolumes_by_uuid(dest: Path, wanted: UUID) -> list[Path]:
 
     Only subvolumes reachable through the mount that holds ``dest`` are returned.
     """
+    from pathlib import Path
+
     fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         mnt, mounted = _mount_of(dest)

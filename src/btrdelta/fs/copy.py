@@ -14,11 +14,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ApplyError
 from .btrfs import fallocate
 from .remove import remove_tree
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 __all__ = ["copy_range", "copy_tree", "data_segments", "write_zeros"]
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 from collections.abc import Iterator
 from uuid import UUID
 
@@ -107,7 +106,7 @@ def frozen(source: str | bytes | os.PathLike[str], *, snapshot: bool = True) -> 
     if info.readonly or not snapshot:
         yield Frozen(path, info, warning="" if info.readonly else LIVE_WARNING)
         return
-    name = f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}".encode()
+    name = f"{TMP_PREFIX}{os.getpid()}-{os.urandom(4).hex()}".encode()
     src_fd = os.open(path, _DIR)
     try:
         where, dir_fd = _snapshot_next_to(path, name, src_fd)

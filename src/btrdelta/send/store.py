@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import re
-import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -115,6 +113,8 @@ class SendshotStore:
             pass
         except ValueError as exc:
             raise BtrdeltaError("the store's seed file is damaged", path=p) from exc
+        import secrets
+
         with self.locked():
             with contextlib.suppress(FileExistsError):
                 fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -128,7 +128,7 @@ class SendshotStore:
         """Write a record (temporary file, then its digest name); returns it. ``inodes``:
         every inode, or the columns already encoded."""
         os.makedirs(self.records, mode=0o700, exist_ok=True)
-        tmp = os.path.join(self.records, f".tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        tmp = os.path.join(self.records, f".tmp-{os.getpid()}-{os.urandom(4).hex()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600)
         try:
@@ -229,9 +229,13 @@ class SendshotStore:
         p = os.path.join(self.path, "cursors.json")
         try:
             with open(p, "rb") as f:
-                doc = json.loads(f.read(16 << 20))
+                data = f.read(16 << 20)
         except FileNotFoundError:
             return {}
+        import json  # only with receivers (replicate): not on every send's start
+
+        try:
+            doc = json.loads(data)
         except ValueError as exc:
             raise BtrdeltaError(f"damaged cursor file: {exc}", path=p) from exc
         receivers = doc.get("receivers", {}) if isinstance(doc, dict) else {}
@@ -248,6 +252,8 @@ class SendshotStore:
                 cur[receiver] = {"digest": digest, "updated": round(time.time(), 3), **extra}
             p = os.path.join(self.path, "cursors.json")
             tmp = f"{p}.tmp-{os.getpid()}"
+            import json
+
             with open(tmp, "w") as f:
                 json.dump({"version": 1, "receivers": cur}, f, indent=1, sort_keys=True)
                 f.write("\n")
