@@ -162,12 +162,14 @@ def input_position(f: BinaryIO) -> int:
 
 
 @contextlib.contextmanager
-def open_output(name: str | None, *, binary: bool = True) -> Iterator[BinaryIO]:
+def open_output(name: str | None, *, binary: bool = True,
+                durable: bool = True) -> Iterator[BinaryIO]:
     """Open ``name`` for binary writing; ``-``/``None`` is standard output.
 
     A file is written through :func:`btrdelta.fs.atomic.atomic_output`: an unnamed (or new,
     ``O_EXCL|O_NOFOLLOW``) file renamed into place only on success, so a failed run never
-    leaves a half-written output behind and no planted symlink is written through.
+    leaves a half-written output behind and no planted symlink is written through;
+    ``durable=False`` skips its ``fsync`` calls.
     """
     if name in (None, "-"):
         if binary and sys.stdout.isatty():
@@ -177,7 +179,7 @@ def open_output(name: str | None, *, binary: bool = True) -> Iterator[BinaryIO]:
         return
     if os.path.isdir(name):
         raise BtrdeltaError("is a directory (give a file name)", source=name)
-    with atomic_output(name) as f:
+    with atomic_output(name, durable=durable) as f:
         yield f
 
 

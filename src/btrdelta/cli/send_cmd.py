@@ -192,7 +192,7 @@ def _send_sendshot(args: argparse.Namespace, version: int, compress: str | None,
     report = _report(args, version)
     store = SendshotStore(args.store or DEFAULT_STORE)
     written = [0]
-    with open_output(args.output) as out:
+    with open_output(args.output, durable=False) as out:
         write = out.write if signer is None else signer.wrap(out.write)
 
         def counted(data: bytes) -> None:
@@ -262,7 +262,7 @@ def _send_full(args: argparse.Namespace, version: int, compress: str | None,
     sender = FullSend(args.new_dir, version=version, compress=compress, no_data=args.no_data,
                       name=os.fsencode(args.name) if args.name else None, on_progress=show,
                       tmpdir=tmpdir)
-    with open_output(args.output) as out:
+    with open_output(args.output, durable=False) as out:
         # a new regular file takes the records directly (the first is written last)
         direct = signer is None and args.output not in (None, "-") and out.seekable() \
             and stat.S_ISREG(os.fstat(out.fileno()).st_mode) and out.tell() == 0
@@ -283,7 +283,7 @@ def _send(args: argparse.Namespace, version: int, compress: str | None, progress
     from ..stream import StreamWriter
 
     report = _report(args, version)
-    with open_output(args.output) as out:
+    with open_output(args.output, durable=False) as out:
         write = out.write if signer is None else signer.wrap(out.write)
         if scan is None:
             report["bytes"] = kernel_send(

@@ -6,7 +6,8 @@ This module owns how btrdelta creates output files and store entries:
   when the ``with`` block succeeds: the bytes go to an unnamed file (``O_TMPFILE``) in the
   same directory, or, where the file system has none, to a new temporary name opened with
   ``O_CREAT | O_EXCL | O_NOFOLLOW``; then ``fsync``, a rename over ``path`` and an
-  ``fsync`` of the directory. On any failure the temporary file is removed and ``path`` is
+  ``fsync`` of the directory (both skipped with ``durable=False``: ``send`` writes its
+  stream as ``btrfs send -f`` does). On any failure the temporary file is removed and ``path`` is
   untouched. No predictable name is ever opened, so a symlink planted by another user
   (``OUT.tmp-1234 -> /etc/shadow``) is never written through.
 * :func:`create_file` durably creates a file that must not exist yet (a chunk in a store:
@@ -82,13 +83,16 @@ def _link_unnamed(fd: int, dir_fd: int, name: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike[str], *, mode: int = 0o644) -> Iterator[BinaryIO]:
+def atomic_output(path: str | os.PathLike[str], *, mode: int = 0o644,
+                  durable: bool = True) -> Iterator[BinaryIO]:
     """A new file that replaces ``path`` when the block succeeds (see the module docstring).
 
     Args:
         path: the file to create or replace. A symlink at ``path`` itself is replaced by the
             file, not followed. A device or FIFO is written directly (the caller named it).
         mode: permission bits of a new file (the umask applies).
+        durable: ``fsync`` the file and the directory (False: still renamed into place only
+            on success, but left to the kernel's write-back, as ``btrfs send -f`` does).
 
     Raises:
         BtrdeltaError: ``path`` is a directory, or its directory does not exist.
@@ -117,13 +121,15 @@ def atomic_output(path: str | os.PathLike[str], *, mode: int = 0o644) -> Iterato
         with os.fdopen(fd, "w+b") as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
             if tmp is None:
                 tmp = _tmp_name(base)
                 _link_unnamed(f.fileno(), dir_fd, tmp)
         os.rename(tmp, base, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         tmp = None
-        os.fsync(dir_fd)
+        if durable:
+            os.fsync(dir_fd)
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):
