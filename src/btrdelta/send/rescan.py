@@ -10,8 +10,9 @@ since; everything else is as the record says and is neither stat'ed nor read.
 
 * every changed directory is found by its back reference (:func:`~btrdelta.fs.btrfs.dir_path`)
   and listed (adding, removing or renaming an entry rewrites the directory's inode item), as
-  are the new directories found in those listings; an entry that btrfs calls unchanged must
-  be the recorded one (same name, same ctime), else :class:`Stale`;
+  are the new directories found in those listings; an entry that is the recorded one (same
+  name, inode number and type) and that btrfs calls unchanged is not even stat'ed, any other
+  entry btrfs calls unchanged makes the tree :class:`Stale`;
 * a changed inode is stat'ed (a regular file then read by the hasher); its names are those the
   listings show plus those in directories that did not change;
 * an inode number reused after a delete is another generation: a new inode;
@@ -36,7 +37,7 @@ from uuid import UUID
 
 from ..fs.btrfs import dir_path, get_fileattr
 from ..tree.columns import Columns, Encoded
-from ..tree.sendshot import C_CTIME, C_GEN, RecordInode, SendshotHead
+from ..tree.sendshot import C_GEN, RecordInode, SendshotHead
 from .record import node_of, record_inode
 from .scan import ROOT, Node, Tree, read_node
 
@@ -45,6 +46,19 @@ __all__ = ["Changes", "Stale", "rescan", "usable"]
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FMT = 0o170000
 _DIR = stat.S_IFDIR
+
+
+def _same_type(entry: os.DirEntry[bytes], mode: int) -> bool:
+    """Whether directory entry ``entry`` (its ``d_type``) has the file type of ``mode``."""
+    fmt = mode & _FMT
+    if fmt == _DIR:
+        return entry.is_dir(follow_symlinks=False)
+    if fmt == stat.S_IFREG:
+        return entry.is_file(follow_symlinks=False)
+    if fmt == stat.S_IFLNK:
+        return entry.is_symlink()
+    return not (entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False)
+                or entry.is_symlink())
 
 
 class Stale(Exception):
@@ -159,9 +173,18 @@ class _Delta:
                 raise Stale(f"{os.fsdecode(rel) or '/'} is not directory {dino}")
             self._make(st, absdir, rel, None, absdir).flags = get_fileattr(dfd)
             drow = self.same_row(dino)
+            recorded = dict(self.cols.children(drow)) if drow is not None else {}
             more: list[tuple[int, bytes]] = []
             prefix, relprefix = absdir + b"/", rel + b"/" if rel else b""
-            for name in sorted(os.listdir(absdir)):
+            with os.scandir(absdir) as it:
+                found = sorted((e.name, e) for e in it)
+            for name, entry in found:
+                ino = entry.inode()
+                r = recorded.get(name)
+                if r is not None and self.inos[r] == ino and ino not in self.changed and \
+                        ino not in (2, 256) and _same_type(entry, self.modes[r]):
+                    ents[name] = ino  # the recorded entry, unchanged: not even stat'ed
+                    continue
                 est = os.lstat(name, dir_fd=dfd)
                 fmt = est.st_mode & _FMT
                 if est.st_dev != self.dev or (fmt == _DIR and est.st_ino == 2
@@ -173,11 +196,8 @@ class _Delta:
                 if r is not None and self.modes[r] & _FMT != fmt:
                     raise Stale(f"{os.fsdecode(relprefix + name)} changed its type")
                 if r is not None and ino not in self.changed:
-                    if est.st_ctime_ns != self.cols.fixed[C_CTIME][r] or \
-                            drow is None or (drow, name) not in self.cols.dentries(r):
-                        raise Stale(f"{os.fsdecode(relprefix + name)} changed but btrfs "
-                                    "does not say so")
-                    continue
+                    raise Stale(f"{os.fsdecode(relprefix + name)} changed but btrfs does not "
+                                "say so")
                 self._make(est, prefix + name, relprefix + name, dfd, name)
                 self.names[ino].append((dino, name))
                 if fmt == _DIR and ino not in self.listed:
