@@ -62,7 +62,6 @@ __all__ = ["Columns", "encode_rows"]
 
 _D = 16  # bytes per block digest
 _XHEAD = struct.Struct("<HI")
-_U32 = struct.Struct("<I")
 _REG = 0o100000
 #: the fixed per-inode columns and the RecordInode field each holds
 _FIELDS: Final = ((C_INO, "ino"), (C_GEN, "generation"), (C_TRANSID, "transid"),
@@ -212,7 +211,6 @@ class Columns:
         if self.boff[-1] != nblk:
             raise StreamFormatError("column BLOCKS does not match the files' segments")
         self.xoff = self._xattr_offsets()
-        self._parents_bytes = bytes(cols[C_PARENT])
         self._row_of: dict[int, int] | None = None
 
     def _xattr_offsets(self) -> list[int]:
@@ -247,20 +245,17 @@ class Columns:
                 for d in range(self.doff[r], self.doff[r + 1])]
 
     def children(self, r: int) -> list[tuple[bytes, int]]:
-        """The entries of directory row ``r`` as (name, row) (a search of the PARENT column:
-        no index of every directory is built)."""
+        """The entries of directory row ``r`` as (name, row) (found by ``tuple.index`` in
+        the PARENT column, a C loop: no index of every directory is built)."""
         out: list[tuple[bytes, int]] = []
-        raw, key = self._parents_bytes, _U32.pack(r)
-        names, noff, doff = self.names, self.noff, self.doff
-        pos = raw.find(key)
-        while pos >= 0:
-            if pos % 4 == 0:
-                d = pos // 4
-                out.append((names[noff[d]:noff[d + 1]], bisect_right(doff, d) - 1))
-                pos = raw.find(key, pos + 4)
-            else:
-                pos = raw.find(key, pos + 1)
-        return out
+        parents, names, noff, doff = self.parents, self.names, self.noff, self.doff
+        d = -1
+        while True:
+            try:
+                d = parents.index(r, d + 1)
+            except ValueError:
+                return out
+            out.append((names[noff[d]:noff[d + 1]], bisect_right(doff, d) - 1))
 
     def inode(self, r: int) -> RecordInode:
         """Row ``r`` whole."""
