@@ -12,13 +12,24 @@ subvolume (``BTRDELTA_BENCH_ROUNDS``, default 3):
 Each round, side by side: the kernel (a read-only snapshot per round, the previous one kept,
 ``btrfs send -p``) and ``btrdelta send LIVE --from-sendshot latest --record`` (no snapshot
 kept): stream bytes (goal <= 1.05x the kernel's, smaller where content moved), time (goal
-<= 2x, unchanged files never read; against ``send -p`` alone, and against the snapshot the
-kernel's workflow makes plus ``send -p``, as btrdelta's time holds its own snapshot), the
-record's size against the subvolume's data (goal <= 1 %). Both streams are received by
-``btrfs receive`` and compared with tree-sum. After the rounds: what the kernel's kept
-snapshot pins (``btrfs filesystem du``), and, on the files that changed, the bytes a diff by
-fixed 4 KiB blocks finds against content-defined chunks (FastCDC, 16 KiB average), with the
-size of their digests.
+<= 2x, unchanged files never read), the record's size against the subvolume's data (goal
+<= 1 %). What each time includes:
+
+* kernel ``send -p``: ``btrfs send -p PREV SNAP -f FILE`` alone (the process, the stream
+  written, no fsync). Its workflow also makes SNAP each round (``btrfs subvolume snapshot
+  -r``, a transaction commit), timed apart as "snapshot";
+* ours (live): the whole ``btrdelta send LIVE -o FILE --from-sendshot latest --record``
+  process: interpreter start and imports, a temporary read-only snapshot made and deleted,
+  the record loaded, the change sweep, the stream, the next record written (``fsync``-ed);
+  compared with snapshot + ``send -p``;
+* ours (read-only): the same command on the kernel's read-only SNAP (no temporary snapshot;
+  a store of its own, so the base is the record of PREV): like for like with ``send -p``.
+  Its ``--json`` says how many bytes of files were read (unchanged files are not).
+
+All three streams are received by ``btrfs receive`` and compared with tree-sum. After the
+rounds: what the kernel's kept snapshot pins (``btrfs filesystem du``), and, on the files
+that changed, the bytes a diff by fixed 4 KiB blocks finds against content-defined chunks
+(FastCDC, 16 KiB average), with the size of their digests.
 
 Then ``btrdelta replicate LIVE DEST`` (a local ``--serve`` child over a pipe) against
 ``btrfs send S | btrfs receive`` for a full stream (goal >= 0.9x the throughput), and the wire
@@ -29,6 +40,7 @@ Run: ``.venv/bin/python -m benchmarks sendshot`` (root, loop devices).
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -184,9 +196,9 @@ def _workload(name: str, setup: Callable[[Path, random.Random], Callable[[int], 
         live, store = mnt / "live", mnt / "store"
         sh("btrfs", "subvolume", "create", str(live))
         change = setup(live, rng)
-        (rcv / "k").mkdir()
-        (rcv / "b").mkdir()
-        sums = {"k": 0, "b": 0, "kt": 0.0, "bt": 0.0}
+        for d in ("k", "b", "r"):
+            (rcv / d).mkdir()
+        sums = {"k": 0, "b": 0, "kt": 0.0, "bt": 0.0, "rt": 0.0, "read": 0}
         prev = None
         for i in range(ROUNDS + 1):
             if i:
@@ -206,9 +218,17 @@ def _workload(name: str, setup: Callable[[Path, random.Random], Callable[[int], 
             if i:
                 bcmd += ["--from-sendshot", "latest"]
             bt = _timed(bcmd)
-            sh("btrfs", "receive", "-f", str(kfile), str(rcv / "k"))
-            sh("btrfs", "receive", "-f", str(bfile), str(rcv / "b"))
-            ok = tree_sum(rcv / "b" / f"live.{i}") == tree_sum(snap)
+            rfile = mnt / f"r{i}"
+            rcmd = [PY, "-m", "btrdelta", "send", str(snap), "-o", str(rfile), "--record",
+                    "--store", str(mnt / "store-ro"), "--name", f"ro.{i}", "--proto", "2",
+                    "--json", *(["--from-sendshot", "latest"] if i else [])]
+            t = time.monotonic()
+            report = json.loads(sh(*rcmd))
+            rt = time.monotonic() - t
+            for f, d in ((kfile, "k"), (bfile, "b"), (rfile, "r")):
+                sh("btrfs", "receive", "-f", str(f), str(rcv / d))
+            want = tree_sum(snap)
+            ok = tree_sum(rcv / "b" / f"live.{i}") == want == tree_sum(rcv / "r" / f"ro.{i}")
             ks, bs = kfile.stat().st_size, bfile.stat().st_size
             data = sum(f.stat().st_size for f in live.rglob("*") if f.is_file()
                        and not f.is_symlink())
@@ -223,11 +243,14 @@ def _workload(name: str, setup: Callable[[Path, random.Random], Callable[[int], 
                 sums["kt"] += kt
                 sums["bt"] += bt
                 sums["st"] = sums.get("st", 0.0) + st
+                sums["rt"] += rt
+                sums["read"] += int(report["bytes_read"] or 0)
                 out(f"{name} round {i}: stream {_mib(bs)} vs kernel -p {_mib(ks)} "
-                    f"({bs / max(ks, 1):.2f}x), {bt:.2f} s vs {kt:.2f} s "
-                    f"({bt / max(kt, 1e-3):.2f}x; {bt / max(kt + st, 1e-3):.2f}x against "
-                    f"snapshot + send -p, {kt + st:.2f} s), record {_mib(rec)} = "
-                    f"{100 * rec / max(data, 1):.2f} % of {_mib(data)}, "
+                    f"({bs / max(ks, 1):.2f}x); time read-only {rt:.3f} s vs send -p "
+                    f"{kt:.3f} s ({rt / max(kt, 1e-3):.2f}x), live {bt:.3f} s vs snapshot + "
+                    f"send -p {kt + st:.3f} s ({bt / max(kt + st, 1e-3):.2f}x); files read "
+                    f"{_mib(int(report['bytes_read'] or 0))} of {_mib(data)}; record "
+                    f"{_mib(rec)} = {100 * rec / max(data, 1):.2f} % of the data, "
                     f"tree-sum {'equal' if ok else 'DIFFERENT'}")
             else:
                 out(f"{name} full: {_mib(bs)} vs kernel {_mib(ks)}, {bt:.2f} s vs {kt:.2f} s, "
@@ -239,13 +262,15 @@ def _workload(name: str, setup: Callable[[Path, random.Random], Callable[[int], 
             if prev is not None and i < ROUNDS:
                 sh("btrfs", "subvolume", "delete", str(prev))
             prev = snap
-            for f in (kfile, bfile):
+            for f in (kfile, bfile, rfile):
                 f.unlink()
         listing = sh("btrfs", "subvolume", "list", str(mnt)).split()
-        out(f"{name} total: {sums['b'] / max(sums['k'], 1):.2f}x kernel bytes, "
-            f"{sums['bt'] / max(sums['kt'], 1e-3):.2f}x kernel time "
-            f"({sums['bt'] / max(sums['kt'] + sums.get('st', 0), 1e-3):.2f}x with its "
-            f"snapshots); sender holds "
+        out(f"{name} total: {sums['b'] / max(sums['k'], 1):.2f}x kernel bytes; time "
+            f"read-only {sums['rt']:.2f} s vs send -p {sums['kt']:.2f} s "
+            f"({sums['rt'] / max(sums['kt'], 1e-3):.2f}x), live {sums['bt']:.2f} s vs "
+            f"snapshot + send -p {sums['kt'] + sums.get('st', 0):.2f} s "
+            f"({sums['bt'] / max(sums['kt'] + sums.get('st', 0), 1e-3):.2f}x); files read "
+            f"{_mib(sums['read'])}; sender holds "
             f"{'only the live subvolume' if listing.count('live') == 1 else listing} + "
             f"sendshots {_mib(_du(store / 'records'))} (all rounds' records); the kernel's "
             f"kept snapshot pins up to {_mib(sums.get('pinned', 0))} (exclusive)")
