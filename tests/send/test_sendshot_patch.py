@@ -1,0 +1,117 @@
+"""Rounds of incremental sends of a live subvolume against the record of the previous one,
+each record made by patching its base (`btrdelta.send.rescan`, `Columns.patched`): the files
+opened are only those of inodes the round changed (os.open watched in process), the kernel's
+`btrfs receive` of every stream gives a tree equal to the source (tree-sum), and after each
+round the record carries every unchanged inode over as a full scan of the same snapshot
+records it (the rows compared field by field)."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from btrdelta.send.live import Frozen
+from btrdelta.send.record import record_inodes, stamp_generations
+from btrdelta.send.scan import TreeScan
+from btrdelta.send.sendshot import load_base, send_with_sendshots
+from btrdelta.send.store import SendshotStore
+from btrdelta.tree import tree_sum
+from btrdelta.tree.sendshot import RecordInode
+from tests.send.conftest import run
+from tests.send.test_rescan import _watched
+
+pytestmark = pytest.mark.btrfs
+
+
+def _rows(rows: list[RecordInode]) -> dict[int, RecordInode]:
+    out = {r.ino: r for r in rows}
+    for r in out.values():
+        r.dentries.sort()
+        if r.size < 4096:
+            r.blocks = b""  # a record keeps no block digests below a block
+    return out
+
+
+def _round(live: Path, rng: random.Random, i: int) -> set[str]:
+    """Change a few inodes of ``live``; every name of the files whose inode changed (the
+    only ones whose content may be read: an inode written since is hashed again)."""
+    files = sorted(p for p in live.rglob("*") if p.is_file() and not p.is_symlink())
+    others = [p for p in files if "quiet" not in p.parts]
+    touched: set[int] = set()
+    for p in rng.sample(others, 3):  # overwritten in the middle
+        with open(p, "r+b") as f:
+            f.seek(rng.randrange(p.stat().st_size // 2))
+            f.write(rng.randbytes(3000))
+        touched.add(p.stat().st_ino)
+    p = rng.choice(others)
+    with open(p, "ab") as f:  # appended
+        f.write(rng.randbytes(5000))
+    touched.add(p.stat().st_ino)
+    moved = rng.choice([d for d in live.iterdir() if d.is_dir() and d.name != "quiet"])
+    moved.rename(live / f"{moved.name}-r{i}")  # a directory renamed: its files unread
+    (live / f"new{i}").mkdir()
+    (live / f"new{i}" / "n").write_bytes(rng.randbytes(20_000))
+    touched.add((live / f"new{i}" / "n").stat().st_ino)
+    now = sorted(p for p in live.rglob("*") if p.is_file() and not p.is_symlink()
+                 and "quiet" not in p.parts)
+    rng.choice(now).unlink()
+    keep = rng.choice([p for p in now if p.exists()])
+    os.setxattr(keep, "user.round", str(i).encode())
+    touched.add(keep.stat().st_ino)
+    return {p.name for p in live.rglob("*") if p.is_file() and p.stat().st_ino in touched}
+
+
+def test_rounds_carry_unchanged_rows_over(two_fs: tuple[Path, Path], tmp_path: Path) -> None:
+    snd, rcv = two_fs
+    run("mount", "-o", "remount,noatime", snd)  # tree-sum's reads must not change atimes
+    live = snd / "live"
+    run("btrfs", "subvolume", "create", live)
+    rng = random.Random(5)
+    for d in ("a", "b", "c", "quiet"):
+        (live / d).mkdir()
+        for k in range(12):
+            (live / d / f"{d}{k}").write_bytes(rng.randbytes(rng.randrange(100, 60_000)))
+    os.link(live / "a" / "a0", live / "b" / "a0-link")
+    os.symlink("a/a1", live / "sym")
+    store = SendshotStore(tmp_path / "store")
+    stream = tmp_path / "s"
+    with open(stream, "wb") as f:
+        send_with_sendshots(f.write, live, store=store, name=b"r0")
+    run("btrfs", "receive", "-f", stream, rcv)
+    for i in range(1, 5):
+        touched = _round(live, rng, i)
+        full: list[list[RecordInode]] = []
+        opened: list[set[str]] = []
+
+        def scan_whole(fz: Frozen, opened: list[set[str]] = opened,
+                       full: list[list[RecordInode]] = full) -> None:
+            """The record a full scan of the same (temporary) snapshot makes (after the
+            send: what the send opened is kept aside first)."""
+            opened.append(set(seen["open"]) | {f"listed:{d}" for d in seen["listdir"]} |
+                          {f"stat:{n}" for n in seen["lstat"]})
+            scan = TreeScan(fz.path, seed=store.seed())
+            scan.hasher.wait()
+            fd = os.open(fz.path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                stamp_generations(scan.new, fd)
+            finally:
+                os.close(fd)
+            full.append(list(record_inodes(scan.new)))
+
+        with open(stream, "wb") as f, _watched() as seen:
+            res = send_with_sendshots(f.write, live, store=store, from_sendshot="latest",
+                                      name=f"r{i}".encode(), inflight=scan_whole)
+        read = {os.path.basename(p) for p in opened[0] if p.startswith(str(snd))}
+        visited = {p.split(":", 1)[1] for p in opened[0] if ":" in p}
+        assert res.reused >= 40, i  # patched, not scanned whole
+        assert res.recorded is not None
+        assert not res.recorded.head.tree_digest  # made by patching
+        assert read <= touched, (i, read - touched)
+        assert not {v for v in visited if v.startswith("quiet")}, visited
+        run("btrfs", "receive", "-f", stream, rcv)
+        assert tree_sum(rcv / f"r{i}") == tree_sum(live), i
+        _base, cols = load_base(store, res.recorded.digest, b"", None)
+        assert _rows(list(cols.rows())) == _rows(full[0]), i
