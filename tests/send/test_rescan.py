@@ -194,8 +194,9 @@ def test_patched_record_equals_a_full_scan(two_fs: tuple[Path, Path], tmp_path: 
     try:
         changes = rescan(cols, os.fsencode(snd / "S"), fd,
                          changed_inodes(fd, base.head.generation))
-        quick = TreeScan(snd / "S", seed=base.head.seed, new_tree=changes.new)
+        quick = TreeScan(snd / "S", seed=base.head.seed, new_tree=changes.to_hash)
         quick.hasher.wait()
+        changes.build()
         full = TreeScan(snd / "S", seed=base.head.seed)
         full.hasher.wait()
         stamp_generations(full.new, fd)

@@ -18,6 +18,8 @@ from btrdelta.send.record import record_inodes, stamp_generations
 from btrdelta.send.scan import TreeScan
 from btrdelta.send.sendshot import load_base, send_with_sendshots
 from btrdelta.send.store import SendshotStore
+from btrdelta.stream import StreamReader
+from btrdelta.stream.records import Clone
 from btrdelta.tree import tree_sum
 from btrdelta.tree.sendshot import RecordInode
 from tests.send.conftest import run
@@ -55,6 +57,10 @@ def _round(live: Path, rng: random.Random, i: int) -> set[str]:
     (live / f"new{i}").mkdir()
     (live / f"new{i}" / "n").write_bytes(rng.randbytes(20_000))
     touched.add((live / f"new{i}" / "n").stat().st_ino)
+    # a copy of an unchanged file (the largest of "quiet"): a CLONE, the original unread
+    big = max((live / "quiet").iterdir(), key=lambda p: p.stat().st_size)
+    (live / f"new{i}" / "copy").write_bytes(big.read_bytes())
+    touched.add((live / f"new{i}" / "copy").stat().st_ino)
     now = sorted(p for p in live.rglob("*") if p.is_file() and not p.is_symlink()
                  and "quiet" not in p.parts)
     rng.choice(now).unlink()
@@ -72,7 +78,7 @@ def test_rounds_carry_unchanged_rows_over(two_fs: tuple[Path, Path], tmp_path: P
     rng = random.Random(5)
     for d in ("a", "b", "c", "quiet"):
         (live / d).mkdir()
-        for k in range(12):
+        for k in range(12):  # (quiet: at least one of 16 KiB or more)
             (live / d / f"{d}{k}").write_bytes(rng.randbytes(rng.randrange(100, 60_000)))
     os.link(live / "a" / "a0", live / "b" / "a0-link")
     os.symlink("a/a1", live / "sym")
@@ -111,6 +117,11 @@ def test_rounds_carry_unchanged_rows_over(two_fs: tuple[Path, Path], tmp_path: P
         assert not res.recorded.head.tree_digest  # made by patching
         assert read <= touched, (i, read - touched)
         assert not {v for v in visited if v.startswith("quiet")}, visited
+        with open(stream, "rb") as f:
+            clones = [ev for ev in StreamReader(f).events() if isinstance(ev, Clone)]
+        # (from the quiet original, or from an earlier round's copy)
+        assert any(c.path == b"new%d/copy" % i and c.offset == 0 and
+                   c.length == (live / f"new{i}" / "copy").stat().st_size for c in clones)
         run("btrfs", "receive", "-f", stream, rcv)
         assert tree_sum(rcv / f"r{i}") == tree_sum(live), i
         _base, cols = load_base(store, res.recorded.digest, b"", None)

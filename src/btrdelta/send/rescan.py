@@ -74,26 +74,53 @@ def usable(head: SendshotHead, lineage: UUID | None, generation: int, readonly: 
 
 
 class Changes:
-    """The changed part of a tree (see the module docstring).
+    """The changed part of a tree (see the module docstring), in two steps: found by
+    :func:`rescan`, then, once the changed files in :attr:`to_hash` are hashed,
+    :meth:`build` makes the two trees.
 
     Attributes:
+        to_hash: the changed and new regular files (a tree of them alone, for the hasher).
         old: the record's inodes that changed or went away, and their ancestors (paths as
-            recorded): the old side of the send.
-        new: the snapshot's inodes that changed or are new, and their ancestors: the new
-            side (regular files that changed are not hashed yet).
+            recorded), and unchanged files a new file is a copy of: the old side of the
+            send.
+        new: the snapshot's inodes that changed or are new, and their ancestors (and those
+            unchanged files): the new side.
         reused: regular files taken from the record (not read).
         listed: directories listed.
     """
 
-    def __init__(self, old: Tree, new: Tree, cols: Columns, drop: list[int],
-                 fresh: dict[int, Node], root_changed: bool, listed: int) -> None:
-        self.old, self.new, self.listed = old, new, listed
-        self._cols, self._drop, self._fresh, self._root = cols, drop, fresh, root_changed
-        gone_files = sum(1 for r in drop if cols.modes[r] & _FMT == stat.S_IFREG)
+    def __init__(self, delta: _Delta, dead: set[int]) -> None:
+        self._delta, self._dead = delta, dead
+        self.listed = len(delta.listed)
+        files = {i: n for i, n in enumerate(delta.fresh.values()) if n.is_reg}
+        self.to_hash = Tree(delta.root, files, {})
+        self.old = self.new = Tree(b"", {}, {})
+        self._drop: list[int] = []
+        self._fresh: dict[int, Node] = {}
+        self.reused = 0
+
+    def build(self, clone_min: int = 16 * 1024) -> None:
+        """Make :attr:`old` and :attr:`new` (the files of :attr:`to_hash` hashed). A changed
+        file of at least ``clone_min`` bytes whose content equals an unchanged file's brings
+        that file into both trees (a whole-file ``CLONE`` from the parent).
+
+        Raises:
+            Stale: the names found do not form a tree.
+        """
+        delta, dead = self._delta, self._dead
+        old_rows, new_inos = delta.closure(dead, delta.copies_of(dead, clone_min))
+        self.old = delta.old_tree(old_rows)
+        self.old.hashed = True
+        self.new, self._fresh = delta.new_tree(new_inos)
+        self.new.hashed = True
+        drop = dead | {r for ino in self._fresh if (r := delta.same_row(ino)) is not None}
+        self._drop = sorted(r for r in drop if r != 0)
+        cols = delta.cols
+        gone_files = sum(1 for r in self._drop if cols.modes[r] & _FMT == stat.S_IFREG)
         self.reused = len(cols.file_rows) - gone_files
 
     def record(self) -> Encoded:
-        """The columns of the record of the new tree (after its files were hashed)."""
+        """The columns of the record of the new tree (after :meth:`build`)."""
         nodes = self.new.nodes
         rows: list[RecordInode] = []
         root: RecordInode | None = None
@@ -103,7 +130,7 @@ class Changes:
                 root = rec
             else:
                 rows.append(rec)
-        return self._cols.patched(self._drop, rows, root if self._root else None)
+        return self._delta.cols.patched(self._drop, rows, root)
 
 
 class _Delta:
@@ -299,12 +326,35 @@ class _Delta:
 
     # -- the two small trees ------------------------------------------------------------
 
-    def closure(self, dead: set[int]) -> tuple[set[int], set[int]]:
-        """(rows of the old side, inodes of the new side): the changes, their ancestors,
-        and every inode on one side that is still there on the other."""
+    def copies_of(self, dead: set[int], clone_min: int) -> list[int]:
+        """Unchanged recorded files whose content a changed file of at least ``clone_min``
+        bytes has (same size, XXH3 and BLAKE3 digests), by inode number."""
+        cols = self.cols
+        wanted = [n for n in self.fresh.values() if n.is_reg and n.size >= clone_min
+                  and n.segments is not None]
+        if not wanted:
+            return []
+        digests = cols.digests
+        at = {digests[48 * k:48 * k + 16]: k for k in range(len(cols.file_rows))}
+        out: list[int] = []
+        for node in wanted:
+            k = at.get(node.digest)
+            if k is None:
+                continue
+            r = cols.file_rows[k]
+            ino = self.inos[r]
+            if r not in dead and ino not in self.fresh and cols.sizes[r] == node.size \
+                    and digests[48 * k + 16:48 * k + 48] == node.bdigest:
+                out.append(ino)
+        return out
+
+    def closure(self, dead: set[int], extra: list[int]) -> tuple[set[int], set[int]]:
+        """(rows of the old side, inodes of the new side): the changes, the unchanged
+        inodes ``extra``, their ancestors, and every inode on one side that is still there
+        on the other."""
         old_side: set[int] = set()
         new_side: set[int] = set()
-        todo_new = [*self.fresh, self.inos[0]]
+        todo_new = [*self.fresh, *extra, self.inos[0]]
         todo_old = [*dead, 0]
         inos, cols = self.inos, self.cols
         while todo_new or todo_old:
@@ -402,7 +452,8 @@ def rescan(cols: Columns, root: bytes, fd: int, changed: dict[int, tuple[int, in
            ) -> Changes:
     """The changes of the snapshot at ``root`` (``fd``: open on it) against the record
     ``cols`` of an earlier snapshot of the same subvolume, given ``changed``, the inodes
-    written since (``{ino: (generation, transid)}``).
+    written since (``{ino: (generation, transid)}``); hash :attr:`Changes.to_hash`, then
+    call :meth:`Changes.build`.
 
     Raises:
         Stale: the tree disagrees with the record (scan it whole instead).
@@ -411,12 +462,4 @@ def rescan(cols: Columns, root: bytes, fd: int, changed: dict[int, tuple[int, in
     delta = _Delta(cols, root, fd, changed)
     delta.list_changed()
     delta.stat_changed()
-    dead = delta.deleted()
-    old_rows, new_inos = delta.closure(dead)
-    old = delta.old_tree(old_rows)
-    old.hashed = True
-    new, fresh = delta.new_tree(new_inos)
-    drop = sorted(dead | {r for ino in fresh if (r := delta.same_row(ino)) is not None})
-    root_ino = cols.inos[0]
-    return Changes(old, new, cols, [r for r in drop if r != 0], fresh, root_ino in fresh,
-                   len(delta.listed))
+    return Changes(delta, delta.deleted())

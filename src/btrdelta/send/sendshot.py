@@ -93,24 +93,44 @@ def _scan(fz: Frozen, base: StoredSendshot | None, cols: Columns | None,
     """The new tree's scan, the old tree, and the changes when only they were visited.
 
     On btrfs, against a record of an earlier snapshot of the same subvolume, only what
-    changed since is visited and sent (:func:`~.rescan.rescan`: both trees are then the
-    changed part); otherwise the tree is walked whole and every file read, against the whole
-    record.
+    changed since is visited and sent (:func:`_changes`: both trees are then the changed
+    part); otherwise the tree is walked whole and every file read, against the whole record.
     """
     if fz.info is not None and base is not None and cols is not None and \
             usable(base.head, fz.lineage, fz.generation, fz.info.readonly):
-        fd = os.open(fz.path, _DIR)
-        try:
-            changes = rescan(cols, fz.path, fd, changed_inodes(fd, base.head.generation))
-        except (PermissionError, Stale):
-            pass  # not root, or the record disagrees with the tree: walk it whole
-        else:
-            return TreeScan(fz.path, seed=seed, new_tree=changes.new), changes.old, changes
-        finally:
-            os.close(fd)
+        got = _changes(fz, base, cols, seed)
+        if got is not None:
+            return got[0], got[1].old, got[1]
     old = tree_from_record(cols.rows(), base.head, base.path) \
         if cols is not None and base is not None else None
     return TreeScan(fz.path, None, seed=seed, prepare=_stamp(fz)), old, None
+
+
+def _changes(fz: Frozen, base: StoredSendshot, cols: Columns, seed: int
+             ) -> tuple[TreeScan, Changes] | None:
+    """The changes since ``base`` (:func:`~.rescan.rescan`) and the scan holding them, or
+    None when they cannot be found (not root, or the record disagrees with the tree). The
+    changed files are hashed first: a new file may be a copy of an unchanged one, which then
+    joins the trees (a ``CLONE``); the sender finds them hashed."""
+    fd = os.open(fz.path, _DIR)
+    try:
+        changes = rescan(cols, fz.path, fd, changed_inodes(fd, base.head.generation))
+    except (PermissionError, Stale):
+        return None
+    finally:
+        os.close(fd)
+    scan = TreeScan(fz.path, seed=seed, new_tree=changes.to_hash)
+    try:
+        scan.hasher.wait()
+        changes.build()
+    except Stale:
+        scan.close()
+        return None
+    except BaseException:
+        scan.close()
+        raise
+    scan.new = changes.new
+    return scan, changes
 
 
 def send_with_sendshots(
