@@ -39,9 +39,8 @@ import struct
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import blake3
 
@@ -49,6 +48,9 @@ from .._optional import need
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
 from ..fs.copy import data_segments
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 __all__ = [
     "ROOT",
@@ -506,6 +508,8 @@ class ContentHasher:
         self.workers = workers or min(4, os.cpu_count() or 1)
         self._pool: ThreadPoolExecutor | None = None
         if self.workers > 1:
+            from concurrent.futures import ThreadPoolExecutor  # (not for one worker)
+
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="btrdelta-hash")
         self._local = threading.local()
         self._futures: list[Future[int]] = []

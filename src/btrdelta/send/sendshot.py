@@ -119,7 +119,9 @@ def _changes(fz: Frozen, base: StoredSendshot, cols: Columns, seed: int
         return None
     finally:
         os.close(fd)
-    scan = TreeScan(fz.path, seed=seed, new_tree=changes.to_hash)
+    # a few MiB are hashed as fast in this thread as by a pool (not even started)
+    small = sum(n.size for n in changes.to_hash.nodes.values()) < (8 << 20)
+    scan = TreeScan(fz.path, seed=seed, new_tree=changes.to_hash, workers=1 if small else None)
     try:
         scan.hasher.wait()
         changes.build()
