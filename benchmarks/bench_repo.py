@@ -265,7 +265,7 @@ def _peer_receive(dest: Path, delta: Path, work: Path) -> float:
     return took
 
 
-def _apply_line(kind: str, url: str, dest: Path, pub: Path, cat: Catalog,
+def _apply_line(pair: str, kind: str, url: str, dest: Path, pub: Path, cat: Catalog,
                 expanded: int, peer: Callable[[], float] | None = None) -> str:
     full = _timed_update(url, dest, pub, "r1")
     os.sync()  # the full's writeback is its own cost, not the hop's
@@ -275,7 +275,7 @@ def _apply_line(kind: str, url: str, dest: Path, pub: Path, cat: Catalog,
     hop_rate = expanded / hop["receive"] / 1e6
     parent = (f"parent copied in {hop['copy']:.3f} s" if hop["copy"]
               else f"parent snapshotted in {hop['snapshot']:.3f} s")
-    line = (f"apply rate, numpy 1.26.3 -> 1.26.4, DEST on {kind}: full {full_rate:.0f} MB/s "
+    line = (f"apply rate, {pair}, DEST on {kind}: full {full_rate:.0f} MB/s "
             f"of stream received ({size >> 20} MiB in {full['receive']:.2f} s, the identity "
             f"check ({full['verify']:.2f} s) included; wall {full['wall']:.2f} s); delta hop "
             f"{hop_rate:.0f} MB/s of expanded stream ({expanded / 2**20:.1f} MiB in "
@@ -289,34 +289,46 @@ def _apply_line(kind: str, url: str, dest: Path, pub: Path, cat: Catalog,
     return line
 
 
-def bench_apply(work: Path) -> list[str]:
-    """Apply rate on a larger release pair (numpy 1.26.3 -> 1.26.4, ~60 MB trees), into a
-    directory (a delta hop copies the parent tree first: no snapshots there) and into btrfs
-    (the parent is snapshotted, as btrfs receive does)."""
+def _apply_pair(pair: str, trees: list[Path], work: Path, image: str) -> list[str]:
     from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs
 
-    trees = release_trees("numpy", ("1.26.3", "1.26.4"), CACHE)
-    if trees is None:
-        return ["numpy wheels unavailable: apply rate not measured"]
-    root, pub, times = _publish(trees, work / "np")
+    root, pub, times = _publish(trees, work)
     cat = Repo(root).load()
     h, _n = cat.versions[1].deltas[1]
     delta = root / "deltas" / f"{h}.delta"
     expanded = _expanded(delta)
-    srv = Nginx(root, work / "np-nginx")
-    out = [f"repo add of numpy: {times[0]:.1f} s / {times[1]:.1f} s"]
+    srv = Nginx(root, work / "nginx")
+    out = [f"repo add of {pair}: {times[0]:.1f} s / {times[1]:.1f} s"]
     try:
-        out.append(_apply_line("a directory (ext4)", srv.url, work / "np-dest", pub, cat,
+        out.append(_apply_line(pair, "a directory (ext4)", srv.url, work / "dest", pub, cat,
                                expanded))
         try:
-            with loop_fs("btrfs", size="1G") as mnt:
+            with loop_fs("btrfs", size=image) as mnt:
                 dest = mnt / "dest"
-                out.append(_apply_line("btrfs", srv.url, dest, pub, cat, expanded,
+                out.append(_apply_line(pair, "btrfs", srv.url, dest, pub, cat, expanded,
                                        lambda: _peer_receive(dest, delta, work)))
         except BtrfsUnavailable as exc:
             out.append(f"btrfs unavailable: {exc}")
     finally:
         srv.stop()
+    return out
+
+
+def bench_apply(work: Path) -> list[str]:
+    """Apply rate on larger release pairs: numpy 1.26.3 -> 1.26.4 (~60 MB trees, a 3.5 MiB
+    hop: fixed costs per hop dominate) and scipy 1.13.0 -> 1.13.1 (~120 MB trees, a 45 MiB
+    hop), into a directory (a delta hop copies the parent tree first: no snapshots there)
+    and into btrfs (the parent is snapshotted, as btrfs receive does)."""
+    from benchmarks.trees import CACHE as TREE_CACHE
+
+    out = []
+    for pkg, versions, cache, image in (("numpy", ("1.26.3", "1.26.4"), CACHE, "1G"),
+                                        ("scipy", ("1.13.0", "1.13.1"), TREE_CACHE, "2G")):
+        trees = release_trees(pkg, versions, cache)
+        if trees is None:
+            out.append(f"{pkg} wheels unavailable: apply rate not measured")
+            continue
+        out += _apply_pair(f"{pkg} {versions[0]} -> {versions[1]}", trees, work / pkg, image)
     return out
 
 

@@ -378,18 +378,41 @@ def test_held_versions_are_checked_by_content_and_seed_the_full(
     assert tree_sum(dest / "v9") == tree_sum(releases[8])
 
 
+@pytest.fixture(params=["dir", pytest.param("btrfs", marks=pytest.mark.btrfs)])
+def dest_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    """An empty DEST: a directory on this filesystem, or on a loop-mounted btrfs."""
+    if request.param == "dir":
+        yield tmp_path / "dest"
+        return
+    from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs
+
+    try:
+        ctx = loop_fs("btrfs", size="512M")
+        mnt = ctx.__enter__()
+    except BtrfsUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but btrfs is unavailable: {exc}")
+        pytest.skip(str(exc))
+    try:
+        yield mnt / "dest"
+    finally:
+        ctx.__exit__(None, None, None)
+
+
 def test_a_delta_hop_reads_only_the_files_its_stream_changed(
-    signed: tuple[Path, Path, Path], server: Nginx, releases: list[Path], tmp_path: Path,
+    signed: tuple[Path, Path, Path], server: Nginx, releases: list[Path], dest_dir: Path,
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The hop's result is checked by content identity (oracle: tree-sum of the release),
     reading again only what the stream touched; a parent changed after it was checked
-    (same size and mtime) is seen by its ctime and the hop refused."""
+    (same size and mtime; on btrfs made writable for that and read-only again) is seen by
+    its ctime and the hop refused."""
+    from btrdelta.fs import btrfs as sv
     from btrdelta.tree import treesum
     from btrdelta.update import versions
 
     _, pub, _ = signed
-    dest = tmp_path / "dest"
+    dest = dest_dir
     rc, _, err = _update(server.url, dest, pub, "--to", "v8", capsys=capsys)
     assert rc == 0, err
     read: list[str] = []
@@ -413,16 +436,26 @@ def test_a_delta_hop_reads_only_the_files_its_stream_changed(
     assert len(in_hop) < sum(1 for p in (dest / "v9").rglob("*") if p.is_file())
 
     # v9 again from v8, v8 changed behind the update's back once it was checked
-    shutil.rmtree(dest / "v9")
+    versions.holdings.remove_entry(dest, "v9")
     real_ensure = versions.holdings.ensure_parent
     victim = dest / "v8" / "markupsafe" / "_speedups.c"
+
+    def writable(flag: bool) -> None:
+        fd = os.open(dest / "v8", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if sv.is_btrfs(fd):
+                sv.set_readonly(fd, not flag)
+        finally:
+            os.close(fd)
 
     def tamper(*args: object) -> None:
         real_ensure(*args)  # type: ignore[arg-type]
         st = victim.stat()
+        writable(True)
         with open(victim, "r+b") as f:
             f.write(b"/* changed */")
         os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+        writable(False)
 
     monkeypatch.setattr(versions.holdings, "ensure_parent", tamper)
     rc, _, err = _update(server.url, dest, pub, capsys=capsys)
