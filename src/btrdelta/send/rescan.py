@@ -281,6 +281,8 @@ class _Delta:
                     raise Stale(f"{os.fsdecode(rel)} is not the recorded inode")
                 self._make(st, full, rel, None, full)
                 self.names[ino] = kept
+            elif kept:  # a directory named where nothing changed, yet no entry leads to it
+                raise Stale(f"directory {ino} changed but has no back reference")
 
     def new_path(self, drow: int, name: bytes) -> bytes:
         """The path now of entry ``name`` of the recorded, still present directory
