@@ -378,12 +378,16 @@ class RecordReader:
         self._framer = Framer(_FRAMING, source=source)
         self._framer.version = version
         self._offset = _HEADER.size
+        #: bytes decompressed at a time: little for the head (a store lists every record's
+        #: head), then 1 MiB
+        self._want = 16 << 10
         cmd, mv, start, end = self._next()
         if cmd != _HEAD:
             self._framer.fail(StreamFormatError("the record does not start with HEAD"), cmd=cmd)
         self.head: SendshotHead = self._decode(
             lambda mv, a, b: _decode_head(mv, a, b, version), mv, start, end, cmd)
         self._done()
+        self._want = 1 << 20
         #: the digest (hex) of the record, once :meth:`inodes` reached its end
         self.digest: str | None = None
 
@@ -397,7 +401,7 @@ class RecordReader:
                 self._digest.update(mv[start:start + self._len])
                 return cmd, mv, start + CMD_HEADER_SIZE, start + self._len
             try:
-                chunk = self._reader.read(1 << 20)
+                chunk = self._reader.read(self._want)
             except zstandard.ZstdError as exc:
                 raise StreamFormatError(f"corrupt compressed record: {exc}",
                                         source=self.source) from exc
