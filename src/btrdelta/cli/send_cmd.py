@@ -9,7 +9,6 @@ import time
 from typing import TYPE_CHECKING
 
 from ..errors import BtrdeltaError, UsageError
-from ..send.scan import TreeScan
 from ..send.store import DEFAULT_STORE
 from ._common import add_json, human_bytes, json_needs_stdout, open_output, stop_on_signals
 from .progress import Progress, add_progress_options, progress_wanted
@@ -133,25 +132,14 @@ def run(args: argparse.Namespace) -> int:
     if args.verbose:
         progress.message(f"At subvol {args.new_dir}")
     started = time.monotonic()
-    scan: TreeScan | None = None
-    if not args.kernel and not (args.record or args.from_sendshot) and (
-        args.parent or args.clone_src
-    ):
-        # start reading the trees (child process + threads) before the slow imports below
-        scan = TreeScan(
-            args.new_dir, args.parent,
-            on_entry=lambda files, nbytes: progress.update(0, note=f"scan: {files} files"),
-        )
     try:
         if args.record or args.from_sendshot:
             report = _send_sendshot(args, version, compress, progress, signer)
-        elif not args.kernel and not args.parent and not args.clone_src:
+        elif not args.kernel and not args.parent:
             report = _send_full(args, version, compress, progress, signer)
         else:
-            report = _send(args, version, compress, progress, scan, signer)
+            report = _send(args, version, compress, progress, signer)
     finally:
-        if scan is not None:
-            scan.close()
         progress.close()
     if signer is not None:
         signer.finish()
@@ -246,6 +234,12 @@ def _parent_ids(args: argparse.Namespace) -> StreamIds | None:
         raise UsageError(f"--parent-uuid: not UUID[:CTRANSID]: {text!r}") from None
 
 
+def _tmpdir() -> str | None:
+    """Where large temporary files go: $TMPDIR, else /var/tmp (meant for them; /tmp is
+    often in memory)."""
+    return os.environ.get("TMPDIR") or ("/var/tmp" if os.path.isdir("/var/tmp") else None)
+
+
 def _send_full(args: argparse.Namespace, version: int, compress: str | None,
                progress: Progress, signer: StreamSigner | None) -> dict[str, object]:
     """A full stream (no -p, no -c), in bounded memory (:class:`~..send.full.FullSend`)."""
@@ -256,12 +250,10 @@ def _send_full(args: argparse.Namespace, version: int, compress: str | None,
     def show(stats: SendStats) -> None:
         progress.update(stats.bytes_read, note=f"{stats.phase}: {stats.files_scanned} files")
 
-    # the spool of a stream to a pipe: $TMPDIR, else /var/tmp (meant for large temporary
-    # files; /tmp is often in memory)
-    tmpdir = os.environ.get("TMPDIR") or ("/var/tmp" if os.path.isdir("/var/tmp") else None)
+    # the spool of a stream to a pipe goes to _tmpdir()
     sender = FullSend(args.new_dir, version=version, compress=compress, no_data=args.no_data,
                       name=os.fsencode(args.name) if args.name else None, on_progress=show,
-                      tmpdir=tmpdir)
+                      tmpdir=_tmpdir(), clone_sources=args.clone_src or ())
     with open_output(args.output, durable=False) as out:
         # a new regular file takes the records directly (the first is written last)
         direct = signer is None and args.output not in (None, "-") and out.seekable() \
@@ -277,15 +269,15 @@ def _send_full(args: argparse.Namespace, version: int, compress: str | None,
 
 
 def _send(args: argparse.Namespace, version: int, compress: str | None, progress: Progress,
-          scan: TreeScan | None, signer: StreamSigner | None) -> dict[str, object]:
-    """Write the stream (imports the encoder while ``scan`` reads the trees); the report."""
+          signer: StreamSigner | None) -> dict[str, object]:
+    """Write an incremental stream (or pass the kernel's through); the report."""
     from ..send import kernel_send, send_records
     from ..stream import StreamWriter
 
     report = _report(args, version)
     with open_output(args.output, durable=False) as out:
         write = out.write if signer is None else signer.wrap(out.write)
-        if scan is None:
+        if args.kernel:
             report["bytes"] = kernel_send(
                 write, args.new_dir, args.parent, version=0 if args.proto == 0 else version,
                 compressed=args.compressed_data, clone_sources=args.clone_src,
@@ -301,9 +293,9 @@ def _send(args: argparse.Namespace, version: int, compress: str | None, progress
 
         name = os.fsencode(args.name) if args.name else None
         records = send_records(args.new_dir, args.parent, version=version, compress=compress,
-                               quick=args.quick, name=name, on_progress=show, scan=scan,
-                               clone_sources=args.clone_src, no_data=args.no_data,
-                               ids=_parent_ids(args))
+                               quick=args.quick, name=name, on_progress=show,
+                               clone_sources=args.clone_src or (), no_data=args.no_data,
+                               ids=_parent_ids(args), tmpdir=_tmpdir())
         head = next(records)
         report["uuid"] = str(getattr(head, "uuid", ""))
         report["parent_uuid"] = str(getattr(head, "clone_uuid", "")) or None

@@ -4,12 +4,13 @@
 ``new_dir`` (full) or turns ``parent_dir`` into ``new_dir`` (incremental) on any receiver of
 btrfs send streams, the kernel's ``btrfs receive`` included; ``send_stream`` writes them.
 Modules: :mod:`.full` (full streams, directory by directory: bounded memory, each file read
-once), :mod:`.scan` (walking and hashing trees, identity), :mod:`.diff` (matching inodes,
+once), :mod:`.changes` (incremental sends: both trees walked in lockstep, only what changed
+kept), :mod:`.scan` (walking and hashing trees, identity), :mod:`.diff` (matching inodes,
 comparing content), :mod:`.order` (namespace changes in a valid order, orphans), :mod:`.emit`
-(records, data, compression), :mod:`.kernel` (handing read-only btrfs snapshots to
-``btrfs send``), :mod:`.live` (temporary snapshots of live subvolumes), :mod:`.record`,
-:mod:`.store` and :mod:`.sendshot` (sendshot records: the old side of an incremental send
-without the old tree).
+(records, data), :mod:`.encode` (compressed data), :mod:`.kernel` (handing read-only btrfs
+snapshots to ``btrfs send``), :mod:`.live` (temporary snapshots of live subvolumes),
+:mod:`.record`, :mod:`.store` and :mod:`.sendshot` (sendshot records: the old side of an
+incremental send without the old tree).
 
 Importing this package is cheap: :mod:`.emit` (and with it the stream codec) and
 :mod:`.kernel` load on first use, so a caller can start a :class:`TreeScan` (child process,
@@ -79,6 +80,7 @@ def send_records(
     ids: StreamIds | None = None,
     clone_sources: Sequence[PathArg] = (),
     no_data: bool = False,
+    tmpdir: str | None = None,
 ) -> Iterator[Record]:
     """Yield the records of a send stream of ``new_dir`` (incremental from ``parent_dir``).
 
@@ -98,26 +100,30 @@ def send_records(
             stream of each names).
         no_data: ``UPDATE_EXTENT`` markers instead of file data (``btrfs send --no-data``,
             the kernel's ``NO_FILE_DATA``): a stream that shows what changed, not how.
+        tmpdir: where temporary files go (default: Python's, ``$TMPDIR`` or ``/tmp``).
 
-    A full stream (no parent, no clone sources, no ``scan``/``ids``) is made by
-    :class:`~.full.FullSend`: in bounded memory, each file read once.
+    A full stream (no parent, no ``scan``/``ids``) is made by :class:`~.full.FullSend`; an
+    incremental one without ``scan`` from what :func:`~.changes.find_changes` keeps of
+    both trees: both in bounded memory, each file read once (the blocks of a changed file
+    that differ are read again to send them). With ``scan`` both trees are held whole.
 
     Yields:
         ``Subvol``/``Snapshot`` first, ``End`` last. ``Write.data`` is only valid until the
         next record is requested.
     """
-    if parent_dir is None and scan is None and ids is None and not clone_sources:
+    if parent_dir is None and scan is None and ids is None:
         from .full import FullSend
 
         yield from FullSend(new_dir, version=version, compress=compress, no_data=no_data,
-                            name=name, on_progress=on_progress).records()
+                            name=name, on_progress=on_progress, tmpdir=tmpdir,
+                            clone_sources=clone_sources).records()
         return
     from .emit import Sender
 
     sender = Sender(
         new_dir, parent_dir, version=version, compress=compress, quick=quick, workers=workers,
         name=name, on_progress=on_progress, scan=scan, ids=ids, clone_sources=clone_sources,
-        no_data=no_data,
+        no_data=no_data, tmpdir=tmpdir,
     )
     yield from sender.records()
 

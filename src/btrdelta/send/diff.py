@@ -29,10 +29,11 @@ import stat
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .._optional import need
 from ..errors import BtrdeltaError
+from ..fs.btrfs import get_fileattr
 from ..fs.copy import data_segments
 from .scan import ROOT, Node, Tree, open_file
 
@@ -41,16 +42,20 @@ if TYPE_CHECKING:  # pyfastcdc and xxhash come with [make]: imported when a send
 
 __all__ = [
     "BLOCK",
+    "Compared",
     "Match",
     "changed_ranges",
+    "compare_files",
     "files_equal",
     "match_trees",
+    "punched",
     "shifted_clones",
 ]
 
 #: granularity of in-place diffs (the btrfs sector size)
 BLOCK = 4096
 _READ = 1 << 20
+_ZEROS = memoryview(bytes(_READ))
 
 
 @dataclass
@@ -139,24 +144,155 @@ def changed_ranges(
                         if x[b0:b1] != y[b0:b1]:
                             add(pos + b0, pos + b1)
                 pos += len(y)
-        # holes of the new file that were data in the old one
-        holes: list[tuple[int, int]] = []
-        limit = min(old_size, new_size)
-        pos = 0
-        gaps: list[tuple[int, int]] = []
-        for off, length in [*new_segs, (limit, 0)]:
-            if off > pos:
-                gaps.append((pos, min(off, limit) - pos))
-            pos = max(pos, off + length)
-            if pos >= limit:
-                break
-        for g_off, g_len in gaps:
-            if g_len > 0:
-                holes.extend(_overlap(old_segs, g_off, g_off + g_len))
-        return writes, holes
+        return writes, punched(new_segs, old_segs, old_size, new_size)
     finally:
         os.close(fo)
         os.close(fn)
+
+
+def punched(new_segs: list[tuple[int, int]], old_segs: list[tuple[int, int]], old_size: int,
+            new_size: int) -> list[tuple[int, int]]:
+    """Ranges that are holes in the new file (data ranges ``new_segs``) but data in the old
+    one (``old_segs``), below both sizes: the holes to punch."""
+    holes: list[tuple[int, int]] = []
+    limit = min(old_size, new_size)
+    pos = 0
+    gaps: list[tuple[int, int]] = []
+    for off, length in [*new_segs, (limit, 0)]:
+        if off > pos:
+            gaps.append((pos, min(off, limit) - pos))
+        pos = max(pos, off + length)
+        if pos >= limit:
+            break
+    for g_off, g_len in gaps:
+        if g_len > 0:
+            holes.extend(_overlap(old_segs, g_off, g_off + g_len))
+    return holes
+
+
+@dataclass
+class Compared:
+    """Two versions of a file read side by side (:func:`compare_files`)."""
+
+    old_digest: bytes
+    old_flags: int
+    new_digest: bytes
+    new_flags: int
+    #: as :func:`changed_ranges` gives them (empty when the contents are equal)
+    writes: list[tuple[int, int]]
+    holes: list[tuple[int, int]]
+
+
+def _regions(a: list[tuple[int, int]], b: list[tuple[int, int]], size: int
+             ) -> list[tuple[int, int]]:
+    """``(start, end)`` of the data ranges of two files, widened to whole blocks, merged."""
+    out: list[tuple[int, int]] = []
+    for off, length in sorted(a + b):
+        start, end = off - off % BLOCK, min(size, -(-(off + length) // BLOCK) * BLOCK)
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def _read_at(fd: int, pos: int, n: int, size: int, path: bytes) -> bytes:
+    """``n`` bytes at ``pos`` of a file of ``size`` bytes (fewer at its end)."""
+    want = max(0, min(n, size - pos))
+    data = os.pread(fd, want, pos) if want else b""
+    if len(data) != want:
+        raise BtrdeltaError("file changed while sending (short read)", path=path)
+    return data
+
+
+def compare_files(old_path: bytes, new_path: bytes, old_size: int, new_size: int
+                  ) -> Compared:
+    """Read an old and a new version of a file once each, side by side: their content
+    digests (XXH3-128, holes hashed as the zeros they read as, as
+    :func:`~.scan.hash_contents` does), their inode flags, and where the new one differs.
+
+    Raises:
+        BtrdeltaError: a file cannot be read or changed size while it was read.
+    """
+    xxhash = need("xxhash", "make")
+    try:
+        fo = open_file(old_path)
+    except OSError as exc:
+        raise BtrdeltaError(f"cannot read file: {exc.strerror}", path=old_path) from exc
+    try:
+        try:
+            fn = open_file(new_path)
+        except OSError as exc:
+            raise BtrdeltaError(f"cannot read file: {exc.strerror}", path=new_path) from exc
+        try:
+            return _compare(fo, fn, old_path, new_path, old_size, new_size, xxhash)
+        finally:
+            os.close(fn)
+    finally:
+        os.close(fo)
+
+
+def _compare(fo: int, fn: int, old_path: bytes, new_path: bytes, old_size: int,
+             new_size: int, xxhash: Any) -> Compared:
+    oflags, nflags = get_fileattr(fo), get_fileattr(fn)
+    osegs, nsegs = data_segments(fo, old_size), data_segments(fn, new_size)
+    ho, hn = xxhash.xxh3_128(), xxhash.xxh3_128()
+    hashed = [0, 0]
+    writes: list[tuple[int, int]] = []
+
+    def zeros(h: Any, i: int, upto: int) -> None:
+        while hashed[i] < upto:
+            k = min(_READ, upto - hashed[i])
+            h.update(_ZEROS[:k])
+            hashed[i] += k
+
+    for start, end in _regions(osegs, nsegs, max(old_size, new_size)):
+        pos = start
+        while pos < end:
+            n = min(_READ, end - pos)
+            x = _read_at(fo, pos, n, old_size, old_path)
+            y = _read_at(fn, pos, n, new_size, new_path)
+            if x:
+                zeros(ho, 0, pos)
+                ho.update(x)
+                hashed[0] = pos + len(x)
+            if y:
+                zeros(hn, 1, pos)
+                hn.update(y)
+                hashed[1] = pos + len(y)
+                if x != y:
+                    _differing(writes, nsegs, pos, x, y)
+            pos += n
+    zeros(ho, 0, old_size)
+    zeros(hn, 1, new_size)
+    if os.pread(fo, 1, old_size):
+        raise BtrdeltaError("file changed while sending (size differs)", path=old_path)
+    if os.pread(fn, 1, new_size):
+        raise BtrdeltaError("file changed while sending (size differs)", path=new_path)
+    odig, ndig = ho.digest(), hn.digest()
+    if odig == ndig and old_size == new_size:
+        return Compared(odig, oflags, ndig, nflags, [], [])
+    return Compared(odig, oflags, ndig, nflags, writes,
+                    punched(nsegs, osegs, old_size, new_size))
+
+
+def _differing(writes: list[tuple[int, int]], nsegs: list[tuple[int, int]], pos: int,
+               x: bytes, y: bytes) -> None:
+    """Add the blocks of the new file's data in ``y`` (read at ``pos``) that differ from the
+    old file's bytes ``x`` there (merged with the last range when adjacent)."""
+    end = pos + len(y)
+    for off, length in _overlap(nsegs, pos, end):
+        b0 = off - off % BLOCK
+        stop = off + length
+        while b0 < stop:
+            b1 = min(b0 - b0 % BLOCK + BLOCK, stop)
+            if x[b0 - pos:b1 - pos] != y[b0 - pos:b1 - pos]:
+                a = max(b0, pos)
+                if writes and writes[-1][0] + writes[-1][1] == a:
+                    writes[-1] = (writes[-1][0], b1 - writes[-1][0])
+                else:
+                    writes.append((a, b1 - a))
+            b0 = b1
 
 
 #: FastCDC average chunk size for finding moved data in a file: 8 KiB, larger for files of
@@ -444,8 +580,10 @@ class _Matcher:
             if c is not None:
                 m.pair(node.id, c)
 
-    def directories(self) -> None:
-        """Step 5: directories, deepest first, by the votes of their matched children."""
+    def directories(self, dropped: dict[int, tuple[int, int]]) -> None:
+        """Step 5: directories, deepest first, by the votes of their matched children (and
+        of the ``dropped`` ones: new directory -> (old directory, children pairs left out
+        of reduced trees as unchanged, each a same-named vote))."""
         m, new, onodes = self.m, self.new, self.old.nodes
         order: list[int] = []
         stack = [ROOT]
@@ -462,6 +600,8 @@ class _Matcher:
                 for op, oname in onodes[matched].dentries if matched is not None else ():
                     if op not in m.o2n:
                         votes[op] += 2 if oname == name else 1
+            if d in dropped and dropped[d][0] not in m.o2n:
+                votes[dropped[d][0]] += 2 * dropped[d][1]
             same_path = self.old_at(d)
             same = same_path[0] if same_path and onodes[same_path[0]].is_dir else None
             if votes:
@@ -471,11 +611,13 @@ class _Matcher:
 
 
 def match_trees(old: Tree, new: Tree, *, quick: bool = False, virtual: bool = False,
-                identities: bool = False) -> Match:
+                identities: bool = False,
+                dropped: dict[int, tuple[int, int]] | None = None) -> Match:
     """Pair the inodes of ``old`` and ``new`` (see the module docstring). With ``virtual``
     (``old`` is a sendshot record), content is compared by BLAKE3 digests instead of reading
     old files; with ``identities`` (the record is of an earlier state of the same
-    filesystem tree) inodes are first paired by inode number and generation."""
+    filesystem tree) inodes are first paired by inode number and generation. ``dropped``:
+    the trees are reduced (:class:`~.changes.Changes`), these entry pairs were left out."""
     if not virtual:
         need("pyfastcdc.cy", "make")  # for shifted_clones, later: fail before any record
     matcher = _Matcher(old, new, quick=quick, virtual=virtual)
@@ -485,5 +627,5 @@ def match_trees(old: Tree, new: Tree, *, quick: bool = False, virtual: bool = Fa
     matcher.same_content_elsewhere()
     matcher.same_path_changed()
     matcher.others()
-    matcher.directories()
+    matcher.directories(dropped or {})
     return matcher.m

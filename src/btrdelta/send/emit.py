@@ -37,16 +37,13 @@ a thread pool, so an incremental send uses two cores like rsync's sender/receive
 from __future__ import annotations
 
 import os
-import zlib
+import stat
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from uuid import UUID
 
-import zstandard
-
 from ..errors import BtrdeltaError
 from ..fs.copy import data_segments
-from ..stream.constants import Compression
 from ..stream.records import (
     Chmod,
     Chown,
@@ -65,38 +62,20 @@ from ..stream.records import (
     Utimes,
     Write,
 )
+from .changes import Changes, find_changes, index_source
 from .diff import Match, changed_ranges, files_equal, match_trees, shifted_clones
+from .encode import COMPRESSORS, encode_piece, option_problem
 from .order import Namespace, order_namespace
 from .record import BlockIndex, Diff, block_diff
-from .scan import ROOT, Node, Tree, TreeScan, open_file, scan_tree
+from .scan import ROOT, ContentHasher, Node, Tree, TreeScan, open_file
 
 __all__ = ["CAPS", "COMPRESSORS", "SendStats", "Sender", "StreamIds", "encode_piece",
            "option_problem"]
 
 CAPS = b"security.capability"
-_SECTOR = 4096
 _ENCODED_MAX = 128 * 1024
 _PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
 _ZEROS = bytes(_ENCODED_MAX)
-
-
-def _zstd() -> Callable[[bytes], bytes]:
-    params = zstandard.ZstdCompressionParameters.from_level(
-        3, window_log=17, write_content_size=1
-    )
-    cctx = zstandard.ZstdCompressor(compression_params=params)
-    return cctx.compress
-
-
-def _zlib() -> Callable[[bytes], bytes]:
-    return lambda data: zlib.compress(data, 3)
-
-
-#: name -> (btrfs compression value, factory of a compress function)
-COMPRESSORS: dict[str, tuple[int, Callable[[], Callable[[bytes], bytes]]]] = {
-    "zstd": (int(Compression.ZSTD), _zstd),
-    "zlib": (int(Compression.ZLIB), _zlib),
-}
 
 
 @dataclass(frozen=True)
@@ -122,21 +101,6 @@ class SendStats:
     cloned_bytes: int = 0
     records: int = 0
     phase: str = "scan"
-
-
-def _round_up(n: int, to: int = _SECTOR) -> int:
-    return -(-n // to) * to
-
-
-def option_problem(version: int, compress: str | None) -> str | None:
-    """What is wrong with a stream version and a compression, if anything."""
-    if version not in (1, 2, 3):
-        return f"unsupported stream version {version}"
-    if compress is not None and compress not in COMPRESSORS:
-        return f"unknown compression {compress!r} (zstd, zlib)"
-    if compress is not None and version < 2:
-        return "compressed data needs stream version 2 or later"
-    return None
 
 
 class Sender:
@@ -166,6 +130,11 @@ class Sender:
         clone_sources: more trees the receiver has (as subvolumes received from full
             streams of them): whole files found there are sent as ``CLONE`` from them.
         no_data: send ``UPDATE_EXTENT`` instead of file data (``NO_FILE_DATA``).
+        tmpdir: where temporary files go (the identity of a tree with hard links).
+
+    An incremental send from ``parent_dir`` without ``scan`` walks both trees in lockstep
+    and keeps only what changed (:func:`~.changes.find_changes`): memory grows with the
+    changes, not with the trees. With ``scan`` or ``old_record`` both trees are held whole.
     """
 
     def __init__(
@@ -187,6 +156,7 @@ class Sender:
         identities: bool = False,
         clone_sources: Sequence[str | bytes | os.PathLike[str]] = (),
         no_data: bool = False,
+        tmpdir: str | None = None,
     ) -> None:
         problem = option_problem(version, compress)
         if problem is not None:
@@ -213,15 +183,18 @@ class Sender:
         base = os.path.basename(self.new_dir.rstrip(b"/")) or b"subvol"
         self.name = name if name is not None else base
         self._read = 0
-        # the old tree is scanned and hashed by a child process (a second core, no GIL)
-        # while this one scans the new tree and hashes it in threads
-        if scan is None:
-            scan = TreeScan(self.new_dir, self.parent_dir, workers=workers,
-                            on_entry=self._on_entry(0, 0))
-        elif scan.parent_dir != self.parent_dir:
-            scan.close()
-            raise BtrdeltaError("the prepared scan is of another parent tree")
-        self.new = scan.new
+        #: the trees reduced to what changed (an incremental send without ``scan``)
+        self.changes: Changes | None = None
+        self._hasher: ContentHasher | None = None
+        self.old: Tree | None = None
+        if scan is None and old_record is None and self.parent_dir is not None:
+            self.changes = find_changes(
+                self.parent_dir, self.new_dir, quick=quick, tmpdir=tmpdir,
+                index_min=min(clone_min, shift_min or clone_min),
+                on_entry=self._on_entry(0, 0))
+            self.new, self.old = self.changes.new, self.changes.old
+        else:
+            self._scan_trees(scan, old_record, workers)
         self.stats.files_scanned, self.stats.bytes_scanned = self.new.files, self.new.data_bytes
         #: the parent is a record (no files to read)
         self.virtual = old_record is not None
@@ -233,34 +206,39 @@ class Sender:
         self._diffs: dict[int, Diff] = {}
         #: bytes of file data the stream carries at most (set with the header)
         self.estimate = 0
-        if old_record is not None:
-            self.old: Tree | None = old_record
-        else:
-            self.old = scan.old_tree(on_entry=self._on_entry(self.new.files,
-                                                             self.new.data_bytes))
-        self._hasher = scan.hasher
         # a full send is an incremental one from a tree that holds only the root directory
         self._base = self.old if self.old is not None else Tree(
             self.new_dir, {ROOT: self.new.nodes[ROOT]}, {ROOT: {}}
         )
         self._base.hashed = self.old is None or self._base.hashed
-        if not self.virtual:
+        if not self.virtual and self._hasher is not None:
             self._hasher.submit(self._base)
-        self.clone_trees = self._scan_clone_sources(scan, clone_sources)
+        try:
+            self.sources = [index_source(src, index_min=clone_min, tmpdir=tmpdir)
+                            for src in clone_sources]
+        except BaseException:
+            if scan is not None:
+                scan.close()
+            raise
         self._hashed = 0
 
-    def _scan_clone_sources(self, scan: TreeScan,
-                            sources: Sequence[str | bytes | os.PathLike[str]]) -> list[Tree]:
-        """Scan the clone sources (``send -c``) and queue them for hashing."""
-        trees: list[Tree] = []
-        try:
-            for src in sources:
-                trees.append(scan_tree(src))
-                self._hasher.submit(trees[-1])
-        except BaseException:
+    def _scan_trees(self, scan: TreeScan | None, old_record: Tree | None,
+                    workers: int | None) -> None:
+        """The whole-tree model: scan both trees (or take ``scan``'s) and hash them, the
+        parent in a child process, the new tree in threads (or take the record)."""
+        if scan is None:
+            scan = TreeScan(self.new_dir, self.parent_dir, workers=workers,
+                            on_entry=self._on_entry(0, 0))
+        elif scan.parent_dir != self.parent_dir:
             scan.close()
-            raise
-        return trees
+            raise BtrdeltaError("the prepared scan is of another parent tree")
+        self.new = scan.new
+        if old_record is not None:
+            self.old = old_record
+        else:
+            self.old = scan.old_tree(on_entry=self._on_entry(self.new.files,
+                                                             self.new.data_bytes))
+        self._hasher = scan.hasher
 
     # -- progress ------------------------------------------------------------------------
 
@@ -318,11 +296,16 @@ class Sender:
             self.stats.bytes_read = self._read + n
             self._progress()
 
-        self._hasher.wait(on_bytes)
+        if self._hasher is not None:
+            self._hasher.wait(on_bytes)
+        else:
+            assert self.changes is not None
+            on_bytes(self.changes.bytes_read)
         self.stats.phase = "match"
         self._progress()
         match = match_trees(old, self.new, quick=self.quick, virtual=self.virtual,
-                            identities=self.identities)
+                            identities=self.identities,
+                            dropped=self.changes.dropped if self.changes else None)
         self._match = match
         if self.old is None:
             match.unchanged.discard(ROOT)
@@ -381,17 +364,12 @@ class Sender:
         full = self.old is None
         # clone sources by content digest: old files, and new files already sent
         old_by_digest: dict[bytes, int] = {}
-        if not full:
+        if not full and self.changes is None:
             for o in old.nodes.values():
                 if o.is_reg and o.size >= self.clone_min:
                     old_by_digest.setdefault(o.digest, o.id)
+        self._old_digests = old_by_digest
         new_by_digest: dict[bytes, int] = {}
-        #: whole files of the clone sources by content digest (``send -c``)
-        self._src_by_digest: dict[bytes, tuple[Tree, Node]] = {}
-        for tree in self.clone_trees:
-            for o in tree.nodes.values():
-                if o.is_reg and o.size >= self.clone_min:
-                    self._src_by_digest.setdefault(o.digest, (tree, o))
         order: list[int] = []
         stack = [ROOT]
         seen: set[int] = set()
@@ -514,10 +492,8 @@ class Sender:
         if node.size < self.clone_min:
             return None
         new_abs = self.new.abspath(node.path)
-        oid = old_by_digest.get(node.digest)
-        if oid is not None and self.old is not None and self._same_as_old(
-            self.old.nodes[oid], node
-        ):
+        onode = self._old_file(node.digest)
+        if onode is not None and self._same_as_old(onode, node):
             clone_uuid, clone_ctransid = self.parent_ids()
             return Clone(
                 offset=0,
@@ -525,22 +501,23 @@ class Sender:
                 path=node.path,
                 clone_uuid=clone_uuid,
                 clone_ctransid=clone_ctransid,
-                clone_path=self.old.nodes[oid].path,
+                clone_path=onode.path,
                 clone_offset=0,
             )
-        found = self._src_by_digest.get(node.digest)
-        if found is not None and files_equal(
-            found[0].abspath(found[1].path), new_abs, node.size
-        ):
-            return Clone(
-                offset=0,
-                length=node.size,
-                path=node.path,
-                clone_uuid=found[0].subvol_uuid(),
-                clone_ctransid=found[0].ctransid(),
-                clone_path=found[1].path,
-                clone_offset=0,
-            )
+        for src in self.sources:
+            found = src.by_digest.get(node.digest)
+            if found is not None and found[1] == node.size and files_equal(
+                src.abspath(found[0]), new_abs, node.size
+            ):
+                return Clone(
+                    offset=0,
+                    length=node.size,
+                    path=node.path,
+                    clone_uuid=src.uuid,
+                    clone_ctransid=src.ctransid,
+                    clone_path=found[0],
+                    clone_offset=0,
+                )
         nid = new_by_digest.get(node.digest)
         if nid is not None and files_equal(
             self.new.abspath(self.new.nodes[nid].path), new_abs, node.size
@@ -556,6 +533,14 @@ class Sender:
                 clone_offset=0,
             )
         return None
+
+    def _old_file(self, digest: bytes) -> Node | None:
+        """The first old file of at least ``clone_min`` bytes with this content digest."""
+        if self.changes is not None:
+            got = self.changes.by_digest.get(digest)
+            return _stub(got) if got is not None and got[1] >= self.clone_min else None
+        oid = self._old_digests.get(digest)
+        return None if oid is None or self.old is None else self.old.nodes[oid]
 
     def _same_as_old(self, onode: Node, node: Node) -> bool:
         """Whether new file ``node`` has the content of old file ``onode`` (BLAKE3 digests
@@ -610,6 +595,12 @@ class Sender:
         that moved and changed, or a copy that grew), the closest in size."""
         if self.old is None or not self.shift_min or node.size < self.shift_min:
             return None
+        if self.changes is not None:
+            found = [f for _p, name in node.dentries
+                     for f in self.changes.by_name.get(name, ()) if f[1] >= self.shift_min]
+            if not found:
+                return None
+            return _stub(min(found, key=lambda f: (abs(f[1] - node.size), f[2])))
         if self._old_by_name is None:
             self._old_by_name = {}
             for o in self.old.nodes.values():
@@ -687,8 +678,12 @@ class Sender:
             return bool(writes or vclones or holes) or onode.size != node.size
         old_path = self.old.abspath(onode.path)
         new_abs = self.new.abspath(path)
-        writes, holes = changed_ranges(old_path, new_abs, onode.size, node.size)
-        self._read += node.size + onode.size
+        known = self.changes.diffs.get(node.id) if self.changes is not None else None
+        if known is not None and known[0] == onode.id:  # compared while walking
+            writes, holes = known[1], known[2]
+        else:
+            writes, holes = changed_ranges(old_path, new_abs, onode.size, node.size)
+            self._read += node.size + onode.size
         changed = bool(writes or holes) or onode.size != node.size
         yield from self._punch(path, holes)
         clones: list[tuple[int, int, Node, int]] = []
@@ -746,28 +741,8 @@ class Sender:
         return enc
 
 
-def encode_piece(compress: Callable[[bytes], bytes], compression: int, path: bytes, pos: int,
-                 buf: bytes, size: int) -> EncodedWrite | None:
-    """``buf`` (file data at ``pos`` of a file of ``size`` bytes) as an ``ENCODED_WRITE``
-    laid out as btrfs stores a compressed extent, or None when it cannot be one (not on a
-    sector boundary, one sector or less) or compressing does not save a sector."""
-    n = len(buf)
-    if pos % _SECTOR or (n % _SECTOR and pos + n != size) or n <= _SECTOR:
-        return None
-    ram = _round_up(n)
-    plain = buf if ram == n else buf + _ZEROS[: ram - n]
-    packed = compress(plain)
-    disk = _round_up(len(packed))
-    if disk >= ram:
-        return None
-    data = packed + _ZEROS[: disk - len(packed)]
-    return EncodedWrite(
-        path=path,
-        offset=pos,
-        unencoded_file_len=n,
-        unencoded_len=ram,
-        unencoded_offset=0,
-        compression=compression,
-        data=memoryview(data),
-        encryption=0,
-    )
+def _stub(found: tuple[bytes, int, int]) -> Node:
+    """A parent file left out of a reduced tree (:class:`~.changes.Changes`): its path,
+    size and node id, as a node to clone from."""
+    path, size, nid = found
+    return Node(nid, 256 + nid, stat.S_IFREG | 0o644, 0, 0, size, 0, 0, 0, path)

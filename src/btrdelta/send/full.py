@@ -12,8 +12,9 @@ is filled before its mode is set), the root's last.
 What stays in memory: the entries of the directory being read, the directories still to
 visit (each a path), for inodes with more than one link their first path and names, and for
 files of at least ``clone_min`` bytes their first path by content digest (a copy becomes a
-``CLONE`` from the new subvolume, confirmed byte by byte first). Nothing else grows with the
-tree. The stream's first record (``SUBVOL``) names the tree's UUID, which is derived from
+``CLONE`` from the new subvolume, confirmed byte by byte first; with clone sources, ``send
+-c``, their files of that size by digest: :func:`.changes.index_source`). Nothing else grows
+with the tree. The stream's first record (``SUBVOL``) names the tree's UUID, which is derived from
 the content of every file (:meth:`.scan.Tree.identity`), so the records after it are written
 as they are made, after room left for it, and it is written last: into a new regular output
 file directly, else (a pipe, a signed stream) into a spool, an unnamed temporary file in
@@ -31,10 +32,8 @@ import struct
 import tempfile
 import uuid
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
-
-import blake3
 
 from .._optional import need
 from ..errors import BtrdeltaError
@@ -56,9 +55,10 @@ from ..stream.records import (
     Utimes,
     Write,
 )
+from .changes import SourceIndex, TreeIdentity, index_source
 from .emit import CAPS, COMPRESSORS, SendStats, encode_piece, option_problem
 from .order import _create
-from .scan import ROOT, Node, node_identity, open_file, read_node, uuid_of
+from .scan import ROOT, Node, open_file, read_node, uuid_of
 
 __all__ = ["FullSend"]
 
@@ -66,9 +66,6 @@ _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: files up to this size are read with one ``read`` (and kept until sent)
 _WHOLE = 1 << 20
 _ZEROS = bytes(_WHOLE)
-#: identity spool frames: literal bytes, or the node of a hard-linked inode (by st_ino)
-_FRAME = struct.Struct("<BQ")
-_LITERAL, _LINKED = 0, 1
 _HDR = struct.Struct("<IHI")
 #: the UUID of a CLONE from the new subvolume until its UUID is known
 _NIL = uuid.UUID(int=0)
@@ -144,48 +141,6 @@ class _Spool:
             self.file.close()
 
 
-class _Identity:
-    """:meth:`.scan.Tree.identity` fed node by node (through a temporary file: a hard-linked
-    node's part is made at the end, when all its names are known)."""
-
-    def __init__(self, tmpdir: str | None) -> None:
-        self.file: IO[bytes] = tempfile.TemporaryFile(  # noqa: SIM115 - closed by digest()
-            dir=tmpdir)
-        self.buf = bytearray()
-        self.newest = 0
-
-    def add(self, node: Node) -> None:
-        self.newest = max(self.newest, node.mtime_ns)
-        self.buf += node_identity(node)
-        if len(self.buf) >= 1 << 16:
-            self._flush()
-
-    def add_linked(self, node: Node) -> None:
-        self.newest = max(self.newest, node.mtime_ns)
-        self._flush()
-        self.file.write(_FRAME.pack(_LINKED, node.st_ino))
-
-    def _flush(self) -> None:
-        if self.buf:
-            self.file.write(_FRAME.pack(_LITERAL, len(self.buf)))
-            self.file.write(self.buf)
-            self.buf.clear()
-
-    def digest(self, linked: dict[int, tuple[Node, bytes]]) -> bytes:
-        self._flush()
-        f = self.file
-        f.seek(0)
-        h = blake3.blake3()
-        while True:
-            head = f.read(_FRAME.size)
-            if not head:
-                break
-            kind, n = _FRAME.unpack(head)
-            h.update(f.read(n) if kind == _LITERAL else node_identity(linked[n][0]))
-        f.close()
-        return h.digest()
-
-
 class FullSend:
     """One full send of the tree at ``new_dir`` (see the module docstring).
 
@@ -198,6 +153,8 @@ class FullSend:
         on_progress: called with :class:`~.emit.SendStats` now and then.
         clone_min: smallest file sent as a ``CLONE`` of an earlier file with its content.
         tmpdir: where the temporary files go (default: Python's, ``$TMPDIR`` or ``/tmp``).
+        clone_sources: trees the receiver has (``send -c``): a file whose content one of
+            them has (confirmed byte by byte) is sent as a ``CLONE`` from it.
 
     After :meth:`run`: :attr:`header` (the ``SUBVOL`` record) and :attr:`stats`.
     """
@@ -213,6 +170,7 @@ class FullSend:
         on_progress: Callable[[SendStats], None] | None = None,
         clone_min: int = 16 * 1024,
         tmpdir: str | None = None,
+        clone_sources: Sequence[str | bytes | os.PathLike[str]] = (),
     ) -> None:
         problem = option_problem(version, compress)
         if problem is not None:
@@ -235,7 +193,7 @@ class FullSend:
         self.header: Subvol | None = None
         self._spool: _Spool | None = None
         self.tmpdir = tmpdir
-        self._ident = _Identity(tmpdir)
+        self._ident = TreeIdentity(tmpdir)
         self._nodes = 0
         self._next_ino = 257
         #: st_ino -> (node, first path) of inodes with more than one link
@@ -243,6 +201,10 @@ class FullSend:
         #: content digest -> first path, of files of at least clone_min bytes
         self._by_digest: dict[bytes, bytes] = {}
         self._clones: array[int] = array("Q")
+        self._source_paths = clone_sources
+        self._sources: list[SourceIndex] = []
+        #: the clone source and path of the file being sent, when one has its content
+        self._from: tuple[SourceIndex, bytes] | None = None
 
     # -- driving ------------------------------------------------------------------------
 
@@ -294,11 +256,13 @@ class FullSend:
         :attr:`header`; returns the spool."""
         self._spool = spool = _Spool(self.version, file, reserve, self.tmpdir)
         try:
+            self._sources = [index_source(src, index_min=self.clone_min, tmpdir=self.tmpdir)
+                             for src in self._source_paths]
             self._walk()
             spool.write(End())
             identity = self._ident.digest(self._linked)
             subvol = uuid_of(identity)
-            ctransid = max(1, self._ident.newest // 1_000_000_000)
+            ctransid = self._ident.ctransid()
             spool.patch_clones(self._clones, subvol, ctransid)
             self.header = self._subvol(subvol, ctransid)
             self.stats.records = spool.records + 1
@@ -306,7 +270,7 @@ class FullSend:
             self._progress()
         except BaseException:
             spool.close()
-            self._ident.file.close()
+            self._ident.close()
             raise
         return spool
 
@@ -528,8 +492,15 @@ class FullSend:
         """Whether an earlier file of this tree has the same content (confirmed byte by
         byte: against ``data``, or by reading both files); else this file's content is
         remembered for later ones."""
+        self._from = None
         if node.size < self.clone_min:
             return False
+        for src in self._sources:
+            found = src.by_digest.get(node.digest)
+            if found is not None and found[1] == node.size and _same(
+                    src.abspath(found[0]), full, node.size, data):
+                self._from = (src, found[0])
+                return True
         first = self._by_digest.get(node.digest)
         if first is None:
             self._by_digest[node.digest] = node.path
@@ -540,8 +511,13 @@ class FullSend:
         """The ``CLONE`` of a file from the earlier one with its content (the new
         subvolume's UUID is patched in at the end)."""
         assert self._spool is not None
-        self._clones.append(self._spool.pos)
         self.stats.cloned_bytes += node.size
+        if self._from is not None:
+            src, path = self._from
+            self._emit(Clone(offset=0, length=node.size, path=node.path, clone_uuid=src.uuid,
+                             clone_ctransid=src.ctransid, clone_path=path, clone_offset=0))
+            return
+        self._clones.append(self._spool.pos)
         self._emit(Clone(offset=0, length=node.size, path=node.path, clone_uuid=_NIL,
                          clone_ctransid=0, clone_path=self._by_digest[node.digest],
                          clone_offset=0))

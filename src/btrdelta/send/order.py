@@ -115,6 +115,12 @@ class _Orderer:
         self.out: list[Record] = []
         self.next_ino = max((n.ino for n in old.nodes.values()), default=256) + 1
         self.root_names = set(old.children[ROOT]) | set(new.children[ROOT])
+        # reduced trees (.changes): the inodes and root names they left out count too
+        if old.whole is not None:
+            self.next_ino = max(self.next_ino, 256 + old.whole[0])
+        for tree in (old, new):
+            if tree.whole is not None:
+                self.root_names |= tree.whole[2]
         self.orphan_seq: dict[int, int] = {}
 
     def key_of(self, new_id: int) -> int:

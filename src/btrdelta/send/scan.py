@@ -149,6 +149,9 @@ class Tree:
     #: True once :func:`hash_contents` filled in the digests
     hashed: bool = False
     _identity: bytes | None = None
+    #: a tree reduced to what changed (:mod:`.changes`): the whole tree's node count,
+    #: ctransid, and the names in its root that look like orphan names
+    whole: tuple[int, int, frozenset[bytes]] | None = None
 
     def path_of(self, parent: int, name: bytes) -> bytes:
         """Relative path of dentry ``name`` in directory ``parent``."""
@@ -200,6 +203,8 @@ class Tree:
 
     def ctransid(self) -> int:
         """Deterministic ctransid: the newest mtime in the tree, in seconds (at least 1)."""
+        if self.whole is not None:
+            return self.whole[1]
         newest = max((n.mtime_ns for n in self.nodes.values()), default=0)
         return max(1, newest // 1_000_000_000)
 
