@@ -20,9 +20,10 @@ Then :func:`run_many`: a tree of ``$BTRDELTA_BENCH_SEND_FILES`` (default 100,000
 it) tiny files, 1,000 a directory, as a read-only snapshot ``A`` and ``B`` (a snapshot of A
 with 1% of the files changed, 1% renamed across directories and two directories swapped).
 Full (``btrfs send A``) and incremental (``-p A B``) streams of the kernel and of btrdelta
-(``A``/``B`` read as plain directories), plus the whole-tree model the full send used before
-(``Sender``), with peak RSS (bytes a file) and CPU time against the kernel; btrdelta's full
-stream is received by the kernel and checked with tree-sum.
+(``A``/``B`` read as plain directories), plus the whole-tree models the full and the
+incremental send used before (``Sender``; with a ``TreeScan``), with peak RSS (bytes a file)
+and CPU time against the kernel; btrdelta's full and incremental streams are received by the
+kernel and checked with tree-sum.
 
 Run: ``.venv/bin/python -m benchmarks send`` (needs root and loop devices; the loop image
 goes to ``$BTRDELTA_BENCH_WORKDIR``, default the system temp dir, e.g. ``/dev/shm`` when the
@@ -90,6 +91,16 @@ _MODEL = ("import sys; from btrdelta.send.emit import Sender; "
           "for r in Sender(sys.argv[1]).records(): w.write(r)")
 
 
+#: the incremental send as it was before send/changes.py: both trees scanned and held whole
+#: (an explicit TreeScan keeps Sender on that path)
+_MODEL_INC = ("import sys; from btrdelta.send.emit import Sender; "
+              "from btrdelta.send.scan import TreeScan; "
+              "from btrdelta.stream.writer import StreamWriter; "
+              "f = open(sys.argv[3], 'wb'); w = StreamWriter(f.write, 1)\n"
+              "s = TreeScan(sys.argv[1], sys.argv[2])\n"
+              "for r in Sender(sys.argv[1], sys.argv[2], scan=s).records(): w.write(r)")
+
+
 def _make_many(root: Path, files: int) -> None:
     """``files`` tiny files, 1,000 a directory (a few bytes each, as fast as Python goes)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
@@ -150,6 +161,7 @@ def run_many(files: int | None = None) -> list[str]:
                           str(b)],
             "btrdelta -p": [PY, "-m", "btrdelta", "send", str(b), "-p", str(a), "-o",
                             str(mnt / "o.inc")],
+            "model -p (before)": [PY, "-c", _MODEL_INC, str(b), str(a), str(mnt / "m.inc")],
         }
         results = {key: _timed_rounds({key: cmd})[key] for key, cmd in cmds.items()}
         base = _timed_once([PY, "-c", "import btrdelta.cli.send_cmd, btrdelta.send.full, "
@@ -171,6 +183,9 @@ def run_many(files: int | None = None) -> list[str]:
         sh("btrfs", "receive", "-f", mnt / "o.full", dest)
         ok = tree_sum(dest / "A") == tree_sum(a)
         out(f"full  kernel receive of btrdelta's full stream == A: {ok}")
+        sh("btrfs", "receive", "-f", mnt / "o.inc", dest)
+        ok = tree_sum(dest / "B") == tree_sum(b)
+        out(f"-p    kernel receive of btrdelta's -p stream == B: {ok}")
     return lines
 
 

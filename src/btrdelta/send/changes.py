@@ -32,22 +32,37 @@ its larger files by content digest: the clone sources of ``send -c``.
 
 from __future__ import annotations
 
+import bisect
 import os
 import re
 import stat
 import struct
 import tempfile
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO
 from uuid import UUID
 
 import blake3
 
+from .._optional import need
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
-from .diff import compare_files
-from .scan import _WHOLE, ROOT, Node, Tree, _hash_file, node_identity, read_node, uuid_of
+from ..fs.copy import data_segments
+from .diff import Compared, compare_files
+from .scan import (
+    _WHOLE,
+    ROOT,
+    Node,
+    Tree,
+    _hash_file,
+    node_identity,
+    open_file,
+    read_node,
+    uuid_of,
+)
 
 __all__ = ["Changes", "SourceIndex", "TreeIdentity", "find_changes", "index_source"]
 
@@ -136,6 +151,64 @@ def _dir_flags(path: bytes) -> int:
         os.close(fd)
 
 
+#: files to read: (old, new) of the same name, or one of them
+_Job = tuple[Node | None, Node | None]
+
+#: a new file read whole: its data ranges and content
+_Kept = tuple[list[tuple[int, int]], bytes]
+_ZEROS = memoryview(bytes(_WHOLE))
+
+
+def _read_single(node: Node, path: bytes, buf: bytearray, keep: bool) -> _Kept | None:
+    """Read a file that has no counterpart of its name: its XXH3-128 and BLAKE3 digests
+    (moves are confirmed by the latter, not by reading it again) and flags; with ``keep``,
+    a file of up to 1 MiB is returned whole with its data ranges (to send from this read).
+
+    Raises:
+        BtrdeltaError: the file cannot be read or changed size while it was read.
+    """
+    xxhash = need("xxhash", "make")
+    try:
+        fd = open_file(path)
+    except OSError as exc:
+        raise BtrdeltaError(f"cannot read file: {exc.strerror}", path=path) from exc
+    try:
+        node.flags, size = get_fileattr(fd), node.size
+        if size <= _WHOLE:
+            data = os.pread(fd, size + 1, 0)
+            if len(data) != size:
+                raise BtrdeltaError("file changed while sending (size differs)", path=path)
+            node.digest = xxhash.xxh3_128_digest(data)
+            node.bdigest = blake3.blake3(data).digest()
+            return (data_segments(fd, size), data) if keep else None
+        h, b3 = xxhash.xxh3_128(), blake3.blake3()
+        view, pos = memoryview(buf), 0
+        for off, length in [*data_segments(fd, size), (size, 0)]:
+            while pos < off:  # a hole: the zeros it reads as
+                k = min(_WHOLE, off - pos)
+                h.update(_ZEROS[:k])
+                b3.update(_ZEROS[:k])
+                pos += k
+            while pos < off + length:
+                k = os.preadv(fd, [view[:min(_WHOLE, off + length - pos)]], pos)
+                if k <= 0:
+                    raise BtrdeltaError("file changed while sending (short read)", path=path)
+                h.update(view[:k])
+                b3.update(view[:k])
+                pos += k
+        if os.pread(fd, 1, size):
+            raise BtrdeltaError("file changed while sending (size differs)", path=path)
+        node.digest, node.bdigest = h.digest(), b3.digest()
+        return None
+    finally:
+        os.close(fd)
+
+
+def _job_size(job: _Job) -> int:
+    node = job[0] or job[1]
+    return node.size if node is not None else 0
+
+
 #: a directory entry as a walk meets it: (name, node, first name of the node)
 Entry = tuple[bytes, Node, bool]
 
@@ -213,11 +286,6 @@ class _Side:
             self.linked[st.st_ino] = (node, rel)
         return name, node, True
 
-    def hash(self, node: Node, buf: bytearray) -> None:
-        """Read one regular file: its digest and flags."""
-        node.digest, node.flags = _hash_file(self.tree.abspath(node.path), node.size, buf)
-        self.read += node.size
-
     def identify(self, entries: list[Entry]) -> None:
         """Feed the identity the nodes of one directory listing (digests known)."""
         for _name, node, first in entries:
@@ -262,6 +330,47 @@ def _same_meta(o: Node, n: Node) -> bool:
             and o.target == n.target and o.xattrs == n.xattrs)
 
 
+class DataSpool:
+    """The blocks of changed files that differ, kept when they were compared (an unnamed
+    temporary file), so that sending them does not read the files again."""
+
+    def __init__(self, tmpdir: str | None) -> None:
+        self.tmpdir = tmpdir
+        self.file: IO[bytes] | None = None
+        self.pos = 0
+        self._lock = threading.Lock()
+
+    def put(self, data: bytes | memoryview) -> int:
+        """Keep ``data``; its offset in the spool."""
+        with self._lock:
+            if self.file is None:
+                self.file = tempfile.TemporaryFile(dir=self.tmpdir)  # noqa: SIM115 - close()
+            off = self.pos
+            os.pwrite(self.file.fileno(), data, off)
+            self.pos += len(data)
+            return off
+
+    def reader(self, pieces: list[tuple[int, int, int]]) -> Callable[[int, int], bytes]:
+        """``read(n, pos)`` of a file whose ``pieces`` (file offset, length, spool offset)
+        were kept; every read lies within one piece."""
+        starts = [p[0] for p in pieces]
+
+        def read(n: int, pos: int) -> bytes:
+            off, length, at = pieces[bisect.bisect_right(starts, pos) - 1]
+            assert off <= pos
+            assert pos + n <= off + length
+            assert self.file is not None
+            return os.pread(self.file.fileno(), n, at + pos - off)
+
+        return read
+
+    def close(self) -> None:
+        """Drop the spool."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
 @dataclass
 class Changes:
     """The changed part of two trees (see the module docstring)."""
@@ -278,18 +387,40 @@ class Changes:
     by_name: dict[bytes, list[OldFile]] = field(default_factory=dict)
     #: bytes of file content read
     bytes_read: int = 0
+    #: new file id -> where the blocks in its diff's writes are kept in :attr:`spool`
+    #: (file offset, length, spool offset)
+    kept: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)
+    #: new file id -> where the data ranges of a new file (read whole) are kept
+    whole: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)
+    spool: DataSpool | None = None
+
+    def spooled(self, nid: int, *, whole: bool = False) -> Callable[[int, int], bytes] | None:
+        """``read(n, pos)`` of the kept blocks of new file ``nid`` (``whole``: its kept
+        data ranges), if they were kept."""
+        pieces = (self.whole if whole else self.kept).get(nid)
+        return None if pieces is None or self.spool is None else self.spool.reader(pieces)
+
+    def close(self) -> None:
+        """Drop the temporary files."""
+        if self.spool is not None:
+            self.spool.close()
 
 
 class _Walk:
     """One :func:`find_changes`."""
 
     def __init__(self, old: _Side, new: _Side, quick: bool, index_min: int,
-                 on_entry: Callable[[int, int], None] | None) -> None:
+                 on_entry: Callable[[int, int], None] | None, workers: int,
+                 tmpdir: str | None) -> None:
         self.old, self.new, self.quick, self.index_min = old, new, quick, index_min
         self.on_entry = on_entry
-        self.buf = bytearray(_WHOLE)
-        self.out = Changes(old.tree, new.tree)
+        self.spool = DataSpool(tmpdir)
+        self.out = Changes(old.tree, new.tree, spool=self.spool)
         self._seen = 0
+        self._local = threading.local()
+        self.workers = workers
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="btrdelta-read") \
+            if workers > 1 else None
 
     def run(self) -> None:
         o, n = self.old.tree.nodes[ROOT], self.new.tree.nodes[ROOT]
@@ -347,28 +478,64 @@ class _Walk:
         return subs
 
     def _read(self, olds: dict[bytes, Entry], news: dict[bytes, Entry]) -> None:
-        """Digests of the regular files listed: two of the same name side by side."""
+        """Digests of the regular files listed (two of the same name side by side), in
+        the thread pool when there are several."""
+        jobs: list[_Job] = []
         for name, (_n, n, first) in news.items():
-            if not (first and n.is_reg):
-                continue
-            oe = olds.get(name)
-            if oe is not None and oe[2] and oe[1].is_reg:
-                o = oe[1]
+            if first and n.is_reg:
+                oe = olds.get(name)
+                paired = oe is not None and oe[2] and oe[1].is_reg
+                jobs.append((oe[1] if oe is not None and paired else None, n))
+        for name, (_n, o, first) in olds.items():
+            if first and o.is_reg:
+                ne = news.get(name)
+                if ne is None or not (ne[2] and ne[1].is_reg):
+                    jobs.append((o, None))
+        if self.pool is None or len(jobs) < 2:
+            results = self._jobs(jobs)
+        else:  # one slice a thread, big files spread over them
+            jobs.sort(key=_job_size, reverse=True)
+            k = self.workers
+            futures = [self.pool.submit(self._jobs, jobs[i::k]) for i in range(k)]
+            jobs = [job for i in range(k) for job in jobs[i::k]]
+            results = [r for f in futures for r in f.result()]
+        for (oj, nj), cmp in zip(jobs, results, strict=True):
+            if oj is not None:
+                self.old.read += oj.size
+            if nj is not None:
+                self.new.read += nj.size
+            if isinstance(cmp, tuple):  # a new file read whole: its data ranges, kept
+                assert nj is not None
+                segs, view = cmp[0], memoryview(cmp[1])
+                self.out.whole[nj.id] = [(off, n, self.spool.put(view[off:off + n]))
+                                         for off, n in segs]
+            elif cmp is not None and oj is not None and nj is not None and (
+                    cmp.writes or cmp.holes or oj.size != nj.size):
+                self.out.diffs[nj.id] = (oj.id, cmp.writes, cmp.holes)
+                if cmp.data is not None:  # the differing blocks, read once: kept
+                    view = memoryview(cmp.data)
+                    self.out.kept[nj.id] = [(off, n, self.spool.put(view[off:off + n]))
+                                            for off, n in cmp.writes]
+
+    def _jobs(self, jobs: list[_Job]) -> list[Compared | _Kept | None]:
+        """Read the files of ``jobs`` (in a worker thread): a pair side by side."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = bytearray(_WHOLE)
+        out: list[Compared | _Kept | None] = []
+        for o, n in jobs:
+            if o is not None and n is not None:
                 cmp = compare_files(self.old.tree.abspath(o.path),
                                     self.new.tree.abspath(n.path), o.size, n.size)
                 o.digest, o.flags, n.digest, n.flags = (cmp.old_digest, cmp.old_flags,
                                                         cmp.new_digest, cmp.new_flags)
-                self.old.read += o.size
-                self.new.read += n.size
-                if cmp.writes or cmp.holes or o.size != n.size:
-                    self.out.diffs[n.id] = (o.id, cmp.writes, cmp.holes)
+                out.append(cmp)
             else:
-                self.new.hash(n, self.buf)
-        for name, (_n, o, first) in olds.items():
-            if first and o.is_reg and not o.digest:
-                ne = news.get(name)
-                if ne is None or not (ne[2] and ne[1].is_reg):
-                    self.old.hash(o, self.buf)
+                node, side = (o, self.old) if o is not None else (n, self.new)
+                assert node is not None
+                out.append(_read_single(node, side.tree.abspath(node.path), buf,
+                                        keep=n is not None))
+        return out
 
     def _unchanged(self, o: Node, n: Node) -> bool:
         """Whether nothing at all is to be sent for this pair of non-directories."""
@@ -408,6 +575,7 @@ def find_changes(
     index_min: int = 16 * 1024,
     tmpdir: str | None = None,
     on_entry: Callable[[int, int], None] | None = None,
+    workers: int | None = None,
 ) -> Changes:
     """Walk ``old_dir`` and ``new_dir`` in lockstep; the changed part of both (see the
     module docstring).
@@ -419,6 +587,7 @@ def find_changes(
         index_min: smallest parent file remembered by digest and name (clone sources).
         tmpdir: where the identities' temporary files go.
         on_entry: called as ``on_entry(files, bytes)`` of the new tree now and then.
+        workers: threads reading the files of a directory (default: CPU count, at most 4).
 
     Raises:
         BtrdeltaError: a tree cannot be read, or a file changed while it was read.
@@ -429,12 +598,18 @@ def find_changes(
     except BaseException:
         old.close()
         raise
+    walk = _Walk(old, new, quick, index_min, on_entry,
+                 workers or min(4, os.cpu_count() or 1), tmpdir)
     try:
-        walk = _Walk(old, new, quick, index_min, on_entry)
         walk.run()
         walk.out.old, walk.out.new = old.finish(), new.finish()
         walk.out.bytes_read = old.read + new.read
+    except BaseException:
+        walk.spool.close()
+        raise
     finally:
+        if walk.pool is not None:
+            walk.pool.shutdown(wait=True, cancel_futures=True)
         old.close()
         new.close()
     if on_entry is not None:
@@ -476,7 +651,9 @@ def index_source(path: str | bytes | os.PathLike[str], *, index_min: int = 16 * 
             subdirs = []
             for _name, node, first in entries:
                 if first and node.is_reg:
-                    side.hash(node, buf)
+                    node.digest, node.flags = _hash_file(side.tree.abspath(node.path),
+                                                         node.size, buf)
+                    side.read += node.size
                     if node.size >= index_min:
                         by_digest.setdefault(node.digest, (node.path, node.size))
                 elif first and node.is_dir:

@@ -181,6 +181,8 @@ class Compared:
     #: as :func:`changed_ranges` gives them (empty when the contents are equal)
     writes: list[tuple[int, int]]
     holes: list[tuple[int, int]]
+    #: the new file's content, when both files were read whole (up to 1 MiB) and differ
+    data: bytes | None = None
 
 
 def _regions(a: list[tuple[int, int]], b: list[tuple[int, int]], size: int
@@ -232,8 +234,31 @@ def compare_files(old_path: bytes, new_path: bytes, old_size: int, new_size: int
         os.close(fo)
 
 
+def _compare_small(fo: int, fn: int, old_path: bytes, new_path: bytes, old_size: int,
+                   new_size: int, xxhash: Any) -> Compared:
+    """:func:`compare_files` of two files of at most 1 MiB: one read each (holes read as
+    the zeros they are)."""
+    oflags, nflags = get_fileattr(fo), get_fileattr(fn)
+    x = os.pread(fo, old_size + 1, 0)
+    if len(x) != old_size:
+        raise BtrdeltaError("file changed while sending (size differs)", path=old_path)
+    y = os.pread(fn, new_size + 1, 0)
+    if len(y) != new_size:
+        raise BtrdeltaError("file changed while sending (size differs)", path=new_path)
+    ndig = xxhash.xxh3_128_digest(y)
+    if x == y:
+        return Compared(ndig, oflags, ndig, nflags, [], [])
+    osegs, nsegs = data_segments(fo, old_size), data_segments(fn, new_size)
+    writes: list[tuple[int, int]] = []
+    _differing(writes, nsegs, 0, x, y)
+    return Compared(xxhash.xxh3_128_digest(x), oflags, ndig, nflags, writes,
+                    punched(nsegs, osegs, old_size, new_size), y)
+
+
 def _compare(fo: int, fn: int, old_path: bytes, new_path: bytes, old_size: int,
              new_size: int, xxhash: Any) -> Compared:
+    if old_size <= _READ and new_size <= _READ:
+        return _compare_small(fo, fn, old_path, new_path, old_size, new_size, xxhash)
     oflags, nflags = get_fileattr(fo), get_fileattr(fn)
     osegs, nsegs = data_segments(fo, old_size), data_segments(fn, new_size)
     ho, hn = xxhash.xxh3_128(), xxhash.xxh3_128()
@@ -543,8 +568,9 @@ class _Matcher:
                     break
 
     def _equal(self, o: Node, node: Node) -> bool:
-        """Digests are not collision resistant: BLAKE3 (a record) or byte by byte."""
-        if self.virtual:
+        """XXH3 is not collision resistant: BLAKE3 (a record, or both files read while
+        walking: :mod:`.changes`) or byte by byte."""
+        if self.virtual or (o.bdigest and node.bdigest):
             return o.bdigest == node.bdigest and o.size == node.size
         return files_equal(self.old.abspath(o.path), self.new.abspath(node.path), node.size)
 

@@ -191,7 +191,7 @@ class Sender:
             self.changes = find_changes(
                 self.parent_dir, self.new_dir, quick=quick, tmpdir=tmpdir,
                 index_min=min(clone_min, shift_min or clone_min),
-                on_entry=self._on_entry(0, 0))
+                on_entry=self._on_entry(0, 0), workers=workers)
             self.new, self.old = self.changes.new, self.changes.old
         else:
             self._scan_trees(scan, old_record, workers)
@@ -287,6 +287,13 @@ class Sender:
 
     def records(self) -> Iterator[Record]:
         """Every record of the stream, ``SUBVOL``/``SNAPSHOT`` first and ``END`` last."""
+        try:
+            yield from self._records()
+        finally:
+            if self.changes is not None:
+                self.changes.close()
+
+    def _records(self) -> Iterator[Record]:
         old = self._base
         self.stats.phase = "hash"
         self._progress()
@@ -538,7 +545,10 @@ class Sender:
         """The first old file of at least ``clone_min`` bytes with this content digest."""
         if self.changes is not None:
             got = self.changes.by_digest.get(digest)
-            return _stub(got) if got is not None and got[1] >= self.clone_min else None
+            if got is None or got[1] < self.clone_min:
+                return None
+            kept = self.old.nodes.get(got[2]) if self.old is not None else None
+            return kept if kept is not None else _stub(got)  # kept: read while walking
         oid = self._old_digests.get(digest)
         return None if oid is None or self.old is None else self.old.nodes[oid]
 
@@ -549,6 +559,8 @@ class Sender:
             return bool(onode.bdigest) and onode.bdigest == node.bdigest \
                 and onode.size == node.size
         assert self.old is not None
+        if onode.bdigest and node.bdigest:  # both read while walking (.changes)
+            return onode.bdigest == node.bdigest and onode.size == node.size
         return files_equal(self.old.abspath(onode.path), self.new.abspath(node.path),
                            node.size)
 
@@ -570,9 +582,11 @@ class Sender:
                 yield self._count(Truncate(path=path, size=node.size))
             return True
         new_abs = self.new.abspath(path)
-        fd = open_file(new_abs)
+        # a new file read whole while walking: its data ranges were kept, as they were read
+        kept = self.changes.whole.get(node.id) if self.changes is not None else None
+        fd = open_file(new_abs) if kept is None else -1
         try:
-            segs = data_segments(fd, node.size)
+            segs = data_segments(fd, node.size) if kept is None else [(o, n) for o, n, _ in kept]
             end = segs[-1][0] + segs[-1][1] if segs else 0
             clones: list[tuple[int, int, Node, int]] = []
             source = self._similar_old_file(node)
@@ -583,9 +597,11 @@ class Sender:
                     min_len=self.shift_min,
                 )
                 clones = [(o, n, source, src) for o, n, src in found]
-            yield from self._emit_ops(fd, node, path, segs, clones)
+            spooled = self.changes.spooled(node.id, whole=True) if self.changes else None
+            yield from self._emit_ops(spooled or _reader(fd), node, path, segs, clones)
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         if end < node.size:
             yield self._count(Truncate(path=path, size=node.size))
         return True
@@ -626,18 +642,24 @@ class Sender:
         return self._index
 
     def _emit_blocks(self, node: Node, path: bytes, writes: list[tuple[int, int]],
-                     clones: list[tuple[int, int, Node, int]]) -> Iterator[Record]:
+                     clones: list[tuple[int, int, Node, int]],
+                     spooled: Callable[[int, int], bytes] | None = None) -> Iterator[Record]:
+        """Writes (from ``spooled`` when the blocks were kept as they were read, else from
+        the file) and clones, by offset."""
         if not writes and not clones:
+            return
+        if spooled is not None:
+            yield from self._emit_ops(spooled, node, path, writes, clones)
             return
         fd = open_file(self.new.abspath(path))
         try:
-            yield from self._emit_ops(fd, node, path, writes, clones)
+            yield from self._emit_ops(_reader(fd), node, path, writes, clones)
         finally:
             os.close(fd)
 
     def _emit_ops(
         self,
-        fd: int,
+        read: Callable[[int, int], bytes],
         node: Node,
         path: bytes,
         writes: list[tuple[int, int]],
@@ -649,7 +671,7 @@ class Sender:
         ops += clones
         for off, length, source, src in sorted(ops, key=lambda op: op[0]):
             if source is None:
-                yield from self._write_range(fd, path, off, length, node.size)
+                yield from self._write_range(read, path, off, length, node.size)
                 continue
             clone_uuid, clone_ctransid = self.parent_ids()
             self.stats.cloned_bytes += length
@@ -679,8 +701,10 @@ class Sender:
         old_path = self.old.abspath(onode.path)
         new_abs = self.new.abspath(path)
         known = self.changes.diffs.get(node.id) if self.changes is not None else None
+        spooled = None
         if known is not None and known[0] == onode.id:  # compared while walking
             writes, holes = known[1], known[2]
+            spooled = self.changes.spooled(node.id) if self.changes is not None else None
         else:
             writes, holes = changed_ranges(old_path, new_abs, onode.size, node.size)
             self._read += node.size + onode.size
@@ -692,7 +716,7 @@ class Sender:
                 old_path, new_abs, onode.size, node.size, writes, min_len=self.shift_min
             )
             clones = [(o, n, onode, src) for o, n, src in found]
-        yield from self._emit_blocks(node, path, writes, clones)
+        yield from self._emit_blocks(node, path, writes, clones, spooled)
         if onode.size != node.size:
             yield self._count(Truncate(path=path, size=node.size))
         return changed
@@ -712,7 +736,7 @@ class Sender:
                     pos += n
 
     def _write_range(
-        self, fd: int, path: bytes, off: int, length: int, size: int
+        self, read: Callable[[int, int], bytes], path: bytes, off: int, length: int, size: int
     ) -> Iterator[Record]:
         if self.no_data:  # NO_FILE_DATA: the range, not its bytes
             yield self._count(UpdateExtent(path=path, offset=off, size=length))
@@ -721,7 +745,7 @@ class Sender:
         pos = off
         while pos < end:
             n = min(self.chunk, end - pos)
-            buf = os.pread(fd, n, pos)
+            buf = read(n, pos)
             if len(buf) != n:
                 raise BtrdeltaError("file changed while sending (short read)", path=path)
             self._read += n
@@ -739,6 +763,11 @@ class Sender:
         if enc is not None:
             self.stats.data_bytes += len(enc.data)
         return enc
+
+
+def _reader(fd: int) -> Callable[[int, int], bytes]:
+    """``read(n, pos)`` of an open file."""
+    return lambda n, pos: os.pread(fd, n, pos)
 
 
 def _stub(found: tuple[bytes, int, int]) -> Node:
