@@ -23,8 +23,11 @@ trees' identities (:meth:`.scan.Tree.identity`) are computed as the walk goes
 
 Each regular file of either tree is opened and read once here (its digest feeds the
 identity); two files of the same name are read side by side (:func:`.diff.compare_files`),
-which also gives the blocks that differ, so the emitter reads only those blocks again to
-send them and never compares the two versions a second time.
+which also gives the blocks that differ, so the emitter never compares the two versions
+again; a file without a counterpart of its name also gets a BLAKE3 digest (a move is
+confirmed by it, not by reading both files again). The differing blocks of a changed file
+of up to 1 MiB, and the data of a new file of up to 1 MiB, are kept in a :class:`DataSpool`
+(an unnamed temporary file) and sent from there: such files are read once in all.
 
 :func:`index_source` is the same walk over one tree that keeps nothing but its identity and
 its larger files by content digest: the clone sources of ``send -c``.

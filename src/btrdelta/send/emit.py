@@ -62,7 +62,7 @@ from ..stream.records import (
     Utimes,
     Write,
 )
-from .changes import Changes, find_changes, index_source
+from .changes import Changes, SourceIndex, find_changes, index_source
 from .diff import Match, changed_ranges, files_equal, match_trees, shifted_clones
 from .encode import COMPRESSORS, encode_piece, option_problem
 from .order import Namespace, order_namespace
@@ -213,14 +213,19 @@ class Sender:
         self._base.hashed = self.old is None or self._base.hashed
         if not self.virtual and self._hasher is not None:
             self._hasher.submit(self._base)
+        self.sources = self._index_sources(clone_sources, tmpdir, scan)
+        self._hashed = 0
+
+    def _index_sources(self, sources: Sequence[str | bytes | os.PathLike[str]],
+                       tmpdir: str | None, scan: TreeScan | None) -> list[SourceIndex]:
+        """Walk the clone sources (``send -c``): their UUIDs and larger files by digest."""
         try:
-            self.sources = [index_source(src, index_min=clone_min, tmpdir=tmpdir)
-                            for src in clone_sources]
+            return [index_source(src, index_min=self.clone_min, tmpdir=tmpdir)
+                    for src in sources]
         except BaseException:
             if scan is not None:
                 scan.close()
             raise
-        self._hashed = 0
 
     def _scan_trees(self, scan: TreeScan | None, old_record: Tree | None,
                     workers: int | None) -> None:
