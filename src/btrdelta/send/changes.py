@@ -157,6 +157,9 @@ def _dir_flags(path: bytes) -> int:
 #: files to read: (old, new) of the same name, or one of them
 _Job = tuple[Node | None, Node | None]
 
+#: a directory's files are read in the thread pool when they hold this many bytes
+_THREADED = 8 << 20
+
 #: a new file read whole: its data ranges and content
 _Kept = tuple[list[tuple[int, int]], bytes]
 _ZEROS = memoryview(bytes(_WHOLE))
@@ -494,8 +497,8 @@ class _Walk:
                 ne = news.get(name)
                 if ne is None or not (ne[2] and ne[1].is_reg):
                     jobs.append((o, None))
-        if self.pool is None or len(jobs) < 2:
-            results = self._jobs(jobs)
+        if self.pool is None or len(jobs) < 2 or sum(map(_job_size, jobs)) < _THREADED:
+            results = self._jobs(jobs)  # small files: threads would only pass the GIL around
         else:  # one slice a thread, big files spread over them
             jobs.sort(key=_job_size, reverse=True)
             k = self.workers
