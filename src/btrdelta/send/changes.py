@@ -43,9 +43,8 @@ import struct
 import tempfile
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, TYPE_CHECKING
 from uuid import UUID
 
 import blake3
@@ -66,6 +65,9 @@ from .scan import (
     read_node,
     uuid_of,
 )
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 __all__ = ["Changes", "SourceIndex", "TreeIdentity", "find_changes", "index_source"]
 
@@ -425,8 +427,8 @@ class _Walk:
         self._seen = 0
         self._local = threading.local()
         self.workers = workers
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="btrdelta-read") \
-            if workers > 1 else None
+        #: started for the first directory that holds 8 MiB of files
+        self.pool: ThreadPoolExecutor | None = None
 
     def run(self) -> None:
         o, n = self.old.tree.nodes[ROOT], self.new.tree.nodes[ROOT]
@@ -497,9 +499,14 @@ class _Walk:
                 ne = news.get(name)
                 if ne is None or not (ne[2] and ne[1].is_reg):
                     jobs.append((o, None))
-        if self.pool is None or len(jobs) < 2 or sum(map(_job_size, jobs)) < _THREADED:
+        if self.workers < 2 or len(jobs) < 2 or sum(map(_job_size, jobs)) < _THREADED:
             results = self._jobs(jobs)  # small files: threads would only pass the GIL around
         else:  # one slice a thread, big files spread over them
+            if self.pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self.pool = ThreadPoolExecutor(self.workers,
+                                               thread_name_prefix="btrdelta-read")
             jobs.sort(key=_job_size, reverse=True)
             k = self.workers
             futures = [self.pool.submit(self._jobs, jobs[i::k]) for i in range(k)]
