@@ -194,3 +194,27 @@ def test_clone_source_without_parent(btrfs_ws: Workspace) -> None:
     kernel_receive(s_lib, dest)
     kernel_receive(s_tree, dest)
     assert_same_tree(tree, dest / "tree")
+
+
+@pytest.mark.btrfs
+def test_directory_with_unchanged_entries_keeps_its_inode(btrfs_ws: Workspace) -> None:
+    """b/a moves to a new a/b/a while b/b stays: the matching must not hand old b (which
+    still holds the unchanged b/b, left out of the reduced trees) to a/b (found by
+    hypothesis in test_properties)."""
+    base = btrfs_ws.fresh("keep-dir")
+    old, new = base / "old", base / "new"
+    for t in (old, new):
+        (t / "a").mkdir(parents=True)
+        (t / "b").mkdir()
+        for p in ("a/a", "b/a", "b/b"):
+            (t / p).write_bytes(b"")
+    (new / "a" / "b").mkdir()
+    (new / "b" / "a").rename(new / "a" / "b" / "a")
+    full, incr = base / "full.s", base / "incr.s"
+    assert main(["send", "-q", str(old), "-f", str(full)]) == 0
+    assert main(["send", "-q", "-p", str(old), str(new), "-f", str(incr)]) == 0
+    dest = base / "recv"
+    dest.mkdir()
+    kernel_receive(full, dest)
+    kernel_receive(incr, dest)
+    assert_same_tree(new, dest / "new")

@@ -16,8 +16,9 @@ changes (times their depth), not with the trees.
 What else stays in memory: the first path and size of each parent file of at least
 ``index_min`` bytes, by content digest and by name (new files are cloned from the parent,
 and pieces of a new file are looked for in an old file of the same name, as with the
-whole-tree model); per kept directory pair the number of entry pairs dropped below it (their
-votes in :func:`~.diff.match_trees`'s directory step); inodes with more than one link. Both
+whole-tree model); the kept directory pairs that had entries dropped (such a pair is the
+same inode on both sides: :func:`~.diff.match_trees` pairs it first, since the dropped
+entries stay in the old directory); inodes with more than one link. Both
 trees' identities (:meth:`.scan.Tree.identity`) are computed as the walk goes
 (:class:`TreeIdentity`), so the stream names the UUIDs a full send of each tree names.
 
@@ -561,7 +562,7 @@ class _Walk:
         return True
 
     def _dropped(self, od: Node, nd: Node) -> None:
-        """Count an entry pair dropped below the directory pair (votes for the pair)."""
+        """Count an entry pair dropped below the directory pair (which must stay paired)."""
         got = self.out.dropped.get(nd.id)
         self.out.dropped[nd.id] = (od.id, got[1] + 1 if got is not None else 1)
         self.out.diffs.pop(nd.id, None)

@@ -607,10 +607,14 @@ class _Matcher:
                 m.pair(node.id, c)
 
     def directories(self, dropped: dict[int, tuple[int, int]]) -> None:
-        """Step 5: directories, deepest first, by the votes of their matched children (and
-        of the ``dropped`` ones: new directory -> (old directory, children pairs left out
-        of reduced trees as unchanged, each a same-named vote))."""
+        """Step 5: directories, deepest first, by the votes of their matched children. A
+        directory pair of reduced trees whose unchanged entries were left out (``dropped``:
+        new directory -> (old directory at its path, how many)) is paired first: those
+        entries stay in the old directory, so it must become the new one."""
         m, new, onodes = self.m, self.new, self.old.nodes
+        for d, (od, _count) in dropped.items():
+            if d not in m.n2o and od not in m.o2n:
+                m.pair(d, od)
         order: list[int] = []
         stack = [ROOT]
         while stack:
@@ -626,8 +630,6 @@ class _Matcher:
                 for op, oname in onodes[matched].dentries if matched is not None else ():
                     if op not in m.o2n:
                         votes[op] += 2 if oname == name else 1
-            if d in dropped and dropped[d][0] not in m.o2n:
-                votes[dropped[d][0]] += 2 * dropped[d][1]
             same_path = self.old_at(d)
             same = same_path[0] if same_path and onodes[same_path[0]].is_dir else None
             if votes:
