@@ -199,8 +199,8 @@ def test_format2_same_files_paths_and_renamed_dirs(tmp_path: Path) -> None:
     assert st.patched_files["same"] == 1
     assert sum(st.patched_files.values()) == 2  # RECORD found in the renamed directory
     assert len(delta) < 2_000 < len(stream) // 50
-    # the version field says 4; the development formats 1-3 (never released) are refused
-    assert delta[17:21] == (4).to_bytes(4, "little")
+    # the version field says 7; the development formats 1-3 (never released) are refused
+    assert delta[17:21] == (7).to_bytes(4, "little")
     for version in (3, 1, 2):
         with pytest.raises(UnsupportedVersionError, match=f"version {version} .*again"):
             _expand(delta[:17] + version.to_bytes(4, "little") + delta[21:], old)
@@ -216,7 +216,7 @@ def test_format2_carrier_content_is_checked(old_tree: Path) -> None:
     w = DeltaWriter(out.append, level=0)
     for item in items:
         if item is z:
-            item = ZCommands(z.raw_len, z.zdata, z.crc ^ 1)
+            item = ZCommands(z.raw_len, z.zdata, z.crc ^ 1, z.codec, z.dict_size)
         if isinstance(item, BtrfsCommand):
             w.command(item.raw)
         else:

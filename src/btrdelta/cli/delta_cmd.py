@@ -94,18 +94,18 @@ def _add_make(dsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     m.add_argument("--no-recompress", dest="recompress", action="store_false",
                    help="carry compressed extents (ENCODED_WRITE) as they are instead of "
                         "regenerating them by recompression")
-    m.add_argument("--carrier", choices=("zstd", "xz"), default=MakeOptions.carrier,
-                   help="compressor of carried data (new files, metadata): zstd (default; "
-                        "format 4; the fast choice: measured on a Debian install of 27 "
-                        "packages (51 MB stream, 45 MB carried), make spent 2.4 MB/s of "
-                        "carried data a CPU core at -19 with ~20 MB for the carrier, and "
-                        "delta expand ran at 49 MB/s of stream a core, start-up included) "
-                        "or xz (raw LZMA2 -9e with a 64 MiB dictionary after an x86 branch "
-                        "converter, and patches against several old files at once, format "
-                        "6; ~10%% smaller where most data is new, but LZMA costs the device: "
-                        "delta expand of that install ran at 33 MB/s a core with format 5's "
-                        "32 MiB dictionary (it cannot reach 100 MB/s) and takes 64 MiB more "
-                        "memory to expand; make runs at ~0.75 MB/s a core and takes ~700 MB)")
+    m.add_argument("--carrier", choices=("auto", "zstd", "xz"), default=MakeOptions.carrier,
+                   help="compressor of carried data (new files, metadata, small patches): "
+                        "auto (default) takes xz once 8 MiB of file data is carried (an "
+                        "update that is mostly new files) and zstd otherwise. zstd: the "
+                        "fast choice (-19, 8 MiB window; make ~2.4 MB/s of carried data "
+                        "a core with ~20 MB for the carrier; delta expand of a Debian "
+                        "install of 27 packages, 45 MB carried: 49 MB/s of stream a core). "
+                        "xz: raw LZMA2 -9e, 64 MiB dictionary, after an x86 branch "
+                        "converter; ~12%% smaller where most data is new, but slower: "
+                        "make ~0.75 MB/s a core and ~700 MB of memory, delta expand of "
+                        "that install 33 MB/s a core with 64 MiB more memory. Each writes "
+                        "format 7 (docs/formats/delta-stream.md)")
     m.add_argument("--verify", action="store_true",
                    help="expand the delta made against --old before exiting 0 (as long as "
                         "a delta expand; without it the delta's structure, patch lengths "

@@ -38,10 +38,13 @@ from .codecs import AUTO, CODECS, Codec, get_codec, make_auto
 from .commands import RawCommand
 from .encoding import can_compact
 from .format import (
+    CP_EDITS_ALGO,
     CP_NEW_ALGO,
     CP_OLD_ALGO,
     CP_SAME_ALGO,
     DIGEST_SIZE,
+    EDITS_CODEC,
+    NO_DIGEST,
     PDATA_CHUNK,
     SAME_CODEC,
     BtrfsCommand,
@@ -204,6 +207,11 @@ _BIG = _Budget(48 << 20)
 #: recompressed from it); larger files are diffed by ``hdiff`` directly (their raw patches
 #: rarely fit inside the carrier)
 RAW_MAX_FILE = 4 << 20
+
+
+#: files whose ``hdiff-raw`` patch is at most this long (a few edits) also get an ``edits``
+#: patch (codec 5, format 7)
+EDITS_TRY = 4 << 10
 
 
 def _same_as_old(
@@ -391,6 +399,11 @@ def _best_patch(
         # inside the carrier an uncompressed patch is compressed with everything else
         if raw is not None and len(raw) <= INNER_PATCH_MAX:
             candidates.append((_carried_cost(raw), raw_codec, raw))
+        if raw is not None and len(raw) <= EDITS_TRY:
+            # a few edits: their bytes and positions alone (format 7)
+            edits = CODECS[EDITS_CODEC].make(old, new)
+            if len(edits) <= INNER_PATCH_MAX:
+                candidates.append((_carried_cost(edits), CODECS[EDITS_CODEC], edits))
     else:
         codec = get_codec(opts.codec)
         patch = codec.make(old, new)
@@ -463,6 +476,11 @@ def patched_items(group: Group, res: Result, opts: MakeOptions) -> list[DeltaIte
         # use, the patched content with 4 (the DEND digest covers the whole stream)
         if res.codec is None:
             algo, old_digest = CP_SAME_ALGO, old_digest[: DIGEST_SIZE[CP_SAME_ALGO]]
+        elif res.codec.codec_id == EDITS_CODEC and not res.bases:
+            # format 7: a 4-byte old digest, no new digest (the codec is exactly specified;
+            # the DEND digest covers the expanded stream)
+            algo, old_digest = CP_EDITS_ALGO, old_digest[: DIGEST_SIZE[CP_EDITS_ALGO]]
+            new_algo, new_digest = NO_DIGEST, b""
         else:
             algo, old_digest = CP_OLD_ALGO, old_digest[: DIGEST_SIZE[CP_OLD_ALGO]]
             new_algo, new_digest = CP_NEW_ALGO, new_digest[: DIGEST_SIZE[CP_NEW_ALGO]]

@@ -17,18 +17,24 @@ from typing import Any
 from ..errors import StreamFormatError, UnsupportedVersionError
 from ..stream.constants import CMD_HEADER, SUPPORTED_VERSIONS
 from ..stream.crc import crc32c
+from .codecs.edits import made_size
 from .format import (
     CP_AUTO,
     CP_BASE,
     CP_BASES,
+    CP_EDITS,
+    CP_EDITS_ALGO,
     CP_NEW_ALGO,
     CP_OLD_ALGO,
     CP_PATH,
     CP_SAME,
     CP_SAME_ALGO,
     DIGEST_SIZE,
+    EDITS_CODEC,
     MAX_BASES,
     MAX_DELTA_PAYLOAD,
+    NO_DIGEST,
+    OLD_SIZE_UNKNOWN,
     SAME_CODEC,
     BtrfsCommand,
     DAttr,
@@ -112,6 +118,9 @@ def can_compact(item: Patch) -> bool:
     """Whether a PATCH can be written as a CPATCH (inside the carrier)."""
     if item.codec == SAME_CODEC:
         return item.hash_algo == CP_SAME_ALGO
+    if item.new_algo == NO_DIGEST:
+        return item.data is not None and item.codec == EDITS_CODEC and (
+            item.hash_algo == CP_EDITS_ALGO) and not item.bases
     return (
         item.data is not None and item.hash_algo == CP_OLD_ALGO
         and item.new_algo == CP_NEW_ALGO
@@ -122,6 +131,8 @@ def _encode_cpatch(item: Patch, omit_path: bool, omit_base: bool) -> list[Any]:
     flags = (0 if omit_path else CP_PATH) | (0 if omit_base else CP_BASE)
     flags |= (CP_SAME if item.codec == SAME_CODEC else 0) | (CP_AUTO if item.auto_chunk else 0)
     flags |= CP_BASES if item.bases else 0
+    edits = item.new_algo == NO_DIGEST
+    flags |= CP_EDITS if edits else 0
     parts = [bytes([flags])]
     if not omit_path:
         parts += [_uvarint(len(item.path)), item.path]
@@ -132,6 +143,8 @@ def _encode_cpatch(item: Patch, omit_path: bool, omit_base: bool) -> list[Any]:
         parts += [_uvarint(len(value)), value]
     if item.codec == SAME_CODEC:
         parts += [_uvarint(item.old_size), item.old_digest]
+    elif edits:  # format 7: codec 5 implied, no sizes, a 4-byte old digest, no new digest
+        parts.append(item.old_digest)
     else:
         d = item.new_size - item.old_size  # zigzag: sizes usually change by a few bytes
         parts += [
@@ -149,8 +162,9 @@ def _decode_cpatch(mv: memoryview, pos: int, end: int) -> Patch:
         raise StreamFormatError("empty CPATCH")
     flags = mv[pos]
     pos += 1
-    if flags & ~(CP_PATH | CP_BASE | CP_SAME | CP_AUTO | CP_BASES) or (
-        flags & CP_BASES and flags & CP_SAME
+    if flags & ~(CP_PATH | CP_BASE | CP_SAME | CP_AUTO | CP_BASES | CP_EDITS) or (
+        flags & CP_SAME and flags & (CP_BASES | CP_EDITS)) or (
+        flags & CP_BASES and flags & CP_EDITS
     ):
         raise StreamFormatError(f"CPATCH has unknown flags {flags:#x}")
     paths: list[bytes | None] = []
@@ -177,6 +191,13 @@ def _decode_cpatch(mv: memoryview, pos: int, end: int) -> Patch:
         dig = mv[pos : pos + k].tobytes()
         pos += k
         patch = Patch(paths[0], paths[1], SAME_CODEC, CP_SAME_ALGO, size, dig, size, dig, 0)
+    elif flags & CP_EDITS:  # format 7: sizes from the old file and from the patch
+        k = DIGEST_SIZE[CP_EDITS_ALGO]
+        if pos + k > end:
+            raise StreamFormatError("CPATCH digest overruns the record")
+        patch = Patch(paths[0], paths[1], EDITS_CODEC, CP_EDITS_ALGO, OLD_SIZE_UNKNOWN,
+                      mv[pos : pos + k].tobytes(), 0, b"", 0, None, NO_DIGEST)
+        pos += k
     else:
         codec, pos = read_uvarint(mv, pos, end)
         old_size, pos = read_uvarint(mv, pos, end)
@@ -200,6 +221,8 @@ def _decode_cpatch(mv: memoryview, pos: int, end: int) -> Patch:
     if not flags & CP_SAME:
         patch.data = mv[pos:end]
         patch.patch_len = end - pos
+        if flags & CP_EDITS:
+            patch.new_size = made_size(patch.data)
     elif pos != end:
         raise StreamFormatError("a 'same' CPATCH carries patch bytes")
     return patch

@@ -72,10 +72,15 @@ DELTA_VERSION: Final = 4
 DELTA_VERSION_CODEC: Final = 5
 #: format versions this reader reads. Format 4 is frozen: a change to what it means needs a
 #: new version, read next to it (``docs/formats/delta-stream.md``, "Versions")
-DELTA_VERSIONS: Final = frozenset({4, 5, 6})
+DELTA_VERSIONS: Final = frozenset({4, 5, 6, 7})
 #: format 6: format 5 with one more carrier codec, raw LZMA2 after the x86 branch
 #: converter (:mod:`.bcj`); written by ``--carrier xz``
 DELTA_VERSION_X86: Final = 6
+#: format 7: format 6 with one more patch codec, ``edits`` (:data:`EDITS_CODEC`); written
+#: whenever the carrier is on (either carrier)
+DELTA_VERSION_EDITS: Final = 7
+#: the patch codec of format 7: a few edits as varint copy / literal operations
+EDITS_CODEC: Final = 5
 #: carrier codecs (the CODEC of a format-5/6 ZCMDS; format 4 is zstd only)
 CARRIER_ZSTD: Final = 1
 CARRIER_LZMA2: Final = 2
@@ -83,7 +88,8 @@ CARRIER_LZMA2: Final = 2
 CARRIER_LZMA2_X86: Final = 3
 #: the carrier codecs each format version reads
 CARRIER_CODECS: Final = {5: (CARRIER_ZSTD, CARRIER_LZMA2),
-                         6: (CARRIER_ZSTD, CARRIER_LZMA2, CARRIER_LZMA2_X86)}
+                         6: (CARRIER_ZSTD, CARRIER_LZMA2, CARRIER_LZMA2_X86),
+                         7: (CARRIER_ZSTD, CARRIER_LZMA2, CARRIER_LZMA2_X86)}
 #: format versions that were written during development only (never released): refused
 #: with a message saying to make the delta again
 RETIRED_VERSIONS: Final = frozenset({1, 2, 3})
@@ -265,14 +271,23 @@ DeltaItem = (
 #: record is legal where, ``stream.framing.RECORDS``)
 INNER_RECORDS: Final = frozenset(c for c in DCmd if legal(c, Place.CARRIER))
 
-#: CPATCH flags (CP_BASES: format 6)
-CP_PATH, CP_BASE, CP_SAME, CP_AUTO, CP_BASES = 1, 2, 4, 8, 16
+#: CPATCH flags (CP_BASES: format 6; CP_EDITS: format 7, an ``edits`` patch with a 4-byte
+#: old digest and no new digest)
+CP_PATH, CP_BASE, CP_SAME, CP_AUTO, CP_BASES, CP_EDITS = 1, 2, 4, 8, 16, 32
 #: most old files one patch's old content is made of (BASE_PATH + BASES)
 MAX_BASES: Final = 8
 #: the first format version whose patches may have BASES
 BASES_VERSION: Final = 6
 #: digest algorithms of a CPATCH: old file (changed content), new content, ``same`` file
 CP_OLD_ALGO, CP_NEW_ALGO, CP_SAME_ALGO = HashAlgo.BLAKE3_64, HashAlgo.BLAKE3_32, HashAlgo.BLAKE3_32
+#: format 7, CPATCH flag CP_EDITS: the old digest of an ``edits`` patch (4 bytes), and the
+#: ``new_algo`` of a patch that carries no new-content digest (the codec is this format's
+#: own, exactly specified; the DEND digest covers the expanded stream)
+CP_EDITS_ALGO: Final = HashAlgo.BLAKE3_32
+NO_DIGEST: Final = 0
+#: the OLD_SIZE of a patch decoded from a short ``edits`` CPATCH (format 7): the old file's
+#: own size (the old digest checks its content)
+OLD_SIZE_UNKNOWN: Final = -1
 
 
 def patch_refusal(codec: int, patch_len: int, old_size: int, new_size: int) -> str | None:
@@ -287,6 +302,14 @@ def patch_refusal(codec: int, patch_len: int, old_size: int, new_size: int) -> s
         return None
     if patch_len <= 0 or patch_len >= new_size:
         return f"patch length {patch_len} is not below new size {new_size}"
+    return None
+
+
+def codec_refusal(codec: int, version: int) -> str | None:
+    """Why a PATCH of format ``version`` may not name patch codec ``codec`` (``edits`` is
+    format 7's), or ``None``."""
+    if codec == EDITS_CODEC and version < DELTA_VERSION_EDITS:
+        return f"patch codec {codec} in a format-{version} delta"
     return None
 
 

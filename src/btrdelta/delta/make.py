@@ -69,6 +69,8 @@ class MakeStats:
 
     input_bytes: int = 0
     output_bytes: int = 0
+    #: the carrier's codec (``zstd`` or ``xz``, as ``--carrier auto`` chose; ``none``)
+    carrier: str = ""
     commands: int = 0
     groups: int = 0
     candidates: int = 0
@@ -93,6 +95,7 @@ class MakeStats:
         return {
             "input_bytes": self.input_bytes,
             "output_bytes": self.output_bytes,
+            "carrier": self.carrier,
             "commands": self.commands,
             "candidates": self.candidates,
             "patched_files": self.patched_files,
@@ -195,12 +198,13 @@ class _Maker:
             self.pool.shutdown(wait=True, cancel_futures=True)
             if not done:
                 try:
-                    self.out.close()
+                    self.out.close(failed=True)
                 except BaseException:  # the error being raised says more
                     pass
             if not done and isinstance(self.check, FullCheck):
                 self.check.abort()
         self.stats.output_bytes = self.out.bytes_written
+        self.stats.carrier = self.out.carrier
         if self.hints is not None:
             self.stats.warnings += self.hints.warnings(self.stats.groups,
                                                        self.stats.candidates)

@@ -47,14 +47,14 @@ class MakeOptions:
     check_parent: bool = True
     #: look for the old files nearest to a new file (by name and content, :mod:`.nearest`)
     nearest: bool = True
-    #: codec of the carrier: ``zstd`` (format 4, fast to expand) or ``xz`` (raw LZMA2,
-    #: format 5: smaller, slower to make and to expand)
-    carrier: str = "zstd"
-    #: most old files one patch may use as its base, one after the other (format 6:
-    #: ``--carrier xz``; 1 with any other carrier, whose formats have no BASES)
+    #: codec of the carrier: ``zstd`` (fast to expand), ``xz`` (raw LZMA2: smaller where
+    #: much new file data is carried, slower to make and to expand) or ``auto`` (xz once
+    #: 8 MiB of file data is carried, else zstd: :data:`~.writer.AUTO_XZ_FROM`)
+    carrier: str = "auto"
+    #: most old files one patch may use as its base, one after the other (BASES)
     max_bases: int = 4
 
     @property
     def bases(self) -> int:
-        """Old files one patch may be made against (only format 6 has BASES)."""
-        return self.max_bases if self.carrier == "xz" and self.level > 0 else 1
+        """Old files one patch may be made against."""
+        return self.max_bases

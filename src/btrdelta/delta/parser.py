@@ -50,6 +50,7 @@ from .format import (
     HashAlgo,
     Patch,
     ZCommands,
+    codec_refusal,
 )
 
 __all__ = ["DELTA_FRAMING", "EOF", "NEED_DATA", "DeltaParser", "iter_items"]
@@ -172,8 +173,12 @@ class DeltaParser:
             isinstance(item, Patch) and item.hash_algo == HashAlgo.BLAKE3_32
         ):
             fr.fail(StreamFormatError("CPATCH or 4-byte digest outside the carrier"), cmd=cmd)
-        if isinstance(item, Patch) and item.bases and fr.version < BASES_VERSION:
-            fr.fail(StreamFormatError(f"BASES in a format-{fr.version} PATCH"), cmd=cmd)
+        if isinstance(item, Patch):
+            if item.bases and fr.version < BASES_VERSION:
+                fr.fail(StreamFormatError(f"BASES in a format-{fr.version} PATCH"), cmd=cmd)
+            why = codec_refusal(item.codec, fr.version)
+            if why is not None:
+                fr.fail(StreamFormatError(why), cmd=cmd)
         if type(item) is ZCommands:
             self._carrier(item)
         return item

@@ -24,14 +24,23 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import BtrdeltaError, ChecksumError, StreamFormatError
+from ..errors import BtrdeltaError, ChecksumError, MissingBaseError, StreamFormatError
 from ..fs.sandbox import DirCache
 from ..stream import records as R
 from ..stream.codec import encode_record
 from ..stream.constants import CMD_HEADER, MAX_PAYLOAD
 from .carrier import CarrierState
 from .codecs import get_codec
-from .format import SAME_CODEC, Patch, PatchData, PEncoded, PWrite, patch_refusal
+from .format import (
+    NO_DIGEST,
+    OLD_SIZE_UNKNOWN,
+    SAME_CODEC,
+    Patch,
+    PatchData,
+    PEncoded,
+    PWrite,
+    patch_refusal,
+)
 from .oldfiles import digest, read_old_file, read_old_files
 from .recompress import compress_extent
 
@@ -169,11 +178,15 @@ class Patcher:
                     algo=p.hash_algo, expected_digest=p.old_digest, cache=self.dirs,
                 )
             else:
+                known = p.old_size != OLD_SIZE_UNKNOWN
                 old = read_old_file(
-                    root, p.base_path, expected_size=p.old_size,
+                    root, p.base_path, expected_size=p.old_size if known else None,
                     max_size=self.max_file_size, algo=p.hash_algo,
                     expected_digest=p.old_digest, cache=self.dirs,
                 )
+                if old is None:  # format 7's short CPATCH: the old file as it is
+                    raise MissingBaseError(
+                        "old file of a patch is missing or above --max-file-size")
             assert old is not None
             if p.codec == SAME_CODEC:
                 self.active = _Active(p, old)
@@ -181,6 +194,9 @@ class Patcher:
             new = get_codec(p.codec).apply(old, patch, new_size=p.new_size)
         except BtrdeltaError as exc:
             raise exc.located(path=p.base_path) from None
+        if p.new_algo == NO_DIGEST:  # format 7 ``edits``: the DEND digest covers it
+            self.active = _Active(p, new)
+            return
         actual = digest(p.new_algo if p.new_algo is not None else p.hash_algo, new)
         if actual != p.new_digest:
             raise ChecksumError(

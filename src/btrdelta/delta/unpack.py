@@ -38,6 +38,7 @@ from .format import (
     CARRIER_LZMA2_X86,
     CARRIER_ZSTD,
     DELTA_VERSION,
+    DELTA_VERSION_EDITS,
     INNER_RECORDS,
     BtrfsCommand,
     DCmd,
@@ -45,6 +46,7 @@ from .format import (
     HashAlgo,
     Patch,
     ZCommands,
+    codec_refusal,
 )
 
 __all__ = ["GROUP_MAX", "MAX_ZCMDS_RAW", "CarrierReader"]
@@ -90,7 +92,7 @@ class CarrierReader:
         #: bytes inflated from the carrier so far (the x86 converter's base)
         self._inflated = 0
         #: format version of the delta (from its ZCMDS records)
-        self._format = BASES_VERSION
+        self._format = DELTA_VERSION_EDITS
         #: carried btrfs commands gathered by :meth:`split` (``grouped``) and how many
         self.group = bytearray()
         self.count = 0
@@ -103,7 +105,7 @@ class CarrierReader:
         if item.raw_len > self.max_raw:
             raise StreamFormatError(
                 f"ZCMDS declares {item.raw_len} bytes (limit {self.max_raw})")
-        self._format = item.version or BASES_VERSION
+        self._format = item.version or DELTA_VERSION_EDITS
         lzma2 = item.codec != CARRIER_ZSTD
         raw = self._inflate_lzma2(item) if lzma2 else self._inflate_zstd(item)
         if item.codec == CARRIER_LZMA2_X86:
@@ -216,6 +218,9 @@ class CarrierReader:
                 raise StreamFormatError("a 4-byte digest outside a CPATCH")
             if sub.bases and self._format < BASES_VERSION:
                 raise StreamFormatError(f"BASES in a format-{self._format} patch")
+            why = codec_refusal(sub.codec, self._format)
+            if why is not None:
+                raise StreamFormatError(why)
         return sub
 
     def _command(

@@ -34,6 +34,7 @@ from typing import Any
 import zstandard
 
 from ..fs.sandbox import list_dir
+from ..stream.constants import Cmd
 from ..stream.crc import crc32c
 from . import bcj
 from .carrier import CarrierState, fold
@@ -41,8 +42,10 @@ from .encoding import can_compact, encode_item
 from .format import (
     CARRIER_LZMA2,
     CARRIER_LZMA2_X86,
-    DELTA_VERSION_X86,
+    CARRIER_ZSTD,
+    DELTA_VERSION_EDITS,
     BtrfsCommand,
+    DeltaEnd,
     DeltaItem,
     Patch,
     PatchData,
@@ -75,6 +78,17 @@ ZCMDS_TARGET_THREADED = 8 << 20
 #: install pair (51 MB of stream) 32 MiB cost 1.0% more (raw ``xz --x86`` of the stream:
 #: 32 MiB 13,289,555 B, 48 MiB 13,152,173 B, 64 MiB 13,151,650 B)
 XZ_DICT = 64 << 20
+
+
+#: ``--carrier auto``: carried file data (WRITE / ENCODED_WRITE commands, bytes) from which
+#: the xz carrier is chosen: where most of an update is new files, LZMA2 with a 64 MiB
+#: dictionary and the x86 converter is ~12% smaller than the zstd carrier (Debian install
+#: pair); where the carrier holds metadata and small patches, zstd is within 1% and
+#: expands faster, and make needs far less memory
+AUTO_XZ_FROM = 8 << 20
+#: ``auto``: output held while the choice is open (then zstd: a carrier of metadata)
+AUTO_HOLD_MAX = 32 << 20
+_DATA_CMDS = frozenset({int(Cmd.WRITE), int(Cmd.ENCODED_WRITE)})
 
 
 #: output tasks (a ZCMDS record to compress, records to write) waiting for the background
@@ -125,7 +139,9 @@ class DeltaWriter:
         level: zstd level for carried btrfs commands; 0 writes them uncompressed.
         window_log: zstd window log of the carrier frame.
         threads: zstd worker threads for the carrier (0: compress in the caller's thread).
-        carrier: ``zstd`` (format 4) or ``xz`` (raw LZMA2, format 5).
+        carrier: ``zstd``, ``xz`` (raw LZMA2 after the x86 converter) or ``auto`` (xz once
+            :data:`AUTO_XZ_FROM` bytes of file data are carried, else zstd; output is held
+            until then, at most :data:`AUTO_HOLD_MAX`). Format 7 is written.
         background: compress and write on a thread of its own (call :meth:`close`).
         old_root: the old snapshot, whose directory listings UNLINKs may refer to.
     """
@@ -148,41 +164,81 @@ class DeltaWriter:
         self._target = ZCMDS_TARGET_THREADED if threads and carrier == "zstd" else ZCMDS_TARGET
         self._pending_len = 0
         self._cobj: Any = None
+        self._zstd_params = (window_log, threads)
         #: the previous path and times, for folding carried commands; names of the old
         #: snapshot's directories
         self._state = CarrierState()
         if old_root is not None:
             root = old_root
             self._state.lister = lambda path: list_dir(root, path)
-        #: format 5 names the carrier's codec in every ZCMDS (format 4: zstd, unnamed)
-        self._codec = (0, 0)
-        if level and carrier == "xz":
-            from .lzma2 import Lzma2Encoder
-
-            self._codec = (CARRIER_LZMA2_X86, XZ_DICT)
-            self._cobj = Lzma2Encoder(XZ_DICT, preset=min(level, 9), extreme=level >= 9)
-        elif level:
-            params = zstandard.ZstdCompressionParameters.from_level(
-                level, window_log=window_log, enable_ldm=True, threads=threads,
-                chain_log=min(CARRIER_TABLE_LOG, window_log),
-                hash_log=min(CARRIER_TABLE_LOG, window_log),
-            )
-            self._cobj = zstandard.ZstdCompressor(compression_params=params).compressobj()
+        #: formats 5+ name the carrier's codec in every ZCMDS (format 4: zstd, unnamed)
+        self._codec = (CARRIER_ZSTD, 0)
         #: bytes written so far
         self.bytes_written = 0
         #: bytes of btrfs commands carried (uncompressed size)
         self.raw_bytes = 0
+        #: file data (WRITE / ENCODED_WRITE commands) carried
+        self.carried_data = 0
         #: carrier bytes before the next piece (the x86 converter's base)
         self._carried = 0
-        self._emit([encode_delta_header(DELTA_VERSION_X86 if self._codec[0] else 4)])
+        #: the carrier's codec (``auto`` until chosen, ``none`` without a carrier)
+        self.carrier = carrier if level else "none"
+        #: ``auto``, undecided: what would have been written, in order: ZCMDS pieces not
+        #: yet compressed (their records, length) and records (their pieces, -1)
+        self._held: list[tuple[list[Any], int]] | None = None
+        self._held_bytes = 0
+        if not level:
+            self._emit([encode_delta_header(DELTA_VERSION_EDITS)])
+        elif carrier == "auto":
+            self._held = []
+        else:
+            self._start(carrier)
 
-    def close(self) -> None:
-        """Wait for the background thread's writes (raising what they raised)."""
+    def _start(self, carrier: str) -> None:
+        """Set up the carrier's compressor and write the header (format 7)."""
+        self.carrier = carrier
+        if carrier == "xz":
+            from .lzma2 import Lzma2Encoder
+
+            self._codec = (CARRIER_LZMA2_X86, XZ_DICT)
+            self._cobj = Lzma2Encoder(XZ_DICT, preset=min(self.level, 9),
+                                      extreme=self.level >= 9)
+        else:
+            window_log, threads = self._zstd_params
+            params = zstandard.ZstdCompressionParameters.from_level(
+                self.level, window_log=window_log, enable_ldm=True, threads=threads,
+                chain_log=min(CARRIER_TABLE_LOG, window_log),
+                hash_log=min(CARRIER_TABLE_LOG, window_log),
+            )
+            self._cobj = zstandard.ZstdCompressor(compression_params=params).compressobj()
+        self._emit([encode_delta_header(DELTA_VERSION_EDITS)])
+
+    def _decide(self, carrier: str) -> None:
+        """``auto``: choose the carrier, then write what was held."""
+        held, self._held = self._held, None
+        assert held is not None
+        self._start(carrier)
+        for pieces, length in held:
+            if length < 0:
+                self._emit(pieces)
+            else:
+                self._cut(pieces, length)
+
+    def close(self, failed: bool = False) -> None:
+        """Wait for the background thread's writes (raising what they raised); ``failed``:
+        the delta is abandoned, what ``auto`` held is dropped."""
+        if self._held is not None and failed:
+            self._held = None
+        elif self._held is not None:
+            self.flush()
+            self._decide("zstd")
         if self._bg is not None:
             self._bg.close()
 
     def _emit(self, pieces: list[Any]) -> None:
-        if self._bg is not None:
+        if self._held is not None:
+            self._hold(pieces, -1, sum(len(p) for p in pieces))
+        elif self._bg is not None:
             self._bg.submit(lambda: self._emit_now(pieces))
         else:
             self._emit_now(pieces)
@@ -196,17 +252,24 @@ class DeltaWriter:
     def command(self, raw: Any) -> None:
         """Carry one original btrfs command (its raw bytes, header and CRC included)."""
         self.raw_bytes += len(raw)
-        if self._cobj is None:
+        if not self.level:
             self._emit([memoryview(raw)])
             return
+        cmd = int(_U16.unpack_from(raw, 4)[0])
+        if cmd in _DATA_CMDS:
+            self.carried_data += len(raw)
+            if self._held is not None and self.carried_data >= AUTO_XZ_FROM:
+                self._decide("xz")  # the records gathered stay pending: the same cuts
         # the CRC field is zeroed (4 incompressible bytes; the expander recomputes it and
         # the carrier's own CRC32C covers the content), repeated paths, orphan names and
         # times are folded (:mod:`.carrier`)
-        pieces = fold(int(_U16.unpack_from(raw, 4)[0]), memoryview(raw), self._state)
+        pieces = fold(cmd, memoryview(raw), self._state)
         self._pending += pieces
         self._pending_len += sum(len(p) for p in pieces)
         if self._pending_len >= self._target:
             self.flush()
+        elif self._held is not None and self._held_bytes + self._pending_len > AUTO_HOLD_MAX:
+            self._decide("zstd")
 
     def flush(self) -> None:
         """Cut a ZCMDS record with the commands gathered so far."""
@@ -215,6 +278,22 @@ class DeltaWriter:
         pending, length = self._pending, self._pending_len
         self._pending = []
         self._pending_len = 0
+        if self._held is not None:
+            self._hold(pending, length, length)
+        else:
+            self._cut(pending, length)
+
+    def _hold(self, pieces: list[Any], length: int, size: int) -> None:
+        """``auto``, undecided: keep output for later; zstd once too much is held (a
+        carrier of metadata, which zstd compresses about as well)."""
+        assert self._held is not None
+        self._held.append((pieces, length))
+        self._held_bytes += size
+        if self._held_bytes + self._pending_len > AUTO_HOLD_MAX:
+            self._decide("zstd")
+
+    def _cut(self, pending: list[Any], length: int) -> None:
+        """Compress and write one ZCMDS record of ``pending`` (``length`` bytes)."""
         if self._bg is not None:
             self._bg.submit(lambda: self._emit_now(self._compress(pending, length)))
         else:
@@ -235,7 +314,7 @@ class DeltaWriter:
             else:
                 codec = (CARRIER_LZMA2, codec[1])
         self._carried += length
-        if codec[0]:
+        if codec[0] != CARRIER_ZSTD:
             zdata = cobj.compress(raw) + cobj.flush()
         else:
             zdata = cobj.compress(raw) + cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
@@ -247,11 +326,11 @@ class DeltaWriter:
             self.command(item.raw)
             return
         omit: dict[str, bool] = {}
-        if isinstance(item, Patch) and self._cobj is not None:
+        if isinstance(item, Patch) and self.level:
             omit = {"omit_path": item.path == self._state.last_path,
                     "omit_base": item.base_path == item.path}
             self._state.last_path = item.path
-        if self._cobj is not None and (
+        if self.level and (
             isinstance(item, (PWrite, PEncoded))
             or (isinstance(item, Patch) and (
                 (item.data is not None and len(item.data) <= INNER_PATCH_MAX)
@@ -277,4 +356,6 @@ class DeltaWriter:
                 self._emit(encode_item(PatchData(data[i : i + (1 << 20)])))
             return
         self.flush()
+        if type(item) is DeltaEnd and self._held is not None:
+            self._decide("zstd")
         self._emit(encode_item(item, **omit))

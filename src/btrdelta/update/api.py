@@ -73,7 +73,7 @@ def writing(target: Target) -> Iterator[BinaryIO]:
 def make_delta(
     stream: Target, old: str | os.PathLike[str], output: Target, *,
     codec: str = "auto", max_file_size: int | None = None, jobs: int | None = None,
-    level: int | None = None, recompress: bool = True, carrier: str = "zstd",
+    level: int | None = None, recompress: bool = True, carrier: str = "auto",
     source: str | None = None, on_progress: Callable[[int, int], None] | None = None,
 ) -> MakeStats:
     """Make the delta stream of a btrfs send stream against its old snapshot.
@@ -84,7 +84,8 @@ def make_delta(
         output: where the delta stream goes.
         codec: patch codec (``"auto"``: the smallest per file).
         max_file_size, jobs, level, recompress, carrier: as ``btrdelta delta make --help``
-            says (``carrier="xz"``: the smaller format-5 delta, slower to make and expand).
+            says (``carrier="auto"``: xz where much new file data is carried, else zstd;
+            ``"xz"``: the smaller, slower to make and expand; ``"zstd"``: the faster).
         source: input name for error messages (default: the path).
         on_progress: called with (bytes read, bytes written) now and then.
 
@@ -94,8 +95,8 @@ def make_delta(
     from ..delta.make import make_delta as make
     from ..delta.options import MakeOptions
 
-    if carrier not in ("zstd", "xz"):
-        raise ValueError(f"carrier must be 'zstd' or 'xz', not {carrier!r}")
+    if carrier not in ("auto", "zstd", "xz"):
+        raise ValueError(f"carrier must be 'auto', 'zstd' or 'xz', not {carrier!r}")
     opts = MakeOptions(codec=codec, recompress=recompress, carrier=carrier)
     if max_file_size is not None:
         opts.max_file_size = max_file_size

@@ -1,0 +1,199 @@
+"""Format 7: the ``edits`` patch codec (5) with its short CPATCH, and ``--carrier auto``.
+
+Oracles: the expansion equals the stream byte for byte; the delta ``auto`` writes is byte
+for byte the one the carrier it chose writes when named; HDiffPatch's uncompressed diff
+(``hdiff-raw``, what these files got before format 7) for the size.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import uuid
+from pathlib import Path
+
+import pytest
+
+from btrdelta.delta import MakeOptions, expand_to, make_delta, open_delta, writer
+from btrdelta.delta.codecs import get_codec
+from btrdelta.delta.format import (
+    CARRIER_LZMA2_X86,
+    CARRIER_ZSTD,
+    EDITS_CODEC,
+    NO_DIGEST,
+    HashAlgo,
+    Patch,
+    ZCommands,
+)
+from btrdelta.delta.make import MakeStats
+from btrdelta.delta.unpack import CarrierReader
+from btrdelta.errors import ChecksumError, StreamFormatError
+from btrdelta.stream import StreamWriter
+from btrdelta.stream import records as R
+
+from .conftest import delta_items
+
+EDITS = get_codec("edits")
+
+
+def _rebuilt(data: bytes, rnd: random.Random) -> bytes:
+    """Three 4-byte substitutions, an insertion, a deletion (as the rebuilt release)."""
+    buf = bytearray(data)
+    for _ in range(3):
+        i = rnd.randrange(len(buf))
+        buf[i : i + 4] = rnd.randbytes(4)
+    i = rnd.randrange(len(buf))
+    buf[i:i] = b"/* rebuilt */"
+    j = rnd.randrange(len(buf))
+    del buf[j : j + 16]
+    return bytes(buf)
+
+
+def _text(rnd: random.Random, n: int) -> bytes:
+    words = [bytes(rnd.choices(b"abcdefghijklmnopqrstuvwxyz_", k=rnd.randrange(2, 9)))
+             for _ in range(300)]
+    out = bytearray()
+    while len(out) < n:
+        out += b" ".join(rnd.choices(words, k=12)) + b"\n"
+    return bytes(out[:n])
+
+
+def test_a_few_edits_cost_their_bytes_and_positions() -> None:
+    rnd = random.Random(1)
+    old = _text(rnd, 40_000)
+    new = _rebuilt(old, rnd)
+    patch = EDITS.make(old, new)
+    assert EDITS.apply(old, patch, new_size=len(new)) == new
+    # 12 changed bytes, the 13-byte insertion, five positions: ~40 bytes; HDiffPatch's
+    # uncompressed diff of the same files spends ~70
+    assert len(patch) < 50 < len(get_codec("hdiff-raw").make(old, new))
+
+
+@pytest.mark.parametrize(
+    ("patch", "why"),
+    [
+        (b"\x80\x80", "inside a varint"),  # truncated varint
+        (b"\x0b", "copies past the end"),  # copy of 11 bytes from a 10-byte old file
+        (b"\x02\x03ab", "literal past its end"),
+        (b"\x02\x00\x15\x02", "moves outside the old file"),  # jump -11
+        (b"\x05\x00\x00\x05\x00", "bytes after its last"),  # 10 bytes made, one left
+    ],
+)
+def test_hostile_edits_patches_are_refused(patch: bytes, why: str) -> None:
+    with pytest.raises(StreamFormatError, match=why):
+        EDITS.apply(b"0123456789", patch, new_size=10)
+
+
+def _stream(files: dict[bytes, bytes]) -> bytes:
+    out: list[bytes] = []
+    w = StreamWriter(out.append, 1)
+    w.write(R.Snapshot(b"B", uuid.UUID(int=1), 9, uuid.UUID(int=2), 8))
+    for i, (path, data) in enumerate(files.items()):
+        orphan = f"o{300 + i}-7-0".encode()
+        w.write(R.Mkfile(orphan, 300 + i))
+        w.write(R.Rename(orphan, path))
+        for off in range(0, len(data), 49152):
+            w.write(R.Write(path, off, data[off : off + 49152]))
+        w.write(R.Utimes(path, 1, 2, 3))
+    w.write(R.End())
+    return b"".join(bytes(p) for p in out)
+
+
+def _make(stream: bytes, old: Path, **kw: object) -> tuple[bytes, MakeStats]:
+    out: list[bytes] = []
+    stats = make_delta(io.BufferedReader(io.BytesIO(stream)), old, out.append,
+                       MakeOptions(jobs=2, **kw))
+    return b"".join(bytes(p) for p in out), stats
+
+
+def _expand(delta: bytes, old: Path) -> bytes:
+    out: list[bytes] = []
+    expand_to(open_delta(io.BytesIO(delta), source="t.delta"), old, out.append)
+    return b"".join(bytes(p) for p in out)
+
+
+def _carried_patches(delta: bytes) -> list[Patch]:
+    reader = CarrierReader(None)
+    out: list[Patch] = []
+    for item in delta_items(delta):
+        if isinstance(item, ZCommands):
+            out += [s for s in reader.split(reader.inflate(item), 1) if isinstance(s, Patch)]
+    return out
+
+
+@pytest.fixture
+def rebuilt(tmp_path: Path) -> tuple[Path, bytes]:
+    """An old tree of 20 text files and a stream rewriting each with a few edits."""
+    rnd = random.Random(7)
+    old = tmp_path / "old"
+    (old / "lib").mkdir(parents=True)
+    files = {}
+    for i in range(20):
+        body = _text(rnd, rnd.randrange(5_000, 60_000))
+        (old / "lib" / f"m{i}.py").write_bytes(body)
+        files[f"lib/m{i}.py".encode()] = _rebuilt(body, rnd)
+    return old, _stream(files)
+
+
+def test_rebuilt_files_are_edits_patches_in_format_7(rebuilt: tuple[Path, bytes]) -> None:
+    old, stream = rebuilt
+    delta, stats = _make(stream, old)
+    assert delta[17:21] == (7).to_bytes(4, "little")
+    assert stats.files_by_codec == {"edits": 20}
+    assert _expand(delta, old) == stream
+    patches = _carried_patches(delta)
+    assert len(patches) == 20
+    for p in patches:  # CPATCH flag 32: a 4-byte old digest, no new-content digest
+        assert (p.codec, p.hash_algo, len(p.old_digest), p.new_algo, p.new_digest) == (
+            EDITS_CODEC, HashAlgo.BLAKE3_32, 4, NO_DIGEST, b"")
+    # what these files cost before format 7: HDiffPatch's diffs in the carrier
+    before, before_stats = _make(stream, old, codec="hdiff-raw")
+    assert before_stats.files_by_codec == {"hdiff-raw": 20}
+    assert len(delta) < 0.8 * len(before)
+
+
+def test_an_edited_old_file_is_refused_naming_it(rebuilt: tuple[Path, bytes]) -> None:
+    old, stream = rebuilt
+    delta, _ = _make(stream, old)
+    victim = old / "lib" / "m3.py"
+    body = bytearray(victim.read_bytes())
+    body[100] ^= 1
+    victim.write_bytes(body)
+    with pytest.raises(ChecksumError, match=r"lib/m3\.py"):
+        _expand(delta, old)
+
+
+def test_edits_patches_are_refused_before_format_7(rebuilt: tuple[Path, bytes]) -> None:
+    old, stream = rebuilt
+    delta, _ = _make(stream, old)
+    with pytest.raises(StreamFormatError, match="patch codec 5 in a format-6 delta"):
+        _expand(delta[:17] + (6).to_bytes(4, "little") + delta[21:], old)
+
+
+def test_auto_carrier_is_the_named_carrier_it_chose(
+    tmp_path: Path, rebuilt: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``auto`` holds its output until it has chosen, then writes exactly what the chosen
+    carrier writes: zstd for a delta of a few patches; xz once enough new file data is
+    carried (the threshold lowered to 64 KiB here), or zstd when too much was held
+    before that."""
+    old, stream = rebuilt
+    auto, stats = _make(stream, old)
+    assert stats.carrier == "zstd"
+    assert auto == _make(stream, old, carrier="zstd")[0]
+    rnd = random.Random(3)
+    new = _stream({f"bin/new{i}".encode(): _text(rnd, 40_000) for i in range(4)})
+    monkeypatch.setattr(writer, "AUTO_XZ_FROM", 64 << 10)
+    auto, stats = _make(new, old)
+    assert stats.carrier == "xz"
+    assert auto == _make(new, old, carrier="xz")[0]
+    assert {z.codec for z in delta_items(auto) if isinstance(z, ZCommands)} <= {
+        2, CARRIER_LZMA2_X86}
+    assert _expand(auto, old) == new
+    monkeypatch.setattr(writer, "AUTO_XZ_FROM", 100 << 10)
+    monkeypatch.setattr(writer, "AUTO_HOLD_MAX", 16 << 10)
+    auto, stats = _make(new, old)
+    assert stats.carrier == "zstd"
+    assert auto == _make(new, old, carrier="zstd")[0]
+    assert {z.codec for z in delta_items(auto) if isinstance(z, ZCommands)} == {CARRIER_ZSTD}
+    assert _expand(auto, old) == new
