@@ -11,10 +11,11 @@ is written as fresh files (new inodes: the kernel resends every file), as an ima
 from scratch would be. For each pair, side by side in one run:
 
 * sizes: the delta stream (``btrdelta delta make``, as downloaded) of the kernel's
-  incremental stream with each carrier (``--carrier zstd``, format 4; ``--carrier xz``,
-  format 5); the kernel stream with ``xz -9e`` and with ``zstd -19 --long=27``; an
-  ``rsync --only-write-batch`` batch with ``xz -9e``; ext4 images of both trees
-  (``mkfs.ext4 -d``, same size and UUID) with ``xdelta3 -9 -B <size>`` and
+  incremental stream with the default (``--carrier auto``: the JSON summary says which
+  carrier it chose) and with the other carrier (``zstd`` / ``xz``; the chosen one writes
+  the same bytes as ``auto``), format 7; the kernel stream with ``xz -9e`` and with
+  ``zstd -19 --long=27``; an ``rsync --only-write-batch`` batch with ``xz -9e``; ext4
+  images of both trees (``mkfs.ext4 -d``, same size and UUID) with ``xdelta3 -9 -B <size>`` and
   ``zstd -19 --long=31 --patch-from``; and the delta of the ``--compressed-data`` stream
   (compress=zstd file system), whose extents ``delta make`` regenerates by recompressing;
   the table at the end puts them side by side with the best peer and our margin;
@@ -257,8 +258,9 @@ def _stats(err: bytes, out: bytes = b"") -> dict[str, object]:
 
 def _delta_runs(stream: Path, full_a: Path, a_tree: Path, work: Path, tag: str,
                 lines: list[str], peers: dict[str, tuple[float, float]],
-                carrier: str = "zstd", receive: bool = False) -> int:
-    """make / expand (/ receive) one stream with one carrier; returns the delta's size."""
+                carrier: str = "zstd", receive: bool = False) -> tuple[int, str]:
+    """make / expand (/ receive) one stream with one carrier (``auto``: the default);
+    returns the delta's size and the carrier it has."""
     delta = work / f"{tag}.delta"
     load = _load()
     t_make, rss_make, err = _timed([*BTRDELTA, "delta", "make", "-f", stream, "--old", a_tree,
@@ -276,15 +278,20 @@ def _delta_runs(stream: Path, full_a: Path, a_tree: Path, work: Path, tag: str,
     largest = int(stats.get("largest_diffed", 0))  # type: ignore[call-overload]
     enc: dict[str, dict[str, int]] = stats.get("encoded_writes", {})  # type: ignore[assignment]
     enc_txt = ", ".join(f"{k} {v['regenerated']}/{v['tried']}" for k, v in enc.items())
+    chosen = str(stats.get("carrier", carrier))
     lines.append(
-        f"  [{tag}] expand(make(S)) == S: {same}; {stats['patched_files']} files patched, "
+        f"  [{tag}] expand(make(S)) == S: {same}; carrier {chosen}; "
+        f"{stats['patched_files']} files patched, "
         f"{stats.get('found_bases', 0)} against an old file found by name or content"
         + (f"; encoded writes regenerated: {enc_txt}" if enc_txt else "")
     )
     limit = 64 * (1 << 20) + 4 * largest
-    peer = peers["xz -9e" if carrier == "xz" else "zstd -19"]
-    peer_d = peers["xz -d" if carrier == "xz" else "zstd -d"]
-    name = "xz -9e -T0" if carrier == "xz" else "zstd -19 --long=23 -T0"
+    codecs: dict[str, dict[str, int]] = stats.get("codecs", {})  # type: ignore[assignment]
+    lines.append(f"  [{tag}] patches by codec: " + ", ".join(
+        f"{k} {v['files']} files {v['patch_bytes']:,} B" for k, v in codecs.items()))
+    peer = peers["xz -9e" if chosen == "xz" else "zstd -19"]
+    peer_d = peers["xz -d" if chosen == "xz" else "zstd -d"]
+    name = "xz -9e -T0" if chosen == "xz" else "zstd -19 --long=23 -T0"
     lines.append(
         f"  [{tag}] make    {_mb(diffed, t_make)} of diffed data ({diffed / 1e6:.1f} MB), "
         f"{_mb(s, t_make)} of stream, {t_make:5.1f} s ({cpu_make:5.1f} s CPU: "
@@ -307,7 +314,7 @@ def _delta_runs(stream: Path, full_a: Path, a_tree: Path, work: Path, tag: str,
                      f"{rss_rcv / 1e6:5.0f} MB into btrfs (the stream: btrdelta "
                      f"{_mb(s, t_plain)}, btrfs receive {_mb(s, t_kern)}, "
                      f"{rss_kern / 1e6:.0f} MB; delta/kernel time {t_rcv / t_kern:.2f}x)")
-    return _size(delta)
+    return _size(delta), chosen
 
 
 def _xz(src: Path) -> int:
@@ -319,6 +326,7 @@ def _xz(src: Path) -> int:
 
 #: the columns of the table, in order
 COLUMNS = (
+    ("delta auto", "delta (default: --carrier auto)"),
     ("delta zstd", "delta (--carrier zstd)"),
     ("delta xz", "delta (--carrier xz)"),
     ("xz -9e", "kernel stream xz -9e"),
@@ -338,10 +346,16 @@ def _measure(name: str, a_tree: Path, b_tree: Path, work: Path,
     receive = os.environ.get("BTRDELTA_BENCH_RECEIVE", "1") != "0"
     sizes: dict[str, int] = {"stream": _size(streams["plain"])}
     peers = _peers(streams["plain"])
-    for carrier in ("zstd", "xz"):
-        sizes[f"delta {carrier}"] = _delta_runs(
-            streams["plain"], streams["full-A"], a_tree, work, f"plain {carrier}", lines,
-            peers, carrier, receive and carrier == "zstd")
+    # the default (auto), then the carrier it did not choose (the one it chose writes the
+    # same bytes: tests/delta/test_edits.py)
+    sizes["delta auto"], chosen = _delta_runs(
+        streams["plain"], streams["full-A"], a_tree, work, "plain auto", lines, peers, "auto",
+        receive)
+    sizes[f"delta {chosen}"] = sizes["delta auto"]
+    other = "xz" if chosen == "zstd" else "zstd"
+    sizes[f"delta {other}"], _ = _delta_runs(
+        streams["plain"], streams["full-A"], a_tree, work, f"plain {other}", lines, peers,
+        other)
     sizes["xz -9e"] = _xz(streams["plain"])
     sizes["zstd -19 --long"] = _zstd(streams["plain"], "-19", "--long=27")
     batch = work / "rsync.batch"
@@ -358,11 +372,12 @@ def _measure(name: str, a_tree: Path, b_tree: Path, work: Path,
     for key, label in COLUMNS:
         n = sizes[key]
         mark = "" if key.startswith("delta") else (
-            f"  delta zstd {sizes['delta zstd'] / n:6.1%}, xz {sizes['delta xz'] / n:6.1%} of it")
+            f"  delta default {sizes['delta auto'] / n:6.1%}, zstd "
+            f"{sizes['delta zstd'] / n:6.1%}, xz {sizes['delta xz'] / n:6.1%} of it")
         lines.append(f"  {label:<49} {n:>12,d} B  ({n / s:6.2%}){mark}")
     cs = _size(streams["compressed"])
-    cdelta = _delta_runs(streams["compressed"], streams["full-A"], a_tree, work, "compressed",
-                         lines, _peers(streams["compressed"]), "zstd", receive)
+    cdelta, _ = _delta_runs(streams["compressed"], streams["full-A"], a_tree, work,
+                            "compressed", lines, _peers(streams["compressed"]), "auto", receive)
     lines.append(f"  --compressed-data stream (v2, compress=zstd)      {cs:>12,d} B")
     lines.append(f"  {'  its delta stream':<49} {cdelta:>12,d} B  ({cdelta / cs:6.2%} of it)")
     return lines, sizes
@@ -370,13 +385,16 @@ def _measure(name: str, a_tree: Path, b_tree: Path, work: Path,
 
 def _table(rows: list[tuple[str, dict[str, int]]]) -> list[str]:
     """The side-by-side table: one row per pair, bytes; the best peer and our margin."""
-    head = ["pair", "stream", *(k for k, _ in COLUMNS), "best peer", "xz delta vs it"]
+    head = ["pair", "stream", *(k for k, _ in COLUMNS), "best peer", "default vs it",
+            "best delta vs it"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, sz in rows:
-        peers = {k: v for k, v in sz.items() if k not in ("stream", "delta zstd", "delta xz")}
+        peers = {k: v for k, v in sz.items() if not k.startswith("delta") and k != "stream"}
         best = min(peers, key=lambda k: peers[k])
+        ours = min(sz["delta zstd"], sz["delta xz"])
         cells = [name, f"{sz['stream']:,}", *(f"{sz[k]:,}" for k, _ in COLUMNS),
-                 best, f"{sz['delta xz'] / peers[best] - 1:+.1%}"]
+                 best, f"{sz['delta auto'] / peers[best] - 1:+.1%}",
+                 f"{ours / peers[best] - 1:+.1%}"]
         out.append("| " + " | ".join(cells) + " |")
     return out
 
