@@ -52,6 +52,6 @@ def test_every_package_says_what_it_exports() -> None:
 
 
 def test_make_delta_refuses_an_unknown_carrier(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="carrier must be 'zstd' or 'xz', not 'lz4'"):
+    with pytest.raises(ValueError, match="carrier must be 'auto', 'zstd' or 'xz', not 'lz4'"):
         btrdelta.make_delta(tmp_path / "none.stream", tmp_path, tmp_path / "d", carrier="lz4")
     assert not (tmp_path / "d").exists()
