@@ -178,10 +178,15 @@ class Patcher:
                     algo=p.hash_algo, expected_digest=p.old_digest, cache=self.dirs,
                 )
             else:
+                # a patch's old file is hashed only when the patch fails (to name the
+                # cause) where the new content has a digest: it, checked before any of its
+                # WRITEs goes out, and DEND's cover a wrong old file; the old digest is
+                # the only per-file check of a SAME patch and of one without a new digest
+                lazy = p.codec != SAME_CODEC and p.new_algo != NO_DIGEST
                 known = p.old_size != OLD_SIZE_UNKNOWN
                 old = read_old_file(
                     root, p.base_path, expected_size=p.old_size if known else None,
-                    max_size=self.max_file_size, algo=p.hash_algo,
+                    max_size=self.max_file_size, algo=None if lazy else p.hash_algo,
                     expected_digest=p.old_digest, cache=self.dirs,
                 )
                 if old is None:  # format 7's short CPATCH: the old file as it is
@@ -191,7 +196,11 @@ class Patcher:
             if p.codec == SAME_CODEC:
                 self.active = _Active(p, old)
                 return
-            new = get_codec(p.codec).apply(old, patch, new_size=p.new_size)
+            try:
+                new = get_codec(p.codec).apply(old, patch, new_size=p.new_size)
+            except BtrdeltaError:
+                _check_old(p, old)
+                raise
         except BtrdeltaError as exc:
             raise exc.located(path=p.base_path) from None
         if p.new_algo == NO_DIGEST:  # format 7 ``edits``: the DEND digest covers it
@@ -199,6 +208,7 @@ class Patcher:
             return
         actual = digest(p.new_algo if p.new_algo is not None else p.hash_algo, new)
         if actual != p.new_digest:
+            _check_old(p, old)
             raise ChecksumError(
                 "patched content differs from the new content (wrong old file or bad patch)",
                 expected=p.new_digest.hex(), actual=actual.hex(), path=p.path,
@@ -311,3 +321,16 @@ class Patcher:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
         self.dirs.close()
+
+
+def _check_old(p: Patch, old: bytes) -> None:
+    """Raise the old-file error of a patch that failed if its old content is not the one
+    the patch was made against (the old files of a patch with BASES were checked before)."""
+    if p.bases:
+        return
+    actual = digest(p.hash_algo, old)
+    if actual != p.old_digest:
+        raise ChecksumError(
+            "old file differs from the one the patch was made against",
+            expected=p.old_digest.hex(), actual=actual.hex(), path=p.base_path,
+        )
