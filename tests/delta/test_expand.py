@@ -16,10 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from btrdelta.delta import MakeOptions, expand_events, expand_to, make_delta, open_delta
+from btrdelta.delta import (
+    MakeOptions,
+    expand_events,
+    expand_to,
+    make_delta,
+    oldfiles,
+    open_delta,
+    patching,
+)
 from btrdelta.delta import events as events_mod
 from btrdelta.delta.expand import WRITE, expand_items
-from btrdelta.delta.format import BtrfsCommand, PEncoded
+from btrdelta.delta.format import NO_DIGEST, BtrfsCommand, Patch, PEncoded
 from btrdelta.delta.recompress import ZLIB, ZSTD, compress_extent
 from btrdelta.delta.stats import collect_delta_stats
 from btrdelta.delta.writer import DeltaWriter
@@ -197,3 +205,62 @@ def test_closing_early_stops_the_threads(
         next(batches)
     batches.close()
     assert threading.active_count() == before
+
+
+def _patched_case(tmp: Path, codec: str) -> tuple[Path, bytes, bytes]:
+    """An old file and the delta (patch ``codec``) of a stream writing it with an edit."""
+    rnd = random.Random(7)
+    old = tmp / "old"
+    old.mkdir()
+    base = _text(rnd, 300_000)
+    (old / "f").write_bytes(base)
+    new = base[:1000] + b"EDITED" + base[1000:]
+    out: list[bytes] = []
+    w = StreamWriter(out.append, 2)
+    w.write(R.Snapshot(b"B", uuid.uuid4(), 9, uuid.uuid4(), 8))
+    for off in range(0, len(new), 128 << 10):
+        w.write(R.Write(b"f", off, new[off : off + (128 << 10)]))
+    w.write(R.Truncate(b"f", len(new)))
+    w.write(R.End())
+    stream = b"".join(bytes(p) for p in out)
+    d: list[bytes] = []
+    make_delta(io.BufferedReader(io.BytesIO(stream)), old, d.append,  # type: ignore[arg-type]
+               MakeOptions(jobs=1, codec=codec))
+    return old, stream, b"".join(bytes(p) for p in d)
+
+
+@pytest.mark.parametrize("codec", ["hdiff", "bsdiff", "zstd", "edits"])
+def test_wrong_old_file_named_when_its_patch_fails(
+    tmp_path: Path, codec: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A patch whose new content has a digest does not hash its old file when it applies
+    (the new digest and DEND cover it): the expansion is the stream, byte for byte; an old
+    file of the right size with one byte changed is still named as the cause."""
+    old, stream, delta = _patched_case(tmp_path, codec)
+    patches: list[Patch] = []
+    sizes: list[int] = []
+    real, start = oldfiles.digest, patching.Patcher.start
+
+    def counted(algo: int, data: bytes) -> bytes:
+        sizes.append(len(data))
+        return real(algo, data)
+
+    def seen(self: patching.Patcher, p: Patch) -> None:
+        patches.append(p)
+        start(self, p)
+
+    monkeypatch.setattr(oldfiles, "digest", counted)
+    monkeypatch.setattr(patching, "digest", counted)
+    monkeypatch.setattr(patching.Patcher, "start", seen)
+    got: list[bytes] = []
+    expand_to(open_delta(io.BytesIO(delta)), old, lambda p: got.append(bytes(p)))
+    assert b"".join(got) == stream
+    assert [p.path for p in patches] == [b"f"]  # the file is patched, not carried
+    # its old file hashed only where the new content has no digest (format 7's edits)
+    assert (300_000 in sizes) == (patches[0].new_algo == NO_DIGEST)
+    data = bytearray((old / "f").read_bytes())
+    data[150_000] ^= 0xFF
+    (old / "f").write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match="old file differs") as info:
+        expand_to(open_delta(io.BytesIO(delta)), old, lambda p: None)
+    assert info.value.path == b"f"
