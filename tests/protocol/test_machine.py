@@ -25,7 +25,7 @@ from btrdelta.protocol import (
     Plan,
     Refuse,
 )
-from btrdelta.protocol.messages import MAX_DATA, decode, encode
+from btrdelta.protocol.messages import decode, encode, max_data
 from btrdelta.protocol.plan import Known, choose
 from btrdelta.stream.constants import CMD_HEADER_SIZE
 
@@ -212,7 +212,7 @@ def test_send_data_is_the_frame_of_the_joined_pieces(sizes: list[int]) -> None:
     with pytest.raises(ProtocolError, match=f"DATA at offset 0, expected {len(joined)}"):
         s.send_data(0, pieces)  # the same rules as send()
     with pytest.raises(ValueError, match="DATA of"):
-        s.send_data(len(joined), [bytes(MAX_DATA + 1)])
+        s.send_data(len(joined), [bytes(max_data(s.version) + 1)])
     fresh = Connection("sender")
     with pytest.raises(ProtocolError, match="not allowed now"):
         fresh.send_data(0, [b"x"])

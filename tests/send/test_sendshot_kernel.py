@@ -157,3 +157,52 @@ def test_hard_link_named_in_a_later_directory(tmp_path: Path) -> None:
         assert main([*args, *(["--from-sendshot", "latest"] if i else [])]) == 0
         assert main(["receive", "-f", str(out), str(dest)]) == 0
         assert tree_sum(dest / f"v{i}") == tree_sum(src)
+
+
+def test_a_full_send_hashes_the_files_it_sends_as_it_reads_them(
+        two_fs: tuple[Path, Path], tmp_path: Path) -> None:
+    """Files of 1 MiB or more that cannot be a CLONE of another are read once: hashed for
+    the record from the bytes sent. Oracle: the record of the same snapshot adopted
+    (`sendshot create`: every file read and hashed first) has the same digests, data ranges
+    and block digests."""
+    import io
+
+    from btrdelta.send.sendshot import adopt
+    from btrdelta.stream import StreamReader
+    from btrdelta.stream.records import Clone
+
+    snd, _rcv = two_fs
+    live = snd / "live"
+    run("btrfs", "subvolume", "create", live)
+    big = os.urandom(3 << 20)
+    (live / "unique").write_bytes(big[: (2 << 20) + 123])  # a size of its own, a short tail
+    with open(live / "sparse", "wb") as f:  # a hole between two data ranges
+        f.write(b"a" * 70_000)
+        f.seek(3 << 20)
+        f.write(b"z" * 5000)
+    (live / "same1").write_bytes(os.urandom(1 << 20))  # one size, other bytes
+    (live / "same2").write_bytes(os.urandom(1 << 20))
+    (live / "copy1").write_bytes(big[: (1 << 20) + 7])  # identical: one is a CLONE
+    (live / "copy2").write_bytes(big[: (1 << 20) + 7])
+    (live / "small").write_bytes(b"s" * 5000)
+    run("btrfs", "subvolume", "snapshot", "-r", live, snd / "S")
+    store = SendshotStore(tmp_path / "store")
+    out = bytearray()
+    sent = send_with_sendshots(out.extend, snd / "S", store=store)
+    adopted = adopt(store, snd / "S")
+
+    def inodes(rec: object) -> dict[int, tuple[object, ...]]:
+        reader, f = store.open(rec)  # type: ignore[arg-type]
+        try:
+            return {i.ino: (i.size, i.flags, i.segments, i.digest, i.bdigest, i.blocks)
+                    for i in reader.inodes()}
+        finally:
+            f.close()
+
+    assert sent.recorded is not None
+    assert inodes(sent.recorded) == inodes(adopted)
+    records = list(StreamReader(io.BytesIO(bytes(out))))
+    assert sum(isinstance(r, Clone) for r in records) == 1
+    total = sum(p.stat().st_size for p in live.iterdir())
+    # read once (the hole not at all), but the copies and the small file: hashed first
+    assert sent.stats.bytes_read <= total - (3 << 20) + 2 * ((1 << 20) + 7) + 5000

@@ -283,9 +283,9 @@ def test_segment_digests_of_each_protocol_version(tmp_path: Path,
     # a partial transfer is offered for resuming only under the version it was digested in
     part = dest / ".btrdelta-partial"
     part.mkdir()
-    (part / "meta.json").write_text(json.dumps({"session": "ab" * 16, "offset": 0,
-                                                "segments": 0, "chain": "00" * 32,
-                                                "protocol": 1}))
+    (part / "meta.json").write_text(json.dumps({"version": 2, "session": "ab" * 16,
+                                                "offset": 0, "segments": 0,
+                                                "chain": "00" * 32, "protocol": 1}))
     from btrdelta.update.replica import Replica
 
     assert Replica(dest).holdings(1).partial is not None
@@ -317,7 +317,7 @@ def test_a_receiver_without_xxhash_speaks_version_1(tmp_path: Path,
     what, code, text = _lying_sender(dest, good, None, versions=(1, 2), spoke=spoke)
     assert (what, code, spoke) == ("Committed", 0, [1]), text
     assert json.loads((dest / ".btrdelta-replica.json").read_text())["received"] == {"ok": None}
-    assert messages.spoken() == (1, 2)
+    assert messages.spoken() == (1, 2, 3)
 
     def missing(name: str) -> None:
         raise messages.MissingDependencyError(name, "make")
@@ -440,6 +440,46 @@ def test_receivers_keep_their_own_cursors(tmp_path: Path) -> None:
     assert mine is not None
     assert mine.digest in kept  # another source's sendshot is not pruned
     assert len(kept) == 3  # one held by each receiver, and the other source's
+
+
+class _Kill(_Cut):
+    """A channel whose receiver is killed (SIGKILL) once ``limit`` bytes were written."""
+
+    def write(self, data: bytes) -> None:
+        if self.written + len(data) > self.limit:
+            assert self.inner.proc is not None
+            self.inner.proc.kill()
+            self.inner.proc.wait()
+            raise TransportError("receiver killed by the test")
+        self.written += len(data)
+        self.inner.write(data)
+
+
+def test_a_killed_receiver_resumes_with_one_segment_resent(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    for i in range(40):  # small files: records the receiver was applying when killed
+        (src / "d" / f"s{i}").write_bytes(os.urandom(i * 997))
+    (src / "big").write_bytes(os.urandom(5 * SEG))
+    store = SendshotStore(tmp_path / "store")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    kill = _Kill(spawn_local(str(dest)), int(2.5 * SEG))
+    with pytest.raises(TransportError):
+        replicate(src, kill, store=store, segment=SEG)
+    kill.close()
+    assert _visible(dest) == set()
+    # the records applied are counted in the partial transfer, the subvolume left for it
+    assert (dest / ".btrdelta-partial" / "progress").stat().st_size == 8
+    ch = spawn_local(str(dest))
+    res = replicate(src, ch, store=store, segment=SEG)
+    ch.close()
+    assert (res.outcome, res.kind) == ("committed", "resume"), res
+    assert res.resumed_from >= SEG
+    assert kill.written - res.resumed_from <= SEG + 64 * 1024  # resent at most one segment
+    assert tree_sum(_newest(dest)) == tree_sum(src)
+    assert not (dest / ".btrdelta-partial").exists()
+    assert not [n for n in os.listdir(dest) if n.startswith(".btrdelta-tmp-")]
 
 
 def test_leftovers_deeper_than_the_recursion_limit_are_removed(deep_tmp_path: Path) -> None:

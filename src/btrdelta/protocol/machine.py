@@ -49,6 +49,7 @@ from .messages import (
     encode,
     encode_data,
     header,
+    max_data,
 )
 
 __all__ = ["EOF", "NEED_DATA", "Connection"]
@@ -122,6 +123,8 @@ class Connection:
             ProtocolError: DATA may not be sent now, or not at that offset.
         """
         out, size = encode_data(offset, pieces)
+        if size > max_data(self.version):
+            raise ValueError(f"DATA of {size} bytes in protocol version {self.version}")
         sender, phases = _ALLOWED[Data]
         if sender != self.role or self.phase not in phases:
             raise ProtocolError(f"DATA is not allowed now (phase {self.phase}, {self.role})")
@@ -211,6 +214,9 @@ class Connection:
         if isinstance(msg, Hello) and how == "receive" and msg.role != self.peer_role:
             raise ProtocolError(f"the peer says it is a {msg.role}, expected a {self.peer_role}")
         if isinstance(msg, Data):
+            if len(msg.data) > max_data(self.version):
+                raise ProtocolError(f"DATA of {len(msg.data)} bytes in protocol version "
+                                    f"{self.version}")
             self._check_data(msg.offset, len(msg.data))
         elif isinstance(msg, Checkpoint):
             if msg.index != self._next_index or msg.offset != self._offset or \

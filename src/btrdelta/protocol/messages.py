@@ -30,6 +30,7 @@ __all__ = [
     "FRAMING",
     "MAGIC",
     "MAX_DATA",
+    "MAX_DATA_V3",
     "Accept",
     "Ack",
     "Checkpoint",
@@ -45,6 +46,7 @@ __all__ = [
     "Refuse",
     "decode",
     "encode",
+    "max_data",
 ]
 
 MAGIC: Final = b"btrdelta-repl\0"
@@ -52,21 +54,29 @@ HEADER: Final = struct.Struct("<14sI")
 #: framing version written in the header
 WIRE_VERSION: Final = 1
 #: protocol versions this build knows: 2 digests segments with XXH3-128 instead of
-#: BLAKE3-256 (see :func:`segment_hasher`), when the optional xxhash is installed
-VERSIONS: Final = (1, 2)
+#: BLAKE3-256 (see :func:`segment_hasher`), when the optional xxhash is installed; 3 is 2
+#: with DATA of up to 1 MiB (:func:`max_data`)
+VERSIONS: Final = (1, 2, 3)
 
 
 def spoken() -> tuple[int, ...]:
-    """The versions this installation speaks (its HELLO): 2 only with xxhash (the
+    """The versions this installation speaks (its HELLO): 2 and 3 only with xxhash (the
     ``[make]`` extra; a bare receiver speaks 1)."""
     try:
         need("xxhash")
     except MissingDependencyError:
         return (1,)
     return VERSIONS
-#: stream bytes in one DATA message
+#: stream bytes in one DATA message (protocol versions 1 and 2; 3: :data:`MAX_DATA_V3`)
 MAX_DATA: Final = 256 * 1024
-_MAX_PAYLOAD = MAX_DATA + 64 * 1024
+MAX_DATA_V3: Final = 1024 * 1024
+_MAX_PAYLOAD = MAX_DATA_V3 + 64 * 1024
+
+
+def max_data(version: int) -> int:
+    """The most stream bytes one DATA message carries in protocol ``version``."""
+    return MAX_DATA_V3 if version >= 3 else MAX_DATA
+
 
 HELLO, HOLDINGS, PLAN, REFUSE, ACCEPT, DATA, CHECKPOINT, ACK, COMMIT, COMMITTED = range(1, 11)
 NAMES: Final = {HELLO: "HELLO", HOLDINGS: "HOLDINGS", PLAN: "PLAN", REFUSE: "REFUSE",
@@ -308,7 +318,7 @@ def _attrs(msg: Message) -> tuple[int, list[tuple[int, Any]]]:
 def encode(msg: Message) -> bytes:
     """The frame of one message."""
     cmd, attrs = _attrs(msg)
-    if cmd == DATA and len(msg.data) > MAX_DATA:  # type: ignore[union-attr]
+    if cmd == DATA and len(msg.data) > MAX_DATA_V3:  # type: ignore[union-attr]
         raise ValueError(f"DATA of {len(msg.data)} bytes")  # type: ignore[union-attr]
     return encode_frame(cmd, attrs)
 
@@ -338,7 +348,7 @@ def encode_data(offset: int, pieces: Sequence[Any]) -> tuple[list[Any], int]:
     """
     views = [memoryview(p).cast("B") for p in pieces]
     total = sum(len(v) for v in views)
-    if total > MAX_DATA:
+    if total > MAX_DATA_V3:
         raise ValueError(f"DATA of {total} bytes")
     out: list[Any] = [b"", _TLV.pack(_DOFF, 8) + _U64.pack(offset)]
     left = done = 0

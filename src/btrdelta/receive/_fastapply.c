@@ -126,6 +126,10 @@ typedef struct {
     int clone_fd;
     unsigned char clone_uuid[16];
     Held src_dir;
+    /* track(): the count of records applied is stored here after each one (a u64 in a
+     * caller's writable buffer, e.g. a shared mapping of a file, so it survives a kill) */
+    Py_buffer progress_view;
+    volatile uint64_t *progress;
 } Fast;
 
 /* ---------------------------------------------------------------------------------------
@@ -905,9 +909,19 @@ Fast_release(Fast *self)
 }
 
 static void
+progress_release(Fast *self)
+{
+    if (self->progress != NULL) {
+        self->progress = NULL;
+        PyBuffer_Release(&self->progress_view);
+    }
+}
+
+static void
 Fast_dealloc(Fast *self)
 {
     Fast_release(self);
+    progress_release(self);
     free(self->dirs);
     free(self->w.path);
     free(self->ops);
@@ -933,7 +947,8 @@ Fast_run(Fast *self, PyObject *args)
 {
     PyObject *batch;
     Py_ssize_t start;
-    if (!PyArg_ParseTuple(args, "O!n:run", &PyList_Type, &batch, &start))
+    unsigned long long base = 0;
+    if (!PyArg_ParseTuple(args, "O!n|K:run", &PyList_Type, &batch, &start, &base))
         return NULL;
     Py_ssize_t i = start < 0 ? 0 : start;
     Py_ssize_t size = PyList_GET_SIZE(batch);
@@ -963,9 +978,13 @@ Fast_run(Fast *self, PyObject *args)
     }
     /* apply without the GIL, once for the run: a reader thread runs meanwhile */
     Py_ssize_t done = 0;
+    volatile uint64_t *progress = self->progress;
     Py_BEGIN_ALLOW_THREADS
-    while (done < count && exec_op(self, &self->ops[done], &nbytes) == 0)
+    while (done < count && exec_op(self, &self->ops[done], &nbytes) == 0) {
         done++;
+        if (progress != NULL)
+            *progress = base + (uint64_t)done;
+    }
     Py_END_ALLOW_THREADS
     for (Py_ssize_t k = 0; k < count; k++)
         op_release(&self->ops[k]);
@@ -1017,6 +1036,23 @@ Fast_give_write(Fast *self, PyObject *args)
 }
 
 static PyObject *
+Fast_track(Fast *self, PyObject *arg)
+{
+    progress_release(self);
+    if (arg == Py_None)
+        Py_RETURN_NONE;
+    if (PyObject_GetBuffer(arg, &self->progress_view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    if (self->progress_view.len < 8 || ((uintptr_t)self->progress_view.buf & 7)) {
+        PyBuffer_Release(&self->progress_view);
+        PyErr_SetString(PyExc_ValueError, "track() needs an aligned writable buffer of 8 bytes");
+        return NULL;
+    }
+    self->progress = (volatile uint64_t *)self->progress_view.buf;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
 Fast_clear_dirs(Fast *self, PyObject *unused)
 {
     dirs_clear(self);
@@ -1044,8 +1080,12 @@ static PyMethodDef Fast_methods[] = {
     {"reset", (PyCFunction)Fast_reset, METH_VARARGS,
      "reset(root_fd, encoded): start on a subvolume root (-1: none); drop all state."},
     {"run", (PyCFunction)Fast_run, METH_VARARGS,
-     "run(batch, start) -> (stop, data_bytes): apply batch[start:] until a record that "
-     "Python must apply; stop is its index."},
+     "run(batch, start, base=0) -> (stop, data_bytes): apply batch[start:] until a record "
+     "that Python must apply; stop is its index. With track(), base + the records applied "
+     "so far is stored after each one."},
+    {"track", (PyCFunction)Fast_track, METH_O,
+     "track(buffer | None): store the count of records applied in the first 8 bytes of "
+     "this writable buffer (native u64) after each record run() applies."},
     {"set_clone_source", (PyCFunction)Fast_set_clone_source, METH_VARARGS,
      "set_clone_source(uuid_bytes, root_fd): CLONE records from this subvolume (its root "
      "descriptor is borrowed) are applied here; reset() forgets it."},

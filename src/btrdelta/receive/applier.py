@@ -122,6 +122,8 @@ class Applier:
             raising aborts it (see :meth:`.subvolumes.Subvolumes.finish`).
         search_root: find parents and clone sources below this directory of ``dest``'s
             btrfs instead of below ``dest`` (``btrfs receive -m``).
+        temp_name: the temporary name of the subvolumes received (see
+            :meth:`.subvolumes.Subvolumes.begin`; one stream, one subvolume).
     """
 
     def __init__(
@@ -135,7 +137,10 @@ class Applier:
         on_warning: Callable[[str], None] | None = None,
         pre_commit: PreCommit | None = None,
         search_root: Path | None = None,
+        temp_name: bytes | None = None,
     ) -> None:
+        #: the temporary name of the subvolume being received (None: the default)
+        self.temp_name = temp_name
         #: the destination's subvolumes (begin, finish, abort, find)
         self.subvols = Subvolumes(dest, backend=backend, dry_run=dry_run,
                                   search_root=search_root)
@@ -204,8 +209,9 @@ class Applier:
         """True when :meth:`apply_fast` can apply records (the C module is loaded)."""
         return self._fast is not None
 
-    def apply_fast(self, batch: list[Any], start: int) -> int:
-        """Apply ``batch[start:]`` through the C fast path while it can.
+    def apply_fast(self, batch: list[Any], start: int, base: int = 0) -> int:
+        """Apply ``batch[start:]`` through the C fast path while it can (``base``: the
+        records applied before ``batch[start]``, for :meth:`track`).
 
         Returns:
             The index of the first record not applied: one the fast path does not handle
@@ -222,10 +228,40 @@ class Applier:
             self._wfd = -1
             self._wpath = None
         self._fast_dirty = True
-        stop, nbytes = fast.run(batch, start)
+        stop, nbytes = fast.run(batch, start, base)
         cur.records += stop - start
         cur.data_bytes += nbytes
         return int(stop)
+
+    def track(self, counter: Any) -> None:
+        """Have the C fast path store the count of records applied in ``counter`` (an
+        aligned writable buffer of 8 bytes, e.g. a shared mapping of a file) after each
+        record it applies; :func:`~.receiver.receive` stores it after the others."""
+        if self._fast is not None:
+            self._fast.track(counter)
+
+    def resume(self, pending: PendingSubvol) -> None:
+        """Go on filling ``pending`` (a temporary subvolume an earlier receive of the same
+        stream left with :meth:`detach`, reopened by
+        :meth:`.subvolumes.Subvolumes.reopen`) as if its SUBVOL/SNAPSHOT had just come."""
+        if self._cur is not None:
+            raise StreamFormatError("resume inside a subvolume")
+        self._cur = pending
+        if pending.sandbox is not None:
+            self._fast_reset(pending.sandbox.root_fd)
+
+    def detach(self) -> None:
+        """Stop without removing the unfinished subvolume (a receive to resume later)."""
+        cur = self._cur
+        self._cur = None
+        self._fast_reset(-1)
+        self._close_write()
+        self._close_clone_roots()
+        for fd, _ in self._fileattrs:
+            os.close(fd)
+        self._fileattrs.clear()
+        if cur is not None:
+            self.subvols.detach(cur)
 
     def _from_fast(self) -> None:
         """Take back the write descriptor and drop stale directories after C ran."""
@@ -294,6 +330,7 @@ class Applier:
         """Abort any unfinished subvolume and release descriptors."""
         self.abort()
         if self._fast is not None:
+            self._fast.track(None)
             self._fast.close()
         self.subvols.close()
 
@@ -308,7 +345,8 @@ class Applier:
     def _begin(self, rec: Subvol | Snapshot, parent_uuid: UUID | None) -> None:
         if self._cur is not None:
             self.finish()
-        cur = self.subvols.begin(rec.path, rec.uuid, rec.ctransid, parent_uuid=parent_uuid)
+        cur = self.subvols.begin(rec.path, rec.uuid, rec.ctransid, parent_uuid=parent_uuid,
+                                 tmp=self.temp_name)
         self._cur = cur
         if cur.sandbox is not None:
             self._fast_reset(cur.sandbox.root_fd)

@@ -14,15 +14,17 @@ import queue
 import threading
 from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ..errors import BtrdeltaError, StreamFormatError
 from ..stream.reader import Event, StreamHeader
 from ..stream.records import End, Snapshot, Subvol
 from .applier import Applier
+from .resume import ResumePoint, resumed
 from .subvolumes import PreCommit, ReceivedSubvol
 
 __all__ = ["BatchedEvents", "prefetch", "receive"]
+
 
 #: records (and bytes of file data) handed to the applier at a time, from sources other
 #: than a StreamReader (the C fast path runs through a batch)
@@ -127,8 +129,14 @@ class _Run:
         self, applier: Applier, *, max_errors: int, stop_at_end: bool,
         on_progress: Callable[[int, int], None] | None,
         on_subvol: Callable[[ReceivedSubvol], None] | None,
+        progress: Any = None,
     ) -> None:
         self.applier = applier
+        #: the count of records applied is stored in progress[0] after each one
+        self.progress = memoryview(progress).cast("B").cast("Q") if progress is not None \
+            else None
+        if progress is not None:
+            applier.track(progress)
         self.max_errors = max_errors
         self.stop_at_end = stop_at_end
         self.on_progress = on_progress
@@ -149,13 +157,14 @@ class _Run:
         errors = self.errors
         max_errors = self.max_errors
         on_progress = self.on_progress
+        progress = self.progress
         index = self.index
         try:
             for batch in source:
                 i, n = 0, len(batch)
                 while i < n:
                     if fast:  # the common commands in C, up to one it hands back
-                        j = applier.apply_fast(batch, i)
+                        j = applier.apply_fast(batch, i, index + 1)
                         index += j - i
                         i = j
                         if i == n:
@@ -168,6 +177,8 @@ class _Run:
                     index += 1
                     try:
                         apply(ev, index)  # type: ignore[arg-type]
+                        if progress is not None:
+                            progress[0] = index + 1
                     except BtrdeltaError as exc:
                         errors.append(exc)
                         if kind is Subvol or kind is Snapshot or (
@@ -229,8 +240,9 @@ def receive(
     on_warning: Callable[[str], None] | None = None,
     on_subvol: Callable[[ReceivedSubvol], None] | None = None,
     read_ahead: bool = False,
-    pre_commit: PreCommit | None = None,
-    search_root: Path | None = None,
+    pre_commit: PreCommit | None = None, search_root: Path | None = None,
+    progress: Any = None, resume: ResumePoint | None = None,
+    detach_on: tuple[type[BaseException], ...] = (), temp_name: bytes | None = None,
 ) -> list[ReceivedSubvol]:
     """Apply a stream of events (stream headers and records) below ``dest``.
 
@@ -252,14 +264,15 @@ def receive(
         on_warning: called with a message for anything skipped (default: warnings.warn).
         on_subvol: called with each finished subvolume.
         read_ahead: pull ``events`` in a helper thread (see :func:`prefetch`) so producing
-            them overlaps applying; the iterator is then driven from that thread. Worth it
-            when producing costs CPU (expanding a delta stream: ``btrdelta receive`` turns
-            it on there); a plain stream decodes faster than the system calls apply it.
+            them overlaps applying (worth it when producing costs CPU: expanding a delta
+            stream; a plain stream decodes faster than the system calls apply it).
         pre_commit: called with each complete subvolume, read-only under its temporary
             name, before it gets its final name; raising aborts it and the receive (see
             :meth:`.subvolumes.Subvolumes.finish`).
         search_root: find parents and clone sources below this directory of ``dest``'s
             btrfs instead of below ``dest`` (``btrfs receive -m``; btrfs only).
+        progress, resume, detach_on, temp_name: a resumable receive of one stream (see
+            :mod:`.resume`: records applied counted, the subvolume kept, gone on with).
 
     Returns:
         The finished subvolumes, in stream order.
@@ -271,14 +284,19 @@ def receive(
     with Applier(
         Path(dest), backend=backend, dry_run=dry_run, apply_fileattr=apply_fileattr,
         force_decompress=force_decompress, on_warning=on_warning, pre_commit=pre_commit,
-        search_root=search_root,
+        search_root=search_root, temp_name=temp_name,
     ) as applier:
         run = _Run(applier, max_errors=max_errors, stop_at_end=stop_at_end,
-                   on_progress=on_progress, on_subvol=on_subvol)
+                   on_progress=on_progress, on_subvol=on_subvol, progress=progress)
         batches = _event_batches(events, read_ahead=read_ahead)
+        if resume is not None:  # (the next record's index: the count applied)
+            run.index, batches = resume.applied - 1, resumed(batches, resume, applier)
         source = prefetch(batches) if read_ahead else batches
         try:
             run.apply(source)
+        except detach_on:
+            applier.detach()
+            raise
         finally:
             close = getattr(source, "close", None)
             if close is not None:

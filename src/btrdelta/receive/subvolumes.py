@@ -243,7 +243,7 @@ class Subvolumes:
 
     def begin(
         self, name: bytes, uuid: UUID, ctransid: int, *, parent_uuid: UUID | None = None,
-        parent: Path | None = None,
+        parent: Path | None = None, tmp: bytes | None = None,
     ) -> PendingSubvol:
         """Start subvolume ``name`` under a temporary name: empty, or a writable snapshot
         (copy) of ``parent``, or of the subvolume found as ``parent_uuid``.
@@ -254,6 +254,9 @@ class Subvolumes:
             parent_uuid: the parent's (received) UUID, recorded; found in DEST when
                 ``parent`` is not given.
             parent: the parent's directory (a subvolume on btrfs).
+            tmp: the temporary name (default ``.btrdelta-tmp-<uuid>-<pid>``); one that ends
+                otherwise (not a pid) is never swept: its owner keeps it across receives
+                (:meth:`reopen`, :meth:`detach`).
 
         Raises:
             UnsafePathError: ``name`` is not one safe path component, or a name btrdelta
@@ -275,7 +278,8 @@ class Subvolumes:
         if not self.dry_run and not self._swept:
             self._swept = True
             self.sweep()
-        tmp = f"{TMP_PREFIX}{uuid.hex[:12]}-{os.getpid()}".encode()
+        if tmp is None:
+            tmp = f"{TMP_PREFIX}{uuid.hex[:12]}-{os.getpid()}".encode()
         pending = PendingSubvol(name, tmp, self.dest / os.fsdecode(tmp), uuid, ctransid,
                                 parent_uuid, parent)
         if self.dry_run:
@@ -302,6 +306,39 @@ class Subvolumes:
             self.abort(pending)
             raise
         return pending
+
+    def reopen(self, name: bytes, tmp: bytes, uuid: UUID, ctransid: int, *,
+               parent_uuid: UUID | None = None) -> PendingSubvol:
+        """The unfinished subvolume ``tmp`` of DEST that a receive left with :meth:`detach`,
+        to go on filling it (and finish it as ``name``).
+
+        Raises:
+            UnsafePathError: ``name`` is not one safe path component.
+            ApplyError: DEST already has ``name``.
+            OSError: ``tmp`` cannot be opened or is locked by a live receiver.
+        """
+        check_name(name, "subvolume name")
+        if os.path.lexists(self.dest / os.fsdecode(name)):
+            raise ApplyError("destination subvolume already exists", op="subvol")
+        pending = PendingSubvol(name, tmp, self.dest / os.fsdecode(tmp), uuid, ctransid,
+                                parent_uuid, None)
+        sandbox = Sandbox.open(tmp, dir_fd=self._dest_fd)
+        try:
+            fcntl.flock(sandbox.root_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            sandbox.close()
+            raise
+        pending.sandbox = sandbox
+        return pending
+
+    def detach(self, pending: PendingSubvol) -> None:
+        """Leave ``pending`` unfinished under its temporary name (closed and unlocked),
+        for :meth:`reopen`."""
+        if pending.done:
+            return
+        pending.done = True
+        if pending.sandbox is not None:
+            pending.sandbox.close()
 
     def finish(self, pending: PendingSubvol, *,
                pre_commit: PreCommit | None = None) -> ReceivedSubvol:

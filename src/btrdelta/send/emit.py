@@ -65,9 +65,10 @@ from ..stream.records import (
 from .changes import Changes, SourceIndex, find_changes, index_source
 from .diff import Match, changed_ranges, files_equal, match_trees, shifted_clones
 from .encode import COMPRESSORS, encode_piece, option_problem
+from .onepass import BlockHasher, hashed_as_sent
 from .order import Namespace, order_namespace
 from .record import BlockIndex, Diff, block_diff
-from .scan import ROOT, ContentHasher, Node, Tree, TreeScan, open_file
+from .scan import ROOT, ContentHasher, Node, Tree, TreeScan, block_segments, open_file
 
 __all__ = ["CAPS", "COMPRESSORS", "SendStats", "Sender", "StreamIds", "encode_piece",
            "option_problem"]
@@ -576,7 +577,11 @@ class Sender:
         old_by_digest: dict[bytes, int],
         new_by_digest: dict[bytes, int],
     ) -> Generator[Record, None, bool]:
-        clone = self._find_clone(node, old_by_digest, new_by_digest)
+        kept = self.changes.whole.get(node.id) if self.changes is not None else None
+        seed = self._hasher.seed if self._hasher is not None else None
+        # record mode: a file not hashed yet (no CLONE can stand for it) is hashed as sent
+        later = node.segments is None and seed is not None and kept is None
+        clone = None if later else self._find_clone(node, old_by_digest, new_by_digest)
         if clone is not None:
             yield self._count(clone)
             return True
@@ -588,10 +593,12 @@ class Sender:
             return True
         new_abs = self.new.abspath(path)
         # a new file read whole while walking: its data ranges were kept, as they were read
-        kept = self.changes.whole.get(node.id) if self.changes is not None else None
         fd = open_file(new_abs) if kept is None else -1
         try:
             segs = data_segments(fd, node.size) if kept is None else [(o, n) for o, n, _ in kept]
+            hasher = BlockHasher(seed) if later and seed is not None else None
+            if hasher is not None:
+                segs = block_segments(segs, node.size)
             end = segs[-1][0] + segs[-1][1] if segs else 0
             clones: list[tuple[int, int, Node, int]] = []
             source = self._similar_old_file(node)
@@ -603,7 +610,9 @@ class Sender:
                 )
                 clones = [(o, n, source, src) for o, n, src in found]
             spooled = self.changes.spooled(node.id, whole=True) if self.changes else None
-            yield from self._emit_ops(spooled or _reader(fd), node, path, segs, clones)
+            yield from self._emit_ops(spooled or _reader(fd), node, path, segs, clones, hasher)
+            if hasher is not None:
+                hashed_as_sent(fd, node, segs, hasher, self.chunk)
         finally:
             if fd >= 0:
                 os.close(fd)
@@ -669,14 +678,15 @@ class Sender:
         path: bytes,
         writes: list[tuple[int, int]],
         clones: list[tuple[int, int, Node, int]],
+        hasher: BlockHasher | None = None,
     ) -> Iterator[Record]:
         """Writes from the new file and clones from old files (``(offset, length, old node,
-        old offset)``), by offset."""
+        old offset)``), by offset (``hasher``: fed the bytes written)."""
         ops: list[tuple[int, int, Node | None, int]] = [(o, n, None, 0) for o, n in writes]
         ops += clones
         for off, length, source, src in sorted(ops, key=lambda op: op[0]):
             if source is None:
-                yield from self._write_range(read, path, off, length, node.size)
+                yield from self._write_range(read, path, off, length, node.size, hasher)
                 continue
             clone_uuid, clone_ctransid = self.parent_ids()
             self.stats.cloned_bytes += length
@@ -741,7 +751,8 @@ class Sender:
                     pos += n
 
     def _write_range(
-        self, read: Callable[[int, int], bytes], path: bytes, off: int, length: int, size: int
+        self, read: Callable[[int, int], bytes], path: bytes, off: int, length: int, size: int,
+        hasher: BlockHasher | None = None,
     ) -> Iterator[Record]:
         if self.no_data:  # NO_FILE_DATA: the range, not its bytes
             yield self._count(UpdateExtent(path=path, offset=off, size=length))
@@ -753,6 +764,8 @@ class Sender:
             buf = read(n, pos)
             if len(buf) != n:
                 raise BtrdeltaError("file changed while sending (short read)", path=path)
+            if hasher is not None:
+                hasher.update(pos, buf)
             self._read += n
             enc = self._encode(path, pos, buf, size) if self._compress is not None else None
             if enc is not None:

@@ -38,7 +38,7 @@ import stat
 import struct
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -48,11 +48,13 @@ from .._optional import need
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
 from ..fs.copy import data_segments
+from .onepass import BLOCK, BlockHasher
 
 if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor
 
 __all__ = [
+    "BLOCK",
     "ROOT",
     "ContentHasher",
     "ForkedScan",
@@ -435,8 +437,6 @@ def _hash_file(path: bytes, size: int, buf: bytearray) -> tuple[bytes, int]:
         os.close(fd)
 
 
-#: size of the blocks a sendshot record digests
-BLOCK = 4096
 
 
 def block_segments(segs: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
@@ -457,7 +457,6 @@ def _hash_file_blocks(
 ) -> tuple[bytes, int, list[tuple[int, int]], bytes, bytes]:
     """Record mode: (XXH3-128 digest, flags, block-aligned data segments, seeded XXH3-128 of
     each 4 KiB block of them, BLAKE3-256 digest) of one regular file, read once."""
-    xxhash = need("xxhash", "make")
     try:
         fd = open_file(path)
     except OSError as exc:
@@ -465,31 +464,20 @@ def _hash_file_blocks(
     try:
         flags = get_fileattr(fd)
         segs = block_segments(data_segments(fd, size), size) if size else []
-        h = xxhash.xxh3_128()
-        b3 = blake3.blake3()
+        hasher = BlockHasher(seed)
         view = memoryview(buf)
-        blocks: list[bytes] = []
-        bhash = xxhash.xxh3_128_digest
-        pos = 0
-        for off, length in [*segs, (size, 0)]:
-            while pos < off:  # a hole: zeros for the content digests, no block digests
-                n = min(_WHOLE, off - pos)
-                h.update(_ZERO_VIEW[:n])
-                b3.update(_ZERO_VIEW[:n])
-                pos += n
-            end = off + length
+        for off, length in segs:
+            pos, end = off, off + length
             while pos < end:
                 n = os.preadv(fd, [view[: min(_WHOLE, end - pos)]], pos)
                 if n <= 0:
                     raise BtrdeltaError("file changed while sending (short read)", path=path)
-                piece = view[:n]
-                h.update(piece)
-                b3.update(piece)
-                blocks += [bhash(piece[i:i + BLOCK], seed) for i in range(0, n, BLOCK)]
+                hasher.update(pos, view[:n])
                 pos += n
         if os.pread(fd, 1, size):
             raise BtrdeltaError("file changed while sending (size differs)", path=path)
-        return h.digest(), flags, segs, b"".join(blocks), b3.digest()
+        digest, blocks, bdigest = hasher.finish(size)
+        return digest, flags, segs, blocks, bdigest
     finally:
         os.close(fd)
 
@@ -536,13 +524,14 @@ class ContentHasher:
             total += node.size
         return total
 
-    def submit(self, tree: Tree) -> None:
-        """Queue every regular file of ``tree`` (no-op for a hashed or queued tree)."""
+    def submit(self, tree: Tree, later: Collection[int] = ()) -> None:
+        """Queue every regular file of ``tree`` (no-op for a hashed or queued tree) but
+        the nodes ``later`` (hashed by whoever reads them: see :class:`BlockHasher`)."""
         if tree.hashed or any(t is tree for t in self._trees):
             return
         self._trees.append(tree)
         jobs = [(n, tree.root + b"/" + n.path) for n in tree.nodes.values()
-                if n.is_reg and n.segments is None]
+                if n.is_reg and n.segments is None and n.id not in later]
         jobs.sort(key=lambda j: -j[0].size)
         cur: list[tuple[Node, bytes]] = []
         cur_bytes = 0
@@ -700,6 +689,9 @@ class TreeScan:
             in what a record already knows, so those files are not read).
         new_tree: the new tree, already scanned (:mod:`~.rescan`): ``new_dir`` is not walked;
             only its files without ``segments`` are read.
+        later: record mode, called with the new tree once scanned: the node ids of files
+            not to hash here (the send reads them whole anyway and hashes them as it goes:
+            :class:`BlockHasher`).
 
     Raises:
         BtrdeltaError: the new tree cannot be scanned.
@@ -715,6 +707,7 @@ class TreeScan:
         seed: int | None = None,
         prepare: Callable[[Tree], None] | None = None,
         new_tree: Tree | None = None,
+        later: Callable[[Tree], set[int]] | None = None,
     ) -> None:
         need("xxhash", "make")  # before any thread starts: a missing extra is one line
         self.parent_dir = os.fsencode(parent_dir) if parent_dir is not None else None
@@ -731,7 +724,7 @@ class TreeScan:
             self.new = new_tree or scan_tree(new_dir, on_entry=on_entry)
             if prepare is not None:
                 prepare(self.new)
-            self.hasher.submit(self.new)
+            self.hasher.submit(self.new, later(self.new) if later is not None else set())
         except BaseException:
             self.close()
             raise

@@ -29,6 +29,7 @@ from ..tree.columns import Columns
 from ..tree.sendshot import SendshotHead
 from .emit import Sender, SendStats, StreamIds
 from .live import Frozen, frozen
+from .onepass import sent_whole
 from .record import record_inodes, stamp_generations, tree_from_record
 from .rescan import Changes, Stale, rescan, usable
 from .scan import Tree, TreeScan
@@ -103,7 +104,8 @@ def _scan(fz: Frozen, base: StoredSendshot | None, cols: Columns | None,
             return got[0], got[1].old, got[1]
     old = tree_from_record(cols.rows(), base.head, base.path) \
         if cols is not None and base is not None else None
-    return TreeScan(fz.path, None, seed=seed, prepare=_stamp(fz)), old, None
+    later = sent_whole if base is None and fz.info is not None else None
+    return TreeScan(fz.path, None, seed=seed, prepare=_stamp(fz), later=later), old, None
 
 
 def _changes(fz: Frozen, base: StoredSendshot, cols: Columns, seed: int

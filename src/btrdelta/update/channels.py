@@ -56,7 +56,7 @@ __all__ = [
 _AUTH_MAGIC = b"btrdelta-replicate-auth\0"
 #: the largest message read into a buffer of its announced size (larger ones are refused by
 #: the connection from their header)
-_MAX_READ = 1 << 20
+_MAX_READ = (1 << 20) + (128 << 10)
 _AUTH_CONTEXT = b"btrdelta replicate client key v1\0"
 
 

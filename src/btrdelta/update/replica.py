@@ -2,33 +2,36 @@
 
 A destination directory holds received subvolumes (btrfs subvolumes, or directories with
 the registry elsewhere), its state ``DEST/.btrdelta-replica.json`` (its id, and the
-sendshot each subvolume was received as) and at most one partial transfer in
-``DEST/.btrdelta-partial/``: the stream spooled as it arrives (``stream``) and how far it is
-verified (``meta.json``).
+sendshot each subvolume was received as) and at most one partial transfer: its temporary
+subvolume (``.btrdelta-tmp-<uuid>-partial``) and ``DEST/.btrdelta-partial/`` (``meta.json``:
+how far it is acknowledged; ``progress``: the records applied).
 
 :meth:`Replica.serve` runs one conversation (:class:`~btrdelta.protocol.Connection`, role
-receiver): HELLO, HOLDINGS, a PLAN checked against what is held, then the stream. Each
-segment is appended to the spool and acknowledged once its digest and the chain of digests
-match its CHECKPOINT; a thread applies the verified bytes as they come with
-:func:`btrdelta.receive.receive` (a hidden temporary subvolume, renamed to its final name at
-END), after checking the stream is the one planned (its UUID, name and parent, clones only
-from the parent or itself). COMMIT (size and chain) lets the applier reach the end; only
-then is the subvolume visible, and COMMITTED is sent.
+receiver): HELLO, HOLDINGS, a PLAN checked against what is held, then the stream. A thread
+applies the stream's records as their bytes arrive with :func:`btrdelta.receive.receive`
+(straight into the temporary subvolume: nothing is written twice), after checking the
+stream is the one planned (its UUID, name and parent, clones only from the parent or
+itself); END, which gives the subvolume its final name, only once its segment is verified.
+A segment is acknowledged once its digest and the chain of digests match its CHECKPOINT and
+its records are applied. COMMIT (size and chain) ends the conversation: COMMITTED.
 
-A cut connection or a killed sender leaves the spool: the next PLAN for the same session
-resumes after the last acknowledged segment (the applier, stopped with the connection,
-applies the spool again from its start). A peer that lies (bad CRC or digest, unknown or
-misplaced messages, a stream for another base) gets a typed REFUSE, the partial is dropped
-and nothing is applied.
+A cut connection or a killed sender or receiver leaves the temporary subvolume: the next
+PLAN for the same session resumes after the last acknowledged segment, skipping the records
+the progress file counts (the one after them is looked at: see
+:func:`~btrdelta.receive.resume.already_applied`). A peer that lies (bad CRC or
+digest, unknown or misplaced messages, a stream for another base) gets a typed REFUSE, the
+partial transfer is dropped and nothing is applied.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
-import threading
-from collections.abc import Iterator
+import struct
+from collections import deque
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
@@ -62,8 +65,9 @@ from ..protocol import (
 )
 from ..protocol.messages import segment_hasher, spoken
 from ..receive import ReceivedSubvol, receive, uses_btrfs
-from ..receive.subvolumes import pid_alive
-from ..stream.reader import Event, StreamReader
+from ..receive.resume import ResumePoint
+from ..receive.subvolumes import PendingSubvol, Subvolumes, pid_alive
+from ..stream.reader import EOF, NEED_DATA, Event, StreamParser
 from ..stream.records import Clone, End, Snapshot, Subvol
 from .channels import Channel, MessageIO, PeerClosed, PeerRefused
 
@@ -73,6 +77,8 @@ STATE_FILE = ".btrdelta-replica.json"
 PARTIAL_DIR = ".btrdelta-partial"
 _ZERO_CHAIN = bytes(32).hex()
 _TMP_PREFIX = ".btrdelta-tmp-"
+_META_VERSION = 2
+_PROGRESS = "progress"
 
 
 def chain_next(chain: str, digest: str) -> str:
@@ -92,160 +98,223 @@ class ServeResult:
     received_bytes: int = 0
 
 
-class _Spool:
-    """The partial transfer: spooled bytes, verified offset, waiting readers."""
+class _Inbox:
+    """The stream bytes of one conversation, read from the connection when the receive
+    engine needs more (one thread: the bytes are written while the CPU's caches hold them).
 
-    def __init__(self, path: Path, plan: Plan, *, resume: dict[str, Any] | None,
-                 version: int) -> None:
-        self.path = path
-        self.plan = plan
-        self.version = version
-        path.mkdir(exist_ok=True)
-        self.cond = threading.Condition()
-        self.verified = resume["offset"] if resume else 0
-        self.segments = resume["segments"] if resume else 0
-        self.chain = resume["chain"] if resume else _ZERO_CHAIN
-        self.complete = False
-        self.aborted: BaseException | None = None
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-        self.fd = os.open(path / "stream", flags, 0o600)
-        if os.fstat(self.fd).st_size != self.verified:
-            # drop an unverified tail (only then: btrfs writes back on close a file that
-            # was truncated, even to its own size, and this one is deleted once applied)
-            os.ftruncate(self.fd, self.verified)
-        self.written = self.verified
+    When the engine asks for bytes, every record before them is applied: a CHECKPOINT read
+    then (its segment's digest and the chain checked) is acknowledged at once, after the
+    partial transfer's meta names its end (:meth:`Replica._acknowledge`). END waits for its
+    segment's CHECKPOINT (:meth:`wait_verified`), whose ACK follows END's application.
+    """
+
+    def __init__(self, io: MessageIO, plan: Plan, version: int, at: int, segments: int,
+                 chain: str, acknowledge: Callable[[Checkpoint], None]) -> None:
+        self.io, self.plan, self.version = io, plan, version
+        self.acknowledge = acknowledge
+        self.chunks: deque[Any] = deque()  # read, not taken yet (bytes after END)
+        #: stream offsets: received, taken by the engine, verified (the last checkpoint)
+        self.received = self.consumed = self.verified = at
+        self.segments, self.chain = segments, chain
+        self.pending: Checkpoint | None = None  # verified, to acknowledge after END
+        self.commit: Commit | None = None
         self._seg = segment_hasher(version)
         self.added = 0
-        if resume is None:
-            self._save()
 
-    def _save(self) -> None:
-        p = self.plan
-        doc = {"version": 1, "protocol": self.version, "session": p.session, "name": p.name,
-               "uuid": str(p.uuid), "ctransid": p.ctransid,
-               "parent_uuid": str(p.parent_uuid) if p.parent_uuid else None, "base": p.base,
-               "segment": p.segment, "offset": self.verified, "segments": self.segments,
-               "chain": self.chain}
-        tmp = self.path / "meta.json.tmp"
-        tmp.write_text(json.dumps(doc))
-        os.replace(tmp, self.path / "meta.json")
+    def _next(self) -> Any:
+        """Read one message: DATA's bytes, a checkpoint (verified), or None at COMMIT."""
+        msg = self.io.expect(Data, Checkpoint, Commit, Refuse)
+        if isinstance(msg, Data):
+            data = msg.data
+            limit = 2 * self.plan.segment + (1 << 20)
+            if self.received + len(data) - self.verified > limit:
+                raise ProtocolError(f"a segment longer than {limit} bytes")
+            self._seg.update(data)
+            self.received += len(data)
+            self.added += len(data)
+            return data
+        if isinstance(msg, Checkpoint):
+            self._checkpoint(msg)
+            return msg
+        if isinstance(msg, Refuse):
+            raise PeerRefused(msg)
+        if msg.size != self.verified or msg.chain != self.chain or self.received != msg.size:
+            raise ProtocolError("COMMIT does not match the stream received")
+        self.commit = msg
+        return None
 
-    def append(self, data: bytes) -> None:
-        limit = 2 * self.plan.segment + (1 << 20)
-        if self.written + len(data) - self.verified > limit:
-            raise ProtocolError(f"a segment longer than {limit} bytes")
-        os.pwrite(self.fd, data, self.written)
-        self._seg.update(data)
-        self.written += len(data)
-        self.added += len(data)
+    def take(self) -> Any:
+        """The next bytes of the stream (None after COMMIT); every record before them is
+        applied.
 
-    def checkpoint(self, cp: Checkpoint) -> None:
+        Raises:
+            TransportError: the connection failed (the engine leaves its subvolume to a
+                resume).
+            ProtocolError: the sender lied or broke the protocol.
+        """
+        if self.pending is not None:
+            raise ProtocolError("data after the stream's END")
+        while not self.chunks and self.commit is None:
+            got = self._next()
+            if isinstance(got, Checkpoint):
+                self.acknowledge(got)
+            elif got is not None:
+                self.chunks.append(got)
+        if not self.chunks:
+            return None
+        data = self.chunks.popleft()
+        self.consumed += len(data)
+        return data
+
+    def _checkpoint(self, cp: Checkpoint) -> None:
         digest = self._seg.hexdigest()
-        if cp.offset != self.written or digest != cp.digest:
+        if cp.offset != self.received or digest != cp.digest:
             raise ProtocolError(f"segment {cp.index} does not match its checkpoint "
                                 f"(digest {digest[:16]}, announced {cp.digest[:16]})")
         chain = chain_next(self.chain, digest)
         if chain != cp.chain:
             raise ProtocolError(f"segment {cp.index}: the chain of digests differs")
-        with self.cond:
-            self.chain, self.verified, self.segments = chain, cp.offset, cp.index + 1
-            self._seg = segment_hasher(self.version)
-            self._save()
-            self.cond.notify_all()
+        self._seg = segment_hasher(self.version)
+        self.chain, self.verified, self.segments = chain, cp.offset, cp.index + 1
 
-    def finish(self, commit: Commit) -> None:
-        if commit.size != self.verified or commit.chain != self.chain:
-            raise ProtocolError("COMMIT does not match the stream received")
-        with self.cond:
-            self.complete = True
-            self.cond.notify_all()
+    def wait_verified(self) -> None:
+        """Until every byte taken is verified: END is applied only then (it gives the
+        subvolume its final name); its CHECKPOINT is acknowledged after it (:meth:`rest`)."""
+        while self.verified < self.consumed:
+            got = self._next()
+            if isinstance(got, Checkpoint):
+                self.pending = got
+            elif got is None:
+                raise ProtocolError("COMMIT before the last CHECKPOINT")
+            else:
+                self.chunks.append(got)
 
-    def abort(self, exc: BaseException) -> None:
-        with self.cond:
-            self.aborted = exc
-            self.cond.notify_all()
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
-
-    def drop(self) -> None:
-        self.close()
-        remove_path(self.path, ignore_errors=True)
-
-
-class _SpoolReader:
-    """The verified bytes of a spool, in order, waiting for more (a raw binary file)."""
-
-    def __init__(self, spool: _Spool) -> None:
-        self.spool = spool
-        self.pos = 0
-
-    def readinto(self, buf: Any) -> int:
-        sp = self.spool
-        with sp.cond:
-            while sp.verified <= self.pos and not sp.complete and sp.aborted is None:
-                sp.cond.wait()
-            if sp.aborted is not None:
-                raise TransportError("the transfer stopped") from sp.aborted
-            avail = sp.verified - self.pos
-        if avail <= 0:
-            return 0
-        view = memoryview(buf).cast("B")
-        n = os.preadv(sp.fd, [view[: min(len(view), avail)]], self.pos)
-        self.pos += n
-        return n
-
-    def read(self, n: int = -1) -> bytes:
-        buf = bytearray(n if n > 0 else 1 << 20)
-        got = self.readinto(buf)
-        return bytes(buf[:got])
+    def rest(self) -> bool:
+        """After END was applied: acknowledge its segment; whether bytes follow END (the
+        next message must be COMMIT)."""
+        if self.chunks:
+            return True
+        if self.pending is not None:
+            cp, self.pending = self.pending, None
+            self.acknowledge(cp)
+        return self.commit is None and self._next() is not None
 
 
-def _checked(events: Iterator[Event], plan: Plan) -> Iterator[Event]:
-    """``events`` after checking the stream is the planned one (first record, clones)."""
-    first = True
-    allowed = {plan.uuid, plan.parent_uuid}
-    for ev in events:
-        kind = type(ev)
-        if kind is Subvol or kind is Snapshot:
-            if not first:
-                raise ProtocolError("a second subvolume in the stream")
-            first = False
-            rec: Any = ev
-            want = Snapshot if plan.parent_uuid is not None else Subvol
-            if kind is not want or rec.uuid != plan.uuid or \
-                    os.fsdecode(rec.path) != plan.name or (
-                    kind is Snapshot and rec.clone_uuid != plan.parent_uuid):
-                raise ProtocolError("the stream is not the planned one (a stream for another "
-                                    "base or subvolume)")
-        elif isinstance(ev, Clone) and ev.clone_uuid not in allowed:
-            raise ProtocolError("the stream clones from a subvolume outside its base")
-        yield ev
-        if kind is End:
-            return
+class _Events:
+    """The records of the inbox's bytes, in batches (a :class:`~btrdelta.receive.receiver.
+    BatchedEvents`), checked to be the planned stream: its first record is ``SUBVOL`` (full)
+    or ``SNAPSHOT`` with the plan's UUID, name and parent; a ``CLONE`` names only the new
+    subvolume or the parent. A resumed stream starts after its header (``version``)."""
+
+    def __init__(self, inbox: _Inbox, version: int, tmp: bytes) -> None:
+        self.inbox, self.tmp = inbox, tmp
+        self.parser = StreamParser(source="replication stream", may_modify_input=True)
+        self.first = not version
+        if version:
+            self.parser.begin(version)
+
+    def _decoded(self) -> Iterator[list[Event]]:
+        parser, take = self.parser, self.inbox.take
+        while True:
+            batch = parser.take_batch()
+            if batch:
+                yield batch
+                continue
+            ev = parser.next_event()
+            if ev is NEED_DATA:
+                data = take()
+                parser.feed(data if data is not None else b"")
+            elif ev is EOF:
+                return
+            else:
+                yield [ev]
+
+    def batches(self) -> Iterator[list[Event]]:
+        plan = self.inbox.plan
+        allowed = {plan.uuid, plan.parent_uuid}
+        for batch in self._decoded():
+            for ev in batch:
+                kind = ev.__class__
+                if kind is Subvol or kind is Snapshot:
+                    if not self.first:
+                        raise ProtocolError("a second subvolume in the stream")
+                    self.first = False
+                    rec: Any = ev
+                    want = Snapshot if plan.parent_uuid is not None else Subvol
+                    if kind is not want or rec.uuid != plan.uuid or \
+                            os.fsdecode(rec.path) != plan.name or (
+                            kind is Snapshot and rec.clone_uuid != plan.parent_uuid):
+                        raise ProtocolError("the stream is not the planned one (a stream for "
+                                            "another base or subvolume)")
+                elif kind is Clone and ev.clone_uuid not in allowed:  # type: ignore[union-attr]
+                    raise ProtocolError("the stream clones from a subvolume outside its base")
+                elif kind is End:
+                    self.inbox.wait_verified()
+            yield batch
+
+    def __iter__(self) -> Iterator[Event]:
+        for batch in self.batches():
+            yield from batch
+
+    def after_end(self) -> bool:
+        """Whether bytes follow the END the applier stopped at."""
+        return bool(self.parser._in.avail) or self.inbox.rest()
 
 
-class _Applier(threading.Thread):
-    def __init__(self, spool: _Spool, dest: Path, backend: str) -> None:
-        super().__init__(name="btrdelta-replica-apply", daemon=True)
-        self.spool, self.dest, self.backend = spool, dest, backend
-        self.reader = _SpoolReader(spool)
-        self.result: ReceivedSubvol | None = None
-        self.error: BaseException | None = None
+class _Partial:
+    """``DEST/.btrdelta-partial``: the transfer in progress. ``meta.json`` (the plan, the
+    acknowledged offset, segments and chain, the records before that offset, the stream
+    version and the temporary subvolume's name) and ``progress`` (the count of records
+    applied, a u64 the applier stores through a shared mapping after each record)."""
 
-    def run(self) -> None:
+    def __init__(self, dest: Path, backend: str) -> None:
+        self.dest, self.backend = dest, backend
+        self.path = dest / PARTIAL_DIR
+
+    def load(self) -> dict[str, Any] | None:
         try:
-            events = StreamReader(self.reader, source="replication stream").events()  # type: ignore[arg-type]
-            got = receive(_checked(events, self.spool.plan), self.dest, stop_at_end=True,
-                          backend=self.backend)
-            if self.reader.readinto(bytearray(1)):
-                raise ProtocolError("data after the stream's END")
-            self.result = got[0] if got else None
-            if self.result is None:
-                raise ProtocolError("the stream held no subvolume")
-        except BaseException as exc:  # handed to serve()
-            self.error = exc
+            doc = json.loads((self.path / "meta.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(doc, dict) or doc.get("version") != _META_VERSION:
+            return None  # (an older receiver's spool: not resumable here)
+        return doc
+
+    def save(self, doc: dict[str, Any]) -> None:
+        tmp = self.path / "meta.json.tmp"
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, self.path / "meta.json")
+
+    def applied(self) -> int:
+        try:
+            with open(self.path / _PROGRESS, "rb") as f:
+                return int(struct.unpack("=Q", f.read(8))[0])
+        except (OSError, struct.error):
+            return 0
+
+    def start(self) -> Any:
+        """A new transfer: the directory, the progress file at 0; returns its mapping."""
+        self.path.mkdir(exist_ok=True)
+        fd = os.open(self.path / _PROGRESS, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     0o600)
+        try:
+            if os.fstat(fd).st_size < 8:
+                os.ftruncate(fd, 8)
+            return mmap.mmap(fd, 8)
+        finally:
+            os.close(fd)
+
+    def drop(self, tmp: str | None = None) -> None:
+        """Remove the partial transfer and its temporary subvolume."""
+        doc = self.load()
+        names = {n for n in (tmp, doc.get("tmp") if doc else None) if n}
+        if names:
+            with Subvolumes(self.dest, backend=self.backend) as subvols:
+                for name in names:
+                    if os.path.lexists(self.dest / name):
+                        subvols.abort(PendingSubvol(b"", os.fsencode(name), self.dest / name,
+                                                    UUID(int=0), 0, None, None))
+        remove_path(self.path, ignore_errors=True)
 
 
 class Replica:
@@ -293,13 +362,13 @@ class Replica:
         return str(self.state["id"])
 
     def _partial(self, version: int | None) -> dict[str, Any] | None:
-        try:
-            doc = json.loads((self.dest / PARTIAL_DIR / "meta.json").read_text())
-        except (OSError, ValueError):
-            return None
-        if not isinstance(doc, dict) or (
-                version is not None and doc.get("protocol", 1) != version):
+        """The partial transfer's meta, when it can be resumed (digested in protocol
+        ``version`` when given; its temporary subvolume there once a segment was)."""
+        doc = _Partial(self.dest, self.backend).load()
+        if doc is None or (version is not None and doc.get("protocol", 1) != version):
             return None  # (its digests are another version's: it cannot be resumed)
+        if doc.get("offset") and not os.path.isdir(self.dest / str(doc.get("tmp"))):
+            return None
         return doc
 
     def holdings(self, version: int | None = None) -> Holdings:
@@ -358,8 +427,8 @@ class Replica:
         """Run one conversation on ``ch`` (see the module docstring)."""
         conn = Connection("receiver", source=peer)
         io = MessageIO(ch, conn)
-        spool: _Spool | None = None
-        applier: _Applier | None = None
+        inbox: _Inbox | None = None
+        partial = _Partial(self.dest, self.backend)
         try:
             io.send(Hello("receiver", spoken(), ("encoded",), self.ident, str(self.dest)))
             io.expect(Hello)
@@ -373,70 +442,94 @@ class Replica:
             if refusal is not None:
                 io.send(refusal)
                 return ServeResult("refused", f"{refusal.code}: {refusal.message}")
-            part_dir = self.dest / PARTIAL_DIR
-            resume = self._partial(io.conn.version) if plan.kind == "resume" else None
-            if resume is None and part_dir.exists():
-                remove_path(part_dir)  # an older transfer this sender abandoned
-            self._sweep(plan.uuid)
-            spool = _Spool(part_dir, plan, resume=resume, version=io.conn.version)
-            applier = _Applier(spool, self.dest, self.backend)
-            applier.start()
+            inbox, events, point, progress = self._start(io, plan, partial)
             io.send(Accept(plan.session))
-            return self._stream(io, spool, applier)
+            got = self._receive(events, point, progress)
+            commit = inbox.commit
+            assert commit is not None
+            self.state.setdefault("received", {})[got.name] = commit.sendshot or None
+            self._save(self.state)
+            partial.drop()
+            io.send(Committed(got.name, got.uuid))
+            return ServeResult("committed", received=got, received_bytes=inbox.added)
         except PeerRefused as exc:
-            if spool is not None:
-                spool.abort(exc)
+            if inbox is not None:
+                partial.drop()
             return ServeResult("refused", str(exc))
         except (TransportError, PeerClosed) as exc:
-            if spool is not None:
-                spool.abort(exc)
-            return ServeResult("interrupted", str(exc), received_bytes=spool.added if spool
-                               else 0)
-        except ProtocolError as exc:
-            if spool is not None:
-                spool.abort(exc)
-                if applier is not None:
-                    applier.join()
-                spool.drop()
+            return ServeResult("interrupted", str(exc),
+                               received_bytes=inbox.added if inbox else 0)
+        except (ProtocolError, OSError) as exc:
+            if inbox is not None:
+                partial.drop()
             with contextlib.suppress(BtrdeltaError):
-                io.send_raw(Refuse("protocol", str(exc)[:2000]))
+                io.send_raw(Refuse("protocol" if isinstance(exc, ProtocolError) else "failed",
+                                   str(exc)[:2000]))
             return ServeResult("failed", str(exc))
-        finally:
-            if applier is not None:
-                applier.join()
-            if spool is not None:
-                spool.close()
 
-    def _stream(self, io: MessageIO, spool: _Spool, applier: _Applier) -> ServeResult:
-        while True:
-            msg = io.expect(Data, Checkpoint, Commit, Refuse)
-            if applier.error is not None and not isinstance(applier.error, TransportError):
-                raise ProtocolError(f"the stream cannot be applied: {applier.error}")
-            if isinstance(msg, Data):
-                spool.append(msg.data)
-            elif isinstance(msg, Checkpoint):
-                spool.checkpoint(msg)
-                io.send(Ack(msg.index, msg.offset))
-            elif isinstance(msg, Refuse):
-                spool.abort(ProtocolError(msg.message))
-                applier.join()
-                spool.drop()
-                return ServeResult("refused", f"{msg.code}: {msg.message}")
-            else:
-                spool.finish(msg)
-                applier.join()
-                if applier.error is not None or applier.result is None:
-                    err = applier.error
-                    spool.drop()
-                    text = str(err) if err is not None else "nothing received"
-                    io.send(Refuse("failed", text[:2000]))
-                    return ServeResult("failed", text)
-                got = applier.result
-                self.state.setdefault("received", {})[got.name] = msg.sendshot or None
-                self._save(self.state)
-                spool.drop()
-                io.send(Committed(got.name, got.uuid))
-                return ServeResult("committed", received=got, received_bytes=spool.added)
+    def _receive(self, events: _Events, point: ResumePoint | None,
+                 progress: Any) -> ReceivedSubvol:
+        """Apply the stream as it is read (a cut leaves the subvolume to a resume)."""
+        try:
+            got = receive(events, self.dest, stop_at_end=True, backend=self.backend,
+                          progress=progress, resume=point, temp_name=events.tmp,
+                          detach_on=(TransportError,))
+        except (TransportError, ProtocolError):
+            raise
+        except BtrdeltaError as exc:
+            raise ProtocolError(f"the stream cannot be applied: {exc}") from exc
+        if not got:
+            raise ProtocolError("the stream held no subvolume")
+        if events.after_end():
+            raise ProtocolError("data after the stream's END")
+        return got[0]
+
+    def _start(self, io: MessageIO, plan: Plan,
+               partial: _Partial) -> tuple[_Inbox, _Events, ResumePoint | None, Any]:
+        """The inbox and events of a new or resumed transfer (a resumed one goes on with the
+        temporary subvolume the last conversation left, after the records it applied), the
+        resume point and the progress mapping."""
+        version = io.conn.version
+        doc = partial.load() if plan.kind == "resume" else None
+        point: ResumePoint | None = None
+        if doc is not None and doc.get("offset"):
+            tmp = str(doc["tmp"])
+            with Subvolumes(self.dest, backend=self.backend) as subvols:
+                pending = subvols.reopen(os.fsencode(plan.name), os.fsencode(tmp), plan.uuid,
+                                         plan.ctransid, parent_uuid=plan.parent_uuid)
+            point = ResumePoint(pending, int(doc["records"]), partial.applied())
+            at, segments, chain = int(doc["offset"]), int(doc["segments"]), str(doc["chain"])
+            stream_version = int(doc["stream_version"])
+        else:
+            partial.drop()  # an older transfer this sender abandoned, or one not begun
+            self._sweep(plan.uuid)
+            tmp = f"{_TMP_PREFIX}{plan.uuid.hex[:12]}-partial"
+            at, segments, chain, stream_version = 0, 0, _ZERO_CHAIN, 0
+        progress = partial.start()
+        if point is None:
+            progress[:8] = bytes(8)
+        meta = {"version": _META_VERSION, "protocol": version, "session": plan.session,
+                "name": plan.name, "uuid": str(plan.uuid), "ctransid": plan.ctransid,
+                "parent_uuid": str(plan.parent_uuid) if plan.parent_uuid else None,
+                "base": plan.base, "segment": plan.segment, "offset": at,
+                "segments": segments, "chain": chain, "records": point.first if point else 0,
+                "stream_version": stream_version, "tmp": tmp}
+        if point is None:
+            partial.save(meta)
+        events: _Events
+
+        def acknowledge(cp: Checkpoint) -> None:
+            """Every record before the segment's end is applied: the meta names it (and how
+            many records precede it) as where a resume starts, then the ACK."""
+            meta.update(offset=cp.offset, segments=inbox.segments, chain=inbox.chain,
+                        records=partial.applied(),
+                        stream_version=events.parser.version or meta["stream_version"])
+            partial.save(meta)
+            io.send(Ack(cp.index, cp.offset))
+
+        inbox = _Inbox(io, plan, version, at, segments, chain, acknowledge)
+        events = _Events(inbox, stream_version, os.fsencode(tmp))
+        return inbox, events, point, progress
 
     def _sweep(self, uuid: UUID) -> None:
         """Remove temporary subvolumes of ``uuid`` left by receivers that died."""

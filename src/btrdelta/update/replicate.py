@@ -3,13 +3,13 @@
 :func:`replicate` runs one conversation over a :class:`~.channels.Channel` (a local child,
 ssh, TCP/TLS): HELLO, the receiver's HOLDINGS, a PLAN chosen by
 :func:`btrdelta.protocol.plan.choose` from the sendshot store (or a typed REFUSE), then the
-stream in segments: a producer thread runs :func:`btrdelta.send.sendshot.send_with_sendshots`
-(the base is the chosen sendshot) and cuts its output into segments at record boundaries;
-each segment goes out as DATA messages and a CHECKPOINT (its BLAKE3 digest and the chain of
-digests), and the next one only after the receiver acknowledged it, so a cut connection
-costs at most one segment again. COMMIT names the size, the chain and the new sendshot; after
-COMMITTED the receiver's cursor moves to it and sendshots of this source that no receiver
-needs are pruned.
+stream in segments: :func:`btrdelta.send.sendshot.send_with_sendshots` (the base is the
+chosen sendshot) makes it and its callbacks (:class:`_Wire`) send it as it comes, cut into
+segments at record boundaries; each segment goes out as DATA messages and a CHECKPOINT (its
+digest and the chain of digests), and the next one only after the receiver acknowledged it,
+so a cut connection costs at most one segment again. COMMIT names the size, the chain and
+the new sendshot; after COMMITTED the receiver's cursor moves to it and sendshots of this
+source that no receiver needs are pruned.
 
 Resumable: a writable btrfs source is read from a read-only snapshot kept (next to it, named
 ``.btrdelta-replicate-<session>``) until the receiver committed; the session, its snapshot,
@@ -22,8 +22,6 @@ base, its segments up to the receiver's are checked against the receiver's chain
 from __future__ import annotations
 
 import os
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -43,12 +41,12 @@ from ..protocol import (
     Plan,
     Refuse,
 )
-from ..protocol.messages import MAX_DATA, segment_hasher, spoken
+from ..protocol.messages import max_data, segment_hasher, spoken
 from ..protocol.plan import Known, choose
 from ..send.live import drop_snapshot, frozen, keep_snapshot
 from ..send.sendshot import send_with_sendshots
 from ..send.store import SendshotStore, StoredSendshot
-from ..stream.records import Record, Snapshot, Subvol
+from ..stream.records import End, Record, Snapshot, Subvol
 from .channels import Channel, MessageIO, PeerRefused
 from .replica import chain_next
 
@@ -83,6 +81,10 @@ class ReplicateResult:
 #: pieces of the stream shorter than this are copied together; longer ones (file data) are
 #: kept as they are until sent
 _SMALL = 64 << 10
+#: stream bytes gathered before they are sent: in protocol version 3 below one DATA
+#: message by more than a record (messages end at record boundaries), else 1 MiB
+_GROUP_V3 = (1 << 20) - (192 << 10)
+_GROUP = 1 << 20
 
 
 def _owned(piece: Any) -> Any:
@@ -92,35 +94,47 @@ def _owned(piece: Any) -> Any:
     return bytes(piece)
 
 
-class _Segments:
-    """The producer's output cut into segments at record boundaries (a bounded queue).
+class _Diverged(Exception):
+    """The stream made again differs from the part the receiver holds."""
 
-    A segment is queued as ``("segment", pieces, size, digest)``: the stream's pieces (small
-    ones gathered into one buffer, file data not copied) and the digest of their bytes
-    (``segment_hasher`` of the protocol ``version``), made here in the producer's thread;
-    then ``("done", result)`` or
-    ``("error", exc)``.
+
+class _Wire:
+    """The stream as the sender makes it, sent in segments from its own callbacks (one
+    thread: the bytes go out while the CPU's caches still hold them, the receiver works on
+    the other core).
+
+    The first record (the header) makes the PLAN (sent, then the ACCEPT awaited). Pieces
+    are gathered (small ones copied into one buffer, file data kept as it is) and sent as
+    DATA at record boundaries (a message each in protocol version 3); a segment ends at the first
+    record boundary past the segment size, or at END: its digest (``segment_hasher`` of the
+    protocol version) and the chain go out in a CHECKPOINT, and the sender waits for its ACK
+    before it makes more. On a resume the segments the receiver holds are made and digested
+    but not sent; the chain at their end must be the receiver's.
     """
 
-    def __init__(self, size: int, version: int) -> None:
-        self.size, self.version = size, version
-        self.q: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=2)
+    def __init__(self, owner: _Sender, flight: dict[str, Any], offset: int, segments: int,
+                 chain_at: str) -> None:
+        self.owner, self.io, self.flight = owner, owner.io, flight
+        self.resume_at, self.held, self.chain_at = offset, segments, chain_at
+        self.size = owner.o.get("segment", DEFAULT_SEGMENT)
+        self.version = self.io.conn.version
+        self.limit = max_data(self.version)
+        self.group = _GROUP_V3 if self.version >= 3 else _GROUP
+        self.plan: Plan | None = None
         self._pieces: list[Any] = []
         self._small = bytearray()
-        self._n = 0
-        self.header: Record | None = None
-        self.header_ready = threading.Event()
-        self.stop = False
-        #: the sender's estimate of the file data it sends (known with the header)
-        self.estimate = 0
+        self._n = self._group = 0
+        self._hash = segment_hasher(self.version)
         self._sender: Any = None
+        self.chain, self.offset, self.index, self.sent, self.at = _ZERO_CHAIN, 0, 0, 0, 0
+        self.rate = owner.o.get("rate_limit")
+        self.progress: Callable[[int, int], None] | None = owner.o.get("on_progress")
+        self.started = time.monotonic()
 
     def on_stream(self, sender: Any) -> None:
         self._sender = sender
 
     def write(self, piece: Any) -> None:
-        if self.stop:
-            raise _Stopped()
         n = len(piece)
         if n < _SMALL:
             self._small += piece
@@ -130,48 +144,74 @@ class _Segments:
                 self._small = bytearray()
             self._pieces.append(_owned(piece))
         self._n += n
+        self._group += n
 
     def on_record(self, rec: Record) -> None:
-        if self.header is None:
-            self.header = rec
-            self.estimate = getattr(self._sender, "estimate", 0)
-            self.header_ready.set()
-        if self._n >= self.size:
-            self.flush()
+        if self.plan is None:
+            self._begin(rec)
+        if self._n >= self.size or rec.__class__ is End:
+            self.end_segment()
+        elif self._group >= self.group:
+            self._send_group()
 
-    def flush(self) -> None:
+    def _begin(self, header: Record) -> None:
+        if not isinstance(header, Subvol | Snapshot):
+            raise BtrdeltaError("the stream did not start with a subvolume")
+        flight = self.flight
+        parent = header.clone_uuid if isinstance(header, Snapshot) else None
+        kind = "resume" if self.resume_at else ("incremental" if parent else "full")
+        self.plan = Plan(kind, flight["session"], flight["name"], header.uuid,
+                         header.ctransid, parent, flight.get("base") or "",
+                         getattr(self._sender, "estimate", 0), self.size, self.resume_at,
+                         self.held)
+        self.io.send(self.plan)
+        self.io.expect(Accept)
+
+    def _send_group(self) -> None:
         if self._small:
             self._pieces.append(self._small)
             self._small = bytearray()
-        if self._pieces:
-            h = segment_hasher(self.version)
-            for piece in self._pieces:
-                h.update(piece)
-            self._put(("segment", self._pieces, self._n, h.hexdigest()))
-            self._pieces, self._n = [], 0
+        pieces, size = self._pieces, self._group
+        self._pieces, self._group = [], 0
+        h = self._hash
+        for piece in pieces:
+            h.update(piece)
+        if self.index < self.held:  # the receiver has it: not sent
+            self.at += size
+            return
+        io = self.io
+        for group in _messages(pieces, self.limit):
+            io.send_data(self.at, group)
+            n = sum(len(v) for v in group)
+            self.at += n
+            self.sent += n
+            if self.rate:
+                ahead = self.sent / self.rate - (time.monotonic() - self.started)
+                if ahead > 0:
+                    time.sleep(ahead)
 
-    def _put(self, item: tuple[Any, ...]) -> None:
-        while not self.stop:
-            try:
-                self.q.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
-        raise _Stopped()
-
-    def finish(self, result: Any) -> None:
-        self.flush()
-        self._put(("done", result))
-
-    def fail(self, exc: BaseException) -> None:
-        self.header_ready.set()
-        while True:
-            try:
-                self.q.put(("error", exc), timeout=0.2)
-                return
-            except queue.Full:
-                if self.stop:
-                    return
+    def end_segment(self) -> None:
+        """Send what is gathered and close the segment (nothing when it is empty)."""
+        self._send_group()
+        if not self._n:
+            return
+        digest = self._hash.hexdigest()
+        self._hash = segment_hasher(self.version)
+        self.chain = chain_next(self.chain, digest)
+        end = self.offset + self._n
+        self._n = 0
+        index = self.index
+        self.offset, self.index = end, index + 1
+        if index < self.held:  # the receiver has it: check the chain at its end
+            if self.index == self.held and self.chain != self.chain_at:
+                raise _Diverged()
+            return
+        self.io.send(Checkpoint(index, end, digest, self.chain))
+        ack: Ack = self.io.expect(Ack)
+        if ack.index != index:
+            raise ProtocolError(f"ACK of segment {ack.index}, expected {index}")
+        if self.progress is not None:
+            self.progress(end, 0)
 
 
 def _messages(pieces: list[Any], limit: int) -> Iterator[list[memoryview]]:
@@ -191,10 +231,6 @@ def _messages(pieces: list[Any], limit: int) -> Iterator[list[memoryview]]:
                 group, room = [], limit
     if group:
         yield group
-
-
-class _Stopped(Exception):
-    """The conversation ended: the producer stops."""
 
 
 def _known(records: list[StoredSendshot]) -> list[Known]:
@@ -281,98 +317,27 @@ class _Sender:
 
     # -- the stream -------------------------------------------------------------------
 
-    def _producer(self, flight: dict[str, Any], seg: _Segments) -> threading.Thread:
-        def run() -> None:
-            try:
-                snap = flight.get("snapshot")
-                result = send_with_sendshots(
-                    seg.write, os.fsencode(snap) if snap else self.source, store=self.store,
-                    from_sendshot=flight.get("base"), record=True, snapshot=False,
-                    version=self.o.get("version", 2), compress=self.o.get("compress"),
-                    name=os.fsencode(flight["name"]), on_record=seg.on_record,
-                    on_stream=seg.on_stream, source_name=self.source)
-                seg.finish(result)
-            except _Stopped:
-                pass
-            except BaseException as exc:
-                seg.fail(exc)
-
-        t = threading.Thread(target=run, name="btrdelta-replicate-send", daemon=True)
-        t.start()
-        return t
-
-    def _plan(self, flight: dict[str, Any], seg: _Segments, offset: int,
-              segments: int) -> Plan:
-        header = seg.header
-        if not isinstance(header, Subvol | Snapshot):
-            raise BtrdeltaError("the stream did not start with a subvolume")
-        parent = header.clone_uuid if isinstance(header, Snapshot) else None
-        kind = "resume" if offset else ("incremental" if parent else "full")
-        return Plan(kind, flight["session"], flight["name"], header.uuid, header.ctransid,
-                    parent, flight.get("base") or "", seg.estimate,
-                    self.o.get("segment", DEFAULT_SEGMENT),
-                    offset, segments)
-
     def _stream(self, flight: dict[str, Any], offset: int, segments: int,
                 chain_at: str) -> ReplicateResult:
-        seg = _Segments(self.o.get("segment", DEFAULT_SEGMENT), self.io.conn.version)
-        producer = self._producer(flight, seg)
-        try:
-            seg.header_ready.wait()
-            if seg.header is None:
-                raise seg.q.get()[1]
-            plan = self._plan(flight, seg, offset, segments)
-            io = self.io
-            io.send(plan)
-            io.expect(Accept)
-            return self._segments(flight, plan, seg, chain_at)
-        finally:
-            seg.stop = True
-            producer.join()
-
-    def _segments(self, flight: dict[str, Any], plan: Plan, seg: _Segments,
-                  chain_at: str) -> ReplicateResult:
         io = self.io
-        chain, offset, index, sent = _ZERO_CHAIN, 0, 0, 0
-        rate = self.o.get("rate_limit")
-        progress: Callable[[int, int], None] | None = self.o.get("on_progress")
-        started = time.monotonic()
-        while True:
-            item = seg.q.get()
-            if item[0] != "segment":
-                if item[0] == "error":
-                    raise item[1]
-                result = item[1]
-                break
-            _what, pieces, size, digest = item
-            chain = chain_next(chain, digest)
-            end = offset + size
-            if index < plan.segments:  # the receiver has it: check, do not send
-                offset, index = end, index + 1
-                if index == plan.segments and chain != chain_at:
-                    io.send(Refuse("diverged", "the stream made again differs from the one "
-                                               "the receiver holds a part of"))
-                    self._forget(flight)
-                    return ReplicateResult("diverged", "resume", flight["name"], self.rid,
-                                           message="the regenerated stream differs")
-                continue
-            at = offset
-            for group in _messages(pieces, MAX_DATA):
-                io.send_data(at, group)
-                n = sum(len(v) for v in group)
-                at += n
-                sent += n
-                if rate:
-                    ahead = sent / rate - (time.monotonic() - started)
-                    if ahead > 0:
-                        time.sleep(ahead)
-            io.send(Checkpoint(index, end, digest, chain))
-            ack: Ack = io.expect(Ack)
-            if ack.index != index:
-                raise ProtocolError(f"ACK of segment {ack.index}, expected {index}")
-            offset, index = end, index + 1
-            if progress is not None:
-                progress(offset, 0)
+        wire = _Wire(self, flight, offset, segments, chain_at)
+        snap = flight.get("snapshot")
+        try:
+            result = send_with_sendshots(
+                wire.write, os.fsencode(snap) if snap else self.source, store=self.store,
+                from_sendshot=flight.get("base"), record=True, snapshot=False,
+                version=self.o.get("version", 2), compress=self.o.get("compress"),
+                name=os.fsencode(flight["name"]), on_record=wire.on_record,
+                on_stream=wire.on_stream, source_name=self.source)
+            wire.end_segment()
+        except _Diverged:
+            io.send(Refuse("diverged", "the stream made again differs from the one "
+                                       "the receiver holds a part of"))
+            self._forget(flight)
+            return ReplicateResult("diverged", "resume", flight["name"], self.rid,
+                                   message="the regenerated stream differs")
+        plan, chain, offset, sent = wire.plan, wire.chain, wire.offset, wire.sent
+        assert plan is not None
         recorded = result.recorded.digest if result.recorded is not None else ""
         io.send(Commit(offset, chain, recorded))
         done: Committed = io.expect(Committed)

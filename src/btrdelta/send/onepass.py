@@ -1,0 +1,138 @@
+"""Record-mode digests made from the bytes a send reads anyway (one read per byte).
+
+A sendshot record holds, per regular file, XXH3-128 and BLAKE3-256 of its content and the
+seeded XXH3-128 of every 4 KiB block of its data ranges. :class:`BlockHasher` makes them
+from a file's bytes fed in order; the hashing threads of :mod:`.scan` feed it what they read,
+and a full send (:mod:`.emit`) feeds it the bytes it sends of the files :func:`sent_whole`
+leaves to it, then :func:`hashed_as_sent` fills in the node. Owns no reading policy beyond
+that choice; the record format is :mod:`btrdelta.tree.sendshot`'s.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+import blake3
+
+from .._optional import need
+from ..errors import BtrdeltaError
+from ..fs.btrfs import get_fileattr
+
+if TYPE_CHECKING:
+    from .scan import Node, Tree
+
+__all__ = ["BLOCK", "BlockHasher", "hashed_as_sent", "sent_whole"]
+
+#: size of the blocks a sendshot record digests
+BLOCK = 4096
+#: zeros fed for holes, at most this many at a time
+_PIECE = 1 << 20
+_ZEROS = memoryview(bytes(_PIECE))
+#: smallest file a full send hashes as it sends it (see :func:`sent_whole`)
+_HASHED_AS_SENT = 1 << 20
+
+
+class BlockHasher:
+    """Record mode: the digests of one file's content fed in order, its data ranges
+    (:func:`~.scan.block_segments`) at 4 KiB-aligned offsets, holes skipped: XXH3-128 and
+    BLAKE3-256 of the whole content (holes as zeros) and the seeded XXH3-128 of every block
+    of the data ranges."""
+
+    __slots__ = ("_b3", "_bhash", "_blocks", "_h", "pos", "seed")
+
+    def __init__(self, seed: int) -> None:
+        xxhash = need("xxhash", "make")
+        self.seed = seed
+        self._h = xxhash.xxh3_128()
+        self._b3 = blake3.blake3()
+        self._bhash = xxhash.xxh3_128_digest
+        self._blocks: list[bytes] = []
+        #: the offset the next bytes are at, or -1 once fed out of order (unusable)
+        self.pos = 0
+
+    def update(self, pos: int, data: Any) -> None:
+        """``data`` at ``pos`` (a block boundary at or after the last byte fed: zeros in
+        between)."""
+        if pos < self.pos or pos % BLOCK or self.pos < 0:
+            self.pos = -1
+            return
+        self._zeros(pos)
+        n = len(data)
+        self._h.update(data)
+        self._b3.update(data)
+        bhash, seed = self._bhash, self.seed
+        self._blocks += [bhash(data[i:i + BLOCK], seed) for i in range(0, n, BLOCK)]
+        self.pos = pos + n
+
+    def _zeros(self, end: int) -> None:
+        while self.pos < end:
+            n = min(_PIECE, end - self.pos)
+            self._h.update(_ZEROS[:n])
+            self._b3.update(_ZEROS[:n])
+            self.pos += n
+
+    def finish(self, size: int) -> tuple[bytes, bytes, bytes]:
+        """(XXH3-128 digest, block digests, BLAKE3-256 digest) of a file of ``size`` bytes
+        (zeros after the last bytes fed)."""
+        self._zeros(size)
+        return self._h.digest(), b"".join(self._blocks), self._b3.digest()
+
+
+def hashed_as_sent(fd: int, node: Node, segs: list[tuple[int, int]], hasher: BlockHasher,
+                   chunk: int) -> None:
+    """Fill in ``node``'s record digests (and flags, data ranges ``segs``) from the bytes a
+    send fed ``hasher`` in pieces of ``chunk`` bytes (read again only if they did not come in
+    order).
+
+    Raises:
+        BtrdeltaError: the file changed size while it was sent.
+    """
+    if os.pread(fd, 1, node.size):
+        raise BtrdeltaError("file changed while sending (size differs)", path=node.path)
+    if hasher.pos < 0 or chunk % BLOCK:
+        hasher = BlockHasher(hasher.seed)
+        for off, length in segs:
+            pos = off
+            while pos < off + length:
+                buf = os.pread(fd, min(_PIECE, off + length - pos), pos)
+                if not buf:
+                    raise BtrdeltaError("file changed while sending (short read)",
+                                        path=node.path)
+                hasher.update(pos, buf)
+                pos += len(buf)
+    node.flags = get_fileattr(fd)
+    node.digest, node.blocks, node.bdigest = hasher.finish(node.size)
+    node.segments = segs
+
+
+def sent_whole(tree: Tree) -> set[int]:
+    """The regular files of ``tree`` a full send reads whole and may hash as it sends them
+    instead of reading them first: those of 1 MiB or more (smaller ones are read ahead by
+    the hashing threads, which keeps many reads in flight; the send then finds them cached)
+    that no other file can be a CLONE of (no other file has their size and their first and
+    last 4 KiB)."""
+    files = [n for n in tree.nodes.values() if n.is_reg and n.size >= _HASHED_AS_SENT]
+    sizes = Counter(n.size for n in files)
+    later = {n.id for n in files if sizes[n.size] == 1}
+    samples = {n.id: _sample(tree.abspath(n.path), n.size) for n in files if n.id not in later}
+    seen = Counter((tree.nodes[i].size, s) for i, s in samples.items())
+    later.update(i for i, s in samples.items() if seen[tree.nodes[i].size, s] == 1)
+    return later
+
+
+def _sample(path: bytes, size: int) -> bytes:
+    """The first and last 4 KiB of a file (b"" when it cannot be read: hashed first)."""
+    from .scan import open_file
+
+    try:
+        fd = open_file(path)
+    except OSError:
+        return b""
+    try:
+        return os.pread(fd, BLOCK, 0) + os.pread(fd, BLOCK, max(0, size - BLOCK))
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
