@@ -147,9 +147,10 @@ def expand_events(
         clone_same: unchanged content as CLONEs from the parent (see
             :func:`expand_batches`; ``btrdelta receive`` does this).
 
-    Each patched file's old content is verified before, and its new content after the
-    patch is applied, before any of its WRITE events is yielded. The result is iterable
-    once; its ``batches()`` gives the events in lists.
+    Each patched file's new content is verified (its old content too where the new
+    content has no digest, or when the patch fails: see
+    :meth:`~.patching.Patcher._finish`) before any of its WRITE events is yielded. The
+    result is iterable once; its ``batches()`` gives the events in lists.
     """
     items: Iterable[DeltaItem]
     if hasattr(delta_events, "read"):
