@@ -252,14 +252,7 @@ class Applier:
 
     def detach(self) -> None:
         """Stop without removing the unfinished subvolume (a receive to resume later)."""
-        cur = self._cur
-        self._cur = None
-        self._fast_reset(-1)
-        self._close_write()
-        self._close_clone_roots()
-        for fd, _ in self._fileattrs:
-            os.close(fd)
-        self._fileattrs.clear()
+        cur = self._release()
         if cur is not None:
             self.subvols.detach(cur)
 
@@ -390,6 +383,12 @@ class Applier:
 
     def abort(self) -> None:
         """Remove the unfinished subvolume (its temporary name) if there is one."""
+        cur = self._release()
+        if cur is not None:
+            self.subvols.abort(cur)
+
+    def _release(self) -> PendingSubvol | None:
+        """Close every descriptor of the unfinished subvolume and forget it (returned)."""
         cur = self._cur
         self._cur = None
         self._fast_reset(-1)
@@ -398,8 +397,7 @@ class Applier:
         for fd, _ in self._fileattrs:
             os.close(fd)
         self._fileattrs.clear()
-        if cur is not None:
-            self.subvols.abort(cur)
+        return cur
 
     # -- helpers -----------------------------------------------------------------------
 

@@ -146,7 +146,12 @@ class TreeIdentity:
             self.file.close()
 
 
-def _dir_flags(path: bytes) -> int:
+def dir_flags(path: bytes) -> int:
+    """The inode flags of directory ``path`` (FILEATTR encoding).
+
+    Raises:
+        BtrdeltaError: the directory cannot be opened.
+    """
     try:
         fd = os.open(path, _DIR)
     except OSError as exc:
@@ -240,7 +245,7 @@ class _Side:
         self.files = self.data = self.read = 0
         self.orphan_like: frozenset[bytes] = frozenset()
         top = read_node(ROOT, st, root, b"", None, root)
-        top.flags = _dir_flags(root)
+        top.flags = dir_flags(root)
         self.ident.add(top)
         self.tree = Tree(root, {ROOT: top}, {ROOT: {}})
 
@@ -290,7 +295,7 @@ class _Side:
         if fmt == stat.S_IFREG:
             self.data += st.st_size
         elif fmt == stat.S_IFDIR:
-            node.flags = _dir_flags(full)
+            node.flags = dir_flags(full)
         if linked:
             self.linked[st.st_ino] = (node, rel)
         return name, node, True

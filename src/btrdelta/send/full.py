@@ -55,7 +55,7 @@ from ..stream.records import (
     Utimes,
     Write,
 )
-from .changes import SourceIndex, TreeIdentity, index_source
+from .changes import SourceIndex, TreeIdentity, dir_flags, index_source
 from .emit import CAPS, COMPRESSORS, SendStats, encode_piece, option_problem
 from .order import _create
 from .scan import ROOT, Node, open_file, read_node, uuid_of
@@ -293,7 +293,7 @@ class FullSend:
             raise BtrdeltaError("not a directory", path=self.root)
         self.dev = st.st_dev
         root = read_node(ROOT, st, self.root, b"", None, self.root)
-        root.flags = self._dir_flags(self.root)
+        root.flags = dir_flags(self.root)
         self._nodes = 1
         self._ident.add(root)
         # (node, absolute path) to visit, or (node, None): its metadata, after its subtree
@@ -307,17 +307,6 @@ class FullSend:
             for sub in reversed(subdirs):
                 stack.append((sub, None))
                 stack.append((sub, absdir + b"/" + sub.dentries[0][1]))
-
-    @staticmethod
-    def _dir_flags(path: bytes) -> int:
-        try:
-            fd = os.open(path, _DIR)
-        except OSError as exc:
-            raise BtrdeltaError(f"cannot read directory: {exc.strerror}", path=path) from exc
-        try:
-            return get_fileattr(fd)
-        finally:
-            os.close(fd)
 
     def _directory(self, dnode: Node, absdir: bytes) -> list[Node]:
         """Send the entries of one directory; its subdirectories (to visit next, in order)."""
@@ -360,7 +349,7 @@ class FullSend:
         self._emit(_create(node, rel, self._next_ino))
         self._next_ino += 1
         if node.is_dir:
-            node.flags = self._dir_flags(full)
+            node.flags = dir_flags(full)
         else:
             for xname, value in sorted(node.xattrs.items()):
                 if xname != CAPS:
