@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -92,3 +93,33 @@ def run(*cmd: str | os.PathLike[str]) -> str:
     proc = subprocess.run([os.fspath(c) for c in cmd], capture_output=True, check=False)
     assert proc.returncode == 0, f"{cmd}: {proc.stderr.decode(errors='replace')}"
     return proc.stdout.decode()
+
+
+def count_reads(monkeypatch: pytest.MonkeyPatch, dev: int
+              ) -> tuple[dict[int, int], dict[int, int]]:
+    """Opens and bytes read (``os.pread``) of each regular file of filesystem ``dev``, by
+    inode, counted from now until ``monkeypatch.undo()``."""
+    opened: dict[int, int] = {}
+    read: dict[int, int] = {}
+    fds: dict[int, int] = {}
+    real_open, real_pread = os.open, os.pread
+
+    def counting_open(path: object, flags: int, *args: object, **kw: object) -> int:
+        fd = real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_dev == dev:  # not the temporary files
+            opened[st.st_ino] = opened.get(st.st_ino, 0) + 1
+            fds[fd] = st.st_ino
+        else:
+            fds.pop(fd, None)  # a number reused
+        return fd
+
+    def counting_pread(fd: int, n: int, off: int) -> bytes:
+        data = real_pread(fd, n, off)
+        if fd in fds:
+            read[fds[fd]] = read.get(fds[fd], 0) + len(data)
+        return data
+
+    monkeypatch.setattr(os, "open", counting_open)
+    monkeypatch.setattr(os, "pread", counting_pread)
+    return opened, read

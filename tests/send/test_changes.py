@@ -4,9 +4,7 @@ model, and ``send -c`` without a parent in bounded memory; the kernel receives t
 
 from __future__ import annotations
 
-import os
 import random
-import stat
 import subprocess
 import tracemalloc
 from pathlib import Path
@@ -19,7 +17,7 @@ from btrdelta.send.scan import TreeScan
 from btrdelta.stream.codec import encode_record
 from btrdelta.stream.records import Clone, Subvol, Utimes, Write
 from btrdelta.testing.scenarios import SCENARIOS, kernel_receive
-from tests.send.conftest import Workspace, build_pair
+from tests.send.conftest import Workspace, build_pair, count_reads
 from tests.send.test_scenarios import assert_same_tree, read_all
 
 
@@ -72,35 +70,6 @@ def test_incremental_memory_does_not_grow_with_unchanged_files(tmp_path: Path) -
     assert p_big < 4 << 20
 
 
-def _counting(monkeypatch: pytest.MonkeyPatch, dev: int
-              ) -> tuple[dict[int, int], dict[int, int]]:
-    """Opens and bytes read of each regular file of filesystem ``dev``, by inode."""
-    opened: dict[int, int] = {}
-    read: dict[int, int] = {}
-    fds: dict[int, int] = {}
-    real_open, real_pread = os.open, os.pread
-
-    def counting_open(path: object, flags: int, *args: object, **kw: object) -> int:
-        fd = real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
-        st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode) and st.st_dev == dev:  # not the temporary files
-            opened[st.st_ino] = opened.get(st.st_ino, 0) + 1
-            fds[fd] = st.st_ino
-        else:
-            fds.pop(fd, None)  # a number reused
-        return fd
-
-    def counting_pread(fd: int, n: int, off: int) -> bytes:
-        data = real_pread(fd, n, off)
-        if fd in fds:
-            read[fds[fd]] = read.get(fds[fd], 0) + len(data)
-        return data
-
-    monkeypatch.setattr(os, "open", counting_open)
-    monkeypatch.setattr(os, "pread", counting_pread)
-    return opened, read
-
-
 @pytest.mark.btrfs
 def test_incremental_reads_each_file_once(btrfs_ws: Workspace,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
@@ -116,7 +85,7 @@ def test_incremental_reads_each_file_once(btrfs_ws: Workspace,
     (new / "mid").write_bytes(bytes(data))
     files = {p.stat().st_ino: p.stat().st_size for t in (old, new) for p in t.rglob("*")
              if p.is_file()}
-    opened, read = _counting(monkeypatch, old.stat().st_dev)
+    opened, read = count_reads(monkeypatch, old.stat().st_dev)
     out = base / "inc.s"
     with open(out, "wb") as f:
         from btrdelta.stream.writer import StreamWriter

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import stat
 import subprocess
 import sys
 import tracemalloc
@@ -15,7 +14,7 @@ from btrdelta.send import send_records, send_stream
 from btrdelta.send.scan import hash_contents, scan_tree
 from btrdelta.tree.treesum import tree_sum
 
-from .conftest import Workspace
+from .conftest import Workspace, count_reads
 
 
 def _many(root: Path, files: int, per_dir: int = 100) -> None:
@@ -89,28 +88,7 @@ def test_full_send_reads_each_file_once(btrfs_ws: Workspace,
     _tricky(tree)
     sizes = {p.stat().st_ino: p.stat().st_size for p in tree.rglob("*")
              if p.is_file() and not p.is_symlink()}
-    opened: dict[int, int] = {}
-    fds: dict[int, int] = {}
-    read: dict[int, int] = {}
-    real_open, real_pread = os.open, os.pread
-    dev = tree.stat().st_dev
-
-    def counting_open(path: object, flags: int, *args: object, **kw: object) -> int:
-        fd = real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
-        st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode) and st.st_dev == dev:  # not the temporary files
-            opened[st.st_ino] = opened.get(st.st_ino, 0) + 1
-            fds[fd] = st.st_ino
-        return fd
-
-    def counting_pread(fd: int, n: int, off: int) -> bytes:
-        data = real_pread(fd, n, off)
-        if fd in fds:
-            read[fds[fd]] = read.get(fds[fd], 0) + len(data)
-        return data
-
-    monkeypatch.setattr(os, "open", counting_open)
-    monkeypatch.setattr(os, "pread", counting_pread)
+    opened, read = count_reads(monkeypatch, tree.stat().st_dev)
     for _rec in send_records(tree):
         pass
     monkeypatch.undo()
