@@ -62,7 +62,7 @@ from .scan import (
     Tree,
     _hash_file,
     node_identity,
-    open_file,
+    open_to_read,
     read_node,
     uuid_of,
 )
@@ -182,10 +182,7 @@ def _read_single(node: Node, path: bytes, buf: bytearray, keep: bool) -> _Kept |
         BtrdeltaError: the file cannot be read or changed size while it was read.
     """
     xxhash = need("xxhash", "make")
-    try:
-        fd = open_file(path)
-    except OSError as exc:
-        raise BtrdeltaError(f"cannot read file: {exc.strerror}", path=path) from exc
+    fd = open_to_read(path)
     try:
         node.flags, size = get_fileattr(fd), node.size
         if size <= _WHOLE:

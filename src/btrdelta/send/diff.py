@@ -35,7 +35,7 @@ from .._optional import need
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
 from ..fs.copy import data_segments
-from .scan import ROOT, Node, Tree, open_file
+from .scan import ROOT, Node, Tree, open_file, open_to_read
 
 if TYPE_CHECKING:  # pyfastcdc and xxhash come with [make]: imported when a send starts
     from pyfastcdc.cy import FastCDC
@@ -217,15 +217,9 @@ def compare_files(old_path: bytes, new_path: bytes, old_size: int, new_size: int
         BtrdeltaError: a file cannot be read or changed size while it was read.
     """
     xxhash = need("xxhash", "make")
+    fo = open_to_read(old_path)
     try:
-        fo = open_file(old_path)
-    except OSError as exc:
-        raise BtrdeltaError(f"cannot read file: {exc.strerror}", path=old_path) from exc
-    try:
-        try:
-            fn = open_file(new_path)
-        except OSError as exc:
-            raise BtrdeltaError(f"cannot read file: {exc.strerror}", path=new_path) from exc
+        fn = open_to_read(new_path)
         try:
             return _compare(fo, fn, old_path, new_path, old_size, new_size, xxhash)
         finally:

@@ -58,7 +58,7 @@ from ..stream.records import (
 from .changes import SourceIndex, TreeIdentity, dir_flags, index_source
 from .emit import CAPS, COMPRESSORS, SendStats, encode_piece, option_problem
 from .order import _create
-from .scan import ROOT, Node, open_file, read_node, uuid_of
+from .scan import ROOT, Node, open_file, open_to_read, read_node, uuid_of
 
 __all__ = ["FullSend"]
 
@@ -389,10 +389,7 @@ class FullSend:
     def _file(self, node: Node) -> None:
         """Open and read one regular file once: its data records, digest and flags."""
         full = self.root + b"/" + node.path
-        try:
-            fd = open_file(full)
-        except OSError as exc:
-            raise BtrdeltaError(f"cannot read file: {exc.strerror}", path=full) from exc
+        fd = open_to_read(full)
         try:
             node.flags = get_fileattr(fd)
             size = node.size

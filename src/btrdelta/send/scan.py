@@ -400,13 +400,22 @@ def open_file(path: bytes) -> int:
         return os.open(path, flags)
 
 
+def open_to_read(path: bytes) -> int:
+    """:func:`open_file`, its failure said as the one-line error the send reports.
+
+    Raises:
+        BtrdeltaError: the file cannot be opened (naming ``path``).
+    """
+    try:
+        return open_file(path)
+    except OSError as exc:
+        raise BtrdeltaError(f"cannot read file: {exc.strerror}", path=path) from exc
+
+
 def _hash_file(path: bytes, size: int, buf: bytearray) -> tuple[bytes, int]:
     """(XXH3-128 of the content, btrfs flags) of one regular file of ``size`` bytes."""
     xxhash = need("xxhash", "make")
-    try:
-        fd = open_file(path)
-    except OSError as exc:
-        raise BtrdeltaError(f"cannot read file: {exc.strerror}", path=path) from exc
+    fd = open_to_read(path)
     try:
         flags = get_fileattr(fd)
         if size <= _WHOLE:
@@ -457,10 +466,7 @@ def _hash_file_blocks(
 ) -> tuple[bytes, int, list[tuple[int, int]], bytes, bytes]:
     """Record mode: (XXH3-128 digest, flags, block-aligned data segments, seeded XXH3-128 of
     each 4 KiB block of them, BLAKE3-256 digest) of one regular file, read once."""
-    try:
-        fd = open_file(path)
-    except OSError as exc:
-        raise BtrdeltaError(f"cannot read file: {exc.strerror}", path=path) from exc
+    fd = open_to_read(path)
     try:
         flags = get_fileattr(fd)
         segs = block_segments(data_segments(fd, size), size) if size else []
