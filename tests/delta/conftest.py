@@ -44,7 +44,7 @@ def delta_items(delta: bytes) -> list[object]:
     return items
 
 
-def _edit(data: bytes, rnd: random.Random) -> bytes:
+def rebuilt_edit(data: bytes, rnd: random.Random) -> bytes:
     """A small, realistic change: a few bytes patched, a short insertion, a deletion."""
     buf = bytearray(data)
     if not buf:
@@ -79,7 +79,7 @@ def rebuild_release(root: Path, seed: int = 7) -> None:
     shutil.copytree(root, fresh, symlinks=True)
     for path in sorted(fresh.rglob("*")):
         if path.is_file() and not path.is_symlink():
-            data = _edit(path.read_bytes(), rnd)
+            data = rebuilt_edit(path.read_bytes(), rnd)
             path.unlink()
             path.write_bytes(data)
             path.chmod(0o755 if "bin" in path.parts else 0o644)
@@ -131,7 +131,7 @@ def _make_same_pair(mnt: Path, out: Path) -> Pair:
         run("cp", "-p", "--sparse=always", "--reflink=never", str(path), str(fresh))
         fresh.rename(path)
     lib = sorted((usr / "lib").iterdir())[3]
-    lib.write_bytes(_edit(lib.read_bytes(), random.Random(3)))
+    lib.write_bytes(rebuilt_edit(lib.read_bytes(), random.Random(3)))
     run("sync")
     run("btrfs", "-q", "subvolume", "snapshot", "-r", vol, b)
     streams = {

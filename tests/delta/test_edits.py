@@ -31,22 +31,9 @@ from btrdelta.errors import ChecksumError, StreamFormatError
 from btrdelta.stream import StreamWriter
 from btrdelta.stream import records as R
 
-from .conftest import delta_items
+from .conftest import delta_items, rebuilt_edit
 
 EDITS = get_codec("edits")
-
-
-def _rebuilt(data: bytes, rnd: random.Random) -> bytes:
-    """Three 4-byte substitutions, an insertion, a deletion (as the rebuilt release)."""
-    buf = bytearray(data)
-    for _ in range(3):
-        i = rnd.randrange(len(buf))
-        buf[i : i + 4] = rnd.randbytes(4)
-    i = rnd.randrange(len(buf))
-    buf[i:i] = b"/* rebuilt */"
-    j = rnd.randrange(len(buf))
-    del buf[j : j + 16]
-    return bytes(buf)
 
 
 def _text(rnd: random.Random, n: int) -> bytes:
@@ -61,7 +48,7 @@ def _text(rnd: random.Random, n: int) -> bytes:
 def test_a_few_edits_cost_their_bytes_and_positions() -> None:
     rnd = random.Random(1)
     old = _text(rnd, 40_000)
-    new = _rebuilt(old, rnd)
+    new = rebuilt_edit(old, rnd)
     patch = EDITS.make(old, new)
     assert EDITS.apply(old, patch, new_size=len(new)) == new
     # 12 changed bytes, the 13-byte insertion, five positions: ~40 bytes; HDiffPatch's
@@ -131,7 +118,7 @@ def rebuilt(tmp_path: Path) -> tuple[Path, bytes]:
     for i in range(20):
         body = _text(rnd, rnd.randrange(5_000, 60_000))
         (old / "lib" / f"m{i}.py").write_bytes(body)
-        files[f"lib/m{i}.py".encode()] = _rebuilt(body, rnd)
+        files[f"lib/m{i}.py".encode()] = rebuilt_edit(body, rnd)
     return old, _stream(files)
 
 
