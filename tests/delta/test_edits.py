@@ -139,6 +139,18 @@ def test_rebuilt_files_are_edits_patches_in_format_7(rebuilt: tuple[Path, bytes]
     assert len(delta) < 0.8 * len(before)
 
 
+def test_a_one_write_file_gets_the_same_implied_chunk(rebuilt: tuple[Path, bytes]) -> None:
+    """A CPATCH's implied PWRITE of a file sent in one WRITE names the same CHUNK for every
+    such file (any CHUNK of at least its length gives the WRITE back), not its size: the
+    size cost ~2 bytes a file in the carrier."""
+    old, stream = rebuilt
+    delta, _ = _make(stream, old)
+    patches = _carried_patches(delta)
+    assert any(p.new_size < 49152 for p in patches)
+    assert {p.auto_chunk for p in patches} == {49152}
+    assert _expand(delta, old) == stream
+
+
 def test_an_edited_old_file_is_refused_naming_it(rebuilt: tuple[Path, bytes]) -> None:
     old, stream = rebuilt
     delta, _ = _make(stream, old)

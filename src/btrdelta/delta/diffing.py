@@ -33,7 +33,7 @@ from ..fs.sandbox import file_size as old_file_size
 from ..fs.sandbox import open_regular as open_old_file
 from ..stream import records as R
 from ..stream.codec import encode_record
-from ..stream.constants import CMD_HEADER
+from ..stream.constants import CMD_HEADER, KERNEL_WRITE_SIZE
 from .codecs import AUTO, CODECS, Codec, get_codec, make_auto
 from .commands import RawCommand
 from .encoding import can_compact
@@ -209,6 +209,8 @@ _BIG = _Budget(48 << 20)
 RAW_MAX_FILE = 4 << 20
 
 
+#: CHUNK of a PWRITE standing for one WRITE no longer than this (the v1 kernel's WRITE size)
+ONE_WRITE_CHUNK = KERNEL_WRITE_SIZE[1]
 #: files whose ``hdiff-raw`` patch is at most this long (a few edits) also get an ``edits``
 #: patch (codec 5, format 7)
 EDITS_TRY = 4 << 10
@@ -429,7 +431,11 @@ def _runs(group: Group, items: list[DeltaItem], encoded: dict[int, tuple[int, in
     def close() -> None:
         nonlocal run
         if run is not None:
-            items.append(PWrite(run[0], run[1], run[2]))
+            # one WRITE: any CHUNK of at least its length gives it back; the same one for
+            # every such file compresses to nothing (its length as CHUNK cost ~2 bytes a
+            # file in the carrier: the rebuilt-release pair, 123 small files)
+            chunk = max(run[2], ONE_WRITE_CHUNK) if run[1] == run[2] else run[2]
+            items.append(PWrite(run[0], run[1], chunk))
             run = None
 
     for i, r in enumerate(group.records):
