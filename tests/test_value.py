@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import pytest
 
-from btrdelta._value import field_names, value_class
+from btrdelta._value import field, field_names, value_class
 
 
 @value_class
@@ -66,3 +66,53 @@ def test_no_fields() -> None:
     assert repr(Empty()) == "Empty()"
     assert field_names(Empty) == ()
     assert Empty.tag == 3
+
+
+@value_class
+class OursMade:
+    name: bytes
+    links: list[int] = field(default_factory=list)
+    seen: dict[int, int] = field(default_factory=dict)
+
+
+@dataclasses.dataclass(slots=True)
+class TheirsMade:
+    name: bytes
+    links: list[int] = dataclasses.field(default_factory=list)
+    seen: dict[int, int] = dataclasses.field(default_factory=dict)
+
+
+def test_default_factory_makes_one_per_instance() -> None:
+    a, b = OursMade(b"a"), OursMade(b"b")
+    a.links.append(1)
+    assert b.links == []
+    assert b.seen == {}
+    assert repr(a).replace("OursMade", "TheirsMade") == repr(TheirsMade(b"a", [1]))
+    given = [7]
+    assert OursMade(b"c", given).links is given
+    assert OursMade(b"c", seen={1: 2}) == OursMade(b"c", [], {1: 2})
+
+
+@value_class(frozen=True)
+class OursFrozen:
+    uuid: bytes | None = None
+    stamp: int = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TheirsFrozen:
+    uuid: bytes | None = None
+    stamp: int = 0
+
+
+def test_frozen_like_a_frozen_dataclass() -> None:
+    ours, theirs = OursFrozen(b"u", 3), TheirsFrozen(b"u", 3)
+    assert repr(ours).replace("Ours", "Theirs") == repr(theirs)
+    assert hash(ours) == hash(OursFrozen(b"u", 3))
+    assert {ours, OursFrozen(b"u", 3), OursFrozen()} == {OursFrozen(), ours}
+    for obj in (ours, theirs):
+        with pytest.raises(AttributeError):
+            obj.stamp = 4  # type: ignore[misc]
+        with pytest.raises(AttributeError):
+            del obj.stamp
+    assert ours.stamp == 3

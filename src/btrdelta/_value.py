@@ -2,25 +2,61 @@
 
 ``@value_class`` makes what ``@dataclass(slots=True)`` makes from a class body with annotated
 fields: ``__slots__``, an ``__init__`` taking the fields in order (with the defaults given
-in the body), ``__repr__``, field-by-field ``__eq__`` (instances are unhashable, as with a
-dataclass), ``__match_args__`` (the field names, in order; :func:`field_names` reads them).
-``ClassVar`` annotations are class attributes, not fields.
+in the body; ``field(default_factory=list)`` makes one per instance), ``__repr__``,
+field-by-field ``__eq__`` (instances are unhashable, as with a dataclass),
+``__match_args__`` (the field names, in order; :func:`field_names` reads them).
+``ClassVar`` annotations are class attributes, not fields. ``@value_class(frozen=True)``
+is ``@dataclass(frozen=True, slots=True)``: fields cannot be assigned after ``__init__``,
+instances hash by their fields.
 
 Why not ``dataclasses``: importing it pulls in ``inspect``, ``ast``, ``dis`` and
 ``tokenize``, and it compiles three functions per class. On the path every
 ``btrdelta receive`` takes (26 record classes) that was ~25 ms of a start-up that
-``btrfs receive`` does not have. Here one ``__init__`` is compiled per class and
-``__repr__``/``__eq__`` are shared. Type checkers see a dataclass (``dataclass_transform``).
+``btrfs receive`` does not have (and ~10 ms of every ``btrdelta send``). Here one
+``__init__`` is compiled per class and ``__repr__``/``__eq__`` are shared. Type checkers see
+a dataclass (``dataclass_transform``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from operator import attrgetter
-from typing import Any, TypeVar, dataclass_transform
+from typing import Any, TypeVar, dataclass_transform, overload
 
-__all__ = ["field_names", "value_class"]
+__all__ = ["field", "field_names", "value_class"]
 
 _T = TypeVar("_T", bound=type)
+_V = TypeVar("_V")
+
+
+class _Factory:
+    """A field's default made per instance (what :func:`field` returns)."""
+
+    __slots__ = ("make",)
+
+    def __init__(self, make: Callable[[], object]) -> None:
+        self.make = make
+
+
+def field(*, default_factory: Callable[[], _V]) -> _V:
+    """``dataclasses.field(default_factory=...)``: a new default per instance."""
+    return _Factory(default_factory)  # type: ignore[return-value]
+
+
+class FrozenInstanceError(AttributeError):
+    """A field of a frozen value class was assigned (``dataclasses.FrozenInstanceError``)."""
+
+
+def _frozen_setattr(self: Any, name: str, value: object) -> None:
+    raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+
+def _frozen_delattr(self: Any, name: str) -> None:
+    raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+
+def _hash(self: Any) -> int:
+    return hash(self._value_key(self)) if self._value_key is not None else 0
 
 
 def _repr(self: Any) -> str:
@@ -35,9 +71,23 @@ def _eq(self: Any, other: Any) -> bool:
     return key is None or bool(key(self) == key(other))
 
 
-@dataclass_transform()
-def value_class(cls: _T) -> _T:
+@overload
+def value_class(cls: _T, /) -> _T: ...
+
+
+@overload
+def value_class(*, frozen: bool = False) -> Callable[[_T], _T]: ...
+
+
+@dataclass_transform(field_specifiers=(field,))
+def value_class(cls: _T | None = None, /, *, frozen: bool = False) -> Any:
     """Turn ``cls`` into a slotted value class (see the module docstring)."""
+    if cls is None:
+        return lambda c: _make(c, frozen)
+    return _make(cls, frozen)
+
+
+def _make(cls: _T, frozen: bool) -> _T:
     body = cls.__dict__
     names = tuple(
         n for n, t in body.get("__annotations__", {}).items()
@@ -53,9 +103,14 @@ def value_class(cls: _T) -> _T:
             raise TypeError(f"{cls.__name__}: field {n} without a default follows one with")
         else:
             params.append(n)
-    lines = [f" self.{n} = {n}" for n in names] or [" pass"]
-    source = f"def __init__(self, {', '.join(params)}):\n" + "\n".join(lines)
+    lines = []
+    for n in names:
+        value = f"_d_{n}.make() if {n} is _d_{n} else {n}" \
+            if isinstance(defaults.get(n), _Factory) else n
+        lines.append(f" _set(self, {n!r}, {value})" if frozen else f" self.{n} = {value}")
+    source = f"def __init__(self, {', '.join(params)}):\n" + ("\n".join(lines) or " pass")
     scope: dict[str, Any] = {f"_d_{n}": v for n, v in defaults.items()}
+    scope["_set"] = object.__setattr__
     exec(compile(source, f"<value_class {cls.__qualname__}>", "exec"), scope)
     ns = {k: v for k, v in body.items() if k not in names and k not in ("__dict__", "__weakref__")}
     init = scope["__init__"]
@@ -64,6 +119,8 @@ def value_class(cls: _T) -> _T:
         __slots__=names, __match_args__=names, __init__=init, __repr__=_repr, __eq__=_eq,
         __hash__=None, _value_key=attrgetter(*names) if names else None,
     )
+    if frozen:
+        ns.update(__setattr__=_frozen_setattr, __delattr__=_frozen_delattr, __hash__=_hash)
     new: _T = type(cls)(cls.__name__, cls.__bases__, ns)
     return new
 

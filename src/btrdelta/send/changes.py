@@ -44,13 +44,13 @@ import struct
 import tempfile
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING
 from uuid import UUID
 
 import blake3
 
 from .._optional import need
+from .._value import field, value_class
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
 from ..fs.copy import data_segments
@@ -382,7 +382,7 @@ class DataSpool:
             self.file = None
 
 
-@dataclass
+@value_class
 class Changes:
     """The changed part of two trees (see the module docstring)."""
 
@@ -633,7 +633,7 @@ def find_changes(
     return walk.out
 
 
-@dataclass
+@value_class
 class SourceIndex:
     """A tree the receiver has (``send -c``): its identity and larger files by digest."""
 

@@ -28,10 +28,10 @@ import os
 import stat
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .._optional import need
+from .._value import field, value_class
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
 from ..fs.copy import data_segments
@@ -58,7 +58,7 @@ _READ = 1 << 20
 _ZEROS = memoryview(bytes(_READ))
 
 
-@dataclass
+@value_class
 class Match:
     """Pairs of old and new node ids that are the same inode."""
 
@@ -170,7 +170,7 @@ def punched(new_segs: list[tuple[int, int]], old_segs: list[tuple[int, int]], ol
     return holes
 
 
-@dataclass
+@value_class
 class Compared:
     """Two versions of a file read side by side (:func:`compare_files`)."""
 

@@ -39,9 +39,9 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass
 from uuid import UUID
 
+from .._value import value_class
 from ..errors import BtrdeltaError
 from ..fs.copy import data_segments
 from ..stream.records import (
@@ -79,7 +79,7 @@ _PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
 _ZEROS = bytes(_ENCODED_MAX)
 
 
-@dataclass(frozen=True)
+@value_class(frozen=True)
 class StreamIds:
     """UUIDs and ctransids a stream names, when they are not derived from the trees: the
     new subvolume's (a btrfs snapshot's, a record's) and the parent's (what the receiver
@@ -91,7 +91,7 @@ class StreamIds:
     parent_ctransid: int = 0
 
 
-@dataclass
+@value_class
 class SendStats:
     """Counters for progress reports."""
 

@@ -26,8 +26,8 @@ data and metadata afterwards (all names are then final).
 from __future__ import annotations
 
 import stat
-from dataclasses import dataclass, field
 
+from .._value import field, value_class
 from ..stream.records import (
     Link,
     Mkdir,
@@ -49,7 +49,7 @@ __all__ = ["Namespace", "order_namespace"]
 Dentry = tuple[int, bytes]
 
 
-@dataclass
+@value_class
 class Namespace:
     """The receiver's namespace during the send: keys are old node ids for old inodes and
     ``-1 - new_id`` for inodes the stream creates."""

@@ -39,12 +39,12 @@ import struct
 import threading
 import uuid
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import blake3
 
 from .._optional import need
+from .._value import field, field_names, value_class
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
 from ..fs.copy import data_segments
@@ -84,7 +84,7 @@ _WHOLE = 1 << 20
 _ZERO_VIEW = memoryview(bytes(_WHOLE))
 
 
-@dataclass(slots=True)
+@value_class
 class Node:
     """One inode of a scanned tree."""
 
@@ -138,7 +138,7 @@ class Node:
         return stat.S_ISREG(self.mode)
 
 
-@dataclass
+@value_class
 class Tree:
     """A scanned tree: nodes by id, directory entries, and the path of every dentry."""
 
@@ -616,7 +616,7 @@ class ForkedScan:
                 try:
                     tree = scan_tree(path)
                     hash_contents([tree], workers=1)
-                    nodes = [tuple(getattr(n, f) for f in Node.__slots__)
+                    nodes = [tuple(getattr(n, f) for f in field_names(Node))
                              for n in tree.nodes.values()]
                     payload = ("ok", tree.root, tree.files, tree.data_bytes, nodes,
                                tree.children, tree.identity())

@@ -25,9 +25,9 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .._value import field, value_class
 from ..errors import BtrdeltaError, MissingBaseError
 from ..tree.sendshot import RecordInode, RecordReader, SendshotHead, read_head, write_record
 
@@ -49,7 +49,7 @@ _HEX = re.compile(r"[0-9a-f]{4,64}")
 _UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
 
 
-@dataclass
+@value_class
 class StoredSendshot:
     """One record of a store."""
 

@@ -46,9 +46,9 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any, Final, Literal, NoReturn
 
+from .._value import value_class
 from ..errors import BtrdeltaError, ChecksumError, StreamFormatError
 from .constants import CMD_HEADER, CMD_HEADER_SIZE, COMMAND_SPECS, SUPPORTED_VERSIONS, Cmd
 from .crc import crc32c
@@ -179,7 +179,7 @@ assert all(  # commands are added at the end of the numbering, never in between
 # --- framing -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@value_class(frozen=True)
 class Framing:
     """What differs between the formats that share the framing: the largest payload of a
     record, and the words of framing errors (``str.format`` templates, which may use
