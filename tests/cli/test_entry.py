@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from btrdelta.cli import main
+from btrdelta.cli import COMMANDS, build_parser, main
 
 STREAM = Path(__file__).parents[1] / "data" / "streams" / "reflink-deep-paths-108.A.v1.stream"
 
@@ -31,3 +32,48 @@ def test_exit_code_and_error_line_survive_the_quick_exit(tmp_path: Path) -> None
                            str(tmp_path / "missing")], capture_output=True, check=False)
     assert proc.returncode == 1
     assert proc.stderr.decode().startswith("btrdelta dump: error:")
+
+
+def test_listing_is_the_full_parsers_top_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--help`` lists the commands from COMMANDS without importing them: the same text as
+    the parser with every command module's own parser registered."""
+    monkeypatch.setenv("COLUMNS", "100")
+    full = build_parser()
+    sub = next(a for a in full._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(sub.choices) == list(COMMANDS)
+    assert build_parser(listing=True).format_help() == full.format_help()
+    for name, (module, _line) in COMMANDS.items():
+        alone = next(a for a in build_parser(name)._actions
+                     if isinstance(a, argparse._SubParsersAction))
+        assert list(alone.choices) == [name]
+        assert alone.choices[name].prog == f"btrdelta {name}"
+        assert (Path(__file__).parents[2] / "src/btrdelta/cli" / f"{module}.py").is_file()
+
+
+_IMPORTED = ("import sys\nfrom btrdelta.cli import main\ntry:\n    main({argv!r})\n"
+             "except SystemExit:\n    pass\n"
+             "print(sorted(m for m in sys.modules if m.startswith('btrdelta.cli.')))")
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["no-such-command"], []])
+def test_version_and_help_import_no_command(argv: list[str]) -> None:
+    proc = subprocess.run([sys.executable, "-c", _IMPORTED.format(argv=argv)],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "['btrdelta.cli._common']"
+    if argv == ["--version"]:
+        assert proc.stdout.startswith("btrdelta ")
+    elif argv == ["--help"]:
+        assert "tree-sum" in proc.stdout
+    elif argv:  # the mistyped name, and the commands there are
+        assert "invalid choice: 'no-such-command'" in proc.stderr
+        assert "'tree-sum'" in proc.stderr
+    else:
+        assert "usage: btrdelta" in proc.stderr
+
+
+def test_a_command_imports_only_its_module() -> None:
+    proc = subprocess.run([sys.executable, "-c", _IMPORTED.format(argv=["dump", "--help"])],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "['btrdelta.cli._common', 'btrdelta.cli.dump_cmd']"

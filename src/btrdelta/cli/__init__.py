@@ -1,7 +1,8 @@
 """The ``btrdelta`` command: one entry point, one module per subcommand.
 
-Every ``btrdelta/cli/<name>_cmd.py`` module is a subcommand; it exposes ``add_parser(sub)``
-(registers its argparse parser and sets ``func=run``) and ``run(args) -> int``. Commands are
+Every ``btrdelta/cli/<name>_cmd.py`` module is a subcommand, listed in :data:`COMMANDS`
+(with its ``--help`` line); it exposes ``add_parser(sub)`` (registers its argparse parser and
+sets ``func=run``) and ``run(args) -> int``; a run imports only the chosen one. Commands are
 thin: parse, call the public API, format. Errors become one line on stderr and the exit code
 of the error class (the table of ``btrdelta --help`` and the README, generated from
 :func:`btrdelta.errors.exit_codes`); a usage mistake is one line and exit 2; ``--debug``
@@ -26,7 +27,7 @@ from .._optional import OPTIONAL, missing
 from ..errors import BtrdeltaError, exit_codes
 from ._common import HelpFormatter, Parser
 
-__all__ = ["build_parser", "describe_os_error", "entry", "exit_codes_epilog", "main"]
+__all__ = ["COMMANDS", "build_parser", "describe_os_error", "entry", "exit_codes_epilog", "main"]
 
 def exit_codes_epilog() -> str:
     """The exit-code table of ``btrdelta --help`` (generated from :mod:`btrdelta.errors`)."""
@@ -34,15 +35,39 @@ def exit_codes_epilog() -> str:
     return f"exit codes:\n{rows}"
 
 
-def _command_modules() -> list[str]:
-    # a directory listing, not pkgutil (whose import costs ~4 ms of every command's start)
-    here = os.path.dirname(__file__)
-    return sorted(n[:-3] for n in os.listdir(here) if n.endswith("_cmd.py"))
+#: every command: name -> (its module under ``btrdelta.cli``, the line ``btrdelta --help``
+#: shows). ``--help``, ``--version`` and a mistyped command list them without importing any
+#: command module; tests/cli/test_entry.py checks them against the modules' own parsers.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "delta": ("delta_cmd", "make, expand and inspect delta streams (file data as binary "
+              "patches)"),
+    "device": ("device_cmd", "A/B roots on btrfs: install by delta, boot counting, factory "
+               "reset"),
+    "dump": ("dump_cmd", "print the commands of a send stream"),
+    "image": ("image_cmd", "chunked images: compress, clone over HTTP, mount, NBD export"),
+    "key": ("key_cmd", "generate and show Ed25519 signing keys"),
+    "receive": ("receive_cmd", "apply a send stream to a directory (any filesystem) or btrfs"),
+    "replicate": ("replicate_cmd", "send SOURCE to DEST (local, ssh://, tcp://) against what "
+                  "it holds"),
+    "repo": ("repo_cmd", "versions repository: publish releases, deltas and a signed index"),
+    "send": ("send_cmd", "make a send stream from a directory tree (incremental with -p)"),
+    "sendshot": ("sendshot_cmd", "list, show, delete, prune or create sendshot records"),
+    "serve": ("serve_cmd", "serve a directory over HTTP with Range support (tests and demos)"),
+    "sign": ("sign_cmd", "sign a send stream or delta stream (detached FILE.sig)"),
+    "stat": ("stat_cmd", "summarize a stream: commands, data bytes, compression, files "
+             "touched"),
+    "tree-sum": ("treesum_cmd", "checksum a directory tree (content, metadata, xattrs, links)"),
+    "update": ("update_cmd", "update DEST from a versions repository (cheapest path, "
+               "verified)"),
+    "verify": ("verify_cmd", "check a stream's framing and every CRC32C"),
+}
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The argument parser with every subcommand registered (or just ``only``, when a
-    module ``<only>_cmd`` registers it: saves importing every command on each run)."""
+def build_parser(only: str | None = None, *, listing: bool = False) -> argparse.ArgumentParser:
+    """The argument parser with every subcommand registered, or just ``only`` (a name of
+    :data:`COMMANDS`: only its module is imported). ``listing``: every command by its name
+    and help line only (no command module imported): enough for ``--help``, ``--version``
+    and the error naming a mistyped command."""
     parser = Parser(
         prog="btrdelta",
         description=(
@@ -60,16 +85,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         "--debug", action="store_true", help="show a Python traceback on errors"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    names = _command_modules()
-    if only is not None and f"{only.replace('-', '_')}_cmd" in names:
-        first = f"{only.replace('-', '_')}_cmd"
-        importlib.import_module(f"{__name__}.{first}").add_parser(sub)
-        if only in sub.choices:
-            return parser
-        names.remove(first)
+    if listing:
+        for name, (_module, line) in COMMANDS.items():
+            sub.add_parser(name, help=line, add_help=False)
+        return parser
+    names = [COMMANDS[only][0]] if only in COMMANDS else sorted({m for m, _ in COMMANDS.values()})
     for name in names:
-        module = importlib.import_module(f"{__name__}.{name}")
-        module.add_parser(sub)
+        importlib.import_module(f"{__name__}.{name}").add_parser(sub)
     return parser
 
 
@@ -98,7 +120,10 @@ def entry() -> NoReturn:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (only ``__main__`` calls ``sys.exit``)."""
     words = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(next((w for w in words if not w.startswith("-")), None))
+    # only the chosen command's module is imported; without one (--help, --version, a
+    # mistyped name) the commands are listed from COMMANDS
+    command = next((w for w in words if not w.startswith("-")), None)
+    parser = build_parser(command, listing=command not in COMMANDS)
     args = parser.parse_args(words)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
