@@ -9,7 +9,6 @@ import contextlib
 import os
 import stat
 import sys
-import textwrap
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, BinaryIO, NoReturn
 
@@ -31,6 +30,8 @@ class HelpFormatter(argparse.HelpFormatter):
                          _columns() - 2 if width is None else width)
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
+        import textwrap  # (help only)
+
         out = []
         for block in text.strip("\n").split("\n\n"):
             lines = block.splitlines()

@@ -41,7 +41,6 @@ import os
 import re
 import stat
 import struct
-import tempfile
 import threading
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING
@@ -79,6 +78,14 @@ _LITERAL, _LINKED = 0, 1
 #: root entries that an orphan name (:mod:`.order`) could collide with
 _ORPHAN = re.compile(rb"o\d+-\d+-\d+")
 
+
+def _temporary_file(where: str | None) -> IO[bytes]:
+    """An unnamed temporary file in ``where`` (``tempfile``: imported when needed, ~4 ms)."""
+    import tempfile
+
+    return tempfile.TemporaryFile(dir=where)
+
+
 #: (path, size, node id) of a parent file
 OldFile = tuple[bytes, int, int]
 
@@ -107,7 +114,7 @@ class TreeIdentity:
         self.newest = max(self.newest, node.mtime_ns)
         self._flush()
         if self.file is None:
-            self.file = tempfile.TemporaryFile(dir=self.tmpdir)  # noqa: SIM115 - close()
+            self.file = _temporary_file(self.tmpdir)
         self.file.write(_FRAME.pack(_LINKED, node.st_ino))
 
     def _flush(self) -> None:
@@ -355,7 +362,7 @@ class DataSpool:
         """Keep ``data``; its offset in the spool."""
         with self._lock:
             if self.file is None:
-                self.file = tempfile.TemporaryFile(dir=self.tmpdir)  # noqa: SIM115 - close()
+                self.file = _temporary_file(self.tmpdir)
             off = self.pos
             os.pwrite(self.file.fileno(), data, off)
             self.pos += len(data)
