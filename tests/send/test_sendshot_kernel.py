@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,42 @@ def test_a_full_send_hashes_the_files_it_sends_as_it_reads_them(
     total = sum(p.stat().st_size for p in live.iterdir())
     # read once (the hole not at all), but the copies and the small file: hashed first
     assert sent.stats.bytes_read <= total - (3 << 20) + 2 * ((1 << 20) + 7) + 5000
+
+
+#: modules a `send --from-sendshot` of a btrfs snapshot does without (each costs ms of start-up
+#: that `btrfs send -p` does not have): dataclasses (inspect, ast, dis, tokenize), ctypes,
+#: tempfile (shutil, random, bz2, lzma), thread pools, and what other commands use
+_NOT_ON_THE_SEND_PATH = {
+    "dataclasses", "inspect", "ast", "dis", "tokenize", "ctypes", "tempfile", "shutil",
+    "random", "bz2", "lzma", "concurrent.futures", "textwrap", "json", "pathlib",
+    "subprocess", "hashlib", "pyfastcdc", "btrdelta.update", "btrdelta.receive",
+    "btrdelta.delta", "btrdelta.cli.receive_cmd",
+}
+_IMPORTED = ("import sys\nfrom btrdelta.cli import main\ncode = main({argv!r})\n"
+             "print(code, sorted(set(sys.modules) & {heavy!r}))")
+
+
+def test_send_from_a_record_imports_no_heavy_module(two_fs: tuple[Path, Path],
+                                                     tmp_path: Path) -> None:
+    """`send SNAP --from-sendshot latest --record` of the kernel's read-only snapshot (the
+    in-place benchmark's command) in a fresh interpreter: the modules it imported (sys.modules
+    at the end) include none of ``_NOT_ON_THE_SEND_PATH``; its stream is received by the
+    kernel (tree-sum equal to the snapshot)."""
+    snd, rcv = two_fs
+    live, store = snd / "live", tmp_path / "store"
+    run("btrfs", "subvolume", "create", live)
+    _fill(live, 20)
+    for i in (0, 1):
+        if i:
+            (live / "d" / "f3").write_bytes(b"changed")
+            os.rename(live / "d" / "f4", live / "f4")
+        run("btrfs", "subvolume", "snapshot", "-r", live, snd / f"s{i}")
+        argv = ["send", str(snd / f"s{i}"), "-o", str(tmp_path / f"s{i}.stream"), "--record",
+                "--store", str(store), "-q", *(["--from-sendshot", "latest"] if i else [])]
+        out = run(sys.executable, "-c",
+                  _IMPORTED.format(argv=argv, heavy=_NOT_ON_THE_SEND_PATH)).split(" ", 1)
+        assert out[0] == "0"
+        if i:
+            assert out[1].strip() == "[]"
+        run("btrfs", "receive", "-f", tmp_path / f"s{i}.stream", rcv)
+    assert tree_sum(rcv / "s1") == tree_sum(snd / "s1")
