@@ -65,7 +65,9 @@ class Channel(Protocol):
 
     A channel may also have ``readinto(buf) -> int`` (0 at the end) and
     ``writev(buffers)`` (send all of them, in order): :class:`MessageIO` then reads each
-    message into one buffer of its size and writes DATA without joining its pieces.
+    message into one buffer of its size and writes DATA without joining its pieces. A
+    channel whose ``concurrent`` is true may be read by one thread while another writes
+    (the two sides of replication then read ahead in a thread).
     """
 
     def read(self, n: int) -> bytes:
@@ -83,6 +85,9 @@ class Channel(Protocol):
 
 class PipeChannel:
     """Two file objects (a child's stdout and stdin, or our own stdin and stdout)."""
+
+    #: one thread may read while another writes
+    concurrent = True
 
     def __init__(self, rfile: BinaryIO | IO[bytes], wfile: BinaryIO | IO[bytes],
                  proc: subprocess.Popen[bytes] | None = None, *, name: str = "pipe") -> None:
@@ -225,6 +230,8 @@ class SocketChannel:
 
     def __init__(self, sock: socket.socket, name: str) -> None:
         self.sock, self.name = sock, name
+        #: one thread may read while another writes (not on TLS: one SSL object)
+        self.concurrent = not isinstance(sock, ssl.SSLSocket)
 
     def read(self, n: int) -> bytes:
         try:
@@ -485,11 +492,14 @@ class MessageIO:
 
     def send_data(self, offset: int, pieces: Sequence[Any]) -> None:
         """Send ``Data(offset, b"".join(pieces))``."""
-        out = self.conn.send_data(offset, pieces)
+        self.write_frame(self.conn.send_data(offset, pieces))
+
+    def write_frame(self, buffers: Sequence[Any]) -> None:
+        """Write the buffers of a frame (:meth:`Connection.send_data`'s) in order."""
         if self._writev is not None:
-            self._writev(out)
+            self._writev(buffers)
         else:
-            self.ch.write(b"".join(out))
+            self.ch.write(b"".join(buffers))
 
     def send_raw(self, msg: Message) -> None:
         """Send ``msg`` even where the order forbids it (a last REFUSE)."""

@@ -30,13 +30,10 @@ import json
 import mmap
 import os
 import struct
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
-
-import blake3
 
 from .._value import value_class
 from ..errors import (
@@ -52,10 +49,8 @@ from ..protocol import (
     Accept,
     Ack,
     Checkpoint,
-    Commit,
     Committed,
     Connection,
-    Data,
     Held,
     Hello,
     Holdings,
@@ -63,13 +58,14 @@ from ..protocol import (
     Plan,
     Refuse,
 )
-from ..protocol.messages import segment_hasher, spoken
+from ..protocol.messages import spoken
 from ..receive import ReceivedSubvol, receive, uses_btrfs
 from ..receive.resume import ResumePoint
 from ..receive.subvolumes import PendingSubvol, Subvolumes, pid_alive
 from ..stream.reader import EOF, NEED_DATA, Event, StreamParser
 from ..stream.records import Clone, End, Snapshot, Subvol
 from .channels import Channel, MessageIO, PeerClosed, PeerRefused
+from .inbox import Inbox, chain_next
 
 __all__ = ["PARTIAL_DIR", "STATE_FILE", "Replica", "ServeResult", "chain_next"]
 
@@ -79,11 +75,6 @@ _ZERO_CHAIN = bytes(32).hex()
 _TMP_PREFIX = ".btrdelta-tmp-"
 _META_VERSION = 2
 _PROGRESS = "progress"
-
-
-def chain_next(chain: str, digest: str) -> str:
-    """The chain digest after a segment of ``digest`` (both hex)."""
-    return blake3.blake3(bytes.fromhex(chain) + bytes.fromhex(digest)).hexdigest()
 
 
 @value_class
@@ -98,115 +89,13 @@ class ServeResult:
     received_bytes: int = 0
 
 
-class _Inbox:
-    """The stream bytes of one conversation, read from the connection when the receive
-    engine needs more (one thread: the bytes are written while the CPU's caches hold them).
-
-    When the engine asks for bytes, every record before them is applied: a CHECKPOINT read
-    then (its segment's digest and the chain checked) is acknowledged at once, after the
-    partial transfer's meta names its end (:meth:`Replica._acknowledge`). END waits for its
-    segment's CHECKPOINT (:meth:`wait_verified`), whose ACK follows END's application.
-    """
-
-    def __init__(self, io: MessageIO, plan: Plan, version: int, at: int, segments: int,
-                 chain: str, acknowledge: Callable[[Checkpoint], None]) -> None:
-        self.io, self.plan, self.version = io, plan, version
-        self.acknowledge = acknowledge
-        self.chunks: deque[Any] = deque()  # read, not taken yet (bytes after END)
-        #: stream offsets: received, taken by the engine, verified (the last checkpoint)
-        self.received = self.consumed = self.verified = at
-        self.segments, self.chain = segments, chain
-        self.pending: Checkpoint | None = None  # verified, to acknowledge after END
-        self.commit: Commit | None = None
-        self._seg = segment_hasher(version)
-        self.added = 0
-
-    def _next(self) -> Any:
-        """Read one message: DATA's bytes, a checkpoint (verified), or None at COMMIT."""
-        msg = self.io.expect(Data, Checkpoint, Commit, Refuse)
-        if isinstance(msg, Data):
-            data = msg.data
-            limit = 2 * self.plan.segment + (1 << 20)
-            if self.received + len(data) - self.verified > limit:
-                raise ProtocolError(f"a segment longer than {limit} bytes")
-            self._seg.update(data)
-            self.received += len(data)
-            self.added += len(data)
-            return data
-        if isinstance(msg, Checkpoint):
-            self._checkpoint(msg)
-            return msg
-        if isinstance(msg, Refuse):
-            raise PeerRefused(msg)
-        if msg.size != self.verified or msg.chain != self.chain or self.received != msg.size:
-            raise ProtocolError("COMMIT does not match the stream received")
-        self.commit = msg
-        return None
-
-    def take(self) -> Any:
-        """The next bytes of the stream (None after COMMIT); every record before them is
-        applied.
-
-        Raises:
-            TransportError: the connection failed (the engine leaves its subvolume to a
-                resume).
-            ProtocolError: the sender lied or broke the protocol.
-        """
-        if self.pending is not None:
-            raise ProtocolError("data after the stream's END")
-        while not self.chunks and self.commit is None:
-            got = self._next()
-            if isinstance(got, Checkpoint):
-                self.acknowledge(got)
-            elif got is not None:
-                self.chunks.append(got)
-        if not self.chunks:
-            return None
-        data = self.chunks.popleft()
-        self.consumed += len(data)
-        return data
-
-    def _checkpoint(self, cp: Checkpoint) -> None:
-        digest = self._seg.hexdigest()
-        if cp.offset != self.received or digest != cp.digest:
-            raise ProtocolError(f"segment {cp.index} does not match its checkpoint "
-                                f"(digest {digest[:16]}, announced {cp.digest[:16]})")
-        chain = chain_next(self.chain, digest)
-        if chain != cp.chain:
-            raise ProtocolError(f"segment {cp.index}: the chain of digests differs")
-        self._seg = segment_hasher(self.version)
-        self.chain, self.verified, self.segments = chain, cp.offset, cp.index + 1
-
-    def wait_verified(self) -> None:
-        """Until every byte taken is verified: END is applied only then (it gives the
-        subvolume its final name); its CHECKPOINT is acknowledged after it (:meth:`rest`)."""
-        while self.verified < self.consumed:
-            got = self._next()
-            if isinstance(got, Checkpoint):
-                self.pending = got
-            elif got is None:
-                raise ProtocolError("COMMIT before the last CHECKPOINT")
-            else:
-                self.chunks.append(got)
-
-    def rest(self) -> bool:
-        """After END was applied: acknowledge its segment; whether bytes follow END (the
-        next message must be COMMIT)."""
-        if self.chunks:
-            return True
-        if self.pending is not None:
-            cp, self.pending = self.pending, None
-            self.acknowledge(cp)
-        return self.commit is None and self._next() is not None
-
-
 class _Events:
     """The records of the inbox's bytes, in batches (a :class:`~btrdelta.receive.receiver.
     BatchedEvents`), checked to be the planned stream: its first record is ``SUBVOL`` (full)
     or ``SNAPSHOT`` with the plan's UUID, name and parent; a ``CLONE`` names only the new
     subvolume or the parent. A resumed stream starts after its header (``version``)."""
 
-    def __init__(self, inbox: _Inbox, version: int, tmp: bytes) -> None:
+    def __init__(self, inbox: Inbox, version: int, tmp: bytes) -> None:
         self.inbox, self.tmp = inbox, tmp
         self.parser = StreamParser(source="replication stream", may_modify_input=True)
         self.first = not version
@@ -427,7 +316,7 @@ class Replica:
         """Run one conversation on ``ch`` (see the module docstring)."""
         conn = Connection("receiver", source=peer)
         io = MessageIO(ch, conn)
-        inbox: _Inbox | None = None
+        inbox: Inbox | None = None
         partial = _Partial(self.dest, self.backend)
         try:
             io.send(Hello("receiver", spoken(), ("encoded",), self.ident, str(self.dest)))
@@ -444,6 +333,7 @@ class Replica:
                 return ServeResult("refused", f"{refusal.code}: {refusal.message}")
             inbox, events, point, progress = self._start(io, plan, partial)
             io.send(Accept(plan.session))
+            inbox.start()
             got = self._receive(events, point, progress)
             commit = inbox.commit
             assert commit is not None
@@ -466,6 +356,9 @@ class Replica:
                 io.send_raw(Refuse("protocol" if isinstance(exc, ProtocolError) else "failed",
                                    str(exc)[:2000]))
             return ServeResult("failed", str(exc))
+        finally:
+            if inbox is not None:
+                inbox.stop()
 
     def _receive(self, events: _Events, point: ResumePoint | None,
                  progress: Any) -> ReceivedSubvol:
@@ -485,7 +378,7 @@ class Replica:
         return got[0]
 
     def _start(self, io: MessageIO, plan: Plan,
-               partial: _Partial) -> tuple[_Inbox, _Events, ResumePoint | None, Any]:
+               partial: _Partial) -> tuple[Inbox, _Events, ResumePoint | None, Any]:
         """The inbox and events of a new or resumed transfer (a resumed one goes on with the
         temporary subvolume the last conversation left, after the records it applied), the
         resume point and the progress mapping."""
@@ -527,7 +420,8 @@ class Replica:
             partial.save(meta)
             io.send(Ack(cp.index, cp.offset))
 
-        inbox = _Inbox(io, plan, version, at, segments, chain, acknowledge)
+        inbox = Inbox(io, plan, version, at, segments, chain, acknowledge,
+                      threaded=getattr(io.ch, "concurrent", False))
         events = _Events(inbox, stream_version, os.fsencode(tmp))
         return inbox, events, point, progress
 

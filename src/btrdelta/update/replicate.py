@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 from uuid import UUID, uuid4
 
 from .._value import value_class
-from ..errors import BtrdeltaError, ProtocolError
+from ..errors import BtrdeltaError
 from ..fs.btrfs import subvol_info, syncfs
 from ..protocol import (
     Accept,
-    Ack,
     Checkpoint,
     Commit,
     Committed,
@@ -48,7 +47,8 @@ from ..send.sendshot import send_with_sendshots
 from ..send.store import SendshotStore, StoredSendshot
 from ..stream.records import End, Record, Snapshot, Subvol
 from .channels import Channel, MessageIO, PeerRefused
-from .replica import chain_next
+from .outbox import Outbox
+from .inbox import chain_next
 
 __all__ = ["DEFAULT_SEGMENT", "ReplicateResult", "replicate"]
 
@@ -126,10 +126,8 @@ class _Wire:
         self._n = self._group = 0
         self._hash = segment_hasher(self.version)
         self._sender: Any = None
-        self.chain, self.offset, self.index, self.sent, self.at = _ZERO_CHAIN, 0, 0, 0, 0
-        self.rate = owner.o.get("rate_limit")
-        self.progress: Callable[[int, int], None] | None = owner.o.get("on_progress")
-        self.started = time.monotonic()
+        self.chain, self.offset, self.index, self.at = _ZERO_CHAIN, 0, 0, 0
+        self.out: Outbox | None = None
 
     def on_stream(self, sender: Any) -> None:
         self._sender = sender
@@ -166,6 +164,14 @@ class _Wire:
                          self.held)
         self.io.send(self.plan)
         self.io.expect(Accept)
+        o = self.owner.o
+        self.out = Outbox(self.io, threaded=o.get("threaded", True), ahead=self.size,
+                          rate=o.get("rate_limit"), progress=o.get("on_progress"))
+
+    @property
+    def sent(self) -> int:
+        """Stream bytes written in this conversation."""
+        return self.out.sent if self.out is not None else 0
 
     def _send_group(self) -> None:
         if self._small:
@@ -179,16 +185,11 @@ class _Wire:
         if self.index < self.held:  # the receiver has it: not sent
             self.at += size
             return
-        io = self.io
+        out = self.out
+        assert out is not None
         for group in _messages(pieces, self.limit):
-            io.send_data(self.at, group)
-            n = sum(len(v) for v in group)
-            self.at += n
-            self.sent += n
-            if self.rate:
-                ahead = self.sent / self.rate - (time.monotonic() - self.started)
-                if ahead > 0:
-                    time.sleep(ahead)
+            out.data(self.at, group)
+            self.at += sum(len(v) for v in group)
 
     def end_segment(self) -> None:
         """Send what is gathered and close the segment (nothing when it is empty)."""
@@ -206,12 +207,18 @@ class _Wire:
             if self.index == self.held and self.chain != self.chain_at:
                 raise _Diverged()
             return
-        self.io.send(Checkpoint(index, end, digest, self.chain))
-        ack: Ack = self.io.expect(Ack)
-        if ack.index != index:
-            raise ProtocolError(f"ACK of segment {ack.index}, expected {index}")
-        if self.progress is not None:
-            self.progress(end, 0)
+        assert self.out is not None
+        self.out.checkpoint(Checkpoint(index, end, digest, self.chain))
+
+    def finish(self) -> None:
+        """Until every segment is written and acknowledged."""
+        if self.out is not None:
+            self.out.finish()
+
+    def abort(self) -> None:
+        """Stop writing (the stream failed)."""
+        if self.out is not None:
+            self.out.abort()
 
 
 def _messages(pieces: list[Any], limit: int) -> Iterator[list[memoryview]]:
@@ -330,12 +337,17 @@ class _Sender:
                 name=os.fsencode(flight["name"]), on_record=wire.on_record,
                 on_stream=wire.on_stream, source_name=self.source)
             wire.end_segment()
+            wire.finish()
         except _Diverged:
+            wire.finish()
             io.send(Refuse("diverged", "the stream made again differs from the one "
                                        "the receiver holds a part of"))
             self._forget(flight)
             return ReplicateResult("diverged", "resume", flight["name"], self.rid,
                                    message="the regenerated stream differs")
+        except BaseException:
+            wire.abort()
+            raise
         plan, chain, offset, sent = wire.plan, wire.chain, wire.offset, wire.sent
         assert plan is not None
         recorded = result.recorded.digest if result.recorded is not None else ""
