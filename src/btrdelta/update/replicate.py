@@ -47,8 +47,8 @@ from ..send.sendshot import send_with_sendshots
 from ..send.store import SendshotStore, StoredSendshot
 from ..stream.records import End, Record, Snapshot, Subvol
 from .channels import Channel, MessageIO, PeerRefused
-from .outbox import Outbox
 from .inbox import chain_next
+from .outbox import Outbox
 
 __all__ = ["DEFAULT_SEGMENT", "ReplicateResult", "replicate"]
 
