@@ -33,9 +33,13 @@ from .patching import SameEncodedWrite, SameWrite
 
 __all__ = ["DeltaEvents", "expand_batches", "expand_events"]
 
-#: events (and bytes of regenerated file data) in one batch of :func:`expand_batches`
+#: events (and bytes of regenerated file data) in one batch of :func:`expand_batches`;
+#: the first batches are smaller (_FIRST_BATCH events, sizes doubling up to these) so the
+#: receiver starts (its SNAPSHOT, the first records) while the rest is being expanded
 _EVENTS_BATCH = 2048
 _EVENTS_BYTES = 4 << 20
+_FIRST_BATCH = 32
+_BYTES_PER_EVENT = _EVENTS_BYTES // _EVENTS_BATCH
 
 
 def _decode_group(parser: StreamParser, group: bytearray, batch: list[Event]) -> None:
@@ -73,6 +77,7 @@ def expand_batches(
     parser = StreamParser(source=source, verify_crc=False)
     batch: list[Event] = []
     nbytes = 0
+    limit = _FIRST_BATCH
     outputs = expand_items(items, old_root, max_file_size=max_file_size, source=source,
                            clone_same=clone_same)
     with closing(outputs):  # closing this generator stops the recompression threads
@@ -96,12 +101,13 @@ def expand_batches(
                 except BtrdeltaError as exc:  # offsets and indexes of the parser's are not ours
                     raise StreamFormatError(f"a carried command does not decode: {exc.message}",
                                             source=source) from None
-            if (len(batch) >= _EVENTS_BATCH or nbytes >= _EVENTS_BYTES) and (
+            if (len(batch) >= limit or nbytes >= limit * _BYTES_PER_EVENT) and (
                 type(batch[-1]) is not End
             ):
                 yield batch
                 batch = []
                 nbytes = 0
+                limit = min(limit * 2, _EVENTS_BATCH)
     if batch:  # END goes out with what came after it: DEND checked, no data after it
         yield batch
 
