@@ -75,6 +75,11 @@ def test_clone_over_mutual_tls_with_a_token(
         client = ["--client-cert", str(certs.client_cert), "--client-key", str(certs.client_key)]
         header = ["--header", f"X-Token: {TOKEN}"]
 
+        # no TLS option: the default trust store, loaded at the first HTTPS connection
+        # (LazyTLS), refuses it too
+        code, _, err = _run(capsys, "image", "clone", url, store, *header)
+        assert code == 7
+        _one_line(err, "TLS: server certificate not trusted")
         # the server's certificate does not chain to the default trust store / another CA
         for ca in ([], ["--ca-cert", str(certs.other_ca)]):
             code, _, err = _run(capsys, "image", "clone", url, store, *ca, *client, *header)

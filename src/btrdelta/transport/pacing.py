@@ -152,14 +152,15 @@ class PacedTransport(httpx.HTTPTransport):
     """``httpx.HTTPTransport`` whose connections use the paced backend.
 
     Args:
-        verify: the TLS context.
+        verify: the TLS context (any object with its methods: see
+            :class:`~btrdelta.transport.config.LazyTLS`).
         limits: connection pool limits.
         limiter: the shared rate limit, if any.
     """
 
     def __init__(self, *, verify: Any, limits: httpx.Limits,
                  limiter: RateLimiter | None) -> None:
-        super().__init__(verify=verify, limits=limits)
+        super().__init__(verify=False, limits=limits)  # its pool is replaced below
         pool = getattr(self, "_pool", None)
         if not isinstance(pool, httpcore.ConnectionPool):  # pragma: no cover - httpx changed
             raise RuntimeError("httpx.HTTPTransport no longer keeps an httpcore pool in _pool")
