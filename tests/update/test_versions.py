@@ -404,11 +404,12 @@ def test_a_delta_hop_reads_only_the_files_its_stream_changed(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The hop's result is checked by content identity (oracle: tree-sum of the release),
-    reading again only what the stream touched; a parent changed after it was checked
+    reading again only what the stream touched (a file it wrote: read whole, or its
+    written ranges read and the rest from the parent); a parent changed after it was checked
     (same size and mtime; on btrfs made writable for that and read-only again) is seen by
     its ctime and the hop refused."""
     from btrdelta.fs import btrfs as sv
-    from btrdelta.tree import treesum
+    from btrdelta.tree import incremental, treesum
     from btrdelta.update import versions
 
     _, pub, _ = signed
@@ -422,7 +423,16 @@ def test_a_delta_hop_reads_only_the_files_its_stream_changed(
         read.append(os.fsdecode(path))
         return real(path, size, want_layout)
 
+    real_overlaid = incremental._overlaid
+
+    def overlaid(new: bytes, *args: object) -> str | None:
+        got = real_overlaid(new, *args)  # type: ignore[arg-type]
+        if got is not None:
+            read.append(os.fsdecode(new))
+        return got
+
     monkeypatch.setattr(treesum, "_file_digest", spy)
+    monkeypatch.setattr(incremental, "_overlaid", overlaid)
     rc, out, err = _update(server.url, dest, pub, "--json", capsys=capsys)
     assert rc == 0, err
     assert [s["kind"] for s in json.loads(out)["plan"]["steps"]] == ["delta"]

@@ -1,30 +1,37 @@
 """The tree-sum of a tree made by applying an incremental stream to a verified parent,
-hashing only the file contents the stream may have changed.
+reading only what the stream may have changed.
 
 :func:`verified_digests` computes a tree's tree-sum (:func:`~.treesum.tree_sum`) and keeps
-what it learned about each regular file: its content digest and the ``lstat`` fields that
-change whenever its content does (inode, size, mtime, ctime). :class:`Changes` follows the
-records of an incremental stream applied to a snapshot (or copy) of that tree:
-:class:`~.pathmap.PathMap` tells which parent inode each final path holds, and every record
-that can change a file's content (WRITE, CLONE into it, TRUNCATE, ENCODED_WRITE,
-FALLOCATE, UPDATE_EXTENT, ENABLE_VERITY, any record it does not know) marks that inode
-(by its parent path). :meth:`Changes.tree_sum` then walks the new tree as
-:func:`~.treesum.tree_manifest` always does (every entry's type, mode, owner, times, size,
-link count, xattrs and symlink target read from the tree) and takes a regular file's
-content digest from the parent instead of reading it only when all of these hold:
+every manifest entry with the ``lstat`` it was read with (inode, size, mtime, ctime, mode,
+owner, link count). :class:`Changes` follows the records of an incremental stream applied
+to a snapshot (or copy) of that tree: :class:`~.pathmap.PathMap` tells which parent inode
+each final path holds; every record that can change a file's content or extended
+attributes marks that inode (by its parent path): WRITE and TRUNCATE with the ranges they
+write and the sizes they set (:class:`~.overlay.Overlay`), SET_XATTR and REMOVE_XATTR, and
+CLONE into it, ENCODED_WRITE, FALLOCATE, UPDATE_EXTENT, ENABLE_VERITY or any record it
+does not know as "changed anyhow". :meth:`Changes.tree_sum` then walks the new tree
+(:func:`~.treesum.tree_manifest`: every entry's lstat read) and
 
-* the file is an inode of the parent (renames followed), no record changed its content;
-* it has one link, in the new tree and in the parent (a hard-linked inode can be written
-  through another name);
-* its size is the parent's;
-* the parent's file still has the inode, size, mtime and ctime it had when it was hashed
-  (a change of the parent after it was hashed, before it was snapshotted or copied, shows
-  in its ctime, which no process can set).
+* takes an entry whole from the parent when its lstat is the one the parent's entry at the
+  same path was read with, ctime included: the very inode, untouched since (a btrfs
+  snapshot keeps inode numbers and ctimes; any change of content, attributes, xattrs or
+  links sets the ctime, which no process can set back);
+* else, for an inode of the parent (renames followed) with one link in both trees and no
+  record on its content or xattrs, whose parent entry still has the inode, size, mtime
+  and ctime it was hashed with (a change of the parent after it was hashed, before it was
+  snapshotted or copied, shows in its ctime): the content digest (same size), and in a
+  snapshot (same inode) its xattrs and symlink target too, from the parent;
+* else, for such a file that only WRITEs and TRUNCATEs changed: its content digest from
+  the ranges the stream wrote, read from the new file (fresh in the page cache), and the
+  others read from the parent's file (:func:`~.overlay.overlay_digest`), whose stamp is
+  checked before and after;
+* reads everything else from the new tree.
 
 The result is the same digest as :func:`~.treesum.tree_sum` of the new tree would give
-provided the snapshot (copy) has the parent's contents, which is what a btrfs snapshot and
-``cp -a`` make. The digests are data in memory, not a cache on disk: a caller keeps them
-only for trees it hashed itself (see :mod:`btrdelta.update.versions`).
+provided the snapshot (copy) has the parent's contents where the stream did not write,
+which is what a btrfs snapshot and ``cp -a`` make. The digests are data in memory, not a
+cache on disk: a caller keeps them only for trees it hashed itself (see
+:mod:`btrdelta.update.versions`).
 
 Knows nothing of where the stream comes from or how it is applied.
 """
@@ -36,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import stream as _s
+from .overlay import Overlay, overlay_digest
 from .pathmap import PathMap
 from .treesum import Entry, manifest_sum, tree_manifest
 
@@ -43,20 +51,27 @@ __all__ = ["Changes", "Digests", "verified_digests"]
 
 #: what tells that a file's content may have changed since it was hashed
 _Stamp = tuple[int, int, int, int]  # inode, size, mtime ns, ctime ns
+#: the stamp and the rest of an entry's lstat its manifest line depends on
+_Key = tuple[int, int, int, int, int, int, int, int]  # + mode, uid, gid, link count
 
 
 def _stamp(st: os.stat_result) -> _Stamp:
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def _key(st: os.stat_result) -> _Key:
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode, st.st_uid,
+            st.st_gid, st.st_nlink)
+
+
 @dataclass(slots=True)
 class Digests:
-    """A tree's tree-sum and the content digests of its singly-linked regular files."""
+    """A tree's tree-sum and its manifest entries, each with its lstat when it was read."""
 
     root: Path
     identity: str
-    #: relative path -> (content digest, stamp when hashed)
-    files: dict[bytes, tuple[str, _Stamp]]
+    #: relative path -> (manifest entry, lstat key when read)
+    entries: dict[bytes, tuple[Entry, _Key]]
 
     def same_root(self, path: Path | None) -> bool:
         """Whether ``path`` is this tree's root directory (the same inode)."""
@@ -66,27 +81,29 @@ class Digests:
             return False
 
 
-def _digests(root: Path, entries: list[Entry], stamps: dict[bytes, _Stamp]) -> Digests:
-    files = {e.path: (e.digest, stamps[e.path]) for e in entries
-             if e.kind == "f" and e.nlink == 1 and e.digest is not None}
-    return Digests(root, manifest_sum(entries), files)
+def _digests(root: Path, entries: list[Entry], keys: dict[bytes, _Key]) -> Digests:
+    return Digests(root, manifest_sum(entries), {e.path: (e, keys[e.path]) for e in entries})
 
 
 def verified_digests(path: Path) -> Digests:
-    """The tree-sum of ``path``, every file read, with the digests of its files."""
-    stamps: dict[bytes, _Stamp] = {}
+    """The tree-sum of ``path``, every file read, with its entries."""
+    keys: dict[bytes, _Key] = {}
 
     def record(rel: bytes, st: os.stat_result) -> None:
-        stamps[rel] = _stamp(st)
+        keys[rel] = _key(st)
 
-    return _digests(path, tree_manifest(path, reuse=record), stamps)
+    return _digests(path, tree_manifest(path, known=record), keys)
 
 
 #: records that change names (PathMap follows them) or metadata the walk reads anyway
 _NAMES = frozenset({_s.Rename, _s.Link, _s.Unlink, _s.Rmdir, _s.Mkfile, _s.Mkdir, _s.Mknod,
                     _s.Mkfifo, _s.Mksock, _s.Symlink})
-_METADATA = frozenset({_s.Chmod, _s.Chown, _s.Utimes, _s.SetXattr, _s.RemoveXattr,
-                       _s.Fileattr, _s.End, _s.StreamHeader})
+_METADATA = frozenset({_s.Chmod, _s.Chown, _s.Utimes, _s.Fileattr, _s.End,
+                       _s.StreamHeader})
+
+
+_XATTRS = frozenset({_s.SetXattr, _s.RemoveXattr})
+_OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class Changes:
@@ -95,8 +112,9 @@ class Changes:
 
     def __init__(self) -> None:
         self._paths = PathMap()
-        #: parent paths of inodes whose content a record may have changed
-        self._dirty: set[bytes] = set()
+        #: parent paths of inodes whose content or extended attributes a record may have
+        #: changed -> their writes and truncations (None: changed otherwise too)
+        self._dirty: dict[bytes, Overlay | None] = {}
         #: a full stream, or no SNAPSHOT seen: nothing comes from a parent
         self._incremental = False
 
@@ -116,31 +134,95 @@ class Changes:
             self._incremental = False
             return
         origin = self._paths.origin(path)
-        if origin is not None:
-            self._dirty.add(origin)
+        if origin is None:
+            return
+        dirty = self._dirty
+        if cls is _s.Write or cls is _s.Truncate or cls in _XATTRS:
+            if origin not in dirty:
+                dirty[origin] = Overlay()
+            ov = dirty[origin]
+            if ov is not None:
+                if cls is _s.Write:
+                    ov.write(rec.offset, len(rec.data))  # type: ignore[attr-defined]
+                elif cls is _s.Truncate:
+                    ov.truncate(rec.size)  # type: ignore[attr-defined]
+        else:
+            dirty[origin] = None
 
     def tree_sum(self, path: Path, parent: Digests) -> Digests:
         """The tree-sum (and digests) of ``path``, made from ``parent`` by the records fed;
-        contents are reused from ``parent`` as the module docstring says."""
-        stamps: dict[bytes, _Stamp] = {}
-        origin, dirty, files = self._paths.origin, self._dirty, parent.files
+        entries and contents are reused from ``parent`` as the module docstring says."""
+        keys: dict[bytes, _Key] = {}
+        origin, dirty, entries = self._paths.origin, self._dirty, parent.entries
         root = os.fsencode(parent.root)
+        new_root = os.fsencode(path)
         usable = self._incremental
 
-        def reuse(rel: bytes, st: os.stat_result) -> str | None:
-            stamps[rel] = _stamp(st)
-            if not usable or st.st_nlink != 1:
+        def known(rel: bytes, st: os.stat_result) -> Entry | None:
+            key = keys[rel] = _key(st)
+            if not usable:
+                return None
+            old = entries.get(rel)
+            if old is None or old[1] != key or rel in dirty:
+                return None
+            return old[0]
+
+        def reuse(rel: bytes, st: os.stat_result) -> tuple[Entry, bool] | None:
+            if not usable:
                 return None
             old = origin(rel)
-            if old is None or old in dirty:
+            if old is None:
                 return None
-            known = files.get(old)
-            if known is None or known[1][1] != st.st_size:
+            found = entries.get(old)
+            if found is None:
                 return None
+            entry, key = found
+            if entry.kind != "d" and (st.st_nlink != 1 or entry.nlink != 1):
+                return None
+            old_path = os.path.join(root, old)
+            if old in dirty:
+                ov = dirty[old]
+                if ov is None or entry.kind != "f":
+                    return None
+                digest = _overlaid(os.path.join(new_root, rel), st, old_path, key, ov)
+                if digest is None:
+                    return None
+                return Entry(rel, "f", 0, 0, 0, None, st.st_size, digest), False
             try:
-                now = _stamp(os.lstat(os.path.join(root, old)))
+                now = _stamp(os.lstat(old_path))
             except OSError:
                 return None
-            return known[0] if now == known[1] else None
+            return (entry, st.st_ino == key[0]) if now == key[:4] else None
 
-        return _digests(path, tree_manifest(path, reuse=reuse), stamps)
+        return _digests(path, tree_manifest(path, reuse=reuse, known=known), keys)
+
+
+def _overlaid(new: bytes, st: os.stat_result, old: bytes, key: _Key,
+              ov: Overlay) -> str | None:
+    """The content digest of file ``new`` (lstat ``st``) made from parent file ``old``
+    (hashed with ``key``) by the writes and truncations of ``ov``, or None when it cannot
+    be had that way (the caller reads the file)."""
+    size, layout = ov.layout(key[1])
+    if size != st.st_size:
+        return None
+    try:
+        old_fd = os.open(old, _OPEN)
+    except OSError:
+        return None
+    try:
+        if _stamp(os.fstat(old_fd)) != key[:4]:
+            return None
+        new_fd = os.open(new, _OPEN)
+        try:
+            got = os.fstat(new_fd)
+            if got.st_ino != st.st_ino or got.st_size != size:
+                return None
+            digest = overlay_digest(new_fd, old_fd, layout)
+        finally:
+            os.close(new_fd)
+        # the parent's bytes read were the ones hashed: it did not change meanwhile
+        return digest if _stamp(os.fstat(old_fd)) == key[:4] else None
+    except OSError:
+        return None
+    finally:
+        os.close(old_fd)

@@ -19,21 +19,33 @@ import errno
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 
 import blake3
 
 from ..fs.copy import data_segments
 
-__all__ = ["Entry", "Reuse", "diff_manifests", "manifest_sum", "tree_manifest", "tree_sum"]
+__all__ = ["Entry", "Known", "Reuse", "diff_manifests", "manifest_sum", "tree_manifest",
+           "tree_sum"]
 
-#: ``reuse(relative path, lstat)`` of a regular file: its content digest when the caller
-#: knows it (the file is not read), or None (it is hashed)
-Reuse = Callable[[bytes, os.stat_result], "str | None"]
+#: ``reuse(relative path, lstat)`` of any entry: ``(entry, same)``, an entry of an earlier
+#: walk whose content digest (of a file of the same size) this one still has and, with
+#: ``same`` (the very inode, e.g. in a btrfs snapshot), its extended attributes and symlink
+#: target too (they are then not read); or None
+Reuse = Callable[[bytes, os.stat_result], "tuple[Entry, bool] | None"]
+#: ``known(relative path, lstat)`` of any entry: its whole :class:`Entry` when the caller
+#: knows it did not change (nothing of it is read), or None
+Known = Callable[[bytes, os.stat_result], "Entry | None"]
 
 _ZEROS = bytes(1 << 20)
 _BLOCK = 4096
 _READ = 1 << 20
+#: files at least this large are hashed in worker threads (BLAKE3 and read() release the
+#: GIL) while the walk goes on; smaller ones cost less hashed at once
+_POOL_SIZE = 256 << 10
+_WORKERS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+               else os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -55,6 +67,17 @@ class Entry:
     xattrs: tuple[tuple[bytes, bytes], ...] = ()
     layout: tuple[tuple[int, int], ...] | None = None
     extra: dict[str, object] = field(default_factory=dict, compare=False)
+
+    @property
+    def record(self) -> bytes:
+        """The line as the tree-sum hashes it (encoded, with its newline); computed once
+        (kept in the instance's ``__dict__``: an entry reused by a later walk is not
+        formatted again)."""
+        memo = self.__dict__
+        got: bytes | None = memo.get("_record")
+        if got is None:
+            got = memo["_record"] = self.line().encode("utf-8", "surrogateescape") + b"\n"
+        return got
 
     def line(self) -> str:
         """One manifest line (stable text, used for the digest and for diffs)."""
@@ -197,45 +220,76 @@ def tree_manifest(
     ignore_root_mtime: bool = False,
     exclude_xattrs: Iterable[bytes] = (),
     reuse: Reuse | None = None,
+    known: Known | None = None,
 ) -> list[Entry]:
     """Every entry of the tree at ``path`` as :class:`Entry` values, sorted by path.
 
-    ``reuse`` (not with ``holes``) is asked for the content digest of each regular file
-    before it is read (see :data:`Reuse`); everything else is read from the tree."""
-    if reuse is not None and holes:
+    ``reuse`` (not with ``holes``) is asked for what it knows of each entry's content,
+    extended attributes and symlink target before they are read (see :data:`Reuse`),
+    ``known`` (not with ``holes``) for a whole entry
+    before anything else of it is read (see :data:`Known`); everything else is read from
+    the tree. Large files are hashed in worker threads while the walk goes on."""
+    if (reuse is not None or known is not None) and holes:
         raise ValueError("reuse gives content digests, not layouts")
     root = os.fsencode(path)
     exclude = frozenset(exclude_xattrs)
     groups: dict[int, bytes] = {}
     out: list[Entry] = []
-    for rel, full, st in _walk(root):
-        mode = st.st_mode
-        kind = _kind(mode)
-        mtime: int | None = st.st_mtime_ns
-        if rel == b"." and ignore_root_mtime:
-            mtime = None
-        size = digest = target = rdev = nlink = group = None
-        layout = None
-        if kind == "f":
-            size = st.st_size
-            digest = reuse(rel, st) if reuse is not None else None
-            if digest is None:
-                digest, layout = _file_digest(full, st.st_size, holes)
-        elif kind == "l":
-            target = os.readlink(full)
-        elif kind in "cb":
-            rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
-        if kind != "d":
-            nlink = st.st_nlink
-            if st.st_nlink > 1:
-                group = groups.setdefault(st.st_ino, rel)
-                if group == rel:
-                    group = None
-        xattrs = _xattrs(full, exclude) if kind != "s" else ()
-        out.append(
-            Entry(rel, kind, mode, st.st_uid, st.st_gid, mtime, size, digest, target, rdev,
-                  nlink, group, xattrs, layout)
-        )
+    hashing: list[tuple[int, Future[tuple[str, tuple[tuple[int, int], ...] | None]]]] = []
+    pool: ThreadPoolExecutor | None = None
+    try:
+        for rel, full, st in _walk(root):
+            if known is not None:
+                same = known(rel, st)
+                if same is not None and (st.st_nlink == 1 or stat.S_ISDIR(st.st_mode)):
+                    out.append(same)
+                    continue
+            mode = st.st_mode
+            kind = _kind(mode)
+            mtime: int | None = st.st_mtime_ns
+            if rel == b"." and ignore_root_mtime:
+                mtime = None
+            size = digest = target = rdev = nlink = group = None
+            layout = None
+            base = whole = None
+            if reuse is not None:
+                found = reuse(rel, st)
+                if found is not None and found[0].kind == kind:
+                    base = found[0]
+                    whole = base if found[1] else None
+            if kind == "f":
+                size = st.st_size
+                if base is not None and base.size == size:
+                    digest = base.digest
+                if digest is None and not holes and size >= _POOL_SIZE and _WORKERS > 1:
+                    if pool is None:
+                        pool = ThreadPoolExecutor(_WORKERS, "btrdelta-treesum")
+                    hashing.append((len(out), pool.submit(_file_digest, full, size, False)))
+                elif digest is None:
+                    digest, layout = _file_digest(full, st.st_size, holes)
+            elif kind == "l":
+                target = whole.target if whole is not None else os.readlink(full)
+            elif kind in "cb":
+                rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+            if kind != "d":
+                nlink = st.st_nlink
+                if st.st_nlink > 1:
+                    group = groups.setdefault(st.st_ino, rel)
+                    if group == rel:
+                        group = None
+            if whole is not None:
+                xattrs = whole.xattrs
+            else:
+                xattrs = _xattrs(full, exclude) if kind != "s" else ()
+            out.append(
+                Entry(rel, kind, mode, st.st_uid, st.st_gid, mtime, size, digest, target,
+                      rdev, nlink, group, xattrs, layout)
+            )
+        for i, fut in hashing:
+            out[i] = replace(out[i], digest=fut.result()[0])
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     return out
 
 
@@ -255,8 +309,7 @@ def tree_sum(
 def manifest_sum(entries: Iterable[Entry]) -> str:
     """The tree-sum of a manifest (:func:`tree_manifest`'s entries, in order)."""
     h = blake3.blake3()
-    for entry in entries:
-        h.update(entry.line().encode("utf-8", "surrogateescape") + b"\n")
+    h.update(b"".join([entry.record for entry in entries]))
     return str(h.hexdigest())
 
 
