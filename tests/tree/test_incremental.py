@@ -7,6 +7,7 @@ content digest reused where it must not be gives a different sum than the oracle
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from pathlib import Path
 
@@ -246,3 +247,34 @@ def test_an_unchanged_inode_is_taken_whole_and_a_changed_one_is_read(
     read = [os.path.basename(p) for p in hashed]
     assert got.identity == tree_sum(parent) != digests.identity
     assert read == [b"g", b"h1", b"h2"]
+
+
+def test_a_large_written_file_is_hashed_from_its_ranges_while_the_walk_goes_on(
+        tmp_path: Path, hashed: list[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A written file of 256 KiB or more is hashed (written ranges and the parent's) in a
+    thread started before the walk; one renamed after its writes is found by the walk."""
+    threads: list[str] = []
+    real = incremental._overlaid
+
+    def spy(*args: object) -> str | None:
+        threads.append(threading.current_thread().name)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(incremental, "_overlaid", spy)
+    parent = _parent(tmp_path)
+    for name in ("big", "moved"):
+        (parent / "e" / name).write_bytes(os.urandom(600_000))
+        os.utime(parent / "e" / name, ns=(T, T))
+    os.utime(parent / "e", ns=(T, T))
+    digests = verified_digests(parent)
+    new = tmp_path / "new"
+    copy_tree(parent, new)
+    changes = Changes()
+    _apply(new, changes, [_snap(), S.Write(b"e/big", 300_000, b"X" * 5000),
+                          S.Truncate(b"e/big", 550_000), S.Write(b"e/moved", 0, b"Y"),
+                          S.Rename(b"e/moved", b"d/moved")])
+    hashed.clear()
+    got = changes.tree_sum(new, digests)
+    assert not [p for p in hashed if os.path.basename(p) in (b"big", b"moved")]
+    assert got.identity == tree_sum(new)
+    assert sorted(t.startswith("btrdelta-overlay") for t in threads) == [False, True]

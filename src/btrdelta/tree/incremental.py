@@ -39,6 +39,8 @@ Knows nothing of where the stream comes from or how it is applied.
 from __future__ import annotations
 
 import os
+import stat
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +106,10 @@ _METADATA = frozenset({_s.Chmod, _s.Chown, _s.Utimes, _s.Fileattr, _s.End,
 
 _XATTRS = frozenset({_s.SetXattr, _s.RemoveXattr})
 _OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: written files whose parent file has at least this many bytes are hashed in threads
+#: while the walk goes on (:meth:`Changes._overlay_early`)
+_EARLY = 256 << 10
+_WORKERS = 2
 
 
 class Changes:
@@ -117,6 +123,8 @@ class Changes:
         self._dirty: dict[bytes, Overlay | None] = {}
         #: a full stream, or no SNAPSHOT seen: nothing comes from a parent
         self._incremental = False
+        #: parent path -> the last path a WRITE or TRUNCATE named it by
+        self._named: dict[bytes, bytes] = {}
 
     def feed(self, rec: object) -> None:
         """Take one record (headers included)."""
@@ -128,6 +136,7 @@ class Changes:
             if cls is _s.Snapshot or cls is _s.Subvol:
                 self._incremental = cls is _s.Snapshot
                 self._dirty.clear()
+                self._named.clear()
             return
         path = getattr(rec, "path", None)
         if not isinstance(path, bytes):  # unknown and pathless: trust no content
@@ -142,6 +151,7 @@ class Changes:
                 dirty[origin] = Overlay()
             ov = dirty[origin]
             if ov is not None:
+                self._named[origin] = path
                 if cls is _s.Write:
                     ov.write(rec.offset, len(rec.data))  # type: ignore[attr-defined]
                 elif cls is _s.Truncate:
@@ -157,6 +167,8 @@ class Changes:
         root = os.fsencode(parent.root)
         new_root = os.fsencode(path)
         usable = self._incremental
+        pool = ThreadPoolExecutor(_WORKERS, "btrdelta-overlay") if usable else None
+        early = self._overlay_early(pool, new_root, parent) if pool is not None else {}
 
         def known(rel: bytes, st: os.stat_result) -> Entry | None:
             key = keys[rel] = _key(st)
@@ -184,7 +196,11 @@ class Changes:
                 ov = dirty[old]
                 if ov is None or entry.kind != "f":
                     return None
-                digest = _overlaid(os.path.join(new_root, rel), st, old_path, key, ov)
+                got = early.get(rel)
+                if got is not None and got[1] == _stamp(st):
+                    digest = got[0].result()
+                else:
+                    digest = _overlaid(os.path.join(new_root, rel), st, old_path, key, ov)
                 if digest is None:
                     return None
                 return Entry(rel, "f", 0, 0, 0, None, st.st_size, digest), False
@@ -194,7 +210,36 @@ class Changes:
                 return None
             return (entry, st.st_ino == key[0]) if now == key[:4] else None
 
-        return _digests(path, tree_manifest(path, reuse=reuse, known=known), keys)
+        try:
+            return _digests(path, tree_manifest(path, reuse=reuse, known=known), keys)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def _overlay_early(self, pool: ThreadPoolExecutor, new_root: bytes, parent: Digests
+                       ) -> dict[bytes, tuple[Future[str | None], _Stamp]]:
+        """The overlay digests of large written files, started in ``pool`` before the walk
+        (which uses one when it finds the file with the same stamp at that path): path ->
+        (digest to come, stamp of the file it is of)."""
+        out: dict[bytes, tuple[Future[str | None], _Stamp]] = {}
+        root = os.fsencode(parent.root)
+        for old, rel in self._named.items():
+            ov = self._dirty.get(old)
+            found = parent.entries.get(old)
+            if ov is None or found is None or self._paths.origin(rel) != old:
+                continue
+            entry, key = found
+            if entry.kind != "f" or entry.nlink != 1 or key[1] < _EARLY:
+                continue
+            new = os.path.join(new_root, rel)
+            try:
+                st = os.lstat(new)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                out[rel] = (pool.submit(_overlaid, new, st, os.path.join(root, old), key, ov),
+                            _stamp(st))
+        return out
 
 
 def _overlaid(new: bytes, st: os.stat_result, old: bytes, key: _Key,
