@@ -111,6 +111,35 @@ def test_temporary_snapshot_deleted_on_failure(two_fs: tuple[Path, Path], tmp_pa
     assert store.records_list() == []  # nothing recorded for a stream that did not end
 
 
+@pytest.mark.parametrize("exc", [_Boom, KeyboardInterrupt])
+def test_no_record_of_an_incremental_that_failed(two_fs: tuple[Path, Path], tmp_path: Path,
+                                                 exc: type[BaseException]) -> None:
+    """The record of a change sweep is written while the stream is sent: a stream that does
+    not end leaves neither it nor its temporary file, and the next send works."""
+    snd, _rcv = two_fs
+    live = snd / "live"
+    run("btrfs", "subvolume", "create", live)
+    _fill(live)
+    store = SendshotStore(tmp_path / "store")
+    first = send_with_sendshots(bytearray().extend, live, store=store)
+    for i in range(6):
+        (live / "d" / f"f{i}").write_bytes(os.urandom(40_000))
+
+    def write(data: object) -> None:
+        if len(data) > 10_000:  # type: ignore[arg-type]
+            raise exc()
+
+    with pytest.raises(exc):
+        send_with_sendshots(write, live, store=store, from_sendshot="latest")
+    assert os.listdir(tmp_path / "store" / "records") == [f"{first.recorded.digest}.sendshot"]  # type: ignore[union-attr]
+    assert _snapshots(snd) == ["live"]
+    again = send_with_sendshots(bytearray().extend, live, store=store, from_sendshot="latest")
+    assert again.reused == len(os.listdir(live / "d")) - 6
+    assert again.recorded is not None
+    assert [s.digest for s in store.records_list()] == [first.recorded.digest,  # type: ignore[union-attr]
+                                                        again.recorded.digest]
+
+
 def test_unchanged_files_are_not_read(two_fs: tuple[Path, Path], tmp_path: Path) -> None:
     snd, _rcv = two_fs
     live = snd / "live"

@@ -7,7 +7,8 @@ snapshot (on btrfs, against a record of an earlier snapshot of the same subvolum
 inodes written since are visited: :mod:`~.rescan`; everything else is taken from the record
 and neither stat'ed nor read; elsewhere the tree is walked and every file read once for its
 block digests), match and emit with the record as the old side (:class:`~.emit.Sender` with
-``old_record``), and after the last byte was written store the new record.
+``old_record``), and after the last byte was written store the new record (a patched one
+is written and ``fsync``-ed by a thread while the stream is sent, and named at the end).
 
 The stream names the identities a receiver knows: the snapshot's UUID (its received UUID if
 it has one) and ctransid, as ``btrfs send`` would, and the base record's stream UUID as the
@@ -19,6 +20,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from .._value import value_class
@@ -203,10 +205,9 @@ def send_with_sendshots(
                         identities=same_tree)
         if on_stream is not None:
             on_stream(sender)
-        _write_stream(sender, write, version, on_record)
-        stored = None
-        if record:
-            stored = _record(store, sender, fz, base, src, stream_name, seed, changes)
+        head = partial(_head, sender, fz, base, src, stream_name, seed)
+        stored = _stream_and_record(sender, write, version, on_record, store, head,
+                                    changes, record)
         if inflight is not None:
             inflight(fz)
         return SendshotResult(
@@ -215,6 +216,26 @@ def send_with_sendshots(
             reused=changes.reused if changes is not None else 0, stats=sender.stats,
             warning=fz.warning,
         )
+
+
+def _stream_and_record(sender: Sender, write: Callable[[Any], object], version: int,
+                       on_record: Callable[[Record], None] | None, store: SendshotStore,
+                       head: Callable[[Changes | None], SendshotHead], changes: Changes | None,
+                       record: bool) -> StoredSendshot | None:
+    """Write the stream, then (``record``) store its record. The record of a change sweep is
+    known before the stream: it is written and ``fsync``-ed by a thread while the stream is
+    sent, and named after its last byte (nothing is named for a stream that did not end)."""
+    pending = store.begin(head(changes), changes.record()) \
+        if record and changes is not None else None
+    try:
+        _write_stream(sender, write, version, on_record)
+    except BaseException:
+        if pending is not None:
+            pending.abort()
+        raise
+    if pending is not None:
+        return pending.commit()
+    return store.save(head(None), record_inodes(sender.new)) if record else None
 
 
 def _write_stream(sender: Sender, write: Callable[[Any], object], version: int,
@@ -228,21 +249,18 @@ def _write_stream(sender: Sender, write: Callable[[Any], object], version: int,
             on_record(rec)
 
 
-def _record(store: SendshotStore, sender: Sender, fz: Frozen, base: StoredSendshot | None,
-            src: bytes, name: bytes, seed: int, changes: Changes | None) -> StoredSendshot:
-    """Store the record of what ``sender`` sent (after its last record): the base record
-    patched with the changes, or the whole tree scanned. A patched record has no tree
-    identity (the stream named the snapshot's UUID, not one derived from the tree)."""
+def _head(sender: Sender, fz: Frozen, base: StoredSendshot | None, src: bytes, name: bytes,
+          seed: int, changes: Changes | None) -> SendshotHead:
+    """The head of the record of what ``sender`` sends: the base record patched with the
+    changes, or the whole tree scanned. A patched record has no tree identity (the stream
+    named the snapshot's UUID, not one derived from the tree)."""
     uuid, ctransid = sender.new_ids()
-    head = SendshotHead(
+    return SendshotHead(
         stream_uuid=uuid, stream_ctransid=ctransid, name=name, created_ns=time.time_ns(),
         kind="sent", subvol_uuid=fz.lineage, parent=base.digest if base is not None else None,
         source=src, generation=fz.generation, seed=seed,
         tree_digest=b"" if changes is not None else sender.new.identity(),
     )
-    if changes is not None:
-        return store.save(head, changes.record())
-    return store.save(head, record_inodes(sender.new))
 
 
 def adopt(store: SendshotStore, path: str | bytes | os.PathLike[str], *,

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_STORE",
+    "PendingRecord",
     "SendshotStore",
     "StoredSendshot",
     "parse_grid",
@@ -127,16 +128,29 @@ class SendshotStore:
              ) -> StoredSendshot:
         """Write a record (temporary file, then its digest name); returns it. ``inodes``:
         every inode, or the columns already encoded."""
-        os.makedirs(self.records, mode=0o700, exist_ok=True)
-        tmp = os.path.join(self.records, f".tmp-{os.getpid()}-{os.urandom(4).hex()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
+        tmp = self._temporary()
         try:
-            with os.fdopen(fd, "wb") as f:
-                digest, _n = write_record(f.write, head, inodes)
-                f.flush()
-                os.fsync(f.fileno())
-            final = self._file(digest)
+            digest = _write_durably(tmp, head, inodes)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return self._publish(tmp, digest, head)
+
+    def begin(self, head: SendshotHead, encoded: Encoded) -> PendingRecord:
+        """:meth:`save` in a thread, named only when :meth:`PendingRecord.commit` says so:
+        the record of a stream is encoded, written and ``fsync``-ed while the stream is
+        sent (and stored under its name after the stream's last byte, as before)."""
+        return PendingRecord(self, head, encoded)
+
+    def _temporary(self) -> str:
+        os.makedirs(self.records, mode=0o700, exist_ok=True)
+        return os.path.join(self.records, f".tmp-{os.getpid()}-{os.urandom(4).hex()}")
+
+    def _publish(self, tmp: str, digest: str, head: SendshotHead) -> StoredSendshot:
+        """Give the complete temporary record ``tmp`` its name."""
+        final = self._file(digest)
+        try:
             os.replace(tmp, final)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -287,6 +301,55 @@ class SendshotStore:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(s.path)
             return doomed
+
+
+def _write_durably(tmp: str, head: SendshotHead, inodes: Iterable[RecordInode] | Encoded
+                   ) -> str:
+    """Write a record to the new file ``tmp`` and ``fsync`` it; its digest."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    with os.fdopen(fd, "wb") as f:
+        digest, _n = write_record(f.write, head, inodes)
+        f.flush()
+        os.fsync(f.fileno())
+    return digest
+
+
+class PendingRecord:
+    """A record being written to a temporary file of the store by a thread
+    (:meth:`SendshotStore.begin`). :meth:`commit` waits and names it; :meth:`abort` waits
+    and deletes it. One of them must be called."""
+
+    def __init__(self, store: SendshotStore, head: SendshotHead, encoded: Encoded) -> None:
+        import threading
+
+        self._store, self._head = store, head
+        self._tmp = store._temporary()
+        self._digest = ""
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(encoded,),
+                                        name="btrdelta-record", daemon=True)
+        self._thread.start()
+
+    def _run(self, encoded: Encoded) -> None:
+        try:
+            self._digest = _write_durably(self._tmp, self._head, encoded)
+        except BaseException as exc:  # handed to commit() in the caller's thread
+            self._error = exc
+
+    def commit(self) -> StoredSendshot:
+        """The record, under its name (raises what writing it raised)."""
+        self._thread.join()
+        if self._error is not None:
+            self.abort()
+            raise self._error
+        return self._store._publish(self._tmp, self._digest, self._head)
+
+    def abort(self) -> None:
+        """Wait for the thread and delete what it wrote."""
+        self._thread.join()
+        with contextlib.suppress(OSError):
+            os.unlink(self._tmp)
 
 
 def parse_grid(text: str) -> list[tuple[int, int]]:
