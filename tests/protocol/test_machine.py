@@ -25,7 +25,7 @@ from btrdelta.protocol import (
     Plan,
     Refuse,
 )
-from btrdelta.protocol.messages import decode, encode, max_data
+from btrdelta.protocol.messages import decode, encode, encode_data, max_data
 from btrdelta.protocol.plan import Known, choose
 from btrdelta.stream.constants import CMD_HEADER_SIZE
 
@@ -244,3 +244,42 @@ def test_the_highest_version_both_list_and_its_segment_digest() -> None:
         m = Checkpoint(1, 2, d, "cd" * 32)
         frame = encode(m)
         assert decode(7, memoryview(frame), CMD_HEADER_SIZE, len(frame)) == m
+
+
+def _at_stream(version: int) -> tuple[Connection, Connection]:
+    s, r = Connection("sender"), Connection("receiver")
+    _pipe(s, r, Hello("sender", (version,), (), "x"))
+    _pipe(r, s, Hello("receiver", (version,), (), "y"))
+    _pipe(r, s, Holdings(()))
+    plan = Plan("full", "cd" * 16, "data.1", U2, 7, None, "", 0, 1 << 20)
+    _pipe(s, r, plan)
+    _pipe(r, s, Accept(plan.session))
+    return s, r
+
+
+@pytest.mark.parametrize("version", [3, 4])
+def test_data_carries_a_crc_before_version_4_only(version: int) -> None:
+    """Version 4: DATA's CRC field is 0 and not checked (the stream's own CRCs and the
+    segment digest cover its bytes); every other message keeps its CRC."""
+    s, r = _at_stream(version)
+    payload = bytes(range(256)) * 1000
+    frame = bytearray(b"".join(bytes(b) for b in s.send_data(0, [payload])))
+    stored = int.from_bytes(frame[6:10], "little")
+    assert (stored == 0) == (version == 4)
+    frame[6:10] = (0x12345678).to_bytes(4, "little")  # a CRC nobody computed
+    r.receive_data(bytes(frame))
+    if version == 3:
+        with pytest.raises(ProtocolError, match="CRC32C"):
+            r.next_event()
+        return
+    assert r.next_event() == Data(0, payload)
+    # the same frame as send(Data) makes, and as encode_data without a CRC
+    s2, _r2 = _at_stream(version)
+    plain = b"".join(bytes(b) for b in encode_data(0, [payload], crc=False)[0])
+    assert s2.send(Data(0, payload)) == plain
+    # a CHECKPOINT's CRC is still checked
+    cp = bytearray(s.send(Checkpoint(0, len(payload), "ab" * 16, "cd" * 32)))
+    cp[-1] ^= 1
+    r.receive_data(bytes(cp))
+    with pytest.raises(ProtocolError, match="CRC32C"):
+        r.next_event()

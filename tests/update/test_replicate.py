@@ -221,7 +221,7 @@ def _lying_sender(dest: Path, stream: bytes, plan_parent: object, *,
         return "refused-plan", ch.proc.returncode if ch.proc else -1, got.message
     if spoke is not None:
         spoke.append(io.conn.version)
-    # the segment digest of the version both speak: BLAKE3 (1), XXH3-128 (2)
+    # the segment digest of the version both speak: BLAKE3 (1), XXH3-128 (2 and later)
     digest = blake3.blake3(stream).hexdigest() if io.conn.version == 1 else \
         xxhash.xxh3_128_hexdigest(stream)
     chain = chain_next("00" * 32, digest)
@@ -266,7 +266,7 @@ def test_a_lying_sender_gets_a_typed_refusal_and_nothing_is_applied(tmp_path: Pa
     assert not [n for n in os.listdir(dest) if n.startswith(".btrdelta-tmp-")]
 
 
-@pytest.mark.parametrize("versions", [(1,), (1, 2), (2,)])
+@pytest.mark.parametrize("versions", [(1,), (1, 2), (2,), (3,), (2, 3, 4)])
 def test_segment_digests_of_each_protocol_version(tmp_path: Path,
                                                   versions: tuple[int, ...]) -> None:
     import uuid as _uuid
@@ -317,7 +317,7 @@ def test_a_receiver_without_xxhash_speaks_version_1(tmp_path: Path,
     what, code, text = _lying_sender(dest, good, None, versions=(1, 2), spoke=spoke)
     assert (what, code, spoke) == ("Committed", 0, [1]), text
     assert json.loads((dest / ".btrdelta-replica.json").read_text())["received"] == {"ok": None}
-    assert messages.spoken() == (1, 2, 3)
+    assert messages.spoken() == (1, 2, 3, 4)
 
     def missing(name: str) -> None:
         raise messages.MissingDependencyError(name, "make")

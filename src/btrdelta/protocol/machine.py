@@ -29,6 +29,7 @@ from ..errors import ProtocolError, StreamFormatError
 from ..stream.constants import CMD_HEADER_SIZE
 from ..stream.framing import EOF, NEED_DATA, Framer, Sentinel
 from .messages import (
+    DATA,
     FRAMING,
     HEADER,
     NAMES,
@@ -45,6 +46,7 @@ from .messages import (
     Plan,
     Refuse,
     check_header,
+    data_crc,
     decode,
     encode,
     encode_data,
@@ -108,7 +110,11 @@ class Connection:
             ProtocolError: this side may not send ``msg`` now (a bug in the caller).
         """
         self._check(msg, self.role, "send")
-        out = encode(msg)
+        if isinstance(msg, Data) and not data_crc(self.version):
+            out = b"".join(bytes(b) for b in
+                           encode_data(msg.offset, [msg.data], crc=False)[0])
+        else:
+            out = encode(msg)
         self._advance(msg, self.role)
         if not self._header_sent:
             self._header_sent = True
@@ -122,7 +128,7 @@ class Connection:
         Raises:
             ProtocolError: DATA may not be sent now, or not at that offset.
         """
-        out, size = encode_data(offset, pieces)
+        out, size = encode_data(offset, pieces, crc=data_crc(self.version))
         if size > max_data(self.version):
             raise ValueError(f"DATA of {size} bytes in protocol version {self.version}")
         sender, phases = _ALLOWED[Data]
@@ -254,6 +260,8 @@ class Connection:
                         f"no common protocol version (peer: {self.peer_hello.versions}, "
                         f"here: {self._mine})")
                 self.version = max(common)
+                if not data_crc(self.version):  # DATA's bytes: the stream's CRCs
+                    self._in.unchecked = DATA
                 self.phase = "holdings"
         elif isinstance(msg, Holdings):
             self.phase = "plan"

@@ -44,6 +44,7 @@ __all__ = [
     "Partial",
     "Plan",
     "Refuse",
+    "data_crc",
     "decode",
     "encode",
     "max_data",
@@ -55,12 +56,13 @@ HEADER: Final = struct.Struct("<14sI")
 WIRE_VERSION: Final = 1
 #: protocol versions this build knows: 2 digests segments with XXH3-128 instead of
 #: BLAKE3-256 (see :func:`segment_hasher`), when the optional xxhash is installed; 3 is 2
-#: with DATA of up to 1 MiB (:func:`max_data`)
-VERSIONS: Final = (1, 2, 3)
+#: with DATA of up to 1 MiB (:func:`max_data`); 4 is 3 with DATA's CRC field 0, neither
+#: computed nor checked (:func:`data_crc`)
+VERSIONS: Final = (1, 2, 3, 4)
 
 
 def spoken() -> tuple[int, ...]:
-    """The versions this installation speaks (its HELLO): 2 and 3 only with xxhash (the
+    """The versions this installation speaks (its HELLO): 2 to 4 only with xxhash (the
     ``[make]`` extra; a bare receiver speaks 1)."""
     try:
         need("xxhash")
@@ -76,6 +78,15 @@ _MAX_PAYLOAD = MAX_DATA_V3 + 64 * 1024
 def max_data(version: int) -> int:
     """The most stream bytes one DATA message carries in protocol ``version``."""
     return MAX_DATA_V3 if version >= 3 else MAX_DATA
+
+
+def data_crc(version: int) -> bool:
+    """Whether DATA messages carry a CRC32C in protocol ``version`` (before 4). From
+    version 4 their CRC field is 0 and not checked: every byte they carry is a send stream's,
+    under its own record's CRC32C (checked before the record is applied) and its segment's
+    digest (checked before the ACK), so a second CRC over the same bytes caught nothing
+    more; a DATA message's own fields are checked by their rules (offset, lengths)."""
+    return version < 4
 
 
 HELLO, HOLDINGS, PLAN, REFUSE, ACCEPT, DATA, CHECKPOINT, ACK, COMMIT, COMMITTED = range(1, 11)
@@ -339,12 +350,13 @@ def segment_hasher(version: int) -> Any:
     return blake3.blake3()
 
 
-def encode_data(offset: int, pieces: Sequence[Any]) -> tuple[list[Any], int]:
+def encode_data(offset: int, pieces: Sequence[Any], *,
+                crc: bool = True) -> tuple[list[Any], int]:
     """The frame of ``Data(offset, b"".join(pieces))`` as buffers to write in order (the
     pieces themselves among them, not copied), and the number of data bytes.
 
     The bytes are those of :func:`encode`: the data cut into TLVs of 65535 bytes, the last
-    one shorter.
+    one shorter; without ``crc`` (protocol version 4) the CRC field is 0.
     """
     views = [memoryview(p).cast("B") for p in pieces]
     total = sum(len(v) for v in views)
@@ -364,10 +376,13 @@ def encode_data(offset: int, pieces: Sequence[Any]) -> tuple[list[Any], int]:
             left -= take
             done += take
     length = sum(len(b) for b in out)
-    crc = crc32c(_ZERO_CRC, crc32c(_HDR6.pack(length, DATA), 0xFFFFFFFF))
+    if not crc:
+        out[0] = _FRAME_HDR.pack(length, DATA, 0)
+        return out, total
+    value = crc32c(_ZERO_CRC, crc32c(_HDR6.pack(length, DATA), 0xFFFFFFFF))
     for b in out[1:]:
-        crc = crc32c(b, crc)
-    out[0] = _FRAME_HDR.pack(length, DATA, crc ^ 0xFFFFFFFF)
+        value = crc32c(b, value)
+    out[0] = _FRAME_HDR.pack(length, DATA, value ^ 0xFFFFFFFF)
     return out, total
 
 

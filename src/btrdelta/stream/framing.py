@@ -221,6 +221,10 @@ class Framer:
         source: name of the input in error messages (a file name, ``-`` for stdin).
         verify_crc: check each frame's CRC32C in :meth:`next_frame` (turning it off is for
             measuring and fuzzing; batch decoders check CRCs themselves).
+
+    ``unchecked`` (attribute) is a command number whose frames' CRC is not checked (-1:
+    none; the replication protocol's DATA from version 4, whose bytes the send stream's own
+    CRCs and the segment digests cover).
     """
 
     __slots__ = (
@@ -234,6 +238,7 @@ class Framer:
         "framing",
         "index",
         "source",
+        "unchecked",
         "verify_crc",
         "version",
     )
@@ -243,6 +248,7 @@ class Framer:
         self.framing = framing
         self.source = source
         self.verify_crc = verify_crc
+        self.unchecked = -1
         #: version from the format's header (set by the parser; 0 before it)
         self.version = 0
         #: index of the next frame (0-based, counted over the whole input)
@@ -376,7 +382,7 @@ class Framer:
             mv, start = cur, pos
         else:
             mv, start = self.peek(total), 0
-        if self.verify_crc:
+        if self.verify_crc and cmd != self.unchecked:
             actual = _crc(
                 mv[start + CMD_HEADER_SIZE : start + total],
                 _crc(_ZERO_CRC, _crc(_HDR6(length, cmd), 0xFFFFFFFF)),
