@@ -11,6 +11,8 @@ import pytest
 
 from btrdelta.delta import MakeOptions, expand_to, make_delta, open_delta
 from btrdelta.delta import make as make_mod
+from btrdelta.delta import writer as writer_mod
+from btrdelta.delta.format import ZCommands
 from btrdelta.delta.writer import DeltaWriter
 
 from .conftest import Pair
@@ -38,6 +40,26 @@ def test_parallel_make_is_byte_identical_to_serial(
     serial = _make(stream, pair.a, jobs=1, carrier=carrier)
     parallel = _make(stream, pair.a, jobs=4, carrier=carrier)
     assert parallel == serial
+    out: list[bytes] = []
+    expand_to(open_delta(io.BytesIO(parallel)), pair.a, out.append)
+    assert b"".join(bytes(p) for p in out) == stream.read_bytes()
+
+
+def test_xz_blocks_on_workers_are_byte_identical_to_serial(
+    delta_pairs: dict[str, Pair], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The xz carrier cut into blocks of 4 KiB (pieces of 1 KiB), compressed by four
+    workers each primed with the bytes before its block (:mod:`btrdelta.delta.lanes`):
+    the bytes of one worker, and a delta that expands to the kernel's stream."""
+    monkeypatch.setattr(writer_mod, "XZ_BLOCK", 4 << 10)
+    monkeypatch.setattr(writer_mod, "ZCMDS_TARGET", 1 << 10)
+    pair = delta_pairs["rebuilt-release"]
+    stream = pair.streams["v1"]
+    serial = _make(stream, pair.a, jobs=1, carrier="xz")
+    parallel = _make(stream, pair.a, jobs=4, carrier="xz")
+    assert parallel == serial
+    pieces = [i for i in open_delta(io.BytesIO(parallel)) if isinstance(i, ZCommands)]
+    assert sum(p.raw_len for p in pieces) > 3 * (4 << 10)  # several blocks
     out: list[bytes] = []
     expand_to(open_delta(io.BytesIO(parallel)), pair.a, out.append)
     assert b"".join(bytes(p) for p in out) == stream.read_bytes()

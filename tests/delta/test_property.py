@@ -3,7 +3,8 @@
 Hypothesis draws old files and what the stream writes over them: the same bytes, a few
 edits, a truncation, an empty or tiny file, unrelated bytes (whose patches come out as long
 as or longer than the data), a new file copied from an old one under another name; written
-in chunks of any size, with every codec and with the carrier on and off. ``delta make``
+in chunks of any size, with every codec and with the carrier on and off (the xz carrier
+also in blocks of 4 KiB on workers). ``delta make``
 must never write what the expansion refuses, and the expansion must give back the stream
 byte for byte. No kernel: the streams are written with :class:`StreamWriter`.
 """
@@ -13,13 +14,14 @@ from __future__ import annotations
 import io
 import random
 import uuid
+from unittest import mock
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from btrdelta.delta import MakeOptions, expand_to, make_delta, open_delta
+from btrdelta.delta import MakeOptions, expand_to, make_delta, open_delta, writer
 from btrdelta.delta.format import Patch, patch_refusal
 from btrdelta.stream import StreamWriter
 from btrdelta.stream import records as R
@@ -102,7 +104,7 @@ def _round_trip(stream: bytes, old: Path, opts: MakeOptions) -> bytes:
     ("codec", "level", "carrier"),
     [("auto", 1, "zstd"), ("auto", 0, "zstd"), ("hdiff-raw", 1, "zstd"), ("hdiff", 1, "zstd"),
      ("zstd", 0, "zstd"), ("bsdiff", 1, "zstd"), ("auto", 1, "xz"), ("edits", 1, "auto"),
-     ("edits", 0, "auto"), ("auto", 1, "auto")],
+     ("edits", 0, "auto"), ("auto", 1, "auto"), ("auto", 1, "xz-blocks")],
 )
 @settings(max_examples=30, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -124,8 +126,14 @@ def test_expand_of_make_is_the_stream(tmp_path: Path, codec: str, level: int, ca
     version = data.draw(st.sampled_from([1, 2]))
     chunk = data.draw(st.sampled_from([1, 7, 4096, 49152]))
     stream = _stream(version, chunk, changes)
-    opts = MakeOptions(codec=codec, level=level, min_file_size=1, carrier=carrier,
+    opts = MakeOptions(codec=codec, level=level, min_file_size=1,
+                       carrier=carrier.removesuffix("-blocks"),
                        jobs=data.draw(st.sampled_from([1, 2])))
+    if carrier == "xz-blocks":  # pieces of 1 KiB, blocks of 4 KiB on workers (lanes.py)
+        with mock.patch.object(writer, "XZ_BLOCK", 4096), \
+                mock.patch.object(writer, "ZCMDS_TARGET", 1024):
+            assert _round_trip(stream, root, opts) == stream
+        return
     assert _round_trip(stream, root, opts) == stream
 
 

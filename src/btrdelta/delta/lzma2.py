@@ -90,7 +90,8 @@ def available() -> bool:
 
 
 class _Coder:
-    def __init__(self, dict_size: int, x86: bool, preset: int, encode: bool) -> None:
+    def __init__(self, dict_size: int, x86: bool, preset: int, encode: bool,
+                 preset_dict: Any = None) -> None:
         if not 4096 <= dict_size <= MAX_DICT:
             raise StreamFormatError(f"LZMA2 dictionary of {dict_size} bytes is out of range")
         lib = _lib()
@@ -98,6 +99,14 @@ class _Coder:
         if lib.lzma_lzma_preset(ctypes.byref(self.opts), preset):
             raise ValueError(f"bad LZMA preset {preset:#x}")  # pragma: no cover
         self.opts.dict_size = dict_size
+        if preset_dict is not None and len(preset_dict):
+            # liblzma copies it into the encoder's dictionary at init (lz_encoder.c), so
+            # the caller's buffer is needed only until then
+            kind = ctypes.c_char * len(preset_dict)
+            pdict = (kind.from_buffer(preset_dict) if isinstance(preset_dict, bytearray)
+                     else kind.from_buffer_copy(preset_dict))
+            self.opts.preset_dict = ctypes.cast(pdict, ctypes.c_void_p)
+            self.opts.preset_dict_size = len(preset_dict)
         chain: list[tuple[int, Any]] = [(_LZMA_FILTER_X86, None)] if x86 else []
         chain += [(_LZMA_FILTER_LZMA2, ctypes.cast(ctypes.byref(self.opts), ctypes.c_void_p)),
                   (_LZMA_VLI_UNKNOWN, None)]
@@ -106,6 +115,8 @@ class _Coder:
         init = lib.lzma_raw_encoder if encode else lib.lzma_raw_decoder
         if init(ctypes.byref(self.strm), self.filters) != _OK:
             raise MemoryError("liblzma could not start a coder")
+        self.opts.preset_dict = None
+        self.opts.preset_dict_size = 0
         self.lib = lib
 
     def _code(self, data: Any, action: int, out_limit: int) -> tuple[bytes, int]:
@@ -147,12 +158,18 @@ class _Coder:
 
 
 class Lzma2Encoder(_Coder):
-    """Raw LZMA2 encoder (``preset`` 0..9, ``extreme`` = ``-e``)."""
+    """Raw LZMA2 encoder (``preset`` 0..9, ``extreme`` = ``-e``).
+
+    With ``preset_dict`` (at most ``dict_size`` bytes: the data just before what this
+    encoder is given) the encoder starts with those bytes in its dictionary and its first
+    chunk resets the state but not the dictionary: its output continues an LZMA2 stream
+    whose decoder has produced them, matches reaching back into them.
+    """
 
     def __init__(self, dict_size: int, *, x86: bool = False, preset: int = 9,
-                 extreme: bool = True) -> None:
+                 extreme: bool = True, preset_dict: Any = None) -> None:
         super().__init__(dict_size, x86, preset | (_LZMA_PRESET_EXTREME if extreme else 0),
-                         True)
+                         True, preset_dict)
 
     def compress(self, data: Any) -> bytes:
         """Feed ``data``; returns what the encoder gives out so far."""

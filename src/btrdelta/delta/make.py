@@ -154,7 +154,7 @@ class _Maker:
         )
         self.out = DeltaWriter(write if self.check is None else self.checked_write,
                                level=opts.level, old_root=old_root, carrier=opts.carrier,
-                               background=opts.jobs > 1)
+                               background=opts.jobs > 1, workers=max(1, opts.jobs))
         #: the old tree's btrfs identity (checked against each SNAPSHOT), else what a
         #: plain directory looks like from the stream
         self.subvol = old_subvolume(old_root) if opts.check_parent else None

@@ -73,11 +73,19 @@ CARRIER_TABLE_LOG = 20
 #: flush waits for every job, so pieces are larger to keep the threads busy)
 ZCMDS_TARGET = 1 << 20
 ZCMDS_TARGET_THREADED = 8 << 20
-#: dictionary of the ``xz`` carrier (LZMA2 after the x86 converter, format 6): 64 MiB, as
-#: ``xz -9`` (the encoder at -9e takes ~10x that, the decoder that much). On the Debian
-#: install pair (51 MB of stream) 32 MiB cost 1.0% more (raw ``xz --x86`` of the stream:
-#: 32 MiB 13,289,555 B, 48 MiB 13,152,173 B, 64 MiB 13,151,650 B)
-XZ_DICT = 64 << 20
+#: dictionary of the ``xz`` carrier (LZMA2 after the x86 converter, format 6), with which
+#: each block's encoder (:data:`XZ_BLOCK`) is primed: 48 MiB. The encoder takes ~10x
+#: that, the decoder that much. On the
+#: Debian install pair (51 MB of stream) one encoder with 32 MiB cost 1.0% more than with
+#: 64 MiB (raw ``xz --x86`` of the stream: 32 MiB 13,289,555 B, 48 MiB 13,152,173 B,
+#: 64 MiB 13,151,650 B)
+XZ_DICT = 48 << 20
+#: ``xz`` carrier: LZMA2 ``-9`` without ``-e`` (install pair carrier: 12,987,120 B against
+#: 12,985,281, 24.2 against 28.8 CPU s)
+XZ_EXTREME = False
+#: ``xz`` carrier: carried bytes compressed by one encoder, blocks on ``workers`` threads
+#: (:mod:`.lanes`); the install pair's 46 MiB carrier is two blocks
+XZ_BLOCK = 24 << 20
 
 
 #: ``--carrier auto``: carried file data (WRITE / ENCODED_WRITE commands, bytes) from which
@@ -101,8 +109,8 @@ class _Background:
     """One thread running output tasks in the order they were given; the first exception a
     task raises is re-raised to the caller (later tasks are dropped)."""
 
-    def __init__(self) -> None:
-        self._tasks: queue.Queue[Callable[[], object] | None] = queue.Queue(_BACKGROUND_DEPTH)
+    def __init__(self, depth: int = _BACKGROUND_DEPTH) -> None:
+        self._tasks: queue.Queue[Callable[[], object] | None] = queue.Queue(depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="btrdelta-carrier", daemon=True)
         self._thread.start()
@@ -144,6 +152,8 @@ class DeltaWriter:
             :data:`AUTO_XZ_FROM` bytes of file data are carried, else zstd; output is held
             until then, at most :data:`AUTO_HOLD_MAX`). Format 7 is written.
         background: compress and write on a thread of its own (call :meth:`close`).
+        workers: LZMA2 encoders running at once (the xz carrier, :mod:`.lanes`: the bytes
+            are the same for any number).
         old_root: the old snapshot, whose directory listings UNLINKs may refer to.
     """
 
@@ -157,9 +167,15 @@ class DeltaWriter:
         old_root: str | os.PathLike[str] | None = None,
         carrier: str = "zstd",
         background: bool = False,
+        workers: int = 1,
     ) -> None:
         self._write = write
-        self._bg = _Background() if background else None
+        self._workers = workers
+        # with LZMA2 workers, the output thread waits for one block's pieces while the
+        # next blocks' are being compressed: room for them
+        self._bg = _Background(
+            _BACKGROUND_DEPTH + (workers - 1) * (XZ_BLOCK // ZCMDS_TARGET)
+            if carrier != "zstd" else _BACKGROUND_DEPTH) if background else None
         self.level = level
         self._pending: list[Any] = []
         self._target = ZCMDS_TARGET_THREADED if threads and carrier == "zstd" else ZCMDS_TARGET
@@ -199,11 +215,11 @@ class DeltaWriter:
         """Set up the carrier's compressor and write the header (format 7)."""
         self.carrier = carrier
         if carrier == "xz":
-            from .lzma2 import Lzma2Encoder
+            from .lanes import Lanes
 
             self._codec = (CARRIER_LZMA2_X86, XZ_DICT)
-            self._cobj = Lzma2Encoder(XZ_DICT, preset=min(self.level, 9),
-                                      extreme=self.level >= 9)
+            self._cobj = Lanes(XZ_DICT, preset=min(self.level, 9), extreme=XZ_EXTREME,
+                               workers=self._workers, block=XZ_BLOCK)
         else:
             window_log, threads = self._zstd_params
             params = zstandard.ZstdCompressionParameters.from_level(
@@ -233,8 +249,12 @@ class DeltaWriter:
         elif self._held is not None:
             self.flush()
             self._decide("zstd")
-        if self._bg is not None:
-            self._bg.close()
+        try:
+            if self._bg is not None:
+                self._bg.close()
+        finally:
+            if self._codec[0] != CARRIER_ZSTD:
+                self._cobj.close()
 
     def _emit(self, pieces: list[Any]) -> None:
         if self._held is not None:
@@ -295,31 +315,43 @@ class DeltaWriter:
 
     def _cut(self, pending: list[Any], length: int) -> None:
         """Compress and write one ZCMDS record of ``pending`` (``length`` bytes)."""
-        if self._bg is not None:
-            self._bg.submit(lambda: self._emit_now(self._compress(pending, length)))
+        if self._codec[0] != CARRIER_ZSTD:
+            task = self._lzma2(pending, length)
         else:
-            self._emit_now(self._compress(pending, length))
+            def task() -> list[Any]:
+                return self._compress(pending, length)
+        if self._bg is not None:
+            self._bg.submit(lambda: self._emit_now(task()))
+        else:
+            self._emit_now(task())
 
     def _compress(self, pending: list[Any], length: int) -> list[Any]:
-        """The ZCMDS record of the carried pieces ``pending`` (``length`` bytes)."""
+        """The ZCMDS record of the carried pieces ``pending`` (``length`` bytes), zstd."""
         cobj = self._cobj
         raw = pending[0] if len(pending) == 1 else b"".join(pending)
         crc = crc32c(raw, 0)
+        zdata = cobj.compress(raw) + cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        return encode_item(ZCommands(length, memoryview(zdata), crc, *self._codec))
+
+    def _lzma2(self, pending: list[Any], length: int) -> Callable[[], list[Any]]:
+        """LZMA2: the piece goes to the encoders' workers (:mod:`.lanes`) at once; the
+        task returned waits for it and gives its ZCMDS record."""
+        raw: Any = b"".join(pending)
+        crc = crc32c(raw, 0)
         codec = self._codec
-        if codec[0] == CARRIER_LZMA2_X86:
-            # pieces with machine code go through the x86 converter (codec 3), others
-            # not (codec 2): both continue the same LZMA2 stream
-            conv = bytearray(raw)
-            if bcj.worth_it(raw, bcj.encode(conv, self._carried)):
-                raw = conv
-            else:
-                codec = (CARRIER_LZMA2, codec[1])
-        self._carried += length
-        if codec[0] != CARRIER_ZSTD:
-            zdata = cobj.compress(raw) + cobj.flush()
+        # pieces with machine code go through the x86 converter (codec 3), others not
+        # (codec 2): both continue the same LZMA2 stream
+        conv = bytearray(raw)
+        if bcj.worth_it(raw, bcj.encode(conv, self._carried)):
+            raw = conv
         else:
-            zdata = cobj.compress(raw) + cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
-        return encode_item(ZCommands(length, memoryview(zdata), crc, *codec))
+            codec = (CARRIER_LZMA2, codec[1])
+        self._carried += length
+        future = self._cobj.submit(raw)
+
+        def task() -> list[Any]:
+            return encode_item(ZCommands(length, memoryview(future.result()), crc, *codec))
+        return task
 
     def item(self, item: DeltaItem) -> None:
         """Write a delta record (flushes carried commands first, keeping the order)."""
