@@ -14,8 +14,8 @@ from __future__ import annotations
 import io
 import random
 import uuid
-from unittest import mock
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
