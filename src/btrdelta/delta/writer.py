@@ -19,7 +19,9 @@ patches are already compressed.
 With ``background=True`` the compression of the carrier and every write run on one thread
 of their own, in order, while the caller goes on folding commands (``delta make``: the
 reader and the diff workers keep the other cores busy); :meth:`DeltaWriter.close` waits for
-them and raises what they raised. The bytes written are the same either way.
+them and raises what they raised. The bytes written are the same either way. The ``xz``
+carrier's pieces are compressed by LZMA2 encoders on ``workers`` threads of their own, a
+block of pieces each (:mod:`.lanes`); the output thread writes their records in order.
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ XZ_EXTREME = False
 #: ``xz`` carrier: carried bytes compressed by one encoder, blocks on ``workers`` threads
 #: (:mod:`.lanes`); the install pair's 46 MiB carrier is two blocks
 XZ_BLOCK = 24 << 20
+#: most ``xz`` encoders running at once, whatever ``-j`` (each takes ~500 MB)
+XZ_WORKERS_MAX = 4
 
 
 #: ``--carrier auto``: carried file data (WRITE / ENCODED_WRITE commands, bytes) from which
@@ -153,7 +157,7 @@ class DeltaWriter:
             until then, at most :data:`AUTO_HOLD_MAX`). Format 7 is written.
         background: compress and write on a thread of its own (call :meth:`close`).
         workers: LZMA2 encoders running at once (the xz carrier, :mod:`.lanes`: the bytes
-            are the same for any number).
+            are the same for any number; at most :data:`XZ_WORKERS_MAX`).
         old_root: the old snapshot, whose directory listings UNLINKs may refer to.
     """
 
@@ -170,7 +174,7 @@ class DeltaWriter:
         workers: int = 1,
     ) -> None:
         self._write = write
-        self._workers = workers
+        workers = self._workers = max(1, min(workers, XZ_WORKERS_MAX))
         # with LZMA2 workers, the output thread waits for one block's pieces while the
         # next blocks' are being compressed: room for them
         self._bg = _Background(
