@@ -98,15 +98,17 @@ def _add_make(dsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="compressor of carried data (new files, metadata, small patches): "
                         "auto (default) takes xz once 8 MiB of file data is carried (an "
                         "update that is mostly new files) and zstd otherwise. zstd: the "
-                        "fast choice (-19, 8 MiB window). xz: raw LZMA2 -9e, 64 MiB "
-                        "dictionary, after an x86 branch converter: smaller, slower. "
+                        "fast choice (-19, 8 MiB window). xz: raw LZMA2 -9, 48 MiB "
+                        "dictionary, after an x86 branch converter, compressed in blocks "
+                        "of 24 MiB on up to 4 threads (-j; ~500 MB each): smaller, slower. "
                         "Measured on a Debian install of 27 packages (51 MB stream, "
                         "mostly new files): zstd 14.57 MB, make 20 CPU s and 124 MB, "
                         "delta expand 81 MB of stream a CPU second, 59 MB; xz 12.99 MB "
-                        "(-11%%), make 50 CPU s and 693 MB, expand 29 MB a CPU second, "
-                        "114 MB. On a Debian upgrade (0.93 MB delta, mostly patches) xz "
-                        "saves 0.4%% and expand runs at 112 against zstd's 146 MB a CPU "
-                        "second. Each writes format 7 (docs/formats/delta-stream.md)")
+                        "(-11%%), make 35 CPU s on 2 threads and 855 MB, expand 29 MB a "
+                        "CPU second, 110 MB. On a Debian upgrade (0.93 MB delta, mostly "
+                        "patches) xz saves 0.4%% and expand runs at 112 against zstd's "
+                        "146 MB a CPU second. Each writes format 7 "
+                        "(docs/formats/delta-stream.md)")
     m.add_argument("--verify", action="store_true",
                    help="expand the delta made against --old before exiting 0 (as long as "
                         "a delta expand; without it the delta's structure, patch lengths "
