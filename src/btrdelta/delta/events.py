@@ -63,6 +63,7 @@ def expand_batches(
     max_file_size: int = DEFAULT_MAX_FILE_SIZE,
     source: str | None = None,
     clone_same: bool = False,
+    hash_clones: bool = True,
 ) -> Generator[list[Event], None, None]:
     """The events of the expanded stream in lists (what ``receive`` applies a list at a
     time): headers and regenerated records as the expansion made them, carried commands
@@ -79,7 +80,7 @@ def expand_batches(
     nbytes = 0
     limit = _FIRST_BATCH
     outputs = expand_items(items, old_root, max_file_size=max_file_size, source=source,
-                           clone_same=clone_same)
+                           clone_same=clone_same, hash_clones=hash_clones)
     with closing(outputs):  # closing this generator stops the recompression threads
         for kind, pieces, rec in outputs:
             cls = rec.__class__
@@ -119,15 +120,15 @@ class DeltaEvents:
 
     def __init__(
         self, items: Iterable[DeltaItem], old_root: OldRoot, max_file_size: int,
-        source: str | None, clone_same: bool = False,
+        source: str | None, clone_same: bool = False, hash_clones: bool = True,
     ) -> None:
-        self._args = (items, old_root, max_file_size, source, clone_same)
+        self._args = (items, old_root, max_file_size, source, clone_same, hash_clones)
 
     def batches(self) -> Generator[list[Event], None, None]:
         """Lists of events (see :func:`expand_batches`); call it once."""
-        items, old_root, max_file_size, source, clone_same = self._args
+        items, old_root, max_file_size, source, clone_same, hash_clones = self._args
         return expand_batches(items, old_root, max_file_size=max_file_size, source=source,
-                              clone_same=clone_same)
+                              clone_same=clone_same, hash_clones=hash_clones)
 
     def __iter__(self) -> Iterator[Event]:
         for batch in self.batches():
@@ -141,6 +142,7 @@ def expand_events(
     max_file_size: int = DEFAULT_MAX_FILE_SIZE,
     source: str | None = None,
     clone_same: bool = False,
+    hash_clones: bool = True,
 ) -> DeltaEvents:
     """The events of the expanded stream, as :meth:`StreamReader.events` yields them.
 
@@ -163,4 +165,4 @@ def expand_events(
         items = open_delta(delta_events, source=source)  # type: ignore[arg-type]
     else:
         items = delta_events
-    return DeltaEvents(items, old_root, max_file_size, source, clone_same)
+    return DeltaEvents(items, old_root, max_file_size, source, clone_same, hash_clones)

@@ -82,8 +82,9 @@ OldRoot = str | os.PathLike[str] | Callable[[Any], "str | os.PathLike[str]"]
 # output kinds of expand_items: a stream header, carried btrfs commands (a group of whole
 # commands), a regenerated WRITE or ENCODED_WRITE
 HEADER, RAW, WRITE = 0, 1, 2
-# and of _Expander.run only: an ENCODED_WRITE being regenerated (a future), the DEND record
-PENC, END = 3, 4
+# and of _Expander.run only: an ENCODED_WRITE being regenerated (a future), the DEND record,
+# an ENCODED_WRITE of unchanged content left to its CLONE (not regenerated: hash_clones)
+PENC, END, CLONED = 3, 4, 5
 #: outputs waiting behind an extent being recompressed: at most this many bytes (and items)
 _WINDOW = 32 << 20
 _WINDOW_ITEMS = 4096
@@ -94,7 +95,7 @@ class _Expander:
 
     def __init__(
         self, old_root: OldRoot, max_file_size: int, source: str | None,
-        clone_same: bool = False,
+        clone_same: bool = False, hash_clones: bool = True,
     ) -> None:
         self.old_root = old_root
         self.root: str | os.PathLike[str] | None = (
@@ -107,6 +108,8 @@ class _Expander:
         self.count = 0
         self.size = 0
         self.hash: Any = None
+        #: False once a command was left out (CLONED): the digest is no longer computed
+        self.hashing = True
         #: small pieces not hashed yet (see :meth:`add`)
         self.pend = bytearray()
         #: index of the delta record being expanded (1-based), for errors
@@ -115,7 +118,7 @@ class _Expander:
         #: regenerated WRITEs of unchanged content carry a CLONE from the parent snapshot
         #: (only when the old root comes from the stream's SNAPSHOT)
         self.patcher = Patcher(self.resolve_root, self.carrier.state, max_file_size, source,
-                               clone_same and callable(old_root))
+                               clone_same and callable(old_root), hash_clones)
 
     def fail(self, msg: str, exc: BtrdeltaError | None = None) -> BtrdeltaError:
         err = exc if exc is not None else StreamFormatError(msg)
@@ -180,7 +183,9 @@ class _Expander:
                 yield WRITE, rec, None
         elif cls is PEncoded:
             pending = self.patcher.pencoded(item, self.index)  # type: ignore[arg-type]
-            if isinstance(pending.packed, bytes):
+            if pending.packed is None:
+                yield CLONED, pending, None
+            elif isinstance(pending.packed, bytes):
                 yield WRITE, *self.patcher.regenerated(pending)
             else:
                 yield PENC, pending, None
@@ -222,6 +227,8 @@ class _Expander:
         batches: one hash call per ~64 KiB instead of one per command)."""
         n = len(piece)
         self.size += n
+        if not self.hashing:
+            return
         if n < _SMALL:
             self.pend += piece
             if len(self.pend) >= _BATCH:
@@ -233,8 +240,17 @@ class _Expander:
                 self.pend.clear()
             self.hash.update(piece)
 
+    def left_out(self, size: int) -> None:
+        """A command of ``size`` bytes that is counted but not produced (CLONED): the
+        digest can no longer be computed, so it is not (:meth:`check_end`)."""
+        self.count += 1
+        self.size += size
+        self.hashing = False
+        self.pend.clear()
+
     def check_end(self, end: DeltaEnd) -> None:
-        """What went out against the DEND record: count, size, BLAKE3 digest."""
+        """What went out against the DEND record: count, size, BLAKE3 digest (unless a
+        command was left out: :meth:`left_out`)."""
         if self.pend:
             self.hash.update(self.pend)
             self.pend.clear()
@@ -247,6 +263,8 @@ class _Expander:
                 f"DEND says {end.count} / {end.size}",
                 expected=(end.count, end.size), actual=(self.count, self.size),
             ))
+        if not self.hashing:
+            return
         actual = bytes(algo_hash.digest())
         if actual != end.digest:
             raise self.fail("", ChecksumError(
@@ -334,6 +352,10 @@ class _Outputs:
         elif kind == RAW:
             pieces = [b]
             ex.count += a
+        elif kind == CLONED:
+            rec, size = ex.patcher.cloned(a)
+            ex.left_out(size)
+            return WRITE, [], rec
         else:
             pending: Pending = a
             rec, pieces = ex.patcher.regenerated(pending) if kind == PENC else (a, b)
@@ -361,6 +383,7 @@ def expand_items(
     max_file_size: int = DEFAULT_MAX_FILE_SIZE,
     source: str | None = None,
     clone_same: bool = False,
+    hash_clones: bool = True,
 ) -> Generator[tuple[int, list[Any], R.Record | StreamHeader | None], None, None]:
     """Expand delta items to ``(kind, pieces, record)`` with the bytes of each output item.
 
@@ -375,7 +398,7 @@ def expand_items(
     (:class:`_Outputs`). An error of a later record is raised only after the outputs before
     it (and their own errors). Closing the generator stops the threads.
     """
-    ex = _Expander(old_root, max_file_size, source, clone_same)
+    ex = _Expander(old_root, max_file_size, source, clone_same, hash_clones)
     outputs = _Outputs(ex)
     run = ex.run(items)
     try:

@@ -58,7 +58,9 @@ _INLINE = 8192
 class Pending:
     """A PENC record whose extent is being recompressed (``packed``, in a worker thread)."""
 
-    packed: Future[bytes] | bytes  # bytes: recompressed at once (a small extent)
+    #: bytes: recompressed at once (a small extent); None: not regenerated (its CLONE is
+    #: applied instead, see ``hash_clones``)
+    packed: Future[bytes] | bytes | None
     penc: PEncoded
     path: bytes
     version: int
@@ -101,17 +103,21 @@ class Patcher:
         max_file_size: largest old file / new content a patch may involve.
         source: input name for errors located later (:meth:`regenerated`).
         clone_same: give unchanged content's records a CLONE from the parent snapshot.
+        hash_clones: with ``clone_same``, still recompress the unchanged extents a CLONE
+            stands for (their bytes are only hashed); ``False``: they are not regenerated
+            (:meth:`cloned`).
     """
 
     def __init__(
         self, root_of: Callable[[str], str | os.PathLike[str]], state: CarrierState,
-        max_file_size: int, source: str | None, clone_same: bool,
+        max_file_size: int, source: str | None, clone_same: bool, hash_clones: bool = True,
     ) -> None:
         self.root_of = root_of
         self.state = state
         self.max_file_size = max_file_size
         self.source = source
         self.clone_same = clone_same
+        self.hash_clones = hash_clones
         #: version of the embedded btrfs stream, and its SNAPSHOT/SUBVOL (set by the caller)
         self.version = 0
         self.head: Any = None
@@ -274,8 +280,10 @@ class Patcher:
             raise StreamFormatError(f"PENC disk length {e.disk_len} exceeds a command's payload")
         raw = memoryview(a.content)[a.pos : a.pos + e.length]
         clone = self._same_clone(a, e.offset, e.file_len, a.pos + e.unencoded_offset)
-        packed: Future[bytes] | bytes
-        if e.length < _INLINE or _WORKERS < 2:
+        packed: Future[bytes] | bytes | None
+        if clone is not None and not self.hash_clones:
+            packed = None  # the CLONE is applied; nothing to recompress
+        elif e.length < _INLINE or _WORKERS < 2:
             packed = compress_extent(raw, e.compression, e.level)
         else:
             if self.pool is None:
@@ -286,11 +294,27 @@ class Patcher:
             self.active = None
         return Pending(packed, e, a.patch.path, self.version, index, clone)
 
+    def cloned(self, p: Pending) -> tuple[R.EncodedWrite, int]:
+        """The record of a :meth:`pencoded` extent left to its CLONE (``packed`` is
+        ``None``): no data, ``apply`` its CLONE; and the size its command has in the
+        expanded stream (header and attributes, as encoded, and the extent's ``disk_len``
+        bytes)."""
+        e = p.penc
+        rec = SameEncodedWrite(p.path, e.offset, e.file_len, e.unencoded_len,
+                               e.unencoded_offset, e.compression, b"", e.encryption)
+        rec.apply = p.clone
+        try:
+            size = sum(map(len, encode_record(rec, p.version))) + e.disk_len
+        except BtrdeltaError as exc:
+            raise exc.located(source=self.source, index=p.index) from None
+        return rec, size
+
     def regenerated(self, p: Pending) -> tuple[R.EncodedWrite, list[Any]]:
         """The ENCODED_WRITE of a :meth:`pencoded` record and its exact bytes, checked
         against the original command's CRC (waits for the recompression)."""
         e, path = p.penc, p.path
         try:
+            assert p.packed is not None
             packed = p.packed if isinstance(p.packed, bytes) else p.packed.result()
             if len(packed) > e.disk_len:
                 raise ChecksumError(

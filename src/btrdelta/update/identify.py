@@ -81,11 +81,13 @@ def identify_bytes(head: bytes) -> Identified:
         return Identified(Kind.SEND_STREAM)
     # the other formats' modules are imported only when needed (a plain stream's receive
     # never loads them)
-    from ..chunk.archive import MAGIC as CHUNK_MAGIC
     from ..delta.format import DELTA_MAGIC
 
     if head.startswith(DELTA_MAGIC):
         return Identified(Kind.DELTA_STREAM)
+    # after the delta check: the archive module loads the signature code (~0.1 s)
+    from ..chunk.archive import MAGIC as CHUNK_MAGIC
+
     if head.startswith(CHUNK_MAGIC):
         return Identified(Kind.CHUNK_ARCHIVE)
     for magic, name, undo in _COMPRESSED:

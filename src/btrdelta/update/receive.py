@@ -67,7 +67,7 @@ def open_events(
         # reflinks where the destination has them (a clone that must be copied costs more
         # than the write it stands for)
         return expand_events(f, delta_parent(dest, backend, search_root), source=source,
-                             clone_same=uses_btrfs(dest, backend),
+                             clone_same=uses_btrfs(dest, backend), hash_clones=False,
                              max_file_size=max_file_size or DEFAULT_MAX_FILE_SIZE)
     if what.kind is Kind.UNKNOWN:
         # let the stream parser name the bad magic and its offset, as `btrfs receive` does
