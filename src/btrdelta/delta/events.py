@@ -14,6 +14,9 @@ the input read to its end (bytes after DEND are refused).
 
 With ``clone_same`` (``btrdelta receive`` on btrfs), the records of a file whose content is
 its old file's become one CLONE from the parent snapshot per PWRITE range (or PENC extent).
+With ``hash_clones=False`` too (an unsigned receive), such a PENC extent is not recompressed
+just to be hashed: DEND's count and size are checked, its digest is not (see
+``docs/formats/delta-stream.md`` §6).
 """
 
 from __future__ import annotations
@@ -154,6 +157,10 @@ def expand_events(
         source: input name for error messages.
         clone_same: unchanged content as CLONEs from the parent (see
             :func:`expand_batches`; ``btrdelta receive`` does this).
+        hash_clones: with ``clone_same``, still recompress the compressed extents a CLONE
+            stands for, to check the DEND digest (default; a signed receive needs it).
+            ``False``: they are left out, and only DEND's count and size are checked once
+            one was.
 
     Each patched file's new content is verified (its old content too where the new
     content has no digest, or when the patch fails: see

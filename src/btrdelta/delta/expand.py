@@ -20,6 +20,9 @@ records after it are parsed; outputs still come out in stream order: those behin
 extent being recompressed wait, at most ``_WINDOW`` (32 MiB) plus one output, then the
 first of them is waited for. The threads (one per usable CPU, none with a
 single CPU) start at the first large PENC and stop when the expansion ends or is closed.
+With ``hash_clones=False`` (receive on btrfs), a PENC of unchanged content that a CLONE
+stands for is not recompressed at all: it is counted with its size, and the digest is no
+longer computed (DEND's count and size are still checked).
 """
 
 from __future__ import annotations
@@ -391,7 +394,8 @@ def expand_items(
     one regenerated WRITE / ENCODED_WRITE. ``pieces`` are its exact bytes in the btrfs
     stream; ``record`` is the decoded header or WRITE, ``None`` for a group of carried
     commands (the caller decodes those if it needs them). The final DEND check runs before
-    the generator ends.
+    the generator ends. With ``clone_same`` and not ``hash_clones``, the ENCODED_WRITE of an
+    extent left to its CLONE comes with no pieces (its ``apply`` is the CLONE).
 
     Strategy: compressed extents (PENC) are recompressed in worker threads while the
     delta items after them are parsed. Outputs come out strictly in stream order

@@ -7,7 +7,9 @@ then hands the receiver the events to apply: a plain stream's
 applier), or a delta stream's expansion against the parent subvolume the stream names,
 found below the destination like ``btrfs receive`` finds it. The expansion produces records
 (regenerated WRITEs, CLONEs of unchanged data on btrfs, carried commands decoded a group at
-a time); it runs in a read-ahead thread so expanding overlaps applying.
+a time); it runs in a read-ahead thread so expanding overlaps applying. The compressed
+extents a CLONE stands for are not recompressed (``hash_clones=False``: DEND's count and size
+are checked, not its digest); a signed receive (:mod:`.signed`) keeps the full check.
 """
 
 from __future__ import annotations
