@@ -118,6 +118,9 @@ class Patcher:
         self.source = source
         self.clone_same = clone_same
         self.hash_clones = hash_clones
+        #: size of an ENCODED_WRITE without its data, by (path length, no encryption
+        #: attribute, version): see :meth:`cloned`
+        self.clone_heads: dict[tuple[int, bool, int], int] = {}
         #: version of the embedded btrfs stream, and its SNAPSHOT/SUBVOL (set by the caller)
         self.version = 0
         self.head: Any = None
@@ -303,11 +306,15 @@ class Patcher:
         rec = SameEncodedWrite(p.path, e.offset, e.file_len, e.unencoded_len,
                                e.unencoded_offset, e.compression, b"", e.encryption)
         rec.apply = p.clone
-        try:
-            size = sum(map(len, encode_record(rec, p.version))) + e.disk_len
-        except BtrdeltaError as exc:
-            raise exc.located(source=self.source, index=p.index) from None
-        return rec, size
+        # header and attributes: their size depends only on these (the others are fixed)
+        key = (len(p.path), e.encryption is None, p.version)
+        head = self.clone_heads.get(key)
+        if head is None:
+            try:
+                head = self.clone_heads[key] = sum(map(len, encode_record(rec, p.version)))
+            except BtrdeltaError as exc:
+                raise exc.located(source=self.source, index=p.index) from None
+        return rec, head + e.disk_len
 
     def regenerated(self, p: Pending) -> tuple[R.EncodedWrite, list[Any]]:
         """The ENCODED_WRITE of a :meth:`pencoded` record and its exact bytes, checked
