@@ -58,8 +58,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "whose content did not change are reflinked from the parent instead of written "
             "again (in a delta of a --compressed-data stream their extents are then not "
             "recompressed, so the expanded stream's digest is checked only with --key, its "
-            "command count and size always). Prints `At subvol NAME` / `At snapshot NAME` for each subvolume on "
-            "standard error (not with -q), and progress on a terminal."
+            "command count and size always). Prints `At subvol NAME` / `At snapshot NAME` "
+            "for each subvolume on standard error (not with -q), and progress on a terminal."
         ),
         epilog=_EPILOG,
     )
