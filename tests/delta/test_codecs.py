@@ -76,7 +76,7 @@ def test_declared_size_mismatch_is_refused_before_allocating(codec: Codec) -> No
 
 def test_registry_ids_and_names_are_stable() -> None:
     assert {c.codec_id: c.name for c in CODECS.values()} == {
-        1: "bsdiff", 2: "zstd", 3: "hdiff", 4: "hdiff-raw", 5: "edits"
+        1: "bsdiff", 2: "zstd", 3: "hdiff", 4: "hdiff-raw", 5: "edits", 6: "edits2"
     }
     assert get_codec("zstd-long") is get_codec(2)
     with pytest.raises(StreamFormatError):

@@ -1,4 +1,5 @@
-"""Format 7: the ``edits`` patch codec (5) with its short CPATCH, and ``--carrier auto``.
+"""Formats 7 and 8: the ``edits`` / ``edits2`` patch codecs (5 / 6) with their short CPATCH,
+implied inode numbers (format 8), and ``--carrier auto``.
 
 Oracles: the expansion equals the stream byte for byte; the delta ``auto`` writes is byte
 for byte the one the carrier it chose writes when named; HDiffPatch's uncompressed diff
@@ -14,11 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from btrdelta import _native
 from btrdelta.delta import MakeOptions, expand_to, make_delta, open_delta, writer
 from btrdelta.delta.codecs import get_codec
+from btrdelta.delta.codecs.edits import made_size
 from btrdelta.delta.format import (
     CARRIER_LZMA2_X86,
     CARRIER_ZSTD,
+    EDITS2_CODEC,
     EDITS_CODEC,
     NO_DIGEST,
     HashAlgo,
@@ -69,6 +73,46 @@ def test_a_few_edits_cost_their_bytes_and_positions() -> None:
 def test_hostile_edits_patches_are_refused(patch: bytes, why: str) -> None:
     with pytest.raises(StreamFormatError, match=why):
         EDITS.apply(b"0123456789", patch, new_size=10)
+
+
+EDITS2 = get_codec("edits2")
+
+
+def test_edits2_writes_one_operation_code_per_edit() -> None:
+    """Format 8's ``edits2``: after each copy one varint says what follows (a
+    substitution, an insertion, a deletion with its length, or a general literal + jump),
+    where ``edits`` wrote a literal length and a jump: one byte less per edit here."""
+    old = random.Random(2).randbytes(200)
+    new = old[:10] + b"AB" + old[12:30] + b"XYZ" + old[30:50] + old[60:180] + b"QQQQ" + old[170:]
+    patch = EDITS2.make(old, new)
+    assert patch == (
+        b"\x0a" + bytes([2 * 4]) + b"AB"  # copy 10, substitute 2 bytes
+        + b"\x12" + bytes([3 * 4 + 1]) + b"XYZ"  # copy 18, insert 3 bytes
+        + b"\x14" + bytes([10 * 4 + 2])  # copy 20, delete 10 bytes
+        + b"\x78" + bytes([4 * 4 + 3]) + b"QQQQ" + bytes([2 * 14 - 1])  # 4 bytes, jump -14
+        + b"\x1e"  # copy the last 30
+    )
+    assert EDITS2.apply(old, patch, new_size=len(new)) == new
+    assert made_size(patch, packed=True) == len(new)
+    assert len(patch) == len(EDITS.make(old, new)) - 3
+    assert EDITS.apply(old, EDITS.make(old, new), new_size=len(new)) == new
+
+
+@pytest.mark.parametrize(
+    ("patch", "why"),
+    [
+        (b"\x80", "inside a varint"),  # truncated varint
+        (b"\x0b", "copies past the end"),  # copy of 11 bytes from a 10-byte old file
+        (b"\x02\x0cab", "literal past its end"),  # substitution of 3 bytes, 2 given
+        (b"\x02\x2a\x01", "moves outside the old file"),  # deletion of 10 after 2
+        (b"\x02\x03\x05", "moves outside the old file"),  # no literal, back 3 after 2
+        (b"\x05\x02\x05\x00", "bytes after its last"),  # 10 bytes made, one left
+        (b"\x02\x06", "inside a varint"),  # a deletion is not an end
+    ],
+)
+def test_hostile_edits2_patches_are_refused(patch: bytes, why: str) -> None:
+    with pytest.raises(StreamFormatError, match=why):
+        EDITS2.apply(b"0123456789", patch, new_size=10)
 
 
 def _stream(files: dict[bytes, bytes]) -> bytes:
@@ -122,17 +166,24 @@ def rebuilt(tmp_path: Path) -> tuple[Path, bytes]:
     return old, _stream(files)
 
 
-def test_rebuilt_files_are_edits_patches_in_format_7(rebuilt: tuple[Path, bytes]) -> None:
+def test_rebuilt_files_are_edits2_patches_in_format_8(rebuilt: tuple[Path, bytes]) -> None:
     old, stream = rebuilt
     delta, stats = _make(stream, old)
-    assert delta[17:21] == (7).to_bytes(4, "little")
-    assert stats.files_by_codec == {"edits": 20}
+    assert delta[17:21] == (8).to_bytes(4, "little")
+    assert stats.files_by_codec == {"edits2": 20}
     assert _expand(delta, old) == stream
     patches = _carried_patches(delta)
     assert len(patches) == 20
-    for p in patches:  # CPATCH flag 32: a 4-byte old digest, no new-content digest
+    for p in patches:  # CPATCH flag 64: a 4-byte old digest, no new-content digest
         assert (p.codec, p.hash_algo, len(p.old_digest), p.new_algo, p.new_digest) == (
-            EDITS_CODEC, HashAlgo.BLAKE3_32, 4, NO_DIGEST, b"")
+            EDITS2_CODEC, HashAlgo.BLAKE3_32, 4, NO_DIGEST, b"")
+    # format 7's codec (flag 32), still written on request and read in format 8: one
+    # varint more per edit
+    before7, stats7 = _make(stream, old, codec="edits")
+    assert stats7.files_by_codec == {"edits": 20}
+    assert {p.codec for p in _carried_patches(before7)} == {EDITS_CODEC}
+    assert _expand(before7, old) == stream
+    assert len(delta) < len(before7) - 20 * 2
     # what these files cost before format 7: HDiffPatch's diffs in the carrier
     before, before_stats = _make(stream, old, codec="hdiff-raw")
     assert before_stats.files_by_codec == {"hdiff-raw": 20}
@@ -162,11 +213,35 @@ def test_an_edited_old_file_is_refused_naming_it(rebuilt: tuple[Path, bytes]) ->
         _expand(delta, old)
 
 
-def test_edits_patches_are_refused_before_format_7(rebuilt: tuple[Path, bytes]) -> None:
+def test_edits_patches_are_refused_before_their_format(rebuilt: tuple[Path, bytes]) -> None:
     old, stream = rebuilt
     delta, _ = _make(stream, old)
+    with pytest.raises(StreamFormatError, match="patch codec 6 in a format-7 delta"):
+        _expand(delta[:17] + (7).to_bytes(4, "little") + delta[21:], old)
+    delta, _ = _make(stream, old, codec="edits")
     with pytest.raises(StreamFormatError, match="patch codec 5 in a format-6 delta"):
         _expand(delta[:17] + (6).to_bytes(4, "little") + delta[21:], old)
+
+
+def test_consecutive_inode_numbers_are_implied_in_format_8(
+    rebuilt: tuple[Path, bytes],
+) -> None:
+    """Files re-created one after the other get consecutive inode numbers: from the
+    second one on, a carried creation names none (marker 0xfffa instead of 0xfffe + INO);
+    the C and Python unfolding give the stream back, and format 7 refuses the marker."""
+    old, stream = rebuilt
+    delta, _ = _make(stream, old)
+    raw = b"".join(
+        bytes(CarrierReader(None).inflate(z)) for z in delta_items(delta)
+        if isinstance(z, ZCommands))
+    assert raw.count(b"\xfa\xff\x03\x007-0") == 19  # MKFILE o301-7-0 .. o319-7-0
+    assert raw.count(b"\xfe\xff\x03\x007-0\x03\x00\x08\x00") == 1  # o300-7-0
+    for backend in ("c", "python"):
+        with _native.use_backend(backend, "unfold"):
+            assert _expand(delta, old) == stream
+    delta7, _ = _make(stream, old, codec="edits")  # codec 5: format 7 reads the patches
+    with pytest.raises(StreamFormatError, match="implied inode number in a format-7 delta"):
+        _expand(delta7[:17] + (7).to_bytes(4, "little") + delta7[21:], old)
 
 
 def test_auto_carrier_is_the_named_carrier_it_chose(

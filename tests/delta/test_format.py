@@ -199,8 +199,8 @@ def test_format2_same_files_paths_and_renamed_dirs(tmp_path: Path) -> None:
     assert st.patched_files["same"] == 1
     assert sum(st.patched_files.values()) == 2  # RECORD found in the renamed directory
     assert len(delta) < 2_000 < len(stream) // 50
-    # the version field says 7; the development formats 1-3 (never released) are refused
-    assert delta[17:21] == (7).to_bytes(4, "little")
+    # the version field says 8; the development formats 1-3 (never released) are refused
+    assert delta[17:21] == (8).to_bytes(4, "little")
     for version in (3, 1, 2):
         with pytest.raises(UnsupportedVersionError, match=f"version {version} .*again"):
             _expand(delta[:17] + version.to_bytes(4, "little") + delta[21:], old)
@@ -288,7 +288,8 @@ def test_format3_carrier_folding_is_exact(ops: list[tuple[int, int, int, int, in
             # a fresh group each call, handed on at 64 bytes (GROUP_MAX in the expansion):
             # stopping and resuming anywhere gives the same bytes
             part = bytearray()
-            pos, _n = unfold_c.run(carrier, pos, part, cs, 4, 1 << 16, int(max(Cmd)), 64)
+            pos, _n = unfold_c.run(carrier, pos, part, cs, cs.format, 1 << 16, int(max(Cmd)),
+                                   64)
             group += part
             if pos < len(carrier):
                 end = pos + 10 + int.from_bytes(carrier[pos : pos + 4], "little")
@@ -317,7 +318,11 @@ def _folded_carrier(
     from btrdelta.delta.carrier import CarrierState, fold
 
     recs: list[R.Record] = []
+    last = 0
     for kind, ino, a, m, c in ops:
+        if kind in (0, 6) and a % 2:  # the next inode number (format 8: implied)
+            ino = last + 1
+        last = ino if kind in (0, 6) else last
         orphan = f"o{ino}-7-0".encode()
         final = f"dir/f{ino}".encode()
         if kind == 0:
@@ -403,10 +408,26 @@ def test_format3_hostile_markers_are_refused() -> None:
         cmd(Cmd.UNLINK, b"\xfb\xff\x01\x00\x00"),
         cmd(Cmd.RENAME, b"\x0f\x00\x01\x00a" + b"\xfc\xff\x01\x00\x00"),
         cmd(Cmd.RENAME, b"\x0f\x00\x01\x00a" + b"\xfc\xff\x0b\x00" + b"\xff" * 11),
+        # format 8: an implied inode number on a command that has none, overrunning
+        cmd(Cmd.CHOWN, b"\xfa\xff\x03\x007-0" + b"\x06\x00\x08\x00" + bytes(8)),
+        cmd(Cmd.MKFILE, b"\xfa\xff\x40\x007-0"),
     ]
     for mv in bad:
         with pytest.raises(StreamFormatError):
             unfold(mv[4] | mv[5] << 8, mv, 0, len(mv), CarrierState(), 1 << 16)
+    # an implied inode number: in format 7, or after the largest one
+    mkfile = cmd(Cmd.MKFILE, b"\xfa\xff\x03\x007-0")
+    with pytest.raises(StreamFormatError, match="format-7 delta"):
+        unfold(Cmd.MKFILE, mkfile, 0, len(mkfile), CarrierState(format=7), 1 << 16)
+    with pytest.raises(StreamFormatError, match="has none"):
+        unfold(Cmd.MKFILE, mkfile, 0, len(mkfile), CarrierState(last_ino=(1 << 64) - 1),
+               1 << 16)
+    state = CarrierState(last_ino=41)
+    back = unfold(Cmd.MKFILE, mkfile, 0, len(mkfile), state, 1 << 16)
+    assert back is not None
+    assert bytes(back[10:]) == (
+        b"\x0f\x00\x07\x00o42-7-0" + b"\x03\x00\x08\x00" + (42).to_bytes(8, "little"))
+    assert state.last_ino == 42
 
 
 @given(st.binary(max_size=64))

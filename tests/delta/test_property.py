@@ -104,7 +104,8 @@ def _round_trip(stream: bytes, old: Path, opts: MakeOptions) -> bytes:
     ("codec", "level", "carrier"),
     [("auto", 1, "zstd"), ("auto", 0, "zstd"), ("hdiff-raw", 1, "zstd"), ("hdiff", 1, "zstd"),
      ("zstd", 0, "zstd"), ("bsdiff", 1, "zstd"), ("auto", 1, "xz"), ("edits", 1, "auto"),
-     ("edits", 0, "auto"), ("auto", 1, "auto"), ("auto", 1, "xz-blocks")],
+     ("edits", 0, "auto"), ("edits2", 1, "auto"), ("edits2", 0, "zstd"), ("auto", 1, "auto"),
+     ("auto", 1, "xz-blocks")],
 )
 @settings(max_examples=30, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

@@ -107,7 +107,7 @@ def _add_make(dsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                         "(-11%%), make 35 CPU s on 2 threads and 855 MB, expand 29 MB a "
                         "CPU second, 110 MB. On a Debian upgrade (0.93 MB delta, mostly "
                         "patches) xz saves 0.4%% and expand runs at 112 against zstd's "
-                        "146 MB a CPU second. Each writes format 7 "
+                        "146 MB a CPU second. Each writes format 8 "
                         "(docs/formats/delta-stream.md)")
     m.add_argument("--verify", action="store_true",
                    help="expand the delta made against --old before exiting 0 (as long as "

@@ -1,5 +1,5 @@
 /*
- * btrdelta.delta._unfold: the common carried commands of a format-3/4 delta stream unfolded
+ * btrdelta.delta._unfold: the common carried commands of a format-4..8 delta stream unfolded
  * in C (see carrier.py for the carrier form).
  *
  * Strategy: carrier.unfold() in Python stays the reference and the only place with error
@@ -7,14 +7,15 @@
  * (a bytearray of whole btrfs commands, CRCs set) and stops *before* the first command it
  * does not handle, or that is malformed in any way, with nothing of that command applied to
  * the state: Python then unfolds that one (and raises its located error), and calls run()
- * again. Handled here: the PATH forms "previous path" (0xffff), orphan name (0xfffe) and
+ * again. Handled here: the PATH forms "previous path" (0xffff), orphan name (0xfffe), in
+ * format 8 orphan name with an implied inode number (0xfffa: the INO TLV is put back) and
  * literal PATH, times folded as differences (0xfffd) in UTIMES, and commands stored as they
  * are. Left to Python: SUBVOL/SNAPSHOT (a new old root), RENAME (name references, the
  * previous path becomes PATH_TO), and in format 4 UNLINK (listing references), MKDIR and
  * RMDIR (the directory-origin model follows them), and every delta record.
  *
- * The state shared with Python (CarrierState.last_path and .times) is read at the start of
- * a run and written back at its end.
+ * The state shared with Python (CarrierState.last_path, .last_ino and .times) is read at
+ * the start of a run and written back at its end.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -37,7 +38,7 @@ typedef __int128 i128;
 typedef uint32_t (*crc_fn)(uint32_t, const uint8_t *, size_t);
 static crc_fn crc_update;
 
-static PyObject *s_last_path, *s_times, *billion;
+static PyObject *s_last_path, *s_last_ino, *s_times, *billion;
 
 static inline uint16_t
 le16(const uint8_t *p)
@@ -272,7 +273,10 @@ run(PyObject *self, PyObject *args)
     Py_ssize_t count = 0;
     PyObject *result = NULL;
     Buf last = {0}, path = {0}, tail = {0};
-    int have_last = 0, last_changed = 0;
+    int have_last = 0, last_changed = 0, ino_changed = 0;
+    /* the inode number of the last creation with an orphan name (format 8: the next one
+       may be implied) */
+    unsigned long long last_ino = 0;
     Times times = {0}, tmp;
 
     PyObject *lp = PyObject_GetAttr(state, s_last_path);
@@ -288,6 +292,13 @@ run(PyObject *self, PyObject *args)
         }
     }
     Py_DECREF(lp);
+    PyObject *li = PyObject_GetAttr(state, s_last_ino);
+    if (li == NULL)
+        goto done;
+    last_ino = PyLong_AsUnsignedLongLong(li);
+    Py_DECREF(li);
+    if (PyErr_Occurred())
+        goto done;
 
     /* stops once the group holds max_out bytes: the caller hands it on (bounded memory
        whatever the unfolding multiplies: a 4-byte "previous path" can stand for 64 KiB) */
@@ -303,7 +314,8 @@ run(PyObject *self, PyObject *args)
         if (fmt >= 4 && (cmd == C_UNLINK || cmd == C_MKDIR || cmd == C_RMDIR))
             break;
         size_t q = p + CMD_HEADER_SIZE, rest = 0;
-        int as_is = 0, has_path = 1, times_tail = 0;
+        int as_is = 0, has_path = 1, times_tail = 0, has_ino = 0, implied_ino = 0;
+        unsigned long long ino = 0;
         unsigned t = 0;
         if (end - q < 4) {
             as_is = 1;
@@ -324,11 +336,26 @@ run(PyObject *self, PyObject *args)
                 if (!is_create(cmd) || rest + 12 > end || le16(b + rest) != A_INO ||
                     le16(b + rest + 2) != 8)
                     break;
-                uint64_t ino = 0;
                 for (int i = 7; i >= 0; i--)
                     ino = ino << 8 | b[rest + 4 + i];
+                has_ino = 1;
                 char head[32];
                 int hn = snprintf(head, sizeof head, "o%llu-", (unsigned long long)ino);
+                if (buf_reserve(&path, (size_t)hn + n) < 0)
+                    break;
+                memcpy(path.p, head, (size_t)hn);
+                memcpy(path.p + hn, b + q + 4, n);
+                path.n = (size_t)hn + n;
+            }
+            else if (t == NEXT_INO) {
+                /* format 8: o<previous inode + 1>-<rest>, its INO TLV left out */
+                rest = q + 4 + n;
+                if (fmt < 8 || !is_create(cmd) || rest > end || last_ino == UINT64_MAX)
+                    break;
+                ino = last_ino + 1;
+                has_ino = implied_ino = 1;
+                char head[32];
+                int hn = snprintf(head, sizeof head, "o%llu-", ino);
                 if (buf_reserve(&path, (size_t)hn + n) < 0)
                     break;
                 memcpy(path.p, head, (size_t)hn);
@@ -361,7 +388,8 @@ run(PyObject *self, PyObject *args)
         if (has_path && t == A_PATH && !times_tail)
             as_is = 1;
         size_t taillen = times_tail ? tail.n : end - rest;
-        size_t newlen = as_is ? length : 4 + path.n + taillen;
+        size_t inolen = implied_ino ? 12 : 0;
+        size_t newlen = as_is ? length : 4 + path.n + inolen + taillen;
         if (!as_is && (path.n > 0xFFFF || newlen > (size_t)limit))
             break;
         uint8_t *o = grow(out, CMD_HEADER_SIZE + newlen);
@@ -379,7 +407,12 @@ run(PyObject *self, PyObject *args)
             put16(o + 10, A_PATH);
             put16(o + 12, (uint16_t)path.n);
             memcpy(o + 14, path.p, path.n);
-            memcpy(o + 14 + path.n, times_tail ? tail.p : b + rest, taillen);
+            if (implied_ino) {
+                put16(o + 14 + path.n, A_INO);
+                put16(o + 16 + path.n, 8);
+                put64(o + 18 + path.n, (uint64_t)ino);
+            }
+            memcpy(o + 14 + path.n + inolen, times_tail ? tail.p : b + rest, taillen);
         }
         put32(o + 6, crc_update(0, o, CMD_HEADER_SIZE + newlen));
         /* the command is out: its effects on the state are committed */
@@ -393,6 +426,10 @@ run(PyObject *self, PyObject *args)
         }
         if (times_tail)
             times = tmp;
+        if (has_ino) {
+            last_ino = ino;
+            ino_changed = 1;
+        }
         count++;
         p = end;
     }
@@ -406,6 +443,14 @@ run(PyObject *self, PyObject *args)
     }
     if (times.loaded && times_store(&times, state) < 0)
         goto done;
+    if (ino_changed) {
+        PyObject *v = PyLong_FromUnsignedLongLong(last_ino);
+        if (v == NULL || PyObject_SetAttr(state, s_last_ino, v) < 0) {
+            Py_XDECREF(v);
+            goto done;
+        }
+        Py_DECREF(v);
+    }
     result = Py_BuildValue("nn", (Py_ssize_t)p, count);
 done:
     PyMem_Free(last.p);
@@ -420,7 +465,7 @@ static PyMethodDef methods[] = {
      "run(raw, pos, group, state, fmt, limit, max_cmd, max_out) -> (pos, count): unfold the "
      "carried commands of raw[pos:] into the bytearray group (CRCs set) up to the first one "
      "Python must unfold or until group holds max_out bytes; state is the CarrierState "
-     "(last_path and times are read and updated)."},
+     "(last_path, last_ino and times are read and updated); fmt: the delta's format version."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -437,6 +482,7 @@ PyInit__unfold(void)
         return NULL;
     if ((s_last_path = PyUnicode_InternFromString("last_path")) == NULL ||
         (s_times = PyUnicode_InternFromString("times")) == NULL ||
+        (s_last_ino = PyUnicode_InternFromString("last_ino")) == NULL ||
         (billion = PyLong_FromUnsignedLongLong(NS)) == NULL)
         return NULL;
     return PyModule_Create(&module);

@@ -10,7 +10,8 @@ command CRC and the DEND BLAKE3 digest guard the result):
 * **orphan names**: a creation (MKFILE..SYMLINK) whose PATH is ``o<INO>-<rest>`` and whose
   second TLV is INO is written with the first TLV ``(0xfffe, len(rest))`` + ``rest``: the
   path follows from the inode number (``rest`` is the same ``<gen>-<idx>`` every time, so
-  it compresses to nothing);
+  it compresses to nothing); format 8: when INO is the last such creation's + 1, the first
+  TLV is ``(0xfffa, len(rest))`` + ``rest`` and the INO TLV is left out (implied);
 * **times as differences**: the timespec TLVs (ATIME/MTIME/CTIME/OTIME, 12 bytes each)
   after the path of a UTIMES become one TLV ``(0xfffd, n)`` holding, per timespec, its u16
   type, a width byte ``w`` (1..13) and the ``w``-byte signed little-endian difference, in
@@ -38,6 +39,7 @@ from ..stream.constants import CMD_HEADER, CMD_HEADER_SIZE, Attr, Cmd
 from ..tree.pathmap import PathMap
 from .encoding import read_uvarint
 from .encoding import uvarint as _uvarint
+from .format import DELTA_VERSION_PACKED, DELTA_VERSION_WRITTEN
 
 __all__ = ["NAME_CMDS", "CarrierState", "fold", "unfold", "SAME_PATH_TLV"]
 
@@ -55,6 +57,8 @@ ORPHAN_TLV = 0xFFFE
 TIMES_TLV = 0xFFFD
 NAMEREF_TLV = 0xFFFC
 OLDREF_TLV = 0xFFFB
+#: format 8: an orphan name whose inode number is the previous one's + 1 (no INO TLV)
+NEXT_INO_TLV = 0xFFFA
 
 _CREATES = frozenset(
     {int(Cmd.MKFILE), int(Cmd.MKDIR), int(Cmd.MKNOD), int(Cmd.MKFIFO), int(Cmd.MKSOCK),
@@ -68,6 +72,8 @@ _RENAME = int(Cmd.RENAME)
 _PATH_TO = int(Attr.PATH_TO)
 _INO = int(Attr.INO)
 _NS = 1_000_000_000
+_U64_MAX = (1 << 64) - 1
+_INO_TLV = _TLV.pack(_INO, 8)
 #: largest timespec as nanoseconds (u64 seconds, nanoseconds below 10**9)
 _MAX_NS = (1 << 64) * _NS - 1
 _MAX_WIDTH = 13
@@ -79,6 +85,10 @@ class CarrierState:
 
     #: the previous path (last PATH carried, PATH_TO of a RENAME, PATCH path)
     last_path: bytes | None = None
+    #: the inode number of the last creation carried with an orphan name (0 at the start)
+    last_ino: int = 0
+    #: the delta's format version (format 8: creations may imply their inode number)
+    format: int = DELTA_VERSION_WRITTEN
     #: last folded timespec, as nanoseconds, by TLV type
     times: dict[int, int] = field(default_factory=dict)
     #: base names of carried UNLINKs in order, and where each name occurs in that list
@@ -231,6 +241,7 @@ def fold(cmd: int, raw: memoryview, state: CarrierState) -> list[bytes | memoryv
     rest = CMD_HEADER_SIZE + 4 + n
     path = bytes(raw[CMD_HEADER_SIZE + 4 : rest])
     first: bytes | memoryview
+    after = rest  # where the payload goes on after the first TLV (and an implied INO)
     ref = state.unlink_ref(path) if cmd == _UNLINK else None
     if ref is not None:
         first = ref
@@ -242,12 +253,17 @@ def fold(cmd: int, raw: memoryview, state: CarrierState) -> list[bytes | memoryv
         if cmd in _CREATES and end - rest >= 12:
             t, m = _TLV.unpack_from(raw, rest)
             if t == _INO and m == 8:
-                prefix = b"o%d-" % _U64.unpack_from(raw, rest + 4)[0]
+                ino = _U64.unpack_from(raw, rest + 4)[0]
+                prefix = b"o%d-" % ino
                 if path.startswith(prefix) and len(path) - len(prefix) < 0x10000:
                     tail = path[len(prefix) :]
-                    first = _TLV.pack(ORPHAN_TLV, len(tail)) + tail
+                    mark = ORPHAN_TLV
+                    if ino == state.last_ino + 1 and state.format >= DELTA_VERSION_PACKED:
+                        mark, after = NEXT_INO_TLV, rest + 12
+                    first = _TLV.pack(mark, len(tail)) + tail
+                    state.last_ino = ino
         state.last_path = path
-    tail_parts: list[bytes | memoryview] = [raw[rest:]]
+    tail_parts: list[bytes | memoryview] = [raw[after:]]
     to: bytes | None = None
     if cmd == _UTIMES:
         times = _fold_times(raw, rest, end, state)
@@ -287,6 +303,28 @@ def _unfold_times(value: memoryview, state: CarrierState) -> bytearray:
     return out
 
 
+def _orphan(
+    cmd: int, implied: bool, mv: memoryview, p: int, rest: int, end: int,
+    state: CarrierState,
+) -> tuple[bytes, bytes]:
+    """The orphan name of a carried creation whose first TLV (at ``p``, ending at ``rest``)
+    is an orphan-name marker, and the INO TLV to insert after it (``implied``: format 8's
+    marker, the INO TLV left out; else none to insert); the last inode advanced."""
+    ino_tlv = b""
+    if not implied:
+        if cmd not in _CREATES or rest + 12 > end or _TLV.unpack_from(mv, rest) != (_INO, 8):
+            raise StreamFormatError("orphan-name marker on a command without an inode number")
+        state.last_ino = _U64.unpack_from(mv, rest + 4)[0]
+    else:
+        if state.format < DELTA_VERSION_PACKED:
+            raise StreamFormatError(f"implied inode number in a format-{state.format} delta")
+        if cmd not in _CREATES or rest > end or state.last_ino >= _U64_MAX:
+            raise StreamFormatError("implied inode number on a command that has none")
+        state.last_ino += 1
+        ino_tlv = _INO_TLV + _U64.pack(state.last_ino)
+    return b"o%d-" % state.last_ino + bytes(mv[p + 4 : rest]), ino_tlv
+
+
 def unfold(
     cmd: int, mv: memoryview, pos: int, end: int, state: CarrierState, limit: int
 ) -> bytearray | None:
@@ -301,16 +339,15 @@ def unfold(
     if end - p < 4:
         return None
     t, n = _TLV.unpack_from(mv, p)
+    ino_tlv = b""
     if t == SAME_PATH_MARK and n == 0:
         if state.last_path is None:
             raise StreamFormatError("carried command refers to a previous path: none")
         path = state.last_path
         rest = p + 4
-    elif t == ORPHAN_TLV:
+    elif t in (ORPHAN_TLV, NEXT_INO_TLV):
         rest = p + 4 + n
-        if cmd not in _CREATES or rest + 12 > end or _TLV.unpack_from(mv, rest) != (_INO, 8):
-            raise StreamFormatError("orphan-name marker on a command without an inode number")
-        path = b"o%d-" % _U64.unpack_from(mv, rest + 4)[0] + bytes(mv[p + 4 : rest])
+        path, ino_tlv = _orphan(cmd, t == NEXT_INO_TLV, mv, p, rest, end, state)
     elif t == _PATH:
         rest = p + 4 + n
         if rest > end:
@@ -354,12 +391,13 @@ def unfold(
         _follow(state, cmd, path, to)
     if t == _PATH and tail is not None and type(tail) is memoryview:
         return None
-    length = 4 + len(path) + len(tail)
+    length = 4 + len(path) + len(ino_tlv) + len(tail)
     if length > limit:
         raise StreamFormatError(f"carried command {cmd} of length {length} is invalid")
     buf = bytearray(CMD_HEADER.pack(length, cmd, 0))
     buf += _TLV.pack(_PATH, len(path))
     buf += path
+    buf += ino_tlv
     buf += tail
     return buf
 

@@ -43,6 +43,7 @@ from .format import (
     CP_OLD_ALGO,
     CP_SAME_ALGO,
     DIGEST_SIZE,
+    EDITS2_CODEC,
     EDITS_CODEC,
     NO_DIGEST,
     PDATA_CHUNK,
@@ -211,8 +212,8 @@ RAW_MAX_FILE = 4 << 20
 
 #: CHUNK of a PWRITE standing for one WRITE no longer than this (the v1 kernel's WRITE size)
 ONE_WRITE_CHUNK = KERNEL_WRITE_SIZE[1]
-#: files whose ``hdiff-raw`` patch is at most this long (a few edits) also get an ``edits``
-#: patch (codec 5, format 7)
+#: files whose ``hdiff-raw`` patch is at most this long (a few edits) also get an ``edits2``
+#: patch (codec 6, format 8)
 EDITS_TRY = 4 << 10
 
 
@@ -402,10 +403,10 @@ def _best_patch(
         if raw is not None and len(raw) <= INNER_PATCH_MAX:
             candidates.append((_carried_cost(raw), raw_codec, raw))
         if raw is not None and len(raw) <= EDITS_TRY:
-            # a few edits: their bytes and positions alone (format 7)
-            edits = CODECS[EDITS_CODEC].make(old, new)
+            # a few edits: their bytes and positions alone (format 8's edits2)
+            edits = CODECS[EDITS2_CODEC].make(old, new)
             if len(edits) <= INNER_PATCH_MAX:
-                candidates.append((_carried_cost(edits), CODECS[EDITS_CODEC], edits))
+                candidates.append((_carried_cost(edits), CODECS[EDITS2_CODEC], edits))
     else:
         codec = get_codec(opts.codec)
         patch = codec.make(old, new)
@@ -482,8 +483,8 @@ def patched_items(group: Group, res: Result, opts: MakeOptions) -> list[DeltaIte
         # use, the patched content with 4 (the DEND digest covers the whole stream)
         if res.codec is None:
             algo, old_digest = CP_SAME_ALGO, old_digest[: DIGEST_SIZE[CP_SAME_ALGO]]
-        elif res.codec.codec_id == EDITS_CODEC and not res.bases:
-            # format 7: a 4-byte old digest, no new digest (the codec is exactly specified;
+        elif res.codec.codec_id in (EDITS_CODEC, EDITS2_CODEC) and not res.bases:
+            # formats 7 and 8: a 4-byte old digest, no new digest (the codec is exactly specified;
             # the DEND digest covers the expanded stream)
             algo, old_digest = CP_EDITS_ALGO, old_digest[: DIGEST_SIZE[CP_EDITS_ALGO]]
             new_algo, new_digest = NO_DIGEST, b""

@@ -23,6 +23,7 @@ from .format import (
     CP_BASE,
     CP_BASES,
     CP_EDITS,
+    CP_EDITS2,
     CP_EDITS_ALGO,
     CP_NEW_ALGO,
     CP_OLD_ALGO,
@@ -30,6 +31,7 @@ from .format import (
     CP_SAME,
     CP_SAME_ALGO,
     DIGEST_SIZE,
+    EDITS2_CODEC,
     EDITS_CODEC,
     MAX_BASES,
     MAX_DELTA_PAYLOAD,
@@ -114,12 +116,16 @@ def decode_bases(mv: Any, pos: int, end: int) -> tuple[tuple[bytes, ...], int]:
     return tuple(out), pos
 
 
+#: CPATCH flag of a short patch (4-byte old digest, no sizes, no new digest) by codec
+_SHORT = {EDITS_CODEC: CP_EDITS, EDITS2_CODEC: CP_EDITS2}
+
+
 def can_compact(item: Patch) -> bool:
     """Whether a PATCH can be written as a CPATCH (inside the carrier)."""
     if item.codec == SAME_CODEC:
         return item.hash_algo == CP_SAME_ALGO
     if item.new_algo == NO_DIGEST:
-        return item.data is not None and item.codec == EDITS_CODEC and (
+        return item.data is not None and item.codec in _SHORT and (
             item.hash_algo == CP_EDITS_ALGO) and not item.bases
     return (
         item.data is not None and item.hash_algo == CP_OLD_ALGO
@@ -132,7 +138,7 @@ def _encode_cpatch(item: Patch, omit_path: bool, omit_base: bool) -> list[Any]:
     flags |= (CP_SAME if item.codec == SAME_CODEC else 0) | (CP_AUTO if item.auto_chunk else 0)
     flags |= CP_BASES if item.bases else 0
     edits = item.new_algo == NO_DIGEST
-    flags |= CP_EDITS if edits else 0
+    flags |= _SHORT[item.codec] if edits else 0
     parts = [bytes([flags])]
     if not omit_path:
         parts += [_uvarint(len(item.path)), item.path]
@@ -143,7 +149,8 @@ def _encode_cpatch(item: Patch, omit_path: bool, omit_base: bool) -> list[Any]:
         parts += [_uvarint(len(value)), value]
     if item.codec == SAME_CODEC:
         parts += [_uvarint(item.old_size), item.old_digest]
-    elif edits:  # format 7: codec 5 implied, no sizes, a 4-byte old digest, no new digest
+    elif edits:  # formats 7 / 8: codec 5 / 6 implied, no sizes, a 4-byte old digest, no
+        # new digest
         parts.append(item.old_digest)
     else:
         d = item.new_size - item.old_size  # zigzag: sizes usually change by a few bytes
@@ -162,9 +169,11 @@ def _decode_cpatch(mv: memoryview, pos: int, end: int) -> Patch:
         raise StreamFormatError("empty CPATCH")
     flags = mv[pos]
     pos += 1
-    if flags & ~(CP_PATH | CP_BASE | CP_SAME | CP_AUTO | CP_BASES | CP_EDITS) or (
-        flags & CP_SAME and flags & (CP_BASES | CP_EDITS)) or (
-        flags & CP_BASES and flags & CP_EDITS
+    short = flags & (CP_EDITS | CP_EDITS2)
+    if (
+        flags & ~(CP_PATH | CP_BASE | CP_SAME | CP_AUTO | CP_BASES | CP_EDITS | CP_EDITS2)
+        or (flags & CP_SAME and flags & (CP_BASES | CP_EDITS | CP_EDITS2))
+        or (flags & CP_BASES and short) or short == CP_EDITS | CP_EDITS2
     ):
         raise StreamFormatError(f"CPATCH has unknown flags {flags:#x}")
     paths: list[bytes | None] = []
@@ -191,11 +200,12 @@ def _decode_cpatch(mv: memoryview, pos: int, end: int) -> Patch:
         dig = mv[pos : pos + k].tobytes()
         pos += k
         patch = Patch(paths[0], paths[1], SAME_CODEC, CP_SAME_ALGO, size, dig, size, dig, 0)
-    elif flags & CP_EDITS:  # format 7: sizes from the old file and from the patch
+    elif short:  # formats 7 and 8: sizes from the old file and from the patch
         k = DIGEST_SIZE[CP_EDITS_ALGO]
         if pos + k > end:
             raise StreamFormatError("CPATCH digest overruns the record")
-        patch = Patch(paths[0], paths[1], EDITS_CODEC, CP_EDITS_ALGO, OLD_SIZE_UNKNOWN,
+        codec = EDITS_CODEC if short == CP_EDITS else EDITS2_CODEC
+        patch = Patch(paths[0], paths[1], codec, CP_EDITS_ALGO, OLD_SIZE_UNKNOWN,
                       mv[pos : pos + k].tobytes(), 0, b"", 0, None, NO_DIGEST)
         pos += k
     else:
@@ -221,8 +231,8 @@ def _decode_cpatch(mv: memoryview, pos: int, end: int) -> Patch:
     if not flags & CP_SAME:
         patch.data = mv[pos:end]
         patch.patch_len = end - pos
-        if flags & CP_EDITS:
-            patch.new_size = made_size(patch.data)
+        if short:
+            patch.new_size = made_size(patch.data, packed=short == CP_EDITS2)
     elif pos != end:
         raise StreamFormatError("a 'same' CPATCH carries patch bytes")
     return patch

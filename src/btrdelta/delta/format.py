@@ -72,7 +72,7 @@ DELTA_VERSION: Final = 4
 DELTA_VERSION_CODEC: Final = 5
 #: format versions this reader reads. Format 4 is frozen: a change to what it means needs a
 #: new version, read next to it (``docs/formats/delta-stream.md``, "Versions")
-DELTA_VERSIONS: Final = frozenset({4, 5, 6, 7})
+DELTA_VERSIONS: Final = frozenset({4, 5, 6, 7, 8})
 #: format 6: format 5 with one more carrier codec, raw LZMA2 after the x86 branch
 #: converter (:mod:`.bcj`); written by ``--carrier xz``
 DELTA_VERSION_X86: Final = 6
@@ -81,6 +81,15 @@ DELTA_VERSION_X86: Final = 6
 DELTA_VERSION_EDITS: Final = 7
 #: the patch codec of format 7: a few edits as varint copy / literal operations
 EDITS_CODEC: Final = 5
+#: format 8: format 7 with ``edits2`` (:data:`EDITS2_CODEC`: ``edits`` with one operation
+#: code after each copy) and its short CPATCH (:data:`CP_EDITS2`), and carried creations
+#: whose inode number follows the previous one's (:mod:`.carrier`); written whenever the
+#: carrier is on
+DELTA_VERSION_PACKED: Final = 8
+#: the patch codec of format 8
+EDITS2_CODEC: Final = 6
+#: the format ``delta make`` writes
+DELTA_VERSION_WRITTEN: Final = DELTA_VERSION_PACKED
 #: carrier codecs (the CODEC of a format-5/6 ZCMDS; format 4 is zstd only)
 CARRIER_ZSTD: Final = 1
 CARRIER_LZMA2: Final = 2
@@ -89,7 +98,8 @@ CARRIER_LZMA2_X86: Final = 3
 #: the carrier codecs each format version reads
 CARRIER_CODECS: Final = {5: (CARRIER_ZSTD, CARRIER_LZMA2),
                          6: (CARRIER_ZSTD, CARRIER_LZMA2, CARRIER_LZMA2_X86),
-                         7: (CARRIER_ZSTD, CARRIER_LZMA2, CARRIER_LZMA2_X86)}
+                         7: (CARRIER_ZSTD, CARRIER_LZMA2, CARRIER_LZMA2_X86),
+                         8: (CARRIER_ZSTD, CARRIER_LZMA2, CARRIER_LZMA2_X86)}
 #: format versions that were written during development only (never released): refused
 #: with a message saying to make the delta again
 RETIRED_VERSIONS: Final = frozenset({1, 2, 3})
@@ -274,6 +284,8 @@ INNER_RECORDS: Final = frozenset(c for c in DCmd if legal(c, Place.CARRIER))
 #: CPATCH flags (CP_BASES: format 6; CP_EDITS: format 7, an ``edits`` patch with a 4-byte
 #: old digest and no new digest)
 CP_PATH, CP_BASE, CP_SAME, CP_AUTO, CP_BASES, CP_EDITS = 1, 2, 4, 8, 16, 32
+#: format 8: an ``edits2`` patch with a 4-byte old digest and no new digest (as CP_EDITS)
+CP_EDITS2 = 64
 #: most old files one patch's old content is made of (BASE_PATH + BASES)
 MAX_BASES: Final = 8
 #: the first format version whose patches may have BASES
@@ -307,8 +319,10 @@ def patch_refusal(codec: int, patch_len: int, old_size: int, new_size: int) -> s
 
 def codec_refusal(codec: int, version: int) -> str | None:
     """Why a PATCH of format ``version`` may not name patch codec ``codec`` (``edits`` is
-    format 7's), or ``None``."""
-    if codec == EDITS_CODEC and version < DELTA_VERSION_EDITS:
+    format 7's, ``edits2`` format 8's), or ``None``."""
+    if (codec == EDITS_CODEC and version < DELTA_VERSION_EDITS) or (
+        codec == EDITS2_CODEC and version < DELTA_VERSION_PACKED
+    ):
         return f"patch codec {codec} in a format-{version} delta"
     return None
 

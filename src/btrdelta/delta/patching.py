@@ -198,7 +198,7 @@ class Patcher:
                     max_size=self.max_file_size, algo=None if lazy else p.hash_algo,
                     expected_digest=p.old_digest, cache=self.dirs,
                 )
-                if old is None:  # format 7's short CPATCH: the old file as it is
+                if old is None:  # the short CPATCH of formats 7 and 8: the old file as it is
                     raise MissingBaseError(
                         "old file of a patch is missing or above --max-file-size")
             assert old is not None
@@ -212,7 +212,7 @@ class Patcher:
                 raise
         except BtrdeltaError as exc:
             raise exc.located(path=p.base_path) from None
-        if p.new_algo == NO_DIGEST:  # format 7 ``edits``: the DEND digest covers it
+        if p.new_algo == NO_DIGEST:  # ``edits`` / ``edits2``: the DEND digest covers it
             self.active = _Active(p, new)
             return
         actual = digest(p.new_algo if p.new_algo is not None else p.hash_algo, new)

@@ -37,8 +37,7 @@ from .format import (
     BASES_VERSION,
     CARRIER_LZMA2_X86,
     CARRIER_ZSTD,
-    DELTA_VERSION,
-    DELTA_VERSION_EDITS,
+    DELTA_VERSION_WRITTEN,
     INNER_RECORDS,
     BtrfsCommand,
     DCmd,
@@ -92,7 +91,7 @@ class CarrierReader:
         #: bytes inflated from the carrier so far (the x86 converter's base)
         self._inflated = 0
         #: format version of the delta (from its ZCMDS records)
-        self._format = DELTA_VERSION_EDITS
+        self._format = DELTA_VERSION_WRITTEN
         #: carried btrfs commands gathered by :meth:`split` (``grouped``) and how many
         self.group = bytearray()
         self.count = 0
@@ -105,7 +104,7 @@ class CarrierReader:
         if item.raw_len > self.max_raw:
             raise StreamFormatError(
                 f"ZCMDS declares {item.raw_len} bytes (limit {self.max_raw})")
-        self._format = item.version or DELTA_VERSION_EDITS
+        self._format = self.state.format = item.version or DELTA_VERSION_WRITTEN
         lzma2 = item.codec != CARRIER_ZSTD
         raw = self._inflate_lzma2(item) if lzma2 else self._inflate_zstd(item)
         if item.codec == CARRIER_LZMA2_X86:
@@ -181,8 +180,8 @@ class CarrierReader:
         fast = self._unfold_c if grouped else None
         while pos < len(mv):
             if fast is not None:
-                pos, n = fast(raw, pos, self.group, self.state, DELTA_VERSION, limit, _MAX_CMD,
-                              GROUP_MAX)
+                pos, n = fast(raw, pos, self.group, self.state, self._format, limit,
+                              _MAX_CMD, GROUP_MAX)
                 self.count += n
                 if len(self.group) >= GROUP_MAX:
                     yield None

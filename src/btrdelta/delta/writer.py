@@ -45,7 +45,7 @@ from .format import (
     CARRIER_LZMA2,
     CARRIER_LZMA2_X86,
     CARRIER_ZSTD,
-    DELTA_VERSION_EDITS,
+    DELTA_VERSION_WRITTEN,
     BtrfsCommand,
     DeltaEnd,
     DeltaItem,
@@ -154,7 +154,7 @@ class DeltaWriter:
         threads: zstd worker threads for the carrier (0: compress in the caller's thread).
         carrier: ``zstd``, ``xz`` (raw LZMA2 after the x86 converter) or ``auto`` (xz once
             :data:`AUTO_XZ_FROM` bytes of file data are carried, else zstd; output is held
-            until then, at most :data:`AUTO_HOLD_MAX`). Format 7 is written.
+            until then, at most :data:`AUTO_HOLD_MAX`). Format 8 is written.
         background: compress and write on a thread of its own (call :meth:`close`).
         workers: LZMA2 encoders running at once (the xz carrier, :mod:`.lanes`: the bytes
             are the same for any number; at most :data:`XZ_WORKERS_MAX`).
@@ -209,14 +209,14 @@ class DeltaWriter:
         self._held: list[tuple[list[Any], int]] | None = None
         self._held_bytes = 0
         if not level:
-            self._emit([encode_delta_header(DELTA_VERSION_EDITS)])
+            self._emit([encode_delta_header(DELTA_VERSION_WRITTEN)])
         elif carrier == "auto":
             self._held = []
         else:
             self._start(carrier)
 
     def _start(self, carrier: str) -> None:
-        """Set up the carrier's compressor and write the header (format 7)."""
+        """Set up the carrier's compressor and write the header (format 8)."""
         self.carrier = carrier
         if carrier == "xz":
             from .lanes import Lanes
@@ -232,7 +232,7 @@ class DeltaWriter:
                 hash_log=min(CARRIER_TABLE_LOG, window_log),
             )
             self._cobj = zstandard.ZstdCompressor(compression_params=params).compressobj()
-        self._emit([encode_delta_header(DELTA_VERSION_EDITS)])
+        self._emit([encode_delta_header(DELTA_VERSION_WRITTEN)])
 
     def _decide(self, carrier: str) -> None:
         """``auto``: choose the carrier, then write what was held."""

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from ...errors import BtrdeltaError, StreamFormatError
 from .base import Codec, CodecUnavailableError
 from .bsdiff import BsdiffCodec
-from .edits import EditsCodec
+from .edits import EditsCodec, PackedEditsCodec
 from .hdiff import HdiffCodec, HdiffRawCodec
 from .zstd import ZstdCodec
 
@@ -37,7 +37,8 @@ __all__ = [
 #: id -> codec instance (ids are stable: they are written into delta streams)
 CODECS: dict[int, Codec] = {
     c.codec_id: c
-    for c in (BsdiffCodec(), ZstdCodec(), HdiffCodec(), HdiffRawCodec(), EditsCodec())
+    for c in (BsdiffCodec(), ZstdCodec(), HdiffCodec(), HdiffRawCodec(), EditsCodec(),
+                PackedEditsCodec())
 }
 _BY_NAME: dict[str, Codec] = {c.name: c for c in CODECS.values()}
 _BY_NAME["zstd-long"] = _BY_NAME["zstd"]
