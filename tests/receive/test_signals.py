@@ -35,13 +35,21 @@ def _temps(dest: Path) -> list[str]:
     return sorted(p.name for p in dest.iterdir() if p.name.startswith(TMP_PREFIX))
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """SIGINT back to its default in the child: a test run started in the background by a
+    non-interactive shell inherits it ignored, and Python then installs no Ctrl-C handler
+    (the receive would rightly ignore the SIGINT sent and end on the closed pipe instead)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _started(dest: Path, name: str) -> tuple[subprocess.Popen[bytes], bytes]:
     """A receive of ``name`` from a pipe, blocked before its END (its temporary made);
     returns it and the bytes still to send."""
     data = _stream(name)
     before = set(_temps(dest))
     proc = subprocess.Popen([sys.executable, "-m", "btrdelta", "receive", str(dest)],
-                            stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=_ctrl_c_as_in_a_terminal)
     assert proc.stdin is not None
     proc.stdin.write(data[: -(1 << 20)])
     proc.stdin.flush()
