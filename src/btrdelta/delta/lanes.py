@@ -86,7 +86,8 @@ class Lanes:
         self._end_block()
         preset = None
         if self._history_len:
-            preset = bytearray().join(self._history)[-self.dict_size:]
+            preset = bytearray().join(self._history)
+            del preset[:-self.dict_size]  # in place: no second copy of the window
         self._block = _Block(preset)
         self._block_len = 0
         self._pool.submit(self._run, self._block)
