@@ -11,7 +11,15 @@ raises both limits once, for processes that stream data through Python objects
 ones are reused without a fault. The peak memory is the same; memory freed after it stays
 with the process (up to ``trim`` bytes) until it exits.
 
-Owns only this setting. On a C library other than glibc it does nothing.
+:func:`return_freed_memory` is the opposite choice, for processes whose peak memory is the
+goal (``delta make``, the delta jobs of ``repo add``): glibc raises its mmap threshold each
+time a large buffer is freed (up to 32 MiB), after which whole files read for diffing come
+from the heap, and a heap fragmented by them is not given back; a fixed threshold of 256 KiB
+keeps every large buffer an ``mmap`` of its own that goes back to the kernel when freed.
+Measured on the Debian upgrade pair (``delta make``, largest file 3.8 MB): peak RSS 106 ->
+77 MB, CPU time unchanged.
+
+Owns only these settings. On a C library other than glibc they do nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["keep_freed_memory", "return_freed_memory"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -27,11 +35,7 @@ _M_MMAP_THRESHOLD = -3
 _MMAP_MAX = 32 << 20
 
 
-def keep_freed_memory(trim: int = 256 << 20) -> bool:
-    """Serve buffers up to 32 MiB from the heap and keep up to ``trim`` freed bytes there.
-
-    Returns whether the C library took the setting (False off glibc).
-    """
+def _mallopt(*settings: tuple[int, int]) -> bool:
     try:  # (not platform.libc_ver and ctypes.util: their imports cost 30 ms of CPU)
         if not os.confstr("CS_GNU_LIBC_VERSION"):
             return False
@@ -40,4 +44,21 @@ def keep_freed_memory(trim: int = 256 << 20) -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_MAX) and mallopt(_M_TRIM_THRESHOLD, trim))
+    return all(mallopt(param, value) for param, value in settings)
+
+
+def keep_freed_memory(trim: int = 256 << 20) -> bool:
+    """Serve buffers up to 32 MiB from the heap and keep up to ``trim`` freed bytes there.
+
+    Returns whether the C library took the setting (False off glibc).
+    """
+    return _mallopt((_M_MMAP_THRESHOLD, _MMAP_MAX), (_M_TRIM_THRESHOLD, trim))
+
+
+def return_freed_memory(threshold: int = 256 << 10) -> bool:
+    """Serve every buffer of ``threshold`` bytes or more with an ``mmap`` of its own (a
+    fixed threshold: glibc no longer raises it), so freeing it returns it to the kernel.
+
+    Returns whether the C library took the setting (False off glibc).
+    """
+    return _mallopt((_M_MMAP_THRESHOLD, threshold))

@@ -168,9 +168,11 @@ def _old_dir(path: str) -> None:
 
 def run_make(args: argparse.Namespace) -> int:
     """``delta make``."""
+    from .._malloc import return_freed_memory
     from ..delta.make import make_delta
     from ..update.signed import StreamSigner
 
+    return_freed_memory()  # peak memory is a goal: whole files are read for diffing
     json_needs_stdout(args, args.output)
     _old_dir(args.old)
     opts = MakeOptions(

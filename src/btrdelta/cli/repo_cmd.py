@@ -175,8 +175,10 @@ def run_init(args: argparse.Namespace) -> int:
 
 def run_add(args: argparse.Namespace) -> int:
     """``repo add``."""
+    from .._malloc import return_freed_memory
     from ..update.publish import add_release
 
+    return_freed_memory()  # the delta jobs read whole files for diffing
     shown = progress_wanted(args)
     progress = Progress("repo add", enabled=shown)
 
@@ -219,8 +221,10 @@ def run_add(args: argparse.Namespace) -> int:
 
 def run_job(args: argparse.Namespace) -> int:
     """``repo run-job``."""
+    from .._malloc import return_freed_memory
     from ..update.jobs import run_job_file
 
+    return_freed_memory()
     out = run_job_file(args.job, work=args.work, jobs=args.jobs)
     if args.json:
         print(json.dumps({"job": args.job, "output": str(out), "bytes": out.stat().st_size}))
