@@ -116,3 +116,30 @@ def test_frozen_like_a_frozen_dataclass() -> None:
         with pytest.raises(AttributeError):
             del obj.stamp
     assert ours.stamp == 3
+
+
+def test_one_compiled_init_per_shape_renamed_per_class() -> None:
+    """Classes of one shape share the compiled ``__init__`` (renamed): names that are the
+    placeholders' own, keywords, defaults and factories still land in the right fields."""
+    @value_class
+    class Swapped:
+        f1: int
+        f0: int = 5
+        _set: list[int] = field(default_factory=list)
+
+    @value_class
+    class Other:
+        a: int
+        b: int = 6
+        c: list[int] = field(default_factory=list)
+
+    s = Swapped(1)
+    assert (s.f1, s.f0, s._set) == (1, 5, [])
+    assert Swapped(f0=2, f1=3) == Swapped(3, 2, [])
+    assert Swapped(1)._set is not s._set
+    assert (Other(1).a, Other(1).b, Other(a=2, c=[3]).c) == (1, 6, [3])
+    assert Swapped.__init__.__code__.co_code == Other.__init__.__code__.co_code
+    assert Swapped.__init__.__code__.co_varnames[:4] == ("self", "f1", "f0", "_set")
+    assert Swapped.__init__.__qualname__.endswith("Swapped.__init__")
+    with pytest.raises(TypeError, match="f1"):
+        Swapped()  # type: ignore[call-arg]
