@@ -249,3 +249,38 @@ def test_inode_number_reused_after_a_delete(two_fs: tuple[Path, Path], tmp_path:
     run("btrfs", "receive", "-f", stream, rcv)
     assert tree_sum(rcv / "r1") == tree_sum(live)
     assert not (rcv / "r1" / "last").exists()
+
+
+def test_change_sweep_in_big_and_small_buffers(two_fs: tuple[Path, Path],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """`changed_inodes` names exactly the inodes written since a generation, whether the
+    sweep takes one TREE_SEARCH_V2 call, many (a buffer smaller than the changes: the search
+    resumes after the last key), or falls back to TREE_SEARCH (a kernel without V2)."""
+    from btrdelta.fs import btrfs
+
+    snd, _rcv = two_fs
+    live = snd / "live"
+    run("btrfs", "subvolume", "create", live)
+    for i in range(300):
+        (live / f"f{i}").write_bytes(b"x" * (i * 50))
+    run("btrfs", "subvolume", "snapshot", "-r", live, snd / "A")
+    fd = os.open(snd / "A", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        since = btrfs.subvol_info(fd).ctransid
+    finally:
+        os.close(fd)
+    run("sync")
+    for i in range(0, 300, 7):
+        _append(live / f"f{i}", b"more")
+    run("btrfs", "subvolume", "snapshot", "-r", live, snd / "B")
+    want = {os.stat(live / f"f{i}").st_ino for i in range(0, 300, 7)}
+    fd = os.open(snd / "B", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        whole = btrfs.changed_inodes(fd, since)
+        assert set(whole) == want
+        monkeypatch.setattr(btrfs, "_SWEEP_BUFFER", 4096)
+        assert btrfs.changed_inodes(fd, since) == whole
+        monkeypatch.setattr(btrfs, "_TREE_SEARCH_V2", 0xC0709400)  # no such ioctl: ENOTTY
+        assert btrfs.changed_inodes(fd, since) == whole
+    finally:
+        os.close(fd)
