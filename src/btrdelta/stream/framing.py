@@ -65,6 +65,7 @@ __all__ = [
     "Place",
     "Sentinel",
     "encode_frame",
+    "encode_frame_parts",
     "iter_tlvs",
     "legal",
     "max_command",
@@ -428,6 +429,13 @@ _FRAME_HDR = struct.Struct("<IHI")
 def encode_frame(cmd: int, attrs: Iterable[tuple[int, Any]]) -> bytes:
     """One frame: record ``cmd`` with the TLVs ``(type, value)`` in order (values are
     buffers of at most 65535 bytes), length and CRC32C filled in."""
+    header, payload = encode_frame_parts(cmd, attrs)
+    return header + payload
+
+
+def encode_frame_parts(cmd: int, attrs: Iterable[tuple[int, Any]]) -> tuple[bytes, bytes]:
+    """:func:`encode_frame` as its 10-byte header and its payload (a large frame is not
+    copied once more to join them)."""
     parts: list[Any] = []
     for typ, value in attrs:
         n = len(value)
@@ -438,7 +446,7 @@ def encode_frame(cmd: int, attrs: Iterable[tuple[int, Any]]) -> bytes:
     payload = b"".join(parts)
     crc = _crc(payload, _crc(_ZERO_CRC, _crc(_HDR6(len(payload), cmd), 0xFFFFFFFF))) \
         ^ 0xFFFFFFFF
-    return _FRAME_HDR.pack(len(payload), cmd, crc) + payload
+    return _FRAME_HDR.pack(len(payload), cmd, crc), payload
 
 
 def iter_tlvs(mv: memoryview, start: int, end: int) -> Iterator[tuple[int, memoryview]]:
