@@ -430,15 +430,14 @@ class RecordReader:
 
         if self.version == 1:
             cols, (count, _f, _b, nblk) = encode_rows(self._inodes_v1())
-            return Columns({c: memoryview(v) for c, v in cols}, count, nblk)
+            return Columns(dict(cols), count, nblk)
         fr = self._framer
-        cols_in: dict[int, memoryview] = {}
+        cols_in: dict[int, memoryview | bytes] = {}
         for c in COLUMNS:
             cmd, mv, start, end = self._next()
             if cmd != c:
                 fr.fail(StreamFormatError(f"expected column {COLUMNS[c]}"), cmd=cmd)
-            cols_in[c] = memoryview(b"".join(v for typ, v in iter_tlvs(mv, start, end)
-                                             if typ == 1))
+            cols_in[c] = b"".join(v for typ, v in iter_tlvs(mv, start, end) if typ == 1)
             self._done()
         cmd, mv, start, end = self._next()
         if cmd != _END:
