@@ -67,6 +67,7 @@ __all__ = ["Columns", "encode_rows"]
 
 _D = 16  # bytes per block digest
 _XHEAD = struct.Struct("<HI")
+_U32 = struct.Struct("<I")
 _REG = 0o100000
 _FMT = 0o170000
 #: the columns' values are little-endian (swapped on a big-endian machine)
@@ -203,6 +204,8 @@ class Columns:
         self.inos, self.modes, self.sizes = f[C_INO], f[C_MODE], f[C_SIZE]
         nd = sum(f[C_NNAMES])
         self.parents = _unpack(cols[C_PARENT], "I", nd, C_PARENT)
+        #: the PARENT column as stored (u32 little-endian), searched by children()
+        self._parent_bytes = bytes(cols[C_PARENT])
         self.namelens = _unpack(cols[C_NAMELEN], "H", nd, C_NAMELEN)
         self.names, self.targets = bytes(cols[C_NAMES]), bytes(cols[C_TARGETS])
         self.xattrs = bytes(cols[C_XATTRS])
@@ -273,17 +276,20 @@ class Columns:
                 for d in range(self.doff[r], self.doff[r + 1])]
 
     def children(self, r: int) -> list[tuple[bytes, int]]:
-        """The entries of directory row ``r`` as (name, row) (found by ``tuple.index`` in
-        the PARENT column, a C loop: no index of every directory is built)."""
+        """The entries of directory row ``r`` as (name, row) (found by ``bytes.find`` of
+        ``r`` in the stored PARENT column, a C loop: no index of every directory is built)."""
         out: list[tuple[bytes, int]] = []
-        parents, names, noff, doff = self.parents, self.names, self.noff, self.doff
-        d = -1
-        while True:
-            try:
-                d = parents.index(r, d + 1)
-            except ValueError:
-                return out
+        raw, names, noff, doff = self._parent_bytes, self.names, self.noff, self.doff
+        want = _U32.pack(r)
+        pos = raw.find(want)
+        while pos >= 0:
+            if pos & 3:  # inside two values: not an entry
+                pos = raw.find(want, pos + 1)
+                continue
+            d = pos >> 2
             out.append((names[noff[d]:noff[d + 1]], bisect_right(doff, d) - 1))
+            pos = raw.find(want, pos + 4)
+        return out
 
     def inode(self, r: int) -> RecordInode:
         """Row ``r`` whole."""
