@@ -4,7 +4,7 @@ record that cost what changed, not the size of the tree.
 When the record is of an earlier read-only snapshot of the same subvolume (lineage UUID and
 generation, see :func:`usable`) and the tree read now is a newer read-only snapshot of it,
 :func:`rescan` finds the changes without walking the tree, as ``btrfs send -p`` does with
-its two trees: :func:`~btrdelta.fs.btrfs.changed_inodes` (one ``TREE_SEARCH`` sweep that
+its two trees: :func:`~btrdelta.fs.btrfs.changed_inodes` (one ``TREE_SEARCH_V2`` sweep that
 skips every tree block not written since the record's generation) names the inodes written
 since; everything else is as the record says and is neither stat'ed nor read.
 
