@@ -5,8 +5,8 @@ Four optional C modules are built when a compiler is present:
 =============  ==============================  ===============================================
 name           module                          what it runs instead of the Python code
 =============  ==============================  ===============================================
-``speedups``   ``btrdelta.stream._speedups``   batch decoding of commands, the dump renderer,
-                                               CRC32C (SSE4.2)
+``speedups``   ``btrdelta.stream._speedups``   batch decoding of commands, the writer's
+                                               encoder, the dump renderer, CRC32C (SSE4.2)
 ``fastapply``  ``btrdelta.receive._fastapply`` the receive applier's common commands
 ``unfold``     ``btrdelta.delta._unfold``      unfolding the delta carrier's common commands
 ``buzhash``    ``btrdelta.chunk._buzhash``     casync's chunker (cut points of a seed)

@@ -10,6 +10,9 @@
  * split across buffers, an oversized length, an unknown command) so that the Python slow
  * path produces the precise error. END ends the batch.
  *
+ * encode_head() encodes a record as codec.encode_record does (the writer's hot path) and
+ * hands anything unusual back to it in the same way.
+ *
  * render_dump() renders `btrfs receive --dump` lines like TextDumper.render for the common
  * commands; anything unusual (subvol/snapshot, paths needing progs' path_cat_out rules, a
  * value of an unexpected type) is handed to the Python renderer one record at a time, so
@@ -52,6 +55,22 @@ static inline uint64_t
 le64(const uint8_t *p)
 {
     return (uint64_t)le32(p) | ((uint64_t)le32(p + 4) << 32);
+}
+
+static inline void
+put_le32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+    p[2] = (uint8_t)(v >> 16);
+    p[3] = (uint8_t)(v >> 24);
+}
+
+static inline void
+put_le64(uint8_t *p, uint64_t v)
+{
+    put_le32(p, (uint32_t)v);
+    put_le32(p + 4, (uint32_t)(v >> 32));
 }
 
 /* ---------------------------------------------------------------------------------------
@@ -298,6 +317,7 @@ typedef struct {
 
 typedef struct {
     PyObject *cls; /* record class, NULL when the command number is not defined */
+    PyObject *names; /* its fields in record order (__match_args__), for encoding; or NULL */
     int nfields;
     int nplan[2]; /* [0]: v1 streams, [1]: v2+ streams */
     FieldPlan plan[2][MAXF];
@@ -400,8 +420,26 @@ configure(PyObject *self, PyObject *args)
             return NULL;
     }
     for (int c = 0; c < NCMD; c++) {
+        if (fresh[c].cls != NULL) {
+            /* the encoder reads fields by name: a tuple of nfields strings, else none */
+            PyObject *names = PyObject_GetAttrString(fresh[c].cls, "__match_args__");
+            if (names == NULL)
+                PyErr_Clear();
+            else if (!PyTuple_Check(names) || PyTuple_GET_SIZE(names) != fresh[c].nfields)
+                Py_CLEAR(names);
+            else
+                for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(names); i++)
+                    if (!PyUnicode_Check(PyTuple_GET_ITEM(names, i))) {
+                        Py_CLEAR(names);
+                        break;
+                    }
+            fresh[c].names = names;
+        }
+    }
+    for (int c = 0; c < NCMD; c++) {
         Py_XINCREF(fresh[c].cls);
         Py_XDECREF(cmds[c].cls);
+        Py_XDECREF(cmds[c].names);
     }
     memcpy(cmds, fresh, sizeof(cmds));
     memcpy(max_cmd, mc, sizeof(mc));
@@ -1329,6 +1367,248 @@ finish:
     return result;
 }
 
+
+/* ---------------------------------------------------------------------------------------
+ * encoding (the writer's hot path)
+ *
+ * encode_head(rec, version) does what codec.encode_record does for the plain cases and
+ * returns (header + attributes as one bytes, the v2+ DATA piece or None); it returns None
+ * (no exception) for anything else (a value of an unusual type, out of range, too long, a
+ * command the version lacks, a payload over the limit, no hardware CRC for large data), so
+ * that encode_record, the reference, produces the bytes or the precise error. */
+
+static PyObject *s_bytes_attr;
+
+static int last_enc_cmd = -1;
+
+static int
+enc_cmd_of(PyTypeObject *tp)
+{
+    if (last_enc_cmd >= 0 && cmds[last_enc_cmd].cls == (PyObject *)tp)
+        return last_enc_cmd;
+    for (int c = 1; c < NCMD; c++)
+        if (cmds[c].cls == (PyObject *)tp) {
+            last_enc_cmd = c;
+            return c;
+        }
+    return -1;
+}
+
+typedef struct {
+    const FieldPlan *f;
+    PyObject *obj;      /* new reference: the field value, or the UUID's bytes */
+    const uint8_t *raw; /* BYTES/UUID/v1 DATA: the bytes */
+    uint64_t num;       /* U8/U32/U64 value; TIMESPEC: seconds (two's complement) */
+    uint32_t nsec;
+    size_t len;         /* value bytes in the TLV */
+    int skip;           /* optional and None */
+} EncField;
+
+static PyObject *
+encode_head(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "encode_head(rec, version)");
+        return NULL;
+    }
+    long version = PyLong_AsLong(args[1]);
+    if (version == -1 && PyErr_Occurred())
+        return NULL;
+    if (!configured || version < 1 || version >= NVERSIONS)
+        Py_RETURN_NONE;
+    int c = enc_cmd_of(Py_TYPE(args[0]));
+    if (c < 0 || (uint32_t)c > max_cmd[version] || cmds[c].names == NULL)
+        Py_RETURN_NONE;
+    const CmdPlan *cp = &cmds[c];
+    EncField ef[MAXF];
+    int n = cp->nplan[1];
+    PyObject *data = NULL; /* the v2+ DATA piece (borrowed from ef) */
+    Py_buffer dview;
+    int have_dview = 0;
+    size_t attrs = 0, dlen = 0;
+    PyObject *res = NULL, *head = NULL;
+    int i;
+    memset(ef, 0, sizeof(ef));
+    for (i = 0; i < n; i++) {
+        EncField *e = &ef[i];
+        e->f = &cp->plan[1][i];
+        e->obj = PyObject_GetAttr(args[0], PyTuple_GET_ITEM(cp->names, e->f->pos));
+        if (e->obj == NULL)
+            goto fallback;
+        if (e->obj == Py_None) {
+            if (!e->f->optional)
+                goto fallback;
+            e->skip = 1;
+            continue;
+        }
+        switch (e->f->kind) {
+        case K_U8:
+        case K_U32:
+        case K_U64: {
+            if (!PyLong_Check(e->obj))
+                goto fallback;
+            unsigned long long v = PyLong_AsUnsignedLongLong(e->obj);
+            if (v == (unsigned long long)-1 && PyErr_Occurred())
+                goto fallback;
+            if ((e->f->kind == K_U8 && v > 0xFF) || (e->f->kind == K_U32 && v > 0xFFFFFFFFull))
+                goto fallback;
+            e->num = v;
+            e->len = fixed_size[e->f->kind];
+            break;
+        }
+        case K_TIMESPEC: {
+            if (!PyLong_Check(e->obj))
+                goto fallback;
+            int overflow = 0;
+            long long ns = PyLong_AsLongLongAndOverflow(e->obj, &overflow);
+            if (overflow || (ns == -1 && PyErr_Occurred()))
+                goto fallback;
+            long long sec = ns / 1000000000LL, rem = ns % 1000000000LL;
+            if (rem < 0) { /* floor division, as divmod */
+                rem += 1000000000LL;
+                sec -= 1;
+            }
+            e->num = (uint64_t)sec;
+            e->nsec = (uint32_t)rem;
+            e->len = 12;
+            break;
+        }
+        case K_UUID: {
+            PyObject *b = PyObject_GetAttr(e->obj, s_bytes_attr);
+            if (b == NULL)
+                goto fallback;
+            Py_SETREF(e->obj, b);
+            if (!PyBytes_CheckExact(b))
+                goto fallback;
+            e->raw = (const uint8_t *)PyBytes_AS_STRING(b);
+            e->len = (size_t)PyBytes_GET_SIZE(b);
+            break;
+        }
+        case K_BYTES:
+            if (!PyBytes_Check(e->obj))
+                goto fallback;
+            e->raw = (const uint8_t *)PyBytes_AS_STRING(e->obj);
+            e->len = (size_t)PyBytes_GET_SIZE(e->obj);
+            break;
+        case K_DATA:
+            if (data != NULL)
+                goto fallback;
+            if (PyBytes_Check(e->obj)) {
+                e->raw = (const uint8_t *)PyBytes_AS_STRING(e->obj);
+                e->len = (size_t)PyBytes_GET_SIZE(e->obj);
+            } else if (PyMemoryView_Check(e->obj)) {
+                /* a plain byte view only (returned as the DATA piece, as it is) */
+                if (PyObject_GetBuffer(e->obj, &dview, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
+                    goto fallback;
+                have_dview = 1;
+                if (dview.ndim > 1 || dview.itemsize != 1 ||
+                    (dview.format != NULL && strcmp(dview.format, "B")))
+                    goto fallback;
+                e->raw = (const uint8_t *)dview.buf;
+                e->len = (size_t)dview.len;
+            } else
+                goto fallback;
+            data = e->obj;
+            dlen = e->len;
+            if (version >= 2) {
+                attrs += 2; /* the type only: the data is the rest of the command */
+                continue;
+            }
+            break;
+        default:
+            goto fallback;
+        }
+        if (e->len > 0xFFFF)
+            goto fallback;
+        attrs += 4 + e->len;
+    }
+    size_t length = attrs + (version >= 2 ? dlen : 0);
+    if (length > max_payload[version])
+        goto fallback;
+    if (version >= 2 && dlen >= LIB_CRC_MIN && !crc_is_hw())
+        goto fallback; /* the library's CRC is the fast one here */
+    head = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(CMD_HEADER_SIZE + attrs));
+    if (head == NULL)
+        goto error;
+    uint8_t *h = (uint8_t *)PyBytes_AS_STRING(head), *p = h + CMD_HEADER_SIZE;
+    put_le32(h, (uint32_t)length);
+    h[4] = (uint8_t)c;
+    h[5] = (uint8_t)(c >> 8);
+    memset(h + 6, 0, 4);
+    for (i = 0; i < n; i++) {
+        EncField *e = &ef[i];
+        if (e->skip)
+            continue;
+        uint16_t attr = e->f->attr;
+        p[0] = (uint8_t)attr;
+        p[1] = (uint8_t)(attr >> 8);
+        if (e->f->kind == K_DATA && version >= 2) {
+            p += 2;
+            continue;
+        }
+        p[2] = (uint8_t)e->len;
+        p[3] = (uint8_t)(e->len >> 8);
+        p += 4;
+        switch (e->f->kind) {
+        case K_U8:
+            p[0] = (uint8_t)e->num;
+            break;
+        case K_U32:
+            put_le32(p, (uint32_t)e->num);
+            break;
+        case K_U64:
+            put_le64(p, e->num);
+            break;
+        case K_TIMESPEC:
+            put_le64(p, e->num);
+            put_le32(p + 8, e->nsec);
+            break;
+        default:
+            if (e->len)
+                memcpy(p, e->raw, e->len);
+        }
+        p += e->len;
+    }
+    uint32_t crc = crc_update(0, h, CMD_HEADER_SIZE + attrs);
+    PyObject *piece = Py_None;
+    if (data != NULL && version >= 2) {
+        const uint8_t *raw = NULL;
+        for (i = 0; i < n; i++)
+            if (ef[i].obj == data)
+                raw = ef[i].raw;
+        if (dlen >= 65536) {
+            Py_BEGIN_ALLOW_THREADS
+            crc = crc_update(crc, raw, dlen);
+            Py_END_ALLOW_THREADS
+        } else if (dlen)
+            crc = crc_update(crc, raw, dlen);
+        piece = data;
+    }
+    put_le32(h + 6, crc);
+    res = PyTuple_Pack(2, head, piece);
+    goto done;
+fallback:
+    PyErr_Clear();
+    res = Py_None;
+    Py_INCREF(res);
+    goto done;
+error:
+    res = NULL;
+done:
+    Py_XDECREF(head);
+    if (have_dview)
+        PyBuffer_Release(&dview);
+    for (i = 0; i < n; i++)
+        Py_XDECREF(ef[i].obj);
+    return res;
+}
+
+PyDoc_STRVAR(encode_head_doc,
+"encode_head(rec, version, /) -> (head, data) | None\n\n"
+"codec.encode_record(rec, version) for the plain cases: the command header and its\n"
+"attributes as one bytes, and the DATA piece of a v2+ command (the record's own object)\n"
+"or None; None when the Python encoder must do it (unusual values, errors).");
+
 /* ---------------------------------------------------------------------------------------
  * CRC entry points (for tests and for the curious) */
 
@@ -1404,6 +1684,7 @@ static PyMethodDef methods[] = {
     {"decode_batch", (PyCFunction)(void (*)(void))decode_batch, METH_FASTCALL,
      decode_batch_doc},
     {"render_dump", (PyCFunction)(void (*)(void))render_dump, METH_FASTCALL, render_dump_doc},
+    {"encode_head", (PyCFunction)(void (*)(void))encode_head, METH_FASTCALL, encode_head_doc},
     {"_set_crc_impl", py_set_crc_impl, METH_O,
      "_set_crc_impl(name, /) -> previous: 'sse4.2' or 'table' (for tests)."},
     {"crc32c", py_crc32c, METH_VARARGS,
@@ -1461,6 +1742,7 @@ intern_names(void)
     I(s__times, "_times");
     I(s__time, "_time");
     I(s__render_py, "_render_py");
+    I(s_bytes_attr, "bytes");
 #undef I
     return 0;
 }

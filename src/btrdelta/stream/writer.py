@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .. import _native
 from ..errors import StreamFormatError
 from .codec import encode_record, encode_stream_header
 from .reader import Event, StreamHeader
@@ -33,6 +34,10 @@ class StreamWriter:
         self._write = write
         self.version = version
         self._need_header = True
+        # the C encoder of plain commands when it is live (btrdelta._native), else None
+        speedups = _native.live("speedups")
+        self._head: Callable[[Record, int], Any] | None = (
+            speedups.encode_head if speedups is not None else None)
         #: bytes written so far
         self.bytes_written = 0
         #: records written so far
@@ -49,15 +54,29 @@ class StreamWriter:
         self._need_header = False
 
     def write(self, rec: Record) -> None:
-        """Append one record; refuses what the stream version cannot express."""
-        pieces = encode_record(rec, self.version)
+        """Append one record; refuses what the stream version cannot express.
+
+        Its pieces go to ``write`` in order: the header and attributes (one piece with the C
+        encoder, two without), then the data of a v2+ command (the record's own object).
+        """
+        got = self._head(rec, self.version) if self._head is not None else None
+        pieces = encode_record(rec, self.version) if got is None else None
         if self._need_header:
             self.start_stream()
         write = self._write
-        n = 0
-        for piece in pieces:
-            write(piece)
-            n += len(piece)
+        if got is not None:
+            head, data = got
+            write(head)
+            n = len(head)
+            if data is not None:
+                write(data)
+                n += len(data)
+        else:
+            assert pieces is not None
+            n = 0
+            for piece in pieces:
+                write(piece)
+                n += len(piece)
         self.bytes_written += n
         self.records += 1
         if type(rec) is End:
