@@ -59,3 +59,48 @@ def test_the_parent_tree_whether_the_child_lives_or_is_killed(
     expected = scan_tree(old)
     hash_contents([expected], workers=1)
     assert done.stdout.strip() == expected.identity().hex()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_small_files_of_the_sent_tree_are_kept_as_hashed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    from btrdelta.send import scan as scan_mod
+    from btrdelta.send.scan import ContentHasher, TreeScan
+
+    root = tmp_path / "t"
+    root.mkdir()
+    (root / "small").write_bytes(b"a" * 5000)
+    (root / "empty").write_bytes(b"")
+    (root / "big").write_bytes(os.urandom(scan_mod.KEEP_MAX + 1))
+    with open(root / "holes", "wb") as f:  # a hole first: not kept (the send reads its ranges)
+        f.truncate(1 << 20)
+        f.seek(512 << 10)
+        f.write(b"x" * 4096)
+    for i in range(6):
+        (root / f"f{i}").write_bytes(bytes([i]) * 3000)
+    monkeypatch.setattr(scan_mod, "KEEP_BUDGET", 5000 + 3 * 3000)  # room for some only
+    ts = TreeScan(root, workers=workers, seed=7)
+    ts.hasher.wait()
+    plain = scan_tree(root)
+    ref = ContentHasher(1, seed=7)
+    ref.submit(plain)  # without keep
+    ref.wait()
+    by_path = {n.path: n for n in ts.new.nodes.values() if n.is_reg}
+    kept = {p: ts.hasher.take(n) for p, n in by_path.items()}
+    assert kept[b"empty"] == b""
+    assert kept[b"big"] is None
+    assert kept[b"holes"] is None
+    got = {p: c for p, c in kept.items() if c}
+    assert sum(map(len, got.values())) <= scan_mod.KEEP_BUDGET
+    assert len(got) >= 3
+    for path, content in got.items():
+        assert content == (root / os.fsdecode(path)).read_bytes()
+    assert ts.hasher.take(by_path[b"empty"]) is None  # taken once
+    assert ts.hasher._kept_bytes == 0
+    assert not ref._kept
+    for n in plain.nodes.values():  # the same digests as without keeping
+        if n.is_reg:
+            m = by_path[n.path]
+            assert (m.digest, m.blocks, m.bdigest, m.segments) == \
+                (n.digest, n.blocks, n.bdigest, n.segments)

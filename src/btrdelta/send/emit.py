@@ -578,6 +578,9 @@ class Sender:
         new_by_digest: dict[bytes, int],
     ) -> Generator[Record, None, bool]:
         kept = self.changes.whole.get(node.id) if self.changes is not None else None
+        # a small file the hashing threads read: its bytes, as they were hashed
+        content = self._hasher.take(node) if self._hasher is not None and kept is None \
+            and not self.virtual else None
         seed = self._hasher.seed if self._hasher is not None else None
         # record mode: a file not hashed yet (no CLONE can stand for it) is hashed as sent
         later = node.segments is None and seed is not None and kept is None
@@ -593,9 +596,13 @@ class Sender:
             return True
         new_abs = self.new.abspath(path)
         # a new file read whole while walking: its data ranges were kept, as they were read
-        fd = open_file(new_abs) if kept is None else -1
+        fd = open_file(new_abs) if kept is None and content is None else -1
         try:
-            segs = data_segments(fd, node.size) if kept is None else [(o, n) for o, n, _ in kept]
+            if content is not None:
+                segs = [(0, node.size)] if node.size else []
+            else:
+                segs = data_segments(fd, node.size) if kept is None else \
+                    [(o, n) for o, n, _ in kept]
             hasher = BlockHasher(seed) if later and seed is not None else None
             if hasher is not None:
                 segs = block_segments(segs, node.size)
@@ -610,7 +617,8 @@ class Sender:
                 )
                 clones = [(o, n, source, src) for o, n, src in found]
             spooled = self.changes.spooled(node.id, whole=True) if self.changes else None
-            yield from self._emit_ops(spooled or _reader(fd), node, path, segs, clones, hasher)
+            read = spooled or (_reader(fd) if content is None else _bytes_reader(content))
+            yield from self._emit_ops(read, node, path, segs, clones, hasher)
             if hasher is not None:
                 hashed_as_sent(fd, node, segs, hasher, self.chunk)
         finally:
@@ -786,6 +794,11 @@ class Sender:
 def _reader(fd: int) -> Callable[[int, int], bytes]:
     """``read(n, pos)`` of an open file."""
     return lambda n, pos: os.pread(fd, n, pos)
+
+
+def _bytes_reader(content: bytes) -> Callable[[int, int], bytes]:
+    """``read(n, pos)`` of a file's bytes kept in memory (the whole: the same object)."""
+    return lambda n, pos: content[pos:pos + n]
 
 
 def _stub(found: tuple[bytes, int, int]) -> Node:

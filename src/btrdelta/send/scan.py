@@ -81,6 +81,10 @@ _UUID_NAMESPACE = uuid.UUID("6b1d5c1e-2f3a-5b8e-9c4d-62747264656c")  # "btrdel" 
 
 #: files up to this size are read with one ``read``; larger ones in pieces of this size
 _WHOLE = 1 << 20
+#: record mode: the hashing threads keep the bytes of files of the sent tree up to this size
+#: (without holes) for the send, at most :data:`KEEP_BUDGET` bytes in all
+KEEP_MAX = 128 << 10
+KEEP_BUDGET = 64 << 20
 _ZERO_VIEW = memoryview(bytes(_WHOLE))
 
 
@@ -462,15 +466,27 @@ def block_segments(segs: list[tuple[int, int]], size: int) -> list[tuple[int, in
 
 
 def _hash_file_blocks(
-    path: bytes, size: int, buf: bytearray, seed: int
-) -> tuple[bytes, int, list[tuple[int, int]], bytes, bytes]:
+    path: bytes, size: int, buf: bytearray, seed: int, keep: bool = False
+) -> tuple[bytes, int, list[tuple[int, int]], bytes, bytes, bytes | None]:
     """Record mode: (XXH3-128 digest, flags, block-aligned data segments, seeded XXH3-128 of
-    each 4 KiB block of them, BLAKE3-256 digest) of one regular file, read once."""
+    each 4 KiB block of them, BLAKE3-256 digest, content) of one regular file, read once.
+
+    The content (the bytes hashed) only with ``keep``, of a file without holes of at most
+    :data:`KEEP_MAX` bytes; else None."""
     fd = open_to_read(path)
     try:
         flags = get_fileattr(fd)
-        segs = block_segments(data_segments(fd, size), size) if size else []
+        data = data_segments(fd, size) if size else []
+        segs = block_segments(data, size)
         hasher = BlockHasher(seed)
+        if keep and size <= KEEP_MAX and (not size or data == [(0, size)]):
+            content = os.pread(fd, size + 1, 0) if size else b""
+            if len(content) != size:
+                raise BtrdeltaError("file changed while sending (size differs)", path=path)
+            if size:
+                hasher.update(0, content)
+            digest, blocks, bdigest = hasher.finish(size)
+            return digest, flags, segs, blocks, bdigest, content
         view = memoryview(buf)
         for off, length in segs:
             pos, end = off, off + length
@@ -483,7 +499,7 @@ def _hash_file_blocks(
         if os.pread(fd, 1, size):
             raise BtrdeltaError("file changed while sending (size differs)", path=path)
         digest, blocks, bdigest = hasher.finish(size)
-        return digest, flags, segs, blocks, bdigest
+        return digest, flags, segs, blocks, bdigest, None
     finally:
         os.close(fd)
 
@@ -500,6 +516,10 @@ class ContentHasher:
         seed: record mode (a sendshot record is made or read): also the data segments,
             block digests (XXH3-128 with this seed) and BLAKE3 digest of each file; files
             whose ``segments`` are already known (taken from a record) are not read.
+
+    In record mode the bytes of small files of a tree submitted with ``keep`` are kept
+    (:meth:`take`, at most :data:`KEEP_BUDGET` bytes not taken yet), so that the send does
+    not open and read them a second time.
     """
 
     def __init__(self, workers: int | None = None, seed: int | None = None) -> None:
@@ -512,30 +532,54 @@ class ContentHasher:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="btrdelta-hash")
         self._local = threading.local()
         self._futures: list[Future[int]] = []
-        self._batches: list[list[tuple[Node, bytes]]] = []
+        self._batches: list[tuple[list[tuple[Node, bytes]], bool]] = []
         self._trees: list[Tree] = []
+        self._kept: dict[int, bytes] = {}
+        self._kept_bytes = 0
+        self._keeping = False
+        self._keep_lock = threading.Lock()
 
-    def _run(self, batch: list[tuple[Node, bytes]]) -> int:
+    def _run(self, batch: list[tuple[Node, bytes]], keeping: bool = False) -> int:
         buf = getattr(self._local, "buf", None)
         if buf is None:
             buf = self._local.buf = bytearray(_WHOLE)
         total = 0
         seed = self.seed
+        kept, lock = self._kept, self._keep_lock
         for node, path in batch:
             if seed is None:
                 node.digest, node.flags = _hash_file(path, node.size, buf)
             else:
-                (node.digest, node.flags, node.segments, node.blocks,
-                 node.bdigest) = _hash_file_blocks(path, node.size, buf, seed)
+                keep = keeping and node.size <= KEEP_MAX and \
+                    self._kept_bytes + node.size <= KEEP_BUDGET
+                (node.digest, node.flags, node.segments, node.blocks, node.bdigest,
+                 content) = _hash_file_blocks(path, node.size, buf, seed, keep)
+                if content is not None:
+                    with lock:
+                        if self._kept_bytes + node.size <= KEEP_BUDGET:
+                            kept[node.id] = content
+                            self._kept_bytes += node.size
             total += node.size
         return total
 
-    def submit(self, tree: Tree, later: Collection[int] = ()) -> None:
+    def take(self, node: Node) -> bytes | None:
+        """The content of ``node`` (of the tree submitted with ``keep``) if it was kept
+        (then no longer), else None."""
+        got = self._kept.pop(node.id, None) if self._kept else None
+        if got is not None:
+            with self._keep_lock:
+                self._kept_bytes -= len(got)
+        return got
+
+    def submit(self, tree: Tree, later: Collection[int] = (), *, keep: bool = False) -> None:
         """Queue every regular file of ``tree`` (no-op for a hashed or queued tree) but
-        the nodes ``later`` (hashed by whoever reads them: see :class:`BlockHasher`)."""
+        the nodes ``later`` (hashed by whoever reads them: see :class:`BlockHasher`);
+        ``keep``: keep small files' bytes for :meth:`take` (one tree only)."""
         if tree.hashed or any(t is tree for t in self._trees):
             return
         self._trees.append(tree)
+        keeping = keep and self.seed is not None and not self._keeping
+        self._keeping |= keeping
         jobs = [(n, tree.root + b"/" + n.path) for n in tree.nodes.values()
                 if n.is_reg and n.segments is None and n.id not in later]
         jobs.sort(key=lambda j: -j[0].size)
@@ -545,16 +589,16 @@ class ContentHasher:
             cur.append(job)
             cur_bytes += job[0].size + 16384
             if cur_bytes >= (8 << 20) or len(cur) >= 256:
-                self._queue(cur)
+                self._queue(cur, keeping)
                 cur, cur_bytes = [], 0
         if cur:
-            self._queue(cur)
+            self._queue(cur, keeping)
 
-    def _queue(self, batch: list[tuple[Node, bytes]]) -> None:
+    def _queue(self, batch: list[tuple[Node, bytes]], keeping: bool) -> None:
         if self._pool is None:
-            self._batches.append(batch)  # one worker: hashed in wait(), in this thread
+            self._batches.append((batch, keeping))  # one worker: hashed in wait(), here
         else:
-            self._futures.append(self._pool.submit(self._run, batch))
+            self._futures.append(self._pool.submit(self._run, batch, keeping))
 
     def wait(self, on_bytes: Callable[[int], None] | None = None) -> int:
         """Wait for every queued file; returns the bytes read.
@@ -567,8 +611,8 @@ class ContentHasher:
         """
         done = 0
         try:
-            for batch in self._batches:
-                done += self._run(batch)
+            for batch, keeping in self._batches:
+                done += self._run(batch, keeping)
                 if on_bytes is not None:
                     on_bytes(done)
             for fut in self._futures:
@@ -730,7 +774,8 @@ class TreeScan:
             self.new = new_tree or scan_tree(new_dir, on_entry=on_entry)
             if prepare is not None:
                 prepare(self.new)
-            self.hasher.submit(self.new, later(self.new) if later is not None else set())
+            self.hasher.submit(self.new, later(self.new) if later is not None else set(),
+                               keep=True)
         except BaseException:
             self.close()
             raise
