@@ -93,7 +93,8 @@ def test_small_files_of_the_sent_tree_are_kept_as_hashed(
     assert kept[b"holes"] is None
     got = {p: c for p, c in kept.items() if c}
     assert sum(map(len, got.values())) <= scan_mod.KEEP_BUDGET
-    assert len(got) >= 3
+    assert len(got) == 4  # the smallest first: four of 3000 bytes, not the one of 5000
+    assert kept[b"small"] is None
     for path, content in got.items():
         assert content == (root / os.fsdecode(path)).read_bytes()
     assert ts.hasher.take(by_path[b"empty"]) is None  # taken once

@@ -82,7 +82,8 @@ _UUID_NAMESPACE = uuid.UUID("6b1d5c1e-2f3a-5b8e-9c4d-62747264656c")  # "btrdel" 
 #: files up to this size are read with one ``read``; larger ones in pieces of this size
 _WHOLE = 1 << 20
 #: record mode: the hashing threads keep the bytes of files of the sent tree up to this size
-#: (without holes) for the send, at most :data:`KEEP_BUDGET` bytes in all
+#: (without holes) for the send, at most :data:`KEEP_BUDGET` bytes in all (the smallest
+#: files first: they cost the most system calls per byte)
 KEEP_MAX = 128 << 10
 KEEP_BUDGET = 64 << 20
 _ZERO_VIEW = memoryview(bytes(_WHOLE))
@@ -537,6 +538,7 @@ class ContentHasher:
         self._kept: dict[int, bytes] = {}
         self._kept_bytes = 0
         self._keeping = False
+        self._keep_max = -1
         self._keep_lock = threading.Lock()
 
     def _run(self, batch: list[tuple[Node, bytes]], keeping: bool = False) -> int:
@@ -550,7 +552,7 @@ class ContentHasher:
             if seed is None:
                 node.digest, node.flags = _hash_file(path, node.size, buf)
             else:
-                keep = keeping and node.size <= KEEP_MAX and \
+                keep = keeping and node.size <= self._keep_max and \
                     self._kept_bytes + node.size <= KEEP_BUDGET
                 (node.digest, node.flags, node.segments, node.blocks, node.bdigest,
                  content) = _hash_file_blocks(path, node.size, buf, seed, keep)
@@ -583,6 +585,13 @@ class ContentHasher:
         jobs = [(n, tree.root + b"/" + n.path) for n in tree.nodes.values()
                 if n.is_reg and n.segments is None and n.id not in later]
         jobs.sort(key=lambda j: -j[0].size)
+        if keeping:  # the largest size whose files and all smaller ones fit the budget
+            total = 0
+            for node, _path in reversed(jobs):
+                if node.size > KEEP_MAX or total + node.size > KEEP_BUDGET:
+                    break
+                total += node.size
+                self._keep_max = node.size
         cur: list[tuple[Node, bytes]] = []
         cur_bytes = 0
         for job in jobs:
