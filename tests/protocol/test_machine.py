@@ -3,6 +3,7 @@ break it (typed, located errors)."""
 
 from __future__ import annotations
 
+import struct
 import uuid
 
 import pytest
@@ -282,4 +283,46 @@ def test_data_carries_a_crc_before_version_4_only(version: int) -> None:
     cp[-1] ^= 1
     r.receive_data(bytes(cp))
     with pytest.raises(ProtocolError, match="CRC32C"):
+        r.next_event()
+
+
+def test_data_in_version_5_is_one_piece_taken_as_a_view() -> None:
+    """Version 5: DATA is its offset TLV, the bytes' type, then the bytes to the end of the
+    message (no TLVs of 65535 bytes): the receiver's DATA is a view of the frame it read."""
+    s, r = _at_stream(5)
+    payload = bytes(range(256)) * 1000
+    pieces = s.send_data(0, [payload[:1000], memoryview(payload)[1000:]])
+    frame = bytearray(b"".join(bytes(b) for b in pieces))
+    assert len(frame) == 10 + 14 + len(payload)
+    assert int.from_bytes(frame[6:10], "little") == 0  # no CRC, as in version 4
+    assert bytes(frame[10:24]) == struct.pack("<HHQH", 1, 8, 0, 2)
+    assert bytes(frame[24:]) == payload
+    r.receive_data(frame)
+    got = r.next_event()
+    assert isinstance(got, Data)
+    assert got.offset == 0
+    assert isinstance(got.data, memoryview)
+    assert got.data.obj is frame
+    assert got.data == payload
+    # send(Data) makes the same frame; the next DATA follows it
+    s2, _ = _at_stream(5)
+    assert s2.send(Data(0, payload)) == bytes(frame)
+    r.receive_data(b"".join(bytes(b) for b in s.send_data(len(payload), [b"xyz"])))
+    assert r.next_event() == Data(len(payload), b"xyz")
+
+
+@pytest.mark.parametrize(("body", "error"), [
+    (b"", "without its offset"),
+    (struct.pack("<HHQ", 1, 8, 0), "without its offset"),
+    (struct.pack("<HHQH", 3, 8, 0, 2) + b"x", "without its offset"),
+    (struct.pack("<HHQH", 1, 4, 0, 2) + b"x", "without its offset"),
+    (struct.pack("<HHQH", 1, 8, 0, 7) + b"x", "without its bytes"),
+    (struct.pack("<HHQH", 1, 8, 0, 2), "expected 0"),  # no bytes
+    (struct.pack("<HHQH", 1, 8, 5, 2) + b"x", "expected 0"),  # not at the next offset
+    (struct.pack("<HHQH", 1, 8, 0, 2) + bytes(max_data(5) + 1), "DATA of"),
+])
+def test_malformed_version_5_data_is_a_protocol_error(body: bytes, error: str) -> None:
+    _s, r = _at_stream(5)
+    r.receive_data(struct.pack("<IHI", len(body), 6, 0) + body)
+    with pytest.raises(ProtocolError, match=error):
         r.next_event()

@@ -266,7 +266,7 @@ def test_a_lying_sender_gets_a_typed_refusal_and_nothing_is_applied(tmp_path: Pa
     assert not [n for n in os.listdir(dest) if n.startswith(".btrdelta-tmp-")]
 
 
-@pytest.mark.parametrize("versions", [(1,), (1, 2), (2,), (3,), (2, 3, 4)])
+@pytest.mark.parametrize("versions", [(1,), (1, 2), (2,), (3,), (2, 3, 4), (4, 5), (5,)])
 def test_segment_digests_of_each_protocol_version(tmp_path: Path,
                                                   versions: tuple[int, ...]) -> None:
     import uuid as _uuid
@@ -317,7 +317,7 @@ def test_a_receiver_without_xxhash_speaks_version_1(tmp_path: Path,
     what, code, text = _lying_sender(dest, good, None, versions=(1, 2), spoke=spoke)
     assert (what, code, spoke) == ("Committed", 0, [1]), text
     assert json.loads((dest / ".btrdelta-replica.json").read_text())["received"] == {"ok": None}
-    assert messages.spoken() == (1, 2, 3, 4)
+    assert messages.spoken() == (1, 2, 3, 4, 5)
 
     def missing(name: str) -> None:
         raise messages.MissingDependencyError(name, "make")

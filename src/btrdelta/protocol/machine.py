@@ -47,6 +47,7 @@ from .messages import (
     Refuse,
     check_header,
     data_crc,
+    data_raw,
     decode,
     encode,
     encode_data,
@@ -112,7 +113,8 @@ class Connection:
         self._check(msg, self.role, "send")
         if isinstance(msg, Data) and not data_crc(self.version):
             out = b"".join(bytes(b) for b in
-                           encode_data(msg.offset, [msg.data], crc=False)[0])
+                           encode_data(msg.offset, [msg.data], crc=False,
+                                       raw=data_raw(self.version))[0])
         else:
             out = encode(msg)
         self._advance(msg, self.role)
@@ -128,7 +130,8 @@ class Connection:
         Raises:
             ProtocolError: DATA may not be sent now, or not at that offset.
         """
-        out, size = encode_data(offset, pieces, crc=data_crc(self.version))
+        out, size = encode_data(offset, pieces, crc=data_crc(self.version),
+                                raw=data_raw(self.version))
         if size > max_data(self.version):
             raise ValueError(f"DATA of {size} bytes in protocol version {self.version}")
         sender, phases = _ALLOWED[Data]
@@ -195,7 +198,8 @@ class Connection:
             return NEED_DATA
         cmd, mv, start, length = frame
         try:
-            msg = decode(cmd, mv, start + CMD_HEADER_SIZE, start + CMD_HEADER_SIZE + length)
+            msg = decode(cmd, mv, start + CMD_HEADER_SIZE, start + CMD_HEADER_SIZE + length,
+                         self.version)
             self._check(msg, self.peer_role, "receive")
         except ProtocolError as exc:
             fr.fail(exc, cmd=cmd)

@@ -45,6 +45,7 @@ __all__ = [
     "Plan",
     "Refuse",
     "data_crc",
+    "data_raw",
     "decode",
     "encode",
     "max_data",
@@ -57,12 +58,13 @@ WIRE_VERSION: Final = 1
 #: protocol versions this build knows: 2 digests segments with XXH3-128 instead of
 #: BLAKE3-256 (see :func:`segment_hasher`), when the optional xxhash is installed; 3 is 2
 #: with DATA of up to 1 MiB (:func:`max_data`); 4 is 3 with DATA's CRC field 0, neither
-#: computed nor checked (:func:`data_crc`)
-VERSIONS: Final = (1, 2, 3, 4)
+#: computed nor checked (:func:`data_crc`); 5 is 4 with DATA's bytes in one piece, the
+#: rest of the message (:func:`data_raw`)
+VERSIONS: Final = (1, 2, 3, 4, 5)
 
 
 def spoken() -> tuple[int, ...]:
-    """The versions this installation speaks (its HELLO): 2 to 4 only with xxhash (the
+    """The versions this installation speaks (its HELLO): 2 to 5 only with xxhash (the
     ``[make]`` extra; a bare receiver speaks 1)."""
     try:
         need("xxhash")
@@ -89,6 +91,14 @@ def data_crc(version: int) -> bool:
     return version < 4
 
 
+def data_raw(version: int) -> bool:
+    """Whether a DATA message's bytes are one piece in protocol ``version`` (from 5): the
+    offset TLV, then the type of the bytes' TLV (u16) without a length, the bytes being the
+    rest of the message (as a v2 send stream's DATA attribute), so that a receiver takes
+    them as a view of the message it read instead of joining TLVs of 65535 bytes."""
+    return version >= 5
+
+
 HELLO, HOLDINGS, PLAN, REFUSE, ACCEPT, DATA, CHECKPOINT, ACK, COMMIT, COMMITTED = range(1, 11)
 NAMES: Final = {HELLO: "HELLO", HOLDINGS: "HOLDINGS", PLAN: "PLAN", REFUSE: "REFUSE",
                 ACCEPT: "ACCEPT", DATA: "DATA", CHECKPOINT: "CHECKPOINT", ACK: "ACK",
@@ -110,6 +120,8 @@ _U16 = struct.Struct("<H")
 _TLV = struct.Struct("<HH")
 _HDR6 = struct.Struct("<IH")
 _FRAME_HDR = struct.Struct("<IHI")
+#: version 5 DATA before its bytes: offset TLV (type, length 8, u64), the bytes' type
+_RAW_HEAD = struct.Struct("<HHQH")
 _ZERO_CRC = bytes(4)
 
 
@@ -205,10 +217,10 @@ class Accept:
 
 @value_class
 class Data:
-    """Stream bytes at ``offset``."""
+    """Stream bytes at ``offset`` (received in version 5: a view of the message read)."""
 
     offset: int
-    data: bytes
+    data: bytes | memoryview
 
 
 @value_class
@@ -351,17 +363,21 @@ def segment_hasher(version: int) -> Any:
 
 
 def encode_data(offset: int, pieces: Sequence[Any], *,
-                crc: bool = True) -> tuple[list[Any], int]:
+                crc: bool = True, raw: bool = False) -> tuple[list[Any], int]:
     """The frame of ``Data(offset, b"".join(pieces))`` as buffers to write in order (the
     pieces themselves among them, not copied), and the number of data bytes.
 
     The bytes are those of :func:`encode`: the data cut into TLVs of 65535 bytes, the last
-    one shorter; without ``crc`` (protocol version 4) the CRC field is 0.
+    one shorter; without ``crc`` (protocol version 4) the CRC field is 0; ``raw`` (version
+    5, without ``crc``): the data in one piece after its type (:func:`data_raw`).
     """
     views = [memoryview(p).cast("B") for p in pieces]
     total = sum(len(v) for v in views)
     if total > MAX_DATA_V3:
         raise ValueError(f"DATA of {total} bytes")
+    if raw:
+        return [_FRAME_HDR.pack(_RAW_HEAD.size + total, DATA, 0),
+                _RAW_HEAD.pack(_DOFF, 8, offset, _DBYTES), *views], total
     out: list[Any] = [b"", _TLV.pack(_DOFF, 8) + _U64.pack(offset)]
     left = done = 0
     for view in views:
@@ -470,12 +486,22 @@ def _decode_plan(a: dict[int, list[memoryview]]) -> Plan:
                 _int(_one(a, _SEGMENTS, "PLAN segments"), "segments"))
 
 
-def decode(cmd: int, mv: memoryview, start: int, end: int) -> Message:
-    """The message of frame ``cmd`` with payload ``mv[start:end]``.
+def decode(cmd: int, mv: memoryview, start: int, end: int, version: int = 0) -> Message:
+    """The message of frame ``cmd`` with payload ``mv[start:end]`` in protocol ``version``
+    (0: not agreed yet).
 
     Raises:
         ProtocolError: an unknown message number, a missing or malformed field.
     """
+    if cmd == DATA and data_raw(version):  # the bytes: a view of the message
+        if end - start < _RAW_HEAD.size:
+            raise ProtocolError("DATA without its offset")
+        t, n, offset, bt = _RAW_HEAD.unpack_from(mv, start)
+        if t != _DOFF or n != 8:
+            raise ProtocolError("DATA without its offset")
+        if bt != _DBYTES:
+            raise ProtocolError("DATA without its bytes")
+        return Data(offset, mv[start + _RAW_HEAD.size:end])
     if cmd == DATA:  # the hot path: no dict
         items = list(iter_tlvs(mv, start, end))
         if not items or items[0][0] != _DOFF:

@@ -1609,6 +1609,21 @@ PyDoc_STRVAR(encode_head_doc,
 "attributes as one bytes, and the DATA piece of a v2+ command (the record's own object)\n"
 "or None; None when the Python encoder must do it (unusual values, errors).");
 
+/* a bytearray of n bytes, not zeroed (a buffer that a read fills at once: the zeroing of
+ * bytearray(n) was a pass over every byte of a replication's messages) */
+static PyObject *
+py_buffer(PyObject *self, PyObject *arg)
+{
+    Py_ssize_t n = PyLong_AsSsize_t(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative size");
+        return NULL;
+    }
+    return PyByteArray_FromStringAndSize(NULL, n);
+}
+
 /* ---------------------------------------------------------------------------------------
  * CRC entry points (for tests and for the curious) */
 
@@ -1685,6 +1700,8 @@ static PyMethodDef methods[] = {
      decode_batch_doc},
     {"render_dump", (PyCFunction)(void (*)(void))render_dump, METH_FASTCALL, render_dump_doc},
     {"encode_head", (PyCFunction)(void (*)(void))encode_head, METH_FASTCALL, encode_head_doc},
+    {"buffer", py_buffer, METH_O,
+     "buffer(n, /) -> bytearray: n bytes, not zeroed (for a read that fills them)."},
     {"_set_crc_impl", py_set_crc_impl, METH_O,
      "_set_crc_impl(name, /) -> previous: 'sse4.2' or 'table' (for tests)."},
     {"crc32c", py_crc32c, METH_VARARGS,

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, Protocol
 
+from .. import _native
 from ..errors import BtrdeltaError, ProtocolError, SignatureError, TransportError
 from ..protocol import EOF, NEED_DATA, Connection, Message, Refuse
 from ..stream.constants import CMD_HEADER_SIZE
@@ -486,6 +487,10 @@ class MessageIO:
         self.ch, self.conn = ch, conn
         self._readinto = getattr(ch, "readinto", None)
         self._writev = getattr(ch, "writev", None)
+        # a message's buffer, filled by reads: not zeroed first where the C helper is built
+        speedups = _native.live("speedups")
+        self._buffer: Callable[[int], bytearray] = \
+            speedups.buffer if speedups is not None else bytearray
 
     def send(self, msg: Message) -> None:
         self.ch.write(self.conn.send(msg))
@@ -541,7 +546,7 @@ class MessageIO:
         if length > _MAX_READ:  # the connection says what is wrong with it
             conn.receive_data(head)
             return True
-        frame = bytearray(CMD_HEADER_SIZE + length)
+        frame = self._buffer(CMD_HEADER_SIZE + length)
         frame[:CMD_HEADER_SIZE] = head
         got = self._fill(memoryview(frame)[CMD_HEADER_SIZE:])
         conn.receive_data(memoryview(frame)[: CMD_HEADER_SIZE + got])
