@@ -14,6 +14,7 @@ Knows nothing of what the dependencies do.
 from __future__ import annotations
 
 import importlib
+import sys
 from types import ModuleType
 
 from .errors import MissingDependencyError
@@ -47,6 +48,9 @@ def need(module: str, extra: str | None = None) -> ModuleType:
     Raises:
         MissingDependencyError: it is not installed (names the extra to install).
     """
+    got = sys.modules.get(module)  # imported already: ~10x faster than import_module
+    if got is not None:
+        return got
     try:
         return importlib.import_module(module)
     except ImportError as exc:

@@ -105,3 +105,14 @@ def test_small_files_of_the_sent_tree_are_kept_as_hashed(
             m = by_path[n.path]
             assert (m.digest, m.blocks, m.bdigest, m.segments) == \
                 (n.digest, n.blocks, n.bdigest, n.segments)
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 12288, 70_000])
+def test_digests_of_a_whole_content_are_the_block_hashers(size: int) -> None:
+    from btrdelta.send.onepass import BlockHasher, digests_of
+
+    data = os.urandom(size)
+    hasher = BlockHasher(5)
+    if size:
+        hasher.update(0, data)
+    assert digests_of(data, 5) == hasher.finish(size)

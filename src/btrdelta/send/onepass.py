@@ -23,7 +23,7 @@ from ..fs.btrfs import get_fileattr
 if TYPE_CHECKING:
     from .scan import Node, Tree
 
-__all__ = ["BLOCK", "BlockHasher", "hashed_as_sent", "sent_whole"]
+__all__ = ["BLOCK", "BlockHasher", "digests_of", "hashed_as_sent", "sent_whole"]
 
 #: size of the blocks a sendshot record digests
 BLOCK = 4096
@@ -78,6 +78,15 @@ class BlockHasher:
         (zeros after the last bytes fed)."""
         self._zeros(size)
         return self._h.digest(), b"".join(self._blocks), self._b3.digest()
+
+
+def digests_of(content: bytes, seed: int) -> tuple[bytes, bytes, bytes]:
+    """:meth:`BlockHasher.finish` of a whole file's ``content`` fed at once (a small file,
+    without holes), made without a hasher object."""
+    xxhash = need("xxhash", "make")
+    bhash, view = xxhash.xxh3_128_digest, memoryview(content)
+    blocks = b"".join([bhash(view[i:i + BLOCK], seed) for i in range(0, len(view), BLOCK)])
+    return xxhash.xxh3_128_digest(content), blocks, blake3.blake3(content).digest()
 
 
 def hashed_as_sent(fd: int, node: Node, segs: list[tuple[int, int]], hasher: BlockHasher,

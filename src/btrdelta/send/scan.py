@@ -48,7 +48,7 @@ from .._value import field, field_names, value_class
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
 from ..fs.copy import data_segments
-from .onepass import BLOCK, BlockHasher
+from .onepass import BLOCK, BlockHasher, digests_of
 
 if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor
@@ -479,15 +479,13 @@ def _hash_file_blocks(
         flags = get_fileattr(fd)
         data = data_segments(fd, size) if size else []
         segs = block_segments(data, size)
-        hasher = BlockHasher(seed)
         if keep and size <= KEEP_MAX and (not size or data == [(0, size)]):
             content = os.pread(fd, size + 1, 0) if size else b""
             if len(content) != size:
                 raise BtrdeltaError("file changed while sending (size differs)", path=path)
-            if size:
-                hasher.update(0, content)
-            digest, blocks, bdigest = hasher.finish(size)
+            digest, blocks, bdigest = digests_of(content, seed)
             return digest, flags, segs, blocks, bdigest, content
+        hasher = BlockHasher(seed)
         view = memoryview(buf)
         for off, length in segs:
             pos, end = off, off + length
