@@ -65,7 +65,7 @@ def test_the_parent_tree_whether_the_child_lives_or_is_killed(
 def test_small_files_of_the_sent_tree_are_kept_as_hashed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
 ) -> None:
-    from btrdelta.send import scan as scan_mod
+    from btrdelta.send import hashing as scan_mod
     from btrdelta.send.scan import ContentHasher, TreeScan
 
     root = tmp_path / "t"

@@ -54,17 +54,8 @@ from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
 from ..fs.copy import data_segments
 from .diff import Compared, compare_files
-from .scan import (
-    _WHOLE,
-    ROOT,
-    Node,
-    Tree,
-    _hash_file,
-    node_identity,
-    open_to_read,
-    read_node,
-    uuid_of,
-)
+from .hashing import _WHOLE, _hash_file
+from .scan import ROOT, Node, Tree, node_identity, open_to_read, read_node, uuid_of
 
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor

@@ -65,6 +65,7 @@ from ..stream.records import (
 from .changes import Changes, SourceIndex, find_changes, index_source
 from .diff import Match, changed_ranges, files_equal, match_trees, shifted_clones
 from .encode import COMPRESSORS, encode_piece, option_problem
+from .hashing import reader
 from .onepass import BlockHasher, hashed_as_sent
 from .order import Namespace, order_namespace
 from .record import BlockIndex, Diff, block_diff
@@ -579,8 +580,7 @@ class Sender:
     ) -> Generator[Record, None, bool]:
         kept = self.changes.whole.get(node.id) if self.changes is not None else None
         # a small file the hashing threads read: its bytes, as they were hashed
-        content = self._hasher.take(node) if self._hasher is not None and kept is None \
-            and not self.virtual else None
+        content = self._hasher.take(node) if self._hasher is not None and kept is None else None
         seed = self._hasher.seed if self._hasher is not None else None
         # record mode: a file not hashed yet (no CLONE can stand for it) is hashed as sent
         later = node.segments is None and seed is not None and kept is None
@@ -598,11 +598,8 @@ class Sender:
         # a new file read whole while walking: its data ranges were kept, as they were read
         fd = open_file(new_abs) if kept is None and content is None else -1
         try:
-            if content is not None:
-                segs = [(0, node.size)] if node.size else []
-            else:
-                segs = data_segments(fd, node.size) if kept is None else \
-                    [(o, n) for o, n, _ in kept]
+            segs = data_segments(fd, node.size) if fd >= 0 else [(0, node.size)] \
+                if kept is None else [(o, n) for o, n, _ in kept]
             hasher = BlockHasher(seed) if later and seed is not None else None
             if hasher is not None:
                 segs = block_segments(segs, node.size)
@@ -617,8 +614,8 @@ class Sender:
                 )
                 clones = [(o, n, source, src) for o, n, src in found]
             spooled = self.changes.spooled(node.id, whole=True) if self.changes else None
-            read = spooled or (_reader(fd) if content is None else _bytes_reader(content))
-            yield from self._emit_ops(read, node, path, segs, clones, hasher)
+            yield from self._emit_ops(spooled or reader(fd, content), node, path, segs, clones,
+                                      hasher)
             if hasher is not None:
                 hashed_as_sent(fd, node, segs, hasher, self.chunk)
         finally:
@@ -675,7 +672,7 @@ class Sender:
             return
         fd = open_file(self.new.abspath(path))
         try:
-            yield from self._emit_ops(_reader(fd), node, path, writes, clones)
+            yield from self._emit_ops(reader(fd), node, path, writes, clones)
         finally:
             os.close(fd)
 
@@ -789,16 +786,6 @@ class Sender:
         if enc is not None:
             self.stats.data_bytes += len(enc.data)
         return enc
-
-
-def _reader(fd: int) -> Callable[[int, int], bytes]:
-    """``read(n, pos)`` of an open file."""
-    return lambda n, pos: os.pread(fd, n, pos)
-
-
-def _bytes_reader(content: bytes) -> Callable[[int, int], bytes]:
-    """``read(n, pos)`` of a file's bytes kept in memory (the whole: the same object)."""
-    return lambda n, pos: content[pos:pos + n]
 
 
 def _stub(found: tuple[bytes, int, int]) -> Node:

@@ -38,8 +38,8 @@ import stat
 import struct
 import threading
 import uuid
-from collections.abc import Callable, Collection, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import blake3
 
@@ -47,11 +47,8 @@ from .._optional import need
 from .._value import field, field_names, value_class
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
-from ..fs.copy import data_segments
-from .onepass import BLOCK, BlockHasher, digests_of
-
-if TYPE_CHECKING:
-    from concurrent.futures import Future, ThreadPoolExecutor
+from .hashing import ContentHasher, block_segments, open_file, open_to_read
+from .onepass import BLOCK
 
 __all__ = [
     "BLOCK",
@@ -64,7 +61,9 @@ __all__ = [
     "hash_contents",
     "kernel_rdev",
     "node_identity",
+    "block_segments",
     "open_file",
+    "open_to_read",
     "read_node",
     "scan_tree",
     "uuid_of",
@@ -79,14 +78,6 @@ _FIRST_INO = 257
 _UUID_NAMESPACE = uuid.UUID("6b1d5c1e-2f3a-5b8e-9c4d-62747264656c")  # "btrdel" namespace
 
 
-#: files up to this size are read with one ``read``; larger ones in pieces of this size
-_WHOLE = 1 << 20
-#: record mode: the hashing threads keep the bytes of files of the sent tree up to this size
-#: (without holes) for the send, at most :data:`KEEP_BUDGET` bytes in all (the smallest
-#: files first: they cost the most system calls per byte)
-KEEP_MAX = 128 << 10
-KEEP_BUDGET = 64 << 20
-_ZERO_VIEW = memoryview(bytes(_WHOLE))
 
 
 @value_class
@@ -393,251 +384,6 @@ def scan_tree(
     if on_entry is not None:
         on_entry(scanner.files, scanner.data)
     return tree
-
-
-def open_file(path: bytes) -> int:
-    """Open a regular file read-only without following symlinks (and without atime update
-    where allowed)."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        return os.open(path, flags | os.O_NOATIME)
-    except PermissionError:
-        return os.open(path, flags)
-
-
-def open_to_read(path: bytes) -> int:
-    """:func:`open_file`, its failure said as the one-line error the send reports.
-
-    Raises:
-        BtrdeltaError: the file cannot be opened (naming ``path``).
-    """
-    try:
-        return open_file(path)
-    except OSError as exc:
-        raise BtrdeltaError(f"cannot read file: {exc.strerror}", path=path) from exc
-
-
-def _hash_file(path: bytes, size: int, buf: bytearray) -> tuple[bytes, int]:
-    """(XXH3-128 of the content, btrfs flags) of one regular file of ``size`` bytes."""
-    xxhash = need("xxhash", "make")
-    fd = open_to_read(path)
-    try:
-        flags = get_fileattr(fd)
-        if size <= _WHOLE:
-            data = os.read(fd, size + 1) if size else b""
-            if len(data) != size:
-                raise BtrdeltaError("file changed while sending (size differs)", path=path)
-            return xxhash.xxh3_128_digest(data), flags
-        h = xxhash.xxh3_128()
-        view = memoryview(buf)
-        pos = 0
-        # holes are hashed as the zeros they read as, without reading them
-        for off, length in [*data_segments(fd, size), (size, 0)]:
-            while pos < off:
-                n = min(_WHOLE, off - pos)
-                h.update(_ZERO_VIEW[:n])
-                pos += n
-            end = off + length
-            while pos < end:
-                n = os.preadv(fd, [view[: min(_WHOLE, end - pos)]], pos)
-                if n <= 0:
-                    raise BtrdeltaError("file changed while sending (short read)", path=path)
-                h.update(view[:n])
-                pos += n
-        if os.pread(fd, 1, size):
-            raise BtrdeltaError("file changed while sending (size differs)", path=path)
-        return h.digest(), flags
-    finally:
-        os.close(fd)
-
-
-
-
-def block_segments(segs: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
-    """Data segments widened to whole 4 KiB blocks (the last one ends at ``size``), merged."""
-    out: list[tuple[int, int]] = []
-    for off, length in segs:
-        a = off - off % BLOCK
-        b = min(size, -(-(off + length) // BLOCK) * BLOCK)
-        if out and a <= out[-1][0] + out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][0] + out[-1][1], b) - out[-1][0])
-        else:
-            out.append((a, b - a))
-    return out
-
-
-def _hash_file_blocks(
-    path: bytes, size: int, buf: bytearray, seed: int, keep: bool = False
-) -> tuple[bytes, int, list[tuple[int, int]], bytes, bytes, bytes | None]:
-    """Record mode: (XXH3-128 digest, flags, block-aligned data segments, seeded XXH3-128 of
-    each 4 KiB block of them, BLAKE3-256 digest, content) of one regular file, read once.
-
-    The content (the bytes hashed) only with ``keep``, of a file without holes of at most
-    :data:`KEEP_MAX` bytes; else None."""
-    fd = open_to_read(path)
-    try:
-        flags = get_fileattr(fd)
-        data = data_segments(fd, size) if size else []
-        segs = block_segments(data, size)
-        if keep and size <= KEEP_MAX and (not size or data == [(0, size)]):
-            content = os.pread(fd, size + 1, 0) if size else b""
-            if len(content) != size:
-                raise BtrdeltaError("file changed while sending (size differs)", path=path)
-            digest, blocks, bdigest = digests_of(content, seed)
-            return digest, flags, segs, blocks, bdigest, content
-        hasher = BlockHasher(seed)
-        view = memoryview(buf)
-        for off, length in segs:
-            pos, end = off, off + length
-            while pos < end:
-                n = os.preadv(fd, [view[: min(_WHOLE, end - pos)]], pos)
-                if n <= 0:
-                    raise BtrdeltaError("file changed while sending (short read)", path=path)
-                hasher.update(pos, view[:n])
-                pos += n
-        if os.pread(fd, 1, size):
-            raise BtrdeltaError("file changed while sending (size differs)", path=path)
-        digest, blocks, bdigest = hasher.finish(size)
-        return digest, flags, segs, blocks, bdigest, None
-    finally:
-        os.close(fd)
-
-
-class ContentHasher:
-    """Reads and hashes the regular files of trees in a thread pool, while the caller goes on.
-
-    :meth:`submit` queues a scanned tree (so hashing the old tree overlaps with scanning the
-    new one), :meth:`wait` finishes. Files go to the workers in batches (big files first);
-    reads release the GIL, so the work spreads over cores.
-
-    Args:
-        workers: thread count (default: the CPU count, at most 4).
-        seed: record mode (a sendshot record is made or read): also the data segments,
-            block digests (XXH3-128 with this seed) and BLAKE3 digest of each file; files
-            whose ``segments`` are already known (taken from a record) are not read.
-
-    In record mode the bytes of small files of a tree submitted with ``keep`` are kept
-    (:meth:`take`, at most :data:`KEEP_BUDGET` bytes not taken yet), so that the send does
-    not open and read them a second time.
-    """
-
-    def __init__(self, workers: int | None = None, seed: int | None = None) -> None:
-        self.seed = seed
-        self.workers = workers or min(4, os.cpu_count() or 1)
-        self._pool: ThreadPoolExecutor | None = None
-        if self.workers > 1:
-            from concurrent.futures import ThreadPoolExecutor  # (not for one worker)
-
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="btrdelta-hash")
-        self._local = threading.local()
-        self._futures: list[Future[int]] = []
-        self._batches: list[tuple[list[tuple[Node, bytes]], bool]] = []
-        self._trees: list[Tree] = []
-        self._kept: dict[int, bytes] = {}
-        self._kept_bytes = 0
-        self._keeping = False
-        self._keep_max = -1
-        self._keep_lock = threading.Lock()
-
-    def _run(self, batch: list[tuple[Node, bytes]], keeping: bool = False) -> int:
-        buf = getattr(self._local, "buf", None)
-        if buf is None:
-            buf = self._local.buf = bytearray(_WHOLE)
-        total = 0
-        seed = self.seed
-        kept, lock = self._kept, self._keep_lock
-        for node, path in batch:
-            if seed is None:
-                node.digest, node.flags = _hash_file(path, node.size, buf)
-            else:
-                keep = keeping and node.size <= self._keep_max and \
-                    self._kept_bytes + node.size <= KEEP_BUDGET
-                (node.digest, node.flags, node.segments, node.blocks, node.bdigest,
-                 content) = _hash_file_blocks(path, node.size, buf, seed, keep)
-                if content is not None:
-                    with lock:
-                        if self._kept_bytes + node.size <= KEEP_BUDGET:
-                            kept[node.id] = content
-                            self._kept_bytes += node.size
-            total += node.size
-        return total
-
-    def take(self, node: Node) -> bytes | None:
-        """The content of ``node`` (of the tree submitted with ``keep``) if it was kept
-        (then no longer), else None."""
-        got = self._kept.pop(node.id, None) if self._kept else None
-        if got is not None:
-            with self._keep_lock:
-                self._kept_bytes -= len(got)
-        return got
-
-    def submit(self, tree: Tree, later: Collection[int] = (), *, keep: bool = False) -> None:
-        """Queue every regular file of ``tree`` (no-op for a hashed or queued tree) but
-        the nodes ``later`` (hashed by whoever reads them: see :class:`BlockHasher`);
-        ``keep``: keep small files' bytes for :meth:`take` (one tree only)."""
-        if tree.hashed or any(t is tree for t in self._trees):
-            return
-        self._trees.append(tree)
-        keeping = keep and self.seed is not None and not self._keeping
-        self._keeping |= keeping
-        jobs = [(n, tree.root + b"/" + n.path) for n in tree.nodes.values()
-                if n.is_reg and n.segments is None and n.id not in later]
-        jobs.sort(key=lambda j: -j[0].size)
-        if keeping:  # the largest size whose files and all smaller ones fit the budget
-            total = 0
-            for node, _path in reversed(jobs):
-                if node.size > KEEP_MAX or total + node.size > KEEP_BUDGET:
-                    break
-                total += node.size
-                self._keep_max = node.size
-        cur: list[tuple[Node, bytes]] = []
-        cur_bytes = 0
-        for job in jobs:
-            cur.append(job)
-            cur_bytes += job[0].size + 16384
-            if cur_bytes >= (8 << 20) or len(cur) >= 256:
-                self._queue(cur, keeping)
-                cur, cur_bytes = [], 0
-        if cur:
-            self._queue(cur, keeping)
-
-    def _queue(self, batch: list[tuple[Node, bytes]], keeping: bool) -> None:
-        if self._pool is None:
-            self._batches.append((batch, keeping))  # one worker: hashed in wait(), here
-        else:
-            self._futures.append(self._pool.submit(self._run, batch, keeping))
-
-    def wait(self, on_bytes: Callable[[int], None] | None = None) -> int:
-        """Wait for every queued file; returns the bytes read.
-
-        Args:
-            on_bytes: called with the total bytes hashed so far, as batches finish.
-
-        Raises:
-            BtrdeltaError: a file cannot be read or changed size since the scan.
-        """
-        done = 0
-        try:
-            for batch, keeping in self._batches:
-                done += self._run(batch, keeping)
-                if on_bytes is not None:
-                    on_bytes(done)
-            for fut in self._futures:
-                done += fut.result()
-                if on_bytes is not None:
-                    on_bytes(done)
-        finally:
-            self.close()
-        for tree in self._trees:
-            tree.hashed = True
-        return done
-
-
-    def close(self) -> None:
-        """Drop queued work and stop the threads (after an error elsewhere)."""
-        self._batches.clear()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class ForkedScan:

@@ -17,15 +17,8 @@ the replication code on top is the same for all of them.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
-import secrets
-import shlex
-import socket
-import ssl
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, Protocol
@@ -36,7 +29,14 @@ from ..protocol import EOF, NEED_DATA, Connection, Message, Refuse
 from ..stream.constants import CMD_HEADER_SIZE
 
 if TYPE_CHECKING:  # (the key functions are imported where TLS is used: not over a pipe)
+    import socket
+    import ssl
+    import subprocess
+
     from ..trust import PrivateKey, PublicKey
+
+# ssl, socket, subprocess and the like are imported where they are used: a receiver over a
+# pipe (``replicate --serve``) needs none of them, and they were a tenth of its start-up
 
 __all__ = [
     "Channel",
@@ -135,7 +135,7 @@ class PipeChannel:
         if self.proc is not None:
             try:
                 self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
+            except __import__("subprocess").TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
             if self.proc.stderr is not None:
@@ -185,6 +185,8 @@ def _writev_all(writev: Callable[[list[memoryview]], int], buffers: Sequence[Any
 
 
 def _spawn(cmd: list[str], name: str) -> PipeChannel:
+    import subprocess
+
     try:
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, bufsize=0)
@@ -218,6 +220,8 @@ def spawn_ssh(target: str, ssh: str = "ssh", remote: str = "btrdelta",
         host, port = hostpart.split(":")
     else:
         host = hostpart
+    import shlex
+
     cmd = shlex.split(ssh)
     if port:
         cmd += ["-p", port]
@@ -230,16 +234,19 @@ class SocketChannel:
     """A connected (TLS or plain) socket."""
 
     def __init__(self, sock: socket.socket, name: str) -> None:
+        import ssl
+
         self.sock, self.name = sock, name
+        self._tls = isinstance(sock, ssl.SSLSocket)
         #: one thread may read while another writes (not on TLS: one SSL object)
-        self.concurrent = not isinstance(sock, ssl.SSLSocket)
+        self.concurrent = not self._tls
 
     def read(self, n: int) -> bytes:
         try:
             return self.sock.recv(n)
         except TimeoutError as exc:
             raise TransportError(f"{self.name}: the peer went silent (timeout)") from exc
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:
             raise TransportError(f"{self.name}: read failed: {exc}") from exc
 
     def readinto(self, buf: Any) -> int:
@@ -248,7 +255,7 @@ class SocketChannel:
             return self.sock.recv_into(buf)
         except TimeoutError as exc:
             raise TransportError(f"{self.name}: the peer went silent (timeout)") from exc
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:
             raise TransportError(f"{self.name}: read failed: {exc}") from exc
 
     def write(self, data: bytes) -> None:
@@ -256,13 +263,13 @@ class SocketChannel:
             self.sock.sendall(data)
         except TimeoutError as exc:
             raise TransportError(f"{self.name}: the peer went silent (timeout)") from exc
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:
             raise TransportError(f"{self.name}: write failed: {exc}") from exc
 
     def writev(self, buffers: Sequence[Any]) -> None:
         """Send ``buffers`` in order (gathered by the kernel on a plain socket; TLS
         encrypts one buffer at a time, so there they are joined)."""
-        if isinstance(self.sock, ssl.SSLSocket):
+        if self._tls:
             self.write(b"".join(buffers))
             return
         try:
@@ -273,7 +280,7 @@ class SocketChannel:
             raise TransportError(f"{self.name}: write failed: {exc}") from exc
 
     def close(self) -> None:
-        with contextlib.suppress(OSError, ssl.SSLError):
+        with contextlib.suppress(OSError):
             self.sock.close()
 
 
@@ -287,6 +294,8 @@ def parse_address(text: str) -> tuple[str, int]:
 
 def check_loopback(host: str) -> None:
     """Refuse unauthenticated TCP anywhere but on a loopback address."""
+    import ipaddress
+
     try:
         if ipaddress.ip_address(host).is_loopback:
             return
@@ -298,6 +307,8 @@ def check_loopback(host: str) -> None:
 
 
 def connect_tcp(host: str, port: int, *, timeout: float) -> socket.socket:
+    import socket
+
     """A TCP connection (TransportError naming the address when it fails)."""
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
@@ -328,6 +339,8 @@ def _cert_files(key: PrivateKey) -> Iterator[tuple[str, str]]:
             .not_valid_before(dt.datetime.fromtimestamp(now - 86400, dt.UTC))
             .not_valid_after(dt.datetime.fromtimestamp(now + 10 * 365 * 86400, dt.UTC))
             .sign(key, None))
+    import tempfile
+
     with tempfile.TemporaryDirectory(prefix="btrdelta-tls-") as d:
         cpath, kpath = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
         with open(cpath, "wb") as f:
@@ -341,6 +354,8 @@ def _cert_files(key: PrivateKey) -> Iterator[tuple[str, str]]:
 
 
 def _context(purpose: ssl.Purpose, key: PrivateKey) -> ssl.SSLContext:
+    import ssl
+
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH
                          else ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -389,11 +404,13 @@ def tls_client(sock: socket.socket, key: PrivateKey, server_key: PublicKey,
     Raises:
         SignatureError: the server's key is not the pinned one, or it refused ours.
     """
+    import ssl
+
     from ..trust import key_id, sign_message
 
     try:
         tls = _context(ssl.Purpose.SERVER_AUTH, key).wrap_socket(sock)
-    except (OSError, ssl.SSLError) as exc:
+    except OSError as exc:
         raise TransportError(f"{name}: TLS handshake failed: {exc}") from exc
     got = _peer_key(tls)
     if _raw(got) != _raw(server_key):
@@ -409,7 +426,7 @@ def tls_client(sock: socket.socket, key: PrivateKey, server_key: PublicKey,
         sig = sign_message(key, _AUTH_CONTEXT + nonce + _raw(server_key) + mine)
         tls.sendall(mine + sig)
         verdict = _recv_exact(tls, 2)
-    except (OSError, ssl.SSLError) as exc:
+    except OSError as exc:
         raise TransportError(f"{name}: authentication failed: {exc}") from exc
     if verdict != b"OK":
         raise SignatureError(f"{name}: the server does not allow key {key_id(key)[:16]}")
@@ -426,17 +443,20 @@ def tls_server(sock: socket.socket, key: PrivateKey, allowed: Sequence[PublicKey
     Raises:
         SignatureError: the client's key is not allowed or its proof does not verify.
     """
+    import secrets
+    import ssl
+
     from ..trust import key_id, parse_public_key, verify_message
 
     try:
         tls = _context(ssl.Purpose.CLIENT_AUTH, key).wrap_socket(sock, server_side=True)
-    except (OSError, ssl.SSLError) as exc:
+    except OSError as exc:
         raise TransportError(f"{name}: TLS handshake failed: {exc}") from exc
     try:
         nonce = secrets.token_bytes(32)
         tls.sendall(_AUTH_MAGIC + nonce)
         answer = _recv_exact(tls, 32 + 64)
-    except (OSError, ssl.SSLError) as exc:
+    except OSError as exc:
         tls.close()
         raise TransportError(f"{name}: authentication failed: {exc}") from exc
     client_raw, sig = answer[:32], answer[32:]
@@ -449,7 +469,7 @@ def tls_server(sock: socket.socket, key: PrivateKey, allowed: Sequence[PublicKey
         verify_message(match[0], _AUTH_CONTEXT + nonce + _raw(key.public_key()) + client_raw,
                        sig, what="client authentication", source=name)
     except BtrdeltaError:
-        with contextlib.suppress(OSError, ssl.SSLError):
+        with contextlib.suppress(OSError):
             tls.sendall(b"NO")
             tls.close()
         raise
