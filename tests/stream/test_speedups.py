@@ -342,3 +342,23 @@ def test_writers_of_both_backends_write_the_same_bytes(version: int) -> None:
         out.append((b"".join(bytes(p) for p in pieces), w.bytes_written, w.records))
     assert out[0] == out[1]
     assert out[0][1] == len(out[0][0])
+
+
+def test_a_c_module_older_than_the_code_runs_the_python_paths(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A build of _speedups without encode_head/buffer (a checkout whose C extension was
+    not rebuilt) writes with the Python encoder and reads into zeroed buffers."""
+    from btrdelta.protocol import Connection
+    from btrdelta.stream import _speedups
+    from btrdelta.update.channels import MessageIO
+
+    monkeypatch.delattr(_speedups, "encode_head")
+    monkeypatch.delattr(_speedups, "buffer")
+    pieces: list[Any] = []
+    w = StreamWriter(pieces.append, 2)
+    w.write(Mkfile(b"f", 257))
+    assert w._head is None
+    assert len(pieces) == 3  # stream header, command header, attributes: not joined
+    io_ = MessageIO(object(), Connection("receiver"))  # type: ignore[arg-type]
+    assert io_._buffer is bytearray

@@ -35,9 +35,9 @@ class StreamWriter:
         self.version = version
         self._need_header = True
         # the C encoder of plain commands when it is live (btrdelta._native), else None
-        speedups = _native.live("speedups")
-        self._head: Callable[[Record, int], Any] | None = (
-            speedups.encode_head if speedups is not None else None)
+        # (getattr: a build of the C module older than this code runs the Python encoder)
+        self._head: Callable[[Record, int], Any] | None = getattr(
+            _native.live("speedups"), "encode_head", None)
         #: bytes written so far
         self.bytes_written = 0
         #: records written so far

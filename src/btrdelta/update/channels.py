@@ -509,8 +509,7 @@ class MessageIO:
         self._writev = getattr(ch, "writev", None)
         # a message's buffer, filled by reads: not zeroed first where the C helper is built
         speedups = _native.live("speedups")
-        self._buffer: Callable[[int], bytearray] = \
-            speedups.buffer if speedups is not None else bytearray
+        self._buffer: Callable[[int], bytearray] = getattr(speedups, "buffer", bytearray)
 
     def send(self, msg: Message) -> None:
         self.ch.write(self.conn.send(msg))
