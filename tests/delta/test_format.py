@@ -466,6 +466,40 @@ def test_cpatch_round_trip() -> None:
     assert (back.path, back.codec, back.old_size, back.old_digest) == (None, 0, 9, b"abcd")
 
 
+@pytest.mark.parametrize("encryption", [None, 0])
+@pytest.mark.parametrize("level", [3, -7, 15])
+def test_penc_round_trip_both_decoders(encryption: int | None, level: int) -> None:
+    """A PENC decodes to the item it was encoded from, by the one-unpack path (the layouts
+    ``delta make`` writes, with and without ENCRYPTION) and by the attribute loop (the
+    same TLVs in another order); a damaged attribute header is refused by the loop, not
+    misread."""
+    import struct
+
+    from btrdelta.delta import encoding
+    from btrdelta.delta.encoding import decode_item, encode_item
+    from btrdelta.delta.format import DCmd, PEncoded
+
+    e = PEncoded(1 << 40, 4096, 131072, 131072, 0, 2, encryption, 4096, level, 0xDEADBEEF)
+    raw = b"".join(bytes(x) for x in encode_item(e, inner=True))
+    assert raw[4] | raw[5] << 8 == DCmd.PENC
+    assert encoding._decode_penc(memoryview(raw), 10, len(raw)) == e
+    assert decode_item(DCmd.PENC, memoryview(raw), 10, len(raw)) == e
+    tlvs = []  # the same TLVs in reverse order: the attribute loop, same item
+    pos = 10
+    while pos < len(raw):
+        n = struct.unpack_from("<H", raw, pos + 2)[0]
+        tlvs.append(raw[pos : pos + 4 + n])
+        pos += 4 + n
+    other = b"".join(reversed(tlvs))
+    assert encoding._decode_penc(memoryview(other), 0, len(other)) is None
+    assert decode_item(DCmd.PENC, memoryview(other), 0, len(other)) == e
+    bad = bytearray(raw)  # a header's length changed: not the usual layout, refused
+    bad[12:14] = (7).to_bytes(2, "little")  # OFFSET's length 8 -> 7
+    assert encoding._decode_penc(memoryview(bad), 10, len(bad)) is None
+    with pytest.raises(StreamFormatError):
+        decode_item(DCmd.PENC, memoryview(bad), 10, len(bad))
+
+
 def test_unchanged_rebuilt_file_is_not_copied(tmp_path: Path) -> None:
     """A large file rebuilt with the same content becomes a 'same' patch without a copy of
     the old file or of the new content: Python allocations during make stay near the one

@@ -110,17 +110,29 @@ class CarrierState:
     _listings: dict[bytes, tuple[list[bytes], dict[bytes, int]] | None] = field(
         default_factory=dict, compare=False
     )
+    #: directory commands followed so far (:func:`_follow`), and the last listing asked
+    #: for: (directory, ``moves`` then, listing); consecutive UNLINKs of one directory
+    #: skip the origin lookup while no directory command came in between
+    moves: int = field(default=0, compare=False)
+    _last: tuple[bytes, int, tuple[list[bytes], dict[bytes, int]] | None] | None = field(
+        default=None, compare=False
+    )
 
     def _listing(self, d: bytes) -> tuple[list[bytes], dict[bytes, int]] | None:
+        last = self._last
+        if last is not None and last[1] == self.moves and last[0] == d:
+            return last[2]
         origin = self.pathmap.origin(d)
-        if origin is None or self.lister is None:
-            return None
-        if origin not in self._listings:
-            names = self.lister(origin)
-            self._listings[origin] = (
-                None if names is None else (names, {n: i for i, n in enumerate(names)})
-            )
-        return self._listings[origin]
+        got: tuple[list[bytes], dict[bytes, int]] | None = None
+        if origin is not None and self.lister is not None:
+            if origin not in self._listings:
+                names = self.lister(origin)
+                self._listings[origin] = (
+                    None if names is None else (names, {n: i for i, n in enumerate(names)})
+                )
+            got = self._listings[origin]
+        self._last = (d, self.moves, got)
+        return got
 
     def unlink_ref(self, path: bytes) -> bytes | None:
         """The OLDREF TLV standing for the PATH of an UNLINK of ``path``, or ``None``;
@@ -417,6 +429,7 @@ def _follow(state: CarrierState, cmd: int, path: bytes, to: bytes | None) -> Non
     """Follow a carried directory command in ``state.pathmap`` (both sides, with
     the fields fold/unfold already have: no second decode)."""
     pm = state.pathmap
+    state.moves += 1
     try:
         if cmd == _RENAME:
             if to is not None:

@@ -29,7 +29,7 @@ from .. import _native
 from ..errors import ChecksumError, StreamFormatError
 from ..stream.constants import CMD_HEADER, CMD_HEADER_SIZE, MAX_PAYLOAD
 from ..stream.crc import crc32c
-from ..stream.framing import Place, legal, max_command
+from ..stream.framing import RECORDS, Place, legal, max_command
 from . import bcj
 from .carrier import CarrierState, unfold
 from .encoding import decode_item
@@ -48,7 +48,7 @@ from .format import (
     codec_refusal,
 )
 
-__all__ = ["GROUP_MAX", "MAX_ZCMDS_RAW", "CarrierReader"]
+__all__ = ["GROUP_COMMANDS", "GROUP_MAX", "MAX_ZCMDS_RAW", "CarrierReader"]
 
 #: largest decompressed size one ZCMDS record may declare
 MAX_ZCMDS_RAW = 64 << 20
@@ -58,9 +58,16 @@ MIN_CARRIER_WINDOW = 32 << 20
 #: carried commands gathered before :meth:`CarrierReader.split` hands them on (bytes, plus
 #: at most one command): what unfolding may hold whatever the carrier declares
 GROUP_MAX = 1 << 20
+#: ... and at most about this many commands (the C path may go past it by one call): a
+#: receive then gets its first records while the rest is unfolded (a delta of an
+#: update begins with thousands of UNLINKs and RENAMEs, unfolded in Python, which the
+#: receiver would otherwise wait for, 0.1 s on the Debian pair)
+GROUP_COMMANDS = 256
 #: compressed bytes fed to the inflater at a time (bounds the output of one call)
 _ZFEED = 1024
 _MAX_CMD = max_command(3)
+#: the btrfs commands a carrier may hold (``legal(cmd, Place.CARRIER)`` as one lookup)
+_CARRIED = frozenset(c for c in RECORDS if legal(c, Place.CARRIER))
 _CRC_FIELD = struct.Struct("<I")
 
 
@@ -169,9 +176,10 @@ class CarrierReader:
         """The records in inflated carrier bytes ``raw`` (which this may modify) of an
         embedded stream of ``version``: delta records decoded, btrfs commands unfolded with
         their CRC (yielded, or with ``grouped`` appended to :attr:`group`). With ``grouped``,
-        ``None`` is yielded whenever the group holds :data:`GROUP_MAX` bytes: the caller
-        takes it (:meth:`take_group`), so memory stays bounded however much the carried
-        commands unfold to."""
+        ``None`` is yielded whenever the group holds :data:`GROUP_MAX` bytes or
+        :data:`GROUP_COMMANDS` commands: the caller takes it (:meth:`take_group`), so
+        memory stays bounded however much the carried commands unfold to, and the first
+        commands go on before the last are unfolded."""
         if not version:
             raise StreamFormatError("btrfs commands before any STREAM record")
         mv = memoryview(raw)
@@ -183,7 +191,7 @@ class CarrierReader:
                 pos, n = fast(raw, pos, self.group, self.state, self._format, limit,
                               _MAX_CMD, GROUP_MAX)
                 self.count += n
-                if len(self.group) >= GROUP_MAX:
+                if len(self.group) >= GROUP_MAX or self.count >= GROUP_COMMANDS:
                     yield None
                     continue
                 if pos >= len(mv):
@@ -203,7 +211,7 @@ class CarrierReader:
                         self.on_head(cmd, view)
                     self.group += view
                     self.count += 1
-                    if len(self.group) >= GROUP_MAX:
+                    if len(self.group) >= GROUP_MAX or self.count >= GROUP_COMMANDS:
                         yield None
             pos = end
 
@@ -227,7 +235,7 @@ class CarrierReader:
     ) -> memoryview:
         """A carried btrfs command, unfolded, with its CRC32C put back."""
         end = pos + CMD_HEADER_SIZE + length
-        if not legal(cmd, Place.CARRIER) or length > limit or end > len(raw):
+        if cmd not in _CARRIED or length > limit or end > len(raw):
             raise StreamFormatError(f"carried command {cmd} of length {length} is invalid")
         if crc != 0:
             raise StreamFormatError(f"carried command {cmd} has a non-zero CRC field")

@@ -42,7 +42,10 @@ def _join(parent: bytes | None, name: bytes) -> bytes | None:
 
 
 def _split(path: bytes) -> list[bytes]:
-    return [c for c in path.split(b"/") if c and c != b"."]
+    comps = path.split(b"/")
+    if b"" in comps or b"." in comps:  # rare: the common path is two scans in C
+        return [c for c in comps if c and c != b"."]
+    return comps
 
 
 class PathMap:
