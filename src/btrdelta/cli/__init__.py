@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import gc
 import importlib
 import os
 import signal
@@ -95,6 +96,10 @@ def build_parser(only: str | None = None, *, listing: bool = False) -> argparse.
     return parser
 
 
+#: container allocations between collections of the youngest generation (``entry``)
+_GC_YOUNG = 20_000
+
+
 def entry() -> NoReturn:
     """The console script (and ``python -m btrdelta``): :func:`main`, then a quick exit.
 
@@ -102,7 +107,15 @@ def entry() -> NoReturn:
     measurable part of receiving a small incremental stream. When nothing is left to
     finalize — no other thread, no ``atexit`` handler — the process exits right after
     standard output and error are flushed.
+
+    The youngest generation of the cycle collector is collected every
+    :data:`_GC_YOUNG` container allocations instead of 700: records waiting in a
+    receive's queue of batches were traversed again at every collection (receive of the
+    Debian ``--compressed-data`` delta, three runs at load 6: 150 collections holding
+    the GIL 43-78 ms, then 3 collections, 18-21 ms; the garbage found is the same, ~1,280
+    objects; peak RSS of ``delta expand`` of it +5 MB).
     """
+    gc.set_threshold(_GC_YOUNG, *gc.get_threshold()[1:])
     code = main()
     try:
         sys.stdout.flush()
