@@ -13,7 +13,8 @@ whatever the input declares: a patched file's old and new content, one ZCMDS's i
 (≤ 64 MiB by the format) and the carrier's zstd window may each be that large, no more;
 the zstd carrier is inflated piecewise (a hostile ZCMDS cannot expand beyond its declared
 length by more than a bounded amount) and its commands are unfolded and handed on
-:data:`~.unpack.GROUP_MAX` (1 MiB) at a time, however much they unfold to.
+:data:`~.unpack.GROUP_MAX` (1 MiB, or :data:`~.unpack.GROUP_COMMANDS` commands) at a time,
+however much they unfold to.
 
 An ENCODED_WRITE regenerated from a PENC is recompressed in a worker thread while the
 records after it are parsed; outputs still come out in stream order: those behind an
