@@ -1,9 +1,9 @@
 """Build hook for the optional C accelerators; all metadata lives in pyproject.toml.
 
-``btrdelta.stream._speedups``, ``btrdelta.receive._fastapply``, ``btrdelta.delta._unfold``
-and ``btrdelta.chunk._buzhash`` are optional: without a C compiler or Python headers the
-build skips them and btrdelta runs on its pure-Python code paths. All four include
-``src/btrdelta/_constants.h``, generated from the Python tables by
+``btrdelta.stream._speedups``, ``btrdelta.receive._fastapply``, ``btrdelta.delta._unfold``,
+``btrdelta.chunk._buzhash`` and ``btrdelta.tree._treewalk`` are optional: without a C
+compiler or Python headers the build skips them and btrdelta runs on its pure-Python code
+paths. They include ``src/btrdelta/_constants.h``, generated from the Python tables by
 ``scripts/gen_constants.py``.
 """
 
@@ -25,5 +25,8 @@ setup(
                   extra_compile_args=_FLAGS, **_SHARED),  # type: ignore[arg-type]
         Extension("btrdelta.chunk._buzhash", ["src/btrdelta/chunk/_buzhash.c"],
                   extra_compile_args=_FLAGS, **_SHARED),  # type: ignore[arg-type]
+        Extension("btrdelta.tree._treewalk", ["src/btrdelta/tree/_treewalk.c"],
+                  extra_compile_args=[*_FLAGS, "-D_GNU_SOURCE"],
+                  **_SHARED),  # type: ignore[arg-type]
     ]
 )

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,7 @@ def _live_in(dest: Path) -> dict[str, bool]:
         "fastapply": fast,
         "unfold": CarrierReader(None)._unfold_c is not None,
         "buzhash": _buzhash_runs_c(),
+        "treewalk": _treewalk_runs_c(dest),
     }
 
 
@@ -54,6 +56,29 @@ def _buzhash_runs_c() -> bool:
     return not calls
 
 
+def _treewalk_runs_c(dest: Path) -> bool:
+    """Whether an incremental tree-sum walks in C now (the Python walk not called)."""
+    from btrdelta.stream.records import Snapshot
+    from btrdelta.tree import incremental, treesum
+
+    calls: list[int] = []
+    real = treesum._walk
+
+    def spy(root: bytes) -> Iterator[tuple[bytes, bytes, os.stat_result]]:
+        calls.append(1)
+        return real(root)
+
+    parent = incremental.verified_digests(dest)
+    changes = incremental.Changes()
+    changes.feed(Snapshot(b"x", uuid.uuid4(), 1, uuid.uuid4(), 1))
+    treesum._walk = spy  # type: ignore[assignment]
+    try:
+        changes.tree_sum(dest, parent)
+    finally:
+        treesum._walk = real  # type: ignore[assignment]
+    return not calls
+
+
 def test_one_setting_picks_every_accelerator() -> None:
     assert _native.BACKEND == "c"
     assert _native.backends() == dict.fromkeys(_native.ACCELERATORS, "c")
@@ -67,9 +92,9 @@ def test_one_setting_picks_every_accelerator() -> None:
         out[value] = subprocess.run([sys.executable, "-c", code], env={**env, **extra},
                                     capture_output=True, text=True, check=True).stdout.split()
     assert out[None] == out["0"]
-    assert out[None][:6] == ["c", "['c',", "'c',", "'c',", "'c']", "c"]
-    assert out["1"] == ["python", "['python',", "'python',", "'python',", "'python']", "python",
-                        "crc32c", "package"]
+    assert out[None][:7] == ["c", "['c',", "'c',", "'c',", "'c',", "'c']", "c"]
+    assert out["1"] == ["python", "['python',", "'python',", "'python',", "'python',",
+                        "'python']", "python", "crc32c", "package"]
 
 
 def test_use_backend_reaches_objects_made_inside(tmp_path: Path) -> None:
@@ -80,13 +105,13 @@ def test_use_backend_reaches_objects_made_inside(tmp_path: Path) -> None:
         assert _live_in(tmp_path) == dict.fromkeys(_native.ACCELERATORS, False)
         with _native.use_backend("c", "unfold"):
             assert _live_in(tmp_path) == {"speedups": False, "fastapply": False, "unfold": True,
-                                          "buzhash": False}
+                                          "buzhash": False, "treewalk": False}
     assert _native.BACKEND == "c"
     with _native.use_backend("python", "fastapply"):
         assert _native.BACKEND == "c"
         assert _native.backends()["fastapply"] == "python"
         assert _live_in(tmp_path) == {"speedups": True, "fastapply": False, "unfold": True,
-                                      "buzhash": True}
+                                      "buzhash": True, "treewalk": True}
     assert _live_in(tmp_path) == dict.fromkeys(_native.ACCELERATORS, True)
 
 

@@ -1,6 +1,6 @@
 """The one switch between btrdelta's C accelerators and its pure-Python code (floor 0).
 
-Four optional C modules are built when a compiler is present:
+Five optional C modules are built when a compiler is present:
 
 =============  ==============================  ===============================================
 name           module                          what it runs instead of the Python code
@@ -10,9 +10,12 @@ name           module                          what it runs instead of the Pytho
 ``fastapply``  ``btrdelta.receive._fastapply`` the receive applier's common commands
 ``unfold``     ``btrdelta.delta._unfold``      unfolding the delta carrier's common commands
 ``buzhash``    ``btrdelta.chunk._buzhash``     casync's chunker (cut points of a seed)
+``treewalk``   ``btrdelta.tree._treewalk``     the walk of an incremental tree-sum (lstat of
+                                               every entry, lines taken or restated from the
+                                               parent's)
 =============  ==============================  ===============================================
 
-One setting picks the backend of all four: ``BTRDELTA_PURE_PYTHON=1`` makes it
+One setting picks the backend of all five: ``BTRDELTA_PURE_PYTHON=1`` makes it
 ``"python"``, otherwise it is ``"c"`` and every accelerator that is built is used. This
 module reads that variable once, at import: it is the only module besides ``cli`` that reads
 the environment. The Python code stays the reference: it handles what the C code hands
@@ -24,7 +27,7 @@ every object made after it::
 
     from btrdelta import _native
 
-    with _native.use_backend("python"):          # all four
+    with _native.use_backend("python"):          # all five
         ...
     with _native.use_backend("python", "fastapply"):   # only the applier's
         ...
@@ -67,6 +70,7 @@ ACCELERATORS: Final[dict[str, str]] = {
     "fastapply": "btrdelta.receive._fastapply",
     "unfold": "btrdelta.delta._unfold",
     "buzhash": "btrdelta.chunk._buzhash",
+    "treewalk": "btrdelta.tree._treewalk",
 }
 
 #: the backend asked for: ``"python"`` when ``BTRDELTA_PURE_PYTHON`` is set (not ``0``),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -278,3 +279,164 @@ def test_a_large_written_file_is_hashed_from_its_ranges_while_the_walk_goes_on(
     assert not [p for p in hashed if os.path.basename(p) in (b"big", b"moved")]
     assert got.identity == tree_sum(new)
     assert sorted(t.startswith("btrdelta-overlay") for t in threads) == [False, True]
+
+
+# -- on a btrfs snapshot: the C walk (tree/_treewalk.c) takes lines from the parent ---------
+
+
+def _subvol_parent(mnt: Path) -> Path:
+    """The parent tree of :func:`_parent` made as a subvolume of ``mnt``."""
+    from btrdelta.fs.btrfs import create_subvolume
+
+    fd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        create_subvolume(fd, b"parent")
+    finally:
+        os.close(fd)
+    src = _parent(mnt / "src")
+    for p in sorted(src.rglob("*")):
+        rel = p.relative_to(src)
+        if p.is_dir():
+            (mnt / "parent" / rel).mkdir()
+        elif os.lstat(p).st_nlink > 1 and rel.name == "h2":
+            os.link(mnt / "parent" / rel.with_name("h1"), mnt / "parent" / rel)
+        else:
+            (mnt / "parent" / rel).write_bytes(p.read_bytes())
+    os.setxattr(mnt / "parent" / "top", "user.a", b"1")
+    os.symlink("d/f", mnt / "parent" / "link")
+    root = mnt / "parent"
+    for p in [*sorted(root.rglob("*"), reverse=True), root]:
+        os.utime(p, ns=(T, T), follow_symlinks=False)
+    return root
+
+
+def _snapshot(mnt: Path, parent: Path, name: str) -> Path:
+    from btrdelta.fs.btrfs import create_snapshot
+
+    dfd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+    sfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        create_snapshot(dfd, name.encode(), sfd)
+    finally:
+        os.close(sfd)
+        os.close(dfd)
+    return mnt / name
+
+
+@pytest.fixture(scope="module")
+def btrfs_mnt() -> Iterator[Path]:
+    from tests.conftest import btrfs_loop
+
+    with btrfs_loop() as mnt:
+        yield mnt
+
+
+def _derived(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """[lines taken whole or restated by the C walk, entries handed back], counted."""
+    from btrdelta import _native
+
+    walk = _native.live("treewalk")
+    assert walk is not None, "the C walk is not built"
+    counts = [0, 0]
+
+    class Spy:
+        @staticmethod
+        def derive(*args: object) -> list[tuple[bytes, object, object]]:
+            out = walk.derive(*args)
+            for _rel, _key, got in out:
+                counts[got is None] += 1
+            return out
+
+    monkeypatch.setattr(_native, "live", lambda name: Spy if name == "treewalk" else None)
+    return counts
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_on_a_snapshot_the_c_walk_gives_the_full_sum(btrfs_mnt: Path, case: str,
+                                                     hashed: list[bytes],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every mtime is put back after the records (so every ctime moved): the lines of
+    untouched inodes are restated from the parent's, not read; the result is the full
+    tree-sum's, and the pure-Python walk gives the same digests."""
+    from btrdelta import _native
+
+    mnt = btrfs_mnt / case.replace(" ", "-").replace(",", "")
+    mnt.mkdir()
+    parent = _subvol_parent(mnt)
+    digests = verified_digests(parent)
+    new = _snapshot(mnt, parent, "new")
+    changes = Changes()
+    _apply(new, changes, [_snap(), *CASES[case]])
+    hashed.clear()
+    with _native.use_backend("python", "treewalk"):
+        py = changes.tree_sum(new, digests)
+    counts = _derived(monkeypatch)
+    got = changes.tree_sum(new, digests)
+    read = {os.path.relpath(p, os.fsencode(new)) for p in hashed}
+    assert got.identity == py.identity == tree_sum(new)
+    assert got.entries == py.entries
+    assert counts[0] >= 5  # ".", "d", "e", "link", "top" at least: none of them read
+    assert b"top" not in read or case == "xattr only"
+    assert OVERLAID.get(case) not in read
+
+
+def test_on_a_snapshot_a_parent_changed_after_it_was_hashed_is_read_again(
+        btrfs_mnt: Path, hashed: list[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parent changed behind the update's back after it was hashed, before its
+    snapshot (same size, mtime put back): the C walk finds its ctime moved, the file is read,
+    and the sum is the new tree's, not the parent's digests'. A symlink, an xattr and a
+    directory's mode changed the same way are read again too."""
+    mnt = btrfs_mnt / "changed"
+    mnt.mkdir()
+    parent = _subvol_parent(mnt)
+    digests = verified_digests(parent)
+    with open(parent / "e/keep", "r+b") as f:
+        f.write(b"changed")
+    os.setxattr(parent / "top", "user.a", b"2")
+    os.unlink(parent / "link")
+    os.symlink("d/g", parent / "link")
+    os.chmod(parent / "d", 0o700)
+    for p in (parent / "e/keep", parent / "top", parent / "link", parent / "d"):
+        os.utime(p, ns=(T, T), follow_symlinks=False)
+    new = _snapshot(mnt, parent, "new")
+    changes = Changes()
+    _apply(new, changes, [_snap()])
+    counts = _derived(monkeypatch)
+    hashed.clear()
+    got = changes.tree_sum(new, digests)
+    assert got.identity == tree_sum(new) != digests.identity
+    assert b"keep" in [os.path.basename(p) for p in hashed]
+    assert counts[1] >= 4
+
+
+def test_the_c_walk_follows_the_python_walk_order_and_skips(btrfs_mnt: Path) -> None:
+    """Entries in treesum._walk's order with its keys; a nested subvolume and the empty
+    stub a snapshot leaves of it are skipped; a parent root that does not exist gives
+    no lines."""
+    from btrdelta import _native
+    from btrdelta.fs.btrfs import create_subvolume
+
+    walk = _native.live("treewalk")
+    assert walk is not None
+    mnt = btrfs_mnt / "order"
+    mnt.mkdir()
+    parent = _subvol_parent(mnt)
+    (parent / "b c").mkdir()
+    (parent / "b c" / "z").write_bytes(b"z")
+    (parent / "a").mkdir()
+    fd = os.open(parent / "a", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        create_subvolume(fd, b"nested")
+    finally:
+        os.close(fd)
+    (parent / "a" / "nested" / "x").write_bytes(b"x")
+    new = _snapshot(mnt, parent, "new")  # a/nested: an empty stub (inode 2) in the snapshot
+    for tree in (parent, new):
+        want = [(rel, incremental._key(st)) for rel, _full, st in treesum._walk(
+            os.fsencode(tree))]
+        got = walk.derive(os.fsencode(tree), os.fsencode(mnt / "none"), {}, set(), set())
+        assert [(rel, key) for rel, key, _got in got] == want
+        assert {g for _r, _k, g in got} == {None}
+        assert b"a/nested" not in {rel for rel, _k, _g in got}
+    with pytest.raises(FileNotFoundError):
+        walk.derive(os.fsencode(mnt / "none"), os.fsencode(parent), {}, set(), set())

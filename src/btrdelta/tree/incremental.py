@@ -43,11 +43,13 @@ import stat
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from .. import _native
 from .. import stream as _s
 from .overlay import Overlay, overlay_digest
 from .pathmap import PathMap
-from .treesum import Entry, manifest_sum, tree_manifest
+from .treesum import Entry, EntryMaker, Known, Reuse, manifest_sum, restated, tree_manifest
 
 __all__ = ["Changes", "Digests", "verified_digests"]
 
@@ -210,11 +212,41 @@ class Changes:
                 return None
             return (entry, st.st_ino == key[0]) if now == key[:4] else None
 
+        walk = _native.live("treewalk") if usable else None
         try:
-            return _digests(path, tree_manifest(path, reuse=reuse, known=known), keys)
+            if walk is None:
+                return _digests(path, tree_manifest(path, reuse=reuse, known=known), keys)
+            return _digests(path, self._walk_c(walk, new_root, root, parent, reuse, known,
+                                               keys), keys)
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
+
+    def _walk_c(self, walk: Any, new_root: bytes, root: bytes, parent: Digests,
+                reuse: Reuse, known: Known, keys: dict[bytes, _Key]) -> list[Entry]:
+        """The manifest of ``new_root`` by the C walk (``_treewalk.derive``): it lstat()s
+        every entry and gives the parent's entry for an untouched inode (``known``'s rule),
+        or the entry's line for a file, directory or symlink at the same path with the same
+        inode, no record on its content or xattrs, one link, and a parent entry still as it
+        was hashed (``reuse``'s rule, in a snapshot); the others are made here as
+        :func:`~.treesum.tree_manifest` makes them, with ``reuse`` and ``known``."""
+        entries = parent.entries
+        held = self._paths.moved()  # paths whose origin may not be themselves
+        maker = EntryMaker(False, False, frozenset(), reuse, known)
+        out = maker.out
+        try:
+            for rel, key, got in walk.derive(new_root, root, entries, set(self._dirty),
+                                             held):
+                if got is None:
+                    full = os.path.join(new_root, rel)
+                    maker.add(rel, full, os.lstat(full))  # (known() keeps its key)
+                    continue
+                keys[rel] = key
+                out.append(restated(entries[rel][0], key, got) if type(got) is bytes
+                           else got)
+            return maker.finish()
+        finally:
+            maker.close()
 
     def _overlay_early(self, pool: ThreadPoolExecutor, new_root: bytes, parent: Digests
                        ) -> dict[bytes, tuple[Future[str | None], _Stamp]]:

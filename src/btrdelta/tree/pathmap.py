@@ -90,6 +90,23 @@ class PathMap:
             node = child
         return base
 
+    def moved(self) -> set[bytes]:
+        """The current paths whose inode, and everything below them, may not be the one at
+        the same path in the parent snapshot (``origin(p) != p`` for them and, unless they
+        were named again, for every path below): the names the stream created, removed,
+        renamed or linked. Any other path ``p`` has ``origin(p) == p``."""
+        out: set[bytes] = set()
+        stack: list[tuple[bytes, _Node]] = [(b"", self._root)]
+        while stack:
+            path, node = stack.pop()
+            for name, child in node.children.items():
+                here = path + b"/" + name if path else name
+                if child.origin != here:
+                    out.add(here)
+                else:
+                    stack.append((here, child))
+        return out
+
     # -- updates -----------------------------------------------------------------------
 
     def _node(self, path: bytes) -> tuple[_Node, bytes]:

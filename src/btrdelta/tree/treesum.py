@@ -26,8 +26,8 @@ import blake3
 
 from ..fs.copy import data_segments
 
-__all__ = ["Entry", "Known", "Reuse", "diff_manifests", "manifest_sum", "tree_manifest",
-           "tree_sum"]
+__all__ = ["Entry", "EntryMaker", "Known", "Reuse", "diff_manifests", "manifest_sum",
+           "restated", "tree_manifest", "tree_sum"]
 
 #: ``reuse(relative path, lstat)`` of any entry: ``(entry, same)``, an entry of an earlier
 #: walk whose content digest (of a file of the same size) this one still has and, with
@@ -107,6 +107,24 @@ class Entry:
         if self.layout is not None:
             parts.append("layout=" + ",".join(f"{a}+{n}" for a, n in self.layout))
         return " ".join(parts)
+
+
+def restated(entry: Entry, key: tuple[int, ...], record: bytes) -> Entry:
+    """``entry`` with the mode, uid, gid and mtime of lstat ``key`` (inode, size, mtime ns,
+    ctime ns, mode, uid, gid, link count: :mod:`.incremental`'s key) and ``record``, its
+    line made for those fields (by the C walk of :mod:`.incremental`): the same value as
+    :func:`dataclasses.replace` gives, without formatting the line again (a copy of the
+    instance's fields, a few times cheaper than the constructor)."""
+    new = object.__new__(Entry)
+    fields = new.__dict__
+    fields.update(entry.__dict__)
+    fields["mode"] = key[4]
+    fields["uid"] = key[5]
+    fields["gid"] = key[6]
+    fields["mtime_ns"] = key[2]
+    fields["extra"] = {}
+    fields["_record"] = record
+    return new
 
 
 def _show(b: bytes) -> str:
@@ -213,6 +231,89 @@ def _walk(root: bytes) -> Iterator[tuple[bytes, bytes, os.stat_result]]:
         stack.extend(reversed(subdirs))
 
 
+class EntryMaker:
+    """The entries of one walk, made one at a time (:func:`tree_manifest`'s body; also
+    :meth:`btrdelta.tree.incremental.Changes.tree_sum`'s for the entries its C walk hands
+    back): content, link groups, extended attributes; large files hashed in worker threads
+    (:meth:`finish` puts their digests in)."""
+
+    def __init__(self, holes: bool, ignore_root_mtime: bool, exclude: frozenset[bytes],
+                 reuse: Reuse | None, known: Known | None) -> None:
+        self.holes = holes
+        self.ignore_root_mtime = ignore_root_mtime
+        self.exclude = exclude
+        self.reuse = reuse
+        self.known = known
+        self.groups: dict[int, bytes] = {}
+        self.out: list[Entry] = []
+        self.hashing: list[tuple[int, Future[tuple[str, tuple[tuple[int, int], ...] | None]]]]
+        self.hashing = []
+        self.pool: ThreadPoolExecutor | None = None
+
+    def add(self, rel: bytes, full: bytes, st: os.stat_result) -> None:
+        """Make the entry of ``rel`` (absolute path ``full``, lstat ``st``) and append it."""
+        out, known, holes = self.out, self.known, self.holes
+        if known is not None:
+            same = known(rel, st)
+            if same is not None and (st.st_nlink == 1 or stat.S_ISDIR(st.st_mode)):
+                out.append(same)
+                return
+        mode = st.st_mode
+        kind = _kind(mode)
+        mtime: int | None = st.st_mtime_ns
+        if rel == b"." and self.ignore_root_mtime:
+            mtime = None
+        size = digest = target = rdev = nlink = group = None
+        layout = None
+        base = whole = None
+        if self.reuse is not None:
+            found = self.reuse(rel, st)
+            if found is not None and found[0].kind == kind:
+                base = found[0]
+                whole = base if found[1] else None
+        if kind == "f":
+            size = st.st_size
+            if base is not None and base.size == size:
+                digest = base.digest
+            if digest is None and not holes and size >= _POOL_SIZE and _WORKERS > 1:
+                if self.pool is None:
+                    self.pool = ThreadPoolExecutor(_WORKERS, "btrdelta-treesum")
+                self.hashing.append((len(out), self.pool.submit(_file_digest, full, size,
+                                                                False)))
+            elif digest is None:
+                digest, layout = _file_digest(full, st.st_size, holes)
+        elif kind == "l":
+            target = whole.target if whole is not None else os.readlink(full)
+        elif kind in "cb":
+            rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+        if kind != "d":
+            nlink = st.st_nlink
+            if st.st_nlink > 1:
+                group = self.groups.setdefault(st.st_ino, rel)
+                if group == rel:
+                    group = None
+        if whole is not None:
+            xattrs = whole.xattrs
+        else:
+            xattrs = _xattrs(full, self.exclude) if kind != "s" else ()
+        out.append(
+            Entry(rel, kind, mode, st.st_uid, st.st_gid, mtime, size, digest, target,
+                  rdev, nlink, group, xattrs, layout)
+        )
+
+    def finish(self) -> list[Entry]:
+        """The entries, with the digests hashed in threads."""
+        out = self.out
+        for i, fut in self.hashing:
+            out[i] = replace(out[i], digest=fut.result()[0])
+        return out
+
+    def close(self) -> None:
+        """Stop the worker threads (those not started are cancelled)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def tree_manifest(
     path: str | os.PathLike[str] | bytes,
     *,
@@ -231,66 +332,13 @@ def tree_manifest(
     the tree. Large files are hashed in worker threads while the walk goes on."""
     if (reuse is not None or known is not None) and holes:
         raise ValueError("reuse gives content digests, not layouts")
-    root = os.fsencode(path)
-    exclude = frozenset(exclude_xattrs)
-    groups: dict[int, bytes] = {}
-    out: list[Entry] = []
-    hashing: list[tuple[int, Future[tuple[str, tuple[tuple[int, int], ...] | None]]]] = []
-    pool: ThreadPoolExecutor | None = None
+    maker = EntryMaker(holes, ignore_root_mtime, frozenset(exclude_xattrs), reuse, known)
     try:
-        for rel, full, st in _walk(root):
-            if known is not None:
-                same = known(rel, st)
-                if same is not None and (st.st_nlink == 1 or stat.S_ISDIR(st.st_mode)):
-                    out.append(same)
-                    continue
-            mode = st.st_mode
-            kind = _kind(mode)
-            mtime: int | None = st.st_mtime_ns
-            if rel == b"." and ignore_root_mtime:
-                mtime = None
-            size = digest = target = rdev = nlink = group = None
-            layout = None
-            base = whole = None
-            if reuse is not None:
-                found = reuse(rel, st)
-                if found is not None and found[0].kind == kind:
-                    base = found[0]
-                    whole = base if found[1] else None
-            if kind == "f":
-                size = st.st_size
-                if base is not None and base.size == size:
-                    digest = base.digest
-                if digest is None and not holes and size >= _POOL_SIZE and _WORKERS > 1:
-                    if pool is None:
-                        pool = ThreadPoolExecutor(_WORKERS, "btrdelta-treesum")
-                    hashing.append((len(out), pool.submit(_file_digest, full, size, False)))
-                elif digest is None:
-                    digest, layout = _file_digest(full, st.st_size, holes)
-            elif kind == "l":
-                target = whole.target if whole is not None else os.readlink(full)
-            elif kind in "cb":
-                rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
-            if kind != "d":
-                nlink = st.st_nlink
-                if st.st_nlink > 1:
-                    group = groups.setdefault(st.st_ino, rel)
-                    if group == rel:
-                        group = None
-            if whole is not None:
-                xattrs = whole.xattrs
-            else:
-                xattrs = _xattrs(full, exclude) if kind != "s" else ()
-            out.append(
-                Entry(rel, kind, mode, st.st_uid, st.st_gid, mtime, size, digest, target,
-                      rdev, nlink, group, xattrs, layout)
-            )
-        for i, fut in hashing:
-            out[i] = replace(out[i], digest=fut.result()[0])
+        for rel, full, st in _walk(os.fsencode(path)):
+            maker.add(rel, full, st)
+        return maker.finish()
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-    return out
+        maker.close()
 
 
 def tree_sum(

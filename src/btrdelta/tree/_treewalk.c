@@ -1,0 +1,500 @@
+/*
+ * btrdelta.tree._treewalk: the walk of an incremental tree-sum (tree/incremental.py), in C.
+ *
+ * derive(root, parent_root, parent, hold, hold_tree) walks the tree at root in the order of
+ * treesum._walk (a directory's entries sorted by name, then each subdirectory's contents in
+ * that order; entries on another device and btrfs's empty-subvolume stubs skipped), lstat()
+ * of every entry relative to its directory's descriptor, and returns a list of
+ * (relative path, key, got) in that order; key is the tuple incremental._key makes
+ * (inode, size, mtime ns, ctime ns, mode, uid, gid, link count) and got says what the
+ * parent's digests (parent: relative path -> (Entry, key), the tree at parent_root
+ * hashed earlier) give for the entry:
+ *
+ *   - the parent's Entry itself: same path, same key (ctime included: the very inode,
+ *     untouched since it was hashed), one link or a directory;
+ *   - bytes, the entry's manifest line: a regular file, directory or symlink at the same
+ *     path with the same inode number (a btrfs snapshot keeps them), one link in both trees
+ *     (a file: the same size), whose parent entry still has the inode, size, mtime and ctime
+ *     it was hashed with (fstatat() in the parent tree): content digest, symlink target
+ *     and extended attributes are the parent's, and mode, uid, gid, mtime and size are
+ *     this lstat's (the parent's line with those fields written again);
+ *   - None: anything else (a path in hold or below a path of hold_tree: the stream wrote
+ *     it or changed names there; other kinds, hard links, no parent entry): the caller
+ *     works it out (incremental.Changes.tree_sum, the reference, which handles every
+ *     entry this way when this module is not built).
+ *
+ * Raises OSError where treesum._walk would (a directory that cannot be listed, an entry
+ * gone between listing and lstat).
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+typedef struct {
+    PyObject *parent;    /* dict: rel -> (Entry, key) */
+    PyObject *hold;      /* set of rel */
+    PyObject *hold_tree; /* set of rel (and everything below) */
+    PyObject *out;       /* list of (rel, key, got) */
+    PyObject *record;    /* "record" */
+    dev_t dev;
+} Walk;
+
+static int cmp_names(const void *a, const void *b) {
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+static PyObject *make_key(const struct stat *st) {
+    return Py_BuildValue("(KLLLIIIK)", (unsigned long long)st->st_ino, (long long)st->st_size,
+                         (long long)st->st_mtim.tv_sec * 1000000000LL + st->st_mtim.tv_nsec,
+                         (long long)st->st_ctim.tv_sec * 1000000000LL + st->st_ctim.tv_nsec,
+                         (unsigned)st->st_mode, (unsigned)st->st_uid, (unsigned)st->st_gid,
+                         (unsigned long long)st->st_nlink);
+}
+
+static int key_at(PyObject *key, Py_ssize_t i, long long *out) {
+    PyObject *v = PyTuple_GET_ITEM(key, i);
+    long long x = PyLong_AsLongLong(v);
+    if (x == -1 && PyErr_Occurred())
+        return -1;
+    *out = x;
+    return 0;
+}
+
+/* Whether a token of a manifest line is one of the fields taken from the lstat. */
+static int stat_field(const char *t, Py_ssize_t n) {
+    static const char *names[] = {"mode=", "uid=", "gid=", "mtime=", "size="};
+    for (size_t k = 0; k < sizeof names / sizeof *names; k++) {
+        size_t len = strlen(names[k]);
+        if ((size_t)n >= len && memcmp(t, names[k], len) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+/* The manifest line of the entry: the parent's line with mode, uid, gid, mtime (and for a
+ * file, size) from st. NULL with an exception set on failure; Py_None (new reference) when
+ * the parent's line does not have the expected shape. */
+static PyObject *derived_line(PyObject *line, const struct stat *st, int is_file) {
+    const char *s = PyBytes_AS_STRING(line);
+    Py_ssize_t n = PyBytes_GET_SIZE(line), i = 0, tok = 0, head = -1;
+    /* the path and kind tokens, then the stat fields; the rest is kept */
+    while (i < n) {
+        Py_ssize_t j = i;
+        while (j < n && s[j] != ' ' && s[j] != '\n')
+            j++;
+        if (tok == 2 && head < 0)
+            head = i - 1; /* the space before the third token */
+        if (tok >= 2 && !stat_field(s + i, j - i))
+            break;
+        tok++;
+        i = j;
+        if (i < n && s[i] == ' ')
+            i++;
+        else
+            break;
+    }
+    if (head < 0 || tok < 2)
+        Py_RETURN_NONE;
+    /* i: start of the first kept token, or the newline */
+    Py_ssize_t tail = i;
+    if (tail > 0 && s[tail - 1] == ' ')
+        tail--; /* keep the space before the kept token */
+    char fields[160];
+    int len;
+    long long mtime = (long long)st->st_mtim.tv_sec * 1000000000LL + st->st_mtim.tv_nsec;
+    if (is_file)
+        len = snprintf(fields, sizeof fields, " mode=%o uid=%u gid=%u mtime=%lld size=%lld",
+                       (unsigned)st->st_mode, (unsigned)st->st_uid, (unsigned)st->st_gid,
+                       mtime, (long long)st->st_size);
+    else
+        len = snprintf(fields, sizeof fields, " mode=%o uid=%u gid=%u mtime=%lld",
+                       (unsigned)st->st_mode, (unsigned)st->st_uid, (unsigned)st->st_gid,
+                       mtime);
+    if (len < 0 || (size_t)len >= sizeof fields)
+        Py_RETURN_NONE;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, head + len + (n - tail));
+    if (out == NULL)
+        return NULL;
+    char *o = PyBytes_AS_STRING(out);
+    memcpy(o, s, head);
+    memcpy(o + head, fields, len);
+    memcpy(o + head + len, s + tail, n - tail);
+    return out;
+}
+
+static int contains(PyObject *set, PyObject *rel) {
+    return set == Py_None ? 0 : PySet_Contains(set, rel);
+}
+
+/* What the parent gives for one entry (see the file comment): a new reference to the
+ * parent's Entry, a bytes line or None; NULL with an exception. */
+static PyObject *lookup(Walk *w, PyObject *rel, const struct stat *st, PyObject *key,
+                        const struct stat *parent_st) {
+    PyObject *found = PyDict_GetItemWithError(w->parent, rel);
+    if (found == NULL) {
+        if (PyErr_Occurred())
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    if (!PyTuple_Check(found) || PyTuple_GET_SIZE(found) != 2)
+        Py_RETURN_NONE;
+    PyObject *entry = PyTuple_GET_ITEM(found, 0), *pkey = PyTuple_GET_ITEM(found, 1);
+    if (!PyTuple_Check(pkey) || PyTuple_GET_SIZE(pkey) != 8)
+        Py_RETURN_NONE;
+    int is_dir = S_ISDIR(st->st_mode), is_file = S_ISREG(st->st_mode);
+    int eq = PyObject_RichCompareBool(pkey, key, Py_EQ);
+    if (eq < 0)
+        return NULL;
+    if (eq && (st->st_nlink == 1 || is_dir)) {
+        Py_INCREF(entry);
+        return entry;
+    }
+    if (!is_dir && !is_file && !S_ISLNK(st->st_mode))
+        Py_RETURN_NONE;
+    long long ino, size, mtime, ctime, mode, nlink;
+    if (key_at(pkey, 0, &ino) || key_at(pkey, 1, &size) || key_at(pkey, 2, &mtime) ||
+        key_at(pkey, 3, &ctime) || key_at(pkey, 4, &mode) || key_at(pkey, 7, &nlink))
+        return NULL;
+    if ((unsigned long long)ino != (unsigned long long)st->st_ino ||
+        ((mode_t)mode & S_IFMT) != (st->st_mode & S_IFMT))
+        Py_RETURN_NONE;
+    if (!is_dir && (st->st_nlink != 1 || nlink != 1))
+        Py_RETURN_NONE;
+    if (is_file && size != (long long)st->st_size)
+        Py_RETURN_NONE;
+    /* the parent's entry as it was hashed: inode, size, mtime, ctime */
+    const struct stat *pst = parent_st;
+    if (pst == NULL)
+        Py_RETURN_NONE;
+    if ((unsigned long long)pst->st_ino != (unsigned long long)ino ||
+        (long long)pst->st_size != size ||
+        (long long)pst->st_mtim.tv_sec * 1000000000LL + pst->st_mtim.tv_nsec != mtime ||
+        (long long)pst->st_ctim.tv_sec * 1000000000LL + pst->st_ctim.tv_nsec != ctime)
+        Py_RETURN_NONE;
+    PyObject *line = PyObject_GetAttr(entry, w->record);
+    if (line == NULL)
+        return NULL;
+    if (!PyBytes_Check(line)) {
+        Py_DECREF(line);
+        Py_RETURN_NONE;
+    }
+    PyObject *out = derived_line(line, st, is_file);
+    Py_DECREF(line);
+    return out;
+}
+
+/* ---- phase 1, without the GIL: every entry's lstat (and its parent's), in walk order ---- */
+
+typedef struct {
+    char *rel;      /* relative path (malloc), "." for the root */
+    size_t len;
+    size_t up;      /* index of the directory it is in (the root: itself) */
+    struct stat st;
+    struct stat pst; /* the entry at the same path in the parent tree */
+    int has_pst;
+} Node;
+
+typedef struct {
+    Node *nodes;
+    size_t count, cap;
+    dev_t dev;
+    int err;          /* errno of the first failure */
+    char *err_name;   /* the name it failed on (malloc) */
+} Scan;
+
+static Node *add_node(Scan *sc) {
+    if (sc->count == sc->cap) {
+        size_t cap = sc->cap ? sc->cap * 2 : 1024;
+        Node *more = realloc(sc->nodes, cap * sizeof *more);
+        if (more == NULL)
+            return NULL;
+        sc->nodes = more;
+        sc->cap = cap;
+    }
+    Node *n = &sc->nodes[sc->count++];
+    memset(n, 0, sizeof *n);
+    return n;
+}
+
+static int fail(Scan *sc, int err, const char *name) {
+    if (!sc->err) {
+        sc->err = err ? err : EIO;
+        sc->err_name = name ? strdup(name) : NULL;
+    }
+    return -1;
+}
+
+static int is_empty_dir(int fd) {
+    DIR *probe = fdopendir(dup(fd));
+    int empty = 1;
+    if (probe == NULL)
+        return 0;
+    struct dirent *e;
+    while ((e = readdir(probe)) != NULL)
+        if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) {
+            empty = 0;
+            break;
+        }
+    closedir(probe);
+    return empty;
+}
+
+/* The entries of directory fd (node index `self`), then each subdirectory's; pdir: the
+ * same directory in the parent tree (-1: none). Closes fd and pdir. */
+static int scan_dir(Scan *sc, int fd, size_t self, int pdir) {
+    int rc = -1;
+    DIR *d = fdopendir(fd);
+    char **names = NULL;
+    size_t count = 0, cap = 0, nsubs = 0;
+    struct sub {
+        int fd, pdir;
+        size_t node;
+    } *subs = NULL;
+    if (d == NULL) {
+        fail(sc, errno, sc->nodes[self].rel);
+        close(fd);
+        goto done;
+    }
+    for (;;) {
+        errno = 0;
+        struct dirent *e = readdir(d);
+        if (e == NULL) {
+            if (errno) {
+                fail(sc, errno, sc->nodes[self].rel);
+                goto done;
+            }
+            break;
+        }
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
+            continue;
+        if (count == cap) {
+            cap = cap ? cap * 2 : 64;
+            char **more = realloc(names, cap * sizeof *names);
+            if (more == NULL) {
+                fail(sc, ENOMEM, NULL);
+                goto done;
+            }
+            names = more;
+        }
+        if ((names[count] = strdup(e->d_name)) == NULL) {
+            fail(sc, ENOMEM, NULL);
+            goto done;
+        }
+        count++;
+    }
+    qsort(names, count, sizeof *names, cmp_names);
+    subs = malloc((count ? count : 1) * sizeof *subs);
+    if (subs == NULL) {
+        fail(sc, ENOMEM, NULL);
+        goto done;
+    }
+    int dfd = dirfd(d);
+    for (size_t k = 0; k < count; k++) {
+        const char *name = names[k];
+        struct stat st;
+        if (fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) != 0) {
+            fail(sc, errno, name);
+            goto done;
+        }
+        if (st.st_dev != sc->dev)
+            continue; /* another subvolume / mount */
+        int sub = -1;
+        if (S_ISDIR(st.st_mode)) {
+            sub = openat(dfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+            if (sub < 0) {
+                fail(sc, errno, name);
+                goto done;
+            }
+            if (st.st_ino == 2 && is_empty_dir(sub)) { /* btrfs empty-subvolume stub */
+                close(sub);
+                continue;
+            }
+        }
+        /* (nodes may move: index, not pointer) */
+        const Node *dir = &sc->nodes[self];
+        size_t plen = self == 0 ? 0 : dir->len, nlen = strlen(name);
+        char *rel = malloc(plen + (plen ? 1 : 0) + nlen + 1);
+        Node *n = rel == NULL ? NULL : add_node(sc);
+        if (n == NULL) {
+            free(rel);
+            if (sub >= 0)
+                close(sub);
+            fail(sc, ENOMEM, NULL);
+            goto done;
+        }
+        dir = &sc->nodes[self];
+        if (plen) {
+            memcpy(rel, dir->rel, plen);
+            rel[plen] = '/';
+        }
+        memcpy(rel + plen + (plen ? 1 : 0), name, nlen + 1);
+        n->rel = rel;
+        n->len = plen + (plen ? 1 : 0) + nlen;
+        n->up = self;
+        n->st = st;
+        n->has_pst = pdir >= 0 && fstatat(pdir, name, &n->pst, AT_SYMLINK_NOFOLLOW) == 0;
+        if (sub >= 0) {
+            subs[nsubs].fd = sub;
+            subs[nsubs].node = sc->count - 1;
+            subs[nsubs].pdir =
+                n->has_pst && S_ISDIR(n->pst.st_mode)
+                    ? openat(pdir, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+                    : -1;
+            nsubs++;
+        }
+    }
+    closedir(d);
+    d = NULL;
+    if (pdir >= 0) {
+        close(pdir);
+        pdir = -1;
+    }
+    rc = 0;
+    size_t k = 0;
+    while (k < nsubs) {
+        struct sub s = subs[k++];
+        if (scan_dir(sc, s.fd, s.node, s.pdir)) {
+            rc = -1;
+            break;
+        }
+    }
+    for (; k < nsubs; k++) { /* after a failure: the rest unvisited */
+        close(subs[k].fd);
+        if (subs[k].pdir >= 0)
+            close(subs[k].pdir);
+    }
+    nsubs = 0;
+done:
+    for (size_t j = 0; j < nsubs; j++) {
+        close(subs[j].fd);
+        if (subs[j].pdir >= 0)
+            close(subs[j].pdir);
+    }
+    free(subs);
+    if (names != NULL) {
+        for (size_t j = 0; j < count; j++)
+            free(names[j]);
+        free(names);
+    }
+    if (d != NULL)
+        closedir(d);
+    if (pdir >= 0)
+        close(pdir);
+    return rc;
+}
+
+static void free_scan(Scan *sc) {
+    for (size_t i = 0; i < sc->count; i++)
+        free(sc->nodes[i].rel);
+    free(sc->nodes);
+    free(sc->err_name);
+}
+
+/* ---- phase 2, with the GIL: what the parent's digests give each entry ---- */
+
+static PyObject *derive(PyObject *self, PyObject *args) {
+    const char *root, *proot;
+    PyObject *parent, *hold, *hold_tree;
+    if (!PyArg_ParseTuple(args, "yyO!OO", &root, &proot, &PyDict_Type, &parent, &hold,
+                          &hold_tree))
+        return NULL;
+    if ((hold != Py_None && !PyAnySet_Check(hold)) ||
+        (hold_tree != Py_None && !PyAnySet_Check(hold_tree))) {
+        PyErr_SetString(PyExc_TypeError, "hold and hold_tree must be sets or None");
+        return NULL;
+    }
+    Scan sc = {0};
+    int r = -1;
+    Py_BEGIN_ALLOW_THREADS
+    int fd = open(root, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    Node *top = NULL;
+    if (fd < 0)
+        fail(&sc, errno, root);
+    else if ((top = add_node(&sc)) == NULL || (top->rel = strdup(".")) == NULL) {
+        fail(&sc, ENOMEM, NULL);
+        close(fd);
+    } else if (fstat(fd, &top->st) != 0) {
+        fail(&sc, errno, root);
+        close(fd);
+    } else {
+        top->len = 1;
+        sc.dev = top->st.st_dev;
+        int pdir = open(proot, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        top->has_pst = pdir >= 0 && fstat(pdir, &top->pst) == 0;
+        r = scan_dir(&sc, fd, 0, pdir);
+    }
+    Py_END_ALLOW_THREADS
+    if (r) {
+        if (sc.err == ENOMEM)
+            PyErr_NoMemory();
+        else {
+            errno = sc.err;
+            PyErr_SetFromErrnoWithFilename(PyExc_OSError, sc.err_name);
+        }
+        free_scan(&sc);
+        return NULL;
+    }
+    Walk w = {parent, hold, hold_tree, PyList_New(sc.count), PyUnicode_FromString("record"),
+              sc.dev};
+    char *held = calloc(sc.count ? sc.count : 1, 1);
+    if (w.out == NULL || w.record == NULL || held == NULL) {
+        if (held == NULL)
+            PyErr_NoMemory();
+        goto fail;
+    }
+    for (size_t i = 0; i < sc.count; i++) {
+        const Node *n = &sc.nodes[i];
+        PyObject *rel = PyBytes_FromStringAndSize(n->rel, (Py_ssize_t)n->len);
+        if (rel == NULL)
+            goto fail;
+        int h = i ? held[n->up] : 0;
+        if (!h)
+            h = contains(hold_tree, rel);
+        PyObject *key = h < 0 ? NULL : make_key(&n->st);
+        int exact = h ? h : (key == NULL ? -1 : contains(hold, rel));
+        PyObject *got = exact < 0 ? NULL
+                        : exact   ? Py_NewRef(Py_None)
+                                  : lookup(&w, rel, &n->st, key, n->has_pst ? &n->pst : NULL);
+        PyObject *item = got == NULL ? NULL : PyTuple_Pack(3, rel, key, got);
+        Py_DECREF(rel);
+        Py_XDECREF(key);
+        Py_XDECREF(got);
+        if (item == NULL)
+            goto fail;
+        held[i] = (char)(h > 0);
+        PyList_SET_ITEM(w.out, (Py_ssize_t)i, item);
+    }
+    free(held);
+    free_scan(&sc);
+    Py_DECREF(w.record);
+    return w.out;
+fail:
+    free(held);
+    free_scan(&sc);
+    Py_XDECREF(w.out);
+    Py_XDECREF(w.record);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"derive", derive, METH_VARARGS,
+     "derive(root, parent_root, parent, hold, hold_tree) -> [(rel, key, got)]: the walk "
+     "of an incremental tree-sum (see the module's C source)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "btrdelta.tree._treewalk",
+    "The walk of an incremental tree-sum in C (see tree/incremental.py).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__treewalk(void) { return PyModule_Create(&module); }
