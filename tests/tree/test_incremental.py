@@ -440,3 +440,42 @@ def test_the_c_walk_follows_the_python_walk_order_and_skips(btrfs_mnt: Path) -> 
         assert b"a/nested" not in {rel for rel, _k, _g in got}
     with pytest.raises(FileNotFoundError):
         walk.derive(os.fsencode(mnt / "none"), os.fsencode(parent), {}, set(), set())
+
+
+def test_digests_started_early_are_used_only_for_files_unchanged_since(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """:meth:`Changes.start` hashes large written files before the tree is sealed; one
+    written again after that where the stream wrote (same size, mtime put back: its ctime
+    moved) is hashed again by the walk, the other's early digest is used."""
+    threads: list[str] = []
+    real = incremental._overlaid
+
+    def spy(*args: object) -> str | None:
+        threads.append(threading.current_thread().name)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(incremental, "_overlaid", spy)
+    parent = _parent(tmp_path)
+    for name in ("big", "late"):
+        (parent / "e" / name).write_bytes(os.urandom(600_000))
+        os.utime(parent / "e" / name, ns=(T, T))
+    os.utime(parent / "e", ns=(T, T))
+    digests = verified_digests(parent)
+    new = tmp_path / "new"
+    copy_tree(parent, new)
+    changes = Changes()
+    _apply(new, changes, [_snap(), S.Write(b"e/big", 1000, b"X" * 5000),
+                          S.Write(b"e/late", 0, b"Y")])
+    changes.start(new, digests)
+    assert changes._started is not None
+    for fut, _stamp in changes._started[3].values():
+        fut.result()
+    with open(new / "e/late", "r+b") as f:  # after the early digests, in the range written
+        f.write(b"Z")
+    os.utime(new / "e/late", ns=(T, T))
+    got = changes.tree_sum(new, digests)
+    assert got.identity == tree_sum(new)
+    early = [t for t in threads if t.startswith("btrdelta-overlay")]
+    assert len(early) == 2
+    assert len(threads) == 3  # "late" hashed again by the walk
+    changes.close()  # nothing left to stop

@@ -344,8 +344,11 @@ class Subvolumes:
                pre_commit: PreCommit | None = None) -> ReceivedSubvol:
         """Complete ``pending``: received UUID and transid, read-only (btrfs), then
         ``pre_commit(pending)``, then the final name (and a registry entry on the directory
-        backend). On any failure before the rename it is removed and the error raised. In a
-        dry run nothing happens (no hook either).
+        backend). A ``pre_commit`` with a ``before_seal`` method has it called with
+        ``pending`` first, before the subvolume is made read-only: work the check will wait
+        for may start there (nothing it sees is final yet). On any failure before the
+        rename it is removed and the error raised. In a dry run nothing happens (no hook
+        either).
 
         Raises:
             OSError: a system call failed (or what ``pre_commit`` raised).
@@ -356,6 +359,9 @@ class Subvolumes:
             try:
                 sandbox = pending.sandbox
                 assert sandbox is not None
+                before_seal = getattr(pre_commit, "before_seal", None)
+                if before_seal is not None:
+                    before_seal(pending)
                 if self.btrfs:
                     set_received(sandbox.root_fd, pending.uuid, pending.ctransid)
                     set_readonly(sandbox.root_fd, True)

@@ -127,6 +127,9 @@ class Changes:
         self._incremental = False
         #: parent path -> the last path a WRITE or TRUNCATE named it by
         self._named: dict[bytes, bytes] = {}
+        #: what :meth:`start` began: (new root, parent, pool, early overlay digests)
+        self._started: tuple[bytes, Digests, ThreadPoolExecutor,
+                             dict[bytes, tuple[Future[str | None], _Stamp]]] | None = None
 
     def feed(self, rec: object) -> None:
         """Take one record (headers included)."""
@@ -161,6 +164,31 @@ class Changes:
         else:
             dirty[origin] = None
 
+    def start(self, path: Path, parent: Digests) -> None:
+        """Begin :meth:`tree_sum` of ``path`` early (every record fed and applied, e.g.
+        while the subvolume is being made read-only): the overlay digests of large written
+        files (:meth:`_overlay_early`) are computed in threads from now. Each is used only
+        if the walk finds its file with the stamp it had when hashing began, so a change
+        after this call costs the digest, not the result. :meth:`close` stops them when no
+        :meth:`tree_sum` follows."""
+        self.close()
+        if not self._incremental:
+            return
+        new_root = os.fsencode(path)
+        pool = ThreadPoolExecutor(_WORKERS, "btrdelta-overlay")
+        try:
+            early = self._overlay_early(pool, new_root, parent)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        self._started = (new_root, parent, pool, early)
+
+    def close(self) -> None:
+        """Stop what :meth:`start` began (threads joined)."""
+        started, self._started = self._started, None
+        if started is not None:
+            started[2].shutdown(wait=True, cancel_futures=True)
+
     def tree_sum(self, path: Path, parent: Digests) -> Digests:
         """The tree-sum (and digests) of ``path``, made from ``parent`` by the records fed;
         entries and contents are reused from ``parent`` as the module docstring says."""
@@ -169,8 +197,16 @@ class Changes:
         root = os.fsencode(parent.root)
         new_root = os.fsencode(path)
         usable = self._incremental
-        pool = ThreadPoolExecutor(_WORKERS, "btrdelta-overlay") if usable else None
-        early = self._overlay_early(pool, new_root, parent) if pool is not None else {}
+        started, self._started = self._started, None
+        pool: ThreadPoolExecutor | None = None
+        early: dict[bytes, tuple[Future[str | None], _Stamp]] = {}
+        if started is not None and started[0] == new_root and started[1] is parent and usable:
+            pool, early = started[2], started[3]
+        elif started is not None:
+            started[2].shutdown(wait=True, cancel_futures=True)
+        if pool is None and usable:
+            pool = ThreadPoolExecutor(_WORKERS, "btrdelta-overlay")
+            early = self._overlay_early(pool, new_root, parent)
 
         def known(rel: bytes, st: os.stat_result) -> Entry | None:
             key = keys[rel] = _key(st)
@@ -252,9 +288,11 @@ class Changes:
                        ) -> dict[bytes, tuple[Future[str | None], _Stamp]]:
         """The overlay digests of large written files, started in ``pool`` before the walk
         (which uses one when it finds the file with the same stamp at that path): path ->
-        (digest to come, stamp of the file it is of)."""
-        out: dict[bytes, tuple[Future[str | None], _Stamp]] = {}
+        (digest to come, stamp of the file it is of). Every file is found first, then the
+        jobs go out largest first (a worker started earlier would hold the interpreter
+        while this thread still lstat()s)."""
         root = os.fsencode(parent.root)
+        jobs: list[tuple[bytes, bytes, os.stat_result, bytes, _Key, Overlay]] = []
         for old, rel in self._named.items():
             ov = self._dirty.get(old)
             found = parent.entries.get(old)
@@ -269,9 +307,10 @@ class Changes:
             except OSError:
                 continue
             if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-                out[rel] = (pool.submit(_overlaid, new, st, os.path.join(root, old), key, ov),
-                            _stamp(st))
-        return out
+                jobs.append((rel, new, st, os.path.join(root, old), key, ov))
+        jobs.sort(key=lambda job: -job[2].st_size)
+        return {rel: (pool.submit(_overlaid, new, st, old, key, ov), _stamp(st))
+                for rel, new, st, old, key, ov in jobs}
 
 
 def _overlaid(new: bytes, st: os.stat_result, old: bytes, key: _Key,

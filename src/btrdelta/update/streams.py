@@ -204,21 +204,37 @@ def _receive(
     changes = Changes() if parent is not None and is_delta else None
     digests: list[Digests] = []
 
-    def check(pending: PendingSubvol) -> None:
-        if identity is None:
-            return
-        if changes is not None and parent is not None and parent.same_root(
-                pending.parent_path):
-            got = changes.tree_sum(pending.path, parent)
-        else:
-            got = verified_digests(pending.path)
-        if got.identity != identity:
-            raise ChecksumError(f"received {name} does not have its content identity "
-                                f"{identity}", source=source)
-        digests.append(got)
+    def incremental(pending: PendingSubvol) -> bool:
+        return changes is not None and parent is not None and parent.same_root(
+            pending.parent_path)
 
-    done = receive(_Renamed(events, name.encode(), changes), dest, stop_at_end=True,
-                   read_ahead=is_delta, on_progress=on_progress, pre_commit=check)
+    class Check:
+        """The pre-commit check: the content identity of the sealed subvolume; a delta's
+        overlay digests start before the seal (:meth:`Changes.start`)."""
+
+        def before_seal(self, pending: PendingSubvol) -> None:
+            if identity is not None and changes is not None and parent is not None \
+                    and incremental(pending):
+                changes.start(pending.path, parent)
+
+        def __call__(self, pending: PendingSubvol) -> None:
+            if identity is None:
+                return
+            if changes is not None and parent is not None and incremental(pending):
+                got = changes.tree_sum(pending.path, parent)
+            else:
+                got = verified_digests(pending.path)
+            if got.identity != identity:
+                raise ChecksumError(f"received {name} does not have its content identity "
+                                    f"{identity}", source=source)
+            digests.append(got)
+
+    try:
+        done = receive(_Renamed(events, name.encode(), changes), dest, stop_at_end=True,
+                       read_ahead=is_delta, on_progress=on_progress, pre_commit=Check())
+    finally:
+        if changes is not None:
+            changes.close()
     if len(done) != 1:
         raise ChecksumError(f"{len(done)} subvolumes in one release stream", source=source)
     if digests:
