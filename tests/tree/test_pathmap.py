@@ -61,6 +61,25 @@ def test_links_and_removals() -> None:
     assert m.origin(b"same") == b"same"
 
 
+def test_moved_names_every_path_whose_origin_may_differ() -> None:
+    """Each path of ``moved()`` has another origin; a path below none of them, or named
+    back to where it was, is its own origin."""
+    m = PathMap()
+    m.feed(R.Rename(b"a/b", b"o259-1-0"))
+    m.feed(R.Rename(b"o259-1-0", b"c/d"))
+    m.feed(R.Mkfile(b"e/new", 300))
+    m.feed(R.Unlink(b"e/gone"))
+    m.feed(R.Rename(b"f/g", b"o1"))
+    m.feed(R.Rename(b"o1", b"f/g"))
+    m.feed(R.Link(b"h/link", b"e/kept"))
+    moved = m.moved()
+    assert moved == {b"a/b", b"c/d", b"e/new", b"e/gone", b"h/link", b"o259-1-0", b"o1"}
+    for path in (b"c/d/x", b"e/new", b"h/link", b"a/b"):
+        assert m.origin(path) != path
+    for path in (b"f/g", b"f/g/x", b"e/kept", b"e", b"c", b"untouched/f"):
+        assert m.origin(path) == path
+
+
 def test_full_stream_maps_by_name() -> None:
     m = PathMap()
     m.feed(R.Subvol(b"A", uuid.uuid4(), 1))
