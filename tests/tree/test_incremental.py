@@ -479,3 +479,26 @@ def test_digests_started_early_are_used_only_for_files_unchanged_since(
     assert len(early) == 2
     assert len(threads) == 3  # "late" hashed again by the walk
     changes.close()  # nothing left to stop
+
+
+def test_the_c_walk_holds_few_descriptors(tmp_path: Path) -> None:
+    """A directory of 300 subdirectories is walked with 64 descriptors allowed: each
+    subdirectory is opened when its turn comes."""
+    import resource
+
+    from btrdelta import _native
+
+    walk = _native.live("treewalk")
+    assert walk is not None
+    for i in range(300):
+        (tmp_path / "t" / f"d{i:03}" / "x").mkdir(parents=True)
+    want = [rel for rel, _full, _st in treesum._walk(os.fsencode(tmp_path / "t"))]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+    try:
+        got = walk.derive(os.fsencode(tmp_path / "t"), os.fsencode(tmp_path / "t"), {},
+                          set(), set())
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert [rel for rel, _k, _g in got] == want
+    assert len(want) == 601

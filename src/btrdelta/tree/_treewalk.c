@@ -39,6 +39,44 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "_constants.h"
+
+/* What the walk keeps of an entry's lstat (the key's fields), and of the parent's entry. */
+typedef struct {
+    unsigned long long ino, nlink;
+    long long size, mtime, ctime;
+    unsigned mode, uid, gid;
+} Lstat;
+
+typedef struct {
+    unsigned long long ino;
+    long long size, mtime, ctime;
+    unsigned mode;
+} Stamp;
+
+static long long ns(const struct timespec *t) {
+    return (long long)t->tv_sec * 1000000000LL + t->tv_nsec;
+}
+
+static void keep(Lstat *out, const struct stat *st) {
+    out->ino = st->st_ino;
+    out->nlink = st->st_nlink;
+    out->size = st->st_size;
+    out->mtime = ns(&st->st_mtim);
+    out->ctime = ns(&st->st_ctim);
+    out->mode = st->st_mode;
+    out->uid = st->st_uid;
+    out->gid = st->st_gid;
+}
+
+static void stamp_of(Stamp *out, const struct stat *st) {
+    out->ino = st->st_ino;
+    out->size = st->st_size;
+    out->mtime = ns(&st->st_mtim);
+    out->ctime = ns(&st->st_ctim);
+    out->mode = st->st_mode;
+}
+
 typedef struct {
     PyObject *parent;    /* dict: rel -> (Entry, key) */
     PyObject *hold;      /* set of rel */
@@ -52,12 +90,9 @@ static int cmp_names(const void *a, const void *b) {
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
-static PyObject *make_key(const struct stat *st) {
-    return Py_BuildValue("(KLLLIIIK)", (unsigned long long)st->st_ino, (long long)st->st_size,
-                         (long long)st->st_mtim.tv_sec * 1000000000LL + st->st_mtim.tv_nsec,
-                         (long long)st->st_ctim.tv_sec * 1000000000LL + st->st_ctim.tv_nsec,
-                         (unsigned)st->st_mode, (unsigned)st->st_uid, (unsigned)st->st_gid,
-                         (unsigned long long)st->st_nlink);
+static PyObject *make_key(const Lstat *st) {
+    return Py_BuildValue("(KLLLIIIK)", st->ino, st->size, st->mtime, st->ctime, st->mode,
+                         st->uid, st->gid, st->nlink);
 }
 
 static int key_at(PyObject *key, Py_ssize_t i, long long *out) {
@@ -83,7 +118,7 @@ static int stat_field(const char *t, Py_ssize_t n) {
 /* The manifest line of the entry: the parent's line with mode, uid, gid, mtime (and for a
  * file, size) from st. NULL with an exception set on failure; Py_None (new reference) when
  * the parent's line does not have the expected shape. */
-static PyObject *derived_line(PyObject *line, const struct stat *st, int is_file) {
+static PyObject *derived_line(PyObject *line, const Lstat *st, int is_file) {
     const char *s = PyBytes_AS_STRING(line);
     Py_ssize_t n = PyBytes_GET_SIZE(line), i = 0, tok = 0, head = -1;
     /* the path and kind tokens, then the stat fields; the rest is kept */
@@ -110,15 +145,12 @@ static PyObject *derived_line(PyObject *line, const struct stat *st, int is_file
         tail--; /* keep the space before the kept token */
     char fields[160];
     int len;
-    long long mtime = (long long)st->st_mtim.tv_sec * 1000000000LL + st->st_mtim.tv_nsec;
     if (is_file)
         len = snprintf(fields, sizeof fields, " mode=%o uid=%u gid=%u mtime=%lld size=%lld",
-                       (unsigned)st->st_mode, (unsigned)st->st_uid, (unsigned)st->st_gid,
-                       mtime, (long long)st->st_size);
+                       st->mode, st->uid, st->gid, st->mtime, st->size);
     else
-        len = snprintf(fields, sizeof fields, " mode=%o uid=%u gid=%u mtime=%lld",
-                       (unsigned)st->st_mode, (unsigned)st->st_uid, (unsigned)st->st_gid,
-                       mtime);
+        len = snprintf(fields, sizeof fields, " mode=%o uid=%u gid=%u mtime=%lld", st->mode,
+                       st->uid, st->gid, st->mtime);
     if (len < 0 || (size_t)len >= sizeof fields)
         Py_RETURN_NONE;
     PyObject *out = PyBytes_FromStringAndSize(NULL, head + len + (n - tail));
@@ -137,8 +169,11 @@ static int contains(PyObject *set, PyObject *rel) {
 
 /* What the parent gives for one entry (see the file comment): a new reference to the
  * parent's Entry, a bytes line or None; NULL with an exception. */
-static PyObject *lookup(Walk *w, PyObject *rel, const struct stat *st, PyObject *key,
-                        const struct stat *parent_st) {
+static PyObject *lookup_in(Walk *w, PyObject *entry, PyObject *pkey, const Lstat *st,
+                           PyObject *key, const Stamp *pst);
+
+static PyObject *lookup(Walk *w, PyObject *rel, const Lstat *st, PyObject *key,
+                        const Stamp *pst) {
     PyObject *found = PyDict_GetItemWithError(w->parent, rel);
     if (found == NULL) {
         if (PyErr_Occurred())
@@ -147,38 +182,42 @@ static PyObject *lookup(Walk *w, PyObject *rel, const struct stat *st, PyObject 
     }
     if (!PyTuple_Check(found) || PyTuple_GET_SIZE(found) != 2)
         Py_RETURN_NONE;
-    PyObject *entry = PyTuple_GET_ITEM(found, 0), *pkey = PyTuple_GET_ITEM(found, 1);
+    Py_INCREF(found); /* (borrowed from the dict; held while its items are used) */
+    PyObject *out = lookup_in(w, PyTuple_GET_ITEM(found, 0), PyTuple_GET_ITEM(found, 1), st,
+                              key, pst);
+    Py_DECREF(found);
+    return out;
+}
+
+static PyObject *lookup_in(Walk *w, PyObject *entry, PyObject *pkey, const Lstat *st,
+                           PyObject *key, const Stamp *pst) {
     if (!PyTuple_Check(pkey) || PyTuple_GET_SIZE(pkey) != 8)
         Py_RETURN_NONE;
-    int is_dir = S_ISDIR(st->st_mode), is_file = S_ISREG(st->st_mode);
+    int is_dir = S_ISDIR(st->mode), is_file = S_ISREG(st->mode);
     int eq = PyObject_RichCompareBool(pkey, key, Py_EQ);
     if (eq < 0)
         return NULL;
-    if (eq && (st->st_nlink == 1 || is_dir)) {
+    if (eq && (st->nlink == 1 || is_dir)) {
         Py_INCREF(entry);
         return entry;
     }
-    if (!is_dir && !is_file && !S_ISLNK(st->st_mode))
+    if (!is_dir && !is_file && !S_ISLNK(st->mode))
         Py_RETURN_NONE;
     long long ino, size, mtime, ctime, mode, nlink;
     if (key_at(pkey, 0, &ino) || key_at(pkey, 1, &size) || key_at(pkey, 2, &mtime) ||
         key_at(pkey, 3, &ctime) || key_at(pkey, 4, &mode) || key_at(pkey, 7, &nlink))
         return NULL;
-    if ((unsigned long long)ino != (unsigned long long)st->st_ino ||
-        ((mode_t)mode & S_IFMT) != (st->st_mode & S_IFMT))
+    if ((unsigned long long)ino != st->ino || ((unsigned)mode & S_IFMT) != (st->mode & S_IFMT))
         Py_RETURN_NONE;
-    if (!is_dir && (st->st_nlink != 1 || nlink != 1))
+    if (!is_dir && (st->nlink != 1 || nlink != 1))
         Py_RETURN_NONE;
-    if (is_file && size != (long long)st->st_size)
+    if (is_file && size != st->size)
         Py_RETURN_NONE;
     /* the parent's entry as it was hashed: inode, size, mtime, ctime */
-    const struct stat *pst = parent_st;
     if (pst == NULL)
         Py_RETURN_NONE;
-    if ((unsigned long long)pst->st_ino != (unsigned long long)ino ||
-        (long long)pst->st_size != size ||
-        (long long)pst->st_mtim.tv_sec * 1000000000LL + pst->st_mtim.tv_nsec != mtime ||
-        (long long)pst->st_ctim.tv_sec * 1000000000LL + pst->st_ctim.tv_nsec != ctime)
+    if (pst->ino != (unsigned long long)ino || pst->size != size || pst->mtime != mtime ||
+        pst->ctime != ctime)
         Py_RETURN_NONE;
     PyObject *line = PyObject_GetAttr(entry, w->record);
     if (line == NULL)
@@ -195,11 +234,11 @@ static PyObject *lookup(Walk *w, PyObject *rel, const struct stat *st, PyObject 
 /* ---- phase 1, without the GIL: every entry's lstat (and its parent's), in walk order ---- */
 
 typedef struct {
-    char *rel;      /* relative path (malloc), "." for the root */
+    char *rel;  /* relative path (malloc), "." for the root */
     size_t len;
-    size_t up;      /* index of the directory it is in (the root: itself) */
-    struct stat st;
-    struct stat pst; /* the entry at the same path in the parent tree */
+    size_t up;  /* index of the directory it is in (the root: itself) */
+    Lstat st;
+    Stamp pst;  /* the entry at the same path in the parent tree */
     int has_pst;
 } Node;
 
@@ -249,15 +288,15 @@ static int is_empty_dir(int fd) {
 }
 
 /* The entries of directory fd (node index `self`), then each subdirectory's; pdir: the
- * same directory in the parent tree (-1: none). Closes fd and pdir. */
+ * same directory in the parent tree (-1: none). Closes fd and pdir. A subdirectory is
+ * opened when its turn comes: two descriptors per level of depth are open at a time. */
 static int scan_dir(Scan *sc, int fd, size_t self, int pdir) {
     int rc = -1;
     DIR *d = fdopendir(fd);
     char **names = NULL;
     size_t count = 0, cap = 0, nsubs = 0;
     struct sub {
-        int fd, pdir;
-        size_t node;
+        size_t name, node;
     } *subs = NULL;
     if (d == NULL) {
         fail(sc, errno, sc->nodes[self].rel);
@@ -307,78 +346,61 @@ static int scan_dir(Scan *sc, int fd, size_t self, int pdir) {
         }
         if (st.st_dev != sc->dev)
             continue; /* another subvolume / mount */
-        int sub = -1;
-        if (S_ISDIR(st.st_mode)) {
-            sub = openat(dfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (S_ISDIR(st.st_mode) && st.st_ino == 2) { /* btrfs empty-subvolume stub? */
+            int sub = openat(dfd, name, DIR_FLAGS);
             if (sub < 0) {
                 fail(sc, errno, name);
                 goto done;
             }
-            if (st.st_ino == 2 && is_empty_dir(sub)) { /* btrfs empty-subvolume stub */
-                close(sub);
+            int empty = is_empty_dir(sub);
+            close(sub);
+            if (empty)
                 continue;
-            }
         }
         /* (nodes may move: index, not pointer) */
-        const Node *dir = &sc->nodes[self];
-        size_t plen = self == 0 ? 0 : dir->len, nlen = strlen(name);
+        size_t plen = self == 0 ? 0 : sc->nodes[self].len, nlen = strlen(name);
         char *rel = malloc(plen + (plen ? 1 : 0) + nlen + 1);
         Node *n = rel == NULL ? NULL : add_node(sc);
         if (n == NULL) {
             free(rel);
-            if (sub >= 0)
-                close(sub);
             fail(sc, ENOMEM, NULL);
             goto done;
         }
-        dir = &sc->nodes[self];
         if (plen) {
-            memcpy(rel, dir->rel, plen);
+            memcpy(rel, sc->nodes[self].rel, plen);
             rel[plen] = '/';
         }
         memcpy(rel + plen + (plen ? 1 : 0), name, nlen + 1);
         n->rel = rel;
         n->len = plen + (plen ? 1 : 0) + nlen;
         n->up = self;
-        n->st = st;
-        n->has_pst = pdir >= 0 && fstatat(pdir, name, &n->pst, AT_SYMLINK_NOFOLLOW) == 0;
-        if (sub >= 0) {
-            subs[nsubs].fd = sub;
+        keep(&n->st, &st);
+        struct stat pst;
+        n->has_pst = pdir >= 0 && fstatat(pdir, name, &pst, AT_SYMLINK_NOFOLLOW) == 0;
+        if (n->has_pst)
+            stamp_of(&n->pst, &pst);
+        if (S_ISDIR(st.st_mode)) {
+            subs[nsubs].name = k;
             subs[nsubs].node = sc->count - 1;
-            subs[nsubs].pdir =
-                n->has_pst && S_ISDIR(n->pst.st_mode)
-                    ? openat(pdir, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
-                    : -1;
             nsubs++;
         }
     }
-    closedir(d);
-    d = NULL;
-    if (pdir >= 0) {
-        close(pdir);
-        pdir = -1;
-    }
     rc = 0;
-    size_t k = 0;
-    while (k < nsubs) {
-        struct sub s = subs[k++];
-        if (scan_dir(sc, s.fd, s.node, s.pdir)) {
-            rc = -1;
+    for (size_t j = 0; j < nsubs && rc == 0; j++) {
+        const char *name = names[subs[j].name];
+        const Node *n = &sc->nodes[subs[j].node];
+        int sub = openat(dfd, name, DIR_FLAGS);
+        if (sub < 0) {
+            rc = fail(sc, errno, name);
             break;
         }
-    }
-    for (; k < nsubs; k++) { /* after a failure: the rest unvisited */
-        close(subs[k].fd);
-        if (subs[k].pdir >= 0)
-            close(subs[k].pdir);
+        int spdir = pdir >= 0 && n->has_pst && S_ISDIR(n->pst.mode)
+                        ? openat(pdir, name, DIR_FLAGS)
+                        : -1;
+        rc = scan_dir(sc, sub, subs[j].node, spdir);
     }
     nsubs = 0;
 done:
-    for (size_t j = 0; j < nsubs; j++) {
-        close(subs[j].fd);
-        if (subs[j].pdir >= 0)
-            close(subs[j].pdir);
-    }
     free(subs);
     if (names != NULL) {
         for (size_t j = 0; j < count; j++)
@@ -417,19 +439,23 @@ static PyObject *derive(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     int fd = open(root, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     Node *top = NULL;
+    struct stat st, pst;
     if (fd < 0)
         fail(&sc, errno, root);
     else if ((top = add_node(&sc)) == NULL || (top->rel = strdup(".")) == NULL) {
         fail(&sc, ENOMEM, NULL);
         close(fd);
-    } else if (fstat(fd, &top->st) != 0) {
+    } else if (fstat(fd, &st) != 0) {
         fail(&sc, errno, root);
         close(fd);
     } else {
         top->len = 1;
-        sc.dev = top->st.st_dev;
+        keep(&top->st, &st);
+        sc.dev = st.st_dev;
         int pdir = open(proot, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        top->has_pst = pdir >= 0 && fstat(pdir, &top->pst) == 0;
+        top->has_pst = pdir >= 0 && fstat(pdir, &pst) == 0;
+        if (top->has_pst)
+            stamp_of(&top->pst, &pst);
         r = scan_dir(&sc, fd, 0, pdir);
     }
     Py_END_ALLOW_THREADS
