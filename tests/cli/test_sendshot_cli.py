@@ -50,13 +50,22 @@ def test_list_show_delete_prune(tmp_path: Path, capsys: pytest.CaptureFixture[st
         (src / "d" / f"f{i}").write_bytes(os.urandom(5000 + i))
         out = tmp_path / f"s{i}"
         more = ["--from-sendshot", "latest"] if i else []
+        named = ["--name", f"src.{i}"] if i == 3 else []
+        capsys.readouterr()
         assert main(["send", str(src), "-o", str(out), "--record", "--store", str(store),
-                     *more]) == 0
+                     *more, *named]) == 0
+        # an increment named like its base (which a receiver holds under that name) is
+        # told so; a named one is not
+        note = "names its subvolume 'src' like its base does" in capsys.readouterr().err
+        assert note == (i in (1, 2)), i
         streams.append(out)
     assert main(["send", str(other), "-o", str(tmp_path / "o0"), "--record", "--store",
                  str(store)]) == 0
 
     listed = _json(capsys, "sendshot list", *st, "list")
+    # the store and --json after the action too, as `send --store` spells it
+    assert _json(capsys, "sendshot list", "list", *st) == listed
+    assert _json(capsys, "sendshot list", "--json", "list", "--store", str(store)) == listed
     ids = [r["id"] for r in listed]
     assert set(ids) == _records(store)
     mine = [r for r in listed if r["source"] == str(src)]

@@ -196,6 +196,14 @@ def _send_sendshot(args: argparse.Namespace, version: int, compress: str | None,
         )
     if result.warning:
         progress.message(f"btrdelta send: warning: {result.warning}")
+    sent_name = args.name or os.path.basename(os.path.abspath(args.new_dir))
+    if result.base is not None and os.fsencode(sent_name) == result.base.head.name:
+        # a receiver holds the base under this name: its `receive` into the same directory
+        # would fail ("File exists") after the whole stream had been read
+        progress.message(
+            f"btrdelta send: note: the stream names its subvolume {sent_name!r} like its base "
+            "does: receive it into another directory, or name each send (--name "
+            f"{sent_name}.$(date +%Y%m%dT%H%M))")
     st = result.stats
     report.update(uuid=result.stream_uuid, parent_uuid=result.parent_uuid,
                   records=st.records, bytes=written[0], files=st.files_scanned,

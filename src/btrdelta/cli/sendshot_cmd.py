@@ -34,9 +34,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "protects the record it needs from delete and prune."),
         epilog=_EPILOG,
     )
-    p.add_argument("--store", metavar="DIR", help=f"the store (default {DEFAULT_STORE})")
+    store_help = f"the store (default {DEFAULT_STORE})"
+    p.add_argument("--store", metavar="DIR", help=store_help)
     p.add_argument("--json", action="store_true", help="print JSON on standard output")
-    cmds = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    # the same options after the action too (`sendshot list --store DIR`, as `send` spells
+    # it); SUPPRESS keeps a value given before the action when they are absent after it
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument("--store", metavar="DIR", default=argparse.SUPPRESS, help=store_help)
+    after.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                       help="print JSON on standard output")
+    cmds = _Actions(p.add_subparsers(dest="action", metavar="ACTION", required=True), after)
     cmds.add_parser("list", help="every record, oldest first",
                     epilog=examples("btrdelta sendshot list",
                                     "btrdelta sendshot --store /var/lib/shots --json list"))
@@ -70,6 +77,17 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                         help="the sender's source this is a copy of (e.g. PATH is the "
                              "receiver's copy): `send SOURCE --from-sendshot latest` finds it")
     p.set_defaults(func=run)
+
+
+class _Actions:
+    """Sub-parsers that all take the options of ``parent``."""
+
+    def __init__(self, sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                 parent: argparse.ArgumentParser) -> None:
+        self.sub, self.parent = sub, parent
+
+    def add_parser(self, name: str, **kw: Any) -> argparse.ArgumentParser:
+        return self.sub.add_parser(name, parents=[self.parent], **kw)
 
 
 def _line(s: StoredSendshot) -> str:
