@@ -34,6 +34,26 @@ def test_exit_code_and_error_line_survive_the_quick_exit(tmp_path: Path) -> None
     assert proc.stderr.decode().startswith("btrdelta dump: error:")
 
 
+def test_the_console_entry_collects_young_garbage_rarely() -> None:
+    """A command's process runs the cyclic collector every ``_GC_YOUNG`` allocations (its
+    start-up objects are not gone over 700 allocations at a time); a library caller keeps
+    Python's setting."""
+    import gc
+
+    from btrdelta.cli import _GC_YOUNG
+
+    code = ("import gc, btrdelta.cli as c\n"
+            "c.main = lambda: print(gc.get_threshold()[0]) or 0\n"
+            "c.entry()")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == [str(_GC_YOUNG)]
+    assert _GC_YOUNG >= 10_000
+    assert gc.get_threshold()[0] < _GC_YOUNG  # importing btrdelta.cli changed nothing here
+    main_py = (Path(__file__).parents[2] / "src" / "btrdelta" / "__main__.py").read_text()
+    assert f"gc.set_threshold({_GC_YOUNG:_}," in main_py  # python -m btrdelta: the same
+
+
 def test_listing_is_the_full_parsers_top_level(monkeypatch: pytest.MonkeyPatch) -> None:
     """``--help`` lists the commands from COMMANDS without importing them: the same text as
     the parser with every command module's own parser registered."""
