@@ -116,3 +116,13 @@ def test_digests_of_a_whole_content_are_the_block_hashers(size: int) -> None:
     if size:
         hasher.update(0, data)
     assert digests_of(data, 5) == hasher.finish(size)
+
+
+def test_the_keep_budget_follows_the_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    from btrdelta.send import hashing
+
+    pages = {"SC_PAGE_SIZE": 4096}
+    monkeypatch.setattr(hashing.os, "sysconf", lambda name: pages[name])
+    for ram, want in ((256 << 20, 16 << 20), (64 << 20, 8 << 20), (32 << 30, 64 << 20)):
+        pages["SC_PHYS_PAGES"] = ram // 4096
+        assert hashing.keep_budget() == want

@@ -36,7 +36,19 @@ _WHOLE = 1 << 20
 #: (without holes) for the send, at most :data:`KEEP_BUDGET` bytes in all (the smallest
 #: files first: they cost the most system calls per byte)
 KEEP_MAX = 128 << 10
-KEEP_BUDGET = 64 << 20
+
+
+def keep_budget() -> int:
+    """Bytes of small files the hashing threads may keep: 64 MiB, at most a sixteenth of
+    the machine's memory (at least 8 MiB)."""
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 64 << 20
+    return max(8 << 20, min(64 << 20, ram // 16))
+
+
+KEEP_BUDGET = keep_budget()
 _ZERO_VIEW = memoryview(bytes(_WHOLE))
 
 
