@@ -502,3 +502,30 @@ def test_the_c_walk_holds_few_descriptors(tmp_path: Path) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert [rel for rel, _k, _g in got] == want
     assert len(want) == 601
+
+
+def test_warm_threads_serve_the_walk_and_stop(tmp_path: Path) -> None:
+    """:meth:`Changes.warm` starts both hashing threads at once; :meth:`tree_sum` hashes in
+    them, and they are gone after it (or after :meth:`close` when no walk came)."""
+    def overlay_threads() -> set[int]:
+        return {t.ident or 0 for t in threading.enumerate()
+                if t.name.startswith("btrdelta-overlay")}
+
+    before = overlay_threads()
+    parent = _parent(tmp_path)
+    (parent / "e" / "big").write_bytes(os.urandom(600_000))
+    digests = verified_digests(parent)
+    new = tmp_path / "new"
+    copy_tree(parent, new)
+    changes = Changes()
+    changes.warm()
+    warm = overlay_threads() - before
+    assert len(warm) == 2
+    _apply(new, changes, [_snap(), S.Write(b"e/big", 10, b"X")])
+    assert changes.tree_sum(new, digests).identity == tree_sum(new)
+    assert not overlay_threads() & warm
+    idle = Changes()
+    idle.warm()
+    assert len(overlay_threads() - before) == 2
+    idle.close()
+    assert not overlay_threads() - before

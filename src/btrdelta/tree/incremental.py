@@ -38,8 +38,10 @@ Knows nothing of where the stream comes from or how it is applied.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +132,25 @@ class Changes:
         #: what :meth:`start` began: (new root, parent, pool, early overlay digests)
         self._started: tuple[bytes, Digests, ThreadPoolExecutor,
                              dict[bytes, tuple[Future[str | None], _Stamp]]] | None = None
+        #: hashing threads started by :meth:`warm`, not used yet
+        self._pool: ThreadPoolExecutor | None = None
+
+    def warm(self) -> None:
+        """Start the hashing threads now, idle until :meth:`start` or :meth:`tree_sum`
+        gives them work (e.g. while a receive waits for its first records): a thread started
+        later, while the walk's thread runs, makes it wait for the interpreter (5 ms of
+        numpy's hop). :meth:`close` stops them when neither follows."""
+        if self._pool is not None:
+            return
+        pool = ThreadPoolExecutor(_WORKERS, "btrdelta-overlay")
+        meet = threading.Barrier(_WORKERS)
+        for _ in range(_WORKERS):  # each waits for the other: every thread is made
+            pool.submit(_meet, meet)
+        self._pool = pool
+
+    def _take_pool(self) -> ThreadPoolExecutor:
+        pool, self._pool = self._pool, None
+        return pool if pool is not None else ThreadPoolExecutor(_WORKERS, "btrdelta-overlay")
 
     def feed(self, rec: object) -> None:
         """Take one record (headers included)."""
@@ -175,7 +196,7 @@ class Changes:
         if not self._incremental:
             return
         new_root = os.fsencode(path)
-        pool = ThreadPoolExecutor(_WORKERS, "btrdelta-overlay")
+        pool = self._take_pool()
         try:
             early = self._overlay_early(pool, new_root, parent)
         except BaseException:
@@ -184,10 +205,13 @@ class Changes:
         self._started = (new_root, parent, pool, early)
 
     def close(self) -> None:
-        """Stop what :meth:`start` began (threads joined)."""
+        """Stop what :meth:`warm` and :meth:`start` began (threads joined)."""
         started, self._started = self._started, None
         if started is not None:
             started[2].shutdown(wait=True, cancel_futures=True)
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def tree_sum(self, path: Path, parent: Digests) -> Digests:
         """The tree-sum (and digests) of ``path``, made from ``parent`` by the records fed;
@@ -205,7 +229,7 @@ class Changes:
         elif started is not None:
             started[2].shutdown(wait=True, cancel_futures=True)
         if pool is None and usable:
-            pool = ThreadPoolExecutor(_WORKERS, "btrdelta-overlay")
+            pool = self._take_pool()
             early = self._overlay_early(pool, new_root, parent)
 
         def known(rel: bytes, st: os.stat_result) -> Entry | None:
@@ -311,6 +335,12 @@ class Changes:
         jobs.sort(key=lambda job: -job[2].st_size)
         return {rel: (pool.submit(_overlaid, new, st, old, key, ov), _stamp(st))
                 for rel, new, st, old, key, ov in jobs}
+
+
+def _meet(barrier: threading.Barrier) -> None:
+    """A warm-up task: wait until every thread of the pool runs one."""
+    with contextlib.suppress(threading.BrokenBarrierError):
+        barrier.wait(timeout=1.0)
 
 
 def _overlaid(new: bytes, st: os.stat_result, old: bytes, key: _Key,

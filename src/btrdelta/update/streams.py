@@ -230,6 +230,8 @@ def _receive(
             digests.append(got)
 
     try:
+        if changes is not None and identity is not None:
+            changes.warm()  # its threads start while the first records are expanded
         done = receive(_Renamed(events, name.encode(), changes), dest, stop_at_end=True,
                        read_ahead=is_delta, on_progress=on_progress, pre_commit=Check())
     finally:
