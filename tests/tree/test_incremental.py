@@ -250,23 +250,35 @@ def test_an_unchanged_inode_is_taken_whole_and_a_changed_one_is_read(
     assert read == [b"g", b"h1", b"h2"]
 
 
-def test_a_large_written_file_is_hashed_from_its_ranges_while_the_walk_goes_on(
-        tmp_path: Path, hashed: list[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
-    """A written file of 256 KiB or more is hashed (written ranges and the parent's) in a
-    thread started before the walk; one renamed after its writes is found by the walk."""
-    threads: list[str] = []
+@pytest.fixture
+def threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the threads that hash written files from their ranges (``_overlaid``)."""
+    seen: list[str] = []
     real = incremental._overlaid
 
     def spy(*args: object) -> str | None:
-        threads.append(threading.current_thread().name)
+        seen.append(threading.current_thread().name)
         return real(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(incremental, "_overlaid", spy)
+    return seen
+
+
+def _parent_with_large(tmp_path: Path, *names: str) -> Path:
+    """:func:`_parent` with files of 600,000 random bytes ``e/NAME``."""
     parent = _parent(tmp_path)
-    for name in ("big", "moved"):
+    for name in names:
         (parent / "e" / name).write_bytes(os.urandom(600_000))
         os.utime(parent / "e" / name, ns=(T, T))
     os.utime(parent / "e", ns=(T, T))
+    return parent
+
+
+def test_a_large_written_file_is_hashed_from_its_ranges_while_the_walk_goes_on(
+        tmp_path: Path, hashed: list[bytes], threads: list[str]) -> None:
+    """A written file of 256 KiB or more is hashed (written ranges and the parent's) in a
+    thread started before the walk; one renamed after its writes is found by the walk."""
+    parent = _parent_with_large(tmp_path, "big", "moved")
     digests = verified_digests(parent)
     new = tmp_path / "new"
     copy_tree(parent, new)
@@ -443,23 +455,11 @@ def test_the_c_walk_follows_the_python_walk_order_and_skips(btrfs_mnt: Path) -> 
 
 
 def test_digests_started_early_are_used_only_for_files_unchanged_since(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, threads: list[str]) -> None:
     """:meth:`Changes.start` hashes large written files before the tree is sealed; one
     written again after that where the stream wrote (same size, mtime put back: its ctime
     moved) is hashed again by the walk, the other's early digest is used."""
-    threads: list[str] = []
-    real = incremental._overlaid
-
-    def spy(*args: object) -> str | None:
-        threads.append(threading.current_thread().name)
-        return real(*args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(incremental, "_overlaid", spy)
-    parent = _parent(tmp_path)
-    for name in ("big", "late"):
-        (parent / "e" / name).write_bytes(os.urandom(600_000))
-        os.utime(parent / "e" / name, ns=(T, T))
-    os.utime(parent / "e", ns=(T, T))
+    parent = _parent_with_large(tmp_path, "big", "late")
     digests = verified_digests(parent)
     new = tmp_path / "new"
     copy_tree(parent, new)
