@@ -529,3 +529,26 @@ def test_warm_threads_serve_the_walk_and_stop(tmp_path: Path) -> None:
     assert len(overlay_threads() - before) == 2
     idle.close()
     assert not overlay_threads() - before
+
+
+def test_start_keeps_the_warm_threads(tmp_path: Path) -> None:
+    """:meth:`Changes.start` gives the early digests to the threads :meth:`Changes.warm`
+    started (it stopped them and started two more); they are gone after the walk."""
+    def overlay_threads() -> set[int]:
+        return {t.ident or 0 for t in threading.enumerate()
+                if t.name.startswith("btrdelta-overlay")}
+
+    before = overlay_threads()
+    parent = _parent(tmp_path)
+    (parent / "e" / "big").write_bytes(os.urandom(600_000))
+    digests = verified_digests(parent)
+    new = tmp_path / "new"
+    copy_tree(parent, new)
+    changes = Changes()
+    changes.warm()
+    warm = overlay_threads() - before
+    _apply(new, changes, [_snap(), S.Write(b"e/big", 10, b"X")])
+    changes.start(new, digests)
+    assert overlay_threads() - before == warm
+    assert changes.tree_sum(new, digests).identity == tree_sum(new)
+    assert not overlay_threads() - before
