@@ -63,3 +63,40 @@ def test_delta_without_its_parent_is_a_missing_base(tmp_path: Path) -> None:
     with pytest.raises(MissingBaseError):
         receive_any(io.BufferedReader(io.BytesIO(delta)), dest, backend="dir")  # type: ignore[arg-type]
     assert list(dest.iterdir()) == []
+
+
+@pytest.mark.parametrize("backend", ["btrfs", "dir"])
+def test_a_delta_looks_its_parent_up_once(tmp_path: Path, backend: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The expansion (old files to patch) and the applier (the snapshot) share the parent
+    one lookup found; a parent given by the caller is not looked up at all."""
+    from btrdelta.receive import subvolumes
+    from btrdelta.update.streams import receive_version
+
+    require_btrfs()
+    real = subvolumes.find_subvolume
+    found: list[object] = []
+
+    def counted(*args: object, **kwargs: object) -> Path | None:
+        found.append(args[1])
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(subvolumes, "find_subvolume", counted)
+    with loop_fs("btrfs", size="1G") as mnt:
+        pair = make_snapshots(mnt, SCENARIO)
+        full = send(pair.a, tmp_path / "A.stream")
+        incr = send(pair.b, tmp_path / "B.stream", parent=pair.a)
+        delta = _delta(incr, pair.a, tmp_path / "B.delta")
+        ours = mnt / "ours" if backend == "btrfs" else tmp_path / "ours"
+        ours.mkdir()
+        (base,) = receive_any(full, ours, backend=backend)
+        found.clear()
+        (got,) = receive_any(delta, ours, backend=backend)
+        assert found == [got.parent_uuid]
+        want = tree_sum(ours / got.name)
+        found.clear()
+        with open(delta, "rb") as f:
+            again, _ = receive_version(f, ours, "again", source="B.delta", delta=True,
+                                       identity=want, parent_at=(base.uuid, base.path))
+        assert found == []
+        assert tree_sum(again.path) == want

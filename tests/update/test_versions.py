@@ -458,14 +458,15 @@ def test_a_delta_hop_reads_only_the_files_its_stream_changed(
         finally:
             os.close(fd)
 
-    def tamper(*args: object) -> None:
-        real_ensure(*args)  # type: ignore[arg-type]
+    def tamper(*args: object) -> Path:
+        found = real_ensure(*args)  # type: ignore[arg-type]
         st = victim.stat()
         writable(True)
         with open(victim, "r+b") as f:
             f.write(b"/* changed */")
         os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
         writable(False)
+        return found
 
     monkeypatch.setattr(versions.holdings, "ensure_parent", tamper)
     rc, _, err = _update(server.url, dest, pub, capsys=capsys)
@@ -654,3 +655,4 @@ def test_btrfs_dest_gets_read_only_subvolumes(
             assert sv.find_subvolumes_by_uuid(dest, stream_uuid(identity))[0].name == name
     finally:
         ctx.__exit__(None, None, None)
+

@@ -124,6 +124,8 @@ class Applier:
             btrfs instead of below ``dest`` (``btrfs receive -m``).
         temp_name: the temporary name of the subvolumes received (see
             :meth:`.subvolumes.Subvolumes.begin`; one stream, one subvolume).
+        parents: parents found before, by (received) UUID (see
+            :class:`.subvolumes.Subvolumes`).
     """
 
     def __init__(
@@ -138,12 +140,13 @@ class Applier:
         pre_commit: PreCommit | None = None,
         search_root: Path | None = None,
         temp_name: bytes | None = None,
+        parents: dict[UUID, Path] | None = None,
     ) -> None:
         #: the temporary name of the subvolume being received (None: the default)
         self.temp_name = temp_name
         #: the destination's subvolumes (begin, finish, abort, find)
         self.subvols = Subvolumes(dest, backend=backend, dry_run=dry_run,
-                                  search_root=search_root)
+                                  search_root=search_root, parents=parents)
         self.dest = self.subvols.dest
         self.btrfs = self.subvols.btrfs
         self.dry_run = dry_run

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
+from uuid import UUID
 
 from ..errors import BtrdeltaError, StreamFormatError
 from ..stream.reader import Event, StreamHeader
@@ -238,11 +239,11 @@ def receive(
     force_decompress: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
-    on_subvol: Callable[[ReceivedSubvol], None] | None = None,
-    read_ahead: bool = False,
+    on_subvol: Callable[[ReceivedSubvol], None] | None = None, read_ahead: bool = False,
     pre_commit: PreCommit | None = None, search_root: Path | None = None,
     progress: Any = None, resume: ResumePoint | None = None,
     detach_on: tuple[type[BaseException], ...] = (), temp_name: bytes | None = None,
+    parents: dict[UUID, Path] | None = None,
 ) -> list[ReceivedSubvol]:
     """Apply a stream of events (stream headers and records) below ``dest``.
 
@@ -256,23 +257,23 @@ def receive(
             SUBVOL/SNAPSHOT always stops. With more than one allowed, failed commands are
             skipped and the first error is raised after the stream was applied.
         dry_run: check paths, find parents and clone sources, write nothing.
-        backend: ``"auto"`` (real subvolumes on btrfs, directories elsewhere), ``"btrfs"``
-            or ``"dir"``.
+        backend: ``"auto"`` (subvolumes on btrfs, else directories), ``"btrfs"``, ``"dir"``.
         apply_fileattr: apply FILEATTR flags (btrfs-progs ignores them).
         force_decompress: never pass ENCODED_WRITE through to btrfs.
         on_progress: called now and then with ``(records done, file bytes written)``.
         on_warning: called with a message for anything skipped (default: warnings.warn).
         on_subvol: called with each finished subvolume.
-        read_ahead: pull ``events`` in a helper thread (see :func:`prefetch`) so producing
-            them overlaps applying (worth it when producing costs CPU: expanding a delta
-            stream; a plain stream decodes faster than the system calls apply it).
+        read_ahead: pull ``events`` in a helper thread (:func:`prefetch`) so producing
+            them overlaps applying (worth it when that costs CPU: expanding a delta).
         pre_commit: called with each complete subvolume, read-only under its temporary
             name, before it gets its final name; raising aborts it and the receive (see
             :meth:`.subvolumes.Subvolumes.finish`).
         search_root: find parents and clone sources below this directory of ``dest``'s
-            btrfs instead of below ``dest`` (``btrfs receive -m``; btrfs only).
+            btrfs, not below ``dest`` (``btrfs receive -m``).
         progress, resume, detach_on, temp_name: a resumable receive of one stream (see
             :mod:`.resume`: records applied counted, the subvolume kept, gone on with).
+        parents: parents by (received) UUID, taken as found, shared with a delta
+            stream's expansion (see :class:`.subvolumes.Subvolumes`).
 
     Returns:
         The finished subvolumes, in stream order.
@@ -284,7 +285,7 @@ def receive(
     with Applier(
         Path(dest), backend=backend, dry_run=dry_run, apply_fileattr=apply_fileattr,
         force_decompress=force_decompress, on_warning=on_warning, pre_commit=pre_commit,
-        search_root=search_root, temp_name=temp_name,
+        search_root=search_root, temp_name=temp_name, parents=parents,
     ) as applier:
         run = _Run(applier, max_errors=max_errors, stop_at_end=stop_at_end,
                    on_progress=on_progress, on_subvol=on_subvol, progress=progress)

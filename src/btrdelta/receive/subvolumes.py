@@ -172,7 +172,8 @@ def find_subvolume(dest: Path, wanted: UUID, *, btrfs: bool,
 
 
 def find_parent(dest: Path, snapshot: Snapshot, *, backend: str = "auto",
-                search_root: Path | None = None) -> Path:
+                search_root: Path | None = None,
+                parents: dict[UUID, Path] | None = None) -> Path:
     """The local directory of the parent subvolume a SNAPSHOT record is based on.
 
     Args:
@@ -180,12 +181,17 @@ def find_parent(dest: Path, snapshot: Snapshot, *, backend: str = "auto",
         snapshot: the SNAPSHOT record (its ``clone_uuid`` names the parent).
         backend: ``"auto"`` (btrfs when DEST is on btrfs), ``"btrfs"`` or ``"dir"``.
         search_root: look below this directory of DEST's btrfs instead of below ``dest``.
+        parents: parents found before, by (received) UUID: one there is taken as it is,
+            one found here is added (see :class:`Subvolumes`).
 
     Raises:
         MissingBaseError: no such subvolume below ``dest`` (``search_root``; on btrfs
             without ``search_root``: nor elsewhere on its filesystem, as ``btrfs receive``
             looks; a subvolume below ``dest`` comes first).
     """
+    found = parents.get(snapshot.clone_uuid) if parents is not None else None
+    if found is not None:
+        return found
     found = find_subvolume(dest, snapshot.clone_uuid, btrfs=uses_btrfs(dest, backend),
                            search_root=search_root, anywhere=True)
     if found is None:
@@ -193,6 +199,8 @@ def find_parent(dest: Path, snapshot: Snapshot, *, backend: str = "auto",
             f"cannot find parent subvolume {snapshot.clone_uuid} in {search_root or dest}",
             path=snapshot.path,
         )
+    if parents is not None:
+        parents[snapshot.clone_uuid] = found
     return found
 
 
@@ -205,10 +213,15 @@ class Subvolumes:
         dry_run: check names and find parents, create nothing.
         search_root: find parents and clone sources below this directory of ``dest``'s
             btrfs instead of below ``dest`` (``btrfs receive -m``; btrfs only).
+        parents: parents found before, by (received) UUID (by the caller, or by the
+            expansion of the delta stream being received: :func:`find_parent`): one there
+            is taken as it is, one :meth:`begin` finds is added. A parent is then looked up
+            in the UUID tree once a receive, not by each of them.
     """
 
     def __init__(self, dest: Path, *, backend: str = "auto", dry_run: bool = False,
-                 search_root: Path | None = None) -> None:
+                 search_root: Path | None = None,
+                 parents: dict[UUID, Path] | None = None) -> None:
         self.dest = Path(dest)
         if not self.dest.is_dir():
             raise BtrdeltaError(f"destination {dest} is not a directory")
@@ -218,6 +231,7 @@ class Subvolumes:
             raise BtrdeltaError(f"{dest} is not on btrfs: parents are only looked for in it "
                                 "(-m/search_root needs btrfs)")
         self.search_root = search_root
+        self.parents = parents
         self.dry_run = dry_run
         self._dest_fd = os.open(self.dest, _DIR)
         self._swept = False
@@ -272,9 +286,14 @@ class Subvolumes:
         if os.path.lexists(self.dest / os.fsdecode(name)):
             raise ApplyError("destination subvolume already exists", op="subvol")
         if parent is None and parent_uuid is not None:
-            parent = self.find(parent_uuid, anywhere=True)
+            known = self.parents
+            parent = known.get(parent_uuid) if known is not None else None
             if parent is None:
-                raise MissingBaseError(f"cannot find parent subvolume {parent_uuid}")
+                parent = self.find(parent_uuid, anywhere=True)
+                if parent is None:
+                    raise MissingBaseError(f"cannot find parent subvolume {parent_uuid}")
+                if known is not None:
+                    known[parent_uuid] = parent
         if not self.dry_run and not self._swept:
             self._swept = True
             self.sweep()

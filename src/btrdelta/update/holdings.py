@@ -92,20 +92,21 @@ def find_held(dest: Path, wanted: dict[str, str]) -> dict[str, Digests]:
     return held
 
 
-def ensure_parent(dest: Path, held: Digests, name: str) -> None:
+def ensure_parent(dest: Path, held: Digests, name: str) -> Path:
     """Make held version ``held`` (hashed by this process) findable as the parent of the
-    repository's deltas."""
+    repository's deltas; returns the directory a delta of it is received from (the
+    receive takes it as found: :func:`~btrdelta.receive.receive`'s ``parents``)."""
     identity, path = held.identity, held.root
     uid = stream_uuid(identity)
     with Subvolumes(dest) as subs:
         found = subs.find(uid)
         if found is not None and (held.same_root(found) or tree_sum(found) == identity):
-            return
+            return found
         if not subs.btrfs:
             from ..receive.registry import Registry, RegistryEntry
 
             Registry(dest).add(RegistryEntry(path.name, uid, 0))
-            return
+            return path
         base = f"{BASE_PREFIX}{name}"
         remove_entry(dest, base)
         # a subvolume: a snapshot costs nothing; a plain directory: a (reflinked) copy
@@ -117,4 +118,4 @@ def ensure_parent(dest: Path, held: Digests, name: str) -> None:
             except BaseException:
                 subs.abort(pending)
                 raise
-        subs.finish(pending)
+        return subs.finish(pending).path

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any, BinaryIO
+from uuid import UUID
 
 from ..errors import MissingBaseError
 from ..receive import ReceivedSubvol, find_parent, receive, uses_btrfs
@@ -31,18 +32,21 @@ __all__ = ["delta_parent", "open_events", "receive_any"]
 Source = str | os.PathLike[str] | BinaryIO | IO[bytes]
 
 
-def delta_parent(dest: Path, backend: str = "auto",
-                 search_root: Path | None = None) -> Callable[[Any], Path]:
+def delta_parent(dest: Path, backend: str = "auto", search_root: Path | None = None,
+                 parents: dict[UUID, Path] | None = None) -> Callable[[Any], Path]:
     """The old-root function for receiving a delta stream below ``dest``: the local parent
     subvolume of the stream's SNAPSHOT (a full stream has no old files to patch against),
-    found below ``dest`` or ``search_root`` (see :func:`btrdelta.receive.receive`).
+    found below ``dest`` or ``search_root`` (see :func:`btrdelta.receive.receive`), or
+    taken from ``parents`` (the receive's: the parent is looked up once, by whichever of
+    the expansion and the applier asks first).
     """
     from ..stream.records import Snapshot
 
     def resolve(head: Any) -> Path:
         if not isinstance(head, Snapshot):
             raise MissingBaseError("a delta of a full stream needs an old tree (delta expand)")
-        return find_parent(dest, head, backend=backend, search_root=search_root)
+        return find_parent(dest, head, backend=backend, search_root=search_root,
+                           parents=parents)
 
     return resolve
 
@@ -50,14 +54,15 @@ def delta_parent(dest: Path, backend: str = "auto",
 def open_events(
     f: BinaryIO, dest: Path, *, backend: str = "auto", source: str | None = None,
     search_root: Path | None = None, max_file_size: int | None = None,
+    parents: dict[UUID, Path] | None = None,
 ) -> Iterable[Event]:
     """The events to apply from input ``f`` (the one place an input is sniffed).
 
     A plain stream is its :class:`StreamReader` (``receive`` takes its decoded batches
     whole). A delta stream is expanded on the fly against the parent of its snapshot below
     ``dest`` (``max_file_size``: the expansion's memory limit, see
-    :func:`~btrdelta.delta.events.expand_events`). Anything else is refused with one line
-    saying what it is.
+    :func:`~btrdelta.delta.events.expand_events`; ``parents``: see :func:`delta_parent`,
+    to share with the receive). Anything else is refused with one line saying what it is.
     """
     what, f = identify(f)
     if what.kind is Kind.SEND_STREAM:
@@ -68,7 +73,8 @@ def open_events(
 
         # reflinks where the destination has them (a clone that must be copied costs more
         # than the write it stands for)
-        return expand_events(f, delta_parent(dest, backend, search_root), source=source,
+        return expand_events(f, delta_parent(dest, backend, search_root, parents),
+                             source=source,
                              clone_same=uses_btrfs(dest, backend), hash_clones=False,
                              max_file_size=max_file_size or DEFAULT_MAX_FILE_SIZE)
     if what.kind is Kind.UNKNOWN:
@@ -108,9 +114,10 @@ def receive_any(stream: Source, dest: str | os.PathLike[str], *, source: str | N
 
 def _receive_file(f: Any, source: str | None, dest: Path, backend: str,
                   options: dict[str, Any]) -> list[ReceivedSubvol]:
+    parents = options.setdefault("parents", {})  # looked up once: expansion or applier
     events = open_events(f, dest, backend=backend, source=source,
                          search_root=options.get("search_root"),
-                         max_file_size=options.pop("max_file_size", None))
+                         max_file_size=options.pop("max_file_size", None), parents=parents)
     # a delta stream is expanded in a helper thread while C applies records
     options.setdefault("read_ahead", not isinstance(events, StreamReader))
     return receive(events, dest, **options)

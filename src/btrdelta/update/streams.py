@@ -25,6 +25,7 @@ import os
 from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
+from uuid import UUID
 
 import blake3
 
@@ -178,25 +179,30 @@ def receive_release(
 
 def receive_version(
     stream: BinaryIO, dest: Path, name: str, *, source: str, delta: bool, identity: str,
-    parent: Digests | None = None,
+    parent: Digests | None = None, parent_at: tuple[UUID, Path] | None = None,
 ) -> tuple[ReceivedSubvol, Digests]:
     """:func:`receive_release` checking ``identity``; returns the version and its file
     digests. With ``parent`` (the digests of the tree a delta applies to, hashed by the
     caller in this process), files the stream did not change are not read again: see
     :mod:`btrdelta.tree.incremental`. When the parent the receive used is not
-    ``parent.root``, every file is read."""
+    ``parent.root``, every file is read. ``parent_at``: the (received) UUID of the
+    parent and its directory, as the caller found it (the receive does not look it up
+    again)."""
     return _receive(stream, dest, name, source=source, delta=delta, identity=identity,
-                    parent=parent, on_progress=None)
+                    parent=parent, on_progress=None, parent_at=parent_at)
 
 
 def _receive(
     stream: BinaryIO, dest: Path, name: str, *, source: str, delta: bool,
     identity: str | None, parent: Digests | None,
     on_progress: Callable[[int, int], None] | None,
+    parent_at: tuple[UUID, Path] | None = None,
 ) -> tuple[ReceivedSubvol, Digests]:
     from ..update.receive import open_events
 
-    events: Any = open_events(stream, dest, source=source)
+    # the parent is looked up once (by the caller, or by the expansion or the applier)
+    parents: dict[UUID, Path] = dict([parent_at]) if parent_at is not None else {}
+    events: Any = open_events(stream, dest, source=source, parents=parents)
     is_delta = not isinstance(events, StreamReader)
     if is_delta != delta:
         raise ChecksumError(f"expected a {'delta' if delta else 'plain'} stream",
@@ -233,7 +239,8 @@ def _receive(
         if changes is not None and identity is not None:
             changes.warm()  # its threads start while the first records are expanded
         done = receive(_Renamed(events, name.encode(), changes), dest, stop_at_end=True,
-                       read_ahead=is_delta, on_progress=on_progress, pre_commit=Check())
+                       read_ahead=is_delta, on_progress=on_progress, pre_commit=Check(),
+                       parents=parents)
     finally:
         if changes is not None:
             changes.close()

@@ -52,7 +52,7 @@ from ..repo.metadata import (
     version_records,
 )
 from ..repo.mirror import Mirrors
-from ..repo.model import VersionRecord
+from ..repo.model import VersionRecord, stream_uuid
 from ..repo.plan import Plan, Step, plan_update
 from ..repo.rootchain import current_root
 from ..transport.config import HttpConfig
@@ -269,7 +269,7 @@ def _apply(d: _Dest, m: Mirrors, step: Step, records: dict[int, VersionRecord],
         if parent is None or step.source is None:
             raise MissingBaseError("a delta hop without its parent version")
         src = records[step.source]
-        holdings.ensure_parent(d.dest, parent, src.name)
+        parent_dir = holdings.ensure_parent(d.dest, parent, src.name)
         ref = next(x.ref for x in rec.deltas if x.source == step.source)
         d.downloads.mkdir(parents=True, exist_ok=True)
         path = m.download(ref.path, d.downloads / ref.path.split("/")[1],
@@ -277,7 +277,8 @@ def _apply(d: _Dest, m: Mirrors, step: Step, records: dict[int, VersionRecord],
         emit({"event": "apply", **info})
         with open(path, "rb") as f:
             return receive_version(f, d.dest, name, source=ref.path, delta=True,
-                                   identity=rec.identity, parent=parent)[1]
+                                   identity=rec.identity, parent=parent,
+                                   parent_at=(stream_uuid(parent.identity), parent_dir))[1]
     else:
         full = full_index(m, rec, d.meta)
         seeds = _seeds(d, seedable, records, emit)
