@@ -142,3 +142,31 @@ def test_on_load_configures_a_loaded_module_at_once() -> None:
     _native.on_load("unfold", seen.append)
     assert seen == [_native.live("unfold")]
     _native._hooks["unfold"].remove(seen.append)
+
+
+def test_two_threads_load_a_module_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``update`` imports the C modules in a thread while its own thread may ask for one:
+    the module's hooks run once, and neither thread gets it before they ran."""
+    import threading
+    import time
+
+    mod = _native.live("buzhash")
+    assert mod is not None
+    monkeypatch.delitem(_native._loaded, "buzhash")
+    calls: list[int] = []
+
+    def slow_hook(_m: object) -> None:
+        time.sleep(0.05)
+        calls.append(threading.get_ident())
+
+    monkeypatch.setitem(_native._hooks, "buzhash", [slow_hook])
+    got: list[object] = []
+    threads = [threading.Thread(target=lambda: got.append((_native.live("buzhash"),
+                                                           len(calls))))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert got == [(mod, 1), (mod, 1)]

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import ModuleType
@@ -89,6 +90,12 @@ def _check(name: str) -> None:
         raise ValueError(f"unknown accelerator {name!r} (have: {', '.join(ACCELERATORS)})")
 
 
+#: held while a C module is imported and configured: a thread that imports ahead (``update``
+#: does, while it plans) and one that needs the module now must not both run its hooks
+_loading = threading.RLock()
+_configuring: dict[str, ModuleType] = {}
+
+
 def _load(name: str) -> ModuleType | None:
     """The C module ``name``, imported and configured once (``None`` if not built)."""
     try:
@@ -96,14 +103,23 @@ def _load(name: str) -> ModuleType | None:
     except KeyError:
         pass
     _check(name)
-    try:
-        mod: ModuleType | None = importlib.import_module(ACCELERATORS[name])
-    except ImportError:  # no compiler at install time (or a dependency not built)
-        mod = None
-    _loaded[name] = mod
-    if mod is not None:
-        for hook in _hooks[name]:
-            hook(mod)
+    with _loading:
+        if name in _loaded:
+            return _loaded[name]
+        if name in _configuring:  # asked by one of its own hooks
+            return _configuring[name]
+        try:
+            mod: ModuleType | None = importlib.import_module(ACCELERATORS[name])
+        except ImportError:  # no compiler at install time (or a dependency not built)
+            mod = None
+        if mod is not None:
+            _configuring[name] = mod
+            try:
+                for hook in _hooks[name]:
+                    hook(mod)
+            finally:
+                del _configuring[name]
+        _loaded[name] = mod  # seen by other threads once configured
     return mod
 
 
@@ -111,10 +127,11 @@ def on_load(name: str, configure: Callable[[ModuleType], object]) -> None:
     """Call ``configure(module)`` when the C module ``name`` is loaded (at once if it is
     already): it gives the module the tables it needs from the floors above."""
     _check(name)
-    _hooks[name].append(configure)
-    mod = _loaded.get(name)
-    if mod is not None:
-        configure(mod)
+    with _loading:
+        _hooks[name].append(configure)
+        mod = _loaded.get(name)
+        if mod is not None:
+            configure(mod)
 
 
 def available(name: str) -> bool:
