@@ -504,14 +504,15 @@ def test_the_c_walk_holds_few_descriptors(tmp_path: Path) -> None:
     assert len(want) == 601
 
 
+def _overlay_threads() -> set[int]:
+    return {t.ident or 0 for t in threading.enumerate()
+            if t.name.startswith("btrdelta-overlay")}
+
+
 def test_warm_threads_serve_the_walk_and_stop(tmp_path: Path) -> None:
     """:meth:`Changes.warm` starts both hashing threads at once; :meth:`tree_sum` hashes in
     them, and they are gone after it (or after :meth:`close` when no walk came)."""
-    def overlay_threads() -> set[int]:
-        return {t.ident or 0 for t in threading.enumerate()
-                if t.name.startswith("btrdelta-overlay")}
-
-    before = overlay_threads()
+    before = _overlay_threads()
     parent = _parent(tmp_path)
     (parent / "e" / "big").write_bytes(os.urandom(600_000))
     digests = verified_digests(parent)
@@ -519,26 +520,22 @@ def test_warm_threads_serve_the_walk_and_stop(tmp_path: Path) -> None:
     copy_tree(parent, new)
     changes = Changes()
     changes.warm()
-    warm = overlay_threads() - before
+    warm = _overlay_threads() - before
     assert len(warm) == 2
     _apply(new, changes, [_snap(), S.Write(b"e/big", 10, b"X")])
     assert changes.tree_sum(new, digests).identity == tree_sum(new)
-    assert not overlay_threads() & warm
+    assert not _overlay_threads() & warm
     idle = Changes()
     idle.warm()
-    assert len(overlay_threads() - before) == 2
+    assert len(_overlay_threads() - before) == 2
     idle.close()
-    assert not overlay_threads() - before
+    assert not _overlay_threads() - before
 
 
 def test_start_keeps_the_warm_threads(tmp_path: Path) -> None:
     """:meth:`Changes.start` gives the early digests to the threads :meth:`Changes.warm`
     started (it stopped them and started two more); they are gone after the walk."""
-    def overlay_threads() -> set[int]:
-        return {t.ident or 0 for t in threading.enumerate()
-                if t.name.startswith("btrdelta-overlay")}
-
-    before = overlay_threads()
+    before = _overlay_threads()
     parent = _parent(tmp_path)
     (parent / "e" / "big").write_bytes(os.urandom(600_000))
     digests = verified_digests(parent)
@@ -546,9 +543,9 @@ def test_start_keeps_the_warm_threads(tmp_path: Path) -> None:
     copy_tree(parent, new)
     changes = Changes()
     changes.warm()
-    warm = overlay_threads() - before
+    warm = _overlay_threads() - before
     _apply(new, changes, [_snap(), S.Write(b"e/big", 10, b"X")])
     changes.start(new, digests)
-    assert overlay_threads() - before == warm
+    assert _overlay_threads() - before == warm
     assert changes.tree_sum(new, digests).identity == tree_sum(new)
-    assert not overlay_threads() - before
+    assert not _overlay_threads() - before
