@@ -17,7 +17,7 @@ import pytest
 from btrdelta import stream as S
 from btrdelta.fs.copy import copy_tree
 from btrdelta.tree import incremental, tree_sum, treesum
-from btrdelta.tree.incremental import Changes, verified_digests
+from btrdelta.tree.incremental import Changes, Digests, verified_digests
 
 T = 1_600_000_000_000_000_000
 
@@ -509,15 +509,19 @@ def _overlay_threads() -> set[int]:
             if t.name.startswith("btrdelta-overlay")}
 
 
+def _large_parent_copied(tmp_path: Path) -> tuple[Digests, Path]:
+    """The digests of a parent with a large file ``e/big``, and a copy of it to write."""
+    parent = _parent_with_large(tmp_path, "big")
+    new = tmp_path / "new"
+    copy_tree(parent, new)
+    return verified_digests(parent), new
+
+
 def test_warm_threads_serve_the_walk_and_stop(tmp_path: Path) -> None:
     """:meth:`Changes.warm` starts both hashing threads at once; :meth:`tree_sum` hashes in
     them, and they are gone after it (or after :meth:`close` when no walk came)."""
     before = _overlay_threads()
-    parent = _parent(tmp_path)
-    (parent / "e" / "big").write_bytes(os.urandom(600_000))
-    digests = verified_digests(parent)
-    new = tmp_path / "new"
-    copy_tree(parent, new)
+    digests, new = _large_parent_copied(tmp_path)
     changes = Changes()
     changes.warm()
     warm = _overlay_threads() - before
@@ -536,11 +540,7 @@ def test_start_keeps_the_warm_threads(tmp_path: Path) -> None:
     """:meth:`Changes.start` gives the early digests to the threads :meth:`Changes.warm`
     started (it stopped them and started two more); they are gone after the walk."""
     before = _overlay_threads()
-    parent = _parent(tmp_path)
-    (parent / "e" / "big").write_bytes(os.urandom(600_000))
-    digests = verified_digests(parent)
-    new = tmp_path / "new"
-    copy_tree(parent, new)
+    digests, new = _large_parent_copied(tmp_path)
     changes = Changes()
     changes.warm()
     warm = _overlay_threads() - before
