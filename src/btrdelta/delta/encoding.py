@@ -467,18 +467,12 @@ def _decode_penc(mv: memoryview, start: int, end: int) -> PEncoded | None:
     v = layout[0].unpack_from(mv, start)
     if v[0::2] != layout[1]:
         return None
-    values = v[1::2]
-    if len(values) == 9:
-        offset, length, file_len, unenc_len, unenc_off, compression, disk_len, level, crc = (
-            values)
-        encryption = None
-    else:
-        (offset, length, file_len, unenc_len, unenc_off, compression, encryption, disk_len,
-         level, crc) = values
-    return PEncoded(
-        offset, length, file_len, unenc_len, unenc_off, compression, encryption, disk_len,
-        level - (1 << 32) if level & 0x80000000 else level, crc,
-    )
+    values: list[Any] = list(v[1::2])
+    if len(values) == 9:  # no ENCRYPTION: PEncoded's field after COMPRESSION
+        values.insert(6, None)
+    if values[8] & 0x80000000:  # LEVEL is signed
+        values[8] -= 1 << 32
+    return PEncoded(*values)
 
 
 def decode_item(cmd: int, mv: memoryview, start: int, end: int) -> DeltaItem:
