@@ -126,3 +126,56 @@ def test_the_keep_budget_follows_the_memory(monkeypatch: pytest.MonkeyPatch) -> 
     for ram, want in ((256 << 20, 16 << 20), (64 << 20, 8 << 20), (32 << 30, 64 << 20)):
         pages["SC_PHYS_PAGES"] = ram // 4096
         assert hashing.keep_budget() == want
+
+
+def test_hashing_threads_keep_order_errors_and_stop(tmp_path: Path) -> None:
+    """The hashing threads (send/hashing.py ``_Batches``, not ``concurrent.futures``): results
+    in the order queued, at most ``workers`` threads, an error raised by ``result``, what was
+    not started dropped on ``close`` and every thread joined."""
+    import threading
+
+    from btrdelta.errors import BtrdeltaError
+    from btrdelta.send.hashing import _Batches
+
+    gate = threading.Event()
+    running: set[int] = set()
+    peak = 0
+
+    def run(batch: list[tuple[object, bytes]], keeping: bool) -> int:
+        nonlocal peak
+        running.add(threading.get_ident())
+        peak = max(peak, len(running))
+        gate.wait(5)
+        running.discard(threading.get_ident())
+        if batch and batch[0][1] == b"bad":
+            raise BtrdeltaError("cannot read file", path=b"bad")
+        return len(batch) + keeping
+
+    pool = _Batches(run, 2)
+    jobs = [pool.submit([(None, b"x")] * i, False) for i in range(1, 6)]
+    bad = pool.submit([(None, b"bad")], True)
+    gate.set()
+    assert [j.result() for j in jobs] == [1, 2, 3, 4, 5]
+    with pytest.raises(BtrdeltaError, match="cannot read file"):
+        bad.result()
+    assert peak <= 2
+    pool.close()
+    assert not any(t.is_alive() for t in pool._threads)
+    # queued again after the threads ended: new ones start
+    assert pool.submit([(None, b"y")], True).result() == 2
+    # close while one runs: the running one finishes, the queued one is dropped
+    gate.clear()
+    one = _Batches(run, 1)
+    first, second = one.submit([(None, b"a")], False), one.submit([(None, b"b")], False)
+    while not running:
+        threading.Event().wait(0.01)
+    closer = threading.Thread(target=one.close)
+    closer.start()
+    while one._queue:
+        threading.Event().wait(0.01)
+    gate.set()
+    closer.join(5)
+    assert first.result() == 1
+    with pytest.raises(BtrdeltaError, match="hashing stopped"):
+        second.result()
+    pool.close()

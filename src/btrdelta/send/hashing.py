@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import deque
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING
 
@@ -23,8 +24,6 @@ from ..fs.copy import data_segments
 from .onepass import BLOCK, BlockHasher, digests_of
 
 if TYPE_CHECKING:
-    from concurrent.futures import Future, ThreadPoolExecutor
-
     from .scan import Node, Tree
 
 __all__ = ["KEEP_BUDGET", "KEEP_MAX", "ContentHasher", "block_segments", "open_file",
@@ -119,6 +118,85 @@ def _hash_file(path: bytes, size: int, buf: bytearray) -> tuple[bytes, int]:
 
 
 
+class _Job:
+    """One batch queued on :class:`_Batches`: :meth:`result` waits for it."""
+
+    __slots__ = ("_done", "args", "error", "value")
+
+    def __init__(self, args: tuple[list[tuple[Node, bytes]], bool]) -> None:
+        self.args = args
+        self.value = 0
+        self.error: BaseException | None = None
+        self._done = threading.Lock()
+        self._done.acquire()  # released when the batch is done (or dropped)
+
+    def finish(self) -> None:
+        self._done.release()
+
+    def result(self) -> int:
+        """The batch's return value (raises what it raised; :class:`BtrdeltaError` when it
+        was dropped by :meth:`_Batches.close`)."""
+        with self._done:
+            pass
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class _Batches:
+    """Up to ``workers`` threads running ``run(*args)`` over batches in the order queued.
+
+    What :class:`ContentHasher` needs of ``concurrent.futures.ThreadPoolExecutor``, which
+    (with the ``logging`` it imports) costs a small send ~4 ms of its start: a thread is
+    started per batch queued while fewer than ``workers`` run, and ends when the queue is
+    empty; :meth:`close` drops what was not started and joins the threads.
+    """
+
+    def __init__(self, run: Callable[[list[tuple[Node, bytes]], bool], int],
+                 workers: int) -> None:
+        self._run, self._workers = run, workers
+        self._lock = threading.Lock()
+        self._queue: deque[_Job] = deque()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0  # threads started that found the queue empty (ended or ending)
+
+    def submit(self, batch: list[tuple[Node, bytes]], keeping: bool) -> _Job:
+        job = _Job((batch, keeping))
+        with self._lock:
+            self._queue.append(job)
+            if len(self._threads) - self._idle < self._workers:
+                t = threading.Thread(target=self._work, daemon=True,
+                                     name=f"btrdelta-hash_{len(self._threads)}")
+                self._threads.append(t)
+                t.start()
+        return job
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._idle += 1
+                    return
+                job = self._queue.popleft()
+            try:
+                job.value = self._run(*job.args)
+            except BaseException as exc:  # handed to result() in the waiting thread
+                job.error = exc
+            finally:
+                job.finish()
+
+    def close(self) -> None:
+        """Drop the batches not started, wait for the threads."""
+        with self._lock:
+            dropped = list(self._queue)
+            self._queue.clear()
+        for job in dropped:
+            job.error = BtrdeltaError("hashing stopped")
+            job.finish()
+        for t in self._threads:
+            t.join()
+
+
 def block_segments(segs: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
     """Data segments widened to whole 4 KiB blocks (the last one ends at ``size``), merged."""
     out: list[tuple[int, int]] = []
@@ -190,13 +268,9 @@ class ContentHasher:
     def __init__(self, workers: int | None = None, seed: int | None = None) -> None:
         self.seed = seed
         self.workers = workers or min(4, os.cpu_count() or 1)
-        self._pool: ThreadPoolExecutor | None = None
-        if self.workers > 1:
-            from concurrent.futures import ThreadPoolExecutor  # (not for one worker)
-
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="btrdelta-hash")
+        self._pool = _Batches(self._run, self.workers) if self.workers > 1 else None
         self._local = threading.local()
-        self._futures: list[Future[int]] = []
+        self._jobs: list[_Job] = []
         self._batches: list[tuple[list[tuple[Node, bytes]], bool]] = []
         self._trees: list[Tree] = []
         self._kept: dict[int, bytes] = {}
@@ -271,7 +345,7 @@ class ContentHasher:
         if self._pool is None:
             self._batches.append((batch, keeping))  # one worker: hashed in wait(), here
         else:
-            self._futures.append(self._pool.submit(self._run, batch, keeping))
+            self._jobs.append(self._pool.submit(batch, keeping))
 
     def wait(self, on_bytes: Callable[[int], None] | None = None) -> int:
         """Wait for every queued file; returns the bytes read.
@@ -288,8 +362,8 @@ class ContentHasher:
                 done += self._run(batch, keeping)
                 if on_bytes is not None:
                     on_bytes(done)
-            for fut in self._futures:
-                done += fut.result()
+            for job in self._jobs:
+                done += job.result()
                 if on_bytes is not None:
                     on_bytes(done)
         finally:
@@ -303,4 +377,4 @@ class ContentHasher:
         """Drop queued work and stop the threads (after an error elsewhere)."""
         self._batches.clear()
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.close()
