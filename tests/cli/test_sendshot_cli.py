@@ -121,3 +121,67 @@ def test_list_show_delete_prune(tmp_path: Path, capsys: pytest.CaptureFixture[st
         err = capsys.readouterr().err
         assert err.startswith("btrdelta sendshot: error: ")
         assert err.count("\n") == 1
+
+
+def test_a_missing_or_damaged_newest_record_is_absent_to_latest(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``send --record`` does not wait for the disk (docs/formats/sendshot.md §4): after a
+    power cut its newest record may be missing (the name lost, a temporary file left) or
+    damaged (named before its bytes were on the disk). ``--from-sendshot latest`` then sends
+    against the newest record that reads whole, with a warning, and a receiver that holds
+    that base applies the stream (oracle: tree-sum of the source); a damaged record named
+    explicitly, or one whose content is not what its name says, is a one-line error."""
+    from btrdelta.tree.treesum import tree_sum
+
+    src, rcv, store = tmp_path / "src", tmp_path / "rcv", tmp_path / "store"
+    (src / "d").mkdir(parents=True)
+    rcv.mkdir()
+    for i in range(3):
+        (src / "d" / f"f{i}").write_bytes(os.urandom(9000 + i))
+    for i in range(1500):  # a record of several zstd blocks: a torn one's head still reads
+        (src / f"n{i}").write_bytes(os.urandom(40))
+
+    warned: list[str] = []
+
+    def send(i: int) -> dict[str, Any]:
+        (src / "d" / "f0").write_bytes(os.urandom(9000 + i))
+        capsys.readouterr()
+        assert main(["send", str(src), "-o", str(tmp_path / f"s{i}"), "--record", "--store",
+                     str(store), "--name", f"src.{i}", "--json",
+                     *(["--from-sendshot", "latest"] if i else [])]) == 0
+        got = capsys.readouterr()
+        warned.append(got.err)
+        return dict(json.loads(got.out))
+
+    def received(i: int) -> bool:
+        assert main(["receive", "-f", str(tmp_path / f"s{i}"), str(rcv)]) == 0
+        return tree_sum(rcv / f"src.{i}") == tree_sum(src)
+
+    r0 = send(0)["sendshot"]
+    assert received(0)
+    r1 = send(1)["sendshot"]  # never received; then torn (its head still reads)
+    f1 = store / "records" / f"{r1}.sendshot"
+    os.truncate(f1, f1.stat().st_size * 2 // 3)
+    assert SendshotStore(store).records_list()[-1].digest == r1
+    got = send(2)
+    assert got["from_sendshot"] == r0
+    assert f"sendshot {r1[:12]} cannot be read" in warned[-1]
+    assert received(2)
+
+    # the newest record missing, its temporary file left: the newest readable one
+    r2 = got["sendshot"]
+    os.replace(store / "records" / f"{r2}.sendshot", store / "records" / ".tmp-1-0badf00d")
+    got = send(3)
+    assert got["from_sendshot"] == r0
+    assert received(3)
+
+    # named: the damaged one, and a record under another's name
+    (store / "records" / ("ab" * 32 + ".sendshot")).write_bytes(
+        (store / "records" / f"{r0}.sendshot").read_bytes())
+    for ident, says in ((r1, "truncated"), ("ab" * 32, "its name says")):
+        capsys.readouterr()
+        assert main(["send", str(src), "-o", str(tmp_path / "sx"), "--store", str(store),
+                     "--from-sendshot", ident]) == 3
+        err = capsys.readouterr().err.splitlines()
+        assert err[-1].startswith("btrdelta send: error: "), err
+        assert says in err[-1]

@@ -193,6 +193,10 @@ def _send_sendshot(args: argparse.Namespace, version: int, compress: str | None,
             compress=compress, name=os.fsencode(args.name) if args.name else None,
             on_progress=lambda st: progress.update(
                 st.bytes_read, note=f"{st.phase}: {st.files_scanned} files"),
+            # like the stream (open_output(durable=False)), the record is not waited for on
+            # the disk: a missing or damaged newest record is absent to --from-sendshot
+            # latest (docs/formats/sendshot.md §4)
+            durable=False,
         )
     if result.warning:
         progress.message(f"btrdelta send: warning: {result.warning}")

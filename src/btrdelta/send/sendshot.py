@@ -24,7 +24,7 @@ from functools import partial
 from typing import Any
 
 from .._value import value_class
-from ..errors import BtrdeltaError
+from ..errors import BtrdeltaError, MissingBaseError, StreamFormatError
 from ..fs.btrfs import changed_inodes
 from ..stream.records import Record
 from ..tree.columns import Columns
@@ -60,19 +60,59 @@ class SendshotResult:
 
 
 def load_base(store: SendshotStore, ident: str, source: bytes, lineage: object,
-              candidates: Any = None) -> tuple[StoredSendshot, Columns]:
-    """The record ``ident`` (``latest``: the newest of this source) and its columns."""
+              candidates: Any = None, damaged: list[str] | None = None
+              ) -> tuple[StoredSendshot, Columns]:
+    """The record ``ident`` (``latest``: the newest of this source) and its columns, checked
+    whole against the digest that names it.
+
+    With ``latest``, a record that cannot be read whole (a power cut before the disk had it:
+    ``send --record`` does not wait for it) is absent: the newest one that can is used,
+    and a line saying so is added to ``damaged``.
+
+    Raises:
+        MissingBaseError: no such record (``latest``: none that can be read).
+        StreamFormatError: the record ``ident`` is damaged.
+    """
     def mine(s: StoredSendshot) -> bool:
         return (lineage is not None and s.head.subvol_uuid == lineage) or \
             s.head.source == source
 
-    rec = store.resolve(ident, lineage=mine, candidates=candidates)
+    if ident != "latest":
+        rec = store.resolve(ident, lineage=mine, candidates=candidates)
+        return rec, _columns(store, rec)
+    skipped: set[str] = set()
+    first: StreamFormatError | None = None
+    while True:
+        try:
+            rec = store.resolve(ident, lineage=lambda s: mine(s) and s.digest not in skipped,
+                                candidates=candidates)
+        except MissingBaseError:
+            if first is not None:
+                raise first from None
+            raise
+        try:
+            cols = _columns(store, rec)
+        except StreamFormatError as exc:
+            first = first or exc
+            skipped.add(rec.digest)
+            if damaged is not None:
+                damaged.append(f"sendshot {rec.digest[:12]} cannot be read ({exc}): "
+                               "an older one is used")
+            continue
+        return rec, cols
+
+
+def _columns(store: SendshotStore, rec: StoredSendshot) -> Columns:
+    """The columns of ``rec``, whose content must be what its name (digest) says."""
     reader, f = store.open(rec)
     try:
         cols = reader.columns()
     finally:
         f.close()
-    return rec, cols
+    if reader.digest is not None and reader.digest != rec.digest:
+        raise StreamFormatError(f"the record's content is not the one its name says "
+                                f"(digest {reader.digest[:12]})", source=rec.path)
+    return cols
 
 
 def _stamp(fz: Frozen) -> Callable[[Tree], None]:
@@ -156,6 +196,7 @@ def send_with_sendshots(
     inflight: Callable[[Frozen], None] | None = None,
     on_record: Callable[[Record], None] | None = None,
     source_name: bytes | None = None,
+    durable: bool = True,
 ) -> SendshotResult:
     """Send ``source`` (full, or against the sendshot ``from_sendshot``) to ``write``.
 
@@ -177,6 +218,8 @@ def send_with_sendshots(
         on_record: called after each record was written (the first is the header).
         source_name: the source path to record (default ``source``; a caller that froze the
             source itself passes the live path here).
+        durable: ``fsync`` the new record before it is named, and return only then (False:
+            the disk is not waited for; see ``docs/formats/sendshot.md`` §4).
 
     Raises:
         MissingBaseError: no such sendshot.
@@ -188,8 +231,9 @@ def send_with_sendshots(
     with frozen(path, snapshot=snapshot) as fz:
         base: StoredSendshot | None = None
         cols: Columns | None = None
+        damaged: list[str] = []
         if from_sendshot is not None:
-            base, cols = load_base(store, from_sendshot, src, fz.lineage, candidates)
+            base, cols = load_base(store, from_sendshot, src, fz.lineage, candidates, damaged)
         seed = base.head.seed if base is not None else store.seed()
         scan, old, changes = _scan(fz, base, cols, seed)
         ids = StreamIds(
@@ -207,25 +251,26 @@ def send_with_sendshots(
             on_stream(sender)
         head = partial(_head, sender, fz, base, src, stream_name, seed)
         stored = _stream_and_record(sender, write, version, on_record, store, head,
-                                    changes, record)
+                                    changes, record, durable)
         if inflight is not None:
             inflight(fz)
         return SendshotResult(
             recorded=stored, base=base, stream_uuid=str(sender.new_ids()[0]),
             parent_uuid=str(ids.parent_uuid) if ids.parent_uuid else None,
             reused=changes.reused if changes is not None else 0, stats=sender.stats,
-            warning=fz.warning,
+            warning="; ".join(filter(None, [fz.warning, *damaged])),
         )
 
 
 def _stream_and_record(sender: Sender, write: Callable[[Any], object], version: int,
                        on_record: Callable[[Record], None] | None, store: SendshotStore,
                        head: Callable[[Changes | None], SendshotHead], changes: Changes | None,
-                       record: bool) -> StoredSendshot | None:
+                       record: bool, durable: bool) -> StoredSendshot | None:
     """Write the stream, then (``record``) store its record. The record of a change sweep is
-    known before the stream: it is written and ``fsync``-ed by a thread while the stream is
-    sent, and named after its last byte (nothing is named for a stream that did not end)."""
-    pending = store.begin(head(changes), changes.record()) \
+    known before the stream: it is written (``durable``: and ``fsync``-ed) by a thread while
+    the stream is sent, and named after its last byte (nothing is named for a stream that
+    did not end)."""
+    pending = store.begin(head(changes), changes.record(), durable=durable) \
         if record and changes is not None else None
     try:
         _write_stream(sender, write, version, on_record)
@@ -235,7 +280,8 @@ def _stream_and_record(sender: Sender, write: Callable[[Any], object], version: 
         raise
     if pending is not None:
         return pending.commit()
-    return store.save(head(None), record_inodes(sender.new)) if record else None
+    return store.save(head(None), record_inodes(sender.new), durable=durable) \
+        if record else None
 
 
 def _write_stream(sender: Sender, write: Callable[[Any], object], version: int,

@@ -7,10 +7,14 @@ Layout (``docs/formats/sendshot.md``)::
     STORE/seed                        the block-digest seed of this store (hex, 0600)
     STORE/.lock                       flock(2) while the store is changed
 
-Records are written to a temporary file (``O_EXCL``) and renamed to their name, so a record
-under its name is always complete. A *cursor* says which sendshot a receiver holds (what the
-next incremental is sent against); :meth:`SendshotStore.prune` never deletes a sendshot a
-cursor names, nor one an in-flight replication needs.
+Records are written to a temporary file (``O_EXCL``) and renamed to their name. A *durable*
+one (:meth:`SendshotStore.save`, :meth:`~SendshotStore.begin`: the default; ``replicate``)
+is ``fsync``-ed before it is named, so after a power cut its name never shows an incomplete
+record; ``btrdelta send --record`` does not wait for the disk (a power cut in the next
+seconds can leave the newest record missing or damaged, which ``--from-sendshot latest``
+treats as absent: ``docs/formats/sendshot.md`` §4). A *cursor* says which sendshot a
+receiver holds (what the next incremental is sent against); :meth:`SendshotStore.prune`
+never deletes a sendshot a cursor names, nor one an in-flight replication needs.
 
 Retention (:func:`plan_prune`, pure): keep the newest N, or a time grid such as
 ``1h:24,1d:7,1w:4`` (the newest sendshot in each of the last 24 hours, 7 days and 4 weeks,
@@ -124,24 +128,26 @@ class SendshotStore:
             with open(p) as f:
                 return int(f.read().strip(), 16)
 
-    def save(self, head: SendshotHead, inodes: Iterable[RecordInode] | Encoded
-             ) -> StoredSendshot:
+    def save(self, head: SendshotHead, inodes: Iterable[RecordInode] | Encoded, *,
+             durable: bool = True) -> StoredSendshot:
         """Write a record (temporary file, then its digest name); returns it. ``inodes``:
-        every inode, or the columns already encoded."""
+        every inode, or the columns already encoded. ``durable``: ``fsync`` it before it
+        is named (False: named once written; the disk is not waited for)."""
         tmp = self._temporary()
         try:
-            digest = _write_durably(tmp, head, inodes)
+            digest = _write_record(tmp, head, inodes, durable)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
         return self._publish(tmp, digest, head)
 
-    def begin(self, head: SendshotHead, encoded: Encoded) -> PendingRecord:
+    def begin(self, head: SendshotHead, encoded: Encoded, *, durable: bool = True
+              ) -> PendingRecord:
         """:meth:`save` in a thread, named only when :meth:`PendingRecord.commit` says so:
-        the record of a stream is encoded, written and ``fsync``-ed while the stream is
-        sent (and stored under its name after the stream's last byte, as before)."""
-        return PendingRecord(self, head, encoded)
+        the record of a stream is encoded and written (``durable``: and ``fsync``-ed) while
+        the stream is sent, and stored under its name after the stream's last byte."""
+        return PendingRecord(self, head, encoded, durable)
 
     def _temporary(self) -> str:
         os.makedirs(self.records, mode=0o700, exist_ok=True)
@@ -303,15 +309,16 @@ class SendshotStore:
             return doomed
 
 
-def _write_durably(tmp: str, head: SendshotHead, inodes: Iterable[RecordInode] | Encoded
-                   ) -> str:
-    """Write a record to the new file ``tmp`` and ``fsync`` it; its digest."""
+def _write_record(tmp: str, head: SendshotHead, inodes: Iterable[RecordInode] | Encoded,
+                  durable: bool) -> str:
+    """Write a record to the new file ``tmp`` (``durable``: and ``fsync`` it); its digest."""
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600)
     with os.fdopen(fd, "wb") as f:
         digest, _n = write_record(f.write, head, inodes)
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
     return digest
 
 
@@ -320,10 +327,11 @@ class PendingRecord:
     (:meth:`SendshotStore.begin`). :meth:`commit` waits and names it; :meth:`abort` waits
     and deletes it. One of them must be called."""
 
-    def __init__(self, store: SendshotStore, head: SendshotHead, encoded: Encoded) -> None:
+    def __init__(self, store: SendshotStore, head: SendshotHead, encoded: Encoded,
+                 durable: bool = True) -> None:
         import threading
 
-        self._store, self._head = store, head
+        self._store, self._head, self._durable = store, head, durable
         self._tmp = store._temporary()
         self._digest = ""
         self._error: BaseException | None = None
@@ -333,7 +341,7 @@ class PendingRecord:
 
     def _run(self, encoded: Encoded) -> None:
         try:
-            self._digest = _write_durably(self._tmp, self._head, encoded)
+            self._digest = _write_record(self._tmp, self._head, encoded, self._durable)
         except BaseException as exc:  # handed to commit() in the caller's thread
             self._error = exc
 
