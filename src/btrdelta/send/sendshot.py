@@ -218,8 +218,7 @@ def send_with_sendshots(
         on_record: called after each record was written (the first is the header).
         source_name: the source path to record (default ``source``; a caller that froze the
             source itself passes the live path here).
-        durable: ``fsync`` the new record before it is named, and return only then (False:
-            the disk is not waited for; see ``docs/formats/sendshot.md`` §4).
+        durable: ``fsync`` the new record before naming it (``docs/formats/sendshot.md`` §4).
 
     Raises:
         MissingBaseError: no such sendshot.
