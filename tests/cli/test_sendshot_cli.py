@@ -8,6 +8,7 @@ import json
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +95,8 @@ def test_list_show_delete_prune(tmp_path: Path, capsys: pytest.CaptureFixture[st
             if r["id"] == mine[1]["id"]] == [["nas"]]
 
     dry = _json(capsys, "sendshot prune", *st, "prune", "--keep", "1", "--dry-run")
-    assert dry == {"deleted": [mine[0]["id"], mine[2]["id"]], "dry_run": True}
+    assert dry == {"deleted": [mine[0]["id"], mine[2]["id"]], "dry_run": True,
+                   "leftovers": []}
     assert set(ids) == _records(store)
     pruned = _json(capsys, "sendshot prune", *st, "prune", "--keep", "1")
     assert pruned["deleted"] == dry["deleted"]
@@ -185,3 +187,38 @@ def test_a_missing_or_damaged_newest_record_is_absent_to_latest(
         err = capsys.readouterr().err.splitlines()
         assert err[-1].startswith("btrdelta send: error: "), err
         assert says in err[-1]
+
+
+def test_prune_removes_leftovers_of_killed_writers(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A record or cursor file a killed send left unnamed goes with `prune` once its process
+    is gone and it is an hour old; a running writer's file and a young one stay."""
+    store = tmp_path / "store"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(6000))
+    assert main(["send", str(src), "-o", str(tmp_path / "s0"), "--record",
+                 "--store", str(store)]) == 0
+    probe = subprocess.Popen(["true"])
+    probe.wait()
+    gone_pid = probe.pid
+    old = time.time() - 7200
+    stale = [store / "records" / f".tmp-{gone_pid}-0badc0de",
+             store / f"cursors.json.tmp-{gone_pid}"]
+    kept = [store / "records" / f".tmp-{os.getpid()}-00c0ffee",      # a running writer
+            store / "records" / f".tmp-{gone_pid}-0000beef"]         # an hour not yet passed
+    for p in stale + kept:
+        p.write_bytes(b"partial")
+    for p in stale + kept[:1]:
+        os.utime(p, (old, old))
+    capsys.readouterr()
+    out = _json(capsys, "sendshot prune", "--store", str(store), "--json", "prune",
+                "--keep", "5", "-n")
+    assert out["leftovers"] == sorted(str(p) for p in stale)
+    assert all(p.exists() for p in stale + kept)
+    assert main(["sendshot", "--store", str(store), "prune", "--keep", "5"]) == 0
+    said = capsys.readouterr().out
+    assert all(f"deleted leftover temporary file {p}" in said for p in stale), said
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in kept)
+    assert len([n for n in os.listdir(store / "records") if not n.startswith(".")]) == 1

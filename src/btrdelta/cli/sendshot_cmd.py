@@ -58,6 +58,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                         help="also a record a receiver's cursor names")
     prune = cmds.add_parser("prune", help="delete what a retention rule does not keep "
                                           "(never what a receiver needs, never the newest)",
+                            description="Delete the records a retention rule does not keep "
+                                        "(per source; never one a receiver's cursor names, "
+                                        "never the newest), and the temporary files that "
+                                        "killed sends left (their process gone, older than "
+                                        "an hour).",
                             epilog=examples("btrdelta sendshot prune --keep 3",
                                             "btrdelta sendshot prune --grid 1h:24,1d:7,1w:4 -n"))
     prune.add_argument("--keep", type=int, metavar="N", help="keep the newest N per source")
@@ -139,10 +144,15 @@ def run(args: argparse.Namespace) -> int:
             raise BtrdeltaError("prune needs --keep N or --grid GRID")
         grid = parse_grid(args.grid) if args.grid else None
         gone = store.prune(keep=args.keep, grid=grid, dry_run=args.dry_run)
-        out = {"deleted": [s.digest for s in gone], "dry_run": args.dry_run}
+        stale = store.leftovers(remove=not args.dry_run)
+        out = {"deleted": [s.digest for s in gone], "dry_run": args.dry_run,
+               "leftovers": stale}
         if not args.json:
             for s in gone:
                 print(("would delete " if args.dry_run else "deleted ") + _line(s))
+            for p in stale:
+                print(("would delete " if args.dry_run else "deleted ")
+                      + f"leftover temporary file {p}")
     else:
         from uuid import UUID
 

@@ -308,6 +308,50 @@ class SendshotStore:
                         os.unlink(s.path)
             return doomed
 
+    def leftovers(self, *, now: float | None = None, remove: bool = False) -> list[str]:
+        """Temporary files that a writer killed mid-way left in the store (a record or
+        the cursor file not yet named): those whose process is gone and that are older than an
+        hour (a process in another PID namespace looks gone; the hour keeps its file).
+        ``remove``: delete them. Returns their paths."""
+        now = time.time() if now is None else now
+        found: list[str] = []
+        with self.locked():
+            for folder in (self.records, self.path):
+                try:
+                    names = os.listdir(folder)
+                except FileNotFoundError:
+                    continue
+                for name in names:
+                    m = _LEFTOVER.fullmatch(name)
+                    if m is None or (folder == self.path) != name.startswith("cursors"):
+                        continue
+                    p = os.path.join(folder, name)
+                    try:
+                        age = now - os.lstat(p).st_mtime
+                    except FileNotFoundError:
+                        continue
+                    if age < _LEFTOVER_AGE or _pid_running(int(m.group(1) or m.group(2))):
+                        continue
+                    found.append(p)
+                    if remove:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(p)
+        return sorted(found)
+
+
+_LEFTOVER = re.compile(r"\.tmp-(\d+)-[0-9a-f]+|cursors\.json\.tmp-(\d+)")
+_LEFTOVER_AGE = 3600.0
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
 
 def _write_record(tmp: str, head: SendshotHead, inodes: Iterable[RecordInode] | Encoded,
                   durable: bool) -> str:
