@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BTRFS_SUPER_MAGIC",
+    "EXTENT",
     "FILEATTR_FLAGS",
     "FS_FLAGS_KNOWN",
     "FS_TREE",
@@ -46,6 +47,7 @@ __all__ = [
     "FileattrFlag",
     "SubvolInfo",
     "changed_inodes",
+    "file_extents",
     "dir_path",
     "clone_range",
     "create_snapshot",
@@ -410,6 +412,67 @@ def changed_inodes(fd: int, since: int) -> dict[int, tuple[int, int]]:
             min_obj, min_type, min_off = obj + 1, 0, 0
         else:
             return out
+
+
+_EXTENT_DATA_KEY = 108
+#: ``btrfs_file_extent_item`` up to its type (generation, ram_bytes, compression,
+#: encryption, other_encoding, type), then a regular or prealloc extent's disk_bytenr,
+#: disk_num_bytes, offset, num_bytes
+_FE_HEAD = struct.Struct("<QQBBHB")
+_FE_BODY = struct.Struct("<QQQQ")
+#: one extent as :func:`file_extents` gives it: file offset, num_bytes, disk_bytenr,
+#: disk_num_bytes, offset in the extent, generation, type, compression (50 bytes)
+EXTENT = struct.Struct("<QQQQQQBB")
+#: ``BTRFS_FILE_EXTENT_INLINE``, ``_REG``, ``_PREALLOC``
+EXTENT_INLINE, EXTENT_REG, EXTENT_PREALLOC = 0, 1, 2
+_EXTENT_BUFFER = 1 << 16
+
+
+def file_extents(fd: int, ino: int) -> bytes | None:
+    """The file extent items (``EXTENT_DATA``) of inode ``ino`` of the subvolume holding
+    ``fd``, in file order, each packed as :data:`EXTENT`; None when one of them cannot be
+    compared by its fields (inline data, encryption or another encoding, an unknown type).
+    Needs ``CAP_SYS_ADMIN`` (``TREE_SEARCH_V2``, ``TREE_SEARCH`` on kernels without it).
+    """
+    out: list[bytes] = []
+    min_off = 0
+    request, start, size = _TREE_SEARCH_V2, _SEARCH_KEY.size + 8, _EXTENT_BUFFER
+    buf = bytearray(start + size)
+    header, head, body, pack = (_SEARCH_HDR.unpack_from, _FE_HEAD.unpack_from,
+                                _FE_BODY.unpack_from, EXTENT.pack)
+    while True:
+        _SEARCH_KEY.pack_into(buf, 0, 0, ino, ino, min_off, _U64_MAX, 0, _U64_MAX,
+                              _EXTENT_DATA_KEY, _EXTENT_DATA_KEY, 0xFFFFFFFF, 0, 0, 0, 0, 0)
+        if request == _TREE_SEARCH_V2:
+            struct.pack_into("<Q", buf, _SEARCH_KEY.size, size)
+        try:
+            fcntl.ioctl(fd, request, buf)
+        except OSError as exc:
+            if request != _TREE_SEARCH_V2 or exc.errno not in (errno.ENOTTY, errno.EINVAL):
+                raise
+            request, start, buf = _TREE_SEARCH, _SEARCH_KEY.size, bytearray(4096)
+            continue
+        nr_items = struct.unpack_from("<I", buf, 64)[0]
+        if not nr_items:
+            return b"".join(out)
+        pos = start
+        off = 0
+        for _ in range(nr_items):
+            _transid, obj, off, typ, length = header(buf, pos)
+            pos += 32
+            if obj == ino and typ == _EXTENT_DATA_KEY:
+                if length < _FE_HEAD.size:
+                    return None
+                gen, _ram, comp, enc, other, kind = head(buf, pos)
+                if enc or other or kind not in (EXTENT_REG, EXTENT_PREALLOC) or \
+                        length < _FE_HEAD.size + _FE_BODY.size:
+                    return None  # inline data, or an item this code does not know
+                bytenr, disk_bytes, ext_off, num = body(buf, pos + _FE_HEAD.size)
+                out.append(pack(off, num, bytenr, disk_bytes, ext_off, gen, kind, comp))
+            pos += length
+        if off >= _U64_MAX:
+            return b"".join(out)
+        min_off = off + 1
 
 
 def dir_path(fd: int, ino: int) -> bytes | None:

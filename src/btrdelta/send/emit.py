@@ -617,7 +617,8 @@ class Sender:
             yield from self._emit_ops(spooled or reader(fd, content), node, path, segs, clones,
                                       hasher)
             if hasher is not None:
-                hashed_as_sent(fd, node, segs, hasher, self.chunk)
+                hashed_as_sent(fd, node, segs, hasher, self.chunk,
+                               extents=self._hasher is not None and self._hasher.extents)
         finally:
             if fd >= 0:
                 os.close(fd)

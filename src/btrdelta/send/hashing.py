@@ -21,6 +21,7 @@ from .._optional import need
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
 from ..fs.copy import data_segments
+from .extents import extents_of
 from .onepass import BLOCK, BlockHasher, digests_of
 
 if TYPE_CHECKING:
@@ -211,16 +212,19 @@ def block_segments(segs: list[tuple[int, int]], size: int) -> list[tuple[int, in
 
 
 def _hash_file_blocks(
-    path: bytes, size: int, buf: bytearray, seed: int, keep: bool = False
-) -> tuple[bytes, int, list[tuple[int, int]], bytes, bytes, bytes | None]:
+    path: bytes, size: int, buf: bytearray, seed: int, keep: bool = False, ino: int = 0
+) -> tuple[bytes, int, list[tuple[int, int]], bytes, bytes, bytes | None, bytes | None]:
     """Record mode: (XXH3-128 digest, flags, block-aligned data segments, seeded XXH3-128 of
-    each 4 KiB block of them, BLAKE3-256 digest, content) of one regular file, read once.
+    each 4 KiB block of them, BLAKE3-256 digest, content, extent items) of one regular file,
+    read once.
 
     The content (the bytes hashed) only with ``keep``, of a file without holes of at most
-    :data:`KEEP_MAX` bytes; else None."""
+    :data:`KEEP_MAX` bytes; else None. The extent items (:func:`~.extents.extents_of`) only
+    with ``ino`` (its inode number: the file is in a read-only btrfs snapshot); else None."""
     fd = open_to_read(path)
     try:
         flags = get_fileattr(fd)
+        extents = extents_of(fd, ino, size, flags) if ino else None
         data = data_segments(fd, size) if size else []
         segs = block_segments(data, size)
         if keep and size <= KEEP_MAX and (not size or data == [(0, size)]):
@@ -228,7 +232,7 @@ def _hash_file_blocks(
             if len(content) != size:
                 raise BtrdeltaError("file changed while sending (size differs)", path=path)
             digest, blocks, bdigest = digests_of(content, seed)
-            return digest, flags, segs, blocks, bdigest, content
+            return digest, flags, segs, blocks, bdigest, content, extents
         hasher = BlockHasher(seed)
         view = memoryview(buf)
         for off, length in segs:
@@ -242,7 +246,7 @@ def _hash_file_blocks(
         if os.pread(fd, 1, size):
             raise BtrdeltaError("file changed while sending (size differs)", path=path)
         digest, blocks, bdigest = hasher.finish(size)
-        return digest, flags, segs, blocks, bdigest, None
+        return digest, flags, segs, blocks, bdigest, None, extents
     finally:
         os.close(fd)
 
@@ -259,14 +263,22 @@ class ContentHasher:
         seed: record mode (a sendshot record is made or read): also the data segments,
             block digests (XXH3-128 with this seed) and BLAKE3 digest of each file; files
             whose ``segments`` are already known (taken from a record) are not read.
+        extents: record mode, the files are in a read-only btrfs snapshot: also the
+            extent items of each file (:func:`~.extents.extents_of`).
 
     In record mode the bytes of small files of a tree submitted with ``keep`` are kept
     (:meth:`take`, at most :data:`KEEP_BUDGET` bytes not taken yet), so that the send does
     not open and read them a second time.
     """
 
-    def __init__(self, workers: int | None = None, seed: int | None = None) -> None:
+    def __init__(self, workers: int | None = None, seed: int | None = None,
+                 extents: bool = False) -> None:
         self.seed = seed
+        #: record mode on a read-only btrfs snapshot: record files' extent items
+        self.extents = extents
+        #: bytes read for this hashing by others (:mod:`.extents`), counted by :meth:`wait`
+        self.read_before = 0
+        self._done = 0
         self.workers = workers or min(4, os.cpu_count() or 1)
         self._pool = _Batches(self._run, self.workers) if self.workers > 1 else None
         self._local = threading.local()
@@ -293,7 +305,8 @@ class ContentHasher:
                 keep = keeping and node.size <= self._keep_max and \
                     self._kept_bytes + node.size <= KEEP_BUDGET
                 (node.digest, node.flags, node.segments, node.blocks, node.bdigest,
-                 content) = _hash_file_blocks(path, node.size, buf, seed, keep)
+                 content, node.extents) = _hash_file_blocks(
+                    path, node.size, buf, seed, keep, node.st_ino if self.extents else 0)
                 if content is not None:
                     with lock:
                         if self._kept_bytes + node.size <= KEEP_BUDGET:
@@ -348,7 +361,8 @@ class ContentHasher:
             self._jobs.append(self._pool.submit(batch, keeping))
 
     def wait(self, on_bytes: Callable[[int], None] | None = None) -> int:
-        """Wait for every queued file; returns the bytes read.
+        """Wait for every queued file; returns the bytes read (in all, also those of
+        earlier calls and :attr:`read_before`: a second call says the same).
 
         Args:
             on_bytes: called with the total bytes hashed so far, as batches finish.
@@ -356,21 +370,24 @@ class ContentHasher:
         Raises:
             BtrdeltaError: a file cannot be read or changed size since the scan.
         """
-        done = 0
         try:
             for batch, keeping in self._batches:
-                done += self._run(batch, keeping)
+                self._done += self._run(batch, keeping)
                 if on_bytes is not None:
-                    on_bytes(done)
+                    on_bytes(self.read_before + self._done)
+            self._batches.clear()
             for job in self._jobs:
-                done += job.result()
+                self._done += job.result()
                 if on_bytes is not None:
-                    on_bytes(done)
+                    on_bytes(self.read_before + self._done)
+            self._jobs.clear()
         finally:
             self.close()
         for tree in self._trees:
             tree.hashed = True
-        return done
+        if on_bytes is not None:
+            on_bytes(self.read_before + self._done)
+        return self.read_before + self._done
 
 
     def close(self) -> None:

@@ -19,6 +19,7 @@ import blake3
 from .._optional import need
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
+from .extents import extents_of
 
 if TYPE_CHECKING:
     from .scan import Node, Tree
@@ -90,9 +91,10 @@ def digests_of(content: bytes, seed: int) -> tuple[bytes, bytes, bytes]:
 
 
 def hashed_as_sent(fd: int, node: Node, segs: list[tuple[int, int]], hasher: BlockHasher,
-                   chunk: int) -> None:
-    """Fill in ``node``'s record digests (and flags, data ranges ``segs``) from the bytes a
-    send fed ``hasher`` in pieces of ``chunk`` bytes (read again only if they did not come in
+                   chunk: int, *, extents: bool = False) -> None:
+    """Fill in ``node``'s record digests (and flags, data ranges ``segs``; with ``extents``,
+    the file being in a read-only btrfs snapshot, its extent items) from the bytes a send
+    fed ``hasher`` in pieces of ``chunk`` bytes (read again only if they did not come in
     order).
 
     Raises:
@@ -112,6 +114,8 @@ def hashed_as_sent(fd: int, node: Node, segs: list[tuple[int, int]], hasher: Blo
                 hasher.update(pos, buf)
                 pos += len(buf)
     node.flags = get_fileattr(fd)
+    if extents:
+        node.extents = extents_of(fd, node.st_ino, node.size, node.flags)
     node.digest, node.blocks, node.bdigest = hasher.finish(node.size)
     node.segments = segs
 

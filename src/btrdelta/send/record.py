@@ -36,7 +36,8 @@ def node_of(rec: RecordInode, nid: int) -> Node:
     return Node(nid, 256 if nid == ROOT else 257 + nid - 1, rec.mode, rec.uid, rec.gid,
                 rec.size, rec.atime_ns, rec.mtime_ns, rec.ctime_ns, b"", rec.rdev,
                 rec.target, rec.xattrs or {}, [], rec.flags, rec.digest, rec.ino,
-                rec.generation, rec.transid, rec.segments, rec.blocks, rec.bdigest)
+                rec.generation, rec.transid, rec.segments, rec.blocks, rec.bdigest,
+                rec.extents)
 
 
 def tree_from_record(inodes: Iterable[RecordInode], head: SendshotHead,
@@ -108,7 +109,7 @@ def record_inode(n: Node, dentries: list[tuple[int, bytes]]) -> RecordInode:
         return RecordInode(n.st_ino, n.mode, n.uid, n.gid, n.size, n.atime_ns, n.mtime_ns,
                            n.ctime_ns, dentries, n.generation, n.transid, n.rdev, n.flags,
                            n.target, n.xattrs or None, n.segments, n.digest, n.bdigest,
-                           n.blocks)
+                           n.blocks, n.extents)
     return RecordInode(n.st_ino, n.mode, n.uid, n.gid, 0, n.atime_ns, n.mtime_ns,
                        n.ctime_ns, dentries, n.generation, n.transid, n.rdev, n.flags,
                        n.target, n.xattrs or None)

@@ -99,6 +99,14 @@ class Changes:
         self._fresh: dict[int, Node] = {}
         self.reused = 0
 
+    def recorded(self, node: Node) -> RecordInode | None:
+        """The record's row of changed regular file ``node`` (of :attr:`to_hash`) when it
+        is the same inode (the same number and generation), else None."""
+        r = self._delta.same_row(node.st_ino)
+        if r is None or self._delta.modes[r] & _FMT != stat.S_IFREG:
+            return None
+        return self._delta.cols.inode(r)
+
     def build(self, clone_min: int = 16 * 1024) -> None:
         """Make :attr:`old` and :attr:`new` (the files of :attr:`to_hash` hashed). A changed
         file of at least ``clone_min`` bytes whose content equals an unchanged file's brings

@@ -117,6 +117,9 @@ class Node:
     segments: list[tuple[int, int]] | None = None
     blocks: bytes = b""
     bdigest: bytes = b""
+    #: record mode on a read-only btrfs snapshot: the file extent items the content was
+    #: read with (``btrdelta.fs.btrfs.EXTENT`` each; None: not known), see :mod:`.extents`
+    extents: bytes | None = None
 
     @property
     def fmt(self) -> int:
@@ -495,6 +498,8 @@ class TreeScan:
         later: record mode, called with the new tree once scanned: the node ids of files
             not to hash here (the send reads them whole anyway and hashes them as it goes:
             :class:`BlockHasher`).
+        extents: record mode, ``new_dir`` is a read-only btrfs snapshot: record the extent
+            items of its files (see :class:`ContentHasher`).
 
     Raises:
         BtrdeltaError: the new tree cannot be scanned.
@@ -511,6 +516,7 @@ class TreeScan:
         prepare: Callable[[Tree], None] | None = None,
         new_tree: Tree | None = None,
         later: Callable[[Tree], set[int]] | None = None,
+        extents: bool = False,
     ) -> None:
         need("xxhash", "make")  # before any thread starts: a missing extra is one line
         self.parent_dir = os.fsencode(parent_dir) if parent_dir is not None else None
@@ -521,7 +527,7 @@ class TreeScan:
             and threading.active_count() == 1
         ):
             self._forked = ForkedScan(self.parent_dir)
-        self.hasher = ContentHasher(workers, seed)
+        self.hasher = ContentHasher(workers, seed, extents)
         self._old: Tree | None = None
         try:
             self.new = new_tree or scan_tree(new_dir, on_entry=on_entry)

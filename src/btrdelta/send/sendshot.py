@@ -30,6 +30,7 @@ from ..stream.records import Record
 from ..tree.columns import Columns
 from ..tree.sendshot import SendshotHead
 from .emit import Sender, SendStats, StreamIds
+from .extents import EXTENT_MIN, hash_changed
 from .live import Frozen, frozen
 from .onepass import sent_whole
 from .record import record_inodes, stamp_generations, tree_from_record
@@ -147,7 +148,8 @@ def _scan(fz: Frozen, base: StoredSendshot | None, cols: Columns | None,
     old = tree_from_record(cols.rows(), base.head, base.path) \
         if cols is not None and base is not None else None
     later = sent_whole if base is None and fz.info is not None else None
-    return TreeScan(fz.path, None, seed=seed, prepare=_stamp(fz), later=later), old, None
+    return TreeScan(fz.path, None, seed=seed, prepare=_stamp(fz), later=later,
+                    extents=fz.info is not None and fz.info.readonly), old, None
 
 
 def _changes(fz: Frozen, base: StoredSendshot, cols: Columns, seed: int
@@ -163,9 +165,14 @@ def _changes(fz: Frozen, base: StoredSendshot, cols: Columns, seed: int
         return None
     finally:
         os.close(fd)
+    # large files read only where their extents changed (the rest: the record's digests)
+    read = _hash_in_parts(changes, fz.path, seed)
     # a few MiB are hashed as fast in this thread as by a pool (not even started)
-    small = sum(n.size for n in changes.to_hash.nodes.values()) < (8 << 20)
-    scan = TreeScan(fz.path, seed=seed, new_tree=changes.to_hash, workers=1 if small else None)
+    small = sum(n.size for n in changes.to_hash.nodes.values()
+                if n.segments is None) < (8 << 20)
+    scan = TreeScan(fz.path, seed=seed, new_tree=changes.to_hash, workers=1 if small else None,
+                    extents=True)
+    scan.hasher.read_before = read
     try:
         scan.hasher.wait()
         changes.build()
@@ -177,6 +184,24 @@ def _changes(fz: Frozen, base: StoredSendshot, cols: Columns, seed: int
         raise
     scan.new = changes.new
     return scan, changes
+
+
+def _hash_in_parts(changes: Changes, root: bytes, seed: int) -> int:
+    """Hash the changed files whose record keeps their extent items where those changed
+    (:func:`~.extents.hash_changed`); the others are left to the hasher. Bytes read."""
+    read, buf = 0, None
+    for node in changes.to_hash.nodes.values():
+        if node.size < EXTENT_MIN:
+            continue
+        old = changes.recorded(node)
+        if old is None or old.extents is None:
+            continue
+        if buf is None:
+            buf = bytearray(1 << 20)
+        got = hash_changed(node, root + b"/" + node.path, old, seed, buf)
+        if got is not None:
+            read += got
+    return read
 
 
 def send_with_sendshots(

@@ -1,6 +1,7 @@
-"""Version 2 sendshot records in memory as columns: decoding, rows, and patching.
+"""Version 2 and 3 sendshot records in memory as columns: decoding, rows, and patching.
 
-A version 2 record stores its inodes as columns (``docs/formats/sendshot.md`` §2).
+A version 2 or 3 record stores its inodes as columns (``docs/formats/sendshot.md`` §2;
+version 3 adds the file extent items of each file, a version 2 record has none).
 :class:`Columns` keeps them decoded (tuples of integers, byte strings) with the prefix sums
 that locate each row's names, target, xattrs, segments and block digests, so that:
 
@@ -28,6 +29,7 @@ from array import array
 from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import accumulate, compress
+from operator import mul
 from typing import Final
 
 from ..errors import StreamFormatError
@@ -37,6 +39,7 @@ from .sendshot import (
     C_BLOCKS,
     C_CTIME,
     C_DIGESTS,
+    C_EXTENTS,
     C_FLAGS,
     C_GEN,
     C_GID,
@@ -45,6 +48,7 @@ from .sendshot import (
     C_MTIME,
     C_NAMELEN,
     C_NAMES,
+    C_NEXTENTS,
     C_NNAMES,
     C_NSEGS,
     C_NXATTRS,
@@ -66,6 +70,10 @@ from .sendshot import (
 __all__ = ["Columns", "encode_rows"]
 
 _D = 16  # bytes per block digest
+#: bytes per extent item (``btrdelta.fs.btrfs.EXTENT``)
+EXTENT_SIZE: Final = 50
+#: NEXTENTS value: the file's extent items are not recorded
+NO_EXTENTS: Final = 0xFFFFFFFF
 _XHEAD = struct.Struct("<HI")
 _U32 = struct.Struct("<I")
 _REG = 0o100000
@@ -125,9 +133,10 @@ class _Out:
         self.fixed = {c: _new(code) for c, code in PER_INODE}
         self.parents, self.namelens = _new("I"), _new("H")
         self.nsegs, self.segs = _new("I"), _new("Q")
+        self.nexts = _new("I")
         self.nbytes = 0
         self.pieces: dict[int, list[bytes]] = {C_NAMES: [], C_TARGETS: [], C_XATTRS: [],
-                                               C_DIGESTS: [], C_BLOCKS: []}
+                                               C_DIGESTS: [], C_BLOCKS: [], C_EXTENTS: []}
         self.count = 0
 
     def add(self, rows: Sequence[RecordInode], index: dict[int, int]) -> None:
@@ -141,6 +150,7 @@ class _Out:
         self.nbytes += sum(r.size for r in rows)
         names, targets, xattrs = (self.pieces[c] for c in (C_NAMES, C_TARGETS, C_XATTRS))
         digests, blocks = self.pieces[C_DIGESTS], self.pieces[C_BLOCKS]
+        extents = self.pieces[C_EXTENTS]
         for r in rows:
             for parent, name in r.dentries:
                 where = index.get(parent)
@@ -164,13 +174,21 @@ class _Out:
             digests.append(r.digest + r.bdigest)
             if r.size >= BLOCK:
                 blocks.append(r.blocks)
+            if r.extents is None:
+                self.nexts.append(NO_EXTENTS)
+            else:
+                if len(r.extents) % EXTENT_SIZE:
+                    raise ValueError(f"inode {r.ino}: extents of {len(r.extents)} bytes")
+                self.nexts.append(len(r.extents) // EXTENT_SIZE)
+                extents.append(r.extents)
         self.count += len(rows)
 
     def encoded(self) -> Encoded:
         """The packed columns, in record-number order, and the END counts."""
         cols = [(c, _pack(self.fixed[c])) for c, _code in PER_INODE]
         cols += [(C_PARENT, _pack(self.parents)), (C_NAMELEN, _pack(self.namelens)),
-                 (C_NSEGS, _pack(self.nsegs)), (C_SEGMENTS, _pack(self.segs))]
+                 (C_NSEGS, _pack(self.nsegs)), (C_SEGMENTS, _pack(self.segs)),
+                 (C_NEXTENTS, _pack(self.nexts))]
         cols += [(c, b"".join(p)) for c, p in self.pieces.items()]
         cols.sort()
         nblocks = len(dict(cols)[C_BLOCKS]) // _D
@@ -190,7 +208,8 @@ def encode_rows(inodes: Iterable[RecordInode]) -> Encoded:
 
 
 class Columns:
-    """The decoded columns of a version 2 record (``count`` inodes, ``nblk`` block digests).
+    """The decoded columns of a version 2 or 3 record (``count`` inodes, ``nblk`` block
+    digests; without columns NEXTENTS and EXTENTS, a version 2 record's: no extents).
 
     Raises:
         StreamFormatError: a column of the wrong length, a parent that is not an inode of
@@ -242,6 +261,16 @@ class Columns:
         if self.boff[-1] != nblk:
             raise StreamFormatError("column BLOCKS does not match the files' segments")
         self.xoff = self._xattr_offsets()
+        if C_NEXTENTS in cols:
+            self.nexts = _unpack(cols[C_NEXTENTS], "I", files, C_NEXTENTS)
+            self.exts = bytes(cols[C_EXTENTS])
+        else:
+            self.nexts, self.exts = array("I", [NO_EXTENTS]) * files, b""
+        #: where each file's extent items start (bytes)
+        self.eoff = _prefix(map(EXTENT_SIZE.__mul__, map(
+            mul, self.nexts, map(NO_EXTENTS.__ne__, self.nexts))))  # (C loops, no Python)
+        if self.eoff[-1] != len(self.exts):
+            raise StreamFormatError("column EXTENTS does not match NEXTENTS")
         self._row_of: dict[int, int] | None = None
 
     def _xattr_offsets(self) -> array[int]:
@@ -312,6 +341,8 @@ class Columns:
             node.digest = self.digests[48 * k:48 * k + 16]
             node.bdigest = self.digests[48 * k + 16:48 * k + 48]
             node.blocks = self.blocks[_D * self.boff[k]:_D * self.boff[k + 1]]
+            if self.nexts[k] != NO_EXTENTS:
+                node.extents = self.exts[self.eoff[k]:self.eoff[k + 1]]
         return node
 
     def rows(self) -> Iterator[RecordInode]:
@@ -383,6 +414,8 @@ class Columns:
             out.segs += self.segs[self.soff[fa]:self.soff[fb]]
             out.pieces[C_DIGESTS].append(self.digests[48 * fa:48 * fb])
             out.pieces[C_BLOCKS].append(self.blocks[_D * self.boff[fa]:_D * self.boff[fb]])
+            out.nexts += self.nexts[fa:fb]
+            out.pieces[C_EXTENTS].append(self.exts[self.eoff[fa]:self.eoff[fb]])
             out.count += b - a
 
 

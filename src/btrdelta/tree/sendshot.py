@@ -13,11 +13,11 @@ Encoding (``docs/formats/sendshot.md``): a 22-byte header (``btrdelta-sendshot\\
 u32 version), then zstd frames holding frames of TLVs on the send stream's framing
 (:mod:`btrdelta.stream.framing`: u32 length, u16 record, u32 CRC32C, TLVs): ``HEAD``, the
 inodes in scan order (root first, then depth first by sorted names) and ``END`` with the
-counts. Version 2 (written) stores the inodes as *columns*, one record per field of every
-inode (compact, decoded with one ``struct`` call per column); version 1 (still read) as one
-``INODE`` record per inode, each regular file's ``BLOCKS`` right after it. The record's
-*digest* (its name in a store) is the BLAKE3-256 of the uncompressed bytes (header
-included).
+counts. Versions 2 and 3 (written; 3 adds each file's extent items) store the inodes as
+*columns*, one record per field of every inode (compact, decoded with one ``struct`` call
+per column); version 1 (still read) as one ``INODE`` record per inode, each regular
+file's ``BLOCKS`` right after it. The record's *digest* (its name in a store) is the
+BLAKE3-256 of the uncompressed bytes (header included).
 
 Owns: the model (:class:`SendshotHead`, :class:`RecordInode`), :func:`write_record` (a
 streaming encoder onto any ``write``) and :class:`RecordReader` (a streaming decoder of a
@@ -56,9 +56,9 @@ __all__ = [
 ]
 
 MAGIC: Final = b"btrdelta-sendshot\0"
-VERSION: Final = 2
+VERSION: Final = 3
 #: the versions :class:`RecordInode` reads
-READS: Final = (1, 2)
+READS: Final = (1, 2, 3)
 _HEADER = struct.Struct("<18sI")
 #: bytes per block digest
 BLOCK: Final = 4096
@@ -144,6 +144,9 @@ class RecordInode:
     bdigest: bytes = b""
     #: seeded XXH3-128 of each 4 KiB block of the segments, concatenated
     blocks: bytes = b""
+    #: regular files on btrfs (version 3): the file extent items the content was read
+    #: with, packed as ``btrdelta.fs.btrfs.EXTENT`` (50 bytes each); None: not recorded
+    extents: bytes | None = None
 
 
 def _u64(v: int) -> bytes:
@@ -214,7 +217,7 @@ def write_record(
     return digest.hexdigest(), count
 
 
-# -- version 2: columns ----------------------------------------------------------------
+# -- versions 2 and 3: columns-------------------------------------------------------------
 
 #: NSEGS value: the file is one data segment ``(0, SIZE)``
 WHOLE: Final = 0xFFFFFFFF
@@ -222,7 +225,7 @@ WHOLE: Final = 0xFFFFFFFF
 #: record number of each column, in the order they are written
 (C_INO, C_GEN, C_TRANSID, C_MODE, C_UID, C_GID, C_RDEV, C_SIZE, C_ATIME, C_MTIME, C_CTIME,
  C_FLAGS, C_NNAMES, C_PARENT, C_NAMELEN, C_NAMES, C_TARGETLEN, C_TARGETS, C_NXATTRS,
- C_XATTRS, C_NSEGS, C_SEGMENTS, C_DIGESTS, C_BLOCKS) = range(16, 40)
+ C_XATTRS, C_NSEGS, C_SEGMENTS, C_DIGESTS, C_BLOCKS, C_NEXTENTS, C_EXTENTS) = range(16, 42)
 FIRST_COLUMN: Final = C_INO
 COLUMNS: Final = {
     C_INO: "INO", C_GEN: "GEN", C_TRANSID: "TRANSID", C_MODE: "MODE", C_UID: "UID",
@@ -230,8 +233,10 @@ COLUMNS: Final = {
     C_CTIME: "CTIME", C_FLAGS: "FLAGS", C_NNAMES: "NNAMES", C_PARENT: "PARENT",
     C_NAMELEN: "NAMELEN", C_NAMES: "NAMES", C_TARGETLEN: "TARGETLEN", C_TARGETS: "TARGETS",
     C_NXATTRS: "NXATTRS", C_XATTRS: "XATTRS", C_NSEGS: "NSEGS", C_SEGMENTS: "SEGMENTS",
-    C_DIGESTS: "DIGESTS", C_BLOCKS: "BLOCKS",
+    C_DIGESTS: "DIGESTS", C_BLOCKS: "BLOCKS", C_NEXTENTS: "NEXTENTS", C_EXTENTS: "EXTENTS",
 }
+#: the columns of each version that has columns (version 3 added the extents)
+VERSION_COLUMNS: Final = {2: tuple(range(C_INO, C_NEXTENTS)), 3: tuple(COLUMNS)}
 #: struct code of the fixed-width per-inode columns
 PER_INODE = ((C_INO, "Q"), (C_GEN, "Q"), (C_TRANSID, "Q"), (C_MODE, "I"), (C_UID, "I"),
              (C_GID, "I"), (C_RDEV, "Q"), (C_SIZE, "Q"), (C_ATIME, "q"), (C_MTIME, "q"),
@@ -433,7 +438,7 @@ class RecordReader:
             return Columns(dict(cols), count, nblk)
         fr = self._framer
         cols_in: dict[int, memoryview | bytes] = {}
-        for c in COLUMNS:
+        for c in VERSION_COLUMNS[self.version]:
             cmd, mv, start, end = self._next()
             if cmd != c:
                 fr.fail(StreamFormatError(f"expected column {COLUMNS[c]}"), cmd=cmd)

@@ -1,0 +1,252 @@
+"""A changed file read only where its file extent items changed (btrfs, sendshot records).
+
+A record made from a read-only btrfs snapshot keeps, per regular file of at least
+:data:`EXTENT_MIN` bytes that is not ``NOCOW``, the file extent items (``EXTENT_DATA``) its
+content was read with (:func:`extents_of`). When the change sweep (:mod:`.rescan`) finds
+such a file changed, :func:`hash_changed` compares the file's items now with the recorded
+ones and reads and hashes only the 4 KiB blocks that are not proven unchanged; the other
+blocks keep the record's digests. Why a range mapped by the same extent in the same way
+holds the same bytes (and which cases are never trusted: ``NOCOW`` files, inline data,
+encrypted or otherwise encoded extents, files below the size) is argued in
+``docs/formats/sendshot.md`` §3a.
+
+A file hashed in parts has no whole-content digests (they would need every byte): its
+DIGESTS are the *parts digests* (:func:`parts_digests`), a function of its size, data
+ranges and block digests, so that two versions compare equal exactly when their blocks do.
+A file whose blocks are all taken from the record, with the same size and data ranges,
+keeps the record's digests.
+
+Owns this comparison and the partial read only; the items come from
+:func:`btrdelta.fs.btrfs.file_extents`, the rest of the hashing is :mod:`.hashing`'s.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import TYPE_CHECKING
+
+import blake3
+
+from .._optional import need
+from ..errors import BtrdeltaError
+from ..fs.btrfs import EXTENT, file_extents, get_fileattr
+from ..fs.copy import data_segments
+from ..tree.sendshot import RecordInode
+
+if TYPE_CHECKING:
+    from .scan import Node
+
+__all__ = ["EXTENT_MIN", "NOCOW", "extents_of", "hash_changed", "parts_digests"]
+
+#: smallest file whose extent items a record keeps (smaller files are read whole: cheap)
+EXTENT_MIN = 1 << 20
+#: ``BTRFS_INODE_NODATACOW`` in FILEATTR encoding: written in place, items unchanged
+NOCOW = 0x2
+_BLOCK = 4096
+#: read at most this much at a time
+_PIECE = 1 << 20
+_PARTS = b"btrdelta-parts\0"
+_U64 = struct.Struct("<Q")
+_PAIR = struct.Struct("<QQ")
+
+#: (start, end, what the range reads as): an extent's identity and where the range starts
+#: in it, or None for a hole (no item, or an item with disk_bytenr 0)
+_Span = tuple[int, int, tuple[int, ...] | None]
+
+
+def extents_of(fd: int, ino: int, size: int, flags: int) -> bytes | None:
+    """The extent items to record for open file ``fd`` (inode ``ino`` of ``size`` bytes,
+    inode flags ``flags``), or None: below :data:`EXTENT_MIN`, ``NOCOW``, items that cannot
+    be compared (:func:`~btrdelta.fs.btrfs.file_extents`), or no right to search the tree
+    (not root)."""
+    if size < EXTENT_MIN or flags & NOCOW:
+        return None
+    try:
+        return file_extents(fd, ino)
+    except OSError:
+        return None
+
+
+def _spans(items: bytes, limit: int) -> list[_Span]:
+    """The mapped ranges of packed extent ``items`` below ``limit`` (holes: key None)."""
+    out: list[_Span] = []
+    for off, num, bytenr, disk, ext_off, gen, kind, comp in EXTENT.iter_unpack(items):
+        if off >= limit:
+            break
+        end = min(off + num, limit)
+        key = None if bytenr == 0 else (bytenr, disk, gen, kind, comp, off - ext_off)
+        out.append((off, end, key))
+    return out
+
+
+def same_ranges(old: bytes, new: bytes, limit: int) -> list[tuple[int, int]]:
+    """The ranges below ``limit`` that read the same through the extent items ``old`` and
+    ``new`` of one inode: the same extent (disk bytenr and length, generation, type,
+    compression) at the same place in it, or a hole on both sides; merged, in order."""
+    a, b = _spans(old, limit), _spans(new, limit)
+    out: list[tuple[int, int]] = []
+    i = j = 0
+    pos = 0
+    while pos < limit:
+        while i < len(a) and a[i][1] <= pos:
+            i += 1
+        while j < len(b) and b[j][1] <= pos:
+            j += 1
+        # what each side holds at pos, and up to where
+        ka, ea = (a[i][2], a[i][1]) if i < len(a) and a[i][0] <= pos else \
+            (None, a[i][0] if i < len(a) else limit)
+        kb, eb = (b[j][2], b[j][1]) if j < len(b) and b[j][0] <= pos else \
+            (None, b[j][0] if j < len(b) else limit)
+        end = min(ea, eb, limit)
+        if ka == kb:
+            if out and out[-1][1] == pos:
+                out[-1] = (out[-1][0], end)
+            else:
+                out.append((pos, end))
+        pos = end
+    return out
+
+
+def parts_digests(size: int, segments: list[tuple[int, int]], blocks: bytes
+                  ) -> tuple[bytes, bytes]:
+    """The DIGESTS of a file hashed in parts: XXH3-128 and BLAKE3-256 of ``"btrdelta-parts\\0"``,
+    u64 size, the data ranges (u64 pairs) and the block digests."""
+    xxhash = need("xxhash", "make")
+    data = b"".join([_PARTS, _U64.pack(size), *(_PAIR.pack(o, n) for o, n in segments),
+                     blocks])
+    return xxhash.xxh3_128_digest(data), blake3.blake3(data).digest()
+
+
+def _old_block_index(segments: list[tuple[int, int]]) -> tuple[list[int], list[int], list[int]]:
+    """Old segments' starts, ends and the index of each one's first block digest."""
+    starts, ends, first = [], [], []
+    k = 0
+    for off, n in segments:
+        starts.append(off)
+        ends.append(off + n)
+        first.append(k)
+        k += -(-n // _BLOCK)
+    return starts, ends, first
+
+
+def _reusable(same: list[tuple[int, int]], old: RecordInode, size: int,
+              segments: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """Runs of whole blocks of the new data ``segments`` whose digests the record has:
+    ``(start, end, index of the first digest in the record's blocks)``, in order. A block
+    qualifies when it lies in a range that reads the same, in a data segment on both sides,
+    and has the same length on both sides (the last block of a file of another size: not)."""
+    assert old.segments is not None
+    starts, ends, first = _old_block_index(old.segments)
+    # the ranges that read the same, within an old segment (each piece's digests are
+    # consecutive in that segment's): two sorted lists walked together
+    pieces: list[tuple[int, int, int]] = []
+    i = j = 0
+    while i < len(same) and j < len(starts):
+        lo, hi = max(same[i][0], starts[j]), min(same[i][1], ends[j])
+        if lo < hi:
+            pieces.append((lo, hi, j))
+        if same[i][1] <= ends[j]:
+            i += 1
+        else:
+            j += 1
+    # ... and within a new segment, whole blocks
+    out: list[tuple[int, int, int]] = []
+    i = k = 0
+    while i < len(pieces) and k < len(segments):
+        x, y, s = pieces[i]
+        a, e = segments[k][0], segments[k][0] + segments[k][1]
+        lo, hi = max(x, a), min(y, e)
+        if lo < hi:
+            bx = -(-lo // _BLOCK) * _BLOCK
+            by = hi - hi % _BLOCK
+            if hi == size == old.size and hi == e and hi == ends[s]:
+                by = hi  # the file's last, short block: the same on both sides
+            if by > bx:
+                out.append((bx, by, first[s] + (bx - starts[s]) // _BLOCK))
+        if y <= e:
+            i += 1
+        else:
+            k += 1
+    return out
+
+
+def hash_changed(node: Node, path: bytes, old: RecordInode, seed: int, buf: bytearray
+                 ) -> int | None:
+    """Hash changed file ``node`` (at ``path``) reading only the blocks that are not proven
+    unchanged against its record ``old`` (the same inode): fills in its flags, data ranges,
+    block digests, digests and extent items; returns the bytes read. None (nothing filled
+    in): the file is not eligible (see the module docstring) or nothing is proven unchanged;
+    the caller hashes it whole.
+
+    Raises:
+        BtrdeltaError: the file cannot be read or changed size while it was read.
+    """
+    from .hashing import block_segments, open_to_read
+
+    if old.extents is None or old.segments is None or old.flags & NOCOW or \
+            old.size < EXTENT_MIN or node.size < EXTENT_MIN:
+        return None
+    xxhash = need("xxhash", "make")
+    fd = open_to_read(path)
+    try:
+        if os.fstat(fd).st_ino != node.st_ino:
+            return None
+        flags = get_fileattr(fd)
+        new_ext = extents_of(fd, node.st_ino, node.size, flags)
+        if new_ext is None:
+            return None
+        size = node.size
+        same = same_ranges(old.extents, new_ext, min(size, old.size))
+        if not same:
+            return None
+        segs = block_segments(data_segments(fd, size), size)
+        runs = _reusable(same, old, size, segs)
+        if not runs:
+            return None
+        # what to do, in file order: (-1 - first digest, blocks) from the record, or
+        # (offset, end) to read
+        ops: list[tuple[int, int]] = []
+        r = 0
+        for a, n in segs:
+            pos, end = a, a + n
+            while pos < end:
+                while r < len(runs) and runs[r][1] <= pos:
+                    r += 1
+                if r < len(runs) and runs[r][0] <= pos:  # digests from the record
+                    stop = min(end, runs[r][1])
+                    ops.append((-1 - (runs[r][2] + (pos - runs[r][0]) // _BLOCK),
+                                -(-(stop - pos) // _BLOCK)))
+                else:
+                    stop = min(end, runs[r][0] if r < len(runs) else end, pos + _PIECE)
+                    ops.append((pos, stop))
+                pos = stop
+        # scattered reads of a file not in the page cache (a new snapshot's inode): asked
+        # for all at once, so the device works on them together
+        for op in ops:
+            if op[0] >= 0:
+                os.posix_fadvise(fd, op[0], op[1] - op[0], os.POSIX_FADV_WILLNEED)
+        bhash, view, oblocks = xxhash.xxh3_128_digest, memoryview(buf), old.blocks
+        pieces: list[bytes] = []
+        read = 0
+        for pos, stop in ops:
+            if pos < 0:
+                k = -1 - pos
+                pieces.append(oblocks[16 * k:16 * (k + stop)])
+                continue
+            got = os.preadv(fd, [view[:stop - pos]], pos)
+            if got != stop - pos:
+                raise BtrdeltaError("file changed while sending (short read)", path=path)
+            pieces += [bhash(view[i:min(i + _BLOCK, got)], seed) for i in range(0, got, _BLOCK)]
+            read += got
+        if os.pread(fd, 1, size):
+            raise BtrdeltaError("file changed while sending (size differs)", path=path)
+    finally:
+        os.close(fd)
+    blocks = b"".join(pieces)
+    if not read and size == old.size and segs == old.segments:
+        node.digest, node.bdigest = old.digest, old.bdigest
+    else:
+        node.digest, node.bdigest = parts_digests(size, segs, blocks)
+    node.flags, node.segments, node.blocks, node.extents = flags, segs, blocks, new_ext
+    return read

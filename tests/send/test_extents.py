@@ -1,0 +1,264 @@
+"""A changed file read only where its file extent items changed (`btrdelta.send.extents`):
+each way btrfs can change a file's data (or keep its items while the data changes) is made
+on a live subvolume between two sends against a record (the old snapshot is not kept); the
+kernel's `btrfs receive` applies every stream on its copy of the base (oracle: tree-sum
+equal to the source), and the bytes read say whether the extents were trusted or not.
+Also the pure parts: ranges that read the same, records of version 2 (no extents)."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+from btrdelta.fs.btrfs import EXTENT, clone_range, file_extents
+from btrdelta.send.extents import EXTENT_MIN, same_ranges
+from btrdelta.send.sendshot import SendshotResult, send_with_sendshots
+from btrdelta.send.store import SendshotStore
+from btrdelta.tree import sendshot as fmt
+from btrdelta.tree import tree_sum
+from btrdelta.tree.columns import encode_rows
+from btrdelta.tree.sendshot import RecordInode, RecordReader, SendshotHead, write_record
+from tests.send.conftest import run
+
+MIB = 1 << 20
+SIZE = 4 * MIB
+
+
+def _ext(off: int, num: int, bytenr: int, gen: int = 7, ext_off: int = 0,
+         kind: int = 1, comp: int = 0, disk: int = 8 * MIB) -> bytes:
+    return EXTENT.pack(off, num, bytenr, disk, ext_off, gen, kind, comp)
+
+
+def test_same_ranges_follow_extents_not_items() -> None:
+    """An extent split by a write in its middle still maps its two ends the same way; a
+    range compares equal only with the same extent (bytenr, length, generation, type,
+    compression) at the same place in it, or a hole on both sides."""
+    old = _ext(0, 8 * MIB, 1 << 30)
+    new = (_ext(0, MIB, 1 << 30) + _ext(MIB, 4096, 5 << 30, gen=9, disk=4096)
+           + _ext(MIB + 4096, 7 * MIB - 4096, 1 << 30, ext_off=MIB + 4096))
+    assert same_ranges(old, new, 8 * MIB) == [(0, MIB), (MIB + 4096, 8 * MIB)]
+    # the same extent at another place in it (a clone to another offset): not the same
+    assert same_ranges(old, _ext(0, 4 * MIB, 1 << 30, ext_off=4096), 4 * MIB) == []
+    # another generation at the same bytenr (the extent freed, the space reused)
+    assert same_ranges(old, _ext(0, 8 * MIB, 1 << 30, gen=8), 8 * MIB) == []
+    for other in (_ext(0, 8 * MIB, 1 << 30, kind=2), _ext(0, 8 * MIB, 1 << 30, comp=3),
+                  _ext(0, 8 * MIB, 1 << 30, disk=4 * MIB)):
+        assert same_ranges(old, other, 8 * MIB) == []
+    # holes: no item, or an item with bytenr 0, read as zeros on both sides
+    holed = _ext(0, MIB, 1 << 30) + _ext(3 * MIB, MIB, 1 << 30, ext_off=3 * MIB)
+    hole_item = holed[:EXTENT.size] + _ext(MIB, 2 * MIB, 0) + holed[EXTENT.size:]
+    assert same_ranges(holed, hole_item, 4 * MIB) == [(0, 4 * MIB)]
+    assert same_ranges(holed, b"", 4 * MIB) == [(MIB, 3 * MIB)]
+    # only below the limit (the smaller of the two sizes)
+    assert same_ranges(old, old, 5000) == [(0, 5000)]
+
+
+def test_reusable_blocks_are_whole_and_in_both_segments() -> None:
+    """Blocks keep the record's digest only whole, inside an old and a new data segment,
+    with the index of their digest in the record; the last short block only when both
+    sizes are equal."""
+    from btrdelta.send.extents import _reusable
+
+    size = 5 * 4096 + 100
+    old = RecordInode(257, 0o100644, 0, 0, size, 1, 1, 1, [],
+                      segments=[(0, 8192), (12288, size - 12288)])
+    assert _reusable([(0, size)], old, size, [(0, size)]) == [(0, 8192, 0), (12288, size, 2)]
+    # another size: the last block (short in the record) is read
+    assert _reusable([(0, size)], old, size + 10, [(0, size + 10)]) == \
+        [(0, 8192, 0), (12288, 20480, 2)]
+    # a range that reads the same from the middle of a block to the middle of another,
+    # and a new hole where the record had data
+    assert _reusable([(100, 16484)], old, size, [(0, 4096), (12288, size - 12288)]) == \
+        [(12288, 16384, 2)]
+
+
+def test_version_2_records_load_without_extents(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record of version 2 (no NEXTENTS/EXTENTS columns) loads; its files have no extents
+    (read whole); version 3 keeps them through the encoder and reader."""
+    import uuid
+
+    root = RecordInode(256, 0o40755, 0, 0, 0, 1, 1, 1, [])
+    f = RecordInode(257, 0o100644, 0, 0, 8192, 1, 1, 1, [(256, b"f")], segments=[(0, 8192)],
+                    digest=b"d" * 16, bdigest=b"b" * 32, blocks=b"x" * 32,
+                    extents=_ext(0, 8192, 1 << 20))
+    head = SendshotHead(stream_uuid=uuid.uuid4(), stream_ctransid=1, name=b"n", created_ns=1)
+    out = io.BytesIO()
+    write_record(out.write, head, [root, f])
+    got = list(RecordReader(io.BytesIO(out.getvalue())).inodes())
+    assert got[1].extents == f.extents
+    cols, counts = encode_rows([root, f])
+    monkeypatch.setattr(fmt, "VERSION", 2)
+    old = io.BytesIO()
+    write_record(old.write, head, ([c for c in cols if c[0] < fmt.C_NEXTENTS], counts))
+    reader = RecordReader(io.BytesIO(old.getvalue()))
+    assert reader.version == 2
+    got = list(reader.inodes())
+    assert got[1].extents is None
+    assert got[1].blocks == f.blocks
+
+
+# -- against the kernel ------------------------------------------------------------------
+
+
+def _write(p: Path, off: int, data: bytes) -> None:
+    with open(p, "r+b") as f:
+        f.seek(off)
+        f.write(data)
+        os.fsync(f.fileno())
+
+
+def _clone(src: Path, soff: int, dst: Path, doff: int, n: int) -> None:
+    s, d = os.open(src, os.O_RDONLY), os.open(dst, os.O_RDWR)
+    try:
+        clone_range(d, doff, s, soff, n)
+    finally:
+        os.close(s)
+        os.close(d)
+
+
+def _items(p: Path) -> list[tuple[int, ...]]:
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        got = file_extents(fd, os.fstat(fd).st_ino)
+    finally:
+        os.close(fd)
+    assert got is not None
+    return list(EXTENT.iter_unpack(got))
+
+
+class _Rounds:
+    """A live subvolume sent round after round against its latest record, each stream
+    received by the kernel on its copy of the base and compared with the source."""
+
+    def __init__(self, snd: Path, rcv: Path, store: Path, stream: Path) -> None:
+        self.live, self.rcv, self.stream = snd / "live", rcv, stream
+        self.store = SendshotStore(store)
+        self.i = 0
+
+    def send(self) -> SendshotResult:
+        run("sync")
+        with open(self.stream, "wb") as f:
+            res = send_with_sendshots(f.write, self.live, store=self.store,
+                                      from_sendshot="latest" if self.i else None,
+                                      name=f"r{self.i}".encode())
+        run("btrfs", "receive", "-f", self.stream, self.rcv)
+        assert tree_sum(self.rcv / f"r{self.i}") == tree_sum(self.live), self.i
+        self.i += 1
+        return res
+
+
+@pytest.mark.btrfs
+def test_changed_files_read_where_extents_changed(two_fs: tuple[Path, Path],
+                                                  tmp_path: Path) -> None:
+    """Each change made to large files between two sends; what is read, and that the
+    kernel's receive of the stream gives the source."""
+    snd, rcv = two_fs
+    run("mount", "-o", "remount,noatime", snd)
+    live = snd / "live"
+    run("btrfs", "subvolume", "create", live)
+    big, other = live / "big", live / "other"
+    big.write_bytes(os.urandom(SIZE))
+    other.write_bytes(os.urandom(SIZE))
+    (live / "packed").touch()
+    run("btrfs", "property", "set", live / "packed", "compression", "zstd")
+    (live / "packed").write_bytes(os.urandom(1024) * 3072)  # compressible: zstd extents
+    (live / "nocow").touch()
+    run("chattr", "+C", live / "nocow")
+    (live / "nocow").write_bytes(os.urandom(2 * MIB))
+    (live / "pre").write_bytes(os.urandom(MIB))
+    run("fallocate", "-o", str(MIB), "-l", str(2 * MIB), live / "pre")  # prealloc
+    assert EXTENT_MIN <= MIB
+    rounds = _Rounds(snd, rcv, tmp_path / "store", tmp_path / "s")
+    rounds.send()
+    assert any(comp for *_x, comp in _items(live / "packed"))
+    assert any(kind == 2 for *_x, kind, _c in _items(live / "pre"))
+
+    def round_reads(change: object, most: int, least: int = 0) -> int:
+        res = rounds.send()
+        assert least <= res.stats.bytes_read <= most, (change, res.stats.bytes_read)
+        return res.stats.bytes_read
+
+    # a write in the middle: that block is read (hashed, then sent), not the other 4 MiB
+    _write(big, MIB + 4096, b"W" * 8192)
+    round_reads("overwrite", 4 * 8192)
+    # the old snapshot is gone: the extents freed by the overwrite may be reused by new
+    # data, which then has another generation
+    before = {(b, g) for _o, _n, b, _d, _x, g, _k, _c in _items(big)}
+    run("btrfs", "subvolume", "sync", snd)  # the temporary snapshots cleaned
+    _write(big, 0, os.urandom(SIZE))  # every extent replaced (and freed)
+    (live / "fresh").write_bytes(os.urandom(SIZE))  # may land where the old ones were
+    reused = {(b, g) for _o, _n, b, _d, _x, g, _k, _c in _items(live / "fresh")}
+    assert not before & reused  # same bytenr (if reused) never with the same generation
+    round_reads("rewritten whole", 4 * SIZE, SIZE)
+    # FICLONERANGE: another file's extent (its old generation) at a new offset, and a
+    # range of the same file moved
+    _clone(other, 0, big, 2 * MIB, MIB)
+    _clone(big, 0, big, 3 * MIB, 64 << 10)
+    (live / "fresh2").write_bytes((live / "fresh").read_bytes())
+    # (bytes read: those hashed, and those sent read again)
+    round_reads("cloned ranges, a copy", 2 * (MIB + (64 << 10)) + SIZE + 8192, MIB + SIZE)
+    # NOCOW: written in place, items unchanged: read whole
+    _write(live / "nocow", MIB, b"N" * 4096)
+    round_reads("nocow", 3 * MIB, 2 * MIB)
+    # prealloc written in place: PREALLOC -> REG (the item changes)
+    _write(live / "pre", MIB + 8192, b"P" * 4096)
+    round_reads("prealloc written", 3 * MIB + 3 * 4096)
+    # compressed extents, one range rewritten
+    _write(live / "packed", MIB, os.urandom(8192))
+    round_reads("compressed", 4 * MIB)
+    # a hole punched, a truncation to a size off a block, an append
+    run("fallocate", "-p", "-o", str(MIB), "-l", str(MIB), big)
+    os.truncate(other, SIZE - 1000)
+    with open(other, "ab") as f:
+        f.write(os.urandom(3000))
+    round_reads("hole, truncate, append", 64 << 10)
+    # defragment (new items, same content) and dedupe (another extent, same content)
+    run("btrfs", "filesystem", "defragment", "-f", big)
+    run("xfs_io", "-c", f"dedupe {live / 'fresh'} 0 0 {2 * MIB}", live / "fresh2")
+    assert {b for _o, _n, b, *_r in _items(live / "fresh2")} & \
+        {b for _o, _n, b, *_r in _items(live / "fresh")}  # shares fresh's extents now
+    round_reads("defragment, dedupe", 2 * SIZE)
+    # untouched files stay unread when only metadata changes
+    os.chmod(big, 0o600)
+    round_reads("chmod", 0)
+
+
+@pytest.mark.btrfs
+def test_nocow_file_overwritten_in_place(two_fs: tuple[Path, Path], tmp_path: Path) -> None:
+    """A NOCOW file overwritten in place keeps its extent items (the old snapshot is gone,
+    its extent not shared): only the inode flag tells, and the file is read whole."""
+    snd, rcv = two_fs
+    live = snd / "live"
+    run("btrfs", "subvolume", "create", live)
+    p = live / "db"
+    p.touch()
+    run("chattr", "+C", p)
+    p.write_bytes(os.urandom(2 * MIB))
+    rounds = _Rounds(snd, rcv, tmp_path / "store", tmp_path / "s")
+    rounds.send()
+    run("btrfs", "subvolume", "sync", snd)  # the temporary snapshot cleaned: not shared
+    items = _items(p)
+    _write(p, 4096, b"X" * 4096)
+    assert _items(p) == items  # in place: the same items (the case extents cannot see)
+    res = rounds.send()
+    assert res.stats.bytes_read >= 2 * MIB
+
+
+@pytest.mark.btrfs
+def test_subvolume_on_a_nodatacow_mount(two_fs: tuple[Path, Path], tmp_path: Path) -> None:
+    """On a filesystem mounted ``nodatacow`` new files get the NOCOW flag: read whole."""
+    snd, rcv = two_fs
+    run("mount", "-o", "remount,nodatacow", snd)
+    live = snd / "live"
+    run("btrfs", "subvolume", "create", live)
+    p = live / "db"
+    p.write_bytes(os.urandom(2 * MIB))
+    rounds = _Rounds(snd, rcv, tmp_path / "store", tmp_path / "s")
+    rounds.send()
+    _write(p, 4096, b"Y" * 4096)
+    assert rounds.send().stats.bytes_read >= 2 * MIB
+
+
