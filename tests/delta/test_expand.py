@@ -264,3 +264,47 @@ def test_wrong_old_file_named_when_its_patch_fails(
     with pytest.raises(ChecksumError, match="old file differs") as info:
         expand_to(open_delta(io.BytesIO(delta)), old, lambda p: None)
     assert info.value.path == b"f"
+
+
+def test_without_check_digest_nothing_is_hashed_but_count_and_size_are_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``check_digest=False`` (``update``, whose delta was checked against the signed index
+    and whose tree is checked against the release's identity): the expanded stream is not
+    hashed, so a wrong DEND digest passes; a wrong count or size still fails; the default
+    refuses the wrong digest."""
+    from btrdelta.delta import expand as expand_mod
+    from btrdelta.delta.encoding import encode_item
+    from btrdelta.delta.format import DeltaEnd
+
+    old, stream, delta = _patched_case(tmp_path, "hdiff")
+    end = delta_items(delta)[-1]
+    assert type(end) is DeltaEnd
+    tail = b"".join(bytes(p) for p in encode_item(end))
+    assert delta.endswith(tail)
+
+    def with_end(**change: object) -> bytes:
+        fields: dict[str, object] = {"count": end.count, "size": end.size,
+                                     "hash_algo": end.hash_algo, "digest": bytes(end.digest),
+                                     **change}
+        return delta[: -len(tail)] + b"".join(
+            bytes(p) for p in encode_item(DeltaEnd(**fields)))  # type: ignore[arg-type]
+
+    def expand(data: bytes, check_digest: bool) -> bytes:
+        got: list[bytes] = []
+        for _kind, pieces, _rec in expand_items(open_delta(io.BytesIO(data)), old,
+                                                check_digest=check_digest):
+            got += [bytes(p) for p in pieces]
+        return b"".join(got)
+
+    hashers: list[int] = []
+    real = expand_mod.hasher
+    monkeypatch.setattr(expand_mod, "hasher", lambda algo: hashers.append(algo) or real(algo))
+    wrong = with_end(digest=bytes(32))
+    assert expand(wrong, check_digest=False) == stream
+    assert hashers == []  # the expanded stream was not hashed
+    with pytest.raises(ChecksumError, match="digest mismatch"):
+        expand(wrong, check_digest=True)
+    for change in ({"count": end.count + 1}, {"size": end.size - 1}):
+        with pytest.raises(ChecksumError, match="DEND says"):
+            expand(with_end(**change), check_digest=False)

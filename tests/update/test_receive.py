@@ -100,3 +100,34 @@ def test_a_delta_looks_its_parent_up_once(tmp_path: Path, backend: str,
                                        identity=want, parent_at=(base.uuid, base.path))
         assert found == []
         assert tree_sum(again.path) == want
+
+
+def test_a_verified_delta_is_not_hashed_again(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """``receive_version(verified=True)`` (``update``: the delta was checked against the
+    signed index's BLAKE3, the tree is checked against the release's identity) does not
+    hash the expanded stream for DEND; the default does."""
+    from btrdelta.delta import expand
+    from btrdelta.update.streams import receive_version
+
+    require_btrfs()
+    real = expand.hasher
+    hashed: list[object] = []
+    monkeypatch.setattr(expand, "hasher", lambda algo: hashed.append(algo) or real(algo))
+    with loop_fs("btrfs", size="1G") as mnt:
+        pair = make_snapshots(mnt, SCENARIO)
+        full = send(pair.a, tmp_path / "A.stream")
+        incr = send(pair.b, tmp_path / "B.stream", parent=pair.a)
+        delta = _delta(incr, pair.a, tmp_path / "B.delta")
+        ours = mnt / "ours"
+        ours.mkdir()
+        (base,) = receive_any(full, ours)
+        want = tree_sum(pair.b)
+        for verified in (True, False):
+            hashed.clear()
+            with open(delta, "rb") as f:
+                got, _ = receive_version(f, ours, f"v{verified}", source="B.delta",
+                                         delta=True, identity=want, verified=verified,
+                                         parent_at=(base.uuid, base.path))
+            assert tree_sum(got.path) == want
+            assert bool(hashed) is not verified

@@ -67,6 +67,7 @@ def expand_batches(
     source: str | None = None,
     clone_same: bool = False,
     hash_clones: bool = True,
+    check_digest: bool = True,
 ) -> Generator[list[Event], None, None]:
     """The events of the expanded stream in lists (what ``receive`` applies a list at a
     time): headers and regenerated records as the expansion made them, carried commands
@@ -77,13 +78,15 @@ def expand_batches(
     then be a function of the stream's SNAPSHOT, as for ``receive``): the receiver
     reflinks the unchanged data instead of writing it again (and falls back to copying
     where it cannot). The tree is the same; the old and new versions share the extents.
-    The expanded stream is still checked as a whole (DEND)."""
+    The expanded stream is still checked as a whole (DEND; its digest only with
+    ``check_digest``: see :func:`.expand.expand_items`)."""
     parser = StreamParser(source=source, verify_crc=False)
     batch: list[Event] = []
     nbytes = 0
     limit = _FIRST_BATCH
     outputs = expand_items(items, old_root, max_file_size=max_file_size, source=source,
-                           clone_same=clone_same, hash_clones=hash_clones)
+                           clone_same=clone_same, hash_clones=hash_clones,
+                           check_digest=check_digest)
     with closing(outputs):  # closing this generator stops the recompression threads
         for kind, pieces, rec in outputs:
             cls = rec.__class__
@@ -124,14 +127,17 @@ class DeltaEvents:
     def __init__(
         self, items: Iterable[DeltaItem], old_root: OldRoot, max_file_size: int,
         source: str | None, clone_same: bool = False, hash_clones: bool = True,
+        check_digest: bool = True,
     ) -> None:
-        self._args = (items, old_root, max_file_size, source, clone_same, hash_clones)
+        self._args = (items, old_root, max_file_size, source, clone_same, hash_clones,
+                      check_digest)
 
     def batches(self) -> Generator[list[Event], None, None]:
         """Lists of events (see :func:`expand_batches`); call it once."""
-        items, old_root, max_file_size, source, clone_same, hash_clones = self._args
+        items, old_root, max_file_size, source, clone_same, hash_clones, digest = self._args
         return expand_batches(items, old_root, max_file_size=max_file_size, source=source,
-                              clone_same=clone_same, hash_clones=hash_clones)
+                              clone_same=clone_same, hash_clones=hash_clones,
+                              check_digest=digest)
 
     def __iter__(self) -> Iterator[Event]:
         for batch in self.batches():
@@ -146,6 +152,7 @@ def expand_events(
     source: str | None = None,
     clone_same: bool = False,
     hash_clones: bool = True,
+    check_digest: bool = True,
 ) -> DeltaEvents:
     """The events of the expanded stream, as :meth:`StreamReader.events` yields them.
 
@@ -161,6 +168,9 @@ def expand_events(
             stands for, to check the DEND digest (default; a signed receive needs it).
             ``False``: they are left out, and only DEND's count and size are checked once
             one was.
+        check_digest: ``False``: the expanded stream is not hashed at all (DEND's count
+            and size are checked), for a caller that checked the delta's bytes and checks
+            the tree it makes (``update``; see :func:`.expand.expand_items`).
 
     Each patched file's new content is verified (its old content too where the new
     content has no digest, or when the patch fails: see
@@ -172,4 +182,5 @@ def expand_events(
         items = open_delta(delta_events, source=source)  # type: ignore[arg-type]
     else:
         items = delta_events
-    return DeltaEvents(items, old_root, max_file_size, source, clone_same, hash_clones)
+    return DeltaEvents(items, old_root, max_file_size, source, clone_same, hash_clones,
+                       check_digest)

@@ -99,7 +99,7 @@ class _Expander:
 
     def __init__(
         self, old_root: OldRoot, max_file_size: int, source: str | None,
-        clone_same: bool = False, hash_clones: bool = True,
+        clone_same: bool = False, hash_clones: bool = True, check_digest: bool = True,
     ) -> None:
         self.old_root = old_root
         self.root: str | os.PathLike[str] | None = (
@@ -112,8 +112,9 @@ class _Expander:
         self.count = 0
         self.size = 0
         self.hash: Any = None
-        #: False once a command was left out (CLONED): the digest is no longer computed
-        self.hashing = True
+        #: False once a command was left out (CLONED): the digest is no longer computed;
+        #: never computed without ``check_digest``
+        self.hashing = check_digest
         #: small pieces not hashed yet (see :meth:`add`)
         self.pend = bytearray()
         #: index of the delta record being expanded (1-based), for errors
@@ -208,7 +209,7 @@ class _Expander:
             self.version = self.patcher.version = item.version  # type: ignore[union-attr]
             if callable(self.old_root):
                 self.root = None
-            if self.hash is None:
+            if self.hash is None and self.hashing:
                 self.hash = hasher(HashAlgo.BLAKE3)
             yield HEADER, item.version, None  # type: ignore[union-attr]
         else:
@@ -258,7 +259,6 @@ class _Expander:
         if self.pend:
             self.hash.update(self.pend)
             self.pend.clear()
-        algo_hash = self.hash if self.hash is not None else hasher(HashAlgo.BLAKE3)
         if end.hash_algo != HashAlgo.BLAKE3:
             raise self.fail("DEND uses a digest this build does not check")
         if end.count != self.count or end.size != self.size:
@@ -269,6 +269,7 @@ class _Expander:
             ))
         if not self.hashing:
             return
+        algo_hash = self.hash if self.hash is not None else hasher(HashAlgo.BLAKE3)
         actual = bytes(algo_hash.digest())
         if actual != end.digest:
             raise self.fail("", ChecksumError(
@@ -388,6 +389,7 @@ def expand_items(
     source: str | None = None,
     clone_same: bool = False,
     hash_clones: bool = True,
+    check_digest: bool = True,
 ) -> Generator[tuple[int, list[Any], R.Record | StreamHeader | None], None, None]:
     """Expand delta items to ``(kind, pieces, record)`` with the bytes of each output item.
 
@@ -402,8 +404,13 @@ def expand_items(
     delta items after them are parsed. Outputs come out strictly in stream order
     (:class:`_Outputs`). An error of a later record is raised only after the outputs before
     it (and their own errors). Closing the generator stops the threads.
+
+    ``check_digest=False``: the expanded stream is not hashed, DEND's digest is not checked
+    (its count and size are), for a caller that checked the delta stream's bytes and checks
+    what it makes of them (``update``: the artifact's BLAKE3 from the signed index, the
+    received tree's content identity).
     """
-    ex = _Expander(old_root, max_file_size, source, clone_same, hash_clones)
+    ex = _Expander(old_root, max_file_size, source, clone_same, hash_clones, check_digest)
     outputs = _Outputs(ex)
     run = ex.run(items)
     try:

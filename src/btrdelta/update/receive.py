@@ -54,7 +54,7 @@ def delta_parent(dest: Path, backend: str = "auto", search_root: Path | None = N
 def open_events(
     f: BinaryIO, dest: Path, *, backend: str = "auto", source: str | None = None,
     search_root: Path | None = None, max_file_size: int | None = None,
-    parents: dict[UUID, Path] | None = None,
+    parents: dict[UUID, Path] | None = None, check_digest: bool = True,
 ) -> Iterable[Event]:
     """The events to apply from input ``f`` (the one place an input is sniffed).
 
@@ -62,7 +62,9 @@ def open_events(
     whole). A delta stream is expanded on the fly against the parent of its snapshot below
     ``dest`` (``max_file_size``: the expansion's memory limit, see
     :func:`~btrdelta.delta.events.expand_events`; ``parents``: see :func:`delta_parent`,
-    to share with the receive). Anything else is refused with one line saying what it is.
+    to share with the receive; ``check_digest``: see
+    :func:`~btrdelta.delta.events.expand_events`). Anything else is refused with one line
+    saying what it is.
     """
     what, f = identify(f)
     if what.kind is Kind.SEND_STREAM:
@@ -76,7 +78,8 @@ def open_events(
         return expand_events(f, delta_parent(dest, backend, search_root, parents),
                              source=source,
                              clone_same=uses_btrfs(dest, backend), hash_clones=False,
-                             max_file_size=max_file_size or DEFAULT_MAX_FILE_SIZE)
+                             max_file_size=max_file_size or DEFAULT_MAX_FILE_SIZE,
+                             check_digest=check_digest)
     if what.kind is Kind.UNKNOWN:
         # let the stream parser name the bad magic and its offset, as `btrfs receive` does
         return StreamReader(f, source=source)

@@ -180,6 +180,7 @@ def receive_release(
 def receive_version(
     stream: BinaryIO, dest: Path, name: str, *, source: str, delta: bool, identity: str,
     parent: Digests | None = None, parent_at: tuple[UUID, Path] | None = None,
+    verified: bool = False,
 ) -> tuple[ReceivedSubvol, Digests]:
     """:func:`receive_release` checking ``identity``; returns the version and its file
     digests. With ``parent`` (the digests of the tree a delta applies to, hashed by the
@@ -187,22 +188,26 @@ def receive_version(
     :mod:`btrdelta.tree.incremental`. When the parent the receive used is not
     ``parent.root``, every file is read. ``parent_at``: the (received) UUID of the
     parent and its directory, as the caller found it (the receive does not look it up
-    again)."""
+    again). ``verified``: the caller checked the stream's bytes (``update``: against the
+    signed index's BLAKE3), so a delta's expansion is not hashed again for its DEND digest
+    (count and size are still checked; the tree is checked against ``identity``)."""
     return _receive(stream, dest, name, source=source, delta=delta, identity=identity,
-                    parent=parent, on_progress=None, parent_at=parent_at)
+                    parent=parent, on_progress=None, parent_at=parent_at,
+                    verified=verified)
 
 
 def _receive(
     stream: BinaryIO, dest: Path, name: str, *, source: str, delta: bool,
     identity: str | None, parent: Digests | None,
     on_progress: Callable[[int, int], None] | None,
-    parent_at: tuple[UUID, Path] | None = None,
+    parent_at: tuple[UUID, Path] | None = None, verified: bool = False,
 ) -> tuple[ReceivedSubvol, Digests]:
     from ..update.receive import open_events
 
     # the parent is looked up once (by the caller, or by the expansion or the applier)
     parents: dict[UUID, Path] = dict([parent_at]) if parent_at is not None else {}
-    events: Any = open_events(stream, dest, source=source, parents=parents)
+    events: Any = open_events(stream, dest, source=source, parents=parents,
+                              check_digest=not (verified and identity is not None))
     is_delta = not isinstance(events, StreamReader)
     if is_delta != delta:
         raise ChecksumError(f"expected a {'delta' if delta else 'plain'} stream",

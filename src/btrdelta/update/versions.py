@@ -314,7 +314,8 @@ def _apply(d: _Dest, m: Mirrors, step: Step, records: dict[int, VersionRecord],
         with open(path, "rb") as f:
             return receive_version(f, d.dest, name, source=ref.path, delta=True,
                                    identity=rec.identity, parent=parent,
-                                   parent_at=(stream_uuid(parent.identity), parent_dir))[1]
+                                   parent_at=(stream_uuid(parent.identity), parent_dir),
+                                   verified=True)[1]
     else:
         full = full_index(m, rec, d.meta)
         seeds = _seeds(d, seedable, records, emit)
