@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import io
 import os
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from btrdelta.fs.btrfs import EXTENT, clone_range, file_extents
 from btrdelta.send.extents import EXTENT_MIN, same_ranges
+from btrdelta.send.scan import Node
 from btrdelta.send.sendshot import SendshotResult, send_with_sendshots
 from btrdelta.send.store import SendshotStore
 from btrdelta.tree import sendshot as fmt
@@ -262,3 +266,65 @@ def test_subvolume_on_a_nodatacow_mount(two_fs: tuple[Path, Path], tmp_path: Pat
     assert rounds.send().stats.bytes_read >= 2 * MIB
 
 
+
+
+def _reference_diff(node: Node, onode: Node | None) -> list[tuple[int, int]]:
+    """The blocks that differ, block by block over every segment (what block_diff did
+    before it compared only the ranges a file hashed in parts read)."""
+    def at(n: Node) -> dict[int, bytes]:
+        out, i = {}, 0
+        for off, length in n.segments or ():
+            for pos in range(off, off + length, 4096):
+                out[pos] = n.blocks[16 * i:16 * i + 16]
+                i += 1
+        return out
+
+    old = at(onode) if onode is not None else {}
+    new = at(node)
+    return [(pos, min(4096, node.size - pos)) for pos, d in sorted(new.items())
+            if not (old.get(pos) == d and onode is not None
+                    and pos + min(4096, node.size - pos) <= onode.size)]
+
+
+def _file(size: int, segs: list[tuple[int, int]], digests: list[int]) -> Node:
+    node = Node(1, 257, 0o100644, 0, 0, size, 0, 0, 0)
+    node.segments = segs
+    count = sum(-(-n // 4096) for _o, n in segs)
+    node.blocks = b"".join(bytes([digests[k % len(digests)]]) * 16 for k in range(count))
+    return node
+
+
+@given(st.data())
+@settings(max_examples=200, deadline=None)
+def test_block_diff_compares_read_ranges_only(data: st.DataObject) -> None:
+    """block_diff over segments gives the blocks that differ at the same offset; with the
+    ranges a file hashed in parts read (its other blocks the record's) the same result."""
+    from btrdelta.send.record import block_diff
+
+    def layout() -> tuple[int, list[tuple[int, int]]]:
+        nblocks = data.draw(st.integers(1, 24))
+        size = nblocks * 4096 - data.draw(st.sampled_from([0, 0, 100, 4095]))
+        cuts = sorted(data.draw(st.sets(st.integers(1, nblocks - 1), max_size=4))) \
+            if nblocks > 1 else []
+        bounds = [0, *(c * 4096 for c in cuts), size]
+        segs = [(a, b - a) for k, (a, b) in enumerate(pairwise(bounds)) if k % 2 == 0]
+        return size, segs
+
+    osize, osegs = layout()
+    size, segs = layout()
+    old = _file(osize, osegs, data.draw(st.lists(st.integers(0, 3), min_size=1, max_size=30)))
+    new = _file(size, segs, data.draw(st.lists(st.integers(0, 3), min_size=1, max_size=30)))
+    writes = block_diff(new, old, None)[0]
+    want = _reference_diff(new, old)
+    assert [b for w in writes for b in _blocks(w, size)] == want
+    # parts: the blocks outside some ranges made equal to the old ones (as extents.py
+    # leaves them), the ranges the rest
+    extra = data.draw(st.lists(st.sampled_from([b for s in segs for b in _blocks(s, size)]),
+                               max_size=3)) if segs else []
+    ranges = sorted(set(want) | set(extra))  # at least the blocks that differ
+    new.read_ranges = ranges
+    assert [b for w in block_diff(new, old, None)[0] for b in _blocks(w, size)] == want
+
+
+def _blocks(rng: tuple[int, int], size: int) -> list[tuple[int, int]]:
+    return [(p, min(4096, size - p)) for p in range(rng[0], rng[0] + rng[1], 4096)]

@@ -249,4 +249,5 @@ def hash_changed(node: Node, path: bytes, old: RecordInode, seed: int, buf: byte
     else:
         node.digest, node.bdigest = parts_digests(size, segs, blocks)
     node.flags, node.segments, node.blocks, node.extents = flags, segs, blocks, new_ext
+    node.read_ranges = [(pos, stop - pos) for pos, stop in ops if pos >= 0]
     return read

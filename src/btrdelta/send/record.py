@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import os
+from bisect import bisect_right
 from collections.abc import Iterable, Iterator
 
 from ..errors import StreamFormatError
@@ -165,17 +166,16 @@ def _has_blocks(node: Node) -> bool:
         len(node.blocks) == _D * sum(-(-n // BLOCK) for _o, n in node.segments)
 
 
-def _blocks_at(node: Node) -> dict[int, bytes]:
-    """offset -> digest of each block of a file's data (none when not all are known)."""
-    out: dict[int, bytes] = {}
-    if not _has_blocks(node):
-        return out
-    i = 0
-    for off, length in node.segments or ():
-        for pos in range(off, off + length, BLOCK):
-            out[pos] = node.blocks[i:i + _D]
-            i += _D
-    return out
+def _first_blocks(segments: list[tuple[int, int]]) -> tuple[list[int], list[int], list[int]]:
+    """Segments' starts, ends, and the index of each one's first block digest."""
+    starts, ends, first = [], [], []
+    k = 0
+    for off, n in segments:
+        starts.append(off)
+        ends.append(off + n)
+        first.append(k)
+        k += -(-n // BLOCK)
+    return starts, ends, first
 
 
 def block_diff(
@@ -184,24 +184,41 @@ def block_diff(
     """How to turn ``onode`` (old version, from a record, or None for a new file) into
     ``node`` (hashed in record mode) without the old data.
 
+    Only the blocks a file hashed in parts read (``node.read_ranges``, :mod:`.extents`) are
+    compared: its other blocks carry ``onode``'s digests at the same offsets.
+
     Returns:
         ``(writes, clones, holes)``: ranges of ``node`` to send as data; ranges
         ``(offset, length, old node, old offset)`` found in old files (block aligned, at least
         ``min_len``) to clone from the parent; ranges that are holes in ``node`` but data in
         ``onode`` (to punch). Blocks equal to ``onode``'s at the same offset are in none.
     """
-    old_at = _blocks_at(onode) if onode is not None else {}
     known = _has_blocks(node)  # else every block is sent
+    old_known = onode is not None and _has_blocks(onode)
+    segments = node.segments or []
+    ranges = node.read_ranges if node.read_ranges is not None and known and old_known \
+        else segments
+    ostarts, oends, ofirst = _first_blocks(onode.segments or []) \
+        if onode is not None and old_known else ([], [], [])
+    oblocks, osize = (onode.blocks, onode.size) if onode is not None else (b"", 0)
+    nstarts, _nends, nfirst = _first_blocks(segments)
+    blocks, size = node.blocks, node.size
     writes: list[tuple[int, int]] = []
     clones: list[tuple[int, int, Node, int]] = []
-    i = 0
-    for off, length in node.segments or ():
-        for pos in range(off, off + length, BLOCK):
-            d = node.blocks[i:i + _D] if known else b""
+    j = 0  # the old segment at or after the block (blocks come in order)
+    for a, length in ranges:
+        k = bisect_right(nstarts, a) - 1
+        i = _D * (nfirst[k] + (a - nstarts[k]) // BLOCK) if k >= 0 else 0
+        for pos in range(a, a + length, BLOCK):
+            d = blocks[i:i + _D] if known else b""
             i += _D
-            n = min(BLOCK, node.size - pos)
-            if old_at.get(pos) == d and (onode is None or pos + n <= onode.size):
-                continue
+            n = min(BLOCK, size - pos)
+            while j < len(oends) and oends[j] <= pos:
+                j += 1
+            if j < len(ostarts) and ostarts[j] <= pos and pos + n <= osize:
+                o = _D * (ofirst[j] + (pos - ostarts[j]) // BLOCK)
+                if oblocks[o:o + _D] == d:
+                    continue
             src = index.get(d) if index is not None and n == BLOCK and known else None
             if src is not None:
                 src_node, src_off = src
@@ -226,24 +243,28 @@ def block_diff(
                 writes.append((c[0], c[1]))
         clones = keep
         writes = _merge(sorted(writes))
+    return writes, clones, _holes(node, onode) if onode is not None else []
+
+
+def _holes(node: Node, onode: Node) -> list[tuple[int, int]]:
+    """Ranges that are holes in ``node`` but data in ``onode`` (below both sizes)."""
     holes: list[tuple[int, int]] = []
-    if onode is not None:
-        limit = min(onode.size, node.size)
-        new_data = node.segments or []
-        for off, length in onode.segments or ():
-            a, b = off, min(off + length, limit)
-            pos = a
-            for s_off, s_len in new_data:
-                if s_off + s_len <= pos:
-                    continue
-                if s_off >= b:
-                    break
-                if s_off > pos:
-                    holes.append((pos, s_off - pos))
-                pos = max(pos, s_off + s_len)
-            if pos < b:
-                holes.append((pos, b - pos))
-    return writes, clones, holes
+    limit = min(onode.size, node.size)
+    new_data = node.segments or []
+    for off, length in onode.segments or ():
+        a, b = off, min(off + length, limit)
+        pos = a
+        for s_off, s_len in new_data:
+            if s_off + s_len <= pos:
+                continue
+            if s_off >= b:
+                break
+            if s_off > pos:
+                holes.append((pos, s_off - pos))
+            pos = max(pos, s_off + s_len)
+        if pos < b:
+            holes.append((pos, b - pos))
+    return holes
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

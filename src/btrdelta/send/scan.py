@@ -120,6 +120,10 @@ class Node:
     #: record mode on a read-only btrfs snapshot: the file extent items the content was
     #: read with (``btrdelta.fs.btrfs.EXTENT`` each; None: not known), see :mod:`.extents`
     extents: bytes | None = None
+    #: a file hashed in parts (:mod:`.extents`): the ranges read, each within one data
+    #: segment, in order; its other blocks are the record's at the same offsets. None:
+    #: hashed whole
+    read_ranges: list[tuple[int, int]] | None = None
 
     @property
     def fmt(self) -> int:
