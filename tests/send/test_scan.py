@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -179,3 +180,121 @@ def test_hashing_threads_keep_order_errors_and_stop(tmp_path: Path) -> None:
     with pytest.raises(BtrdeltaError, match="hashing stopped"):
         second.result()
     pool.close()
+
+
+def _many(root: Path, n: int = 300) -> None:
+    for d in range(3):
+        (root / f"d{d}").mkdir(parents=True)
+        for i in range(n // 3):
+            (root / f"d{d}" / f"f{i:03}").write_bytes(bytes([i % 256]) * (100 + 97 * i))
+    (root / "d2" / "big").write_bytes(b"b" * 40_000)
+    (root / "d2" / "big2").write_bytes(b"b" * 40_000)  # a CLONE of d2/big, as before
+
+
+def _stream(root: Path, *, ordered: bool, workers: int) -> tuple[bytes, list[bytes], Any]:
+    from uuid import UUID
+
+    from btrdelta.send.emit import Sender, StreamIds, inode_order
+    from btrdelta.send.scan import TreeScan
+    from btrdelta.stream.writer import StreamWriter
+
+    scan = TreeScan(root, workers=workers, seed=3, order=inode_order if ordered else None)
+    sender = Sender(root, scan=scan, version=2,
+                    ids=StreamIds(uuid=UUID(int=1), ctransid=9))
+    out: list[bytes] = []
+    writer = StreamWriter(lambda b: out.append(bytes(b)), 2)
+    paths = []
+    for rec in sender.records():
+        writer.write(rec)
+        path = getattr(rec, "path", b"")
+        if rec.__class__.__name__ in ("Write", "Clone") and path not in paths:
+            paths.append(path)
+    return b"".join(out), paths, sender
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_full_send_hashes_in_stream_order_and_streams_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    """A full record-mode send (``TreeScan(order=inode_order)``) sends its header before the
+    files are hashed, hashes them in the order they are sent, and makes the same stream (and
+    digests) as one that hashed every file first."""
+    import threading
+    from uuid import UUID
+
+    from btrdelta.send import hashing
+    from btrdelta.send.emit import Sender, StreamIds, inode_order
+    from btrdelta.send.scan import TreeScan
+
+    root = tmp_path / "t"
+    _many(root)
+    _stream(root, ordered=False, workers=workers)  # (relatime: the directories read once)
+    before, before_paths, plain = _stream(root, ordered=False, workers=workers)
+    assert not plain.streaming
+
+    gate = threading.Event()
+    hashed: list[bytes] = []
+    late: list[bool] = []
+    real = hashing._hash_file_blocks
+
+    def spy(path: bytes, *args: Any, **kwargs: Any) -> Any:
+        name = path[len(os.fsencode(root)) + 1:]
+        if name == b"d2/f099":  # the last small file sent: hashed after the header only
+            late.append(gate.wait(10))
+        hashed.append(name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(hashing, "_hash_file_blocks", spy)
+    scan = TreeScan(root, workers=workers, seed=3, order=inode_order)
+    sender = Sender(root, scan=scan, version=2, ids=StreamIds(uuid=UUID(int=1), ctransid=9))
+    assert sender.streaming
+    records = sender.records()
+    next(records)  # the header, with the last file not hashed yet
+    gate.set()
+    rest = list(records)
+    assert late == [True]
+    assert rest[-1].__class__.__name__ == "End"
+    assert sender.estimate == sum(n.size for n in sender.new.nodes.values() if n.is_reg)
+    if workers == 1:  # hashed in this thread, each file when it is sent: in that order
+        assert hashed == before_paths
+    monkeypatch.setattr(hashing, "_hash_file_blocks", real)
+    after, _paths, streamed = _stream(root, ordered=True, workers=workers)
+    assert streamed.streaming
+    assert after == before  # the same bytes, CLONE of the copy included
+    assert any(p.endswith(b"big2") for p in before_paths)
+    for a, b in zip(sorted(plain.new.nodes.values(), key=lambda n: n.path),
+                    sorted(streamed.new.nodes.values(), key=lambda n: n.path), strict=True):
+        assert (a.path, a.digest, a.blocks, a.bdigest, a.segments, a.flags) == \
+            (b.path, b.digest, b.blocks, b.bdigest, b.segments, b.flags)
+    assert streamed.new.identity() == plain.new.identity()
+
+
+@pytest.mark.parametrize("seed", [None, 5])
+def test_files_opened_ahead_are_closed_and_a_vanished_one_named(
+    tmp_path: Path, seed: int | None
+) -> None:
+    """The hashing threads open the next files of a batch ahead (their reads started); a
+    file gone since the scan fails with its path, and no descriptor is left open."""
+    from btrdelta.errors import BtrdeltaError
+    from btrdelta.send import hashing
+    from btrdelta.send.scan import ContentHasher
+
+    root = tmp_path / "t"
+    root.mkdir()
+    n = hashing._AHEAD * 3
+    for i in range(n):
+        (root / f"f{i:03}").write_bytes(bytes([i]) * (1000 + i))
+    tree = scan_tree(root)
+    fds = len(os.listdir("/proc/self/fd"))
+    ok = ContentHasher(1, seed=seed)
+    ok.submit(tree)
+    ok.wait()
+    assert all(node.digest for node in tree.nodes.values() if node.is_reg)
+    assert len(os.listdir("/proc/self/fd")) == fds
+    tree = scan_tree(root)
+    (root / f"f{n - 5:03}").unlink()  # opened ahead while the first ones are read
+    bad = ContentHasher(1, seed=seed)
+    bad.submit(tree)
+    with pytest.raises(BtrdeltaError, match=f"f{n - 5:03}"):
+        bad.wait()
+    assert len(os.listdir("/proc/self/fd")) == fds

@@ -72,7 +72,7 @@ from .record import BlockIndex, Diff, block_diff
 from .scan import ROOT, ContentHasher, Node, Tree, TreeScan, block_segments, open_file
 
 __all__ = ["CAPS", "COMPRESSORS", "SendStats", "Sender", "StreamIds", "encode_piece",
-           "option_problem"]
+           "inode_order", "option_problem"]
 
 CAPS = b"security.capability"
 _ENCODED_MAX = 128 * 1024
@@ -103,6 +103,31 @@ class SendStats:
     cloned_bytes: int = 0
     records: int = 0
     phase: str = "scan"
+
+
+def inode_order(tree: Tree) -> list[int]:
+    """The node ids of ``tree`` in the order the stream sends its inodes: top-down, each
+    directory's entries by name (files, then the subdirectories, each one's subtree before
+    the next one's), every inode once (at its first name), the root last."""
+    order: list[int] = []
+    stack = [ROOT]
+    seen: set[int] = set()
+    nodes, children = tree.nodes, tree.children
+    while stack:
+        d = stack.pop()
+        subdirs = []
+        for _name, cid in sorted(children[d].items()):
+            if cid in seen:
+                continue
+            seen.add(cid)
+            if nodes[cid].is_dir:
+                subdirs.append(cid)
+            else:
+                order.append(cid)
+        order.extend(subdirs)
+        stack.extend(reversed(subdirs))
+    order.append(ROOT)
+    return order
 
 
 class Sender:
@@ -188,6 +213,7 @@ class Sender:
         #: the trees reduced to what changed (an incremental send without ``scan``)
         self.changes: Changes | None = None
         self._hasher: ContentHasher | None = None
+        self._order: list[int] | None = None
         self.old: Tree | None = None
         if scan is None and old_record is None and self.parent_dir is not None:
             self.changes = find_changes(
@@ -204,6 +230,12 @@ class Sender:
         self.ids = ids or StreamIds()
         self._index: BlockIndex | None = None
         self._match: Match | None = None
+        #: a full send whose files are hashed in the order they are sent
+        #: (``TreeScan(order=inode_order)``): each one is waited for as it is sent, the
+        #: stream starts before the tree is hashed (unless its header names a UUID derived
+        #: from the content)
+        self.streaming = self.old is None and self._order is not None and \
+            self.ids.uuid is not None
         #: record mode: each file's block diff, made by the estimate and used when sending
         self._diffs: dict[int, Diff] = {}
         #: bytes of file data the stream carries at most (set with the header)
@@ -240,6 +272,7 @@ class Sender:
             scan.close()
             raise BtrdeltaError("the prepared scan is of another parent tree")
         self.new = scan.new
+        self._order = scan.order
         if old_record is not None:
             self.old = old_record
         else:
@@ -299,6 +332,8 @@ class Sender:
         finally:
             if self.changes is not None:
                 self.changes.close()
+            if self.streaming and self._hasher is not None:
+                self._hasher.close()  # (a stream that failed: the threads stop)
 
     def _records(self) -> Iterator[Record]:
         old = self._base
@@ -310,7 +345,9 @@ class Sender:
             self.stats.bytes_read = self._read + n
             self._progress()
 
-        if self._hasher is not None:
+        if self.streaming:
+            pass  # each file waited for as it is sent, the rest before END
+        elif self._hasher is not None:
             self._hasher.wait(on_bytes)
         else:
             assert self.changes is not None
@@ -331,6 +368,9 @@ class Sender:
         for rec in names:
             yield self._count(rec)
         yield from self._inodes(old, match, ns)
+        if self.streaming:
+            assert self._hasher is not None
+            self._hasher.wait(on_bytes)  # every file was waited for: the threads end
         yield self._count(End())
         self.stats.phase = "done"
         self._progress()
@@ -343,6 +383,9 @@ class Sender:
         """Bytes of file data the stream will carry at most: in record mode the blocks that
         differ from the receiver's and are not found in old files (the block diffs are kept
         for sending), else every changed file whole."""
+        if self.streaming:  # (not hashed yet: every file whole, holes too)
+            return sum(n.size for nid, n in self.new.nodes.items()
+                       if n.is_reg and nid not in match.unchanged)
         total = 0
         olds = {(o.bdigest, o.size) for o in old.nodes.values()
                 if o.is_reg and o.bdigest and o.size >= self.clone_min} if self.virtual else set()
@@ -384,27 +427,14 @@ class Sender:
                     old_by_digest.setdefault(o.digest, o.id)
         self._old_digests = old_by_digest
         new_by_digest: dict[bytes, int] = {}
-        order: list[int] = []
-        stack = [ROOT]
-        seen: set[int] = set()
-        while stack:
-            d = stack.pop()
-            kids = new.children[d]
-            subdirs = []
-            for _name, cid in sorted(kids.items()):
-                if cid in seen:
-                    continue
-                seen.add(cid)
-                if new.nodes[cid].is_dir:
-                    subdirs.append(cid)
-                else:
-                    order.append(cid)
-            order.extend(subdirs)
-            stack.extend(reversed(subdirs))
-        order.append(ROOT)
+        order = self._order if self.streaming and self._order is not None \
+            else inode_order(new)
+        ready = self._hasher.ready if self.streaming and self._hasher is not None else None
         unchanged, touched = match.unchanged, ns.touched
         for i, nid in enumerate(order):
             node = new.nodes[nid]
+            if ready is not None and node.is_reg:
+                ready(node)  # its digests and bytes (hashed in this order, ahead)
             oid = match.n2o.get(nid)
             onode = old.nodes[oid] if oid is not None and not full else None
             if (

@@ -11,10 +11,11 @@ nor reads them again. Owns the reading of files for digests; not the walk
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from .._optional import need
@@ -36,6 +37,10 @@ _WHOLE = 1 << 20
 #: (without holes) for the send, at most :data:`KEEP_BUDGET` bytes in all (the smallest
 #: files first: they cost the most system calls per byte)
 KEEP_MAX = 128 << 10
+#: files a hashing thread opens ahead of the one it reads, their reads started (cold files
+#: of a fresh snapshot on a loop device: 20,000 small ones read in 0.5-0.6 s instead of
+#: 1.1-1.9 s, one after another, each read waiting for the device)
+_AHEAD = 16
 
 
 def keep_budget() -> int:
@@ -83,10 +88,12 @@ def open_to_read(path: bytes) -> int:
         raise BtrdeltaError(f"cannot read file: {exc.strerror}", path=path) from exc
 
 
-def _hash_file(path: bytes, size: int, buf: bytearray) -> tuple[bytes, int]:
-    """(XXH3-128 of the content, btrfs flags) of one regular file of ``size`` bytes."""
+def _hash_file(path: bytes, size: int, buf: bytearray, fd: int = -1) -> tuple[bytes, int]:
+    """(XXH3-128 of the content, btrfs flags) of one regular file of ``size`` bytes (``fd``:
+    opened already, closed here)."""
     xxhash = need("xxhash", "make")
-    fd = open_to_read(path)
+    if fd < 0:
+        fd = open_to_read(path)
     try:
         flags = get_fileattr(fd)
         if size <= _WHOLE:
@@ -212,16 +219,18 @@ def block_segments(segs: list[tuple[int, int]], size: int) -> list[tuple[int, in
 
 
 def _hash_file_blocks(
-    path: bytes, size: int, buf: bytearray, seed: int, keep: bool = False, ino: int = 0
+    path: bytes, size: int, buf: bytearray, seed: int, keep: bool = False, ino: int = 0,
+    fd: int = -1,
 ) -> tuple[bytes, int, list[tuple[int, int]], bytes, bytes, bytes | None, bytes | None]:
     """Record mode: (XXH3-128 digest, flags, block-aligned data segments, seeded XXH3-128 of
     each 4 KiB block of them, BLAKE3-256 digest, content, extent items) of one regular file,
-    read once.
+    read once (``fd``: opened already, closed here).
 
     The content (the bytes hashed) only with ``keep``, of a file without holes of at most
     :data:`KEEP_MAX` bytes; else None. The extent items (:func:`~.extents.extents_of`) only
     with ``ino`` (its inode number: the file is in a read-only btrfs snapshot); else None."""
-    fd = open_to_read(path)
+    if fd < 0:
+        fd = open_to_read(path)
     try:
         flags = get_fileattr(fd)
         extents = extents_of(fd, ino, size, flags) if ino else None
@@ -251,6 +260,22 @@ def _hash_file_blocks(
         os.close(fd)
 
 
+def _open_ahead(batch: list[tuple[Node, bytes]], i: int, ahead: dict[int, int]) -> None:
+    """Open file ``i`` of ``batch`` (if there is one, not empty) into ``ahead`` and ask the
+    kernel to read its first MiB now (``POSIX_FADV_WILLNEED`` starts the reads and returns).
+    A file that cannot be opened here is opened again when its turn comes (which says
+    why)."""
+    if i >= len(batch) or not batch[i][0].size:
+        return
+    try:
+        fd = open_file(batch[i][1])
+    except OSError:
+        return
+    ahead[i] = fd
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fd, 0, min(batch[i][0].size, _WHOLE), os.POSIX_FADV_WILLNEED)
+
+
 class ContentHasher:
     """Reads and hashes the regular files of trees in a thread pool, while the caller goes on.
 
@@ -269,6 +294,11 @@ class ContentHasher:
     In record mode the bytes of small files of a tree submitted with ``keep`` are kept
     (:meth:`take`, at most :data:`KEEP_BUDGET` bytes not taken yet), so that the send does
     not open and read them a second time.
+
+    A tree submitted with an ``order`` (the order a full send emits its inodes in) is read
+    in that order, in batches that start small, and :meth:`ready` waits for one file only:
+    the send emits each file as soon as its batch is hashed, while the threads read ahead,
+    instead of waiting for the whole tree.
     """
 
     def __init__(self, workers: int | None = None, seed: int | None = None,
@@ -290,6 +320,10 @@ class ContentHasher:
         self._keeping = False
         self._keep_max = -1
         self._keep_lock = threading.Lock()
+        #: ordered submission: node id -> its batch (an index into the jobs, or into the
+        #: batches with one worker), and how many of those were run here
+        self._batch_of: dict[int, int] = {}
+        self._ran = 0
 
     def _run(self, batch: list[tuple[Node, bytes]], keeping: bool = False) -> int:
         buf = getattr(self._local, "buf", None)
@@ -298,21 +332,31 @@ class ContentHasher:
         total = 0
         seed = self.seed
         kept, lock = self._kept, self._keep_lock
-        for node, path in batch:
-            if seed is None:
-                node.digest, node.flags = _hash_file(path, node.size, buf)
-            else:
-                keep = keeping and node.size <= self._keep_max and \
-                    self._kept_bytes + node.size <= KEEP_BUDGET
-                (node.digest, node.flags, node.segments, node.blocks, node.bdigest,
-                 content, node.extents) = _hash_file_blocks(
-                    path, node.size, buf, seed, keep, node.st_ino if self.extents else 0)
-                if content is not None:
-                    with lock:
-                        if self._kept_bytes + node.size <= KEEP_BUDGET:
-                            kept[node.id] = content
-                            self._kept_bytes += node.size
-            total += node.size
+        ahead: dict[int, int] = {}  # index in the batch -> its file, opened ahead
+        try:
+            for i in range(min(_AHEAD, len(batch))):
+                _open_ahead(batch, i, ahead)
+            for i, (node, path) in enumerate(batch):
+                _open_ahead(batch, i + _AHEAD, ahead)
+                fd = ahead.pop(i, -1)
+                if seed is None:
+                    node.digest, node.flags = _hash_file(path, node.size, buf, fd)
+                else:
+                    keep = keeping and node.size <= self._keep_max and \
+                        self._kept_bytes + node.size <= KEEP_BUDGET
+                    (node.digest, node.flags, node.segments, node.blocks, node.bdigest,
+                     content, node.extents) = _hash_file_blocks(
+                        path, node.size, buf, seed, keep,
+                        node.st_ino if self.extents else 0, fd)
+                    if content is not None:
+                        with lock:
+                            if self._kept_bytes + node.size <= KEEP_BUDGET:
+                                kept[node.id] = content
+                                self._kept_bytes += node.size
+                total += node.size
+        finally:
+            for fd in ahead.values():
+                os.close(fd)
         return total
 
     def take(self, node: Node) -> bytes | None:
@@ -324,41 +368,70 @@ class ContentHasher:
                 self._kept_bytes -= len(got)
         return got
 
-    def submit(self, tree: Tree, later: Collection[int] = (), *, keep: bool = False) -> None:
+    def submit(self, tree: Tree, later: Collection[int] = (), *, keep: bool = False,
+               order: Sequence[int] | None = None) -> None:
         """Queue every regular file of ``tree`` (no-op for a hashed or queued tree) but
         the nodes ``later`` (hashed by whoever reads them: see :class:`BlockHasher`);
-        ``keep``: keep small files' bytes for :meth:`take` (one tree only)."""
+        ``keep``: keep small files' bytes for :meth:`take` (one tree only); ``order``:
+        the node ids in the order their files are wanted (:meth:`ready`), else the
+        largest files first."""
         if tree.hashed or any(t is tree for t in self._trees):
             return
         self._trees.append(tree)
         keeping = keep and self.seed is not None and not self._keeping
         self._keeping |= keeping
-        jobs = [(n, tree.root + b"/" + n.path) for n in tree.nodes.values()
+        nodes = tree.nodes
+        picked: Iterable[Node] = (nodes[i] for i in order) if order is not None \
+            else sorted(nodes.values(), key=lambda n: -n.size)
+        jobs = [(n, tree.root + b"/" + n.path) for n in picked
                 if n.is_reg and n.segments is None and n.id not in later]
-        jobs.sort(key=lambda j: -j[0].size)
         if keeping:  # the largest size whose files and all smaller ones fit the budget
             total = 0
-            for node, _path in reversed(jobs):
-                if node.size > KEEP_MAX or total + node.size > KEEP_BUDGET:
+            for size in sorted(n.size for n, _path in jobs):
+                if size > KEEP_MAX or total + size > KEEP_BUDGET:
                     break
-                total += node.size
-                self._keep_max = node.size
+                total += size
+                self._keep_max = size
         cur: list[tuple[Node, bytes]] = []
         cur_bytes = 0
+        # in order, the first batches are small: the first file is wanted at once
+        most = 16 if order is not None else 256
         for job in jobs:
             cur.append(job)
             cur_bytes += job[0].size + 16384
-            if cur_bytes >= (8 << 20) or len(cur) >= 256:
-                self._queue(cur, keeping)
+            if cur_bytes >= (8 << 20) or len(cur) >= most:
+                self._queue(cur, keeping, order is not None)
                 cur, cur_bytes = [], 0
+                most = min(256, most * 2)
         if cur:
-            self._queue(cur, keeping)
+            self._queue(cur, keeping, order is not None)
 
-    def _queue(self, batch: list[tuple[Node, bytes]], keeping: bool) -> None:
+    def _queue(self, batch: list[tuple[Node, bytes]], keeping: bool, ordered: bool) -> None:
+        if ordered:
+            index = len(self._batches if self._pool is None else self._jobs)
+            self._batch_of.update((node.id, index) for node, _path in batch)
         if self._pool is None:
-            self._batches.append((batch, keeping))  # one worker: hashed in wait(), here
+            self._batches.append((batch, keeping))  # one worker: hashed here when wanted
         else:
             self._jobs.append(self._pool.submit(batch, keeping))
+
+    def ready(self, node: Node) -> None:
+        """Wait until ``node``'s file (of a tree submitted with an ``order``) is hashed;
+        returns at once for any other node.
+
+        Raises:
+            BtrdeltaError: a file of its batch cannot be read or changed size.
+        """
+        index = self._batch_of.get(node.id)
+        if index is None:
+            return
+        if self._pool is not None:
+            self._jobs[index].result()
+            return
+        while self._ran <= index:  # one worker: this thread hashes, in order
+            batch, keeping = self._batches[self._ran]
+            self._ran += 1
+            self._done += self._run(batch, keeping)
 
     def wait(self, on_bytes: Callable[[int], None] | None = None) -> int:
         """Wait for every queued file; returns the bytes read (in all, also those of
@@ -371,7 +444,7 @@ class ContentHasher:
             BtrdeltaError: a file cannot be read or changed size since the scan.
         """
         try:
-            for batch, keeping in self._batches:
+            for batch, keeping in self._batches[self._ran:]:  # (the first ones: by ready)
                 self._done += self._run(batch, keeping)
                 if on_bytes is not None:
                     on_bytes(self.read_before + self._done)
@@ -381,6 +454,8 @@ class ContentHasher:
                 if on_bytes is not None:
                     on_bytes(self.read_before + self._done)
             self._jobs.clear()
+            self._batch_of.clear()
+            self._ran = 0
         finally:
             self.close()
         for tree in self._trees:

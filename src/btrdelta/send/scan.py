@@ -504,6 +504,9 @@ class TreeScan:
             :class:`BlockHasher`).
         extents: record mode, ``new_dir`` is a read-only btrfs snapshot: record the extent
             items of its files (see :class:`ContentHasher`).
+        order: called with the new tree once scanned: its node ids in the order a full send
+            emits them (kept as :attr:`order`); its files are then hashed in that order and
+            the send waits for each one (:meth:`ContentHasher.ready`), not for all.
 
     Raises:
         BtrdeltaError: the new tree cannot be scanned.
@@ -521,6 +524,7 @@ class TreeScan:
         new_tree: Tree | None = None,
         later: Callable[[Tree], set[int]] | None = None,
         extents: bool = False,
+        order: Callable[[Tree], list[int]] | None = None,
     ) -> None:
         need("xxhash", "make")  # before any thread starts: a missing extra is one line
         self.parent_dir = os.fsencode(parent_dir) if parent_dir is not None else None
@@ -533,12 +537,15 @@ class TreeScan:
             self._forked = ForkedScan(self.parent_dir)
         self.hasher = ContentHasher(workers, seed, extents)
         self._old: Tree | None = None
+        #: the new tree's node ids in the order they are emitted (``order``), else None
+        self.order: list[int] | None = None
         try:
             self.new = new_tree or scan_tree(new_dir, on_entry=on_entry)
             if prepare is not None:
                 prepare(self.new)
+            self.order = order(self.new) if order is not None else None
             self.hasher.submit(self.new, later(self.new) if later is not None else set(),
-                               keep=True)
+                               keep=True, order=self.order)
         except BaseException:
             self.close()
             raise

@@ -29,7 +29,7 @@ from ..fs.btrfs import changed_inodes
 from ..stream.records import Record
 from ..tree.columns import Columns
 from ..tree.sendshot import SendshotHead
-from .emit import Sender, SendStats, StreamIds
+from .emit import Sender, SendStats, StreamIds, inode_order
 from .extents import EXTENT_MIN, hash_changed
 from .live import Frozen, frozen
 from .onepass import sent_whole
@@ -148,8 +148,10 @@ def _scan(fz: Frozen, base: StoredSendshot | None, cols: Columns | None,
     old = tree_from_record(cols.rows(), base.head, base.path) \
         if cols is not None and base is not None else None
     later = sent_whole if base is None and fz.info is not None else None
+    # a full stream starts at once: its files are hashed in the order they are sent
+    order = inode_order if base is None else None
     return TreeScan(fz.path, None, seed=seed, prepare=_stamp(fz), later=later,
-                    extents=fz.info is not None and fz.info.readonly), old, None
+                    extents=fz.info is not None and fz.info.readonly, order=order), old, None
 
 
 def _changes(fz: Frozen, base: StoredSendshot, cols: Columns, seed: int
