@@ -298,3 +298,32 @@ def test_files_opened_ahead_are_closed_and_a_vanished_one_named(
     with pytest.raises(BtrdeltaError, match=f"f{n - 5:03}"):
         bad.wait()
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_a_streamed_full_send_keeps_every_small_file_while_the_budget_has_room(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hashed in the order they are sent, small files are taken soon after they are read:
+    each one is kept (none opened again by the send) though all of them exceed the budget,
+    which only bounds what is kept and not taken yet."""
+    from btrdelta.send import emit, hashing
+
+    root = tmp_path / "t"
+    _many(root)
+    # all small files: 1.5 MB; the largest batch of them (one worker: hashed when the send
+    # wants its first file, then taken one by one): 0.6 MB
+    monkeypatch.setattr(hashing, "KEEP_BUDGET", 800_000)
+    opened: list[bytes] = []
+    real = emit.open_file
+
+    def spy(path: bytes) -> int:
+        opened.append(path)
+        return real(path)
+
+    monkeypatch.setattr(emit, "open_file", spy)
+    _data, _paths, sender = _stream(root, ordered=True, workers=1)
+    assert opened == []
+    assert sender._hasher is not None
+    assert sender._hasher._kept_bytes == 0
+    _data, _paths, sender = _stream(root, ordered=False, workers=1)
+    assert len(opened) > 50  # (the smallest first, while they fit)

@@ -293,7 +293,8 @@ class ContentHasher:
 
     In record mode the bytes of small files of a tree submitted with ``keep`` are kept
     (:meth:`take`, at most :data:`KEEP_BUDGET` bytes not taken yet), so that the send does
-    not open and read them a second time.
+    not open and read them a second time: the smallest files, or, in an ``order``, every
+    file of up to :data:`KEEP_MAX` bytes while the budget has room.
 
     A tree submitted with an ``order`` (the order a full send emits its inodes in) is read
     in that order, in batches that start small, and :meth:`ready` waits for one file only:
@@ -385,7 +386,11 @@ class ContentHasher:
             else sorted(nodes.values(), key=lambda n: -n.size)
         jobs = [(n, tree.root + b"/" + n.path) for n in picked
                 if n.is_reg and n.segments is None and n.id not in later]
-        if keeping:  # the largest size whose files and all smaller ones fit the budget
+        if keeping and order is not None:
+            # sent in this order, each file soon after it is read: every small file can be
+            # kept (the budget bounds how far ahead the threads keep)
+            self._keep_max = KEEP_MAX
+        elif keeping:  # the largest size whose files and all smaller ones fit the budget
             total = 0
             for size in sorted(n.size for n, _path in jobs):
                 if size > KEEP_MAX or total + size > KEEP_BUDGET:
