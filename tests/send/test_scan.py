@@ -327,3 +327,26 @@ def test_a_streamed_full_send_keeps_every_small_file_while_the_budget_has_room(
     assert sender._hasher._kept_bytes == 0
     _data, _paths, sender = _stream(root, ordered=False, workers=1)
     assert len(opened) > 50  # (the smallest first, while they fit)
+
+
+def test_a_full_sends_match_pairs_the_roots_only_as_the_whole_matcher_would(
+    tmp_path: Path,
+) -> None:
+    from btrdelta.send import diff
+    from btrdelta.send.scan import ROOT, Tree
+
+    root = tmp_path / "t"
+    _many(root)
+    (root / "link").symlink_to("d0/f001")
+    new = scan_tree(root)
+    hash_contents([new])
+    base = Tree(new.root, {ROOT: new.nodes[ROOT]}, {ROOT: {}})
+    fast = diff.match_trees(base, new)
+    whole = diff._Matcher(base, new, quick=False, virtual=False)
+    whole.same_path_same_content()
+    whole.same_content_elsewhere()
+    whole.same_path_changed()
+    whole.others()
+    whole.directories({})
+    assert (fast.n2o, fast.o2n, fast.unchanged) == \
+        (whole.m.n2o, whole.m.o2n, whole.m.unchanged) == ({ROOT: ROOT}, {ROOT: ROOT}, set())

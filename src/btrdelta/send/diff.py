@@ -642,6 +642,10 @@ def match_trees(old: Tree, new: Tree, *, quick: bool = False, virtual: bool = Fa
     the trees are reduced (:class:`~.changes.Changes`), these entry pairs were left out."""
     if not virtual:
         need("pyfastcdc.cy", "make")  # for shifted_clones, later: fail before any record
+    if len(old.nodes) == 1 and not dropped:  # a full send: nothing but the roots to pair
+        m = Match()
+        m.pair(ROOT, ROOT)
+        return m
     matcher = _Matcher(old, new, quick=quick, virtual=virtual)
     if identities:
         _match_identities(old, new, matcher.m)
