@@ -350,3 +350,48 @@ def test_a_full_sends_match_pairs_the_roots_only_as_the_whole_matcher_would(
     whole.directories({})
     assert (fast.n2o, fast.o2n, fast.unchanged) == \
         (whole.m.n2o, whole.m.o2n, whole.m.unchanged) == ({ROOT: ROOT}, {ROOT: ROOT}, set())
+
+
+def test_small_files_with_a_byte_in_every_block_are_kept_without_seeking_holes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where holes are whole 4 KiB blocks, a small file whose every block holds a byte
+    other than zero has none: it is read and kept without ``SEEK_DATA``/``SEEK_HOLE``; one
+    with a block of zeros is looked at (written zeros: kept; a hole: not kept), and the
+    digests are the same either way."""
+    from btrdelta.send import hashing
+    from btrdelta.send.scan import _whole_blocks
+
+    files = {
+        "random": os.urandom(9000),
+        "one": b"\x01",
+        "last": b"\0" * 8192 + b"\x02",  # two blocks of zeros: looked at
+        "each": (b"\x03" + b"\0" * 4095) * 3,  # a byte in every block: not looked at
+        "zeros": b"\0" * 8192,  # written: data, not holes
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    with open(tmp_path / "hole", "wb") as f:  # a hole, then data
+        f.truncate(4096)
+        f.seek(4096)
+        f.write(b"h" * 5000)
+    assert _whole_blocks(os.fsencode(tmp_path)) == (os.statvfs(tmp_path).f_frsize % 4096 == 0)
+    sought: list[int] = []
+    real = hashing.data_segments
+
+    def spy(fd: int, size: int) -> list[tuple[int, int]]:
+        sought.append(size)
+        return real(fd, size)
+
+    monkeypatch.setattr(hashing, "data_segments", spy)
+    buf = bytearray(1 << 20)
+    for name in [*files, "hole"]:
+        path = os.fsencode(tmp_path / name)
+        size = os.path.getsize(path)
+        sought.clear()
+        fast = hashing._hash_file_blocks(path, size, buf, 9, True, whole_blocks=True)
+        fast_sought = list(sought)
+        plain = hashing._hash_file_blocks(path, size, buf, 9, True)
+        assert fast == plain, name
+        assert (fast[5] is None) == (name == "hole"), name
+        assert bool(fast_sought) == (name in ("last", "zeros", "hole")), name

@@ -218,9 +218,16 @@ def block_segments(segs: list[tuple[int, int]], size: int) -> list[tuple[int, in
     return out
 
 
+def _no_zero_block(content: bytes) -> bool:
+    """Whether every 4 KiB block of ``content`` holds a byte other than zero (holes read as
+    zeros: where holes are whole blocks, such a file has none)."""
+    n = len(content)
+    return all(content.count(0, i, i + BLOCK) != min(BLOCK, n - i) for i in range(0, n, BLOCK))
+
+
 def _hash_file_blocks(
     path: bytes, size: int, buf: bytearray, seed: int, keep: bool = False, ino: int = 0,
-    fd: int = -1,
+    fd: int = -1, whole_blocks: bool = False,
 ) -> tuple[bytes, int, list[tuple[int, int]], bytes, bytes, bytes | None, bytes | None]:
     """Record mode: (XXH3-128 digest, flags, block-aligned data segments, seeded XXH3-128 of
     each 4 KiB block of them, BLAKE3-256 digest, content, extent items) of one regular file,
@@ -228,12 +235,22 @@ def _hash_file_blocks(
 
     The content (the bytes hashed) only with ``keep``, of a file without holes of at most
     :data:`KEEP_MAX` bytes; else None. The extent items (:func:`~.extents.extents_of`) only
-    with ``ino`` (its inode number: the file is in a read-only btrfs snapshot); else None."""
+    with ``ino`` (its inode number: the file is in a read-only btrfs snapshot); else None.
+    With ``whole_blocks`` (the filesystem's holes are whole 4 KiB blocks) a file to keep is
+    read first, and its holes are only looked for (``SEEK_DATA``/``SEEK_HOLE``) when one of
+    its blocks is all zeros."""
     if fd < 0:
         fd = open_to_read(path)
     try:
         flags = get_fileattr(fd)
         extents = extents_of(fd, ino, size, flags) if ino else None
+        if keep and whole_blocks and 0 < size <= KEEP_MAX:
+            content = os.pread(fd, size + 1, 0)
+            if len(content) != size:
+                raise BtrdeltaError("file changed while sending (size differs)", path=path)
+            if _no_zero_block(content) or data_segments(fd, size) == [(0, size)]:
+                digest, blocks, bdigest = digests_of(content, seed)
+                return digest, flags, [(0, size)], blocks, bdigest, content, extents
         data = data_segments(fd, size) if size else []
         segs = block_segments(data, size)
         if keep and size <= KEEP_MAX and (not size or data == [(0, size)]):
@@ -305,6 +322,9 @@ class ContentHasher:
     def __init__(self, workers: int | None = None, seed: int | None = None,
                  extents: bool = False) -> None:
         self.seed = seed
+        #: the files' holes are whole 4 KiB blocks (a block with a byte other than zero is
+        #: data): set by the caller that knows the filesystem (:class:`~.scan.TreeScan`)
+        self.whole_blocks = False
         #: record mode on a read-only btrfs snapshot: record files' extent items
         self.extents = extents
         #: bytes read for this hashing by others (:mod:`.extents`), counted by :meth:`wait`
@@ -348,7 +368,7 @@ class ContentHasher:
                     (node.digest, node.flags, node.segments, node.blocks, node.bdigest,
                      content, node.extents) = _hash_file_blocks(
                         path, node.size, buf, seed, keep,
-                        node.st_ino if self.extents else 0, fd)
+                        node.st_ino if self.extents else 0, fd, self.whole_blocks)
                     if content is not None:
                         with lock:
                             if self._kept_bytes + node.size <= KEEP_BUDGET:

@@ -479,6 +479,16 @@ class ForkedScan:
             self._reap()
 
 
+def _whole_blocks(root: bytes) -> bool:
+    """Whether the filesystem of ``root`` has holes of whole 4 KiB blocks only (its block
+    size a multiple of 4 KiB: btrfs's sector, ext4's and XFS's usual block)."""
+    try:
+        size = os.statvfs(root).f_frsize
+    except OSError:
+        return False
+    return size > 0 and size % BLOCK == 0
+
+
 class TreeScan:
     """The reading half of a send: scan both trees and hash their contents, on two cores.
 
@@ -543,6 +553,7 @@ class TreeScan:
             self.new = new_tree or scan_tree(new_dir, on_entry=on_entry)
             if prepare is not None:
                 prepare(self.new)
+            self.hasher.whole_blocks = _whole_blocks(self.new.root)
             self.order = order(self.new) if order is not None else None
             self.hasher.submit(self.new, later(self.new) if later is not None else set(),
                                keep=True, order=self.order)
