@@ -194,8 +194,8 @@ def _many(root: Path, n: int = 300) -> None:
 def _stream(root: Path, *, ordered: bool, workers: int) -> tuple[bytes, list[bytes], Any]:
     from uuid import UUID
 
-    from btrdelta.send.emit import Sender, StreamIds, inode_order
-    from btrdelta.send.scan import TreeScan
+    from btrdelta.send.emit import Sender, StreamIds
+    from btrdelta.send.scan import TreeScan, inode_order
     from btrdelta.stream.writer import StreamWriter
 
     scan = TreeScan(root, workers=workers, seed=3, order=inode_order if ordered else None)
@@ -223,8 +223,8 @@ def test_a_full_send_hashes_in_stream_order_and_streams_at_once(
     from uuid import UUID
 
     from btrdelta.send import hashing
-    from btrdelta.send.emit import Sender, StreamIds, inode_order
-    from btrdelta.send.scan import TreeScan
+    from btrdelta.send.emit import Sender, StreamIds
+    from btrdelta.send.scan import TreeScan, inode_order
 
     root = tmp_path / "t"
     _many(root)

@@ -69,10 +69,10 @@ from .hashing import reader
 from .onepass import BlockHasher, hashed_as_sent
 from .order import Namespace, order_namespace
 from .record import BlockIndex, Diff, block_diff
-from .scan import ROOT, ContentHasher, Node, Tree, TreeScan, block_segments, open_file
+from .scan import ROOT, ContentHasher, Node, Tree, TreeScan, block_segments, inode_order, open_file
 
 __all__ = ["CAPS", "COMPRESSORS", "SendStats", "Sender", "StreamIds", "encode_piece",
-           "inode_order", "option_problem"]
+           "option_problem"]
 
 CAPS = b"security.capability"
 _ENCODED_MAX = 128 * 1024
@@ -103,31 +103,6 @@ class SendStats:
     cloned_bytes: int = 0
     records: int = 0
     phase: str = "scan"
-
-
-def inode_order(tree: Tree) -> list[int]:
-    """The node ids of ``tree`` in the order the stream sends its inodes: top-down, each
-    directory's entries by name (files, then the subdirectories, each one's subtree before
-    the next one's), every inode once (at its first name), the root last."""
-    order: list[int] = []
-    stack = [ROOT]
-    seen: set[int] = set()
-    nodes, children = tree.nodes, tree.children
-    while stack:
-        d = stack.pop()
-        subdirs = []
-        for _name, cid in sorted(children[d].items()):
-            if cid in seen:
-                continue
-            seen.add(cid)
-            if nodes[cid].is_dir:
-                subdirs.append(cid)
-            else:
-                order.append(cid)
-        order.extend(subdirs)
-        stack.extend(reversed(subdirs))
-    order.append(ROOT)
-    return order
 
 
 class Sender:
@@ -230,12 +205,6 @@ class Sender:
         self.ids = ids or StreamIds()
         self._index: BlockIndex | None = None
         self._match: Match | None = None
-        #: a full send whose files are hashed in the order they are sent
-        #: (``TreeScan(order=inode_order)``): each one is waited for as it is sent, the
-        #: stream starts before the tree is hashed (unless its header names a UUID derived
-        #: from the content)
-        self.streaming = self.old is None and self._order is not None and \
-            self.ids.uuid is not None
         #: record mode: each file's block diff, made by the estimate and used when sending
         self._diffs: dict[int, Diff] = {}
         #: bytes of file data the stream carries at most (set with the header)
@@ -260,6 +229,12 @@ class Sender:
             if scan is not None:
                 scan.close()
             raise
+
+    @property
+    def streaming(self) -> bool:
+        """A full send hashed in the order it is sent (``TreeScan(order=inode_order)``):
+        each file is waited for as it is sent (not if the header's UUID is the content's)."""
+        return self.old is None and self._order is not None and self.ids.uuid is not None
 
     def _scan_trees(self, scan: TreeScan | None, old_record: Tree | None,
                     workers: int | None) -> None:
@@ -345,13 +320,11 @@ class Sender:
             self.stats.bytes_read = self._read + n
             self._progress()
 
-        if self.streaming:
-            pass  # each file waited for as it is sent, the rest before END
-        elif self._hasher is not None:
-            self._hasher.wait(on_bytes)
-        else:
+        if self._hasher is None:
             assert self.changes is not None
             on_bytes(self.changes.bytes_read)
+        elif not self.streaming:  # (streamed: each file waited for as it is sent)
+            self._hasher.wait(on_bytes)
         self.stats.phase = "match"
         self._progress()
         match = match_trees(old, self.new, quick=self.quick, virtual=self.virtual,

@@ -59,6 +59,7 @@ __all__ = [
     "Node",
     "Tree",
     "hash_contents",
+    "inode_order",
     "kernel_rdev",
     "node_identity",
     "block_segments",
@@ -282,6 +283,31 @@ def read_node(nid: int, st: os.stat_result, full: bytes, rel: bytes, dfd: int | 
         if has:
             node.xattrs = _read_xattrs(full, has)
     return node
+
+
+def inode_order(tree: Tree) -> list[int]:
+    """The node ids of ``tree`` in the order the stream sends its inodes: top-down, each
+    directory's entries by name (files, then the subdirectories, each one's subtree before
+    the next one's), every inode once (at its first name), the root last."""
+    order: list[int] = []
+    stack = [ROOT]
+    seen: set[int] = set()
+    nodes, children = tree.nodes, tree.children
+    while stack:
+        d = stack.pop()
+        subdirs = []
+        for _name, cid in sorted(children[d].items()):
+            if cid in seen:
+                continue
+            seen.add(cid)
+            if nodes[cid].is_dir:
+                subdirs.append(cid)
+            else:
+                order.append(cid)
+        order.extend(subdirs)
+        stack.extend(reversed(subdirs))
+    order.append(ROOT)
+    return order
 
 
 class _Scanner:
