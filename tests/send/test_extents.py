@@ -60,6 +60,27 @@ def test_same_ranges_follow_extents_not_items() -> None:
     assert same_ranges(old, old, 5000) == [(0, 5000)]
 
 
+def test_extents_recorded_only_for_large_cow_files_not_too_fragmented(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files below 1 MiB, NOCOW files and files whose items would take more than 0.5 % of
+    their size keep no extents (read whole next time); no right to search: none either."""
+    from btrdelta.send import extents
+
+    items = b"".join(_ext(k * 16384, 16384, (1 << 30) + k * 16384) for k in range(400))
+    monkeypatch.setattr(extents, "file_extents", lambda fd, ino: items)
+    assert extents.extents_of(0, 257, 8 * MIB, 0) == items  # 20,000 bytes: 0.24 %
+    assert extents.extents_of(0, 257, MIB - 1, 0) is None
+    assert extents.extents_of(0, 257, 4 * MIB, extents.NOCOW) is None
+    assert extents.extents_of(0, 257, len(items) * 199, 0) is None  # over 0.5 %
+    assert extents.extents_of(0, 257, len(items) * 200, 0) == items
+
+    def denied(fd: int, ino: int) -> bytes:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(extents, "file_extents", denied)
+    assert extents.extents_of(0, 257, 8 * MIB, 0) is None
+
+
 def test_reusable_blocks_are_whole_and_in_both_segments() -> None:
     """Blocks keep the record's digest only whole, inside an old and a new data segment,
     with the index of their digest in the record; the last short block only when both

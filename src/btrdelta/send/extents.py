@@ -37,10 +37,12 @@ from ..tree.sendshot import RecordInode
 if TYPE_CHECKING:
     from .scan import Node
 
-__all__ = ["EXTENT_MIN", "NOCOW", "extents_of", "hash_changed", "parts_digests"]
+__all__ = ["EXTENT_MIN", "EXTENT_SHARE", "NOCOW", "extents_of", "hash_changed", "parts_digests"]
 
 #: smallest file whose extent items a record keeps (smaller files are read whole: cheap)
 EXTENT_MIN = 1 << 20
+#: at most this share of a file's size in recorded extent items (50 bytes each)
+EXTENT_SHARE = 0.005
 #: ``BTRFS_INODE_NODATACOW`` in FILEATTR encoding: written in place, items unchanged
 NOCOW = 0x2
 _BLOCK = 4096
@@ -58,14 +60,17 @@ _Span = tuple[int, int, tuple[int, ...] | None]
 def extents_of(fd: int, ino: int, size: int, flags: int) -> bytes | None:
     """The extent items to record for open file ``fd`` (inode ``ino`` of ``size`` bytes,
     inode flags ``flags``), or None: below :data:`EXTENT_MIN`, ``NOCOW``, items that cannot
-    be compared (:func:`~btrdelta.fs.btrfs.file_extents`), or no right to search the tree
-    (not root)."""
+    be compared (:func:`~btrdelta.fs.btrfs.file_extents`), no right to search the tree (not
+    root), or items taking more than :data:`EXTENT_SHARE` of the file's size (a file
+    fragmented into extents of less than ~10 KiB: the record stays small, the file is read
+    whole)."""
     if size < EXTENT_MIN or flags & NOCOW:
         return None
     try:
-        return file_extents(fd, ino)
+        got = file_extents(fd, ino)
     except OSError:
         return None
+    return None if got is None or len(got) > size * EXTENT_SHARE else got
 
 
 def _spans(items: bytes, limit: int) -> list[_Span]:
