@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from btrdelta import _native
 from btrdelta.delta import MakeOptions, expand_to, make_delta, open_delta, writer
@@ -125,6 +126,25 @@ def _stream(files: dict[bytes, bytes]) -> bytes:
         w.write(R.Rename(orphan, path))
         for off in range(0, len(data), 49152):
             w.write(R.Write(path, off, data[off : off + 49152]))
+        w.write(R.Utimes(path, 1, 2, 3))
+    w.write(R.End())
+    return b"".join(bytes(p) for p in out)
+
+
+def _encoded_stream(files: dict[bytes, bytes]) -> bytes:
+    """A v2 stream of new files sent as zstd-compressed extents (``--compressed-data``)."""
+    out: list[bytes] = []
+    w = StreamWriter(out.append, 2)
+    w.write(R.Snapshot(b"B", uuid.UUID(int=1), 9, uuid.UUID(int=2), 8))
+    for i, (path, data) in enumerate(files.items()):
+        orphan = f"o{300 + i}-7-0".encode()
+        w.write(R.Mkfile(orphan, 300 + i))
+        w.write(R.Rename(orphan, path))
+        for off in range(0, len(data), 128 << 10):
+            extent = data[off : off + (128 << 10)]
+            packed = zstandard.ZstdCompressor(level=3).compress(extent)
+            packed += bytes(-len(packed) % 4096)
+            w.write(R.EncodedWrite(path, off, len(extent), len(extent), 0, 2, packed))
         w.write(R.Utimes(path, 1, 2, 3))
     w.write(R.End())
     return b"".join(bytes(p) for p in out)
@@ -271,3 +291,21 @@ def test_auto_carrier_is_the_named_carrier_it_chose(
     assert auto == _make(new, old, carrier="zstd")[0]
     assert {z.codec for z in delta_items(auto) if isinstance(z, ZCommands)} == {CARRIER_ZSTD}
     assert _expand(auto, old) == new
+
+
+def test_auto_carrier_takes_zstd_for_compressed_extents(
+    rebuilt: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Carried ENCODED_WRITEs (a ``--compressed-data`` stream's new files) do not count
+    towards ``auto``'s xz: their data is compressed already, and LZMA would only make the
+    device inflate it slowly. The same files sent as WRITEs do."""
+    old, _ = rebuilt
+    rnd = random.Random(5)
+    files = {f"bin/new{i}".encode(): _text(rnd, 300_000) for i in range(2)}
+    monkeypatch.setattr(writer, "AUTO_XZ_FROM", 64 << 10)
+    encoded = _encoded_stream(files)
+    auto, stats = _make(encoded, old)
+    assert stats.carrier == "zstd"
+    assert auto == _make(encoded, old, carrier="zstd")[0]
+    assert _expand(auto, old) == encoded
+    assert _make(_stream(files), old)[1].carrier == "xz"

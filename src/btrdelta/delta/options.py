@@ -49,7 +49,8 @@ class MakeOptions:
     nearest: bool = True
     #: codec of the carrier: ``zstd`` (fast to expand), ``xz`` (raw LZMA2: smaller where
     #: much new file data is carried, slower to make and to expand) or ``auto`` (xz once
-    #: 8 MiB of file data is carried, else zstd: :data:`~.writer.AUTO_XZ_FROM`)
+    #: 8 MiB of uncompressed file data, WRITEs, is carried, else zstd:
+    #: :data:`~.writer.AUTO_XZ_FROM`)
     carrier: str = "auto"
     #: most old files one patch may use as its base, one after the other (BASES)
     max_bases: int = 4
