@@ -275,3 +275,46 @@ def test_send_from_a_record_imports_no_heavy_module(two_fs: tuple[Path, Path],
             assert out[1].strip() == "[]"
         run("btrfs", "receive", "-f", tmp_path / f"s{i}.stream", rcv)
     assert tree_sum(rcv / "s1") == tree_sum(snd / "s1")
+
+
+def test_adopted_snapshot_of_the_source_is_swept_not_read(two_fs: tuple[Path, Path],
+                                                          tmp_path: Path) -> None:
+    """Moving from kernel incrementals to sendshots: the last snapshot the kernel sent,
+    adopted with --source naming the live subvolume it was taken of, is a base like a
+    record btrdelta made; after the snapshot is deleted, the next send reads only what
+    changed (a large file: only its rewritten blocks), and the kernel applies it."""
+    snd, rcv = two_fs
+    store = str(tmp_path / "store")
+    live = snd / "live"
+    run("btrfs", "subvolume", "create", live)
+    _fill(live)
+    big = live / "big"
+    big.write_bytes(os.urandom(4 << 20))
+    run("btrfs", "subvolume", "snapshot", "-r", live, snd / "A")
+    run("sh", "-c", f"btrfs send -q {snd / 'A'} | btrfs receive -q {rcv}")
+    assert main(["sendshot", "--store", store, "create", str(snd / "A"),
+                 "--source", str(live)]) == 0
+    run("btrfs", "subvolume", "delete", snd / "A")
+    with open(big, "r+b") as f:
+        f.seek(1 << 20)
+        f.write(b"B" * 8192)
+    (live / "d" / "f3").write_bytes(b"small change")
+    run("sync")
+    out = tmp_path / "b"
+    with open(out, "wb") as f:
+        res = send_with_sendshots(f.write, live, store=SendshotStore(store),
+                                  from_sendshot="latest", name=b"B")
+    # the two rewritten blocks (hashed, then sent) and the small file, not 4 MiB + 12 files
+    assert res.stats.bytes_read <= 4 * 8192 + 100, res.stats.bytes_read
+    run("btrfs", "receive", "-f", out, rcv)
+    assert tree_sum(rcv / "B") == tree_sum(live)
+    # a snapshot of another subvolume named as --source: not swept (every file read)
+    other = snd / "other"
+    run("btrfs", "subvolume", "create", other)
+    run("btrfs", "subvolume", "snapshot", "-r", live, snd / "C")
+    store2 = SendshotStore(tmp_path / "store2")
+    assert main(["sendshot", "--store", str(store2.path), "create", str(snd / "C"),
+                 "--source", str(other)]) == 0
+    (head,) = [s.head for s in store2.records_list()]
+    assert head.subvol_uuid is None
+    assert head.generation == 0

@@ -25,7 +25,8 @@ from .._value import value_class
 from ..errors import BtrdeltaError
 from ..fs.btrfs import SubvolInfo, create_snapshot, delete_subvolume, subvol_info
 
-__all__ = ["LIVE_WARNING", "Frozen", "drop_snapshot", "frozen", "keep_snapshot"]
+__all__ = ["LIVE_WARNING", "Frozen", "drop_snapshot", "frozen", "keep_snapshot",
+           "subvolume_uuid"]
 
 _SUBVOL_ROOT_INO = 256
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -85,6 +86,16 @@ def _subvol_of(path: bytes) -> SubvolInfo | None:
             return None
     finally:
         os.close(fd)
+
+
+def subvolume_uuid(path: str | bytes | os.PathLike[str]) -> UUID | None:
+    """The UUID of the btrfs subvolume whose root ``path`` is; None for anything else
+    (including a path that cannot be opened)."""
+    try:
+        info = _subvol_of(os.path.abspath(os.fsencode(path)))
+    except OSError:
+        return None
+    return None if info is None else info.uuid
 
 
 @contextlib.contextmanager

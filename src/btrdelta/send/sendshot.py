@@ -31,7 +31,7 @@ from ..tree.columns import Columns
 from ..tree.sendshot import SendshotHead
 from .emit import Sender, SendStats, StreamIds
 from .extents import EXTENT_MIN, hash_changed
-from .live import Frozen, frozen
+from .live import Frozen, frozen, subvolume_uuid
 from .onepass import sent_whole
 from .record import record_inodes, stamp_generations, tree_from_record
 from .rescan import Changes, Stale, rescan, usable
@@ -345,12 +345,22 @@ def adopt(store: SendshotStore, path: str | bytes | os.PathLike[str], *,
     the kernel sent), else its UUID and ctransid; a plain directory gets the UUID
     ``btrdelta send`` derives from its content. ``uuid``/``ctransid`` override.
     ``source``: the sender's source this tree is a copy of (``--from-sendshot latest`` of
-    that source then finds it; default: ``path`` itself).
+    that source then finds it; default: ``path`` itself). A read-only snapshot of the
+    subvolume the next sends read (``source`` omitted, or naming that subvolume) is recorded
+    as a send of it would be (its generation and large files' extent items): the next send
+    finds what changed since without reading the unchanged files.
     """
     src = os.path.abspath(os.fsencode(path))
     with frozen(src, snapshot=False) as fz:
+        # a snapshot of the subvolume later sends read (no --source, or --source naming
+        # the subvolume it was taken of) is compared by the change sweep, and its large
+        # files' extents recorded, as a record that btrdelta sent; another tree is not
+        lineage = fz.lineage if source is None or (
+            fz.lineage is not None and subvolume_uuid(source) == fz.lineage) else None
         seed = store.seed()
-        scan = TreeScan(fz.path, None, seed=seed, prepare=_stamp(fz))
+        scan = TreeScan(fz.path, None, seed=seed, prepare=_stamp(fz),
+                        extents=lineage is not None and fz.info is not None
+                        and fz.info.readonly)
         try:
             scan.hasher.wait()
             tree = scan.new
@@ -374,9 +384,9 @@ def adopt(store: SendshotStore, path: str | bytes | os.PathLike[str], *,
         head = SendshotHead(
             stream_uuid=uuid, stream_ctransid=stamp,
             name=name or os.path.basename(src) or b"subvol", created_ns=time.time_ns(),
-            kind="adopted", subvol_uuid=fz.lineage if source is None else None,
+            kind="adopted", subvol_uuid=lineage,
             source=src if source is None else os.path.abspath(os.fsencode(source)),
-            generation=fz.generation if source is None else 0,
+            generation=fz.generation if lineage is not None else 0,
             seed=seed, tree_digest=tree.identity(),
         )
         return store.save(head, record_inodes(tree))
