@@ -175,7 +175,6 @@ def run_make(args: argparse.Namespace) -> int:
     """``delta make``."""
     from .._malloc import return_freed_memory
     from ..delta.make import make_delta
-    from ..update.signed import StreamSigner
 
     return_freed_memory()  # peak memory is a goal: whole files are read for diffing
     json_needs_stdout(args, args.output)
@@ -186,7 +185,11 @@ def run_make(args: argparse.Namespace) -> int:
         carrier=args.carrier,
     )
     name = input_name(args)
-    signer = StreamSigner.start(args.sign, args.signature, args.output)
+    signer = None
+    if args.sign:  # cryptography and OpenSSL: ~10 MB of memory, only when signing
+        from ..update.signed import StreamSigner
+
+        signer = StreamSigner.start(args.sign, args.signature, args.output)
     t0 = time.monotonic()
     with open_input(name) as f, open_output(args.output) as out:
         size = input_size(f)

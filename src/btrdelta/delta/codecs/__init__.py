@@ -111,7 +111,7 @@ AUTO_GOOD_RATIO = 0.05
 #: ``auto``: pairs of files above this (old + new) get the first codec only (zstd's window
 #: and tables take ~3x the pair on top of it, and ~0.4 s a MB at level 19; the Debian
 #: upgrade pair's delta is the same with 4 MiB as with no limit)
-AUTO_SECOND_MAX = 4 << 20
+AUTO_SECOND_MAX = 1 << 20
 
 
 def make_auto(
