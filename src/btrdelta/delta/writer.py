@@ -185,7 +185,10 @@ class DeltaWriter:
             _BACKGROUND_DEPTH + (workers - 1) * (XZ_BLOCK // ZCMDS_TARGET)
             if carrier != "zstd" else _BACKGROUND_DEPTH) if background else None
         self.level = level
-        self._pending: list[Any] = []
+        #: carried bytes gathered for the next ZCMDS record, copied out of the commands: a
+        #: list of their pieces kept every command's buffer alive, ~450 bytes of objects a
+        #: command (the Debian upgrade's 2 MB held by ``auto`` until the end took 20 MiB)
+        self._pending = bytearray()
         self._target = ZCMDS_TARGET_THREADED if threads and carrier == "zstd" else ZCMDS_TARGET
         self._pending_len = 0
         self._cobj: Any = None
@@ -292,9 +295,10 @@ class DeltaWriter:
         # the CRC field is zeroed (4 incompressible bytes; the expander recomputes it and
         # the carrier's own CRC32C covers the content), repeated paths, orphan names and
         # times are folded (:mod:`.carrier`)
-        pieces = fold(cmd, memoryview(raw), self._state)
-        self._pending += pieces
-        self._pending_len += sum(len(p) for p in pieces)
+        pending = self._pending
+        for piece in fold(cmd, memoryview(raw), self._state):
+            pending += piece
+        self._pending_len = len(pending)
         if self._pending_len >= self._target:
             self.flush()
         elif self._held is not None and self._held_bytes + self._pending_len > AUTO_HOLD_MAX:
@@ -305,12 +309,12 @@ class DeltaWriter:
         if not self._pending:
             return
         pending, length = self._pending, self._pending_len
-        self._pending = []
+        self._pending = bytearray()
         self._pending_len = 0
         if self._held is not None:
-            self._hold(pending, length, length)
+            self._hold([pending], length, length)
         else:
-            self._cut(pending, length)
+            self._cut([pending], length)
 
     def _hold(self, pieces: list[Any], length: int, size: int) -> None:
         """``auto``, undecided: keep output for later; zstd once too much is held (a
@@ -381,8 +385,8 @@ class DeltaWriter:
             compact = isinstance(item, Patch) and can_compact(item)
             pieces = encode_item(item, inner=True, compact=compact, **omit)
             for piece in pieces:
-                self._pending.append(piece)
-                self._pending_len += len(piece)
+                self._pending += piece
+            self._pending_len = len(self._pending)
             self.raw_bytes += sum(len(p) for p in pieces)
             if self._pending_len >= self._target:
                 self.flush()
