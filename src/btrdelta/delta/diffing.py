@@ -63,7 +63,8 @@ from .options import MakeOptions
 from .recompress import LevelGuesser, natural_extent, regenerable
 from .writer import INNER_PATCH_MAX
 
-__all__ = ["RAW_MAX_FILE", "Group", "Result", "canonical_write", "diff_group", "patched_items"]
+__all__ = ["RAW_MAX_FILE", "Group", "Result", "canonical_write", "diff_group", "patched_items",
+           "raw_commands"]
 
 
 # --- groups -----------------------------------------------------------------------------
@@ -71,14 +72,16 @@ __all__ = ["RAW_MAX_FILE", "Group", "Result", "canonical_write", "diff_group", "
 
 class Group:
     __slots__ = (
-        "base", "buffering", "name", "old_size", "path", "records", "version", "write_bytes",
-        "writes",
+        "base", "buffering", "held", "name", "old_size", "path", "records", "version",
+        "write_bytes", "writes",
     )
 
     # base: the old file at the group's own base path (None: there is none)
     # name: that base path, whose name finds other candidates (:mod:`.nearest`)
     # write_bytes: WRITE data + decompressed size of candidate ENCODED_WRITEs
     # writes: WRITEs + candidate ENCODED_WRITEs
+    # held: its WRITE records hold their header alone, their data a view of the new content
+    #   (:func:`_hold_content`; :func:`raw_commands` gives their bytes)
 
     def __init__(self, path: bytes, base: bytes | None, version: int, buffering: bool) -> None:
         self.path = path
@@ -90,6 +93,7 @@ class Group:
         self.write_bytes = 0
         self.writes = 0
         self.old_size = 0
+        self.held = False
 
 
 def canonical_write(r: RawCommand, version: int) -> bool:
@@ -163,6 +167,37 @@ def _content(
             pieces.append(raw)
             replaced += len(rec.data)
     return pieces, replaced, encoded
+
+
+def _hold_content(group: Group, new: bytes, encoded: dict[int, tuple[int, int]]) -> None:
+    """Make the group's WRITE records views of ``new``, the content joined from their data
+    (and regenerated extents, in record order), keeping only their headers, so their own
+    copies are freed: a file being diffed is held once, not twice (scipy's 35 MB library:
+    33 MiB less at the peak). Each WRITE was checked to be its header followed by its data
+    (:func:`canonical_write`), so :func:`raw_commands` gives back the same bytes."""
+    pos = 0
+    records = group.records
+    for i, r in enumerate(records):
+        rec = r.rec
+        if type(rec) is R.Write:
+            n = len(rec.data)
+            records[i] = RawCommand(r.cmd, r.raw[: len(r.raw) - n],
+                                    R.Write(rec.path, rec.offset, memoryview(new)[pos : pos + n]))
+            pos += n
+        elif i in encoded:
+            pos += encoded[i][1]
+    assert pos == len(new)
+    group.held = True
+
+
+def raw_commands(group: Group) -> Iterator[bytearray]:
+    """The raw bytes of the group's records, as read (a held group's WRITEs put back
+    together)."""
+    for r in group.records:
+        if group.held and type(r.rec) is R.Write:
+            yield r.raw + r.rec.data
+        else:
+            yield r.raw
 
 
 def _carried_cost(patch: bytes) -> int:
@@ -274,6 +309,8 @@ def diff_group(
         if same is not None:
             return Result(None, b"", size, same, same, size, replaced, encoded)
     new = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+    if len(pieces) > 1:
+        _hold_content(group, new, encoded)
     del pieces[:]
     best: Result | None = None
     if group.base is not None:

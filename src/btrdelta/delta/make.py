@@ -35,7 +35,7 @@ from ..stream import records as R
 from ..tree.pathmap import PathMap
 from .codecs import get_codec
 from .commands import RawCommand, RawCommands
-from .diffing import Group, Result, canonical_write, diff_group, patched_items
+from .diffing import Group, Result, canonical_write, diff_group, patched_items, raw_commands
 from .format import BtrfsCommand, DeltaEnd, DeltaItem, HashAlgo, StreamStart
 from .nearest import OldIndex
 from .options import MakeOptions
@@ -367,8 +367,8 @@ class _Maker:
             self.in_flight -= 1
             self.diff_cost -= slot.cost
             if res is None:
-                for r in group.records:
-                    self.out.command(r.raw)
+                for raw in raw_commands(group):
+                    self.out.command(raw)
             else:
                 name = "same" if res.codec is None else res.codec.name
                 self.stats.patched_files += 1
