@@ -27,7 +27,7 @@ from typing import BinaryIO
 
 from ..errors import BtrdeltaError
 
-__all__ = ["atomic_output", "create_file", "fsync_dir", "write_atomic"]
+__all__ = ["atomic_output", "create_file", "fsync_dir", "pid_alive", "write_atomic"]
 
 _PROC_FD = "/proc/self/fd"
 # O_TMPFILE answers these where the file system (or kernel) has no unnamed files
@@ -178,3 +178,15 @@ def create_file(dir_fd: int, name: str, data: bytes | bytearray | memoryview, *,
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=dir_fd)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (in this PID namespace): the owner of a temporary
+    name that carries its pid still works on it."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

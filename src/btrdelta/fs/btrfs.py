@@ -28,7 +28,7 @@ import fcntl
 import functools
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, NoReturn
 from uuid import UUID
 
@@ -375,25 +375,13 @@ def changed_inodes(fd: int, since: int) -> dict[int, tuple[int, int]]:
     """
     out: dict[int, tuple[int, int]] = {}
     min_obj, min_type, min_off = 0, 0, 0
-    request, start, size = _TREE_SEARCH_V2, _SEARCH_KEY.size + 8, _SWEEP_BUFFER
-    buf = bytearray(start + size)
-    header, inode_item = _SEARCH_HDR.unpack_from, _INODE_ITEM.unpack_from
-    while True:
+
+    def key(buf: bytearray) -> None:
         _SEARCH_KEY.pack_into(buf, 0, 0, min_obj, _U64_MAX, min_off, _U64_MAX, since + 1,
                               _U64_MAX, min_type, 255, 0xFFFFFFFF, 0, 0, 0, 0, 0)
-        if request == _TREE_SEARCH_V2:
-            struct.pack_into("<Q", buf, _SEARCH_KEY.size, size)
-        try:
-            fcntl.ioctl(fd, request, buf)
-        except OSError as exc:
-            if request != _TREE_SEARCH_V2 or exc.errno not in (errno.ENOTTY, errno.EINVAL):
-                raise
-            request, start, buf = _TREE_SEARCH, _SEARCH_KEY.size, bytearray(4096)
-            continue
-        nr_items = struct.unpack_from("<I", buf, 64)[0]
-        if not nr_items:
-            return out
-        pos = start
+
+    header, inode_item = _SEARCH_HDR.unpack_from, _INODE_ITEM.unpack_from
+    for buf, pos, nr_items in _searches(fd, _SWEEP_BUFFER, key):
         obj = typ = off = 0
         for _ in range(nr_items):
             _transid, obj, off, typ, length = header(buf, pos)
@@ -411,7 +399,33 @@ def changed_inodes(fd: int, since: int) -> dict[int, tuple[int, int]]:
         elif obj < _U64_MAX:
             min_obj, min_type, min_off = obj + 1, 0, 0
         else:
-            return out
+            break
+    return out
+
+
+def _searches(fd: int, size: int, key: Callable[[bytearray], None]
+              ) -> Iterator[tuple[bytearray, int, int]]:
+    """The results of ``TREE_SEARCH_V2`` calls with a ``size``-byte result buffer
+    (``TREE_SEARCH`` and its 4 KiB on kernels without it), one ``(buffer, offset of its first
+    item, number of items)`` per call, until a call finds none. ``key(buffer)`` packs the
+    search key before each call: the caller moves it past the last item it was given."""
+    request, start = _TREE_SEARCH_V2, _SEARCH_KEY.size + 8
+    buf = bytearray(start + size)
+    while True:
+        key(buf)
+        if request == _TREE_SEARCH_V2:
+            struct.pack_into("<Q", buf, _SEARCH_KEY.size, size)
+        try:
+            fcntl.ioctl(fd, request, buf)
+        except OSError as exc:
+            if request != _TREE_SEARCH_V2 or exc.errno not in (errno.ENOTTY, errno.EINVAL):
+                raise
+            request, start, buf = _TREE_SEARCH, _SEARCH_KEY.size, bytearray(4096)
+            continue
+        nr_items = struct.unpack_from("<I", buf, 64)[0]
+        if not nr_items:
+            return
+        yield buf, start, nr_items
 
 
 _EXTENT_DATA_KEY = 108
@@ -436,26 +450,14 @@ def file_extents(fd: int, ino: int) -> bytes | None:
     """
     out: list[bytes] = []
     min_off = 0
-    request, start, size = _TREE_SEARCH_V2, _SEARCH_KEY.size + 8, _EXTENT_BUFFER
-    buf = bytearray(start + size)
-    header, head, body, pack = (_SEARCH_HDR.unpack_from, _FE_HEAD.unpack_from,
-                                _FE_BODY.unpack_from, EXTENT.pack)
-    while True:
+
+    def key(buf: bytearray) -> None:
         _SEARCH_KEY.pack_into(buf, 0, 0, ino, ino, min_off, _U64_MAX, 0, _U64_MAX,
                               _EXTENT_DATA_KEY, _EXTENT_DATA_KEY, 0xFFFFFFFF, 0, 0, 0, 0, 0)
-        if request == _TREE_SEARCH_V2:
-            struct.pack_into("<Q", buf, _SEARCH_KEY.size, size)
-        try:
-            fcntl.ioctl(fd, request, buf)
-        except OSError as exc:
-            if request != _TREE_SEARCH_V2 or exc.errno not in (errno.ENOTTY, errno.EINVAL):
-                raise
-            request, start, buf = _TREE_SEARCH, _SEARCH_KEY.size, bytearray(4096)
-            continue
-        nr_items = struct.unpack_from("<I", buf, 64)[0]
-        if not nr_items:
-            return b"".join(out)
-        pos = start
+
+    header, head, body, pack = (_SEARCH_HDR.unpack_from, _FE_HEAD.unpack_from,
+                                _FE_BODY.unpack_from, EXTENT.pack)
+    for buf, pos, nr_items in _searches(fd, _EXTENT_BUFFER, key):
         off = 0
         for _ in range(nr_items):
             _transid, obj, off, typ, length = header(buf, pos)
@@ -471,8 +473,9 @@ def file_extents(fd: int, ino: int) -> bytes | None:
                 out.append(pack(off, num, bytenr, disk_bytes, ext_off, gen, kind, comp))
             pos += length
         if off >= _U64_MAX:
-            return b"".join(out)
+            break
         min_off = off + 1
+    return b"".join(out)
 
 
 def dir_path(fd: int, ino: int) -> bytes | None:

@@ -41,6 +41,7 @@ from uuid import UUID
 
 from .._value import value_class
 from ..errors import ApplyError, BtrdeltaError, MissingBaseError, UnsafePathError
+from ..fs.atomic import pid_alive
 from ..fs.btrfs import (
     create_snapshot,
     create_subvolume,
@@ -67,7 +68,6 @@ __all__ = [
     "Subvolumes",
     "find_parent",
     "find_subvolume",
-    "pid_alive",
     "uses_btrfs",
 ]
 
@@ -462,15 +462,3 @@ class Subvolumes:
             pending.sandbox.close()
         if not self.dry_run:
             self._remove(pending.tmp)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (in this PID namespace): the owner of a temporary
-    name ``<prefix><pid>`` still works on it."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -37,7 +37,8 @@ from ..tree.sendshot import RecordInode
 if TYPE_CHECKING:
     from .scan import Node
 
-__all__ = ["EXTENT_MIN", "EXTENT_SHARE", "NOCOW", "extents_of", "hash_changed", "parts_digests"]
+__all__ = ["EXTENT_MIN", "EXTENT_SHARE", "NOCOW", "extents_of", "first_blocks", "hash_changed",
+           "parts_digests"]
 
 #: smallest file whose extent items a record keeps (smaller files are read whole: cheap)
 EXTENT_MIN = 1 << 20
@@ -123,8 +124,8 @@ def parts_digests(size: int, segments: list[tuple[int, int]], blocks: bytes
     return xxhash.xxh3_128_digest(data), blake3.blake3(data).digest()
 
 
-def _old_block_index(segments: list[tuple[int, int]]) -> tuple[list[int], list[int], list[int]]:
-    """Old segments' starts, ends and the index of each one's first block digest."""
+def first_blocks(segments: list[tuple[int, int]]) -> tuple[list[int], list[int], list[int]]:
+    """Data segments' starts, ends and the index of each one's first block digest."""
     starts, ends, first = [], [], []
     k = 0
     for off, n in segments:
@@ -142,7 +143,7 @@ def _reusable(same: list[tuple[int, int]], old: RecordInode, size: int,
     qualifies when it lies in a range that reads the same, in a data segment on both sides,
     and has the same length on both sides (the last block of a file of another size: not)."""
     assert old.segments is not None
-    starts, ends, first = _old_block_index(old.segments)
+    starts, ends, first = first_blocks(old.segments)
     # the ranges that read the same, within an old segment (each piece's digests are
     # consecutive in that segment's): two sorted lists walked together
     pieces: list[tuple[int, int, int]] = []

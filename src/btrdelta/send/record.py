@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from ..errors import StreamFormatError
 from ..fs.btrfs import changed_inodes
 from ..tree.sendshot import RecordInode, SendshotHead
+from .extents import first_blocks
 from .scan import BLOCK, ROOT, Node, Tree
 
 __all__ = ["BlockIndex", "Diff", "block_diff", "node_of", "record_inode", "record_inodes",
@@ -166,18 +167,6 @@ def _has_blocks(node: Node) -> bool:
         len(node.blocks) == _D * sum(-(-n // BLOCK) for _o, n in node.segments)
 
 
-def _first_blocks(segments: list[tuple[int, int]]) -> tuple[list[int], list[int], list[int]]:
-    """Segments' starts, ends, and the index of each one's first block digest."""
-    starts, ends, first = [], [], []
-    k = 0
-    for off, n in segments:
-        starts.append(off)
-        ends.append(off + n)
-        first.append(k)
-        k += -(-n // BLOCK)
-    return starts, ends, first
-
-
 def block_diff(
     node: Node, onode: Node | None, index: BlockIndex | None, *, min_len: int = BLOCK,
 ) -> Diff:
@@ -198,10 +187,10 @@ def block_diff(
     segments = node.segments or []
     ranges = node.read_ranges if node.read_ranges is not None and known and old_known \
         else segments
-    ostarts, oends, ofirst = _first_blocks(onode.segments or []) \
+    ostarts, oends, ofirst = first_blocks(onode.segments or []) \
         if onode is not None and old_known else ([], [], [])
     oblocks, osize = (onode.blocks, onode.size) if onode is not None else (b"", 0)
-    nstarts, _nends, nfirst = _first_blocks(segments)
+    nstarts, _nends, nfirst = first_blocks(segments)
     blocks, size = node.blocks, node.size
     writes: list[tuple[int, int]] = []
     clones: list[tuple[int, int, Node, int]] = []

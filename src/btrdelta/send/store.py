@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._value import field, value_class
 from ..errors import BtrdeltaError, MissingBaseError
+from ..fs.atomic import pid_alive
 from ..tree.sendshot import RecordInode, RecordReader, SendshotHead, read_head, write_record
 
 if TYPE_CHECKING:
@@ -330,7 +331,7 @@ class SendshotStore:
                         age = now - os.lstat(p).st_mtime
                     except FileNotFoundError:
                         continue
-                    if age < _LEFTOVER_AGE or _pid_running(int(m.group(1) or m.group(2))):
+                    if age < _LEFTOVER_AGE or pid_alive(int(m.group(1) or m.group(2))):
                         continue
                     found.append(p)
                     if remove:
@@ -341,16 +342,6 @@ class SendshotStore:
 
 _LEFTOVER = re.compile(r"\.tmp-(\d+)-[0-9a-f]+|cursors\.json\.tmp-(\d+)")
 _LEFTOVER_AGE = 3600.0
-
-
-def _pid_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _write_record(tmp: str, head: SendshotHead, inodes: Iterable[RecordInode] | Encoded,

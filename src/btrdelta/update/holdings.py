@@ -27,9 +27,10 @@ import os
 from pathlib import Path
 
 from ..fs import btrfs as sv
+from ..fs.atomic import pid_alive
 from ..fs.copy import copy_tree
 from ..fs.remove import remove_tree
-from ..receive.subvolumes import TMP_PREFIX, Subvolumes, pid_alive
+from ..receive.subvolumes import TMP_PREFIX, Subvolumes
 from ..repo.model import stream_uuid
 from ..tree import tree_sum
 from ..tree.incremental import Digests, verified_digests

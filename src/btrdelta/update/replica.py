@@ -42,6 +42,7 @@ from ..errors import (
     TransportError,
     UnsafePathError,
 )
+from ..fs.atomic import pid_alive
 from ..fs.btrfs import delete_subvolume, subvol_info
 from ..fs.remove import remove_path, remove_tree
 from ..fs.sandbox import check_name
@@ -61,7 +62,7 @@ from ..protocol import (
 from ..protocol.messages import spoken
 from ..receive import ReceivedSubvol, receive, uses_btrfs
 from ..receive.resume import ResumePoint
-from ..receive.subvolumes import PendingSubvol, Subvolumes, pid_alive
+from ..receive.subvolumes import PendingSubvol, Subvolumes
 from ..stream.reader import EOF, NEED_DATA, Event, StreamParser
 from ..stream.records import Clone, End, Snapshot, Subvol
 from .channels import Channel, MessageIO, PeerClosed, PeerRefused
