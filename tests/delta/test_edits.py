@@ -116,35 +116,25 @@ def test_hostile_edits2_patches_are_refused(patch: bytes, why: str) -> None:
         EDITS2.apply(b"0123456789", patch, new_size=10)
 
 
-def _stream(files: dict[bytes, bytes]) -> bytes:
+def _stream(files: dict[bytes, bytes], *, encoded: bool = False) -> bytes:
+    """A stream of new files: WRITEs (v1), or with ``encoded`` a v2 stream of zstd-compressed
+    extents (``--compressed-data``)."""
     out: list[bytes] = []
-    w = StreamWriter(out.append, 1)
+    w = StreamWriter(out.append, 2 if encoded else 1)
     w.write(R.Snapshot(b"B", uuid.UUID(int=1), 9, uuid.UUID(int=2), 8))
+    step = 128 << 10 if encoded else 49152
     for i, (path, data) in enumerate(files.items()):
         orphan = f"o{300 + i}-7-0".encode()
         w.write(R.Mkfile(orphan, 300 + i))
         w.write(R.Rename(orphan, path))
-        for off in range(0, len(data), 49152):
-            w.write(R.Write(path, off, data[off : off + 49152]))
-        w.write(R.Utimes(path, 1, 2, 3))
-    w.write(R.End())
-    return b"".join(bytes(p) for p in out)
-
-
-def _encoded_stream(files: dict[bytes, bytes]) -> bytes:
-    """A v2 stream of new files sent as zstd-compressed extents (``--compressed-data``)."""
-    out: list[bytes] = []
-    w = StreamWriter(out.append, 2)
-    w.write(R.Snapshot(b"B", uuid.UUID(int=1), 9, uuid.UUID(int=2), 8))
-    for i, (path, data) in enumerate(files.items()):
-        orphan = f"o{300 + i}-7-0".encode()
-        w.write(R.Mkfile(orphan, 300 + i))
-        w.write(R.Rename(orphan, path))
-        for off in range(0, len(data), 128 << 10):
-            extent = data[off : off + (128 << 10)]
-            packed = zstandard.ZstdCompressor(level=3).compress(extent)
+        for off in range(0, len(data), step):
+            piece = data[off : off + step]
+            if not encoded:
+                w.write(R.Write(path, off, piece))
+                continue
+            packed = zstandard.ZstdCompressor(level=3).compress(piece)
             packed += bytes(-len(packed) % 4096)
-            w.write(R.EncodedWrite(path, off, len(extent), len(extent), 0, 2, packed))
+            w.write(R.EncodedWrite(path, off, len(piece), len(piece), 0, 2, packed))
         w.write(R.Utimes(path, 1, 2, 3))
     w.write(R.End())
     return b"".join(bytes(p) for p in out)
@@ -303,7 +293,7 @@ def test_auto_carrier_takes_zstd_for_compressed_extents(
     rnd = random.Random(5)
     files = {f"bin/new{i}".encode(): _text(rnd, 300_000) for i in range(2)}
     monkeypatch.setattr(writer, "AUTO_XZ_FROM", 64 << 10)
-    encoded = _encoded_stream(files)
+    encoded = _stream(files, encoded=True)
     auto, stats = _make(encoded, old)
     assert stats.carrier == "zstd"
     assert auto == _make(encoded, old, carrier="zstd")[0]

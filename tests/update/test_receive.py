@@ -12,7 +12,13 @@ from btrdelta.delta.make import make_delta
 from btrdelta.delta.options import MakeOptions
 from btrdelta.errors import MissingBaseError
 from btrdelta.testing.loopfs import loop_fs
-from btrdelta.testing.scenarios import SCENARIOS, kernel_receive, make_snapshots, send
+from btrdelta.testing.scenarios import (
+    SCENARIOS,
+    SnapshotPair,
+    kernel_receive,
+    make_snapshots,
+    send,
+)
 from btrdelta.tree import tree_sum
 from btrdelta.update.receive import receive_any
 from tests.conftest import require_btrfs
@@ -27,14 +33,20 @@ def _delta(stream: Path, old: Path, out: Path) -> Path:
     return out
 
 
+def _streams(mnt: Path, tmp_path: Path) -> tuple[SnapshotPair, Path, Path, Path]:
+    """The scenario's snapshots on ``mnt``, the full stream of A, the incremental A -> B
+    and its delta."""
+    pair = make_snapshots(mnt, SCENARIO)
+    full = send(pair.a, tmp_path / "A.stream")
+    incr = send(pair.b, tmp_path / "B.stream", parent=pair.a)
+    return pair, full, incr, _delta(incr, pair.a, tmp_path / "B.delta")
+
+
 @pytest.mark.parametrize("backend", ["btrfs", "dir"])
 def test_plain_then_delta_match_btrfs_receive(tmp_path: Path, backend: str) -> None:
     require_btrfs()
     with loop_fs("btrfs", size="1G") as mnt:
-        pair = make_snapshots(mnt, SCENARIO)
-        full = send(pair.a, tmp_path / "A.stream")
-        incr = send(pair.b, tmp_path / "B.stream", parent=pair.a)
-        delta = _delta(incr, pair.a, tmp_path / "B.delta")
+        pair, full, incr, delta = _streams(mnt, tmp_path)
         kernel = mnt / "kernel"
         kernel.mkdir()
         kernel_receive(full, kernel)
@@ -83,10 +95,7 @@ def test_a_delta_looks_its_parent_up_once(tmp_path: Path, backend: str,
 
     monkeypatch.setattr(subvolumes, "find_subvolume", counted)
     with loop_fs("btrfs", size="1G") as mnt:
-        pair = make_snapshots(mnt, SCENARIO)
-        full = send(pair.a, tmp_path / "A.stream")
-        incr = send(pair.b, tmp_path / "B.stream", parent=pair.a)
-        delta = _delta(incr, pair.a, tmp_path / "B.delta")
+        _pair, full, _incr, delta = _streams(mnt, tmp_path)
         ours = mnt / "ours" if backend == "btrfs" else tmp_path / "ours"
         ours.mkdir()
         (base,) = receive_any(full, ours, backend=backend)
@@ -115,10 +124,7 @@ def test_a_verified_delta_is_not_hashed_again(tmp_path: Path,
     hashed: list[object] = []
     monkeypatch.setattr(expand, "hasher", lambda algo: hashed.append(algo) or real(algo))
     with loop_fs("btrfs", size="1G") as mnt:
-        pair = make_snapshots(mnt, SCENARIO)
-        full = send(pair.a, tmp_path / "A.stream")
-        incr = send(pair.b, tmp_path / "B.stream", parent=pair.a)
-        delta = _delta(incr, pair.a, tmp_path / "B.delta")
+        pair, full, _incr, delta = _streams(mnt, tmp_path)
         ours = mnt / "ours"
         ours.mkdir()
         (base,) = receive_any(full, ours)
