@@ -110,3 +110,105 @@ def test_hdiff_from_raw_is_the_compressed_diff() -> None:
     patch = raw.make(old, new)
     assert hdiff.from_raw(patch, len(new)) == hdiff.make(old, new)  # type: ignore[attr-defined]
     assert hdiff.apply(old, hdiff.from_raw(patch, len(new)), new_size=len(new)) == new  # type: ignore[attr-defined]
+
+
+def _hdiff_raw(old: bytes, new: bytes) -> bytes:
+    import hdiffpatch
+
+    return bytes(hdiffpatch.diff(old, new, None, validate=False))
+
+
+def _shifted_pair(seed: int, size: int) -> tuple[bytes, bytes]:
+    """An old content and a new one with edits, an insertion and a deletion (what moves
+    the old bytes a window lines up with), from a seed."""
+    import random
+
+    rng = random.Random(seed)
+    words = [rng.randbytes(rng.randrange(3, 40)) for _ in range(300)]
+    old = b"".join(rng.choice(words) for _ in range(size // 20))
+    new = bytearray(old)
+    for _ in range(20):
+        i = rng.randrange(len(new) + 1)
+        new[i : i + 4] = rng.randbytes(4)
+    i = rng.randrange(len(new) + 1)
+    new[i:i] = rng.randbytes(rng.randrange(1, 3000))
+    i = rng.randrange(len(new) + 1)
+    del new[i : i + rng.randrange(1, 3000)]
+    return old, bytes(new)
+
+
+def test_windowed_hdiff_in_one_window_is_the_library_patch() -> None:
+    """The joined patch is the format the library writes: one window re-encodes the
+    library's own patch byte for byte (covers, RLE streams, new data)."""
+    from btrdelta.delta.codecs.hdiff import windowed_diff
+
+    old, new = _real_pair()
+    whole = _hdiff_raw(old, new)
+    assert windowed_diff(_hdiff_raw, old, new, step=1 << 30, overlap=0) == whole
+
+
+@given(seed=st.integers(0, 1 << 30), size=st.integers(0, 60_000),
+       step=st.integers(300, 20_000), overlap=st.integers(0, 5000))
+def test_windowed_hdiff_applies_and_bounds_the_old_window(
+    seed: int, size: int, step: int, overlap: int
+) -> None:
+    """Any windows give a patch HDiffPatch applies (the covers re-based, the streams
+    joined), and no diff is handed more old bytes than a window's share plus the
+    overlaps: the memory bound."""
+    from btrdelta.delta.codecs.hdiff import windowed_diff
+
+    old, new = _shifted_pair(seed, size)
+    seen: list[tuple[int, int]] = []
+
+    def diff(o: bytes, n: bytes) -> bytes:
+        seen.append((len(o), len(n)))
+        return _hdiff_raw(o, n)
+
+    patch = windowed_diff(diff, old, new, step=step, overlap=overlap)
+    assert get_codec("hdiff-raw").apply(old, patch, new_size=len(new)) == new
+    share = -(-len(new) // len(seen))
+    scale = len(old) / len(new) if new else 1.0
+    assert all(o <= round(share * scale) + 2 * overlap + 1 and n <= share for o, n in seen)
+
+
+def test_large_old_files_are_diffed_in_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above WINDOW_MIN both HDiffPatch codecs diff in windows (never the whole old
+    content at once), the patches stay small (an insertion near the start shifts every
+    later window's old part: the windows follow the covers) and apply."""
+    from btrdelta.delta.codecs import hdiff as mod
+
+    old, new = _shifted_pair(7, 400_000)
+    new = new[:1000] + os.urandom(20_000) + new[1000:]
+    whole = len(_hdiff_raw(old, new))
+    monkeypatch.setattr(mod, "WINDOW_MIN", 100_000)
+    monkeypatch.setattr(mod, "WINDOW_STEP", 64_000)
+    monkeypatch.setattr(mod, "WINDOW_OVERLAP", 8_000)
+    biggest = []
+    real = mod.windowed_diff
+
+    def spy(diff, o, n, **kw):  # type: ignore[no-untyped-def]
+        def wrapped(a: bytes, b: bytes) -> bytes:
+            biggest.append(len(a))
+            return diff(a, b)
+        return real(wrapped, o, n, step=mod.WINDOW_STEP, overlap=mod.WINDOW_OVERLAP)
+
+    monkeypatch.setattr(mod, "windowed_diff", spy)
+    for name in ("hdiff-raw", "hdiff"):
+        codec = get_codec(name)
+        patch = codec.make(old, new)
+        assert codec.apply(old, patch, new_size=len(new)) == new
+    assert len(biggest) == 2 * 7
+    assert max(biggest) <= 64_000 + 16_000 + 1
+    assert len(get_codec("hdiff-raw").make(old, new)) < whole + whole // 10 + 200
+
+
+def test_windowed_hdiff_refuses_what_it_cannot_join() -> None:
+    import hdiffpatch
+
+    from btrdelta.delta.codecs.hdiff import windowed_diff
+
+    def compressed(o: bytes, n: bytes) -> bytes:
+        return bytes(hdiffpatch.diff(o, n, "zstd", validate=False))
+
+    with pytest.raises(StreamFormatError):
+        windowed_diff(compressed, b"old" * 100, b"new" * 100, step=100)
