@@ -24,11 +24,13 @@ _MAGIC = b"HDIFF13&"
 _RAW_MAGIC = _MAGIC + b"\x00"
 
 #: old contents larger than this are diffed in windows: a whole diff holds ~6x the file
-#: (both contents, a suffix array of 4x the old one), a windowed one ~2.5x plus a window's
-#: ~5x (scipy's 35 MB OpenBLAS: 244 -> ~170 MB for the whole ``delta make``)
+#: (both contents, a suffix array of 4x the old one), a windowed one both contents and at
+#: most ~63 MiB for a window (its copies, a suffix array of 4x its old part): within the
+#: goal of 64 MiB + 4x the file (scipy's 35 MB OpenBLAS: 244 -> 174 MB for the whole
+#: ``delta make``, goal 207)
 WINDOW_MIN = 12 << 20
 #: new bytes diffed at once (the old window is as long, scaled to the old size, plus twice
-#: the overlap: ~9.5 MiB indexed, a suffix array of 38 MiB)
+#: the overlap: ~11 MiB indexed, a suffix array of 44 MiB)
 WINDOW_STEP = 8 << 20
 #: old bytes on each side of a window's aligned part (code that moved further than this
 #: between windows is sent as new data)
