@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from btrdelta.cli import main
-from btrdelta.stream.records import End, Mkdir, Mkfile, Snapshot, Write
+from btrdelta.stream.records import (
+    End,
+    Mkdir,
+    Mkfile,
+    RemoveXattr,
+    SetXattr,
+    Snapshot,
+    Write,
+)
 from tests.receive.helpers import UUID_A, UUID_B, snapshot_tree, stream_bytes, subvol
 
 GOOD = [subvol(b"A"), Mkdir(path=b"d", ino=257), Mkfile(path=b"d/f", ino=258),
@@ -155,4 +163,20 @@ def test_root_mount_needs_btrfs(tmp_path: Path, dest: Path,
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "needs btrfs" in err
+    assert list(dest.iterdir()) == []
+
+
+@pytest.mark.parametrize("rec", [SetXattr(path=b"f", name=b"user.a\0b", data=b"x"),
+                                 SetXattr(path=b"f", name=b"", data=b"x"),
+                                 RemoveXattr(path=b"f", name=b"user.a\0b")])
+def test_xattr_name_with_nul(tmp_path: Path, dest: Path,
+                             capsys: pytest.CaptureFixture[str], rec: object) -> None:
+    """An xattr name is a C string: a NUL in it is a malformed record (exit 3, one line),
+    not Python's ValueError from os.setxattr (was: internal error, exit 1)."""
+    bad = _stream(tmp_path, [subvol(b"A"), Mkfile(path=b"f", ino=257), rec, End()])
+    assert main(["receive", "-f", str(bad), str(dest)]) == 3
+    err = capsys.readouterr().err
+    assert "record 2" in err
+    assert "extended attribute name" in err
+    assert "internal error" not in err
     assert list(dest.iterdir()) == []

@@ -101,6 +101,12 @@ def _out_of_range(rec: Record) -> str:
     return "a value"
 
 
+def _check_xattr_name(name: bytes) -> None:
+    """An xattr name is a C string: refuse an empty one or one with a NUL in it."""
+    if not name or b"\0" in name:
+        raise StreamFormatError("empty extended attribute name or NUL in it")
+
+
 def _warn_default(msg: str) -> None:
     import warnings
 
@@ -564,6 +570,7 @@ class Applier:
 
     def set_xattr(self, rec: SetXattr) -> None:
         """SET_XATTR: ``lsetxattr`` (``btrfs.*`` properties are skipped off btrfs)."""
+        _check_xattr_name(rec.name)
         if self._check(rec.path):
             return
         if not self.btrfs and rec.name.startswith(b"btrfs."):
@@ -581,6 +588,7 @@ class Applier:
 
     def remove_xattr(self, rec: RemoveXattr) -> None:
         """REMOVE_XATTR: ``lremovexattr``."""
+        _check_xattr_name(rec.name)
         if self._check(rec.path):
             return
         try:
