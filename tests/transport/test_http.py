@@ -223,3 +223,25 @@ def test_dry_run_against_server_ignoring_range_reports_archive_size(
         assert got["full_download"] is True
         assert got["fetch_bytes"] == size
         assert not (tmp_path / "store" / "img").exists()
+
+
+def test_server_ignoring_range_with_a_bad_archive_names_the_url(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server that ignores Range is downloaded whole into a temporary file; an error in
+    what it sent names the URL, not that temporary file (was: '.tmp-download-…: offset 18:
+    archive truncated')."""
+    from btrdelta.cli import main
+
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "img.bdar").write_bytes(b"<html>log in</html>")
+    for server in _flaky(root, "norange"):
+        url = f"{server.url}/img.bdar"
+        assert main(["image", "clone", "-q", "--retries", "0", url,
+                     "--output", str(tmp_path / "out")]) == 3
+        err = capsys.readouterr().err
+        assert err.startswith(f"btrdelta image clone: error: {url} (downloaded whole"), err
+        assert ".tmp-download" not in err
+        assert err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["www"]

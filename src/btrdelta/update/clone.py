@@ -534,8 +534,13 @@ def _clone_downloaded(
         with tempfile.NamedTemporaryFile(prefix=".tmp-download-", dir=where) as tmp:
             size = http.fetcher.download(tmp)  # type: ignore[arg-type]
             tmp.flush()
-            report = clone_image(tmp.name, record_as=http.name, dry_run=False,
-                                 on_progress=on_progress, **kwargs)  # type: ignore[arg-type]
+            try:
+                report = clone_image(tmp.name, record_as=http.name, dry_run=False,
+                                     on_progress=on_progress, **kwargs)  # type: ignore[arg-type]
+            except BtrdeltaError as exc:  # name the URL, not the temporary file
+                if exc.source == tmp.name:
+                    exc.source = f"{http.name} (downloaded whole: the server ignores Range)"
+                raise
     finally:
         if http is not location:
             http.close()
