@@ -107,3 +107,19 @@ def test_json_report_and_the_sendshot_it_recorded(tmp_path: Path) -> None:
                            str(tmp_path / "src")], capture_output=True, text=True, check=True)
     assert checked("sendshot create", json.loads(made.stdout))["source"] == str(tmp_path / "src")
     _same_tree(tmp_path, "j")
+
+
+def test_a_receiver_that_exits_says_why(tmp_path: Path) -> None:
+    """A missing DEST makes the receiver exit before it answers: the sender's one line
+    carries the receiver's reason (was: only 'the peer closed the connection')."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f").write_bytes(b"x")
+    missing = tmp_path / "no" / "such"
+    proc = subprocess.run([*BTRDELTA, "replicate", "-q", "--store", str(tmp_path / "store"),
+                           str(tmp_path / "src"), str(missing)],
+                          capture_output=True, text=True, check=False, timeout=120)
+    assert proc.returncode == 7
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "the peer closed the connection" in proc.stderr
+    assert f"said: error: destination {missing} is not a directory" in proc.stderr
+    assert not missing.exists()

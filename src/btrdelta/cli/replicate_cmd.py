@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from ..errors import BtrdeltaError, ProtocolError
+from ..errors import BtrdeltaError, ProtocolError, TransportError
 from ..send.store import DEFAULT_STORE
 from ._common import human_bytes, parse_size, stop_on_signals
 from .progress import Progress, add_progress_options, progress_wanted
@@ -104,6 +104,15 @@ def run(args: argparse.Namespace) -> int:
             ch, peer = _connect(args)
             try:
                 result = replicate(args.source, ch, store=store, peer=peer, **options)
+            except TransportError as exc:
+                # a receiver that exits (a missing DEST, ssh refused) closes the pipe: say
+                # why, from the last line it wrote on its standard error
+                ch.close()
+                said = getattr(ch, "err", "").strip().splitlines()
+                if said:
+                    last = said[-1].removeprefix("btrdelta replicate: ")
+                    exc.message = f"{exc.message}; {peer} said: {last}"
+                raise
             finally:
                 ch.close()
             if result.outcome != "diverged":
