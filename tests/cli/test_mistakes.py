@@ -89,12 +89,16 @@ def _value(kind: str, where: Path) -> str:
 
 
 def _argv(words: tuple[str, ...], parser: argparse.ArgumentParser, value: str,
-          port: int) -> list[str]:
+          port: int, where: Path | None = None) -> list[str]:
     argv = list(words)
     for a in parser._actions:
         if a.option_strings:
             if a.required:
                 argv += [a.option_strings[0], value]
+            elif "--store" in a.option_strings and where is not None:
+                # a sendshot store of its own, never the machine's (/var/lib/btrdelta):
+                # `sendshot create` given a directory records it there
+                argv += ["--store", str(where / "sendshots")]
             elif "--port" in a.option_strings:
                 argv += ["--port", str(port)]
             elif "--listen" in a.option_strings:
@@ -144,7 +148,7 @@ def test_every_command_against_wrong_values(world: Path, busy_port: int) -> None
         for kind in KINDS:
             where = Path(tempfile.mkdtemp(dir=world))
             where.chmod(0o755)
-            argv = _argv(words, parser, _value(kind, where), busy_port)
+            argv = _argv(words, parser, _value(kind, where), busy_port, where)
             nobody = kind in ("unreadable", "dir-nobody")
             jobs.append((f"{' '.join(words)} [{kind}]: {' '.join(argv)}", argv, nobody, where))
 
