@@ -25,6 +25,7 @@ from btrdelta.stream.records import (
     Write,
 )
 
+from .conftest import Targets
 from .helpers import UUID_A, stream_bytes, subvol
 
 pytestmark = pytest.mark.usefixtures("applier_impl")
@@ -78,6 +79,25 @@ def test_u64_out_of_range(case: str, max_errors: str, tmp_path: Path,
             assert (dest / "sv" / "f").read_bytes()[:4096] == b"x" * 4096
     else:
         assert left == []
+
+
+@pytest.mark.btrfs
+def test_encoded_write_out_of_range_on_btrfs(targets: Targets, applier_impl: str,
+                                             tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """On btrfs an ENCODED_WRITE goes to the encoded-write ioctl, whose argument struct
+    cannot hold the offset either: one line, exit 3 (was: struct.error, internal error)."""
+    records, named = CASES["encoded"]
+    stream = tmp_path / "s.stream"
+    stream.write_bytes(stream_bytes([subvol(), *records, End()], version=2))
+    dest = targets.scratch_btrfs / f"encoded-range-{applier_impl}-{tmp_path.name}"
+    dest.mkdir()
+    capsys.readouterr()
+    assert main(["receive", "-f", str(stream), str(dest)]) == 3
+    err = capsys.readouterr().err
+    assert f"record 3 (encoded_write), path 'f': {named} is out of range" in err, err
+    assert "internal error" not in err
+    assert sorted(p.name for p in dest.iterdir() if p.name != ".btrdelta-subvols.json") == []
 
 
 def test_tree_deeper_than_the_recursion_limit_then_an_error(

@@ -709,6 +709,8 @@ class Applier:
                 f"bad ENCODED_WRITE lengths (file_len {rec.unencoded_file_len}, "
                 f"unencoded_len {rec.unencoded_len}, offset {rec.unencoded_offset})"
             )
+        if rec.offset > _VALUE_MAX:  # the ioctl's offset is a signed loff_t, as pwrite's
+            raise OverflowError("offset")
         if self._check(rec.path):
             return
         fd = self._write_fd(rec.path)
