@@ -1,0 +1,271 @@
+"""Damaged real files through the CLI, as an attacker or a bad disk would hand them over.
+
+The inputs are files nobody wrote by hand: streams the kernel's ``btrfs send`` made
+(committed under tests/data/streams) and a full stream, an incremental stream, a delta
+stream and an image archive made here by our own commands. Each is mutated at many
+offsets (truncated, one bit flipped, four bytes overwritten by a huge or zero length,
+garbage; a send stream's records also changed *with their CRC32C fixed*, so the damage
+reaches the decoders and the applier) and given to every command that reads it.
+
+Every run must end with an exit code of the table, never an internal error or a
+traceback, and print at most one error line (exactly one on failure). Where the damage is
+certain to be detectable it must fail: a flipped bit after a stream's header (every byte is
+under a record's CRC32C), a truncated stream (no END), a damaged delta stream. A receive
+writes nothing outside DEST; one that fails leaves nothing under a final name, and a delta
+that fails leaves the old version as it was. An image clone that exits 0 wrote the image.
+
+``BTRDELTA_MUTATIONS=N`` runs N mutations per input and command (default 24: a few
+seconds); e.g. ``BTRDELTA_MUTATIONS=2000 .venv/bin/python -m pytest tests/cli/test_mutations.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import struct
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from btrdelta.cli import main
+from btrdelta.errors import exit_codes
+from btrdelta.stream import btrfs_crc32c
+from tests.conftest import DATA
+
+N = int(os.environ.get("BTRDELTA_MUTATIONS", "24"))
+CODES = {code for code, _ in exit_codes()}
+HEADER = 17  # "btrfs-stream\0" and the version
+KERNEL = ["odd-names-W8.A.v1.stream", "xattrs.A.v2.stream", "special-files.A.v2.stream"]
+
+
+def mutations(data: bytes, n: int, seed: str, start: int = 0) -> Iterator[tuple[str, bytes]]:
+    """``n`` damaged copies of ``data`` (offsets from ``start`` on), named by what was done."""
+    rng = random.Random(seed)
+    for i in range(n):
+        off = rng.randrange(start, len(data))
+        b = bytearray(data)
+        kind = i % 4
+        if kind == 0:
+            yield f"truncated at {off}", bytes(b[:off])
+        elif kind == 1:
+            bit = rng.randrange(8)
+            b[off] ^= 1 << bit
+            yield f"bit {bit} of byte {off} flipped", bytes(b)
+        elif kind == 2:
+            value = rng.choice([b"\xff\xff\xff\xff", b"\x00\x00\x00\x80", b"\x00\x00\x00\x00"])
+            b[off:off + 4] = value
+            yield f"{value.hex()} at {off}", bytes(b)
+        else:
+            size = rng.randrange(1, 64)
+            b[off:off + size] = rng.randbytes(size)
+            yield f"{size} random bytes at {off}", bytes(b)
+
+
+def record_mutations(data: bytes, n: int, seed: str) -> Iterator[tuple[str, bytes]]:
+    """Damage inside a record's payload (a length, a path byte, a value) with the record's
+    CRC32C recomputed: the framing accepts it and the decoders and the applier see it."""
+    records = []
+    off = HEADER
+    while off + 10 <= len(data):
+        length = struct.unpack_from("<I", data, off)[0]
+        if length:
+            records.append((off, length))
+        off += 10 + length
+    rng = random.Random(seed)
+    for i in range(n):
+        start, length = rng.choice(records)
+        b = bytearray(data)
+        at = start + 10 + rng.randrange(length)
+        if i % 3 == 0:
+            b[at] ^= 1 << rng.randrange(8)
+        elif i % 3 == 1:
+            b[at] = rng.choice(b"./\0\xff\n")
+        else:
+            at = min(at, start + 10 + length - 2)
+            b[at:at + 2] = rng.choice([b"\xff\xff", b"\x00\x00", b"\x00\x10"])
+        struct.pack_into("<I", b, start + 6, 0)
+        crc = btrfs_crc32c([bytes(b[start:start + 10 + length])])
+        struct.pack_into("<I", b, start + 6, crc)
+        yield f"record at {start}, byte {at} changed, CRC fixed", bytes(b)
+
+
+def run(capfd: pytest.CaptureFixture[str], argv: list[str], what: str) -> int:
+    """Run the CLI in this process; check the exit code and the error line."""
+    capfd.readouterr()
+    code = main(argv)
+    err = capfd.readouterr().err
+    assert code in CODES, f"{what}: {argv}: exit {code}: {err}"
+    for leak in ("Traceback", "internal error"):
+        assert leak not in err, f"{what}: {argv}: {err}"
+    errors = [line for line in err.splitlines() if ": error:" in line]
+    assert len(errors) == (1 if code else 0), f"{what}: {argv}: exit {code}: {err}"
+    return code
+
+
+def copy(src: Path, dest: Path) -> None:
+    """``cp -a`` (a FIFO too)."""
+    subprocess.run(["cp", "-a", str(src), str(dest)], check=True)
+
+
+def visible(dest: Path) -> list[str]:
+    return sorted(p.name for p in dest.iterdir() if not p.name.startswith("."))
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every entry below ``root`` and the content of its files (symlinks not followed)."""
+    out: dict[str, bytes | None] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath, name)
+            out[str(p.relative_to(root))] = (p.read_bytes() if p.is_file() and not
+                                             p.is_symlink() else None)
+    return out
+
+
+def make_tree(root: Path, version: int) -> Path:
+    """A small tree with what streams carry: data, holes, links, a symlink, a FIFO, xattrs."""
+    root.mkdir()
+    rng = random.Random(version)
+    (root / "d" / "e").mkdir(parents=True)
+    for i in range(6):
+        (root / "d" / f"f{i}").write_bytes(rng.randbytes(3000 + 1000 * i) * (1 + version))
+    (root / "d" / "e" / "text").write_text("hello\n" * (200 + version))
+    with open(root / "sparse", "wb") as f:
+        f.truncate(1 << 20)
+        f.seek(300000)
+        f.write(b"data" * 1000 * version)
+    os.link(root / "d" / "f1", root / "hard")
+    os.symlink("d/e/text", root / "link")
+    os.mkfifo(root / "fifo")
+    os.setxattr(root / "d" / "f0", b"user.v", str(version).encode())
+    if version > 1:
+        (root / "d" / "f2").unlink()
+        (root / "d" / "e").rename(root / "moved")
+    return root
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Files made by our own commands: streams, a delta stream, an archive."""
+    base = tmp_path_factory.mktemp("made")
+    v1, v2 = make_tree(base / "v1", 1), make_tree(base / "v2", 2)
+    out = {"v1": v1, "v2": v2}
+    for name, argv in {
+        "full": ["send", "-q", str(v1), "-o", str(base / "full.stream")],
+        "inc": ["send", "-q", "--compress", "zstd", "-p", str(v1), str(v2),
+                "-o", str(base / "inc.stream")],
+        "delta": ["delta", "make", "-q", "-f", str(base / "inc.stream"), "--old", str(v1),
+                  "-o", str(base / "inc.delta")],
+        "received": ["receive", "-q", "-f", str(base / "full.stream"),
+                     str(base / "received")],
+    }.items():
+        if name == "received":
+            (base / "received").mkdir()
+        assert main(argv) == 0, name
+    out.update(full=base / "full.stream", inc=base / "inc.stream", delta=base / "inc.delta",
+               received=base / "received")
+    image = base / "image"
+    image.write_bytes(random.Random(3).randbytes(200_000) + bytes(100_000)
+                      + (v1 / "d" / "f5").read_bytes())
+    assert main(["image", "compress", "-q", "-i", str(image), "-o", str(base / "img.bdar"),
+                 "--avg-chunk", "16K"]) == 0
+    out.update(image=image, archive=base / "img.bdar")
+    return out
+
+
+def _stream_inputs() -> list[str]:
+    return [*KERNEL, "full", "inc"]
+
+
+@pytest.mark.parametrize("name", _stream_inputs())
+def test_damaged_streams(name: str, made: dict[str, Path], tmp_path: Path,
+                         capfd: pytest.CaptureFixture[str]) -> None:
+    src = DATA / "streams" / name if name.endswith(".stream") else made[name]
+    data = src.read_bytes()
+    work = tmp_path / "w"
+    work.mkdir()
+    f = work / "in.stream"
+    cases = [*mutations(data, N, name), *record_mutations(data, N, name)]
+    for what, damaged in cases:
+        f.write_bytes(damaged)
+        # every byte after the header is under a CRC32C, and a stream ends with END
+        detectable = what.startswith("truncated") or (
+            "flipped" in what and int(what.split()[4]) >= HEADER)
+        for argv in (["dump"], ["dump", "--json"], ["stat"], ["verify"]):
+            code = run(capfd, [*argv, str(f)], what)
+            if argv == ["verify"] and detectable:
+                assert code, f"{what}: verify exit 0"
+        if name == "inc":  # incremental: onto a copy of the received parent
+            dest = work / "dest"
+            copy(made["received"], dest)
+        else:
+            dest = work / "dest"
+            dest.mkdir()
+        before = visible(dest)
+        code = run(capfd, ["receive", "-q", "-f", str(f), str(dest)], what)
+        if code:  # nothing under a final name
+            assert visible(dest) == before, f"{what}: {visible(dest)}"
+        assert sorted(os.listdir(work)) == ["dest", "in.stream"], what
+        assert sorted(os.listdir(tmp_path)) == ["w"], what
+        shutil.rmtree(dest)
+
+
+def test_damaged_delta_stream(made: dict[str, Path], tmp_path: Path,
+                              capfd: pytest.CaptureFixture[str]) -> None:
+    data = made["delta"].read_bytes()
+    work = tmp_path / "w"
+    work.mkdir()
+    f = work / "in.delta"
+    old = snapshot(made["received"])
+    for what, damaged in mutations(data, 2 * N, "delta"):
+        f.write_bytes(damaged)
+        for argv in (["delta", "stat"], ["verify"], ["stat"]):
+            code = run(capfd, [*argv, str(f)], what)
+            if argv == ["verify"]:
+                assert code, f"{what}: verify exit 0"
+        out = work / "out.stream"
+        code = run(capfd, ["delta", "expand", "-q", "-f", str(f), "--old", str(made["v1"]),
+                           "-o", str(out)], what)
+        assert code, f"{what}: delta expand exit 0"
+        assert not out.exists(), what
+        dest = work / "dest"
+        copy(made["received"], dest)
+        code = run(capfd, ["receive", "-q", "-f", str(f), str(dest)], what)
+        assert code, f"{what}: receive exit 0"
+        assert snapshot(dest) == old, f"{what}: the old version changed"
+        assert sorted(os.listdir(work)) == ["dest", "in.delta"], what
+        shutil.rmtree(dest)
+
+
+def test_damaged_image_archive(made: dict[str, Path], tmp_path: Path,
+                               capfd: pytest.CaptureFixture[str]) -> None:
+    data = made["archive"].read_bytes()
+    image = made["image"].read_bytes()
+    work = tmp_path / "w"
+    work.mkdir()
+    f = work / "in.bdar"
+    # the header and the index (at the end) are where lengths and offsets are
+    cases = [*mutations(data, N, "archive"),
+             *mutations(data, N, "archive-index", start=len(data) - 2048),
+             *mutations(data[:512], N // 2, "archive-header")]
+    for what, damaged in cases:
+        if len(damaged) < 512 and not what.startswith("truncated"):
+            damaged += data[512:]  # a damaged header, the rest as it was
+        f.write_bytes(damaged)
+        run(capfd, ["image", "info", str(f)], what)
+        out = work / "out.img"
+        code = run(capfd, ["image", "clone", "-q", str(f), "--output", str(out)], what)
+        if code == 0:
+            assert out.read_bytes() == image, f"{what}: exit 0 with another image"
+        else:
+            assert not out.exists(), what
+        out.unlink(missing_ok=True)
+        store = work / "store"
+        code = run(capfd, ["image", "clone", "-q", str(f), f"{store}/img"], what)
+        if code:
+            assert not (store / "img").exists(), what
+        shutil.rmtree(store, ignore_errors=True)
+        assert sorted(os.listdir(work)) == ["in.bdar"], what
