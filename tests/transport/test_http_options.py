@@ -148,6 +148,12 @@ def test_refused_connection_waits_as_long_as_asked(
     assert "attempt 2 of 3" in lines[0]
     assert "giving up after 3 attempts: " in lines[-1]
     assert "refused" in lines[-1]
+    # none asked: no retry line, and the error says so (was: 'giving up after 1 attempts')
+    code, _, err = _run(capsys, "image", "clone", url, f"{tmp_path}/s0/img", "--retries", "0")
+    assert code == 7
+    lines = err.strip().splitlines()
+    assert len(lines) == 1
+    assert ": no retries asked (--retries 0): " in lines[0]
     assert time.monotonic() - start < 5
     # patient: the server comes up 2 s later and the clone completes
     started = threading.Event()

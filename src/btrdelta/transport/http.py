@@ -168,8 +168,9 @@ class RangeFetcher:
                   f"{self.config.retries + 1} in {wait:.1f} s")
 
     def _give_up(self, state: tenacity.RetryCallState) -> NoReturn:
-        raise TransportError(
-            f"giving up after {state.attempt_number} attempts: {_outcome(state)}", url=self.url)
+        n = state.attempt_number
+        tried = f"giving up after {n} attempts" if n > 1 else "no retries asked (--retries 0)"
+        raise TransportError(f"{tried}: {_outcome(state)}", url=self.url)
 
     def _request(self, ranges: Sequence[tuple[int, int]]) -> _Response:
         """One GET; a 200 answer is not read (the caller decides), a 206 is read up to what
