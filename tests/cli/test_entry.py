@@ -37,20 +37,22 @@ def test_exit_code_and_error_line_survive_the_quick_exit(tmp_path: Path) -> None
 
 def test_the_console_entry_collects_young_garbage_rarely() -> None:
     """A command's process runs the cyclic collector every ``_GC_YOUNG`` allocations (its
-    start-up objects are not gone over 700 allocations at a time); a library caller keeps
-    Python's setting."""
+    start-up objects are not gone over 700 allocations at a time, and those made before
+    ``main`` are frozen out of every collection); a library caller keeps Python's setting."""
     import gc
 
     from btrdelta.cli import _GC_YOUNG
 
     code = ("import gc, btrdelta.cli as c\n"
-            "c.main = lambda: print(gc.get_threshold()[0]) or 0\n"
+            "c.main = lambda: print(gc.get_threshold()[0], gc.get_freeze_count() > 1000,"
+            " gc.get_count()[0] < 100) or 0\n"
             "c.entry()")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()
-    assert out == [str(_GC_YOUNG)]
+    assert out == [str(_GC_YOUNG), "True", "True"]
     assert _GC_YOUNG >= 10_000
     assert gc.get_threshold()[0] < _GC_YOUNG  # importing btrdelta.cli changed nothing here
+    assert gc.get_freeze_count() == 0
     main_py = (Path(__file__).parents[2] / "src" / "btrdelta" / "__main__.py").read_text()
     assert f"gc.set_threshold({_GC_YOUNG:_}," in main_py  # python -m btrdelta: the same
 

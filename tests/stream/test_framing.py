@@ -50,6 +50,10 @@ def test_the_table_follows_the_send_stream_versions() -> None:
         assert legal(cmd, Place.SEND)
     assert [max_command(v) for v in (1, 2, 3)] == [Cmd.UPDATE_EXTENT, Cmd.ENCODED_WRITE,
                                                     Cmd.ENABLE_VERITY]
+    # commands are added at the end of the numbering, never in between
+    for v in (1, 2, 3):
+        top = max_command(v)
+        assert all(legal(cmd, send_place(v)) == (0 < cmd <= top) for cmd in range(300)), v
     for bad in (0, 27, 199, 208, 0xFFFF):
         assert not any(legal(bad, p) for p in Place)
         with pytest.raises(StreamFormatError, match=f"unknown command number {bad}"):
