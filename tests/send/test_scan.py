@@ -352,6 +352,38 @@ def test_a_full_sends_match_pairs_the_roots_only_as_the_whole_matcher_would(
         (whole.m.n2o, whole.m.o2n, whole.m.unchanged) == ({ROOT: ROOT}, {ROOT: ROOT}, set())
 
 
+def test_a_block_of_zeros_is_found_as_counting_every_block_finds_it() -> None:
+    """``_no_zero_block`` (a run of 64 zeros looked for, then its block compared) says what
+    counting the zeros of every 4 KiB block says (a last, partial block of zeros counts),
+    around every edge: runs shorter and longer than a block, across block boundaries,
+    aligned or not, at the start and the end."""
+    import random
+
+    from btrdelta.send.hashing import _no_zero_block
+
+    def counted(content: bytes) -> bool:
+        n = len(content)
+        return all(content.count(0, i, i + 4096) != min(4096, n - i) for i in range(0, n, 4096))
+
+    z = bytes(4096)
+    cases = [b"", b"\0", z[:63], z[:64], z, z + b"a", b"a" + z, b"a" + z + z[:4095],
+             b"a" * 4095 + z + b"\0", b"a" * 4096 + z, b"a" * 4096 + z[:10],
+             b"a" * 4096 + z[:4095] + b"b", z[:4095] + b"a", z[:100] + b"a" * 4000 + z + z,
+             (b"\x03" + z[:4095]) * 3, (z[:64] + b"x") * 200]
+    rng = random.Random(5)
+    for _ in range(2000):
+        n = rng.randrange(0, 20000)
+        data = bytearray(rng.randbytes(n) if rng.random() < 0.5
+                         else bytes(rng.choice((0, 0, 0, 1)) for _ in range(n)))
+        for _ in range(rng.randrange(4)):
+            at, length = rng.randrange(n + 1), rng.randrange(9000)
+            data[at:at + length] = bytes(len(data[at:at + length]))
+        cases.append(bytes(data))
+    assert sum(not counted(c) for c in cases) > 500  # both answers are well represented
+    for content in cases:
+        assert _no_zero_block(content) == counted(content), len(content)
+
+
 def test_small_files_with_a_byte_in_every_block_are_kept_without_seeking_holes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -356,6 +356,10 @@ def _tree_search(
 
 _INODE_ITEM_KEY = 1
 _INODE_ITEM = struct.Struct("<QQ")  # generation, transid (the start of btrfs_inode_item)
+#: a search result item's header (:data:`_SEARCH_HDR`) read in parts: its type and length,
+#: its objectid
+_ITEM_KIND = struct.Struct("<24xII")
+_ITEM_OBJECTID = struct.Struct("<8xQ")
 
 
 #: the result buffer of a change sweep (TREE_SEARCH_V2): an incremental of a few thousand
@@ -380,17 +384,20 @@ def changed_inodes(fd: int, since: int) -> dict[int, tuple[int, int]]:
         _SEARCH_KEY.pack_into(buf, 0, 0, min_obj, _U64_MAX, min_off, _U64_MAX, since + 1,
                               _U64_MAX, min_type, 255, 0xFFFFFFFF, 0, 0, 0, 0, 0)
 
-    header, inode_item = _SEARCH_HDR.unpack_from, _INODE_ITEM.unpack_from
+    header, kind, objectid, inode_item = (_SEARCH_HDR.unpack_from, _ITEM_KIND.unpack_from,
+                                          _ITEM_OBJECTID.unpack_from, _INODE_ITEM.unpack_from)
     for buf, pos, nr_items in _searches(fd, _SWEEP_BUFFER, key):
-        obj = typ = off = 0
+        last = pos
         for _ in range(nr_items):
-            _transid, obj, off, typ, length = header(buf, pos)
-            pos += 32
+            # only the type and length of each item (small ints, no object made for them)
+            typ, length = kind(buf, pos)
             if typ == _INODE_ITEM_KEY and length >= 16:
-                generation, transid = inode_item(buf, pos)
+                generation, transid = inode_item(buf, pos + 32)
                 if transid > since:
-                    out[obj] = (generation, transid)
-            pos += length
+                    out[objectid(buf, pos)[0]] = (generation, transid)
+            last = pos
+            pos += 32 + length
+        _transid, obj, off, typ, _length = header(buf, last)
         # the next key after the last one returned
         if off < _U64_MAX:
             min_obj, min_type, min_off = obj, typ, off + 1
