@@ -352,6 +352,30 @@ def test_a_full_sends_match_pairs_the_roots_only_as_the_whole_matcher_would(
         (whole.m.n2o, whole.m.o2n, whole.m.unchanged) == ({ROOT: ROOT}, {ROOT: ROOT}, set())
 
 
+def test_files_hashed_before_they_are_numbered_are_kept_each(tmp_path: Path) -> None:
+    """The files a change sweep finds are hashed before the tree is numbered (every node's
+    ``id`` is 0): each file's bytes are still kept for it, and taken by it alone."""
+    from btrdelta.send.scan import ContentHasher
+
+    root = tmp_path / "t"
+    root.mkdir()
+    for i in range(5):
+        (root / f"f{i}").write_bytes(bytes([65 + i]) * (1000 + i))
+    tree = scan_tree(root)
+    files = [n for n in tree.nodes.values() if n.is_reg]
+    for n in files:
+        n.id = 0
+    hasher = ContentHasher(1, seed=3)
+    hasher.submit(tree, keep=True)
+    hasher.wait()
+    for i, n in enumerate(files):  # numbered afterwards, as Changes.build does
+        n.id = 100 + i
+    for n in files:
+        assert hasher.take(n) == (root / os.fsdecode(n.path)).read_bytes()
+    assert hasher._kept_bytes == 0
+    assert not hasher._kept
+
+
 def test_a_block_of_zeros_is_found_as_counting_every_block_finds_it() -> None:
     """``_no_zero_block`` (a run of 64 zeros looked for, then its block compared) says what
     counting the zeros of every 4 KiB block says (a last, partial block of zeros counts),

@@ -711,14 +711,15 @@ class Sender:
                 )
             )
 
-    def _changed_data(
-        self, node: Node, onode: Node, path: bytes
-    ) -> Generator[Record, None, bool]:
+    def _changed_data(self, node: Node, onode: Node, path: bytes) -> Generator[Record, None, bool]:
         assert self.old is not None
         if self.virtual:
             writes, vclones, holes = self._diff(node, onode)
             yield from self._punch(path, holes)
-            yield from self._emit_blocks(node, path, writes, vclones)
+            # a small file the hashing threads read: its bytes, as they were hashed
+            kept = self._hasher.take(node) if self._hasher is not None else None
+            yield from self._emit_blocks(node, path, writes, vclones,
+                                         reader(-1, kept) if kept is not None else None)
             if onode.size != node.size:
                 yield self._count(Truncate(path=path, size=node.size))
             return bool(writes or vclones or holes) or onode.size != node.size

@@ -353,7 +353,10 @@ class ContentHasher:
         self._jobs: list[_Job] = []
         self._batches: list[tuple[list[tuple[Node, bytes]], bool]] = []
         self._trees: list[Tree] = []
-        self._kept: dict[int, bytes] = {}
+        #: kept bytes by node, as ``id(node)`` -> (the node, its bytes): the nodes of a tree
+        #: found by a change sweep are hashed before they are numbered (every ``id`` 0);
+        #: the entry holds the node, so no other object takes its ``id`` meanwhile
+        self._kept: dict[int, tuple[Node, bytes]] = {}
         self._kept_bytes = 0
         self._keeping = False
         self._keep_max = -1
@@ -389,7 +392,7 @@ class ContentHasher:
                     if content is not None:
                         with lock:
                             if self._kept_bytes + node.size <= KEEP_BUDGET:
-                                kept[node.id] = content
+                                kept[id(node)] = (node, content)
                                 self._kept_bytes += node.size
                 total += node.size
         finally:
@@ -400,11 +403,12 @@ class ContentHasher:
     def take(self, node: Node) -> bytes | None:
         """The content of ``node`` (of the tree submitted with ``keep``) if it was kept
         (then no longer), else None."""
-        got = self._kept.pop(node.id, None) if self._kept else None
-        if got is not None:
-            with self._keep_lock:
-                self._kept_bytes -= len(got)
-        return got
+        got = self._kept.pop(id(node), None) if self._kept else None
+        if got is None:
+            return None
+        with self._keep_lock:
+            self._kept_bytes -= len(got[1])
+        return got[1]
 
     def submit(self, tree: Tree, later: Collection[int] = (), *, keep: bool = False,
                order: Sequence[int] | None = None) -> None:
