@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import io
+import os
 import struct
 import subprocess
 import sys
@@ -154,3 +155,87 @@ def test_receive_with_clones_checks_count_and_size(
     wrong = _with_end(delta, digest=bytes(32))
     with pytest.raises(ChecksumError, match="digest mismatch"):
         list(expand_events(io.BytesIO(wrong), lambda _s: pair.a))
+
+
+def test_receive_writes_verified_patched_extents_as_data(
+    delta_pairs: dict[str, Pair], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The changed file's extents, patched with a codec whose new content has a digest
+    (checked before any of it goes out), are written as data by ``receive``: nothing is
+    recompressed, the tree is ``btrfs receive``'s; ``delta expand`` of the same delta
+    still regenerates every extent bit for bit."""
+    pair = delta_pairs["rebuilt-same"]
+    stream = pair.streams["v2"]
+    delta = make(stream, pair.a, codec="hdiff")[0]
+    with open(stream, "rb") as f:
+        sent = [r for r in iter_records(f) if type(r) is R.EncodedWrite]
+    kernel_dest, ours_dest = _dests(pair, tmp_path, "k", "o")
+    btrfs_receive(stream, kernel_dest)
+    calls = _counting(monkeypatch)
+    receive_any(io.BytesIO(delta), ours_dest)
+    assert calls == []
+    kernel, ours = kernel_dest / pair.b.name, ours_dest / pair.b.name
+    assert tree_sum(ours, ignore_root_mtime=True, holes=True) == tree_sum(
+        kernel, ignore_root_mtime=True, holes=True)
+    out: list[bytes] = []
+    expand_to(open_delta(io.BytesIO(delta)), pair.a, out.append)
+    assert b"".join(bytes(p) for p in out) == stream.read_bytes()
+    assert len(calls) == len(sent)
+
+
+def test_receive_checks_cloned_files_before_the_subvolume_is_named(
+    delta_pairs: dict[str, Pair], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unchanged files are cloned from the parent while their old files are checked in
+    the background: a parent file changed after it was received (made writable and back)
+    fails the receive with the old-file error (exit code 5, one line), the parent is left
+    as it was and no subvolume gets the new name, in process and from the CLI."""
+    from btrdelta.delta import oldfiles
+    from btrdelta.fs.btrfs import set_readonly
+
+    pair = delta_pairs["rebuilt-same"]
+    delta = make(pair.streams["v2"], pair.a)[0]
+    (dest,) = _dests(pair, tmp_path, "corrupt")
+    parent = dest / pair.a.name
+    same = [p for p in sorted(pair.a.rglob("*"))
+            if p.is_file() and not p.is_symlink() and p.stat().st_size > 8192
+            and p.name != "sparse"
+            and (pair.b / p.relative_to(pair.a)).read_bytes() == p.read_bytes()]
+    victim = parent / same[-1].relative_to(pair.a)  # late in the stream: checked deferred
+    fd = os.open(parent, os.O_RDONLY)
+    try:
+        set_readonly(fd, False)
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        victim.write_bytes(bytes(data))
+        set_readonly(fd, True)
+    finally:
+        os.close(fd)
+    before = tree_sum(parent)
+
+    deferred: list[bytes] = []
+    add = oldfiles.OldFileChecks.add
+
+    def counted(self: Any, root: Any, path: bytes, *args: Any) -> None:
+        deferred.append(path)
+        add(self, root, path, *args)
+
+    monkeypatch.setattr(oldfiles.OldFileChecks, "add", counted)
+    with pytest.raises(ChecksumError, match="old file differs") as info:
+        receive_any(io.BytesIO(delta), dest)
+    assert str(victim.relative_to(parent)).encode() in deferred
+    assert info.value.path == str(victim.relative_to(parent)).encode()
+    assert info.value.index is not None
+    assert not (dest / pair.b.name).exists()
+    assert sorted(p.name for p in dest.iterdir()) == [pair.a.name]
+    assert tree_sum(parent) == before
+
+    bad = tmp_path / "AB.delta"
+    bad.write_bytes(delta)
+    proc = subprocess.run([sys.executable, "-m", "btrdelta", "receive", "-f", str(bad),
+                           str(dest)], capture_output=True, check=False)
+    err = proc.stderr.decode()
+    assert proc.returncode == ChecksumError.exit_code, err
+    assert "old file differs" in err, err
+    assert err.count("\n") == 1, err
+    assert sorted(p.name for p in dest.iterdir()) == [pair.a.name]

@@ -56,9 +56,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "(`btrdelta delta make`) is applied directly against the local parent: each old "
             "file is verified before it is patched, each new content after; on btrfs, files "
             "whose content did not change are reflinked from the parent instead of written "
-            "again (in a delta of a --compressed-data stream their extents are then not "
-            "recompressed, so the expanded stream's digest is checked only with --key, its "
-            "command count and size always). Prints `At subvol NAME` / `At snapshot NAME` "
+            "again (their old files verified in the background, before the subvolume gets "
+            "its name; in a delta of a --compressed-data stream their extents are not "
+            "recompressed, nor those of changed files whose new content has a digest, "
+            "written as data, so the expanded stream's digest is checked only with --key, "
+            "its command count and size always). Prints `At subvol NAME` / `At snapshot NAME` "
             "for each subvolume on standard error (not with -q), and progress on a terminal."
         ),
         epilog=_EPILOG,

@@ -124,6 +124,7 @@ class _Expander:
         #: (only when the old root comes from the stream's SNAPSHOT)
         self.patcher = Patcher(self.resolve_root, self.carrier.state, max_file_size, source,
                                clone_same and callable(old_root), hash_clones)
+        self.patcher.digest_off = not check_digest
 
     def fail(self, msg: str, exc: BtrdeltaError | None = None) -> BtrdeltaError:
         err = exc if exc is not None else StreamFormatError(msg)
@@ -156,9 +157,11 @@ class _Expander:
         it = iter(items)
         for item in it:
             self.index += 1
+            self.patcher.index = self.index
             try:
                 if type(item) is DeltaEnd:
                     self.patcher.check_idle("DEND")
+                    self.patcher.settle()
                     for _ in it:  # the parser raises on data after DEND; items, here
                         raise StreamFormatError("records after DEND")
                 else:
@@ -206,6 +209,7 @@ class _Expander:
                 )
         elif cls is StreamStart and not inner:
             self.patcher.check_idle("STREAM")
+            self.patcher.settle()  # the END before it is held back until this output
             self.version = self.patcher.version = item.version  # type: ignore[union-attr]
             if callable(self.old_root):
                 self.root = None
@@ -251,6 +255,7 @@ class _Expander:
         self.count += 1
         self.size += size
         self.hashing = False
+        self.patcher.digest_off = True
         self.pend.clear()
 
     def check_end(self, end: DeltaEnd) -> None:

@@ -9,15 +9,17 @@ files without reading them is :mod:`btrdelta.fs.sandbox`'s too.
 from __future__ import annotations
 
 import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import blake3
 
-from ..errors import ApplyError, ChecksumError, MissingBaseError
+from ..errors import ApplyError, BtrdeltaError, ChecksumError, MissingBaseError
 from ..fs.sandbox import DirCache, open_regular
 from .format import HashAlgo
 
-__all__ = ["digest", "hasher", "read_old_file", "read_old_files"]
+__all__ = ["OldFileChecks", "digest", "hasher", "read_old_file", "read_old_files"]
 
 
 class _Blake3_128:
@@ -194,3 +196,122 @@ def read_old_files(
             expected=expected_digest.hex(), actual=actual.hex(), path=paths[0],
         )
     return data
+
+
+#: what :class:`OldFileChecks` reads of an old file at a time
+_CHUNK = 1 << 20
+
+
+def _check_old_file(root: str | os.PathLike[str], path: bytes, size: int, algo: int,
+                    expected: bytes, cache: DirCache, buf: bytearray) -> None:
+    """Raise as :func:`read_old_file` would if ``root/path`` has not ``size`` bytes with the
+    ``algo`` digest ``expected``; read a piece at a time into ``buf``, nothing kept."""
+    fd = open_regular(root, path, cache)
+    if fd is None:
+        raise MissingBaseError("old file of a patch is missing", path=path)
+    h = hasher(algo)
+    view = memoryview(buf)
+    try:
+        actual = os.fstat(fd).st_size
+        if actual != size:
+            raise ChecksumError(
+                f"old file has {actual} bytes, the patch expects {size}",
+                expected=size, actual=actual, path=path,
+            )
+        got = 0
+        while got < size:
+            n = os.readv(fd, (view[: min(size - got, len(buf))],))
+            if not n:
+                break
+            h.update(view[:n])
+            got += n
+        if got != size:
+            raise ApplyError("old file changed while being read", op="read", path=path)
+    except OSError as exc:
+        raise ApplyError(f"cannot read old file: {exc.strerror}", op="read", path=path) from exc
+    finally:
+        os.close(fd)
+    digest_ = bytes(h.digest())
+    if digest_ != expected:
+        raise ChecksumError(
+            "old file differs from the one the patch was made against",
+            expected=expected.hex(), actual=digest_.hex(), path=path,
+        )
+
+
+#: one old file to check: (old root, path, size, digest algorithm, digest, record index)
+_Check = tuple["str | os.PathLike[str]", bytes, int, int, bytes, int]
+
+
+class OldFileChecks:
+    """Old files checked against their size and digest in worker threads, while the caller
+    goes on without their content (``btrdelta receive`` on btrfs, where the content of an
+    unchanged file is cloned from the parent, never read by the receive itself).
+
+    Files are checked in batches (``_BATCH_FILES`` files or ``_BATCH_BYTES`` bytes, each
+    batch in one thread with its own :class:`DirCache`), in the order they were added.
+    :meth:`add` raises the failure of a batch that is finished, and waits for the oldest
+    batch when more than ``_IN_FLIGHT`` are not; :meth:`wait` waits for all of them: the
+    caller calls it before anything that depends on the old files being right is made
+    final (the received subvolume gets its name after the END it holds back). A failure
+    is the error :func:`read_old_file` raises, with the index of the record that named the
+    file.
+    """
+
+    _BATCH_FILES = 64
+    _BATCH_BYTES = 4 << 20
+    _IN_FLIGHT = 16
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._pool: ThreadPoolExecutor | None = None
+        self._batch: list[_Check] = []
+        self._bytes = 0
+        self._running: deque[Future[None]] = deque()
+
+    def add(self, root: str | os.PathLike[str], path: bytes, size: int, algo: int,
+            expected_digest: bytes, index: int) -> None:
+        """Check ``root/path`` (``size`` bytes, ``expected_digest``) in the background."""
+        self._batch.append((root, path, size, algo, expected_digest, index))
+        self._bytes += size
+        if len(self._batch) >= self._BATCH_FILES or self._bytes >= self._BATCH_BYTES:
+            self._submit()
+        running = self._running
+        while running and (running[0].done() or len(running) > self._IN_FLIGHT):
+            running.popleft().result()
+
+    def _submit(self) -> None:
+        if not self._batch:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, "btrdelta-oldcheck")
+        self._running.append(self._pool.submit(self._check, self._batch))
+        self._batch = []
+        self._bytes = 0
+
+    def _check(self, batch: list[_Check]) -> None:
+        cache = DirCache()
+        buf = bytearray(_CHUNK)  # read into, hashed, reused: no new memory per file
+        try:
+            for root, path, size, algo, expected, index in batch:
+                try:
+                    _check_old_file(root, path, size, algo, expected, cache, buf)
+                except BtrdeltaError as exc:
+                    raise exc.located(index=index) from None
+        finally:
+            cache.close()
+
+    def wait(self) -> None:
+        """Every file added so far checked; raises the first failure (in order added)."""
+        self._submit()
+        running = self._running
+        while running:
+            running.popleft().result()
+
+    def close(self) -> None:
+        """Stop the threads: batches not started are dropped, running ones end."""
+        self._batch = []
+        self._running.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None

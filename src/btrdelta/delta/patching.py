@@ -10,7 +10,13 @@ pool of threads when the extent is large (zstd and zlib release the GIL), and
 :meth:`Patcher.regenerated` gives the record once its command's CRC32C matched the
 original's. For ``btrdelta receive`` on btrfs (``clone_same``), the records of a file whose
 content is its old file's carry the CLONE from the parent snapshot that ``receive`` applies
-instead (:class:`SameWrite`, :class:`SameEncodedWrite`).
+instead (:class:`SameWrite`, :class:`SameEncodedWrite`). Once no digest of the expanded
+stream is computed (``receive``'s, from its first extent left to a CLONE on), such a file
+is not read at all: its old file is checked in worker threads
+(:class:`~.oldfiles.OldFileChecks`), and :meth:`Patcher.settle` waits for those checks
+before a stream's END (which commits the subvolume) goes out. ``receive`` also writes a
+patched file's extents as plain data when its new content's digest was checked, instead
+of recompressing them (:meth:`Patcher._written_plain`).
 
 Errors are :class:`~btrdelta.errors.BtrdeltaError` with the path where one is known; the
 expansion (:mod:`.expand`) adds the source and the record index.
@@ -41,7 +47,7 @@ from .format import (
     PWrite,
     patch_refusal,
 )
-from .oldfiles import digest, read_old_file, read_old_files
+from .oldfiles import OldFileChecks, digest, read_old_file, read_old_files
 from .recompress import compress_extent
 
 __all__ = ["Patcher", "Pending", "SameEncodedWrite", "SameWrite"]
@@ -65,15 +71,31 @@ class Pending:
     path: bytes
     version: int
     index: int  # of the delta record, for errors
-    #: receive: the CLONE from the parent that stands for it (unchanged content)
-    clone: R.Clone | None = None
+    #: receive: what is applied instead (not regenerated): the CLONE from the parent of
+    #: unchanged content, or a WRITE of a patched file's verified content (:meth:`pencoded`)
+    clone: R.Clone | R.Write | None = None
 
 
 @dataclass(slots=True)
 class _Active:
     patch: Patch
-    content: bytes
+    #: None: an unchanged file whose content is cloned, not read (its old file is being
+    #: checked in the background: :attr:`Patcher.checks`)
+    content: bytes | None
+    size: int
     pos: int = 0
+
+
+_ZEROS = bytearray()
+
+
+def _zeros(n: int) -> memoryview:
+    """``n`` zero bytes: the data of a WRITE left to its CLONE, which only counts its size
+    (no digest of the expanded stream is computed then)."""
+    global _ZEROS
+    if len(_ZEROS) < n:
+        _ZEROS = bytearray(n)
+    return memoryview(_ZEROS)[:n]
 
 
 class SameWrite(R.Write):
@@ -86,11 +108,12 @@ class SameWrite(R.Write):
 
 
 class SameEncodedWrite(R.EncodedWrite):
-    """A regenerated ENCODED_WRITE of content equal to the old file's; ``apply`` is the
-    CLONE of its file range from the parent that ``receive`` applies instead."""
+    """A regenerated ENCODED_WRITE that ``receive`` does not apply: ``apply`` is what it
+    applies instead, the CLONE of its file range from the parent (content equal to the old
+    file's) or a WRITE of that range of a patched file's verified content."""
 
     __slots__ = ("apply",)
-    apply: R.Clone | None
+    apply: R.Clone | R.Write | None
 
 
 class Patcher:
@@ -132,11 +155,23 @@ class Patcher:
         self.dirs = DirCache()
         #: recompression threads (PENC), started at the first large PENC; see :meth:`close`
         self.pool: ThreadPoolExecutor | None = None
+        #: True once the expanded stream's digest is not computed (set by the caller): an
+        #: unchanged file's content is then not needed at all when it is cloned, and its
+        #: old file is checked in the background (:meth:`settle` waits for that)
+        self.digest_off = False
+        self.checks = OldFileChecks(_WORKERS)
+        #: index of the record being expanded (set by the caller), for deferred errors
+        self.index = 0
 
     def check_idle(self, what: str) -> None:
         """``what`` may only come when no patch is being used."""
         if self.active is not None or self.pending is not None:
             raise StreamFormatError(f"{what} while a patch is not used up")
+
+    def settle(self) -> None:
+        """Wait for the old files being checked in the background; raise the first that
+        failed (before a stream's END, held back until then, commits what was cloned)."""
+        self.checks.wait()
 
     def start(self, p: Patch) -> None:
         """A PATCH: checked, and applied at once when it needs no PDATA."""
@@ -175,10 +210,27 @@ class Patcher:
         if self.pdata_len == p.patch_len:
             self._finish(p, b"".join(self.pdata))
 
+    def _cloned_unread(self, p: Patch) -> bool:
+        """Whether the content of ``p`` (a ``same`` patch) is cloned and needed for nothing
+        else: every record of it becomes a CLONE from the parent (``receive`` on btrfs),
+        no ENCODED_WRITE of it is recompressed (``hash_clones``) and no digest of the
+        expanded stream is computed. Then only its old file's digest is checked, in the
+        background, as the expansion goes on."""
+        return (
+            self.digest_off and self.clone_same and not self.hash_clones
+            and p.codec == SAME_CODEC and not p.bases and p.old_size != OLD_SIZE_UNKNOWN
+            and type(self.head) is R.Snapshot and _WORKERS > 1
+        )
+
     def _finish(self, p: Patch, patch: bytes) -> None:
         self.pending = None
         self.pdata = []
         root = self.root_of("PATCH")  # known since the PATCH came
+        if self._cloned_unread(p):
+            self.checks.add(root, p.base_path, p.old_size, p.hash_algo, p.old_digest,
+                            self.index)
+            self.active = _Active(p, None, p.old_size)
+            return
         try:
             old: bytes | None
             if p.bases:
@@ -203,7 +255,7 @@ class Patcher:
                         "old file of a patch is missing or above --max-file-size")
             assert old is not None
             if p.codec == SAME_CODEC:
-                self.active = _Active(p, old)
+                self.active = _Active(p, old, len(old))
                 return
             try:
                 new = get_codec(p.codec).apply(old, patch, new_size=p.new_size)
@@ -213,7 +265,7 @@ class Patcher:
         except BtrdeltaError as exc:
             raise exc.located(path=p.base_path) from None
         if p.new_algo == NO_DIGEST:  # ``edits`` / ``edits2``: the DEND digest covers it
-            self.active = _Active(p, new)
+            self.active = _Active(p, new, len(new))
             return
         actual = digest(p.new_algo if p.new_algo is not None else p.hash_algo, new)
         if actual != p.new_digest:
@@ -222,23 +274,32 @@ class Patcher:
                 "patched content differs from the new content (wrong old file or bad patch)",
                 expected=p.new_digest.hex(), actual=actual.hex(), path=p.path,
             )
-        self.active = _Active(p, new)
+        self.active = _Active(p, new, len(new))
 
     def pwrite(self, w: PWrite) -> Iterator[R.Write]:
         """The WRITE records of a PWRITE, data taken in order from the new content."""
         a = self.active
         if a is None:
             raise StreamFormatError("PWRITE without a patched content")
-        if a.pos + w.length > len(a.content) or w.length == 0:
+        if a.pos + w.length > a.size or w.length == 0:
             raise StreamFormatError("PWRITE runs past the patched content")
         if self.version == 1 and w.chunk > 0xFFFF:
             raise StreamFormatError(f"PWRITE chunk {w.chunk} does not fit a v1 WRITE")
         if w.offset + w.length >= 1 << 64:
             raise StreamFormatError("PWRITE offset overflows")
-        content = memoryview(a.content)
         path = a.patch.path
         off, pos, end = w.offset, a.pos, a.pos + w.length
         clone = self._same_clone(a, off, w.length, pos)
+        if a.content is None:  # cloned, not read: the records only count their size
+            assert clone is not None
+            while pos < end:
+                n = min(w.chunk, end - pos)
+                rec = SameWrite(path, off, _zeros(n))
+                rec.apply, clone = clone, None
+                yield rec
+                pos += n
+                off += n
+        content = memoryview(a.content if a.content is not None else b"")
         if clone is not None:
             while pos < end:
                 n = min(w.chunk, end - pos)
@@ -253,7 +314,7 @@ class Patcher:
             pos += n
             off += n
         a.pos = end
-        if end == len(a.content):
+        if end == a.size:
             self.active = None
 
     def _same_clone(self, a: _Active, offset: int, length: int,
@@ -275,27 +336,47 @@ class Patcher:
         a = self.active
         if a is None:
             raise StreamFormatError("PENC without a patched content")
-        if a.pos + e.length > len(a.content) or e.length == 0:
+        if a.pos + e.length > a.size or e.length == 0:
             raise StreamFormatError("PENC runs past the patched content")
         if self.version < 2:
             raise StreamFormatError("PENC in a v1 stream (ENCODED_WRITE needs v2)")
         if e.disk_len > MAX_PAYLOAD[self.version]:
             raise StreamFormatError(f"PENC disk length {e.disk_len} exceeds a command's payload")
-        raw = memoryview(a.content)[a.pos : a.pos + e.length]
-        clone = self._same_clone(a, e.offset, e.file_len, a.pos + e.unencoded_offset)
+        clone: R.Clone | R.Write | None = self._same_clone(
+            a, e.offset, e.file_len, a.pos + e.unencoded_offset)
+        if clone is None and self._written_plain(a, e):
+            start = a.pos + e.unencoded_offset
+            assert a.content is not None
+            clone = R.Write(a.patch.path, e.offset,
+                            memoryview(a.content)[start : start + e.file_len])
         packed: Future[bytes] | bytes | None
         if clone is not None and not self.hash_clones:
             packed = None  # the CLONE is applied; nothing to recompress
-        elif e.length < _INLINE or _WORKERS < 2:
-            packed = compress_extent(raw, e.compression, e.level)
         else:
-            if self.pool is None:
-                self.pool = ThreadPoolExecutor(_WORKERS, "btrdelta-penc")
-            packed = self.pool.submit(compress_extent, raw, e.compression, e.level)
+            assert a.content is not None  # (only a cloned file's content goes unread)
+            raw = memoryview(a.content)[a.pos : a.pos + e.length]
+            if e.length < _INLINE or _WORKERS < 2:
+                packed = compress_extent(raw, e.compression, e.level)
+            else:
+                if self.pool is None:
+                    self.pool = ThreadPoolExecutor(_WORKERS, "btrdelta-penc")
+                packed = self.pool.submit(compress_extent, raw, e.compression, e.level)
         a.pos += e.length
-        if a.pos == len(a.content):
+        if a.pos == a.size:
             self.active = None
         return Pending(packed, e, a.patch.path, self.version, index, clone)
+
+    def _written_plain(self, a: _Active, e: PEncoded) -> bool:
+        """Whether ``receive`` writes this extent of a patched file as plain data instead
+        of recompressing it: on btrfs (``clone_same``, without ``hash_clones``), when the new
+        content's digest was checked (the recompression's CRC check is then no check the
+        content needs; ``edits`` patches have no digest and keep it). The file system
+        stores the data as it stores any written data (``docs/formats/delta-stream.md``
+        §6)."""
+        return (
+            self.clone_same and not self.hash_clones and a.patch.new_algo != NO_DIGEST
+            and e.unencoded_offset + e.file_len <= e.length
+        )
 
     def cloned(self, p: Pending) -> tuple[R.EncodedWrite, int]:
         """The record of a :meth:`pencoded` extent left to its CLONE (``packed`` is
@@ -351,6 +432,7 @@ class Patcher:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
+        self.checks.close()
         self.dirs.close()
 
 
