@@ -1,7 +1,8 @@
 """The sender's outbox and the receiver's inbox, threaded or not.
 
 Outbox: a segment's bytes are written only after the ACK of the one before (at most one
-segment unacknowledged on the wire) while the sender's thread goes on making the next one;
+segment unacknowledged on the wire) while the sender's thread goes on making the next one,
+or with a window, while the bytes unacknowledged stay within it;
 the threaded outbox writes the bytes the unthreaded one writes; an error of the writing
 thread (a REFUSE instead of an ACK) reaches the sender's thread. Inbox: the same bytes and
 acknowledgements threaded or not, a segment that does not match its CHECKPOINT raised in the
@@ -117,6 +118,44 @@ def test_one_segment_unacknowledged_while_the_next_is_made() -> None:
     _produce(out2, segs)
     assert bytes(plain.wire) == bytes(peer.wire)
     assert plain.log == peer.log
+
+
+def test_a_window_lets_the_next_segment_out_before_the_last_is_acknowledged() -> None:
+    # segments of 300,000 bytes and a window of two: segment 1 goes out while segment 0 is
+    # not acknowledged, segment 2's first byte only after ACK 0 (the unacknowledged bytes
+    # would be 700,000), segment 3's after ACK 1; finish() reads the ACKs still due
+    segs = [[bytes([i]) * 100_000 for _ in range(3)] for i in range(4)]
+    s, r = _to_stream()
+    peer = _Peer(r, gated=True)
+    out = Outbox(MessageIO(peer, s), threaded=True, ahead=1 << 20, window=600_000)
+    producer = threading.Thread(target=_produce, args=(out, segs))
+    producer.start()
+    _wait(lambda: ("checkpoint", 1) in peer.log)
+    threading.Event().wait(0.2)
+    assert peer.log[-1] == ("checkpoint", 1)  # no byte of segment 2 without ACK 0
+    peer.release()
+    _wait(lambda: ("checkpoint", 2) in peer.log)
+    threading.Event().wait(0.2)
+    assert peer.log[-1] == ("checkpoint", 2)
+    peer.release()
+    _wait(lambda: ("checkpoint", 3) in peer.log)
+    producer.join()
+    finishing = threading.Thread(target=out.finish)
+    finishing.start()
+    threading.Event().wait(0.2)
+    assert finishing.is_alive()  # ACKs 2 and 3 not there yet
+    peer.release()
+    peer.release()
+    finishing.join(30)
+    assert not finishing.is_alive()
+    assert out.sent == 1_200_000
+    # the same bytes without the thread
+    s2, r2 = _to_stream()
+    plain = _Peer(r2, gated=False)
+    out2 = Outbox(MessageIO(plain, s2), threaded=False, ahead=1 << 20, window=600_000)
+    _produce(out2, segs)
+    out2.finish()
+    assert bytes(plain.wire) == bytes(peer.wire)
 
 
 @pytest.mark.parametrize("threaded", [True, False])

@@ -52,7 +52,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--once", action="store_true", help="(--listen) exit after one transfer")
     p.add_argument("--store", metavar="DIR", help=f"the sendshot store (default {DEFAULT_STORE})")
     p.add_argument("--segment", metavar="SIZE", default="8M", type=parse_size,
-                   help="bytes per checkpoint (resend at most this after a cut; default 8M)")
+                   help="bytes unacknowledged at most (resend at most this after a cut; a "
+                        "checkpoint every half; default 8M)")
     p.add_argument("--rate-limit", metavar="RATE", type=parse_size,
                    help="bytes per second at most (e.g. 20M)")
     p.add_argument("--full", action="store_true",

@@ -6,11 +6,18 @@ The sender's thread makes the stream (reads, digests, encodes) and hands each DA
 (:meth:`Outbox.checkpoint`) to the outbox. On a channel that can be read and written from
 two threads at once (``channel.concurrent``: pipes, plain sockets) and on TLS too (the
 writing thread is then the only one using the connection until :meth:`Outbox.finish`), a
-writing thread writes them and, after each CHECKPOINT, waits for its ACK before it writes
-the next segment's bytes: at most one segment is unacknowledged on the wire, as before,
-while the sender's thread already makes the next one (at most ``ahead`` bytes made and not
-written). Without the thread (``threaded=False``) each call writes, and a CHECKPOINT waits
-for its ACK, in the caller's thread.
+writing thread writes them while the sender's thread already makes what follows (at most
+``ahead`` bytes made and not written). Without the thread (``threaded=False``) each call
+writes in the caller's thread.
+
+How much is unacknowledged on the wire: without a ``window``, a CHECKPOINT's ACK is awaited
+right after it, before the next segment's first byte (one segment unacknowledged). With a
+``window`` (bytes), the next segment's bytes go out while the receiver still applies the
+last one: a DATA message is written only while the data bytes written after the last
+acknowledged CHECKPOINT stay within the window (an ACK is read otherwise; with nothing
+unacknowledged a message is always written). With segments of half the window, the
+receiver holds the next segment when it acknowledges one (no pause of its applier at each
+segment's end) and a cut still costs at most the window again.
 
 Owns the writing order, the wait for ACKs, the rate limit and progress reports; not the
 stream's segmentation (``update.replicate``'s) or the messages' bytes (``protocol``'s).
@@ -40,14 +47,22 @@ class Outbox:
         ahead: bytes made and not written yet the sender's thread may be ahead by.
         rate: bytes per second at most (None: no limit).
         progress: called with the stream offset of each acknowledged CHECKPOINT (and 0).
+        window: data bytes written and not acknowledged at most (None: each CHECKPOINT's
+            ACK awaited right after it).
     """
 
     def __init__(self, io: MessageIO, *, threaded: bool, ahead: int,
                  rate: float | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> None:
+                 progress: Callable[[int, int], None] | None = None,
+                 window: int | None = None) -> None:
         self.io, self.ahead, self.rate, self.progress = io, ahead, rate, progress
+        self.window = window
         #: data bytes written
         self.sent = 0
+        #: CHECKPOINTs written and not acknowledged (with a window), with ``sent`` at each
+        self._unacked: deque[tuple[Checkpoint, int]] = deque()
+        #: ``sent`` at the last acknowledged CHECKPOINT
+        self._acked_at = 0
         self._started = time.monotonic()
         self._items: deque[Any] = deque()
         self._queued = 0
@@ -67,9 +82,7 @@ class Outbox:
         frame = self.io.conn.send_data(offset, pieces)
         size = sum(len(p) for p in pieces)
         if self._thread is None:
-            self._pace(size)
-            self.io.write_frame(frame)
-            self.sent += size
+            self._write_data(frame, size)
             return
         self._put(("data", frame, size), size)
 
@@ -77,8 +90,7 @@ class Outbox:
         """Send ``cp``; its ACK is awaited before the next segment's bytes are written."""
         frame = self.io.conn.send(cp)
         if self._thread is None:
-            self.io.ch.write(frame)
-            self._acked(cp)
+            self._write_checkpoint(frame, cp)
             return
         self._put(("checkpoint", frame, cp), len(frame))
 
@@ -90,6 +102,7 @@ class Outbox:
             whatever writing or an ACK raised (TransportError, ProtocolError, PeerRefused).
         """
         if self._thread is None:
+            self._drain()
             return
         self._put(None, 0)
         self._thread.join()
@@ -123,6 +136,31 @@ class Outbox:
             if ahead > 0:
                 time.sleep(ahead)
 
+    def _write_data(self, frame: Sequence[Any], size: int) -> None:
+        if self.window is not None:
+            while self._unacked and self.sent + size - self._acked_at > self.window:
+                self._ack_oldest()
+        self._pace(size)
+        self.io.write_frame(frame)
+        self.sent += size
+
+    def _write_checkpoint(self, frame: bytes, cp: Checkpoint) -> None:
+        self.io.ch.write(frame)
+        if self.window is None:
+            self._acked(cp)
+        else:
+            self._unacked.append((cp, self.sent))
+
+    def _ack_oldest(self) -> None:
+        cp, sent = self._unacked.popleft()
+        self._acked(cp)
+        self._acked_at = sent
+
+    def _drain(self) -> None:
+        """Read the ACKs still due (with a window)."""
+        while self._unacked:
+            self._ack_oldest()
+
     def _acked(self, cp: Checkpoint) -> None:
         ack: Ack = self.io.expect(Ack)
         if ack.index != cp.index:
@@ -141,22 +179,20 @@ class Outbox:
             return item
 
     def _run(self) -> None:
-        io = self.io
         try:
             while True:
                 item = self._next()
                 if item is None:
+                    if not self._done:  # finish(), not abort()
+                        self._drain()
                     return
                 kind, frame, extra = item
                 if kind == "data":
-                    self._pace(extra)
-                    io.write_frame(frame)
-                    self.sent += extra
+                    self._write_data(frame, extra)
                     size = extra
                 else:
-                    io.ch.write(frame)
                     size = len(frame)
-                    self._acked(extra)
+                    self._write_checkpoint(frame, extra)
                 with self._cond:
                     self._queued -= size
                     self._cond.notify_all()

@@ -6,10 +6,11 @@ ssh, TCP/TLS): HELLO, the receiver's HOLDINGS, a PLAN chosen by
 stream in segments: :func:`btrdelta.send.sendshot.send_with_sendshots` (the base is the
 chosen sendshot) makes it and its callbacks (:class:`_Wire`) send it as it comes, cut into
 segments at record boundaries; each segment goes out as DATA messages and a CHECKPOINT (its
-digest and the chain of digests), and the next one only after the receiver acknowledged it,
-so a cut connection costs at most one segment again. COMMIT names the size, the chain and
-the new sendshot; after COMMITTED the receiver's cursor moves to it and sendshots of this
-source that no receiver needs are pruned.
+digest and the chain of digests). Segments are half the ``segment`` option and at most that
+many bytes are unacknowledged on the wire (the next segment goes out while the receiver
+applies the last), so a cut connection costs at most ``segment`` bytes again. COMMIT names
+the size, the chain and the new sendshot; after COMMITTED the receiver's cursor moves to it
+and sendshots of this source that no receiver needs are pruned.
 
 Resumable: a writable btrfs source is read from a read-only snapshot kept (next to it, named
 ``.btrdelta-replicate-<session>``) until the receiver committed; the session, its snapshot,
@@ -107,16 +108,20 @@ class _Wire:
     are gathered (small ones copied into one buffer, file data kept as it is) and sent as
     DATA at record boundaries (a message each in protocol version 3); a segment ends at the first
     record boundary past the segment size, or at END: its digest (``segment_hasher`` of the
-    protocol version) and the chain go out in a CHECKPOINT, and the sender waits for its ACK
-    before it makes more. On a resume the segments the receiver holds are made and digested
-    but not sent; the chain at their end must be the receiver's.
+    protocol version) and the chain go out in a CHECKPOINT. The ``segment`` option is what a
+    cut may cost again (the outbox's window): segments are half of it, so the next one goes
+    out while the receiver applies the last one (a session begun with whole segments, by an
+    earlier version, keeps them: its ``flight`` names no segment size). On a resume the
+    segments the receiver holds are made and digested but not sent; the chain at their end
+    must be the receiver's.
     """
 
     def __init__(self, owner: _Sender, flight: dict[str, Any], offset: int, segments: int,
                  chain_at: str) -> None:
         self.owner, self.io, self.flight = owner, owner.io, flight
         self.resume_at, self.held, self.chain_at = offset, segments, chain_at
-        self.size = owner.o.get("segment", DEFAULT_SEGMENT)
+        self.window = owner.o.get("segment", DEFAULT_SEGMENT)
+        self.size = flight.get("segment") or self.window
         self.version = self.io.conn.version
         self.limit = max_data(self.version)
         self.group = _GROUP_V3 if self.version >= 3 else _GROUP
@@ -165,8 +170,9 @@ class _Wire:
         self.io.send(self.plan)
         self.io.expect(Accept)
         o = self.owner.o
-        self.out = Outbox(self.io, threaded=o.get("threaded", True), ahead=self.size,
-                          rate=o.get("rate_limit"), progress=o.get("on_progress"))
+        self.out = Outbox(self.io, threaded=o.get("threaded", True), ahead=self.window,
+                          rate=o.get("rate_limit"), progress=o.get("on_progress"),
+                          window=self.window)
 
     @property
     def sent(self) -> int:
@@ -219,6 +225,12 @@ class _Wire:
         """Stop writing (the stream failed)."""
         if self.out is not None:
             self.out.abort()
+
+
+def _half(window: int) -> int:
+    """The segment size for a window of ``window`` bytes: half of it (two segments in
+    flight), at least 64 KiB."""
+    return max(window // 2, 64 << 10)
 
 
 def _messages(pieces: list[Any], limit: int) -> Iterator[list[memoryview]]:
@@ -318,7 +330,8 @@ class _Sender:
             n += 1
             name = f"{self.name}.{stamp}_{n}"
         flight = {"session": session, "snapshot": os.fsdecode(snap) if snap else None,
-                  "base": choice.base.digest if choice.base else None, "name": name}
+                  "base": choice.base.digest if choice.base else None, "name": name,
+                  "segment": _half(self.o.get("segment", DEFAULT_SEGMENT))}
         self.store.set_cursor(self.rid, cursor.get("digest"), inflight=flight)
         return self._stream(flight, 0, 0, _ZERO_CHAIN)
 
@@ -377,7 +390,8 @@ def replicate(source: str | os.PathLike[str], ch: Channel, *, store: SendshotSto
               peer: str = "receiver", **options: Any) -> ReplicateResult:
     """Replicate ``source`` to the receiver at the other end of ``ch``.
 
-    Options: ``segment`` (bytes per checkpoint, default 8 MiB), ``rate_limit`` (bytes/s),
+    Options: ``segment`` (bytes unacknowledged at most, what a cut may cost again: a
+    CHECKPOINT every half of it; default 8 MiB), ``rate_limit`` (bytes/s),
     ``allow_full`` (send a full stream although the receiver holds other states of this
     source), ``version`` (stream version, default 2), ``compress`` (``"zstd"``: data as
     ENCODED_WRITE), ``prune`` (default True), ``on_progress(bytes, total)``.
