@@ -160,6 +160,55 @@ def test_rounds_and_a_cut_over_a_pipe(fs2: tuple[Path, Path], tmp_path: Path) ->
             assert (_newest(dest) / "f5").read_bytes() == (live / "f5").read_bytes()
 
 
+@pytest.mark.btrfs
+def test_a_first_replication_scans_while_the_receiver_starts(
+        fs2: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the session's snapshot is taken and scanned before the receiver's answer: the send
+    # does not walk it again; refused, or resuming another session, the snapshot is deleted
+    from btrdelta.send import scan as scan_mod
+
+    walks: list[bytes] = []
+    real = scan_mod.scan_tree
+
+    def counted(path: object, **kw: object) -> object:
+        walks.append(os.fsencode(path))  # type: ignore[arg-type]
+        return real(path, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(scan_mod, "scan_tree", counted)
+    snd, rcv = fs2
+    live = snd / "vol"
+    _sh("btrfs", "subvolume", "create", live)
+    (live / "d").mkdir()
+    (live / "d" / "small").write_bytes(b"x" * 100)
+    (live / "big").write_bytes(random.Random(3).randbytes(3 * SEG))
+
+    def subvols() -> list[str]:
+        return [ln.split()[-1] for ln in _sh("btrfs", "subvolume", "list", snd).splitlines()]
+
+    dest = rcv / "backup"
+    dest.mkdir()
+    store = SendshotStore(tmp_path / "store")
+    cut = _Cut(spawn_local(str(dest)), int(1.5 * SEG))
+    with pytest.raises(TransportError):
+        replicate(live, cut, store=store, segment=SEG)
+    cut.close()
+    assert walks == []  # the early scan's tree was the send's
+    assert len(subvols()) == 2  # the session's snapshot, kept for the resume
+    ch = spawn_local(str(dest))
+    res = replicate(live, ch, store=store, segment=SEG)  # a new early snapshot, not used
+    ch.close()
+    assert (res.outcome, res.kind) == ("committed", "resume"), res
+    assert subvols() == ["vol"]
+    assert tree_sum(_newest(dest)) == tree_sum(live)
+    # another sender's store (no sendshot of this source): the receiver holds other states
+    ch = spawn_local(str(dest))
+    res = replicate(live, ch, store=SendshotStore(tmp_path / "other"), segment=SEG)
+    ch.close()
+    assert res.outcome == "refused", res
+    assert "no-common-base" in res.message
+    assert subvols() == ["vol"]
+
+
 def test_already_current_and_refusals(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()

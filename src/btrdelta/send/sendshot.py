@@ -133,12 +133,14 @@ def _stamp(fz: Frozen) -> Callable[[Tree], None]:
 
 
 def _scan(fz: Frozen, base: StoredSendshot | None, cols: Columns | None,
-          seed: int) -> tuple[TreeScan, Tree | None, Changes | None]:
+          seed: int, scanned: Tree | None = None
+          ) -> tuple[TreeScan, Tree | None, Changes | None]:
     """The new tree's scan, the old tree, and the changes when only they were visited.
 
     On btrfs, against a record of an earlier snapshot of the same subvolume, only what
     changed since is visited and sent (:func:`_changes`: both trees are then the changed
-    part); otherwise the tree is walked whole and every file read, against the whole record.
+    part); otherwise the tree is walked whole (unless a full send's tree is ``scanned``
+    already) and every file read, against the whole record.
     """
     if fz.info is not None and base is not None and cols is not None and \
             usable(base.head, fz.lineage, fz.generation, fz.info.readonly):
@@ -151,7 +153,8 @@ def _scan(fz: Frozen, base: StoredSendshot | None, cols: Columns | None,
     # a full stream starts at once: its files are hashed in the order they are sent
     order = inode_order if base is None else None
     return TreeScan(fz.path, None, seed=seed, prepare=_stamp(fz), later=later,
-                    extents=fz.info is not None and fz.info.readonly, order=order), old, None
+                    extents=fz.info is not None and fz.info.readonly, order=order,
+                    new_tree=scanned if base is None else None), old, None
 
 
 def _changes(fz: Frozen, base: StoredSendshot, cols: Columns, seed: int
@@ -224,6 +227,7 @@ def send_with_sendshots(
     on_record: Callable[[Record], None] | None = None,
     source_name: bytes | None = None,
     durable: bool = True,
+    scanned: Tree | None = None,
 ) -> SendshotResult:
     """Send ``source`` (full, or against the sendshot ``from_sendshot``) to ``write``.
 
@@ -246,6 +250,9 @@ def send_with_sendshots(
         source_name: the source path to record (default ``source``; a caller that froze the
             source itself passes the live path here).
         durable: ``fsync`` the new record before naming it (``docs/formats/sendshot.md`` §4).
+        scanned: ``source``'s tree, already scanned (:func:`~.scan.scan_tree` of this
+            read-only snapshot: replication scans it while the receiver starts); used by a
+            full send only.
 
     Raises:
         MissingBaseError: no such sendshot.
@@ -261,7 +268,7 @@ def send_with_sendshots(
         if from_sendshot is not None:
             base, cols = load_base(store, from_sendshot, src, fz.lineage, candidates, damaged)
         seed = base.head.seed if base is not None else store.seed()
-        scan, old, changes = _scan(fz, base, cols, seed)
+        scan, old, changes = _scan(fz, base, cols, seed, scanned)
         ids = StreamIds(
             uuid=fz.stream_uuid, ctransid=fz.info.ctransid if fz.info is not None else 0,
             parent_uuid=base.head.stream_uuid if base is not None else None,

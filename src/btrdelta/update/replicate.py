@@ -13,7 +13,8 @@ the size, the chain and the new sendshot; after COMMITTED the receiver's cursor 
 and sendshots of this source that no receiver needs are pruned.
 
 Resumable: a writable btrfs source is read from a read-only snapshot kept (next to it, named
-``.btrdelta-replicate-<session>``) until the receiver committed; the session, its snapshot,
+``.btrdelta-replicate-<session>``) until the receiver committed (on a first replication it
+is taken and scanned while the receiver starts: :class:`_Early`); the session, its snapshot,
 base and plan are kept in the receiver's cursor (``inflight``). When the receiver reports a
 partial transfer of that session, the same stream is made again from the same snapshot and
 base, its segments up to the receiver's are checked against the receiver's chain digest
@@ -23,6 +24,7 @@ base, its segments up to the receiver's are checked against the receiver's chain
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -44,6 +46,7 @@ from ..protocol import (
 from ..protocol.messages import max_data, segment_hasher, spoken
 from ..protocol.plan import Known, choose
 from ..send.live import drop_snapshot, frozen, keep_snapshot
+from ..send.scan import Tree, scan_tree
 from ..send.sendshot import send_with_sendshots
 from ..send.store import SendshotStore, StoredSendshot
 from ..stream.records import End, Record, Snapshot, Subvol
@@ -260,6 +263,49 @@ def _session_snapshot(source: bytes, session: str) -> bytes | None:
     return keep_snapshot(source, _SNAP_PREFIX + session[:16].encode())
 
 
+class _Early:
+    """A new session's snapshot, taken and scanned while the receiver starts and says what
+    it holds (a first replication of a writable subvolume can only be a full stream, or
+    refused): the scan is then off the stream's critical path. Discarded (the snapshot
+    deleted) unless the plan adopts it."""
+
+    def __init__(self, snap: bytes, session: str) -> None:
+        self.snap, self.session = snap, session
+        self.adopted = False
+        self._tree: Tree | None = None
+        self._thread = threading.Thread(target=self._scan, name="replicate-scan",
+                                        daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def start(cls, source: bytes) -> _Early | None:
+        """The early session of ``source``, or None when it is not a writable subvolume (or
+        cannot be snapshotted now: a plan that needs it tries again and says why)."""
+        session = uuid4().hex
+        try:
+            snap = _session_snapshot(source, session)
+        except (BtrdeltaError, OSError):
+            return None
+        return cls(snap, session) if snap is not None else None
+
+    def _scan(self) -> None:
+        try:
+            self._tree = scan_tree(self.snap)
+        except Exception:  # the send scans again and says what is wrong
+            self._tree = None
+
+    def adopt(self) -> Tree | None:
+        """The snapshot is the session's (the caller records it): its tree, scanned."""
+        self.adopted = True
+        self._thread.join()
+        return self._tree
+
+    def discard(self) -> None:
+        self._thread.join()
+        if not self.adopted:
+            drop_snapshot(self.snap)
+
+
 class _Sender:
     """One conversation of the sending side (see :func:`replicate`)."""
 
@@ -294,14 +340,25 @@ class _Sender:
     def run(self) -> ReplicateResult:
         io = self.io
         io.send(Hello("sender", spoken(), (), self.store.path, os.fsdecode(self.source)))
+        with frozen(self.source, snapshot=False) as fz:
+            lineage, info = fz.lineage, fz.info
+        records = self._mine(lineage)
+        early = _Early.start(self.source) if not records and info is not None and \
+            not info.readonly else None
+        try:
+            return self._run(records, lineage, info, early)
+        finally:
+            if early is not None:
+                early.discard()
+
+    def _run(self, records: list[StoredSendshot], lineage: object, info: Any,
+             early: _Early | None) -> ReplicateResult:
+        io = self.io
         hello: Hello = io.expect(Hello)
         holdings: Holdings = io.expect(Holdings)
         self.rid = hello.ident
         cursor = self.store.cursors().get(self.rid, {})
         inflight = cursor.get("inflight") or None
-        with frozen(self.source, snapshot=False) as fz:
-            lineage, info = fz.lineage, fz.info
-        records = self._mine(lineage)
         current = None
         if records and info is not None and records[-1].head.subvol_uuid == lineage and (
                 self._unchanged_since(records[-1].head.generation)):
@@ -321,8 +378,14 @@ class _Sender:
                                 holdings.partial.chain)
         if inflight and inflight.get("snapshot"):
             drop_snapshot(os.fsencode(inflight["snapshot"]))  # an abandoned session
-        session = uuid4().hex
-        snap = _session_snapshot(self.source, session)
+        scanned: Tree | None = None
+        snap: bytes | None
+        if early is not None:
+            session, snap = early.session, early.snap
+            scanned = early.adopt()
+        else:
+            session = uuid4().hex
+            snap = _session_snapshot(self.source, session)
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         taken = {h.name for h in holdings.held}
         name, n = f"{self.name}.{stamp}", 1
@@ -333,12 +396,12 @@ class _Sender:
                   "base": choice.base.digest if choice.base else None, "name": name,
                   "segment": _half(self.o.get("segment", DEFAULT_SEGMENT))}
         self.store.set_cursor(self.rid, cursor.get("digest"), inflight=flight)
-        return self._stream(flight, 0, 0, _ZERO_CHAIN)
+        return self._stream(flight, 0, 0, _ZERO_CHAIN, scanned)
 
     # -- the stream -------------------------------------------------------------------
 
     def _stream(self, flight: dict[str, Any], offset: int, segments: int,
-                chain_at: str) -> ReplicateResult:
+                chain_at: str, scanned: Tree | None = None) -> ReplicateResult:
         io = self.io
         wire = _Wire(self, flight, offset, segments, chain_at)
         snap = flight.get("snapshot")
@@ -348,7 +411,7 @@ class _Sender:
                 from_sendshot=flight.get("base"), record=True, snapshot=False,
                 version=self.o.get("version", 2), compress=self.o.get("compress"),
                 name=os.fsencode(flight["name"]), on_record=wire.on_record,
-                on_stream=wire.on_stream, source_name=self.source)
+                on_stream=wire.on_stream, source_name=self.source, scanned=scanned)
             wire.end_segment()
             wire.finish()
         except _Diverged:
