@@ -240,19 +240,15 @@ def send_with_sendshots(
         record: store a record of what was sent (after the stream's last byte).
         candidates: with ``latest``, only these digests count (what a receiver holds).
         snapshot: snapshot a live btrfs subvolume (False: read it live).
-        version, compress, name: as :class:`~.emit.Sender` (name: default the source's
-            base name).
+        version, compress, name: as :class:`~.emit.Sender` (name: default the source's name).
         on_progress: progress callback.
         on_stream: called with the sender before the first record (its header is known).
-        inflight: called with the frozen tree once the stream is complete, before the
-            temporary snapshot is deleted.
+        inflight: called with the frozen tree once the stream is complete (before its deletion).
         on_record: called after each record was written (the first is the header).
-        source_name: the source path to record (default ``source``; a caller that froze the
-            source itself passes the live path here).
+        source_name: the path to record (default ``source``; the live path, for a caller
+            that froze it).
         durable: ``fsync`` the new record before naming it (``docs/formats/sendshot.md`` §4).
-        scanned: ``source``'s tree, already scanned (:func:`~.scan.scan_tree` of this
-            read-only snapshot: replication scans it while the receiver starts); used by a
-            full send only.
+        scanned: ``source``'s tree, already scanned (:func:`~.scan.scan_tree`): full sends.
 
     Raises:
         MissingBaseError: no such sendshot.
