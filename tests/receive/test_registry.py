@@ -123,3 +123,27 @@ def test_a_dead_receivers_registration_never_takes_over(tmp_path: Path) -> None:
     assert os.stat(copy / "sv").st_ino != os.stat(dest / "sv").st_ino
     code, err = _receive(_incremental(tmp_path, "inc2", u), copy)
     assert code == 0, err
+
+
+@pytest.mark.parametrize("planted", ["symlink", "fifo"])
+def test_a_planted_registry_is_refused_not_followed(tmp_path: Path, planted: str) -> None:
+    """A symlink under the registry's name is not followed to a file outside DEST (was:
+    read, and its bytes parsed as the registry), a FIFO does not block the receive (was:
+    it hung in open): one line, exit 3, nothing received."""
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    outside = tmp_path / "outside.json"
+    outside.write_text(json.dumps({"version": 1, "subvols": []}))
+    if planted == "symlink":
+        (dest / REGISTRY_NAME).symlink_to(outside)
+    else:
+        os.mkfifo(dest / REGISTRY_NAME)
+    proc = subprocess.run([sys.executable, "-m", "btrdelta", "receive", "--backend", "dir",
+                           "-f", str(_full(tmp_path, "A", uuid.uuid4())), str(dest)],
+                          capture_output=True, check=False, timeout=60)
+    err = proc.stderr.decode()
+    assert proc.returncode == 3, err
+    assert "invalid subvolume registry: " in err
+    assert [line for line in err.splitlines() if "error" in line] == err.splitlines()[-1:]
+    assert sorted(p.name for p in dest.iterdir()) == [REGISTRY_NAME]
+    assert outside.read_text() == json.dumps({"version": 1, "subvols": []})

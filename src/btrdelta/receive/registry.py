@@ -29,6 +29,7 @@ Layout (version 1; ``ino`` optional, absent in registries of older versions)::
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -80,10 +81,20 @@ class Registry:
             StreamFormatError: the registry file is not valid.
         """
         try:
-            with open(self.path, "rb") as f:
-                raw = f.read(_MAX_SIZE + 1)
+            # never through a symlink, never blocked by a FIFO planted under its name
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return []
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise StreamFormatError("invalid subvolume registry: a symlink",
+                                    source=str(self.path)) from None
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise StreamFormatError("invalid subvolume registry: not a regular file",
+                                        source=str(self.path))
+            raw = f.read(_MAX_SIZE + 1)
         try:
             if len(raw) > _MAX_SIZE:
                 raise ValueError("too large")
