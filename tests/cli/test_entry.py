@@ -125,3 +125,23 @@ def test_a_sendshot_send_imports_no_thread_pool_or_logging(tmp_path: Path) -> No
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1] == "0 0 []"
     assert len(os.listdir(store / "records")) == 2
+
+
+@pytest.mark.parametrize(("argv", "want"), [
+    (["receive", "A.stream", "-q", "dest"], {"input": "A.stream", "dest": "dest", "quiet": True}),
+    (["receive", "-q", "A.stream", "dest"], {"input": "A.stream", "dest": "dest", "quiet": True}),
+    (["receive", "dest"], {"input": "dest", "dest": None}),  # one: DEST, the stream on stdin
+    (["replicate", "/data", "--store", "s", "/backup"],
+     {"source": "/data", "dest": "/backup", "store": "s"}),
+    (["image", "clone", "x.caibx", "--castr", "c", "st/img"],
+     {"source": "x.caibx", "target": "st/img", "castr": ["c"]}),
+    (["sendshot", "delete", "a", "--store", "s", "b"], {"ids": ["a", "b"], "store": "s"}),
+    (["repo", "add", "www", "-q", "1.0", "/build"],
+     {"repo": "www", "version": "1.0", "source": "/build"}),
+])
+def test_positionals_between_options(argv: list[str], want: dict[str, object]) -> None:
+    """Positionals may come between options: argparse alone gave an optional positional
+    nothing when an option followed its value (`receive A.stream -q dest` took A.stream for
+    DEST, then refused 'dest': 'unrecognized arguments')."""
+    args = build_parser(argv[0]).parse_args(argv)
+    assert {k: getattr(args, k) for k in want} == want

@@ -9,7 +9,7 @@ import contextlib
 import os
 import stat
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, BinaryIO, NoReturn
 
 from ..errors import BtrdeltaError, UsageError
@@ -64,9 +64,26 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args: object, **kwargs: object) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._intermixing = False
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None,
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        """A command's positionals may come between its options (``receive A.stream -q
+        DEST``, ``replicate /data --store S /backup``): plain argparse gives an optional
+        positional nothing when an option follows its value, takes that value for the next
+        positional, and then refuses the last word."""
+        if self._subparsers is not None or self._intermixing or not any(
+                a.nargs in ("?", "*", "+") for a in self._get_positional_actions()):
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
 
 
 def examples(*lines: str, note: str = "") -> str:
