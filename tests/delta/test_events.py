@@ -239,3 +239,17 @@ def test_receive_checks_cloned_files_before_the_subvolume_is_named(
     assert "old file differs" in err, err
     assert err.count("\n") == 1, err
     assert sorted(p.name for p in dest.iterdir()) == [pair.a.name]
+
+    # a shorter old file fails before its CLONE is made (which would fail otherwise, with
+    # another error): its size is looked up when it is met
+    fd = os.open(parent, os.O_RDONLY)
+    try:
+        set_readonly(fd, False)
+        os.truncate(victim, len(data) // 2)
+        set_readonly(fd, True)
+    finally:
+        os.close(fd)
+    with pytest.raises(ChecksumError, match="the patch expects") as info:
+        receive_any(io.BytesIO(delta), dest)
+    assert info.value.path == str(victim.relative_to(parent)).encode()
+    assert sorted(p.name for p in dest.iterdir()) == [pair.a.name]

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import BtrdeltaError, ChecksumError, MissingBaseError, StreamFormatError
-from ..fs.sandbox import DirCache
+from ..fs.sandbox import DirCache, regular_size
 from ..stream import records as R
 from ..stream.codec import encode_record
 from ..stream.constants import CMD_HEADER, MAX_PAYLOAD
@@ -86,15 +86,17 @@ class _Active:
     pos: int = 0
 
 
-_ZEROS = bytearray()
+_ZEROS = bytearray(1 << 16)
 
 
 def _zeros(n: int) -> memoryview:
     """``n`` zero bytes: the data of a WRITE left to its CLONE, which only counts its size
-    (no digest of the expanded stream is computed then)."""
+    (no digest of the expanded stream is computed then); shared up to 1 MiB."""
     global _ZEROS
-    if len(_ZEROS) < n:
-        _ZEROS = bytearray(n)
+    if n > len(_ZEROS):
+        if n > 1 << 20:
+            return memoryview(bytearray(n))
+        _ZEROS = bytearray(1 << 20)
     return memoryview(_ZEROS)[:n]
 
 
@@ -226,7 +228,9 @@ class Patcher:
         self.pending = None
         self.pdata = []
         root = self.root_of("PATCH")  # known since the PATCH came
-        if self._cloned_unread(p):
+        # (its size looked up first: a missing or resized old file fails here, as below,
+        # not in the CLONE of a range it does not have)
+        if self._cloned_unread(p) and regular_size(root, p.base_path, self.dirs) == p.old_size:
             self.checks.add(root, p.base_path, p.old_size, p.hash_algo, p.old_digest,
                             self.index)
             self.active = _Active(p, None, p.old_size)

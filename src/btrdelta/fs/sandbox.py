@@ -413,6 +413,30 @@ def open_regular(
         os.close(fd)
 
 
+def regular_size(
+    root: str | os.PathLike[str], path: bytes, cache: DirCache | None = None
+) -> int | None:
+    """Size of the regular file ``root/path`` from its ``lstat`` (not opened), ``None`` if
+    there is none (missing, not regular, or a symlink on the way).
+
+    Raises:
+        UnsafePathError: ``path`` is empty, absolute or has ``.``/``..``/empty components.
+        OSError: ``root`` itself cannot be opened.
+    """
+    parts = _entry_parts(path)
+    dfd = cache.dir_fd(root, parts[:-1]) if cache is not None else _open_dir(root, parts[:-1])
+    if dfd is None:
+        return None
+    try:
+        st = os.stat(parts[-1], dir_fd=dfd, follow_symlinks=False)
+    except OSError:
+        return None
+    finally:
+        if cache is None:
+            os.close(dfd)
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
 def file_size(root: str | os.PathLike[str], path: bytes) -> int | None:
     """Size of the regular file ``root/path``, ``None`` if absent, not a regular file or
     the path is unsafe."""
