@@ -20,12 +20,13 @@ are imported on first use, so ``import btrdelta`` costs nothing.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
-from .errors import BtrdeltaError
-
+#: (``typing.TYPE_CHECKING`` without importing ``typing``: ``import btrdelta`` imports nothing,
+#: so ``python -m btrdelta`` sets the CLI's collector threshold before the CLI's imports)
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
+    from .errors import BtrdeltaError
     from .update.api import expand_delta, make_delta, receive_any, send_tree, tree_sum
     from .update.clone import clone_image
     from .update.identify import identify
@@ -47,6 +48,7 @@ __all__ = [
 
 #: public name -> (module, name there)
 _WHERE = {
+    "BtrdeltaError": ("errors", "BtrdeltaError"),
     "expand_delta": ("update.api", "expand_delta"),
     "make_delta": ("update.api", "make_delta"),
     "receive_any": ("update.api", "receive_any"),
@@ -62,6 +64,8 @@ def __getattr__(name: str) -> Any:
     where = _WHERE.get(name)
     if where is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
     value = getattr(importlib.import_module(f".{where[0]}", __name__), where[1])
     globals()[name] = value
     return value

@@ -1,10 +1,18 @@
-"""``python -m btrdelta``."""
+"""``python -m btrdelta``, and the ``btrdelta`` console script (``btrdelta.__main__:entry``)."""
 
 import gc
 
-# btrdelta.cli.entry()'s collector setting (its _GC_YOUNG), from before the CLI's own imports
-gc.set_threshold(20_000, *gc.get_threshold()[1:])
 
-from .cli import entry  # noqa: E402
+def entry() -> None:
+    """:func:`btrdelta.cli.entry` with its collector setting (``_GC_YOUNG``) made before the
+    CLI's imports: the thousands of objects they make are not gone over 700 allocations at
+    a time (``python -m btrdelta send`` made 7 such collections, ~1.3 ms). ``import
+    btrdelta`` imports nothing, so this runs first on both paths."""
+    gc.set_threshold(20_000, *gc.get_threshold()[1:])
+    from .cli import entry as run
 
-entry()
+    run()
+
+
+if __name__ == "__main__":
+    entry()

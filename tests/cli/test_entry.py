@@ -6,6 +6,7 @@ import argparse
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,15 @@ def test_the_console_entry_collects_young_garbage_rarely() -> None:
     assert gc.get_freeze_count() == 0
     main_py = (Path(__file__).parents[2] / "src" / "btrdelta" / "__main__.py").read_text()
     assert f"gc.set_threshold({_GC_YOUNG:_}," in main_py  # python -m btrdelta: the same
+    # ... before the CLI's imports: the console script's module and the package import
+    # nothing else (not even typing)
+    code = ("import sys, btrdelta.__main__\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('btrdelta', 'typing'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "['btrdelta', 'btrdelta.__main__']"
+    scripts = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    assert scripts["project"]["scripts"]["btrdelta"] == "btrdelta.__main__:entry"
 
 
 def test_listing_is_the_full_parsers_top_level(monkeypatch: pytest.MonkeyPatch) -> None:
