@@ -144,7 +144,7 @@ def test_windowed_hdiff_in_one_window_is_the_library_patch() -> None:
 
     old, new = _real_pair()
     whole = _hdiff_raw(old, new)
-    assert windowed_diff(_hdiff_raw, old, new, step=1 << 30, overlap=0) == whole
+    assert windowed_diff(_hdiff_raw, old, new, step=1 << 30, overlap=0, least=1) == whole
 
 
 @given(seed=st.integers(0, 1 << 30), size=st.integers(0, 60_000),

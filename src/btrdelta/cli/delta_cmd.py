@@ -75,9 +75,10 @@ def _add_make(dsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "is a file); a summary with -v. Memory: about 64 MiB + 4x the largest file "
         "diffed (old or new; files are read whole), plus the xz carrier's encoders when "
         "it is chosen (see --carrier): HDiffPatch indexes an old file at 4 bytes a byte, "
-        "so an old file above 12 MiB is diffed in windows of 8 MiB of the new file, each "
-        "against the old part it lines up with +-1.5 MiB (scipy 1.13.0 -> 1.13.1, a 35 MB "
-        "library: peak 174 MB, goal 207; its patch 0.7% larger).",
+        "so an old file above 8 MiB is diffed in windows (at least 3, at most 8 MiB of "
+        "the new file each), each against the old part it lines up with +-1.5 MiB "
+        "(scipy 1.13.0 -> 1.13.1, a 35 MB library: peak 174 MB, goal 207; its patch 0.7% "
+        "larger).",
         epilog=examples(
             "btrdelta delta make -f A-B.stream --old /snap/A -o A-B.delta",
             "btrfs send -p /snap/A /snap/B | btrdelta delta make --old /snap/A -o A-B.delta",

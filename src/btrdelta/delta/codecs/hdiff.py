@@ -23,15 +23,20 @@ _MAGIC = b"HDIFF13&"
 #: the header of an uncompressed HDIFF13 patch (no compressor name)
 _RAW_MAGIC = _MAGIC + b"\x00"
 
-#: old contents larger than this are diffed in windows: a whole diff holds ~6x the file
-#: (both contents, a suffix array of 4x the old one), a windowed one both contents and at
-#: most ~63 MiB for a window (its copies, a suffix array of 4x its old part): within the
-#: goal of 64 MiB + 4x the file (scipy's 35 MB OpenBLAS: 244 -> 174 MB for the whole
-#: ``delta make``, goal 207)
-WINDOW_MIN = 12 << 20
-#: new bytes diffed at once (the old window is as long, scaled to the old size, plus twice
-#: the overlap: ~11 MiB indexed, a suffix array of 44 MiB)
+#: old contents larger than this are diffed in windows. A whole diff holds both contents
+#: and a suffix array of the old one (4 bytes a byte): ~4.6x the file beside them, where
+#: ``delta make`` may take 64 MiB + 4x the larger file, ~38 MiB of which are the
+#: interpreter and the make's own state: 2x the file + 26 MiB are left beside both
+#: contents, which a whole diff fits up to ~10 MiB. A window holds its new part, its old
+#: part and the old part's suffix array, 6x the file / windows + 10x the overlap, which
+#: fits from 3 windows on (measured, docs/formats/delta-stream.md §7.8; scipy's 35 MB
+#: OpenBLAS in 5 windows: ``delta make``'s peak 244 -> 174 MB, goal 207)
+WINDOW_MIN = 8 << 20
+#: new bytes diffed at once, at most (the old window is as long, scaled to the old size,
+#: plus twice the overlap: at most ~11 MiB indexed, a suffix array of 44 MiB)
 WINDOW_STEP = 8 << 20
+#: windows a windowed diff has at least
+WINDOW_COUNT = 3
 #: old bytes on each side of a window's aligned part (code that moved further than this
 #: between windows is sent as new data)
 WINDOW_OVERLAP = 3 << 19
@@ -164,16 +169,20 @@ def _aligned_shift(covers: list[tuple[int, int, int]], scale: float) -> int | No
 
 def windowed_diff(
     diff: Callable[[bytes, bytes], bytes], old: bytes, new: bytes, *,
-    step: int = WINDOW_STEP, overlap: int = WINDOW_OVERLAP,
+    step: int | None = None, overlap: int | None = None, least: int | None = None,
 ) -> bytes:
     """One uncompressed HDIFF13 patch from ``old`` to ``new``, made by ``diff`` (the
-    library's uncompressed diff of two byte strings) on windows: the new content in parts
-    of about ``step`` bytes, each against the old bytes it lines up with (by the sizes'
+    library's uncompressed diff of two byte strings) on windows: the new content in at
+    least ``least`` (default :data:`WINDOW_COUNT`) parts of at most ``step`` bytes (default
+    :data:`WINDOW_STEP`), each against the old bytes it lines up with (by the sizes'
     ratio, then by where the previous window's covers were) and ``overlap`` more on each
-    side. Peak memory: both contents, one window's copies and HDiffPatch's index of the
-    old window (4 bytes a byte), instead of an index of the whole old content."""
+    side (default :data:`WINDOW_OVERLAP`). Peak memory: both contents, one window's
+    copies and HDiffPatch's index of the old window (4 bytes a byte), instead of an index
+    of the whole old content."""
+    step = WINDOW_STEP if step is None else step
+    overlap = WINDOW_OVERLAP if overlap is None else overlap
     n_old, n_new = len(old), len(new)
-    count = max(1, -(-n_new // step))
+    count = max(WINDOW_COUNT if least is None else least, -(-n_new // step))
     scale = n_old / n_new if n_new else 1.0
     shift = 0
     parts: list[bytes] = []
