@@ -123,3 +123,25 @@ def test_a_receiver_that_exits_says_why(tmp_path: Path) -> None:
     assert "the peer closed the connection" in proc.stderr
     assert f"said: error: destination {missing} is not a directory" in proc.stderr
     assert not missing.exists()
+
+
+def test_a_planted_replica_state_is_refused_not_followed(tmp_path: Path) -> None:
+    """DEST/.btrdelta-replica.json as a FIFO hung `replicate --serve` in open, as a symlink
+    it was read wherever it pointed (/dev/zero: without end): now one line, at once."""
+    outside = tmp_path / "outside.json"
+    outside.write_text('{"id": "x", "received": {}}')
+    for planted in ("fifo", "symlink"):
+        dest = tmp_path / planted
+        dest.mkdir()
+        if planted == "fifo":
+            os.mkfifo(dest / ".btrdelta-replica.json")
+        else:
+            (dest / ".btrdelta-replica.json").symlink_to(outside)
+        proc = subprocess.run([*BTRDELTA, "replicate", "--serve", str(dest)],
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              check=False, timeout=60)
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr.count("\n") == 1, proc.stderr
+        want = "not a regular file" if planted == "fifo" else "a symlink"
+        assert f"damaged replica state: {want}" in proc.stderr
+        assert sorted(p.name for p in dest.iterdir()) == [".btrdelta-replica.json"]

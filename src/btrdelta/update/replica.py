@@ -26,9 +26,11 @@ partial transfer is dropped and nothing is applied.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import mmap
 import os
+import stat
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -228,7 +230,12 @@ class Replica:
     def _load(self) -> dict[str, Any]:
         p = self.dest / STATE_FILE
         try:
-            doc = json.loads(p.read_bytes()[: 16 << 20])
+            # never through a symlink, never blocked by a FIFO, never more than 16 MiB read
+            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            with open(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise ValueError("not a regular file")
+                doc = json.loads(f.read(16 << 20))
             if not isinstance(doc, dict) or not isinstance(doc.get("id"), str):
                 raise ValueError("no id")
             doc.setdefault("received", {})
@@ -237,6 +244,10 @@ class Replica:
             doc = {"version": 1, "id": uuid4().hex, "received": {}}
             self._save(doc)
             return doc
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise BtrdeltaError("damaged replica state: a symlink", path=str(p)) from None
         except ValueError as exc:
             raise BtrdeltaError(f"damaged replica state: {exc}", path=str(p)) from exc
 
