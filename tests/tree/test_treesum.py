@@ -143,3 +143,44 @@ def test_cli_compare_and_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert any(x.startswith("sparse f") for x in lines)
     assert main(["tree-sum", str(a)]) == 0
     assert capsys.readouterr().out.split()[0] == tree_sum(a)
+
+
+@pytest.mark.parametrize(("literal", "raw"), [
+    (b"a\\nb", b"a\nb"),          # the two characters \n, and a newline
+    (b"a\\x20b", b"a b"),         # the four characters \x20, and a space
+    (b"a\\xffb", b"a\xffb"),      # the four characters \xff, and a byte that is not UTF-8
+    (b"a\\\\b", b"a\\b"),         # two backslashes, and one
+])
+def test_names_that_read_alike_sum_differently(tmp_path: Path, literal: bytes, raw: bytes) -> None:
+    """tree-sum-2: each name, symlink target and xattr name is one token of its own (a
+    backslash is doubled before the other escapes); tree-sum-1 gave these pairs one sum."""
+    sums = []
+    for side, name in (("x", literal), ("y", raw)):
+        root = tmp_path / side
+        root.mkdir()
+        path = os.path.join(bytes(root), name)
+        with open(path, "wb"):
+            pass
+        os.symlink(name, os.path.join(bytes(root), b"link"))
+        os.setxattr(path, b"user." + name, b"v")
+        for p in (path, bytes(root)):
+            os.utime(p, ns=(1, 1000))
+        os.utime(os.path.join(bytes(root), b"link"), ns=(1, 1000), follow_symlinks=False)
+        sums.append(tree_sum(root))
+        assert len({e.path for e in tree_manifest(root)}) == 3
+    assert sums[0] != sums[1]
+    lines = [[e.line() for e in tree_manifest(tmp_path / s)] for s in "xy"]
+    assert all(" " not in line.split(" ", 1)[0] for side in lines for line in side)
+    assert lines[0] != lines[1]
+
+
+def test_cli_compare_names_each_tree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = _make(tmp_path / "a")
+    b = _copy(a, tmp_path / "b")
+    (a / "only-a").write_bytes(b"1")
+    (b / "only-b").write_bytes(b"2")
+    os.utime(b, ns=(1, os.stat(a).st_mtime_ns))
+    assert main(["tree-sum", str(a), "--compare", str(b)]) == 1
+    out = capsys.readouterr().out
+    assert f"only in {a}: only-a" in out
+    assert f"only in {b}: only-b" in out

@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "subvolumes are skipped."
         ),
         epilog=examples("btrdelta tree-sum /mnt/received/B",
-                        "btrdelta tree-sum --compare /mnt/received/B /mnt/src/B",
+                        "btrdelta tree-sum /mnt/received/B --compare /mnt/src/B",
                         "btrdelta tree-sum --json --holes /mnt/received/B"),
     )
     p.add_argument("dir", help="root of the tree")
@@ -34,7 +34,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="leave out this xattr (repeatable)")
     p.add_argument("--manifest", action="store_true", help="print one line per entry")
     p.add_argument("--compare", metavar="OTHER",
-                   help="compare with another tree; list differences, exit 1 if any")
+                   help="compare DIR with the tree OTHER; list differences ('only in DIR: path', "
+                   "'differs: path: fields of DIR != fields of OTHER'), exit 1 if any")
     add_json(p, "the sum (the manifest's lines, the differences)")
     p.set_defaults(func=run)
 
@@ -47,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
         "exclude_xattrs": [n.encode() for n in args.exclude_xattr],
     }
     if args.compare:
-        diffs = diff_manifests(tree_manifest(args.dir, **opts), tree_manifest(args.compare, **opts))
+        diffs = diff_manifests(tree_manifest(args.dir, **opts), tree_manifest(args.compare, **opts),
+                               names=(args.dir, args.compare))
         if args.json:
             print(json.dumps({"dir": args.dir, "other": args.compare, "equal": not diffs,
                               "differences": diffs}))

@@ -47,7 +47,7 @@ SPEC_VERSION = 1
 #: versions per bin file (small: a client fetches the bins of the few versions it needs)
 BIN_SIZE = 4
 #: how a release's content identity is computed: ``btrdelta tree-sum`` (default options)
-IDENTITY_ALGORITHM = "tree-sum-1"
+IDENTITY_ALGORITHM = "tree-sum-2"
 #: namespace of the subvolume UUIDs a repository's streams carry (``stream_uuid``)
 _UUID_NAMESPACE = uuid.UUID("8f3c2a4e-6b1d-5e7f-9a0b-c1d2e3f40516")
 

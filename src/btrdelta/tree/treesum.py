@@ -128,7 +128,13 @@ def restated(entry: Entry, key: tuple[int, ...], record: bytes) -> Entry:
 
 
 def _show(b: bytes) -> str:
-    return b.decode("utf-8", "backslashreplace").replace("\n", "\\n").replace(" ", "\\x20")
+    """``b`` as one space-free token, one token per byte string (injective): a backslash
+    doubled first, then bytes that are not UTF-8 as ``\\xNN``, newline ``\\n``, space
+    ``\\x20``. Without the doubling a name holding the four characters ``\\x20`` and one
+    holding a space (or ``\\n`` and a newline, ``\\xff`` and byte 0xff) had one line,
+    and so two different trees one sum (tree-sum-1; this is tree-sum-2)."""
+    return (b.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+            .replace("\n", "\\n").replace(" ", "\\x20"))
 
 
 def _xattrs(path: bytes, exclude: frozenset[bytes]) -> tuple[tuple[bytes, bytes], ...]:
@@ -367,17 +373,19 @@ def manifest_sum(entries: Iterable[Entry]) -> str:
     return str(h.hexdigest())
 
 
-def diff_manifests(a: list[Entry], b: list[Entry], limit: int = 20) -> list[str]:
-    """Human-readable differences between two manifests (empty when equal)."""
+def diff_manifests(a: list[Entry], b: list[Entry], limit: int = 20,
+                   names: tuple[str, str] = ("first", "second")) -> list[str]:
+    """Human-readable differences between two manifests (empty when equal); ``names``: how
+    the lines call ``a`` and ``b`` ("only in NAME: path")."""
     da = {e.path: e for e in a}
     db = {e.path: e for e in b}
     out: list[str] = []
     for path in sorted(da.keys() | db.keys()):
         ea, eb = da.get(path), db.get(path)
         if ea is None:
-            out.append(f"only in second: {_show(path)}")
+            out.append(f"only in {names[1]}: {_show(path)}")
         elif eb is None:
-            out.append(f"only in first: {_show(path)}")
+            out.append(f"only in {names[0]}: {_show(path)}")
         elif ea.line() != eb.line():
             la, lb = ea.line().split(" "), eb.line().split(" ")
             fa = [x for x in la if x not in lb]
