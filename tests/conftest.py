@@ -131,9 +131,13 @@ class KernelStream:
 _FS_VARIANTS = [
     ("compress=zstd", None),
     ("compress=lzo", {"compressible-data-W6", "hole-punch-016", "reflinks-same-file-200",
-                      "reflink-deep-paths-108"}),
+                      "reflink-deep-paths-108", "compressed-data-offset-038",
+                      "clone-compressed-094", "compressed-partial-share-281",
+                      "compressed-extent-merge-312"}),
     ("compress-force=zlib", {"compressible-data-W6", "prealloc-punch-169",
-                             "write-into-prealloc-046", "odd-names-W8"}),
+                             "write-into-prealloc-046", "odd-names-W8",
+                             "reflink-compressed-overwrite-109", "shared-sector-at-zero-149",
+                             "eof-block-clone-189", "shrunk-by-clone-322"}),
 ]
 
 
