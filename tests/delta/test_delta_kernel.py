@@ -289,3 +289,43 @@ def test_wrong_old_subvolume_is_refused(delta_pairs: dict[str, Pair], tmp_path: 
     proc = subprocess.run([*cmd, str(dest / pair.a.name)], capture_output=True, check=False)
     assert proc.returncode == 0, proc.stderr.decode()
     assert expand(out.read_bytes(), dest / pair.a.name) == stream.read_bytes()
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_receive_delta_keeps_zeros_written_where_the_old_file_had_a_hole(tmp_path: Path,
+                                                            version: str) -> None:
+    """A sparse file replaced by one of the same size with its zeros written: its content
+    is the old file's (a ``same`` patch), but the stream WRITEs the zeros, and `btrfs
+    receive` makes them data. `receive` of the delta cloned the old file's range, hole and all
+    (found by tests/randwork, seed 2)."""
+    from tests.conftest import btrfs_loop
+
+    proto = 2 if version == "v2" else 1
+    with btrfs_loop(size="400M") as mnt:
+        vol = mnt / "vol"
+        subprocess.run(["btrfs", "-q", "subvolume", "create", str(vol)], check=True)
+        (vol / "f").write_bytes(b"x" * 5000)
+        with open(vol / "hole", "wb") as f:
+            f.truncate(12288)
+        subprocess.run(["sync"], check=True)
+        subprocess.run(["btrfs", "-q", "subvolume", "snapshot", "-r", str(vol), str(mnt / "A")],
+                       check=True)
+        (vol / "hole").unlink()
+        (vol / "hole").write_bytes(bytes(12288))  # a new file, its zeros written
+        subprocess.run(["sync"], check=True)
+        subprocess.run(["btrfs", "-q", "subvolume", "snapshot", "-r", str(vol), str(mnt / "B")],
+                       check=True)
+        full = send(mnt / "A", tmp_path / "A.s", proto=proto)
+        incr = send(mnt / "B", tmp_path / "B.s", parent=mnt / "A", proto=proto)
+        delta, _ = make(incr, mnt / "A")
+        (tmp_path / "B.d").write_bytes(delta)
+        kernel, ours = mnt / "k", mnt / "o"
+        for d in (kernel, ours):
+            d.mkdir()
+            btrfs_receive(full, d)
+        btrfs_receive(incr, kernel)
+        proc = subprocess.run([sys.executable, "-m", "btrdelta", "receive", "-f",
+                               str(tmp_path / "B.d"), str(ours)], capture_output=True, check=False)
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert (tree_sum(ours / "B", holes=True, ignore_root_mtime=True)
+                == tree_sum(kernel / "B", holes=True, ignore_root_mtime=True))

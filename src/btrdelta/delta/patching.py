@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import BtrdeltaError, ChecksumError, MissingBaseError, StreamFormatError
-from ..fs.sandbox import DirCache, regular_size
+from ..fs.sandbox import DirCache, open_regular, regular_size
 from ..stream import records as R
 from ..stream.codec import encode_record
 from ..stream.constants import CMD_HEADER, MAX_PAYLOAD
@@ -84,6 +84,9 @@ class _Active:
     content: bytes | None
     size: int
     pos: int = 0
+    #: the old file's data ranges (start, end) when it has holes (``clone_same`` only):
+    #: a CLONE of a range with a hole would put a hole where the stream writes data
+    old_data: list[tuple[int, int]] | None = None
 
 
 _ZEROS = bytearray(1 << 16)
@@ -224,13 +227,47 @@ class Patcher:
             and type(self.head) is R.Snapshot and _WORKERS > 1
         )
 
+    def _old_data(self, root: str | os.PathLike[str], p: Patch) -> list[tuple[int, int]] | None:
+        """For a ``same`` patch cloned from the parent (``clone_same``): the data ranges of
+        its old file when it has holes (SEEK_DATA/SEEK_HOLE), else ``None``. The stream's
+        WRITEs of zeros where the old file has a hole (a hole filled with zeros since the
+        parent) must stay data: ``btrfs receive`` of the stream writes them."""
+        if not self.clone_same or p.codec != SAME_CODEC or type(self.head) is not R.Snapshot:
+            return None
+        try:
+            fd = open_regular(root, p.base_path, self.dirs)
+        except (OSError, BtrdeltaError):
+            return None  # (reported by the read or the CLONE, as before)
+        if fd is None:
+            return None
+        try:
+            size = os.fstat(fd).st_size
+            if os.lseek(fd, 0, os.SEEK_HOLE) >= size:
+                return None
+            ranges: list[tuple[int, int]] = []
+            pos = 0
+            while pos < size:
+                try:
+                    start = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError:  # ENXIO: only a hole up to the end
+                    break
+                pos = os.lseek(fd, start, os.SEEK_HOLE)
+                ranges.append((start, pos))
+            return ranges
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
     def _finish(self, p: Patch, patch: bytes) -> None:
         self.pending = None
         self.pdata = []
         root = self.root_of("PATCH")  # known since the PATCH came
         # (its size looked up first: a missing or resized old file fails here, as below,
         # not in the CLONE of a range it does not have)
-        if self._cloned_unread(p) and regular_size(root, p.base_path, self.dirs) == p.old_size:
+        old_data = self._old_data(root, p)
+        if (old_data is None and self._cloned_unread(p)
+                and regular_size(root, p.base_path, self.dirs) == p.old_size):
             self.checks.add(root, p.base_path, p.old_size, p.hash_algo, p.old_digest,
                             self.index)
             self.active = _Active(p, None, p.old_size)
@@ -259,7 +296,7 @@ class Patcher:
                         "old file of a patch is missing or above --max-file-size")
             assert old is not None
             if p.codec == SAME_CODEC:
-                self.active = _Active(p, old, len(old))
+                self.active = _Active(p, old, len(old), old_data=old_data)
                 return
             try:
                 new = get_codec(p.codec).apply(old, patch, new_size=p.new_size)
@@ -329,6 +366,9 @@ class Patcher:
         head = self.head
         if not self.clone_same or a.patch.codec != SAME_CODEC or type(head) is not R.Snapshot:
             return None
+        if a.old_data is not None and not any(
+                s <= old_offset and old_offset + length <= e for s, e in a.old_data):
+            return None  # a hole there in the old file: the data is written
         assert a.patch.base_path is not None
         return R.Clone(offset, length, a.patch.path, head.clone_uuid, head.clone_ctransid,
                        a.patch.base_path, old_offset)
