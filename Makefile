@@ -8,7 +8,7 @@ PREFIX  ?= /usr/local
 SHARE_FILES := $(wildcard share/man/man1/*.1) share/bash-completion/completions/btrdelta \
                share/zsh/site-functions/_btrdelta
 
-.PHONY: all sysdeps venv demo test lint bench vmtest soak fuzz clean cli-files install-cli-files sizes
+.PHONY: all sysdeps venv demo test lint bench vmtest soak fuzz randwork clean cli-files install-cli-files sizes
 all: test
 
 sysdeps:
@@ -54,6 +54,15 @@ soak: sysdeps venv
 	trap 'rm -rf --one-file-system "$$tmp"' EXIT; trap 'exit 143' INT TERM HUP; \
 	BTRDELTA_SOAK=1 $(BIN)/python -m pytest -q -s -p no:cacheprovider --basetemp="$$tmp/t" \
 		tests/update/test_replicate_soak.py
+
+# random workloads against the kernel, every engine (tests/randwork, upstream btrfs/007):
+# BTRDELTA_RANDWORK seeds (default 200) from BTRDELTA_RANDWORK_FROM (default 1); make test
+# runs 3 of them; not part of `make test`
+randwork: sysdeps venv
+	@tmp=$$(mktemp -d /tmp/btrdelta-randwork.XXXXXX); \
+	trap 'rm -rf --one-file-system "$$tmp"' EXIT; trap 'exit 143' INT TERM HUP; \
+	BTRDELTA_RANDWORK=$${BTRDELTA_RANDWORK:-200} $(BIN)/python -m pytest -q -p no:cacheprovider \
+		--basetemp="$$tmp/t" tests/randwork
 
 # damaged inputs through the CLI (tests/cli/test_mutations.py) at 1,000 offsets per input and
 # command instead of make test's 24 (~8 minutes); not part of `make test`

@@ -1,0 +1,247 @@
+"""Random workloads against the kernel, every engine (upstream btrfs/007, fsstress + fssum).
+
+For each seed, :mod:`btrdelta.testing.randwork` builds a tree A on a loop btrfs mounted
+``compress-force=zstd``, snapshots it, applies random mutations and snapshots B. Then, with
+the kernel as the oracle:
+
+* ``btrdelta dump`` of the kernel's full and incremental streams (v1, and v2
+  ``--compressed-data``) == ``btrfs receive --dump``, byte for byte;
+* btrdelta's ``receive`` of them, into btrfs and into a plain directory on ext4, gives the
+  tree ``btrfs receive`` gives (tree-sum, for v2 into btrfs with the hole layout; B's root
+  mtime aside, send-scenarios.md §3.3);
+* btrdelta's userspace send of A and A->B (the snapshots read as plain trees) is received by
+  ``btrfs receive`` and gives A and B;
+* ``delta make`` of the kernel's incremental then ``delta expand`` == the stream bit for
+  bit, and ``receive`` of the delta on top of the kernel's A gives the kernel's B;
+* ``send --record`` of the live subvolume at A, then ``send --from-sendshot latest`` at B:
+  ``btrfs receive`` takes both and gives A and B.
+
+``make test`` runs the seeds of :data:`SEEDS`; ``make randwork`` (``BTRDELTA_RANDWORK=N``,
+``BTRDELTA_RANDWORK_FROM=K``) runs N seeds from K. A failure names its seed: re-run it with
+``BTRDELTA_RANDWORK=1 BTRDELTA_RANDWORK_FROM=<seed> make randwork``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from btrdelta.cli import main
+from btrdelta.delta import MakeOptions, expand_to, make_delta, open_delta
+from btrdelta.receive import receive
+from btrdelta.send import send_stream
+from btrdelta.stream import StreamReader
+from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs, run
+from btrdelta.testing.randwork import build, mutate
+from btrdelta.testing.scenarios import kernel_receive, send
+from btrdelta.tree.treesum import diff_manifests, tree_manifest
+from tests.conftest import progs_dump, require_btrfs
+
+pytestmark = pytest.mark.btrfs
+
+SEEDS = [1, 2, 3]
+if os.environ.get("BTRDELTA_RANDWORK"):
+    _first = int(os.environ.get("BTRDELTA_RANDWORK_FROM", "1"))
+    SEEDS = list(range(_first, _first + int(os.environ["BTRDELTA_RANDWORK"])))
+
+
+@dataclass
+class Mounts:
+    src: Path
+    dst: Path
+    ext4: Path
+
+
+@pytest.fixture
+def mounts() -> Iterator[Mounts]:
+    require_btrfs()
+    try:
+        with ExitStack() as stack:
+            src = stack.enter_context(loop_fs("btrfs", size="2G", options="compress-force=zstd"))
+            dst = stack.enter_context(loop_fs("btrfs", size="3G"))
+            ext4 = stack.enter_context(loop_fs("ext4", size="1G"))
+            yield Mounts(src, dst, ext4)
+    except BtrfsUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but btrfs is unavailable: {exc}")
+        pytest.skip(str(exc))
+
+
+def _same(expected: Path, got: Path, what: str, *, holes: bool = False,
+          ignore_root_mtime: bool = False) -> list[str]:
+    try:
+        diff = diff_manifests(
+            tree_manifest(expected, holes=holes, ignore_root_mtime=ignore_root_mtime),
+            tree_manifest(got, holes=holes, ignore_root_mtime=ignore_root_mtime))
+    except OSError as exc:
+        return [f"{what}: {exc}"]
+    return [f"{what}: " + "; ".join(diff)] if diff else []
+
+
+def _our_receive(stream: Path, dest: Path) -> None:
+    with open(stream, "rb") as f:
+        receive(StreamReader(f, source=stream.name).events(), dest)
+
+
+def _our_dump(stream: Path) -> bytes:
+    proc = subprocess.run([sys.executable, "-m", "btrdelta", "dump", "-f", str(stream)],
+                          capture_output=True, check=False, env={**os.environ, "TZ": "UTC"})
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    return proc.stdout
+
+
+def _fresh(root: Path, name: str) -> Path:
+    d = root / name
+    d.mkdir()
+    return d
+
+
+def check_seed(seed: int, m: Mounts, tmp: Path) -> list[str]:
+    """Every check for one seed; the problems found (empty: all agree)."""
+    problems: list[str] = []
+    top = _fresh(m.src, f"s{seed}")
+    vol = top / "vol"
+    run("btrfs", "-q", "subvolume", "create", vol)
+    build(vol, seed)
+    run("sync")
+    a, b = top / "A", top / "B"
+    run("btrfs", "-q", "subvolume", "snapshot", "-r", vol, a)
+    store = tmp / "store"
+    ss_a, ss_b = tmp / "ss.A", tmp / "ss.B"
+    assert main(["send", str(vol), "-o", str(ss_a), "--record", "--store", str(store),
+                 "--name", "A", "-q"]) == 0
+    mutate(vol, seed)
+    run("sync")
+    run("btrfs", "-q", "subvolume", "snapshot", "-r", vol, b)
+    assert main(["send", str(vol), "-o", str(ss_b), "--from-sendshot", "latest",
+                 "--store", str(store), "--name", "B", "-q"]) == 0
+
+    streams: dict[str, tuple[Path, Path]] = {}
+    for tag, proto, compressed in (("v1", 1, False), ("v2", 2, True)):
+        streams[tag] = (send(a, tmp / f"{tag}.A", proto=proto, compressed=compressed),
+                        send(b, tmp / f"{tag}.B", parent=a, proto=proto, compressed=compressed))
+
+    # 1. dump == btrfs receive --dump
+    for tag, pair in streams.items():
+        for s in pair:
+            ref = progs_dump(s)
+            assert ref.returncode == 0, ref.stderr
+            if _our_dump(s) != ref.stdout:
+                problems.append(f"dump of {tag} {s.name} differs from btrfs receive --dump")
+
+    # 2. receive: kernel into btrfs, ours into btrfs and into a plain directory on ext4
+    for tag, (sa, sb) in streams.items():
+        holes = tag == "v2"
+        kern = _fresh(m.dst, f"k{seed}{tag}")
+        ours = _fresh(m.dst, f"o{seed}{tag}")
+        plain = _fresh(m.ext4, f"o{seed}{tag}")
+        for s in (sa, sb):
+            kernel_receive(s, kern)
+            for dest in (ours, plain):
+                try:
+                    _our_receive(s, dest)
+                except Exception as exc:
+                    problems.append(f"receive {tag} {s.name} into {dest}: {exc}")
+        # (the hole layout only on btrfs: the directory backend copies the parent with
+        # `cp -a`, which makes holes of zero blocks in sparse files; reported, not fixed;
+        # BTRDELTA_RANDWORK_EXT4_HOLES=1 compares it there too)
+        plain_holes = holes and os.environ.get("BTRDELTA_RANDWORK_EXT4_HOLES") == "1"
+        for dest, lay in ((ours, holes), (plain, plain_holes)):
+            problems += _same(kern / "A", dest / "A", f"receive {tag} A into {dest}",
+                              holes=lay)
+            problems += _same(kern / "B", dest / "B", f"receive {tag} B into {dest}",
+                              holes=lay, ignore_root_mtime=True)
+
+        # 3. delta make + expand == the stream; receive of the delta gives B
+        out: list[bytes] = []
+        with open(sb, "rb") as f:
+            make_delta(f, a, out.append, MakeOptions(min_file_size=1))
+        delta = b"".join(bytes(p) for p in out)
+        back: list[bytes] = []
+        expand_to(open_delta(io.BytesIO(delta)), a, back.append)
+        if b"".join(bytes(p) for p in back) != sb.read_bytes():
+            problems.append(f"delta expand of {tag} B is not the stream")
+        (tmp / f"{tag}.delta").write_bytes(delta)
+        dd = _fresh(m.dst, f"d{seed}{tag}")
+        kernel_receive(sa, dd)
+        if main(["receive", "-q", "-f", str(tmp / f"{tag}.delta"), str(dd)]) != 0:
+            problems.append(f"receive of the {tag} delta failed")
+        else:
+            problems += _same(kern / "B", dd / "B", f"receive of the {tag} delta",
+                              holes=holes, ignore_root_mtime=True)
+
+    # 4. userspace send of the snapshots as plain trees, received by the kernel
+    us = _fresh(m.dst, f"u{seed}")
+    for proto in (1, 2):
+        ua, ub = tmp / f"u{proto}.A", tmp / f"u{proto}.B"
+        kw = {"compress": "zstd"} if proto == 2 else {}
+        with open(ua, "wb") as f:
+            send_stream(f.write, a, version=proto, **kw)
+        with open(ub, "wb") as f:
+            send_stream(f.write, b, a, version=proto, **kw)
+        dest = _fresh(us, f"p{proto}")
+        try:
+            kernel_receive(ua, dest)
+            kernel_receive(ub, dest)
+        except RuntimeError as exc:
+            problems.append(f"userspace send v{proto}: {exc}")
+            continue
+        problems += _same(a, dest / "A", f"userspace send v{proto} A")
+        problems += _same(b, dest / "B", f"userspace send v{proto} B")
+
+    # 5. send --from-sendshot: the kernel receives the recorded full and the increment
+    sd = _fresh(m.dst, f"ss{seed}")
+    try:
+        kernel_receive(ss_a, sd)
+        kernel_receive(ss_b, sd)
+    except RuntimeError as exc:
+        problems.append(f"sendshot: {exc}")
+    else:
+        problems += _same(a, sd / "A", "sendshot A", ignore_root_mtime=True)
+        problems += _same(b, sd / "B", "sendshot B", ignore_root_mtime=True)
+    return problems
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_random_workload(seed: int, mounts: Mounts, tmp_path: Path) -> None:
+    problems = check_seed(seed, mounts, tmp_path)
+    assert not problems, f"seed {seed}:\n" + "\n".join(problems)
+
+
+@pytest.mark.xfail(strict=True, reason="directory backend: the parent is copied with cp -a, "
+                   "whose --sparse=auto takes a file with an xattr block for a dense one and "
+                   "writes its holes as zeros (docs/receive.md, known difference)")
+def test_directory_backend_keeps_holes_of_a_file_with_an_xattr_block(tmp_path: Path) -> None:
+    """Found by the random workloads: an 8 KiB file, 4 KiB of data then a hole, with an
+    xattr stored in its own ext4 block (its blocks count then reaches its size): the copy of
+    the parent for the incremental receive fills the hole."""
+    require_btrfs()
+    with ExitStack() as stack:
+        src = stack.enter_context(loop_fs("btrfs", size="300M"))
+        dst = stack.enter_context(loop_fs("btrfs", size="300M"))
+        ext4 = stack.enter_context(loop_fs("ext4", size="1G"))  # (4 KiB blocks)
+        vol = src / "vol"
+        run("btrfs", "-q", "subvolume", "create", vol)
+        with open(vol / "f", "wb") as f:
+            f.write(b"x" * 4096)
+            f.truncate(8192)
+        os.setxattr(vol / "f", "user.a", b"v" * 3000)
+        run("sync")
+        run("btrfs", "-q", "subvolume", "snapshot", "-r", vol, src / "A")
+        (vol / "g").write_bytes(b"new")
+        run("sync")
+        run("btrfs", "-q", "subvolume", "snapshot", "-r", vol, src / "B")
+        full = send(src / "A", tmp_path / "a", proto=2, compressed=True)
+        incr = send(src / "B", tmp_path / "b", parent=src / "A", proto=2, compressed=True)
+        for s in (full, incr):
+            kernel_receive(s, dst)
+            _our_receive(s, ext4)
+        assert not _same(dst / "B", ext4 / "B", "B", holes=True)
