@@ -263,6 +263,43 @@ SCENARIOS: list[Scenario] = [
       'xfs_io -f -d -c "pwrite -S 0xab -b 128K 0 128K" -c "pwrite -S 0xcd -b 131077 128K 131077"'
       ' foo; xfs_io -f -c "pwrite 0 1M" bar',
       'xfs_io -c "truncate 0" -c "reflink foo" bar'),
+    S("dirs-recreated-019",
+      "mkdir test; touch test/baz test/blah; mkdir test/foo; touch test/foo/bar",
+      "rm -rf test; mkdir test; touch test/baz; mkdir test/foo; touch test/foo/bar test/blah"),
+    S("links-rmdir-once-040",
+      "mkdir -p a/b/c; echo hello > a/b/c/foo.txt; ln a/b/c/foo.txt a/b/c/bar.txt;"
+      " ln a/b/c/foo.txt a/b/baz.txt; echo x > a/b/c/hel.txt",
+      "rm -f a/b/c/foo.txt a/b/c/bar.txt a/b/c/hel.txt; rmdir a/b/c"),
+    S("orphanized-delayed-rename-092",
+      "mkdir -p data/n1/n2 data/n4 data/t6/t7 data/t5 data/t7 data/n4/t2 data/t4 data/t3;"
+      " mv data/t7 data/n4/t2; mv data/t4 data/n4/t2/t7; mv data/t5 data/n4/t2/t7/t4;"
+      " mv data/t6 data/n4/t2/t7/t4/t5; mv data/n1/n2 data/n4/t2/t7/t4/t5/t6;"
+      " mv data/n1 data/n4/t2/t7/t4/t5/t6;"
+      " mv data/n4/t2/t7/t4/t5/t6/t7 data/n4/t2/t7/t4/t5/t6/n2;"
+      " mv data/t3 data/n4/t2/t7/t4/t5/t6/n2/t7",
+      "mv data/n4/t2/t7/t4/t5/t6/n1 data/n4; mv data/n4/t2 data/n4/n1;"
+      " mv data/n4/n1/t2/t7/t4/t5/t6/n2 data/n4/n1/t2; mv data/n4/n1/t2/n2/t7/t3 data/n4/n1/t2;"
+      " mv data/n4/n1/t2/t7/t4/t5/t6 data/n4/n1/t2; mv data/n4/n1/t2/t7/t4 data/n4/n1/t2/t6;"
+      " mv data/n4/n1/t2/t7 data/n4/n1/t2/t3; mv data/n4/n1/t2/n2/t7 data/n4/n1/t2"),
+    S("premature-rmdir-129",
+      "mkdir a tmp del; mv tmp del; mkdir a/c del/x",
+      "mv a/c .; mv del/x a; mv del/tmp c; rmdir del"),
+    S("ancestry-inversion-178",
+      "mkdir 257 258; mv 257 258/257; mkdir 259 260 261 262 263 264; mv 258 264/258;"
+      " mkdir 265 266; mv 259 266/259; mv 260 266/260; mv 264 266/264; mv 265 266/265;"
+      " mkdir 266/260/267 266/268 266/269; mv 262 266/269/262; mkdir 266/270 271;"
+      " mv 266 271/266; mkdir 271/266/272; mv 263 271/266/272/263; mkdir 273 271/266/274;"
+      " mv 273 271/266/274/273; mkdir 271/266/272/275; mv 271 261/271",
+      "mv 261/271/266/272/275 275; mv 261/271/266/274 275/274;"
+      " mv 261/271/266/269/262 275/274/273/262; mv 261/271/266/269 275/274/273/262/269;"
+      " mv 261/271/266/264/258/257 261/271/266/272;"
+      " mv 261/271/266/264/258 275/274/273/262/269/258;"
+      " mv 261/271 275/274/273/262/269/258/271;"
+      " mv 275/274/273/262/269/258/271/266/268 275/274/273/262/269/258/271/268"),
+    S("extref-links-rmdir-338",
+      "mkdir a b; touch a/foo; python3 -c 'import os\nfor i in range(1, 1001):"
+      " os.link(\"a/foo\", \"a/foo.%d\" % i); os.link(\"a/foo\", \"b/foo.%d\" % i)'",
+      "rm -fr a b"),
 ]
 del S
 
