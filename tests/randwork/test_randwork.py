@@ -150,9 +150,10 @@ def check_seed(seed: int, m: Mounts, tmp: Path) -> list[str]:
                     _our_receive(s, dest)
                 except Exception as exc:
                     problems.append(f"receive {tag} {s.name} into {dest}: {exc}")
-        # (the hole layout only on btrfs: the directory backend copies the parent with
-        # `cp -a`, which makes holes of zero blocks in sparse files; reported, not fixed;
-        # BTRDELTA_RANDWORK_EXT4_HOLES=1 compares it there too)
+        # (the hole layout only on btrfs by default; BTRDELTA_RANDWORK_EXT4_HOLES=1 compares
+        # it on ext4 too: the parent's copy there keeps its holes (test below), but seed 2's
+        # v2 incremental still differs there: a 4 KiB block the kernel leaves as data is a
+        # hole in ours; not yet explained)
         plain_holes = holes and os.environ.get("BTRDELTA_RANDWORK_EXT4_HOLES") == "1"
         for dest, lay in ((ours, holes), (plain, plain_holes)):
             problems += _same(kern / "A", dest / "A", f"receive {tag} A into {dest}",
@@ -216,13 +217,11 @@ def test_random_workload(seed: int, mounts: Mounts, tmp_path: Path) -> None:
     assert not problems, f"seed {seed}:\n" + "\n".join(problems)
 
 
-@pytest.mark.xfail(strict=True, reason="directory backend: the parent is copied with cp -a, "
-                   "whose --sparse=auto takes a file with an xattr block for a dense one and "
-                   "writes its holes as zeros (docs/receive.md, known difference)")
 def test_directory_backend_keeps_holes_of_a_file_with_an_xattr_block(tmp_path: Path) -> None:
     """Found by the random workloads: an 8 KiB file, 4 KiB of data then a hole, with an
     xattr stored in its own ext4 block (its blocks count then reaches its size): the copy of
-    the parent for the incremental receive fills the hole."""
+    the parent for the incremental receive (``cp -a``: its --sparse=auto takes such a file
+    for a dense one) filled the hole; the copy now punches the source's holes again."""
     require_btrfs()
     with ExitStack() as stack:
         src = stack.enter_context(loop_fs("btrfs", size="300M"))

@@ -7,6 +7,9 @@ them, so a CLONE that cannot be a reflink still gives the same hole layout.
 ``copy_tree`` copies a received directory for an incremental stream with
 ``cp -a --reflink=auto`` (reflinks where the filesystem can, ``copy_file_range`` otherwise;
 hard links, xattrs, owners, ns mtimes and holes kept): the directory backend of receive.
+Where ``cp``'s ``--sparse=auto`` takes a sparse file for a dense one (its block count reaches
+its size, e.g. an ext4 file with an xattr block of its own) and writes its holes as zeros,
+the source's holes are punched in the copy again.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 from typing import TYPE_CHECKING
 
 from ..errors import ApplyError
@@ -118,3 +122,65 @@ def copy_tree(src: Path, dst: Path) -> None:
             f"copying parent {src} failed: {proc.stderr.decode(errors='replace').strip()}",
             op="snapshot",
         )
+    _keep_holes(os.fsencode(src), os.fsencode(dst))
+
+
+def _keep_holes(src: bytes, dst: bytes) -> None:
+    """Punch in the copy ``dst`` the holes of ``src``'s regular files that it lacks (and
+    put back the mtime the punch moved). A file without holes costs an open, an fstat and
+    one ``SEEK_HOLE``; a hard-linked inode is looked at once."""
+    seen: set[tuple[int, int]] = set()
+    stack = [b""]
+    while stack:
+        rel = stack.pop()
+        with os.scandir(os.path.join(src, rel) if rel else src) as it:
+            entries = [(e.name, e.is_dir(follow_symlinks=False), e.is_file(follow_symlinks=False))
+                       for e in it]
+        for name, is_dir, is_file in entries:
+            path = os.path.join(rel, name) if rel else name
+            if is_dir:
+                stack.append(path)
+            elif is_file:
+                _punch_like(os.path.join(src, path), os.path.join(dst, path), seen)
+
+
+def _punch_like(src: bytes, dst: bytes, seen: set[tuple[int, int]]) -> None:
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or not st.st_size:
+            return
+        if st.st_nlink > 1:
+            if (st.st_dev, st.st_ino) in seen:
+                return
+            seen.add((st.st_dev, st.st_ino))
+        try:
+            if os.lseek(fd, 0, os.SEEK_HOLE) >= st.st_size:
+                return
+        except OSError:  # no SEEK_HOLE here: no holes to keep
+            return
+        segs = data_segments(fd, st.st_size)
+    finally:
+        os.close(fd)
+    try:
+        out = os.open(dst, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        got = os.fstat(out)
+        if not stat.S_ISREG(got.st_mode) or got.st_size != st.st_size:
+            return
+        if data_segments(out, got.st_size) == segs:
+            return
+        with contextlib.suppress(OSError):  # a filesystem without PUNCH_HOLE: zeros stay
+            pos = 0
+            for off, length in [*segs, (st.st_size, 0)]:
+                if off > pos:
+                    fallocate(out, _FALLOC_PUNCH, pos, off - pos)
+                pos = off + length
+        os.utime(out, ns=(got.st_atime_ns, got.st_mtime_ns))
+    finally:
+        os.close(out)
