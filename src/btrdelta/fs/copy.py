@@ -122,7 +122,8 @@ def copy_tree(src: Path, dst: Path) -> None:
             f"copying parent {src} failed: {proc.stderr.decode(errors='replace').strip()}",
             op="snapshot",
         )
-    _keep_holes(os.fsencode(src), os.fsencode(dst))
+    with contextlib.suppress(OSError):  # the layout only: the content is copied already
+        _keep_holes(os.fsencode(src), os.fsencode(dst))
 
 
 def _keep_holes(src: bytes, dst: bytes) -> None:
