@@ -102,3 +102,27 @@ def test_copy_tree(tmp_path: Path) -> None:
     with pytest.raises(ApplyError, match="copying parent"):
         copy_tree(tmp_path / "missing", tmp_path / "dst2")
     assert not (tmp_path / "dst2").exists()
+
+
+def test_copy_tree_keeps_the_layout_of_holes_and_written_zeros(tmp_path: Path) -> None:
+    """A sparse file with a block of written zeros and an xattr block of its own (ext4: its
+    block count then reaches its size, and ``cp --sparse=auto`` takes it for dense): the copy
+    has the source's data ranges and holes, and its mtime."""
+    src = tmp_path / "src"
+    src.mkdir()
+    f = src / "f"
+    with open(f, "wb") as out:
+        out.write(b"x" * 4096)       # data
+        out.seek(8192)
+        out.write(bytes(4096))       # written zeros: data, not a hole
+        out.truncate(16384)          # a hole at the end
+    os.setxattr(f, "user.a", b"v" * 3000)
+    os.utime(f, ns=(1, 1_500_000_000_000_000_001))
+    dst = tmp_path / "dst"
+    copy_tree(src, dst)
+    with open(f, "rb") as a, open(dst / "f", "rb") as b:
+        want = data_segments(a.fileno(), 16384)
+        assert data_segments(b.fileno(), 16384) == want
+    assert want == [(0, 4096), (8192, 4096)]
+    assert (dst / "f").read_bytes() == f.read_bytes()
+    assert os.stat(dst / "f").st_mtime_ns == 1_500_000_000_000_000_001

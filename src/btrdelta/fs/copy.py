@@ -127,8 +127,9 @@ def copy_tree(src: Path, dst: Path) -> None:
 
 
 def _keep_holes(src: bytes, dst: bytes) -> None:
-    """Punch in the copy ``dst`` the holes of ``src``'s regular files that it lacks (and
-    put back the mtime the punch moved). A file without holes costs an open, an fstat and
+    """Give the copy ``dst`` of each of ``src``'s regular files the source's holes and data
+    ranges (punch the holes it lacks, write zeros where it made holes of data; then put back
+    the mtime this moved). A file without holes costs an open, an fstat and
     one ``SEEK_HOLE``; a hard-linked inode is looked at once."""
     seen: set[tuple[int, int]] = set()
     stack = [b""]
@@ -174,7 +175,8 @@ def _punch_like(src: bytes, dst: bytes, seen: set[tuple[int, int]]) -> None:
         got = os.fstat(out)
         if not stat.S_ISREG(got.st_mode) or got.st_size != st.st_size:
             return
-        if data_segments(out, got.st_size) == segs:
+        have = data_segments(out, got.st_size)
+        if have == segs:
             return
         with contextlib.suppress(OSError):  # a filesystem without PUNCH_HOLE: zeros stay
             pos = 0
@@ -182,6 +184,15 @@ def _punch_like(src: bytes, dst: bytes, seen: set[tuple[int, int]]) -> None:
                 if off > pos:
                     fallocate(out, _FALLOC_PUNCH, pos, off - pos)
                 pos = off + length
+        # and the source's data that the copy made holes of (cp makes holes of zero blocks
+        # in a file it takes for sparse): written zeros again, as the source has them
+        pos = 0
+        for off, length in [*have, (got.st_size, 0)]:
+            for a, n in segs:
+                lo, hi = max(a, pos), min(a + n, off)
+                if lo < hi:
+                    write_zeros(out, lo, hi - lo)
+            pos = off + length
         os.utime(out, ns=(got.st_atime_ns, got.st_mtime_ns))
     finally:
         os.close(out)
