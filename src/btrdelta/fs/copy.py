@@ -7,9 +7,11 @@ them, so a CLONE that cannot be a reflink still gives the same hole layout.
 ``copy_tree`` copies a received directory for an incremental stream with
 ``cp -a --reflink=auto`` (reflinks where the filesystem can, ``copy_file_range`` otherwise;
 hard links, xattrs, owners, ns mtimes and holes kept): the directory backend of receive.
-Where ``cp``'s ``--sparse=auto`` takes a sparse file for a dense one (its block count reaches
-its size, e.g. an ext4 file with an xattr block of its own) and writes its holes as zeros,
-the source's holes are punched in the copy again.
+``cp``'s ``--sparse=auto`` guesses: it takes a sparse file whose block count reaches its size
+(e.g. an ext4 file with an xattr block of its own) for a dense one and writes its holes as
+zeros, and in a file it takes for sparse it makes holes of written zero blocks; the copy is
+then given the source's layout again (holes punched, zero blocks written), as ``btrfs
+receive`` has it.
 """
 
 from __future__ import annotations
