@@ -115,11 +115,8 @@ def read_old_file(
         raise MissingBaseError("old file of a patch is missing", path=path)
     try:
         size = os.fstat(fd).st_size
-        if expected_size is not None and size != expected_size:
-            raise ChecksumError(
-                f"old file has {size} bytes, the patch expects {expected_size}",
-                expected=expected_size, actual=size, path=path,
-            )
+        if expected_size is not None:
+            _expect_size(size, expected_size, path)
         if size > max_size:
             return None
         pieces: list[bytes] = []
@@ -138,12 +135,7 @@ def read_old_file(
         os.close(fd)
     data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
     if algo is not None and expected_digest is not None:
-        actual = digest(algo, data)
-        if actual != expected_digest:
-            raise ChecksumError(
-                "old file differs from the one the patch was made against",
-                expected=expected_digest.hex(), actual=actual.hex(), path=path,
-            )
+        _expect_digest(digest(algo, data), expected_digest, path)
     return data
 
 
@@ -198,6 +190,18 @@ def read_old_files(
     return data
 
 
+def _expect_size(actual: int, expected: int, path: bytes) -> None:
+    if actual != expected:
+        raise ChecksumError(f"old file has {actual} bytes, the patch expects {expected}",
+                            expected=expected, actual=actual, path=path)
+
+
+def _expect_digest(actual: bytes, expected: bytes, path: bytes) -> None:
+    if actual != expected:
+        raise ChecksumError("old file differs from the one the patch was made against",
+                            expected=expected.hex(), actual=actual.hex(), path=path)
+
+
 #: what :class:`OldFileChecks` reads of an old file at a time
 _CHUNK = 1 << 20
 
@@ -212,12 +216,7 @@ def _check_old_file(root: str | os.PathLike[str], path: bytes, size: int, algo: 
     h = hasher(algo)
     view = memoryview(buf)
     try:
-        actual = os.fstat(fd).st_size
-        if actual != size:
-            raise ChecksumError(
-                f"old file has {actual} bytes, the patch expects {size}",
-                expected=size, actual=actual, path=path,
-            )
+        _expect_size(os.fstat(fd).st_size, size, path)
         got = 0
         while got < size:
             n = os.readv(fd, (view[: min(size - got, len(buf))],))
@@ -231,12 +230,7 @@ def _check_old_file(root: str | os.PathLike[str], path: bytes, size: int, algo: 
         raise ApplyError(f"cannot read old file: {exc.strerror}", op="read", path=path) from exc
     finally:
         os.close(fd)
-    digest_ = bytes(h.digest())
-    if digest_ != expected:
-        raise ChecksumError(
-            "old file differs from the one the patch was made against",
-            expected=expected.hex(), actual=digest_.hex(), path=path,
-        )
+    _expect_digest(bytes(h.digest()), expected, path)
 
 
 #: one old file to check: (old root, path, size, digest algorithm, digest, record index)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import BtrdeltaError, ChecksumError, MissingBaseError, StreamFormatError
+from ..fs.copy import data_segments
 from ..fs.sandbox import DirCache, open_regular, regular_size
 from ..stream import records as R
 from ..stream.codec import encode_record
@@ -242,22 +243,14 @@ class Patcher:
             return None
         try:
             size = os.fstat(fd).st_size
-            if os.lseek(fd, 0, os.SEEK_HOLE) >= size:
-                return None
-            ranges: list[tuple[int, int]] = []
-            pos = 0
-            while pos < size:
-                try:
-                    start = os.lseek(fd, pos, os.SEEK_DATA)
-                except OSError:  # ENXIO: only a hole up to the end
-                    break
-                pos = os.lseek(fd, start, os.SEEK_HOLE)
-                ranges.append((start, pos))
-            return ranges
+            segs = data_segments(fd, size)
         except OSError:
             return None
         finally:
             os.close(fd)
+        if not size or segs == [(0, size)]:
+            return None
+        return [(off, off + n) for off, n in segs]
 
     def _finish(self, p: Patch, patch: bytes) -> None:
         self.pending = None

@@ -148,15 +148,29 @@ def _keep_holes(src: bytes, dst: bytes) -> None:
                 _punch_like(os.path.join(src, path), os.path.join(dst, path), seen)
 
 
-def _punch_like(src: bytes, dst: bytes, seen: set[tuple[int, int]]) -> None:
+def _open_file(path: bytes, flags: int) -> tuple[int, os.stat_result] | None:
+    """``path`` opened with ``flags`` (never following a symlink or blocking) and its
+    stat, if it is a regular file that is not empty; else None."""
     try:
-        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
-        return
+        return None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or not st.st_size:
-            return
+    except OSError:
+        st = None
+    if st is not None and stat.S_ISREG(st.st_mode) and st.st_size:
+        return fd, st
+    os.close(fd)
+    return None
+
+
+def _punch_like(src: bytes, dst: bytes, seen: set[tuple[int, int]]) -> None:
+    opened = _open_file(src, os.O_RDONLY)
+    if opened is None:
+        return
+    fd, st = opened
+    try:
         if st.st_nlink > 1:
             if (st.st_dev, st.st_ino) in seen:
                 return
@@ -169,13 +183,12 @@ def _punch_like(src: bytes, dst: bytes, seen: set[tuple[int, int]]) -> None:
         segs = data_segments(fd, st.st_size)
     finally:
         os.close(fd)
-    try:
-        out = os.open(dst, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
+    opened = _open_file(dst, os.O_WRONLY)
+    if opened is None:
         return
+    out, got = opened
     try:
-        got = os.fstat(out)
-        if not stat.S_ISREG(got.st_mode) or got.st_size != st.st_size:
+        if got.st_size != st.st_size:
             return
         have = data_segments(out, got.st_size)
         if have == segs:
