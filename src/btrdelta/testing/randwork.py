@@ -20,34 +20,20 @@ operations (they fall back to plain copies elsewhere).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import random
 import shutil
 import stat
-import struct
 from collections.abc import Callable
 from pathlib import Path
 
+from ..fs.btrfs import clone_range, fallocate
+
 __all__ = ["build", "mutate"]
 
-_FICLONE = 0x40049409
-_FICLONERANGE = 0x4020940D
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _BLOCK = 4096
-
-
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    import ctypes
-    import ctypes.util
-
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    fn = libc.fallocate
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-    if fn(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 class _Work:
@@ -144,7 +130,7 @@ class _Work:
             dst = self.rng.choice(dirs) / self.name()
             with open(src, "rb") as fi, open(dst, "wb") as fo:
                 try:
-                    fcntl.ioctl(fo.fileno(), _FICLONE, fi.fileno())
+                    clone_range(fo.fileno(), 0, fi.fileno(), 0, 0)  # the whole file
                 except OSError:
                     shutil.copyfileobj(fi, fo)
             return
@@ -168,9 +154,8 @@ class _Work:
                                start * _BLOCK + length <= dpos):
             return  # overlapping ranges of one file are refused
         with open(src, "rb") as fi, open(dst, "r+b") as fo:
-            arg = struct.pack("=qQQQ", fi.fileno(), start * _BLOCK, length, dpos)
             try:
-                fcntl.ioctl(fo.fileno(), _FICLONERANGE, arg)
+                clone_range(fo.fileno(), dpos, fi.fileno(), start * _BLOCK, length)
             except OSError:
                 fi.seek(start * _BLOCK)
                 fo.seek(dpos)
@@ -284,7 +269,7 @@ class _Work:
         fd = os.open(p, os.O_WRONLY)
         try:
             with contextlib.suppress(OSError):
-                _fallocate(fd, mode, off, self.rng.randrange(1, 400_000))
+                fallocate(fd, mode, off, self.rng.randrange(1, 400_000))
         finally:
             os.close(fd)
 
@@ -298,7 +283,7 @@ class _Work:
         off = self.rng.randrange(size)
         fd = os.open(p, os.O_WRONLY)
         try:
-            _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, off,
+            fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, off,
                        self.rng.randrange(1, 300_000))
         finally:
             os.close(fd)
