@@ -87,7 +87,8 @@ class Outbox:
         self._put(("data", frame, size), size)
 
     def checkpoint(self, cp: Checkpoint) -> None:
-        """Send ``cp``; its ACK is awaited before the next segment's bytes are written."""
+        """Send ``cp``; its ACK is awaited before the next segment's bytes are written
+        (with a ``window``: before data would leave more than the window unacknowledged)."""
         frame = self.io.conn.send(cp)
         if self._thread is None:
             self._write_checkpoint(frame, cp)
