@@ -49,7 +49,10 @@ _ROUND_TRIPPED = ["rebuilt-release", "compressible-data-W6", "hole-punch-016",
                   "reflink-compressed-overwrite-109", "inode-switch-127", "heavily-deduped-130",
                   "ino-reuse-dirs-134", "eof-block-clone-189", "dedupe-same-file-191",
                   "compressed-partial-share-281", "best-clone-source-283",
-                  "unaligned-eof-clone-319", "shrunk-by-clone-322"]
+                  "unaligned-eof-clone-319", "shrunk-by-clone-322",
+                  "same-name-ino-replaced-105", "ino-reuse-same-entry-135",
+                  "self-shared-hole-grow-203", "deleted-open-file-168",
+                  "nlink-zero-inodes-278"]
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 @pytest.mark.parametrize("name", _ROUND_TRIPPED)

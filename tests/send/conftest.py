@@ -56,6 +56,10 @@ def build_pair(base: Path, sc: Scenario) -> tuple[Path, Path]:
     subprocess.run(["cp", "-a", "--reflink=auto", str(old), str(new)], check=True)
     for part in sc.b.split("\nREMOUNT\n"):
         bash(part, new)
+    # what the btrfs harness unlinks while open: in plain directories, simply gone
+    for script, where in ((sc.a_held, old), (sc.b_held, new)):
+        if script:
+            bash(script, where)
     return old, new
 
 

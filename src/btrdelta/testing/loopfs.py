@@ -17,9 +17,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["BtrfsUnavailable", "btrfs_available", "loop_fs", "run"]
+__all__ = ["BtrfsUnavailable", "btrfs_available", "hold", "held", "loop_fs", "release", "run"]
 
 _LIVE: list[tuple[str, str, str]] = []  # (mountpoint, loopdev, image)
+#: processes that keep files open on a mounted filesystem, by mountpoint (see :func:`hold`)
+_HELD: dict[str, list[subprocess.Popen[bytes]]] = {}
 
 
 class BtrfsUnavailable(RuntimeError):
@@ -56,7 +58,36 @@ def btrfs_available() -> str | None:
     return None
 
 
+def hold(mnt: str | os.PathLike[str], proc: subprocess.Popen[bytes]) -> None:
+    """Keep ``proc`` (which holds files open under ``mnt``) alive until :func:`release`.
+
+    ``proc`` must exit when its standard input reaches end of file. The filesystem cannot be
+    unmounted while it runs, so :func:`loop_fs` releases the holders before it unmounts."""
+    _HELD.setdefault(os.fspath(mnt), []).append(proc)
+
+
+def held(mnt: str | os.PathLike[str]) -> bool:
+    """Whether processes registered with :func:`hold` still keep files open under ``mnt``."""
+    return bool(_HELD.get(os.fspath(mnt)))
+
+
+def release(mnt: str | os.PathLike[str]) -> None:
+    """End the holders of ``mnt``: close their standard input, wait (kill after 10 s)."""
+    for proc in _HELD.pop(os.fspath(mnt), []):
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
 def _cleanup(mnt: str, dev: str, image: str) -> None:
+    release(mnt)
     if mnt and os.path.ismount(mnt):
         proc = subprocess.run(["umount", mnt], capture_output=True, check=False)
         if proc.returncode != 0:

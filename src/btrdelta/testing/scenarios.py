@@ -3,6 +3,9 @@
 Each :class:`Scenario` is two bash recipes run inside a fresh subvolume on a loop-mounted
 btrfs: ``a`` builds the first snapshot, ``b`` changes it into the second (a line ``REMOUNT``
 in ``b`` unmounts and mounts the filesystem again, to make btrfs reuse inode numbers).
+A scenario may also unlink files in a snapshot while they are open (``a_held``, ``b_held``:
+upstream's inodes without links, btrfs/168 and 278): those descriptors stay open as long as
+the filesystem is mounted, so the kernel sends the snapshots with the unlinked inodes in them.
 :func:`make_streams` runs them and lets the *kernel* write the streams, which are then the
 real data every stream test is checked on. Recipes follow the upstream tests they are
 named after (the number in a name is the upstream test's).
@@ -15,7 +18,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .loopfs import run
+from .loopfs import held, hold, run
 
 __all__ = ["SCENARIOS", "Scenario", "SnapshotPair", "kernel_receive", "make_snapshots", "send"]
 
@@ -31,6 +34,12 @@ class Scenario:
     btrfs_only: bool = False
     #: xattrs past one 4 KiB block, which ext4 holds only with ``-O ea_inode`` (ENOSPC else)
     large_xattrs: bool = False
+    #: run in snapshot A once B exists, the snapshot made writable for it; the descriptors
+    #: it opens (``exec 71<path``) stay open until the filesystem is unmounted, so what it
+    #: unlinks stays in the read-only snapshot as inodes without links (plain dirs: removed)
+    a_held: str = ""
+    #: the same for snapshot B
+    b_held: str = ""
 
 
 S = Scenario
@@ -300,6 +309,59 @@ SCENARIOS: list[Scenario] = [
       "mkdir a b; touch a/foo; python3 -c 'import os\nfor i in range(1, 1001):"
       " os.link(\"a/foo\", \"a/foo.%d\" % i); os.link(\"a/foo\", \"b/foo.%d\" % i)'",
       "rm -fr a b"),
+    # -- session 8: the rest of the catalogue a recipe can build (send-scenarios.md §4) --
+    S("nested-snapshot-008",
+      "mkdir -p testdir/1 testdir/2;"
+      " od -N 1800 /dev/urandom > testdir/aa; od -N 1800 /dev/urandom > testdir/bb;"
+      " mkdir snapshots; btrfs -q subvolume snapshot -r . snapshots/backup2",
+      "btrfs -q subvolume snapshot -r . snapshots/backup3; echo more >> testdir/aa;"
+      " mv testdir/2 testdir/1/2",
+      btrfs_only=True),
+    S("swapped-subtree-roots-084",
+      "mkdir -p data/n1/n2/p1/p2 data/n4 data/p1/p2",
+      "mv data/p1/p2 data; mv data/n1/n2/p1/p2 data/p1; mv data/p2 data/n1/n2/p1;"
+      " mv data/n1/n2 data/p1; mv data/p1 data/n4; mv data/n4/p1/n2/p1 data"),
+    S("same-name-ino-replaced-105",  # upstream: in a writable snapshot; the remount here
+      'mkdir foo; xfs_io -f -c "pwrite -S 0xaa 0 64K" foo/bar',  # gives bar's ino again
+      'rm -f foo/bar\nREMOUNT\nxfs_io -f -c "pwrite -S 0xbb 0 96K" foo/bar'),
+    S("ino-reuse-same-entry-135",  # upstream: on a fresh fs; the remount reuses 257..259
+      "touch f; mkdir d1; mkdir d259_old; mv d1 d259_old/d1",
+      "rm -r f d259_old\nREMOUNT\nmkdir d1 dir258 dir259; mv d1 dir259/d1"),
+    S("links-renamed-name-reused-155",
+      "mkdir a; touch a/f1; mkdir -p a/b/c; ln a/f1 a/b/c/f1l1; touch a/b/f2; mkdir d;"
+      " mv a/b/c/f1l1 d/f1l1_2; ln a/b/f2 a/f2l1; ln a/b/f2 d/f2l2; mv a/f1 d/f1_2",
+      "mv d a/b/d2; mv a/f2l1 d; mkdir a/f2l1; ln a/b/d2/f1_2 a/b/f1l2; mv a/b a/f2l1/b2;"
+      " mv a/f2l1/b2/d2 a/f2l1/b2/c/d3; mv a/f2l1/b2/c/d3/f2l2 a/f2l1/b2/c/d3/f2l2_2"),
+    S("self-shared-hole-grow-203",
+      'xfs_io -f -c "pwrite -S 0xf1 0 64K" foobar',
+      'xfs_io -c "pwrite -S 0xab 512K 64K" -c "pwrite -S 0xcd 576K 64K"'
+      ' -c "pwrite -S 0xef 640K 64K" -c "pwrite -S 0x64 704K 64K"'
+      ' -c "pwrite -S 0x73 768K 64K" -c "reflink foobar 448K 192K 192K" foobar'),
+    S("rm-dir-remount-new-inode-227",
+      "mkdir dir; touch dir/file1 dir/file2 dir/file3",
+      "rm -fr dir\nREMOUNT\ntouch newfile"),
+    # held descriptors last: a later REMOUNT on the same filesystem would find it busy
+    S("deleted-open-file-168",
+      'xfs_io -f -c "pwrite -S 0xf1 0 64K" foo; xfs_io -f -c "pwrite -S 0x7b 0 90K" bar;'
+      ' xfs_io -f -c "pwrite -S 0xea 0 256K" baz',
+      'rm bar; xfs_io -c "pwrite -S 0x19 4K 8K" baz',
+      a_held="exec 73<bar; unlink bar",
+      b_held="exec 73<foo; unlink foo"),
+    S("nlink-zero-inodes-278",
+      "touch deleted.file changed_subcase1.file changed_subcase2.file; mkdir deleted.dir;"
+      " mkdir changed_subcase1.dir changed_subcase2.dir;"
+      " touch changed_subcase1.dir/foo changed_subcase2.dir/foo",
+      "unlink deleted.file; rmdir deleted.dir; touch new.file; mkdir new.dir",
+      a_held="exec 71<deleted.file 72<deleted.dir 73<changed_subcase1.file"
+      " 74<changed_subcase1.dir; unlink deleted.file; rmdir deleted.dir;"
+      " unlink changed_subcase1.file; unlink changed_subcase1.dir/foo;"
+      " rmdir changed_subcase1.dir",
+      b_held="exec 81<changed_subcase1.file 82<changed_subcase1.dir"
+      " 83<changed_subcase2.file 84<changed_subcase2.dir 85<new.file 86<new.dir;"
+      " unlink changed_subcase1.file; unlink changed_subcase1.dir/foo;"
+      " rmdir changed_subcase1.dir; unlink changed_subcase2.file;"
+      " unlink changed_subcase2.dir/foo; rmdir changed_subcase2.dir; unlink new.file;"
+      " rmdir new.dir"),
 ]
 del S
 
@@ -336,6 +398,26 @@ def _bash(script: str, cwd: Path) -> None:
         )
 
 
+def _hold_in_snapshot(mnt: Path, snap: Path, script: str) -> None:
+    """Run ``script`` in the read-only ``snap`` made writable for it, its descriptors kept
+    open (the process waits on its stdin, :func:`loopfs.release` ends it) and ``snap``
+    read-only again."""
+    run("btrfs", "property", "set", snap, "ro", "false")
+    proc = subprocess.Popen(
+        ["bash", "-euo", "pipefail", "-c", f"{script}\ncd /\necho ready\nread -r _ || :"],
+        cwd=snap, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "LC_ALL": "C.UTF-8"},
+    )
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    if proc.stdout.readline() != b"ready\n":
+        err = proc.stderr.read().decode(errors="replace")
+        proc.wait()
+        raise RuntimeError(f"recipe failed ({proc.returncode}): {script!r}: {err}")
+    hold(mnt, proc)
+    run("btrfs", "property", "set", snap, "ro", "true")
+
+
 def make_snapshots(mnt: Path, scenario: Scenario, tag: str = "") -> SnapshotPair:
     """Run ``scenario`` in a new subvolume of the btrfs at ``mnt``; snapshot A and B (ro)."""
     name = scenario.name + tag
@@ -348,12 +430,19 @@ def make_snapshots(mnt: Path, scenario: Scenario, tag: str = "") -> SnapshotPair
     run("btrfs", "-q", "subvolume", "snapshot", "-r", vol, a)
     for i, part in enumerate(scenario.b.split("\nREMOUNT\n")):
         if i:
+            if held(mnt):
+                raise RuntimeError(f"{scenario.name}: cannot remount {mnt}: files are held "
+                                   "open there (build REMOUNT scenarios before held ones)")
             dev, opts = _mount_source(mnt)
             run("umount", mnt)
             run("mount", "-o", opts, dev, mnt)
         _bash(part, vol)
     run("sync")
     run("btrfs", "-q", "subvolume", "snapshot", "-r", vol, b)
+    if scenario.a_held:
+        _hold_in_snapshot(mnt, a, scenario.a_held)
+    if scenario.b_held:
+        _hold_in_snapshot(mnt, b, scenario.b_held)
     return SnapshotPair(scenario, a, b)
 
 
