@@ -8,7 +8,8 @@ CLI uses. ``str(err)`` is a single line naming what and where, e.g.
 ::
 
     BtrdeltaError                 exit 1
-    ├── StreamFormatError         exit 3  bad stream / archive / patch bytes, truncation
+    ├── StreamFormatError         exit 3  bad stream / archive / patch bytes, truncation;
+    │                                     a damaged key or state file
     │   ├── ChecksumError         exit 5  a CRC or digest did not match (expected, actual)
     │   │   └── SignatureError    exit 5  missing, malformed or wrong signature, untrusted key
     │   └── UnsupportedVersionError exit 3
@@ -110,10 +111,11 @@ class BtrdeltaError(Exception):
 
 
 class StreamFormatError(BtrdeltaError):
-    """Bytes that are not a valid stream, archive or patch (includes truncation)."""
+    """Bytes that are not a valid stream, archive or patch (includes truncation), or a key
+    or state file that is damaged (``cursors.json``, a replica's or a device's state)."""
 
     exit_code = 3
-    meaning = "malformed stream, archive, patch or index"
+    meaning = "malformed stream, archive, patch, index, key or state file"
 
 
 class ChecksumError(StreamFormatError):

@@ -12,7 +12,9 @@ verifies as another. What is signed is a content digest, never transport bytes: 
 compressed, delta-encoded or fetched in ranges keeps its signature.
 
 Every verification failure is a :class:`~btrdelta.errors.SignatureError` (exit 5) with a
-one-line message; a key file that cannot be used is a :class:`~btrdelta.errors.BtrdeltaError`
+one-line message; a key file that is damaged, too large or not an Ed25519 key is a
+:class:`~btrdelta.errors.StreamFormatError` (exit 3, as any malformed input) naming the file;
+an encrypted private key (a key we do not read) is a :class:`~btrdelta.errors.BtrdeltaError`
 (exit 1).
 
 Example::
@@ -44,7 +46,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from ._value import value_class
-from .errors import BtrdeltaError, SignatureError
+from .errors import BtrdeltaError, SignatureError, StreamFormatError
 
 __all__ = [
     "CONTEXT_STREAM",
@@ -249,7 +251,7 @@ def _read_small(path: str, what: str) -> bytes:
     with open(path, "rb") as f:
         data = f.read(_MAX_FILE + 1)
     if len(data) > _MAX_FILE:
-        raise BtrdeltaError(f"too large for {what}", path=path)
+        raise StreamFormatError(f"too large for {what}", source=path)
     return data
 
 
@@ -265,9 +267,9 @@ def _load_private(data: bytes, path: str) -> Ed25519PrivateKey:
             path=path,
         ) from None
     except (ValueError, UnsupportedAlgorithm):
-        raise BtrdeltaError("not a PEM or OpenSSH private key", path=path) from None
+        raise StreamFormatError("not a PEM or OpenSSH private key", source=path) from None
     if not isinstance(key, Ed25519PrivateKey):
-        raise BtrdeltaError("not an Ed25519 private key", path=path)
+        raise StreamFormatError("not an Ed25519 private key", source=path)
     return key
 
 
@@ -293,11 +295,11 @@ def parse_public_key(data: bytes, *, source: str = "public key") -> Ed25519Publi
                 raise ValueError("not 32 bytes")
             key = Ed25519PublicKey.from_public_bytes(raw)
     except (ValueError, binascii.Error, UnsupportedAlgorithm):
-        raise BtrdeltaError(
-            "not an Ed25519 public key (PEM, OpenSSH or base64 of 32 bytes)", path=source
+        raise StreamFormatError(
+            "not an Ed25519 public key (PEM, OpenSSH or base64 of 32 bytes)", source=source
         ) from None
     if not isinstance(key, Ed25519PublicKey):
-        raise BtrdeltaError("not an Ed25519 public key", path=source)
+        raise StreamFormatError("not an Ed25519 public key", source=source)
     return key
 
 

@@ -140,8 +140,55 @@ def test_a_planted_replica_state_is_refused_not_followed(tmp_path: Path) -> None
         proc = subprocess.run([*BTRDELTA, "replicate", "--serve", str(dest)],
                               stdin=subprocess.DEVNULL, capture_output=True, text=True,
                               check=False, timeout=60)
-        assert proc.returncode == 1, proc.stderr
+        assert proc.returncode == 3, proc.stderr
         assert proc.stderr.count("\n") == 1, proc.stderr
         want = "not a regular file" if planted == "fifo" else "a symlink"
         assert f"damaged replica state: {want}" in proc.stderr
         assert sorted(p.name for p in dest.iterdir()) == [".btrdelta-replica.json"]
+
+
+def test_a_damaged_cursor_file_exits_3_naming_it(tmp_path: Path) -> None:
+    """cursors.json that is not JSON exited 1; one of another shape was read as no cursors
+    at all (and prune could then delete what receivers hold): both are bad state, exit 3."""
+    _source(tmp_path)
+    damaged = ['{"version": 1, "receivers": {"ab', "[]",
+               '{"version": 1, "receivers": {"x": 3}}', '{"receivers": {}}']
+    for i, text in enumerate(damaged):
+        store = tmp_path / f"store-c{i}"
+        store.mkdir()
+        (store / "cursors.json").write_text(text)
+        proc = _run(tmp_path, f"c{i}")
+        assert proc.returncode == 3, (text, proc.stderr)
+        assert proc.stderr.count("\n") == 1, proc.stderr
+        assert f"{store / 'cursors.json'}: damaged cursor file: " in proc.stderr
+        assert not [p for p in (tmp_path / f"c{i}").iterdir() if not p.name.startswith(".")]
+        assert (store / "cursors.json").read_text() == text  # left for the user to look at
+
+
+def test_a_damaged_key_file_exits_3_naming_it(tmp_path: Path) -> None:
+    src = _source(tmp_path)
+    subprocess.run([*BTRDELTA, "key", "generate", "-o", str(tmp_path / "good")], check=True,
+                   capture_output=True)
+    good_key, good_pub = tmp_path / "good.key", tmp_path / "good.pub"
+    bad = tmp_path / "bad.key"
+    bad.write_text("-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n")
+    bad_pub = tmp_path / "bad.pub"
+    bad_pub.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA truncated\n")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    cases = [
+        (["replicate", str(src), "tcp://127.0.0.1:9", "--key", str(bad), "--peer",
+          str(good_pub)], bad, "not a PEM or OpenSSH private key"),
+        (["replicate", str(src), "tcp://127.0.0.1:9", "--key", str(good_key), "--peer",
+          str(bad_pub)], bad_pub, "not an Ed25519 public key"),
+        (["replicate", "--listen", "127.0.0.1:0", "--key", str(bad), "--allow",
+          str(good_pub), str(dest)], bad, "not a PEM or OpenSSH private key"),
+        (["replicate", "--listen", "127.0.0.1:0", "--key", str(good_key), "--allow",
+          str(bad_pub), str(dest)], bad_pub, "not an Ed25519 public key"),
+    ]
+    for argv, named, what in cases:
+        proc = subprocess.run([*BTRDELTA, *argv], capture_output=True, text=True, check=False,
+                              timeout=60)
+        assert proc.returncode == 3, (argv, proc.stderr)
+        assert proc.stderr.count("\n") == 1, proc.stderr
+        assert f"{named}: {what}" in proc.stderr

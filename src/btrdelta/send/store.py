@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .._value import field, value_class
-from ..errors import BtrdeltaError, MissingBaseError
+from ..errors import BtrdeltaError, MissingBaseError, StreamFormatError
 from ..fs.atomic import pid_alive
 from ..tree.sendshot import RecordInode, RecordReader, SendshotHead, read_head, write_record
 
@@ -117,8 +117,9 @@ class SendshotStore:
                 return int(f.read().strip(), 16)
         except FileNotFoundError:
             pass
-        except ValueError as exc:
-            raise BtrdeltaError("the store's seed file is damaged", path=p) from exc
+        except ValueError:
+            raise StreamFormatError("damaged seed file: not a hexadecimal number",
+                                    source=p) from None
         import secrets
 
         with self.locked():
@@ -257,10 +258,18 @@ class SendshotStore:
 
         try:
             doc = json.loads(data)
-        except ValueError as exc:
-            raise BtrdeltaError(f"damaged cursor file: {exc}", path=p) from exc
-        receivers = doc.get("receivers", {}) if isinstance(doc, dict) else {}
-        return {str(k): v for k, v in receivers.items() if isinstance(v, dict)}
+        except ValueError as exc:  # (json's messages are one line)
+            raise StreamFormatError(f"damaged cursor file: not JSON ({exc})", source=p) from None
+        # a cursor file read as empty would let prune delete what receivers hold: refuse it
+        if not isinstance(doc, dict) or doc.get("version") != 1:
+            raise StreamFormatError("damaged cursor file: not a version 1 cursor object",
+                                    source=p)
+        receivers = doc.get("receivers", {})
+        if not isinstance(receivers, dict) or not all(
+                isinstance(v, dict) for v in receivers.values()):
+            raise StreamFormatError("damaged cursor file: 'receivers' is not an object of "
+                                    "objects", source=p)
+        return {str(k): v for k, v in receivers.items()}
 
     def set_cursor(self, receiver: str, digest: str | None, **extra: Any) -> None:
         """Record that ``receiver`` holds ``digest`` (None: nothing yet) and ``extra`` (e.g.

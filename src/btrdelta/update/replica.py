@@ -41,6 +41,7 @@ from .._value import value_class
 from ..errors import (
     BtrdeltaError,
     ProtocolError,
+    StreamFormatError,
     TransportError,
     UnsafePathError,
 )
@@ -247,9 +248,9 @@ class Replica:
         except OSError as exc:
             if exc.errno != errno.ELOOP:
                 raise
-            raise BtrdeltaError("damaged replica state: a symlink", path=str(p)) from None
-        except ValueError as exc:
-            raise BtrdeltaError(f"damaged replica state: {exc}", path=str(p)) from exc
+            raise StreamFormatError("damaged replica state: a symlink", source=str(p)) from None
+        except ValueError as exc:  # (json's messages are one line)
+            raise StreamFormatError(f"damaged replica state: {exc}", source=str(p)) from None
 
     def _save(self, doc: dict[str, Any]) -> None:
         p = self.dest / STATE_FILE
