@@ -147,6 +147,18 @@ def test_a_planted_replica_state_is_refused_not_followed(tmp_path: Path) -> None
         assert sorted(p.name for p in dest.iterdir()) == [".btrdelta-replica.json"]
 
 
+def test_verbose_says_the_receiver_and_the_base(tmp_path: Path) -> None:
+    _source(tmp_path)
+    for flag in ("-v", "--verbose"):
+        proc = _run(tmp_path, f"dest{flag}", flag)
+        assert proc.returncode == 0, proc.stderr
+        summary, detail = proc.stderr.splitlines()
+        assert "sent of" in summary
+        assert detail.startswith("  receiver ")
+        assert "base none (a full stream), 0 sendshot(s) pruned" in detail
+        _same_tree(tmp_path, f"dest{flag}")
+
+
 def test_a_damaged_cursor_file_exits_3_naming_it(tmp_path: Path) -> None:
     """cursors.json that is not JSON exited 1; one of another shape was read as no cursors
     at all (and prune could then delete what receivers hold): both are bad state, exit 3."""

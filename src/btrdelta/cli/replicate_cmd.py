@@ -70,7 +70,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="give up on a silent TCP peer after this long (default 60)")
     p.add_argument("--backend", choices=("auto", "btrfs", "dir"), default="auto",
                    help="(receiving) subvolumes on btrfs, or directories")
-    add_progress_options(p)
+    add_progress_options(p, verbose=True)
     p.add_argument("--json", action="store_true", help="print what was done as JSON")
     p.set_defaults(func=run)
 
@@ -129,6 +129,10 @@ def run(args: argparse.Namespace) -> int:
                   f"sent of {human_bytes(result.size)} (file data estimated "
                   f"{human_bytes(result.estimate)}){resumed}; sendshot "
                   f"{(result.sendshot or '')[:16]}", file=sys.stderr)
+            if args.verbose:
+                base = f"sendshot {result.base[:16]}" if result.base else "none (a full stream)"
+                print(f"  receiver {result.receiver}, base {base}, {result.pruned} "
+                      f"sendshot(s) pruned", file=sys.stderr)
         else:
             print(f"replicate: {result.outcome}: {result.message}", file=sys.stderr)
     if result.outcome == "refused" and "already-current" not in result.message:
@@ -175,7 +179,18 @@ def _serve(args: argparse.Namespace) -> int:
     if result.outcome == "interrupted" and not args.quiet:
         print(f"replicate --serve: interrupted ({result.message}); the transfer can resume",
               file=sys.stderr)
+    elif args.verbose and not args.quiet:
+        _say_served("replicate --serve", result)
     return 0
+
+
+def _say_served(who: str, result: Any) -> None:
+    """``-v``: how a conversation of the receiving side ended, and what it received."""
+    got = result.received
+    what = f": {got.name} uuid={got.uuid}" if got is not None else ""
+    why = f" ({result.message})" if result.message else ""
+    print(f"{who}: {result.outcome}{what}, {result.received_bytes} bytes received{why}",
+          file=sys.stderr, flush=True)
 
 
 def _listen(args: argparse.Namespace) -> int:
@@ -218,7 +233,9 @@ def _listen(args: argparse.Namespace) -> int:
                     ch, who = channels.tls_server(sock, key, allowed, name)
                 result = replica.serve(ch, peer=name)
                 ch.close()
-                if not args.quiet:
+                if args.verbose and not args.quiet:
+                    _say_served(f"replicate: {name} ({who[:16]})", result)
+                elif not args.quiet:
                     print(f"replicate: {name} ({who[:16]}): {result.outcome}, "
                           f"{result.received_bytes} bytes received {result.message}".rstrip(),
                           file=sys.stderr, flush=True)
