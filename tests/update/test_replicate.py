@@ -315,6 +315,34 @@ def test_a_lying_sender_gets_a_typed_refusal_and_nothing_is_applied(tmp_path: Pa
     assert not [n for n in os.listdir(dest) if n.startswith(".btrdelta-tmp-")]
 
 
+def test_the_replica_state_is_replaced_whole_and_durably(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """DEST/.btrdelta-replica.json was written with write_text under a predictable temporary
+    name (followed if planted as a symlink) and never fsync-ed: a power cut could leave a
+    torn state that refuses every later transfer. Now as fs.atomic writes files."""
+    from btrdelta.update.replica import Replica
+
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("untouched")
+    (dest / f".btrdelta-replica.json.tmp-{os.getpid()}").symlink_to(victim)
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    replica = Replica(dest)  # a new destination: its state is written
+    assert victim.read_text() == "untouched"
+    state = json.loads((dest / ".btrdelta-replica.json").read_text())
+    assert state == {"version": 1, "id": replica.ident, "received": {}}
+    assert len(synced) == 2  # the file's bytes, then the directory after the rename
+    assert synced[1] == str(dest)
+
+
 @pytest.mark.parametrize("versions", [(1,), (1, 2), (2,), (3,), (2, 3, 4), (4, 5), (5,)])
 def test_segment_digests_of_each_protocol_version(tmp_path: Path,
                                                   versions: tuple[int, ...]) -> None:

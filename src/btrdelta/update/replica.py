@@ -45,7 +45,7 @@ from ..errors import (
     TransportError,
     UnsafePathError,
 )
-from ..fs.atomic import pid_alive
+from ..fs.atomic import pid_alive, write_atomic
 from ..fs.btrfs import delete_subvolume, subvol_info
 from ..fs.remove import remove_path, remove_tree
 from ..fs.sandbox import check_name
@@ -253,10 +253,11 @@ class Replica:
             raise StreamFormatError(f"damaged replica state: {exc}", source=str(p)) from None
 
     def _save(self, doc: dict[str, Any]) -> None:
-        p = self.dest / STATE_FILE
-        tmp = self.dest / f"{STATE_FILE}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, p)
+        """Replace the state file whole: an unnamed (or fresh, never followed) temporary
+        file, ``fsync``, rename, ``fsync`` of DEST; after a power cut it is the old state or
+        the new one, never a torn one (that would refuse every later transfer)."""
+        data = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
+        write_atomic(self.dest / STATE_FILE, data)
 
     @property
     def ident(self) -> str:
