@@ -242,8 +242,11 @@ def _stream(records: list[object]) -> bytes:
 
 def _lying_sender(dest: Path, stream: bytes, plan_parent: object, *,
                   corrupt_digest: bool = False, versions: tuple[int, ...] = (1,),
-                  spoke: list[int] | None = None) -> tuple[str, int, str]:
-    """Speak the protocol by hand to a `replicate --serve` child; (outcome, exit, stderr)."""
+                  spoke: list[int] | None = None,
+                  after_end: str = "commit") -> tuple[str, int, str]:
+    """Speak the protocol by hand to a `replicate --serve` child; (outcome, exit, stderr).
+    ``after_end``: what follows the last ACK: "commit", "refuse" (a REFUSE), "close" (the
+    connection closed) or "lie" (a COMMIT with another chain)."""
     ch = spawn_local(str(dest))
     io = MessageIO(ch, Connection("sender"))
     io.send(Hello("sender", versions, (), "liar", "/x"))
@@ -278,8 +281,11 @@ def _lying_sender(dest: Path, stream: bytes, plan_parent: object, *,
     io.send(Checkpoint(0, len(stream), "00" * 32 if corrupt_digest else digest, chain))
     answer = io.next()
     if not isinstance(answer, Refuse):
-        io.send(Commit(len(stream), chain, ""))
-        answer = io.next()
+        if after_end == "refuse":
+            io.send(Refuse("refused", "the sender changed its mind"))
+        elif after_end != "close":
+            io.send(Commit(len(stream), "00" * 32 if after_end == "lie" else chain, ""))
+            answer = io.next()
     ch.close()
     assert ch.proc is not None
     return type(answer).__name__, ch.proc.returncode, getattr(answer, "message", "")
@@ -313,6 +319,49 @@ def test_a_lying_sender_gets_a_typed_refusal_and_nothing_is_applied(tmp_path: Pa
     assert _visible(dest) == set()
     assert not (dest / ".btrdelta-partial").exists()
     assert not [n for n in os.listdir(dest) if n.startswith(".btrdelta-tmp-")]
+
+
+@pytest.mark.parametrize("after_end", ["refuse", "close", "lie"])
+def test_no_final_name_without_a_commit(tmp_path: Path, after_end: str) -> None:
+    """The whole stream arrived and its last segment was acknowledged, but the sender
+    refuses, goes away or sends a COMMIT that does not match: the receiver shows no
+    subvolume under the final name (it used to rename it at END, before the COMMIT)."""
+    import uuid as _uuid
+
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    good = _stream([Subvol(path=b"ok", uuid=_uuid.uuid4(), ctransid=1),
+                    Mkfile(path=b"f", ino=257), Write(path=b"f", offset=0, data=b"x" * 9000),
+                    End()])
+    what, code, text = _lying_sender(dest, good, None, after_end=after_end)
+    assert what == ("Refuse" if after_end == "lie" else "Ack"), text
+    assert code == (9 if after_end == "lie" else 0)
+    assert _visible(dest) == set()
+    assert not [n for n in os.listdir(dest) if n.startswith(".btrdelta-tmp-")]
+    state = json.loads((dest / ".btrdelta-replica.json").read_text())
+    assert state["received"] == {}
+    # and the same sender, honest this time, commits under that name
+    what, code, text = _lying_sender(dest, good, None)
+    assert (what, code) == ("Committed", 0), text
+    assert (dest / "ok" / "f").read_bytes() == b"x" * 9000
+
+
+@pytest.mark.btrfs
+def test_no_final_name_without_a_commit_on_btrfs(fs2: tuple[Path, Path]) -> None:
+    """The same on btrfs: the complete subvolume (read-only, received UUID set) is deleted."""
+    import uuid as _uuid
+
+    _snd, dest = fs2
+    good = _stream([Subvol(path=b"ok", uuid=_uuid.uuid4(), ctransid=1),
+                    Mkfile(path=b"f", ino=257), Write(path=b"f", offset=0, data=b"x" * 9000),
+                    End()])
+    what, code, text = _lying_sender(dest, good, None, after_end="refuse")
+    assert (what, code) == ("Ack", 0), text
+    assert _visible(dest) == set()
+    assert _sh("btrfs", "subvolume", "list", dest).strip() == ""
+    what, code, text = _lying_sender(dest, good, None)
+    assert (what, code) == ("Committed", 0), text
+    assert (dest / "ok" / "f").read_bytes() == b"x" * 9000
 
 
 def test_the_replica_state_is_replaced_whole_and_durably(tmp_path: Path,

@@ -1,7 +1,8 @@
 """Soak (``make soak``, not part of ``make test``): many rounds of replicating a live btrfs
 subvolume under a SQLite write load and random file changes, with connections cut at random
 points and resumed; every committed round equals the source (tree-sum), the sender never
-keeps a snapshot, and a cut never costs more than one segment again."""
+keeps a snapshot, and a cut never costs more than one segment again (but one between the
+last ACK and the COMMIT: the receiver drops the complete, uncommitted subvolume)."""
 
 from __future__ import annotations
 

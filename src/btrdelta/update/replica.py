@@ -11,9 +11,11 @@ receiver): HELLO, HOLDINGS, a PLAN checked against what is held, then the stream
 applies the stream's records as their bytes arrive with :func:`btrdelta.receive.receive`
 (straight into the temporary subvolume: nothing is written twice), after checking the
 stream is the one planned (its UUID, name and parent, clones only from the parent or
-itself); END, which gives the subvolume its final name, only once its segment is verified.
-A segment is acknowledged once its digest and the chain of digests match its CHECKPOINT and
-its records are applied. COMMIT (size and chain) ends the conversation: COMMITTED.
+itself); END only once its segment is verified. A segment is acknowledged once its digest
+and the chain of digests match its CHECKPOINT and its records are applied. The complete
+subvolume takes its final name only after the COMMIT (size and chain) matched and the
+state names its sendshot; then COMMITTED. A sender that refuses, lies or is cut off after
+END leaves no subvolume under its final name.
 
 A cut connection or a killed sender or receiver leaves the temporary subvolume: the next
 PLAN for the same session resumes after the last acknowledged segment, skipping the records
@@ -349,10 +351,6 @@ class Replica:
             io.send(Accept(plan.session))
             inbox.start()
             got = self._receive(events, point, progress)
-            commit = inbox.commit
-            assert commit is not None
-            self.state.setdefault("received", {})[got.name] = commit.sendshot or None
-            self._save(self.state)
             partial.drop()
             io.send(Committed(got.name, got.uuid))
             return ServeResult("committed", received=got, received_bytes=inbox.added)
@@ -376,19 +374,33 @@ class Replica:
 
     def _receive(self, events: _Events, point: ResumePoint | None,
                  progress: Any) -> ReceivedSubvol:
-        """Apply the stream as it is read (a cut leaves the subvolume to a resume)."""
+        """Apply the stream as it is read (a cut leaves the subvolume to a resume); the
+        complete subvolume takes its final name only after the sender's COMMIT."""
+
+        def committed(pending: PendingSubvol) -> None:
+            """Before the final name: END's segment acknowledged, then the COMMIT (size
+            and chain checked) and the state naming its sendshot. A sender that refuses,
+            lies or is cut off here leaves nothing under the final name (the subvolume
+            is removed: a cut costs the whole stream again, not a half-committed name)."""
+            if events.after_end():
+                raise ProtocolError("data after the stream's END")
+            commit = events.inbox.commit
+            if commit is None:
+                raise ProtocolError("no COMMIT after the stream's END")
+            self.state.setdefault("received", {})[os.fsdecode(pending.name)] = \
+                commit.sendshot or None
+            self._save(self.state)
+
         try:
             got = receive(events, self.dest, stop_at_end=True, backend=self.backend,
                           progress=progress, resume=point, temp_name=events.tmp,
-                          detach_on=(TransportError,))
+                          detach_on=(TransportError,), pre_commit=committed)
         except (TransportError, ProtocolError):
             raise
         except BtrdeltaError as exc:
             raise ProtocolError(f"the stream cannot be applied: {exc}") from exc
         if not got:
             raise ProtocolError("the stream held no subvolume")
-        if events.after_end():
-            raise ProtocolError("data after the stream's END")
         return got[0]
 
     def _start(self, io: MessageIO, plan: Plan,
