@@ -27,6 +27,7 @@ import itertools
 import json
 import os
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -232,38 +233,86 @@ def _timers() -> Iterator[dict[str, float]]:
 def _timed_update(url: str, dest: Path, key: Path | None, to: str) -> dict[str, float]:
     """Seconds per phase of one update (events timed): receive = apply -> done (the
     parent's copy or snapshot, applying, the identity check, committing), and inside it
-    the copy, the snapshot and the identity check (:func:`_timers`)."""
+    the copy, the snapshot and the identity check (:func:`_timers`); cpu = the process's
+    CPU seconds (every thread) over the receive phases."""
     from btrdelta.update.versions import update
 
-    marks: list[tuple[str, float]] = []
+    marks: list[tuple[str, float, float]] = []
     with _timers() as spent:
         update(url, dest, to=to, key=str(key) if key else None,
-               on_event=lambda ev: marks.append((str(ev["event"]), time.monotonic())))
-    out: dict[str, float] = {"receive": 0.0, "copy": 0.0, "snapshot": 0.0, "verify": 0.0}
+               on_event=lambda ev: marks.append((str(ev["event"]), time.monotonic(),
+                                                 time.process_time())))
+    out: dict[str, float] = {"receive": 0.0, "copy": 0.0, "snapshot": 0.0, "verify": 0.0,
+                             "cpu": 0.0}
     out.update(spent)
-    for (kind, t), (_next, t2) in itertools.pairwise(marks):
+    for (kind, t, c), (_next, t2, c2) in itertools.pairwise(marks):
         if kind == "apply":
             out["receive"] += t2 - t
+            out["cpu"] += c2 - c
     out["wall"] = marks[-1][1] - marks[0][1]
     return out
+
+
+#: CPU seconds (user + system) of each ``btrfs receive`` :func:`_peer_receive` ran
+_PEER_CPU: list[float] = []
 
 
 def _peer_receive(dest: Path, delta: Path, work: Path) -> float:
     """Seconds of ``btrfs receive`` of the delta's expanded stream (the kernel's format)
     into ``dest``'s filesystem, the parent being the version received there."""
     stream = work / "hop.stream"
-    assert _quiet(["delta", "expand", str(delta), "--old", str(dest / "r1"), "-o",
-                   str(stream)]) == 0
+    if not stream.exists():
+        assert _quiet(["delta", "expand", str(delta), "--old", str(dest / "r1"), "-o",
+                       str(stream)]) == 0
     peer = dest.parent / "peer"
     peer.mkdir()
     os.sync()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.monotonic()
     subprocess.run(["btrfs", "receive", "-q", "-f", str(stream), str(peer)], check=True,
                    capture_output=True)
     took = time.monotonic() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    _PEER_CPU.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
     for sub in peer.iterdir():
         subprocess.run(["btrfs", "-q", "subvolume", "delete", str(sub)], check=True)
+    peer.rmdir()
     return took
+
+
+#: alternated rounds of (a delta hop, ``btrfs receive`` of its expanded stream) on btrfs
+ROUNDS = 7
+
+
+def _rounds(url: str, dest: Path, peer: Callable[[], float], expanded: int) -> str:
+    """:data:`ROUNDS` alternated rounds, each a delta hop r1 -> r2 (r2 removed before it,
+    writeback synced) then ``btrfs receive`` of the same expanded stream: medians (one
+    run is noise on a shared machine), the hop's CPU (every thread of this process), the
+    load average before and after."""
+    load = [os.getloadavg()[0]]
+    hops: list[dict[str, float]] = []
+    kernel: list[float] = []
+    _PEER_CPU.clear()
+    for _ in range(ROUNDS):
+        subprocess.run(["btrfs", "-q", "subvolume", "delete", str(dest / "r2")], check=True)
+        os.sync()
+        hops.append(_timed_update(url, dest, None, "r2"))
+        os.sync()
+        kernel.append(peer())
+    load.append(os.getloadavg()[0])
+
+    def med(key: str) -> float:
+        return statistics.median(h[key] for h in hops)
+
+    return (f"{ROUNDS} alternated rounds (load {load[0]:.1f} -> {load[1]:.1f}): delta hop "
+            f"median {med('receive'):.3f} s = {expanded / med('receive') / 1e6:.0f} MB/s "
+            f"(min {min(h['receive'] for h in hops):.3f}; "
+            f"CPU {med('cpu'):.3f} s; snapshot {med('snapshot'):.3f} s, identity check "
+            f"{med('verify'):.3f} s), btrfs receive median {statistics.median(kernel):.3f} s "
+            f"= {expanded / statistics.median(kernel) / 1e6:.0f} MB/s (min {min(kernel):.3f}; "
+            f"CPU {statistics.median(_PEER_CPU):.3f} s); "
+            f"hop/btrfs receive "
+            f"{statistics.median(kernel) / med('receive'):.2f}x")
 
 
 def _apply_line(pair: str, kind: str, url: str, dest: Path, pub: Path, cat: Catalog,
@@ -286,7 +335,7 @@ def _apply_line(pair: str, kind: str, url: str, dest: Path, pub: Path, cat: Cata
         took = peer()
         line += (f"; btrfs receive of the same expanded stream {took:.3f} s = "
                  f"{expanded / took / 1e6:.0f} MB/s (hop/btrfs receive "
-                 f"{took / hop['receive']:.2f}x)")
+                 f"{took / hop['receive']:.2f}x); " + _rounds(url, dest, peer, expanded))
     return line
 
 
