@@ -7,10 +7,11 @@ Modules: :mod:`.full` (full streams, directory by directory: bounded memory, eac
 once), :mod:`.changes` (incremental sends: both trees walked in lockstep, only what changed
 kept), :mod:`.scan` (walking and hashing trees, identity), :mod:`.diff` (matching inodes,
 comparing content), :mod:`.order` (namespace changes in a valid order, orphans), :mod:`.emit`
-(records, data), :mod:`.encode` (compressed data), :mod:`.kernel` (handing read-only btrfs
-snapshots to ``btrfs send``), :mod:`.live` (temporary snapshots of live subvolumes),
-:mod:`.record`, :mod:`.store` and :mod:`.sendshot` (sendshot records: the old side of an
-incremental send without the old tree).
+(records, data), :mod:`.values` (stream UUIDs, progress counters), :mod:`.encode`
+(compressed data), :mod:`.kernel` (handing read-only btrfs snapshots to ``btrfs send``),
+:mod:`.live` (temporary snapshots of live subvolumes), :mod:`.record`, :mod:`.store` and
+:mod:`.sendshot` (sendshot records: the old side of an incremental send without the old
+tree).
 
 Importing this package is cheap: :mod:`.emit` (and with it the stream codec) and
 :mod:`.kernel` load on first use, so a caller can start a :class:`TreeScan` (child process,
@@ -29,8 +30,9 @@ from .scan import Tree, TreeScan, hash_contents, scan_tree
 if TYPE_CHECKING:
     from ..stream.records import Record
     from ..stream.writer import StreamWriter
-    from .emit import COMPRESSORS, Sender, SendStats, StreamIds
+    from .emit import COMPRESSORS, Sender
     from .kernel import is_readonly_snapshot, kernel_send
+    from .values import SendStats, StreamIds
 
 __all__ = [
     "COMPRESSORS",
@@ -49,9 +51,9 @@ __all__ = [
 
 _LAZY = {
     "COMPRESSORS": ".emit",
-    "SendStats": ".emit",
+    "SendStats": ".values",
     "Sender": ".emit",
-    "StreamIds": ".emit",
+    "StreamIds": ".values",
     "is_readonly_snapshot": ".kernel",
     "kernel_send": ".kernel",
 }

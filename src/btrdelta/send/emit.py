@@ -39,9 +39,9 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Callable, Generator, Iterator, Sequence
+from typing import TYPE_CHECKING
 from uuid import UUID
 
-from .._value import value_class
 from ..errors import BtrdeltaError
 from ..fs.copy import data_segments
 from ..stream.records import (
@@ -62,7 +62,6 @@ from ..stream.records import (
     Utimes,
     Write,
 )
-from .changes import Changes, SourceIndex, find_changes, index_source
 from .diff import Match, changed_ranges, files_equal, match_trees, shifted_clones
 from .encode import COMPRESSORS, encode_piece, option_problem
 from .hashing import reader
@@ -70,6 +69,10 @@ from .onepass import BlockHasher, hashed_as_sent
 from .order import Namespace, order_namespace
 from .record import BlockIndex, Diff, block_diff
 from .scan import ROOT, ContentHasher, Node, Tree, TreeScan, block_segments, inode_order, open_file
+from .values import SendStats, StreamIds
+
+if TYPE_CHECKING:
+    from .changes import Changes, SourceIndex
 
 __all__ = ["CAPS", "COMPRESSORS", "SendStats", "Sender", "StreamIds", "encode_piece",
            "option_problem"]
@@ -78,31 +81,6 @@ CAPS = b"security.capability"
 _ENCODED_MAX = 128 * 1024
 _PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
 _ZEROS = bytes(_ENCODED_MAX)
-
-
-@value_class(frozen=True)
-class StreamIds:
-    """UUIDs and ctransids a stream names, when they are not derived from the trees: the
-    new subvolume's (a btrfs snapshot's, a record's) and the parent's (what the receiver
-    knows the parent by: a received UUID, a record's stream UUID, ``--parent-uuid``)."""
-
-    uuid: UUID | None = None
-    ctransid: int = 0
-    parent_uuid: UUID | None = None
-    parent_ctransid: int = 0
-
-
-@value_class
-class SendStats:
-    """Counters for progress reports."""
-
-    files_scanned: int = 0
-    bytes_scanned: int = 0
-    bytes_read: int = 0
-    data_bytes: int = 0
-    cloned_bytes: int = 0
-    records: int = 0
-    phase: str = "scan"
 
 
 class Sender:
@@ -191,6 +169,7 @@ class Sender:
         self._order: list[int] | None = None
         self.old: Tree | None = None
         if scan is None and old_record is None and self.parent_dir is not None:
+            from .changes import find_changes  # (not needed by a send from a record)
             self.changes = find_changes(
                 self.parent_dir, self.new_dir, quick=quick, tmpdir=tmpdir,
                 index_min=min(clone_min, shift_min or clone_min),
@@ -222,6 +201,10 @@ class Sender:
     def _index_sources(self, sources: Sequence[str | bytes | os.PathLike[str]],
                        tmpdir: str | None, scan: TreeScan | None) -> list[SourceIndex]:
         """Walk the clone sources (``send -c``): their UUIDs and larger files by digest."""
+        if not sources:
+            return []
+        from .changes import index_source
+
         try:
             return [index_source(src, index_min=self.clone_min, tmpdir=tmpdir)
                     for src in sources]

@@ -29,7 +29,7 @@ from ..fs.btrfs import changed_inodes
 from ..stream.records import Record
 from ..tree.columns import Columns
 from ..tree.sendshot import SendshotHead
-from .emit import Sender, SendStats, StreamIds
+from .emit import Sender
 from .extents import EXTENT_MIN, hash_changed
 from .live import Frozen, frozen, subvolume_uuid
 from .onepass import sent_whole
@@ -37,6 +37,7 @@ from .record import record_inodes, stamp_generations, tree_from_record
 from .rescan import Changes, Stale, rescan, usable
 from .scan import Tree, TreeScan, inode_order
 from .store import SendshotStore, StoredSendshot
+from .values import SendStats, StreamIds
 
 __all__ = ["SendshotResult", "adopt", "load_base", "send_with_sendshots"]
 

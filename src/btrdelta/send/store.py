@@ -51,8 +51,13 @@ __all__ = [
 #: where records live unless ``--store`` says otherwise
 DEFAULT_STORE = "/var/lib/btrdelta/sendshots"
 _SUFFIX = ".sendshot"
-_HEX = re.compile(r"[0-9a-f]{4,64}")
 _UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+
+
+def _is_ident(name: str) -> bool:
+    """``name`` is 4 to 64 lowercase hex digits (a record's digest, or a prefix of one;
+    no ``re`` pattern compiled on the send path for this)."""
+    return 4 <= len(name) <= 64 and not name.strip("0123456789abcdef")
 
 
 @value_class
@@ -182,7 +187,7 @@ class SendshotStore:
         for rid, cur in self.cursors().items():
             held.setdefault(str(cur.get("digest")), []).append(rid)
         for name in names:
-            if not name.endswith(_SUFFIX) or not _HEX.fullmatch(name[: -len(_SUFFIX)]):
+            if not name.endswith(_SUFFIX) or not _is_ident(name[: -len(_SUFFIX)]):
                 continue
             p = os.path.join(self.records, name)
             try:
@@ -213,7 +218,7 @@ class SendshotStore:
             if not found:
                 raise MissingBaseError(f"no sendshot of this source in {self.path}")
             return found[-1]
-        if not _HEX.fullmatch(ident):
+        if not _is_ident(ident):
             raise MissingBaseError(f"not a sendshot id: {ident!r} (hex digest or 'latest')")
         found = [s for s in every if s.digest.startswith(ident)]
         if len(found) != 1:
@@ -332,7 +337,7 @@ class SendshotStore:
                 except FileNotFoundError:
                     continue
                 for name in names:
-                    m = _LEFTOVER.fullmatch(name)
+                    m = re.fullmatch(_LEFTOVER, name)
                     if m is None or (folder == self.path) != name.startswith("cursors"):
                         continue
                     p = os.path.join(folder, name)
@@ -349,7 +354,8 @@ class SendshotStore:
         return sorted(found)
 
 
-_LEFTOVER = re.compile(r"\.tmp-(\d+)-[0-9a-f]+|cursors\.json\.tmp-(\d+)")
+#: a temporary file left by a process (compiled on first use: a send does not look)
+_LEFTOVER = r"\.tmp-(\d+)-[0-9a-f]+|cursors\.json\.tmp-(\d+)"
 _LEFTOVER_AGE = 3600.0
 
 

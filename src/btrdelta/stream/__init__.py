@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING, Any
 from .. import _native
 from .codec import btrfs_crc32c, decode_payload, encode_record, encode_stream_header
 from .constants import MAGIC, Attr, Cmd, Compression
-from .reader import EOF, NEED_DATA, StreamHeader, StreamParser, StreamReader, iter_records
+from .framing import EOF, NEED_DATA
 from .records import *  # noqa: F403
-from .records import RECORD_TYPES, Record
+from .records import RECORD_TYPES, Record, StreamHeader
 from .writer import StreamWriter, write_stream
 
 if TYPE_CHECKING:
     from .dump import TextDumper, record_to_json
+    from .reader import StreamParser, StreamReader, iter_records
 
     #: implementation of the hot loops in use now (a module attribute computed on access)
     BACKEND: str
@@ -56,9 +57,14 @@ def __getattr__(name: str) -> Any:
         # implementation of the hot loops in use now: "c" (btrdelta.stream._speedups) or
         # "python" (see btrdelta._native)
         return "c" if _native.live("speedups") is not None else "python"
-    # the dump renderer is imported on first use (it is not needed to read or receive)
+    # the dump renderer is imported on first use (it is not needed to read or receive),
+    # and so is the reader (it is not needed to write: a send)
     if name in ("TextDumper", "record_to_json"):
         from . import dump
 
         return getattr(dump, name)
+    if name in ("StreamParser", "StreamReader", "iter_records"):
+        from . import reader
+
+        return getattr(reader, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

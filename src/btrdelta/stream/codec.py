@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .. import _native
 from .._value import field_names
 from ..errors import StreamFormatError, UnsupportedVersionError
 from .constants import (
@@ -37,7 +38,7 @@ from .constants import (
     Kind,
 )
 from .crc import crc32c
-from .framing import legal, send_place
+from .framing import legal, max_command, send_place
 from .records import RECORD_TYPES, Record
 
 __all__ = [
@@ -469,3 +470,41 @@ def decode_payload_fast(cmd: int, mv: memoryview, start: int, end: int, version:
         if rec is not None:
             return rec  # type: ignore[no-any-return]
     return decode_payload(cmd, mv, start, end, version)
+
+
+# --- optional C accelerator ---------------------------------------------------------------
+#
+# dulwich-style: the Python code above stays the reference; ``_speedups`` (C, built when a
+# compiler is present) replaces the batch loop in parsers (``reader``) and the encoding of
+# plain commands in writers (``writer``) made while it is live (``btrdelta._native``). It
+# gets the decoding plan from COMMAND_SPECS, the same rules as _gen_fast_decoder, and each
+# version's highest command from the framing's table; both use this module, so the plan is
+# given wherever the module is loaded (a send writes streams without loading the reader).
+
+_KIND_CODE = {Kind.U8: 0, Kind.U32: 1, Kind.U64: 2, Kind.UUID: 3, Kind.TIMESPEC: 4,
+              Kind.BYTES: 5, Kind.DATA: 6}
+
+
+def _speedups_plan() -> tuple[Any, ...]:
+    """``configure()`` arguments: per command, the kernel-order fields fast decoders accept."""
+    commands: list[Any] = [None] * (max(COMMAND_SPECS) + 1)
+    for cmd, spec in COMMAND_SPECS.items():
+        cls = RECORD_TYPES[cmd]
+        order = list(field_names(cls))
+        # optional (v2+) attributes are decoded where the kernel puts them, skipped when
+        # absent
+        # (this kernel leaves ENCRYPTION out of ENCODED_WRITE when it is 0)
+        plans = [
+            tuple(
+                (int(f.attr), _KIND_CODE[ATTR_KIND[f.attr]], order.index(f.name), f.optional)
+                for f in spec.fields
+                if v2 or not f.optional
+            )
+            for v2 in (False, True)
+        ]
+        commands[cmd] = (cls, len(order), *plans)
+    limits = ((0, 0), *((max_command(v), MAX_PAYLOAD[v]) for v in SUPPORTED_VERSIONS))
+    return uuid.UUID, tuple(commands), limits, int(Cmd.END), crc32c
+
+
+_native.on_load("speedups", lambda mod: mod.configure(*_speedups_plan()))

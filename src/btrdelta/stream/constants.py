@@ -4,9 +4,10 @@ The values are those of the kernel's ``fs/btrfs/send.h`` (and btrfs-progs
 ``common/send-stream.h``). The per-command attribute table (which attributes, in which order
 the kernel emits them, of which type) lives in :data:`COMMAND_SPECS`; records, codec and the
 docs are all driven by it. This module owns no behaviour.
-"""
 
-from __future__ import annotations
+Its annotations are evaluated (no ``from __future__ import annotations``): the fields of a
+``typing.NamedTuple`` given as strings would each be compiled at import.
+"""
 
 import enum
 import struct

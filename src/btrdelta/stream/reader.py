@@ -25,12 +25,10 @@ could start (right after END), as in btrfs-progs.
 from __future__ import annotations
 
 import struct
-import uuid
 from collections.abc import Generator, Iterator
 from typing import Any, BinaryIO, Literal
 
 from .. import _native
-from .._value import field_names, value_class
 from ..errors import BtrdeltaError, StreamFormatError, UnsupportedVersionError
 from .codec import (
     _ZERO_CRC,
@@ -40,19 +38,16 @@ from .codec import (
     fast_decoder,
 )
 from .constants import (
-    ATTR_KIND,
     CMD_HEADER,
     CMD_HEADER_SIZE,
-    COMMAND_SPECS,
     MAX_PAYLOAD,
     STREAM_HEADER_SIZE,
     SUPPORTED_VERSIONS,
     Cmd,
-    Kind,
 )
 from .crc import crc32c
-from .framing import EOF, NEED_DATA, Framer, Framing, Sentinel, legal, max_command, send_place
-from .records import RECORD_TYPES, End, Record
+from .framing import EOF, NEED_DATA, Framer, Framing, Sentinel, legal, send_place
+from .records import End, Event, Record, StreamHeader
 
 __all__ = ["EOF", "NEED_DATA", "SEND_FRAMING", "Event", "StreamHeader", "StreamParser",
            "StreamReader"]
@@ -88,17 +83,6 @@ class _FastTable(dict[int, Any]):
 
 
 _FAST_BY_VERSION = {ver: _FastTable(ver) for ver in SUPPORTED_VERSIONS}
-
-
-@value_class
-class StreamHeader:
-    """Start of one (possibly concatenated) stream: its protocol version and byte offset."""
-
-    version: int
-    offset: int = 0
-
-
-Event = StreamHeader | Record
 
 
 class StreamParser:
@@ -335,42 +319,6 @@ class StreamParser:
             if ev is NEED_DATA or ev is EOF:
                 return
             yield ev
-
-
-# --- optional C accelerator ---------------------------------------------------------------
-#
-# dulwich-style: the Python code above stays the reference; ``_speedups`` (C, built when a
-# compiler is present) replaces the batch loop in parsers made while it is live
-# (``btrdelta._native``). It gets the decoding plan from COMMAND_SPECS, the same rules as
-# codec._gen_fast_decoder, and each version's highest command from the framing's table.
-
-_KIND_CODE = {Kind.U8: 0, Kind.U32: 1, Kind.U64: 2, Kind.UUID: 3, Kind.TIMESPEC: 4,
-              Kind.BYTES: 5, Kind.DATA: 6}
-
-
-def _speedups_plan() -> tuple[Any, ...]:
-    """``configure()`` arguments: per command, the kernel-order fields fast decoders accept."""
-    commands: list[Any] = [None] * (max(COMMAND_SPECS) + 1)
-    for cmd, spec in COMMAND_SPECS.items():
-        cls = RECORD_TYPES[cmd]
-        order = list(field_names(cls))
-        # optional (v2+) attributes are decoded where the kernel puts them, skipped when
-        # absent
-        # (this kernel leaves ENCRYPTION out of ENCODED_WRITE when it is 0)
-        plans = [
-            tuple(
-                (int(f.attr), _KIND_CODE[ATTR_KIND[f.attr]], order.index(f.name), f.optional)
-                for f in spec.fields
-                if v2 or not f.optional
-            )
-            for v2 in (False, True)
-        ]
-        commands[cmd] = (cls, len(order), *plans)
-    limits = ((0, 0), *((max_command(v), MAX_PAYLOAD[v]) for v in SUPPORTED_VERSIONS))
-    return uuid.UUID, tuple(commands), limits, int(Cmd.END), _crc
-
-
-_native.on_load("speedups", lambda mod: mod.configure(*_speedups_plan()))
 
 
 class StreamReader:

@@ -27,6 +27,7 @@ __all__ = [
     "EnableVerity",
     "EncodedWrite",
     "End",
+    "Event",
     "Fallocate",
     "Fileattr",
     "Link",
@@ -41,6 +42,7 @@ __all__ = [
     "Rmdir",
     "SetXattr",
     "Snapshot",
+    "StreamHeader",
     "Subvol",
     "Symlink",
     "Truncate",
@@ -345,6 +347,19 @@ Record = (
     | EncodedWrite
     | EnableVerity
 )
+
+
+@value_class
+class StreamHeader:
+    """Start of one (possibly concatenated) stream: its protocol version and byte offset
+    (what a reader yields before the stream's records, and a writer writes)."""
+
+    version: int
+    offset: int = 0
+
+
+#: what a stream reader yields
+Event = StreamHeader | Record
 
 #: Command number -> record class.
 RECORD_TYPES: dict[Cmd, type[Record]] = {

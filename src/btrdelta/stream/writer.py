@@ -15,8 +15,7 @@ from typing import Any
 from .. import _native
 from ..errors import StreamFormatError
 from .codec import encode_record, encode_stream_header
-from .reader import Event, StreamHeader
-from .records import End, Record
+from .records import End, Event, Record, StreamHeader
 
 __all__ = ["StreamWriter", "write_stream"]
 
