@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
 
+from btrdelta import _value
 from btrdelta._value import field, field_names, value_class
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @value_class
@@ -143,3 +149,35 @@ def test_one_compiled_init_per_shape_renamed_per_class() -> None:
     assert Swapped.__init__.__qualname__.endswith("Swapped.__init__")
     with pytest.raises(TypeError, match="f1"):
         Swapped()  # type: ignore[call-arg]
+
+
+def test_generated_shapes_are_current() -> None:
+    """Every shape of btrdelta's own value classes is written out in ``_value.py``
+    (``scripts/gen_value_shapes.py``), so none is compiled when a command starts."""
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/gen_value_shapes.py"),
+                           "--check"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_generated_and_compiled_shapes_are_the_same_code(frozen: bool) -> None:
+    """A shape written out ahead and one compiled when first used make the same
+    ``__init__`` (the generated code is :func:`shape_source`'s text); a shape not written
+    out (13 fields, a factory) is compiled and works."""
+    for shape in [(4, (False, False, True, True), False), (4, (False,) * 4, True),
+                  (0, (), False)]:
+        made = _value._GENERATED[_value.shape_name(shape)].__code__
+        scope: dict[str, object] = {}
+        exec(compile(_value.shape_source(shape), "<test>", "exec"), scope)
+        compiled = scope["__init__"].__code__  # type: ignore[attr-defined]
+        assert (made.co_code, made.co_consts, made.co_names, made.co_varnames) == (
+            compiled.co_code, compiled.co_consts, compiled.co_names, compiled.co_varnames)
+    names = [f"x{i}" for i in range(12)]
+    assert _value.shape_name((13, (False,) * 12 + (True,), frozen)) not in _value._GENERATED
+    ns: dict[str, object] = {"__annotations__": dict.fromkeys([*names, "tags"], "int")}
+    ns["tags"] = field(default_factory=list)
+    cls = value_class(frozen=frozen)(type("Wide", (), ns))
+    a, b = cls(*range(12)), cls(*range(12))
+    assert field_names(cls) == (*names, "tags")
+    assert (a.x11, a.tags, a == b, a.tags is not b.tags) == (11, [], True, True)
+    assert cls.__init__.__code__.co_name == "__init__"
