@@ -124,15 +124,13 @@ _FS_INFO = IOCTLS["FS_INFO"]
 
 
 
-class FileattrFlag(NamedTuple):
-    """One btrfs inode-item flag that has a ``chattr`` equivalent."""
-
-    #: ``BTRFS_INODE_<name>``: the bit in the inode item, and in a stream's FILEATTR
-    name: str
-    bit: int
-    #: the ``FS_IOC_GETFLAGS``/``SETFLAGS`` bit (``<linux/fs.h>``)
-    fs_name: str
-    fs_bit: int
+#: One btrfs inode-item flag that has a ``chattr`` equivalent: ``BTRFS_INODE_<name>`` and
+#: its ``bit`` in the inode item (and in a stream's FILEATTR), the ``FS_IOC_GETFLAGS`` /
+#: ``SETFLAGS`` flag ``fs_name`` and its ``fs_bit`` (``<linux/fs.h>``). (The call form: this
+#: module's annotations are strings, and the class form would compile each at import.)
+FileattrFlag = NamedTuple(  # noqa: UP014 (see above)
+    "FileattrFlag", [("name", str), ("bit", int), ("fs_name", str), ("fs_bit", int)])
+FileattrFlag.__doc__ = "One btrfs inode-item flag that has a ``chattr`` equivalent."
 
 
 #: btrfs inode-item flags <-> ``FS_*_FL`` bits, the one table read both ways
