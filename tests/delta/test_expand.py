@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import random
 import threading
 import uuid
@@ -27,7 +28,7 @@ from btrdelta.delta import (
 )
 from btrdelta.delta import events as events_mod
 from btrdelta.delta.expand import WRITE, expand_items
-from btrdelta.delta.format import NO_DIGEST, BtrfsCommand, Patch, PEncoded
+from btrdelta.delta.format import NO_DIGEST, BtrfsCommand, HashAlgo, Patch, PEncoded
 from btrdelta.delta.recompress import ZLIB, ZSTD, compress_extent
 from btrdelta.delta.stats import collect_delta_stats
 from btrdelta.delta.writer import DeltaWriter
@@ -308,3 +309,62 @@ def test_without_check_digest_nothing_is_hashed_but_count_and_size_are_checked(
     for change in ({"count": end.count + 1}, {"size": end.size - 1}):
         with pytest.raises(ChecksumError, match="DEND says"):
             expand(with_end(**change), check_digest=False)
+
+
+def _fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_old_file_checks_close_the_files_handed_over(tmp_path: Path) -> None:
+    """Old files handed to :class:`~btrdelta.delta.oldfiles.OldFileChecks` open (as
+    ``receive`` does with the unchanged files it clones) are checked from offset 0 and
+    closed: checked, failed (the first failure is raised, with its record index), behind a
+    failure in the same batch, or dropped by ``close``; a file looked up by path is
+    checked as before."""
+    algo = HashAlgo.BLAKE3_128
+    files = []
+    for i in range(8):
+        data = bytes([i]) * (1000 + i)
+        (tmp_path / f"f{i}").write_bytes(data)
+        files.append((f"f{i}".encode(), data))
+
+    def handed(checks: oldfiles.OldFileChecks, bad: int | None) -> list[int]:
+        fds = []
+        for i, (name, data) in enumerate(files):
+            fd = os.open(tmp_path / name.decode(), os.O_RDONLY)
+            os.lseek(fd, 7, os.SEEK_SET)  # moved by the caller's lseeks: read from 0
+            want = oldfiles.digest(algo, data if i != bad else b"other")
+            checks.add(tmp_path, name, len(data), algo, want, 100 + i, fd)
+            fds.append(fd)
+        return fds
+
+    checks = oldfiles.OldFileChecks(2)
+    fds = handed(checks, None)
+    checks.add(tmp_path, b"f0", 1000, algo, oldfiles.digest(algo, files[0][1]), 99)
+    checks.wait()
+    checks.close()
+    assert not any(_fd_open(fd) for fd in fds)
+
+    checks = oldfiles.OldFileChecks(2)
+    fds = handed(checks, 3)
+    with pytest.raises(ChecksumError, match="old file differs") as info:
+        checks.wait()
+    assert info.value.index == 103
+    assert info.value.path == b"f3"
+    checks.close()
+    assert not any(_fd_open(fd) for fd in fds)
+
+    checks = oldfiles.OldFileChecks(2)
+    fds = handed(checks, None)  # fewer than a batch: never submitted
+    checks.close()
+    assert not any(_fd_open(fd) for fd in fds)
+
+    checks = oldfiles.OldFileChecks(2)
+    checks.add(tmp_path, b"f1", 5, algo, bytes(16), 7)
+    with pytest.raises(ChecksumError, match="the patch expects"):
+        checks.wait()
+    checks.close()

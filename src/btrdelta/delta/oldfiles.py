@@ -16,7 +16,7 @@ from typing import Any
 import blake3
 
 from ..errors import ApplyError, BtrdeltaError, ChecksumError, MissingBaseError
-from ..fs.sandbox import DirCache, open_regular
+from ..fs.sandbox import DirCache, open_regular, open_regular_sized
 from .format import HashAlgo
 
 __all__ = ["OldFileChecks", "digest", "hasher", "read_old_file", "read_old_files"]
@@ -207,19 +207,27 @@ _CHUNK = 1 << 20
 
 
 def _check_old_file(root: str | os.PathLike[str], path: bytes, size: int, algo: int,
-                    expected: bytes, cache: DirCache, buf: bytearray) -> None:
+                    expected: bytes, cache: DirCache, buf: bytearray, fd: int = -1) -> None:
     """Raise as :func:`read_old_file` would if ``root/path`` has not ``size`` bytes with the
-    ``algo`` digest ``expected``; read a piece at a time into ``buf``, nothing kept."""
-    fd = open_regular(root, path, cache)
-    if fd is None:
-        raise MissingBaseError("old file of a patch is missing", path=path)
-    h = hasher(algo)
+    ``algo`` digest ``expected``; read a piece at a time into ``buf``, nothing kept.
+    ``fd``: the file, opened already with its size checked (closed here, whatever
+    happens), read from offset 0."""
+    if fd < 0:
+        got_fd = open_regular_sized(root, path, cache)
+        if got_fd is None:
+            raise MissingBaseError("old file of a patch is missing", path=path)
+        fd, actual = got_fd
+        try:
+            _expect_size(actual, size, path)
+        except BtrdeltaError:
+            os.close(fd)
+            raise
     view = memoryview(buf)
     try:
-        _expect_size(os.fstat(fd).st_size, size, path)
+        h = hasher(algo)
         got = 0
         while got < size:
-            n = os.readv(fd, (view[: min(size - got, len(buf))],))
+            n = os.preadv(fd, (view[: min(size - got, len(buf))],), got)
             if not n:
                 break
             h.update(view[:n])
@@ -233,8 +241,16 @@ def _check_old_file(root: str | os.PathLike[str], path: bytes, size: int, algo: 
     _expect_digest(bytes(h.digest()), expected, path)
 
 
-#: one old file to check: (old root, path, size, digest algorithm, digest, record index)
-_Check = tuple["str | os.PathLike[str]", bytes, int, int, bytes, int]
+#: one old file to check: (old root, path, size, digest algorithm, digest, record index,
+#: its open fd or -1)
+_Check = tuple["str | os.PathLike[str]", bytes, int, int, bytes, int, int]
+
+
+def _close_fds(batch: list[_Check]) -> None:
+    """Close the fds a batch of checks holds (a batch dropped, or left by a failure)."""
+    for check in batch:
+        if check[6] >= 0:
+            os.close(check[6])
 
 
 class OldFileChecks:
@@ -249,63 +265,91 @@ class OldFileChecks:
     caller calls it before anything that depends on the old files being right is made
     final (the received subvolume gets its name after the END it holds back). A failure
     is the error :func:`read_old_file` raises, with the index of the record that named the
-    file.
+    file. A file may be handed over open (its size checked by the caller): the check
+    reads it without looking it up again and closes it; at most ``_MAX_FDS`` such files
+    are held open at a time (then :meth:`add` waits for the oldest batch).
     """
 
     _BATCH_FILES = 64
     _BATCH_BYTES = 4 << 20
     _IN_FLIGHT = 16
+    _MAX_FDS = 256
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self._pool: ThreadPoolExecutor | None = None
         self._batch: list[_Check] = []
         self._bytes = 0
-        self._running: deque[Future[None]] = deque()
+        #: batches submitted, not yet waited for: (future, the batch, fds it holds)
+        self._running: deque[tuple[Future[None], list[_Check], int]] = deque()
+        #: fds held by the batch being gathered and by the running ones
+        self._fds = 0
+        self._batch_fds = 0
 
     def add(self, root: str | os.PathLike[str], path: bytes, size: int, algo: int,
-            expected_digest: bytes, index: int) -> None:
-        """Check ``root/path`` (``size`` bytes, ``expected_digest``) in the background."""
-        self._batch.append((root, path, size, algo, expected_digest, index))
+            expected_digest: bytes, index: int, fd: int = -1) -> None:
+        """Check ``root/path`` (``size`` bytes, ``expected_digest``) in the background;
+        ``fd``: the file opened already, its size checked (this takes it over)."""
+        self._batch.append((root, path, size, algo, expected_digest, index, fd))
         self._bytes += size
+        if fd >= 0:
+            self._fds += 1
+            self._batch_fds += 1
         if len(self._batch) >= self._BATCH_FILES or self._bytes >= self._BATCH_BYTES:
             self._submit()
         running = self._running
-        while running and (running[0].done() or len(running) > self._IN_FLIGHT):
-            running.popleft().result()
+        while running and (running[0][0].done() or len(running) > self._IN_FLIGHT
+                           or self._fds > self._MAX_FDS):
+            self._take()
+
+    def _take(self) -> None:
+        """Wait for the oldest running batch; raise its failure."""
+        fut, _batch, fds = self._running.popleft()
+        self._fds -= fds
+        fut.result()
 
     def _submit(self) -> None:
         if not self._batch:
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers, "btrdelta-oldcheck")
-        self._running.append(self._pool.submit(self._check, self._batch))
+        batch = self._batch
+        self._running.append((self._pool.submit(self._check, batch), batch, self._batch_fds))
         self._batch = []
         self._bytes = 0
+        self._batch_fds = 0
 
     def _check(self, batch: list[_Check]) -> None:
         cache = DirCache()
         buf = bytearray(_CHUNK)  # read into, hashed, reused: no new memory per file
+        started = 0  # checks started (each closes its fd)
         try:
-            for root, path, size, algo, expected, index in batch:
+            for root, path, size, algo, expected, index, fd in batch:
+                started += 1
                 try:
-                    _check_old_file(root, path, size, algo, expected, cache, buf)
+                    _check_old_file(root, path, size, algo, expected, cache, buf, fd)
                 except BtrdeltaError as exc:
                     raise exc.located(index=index) from None
         finally:
+            _close_fds(batch[started:])  # those not reached (a failure)
             cache.close()
 
     def wait(self) -> None:
         """Every file added so far checked; raises the first failure (in order added)."""
         self._submit()
-        running = self._running
-        while running:
-            running.popleft().result()
+        while self._running:
+            self._take()
 
     def close(self) -> None:
-        """Stop the threads: batches not started are dropped, running ones end."""
+        """Stop the threads: batches not started are dropped, running ones end; the files
+        they hold open are closed."""
+        _close_fds(self._batch)
         self._batch = []
-        self._running.clear()
+        running, self._running = self._running, deque()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        for fut, batch, _fds in running:
+            if fut.cancelled():
+                _close_fds(batch)
+        self._fds = self._batch_fds = 0

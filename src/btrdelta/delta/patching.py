@@ -32,7 +32,7 @@ from typing import Any
 
 from ..errors import BtrdeltaError, ChecksumError, MissingBaseError, StreamFormatError
 from ..fs.copy import data_segments
-from ..fs.sandbox import DirCache, open_regular, regular_size
+from ..fs.sandbox import DirCache, open_regular_sized
 from ..stream import records as R
 from ..stream.codec import encode_record
 from ..stream.constants import CMD_HEADER, MAX_PAYLOAD
@@ -228,29 +228,31 @@ class Patcher:
             and type(self.head) is R.Snapshot and _WORKERS > 1
         )
 
-    def _old_data(self, root: str | os.PathLike[str], p: Patch) -> list[tuple[int, int]] | None:
-        """For a ``same`` patch cloned from the parent (``clone_same``): the data ranges of
-        its old file when it has holes (SEEK_DATA/SEEK_HOLE), else ``None``. The stream's
-        WRITEs of zeros where the old file has a hole (a hole filled with zeros since the
-        parent) must stay data: ``btrfs receive`` of the stream writes them."""
+    def _open_same(self, root: str | os.PathLike[str],
+                   p: Patch) -> tuple[int, int, list[tuple[int, int]] | None] | None:
+        """For a ``same`` patch cloned from the parent (``clone_same``): its old file open,
+        its size and its data ranges when it has holes (SEEK_DATA/SEEK_HOLE, else
+        ``None``); ``None`` when it is not such a patch or there is no such regular file
+        (reported by the read below). The stream's WRITEs of zeros where the old file has
+        a hole (a hole filled with zeros since the parent) must stay data: ``btrfs
+        receive`` of the stream writes them."""
         if not self.clone_same or p.codec != SAME_CODEC or type(self.head) is not R.Snapshot:
             return None
         try:
-            fd = open_regular(root, p.base_path, self.dirs)
+            got = open_regular_sized(root, p.base_path, self.dirs)
         except (OSError, BtrdeltaError):
             return None  # (reported by the read or the CLONE, as before)
-        if fd is None:
+        if got is None:
             return None
+        fd, size = got
         try:
-            size = os.fstat(fd).st_size
             segs = data_segments(fd, size)
         except OSError:
-            return None
-        finally:
             os.close(fd)
-        if not size or segs == [(0, size)]:
             return None
-        return [(off, off + n) for off, n in segs]
+        if not size or segs == [(0, size)]:
+            return fd, size, None
+        return fd, size, [(off, off + n) for off, n in segs]
 
     def _finish(self, p: Patch, patch: bytes) -> None:
         self.pending = None
@@ -258,13 +260,17 @@ class Patcher:
         root = self.root_of("PATCH")  # known since the PATCH came
         # (its size looked up first: a missing or resized old file fails here, as below,
         # not in the CLONE of a range it does not have)
-        old_data = self._old_data(root, p)
-        if (old_data is None and self._cloned_unread(p)
-                and regular_size(root, p.base_path, self.dirs) == p.old_size):
-            self.checks.add(root, p.base_path, p.old_size, p.hash_algo, p.old_digest,
-                            self.index)
-            self.active = _Active(p, None, p.old_size)
-            return
+        same = self._open_same(root, p)
+        old_data = None
+        if same is not None:
+            fd, size, old_data = same
+            if old_data is None and size == p.old_size and self._cloned_unread(p):
+                # checked in the background, from the fd open here (taken over)
+                self.checks.add(root, p.base_path, p.old_size, p.hash_algo, p.old_digest,
+                                self.index, fd)
+                self.active = _Active(p, None, p.old_size)
+                return
+            os.close(fd)
         try:
             old: bytes | None
             if p.bases:

@@ -55,6 +55,7 @@ __all__ = [
     "list_dir",
     "open_flags",
     "open_regular",
+    "open_regular_sized",
     "open_subdir",
     "split_path",
     "walk",
@@ -375,16 +376,17 @@ class DirCache:
         self._key, self._fd = None, -1
 
 
-def _open_regular_at(dir_fd: int, name: bytes) -> int | None:
-    """``name`` in ``dir_fd`` opened read-only, if it is a regular file."""
+def _open_regular_at(dir_fd: int, name: bytes) -> tuple[int, int] | None:
+    """``name`` in ``dir_fd`` opened read-only, if it is a regular file: (fd, size)."""
     try:
         ffd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
     except OSError:
         return None
-    if not stat.S_ISREG(os.fstat(ffd).st_mode):
+    st = os.fstat(ffd)
+    if not stat.S_ISREG(st.st_mode):
         os.close(ffd)
         return None
-    return ffd
+    return ffd, st.st_size
 
 
 def open_regular(
@@ -400,6 +402,14 @@ def open_regular(
         UnsafePathError: ``path`` is empty, absolute or has ``.``/``..``/empty components.
         OSError: ``root`` itself cannot be opened.
     """
+    got = open_regular_sized(root, path, cache)
+    return None if got is None else got[0]
+
+
+def open_regular_sized(
+    root: str | os.PathLike[str], path: bytes, cache: DirCache | None = None
+) -> tuple[int, int] | None:
+    """:func:`open_regular` and the file's size from the same ``fstat``: ``(fd, size)``."""
     parts = _entry_parts(path)
     if cache is not None:
         dfd = cache.dir_fd(root, parts[:-1])
@@ -411,30 +421,6 @@ def open_regular(
         return _open_regular_at(fd, parts[-1])
     finally:
         os.close(fd)
-
-
-def regular_size(
-    root: str | os.PathLike[str], path: bytes, cache: DirCache | None = None
-) -> int | None:
-    """Size of the regular file ``root/path`` from its ``lstat`` (not opened), ``None`` if
-    there is none (missing, not regular, or a symlink on the way).
-
-    Raises:
-        UnsafePathError: ``path`` is empty, absolute or has ``.``/``..``/empty components.
-        OSError: ``root`` itself cannot be opened.
-    """
-    parts = _entry_parts(path)
-    dfd = cache.dir_fd(root, parts[:-1]) if cache is not None else _open_dir(root, parts[:-1])
-    if dfd is None:
-        return None
-    try:
-        st = os.stat(parts[-1], dir_fd=dfd, follow_symlinks=False)
-    except OSError:
-        return None
-    finally:
-        if cache is None:
-            os.close(dfd)
-    return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
 def file_size(root: str | os.PathLike[str], path: bytes) -> int | None:
