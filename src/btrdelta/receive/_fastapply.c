@@ -792,15 +792,18 @@ exec_clone(Fast *f, const Op *o)
     int src = openat(dfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
     if (src < 0)
         return -1;
-    struct stat st;
-    int r = -1;
-    if (fstat(src, &st) == 0 && S_ISREG(st.st_mode)) {
-        struct clone_range_args args = {src, (uint64_t)o->v[2], (uint64_t)o->v[1],
-                                        (uint64_t)o->v[0]};
-        r = ioctl(dst, IOC_FICLONERANGE, &args);
-        if (r < 0 && (errno == ENOTTY || errno == EINVAL || errno == ENOSPC ||
-                      errno == EOPNOTSUPP || errno == EXDEV || errno == EPERM))
+    /* FICLONERANGE refuses a source that is not a regular file (EINVAL, EISDIR): the
+     * file type is looked at (fstat) only before the copy that stands in for it */
+    struct clone_range_args args = {src, (uint64_t)o->v[2], (uint64_t)o->v[1],
+                                    (uint64_t)o->v[0]};
+    int r = ioctl(dst, IOC_FICLONERANGE, &args);
+    if (r < 0 && (errno == ENOTTY || errno == EINVAL || errno == ENOSPC ||
+                  errno == EOPNOTSUPP || errno == EXDEV || errno == EPERM)) {
+        struct stat st;
+        if (fstat(src, &st) == 0 && S_ISREG(st.st_mode))
             r = copy_range(src, (off_t)o->v[2], dst, (off_t)o->v[0], (off_t)o->v[1]);
+        else
+            r = -1;
     }
     close(src);
     return r < 0 ? -1 : 0;
