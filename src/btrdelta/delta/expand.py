@@ -141,7 +141,7 @@ class _Expander:
 
     def list_old_dir(self, path: bytes) -> list[bytes] | None:
         """Sorted names in the old snapshot's directory ``path`` (UNLINK references)."""
-        return list_old_dir(self.resolve_root("UNLINK reference"), path)
+        return list_old_dir(self.resolve_root("UNLINK reference"), path, self.patcher.dirs)
 
     def new_head(self, cmd: int, raw: memoryview) -> None:
         """A SUBVOL or SNAPSHOT command: the old root of what follows may change."""

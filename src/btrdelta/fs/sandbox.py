@@ -438,15 +438,18 @@ def file_size(root: str | os.PathLike[str], path: bytes) -> int | None:
         os.close(fd)
 
 
-def list_dir(root: str | os.PathLike[str], path: bytes) -> list[bytes] | None:
+def list_dir(root: str | os.PathLike[str], path: bytes,
+             cache: DirCache | None = None) -> list[bytes] | None:
     """Sorted entry names of the directory ``root/path`` (``b""``: the root itself), walked
-    without following symlinks; ``None`` if it is not a directory or the path is unsafe."""
+    without following symlinks; ``None`` if it is not a directory or the path is unsafe.
+    ``cache``: the directory is looked up with it (and kept there: the files of a directory
+    listed for a delta's UNLINKs are read next)."""
     try:
         parts = split_path(path)
     except UnsafePathError:
         return None
     try:
-        fd = _open_dir(root, parts)
+        fd = _open_dir(root, parts) if cache is None else cache.dir_fd(root, parts)
     except OSError:
         return None
     if fd is None:
@@ -456,4 +459,5 @@ def list_dir(root: str | os.PathLike[str], path: bytes) -> list[bytes] | None:
     except OSError:
         return None
     finally:
-        os.close(fd)
+        if cache is None:
+            os.close(fd)
