@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -139,6 +140,58 @@ def test_read_only_lookups_below_a_root_path(root: Path, tmp_path: Path) -> None
     for path in (b"dirlink", b"dirlink/sub", b"d/f", b"missing", b"..", b"/d"):
         assert list_dir(root, path) is None, path
     assert list_dir(tmp_path / "no-such-root", b"") is None
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_dir_cache_walks_only_below_the_previous_lookup(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lookup opens only the components below what it shares with the previous one
+    (the levels above stay open); at most 32 levels stay open however deep the path; a
+    missing or symlinked component is "not there" and the cache goes on from what it
+    holds; ``close`` releases every fd."""
+    deep = [b"l%d" % i for i in range(40)]
+    (root.joinpath(*(p.decode() for p in deep))).mkdir(parents=True)
+    (root.joinpath(*(p.decode() for p in deep)) / "x").write_bytes(b"x")
+    before = _open_fds()
+    cache = DirCache()
+    opened: list[bytes] = []
+    real_open = os.open
+
+    def counting_open(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+        opened.append(os.fsencode(path))
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", counting_open)
+    try:
+        assert cache.dir_fd(root, [b"d", b"e"]) is not None
+        assert opened == [os.fsencode(root), b"d", b"e"]
+        opened.clear()
+        assert cache.dir_fd(root, [b"d"]) is not None  # a level held: nothing opened
+        assert cache.dir_fd(root, [b"d", b"e"]) is not None
+        assert opened == [b"e"]
+        opened.clear()
+        assert cache.dir_fd(root, [b"d", b"missing"]) is None
+        assert cache.dir_fd(root, [b"dirlink"]) is None
+        assert cache.dir_fd(root, [b"d", b"e"]) is not None
+        assert opened == [b"missing", b"dirlink", b"d", b"e"]
+        opened.clear()
+        fd = open_regular(root, b"/".join([*deep, b"x"]), cache)
+        assert fd is not None
+        assert os.read(fd, 10) == b"x"
+        os.close(fd)
+        assert _open_fds() <= before + 1 + 32 + 1  # root, 32 levels, the deep walk's fd
+        fd = open_regular(root, b"/".join([*deep, b"x"]), cache)
+        assert fd is not None
+        os.close(fd)
+        assert opened.count(b"l0") == 1  # the 32 levels kept, the rest walked again
+        assert opened.count(b"l39") == 2
+    finally:
+        cache.close()
+    assert _open_fds() == before
 
 
 def test_dir_cache_keeps_one_directory_open(root: Path) -> None:

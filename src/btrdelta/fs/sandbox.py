@@ -37,7 +37,7 @@ import errno
 import os
 import stat
 from collections.abc import Iterable, Sequence
-from typing import Any, Final
+from typing import Final
 
 from ..errors import UnsafePathError
 
@@ -348,32 +348,70 @@ def _open_dir(root: str | os.PathLike[str], parts: Sequence[bytes]) -> int | Non
 
 
 class DirCache:
-    """Keeps the directory fd of the last lookup (files of one directory come one after the
-    other in a stream): one ``openat`` per file instead of one per path component. Not
-    thread-safe; :meth:`close` releases the fd."""
+    """Keeps open the directories of the last lookup, from the root down (a stream names
+    files in tree order: the files of one directory come one after the other, then those
+    of a sibling or a subdirectory): a lookup opens only the components below what it
+    shares with the previous one, one ``openat`` per file in the same directory. At most
+    :data:`_DIR_CACHE_DEPTH` levels stay open (below them, the walk of each lookup is
+    kept until the next). Not thread-safe; :meth:`close` releases the fds."""
 
-    __slots__ = ("_fd", "_key")
+    __slots__ = ("_deep", "_fds", "_parts", "_root")
 
     def __init__(self) -> None:
-        self._key: tuple[Any, tuple[bytes, ...]] | None = None
-        self._fd = -1
+        self._root: str | None = None
+        #: components of the directories held open, and their fds (``_fds[0]``: the root,
+        #: ``_fds[i]``: ``root/_parts[:i]``)
+        self._parts: list[bytes] = []
+        self._fds: list[int] = []
+        #: the fd of a lookup deeper than the levels kept (owned until the next lookup)
+        self._deep = -1
 
     def dir_fd(self, root: str | os.PathLike[str], parts: list[bytes]) -> int | None:
-        """A borrowed fd of ``root/parts...`` (walked without following symlinks)."""
-        key = (os.fspath(root), tuple(parts))
-        if key == self._key:
-            return self._fd
-        self.close()
-        fd = _open_dir(root, parts)
-        if fd is not None:
-            self._key, self._fd = key, fd
-        return fd
+        """A borrowed fd of ``root/parts...`` (walked without following symlinks), ``None``
+        if there is none.
+
+        Raises:
+            OSError: ``root`` itself cannot be opened.
+        """
+        if self._deep >= 0:
+            os.close(self._deep)
+            self._deep = -1
+        sroot = os.fspath(root)
+        if sroot != self._root or not self._fds:
+            self.close()
+            self._fds.append(os.open(root, _ROOT_FLAGS))
+            self._root = sroot
+        have, fds = self._parts, self._fds
+        n = 0
+        m = min(len(have), len(parts))
+        while n < m and have[n] == parts[n]:
+            n += 1
+        for fd in fds[n + 1 :]:
+            os.close(fd)
+        del fds[n + 1 :]
+        del have[n:]
+        try:
+            while len(have) < len(parts) and len(have) < _DIR_CACHE_DEPTH:
+                fds.append(open_subdir(fds[-1], parts[len(have)], b""))
+                have.append(parts[len(have)])
+            if len(have) < len(parts):
+                self._deep = walk(fds[-1], parts[len(have) :])
+                return self._deep
+        except (OSError, UnsafePathError):
+            return None
+        return fds[-1]
 
     def close(self) -> None:
-        """Close the cached directory fd."""
-        if self._fd >= 0:
-            os.close(self._fd)
-        self._key, self._fd = None, -1
+        """Close the cached directory fds."""
+        for fd in self._fds:
+            os.close(fd)
+        if self._deep >= 0:
+            os.close(self._deep)
+        self._root, self._parts, self._fds, self._deep = None, [], [], -1
+
+
+#: directory levels a :class:`DirCache` keeps open (a path may have thousands)
+_DIR_CACHE_DEPTH = 32
 
 
 def _open_regular_at(dir_fd: int, name: bytes) -> tuple[int, int] | None:
