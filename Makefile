@@ -16,8 +16,15 @@ sysdeps:
 
 #: the C accelerators and the header they share (scripts/gen_constants.py writes it)
 CSRC    := $(wildcard src/btrdelta/*/*.c) src/btrdelta/_constants.h
+#: send/_blockhash.c needs xxHash's header (the build skips it without): a venv made before
+#: it was installed is built again once (the marker is new then; the header's own time is
+#: its package's)
+XXHASH  := $(if $(wildcard /usr/include/xxhash.h),$(VENV)/.xxhash)
 
-$(STAMP): pyproject.toml setup.py $(CSRC)
+$(VENV)/.xxhash:
+	@mkdir -p $(VENV) && touch $@
+
+$(STAMP): pyproject.toml setup.py $(CSRC) $(XXHASH)
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip >/dev/null
 	@$(BIN)/python -m pip install -q -e '.[all,test,dev]'

@@ -35,6 +35,8 @@ pyinc=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2
 if [ -n "$pyinc" ] && [ ! -f "$pyinc/Python.h" ]; then
   case "$pyinc" in /usr/include/*) missing+=(python3-dev) ;; esac
 fi
+# the block-digest accelerator (btrdelta.send._blockhash) inlines xxHash from its header
+[ -f /usr/include/xxhash.h ] || missing+=(libxxhash-dev)
 if [ ${#missing[@]} -eq 0 ]; then exit 0; fi
 if [ "$(id -u)" -ne 0 ]; then
   echo "sysdeps: missing packages ${missing[*]} and not root; install them first" >&2

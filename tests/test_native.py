@@ -15,6 +15,7 @@ import pytest
 from btrdelta import _native
 from btrdelta.delta.unpack import CarrierReader
 from btrdelta.receive.applier import Applier
+from btrdelta.send.onepass import BlockHasher, block_digests_py
 from btrdelta.stream import StreamParser, StreamReader, StreamWriter, TextDumper
 from btrdelta.stream.records import End, Subvol
 
@@ -34,6 +35,7 @@ def _live_in(dest: Path) -> dict[str, bool]:
         "unfold": CarrierReader(None)._unfold_c is not None,
         "buzhash": _buzhash_runs_c(),
         "treewalk": _treewalk_runs_c(dest),
+        "blockhash": BlockHasher(1)._blocks_of is not block_digests_py,
     }
 
 
@@ -92,9 +94,9 @@ def test_one_setting_picks_every_accelerator() -> None:
         out[value] = subprocess.run([sys.executable, "-c", code], env={**env, **extra},
                                     capture_output=True, text=True, check=True).stdout.split()
     assert out[None] == out["0"]
-    assert out[None][:7] == ["c", "['c',", "'c',", "'c',", "'c',", "'c']", "c"]
+    assert out[None][:8] == ["c", "['c',", "'c',", "'c',", "'c',", "'c',", "'c']", "c"]
     assert out["1"] == ["python", "['python',", "'python',", "'python',", "'python',",
-                        "'python']", "python", "crc32c", "package"]
+                        "'python',", "'python']", "python", "crc32c", "package"]
 
 
 def test_use_backend_reaches_objects_made_inside(tmp_path: Path) -> None:
@@ -105,13 +107,14 @@ def test_use_backend_reaches_objects_made_inside(tmp_path: Path) -> None:
         assert _live_in(tmp_path) == dict.fromkeys(_native.ACCELERATORS, False)
         with _native.use_backend("c", "unfold"):
             assert _live_in(tmp_path) == {"speedups": False, "fastapply": False, "unfold": True,
-                                          "buzhash": False, "treewalk": False}
+                                          "buzhash": False, "treewalk": False,
+                                          "blockhash": False}
     assert _native.BACKEND == "c"
     with _native.use_backend("python", "fastapply"):
         assert _native.BACKEND == "c"
         assert _native.backends()["fastapply"] == "python"
         assert _live_in(tmp_path) == {"speedups": True, "fastapply": False, "unfold": True,
-                                      "buzhash": True, "treewalk": True}
+                                      "buzhash": True, "treewalk": True, "blockhash": True}
     assert _live_in(tmp_path) == dict.fromkeys(_native.ACCELERATORS, True)
 
 

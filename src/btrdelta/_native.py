@@ -1,6 +1,6 @@
 """The one switch between btrdelta's C accelerators and its pure-Python code (floor 0).
 
-Five optional C modules are built when a compiler is present:
+Six optional C modules are built when a compiler is present:
 
 =============  ==============================  ===============================================
 name           module                          what it runs instead of the Python code
@@ -13,9 +13,12 @@ name           module                          what it runs instead of the Pytho
 ``treewalk``   ``btrdelta.tree._treewalk``     the walk of an incremental tree-sum (lstat of
                                                every entry, lines taken or restated from the
                                                parent's)
+``blockhash``  ``btrdelta.send._blockhash``    a sendshot record's seeded XXH3-128 of every
+                                               4 KiB block of a buffer (one call, not one
+                                               per block; needs ``xxhash.h`` to build)
 =============  ==============================  ===============================================
 
-One setting picks the backend of all five: ``BTRDELTA_PURE_PYTHON=1`` makes it
+One setting picks the backend of all six: ``BTRDELTA_PURE_PYTHON=1`` makes it
 ``"python"``, otherwise it is ``"c"`` and every accelerator that is built is used. This
 module reads that variable once, at import: it is the only module besides ``cli`` that reads
 the environment. The Python code stays the reference: it handles what the C code hands
@@ -27,7 +30,7 @@ every object made after it::
 
     from btrdelta import _native
 
-    with _native.use_backend("python"):          # all five
+    with _native.use_backend("python"):          # all six
         ...
     with _native.use_backend("python", "fastapply"):   # only the applier's
         ...
@@ -72,6 +75,7 @@ ACCELERATORS: Final[dict[str, str]] = {
     "unfold": "btrdelta.delta._unfold",
     "buzhash": "btrdelta.chunk._buzhash",
     "treewalk": "btrdelta.tree._treewalk",
+    "blockhash": "btrdelta.send._blockhash",
 }
 
 #: the backend asked for: ``"python"`` when ``BTRDELTA_PURE_PYTHON`` is set (not ``0``),
