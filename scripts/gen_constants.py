@@ -1,9 +1,10 @@
 """Regenerate src/btrdelta/_constants.h, the numbers the C accelerators share with Python.
 
 The C files (``stream/_speedups.c``, ``receive/_fastapply.c``, ``delta/_unfold.c``,
-``chunk/_buzhash.c``) include the header instead of re-declaring command and attribute
-numbers, ioctl numbers, open flags, limits and casync's chunker table; every value comes
-from the Python table that owns it.
+``chunk/_buzhash.c``, ``tree/_treewalk.c``, ``send/_blockhash.c``) include the header instead
+of re-declaring command and attribute numbers, ioctl numbers, open flags, limits, casync's
+chunker table and a sendshot record's block size; every value comes from the Python table
+that owns it.
 ``python scripts/gen_constants.py`` rewrites the header; ``--check`` exits 1 if the
 committed one is out of date (a test runs it). Rebuild the accelerators after a change
 (``make venv``).
@@ -20,6 +21,7 @@ from btrdelta.chunk import buzhash
 from btrdelta.delta import carrier
 from btrdelta.fs import btrfs, sandbox
 from btrdelta.receive import encoded
+from btrdelta.send import onepass
 from btrdelta.stream import constants
 
 HEADER = Path(__file__).resolve().parent.parent / "src/btrdelta/_constants.h"
@@ -64,6 +66,9 @@ def header() -> str:
         "",
         "/* largest decompressed ENCODED_WRITE extent (btrdelta.receive.encoded) */",
         f"#define MAX_UNENCODED {encoded.MAX_UNENCODED}u",
+        "",
+        "/* the blocks a sendshot record digests (btrdelta.send.onepass.BLOCK) */",
+        f"#define SENDSHOT_BLOCK {onepass.BLOCK}",
         "",
         "/* ioctl request numbers (btrdelta.fs.btrfs.IOCTLS) */",
     ]

@@ -87,6 +87,9 @@ enum {
 /* largest decompressed ENCODED_WRITE extent (btrdelta.receive.encoded) */
 #define MAX_UNENCODED 8388608u
 
+/* the blocks a sendshot record digests (btrdelta.send.onepass.BLOCK) */
+#define SENDSHOT_BLOCK 4096
+
 /* ioctl request numbers (btrdelta.fs.btrfs.IOCTLS) */
 #define IOC_SUBVOL_CREATE 0x5000940Eu
 #define IOC_SNAP_CREATE_V2 0x50009417u

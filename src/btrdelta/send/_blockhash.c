@@ -22,7 +22,9 @@
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
-#define BLOCK 4096
+#include "_constants.h"
+
+#define BLOCK SENDSHOT_BLOCK
 /* buffers of at least this many bytes are hashed without the GIL */
 #define NOGIL_MIN (16 * BLOCK)
 
