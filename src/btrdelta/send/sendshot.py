@@ -282,11 +282,8 @@ def send_with_sendshots(
         if on_stream is not None:
             on_stream(sender)
         head = partial(_head, sender, fz, base, src, stream_name, seed)
-        # a full stream's record: the generations read once the stream is out (a full sweep
-        # of the snapshot's inodes, 12 ms of CPU for Debian's /usr: not before its first byte)
-        stamp = partial(_stamp(fz), sender.new) if base is None and changes is None else None
-        stored = _stream_and_record(sender, write, version, on_record, store, head,
-                                    changes, record, durable, stamp)
+        stored = _stream_and_record(sender, write, version, on_record, store, head, changes,
+                                    record, durable, _stamp(fz) if base is None else None)
         if inflight is not None:
             inflight(fz)
         return SendshotResult(
@@ -301,11 +298,13 @@ def _stream_and_record(sender: Sender, write: Callable[[Any], object], version: 
                        on_record: Callable[[Record], None] | None, store: SendshotStore,
                        head: Callable[[Changes | None], SendshotHead], changes: Changes | None,
                        record: bool, durable: bool,
-                       stamp: Callable[[], None] | None = None) -> StoredSendshot | None:
+                       stamp: Callable[[Tree], None] | None = None) -> StoredSendshot | None:
     """Write the stream, then (``record``) store its record. The record of a change sweep is
     known before the stream: it is written (``durable``: and ``fsync``-ed) by a thread while
     the stream is sent, and named after its last byte (nothing is named for a stream that
-    did not end). ``stamp``: called before a whole tree's record is made (its generations)."""
+    did not end). ``stamp``: gives a full stream's tree its inode generations before its record
+    is made (a sweep of every inode: 11-14 ms of CPU for Debian's ``/usr``, after the stream
+    rather than before its first byte)."""
     pending = store.begin(head(changes), changes.record(), durable=durable) \
         if record and changes is not None else None
     try:
@@ -319,7 +318,7 @@ def _stream_and_record(sender: Sender, write: Callable[[Any], object], version: 
     if not record:
         return None
     if stamp is not None:
-        stamp()
+        stamp(sender.new)
     return store.save(head(None), record_inodes(sender.new), durable=durable)
 
 
