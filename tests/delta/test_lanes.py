@@ -54,3 +54,31 @@ def test_the_bytes_do_not_depend_on_the_workers() -> None:
     """The cut points depend on the pieces only: one worker or four, the same bytes."""
     pieces = _pieces()
     assert _compress(pieces, 1, 24 << 10) == _compress(pieces, 4, 24 << 10)
+
+
+def test_blocks_larger_than_the_dictionary_keep_only_its_last_bytes() -> None:
+    """Blocks of 64 KiB, a 16 KiB dictionary: the next block is primed with the last 16 KiB
+    of the one before (a copy of them at its start costs almost nothing), and no earlier
+    piece of a block is kept for it (the history holds at most the dictionary and one
+    piece)."""
+    rnd = random.Random(7)
+    block, dict_size = 64 << 10, 16 << 10
+    first = [rnd.randbytes(8192) for _ in range(8)]  # one block of 64 KiB
+    pieces = [*first, first[-2], first[-1], first[0]]
+    lanes = Lanes(dict_size, preset=6, extreme=False, workers=2, block=block)
+    try:
+        futures = []
+        for i, p in enumerate(pieces):
+            futures.append(lanes.submit(p))
+            if i < 6:  # the block's first 48 KiB: never a preset
+                assert lanes._history_len == 0
+            assert lanes._history_len <= dict_size + 8192
+        out = [f.result() for f in futures]
+    finally:
+        lanes.close()
+    dec = lzma.LZMADecompressor(lzma.FORMAT_RAW,
+                                filters=[{"id": lzma.FILTER_LZMA2, "dict_size": dict_size}])
+    for piece, z in zip(pieces, out, strict=True):
+        assert dec.decompress(z) == piece
+    assert len(out[8]) + len(out[9]) < 1024  # the last 16 KiB of the block before
+    assert len(out[10]) > 8192  # 64 KiB back: outside the dictionary

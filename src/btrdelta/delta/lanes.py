@@ -12,9 +12,13 @@ with the one stream: the reader's decoder, whose dictionary holds those bytes, d
 them as it decodes one encoder's output, matches reaching back into earlier blocks.
 Independent blocks (a dictionary reset each) were 2% larger on the Debian install pair
 with two blocks, 4.7% with 8 MiB blocks; primed ones are within 0.01% of one encoder
-(primed with only the 24 MiB before the second block, not the whole first: +0.27%). The
-price is the priming (the encoder indexes up to ``dict_size`` bytes before its block,
-~half the cost of compressing them) and one encoder's memory per worker.
+(primed with only the 16 or 8 MiB before the second block: +1.1%, +1.35%). The price is
+the priming and one encoder's memory (~500 MB at 48 MiB) per worker: a bt4 encoder indexes
+each byte of its preset dictionary at ~0.75x the CPU of compressing it (Debian install
+pair, two 24 MiB blocks primed with what came before: 16.1 and 27.6 CPU s; one encoder for
+the whole 47.9 MB: 30.1-30.3 s; one thread each, load 4-7), so a block is twice the
+dictionary (:data:`~.writer.XZ_BLOCK`: the priming adds at most ~37% to a block's CPU) and
+only the last ``dict_size`` bytes of a block are kept to prime the next one.
 
 The cut points depend only on the pieces, never on the number of workers: the bytes
 written are the same for any ``-j``. Owns the blocks, the priming and the workers; not the
@@ -75,10 +79,14 @@ class Lanes:
         future: Future[bytes] = Future()
         self._block.tasks.put((data, future))
         self._block_len += len(data)
-        self._history.append(data)
-        self._history_len += len(data)
-        while self._history_len - len(self._history[0]) >= self.dict_size:
-            self._history_len -= len(self._history.popleft())
+        # only the block's last ``dict_size`` bytes can prime the next block: a piece that
+        # ends earlier in it is not kept (blocks larger than the dictionary: a carrier
+        # of one block holds no history at all)
+        if self._block_size - self._block_len < self.dict_size:
+            self._history.append(data)
+            self._history_len += len(data)
+            while self._history_len - len(self._history[0]) >= self.dict_size:
+                self._history_len -= len(self._history.popleft())
         return future
 
     def _open(self) -> None:
@@ -88,6 +96,9 @@ class Lanes:
         if self._history_len:
             preset = bytearray().join(self._history)
             del preset[:-self.dict_size]  # in place: no second copy of the window
+        if self._block_size >= self.dict_size:  # the next preset lies in this block
+            self._history.clear()
+            self._history_len = 0
         self._block = _Block(preset)
         self._block_len = 0
         self._pool.submit(self._run, self._block)

@@ -86,8 +86,12 @@ XZ_DICT = 48 << 20
 #: 12,985,281, 24.2 against 28.8 CPU s)
 XZ_EXTREME = False
 #: ``xz`` carrier: carried bytes compressed by one encoder, blocks on ``workers`` threads
-#: (:mod:`.lanes`); the install pair's 46 MiB carrier is two blocks
-XZ_BLOCK = 24 << 20
+#: (:mod:`.lanes`), each primed with the :data:`XZ_DICT` bytes before it: 2x the
+#: dictionary, so the priming (~0.75x the CPU of compressing as much) adds at most ~37%
+#: to a block's CPU. The install pair's 45.7 MiB carrier is one block: with 24 MiB blocks
+#: (two) its carrier alone took 43.7 CPU s and 886 MiB instead of 30.1 s and 678 MiB, for
+#: 0.01% less (load 4-7; docs/formats/delta-stream.md 7.9)
+XZ_BLOCK = 96 << 20
 #: most ``xz`` encoders running at once, whatever ``-j`` (each takes ~500 MB)
 XZ_WORKERS_MAX = 4
 
