@@ -96,7 +96,10 @@ def _add_make(dsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    metavar="SIZE", help="do not diff files larger than SIZE (default 256M)")
     add_jobs(m, MakeOptions().jobs, "diff threads (default: number of CPUs)")
     m.add_argument("--level", type=int, default=MakeOptions.level, metavar="L",
-                   help="zstd level of carried data, 0 = uncompressed (default 19)")
+                   help="zstd level of carried data, 0 = uncompressed (default 19); with "
+                        "the xz carrier, xz's preset (above 9: 9; the dictionary stays 48 "
+                        "MiB): --carrier xz --level 5 (nice_len 32) took 14%% less CPU for "
+                        "a 0.76%% larger delta on the Debian install of 27 packages")
     m.add_argument("--no-recompress", dest="recompress", action="store_false",
                    help="carry compressed extents (ENCODED_WRITE) as they are instead of "
                         "regenerating them by recompression")
