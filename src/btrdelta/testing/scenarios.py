@@ -6,6 +6,8 @@ in ``b`` unmounts and mounts the filesystem again, to make btrfs reuse inode num
 A scenario may also unlink files in a snapshot while they are open (``a_held``, ``b_held``:
 upstream's inodes without links, btrfs/168 and 278): those descriptors stay open as long as
 the filesystem is mounted, so the kernel sends the snapshots with the unlinked inodes in them.
+``a_open`` keeps a file open in the live subvolume while snapshot A is taken (an O_TMPFILE:
+an orphan inode in both snapshots, upstream's btrfs/058).
 :func:`make_streams` runs them and lets the *kernel* write the streams, which are then the
 real data every stream test is checked on. Recipes follow the upstream tests they are
 named after (the number in a name is the upstream test's).
@@ -40,6 +42,11 @@ class Scenario:
     a_held: str = ""
     #: the same for snapshot B
     b_held: str = ""
+    #: run in the live subvolume after ``a``, before snapshot A is taken, and kept running
+    #: until the filesystem is unmounted (upstream's btrfs/058: an O_TMPFILE open while the
+    #: snapshot is taken is in it as an orphan inode). It may ``exec`` a program that
+    #: prints ``ready`` once its files are open and exits at the end of its standard input.
+    a_open: str = ""
 
 
 S = Scenario
@@ -340,6 +347,54 @@ SCENARIOS: list[Scenario] = [
     S("rm-dir-remount-new-inode-227",
       "mkdir dir; touch dir/file1 dir/file2 dir/file3",
       "rm -fr dir\nREMOUNT\ntouch newfile"),
+    S("path-build-loops-045",
+      "mkdir -p a/b; mkdir a/c a/b/d; touch a/file1 a/b/file2; mv a/file1 a/b/d/file3;"
+      " ln a/b/d/file3 a/b/file4; mkdir a/b/f; mv a/b a/c/b2; touch a/c/b2/d/file5;"
+      " mkdir -p a/x1/x2; mkdir a/Z; mkdir -p a/x1/x2/x3/x4/x5;"
+      " mkdir -p _a/_b/_c/_d; mkdir _a/_b/_c/_d/_e _a/_b/_c/_d/_f;"
+      " mv _a/_b/_c/_d/_e _a/_b/_c/_d/_f/_E2; mkdir _a/_b/_c/_g; mv _a/_b/_c/_d _a/_b/_D2;"
+      " mkdir -p za/zb/zc/zd; mkdir za/zb/ze; mv za/zb/zc za/zb/ze/zCC;"
+      " mkdir za/zb/ze/zCC/zd/zf za/zg;"
+      " mkdir -p y_a/y_b y_a/y_c/y_d; mkdir y_a/y_b/y_e y_a/y_c/y_d/y_f;"
+      " mv y_a/y_b y_a/y_c/y_d/y_2b; mkdir y_a/y_x y_a/y_y;"
+      " mkdir -p w_a/w_b w_a/w_c/w_d; mkdir w_a/w_b/w_e w_a/w_c/w_d/w_f;"
+      " mv w_a/w_b w_a/w_c/w_d/w_2b;"
+      " mkdir -p xa/xb; mkdir xa/xc; mv xa/xb xa/xc/xb2; mkdir xa/xe;"
+      " mkdir -p %a/%b; mkdir %a/%c %a/%b/%d %a/%c/%e",
+      "ln a/c/b2/file4 a/c/b2/f/file6; mv a/c/b2/d/file5 a/c/file7; touch a/c/b2/d/file8;"
+      " touch a/c/b2/file9; ln a/c/b2/file9 a/c/b2/file10; mv a/c/b2/f a/f2; mv a/c a/c2;"
+      " mv a/c2/b2 a/f2/b3; mv a/c2 a/f2/b3/c3; touch a/f2/b3/c3/file11; mv a a2;"
+      " mv a2/x1/x2/x3 a2/Z/X33; mv a2/x1/x2 a2/Z/X33/x4/x5/X22;"
+      " mkdir _a/_o; mv _a/_b/_c/_g _a/_b/_D2/_f/_G2; mv _a/_b/_D2 _a/_b/_dd;"
+      " mv _a/_b/_c _a/_C2; mv _a/_b/_dd/_f _a/_o/_FF; mv _a/_b _a/_o/_FF/_E2/_BB;"
+      " mkdir za/zg/zh; mv za/zb/ze za/zg/zh/zEE; mv za/zg/zh/zEE/zCC/zd za/zg/zh/zEE/zDD;"
+      " mv za/zg/zh/zEE/zDD/zf za/zg/zh/zEE/zDD/zFF;"
+      " mv y_a/y_x y_a/y_y; mv y_a/y_c/y_d/y_2b/y_e y_a/y_c/y_d/y_2b/y_2e;"
+      " mv y_a/y_c/y_d y_a/y_y/y_x/y_2d; mv y_a/y_c y_a/y_y/y_x/y_2d/y_2b/y_2c;"
+      " mv w_a/w_c/w_d/w_2b/w_e w_a/w_c/w_d/w_2b/w_2e; mkdir w_a/w_h;"
+      " mv w_a/w_c/w_d w_a/w_h/w_2d; mv w_a/w_c w_a/w_h/w_2d/w_2b/w_2c;"
+      " mv xa/xc/xb2 xa/xe/xb3; mkdir xa/xe/xb3/xf xa/xh; mv xa/xc xa/xe/xb3/xf/xc2;"
+      " mv xa/xe xa/xh/xe2;"
+      " echo hello > %a/foo; mkdir %a/%b/%d/%f %a/%b/%g; mv %a/%c/%e %a/%b/%g/%e2;"
+      " mv %a/%c %a/%b/%d/%f/%c2; mv %a/%b/%d/%f %a/%b/%g/%e2/%f2; mv %a/foo %a/%b/%g/%e2/%f2"),
+    S("hierarchy-reshuffle-087",
+      "D=data; mkdir -p $D/n1/n2/p1/p2 $D/n4 $D/t6 $D/t7 $D/t5/t7 $D/t2 $D/t4 $D/t1/t3 $D/p1;"
+      " mv $D/t1 $D/p1; mkdir -p $D/p1/p2; mv $D/t4 $D/p1/p2/t1; mv $D/t5 $D/n4/t5;"
+      " mv $D/n1/n2/p1/p2 $D/n4/t5/p2; mv $D/t7 $D/n4/t5/p2/t7; mv $D/t2 $D/n4/t1;"
+      " mv $D/p1 $D/n4/t5/p2/p1; mv $D/n1/n2 $D/n4/t5/p2/p1/p2/n2;"
+      " mv $D/n4/t5/p2/p1/p2/t1 $D/n4/t5/p2/p1/p2/n2/t1;"
+      " mv $D/n4/t5/t7 $D/n4/t5/p2/p1/p2/n2/t1/t7;"
+      " mv $D/n4/t5/p2/p1/t1/t3 $D/n4/t5/p2/p1/p2/n2/t1/t3;"
+      " mv $D/n4/t5/p2/p1/p2/n2/p1 $D/n4/t5/p2/p1/p2/n2/t1/t7/p1;"
+      " mv $D/t6 $D/n4/t5/p2/p1/p2/n2/t1/t3/t5;"
+      " mv $D/n4/t5/p2/p1/t1 $D/n4/t5/p2/p1/p2/n2/t1/t3/t1;"
+      " mv $D/n1 $D/n4/t5/p2/p1/p2/n2/t1/t7/p1/n1",
+      "D=data/n4; mv $D/t1 $D/t5/p2/p1/p2/n2/t1/t7/p1/t1; mv $D/t5/p2/p1/p2/n2/t1 $D/;"
+      " mv $D/t5/p2/p1/p2/n2 $D/t1/n2; mv $D/t1/t7/p1 $D/t1/n2/p1; mv $D/t1/t3/t1 $D/t1/n2/t1;"
+      " mv $D/t1/t3 $D/t1/n2/t1/t3; mv $D/t5/p2/p1/p2 $D/t1/n2/p1/p2;"
+      " mv $D/t1/t7 $D/t1/n2/p1/t7; mv $D/t5/p2/p1 $D/t1/n2/p1/p2/p1;"
+      " mv $D/t1/n2/t1/t3/t5 $D/t1/n2/p1/p2/t5; mv $D/t5 $D/t1/n2/p1/p2/p1/t5;"
+      " mv $D/t1/n2/p1/p2/p1/t5/p2 $D/t1/n2/p1/p2/p1/p2; mv $D/t1/n2/p1/p2/p1/p2/t7 $D/t1/t7"),
     # held descriptors last: a later REMOUNT on the same filesystem would find it busy
     S("deleted-open-file-168",
       'xfs_io -f -c "pwrite -S 0xf1 0 64K" foo; xfs_io -f -c "pwrite -S 0x7b 0 90K" bar;'
@@ -362,6 +417,16 @@ SCENARIOS: list[Scenario] = [
       " rmdir changed_subcase1.dir; unlink changed_subcase2.file;"
       " unlink changed_subcase2.dir/foo; rmdir changed_subcase2.dir; unlink new.file;"
       " rmdir new.dir"),
+    # upstream: xfs_io -T fed by a fifo. The tmpfile (inode and orphan item) is in the
+    # snapshot as taken, but the kernel's orphan clean-up at the snapshot's first lookup
+    # (even read-only) drops it, so the stream, like upstream's, has no trace of it
+    S("tmpfile-orphan-in-snapshot-058",
+      "mkfifo fifo",
+      "touch after",
+      a_open="exec python3 -c 'import os, sys\n"
+      "fd = os.open(\".\", os.O_TMPFILE | os.O_RDWR, 0o600)\n"
+      "os.pwrite(fd, b\"\\xcd\" * 65536, 0)\n"
+      "print(\"ready\", flush=True)\nsys.stdin.read()'"),
 ]
 del S
 
@@ -398,14 +463,12 @@ def _bash(script: str, cwd: Path) -> None:
         )
 
 
-def _hold_in_snapshot(mnt: Path, snap: Path, script: str) -> None:
-    """Run ``script`` in the read-only ``snap`` made writable for it, its descriptors kept
-    open (the process waits on its stdin, :func:`loopfs.release` ends it) and ``snap``
-    read-only again."""
-    run("btrfs", "property", "set", snap, "ro", "false")
+def _hold(mnt: Path, where: Path, script: str) -> None:
+    """Run ``script`` in ``where``, its descriptors kept open (the process waits on its
+    stdin, :func:`loopfs.release` ends it)."""
     proc = subprocess.Popen(
         ["bash", "-euo", "pipefail", "-c", f"{script}\ncd /\necho ready\nread -r _ || :"],
-        cwd=snap, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd=where, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         env={**os.environ, "LC_ALL": "C.UTF-8"},
     )
     assert proc.stdout is not None
@@ -415,6 +478,12 @@ def _hold_in_snapshot(mnt: Path, snap: Path, script: str) -> None:
         proc.wait()
         raise RuntimeError(f"recipe failed ({proc.returncode}): {script!r}: {err}")
     hold(mnt, proc)
+
+
+def _hold_in_snapshot(mnt: Path, snap: Path, script: str) -> None:
+    """:func:`_hold` in the read-only ``snap`` made writable for it, then read-only again."""
+    run("btrfs", "property", "set", snap, "ro", "false")
+    _hold(mnt, snap, script)
     run("btrfs", "property", "set", snap, "ro", "true")
 
 
@@ -424,6 +493,8 @@ def make_snapshots(mnt: Path, scenario: Scenario, tag: str = "") -> SnapshotPair
     vol = mnt / f"vol-{name}"
     run("btrfs", "-q", "subvolume", "create", vol)
     _bash(scenario.a, vol)
+    if scenario.a_open:
+        _hold(mnt, vol, scenario.a_open)
     run("sync")
     a = mnt / f"{name}-A"
     b = mnt / f"{name}-B"
