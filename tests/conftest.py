@@ -167,6 +167,13 @@ def kernel_streams(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Ke
                         b = send(pair.b, out / f"{base}.B", parent=pair.a, proto=proto,
                                  compressed=compressed)
                         streams += [KernelStream(f"{base}.A", a), KernelStream(f"{base}.B", b)]
+                        if pair.c is not None:  # B from A with C as a clone source too
+                            c = send(pair.c, out / f"{base}.C", proto=proto,
+                                     compressed=compressed)
+                            bc = send(pair.b, out / f"{base}.Bc", parent=pair.a, proto=proto,
+                                      compressed=compressed, extra=("-c", str(pair.c)))
+                            streams += [KernelStream(f"{base}.C", c),
+                                        KernelStream(f"{base}.Bc", bc)]
                     if comp == "zstd" and sc.name == "compressible-data-W6":
                         nd = send(pair.b, out / f"{sc.name}.nodata", parent=pair.a,
                                   extra=("--no-data",))

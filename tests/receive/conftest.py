@@ -70,31 +70,39 @@ def our_receive(stream: Path, dest: Path, warnings: list[str] | None = None,
 
 @dataclass
 class Group:
-    """One scenario variant: streams A and B received three ways."""
+    """One scenario variant: streams A and B (after ``middle``: a clone source's full stream)
+    received three ways."""
 
     name: str
     a: KernelStream
     b: KernelStream
     dirs: dict[str, Path]
     error: str | None = None
+    middle: tuple[KernelStream, ...] = ()
 
 
 @pytest.fixture(scope="session")
 def received(kernel_streams: list[KernelStream], targets: Targets) -> dict[str, Group]:
     by_name = {ks.name: ks for ks in kernel_streams}
     groups: dict[str, Group] = {}
+    todo: list[Group] = []
     for name, ks in by_name.items():
         if not name.endswith(".A") or name[:-2] + ".B" not in by_name:
             continue
         base = name[:-2]
-        g = Group(base, ks, by_name[base + ".B"], {})
+        todo.append(Group(base, ks, by_name[base + ".B"], {}))
+        if base + ".C" in by_name:  # A, the clone source C, B sent with -p A -c C
+            todo.append(Group(base + ".clones", ks, by_name[base + ".Bc"], {},
+                              middle=(by_name[base + ".C"],)))
+    for g in todo:
+        base = g.name
         for key, root in (("kernel", targets.kernel), ("btrfs", targets.ours_btrfs),
                           ("ext4", targets.ours_ext4), ("btrfs-python", targets.ours_btrfs)):
             d = root / (base if key != "btrfs-python" else base + ".python")
             d.mkdir()
             g.dirs[key] = d
         try:
-            for stream in (g.a.path, g.b.path):
+            for stream in (g.a.path, *(m.path for m in g.middle), g.b.path):
                 kernel_receive(stream, g.dirs["kernel"])
                 our_receive(stream, g.dirs["btrfs"], targets.warnings)
                 our_receive(stream, g.dirs["ext4"], targets.warnings)

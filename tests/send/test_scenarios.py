@@ -90,3 +90,39 @@ def test_same_tree_same_uuid(btrfs_ws: Workspace) -> None:
     hc = read_all(make_stream(base / "c.s", base / "b"))[1]
     assert isinstance(hc, Subvol)
     assert hc.uuid != ha.uuid
+
+
+CLONES = [sc for sc in PLAIN if sc.clones]
+
+
+@pytest.mark.btrfs
+@pytest.mark.parametrize(("version", "compress"), VARIANTS, ids=["v1", "v2-zstd"])
+@pytest.mark.parametrize("scenario", CLONES, ids=[sc.name for sc in CLONES])
+def test_scenario_clone_source_kernel_receive(
+    btrfs_ws: Workspace, tmp_path: Path, scenario, version, compress
+) -> None:
+    """``send -p OLD -c CLONES NEW`` (CLONES: a copy of NEW, upstream's clones_snap), the
+    three streams received by the kernel and by btrdelta's own receiver in that order."""
+    import subprocess
+
+    base = btrfs_ws.fresh(scenario.name + "-c")
+    old, new = build_pair(base, scenario)
+    clones = base / "clones"
+    subprocess.run(["cp", "-a", "--reflink=auto", str(new), str(clones)], check=True)
+    streams = [make_stream(base / "old.s", old, version=version, compress=compress),
+               make_stream(base / "clones.s", clones, version=version, compress=compress),
+               make_stream(base / "new.s", new, old, version=version, compress=compress,
+                           clone_sources=[clones])]
+    for s in streams:
+        progs_dump_ok(s)
+    clone_uuid = read_all(streams[1])[1]
+    assert isinstance(clone_uuid, Subvol)
+    dest = base / "recv"
+    dest.mkdir()
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for s, tree in zip(streams, (old, clones, new), strict=True):
+        kernel_receive(s, dest)
+        assert_same_tree(tree, dest / tree.name)
+        userspace_receive(s, plain)
+        assert_same_tree(tree, plain / tree.name)

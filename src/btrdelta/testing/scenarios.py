@@ -7,7 +7,8 @@ A scenario may also unlink files in a snapshot while they are open (``a_held``, 
 upstream's inodes without links, btrfs/168 and 278): those descriptors stay open as long as
 the filesystem is mounted, so the kernel sends the snapshots with the unlinked inodes in them.
 ``a_open`` keeps a file open in the live subvolume while snapshot A is taken (an O_TMPFILE:
-an orphan inode in both snapshots, upstream's btrfs/058).
+an orphan inode in both snapshots, upstream's btrfs/058). ``clones`` adds a snapshot C, a
+clone source for B's stream besides its parent A (btrfs/117).
 :func:`make_streams` runs them and lets the *kernel* write the streams, which are then the
 real data every stream test is checked on. Recipes follow the upstream tests they are
 named after (the number in a name is the upstream test's).
@@ -47,6 +48,10 @@ class Scenario:
     #: snapshot is taken is in it as an orphan inode). It may ``exec`` a program that
     #: prints ``ready`` once its files are open and exits at the end of its standard input.
     a_open: str = ""
+    #: also take snapshot C (upstream's ``clones_snap``: the state of B) just before B; B is
+    #: then also sent from A with C as a clone source (``send -p A -c C``), a third stream
+    #: received after A and C (upstream's btrfs/117)
+    clones: bool = False
 
 
 S = Scenario
@@ -395,6 +400,11 @@ SCENARIOS: list[Scenario] = [
       " mv $D/t1/t7 $D/t1/n2/p1/t7; mv $D/t5/p2/p1 $D/t1/n2/p1/p2/p1;"
       " mv $D/t1/n2/t1/t3/t5 $D/t1/n2/p1/p2/t5; mv $D/t5 $D/t1/n2/p1/p2/p1/t5;"
       " mv $D/t1/n2/p1/p2/p1/t5/p2 $D/t1/n2/p1/p2/p1/p2; mv $D/t1/n2/p1/p2/p1/p2/t7 $D/t1/t7"),
+    S("clone-source-multi-step-117",  # B is also sent with -p A -c C (C: B's state)
+      'mkdir -p a/b/c; xfs_io -f -c "pwrite -S 0xfd 0 128K" a/b/c/x',
+      "for ((i = 1; i <= 1000; i++)); do echo -n > a/b/c/z_$i; done;"
+      " cp --reflink=always a/b/c/x a/b/c/y; xfs_io -c \"pwrite -S 0xab 32K 16K\" a/b/c/y",
+      clones=True),
     # held descriptors last: a later REMOUNT on the same filesystem would find it busy
     S("deleted-open-file-168",
       'xfs_io -f -c "pwrite -S 0xf1 0 64K" foo; xfs_io -f -c "pwrite -S 0x7b 0 90K" bar;'
@@ -438,6 +448,8 @@ class SnapshotPair:
     scenario: Scenario
     a: Path
     b: Path
+    #: the clone-source snapshot of a ``clones`` scenario (taken just before ``b``)
+    c: Path | None = None
 
 
 def _mount_source(mnt: Path) -> tuple[str, str]:
@@ -509,12 +521,16 @@ def make_snapshots(mnt: Path, scenario: Scenario, tag: str = "") -> SnapshotPair
             run("mount", "-o", opts, dev, mnt)
         _bash(part, vol)
     run("sync")
+    c = None
+    if scenario.clones:
+        c = mnt / f"{name}-C"
+        run("btrfs", "-q", "subvolume", "snapshot", "-r", vol, c)
     run("btrfs", "-q", "subvolume", "snapshot", "-r", vol, b)
     if scenario.a_held:
         _hold_in_snapshot(mnt, a, scenario.a_held)
     if scenario.b_held:
         _hold_in_snapshot(mnt, b, scenario.b_held)
-    return SnapshotPair(scenario, a, b)
+    return SnapshotPair(scenario, a, b, c)
 
 
 def send(snapshot: Path, out: Path, *, parent: Path | None = None, proto: int = 1,
