@@ -124,3 +124,27 @@ def test_clone_source_is_cloned_by_the_kernel_receive(btrfs_ws: Workspace) -> No
     for n in ("lib", "v1", "v2"):
         kernel_receive(streams[n], dest)
     assert_same_tree(v2, dest / "v2")
+
+
+@pytest.mark.btrfs
+def test_clone_source_with_the_new_trees_uuid_is_not_named(btrfs_ws: Workspace) -> None:
+    # a copy of NEW has NEW's UUID (the content's): btrfs receive takes a clone from that
+    # UUID for one from the subvolume it is receiving (EINVAL, cloning a file onto itself)
+    base = btrfs_ws.fresh("clonesame")
+    v1, v2 = _trees(base)
+    copy = base / "copy"
+    subprocess.run(["cp", "-a", str(v2), str(copy)], check=True)
+    streams = {n: base / f"{n}.s" for n in ("v1", "copy", "v2")}
+    assert main(["send", "-q", str(v1), "-f", str(streams["v1"])]) == 0
+    assert main(["send", "-q", str(copy), "-f", str(streams["copy"])]) == 0
+    assert main(["send", "-q", "-p", str(v1), "-c", str(copy), str(v2), "-f",
+                 str(streams["v2"])]) == 0
+    copy_uuid = next(r for r in read_all(streams["copy"]) if isinstance(r, Subvol)).uuid
+    recs = read_all(streams["v2"])
+    assert getattr(recs[1], "uuid", None) == copy_uuid  # the premise
+    assert not [r for r in recs if isinstance(r, Clone) and r.clone_uuid == copy_uuid]
+    dest = base / "recv"
+    dest.mkdir()
+    for n in ("v1", "copy", "v2"):
+        kernel_receive(streams[n], dest)
+    assert_same_tree(v2, dest / "v2")

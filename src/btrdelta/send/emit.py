@@ -505,6 +505,10 @@ class Sender:
                 clone_offset=0,
             )
         for src in self.sources:
+            if src.uuid == self.new_ids()[0]:
+                # a copy of the new tree (the UUID is the content's): the receiver takes a
+                # clone from that UUID for one from the subvolume it is receiving
+                continue
             found = src.by_digest.get(node.digest)
             if found is not None and found[1] == node.size and files_equal(
                 src.abspath(found[0]), new_abs, node.size
