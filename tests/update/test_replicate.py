@@ -20,7 +20,7 @@ import xxhash
 
 from btrdelta.errors import TransportError
 from btrdelta.protocol import Connection, Data, Hello, Holdings, Plan, Refuse
-from btrdelta.protocol.messages import Accept, Checkpoint, Commit
+from btrdelta.protocol.messages import Accept, Ack, Checkpoint, Commit
 from btrdelta.send.store import SendshotStore
 from btrdelta.stream.records import End, Mkfile, Snapshot, Subvol, Write
 from btrdelta.stream.writer import StreamWriter
@@ -243,15 +243,22 @@ def _stream(records: list[object]) -> bytes:
 def _lying_sender(dest: Path, stream: bytes, plan_parent: object, *,
                   corrupt_digest: bool = False, versions: tuple[int, ...] = (1,),
                   spoke: list[int] | None = None,
-                  after_end: str = "commit") -> tuple[str, int, str]:
+                  after_end: str = "commit",
+                  resume: bool = False) -> tuple[str, int, str]:
     """Speak the protocol by hand to a `replicate --serve` child; (outcome, exit, stderr).
     ``after_end``: what follows the last ACK: "commit", "refuse" (a REFUSE), "close" (the
-    connection closed) or "lie" (a COMMIT with another chain)."""
+    connection closed) or "lie" (a COMMIT with another chain). ``resume``: the receiver
+    holds the whole stream as a partial transfer: a PLAN resuming at its end, then
+    ``after_end`` (no DATA, no CHECKPOINT)."""
     ch = spawn_local(str(dest))
     io = MessageIO(ch, Connection("sender"))
     io.send(Hello("sender", versions, (), "liar", "/x"))
     io.expect(Hello)
-    io.expect(Holdings)
+    holdings = io.expect(Holdings)
+    if resume:
+        part = holdings.partial  # type: ignore[attr-defined]
+        assert part is not None
+        assert (part.offset, part.segments) == (len(stream), 1), part
     import blake3
 
     head = next(iter([None]))
@@ -264,8 +271,10 @@ def _lying_sender(dest: Path, stream: bytes, plan_parent: object, *,
 
     first = next(ev for ev in StreamReader(_io.BytesIO(stream)).events()
                  if type(ev) is not StreamHeader)
-    plan = Plan("incremental" if plan_parent else "full", "ab" * 16, os.fsdecode(first.path),
-                first.uuid, 1, plan_parent, "", len(stream), 1 << 20)  # type: ignore[attr-defined]
+    kind = "resume" if resume else "incremental" if plan_parent else "full"
+    plan = Plan(kind, "ab" * 16, os.fsdecode(first.path), first.uuid, 1,  # type: ignore[attr-defined]
+                plan_parent, "", len(stream), 1 << 20, len(stream) if resume else 0,
+                1 if resume else 0)
     io.send(plan)
     got = io.expect(Accept, Refuse)
     if isinstance(got, Refuse):
@@ -277,9 +286,11 @@ def _lying_sender(dest: Path, stream: bytes, plan_parent: object, *,
     digest = blake3.blake3(stream).hexdigest() if io.conn.version == 1 else \
         xxhash.xxh3_128_hexdigest(stream)
     chain = chain_next("00" * 32, digest)
-    io.send(Data(0, stream))
-    io.send(Checkpoint(0, len(stream), "00" * 32 if corrupt_digest else digest, chain))
-    answer = io.next()
+    answer: object = Ack(0, len(stream))
+    if not resume:
+        io.send(Data(0, stream))
+        io.send(Checkpoint(0, len(stream), "00" * 32 if corrupt_digest else digest, chain))
+        answer = io.next()
     if not isinstance(answer, Refuse):
         if after_end == "refuse":
             io.send(Refuse("refused", "the sender changed its mind"))
@@ -321,11 +332,11 @@ def test_a_lying_sender_gets_a_typed_refusal_and_nothing_is_applied(tmp_path: Pa
     assert not [n for n in os.listdir(dest) if n.startswith(".btrdelta-tmp-")]
 
 
-@pytest.mark.parametrize("after_end", ["refuse", "close", "lie"])
+@pytest.mark.parametrize("after_end", ["refuse", "lie"])
 def test_no_final_name_without_a_commit(tmp_path: Path, after_end: str) -> None:
     """The whole stream arrived and its last segment was acknowledged, but the sender
-    refuses, goes away or sends a COMMIT that does not match: the receiver shows no
-    subvolume under the final name (it used to rename it at END, before the COMMIT)."""
+    refuses or sends a COMMIT that does not match: the receiver shows no subvolume under
+    the final name (it used to rename it at END, before the COMMIT) and removes it."""
     import uuid as _uuid
 
     dest = tmp_path / "dest"
@@ -338,11 +349,65 @@ def test_no_final_name_without_a_commit(tmp_path: Path, after_end: str) -> None:
     assert code == (9 if after_end == "lie" else 0)
     assert _visible(dest) == set()
     assert not [n for n in os.listdir(dest) if n.startswith(".btrdelta-tmp-")]
+    assert not (dest / ".btrdelta-partial").exists()
     state = json.loads((dest / ".btrdelta-replica.json").read_text())
     assert state["received"] == {}
     # and the same sender, honest this time, commits under that name
     what, code, text = _lying_sender(dest, good, None)
     assert (what, code) == ("Committed", 0), text
+    assert (dest / "ok" / "f").read_bytes() == b"x" * 9000
+
+
+def _complete_partial(dest: Path) -> list[str]:
+    """The temporary names of a partial transfer left complete (asserted so)."""
+    meta = json.loads((dest / ".btrdelta-partial" / "meta.json").read_text())
+    assert meta["complete"] is True, meta
+    return [n for n in os.listdir(dest) if n.startswith(".btrdelta-tmp-")]
+
+
+@pytest.mark.parametrize("then", ["commit", "refuse", "lie", "close"])
+def test_a_cut_before_the_commit_is_resumed_without_resending(tmp_path: Path,
+                                                             then: str) -> None:
+    """The whole stream arrived and its last segment was acknowledged, then the connection
+    is cut: nothing under the final name, but the complete subvolume stays as a partial
+    transfer acknowledged to the stream's end (it used to be removed: the whole stream
+    again). The next PLAN resumes at the end: no DATA, the COMMIT, the final name; a REFUSE
+    or a COMMIT that does not match then removes it; another cut keeps it."""
+    import uuid as _uuid
+
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    good = _stream([Subvol(path=b"ok", uuid=_uuid.uuid4(), ctransid=1),
+                    Mkfile(path=b"f", ino=257), Write(path=b"f", offset=0, data=b"x" * 9000),
+                    End()])
+    what, code, text = _lying_sender(dest, good, None, after_end="close")
+    assert (what, code) == ("Ack", 0), text
+    assert _visible(dest) == set()
+    [tmp] = _complete_partial(dest)
+    assert (dest / tmp / "f").read_bytes() == b"x" * 9000
+    state = json.loads((dest / ".btrdelta-replica.json").read_text())
+    assert state["received"] == {}
+    what, code, text = _lying_sender(dest, good, None, after_end=then, resume=True)
+    if then == "commit":
+        assert (what, code) == ("Committed", 0), text
+        assert _visible(dest) == {"ok"}
+        assert (dest / "ok" / "f").read_bytes() == b"x" * 9000
+        assert not (dest / ".btrdelta-partial").exists()
+        assert not [n for n in os.listdir(dest) if n.startswith(".btrdelta-tmp-")]
+        state = json.loads((dest / ".btrdelta-replica.json").read_text())
+        assert state["received"] == {"ok": None}
+        return
+    assert _visible(dest) == set()
+    if then == "close":
+        assert _complete_partial(dest) == [tmp]
+        what, code, text = _lying_sender(dest, good, None, resume=True)
+        assert (what, code) == ("Committed", 0), text
+    else:
+        assert what == ("Refuse" if then == "lie" else "Ack"), text
+        assert not (dest / ".btrdelta-partial").exists()
+        assert not [n for n in os.listdir(dest) if n.startswith(".btrdelta-tmp-")]
+        what, code, text = _lying_sender(dest, good, None)
+        assert (what, code) == ("Committed", 0), text
     assert (dest / "ok" / "f").read_bytes() == b"x" * 9000
 
 
@@ -362,6 +427,30 @@ def test_no_final_name_without_a_commit_on_btrfs(fs2: tuple[Path, Path]) -> None
     what, code, text = _lying_sender(dest, good, None)
     assert (what, code) == ("Committed", 0), text
     assert (dest / "ok" / "f").read_bytes() == b"x" * 9000
+
+
+@pytest.mark.btrfs
+@pytest.mark.parametrize("then", ["refuse", "lie"])
+def test_a_cut_kept_subvolume_refused_is_deleted_on_btrfs(fs2: tuple[Path, Path],
+                                                          then: str) -> None:
+    """On btrfs, a complete subvolume a cut kept (read-only, received UUID set) is deleted
+    when the resuming sender refuses or sends a COMMIT that does not match."""
+    import uuid as _uuid
+
+    _snd, dest = fs2
+    good = _stream([Subvol(path=b"ok", uuid=_uuid.uuid4(), ctransid=1),
+                    Mkfile(path=b"f", ino=257), Write(path=b"f", offset=0, data=b"x" * 9000),
+                    End()])
+    what, code, text = _lying_sender(dest, good, None, after_end="close")
+    assert (what, code) == ("Ack", 0), text
+    [tmp] = _complete_partial(dest)
+    assert _sh("btrfs", "property", "get", "-ts", dest / tmp, "ro").strip() == "ro=true"
+    assert _visible(dest) == set()
+    what, code, text = _lying_sender(dest, good, None, after_end=then, resume=True)
+    assert what == ("Refuse" if then == "lie" else "Ack"), text
+    assert _visible(dest) == set()
+    assert _sh("btrfs", "subvolume", "list", dest).strip() == ""
+    assert not (dest / ".btrdelta-partial").exists()
 
 
 def test_the_replica_state_is_replaced_whole_and_durably(tmp_path: Path,
@@ -630,3 +719,104 @@ def test_leftovers_deeper_than_the_recursion_limit_are_removed(deep_tmp_path: Pa
     assert (dest / "ok" / "f").read_bytes() == b"x"
     assert not [n for n in os.listdir(dest) if n.startswith((".btrdelta-tmp-",
                                                                ".btrdelta-partial"))]
+
+
+def _cut_before_commit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sender's connection is cut as it would send the COMMIT (every ACK read)."""
+    real = MessageIO.send
+
+    def send(self: MessageIO, msg: object) -> None:
+        if isinstance(msg, Commit):
+            raise TransportError("cut by the test before the COMMIT")
+        real(self, msg)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(MessageIO, "send", send)
+
+
+def _replicate_cut_before_commit(src: Path, dest: Path, store: SendshotStore) -> None:
+    with pytest.MonkeyPatch.context() as mp:
+        _cut_before_commit(mp)
+        ch = spawn_local(str(dest))
+        with pytest.raises(TransportError):
+            replicate(src, ch, store=store, segment=SEG)
+        ch.close()
+
+
+def _resume_after_a_cut_before_commit(src: Path, dest: Path, store: SendshotStore) -> None:
+    before = _visible(dest)
+    _replicate_cut_before_commit(src, dest, store)
+    assert _visible(dest) == before  # nothing under a final name
+    assert len(_complete_partial(dest)) == 1
+    ch = spawn_local(str(dest))
+    res = replicate(src, ch, store=store, segment=SEG)
+    ch.close()
+    assert (res.outcome, res.kind) == ("committed", "resume"), res
+    assert res.sent == 0, res  # nothing resent
+    assert res.resumed_from == res.size > 0, res
+    assert tree_sum(_newest(dest)) == tree_sum(src)
+    assert not (dest / ".btrdelta-partial").exists()
+    assert not [n for n in os.listdir(dest) if n.startswith(".btrdelta-tmp-")]
+    # the cursor names the committed sendshot, nothing in flight; the state the same
+    [cursor] = store.cursors().values()
+    assert cursor["digest"] == res.sendshot, cursor
+    assert not cursor.get("inflight"), cursor
+    state = json.loads((dest / ".btrdelta-replica.json").read_text())
+    assert state["received"][res.name] == res.sendshot
+
+
+def test_a_sender_cut_before_its_commit_resumes_with_nothing_resent(tmp_path: Path) -> None:
+    """`replicate` cut after the last ACK, before its COMMIT: the next one resumes at the
+    stream's end (no byte resent), commits, and the cursor and state name the sendshot;
+    the incremental after it too."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(3 * SEG))
+    (src / "small").write_bytes(b"s" * 5000)
+    store = SendshotStore(tmp_path / "store")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    _still(src)
+    _resume_after_a_cut_before_commit(src, dest, store)
+    (src / "small").write_bytes(b"t" * 7000)
+    _still(src)
+    _resume_after_a_cut_before_commit(src, dest, store)
+
+
+def _still(src: Path) -> None:
+    """Atimes after the mtimes and recent: reading the live directory source does not move
+    them (relatime), so the stream made again is the same (else the sender says diverged:
+    a plain directory is read live, not from a snapshot)."""
+    import time
+
+    later = time.time() + 3600
+    for p in [src, *src.iterdir()]:
+        os.utime(p, (later, p.stat().st_mtime))
+
+
+@pytest.mark.btrfs
+def test_a_sender_cut_before_its_commit_resumes_on_btrfs(fs2: tuple[Path, Path],
+                                                         tmp_path: Path) -> None:
+    """The same on loop btrfs, a writable source subvolume (read from the session's
+    snapshot): the complete subvolume is kept read-only with its received UUID set, then
+    renamed; the sender keeps no snapshot after."""
+    snd, rcv = fs2
+    live = snd / "vol"
+    _sh("btrfs", "subvolume", "create", live)
+    (live / "big").write_bytes(os.urandom(3 * SEG))
+    store = SendshotStore(tmp_path / "store")
+    dest = rcv / "backup"
+    dest.mkdir()
+    _replicate_cut_before_commit(live, dest, store)
+    [tmp] = _complete_partial(dest)
+    assert _sh("btrfs", "property", "get", "-ts", dest / tmp, "ro").strip() == "ro=true"
+    ch = spawn_local(str(dest))
+    res = replicate(live, ch, store=store, segment=SEG)
+    ch.close()
+    assert (res.outcome, res.kind, res.sent) == ("committed", "resume", 0), res
+    got = _newest(dest)
+    assert tree_sum(got) == tree_sum(live)
+    assert _sh("btrfs", "property", "get", "-ts", got, "ro").strip() == "ro=true"
+    assert [ln.split()[-1] for ln in _sh("btrfs", "subvolume", "list", snd).splitlines()] \
+        == ["vol"]
+    (live / "more").write_bytes(b"m" * 10000)
+    _resume_after_a_cut_before_commit(live, dest, store)

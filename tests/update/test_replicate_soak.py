@@ -1,8 +1,9 @@
 """Soak (``make soak``, not part of ``make test``): many rounds of replicating a live btrfs
 subvolume under a SQLite write load and random file changes, with connections cut at random
 points and resumed; every committed round equals the source (tree-sum), the sender never
-keeps a snapshot, and a cut never costs more than one segment again (but one between the
-last ACK and the COMMIT: the receiver drops the complete, uncommitted subvolume)."""
+keeps a snapshot, and a cut never costs more than one segment again (one between the
+last ACK and the COMMIT costs nothing: the receiver keeps the complete subvolume hidden
+and the next run only commits it)."""
 
 from __future__ import annotations
 

@@ -132,6 +132,8 @@ class Applier:
             :meth:`.subvolumes.Subvolumes.begin`; one stream, one subvolume).
         parents: parents found before, by (received) UUID (see
             :class:`.subvolumes.Subvolumes`).
+        detach_on: what ``pre_commit`` may raise to leave the complete subvolume under
+            its temporary name instead of removing it (a receive to finish later).
     """
 
     def __init__(
@@ -147,6 +149,7 @@ class Applier:
         search_root: Path | None = None,
         temp_name: bytes | None = None,
         parents: dict[UUID, Path] | None = None,
+        detach_on: tuple[type[BaseException], ...] = (),
     ) -> None:
         #: the temporary name of the subvolume being received (None: the default)
         self.temp_name = temp_name
@@ -157,6 +160,7 @@ class Applier:
         self.btrfs = self.subvols.btrfs
         self.dry_run = dry_run
         self.pre_commit = pre_commit
+        self.detach_on = detach_on
         self.apply_fileattr = apply_fileattr
         self.force_decompress = force_decompress
         self.warn = on_warning or _warn_default
@@ -385,7 +389,7 @@ class Applier:
                 finally:
                     os.close(fd)
             self._fileattrs.clear()
-        done = self.subvols.finish(cur, pre_commit=self.pre_commit)
+        done = self.subvols.finish(cur, pre_commit=self.pre_commit, keep_on=self.detach_on)
         self._cur = None
         self.received.append(done)
         return done

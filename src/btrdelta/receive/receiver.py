@@ -271,7 +271,9 @@ def receive(
         search_root: find parents and clone sources below this directory of ``dest``'s
             btrfs, not below ``dest`` (``btrfs receive -m``).
         progress, resume, detach_on, temp_name: a resumable receive of one stream (see
-            :mod:`.resume`: records applied counted, the subvolume kept, gone on with).
+            :mod:`.resume`: records applied counted, the subvolume kept, gone on with);
+            ``pre_commit`` raising one of ``detach_on`` keeps the complete subvolume
+            under ``temp_name`` too (:meth:`.subvolumes.Subvolumes.finish`).
         parents: parents by (received) UUID, taken as found, shared with a delta
             stream's expansion (see :class:`.subvolumes.Subvolumes`).
 
@@ -286,6 +288,7 @@ def receive(
         Path(dest), backend=backend, dry_run=dry_run, apply_fileattr=apply_fileattr,
         force_decompress=force_decompress, on_warning=on_warning, pre_commit=pre_commit,
         search_root=search_root, temp_name=temp_name, parents=parents,
+        detach_on=detach_on,
     ) as applier:
         run = _Run(applier, max_errors=max_errors, stop_at_end=stop_at_end,
                    on_progress=on_progress, on_subvol=on_subvol, progress=progress)

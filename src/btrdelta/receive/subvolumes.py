@@ -51,6 +51,7 @@ from ..fs.btrfs import (
     rename_noreplace,
     set_readonly,
     set_received,
+    subvol_info,
 )
 from ..fs.copy import copy_tree
 from ..fs.remove import remove_tree
@@ -359,15 +360,19 @@ class Subvolumes:
         if pending.sandbox is not None:
             pending.sandbox.close()
 
-    def finish(self, pending: PendingSubvol, *,
-               pre_commit: PreCommit | None = None) -> ReceivedSubvol:
+    def finish(self, pending: PendingSubvol, *, pre_commit: PreCommit | None = None,
+               keep_on: tuple[type[BaseException], ...] = (),
+               sealed: bool = False) -> ReceivedSubvol:
         """Complete ``pending``: received UUID and transid, read-only (btrfs), then
         ``pre_commit(pending)``, then the final name (and a registry entry on the directory
         backend). A ``pre_commit`` with a ``before_seal`` method has it called with
         ``pending`` first, before the subvolume is made read-only: work the check will wait
         for may start there (nothing it sees is final yet). On any failure before the
-        rename it is removed and the error raised. In a dry run nothing happens (no hook
-        either).
+        rename it is removed and the error raised, but when ``pre_commit`` raises one of
+        ``keep_on``: then the complete subvolume is left under its temporary name
+        (:meth:`detach`), for a later ``finish(..., sealed=True)`` of it :meth:`reopen`-ed
+        (which skips ``before_seal`` and, when it is read-only with the received UUID
+        already, the sealing). In a dry run nothing happens (no hook either).
 
         Raises:
             OSError: a system call failed (or what ``pre_commit`` raised).
@@ -379,13 +384,17 @@ class Subvolumes:
                 sandbox = pending.sandbox
                 assert sandbox is not None
                 before_seal = getattr(pre_commit, "before_seal", None)
-                if before_seal is not None:
+                if before_seal is not None and not sealed:
                     before_seal(pending)
-                if self.btrfs:
+                if self.btrfs and not (sealed and self._sealed(pending)):
                     set_received(sandbox.root_fd, pending.uuid, pending.ctransid)
                     set_readonly(sandbox.root_fd, True)
                 if pre_commit is not None:
-                    pre_commit(pending)
+                    try:
+                        pre_commit(pending)
+                    except keep_on:
+                        self.detach(pending)
+                        raise
                 registry = None if self.btrfs else self._register(pending, sandbox.root_fd)
                 sandbox.close()
                 try:
@@ -404,6 +413,13 @@ class Subvolumes:
             parent_path=pending.parent_path, btrfs=self.btrfs, records=pending.records,
             data_bytes=pending.data_bytes,
         )
+
+    @staticmethod
+    def _sealed(pending: PendingSubvol) -> bool:
+        """Whether btrfs subvolume ``pending`` is read-only with its received UUID set."""
+        assert pending.sandbox is not None
+        info = subvol_info(pending.sandbox.root_fd)
+        return info.readonly and info.received_uuid == pending.uuid
 
     def _register(self, pending: PendingSubvol, root_fd: int) -> Registry:
         """Record ``pending`` in the registry under its final name before the rename gives

@@ -15,7 +15,9 @@ itself); END only once its segment is verified. A segment is acknowledged once i
 and the chain of digests match its CHECKPOINT and its records are applied. The complete
 subvolume takes its final name only after the COMMIT (size and chain) matched and the
 state names its sendshot; then COMMITTED. A sender that refuses, lies or is cut off after
-END leaves no subvolume under its final name.
+END leaves no subvolume under its final name (one cut off leaves it complete under its
+temporary name, the partial transfer acknowledged to the stream's end and marked
+``complete``: the next PLAN resumes there and only the COMMIT is sent).
 
 A cut connection or a killed sender or receiver leaves the temporary subvolume: the next
 PLAN for the same session resumes after the last acknowledged segment, skipping the records
@@ -347,10 +349,13 @@ class Replica:
             if refusal is not None:
                 io.send(refusal)
                 return ServeResult("refused", f"{refusal.code}: {refusal.message}")
-            inbox, events, point, progress = self._start(io, plan, partial)
+            inbox, events, point, progress, meta = self._start(io, plan, partial)
             io.send(Accept(plan.session))
             inbox.start()
-            got = self._receive(events, point, progress)
+            if point is not None and meta.get("complete"):
+                got = self._commit_complete(events, point)
+            else:
+                got = self._receive(events, point, progress, meta, partial)
             partial.drop()
             io.send(Committed(got.name, got.uuid))
             return ServeResult("committed", received=got, received_bytes=inbox.added)
@@ -372,24 +377,34 @@ class Replica:
             if inbox is not None:
                 inbox.stop()
 
-    def _receive(self, events: _Events, point: ResumePoint | None,
-                 progress: Any) -> ReceivedSubvol:
+    def _record(self, pending: PendingSubvol, inbox: Inbox) -> None:
+        """The COMMIT read (size and chain checked): the state names the subvolume's
+        sendshot, before the subvolume takes its final name."""
+        commit = inbox.commit
+        if commit is None:
+            raise ProtocolError("no COMMIT after the stream's END")
+        self.state.setdefault("received", {})[os.fsdecode(pending.name)] = \
+            commit.sendshot or None
+        self._save(self.state)
+
+    def _receive(self, events: _Events, point: ResumePoint | None, progress: Any,
+                 meta: dict[str, Any], partial: _Partial) -> ReceivedSubvol:
         """Apply the stream as it is read (a cut leaves the subvolume to a resume); the
         complete subvolume takes its final name only after the sender's COMMIT."""
 
         def committed(pending: PendingSubvol) -> None:
             """Before the final name: END's segment acknowledged, then the COMMIT (size
-            and chain checked) and the state naming its sendshot. A sender that refuses,
-            lies or is cut off here leaves nothing under the final name (the subvolume
-            is removed: a cut costs the whole stream again, not a half-committed name)."""
+            and chain checked) and the state naming its sendshot. A sender that refuses
+            or lies here leaves nothing under the final name (the subvolume is removed);
+            one cut off here (a TransportError) leaves the complete subvolume under its
+            temporary name and the partial transfer marked complete, acknowledged to
+            the stream's end: the next PLAN resumes there, with nothing to resend."""
+            meta["complete"] = True  # saved with END's ACK (the offset of the stream's end)
+            if events.inbox.pending is None:
+                partial.save(meta)  # (END's segment was acknowledged already)
             if events.after_end():
                 raise ProtocolError("data after the stream's END")
-            commit = events.inbox.commit
-            if commit is None:
-                raise ProtocolError("no COMMIT after the stream's END")
-            self.state.setdefault("received", {})[os.fsdecode(pending.name)] = \
-                commit.sendshot or None
-            self._save(self.state)
+            self._record(pending, events.inbox)
 
         try:
             got = receive(events, self.dest, stop_at_end=True, backend=self.backend,
@@ -403,11 +418,27 @@ class Replica:
             raise ProtocolError("the stream held no subvolume")
         return got[0]
 
-    def _start(self, io: MessageIO, plan: Plan,
-               partial: _Partial) -> tuple[Inbox, _Events, ResumePoint | None, Any]:
+    def _commit_complete(self, events: _Events, point: ResumePoint) -> ReceivedSubvol:
+        """Resume a transfer whose whole stream was applied and acknowledged (the cut came
+        between END's ACK and the COMMIT): the next message must be the COMMIT (size and
+        chain checked against the partial transfer's); then the state, the final name."""
+        pending = point.pending
+        try:
+            if events.inbox.take() is not None:
+                raise ProtocolError("data after the stream's END")
+            with Subvolumes(self.dest, backend=self.backend) as subvols:
+                return subvols.finish(pending, sealed=True, keep_on=(TransportError,),
+                                      pre_commit=lambda p: self._record(p, events.inbox))
+        finally:
+            if not pending.done and pending.sandbox is not None:
+                pending.sandbox.close()  # (kept for the next resume, or dropped)
+
+    def _start(self, io: MessageIO, plan: Plan, partial: _Partial
+               ) -> tuple[Inbox, _Events, ResumePoint | None, Any, dict[str, Any]]:
         """The inbox and events of a new or resumed transfer (a resumed one goes on with the
         temporary subvolume the last conversation left, after the records it applied), the
-        resume point and the progress mapping."""
+        resume point, the progress mapping and the partial transfer's meta (``complete``:
+        the whole stream was applied and acknowledged)."""
         version = io.conn.version
         doc = partial.load() if plan.kind == "resume" else None
         point: ResumePoint | None = None
@@ -432,7 +463,8 @@ class Replica:
                 "parent_uuid": str(plan.parent_uuid) if plan.parent_uuid else None,
                 "base": plan.base, "segment": plan.segment, "offset": at,
                 "segments": segments, "chain": chain, "records": point.first if point else 0,
-                "stream_version": stream_version, "tmp": tmp}
+                "stream_version": stream_version, "tmp": tmp,
+                "complete": bool(point is not None and doc is not None and doc.get("complete"))}
         if point is None:
             partial.save(meta)
         events: _Events
@@ -449,7 +481,7 @@ class Replica:
         inbox = Inbox(io, plan, version, at, segments, chain, acknowledge,
                       threaded=getattr(io.ch, "concurrent", False))
         events = _Events(inbox, stream_version, os.fsencode(tmp))
-        return inbox, events, point, progress
+        return inbox, events, point, progress, meta
 
     def _sweep(self, uuid: UUID) -> None:
         """Remove temporary subvolumes of ``uuid`` left by receivers that died."""
