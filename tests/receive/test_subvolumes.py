@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from btrdelta.errors import ApplyError, ChecksumError, MissingBaseError, UnsafePathError
+from btrdelta.errors import (
+    ApplyError,
+    ChecksumError,
+    MissingBaseError,
+    TransportError,
+    UnsafePathError,
+)
 from btrdelta.fs.sandbox import Sandbox
 from btrdelta.receive import (
     PendingSubvol,
@@ -101,6 +107,34 @@ def test_slot_update_without_an_applier(dest: Path) -> None:
         entries = {e.name: e for e in Registry(dest).entries()}
         assert (entries["slot-b"].uuid, entries["slot-b"].parent_uuid) == (UUID_B, UUID_A)
         assert (entries["slot-a"].uuid, entries["slot-a"].ctransid) == (UUID_A, 7)
+
+
+def test_a_hook_raising_keep_on_leaves_the_complete_subvolume_to_finish_later(
+        dest: Path) -> None:
+    """What replication does when the connection is cut while it waits for the COMMIT:
+    the complete subvolume stays under its temporary name (sealed on btrfs), and a later
+    finish of it reopened (not sealed again: the kernel refuses that) gives it its name."""
+
+    def cut(pending: PendingSubvol) -> None:
+        raise TransportError("cut")
+
+    with Subvolumes(dest) as subs:
+        pending = subs.begin(b"slot", UUID_A, 7, tmp=b".btrdelta-tmp-kept-partial")
+        _write(pending.sandbox, b"f", b"content")
+        with pytest.raises(TransportError):
+            subs.finish(pending, pre_commit=cut, keep_on=(TransportError,))
+        assert pending.done
+        assert not (dest / "slot").exists()
+        assert (dest / ".btrdelta-tmp-kept-partial" / "f").read_bytes() == b"content"
+        again = subs.reopen(b"slot", b".btrdelta-tmp-kept-partial", UUID_A, 7)
+        # a receiver killed after sealing it applies END again: finish without sealed=True
+        done = subs.finish(again, pre_commit=lambda p: None)
+    assert (done.path / "f").read_bytes() == b"content"
+    assert _entries(dest) == ["slot"]
+    if done.btrfs:
+        show = subvolume_show(done.path)
+        assert "readonly" in show["Flags"]
+        assert show["Received UUID"] == str(UUID_A)
 
 
 def test_pre_commit_hook_sees_the_finished_temporary_and_can_refuse_it(dest: Path) -> None:

@@ -266,14 +266,11 @@ def receive(
         read_ahead: pull ``events`` in a helper thread (:func:`prefetch`) so producing
             them overlaps applying (worth it when that costs CPU: expanding a delta).
         pre_commit: called with each complete subvolume, read-only under its temporary
-            name, before it gets its final name; raising aborts it and the receive (see
-            :meth:`.subvolumes.Subvolumes.finish`).
+            name, before its final name; raising aborts it (not ``detach_on``) and receive.
         search_root: find parents and clone sources below this directory of ``dest``'s
             btrfs, not below ``dest`` (``btrfs receive -m``).
         progress, resume, detach_on, temp_name: a resumable receive of one stream (see
-            :mod:`.resume`: records applied counted, the subvolume kept, gone on with);
-            ``pre_commit`` raising one of ``detach_on`` keeps the complete subvolume
-            under ``temp_name`` too (:meth:`.subvolumes.Subvolumes.finish`).
+            :mod:`.resume`: records applied counted, the subvolume kept, gone on with).
         parents: parents by (received) UUID, taken as found, shared with a delta
             stream's expansion (see :class:`.subvolumes.Subvolumes`).
 

@@ -371,8 +371,10 @@ class Subvolumes:
         rename it is removed and the error raised, but when ``pre_commit`` raises one of
         ``keep_on``: then the complete subvolume is left under its temporary name
         (:meth:`detach`), for a later ``finish(..., sealed=True)`` of it :meth:`reopen`-ed
-        (which skips ``before_seal`` and, when it is read-only with the received UUID
-        already, the sealing). In a dry run nothing happens (no hook either).
+        (which skips ``before_seal``). A btrfs subvolume read-only with its received UUID
+        already (sealed by a receiver killed before it was renamed) is not sealed again
+        (the kernel refuses a received UUID on a read-only subvolume). In a dry run
+        nothing happens (no hook either).
 
         Raises:
             OSError: a system call failed (or what ``pre_commit`` raised).
@@ -386,7 +388,7 @@ class Subvolumes:
                 before_seal = getattr(pre_commit, "before_seal", None)
                 if before_seal is not None and not sealed:
                     before_seal(pending)
-                if self.btrfs and not (sealed and self._sealed(pending)):
+                if self.btrfs and not self._sealed(pending):
                     set_received(sandbox.root_fd, pending.uuid, pending.ctransid)
                     set_readonly(sandbox.root_fd, True)
                 if pre_commit is not None:
