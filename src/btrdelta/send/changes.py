@@ -54,7 +54,7 @@ from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
 from ..fs.copy import data_segments
 from .diff import Compared, compare_files
-from .hashing import _WHOLE, _hash_file
+from .hashing import _WHOLE, _hash_file, open_dir
 from .scan import ROOT, Node, Tree, node_identity, open_to_read, read_node, uuid_of
 
 if TYPE_CHECKING:
@@ -254,12 +254,12 @@ class _Side:
         further name of a hard-linked inode is added to its node's dentries)."""
         absdir = self.tree.abspath(dnode.path)
         try:
-            dfd = os.open(absdir, _DIR)
+            dfd = open_dir(absdir)
         except OSError as exc:
             raise BtrdeltaError(f"cannot read directory: {exc.strerror}", path=absdir) from exc
         try:
             try:
-                names = sorted(os.listdir(absdir))
+                names = sorted(map(os.fsencode, os.listdir(dfd)))
             except OSError as exc:
                 raise BtrdeltaError(f"cannot read directory: {exc.strerror}",
                                     path=absdir) from exc

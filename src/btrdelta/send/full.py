@@ -57,12 +57,12 @@ from ..stream.records import (
 )
 from .changes import SourceIndex, TreeIdentity, dir_flags, index_source
 from .emit import CAPS, COMPRESSORS, SendStats, encode_piece, option_problem
+from .hashing import open_dir
 from .order import _create
 from .scan import ROOT, Node, open_file, open_to_read, read_node, uuid_of
 
 __all__ = ["FullSend"]
 
-_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: files up to this size are read with one ``read`` (and kept until sent)
 _WHOLE = 1 << 20
 _ZEROS = bytes(_WHOLE)
@@ -311,8 +311,8 @@ class FullSend:
     def _directory(self, dnode: Node, absdir: bytes) -> list[Node]:
         """Send the entries of one directory; its subdirectories (to visit next, in order)."""
         try:
-            dfd = os.open(absdir, _DIR)
-            names = sorted(os.listdir(absdir))
+            dfd = open_dir(absdir)
+            names = sorted(map(os.fsencode, os.listdir(dfd)))
         except OSError as exc:
             raise BtrdeltaError(f"cannot read directory: {exc.strerror}", path=absdir) from exc
         subdirs: list[Node] = []

@@ -67,6 +67,18 @@ def open_file(path: bytes) -> int:
         return os.open(path, flags)
 
 
+def open_dir(path: bytes) -> int:
+    """Open a directory read-only without following symlinks and, where allowed, so that
+    listing it through this descriptor (``os.listdir(fd)``) leaves its atime alone: a send
+    of a plain directory tree does not change the times it sends (a stream made again of
+    the same tree, as a resumed replication makes it, is then the same stream)."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(path, flags | os.O_NOATIME)
+    except PermissionError:
+        return os.open(path, flags)
+
+
 def reader(fd: int, content: bytes | None = None) -> Callable[[int, int], bytes]:
     """``read(n, pos)`` of an open file, or of its bytes kept (``content``: the whole file,
     the same object when read whole)."""

@@ -47,7 +47,7 @@ from .._optional import need
 from .._value import field, field_names, value_class
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
-from .hashing import ContentHasher, block_segments, open_file, open_to_read
+from .hashing import ContentHasher, block_segments, open_dir, open_file, open_to_read
 from .onepass import BLOCK
 
 __all__ = [
@@ -256,9 +256,6 @@ def _read_xattrs(path: bytes, names: list[str]) -> dict[bytes, bytes]:
     return out
 
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
 def read_node(nid: int, st: os.stat_result, full: bytes, rel: bytes, dfd: int | None,
               name: bytes) -> Node:
     """Node ``nid`` for the entry ``name`` of directory ``dfd`` (``full``: its absolute path,
@@ -334,13 +331,13 @@ class _Scanner:
                  ) -> list[tuple[int, bytes, bytes]]:
         """Read one directory's entries; returns its subdirectories to visit."""
         try:
-            dfd = os.open(absdir, _DIR_FLAGS)
+            dfd = open_dir(absdir)
         except OSError as exc:
             raise BtrdeltaError(f"cannot read directory: {exc.strerror}", path=absdir) from exc
         try:
             self.nodes[dir_id].flags = get_fileattr(dfd)
             try:
-                names = sorted(os.listdir(absdir))
+                names = sorted(map(os.fsencode, os.listdir(dfd)))
             except OSError as exc:
                 raise BtrdeltaError(
                     f"cannot read directory: {exc.strerror}", path=absdir
