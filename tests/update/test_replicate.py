@@ -775,22 +775,20 @@ def test_a_sender_cut_before_its_commit_resumes_with_nothing_resent(tmp_path: Pa
     store = SendshotStore(tmp_path / "store")
     dest = tmp_path / "dest"
     dest.mkdir()
-    _still(src)
+    _aged(src)
     _resume_after_a_cut_before_commit(src, dest, store)
     (src / "small").write_bytes(b"t" * 7000)
-    _still(src)
+    _aged(src)
     _resume_after_a_cut_before_commit(src, dest, store)
 
 
-def _still(src: Path) -> None:
-    """Atimes after the mtimes and recent: reading the live directory source does not move
-    them (relatime), so the stream made again is the same (else the sender says diverged:
-    a plain directory is read live, not from a snapshot)."""
-    import time
-
-    later = time.time() + 3600
+def _aged(src: Path) -> None:
+    """Atimes two days before the mtimes, which relatime moves at the next read: a send
+    that moved them would make another stream on the resume (the sender would say diverged:
+    a plain directory is read live, not from a snapshot); a send reads without moving them."""
     for p in [src, *src.iterdir()]:
-        os.utime(p, (later, p.stat().st_mtime))
+        st = p.stat()
+        os.utime(p, ns=(st.st_mtime_ns - 2 * 86_400 * 10**9, st.st_mtime_ns))
 
 
 @pytest.mark.btrfs
