@@ -57,14 +57,18 @@ KEEP_BUDGET = keep_budget()
 _ZERO_VIEW = memoryview(bytes(_WHOLE))
 
 
-def open_file(path: bytes) -> int:
-    """Open a regular file read-only without following symlinks (and without atime update
-    where allowed)."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+def _open_noatime(path: bytes, flags: int) -> int:
+    """``os.open`` with O_NOATIME where allowed (the owner or CAP_FOWNER), else without."""
     try:
         return os.open(path, flags | os.O_NOATIME)
     except PermissionError:
         return os.open(path, flags)
+
+
+def open_file(path: bytes) -> int:
+    """Open a regular file read-only without following symlinks (and without atime update
+    where allowed)."""
+    return _open_noatime(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
 
 def open_dir(path: bytes) -> int:
@@ -72,11 +76,7 @@ def open_dir(path: bytes) -> int:
     listing it through this descriptor (``os.listdir(fd)``) leaves its atime alone: a send
     of a plain directory tree does not change the times it sends (a stream made again of
     the same tree, as a resumed replication makes it, is then the same stream)."""
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        return os.open(path, flags | os.O_NOATIME)
-    except PermissionError:
-        return os.open(path, flags)
+    return _open_noatime(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
 
 def reader(fd: int, content: bytes | None = None) -> Callable[[int, int], bytes]:
