@@ -32,6 +32,42 @@ def repo(releases: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path
     return root
 
 
+def test_job_files_are_written_whole_and_durably(repo: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A job file was written in place (write_text, no fsync): a power cut could leave a
+    torn job for a worker. Now as fs.atomic writes files; a torn one is refused in one line
+    naming it (exit 3)."""
+    import os
+
+    from btrdelta.update.jobs import plan_jobs
+
+    jobs_dir = repo / ".btrdelta" / "jobs" / f"v{N}"
+    before = {p.name: p.read_bytes() for p in jobs_dir.glob("*.json")}
+    assert before
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    r = Repo(repo)
+    with monkeypatch.context() as mp:
+        mp.setattr(os, "fsync", spy)
+        plan_jobs(r, r.load(), N)
+    assert {p.name: p.read_bytes() for p in jobs_dir.glob("*.json")} == before
+    assert synced.count(str(jobs_dir)) == len(before), synced  # each rename made durable
+    assert len(synced) == 2 * len(before), synced
+    data = sorted(before.items())[0][1]
+    torn = repo.parent / "torn.json"
+    torn.write_bytes(data[: len(data) // 2])
+    capsys.readouterr()
+    assert main(["repo", "run-job", str(torn)]) == 3
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert str(torn) in err, err
+
+
 def test_catalog_follows_the_layout_and_names_are_content_hashes(repo: Path) -> None:
     cat = Repo(repo).load()
     assert [v.name for v in cat.versions] == [f"v{i}" for i in range(1, N + 1)]

@@ -244,12 +244,12 @@ def _lying_sender(dest: Path, stream: bytes, plan_parent: object, *,
                   corrupt_digest: bool = False, versions: tuple[int, ...] = (1,),
                   spoke: list[int] | None = None,
                   after_end: str = "commit",
-                  resume: bool = False) -> tuple[str, int, str]:
+                  resume: bool = False, err: list[str] | None = None) -> tuple[str, int, str]:
     """Speak the protocol by hand to a `replicate --serve` child; (outcome, exit, stderr).
     ``after_end``: what follows the last ACK: "commit", "refuse" (a REFUSE), "close" (the
     connection closed) or "lie" (a COMMIT with another chain). ``resume``: the receiver
     holds the whole stream as a partial transfer: a PLAN resuming at its end, then
-    ``after_end`` (no DATA, no CHECKPOINT)."""
+    ``after_end`` (no DATA, no CHECKPOINT). ``err``: gets the receiver's stderr."""
     ch = spawn_local(str(dest))
     io = MessageIO(ch, Connection("sender"))
     io.send(Hello("sender", versions, (), "liar", "/x"))
@@ -299,6 +299,8 @@ def _lying_sender(dest: Path, stream: bytes, plan_parent: object, *,
             answer = io.next()
     ch.close()
     assert ch.proc is not None
+    if err is not None:
+        err.append(ch.err)
     return type(answer).__name__, ch.proc.returncode, getattr(answer, "message", "")
 
 
@@ -409,6 +411,85 @@ def test_a_cut_before_the_commit_is_resumed_without_resending(tmp_path: Path,
         what, code, text = _lying_sender(dest, good, None)
         assert (what, code) == ("Committed", 0), text
     assert (dest / "ok" / "f").read_bytes() == b"x" * 9000
+
+
+def _ok_stream(name: bytes = b"ok") -> bytes:
+    import uuid as _uuid
+
+    return _stream([Subvol(path=name, uuid=_uuid.uuid4(), ctransid=1),
+                    Mkfile(path=b"f", ino=257), Write(path=b"f", offset=0, data=b"x" * 9000),
+                    End()])
+
+
+@pytest.mark.parametrize("damage", ["torn", "empty", "not-an-object", "no-offset"])
+def test_a_damaged_partial_meta_is_discarded_with_a_warning(
+        tmp_path: Path, damage: str) -> None:
+    """meta.json torn by a power cut (it was written in place of a temporary name, without
+    fsync) or otherwise not one the receiver wrote: the partial transfer and its temporary
+    subvolume are discarded and a warning names the file (it was read as "no partial
+    transfer" silently, and its temporary subvolume stayed behind when the next transfer was
+    of another stream); the next transfer commits."""
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    what, _code, text = _lying_sender(dest, _ok_stream(), None, after_end="close")
+    assert what == "Ack", text
+    [tmp] = _complete_partial(dest)
+    meta = dest / ".btrdelta-partial" / "meta.json"
+    text = meta.read_text()
+    meta.write_text({"torn": text[:len(text) // 2], "empty": "", "not-an-object": "[1]",
+                     "no-offset": text.replace('"offset"', '"offzet"')}[damage])
+    errs: list[str] = []
+    what, code, text = _lying_sender(dest, _ok_stream(b"other"), None, err=errs)
+    assert (what, code) == ("Committed", 0), text
+    [err] = errs
+    assert "discarded a damaged partial transfer" in err, err
+    assert str(meta) in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (dest / tmp).exists()
+    assert _visible(dest) == {"other"}
+    assert not [n for n in os.listdir(dest) if n.startswith(".btrdelta-tmp-")]
+
+
+def test_a_partial_meta_never_names_a_path_outside_its_temporary_names(tmp_path: Path) -> None:
+    """A meta.json that parses but names another path as its temporary subvolume (here a
+    directory beside DEST) is damaged: discarded, and that path left alone (dropping the
+    partial transfer removed whatever it named)."""
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_text("mine")
+    assert _lying_sender(dest, _ok_stream(), None, after_end="close")[0] == "Ack"
+    meta = dest / ".btrdelta-partial" / "meta.json"
+    doc = json.loads(meta.read_text())
+    doc["tmp"] = "../victim"
+    meta.write_text(json.dumps(doc))
+    what, code, text = _lying_sender(dest, _ok_stream(b"other"), None)
+    assert (what, code) == ("Committed", 0), text
+    assert (victim / "keep").read_text() == "mine"
+    assert not [n for n in os.listdir(dest) if n.startswith(".btrdelta-tmp-")]
+
+
+def test_partial_meta_saves_fsync_the_file_and_the_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """meta.json was written to meta.json.tmp and renamed, never fsync-ed: a power cut could
+    leave it torn or lose it. Now as fs.atomic writes files."""
+    from btrdelta.update import replica as rep
+
+    part = rep._Partial(tmp_path, "dir")
+    part.path.mkdir()
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    part.save({"version": 2})
+    assert len(synced) == 2, synced
+    assert synced[1] == str(part.path)
+    assert json.loads((part.path / "meta.json").read_text()) == {"version": 2}
 
 
 @pytest.mark.btrfs

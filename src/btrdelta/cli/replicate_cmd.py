@@ -168,7 +168,7 @@ def _serve(args: argparse.Namespace) -> int:
     from ..update.channels import PipeChannel
     from ..update.replica import Replica
 
-    replica = Replica(args.serve, backend=args.backend)
+    replica = Replica(args.serve, backend=args.backend, on_warning=_warner(args, "--serve"))
     ch = PipeChannel(os.fdopen(0, "rb", buffering=0), os.fdopen(1, "wb", buffering=0),
                      name="stdio")
     result = replica.serve(ch, peer="sender")
@@ -182,6 +182,15 @@ def _serve(args: argparse.Namespace) -> int:
     elif args.verbose and not args.quiet:
         _say_served("replicate --serve", result)
     return 0
+
+
+def _warner(args: argparse.Namespace, who: str) -> Any:
+    """Warnings of the receiving side, on stderr (a warning is shown even with -q)."""
+
+    def warn(msg: str) -> None:
+        print(f"replicate {who}: warning: {msg}", file=sys.stderr, flush=True)
+
+    return warn
 
 
 def _say_served(who: str, result: Any) -> None:
@@ -212,7 +221,7 @@ def _listen(args: argparse.Namespace) -> int:
 
     key = load_private_key(args.key) if not args.no_auth else None
     allowed = [load_public_key(p) for p in args.allow]
-    replica = Replica(dest, backend=args.backend)
+    replica = Replica(dest, backend=args.backend, on_warning=_warner(args, "--listen"))
     try:
         server = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host
                                       else socket.AF_INET, reuse_port=False)

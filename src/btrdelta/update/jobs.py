@@ -31,7 +31,7 @@ import blake3
 
 from ..delta import MakeOptions, make_delta
 from ..errors import BtrdeltaError, ChecksumError
-from ..fs.atomic import atomic_output
+from ..fs.atomic import atomic_output, write_atomic
 from ..repo.canonical import Fields, parse_json
 from ..repo.catalog import Catalog
 from ..repo.fullindex import decode_full_index
@@ -88,7 +88,8 @@ def plan_jobs(repo: Any, cat: Catalog, pos: int) -> list[dict[str, Any]]:
         job = {"type": JOB_TYPE, "repo": str(repo.root.resolve()), "version": entry.name,
                "from": cat.versions[a - 1].name, "output": str(output.resolve()),
                "command": ["btrdelta", "repo", "run-job", str(job_file.resolve())]}
-        job_file.write_text(json.dumps(job, indent=1) + "\n")
+        # whole or not at all: a power cut never leaves a torn job for a worker to read
+        write_atomic(job_file, (json.dumps(job, indent=1) + "\n").encode())
         out.append(job)
     return out
 

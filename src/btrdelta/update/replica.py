@@ -34,9 +34,10 @@ import errno
 import json
 import mmap
 import os
+import re
 import stat
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
@@ -83,6 +84,22 @@ _ZERO_CHAIN = bytes(32).hex()
 _TMP_PREFIX = ".btrdelta-tmp-"
 _META_VERSION = 2
 _PROGRESS = "progress"
+_META = "meta.json"
+#: the fields of ``meta.json`` a resume reads, and their types
+_META_FIELDS: dict[str, type] = {"session": str, "offset": int, "segments": int, "chain": str,
+                                 "records": int, "stream_version": int, "tmp": str}
+#: the temporary subvolume of a partial transfer (``_TMP_PREFIX``, 12 hex of its UUID)
+_PARTIAL_TMP = re.compile(r"\.btrdelta-tmp-[0-9a-f]{12}-partial")
+
+
+def _warn_default(msg: str) -> None:
+    import warnings
+
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+class _Damaged(Exception):
+    """``meta.json`` is damaged (its text says how): the partial transfer is discarded."""
 
 
 @value_class
@@ -169,18 +186,48 @@ class _Partial:
         self.path = dest / PARTIAL_DIR
 
     def load(self) -> dict[str, Any] | None:
+        """The partial transfer's meta: None when there is none or it is an older
+        receiver's (not resumable here).
+
+        Raises:
+            _Damaged: ``meta.json`` is not one this receiver wrote whole (a symlink, not a
+                regular file, not JSON, a field missing or of the wrong type).
+        """
+        p = self.path / _META
         try:
-            doc = json.loads((self.path / "meta.json").read_text())
-        except (OSError, ValueError):
+            # never through a symlink, never blocked by a FIFO, never more than 1 MiB read
+            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
             return None
-        if not isinstance(doc, dict) or doc.get("version") != _META_VERSION:
+        except OSError as exc:
+            raise _Damaged("a symlink" if exc.errno == errno.ELOOP else
+                           exc.strerror or str(exc)) from None
+        try:
+            with open(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    raise _Damaged("not a regular file")
+                doc = json.loads(f.read(1 << 20))
+        except ValueError as exc:  # (json's messages are one line)
+            raise _Damaged(f"not JSON ({exc})") from None
+        except OSError as exc:
+            raise _Damaged(exc.strerror or str(exc)) from None
+        if not isinstance(doc, dict):
+            raise _Damaged("not a JSON object")
+        if doc.get("version") != _META_VERSION:
             return None  # (an older receiver's spool: not resumable here)
+        for key, kind in _META_FIELDS.items():
+            value = doc.get(key)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise _Damaged(f"{key!r} missing or not {kind.__name__}")
+        if not _PARTIAL_TMP.fullmatch(doc["tmp"]):
+            raise _Damaged(f"'tmp' is not a temporary subvolume's name: {doc['tmp'][:80]!r}")
         return doc
 
     def save(self, doc: dict[str, Any]) -> None:
-        tmp = self.path / "meta.json.tmp"
-        tmp.write_text(json.dumps(doc))
-        os.replace(tmp, self.path / "meta.json")
+        """Replace ``meta.json`` whole (:func:`~btrdelta.fs.atomic.write_atomic`: a
+        temporary file, ``fsync``, rename, ``fsync`` of the directory): after a power cut
+        it is the old meta or the new one, never a torn one."""
+        write_atomic(self.path / _META, json.dumps(doc).encode(), mode=0o600)
 
     def applied(self) -> int:
         try:
@@ -202,9 +249,14 @@ class _Partial:
             os.close(fd)
 
     def drop(self, tmp: str | None = None) -> None:
-        """Remove the partial transfer and its temporary subvolume."""
-        doc = self.load()
-        names = {n for n in (tmp, doc.get("tmp") if doc else None) if n}
+        """Remove the partial transfer and its temporary subvolume (every one, when
+        ``meta.json`` is damaged and cannot name it: a DEST has one partial transfer)."""
+        try:
+            doc = self.load()
+            names = {n for n in (tmp, doc.get("tmp") if doc else None) if n}
+        except _Damaged:
+            names = {n for n in (tmp,) if n}
+            names |= {n for n in os.listdir(self.dest) if _PARTIAL_TMP.fullmatch(n)}
         if names:
             with Subvolumes(self.dest, backend=self.backend) as subvols:
                 for name in names:
@@ -220,10 +272,14 @@ class Replica:
     Args:
         dest: an existing directory.
         backend: ``"auto"``, ``"btrfs"`` or ``"dir"`` (as :func:`btrdelta.receive.receive`).
+        on_warning: called with a message for anything discarded (a damaged partial
+            transfer; default: ``warnings.warn``).
     """
 
-    def __init__(self, dest: str | os.PathLike[str], *, backend: str = "auto") -> None:
+    def __init__(self, dest: str | os.PathLike[str], *, backend: str = "auto",
+                 on_warning: Callable[[str], None] | None = None) -> None:
         self.dest = Path(dest)
+        self.warn = on_warning or _warn_default
         if not self.dest.is_dir():
             raise BtrdeltaError(f"destination {dest} is not a directory")
         self.backend = backend
@@ -270,8 +326,19 @@ class Replica:
 
     def _partial(self, version: int | None) -> dict[str, Any] | None:
         """The partial transfer's meta, when it can be resumed (digested in protocol
-        ``version`` when given; its temporary subvolume there once a segment was)."""
-        doc = _Partial(self.dest, self.backend).load()
+        ``version`` when given; its temporary subvolume there once a segment was). A
+        damaged one (``meta.json`` torn or not ours, or the progress file counting fewer
+        records than it) is discarded, with a warning: the transfer starts again."""
+        partial = _Partial(self.dest, self.backend)
+        try:
+            doc = partial.load()
+            if doc is not None and partial.applied() < doc["records"]:
+                raise _Damaged(f"{_PROGRESS} counts fewer records than {_META}")
+        except _Damaged as exc:
+            self.warn(f"discarded a damaged partial transfer ({partial.path / _META}: "
+                      f"{exc}); the next transfer starts again")
+            partial.drop()
+            return None
         if doc is None or (version is not None and doc.get("protocol", 1) != version):
             return None  # (its digests are another version's: it cannot be resumed)
         if doc.get("offset") and not os.path.isdir(self.dest / str(doc.get("tmp"))):
@@ -440,7 +507,7 @@ class Replica:
         resume point, the progress mapping and the partial transfer's meta (``complete``:
         the whole stream was applied and acknowledged)."""
         version = io.conn.version
-        doc = partial.load() if plan.kind == "resume" else None
+        doc = self._partial(version) if plan.kind == "resume" else None
         point: ResumePoint | None = None
         if doc is not None and doc.get("offset"):
             tmp = str(doc["tmp"])
