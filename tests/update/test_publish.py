@@ -68,6 +68,31 @@ def test_job_files_are_written_whole_and_durably(repo: Path, monkeypatch: pytest
     assert str(torn) in err, err
 
 
+def test_a_pack_is_named_durably(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pack was fsync-ed and renamed into packs/, but packs/ was never fsync-ed: after a
+    power cut the catalog (written after it, durably) could name a pack that is not there."""
+    import os
+
+    from btrdelta.update.packs import _PackWriter
+
+    packs, tmp = tmp_path / "packs", tmp_path / "tmp"
+    tmp.mkdir()
+    w = _PackWriter(packs, tmp, 0, 1 << 20)
+    w.append(b"frame" * 100)
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    w.close()
+    [pack] = packs.iterdir()
+    assert synced[-1] == str(packs), synced
+    assert pack.read_bytes() == b"frame" * 100
+
+
 def test_catalog_follows_the_layout_and_names_are_content_hashes(repo: Path) -> None:
     cat = Repo(repo).load()
     assert [v.name for v in cat.versions] == [f"v{i}" for i in range(1, N + 1)]

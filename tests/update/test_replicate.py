@@ -738,6 +738,52 @@ def test_receivers_keep_their_own_cursors(tmp_path: Path) -> None:
     assert len(kept) == 3  # one held by each receiver, and the other source's
 
 
+def test_cursors_are_replaced_whole_and_durably(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """cursors.json was written under a predictable temporary name and renamed without an
+    fsync of the store: a power cut could take a cursor back (and then prune what the
+    receiver holds). Now as fs.atomic writes files: the file, then the directory."""
+    store = SendshotStore(tmp_path / "store")
+    store.set_cursor("r1", "ab" * 32)
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    store.set_cursor("r2", "cd" * 32, inflight={"session": "s"})
+    assert len(synced) == 2, synced
+    assert synced[1] == store.path
+    assert {k: v["digest"] for k, v in store.cursors().items()} == \
+        {"r1": "ab" * 32, "r2": "cd" * 32}
+    assert sorted(os.listdir(store.path)) == [".lock", "cursors.json", "records"]
+
+
+def test_a_durable_record_is_named_durably(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record replicate writes (durable) was fsync-ed and renamed, but records/ was never
+    fsync-ed: the cursor written after it could name a record a power cut took back."""
+    from btrdelta.send.sendshot import send_with_sendshots
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"a" * 5000)
+    store = SendshotStore(tmp_path / "store")
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    got = send_with_sendshots(bytearray().extend, src, store=store).recorded
+    assert got is not None
+    assert synced[-1] == store.records, synced
+
+
 class _Kill(_Cut):
     """A channel whose receiver is killed (SIGKILL) once ``limit`` bytes were written."""
 

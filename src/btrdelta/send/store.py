@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._value import field, value_class
 from ..errors import BtrdeltaError, MissingBaseError, StreamFormatError
-from ..fs.atomic import pid_alive
+from ..fs.atomic import fsync_dir, pid_alive, write_atomic
 from ..tree.sendshot import RecordInode, RecordReader, SendshotHead, read_head, write_record
 
 if TYPE_CHECKING:
@@ -147,7 +147,7 @@ class SendshotStore:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        return self._publish(tmp, digest, head)
+        return self._publish(tmp, digest, head, durable)
 
     def begin(self, head: SendshotHead, encoded: Encoded, *, durable: bool = True
               ) -> PendingRecord:
@@ -160,8 +160,11 @@ class SendshotStore:
         os.makedirs(self.records, mode=0o700, exist_ok=True)
         return os.path.join(self.records, f".tmp-{os.getpid()}-{os.urandom(4).hex()}")
 
-    def _publish(self, tmp: str, digest: str, head: SendshotHead) -> StoredSendshot:
-        """Give the complete temporary record ``tmp`` its name."""
+    def _publish(self, tmp: str, digest: str, head: SendshotHead,
+                 durable: bool) -> StoredSendshot:
+        """Give the complete temporary record ``tmp`` its name (``durable``: and ``fsync``
+        the directory, so that a cursor written after it never names a record a power cut
+        took back)."""
         final = self._file(digest)
         try:
             os.replace(tmp, final)
@@ -169,6 +172,8 @@ class SendshotStore:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+        if durable:
+            fsync_dir(self.records)
         return StoredSendshot(digest, head, os.path.getsize(final), final)
 
     def _file(self, digest: str) -> str:
@@ -285,16 +290,13 @@ class SendshotStore:
                 cur.pop(receiver, None)
             else:
                 cur[receiver] = {"digest": digest, "updated": round(time.time(), 3), **extra}
-            p = os.path.join(self.path, "cursors.json")
-            tmp = f"{p}.tmp-{os.getpid()}"
             import json
 
-            with open(tmp, "w") as f:
-                json.dump({"version": 1, "receivers": cur}, f, indent=1, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, p)
+            # whole or not at all, and durable (the rename too: a cursor that went back
+            # after a power cut names a sendshot the receiver no longer needs)
+            data = json.dumps({"version": 1, "receivers": cur}, indent=1, sort_keys=True)
+            write_atomic(os.path.join(self.path, "cursors.json"), (data + "\n").encode(),
+                         mode=0o600)
 
     # -- retention ---------------------------------------------------------------------
 
@@ -338,14 +340,15 @@ class SendshotStore:
                     continue
                 for name in names:
                     m = re.fullmatch(_LEFTOVER, name)
-                    if m is None or (folder == self.path) != name.startswith("cursors"):
+                    if m is None or (folder == self.path) != name.startswith(
+                            ("cursors", ".cursors")):
                         continue
                     p = os.path.join(folder, name)
                     try:
                         age = now - os.lstat(p).st_mtime
                     except FileNotFoundError:
                         continue
-                    if age < _LEFTOVER_AGE or pid_alive(int(m.group(1) or m.group(2))):
+                    if age < _LEFTOVER_AGE or pid_alive(int(next(g for g in m.groups() if g))):
                         continue
                     found.append(p)
                     if remove:
@@ -355,7 +358,9 @@ class SendshotStore:
 
 
 #: a temporary file left by a process (compiled on first use: a send does not look)
-_LEFTOVER = r"\.tmp-(\d+)-[0-9a-f]+|cursors\.json\.tmp-(\d+)"
+#: (``.cursors.json.tmp-PID-HEX``: fs.atomic's, where there is no O_TMPFILE;
+#: ``cursors.json.tmp-PID``: a writer's before session 9)
+_LEFTOVER = r"\.tmp-(\d+)-[0-9a-f]+|\.cursors\.json\.tmp-(\d+)-[0-9a-f]+|cursors\.json\.tmp-(\d+)"
 _LEFTOVER_AGE = 3600.0
 
 
@@ -401,7 +406,7 @@ class PendingRecord:
         if self._error is not None:
             self.abort()
             raise self._error
-        return self._store._publish(self._tmp, self._digest, self._head)
+        return self._store._publish(self._tmp, self._digest, self._head, self._durable)
 
     def abort(self) -> None:
         """Wait for the thread and delete what it wrote."""

@@ -26,6 +26,7 @@ import zstandard
 from ..chunk.archive import ArchiveHeader, encode_header, encode_index, with_index_digest
 from ..chunk.chunker import ChunkerParams, chunk_digest, hash_chunks, map_file
 from ..errors import ChecksumError, StreamFormatError
+from ..fs.atomic import fsync_dir
 from ..repo.catalog import CHUNK_RECORD, PackEntry
 from ..repo.fullindex import FullIndex, PackSlot, encode_pack_table
 from .streams import ChunkConcat
@@ -88,6 +89,7 @@ class _PackWriter:
         pid = self._hash.hexdigest()
         self.packs_dir.mkdir(exist_ok=True)
         os.replace(self._tmp, self.packs_dir / f"{pid}.pack")
+        fsync_dir(str(self.packs_dir))  # (the catalog that names the pack is written after it)
         self.done.append(PackEntry(pid, self.base, self._len))
         self.base += self._len
         self._len = 0

@@ -85,9 +85,10 @@ _TMP_PREFIX = ".btrdelta-tmp-"
 _META_VERSION = 2
 _PROGRESS = "progress"
 _META = "meta.json"
-#: the fields of ``meta.json`` a resume reads, and their types
-_META_FIELDS: dict[str, type] = {"session": str, "offset": int, "segments": int, "chain": str,
-                                 "records": int, "stream_version": int, "tmp": str}
+#: the fields of ``meta.json`` the HOLDINGS offer, and their types; and those a resume
+#: reads once a segment was acknowledged (``offset`` > 0)
+_META_FIELDS: dict[str, type] = {"session": str, "offset": int, "segments": int, "chain": str}
+_META_RESUME: dict[str, type] = {"records": int, "stream_version": int, "tmp": str}
 #: the temporary subvolume of a partial transfer (``_TMP_PREFIX``, 12 hex of its UUID)
 _PARTIAL_TMP = re.compile(r"\.btrdelta-tmp-[0-9a-f]{12}-partial")
 
@@ -215,12 +216,14 @@ class _Partial:
             raise _Damaged("not a JSON object")
         if doc.get("version") != _META_VERSION:
             return None  # (an older receiver's spool: not resumable here)
-        for key, kind in _META_FIELDS.items():
+        fields = _META_FIELDS | (_META_RESUME if doc.get("offset") else {})
+        for key, kind in fields.items():
             value = doc.get(key)
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 raise _Damaged(f"{key!r} missing or not {kind.__name__}")
-        if not _PARTIAL_TMP.fullmatch(doc["tmp"]):
-            raise _Damaged(f"'tmp' is not a temporary subvolume's name: {doc['tmp'][:80]!r}")
+        tmp = doc.get("tmp")
+        if tmp is not None and not (isinstance(tmp, str) and _PARTIAL_TMP.fullmatch(tmp)):
+            raise _Damaged(f"'tmp' is not a temporary subvolume's name: {str(tmp)[:80]!r}")
         return doc
 
     def save(self, doc: dict[str, Any]) -> None:
@@ -332,7 +335,7 @@ class Replica:
         partial = _Partial(self.dest, self.backend)
         try:
             doc = partial.load()
-            if doc is not None and partial.applied() < doc["records"]:
+            if doc is not None and doc.get("offset") and partial.applied() < doc["records"]:
                 raise _Damaged(f"{_PROGRESS} counts fewer records than {_META}")
         except _Damaged as exc:
             self.warn(f"discarded a damaged partial transfer ({partial.path / _META}: "
