@@ -53,7 +53,10 @@ _ROUND_TRIPPED = ["rebuilt-release", "compressible-data-W6", "hole-punch-016",
                   "same-name-ino-replaced-105", "ino-reuse-same-entry-135",
                   "self-shared-hole-grow-203", "deleted-open-file-168",
                   "nlink-zero-inodes-278", "path-build-loops-045", "hierarchy-reshuffle-087",
-                  "tmpfile-orphan-in-snapshot-058", "clone-source-multi-step-117"]
+                  "tmpfile-orphan-in-snapshot-058", "clone-source-multi-step-117",
+                  "fragmented-backrefs-033", "compression-property-048",
+                  "orphan-dir-two-children-128", "empty-snapshots-misc018",
+                  "overwritten-files-misc018"]
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 @pytest.mark.parametrize("name", _ROUND_TRIPPED)

@@ -11,7 +11,8 @@ an orphan inode in both snapshots, upstream's btrfs/058). ``clones`` adds a snap
 clone source for B's stream besides its parent A (btrfs/117).
 :func:`make_streams` runs them and lets the *kernel* write the streams, which are then the
 real data every stream test is checked on. Recipes follow the upstream tests they are
-named after (the number in a name is the upstream test's).
+named after (the number in a name is the upstream test's: xfstests' btrfs/NNN, or with
+``misc`` btrfs-progs' tests/misc-tests/NNN).
 """
 
 from __future__ import annotations
@@ -405,6 +406,30 @@ SCENARIOS: list[Scenario] = [
       "for ((i = 1; i <= 1000; i++)); do echo -n > a/b/c/z_$i; done;"
       " cp --reflink=always a/b/c/x a/b/c/y; xfs_io -c \"pwrite -S 0xab 32K 16K\" a/b/c/y",
       clones=True),
+    # -- session 9: upstream send tests beyond the catalogue (xfstests, btrfs-progs misc) --
+    S("fragmented-backrefs-033",  # upstream: 10240 blocks (a quarter here, for time)
+      'c=(); for i in $(seq 2560 -1 1); do c+=(-c "pwrite $((i * 4))K 4K"); done;'
+      ' xfs_io -f -d "${c[@]}" foo; mkdir snaps;'
+      ' for i in $(seq 0 50); do btrfs -q subvolume snapshot -r . snaps/snap_$i; done',
+      'xfs_io -d -c "pwrite -S 0xab 1M 64K" -c "pwrite -S 0xab 9M 8K" foo;'
+      ' btrfs -q subvolume snapshot -r . snaps/after',
+      btrfs_only=True),
+    S("compression-property-048",  # btrfs.compression xattrs, inherited, on the root too
+      "mkdir -p testdir/subdir1; touch testdir/file1;"
+      " btrfs property set testdir/file1 compression zlib;"
+      " btrfs property set testdir/subdir1 compression lzo; touch testdir/subdir1/foobar;"
+      " xfs_io -f -c 'pwrite -S 0x61 0 256K' testdir/subdir1/data",
+      "touch testdir/subdir1/foobar2; btrfs property set testdir/file1 compression '';"
+      " btrfs property set testdir/subdir1 compression zstd; btrfs property set . compression lzo;"
+      " xfs_io -f -c 'pwrite -S 0x62 0 256K' testdir/subdir1/data2",
+      btrfs_only=True),
+    S("orphan-dir-two-children-128",
+      "mkdir a tmp del; mv tmp del; mkdir a/c del/x del/y",
+      "mv a/c .; mv del/x a; mv del/y a; mv del/tmp c; rmdir del"),
+    S("empty-snapshots-misc018", ":", ":"),
+    S("overwritten-files-misc018",
+      "for i in 1 2 3; do dd if=/dev/zero of=file1_$i bs=1M count=1 status=none; done",
+      "for i in 1 2 3; do dd if=/dev/urandom of=file1_$i bs=1M count=1 status=none; done"),
     # held descriptors last: a later REMOUNT on the same filesystem would find it busy
     S("deleted-open-file-168",
       'xfs_io -f -c "pwrite -S 0xf1 0 64K" foo; xfs_io -f -c "pwrite -S 0x7b 0 90K" bar;'
