@@ -1,0 +1,160 @@
+"""Streams from btrfs-progs' own tests (tests/misc-tests), read and received as `btrfs
+receive` reads and receives them (the oracle).
+
+* misc-tests/016-send-clone-src ships ``multi-clone-src-v4.8.2.stream.xz`` (kept here in
+  tests/data/streams/upstream, as upstream has it): what a 4.8.2 kernel sent for
+  ``btrfs send -c snap1_1 -c snap2_1 snap1_2 snap1_3 snap2_2 snap2_3``, four incremental
+  streams in a row, every one from the parent the kernel picked then (snap2_1, a subvolume
+  of other files: upstream's bug was its size), with clones from snap1_1. The two bases are
+  crafted as full streams with their UUIDs and transids (a received subvolume is found by
+  its received UUID), so the kernel's receive of the four can be compared with ours.
+* misc-tests/017 and 036 feed `btrfs receive` (and ``--dump``) an empty stream, a short
+  header, a bad magic and a header of version 0: refused, by us with one line.
+* fstests btrfs/339: ``btrfs receive --dump`` of a stream another user owns (btrfs-progs
+  opened it with O_NOATIME, refused to anyone but the owner).
+"""
+
+from __future__ import annotations
+
+import io
+import lzma
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+from btrdelta.stream import write_stream
+from btrdelta.stream.records import Chmod, End, Mkfile, Subvol, Truncate, Utimes
+from btrdelta.testing.scenarios import kernel_receive
+from btrdelta.tree.treesum import diff_manifests, tree_manifest
+from tests.conftest import DATA, progs_dump, require_btrfs
+
+from .conftest import Targets
+
+PROGS_016 = DATA / "streams" / "upstream" / "multi-clone-src-v4.8.2.stream.xz"
+#: the time every inode of PROGS_016 has (2016-11-09T00:07:00Z), in ns
+_T_016 = 1478650020 * 10**9
+#: the streams' names, in order
+_SNAPS_016 = ["subv-snap1_2", "subv-snap1_3", "subv-snap2_2", "subv-snap2_3"]
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def _cli(*argv: str, stdin: bytes | None = None,
+         prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([*prefix, sys.executable, "-m", "btrdelta", *argv], input=stdin,
+                          capture_output=True, check=False, timeout=120,
+                          env={**os.environ, "TZ": "UTC"})
+
+
+def _progs_016(where: Path) -> Path:
+    out = where / "multi-clone-src-v4.8.2.stream"
+    out.write_bytes(lzma.decompress(PROGS_016.read_bytes()))
+    return out
+
+
+def _base_016(where: Path, name: bytes, u: str, ctransid: int, file: bytes) -> Path:
+    """A parent or clone source of PROGS_016, as upstream's test made it: one 1 MiB file of
+    zeros (sparse here: the streams clone it or unlink it, never read its blocks)."""
+    out = io.BytesIO()
+    write_stream([Subvol(path=name, uuid=uuid.UUID(u), ctransid=ctransid),
+                  Mkfile(path=file, ino=257), Truncate(path=file, size=1 << 20),
+                  Chmod(path=file, mode=0o644),
+                  Utimes(path=file, atime=_T_016, mtime=_T_016, ctime=_T_016),
+                  Utimes(path=b"", atime=_T_016, mtime=_T_016, ctime=_T_016), End()],
+                 out.write)
+    path = where / (name.decode() + ".stream")
+    path.write_bytes(out.getvalue())
+    return path
+
+
+def test_dump_of_progs_016_stream_is_btrfs_receive_dump(tmp_path: Path) -> None:
+    if shutil.which("btrfs") is None:
+        pytest.skip("btrfs-progs not installed")
+    stream = _progs_016(tmp_path)
+    want = progs_dump(stream)
+    assert want.returncode == 0, want.stderr
+    ours = _cli("dump", "-f", str(stream))
+    assert ours.returncode == 0, ours.stderr
+    assert ours.stdout == want.stdout
+    assert want.stdout.startswith(b"snapshot        ./subv-snap1_2 ")
+    every = _cli("dump", "--all", "-f", str(stream))  # btrfs-progs stops after the first END
+    assert every.returncode == 0, every.stderr
+    assert every.stdout.startswith(want.stdout)
+    heads = [line.split()[1] for line in every.stdout.decode().splitlines()
+             if line.startswith("snapshot")]
+    assert heads == [f"./{s}" for s in _SNAPS_016]
+
+
+@pytest.mark.btrfs
+def test_receive_of_progs_016_stream_is_btrfs_receive(tmp_path: Path, targets: Targets) -> None:
+    require_btrfs()
+    stream = _progs_016(tmp_path)
+    bases = [_base_016(tmp_path, b"subv-snap2_1", "b0afcb2c-91d5-2f42-b817-6e073b881952", 12,
+                       b"file2_1"),
+             _base_016(tmp_path, b"subv-snap1_1", "e9afdf92-ac63-bb47-8f22-0acc185043e0", 8,
+                       b"file1_1")]
+    kernel = targets.kernel / "progs-016"
+    dests = {"btrfs": targets.ours_btrfs / "progs-016", "ext4": targets.ours_ext4 / "progs-016"}
+    kernel.mkdir()
+    for dest in dests.values():
+        dest.mkdir()
+    for s in [*bases, stream]:
+        kernel_receive(s, kernel)
+        for key, dest in dests.items():
+            proc = _cli("receive", "-f", str(s), str(dest))
+            assert proc.returncode == 0, (key, s.name, proc.stderr)
+    names = sorted(p.name for p in kernel.iterdir())
+    assert names == sorted(["subv-snap1_1", "subv-snap2_1", *_SNAPS_016])
+    assert sorted(os.listdir(kernel / "subv-snap1_3")) == ["file1_1", "file1_2", "file1_3"]
+    for snap in names:
+        ref = tree_manifest(kernel / snap, ignore_root_mtime=True)
+        for key, dest in dests.items():
+            diff = diff_manifests(ref, tree_manifest(dest / snap, ignore_root_mtime=True))
+            assert not diff, (key, snap, diff)
+
+
+#: misc-tests/017 (empty, short and bad headers) and 036 (stream version 0)
+_BAD = [b"", b"1", b"12345678901234567", b"btrfs-stream\0\0\0\0\0"]
+
+
+@pytest.mark.parametrize("data", _BAD, ids=["empty", "one-byte", "bad-magic", "version-0"])
+def test_bad_headers_are_refused_as_btrfs_receive_refuses(tmp_path: Path, data: bytes) -> None:
+    if shutil.which("btrfs") is None:
+        pytest.skip("btrfs-progs not installed")
+    progs = subprocess.run(["btrfs", "receive", "--dump"], input=data, capture_output=True,
+                           check=False, timeout=60)
+    assert progs.returncode != 0
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    for argv in (("dump",), ("dump", "--all"), ("receive", str(dest))):
+        proc = _cli(*argv, stdin=data)
+        err = proc.stderr.decode(errors="replace")
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert proc.returncode == 3, (argv, proc.returncode, err)
+        assert len(lines) == 1, (argv, err)
+        assert lines[0].startswith("btrdelta"), (argv, err)
+        assert "Traceback" not in err, (argv, err)
+        assert proc.stdout == b"", argv
+    assert list(dest.iterdir()) == []
+
+
+def test_dump_of_a_stream_another_user_owns(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run as another user")
+    world = Path(tempfile.mkdtemp(prefix="btrdelta-339-"))  # pytest's own is 0700
+    try:
+        world.chmod(0o755)
+        stream = world / "s.stream"
+        shutil.copy(DATA / "streams" / "inversion-030.B.v2.stream", stream)
+        stream.chmod(0o644)  # root's, readable by all (btrfs/339's chmod a+r)
+        ours = _cli("dump", "-f", str(stream), prefix=tuple(NOBODY))
+        assert ours.returncode == 0, ours.stderr
+        want = (DATA / "streams" / "inversion-030.B.v2.dump").read_bytes()
+        assert ours.stdout == want
+    finally:
+        shutil.rmtree(world, ignore_errors=True)
