@@ -8,6 +8,9 @@ receive` reads and receives them (the oracle).
   of other files: upstream's bug was its size), with clones from snap1_1. The two bases are
   crafted as full streams with their UUIDs and transids (a received subvolume is found by
   its received UUID), so the kernel's receive of the four can be compared with ours.
+* misc-tests/019: streams received into a filesystem mounted at a subvolume of it
+  (``-o subvol=/dest``), the parent and a ``-c`` clone source found there (btrfs-progs had
+  to strip the mounted subvolume's path from the paths the UUID tree gives).
 * misc-tests/017 and 036 feed `btrfs receive` (and ``--dump``) an empty stream, a short
   header, a bad magic and a header of version 0: refused, by us with one line.
 * fstests btrfs/339: ``btrfs receive --dump`` of a stream another user owns (btrfs-progs
@@ -30,7 +33,8 @@ import pytest
 
 from btrdelta.stream import write_stream
 from btrdelta.stream.records import Chmod, End, Mkfile, Subvol, Truncate, Utimes
-from btrdelta.testing.scenarios import kernel_receive
+from btrdelta.testing.loopfs import run
+from btrdelta.testing.scenarios import kernel_receive, send
 from btrdelta.tree.treesum import diff_manifests, tree_manifest
 from tests.conftest import DATA, progs_dump, require_btrfs
 
@@ -116,6 +120,56 @@ def test_receive_of_progs_016_stream_is_btrfs_receive(tmp_path: Path, targets: T
         for key, dest in dests.items():
             diff = diff_manifests(ref, tree_manifest(dest / snap, ignore_root_mtime=True))
             assert not diff, (key, snap, diff)
+
+
+def _mount_subvol(fs: Path, subvol: str, at: Path) -> None:
+    """Mount the btrfs mounted at ``fs`` again at ``at``, its subvolume ``subvol`` as root."""
+    with open("/proc/mounts") as f:
+        dev = next(line.split()[0] for line in f if line.split()[1] == str(fs))
+    at.mkdir()
+    run("mount", "-o", f"subvol=/{subvol}", dev, at)
+
+
+@pytest.mark.btrfs
+def test_receive_into_a_mounted_subvolume_progs_019(tmp_path: Path, targets: Targets) -> None:
+    require_btrfs()
+    src = targets.scratch_btrfs / "progs-019"
+    src.mkdir()
+    for name in ("foo", "bar", "baz", "snap"):
+        run("btrfs", "-q", "subvolume", "create", src / name)
+    run("xfs_io", "-f", "-c", "pwrite -S 0x41 0 128K", src / "foo/file_a")
+    run("xfs_io", "-f", "-c", "pwrite -S 0x42 0 128K", src / "bar/file_b")
+    run("cp", "--reflink=always", src / "foo/file_a", src / "baz/file_a")
+    run("cp", "--reflink=always", src / "bar/file_b", src / "baz/file_b")
+    snap = src / "snap"
+    run("btrfs", "-q", "subvolume", "snapshot", "-r", src / "foo", snap / "foo.0")
+    run("btrfs", "-q", "subvolume", "snapshot", "-r", src / "bar", snap / "bar.0")
+    run("cp", "--reflink=always", src / "foo/file_a", src / "foo/file_a.clone")
+    (src / "foo/file_a").unlink()
+    run("btrfs", "-q", "subvolume", "snapshot", "-r", src / "foo", snap / "foo.1")
+    run("btrfs", "-q", "subvolume", "snapshot", "-r", src / "baz", snap / "baz.0")
+    streams = [send(snap / "foo.0", tmp_path / "foo.0"), send(snap / "bar.0", tmp_path / "bar.0"),
+               send(snap / "foo.1", tmp_path / "foo.1", parent=snap / "foo.0"),
+               send(snap / "baz.0", tmp_path / "baz.0", parent=snap / "foo.1",
+                    extra=("-c", str(snap / "bar.0")))]
+    mounts = {"kernel": tmp_path / "kernel", "ours": tmp_path / "ours"}
+    try:
+        for key, fs in (("kernel", targets.kernel), ("ours", targets.ours_btrfs)):
+            run("btrfs", "-q", "subvolume", "create", fs / "progs-019")
+            _mount_subvol(fs, "progs-019", mounts[key])
+        for s in streams:
+            kernel_receive(s, mounts["kernel"])
+            proc = _cli("receive", "-f", str(s), str(mounts["ours"]))
+            assert proc.returncode == 0, (s.name, proc.stderr)
+        for name in ("foo.0", "bar.0", "foo.1", "baz.0"):
+            ref = tree_manifest(mounts["kernel"] / name, ignore_root_mtime=True)
+            assert not diff_manifests(tree_manifest(snap / name, ignore_root_mtime=True), ref)
+            ours = tree_manifest(mounts["ours"] / name, ignore_root_mtime=True)
+            assert not diff_manifests(ref, ours), name
+    finally:
+        for at in mounts.values():
+            if at.is_mount():
+                run("umount", at)
 
 
 #: misc-tests/017 (empty, short and bad headers) and 036 (stream version 0)
