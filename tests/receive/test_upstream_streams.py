@@ -11,6 +11,10 @@ receive` reads and receives them (the oracle).
 * misc-tests/019: streams received into a filesystem mounted at a subvolume of it
   (``-o subvol=/dest``), the parent and a ``-c`` clone source found there (btrfs-progs had
   to strip the mounted subvolume's path from the paths the UUID tree gives).
+* fstests btrfs/110 and 111: snapshots *we* received into btrfs, sent again by the kernel
+  (full, and incremental from them or from a snapshot of one made writable and changed), are
+  received on another filesystem as the kernel's own receive would have them: the kernel
+  names a received subvolume by its received UUID and stransid, which our receive sets.
 * misc-tests/017 and 036 feed `btrfs receive` (and ``--dump``) an empty stream, a short
   header, a bad magic and a header of version 0: refused, by us with one line.
 * fstests btrfs/339: ``btrfs receive --dump`` of a stream another user owns (btrfs-progs
@@ -170,6 +174,53 @@ def test_receive_into_a_mounted_subvolume_progs_019(tmp_path: Path, targets: Tar
         for at in mounts.values():
             if at.is_mount():
                 run("umount", at)
+
+
+def _ours(stream: Path, dest: Path) -> None:
+    proc = _cli("receive", "-f", str(stream), str(dest))
+    assert proc.returncode == 0, (stream.name, dest, proc.stderr)
+
+
+@pytest.mark.btrfs
+def test_resend_of_what_we_received_fstests_110_111(tmp_path: Path, targets: Targets) -> None:
+    require_btrfs()
+    src = targets.scratch_btrfs / "fst-110"
+    run("btrfs", "-q", "subvolume", "create", src)
+    run("xfs_io", "-f", "-c", "pwrite -S 0xaa 0K 32K", src / "foo")
+    run("btrfs", "-q", "subvolume", "snapshot", "-r", src, src.with_name("fst-110-snap1"))
+    run("xfs_io", "-c", "pwrite -S 0xbb 4K 4K", src / "foo")
+    run("btrfs", "-q", "subvolume", "snapshot", "-r", src, src.with_name("fst-110-snap2"))
+    s1 = send(src.with_name("fst-110-snap1"), tmp_path / "1.snap")
+    s2 = send(src.with_name("fst-110-snap2"), tmp_path / "2.snap",
+              parent=src.with_name("fst-110-snap1"))
+    # the second filesystem: we receive both (111); a writable snapshot of snap1 changed (110)
+    fs2 = targets.ours_btrfs / "fst-110"
+    fs2.mkdir()
+    _ours(s1, fs2)
+    _ours(s2, fs2)
+    run("sync")
+    run("btrfs", "-q", "subvolume", "snapshot", fs2 / "fst-110-snap1", fs2 / "rw")
+    run("xfs_io", "-c", "pwrite -S 0xcc 8K 4K", fs2 / "rw/foo")
+    run("btrfs", "-q", "subvolume", "snapshot", "-r", fs2 / "rw", fs2 / "snap3")
+    again = [send(fs2 / "fst-110-snap1", tmp_path / "1_2.snap"),
+             send(fs2 / "fst-110-snap2", tmp_path / "2_2.snap", parent=fs2 / "fst-110-snap1"),
+             send(fs2 / "snap3", tmp_path / "3.snap", parent=fs2 / "fst-110-snap1")]
+    # a third filesystem receives the kernel's streams of what we received
+    kernel = targets.kernel / "fst-110"
+    dests = [targets.kernel / "fst-110-ours", targets.ours_ext4 / "fst-110"]
+    for d in (kernel, *dests):
+        d.mkdir()
+    for stream in again:
+        kernel_receive(stream, kernel)
+        for d in dests:
+            _ours(stream, d)
+    for name in ("fst-110-snap1", "fst-110-snap2", "snap3"):
+        ref = tree_manifest(kernel / name, ignore_root_mtime=True)
+        orig = fs2 / name if name == "snap3" else src.with_name(name)
+        assert not diff_manifests(tree_manifest(orig, ignore_root_mtime=True), ref), name
+        for d in dests:
+            assert not diff_manifests(ref, tree_manifest(d / name, ignore_root_mtime=True)), d
+    assert (kernel / "snap3/foo").read_bytes() == b"\xaa" * 8192 + b"\xcc" * 4096 + b"\xaa" * 20480
 
 
 #: misc-tests/017 (empty, short and bad headers) and 036 (stream version 0)
