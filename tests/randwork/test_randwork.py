@@ -16,6 +16,10 @@ the kernel as the oracle:
 * ``send --record`` of the live subvolume at A, then ``send --from-sendshot latest`` at B:
   ``btrfs receive`` takes both and gives A and B.
 
+The first seed also runs on ``compress-force=lzo`` and ``=zlib``, its v2 streams received
+with ``force_decompress`` as well (upstream btrfs/284: every algorithm, with and without
+``--force-decompress``).
+
 ``make test`` runs the seeds of :data:`SEEDS`; ``make randwork`` (``BTRDELTA_RANDWORK=N``,
 ``BTRDELTA_RANDWORK_FROM=K``) runs N seeds from K. A failure names its seed: re-run it with
 ``BTRDELTA_RANDWORK=1 BTRDELTA_RANDWORK_FROM=<seed> make randwork``.
@@ -28,7 +32,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,10 +66,16 @@ class Mounts:
 
 @pytest.fixture
 def mounts() -> Iterator[Mounts]:
+    with _mounts("compress-force=zstd") as m:
+        yield m
+
+
+@contextmanager
+def _mounts(src_options: str) -> Iterator[Mounts]:
     require_btrfs()
     try:
         with ExitStack() as stack:
-            src = stack.enter_context(loop_fs("btrfs", size="2G", options="compress-force=zstd"))
+            src = stack.enter_context(loop_fs("btrfs", size="2G", options=src_options))
             dst = stack.enter_context(loop_fs("btrfs", size="3G"))
             ext4 = stack.enter_context(loop_fs("ext4", size="1G"))
             yield Mounts(src, dst, ext4)
@@ -213,6 +223,25 @@ def check_seed(seed: int, m: Mounts, tmp: Path) -> list[str]:
 def test_random_workload(seed: int, mounts: Mounts, tmp_path: Path) -> None:
     problems = check_seed(seed, mounts, tmp_path)
     assert not problems, f"seed {seed}:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("algo", ["lzo", "zlib"])
+def test_random_workload_compressed_with(algo: str, tmp_path: Path) -> None:
+    # fstests btrfs/284: its random workload and v2 --compressed-data streams, for every
+    # compression btrfs has (zstd above)
+    seed = SEEDS[0]
+    with _mounts(f"compress-force={algo}") as m:
+        problems = check_seed(seed, m, tmp_path)
+        # and received with --force-decompress (upstream's second receive)
+        dest = _fresh(m.dst, "force-decompress")
+        for s in (tmp_path / "v2.A", tmp_path / "v2.B"):
+            with open(s, "rb") as f:
+                receive(StreamReader(f, source=s.name).events(), dest, force_decompress=True)
+        kern = m.dst / f"k{seed}v2"
+        problems += _same(kern / "A", dest / "A", "--force-decompress A", holes=True)
+        problems += _same(kern / "B", dest / "B", "--force-decompress B", holes=True,
+                          ignore_root_mtime=True)
+    assert not problems, f"seed {seed}, {algo}:\n" + "\n".join(problems)
 
 
 def test_directory_backend_keeps_holes_of_a_file_with_an_xattr_block(tmp_path: Path) -> None:
