@@ -11,6 +11,9 @@ receive` reads and receives them (the oracle).
 * misc-tests/019: streams received into a filesystem mounted at a subvolume of it
   (``-o subvol=/dest``), the parent and a ``-c`` clone source found there (btrfs-progs had
   to strip the mounted subvolume's path from the paths the UUID tree gives).
+* misc-tests/035 (not run upstream since its fix was reverted): DEST beside a mount whose
+  path is a prefix of DEST's (``MNT/ddis`` mounted, DEST ``MNT/ddis-not-a-mount``); the
+  filesystem is DEST's own, and so are the parents looked up on it.
 * fstests btrfs/110 and 111: snapshots *we* received into btrfs, sent again by the kernel
   (full, and incremental from them or from a snapshot of one made writable and changed), are
   received on another filesystem as the kernel's own receive would have them: the kernel
@@ -179,6 +182,49 @@ def test_receive_into_a_mounted_subvolume_progs_019(tmp_path: Path, targets: Tar
 def _ours(stream: Path, dest: Path) -> None:
     proc = _cli("receive", "-f", str(stream), str(dest))
     assert proc.returncode == 0, (stream.name, dest, proc.stderr)
+
+
+@pytest.mark.btrfs
+def test_receive_beside_a_mount_with_a_prefix_of_its_path_progs_035(
+        tmp_path: Path, targets: Targets) -> None:
+    require_btrfs()
+    src = targets.scratch_btrfs / "progs-035"
+    run("btrfs", "-q", "subvolume", "create", src)
+    run("btrfs", "-q", "subvolume", "create", src.with_name("progs-035-empty"))
+    (src / "file").write_text("some data\n")
+    run("btrfs", "-q", "subvolume", "snapshot", "-r", src, src.with_name("progs-035-s1"))
+    (src / "file2").write_text("more\n")
+    run("btrfs", "-q", "subvolume", "snapshot", "-r", src, src.with_name("progs-035-s2"))
+    full = send(src.with_name("progs-035-s1"), tmp_path / "full")
+    incr = send(src.with_name("progs-035-s2"), tmp_path / "incr",
+                parent=src.with_name("progs-035-s1"))
+    mounted: list[Path] = []
+    try:
+        for fs, receiver in ((targets.kernel, kernel_receive), (targets.ours_btrfs, _ours)):
+            parents = fs / "progs-035-parents"  # the parent: on DEST's filesystem, elsewhere
+            parents.mkdir()
+            receiver(full, parents)
+            # where a prefix match of DEST's path leads: another btrfs (an empty subvolume of
+            # the source's, which cannot reach the source's snapshots)
+            prefix = fs / "progs-035"
+            _mount_subvol(targets.scratch_btrfs, "progs-035-empty", prefix)
+            mounted.append(prefix)
+            dest = fs / "progs-035-not-a-mount"
+            dest.mkdir()
+            receiver(incr, dest)
+            receiver(full, dest)
+        for name in ("progs-035-s1", "progs-035-s2"):
+            ref = tree_manifest(targets.kernel / "progs-035-not-a-mount" / name,
+                                ignore_root_mtime=True)
+            assert not diff_manifests(tree_manifest(src.with_name(name),
+                                                    ignore_root_mtime=True), ref)
+            got = targets.ours_btrfs / "progs-035-not-a-mount" / name
+            assert not diff_manifests(ref, tree_manifest(got, ignore_root_mtime=True))
+            assert got.stat().st_ino == 256  # a subvolume (of DEST's btrfs)
+        assert [os.listdir(at) for at in mounted] == [[], []]
+    finally:
+        for at in mounted:
+            run("umount", at)
 
 
 @pytest.mark.btrfs
