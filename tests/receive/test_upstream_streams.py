@@ -11,6 +11,9 @@ receive` reads and receives them (the oracle).
 * misc-tests/019: streams received into a filesystem mounted at a subvolume of it
   (``-o subvol=/dest``), the parent and a ``-c`` clone source found there (btrfs-progs had
   to strip the mounted subvolume's path from the paths the UUID tree gives).
+* misc-tests/039: a full stream that clones from itself, received again where a
+  subvolume with its received UUID exists (renamed and changed since): the clones come
+  from the subvolume being received.
 * misc-tests/035 (not run upstream since its fix was reverted): DEST beside a mount whose
   path is a prefix of DEST's (``MNT/ddis`` mounted, DEST ``MNT/ddis-not-a-mount``); the
   filesystem is DEST's own, and so are the parents looked up on it.
@@ -182,6 +185,34 @@ def test_receive_into_a_mounted_subvolume_progs_019(tmp_path: Path, targets: Tar
 def _ours(stream: Path, dest: Path) -> None:
     proc = _cli("receive", "-f", str(stream), str(dest))
     assert proc.returncode == 0, (stream.name, dest, proc.stderr)
+
+
+@pytest.mark.btrfs
+def test_receive_again_clones_from_the_subvolume_being_received_progs_039(
+        tmp_path: Path, targets: Targets) -> None:
+    require_btrfs()
+    src = targets.scratch_btrfs / "progs-039"
+    run("btrfs", "-q", "subvolume", "create", src)
+    (src / "foo").write_bytes(os.urandom(1 << 20))
+    run("cp", "--reflink=always", src / "foo", src / "bar")
+    (src / "dir").mkdir()
+    (src / "foo").rename(src / "dir/foo")
+    run("btrfs", "property", "set", src, "ro", "true")
+    stream = send(src, tmp_path / "send.data")
+    want = tree_manifest(src, ignore_root_mtime=True)
+    for fs, receiver in ((targets.kernel, kernel_receive), (targets.ours_btrfs, _ours),
+                         (targets.ours_ext4, _ours)):
+        dest = fs / "progs-039-dest"
+        dest.mkdir()
+        receiver(stream, dest)
+        old = dest / "old"
+        (dest / "progs-039").rename(old)
+        if fs != targets.ours_ext4:
+            run("btrfs", "property", "set", "-f", old, "ro", "false")
+        run("xfs_io", "-c", "pwrite -S 0xee 0 1M", old / "dir/foo")  # not what is cloned now
+        receiver(stream, dest)
+        got = tree_manifest(dest / "progs-039", ignore_root_mtime=True)
+        assert not diff_manifests(want, got), fs
 
 
 @pytest.mark.btrfs
