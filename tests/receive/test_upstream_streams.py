@@ -21,6 +21,8 @@ receive` reads and receives them (the oracle).
   (full, and incremental from them or from a snapshot of one made writable and changed), are
   received on another filesystem as the kernel's own receive would have them: the kernel
   names a received subvolume by its received UUID and stransid, which our receive sets.
+  Sent back to the first filesystem (misc-tests/061's reverse receive), the parent is found
+  there by its own UUID.
 * misc-tests/017 and 036 feed `btrfs receive` (and ``--dump``) an empty stream, a short
   header, a bad magic and a header of version 0: refused, by us with one line.
 * fstests btrfs/339: ``btrfs receive --dump`` of a stream another user owns (btrfs-progs
@@ -298,6 +300,14 @@ def test_resend_of_what_we_received_fstests_110_111(tmp_path: Path, targets: Tar
         for d in dests:
             assert not diff_manifests(ref, tree_manifest(d / name, ignore_root_mtime=True)), d
     assert (kernel / "snap3/foo").read_bytes() == b"\xaa" * 8192 + b"\xcc" * 4096 + b"\xaa" * 20480
+    # back to the first filesystem (misc-tests/061's reverse receive): the stream's parent is
+    # the received UUID of fs2's snap1, the UUID of the source's snap1 there
+    for d, receiver in ((src.with_name("fst-110-back-k"), kernel_receive),
+                        (src.with_name("fst-110-back-o"), _ours)):
+        d.mkdir()
+        receiver(again[2], d)
+        assert not diff_manifests(tree_manifest(kernel / "snap3", ignore_root_mtime=True),
+                                  tree_manifest(d / "snap3", ignore_root_mtime=True)), d
 
 
 #: misc-tests/017 (empty, short and bad headers) and 036 (stream version 0)
