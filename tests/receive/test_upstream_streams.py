@@ -23,6 +23,9 @@ receive` reads and receives them (the oracle).
   names a received subvolume by its received UUID and stransid, which our receive sets.
   Sent back to the first filesystem (misc-tests/061's reverse receive), the parent is found
   there by its own UUID.
+* fstests btrfs/186: a writable subvolume with data not yet written back (delalloc) turned
+  read-only with ``btrfs property`` and sent itself, not a snapshot of it: the data is in
+  the kernel's stream, and in ours.
 * misc-tests/017 and 036 feed `btrfs receive` (and ``--dump``) an empty stream, a short
   header, a bad magic and a header of version 0: refused, by us with one line.
 * fstests btrfs/339: ``btrfs receive --dump`` of a stream another user owns (btrfs-progs
@@ -43,6 +46,7 @@ from pathlib import Path
 
 import pytest
 
+from btrdelta.send import send_stream
 from btrdelta.stream import write_stream
 from btrdelta.stream.records import Chmod, End, Mkfile, Subvol, Truncate, Utimes
 from btrdelta.testing.loopfs import run
@@ -308,6 +312,31 @@ def test_resend_of_what_we_received_fstests_110_111(tmp_path: Path, targets: Tar
         receiver(again[2], d)
         assert not diff_manifests(tree_manifest(kernel / "snap3", ignore_root_mtime=True),
                                   tree_manifest(d / "snap3", ignore_root_mtime=True)), d
+
+
+@pytest.mark.btrfs
+def test_delalloc_subvolume_turned_read_only_fstests_186(tmp_path: Path,
+                                                         targets: Targets) -> None:
+    require_btrfs()
+    sv = targets.scratch_btrfs / "fst-186"
+    run("btrfs", "-q", "subvolume", "create", sv)
+    run("xfs_io", "-f", "-c", "pwrite -S 0xea 0 108K", sv / "foo")  # no sync: delalloc
+    run("btrfs", "property", "set", sv, "ro", "true")
+    stream = send(sv, tmp_path / "sv.send")
+    for fs, receiver in ((targets.kernel, kernel_receive), (targets.ours_btrfs, _ours),
+                         (targets.ours_ext4, _ours)):
+        dest = fs / "fst-186"
+        dest.mkdir()
+        receiver(stream, dest)
+        assert (dest / "fst-186/foo").read_bytes() == b"\xea" * 108 * 1024, fs
+        assert not diff_manifests(tree_manifest(sv), tree_manifest(dest / "fst-186")), fs
+    ours = tmp_path / "ours.send"  # and our send of it, received by the kernel
+    with open(ours, "wb") as f:
+        send_stream(f.write, sv)
+    dest = targets.kernel / "fst-186-ours"
+    dest.mkdir()
+    kernel_receive(ours, dest)
+    assert not diff_manifests(tree_manifest(sv), tree_manifest(dest / "fst-186"))
 
 
 #: misc-tests/017 (empty, short and bad headers) and 036 (stream version 0)
