@@ -56,7 +56,9 @@ _ROUND_TRIPPED = ["rebuilt-release", "compressible-data-W6", "hole-punch-016",
                   "tmpfile-orphan-in-snapshot-058", "clone-source-multi-step-117",
                   "fragmented-backrefs-033", "compression-property-048",
                   "orphan-dir-two-children-128", "empty-snapshots-misc018",
-                  "overwritten-files-misc018"]
+                  "overwritten-files-misc018", "renamed-file-moved-dirs-03cb4fb",
+                  "four-level-inversion-5ed7f9f", "delayed-move-new-parent-7b119a8",
+                  "inversions-all-030"]
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 @pytest.mark.parametrize("name", _ROUND_TRIPPED)

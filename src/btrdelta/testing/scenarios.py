@@ -12,7 +12,8 @@ clone source for B's stream besides its parent A (btrfs/117).
 :func:`make_streams` runs them and lets the *kernel* write the streams, which are then the
 real data every stream test is checked on. Recipes follow the upstream tests they are
 named after (the number in a name is the upstream test's: xfstests' btrfs/NNN, or with
-``misc`` btrfs-progs' tests/misc-tests/NNN).
+``misc`` btrfs-progs' tests/misc-tests/NNN; a hex suffix is the Linux commit whose message
+holds the reproducer).
 """
 
 from __future__ import annotations
@@ -426,6 +427,36 @@ SCENARIOS: list[Scenario] = [
     S("orphan-dir-two-children-128",
       "mkdir a tmp del; mv tmp del; mkdir a/c del/x del/y",
       "mv a/c .; mv del/x a; mv del/y a; mv del/tmp c; rmdir del"),
+    S("inversions-all-030",  # upstream's whole test (inversion-030 is its first part)
+      "mkdir -p a/b/c; echo hello > a/b/c/file.txt; mkdir a/b/c/d a/b/c2 a/b/www;"
+      " echo hey > a/b/foobar.txt; mkdir -p a/b/c3/x/y a/b/foo1/foo2;"
+      " echo hey > a/b/foo1/foo2/f.txt; mkdir a/b/foo3; mkdir -p a/b/bar1/bar2/bar3/bar4;"
+      " echo ola > a/b/bar1/bar2/bar3/bar4/hello.txt",
+      "echo ' world' >> a/b/c/file.txt; mv a/b/c/d a/b/c2/d2; mv a/b/c a/b/c2/d2/cc;"
+      " mv a/b/c3/x/y a/b/c2/y2; mv a/b/c3/x a/b/c2/y2/x2; mv a/b/c3 a/b/c2/y2/x2/Z;"
+      " mv a/b/www a/b/c2/y2/x2/WWW; mv a/b/foobar.txt a/b/c2/y2/x2/qwerty.txt;"
+      " ln a/b/c2/d2/cc/file.txt a/b/c2/y2/x2/Z/file_link.txt;"
+      " mv a/b/c2/d2/cc/file.txt a/b/c2/y2/x2; mv a/b/foo3 a/b/foo1/foo33;"
+      " mv a/b/foo1/foo2 a/b/foo1/foo33/foo22;"
+      " mv a/b/foo1/foo33/foo22/f.txt a/b/foo1/foo33/foo22/fff.txt;"
+      " echo ' hello' >> a/b/bar1/bar2/bar3/bar4/hello.txt;"
+      " mv a/b/bar1/bar2/bar3/bar4/hello.txt a/b/bar1/bar2/bar3/bar4/hello2.txt;"
+      " mv a/b/bar1/bar2/bar3/bar4 a/b/k44; mv a/b/bar1/bar2/bar3 a/b/k44;"
+      " mv a/b/bar1/bar2 a/b/k44/bar3; mv a/b/bar1 a/b/k44/bar3/bar2/k11"),
+    # reproducers in Linux send fixes' commit messages (the name ends with the commit's
+    # hash): a file renamed in a directory moved under a new one, a four-level inversion
+    # on its own (btrfs/030 has it among others, other inode numbers), a delayed directory
+    # move whose new parent moves too
+    S("renamed-file-moved-dirs-03cb4fb",
+      "mkdir -p a/b/c/d a/b/x; touch a/b/c/d/file",
+      "mv a/b/x a/b/c/x2; mv a/b/c/d a/b/c/x2/d2; mv a/b/c/x2/d2/file a/b/c/x2/d2/file2"),
+    S("four-level-inversion-5ed7f9f",
+      "mkdir -p a/b/bar1/bar2/bar3/bar4",
+      "mv a/b/bar1/bar2/bar3/bar4 a/b/k44; mv a/b/bar1/bar2/bar3 a/b/k44;"
+      " mv a/b/bar1/bar2 a/b/k44/bar3; mv a/b/bar1 a/b/k44/bar3/bar2/k11"),
+    S("delayed-move-new-parent-7b119a8",
+      "mkdir A B C; mv C A; mv B A/C; mkdir A/C/D",
+      "mv A/C/D A/D2; mv A/C/B A/D2/B2; mv A/C A/D2/B2/C2"),
     S("empty-snapshots-misc018", ":", ":"),
     S("overwritten-files-misc018",
       "for i in 1 2 3; do dd if=/dev/zero of=file1_$i bs=1M count=1 status=none; done",
