@@ -204,3 +204,32 @@ def test_a_damaged_key_file_exits_3_naming_it(tmp_path: Path) -> None:
         assert proc.returncode == 3, (argv, proc.stderr)
         assert proc.stderr.count("\n") == 1, proc.stderr
         assert f"{named}: {what}" in proc.stderr
+
+
+def test_the_receiver_starts_before_the_send_side_is_imported(tmp_path: Path) -> None:
+    """A local receiver is started before the sender imports its send side (the two
+    start-ups overlap: the first byte waits for the receiver's), and ``--serve`` imports
+    no module of the send side at all."""
+    (tmp_path / "d").mkdir()
+    script = (
+        "import sys\nimport btrdelta.cli.replicate_cmd as r\nfrom btrdelta.cli import main\n"
+        "real = r._connect\n"
+        "def connect(args):\n"
+        "    print(sorted(m for m in sys.modules if m.startswith('btrdelta.send')))\n"
+        "    return real(args)\n"
+        "r._connect = connect\n"
+        f"code = main(['replicate', '-q', '--store', {str(tmp_path / 'store')!r}, "
+        f"{str(_source(tmp_path))!r}, {str(tmp_path / 'd')!r}])\n"
+        "print(code)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, timeout=120).stdout.splitlines()
+    assert out == ["[]", "0"]
+    _same_tree(tmp_path, "d")
+    serve = ("import sys\nfrom btrdelta.cli import main\n"
+             f"main(['replicate', '--serve', {str(tmp_path / 'd')!r}])\n"
+             "print(sorted(m for m in sys.modules if m.startswith('btrdelta.send')), "
+             "file=sys.stderr)")
+    err = subprocess.run([sys.executable, "-c", serve], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                         check=True, timeout=60).stderr
+    assert err.splitlines()[-1] == "[]"

@@ -8,8 +8,8 @@ import os
 import sys
 from typing import Any
 
+from .._defaults import DEFAULT_STORE
 from ..errors import BtrdeltaError, ProtocolError, TransportError
-from ..send.store import DEFAULT_STORE
 from ._common import human_bytes, parse_size, stop_on_signals
 from .progress import Progress, add_progress_options, progress_wanted
 
@@ -80,13 +80,23 @@ def run(args: argparse.Namespace) -> int:
     from .._malloc import keep_freed_memory
 
     stop_on_signals()
-    keep_freed_memory()  # the stream goes through Python buffers on both sides
-    if args.serve:
-        return _serve(args)
-    if args.listen:
-        return _listen(args)
+    if args.serve or args.listen:
+        keep_freed_memory()  # the stream goes through Python buffers on both sides
+        return _serve(args) if args.serve else _listen(args)
     if not args.source or not args.dest:
         raise BtrdeltaError("replicate needs SOURCE and DEST (or --serve/--listen)")
+    # the receiver (a local child, ssh) starts while this side imports and sets up the send
+    # side: its start-up (a local one: an interpreter and its imports, ~0.1 s) is what the
+    # first byte waits for
+    ch, peer = _connect(args)
+    try:
+        keep_freed_memory()
+        return _replicate(args, ch, peer)
+    finally:
+        ch.close()
+
+
+def _replicate(args: argparse.Namespace, ch: Any, peer: str) -> int:
     from ..send.store import SendshotStore
     from ..update.replicate import replicate
 
@@ -101,8 +111,9 @@ def run(args: argparse.Namespace) -> int:
     progress = Progress("replicate", enabled=progress_wanted(args))
     options["on_progress"] = lambda done, _total: progress.update(done)
     with progress:
-        for _attempt in range(2):
-            ch, peer = _connect(args)
+        for attempt in range(2):
+            if attempt:  # the stream made again for a resume diverged: a new conversation
+                ch, peer = _connect(args)
             try:
                 result = replicate(args.source, ch, store=store, peer=peer, **options)
             except TransportError as exc:

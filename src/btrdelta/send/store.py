@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from .._defaults import DEFAULT_STORE
 from .._value import field, value_class
 from ..errors import BtrdeltaError, MissingBaseError, StreamFormatError
 from ..fs.atomic import fsync_dir, pid_alive, write_atomic
@@ -48,8 +49,6 @@ __all__ = [
     "plan_prune",
 ]
 
-#: where records live unless ``--store`` says otherwise
-DEFAULT_STORE = "/var/lib/btrdelta/sendshots"
 _SUFFIX = ".sendshot"
 _UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
 

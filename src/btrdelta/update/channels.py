@@ -138,7 +138,7 @@ class PipeChannel:
             except __import__("subprocess").TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-            if self.proc.stderr is not None:
+            if self.proc.stderr is not None and not self.proc.stderr.closed:
                 self.err = self.stderr_text()
                 self.proc.stderr.close()
 
