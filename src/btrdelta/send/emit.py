@@ -64,7 +64,7 @@ from ..stream.records import (
 )
 from .diff import Match, changed_ranges, files_equal, match_trees, shifted_clones
 from .encode import COMPRESSORS, encode_piece, option_problem
-from .hashing import reader
+from .hashing import DirectReader, direct_buffer, reader
 from .onepass import BlockHasher, hashed_as_sent
 from .order import Namespace, order_namespace
 from .record import BlockIndex, Diff, block_diff
@@ -166,6 +166,7 @@ class Sender:
         #: the trees reduced to what changed (an incremental send without ``scan``)
         self.changes: Changes | None = None
         self._hasher: ContentHasher | None = None
+        self._window = direct_buffer()  # (a mapping: no page is touched until it is used)
         self._order: list[int] | None = None
         self.old: Tree | None = None
         if scan is None and old_record is None and self.parent_dir is not None:
@@ -604,8 +605,15 @@ class Sender:
                 )
                 clones = [(o, n, source, src) for o, n, src in found]
             spooled = self.changes.spooled(node.id, whole=True) if self.changes else None
-            yield from self._emit_ops(spooled or reader(fd, content), node, path, segs, clones,
-                                      hasher)
+            # a large file of a read-only snapshot, read once (hashed as sent): directly
+            direct = DirectReader.open(fd, node.size, self._window) if hasher is not None and \
+                not spooled and self._hasher is not None and self._hasher.extents else None
+            try:
+                yield from self._emit_ops(spooled or direct or reader(fd, content), node, path,
+                                          segs, clones, hasher)
+            finally:
+                if direct is not None:
+                    direct.close()
             if hasher is not None:
                 hashed_as_sent(fd, node, segs, hasher, self.chunk,
                                extents=self._hasher is not None and self._hasher.extents)

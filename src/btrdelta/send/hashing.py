@@ -12,6 +12,9 @@ nor reads them again. Owns the reading of files for digests; not the walk
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import mmap
 import os
 import threading
 from collections import deque
@@ -28,11 +31,13 @@ from .onepass import BLOCK, BlockHasher, digests_of
 if TYPE_CHECKING:
     from .scan import Node, Tree
 
-__all__ = ["KEEP_BUDGET", "KEEP_MAX", "ContentHasher", "block_segments", "open_file",
-           "open_to_read", "reader"]
+__all__ = ["DIRECT_WINDOW", "KEEP_BUDGET", "KEEP_MAX", "ContentHasher", "DirectReader",
+           "block_segments", "direct_buffer", "open_file", "open_to_read", "reader"]
 
 #: files up to this size are read with one ``read``; larger ones in pieces of this size
 _WHOLE = 1 << 20
+#: bytes a :class:`DirectReader` reads at a time (a multiple of every block size)
+DIRECT_WINDOW = 1 << 20
 #: record mode: the hashing threads keep the bytes of files of the sent tree up to this size
 #: (without holes) for the send, at most :data:`KEEP_BUDGET` bytes in all (the smallest
 #: files first: they cost the most system calls per byte)
@@ -86,6 +91,92 @@ def reader(fd: int, content: bytes | None = None) -> Callable[[int, int], bytes]
         return lambda n, pos: os.pread(fd, n, pos)
     kept = content
     return lambda n, pos: kept[pos:pos + n]
+
+
+class DirectReader:
+    """``read(n, pos)`` of a large file read once, in order, through ``O_DIRECT``: a
+    window of :data:`DIRECT_WINDOW` bytes read at a time into one page-aligned buffer,
+    each piece returned as new bytes (:meth:`open`; :meth:`close` gives the descriptor its
+    flags back).
+
+    For the files of a fresh read-only snapshot that a send reads whole (its inodes' pages
+    are not cached, and nothing will read them again): the page cache is neither filled
+    nor emptied. 4 x 128 MiB from a snapshot just taken (load 13): 0.06-0.12 s of CPU
+    instead of 0.20-0.23 s read buffered in 128 KiB, and deleting the snapshot then
+    0.01 s instead of 0.26-0.35 s (its cached pages dropped).
+    """
+
+    __slots__ = ("_buf", "_end", "_flags", "_start", "_view", "fd")
+
+    def __init__(self, fd: int, flags: int, buf: mmap.mmap) -> None:
+        self.fd, self._flags, self._buf = fd, flags, buf
+        self._view = memoryview(buf)
+        self._start = self._end = 0
+
+    @classmethod
+    def open(cls, fd: int, size: int, buf: mmap.mmap) -> DirectReader | None:
+        """A direct reader of ``fd`` (``buf``: :data:`DIRECT_WINDOW` bytes, page-aligned),
+        or None where buffered reads are the better choice: a file smaller than a window
+        or whose middle is cached already (a read of it without waiting returns bytes), or
+        one that cannot be read directly (``fd`` < 0: no file)."""
+        if fd < 0 or size < DIRECT_WINDOW:
+            return None
+        probe = memoryview(buf)[:BLOCK]
+        try:
+            os.preadv(fd, [probe], size // 2 // BLOCK * BLOCK, os.RWF_NOWAIT)
+            return None  # cached: copying from the cache beats reading the disk again
+        except BlockingIOError:
+            pass
+        except OSError:
+            return None
+        try:
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+        except OSError:
+            return None
+        return cls(fd, flags, buf)
+
+    def __call__(self, n: int, pos: int) -> bytes:
+        if pos < self._start or pos + n > self._end:
+            start = pos - pos % BLOCK
+            if pos + n > start + DIRECT_WINDOW:
+                return os.pread(self.fd, n, pos)  # (larger than a window: not sent so)
+            try:
+                got = self._fill(start)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self.close()  # the filesystem refused it here: buffered from now on
+                self._start = self._end = 0
+                return os.pread(self.fd, n, pos)
+            self._start, self._end = start, start + got
+        at = pos - self._start
+        return self._buf[at:min(at + n, self._end - self._start)]
+
+    def _fill(self, start: int) -> int:
+        """Read the window at ``start`` (a block boundary); the bytes read (fewer: the end
+        of the file)."""
+        got = 0
+        while got < DIRECT_WINDOW:
+            n = os.preadv(self.fd, [self._view[got:]], start + got)
+            if n <= 0:
+                break
+            got += n
+            if n % BLOCK:
+                break  # the end of the file
+        return got
+
+    def close(self) -> None:
+        """Give the descriptor its flags back (buffered reads again)."""
+        if self._flags >= 0:
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, self._flags)
+            self._flags = -1
+            self._end = 0
+
+
+def direct_buffer() -> mmap.mmap:
+    """A page-aligned buffer of :data:`DIRECT_WINDOW` bytes for :class:`DirectReader`."""
+    return mmap.mmap(-1, DIRECT_WINDOW)
 
 
 def open_to_read(path: bytes) -> int:

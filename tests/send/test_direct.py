@@ -1,0 +1,101 @@
+"""Large files of a fresh read-only snapshot read through ``O_DIRECT``
+(``send.hashing.DirectReader``): the same bytes as buffered reads, in any order the send
+asks for them; a cached file (or a small one) is read buffered; the descriptor gets its flags
+back; a full ``send --record`` of a snapshot reads its large files so and the kernel receives
+the same tree."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+import pytest
+
+from btrdelta.cli import main
+from btrdelta.send import hashing
+from btrdelta.send.hashing import DIRECT_WINDOW, DirectReader, direct_buffer, open_file
+from btrdelta.tree import tree_sum
+from tests.send.conftest import run
+
+
+def _cold(path: Path, data: bytes) -> None:
+    """Write ``data`` and drop its pages from the cache."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _direct_or_skip(fd: int, size: int) -> DirectReader:
+    reader = DirectReader.open(fd, size, direct_buffer())
+    if reader is None:
+        pytest.skip("this filesystem does not read directly (or kept the pages cached)")
+    return reader
+
+
+def test_direct_reads_are_the_files_bytes_in_any_order(tmp_path: Path) -> None:
+    data = os.urandom(3 * DIRECT_WINDOW + 4096 * 5 + 1234)
+    path = tmp_path / "big"
+    _cold(path, data)
+    fd = open_file(os.fsencode(path))
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        read = _direct_or_skip(fd, len(data))
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+        chunk = 128 << 10
+        got = b"".join(read(min(chunk, len(data) - p), p) for p in range(0, len(data), chunk))
+        assert got == data
+        # back, across a window's end, and past the end of the file (short)
+        for pos, n in ((4096, chunk), (DIRECT_WINDOW - 4096, chunk), (0, 1),
+                       (len(data) - 1234, 5000)):
+            assert read(n, pos) == data[pos:pos + n]
+        read.close()
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) == flags
+        assert os.pread(fd, 1, len(data)) == b""  # unaligned reads work again
+        read.close()  # (twice: nothing)
+    finally:
+        os.close(fd)
+
+
+def test_cached_and_small_files_are_read_buffered(tmp_path: Path) -> None:
+    data = os.urandom(2 * DIRECT_WINDOW)
+    (tmp_path / "cached").write_bytes(data)
+    (tmp_path / "small").write_bytes(data[: DIRECT_WINDOW - 1])
+    for name in ("cached", "small"):
+        fd = open_file(os.fsencode(tmp_path / name))
+        try:
+            assert DirectReader.open(fd, os.fstat(fd).st_size, direct_buffer()) is None
+            assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+        finally:
+            os.close(fd)
+    assert DirectReader.open(-1, len(data), direct_buffer()) is None
+
+
+@pytest.mark.btrfs
+def test_a_full_record_send_of_a_snapshot_reads_its_large_files_directly(
+        two_fs: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    snd, rcv = two_fs
+    live = snd / "live"
+    run("btrfs", "subvolume", "create", live)
+    (live / "a").write_bytes(os.urandom(5 * DIRECT_WINDOW + 777))
+    (live / "b").write_bytes(os.urandom(2 * DIRECT_WINDOW))
+    (live / "c").write_bytes(b"small")
+    run("btrfs", "subvolume", "snapshot", "-r", live, snd / "S")
+    opened: list[int] = []
+    real = DirectReader.open.__func__  # type: ignore[attr-defined]
+
+    def spy(cls: type[DirectReader], fd: int, size: int, buf: object) -> DirectReader | None:
+        reader = real(cls, fd, size, buf)
+        opened.append(size if reader is not None else -size)
+        return reader  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(hashing.DirectReader, "open", classmethod(spy))
+    assert main(["send", str(snd / "S"), "-o", str(tmp_path / "s"), "--record",
+                 "--store", str(tmp_path / "store"), "-q"]) == 0
+    assert sorted(opened) == [2 * DIRECT_WINDOW, 5 * DIRECT_WINDOW + 777]
+    run("btrfs", "receive", "-f", tmp_path / "s", rcv)
+    assert tree_sum(rcv / "S") == tree_sum(snd / "S")
