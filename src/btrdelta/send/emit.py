@@ -146,8 +146,7 @@ class Sender:
         self.new_dir = os.fsencode(new_dir)
         self.parent_dir = os.fsencode(parent_dir) if parent_dir is not None else None
         self.version = version
-        self.quick = quick
-        self.clone_min = clone_min
+        self.quick, self.clone_min = quick, clone_min
         self.workers = workers
         self.shift_min = shift_min
         self.no_data = no_data
