@@ -356,9 +356,9 @@ def _init11_00000000000(
     self.f10 = f10
 
 
-def _init12_000000000000(
+def _init13_0000000000000(
     self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any, f5: Any, f6: Any,
-    f7: Any, f8: Any, f9: Any, f10: Any, f11: Any,
+    f7: Any, f8: Any, f9: Any, f10: Any, f11: Any, f12: Any,
 ) -> None:
     self.f0 = f0
     self.f1 = f1
@@ -372,6 +372,7 @@ def _init12_000000000000(
     self.f9 = f9
     self.f10 = f10
     self.f11 = f11
+    self.f12 = f12
 
 
 def _init20_00000000000000000000(
@@ -451,7 +452,7 @@ _GENERATED: dict[str, Callable[..., None]] = {
     "_init9_000000000": _init9_000000000,
     "_init10_0011110110": _init10_0011110110,
     "_init11_00000000000": _init11_00000000000,
-    "_init12_000000000000": _init12_000000000000,
+    "_init13_0000000000000": _init13_0000000000000,
     "_init20_00000000000000000000": _init20_00000000000000000000,
     "_init24_000000000000110000000000": _init24_000000000000110000000000,
 }

@@ -20,14 +20,14 @@ import xxhash
 
 from btrdelta.errors import TransportError
 from btrdelta.protocol import Connection, Data, Hello, Holdings, Plan, Refuse
-from btrdelta.protocol.messages import Accept, Ack, Checkpoint, Commit
+from btrdelta.protocol.messages import Accept, Ack, Checkpoint, Commit, Committed
 from btrdelta.send.store import SendshotStore
 from btrdelta.stream.records import End, Mkfile, Snapshot, Subvol, Write
 from btrdelta.stream.writer import StreamWriter
 from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs
 from btrdelta.tree import tree_sum
 from btrdelta.update.channels import MessageIO, PipeChannel, spawn_local
-from btrdelta.update.replica import chain_next
+from btrdelta.update.replica import Replica, chain_next
 from btrdelta.update.replicate import replicate
 from tests.conftest import require_btrfs
 
@@ -945,3 +945,107 @@ def test_a_sender_cut_before_its_commit_resumes_on_btrfs(fs2: tuple[Path, Path],
         == ["vol"]
     (live / "more").write_bytes(b"m" * 10000)
     _resume_after_a_cut_before_commit(live, dest, store)
+
+
+def _replicate_cut_before_committed(src: Path, dest: Path, store: SendshotStore) -> str:
+    """`replicate` whose connection is cut after its COMMIT went out, before COMMITTED
+    came back: the receiver commits (the subvolume under its final name, the state naming
+    its sendshot), the sender never hears it. Returns the sendshot that run recorded."""
+    real = MessageIO.expect
+
+    def expect(self: MessageIO, *kinds: type) -> object:
+        if Committed in kinds:
+            raise TransportError("cut by the test after the COMMIT")
+        return real(self, *kinds)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(MessageIO, "expect", expect)
+        ch = spawn_local(str(dest))
+        with pytest.raises(TransportError):
+            replicate(src, ch, store=store, segment=SEG)
+        ch.close()  # (waits for the receiver: it read the COMMIT before the cut)
+    newest = store.records_list()[-1].digest
+    state = json.loads((dest / ".btrdelta-replica.json").read_text())
+    assert newest in state["received"].values(), state  # the receiver committed it
+    return newest
+
+
+def _rep(src: Path, dest: Path, store: SendshotStore) -> object:
+    ch = spawn_local(str(dest))
+    try:
+        return replicate(src, ch, store=store, segment=SEG)
+    finally:
+        ch.close()
+
+
+def test_a_cut_after_the_commit_is_adopted_not_resent(tmp_path: Path) -> None:
+    """The connection drops after the receiver gave the subvolume its final name, before
+    the sender saw COMMITTED: the sender's cursor had not moved, so another receiver's
+    commit pruned the sendshot this receiver now holds and the next run was refused
+    (diverged: a subvolume newer than the base, unknown to the sender). Now the cursor
+    names that sendshot before the COMMIT (prune keeps it), and the next run adopts it from
+    the HOLDINGS: the cursor moves to it, the next stream is an incremental from it, the
+    receiver holds each state once."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(3 * SEG))
+    store = SendshotStore(tmp_path / "store")
+    d1, d2 = tmp_path / "d1", tmp_path / "d2"
+    d1.mkdir()
+    d2.mkdir()
+    first = _rep(src, d1, store)
+    assert first.outcome == "committed", first  # type: ignore[attr-defined]
+    (src / "small").write_bytes(b"s" * 5000)
+    cut = _replicate_cut_before_committed(src, d1, store)
+    assert len(_visible(d1)) == 2
+    held = tree_sum(_newest(d1))
+    assert held == tree_sum(src)
+    # meanwhile another receiver commits twice (each commit prunes)
+    for i in range(2):
+        assert _rep(src, d2, store).outcome == "committed"  # type: ignore[attr-defined]
+        (src / f"d2-{i}").write_bytes(b"x" * (1000 + i))
+    assert cut in {s.digest for s in store.records_list()}  # kept for the first receiver
+    res = _rep(src, d1, store)
+    assert (res.outcome, res.kind, res.base) == ("committed", "incremental", cut), res
+    assert res.adopted == sorted(_visible(d1))[1], res  # type: ignore[attr-defined]
+    assert res.size < SEG, res  # type: ignore[attr-defined]  # not the whole tree again
+    assert len(_visible(d1)) == 3
+    assert tree_sum(_newest(d1)) == tree_sum(src)
+    assert tree_sum(d1 / res.adopted) == held  # type: ignore[attr-defined]
+    cursor = store.cursors()[Replica(d1).ident]
+    assert cursor["digest"] == res.sendshot, cursor  # type: ignore[attr-defined]
+    assert not cursor.get("inflight"), cursor
+
+
+@pytest.mark.btrfs
+def test_a_cut_after_the_commit_is_adopted_on_btrfs(fs2: tuple[Path, Path],
+                                                    tmp_path: Path) -> None:
+    """The same on loop btrfs, a writable source subvolume: the next run (nothing written
+    since) adopts the committed subvolume, says already-current, and the sender keeps no
+    session snapshot; it used to keep the cursor behind and the session's snapshot (a
+    whole subvolume) for good. Then an incremental from the adopted state."""
+    snd, rcv = fs2
+    live = snd / "vol"
+    _sh("btrfs", "subvolume", "create", live)
+    (live / "big").write_bytes(os.urandom(3 * SEG))
+    store = SendshotStore(tmp_path / "store")
+    dest = rcv / "backup"
+    dest.mkdir()
+    cut = _replicate_cut_before_committed(live, dest, store)
+    [name] = _visible(dest)
+    assert _sh("btrfs", "property", "get", "-ts", dest / name, "ro").strip() == "ro=true"
+    res = _rep(live, dest, store)
+    assert res.outcome == "refused", res  # type: ignore[attr-defined]
+    assert "already-current" in res.message, res  # type: ignore[attr-defined]
+    assert res.adopted == name, res  # type: ignore[attr-defined]
+    assert _visible(dest) == {name}
+    cursor = store.cursors()[Replica(dest).ident]
+    assert cursor["digest"] == cut, cursor
+    assert not cursor.get("inflight"), cursor
+    assert [ln.split()[-1] for ln in _sh("btrfs", "subvolume", "list", snd).splitlines()] \
+        == ["vol"]
+    (live / "more").write_bytes(b"m" * 10000)
+    res = _rep(live, dest, store)
+    assert (res.outcome, res.kind, res.base) == ("committed", "incremental", cut), res
+    assert res.size < SEG, res  # type: ignore[attr-defined]
+    assert tree_sum(_newest(dest)) == tree_sum(live)

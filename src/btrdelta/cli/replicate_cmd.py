@@ -133,6 +133,9 @@ def _replicate(args: argparse.Namespace, ch: Any, peer: str) -> int:
     if args.json:
         print(json.dumps(report))
     elif not args.quiet:
+        if result.adopted:
+            print(f"replicate: the receiver had committed {result.adopted} (the last run was "
+                  "cut before it heard so): adopted", file=sys.stderr)
         if result.outcome == "committed":
             resumed = (f", resumed at {human_bytes(result.resumed_from)}"
                        if result.resumed_from else "")

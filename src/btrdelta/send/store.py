@@ -308,8 +308,10 @@ class SendshotStore:
         with self.locked():
             every = [s for s in self.records_list() if only is None or only(s)]
             needed = {str(c.get("digest")) for c in self.cursors().values()}
-            needed |= {str(c["inflight"].get("base")) for c in self.cursors().values()
-                       if isinstance(c.get("inflight"), dict)}
+            # an in-flight transfer's base, and the sendshot it recorded (named before
+            # its COMMIT: the receiver may hold it although the COMMITTED was lost)
+            needed |= {str(c["inflight"].get(key)) for c in self.cursors().values()
+                       if isinstance(c.get("inflight"), dict) for key in ("base", "sendshot")}
             groups: dict[object, list[StoredSendshot]] = {}
             for s in every:
                 key = s.head.subvol_uuid or s.head.source

@@ -10,7 +10,10 @@ digest and the chain of digests). Segments are half the ``segment`` option and a
 many bytes are unacknowledged on the wire (the next segment goes out while the receiver
 applies the last), so a cut connection costs at most ``segment`` bytes again. COMMIT names
 the size, the chain and the new sendshot; after COMMITTED the receiver's cursor moves to it
-and sendshots of this source that no receiver needs are pruned.
+and sendshots of this source that no receiver needs are pruned. The cursor names the new
+sendshot (in flight) before the COMMIT goes out: when the connection drops after the
+receiver committed but before COMMITTED arrived, prune keeps it and the next conversation
+adopts the subvolume the HOLDINGS list under the transfer's name (:meth:`_Sender._adopt`).
 
 Resumable: a writable btrfs source is read from a read-only snapshot kept (next to it, named
 ``.btrdelta-replicate-<session>``) until the receiver committed (on a first replication it
@@ -80,6 +83,9 @@ class ReplicateResult:
     pruned: int = 0
     #: the plan's estimate of the file data in the whole stream (bytes)
     estimate: int = 0
+    #: the subvolume an earlier run's transfer committed as, that run cut before it saw the
+    #: COMMITTED: adopted from the receiver's HOLDINGS (the cursor moved to it)
+    adopted: str = ""
 
 
 #: pieces of the stream shorter than this are copied together; longer ones (file data) are
@@ -345,11 +351,14 @@ class _Sender:
         records = self._mine(lineage)
         early = _Early.start(self.source) if not records and info is not None and \
             not info.readonly else None
+        self.adopted = ""
         try:
-            return self._run(records, lineage, info, early)
+            result = self._run(records, lineage, info, early)
         finally:
             if early is not None:
                 early.discard()
+        result.adopted = self.adopted
+        return result
 
     def _run(self, records: list[StoredSendshot], lineage: object, info: Any,
              early: _Early | None) -> ReplicateResult:
@@ -359,6 +368,9 @@ class _Sender:
         self.rid = hello.ident
         cursor = self.store.cursors().get(self.rid, {})
         inflight = cursor.get("inflight") or None
+        if inflight and self._adopt(inflight, holdings, records):
+            cursor, inflight = self.store.cursors().get(self.rid, {}), None
+            records = self._mine(lineage)  # (what the adoption's prune left)
         current = None
         if records and info is not None and records[-1].head.subvol_uuid == lineage and (
                 self._unchanged_since(records[-1].head.generation)):
@@ -427,20 +439,56 @@ class _Sender:
         plan, chain, offset, sent = wire.plan, wire.chain, wire.offset, wire.sent
         assert plan is not None
         recorded = result.recorded.digest if result.recorded is not None else ""
+        if recorded and flight.get("sendshot") != recorded:
+            # the cursor names the sendshot before the COMMIT: a cut after it (the receiver
+            # commits, its COMMITTED is lost) keeps the sendshot from prune, and the next
+            # run adopts the subvolume from the HOLDINGS (:meth:`_adopt`)
+            flight = {**flight, "sendshot": recorded}
+            cursor = self.store.cursors().get(self.rid, {})
+            self.store.set_cursor(self.rid, cursor.get("digest"), inflight=flight)
         io.send(Commit(offset, chain, recorded))
         done: Committed = io.expect(Committed)
         self.store.set_cursor(self.rid, recorded, name=done.name, uuid=str(done.uuid))
         if flight.get("snapshot"):
             drop_snapshot(os.fsencode(flight["snapshot"]))
-        pruned = 0
-        if self.o.get("prune", True):
-            lineage = result.recorded.head.subvol_uuid if result.recorded else None
-            pruned = len(self.store.prune(keep=1, only=lambda s: s.head.source == self.source
-                                          or (lineage is not None
-                                              and s.head.subvol_uuid == lineage)))
+        lineage = result.recorded.head.subvol_uuid if result.recorded else None
+        pruned = self._prune(lineage)
         return ReplicateResult("committed", plan.kind, done.name, self.rid, plan.base or None,
                                recorded, sent, plan.offset, offset, pruned=pruned,
                                estimate=plan.estimate)
+
+    def _prune(self, lineage: object) -> int:
+        """Prune this source's sendshots no receiver needs (unless told not to)."""
+        if not self.o.get("prune", True):
+            return 0
+        return len(self.store.prune(keep=1, only=lambda s: s.head.source == self.source
+                                    or (lineage is not None
+                                        and s.head.subvol_uuid == lineage)))
+
+    def _adopt(self, inflight: dict[str, Any], holdings: Holdings,
+               records: list[StoredSendshot]) -> bool:
+        """Whether the transfer in flight was committed by the receiver although this side
+        never saw its COMMITTED (the connection was cut after the COMMIT): the HOLDINGS
+        list a subvolume under the transfer's name received as the sendshot it recorded
+        (by the digest the receiver's state names, else by its received UUID). Then it
+        is adopted as a COMMITTED would have been: the cursor moves to that sendshot, the
+        session's snapshot goes, sendshots no receiver needs are pruned."""
+        digest = inflight.get("sendshot")
+        mine = {r.digest: r for r in records}
+        if not digest or digest not in mine:
+            return False
+        stream_uuid = mine[digest].head.stream_uuid
+        held = next((h for h in holdings.held if h.name == inflight.get("name") and (
+            h.sendshot == digest or (h.sendshot is None and
+                                     (h.received_uuid or h.uuid) == stream_uuid))), None)
+        if held is None:
+            return False
+        self.store.set_cursor(self.rid, digest, name=held.name, uuid=str(held.uuid))
+        if inflight.get("snapshot"):
+            drop_snapshot(os.fsencode(inflight["snapshot"]))
+        self._prune(mine[digest].head.subvol_uuid)
+        self.adopted = held.name
+        return True
 
     def _forget(self, flight: dict[str, Any]) -> None:
         cursor = self.store.cursors().get(self.rid, {})
