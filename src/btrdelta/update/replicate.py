@@ -448,9 +448,11 @@ class _Sender:
             self.store.set_cursor(self.rid, cursor.get("digest"), inflight=flight)
         io.send(Commit(offset, chain, recorded))
         done: Committed = io.expect(Committed)
-        self.store.set_cursor(self.rid, recorded, name=done.name, uuid=str(done.uuid))
+        # the snapshot before the cursor: a sender killed between them leaves the transfer
+        # in flight, which the next run adopts (the other way round, the snapshot stayed)
         if flight.get("snapshot"):
             drop_snapshot(os.fsencode(flight["snapshot"]))
+        self.store.set_cursor(self.rid, recorded, name=done.name, uuid=str(done.uuid))
         lineage = result.recorded.head.subvol_uuid if result.recorded else None
         pruned = self._prune(lineage)
         return ReplicateResult("committed", plan.kind, done.name, self.rid, plan.base or None,
@@ -483,9 +485,9 @@ class _Sender:
                                      (h.received_uuid or h.uuid) == stream_uuid))), None)
         if held is None:
             return False
-        self.store.set_cursor(self.rid, digest, name=held.name, uuid=str(held.uuid))
         if inflight.get("snapshot"):
             drop_snapshot(os.fsencode(inflight["snapshot"]))
+        self.store.set_cursor(self.rid, digest, name=held.name, uuid=str(held.uuid))
         self._prune(mine[digest].head.subvol_uuid)
         self.adopted = held.name
         return True

@@ -1,0 +1,206 @@
+"""`replicate` with the receiver, then the sender, killed (SIGKILL) at each durable step:
+just before and just after each write of the receiver's `DEST/.btrdelta-partial/meta.json`
+(a new transfer, each acknowledged segment, the stream complete) and of its state (the
+sendshot named before the final name), and just after each write of the sender's
+`cursors.json` (the transfer in flight, its sendshot named before the COMMIT, the commit).
+The next run completes: the new subvolume once, equal to the source (tree-sum), the
+earlier one untouched, no temporary subvolume or partial transfer left, the cursor on
+the committed sendshot with nothing in flight.
+
+The kill is a `sitecustomize` on the child's path that wraps `fs.atomic.write_atomic`
+(every one of these files is written through it) and kills its own process at the N-th
+write of the named file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from btrdelta.errors import TransportError
+from btrdelta.send.store import SendshotStore
+from btrdelta.tree import tree_sum
+from btrdelta.update.channels import spawn_local
+from btrdelta.update.replica import Replica
+from btrdelta.update.replicate import replicate
+
+SEG = 1 << 20
+
+_SHIM = '''
+import os, signal
+_spec = os.environ.get("BTRDELTA_TEST_KILL_AT")
+if _spec:
+    _name, _n, _when = _spec.split(":")
+    import btrdelta.fs.atomic as _atomic
+    _real, _seen = _atomic.write_atomic, [0]
+
+    def write_atomic(path, data, **kw):
+        hit = os.path.basename(os.fspath(path)) == _name
+        if hit:
+            _seen[0] += 1
+            hit = _seen[0] == int(_n)
+        if hit and _when == "before":
+            os.kill(os.getpid(), signal.SIGKILL)
+        _real(path, data, **kw)
+        if hit and _when == "after":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    _atomic.write_atomic = write_atomic
+'''
+
+
+@pytest.fixture
+def shim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    d = tmp_path / "shim"
+    d.mkdir()
+    (d / "sitecustomize.py").write_text(_SHIM)
+    root = Path(__file__).resolve().parents[2]
+    path = [str(d), str(root / "src"), str(root), os.environ.get("PYTHONPATH", "")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in path if p))
+    return d
+
+
+def _visible(dest: Path) -> list[str]:
+    return sorted(n for n in os.listdir(dest) if not n.startswith("."))
+
+
+def _round_one(tmp_path: Path) -> tuple[Path, Path, SendshotStore, str]:
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    for i in range(30):
+        (src / "d" / f"s{i}").write_bytes(os.urandom(i * 301))
+    (src / "big").write_bytes(os.urandom(2 * SEG))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    store = SendshotStore(tmp_path / "store")
+    ch = spawn_local(str(dest))
+    assert replicate(src, ch, store=store, segment=SEG).outcome == "committed"
+    ch.close()
+    [old] = _visible(dest)
+    old_sum = tree_sum(dest / old)
+    # the second round: new and changed files, three segments or so
+    (src / "big2").write_bytes(os.urandom(int(1.5 * SEG)))
+    (src / "d" / "s3").write_bytes(b"changed" * 100)
+    os.unlink(src / "d" / "s4")
+    return src, dest, store, old_sum
+
+
+def _completes(src: Path, dest: Path, store: SendshotStore, old_sum: str) -> None:
+    """The next run (nothing killed) commits; everything is as after an uncut one. (When
+    the killed run's receiver had committed, the next run of a plain directory, which is
+    sent again each time, adds a third state: the killed run's is then its base.)"""
+    os.environ.pop("BTRDELTA_TEST_KILL_AT", None)
+    committed = _visible(dest)[1:]
+    ch = spawn_local(str(dest))
+    res = replicate(src, ch, store=store, segment=SEG)
+    ch.close()
+    if res.outcome == "refused":  # (btrfs: the killed run's commit adopted, nothing new)
+        assert "already-current" in res.message, res
+    else:
+        assert res.outcome == "committed", res
+    old, *new = _visible(dest)
+    assert tree_sum(dest / old) == old_sum
+    assert new[:len(committed)] == committed
+    assert len(new) == len(committed) + (res.outcome == "committed")
+    assert all(tree_sum(dest / n) == tree_sum(src) for n in new)
+    assert not [n for n in os.listdir(dest) if n.startswith(".btrdelta-tmp-")]
+    assert not (dest / ".btrdelta-partial").exists()
+    cursor = store.cursors()[Replica(dest).ident]
+    assert not cursor.get("inflight"), cursor
+    assert cursor["digest"] == store.records_list()[-1].digest
+
+
+#: the receiver's writes in the second round: meta.json at the start (1), after each of the
+#: three or so segments (2-4), the stream complete; the state once, before the final name
+RECEIVER_POINTS = [("meta.json", 1, "before"), ("meta.json", 1, "after"),
+                   ("meta.json", 2, "before"), ("meta.json", 2, "after"),
+                   ("meta.json", 3, "after"), ("meta.json", 4, "after"),
+                   (".btrdelta-replica.json", 1, "before"),
+                   (".btrdelta-replica.json", 1, "after")]
+
+
+@pytest.mark.parametrize(("name", "n", "when"), RECEIVER_POINTS)
+def test_a_receiver_killed_at_each_durable_step(tmp_path: Path, shim: Path,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                name: str, n: int, when: str) -> None:
+    src, dest, store, old_sum = _round_one(tmp_path)
+    monkeypatch.setenv("BTRDELTA_TEST_KILL_AT", f"{name}:{n}:{when}")
+    ch = spawn_local(str(dest))
+    with pytest.raises(TransportError):
+        replicate(src, ch, store=store, segment=SEG)
+    ch.close()
+    assert ch.proc is not None
+    assert ch.proc.returncode == -9, ch.err  # killed there, not finished
+    assert len(_visible(dest)) == 1  # nothing under a final name
+    _completes(src, dest, store, old_sum)
+
+
+#: the sender's cursor writes in the second round: the transfer in flight (1), its
+#: sendshot named before the COMMIT (2), the commit (3)
+SENDER_POINTS = [("cursors.json", 1, "after"), ("cursors.json", 2, "before"),
+                 ("cursors.json", 2, "after"), ("cursors.json", 3, "before"),
+                 ("cursors.json", 3, "after")]
+
+
+@pytest.mark.parametrize(("name", "n", "when"), SENDER_POINTS)
+def test_a_sender_killed_at_each_durable_step(tmp_path: Path, shim: Path,
+                                              name: str, n: int, when: str) -> None:
+    src, dest, store, old_sum = _round_one(tmp_path)
+    env = {**os.environ, "BTRDELTA_TEST_KILL_AT": f"{name}:{n}:{when}"}
+    proc = subprocess.run([sys.executable, "-m", "btrdelta", "replicate", str(src),
+                           str(dest), "--store", store.path, "--segment", str(SEG), "-q"],
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == -9, proc.stderr
+    _completes(src, dest, store, old_sum)
+
+
+@pytest.mark.btrfs
+@pytest.mark.parametrize(("n", "when"), [(2, "after"), (3, "before"), (3, "after")])
+def test_a_sender_killed_after_its_commit_on_btrfs(tmp_path: Path, shim: Path,
+                                                   n: int, when: str) -> None:
+    """A writable source subvolume (read from the session's snapshot), the sender killed
+    just after the cursor names the sendshot before the COMMIT (2), and after COMMITTED
+    around the final cursor (3): the next run resumes or adopts, the cursor right, the
+    session's snapshot gone (it stayed for good when the kill came between the final
+    cursor and the snapshot's deletion)."""
+    from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs
+    from tests.conftest import require_btrfs
+
+    require_btrfs()
+    try:
+        ctx = loop_fs("btrfs", size="400M")
+        fs = ctx.__enter__()
+    except BtrfsUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but btrfs is unavailable: {exc}")
+        pytest.skip(str(exc))
+    try:
+        live = fs / "vol"
+        subprocess.run(["btrfs", "subvolume", "create", str(live)], check=True,
+                       capture_output=True)
+        (live / "big").write_bytes(os.urandom(2 * SEG))
+        dest = fs / "dest"
+        dest.mkdir()
+        store = SendshotStore(tmp_path / "store")
+        ch = spawn_local(str(dest))
+        assert replicate(live, ch, store=store, segment=SEG).outcome == "committed"
+        ch.close()
+        [old] = _visible(dest)
+        old_sum = tree_sum(dest / old)
+        (live / "more").write_bytes(os.urandom(SEG))
+        env = {**os.environ, "BTRDELTA_TEST_KILL_AT": f"cursors.json:{n}:{when}"}
+        proc = subprocess.run([sys.executable, "-m", "btrdelta", "replicate", str(live),
+                               str(dest), "--store", store.path, "--segment", str(SEG),
+                               "-q"], env=env, capture_output=True, text=True, timeout=120,
+                              check=False)
+        assert proc.returncode == -9, proc.stderr
+        _completes(live, dest, store, old_sum)
+        subvols = subprocess.run(["btrfs", "subvolume", "list", "-o", str(fs)], check=True,
+                                 capture_output=True, text=True).stdout
+        assert [ln.split()[-1] for ln in subvols.splitlines() if "dest/" not in ln] == \
+            ["vol"], subvols
+    finally:
+        ctx.__exit__(None, None, None)
