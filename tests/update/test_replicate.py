@@ -361,9 +361,13 @@ def test_no_final_name_without_a_commit(tmp_path: Path, after_end: str) -> None:
 
 
 def _complete_partial(dest: Path) -> list[str]:
-    """The temporary names of a partial transfer left complete (asserted so)."""
+    """The temporary names of a partial transfer left complete (asserted so), and written
+    out by the receiver the cut left alive (syncfs, then no boot id in meta.json: it is
+    resumed after a restart too)."""
     meta = json.loads((dest / ".btrdelta-partial" / "meta.json").read_text())
     assert meta["complete"] is True, meta
+    assert "boot" in meta, meta
+    assert meta["boot"] is None, meta
     return [n for n in os.listdir(dest) if n.startswith(".btrdelta-tmp-")]
 
 
@@ -489,7 +493,8 @@ def test_partial_meta_saves_fsync_the_file_and_the_directory(
     part.save({"version": 2})
     assert len(synced) == 2, synced
     assert synced[1] == str(part.path)
-    assert json.loads((part.path / "meta.json").read_text()) == {"version": 2}
+    assert json.loads((part.path / "meta.json").read_text()) == {"version": 2,
+                                                                  "boot": rep._boot_id()}
 
 
 @pytest.mark.btrfs
@@ -821,6 +826,40 @@ def test_a_killed_receiver_resumes_with_one_segment_resent(tmp_path: Path) -> No
     assert kill.written - res.resumed_from <= SEG + 64 * 1024  # resent at most one segment
     assert tree_sum(_newest(dest)) == tree_sum(src)
     assert not (dest / ".btrdelta-partial").exists()
+    assert not [n for n in os.listdir(dest) if n.startswith(".btrdelta-tmp-")]
+
+
+def test_a_partial_transfer_of_an_earlier_boot_is_discarded(tmp_path: Path) -> None:
+    """A receiver killed (or without power) leaves a partial transfer whose records were
+    applied and counted but not necessarily written out: meta.json names the boot it was
+    written in, and after a restart (another boot id) the partial transfer is discarded
+    with a warning and sent again whole; before, it was resumed after the records its
+    progress file counted, which a power cut may have lost from the disk."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    for i in range(20):
+        (src / "d" / f"s{i}").write_bytes(os.urandom(i * 997))
+    (src / "big").write_bytes(os.urandom(3 * SEG))
+    store = SendshotStore(tmp_path / "store")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    kill = _Kill(spawn_local(str(dest)), int(2.5 * SEG))
+    with pytest.raises(TransportError):
+        replicate(src, kill, store=store, segment=SEG)
+    kill.close()
+    meta_path = dest / ".btrdelta-partial" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["offset"] >= SEG, meta
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        assert meta["boot"] == f.read().strip()
+    meta["boot"] = "0" * 8 + "-0000-4000-8000-" + "0" * 12  # the machine restarted
+    meta_path.write_text(json.dumps(meta))
+    ch = spawn_local(str(dest))
+    res = replicate(src, ch, store=store, segment=SEG)
+    ch.close()
+    assert (res.outcome, res.kind, res.resumed_from) == ("committed", "full", 0), res
+    assert "earlier boot" in ch.err, ch.err
+    assert tree_sum(_newest(dest)) == tree_sum(src)
     assert not [n for n in os.listdir(dest) if n.startswith(".btrdelta-tmp-")]
 
 

@@ -51,7 +51,7 @@ from ..errors import (
     UnsafePathError,
 )
 from ..fs.atomic import pid_alive, write_atomic
-from ..fs.btrfs import delete_subvolume, subvol_info
+from ..fs.btrfs import delete_subvolume, subvol_info, syncfs
 from ..fs.remove import remove_path, remove_tree
 from ..fs.sandbox import check_name
 from ..protocol import (
@@ -91,6 +91,15 @@ _META_FIELDS: dict[str, type] = {"session": str, "offset": int, "segments": int,
 _META_RESUME: dict[str, type] = {"records": int, "stream_version": int, "tmp": str}
 #: the temporary subvolume of a partial transfer (``_TMP_PREFIX``, 12 hex of its UUID)
 _PARTIAL_TMP = re.compile(r"\.btrdelta-tmp-[0-9a-f]{12}-partial")
+
+
+def _boot_id() -> str:
+    """This boot's id (``/proc/sys/kernel/random/boot_id``; "" where there is none)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def _warn_default(msg: str) -> None:
@@ -224,12 +233,18 @@ class _Partial:
         tmp = doc.get("tmp")
         if tmp is not None and not (isinstance(tmp, str) and _PARTIAL_TMP.fullmatch(tmp)):
             raise _Damaged(f"'tmp' is not a temporary subvolume's name: {str(tmp)[:80]!r}")
+        if doc.get("boot") and doc["boot"] != _boot_id():
+            # the records it counts were applied but not written out before the machine
+            # restarted (a power cut?): the disk may hold fewer than it says
+            raise _Damaged("left by a receiver of an earlier boot before it was written out")
         return doc
 
-    def save(self, doc: dict[str, Any]) -> None:
+    def save(self, doc: dict[str, Any], *, synced: bool = False) -> None:
         """Replace ``meta.json`` whole (:func:`~btrdelta.fs.atomic.write_atomic`: a
         temporary file, ``fsync``, rename, ``fsync`` of the directory): after a power cut
-        it is the old meta or the new one, never a torn one."""
+        it is the old meta or the new one, never a torn one. It names the boot it was
+        written in (``boot``), unless ``synced``: everything it counts was written out."""
+        doc["boot"] = None if synced else _boot_id()
         write_atomic(self.path / _META, json.dumps(doc).encode(), mode=0o600)
 
     def applied(self) -> int:
@@ -406,6 +421,7 @@ class Replica:
         io = MessageIO(ch, conn)
         inbox: Inbox | None = None
         partial = _Partial(self.dest, self.backend)
+        cut = False
         try:
             io.send(Hello("receiver", spoken(), ("encoded",), self.ident, str(self.dest)))
             io.expect(Hello)
@@ -434,6 +450,7 @@ class Replica:
                 partial.drop()
             return ServeResult("refused", str(exc))
         except (TransportError, PeerClosed) as exc:
+            cut = inbox is not None
             return ServeResult("interrupted", str(exc),
                                received_bytes=inbox.added if inbox else 0)
         except (ProtocolError, OSError) as exc:
@@ -446,6 +463,27 @@ class Replica:
         finally:
             if inbox is not None:
                 inbox.stop()
+            if cut:
+                self._keep(partial)
+
+    def _keep(self, partial: _Partial) -> None:
+        """A cut conversation leaves its partial transfer to a resume: DEST is written out
+        (``syncfs``: the records applied, the progress count), then ``meta.json`` says so
+        (no boot id), so that the transfer is resumed after a restart too. (One whose
+        receiver was killed or lost its power keeps the boot id it was written in: after a
+        restart what it counts may not be on the disk, and it is discarded.)"""
+        try:
+            doc = partial.load()
+        except _Damaged:
+            return  # (the next conversation discards it and says why)
+        if doc is None or not doc.get("boot"):
+            return
+        fd = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            syncfs(fd)
+        finally:
+            os.close(fd)
+        partial.save(doc, synced=True)
 
     def _record(self, pending: PendingSubvol, inbox: Inbox) -> None:
         """The COMMIT read (size and chain checked): the state names the subvolume's
