@@ -151,3 +151,23 @@ def test_a_channel_without_readinto_or_writev() -> None:
     model._header_sent, model.phase = True, "stream"
     assert bytes(plain.written) == model.send(Data(0, b"q" * 10 + b"r"))
     ch.close()
+
+
+@pytest.mark.parametrize("vectored", [False, True])
+def test_a_write_to_an_exited_peer_says_it_closed_the_connection(vectored: bool) -> None:
+    """A peer that exits before our first write (a receiver refusing its DEST) is noticed
+    by the write (EPIPE) or by the next read (EOF), by the timing of the two processes:
+    either way the error is 'the peer closed the connection' (the write said 'went away
+    (Broken pipe)', and `replicate`'s one line depended on which came first)."""
+    r, w = os.pipe()
+    os.close(r)
+    rr, ww = os.pipe()
+    ch = PipeChannel(os.fdopen(rr, "rb", buffering=0), os.fdopen(w, "wb"), name="receiver")
+    try:
+        send = (lambda: ch.writev([memoryview(b"hello")])) if vectored else \
+            (lambda: ch.write(b"hello"))
+        with pytest.raises(PeerClosed, match=r"^receiver: the peer closed the connection$"):
+            send()
+    finally:
+        ch.close()
+        os.close(ww)

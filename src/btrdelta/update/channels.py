@@ -117,7 +117,7 @@ class PipeChannel:
             self.wfile.write(data)
             self.wfile.flush()
         except (OSError, ValueError) as exc:
-            raise TransportError(f"{self.name}: the peer went away ({exc})") from exc
+            raise _gone(self.name, exc) from exc
 
     def writev(self, buffers: Sequence[Any]) -> None:
         """Write ``buffers`` in order with ``writev`` (no joined copy)."""
@@ -126,7 +126,7 @@ class PipeChannel:
             fd = self.wfile.fileno()
             _writev_all(lambda views: os.writev(fd, views), buffers)
         except (OSError, ValueError) as exc:
-            raise TransportError(f"{self.name}: the peer went away ({exc})") from exc
+            raise _gone(self.name, exc) from exc
 
     def close(self) -> None:
         for f in (self.wfile, self.rfile):
@@ -169,6 +169,14 @@ def _widen_pipe(f: Any) -> None:
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
     except (OSError, ValueError, AttributeError):
         pass  # a smaller pipe is only slower
+
+
+def _gone(name: str, exc: Exception) -> TransportError:
+    """The error of a failed write to a pipe: a peer that has exited (``EPIPE``) closed the
+    connection, whether the write or a read is first to notice it."""
+    if isinstance(exc, BrokenPipeError):
+        return PeerClosed(f"{name}: the peer closed the connection")
+    return TransportError(f"{name}: the peer went away ({exc})")
 
 
 def _writev_all(writev: Callable[[list[memoryview]], int], buffers: Sequence[Any]) -> None:
