@@ -140,6 +140,23 @@ def test_dump_json_lines(kernel_streams: list[KernelStream],
     assert any(x.get("path_to") == "é-utf8" for x in lines[1:])
 
 
+def test_newlines_cannot_forge_a_json_line(kernel_streams: list[KernelStream],
+                                           capfdbinary: pytest.CaptureFixture[bytes]) -> None:
+    # btrfs-progs misc-tests/054: names, targets, xattr names and values and clone paths
+    # holding a newline then "failed". The text dump is btrfs-progs 6.2's, which escapes
+    # names and targets but neither xattrs nor clone paths (>= 6.10 does: commit 31286d3b);
+    # every line of --json is one whole record
+    import json
+    for tag in ("A", "B"):
+        ks = next(k for k in kernel_streams if k.name == f"newlines-in-dump-misc054.zstd.v2.{tag}")
+        assert main(["dump", "--json", "-f", str(ks.path)]) == 0
+        out = capfdbinary.readouterr().out
+        lines = [json.loads(line) for line in out.splitlines()]
+        assert all("cmd" in x for x in lines[1:])
+        assert not any(line.startswith(b"failed") for line in out.splitlines())
+        assert any("\nfailed" in str(x.get("name", "")) for x in lines[1:])
+
+
 def test_closed_pipe_is_quiet(tmp_path: Path) -> None:
     # a stream whose dump is far larger than a pipe buffer, so `head` closes it mid-way
     import sys
