@@ -24,6 +24,8 @@ setup(
                   **_SHARED),  # type: ignore[arg-type]
         Extension("btrdelta.delta._unfold", ["src/btrdelta/delta/_unfold.c"],
                   extra_compile_args=_FLAGS, **_SHARED),  # type: ignore[arg-type]
+        Extension("btrdelta.delta._hpatch", ["src/btrdelta/delta/_hpatch.c"],
+                  extra_compile_args=_FLAGS, **_SHARED),  # type: ignore[arg-type]
         Extension("btrdelta.chunk._buzhash", ["src/btrdelta/chunk/_buzhash.c"],
                   extra_compile_args=_FLAGS, **_SHARED),  # type: ignore[arg-type]
         Extension("btrdelta.tree._treewalk", ["src/btrdelta/tree/_treewalk.c"],

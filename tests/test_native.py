@@ -36,7 +36,29 @@ def _live_in(dest: Path) -> dict[str, bool]:
         "buzhash": _buzhash_runs_c(),
         "treewalk": _treewalk_runs_c(dest),
         "blockhash": BlockHasher(1)._blocks_of is not block_digests_py,
+        "hpatch": _hpatch_runs_c(),
     }
+
+
+def _hpatch_runs_c() -> bool:
+    """Whether an hdiff patch is applied in C now (the C path's entry point called)."""
+    from btrdelta.delta.codecs import get_codec, hdiff
+
+    calls: list[int] = []
+    real = hdiff._apply_c
+
+    def spy(*args: object) -> bytes | None:
+        calls.append(1)
+        return real(*args)  # type: ignore[arg-type]
+
+    codec = get_codec("hdiff-raw")
+    patch = codec.make(b"old content", b"new content")
+    hdiff._apply_c = spy  # type: ignore[assignment]
+    try:
+        assert codec.apply(b"old content", patch) == b"new content"
+    finally:
+        hdiff._apply_c = real  # type: ignore[assignment]
+    return bool(calls)
 
 
 def _buzhash_runs_c() -> bool:
@@ -94,9 +116,10 @@ def test_one_setting_picks_every_accelerator() -> None:
         out[value] = subprocess.run([sys.executable, "-c", code], env={**env, **extra},
                                     capture_output=True, text=True, check=True).stdout.split()
     assert out[None] == out["0"]
-    assert out[None][:8] == ["c", "['c',", "'c',", "'c',", "'c',", "'c',", "'c']", "c"]
+    assert out[None][:9] == ["c", "['c',", "'c',", "'c',", "'c',", "'c',", "'c',", "'c']",
+                             "c"]
     assert out["1"] == ["python", "['python',", "'python',", "'python',", "'python',",
-                        "'python',", "'python']", "python", "crc32c", "package"]
+                        "'python',", "'python',", "'python']", "python", "crc32c", "package"]
 
 
 def test_use_backend_reaches_objects_made_inside(tmp_path: Path) -> None:
@@ -108,13 +131,14 @@ def test_use_backend_reaches_objects_made_inside(tmp_path: Path) -> None:
         with _native.use_backend("c", "unfold"):
             assert _live_in(tmp_path) == {"speedups": False, "fastapply": False, "unfold": True,
                                           "buzhash": False, "treewalk": False,
-                                          "blockhash": False}
+                                          "blockhash": False, "hpatch": False}
     assert _native.BACKEND == "c"
     with _native.use_backend("python", "fastapply"):
         assert _native.BACKEND == "c"
         assert _native.backends()["fastapply"] == "python"
         assert _live_in(tmp_path) == {"speedups": True, "fastapply": False, "unfold": True,
-                                      "buzhash": True, "treewalk": True, "blockhash": True}
+                                      "buzhash": True, "treewalk": True, "blockhash": True,
+                                      "hpatch": True}
     assert _live_in(tmp_path) == dict.fromkeys(_native.ACCELERATORS, True)
 
 

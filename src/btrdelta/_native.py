@@ -1,6 +1,6 @@
 """The one switch between btrdelta's C accelerators and its pure-Python code (floor 0).
 
-Six optional C modules are built when a compiler is present:
+Seven optional C modules are built when a compiler is present:
 
 =============  ==============================  ===============================================
 name           module                          what it runs instead of the Python code
@@ -16,9 +16,11 @@ name           module                          what it runs instead of the Pytho
 ``blockhash``  ``btrdelta.send._blockhash``    a sendshot record's seeded XXH3-128 of every
                                                4 KiB block of a buffer (one call, not one
                                                per block; needs ``xxhash.h`` to build)
+``hpatch``     ``btrdelta.delta._hpatch``      applying an HDiffPatch (``hdiff``) patch,
+                                               instead of the ``hdiffpatch`` library
 =============  ==============================  ===============================================
 
-One setting picks the backend of all six: ``BTRDELTA_PURE_PYTHON=1`` makes it
+One setting picks the backend of all seven: ``BTRDELTA_PURE_PYTHON=1`` makes it
 ``"python"``, otherwise it is ``"c"`` and every accelerator that is built is used. This
 module reads that variable once, at import: it is the only module besides ``cli`` that reads
 the environment. The Python code stays the reference: it handles what the C code hands
@@ -30,7 +32,7 @@ every object made after it::
 
     from btrdelta import _native
 
-    with _native.use_backend("python"):          # all six
+    with _native.use_backend("python"):          # all seven
         ...
     with _native.use_backend("python", "fastapply"):   # only the applier's
         ...
@@ -76,6 +78,7 @@ ACCELERATORS: Final[dict[str, str]] = {
     "buzhash": "btrdelta.chunk._buzhash",
     "treewalk": "btrdelta.tree._treewalk",
     "blockhash": "btrdelta.send._blockhash",
+    "hpatch": "btrdelta.delta._hpatch",
 }
 
 #: the backend asked for: ``"python"`` when ``BTRDELTA_PURE_PYTHON`` is set (not ``0``),

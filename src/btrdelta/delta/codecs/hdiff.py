@@ -12,10 +12,13 @@ order, so the joined patch is an ordinary one: expansion does not change).
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
+from types import ModuleType
 
+from ... import _native
 from ...errors import StreamFormatError
-from .base import DEFAULT_MAX_SIZE, Codec
+from .base import DEFAULT_MAX_SIZE, Codec, CodecUnavailableError
 
 __all__ = ["WINDOW_MIN", "HdiffCodec", "HdiffRawCodec", "windowed_diff"]
 
@@ -214,6 +217,68 @@ def windowed_diff(
     return _RAW_MAGIC + b"".join(_pack(v) for v in sizes) + b"".join(body)
 
 
+def _inflated(frame: memoryview, size: int) -> bytes | None:
+    """A zstd-compressed stream of an HDIFF13 patch inflated, or ``None`` unless it is one
+    frame that declares ``size`` bytes and gives them (nothing is allocated for a size
+    the frame does not declare)."""
+    import zstandard  # the receive path has it imported already (the carrier)
+
+    try:
+        if zstandard.frame_content_size(frame) != size:
+            return None
+        out = zstandard.ZstdDecompressor().decompress(frame)
+    except zstandard.ZstdError:
+        return None
+    return out if len(out) == size else None
+
+
+def _apply_c(fast: ModuleType, old: bytes, patch: bytes) -> bytes | None:
+    """The new content of an HDIFF13 patch applied
+    by the C module ``_hpatch``: its four streams (covers, RLE control, RLE code, new data)
+    taken apart here, the stored ones as views, the zstd ones inflated (each at most about
+    the new size, or twice it for the covers: more is left to the library). ``None``: the C
+    path does not take this patch (another compressor, a stream that is not as HDiffPatch
+    writes it, or a patch HDiffPatch would refuse); the library then applies it or names
+    the fault."""
+    start = len(_MAGIC)
+    end = patch.find(b"\x00", start, start + 32)
+    name = patch[start:end]
+    if not patch.startswith(_MAGIC) or end < 0 or name not in (b"", b"zstd"):
+        return None
+    pos = end + 1
+    fields = []
+    try:
+        for _ in range(11):
+            value, pos = _varint(patch, pos)
+            fields.append(value)
+    except StreamFormatError:
+        return None
+    new_size, old_size, count = fields[:3]
+    if old_size != len(old):
+        return None
+    view = memoryview(patch)
+    streams: list[bytes | memoryview] = []
+    for i, (size, packed) in enumerate(zip(fields[3::2], fields[4::2], strict=True)):
+        if size > (2 if i == 0 else 1) * new_size + 4096:
+            return None
+        if not packed:
+            streams.append(view[pos : pos + size])
+            pos += size
+            continue
+        if not name:
+            return None
+        got = _inflated(view[pos : pos + packed], size)
+        if got is None:
+            return None
+        streams.append(got)
+        pos += packed
+    if pos != len(patch):
+        return None
+    covers, ctrl, code, data = streams
+    out: bytes | None = fast.apply(old, new_size, covers, count, ctrl, code, data)
+    return out
+
+
 def _declared_sizes(patch: bytes) -> tuple[int, int]:
     """(new size, old size) from the header of an HDIFF13 patch."""
     if not patch.startswith(_MAGIC):
@@ -233,6 +298,8 @@ class HdiffCodec(Codec):
     name = "hdiff"
     module = "hdiffpatch"
     package = "hdiffpatch"
+    #: the library was found (:meth:`require` with the C applier live)
+    _found = False
 
     def _config(self, new_size: int) -> object:
         h = self.lib()
@@ -262,9 +329,25 @@ class HdiffCodec(Codec):
         same bytes, measured)."""
         return bytes(self.lib().recompress(bytes(raw), self._config(new_size)))
 
+    def require(self) -> None:
+        """Raise :class:`CodecUnavailableError` if the library is missing; with the C
+        applier live (``_hpatch``), only look it up (it is imported when a patch needs
+        it: one the C applier declines, or :meth:`make`)."""
+        if _native.live("hpatch") is None:
+            super().require()
+        elif not self._found:
+            try:
+                found = importlib.util.find_spec(self.module) is not None
+            except ImportError:
+                found = False
+            if not found:
+                raise CodecUnavailableError(self.package, what=f"codec {self.name!r} ")
+            self._found = True
+
     def apply(self, old: bytes, patch: bytes, *, new_size: int | None = None) -> bytes:
-        """Apply an HDIFF13 patch after checking the sizes it declares."""
-        h = self.lib()
+        """Apply an HDIFF13 patch after checking the sizes it declares: in C when the
+        ``_hpatch`` accelerator is live and takes the patch (:func:`_apply_c`), else with
+        the library (the reference, and the one that names what is wrong)."""
         patch = bytes(patch)
         size, old_size = _declared_sizes(patch)
         limit = DEFAULT_MAX_SIZE if new_size is None else new_size
@@ -274,6 +357,12 @@ class HdiffCodec(Codec):
             raise StreamFormatError(
                 f"hdiff patch expects an old file of {old_size} bytes, got {len(old)}"
             )
+        fast = _native.live("hpatch")
+        if fast is not None:
+            got = _apply_c(fast, old, patch)
+            if got is not None:
+                return got
+        h = self.lib()
         try:
             out = h.apply(bytes(old), patch)
         except (h.HDiffPatchError, ValueError, MemoryError) as exc:

@@ -1,0 +1,9 @@
+"""Optional C path of applying HDiffPatch HDIFF13 patches (see _hpatch.c); absent without a
+compiler."""
+
+from typing import Any
+
+def apply(
+    old: Any, new_size: int, covers: Any, cover_count: int, rle_ctrl: Any, rle_code: Any,
+    new_data: Any, /
+) -> bytes | None: ...

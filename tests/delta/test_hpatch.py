@@ -1,0 +1,125 @@
+"""The C applier of HDIFF13 patches (``delta/_hpatch.c``) against HDiffPatch's own."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from btrdelta import _native
+from btrdelta.delta.codecs import get_codec
+from btrdelta.delta.codecs.hdiff import _apply_c, windowed_diff
+from btrdelta.errors import StreamFormatError
+
+hdiffpatch = pytest.importorskip("hdiffpatch")
+pytestmark = pytest.mark.skipif(
+    not _native.available("hpatch") and os.environ.get("CI") != "true",
+    reason="the C applier (_hpatch.c) is not built",
+)
+CODECS = ["hdiff", "hdiff-raw"]
+
+
+def _edited(rng: random.Random, old: bytes, edits: int) -> bytes:
+    """``old`` with insertions, deletions, byte changes and runs (what the RLE stream
+    and the new-data stream carry)."""
+    new = bytearray(old)
+    for _ in range(edits):
+        i = rng.randrange(len(new) + 1)
+        op = rng.randrange(4)
+        if op == 0:
+            new[i:i] = rng.randbytes(rng.randrange(1, 300))
+        elif op == 1:
+            del new[i : i + rng.randrange(1, 300)]
+        elif op == 2 and new:
+            new[min(i, len(new) - 1)] ^= rng.randrange(1, 256)
+        else:
+            new[i:i] = bytes([rng.choice((0, 255, rng.randrange(256)))]) * rng.randrange(1, 500)
+    return bytes(new)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 1 << 30), size=st.sampled_from([0, 1, 9, 700, 20_000]),
+       edits=st.integers(0, 25))
+def test_c_applier_gives_the_library_result(codec: str, seed: int, size: int,
+                                            edits: int) -> None:
+    rng = random.Random(seed)
+    old = rng.randbytes(size)
+    new = _edited(rng, old, edits)
+    patch = get_codec(codec).make(old, new)
+    fast = _native.live("hpatch")
+    assert fast is not None
+    assert _apply_c(fast, old, patch) == hdiffpatch.apply(old, patch) == new
+
+
+def test_c_applier_takes_a_windowed_patch() -> None:
+    """A patch joined from windows (many covers, old positions stepping back and forth)."""
+    rng = random.Random(7)
+    old = rng.randbytes(3 << 20)
+    new = _edited(rng, old[1 << 20 :] + old[: 1 << 20], 40)
+    patch = windowed_diff(lambda o, n: bytes(hdiffpatch.diff(o, n, None, validate=False)),
+                          old, new, step=1 << 19, overlap=1 << 16)
+    fast = _native.live("hpatch")
+    assert fast is not None
+    assert _apply_c(fast, old, patch) == new
+    assert get_codec("hdiff").apply(old, patch, new_size=len(new)) == new
+
+
+@pytest.mark.parametrize("codec", CODECS)
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_c_applier_never_takes_what_the_library_refuses(codec: str,
+                                                       data: st.DataObject) -> None:
+    """A damaged patch: the C applier declines it (``None``: the library then names the
+    fault) or gives what the library gives; it never accepts one the library refuses."""
+    rng = random.Random(data.draw(st.integers(0, 1 << 30)))
+    old = rng.randbytes(data.draw(st.sampled_from([0, 50, 3000])))
+    patch = bytearray(get_codec(codec).make(old, _edited(rng, old, 8)))
+    for _ in range(data.draw(st.integers(1, 3))):
+        kind = data.draw(st.sampled_from(["flip", "truncate", "grow"]))
+        if kind == "flip" and patch:
+            patch[data.draw(st.integers(0, len(patch) - 1))] ^= data.draw(st.integers(1, 255))
+        elif kind == "truncate":
+            del patch[data.draw(st.integers(0, len(patch))) :]
+        else:
+            patch += data.draw(st.binary(min_size=1, max_size=8))
+    fast = _native.live("hpatch")
+    assert fast is not None
+    try:
+        ours = _apply_c(fast, old, bytes(patch))
+    except StreamFormatError:  # the header the caller checks first: not ours to take
+        return
+    try:
+        ref = hdiffpatch.apply(old, bytes(patch))
+    except (hdiffpatch.HDiffPatchError, ValueError, MemoryError):
+        assert ours is None
+        return
+    assert ours is None or ours == ref
+
+
+def test_receive_path_does_not_import_the_library() -> None:
+    """Applying an hdiff patch with the C applier live looks the library up but does not
+    import it (and its ``attrs``: ~20 ms of every receive); the Python backend uses it."""
+    code = (
+        "import sys\n"
+        "from btrdelta import _native\n"
+        "from btrdelta.delta.codecs import get_codec\n"
+        "old = bytes(range(256)) * 64; new = old[:5000] + b'x' * 99 + old[5000:]\n"
+        "patch = bytes.fromhex(sys.argv[1])\n"
+        "assert get_codec(3).apply(old, patch, new_size=len(new)) == new\n"
+        "print('hdiffpatch' in sys.modules, 'attrs' in sys.modules)\n"
+    )
+    old = bytes(range(256)) * 64
+    patch = get_codec("hdiff").make(old, old[:5000] + b"x" * 99 + old[5000:]).hex()
+    env = {k: v for k, v in os.environ.items() if k != "BTRDELTA_PURE_PYTHON"}
+    runs = {}
+    for pure in ("0", "1"):
+        out = subprocess.run([sys.executable, "-c", code, patch], capture_output=True,
+                             text=True, check=True, env={**env, "BTRDELTA_PURE_PYTHON": pure})
+        runs[pure] = out.stdout.split()
+    assert runs == {"0": ["False", "False"], "1": ["True", "True"]}
