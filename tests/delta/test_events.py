@@ -11,12 +11,15 @@ import os
 import struct
 import subprocess
 import sys
+from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from btrdelta import receive_any
+from btrdelta.delta import events as events_mod
 from btrdelta.delta import expand_events, expand_to, open_delta, patching
 from btrdelta.delta.encoding import encode_item
 from btrdelta.delta.format import DeltaEnd
@@ -181,6 +184,33 @@ def test_receive_writes_verified_patched_extents_as_data(
     expand_to(open_delta(io.BytesIO(delta)), pair.a, out.append)
     assert b"".join(bytes(p) for p in out) == stream.read_bytes()
     assert len(calls) == len(sent)
+
+
+def test_receive_joins_the_clones_of_a_file_s_extents(
+    delta_pairs: dict[str, Pair], tmp_path: Path
+) -> None:
+    """An unchanged file of several compressed extents is one CLONE from the parent (one
+    FICLONERANGE, one open of its old file), not one per extent; the tree is ``btrfs
+    receive``'s (a receive of the same delta: see the tests above)."""
+    pair = delta_pairs["rebuilt-same"]
+    stream = pair.streams["v2"]
+    delta = make(stream, pair.a)[0]
+    with open(stream, "rb") as f:
+        extents = Counter(r.path for r in iter_records(f) if type(r) is R.EncodedWrite)
+    batches = expand_events(io.BytesIO(delta), lambda _s: pair.a, clone_same=True,
+                            hash_clones=False).batches()
+    events = [e for batch in batches for e in batch]
+    clones = [e for e in events if type(e) is R.Clone]
+    per_file = Counter(c.path for c in clones)
+    several = [p for p, n in extents.items() if n > 1 and p in per_file]
+    assert several  # files of several extents, unchanged: left to clones
+    assert all(per_file[p] == 1 for p in several)
+    for p in several:
+        (clone,) = (c for c in clones if c.path == p)
+        assert clone.offset == clone.clone_offset == 0
+        assert clone.length == (pair.b / p.decode()).stat().st_size
+    for a, b in pairwise(events):
+        assert not (type(a) is type(b) is R.Clone and events_mod._joined(a, b))  # type: ignore[arg-type]
 
 
 def test_receive_checks_cloned_files_before_the_subvolume_is_named(

@@ -13,7 +13,8 @@ the receiver commits the subvolume) reaches the receiver only after DEND was che
 the input read to its end (bytes after DEND are refused).
 
 With ``clone_same`` (``btrdelta receive`` on btrfs), the records of a file whose content is
-its old file's become one CLONE from the parent snapshot per PWRITE range (or PENC extent).
+its old file's become one CLONE from the parent snapshot per PWRITE range (or PENC extent),
+consecutive CLONEs of adjacent ranges joined into one.
 With ``hash_clones=False`` too (an unsigned receive), such a PENC extent is not recompressed
 just to be hashed: DEND's count and size are checked, its digest is not (see
 ``docs/formats/delta-stream.md`` §6).
@@ -28,7 +29,7 @@ from typing import BinaryIO
 
 from ..errors import BtrdeltaError, StreamFormatError
 from ..stream.reader import EOF, NEED_DATA, Event, StreamParser
-from ..stream.records import End
+from ..stream.records import Clone, End
 from .expand import HEADER, WRITE, OldRoot, expand_items, open_delta
 from .format import DeltaItem
 from .options import DEFAULT_MAX_FILE_SIZE
@@ -59,6 +60,22 @@ def _decode_group(parser: StreamParser, group: bytearray, batch: list[Event]) ->
         batch.append(ev)
 
 
+def _joined(a: Clone, b: Clone) -> Clone | None:
+    """One CLONE for two consecutive ones that continue each other (the next range of
+    the same file from the next range of the same source file), else ``None``: an
+    unchanged file of several extents is then one FICLONERANGE, not one (with its
+    source's open and close) per extent."""
+    if (
+        a.offset + a.length == b.offset and a.clone_offset + a.length == b.clone_offset
+        and a.length > 0 and b.length > 0  # (0: "to the end of the source")
+        and a.path == b.path and a.clone_path == b.clone_path
+        and a.clone_uuid == b.clone_uuid and a.clone_ctransid == b.clone_ctransid
+    ):
+        return Clone(a.offset, a.length + b.length, a.path, a.clone_uuid, a.clone_ctransid,
+                     a.clone_path, a.clone_offset)
+    return None
+
+
 def expand_batches(
     items: Iterable[DeltaItem],
     old_root: OldRoot,
@@ -75,7 +92,8 @@ def expand_batches(
 
     ``clone_same``: the WRITEs of a file whose content equals its old file (verified
     before) become one CLONE from the parent snapshot per PWRITE range (``old_root`` must
-    then be a function of the stream's SNAPSHOT, as for ``receive``): the receiver
+    then be a function of the stream's SNAPSHOT, as for ``receive``; consecutive CLONEs
+    of adjacent ranges, a file's extents, are joined into one): the receiver
     reflinks the unchanged data instead of writing it again (and falls back to copying
     where it cannot). The tree is the same; the old and new versions share the extents.
     The expanded stream is still checked as a whole (DEND; its digest only with
@@ -91,8 +109,17 @@ def expand_batches(
         for kind, pieces, rec in outputs:
             cls = rec.__class__
             if cls is SameWrite or cls is SameEncodedWrite:
-                if rec.apply is not None:  # type: ignore[union-attr]
-                    batch.append(rec.apply)  # type: ignore[union-attr]
+                apply = rec.apply  # type: ignore[union-attr]
+                if apply is not None:
+                    joined = (
+                        _joined(batch[-1], apply)
+                        if batch and type(apply) is Clone and type(batch[-1]) is Clone
+                        else None
+                    )
+                    if joined is not None:
+                        batch[-1] = joined
+                    else:
+                        batch.append(apply)
             elif kind == WRITE:
                 batch.append(rec)  # type: ignore[arg-type]
                 nbytes += len(rec.data)  # type: ignore[union-attr]
