@@ -26,6 +26,10 @@
 #include <stdint.h>
 #include <string.h>
 
+/* generated: the numbers the accelerators share with Python (none is needed here: an
+ * HDIFF13 patch has no btrfs numbers; included as every accelerator includes it) */
+#include "_constants.h"
+
 typedef struct {
     const uint8_t *p, *end;
 } Src;
