@@ -235,3 +235,92 @@ def test_servers_name_a_busy_port_and_a_bad_address(tmp_path: Path, busy_port: i
         proc = run_cli(argv)
         assert proc.returncode == 1, argv
         assert named in check(proc, " ".join(argv))
+
+
+def test_first_hour_argument_mistakes_name_the_command_to_type(tmp_path: Path) -> None:
+    # two trees given to send (as to diff), receive's arguments swapped or DEST left out,
+    # image clone's SOURCE and STORE/NAME swapped: exit 2, one line, named by the command,
+    # with the command line that was meant; nothing is written
+    old, new, store = tmp_path / "old", tmp_path / "new", tmp_path / "store"
+    old.mkdir()
+    new.mkdir()
+    url = "http://127.0.0.1:9/v2.bdar"
+    cases = [
+        (["send", str(old), str(new), "-o", str(tmp_path / "s")],
+         f"btrdelta send -p {old} {new}"),
+        (["receive", str(tmp_path), str(STREAM)], f"btrdelta receive {STREAM} {tmp_path}"),
+        (["receive", str(STREAM)], f"btrdelta receive {STREAM} DEST"),
+        (["image", "clone", str(store / "v2"), url],
+         f"btrdelta image clone {url} {store / 'v2'}"),
+    ]
+    for argv, meant in cases:
+        proc = run_cli(argv)
+        line = check(proc, " ".join(argv))
+        assert proc.returncode == 2, (argv, line)
+        assert line.startswith(f"btrdelta {' '.join(argv[:2 if argv[0] == 'image' else 1])}:")
+        assert meant in line, (argv, line)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "old"]
+
+
+def test_unknown_words_are_named_by_the_command(tmp_path: Path) -> None:
+    # not by `btrdelta`, whose --help does not list the command's options
+    proc = run_cli(["delta", "make", "--old", str(tmp_path), str(STREAM), "extra"])
+    assert proc.returncode == 2
+    line = check(proc, "delta make extra")
+    assert line.startswith("btrdelta delta make: error: unrecognized arguments: extra")
+    assert "see btrdelta delta make --help" in line
+
+
+def test_a_full_output_is_named(tmp_path: Path) -> None:
+    # "No space left on device": of which file? (a file object's write does not say)
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "f").write_bytes(b"x" * 100_000)
+    image = tmp_path / "img"
+    image.write_bytes(os.urandom(1 << 20))
+    for argv, named in ((["send", str(tree), "-o", "/dev/full"], "/dev/full"),
+                        (["image", "compress", "-i", str(image), "-o", "/dev/full"],
+                         "/dev/full")):
+        proc = run_cli(argv)
+        assert proc.returncode == 1, argv
+        assert f"{named}: No space left on device" in check(proc, " ".join(argv))
+    with open("/dev/full", "wb") as full:
+        for argv in (["dump", str(STREAM)], ["send", str(tree)]):
+            proc = subprocess.run([sys.executable, "-m", "btrdelta", *argv], stdout=full,
+                                  stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                  timeout=60, check=False)
+            assert proc.returncode == 1, argv
+            assert "standard output: No space left on device" in check(proc, argv[0])
+
+
+def test_image_mount_point_missing_is_one_line(tmp_path: Path) -> None:
+    # libfuse alone said "mountpoint is not empty" on two more lines
+    proc = run_cli(["image", "mount", str(tmp_path / "store" / "v2"), str(tmp_path / "no")])
+    assert proc.returncode == 1
+    assert "mount point does not exist" in check(proc, "image mount")
+
+
+def test_send_to_a_terminal_is_refused_before_any_progress(tmp_path: Path) -> None:
+    # the refusal came after the progress display had started (two bars, then the error)
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "btrdelta", "send", str(tmp_path)],
+                              stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
+                              timeout=60, check=False)
+        os.set_blocking(master, False)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(master)
+        os.close(slave)
+    out = b"".join(chunks).decode()
+    assert proc.returncode == 1
+    assert out.strip() == ("btrdelta send: error: refusing to write a binary stream to a "
+                           "terminal (use -o FILE)"), out

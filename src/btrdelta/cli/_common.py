@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import stat
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, BinaryIO, NoReturn
 
 from ..errors import BtrdeltaError, UsageError
@@ -65,6 +66,9 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._intermixing = False
+        #: what a command says after "unrecognized arguments: ..." (given the arguments
+        #: parsed and the words left over), e.g. ``send OLD NEW``: give OLD with -p
+        self.extra_hint: Callable[[argparse.Namespace, list[str]], str | None] | None = None
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -76,14 +80,41 @@ class Parser(argparse.ArgumentParser):
         DEST``, ``replicate /data --store S /backup``): plain argparse gives an optional
         positional nothing when an option follows its value, takes that value for the next
         positional, and then refuses the last word."""
-        if self._subparsers is not None or self._intermixing or not any(
-                a.nargs in ("?", "*", "+") for a in self._get_positional_actions()):
+        if self._intermixing:
             return super().parse_known_args(args, namespace)
-        self._intermixing = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._intermixing = False
+        if self._subparsers is not None or not any(
+                a.nargs in ("?", "*", "+") for a in self._get_positional_actions()):
+            ns, extra = super().parse_known_args(args, namespace)
+        else:
+            self._intermixing = True
+            try:
+                ns, extra = self.parse_known_intermixed_args(args, namespace)
+            finally:
+                self._intermixing = False
+        if extra and self._subparsers is None:
+            # the command's own mistake, named by it (not by `btrdelta`), with its hint
+            hint = self.extra_hint(ns, extra) if self.extra_hint is not None else None
+            self.error(f"unrecognized arguments: {' '.join(extra)}"
+                       + (f"; {hint}" if hint else ""))
+        return ns, extra
+
+
+def set_extra_hint(parser: argparse.ArgumentParser,
+                   hint: Callable[[argparse.Namespace, list[str]], str | None]) -> None:
+    """Say ``hint(args, extra)`` after a command's "unrecognized arguments" error."""
+    if isinstance(parser, Parser):
+        parser.extra_hint = hint
+
+
+def refuse_terminal_output(name: str | None) -> None:
+    """Refuse, before any work, to write a binary stream to standard output (``-``,
+    ``None``) when it is a terminal.
+
+    Raises:
+        BtrdeltaError: it is.
+    """
+    if name in (None, "-") and sys.stdout.isatty():
+        raise BtrdeltaError("refusing to write a binary stream to a terminal (use -o FILE)")
 
 
 def examples(*lines: str, note: str = "") -> str:
@@ -190,15 +221,33 @@ def open_output(name: str | None, *, binary: bool = True,
     ``durable=False`` skips its ``fsync`` calls.
     """
     if name in (None, "-"):
-        if binary and sys.stdout.isatty():
-            raise BtrdeltaError("refusing to write a binary stream to a terminal (use -o FILE)")
-        yield sys.stdout.buffer
-        sys.stdout.buffer.flush()
+        if binary:
+            refuse_terminal_output(name)
+        with naming_output("standard output"):
+            yield sys.stdout.buffer
+            sys.stdout.buffer.flush()
         return
     if os.path.isdir(name):
         raise BtrdeltaError("is a directory (give a file name)", source=name)
-    with atomic_output(name, durable=durable) as f:
+    with naming_output(name), atomic_output(name, durable=durable) as f:
         yield f
+
+
+#: errors of a write that say the output is full (or too large for it), not where
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+@contextlib.contextmanager
+def naming_output(name: str) -> Iterator[None]:
+    """A write to the output ``name`` that fails for want of space names it (a file
+    object's ``write`` raises ``OSError`` without a file name: "No space left on
+    device", but where?)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _FULL and exc.filename is None:
+            exc.filename = name
+        raise
 
 
 def human_bytes(n: float) -> str:
@@ -253,11 +302,12 @@ def dump_stream(f: BinaryIO, name: str, *, as_json: bool = False,
     _, f = sniff_input(f, name, Kind.SEND_STREAM)
     out = sys.stdout.buffer
     sink = JsonDumpSink(out.write) if as_json else TextDumpSink(out.write)
-    try:
-        feed(StreamReader(f, source=name), sink, stop_at_end=not all_streams)
-    finally:
-        sink.close()  # what was read before an error is printed, as progs prints it
-        out.flush()
+    with naming_output("standard output"):
+        try:
+            feed(StreamReader(f, source=name), sink, stop_at_end=not all_streams)
+        finally:
+            sink.close()  # what was read before an error is printed, as progs prints it
+            out.flush()
 
 
 def print_delta_stats(st: object, name: str, *, as_json: bool) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import signal
 import sys
 import threading
@@ -22,7 +24,7 @@ from ..transport.listen import ListenAddress, parse_listen, server_tls
 from ..trust import load_private_key, load_public_key
 from ..update.clone import CloneReport, clone_image
 from ..update.image import RepairReport, compress_archive, gc_store, image_info, verify_image
-from ._common import add_jobs, add_json, examples, human_bytes, parse_size
+from ._common import add_jobs, add_json, examples, human_bytes, naming_output, parse_size
 from .http_options import add_http_options, http_config
 from .progress import Progress, add_progress_options, progress_wanted
 
@@ -48,8 +50,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(func=usage)
     _add_compress(isub)
     _add_clone(isub)
-    m = isub.add_parser("mount", help="FUSE: expose an image in the store as one read-only file",
-                        epilog=examples("btrdelta image mount /var/lib/images/v2 /run/img"))
+    m = isub.add_parser(
+        "mount", help="FUSE: expose an image in the store as one read-only file",
+        description="Show image NAME of the chunk store STORE as the read-only file "
+        "MOUNTPOINT/NAME (FUSE), read from the store's chunks (nothing is downloaded: clone "
+        "the image first). Runs in the foreground until the mount point is unmounted "
+        "(fusermount3 -u MOUNTPOINT) or the command is interrupted.",
+        epilog=examples("btrdelta image mount /var/lib/images/v2 /run/img &",
+                        "mount -o loop,ro /run/img/v2 /mnt      # the filesystem inside",
+                        "umount /mnt && fusermount3 -u /run/img"))
     m.add_argument("target", metavar="STORE/NAME")
     m.add_argument("mountpoint", metavar="MOUNTPOINT")
     m.set_defaults(func=run_mount)
@@ -88,9 +97,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _add_compress(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    c = isub.add_parser("compress", help="chunk and compress an image into an archive",
-                        epilog=examples("btrdelta image compress -i rootfs-v2.ext4 -o "
-                                        "www/rootfs-v2.bdar --sign release.pem"))
+    c = isub.add_parser(
+        "compress", help="chunk and compress an image into an archive",
+        description="Cut IMAGE into content-defined chunks and write them, each "
+        "zstd-compressed once, with their index into one archive file: put it on any HTTP "
+        "server (`btrdelta serve`, nginx, a CDN) for `image clone`, which then downloads "
+        "only the chunks a device lacks.",
+        epilog=examples("btrdelta image compress -i rootfs-v2.ext4 -o "
+                        "www/rootfs-v2.bdar --sign release.key"))
     c.add_argument("-i", "--input", required=True, metavar="IMAGE", help="image file or device")
     c.add_argument("-o", "--output", required=True, metavar="ARCHIVE",
                    help="archive to write (*.bdar)")
@@ -184,7 +198,8 @@ def run_compress(args: argparse.Namespace) -> int:
     _no_stdio("-i", args.input)
     _no_stdio("-o", args.output)
     key = load_private_key(args.sign) if args.sign else None
-    with Progress("compress", enabled=progress_wanted(args)) as progress:
+    with naming_output(args.output), \
+            Progress("compress", enabled=progress_wanted(args)) as progress:
         report = compress_archive(
             args.input, args.output, avg_chunk=args.avg_chunk, level=args.level, key=key,
             threads=args.jobs, on_progress=lambda d, t: progress.update(d, total=t),
@@ -213,6 +228,10 @@ def run_clone(args: argparse.Namespace) -> int:
     """``image clone``."""
     _no_stdio("SOURCE", args.source)
     _no_stdio("--output", args.output)
+    if args.target is not None and args.target.startswith(("http://", "https://")):
+        raise UsageError(f"STORE/NAME {args.target} is a URL: the source comes first: "
+                         f"btrdelta image clone {shlex.quote(args.target)} "
+                         f"{shlex.quote(args.source)}")
     key = load_public_key(args.key) if args.key else None
     with _Phases("clone", progress_wanted(args)) as progress:
         report = clone_image(
@@ -304,6 +323,9 @@ def run_mount(args: argparse.Namespace) -> int:
     need("mfusepy", "fuse")  # optional: ``[fuse]``
     from ..chunk.fuse import mount_image  # imported late: needs libfuse
 
+    if not os.path.isdir(args.mountpoint):  # (libfuse would say "not empty")
+        what = "is not a directory" if os.path.lexists(args.mountpoint) else "does not exist"
+        raise BtrdeltaError(f"mount point {what}", path=args.mountpoint)
     store_dir, name = split_store_name(args.target)
     mount_image(ChunkStore(store_dir), name, args.mountpoint)
     return 0

@@ -7,6 +7,7 @@ import errno
 import functools
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -133,9 +134,22 @@ def _signed_receiver(args: argparse.Namespace, name: str) -> Callable[..., list[
 
 
 def _names(args: argparse.Namespace) -> tuple[str, str | None]:
-    """(input, DEST) from ``-f``, ``[FILE] DEST``."""
+    """(input, DEST) from ``-f``, ``[FILE] DEST``.
+
+    Raises:
+        UsageError: DEST is a file: the only argument (``receive A.stream``), or FILE is
+            a directory too (``receive DEST A.stream``: the two swapped).
+    """
     if args.dest is None and args.input is not None and not args.dump:
         args.dest, args.input = args.input, None  # `receive DEST`: the only argument is DEST
+        if args.file is None and os.path.isfile(args.dest):
+            raise UsageError(f"{args.dest} is a file: give the directory to receive into "
+                             f"too: btrdelta receive {shlex.quote(args.dest)} DEST")
+    if args.input is not None and args.dest is not None and os.path.isdir(args.input) \
+            and os.path.isfile(args.dest):
+        raise UsageError(f"{args.input} is a directory and {args.dest} a file: the stream "
+                         "comes first: btrdelta receive "
+                         f"{shlex.quote(args.dest)} {shlex.quote(args.input)}")
     if args.file and args.input:
         raise UsageError("give the input either with -f or as an argument, not both")
     if args.dump and args.dest is not None:

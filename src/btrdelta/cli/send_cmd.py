@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import stat
 import time
 from typing import TYPE_CHECKING
 
 from ..errors import BtrdeltaError, UsageError
 from ..send.store import DEFAULT_STORE
-from ._common import add_json, human_bytes, json_needs_stdout, open_output, stop_on_signals
+from ._common import (
+    add_json,
+    human_bytes,
+    json_needs_stdout,
+    open_output,
+    refuse_terminal_output,
+    set_extra_hint,
+    stop_on_signals,
+)
 from .progress import Progress, add_progress_options, progress_wanted
 
 if TYPE_CHECKING:
@@ -98,7 +107,17 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="where to write the signature (default FILE.sig; needed with stdout)")
     add_json(p, "what was sent")
     add_progress_options(p, verbose=True)
+    set_extra_hint(p, _two_trees)
     p.set_defaults(func=run)
+
+
+def _two_trees(args: argparse.Namespace, extra: list[str]) -> str | None:
+    """``send OLD NEW`` (as ``diff OLD NEW``): one tree is sent, the old one is -p's."""
+    if len(extra) != 1 or extra[0].startswith("-") or args.parent:
+        return None
+    old, new = shlex.quote(args.new_dir), shlex.quote(extra[0])
+    return (f"send takes one tree; for the changes from {old} to {new}, give the old one "
+            f"with -p: btrdelta send -p {old} {new}")
 
 
 def _options(args: argparse.Namespace) -> tuple[int, str | None]:
@@ -123,6 +142,7 @@ def _options(args: argparse.Namespace) -> tuple[int, str | None]:
 def run(args: argparse.Namespace) -> int:
     """Send."""
     version, compress = _options(args)
+    refuse_terminal_output(args.output)  # before the progress display starts
     signer = None
     if args.sign:
         from ..update.signed import StreamSigner
