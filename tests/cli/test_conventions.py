@@ -253,3 +253,20 @@ def test_shared_flags_are_spelled_the_same_everywhere() -> None:
         assert "--threads" not in opts, name
         if "--quiet" in opts:
             assert "--progress" in opts or name in _QUIET_WITHOUT_PROGRESS, name
+
+
+@pytest.mark.parametrize("words", [("delta", "make"), ("send",), ("receive",)])
+def test_every_choice_is_explained(words: tuple[str, ...]) -> None:
+    # `--codec {auto,bsdiff,edits,edits2,hdiff,hdiff-raw,zstd}` said what auto does only:
+    # a new user could not tell which codec a core-only device can expand
+    parser = dict(COMMANDS)[words]
+    for a in parser._actions:
+        if not a.option_strings or not a.choices or a.help == argparse.SUPPRESS:
+            continue
+        for choice in a.choices:
+            assert re.search(rf"(?<![\w-]){re.escape(str(choice))}(?![\w-])", a.help or ""), \
+                (words, a.option_strings[-1], choice)
+    if words == ("delta", "make"):
+        codec = next(a for a in parser._actions if "--codec" in a.option_strings)
+        assert "btrdelta[hdiff]" in (codec.help or "")
+        assert "core install" in (codec.help or "")

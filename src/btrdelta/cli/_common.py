@@ -329,7 +329,7 @@ def print_delta_stats(st: object, name: str, *, as_json: bool) -> None:
     print(f"patched files: {total} ({st.regenerated_writes} writes and "
           f"{st.regenerated_encoded} compressed extents regenerated)")
     for codec in sorted(st.patched_files):
-        print(f"  {codec:<8} {st.patched_files[codec]:>6} files  "
+        print(f"  {codec:<9} {st.patched_files[codec]:>6} files  "
               f"{human_bytes(st.replaced_bytes[codec])} as {human_bytes(st.patch_bytes[codec])}"
               f" of patches, saved {human_bytes(st.saved_bytes[codec])}")
 

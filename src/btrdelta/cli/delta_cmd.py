@@ -65,6 +65,18 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     _add_stat(dsub)
 
 
+#: ``delta make --codec``: what each codec is and which install expands it
+_CODEC_HELP = (
+    f"patch codec. auto (default): per file the smallest of {' and '.join(AUTO)} (large "
+    "files with a good first patch skip the second) or, carried uncompressed in the delta's "
+    "compressed carrier, of hdiff-raw (HDiffPatch's raw diff) and edits2 (a few byte edits); "
+    "a device expanding HDiffPatch patches (hdiff, hdiff-raw) needs btrdelta[hdiff]. bsdiff, "
+    "zstd: every patch applies with the core install (scipy 1.13.0 -> 1.13.1: hdiff 325 KB, "
+    "bsdiff 382 KB, zstd 516 KB; bsdiff the slowest to make). edits, edits2: only files "
+    "with a few byte edits are patched, others are carried whole"
+)
+
+
 def _add_make(dsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     codecs = sorted({"auto", *(c.name for c in CODECS.values())})
     m = dsub.add_parser(
@@ -89,9 +101,7 @@ def _add_make(dsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="the old snapshot (the stream's parent) as a directory")
     m.add_argument("-o", "--output", default="-", metavar="DELTA",
                    help="write the delta stream to DELTA (default '-': standard output)")
-    m.add_argument("--codec", default="auto", choices=codecs,
-                   help=f"patch codec (auto: smallest of {', '.join(AUTO)} per file; large "
-                        "files with a good first patch skip the second codec)")
+    m.add_argument("--codec", default="auto", choices=codecs, help=_CODEC_HELP)
     m.add_argument("--max-file-size", type=parse_size, default=MakeOptions.max_file_size,
                    metavar="SIZE", help="do not diff files larger than SIZE (default 256M)")
     add_jobs(m, MakeOptions().jobs, "diff threads (default: number of CPUs)")

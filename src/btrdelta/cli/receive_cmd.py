@@ -89,7 +89,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="parse the stream and resolve paths, parents and clone sources; "
                         "write nothing")
     p.add_argument("--backend", choices=("auto", "btrfs", "dir"), default="auto",
-                   help="btrfs subvolumes or plain directories (default: by DEST's filesystem)")
+                   help="btrfs: real subvolumes (DEST on btrfs); dir: plain directories, "
+                        "on any filesystem; auto (default): btrfs where DEST is on btrfs, "
+                        "else dir")
     p.add_argument("--fileattr", action="store_true",
                    help="apply FILEATTR inode flags with chattr equivalents (btrfs receive "
                         "ignores them)")

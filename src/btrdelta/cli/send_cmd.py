@@ -76,8 +76,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                         "extents compressed on disk, btrdelta compresses as btrfs would "
                         "(--compress, default zstd)")
     p.add_argument("--compress", choices=("zstd", "zlib", "none"), default=None,
-                   help="compression of ENCODED_WRITE data (proto 2+; default none, or zstd "
-                        "with --compressed-data)")
+                   help="compression of ENCODED_WRITE data, zstd, zlib or none (proto 2+; "
+                        "default none, or zstd with --compressed-data)")
     p.add_argument("--no-data", action="store_true",
                    help="send no file data: each changed range is an update_extent record "
                         "(btrfs send --no-data: shows what changed; cannot update a receiver)")
