@@ -251,6 +251,14 @@ def test_user_mistakes_are_one_line_errors(
     assert main(["image", "clone", str(images.arc1), f"{store}/v1"]) == 0
     err = _one_line_error(capsys, 1, ["image", "mount", f"{store}/v1", str(tmp_path / "nope")])
     assert "mount point does not exist" in err
+    from btrdelta.chunk.fuse import LIBFUSE  # (needs the [fuse] extra)
+
+    if LIBFUSE[0] == 2:  # it refuses a directory that is not empty on two more lines
+        busy = tmp_path / "busy"
+        busy.mkdir()
+        (busy / "f").touch()
+        err = _one_line_error(capsys, 1, ["image", "mount", f"{store}/v1", str(busy)])
+        assert "mount point is not empty" in err
     err = _one_line_error(capsys, 1, ["image", "compress", "-i", str(tmp_path), "-o",
                                       str(tmp_path / "x.bdar")])
     assert "a directory" in err

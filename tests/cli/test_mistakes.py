@@ -293,13 +293,6 @@ def test_a_full_output_is_named(tmp_path: Path) -> None:
             assert "standard output: No space left on device" in check(proc, argv[0])
 
 
-def test_image_mount_point_missing_is_one_line(tmp_path: Path) -> None:
-    # libfuse alone said "mountpoint is not empty" on two more lines
-    proc = run_cli(["image", "mount", str(tmp_path / "store" / "v2"), str(tmp_path / "no")])
-    assert proc.returncode == 1
-    assert "mount point does not exist" in check(proc, "image mount")
-
-
 def test_send_to_a_terminal_is_refused_before_any_progress(tmp_path: Path) -> None:
     # the refusal came after the progress display had started (two bars, then the error)
     master, slave = os.openpty()

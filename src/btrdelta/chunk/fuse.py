@@ -92,13 +92,18 @@ def check_can_mount(mountpoint: str, device: str = "/dev/fuse") -> None:
     """Refuse, with one line, what libfuse would refuse with a message and a crash.
 
     Raises:
-        BtrdeltaError: the mount point is not a directory, or FUSE cannot be used by this
-            user (no ``/dev/fuse``, or not writable: non-root users need it to be, or a
-            setuid ``fusermount``, which libfuse 2 does not fall back to here).
+        BtrdeltaError: the mount point is not a directory (or, with libfuse 2, not
+            empty), or FUSE cannot be used by this user (no ``/dev/fuse``, or not
+            writable: non-root users need it to be, or a setuid ``fusermount``, which
+            libfuse 2 does not fall back to here).
     """
     if not os.path.isdir(mountpoint):
         what = "is not a directory" if os.path.exists(mountpoint) else "does not exist"
         raise BtrdeltaError(f"mount point {what}", path=mountpoint)
+    if LIBFUSE[0] == 2:
+        with os.scandir(mountpoint) as entries:
+            if next(entries, None) is not None:  # libfuse 2 refuses it on two more lines
+                raise BtrdeltaError("mount point is not empty", path=mountpoint)
     try:
         os.close(os.open(device, os.O_RDWR | os.O_CLOEXEC))
     except FileNotFoundError:

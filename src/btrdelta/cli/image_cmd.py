@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import signal
 import sys
@@ -55,10 +54,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description="Show image NAME of the chunk store STORE as the read-only file "
         "MOUNTPOINT/NAME (FUSE), read from the store's chunks (nothing is downloaded: clone "
         "the image first). Runs in the foreground until the mount point is unmounted "
-        "(fusermount3 -u MOUNTPOINT) or the command is interrupted.",
+        "(umount MOUNTPOINT; as a user fusermount -u) or the command is interrupted.",
         epilog=examples("btrdelta image mount /var/lib/images/v2 /run/img &",
+                        "until mountpoint -q /run/img; do sleep 0.1; done",
                         "mount -o loop,ro /run/img/v2 /mnt      # the filesystem inside",
-                        "umount /mnt && fusermount3 -u /run/img"))
+                        "umount /mnt /run/img                   # the command then ends"))
     m.add_argument("target", metavar="STORE/NAME")
     m.add_argument("mountpoint", metavar="MOUNTPOINT")
     m.set_defaults(func=run_mount)
@@ -323,9 +323,6 @@ def run_mount(args: argparse.Namespace) -> int:
     need("mfusepy", "fuse")  # optional: ``[fuse]``
     from ..chunk.fuse import mount_image  # imported late: needs libfuse
 
-    if not os.path.isdir(args.mountpoint):  # (libfuse would say "not empty")
-        what = "is not a directory" if os.path.lexists(args.mountpoint) else "does not exist"
-        raise BtrdeltaError(f"mount point {what}", path=args.mountpoint)
     store_dir, name = split_store_name(args.target)
     mount_image(ChunkStore(store_dir), name, args.mountpoint)
     return 0
