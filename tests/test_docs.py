@@ -1,8 +1,14 @@
 """The pages generated from the code (format tables, exit codes) must not drift."""
 
+import contextlib
+import io
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+from btrdelta.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -11,3 +17,37 @@ def test_generated_docs_are_current() -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "scripts/gen_docs.py"), "--check"],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
+
+
+def _doc_commands(text: str) -> list[str]:
+    """The ``btrdelta ...`` commands of a page's shell blocks (continuations joined,
+    comments dropped, split at pipes, ``&&``, ``;`` and ``&``)."""
+    found = []
+    for block in re.findall(r"^```(?:sh|console|bash)?\n(.*?)^```", text, re.S | re.M):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            line = re.sub(r"(^|\s)#.*", "", line).strip()
+            for part in re.split(r"\|\||&&|[|;&]", line):
+                part = part.strip()
+                if part.startswith("btrdelta ") and "$(" not in part:
+                    found.append(part)
+    return found
+
+
+def test_every_documented_command_line_parses() -> None:
+    # a command, option or argument renamed or removed must not linger in the README or
+    # docs/ (a new user types them as shown); "[...]" marks optional words
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    lines = [(page.name, line) for page in pages for line in _doc_commands(page.read_text())]
+    assert len(lines) >= 80
+    failures = []
+    for page, line in lines:
+        words = [w for w in shlex.split(line.replace("[", "").replace("]", ""))[1:]
+                 if not w.startswith((">", "<"))]
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                build_parser(words[0]).parse_args(words)
+        except SystemExit as exc:
+            if exc.code:
+                failures.append(f"{page}: {line}: {err.getvalue().strip()}")
+    assert not failures, "\n".join(failures)
