@@ -67,3 +67,22 @@ def test_pipe_and_errors(tmp_path: Path) -> None:
                              capture_output=True, check=False)
     assert garbage.returncode == 3
     assert b"Traceback" not in garbage.stderr
+
+
+def test_expand_against_another_old_snapshot_asks_if_it_is_the_right_one(
+        tmp_path: Path, capsys: object) -> None:
+    # "old file has 150001 bytes, the patch expects 150000": a new user's --old mistake
+    old, stream = _setup(tmp_path)
+    delta = tmp_path / "D"
+    assert main(["delta", "make", "-q", "-f", str(stream), "--old", str(old), "-o",
+                 str(delta)]) == 0
+    capsys.readouterr()  # type: ignore[attr-defined]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "f").write_bytes((old / "f").read_bytes() + b"!")
+    assert main(["delta", "expand", "-f", str(delta), "--old", str(other), "-o",
+                 str(tmp_path / "S2")]) == 5
+    err = capsys.readouterr().err.strip()  # type: ignore[attr-defined]
+    assert len(err.splitlines()) == 1
+    assert f"(is {other} the snapshot the delta was made against, unchanged?)" in err
+    assert not (tmp_path / "S2").exists()

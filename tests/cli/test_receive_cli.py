@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -180,3 +181,34 @@ def test_xattr_name_with_nul(tmp_path: Path, dest: Path,
     assert "extended attribute name" in err
     assert "internal error" not in err
     assert list(dest.iterdir()) == []
+
+
+def test_receiving_twice_names_what_exists(tmp_path: Path, dest: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    # a re-run said "destination subvolume already exists" (which one, where?)
+    stream = _stream(tmp_path, GOOD)
+    assert main(["receive", "-q", "-f", str(stream), str(dest)]) == 0
+    capsys.readouterr()
+    assert main(["receive", "-q", "-f", str(stream), str(dest)]) == 8
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"{dest / 'A'} already exists (received before?" in err
+
+
+def test_tree_sum_says_when_only_the_root_mtime_differs(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # the one difference a received incremental stream may leave (btrfs receive's too):
+    # the README's tree-sum --compare then said only "trees differ"
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+        (d / "f").write_bytes(b"same\n")
+        os.utime(d / "f", ns=(0, 10**18))
+    os.utime(a, ns=(0, 10**18))
+    os.utime(b, ns=(0, 2 * 10**18))
+    assert main(["tree-sum", str(a), "--compare", str(b)]) == 1
+    assert "--ignore-root-mtime leaves it out" in capsys.readouterr().err
+    assert main(["tree-sum", str(a), "--compare", str(b), "--ignore-root-mtime"]) == 0
+    (b / "f").write_bytes(b"other\n")
+    assert main(["tree-sum", str(a), "--compare", str(b)]) == 1
+    assert "--ignore-root-mtime" not in capsys.readouterr().err

@@ -12,7 +12,7 @@ from typing import BinaryIO
 
 from ..delta.codecs import AUTO, CODECS
 from ..delta.options import DEFAULT_MAX_FILE_SIZE, MakeOptions
-from ..errors import MissingBaseError
+from ..errors import ChecksumError, MissingBaseError
 from ..update.identify import Kind
 from ._common import (
     add_input,
@@ -270,8 +270,15 @@ def run_expand(args: argparse.Namespace) -> int:
 
         _, f = sniff_input(f, name, Kind.DELTA_STREAM)
         with progress:
-            n = expand_to(open_delta(f, source=name), args.old, write,
-                          max_file_size=args.max_file_size, source=name)
+            try:
+                n = expand_to(open_delta(f, source=name), args.old, write,
+                              max_file_size=args.max_file_size, source=name)
+            except ChecksumError as exc:
+                if exc.message.startswith("old file"):  # not the delta's own damage
+                    exc.message += (f" (is {args.old} the snapshot the delta was made "
+                                    "against, unchanged?)")
+                    exc.args = (exc.message,)
+                raise
     secs = time.monotonic() - t0
     in_bytes = size  # unknown for a pipe
     if args.json:

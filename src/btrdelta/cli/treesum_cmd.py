@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 from ..tree import diff_manifests, tree_manifest, tree_sum
@@ -29,7 +30,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("dir", help="root of the tree")
     p.add_argument("--holes", action="store_true", help="also cover the data/hole layout")
     p.add_argument("--ignore-root-mtime", action="store_true",
-                   help="leave out the root directory's mtime")
+                   help="leave out the root directory's mtime (a received incremental "
+                        "stream may not reproduce it: the kernel sends no utimes for it "
+                        "after orphans left it)")
     p.add_argument("--exclude-xattr", action="append", default=[], metavar="NAME",
                    help="leave out this xattr (repeatable)")
     p.add_argument("--manifest", action="store_true", help="print one line per entry")
@@ -38,6 +41,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    "'differs: path: fields of DIR != fields of OTHER'), exit 1 if any")
     add_json(p, "the sum (the manifest's lines, the differences)")
     p.set_defaults(func=run)
+
+
+#: the one difference a received incremental stream may leave (tree.treesum's docstring)
+_ROOT_MTIME = re.compile(r"differs: \.: mtime=\d+ != mtime=\d+\Z")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,7 +64,12 @@ def run(args: argparse.Namespace) -> int:
             for line in diffs:
                 print(line)
         if diffs:
-            print(f"trees differ: {args.dir} {args.compare}", file=sys.stderr)
+            root_mtime = len(diffs) == 1 and _ROOT_MTIME.match(diffs[0]) is not None
+            print(f"trees differ: {args.dir} {args.compare}"
+                  + (" (only the root's mtime: an incremental stream received, by btrdelta "
+                     "or btrfs receive, cannot set it where the kernel sent no utimes "
+                     "after its last change; --ignore-root-mtime leaves it out)"
+                     if root_mtime else ""), file=sys.stderr)
             return 1
         if not args.json:
             print(f"trees are equal: {args.dir} {args.compare}")

@@ -285,7 +285,9 @@ class Subvolumes:
             raise UnsafePathError(f"subvolume name {os.fsdecode(name)!r} is reserved by btrdelta "
                                   "(its temporary subvolumes and registry)")
         if os.path.lexists(self.dest / os.fsdecode(name)):
-            raise ApplyError("destination subvolume already exists", op="subvol")
+            raise ApplyError(f"{self.dest / os.fsdecode(name)} already exists (received "
+                             "before? delete it, or receive into another directory)",
+                             op="subvol")
         if parent is None and parent_uuid is not None:
             known = self.parents
             parent = known.get(parent_uuid) if known is not None else None
