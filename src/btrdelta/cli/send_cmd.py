@@ -26,8 +26,10 @@ if TYPE_CHECKING:
     from ..send import SendStats, StreamIds
     from ..update.signed import StreamSigner
 
-#: the highest stream version this sender writes (``--proto 0``)
-_HIGHEST = 3
+#: ``--proto 0``: the highest version the kernel's ``btrfs send`` writes (outside debug
+#: builds); version 3 adds only fs-verity, which this sender does not send, and btrfs-progs
+#: 6.2 (Debian bookworm) refuses it ("stream version 3 not supported")
+_HIGHEST = 2
 
 _EPILOG = """\
 examples:
@@ -39,7 +41,7 @@ examples:
   btrdelta send /data -f inc.stream --from-sendshot latest --record  # no old tree needed
 
 btrfs send's options mean the same here: -p, -c (repeatable), -f FILE, --no-data,
---compressed-data, --proto N (0: the highest, 3), -q, -v."""
+--compressed-data, --proto N (0: the highest the kernel writes, 2), -q, -v."""
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -69,8 +71,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("-f", "-o", "--output", dest="output", metavar="FILE", default="-",
                    help="write the stream to FILE ('-': standard output, the default)")
     p.add_argument("--proto", type=int, choices=(0, 1, 2, 3), default=None,
-                   help="stream version (0: the highest, 3; default 1, or 2 with compressed "
-                        "data)")
+                   help="stream version (default 1, or 2 with compressed data; 0: the "
+                        "highest the kernel's btrfs send writes, 2; 3 adds nothing sent "
+                        "from a tree, and btrfs-progs 6.2 cannot receive it)")
     p.add_argument("--compressed-data", action="store_true",
                    help="send data compressed (ENCODED_WRITE, proto 2+): btrfs send passes "
                         "extents compressed on disk, btrdelta compresses as btrfs would "
