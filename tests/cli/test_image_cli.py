@@ -231,6 +231,10 @@ def test_clone_output_uses_seeds_and_updates_a_seed_in_place(
     text = capsys.readouterr().out
     assert part.read_bytes() == new
     assert "already in place" in text
+    # the image's bytes written from fetched chunks are not what was downloaded (the
+    # line before says that, compressed): "400.0 MiB downloaded" after "45.5 MiB received"
+    assert "from downloaded chunks" in text
+    assert " downloaded\n" not in text
     assert main(["image", "verify", f"{tmp_path}/s2/v2"]) == 0
 
 

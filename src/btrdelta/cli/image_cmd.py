@@ -299,7 +299,7 @@ def _print_clone(args: argparse.Namespace, report: CloneReport) -> None:
               f"{human_bytes(report.out_from_seeds)} copied from seeds, "
               f"{human_bytes(report.out_moved)} moved within it, "
               f"{human_bytes(report.out_from_store)} from the store, "
-              f"{human_bytes(report.out_fetched)} downloaded")
+              f"{human_bytes(report.out_fetched)} from downloaded chunks")
 
 
 def _wait_for_signal() -> None:
