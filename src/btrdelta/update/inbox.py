@@ -151,6 +151,13 @@ class Inbox:
                 self._items.append(exc)
                 cond.notify_all()
 
+    def fail(self, exc: BaseException) -> None:
+        """End the stream with ``exc`` (another thread of the conversation failed: raised
+        in the engine's thread where it takes bytes after those read before it)."""
+        with self._cond:
+            self._items.append(exc)
+            self._cond.notify_all()
+
     def stop(self) -> None:
         """Stop reading ahead (the conversation is over)."""
         with self._cond:

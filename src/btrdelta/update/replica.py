@@ -37,8 +37,10 @@ import os
 import re
 import stat
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -124,14 +126,62 @@ class ServeResult:
     received_bytes: int = 0
 
 
+class _Acks:
+    """The ACKs of one conversation, each written after the partial meta naming its
+    segment's end is durable (:meth:`_Partial.save`: two ``fsync``s), by a thread of its own
+    on a channel two threads may use at once: the applier goes on with the next segment
+    meanwhile (two are in flight) instead of waiting for the disk at every segment (4 x
+    128 MiB: 270 ``fsync``s, 1.34 s of wall time at load 13). In order; a failure ends the
+    stream in the applier's thread (``fail``) and every later :meth:`put` or
+    :meth:`drain` raises it. :meth:`drain` before anything else is saved or written."""
+
+    def __init__(self, io: MessageIO, partial: _Partial,
+                 fail: Callable[[BaseException], None]) -> None:
+        self._io, self._partial, self._fail = io, partial, fail
+        self._queue: SimpleQueue[tuple[dict[str, Any], Ack] | None] = SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def put(self, doc: dict[str, Any], ack: Ack) -> None:
+        """Save ``doc`` (a copy of the meta), then send ``ack``."""
+        if self.error is not None:
+            raise self.error
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="replica-acks",
+                                            daemon=True)
+            self._thread.start()
+        self._queue.put((doc, ack))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self.error is not None:
+                continue  # (a failure: nothing more is saved or sent)
+            try:
+                self._partial.save(item[0])
+                self._io.send(item[1])
+            except BaseException as exc:  # raised again in the applier's thread
+                self.error = exc
+                self._fail(exc)
+
+    def drain(self, *, check: bool = True) -> None:
+        """Until every ACK queued is sent (``check``: raise what the thread raised)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        if check and self.error is not None:
+            raise self.error
+
+
 class _Events:
     """The records of the inbox's bytes, in batches (a :class:`~btrdelta.receive.receiver.
     BatchedEvents`), checked to be the planned stream: its first record is ``SUBVOL`` (full)
     or ``SNAPSHOT`` with the plan's UUID, name and parent; a ``CLONE`` names only the new
     subvolume or the parent. A resumed stream starts after its header (``version``)."""
 
-    def __init__(self, inbox: Inbox, version: int, tmp: bytes) -> None:
-        self.inbox, self.tmp = inbox, tmp
+    def __init__(self, inbox: Inbox, version: int, tmp: bytes,
+                 acks: _Acks | None = None) -> None:
+        self.inbox, self.tmp, self.acks = inbox, tmp, acks
         self.parser = StreamParser(source="replication stream", may_modify_input=True)
         self.first = not version
         if version:
@@ -181,8 +231,16 @@ class _Events:
             yield from batch
 
     def after_end(self) -> bool:
-        """Whether bytes follow the END the applier stopped at."""
-        return bool(self.parser._in.avail) or self.inbox.rest()
+        """Whether bytes follow the END the applier stopped at (END's segment acknowledged:
+        every ACK sent)."""
+        more = bool(self.parser._in.avail) or self.inbox.rest()
+        self.drain()
+        return more
+
+    def drain(self) -> None:
+        """Until every ACK queued is sent."""
+        if self.acks is not None:
+            self.acks.drain()
 
 
 class _Partial:
@@ -420,6 +478,7 @@ class Replica:
         conn = Connection("receiver", source=peer)
         io = MessageIO(ch, conn)
         inbox: Inbox | None = None
+        acks: _Acks | None = None
         partial = _Partial(self.dest, self.backend)
         cut = False
         try:
@@ -436,12 +495,14 @@ class Replica:
                 io.send(refusal)
                 return ServeResult("refused", f"{refusal.code}: {refusal.message}")
             inbox, events, point, progress, meta = self._start(io, plan, partial)
+            acks = events.acks
             io.send(Accept(plan.session))
             inbox.start()
             if point is not None and meta.get("complete"):
                 got = self._commit_complete(events, point)
             else:
                 got = self._receive(events, point, progress, meta, partial)
+            events.drain()
             partial.drop()
             io.send(Committed(got.name, got.uuid))
             return ServeResult("committed", received=got, received_bytes=inbox.added)
@@ -454,6 +515,8 @@ class Replica:
             return ServeResult("interrupted", str(exc),
                                received_bytes=inbox.added if inbox else 0)
         except (ProtocolError, OSError) as exc:
+            if acks is not None:
+                acks.drain(check=False)  # (nothing else writes while it does)
             if inbox is not None:
                 partial.drop()
             with contextlib.suppress(BtrdeltaError):
@@ -461,6 +524,8 @@ class Replica:
                                    str(exc)[:2000]))
             return ServeResult("failed", str(exc))
         finally:
+            if acks is not None:
+                acks.drain(check=False)
             if inbox is not None:
                 inbox.stop()
             if cut:
@@ -507,6 +572,7 @@ class Replica:
             one cut off here (a TransportError) leaves the complete subvolume under its
             temporary name and the partial transfer marked complete, acknowledged to
             the stream's end: the next PLAN resumes there, with nothing to resend."""
+            events.drain()  # (no ACK of an earlier segment saves its meta after this one)
             meta["complete"] = True  # saved with END's ACK (the offset of the stream's end)
             if events.inbox.pending is None:
                 partial.save(meta)  # (END's segment was acknowledged already)
@@ -583,12 +649,16 @@ class Replica:
             meta.update(offset=cp.offset, segments=inbox.segments, chain=inbox.chain,
                         records=partial.applied(),
                         stream_version=events.parser.version or meta["stream_version"])
+            if acks is not None:
+                acks.put(dict(meta), Ack(cp.index, cp.offset))
+                return
             partial.save(meta)
             io.send(Ack(cp.index, cp.offset))
 
-        inbox = Inbox(io, plan, version, at, segments, chain, acknowledge,
-                      threaded=getattr(io.ch, "concurrent", False))
-        events = _Events(inbox, stream_version, os.fsencode(tmp))
+        concurrent = getattr(io.ch, "concurrent", False)
+        inbox = Inbox(io, plan, version, at, segments, chain, acknowledge, threaded=concurrent)
+        acks = _Acks(io, partial, inbox.fail) if concurrent else None
+        events = _Events(inbox, stream_version, os.fsencode(tmp), acks)
         return inbox, events, point, progress, meta
 
     def _sweep(self, uuid: UUID) -> None:
