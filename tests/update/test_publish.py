@@ -114,6 +114,15 @@ def test_catalog_follows_the_layout_and_names_are_content_hashes(repo: Path) -> 
     assert packs < sum(v.full_bytes for v in cat.versions) * 0.8
 
 
+def test_a_web_server_of_another_user_may_read_every_published_file(repo: Path) -> None:
+    """What mirrors carry is world-readable (less the umask, 022 here), as nginx, running
+    as www-data, needs: packs were made 0600 (mkstemp), so every full's range got 403."""
+    published = [p for p in repo.rglob("*") if p.is_file() and ".btrdelta" not in p.parts]
+    assert {p.parent.name for p in published} >= {"packs", "fulls", "deltas"}
+    unreadable = [str(p.relative_to(repo)) for p in published if not p.stat().st_mode & 0o004]
+    assert not unreadable, unreadable
+
+
 def test_fulls_rebuild_the_release_trees(repo: Path, releases: list[Path],
                                          tmp_path: Path) -> None:
     cat = Repo(repo).load()

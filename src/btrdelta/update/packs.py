@@ -11,7 +11,7 @@ checked against its id, the whole against the stream digest.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 import threading
 from array import array
 from collections import deque
@@ -68,7 +68,11 @@ class _PackWriter:
     def append(self, blob: bytes) -> int:
         """Store one frame; returns its pack-space offset."""
         if self._fd < 0:
-            self._fd, self._tmp = tempfile.mkstemp(prefix="pack-", dir=self.tmp_dir)
+            # 0644 less the umask, as every other file of the repository: a web server
+            # runs as another user (mkstemp's 0600 made nginx answer 403 for every pack)
+            self._tmp = os.fspath(self.tmp_dir / f"pack-{secrets.token_hex(8)}")
+            self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                               0o644)
         offset = self.base + self._len
         view = memoryview(blob)
         while view:
