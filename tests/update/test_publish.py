@@ -186,7 +186,16 @@ def test_refusals(repo: Path, releases: list[Path], tmp_path: Path,
     assert main(["repo", "add", str(tmp_path), "v1", str(releases[0])]) == 1
     assert "not a repository" in capsys.readouterr().err
     assert main(["repo", "init", str(repo)]) == 1
+    assert "already a repository" in capsys.readouterr().err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "file").touch()
+    assert main(["repo", "init", str(tmp_path / "other")]) == 1
     assert "not empty" in capsys.readouterr().err
+    for where in (tmp_path, tmp_path / "nonexistent"):  # a new user's wrong REPO
+        assert main(["repo", "ls", str(where)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        assert f"'{where}': not a repository" in err, err
     assert main(["repo", "ls", str(repo), "--json"]) == 0
     listing = checked("repo ls", json.loads(capsys.readouterr().out))
     assert [v["name"] for v in listing["versions"]] == [f"v{i}" for i in range(1, N + 1)]

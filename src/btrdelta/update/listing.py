@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ..errors import BtrdeltaError
 from ..repo.catalog import Catalog
 from ..repo.model import ArtifactRef
 
@@ -104,5 +105,6 @@ def list_repo(location: str, *, key: str | None = None) -> dict[str, Any]:
                                                                       "timestamp.json")):
         return _remote_listing(directory, key=key)  # a mirror's copy: no publisher catalog
     if not repo.catalog_path.exists():
-        raise FileNotFoundError(os.fspath(repo.catalog_path))
+        raise BtrdeltaError("not a repository (no .btrdelta/catalog.json of `repo init`, "
+                            "no timestamp.json of a mirror)", path=os.fspath(directory))
     return _catalog_listing(repo.load(), location)

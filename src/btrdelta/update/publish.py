@@ -116,6 +116,9 @@ def init_repo(root: str | os.PathLike[str], *, avg_chunk: int = 64 << 10,
               level: int = DEFAULT_LEVEL) -> Repo:
     """Create an empty repository (the directory may exist, empty)."""
     repo = Repo(root)
+    if repo.catalog_path.exists():
+        raise BtrdeltaError("already a repository (`btrdelta repo add` adds releases to it)",
+                            path=str(repo.root))
     if repo.root.exists() and any(repo.root.iterdir()):
         raise BtrdeltaError("directory is not empty", path=str(repo.root))
     params = ChunkerParams.from_avg(avg_chunk)
