@@ -492,6 +492,35 @@ def test_progress_goes_to_stderr_only_when_asked(
     assert "v9 is in" in out
 
 
+def test_a_wrong_key_given_once_is_not_remembered(
+    signed: tuple[Path, Path, Path], server: Nginx, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The root key is pinned only once an index verified with it: a wrong ``--key``
+    (another repository's) is refused and leaves the right one (or none) pinned. It
+    replaced the pinned key, so every later update without ``--key`` failed with exit 5."""
+    _, pub, _ = signed
+    wrong = tmp_path / "other"
+    trust.save_key_pair(trust.generate_key(), f"{wrong}.pem", f"{wrong}.pub")
+    dest = tmp_path / "d"
+    assert _update(server.url, dest, pub, "--to", "v1", capsys=capsys)[0] == 0
+    pinned = (dest / ".btrdelta" / "root.pub").read_bytes()
+    rc, _, err = _update(server.url, dest, Path(f"{wrong}.pub"), "--to", "v2",
+                         capsys=capsys)
+    assert rc == 5
+    assert "not signed by a trusted key" in err
+    assert (dest / ".btrdelta" / "root.pub").read_bytes() == pinned
+    rc, _, err = _update(server.url, dest, None, "--to", "v2", capsys=capsys)
+    assert rc == 0, err
+    # a fresh DEST, a wrong key on a dry run: nothing is pinned, the next run asks for one
+    fresh = tmp_path / "fresh"
+    assert _update(server.url, fresh, Path(f"{wrong}.pub"), "--dry-run",
+                   capsys=capsys)[0] == 5
+    rc, _, err = _update(server.url, fresh, None, "--dry-run", capsys=capsys)
+    assert rc == 1
+    assert "no root key: give --key ROOT_PUB" in err
+
+
 def test_repo_ls_over_http_and_timestamp_keys(
     signed: tuple[Path, Path, Path], server: Nginx, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],

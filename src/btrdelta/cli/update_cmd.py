@@ -18,7 +18,8 @@ examples:
   btrdelta update URL /var/lib/app --to 1.4 --dry-run --json   # the plan only, as JSON
 
 DEST holds versions as DEST/VERSION (btrfs subvolumes, or directories elsewhere). The root
-key given once is remembered in DEST/.btrdelta/root.pub. An interrupted update resumes.
+key given once is remembered in DEST/.btrdelta/root.pub (once the index verified with it:
+a wrong --key changes nothing). An interrupted update resumes.
 Exit codes: 5 a signature, hash, expiry or rollback check failed; 7 every mirror failed.
 """
 

@@ -132,16 +132,21 @@ class _Dest:
             os.close(fd)
 
     def root_keys(self, key: str | None) -> list[trust.PublicKey]:
-        """The root key given (then pinned), or the one pinned before."""
+        """The root key given (pinned by :meth:`pin` once an index verified with it), or
+        the one pinned before."""
         pinned = self.state / "root.pub"
         if key is not None:
-            pub = trust.load_public_key(key)
-            write_atomic(pinned, (trust.public_key_text(pub) + "\n").encode())
-            return [pub]
+            return [trust.load_public_key(key)]
         if not pinned.exists():
             raise BtrdeltaError("no root key: give --key ROOT_PUB (it is remembered in "
                                 f"{pinned})")
         return [trust.load_public_key(str(pinned))]
+
+    def pin(self, key: trust.PublicKey) -> None:
+        """Remember ``key`` as DEST's root key. Called only once the index verified with
+        it: a wrong ``--key`` given once (a typo, another repository's key) must not
+        replace the right one, or every later update without ``--key`` fails (exit 5)."""
+        write_atomic(self.state / "root.pub", (trust.public_key_text(key) + "\n").encode())
 
 
 def _holdings(d: _Dest, mirrors: Mirrors, verified: Verified
@@ -241,6 +246,8 @@ def update(
             keys = current_root(m, pinned, trusted_path.with_suffix(".root.json"))
             verified = load_index(m, keys, read_trusted(trusted_path), d.meta, now=now)
             save_trusted(trusted_path, verified)
+            if key is not None:
+                d.pin(pinned[0])
             holdings.cleanup(d.dest)
             result = _run(d, m, verified, to, dry_run, emit)
             result.metadata_bytes += verified.downloaded
