@@ -584,6 +584,29 @@ def test_a_local_directory_or_file_url_is_a_mirror(
     assert "verified" in listing["signed"]
 
 
+def test_a_root_key_that_did_not_sign_the_index_is_refused(
+    signed: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Before any rotation the root key is the one that signed the current index: another
+    key (a publisher's slip) is refused, nothing written. It signed index 2, and every
+    device that pinned the first key refused the repository from then on (exit 5)."""
+    _, pub, ts = signed
+    www = _copy_repo(signed, tmp_path / "www")
+    stranger, stranger_pub = tmp_path / "k.pem", tmp_path / "k.pub"
+    trust.save_key_pair(trust.generate_key(), str(stranger), str(stranger_pub))
+    before = _snapshot(www)
+    capsys.readouterr()
+    assert main(["repo", "sign", str(www), "--key", str(stranger)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "did not sign index 1" in err, err
+    assert main(["repo", "sign", str(www), "--key", str(pub.with_suffix(".pem")),
+                 "--previous-key", str(ts)]) == 1
+    assert "--previous-key did not sign index 1" in capsys.readouterr().err
+    assert _snapshot(www) == before
+    assert main(["repo", "sign", str(www), "--key", str(pub.with_suffix(".pem"))]) == 0
+
+
 def test_root_key_rotation_through_the_cli(
     signed: tuple[Path, Path, Path], releases: list[Path], tmp_path: Path,
     capsys: pytest.CaptureFixture[str],

@@ -40,22 +40,49 @@ def _next_index_version(repo: Repo, current: int) -> int:
     return max([current, *found]) + 1
 
 
-def _rotate_or_check(repo: Repo, rkey: trust.PrivateKey, previous_key: str | None) -> int:
+def _index_signers(repo: Repo, index_version: int) -> set[str]:
+    """The key IDs that signed ``index/<index_version>.json`` (none before the first)."""
+    from ..repo.canonical import Fields, parse_json
+
+    path = repo.root / "index" / f"{index_version}.json"
+    if not index_version or not path.exists():
+        return set()
+    doc = Fields(parse_json(path.read_bytes(), str(path)), str(path))
+    sigs = doc.get("signatures")
+    return {str(s.get("key_id")) for s in sigs if isinstance(s, dict)} if isinstance(
+        sigs, list) else set()
+
+
+def _rotate_or_check(repo: Repo, rkey: trust.PrivateKey, previous_key: str | None,
+                     index_version: int) -> int:
     """With ``previous_key``: write ``root/<N+1>.json`` naming ``rkey``, signed by both
-    (``repo.rootchain``); without: ``rkey`` must be a key of the newest root. Returns the
+    (``repo.rootchain``); without: ``rkey`` must be a key of the newest root (before any
+    rotation: the key that signed the current index, ``index_version``). Returns the
     root version now current (1: no rotation yet)."""
     latest = latest_root(repo.root)
     current = 1 if latest is None else latest.version
+    # root version 1 has no file: its key is the one that signed the current index
+    first = _index_signers(repo, index_version) if latest is None else set()
     if previous_key is None:
         if latest is not None and trust.public_key_text(rkey) not in latest.keys:
             raise BtrdeltaError(f"this root key is not one of root version {current}'s "
                                 "(it was rotated out: sign with the newest root key)",
                                 path=str(repo.root / "root" / f"{current}.json"))
+        if first and trust.key_id(rkey) not in first:
+            raise BtrdeltaError(
+                f"this root key ({trust.key_id(rkey)[:16]}) did not sign index "
+                f"{index_version} ({', '.join(k[:16] for k in sorted(first))}): devices "
+                "that pinned that key would refuse every new index; sign with it, or "
+                "rotate to this key with --previous-key",
+                path=str(repo.root / "index" / f"{index_version}.json"))
         return current
     prev = trust.load_private_key(previous_key)
     if latest is not None and trust.public_key_text(prev) not in latest.keys:
         raise BtrdeltaError(f"--previous-key is not a key of root version {current}",
                             path=str(repo.root / "root" / f"{current}.json"))
+    if first and trust.key_id(prev) not in first:
+        raise BtrdeltaError(f"--previous-key did not sign index {index_version}",
+                            path=str(repo.root / "index" / f"{index_version}.json"))
     if trust.key_id(prev) == trust.key_id(rkey):
         raise BtrdeltaError("--previous-key and --key are the same key: nothing to rotate")
     (repo.root / "root").mkdir(exist_ok=True)
@@ -89,7 +116,7 @@ def sign_repo(root: str, *, root_key: str | None, timestamp_key: str | None,
             if not cat.versions:
                 raise BtrdeltaError("nothing to sign: the repository has no versions")
             rkey = trust.load_private_key(root_key)
-            root_version = _rotate_or_check(repo, rkey, previous_key)
+            root_version = _rotate_or_check(repo, rkey, previous_key, cat.index_version)
             tkey = trust.load_private_key(timestamp_key) if timestamp_key else rkey
             version = _next_index_version(repo, cat.index_version)
             index, bins = build_metadata(cat, version=version, expires=when + index_expires,
