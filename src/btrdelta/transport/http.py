@@ -216,6 +216,8 @@ class RangeFetcher:
         buf = bytearray()
         try:
             for block in resp.iter_raw():
+                if self._cancel.is_set():  # another batch failed, or Ctrl-C
+                    raise TransportError("cancelled", url=self.url)
                 if len(buf) + len(block) > limit:
                     raise _Oversize(f"reply longer than the {asked} bytes asked; cut off",
                                     url=self.url)
@@ -362,6 +364,8 @@ class RangeFetcher:
             parts = [self._single_part(resp)]
         leftover = []
         for span in batch:
+            if self._cancel.is_set():  # a batch of 16 MiB takes seconds to store (fsyncs)
+                raise TransportError("cancelled", url=self.url)
             for first, data in parts:
                 if first <= span.start and first + len(data) >= span.end:
                     on_span(span, data[span.start - first : span.end - first])
