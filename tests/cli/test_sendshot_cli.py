@@ -125,6 +125,33 @@ def test_list_show_delete_prune(tmp_path: Path, capsys: pytest.CaptureFixture[st
         assert err.count("\n") == 1
 
 
+def test_show_and_delete_speak_to_a_person_without_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Without --json, ``show`` gives the creation time as ``list`` does (it printed the
+    epoch seconds, 'held_by: []' and an empty tree digest) and ``delete`` says what it
+    deleted (it printed nothing)."""
+    store, src = tmp_path / "store", tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x" * 5000)
+    assert main(["send", str(src), "-o", str(tmp_path / "s"), "--record", "--store",
+                 str(store)]) == 0
+    listed = _json(capsys, "sendshot list", "--store", str(store), "--json", "list")
+    created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(listed[0]["created"]))
+    capsys.readouterr()
+    assert main(["sendshot", "--store", str(store), "show", "latest"]) == 0
+    shown = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert shown["created"] == created
+    assert shown["held_by"] == "no receiver's cursor"
+    assert "[]" not in shown.values()
+    assert all(shown.values())
+    assert main(["sendshot", "--store", str(store), "delete", listed[0]["id"][:12]]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"deleted {listed[0]['id'][:16]}  {created}"), out
+    assert out.count("\n") == 1
+    assert not _records(store)
+
+
 def test_a_missing_or_damaged_newest_record_is_absent_to_latest(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``send --record`` does not wait for the disk (docs/formats/sendshot.md §4): after a

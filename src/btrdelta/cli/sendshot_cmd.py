@@ -95,8 +95,13 @@ class _Actions:
         return self.sub.add_parser(name, parents=[self.parent], **kw)
 
 
+def _when(created: float) -> str:
+    """A record's creation time as ``list`` and ``show`` print it (local time)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created))
+
+
 def _line(s: StoredSendshot) -> str:
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created))
+    when = _when(s.created)
     held = f"  held by {','.join(s.held_by)}" if s.held_by else ""
     parent = f" <- {s.head.parent[:12]}" if s.head.parent else ""
     return (f"{s.digest[:16]}  {when}  {s.head.kind:7}  {os.fsdecode(s.head.source)}  "
@@ -130,14 +135,19 @@ def run(args: argparse.Namespace) -> int:
                "blocks": blocks, "seed": f"{s.head.seed:016x}",
                "tree_digest": s.head.tree_digest.hex()}
         if not args.json:
-            for k, v in out.items():
-                print(f"{k}: {v}")
+            text = {**out, "created": _when(s.created),
+                    "held_by": ", ".join(s.held_by) or "no receiver's cursor",
+                    "tree_digest": out["tree_digest"] or "(none)"}
+            for k, v in text.items():
+                print(f"{k}: {'(none)' if v is None else v}")
     elif args.action == "delete":
         done = []
         for ident in args.ids:
             s = store.resolve(ident)
             store.delete(s.digest, force=args.force)
             done.append(s.digest)
+            if not args.json:
+                print("deleted " + _line(s))
         out = {"deleted": done}
     elif args.action == "prune":
         if args.keep is None and args.grid is None:
