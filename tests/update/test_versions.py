@@ -260,6 +260,50 @@ def test_kill_9_and_resume(signed: tuple[Path, Path, Path], releases: list[Path]
         srv.stop()
 
 
+def test_a_resumed_full_counts_the_chunks_it_holds(
+    signed: tuple[Path, Path, Path], server: Nginx, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A full cut short (Ctrl-C, a dead mirror) leaves its chunks in DEST's store; the
+    re-run downloads only the others, and its plan says so: "to download" is what nginx
+    then serves. It said the whole full ("58.0 MiB to download" for a Debian full half
+    downloaded), and the progress ended at "28.8 MiB of 58.0 MiB, 50%"."""
+    from btrdelta.chunk.store import ChunkStore
+    from btrdelta.repo.fullindex import decode_full_index
+    from btrdelta.update.packs import LocalPacks, open_full
+
+    root, pub, _ = signed
+    v = Repo(root).load().versions[0]
+    full = decode_full_index((root / "fulls" / f"{v.full_id}.fidx").read_bytes(),
+                             source="fidx")
+    with open_full(full, LocalPacks(root), source="x") as f:
+        data = f.read()
+    dest = tmp_path / "dest"
+    store = ChunkStore(dest / ".btrdelta" / "chunks")  # what the cut run stored
+    idx, pos, entries = full.index, 0, set()
+    for n, entry in enumerate(idx.order):
+        if n < len(idx.order) // 2:
+            store.put(idx.digests[entry], data[pos : pos + idx.raw_sizes[entry]])
+            entries.add(entry)
+        pos += idx.raw_sizes[entry]
+    store.sync()
+    rc, out, err = _update(server.url, dest, pub, "--to", "v1", "--dry-run", "--json",
+                           capsys=capsys)
+    assert rc == 0, err
+    plan = checked("update", json.loads(out))
+    assert plan["plan"]["steps"][0]["kind"] == "full"
+    # the full less its index (fetched by the plan: metadata) and the chunks held
+    held = sum(idx.comp_sizes[e] for e in entries)
+    assert plan["to_download"] == plan["plan"]["bytes"] - v.full_length - held
+    before = server.served()
+    rc, out, err = _update(server.url, dest, None, "--to", "v1", "--json", capsys=capsys)
+    assert rc == 0, err
+    report = checked("update", json.loads(out))
+    artifacts = server.served() - before - report["metadata_bytes"]
+    assert plan["to_download"] <= artifacts <= plan["to_download"] * 1.02 + 1024
+    assert tree_sum(dest / "v1") == v.identity
+
+
 class _TruncatingServer:
     """Serves a directory; artifact bodies are cut in half (Content-Length says more)."""
 

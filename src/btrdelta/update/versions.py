@@ -180,7 +180,17 @@ def _plan(d: _Dest, mirrors: Mirrors, verified: Verified, held: dict[int, Digest
     return plan_update(index, set(held), target, full_cost={target: cost})
 
 
-def _missing_bytes(d: _Dest, plan: Plan, records: dict[int, VersionRecord]) -> int:
+def _missing_bytes(d: _Dest, m: Mirrors, plan: Plan, records: dict[int, VersionRecord],
+                   held: bool) -> int:
+    """What the plan still has to download: a delta less what a cut run kept of it, a full
+    less the chunks the local store holds (with versions held, the plan priced the full
+    with the store already; without, its price is the whole full, and a run cut during a
+    full's download resumed with "58.0 MiB to download" and ended at "28.8 MiB of 58.0
+    MiB, 50%")."""
+    stored = False
+    if not held and os.path.isdir(d.store.chunks_dir):
+        with os.scandir(d.store.chunks_dir) as entries:
+            stored = any(entries)
     total = 0
     for step in plan.steps:
         if step.kind == "delta":
@@ -190,6 +200,8 @@ def _missing_bytes(d: _Dest, plan: Plan, records: dict[int, VersionRecord]) -> i
             have = out.stat().st_size if out.exists() else (
                 part.stat().st_size if part.exists() else 0)
             total += max(0, ref.length - have)
+        elif stored:  # its full index fetched now (metadata): its chunks still missing
+            total += full_cost(full_index(m, records[step.target], d.meta), [], d.store, 0)
         else:
             total += step.bytes
     return total
@@ -274,7 +286,7 @@ def _run(d: _Dest, m: Mirrors, verified: Verified, to: str | None, dry_run: bool
     records.update(version_records(m, index, d.meta, [s.target for s in plan.steps]))
     res = UpdateResult(names[target - 1], plan, names, [names[p - 1] for p in sorted(held)],
                        index_version=index.version)
-    res.to_download = _missing_bytes(d, plan, records)
+    res.to_download = _missing_bytes(d, m, plan, records, bool(held))
     res.metadata_bytes = m.stats.bytes_received - before
     final = d.dest / names[target - 1]
     if target not in held and os.path.lexists(final):
