@@ -527,7 +527,7 @@ def test_progress_goes_to_stderr_only_when_asked(
     rc, out, err = _update(server.url, tmp_path / "a", pub, "--to", "v2", capsys=capsys)
     assert rc == 0
     assert err == ""  # not a terminal: quiet
-    assert "plan: from nothing to v2: 1 hops" in out
+    assert "plan: from nothing to v2: 1 hop, " in out
     rc, out, err = _update(server.url, tmp_path / "a", pub, "--progress", capsys=capsys)
     assert rc == 0
     assert "hop 1/" in err

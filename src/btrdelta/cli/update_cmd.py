@@ -83,7 +83,8 @@ def _print_plan(ev: dict[str, Any]) -> None:
     if not plan["steps"]:
         print(f"{ev['target']} is already in DEST")
         return
-    print(f"plan: from {start} to {ev['target']}: {plan['hops']} hops, "
+    hops = f"{plan['hops']} hop" + ("s" if plan["hops"] != 1 else "")
+    print(f"plan: from {start} to {ev['target']}: {hops}, "
           f"{human_bytes(plan['bytes'])} ({ev['to_download']} bytes to download)")
     for s in plan["steps"]:
         what = f"delta {s['from']} -> {s['to']}" if s["kind"] == "delta" else f"full {s['to']}"
