@@ -398,6 +398,9 @@ def test_held_versions_are_checked_by_content_and_seed_the_full(
     # a plain copy of v9 (never received from the repository) and a v5 that is not v5
     shutil.copytree(releases[8], dest / "v9", symlinks=True)
     shutil.copytree(releases[3], dest / "v5", symlinks=True)
+    rc, out, err = _update(server.url, dest, pub, "--to", "v8", "--dry-run", capsys=capsys)
+    assert rc == 0, err
+    assert "plan: from nothing (a full, reusing the chunks of v9) to v8: 1 hop, " in out
     before = server.served()
     rc, out, err = _update(server.url, dest, pub, "--to", "v8", "--json", capsys=capsys)
     assert rc == 0, err

@@ -80,6 +80,8 @@ class _Reporter:
 def _print_plan(ev: dict[str, Any]) -> None:
     plan = ev["plan"]
     start = plan["start"] or "nothing"
+    if plan["start"] is None and ev["held"]:  # the full is priced with their chunks
+        start += f" (a full, reusing the chunks of {', '.join(ev['held'])})"
     if not plan["steps"]:
         print(f"{ev['target']} is already in DEST")
         return
