@@ -588,6 +588,27 @@ def test_repo_ls_over_http_and_timestamp_keys(
     assert "not one the current index lists" in capsys.readouterr().err
 
 
+def test_no_timestamp_says_there_is_no_signed_repository(
+    signed: tuple[Path, Path, Path], server: Nginx, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A new user's first mistakes: `update` (or `repo ls`) of a repository not signed
+    yet, or a wrong URL, said only 'HTTP 404' or 'No such file or directory'."""
+    _, pub, _ = signed
+    www = _copy_repo(signed, tmp_path / "www")
+    (www / "timestamp.json").unlink()  # `repo add` done, `repo sign` not yet
+    for url in (str(www), f"{server.url}/no/such/repo"):
+        rc, _, err = _update(url, tmp_path / "d", pub, capsys=capsys)
+        assert rc == 7
+        assert err.count("\n") == 1, err
+        assert "no signed repository here" in err, err
+        assert "`btrdelta repo sign`" in err, err
+    # (repo ls of the publisher's directory lists its catalog, signed or not)
+    assert main(["repo", "ls", f"{server.url}/no/such/repo", "--key", str(pub)]) == 7
+    assert "no signed repository here" in capsys.readouterr().err
+    assert not (tmp_path / "d" / ".btrdelta" / "root.pub").exists()
+
+
 def test_a_local_directory_or_file_url_is_a_mirror(
     signed: tuple[Path, Path, Path], releases: list[Path], tmp_path: Path,
     capsys: pytest.CaptureFixture[str],

@@ -20,7 +20,7 @@ from pathlib import Path
 import blake3
 
 from .. import trust
-from ..errors import ChecksumError, StreamFormatError
+from ..errors import ChecksumError, StreamFormatError, TransportError
 from ..fs.atomic import write_atomic
 from .canonical import Fields, parse_json
 from .freshness import TrustedState, check_index, check_timestamp
@@ -29,7 +29,7 @@ from .mirror import Mirrors
 from .model import ArtifactRef, Bin, Index, Timestamp, VersionRecord
 from .signing import CONTEXT_INDEX, CONTEXT_TIMESTAMP, open_document
 
-__all__ = ["MetaCache", "Verified", "load_index", "version_records"]
+__all__ = ["MetaCache", "Verified", "get_timestamp", "load_index", "version_records"]
 
 _MAX_TIMESTAMP = 64 << 10
 
@@ -76,6 +76,19 @@ class Verified:
     downloaded: int = 0
 
 
+def get_timestamp(mirrors: Mirrors, url: str) -> bytes:
+    """The bytes of ``timestamp.json`` on mirror ``url``; its absence (HTTP 404, no such
+    file) named as what it means to a person who mistyped the URL or has not signed."""
+    try:
+        return mirrors.get(url, "timestamp.json", _MAX_TIMESTAMP)
+    except TransportError as exc:
+        if exc.status != 404:
+            raise
+        raise TransportError(f"{exc.message}: no signed repository here (a wrong URL, or "
+                             "not signed yet: `btrdelta repo sign` writes timestamp.json)",
+                             url=exc.url, status=404) from None
+
+
 def load_index(mirrors: Mirrors, keys: Sequence[trust.PublicKey], trusted: TrustedState,
                cache: MetaCache, *, now: float | None = None) -> Verified:
     """The verified index (see the module docstring); ``trusted`` is not modified."""
@@ -83,7 +96,7 @@ def load_index(mirrors: Mirrors, keys: Sequence[trust.PublicKey], trusted: Trust
     before = mirrors.stats.bytes_received
 
     def attempt(url: str) -> Verified:
-        ts_bytes = mirrors.get(url, "timestamp.json", _MAX_TIMESTAMP)
+        ts_bytes = get_timestamp(mirrors, url)
         claimed = Timestamp.decode(Fields(parse_json(ts_bytes, "timestamp.json"),
                                           "timestamp.json").get("signed"), "timestamp.json")
         # an expired or rolled-back timestamp is refused before anything it names is fetched

@@ -172,7 +172,9 @@ class Mirrors:
                 with open(os.path.join(local, path), "rb") as f:
                     data = f.read(max_size + 1)
             except OSError as exc:
-                raise TransportError(f"{path}: {exc.strerror}", url=url) from None
+                missing = isinstance(exc, FileNotFoundError)  # a server's 404
+                raise TransportError(f"{path}: {exc.strerror}", url=url,
+                                     status=404 if missing else None) from None
         else:
             data = self._http_get(f"{url}/{path}", max_size)
         if len(data) > max_size:

@@ -44,7 +44,7 @@ def _remote_listing(url: str, *, key: str | None) -> dict[str, Any]:
     from .. import trust
     from ..repo.canonical import Fields, parse_json
     from ..repo.freshness import TrustedState
-    from ..repo.metadata import MetaCache, load_index, version_records
+    from ..repo.metadata import MetaCache, get_timestamp, load_index, version_records
     from ..repo.mirror import Mirrors
     from ..repo.model import Index, Timestamp
     from ..repo.rootchain import current_root
@@ -57,7 +57,7 @@ def _remote_listing(url: str, *, key: str | None) -> dict[str, Any]:
             v = load_index(mirrors, keys, TrustedState(), cache)
             index, ts, note = v.index, v.timestamp, "signatures verified"
         else:
-            raw = mirrors.get(mirrors.urls[0], "timestamp.json", 1 << 16)
+            raw = get_timestamp(mirrors, mirrors.urls[0])
             ts = Timestamp.decode(Fields(parse_json(raw, "timestamp.json"),
                                          "timestamp.json").get("signed"), "timestamp.json")
             data = mirrors.fetch(ts.index_path, length=ts.index_length,
