@@ -83,6 +83,10 @@ def test_install_from_a_repository_takes_the_delta(
     delta = min(d["bytes"] for d in info["deltas"])
     assert fetched < info["full_bytes"] / 2, (fetched, info)
     assert fetched < delta + 64 * 1024, (fetched, delta)
+    # what it says it did: one hop, the bytes it downloaded (it said "1 records" and
+    # called those bytes file data written)
+    assert (res["hops"], res["records"], res["data_bytes"]) == (1, 0, 0)
+    assert delta <= res["downloaded"] <= fetched
     # nothing left in the fetch area but the trusted index state
     assert subvolumes(btrfs_dev) == CLEAN
     assert sorted(p.name for p in (btrfs_dev / ".btrdelta/fetch").iterdir()) == [".btrdelta"]

@@ -258,8 +258,8 @@ def run_install(args: argparse.Namespace) -> int:
 
     with Progress("install", enabled=progress_wanted(args), unit="B") as progress:
 
-        def on_progress(records: int, nbytes: int) -> None:
-            progress.update(nbytes, note=f"{records} records")
+        def on_progress(records: int, nbytes: int) -> None:  # (0, downloaded): a repository
+            progress.update(nbytes, note=f"{records} records" if records else "")
 
         def on_step(name: str) -> None:
             if args.verbose:
@@ -272,9 +272,11 @@ def run_install(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(res.to_json(), indent=1))
     elif not args.quiet:
-        print(f"installed {res.release} into slot {res.slot} ({res.records} records, "
-              f"{human_bytes(res.data_bytes)}, {res.seconds:.1f} s); next boot: {res.slot}, "
-              f"{res.tries} tries; tree-sum {res.tree_sum}")
+        what = (f"{res.hops} hop{'s' if res.hops != 1 else ''}, "
+                f"{human_bytes(res.downloaded)} downloaded" if res.hops else
+                f"{res.records} records, {human_bytes(res.data_bytes)}")
+        print(f"installed {res.release} into slot {res.slot} ({what}, {res.seconds:.1f} s); "
+              f"next boot: {res.slot}, {res.tries} tries; tree-sum {res.tree_sum}")
     return 0
 
 

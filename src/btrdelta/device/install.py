@@ -58,6 +58,9 @@ class InstallResult:
     records: int
     data_bytes: int
     seconds: float
+    #: from a repository: hops applied, bytes downloaded (records, data_bytes: 0)
+    hops: int = 0
+    downloaded: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """As a JSON object."""
@@ -159,7 +162,8 @@ def install(
         _commit(layout, st, built, slot, n, step)
         clear_work(layout)
         return InstallResult(slot, built.release, str(built.uuid), built.tree_sum, n,
-                             built.records, built.data_bytes, built.seconds)
+                             built.records, built.data_bytes, built.seconds,
+                             hops=built.hops, downloaded=built.downloaded)
 
 
 def _commit(layout: Layout, st: DeviceState, built: Built, slot: str, n: int,

@@ -58,6 +58,10 @@ class Built:
     data_bytes: int
     seconds: float
     source: str
+    #: from a repository: the hops applied and the bytes downloaded (records and
+    #: data_bytes are not counted there)
+    hops: int = 0
+    downloaded: int = 0
 
 
 def staged_path(layout: Layout, name: str) -> Path:
@@ -188,8 +192,12 @@ def build_root(
         layout.delete(staged)
         layout.wait_cleaned()  # the receive's own unfinished subvolume too
         raise
+    seconds = time.monotonic() - start
+    if source_kind(label) == "repository":  # from_repository: its hops and downloads
+        return Built(staged, done.name, done.uuid, digest, 0, 0, seconds, label,
+                     hops=done.records, downloaded=done.data_bytes)
     return Built(staged, done.name, done.uuid, digest, done.records, done.data_bytes,
-                 time.monotonic() - start, label)
+                 seconds, label)
 
 
 @dataclass(frozen=True)
