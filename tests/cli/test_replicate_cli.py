@@ -233,3 +233,22 @@ def test_the_receiver_starts_before_the_send_side_is_imported(tmp_path: Path) ->
                          stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
                          check=True, timeout=60).stderr
     assert err.splitlines()[-1] == "[]"
+
+
+def test_tcp_without_keys_is_a_usage_error(tmp_path: Path) -> None:
+    """`--listen` or a tcp:// DEST without the keys TLS needs, or without DEST, is a usage
+    mistake (exit 2, one line naming what is missing), as argparse's own are; was exit 1."""
+    src = _source(tmp_path)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    for argv, named in (
+        (["replicate", str(src), "tcp://127.0.0.1:9"], "tcp:// needs --key"),
+        (["replicate", "--listen", "127.0.0.1:0", str(dest)], "--listen needs --key"),
+        (["replicate", "--listen", "127.0.0.1:0"], "--listen needs DEST"),
+        (["replicate", str(src)], "replicate needs SOURCE and DEST"),
+    ):
+        proc = subprocess.run([*BTRDELTA, *argv], capture_output=True, text=True, check=False,
+                              timeout=60)
+        assert proc.returncode == 2, (argv, proc.stderr)
+        assert proc.stderr.count("\n") == 1, proc.stderr
+        assert named in proc.stderr

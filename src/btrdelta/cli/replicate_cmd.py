@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from .._defaults import DEFAULT_STORE
-from ..errors import BtrdeltaError, ProtocolError, TransportError
+from ..errors import BtrdeltaError, ProtocolError, TransportError, UsageError
 from ._common import human_bytes, parse_size, stop_on_signals
 from .progress import Progress, add_progress_options, progress_wanted
 
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         keep_freed_memory()  # the stream goes through Python buffers on both sides
         return _serve(args) if args.serve else _listen(args)
     if not args.source or not args.dest:
-        raise BtrdeltaError("replicate needs SOURCE and DEST (or --serve/--listen)")
+        raise UsageError("replicate needs SOURCE and DEST (or --serve/--listen)")
     # the receiver (a local child, ssh) starts while this side imports and sets up the send
     # side: its start-up (a local one: an interpreter and its imports, ~0.1 s) is what the
     # first byte waits for
@@ -167,7 +167,7 @@ def _connect(args: argparse.Namespace) -> tuple[Any, str]:
             sock = channels.connect_tcp(host, port, timeout=args.timeout)
             return channels.SocketChannel(sock, dest), dest
         if not args.key or not args.peer:
-            raise BtrdeltaError("tcp:// needs --key (this side's key) and --peer (the "
+            raise UsageError("tcp:// needs --key (this side's key) and --peer (the "
                                 "server's public key), or --no-auth on loopback")
         from ..trust import load_private_key, load_public_key
 
@@ -224,12 +224,12 @@ def _listen(args: argparse.Namespace) -> int:
 
     dest = args.dest or args.source
     if not dest:
-        raise BtrdeltaError("--listen needs DEST")
+        raise UsageError("--listen needs DEST")
     host, port = channels.parse_address(args.listen)
     if args.no_auth:
         channels.check_loopback(host)
     elif not args.key or not args.allow:
-        raise BtrdeltaError("--listen needs --key and --allow PUBKEY... (or --no-auth on "
+        raise UsageError("--listen needs --key and --allow PUBKEY... (or --no-auth on "
                             "loopback)")
     from ..trust import load_private_key, load_public_key
 
