@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -318,3 +319,31 @@ def test_adopted_snapshot_of_the_source_is_swept_not_read(two_fs: tuple[Path, Pa
     (head,) = [s.head for s in store2.records_list()]
     assert head.subvol_uuid is None
     assert head.generation == 0
+
+
+def test_prune_counts_an_adopted_base_with_the_sends_of_its_source(
+    two_fs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A receiver's copy adopted with ``--source`` is of that source's lineage for
+    ``prune`` as for ``send --from-sendshot latest``: ``prune --keep 1`` deletes it once
+    two sends followed. It was grouped apart (no subvolume UUID) and kept forever."""
+    snd, rcv = two_fs
+    store = str(tmp_path / "store")
+    live = snd / "live"
+    run("btrfs", "subvolume", "create", live)
+    _fill(live, 3)
+    run("btrfs", "subvolume", "snapshot", "-r", live, snd / "A")
+    run("sh", "-c", f"btrfs send -q {snd / 'A'} | btrfs receive -q {rcv}")
+    assert main(["sendshot", "--store", store, "create", str(rcv / "A"),
+                 "--source", str(live)]) == 0
+    for name in ("B", "C"):
+        (live / "d" / f"{name}").write_bytes(os.urandom(5000))
+        assert main(["send", str(live), "-o", str(tmp_path / name), "--from-sendshot",
+                     "latest", "--record", "--store", store, "--name", name]) == 0
+    capsys.readouterr()
+    assert main(["sendshot", "--store", store, "--json", "list"]) == 0
+    ids = [r["id"] for r in json.loads(capsys.readouterr().out)]
+    assert len(ids) == 3
+    assert main(["sendshot", "--store", store, "--json", "prune", "--keep", "1"]) == 0
+    assert sorted(json.loads(capsys.readouterr().out)["deleted"]) == sorted(ids[:2])
+    assert [s.digest for s in SendshotStore(store).records_list()] == ids[2:]

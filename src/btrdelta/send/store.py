@@ -312,12 +312,8 @@ class SendshotStore:
             # its COMMIT: the receiver may hold it although the COMMITTED was lost)
             needed |= {str(c["inflight"].get(key)) for c in self.cursors().values()
                        if isinstance(c.get("inflight"), dict) for key in ("base", "sendshot")}
-            groups: dict[object, list[StoredSendshot]] = {}
-            for s in every:
-                key = s.head.subvol_uuid or s.head.source
-                groups.setdefault(key, []).append(s)
             doomed: list[StoredSendshot] = []
-            for members in groups.values():
+            for members in _lineages(every):
                 doomed += plan_prune(members, needed, keep=keep, grid=grid,
                                      now=time.time() if now is None else now)
             if not dry_run:
@@ -429,6 +425,30 @@ def parse_grid(text: str) -> list[tuple[int, int]]:
             raise BtrdeltaError(f"bad retention grid {text!r} (e.g. 1h:24,1d:7,1w:4)")
         out.append((int(m.group(1)) * _UNITS[m.group(2)], int(m.group(3))))
     return out
+
+
+def _lineages(records: list[StoredSendshot]) -> list[list[StoredSendshot]]:
+    """``records`` (oldest first) grouped by source as ``send --from-sendshot latest``
+    sees one: records that share a subvolume UUID or a source path are of one source (a
+    record adopted with ``sendshot create --source`` has the source's path and no UUID,
+    the source's sends its UUID: grouped apart, ``prune`` kept the adopted one forever)."""
+    parent: dict[object, object] = {}
+
+    def find(k: object) -> object:
+        while parent.setdefault(k, k) != k:
+            k = parent[k]
+        return k
+
+    for r in records:
+        keys: list[object] = [("source", r.head.source)]
+        if r.head.subvol_uuid:
+            keys.append(("uuid", r.head.subvol_uuid))
+        for k in keys[1:]:
+            parent[find(k)] = find(keys[0])
+    groups: dict[object, list[StoredSendshot]] = {}
+    for r in records:
+        groups.setdefault(find(("source", r.head.source)), []).append(r)
+    return list(groups.values())
 
 
 def plan_prune(
