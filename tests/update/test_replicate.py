@@ -490,11 +490,20 @@ def test_partial_meta_saves_fsync_the_file_and_the_directory(
         fsync(fd)
 
     monkeypatch.setattr(os, "fsync", spy)
-    part.save({"version": 2})
+    part.save({"version": 2}, durable=True)  # (a transfer's first meta)
     assert len(synced) == 2, synced
     assert synced[1] == str(part.path)
     assert json.loads((part.path / "meta.json").read_text()) == {"version": 2,
                                                                   "boot": rep._boot_id()}
+    part.save({"version": 2, "offset": 1}, synced=True)  # (a cut receiver's, written out)
+    assert len(synced) == 4, synced
+    assert json.loads((part.path / "meta.json").read_text())["boot"] is None
+    # an acknowledged segment's: renamed whole, not fsync-ed (discarded after a restart)
+    part.save({"version": 2, "offset": 2})
+    assert len(synced) == 4, synced
+    assert json.loads((part.path / "meta.json").read_text()) == {
+        "version": 2, "offset": 2, "boot": rep._boot_id()}
+    assert sorted(os.listdir(part.path)) == ["meta.json"]
 
 
 @pytest.mark.btrfs

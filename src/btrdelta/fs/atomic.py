@@ -138,9 +138,9 @@ def atomic_output(path: str | os.PathLike[str], *, mode: int = 0o644,
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes | memoryview, *,
-                 mode: int = 0o644) -> None:
+                 mode: int = 0o644, durable: bool = True) -> None:
     """Replace ``path`` with ``data`` through :func:`atomic_output`."""
-    with atomic_output(path, mode=mode) as f:
+    with atomic_output(path, mode=mode, durable=durable) as f:
         f.write(data)
 
 

@@ -128,10 +128,9 @@ class ServeResult:
 
 class _Acks:
     """The ACKs of one conversation, each written after the partial meta naming its
-    segment's end is durable (:meth:`_Partial.save`: two ``fsync``s), by a thread of its own
-    on a channel two threads may use at once: the applier goes on with the next segment
-    meanwhile (two are in flight) instead of waiting for the disk at every segment (4 x
-    128 MiB: 270 ``fsync``s, 1.34 s of wall time at load 13). In order; a failure ends the
+    segment's end is saved (:meth:`_Partial.save`), by a thread of its own on a channel two
+    threads may use at once: the applier goes on with the next segment meanwhile (two are
+    in flight) instead of waiting for the meta at every segment. In order; a failure ends the
     stream in the applier's thread (``fail``) and every later :meth:`put` or
     :meth:`drain` raises it. :meth:`drain` before anything else is saved or written."""
 
@@ -297,13 +296,21 @@ class _Partial:
             raise _Damaged("left by a receiver of an earlier boot before it was written out")
         return doc
 
-    def save(self, doc: dict[str, Any], *, synced: bool = False) -> None:
+    def save(self, doc: dict[str, Any], *, synced: bool = False, durable: bool = False) -> None:
         """Replace ``meta.json`` whole (:func:`~btrdelta.fs.atomic.write_atomic`: a
-        temporary file, ``fsync``, rename, ``fsync`` of the directory): after a power cut
-        it is the old meta or the new one, never a torn one. It names the boot it was
-        written in (``boot``), unless ``synced``: everything it counts was written out."""
+        temporary file renamed into place: a killed receiver leaves the old meta or the new
+        one, never a torn one). It names the boot it was written in (``boot``), unless
+        ``synced``: everything it counts was written out.
+
+        Only a ``synced`` meta, and the first of a transfer (``durable``: it names the
+        temporary subvolume a later receiver must find to clean up), are ``fsync``-ed with
+        their directory. The others, one per acknowledged segment, need not be: after a
+        power cut a meta of the boot before is discarded whatever it says (the records it
+        counts may not be on the disk), so their ``fsync``s bought nothing (4 x 128 MiB:
+        270 of them per transfer)."""
         doc["boot"] = None if synced else _boot_id()
-        write_atomic(self.path / _META, json.dumps(doc).encode(), mode=0o600)
+        write_atomic(self.path / _META, json.dumps(doc).encode(), mode=0o600,
+                     durable=synced or durable)
 
     def applied(self) -> int:
         try:
@@ -640,7 +647,7 @@ class Replica:
                 "stream_version": stream_version, "tmp": tmp,
                 "complete": bool(point is not None and doc is not None and doc.get("complete"))}
         if point is None:
-            partial.save(meta)
+            partial.save(meta, durable=True)
         events: _Events
 
         def acknowledge(cp: Checkpoint) -> None:
