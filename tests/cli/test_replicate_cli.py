@@ -147,6 +147,22 @@ def test_a_planted_replica_state_is_refused_not_followed(tmp_path: Path) -> None
         assert sorted(p.name for p in dest.iterdir()) == [".btrdelta-replica.json"]
 
 
+def test_a_failed_transfer_is_one_error_line(tmp_path: Path) -> None:
+    """`replicate --serve` given bytes that are not a sender's (or a sender's cut inside a
+    message) exits 9 with the one error line every command prints (`make fuzz` found it
+    printing `replicate --serve: failed: ...`, which no caller took for an error)."""
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    for said in (b"not a replication peer at all", b"btrdelta-repl\0\1\0\0\0\xff\xff\0\0"):
+        proc = subprocess.run([*BTRDELTA, "replicate", "--serve", str(dest)], input=said,
+                              capture_output=True, check=False, timeout=60)
+        err = proc.stderr.decode()
+        assert proc.returncode == 9, err
+        assert err.count("\n") == 1, err
+        assert err.startswith("btrdelta replicate: error: sender: offset "), err
+        assert not [p for p in os.listdir(dest) if not p.startswith(".")], os.listdir(dest)
+
+
 def test_verbose_says_the_receiver_and_the_base(tmp_path: Path) -> None:
     _source(tmp_path)
     for flag in ("-v", "--verbose"):

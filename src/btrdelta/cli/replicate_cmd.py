@@ -187,8 +187,8 @@ def _serve(args: argparse.Namespace) -> int:
                      name="stdio")
     result = replica.serve(ch, peer="sender")
     ch.close()
-    if result.outcome in ("failed",):
-        print(f"replicate --serve: {result.outcome}: {result.message}", file=sys.stderr)
+    if result.outcome in ("failed",):  # one error line, as every command's
+        print(f"btrdelta {args.command}: error: {result.message}", file=sys.stderr)
         return ProtocolError.exit_code
     if result.outcome == "interrupted" and not args.quiet:
         print(f"replicate --serve: interrupted ({result.message}); the transfer can resume",
