@@ -2,10 +2,12 @@
 
 The inputs are files nobody wrote by hand: streams the kernel's ``btrfs send`` made
 (committed under tests/data/streams) and a full stream, an incremental stream, a delta
-stream and an image archive made here by our own commands. Each is mutated at many
-offsets (truncated, one bit flipped, four bytes overwritten by a huge or zero length,
-garbage; a send stream's records also changed *with their CRC32C fixed*, so the damage
-reaches the decoders and the applier) and given to every command that reads it.
+stream, an image archive, a sendshot record and a replication sender's side of a
+conversation made here by our own commands. Each is mutated at many offsets (truncated, one
+bit flipped, four bytes overwritten by a huge or zero length, garbage; a send stream's
+records, a sendshot record's (compressed again, under its new digest) and the replication
+messages also changed *with their CRC32C fixed*, so the damage reaches the decoders and the
+applier) and given to every command that reads it.
 
 Every run must end with an exit code of the table, never an internal error or a
 traceback, and print at most one error line (exactly one on failure). Where the damage is
@@ -13,6 +15,9 @@ certain to be detectable it must fail: a flipped bit after a stream's header (ev
 under a record's CRC32C), a truncated stream (no END), a damaged delta stream. A receive
 writes nothing outside DEST; one that fails leaves nothing under a final name, and a delta
 that fails leaves the old version as it was. An image clone that exits 0 wrote the image.
+A send from a damaged sendshot record fails unless the record's content is as its name
+says, and one that exits 0 wrote a well-formed stream. A replication receiver shows no name
+the protocol did not commit, and what it committed is the sender's tree.
 
 ``BTRDELTA_MUTATIONS=N`` runs N mutations per input and command (default 24: a few
 seconds); e.g. ``BTRDELTA_MUTATIONS=2000 .venv/bin/python -m pytest tests/cli/test_mutations.py``.
@@ -25,6 +30,8 @@ import random
 import shutil
 import struct
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,11 +71,13 @@ def mutations(data: bytes, n: int, seed: str, start: int = 0) -> Iterator[tuple[
             yield f"{size} random bytes at {off}", bytes(b)
 
 
-def record_mutations(data: bytes, n: int, seed: str) -> Iterator[tuple[str, bytes]]:
+def record_mutations(data: bytes, n: int, seed: str,
+                     first: int = HEADER) -> Iterator[tuple[str, bytes]]:
     """Damage inside a record's payload (a length, a path byte, a value) with the record's
-    CRC32C recomputed: the framing accepts it and the decoders and the applier see it."""
+    CRC32C recomputed: the framing accepts it and the decoders and the applier see it.
+    ``first``: where the first record is (after the send stream's header)."""
     records = []
-    off = HEADER
+    off = first
     while off + 10 <= len(data):
         length = struct.unpack_from("<I", data, off)[0]
         if length:
@@ -269,3 +278,223 @@ def test_damaged_image_archive(made: dict[str, Path], tmp_path: Path,
             assert not (store / "img").exists(), what
         shutil.rmtree(store, ignore_errors=True)
         assert sorted(os.listdir(work)) == ["in.bdar"], what
+
+
+def _sendshot_body(record: bytes) -> bytes | None:
+    """The uncompressed BODY of a sendshot record (None: its zstd frames do not decode)."""
+    import zstandard
+
+    try:
+        return zstandard.ZstdDecompressor().stream_reader(
+            record[SENDSHOT_HEADER:], read_across_frames=True).read()
+    except zstandard.ZstdError:
+        return None
+
+
+SENDSHOT_HEADER = 22  # "btrdelta-sendshot\0" and the version
+
+
+def test_damaged_sendshot_records(made: dict[str, Path], tmp_path: Path,
+                                  capfd: pytest.CaptureFixture[str]) -> None:
+    """A damaged record in a store, read by `sendshot list`, `sendshot show` and `send
+    --from-sendshot`: under its own name (the digest in the name catches any change of its
+    content: the send must fail) and, damaged inside a record with its CRC32C fixed and
+    compressed again, under its new digest (the decoders and the sender see the damage)."""
+    import blake3
+    import zstandard
+
+    store = tmp_path / "store"
+    records = store / "records"
+    assert main(["send", "-q", str(made["v1"]), "-o", str(tmp_path / "base.stream"),
+                 "--record", "--store", str(store)]) == 0
+    (name,) = os.listdir(records)
+    data = (records / name).read_bytes()
+    body = _sendshot_body(data)
+    assert body is not None
+    renamed = [(what, data[:SENDSHOT_HEADER] + zstandard.ZstdCompressor().compress(b))
+               for what, b in record_mutations(body, N, "sendshot-records", first=0)]
+    cases = [*((what, b, False) for what, b in mutations(data, N, "sendshot")),
+             *((what, b, True) for what, b in renamed)]
+    out = tmp_path / "out.stream"
+    for what, damaged, fixed in cases:
+        shutil.rmtree(records)
+        records.mkdir()
+        got = _sendshot_body(damaged)
+        ident = (blake3.blake3(damaged[:SENDSHOT_HEADER] + got).hexdigest()
+                 if fixed and got is not None else name.split(".")[0])
+        (records / f"{ident}.sendshot").write_bytes(damaged)
+        run(capfd, ["sendshot", "--store", str(store), "--json", "list"], what)
+        run(capfd, ["sendshot", "--store", str(store), "show", ident], what)
+        code = run(capfd, ["send", "-q", str(made["v2"]), "-o", str(out), "--store",
+                           str(store), "--from-sendshot", ident], what)
+        if code:
+            assert not out.exists(), what
+            continue
+        if not fixed:  # only what leaves the header and the BODY as they were
+            assert damaged[:SENDSHOT_HEADER] == data[:SENDSHOT_HEADER], what
+            assert got == body, what
+        assert run(capfd, ["verify", str(out)], what) == 0, f"{what}: a damaged stream"
+        out.unlink()
+        assert sorted(os.listdir(tmp_path)) == ["base.stream", "store"], what
+
+
+class _Recorded:
+    """A channel to a local `replicate --serve` that keeps what the sender wrote."""
+
+    def __init__(self, dest: Path) -> None:
+        from btrdelta.update.channels import spawn_local
+
+        self.ch, self.sent = spawn_local(str(dest)), bytearray()
+
+    def read(self, n: int) -> bytes:
+        return self.ch.read(n)
+
+    def write(self, data: bytes) -> None:
+        self.sent += data
+        self.ch.write(data)
+
+    def close(self) -> None:
+        self.ch.close()
+
+
+REPL_MAGIC = 18  # "btrdelta-repl\0" and the framing version
+
+
+def _messages(data: bytes) -> Iterator[tuple[int, int]]:
+    """(offset, message number) of each message of one side of a conversation."""
+    off = REPL_MAGIC
+    while off + 10 <= len(data):
+        length, number = struct.unpack_from("<IH", data, off)
+        yield off, number
+        off += 10 + length
+
+
+class _Sender(threading.Thread):
+    """Plays a recorded sender to a receiver through two pipes: ``before`` at once, ``after``
+    (the COMMIT, which a sender sends only once the last segment is acknowledged) when
+    ``acks`` ACKs came back, or when the receiver has read everything and said nothing for
+    ``patience`` seconds (it waits for bytes the damage announced); then the end."""
+
+    def __init__(self, before: bytes, after: bytes, acks: int, patience: float) -> None:
+        super().__init__(daemon=True)
+        self.before, self.after, self.acks, self.patience = before, after, acks, patience
+        self.stdin, self.feed = os.pipe()  # the receiver's standard input
+        self.said, self.stdout = os.pipe()  # its standard output
+        self.unread = os.dup(self.stdin)  # (kept: how much it has not read yet)
+        self.done = threading.Event()
+        os.set_blocking(self.feed, False)
+
+    def run(self) -> None:
+        import fcntl
+        import select
+        import termios
+
+        out, after, replies = memoryview(self.before), self.after, bytearray()
+        quiet = time.monotonic()
+        while not self.done.is_set() and (out or after is not None):
+            r, w, _ = select.select([self.said], [self.feed] if out else [], [], 0.02)
+            if r:
+                got = os.read(self.said, 1 << 16)
+                if not got:
+                    break  # it closed its standard output: it is done
+                replies += got
+                quiet = time.monotonic()
+            if w:
+                try:
+                    out = out[os.write(self.feed, out[:1 << 16]):]
+                except BlockingIOError:
+                    pass
+                except BrokenPipeError:
+                    break
+                quiet = time.monotonic()
+            if not out and after is not None:
+                acks = sum(n == 8 for _, n in _messages(bytes(replies)))
+                left = struct.unpack("i", fcntl.ioctl(self.unread, termios.FIONREAD,
+                                                      b"\0" * 4))[0]
+                if acks >= self.acks or (not left
+                                         and time.monotonic() - quiet > self.patience):
+                    out, after = memoryview(after), None
+        os.close(self.feed)  # the end of its input
+
+    def serve(self, capfd: pytest.CaptureFixture[str], dest: Path, what: str) -> int:
+        """`btrdelta replicate --serve DEST` in this process on the two pipes (it closes its
+        standard input and output: they are put back after)."""
+        saved = os.dup(0), os.dup(1)
+        os.dup2(self.stdin, 0)
+        os.dup2(self.stdout, 1)
+        os.close(self.stdin)
+        os.close(self.stdout)
+        self.start()
+        try:
+            return run(capfd, ["replicate", "-q", "--serve", str(dest)], what)
+        finally:
+            self.done.set()
+            self.join()
+            for fd, was in zip((0, 1), saved, strict=True):
+                os.dup2(was, fd)
+                os.close(was)
+            os.close(self.said)
+            os.close(self.unread)
+
+
+def _replay(capfd: pytest.CaptureFixture[str], said: bytes, sent: bytes, dest: Path,
+            what: str, patience: float = 0.3) -> int:
+    """``sent`` (a sender's side, perhaps damaged) to `replicate --serve DEST`, paced by
+    ``said`` (the undamaged side: where its COMMIT starts, how many CHECKPOINTs)."""
+    commit = next(off for off, n in _messages(said) if n == 9)
+    acks = sum(n == 7 for _, n in _messages(said))
+    return _Sender(sent[:commit], sent[commit:], acks, patience).serve(capfd, dest, what)
+
+
+@pytest.fixture(scope="module")
+def conversation(made: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+                 ) -> tuple[bytes, str, str]:
+    """What a sender says to an empty receiver to replicate ``v1`` (a full stream in
+    segments of 8 KiB: DATA, two CHECKPOINTs and their ACKs), the name it commits and its
+    tree-sum."""
+    from btrdelta.send.store import SendshotStore
+    from btrdelta.tree import tree_sum
+    from btrdelta.update.replicate import replicate
+
+    base = tmp_path_factory.mktemp("conversation")
+    dest = base / "dest"
+    dest.mkdir()
+    ch = _Recorded(dest)
+    res = replicate(made["v1"], ch, store=SendshotStore(base / "store"), segment=16 << 10)
+    ch.close()
+    assert res.outcome == "committed", res
+    (name,) = visible(dest)
+    assert sum(n == 7 for _, n in _messages(bytes(ch.sent))) >= 2
+    return bytes(ch.sent), name, tree_sum(dest / name)
+
+
+def test_damaged_replication_messages(conversation: tuple[bytes, str, str], tmp_path: Path,
+                                      capfd: pytest.CaptureFixture[str]) -> None:
+    """A sender's side of a replication, damaged (and damaged inside a message with its
+    CRC32C fixed), to `replicate --serve`: the receiver shows no name but the one the
+    protocol committed, and that one is the sender's tree; nothing outside DEST. (Undamaged,
+    the same bytes commit.)"""
+    from btrdelta.tree import tree_sum
+
+    data, name, expected = conversation
+    work = tmp_path / "w"
+    work.mkdir()
+    dest = work / "dest"
+    dest.mkdir()
+    assert _replay(capfd, data, data, dest, "undamaged", patience=60) == 0
+    assert visible(dest) == [name]
+    assert tree_sum(dest / name) == expected
+    shutil.rmtree(dest)
+    cases = [*mutations(data, N, "replication"),
+             *record_mutations(data, N, "replication-messages", first=REPL_MAGIC)]
+    for what, damaged in cases:
+        dest.mkdir()
+        code = _replay(capfd, data, damaged, dest, what)
+        shown = visible(dest)
+        assert shown in ([], [name]), f"{what}: {shown}"
+        if shown:
+            assert code == 0, what
+            assert not what.startswith("truncated"), what
+            assert tree_sum(dest / name) == expected, f"{what}: committed another tree"
+        assert sorted(os.listdir(work)) == ["dest"], what
+        shutil.rmtree(dest)
