@@ -195,7 +195,11 @@ def _punch_like(src: bytes, dst: bytes, seen: set[tuple[int, int]]) -> None:
             return
         with contextlib.suppress(OSError):  # a filesystem without PUNCH_HOLE: zeros stay
             pos = 0
-            for off, length in [*segs, (st.st_size, 0)]:
+            # a hole up to the end is punched to the end of its block: a punch that stops
+            # at a size inside a block zeroes the block's bytes but keeps the block (ext4
+            # and btrfs), as cp wrote it for a file smaller than a block that has no data
+            blk = got.st_blksize or 1
+            for off, length in [*segs, (-(-st.st_size // blk) * blk, 0)]:
                 if off > pos:
                     fallocate(out, _FALLOC_PUNCH, pos, off - pos)
                 pos = off + length
