@@ -2,8 +2,9 @@
 
 The inputs are files nobody wrote by hand: streams the kernel's ``btrfs send`` made
 (committed under tests/data/streams) and a full stream, an incremental stream, a delta
-stream, an image archive, a sendshot record and a replication sender's side of a
-conversation made here by our own commands. Each is mutated at many offsets (truncated, one
+stream, an image archive, a sendshot record, a replication sender's side of a
+conversation and a versions repository's signed timestamp, index, version records and delta
+made here by our own commands. Each is mutated at many offsets (truncated, one
 bit flipped, four bytes overwritten by a huge or zero length, garbage; a send stream's
 records, a sendshot record's (compressed again, under its new digest) and the replication
 messages also changed *with their CRC32C fixed*, so the damage reaches the decoders and the
@@ -17,7 +18,9 @@ writes nothing outside DEST; one that fails leaves nothing under a final name, a
 that fails leaves the old version as it was. An image clone that exits 0 wrote the image.
 A send from a damaged sendshot record fails unless the record's content is as its name
 says, and one that exits 0 wrote a well-formed stream. A replication receiver shows no name
-the protocol did not commit, and what it committed is the sender's tree.
+the protocol did not commit, and what it committed is the sender's tree. An update from a
+damaged repository gives the version exactly or fails and leaves DEST's versions as they
+were.
 
 ``BTRDELTA_MUTATIONS=N`` runs N mutations per input and command (default 24: a few
 seconds); e.g. ``BTRDELTA_MUTATIONS=2000 .venv/bin/python -m pytest tests/cli/test_mutations.py``.
@@ -498,3 +501,66 @@ def test_damaged_replication_messages(conversation: tuple[bytes, str, str], tmp_
             assert tree_sum(dest / name) == expected, f"{what}: committed another tree"
         assert sorted(os.listdir(work)) == ["dest"], what
         shutil.rmtree(dest)
+
+
+@pytest.fixture(scope="module")
+def repository(made: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+               ) -> dict[str, Path]:
+    """A signed versions repository of ``v1`` and ``v2`` (a delta 1 -> 2), its root public
+    key and a DEST that holds version 1 (`update` from the repository)."""
+    from btrdelta import trust
+
+    base = tmp_path_factory.mktemp("repository")
+    repo, key, pub = base / "repo", base / "root.pem", base / "root.pub"
+    trust.save_key_pair(trust.generate_key(), str(key), str(pub))
+    assert main(["repo", "init", str(repo), "--avg-chunk", "4K"]) == 0
+    for version in ("1", "2"):
+        assert main(["repo", "add", str(repo), version, str(made[f"v{version}"])]) == 0
+    assert main(["repo", "sign", str(repo), "--key", str(key)]) == 0
+    assert main(["update", "-q", str(repo), str(base / "dest"), "--to", "1",
+                 "--key", str(pub)]) == 0
+    return {"repo": repo, "pub": pub, "dest": base / "dest"}
+
+
+def test_damaged_repository(repository: dict[str, Path], made: dict[str, Path],
+                            tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """A repository's signed timestamp and index, a bin (version records) and the delta
+    1 -> 2, damaged, through `repo ls` and `update --to 2` of a DEST holding version 1: one
+    line, or version 2 exactly; an update that fails leaves DEST as it was (its download
+    cache DEST/.btrdelta aside)."""
+    from btrdelta.tree import tree_sum
+
+    def held(dest: Path) -> dict[str, bytes | None]:
+        return {k: v for k, v in snapshot(dest).items() if not k.startswith(".btrdelta/")}
+
+    repo, pub = repository["repo"], str(repository["pub"])
+    files = {"timestamp": repo / "timestamp.json", "index": repo / "index" / "1.json",
+             "bin": next((repo / "bins").iterdir()),
+             "delta": next((repo / "deltas").iterdir())}
+    work = tmp_path / "w"
+    dest = work / "dest"
+    ok = tmp_path / "ok"
+    copy(repository["dest"], ok)
+    assert main(["update", "-q", str(repo), str(ok), "--to", "2", "--key", pub]) == 0
+    expected = tree_sum(ok / "2")
+    before = held(repository["dest"])
+    for part, path in files.items():
+        data = path.read_bytes()
+        n = N // 2 if part in ("timestamp", "index") else N // 4
+        try:
+            for what, damaged in mutations(data, n, f"repository-{part}"):
+                what = f"{part}: {what}"
+                path.write_bytes(damaged)
+                work.mkdir()
+                copy(repository["dest"], dest)
+                run(capfd, ["repo", "ls", str(repo), "--key", pub], what)
+                code = run(capfd, ["update", "-q", str(repo), str(dest), "--to", "2",
+                                   "--key", pub], what)
+                if code:
+                    assert held(dest) == before, f"{what}: DEST changed"
+                else:
+                    assert tree_sum(dest / "2") == expected, f"{what}: another version 2"
+                assert sorted(os.listdir(work)) == ["dest"], what
+                shutil.rmtree(work)
+        finally:
+            path.write_bytes(data)
