@@ -86,10 +86,14 @@ def copy_range(src: int, src_off: int, dst: int, dst_off: int, length: int) -> N
         data = min(data, end)
         if data > pos:  # a hole in the source: make the destination range a hole too
             hole_dst = dst_off + (pos - src_off)
-            size = os.fstat(dst).st_size
+            st = os.fstat(dst)
+            size = st.st_size
             try:
                 if hole_dst < size:
-                    fallocate(dst, _FALLOC_PUNCH, hole_dst, min(data - pos, size - hole_dst))
+                    stop = hole_dst + data - pos
+                    if stop >= size:  # to the end of the last block (see _punch_like)
+                        stop = _block_end(size, st.st_blksize)
+                    fallocate(dst, _FALLOC_PUNCH, hole_dst, stop - hole_dst)
             except OSError:
                 write_zeros(dst, hole_dst, min(data - pos, size - hole_dst))
             if dst_off + (data - src_off) > size:
@@ -103,6 +107,13 @@ def copy_range(src: int, src_off: int, dst: int, dst_off: int, length: int) -> N
             if n == 0:
                 return
             pos += n
+
+
+def _block_end(size: int, block: int) -> int:
+    """``size`` rounded up to a multiple of ``block``: a hole punched up to a size inside a
+    block zeroes the block's bytes but keeps the block (ext4, btrfs); one punched past the
+    end (``KEEP_SIZE``) frees it, as a clone of a hole or btrfs receive's copy has it."""
+    return -(-size // block) * block if block > 0 else size
 
 
 def copy_tree(src: Path, dst: Path) -> None:
@@ -195,11 +206,9 @@ def _punch_like(src: bytes, dst: bytes, seen: set[tuple[int, int]]) -> None:
             return
         with contextlib.suppress(OSError):  # a filesystem without PUNCH_HOLE: zeros stay
             pos = 0
-            # a hole up to the end is punched to the end of its block: a punch that stops
-            # at a size inside a block zeroes the block's bytes but keeps the block (ext4
-            # and btrfs), as cp wrote it for a file smaller than a block that has no data
-            blk = got.st_blksize or 1
-            for off, length in [*segs, (-(-st.st_size // blk) * blk, 0)]:
+            # a hole up to the end is punched to the end of its block (_block_end): cp
+            # writes the block of a file smaller than a block that has no data
+            for off, length in [*segs, (_block_end(st.st_size, got.st_blksize), 0)]:
                 if off > pos:
                     fallocate(out, _FALLOC_PUNCH, pos, off - pos)
                 pos = off + length
