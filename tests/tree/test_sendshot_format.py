@@ -115,6 +115,29 @@ def test_flipped_byte_is_located(where: int) -> None:
     assert "r: offset" in str(err.value)
 
 
+@pytest.mark.parametrize("number", [16, 4])  # the first column, END
+def test_a_bad_tlv_with_its_crc_fixed_is_located(number: int) -> None:
+    """A TLV length that runs past its record (the record's CRC32C made right again) in a
+    column or in END: the error names the source, the offset and the record, as every other
+    damage's (`make fuzz`'s sendshot mutations found it said only 'TLV 1 of ... bytes runs
+    past the record's end')."""
+    from btrdelta.stream import btrfs_crc32c
+
+    data, _ = _encode()
+    body = bytearray(_plain(data))
+    off = 0
+    while int.from_bytes(body[off + 4:off + 6], "little") != number:
+        off += 10 + int.from_bytes(body[off:off + 4], "little")
+    body[off + 12:off + 14] = b"\xff\xff"
+    body[off + 6:off + 10] = bytes(4)
+    length = int.from_bytes(body[off:off + 4], "little")
+    body[off + 6:off + 10] = btrfs_crc32c([bytes(body[off:off + 10 + length])]).to_bytes(
+        4, "little")
+    with pytest.raises(StreamFormatError, match="runs past") as err:
+        list(RecordReader(io.BytesIO(_repack(data, bytes(body))), source="r").inodes())
+    assert str(err.value).startswith(f"r: offset {off}, record "), str(err.value)
+
+
 def test_truncated_and_foreign_input() -> None:
     data, _ = _encode()
     body = _plain(data)

@@ -343,6 +343,16 @@ def _decode_inode(mv: memoryview, start: int, end: int) -> RecordInode:
     return node
 
 
+def _column(mv: memoryview, start: int, end: int) -> bytes:
+    """The values of a record's TLVs of type 1, joined (a column's bytes, BLOCKS' digests)."""
+    return b"".join(v for typ, v in iter_tlvs(mv, start, end) if typ == 1)
+
+
+def _ends(mv: memoryview, start: int, end: int) -> dict[int, int]:
+    """The counts of an END record."""
+    return {t: _int(v) for t, v in iter_tlvs(mv, start, end)}
+
+
 class RecordReader:
     """Streaming decoder of an encoded record in ``file`` (a binary file at its start).
 
@@ -442,12 +452,12 @@ class RecordReader:
             cmd, mv, start, end = self._next()
             if cmd != c:
                 fr.fail(StreamFormatError(f"expected column {COLUMNS[c]}"), cmd=cmd)
-            cols_in[c] = b"".join(v for typ, v in iter_tlvs(mv, start, end) if typ == 1)
+            cols_in[c] = self._decode(_column, mv, start, end, cmd)
             self._done()
         cmd, mv, start, end = self._next()
         if cmd != _END:
             fr.fail(StreamFormatError("expected END after the columns"), cmd=cmd)
-        ends = {t: _int(v) for t, v in iter_tlvs(mv, start, end)}
+        ends = self._decode(_ends, mv, start, end, cmd)
         self._done()
         self._check_end()
         try:
@@ -471,9 +481,7 @@ class RecordReader:
             if cmd == _BLOCKS:
                 if node is None or node.segments is None:
                     fr.fail(StreamFormatError("BLOCKS without a regular file"), cmd=cmd)
-                for typ, v in iter_tlvs(mv, start, end):
-                    if typ == 1:
-                        blocks.append(bytes(v))
+                blocks.append(self._decode(_column, mv, start, end, cmd))
                 self._done()
                 continue
             if node is not None:
@@ -487,7 +495,7 @@ class RecordReader:
                 count += 1
                 self._done()
             elif cmd == _END:
-                ends = {t: _int(v) for t, v in iter_tlvs(mv, start, end)}
+                ends = self._decode(_ends, mv, start, end, cmd)
                 if ends.get(E_INODES) != count or ends.get(E_BLOCKS) != nblocks:
                     fr.fail(StreamFormatError(
                         f"END counts {ends.get(E_INODES)} inodes, {ends.get(E_BLOCKS)} "
