@@ -738,7 +738,12 @@ copy_range(int src, off_t src_off, int dst, off_t dst_off, off_t length)
                 return -1;
             if (hole_dst < st.st_size) {
                 off_t n = data - pos < st.st_size - hole_dst ? data - pos : st.st_size - hole_dst;
-                if (fallocate(dst, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, hole_dst, n) < 0 &&
+                /* a hole up to the end is punched to the end of the block that holds it
+                 * (copy._block_end): one that stops inside the block keeps the block */
+                off_t blk = st.st_blksize > 0 ? (off_t)st.st_blksize : 1;
+                off_t punch = hole_dst + n < st.st_size ? n
+                              : (st.st_size + blk - 1) / blk * blk - hole_dst;
+                if (fallocate(dst, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, hole_dst, punch) < 0 &&
                     write_zeros(dst, hole_dst, n) < 0)
                     return -1;
             }
