@@ -72,7 +72,7 @@ randwork: sysdeps venv
 		--basetemp="$$tmp/t" tests/randwork
 
 # damaged inputs through the CLI (tests/cli/test_mutations.py) at 1,000 offsets per input and
-# command instead of make test's 24 (~8 minutes); not part of `make test`
+# command instead of make test's 24 (~19 minutes at load 4-12 on 2 cores); not part of `make test`
 fuzz: sysdeps venv
 	@tmp=$$(mktemp -d /tmp/btrdelta-fuzz.XXXXXX); \
 	trap 'rm -rf --one-file-system "$$tmp"' EXIT; trap 'exit 143' INT TERM HUP; \

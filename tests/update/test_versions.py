@@ -222,7 +222,7 @@ def _artifact_bytes(srv: Nginx) -> int:
 def test_kill_9_and_resume(signed: tuple[Path, Path, Path], releases: list[Path],
                            tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root, pub, _ = signed
-    srv = Nginx(root, tmp_path / "nginx", limit_rate="6k")  # slow: kills land mid-transfer
+    srv = Nginx(root, tmp_path / "nginx", limit_rate="3k")  # slow: kills land mid-transfer
     try:
         dest = tmp_path / "dest"
         rc, _, err = _update(srv.url, dest, pub, "--to", "v1", capsys=capsys)
