@@ -16,6 +16,7 @@ from btrdelta.tree import tree_sum
 from btrdelta.update.packs import LocalPacks, open_full
 from btrdelta.update.publish import Repo
 from tests.jsondoc import checked
+from tests.update.conftest import spy_fsync
 
 N = 5
 
@@ -37,23 +38,15 @@ def test_job_files_are_written_whole_and_durably(repo: Path, monkeypatch: pytest
     """A job file was written in place (write_text, no fsync): a power cut could leave a
     torn job for a worker. Now as fs.atomic writes files; a torn one is refused in one line
     naming it (exit 3)."""
-    import os
 
     from btrdelta.update.jobs import plan_jobs
 
     jobs_dir = repo / ".btrdelta" / "jobs" / f"v{N}"
     before = {p.name: p.read_bytes() for p in jobs_dir.glob("*.json")}
     assert before
-    synced: list[str] = []
-    fsync = os.fsync
-
-    def spy(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        fsync(fd)
-
     r = Repo(repo)
     with monkeypatch.context() as mp:
-        mp.setattr(os, "fsync", spy)
+        synced = spy_fsync(mp)
         plan_jobs(r, r.load(), N)
     assert {p.name: p.read_bytes() for p in jobs_dir.glob("*.json")} == before
     assert synced.count(str(jobs_dir)) == len(before), synced  # each rename made durable
@@ -71,7 +64,6 @@ def test_job_files_are_written_whole_and_durably(repo: Path, monkeypatch: pytest
 def test_a_pack_is_named_durably(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A pack was fsync-ed and renamed into packs/, but packs/ was never fsync-ed: after a
     power cut the catalog (written after it, durably) could name a pack that is not there."""
-    import os
 
     from btrdelta.update.packs import _PackWriter
 
@@ -79,14 +71,7 @@ def test_a_pack_is_named_durably(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     tmp.mkdir()
     w = _PackWriter(packs, tmp, 0, 1 << 20)
     w.append(b"frame" * 100)
-    synced: list[str] = []
-    fsync = os.fsync
-
-    def spy(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", spy)
+    synced = spy_fsync(monkeypatch)
     w.close()
     [pack] = packs.iterdir()
     assert synced[-1] == str(packs), synced

@@ -30,6 +30,7 @@ from btrdelta.update.channels import MessageIO, PipeChannel, spawn_local
 from btrdelta.update.replica import Replica, chain_next
 from btrdelta.update.replicate import replicate
 from tests.conftest import require_btrfs
+from tests.update.conftest import spy_fsync
 
 SEG = 1 << 20
 
@@ -482,14 +483,7 @@ def test_partial_meta_saves_fsync_the_file_and_the_directory(
 
     part = rep._Partial(tmp_path, "dir")
     part.path.mkdir()
-    synced: list[str] = []
-    fsync = os.fsync
-
-    def spy(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", spy)
+    synced = spy_fsync(monkeypatch)
     part.save({"version": 2}, durable=True)  # (a transfer's first meta)
     assert len(synced) == 2, synced
     assert synced[1] == str(part.path)
@@ -560,14 +554,7 @@ def test_the_replica_state_is_replaced_whole_and_durably(tmp_path: Path,
     victim = tmp_path / "victim"
     victim.write_text("untouched")
     (dest / f".btrdelta-replica.json.tmp-{os.getpid()}").symlink_to(victim)
-    synced: list[str] = []
-    fsync = os.fsync
-
-    def spy(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", spy)
+    synced = spy_fsync(monkeypatch)
     replica = Replica(dest)  # a new destination: its state is written
     assert victim.read_text() == "untouched"
     state = json.loads((dest / ".btrdelta-replica.json").read_text())
@@ -759,14 +746,7 @@ def test_cursors_are_replaced_whole_and_durably(tmp_path: Path,
     receiver holds). Now as fs.atomic writes files: the file, then the directory."""
     store = SendshotStore(tmp_path / "store")
     store.set_cursor("r1", "ab" * 32)
-    synced: list[str] = []
-    fsync = os.fsync
-
-    def spy(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", spy)
+    synced = spy_fsync(monkeypatch)
     store.set_cursor("r2", "cd" * 32, inflight={"session": "s"})
     assert len(synced) == 2, synced
     assert synced[1] == store.path
@@ -785,14 +765,7 @@ def test_a_durable_record_is_named_durably(tmp_path: Path,
     src.mkdir()
     (src / "a").write_bytes(b"a" * 5000)
     store = SendshotStore(tmp_path / "store")
-    synced: list[str] = []
-    fsync = os.fsync
-
-    def spy(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", spy)
+    synced = spy_fsync(monkeypatch)
     got = send_with_sendshots(bytearray().extend, src, store=store).recorded
     assert got is not None
     assert synced[-1] == store.records, synced

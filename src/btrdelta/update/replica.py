@@ -75,7 +75,7 @@ from ..receive.resume import ResumePoint
 from ..receive.subvolumes import PendingSubvol, Subvolumes
 from ..stream.reader import EOF, NEED_DATA, Event, StreamParser
 from ..stream.records import Clone, End, Snapshot, Subvol
-from .channels import Channel, MessageIO, PeerClosed, PeerRefused
+from .channels import Channel, MessageIO, PeerRefused
 from .inbox import Inbox, chain_next
 
 __all__ = ["PARTIAL_DIR", "STATE_FILE", "Replica", "ServeResult", "chain_next"]
@@ -517,7 +517,7 @@ class Replica:
             if inbox is not None:
                 partial.drop()
             return ServeResult("refused", str(exc))
-        except (TransportError, PeerClosed) as exc:
+        except TransportError as exc:  # (PeerClosed too)
             cut = inbox is not None
             return ServeResult("interrupted", str(exc),
                                received_bytes=inbox.added if inbox else 0)
