@@ -204,3 +204,59 @@ def test_a_sender_killed_after_its_commit_on_btrfs(tmp_path: Path, shim: Path,
             ["vol"], subvols
     finally:
         ctx.__exit__(None, None, None)
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    return child.pid
+
+
+@pytest.mark.btrfs
+def test_a_sender_killed_before_its_first_cursor_leaks_no_snapshot(tmp_path: Path,
+                                                                   shim: Path) -> None:
+    """A first replication of a writable subvolume, the sender killed after it took the
+    session's snapshot but before the cursor named it (the first cursor write): the
+    snapshot is left; the next run deletes it and commits. Snapshots that are not its own
+    stay: another store's, one of a sender still running (a live pid), one of another
+    subvolume, one a cursor names."""
+    from btrdelta.update.replicate import _store_tag
+    from tests.conftest import btrfs_loop
+
+    with btrfs_loop("400M") as fs:
+        live, other = fs / "vol", fs / "other"
+        for sub in (live, other):
+            subprocess.run(["btrfs", "subvolume", "create", str(sub)], check=True,
+                           capture_output=True)
+        (live / "big").write_bytes(os.urandom(2 * SEG))
+        dest = fs / "dest"
+        dest.mkdir()
+        store = SendshotStore(tmp_path / "store")
+        env = {**os.environ, "BTRDELTA_TEST_KILL_AT": "cursors.json:1:before"}
+        proc = subprocess.run([sys.executable, "-m", "btrdelta", "replicate", str(live),
+                               str(dest), "--store", store.path, "--segment", str(SEG),
+                               "-q"], env=env, capture_output=True, text=True, timeout=120,
+                              check=False)
+        assert proc.returncode == -9, proc.stderr
+        [leaked] = [n for n in os.listdir(fs) if n.startswith(".btrdelta-replicate-")]
+        tag, dead = _store_tag(store).decode(), _dead_pid()
+        kept = {f".btrdelta-replicate-{'1' * 16}-{'0' * 8 if tag != '0' * 8 else 'f' * 8}"
+                f"-{dead}": live,                                         # another store's
+                f".btrdelta-replicate-{'2' * 16}-{tag}-{os.getpid()}": live,  # running
+                f".btrdelta-replicate-{'3' * 16}-{tag}-{dead}": other,    # another source
+                f".btrdelta-replicate-{'4' * 16}-{tag}-{dead}": live}     # a cursor's
+        for name, sub in kept.items():
+            subprocess.run(["btrfs", "subvolume", "snapshot", "-r", str(sub), str(fs / name)],
+                           check=True, capture_output=True)
+        store.set_cursor("elsewhere", None, inflight={
+            "session": "4" * 32, "snapshot": f"/moved/{'4' * 16}/.." + "/" + list(kept)[3]})
+        ch = spawn_local(str(dest))
+        assert replicate(live, ch, store=store, segment=SEG).outcome == "committed"
+        ch.close()
+        assert tree_sum(dest / _visible(dest)[0]) == tree_sum(live)
+        left = sorted(n for n in os.listdir(fs) if n.startswith(".btrdelta-replicate-"))
+        assert leaked not in left
+        assert left == sorted(kept), left
+        for name in kept:
+            subprocess.run(["btrfs", "subvolume", "delete", str(fs / name)], check=True,
+                           capture_output=True)

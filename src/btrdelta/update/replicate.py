@@ -15,18 +15,23 @@ sendshot (in flight) before the COMMIT goes out: when the connection drops after
 receiver committed but before COMMITTED arrived, prune keeps it and the next conversation
 adopts the subvolume the HOLDINGS list under the transfer's name (:meth:`_Sender._adopt`).
 
-Resumable: a writable btrfs source is read from a read-only snapshot kept (next to it, named
-``.btrdelta-replicate-<session>``) until the receiver committed (on a first replication it
-is taken and scanned while the receiver starts: :class:`_Early`); the session, its snapshot,
-base and plan are kept in the receiver's cursor (``inflight``). When the receiver reports a
-partial transfer of that session, the same stream is made again from the same snapshot and
-base, its segments up to the receiver's are checked against the receiver's chain digest
-(``diverged`` if they differ) and not sent, and the stream goes on from there.
+Resumable: a writable btrfs source is read from a read-only snapshot kept (next to it,
+named ``.btrdelta-replicate-<session>-<store>-<pid>``) until the receiver committed (on a
+first replication it is taken and scanned while the receiver starts: :class:`_Early`); the
+session, its snapshot, base and plan are kept in the receiver's cursor (``inflight``). When
+the receiver reports a partial transfer of that session, the same stream is made again from
+the same snapshot and base, its segments up to the receiver's are checked against the
+receiver's chain digest (``diverged`` if they differ) and not sent, and the stream goes on
+from there. A sender killed after it took the snapshot but before a cursor named it leaves
+the snapshot behind: the next run of that source with that store deletes it
+(:func:`_drop_leftovers`: the store's tag, a pid that is gone, no cursor naming it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -35,6 +40,7 @@ from uuid import UUID, uuid4
 
 from .._value import value_class
 from ..errors import BtrdeltaError
+from ..fs.atomic import pid_alive
 from ..fs.btrfs import subvol_info, syncfs
 from ..protocol import (
     Accept,
@@ -62,6 +68,9 @@ __all__ = ["DEFAULT_SEGMENT", "ReplicateResult", "replicate"]
 DEFAULT_SEGMENT = 8 << 20
 _ZERO_CHAIN = bytes(32).hex()
 _SNAP_PREFIX = b".btrdelta-replicate-"
+#: a session's snapshot: ``<prefix><session (16 hex)>-<store tag (8 hex)>-<pid>``
+_SNAP_NAME = re.compile(rb"\.btrdelta-replicate-[0-9a-f]{16}-([0-9a-f]{8})-([0-9]+)")
+_SUBVOL_ROOT_INO = 256
 
 
 @value_class
@@ -265,8 +274,59 @@ def _known(records: list[StoredSendshot]) -> list[Known]:
     return [Known(r.digest, r.head.stream_uuid, r.head.stream_ctransid) for r in records]
 
 
-def _session_snapshot(source: bytes, session: str) -> bytes | None:
-    return keep_snapshot(source, _SNAP_PREFIX + session[:16].encode())
+def _store_tag(store: SendshotStore) -> bytes:
+    """8 hex digits naming ``store`` (of its real path) in its session snapshots' names."""
+    where = os.fsencode(os.path.realpath(store.path))
+    return hashlib.blake2s(where, digest_size=4).hexdigest().encode()
+
+
+def _session_snapshot(source: bytes, session: str, store: SendshotStore) -> bytes | None:
+    name = b"%s%s-%s-%d" % (_SNAP_PREFIX, session[:16].encode(), _store_tag(store),
+                            os.getpid())
+    return keep_snapshot(source, name)
+
+
+def _drop_leftovers(source: bytes, uuid: UUID, store: SendshotStore) -> list[bytes]:
+    """Delete the session snapshots of ``source`` (subvolume ``uuid``) that a sender of
+    ``store`` killed between taking one and naming it in a cursor left behind; their paths.
+
+    A leftover is a read-only snapshot of ``source`` (its parent UUID is ``uuid``) next to
+    it or inside it, named with this store's tag and the pid of a process that is gone, that
+    no cursor of the store names as its transfer in flight (by name: the source may be
+    spelt another way). A sender still running (another receiver's) has a live pid, one
+    killed after its cursor named the snapshot resumes from it. (Names of other stores, of
+    other sources and of versions before session 10, which had no tag, are left alone.)
+    """
+    named = {os.path.basename(os.fsencode(f["snapshot"]))
+             for c in store.cursors().values()
+             if isinstance(f := c.get("inflight"), dict) and f.get("snapshot")}
+    tag = _store_tag(store)
+    dropped: list[bytes] = []
+    for where in (os.path.dirname(source) or b".", source):
+        try:
+            names = os.listdir(where)
+        except OSError:
+            continue
+        for name in names:
+            m = _SNAP_NAME.fullmatch(name) if name.startswith(_SNAP_PREFIX) else None
+            if m is None or m.group(1) != tag or name in named or pid_alive(int(m.group(2))):
+                continue
+            path = os.path.join(where, name)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                ours = os.fstat(fd).st_ino == _SUBVOL_ROOT_INO and \
+                    subvol_info(fd).parent_uuid == uuid
+            except OSError:
+                ours = False
+            finally:
+                os.close(fd)
+            if ours:
+                drop_snapshot(path)
+                dropped.append(path)
+    return dropped
 
 
 class _Early:
@@ -284,12 +344,12 @@ class _Early:
         self._thread.start()
 
     @classmethod
-    def start(cls, source: bytes) -> _Early | None:
+    def start(cls, source: bytes, store: SendshotStore) -> _Early | None:
         """The early session of ``source``, or None when it is not a writable subvolume (or
         cannot be snapshotted now: a plan that needs it tries again and says why)."""
         session = uuid4().hex
         try:
-            snap = _session_snapshot(source, session)
+            snap = _session_snapshot(source, session, store)
         except (BtrdeltaError, OSError):
             return None
         return cls(snap, session) if snap is not None else None
@@ -348,8 +408,10 @@ class _Sender:
         io.send(Hello("sender", spoken(), (), self.store.path, os.fsdecode(self.source)))
         with frozen(self.source, snapshot=False) as fz:
             lineage, info = fz.lineage, fz.info
+        if info is not None and not info.readonly:
+            _drop_leftovers(self.source, info.uuid, self.store)
         records = self._mine(lineage)
-        early = _Early.start(self.source) if not records and info is not None and \
+        early = _Early.start(self.source, self.store) if not records and info is not None and \
             not info.readonly else None
         self.adopted = ""
         try:
@@ -397,7 +459,7 @@ class _Sender:
             scanned = early.adopt()
         else:
             session = uuid4().hex
-            snap = _session_snapshot(self.source, session)
+            snap = _session_snapshot(self.source, session, self.store)
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         taken = {h.name for h in holdings.held}
         name, n = f"{self.name}.{stamp}", 1
