@@ -26,7 +26,7 @@ from btrdelta.stream.records import End, Mkfile, Snapshot, Subvol, Write
 from btrdelta.stream.writer import StreamWriter
 from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs
 from btrdelta.tree import tree_sum
-from btrdelta.update.channels import MessageIO, PipeChannel, spawn_local
+from btrdelta.update.channels import MessageIO, PeerRefused, PipeChannel, spawn_local
 from btrdelta.update.replica import Replica, chain_next
 from btrdelta.update.replicate import replicate
 from tests.conftest import require_btrfs
@@ -1070,3 +1070,61 @@ def test_a_cut_after_the_commit_is_adopted_on_btrfs(fs2: tuple[Path, Path],
     assert (res.outcome, res.kind, res.base) == ("committed", "incremental", cut), res
     assert res.size < SEG, res  # type: ignore[attr-defined]
     assert tree_sum(_newest(dest)) == tree_sum(live)
+
+
+def test_one_conversation_at_a_time_on_a_destination(tmp_path: Path) -> None:
+    """Two receivers on one DEST (a `--serve` in a conversation, then another `--serve` or a
+    `--listen`) would share its partial transfer: the second is refused (`busy`, exit 9,
+    one line naming the process that holds DEST), nothing is touched; once the first ends
+    (here killed: the lock goes with it) the next replication commits."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"data" * 1000)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    store = ["--store", tmp_path / "store"]
+    first = spawn_local(str(dest))
+    try:
+        _busy(first, src, dest, store)
+    finally:
+        assert first.proc is not None
+        first.proc.kill()
+        first.close()
+    ok = _cli("replicate", src, dest, *store)
+    assert ok.returncode == 0, ok.stderr
+    (got,) = _visible(dest)
+    assert tree_sum(dest / got) == tree_sum(src)
+
+
+def _busy(first: PipeChannel, src: Path, dest: Path, store: list[object]) -> None:
+    io = MessageIO(first, Connection("sender", source="test"))
+    io.send(Hello("sender", (1, 2, 3), (), "test", str(src)))
+    io.expect(Hello)
+    io.expect(Holdings)  # the first receiver holds DEST, waiting for a PLAN
+    assert first.proc is not None
+    before = sorted(os.listdir(dest))
+    second = _cli("replicate", src, dest, *store)
+    assert second.returncode == 9, second.stderr
+    assert len(second.stderr.splitlines()) == 1, second.stderr
+    [line] = second.stderr.splitlines()
+    assert line.startswith("btrdelta replicate: error: "), line
+    assert f"busy: {dest} is receiving another transfer (process {first.proc.pid})" in line
+    port = _free_port()
+    srv = _listen(port, dest, "--no-auth", "--once")
+    listened = _cli("replicate", src, f"tcp://127.0.0.1:{port}", "--no-auth", *store)
+    assert listened.returncode == 9, listened.stderr
+    assert "busy" in listened.stderr
+    assert srv.wait(timeout=30) == 9
+    srv.communicate()
+    served = spawn_local(str(dest))  # the receiving side's own line and exit code
+    io = MessageIO(served, Connection("sender", source="test"))
+    io.send(Hello("sender", (1, 2, 3), (), "test", str(src)))
+    io.expect(Hello)
+    with pytest.raises(PeerRefused, match="busy"):
+        io.expect(Holdings)
+    served.close()
+    assert served.proc is not None
+    assert served.proc.returncode == 9, served.err
+    assert served.err.startswith("btrdelta replicate: error: busy: ")
+    assert len(served.err.splitlines()) == 1, served.err
+    assert sorted(os.listdir(dest)) == before

@@ -130,6 +130,7 @@ def _replicate(args: argparse.Namespace, ch: Any, peer: str) -> int:
             if result.outcome != "diverged":
                 break
     report = {k: getattr(result, k) for k in result.__match_args__}
+    failed = result.outcome == "refused" and "already-current" not in result.message
     if args.json:
         print(json.dumps(report))
     elif not args.quiet:
@@ -147,9 +148,9 @@ def _replicate(args: argparse.Namespace, ch: Any, peer: str) -> int:
                 base = f"sendshot {result.base[:16]}" if result.base else "none (a full stream)"
                 print(f"  receiver {result.receiver}, base {base}, {result.pruned} "
                       f"sendshot(s) pruned", file=sys.stderr)
-        else:
+        elif not failed:  # (a refusal is the error line below, once)
             print(f"replicate: {result.outcome}: {result.message}", file=sys.stderr)
-    if result.outcome == "refused" and "already-current" not in result.message:
+    if failed:
         raise ProtocolError(result.message)
     return 0
 
@@ -187,7 +188,7 @@ def _serve(args: argparse.Namespace) -> int:
                      name="stdio")
     result = replica.serve(ch, peer="sender")
     ch.close()
-    if result.outcome in ("failed",):  # one error line, as every command's
+    if result.outcome in ("failed", "busy"):  # one error line, as every command's
         print(f"btrdelta {args.command}: error: {result.message}", file=sys.stderr)
         return ProtocolError.exit_code
     if result.outcome == "interrupted" and not args.quiet:

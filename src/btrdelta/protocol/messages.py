@@ -271,6 +271,7 @@ REFUSALS: Final = {
     "refused": "not allowed",
     "protocol": "the peer broke the protocol",
     "failed": "the receiver could not apply the stream",
+    "busy": "another process is receiving into the destination",
 }
 
 # TLV types (per message)

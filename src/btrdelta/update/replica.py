@@ -4,7 +4,9 @@ A destination directory holds received subvolumes (btrfs subvolumes, or director
 the registry elsewhere), its state ``DEST/.btrdelta-replica.json`` (its id, and the
 sendshot each subvolume was received as) and at most one partial transfer: its temporary
 subvolume (``.btrdelta-tmp-<uuid>-partial``) and ``DEST/.btrdelta-partial/`` (``meta.json``:
-how far it is acknowledged; ``progress``: the records applied).
+how far it is acknowledged; ``progress``: the records applied). One conversation at a
+time: each holds an exclusive ``flock`` on ``DEST/.btrdelta-replica.lock``, another process
+is refused ``busy`` (and reads the state again once it holds the lock).
 
 :meth:`Replica.serve` runs one conversation (:class:`~btrdelta.protocol.Connection`, role
 receiver): HELLO, HOLDINGS, a PLAN checked against what is held, then the stream. A thread
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import mmap
 import os
@@ -78,10 +81,12 @@ from ..stream.records import Clone, End, Snapshot, Subvol
 from .channels import Channel, MessageIO, PeerRefused
 from .inbox import Inbox, chain_next
 
-__all__ = ["PARTIAL_DIR", "STATE_FILE", "Replica", "ServeResult", "chain_next"]
+__all__ = ["LOCK_FILE", "PARTIAL_DIR", "STATE_FILE", "Replica", "ServeResult", "chain_next"]
 
 STATE_FILE = ".btrdelta-replica.json"
 PARTIAL_DIR = ".btrdelta-partial"
+#: flock(2)-ed by the process in a conversation on DEST (its pid in it, for the message)
+LOCK_FILE = ".btrdelta-replica.lock"
 _ZERO_CHAIN = bytes(32).hex()
 _TMP_PREFIX = ".btrdelta-tmp-"
 _META_VERSION = 2
@@ -118,7 +123,8 @@ class _Damaged(Exception):
 class ServeResult:
     """How one conversation ended."""
 
-    #: "committed", "refused" (by either side), "interrupted" (resumable), "failed"
+    #: "committed", "refused" (by either side), "interrupted" (resumable), "failed",
+    #: "busy" (another process receives into DEST: refused before anything was read)
     outcome: str
     message: str = ""
     received: ReceivedSubvol | None = None
@@ -488,9 +494,17 @@ class Replica:
         acks: _Acks | None = None
         partial = _Partial(self.dest, self.backend)
         cut = False
+        lock: int | None = None
         try:
             io.send(Hello("receiver", spoken(), ("encoded",), self.ident, str(self.dest)))
             io.expect(Hello)
+            lock, holder = self._lock()
+            if lock is None:
+                busy = Refuse("busy", f"{self.dest} is receiving another transfer (process "
+                                      f"{holder or '?'}): try again when it ends")
+                io.send(busy)
+                return ServeResult("busy", f"{busy.code}: {busy.message}")
+            self.state = self._load()  # (another process may have received since)
             holdings = self.holdings(io.conn.version)
             io.send(holdings)
             msg = io.expect(Plan, Refuse)
@@ -537,6 +551,27 @@ class Replica:
                 inbox.stop()
             if cut:
                 self._keep(partial)
+            if lock is not None:
+                os.close(lock)
+
+    def _lock(self) -> tuple[int | None, str]:
+        """Lock DEST for one conversation (two would share its partial transfer): the lock
+        file's descriptor, or None and the pid written in it when another process holds
+        it."""
+        fd = os.open(self.dest / LOCK_FILE,
+                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            os.close(fd)
+            return None, holder if holder.isdigit() else ""
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd, ""
 
     def _keep(self, partial: _Partial) -> None:
         """A cut conversation leaves its partial transfer to a resume: DEST is written out
