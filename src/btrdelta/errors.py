@@ -31,6 +31,8 @@ __all__ = [
     "EXIT_OK",
     "EXIT_USAGE",
     "EXIT_INTERRUPTED",
+    "EXIT_HANGUP",
+    "EXIT_TERMINATED",
     "ApplyError",
     "BtrdeltaError",
     "ChecksumError",
@@ -49,7 +51,11 @@ __all__ = [
 #: exit codes no error class carries (the CLI's own)
 EXIT_OK = 0
 EXIT_USAGE = 2
+#: a command ended by a signal exits 128 + its number (as a shell shows one it killed),
+#: after its clean-up: SIGHUP, SIGINT (Ctrl-C), SIGTERM
+EXIT_HANGUP = 129
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 
 def _show_path(path: bytes | str) -> str:
@@ -224,7 +230,8 @@ def exit_codes() -> list[tuple[int, str]]:
     """Every exit code of the ``btrdelta`` command with its meaning, sorted (the tables of
     ``--help`` and the README are generated from this)."""
     codes = {EXIT_OK: "success", EXIT_USAGE: "usage error",
-             EXIT_INTERRUPTED: "interrupted"}
+             EXIT_HANGUP: "hung up (SIGHUP)", EXIT_INTERRUPTED: "interrupted (Ctrl-C, SIGINT)",
+             EXIT_TERMINATED: "terminated (SIGTERM)"}
     todo: list[type[BtrdeltaError]] = [BtrdeltaError]
     while todo:
         cls = todo.pop(0)

@@ -26,7 +26,7 @@ from typing import NoReturn
 from .. import __version__
 from .._optional import OPTIONAL, missing
 from ..errors import BtrdeltaError, exit_codes
-from ._common import HelpFormatter, Parser
+from ._common import HelpFormatter, Interrupted, Parser, stop_on_signals
 
 __all__ = ["COMMANDS", "build_parser", "describe_os_error", "entry", "exit_codes_epilog", "main"]
 
@@ -150,6 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # "delta make", "image clone": the words that chose the command, for error lines
     args.command = " ".join(v for k, v in vars(args).items()
                             if k.endswith("command") and isinstance(v, str))
+    # SIGTERM and SIGHUP end every command as Ctrl-C does (its clean-up runs); the exit code
+    # is 128 + the signal's number (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP) for all of them.
+    # The servers (serve, image nbd/mount) take the signals as their normal stop (exit 0).
+    handlers = stop_on_signals()
     try:
         return int(args.func(args) or 0)
     except BtrdeltaError as exc:
@@ -165,9 +169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError:
             pass
         return 128 + signal.SIGPIPE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print(f"btrdelta {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return 128 + (exc.signum if isinstance(exc, Interrupted) else signal.SIGINT)
     except OSError as exc:
         if args.debug:
             raise
@@ -184,6 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"btrdelta {args.command}: internal error: {type(exc).__name__}: {exc} "
               "(--debug shows the traceback)", file=sys.stderr)
         return 1
+    finally:
+        for sig, handler in handlers.items():  # (main() called in a process that goes on)
+            signal.signal(sig, handler)
 
 
 def describe_os_error(exc: OSError) -> str:

@@ -11,7 +11,7 @@ import os
 import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, BinaryIO, NoReturn
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 
 from ..errors import BtrdeltaError, UsageError
 from ..fs.atomic import atomic_output
@@ -334,13 +334,47 @@ def print_delta_stats(st: object, name: str, *, as_json: bool) -> None:
               f" of patches, saved {human_bytes(st.saved_bytes[codec])}")
 
 
-def stop_on_signals() -> None:
-    """SIGTERM and SIGHUP end the command like Ctrl-C (``KeyboardInterrupt``), so what it
-    made for the run (temporary snapshots, partial files) is removed on the way out."""
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP ended the command as Ctrl-C does (``signum``: the exit code is
+    128 + it, as a shell shows a command the signal killed)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def stop_on_signals() -> dict[int, Any]:
+    """SIGTERM and SIGHUP end the command like Ctrl-C (:class:`Interrupted`, a
+    ``KeyboardInterrupt``), so what it made for the run (temporary snapshots, partial files)
+    is removed on the way out; not one ignored when the command started (``nohup``). Returns
+    the handlers replaced (empty outside the main thread, where none can be set)."""
     import signal
 
-    def stop(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
+    old: dict[int, Any] = {}
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, stop)
+        try:
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                old[sig] = signal.signal(sig, _stop)
+        except ValueError:  # not the main thread
+            break
+    return old
+
+
+def _stop(signum: int, _frame: object) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def default_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP at their default (those :func:`stop_on_signals` handles) while a
+    C library runs that sets its own handlers only where a signal is at its default:
+    libfuse's loop (a Python handler would wait for it to end, which it never does)."""
+    import signal
+
+    old = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGTERM, signal.SIGHUP)
+           if signal.getsignal(sig) is _stop}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)

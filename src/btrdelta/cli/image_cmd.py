@@ -23,7 +23,15 @@ from ..transport.listen import ListenAddress, parse_listen, server_tls
 from ..trust import load_private_key, load_public_key
 from ..update.clone import CloneReport, clone_image
 from ..update.image import RepairReport, compress_archive, gc_store, image_info, verify_image
-from ._common import add_jobs, add_json, examples, human_bytes, naming_output, parse_size
+from ._common import (
+    add_jobs,
+    add_json,
+    default_signals,
+    examples,
+    human_bytes,
+    naming_output,
+    parse_size,
+)
 from .http_options import add_http_options, http_config
 from .progress import Progress, add_progress_options, progress_wanted
 
@@ -324,7 +332,8 @@ def run_mount(args: argparse.Namespace) -> int:
     from ..chunk.fuse import mount_image  # imported late: needs libfuse
 
     store_dir, name = split_store_name(args.target)
-    mount_image(ChunkStore(store_dir), name, args.mountpoint)
+    with default_signals():  # libfuse's handlers: a clean unmount on SIGTERM/SIGHUP too
+        mount_image(ChunkStore(store_dir), name, args.mountpoint)
     return 0
 
 

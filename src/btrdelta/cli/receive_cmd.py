@@ -24,7 +24,6 @@ from ._common import (
     input_size,
     open_input,
     parse_size,
-    stop_on_signals,
 )
 from .progress import Progress, add_progress_options, progress_wanted
 
@@ -174,7 +173,6 @@ def run(args: argparse.Namespace) -> int:
         raise BtrdeltaError(f"destination {what}", source=dest)
     if args.search_root is not None and not os.path.isdir(args.search_root):
         raise BtrdeltaError("-m: not a directory", source=args.search_root)
-    stop_on_signals()  # SIGTERM/SIGHUP remove the temporary subvolume as Ctrl-C does
     receiver: Callable[..., list[ReceivedSubvol]] = receive_any
     if args.key:
         receiver = _signed_receiver(args, name)

@@ -10,7 +10,7 @@ from typing import Any
 
 from .._defaults import DEFAULT_STORE
 from ..errors import BtrdeltaError, ProtocolError, TransportError, UsageError
-from ._common import human_bytes, parse_size, stop_on_signals
+from ._common import human_bytes, parse_size
 from .progress import Progress, add_progress_options, progress_wanted
 
 _EPILOG = """\
@@ -79,7 +79,6 @@ def run(args: argparse.Namespace) -> int:
     """Replicate, serve or listen."""
     from .._malloc import keep_freed_memory
 
-    stop_on_signals()
     if args.serve or args.listen:
         keep_freed_memory()  # the stream goes through Python buffers on both sides
         return _serve(args) if args.serve else _listen(args)

@@ -18,7 +18,6 @@ from ._common import (
     open_output,
     refuse_terminal_output,
     set_extra_hint,
-    stop_on_signals,
 )
 from .progress import Progress, add_progress_options, progress_wanted
 
@@ -196,7 +195,6 @@ def _send_sendshot(args: argparse.Namespace, version: int, compress: str | None,
     from ..send.sendshot import send_with_sendshots
     from ..send.store import SendshotStore
 
-    stop_on_signals()
     if args.parent or args.kernel or args.parent_uuid or args.clone_src or args.no_data:
         raise UsageError("--record/--from-sendshot take no -p, -c, --parent-uuid, --no-data "
                          "or --kernel (the base is the sendshot)")

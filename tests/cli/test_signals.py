@@ -1,0 +1,129 @@
+"""One rule for a command ended by a signal: its clean-up runs as on Ctrl-C, one line
+(``btrdelta CMD: interrupted``), exit 128 + the signal's number (SIGINT 130, SIGTERM 143,
+SIGHUP 129), in each family of commands: a stream read (``dump``), a stream written
+(``send``), the receiving side of replication (``replicate --listen``); ``receive`` in
+tests/receive/test_signals.py, ``update`` in tests/update/test_update_http.py. A signal
+ignored when the command started (``nohup``) stays ignored. (The servers, ``serve`` and
+``image nbd``/``mount``, stop on these signals as their normal end: exit 0, their tests.)
+
+The signal is sent once the command is blocked where it works (its main thread in a pipe
+read or write, ``/proc/PID/wchan``; the listener after its first line): before that the
+interpreter may not have reached the command."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from btrdelta.stream.records import End, Mkfile, Subvol, Write
+from tests.receive.helpers import stream_bytes
+
+SIGNALS = [signal.SIGTERM, signal.SIGHUP, signal.SIGINT]
+
+
+def _as_in_a_terminal(ignored: signal.Signals | None = None) -> Callable[[], None]:
+    """SIGINT at its default in the child (a test run started in the background by a
+    non-interactive shell inherits it ignored, and Python then sets no Ctrl-C handler);
+    ``ignored`` set to SIG_IGN, as ``nohup`` does with SIGHUP."""
+
+    def child() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if ignored is not None:
+            signal.signal(ignored, signal.SIG_IGN)
+
+    return child
+
+
+def _blocked_in(proc: subprocess.Popen[bytes], where: str) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        assert proc.poll() is None, proc.returncode
+        with open(f"/proc/{proc.pid}/wchan") as f:
+            if where in f.read():
+                return
+        assert time.monotonic() < deadline, f"never blocked in {where}"
+        time.sleep(0.02)
+
+
+def _stream() -> bytes:
+    writes = [Write(path=b"f", offset=i << 15, data=b"x" * (1 << 15)) for i in range(8)]
+    return stream_bytes([Subvol(path=b"sv", uuid=uuid.uuid4(), ctransid=7),
+                         Mkfile(path=b"f", ino=257), *writes, End()])
+
+
+@pytest.mark.parametrize("sig", SIGNALS)
+def test_a_stream_read(sig: signal.Signals) -> None:
+    data = _stream()
+    proc = subprocess.Popen([sys.executable, "-m", "btrdelta", "dump", "-"],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, preexec_fn=_as_in_a_terminal())
+    assert proc.stdin is not None
+    proc.stdin.write(data[:-100])
+    proc.stdin.flush()
+    _blocked_in(proc, "pipe_read")
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    assert err == b"btrdelta dump: interrupted\n"
+
+
+@pytest.mark.parametrize("sig", SIGNALS)
+def test_a_stream_written(tmp_path: Path, sig: signal.Signals) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "f").write_bytes(os.urandom(4 << 20))  # more than a pipe holds
+    proc = subprocess.Popen([sys.executable, "-m", "btrdelta", "send", str(tree)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=_as_in_a_terminal())
+    _blocked_in(proc, "pipe_write")  # nobody reads the stream
+    proc.send_signal(sig)
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    err = proc.stderr.readline()  # (then its exit flushes the stream's last bytes: unread)
+    proc.stdout.close()
+    err += proc.communicate(timeout=60)[1]
+    assert proc.returncode == 128 + sig, err
+    assert err == b"btrdelta send: interrupted\n"
+
+
+@pytest.mark.parametrize("sig", SIGNALS)
+def test_the_receiving_side_of_replication(tmp_path: Path, sig: signal.Signals) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "btrdelta", "replicate", "--listen",
+                             f"127.0.0.1:{port}", "--no-auth", str(tmp_path)],
+                            stderr=subprocess.PIPE, preexec_fn=_as_in_a_terminal())
+    assert proc.stderr is not None
+    assert b"listening" in proc.stderr.readline()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    assert err == b"btrdelta replicate: interrupted\n"
+
+
+def test_a_signal_ignored_at_the_start_stays_ignored() -> None:
+    """``nohup``: SIGHUP ignored when the command started does not end it."""
+    data = _stream()
+    proc = subprocess.Popen([sys.executable, "-m", "btrdelta", "dump", "-"],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE,
+                            preexec_fn=_as_in_a_terminal(signal.SIGHUP))
+    assert proc.stdin is not None
+    proc.stdin.write(data[:-100])
+    proc.stdin.flush()
+    _blocked_in(proc, "pipe_read")
+    proc.send_signal(signal.SIGHUP)
+    time.sleep(0.3)
+    assert proc.poll() is None
+    _, err = proc.communicate(data[-100:], timeout=60)
+    assert proc.returncode == 0, err
