@@ -21,8 +21,10 @@ import pytest
 
 from btrdelta import trust
 from btrdelta.cli import main
+from btrdelta.errors import BtrdeltaError
 from btrdelta.tree import tree_sum
 from btrdelta.update.publish import Repo
+from btrdelta.update.sign import sign_repo
 from tests.jsondoc import checked
 from tests.update.conftest import Nginx
 
@@ -169,9 +171,9 @@ def test_tampering_is_refused_and_dest_unchanged(
                 _flip(pack, 100)
             what = "packs/"
         elif damage == "expired":
-            # the cron job stopped: the timestamp ran out
-            assert main(["repo", "sign", str(repo), "--timestamp-key", str(ts_key),
-                         "--expires", "0"]) == 0
+            # the cron job stopped: the timestamp ran out (signed an hour ago for a minute)
+            sign_repo(str(repo), root_key=None, timestamp_key=str(ts_key), expires=60,
+                      index_expires=365 * 86400, now=time.time() - 3600)
             what = "expired"
         else:  # rollback: a newer timestamp was seen, the mirror serves the old one again
             old = (repo / "timestamp.json").read_bytes()
@@ -190,6 +192,29 @@ def test_tampering_is_refused_and_dest_unchanged(
         assert _snapshot(dest) == before
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("age", ["0", "0d", "-5m"])
+def test_a_lifetime_of_nothing_is_refused(signed: tuple[Path, Path, Path], tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str],
+                                          age: str) -> None:
+    """`repo sign --expires 0` (or --index-expires) would publish metadata that expired as
+    it was made: one line, exit 2, nothing signed; the API refuses it too."""
+    _root, _pub, ts_key = signed
+    repo = _copy_repo(signed, tmp_path / "www")
+    before = (repo / "timestamp.json").read_bytes()
+    for option in ("--expires", "--index-expires"):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            main(["repo", "sign", str(repo), "--timestamp-key", str(ts_key), f"{option}={age}"])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        assert f"not a lifetime: '{age}'" in err[0], err[0]
+    with pytest.raises(BtrdeltaError, match="lifetimes must be more than 0"):
+        sign_repo(str(repo), root_key=None, timestamp_key=str(ts_key), expires=0,
+                  index_expires=86400)
+    assert (repo / "timestamp.json").read_bytes() == before
 
 
 def test_an_older_signed_index_is_a_rollback(

@@ -151,13 +151,16 @@ def _add_gc(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def parse_age(text: str) -> int:
-    """'7d' -> seconds."""
+    """'7d' -> seconds (a lifetime: more than 0)."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
     t = text.strip().lower()
     try:
-        return int(t[:-1]) * units[t[-1]] if t and t[-1] in units else int(t)
+        age = int(t[:-1]) * units[t[-1]] if t and t[-1] in units else int(t)
     except (ValueError, KeyError):
         raise argparse.ArgumentTypeError(f"not an age: {text!r} (e.g. 7d, 12h)") from None
+    if age <= 0:  # (signed metadata that expires as it is made)
+        raise argparse.ArgumentTypeError(f"not a lifetime: {text!r} (more than 0, e.g. 7d)")
+    return age
 
 
 def run_init(args: argparse.Namespace) -> int:

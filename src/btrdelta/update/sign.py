@@ -104,6 +104,9 @@ def sign_repo(root: str, *, root_key: str | None, timestamp_key: str | None,
     first (``root/<N>.json``, :mod:`btrdelta.repo.rootchain`)."""
     if previous_key is not None and root_key is None:
         raise BtrdeltaError("--previous-key rotates to --key: give both")
+    if expires <= 0 or index_expires <= 0:
+        raise BtrdeltaError(f"lifetimes must be more than 0 seconds (timestamp {expires}, "
+                            f"index {index_expires})")
     repo = Repo(root)
     when = int(time.time() if now is None else now)
     with repo.locked():
