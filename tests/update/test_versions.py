@@ -178,7 +178,8 @@ def test_tampering_is_refused_and_dest_unchanged(
         else:  # rollback: a newer timestamp was seen, the mirror serves the old one again
             old = (repo / "timestamp.json").read_bytes()
             assert main(["repo", "sign", str(repo), "--timestamp-key", str(ts_key)]) == 0
-            assert _update(srv.url, dest, pub, "--dry-run", capsys=capsys)[0] == 0
+            # (a run with nothing to do: it trusts the new one; a dry run remembers nothing)
+            assert _update(srv.url, dest, pub, "--to", "v8", capsys=capsys)[0] == 0
             (repo / "timestamp.json").write_bytes(old)
             what = "rollback"
         if damage == "pack":
@@ -321,7 +322,7 @@ def test_a_resumed_full_counts_the_chunks_it_holds(
     held = sum(idx.comp_sizes[e] for e in entries)
     assert plan["to_download"] == plan["plan"]["bytes"] - v.full_length - held
     before = server.served()
-    rc, out, err = _update(server.url, dest, None, "--to", "v1", "--json", capsys=capsys)
+    rc, out, err = _update(server.url, dest, pub, "--to", "v1", "--json", capsys=capsys)
     assert rc == 0, err
     report = checked("update", json.loads(out))
     artifacts = server.served() - before - report["metadata_bytes"]
@@ -591,6 +592,44 @@ def test_a_wrong_key_given_once_is_not_remembered(
     rc, _, err = _update(server.url, fresh, None, "--dry-run", capsys=capsys)
     assert rc == 1
     assert "no root key: give --key ROOT_PUB" in err
+
+
+def _entries(dest: Path) -> dict[str, tuple[int, int, int]]:
+    """Every entry below ``dest`` (and itself): mode, size, mtime (ns)."""
+    out = {}
+    for top, dirs, files in os.walk(dest):
+        for name in ["", *dirs, *files]:
+            st = os.lstat(os.path.join(top, name))
+            out[os.path.relpath(os.path.join(top, name), dest)] = (st.st_mode, st.st_size,
+                                                                    st.st_mtime_ns)
+    return out
+
+
+def test_a_dry_run_writes_nothing(signed: tuple[Path, Path, Path], server: Nginx,
+                                  tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`update --dry-run` plans and writes nothing: a DEST that does not exist is not made
+    (no `.btrdelta`, no pinned key), one that holds a version keeps every entry, size and
+    mtime (no lock file, trusted state, root or metadata cache, no clean-up), also with a
+    key given (not pinned: the real run takes it again) and its metadata cache gone."""
+    _, pub, _ = signed
+    fresh = tmp_path / "fresh"
+    rc, out, err = _update(server.url, fresh, pub, "--dry-run", capsys=capsys)
+    assert rc == 0, err
+    assert "plan: from nothing to v9: " in out
+    assert not fresh.exists()
+    dest = tmp_path / "dest"
+    assert _update(server.url, dest, pub, "--to", "v1", capsys=capsys)[0] == 0
+    shutil.rmtree(dest / ".btrdelta" / "meta")
+    os.unlink(dest / ".btrdelta" / "lock")
+    (dest / ".btrdelta-tmp-1-99999999").mkdir()  # a leftover a real run removes
+    before = _entries(dest)
+    time.sleep(0.01)
+    rc, out, err = _update(server.url, dest, pub, "--to", "v8", "--dry-run", capsys=capsys)
+    assert rc == 0, err
+    assert "plan: from v1 to v8: " in out
+    assert _entries(dest) == before
+    rc, _, err = _update(server.url, dest, None, "--dry-run", capsys=capsys)
+    assert rc == 0, err  # (the key pinned by the real run)
 
 
 def test_repo_ls_over_http_and_timestamp_keys(

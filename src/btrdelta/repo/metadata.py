@@ -35,10 +35,12 @@ _MAX_TIMESTAMP = 64 << 10
 
 
 class MetaCache:
-    """Verified metadata files kept by their BLAKE3 (``None`` directory: no cache)."""
+    """Verified metadata files kept by their BLAKE3 (``None`` directory: no cache;
+    ``readonly``: what is there is used, nothing is added, as on a dry run)."""
 
-    def __init__(self, directory: Path | None) -> None:
+    def __init__(self, directory: Path | None, *, readonly: bool = False) -> None:
         self.dir = directory
+        self.readonly = readonly
 
     def get(self, digest: str) -> bytes | None:
         if self.dir is None:
@@ -50,7 +52,7 @@ class MetaCache:
         return data if blake3.blake3(data).hexdigest() == digest else None
 
     def put(self, digest: str, data: bytes) -> None:
-        if self.dir is None:
+        if self.dir is None or self.readonly:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self.dir / digest, data)

@@ -125,9 +125,9 @@ def _fetch_check(mirrors: Mirrors, path: str, version: int, current: list[trust.
 
 
 def current_root(mirrors: Mirrors, pinned: Sequence[trust.PublicKey],
-                 state: Path | None) -> list[trust.PublicKey]:
+                 state: Path | None, *, save: bool = True) -> list[trust.PublicKey]:
     """The keys of the newest root reachable from ``pinned`` (or from the root saved in
-    ``state``), saving it there; see the module docstring.
+    ``state``), saving it there (unless not ``save``: a dry run); see the module docstring.
 
     Raises:
         SignatureError: after the chain advanced, a root document no trusted key signed.
@@ -148,6 +148,6 @@ def current_root(mirrors: Mirrors, pinned: Sequence[trust.PublicKey],
         if root is None:
             continue
         keys, advanced = root.public_keys(path), True
-        if state is not None:
+        if state is not None and save:
             state.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(state, (json.dumps(root.encode(), sort_keys=True) + "\n").encode())

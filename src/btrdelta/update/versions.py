@@ -101,13 +101,13 @@ class UpdateResult:
 class _Dest:
     """The state directory of a destination."""
 
-    def __init__(self, dest: Path) -> None:
+    def __init__(self, dest: Path, *, dry_run: bool = False) -> None:
         self.dest = dest
         self.state = dest / STATE
         self.downloads = self.state / "downloads"
         self.tmp = self.state / "tmp"
         self.store = ChunkStore(self.state / "chunks")
-        self.meta = MetaCache(self.state / "meta")
+        self.meta = MetaCache(self.state / "meta", readonly=dry_run)
         #: the thread of :func:`_import_ahead` (joined before the first receive)
         self.imports: threading.Thread | None = None
 
@@ -124,6 +124,24 @@ class _Dest:
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise BtrdeltaError("another update of this destination is running",
+                                    path=str(self.dest)) from None
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def looked_at(self) -> Iterator[None]:
+        """A dry run's lock: shared, on the lock file an update made (none is made)."""
+        try:
+            fd = os.open(self.state / "lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            yield
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise BtrdeltaError("another update of this destination is running",
                                     path=str(self.dest)) from None
@@ -242,25 +260,30 @@ def update(
 ) -> UpdateResult:
     """Update ``dest`` from the repository at ``url`` (and ``mirrors``); see the module
     docstring. ``on_event`` receives progress events (dicts with an ``"event"`` key); the
-    plan is the first (``{"event": "plan", ...}``), before any artifact is downloaded."""
+    plan is the first (``{"event": "plan", ...}``), before any artifact is downloaded.
+    ``dry_run``: the plan only, and nothing written (not DEST, its lock, the key given,
+    the trusted state or the metadata cache; what is cached is used)."""
     t0 = time.monotonic()
-    d = _Dest(Path(dest))
-    d.dest.mkdir(parents=True, exist_ok=True)
+    d = _Dest(Path(dest), dry_run=dry_run)
+    if not dry_run:  # (a dry run writes nothing: no directory, lock, pin, cache or state)
+        d.dest.mkdir(parents=True, exist_ok=True)
     emit = on_event or (lambda _e: None)
     m = Mirrors([url, *mirrors], config=config, client=client,
                 on_bytes=lambda n: emit({"event": "bytes", "n": n}))
     if not dry_run:
         d.imports = _import_ahead()
     try:
-        with d.locked():
+        with d.looked_at() if dry_run else d.locked():
             pinned = d.root_keys(key)
             trusted_path = d.state / "trusted" / f"{trust.key_id(pinned[0])}.json"
-            keys = current_root(m, pinned, trusted_path.with_suffix(".root.json"))
+            keys = current_root(m, pinned, trusted_path.with_suffix(".root.json"),
+                                save=not dry_run)
             verified = load_index(m, keys, read_trusted(trusted_path), d.meta, now=now)
-            save_trusted(trusted_path, verified)
-            if key is not None:
-                d.pin(pinned[0])
-            holdings.cleanup(d.dest)
+            if not dry_run:
+                save_trusted(trusted_path, verified)
+                if key is not None:
+                    d.pin(pinned[0])
+                holdings.cleanup(d.dest)
             result = _run(d, m, verified, to, dry_run, emit)
             result.metadata_bytes += verified.downloaded
     finally:
