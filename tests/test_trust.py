@@ -230,3 +230,25 @@ def test_signature_files_replace_atomically_and_do_not_follow_symlinks(tmp_path:
     with pytest.raises(FileExistsError):
         write_signature(sign(key, _content(), CONTEXT_STREAM), str(path))
     assert victim.read_text() == "precious"
+
+
+def test_signature_and_key_files_are_named_durably(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file, then its directory after the rename, are ``fsync``-ed: after a power cut
+    the name shows the whole signature (or key), not nothing."""
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    key = generate_key()
+    path = tmp_path / "s.sig"
+    write_signature(sign(key, _content(), CONTEXT_STREAM), str(path))
+    assert synced == [f"{path}.tmp-{os.getpid()}", str(tmp_path)]
+    synced.clear()
+    save_key_pair(key, str(tmp_path / "k.pem"), str(tmp_path / "k.pub"))
+    assert synced == [str(tmp_path / "k.pem"), str(tmp_path), str(tmp_path / "k.pub"),
+                      str(tmp_path)]

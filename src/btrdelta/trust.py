@@ -220,6 +220,7 @@ def _write_new(path: str, data: bytes, mode: int) -> None:
             os.unlink(path)
         raise
     os.close(fd)
+    _fsync_dir_of(path)
 
 
 def save_key_pair(key: Ed25519PrivateKey, private_path: str, public_path: str) -> None:
@@ -496,9 +497,20 @@ def read_signature(path: str) -> Signature:
     return Signature.decode(data, source=path)
 
 
+def _fsync_dir_of(path: str) -> None:
+    """``fsync`` the directory of ``path``: its new name survives a power cut (floor 0:
+    not ``fs.atomic``'s)."""
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_signature(sig: Signature, path: str) -> None:
-    """Write a detached signature file atomically (a new temporary file, then rename);
-    an existing signature at ``path`` is replaced."""
+    """Write a detached signature file atomically and durably (a new temporary file,
+    ``fsync``, rename, ``fsync`` of the directory); an existing signature at ``path`` is
+    replaced."""
     tmp = f"{path}.tmp-{os.getpid()}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(tmp, flags, 0o644)
@@ -514,6 +526,7 @@ def write_signature(sig: Signature, path: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    _fsync_dir_of(path)
 
 
 # -- raw Ed25519 (the chunk archive format signs header || index directly) -------------
