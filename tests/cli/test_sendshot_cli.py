@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from btrdelta.cli import main
+from btrdelta.cli._common import human_bytes
 from btrdelta.send.store import SendshotStore
 from tests.jsondoc import checked
 
@@ -91,8 +92,16 @@ def test_list_show_delete_prune(tmp_path: Path, capsys: pytest.CaptureFixture[st
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "held by receiver(s) nas" in err
-    assert [r["held_by"] for r in _json(capsys, "sendshot list", *st, "list")
-            if r["id"] == mine[1]["id"]] == [["nas"]]
+    listed = _json(capsys, "sendshot list", *st, "list")
+    assert [r["held_by"] for r in listed if r["id"] == mine[1]["id"]] == [["nas"]]
+    # without --json: a summary first (as `repo ls`), then a line per record, oldest first
+    assert main(["sendshot", "--store", str(store), "list"]) == 0
+    head, *rows = capsys.readouterr().out.splitlines()
+    total = sum(r["bytes"] for r in listed)
+    assert head == (f"{len(listed)} sendshots, {human_bytes(total)}; 1 receiver cursor; "
+                    f"store {store}")
+    assert [row.split()[0] for row in rows] == [r["id"][:16] for r in listed]
+    assert rows[[r["id"] for r in listed].index(mine[1]["id"])].endswith("held by nas")
 
     dry = _json(capsys, "sendshot prune", *st, "prune", "--keep", "1", "--dry-run")
     assert dry == {"deleted": [mine[0]["id"], mine[2]["id"]], "dry_run": True,

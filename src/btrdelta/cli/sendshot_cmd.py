@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import BtrdeltaError
 from ..send.store import DEFAULT_STORE, SendshotStore, StoredSendshot, parse_grid
-from ._common import examples
+from ._common import examples, human_bytes
 
 _EPILOG = """\
 examples:
@@ -115,7 +115,11 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "list":
         every = store.records_list()
         out = [s.to_json() for s in every]
-        if not args.json:
+        if not args.json:  # a summary first, as `repo ls`
+            cursors = len(store.cursors())
+            print(f"{len(every)} sendshots, {human_bytes(sum(s.size for s in every))}; "
+                  f"{cursors} receiver cursor{'' if cursors == 1 else 's'}; store "
+                  f"{store.path}")
             for s in every:
                 print(_line(s))
     elif args.action == "show":
