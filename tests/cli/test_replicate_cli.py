@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.jsondoc import checked
 
 BTRDELTA = [sys.executable, "-m", "btrdelta"]
@@ -268,3 +270,30 @@ def test_tcp_without_keys_is_a_usage_error(tmp_path: Path) -> None:
         assert proc.returncode == 2, (argv, proc.stderr)
         assert proc.stderr.count("\n") == 1, proc.stderr
         assert named in proc.stderr
+
+
+def test_a_resume_that_diverges_twice_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    # the stream made again for a resume differs from the receiver's part (the source
+    # changed under a live send): the CLI starts one new conversation; when that diverges
+    # too, nothing new is on the receiver and the run must fail, not exit 0
+    from btrdelta.cli import main
+    from btrdelta.update import replicate as mod
+
+    calls: list[str] = []
+
+    def diverging(source: str, ch: object, **_: object) -> mod.ReplicateResult:
+        calls.append(source)
+        return mod.ReplicateResult("diverged", "resume", message="the stream made again "
+                                   "differs from the one the receiver holds part of")
+
+    monkeypatch.setattr(mod, "replicate", diverging)
+    _source(tmp_path)
+    (tmp_path / "d").mkdir()
+    code = main(["replicate", "--store", str(tmp_path / "store"), str(tmp_path / "src"),
+                 str(tmp_path / "d")])
+    assert len(calls) == 2
+    assert code == 9
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["btrdelta replicate: error: the stream made again differs from the one "
+                   "the receiver holds part of"]

@@ -129,7 +129,10 @@ def _replicate(args: argparse.Namespace, ch: Any, peer: str) -> int:
             if result.outcome != "diverged":
                 break
     report = {k: getattr(result, k) for k in result.__match_args__}
-    failed = result.outcome == "refused" and "already-current" not in result.message
+    # a stream made again for a resume that diverged twice is a failure too (the receiver
+    # holds nothing new)
+    failed = (result.outcome == "diverged"
+              or (result.outcome == "refused" and "already-current" not in result.message))
     if args.json:
         print(json.dumps(report))
     elif not args.quiet:
