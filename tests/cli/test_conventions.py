@@ -270,3 +270,16 @@ def test_every_choice_is_explained(words: tuple[str, ...]) -> None:
         codec = next(a for a in parser._actions if "--codec" in a.option_strings)
         assert "btrdelta[hdiff]" in (codec.help or "")
         assert "core install" in (codec.help or "")
+
+
+def test_every_positional_says_what_it_is() -> None:
+    # `sendshot delete ID`, `repo add REPO VERSION` and `tree-sum dir` were listed with no
+    # word on what to give; every positional has a help line and a metavar in capitals
+    for words, p in COMMANDS:
+        for a in p._actions:
+            if a.option_strings or isinstance(a, argparse._SubParsersAction):
+                continue
+            shown = a.metavar or a.dest
+            assert a.help, (words, shown)
+            assert isinstance(shown, str), (words, shown)
+            assert shown[:1].isupper(), (words, shown)

@@ -67,11 +67,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                         "until mountpoint -q /run/img; do sleep 0.1; done",
                         "mount -o loop,ro /run/img/v2 /mnt      # the filesystem inside",
                         "umount /mnt /run/img                   # the command then ends"))
-    m.add_argument("target", metavar="STORE/NAME")
-    m.add_argument("mountpoint", metavar="MOUNTPOINT")
+    m.add_argument("target", metavar="STORE/NAME", help="chunk store directory and image name")
+    m.add_argument("mountpoint", metavar="MOUNTPOINT",
+                   help="a directory; the image shows in it as MOUNTPOINT/NAME")
     m.set_defaults(func=run_mount)
     n = isub.add_parser("nbd", help="serve an image in the store over NBD (read-only)")
-    n.add_argument("target", metavar="STORE/NAME")
+    n.add_argument("target", metavar="STORE/NAME", help="chunk store directory and image name")
     n.add_argument("--listen", default="127.0.0.1:10809", metavar="ADDR", type=_listen,
                    help="HOST:PORT, [IPV6]:PORT or unix:PATH (default 127.0.0.1:10809)")
     n.add_argument("--tls-cert", metavar="PEM",
@@ -85,7 +86,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     i = isub.add_parser("info", help="what an archive, description or casync index holds",
                         epilog=examples("btrdelta image info http://server/rootfs-v2.bdar",
                                         "btrdelta image info --json /var/lib/images/v2"))
-    i.add_argument("source", metavar="ARCHIVE|STORE/NAME|INDEX.caibx")
+    i.add_argument("source", metavar="ARCHIVE|STORE/NAME|INDEX.caibx",
+                   help="an archive (path or URL), an image in a store, or a casync index")
     i.add_argument("--key", metavar="PUBKEY", help="also check the signature with this key")
     add_json(i, "what it holds")
     add_http_options(i)
@@ -94,7 +96,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     g = isub.add_parser("gc", help="drop unused and damaged chunks and leftovers from a store",
                         epilog=examples("btrdelta image gc /var/lib/images",
                                         "btrdelta image gc --dry-run --json /var/lib/images"))
-    g.add_argument("store", metavar="STORE")
+    g.add_argument("store", metavar="STORE", help="chunk store directory")
     g.add_argument("--dry-run", action="store_true", help="only report")
     g.add_argument("--quick", action="store_true",
                    help="check kept chunks' sizes only, not their content")
@@ -175,7 +177,7 @@ def _add_verify(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     v = isub.add_parser(
         "verify", help="check an image in the store (every chunk's size and hash)",
         epilog="example: btrdelta image verify --repair /var/lib/images/v2 --seed /dev/mmcblk0p2")
-    v.add_argument("target", metavar="STORE/NAME")
+    v.add_argument("target", metavar="STORE/NAME", help="chunk store directory and image name")
     v.add_argument("--key", metavar="PUBKEY", help="also check the description's signature")
     v.add_argument("--repair", action="store_true",
                    help="drop damaged chunks and fetch what is missing again")

@@ -57,7 +57,7 @@ def _add_init(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     i = rsub.add_parser("init", help="create an empty repository",
                         epilog=examples("btrdelta repo init www/app",
                                         "btrdelta repo init www/app --avg-chunk 256K"))
-    i.add_argument("repo", metavar="REPO")
+    i.add_argument("repo", metavar="REPO", help="directory to make (empty or new)")
     i.add_argument("--avg-chunk", type=parse_size, default=64 << 10, metavar="SIZE",
                    help="average chunk size of fulls (default 64K)")
     i.add_argument("--level", type=int, default=12, help="zstd level of chunks (default 12)")
@@ -71,8 +71,9 @@ def _add_add(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         epilog=examples("btrdelta repo add www/app 1.1 /build/app-1.1 -j 4",
                         "btrdelta repo add www/app 1.2 /snap/app-1.2     # a ro btrfs snapshot",
                         "btrdelta repo add www/app 1.3 rel-1.3.stream --plan-only > jobs.json"))
-    a.add_argument("repo", metavar="REPO")
-    a.add_argument("version", metavar="VERSION")
+    a.add_argument("repo", metavar="REPO", help="the repository (made by repo init)")
+    a.add_argument("version", metavar="VERSION",
+                   help="the new version's name (free-form; versions are ordered as added)")
     a.add_argument("source", metavar="SOURCE", nargs="?",
                    help="directory tree, read-only btrfs snapshot, or full send stream "
                    "(not needed to finish a version whose jobs are pending)")
@@ -91,7 +92,7 @@ def _add_run_job(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     j = rsub.add_parser("run-job", help="run one delta job written by `repo add --plan-only`",
                         epilog=examples("btrdelta repo run-job www/app/.btrdelta/jobs/1.3/"
                                         "1.1-1.3.json --work /scratch"))
-    j.add_argument("job", metavar="JOB.json")
+    j.add_argument("job", metavar="JOB.json", help="a job file that repo add --plan-only wrote")
     j.add_argument("--work", metavar="DIR", help="scratch directory (default: $TMPDIR)")
     add_jobs(j, None, "diff threads (default: CPUs)")
     add_json(j, "the delta written")
@@ -105,7 +106,7 @@ def _add_sign(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "btrdelta repo sign www/app --key root.key --timestamp-key ts.key --expires 7d",
             "btrdelta repo sign www/app --timestamp-key ts.key --expires 1d   # cron",
             "btrdelta repo sign www/app --key new-root.key --previous-key root.key"))
-    s.add_argument("repo", metavar="REPO")
+    s.add_argument("repo", metavar="REPO", help="the repository")
     s.add_argument("--key", metavar="ROOT_KEY", help="root private key: sign a new index")
     s.add_argument("--timestamp-key", metavar="KEY",
                    help="timestamp private key (default: the root key)")
@@ -125,7 +126,7 @@ def _add_ls(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "ls", help="versions, artifacts and sizes of a repository",
         epilog=examples("btrdelta repo ls www/app",
                         "btrdelta repo ls https://mirror.example/app --key root.pub --json"))
-    ls.add_argument("repo", metavar="REPO|URL")
+    ls.add_argument("repo", metavar="REPO|URL", help="repository directory or base URL")
     ls.add_argument("--key", metavar="ROOT_PUB", help="verify the index (URLs)")
     add_json(ls, "the listing")
     ls.set_defaults(func=run_ls)
@@ -141,7 +142,7 @@ def _add_gc(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "sync at any time (rsync --delete removes the same files there).",
         epilog=examples("btrdelta repo gc /srv/repo --dry-run",
                         "btrdelta repo gc /srv/repo --keep-indexes 3"))
-    g.add_argument("repo", metavar="REPO")
+    g.add_argument("repo", metavar="REPO", help="the repository")
     g.add_argument("--keep-indexes", type=int, default=2, metavar="N",
                    help="signed indexes kept, newest first (default 2: a mirror one sign "
                         "behind still serves a whole state)")

@@ -53,7 +53,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     show.add_argument("id", metavar="ID", help="a digest, a unique prefix, or 'latest'")
     delete = cmds.add_parser("delete", help="delete records",
                              epilog=examples("btrdelta sendshot delete 3f2a9c 81b0d4"))
-    delete.add_argument("ids", metavar="ID", nargs="+")
+    delete.add_argument("ids", metavar="ID", nargs="+",
+                        help="digests or unique prefixes (sendshot list shows them)")
     delete.add_argument("--force", action="store_true",
                         help="also a record a receiver's cursor names")
     prune = cmds.add_parser("prune", help="delete what a retention rule does not keep "
@@ -73,7 +74,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                                             "(a received subvolume, a kernel-sent snapshot)",
                              epilog=examples("btrdelta sendshot create /mnt/recv/data.20240101 "
                                              "--source /data"))
-    create.add_argument("path", metavar="SUBVOL_OR_DIR")
+    create.add_argument("path", metavar="SUBVOL_OR_DIR",
+                        help="the receiver's copy (a received subvolume) or a tree equal to it")
     create.add_argument("--uuid", help="the UUID the receiver knows it by (default: its "
                                        "received UUID, else its UUID, else the content UUID)")
     create.add_argument("--ctransid", type=int, help="the ctransid to name with --uuid")

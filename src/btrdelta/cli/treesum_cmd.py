@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                         "btrdelta tree-sum /mnt/received/B --compare /mnt/src/B",
                         "btrdelta tree-sum --json --holes /mnt/received/B"),
     )
-    p.add_argument("dir", help="root of the tree")
+    p.add_argument("dir", metavar="DIR", help="root of the tree")
     p.add_argument("--holes", action="store_true", help="also cover the data/hole layout")
     p.add_argument("--ignore-root-mtime", action="store_true",
                    help="leave out the root directory's mtime (a received incremental "
