@@ -93,6 +93,7 @@ def test_check_names_each_kind_of_damage(tmp_path: Path) -> None:
     sizes = {chunk_digest(c): len(c) for c in chunks}
     for c in chunks:
         store.put(chunk_digest(c), c)
+    store.sync()
     ids = list(sizes)
     paths = [Path(store.chunk_path(d)) for d in ids]
     for p in paths:

@@ -123,6 +123,7 @@ def _preload_every_other_chunk(arc: Path, store: ChunkStore) -> None:
     for e in range(0, h.chunk_count, 2):
         frame = blob[index.offsets[e] : index.offsets[e] + index.comp_sizes[e]]
         store.put(index.digests[e], zstandard.ZstdDecompressor().decompress(frame))
+    store.sync()
 
 
 def _store_is_clean(store: ChunkStore) -> None:

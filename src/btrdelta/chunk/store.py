@@ -9,8 +9,11 @@ Layout (``docs/formats/chunk-store.md``)::
                                                         of chunks, exclusive for gc and repair
 
 Invariants: a chunk file gets its name only after its bytes were checked against the id and
-``fsync``-ed (:func:`btrdelta.fs.atomic.create_file`), so a name never refers to a partial
-file written by this code; a description is written (atomically) only after every chunk it
+made durable, so a name never refers to a partial file written by this code. Chunks are
+written to unnamed files as they arrive and named in batches: one ``syncfs`` for the batch
+(up to :data:`BATCH_FILES` files, :data:`BATCH_BYTES` bytes or :data:`BATCH_DELAY` seconds
+old), then the names (:func:`btrdelta.fs.atomic.link_written`); a ``kill -9`` loses at most
+the batch not yet named. A description is written (atomically) only after every chunk it
 names was checked present and the chunk directories were ``fsync``-ed. Damage from outside
 (a crash of an older version, a bad disk, a stray write) is found by :meth:`ChunkStore.check`
 (size, then BLAKE3 of the content); damaged files are dropped (:meth:`ChunkStore.drop`) and
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import fcntl
 import os
 import threading
@@ -40,7 +44,14 @@ from ..errors import (
     StreamFormatError,
     UnsafePathError,
 )
-from ..fs.atomic import create_file, fsync_dir, write_atomic
+from ..fs.atomic import (
+    discard_written,
+    fsync_dir,
+    link_written,
+    write_atomic,
+    write_unnamed,
+)
+from ..fs.btrfs import syncfs
 from ..trust import PublicKey
 from .archive import MAGIC, ArchiveHeader, ArchiveIndex, decode_description
 from .chunker import DIGEST_SIZE, chunk_digest
@@ -59,6 +70,63 @@ _TMP = ".tmp-"
 _LOCK = ".lock"
 _SOURCES = ".sources"
 _READ_BLOCK = 4 << 20
+
+#: a batch of new chunk files is made durable at once (one ``syncfs``) when it holds this
+#: many files or bytes, or when its first file is this many seconds old
+BATCH_FILES = 128
+BATCH_BYTES = 8 << 20
+BATCH_DELAY = 0.5
+
+
+def _syncfs(fd: int) -> bool:
+    """``syncfs`` the file system of ``fd``; ``False`` where the kernel has none."""
+    try:
+        syncfs(fd)
+    except OSError as exc:
+        if exc.errno == errno.ENOSYS:
+            return False
+        raise
+    return True
+
+
+def _durable(fds: list[int]) -> None:
+    """Make the content of the files ``fds`` durable: one ``syncfs`` (their file system's
+    whole write-back, which costs about what one ``fsync`` does), else an ``fsync`` each."""
+    if not _syncfs(fds[0]):
+        for fd in fds:
+            os.fsync(fd)
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A chunk written to an unnamed (or temporary) file, waiting for its batch's sync."""
+
+    fd: int
+    tmp: str | None
+    directory: str
+    size: int
+    done: bool = False
+
+    def link(self, name: str) -> bool:
+        dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self.done = True
+            return link_written(self.fd, self.tmp, dir_fd, name)
+        finally:
+            os.close(dir_fd)
+
+    def discard(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.tmp is None:
+            os.close(self.fd)
+            return
+        dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            discard_written(self.fd, self.tmp, dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def split_store_name(target: str) -> tuple[str, str]:
@@ -153,6 +221,12 @@ class ChunkStore:
         self.chunks_dir = os.path.join(self.root, "chunks")
         self._dirty: set[str] = set()
         self._dirty_lock = threading.Lock()
+        self._batch: dict[bytes, _Pending] = {}
+        self._batch_bytes = 0
+        self._batch_lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        self._flush_error: BaseException | None = None
 
     # -- lock ------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -209,11 +283,14 @@ class ChunkStore:
         return os.path.exists(self.chunk_path(digest))
 
     def put(self, digest: bytes, data: bytes | bytearray | memoryview) -> bool:
-        """Store ``data`` as chunk ``digest`` after checking its hash (durable once
-        :meth:`sync` returned).
+        """Store ``data`` as chunk ``digest`` after checking its hash.
+
+        The bytes go to an unnamed file at once; the file gets its name when its batch is
+        made durable (:meth:`flush`: when the batch is full or a moment old, and at
+        :meth:`sync`), never before. Call :meth:`sync` (or use :meth:`writing`) when done.
 
         Returns:
-            ``True`` if written, ``False`` if the store already had a file of that name.
+            ``True`` if new, ``False`` if the store already had (or is naming) that chunk.
 
         Raises:
             ChecksumError: ``data`` does not hash to ``digest`` (nothing is written).
@@ -224,7 +301,33 @@ class ChunkStore:
                 f"chunk {digest.hex()[:16]}… does not match its id",
                 expected=digest.hex(), actual=actual.hex(),
             )
-        directory = os.path.dirname(self.chunk_path(digest))
+        self._raise_flush_error()
+        path = self.chunk_path(digest)
+        if os.path.exists(path):
+            return False
+        with self._batch_lock:
+            if digest in self._batch:
+                return False
+        directory = os.path.dirname(path)
+        pending = _Pending(*self._write_unnamed(directory, digest.hex(), data), directory,
+                           len(data))
+        with self._batch_lock:
+            if digest in self._batch:  # another thread stored it meanwhile
+                pending.discard()
+                return False
+            self._batch[digest] = pending
+            self._batch_bytes += len(data)
+            full = len(self._batch) >= BATCH_FILES or self._batch_bytes >= BATCH_BYTES
+            if len(self._batch) == 1 and not full:
+                self._timer = threading.Timer(BATCH_DELAY, self._flush_in_background)
+                self._timer.daemon = True
+                self._timer.start()
+        if full:
+            self.flush()
+        return True
+
+    def _write_unnamed(self, directory: str, name: str,
+                       data: bytes | bytearray | memoryview) -> tuple[int, str | None]:
         for attempt in range(2):
             try:
                 dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -236,20 +339,88 @@ class ChunkStore:
                 with self._dirty_lock:
                     self._dirty.update((self.chunks_dir, self.root))
         try:
-            created = create_file(dir_fd, digest.hex(), data)
+            return write_unnamed(dir_fd, name, data)
         finally:
             os.close(dir_fd)
-        if created:
-            with self._dirty_lock:
-                self._dirty.add(directory)
-        return created
+
+    def flush(self) -> None:
+        """Name the chunks written since the last flush: one ``syncfs`` makes their bytes
+        durable, then each gets its name (their directories are ``fsync``-ed by
+        :meth:`sync`). Chunks of a failed flush are dropped (fetched again next time)."""
+        with self._flush_lock:
+            with self._batch_lock:
+                batch, self._batch, self._batch_bytes = self._batch, {}, 0
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+            if not batch:
+                return
+            named = set()
+            try:
+                _durable([p.fd for p in batch.values()])
+                for digest, pending in batch.items():
+                    if pending.link(digest.hex()):
+                        named.add(pending.directory)
+            finally:
+                for pending in batch.values():
+                    pending.discard()
+                with self._dirty_lock:
+                    self._dirty.update(named)
+
+    def _flush_in_background(self) -> None:
+        try:
+            self.flush()
+        except BaseException as exc:  # kept for the next put or sync
+            self._flush_error = exc
+
+    def _raise_flush_error(self) -> None:
+        exc, self._flush_error = self._flush_error, None
+        if exc is not None:
+            raise exc
+
+    def discard(self) -> None:
+        """Drop the chunks written but not yet named (a clone that failed midway)."""
+        with self._batch_lock:
+            batch, self._batch, self._batch_bytes = self._batch, {}, 0
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        for pending in batch.values():
+            pending.discard()
 
     def sync(self) -> None:
-        """``fsync`` every directory a chunk was added to since the last call."""
+        """:meth:`flush`, then make every name added since the last call durable (one
+        ``syncfs``; ``fsync`` of each directory where there is none)."""
+        self.flush()
+        self._raise_flush_error()
         with self._dirty_lock:
             dirty, self._dirty = self._dirty, set()
+        if not dirty:
+            return
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            if _syncfs(fd):
+                return
+        finally:
+            os.close(fd)
         for directory in sorted(dirty, key=len, reverse=True):
             fsync_dir(directory)
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[ChunkStore]:
+        """Put chunks inside the block: on success they are all named and durable
+        (:meth:`sync`); on failure, the chunks already checked are still named (a re-run
+        does not fetch them again) unless that fails too."""
+        try:
+            yield self
+        except BaseException:
+            try:
+                self.flush()
+            except Exception:  # the first failure is the one to report
+                self.discard()
+            self._flush_error = None
+            raise
+        self.sync()
 
     def drop(self, digest: bytes) -> bool:
         """Remove chunk ``digest``'s file (a damaged one); ``False`` if there was none."""

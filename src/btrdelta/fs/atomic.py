@@ -11,7 +11,9 @@ This module owns how btrdelta creates output files and store entries:
   untouched. No predictable name is ever opened, so a symlink planted by another user
   (``OUT.tmp-1234 -> /etc/shadow``) is never written through.
 * :func:`create_file` durably creates a file that must not exist yet (a chunk in a store:
-  written, ``fsync``-ed, then linked under its final name, which fails if the name exists).
+  written, ``fsync``-ed, then linked under its final name, which fails if the name exists);
+  :func:`write_unnamed` and :func:`link_written` are its two halves, for callers that make
+  many files durable at once (the chunk store: one ``syncfs`` per batch) before naming them.
 
 It knows nothing of formats; callers decide what the bytes are.
 """
@@ -27,7 +29,16 @@ from typing import BinaryIO
 
 from ..errors import BtrdeltaError
 
-__all__ = ["atomic_output", "create_file", "fsync_dir", "pid_alive", "write_atomic"]
+__all__ = [
+    "atomic_output",
+    "create_file",
+    "discard_written",
+    "fsync_dir",
+    "link_written",
+    "pid_alive",
+    "write_atomic",
+    "write_unnamed",
+]
 
 _PROC_FD = "/proc/self/fd"
 # O_TMPFILE answers these where the file system (or kernel) has no unnamed files
@@ -144,6 +155,58 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | memoryview, *,
         f.write(data)
 
 
+def write_unnamed(dir_fd: int, name: str, data: bytes | bytearray | memoryview, *,
+                  mode: int = 0o444) -> tuple[int, str | None]:
+    """Write ``data`` to a new file in ``dir_fd`` that has no final name yet: an unnamed
+    file (``O_TMPFILE``), or where there is none a fresh temporary name derived from
+    ``name``. Nothing is ``fsync``-ed: :func:`link_written` names it once the caller made
+    it durable (``fsync``, or one ``syncfs`` for many files).
+
+    Returns:
+        ``(descriptor, temporary name or None)``; the caller owns the descriptor.
+    """
+    tmp: str | None = None
+    fd = _open_unnamed(dir_fd, mode)
+    if fd is None:
+        fd, tmp = _open_new(dir_fd, name, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except BaseException:
+        discard_written(fd, tmp, dir_fd)
+        raise
+    return fd, tmp
+
+
+def link_written(fd: int, tmp: str | None, dir_fd: int, name: str) -> bool:
+    """Give a file from :func:`write_unnamed` its name ``name`` (never replacing one), then
+    close it and drop its temporary name.
+
+    Returns:
+        ``True`` if named, ``False`` if ``name`` already existed (left untouched).
+    """
+    try:
+        if tmp is None:
+            _link_unnamed(fd, dir_fd, name)
+        else:
+            os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+    except FileExistsError:
+        return False
+    finally:
+        discard_written(fd, tmp, dir_fd)
+    return True
+
+
+def discard_written(fd: int, tmp: str | None, dir_fd: int) -> None:
+    """Close a file from :func:`write_unnamed` and remove its temporary name, if any (an
+    unnamed file vanishes with its last descriptor)."""
+    os.close(fd)
+    if tmp is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+
+
 def create_file(dir_fd: int, name: str, data: bytes | bytearray | memoryview, *,
                 mode: int = 0o444) -> bool:
     """Durably create ``name`` in ``dir_fd`` holding ``data``, unless it already exists.
@@ -156,28 +219,13 @@ def create_file(dir_fd: int, name: str, data: bytes | bytearray | memoryview, *,
     Returns:
         ``True`` if created, ``False`` if ``name`` already existed (left untouched).
     """
-    tmp: str | None = None
-    fd = _open_unnamed(dir_fd, mode)
-    if fd is None:
-        fd, tmp = _open_new(dir_fd, name, mode)
+    fd, tmp = write_unnamed(dir_fd, name, data, mode=mode)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
         os.fsync(fd)
-        try:
-            if tmp is None:
-                _link_unnamed(fd, dir_fd, name)
-            else:
-                os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
-        except FileExistsError:
-            return False
-        return True
-    finally:
-        os.close(fd)
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=dir_fd)
+    except BaseException:
+        discard_written(fd, tmp, dir_fd)
+        raise
+    return link_written(fd, tmp, dir_fd, name)
 
 
 def pid_alive(pid: int) -> bool:

@@ -26,6 +26,7 @@ import contextlib
 import ssl
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -36,13 +37,14 @@ import tenacity
 
 from ..errors import TransportError
 from .config import HttpConfig
-from .pacing import deadline
+from .pacing import Deadline, deadline
 from .plan import (
+    BodyRegions,
+    Part,
     Span,
     batch_spans,
     format_range_header,
     parse_content_range,
-    parse_multipart_byteranges,
 )
 
 __all__ = ["FetchStats", "RangeFetcher", "RangesNotSupported"]
@@ -326,55 +328,152 @@ class RangeFetcher:
 
     def _fetch_batch(self, batch: list[Span], on_span: Callable[[Span, memoryview], None]
                      ) -> None:
-        """Fetch ``batch`` (one request, retried for the ranges still missing)."""
-        pending = batch
+        """Fetch ``batch`` (one request, retried for the parts still missing)."""
+        wanted = _Wanted(batch)
         for attempt in self._retrying():
             with attempt:
+                pending = wanted.spans()
                 if len(pending) > 1 and not self._multi:
                     for span in pending:
                         self._fetch_batch([span], on_span)
                     return
-                pending = self._fetch_once(pending, on_span)
-                if pending:
+                self._fetch_once(wanted, on_span)
+                if wanted.spans():
                     raise _Retry("server did not send every range asked for")
 
-    def _fetch_once(self, batch: list[Span], on_span: Callable[[Span, memoryview], None]
-                    ) -> list[Span]:
-        """One request for ``batch``; returns the spans it did not deliver."""
+    def _fetch_once(self, wanted: _Wanted, on_span: Callable[[Span, memoryview], None]
+                    ) -> None:
+        """One request for the parts ``wanted`` still lacks, each delivered (and marked
+        delivered) as soon as its bytes have arrived, not when the reply is complete."""
+        batch = wanted.spans()
+        ranges = [(s.start, s.end) for s in batch]
+        if self._cancel.is_set():
+            raise TransportError("cancelled", url=self.url)
+        headers = {"Range": format_range_header(ranges), "Accept-Encoding": "identity"}
+        asked = sum(b - a for a, b in ranges)
+        limit = asked + _PART_OVERHEAD * (len(ranges) + 1) if len(ranges) > 1 else asked
+        self._count(requests=1)
+        cfg = self.config
         try:
-            resp = self._request([(s.start, s.end) for s in batch])
+            with deadline(cfg.timeout, cfg.deadline_speed) as budget, \
+                    self.client.stream("GET", self.url, headers=headers) as resp:
+                status = resp.status_code
+                if status == 206:
+                    regions = self._regions(resp, asked, limit)
+                    self._stream_body(resp, regions, wanted, limit, on_span, budget)
         except _Oversize:
             if len(batch) == 1:
                 raise
             self._multi = False  # e.g. a server coalescing distant ranges: ask one by one
-            return batch
-        if resp.status_code == 200:
+            return
+        except httpx.HTTPError as exc:
+            raise _classify(exc, self) from exc
+        except httpx.InvalidURL as exc:
+            raise TransportError(f"invalid URL: {exc}", url=self.url) from None
+        if status == 200:
             if len(batch) > 1:
                 self._multi = False
-                return batch
+                return
             raise RangesNotSupported("server ignores Range requests", url=self.url, status=200)
+        if status in _RETRY_STATUS:
+            raise _Retry(f"HTTP {status}")
+        if status != 206:
+            raise TransportError(f"HTTP {status} for a range request", url=self.url,
+                                 status=status)
+        if len(batch) > 1 and len(regions.regions) == 1 and wanted.spans():
+            self._multi = False  # answered a multi-range request with one range
+
+    def _regions(self, resp: httpx.Response, asked: int, limit: int) -> BodyRegions:
+        """How the 206 reply ``resp`` lays out its ranges (from its headers)."""
+        length = resp.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise _Oversize(f"reply of {length} bytes announced for {asked} bytes asked; "
+                            "refused", url=self.url)
         ctype = resp.headers.get("content-type", "")
         if ctype.lower().startswith("multipart/byteranges"):
-            boundary = _boundary(ctype)
+            return BodyRegions(_boundary(ctype))
+        value = resp.headers.get("content-range")
+        if value is None:
+            raise _Retry("206 response without Content-Range")
+        try:
+            first, end, total = parse_content_range(value)
+        except TransportError as exc:
+            raise _Retry(str(exc)) from exc
+        if total is not None:
+            self.size = total
+        return BodyRegions(None, (first, end))
+
+    def _stream_body(self, resp: httpx.Response, regions: BodyRegions, wanted: _Wanted,
+                     limit: int, on_span: Callable[[Span, memoryview], None],
+                     budget: Deadline) -> None:
+        """Read the body block by block; after each block, deliver every wanted part whose
+        bytes are all in (the time ``on_span`` takes is not held against the deadline)."""
+        received = 0
+        for block in resp.iter_raw():
+            if self._cancel.is_set():  # another batch failed, or Ctrl-C
+                raise TransportError("cancelled", url=self.url)
+            received += len(block)
+            self._count(received=len(block))
+            if received > limit:
+                raise _Oversize(f"reply longer than the {limit} bytes asked; cut off",
+                                url=self.url)
             try:
-                parts = parse_multipart_byteranges(resp.content, boundary)
+                regions.feed(block)
             except TransportError as exc:
                 raise _Retry(str(exc)) from exc
-        else:
-            parts = [self._single_part(resp)]
-        leftover = []
-        for span in batch:
-            if self._cancel.is_set():  # a batch of 16 MiB takes seconds to store (fsyncs)
-                raise TransportError("cancelled", url=self.url)
-            for first, data in parts:
-                if first <= span.start and first + len(data) >= span.end:
-                    on_span(span, data[span.start - first : span.end - first])
+            t0 = time.monotonic()
+            wanted.deliver(regions, on_span, self._cancel, self.url)
+            budget.start += time.monotonic() - t0
+        length = resp.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) != received:
+            raise _Retry(f"body truncated ({received} of {length} bytes)")
+        try:
+            regions.finish()
+        except TransportError as exc:
+            raise _Retry(str(exc)) from exc
+
+
+class _Wanted:
+    """The parts of one batch of spans not delivered yet."""
+
+    def __init__(self, batch: list[Span]) -> None:
+        self._left = [list(span.parts) for span in batch]
+        self._spans = list(batch)
+
+    def spans(self) -> list[Span]:
+        """What is still wanted, one span per asked span that still lacks parts."""
+        return self._spans
+
+    def deliver(self, regions: BodyRegions, on_span: Callable[[Span, memoryview], None],
+                cancel: threading.Event, url: str) -> None:
+        """Hand ``on_span`` every wanted part whose bytes have all arrived, as a span of
+        its own (parts of one span in order: a span is cut where its bytes stop)."""
+        body = regions.body
+        have = len(body)
+        changed = False
+        for parts in self._left:
+            while parts:
+                part = parts[0]
+                at = _locate(regions.regions, part)
+                if at is None or at + part.length > have:
                     break
-            else:
-                leftover.append(span)
-        if leftover and len(batch) > 1 and len(parts) == 1:
-            self._multi = False  # answered a multi-range request with one range
-        return leftover
+                if cancel.is_set():
+                    raise TransportError("cancelled", url=url)
+                on_span(Span(part.start, part.end, (part,)),
+                        memoryview(bytes(body[at : at + part.length])))
+                parts.pop(0)
+                changed = True
+        if changed:
+            self._spans = [Span(p[0].start, max(q.end for q in p), tuple(p))
+                           for p in self._left if p]
+
+
+def _locate(regions: list[tuple[int, int, int]], part: Part) -> int | None:
+    """Body offset of ``part``'s bytes, if a region of the reply covers it."""
+    for first, end, offset in reversed(regions):
+        if first <= part.start and part.end <= end:
+            return offset + part.start - first
+    return None
 
 
 def _paced(resp: httpx.Response, cfg: HttpConfig) -> Iterator[bytes]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from ..errors import TransportError
 
 __all__ = [
+    "BodyRegions",
     "Part",
     "Span",
     "batch_spans",
@@ -224,4 +225,94 @@ def parse_multipart_byteranges(
         parts.append((first, mv[data_start:data_end]))
         pos = raw.find(delim, data_end)
         if pos < 0:
+            raise TransportError("multipart body truncated (no closing boundary)")
+
+
+#: bytes allowed for the headers of one part of a ``multipart/byteranges`` body
+_MAX_PART_HEAD = 8192
+
+
+class BodyRegions:
+    """Where each range of a ``206`` body lies, found as the body arrives (incremental).
+
+    Feed the body's bytes in order (:meth:`feed`); :attr:`regions` lists, for each range
+    whose headers have arrived, ``(first, end, offset)``: resource bytes ``[first, end)``
+    start at body offset ``offset`` (the caller checks how much of it has arrived). A
+    single-range reply is one region from ``Content-Range``; a multipart reply gains one
+    region per part. :meth:`finish` checks the body was complete.
+
+    Args:
+        boundary: the multipart boundary, or ``None`` for a single-range reply.
+        single: ``(first, end)`` of a single-range reply (from its ``Content-Range``).
+    """
+
+    def __init__(self, boundary: bytes | None, single: tuple[int, int] | None = None) -> None:
+        self.regions: list[tuple[int, int, int]] = []
+        self._delim = b"--" + boundary if boundary is not None else b""
+        self._pos = 0  # where the next delimiter (or part data) starts
+        self._phase = "delim"
+        if boundary is None:
+            assert single is not None
+            self.regions.append((single[0], single[1], 0))
+            self._pos = single[1] - single[0]
+            self._phase = "single"
+        self._body = bytearray()
+
+    @property
+    def body(self) -> bytearray:
+        """The bytes received so far."""
+        return self._body
+
+    def feed(self, block: bytes) -> None:
+        """Take the next bytes of the body.
+
+        Raises:
+            TransportError: the multipart framing is malformed.
+        """
+        self._body += block
+        raw = self._body
+        while self._phase in ("delim", "head", "data"):
+            if self._phase == "data":
+                if len(raw) < self._pos:
+                    return
+                self._phase = "delim"
+            if self._phase == "delim":
+                at = raw.find(self._delim, self._pos)
+                if at < 0 or len(raw) < at + len(self._delim) + 2:
+                    if len(raw) - self._pos > _MAX_PART_HEAD + len(self._delim):
+                        raise TransportError("multipart body without its boundary")
+                    return
+                self._pos = at + len(self._delim)
+                if raw.startswith(b"--", self._pos):
+                    self._phase = "end"
+                    return
+                self._phase = "head"
+            head_end = raw.find(b"\r\n\r\n", self._pos)
+            if head_end < 0:
+                if len(raw) - self._pos > _MAX_PART_HEAD:
+                    raise TransportError("multipart part headers too long")
+                return
+            content_range = None
+            for line in bytes(raw[self._pos:head_end]).split(b"\r\n"):
+                name, _, val = line.partition(b":")
+                if name.strip().lower() == b"content-range":
+                    content_range = val.decode("latin-1")
+            if content_range is None:
+                raise TransportError("multipart part without Content-Range")
+            first, end, _total = parse_content_range(content_range)
+            self.regions.append((first, end, head_end + 4))
+            self._pos = head_end + 4 + (end - first)
+            self._phase = "data"
+
+    def finish(self) -> None:
+        """The body ended: it must have held every byte its framing announced.
+
+        Raises:
+            TransportError: truncated.
+        """
+        if self._phase == "single":
+            if len(self._body) != self._pos:
+                raise TransportError(
+                    f"body is {len(self._body)} bytes, Content-Range says {self._pos}")
+        elif self._phase != "end":
             raise TransportError("multipart body truncated (no closing boundary)")

@@ -23,6 +23,7 @@ import contextlib
 import os
 import stat
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -313,7 +314,10 @@ def clone_image(
         lock: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
         if store is not None and (not dry_run or os.path.isdir(store.root)):
             lock = store.locked(wait=wait, create=not dry_run)
-        with lock:
+        writing: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+        if store is not None and not dry_run:
+            writing = store.writing()  # chunks named in batches, all durable at the end
+        with lock, writing:
             return _clone(image, store, name, output, seeds, dry_run=dry_run,
                           in_place=in_place, on_progress=on_progress,
                           record_as=record_as or image.location)
@@ -416,14 +420,17 @@ def fetch_into_store(image: OpenImage, store: ChunkStore, entries: Sequence[int]
     layout = image.layout
     done = [0]
     total = sum(layout.raw_sizes[e] for e in entries)
+    lock = threading.Lock()
 
-    def on_chunk(entry: int, data: bytes) -> None:
+    def on_chunk(entry: int, data: bytes) -> None:  # as each chunk arrives (fetch threads)
         store.put(layout.digests[entry], data)
-        done[0] += layout.raw_sizes[entry]
-        if on_progress is not None:
-            on_progress("fetch", done[0], total)
+        with lock:
+            done[0] += layout.raw_sizes[entry]
+            if on_progress is not None:
+                on_progress("fetch", done[0], total)
 
     image.chunks.fetch(entries, on_chunk)
+    store.flush()
     for attempt in range(2):
         gone = [e for e, d in enumerate(layout.digests) if not _stored(store, d,
                                                                        layout.raw_sizes[e])]
@@ -436,6 +443,7 @@ def fetch_into_store(image: OpenImage, store: ChunkStore, entries: Sequence[int]
         for e in gone:
             store.drop(layout.digests[e])
         image.chunks.fetch(gone, on_chunk)
+        store.flush()
 
 
 def _stored(store: ChunkStore, digest: bytes, size: int) -> bool:
@@ -487,14 +495,16 @@ def _write_output(
             entries = sorted(plan.fetch)
             done = [0]
             total = sum(layout.raw_sizes[e] for e in entries)
+            lock = threading.Lock()
 
             def on_chunk(entry: int, data: bytes) -> None:
                 if store is not None:
                     store.put(layout.digests[entry], data)
                 writer.put_fetched(entry, data)
-                done[0] += layout.raw_sizes[entry]
-                if on_progress is not None:
-                    on_progress("fetch", done[0], total)
+                with lock:
+                    done[0] += layout.raw_sizes[entry]
+                    if on_progress is not None:
+                        on_progress("fetch", done[0], total)
 
             image.chunks.fetch(entries, on_chunk)
             fetched = len(entries)

@@ -65,35 +65,49 @@ class PackSource:
 
     def _fetch_pack(self, slot: PackSlot, spans: list[Span],
                     on_span: Callable[[Span, memoryview], None]) -> None:
-        todo = {(s.start, s.end): s for s in spans}
+        # what is still wanted, by chunk: a mirror that fails midway leaves the next one
+        # only the chunks it did not deliver (each is stored as soon as it arrives)
+        todo = {(p.key, p.start): p for s in spans for p in s.parts}
         lock = threading.Lock()
 
         def attempt(url: str) -> None:
             failed: list[str] = []
 
             def deliver(rel: Span, data: memoryview) -> None:
-                span = todo[(rel.start + slot.base, rel.end + slot.base)]
+                parts = tuple(Part(p.key, p.start + slot.base, p.length) for p in rel.parts)
                 try:
-                    on_span(span, data)
+                    on_span(Span(rel.start + slot.base, rel.end + slot.base, parts), data)
                 except (ChecksumError, StreamFormatError) as exc:
                     failed.append(str(exc))
                     return
                 with lock:
-                    todo.pop((span.start, span.end), None)
+                    for p in parts:
+                        todo.pop((p.key, p.start), None)
+                    note()
 
+            def note() -> None:  # bytes as they arrive (progress), not per pack
+                n = fetcher.stats.bytes_received - noted[0]
+                if n > 0:
+                    noted[0] += n
+                    self.mirrors.note_bytes(n)
+
+            noted = [0]
             fetcher = self.mirrors.fetcher(url, slot.path)
+            with lock:
+                left = sorted(todo.values(), key=lambda p: p.start)
             rel = [Span(s.start - slot.base, s.end - slot.base,
                         tuple(Part(p.key, p.start - slot.base, p.length) for p in s.parts))
-                   for s in sorted(todo.values(), key=lambda s: s.start)]
+                   for s in _merge([Span(p.start, p.end, (p,)) for p in left])]
             try:
                 fetcher.fetch_spans(rel, deliver)
             finally:
-                self.mirrors.note_bytes(fetcher.stats.bytes_received)
+                with lock:
+                    note()
             if failed:
                 raise ChecksumError(f"{len(failed)} chunks did not check: {failed[0]}",
                                     source=slot.path)
             if todo:
-                raise TransportError(f"{len(todo)} ranges not delivered", url=slot.path)
+                raise TransportError(f"{len(todo)} chunks not delivered", url=slot.path)
 
         self.mirrors.each(slot.path, attempt)
 

@@ -155,14 +155,13 @@ def _repair(store: ChunkStore, name: str, report: VerifyReport, source: str | No
             if entries.pop(digest, None) is not None:
                 fix.repaired += store.put(digest, data)
 
-        if seeds:
-            scan_seeds(seeds, image.chunking, needed, on_new=on_new)
-
         def on_chunk(entry: int, data: bytes) -> None:
             fix.repaired += store.put(image.layout.digests[entry], data)
 
-        image.chunks.fetch(sorted(entries.values()), on_chunk)
-        store.sync()
+        with store.writing():
+            if seeds:
+                scan_seeds(seeds, image.chunking, needed, on_new=on_new)
+            image.chunks.fetch(sorted(entries.values()), on_chunk)
     finally:
         image.close()
     return fix
