@@ -184,3 +184,30 @@ def test_repair_says_what_it_needs_and_from_where(image_pair: ImagePair, tmp_pat
                  "--seed", str(image_pair.img1), f"{store}/v1")
     assert fixed.returncode == 0, fixed.stderr
     assert json.loads(fixed.stdout)["repaired"] == 3
+
+
+def test_clone_into_a_place_that_does_not_exist_is_one_line(
+    image_pair: ImagePair, tmp_path: Path
+) -> None:
+    """A mistyped STORE (its directory missing), a STORE that is a file, an --output in a
+    missing directory: one line, exit 1, before anything is fetched, nothing made."""
+    arc = str(image_pair.arc2)
+    (tmp_path / "a-file").write_text("not a store\n")
+    cases = [
+        ([arc, f"{tmp_path}/mnt/usb/images/v2"], "does not exist"),
+        ([arc, f"{tmp_path}/a-file/v2"], "chunk store is not a directory"),
+        ([arc, f"{tmp_path}/a-file/images/v2"], "is not a directory"),
+        ([arc, "--output", f"{tmp_path}/mnt/usb/v2.img"], "does not exist"),
+        ([arc, f"{tmp_path}/store/v2", "--output", f"{tmp_path}/mnt/v2.img"], "does not exist"),
+    ]
+    for args, what in cases:
+        r = _run("image", "clone", *args)
+        assert r.returncode == 1, (args, r.stderr)
+        assert r.stderr.count("\n") == 1, r.stderr
+        assert r.stderr.startswith("btrdelta image clone: ")
+        assert what in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+    # a new store inside an existing directory is still made by the first clone
+    r = _run("image", "clone", arc, f"{tmp_path}/store/v2")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "store" / "v2").is_file()

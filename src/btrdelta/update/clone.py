@@ -257,6 +257,31 @@ def _resolve_output(output: str | None, seeds: Sequence[str], in_place: bool | N
     return _Output(output, place, is_device, seeds, out_seed if place else None), seeds
 
 
+def _check_store_place(root: str) -> None:
+    """Refuse, before anything is fetched, a store that is a file, or that would be made in
+    a directory that does not exist (a mistyped path: no store is made there)."""
+    if os.path.isdir(root):
+        return
+    if os.path.lexists(root):
+        raise BtrdeltaError("chunk store is not a directory (STORE/NAME: the store, then the "
+                            "image's name)", path=root)
+    parent = os.path.dirname(root)
+    if not os.path.isdir(parent):
+        what = "is not a directory" if os.path.lexists(parent) else "does not exist"
+        raise BtrdeltaError(f"no chunk store here, and its directory {parent} {what} (a new "
+                            "store is made only inside an existing directory)", path=root)
+
+
+def _check_output_place(output: str) -> None:
+    """Refuse, before anything is fetched, an output in a directory that does not exist."""
+    if os.path.lexists(output):
+        return
+    parent = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(parent):
+        what = "is not a directory" if os.path.lexists(parent) else "does not exist"
+        raise BtrdeltaError(f"--output: its directory {parent} {what}", path=output)
+
+
 def clone_image(
     location: str | ArchiveSource, *, target: str | None = None, output: str | None = None,
     seeds: Sequence[str] = (), castr: Sequence[str] = (), dry_run: bool = False,
@@ -299,6 +324,9 @@ def clone_image(
     if target is not None:
         store_dir, name = split_store_name(target)
         store = ChunkStore(store_dir)
+        _check_store_place(store.root)
+    if output is not None:
+        _check_output_place(output)
     try:
         image = open_image(location, castr=castr, public_key=public_key, max_gap=max_gap,
                            config=config)
