@@ -15,8 +15,9 @@ cache) and with the hashing thread; ``compress`` of the 2 GiB image on 2 cores; 
 v2 over HTTP (``btrdelta serve``) with v1 in the store (and the store's size), and with no
 store straight onto a copy of v1 in place, against ``casync extract`` of v2 over HTTP
 seeded with v1 (same average chunk size, same server), and btrdelta reading casync's own
-index and store: bytes the server sent and requests; FUSE sequential read through the
-kernel (``dd`` of the mounted file) and NBD (``nbdcopy``).
+index and store: bytes the server sent and requests; a full clone of v2 into an empty store
+(wall, CPU of the child process, throughput) against ``casync extract`` with no seed; FUSE
+sequential read through the kernel (``dd`` of the mounted file) and NBD (``nbdcopy``).
 """
 
 from __future__ import annotations
@@ -222,11 +223,63 @@ def bench_clone(name: str, img1: Path, img2: Path, tmp: Path) -> tuple[list[str]
                    f"MiB left in place, {rep.out_moved >> 20} MiB moved within the slot, "
                    f"{rep.out_fetched >> 20} MiB downloaded")
         slot.unlink()
+        out += bench_full_clone(server, www, img2, tmp)
         if shutil.which("casync"):
             out += _casync_side(server, www, img1, img2, tmp, ours)
         else:
             out.append("casync not installed: no comparison")
     return out, store
+
+
+def _child_run(cmd: list[str]) -> tuple[float, float]:
+    """Wall and CPU (user + system, from ``wait4``) of a command run to its end."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    if proc.returncode:
+        raise RuntimeError(f"{cmd[:4]} failed: {err[-300:]}")
+    return wall, usage.ru_utime + usage.ru_stime
+
+
+def bench_full_clone(server: object, www: Path, img2: Path, tmp: Path,
+                     rounds: int = 3) -> list[str]:
+    """A whole image downloaded into an empty store (every chunk fetched, stored as it
+    arrives, named in durable batches), in a child process (its CPU from ``wait4``),
+    median of ``rounds``; and ``casync extract`` of the same image with no seed."""
+    url = server.url  # type: ignore[attr-defined]
+    arc = (www / "v2.bdar").stat().st_size
+    walls, cpus = [], []
+    for _ in range(rounds):
+        store = tmp / "full-store"
+        shutil.rmtree(store, ignore_errors=True)
+        os.sync()
+        wall, cpu = _child_run([sys.executable, "-m", "btrdelta", "image", "clone",
+                                f"{url}/v2.bdar", f"{store}/v2"])
+        walls.append(wall)
+        cpus.append(cpu)
+    shutil.rmtree(tmp / "full-store", ignore_errors=True)
+    wall, cpu = sorted(walls)[rounds // 2], sorted(cpus)[rounds // 2]
+    out = [f"full clone of v2 into an empty store over HTTP (median of {rounds}): "
+           f"{wall:.2f} s wall, {cpu:.2f} s CPU, {arc / wall / 2**20:.1f} MiB/s of archive "
+           f"({arc >> 20} MiB), {img2.stat().st_size / wall / 2**20:.0f} MiB/s of image"]
+    if shutil.which("casync"):
+        cas = www / "casync-full"
+        cas.mkdir(exist_ok=True)
+        subprocess.run(["casync", "make", f"--store={cas}/default.castr",
+                        f"--chunk-size={AVG}", str(cas / "v2.caibx"), str(img2)],
+                       check=True, capture_output=True)
+        result = tmp / "casync-full.img"
+        c_wall, c_cpu = _child_run(["casync", "extract",
+                                    f"--store={url}/casync-full/default.castr",
+                                    f"{url}/casync-full/v2.caibx", str(result)])
+        result.unlink()
+        shutil.rmtree(cas)
+        out.append(f"casync extract of v2 over HTTP, no seed (one request a chunk): "
+                   f"{c_wall:.2f} s wall, {c_cpu:.2f} s CPU")
+    return out
 
 
 def _casync_side(server: object, www: Path, img1: Path, img2: Path, tmp: Path,
