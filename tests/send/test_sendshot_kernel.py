@@ -347,3 +347,51 @@ def test_prune_counts_an_adopted_base_with_the_sends_of_its_source(
     assert main(["sendshot", "--store", store, "--json", "prune", "--keep", "1"]) == 0
     assert sorted(json.loads(capsys.readouterr().out)["deleted"]) == sorted(ids[:2])
     assert [s.digest for s in SendshotStore(store).records_list()] == ids[2:]
+
+
+def test_a_killed_senders_snapshot_is_deleted_by_the_next_send(two_fs: tuple[Path, Path],
+                                                               tmp_path: Path) -> None:
+    """`kill -9` of a send --record of a writable subvolume leaves its temporary snapshot; the next
+    send of that subvolume deletes it, and only it: not one whose sender lives, not one of
+    another subvolume, not a writable one, not a name of another shape."""
+    import signal
+    import time
+
+    snd, _rcv = two_fs
+    live, other = snd / "live", snd / "other"
+    for sv in (live, other):
+        run("btrfs", "subvolume", "create", sv)
+    _fill(live)
+    # standard output a pipe nobody reads: the send blocks once it is full, snapshot taken
+    store = str(tmp_path / "store")
+    proc = subprocess.Popen([sys.executable, "-m", "btrdelta", "send", str(live), "--record",
+                             "--store", store],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(n.startswith(".btrdelta-send-") for n in _snapshots(snd)):
+            assert proc.poll() is None
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
+    (leftover,) = [n for n in _snapshots(snd) if n.startswith(".btrdelta-send-")]
+    dead = 4_000_000 + 1  # above any pid_max: no such process
+    keep = [f".btrdelta-send-{os.getpid()}-0000beef",  # a live sender's
+            f".btrdelta-send-{dead}-0000cafe-x"]       # not our name
+    for name in keep:
+        run("btrfs", "subvolume", "snapshot", "-r", live, snd / name)
+    run("btrfs", "subvolume", "snapshot", "-r", other, snd / f".btrdelta-send-{dead}-00000001")
+    run("btrfs", "subvolume", "snapshot", live, snd / f".btrdelta-send-{dead}-00000002")
+    keep += [f".btrdelta-send-{dead}-00000001", f".btrdelta-send-{dead}-00000002"]
+    assert main(["send", str(live), "-f", str(tmp_path / "s"), "-q", "--record",
+                 "--store", store]) == 0
+    left = set(_snapshots(snd))
+    assert leftover not in left
+    assert left == {"live", "other", *keep}
+    run("btrfs", "receive", "-f", tmp_path / "s", _rcv)
+    assert tree_sum(_rcv / "live") == tree_sum(live)

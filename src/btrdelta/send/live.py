@@ -7,7 +7,10 @@
 * a writable btrfs subvolume: a temporary read-only snapshot next to it (or inside it when
   its parent directory is on another filesystem), named ``.btrdelta-send-<pid>-<random>``,
   deleted when the ``with`` block ends, on success, on an error and on Ctrl-C alike (the CLI
-  turns SIGTERM and SIGHUP into the same exception);
+  turns SIGTERM and SIGHUP into the same exception). One a killed sender left (``kill -9``,
+  a power cut) is deleted by the next send of that subvolume: a read-only snapshot of it
+  under such a name whose pid is gone and that no process holds (the sender keeps a shared
+  ``flock`` on its snapshot's root while it reads);
 * anything else: the live tree, with a warning that the result is only as consistent as the
   tree was still while it was read.
 
@@ -17,12 +20,15 @@ Owns nothing but that lifecycle; the identity rules are :class:`Frozen`'s.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import re
 from collections.abc import Iterator
 from uuid import UUID
 
 from .._value import value_class
 from ..errors import BtrdeltaError
+from ..fs.atomic import pid_alive
 from ..fs.btrfs import SubvolInfo, create_snapshot, delete_subvolume, subvol_info
 
 __all__ = ["LIVE_WARNING", "Frozen", "drop_snapshot", "frozen", "keep_snapshot",
@@ -32,6 +38,7 @@ _SUBVOL_ROOT_INO = 256
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 #: prefix of the temporary snapshots (never sent, never a parent)
 TMP_PREFIX = ".btrdelta-send-"
+_TMP_NAME = re.compile(rb"\.btrdelta-send-([0-9]+)-[0-9a-f]{8}")
 LIVE_WARNING = ("not a btrfs subvolume: the tree is read live, so the result is only as "
                 "consistent as the tree was still while it was read")
 
@@ -119,24 +126,58 @@ def frozen(source: str | bytes | os.PathLike[str], *, snapshot: bool = True) -> 
     if info.readonly or not snapshot:
         yield Frozen(path, info, warning="" if info.readonly else LIVE_WARNING)
         return
+    _drop_leftovers(path, info.uuid)
     name = f"{TMP_PREFIX}{os.getpid()}-{os.urandom(4).hex()}".encode()
     src_fd = os.open(path, _DIR)
     try:
         where, dir_fd = _snapshot_next_to(path, name, src_fd)
         try:
             snap = os.path.join(where, name)
+            snap_fd = -1
             try:
-                snap_info = _subvol_of(snap)
-                if snap_info is None:  # pragma: no cover - the snapshot we just made
-                    raise BtrdeltaError("the snapshot is not a subvolume", path=snap)
+                snap_fd = os.open(snap, _DIR | os.O_NOFOLLOW)
+                fcntl.flock(snap_fd, fcntl.LOCK_SH)  # in use: not a leftover
+                snap_info = subvol_info(snap_fd)
                 yield Frozen(snap, snap_info, temporary=True)
             finally:
+                if snap_fd >= 0:
+                    os.close(snap_fd)
                 with contextlib.suppress(OSError):
                     delete_subvolume(dir_fd, name)
         finally:
             os.close(dir_fd)
     finally:
         os.close(src_fd)
+
+
+def _drop_leftovers(path: bytes, uuid: UUID) -> None:
+    """Delete the temporary snapshots of the subvolume ``path`` (UUID ``uuid``) that killed
+    senders left next to it or inside it: read-only snapshots of it (parent UUID ``uuid``)
+    named ``.btrdelta-send-<pid>-<random>``, their pid gone and no ``flock`` held on them
+    (a sender in another PID namespace holds one). Anything else is left alone."""
+    for where in (os.path.dirname(path) or b".", path):
+        try:
+            names = os.listdir(where)
+        except OSError:
+            continue
+        for name in names:
+            m = _TMP_NAME.fullmatch(name) if name.startswith(b".btrdelta-send-") else None
+            if m is None or pid_alive(int(m.group(1))):
+                continue
+            try:
+                fd = os.open(os.path.join(where, name), _DIR | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                info = subvol_info(fd) if os.fstat(fd).st_ino == _SUBVOL_ROOT_INO else None
+                if info is None or not info.readonly or info.parent_uuid != uuid:
+                    continue
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # not a subvolume, or in use
+                continue
+            finally:
+                os.close(fd)
+            drop_snapshot(os.path.join(where, name))
 
 
 def _snapshot_next_to(path: bytes, name: bytes, src_fd: int) -> tuple[bytes, int]:
