@@ -357,7 +357,7 @@ def test_a_killed_senders_snapshot_is_deleted_by_the_next_send(two_fs: tuple[Pat
     import signal
     import time
 
-    snd, _rcv = two_fs
+    snd, rcv = two_fs
     live, other = snd / "live", snd / "other"
     for sv in (live, other):
         run("btrfs", "subvolume", "create", sv)
@@ -393,5 +393,5 @@ def test_a_killed_senders_snapshot_is_deleted_by_the_next_send(two_fs: tuple[Pat
     left = set(_snapshots(snd))
     assert leftover not in left
     assert left == {"live", "other", *keep}
-    run("btrfs", "receive", "-f", tmp_path / "s", _rcv)
-    assert tree_sum(_rcv / "live") == tree_sum(live)
+    run("btrfs", "receive", "-f", tmp_path / "s", rcv)
+    assert tree_sum(rcv / "live") == tree_sum(live)
