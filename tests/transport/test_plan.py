@@ -10,12 +10,12 @@ from hypothesis import strategies as st
 
 from btrdelta.errors import TransportError
 from btrdelta.transport.plan import (
+    BodyRegions,
     Part,
     batch_spans,
     coalesce,
     format_range_header,
     parse_content_range,
-    parse_multipart_byteranges,
     parse_range_header,
 )
 
@@ -69,14 +69,34 @@ def test_content_range() -> None:
             parse_content_range(bad)
 
 
-def test_multipart_parse() -> None:
+def _regions(body: bytes, step: int) -> BodyRegions:
+    regions = BodyRegions(b"XYZ")
+    for at in range(0, len(body), step):
+        regions.feed(body[at:at + step])
+    regions.finish()
+    return regions
+
+
+@pytest.mark.parametrize("step", [1, 7, 1 << 20])
+def test_multipart_regions_as_the_body_arrives(step: int) -> None:
     body = (b"\r\n--XYZ\r\nContent-Type: application/octet-stream\r\n"
             b"Content-Range: bytes 2-4/10\r\n\r\nabc\r\n--XYZ\r\n"
             b"Content-Range: bytes 7-8/10\r\n\r\nde\r\n--XYZ--\r\n")
-    parts = parse_multipart_byteranges(body, b"XYZ")
-    assert [(a, bytes(d)) for a, d in parts] == [(2, b"abc"), (7, b"de")]
+    regions = _regions(body, step)
+    assert [(a, bytes(regions.body[at:at + b - a])) for a, b, at in regions.regions] == [
+        (2, b"abc"), (7, b"de")]
     for cut in (20, 60, len(body) - 12):
         with pytest.raises(TransportError):
-            parse_multipart_byteranges(body[:cut], b"XYZ")
+            _regions(body[:cut], step)
     with pytest.raises(TransportError):
-        parse_multipart_byteranges(body.replace(b"Content-Range", b"X-Range"), b"XYZ")
+        _regions(body.replace(b"Content-Range", b"X-Range"), step)
+
+
+def test_single_range_body_must_be_whole() -> None:
+    regions = BodyRegions(None, single=(5, 9))
+    regions.feed(b"abc")
+    with pytest.raises(TransportError):
+        regions.finish()
+    regions.feed(b"d")
+    regions.finish()
+    assert regions.regions == [(5, 9, 0)]

@@ -48,10 +48,9 @@ def test_update_over_mutual_tls_with_a_token(
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_during_a_full_s_download_stops_at_once(tmp_path: Path, signame: str) -> None:
     """Ctrl-C (or SIGTERM) while the ranges of a full arrive: exit 130 (143) in about a
-    second, one line. The
-    fetch threads went on reading and storing their batches (up to 16 MiB each, every
-    chunk fsync-ed): 8 s on a Debian full at load 5, and here (a server sending 256 KiB/s
-    a connection) until the batch's end, ~20 s."""
+    second, one line. (Until session 9 the fetch threads went on reading and storing their
+    ranges, up to 16 MiB each: 8 s on a Debian full at load 5, and here, a server sending
+    256 KiB/s a connection, ~20 s.)"""
     import os
     import signal
     import subprocess

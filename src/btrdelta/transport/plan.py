@@ -22,7 +22,6 @@ __all__ = [
     "coalesce_ranges",
     "format_range_header",
     "parse_content_range",
-    "parse_multipart_byteranges",
     "parse_range_header",
 ]
 
@@ -184,48 +183,6 @@ def coalesce_ranges(ranges: Sequence[tuple[int, int]], *, max_gap: int = 80
         else:
             merged.append((start, end))
     return merged
-
-
-def parse_multipart_byteranges(
-    body: bytes | memoryview, boundary: bytes
-) -> list[tuple[int, memoryview]]:
-    """Split a ``multipart/byteranges`` body into ``(start, data)`` parts.
-
-    Each part's length comes from its ``Content-Range``; the data are views into ``body``.
-
-    Raises:
-        TransportError: the body is not well-formed.
-    """
-    mv = memoryview(body)
-    raw = bytes(mv) if not isinstance(body, bytes) else body
-    delim = b"--" + boundary
-    parts: list[tuple[int, memoryview]] = []
-    pos = raw.find(delim)
-    if pos < 0:
-        raise TransportError("multipart body without its boundary")
-    while True:
-        pos += len(delim)
-        if raw.startswith(b"--", pos):
-            return parts
-        head_end = raw.find(b"\r\n\r\n", pos)
-        if head_end < 0:
-            raise TransportError("multipart part headers truncated")
-        content_range = None
-        for line in raw[pos:head_end].split(b"\r\n"):
-            name, _, val = line.partition(b":")
-            if name.strip().lower() == b"content-range":
-                content_range = val.decode("latin-1")
-        if content_range is None:
-            raise TransportError("multipart part without Content-Range")
-        first, end, _total = parse_content_range(content_range)
-        data_start = head_end + 4
-        data_end = data_start + (end - first)
-        if data_end > len(raw):
-            raise TransportError("multipart part data truncated")
-        parts.append((first, mv[data_start:data_end]))
-        pos = raw.find(delim, data_end)
-        if pos < 0:
-            raise TransportError("multipart body truncated (no closing boundary)")
 
 
 #: bytes allowed for the headers of one part of a ``multipart/byteranges`` body
