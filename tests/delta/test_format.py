@@ -257,12 +257,14 @@ def _b3_128(data: bytes) -> bytes:
 _TIMES = st.integers(0, (1 << 63) * 1_000_000_000 - 1)  # the encoder: signed seconds
 
 
-@given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 1 << 40), _TIMES, _TIMES, _TIMES),
+@given(st.lists(st.tuples(st.integers(0, 8), st.integers(0, 1 << 40), _TIMES, _TIMES, _TIMES),
                 min_size=1, max_size=12))
 def test_format3_carrier_folding_is_exact(ops: list[tuple[int, int, int, int, int]]) -> None:
     """Folded commands (orphan names, previous paths, time differences; format 4: UNLINK
     names as references to the old directory listing, RENAME targets as references to
-    unlinked names) unfold to the exact bytes; folded forms are never larger."""
+    unlinked names, directories moved, made and removed) unfold to the exact bytes; folded
+    forms are never larger; the C path gives the same bytes and the same state, its
+    directory-origin model (the path map) included."""
     from btrdelta.delta.carrier import CarrierState, unfold
 
     raws, carrier, ws = _folded_carrier(ops)
@@ -302,6 +304,7 @@ def test_format3_carrier_folding_is_exact(ops: list[tuple[int, int, int, int, in
                 pos = end
         assert bytes(group) == b"".join(raws)
         assert cs == rs
+        assert (cs.moves, cs.pathmap.moved()) == (rs.moves, rs.pathmap.moved())
 
 
 _OLD_NAMES = sorted(f"f{i}".encode() for i in range(0, 40, 3))
@@ -316,14 +319,12 @@ def _folded_carrier(
 ) -> tuple[list[bytes], bytearray, Any]:
     """Commands from ``ops`` (see the folding test), their carrier form (format 4) and the
     writer's final state."""
-    from btrdelta.delta.carrier import CarrierState, fold
-
     recs: list[R.Record] = []
     last = 0
     for kind, ino, a, m, c in ops:
-        if kind in (0, 6) and a % 2:  # the next inode number (format 8: implied)
+        if kind in (0, 6, 8) and a % 2:  # the next inode number (format 8: implied)
             ino = last + 1
-        last = ino if kind in (0, 6) else last
+        last = ino if kind in (0, 6, 8) else last
         orphan = f"o{ino}-7-0".encode()
         final = f"dir/f{ino}".encode()
         if kind == 0:
@@ -338,8 +339,21 @@ def _folded_carrier(
             recs.append(R.Unlink(f"dir/f{ino % 40}".encode()))
         elif kind == 6:  # a rebuilt file put in place under an unlinked name
             recs += [R.Mkfile(orphan, ino), R.Rename(orphan, f"dir/f{a % 40}".encode())]
+        elif kind == 7:  # the old directory moved, then a name unlinked from it
+            moved = f"d{a % 3}".encode()
+            recs += [R.Rename(b"dir", moved), R.Unlink(moved + f"/f{ino % 40}".encode())]
+        elif kind == 8:  # a new directory put in place, another one removed
+            recs += [R.Mkdir(orphan, ino), R.Rename(orphan, f"d{a % 3}".encode()),
+                     R.Rmdir(f"d{m % 3}".encode())]
         else:
             recs.append(R.Utimes(final, a, m, c, m))
+    return _fold_records(recs)
+
+
+def _fold_records(recs: list[R.Record]) -> tuple[list[bytes], bytearray, Any]:
+    """The commands of ``recs``, their carrier form (format 4) and the writer's state."""
+    from btrdelta.delta.carrier import CarrierState, fold
+
     out: list[bytes] = []
     w = StreamWriter(out.append, 2)
     for rec in recs:
@@ -359,6 +373,42 @@ def _folded_carrier(
     return raws, carrier, ws
 
 
+@pytest.mark.skipif(not _native.available("unfold"),
+                    reason="the C unfold path (_unfold.c) is not built")
+def test_name_commands_are_unfolded_in_c(monkeypatch: pytest.MonkeyPatch) -> None:
+    """UNLINKs named by references into the old listing, RENAMEs to unlinked names (both
+    forwards and backwards), directories made, moved and removed: the C path unfolds every
+    one of them (Python's unfold is not called) to what Python gives, state included."""
+    from btrdelta.delta import unpack
+
+    recs: list[R.Record] = [R.Unlink(b"dir/f9"), R.Unlink(b"dir/f3"), R.Unlink(b"dir/f0"),
+                            R.Unlink(b"dir/f12"), R.Unlink(b"dir/f6")]
+    for i, name in enumerate((b"f0", b"f12", b"f3", b"f9", b"f6")):
+        orphan = f"o{300 + i}-7-0".encode()
+        recs += [R.Mkfile(orphan, 300 + i), R.Rename(orphan, b"dir/" + name)]
+    recs += [R.Mkdir(b"o400-1-0", 400), R.Rename(b"dir", b"old"), R.Rename(b"o400-1-0", b"dir"),
+             R.Unlink(b"old/f15"), R.Unlink(b"old/f21"), R.Unlink(b"old/f18"),
+             R.Rmdir(b"old"), R.Rename(b"dir", b"new")]
+    raws, carrier, _ws = _fold_records(recs)
+    # references: every UNLINK after the first of a directory (the moved one's through its
+    # origin), every RENAME after the first into dir/
+    assert carrier.count(b"\xfb\xff") == 6
+    assert carrier.count(b"\xfc\xff") == 4
+    calls: list[int] = []
+    python_unfold = unpack.unfold
+
+    def counted(*args: Any) -> Any:
+        calls.append(args[0])
+        return python_unfold(*args)
+
+    monkeypatch.setattr(unpack, "unfold", counted)
+    got = _split_grouped(bytes(carrier), True)
+    assert calls == []
+    assert got == _split_grouped(bytes(carrier), False)
+    assert len(calls) == len(raws)
+    assert got[0] == b"".join(raws)  # type: ignore[index]
+
+
 def _split_grouped(carrier: bytes, use_c: bool) -> object:
     """What the expansion's carrier reader makes of a carrier: the group of btrfs commands
     and the final state, or the error it raises."""
@@ -370,12 +420,12 @@ def _split_grouped(carrier: bytes, use_c: bool) -> object:
         list(reader.split(bytearray(carrier), 1, grouped=True))
     except BtrdeltaError as exc:
         return ("error", str(exc), bytes(reader.group))
-    return bytes(reader.group), reader.state
+    return bytes(reader.group), reader.state, reader.state.moves, reader.state.pathmap.moved()
 
 
 @pytest.mark.skipif(not _native.available("unfold"),
                     reason="the C unfold path (_unfold.c) is not built")
-@given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 1 << 40), _TIMES, _TIMES, _TIMES),
+@given(st.lists(st.tuples(st.integers(0, 8), st.integers(0, 1 << 40), _TIMES, _TIMES, _TIMES),
                 min_size=1, max_size=8),
        st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), min_size=1,
                 max_size=4))

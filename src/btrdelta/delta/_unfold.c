@@ -8,14 +8,21 @@
  * does not handle, or that is malformed in any way, with nothing of that command applied to
  * the state: Python then unfolds that one (and raises its located error), and calls run()
  * again. Handled here: the PATH forms "previous path" (0xffff), orphan name (0xfffe), in
- * format 8 orphan name with an implied inode number (0xfffa: the INO TLV is put back) and
- * literal PATH, times folded as differences (0xfffd) in UTIMES, and commands stored as they
- * are. Left to Python: SUBVOL/SNAPSHOT (a new old root), RENAME (name references, the
- * previous path becomes PATH_TO), and in format 4 UNLINK (listing references), MKDIR and
- * RMDIR (the directory-origin model follows them), and every delta record.
+ * format 8 orphan name with an implied inode number (0xfffa: the INO TLV is put back),
+ * literal PATH and an UNLINK's reference into the old directory listing (0xfffb), times
+ * folded as differences (0xfffd) in UTIMES, a RENAME's PATH_TO as a reference to an
+ * unlinked name (0xfffc), and commands stored as they are; the name commands (UNLINK,
+ * RENAME, MKDIR, RMDIR) update CarrierState's name model as carrier.unfold does. Left to
+ * Python: SUBVOL/SNAPSHOT (a new old root), a RENAME without PATH_TO, and every delta
+ * record.
  *
- * The state shared with Python (CarrierState.last_path, .last_ino and .times) is read at
- * the start of a run and written back at its end.
+ * The state shared with Python: CarrierState.last_path, .last_ino and .times are read at
+ * the start of a run and written back at its end; the name model (names, name_at,
+ * name_pos, rename_dir, unlink_dir, unlink_pos, moves) is read and written on the state
+ * object itself, command by command, and its listings and path map are asked through
+ * CarrierState._listing() and PathMap.rename/create/remove, Python's own code: what a
+ * name command changes is worked out (and it stops there on anything unusual) before the
+ * command goes out, and applied after.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -257,6 +264,153 @@ is_create(unsigned cmd)
            cmd == C_MKSOCK || cmd == C_SYMLINK;
 }
 
+/* ---- the name commands: CarrierState's name model (carrier.py), on its own objects ---- */
+
+static PyObject *s_unlink_dir, *s_unlink_pos, *s_names, *s_name_at, *s_name_pos,
+    *s_rename_dir, *s_moves, *s_pathmap, *s_listing, *s_rename, *s_create, *s_remove;
+
+/* a name reference's value v[0:n]: one LEB128 value spanning it exactly, of at most 63
+ * bits, zigzag-decoded into *out; -1 for anything else (Python decides then) */
+static int
+zigzag(const uint8_t *v, size_t n, long long *out)
+{
+    uint64_t z = 0;
+    if (n == 0 || n > 9)
+        return -1;
+    for (size_t i = 0; i < n; i++) {
+        if (!(v[i] & 0x80) != (i == n - 1))
+            return -1;
+        z |= (uint64_t)(v[i] & 0x7F) << (7 * i);
+    }
+    *out = z & 1 ? -(long long)((z >> 1) + 1) : (long long)(z >> 1);
+    return 0;
+}
+
+/* an int attribute of the state; -1 (error set) if it is none */
+static int
+get_ll(PyObject *state, PyObject *name, long long *out)
+{
+    PyObject *v = PyObject_GetAttr(state, name);
+    if (v == NULL)
+        return -1;
+    *out = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    return *out == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+static int
+set_ll(PyObject *state, PyObject *name, long long value)
+{
+    PyObject *v = PyLong_FromLongLong(value);
+    if (v == NULL)
+        return -1;
+    int ret = PyObject_SetAttr(state, name, v);
+    Py_DECREF(v);
+    return ret;
+}
+
+/* state._listing(d) (the sorted names of the old directory d stands for, and their
+ * index): 0 with a new reference to the pair in *got, 1 if there is none, -1 on anything
+ * else (any error cleared: Python asks again and raises it) */
+static int
+listing(PyObject *state, PyObject *d, PyObject **got)
+{
+    PyObject *r = PyObject_CallMethodOneArg(state, s_listing, d);
+    if (r == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    if (r == Py_None) {
+        Py_DECREF(r);
+        return 1;
+    }
+    if (!PyTuple_Check(r) || PyTuple_GET_SIZE(r) != 2 || !PyList_Check(PyTuple_GET_ITEM(r, 0)) ||
+        !PyDict_Check(PyTuple_GET_ITEM(r, 1))) {
+        Py_DECREF(r);
+        return -1;
+    }
+    *got = r;
+    return 0;
+}
+
+/* the last '/' of p[0:n], or -1 */
+static Py_ssize_t
+last_slash(const uint8_t *p, size_t n)
+{
+    for (size_t i = n; i > 0; i--)
+        if (p[i - 1] == '/')
+            return (Py_ssize_t)(i - 1);
+    return -1;
+}
+
+/* state.unlinked(path): the base name of an UNLINK appended to names and name_at */
+static int
+unlinked(PyObject *state, const uint8_t *path, size_t n)
+{
+    Py_ssize_t cut = last_slash(path, n);
+    PyObject *name = PyBytes_FromStringAndSize((const char *)path + cut + 1,
+                                               (Py_ssize_t)n - cut - 1);
+    PyObject *names = PyObject_GetAttr(state, s_names);
+    PyObject *name_at = PyObject_GetAttr(state, s_name_at);
+    PyObject *idx = NULL;
+    int ret = -1;
+    if (name == NULL || names == NULL || name_at == NULL)
+        goto out;
+    if (!PyList_Check(names) || !PyDict_Check(name_at)) {
+        PyErr_SetString(PyExc_TypeError, "CarrierState.names / name_at");
+        goto out;
+    }
+    idx = PyLong_FromSsize_t(PyList_GET_SIZE(names));
+    PyObject *at = idx ? PyDict_GetItemWithError(name_at, name) : NULL;
+    if (idx == NULL || (at == NULL && PyErr_Occurred()))
+        goto out;
+    if (at == NULL) {
+        PyObject *fresh = PyList_New(0);
+        if (fresh == NULL || PyDict_SetItem(name_at, name, fresh) < 0) {
+            Py_XDECREF(fresh);
+            goto out;
+        }
+        at = fresh;
+        Py_DECREF(fresh); /* the dict holds it */
+    }
+    if (!PyList_Check(at)) {
+        PyErr_SetString(PyExc_TypeError, "CarrierState.name_at");
+        goto out;
+    }
+    if (PyList_Append(at, idx) < 0 || PyList_Append(names, name) < 0)
+        goto out;
+    ret = 0;
+out:
+    Py_XDECREF(name);
+    Py_XDECREF(names);
+    Py_XDECREF(name_at);
+    Py_XDECREF(idx);
+    return ret;
+}
+
+/* _follow(): a directory command followed in state.pathmap (ValueError: the subvolume
+ * root as a name, nothing to follow); b may be NULL */
+static int
+follow(PyObject *state, PyObject *method, PyObject *a, PyObject *b)
+{
+    long long moves;
+    if (get_ll(state, s_moves, &moves) < 0 || set_ll(state, s_moves, moves + 1) < 0)
+        return -1;
+    PyObject *pm = PyObject_GetAttr(state, s_pathmap);
+    if (pm == NULL)
+        return -1;
+    PyObject *r = PyObject_CallMethodObjArgs(pm, method, a, b, NULL);
+    Py_DECREF(pm);
+    if (r == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_ValueError))
+            return -1;
+        PyErr_Clear();
+        return 0;
+    }
+    Py_DECREF(r);
+    return 0;
+}
+
 static PyObject *
 run(PyObject *self, PyObject *args)
 {
@@ -274,6 +428,9 @@ run(PyObject *self, PyObject *args)
     PyObject *result = NULL;
     Buf last = {0}, path = {0}, tail = {0};
     int have_last = 0, last_changed = 0, ino_changed = 0;
+    /* a name command's effects, computed before it goes out, committed after: new
+       references (NULL: none), dropped at the end of every command */
+    PyObject *path_obj = NULL, *to_obj = NULL, *new_dir = NULL, *got = NULL, *ud = NULL;
     /* the inode number of the last creation with an orphan name (format 8: the next one
        may be implied) */
     unsigned long long last_ino = 0;
@@ -309,12 +466,19 @@ run(PyObject *self, PyObject *args)
         if (cmd == 0 || (int)cmd > max_cmd || (Py_ssize_t)length > limit || end > len ||
             le32(b + p + 6) != 0)
             break;
-        if (cmd == C_SUBVOL || cmd == C_SNAPSHOT || cmd == C_RENAME)
+        if (cmd == C_SUBVOL || cmd == C_SNAPSHOT)
             break;
-        if (fmt >= 4 && (cmd == C_UNLINK || cmd == C_MKDIR || cmd == C_RMDIR))
-            break;
+        Py_CLEAR(path_obj);
+        Py_CLEAR(to_obj);
+        Py_CLEAR(new_dir);
+        Py_CLEAR(got);
+        Py_CLEAR(ud);
         size_t q = p + CMD_HEADER_SIZE, rest = 0;
         int as_is = 0, has_path = 1, times_tail = 0, has_ino = 0, implied_ino = 0;
+        /* RENAME: its PATH_TO (to_obj) unfolded into `tail` from a name reference;
+           name_pos / unlink_pos to set (and rename_dir / unlink_dir: new_dir) */
+        int ref_tail = 0, set_pos = 0;
+        long long new_pos = 0;
         unsigned long long ino = 0;
         unsigned t = 0;
         if (end - q < 4) {
@@ -367,6 +531,37 @@ run(PyObject *self, PyObject *args)
                 if (rest > end || buf_set(&path, b + q + 4, n) < 0)
                     break;
             }
+            else if (t == OLDREF && cmd == C_UNLINK) {
+                /* resolve_unlink(): the next name in the old listing of the directory of
+                   the last UNLINK, by a zigzag difference of indexes */
+                rest = q + 4 + n;
+                long long d, pos;
+                if (rest > end || zigzag(b + q + 4, n, &d) < 0)
+                    break;
+                ud = PyObject_GetAttr(state, s_unlink_dir);
+                if (ud == NULL || !PyBytes_Check(ud) || get_ll(state, s_unlink_pos, &pos) < 0 ||
+                    listing(state, ud, &got) != 0) {
+                    PyErr_Clear();
+                    break;
+                }
+                PyObject *names = PyTuple_GET_ITEM(got, 0);
+                long long k = pos + 1 + d;
+                if (k < 0 || k >= PyList_GET_SIZE(names) ||
+                    !PyBytes_Check(PyList_GET_ITEM(names, k)))
+                    break;
+                PyObject *nm = PyList_GET_ITEM(names, k);
+                size_t dn = (size_t)PyBytes_GET_SIZE(ud), nn = (size_t)PyBytes_GET_SIZE(nm);
+                if (buf_reserve(&path, dn + 1 + nn) < 0)
+                    break;
+                memcpy(path.p, PyBytes_AS_STRING(ud), dn);
+                path.n = dn;
+                if (dn)
+                    path.p[path.n++] = '/';
+                memcpy(path.p + path.n, PyBytes_AS_STRING(nm), nn);
+                path.n += nn;
+                set_pos = 1;
+                new_pos = k;
+            }
             else {
                 as_is = 1;
                 has_path = 0;
@@ -385,9 +580,161 @@ run(PyObject *self, PyObject *args)
                 break;
             times_tail = 1;
         }
-        if (has_path && t == A_PATH && !times_tail)
+        if (has_path && (cmd == C_UNLINK || cmd == C_RENAME || cmd == C_MKDIR || cmd == C_RMDIR)) {
+            path_obj = PyBytes_FromStringAndSize((const char *)path.p, (Py_ssize_t)path.n);
+            if (path_obj == NULL) {
+                PyErr_Clear();
+                break;
+            }
+        }
+        if (has_path && cmd == C_UNLINK && t != OLDREF) {
+            /* unlink_ref(): a new directory starts over; in the same one, the name's
+               index in the old listing (if it has one) */
+            Py_ssize_t cut = last_slash(path.p, path.n);
+            size_t dn = cut < 0 ? 0 : (size_t)cut;
+            ud = PyObject_GetAttr(state, s_unlink_dir);
+            if (ud == NULL) {
+                PyErr_Clear();
+                break;
+            }
+            if (!PyBytes_Check(ud) || (size_t)PyBytes_GET_SIZE(ud) != dn ||
+                memcmp(PyBytes_AS_STRING(ud), path.p, dn) != 0) {
+                new_dir = PyBytes_FromStringAndSize((const char *)path.p, (Py_ssize_t)dn);
+                if (new_dir == NULL) {
+                    PyErr_Clear();
+                    break;
+                }
+                set_pos = 1;
+                new_pos = -1;
+            }
+            else {
+                int rc = listing(state, ud, &got);
+                if (rc < 0)
+                    break;
+                if (rc == 0) {
+                    PyObject *nm = PyBytes_FromStringAndSize(
+                        (const char *)path.p + cut + 1, (Py_ssize_t)(path.n - (size_t)cut - 1));
+                    PyObject *k = nm ? PyDict_GetItemWithError(PyTuple_GET_ITEM(got, 1), nm)
+                                     : NULL;
+                    Py_XDECREF(nm);
+                    if (k != NULL) {
+                        new_pos = PyLong_AsLongLong(k);
+                        set_pos = 1;
+                    }
+                    if (PyErr_Occurred()) {
+                        PyErr_Clear();
+                        break;
+                    }
+                }
+            }
+        }
+        else if (has_path && cmd == C_RENAME) {
+            if (end - rest >= 4 && le16(b + rest) == NAMEREF) {
+                /* resolve_ref(): PATH_TO is the directory of the last RENAME's and a name
+                   unlinked before, by a zigzag difference of indexes */
+                size_t k = le16(b + rest + 2);
+                long long d, pos;
+                if (rest + 4 + k > end || zigzag(b + rest + 4, k, &d) < 0)
+                    break;
+                PyObject *rd = PyObject_GetAttr(state, s_rename_dir);
+                PyObject *names = rd ? PyObject_GetAttr(state, s_names) : NULL;
+                int ok = names != NULL && PyBytes_Check(rd) && PyList_Check(names) &&
+                         get_ll(state, s_name_pos, &pos) == 0;
+                long long i = ok ? pos + 1 + d : -1;
+                ok = ok && i >= 0 && i < PyList_GET_SIZE(names) &&
+                     PyBytes_Check(PyList_GET_ITEM(names, i));
+                if (ok) {
+                    to_obj = PyBytes_FromStringAndSize(NULL, PyBytes_GET_SIZE(rd) +
+                                                      PyBytes_GET_SIZE(PyList_GET_ITEM(names, i)));
+                    if (to_obj != NULL) {
+                        memcpy(PyBytes_AS_STRING(to_obj), PyBytes_AS_STRING(rd),
+                               (size_t)PyBytes_GET_SIZE(rd));
+                        memcpy(PyBytes_AS_STRING(to_obj) + PyBytes_GET_SIZE(rd),
+                               PyBytes_AS_STRING(PyList_GET_ITEM(names, i)),
+                               (size_t)PyBytes_GET_SIZE(PyList_GET_ITEM(names, i)));
+                    }
+                }
+                Py_XDECREF(rd);
+                Py_XDECREF(names);
+                if (!ok || to_obj == NULL) {
+                    PyErr_Clear();
+                    break;
+                }
+                size_t tn = (size_t)PyBytes_GET_SIZE(to_obj), more = end - (rest + 4 + k);
+                if (tn > 0xFFFF || buf_reserve(&tail, 4 + tn + more) < 0)
+                    break;
+                put16(tail.p, A_PATH_TO);
+                put16(tail.p + 2, (uint16_t)tn);
+                memcpy(tail.p + 4, PyBytes_AS_STRING(to_obj), tn);
+                memcpy(tail.p + 4 + tn, b + rest + 4 + k, more);
+                tail.n = 4 + tn + more;
+                ref_tail = 1;
+                set_pos = 1;
+                new_pos = i;
+            }
+            else {
+                /* PATH_TO as it is; name_ref(): in the directory of the last RENAME's,
+                   the occurrence of its name among the unlinked names nearest to the
+                   next one */
+                if (end - rest < 4 || le16(b + rest) != A_PATH_TO)
+                    break; /* no PATH_TO: Python's */
+                size_t m = le16(b + rest + 2);
+                if (rest + 4 + m > end)
+                    break;
+                const uint8_t *to = b + rest + 4;
+                Py_ssize_t cut = last_slash(to, m) + 1;
+                to_obj = PyBytes_FromStringAndSize((const char *)to, (Py_ssize_t)m);
+                new_dir = PyBytes_FromStringAndSize((const char *)to, cut);
+                PyObject *rd = new_dir ? PyObject_GetAttr(state, s_rename_dir) : NULL;
+                if (to_obj == NULL || rd == NULL) {
+                    Py_XDECREF(rd);
+                    PyErr_Clear();
+                    break;
+                }
+                int same_dir = PyBytes_Check(rd) && PyBytes_GET_SIZE(rd) == cut &&
+                               memcmp(PyBytes_AS_STRING(rd), to, (size_t)cut) == 0;
+                Py_DECREF(rd);
+                if (same_dir) {
+                    PyObject *nm = PyBytes_FromStringAndSize((const char *)to + cut,
+                                                             (Py_ssize_t)m - cut);
+                    PyObject *name_at = nm ? PyObject_GetAttr(state, s_name_at) : NULL;
+                    PyObject *at = name_at && PyDict_Check(name_at)
+                                       ? PyDict_GetItemWithError(name_at, nm) : NULL;
+                    long long pos;
+                    int bad = name_at == NULL || !PyDict_Check(name_at) || PyErr_Occurred() ||
+                              (at != NULL && !PyList_Check(at));
+                    if (!bad && at != NULL && PyList_GET_SIZE(at) > 0) {
+                        bad = get_ll(state, s_name_pos, &pos) < 0;
+                        long long want = pos + 1, best = 0;
+                        unsigned long long dist = ~0ull;
+                        for (Py_ssize_t j = 0; !bad && j < PyList_GET_SIZE(at); j++) {
+                            long long v = PyLong_AsLongLong(PyList_GET_ITEM(at, j));
+                            if (v == -1 && PyErr_Occurred()) {
+                                bad = 1;
+                                break;
+                            }
+                            unsigned long long dv = v >= want ? (unsigned long long)(v - want)
+                                                              : (unsigned long long)(want - v);
+                            if (dv < dist) { /* min(): the first of the nearest */
+                                dist = dv;
+                                best = v;
+                            }
+                        }
+                        set_pos = 1;
+                        new_pos = best;
+                    }
+                    Py_XDECREF(nm);
+                    Py_XDECREF(name_at);
+                    if (bad || nm == NULL) {
+                        PyErr_Clear();
+                        break;
+                    }
+                }
+            }
+        }
+        if (has_path && t == A_PATH && !times_tail && !ref_tail)
             as_is = 1;
-        size_t taillen = times_tail ? tail.n : end - rest;
+        size_t taillen = times_tail || ref_tail ? tail.n : end - rest;
         size_t inolen = implied_ino ? 12 : 0;
         size_t newlen = as_is ? length : 4 + path.n + inolen + taillen;
         if (!as_is && (path.n > 0xFFFF || newlen > (size_t)limit))
@@ -412,17 +759,37 @@ run(PyObject *self, PyObject *args)
                 put16(o + 16 + path.n, 8);
                 put64(o + 18 + path.n, (uint64_t)ino);
             }
-            memcpy(o + 14 + path.n + inolen, times_tail ? tail.p : b + rest, taillen);
+            memcpy(o + 14 + path.n + inolen, times_tail || ref_tail ? tail.p : b + rest,
+                   taillen);
         }
         put32(o + 6, crc_update(0, o, CMD_HEADER_SIZE + newlen));
         /* the command is out: its effects on the state are committed */
         if (has_path) {
-            if (buf_set(&last, path.p, path.n) < 0) { /* cannot happen: path fits */
+            /* RENAME: the previous path is its PATH_TO (cannot fail: the buffer fits) */
+            int ren = cmd == C_RENAME;
+            if (buf_set(&last, ren ? (const uint8_t *)PyBytes_AS_STRING(to_obj) : path.p,
+                        ren ? (size_t)PyBytes_GET_SIZE(to_obj) : path.n) < 0) {
                 PyErr_NoMemory();
                 goto done;
             }
             have_last = 1;
             last_changed = 1;
+        }
+        if (has_path && cmd == C_UNLINK) {
+            if ((new_dir != NULL && PyObject_SetAttr(state, s_unlink_dir, new_dir) < 0) ||
+                (set_pos && set_ll(state, s_unlink_pos, new_pos) < 0) ||
+                unlinked(state, path.p, path.n) < 0)
+                goto done;
+        }
+        else if (has_path && cmd == C_RENAME) {
+            if ((new_dir != NULL && PyObject_SetAttr(state, s_rename_dir, new_dir) < 0) ||
+                (set_pos && set_ll(state, s_name_pos, new_pos) < 0) ||
+                follow(state, s_rename, path_obj, to_obj) < 0)
+                goto done;
+        }
+        else if (has_path && (cmd == C_MKDIR || cmd == C_RMDIR)) {
+            if (follow(state, cmd == C_MKDIR ? s_create : s_remove, path_obj, NULL) < 0)
+                goto done;
         }
         if (times_tail)
             times = tmp;
@@ -453,6 +820,11 @@ run(PyObject *self, PyObject *args)
     }
     result = Py_BuildValue("nn", (Py_ssize_t)p, count);
 done:
+    Py_XDECREF(path_obj);
+    Py_XDECREF(to_obj);
+    Py_XDECREF(new_dir);
+    Py_XDECREF(got);
+    Py_XDECREF(ud);
     PyMem_Free(last.p);
     PyMem_Free(path.p);
     PyMem_Free(tail.p);
@@ -485,5 +857,17 @@ PyInit__unfold(void)
         (s_last_ino = PyUnicode_InternFromString("last_ino")) == NULL ||
         (billion = PyLong_FromUnsignedLongLong(NS)) == NULL)
         return NULL;
+    static const struct {
+        PyObject **slot;
+        const char *name;
+    } names[] = {
+        {&s_unlink_dir, "unlink_dir"}, {&s_unlink_pos, "unlink_pos"}, {&s_names, "names"},
+        {&s_name_at, "name_at"}, {&s_name_pos, "name_pos"}, {&s_rename_dir, "rename_dir"},
+        {&s_moves, "moves"}, {&s_pathmap, "pathmap"}, {&s_listing, "_listing"},
+        {&s_rename, "rename"}, {&s_create, "create"}, {&s_remove, "remove"},
+    };
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if ((*names[i].slot = PyUnicode_InternFromString(names[i].name)) == NULL)
+            return NULL;
     return PyModule_Create(&module);
 }
