@@ -52,6 +52,39 @@ def test_data_segments(tmp_path: Path) -> None:
     assert _segments(tmp_path / "empty") == []
 
 
+@pytest.mark.parametrize(("pieces", "size", "want", "lseeks"), [
+    ([(0, 3)], 3, [(0, 3)], 1),  # no hole: one lseek
+    ([(0, 1)], 3, [(0, 1)], 2),  # a hole at the end
+    ([(2, 1)], 3, [(2, 1)], 3),  # a hole first
+    ([(0, 1), (2, 1)], 3, [(0, 1), (2, 1)], 3),
+    ([], 3, [], 2),  # all hole
+])
+def test_data_segments_layouts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pieces: list[tuple[int, int]], size: int,
+    want: list[tuple[int, int]], lseeks: int,
+) -> None:
+    """Every layout of data and holes (in blocks), and how many ``lseek`` calls it takes."""
+    _holes_supported(tmp_path)
+    f = tmp_path / "f"
+    _sparse(f, [(at * _BLOCK, b"d" * n * _BLOCK) for at, n in pieces], size * _BLOCK)
+    calls: list[int] = []
+    lseek = os.lseek
+
+    def counted(fd: int, pos: int, how: int) -> int:
+        calls.append(how)
+        return lseek(fd, pos, how)
+
+    monkeypatch.setattr(os, "lseek", counted)
+    assert _segments(f) == [(at * _BLOCK, n * _BLOCK) for at, n in want]
+    assert len(calls) == lseeks
+    fd = os.open(f, os.O_RDONLY)
+    try:  # asked beyond its end: the same ranges
+        assert data_segments(fd, 2 * size * _BLOCK) == [(at * _BLOCK, n * _BLOCK)
+                                                         for at, n in want]
+    finally:
+        os.close(fd)
+
+
 def test_copy_range_keeps_holes(tmp_path: Path) -> None:
     _holes_supported(tmp_path)
     src, dst = tmp_path / "src", tmp_path / "dst"

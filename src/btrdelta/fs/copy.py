@@ -36,9 +36,24 @@ _ZEROS = bytes(1 << 20)
 
 
 def data_segments(fd: int, size: int) -> list[tuple[int, int]]:
-    """``(offset, length)`` of the data (non-hole) ranges of the open file, below ``size``."""
+    """``(offset, length)`` of the data (non-hole) ranges of the open file, below ``size``.
+
+    A file without holes (nearly every file) takes one ``lseek``: the first hole from 0
+    at or after ``size``."""
     out: list[tuple[int, int]] = []
     pos = 0
+    if size > 0:
+        try:
+            hole = os.lseek(fd, 0, os.SEEK_HOLE)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # empty
+                return out
+            if exc.errno == errno.EINVAL:  # no SEEK_HOLE support: all data
+                return [(0, size)]
+            raise
+        if hole > 0:  # data from 0 to the first hole
+            pos = min(hole, size)
+            out.append((0, pos))
     while pos < size:
         try:
             data = os.lseek(fd, pos, os.SEEK_DATA)
