@@ -98,3 +98,17 @@ def test_kernel_streams_do_not_confuse_the_map(stream: Path) -> None:
             m.feed(rec)
             if isinstance(rec, R.Rename):
                 assert m.base(rec.path_to)
+
+
+def test_rename_onto_the_root_frees_the_name_first() -> None:
+    """A (hostile) RENAME onto the subvolume root: the old name is freed, then ValueError;
+    what delta make and expand both do (their listings of old directories must agree)."""
+    m = PathMap()
+    m.rename(b"a/b", b"c")
+    with pytest.raises(ValueError, match="root"):
+        m.rename(b"c", b"")
+    assert m.origin(b"c") is None
+    assert m.moved() == {b"a/b", b"c"}
+    with pytest.raises(ValueError, match="root"):
+        m.rename(b"", b"d")
+    assert m.moved() == {b"a/b", b"c"}

@@ -111,25 +111,21 @@ class PathMap:
 
     def _node(self, path: bytes) -> tuple[_Node, bytes]:
         """The parent node of ``path`` (materialized) and the last component."""
-        comps = _split(path)
+        return self._parent(_split(path))
+
+    def _parent(self, comps: list[bytes]) -> tuple[_Node, bytes]:
+        """The parent node of the path of ``comps`` (materialized) and its last one."""
         if not comps:
             raise ValueError("the subvolume root has no parent")
         node = self._root
-        for comp in comps[:-1]:
+        last = comps.pop()  # (the caller's list: split for this call)
+        for comp in comps:
             child = node.children.get(comp)
             if child is None:
                 child = _Node(_join(node.origin, comp))
                 node.children[comp] = child
             node = child
-        return node, comps[-1]
-
-    def _detach(self, path: bytes) -> _Node:
-        parent, name = self._node(path)
-        node = parent.children.get(name)
-        if node is None:
-            node = _Node(_join(parent.origin, name))
-        parent.children[name] = _Node(None)  # the name is free now
-        return node
+        return node, last
 
     def create(self, path: bytes) -> None:
         """A new inode at ``path``."""
@@ -138,10 +134,15 @@ class PathMap:
 
     def rename(self, path: bytes, path_to: bytes) -> None:
         """``rename(path, path_to)``: the node and its subtree move."""
-        if _split(path) == _split(path_to):
+        comps, comps_to = _split(path), _split(path_to)
+        if comps == comps_to:
             return
-        node = self._detach(path)
-        parent, name = self._node(path_to)
+        parent, name = self._parent(comps)
+        node = parent.children.get(name)
+        if node is None:
+            node = _Node(_join(parent.origin, name))
+        parent.children[name] = _Node(None)  # the name is free now
+        parent, name = self._parent(comps_to)
         parent.children[name] = node
 
     def link(self, path: bytes, target: bytes) -> None:
