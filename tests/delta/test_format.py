@@ -409,6 +409,35 @@ def test_name_commands_are_unfolded_in_c(monkeypatch: pytest.MonkeyPatch) -> Non
     assert got[0] == b"".join(raws)  # type: ignore[index]
 
 
+@pytest.mark.parametrize("use_c", [True, False])
+def test_groups_are_handed_on_at_256_commands(use_c: bool) -> None:
+    """However long a run of commands the C path can unfold, the expansion hands on a
+    group every GROUP_COMMANDS commands (the receiver starts on the first ones)."""
+    from btrdelta.delta.unpack import GROUP_COMMANDS, CarrierReader
+
+    if use_c and not _native.available("unfold"):
+        pytest.skip("the C unfold path (_unfold.c) is not built")
+    recs: list[R.Record] = []
+    for i in range(300):
+        recs += [R.Unlink(f"dir/f{i}".encode()), R.Mkdir(f"o{i + 9}-1-0".encode(), i + 9),
+                 R.Rename(f"o{i + 9}-1-0".encode(), f"dir/f{i}".encode())]
+    raws, carrier, _ws = _fold_records(recs)
+    with _native.use_backend("c" if use_c else "python", "unfold"):
+        reader = CarrierReader(_lister)
+    counts: list[int] = []
+    out = bytearray()
+    for sub in reader.split(bytearray(carrier), 1, grouped=True):
+        assert sub is None
+        n, group = reader.take_group()
+        counts.append(n)
+        out += group
+    n, group = reader.take_group()
+    counts.append(n)
+    out += group
+    assert bytes(out) == b"".join(raws)
+    assert counts == [GROUP_COMMANDS] * 3 + [900 - 3 * GROUP_COMMANDS]
+
+
 def _split_grouped(carrier: bytes, use_c: bool) -> object:
     """What the expansion's carrier reader makes of a carrier: the group of btrfs commands
     and the final state, or the error it raises."""

@@ -415,11 +415,11 @@ static PyObject *
 run(PyObject *self, PyObject *args)
 {
     Py_buffer raw;
-    Py_ssize_t start, limit, max_out;
+    Py_ssize_t start, limit, max_out, max_count = PY_SSIZE_T_MAX;
     PyObject *out, *state;
     int fmt, max_cmd;
-    if (!PyArg_ParseTuple(args, "y*nO!Oinin:run", &raw, &start, &PyByteArray_Type, &out,
-                          &state, &fmt, &limit, &max_cmd, &max_out))
+    if (!PyArg_ParseTuple(args, "y*nO!Oinin|n:run", &raw, &start, &PyByteArray_Type, &out,
+                          &state, &fmt, &limit, &max_cmd, &max_out, &max_count))
         return NULL;
     const uint8_t *b = raw.buf;
     size_t len = (size_t)raw.len;
@@ -457,9 +457,11 @@ run(PyObject *self, PyObject *args)
     if (PyErr_Occurred())
         goto done;
 
-    /* stops once the group holds max_out bytes: the caller hands it on (bounded memory
-       whatever the unfolding multiplies: a 4-byte "previous path" can stand for 64 KiB) */
-    while (p + CMD_HEADER_SIZE <= len && PyByteArray_GET_SIZE(out) < max_out) {
+    /* stops once the group holds max_out bytes (bounded memory whatever the unfolding
+       multiplies: a 4-byte "previous path" can stand for 64 KiB) or max_count commands
+       were unfolded: the caller hands it on (the receiver starts on the first ones) */
+    while (p + CMD_HEADER_SIZE <= len && PyByteArray_GET_SIZE(out) < max_out &&
+           count < max_count) {
         uint32_t length = le32(b + p);
         unsigned cmd = le16(b + p + 4);
         size_t end = p + CMD_HEADER_SIZE + (size_t)length;
@@ -834,9 +836,10 @@ done:
 
 static PyMethodDef methods[] = {
     {"run", run, METH_VARARGS,
-     "run(raw, pos, group, state, fmt, limit, max_cmd, max_out) -> (pos, count): unfold the "
-     "carried commands of raw[pos:] into the bytearray group (CRCs set) up to the first one "
-     "Python must unfold or until group holds max_out bytes; state is the CarrierState "
+     "run(raw, pos, group, state, fmt, limit, max_cmd, max_out, max_count=unlimited) -> "
+     "(pos, count): unfold the carried commands of raw[pos:] into the bytearray group (CRCs "
+     "set) up to the first one Python must unfold, until group holds max_out bytes or "
+     "max_count commands were unfolded; state is the CarrierState "
      "(last_path, last_ino and times are read and updated); fmt: the delta's format version."},
     {NULL, NULL, 0, NULL},
 };

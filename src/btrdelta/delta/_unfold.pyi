@@ -5,5 +5,5 @@ from typing import Any
 
 def run(
     raw: Any, pos: int, group: bytearray, state: Any, fmt: int, limit: int, max_cmd: int,
-    max_out: int, /
+    max_out: int, max_count: int = ..., /
 ) -> tuple[int, int]: ...

@@ -58,10 +58,10 @@ MIN_CARRIER_WINDOW = 32 << 20
 #: carried commands gathered before :meth:`CarrierReader.split` hands them on (bytes, plus
 #: at most one command): what unfolding may hold whatever the carrier declares
 GROUP_MAX = 1 << 20
-#: ... and at most about this many commands (the C path may go past it by one call): a
-#: receive then gets its first records while the rest is unfolded (a delta of an
-#: update begins with thousands of UNLINKs and RENAMEs, unfolded in Python, which the
-#: receiver would otherwise wait for, 0.1 s on the Debian pair)
+#: ... and at most this many commands: a receive then gets its first records while the
+#: rest is unfolded (a delta of an update begins with thousands of UNLINKs and RENAMEs,
+#: which the receiver would otherwise wait for: 0.1 s on the Debian pair when Python
+#: unfolded them)
 GROUP_COMMANDS = 256
 #: compressed bytes fed to the inflater at a time (bounds the output of one call)
 _ZFEED = 1024
@@ -189,7 +189,7 @@ class CarrierReader:
         while pos < len(mv):
             if fast is not None:
                 pos, n = fast(raw, pos, self.group, self.state, self._format, limit,
-                              _MAX_CMD, GROUP_MAX)
+                              _MAX_CMD, GROUP_MAX, max(1, GROUP_COMMANDS - self.count))
                 self.count += n
                 if len(self.group) >= GROUP_MAX or self.count >= GROUP_COMMANDS:
                     yield None
