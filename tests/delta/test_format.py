@@ -495,6 +495,12 @@ def test_format3_hostile_markers_are_refused() -> None:
     for mv in bad:
         with pytest.raises(StreamFormatError):
             unfold(mv[4] | mv[5] << 8, mv, 0, len(mv), CarrierState(), 1 << 16)
+    # a RENAME name reference whose path would not fit a TLV (was struct.error)
+    long = CarrierState()
+    long.rename_dir, long.names, long.name_pos = b"d" * 65535 + b"/", [b"x"], -1
+    ren = cmd(Cmd.RENAME, b"\x0f\x00\x01\x00a" + b"\xfc\xff\x01\x00\x00")
+    with pytest.raises(StreamFormatError, match="65535"):
+        unfold(Cmd.RENAME, ren, 0, len(ren), long, 1 << 20)
     # an implied inode number: in format 7, or after the largest one
     mkfile = cmd(Cmd.MKFILE, b"\xfa\xff\x03\x007-0")
     with pytest.raises(StreamFormatError, match="format-7 delta"):

@@ -388,6 +388,9 @@ def unfold(
             if rest + 4 + k > end:
                 raise StreamFormatError("RENAME name reference overruns the command")
             to = state.resolve_ref(mv[rest + 4 : rest + 4 + k])
+            if len(to) > 0xFFFF:
+                raise StreamFormatError(f"RENAME name reference makes a path of {len(to)} "
+                                        "bytes (a TLV holds at most 65535)")
             tail = bytearray(_TLV.pack(_PATH_TO, len(to)))
             tail += to
             tail += mv[rest + 4 + k : end]
@@ -404,6 +407,9 @@ def unfold(
     if t == _PATH and tail is not None and type(tail) is memoryview:
         return None
     length = 4 + len(path) + len(ino_tlv) + len(tail)
+    if len(path) > 0xFFFF:
+        raise StreamFormatError(f"carried command {cmd} names a path of {len(path)} bytes "
+                                "(a TLV holds at most 65535)")
     if length > limit:
         raise StreamFormatError(f"carried command {cmd} of length {length} is invalid")
     buf = bytearray(CMD_HEADER.pack(length, cmd, 0))
