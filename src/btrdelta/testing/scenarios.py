@@ -13,7 +13,7 @@ clone source for B's stream besides its parent A (btrfs/117).
 real data every stream test is checked on. Recipes follow the upstream tests they are
 named after (the number in a name is the upstream test's: xfstests' btrfs/NNN, or with
 ``misc`` btrfs-progs' tests/misc-tests/NNN; a hex suffix is the Linux commit whose message
-holds the reproducer).
+holds the reproducer; ``btrbkNNN`` a btrbk issue's recipe).
 """
 
 from __future__ import annotations
@@ -477,6 +477,16 @@ SCENARIOS: list[Scenario] = [
     S("overwritten-files-misc018",
       "for i in 1 2 3; do dd if=/dev/zero of=file1_$i bs=1M count=1 status=none; done",
       "for i in 1 2 3; do dd if=/dev/urandom of=file1_$i bs=1M count=1 status=none; done"),
+    # btrbk issue 608 (a 'Directory not empty' receive failure reported against btrbk): a
+    # directory turned into a subvolume of the same name, its files reflinked into it, the
+    # old directory removed. The new subvolume is not in the stream (an empty directory in
+    # the snapshot, as every nested subvolume is); the old directory and its files go
+    S("dir-to-subvolume-btrbk608",
+      "mkdir -p videos/sub; for i in 1 2 3; do xfs_io -f -c \"pwrite -S 0x4$i 0 200K\""
+      " videos/v$i; done; echo note > videos/sub/note",
+      "mv videos videos.old; btrfs -q subvolume create videos;"
+      " cp -a --reflink=always videos.old/. videos; rm -r videos.old; echo new > videos/v4",
+      btrfs_only=True),
     # held descriptors last: a later REMOUNT on the same filesystem would find it busy
     S("deleted-open-file-168",
       'xfs_io -f -c "pwrite -S 0xf1 0 64K" foo; xfs_io -f -c "pwrite -S 0x7b 0 90K" bar;'
