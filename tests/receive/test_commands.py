@@ -13,7 +13,7 @@ import lzallright
 import pytest
 import zstandard
 
-from btrdelta.errors import StreamFormatError
+from btrdelta.errors import ApplyError, StreamFormatError
 from btrdelta.fs.btrfs import get_fsflags, set_fsflags
 from btrdelta.fs.copy import data_segments
 from btrdelta.receive import receive
@@ -175,6 +175,31 @@ def test_a_cloned_hole_over_the_end_of_a_file_leaves_no_block(dest: Path,
         assert p.read_bytes() == bytes(147_456), name
         with open(p, "rb") as fh:
             assert data_segments(fh.fileno(), 147_456) == [], name
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["python", "after-a-clone"])
+def test_a_clone_past_the_source_end_is_refused(dest: Path, applier_impl: str,
+                                               first: bool) -> None:
+    """A CLONE whose source range runs past the source's end is refused, as the clone
+    ioctl and btrfs receive refuse it: the copy that stands in for a reflink read the
+    missing bytes as a hole and made the file up (btrfs-progs issue 787: a --no-data
+    stream clones files it never wrote). Applied by Python, and by the C path after a
+    first clone from the subvolume."""
+    data = os.urandom(4096 + 100)
+
+    def clone(path: bytes, length: int, src_off: int = 0) -> Clone:
+        return Clone(offset=0, length=length, path=path, clone_uuid=UUID_A, clone_ctransid=1,
+                     clone_path=b"g", clone_offset=src_off)
+
+    recs = [subvol(), Mkfile(path=b"g", ino=257), Write(path=b"g", offset=0, data=data)]
+    if not first:
+        recs += [Mkfile(path=b"f", ino=258), clone(b"f", 4196)]  # to the source's end: fine
+    recs += [Mkfile(path=b"p", ino=259), clone(b"p", 4096, 4096)]
+    with pytest.raises(ApplyError, match=r"clone source 'g' has 4196 bytes, the range ends "
+                                         r"at 8192") as info:
+        receive(events([*recs, End()]), dest)
+    assert info.value.path == b"p"
+    assert not (dest / "sv").exists()  # nothing under the final name
 
 
 @pytest.mark.btrfs

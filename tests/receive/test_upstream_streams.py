@@ -779,3 +779,38 @@ def test_encoded_writes_of_every_algorithm_progs_053(tmp_path: Path, targets: Ta
         for d in mixed.values():
             got = d / f"progs-053-{alg}-snap"
             assert not diff_manifests(want, tree_manifest(got, ignore_root_mtime=True))
+
+
+@pytest.mark.btrfs
+def test_no_data_stream_clones_are_refused_as_btrfs_receive_refuses_progs_787(
+        tmp_path: Path, targets: Targets) -> None:
+    """btrfs-progs issue 787: a --no-data stream (update_extent in place of the data) fed
+    to receive. Its CLONE of a reflinked copy reads a source it never wrote: btrfs
+    receive fails ('failed to clone extents'); so do we, with one line, into btrfs and
+    ext4, leaving nothing under the subvolume's name (we made the file up as a hole)."""
+    require_btrfs()
+    sv = targets.scratch_btrfs / "progs-787"
+    run("btrfs", "-q", "subvolume", "create", sv)
+    for d in ("lib64", "lib"):
+        (sv / d).mkdir()
+    run("xfs_io", "-f", "-c", "pwrite -S 0x61 0 128K", sv / "lib64/x.so")
+    run("cp", "--reflink=always", sv / "lib64/x.so", sv / "lib/x.so")
+    snap = sv.with_name("progs-787-snap")
+    run("btrfs", "-q", "subvolume", "snapshot", "-r", sv, snap)
+    stream = send(snap, tmp_path / "nodata", extra=("--no-data",))
+    assert b"\nclone " in progs_dump(stream).stdout
+    kdest = targets.kernel / "progs-787"
+    kdest.mkdir()
+    progs = subprocess.run(["btrfs", "receive", "-f", str(stream), str(kdest)],
+                           capture_output=True, check=False, timeout=60)
+    assert progs.returncode != 0
+    assert b"failed to clone extents" in progs.stderr
+    for fs in (targets.ours_btrfs, targets.ours_ext4):
+        dest = fs / "progs-787"
+        dest.mkdir()
+        proc = _cli("receive", "-f", str(stream), str(dest))
+        err = [line for line in proc.stderr.decode().splitlines() if "error" in line]
+        assert proc.returncode == 8, proc.stderr
+        assert len(err) == 1, proc.stderr
+        assert "clone source 'lib64/x.so' has 0 bytes" in err[0]
+        assert not (dest / "progs-787-snap").exists()

@@ -798,17 +798,24 @@ exec_clone(Fast *f, const Op *o)
     if (src < 0)
         return -1;
     /* FICLONERANGE refuses a source that is not a regular file (EINVAL, EISDIR): the
-     * file type is looked at (fstat) only before the copy that stands in for it */
+     * file type is looked at (fstat) only before the copy that stands in for it. So is
+     * the source's size: a range past its end is refused, as the ioctl and btrfs receive
+     * refuse it (Python's handler, applying the record again, says so) */
     struct clone_range_args args = {src, (uint64_t)o->v[2], (uint64_t)o->v[1],
                                     (uint64_t)o->v[0]};
     int r = ioctl(dst, IOC_FICLONERANGE, &args);
     if (r < 0 && (errno == ENOTTY || errno == EINVAL || errno == ENOSPC ||
                   errno == EOPNOTSUPP || errno == EXDEV || errno == EPERM)) {
         struct stat st;
-        if (fstat(src, &st) == 0 && S_ISREG(st.st_mode))
-            r = copy_range(src, (off_t)o->v[2], dst, (off_t)o->v[0], (off_t)o->v[1]);
-        else
+        uint64_t len = (uint64_t)o->v[1];
+        if (fstat(src, &st) != 0 || !S_ISREG(st.st_mode))
             r = -1;
+        else if (len > 0 && (len > (uint64_t)st.st_size ||
+                             (uint64_t)o->v[2] > (uint64_t)st.st_size - len)) {
+            errno = EINVAL;
+            r = -1;
+        } else
+            r = copy_range(src, (off_t)o->v[2], dst, (off_t)o->v[0], (off_t)o->v[1]);
     }
     close(src);
     return r < 0 ? -1 : 0;

@@ -84,6 +84,20 @@ _FALLBACK_ERRNOS = (errno.ENOTTY, errno.EINVAL, errno.ENOSPC, errno.EOPNOTSUPP, 
                     errno.EPERM)
 
 
+def _within_source(src: int, rec: Clone) -> None:
+    """Refuse, before a copy stands in for a reflink, a CLONE whose source range runs past
+    the source file's end: the clone ioctl refuses it (EINVAL; it would be cut short), and
+    so does btrfs receive. The copy read the missing bytes as a hole and made them up (a
+    ``--no-data`` stream's clone of a file whose data it never wrote: btrfs-progs issue
+    787). A length of 0 (to the source's end) is left to the copy."""
+    size = os.fstat(src).st_size
+    end = rec.clone_offset + rec.length
+    if rec.length and end > size:
+        name = rec.clone_path.decode("utf-8", "backslashreplace")
+        raise OSError(errno.EINVAL, f"the clone source {name!r} has {size} bytes, the range "
+                      f"ends at {end}")
+
+
 #: the largest value a system call takes for an owner (``uid_t``) and for anything else
 #: (offsets, sizes, modes, times: ``off_t``/``long long``)
 _ID_MAX = (1 << 32) - 1
@@ -653,6 +667,7 @@ class Applier:
             except OSError as exc:
                 if exc.errno not in _FALLBACK_ERRNOS:
                     raise
+            _within_source(src, rec)
             copy_range(src, rec.clone_offset, dst, rec.offset, rec.length)
         finally:
             os.close(src)
