@@ -36,6 +36,9 @@ receive` reads and receives them (the oracle).
   writes of zlib, lzo and zstd, kept encoded, or decompressed with --force-decompress.
 * fstests btrfs/152 (quotas, concurrent incremental receives) and 314 (two mounted copies
   of one filesystem image: one with a temporary fsid).
+* btrfs-progs issues: 787 (a --no-data stream's clones, refused as btrfs receive refuses
+  them), 606 (a reverse receive whose CLONE source is found by its UUID; btrfs-progs 6.2
+  fails) and 375 (send -c without a parent, which btrfs send cannot do).
 * misc-tests/017 and 036 feed `btrfs receive` (and ``--dump``) an empty stream, a short
   header, a bad magic and a header of version 0: refused, by us with one line.
 * fstests btrfs/339: ``btrfs receive --dump`` of a stream another user owns (btrfs-progs
@@ -814,3 +817,94 @@ def test_no_data_stream_clones_are_refused_as_btrfs_receive_refuses_progs_787(
         assert len(err) == 1, proc.stderr
         assert "clone source 'lib64/x.so' has 0 bytes" in err[0]
         assert not (dest / "progs-787-snap").exists()
+
+
+@pytest.mark.btrfs
+def test_reverse_receive_clones_from_the_parent_by_its_uuid_progs_606(
+        tmp_path: Path, targets: Targets) -> None:
+    """btrfs-progs issue 606 (fixed in 6.10, PR 862): snapshots received on another
+    filesystem, a writable snapshot of one changed there and sent back. The stream's
+    parent and its CLONE source are the received UUID over there, the UUID of the
+    original here: btrfs receive looked the clone source up by received UUID only ('clone:
+    did not find source subvol', as 6.2 still fails). Ours finds both by UUID."""
+    require_btrfs()
+    home = targets.scratch_btrfs / "progs-606"
+    home.mkdir()
+    run("btrfs", "-q", "subvolume", "create", home / "profile")
+    run("xfs_io", "-f", "-c", "pwrite -S 0x61 0 256K", home / "profile/a")
+    run("btrfs", "-q", "subvolume", "snapshot", "-r", home / "profile", home / "@1")
+    run("xfs_io", "-c", "pwrite -S 0x62 0 4K", home / "profile/a")
+    run("btrfs", "-q", "subvolume", "snapshot", "-r", home / "profile", home / "@2")
+    away = targets.kernel / "progs-606"
+    away.mkdir()
+    kernel_receive(send(home / "@1", tmp_path / "1"), away)
+    kernel_receive(send(home / "@2", tmp_path / "2", parent=home / "@1"), away)
+    run("btrfs", "-q", "subvolume", "snapshot", away / "@2", away / "rw")
+    (away / "rw/a").rename(away / "rw/tmp")  # a's extents: now only in c and in the parent
+    run("cp", "--reflink=always", away / "rw/tmp", away / "rw/c")
+    (away / "rw/tmp").unlink()
+    run("xfs_io", "-c", "pwrite -S 0x63 8K 4K", away / "rw/c")
+    run("btrfs", "-q", "subvolume", "snapshot", "-r", away / "rw", away / "@3")
+    back = send(away / "@3", tmp_path / "3", parent=away / "@2")
+    assert b"\nclone " in progs_dump(back).stdout
+    want = tree_manifest(away / "@3", ignore_root_mtime=True)
+    progs_dest = home / "back-progs"
+    progs_dest.mkdir()
+    progs = subprocess.run(["btrfs", "receive", "-f", str(back), str(progs_dest)],
+                           capture_output=True, check=False, timeout=60)
+    if progs.returncode == 0:  # btrfs-progs >= 6.10
+        assert not diff_manifests(want, tree_manifest(progs_dest / "@3",
+                                                      ignore_root_mtime=True))
+    else:
+        assert b"did not find source subvol" in progs.stderr
+    ours = home / "back-ours"
+    ours.mkdir()
+    _ours(back, ours)
+    assert not diff_manifests(want, tree_manifest(ours / "@3", ignore_root_mtime=True))
+
+
+@pytest.mark.btrfs
+def test_clone_sources_without_a_parent_progs_375(tmp_path: Path, targets: Targets) -> None:
+    """btrfs-progs issue 375: a directory split off into a subvolume of its own, whose
+    snapshot is sent with the old snapshot as a clone source and no parent (send -c A0
+    fB10): btrfs send fails ('parent determination failed'), --kernel says so in one
+    line; ours sends it full with its files cloned from A0, which the kernel receives."""
+    require_btrfs()
+    top = targets.scratch_btrfs / "progs-375"
+    top.mkdir()
+    a = top / "A"
+    run("btrfs", "-q", "subvolume", "create", a)
+    (a / "fB").mkdir()
+    (a / "other").write_bytes(os.urandom(50_000))
+    for i in range(3):
+        (a / "fB" / f"f{i}").write_bytes(os.urandom(100_000 + i))
+    run("btrfs", "-q", "subvolume", "snapshot", "-r", a, top / "A0")
+    (a / "fB").rename(a / "fB.bak")
+    run("btrfs", "-q", "subvolume", "create", a / "fB")
+    for f in (a / "fB.bak").iterdir():  # mv between subvolumes: a copy (reflinked)
+        run("mv", f, a / "fB" / f.name)
+    (a / "fB.bak").rmdir()
+    run("btrfs", "-q", "subvolume", "snapshot", "-r", a / "fB", top / "fB10")
+    progs = subprocess.run(["btrfs", "send", "-f", str(tmp_path / "k"), "-c", str(top / "A0"),
+                            str(top / "fB10")], capture_output=True, check=False, timeout=60)
+    if progs.returncode != 0:
+        assert b"parent determination failed" in progs.stderr
+        kern = _cli("send", "--kernel", "-f", str(tmp_path / "kk"), "-c", str(top / "A0"),
+                    str(top / "fB10"))
+        err = kern.stderr.decode(errors="replace").strip()
+        assert kern.returncode != 0, err
+        assert len(err.splitlines()) == 1, err
+    base, split = tmp_path / "A0.ours", tmp_path / "fB10.ours"
+    for argv in (("-f", str(base), str(top / "A0")),
+                 ("-f", str(split), "-c", str(top / "A0"), str(top / "fB10"))):
+        proc = _cli("send", *argv)
+        assert proc.returncode == 0, proc.stderr
+    dump = progs_dump(split).stdout.decode()
+    assert dump.count("\nclone ") == 3, dump
+    assert "\nwrite " not in dump, dump
+    dest = targets.kernel / "progs-375"
+    dest.mkdir()
+    kernel_receive(base, dest)
+    kernel_receive(split, dest)
+    assert not diff_manifests(tree_manifest(top / "fB10", ignore_root_mtime=True),
+                              tree_manifest(dest / "fB10", ignore_root_mtime=True))
