@@ -38,7 +38,8 @@ receive` reads and receives them (the oracle).
   of one filesystem image: one with a temporary fsid).
 * btrfs-progs issues: 787 (a --no-data stream's clones, refused as btrfs receive refuses
   them), 606 (a reverse receive whose CLONE source is found by its UUID; btrfs-progs 6.2
-  fails) and 375 (send -c without a parent, which btrfs send cannot do).
+  fails), 375 (send -c without a parent, which btrfs send cannot do) and 649 (the parent
+  received twice, once where DEST's mount does not reach).
 * misc-tests/017 and 036 feed `btrfs receive` (and ``--dump``) an empty stream, a short
   header, a bad magic and a header of version 0: refused, by us with one line.
 * fstests btrfs/339: ``btrfs receive --dump`` of a stream another user owns (btrfs-progs
@@ -908,3 +909,49 @@ def test_clone_sources_without_a_parent_progs_375(tmp_path: Path, targets: Targe
     kernel_receive(split, dest)
     assert not diff_manifests(tree_manifest(top / "fB10", ignore_root_mtime=True),
                               tree_manifest(dest / "fB10", ignore_root_mtime=True))
+
+
+@pytest.mark.btrfs
+def test_parent_found_where_the_mount_reaches_it_progs_649(tmp_path: Path,
+                                                          targets: Targets) -> None:
+    """btrfs-progs issue 649 (open): the parent received twice on DEST's filesystem, first
+    into a subvolume the mount of DEST does not reach (DEST's filesystem mounted with
+    -o subvol). btrfs receive takes the first copy the UUID tree gives and fails ('parent
+    subvol is not reachable from inside the root subvol'); ours takes the copy DEST's
+    mount reaches. Where no copy is reachable, both fail (ours: one line, exit 6)."""
+    require_btrfs()
+    src = targets.scratch_btrfs / "progs-649"
+    run("btrfs", "-q", "subvolume", "create", src)
+    (src / "f").write_text("one\n")
+    run("btrfs", "-q", "subvolume", "snapshot", "-r", src, src.with_name("progs-649-s1"))
+    (src / "g").write_text("two\n")
+    run("btrfs", "-q", "subvolume", "snapshot", "-r", src, src.with_name("progs-649-s2"))
+    s1 = send(src.with_name("progs-649-s1"), tmp_path / "1")
+    s2 = send(src.with_name("progs-649-s2"), tmp_path / "2", parent=src.with_name("progs-649-s1"))
+    fs = targets.ours_btrfs
+    for v in ("progs-649-a", "progs-649-k", "progs-649-o", "progs-649-none"):
+        run("btrfs", "-q", "subvolume", "create", fs / v)
+    kernel_receive(s1, fs / "progs-649-a")  # the first copy: unreachable from the mounts
+    kernel_receive(s1, fs / "progs-649-k")
+    _ours(s1, fs / "progs-649-o")
+    at = {v: tmp_path / v for v in ("k", "o", "none")}
+    try:
+        for v, m in at.items():
+            _mount_subvol(fs, f"progs-649-{v}", m)
+        progs = subprocess.run(["btrfs", "receive", "-f", str(s2), str(at["k"])],
+                               capture_output=True, check=False, timeout=60)
+        if progs.returncode != 0:  # (the first copy found)
+            assert b"not reachable" in progs.stderr
+        _ours(s2, at["o"])
+        assert not diff_manifests(tree_manifest(src.with_name("progs-649-s2"),
+                                                ignore_root_mtime=True),
+                                  tree_manifest(at["o"] / "progs-649-s2", ignore_root_mtime=True))
+        none = _cli("receive", "-f", str(s2), str(at["none"]))
+        err = none.stderr.decode(errors="replace").strip().splitlines()
+        assert none.returncode == 6, err
+        assert len([line for line in err if not line.startswith("At ")]) == 1, err
+        assert os.listdir(at["none"]) == []
+    finally:
+        for m in at.values():
+            if m.is_mount():
+                run("umount", m)
