@@ -133,11 +133,14 @@ _FS_VARIANTS = [
     ("compress=lzo", {"compressible-data-W6", "hole-punch-016", "reflinks-same-file-200",
                       "reflink-deep-paths-108", "compressed-data-offset-038",
                       "clone-compressed-094", "compressed-partial-share-281",
-                      "compressed-extent-merge-312"}),
+                      "compressed-extent-merge-312", "unaligned-then-fallocated-progs-e3209f8",
+                      "encoded-write-unaligned-offset-progs-6f4a518"}),
     ("compress-force=zlib", {"compressible-data-W6", "prealloc-punch-169",
                              "write-into-prealloc-046", "odd-names-W8",
                              "reflink-compressed-overwrite-109", "shared-sector-at-zero-149",
-                             "eof-block-clone-189", "shrunk-by-clone-322"}),
+                             "eof-block-clone-189", "shrunk-by-clone-322",
+                             "unaligned-then-fallocated-progs-e3209f8",
+                             "encoded-write-unaligned-offset-progs-6f4a518"}),
 ]
 
 

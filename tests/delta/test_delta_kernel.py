@@ -58,7 +58,9 @@ _ROUND_TRIPPED = ["rebuilt-release", "compressible-data-W6", "hole-punch-016",
                   "orphan-dir-two-children-128", "empty-snapshots-misc018",
                   "overwritten-files-misc018", "renamed-file-moved-dirs-03cb4fb",
                   "four-level-inversion-5ed7f9f", "delayed-move-new-parent-7b119a8",
-                  "inversions-all-030", "newlines-in-dump-misc054", "dir-to-subvolume-btrbk608"]
+                  "inversions-all-030", "newlines-in-dump-misc054", "dir-to-subvolume-btrbk608",
+                  "unaligned-then-fallocated-progs-e3209f8",
+                  "encoded-write-unaligned-offset-progs-6f4a518"]
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 @pytest.mark.parametrize("name", _ROUND_TRIPPED)

@@ -13,7 +13,8 @@ clone source for B's stream besides its parent A (btrfs/117).
 real data every stream test is checked on. Recipes follow the upstream tests they are
 named after (the number in a name is the upstream test's: xfstests' btrfs/NNN, or with
 ``misc`` btrfs-progs' tests/misc-tests/NNN; a hex suffix is the Linux commit whose message
-holds the reproducer; ``btrbkNNN`` a btrbk issue's recipe).
+holds the reproducer, after ``progs-`` a btrfs-progs commit's; ``btrbkNNN`` a btrbk issue's
+recipe).
 """
 
 from __future__ import annotations
@@ -487,6 +488,20 @@ SCENARIOS: list[Scenario] = [
       "mv videos videos.old; btrfs -q subvolume create videos;"
       " cp -a --reflink=always videos.old/. videos; rm -r videos.old; echo new > videos/v4",
       btrfs_only=True),
+    # reproducers in btrfs-progs receive fixes' commit messages (``progs-`` and the commit):
+    # a file of 127 KiB (unaligned) grown to 128 KiB by fallocate, sent compressed, whose
+    # decompression by receive left 4 bytes of garbage past the data (zstd); an encoded
+    # extent partly shared (the first 32 KiB cloned into another file), whose fallback from
+    # an encoded write at an unaligned offset to decompress-and-write wrote nothing
+    S("unaligned-then-fallocated-progs-e3209f8",
+      'xfs_io -f -c "pwrite -S 0xab 0 3" -c "pwrite -S 0xcd 3 130042"'
+      ' -c "pwrite -S 0xef 130045 3" foo; xfs_io -c "falloc 0 128K" foo',
+      'xfs_io -c "pwrite -S 0x11 130048 100" foo; cp --reflink=always foo bar'),
+    S("encoded-write-unaligned-offset-progs-6f4a518",
+      'xfs_io -f -c "pwrite -S 0xab 0 33K" foo; xfs_io -f -c "pwrite -S 0xcd 0 64K" bar;'
+      ' xfs_io -c "reflink bar 0 0 32K" foo',
+      'xfs_io -f -c "pwrite -S 0xef 0 65K" baz; xfs_io -c "reflink baz 0 0 32K" foo;'
+      ' xfs_io -c "reflink foo 0 0 32K" bar'),
     # held descriptors last: a later REMOUNT on the same filesystem would find it busy
     S("deleted-open-file-168",
       'xfs_io -f -c "pwrite -S 0xf1 0 64K" foo; xfs_io -f -c "pwrite -S 0x7b 0 90K" bar;'
