@@ -34,6 +34,9 @@ receive` reads and receives them (the oracle).
   tmpfs mount is a prefix of; misc-tests/050 and 051: the received subvolume is read-only
   with a received UUID, no warning, ro->rw refused unless forced; misc-tests/053: encoded
   writes of zlib, lzo and zstd, kept encoded, or decompressed with --force-decompress.
+* misc-tests/041: a snapshot deleted while our send of it runs; the reproducers of
+  btrfs-progs commits 5d4f3ea9 (a chrooted receive cloning from an older snapshot) and
+  4b590938 (receive -e of one stream).
 * fstests btrfs/152 (quotas, concurrent incremental receives) and 314 (two mounted copies
   of one filesystem image: one with a temporary fsid).
 * btrfs-progs issues: 787 (a --no-data stream's clones, refused as btrfs receive refuses
@@ -955,3 +958,84 @@ def test_parent_found_where_the_mount_reaches_it_progs_649(tmp_path: Path,
         for m in at.values():
             if m.is_mount():
                 run("umount", m)
+
+
+@pytest.mark.btrfs
+def test_snapshot_deleted_while_we_send_it_progs_041(tmp_path: Path, targets: Targets) -> None:
+    """btrfs-progs misc-tests/041: deleting a snapshot the kernel is sending fails (EPERM
+    while the send runs). Our send reads the tree, which the kernel lets go: deleted while
+    our send is stopped on a full pipe, the snapshot stays readable through what the send
+    holds open, and the stream is the whole snapshot (the kernel receives it as it was)."""
+    require_btrfs()
+    sv = targets.scratch_btrfs / "progs-041"
+    run("btrfs", "-q", "subvolume", "create", sv)
+    for i in range(12):
+        (sv / f"file{i}").write_bytes(os.urandom(256 << 10))
+    snap = sv.with_name("progs-041-snap1")
+    run("btrfs", "-q", "subvolume", "snapshot", "-r", sv, snap)
+    want = tree_manifest(snap, ignore_root_mtime=True)
+    proc = subprocess.Popen([sys.executable, "-m", "btrdelta", "send", "-f", "-", str(snap)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+                            env={**os.environ, "TZ": "UTC"})
+    assert proc.stdout is not None
+    first = proc.stdout.read(4096)  # the send has started, and now waits on the full pipe
+    assert first
+    delete = subprocess.run(["btrfs", "subvolume", "delete", str(snap)], capture_output=True,
+                            check=False, timeout=60)
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert delete.returncode == 0, delete.stderr  # (the kernel's own send would refuse it)
+    assert not snap.exists()
+    stream = tmp_path / "s"
+    stream.write_bytes(first + rest)
+    dest = targets.kernel / "progs-041"
+    dest.mkdir()
+    kernel_receive(stream, dest)
+    assert not diff_manifests(want, tree_manifest(dest / snap.name, ignore_root_mtime=True))
+
+
+@pytest.mark.btrfs
+def test_chrooted_receive_clones_from_an_older_snapshot_progs_5d4f3ea(
+        tmp_path: Path, targets: Targets) -> None:
+    """btrfs-progs commit 5d4f3ea9 (its reproducer): a file deleted after snap1 and
+    reflinked back from snap1 before snap3; snap3 sent from snap2 with snap1 as a clone
+    source, received with -C (chroot, where btrfs receive opened the clone source by its
+    path outside the chroot and failed). Kernel, ours into btrfs and ext4. And -e (commit
+    4b590938: one stream, or the first of two, then stop)."""
+    require_btrfs()
+    sv = targets.scratch_btrfs / "progs-5d4f3ea"
+    run("btrfs", "-q", "subvolume", "create", sv)
+    run("xfs_io", "-f", "-c", "pwrite -S 0x5d 0 192K", sv / "file")
+    snaps = [sv.with_name(f"progs-5d4f3ea-snap{i}") for i in (1, 2, 3)]
+    run("btrfs", "-q", "subvolume", "snapshot", "-r", sv, snaps[0])
+    (sv / "file").unlink()
+    run("btrfs", "-q", "subvolume", "snapshot", "-r", sv, snaps[1])
+    run("cp", "--reflink=always", snaps[0] / "file", sv / "file")
+    run("btrfs", "-q", "subvolume", "snapshot", "-r", sv, snaps[2])
+    streams = [send(snaps[0], tmp_path / "1"), send(snaps[1], tmp_path / "2", parent=snaps[0]),
+               send(snaps[2], tmp_path / "3", parent=snaps[1], extra=("-c", str(snaps[0])))]
+    assert b"\nclone " in progs_dump(streams[2]).stdout
+    for fs, receiver in ((targets.kernel, kernel_receive), (targets.ours_btrfs, None),
+                         (targets.ours_ext4, None)):
+        dest = fs / "progs-5d4f3ea"
+        dest.mkdir()
+        for s in streams:
+            if receiver is not None:
+                receiver(s, dest, "-C")
+            else:  # (confined to DEST always: -C is ours by default)
+                our_receive(s, dest)
+        for snap in snaps:
+            assert not diff_manifests(tree_manifest(snap, ignore_root_mtime=True),
+                                      tree_manifest(dest / snap.name, ignore_root_mtime=True))
+    both = tmp_path / "both"  # -e: a stream alone, and the first of two in a row
+    both.write_bytes(streams[0].read_bytes() + streams[1].read_bytes())
+    for fs in (targets.kernel, targets.ours_btrfs):
+        for name, s in (("one", streams[0]), ("two", both)):
+            dest = fs / f"progs-4b59093-{name}"
+            dest.mkdir()
+            if fs == targets.kernel:
+                kernel_receive(s, dest, "-e")
+            else:
+                proc = _cli("receive", "-e", "-f", str(s), str(dest))
+                assert proc.returncode == 0, proc.stderr
+            assert os.listdir(dest) == [snaps[0].name], (fs, name)
