@@ -29,7 +29,7 @@ from .remove import remove_tree
 if TYPE_CHECKING:
     from pathlib import Path
 
-__all__ = ["copy_range", "copy_tree", "data_segments", "write_zeros"]
+__all__ = ["copy_range", "copy_tree", "data_segments", "within_source", "write_zeros"]
 
 _FALLOC_PUNCH = 0x02 | 0x01  # PUNCH_HOLE | KEEP_SIZE
 _ZEROS = bytes(1 << 20)
@@ -122,6 +122,19 @@ def copy_range(src: int, src_off: int, dst: int, dst_off: int, length: int) -> N
             if n == 0:
                 return
             pos += n
+
+
+def within_source(src: int, offset: int, length: int, name: bytes) -> None:
+    """Refuse, before :func:`copy_range` stands in for a reflink, a clone whose source range
+    runs past the source file's end: the clone ioctl refuses it (EINVAL: it would be cut
+    short), and so does btrfs receive, where the copy reads the missing bytes as a hole and
+    makes them up (a ``--no-data`` stream's CLONE of a file whose data it never wrote:
+    btrfs-progs issue 787). A length of 0 (to the source's end) is left to the copy."""
+    size = os.fstat(src).st_size
+    if length and offset + length > size:
+        shown = name.decode("utf-8", "backslashreplace")
+        raise OSError(errno.EINVAL, f"the clone source {shown!r} has {size} bytes, the range "
+                      f"ends at {offset + length}")
 
 
 def _block_end(size: int, block: int) -> int:

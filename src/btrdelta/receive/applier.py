@@ -36,7 +36,7 @@ from .. import _native
 from ..errors import ApplyError, BtrdeltaError, MissingBaseError, StreamFormatError
 from ..fs import btrfs
 from ..fs.btrfs import FS_FLAGS_KNOWN, fileattr_to_fsflags
-from ..fs.copy import copy_range, write_zeros
+from ..fs.copy import copy_range, within_source, write_zeros
 from ..fs.sandbox import Sandbox, split_path
 from ..stream.reader import StreamHeader
 from ..stream.records import (
@@ -82,20 +82,6 @@ _native.on_load("fastapply", lambda mod: mod.configure((
 _WRITE_FLAGS = os.O_WRONLY
 _FALLBACK_ERRNOS = (errno.ENOTTY, errno.EINVAL, errno.ENOSPC, errno.EOPNOTSUPP, errno.EXDEV,
                     errno.EPERM)
-
-
-def _within_source(src: int, rec: Clone) -> None:
-    """Refuse, before a copy stands in for a reflink, a CLONE whose source range runs past
-    the source file's end: the clone ioctl refuses it (EINVAL; it would be cut short), and
-    so does btrfs receive. The copy read the missing bytes as a hole and made them up (a
-    ``--no-data`` stream's clone of a file whose data it never wrote: btrfs-progs issue
-    787). A length of 0 (to the source's end) is left to the copy."""
-    size = os.fstat(src).st_size
-    end = rec.clone_offset + rec.length
-    if rec.length and end > size:
-        name = rec.clone_path.decode("utf-8", "backslashreplace")
-        raise OSError(errno.EINVAL, f"the clone source {name!r} has {size} bytes, the range "
-                      f"ends at {end}")
 
 
 #: the largest value a system call takes for an owner (``uid_t``) and for anything else
@@ -667,7 +653,7 @@ class Applier:
             except OSError as exc:
                 if exc.errno not in _FALLBACK_ERRNOS:
                     raise
-            _within_source(src, rec)
+            within_source(src, rec.clone_offset, rec.length, rec.clone_path)
             copy_range(src, rec.clone_offset, dst, rec.offset, rec.length)
         finally:
             os.close(src)
