@@ -826,7 +826,7 @@ def test_no_data_stream_clones_are_refused_as_btrfs_receive_refuses_progs_787(
 @pytest.mark.btrfs
 def test_reverse_receive_clones_from_the_parent_by_its_uuid_progs_606(
         tmp_path: Path, targets: Targets) -> None:
-    """btrfs-progs issue 606 (fixed in 6.10, PR 862): snapshots received on another
+    """btrfs-progs issue 606 (fixed in 6.10.1, PR 862): snapshots received on another
     filesystem, a writable snapshot of one changed there and sent back. The stream's
     parent and its CLONE source are the received UUID over there, the UUID of the
     original here: btrfs receive looked the clone source up by received UUID only ('clone:
@@ -856,7 +856,7 @@ def test_reverse_receive_clones_from_the_parent_by_its_uuid_progs_606(
     progs_dest.mkdir()
     progs = subprocess.run(["btrfs", "receive", "-f", str(back), str(progs_dest)],
                            capture_output=True, check=False, timeout=60)
-    if progs.returncode == 0:  # btrfs-progs >= 6.10
+    if progs.returncode == 0:  # btrfs-progs >= 6.10.1
         assert not diff_manifests(want, tree_manifest(progs_dest / "@3",
                                                       ignore_root_mtime=True))
     else:
