@@ -208,6 +208,16 @@ class CarrierState:
         return self.rename_dir + self.names[k]
 
 
+def _path_tlv(tag: int, path: bytes, cmd: int) -> bytearray:
+    """The TLV of ``path`` (a path a name reference or an unfolded command made)."""
+    if len(path) > 0xFFFF:
+        raise StreamFormatError(f"carried command {cmd} makes a path of {len(path)} bytes "
+                                "(a TLV holds at most 65535)")
+    out = bytearray(_TLV.pack(tag, len(path)))
+    out += path
+    return out
+
+
 def _rename_to(mv: memoryview, pos: int, end: int) -> bytes | None:
     """PATH_TO of a RENAME payload whose TLVs start at ``pos`` (after its PATH)."""
     if end - pos < 4:
@@ -388,11 +398,7 @@ def unfold(
             if rest + 4 + k > end:
                 raise StreamFormatError("RENAME name reference overruns the command")
             to = state.resolve_ref(mv[rest + 4 : rest + 4 + k])
-            if len(to) > 0xFFFF:
-                raise StreamFormatError(f"RENAME name reference makes a path of {len(to)} "
-                                        "bytes (a TLV holds at most 65535)")
-            tail = bytearray(_TLV.pack(_PATH_TO, len(to)))
-            tail += to
+            tail = _path_tlv(_PATH_TO, to, cmd)
             tail += mv[rest + 4 + k : end]
             state.last_path = to
         else:
@@ -407,14 +413,10 @@ def unfold(
     if t == _PATH and tail is not None and type(tail) is memoryview:
         return None
     length = 4 + len(path) + len(ino_tlv) + len(tail)
-    if len(path) > 0xFFFF:
-        raise StreamFormatError(f"carried command {cmd} names a path of {len(path)} bytes "
-                                "(a TLV holds at most 65535)")
     if length > limit:
         raise StreamFormatError(f"carried command {cmd} of length {length} is invalid")
     buf = bytearray(CMD_HEADER.pack(length, cmd, 0))
-    buf += _TLV.pack(_PATH, len(path))
-    buf += path
+    buf += _path_tlv(_PATH, path, cmd)
     buf += ino_tlv
     buf += tail
     return buf
