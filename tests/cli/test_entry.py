@@ -115,7 +115,8 @@ def test_a_command_imports_only_its_module() -> None:
 def test_a_sendshot_send_imports_no_thread_pool_or_logging(tmp_path: Path) -> None:
     """``send --record`` and ``send --from-sendshot`` (hashing threads included) import
     neither ``concurrent.futures`` nor the ``logging`` it pulls in (~4 ms of every small
-    send's start): the hashing threads are send/hashing.py's own."""
+    send's start): the hashing threads are send/hashing.py's own. Nor ``locale``: argparse's
+    message lookups are not made (cli/_common.py)."""
     src = tmp_path / "src"
     src.mkdir()
     for i in range(40):  # several batches for the hashing threads
@@ -128,7 +129,8 @@ def test_a_sendshot_send_imports_no_thread_pool_or_logging(tmp_path: Path) -> No
         f"open({str(src / 'f1')!r}, 'ab').write(b'x')\n"
         f"b = main(['send', {str(src)!r}, '-o', {str(tmp_path / 's1')!r}, '--record', "
         f"'--store', {str(store)!r}, '--from-sendshot', 'latest', '-q'])\n"
-        "print(a, b, sorted(m for m in ('concurrent.futures', 'logging') if m in sys.modules))"
+        "print(a, b, sorted(m for m in ('concurrent.futures', 'logging', 'locale')\n"
+        "                   if m in sys.modules))"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           check=False, timeout=120)
