@@ -1,8 +1,10 @@
-"""``btrdelta._value.value_class`` behaves like ``@dataclass(slots=True)`` (the oracle)."""
+"""``btrdelta._value.value_class`` and ``btrdelta._value.Value`` behave like
+``@dataclass(slots=True)`` (the oracle)."""
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import subprocess
 import sys
 from pathlib import Path
@@ -11,13 +13,20 @@ from typing import ClassVar
 import pytest
 
 from btrdelta import _value
-from btrdelta._value import field, field_names, value_class
+from btrdelta._value import Value, field, field_names, value_class
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @value_class
 class Ours:
+    kind: ClassVar[str] = "k"
+    path: bytes
+    size: int
+    extra: int | None = None
+
+
+class OursV(Value):
     kind: ClassVar[str] = "k"
     path: bytes
     size: int
@@ -39,16 +48,18 @@ class Empty:
 
 @pytest.mark.parametrize(("args", "kwargs"), [((b"p", 1), {}), ((b"p",), {"size": 2, "extra": 5}),
                                          ((), {"path": b"x", "size": 0})])
-def test_same_as_a_slotted_dataclass(args: tuple, kwargs: dict) -> None:
-    ours, theirs = Ours(*args, **kwargs), Theirs(*args, **kwargs)
-    assert repr(ours).replace("Ours", "Theirs") == repr(theirs)
-    assert field_names(Ours) == tuple(f.name for f in dataclasses.fields(Theirs))
-    assert Ours.__slots__ == Theirs.__slots__  # type: ignore[attr-defined]
-    assert Ours.kind == "k"
+@pytest.mark.parametrize("cls", [Ours, OursV])
+def test_same_as_a_slotted_dataclass(args: tuple, kwargs: dict, cls: type[Ours]) -> None:
+    ours, theirs = cls(*args, **kwargs), Theirs(*args, **kwargs)
+    assert repr(ours).replace(cls.__name__, "Theirs") == repr(theirs)
+    assert field_names(cls) == tuple(f.name for f in dataclasses.fields(Theirs))
+    assert cls.__slots__ == Theirs.__slots__  # type: ignore[attr-defined]
+    assert cls.kind == "k"
     assert ours.kind == "k"
-    assert ours == Ours(*args, **kwargs)
-    assert ours != Ours(b"other", 9)
+    assert ours == cls(*args, **kwargs)
+    assert ours != cls(b"other", 9)
     assert ours != theirs  # another class: NotImplemented on both sides
+    assert ours != (OursV if cls is Ours else Ours)(*args, **kwargs)
     with pytest.raises(AttributeError):
         ours.not_a_field = 1  # type: ignore[attr-defined]
     with pytest.raises(TypeError):
@@ -65,6 +76,12 @@ def test_init_errors_like_a_dataclass() -> None:
         class Bad:
             a: int = 0
             b: int
+    with pytest.raises(TypeError):
+        class BadV(Value):
+            a: int = 0
+            b: int
+    with pytest.raises(TypeError):
+        OursV(b"p")  # type: ignore[call-arg]
 
 
 def test_no_fields() -> None:
@@ -111,17 +128,53 @@ class TheirsFrozen:
     stamp: int = 0
 
 
-def test_frozen_like_a_frozen_dataclass() -> None:
-    ours, theirs = OursFrozen(b"u", 3), TheirsFrozen(b"u", 3)
-    assert repr(ours).replace("Ours", "Theirs") == repr(theirs)
-    assert hash(ours) == hash(OursFrozen(b"u", 3))
-    assert {ours, OursFrozen(b"u", 3), OursFrozen()} == {OursFrozen(), ours}
+class OursFrozenV(Value, frozen=True):
+    uuid: bytes | None = None
+    stamp: int = 0
+
+
+@pytest.mark.parametrize("cls", [OursFrozen, OursFrozenV])
+def test_frozen_like_a_frozen_dataclass(cls: type[OursFrozen]) -> None:
+    ours, theirs = cls(b"u", 3), TheirsFrozen(b"u", 3)
+    assert repr(ours).replace(cls.__name__, "TheirsFrozen") == repr(theirs)
+    assert hash(ours) == hash(cls(b"u", 3))
+    assert {ours, cls(b"u", 3), cls()} == {cls(), ours}
     for obj in (ours, theirs):
         with pytest.raises(AttributeError):
             obj.stamp = 4  # type: ignore[misc]
         with pytest.raises(AttributeError):
             del obj.stamp
     assert ours.stamp == 3
+
+
+def test_a_value_class_is_made_once() -> None:
+    """``class C(Value)`` makes one class (``@value_class``: the ``class`` statement's, then
+    the slotted one); a subclass of a value class is made as written (its own slots)."""
+    def made(name: str) -> int:
+        return sum(1 for o in gc.get_objects() if isinstance(o, type) and o.__name__ == name)
+
+    gc.disable()
+    try:
+        @value_class
+        class Twice:
+            a: int
+
+        class Once(Value):
+            a: int
+
+        class SubOfOnce(Once):
+            __slots__ = ("b",)
+
+        assert (made("Twice"), made("Once"), made("SubOfOnce")) == (2, 1, 1)
+    finally:
+        gc.enable()
+    s = SubOfOnce(1)
+    s.b = 2
+    assert (s.a, s.b, field_names(SubOfOnce), SubOfOnce.__slots__) == (1, 2, ("a",), ("b",))
+    assert Once(1) == Once(1) != SubOfOnce(1)
+    with pytest.raises(TypeError, match="direct subclass"):
+        class SubFrozen(Once, frozen=True):
+            pass
 
 
 def test_one_compiled_init_per_shape_renamed_per_class() -> None:

@@ -45,7 +45,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from ._value import value_class
+from ._value import Value
 from .errors import BtrdeltaError, SignatureError, StreamFormatError
 
 __all__ = [
@@ -102,8 +102,7 @@ _MAX_FILE = 64 << 10
 # -- content digests --------------------------------------------------------------------
 
 
-@value_class
-class ContentDigest:
+class ContentDigest(Value):
     """What a signature covers: a digest of the content and the content's size in bytes."""
 
     algorithm: str
@@ -330,8 +329,7 @@ def signed_message(context: str, content: ContentDigest) -> bytes:
     ))
 
 
-@value_class
-class Signature:
+class Signature(Value):
     """A signature envelope: ``key_id``'s Ed25519 ``signature`` over ``content`` in
     ``context`` (see ``docs/formats/signature.md``)."""
 

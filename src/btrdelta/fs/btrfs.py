@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, NoReturn
 from uuid import UUID
 
-from .._value import value_class
+from .._value import Value
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -285,8 +285,7 @@ def set_readonly(fd: int, readonly: bool = True) -> None:
     fcntl.ioctl(fd, _SUBVOL_SETFLAGS, struct.pack("<Q", flags))
 
 
-@value_class
-class SubvolInfo:
+class SubvolInfo(Value):
     """Identity of a subvolume (from ``BTRFS_IOC_GET_SUBVOL_INFO``)."""
 
     id: int

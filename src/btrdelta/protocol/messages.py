@@ -21,7 +21,7 @@ from uuid import UUID
 import blake3
 
 from .._optional import need
-from .._value import value_class
+from .._value import Value
 from ..errors import MissingDependencyError, ProtocolError
 from ..stream.crc import crc32c
 from ..stream.framing import Framing, encode_frame, iter_tlvs
@@ -125,8 +125,7 @@ _RAW_HEAD = struct.Struct("<HHQH")
 _ZERO_CRC = bytes(4)
 
 
-@value_class
-class Hello:
+class Hello(Value):
     """First message of each side: who it is and what it speaks."""
 
     #: ``"sender"`` or ``"receiver"``
@@ -141,8 +140,7 @@ class Hello:
     name: str = ""
 
 
-@value_class
-class Held:
+class Held(Value):
     """One subvolume the receiver holds."""
 
     name: str
@@ -154,8 +152,7 @@ class Held:
     sendshot: str | None = None
 
 
-@value_class
-class Partial:
+class Partial(Value):
     """A transfer the receiver has begun and can resume."""
 
     session: str
@@ -167,16 +164,14 @@ class Partial:
     chain: str
 
 
-@value_class
-class Holdings:
+class Holdings(Value):
     """What the receiver holds."""
 
     held: tuple[Held, ...]
     partial: Partial | None = None
 
 
-@value_class
-class Plan:
+class Plan(Value):
     """What the sender will send."""
 
     #: ``"full"``, ``"incremental"`` or ``"resume"``
@@ -200,31 +195,27 @@ class Plan:
     segments: int = 0
 
 
-@value_class
-class Refuse:
+class Refuse(Value):
     """A typed refusal (either side, any time): no exchange follows."""
 
     code: str
     message: str
 
 
-@value_class
-class Accept:
+class Accept(Value):
     """The receiver takes the plan."""
 
     session: str
 
 
-@value_class
-class Data:
+class Data(Value):
     """Stream bytes at ``offset`` (received in version 5: a view of the message read)."""
 
     offset: int
     data: bytes | memoryview
 
 
-@value_class
-class Checkpoint:
+class Checkpoint(Value):
     """The end of segment ``index`` (bytes up to ``offset``) and its digests (hex)."""
 
     index: int
@@ -233,16 +224,14 @@ class Checkpoint:
     chain: str
 
 
-@value_class
-class Ack:
+class Ack(Value):
     """The receiver holds segment ``index`` (spooled and verified)."""
 
     index: int
     offset: int
 
 
-@value_class
-class Commit:
+class Commit(Value):
     """The stream is complete: its size, chain digest and the sendshot it makes."""
 
     size: int
@@ -250,8 +239,7 @@ class Commit:
     sendshot: str
 
 
-@value_class
-class Committed:
+class Committed(Value):
     """The receiver finished the subvolume under its final name."""
 
     name: str

@@ -23,14 +23,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from uuid import UUID
 
-from .._value import value_class
+from .._value import Value
 from .messages import Held, Partial
 
 __all__ = ["Choice", "Known", "choose"]
 
 
-@value_class
-class Known:
+class Known(Value):
     """One sendshot of the source, as planning needs it."""
 
     digest: str
@@ -38,8 +37,7 @@ class Known:
     stream_ctransid: int
 
 
-@value_class
-class Choice:
+class Choice(Value):
     """The decision: a kind, the base, or a refusal's code and text."""
 
     kind: str

@@ -17,7 +17,7 @@ import os
 from collections.abc import Generator, Iterable
 from typing import TYPE_CHECKING, Any
 
-from .._value import value_class
+from .._value import Value
 from ..errors import BtrdeltaError
 from ..stream.reader import Event, StreamHeader
 from ..stream.records import (
@@ -46,8 +46,7 @@ _CREATES = frozenset({Mkfile, Mkdir, Mknod, Mkfifo, Mksock, Symlink, Link})
 _ONCE = _CREATES | {Rename, Unlink, Rmdir, RemoveXattr}
 
 
-@value_class
-class ResumePoint:
+class ResumePoint(Value):
     """Where a receive goes on with a subvolume an earlier receive left unfinished: the
     events start with the record of index ``first`` of that stream (after their stream
     header), and the first ``applied`` records of it were applied (the count the earlier

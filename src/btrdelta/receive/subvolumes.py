@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from uuid import UUID
 
-from .._value import value_class
+from .._value import Value
 from ..errors import ApplyError, BtrdeltaError, MissingBaseError, UnsafePathError
 from ..fs.atomic import pid_alive
 from ..fs.btrfs import (
@@ -80,8 +80,7 @@ _REGISTRY = b".btrdelta-subvols.json"
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
-@value_class
-class ReceivedSubvol:
+class ReceivedSubvol(Value):
     """One subvolume a receive finished."""
 
     name: str

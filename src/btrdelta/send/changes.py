@@ -49,7 +49,7 @@ from uuid import UUID
 import blake3
 
 from .._optional import need
-from .._value import field, value_class
+from .._value import Value, field
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
 from ..fs.copy import data_segments
@@ -380,8 +380,7 @@ class DataSpool:
             self.file = None
 
 
-@value_class
-class Changes:
+class Changes(Value):
     """The changed part of two trees (see the module docstring)."""
 
     old: Tree
@@ -631,8 +630,7 @@ def find_changes(
     return walk.out
 
 
-@value_class
-class SourceIndex:
+class SourceIndex(Value):
     """A tree the receiver has (``send -c``): its identity and larger files by digest."""
 
     root: bytes

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from .._optional import need
-from .._value import field, value_class
+from .._value import Value, field
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
 from ..fs.copy import data_segments
@@ -58,8 +58,7 @@ _READ = 1 << 20
 _ZEROS = memoryview(bytes(_READ))
 
 
-@value_class
-class Match:
+class Match(Value):
     """Pairs of old and new node ids that are the same inode."""
 
     n2o: dict[int, int] = field(default_factory=dict)
@@ -170,8 +169,7 @@ def punched(new_segs: list[tuple[int, int]], old_segs: list[tuple[int, int]], ol
     return holes
 
 
-@value_class
-class Compared:
+class Compared(Value):
     """Two versions of a file read side by side (:func:`compare_files`)."""
 
     old_digest: bytes

@@ -26,7 +26,7 @@ import re
 from collections.abc import Iterator
 from uuid import UUID
 
-from .._value import value_class
+from .._value import Value
 from ..errors import BtrdeltaError
 from ..fs.atomic import pid_alive
 from ..fs.btrfs import SubvolInfo, create_snapshot, delete_subvolume, subvol_info
@@ -43,8 +43,7 @@ LIVE_WARNING = ("not a btrfs subvolume: the tree is read live, so the result is 
                 "consistent as the tree was still while it was read")
 
 
-@value_class
-class Frozen:
+class Frozen(Value):
     """The tree a send reads, and its identity."""
 
     #: the directory to read

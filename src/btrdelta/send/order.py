@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import stat
 
-from .._value import field, value_class
+from .._value import Value, field
 from ..stream.records import (
     Link,
     Mkdir,
@@ -49,8 +49,7 @@ __all__ = ["Namespace", "order_namespace"]
 Dentry = tuple[int, bytes]
 
 
-@value_class
-class Namespace:
+class Namespace(Value):
     """The receiver's namespace during the send: keys are old node ids for old inodes and
     ``-1 - new_id`` for inodes the stream creates."""
 

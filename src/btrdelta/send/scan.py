@@ -44,7 +44,7 @@ from typing import Any
 import blake3
 
 from .._optional import need
-from .._value import field, field_names, value_class
+from .._value import Value, field, field_names
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
 from .hashing import ContentHasher, block_segments, open_dir, open_file, open_to_read
@@ -81,8 +81,7 @@ _UUID_NAMESPACE = uuid.UUID("6b1d5c1e-2f3a-5b8e-9c4d-62747264656c")  # "btrdel" 
 
 
 
-@value_class
-class Node:
+class Node(Value):
     """One inode of a scanned tree."""
 
     id: int
@@ -142,8 +141,7 @@ class Node:
         return stat.S_ISREG(self.mode)
 
 
-@value_class
-class Tree:
+class Tree(Value):
     """A scanned tree: nodes by id, directory entries, and the path of every dentry."""
 
     root: bytes

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from .._value import value_class
+from .._value import Value
 from ..errors import BtrdeltaError, MissingBaseError, StreamFormatError
 from ..fs.btrfs import changed_inodes
 from ..stream.records import Record
@@ -44,8 +44,7 @@ __all__ = ["SendshotResult", "adopt", "load_base", "send_with_sendshots"]
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
-@value_class
-class SendshotResult:
+class SendshotResult(Value):
     """What :func:`send_with_sendshots` did."""
 
     #: the new record (None without ``record``)

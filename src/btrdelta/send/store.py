@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .._defaults import DEFAULT_STORE
-from .._value import field, value_class
+from .._value import Value, field
 from ..errors import BtrdeltaError, MissingBaseError, StreamFormatError
 from ..fs.atomic import fsync_dir, pid_alive, write_atomic
 from ..tree.sendshot import RecordInode, RecordReader, SendshotHead, read_head, write_record
@@ -59,8 +59,7 @@ def _is_ident(name: str) -> bool:
     return 4 <= len(name) <= 64 and not name.strip("0123456789abcdef")
 
 
-@value_class
-class StoredSendshot:
+class StoredSendshot(Value):
     """One record of a store."""
 
     digest: str

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from uuid import UUID
 
-from .._value import value_class
+from .._value import Value
 
 __all__ = ["SendStats", "StreamIds"]
 
 
-@value_class(frozen=True)
-class StreamIds:
+class StreamIds(Value, frozen=True):
     """UUIDs and ctransids a stream names, when they are not derived from the trees: the
     new subvolume's (a btrfs snapshot's, a record's) and the parent's (what the receiver
     knows the parent by: a received UUID, a record's stream UUID, ``--parent-uuid``)."""
@@ -26,8 +25,7 @@ class StreamIds:
     parent_ctransid: int = 0
 
 
-@value_class
-class SendStats:
+class SendStats(Value):
     """Counters for progress reports."""
 
     files_scanned: int = 0

@@ -48,7 +48,7 @@ import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Final, Literal, NoReturn
 
-from .._value import value_class
+from .._value import Value
 from ..errors import BtrdeltaError, ChecksumError, StreamFormatError
 from .constants import CMD_HEADER, CMD_HEADER_SIZE, COMMAND_SPECS, SUPPORTED_VERSIONS, Cmd
 from .crc import crc32c
@@ -177,8 +177,7 @@ def max_command(version: int) -> int:
 # --- framing -------------------------------------------------------------------------------
 
 
-@value_class(frozen=True)
-class Framing:
+class Framing(Value, frozen=True):
     """What differs between the formats that share the framing: the largest payload of a
     record, and the words of framing errors (``str.format`` templates, which may use
     ``length`` (announced payload bytes), ``limit`` (the largest allowed), ``total`` (header

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Final
 import blake3
 import zstandard
 
-from .._value import value_class
+from .._value import Value
 from ..errors import StreamFormatError, UnsupportedVersionError
 from ..stream.constants import CMD_HEADER_SIZE
 from ..stream.framing import NEED_DATA, Framer, Framing, encode_frame_parts, iter_tlvs
@@ -89,8 +89,7 @@ _DENTRY = struct.Struct("<Q")
 _XATTR = struct.Struct("<H")
 
 
-@value_class
-class SendshotHead:
+class SendshotHead(Value):
     """What a sendshot record is about (its ``HEAD`` record)."""
 
     #: the UUID and ctransid the receiver's copy is known by (its received UUID)
@@ -117,8 +116,7 @@ class SendshotHead:
     tree_digest: bytes = b""
 
 
-@value_class
-class RecordInode:
+class RecordInode(Value):
     """One inode of a sendshot record."""
 
     ino: int

@@ -47,7 +47,7 @@ from queue import SimpleQueue
 from typing import Any
 from uuid import UUID, uuid4
 
-from .._value import value_class
+from .._value import Value
 from ..errors import (
     BtrdeltaError,
     ProtocolError,
@@ -119,8 +119,7 @@ class _Damaged(Exception):
     """``meta.json`` is damaged (its text says how): the partial transfer is discarded."""
 
 
-@value_class
-class ServeResult:
+class ServeResult(Value):
     """How one conversation ended."""
 
     #: "committed", "refused" (by either side), "interrupted" (resumable), "failed",

@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from typing import Any
 from uuid import UUID, uuid4
 
-from .._value import value_class
+from .._value import Value
 from ..errors import BtrdeltaError
 from ..fs.atomic import pid_alive
 from ..fs.btrfs import subvol_info, syncfs
@@ -73,8 +73,7 @@ _SNAP_NAME = re.compile(rb"\.btrdelta-replicate-[0-9a-f]{16}-([0-9a-f]{8})-([0-9
 _SUBVOL_ROOT_INO = 256
 
 
-@value_class
-class ReplicateResult:
+class ReplicateResult(Value):
     """What one :func:`replicate` did."""
 
     #: "committed", "refused" (by either side) or "diverged" (start again without resuming)
