@@ -21,7 +21,9 @@ are imported on first use, so ``import btrdelta`` costs nothing.
 from __future__ import annotations
 
 #: (``typing.TYPE_CHECKING`` without importing ``typing``: ``import btrdelta`` imports nothing,
-#: so ``python -m btrdelta`` sets the CLI's collector threshold before the CLI's imports)
+#: so ``python -m btrdelta`` sets the CLI's collector threshold before the CLI's imports.
+#: The modules a ``send`` imports take it from here, ``from .. import TYPE_CHECKING``, and
+#: their names of ``typing`` under it: ``typing`` is ~12 M instructions, ~3 % of a small send)
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any

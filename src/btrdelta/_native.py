@@ -55,7 +55,11 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import ModuleType
-from typing import Final, Literal
+
+from . import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Final, Literal
 
 __all__ = [
     "ACCELERATORS",
@@ -68,7 +72,10 @@ __all__ = [
     "use_backend",
 ]
 
-Backend = Literal["c", "python"]
+if TYPE_CHECKING:
+    Backend = Literal["c", "python"]
+else:
+    Backend = str  # (the Literal for type checkers: typing is not imported at start-up)
 
 #: accelerator name -> its C module
 ACCELERATORS: Final[dict[str, str]] = {

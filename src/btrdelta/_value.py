@@ -34,12 +34,21 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from operator import attrgetter
 from types import CodeType, FunctionType
-from typing import Any, TypeVar, dataclass_transform, overload
+
+from . import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any, TypeVar, dataclass_transform, overload
+
+    _T = TypeVar("_T", bound=type)
+    _V = TypeVar("_V")
+else:
+    # (``typing`` is not imported on the start-up path: this marks the function and the
+    # metaclass for type checkers only)
+    def dataclass_transform(**_kwargs: object) -> Callable[[object], object]:
+        return lambda f: f
 
 __all__ = ["Value", "field", "field_names", "value_class"]
-
-_T = TypeVar("_T", bound=type)
-_V = TypeVar("_V")
 
 
 class _Factory:
@@ -84,12 +93,12 @@ def _eq(self: Any, other: Any) -> bool:
     return key is None or bool(key(self) == key(other))
 
 
-@overload
-def value_class(cls: _T, /) -> _T: ...
+if TYPE_CHECKING:
+    @overload
+    def value_class(cls: _T, /) -> _T: ...
 
-
-@overload
-def value_class(*, frozen: bool = False) -> Callable[[_T], _T]: ...
+    @overload
+    def value_class(*, frozen: bool = False) -> Callable[[_T], _T]: ...
 
 
 @dataclass_transform(field_specifiers=(field,))

@@ -21,12 +21,14 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
 
-from .. import __version__
+from .. import TYPE_CHECKING, __version__
 from .._optional import OPTIONAL, missing
 from ..errors import BtrdeltaError, exit_codes
 from ._common import HelpFormatter, Interrupted, Parser, stop_on_signals
+
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 __all__ = ["COMMANDS", "build_parser", "describe_os_error", "entry", "exit_codes_epilog", "main"]
 

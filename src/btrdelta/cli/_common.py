@@ -11,12 +11,14 @@ import os
 import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 
+from .. import TYPE_CHECKING
 from ..errors import BtrdeltaError, UsageError
 from ..fs.atomic import atomic_output
 
 if TYPE_CHECKING:
+    from typing import Any, BinaryIO, NoReturn
+
     from ..update.identify import Identified, Kind
 
 

@@ -16,7 +16,11 @@ import io
 import os
 import sys
 import time
-from typing import Any, TextIO
+
+from .. import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any, TextIO
 
 __all__ = ["Progress", "add_progress_options", "progress_wanted"]
 

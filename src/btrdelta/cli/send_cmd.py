@@ -7,8 +7,8 @@ import os
 import shlex
 import stat
 import time
-from typing import TYPE_CHECKING
 
+from .. import TYPE_CHECKING
 from ..errors import BtrdeltaError, UsageError
 from ..send.store import DEFAULT_STORE
 from ._common import (

@@ -25,9 +25,12 @@ import errno
 import os
 import stat
 from collections.abc import Iterator
-from typing import BinaryIO
 
+from .. import TYPE_CHECKING
 from ..errors import BtrdeltaError
+
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
 __all__ = [
     "atomic_output",

@@ -28,14 +28,16 @@ import fcntl
 import functools
 import os
 import struct
+from collections import namedtuple
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, Final, NamedTuple, NoReturn
 from uuid import UUID
 
+from .. import TYPE_CHECKING
 from .._value import Value
 
 if TYPE_CHECKING:
     from pathlib import Path
+    from typing import Any, Final, NamedTuple, NoReturn
 
 __all__ = [
     "BTRFS_SUPER_MAGIC",
@@ -128,8 +130,11 @@ _FS_INFO = IOCTLS["FS_INFO"]
 #: its ``bit`` in the inode item (and in a stream's FILEATTR), the ``FS_IOC_GETFLAGS`` /
 #: ``SETFLAGS`` flag ``fs_name`` and its ``fs_bit`` (``<linux/fs.h>``). (The call form: this
 #: module's annotations are strings, and the class form would compile each at import.)
-FileattrFlag = NamedTuple(  # noqa: UP014 (see above)
-    "FileattrFlag", [("name", str), ("bit", int), ("fs_name", str), ("fs_bit", int)])
+if TYPE_CHECKING:
+    FileattrFlag = NamedTuple(  # noqa: UP014 (see above)
+        "FileattrFlag", [("name", str), ("bit", int), ("fs_name", str), ("fs_bit", int)])
+else:  # (typing is not imported at start-up)
+    FileattrFlag = namedtuple("FileattrFlag", ["name", "bit", "fs_name", "fs_bit"])
 FileattrFlag.__doc__ = "One btrfs inode-item flag that has a ``chattr`` equivalent."
 
 

@@ -20,8 +20,8 @@ import contextlib
 import errno
 import os
 import stat
-from typing import TYPE_CHECKING
 
+from .. import TYPE_CHECKING
 from ..errors import ApplyError
 from .btrfs import fallocate
 from .remove import remove_tree

@@ -23,11 +23,13 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
 
+from .. import TYPE_CHECKING
 from .scan import Tree, TreeScan, hash_contents, scan_tree
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from ..stream.records import Record
     from ..stream.writer import StreamWriter
     from .emit import COMPRESSORS, Sender

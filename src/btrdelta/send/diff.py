@@ -28,14 +28,17 @@ import os
 import stat
 from collections import defaultdict
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
 
+from .. import TYPE_CHECKING
 from .._optional import need
 from .._value import Value, field
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
 from ..fs.copy import data_segments
 from .scan import ROOT, Node, Tree, open_file, open_to_read
+
+if TYPE_CHECKING:
+    from typing import Any
 
 if TYPE_CHECKING:  # pyfastcdc and xxhash come with [make]: imported when a send starts
     from pyfastcdc.cy import FastCDC
@@ -638,12 +641,12 @@ def match_trees(old: Tree, new: Tree, *, quick: bool = False, virtual: bool = Fa
     old files; with ``identities`` (the record is of an earlier state of the same
     filesystem tree) inodes are first paired by inode number and generation. ``dropped``:
     the trees are reduced (:class:`~.changes.Changes`), these entry pairs were left out."""
-    if not virtual:
-        need("pyfastcdc.cy", "make")  # for shifted_clones, later: fail before any record
     if len(old.nodes) == 1 and not dropped:  # a full send: nothing but the roots to pair
         m = Match()
         m.pair(ROOT, ROOT)
         return m
+    if not virtual:  # (not for a full send: importing pyfastcdc imports typing, ~3 %)
+        need("pyfastcdc.cy", "make")  # for shifted_clones, later: fail before any record
     matcher = _Matcher(old, new, quick=quick, virtual=virtual)
     if identities:
         _match_identities(old, new, matcher.m)

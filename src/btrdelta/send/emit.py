@@ -39,9 +39,9 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Callable, Generator, Iterator, Sequence
-from typing import TYPE_CHECKING
 from uuid import UUID
 
+from .. import TYPE_CHECKING
 from ..errors import BtrdeltaError
 from ..fs.copy import data_segments
 from ..stream.records import (

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import zstandard
-
+from .._zstd import zstd
 from ..stream.constants import Compression
 from ..stream.records import EncodedWrite
 
@@ -22,10 +21,10 @@ _ZEROS = bytes(_ENCODED_MAX)
 
 
 def _zstd() -> Callable[[bytes], bytes]:
-    params = zstandard.ZstdCompressionParameters.from_level(
+    params = zstd.ZstdCompressionParameters.from_level(
         3, window_log=17, write_content_size=1
     )
-    cctx = zstandard.ZstdCompressor(compression_params=params)
+    cctx = zstd.ZstdCompressor(compression_params=params)
     return cctx.compress
 
 

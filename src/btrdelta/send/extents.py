@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import TYPE_CHECKING
 
 import blake3
 
+from .. import TYPE_CHECKING
 from .._optional import need
 from ..errors import BtrdeltaError
 from ..fs.btrfs import EXTENT, file_extents, get_fileattr

@@ -19,8 +19,8 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Sequence
-from typing import TYPE_CHECKING
 
+from .. import TYPE_CHECKING
 from .._optional import need
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr

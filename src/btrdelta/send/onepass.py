@@ -17,17 +17,18 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from typing import TYPE_CHECKING, Any
 
 import blake3
 
-from .. import _native
+from .. import TYPE_CHECKING, _native
 from .._optional import need
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
 from .extents import extents_of
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from .scan import Node, Tree
 
 __all__ = ["BLOCK", "BlockHasher", "block_digests_py", "digests_of", "hashed_as_sent",

@@ -39,16 +39,19 @@ import struct
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import blake3
 
+from .. import TYPE_CHECKING
 from .._optional import need
 from .._value import Value, field, field_names
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
 from .hashing import ContentHasher, block_segments, open_dir, open_file, open_to_read
 from .onepass import BLOCK
+
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "BLOCK",

@@ -21,8 +21,8 @@ import os
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any
 
+from .. import TYPE_CHECKING
 from .._value import Value
 from ..errors import BtrdeltaError, MissingBaseError, StreamFormatError
 from ..fs.btrfs import changed_inodes
@@ -38,6 +38,9 @@ from .rescan import Changes, Stale, rescan, usable
 from .scan import Tree, TreeScan, inode_order
 from .store import SendshotStore, StoredSendshot
 from .values import SendStats, StreamIds
+
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["SendshotResult", "adopt", "load_base", "send_with_sendshots"]
 

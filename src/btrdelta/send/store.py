@@ -29,8 +29,8 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
 
+from .. import TYPE_CHECKING
 from .._defaults import DEFAULT_STORE
 from .._value import Value, field
 from ..errors import BtrdeltaError, MissingBaseError, StreamFormatError
@@ -38,6 +38,8 @@ from ..fs.atomic import fsync_dir, pid_alive, write_atomic
 from ..tree.sendshot import RecordInode, RecordReader, SendshotHead, read_head, write_record
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from ..tree.columns import Encoded
 
 __all__ = [

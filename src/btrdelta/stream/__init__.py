@@ -10,9 +10,9 @@ parsers and dumpers made inside it); ``BACKEND`` says which is live now (``"c"``
 ``"python"``).
 """
 
-from typing import TYPE_CHECKING, Any
+from __future__ import annotations
 
-from .. import _native
+from .. import TYPE_CHECKING, _native
 from .codec import btrfs_crc32c, decode_payload, encode_record, encode_stream_header
 from .constants import MAGIC, Attr, Cmd, Compression
 from .framing import EOF, NEED_DATA
@@ -21,6 +21,8 @@ from .records import RECORD_TYPES, Record, StreamHeader
 from .writer import StreamWriter, write_stream
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from .dump import TextDumper, record_to_json
     from .reader import StreamParser, StreamReader, iter_records
 

@@ -17,9 +17,8 @@ from __future__ import annotations
 import struct
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
 
-from .. import _native
+from .. import TYPE_CHECKING, _native
 from .._value import field_names
 from ..errors import StreamFormatError, UnsupportedVersionError
 from .constants import (
@@ -40,6 +39,9 @@ from .constants import (
 from .crc import crc32c
 from .framing import legal, max_command, send_place
 from .records import RECORD_TYPES, Record
+
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "btrfs_crc32c",
@@ -291,7 +293,8 @@ _ENCODERS: dict[Kind, Callable[[Any], bytes]] = {
 
 
 #: per command: (field name, attribute number, encoder (None: DATA), optional)
-_Plan = tuple[tuple[str, int, Callable[[Any], bytes] | None, bool], ...]
+if TYPE_CHECKING:
+    _Plan = tuple[tuple[str, int, Callable[[Any], bytes] | None, bool], ...]
 _PLANS: dict[int, _Plan] = {}
 
 

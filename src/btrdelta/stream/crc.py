@@ -15,9 +15,11 @@ tables). Both are C: the choice is made once, here, and ``_native.use_backend`` 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
-from .. import _native
+from .. import TYPE_CHECKING, _native
+
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["IMPL", "crc32c"]
 

@@ -46,12 +46,15 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Final, Literal, NoReturn
 
+from .. import TYPE_CHECKING
 from .._value import Value
 from ..errors import BtrdeltaError, ChecksumError, StreamFormatError
 from .constants import CMD_HEADER, CMD_HEADER_SIZE, COMMAND_SPECS, SUPPORTED_VERSIONS, Cmd
 from .crc import crc32c
+
+if TYPE_CHECKING:
+    from typing import Any, Final, Literal, NoReturn
 
 __all__ = [
     "EOF",

@@ -13,11 +13,14 @@ when absent.
 
 from __future__ import annotations
 
-from typing import ClassVar
 from uuid import UUID
 
+from .. import TYPE_CHECKING
 from .._value import Value, value_class
 from .constants import Cmd
+
+if TYPE_CHECKING:
+    from typing import ClassVar
 
 __all__ = [
     "RECORD_TYPES",

@@ -10,12 +10,14 @@ stream, exactly as ``btrfs send A B`` lays them out), so that for every stream `
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
 
-from .. import _native
+from .. import TYPE_CHECKING, _native
 from ..errors import StreamFormatError
 from .codec import encode_record, encode_stream_header
 from .records import End, Event, Record, StreamHeader
+
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["StreamWriter", "write_stream"]
 

@@ -7,9 +7,11 @@ imported by every send against a record, which needs none of them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from .. import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from .treesum import Entry, diff_manifests, manifest_sum, tree_manifest, tree_sum
 
 __all__ = ["Entry", "diff_manifests", "manifest_sum", "tree_manifest", "tree_sum"]

@@ -30,8 +30,8 @@ from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import accumulate, compress
 from operator import mul
-from typing import Final
 
+from .. import TYPE_CHECKING
 from ..errors import StreamFormatError
 from .sendshot import (
     BLOCK,
@@ -66,6 +66,9 @@ from .sendshot import (
     WHOLE,
     RecordInode,
 )
+
+if TYPE_CHECKING:
+    from typing import Final
 
 __all__ = ["Columns", "encode_rows"]
 

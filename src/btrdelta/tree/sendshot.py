@@ -30,17 +30,19 @@ from __future__ import annotations
 import struct
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, BinaryIO, Final
 
 import blake3
-import zstandard
 
+from .. import TYPE_CHECKING
 from .._value import Value
+from .._zstd import zstd
 from ..errors import StreamFormatError, UnsupportedVersionError
 from ..stream.constants import CMD_HEADER_SIZE
 from ..stream.framing import NEED_DATA, Framer, Framing, encode_frame_parts, iter_tlvs
 
 if TYPE_CHECKING:
+    from typing import Any, BinaryIO, Final
+
     from .columns import Columns, Encoded
 
 __all__ = [
@@ -191,7 +193,7 @@ def write_record(
 
     encoded = inodes if isinstance(inodes, tuple) else encode_rows(inodes)
     digest = blake3.blake3()
-    comp = zstandard.ZstdCompressor(level=level).compressobj()
+    comp = zstd.ZstdCompressor(level=level).compressobj()
     header = _HEADER.pack(MAGIC, VERSION)
     write(header)
     digest.update(header)
@@ -378,7 +380,7 @@ class RecordReader:
                 f"{', '.join(map(str, READS))}: a newer btrdelta made it)", source=source)
         self.version = version
         self._digest = blake3.blake3(header)
-        self._reader = zstandard.ZstdDecompressor().stream_reader(file, read_across_frames=True)
+        self._reader = zstd.ZstdDecompressor().stream_reader(file, read_across_frames=True)
         self._framer = Framer(_FRAMING, source=source)
         self._framer.version = version
         self._offset = _HEADER.size
@@ -406,7 +408,7 @@ class RecordReader:
                 return cmd, mv, start + CMD_HEADER_SIZE, start + self._len
             try:
                 chunk = self._reader.read(self._want)
-            except zstandard.ZstdError as exc:
+            except zstd.ZstdError as exc:
                 raise StreamFormatError(f"corrupt compressed record: {exc}",
                                         source=self.source) from exc
             fr.feed(chunk)
