@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import stat
 import time
 
@@ -117,6 +116,8 @@ def _two_trees(args: argparse.Namespace, extra: list[str]) -> str | None:
     """``send OLD NEW`` (as ``diff OLD NEW``): one tree is sent, the old one is -p's."""
     if len(extra) != 1 or extra[0].startswith("-") or args.parent:
         return None
+    import shlex  # (this hint only: not imported by every send)
+
     old, new = shlex.quote(args.new_dir), shlex.quote(extra[0])
     return (f"send takes one tree; for the changes from {old} to {new}, give the old one "
             f"with -p: btrdelta send -p {old} {new}")
