@@ -1096,6 +1096,36 @@ def test_one_conversation_at_a_time_on_a_destination(tmp_path: Path) -> None:
     assert tree_sum(dest / got) == tree_sum(src)
 
 
+def test_a_receiver_waits_for_one_that_is_closing(tmp_path: Path) -> None:
+    """A receiver whose sender was cut off writes its partial transfer out (a syncfs) while
+    it still holds DEST: it says `closing` in the lock file, and a sender re-run at once
+    is served when it is done instead of being refused `busy` (test_replicate_kill's
+    re-runs after a kill -9 were refused so at load 12)."""
+    import fcntl
+    import threading
+    import time
+
+    from btrdelta.update.replica import LOCK_FILE
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"data" * 1000)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    fd = os.open(dest / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.pwrite(fd, f"{os.getpid()} closing\n".encode(), 0)
+    timer = threading.Timer(1.5, os.close, (fd,))
+    timer.start()
+    t0 = time.monotonic()
+    ok = _cli("replicate", src, dest, "--store", tmp_path / "store")
+    timer.join()
+    assert ok.returncode == 0, ok.stderr
+    assert time.monotonic() - t0 >= 1.5
+    (got,) = _visible(dest)
+    assert tree_sum(dest / got) == tree_sum(src)
+
+
 def _busy(first: PipeChannel, src: Path, dest: Path, store: list[object]) -> None:
     io = MessageIO(first, Connection("sender", source="test"))
     io.send(Hello("sender", (1, 2, 3), (), "test", str(src)))

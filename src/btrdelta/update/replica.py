@@ -6,7 +6,10 @@ sendshot each subvolume was received as) and at most one partial transfer: its t
 subvolume (``.btrdelta-tmp-<uuid>-partial``) and ``DEST/.btrdelta-partial/`` (``meta.json``:
 how far it is acknowledged; ``progress``: the records applied). One conversation at a
 time: each holds an exclusive ``flock`` on ``DEST/.btrdelta-replica.lock``, another process
-is refused ``busy`` (and reads the state again once it holds the lock).
+is refused ``busy`` (and reads the state again once it holds the lock). A holder whose
+conversation is over (a sender cut off: its partial transfer is being written out) says
+``closing`` in the lock file; the next receiver waits for it (up to :data:`CLOSING_WAIT`
+seconds) instead of refusing a sender re-run at once.
 
 :meth:`Replica.serve` runs one conversation (:class:`~btrdelta.protocol.Connection`, role
 receiver): HELLO, HOLDINGS, a PLAN checked against what is held, then the stream. A thread
@@ -41,6 +44,7 @@ import re
 import stat
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from queue import SimpleQueue
@@ -87,6 +91,8 @@ STATE_FILE = ".btrdelta-replica.json"
 PARTIAL_DIR = ".btrdelta-partial"
 #: flock(2)-ed by the process in a conversation on DEST (its pid in it, for the message)
 LOCK_FILE = ".btrdelta-replica.lock"
+#: seconds a receiver waits for a holder that says it is closing (then: ``busy``)
+CLOSING_WAIT = 60.0
 _ZERO_CHAIN = bytes(32).hex()
 _TMP_PREFIX = ".btrdelta-tmp-"
 _META_VERSION = 2
@@ -544,6 +550,9 @@ class Replica:
                                    str(exc)[:2000]))
             return ServeResult("failed", str(exc))
         finally:
+            if lock is not None:  # (the conversation is over: a receiver may wait for us)
+                with contextlib.suppress(OSError):
+                    os.pwrite(lock, f"{os.getpid()} closing\n".encode(), 0)
             if acks is not None:
                 acks.drain(check=False)
             if inbox is not None:
@@ -559,12 +568,19 @@ class Replica:
         it."""
         fd = os.open(self.dest / LOCK_FILE,
                      os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + CLOSING_WAIT
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-            os.close(fd)
-            return None, holder if holder.isdigit() else ""
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    holder, _, closing = os.pread(fd, 32, 0).decode("ascii", "replace") \
+                        .strip().partition(" ")
+                    if closing != "closing" or time.monotonic() > deadline:
+                        os.close(fd)
+                        return None, holder if holder.isdigit() else ""
+                    time.sleep(0.05)
         except BaseException:
             os.close(fd)
             raise
