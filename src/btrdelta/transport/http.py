@@ -174,6 +174,21 @@ class RangeFetcher:
         tried = f"giving up after {n} attempts" if n > 1 else "no retries asked (--retries 0)"
         raise TransportError(f"{tried}: {_outcome(state)}", url=self.url)
 
+    def _begin(self, ranges: Sequence[tuple[int, int]]) -> tuple[dict[str, str], int, int]:
+        """A range request about to be made (counted): its headers, the bytes asked for and
+        the most its body may hold (multipart framing included).
+
+        Raises:
+            TransportError: the fetch was cancelled.
+        """
+        if self._cancel.is_set():
+            raise TransportError("cancelled", url=self.url)
+        asked = sum(b - a for a, b in ranges)
+        limit = asked + _PART_OVERHEAD * (len(ranges) + 1) if len(ranges) > 1 else asked
+        self._count(requests=1)
+        return ({"Range": format_range_header(ranges), "Accept-Encoding": "identity"}, asked,
+                limit)
+
     def _request(self, ranges: Sequence[tuple[int, int]]) -> _Response:
         """One GET; a 200 answer is not read (the caller decides), a 206 is read up to what
         was asked (plus multipart framing), others are not read.
@@ -181,12 +196,7 @@ class RangeFetcher:
         Raises:
             _Retry: a transient failure; TransportError: a permanent one.
         """
-        if self._cancel.is_set():
-            raise TransportError("cancelled", url=self.url)
-        headers = {"Range": format_range_header(ranges), "Accept-Encoding": "identity"}
-        asked = sum(b - a for a, b in ranges)
-        limit = asked + _PART_OVERHEAD * (len(ranges) + 1) if len(ranges) > 1 else asked
-        self._count(requests=1)
+        headers, asked, limit = self._begin(ranges)
         cfg = self.config
         try:
             with deadline(cfg.timeout, cfg.deadline_speed), \
@@ -347,12 +357,7 @@ class RangeFetcher:
         delivered) as soon as its bytes have arrived, not when the reply is complete."""
         batch = wanted.spans()
         ranges = [(s.start, s.end) for s in batch]
-        if self._cancel.is_set():
-            raise TransportError("cancelled", url=self.url)
-        headers = {"Range": format_range_header(ranges), "Accept-Encoding": "identity"}
-        asked = sum(b - a for a, b in ranges)
-        limit = asked + _PART_OVERHEAD * (len(ranges) + 1) if len(ranges) > 1 else asked
-        self._count(requests=1)
+        headers, asked, limit = self._begin(ranges)
         cfg = self.config
         try:
             with deadline(cfg.timeout, cfg.deadline_speed) as budget, \
