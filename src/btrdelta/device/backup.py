@@ -168,6 +168,7 @@ def _send(layout: Layout, snap: Path, prev: tuple[int, Path] | None, store: _Sto
         with open(stream, "wb") as f:
             kernel_send(f.write, snap, prev[1] if prev else None, version=2,
                         compressed=True)
+        _end_with_root_times(stream, snap, 2)
         if prev is None:
             file, out = f"{name}.{n}.stream", stream
         else:
@@ -180,6 +181,31 @@ def _send(layout: Layout, snap: Path, prev: tuple[int, Path] | None, store: _Sto
         return {"n": n, "file": file, "parent": prev[0] if prev else None, "uuid": str(uuid),
                 "tree_sum": tree_sum(snap), "bytes": out.stat().st_size,
                 "time": round(time.time(), 3)}
+
+
+def _end_with_root_times(stream: Path, snap: Path, version: int) -> None:
+    """Put a UTIMES of the subvolume's root before the END of kernel stream ``stream``.
+
+    The kernel sends no utimes for the root after an incremental send renamed or removed
+    an entry of it (orphans), so the receiver left the root's mtime at the time of the
+    receive and the restored tree-sum differed from the backup's (exit 5). With the root's
+    times as the last command any receiver (``btrfs receive`` too) sets them.
+    """
+    from ..stream.codec import encode_record
+    from ..stream.records import End, Utimes
+
+    end = b"".join(bytes(p) for p in encode_record(End(), version))
+    st = os.lstat(snap)
+    root = Utimes(b"", st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns)
+    with open(stream, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - len(end)))
+        if f.read(len(end)) != end:
+            raise StreamFormatError("btrfs send's stream does not end with END",
+                                    source=str(snap))
+        f.seek(size - len(end))
+        for piece in (*encode_record(root, version), end):
+            f.write(piece)
 
 
 def _chain(entries: list[dict[str, Any]], upto: int | None) -> list[dict[str, Any]]:
