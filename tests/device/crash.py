@@ -1,7 +1,9 @@
-"""Crash an install with SIGKILL after record k or at a named step (a forked child)."""
+"""Crash an install with SIGKILL after record k or at a named step, or any other device
+command after its k-th durable step (a forked child)."""
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import os
 import signal
@@ -57,10 +59,65 @@ def _child(mnt: str, source: str, after: int | None, step: str | None) -> None:
     device.install(mnt, source, booted="a", on_step=on_step)
 
 
+#: the durable steps of the device commands: every subvolume or rename step, every sync,
+#: the default subvolume, every state file write, the boot-counting file and the hook
+DURABLE = (
+    *(("btrdelta.device.layout", f"Layout.{m}")
+      for m in ("snapshot", "create_subvolume", "delete", "rename", "exchange", "sync")),
+    ("btrdelta.fs.btrfs", "set_default_subvolume"),
+    ("btrdelta.device.state", "write_atomic"),
+    *((mod, fn) for mod in ("btrdelta.device.control", "btrdelta.device.reset")
+      for fn in ("clear_trial", "exhaust_trial", "call_hook")),
+)
+
+
+def _kill_after(k: int) -> None:
+    """Patch every durable step: SIGKILL once ``k`` of them are done (nested ones count)."""
+    done = 0
+
+    def wrap(real: Any) -> Any:
+        def step(*args: Any, **kw: Any) -> Any:
+            nonlocal done
+            out = real(*args, **kw)
+            done += 1
+            if done == k:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return out
+        return step
+
+    for module, attr in DURABLE:
+        owner: Any = importlib.import_module(module)
+        *outer, name = attr.split(".")
+        for o in outer:
+            owner = getattr(owner, o)
+        if hasattr(owner, name):
+            setattr(owner, name, wrap(getattr(owner, name)))
+
+
+def _op_child(op: str, mnt: str, k: int, kwargs: dict[str, Any]) -> None:
+    _kill_after(k)
+    module, _, fn = op.rpartition(".")
+    getattr(importlib.import_module(module), fn)(mnt, **kwargs)
+
+
+def crash_op(op: str, mnt: Path, k: int, **kwargs: Any) -> bool:
+    """Run ``op`` (``module.function``, called as ``function(mnt, **kwargs)``) in a child
+    killed after its ``k``-th durable step (:data:`DURABLE`); True if it was killed (False:
+    it finished with fewer steps)."""
+    proc = _CTX.Process(target=_op_child, args=(op, str(mnt), k, kwargs))
+    proc.start()
+    proc.join()
+    if proc.exitcode == -signal.SIGKILL:
+        return True
+    assert proc.exitcode == 0, f"{op} failed instead of being killed ({proc.exitcode})"
+    return False
+
+
 # a fork server started without threads: each crash is a fork of it, modules preloaded (a
 # fork of the test process could inherit locks held by its threads)
 _CTX = multiprocessing.get_context("forkserver")
-_CTX.set_forkserver_preload(["btrdelta.device", "btrdelta.delta.expand", "btrdelta.send",
+_CTX.set_forkserver_preload(["btrdelta.device", "btrdelta.device.reset",
+                             "btrdelta.device.backup", "btrdelta.delta.expand", "btrdelta.send",
                              "tests.device.crash"])
 
 

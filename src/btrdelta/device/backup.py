@@ -34,9 +34,13 @@ from ..tree import tree_sum
 from .layout import DeviceError, Layout, open_device
 from .state import load_state
 
-__all__ = ["backup", "restore", "restore_to_dir"]
+__all__ = ["RESTORED", "RESTORE_WORK", "backup", "restore", "restore_to_dir"]
 
 _FORMAT = "btrdelta-backups"
+#: a restore's work directory in ``.btrdelta/``, the prefix of its new subvolume in ``state/``
+#: (after the swap: the old one); recovery removes both when a restore was cut short
+RESTORE_WORK = "restore"
+RESTORED = ".restored-"
 
 
 class _Store:
@@ -136,10 +140,12 @@ def backup(fs: str | os.PathLike[str], name: str, dest: str, *,
     stream against its files; else a whole stream. Returns the new index entry."""
     from ..delta import make_delta
     from ..send import kernel_send
+    from .control import recover
 
     store = _Store(dest)
     with open_device(fs) as layout, layout.lock():
         st = load_state(layout)
+        recover(layout, st)
         if name not in {s.name for s in st.state} or not layout.is_subvolume(layout.state(name)):
             raise DeviceError(f"no state subvolume {name!r}")
         entries = store.index(name)
@@ -255,17 +261,20 @@ def restore(fs: str | os.PathLike[str], name: str, src: str, *, upto: int | None
     """Restore backup chain ``name`` from ``src`` as state subvolume ``as_name`` (default
     ``name``) of device ``fs``: received in a hidden directory, then a writable snapshot
     swapped in place of the state subvolume in one rename."""
+    from .control import recover
+
     target = as_name or name
     with open_device(fs) as layout, layout.lock():
         st = load_state(layout)
+        recover(layout, st)
         if target not in {s.name for s in st.state}:
             raise DeviceError(f"the device has no state subvolume {target!r}")
-        work = layout.meta / "restore"
+        work = layout.meta / RESTORE_WORK
         layout.delete(work, wait=True)
         work.mkdir()
         try:
             got = restore_to_dir(src, name, work, upto=upto)
-            fresh = layout.state_dir / f".restored-{target}"
+            fresh = layout.state_dir / f"{RESTORED}{target}"
             layout.delete(fresh)
             layout.snapshot(got, fresh, readonly=False)
             live = layout.state(target)

@@ -15,10 +15,12 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from ..fs import btrfs as sv
 from .boot import (
+    Trial,
     booted_root,
     call_hook,
     clear_trial,
@@ -29,7 +31,7 @@ from .boot import (
 )
 from .fetch import clear_work
 from .layout import BOOTABLE, FACTORY, HIDDEN, SLOTS, DeviceError, Layout, open_device
-from .reset import fresh_state_subvol
+from .reset import STATE_RESET, fresh_state_subvol
 from .roots import Fetch, build_root, place_root
 from .state import DeviceState, RootInfo, load_state, parse_state_spec, save_state
 
@@ -121,8 +123,11 @@ def recover(layout: Layout, st: DeviceState) -> list[str]:
     """Finish or undo what an interrupted command left; returns what was done.
 
     Hidden work in ``roots/`` goes; an install that did not reach its commit point loses
-    its half-made slot; a trial of the default root (mark-good cut short) is cleared;
-    records of roots that no longer exist are dropped.
+    its half-made slot; a factory reset is finished or undone, a rollback's intent dropped
+    (noting whether it committed); what a cut reset or restore left is removed; a trial of
+    the default root is cleared and a default still recorded ``new`` is recorded good (a
+    mark-good cut short after its commit point); records of roots that no longer exist are
+    dropped.
     """
     done: list[str] = []
     for entry in sorted(os.listdir(layout.roots)) if layout.roots.is_dir() else []:
@@ -144,9 +149,27 @@ def recover(layout: Layout, st: DeviceState) -> list[str]:
         from .reset import finish_reset
 
         done += finish_reset(layout, st)
+    elif pending.get("op") == "rollback":
+        if _rolled_back(pending, trial, default):
+            done.append(f"finished a rollback cut short (default {default})")
+        st.pending = None
+    leftovers = _restore_leftovers(layout)
+    if pending.get("op") != "factory-reset" and os.path.lexists(layout.top / STATE_RESET):
+        leftovers.append(layout.top / STATE_RESET)  # a reset's prepared or old state
+    for leftover in leftovers:
+        try:
+            layout.delete(leftover)
+        except OSError:  # the old state of a reset or restore, in use by the running system
+            continue
+        done.append(f"removed {leftover.relative_to(layout.top)}, left by a command cut short")
     if trial is not None and trial.slot == default:
         clear_trial(layout)
         done.append(f"cleared the trial of {default}, already the default")
+    info = st.roots.get(default) if default is not None else None
+    if info is not None and info.verdict == "new":  # only mark-good makes a new root the default
+        info.verdict = "good"
+        st.note("mark-good", slot=default)
+        done.append(f"recorded {default} as good (a mark-good cut short after its commit)")
     for name in list(st.roots):
         if not layout.is_subvolume(layout.root(name)):
             del st.roots[name]
@@ -156,6 +179,25 @@ def recover(layout: Layout, st: DeviceState) -> list[str]:
             st.note("recover", what=what)
         save_state(layout, st)
     return done
+
+
+def _rolled_back(pending: dict[str, Any], trial: Trial | None, default: str | None) -> bool:
+    """True when the rollback of intent ``pending`` reached its commit point."""
+    cancel = pending.get("cancel")
+    if cancel is not None:
+        return trial is None or trial.slot != cancel or trial.left == 0
+    return default == pending.get("to")
+
+
+def _restore_leftovers(layout: Layout) -> list[Path]:
+    """What a restore cut short leaves: its work directory, the swapped-out subvolume."""
+    from .backup import RESTORE_WORK, RESTORED
+
+    out = [layout.meta / RESTORE_WORK] if os.path.lexists(layout.meta / RESTORE_WORK) else []
+    if layout.state_dir.is_dir():
+        out += [layout.state_dir / e for e in sorted(os.listdir(layout.state_dir))
+                if e.startswith(RESTORED)]
+    return out
 
 
 def _as_recorded(layout: Layout, st: DeviceState, name: str) -> bool:
@@ -287,9 +329,14 @@ def rollback(fs: str | os.PathLike[str], *, booted: str | None = None) -> dict[s
     default subvolume goes back to the other good slot (or the factory base)."""
     with open_device(fs) as layout, layout.lock():
         st = load_state(layout)
-        recover(layout, st)
+        cut = st.pending if (st.pending or {}).get("op") == "rollback" else None
+        done = recover(layout, st)
+        if cut is not None and any(w.startswith("finished a rollback") for w in done):
+            return status_of(layout, st, booted)  # a re-run does not go back twice
         trial = read_trial(layout)
         if trial is not None and trial.left > 0:
+            st.pending = {"op": "rollback", "cancel": trial.slot}
+            save_state(layout, st)
             exhaust_trial(layout)
             call_hook(st.hook, "cancel", trial.slot)
             st.note("rollback", slot=default_root(layout), reason=f"trial of {trial.slot} "
@@ -299,9 +346,12 @@ def rollback(fs: str | os.PathLike[str], *, booted: str | None = None) -> dict[s
             if current is None:
                 raise DeviceError("the default subvolume is not one of the roots")
             back = _fallback(layout, st, current)
+            st.pending = {"op": "rollback", "from": current, "to": back}
+            save_state(layout, st)
             set_default_root(layout, back)
             clear_trial(layout)
             call_hook(st.hook, "good", back)
             st.note("rollback", slot=back, reason=f"from {current}")
+        st.pending = None
         save_state(layout, st)
         return status_of(layout, st, booted)

@@ -27,9 +27,10 @@ from .boot import call_hook, clear_trial, default_root, set_default_root
 from .layout import FACTORY, DeviceError, Layout, open_device
 from .state import DeviceState, StateSubvol, save_state
 
-__all__ = ["factory_reset", "finish_reset", "fresh_state_subvol"]
+__all__ = ["STATE_RESET", "factory_reset", "finish_reset", "fresh_state_subvol"]
 
-_PREPARED = ".state-reset"
+#: where the new state subvolumes are prepared (top level)
+STATE_RESET = _PREPARED = ".state-reset"
 _MARK = ".btrdelta-generation"
 
 
