@@ -172,6 +172,7 @@ def _add_init(dsub: Any) -> None:
     i.add_argument("--force", action="store_true",
                    help="lay out anew: deletes every root and state subvolume")
     i.add_argument("--json", action="store_true", help="print the status as JSON")
+    add_progress_options(i)
     i.set_defaults(func=run_init)
 
 
@@ -245,10 +246,16 @@ def run_init(args: argparse.Namespace) -> int:
     """Lay out the device."""
     from ..device import init
 
-    st = init(args.fs, args.factory, state=args.state, tries=args.tries, hook=args.hook,
-              expect_sum=args.expect_sum, force=args.force,
-              key=args.key, to=args.to, mirrors=args.mirror)
-    _print_status(st, args.json)
+    with Progress("init", enabled=progress_wanted(args), unit="B") as progress:
+
+        def on_progress(records: int, nbytes: int) -> None:  # (0, downloaded): a repository
+            progress.update(nbytes, note=f"{records} records" if records else "")
+
+        st = init(args.fs, args.factory, state=args.state, tries=args.tries, hook=args.hook,
+                  expect_sum=args.expect_sum, force=args.force,
+                  key=args.key, to=args.to, mirrors=args.mirror, on_progress=on_progress)
+    if not args.quiet or args.json:
+        _print_status(st, args.json)
     return 0
 
 

@@ -105,11 +105,11 @@ def init(
 def _prepare_empty(layout: Layout, force: bool) -> None:
     ours = [layout.meta, layout.roots, layout.state_dir]
     if layout.initialized() and not force:
-        raise DeviceError(f"{layout.top} is already a btrdelta device (--force lays it out "
+        raise DeviceError(f"{layout.name} is already a btrdelta device (--force lays it out "
                           "anew: every root and state subvolume is deleted)")
     present = [p for p in ours[1:] if os.path.lexists(p)]
     if present and not force:
-        raise DeviceError(f"{layout.top} holds {', '.join(p.name for p in present)} from an "
+        raise DeviceError(f"{layout.name} holds {', '.join(p.name for p in present)} from an "
                           "unfinished init (--force deletes them)")
     if force:
         layout.state_file.unlink(missing_ok=True)
@@ -231,7 +231,7 @@ def status_of(layout: Layout, st: DeviceState, booted: str | None = None) -> dic
             "booted": name == booted,
         }
     return {
-        "filesystem": str(layout.top),
+        "filesystem": layout.name,
         "default": default,
         "booted": booted,
         "next_boot": next_boot,

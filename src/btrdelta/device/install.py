@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ApplyError, BtrdeltaError
+from ..errors import ApplyError, BtrdeltaError, MissingBaseError
 from .boot import (
     booted_root,
     call_hook,
@@ -38,7 +39,7 @@ from .boot import (
     start_trial,
 )
 from .control import recover
-from .fetch import clear_work
+from .fetch import clear_work, source_kind
 from .layout import SLOTS, DeviceError, Layout, is_enospc, open_device
 from .roots import Built, Fetch, build_root, place_root
 from .state import DeviceState, RootInfo, load_state, save_state
@@ -136,12 +137,7 @@ def install(
         n = tries if tries is not None else st.tries
         if n < 1:
             raise DeviceError("tries must be at least 1")
-        trial = read_trial(layout)
-        if trial is not None and trial.slot == slot:
-            clear_trial(layout)  # the slot of a pending trial is rebuilt: no boot of it
-            call_hook(st.hook, "cancel", slot)
-        st.pending = {"op": "install", "slot": slot, "started": round(time.time(), 3)}
-        save_state(layout, st)
+        _intend(layout, st, slot)
         step("receive")
         parent_name = booted or default_root(layout)
         parent = layout.root(parent_name) if parent_name else None
@@ -158,12 +154,32 @@ def install(
             if is_enospc(exc):
                 raise ApplyError(f"disk full while installing into slot {slot} (nothing "
                                  f"selected, space given back): {exc}") from exc
+            if isinstance(exc, MissingBaseError) and source_kind(os.fspath(source)) == "local":
+                raise _not_on_device(exc, source, st) from exc
             raise
         _commit(layout, st, built, slot, n, step)
         clear_work(layout)
         return InstallResult(slot, built.release, str(built.uuid), built.tree_sum, n,
                              built.records, built.data_bytes, built.seconds,
                              hops=built.hops, downloaded=built.downloaded)
+
+
+def _intend(layout: Layout, st: DeviceState, slot: str) -> None:
+    """Write the intent; then a pending trial of ``slot`` is cancelled (a full disk that
+    refuses the intent leaves the trial as it was)."""
+    st.pending = {"op": "install", "slot": slot, "started": round(time.time(), 3)}
+    try:
+        save_state(layout, st)
+    except OSError as exc:
+        if not is_enospc(exc):
+            raise
+        raise ApplyError(f"{layout.name}: disk full before installing into slot {slot}: "
+                         "cannot write the state file (nothing changed; free space, e.g. "
+                         "in state/, and run it again)") from exc
+    trial = read_trial(layout)
+    if trial is not None and trial.slot == slot:
+        clear_trial(layout)  # the slot of a pending trial is rebuilt: no boot of it
+        call_hook(st.hook, "cancel", slot)
 
 
 def _commit(layout: Layout, st: DeviceState, built: Built, slot: str, n: int,
@@ -188,6 +204,21 @@ def _commit(layout: Layout, st: DeviceState, built: Built, slot: str, n: int,
     st.note("install", slot=slot, release=built.release, tree_sum=built.tree_sum, tries=n)
     save_state(layout, st)
     step("done")
+
+
+def _not_on_device(exc: MissingBaseError, source: str | os.PathLike[str],
+                   st: DeviceState) -> MissingBaseError:
+    """One line for a delta or incremental stream made against a root the device does not
+    hold: which base it wants, which releases the device has."""
+    m = _UUID.search(exc.message)
+    held = ", ".join(f"{name} {info.release}" for name, info in sorted(st.roots.items()))
+    return MissingBaseError(
+        f"made against a root this device does not hold (parent subvolume "
+        f"{m[0] if m else '?'}); its roots: {held or 'none'}. Install a full stream, or a "
+        "delta or incremental stream made against one of them", source=os.fspath(source))
+
+
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def _abandon(layout: Layout, st: DeviceState, slot: str) -> None:

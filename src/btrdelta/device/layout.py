@@ -67,8 +67,11 @@ class DeviceError(BtrdeltaError):
 class Layout:
     """Paths and descriptors of one device filesystem, top-level mounted at ``top``."""
 
-    def __init__(self, top: Path) -> None:
+    def __init__(self, top: Path, name: str | None = None) -> None:
         self.top = Path(top)
+        #: the filesystem as the user named it (a device or image is mounted on a private
+        #: directory whose name means nothing to them): for messages
+        self.name = name if name is not None else str(top)
         self.meta = self.top / META
         self.roots = self.top / ROOTS
         self.state_dir = self.top / STATE
@@ -193,7 +196,7 @@ class Layout:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError as exc:
-                raise DeviceError(f"{self.top}: another btrdelta device command is "
+                raise DeviceError(f"{self.name}: another btrdelta device command is "
                                   "running") from exc
             yield
         finally:
@@ -212,6 +215,31 @@ def _check_top(path: Path) -> None:
         os.close(fd)
 
 
+#: where a btrfs superblock carries its magic
+_MAGIC_AT, _MAGIC = 0x10040, b"_BHRfS_M"
+
+
+def _check_btrfs_magic(path: Path) -> None:
+    """Refuse a block device or image that holds no btrfs, in one line naming what it
+    holds (mount's own message says only "wrong fs type... dmesg(1) may have more")."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(_MAGIC_AT)
+            magic = f.read(len(_MAGIC))
+    except OSError as exc:
+        raise DeviceError(f"{path}: {exc.strerror}") from exc
+    if magic == _MAGIC:
+        return
+    holds = ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        got = subprocess.run(["blkid", "-p", "-o", "value", "-s", "TYPE", os.fspath(path)],
+                             capture_output=True, text=True, check=False, timeout=30)
+        if got.stdout.strip():
+            holds = f" (it holds {got.stdout.split()[0]})"
+    raise DeviceError(f"{path} is not a btrfs filesystem{holds}: a device's filesystem is "
+                      "made with mkfs.btrfs, then laid out with btrdelta device init")
+
+
 @contextlib.contextmanager
 def open_device(fs: str | os.PathLike[str], *, readonly: bool = False) -> Iterator[Layout]:
     """The :class:`Layout` of device filesystem ``fs``.
@@ -227,10 +255,11 @@ def open_device(fs: str | os.PathLike[str], *, readonly: bool = False) -> Iterat
         raise DeviceError(f"{fs}: {exc.strerror}") from exc
     if stat.S_ISDIR(st.st_mode):
         _check_top(path)
-        yield Layout(path)
+        yield Layout(path, os.fspath(fs))
         return
     if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
         raise DeviceError(f"{fs} is neither a directory, a block device nor an image file")
+    _check_btrfs_magic(path)
     mnt = Path(tempfile.mkdtemp(prefix="btrdelta-device-"))
     opts = "subvolid=5" + (",ro" if readonly else "")
     if stat.S_ISREG(st.st_mode):
@@ -242,7 +271,7 @@ def open_device(fs: str | os.PathLike[str], *, readonly: bool = False) -> Iterat
         msg = proc.stderr.decode(errors="replace").strip().splitlines()
         raise DeviceError(f"{fs}: cannot mount: {msg[-1] if msg else proc.returncode}")
     try:
-        yield Layout(mnt)
+        yield Layout(mnt, os.fspath(fs))
     finally:
         done = subprocess.run(["umount", os.fspath(mnt)], capture_output=True, check=False)
         if done.returncode != 0:

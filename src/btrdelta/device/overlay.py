@@ -55,6 +55,11 @@ def mount(fs: str | os.PathLike[str], target: str | os.PathLike[str], *,
     target = Path(target)
     if not target.is_dir():
         raise DeviceError(f"{target} is not a directory")
+    if os.path.ismount(target):  # mounting again would stack a second root over the first
+        raise DeviceError(f"{target} is a mount point already (umount -R {target} first)")
+    with os.scandir(target) as entries:
+        if any(True for _ in entries):
+            raise DeviceError(f"{target} is not empty: device mount needs an empty directory")
     with open_device(fs) as layout:
         st = load_state(layout)
         name = _root_name(layout, root)

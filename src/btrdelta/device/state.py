@@ -146,7 +146,7 @@ def load_state(layout: Layout) -> DeviceState:
         with open(layout.state_file, "rb") as f:
             raw = f.read(_MAX_SIZE + 1)
     except FileNotFoundError as exc:
-        raise DeviceError(f"{layout.top}: not a btrdelta device (run `btrdelta device "
+        raise DeviceError(f"{layout.name}: not a btrdelta device (run `btrdelta device "
                           "init` first)") from exc
     try:
         if len(raw) > _MAX_SIZE:
