@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from btrdelta import device
+from btrdelta.device.boot import select_root
+from btrdelta.device.layout import Layout
 from btrdelta.tree import tree_sum
 from tests.conftest import btrfs_loop
 
@@ -154,3 +156,52 @@ def test_mount_twice_is_refused(btrfs_dev: Path, small_release: Release,
     got = btrdelta("device", "mount", btrfs_dev, target, check=False)
     assert got.returncode == 1
     assert "is not empty" in got.stderr
+
+
+def test_status_says_a_trial_ran_out(btrfs_dev: Path, small_release: Release) -> None:
+    """A release booted on trial and never marked good: status said "trial: b, 0 tries
+    left, 3 boots made" and nothing of what it means or what to do."""
+    btrdelta("device", "init", btrfs_dev, "--factory", small_release.old, "-q")
+    btrdelta("device", "install", btrfs_dev, small_release.delta, "-q")
+    layout = Layout(btrfs_dev)
+    boots = [select_root(layout)[0] for _ in range(4)]  # the initramfs, four boots
+    assert boots == ["b", "b", "b", "a"]
+    out = btrdelta("device", "status", btrfs_dev).stdout.splitlines()
+    assert out[:2] == [
+        "default: a   booted: ?   next boot: a",
+        "trial: b ended after 3 boots, never marked good: the default boots; the next "
+        "install rebuilds b (mark-bad --slot b records the verdict)"]
+    btrdelta("device", "mark-bad", btrfs_dev, "--slot", "b")
+    out = btrdelta("device", "status", btrfs_dev).stdout.splitlines()
+    assert out[1] == ("trial: b ended after 3 boots, marked bad: the default boots; the next "
+                      "install rebuilds b")
+
+
+def test_expect_sum_of_a_kernel_incremental_stream(btrfs_dev: Path, small_release: Release,
+                                                   tmp_path: Path) -> None:
+    """``btrfs send -p`` moves a removed directory's entry through the top directory as an
+    orphan and sends no utimes of it after: the received root's mtime is the receive's, so
+    no --expect-sum could pass (exit 5: "received root has tree-sum X, the release's is
+    Y"). The sum without the top directory's mtime is accepted, and the error says it."""
+    with btrfs_loop(size="512M") as src:
+        subprocess.run(["btrfs", "-q", "subvolume", "create", str(src / "v")], check=True)
+        copy_tree(small_release.old / "usr", src / "v/usr")
+        subprocess.run(["btrfs", "-q", "subvolume", "snapshot", "-r", str(src / "v"),
+                        str(src / "v1")], check=True)
+        shutil.rmtree(src / "v/usr/lib/apt/methods")
+        (src / "v/usr/lib/apt/new").write_text("2\n")
+        subprocess.run(["btrfs", "-q", "subvolume", "snapshot", "-r", str(src / "v"),
+                        str(src / "v2")], check=True)
+        for args, out in ((["v1"], "v1.stream"), (["-p", "v1", "v2"], "v1-v2.stream")):
+            subprocess.run(["btrfs", "-q", "send", "-f", str(tmp_path / out),
+                            *(str(src / a) if a.startswith("v") else a for a in args)],
+                           check=True)
+        full, loose = tree_sum(src / "v2"), tree_sum(src / "v2", ignore_root_mtime=True)
+    btrdelta("device", "init", btrfs_dev, "--factory", tmp_path / "v1.stream", "--state",
+             "etc:/etc", "-q")
+    got = btrdelta("device", "install", btrfs_dev, tmp_path / "v1-v2.stream", "--expect-sum",
+                   full, check=False)
+    assert got.returncode == 5
+    assert f"({loose} without its top directory's mtime" in got.stderr
+    btrdelta("device", "install", btrfs_dev, tmp_path / "v1-v2.stream", "--expect-sum", loose)
+    assert tree_sum(btrfs_dev / "roots/b", ignore_root_mtime=True) == loose

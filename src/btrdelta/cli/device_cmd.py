@@ -201,7 +201,10 @@ def _add_install(dsub: Any) -> None:
     n.add_argument("fs", metavar="FS", help=_FS_HELP)
     n.add_argument("source", metavar="SOURCE", help="delta stream, send stream ('-': stdin), "
                    "directory tree, repository URL or chunk archive (.bdar)")
-    n.add_argument("--expect-sum", metavar="TREESUM", help="the release's tree-sum")
+    n.add_argument("--expect-sum", metavar="TREESUM",
+                   help="the release's tree-sum (btrdelta tree-sum NEW; for a stream made by "
+                        "btrfs send -p, tree-sum --ignore-root-mtime NEW: the kernel may not "
+                        "send the top directory's mtime)")
     n.add_argument("--tries", type=int, help="boots the new slot gets (default: the device's)")
     n.add_argument("--booted", metavar="ROOT", help="the booted root, when / does not tell")
     n.add_argument("--key", action="append", metavar="PUBKEY",
@@ -225,7 +228,14 @@ def _print_status(st: dict[str, Any], as_json: bool) -> None:
     trial = st["trial"]
     print(f"default: {st['default']}   booted: {st['booted'] or '?'}   "
           f"next boot: {st['next_boot']}")
-    if trial:
+    if trial and trial["tries_left"] == 0:
+        slot = trial["slot"]
+        bad = st["roots"][slot].get("verdict") == "bad"
+        print(f"trial: {slot} ended after {trial['boots']} boots, "
+              + ("marked bad" if bad else "never marked good")
+              + f": the default boots; the next install rebuilds {slot}"
+              + ("" if bad else f" (mark-bad --slot {slot} records the verdict)"))
+    elif trial:
         print(f"trial: {trial['slot']}, {trial['tries_left']} tries left, "
               f"{trial['boots']} boots made")
     for name, r in st["roots"].items():
