@@ -56,6 +56,41 @@ def test_restore_after_a_directory_was_removed(btrfs_dev: Path,
     assert tree_sum(tmp_path / "dir/home.2") == want
 
 
+def test_restore_to_dir_leaves_the_restored_tree_only(btrfs_dev: Path,
+                                                      small_release: Release,
+                                                      tmp_path: Path) -> None:
+    """--to-dir left every backup of the chain (home.1, a whole copy on ext4, next to the
+    home.2 asked for), and a failed restore left what it had received."""
+    r = small_release
+    device.init(btrfs_dev, r.old, state=STATE)
+    home = btrfs_dev / "state/home"
+    copy_tree(r.new / "usr/lib/apt", home / "apt")
+    dest = tmp_path / "backups"
+    btrdelta("device", "backup", btrfs_dev, "home", dest)
+    (home / "notes").write_text("two\n")
+    btrdelta("device", "backup", btrfs_dev, "home", dest)
+    for where in (tmp_path / "dir", btrfs_dev / "restored"):  # a directory; btrfs
+        where.mkdir()
+        out = btrdelta("device", "restore", where, "home", dest, "--to-dir").stdout
+        assert out == f"restored home to {where / 'home.2'}\n"
+        assert _listing(where) == ["home.2"]
+        assert tree_sum(where / "home.2") == tree_sum(home)
+    index = dest / "home.backups.json"
+    doc = json.loads(index.read_text())
+    doc["backups"][-1]["tree_sum"] = "0" * 64  # the check fails
+    index.write_text(json.dumps(doc))
+    (tmp_path / "again").mkdir()
+    got = btrdelta("device", "restore", tmp_path / "again", "home", dest, "--to-dir",
+                   check=False)
+    assert got.returncode == 5
+    assert _listing(tmp_path / "again") == []
+
+
+def _listing(where: Path) -> list[str]:
+    """What a directory holds, but the receiver's registry of a plain directory."""
+    return sorted(e for e in os.listdir(where) if e != ".btrdelta-subvols.json")
+
+
 def test_mistakes_get_one_line_naming_what_the_user_gave(small_release: Release,
                                                          tmp_path: Path) -> None:
     """An ext4 image: mount's own last line was all ("dmesg(1) may have more information
@@ -205,3 +240,14 @@ def test_expect_sum_of_a_kernel_incremental_stream(btrfs_dev: Path, small_releas
     assert f"({loose} without its top directory's mtime" in got.stderr
     btrdelta("device", "install", btrfs_dev, tmp_path / "v1-v2.stream", "--expect-sum", loose)
     assert tree_sum(btrfs_dev / "roots/b", ignore_root_mtime=True) == loose
+
+
+def test_device_help_teaches_the_cycle() -> None:
+    """``device --help`` showed init, install and status: not where a release stream comes
+    from, the reboot, mark-good (without which the update is undone by itself), nor how to
+    try it all without a device."""
+    out = btrdelta("device", "--help").stdout
+    for step in ("btrdelta send rootfs-1 -o rootfs-1.stream", "btrdelta delta make",
+                 "btrdelta device install", "# reboot", "btrdelta device mark-good",
+                 "mkfs.btrfs disk.img", "btrdelta-boot.sh select"):
+        assert step in out, step

@@ -26,9 +26,21 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "two root slots (subvolumes fed by send or delta streams), writable state "
         "subvolumes mounted as overlays, boot counting through the default subvolume and a "
         "boot-counting file, factory reset and backups. Layout: docs/device.md.",
-        epilog=examples("btrdelta device init /dev/mmcblk0p3 --factory rootfs-1.stream",
-                        "btrdelta device install /dev/mmcblk0p3 1-2.delta",
-                        "btrdelta device status /dev/mmcblk0p3 --json"),
+        epilog=examples(
+            "btrdelta send rootfs-1 -o rootfs-1.stream          # a release tree, as a stream",
+            "btrdelta device init /dev/mmcblk0p3 --factory rootfs-1.stream",
+            "btrdelta send --parent rootfs-1 rootfs-2 -o 1-2.stream",
+            "btrdelta delta make -f 1-2.stream --old rootfs-1 -o 1-2.delta",
+            "btrdelta device install /dev/mmcblk0p3 1-2.delta   # slot b boots next, 3 tries",
+            "# reboot; from the new root, once its health check passed:",
+            "btrdelta device mark-good /dev/mmcblk0p3   # else the tries run out: a boots again",
+            "btrdelta device status /dev/mmcblk0p3",
+            note="Without a device: truncate -s 2G disk.img && mkfs.btrfs disk.img, then FS is "
+                 "disk.img (mounted for each command). A boot is what the initramfs does: "
+                 "mount the top level (mount -o subvolid=5 disk.img /mnt/top) and run "
+                 "contrib/boot/btrdelta-boot.sh select /mnt/top (it spends a try); mark-good "
+                 "then takes the root on trial (or --slot). docs/device.md has the layout, "
+                 "the boot rules and the crash analysis."),
     )
     dsub = p.add_subparsers(dest="device_command", metavar="SUBCOMMAND")
 
@@ -128,7 +140,7 @@ def _add_reset_backup(dsub: Any) -> None:
         description="Receive the backup chain of SUBVOL from SRC (each delta verified "
         "against the subvolume restored before it; the result against the backup's "
         "tree-sum) and swap it in place of state/SUBVOL of FS. With --to-dir, receive it "
-        "below any directory instead (any filesystem).",
+        "below any directory instead (any filesystem) as SUBVOL.N, N the backup restored.",
         epilog=examples("btrdelta device restore /mnt/top home /media/usb/backups"),
     )
     r.add_argument("fs", metavar="FS|DIR", help=_FS_HELP + "; or a directory with --to-dir")

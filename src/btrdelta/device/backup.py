@@ -30,6 +30,7 @@ from typing import Any, BinaryIO
 from ..errors import StreamFormatError, TransportError
 from ..fs import btrfs as sv
 from ..fs.atomic import atomic_output, write_atomic
+from ..receive import ReceivedSubvol
 from ..tree import tree_sum
 from .layout import DeviceError, Layout, open_device
 from .state import load_state
@@ -239,21 +240,41 @@ def restore_to_dir(src: str, name: str, dest: str | os.PathLike[str], *,
     store = _Store(src)
     chain = _chain(store.index(name), upto)
     dest = Path(dest)
-    got: Path | None = None
-    for entry in chain:
-        with tempfile.TemporaryFile() as f:
-            store.get(str(entry["file"]), f)
-            f.seek(0)
-            done = receive_any(f, dest, source=f"{src}/{entry['file']}")
-        got = done[-1].path
-    assert got is not None
-    digest = tree_sum(got)
-    if digest != chain[-1]["tree_sum"]:
-        from ..errors import ChecksumError
+    got: list[ReceivedSubvol] = []
+    try:
+        for entry in chain:
+            with tempfile.TemporaryFile() as f:
+                store.get(str(entry["file"]), f)
+                f.seek(0)
+                got.append(receive_any(f, dest, source=f"{src}/{entry['file']}")[-1])
+        digest = tree_sum(got[-1].path)
+        if digest != chain[-1]["tree_sum"]:
+            from ..errors import ChecksumError
 
-        raise ChecksumError(f"restored tree-sum {digest} differs from the backup's",
-                            expected=chain[-1]["tree_sum"], actual=digest, source=src)
-    return got
+            raise ChecksumError(f"restored tree-sum {digest} differs from the backup's",
+                                expected=chain[-1]["tree_sum"], actual=digest, source=src)
+    except BaseException:
+        for done in reversed(got):  # a failed restore leaves nothing behind
+            _remove(done)
+        raise
+    for done in got[:-1]:  # the chain's earlier backups were only parents of the last
+        _remove(done)
+    return got[-1].path
+
+
+def _remove(got: ReceivedSubvol) -> None:
+    """Delete a received tree: a subvolume on btrfs, else a plain directory."""
+    if not got.btrfs:
+        from ..receive.registry import Registry
+
+        shutil.rmtree(got.path)
+        Registry(got.path.parent).remove(got.path.name, got.uuid)
+        return
+    fd = os.open(got.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        sv.delete_subvolume(fd, os.fsencode(got.path.name))
+    finally:
+        os.close(fd)
 
 
 def restore(fs: str | os.PathLike[str], name: str, src: str, *, upto: int | None = None,
