@@ -13,8 +13,21 @@ import pytest
 
 from btrdelta.cli import main
 from btrdelta.errors import BtrdeltaError
+from btrdelta.receive import receive
 from btrdelta.send.sendshot import send_with_sendshots
 from btrdelta.send.store import SendshotStore
+from btrdelta.stream import StreamReader
+from btrdelta.stream.records import (
+    Chmod,
+    Chown,
+    Link,
+    Mkdir,
+    Mkfifo,
+    Mkfile,
+    Symlink,
+    Utimes,
+    Write,
+)
 from btrdelta.tree import tree_sum
 from tests.send.conftest import run
 
@@ -421,3 +434,58 @@ def test_a_killed_senders_snapshot_is_deleted_by_the_next_send(two_fs: tuple[Pat
     assert left == {"live", "other", *keep}
     run("btrfs", "receive", "-f", tmp_path / "s", rcv)
     assert tree_sum(rcv / "live") == tree_sum(live)
+
+
+def test_full_stream_creates_and_writes_each_file_at_once(two_fs: tuple[Path, Path],
+                                                          tmp_path: Path) -> None:
+    """A full record-mode send (replication's) puts each file's data and metadata right after
+    its creation (the receiver writes it through the descriptor it created it with) and a
+    directory's metadata after everything below it; btrfs receive and btrdelta receive both
+    rebuild the tree: read-only directories, hard links across directories (first name in
+    the root, a further one below), symlinks, a FIFO, xattrs, a large and an empty file."""
+    snd, rcv = two_fs
+    live = snd / "live"
+    run("btrfs", "subvolume", "create", live)
+    for d in ("a/b/c", "a/ro", "e"):
+        (live / d).mkdir(parents=True)
+    for i, p in enumerate(("a/f", "a/b/g", "a/b/c/h", "a/ro/k", "e/m", "top")):
+        (live / p).write_bytes(os.urandom(100 + 900 * i))
+    (live / "big").write_bytes(os.urandom(3 << 20))
+    (live / "a" / "empty").write_bytes(b"")
+    os.link(live / "top", live / "a" / "b" / "linked")  # first name: "top" (the root's)
+    (live / "a" / "sym").symlink_to("f")
+    os.mkfifo(live / "e" / "fifo")
+    os.setxattr(live / "a" / "f", "user.k", b"v")
+    os.chmod(live / "a" / "ro", 0o555)
+    os.chmod(live / "a" / "b", 0o500)
+    os.utime(live / "a" / "b", ns=(1_000_000_000, 2_000_000_000))
+    run("btrfs", "subvolume", "snapshot", "-r", live, snd / "S")
+    stream = tmp_path / "s"
+    assert main(["send", str(snd / "S"), "-o", str(stream), "--record",
+                 "--store", str(tmp_path / "store")]) == 0
+    with open(stream, "rb") as f:
+        recs = [ev for ev in StreamReader(f).events() if hasattr(ev, "cmd")]
+    paths = [getattr(r, "path", b"") for r in recs]
+    creations = (Mkfile, Mkdir, Link, Symlink, Mkfifo)
+    for i, rec in enumerate(recs):
+        if isinstance(rec, Mkfile):  # its records follow it, before the next creation
+            j = next(j for j in range(i + 1, len(recs)) if paths[j] != rec.path)
+            own = {type(r) for r in recs[i + 1:j]}
+            assert {Chown, Chmod, Utimes} <= own, rec.path
+            assert (Write in own) == (rec.path != b"a/empty"), rec.path
+            assert isinstance(recs[j], creations) or rec.path.startswith(paths[j] + b"/") \
+                or not paths[j], (rec, recs[j])
+        if isinstance(rec, Mkdir):  # its metadata after every record below it
+            last_below = max(j for j, p in enumerate(paths) if p.startswith(rec.path + b"/"))
+            meta = [j for j, p in enumerate(paths) if p == rec.path and j != i]
+            assert meta, rec.path
+            assert min(meta) > last_below, rec.path
+    assert any(isinstance(r, Link) and r.path == b"a/b/linked" and r.path_link == b"top"
+               for r in recs)
+    run("btrfs", "receive", "-f", stream, rcv)
+    assert tree_sum(rcv / "S") == tree_sum(snd / "S")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    with open(stream, "rb") as f:
+        receive(StreamReader(f).events(), mine, backend="dir")
+    assert tree_sum(mine / "S") == tree_sum(snd / "S")

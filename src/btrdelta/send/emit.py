@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from uuid import UUID
 
 from .. import TYPE_CHECKING
@@ -66,7 +66,7 @@ from .diff import Match, changed_ranges, files_equal, match_trees, shifted_clone
 from .encode import COMPRESSORS, encode_piece, option_problem
 from .hashing import DirectReader, direct_buffer, reader
 from .onepass import BlockHasher, hashed_as_sent
-from .order import Namespace, order_namespace
+from .order import Namespace, full_order, order_namespace
 from .record import BlockIndex, Diff, block_diff
 from .scan import ROOT, ContentHasher, Node, Tree, TreeScan, block_segments, inode_order, open_file
 from .values import SendStats, StreamIds
@@ -320,10 +320,14 @@ class Sender:
         self.stats.phase = "send"
         self._progress()
         yield self._count(self.header())
-        names, ns = order_namespace(old, self.new, match)
-        for rec in names:
-            yield self._count(rec)
-        yield from self._inodes(old, match, ns)
+        steps: Iterator[Record | int] | None = None
+        if self.old is None:  # full: each file's data right after its creation
+            steps, ns = full_order(old, self.new, match)
+        else:
+            names, ns = order_namespace(old, self.new, match)
+            for rec in names:
+                yield self._count(rec)
+        yield from self._inodes(old, match, ns, steps)
         if self.streaming:
             assert self._hasher is not None
             self._hasher.wait(on_bytes)  # every file was waited for: the threads end
@@ -372,7 +376,10 @@ class Sender:
             index.add(source)
         return block_diff(node, onode, index, min_len=self.shift_min)
 
-    def _inodes(self, old: Tree, match: Match, ns: Namespace) -> Iterator[Record]:
+    def _inodes(self, old: Tree, match: Match, ns: Namespace,
+                steps: Iterator[Record | int] | None = None) -> Iterator[Record]:
+        """Every inode's records (xattrs, data, metadata) in ``inode_order``, or the ids of
+        ``steps`` with its namespace records between them (:func:`~.order.full_order`)."""
         new = self.new
         full = self.old is None
         # clone sources by content digest: old files, and new files already sent
@@ -383,11 +390,14 @@ class Sender:
                     old_by_digest.setdefault(o.digest, o.id)
         self._old_digests = old_by_digest
         new_by_digest: dict[bytes, int] = {}
-        order = self._order if self.streaming and self._order is not None \
-            else inode_order(new)
+        order: Iterable[Record | int] = steps if steps is not None else (
+            self._order if self.streaming and self._order is not None else inode_order(new))
         ready = self._hasher.ready if self.streaming and self._hasher is not None else None
         unchanged, touched = match.unchanged, ns.touched
         for i, nid in enumerate(order):
+            if not isinstance(nid, int):  # a namespace record of a full send
+                yield self._count(nid)
+                continue
             node = new.nodes[nid]
             if ready is not None and node.is_reg:
                 ready(node)  # its digests and bytes (hashed in this order, ahead)

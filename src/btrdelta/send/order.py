@@ -26,6 +26,7 @@ data and metadata afterwards (all names are then final).
 from __future__ import annotations
 
 import stat
+from collections.abc import Iterator
 
 from .._value import Value, field
 from ..stream.records import (
@@ -44,7 +45,7 @@ from ..stream.records import (
 from .diff import Match
 from .scan import ROOT, Node, Tree
 
-__all__ = ["Namespace", "order_namespace"]
+__all__ = ["Namespace", "full_order", "order_namespace"]
 
 Dentry = tuple[int, bytes]
 
@@ -237,3 +238,63 @@ def order_namespace(old: Tree, new: Tree, match: Match) -> tuple[list[Record], N
         stack.extend(reversed(subdirs))
     o.clean_up()
     return o.out, o.ns
+
+
+def full_order(old: Tree, new: Tree, match: Match) -> tuple[Iterator[Record | int], Namespace]:
+    """A full send's namespace records with its inodes between them, as the kernel's send
+    orders them: each entry of a directory (top-down, by name: the walk of
+    :func:`order_namespace`) is created (``LINK`` for a further name of a hard-linked inode)
+    and, a non-directory, its node id follows once its first name (``Node.path``) exists: its
+    data and metadata come next, while the receiver still holds the file it created. A
+    directory's id follows everything below it (a read-only directory is filled before its
+    mode is set, its time is that of its last entry), the root's last. The records, inode
+    numbers and file order (:func:`~.scan.inode_order`, the order the files are hashed in)
+    are those of :func:`order_namespace` then every inode; the receiver creates and writes
+    each file with one ``open`` (not a second one by path for its data).
+
+    ``old`` is the tree of a full send (its root only). The namespace returned stays empty:
+    a full send's inodes are all created (nothing in it is ``touched``).
+    """
+    ns = Namespace(children={}, dentries={})
+
+    def walk() -> Iterator[Record | int]:
+        nodes, children = new.nodes, new.children
+        ino = max((n.ino for n in old.nodes.values()), default=256) + 1
+        first: dict[int, bytes] = {}  # inode (more than one name) -> its first path
+        waiting: dict[bytes, int] = {}  # a path yet to be made -> the inode named by it
+        stack = [ROOT]  # a directory to walk, or ~its id: its metadata is next
+        while stack:
+            d = stack.pop()
+            if d < 0:
+                yield ~d
+                continue
+            base = nodes[d].path
+            prefix = base + b"/" if base else b""
+            subdirs: list[int] = []
+            for name, cid in sorted(children[d].items()):
+                node = nodes[cid]
+                path = prefix + name
+                made = first.get(cid)
+                if made is not None:
+                    yield Link(path=path, path_link=made)
+                else:
+                    yield _create(node, path, ino)
+                    ino += 1
+                    if node.is_dir:
+                        subdirs.append(cid)
+                        continue
+                    if len(node.dentries) > 1:
+                        first[cid] = path
+                    if path != node.path:  # (its records name its first path)
+                        waiting[node.path] = cid
+                        continue
+                    yield cid
+                    continue
+                got = waiting.pop(path, None)
+                if got is not None:
+                    yield got
+            stack.append(~d)
+            stack.extend(reversed(subdirs))
+        yield from waiting.values()  # (paths of no entry: not a tree from a scan)
+
+    return walk(), ns
