@@ -99,3 +99,45 @@ def test_a_full_record_send_of_a_snapshot_reads_its_large_files_directly(
     assert sorted(opened) == [2 * DIRECT_WINDOW, 5 * DIRECT_WINDOW + 777]
     run("btrfs", "receive", "-f", tmp_path / "s", rcv)
     assert tree_sum(rcv / "S") == tree_sum(snd / "S")
+
+
+def _cached(path: Path) -> bool:
+    """Whether the first page of ``path`` is in the page cache (a read that must not wait
+    for the disk returns bytes)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_a_full_record_send_of_a_snapshot_leaves_its_files_uncached(
+        two_fs: tuple[Path, Path], tmp_path: Path) -> None:
+    """The files a full record-mode send of a read-only snapshot read (kept small ones,
+    and medium ones read again to be sent) leave the page cache once sent: the snapshot's
+    deletion (a replication's last step) has no pages left to drop. A tree read live keeps
+    them."""
+    snd, rcv = two_fs
+    live = snd / "live"
+    run("btrfs", "subvolume", "create", live)
+    sizes = {"small": 40_000, "medium": 600_000}  # (not inline in the metadata)
+    for name, size in sizes.items():
+        (live / name).write_bytes(os.urandom(size))
+    run("btrfs", "subvolume", "snapshot", "-r", live, snd / "S")
+    run("btrfs", "filesystem", "sync", snd)
+    for name in sizes:  # a fresh snapshot's files start uncached (its own inodes)
+        assert not _cached(snd / "S" / name), name
+    assert main(["send", str(snd / "S"), "-o", str(tmp_path / "s"), "--record",
+                 "--store", str(tmp_path / "store"), "-q"]) == 0
+    assert [n for n in sizes if _cached(snd / "S" / n)] == []
+    run("btrfs", "receive", "-f", tmp_path / "s", rcv)
+    assert tree_sum(rcv / "S") == tree_sum(snd / "S")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "f").write_bytes(os.urandom(40_000))
+    assert main(["send", str(plain), "-o", str(tmp_path / "p"), "--record", "--store",
+                 str(tmp_path / "store2"), "-q"]) == 0
+    assert _cached(plain / "f")

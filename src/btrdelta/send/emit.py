@@ -64,7 +64,7 @@ from ..stream.records import (
 )
 from .diff import Match, changed_ranges, files_equal, match_trees, shifted_clones
 from .encode import COMPRESSORS, encode_piece, option_problem
-from .hashing import DirectReader, direct_buffer, reader
+from .hashing import DirectReader, direct_buffer, reader, uncache
 from .onepass import BlockHasher, hashed_as_sent
 from .order import Namespace, full_order, order_namespace
 from .record import BlockIndex, Diff, block_diff
@@ -626,6 +626,8 @@ class Sender:
             if hasher is not None:
                 hashed_as_sent(fd, node, segs, hasher, self.chunk,
                                extents=self._hasher is not None and self._hasher.extents)
+            if direct is None and fd >= 0 and self._hasher is not None and self._hasher.extents:
+                uncache(fd)
         finally:
             if fd >= 0:
                 os.close(fd)

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .scan import Node, Tree
 
 __all__ = ["DIRECT_WINDOW", "KEEP_BUDGET", "KEEP_MAX", "ContentHasher", "DirectReader",
-           "block_segments", "direct_buffer", "open_file", "open_to_read", "reader"]
+           "block_segments", "direct_buffer", "open_file", "open_to_read", "reader", "uncache"]
 
 #: files up to this size are read with one ``read``; larger ones in pieces of this size
 _WHOLE = 1 << 20
@@ -358,7 +358,13 @@ def _hash_file_blocks(
     with ``ino`` (its inode number: the file is in a read-only btrfs snapshot); else None.
     With ``whole_blocks`` (the filesystem's holes are whole 4 KiB blocks) a file to keep is
     read first, and its holes are only looked for (``SEEK_DATA``/``SEEK_HOLE``) when one of
-    its blocks is all zeros."""
+    its blocks is all zeros.
+
+    A kept file of a read-only snapshot (``ino``) leaves the page cache once read
+    (``POSIX_FADV_DONTNEED``): its bytes are sent from memory, and the pages would
+    otherwise be dropped when the snapshot is deleted, on a replication's last step (Debian
+    ``/usr``: the deletion took 0.103 s instead of 0.057 s after its 4,600 small files
+    were read, at load 15)."""
     if fd < 0:
         fd = open_to_read(path)
     try:
@@ -370,6 +376,8 @@ def _hash_file_blocks(
                 raise BtrdeltaError("file changed while sending (size differs)", path=path)
             if _no_zero_block(content) or data_segments(fd, size) == [(0, size)]:
                 digest, blocks, bdigest = digests_of(content, seed)
+                if ino:
+                    uncache(fd)
                 return digest, flags, [(0, size)], blocks, bdigest, content, extents
         data = data_segments(fd, size) if size else []
         segs = block_segments(data, size)
@@ -378,6 +386,8 @@ def _hash_file_blocks(
             if len(content) != size:
                 raise BtrdeltaError("file changed while sending (size differs)", path=path)
             digest, blocks, bdigest = digests_of(content, seed)
+            if ino and size:
+                uncache(fd)
             return digest, flags, segs, blocks, bdigest, content, extents
         hasher = BlockHasher(seed)
         view = memoryview(buf)
@@ -395,6 +405,14 @@ def _hash_file_blocks(
         return digest, flags, segs, blocks, bdigest, None, extents
     finally:
         os.close(fd)
+
+
+def uncache(fd: int) -> None:
+    """Drop the cached pages of the file open at ``fd``, a read-only snapshot's file whose
+    bytes were read for the stream: the kernel frees them now, in the thread that read them,
+    not all at once when the snapshot is deleted (the last step of a replication)."""
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def _open_ahead(batch: list[tuple[Node, bytes]], i: int, ahead: dict[int, int]) -> None:
