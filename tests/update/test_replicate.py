@@ -210,6 +210,58 @@ def test_a_first_replication_scans_while_the_receiver_starts(
     assert subvols() == ["vol"]
 
 
+def test_the_cursor_names_a_new_session_before_its_first_byte(
+        fs2: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # written once the PLAN is out, while the receiver sets up, before the ACCEPT is read;
+    # a send that fails before its PLAN leaves no snapshot behind (no cursor names it)
+    from btrdelta.update import replicate as rep
+
+    snd, rcv = fs2
+    live = snd / "vol"
+    _sh("btrfs", "subvolume", "create", live)
+    (live / "f").write_bytes(random.Random(4).randbytes(3 * SEG))
+    dest = rcv / "backup"
+    dest.mkdir()
+    store = SendshotStore(tmp_path / "store")
+    seen: list[str] = []
+    expect = MessageIO.expect
+
+    def spy(io: MessageIO, *kinds: type) -> object:
+        if Accept in kinds:  # the PLAN is out; the cursor names the session already
+            inflight = next(iter(store.cursors().values())).get("inflight") or {}
+            seen.append(str(inflight.get("session")))
+        return expect(io, *kinds)
+
+    monkeypatch.setattr(MessageIO, "expect", spy)
+
+    def subvols() -> list[str]:
+        return [ln.split()[-1] for ln in _sh("btrfs", "subvolume", "list", snd).splitlines()]
+
+    class _Early(Exception):
+        pass
+
+    def failing(*_a: object, **_kw: object) -> object:
+        raise _Early()
+
+    real = rep.send_with_sendshots
+    monkeypatch.setattr(rep, "send_with_sendshots", failing)
+    ch = spawn_local(str(dest))
+    with pytest.raises(_Early):
+        replicate(live, ch, store=store, segment=SEG)
+    ch.close()
+    assert subvols() == ["vol"]  # the session's snapshot dropped: never named
+    assert seen == []
+    monkeypatch.setattr(rep, "send_with_sendshots", real)
+    ch = spawn_local(str(dest))
+    res = replicate(live, ch, store=store, segment=SEG)
+    ch.close()
+    assert (res.outcome, res.kind) == ("committed", "full"), res
+    assert len(seen) == 1
+    assert len(seen[0]) == 32  # (a session's hex)
+    assert subvols() == ["vol"]
+    assert tree_sum(_newest(dest)) == tree_sum(live)
+
+
 def test_already_current_and_refusals(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()

@@ -524,6 +524,10 @@ class Replica:
             acks = events.acks
             io.send(Accept(plan.session))
             inbox.start()
+            if point is None:
+                # a new transfer's first meta, durable before its temporary subvolume is
+                # made (it names it): written while the sender sends its first segment
+                partial.save(meta, durable=True)
             if point is not None and meta.get("complete"):
                 got = self._commit_complete(events, point)
             else:
@@ -696,8 +700,6 @@ class Replica:
                 "segments": segments, "chain": chain, "records": point.first if point else 0,
                 "stream_version": stream_version, "tmp": tmp,
                 "complete": bool(point is not None and doc is not None and doc.get("complete"))}
-        if point is None:
-            partial.save(meta, durable=True)
         events: _Events
 
         def acknowledge(cp: Checkpoint) -> None:

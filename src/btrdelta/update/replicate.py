@@ -34,7 +34,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -134,8 +134,10 @@ class _Wire:
     """
 
     def __init__(self, owner: _Sender, flight: dict[str, Any], offset: int, segments: int,
-                 chain_at: str) -> None:
+                 chain_at: str, planned: Callable[[], None] | None = None) -> None:
         self.owner, self.io, self.flight = owner, owner.io, flight
+        #: called once the PLAN is out (the cursor names the new session), then ``named``
+        self.planned, self.named = planned, False
         self.resume_at, self.held, self.chain_at = offset, segments, chain_at
         self.window = owner.o.get("segment", DEFAULT_SEGMENT)
         self.size = flight.get("segment") or self.window
@@ -185,6 +187,9 @@ class _Wire:
                          getattr(self._sender, "estimate", 0), self.size, self.resume_at,
                          self.held)
         self.io.send(self.plan)
+        if self.planned is not None:
+            self.planned()
+            self.named = True
         self.io.expect(Accept)
         o = self.owner.o
         self.out = Outbox(self.io, threaded=o.get("threaded", True), ahead=self.window,
@@ -468,15 +473,22 @@ class _Sender:
         flight = {"session": session, "snapshot": os.fsdecode(snap) if snap else None,
                   "base": choice.base.digest if choice.base else None, "name": name,
                   "segment": _half(self.o.get("segment", DEFAULT_SEGMENT))}
-        self.store.set_cursor(self.rid, cursor.get("digest"), inflight=flight)
-        return self._stream(flight, 0, 0, _ZERO_CHAIN, scanned)
+        # the cursor names the session once the PLAN is out, while the receiver sets up
+        # (both write and fsync their state meanwhile): before the ACCEPT, so before any
+        # byte of the stream is sent (a sender killed before it leaves no acknowledged
+        # segment to resume from; the receiver drops the transfer no cursor names)
+        def name_session() -> None:
+            self.store.set_cursor(self.rid, cursor.get("digest"), inflight=flight)
+
+        return self._stream(flight, 0, 0, _ZERO_CHAIN, scanned, name_session)
 
     # -- the stream -------------------------------------------------------------------
 
     def _stream(self, flight: dict[str, Any], offset: int, segments: int,
-                chain_at: str, scanned: Tree | None = None) -> ReplicateResult:
+                chain_at: str, scanned: Tree | None = None,
+                planned: Callable[[], None] | None = None) -> ReplicateResult:
         io = self.io
-        wire = _Wire(self, flight, offset, segments, chain_at)
+        wire = _Wire(self, flight, offset, segments, chain_at, planned)
         snap = flight.get("snapshot")
         try:
             result = send_with_sendshots(
@@ -496,6 +508,9 @@ class _Sender:
                                    message="the regenerated stream differs")
         except BaseException:
             wire.abort()
+            if planned is not None and not wire.named and flight.get("snapshot"):
+                # (failed before the cursor named the session: nothing would drop it later)
+                drop_snapshot(os.fsencode(flight["snapshot"]))
             raise
         plan, chain, offset, sent = wire.plan, wire.chain, wire.offset, wire.sent
         assert plan is not None
