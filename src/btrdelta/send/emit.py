@@ -39,6 +39,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from itertools import chain
 from uuid import UUID
 
 from .. import TYPE_CHECKING
@@ -320,14 +321,8 @@ class Sender:
         self.stats.phase = "send"
         self._progress()
         yield self._count(self.header())
-        steps: Iterator[Record | int] | None = None
-        if self.old is None:  # full: each file's data right after its creation
-            steps, ns = full_order(old, self.new, match)
-        else:
-            names, ns = order_namespace(old, self.new, match)
-            for rec in names:
-                yield self._count(rec)
-        yield from self._inodes(old, match, ns, steps)
+        names, ns = (full_order if self.old is None else order_namespace)(old, self.new, match)
+        yield from self._inodes(old, match, ns, names)
         if self.streaming:
             assert self._hasher is not None
             self._hasher.wait(on_bytes)  # every file was waited for: the threads end
@@ -377,9 +372,9 @@ class Sender:
         return block_diff(node, onode, index, min_len=self.shift_min)
 
     def _inodes(self, old: Tree, match: Match, ns: Namespace,
-                steps: Iterator[Record | int] | None = None) -> Iterator[Record]:
-        """Every inode's records (xattrs, data, metadata) in ``inode_order``, or the ids of
-        ``steps`` with its namespace records between them (:func:`~.order.full_order`)."""
+                names: Iterable[Record | int]) -> Iterator[Record]:
+        """The namespace records ``names``, then every inode's (xattrs, data, metadata) in
+        ``inode_order``; a full send's ``names`` hold its inodes' ids (``full_order``)."""
         new = self.new
         full = self.old is None
         # clone sources by content digest: old files, and new files already sent
@@ -390,12 +385,11 @@ class Sender:
                     old_by_digest.setdefault(o.digest, o.id)
         self._old_digests = old_by_digest
         new_by_digest: dict[bytes, int] = {}
-        order: Iterable[Record | int] = steps if steps is not None else (
-            self._order if self.streaming and self._order is not None else inode_order(new))
+        order = names if full else chain(names, inode_order(new))
         ready = self._hasher.ready if self.streaming and self._hasher is not None else None
         unchanged, touched = match.unchanged, ns.touched
         for i, nid in enumerate(order):
-            if not isinstance(nid, int):  # a namespace record of a full send
+            if not isinstance(nid, int):  # a namespace record
                 yield self._count(nid)
                 continue
             node = new.nodes[nid]
