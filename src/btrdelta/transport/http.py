@@ -262,18 +262,28 @@ class RangeFetcher:
         return bytes(data)
 
     def _single_part(self, resp: _Response) -> tuple[int, memoryview]:
-        value = resp.headers.get("content-range")
+        first, end = self._content_range(resp.headers)
+        if end - first != len(resp.content):
+            raise _Retry(f"body is {len(resp.content)} bytes, Content-Range says {end - first}")
+        return first, memoryview(resp.content)
+
+    def _content_range(self, headers: httpx.Headers) -> tuple[int, int]:
+        """``[first, end)`` of a single-range 206 reply (the resource's size noted when
+        given).
+
+        Raises:
+            _Retry: no or a malformed ``Content-Range``.
+        """
+        value = headers.get("content-range")
         if value is None:
             raise _Retry("206 response without Content-Range")
         try:
             first, end, total = parse_content_range(value)
         except TransportError as exc:
             raise _Retry(str(exc)) from exc
-        if end - first != len(resp.content):
-            raise _Retry(f"body is {len(resp.content)} bytes, Content-Range says {end - first}")
         if total is not None:
             self.size = total
-        return first, memoryview(resp.content)
+        return first, end
 
     def download(self, out: BinaryIO) -> int:
         """Stream the whole resource into ``out`` (for servers without Range support).
@@ -397,16 +407,7 @@ class RangeFetcher:
         ctype = resp.headers.get("content-type", "")
         if ctype.lower().startswith("multipart/byteranges"):
             return BodyRegions(_boundary(ctype))
-        value = resp.headers.get("content-range")
-        if value is None:
-            raise _Retry("206 response without Content-Range")
-        try:
-            first, end, total = parse_content_range(value)
-        except TransportError as exc:
-            raise _Retry(str(exc)) from exc
-        if total is not None:
-            self.size = total
-        return BodyRegions(None, (first, end))
+        return BodyRegions(None, self._content_range(resp.headers))
 
     def _stream_body(self, resp: httpx.Response, regions: BodyRegions, wanted: _Wanted,
                      limit: int, on_span: Callable[[Span, memoryview], None],
