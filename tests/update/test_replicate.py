@@ -1148,6 +1148,29 @@ def test_one_conversation_at_a_time_on_a_destination(tmp_path: Path) -> None:
     assert tree_sum(dest / got) == tree_sum(src)
 
 
+def test_two_new_receivers_agree_on_the_destinations_id(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch
+                                                       ) -> None:
+    """Two receivers starting on a new DEST at once each made an id and wrote it over the
+    other's: the one that lost said its own id in its HELLO, so the sender's cursor for it
+    named a receiver that no longer exists. The state file is created, never replaced, and
+    the loser reads the winner's id."""
+    from btrdelta.update import replica as mod
+
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    first = json.dumps({"version": 1, "id": "f" * 32, "received": {}}).encode()
+    create = mod.create_file
+
+    def racing(dir_fd: int, name: str, data: bytes, **kw: int) -> bool:
+        assert create(dir_fd, name, first, **kw)  # the other receiver was faster
+        return create(dir_fd, name, data, **kw)
+
+    monkeypatch.setattr(mod, "create_file", racing)
+    assert mod.Replica(dest).ident == "f" * 32
+    assert json.loads((dest / ".btrdelta-replica.json").read_text())["id"] == "f" * 32
+
+
 def test_a_receiver_waits_for_one_that_is_closing(tmp_path: Path) -> None:
     """A receiver whose sender was cut off writes its partial transfer out (a syncfs) while
     it still holds DEST: it says `closing` in the lock file, and a sender re-run at once

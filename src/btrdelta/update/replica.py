@@ -59,7 +59,7 @@ from ..errors import (
     TransportError,
     UnsafePathError,
 )
-from ..fs.atomic import pid_alive, write_atomic
+from ..fs.atomic import create_file, fsync_dir, pid_alive, write_atomic
 from ..fs.btrfs import delete_subvolume, subvol_info, syncfs
 from ..fs.remove import remove_path, remove_tree
 from ..fs.sandbox import check_name
@@ -360,6 +360,11 @@ class _Partial:
         remove_path(self.path, ignore_errors=True)
 
 
+def _encoded(state: dict[str, Any]) -> bytes:
+    """The bytes of the replica state file."""
+    return (json.dumps(state, indent=1, sort_keys=True) + "\n").encode()
+
+
 class Replica:
     """A replication destination.
 
@@ -397,7 +402,13 @@ class Replica:
             return doc
         except FileNotFoundError:
             doc = {"version": 1, "id": uuid4().hex, "received": {}}
-            self._save(doc)
+            fd = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:  # never over one another receiver made meanwhile: its id is DEST's
+                if not create_file(fd, STATE_FILE, _encoded(doc), mode=0o644):
+                    return self._load()
+                fsync_dir(fd)
+            finally:
+                os.close(fd)
             return doc
         except OSError as exc:
             if exc.errno != errno.ELOOP:
@@ -410,8 +421,7 @@ class Replica:
         """Replace the state file whole: an unnamed (or fresh, never followed) temporary
         file, ``fsync``, rename, ``fsync`` of DEST; after a power cut it is the old state or
         the new one, never a torn one (that would refuse every later transfer)."""
-        data = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
-        write_atomic(self.dest / STATE_FILE, data)
+        write_atomic(self.dest / STATE_FILE, _encoded(doc))
 
     @property
     def ident(self) -> str:
