@@ -23,7 +23,7 @@ import contextlib
 import fcntl
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from uuid import UUID
 
 from .._value import Value
@@ -31,8 +31,8 @@ from ..errors import BtrdeltaError
 from ..fs.atomic import pid_alive
 from ..fs.btrfs import SubvolInfo, create_snapshot, delete_subvolume, subvol_info
 
-__all__ = ["LIVE_WARNING", "Frozen", "drop_snapshot", "frozen", "keep_snapshot",
-           "subvolume_uuid"]
+__all__ = ["LIVE_WARNING", "Frozen", "drop_leftovers", "drop_snapshot", "frozen",
+           "keep_snapshot", "subvolume_uuid"]
 
 _SUBVOL_ROOT_INO = 256
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -150,19 +150,28 @@ def frozen(source: str | bytes | os.PathLike[str], *, snapshot: bool = True) -> 
 
 
 def _drop_leftovers(path: bytes, uuid: UUID) -> None:
-    """Delete the temporary snapshots of the subvolume ``path`` (UUID ``uuid``) that killed
-    senders left next to it or inside it: read-only snapshots of it (parent UUID ``uuid``)
-    named ``.btrdelta-send-<pid>-<random>``, their pid gone and no ``flock`` held on them
-    (a sender in another PID namespace holds one). Anything else is left alone."""
+    """Delete the temporary snapshots of the subvolume ``path`` that killed senders left:
+    named ``.btrdelta-send-<pid>-<random>``, their pid gone (:func:`drop_leftovers`)."""
+    def stale(name: bytes) -> bool:
+        m = _TMP_NAME.fullmatch(name) if name.startswith(b".btrdelta-send-") else None
+        return m is not None and not pid_alive(int(m.group(1)))
+
+    drop_leftovers(path, uuid, stale)
+
+
+def drop_leftovers(path: bytes, uuid: UUID, stale: Callable[[bytes], bool]) -> list[bytes]:
+    """Delete the snapshots that killed senders left of the subvolume ``path`` (UUID
+    ``uuid``), next to it or inside it: each name ``stale(name)`` says is a leftover that
+    is a read-only snapshot of it (parent UUID ``uuid``) no process holds a ``flock`` on (a
+    sender in another PID namespace holds one while it reads). Anything else is left
+    alone. Returns the paths deleted."""
+    dropped: list[bytes] = []
     for where in (os.path.dirname(path) or b".", path):
         try:
             names = os.listdir(where)
         except OSError:
             continue
-        for name in names:
-            m = _TMP_NAME.fullmatch(name) if name.startswith(b".btrdelta-send-") else None
-            if m is None or pid_alive(int(m.group(1))):
-                continue
+        for name in filter(stale, names):
             try:
                 fd = os.open(os.path.join(where, name), _DIR | os.O_NOFOLLOW)
             except OSError:
@@ -177,6 +186,8 @@ def _drop_leftovers(path: bytes, uuid: UUID) -> None:
             finally:
                 os.close(fd)
             drop_snapshot(os.path.join(where, name))
+            dropped.append(os.path.join(where, name))
+    return dropped
 
 
 def _snapshot_next_to(path: bytes, name: bytes, src_fd: int) -> tuple[bytes, int]:

@@ -54,7 +54,7 @@ from ..protocol import (
 )
 from ..protocol.messages import max_data, segment_hasher, spoken
 from ..protocol.plan import Known, choose
-from ..send.live import drop_snapshot, frozen, keep_snapshot
+from ..send.live import drop_leftovers, drop_snapshot, frozen, keep_snapshot
 from ..send.scan import Tree, scan_tree
 from ..send.sendshot import send_with_sendshots
 from ..send.store import SendshotStore, StoredSendshot
@@ -70,7 +70,6 @@ _ZERO_CHAIN = bytes(32).hex()
 _SNAP_PREFIX = b".btrdelta-replicate-"
 #: a session's snapshot: ``<prefix><session (16 hex)>-<store tag (8 hex)>-<pid>``
 _SNAP_NAME = re.compile(rb"\.btrdelta-replicate-[0-9a-f]{16}-([0-9a-f]{8})-([0-9]+)")
-_SUBVOL_ROOT_INO = 256
 
 
 class ReplicateResult(Value):
@@ -305,32 +304,13 @@ def _drop_leftovers(source: bytes, uuid: UUID, store: SendshotStore) -> list[byt
              for c in store.cursors().values()
              if isinstance(f := c.get("inflight"), dict) and f.get("snapshot")}
     tag = _store_tag(store)
-    dropped: list[bytes] = []
-    for where in (os.path.dirname(source) or b".", source):
-        try:
-            names = os.listdir(where)
-        except OSError:
-            continue
-        for name in names:
-            m = _SNAP_NAME.fullmatch(name) if name.startswith(_SNAP_PREFIX) else None
-            if m is None or m.group(1) != tag or name in named or pid_alive(int(m.group(2))):
-                continue
-            path = os.path.join(where, name)
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except OSError:
-                continue
-            try:
-                ours = os.fstat(fd).st_ino == _SUBVOL_ROOT_INO and \
-                    subvol_info(fd).parent_uuid == uuid
-            except OSError:
-                ours = False
-            finally:
-                os.close(fd)
-            if ours:
-                drop_snapshot(path)
-                dropped.append(path)
-    return dropped
+
+    def stale(name: bytes) -> bool:
+        m = _SNAP_NAME.fullmatch(name) if name.startswith(_SNAP_PREFIX) else None
+        return (m is not None and m.group(1) == tag and name not in named
+                and not pid_alive(int(m.group(2))))
+
+    return drop_leftovers(source, uuid, stale)
 
 
 class _Early:
