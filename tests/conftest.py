@@ -66,6 +66,20 @@ sys.exit(code if code >= 0 else 128 - code)
 """
 
 
+def spy_fsync(mp: pytest.MonkeyPatch) -> list[str]:
+    """Make ``os.fsync`` (through ``mp``) also note what each call made durable: the
+    returned list gets the path of every file or directory ``fsync``-ed, in order."""
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    mp.setattr(os, "fsync", spy)
+    return synced
+
+
 def run_peak_rss(argv: list[str], env: dict[str, str]) -> tuple[int, str, int]:
     """Exit code, stderr and peak RSS (bytes) of ``argv`` (stdout discarded).
 

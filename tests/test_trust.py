@@ -35,6 +35,7 @@ from btrdelta.trust import (
     verify,
     write_signature,
 )
+from tests.conftest import spy_fsync
 
 CONTENT = b"a send stream, or anything else whose digest is signed\n" * 1000
 
@@ -236,14 +237,7 @@ def test_signature_and_key_files_are_named_durably(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The file, then its directory after the rename, are ``fsync``-ed: after a power cut
     the name shows the whole signature (or key), not nothing."""
-    synced: list[str] = []
-    fsync = os.fsync
-
-    def spy(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", spy)
+    synced = spy_fsync(monkeypatch)
     key = generate_key()
     path = tmp_path / "s.sig"
     write_signature(sign(key, _content(), CONTEXT_STREAM), str(path))

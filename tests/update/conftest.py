@@ -26,20 +26,6 @@ def open_fds() -> dict[int, str]:
     return out
 
 
-def spy_fsync(mp: pytest.MonkeyPatch) -> list[str]:
-    """Make ``os.fsync`` (through ``mp``) also note what each call made durable: the
-    returned list gets the path of every file or directory ``fsync``-ed, in order."""
-    synced: list[str] = []
-    fsync = os.fsync
-
-    def spy(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        fsync(fd)
-
-    mp.setattr(os, "fsync", spy)
-    return synced
-
-
 @pytest.fixture(autouse=True)
 def _no_fd_leak() -> Iterator[None]:
     """Every descriptor a test (and the code it drives) opens is closed when it ends."""

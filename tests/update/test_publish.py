@@ -15,8 +15,8 @@ from btrdelta.repo.layout import delta_sources, paths_to
 from btrdelta.tree import tree_sum
 from btrdelta.update.packs import LocalPacks, open_full
 from btrdelta.update.publish import Repo
+from tests.conftest import spy_fsync
 from tests.jsondoc import checked
-from tests.update.conftest import spy_fsync
 
 N = 5
 

@@ -29,8 +29,7 @@ from btrdelta.tree import tree_sum
 from btrdelta.update.channels import MessageIO, PeerRefused, PipeChannel, spawn_local
 from btrdelta.update.replica import Replica, chain_next
 from btrdelta.update.replicate import replicate
-from tests.conftest import require_btrfs
-from tests.update.conftest import spy_fsync
+from tests.conftest import require_btrfs, spy_fsync
 
 SEG = 1 << 20
 
