@@ -835,12 +835,16 @@ class _Kill(_Cut):
         self.inner.write(data)
 
 
-def test_a_killed_receiver_resumes_with_one_segment_resent(tmp_path: Path) -> None:
+def _cut_transfer(tmp_path: Path, small: int, big: int
+                  ) -> tuple[Path, SendshotStore, Path, _Kill]:
+    """A replication of ``small`` small files and a file of ``big`` segments whose receiver
+    is killed after 2.5 segments (records being applied): source, store, DEST, the cut
+    channel."""
     src = tmp_path / "src"
     (src / "d").mkdir(parents=True)
-    for i in range(40):  # small files: records the receiver was applying when killed
+    for i in range(small):
         (src / "d" / f"s{i}").write_bytes(os.urandom(i * 997))
-    (src / "big").write_bytes(os.urandom(5 * SEG))
+    (src / "big").write_bytes(os.urandom(big * SEG))
     store = SendshotStore(tmp_path / "store")
     dest = tmp_path / "dest"
     dest.mkdir()
@@ -848,6 +852,11 @@ def test_a_killed_receiver_resumes_with_one_segment_resent(tmp_path: Path) -> No
     with pytest.raises(TransportError):
         replicate(src, kill, store=store, segment=SEG)
     kill.close()
+    return src, store, dest, kill
+
+
+def test_a_killed_receiver_resumes_with_one_segment_resent(tmp_path: Path) -> None:
+    src, store, dest, kill = _cut_transfer(tmp_path, 40, 5)
     assert _visible(dest) == set()
     # the records applied are counted in the partial transfer, the subvolume left for it
     assert (dest / ".btrdelta-partial" / "progress").stat().st_size == 8
@@ -868,18 +877,7 @@ def test_a_partial_transfer_of_an_earlier_boot_is_discarded(tmp_path: Path) -> N
     written in, and after a restart (another boot id) the partial transfer is discarded
     with a warning and sent again whole; before, it was resumed after the records its
     progress file counted, which a power cut may have lost from the disk."""
-    src = tmp_path / "src"
-    (src / "d").mkdir(parents=True)
-    for i in range(20):
-        (src / "d" / f"s{i}").write_bytes(os.urandom(i * 997))
-    (src / "big").write_bytes(os.urandom(3 * SEG))
-    store = SendshotStore(tmp_path / "store")
-    dest = tmp_path / "dest"
-    dest.mkdir()
-    kill = _Kill(spawn_local(str(dest)), int(2.5 * SEG))
-    with pytest.raises(TransportError):
-        replicate(src, kill, store=store, segment=SEG)
-    kill.close()
+    src, store, dest, _kill = _cut_transfer(tmp_path, 20, 3)
     meta_path = dest / ".btrdelta-partial" / "meta.json"
     meta = json.loads(meta_path.read_text())
     assert meta["offset"] >= SEG, meta
