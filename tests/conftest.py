@@ -80,6 +80,21 @@ def spy_fsync(mp: pytest.MonkeyPatch) -> list[str]:
     return synced
 
 
+def read_pty(master: int) -> bytes:
+    """What a pseudo-terminal's other side wrote, read from ``master`` until it has no
+    more (non-blocking: nothing waiting; blocking: EIO once the writer closed it)."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # (BlockingIOError, or EIO)
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def run_peak_rss(argv: list[str], env: dict[str, str]) -> tuple[int, str, int]:
     """Exit code, stderr and peak RSS (bytes) of ``argv`` (stdout discarded).
 

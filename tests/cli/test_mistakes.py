@@ -27,7 +27,7 @@ import pytest
 
 from btrdelta.cli import build_parser
 from btrdelta.errors import exit_codes
-from tests.conftest import committed_streams
+from tests.conftest import committed_streams, read_pty
 
 STREAM = next(s for s in committed_streams() if ".A." in s.name)  # a full stream
 CODES = {code for code, _ in exit_codes()}
@@ -301,19 +301,11 @@ def test_send_to_a_terminal_is_refused_before_any_progress(tmp_path: Path) -> No
                               stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
                               timeout=60, check=False)
         os.set_blocking(master, False)
-        chunks = []
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except BlockingIOError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
+        out_bytes = read_pty(master)
     finally:
         os.close(master)
         os.close(slave)
-    out = b"".join(chunks).decode()
+    out = out_bytes.decode()
     assert proc.returncode == 1
     assert out.strip() == ("btrdelta send: error: refusing to write a binary stream to a "
                            "terminal (use -o FILE)"), out

@@ -7,6 +7,7 @@ import io
 import os
 
 from btrdelta.cli.progress import Progress, add_progress_options, progress_wanted
+from tests.conftest import read_pty
 
 
 class _Tty(io.StringIO):
@@ -75,16 +76,7 @@ def test_a_real_terminal(tmp_path: object) -> None:
                 p.update(3)
             assert p._bar is None
         os.set_blocking(master, False)
-        chunks = []
-        while True:  # a pty hands out what was written in pieces: read them all
-            try:
-                chunk = os.read(master, 65536)
-            except BlockingIOError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        out = b"".join(chunks).decode()
+        out = read_pty(master).decode()  # a pty hands out what was written in pieces
     finally:
         os.close(master)
         os.close(slave)

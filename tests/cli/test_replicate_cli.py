@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import read_pty
 from tests.jsondoc import checked
 
 BTRDELTA = [sys.executable, "-m", "btrdelta"]
@@ -70,18 +71,10 @@ def test_a_terminal_gets_the_bar_by_default(tmp_path: Path) -> None:
     try:
         proc = _run(tmp_path, "tty", stderr=slave)
         os.close(slave)
-        chunks = []
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # EIO: the writer side is closed and drained
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
+        out_bytes = read_pty(master)
     finally:
         os.close(master)
-    out = b"".join(chunks).decode()
+    out = out_bytes.decode()
     assert proc.returncode == 0, out
     # drawn in place (a fresh pty reports no size, as some serial consoles): bytes, rate
     assert "\rreplicate: 0.00B [" in out, out
