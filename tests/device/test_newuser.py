@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -251,3 +252,57 @@ def test_device_help_teaches_the_cycle() -> None:
                  "btrdelta device install", "# reboot", "btrdelta device mark-good",
                  "mkfs.btrfs disk.img", "btrdelta-boot.sh select"):
         assert step in out, step
+
+
+_HOLD = """
+import sys
+from btrdelta.device.layout import open_device
+with open_device(sys.argv[1]) as layout:
+    print(layout.top, flush=True)
+    sys.stdin.read()
+"""
+
+
+def _losetup(img: Path) -> list[str]:
+    got = subprocess.run(["losetup", "-j", str(img)], capture_output=True, text=True, check=True)
+    return got.stdout.splitlines()
+
+
+def test_a_killed_command_leaves_no_private_mount(small_release: Release, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device command given an image file mounts its top level on a private directory;
+    killed there (SIGKILL, a crash), it left that mount and its loop device for ever. The
+    next device command unmounts them; the mount of a command still running stays."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    img = tmp_path / "btrfs.img"
+    with open(img, "wb") as f:
+        f.truncate(256 << 20)
+    subprocess.run(["mkfs.btrfs", "-q", str(img)], check=True, capture_output=True)
+    btrdelta("device", "init", img, "--factory", small_release.full, "-q")
+    assert os.listdir(tmp) == []
+    holders = [subprocess.Popen([sys.executable, "-c", _HOLD, str(img)], text=True,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+               for _ in range(2)]
+    try:
+        killed, running = (Path(p.stdout.readline().strip()) for p in holders)  # type: ignore[union-attr]
+        assert os.path.ismount(killed)
+        assert os.path.ismount(running)
+        holders[0].kill()
+        holders[0].wait()
+        assert os.path.ismount(killed)
+        assert len(_losetup(img)) == 1
+        btrdelta("device", "status", img)
+        assert not killed.exists()
+        assert not Path(f"{killed}.lock").exists()
+        assert os.path.ismount(running)
+        assert len(_losetup(img)) == 1
+    finally:
+        for p in holders:
+            p.communicate("")
+        for leftover in tmp.glob("btrdelta-device-*"):  # a failed test leaves no mount
+            if os.path.ismount(leftover):
+                subprocess.run(["umount", str(leftover)], check=False)
+    assert os.listdir(tmp) == []
+    assert _losetup(img) == []

@@ -260,24 +260,95 @@ def open_device(fs: str | os.PathLike[str], *, readonly: bool = False) -> Iterat
     if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
         raise DeviceError(f"{fs} is neither a directory, a block device nor an image file")
     _check_btrfs_magic(path)
-    mnt = Path(tempfile.mkdtemp(prefix="btrdelta-device-"))
-    opts = "subvolid=5" + (",ro" if readonly else "")
-    if stat.S_ISREG(st.st_mode):
-        opts += ",loop"
-    proc = subprocess.run(["mount", "-t", "btrfs", "-o", opts, os.fspath(path), os.fspath(mnt)],
-                          capture_output=True, check=False)
-    if proc.returncode != 0:
-        os.rmdir(mnt)
-        msg = proc.stderr.decode(errors="replace").strip().splitlines()
-        raise DeviceError(f"{fs}: cannot mount: {msg[-1] if msg else proc.returncode}")
-    try:
+    with _private_mount(path, readonly=readonly, regular=stat.S_ISREG(st.st_mode)) as mnt:
         yield Layout(mnt, os.fspath(fs))
+
+
+#: private mount directories of device commands: ``<tmp>/btrdelta-device-XXXX``, each
+#: with a sibling ``.lock`` that its command holds an flock on while it is mounted
+_PRIVATE = "btrdelta-device-"
+
+
+@contextlib.contextmanager
+def _private_mount(path: Path, *, readonly: bool, regular: bool) -> Iterator[Path]:
+    """The top level of ``path`` mounted on a private directory for the ``with`` block.
+
+    A command killed inside it (SIGKILL, a crash) leaves the mount and its loop device:
+    the next device command unmounts those whose lock nobody holds any more."""
+    sweep_private_mounts()
+    fd, lock = tempfile.mkstemp(prefix=_PRIVATE, suffix=".lock")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        mnt = Path(lock[:-len(".lock")])
+        os.mkdir(mnt, 0o700)
+        try:
+            opts = "subvolid=5" + (",ro" if readonly else "") + (",loop" if regular else "")
+            proc = subprocess.run(["mount", "-t", "btrfs", "-o", opts, "--", os.fspath(path),
+                                   os.fspath(mnt)], capture_output=True, check=False)
+            if proc.returncode != 0:
+                msg = proc.stderr.decode(errors="replace").strip().splitlines()
+                raise DeviceError(f"{path}: cannot mount: {msg[-1] if msg else proc.returncode}")
+            try:
+                yield mnt
+            finally:
+                done = subprocess.run(["umount", "--", os.fspath(mnt)], capture_output=True,
+                                      check=False)
+                if done.returncode != 0:
+                    subprocess.run(["umount", "-l", "--", os.fspath(mnt)], capture_output=True,
+                                   check=False)
+        finally:
+            with contextlib.suppress(OSError):
+                os.rmdir(mnt)
     finally:
-        done = subprocess.run(["umount", os.fspath(mnt)], capture_output=True, check=False)
-        if done.returncode != 0:
-            subprocess.run(["umount", "-l", os.fspath(mnt)], capture_output=True, check=False)
         with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
+
+
+def sweep_private_mounts(tmp: str | None = None) -> list[str]:
+    """Unmount and remove the private mounts of device commands that died holding them.
+
+    Only entries this user owns count (the temporary directory is shared), and only those
+    whose lock is free: a running command holds its own. Returns the directories removed."""
+    tmp = tmp or tempfile.gettempdir()
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        return []
+    swept = []
+    for name in names:
+        if name.startswith(_PRIVATE) and name.endswith(".lock"):
+            mnt = os.path.join(tmp, name[:-len(".lock")])
+            if _sweep_one(os.path.join(tmp, name), mnt):
+                swept.append(mnt)
+    return swept
+
+
+def _sweep_one(lock: str, mnt: str) -> bool:
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if os.fstat(fd).st_uid != os.getuid():
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False  # its command is still running
+        with contextlib.suppress(OSError):
+            st = os.lstat(mnt)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+                return False
+            if os.path.ismount(mnt) and subprocess.run(
+                    ["umount", "--", mnt], capture_output=True, check=False).returncode != 0:
+                return False  # busy: left for a later command
             os.rmdir(mnt)
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        return True
+    finally:
+        os.close(fd)
 
 
 def is_enospc(exc: BaseException) -> bool:
