@@ -262,6 +262,50 @@ def test_first_hour_argument_mistakes_name_the_command_to_type(tmp_path: Path) -
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "old"]
 
 
+def test_positional_words_meant_for_options_name_the_command_to_type(tmp_path: Path) -> None:
+    # walking the README on Debian trees: the old snapshot, the output, an image or the
+    # second tree given as a plain word (as to diff or cp) said only "the following
+    # arguments are required: --old" or "unrecognized arguments: X"; a tree given as the
+    # stream said "X: Is a directory" (exit 1). Now exit 2, one line, the command meant,
+    # nothing written
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    new.mkdir()
+    out, image = tmp_path / "out", tmp_path / "img"
+    image.write_bytes(b"\0" * 4096)
+    cases = [
+        (["delta", "make", "-f", str(STREAM), str(old), "-o", str(out)],
+         f"give the old snapshot with --old: btrdelta delta make -f {STREAM} --old {old} "
+         f"-o {out}"),
+        (["delta", "make", str(STREAM), "--old", str(old), str(out)],
+         f"write the delta to a file with -o: btrdelta delta make {STREAM} --old {old} "
+         f"-o {out}"),
+        (["delta", "expand", str(STREAM), str(old)],
+         f"btrdelta delta expand {STREAM} --old {old}"),
+        (["delta", "expand", "-q", str(STREAM), "--old", str(old), str(out)],
+         f"write the stream to a file with -o: btrdelta delta expand -q {STREAM} --old {old} "
+         f"-o {out}"),
+        (["send", str(new), str(out)], f"btrdelta send {new} -o {out}"),
+        (["image", "compress", str(image), str(out)],
+         f"btrdelta image compress -i {image} -o {out}"),
+        (["image", "compress", "--level", "3", str(image), "--output", str(out)],
+         f"btrdelta image compress --level 3 -i {image} --output {out}"),
+        (["tree-sum", "--holes", str(old), str(new)],
+         f"to compare two trees: btrdelta tree-sum --holes {old} --compare {new}"),
+        (["receive", "-f", str(old), str(new)],
+         f"{old} is a directory, not a stream file (a stream of a tree: btrdelta send {old} "
+         "-o FILE)"),
+        (["dump", str(old)], f"{old} is a directory, not a stream file"),
+    ]
+    for argv, meant in cases:
+        proc = run_cli(argv)
+        line = check(proc, " ".join(argv))
+        assert proc.returncode == 2, (argv, line)
+        assert meant in line, (argv, line)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img", "new", "old"]
+    assert not any(new.iterdir())
+
+
 def test_unknown_words_are_named_by_the_command(tmp_path: Path) -> None:
     # not by `btrdelta`, whose --help does not list the command's options
     proc = run_cli(["delta", "make", "--old", str(tmp_path), str(STREAM), "extra"])

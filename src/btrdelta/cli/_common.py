@@ -16,6 +16,10 @@ from .. import TYPE_CHECKING
 from ..errors import BtrdeltaError, UsageError
 from ..fs.atomic import atomic_output
 
+#: a command's hint after "unrecognized arguments": (arguments parsed, words left over,
+#: the command's words) -> what was meant, or None
+Hint = Callable[[argparse.Namespace, list[str], list[str]], "str | None"]
+
 if TYPE_CHECKING:
     from typing import Any, BinaryIO, NoReturn
 
@@ -85,11 +89,20 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._intermixing = False
+        #: the command's own words (after its name) of the parse under way
+        self.words: list[str] = []
         #: what a command says after "unrecognized arguments: ..." (given the arguments
         #: parsed and the words left over), e.g. ``send OLD NEW``: give OLD with -p
-        self.extra_hint: Callable[[argparse.Namespace, list[str]], str | None] | None = None
+        self.extra_hint: Hint | None = None
+        #: what a command says after "the following arguments are required: ..." (given
+        #: its words), e.g. ``delta make A-B.stream /snap/A``: give /snap/A with --old
+        self.missing_hint: Callable[[list[str]], str | None] | None = None
 
     def error(self, message: str) -> NoReturn:
+        if self.missing_hint is not None and message.startswith(
+                "the following arguments are required"):
+            hint = self.missing_hint(self.words)
+            message += f"; {hint}" if hint else ""
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
     def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
@@ -101,6 +114,7 @@ class Parser(argparse.ArgumentParser):
         positional, and then refuses the last word."""
         if self._intermixing:
             return super().parse_known_args(args, namespace)
+        self.words = list(sys.argv[1:] if args is None else args)
         if self._subparsers is not None or not any(
                 a.nargs in ("?", "*", "+") for a in self._get_positional_actions()):
             ns, extra = super().parse_known_args(args, namespace)
@@ -112,17 +126,56 @@ class Parser(argparse.ArgumentParser):
                 self._intermixing = False
         if extra and self._subparsers is None:
             # the command's own mistake, named by it (not by `btrdelta`), with its hint
-            hint = self.extra_hint(ns, extra) if self.extra_hint is not None else None
+            hint = (self.extra_hint(ns, extra, self.words) if self.extra_hint is not None
+                    else None)
             self.error(f"unrecognized arguments: {' '.join(extra)}"
                        + (f"; {hint}" if hint else ""))
         return ns, extra
 
 
-def set_extra_hint(parser: argparse.ArgumentParser,
-                   hint: Callable[[argparse.Namespace, list[str]], str | None]) -> None:
-    """Say ``hint(args, extra)`` after a command's "unrecognized arguments" error."""
+def set_extra_hint(parser: argparse.ArgumentParser, hint: Hint) -> None:
+    """Say ``hint(args, extra, words)`` after a command's "unrecognized arguments" error."""
     if isinstance(parser, Parser):
         parser.extra_hint = hint
+
+
+def set_missing_hint(parser: argparse.ArgumentParser,
+                     hint: Callable[[list[str]], str | None]) -> None:
+    """Say ``hint(words)`` after a command's "the following arguments are required"."""
+    if isinstance(parser, Parser):
+        parser.missing_hint = hint
+
+
+def free_words(parser: argparse.ArgumentParser, words: Sequence[str]) -> list[int]:
+    """The indexes of ``words`` that are neither options nor their values: what the
+    command takes for positionals (``-`` included, after ``--`` all)."""
+    free: list[int] = []
+    take_value = False
+    for i, word in enumerate(words):
+        if take_value:
+            take_value = False
+        elif word == "--":
+            free += range(i + 1, len(words))
+            break
+        elif word.startswith("-") and word != "-":
+            action = parser._option_string_actions.get(word.split("=", 1)[0])
+            take_value = (action is not None and action.nargs != 0 and "=" not in word
+                          and not (word[1] != "-" and len(word) > 2))
+        else:
+            free.append(i)
+    return free
+
+
+def meant(prog: str, words: Sequence[str], before: dict[int, str]) -> str:
+    """The command line ``prog words`` with ``before[i]`` inserted before ``words[i]``."""
+    import shlex  # (hints only)
+
+    out: list[str] = []
+    for i, word in enumerate(words):
+        if i in before:
+            out.append(before[i])
+        out.append(word)
+    return f"{prog} {shlex.join(out)}"
 
 
 def refuse_terminal_output(name: str | None) -> None:
@@ -201,13 +254,19 @@ def open_input(name: str) -> Iterator[BinaryIO]:
 
     Raises:
         BtrdeltaError: standard input is a terminal.
-        OSError: ``name`` cannot be opened (a directory: ``IsADirectoryError``).
+        UsageError: ``name`` is a directory (a tree given where its stream is read).
+        OSError: ``name`` cannot be opened.
     """
     if name == "-":
         if sys.stdin.isatty():
             raise BtrdeltaError("refusing to read a binary stream from a terminal (use -f FILE)")
         yield sys.stdin.buffer
         return
+    if os.path.isdir(name):
+        import shlex  # (this mistake only)
+
+        raise UsageError(f"{name} is a directory, not a stream file (a stream of a tree: "
+                         f"btrdelta send {shlex.quote(name)} -o FILE)")
     with open(name, "rb", buffering=0) as f:
         yield f
 

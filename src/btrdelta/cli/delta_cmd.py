@@ -19,15 +19,19 @@ from ._common import (
     add_jobs,
     add_json,
     examples,
+    free_words,
     human_bytes,
     input_name,
     input_position,
     input_size,
     json_needs_stdout,
+    meant,
     open_input,
     open_output,
     parse_size,
     print_delta_stats,
+    set_extra_hint,
+    set_missing_hint,
     sniff_input,
 )
 from .progress import Progress, add_progress_options, progress_wanted
@@ -148,7 +152,31 @@ def _add_make(dsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                         "the plain stream read, which the delta expands to")
     m.add_argument("--signature", metavar="SIG",
                    help="where to write the signature (default DELTA.sig; needed with stdout)")
+    _add_hints(m, "make", "delta")
     m.set_defaults(func=run_make)
+
+
+def _add_hints(parser: argparse.ArgumentParser, sub: str, what: str) -> None:
+    """A new user's ``delta make A-B.stream /snap/A`` (the old snapshot without --old) and
+    ``delta make A-B.stream --old /snap/A A-B.delta`` (the output without -o): exit 2 with
+    the command line meant."""
+    prog = f"btrdelta delta {sub}"
+
+    def missing(words: list[str]) -> str | None:
+        free = free_words(parser, words)
+        dirs = [i for i in free if os.path.isdir(words[i])]
+        if "--old" in words or len(dirs) != 1:
+            return None
+        return f"give the old snapshot with --old: {meant(prog, words, {dirs[0]: '--old'})}"
+
+    def extra(args: argparse.Namespace, left: list[str], words: list[str]) -> str | None:
+        if len(left) != 1 or left[0].startswith("-") or args.output != "-":
+            return None
+        at = len(words) - 1 - words[::-1].index(left[0])
+        return f"write the {what} to a file with -o: {meant(prog, words, {at: '-o'})}"
+
+    set_missing_hint(parser, missing)
+    set_extra_hint(parser, extra)
 
 
 def _add_expand(dsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -172,6 +200,7 @@ def _add_expand(dsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                         "carrier's window (default 256M, delta make's default)")
     add_json(e, "a summary (sizes, seconds)")
     add_progress_options(e, verbose=True)
+    _add_hints(e, "expand", "stream")
     e.set_defaults(func=run_expand)
 
 

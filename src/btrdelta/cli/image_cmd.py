@@ -28,9 +28,12 @@ from ._common import (
     add_json,
     default_signals,
     examples,
+    free_words,
     human_bytes,
+    meant,
     naming_output,
     parse_size,
+    set_missing_hint,
 )
 from .http_options import add_http_options, http_config
 from .progress import Progress, add_progress_options, progress_wanted
@@ -106,6 +109,17 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     g.set_defaults(func=run_gc)
 
 
+def _compress_meant(parser: argparse.ArgumentParser, words: list[str]) -> str | None:
+    """``image compress IMAGE ARCHIVE`` (as ``cp``): the command with -i and -o."""
+    missing = [o for o, long in (("-i", "--input"), ("-o", "--output"))
+               if not any(w in (o, long) or w.startswith(f"{long}=") for w in words)]
+    free = free_words(parser, words)
+    if len(free) != len(missing):
+        return None
+    before = dict(zip(free, missing, strict=True))
+    return f"name them: {meant('btrdelta image compress', words, before)}"
+
+
 def _add_compress(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     c = isub.add_parser(
         "compress", help="chunk and compress an image into an archive",
@@ -127,6 +141,7 @@ def _add_compress(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     c.add_argument("--threads", dest="jobs", type=int, help=argparse.SUPPRESS)  # old name
     add_json(c, "what was written")
     add_progress_options(c)
+    set_missing_hint(c, lambda words: _compress_meant(c, words))
     c.set_defaults(func=run_compress)
 
 

@@ -14,6 +14,7 @@ from ._common import (
     add_json,
     human_bytes,
     json_needs_stdout,
+    meant,
     open_output,
     refuse_terminal_output,
     set_extra_hint,
@@ -112,12 +113,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(func=run)
 
 
-def _two_trees(args: argparse.Namespace, extra: list[str]) -> str | None:
-    """``send OLD NEW`` (as ``diff OLD NEW``): one tree is sent, the old one is -p's."""
+def _two_trees(args: argparse.Namespace, extra: list[str], words: list[str]) -> str | None:
+    """``send OLD NEW`` (as ``diff OLD NEW``): one tree is sent, the old one is -p's;
+    ``send TREE FILE`` (as ``cp``): the stream goes to -o."""
     if len(extra) != 1 or extra[0].startswith("-") or args.parent:
         return None
     import shlex  # (this hint only: not imported by every send)
 
+    if args.output == "-" and not os.path.isdir(extra[0]):
+        at = len(words) - 1 - words[::-1].index(extra[0])
+        return f"write the stream to a file with -o: {meant('btrdelta send', words, {at: '-o'})}"
     old, new = shlex.quote(args.new_dir), shlex.quote(extra[0])
     return (f"send takes one tree; for the changes from {old} to {new}, give the old one "
             f"with -p: btrdelta send -p {old} {new}")

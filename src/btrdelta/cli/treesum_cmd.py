@@ -8,7 +8,7 @@ import re
 import sys
 
 from ..tree import diff_manifests, tree_manifest, tree_sum
-from ._common import add_json, examples
+from ._common import add_json, examples, meant, set_extra_hint
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -40,7 +40,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="compare DIR with the tree OTHER; list differences ('only in DIR: path', "
                    "'differs: path: fields of DIR != fields of OTHER'), exit 1 if any")
     add_json(p, "the sum (the manifest's lines, the differences)")
+    set_extra_hint(p, _two_trees)
     p.set_defaults(func=run)
+
+
+def _two_trees(args: argparse.Namespace, extra: list[str], words: list[str]) -> str | None:
+    """``tree-sum A B`` (as ``diff A B``): the second tree is --compare's."""
+    if len(extra) != 1 or extra[0].startswith("-") or args.compare:
+        return None
+    at = len(words) - 1 - words[::-1].index(extra[0])
+    return f"to compare two trees: {meant('btrdelta tree-sum', words, {at: '--compare'})}"
 
 
 #: the one difference a received incremental stream may leave (tree.treesum's docstring)
