@@ -18,6 +18,7 @@ import pytest
 
 from btrdelta.chunk.nbd import NbdServer
 from btrdelta.chunk.store import ChunkStore, ImageReader
+from btrdelta.cli._common import human_bytes
 from btrdelta.update.clone import clone_image
 
 from .images import ImagePair, trees_equal
@@ -145,6 +146,11 @@ def test_fuse_file_loop_mounts_to_the_source_tree(
     try:
         _wait_for(lambda: (fuse_dir / "v2").exists() or proc.poll() is not None)
         assert proc.poll() is None, log.read_text()
+        # in the foreground, it says it is up (it said nothing: a new user saw a hang)
+        _wait_for(lambda: "mounted" in log.read_text())
+        # (libfuse 3.14.0 prints "Ignoring invalid max threads value 4294967295" first)
+        assert (f"mounted v2 ({human_bytes(image_pair.img2.stat().st_size)}, read-only) as "
+                f"{fuse_dir}/v2; umount {fuse_dir} to end\n") in log.read_text()
         assert (fuse_dir / "v2").stat().st_size == image_pair.img2.stat().st_size
         assert (fuse_dir / "v2").read_bytes() == image_pair.img2.read_bytes()
         with pytest.raises(OSError, match="Read-only"):
@@ -158,6 +164,7 @@ def test_fuse_file_loop_mounts_to_the_source_tree(
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         assert not _mounted(fuse_dir)
+        assert log.read_text().endswith(f"unmounted {fuse_dir}\n"), log.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -13,6 +13,7 @@ import errno
 import os
 import stat
 import time
+from collections.abc import Callable
 from typing import Any
 
 import mfusepy
@@ -36,16 +37,24 @@ class ImageFS(mfusepy.Operations):  # type: ignore[misc]
     Args:
         reader: the image.
         name: the file name inside the mount point.
+        mounted: called once the kernel has the mount (libfuse's init).
     """
 
     use_ns = True
 
-    def __init__(self, reader: ImageReader, name: str) -> None:
+    def __init__(self, reader: ImageReader, name: str,
+                 mounted: Callable[[], object] | None = None) -> None:
         self.reader = reader
         self.name = name
+        self.mounted = mounted
         self.path = "/" + name
         now = time.time_ns()
         self._times = {"st_atime": now, "st_mtime": now, "st_ctime": now}
+
+    def init(self, path: str) -> None:
+        """The mount is up: say so."""
+        if self.mounted is not None:
+            self.mounted()
 
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
         """Attributes of ``/`` and of the image file."""
@@ -116,8 +125,10 @@ def check_can_mount(mountpoint: str, device: str = "/dev/fuse") -> None:
                             path=device) from None
 
 
-def mount_image(store: ChunkStore, name: str, mountpoint: str, *, debug: bool = False) -> None:
-    """Serve ``name`` at ``mountpoint`` until unmounted or SIGINT/SIGTERM (blocks).
+def mount_image(store: ChunkStore, name: str, mountpoint: str, *, debug: bool = False,
+                mounted: Callable[[int], object] | None = None) -> None:
+    """Serve ``name`` at ``mountpoint`` until unmounted or SIGINT/SIGTERM (blocks);
+    ``mounted(size)`` is called once the mount is up.
 
     Raises:
         BtrdeltaError: see :func:`check_can_mount`; or libfuse failed to mount (it said why
@@ -128,7 +139,8 @@ def mount_image(store: ChunkStore, name: str, mountpoint: str, *, debug: bool = 
     reader = ImageReader(store, index)
     try:
         mfusepy.FUSE(
-            ImageFS(reader, name), mountpoint, foreground=True, ro=True, debug=debug,
+            ImageFS(reader, name, None if mounted is None else lambda: mounted(reader.size)),
+            mountpoint, foreground=True, ro=True, debug=debug,
             fsname=f"btrdelta:{name}", subtype="btrdelta", nothreads=False,
         )
     except RuntimeError as exc:

@@ -65,7 +65,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description="Show image NAME of the chunk store STORE as the read-only file "
         "MOUNTPOINT/NAME (FUSE), read from the store's chunks (nothing is downloaded: clone "
         "the image first). Runs in the foreground until the mount point is unmounted "
-        "(umount MOUNTPOINT; as a user fusermount -u) or the command is interrupted.",
+        "(umount MOUNTPOINT; as a user fusermount -u) or the command is interrupted; says "
+        "'mounted NAME ... as MOUNTPOINT/NAME' on standard error once the file is there, "
+        "'unmounted MOUNTPOINT' at the end.",
         epilog=examples("btrdelta image mount /var/lib/images/v2 /run/img &",
                         "until mountpoint -q /run/img; do sleep 0.1; done",
                         "mount -o loop,ro /run/img/v2 /mnt      # the filesystem inside",
@@ -349,8 +351,15 @@ def run_mount(args: argparse.Namespace) -> int:
     from ..chunk.fuse import mount_image  # imported late: needs libfuse
 
     store_dir, name = split_store_name(args.target)
+    where = f"{args.mountpoint.rstrip('/') or '/'}/{name}".replace('//', '/')
+
+    def mounted(size: int) -> None:  # a foreground command that says nothing looks hung
+        print(f"mounted {name} ({human_bytes(size)}, read-only) as {where}; "
+              f"umount {args.mountpoint} to end", file=sys.stderr, flush=True)
+
     with default_signals():  # libfuse's handlers: a clean unmount on SIGTERM/SIGHUP too
-        mount_image(ChunkStore(store_dir), name, args.mountpoint)
+        mount_image(ChunkStore(store_dir), name, args.mountpoint, mounted=mounted)
+    print(f"unmounted {args.mountpoint}", file=sys.stderr, flush=True)
     return 0
 
 
