@@ -1,0 +1,58 @@
+"""The README's first commands, as a new user types them: the tour's set-up (two snapshots
+on a loop-mounted btrfs) and its first part (read, delta, receive), run by bash as written,
+with only the absolute places (/var/tmp/snap.img, /snap, /data, /target) moved into the
+test's directory."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_btrfs
+
+ROOT = Path(__file__).resolve().parents[2]
+PLACES = re.compile(r"(?<=[\s=])/(?:var/tmp/snap\.img|snap|data|target)(?=[/\s]|$)")
+
+
+def _block(text: str, name: str) -> str:
+    """The shell block between ``<!-- BEGIN name -->`` and ``<!-- END name -->``."""
+    found = re.search(rf"<!-- BEGIN {name} -->\n```sh\n(.*?)```\n<!-- END {name} -->", text,
+                      re.S)
+    assert found, f"README.md has no {name} block"
+    return found.group(1)
+
+
+def _mounted(path: Path) -> bool:
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == str(path) for line in f)
+
+
+@pytest.mark.btrfs
+def test_the_tour_runs_as_written(tmp_path: Path) -> None:
+    require_btrfs()
+    if not Path("/usr/lib/python3.11/json").is_dir():
+        pytest.skip("the tour's set-up copies /usr/lib/python3.11 (Debian bookworm)")
+    readme = (ROOT / "README.md").read_text()
+    script = _block(readme, "TOUR SET-UP") + _block(readme, "TOUR")
+    script = PLACES.sub(lambda m: f"{tmp_path}{m.group(0)}", script)
+    (tmp_path / "var/tmp").mkdir(parents=True)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    try:
+        proc = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=600,
+                              check=False)
+    finally:
+        if _mounted(tmp_path / "snap"):
+            subprocess.run(["umount", str(tmp_path / "snap")], check=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "A-B.stream: OK" in out
+    assert f"trees are equal: {tmp_path}/data/updates/B {tmp_path}/snap/B" in out
+    assert "Traceback" not in out
+    assert sorted(p.name for p in (tmp_path / "target").iterdir()) == [
+        ".btrdelta-subvols.json", "A", "B"]
