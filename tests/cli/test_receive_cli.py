@@ -72,7 +72,10 @@ def test_missing_parent_exit_code(tmp_path: Path, dest: Path,
     s = _stream(tmp_path, [Snapshot(path=b"B", uuid=UUID_B, ctransid=2, clone_uuid=UUID_A,
                                     clone_ctransid=1), End()])
     assert main(["receive", "-f", str(s), str(dest)]) == 6
-    assert "cannot find parent subvolume" in capsys.readouterr().err
+    # where it looked and what to do (it said only "cannot find parent subvolume U")
+    assert (f"record 0 (snapshot), path 'B': cannot find parent subvolume {UUID_A} in "
+            f"{dest}: this is an incremental stream; receive its parent there first\n"
+            ) in capsys.readouterr().err
 
 
 def test_bad_crc_exit_code(tmp_path: Path, dest: Path) -> None:

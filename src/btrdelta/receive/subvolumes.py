@@ -72,6 +72,13 @@ __all__ = [
     "uses_btrfs",
 ]
 
+
+def missing_parent(uuid: object, where: object) -> str:
+    """What a receive says when the parent of an incremental stream is not there."""
+    return (f"cannot find parent subvolume {uuid} in {where}: this is an incremental "
+            "stream; receive its parent there first")
+
+
 #: the temporary names of subvolumes being received start with this (never found as parents)
 TMP_PREFIX = ".btrdelta-tmp-"
 _TMP = TMP_PREFIX.encode()
@@ -195,10 +202,8 @@ def find_parent(dest: Path, snapshot: Snapshot, *, backend: str = "auto",
     found = find_subvolume(dest, snapshot.clone_uuid, btrfs=uses_btrfs(dest, backend),
                            search_root=search_root, anywhere=True)
     if found is None:
-        raise MissingBaseError(
-            f"cannot find parent subvolume {snapshot.clone_uuid} in {search_root or dest}",
-            path=snapshot.path,
-        )
+        raise MissingBaseError(missing_parent(snapshot.clone_uuid, search_root or dest),
+                               path=snapshot.path)
     if parents is not None:
         parents[snapshot.clone_uuid] = found
     return found
@@ -293,7 +298,7 @@ class Subvolumes:
             if parent is None:
                 parent = self.find(parent_uuid, anywhere=True)
                 if parent is None:
-                    raise MissingBaseError(f"cannot find parent subvolume {parent_uuid}")
+                    raise MissingBaseError(missing_parent(parent_uuid, self.dest))
                 if known is not None:
                     known[parent_uuid] = parent
         if not self.dry_run and not self._swept:
