@@ -213,6 +213,45 @@ def test_status_says_a_trial_ran_out(btrfs_dev: Path, small_release: Release) ->
                       "install rebuilds b")
 
 
+def test_verdicts_and_rollback_say_what_they_did(btrfs_dev: Path,
+                                                 small_release: Release) -> None:
+    """mark-good, mark-bad and rollback printed only the status, with no line on what
+    they did; mark-bad without --slot, where / does not tell the booted root, refused a
+    trial whose tries ran out ("cannot tell which root is booted here"), though status
+    says the trial ended never marked good and docs/device.md that mark-bad records the
+    verdict (mark-good still refuses to guess it)."""
+    btrdelta("device", "init", btrfs_dev, "--factory", small_release.old, "-q")
+    btrdelta("device", "install", btrfs_dev, small_release.delta, "-q")
+    layout = Layout(btrfs_dev)
+    assert [select_root(layout)[0] for _ in range(4)] == ["b", "b", "b", "a"]
+    got = btrdelta("device", "mark-good", btrfs_dev, check=False)
+    assert got.returncode == 1
+    assert "cannot tell which root is booted here: name it with --slot" in got.stderr
+    out = btrdelta("device", "mark-bad", btrfs_dev).stdout.splitlines()
+    assert out[:3] == [
+        "marked b bad; next boot: a",
+        "default: a   booted: ?   next boot: a",
+        "trial: b ended after 3 boots, marked bad: the default boots; the next install "
+        "rebuilds b"]
+    btrdelta("device", "install", btrfs_dev, small_release.delta, "-q")
+    out = btrdelta("device", "rollback", btrfs_dev).stdout.splitlines()
+    assert out[:2] == ["rolled back: the trial of b cancelled; next boot: a",
+                       "default: a   booted: ?   next boot: a"]
+    btrdelta("device", "install", btrfs_dev, small_release.delta, "-q")
+    out = btrdelta("device", "mark-good", btrfs_dev, "--slot", "b").stdout.splitlines()
+    assert out[:2] == ["marked b good: it is the default",
+                       "default: b   booted: ?   next boot: b"]
+    out = btrdelta("device", "rollback", btrfs_dev).stdout.splitlines()
+    assert out[:2] == ["rolled back from b: a is the default",
+                       "default: a   booted: ?   next boot: a"]
+    btrdelta("device", "mark-good", btrfs_dev, "--slot", "b")
+    out = btrdelta("device", "mark-bad", btrfs_dev, "--slot", "b").stdout.splitlines()
+    assert out[:2] == ["marked b bad: the default goes back to a",
+                       "default: a   booted: ?   next boot: a"]
+    assert json.loads(btrdelta("device", "rollback", btrfs_dev, "--json").stdout)[
+        "default"] == "factory"  # --json: the document alone
+
+
 def test_expect_sum_of_a_kernel_incremental_stream(btrfs_dev: Path, small_release: Release,
                                                    tmp_path: Path) -> None:
     """``btrfs send -p`` moves a removed directory's entry through the top directory as an

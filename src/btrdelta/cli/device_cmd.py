@@ -59,7 +59,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     s.set_defaults(func=run_status)
     for name, helptext in (
         ("mark-good", "the booted root (or --slot) is good: it becomes the default"),
-        ("mark-bad", "the booted root (or --slot) is bad: its trial ends, or the default "
+        ("mark-bad", "the booted root (or --slot; where / does not tell, the root of the "
+                     "last trial, ended or not) is bad: its trial ends, or the default "
                      "goes back to the previous good root"),
     ):
         m = dsub.add_parser(name, help=helptext, description=helptext + ".",
@@ -322,7 +323,10 @@ def run_verdict(args: argparse.Namespace) -> int:
     from ..device import mark_bad, mark_good
 
     fn = mark_good if args.verdict == "mark-good" else mark_bad
-    _print_status(fn(args.fs, slot=args.slot), args.json)
+    st = fn(args.fs, slot=args.slot)
+    if not args.json:
+        print(_what_was_done(st))
+    _print_status(st, args.json)
     return 0
 
 
@@ -330,8 +334,34 @@ def run_rollback(args: argparse.Namespace) -> int:
     """Roll back."""
     from ..device import rollback
 
-    _print_status(rollback(args.fs), args.json)
+    st = rollback(args.fs)
+    if not args.json:
+        print(_what_was_done(st))
+    _print_status(st, args.json)
     return 0
+
+
+def _what_was_done(st: dict[str, Any]) -> str:
+    """One line on what mark-good, mark-bad or rollback did (from the events it logged),
+    before the status: the status alone did not say which root the verdict was about."""
+    log = st["log"]
+    last = log[-1] if log else {}
+    event, slot = last.get("event"), last.get("slot")
+    if event == "mark-good":
+        return f"marked {slot} good: it is the default"
+    if event == "mark-bad":
+        before = log[-2] if len(log) > 1 else {}
+        if before.get("event") == "rollback" and before.get("reason") == f"{slot} marked bad":
+            return f"marked {slot} bad: the default goes back to {before['slot']}"
+        return f"marked {slot} bad; next boot: {st['next_boot']}"
+    if event == "rollback":
+        reason = str(last.get("reason", ""))
+        if reason.startswith("trial of "):
+            return f"rolled back: the {reason}; next boot: {st['next_boot']}"
+        return f"rolled back {reason}: {slot} is the default".replace("  ", " ")
+    if event == "recover":  # a re-run after a cut: what the first run left is finished
+        return str(last.get("what"))
+    return f"nothing to do; next boot: {st['next_boot']}"
 
 
 def run_mount(args: argparse.Namespace) -> int:

@@ -254,7 +254,12 @@ def status(fs: str | os.PathLike[str], *, booted: str | None = None) -> dict[str
         return status_of(layout, load_state(layout), booted)
 
 
-def _which(layout: Layout, slot: str | None, booted: str | None) -> str:
+def _which(layout: Layout, slot: str | None, booted: str | None, *,
+           ended: bool = False) -> str:
+    """The root a verdict is about: ``slot``, else the booted one, else (/ does not tell)
+    the root of a trial that has made boots; with ``ended`` also a trial whose tries ran
+    out (mark-bad records the verdict on it; mark-good does not guess a root nobody
+    booted successfully)."""
     if slot is not None:
         layout.root(slot)
         return slot
@@ -262,7 +267,7 @@ def _which(layout: Layout, slot: str | None, booted: str | None) -> str:
     if running is not None:
         return running
     trial = read_trial(layout)
-    if trial is not None and trial.left > 0 and trial.done > 0:
+    if trial is not None and trial.done > 0 and (trial.left > 0 or ended):
         return trial.slot
     raise DeviceError("cannot tell which root is booted here: name it with --slot")
 
@@ -308,7 +313,7 @@ def mark_bad(fs: str | os.PathLike[str], *, slot: str | None = None,
     with open_device(fs) as layout, layout.lock():
         st = load_state(layout)
         recover(layout, st)
-        name = _which(layout, slot, booted)
+        name = _which(layout, slot, booted, ended=True)
         trial = read_trial(layout)
         if trial is not None and trial.slot == name:
             exhaust_trial(layout)
