@@ -67,6 +67,15 @@ def test_unsafe_path_exit_code_and_one_line(tmp_path: Path, dest: Path) -> None:
     assert list(dest.iterdir()) == []
 
 
+def test_a_missing_destination_says_to_make_it(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    s = _stream(tmp_path, GOOD)
+    assert main(["receive", "-f", str(s), str(tmp_path / "new dir")]) == 1
+    assert capsys.readouterr().err == (
+        f"btrdelta receive: error: {tmp_path}/new dir: destination does not exist (make it "
+        f"first: mkdir -p '{tmp_path}/new dir')\n")
+
+
 def test_missing_parent_exit_code(tmp_path: Path, dest: Path,
                                   capsys: pytest.CaptureFixture[str]) -> None:
     s = _stream(tmp_path, [Snapshot(path=b"B", uuid=UUID_B, ctransid=2, clone_uuid=UUID_A,

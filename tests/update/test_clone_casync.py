@@ -113,3 +113,21 @@ def test_cli_clone_and_info_of_a_caibx(
     assert info["chunker"] == {"name": "buzhash", "min": 4096, "avg": 16384, "max": 65536}
     assert main(["image", "clone", str(casync_pair / "v1.caibx"), f"{tmp_path}/s/v1"]) == 1
     assert "--output only" in capsys.readouterr().err
+
+
+def test_cli_clone_of_a_caibx_whose_store_is_not_the_default(
+    casync_pair: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `casync make` names its store INDEX.castr unless told: without --castr the clone looked
+    # in default.castr next to the index and said only "chunk X is in none of the stores"
+    elsewhere = tmp_path / "www"
+    elsewhere.mkdir()
+    shutil.copy(casync_pair / "v1.caibx", elsewhere)
+    out = tmp_path / "v1.img"
+    assert main(["image", "clone", str(elsewhere / "v1.caibx"), "--output", str(out)]) == 6
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"btrdelta image clone: error: {elsewhere}/default.castr: chunk ")
+    assert ("is not in the default store (default.castr next to the index): name the "
+            "index's store with --castr") in err
+    assert not out.exists()

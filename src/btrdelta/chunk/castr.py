@@ -108,13 +108,17 @@ class CastrChunks:
         index: the decoded index.
         stores: local directories or ``http(s)://`` URLs, tried in order for each chunk.
         config: HTTP settings (``jobs`` chunks are fetched at once).
+        guessed: ``stores`` is casync's default, not one the user named (a missing
+            chunk then says to name the store).
     """
 
     def __init__(self, index: CasyncIndex, stores: Sequence[str], *,
-                 config: HttpConfig | None = None) -> None:
+                 config: HttpConfig | None = None, guessed: bool = False) -> None:
         if not stores:
             raise BtrdeltaError("a casync index needs a chunk store (--castr)")
         self.index = index
+        #: the store is casync's default next to the index, not one the user named
+        self.guessed = guessed
         self.stores = [s.rstrip("/") if is_url(s) else s for s in stores]
         self.name = ", ".join(self.stores)
         self.config = config or HttpConfig(jobs=8)
@@ -163,6 +167,10 @@ class CastrChunks:
                 error = exc
         if error is not None:
             raise error
+        if self.guessed:  # casync make names its store DIR.castr unless told otherwise
+            raise MissingBaseError(f"chunk {digest.hex()} is not in the default store "
+                                   "(default.castr next to the index): name the index's "
+                                   "store with --castr", source=self.name)
         raise MissingBaseError(f"chunk {digest.hex()} is in none of the stores",
                                source=self.name)
 

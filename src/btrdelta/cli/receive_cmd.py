@@ -169,7 +169,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     assert dest is not None
     if not os.path.isdir(dest):
-        what = "does not exist" if not os.path.lexists(dest) else "is not a directory"
+        what = ("is not a directory" if os.path.lexists(dest) else
+                f"does not exist (make it first: mkdir -p {shlex.quote(dest)})")
         raise BtrdeltaError(f"destination {what}", source=dest)
     if args.search_root is not None and not os.path.isdir(args.search_root):
         raise BtrdeltaError("-m: not a directory", source=args.search_root)

@@ -144,7 +144,8 @@ def open_image(
             raise BtrdeltaError("casync indexes are not signed: --key applies to btrdelta "
                                 "archives only", source=location)
         caibx, stats = read_caibx(location, config)
-        chunks = CastrChunks(caibx, list(castr) or [default_store(location)], config=config)
+        chunks = CastrChunks(caibx, list(castr) or [default_store(location)], config=config,
+                             guessed=not castr)
         return OpenImage("casync", location, caibx, caibx.chunking(), chunks, None, None, 0,
                          stats.bytes_received, closers=[chunks.close])
     if castr:
