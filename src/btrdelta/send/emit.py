@@ -31,7 +31,11 @@ length); clones stay.
 Full sends without clone sources go through :mod:`.full` instead (no tree model). Here,
 before any record, both trees are scanned and every regular file read once and hashed
 (:mod:`btrdelta.send.scan`): the parent tree in a forked child process, the new tree here with
-a thread pool, so an incremental send uses two cores like rsync's sender/receiver pair.
+a thread pool, so an incremental send uses two cores like rsync's sender/receiver pair. A
+full record-mode send whose UUID is not the content's (a btrfs snapshot's) starts at once
+instead: its files are hashed in the order they are sent, each waited for as it is sent
+(``TreeScan(order=...)``), or also its tree walked as it is sent, each directory waited for
+(``TreeScan(stream=...)``: :class:`~.scan.ScanStream`).
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ from .values import SendStats, StreamIds
 
 if TYPE_CHECKING:
     from .changes import Changes, SourceIndex
+    from .scan import ScanStream
 
 __all__ = ["CAPS", "COMPRESSORS", "SendStats", "Sender", "StreamIds", "encode_piece",
            "option_problem"]
@@ -167,7 +172,8 @@ class Sender:
         self.changes: Changes | None = None
         self._hasher: ContentHasher | None = None
         self._window = direct_buffer()  # (a mapping: no page is touched until it is used)
-        self._order: list[int] | None = None
+        self._ordered = False  # (a full send's files hashed in the order sent)
+        self._stream: ScanStream | None = None  # (its tree walked as it is sent)
         self.old: Tree | None = None
         if scan is None and old_record is None and self.parent_dir is not None:
             from .changes import find_changes  # (not needed by a send from a record)
@@ -190,9 +196,8 @@ class Sender:
         #: bytes of file data the stream carries at most (set with the header)
         self.estimate = 0
         # a full send is an incremental one from a tree that holds only the root directory
-        self._base = self.old if self.old is not None else Tree(
-            self.new_dir, {ROOT: self.new.nodes[ROOT]}, {ROOT: {}}
-        )
+        self._base = self.old if self.old is not None else \
+            Tree(self.new_dir, {ROOT: self.new.nodes[ROOT]}, {ROOT: {}})
         self._base.hashed = self.old is None or self._base.hashed
         if not self.virtual and self._hasher is not None:
             self._hasher.submit(self._base)
@@ -216,9 +221,10 @@ class Sender:
 
     @property
     def streaming(self) -> bool:
-        """A full send hashed in the order it is sent (``TreeScan(order=inode_order)``):
-        each file is waited for as it is sent (not if the header's UUID is the content's)."""
-        return self.old is None and self._order is not None and self.ids.uuid is not None
+        """A full send hashed in the order it is sent (``TreeScan(order=inode_order)``,
+        or ``stream``: also walked as it is sent): each file is waited for as it is sent
+        (not if the header's UUID is the content's)."""
+        return self.old is None and self._ordered and self.ids.uuid is not None
 
     def _scan_trees(self, scan: TreeScan | None, old_record: Tree | None,
                     workers: int | None) -> None:
@@ -231,7 +237,8 @@ class Sender:
             scan.close()
             raise BtrdeltaError("the prepared scan is of another parent tree")
         self.new = scan.new
-        self._order = scan.order
+        self._stream = scan.stream
+        self._ordered = scan.order is not None or scan.stream is not None
         if old_record is not None:
             self.old = old_record
         else:
@@ -284,7 +291,7 @@ class Sender:
 
     # -- the stream ----------------------------------------------------------------------
 
-    def records(self) -> Iterator[Record]:
+    def records(self) -> Generator[Record, None, None]:
         """Every record of the stream, ``SUBVOL``/``SNAPSHOT`` first and ``END`` last."""
         try:
             yield from self._records()
@@ -293,6 +300,8 @@ class Sender:
                 self.changes.close()
             if self.streaming and self._hasher is not None:
                 self._hasher.close()  # (a stream that failed: the threads stop)
+            if self._stream is not None:
+                self._stream.close()  # (the walk too)
 
     def _records(self) -> Iterator[Record]:
         old = self._base
@@ -304,6 +313,8 @@ class Sender:
             self.stats.bytes_read = self._read + n
             self._progress()
 
+        if self._stream is not None and not self.streaming:
+            self._stream.join()  # (a tree whose UUID is its content's: scanned first)
         if self._hasher is None:
             assert self.changes is not None
             on_bytes(self.changes.bytes_read)
@@ -321,10 +332,15 @@ class Sender:
         self.stats.phase = "send"
         self._progress()
         yield self._count(self.header())
-        names, ns = (full_order if self.old is None else order_namespace)(old, self.new, match)
+        names, ns = full_order(old, self.new, match, self._stream) if self.old is None \
+            else order_namespace(old, self.new, match)
         yield from self._inodes(old, match, ns, names)
         if self.streaming:
             assert self._hasher is not None
+            if self._stream is not None:  # (every directory was sent: the walk is over)
+                new = self._stream.join()
+                self.stats.files_scanned, self.stats.bytes_scanned = new.files, new.data_bytes
+                self.estimate = self._estimate(old, match)
             self._hasher.wait(on_bytes)  # every file was waited for: the threads end
         yield self._count(End())
         self.stats.phase = "done"
@@ -339,6 +355,8 @@ class Sender:
         differ from the receiver's and are not found in old files (the block diffs are kept
         for sending), else every changed file whole."""
         if self.streaming:  # (not hashed yet: every file whole, holes too)
+            if self._stream is not None and self._stream.walking:
+                return 0  # (not scanned yet either: unknown)
             return sum(n.size for nid, n in self.new.nodes.items()
                        if n.is_reg and nid not in match.unchanged)
         total = 0
@@ -499,15 +517,7 @@ class Sender:
         onode = self._old_file(node.digest)
         if onode is not None and self._same_as_old(onode, node):
             clone_uuid, clone_ctransid = self.parent_ids()
-            return Clone(
-                offset=0,
-                length=node.size,
-                path=node.path,
-                clone_uuid=clone_uuid,
-                clone_ctransid=clone_ctransid,
-                clone_path=onode.path,
-                clone_offset=0,
-            )
+            return _whole_clone(node, clone_uuid, clone_ctransid, onode.path)
         for src in self.sources:
             if src.uuid == self.new_ids()[0]:
                 # a copy of the new tree (the UUID is the content's): the receiver takes a
@@ -517,29 +527,13 @@ class Sender:
             if found is not None and found[1] == node.size and files_equal(
                 src.abspath(found[0]), new_abs, node.size
             ):
-                return Clone(
-                    offset=0,
-                    length=node.size,
-                    path=node.path,
-                    clone_uuid=src.uuid,
-                    clone_ctransid=src.ctransid,
-                    clone_path=found[0],
-                    clone_offset=0,
-                )
+                return _whole_clone(node, src.uuid, src.ctransid, found[0])
         nid = new_by_digest.get(node.digest)
         if nid is not None and files_equal(
             self.new.abspath(self.new.nodes[nid].path), new_abs, node.size
         ):
             uuid, ctransid = self.new_ids()
-            return Clone(
-                offset=0,
-                length=node.size,
-                path=node.path,
-                clone_uuid=uuid,
-                clone_ctransid=ctransid,
-                clone_path=self.new.nodes[nid].path,
-                clone_offset=0,
-            )
+            return _whole_clone(node, uuid, ctransid, self.new.nodes[nid].path)
         return None
 
     def _old_file(self, digest: bytes) -> Node | None:
@@ -791,6 +785,12 @@ class Sender:
         if enc is not None:
             self.stats.data_bytes += len(enc.data)
         return enc
+
+
+def _whole_clone(node: Node, uuid: UUID, ctransid: int, path: bytes) -> Clone:
+    """The ``CLONE`` of all of ``node``'s content from the file at ``path`` of ``uuid``."""
+    return Clone(offset=0, length=node.size, path=node.path, clone_uuid=uuid,
+                 clone_ctransid=ctransid, clone_path=path, clone_offset=0)
 
 
 def _stub(found: tuple[bytes, int, int]) -> Node:

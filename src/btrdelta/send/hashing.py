@@ -486,6 +486,15 @@ class ContentHasher:
         #: batches with one worker), and how many of those were run here
         self._batch_of: dict[int, int] = {}
         self._ran = 0
+        #: a tree streamed (:meth:`stream`): its files added but not queued yet, their ids,
+        #: their bytes, the batch size, whether their bytes are kept; under ``_add_lock``
+        self._pending: list[tuple[Node, bytes]] = []
+        self._pending_ids: set[int] = set()
+        self._pending_bytes = 0
+        self._most = 16
+        self._streamed: Tree | None = None
+        self._stream_keeping = False
+        self._add_lock = threading.Lock()
 
     def _run(self, batch: list[tuple[Node, bytes]], keeping: bool = False) -> int:
         buf = getattr(self._local, "buf", None)
@@ -573,14 +582,50 @@ class ContentHasher:
         if cur:
             self._queue(cur, keeping, order is not None)
 
+    def stream(self, tree: Tree) -> None:
+        """Files of ``tree`` (a scan that is still walking it: :class:`~.scan.ScanStream`)
+        come by :meth:`add` in the order they are wanted (:meth:`ready`), their bytes kept
+        (as ``submit(tree, keep=True, order=...)``)."""
+        self._trees.append(tree)
+        self._streamed = tree
+        self._stream_keeping = keeping = self.seed is not None and not self._keeping
+        self._keeping |= keeping
+        if keeping:
+            self._keep_max = KEEP_MAX
+
+    def add(self, nodes: list[Node]) -> None:
+        """Queue these regular files of the streamed tree (those not hashed yet), in order:
+        in batches as :meth:`submit` cuts an ordered tree's (the first ones small; the last
+        one queued when a file of it is wanted, or by :meth:`wait`)."""
+        tree = self._streamed
+        assert tree is not None
+        prefix = tree.root + b"/"
+        with self._add_lock:
+            for n in nodes:
+                if n.segments is not None:
+                    continue
+                self._pending.append((n, prefix + n.path))
+                self._pending_ids.add(n.id)
+                self._pending_bytes += n.size + 16384
+                if self._pending_bytes >= (8 << 20) or len(self._pending) >= self._most:
+                    self._flush()
+                    self._most = min(256, self._most * 2)
+
+    def _flush(self) -> None:
+        """Queue the files added and not queued yet (under ``_add_lock``)."""
+        if self._pending:
+            self._queue(self._pending, self._stream_keeping, True)
+            self._pending, self._pending_bytes = [], 0
+            self._pending_ids.clear()
+
     def _queue(self, batch: list[tuple[Node, bytes]], keeping: bool, ordered: bool) -> None:
-        if ordered:
-            index = len(self._batches if self._pool is None else self._jobs)
-            self._batch_of.update((node.id, index) for node, _path in batch)
+        index = len(self._batches if self._pool is None else self._jobs)
         if self._pool is None:
             self._batches.append((batch, keeping))  # one worker: hashed here when wanted
         else:
             self._jobs.append(self._pool.submit(batch, keeping))
+        if ordered:  # (after the batch: a streamed tree's files are wanted by another thread)
+            self._batch_of.update((node.id, index) for node, _path in batch)
 
     def ready(self, node: Node) -> None:
         """Wait until ``node``'s file (of a tree submitted with an ``order``) is hashed;
@@ -590,6 +635,11 @@ class ContentHasher:
             BtrdeltaError: a file of its batch cannot be read or changed size.
         """
         index = self._batch_of.get(node.id)
+        if index is None and self._streamed is not None:
+            with self._add_lock:  # (added, not queued yet: its batch is queued now)
+                if node.id in self._pending_ids:
+                    self._flush()
+                index = self._batch_of.get(node.id)
         if index is None:
             return
         if self._pool is not None:
@@ -610,6 +660,8 @@ class ContentHasher:
         Raises:
             BtrdeltaError: a file cannot be read or changed size since the scan.
         """
+        with self._add_lock:
+            self._flush()  # (a streamed tree: its walk is over)
         try:
             for batch, keeping in self._batches[self._ran:]:  # (the first ones: by ready)
                 self._done += self._run(batch, keeping)

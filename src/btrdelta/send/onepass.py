@@ -3,7 +3,7 @@
 A sendshot record holds, per regular file, XXH3-128 and BLAKE3-256 of its content and the
 seeded XXH3-128 of every 4 KiB block of its data ranges. :class:`BlockHasher` makes them
 from a file's bytes fed in order; the hashing threads of :mod:`.scan` feed it what they read,
-and a full send (:mod:`.emit`) feeds it the bytes it sends of the files :func:`sent_whole`
+and a full send (:mod:`.emit`) feeds it the bytes it sends of the files :class:`SentWhole`
 leaves to it, then :func:`hashed_as_sent` fills in the node. Owns no reading policy beyond
 that choice; the record format is :mod:`btrdelta.tree.sendshot`'s.
 
@@ -16,7 +16,6 @@ is 9 ms of CPU against 15-17 ms; the whole-file digests (BLAKE3 and XXH3) take 3
 from __future__ import annotations
 
 import os
-from collections import Counter
 
 import blake3
 
@@ -29,17 +28,17 @@ from .extents import extents_of
 if TYPE_CHECKING:
     from typing import Any
 
-    from .scan import Node, Tree
+    from .scan import Node
 
-__all__ = ["BLOCK", "BlockHasher", "block_digests_py", "digests_of", "hashed_as_sent",
-           "sent_whole"]
+__all__ = ["BLOCK", "BlockHasher", "SentWhole", "block_digests_py", "digests_of",
+           "hashed_as_sent"]
 
 #: size of the blocks a sendshot record digests
 BLOCK = 4096
 #: zeros fed for holes, at most this many at a time
 _PIECE = 1 << 20
 _ZEROS = memoryview(bytes(_PIECE))
-#: smallest file a full send hashes as it sends it (see :func:`sent_whole`)
+#: smallest file a full send hashes as it sends it (see :class:`SentWhole`)
 _HASHED_AS_SENT = 1 << 20
 
 
@@ -138,19 +137,41 @@ def hashed_as_sent(fd: int, node: Node, segs: list[tuple[int, int]], hasher: Blo
     node.segments = segs
 
 
-def sent_whole(tree: Tree) -> set[int]:
-    """The regular files of ``tree`` a full send reads whole and may hash as it sends them
-    instead of reading them first: those of 1 MiB or more (smaller ones are read ahead by
-    the hashing threads, which keeps many reads in flight; the send then finds them cached)
-    that no other file can be a CLONE of (no other file has their size and their first and
-    last 4 KiB)."""
-    files = [n for n in tree.nodes.values() if n.is_reg and n.size >= _HASHED_AS_SENT]
-    sizes = Counter(n.size for n in files)
-    later = {n.id for n in files if sizes[n.size] == 1}
-    samples = {n.id: _sample(tree.abspath(n.path), n.size) for n in files if n.id not in later}
-    seen = Counter((tree.nodes[i].size, s) for i, s in samples.items())
-    later.update(i for i, s in samples.items() if seen[tree.nodes[i].size, s] == 1)
-    return later
+class SentWhole:
+    """Which regular files of a full send streamed while its tree is scanned are hashed as
+    they are sent (True), read whole anyway, instead of by the hashing threads first: those
+    of 1 MiB or more that no earlier file (in the order found, the order sent) can be a
+    copy of: no earlier one has their size and their first and last 4 KiB. Smaller ones
+    are read ahead by the hashing threads, which keeps many reads in flight; the send then
+    finds them cached.
+
+    A later copy of such a file is hashed first (its sample is the same), so it becomes a
+    ``CLONE`` of it, whose digest is known once it was sent: the records are those of a
+    send that hashed every file of a size shared with another before the stream.
+    """
+
+    def __init__(self, root: bytes) -> None:
+        self.root = root
+        #: size -> [node, its sample or None: not read yet] of the files seen of that size
+        self._seen: dict[int, list[list[Any]]] = {}
+
+    def __call__(self, node: Node) -> bool:
+        if node.size < _HASHED_AS_SENT:
+            return False
+        same = self._seen.get(node.size)
+        if same is None:
+            self._seen[node.size] = [[node, None]]
+            return True
+        mine = _sample(self.root + b"/" + node.path, node.size)
+        first = True
+        for entry in same:
+            if entry[1] is None:
+                entry[1] = _sample(self.root + b"/" + entry[0].path, node.size)
+            if entry[1] == mine:
+                first = False
+                break
+        same.append([node, mine])
+        return first
 
 
 def _sample(path: bytes, size: int) -> bytes:

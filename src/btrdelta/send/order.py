@@ -28,6 +28,7 @@ from __future__ import annotations
 import stat
 from collections.abc import Iterator
 
+from .. import TYPE_CHECKING
 from .._value import Value, field
 from ..stream.records import (
     Link,
@@ -44,6 +45,9 @@ from ..stream.records import (
 )
 from .diff import Match
 from .scan import ROOT, Node, Tree
+
+if TYPE_CHECKING:
+    from .scan import ScanStream
 
 __all__ = ["Namespace", "full_order", "order_namespace"]
 
@@ -240,7 +244,8 @@ def order_namespace(old: Tree, new: Tree, match: Match) -> tuple[list[Record], N
     return o.out, o.ns
 
 
-def full_order(old: Tree, new: Tree, match: Match) -> tuple[Iterator[Record | int], Namespace]:
+def full_order(old: Tree, new: Tree, match: Match, stream: ScanStream | None = None
+               ) -> tuple[Iterator[Record | int], Namespace]:
     """A full send's namespace records with its inodes between them, as the kernel's send
     orders them: each entry of a directory (top-down, by name: the walk of
     :func:`order_namespace`) is created (``LINK`` for a further name of a hard-linked inode)
@@ -253,8 +258,13 @@ def full_order(old: Tree, new: Tree, match: Match) -> tuple[Iterator[Record | in
     each file with one ``open`` (not a second one by path for its data).
 
     ``old`` is the tree of a full send (its root only). The namespace returned stays empty:
-    a full send's inodes are all created (nothing in it is ``touched``).
+    a full send's inodes are all created (nothing in it is ``touched``). With ``stream``
+    (``new`` is still being scanned: :class:`~.scan.ScanStream`) each directory is waited
+    for before its entries are read; the walk is the scan's, so the stream does not wait
+    for the scan of anything after what it sends.
     """
+    wait = stream.wait_dir if stream is not None else None
+    linked = stream.linked if stream is not None else None
     ns = Namespace(children={}, dentries={})
 
     def walk() -> Iterator[Record | int]:
@@ -268,6 +278,8 @@ def full_order(old: Tree, new: Tree, match: Match) -> tuple[Iterator[Record | in
             if d < 0:
                 yield ~d
                 continue
+            if wait is not None:
+                wait(d)
             base = nodes[d].path
             prefix = base + b"/" if base else b""
             subdirs: list[int] = []
@@ -283,7 +295,8 @@ def full_order(old: Tree, new: Tree, match: Match) -> tuple[Iterator[Record | in
                     if node.is_dir:
                         subdirs.append(cid)
                         continue
-                    if len(node.dentries) > 1:
+                    # (streamed: its further names may not be scanned yet)
+                    if len(node.dentries) > 1 or (linked is not None and linked(node)):
                         first[cid] = path
                     if path != node.path:  # (its records name its first path)
                         waiting[node.path] = cid

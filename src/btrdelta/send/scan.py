@@ -23,7 +23,9 @@ tree always gets the same UUID, any change of content or metadata a different on
 ctime are excluded: reading or copying a tree changes them).
 
 :class:`TreeScan` runs the whole reading half of a send on two cores: the parent tree in a
-:class:`ForkedScan` child process, the new tree here.
+:class:`ForkedScan` child process, the new tree here. A full send on btrfs does not wait for
+the walk: :class:`ScanStream` walks the tree in a thread, in the order the stream sends it,
+and publishes it directory by directory (the stream waits only for the directory it is at).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ __all__ = [
     "ROOT",
     "ContentHasher",
     "ForkedScan",
+    "ScanStream",
     "TreeScan",
     "Node",
     "Tree",
@@ -417,6 +420,130 @@ def scan_tree(
     return tree
 
 
+class ScanStream:
+    """A full scan of a tree (:func:`scan_tree`'s walk, nodes and numbering) in a thread of
+    its own, published directory by directory, so that a full send can stream while the
+    tree is still being scanned, as the kernel's send does.
+
+    The root is ``lstat``-ed here (its errors are raised by the constructor); the thread
+    then walks the tree. :attr:`tree` grows as it goes: a directory's entries (their nodes,
+    ``children``, names) are all there once :meth:`wait_dir` of it returned; a node's further
+    hard-link names come when their directories are scanned. :meth:`attach` gives the
+    regular files to a callback, in the order they were found (the order a full stream
+    sends them: :func:`inode_order`), each directory's before that directory is published;
+    :meth:`join` waits for the end and fills in :attr:`Tree.files` and
+    :attr:`Tree.data_bytes`. An error of the walk is raised by the :meth:`wait_dir` or
+    :meth:`join` that meets it; :meth:`close` stops the walk (at the next directory) and
+    waits for the thread.
+
+    Raises:
+        BtrdeltaError: ``path`` is not a directory or cannot be read.
+    """
+
+    def __init__(self, path: str | bytes | os.PathLike[str]) -> None:
+        root = os.fsencode(path).rstrip(b"/") or b"/"
+        try:
+            st = os.lstat(root)
+        except OSError as exc:
+            raise BtrdeltaError(f"cannot scan: {exc.strerror}", path=root) from exc
+        if not stat.S_ISDIR(st.st_mode):
+            raise BtrdeltaError("not a directory", path=root)
+        self._scanner = sc = _Scanner(root, st.st_dev, None)
+        sc.make(st, root, b"", None, root)
+        sc.children[ROOT] = {}
+        self.tree = sc.tree
+        self._cond = threading.Condition()
+        self._scanned: set[int] = set()
+        self._sink: Callable[[list[Node]], None] | None = None
+        self._backlog: list[Node] = []
+        self._done = self._stop = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._walk, name="btrdelta-scan", daemon=True)
+        self._thread.start()
+
+    def _walk(self) -> None:
+        sc = self._scanner
+        nodes = sc.nodes
+        stack: list[tuple[int, bytes, bytes]] = [(ROOT, sc.tree.root, b"")]
+        try:
+            while stack:
+                if self._stop:
+                    raise BtrdeltaError("scan stopped", path=sc.tree.root)
+                d, absdir, rel = stack.pop()
+                first = len(nodes)
+                subdirs = sc.scan_dir(d, absdir, rel)
+                files = [nodes[i] for i in range(first, len(nodes)) if nodes[i].is_reg]
+                with self._cond:
+                    if self._sink is None:
+                        self._backlog += files
+                    elif files:
+                        self._sink(files)
+                    self._scanned.add(d)
+                    self._cond.notify_all()
+                stack.extend(reversed(subdirs))
+            sc.tree.files, sc.tree.data_bytes = sc.files, sc.data
+        except BaseException as exc:  # raised where the walk is waited for
+            self._error = exc
+        finally:
+            with self._cond:
+                self._done = True
+                self._cond.notify_all()
+
+    def attach(self, sink: Callable[[list[Node]], None]) -> None:
+        """From now on, give ``sink`` the regular files found (those found so far at once):
+        each directory's new files (not further names of a hard-linked one), in order."""
+        with self._cond:
+            backlog, self._backlog = self._backlog, []
+            if backlog:
+                sink(backlog)
+            self._sink = sink
+
+    def linked(self, node: Node) -> bool:
+        """Whether ``node`` (found already) is an inode with more names than one (its other
+        names may not be scanned yet)."""
+        return self._scanner.by_inode.get(node.st_ino) == node.id
+
+    def wait_dir(self, nid: int) -> None:
+        """Wait until directory ``nid``'s entries are scanned.
+
+        Raises:
+            BtrdeltaError: the walk met an error first (its error; an ``OSError`` too).
+        """
+        if nid in self._scanned:
+            return
+        with self._cond:
+            while nid not in self._scanned:
+                if self._done:
+                    self._raise()
+                    raise BtrdeltaError("directory not found by the scan",
+                                        path=self.tree.root)
+                self._cond.wait()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    @property
+    def walking(self) -> bool:
+        """Whether the walk has not ended yet."""
+        return not self._done
+
+    def join(self) -> Tree:
+        """Wait for the walk's end; the whole tree.
+
+        Raises:
+            BtrdeltaError: the walk met an error (its error; an ``OSError`` too).
+        """
+        self._thread.join()
+        self._raise()
+        return self.tree
+
+    def close(self) -> None:
+        """Stop the walk (if it still runs) and wait for its thread."""
+        self._stop = True
+        self._thread.join()
+
+
 class ForkedScan:
     """Scans and hashes one tree in a forked child process, while the caller does the other.
 
@@ -541,6 +668,13 @@ class TreeScan:
         order: called with the new tree once scanned: its node ids in the order a full send
             emits them (kept as :attr:`order`); its files are then hashed in that order and
             the send waits for each one (:meth:`ContentHasher.ready`), not for all.
+        stream: a full send streamed while the tree is scanned: the new tree is a
+            :class:`ScanStream`'s (this one, or, with True, one started here; kept as
+            :attr:`stream`), its files queued for hashing as the walk finds them, in the
+            order they are sent (as with ``order``); the constructor does not wait for the
+            walk.
+        hash_as_sent: with ``stream``, called with each regular file as it is found (in
+            the order sent): True for a file not to hash here (as ``later``).
 
     Raises:
         BtrdeltaError: the new tree cannot be scanned.
@@ -559,6 +693,8 @@ class TreeScan:
         later: Callable[[Tree], set[int]] | None = None,
         extents: bool = False,
         order: Callable[[Tree], list[int]] | None = None,
+        stream: ScanStream | bool = False,
+        hash_as_sent: Callable[[Node], bool] | None = None,
     ) -> None:
         need("xxhash", "make")  # before any thread starts: a missing extra is one line
         self.parent_dir = os.fsencode(parent_dir) if parent_dir is not None else None
@@ -573,6 +709,21 @@ class TreeScan:
         self._old: Tree | None = None
         #: the new tree's node ids in the order they are emitted (``order``), else None
         self.order: list[int] | None = None
+        #: the walk of the new tree, while a full send streams (``stream``), else None
+        self.stream: ScanStream | None = None
+        if stream is not False:
+            try:
+                self.stream = stream if isinstance(stream, ScanStream) else ScanStream(new_dir)
+            except BaseException:
+                self.close()
+                raise
+            self.new = self.stream.tree
+            self.hasher.whole_blocks = _whole_blocks(self.new.root)
+            self.hasher.stream(self.new)
+            hasher, skip = self.hasher, hash_as_sent
+            self.stream.attach(hasher.add if skip is None else
+                               lambda files: hasher.add([n for n in files if not skip(n)]))
+            return
         try:
             self.new = new_tree or scan_tree(new_dir, on_entry=on_entry)
             if prepare is not None:
@@ -608,7 +759,9 @@ class TreeScan:
         return self._old
 
     def close(self) -> None:
-        """Stop the child and the hashing threads (after an error)."""
+        """Stop the walk, the child and the hashing threads (after an error)."""
+        if self.stream is not None:
+            self.stream.close()
         self.hasher.close()
         if self._forked is not None:
             self._forked.close()

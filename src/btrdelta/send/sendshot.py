@@ -32,10 +32,10 @@ from ..tree.sendshot import SendshotHead
 from .emit import Sender
 from .extents import EXTENT_MIN, hash_changed
 from .live import Frozen, frozen, subvolume_uuid
-from .onepass import sent_whole
+from .onepass import SentWhole
 from .record import record_inodes, stamp_generations, tree_from_record
 from .rescan import Changes, Stale, rescan, usable
-from .scan import Tree, TreeScan, inode_order
+from .scan import ScanStream, Tree, TreeScan, inode_order
 from .store import SendshotStore, StoredSendshot
 from .values import SendStats, StreamIds
 
@@ -136,15 +136,20 @@ def _stamp(fz: Frozen) -> Callable[[Tree], None]:
 
 
 def _scan(fz: Frozen, base: StoredSendshot | None, cols: Columns | None,
-          seed: int, scanned: Tree | None = None
+          seed: int, scanned: ScanStream | None = None
           ) -> tuple[TreeScan, Tree | None, Changes | None]:
     """The new tree's scan, the old tree, and the changes when only they were visited.
 
     On btrfs, against a record of an earlier snapshot of the same subvolume, only what
     changed since is visited and sent (:func:`_changes`: both trees are then the changed
-    part); otherwise the tree is walked whole (unless a full send's tree is ``scanned``
-    already) and every file read, against the whole record.
+    part); otherwise the tree is walked whole and every file read, against the whole record.
+    A full stream on btrfs (its UUID the subvolume's) starts at once and goes on while the
+    tree is walked (:class:`~.scan.ScanStream`: ``scanned``, a walk started already, or one
+    started here), its files hashed as the walk finds them, in the order they are sent.
     """
+    if scanned is not None and (base is not None or fz.info is None):
+        scanned.close()  # (not a full stream on btrfs: walked again below)
+        scanned = None
     if fz.info is not None and base is not None and cols is not None and \
             usable(base.head, fz.lineage, fz.generation, fz.info.readonly):
         got = _changes(fz, base, cols, seed)
@@ -152,14 +157,15 @@ def _scan(fz: Frozen, base: StoredSendshot | None, cols: Columns | None,
             return got[0], got[1].old, got[1]
     old = tree_from_record(cols.rows(), base.head, base.path) \
         if cols is not None and base is not None else None
-    later = sent_whole if base is None and fz.info is not None else None
-    # a full stream starts at once: its files are hashed in the order they are sent, and
-    # its inodes' generations (only its record's) are read after it (send_with_sendshots)
+    extents = fz.info is not None and fz.info.readonly
+    if base is None and fz.info is not None:
+        # its inodes' generations (only its record's) are read after it (send_with_sendshots)
+        return TreeScan(fz.path, None, seed=seed, extents=extents, stream=scanned or True,
+                        hash_as_sent=SentWhole(fz.path)), None, None
+    # a full stream of a plain directory (its UUID the content's) is hashed before it starts
     order = inode_order if base is None else None
     return TreeScan(fz.path, None, seed=seed, prepare=_stamp(fz) if base is not None else None,
-                    later=later,
-                    extents=fz.info is not None and fz.info.readonly, order=order,
-                    new_tree=scanned if base is None else None), old, None
+                    extents=extents, order=order), old, None
 
 
 def _changes(fz: Frozen, base: StoredSendshot, cols: Columns, seed: int
@@ -232,7 +238,7 @@ def send_with_sendshots(
     on_record: Callable[[Record], None] | None = None,
     source_name: bytes | None = None,
     durable: bool = True,
-    scanned: Tree | None = None,
+    scanned: ScanStream | None = None,
 ) -> SendshotResult:
     """Send ``source`` (full, or against the sendshot ``from_sendshot``) to ``write``.
 
@@ -253,7 +259,7 @@ def send_with_sendshots(
         source_name: the path to record (default ``source``; the live path, for a caller
             that froze it).
         durable: ``fsync`` the new record before naming it (``docs/formats/sendshot.md`` §4).
-        scanned: ``source``'s tree, already scanned (:func:`~.scan.scan_tree`): full sends.
+        scanned: a walk of ``source`` started already (:class:`~.scan.ScanStream`).
 
     Raises:
         MissingBaseError: no such sendshot.
@@ -329,10 +335,14 @@ def _write_stream(sender: Sender, write: Callable[[Any], object], version: int,
     from ..stream.writer import StreamWriter
 
     writer = StreamWriter(write, version)
-    for rec in sender.records():
-        writer.write(rec)
-        if on_record is not None:
-            on_record(rec)
+    records = sender.records()
+    try:
+        for rec in records:
+            writer.write(rec)
+            if on_record is not None:
+                on_record(rec)
+    finally:
+        records.close()  # (a write that failed: the walk and the hashing threads stop now)
 
 
 def _head(sender: Sender, fz: Frozen, base: StoredSendshot | None, src: bytes, name: bytes,

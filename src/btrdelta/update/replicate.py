@@ -17,8 +17,9 @@ adopts the subvolume the HOLDINGS list under the transfer's name (:meth:`_Sender
 
 Resumable: a writable btrfs source is read from a read-only snapshot kept (next to it,
 named ``.btrdelta-replicate-<session>-<store>-<pid>``) until the receiver committed (on a
-first replication it is taken and scanned while the receiver starts: :class:`_Early`); the
-session, its snapshot, base and plan are kept in the receiver's cursor (``inflight``). When
+first replication it is taken, and its walk started, while the receiver starts:
+:class:`_Early`); the session, its snapshot, base and plan are kept in the receiver's
+cursor (``inflight``). When
 the receiver reports a partial transfer of that session, the same stream is made again from
 the same snapshot and base, its segments up to the receiver's are checked against the
 receiver's chain digest (``diverged`` if they differ) and not sent, and the stream goes on
@@ -32,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -55,7 +55,7 @@ from ..protocol import (
 from ..protocol.messages import max_data, segment_hasher, spoken
 from ..protocol.plan import Known, choose
 from ..send.live import drop_leftovers, drop_snapshot, frozen, keep_snapshot
-from ..send.scan import Tree, scan_tree
+from ..send.scan import ScanStream
 from ..send.sendshot import send_with_sendshots
 from ..send.store import SendshotStore, StoredSendshot
 from ..stream.records import End, Record, Snapshot, Subvol
@@ -196,6 +196,13 @@ class _Wire:
                           window=self.window)
 
     @property
+    def estimate(self) -> int:
+        """The sender's estimate of the file data (after the stream: a full stream sent
+        while its tree was walked gives 0, unknown, in its PLAN, and the whole figure
+        here)."""
+        return getattr(self._sender, "estimate", 0)
+
+    @property
     def sent(self) -> int:
         """Stream bytes written in this conversation."""
         return self.out.sent if self.out is not None else 0
@@ -314,18 +321,19 @@ def _drop_leftovers(source: bytes, uuid: UUID, store: SendshotStore) -> list[byt
 
 
 class _Early:
-    """A new session's snapshot, taken and scanned while the receiver starts and says what
-    it holds (a first replication of a writable subvolume can only be a full stream, or
-    refused): the scan is then off the stream's critical path. Discarded (the snapshot
-    deleted) unless the plan adopts it."""
+    """A new session's snapshot, taken and its walk started while the receiver starts and
+    says what it holds (a first replication of a writable subvolume can only be a full
+    stream, or refused): the stream then goes on with the walk (:class:`ScanStream`, which
+    publishes the tree directory by directory), and neither waits for the whole scan.
+    Discarded (the walk stopped, the snapshot deleted) unless the plan adopts it."""
 
     def __init__(self, snap: bytes, session: str) -> None:
         self.snap, self.session = snap, session
         self.adopted = False
-        self._tree: Tree | None = None
-        self._thread = threading.Thread(target=self._scan, name="replicate-scan",
-                                        daemon=True)
-        self._thread.start()
+        try:
+            self._walk: ScanStream | None = ScanStream(snap)
+        except BtrdeltaError:  # the send walks again and says what is wrong
+            self._walk = None
 
     @classmethod
     def start(cls, source: bytes, store: SendshotStore) -> _Early | None:
@@ -338,20 +346,16 @@ class _Early:
             return None
         return cls(snap, session) if snap is not None else None
 
-    def _scan(self) -> None:
-        try:
-            self._tree = scan_tree(self.snap)
-        except Exception:  # the send scans again and says what is wrong
-            self._tree = None
-
-    def adopt(self) -> Tree | None:
-        """The snapshot is the session's (the caller records it): its tree, scanned."""
+    def adopt(self) -> ScanStream | None:
+        """The snapshot is the session's (the caller records it): its walk, going on."""
         self.adopted = True
-        self._thread.join()
-        return self._tree
+        return self._walk
 
     def discard(self) -> None:
-        self._thread.join()
+        """After the conversation: the walk stopped (over, unless the send failed), the
+        snapshot deleted unless adopted."""
+        if self._walk is not None:
+            self._walk.close()
         if not self.adopted:
             drop_snapshot(self.snap)
 
@@ -436,7 +440,7 @@ class _Sender:
                                 holdings.partial.chain)
         if inflight and inflight.get("snapshot"):
             drop_snapshot(os.fsencode(inflight["snapshot"]))  # an abandoned session
-        scanned: Tree | None = None
+        scanned: ScanStream | None = None
         snap: bytes | None
         if early is not None:
             session, snap = early.session, early.snap
@@ -465,7 +469,7 @@ class _Sender:
     # -- the stream -------------------------------------------------------------------
 
     def _stream(self, flight: dict[str, Any], offset: int, segments: int,
-                chain_at: str, scanned: Tree | None = None,
+                chain_at: str, scanned: ScanStream | None = None,
                 planned: Callable[[], None] | None = None) -> ReplicateResult:
         io = self.io
         wire = _Wire(self, flight, offset, segments, chain_at, planned)
@@ -513,7 +517,7 @@ class _Sender:
         pruned = self._prune(lineage)
         return ReplicateResult("committed", plan.kind, done.name, self.rid, plan.base or None,
                                recorded, sent, plan.offset, offset, pruned=pruned,
-                               estimate=plan.estimate)
+                               estimate=plan.estimate or wire.estimate)
 
     def _prune(self, lineage: object) -> int:
         """Prune this source's sendshots no receiver needs (unless told not to)."""
