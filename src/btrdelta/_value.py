@@ -250,6 +250,7 @@ _d_f4: Any = None
 _d_f5: Any = None
 _d_f7: Any = None
 _d_f8: Any = None
+_d_f9: Any = None
 _d_f12: Any = None
 _d_f13: Any = None
 
@@ -271,6 +272,12 @@ def _init3_000(self: Any, f0: Any, f1: Any, f2: Any) -> None:
     self.f0 = f0
     self.f1 = f1
     self.f2 = f2
+
+
+def _frozen3_000(self: Any, f0: Any, f1: Any, f2: Any) -> None:
+    _set(self, 'f0', f0)
+    _set(self, 'f1', f1)
+    _set(self, 'f2', f2)
 
 
 def _init3_111(self: Any, f0: Any, f1: Any, f2: Any) -> None:
@@ -314,6 +321,15 @@ def _init5_00001(self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any) -> None
     self.f2 = f2
     self.f3 = f3
     self.f4 = _d_f4.make() if f4 is _d_f4 else f4
+
+
+def _init6_000000(self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any, f5: Any) -> None:
+    self.f0 = f0
+    self.f1 = f1
+    self.f2 = f2
+    self.f3 = f3
+    self.f4 = f4
+    self.f5 = f5
 
 
 def _init7_0000000(
@@ -369,6 +385,22 @@ def _init9_000000000(
     self.f8 = f8
 
 
+def _init10_0000000000(
+    self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any, f5: Any, f6: Any,
+    f7: Any, f8: Any, f9: Any,
+) -> None:
+    self.f0 = f0
+    self.f1 = f1
+    self.f2 = f2
+    self.f3 = f3
+    self.f4 = f4
+    self.f5 = f5
+    self.f6 = f6
+    self.f7 = f7
+    self.f8 = f8
+    self.f9 = f9
+
+
 def _init10_0011110110(
     self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any, f5: Any, f6: Any,
     f7: Any, f8: Any, f9: Any,
@@ -419,6 +451,29 @@ def _init13_0000000000000(
     self.f10 = f10
     self.f11 = f11
     self.f12 = f12
+
+
+def _init16_0001110001000100(
+    self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any, f5: Any, f6: Any,
+    f7: Any, f8: Any, f9: Any, f10: Any, f11: Any, f12: Any, f13: Any, f14: Any,
+    f15: Any,
+) -> None:
+    self.f0 = f0
+    self.f1 = f1
+    self.f2 = f2
+    self.f3 = _d_f3.make() if f3 is _d_f3 else f3
+    self.f4 = _d_f4.make() if f4 is _d_f4 else f4
+    self.f5 = _d_f5.make() if f5 is _d_f5 else f5
+    self.f6 = f6
+    self.f7 = f7
+    self.f8 = f8
+    self.f9 = _d_f9.make() if f9 is _d_f9 else f9
+    self.f10 = f10
+    self.f11 = f11
+    self.f12 = f12
+    self.f13 = _d_f13.make() if f13 is _d_f13 else f13
+    self.f14 = f14
+    self.f15 = f15
 
 
 def _init20_00000000000000000000(
@@ -486,19 +541,23 @@ _GENERATED: dict[str, Callable[..., None]] = {
     "_init1_0": _init1_0,
     "_init2_00": _init2_00,
     "_init3_000": _init3_000,
+    "_frozen3_000": _frozen3_000,
     "_init3_111": _init3_111,
     "_init4_0000": _init4_0000,
     "_frozen4_0000": _frozen4_0000,
     "_init4_0011": _init4_0011,
     "_init5_00000": _init5_00000,
     "_init5_00001": _init5_00001,
+    "_init6_000000": _init6_000000,
     "_init7_0000000": _init7_0000000,
     "_frozen7_0000000": _frozen7_0000000,
     "_init8_00000000": _init8_00000000,
     "_init9_000000000": _init9_000000000,
+    "_init10_0000000000": _init10_0000000000,
     "_init10_0011110110": _init10_0011110110,
     "_init11_00000000000": _init11_00000000000,
     "_init13_0000000000000": _init13_0000000000000,
+    "_init16_0001110001000100": _init16_0001110001000100,
     "_init20_00000000000000000000": _init20_00000000000000000000,
     "_init24_000000000000110000000000": _init24_000000000000110000000000,
 }

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from btrdelta.cli import COMMANDS, build_parser, main
+from tests.cli.test_delta_cli import _setup
 
 STREAM = Path(__file__).parents[1] / "data" / "streams" / "reflink-deep-paths-108.A.v1.stream"
 
@@ -142,6 +143,35 @@ def test_a_sendshot_send_imports_no_thread_pool_or_logging(tmp_path: Path) -> No
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-2:] == ["[]", "0 0 []"]
     assert len(os.listdir(store / "records")) == 2
+
+
+def test_a_delta_receive_imports_no_typing_dataclasses_or_thread_pool(tmp_path: Path) -> None:
+    """``btrdelta receive`` of a delta stream (the command's module, the receive, the
+    expansion with its patch codecs, the recompression and the old files' checks) imports
+    neither ``typing`` nor ``dataclasses`` (with its ``inspect``, ``ast``, ``dis``...), nor
+    ``concurrent.futures`` with its ``logging`` (btrdelta/_pool.py), nor ``zstandard``'s
+    package (its C backend only: btrdelta/_zstd.py): ~20 ms of every receive's start-up
+    that ``btrfs receive`` does not have (issue 12)."""
+    old, stream = _setup(tmp_path)
+    delta = tmp_path / "D"
+    assert main(["delta", "make", "-q", "-f", str(stream), "--old", str(old), "-o",
+                 str(delta), "--codec", "zstd", "-j", "1"]) == 0
+    script = (
+        "import sys\n"
+        "import btrdelta.cli.receive_cmd, btrdelta.update.receive\n"
+        "from btrdelta.delta.events import expand_events\n"
+        f"with open({str(delta)!r}, 'rb') as f:\n"
+        f"    n = sum(len(b) for b in expand_events(f, {str(old)!r}).batches())\n"
+        "print(n, sorted(m for m in ('typing', 'dataclasses', 'inspect', 'concurrent.futures',\n"
+        "                            'logging', 'zstandard', 'json', 'shlex')\n"
+        "                if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=False, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    count, imported = proc.stdout.split(" ", 1)
+    assert int(count) > 3  # (the stream's records: the expansion ran)
+    assert imported.strip() == "[]"
 
 
 @pytest.mark.parametrize(("argv", "want"), [

@@ -5,15 +5,13 @@ from __future__ import annotations
 import argparse
 import errno
 import functools
-import json
 import os
-import shlex
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
+from .. import TYPE_CHECKING
 from ..errors import ApplyError, BtrdeltaError, UsageError
 from ..receive import ReceivedSubvol
 from ..update.receive import receive_any
@@ -26,6 +24,9 @@ from ._common import (
     parse_size,
 )
 from .progress import Progress, add_progress_options, progress_wanted
+
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
 _EPILOG = """\
 examples:
@@ -144,10 +145,14 @@ def _names(args: argparse.Namespace) -> tuple[str, str | None]:
     if args.dest is None and args.input is not None and not args.dump:
         args.dest, args.input = args.input, None  # `receive DEST`: the only argument is DEST
         if args.file is None and os.path.isfile(args.dest):
+            import shlex  # (here and below: not on every receive's start-up path)
+
             raise UsageError(f"{args.dest} is a file: give the directory to receive into "
                              f"too: btrdelta receive {shlex.quote(args.dest)} DEST")
     if args.input is not None and args.dest is not None and os.path.isdir(args.input) \
             and os.path.isfile(args.dest):
+        import shlex
+
         raise UsageError(f"{args.input} is a directory and {args.dest} a file: the stream "
                          "comes first: btrdelta receive "
                          f"{shlex.quote(args.dest)} {shlex.quote(args.input)}")
@@ -181,6 +186,8 @@ def run(args: argparse.Namespace) -> int:
     with open_input(name) as f:
         done = _receive(args, receiver, f, name, dest)
     if args.json:
+        import json
+
         print(json.dumps({
             "input": name, "dest": dest, "dry_run": args.dry_run,
             "seconds": round(time.monotonic() - started, 3),

@@ -14,7 +14,11 @@ and compression libraries of a command it does not run).
 from __future__ import annotations
 
 import importlib
-from typing import Any
+
+from .. import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "DELTA_MAGIC",

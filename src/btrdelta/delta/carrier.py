@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from operator import attrgetter
 
+from .._value import Value, field
 from ..errors import StreamFormatError
 from ..stream.constants import CMD_HEADER, CMD_HEADER_SIZE, Attr, Cmd
 from ..tree.pathmap import PathMap
@@ -79,8 +80,7 @@ _MAX_NS = (1 << 64) * _NS - 1
 _MAX_WIDTH = 13
 
 
-@dataclass(slots=True)
-class CarrierState:
+class CarrierState(Value):
     """What both sides remember between carried commands."""
 
     #: the previous path (last PATH carried, PATH_TO of a RENAME, PATCH path)
@@ -99,24 +99,22 @@ class CarrierState:
     #: directory (with its trailing ``/``, ``b""`` at the top) of the last RENAME's PATH_TO
     rename_dir: bytes | None = None
     #: sorted entry names of a directory of the old snapshot (``None``: none)
-    lister: Callable[[bytes], list[bytes] | None] | None = field(default=None, compare=False)
+    lister: Callable[[bytes], list[bytes] | None] | None = None
     #: names of the stream's current paths in the old snapshot (fed by the caller)
-    pathmap: PathMap = field(default_factory=PathMap, compare=False)
+    pathmap: PathMap = field(default_factory=PathMap)
     #: directory of the last UNLINK and the index of its name in the old listing
     unlink_dir: bytes | None = None
     unlink_pos: int = -1
     #: references to old listings that cannot be resolved give ``?`` names (``stat``)
     lenient: bool = False
     _listings: dict[bytes, tuple[list[bytes], dict[bytes, int]] | None] = field(
-        default_factory=dict, compare=False
+        default_factory=dict
     )
     #: directory commands followed so far (:func:`_follow`), and the last listing asked
     #: for: (directory, ``moves`` then, listing); consecutive UNLINKs of one directory
     #: skip the origin lookup while no directory command came in between
-    moves: int = field(default=0, compare=False)
-    _last: tuple[bytes, int, tuple[list[bytes], dict[bytes, int]] | None] | None = field(
-        default=None, compare=False
-    )
+    moves: int = 0
+    _last: tuple[bytes, int, tuple[list[bytes], dict[bytes, int]] | None] | None = None
 
     def _listing(self, d: bytes) -> tuple[list[bytes], dict[bytes, int]] | None:
         last = self._last
@@ -206,6 +204,21 @@ class CarrierState:
             raise StreamFormatError("RENAME name reference out of range")
         self.name_pos = k
         return self.rename_dir + self.names[k]
+
+
+#: what two states are compared by (what both sides remember); not the caches and the
+#: helpers (``lister``, ``pathmap``, ``_listings``, ``moves``, ``_last``)
+_STATE = attrgetter("last_path", "last_ino", "format", "times", "names", "name_at",
+                    "name_pos", "rename_dir", "unlink_dir", "unlink_pos", "lenient")
+
+
+def _same_state(self: CarrierState, other: object) -> bool:
+    if other.__class__ is not CarrierState:
+        return NotImplemented  # type: ignore[no-any-return]
+    return bool(_STATE(self) == _STATE(other))
+
+
+CarrierState.__eq__ = _same_state  # type: ignore[assignment,method-assign]
 
 
 def _path_tlv(tag: int, path: bytes, cmd: int) -> bytearray:

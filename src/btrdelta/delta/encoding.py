@@ -12,8 +12,8 @@ is :mod:`.parser`.
 from __future__ import annotations
 
 import struct
-from typing import Any
 
+from .. import TYPE_CHECKING
 from ..errors import StreamFormatError, UnsupportedVersionError
 from ..stream.constants import CMD_HEADER, SUPPORTED_VERSIONS
 from ..stream.crc import crc32c
@@ -51,6 +51,9 @@ from .format import (
     StreamStart,
     ZCommands,
 )
+
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "can_compact", "decode_bases", "decode_item", "encode_bases", "encode_item",

@@ -25,15 +25,17 @@ from __future__ import annotations
 from collections.abc import Generator, Iterable, Iterator
 from contextlib import closing
 from pathlib import Path
-from typing import BinaryIO
 
+from .. import TYPE_CHECKING
 from ..errors import BtrdeltaError, StreamFormatError
 from ..stream.reader import EOF, NEED_DATA, Event, StreamParser
 from ..stream.records import Clone, End
 from .expand import HEADER, WRITE, OldRoot, expand_items, open_delta
-from .format import DeltaItem
-from .options import DEFAULT_MAX_FILE_SIZE
+from .format import DEFAULT_MAX_FILE_SIZE, DeltaItem
 from .patching import SameEncodedWrite, SameWrite
+
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
 __all__ = ["DeltaEvents", "expand_batches", "expand_events"]
 

@@ -33,8 +33,8 @@ import struct
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import closing
-from typing import Any, BinaryIO
 
+from .. import TYPE_CHECKING
 from ..errors import BtrdeltaError, ChecksumError, StreamFormatError
 from ..fs.sandbox import list_dir as list_old_dir
 from ..stream import records as R
@@ -43,6 +43,7 @@ from ..stream.constants import CMD_HEADER, CMD_HEADER_SIZE, MAGIC, MAX_PAYLOAD, 
 from ..stream.crc import crc32c
 from ..stream.reader import StreamHeader
 from .format import (
+    DEFAULT_MAX_FILE_SIZE,
     BtrfsCommand,
     DeltaEnd,
     DeltaItem,
@@ -55,10 +56,12 @@ from .format import (
     ZCommands,
 )
 from .oldfiles import hasher
-from .options import DEFAULT_MAX_FILE_SIZE
 from .parser import DeltaParser, iter_items
 from .patching import Patcher, Pending
 from .unpack import CarrierReader
+
+if TYPE_CHECKING:
+    from typing import Any, BinaryIO
 
 __all__ = [
     "DEFAULT_MAX_FILE_SIZE",
@@ -81,7 +84,9 @@ _U16 = struct.Struct("<H")
 _HDR_ZERO_CRC = struct.Struct("<IHI")
 
 #: the old snapshot: a directory, or a function giving it from the stream's SNAPSHOT/SUBVOL
-OldRoot = str | os.PathLike[str] | Callable[[Any], "str | os.PathLike[str]"]
+#: (its one argument; ``...`` rather than ``Any``: this alias is made at run time, where
+#: ``typing`` is not imported)
+OldRoot = str | os.PathLike[str] | Callable[..., "str | os.PathLike[str]"]
 
 # output kinds of expand_items: a stream header, carried btrfs commands (a group of whole
 # commands), a regenerated WRITE or ENCODED_WRITE

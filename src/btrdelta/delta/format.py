@@ -28,12 +28,16 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
-from typing import Any, Final
 
+from .. import TYPE_CHECKING
+from .._value import Value
 from ..stream.framing import DCmd, Place, legal
 
+if TYPE_CHECKING:
+    from typing import Any, Final
+
 __all__ = [
+    "DEFAULT_MAX_FILE_SIZE",
     "DELTA_HEADER",
     "DELTA_HEADER_SIZE",
     "DELTA_MAGIC",
@@ -164,27 +168,30 @@ DIGEST_SIZE: Final = {
 #: codec id of a "same content" patch: the new content is the old file, no patch bytes
 SAME_CODEC: Final = 0
 
+#: largest old file / new content a patch may involve when expanding, and the most one
+#: record may make the expansion hold (ZCMDS, carrier window): ``delta make``'s default, so
+#: every delta made with the defaults expands with them (here, not in :mod:`.options`,
+#: whose ``MakeOptions`` a receive does not need)
+DEFAULT_MAX_FILE_SIZE = 256 << 20
+
 
 # --- items ------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class StreamStart:
+class StreamStart(Value):
     """An embedded btrfs stream header: ``btrfs-stream\\0`` + ``version``."""
 
     version: int
 
 
-@dataclass(slots=True)
-class BtrfsCommand:
+class BtrfsCommand(Value):
     """One original btrfs command, raw (header, CRC and payload), carried uncompressed."""
 
     cmd: int
     raw: memoryview
 
 
-@dataclass(slots=True)
-class ZCommands:
+class ZCommands(Value):
     """Next piece of the stream-wide zstd frame; decompresses to ``raw_len`` bytes of
     complete carried records (btrfs commands, folded, and delta records), whose CRC32C is
     ``crc``."""
@@ -201,8 +208,7 @@ class ZCommands:
     version: int = 0
 
 
-@dataclass(slots=True)
-class Patch:
+class Patch(Value):
     """A patch from old file ``base_path`` to the data of the PWRITEs that follow.
 
     As decoded, ``path`` is ``None`` when it is the previous path and
@@ -228,15 +234,13 @@ class Patch:
     bases: tuple[bytes, ...] = ()
 
 
-@dataclass(slots=True)
-class PatchData:
+class PatchData(Value):
     """A piece of the current patch's bytes."""
 
     data: memoryview
 
 
-@dataclass(slots=True)
-class PWrite:
+class PWrite(Value):
     """``ceil(length / chunk)`` WRITE commands on the patched path from ``offset`` on,
     each ``chunk`` bytes (the last one shorter), data taken from the patch's new content."""
 
@@ -245,8 +249,7 @@ class PWrite:
     chunk: int
 
 
-@dataclass(slots=True)
-class PEncoded:
+class PEncoded(Value):
     """An ENCODED_WRITE on the patched path regenerated from the next ``length`` bytes of
     the new content: compressed with ``compression`` at ``level``, zero-padded to
     ``disk_len`` bytes; ``crc`` is the original command's CRC32C (checked)."""
@@ -263,8 +266,7 @@ class PEncoded:
     crc: int
 
 
-@dataclass(slots=True)
-class DeltaEnd:
+class DeltaEnd(Value):
     """End of the delta stream: count, size and digest of the whole expanded stream."""
 
     count: int

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
 
 import blake3
 
+from .. import TYPE_CHECKING
+from .._pool import Pool, Task
 from ..errors import ApplyError, BtrdeltaError, ChecksumError, MissingBaseError
 from ..fs.sandbox import DirCache, open_regular, open_regular_sized
 from .format import HashAlgo
+
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["OldFileChecks", "digest", "hasher", "read_old_file", "read_old_files"]
 
@@ -277,11 +280,11 @@ class OldFileChecks:
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: Pool | None = None
         self._batch: list[_Check] = []
         self._bytes = 0
         #: batches submitted, not yet waited for: (future, the batch, fds it holds)
-        self._running: deque[tuple[Future[None], list[_Check], int]] = deque()
+        self._running: deque[tuple[Task[None], list[_Check], int]] = deque()
         #: fds held by the batch being gathered and by the running ones
         self._fds = 0
         self._batch_fds = 0
@@ -312,7 +315,7 @@ class OldFileChecks:
         if not self._batch:
             return
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.workers, "btrdelta-oldcheck")
+            self._pool = Pool(self.workers, "btrdelta-oldcheck")
         batch = self._batch
         self._running.append((self._pool.submit(self._check, batch), batch, self._batch_fds))
         self._batch = []
@@ -347,7 +350,7 @@ class OldFileChecks:
         self._batch = []
         running, self._running = self._running, deque()
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown(cancel_futures=True)
             self._pool = None
         for fut, batch, _fds in running:
             if fut.cancelled():

@@ -6,16 +6,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from .format import HashAlgo
+from .format import DEFAULT_MAX_FILE_SIZE, HashAlgo
 
 __all__ = ["DEFAULT_LEVEL", "DEFAULT_MAX_FILE_SIZE", "MakeOptions"]
 
 #: zstd level of the command carrier (``zstd -19``)
 DEFAULT_LEVEL = 19
-#: largest old file / new content a patch may involve when expanding, and the most one
-#: record may make the expansion hold (ZCMDS, carrier window): ``delta make``'s default, so
-#: every delta made with the defaults expands with them
-DEFAULT_MAX_FILE_SIZE = 256 << 20
 
 
 @dataclass

@@ -17,8 +17,8 @@ a subclass) carrying the source, the byte offset, the record index and the recor
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
 
+from .. import TYPE_CHECKING
 from ..errors import BtrdeltaError, StreamFormatError, UnsupportedVersionError
 from ..stream.constants import CMD_HEADER_SIZE, MAX_PAYLOAD
 from ..stream.framing import (
@@ -52,6 +52,9 @@ from .format import (
     ZCommands,
     codec_refusal,
 )
+
+if TYPE_CHECKING:
+    from typing import Any, Literal
 
 __all__ = ["DELTA_FRAMING", "EOF", "NEED_DATA", "DeltaParser", "iter_items"]
 

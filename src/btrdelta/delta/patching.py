@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
 
+from .. import TYPE_CHECKING
+from .._pool import Pool, Task
+from .._value import Value
 from ..errors import BtrdeltaError, ChecksumError, MissingBaseError, StreamFormatError
 from ..fs.copy import data_segments
 from ..fs.sandbox import DirCache, open_regular_sized
@@ -51,6 +51,9 @@ from .format import (
 from .oldfiles import OldFileChecks, digest, read_old_file, read_old_files
 from .recompress import compress_extent
 
+if TYPE_CHECKING:
+    from typing import Any
+
 __all__ = ["Patcher", "Pending", "SameEncodedWrite", "SameWrite"]
 
 #: threads recompressing extents (one per CPU this process may use; none if only one);
@@ -61,13 +64,12 @@ _WORKERS = (
 _INLINE = 8192
 
 
-@dataclass(slots=True)
-class Pending:
+class Pending(Value):
     """A PENC record whose extent is being recompressed (``packed``, in a worker thread)."""
 
     #: bytes: recompressed at once (a small extent); None: not regenerated (its CLONE is
     #: applied instead, see ``hash_clones``)
-    packed: Future[bytes] | bytes | None
+    packed: Task[bytes] | bytes | None
     penc: PEncoded
     path: bytes
     version: int
@@ -77,8 +79,7 @@ class Pending:
     clone: R.Clone | R.Write | None = None
 
 
-@dataclass(slots=True)
-class _Active:
+class _Active(Value):
     patch: Patch
     #: None: an unchanged file whose content is cloned, not read (its old file is being
     #: checked in the background: :attr:`Patcher.checks`)
@@ -160,7 +161,7 @@ class Patcher:
         #: directory fd of the last old file read
         self.dirs = DirCache()
         #: recompression threads (PENC), started at the first large PENC; see :meth:`close`
-        self.pool: ThreadPoolExecutor | None = None
+        self.pool: Pool | None = None
         #: True once the expanded stream's digest is not computed (set by the caller): an
         #: unchanged file's content is then not needed at all when it is cloned, and its
         #: old file is checked in the background (:meth:`settle` waits for that)
@@ -392,7 +393,7 @@ class Patcher:
             assert a.content is not None
             clone = R.Write(a.patch.path, e.offset,
                             memoryview(a.content)[start : start + e.file_len])
-        packed: Future[bytes] | bytes | None
+        packed: Task[bytes] | bytes | None
         if clone is not None and not self.hash_clones:
             packed = None  # the CLONE is applied; nothing to recompress
         else:
@@ -402,7 +403,7 @@ class Patcher:
                 packed = compress_extent(raw, e.compression, e.level)
             else:
                 if self.pool is None:
-                    self.pool = ThreadPoolExecutor(_WORKERS, "btrdelta-penc")
+                    self.pool = Pool(_WORKERS, "btrdelta-penc")
                 packed = self.pool.submit(compress_extent, raw, e.compression, e.level)
         a.pos += e.length
         if a.pos == a.size:
@@ -473,7 +474,7 @@ class Patcher:
         """Stop the recompression threads (queued work is cancelled, running work ends) and
         close the cached directory."""
         if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool.shutdown(cancel_futures=True)
             self.pool = None
         self.checks.close()
         self.dirs.close()

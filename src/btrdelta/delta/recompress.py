@@ -28,11 +28,13 @@ from __future__ import annotations
 import threading
 import zlib
 from collections import Counter
-from typing import Any
 
-import zstandard
-
+from .. import TYPE_CHECKING
+from .._zstd import zstd
 from ..errors import StreamFormatError
+
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "ZLIB",
@@ -68,7 +70,7 @@ _local = threading.local()
 def _dctx() -> Any:
     d = getattr(_local, "dctx", None)
     if d is None:
-        d = _local.dctx = zstandard.ZstdDecompressor()
+        d = _local.dctx = zstd.ZstdDecompressor()
     return d
 
 
@@ -89,14 +91,14 @@ def _zstd_compressor(level: int, size: int) -> Any:
     if cctx is None:
         if len(cache) >= 64:
             cache.clear()
-        cctx = cache[id(params)] = zstandard.ZstdCompressor(compression_params=params)
+        cctx = cache[id(params)] = zstd.ZstdCompressor(compression_params=params)
     return cctx
 
 
 def _btrfs_zstd_params(level: int, size: int) -> Any:
     """``ZSTD_getParams(level, size)`` with the window log capped as btrfs does (interned:
     equal parameters are the same object)."""
-    base = zstandard.ZstdCompressionParameters.from_level(level, source_size=size)
+    base = zstd.ZstdCompressionParameters.from_level(level, source_size=size)
     window_log = min(base.window_log, _ZSTD_MAX_WINDOW_LOG)
     key = (
         level, base.compression_level, window_log, base.chain_log, base.hash_log,
@@ -104,7 +106,7 @@ def _btrfs_zstd_params(level: int, size: int) -> Any:
     )
     params = _zstd_interned.get(key)
     if params is None:
-        params = zstandard.ZstdCompressionParameters.from_level(
+        params = zstd.ZstdCompressionParameters.from_level(
             level,
             source_size=size,
             window_log=window_log,
@@ -148,7 +150,7 @@ def natural_extent(data: Any, compression: int) -> bytes | None:
     ``data`` is not one well-formed zstd frame / zlib stream of at most 128 KiB."""
     try:
         if compression == ZSTD:
-            fp = zstandard.get_frame_parameters(data)
+            fp = zstd.get_frame_parameters(data)
             if fp.content_size > MAX_EXTENT or fp.has_checksum:
                 return None
             out = _dctx().decompress(data, max_output_size=MAX_EXTENT)
@@ -159,7 +161,7 @@ def natural_extent(data: Any, compression: int) -> bytes | None:
             if not d.eof or len(out) > MAX_EXTENT:
                 return None
             return out
-    except (zstandard.ZstdError, zlib.error, ValueError):
+    except (zstd.ZstdError, zlib.error, ValueError):
         return None
     return None
 

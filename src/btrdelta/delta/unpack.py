@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterator
-from typing import Any
 
-import zstandard
-
-from .. import _native
+from .. import TYPE_CHECKING, _native
+from .._zstd import zstd
 from ..errors import ChecksumError, StreamFormatError
 from ..stream.constants import CMD_HEADER, CMD_HEADER_SIZE, MAX_PAYLOAD
 from ..stream.crc import crc32c
@@ -47,6 +45,9 @@ from .format import (
     ZCommands,
     codec_refusal,
 )
+
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["GROUP_COMMANDS", "GROUP_MAX", "MAX_ZCMDS_RAW", "CarrierReader"]
 
@@ -141,7 +142,7 @@ class CarrierReader:
     def _inflate_zstd(self, item: ZCommands) -> bytearray:
         if self._dctx is None:  # the first piece: the frame header
             self._check_window(item.zdata)
-            self._dctx = zstandard.ZstdDecompressor(
+            self._dctx = zstd.ZstdDecompressor(
                 max_window_size=self.max_window).decompressobj()
         out: list[bytes] = []
         got = 0
@@ -153,7 +154,7 @@ class CarrierReader:
                 if got > item.raw_len:
                     raise StreamFormatError("ZCMDS inflates to more than it declares")
                 out.append(piece)
-        except zstandard.ZstdError as exc:
+        except zstd.ZstdError as exc:
             raise StreamFormatError(f"ZCMDS carrier is corrupt: {exc}") from exc
         if got != item.raw_len:
             raise StreamFormatError(f"ZCMDS inflates to {got} bytes, declares {item.raw_len}")
@@ -162,8 +163,8 @@ class CarrierReader:
     def _check_window(self, head: memoryview) -> None:
         """Refuse a carrier frame whose window is over the limit, naming both."""
         try:
-            window = zstandard.get_frame_parameters(bytes(head[:18])).window_size
-        except zstandard.ZstdError as exc:
+            window = zstd.get_frame_parameters(bytes(head[:18])).window_size
+        except zstd.ZstdError as exc:
             raise StreamFormatError(f"ZCMDS carrier is corrupt: {exc}") from exc
         if window > self.max_window:
             raise StreamFormatError(

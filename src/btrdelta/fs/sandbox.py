@@ -37,9 +37,12 @@ import errno
 import os
 import stat
 from collections.abc import Iterable, Sequence
-from typing import Final
 
+from .. import TYPE_CHECKING
 from ..errors import UnsafePathError
+
+if TYPE_CHECKING:
+    from typing import Final
 
 __all__ = [
     "CACHE_MAX",

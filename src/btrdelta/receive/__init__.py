@@ -11,8 +11,7 @@ ioctls and copies are :mod:`btrdelta.fs`'s.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
+from .. import TYPE_CHECKING
 from .applier import Applier
 from .receiver import receive
 from .subvolumes import (
@@ -26,6 +25,8 @@ from .subvolumes import (
 )
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from .registry import REGISTRY_NAME, Registry
 
 __all__ = [

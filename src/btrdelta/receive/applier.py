@@ -29,10 +29,9 @@ import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 from uuid import UUID
 
-from .. import _native
+from .. import TYPE_CHECKING, _native
 from ..errors import ApplyError, BtrdeltaError, MissingBaseError, StreamFormatError
 from ..fs import btrfs
 from ..fs.btrfs import FS_FLAGS_KNOWN, fileattr_to_fsflags
@@ -70,6 +69,9 @@ from ..stream.records import (
 )
 from .encoded import MAX_UNENCODED, decode_extent
 from .subvolumes import PendingSubvol, PreCommit, ReceivedSubvol, Subvolumes
+
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["Applier"]
 

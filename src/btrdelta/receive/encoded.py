@@ -24,9 +24,12 @@ from __future__ import annotations
 import functools
 import struct
 import zlib
-from typing import Any
 
+from .. import TYPE_CHECKING
 from ..errors import StreamFormatError
+
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["COMPRESSION_NAMES", "MAX_UNENCODED", "decode_extent"]
 

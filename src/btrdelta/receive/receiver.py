@@ -14,15 +14,18 @@ import queue
 import threading
 from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
 from uuid import UUID
 
+from .. import TYPE_CHECKING
 from ..errors import BtrdeltaError, StreamFormatError
 from ..stream.reader import Event, StreamHeader
 from ..stream.records import End, Snapshot, Subvol
 from .applier import Applier
 from .resume import ResumePoint, resumed
 from .subvolumes import PreCommit, ReceivedSubvol
+
+if TYPE_CHECKING:
+    from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["BatchedEvents", "prefetch", "receive"]
 
@@ -37,14 +40,26 @@ _QUEUE_BATCHES = 4
 _DONE = object()
 
 
-@runtime_checkable
-class BatchedEvents(Protocol):
-    """Events that also come in lists (a :class:`StreamReader`, an expanded delta stream):
-    ``receive`` takes the lists and saves the per-event iteration."""
+if TYPE_CHECKING:
+    @runtime_checkable
+    class BatchedEvents(Protocol):
+        """Events that also come in lists (a :class:`StreamReader`, an expanded delta
+        stream): ``receive`` takes the lists and saves the per-event iteration."""
 
-    def batches(self) -> Generator[list[Event], None, None]:
-        """The events, in lists."""
-        ...
+        def batches(self) -> Generator[list[Event], None, None]:
+            """The events, in lists."""
+            ...
+else:
+    class _HasBatches(type):
+        def __instancecheck__(cls, obj: object) -> bool:
+            return callable(getattr(obj, "batches", None))
+
+    class BatchedEvents(metaclass=_HasBatches):
+        """Events that also come in lists (a :class:`StreamReader`, an expanded delta
+        stream): ``receive`` takes the lists and saves the per-event iteration.
+        ``isinstance(x, BatchedEvents)``: ``x`` has a ``batches()`` method (what the
+        ``runtime_checkable`` protocol type checkers see checks, without ``typing``, which
+        a receive does not import)."""
 
 
 def prefetch(batches: Iterable[list[Event]]) -> Iterator[list[Event]]:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Generator, Iterable
-from typing import TYPE_CHECKING, Any
 
+from .. import TYPE_CHECKING
 from .._value import Value
 from ..errors import BtrdeltaError
 from ..stream.reader import Event, StreamHeader
@@ -37,6 +37,8 @@ from ..stream.records import (
 from .subvolumes import PendingSubvol
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from .applier import Applier
 
 __all__ = ["ResumePoint", "already_applied", "resumed"]

@@ -36,9 +36,9 @@ import fcntl
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 from uuid import UUID
 
+from .. import TYPE_CHECKING
 from .._value import Value
 from ..errors import ApplyError, BtrdeltaError, MissingBaseError, UnsafePathError
 from ..fs.atomic import pid_alive

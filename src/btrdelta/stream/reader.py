@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Generator, Iterator
-from typing import Any, BinaryIO, Literal
 
-from .. import _native
+from .. import TYPE_CHECKING, _native
 from ..errors import BtrdeltaError, StreamFormatError, UnsupportedVersionError
 from .codec import (
     _ZERO_CRC,
@@ -49,6 +48,9 @@ from .crc import crc32c
 from .framing import EOF, NEED_DATA, Framer, Framing, Sentinel, legal, send_place
 from .records import End, Event, Record, StreamHeader
 
+if TYPE_CHECKING:
+    from typing import Any, BinaryIO, Literal
+
 __all__ = ["EOF", "NEED_DATA", "SEND_FRAMING", "Event", "StreamHeader", "StreamParser",
            "StreamReader"]
 
@@ -67,7 +69,7 @@ SEND_FRAMING = Framing(
 )
 
 
-class _FastTable(dict[int, Any]):
+class _FastTable(dict[int, "Any"]):  # (a string: typing is not imported at run time)
     """Command number -> generated fast decoder for one stream version (filled on use;
     ``None`` for commands the version does not define)."""
 

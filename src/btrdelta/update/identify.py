@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import enum
 import io
-from dataclasses import dataclass
-from typing import Any, BinaryIO
 
+from .. import TYPE_CHECKING
+from .._value import Value
 from ..errors import StreamFormatError
 from ..stream.constants import MAGIC as STREAM_MAGIC
+
+if TYPE_CHECKING:
+    from typing import Any, BinaryIO
 
 __all__ = ["Identified", "Kind", "identify", "identify_bytes"]
 
@@ -44,8 +47,7 @@ _COMPRESSED = (
 PEEK = 32
 
 
-@dataclass(frozen=True)
-class Identified:
+class Identified(Value, frozen=True):
     """The verdict on an input's first bytes."""
 
     kind: Kind

@@ -18,18 +18,21 @@ import os
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO, Any, BinaryIO
 from uuid import UUID
 
+from .. import TYPE_CHECKING
 from ..errors import MissingBaseError
 from ..receive import ReceivedSubvol, find_parent, receive, uses_btrfs
 from ..stream.reader import Event, StreamReader
 from .identify import Kind, identify
 
-__all__ = ["delta_parent", "open_events", "receive_any"]
+if TYPE_CHECKING:
+    from typing import IO, Any, BinaryIO
 
-#: what can be received: a path, ``"-"`` (standard input) or a binary file
-Source = str | os.PathLike[str] | BinaryIO | IO[bytes]
+    #: what can be received: a path, ``"-"`` (standard input) or a binary file
+    Source = str | os.PathLike[str] | BinaryIO | IO[bytes]
+
+__all__ = ["delta_parent", "open_events", "receive_any"]
 
 
 def delta_parent(dest: Path, backend: str = "auto", search_root: Path | None = None,
@@ -71,7 +74,7 @@ def open_events(
         return StreamReader(f, source=source)
     if what.kind is Kind.DELTA_STREAM:
         from ..delta.events import expand_events
-        from ..delta.options import DEFAULT_MAX_FILE_SIZE
+        from ..delta.format import DEFAULT_MAX_FILE_SIZE
 
         # reflinks where the destination has them (a clone that must be copied costs more
         # than the write it stands for)

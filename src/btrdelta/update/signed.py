@@ -251,7 +251,7 @@ def open_signed_events(
                 end.append(DeltaEnd(item.count, item.size, item.hash_algo, bytes(item.digest)))
             yield item
 
-    from ..delta.options import DEFAULT_MAX_FILE_SIZE
+    from ..delta.format import DEFAULT_MAX_FILE_SIZE
 
     parent = delta_parent(dest, backend, search_root)
     events = expand_events(tap(open_delta(buf, source=source)), parent, source=source,

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import Any, ClassVar
 
+from ... import TYPE_CHECKING
 from ..._optional import OPTIONAL
 from ...errors import MissingDependencyError
+
+if TYPE_CHECKING:
+    from typing import Any, ClassVar
 
 __all__ = ["Codec", "CodecUnavailableError"]
 

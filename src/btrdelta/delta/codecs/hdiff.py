@@ -221,13 +221,13 @@ def _inflated(frame: memoryview, size: int) -> bytes | None:
     """A zstd-compressed stream of an HDIFF13 patch inflated, or ``None`` unless it is one
     frame that declares ``size`` bytes and gives them (nothing is allocated for a size
     the frame does not declare)."""
-    import zstandard  # the receive path has it imported already (the carrier)
+    from ..._zstd import zstd  # the receive path has it imported already (the carrier)
 
     try:
-        if zstandard.frame_content_size(frame) != size:
+        if zstd.frame_content_size(frame) != size:
             return None
-        out = zstandard.ZstdDecompressor().decompress(frame)
-    except zstandard.ZstdError:
+        out = zstd.ZstdDecompressor().decompress(frame)
+    except zstd.ZstdError:
         return None
     return out if len(out) == size else None
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from ... import TYPE_CHECKING
 from ...errors import StreamFormatError
 from .base import DEFAULT_MAX_SIZE, Codec
+
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["ZstdCodec"]
 
@@ -32,6 +34,17 @@ class ZstdCodec(Codec):
     name = "zstd"
     module = "zstandard"
     package = "zstandard"
+
+    def lib(self) -> Any:
+        """``zstandard``'s C backend as :mod:`btrdelta._zstd` loads it (without the
+        package's ``__init__``, which imports ``typing``), else the package."""
+        if self._mod is None:
+            try:
+                from ..._zstd import zstd
+            except ImportError:
+                return super().lib()  # (names the missing package)
+            self._mod = zstd
+        return self._mod
 
     def _dict(self, old: bytes) -> Any:
         z = self.lib()

@@ -1,0 +1,132 @@
+"""A small thread pool for the start-up path: what :class:`concurrent.futures.ThreadPoolExecutor`
+gives the delta expansion (``submit``, a task's ``done``/``result``/``cancelled``,
+``shutdown(cancel_futures=True)``) without importing ``concurrent.futures``.
+
+``concurrent.futures`` imports ``logging`` (and with it ``string``, ``traceback``,
+``weakref``...): ~3-4 ms of every ``btrdelta receive`` of a delta stream, whose expansion
+only needs a queue and a few threads (the recompression of extents, the old files'
+checks). The threads start with the first task and take tasks in the order submitted.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+
+from . import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any, Generic, TypeVar
+
+    _T = TypeVar("_T")
+
+    class _Generic(Generic[_T]):
+        pass
+else:
+    _T = None
+
+    class _Generic:
+        """``Task[X]`` at run time is ``Task`` (``typing.Generic`` for type checkers)."""
+
+        def __class_getitem__(cls, _item: object) -> type:
+            return cls
+
+__all__ = ["Pool", "Task"]
+
+_PENDING, _RUNNING, _DONE, _CANCELLED = range(4)
+
+
+class Task(_Generic[_T]):
+    """One submitted call: its result or exception once done."""
+
+    __slots__ = ("_call", "_event", "_exc", "_result", "_state")
+
+    def __init__(self, call: Callable[[], _T]) -> None:
+        self._call: Callable[[], _T] | None = call
+        self._state = _PENDING
+        self._result: _T | None = None
+        self._exc: BaseException | None = None
+        self._event = threading.Event()
+
+    def done(self) -> bool:
+        """Finished (with a result or an exception) or cancelled."""
+        return self._event.is_set()
+
+    def cancelled(self) -> bool:
+        """Dropped by :meth:`Pool.shutdown` before it started."""
+        return self._state == _CANCELLED
+
+    def result(self) -> _T:
+        """Wait for the call; its result, or raise its exception."""
+        self._event.wait()
+        if self._state == _CANCELLED:
+            raise RuntimeError("task cancelled")
+        if self._exc is not None:
+            raise self._exc
+        return self._result  # type: ignore[return-value]
+
+    def _run(self) -> None:
+        call, self._call = self._call, None
+        try:
+            self._result = call()  # type: ignore[misc]
+        except BaseException as exc:  # handed to result()
+            self._exc = exc
+        self._state = _DONE
+        self._event.set()
+
+    def _cancel(self) -> None:
+        self._call = None
+        self._state = _CANCELLED
+        self._event.set()
+
+
+class Pool:
+    """``workers`` threads named ``<name>_<i>`` running submitted calls in order."""
+
+    def __init__(self, workers: int, name: str) -> None:
+        self._workers = max(1, workers)
+        self._name = name
+        self._queue: deque[Task[Any]] = deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
+
+    def submit(self, fn: Callable[..., _T], *args: Any) -> Task[_T]:
+        """Run ``fn(*args)`` in a worker thread."""
+        task: Task[_T] = Task(lambda: fn(*args))
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("submit after shutdown")
+            self._queue.append(task)
+            self._cond.notify()
+        if not self._threads:
+            for i in range(self._workers):
+                t = threading.Thread(target=self._work, name=f"{self._name}_{i}", daemon=True)
+                t.start()
+                self._threads.append(t)
+        return task
+
+    def _work(self) -> None:
+        cond, queue = self._cond, self._queue
+        while True:
+            with cond:
+                while not queue and not self._stopping:
+                    cond.wait()
+                if not queue:
+                    return
+                task = queue.popleft()
+            task._run()
+
+    def shutdown(self, *, cancel_futures: bool = True) -> None:
+        """Stop the threads and wait for them: tasks not started are cancelled (with
+        ``cancel_futures``, else run first), running ones end."""
+        with self._cond:
+            self._stopping = True
+            if cancel_futures:
+                while self._queue:
+                    self._queue.popleft()._cancel()
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join()
+        self._threads = []
