@@ -6,6 +6,7 @@ import argparse
 import errno
 import functools
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -145,14 +146,10 @@ def _names(args: argparse.Namespace) -> tuple[str, str | None]:
     if args.dest is None and args.input is not None and not args.dump:
         args.dest, args.input = args.input, None  # `receive DEST`: the only argument is DEST
         if args.file is None and os.path.isfile(args.dest):
-            import shlex  # (here and below: not on every receive's start-up path)
-
             raise UsageError(f"{args.dest} is a file: give the directory to receive into "
                              f"too: btrdelta receive {shlex.quote(args.dest)} DEST")
     if args.input is not None and args.dest is not None and os.path.isdir(args.input) \
             and os.path.isfile(args.dest):
-        import shlex
-
         raise UsageError(f"{args.input} is a directory and {args.dest} a file: the stream "
                          "comes first: btrdelta receive "
                          f"{shlex.quote(args.dest)} {shlex.quote(args.input)}")
