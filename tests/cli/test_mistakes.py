@@ -208,6 +208,17 @@ def test_old_snapshot_missing_is_exit_6(tmp_path: Path) -> None:
         assert not (tmp_path / "out").exists()
 
 
+def test_btrfs_backend_off_btrfs_names_the_option(tmp_path: Path) -> None:
+    """It said "use the directory backend", which no option is called."""
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    proc = run_cli(["receive", "--backend", "btrfs", "-f", str(STREAM), str(dest)])
+    if proc.returncode == 0:
+        pytest.skip(f"{dest} is on btrfs")
+    assert "--backend dir" in check(proc, "receive --backend btrfs")
+    assert os.listdir(dest) == []
+
+
 def test_receive_as_a_user_says_it_needs_root(world: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to run as another user")

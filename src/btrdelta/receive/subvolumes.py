@@ -149,7 +149,8 @@ def uses_btrfs(dest: Path, backend: str = "auto") -> bool:
     finally:
         os.close(fd)
     if backend == "btrfs" and not on_btrfs:
-        raise BtrdeltaError(f"{dest} is not on btrfs (use the directory backend)")
+        raise BtrdeltaError(f"{dest} is not on btrfs: the btrfs backend needs it (the directory "
+                            "backend receives anywhere: --backend dir, or leave --backend out)")
     return on_btrfs
 
 
