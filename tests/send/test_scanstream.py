@@ -130,7 +130,9 @@ def test_records_come_before_the_walk_reaches_a_later_directory(
     gate = _gate(monkeypatch, b"d2")
     tscan = TreeScan(root, workers=2, seed=3, stream=True,
                      hash_as_sent=SentWhole(os.fsencode(root)))
-    sender = Sender(root, scan=tscan, version=2, ids=StreamIds(uuid=UUID(int=1), ctransid=9))
+    seen: list[int] = []  # the progress's files, so far
+    sender = Sender(root, scan=tscan, version=2, ids=StreamIds(uuid=UUID(int=1), ctransid=9),
+                    on_progress=lambda st: seen.append(st.files_scanned))
     records = sender.records()
     paths = []
     for rec in records:
@@ -141,10 +143,12 @@ def test_records_come_before_the_walk_reaches_a_later_directory(
     assert tscan.stream.walking
     assert b"d2" in paths
     assert not any(p.startswith(b"d2/") for p in paths)
+    assert 0 < seen[-1] <= 163 - 53  # (not yet d2's 53 inodes below it)
     gate.set()
     rest = [getattr(rec, "path", b"") for rec in records]
     assert b"d2/c/zz-link" in rest
     assert not tscan.stream.walking
+    assert seen[-1] == tscan.new.files == 163
 
 
 def test_an_error_of_the_walk_ends_the_stream_with_it(

@@ -221,9 +221,8 @@ class Sender:
 
     @property
     def streaming(self) -> bool:
-        """A full send hashed in the order it is sent (``TreeScan(order=inode_order)``,
-        or ``stream``: also walked as it is sent): each file is waited for as it is sent
-        (not if the header's UUID is the content's)."""
+        """A full send hashed in the order sent (``TreeScan(order=...)``, or ``stream``: also
+        walked as sent): each file waited for as sent (not if the UUID is the content's)."""
         return self.old is None and self._ordered and self.ids.uuid is not None
 
     def _scan_trees(self, scan: TreeScan | None, old_record: Tree | None,
@@ -433,6 +432,7 @@ class Sender:
                 new_by_digest.setdefault(node.digest, nid)
             if i % 64 == 0:
                 self.stats.bytes_read = self._read + self._hashed
+                self.stats.files_scanned = new.files  # (a tree still walked: so far)
                 self._progress()
         self.stats.bytes_read = self._read + self._hashed
 

@@ -431,10 +431,10 @@ class ScanStream:
     hard-link names come when their directories are scanned. :meth:`attach` gives the
     regular files to a callback, in the order they were found (the order a full stream
     sends them: :func:`inode_order`), each directory's before that directory is published;
-    :meth:`join` waits for the end and fills in :attr:`Tree.files` and
-    :attr:`Tree.data_bytes`. An error of the walk is raised by the :meth:`wait_dir` or
-    :meth:`join` that meets it; :meth:`close` stops the walk (at the next directory) and
-    waits for the thread.
+    :attr:`Tree.files` counts the inodes found so far; :meth:`join` waits for the end (then
+    :attr:`Tree.data_bytes` is filled in too). An error of the walk is raised by the
+    :meth:`wait_dir` or :meth:`join` that meets it; :meth:`close` stops the walk (at the
+    next directory) and waits for the thread.
 
     Raises:
         BtrdeltaError: ``path`` is not a directory or cannot be read.
@@ -473,6 +473,7 @@ class ScanStream:
                 first = len(nodes)
                 subdirs = sc.scan_dir(d, absdir, rel)
                 files = [nodes[i] for i in range(first, len(nodes)) if nodes[i].is_reg]
+                sc.tree.files = sc.files  # (so far: progress)
                 with self._cond:
                     if self._sink is None:
                         self._backlog += files
