@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -302,9 +303,16 @@ with open_device(sys.argv[1]) as layout:
 """
 
 
-def _losetup(img: Path) -> list[str]:
-    got = subprocess.run(["losetup", "-j", str(img)], capture_output=True, text=True, check=True)
-    return got.stdout.splitlines()
+def _losetup(img: Path, settle: int | None = None) -> list[str]:
+    """The loop devices of ``img``; with ``settle``, waits (up to 10 s) until there are that
+    many: a loop device is detached after its last unmount, not always at once."""
+    for _ in range(100):
+        got = subprocess.run(["losetup", "-j", str(img)], capture_output=True, text=True,
+                             check=True).stdout.splitlines()
+        if settle is None or len(got) == settle:
+            break
+        time.sleep(0.1)
+    return got
 
 
 def test_a_killed_command_leaves_no_private_mount(small_release: Release, tmp_path: Path,
@@ -321,22 +329,25 @@ def test_a_killed_command_leaves_no_private_mount(small_release: Release, tmp_pa
     subprocess.run(["mkfs.btrfs", "-q", str(img)], check=True, capture_output=True)
     btrdelta("device", "init", img, "--factory", small_release.full, "-q")
     assert os.listdir(tmp) == []
-    holders = [subprocess.Popen([sys.executable, "-c", _HOLD, str(img)], text=True,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-               for _ in range(2)]
+    holders: list[subprocess.Popen[str]] = []
+    tops = []
     try:
-        killed, running = (Path(p.stdout.readline().strip()) for p in holders)  # type: ignore[union-attr]
+        for _ in range(2):  # one after the other: each mount is up before the next starts
+            holders.append(subprocess.Popen([sys.executable, "-c", _HOLD, str(img)], text=True,
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE))
+            tops.append(Path(holders[-1].stdout.readline().strip()))  # type: ignore[union-attr]
+        killed, running = tops
         assert os.path.ismount(killed)
         assert os.path.ismount(running)
         holders[0].kill()
         holders[0].wait()
         assert os.path.ismount(killed)
-        assert len(_losetup(img)) == 1
+        assert _losetup(img)  # one loop device each, or one for both (mount may reuse it)
         btrdelta("device", "status", img)
         assert not killed.exists()
         assert not Path(f"{killed}.lock").exists()
         assert os.path.ismount(running)
-        assert len(_losetup(img)) == 1
+        assert len(_losetup(img, settle=1)) == 1
     finally:
         for p in holders:
             p.communicate("")
@@ -344,4 +355,4 @@ def test_a_killed_command_leaves_no_private_mount(small_release: Release, tmp_pa
             if os.path.ismount(leftover):
                 subprocess.run(["umount", str(leftover)], check=False)
     assert os.listdir(tmp) == []
-    assert _losetup(img) == []
+    assert _losetup(img, settle=0) == []
