@@ -270,6 +270,43 @@ def test_wrong_old_file_named_when_its_patch_fails(
     assert info.value.path == b"f"
 
 
+@pytest.mark.parametrize("codec", ["hdiff", "bsdiff", "zstd", "edits"])
+def test_without_check_digest_no_file_is_hashed(
+    tmp_path: Path, codec: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``check_digest=False`` (``update``: the tree received is checked against the
+    release's content identity, which reads every file a patch wrote from the tree itself):
+    neither the patched content nor its old file is hashed, so a wrong old file of the
+    right size expands to other bytes without an error here; the default names it."""
+    old, stream, delta = _patched_case(tmp_path, codec)
+    sizes: list[int] = []
+    real = oldfiles.digest
+
+    def counted(algo: int, data: bytes) -> bytes:
+        sizes.append(len(data))
+        return real(algo, data)
+
+    monkeypatch.setattr(oldfiles, "digest", counted)
+    monkeypatch.setattr(patching, "digest", counted)
+
+    def expand(check_digest: bool) -> bytes:
+        got: list[bytes] = []
+        for _kind, pieces, _rec in expand_items(open_delta(io.BytesIO(delta)), old,
+                                                check_digest=check_digest):
+            got += [bytes(p) for p in pieces]
+        return b"".join(got)
+
+    assert expand(check_digest=False) == stream
+    assert sizes == []
+    data = bytearray((old / "f").read_bytes())
+    data[150_000] ^= 0xFF
+    (old / "f").write_bytes(bytes(data))
+    assert expand(check_digest=False) != stream
+    assert sizes == []
+    with pytest.raises(ChecksumError, match="differs"):
+        expand(check_digest=True)
+
+
 def test_without_check_digest_nothing_is_hashed_but_count_and_size_are_checked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

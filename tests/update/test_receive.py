@@ -137,3 +137,76 @@ def test_a_verified_delta_is_not_hashed_again(tmp_path: Path,
                                          parent_at=(base.uuid, base.path))
             assert tree_sum(got.path) == want
             assert bool(hashed) is not verified
+
+
+def test_a_verified_hop_over_a_wrong_old_file_fails_its_identity_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A verified hop (``update``) hashes no old file and no patched content in the
+    expansion: a parent whose patched file is not the one the delta was made against (same
+    size, one byte changed) is caught by the identity check of the tree received, and
+    nothing is left under the new name."""
+    import random
+    import subprocess
+
+    from btrdelta.delta import oldfiles, patching
+    from btrdelta.delta.format import SAME_CODEC, Patch
+    from btrdelta.errors import ChecksumError
+    from btrdelta.update.streams import receive_version
+
+    require_btrfs()
+    hashed: list[int] = []
+    real = oldfiles.digest
+
+    def counted(algo: int, data: bytes) -> bytes:
+        hashed.append(len(data))
+        return real(algo, data)
+
+    monkeypatch.setattr(oldfiles, "digest", counted)
+    monkeypatch.setattr(patching, "digest", counted)
+    monkeypatch.setattr(oldfiles.OldFileChecks, "add",
+                        lambda *args: pytest.fail("an old file checked in the background"))
+    codecs: list[int] = []
+    start = patching.Patcher.start
+
+    def seen(self: patching.Patcher, p: Patch) -> None:
+        codecs.append(p.codec)
+        start(self, p)
+
+    monkeypatch.setattr(patching.Patcher, "start", seen)
+    rnd = random.Random(14)
+    text = bytes(rnd.choice(b"abcdefgh \n") for _ in range(300_000))
+    with loop_fs("btrfs", size="1G") as mnt:
+        vol = mnt / "vol"
+        subprocess.run(["btrfs", "-q", "subvolume", "create", str(vol)], check=True)
+        (vol / "lib.so").write_bytes(text)
+        (vol / "other").write_bytes(text[:5000])
+        a, b = mnt / "A", mnt / "B"
+        subprocess.run(["btrfs", "-q", "subvolume", "snapshot", "-r", str(vol), str(a)],
+                       check=True)
+        (vol / "lib.so").write_bytes(text[:1000] + b"EDITED" + text[1000:])
+        subprocess.run(["btrfs", "-q", "subvolume", "snapshot", "-r", str(vol), str(b)],
+                       check=True)
+        full = send(a, tmp_path / "A.stream")
+        delta = _delta(send(b, tmp_path / "B.stream", parent=a), a, tmp_path / "B.delta")
+        ours = mnt / "ours"
+        ours.mkdir()
+        (base,) = receive_any(full, ours)
+        want = tree_sum(b)
+        subprocess.run(["btrfs", "property", "set", "-f", str(base.path), "ro", "false"],
+                       check=True, capture_output=True)
+        target = base.path / "lib.so"
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        target.write_bytes(bytes(data))
+        subprocess.run(["btrfs", "property", "set", str(base.path), "ro", "true"],
+                       check=True, capture_output=True)
+        hashed.clear()
+        with open(delta, "rb") as f, \
+                pytest.raises(ChecksumError, match="does not have its content identity"):
+            receive_version(f, ours, "B", source="B.delta", delta=True, identity=want,
+                            verified=True, parent_at=(base.uuid, base.path))
+        assert hashed == []
+        assert any(c != SAME_CODEC for c in codecs)  # lib.so was patched
+        assert not (ours / "B").exists()
+        assert sorted(p.name for p in ours.iterdir()) == [base.name]

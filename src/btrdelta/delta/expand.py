@@ -130,6 +130,7 @@ class _Expander:
         self.patcher = Patcher(self.resolve_root, self.carrier.state, max_file_size, source,
                                clone_same and callable(old_root), hash_clones)
         self.patcher.digest_off = not check_digest
+        self.patcher.content_checked = not check_digest
 
     def fail(self, msg: str, exc: BtrdeltaError | None = None) -> BtrdeltaError:
         err = exc if exc is not None else StreamFormatError(msg)

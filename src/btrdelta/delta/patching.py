@@ -166,6 +166,12 @@ class Patcher:
         #: unchanged file's content is then not needed at all when it is cloned, and its
         #: old file is checked in the background (:meth:`settle` waits for that)
         self.digest_off = False
+        #: True when the caller checks the content of what is received against a digest
+        #: of its own (``update``: the received tree's content identity, which reads every
+        #: file a patch wrote or a CLONE filled from the tree itself): the old files and the
+        #: patched contents are then not hashed here (set by the caller, with
+        #: ``check_digest=False``); a wrong old file shows as a tree that does not check
+        self.content_checked = False
         self.checks = OldFileChecks(_WORKERS)
         #: index of the record being expanded (set by the caller), for deferred errors
         self.index = 0
@@ -266,9 +272,11 @@ class Patcher:
         if same is not None:
             fd, size, old_data = same
             if old_data is None and size == p.old_size and self._cloned_unread(p):
-                # checked in the background, from the fd open here (taken over)
-                self.checks.add(root, p.base_path, p.old_size, p.hash_algo, p.old_digest,
-                                self.index, fd)
+                if self.content_checked:
+                    os.close(fd)
+                else:  # checked in the background, from the fd open here (taken over)
+                    self.checks.add(root, p.base_path, p.old_size, p.hash_algo,
+                                    p.old_digest, self.index, fd)
                 self.active = _Active(p, None, p.old_size)
                 return
             os.close(fd)
@@ -284,7 +292,8 @@ class Patcher:
                 # cause) where the new content has a digest: it, checked before any of its
                 # WRITEs goes out, and DEND's cover a wrong old file; the old digest is
                 # the only per-file check of a SAME patch and of one without a new digest
-                lazy = p.codec != SAME_CODEC and p.new_algo != NO_DIGEST
+                lazy = (p.codec != SAME_CODEC and p.new_algo != NO_DIGEST) \
+                    or self.content_checked
                 known = p.old_size != OLD_SIZE_UNKNOWN
                 old = read_old_file(
                     root, p.base_path, expected_size=p.old_size if known else None,
@@ -305,7 +314,8 @@ class Patcher:
                 raise
         except BtrdeltaError as exc:
             raise exc.located(path=p.base_path) from None
-        if p.new_algo == NO_DIGEST:  # ``edits`` / ``edits2``: the DEND digest covers it
+        if p.new_algo == NO_DIGEST or self.content_checked:
+            # ``edits`` / ``edits2``: the DEND digest covers it; or the caller's check
             self.active = _Active(p, new, len(new))
             return
         actual = digest(p.new_algo if p.new_algo is not None else p.hash_algo, new)
