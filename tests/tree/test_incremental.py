@@ -276,8 +276,8 @@ def _parent_with_large(tmp_path: Path, *names: str) -> Path:
 
 def test_a_large_written_file_is_hashed_from_its_ranges_while_the_walk_goes_on(
         tmp_path: Path, hashed: list[bytes], threads: list[str]) -> None:
-    """A written file of 256 KiB or more is hashed (written ranges and the parent's) in a
-    thread started before the walk; one renamed after its writes is found by the walk."""
+    """A large written file is hashed (written ranges and the parent's) in a thread started
+    before the walk; one renamed after its writes is found by the walk."""
     parent = _parent_with_large(tmp_path, "big", "moved")
     digests = verified_digests(parent)
     new = tmp_path / "new"
@@ -291,6 +291,25 @@ def test_a_large_written_file_is_hashed_from_its_ranges_while_the_walk_goes_on(
     assert not [p for p in hashed if os.path.basename(p) in (b"big", b"moved")]
     assert got.identity == tree_sum(new)
     assert sorted(t.startswith("btrdelta-overlay") for t in threads) == [False, True]
+
+
+def test_small_written_files_are_hashed_early_too(tmp_path: Path, hashed: list[bytes],
+                                                  threads: list[str]) -> None:
+    """:meth:`Changes.start` (before the seal's commits, which leave the walk's thread
+    idle) starts the digest of every written file, a 100-byte one too: the walk only
+    takes it."""
+    parent = _parent(tmp_path)
+    digests = verified_digests(parent)
+    new = tmp_path / "new"
+    copy_tree(parent, new)
+    changes = Changes()
+    _apply(new, changes, [_snap(), S.Write(b"d/f", 10, b"Q" * 20)])
+    changes.start(new, digests)
+    hashed.clear()
+    got = changes.tree_sum(new, digests)
+    assert not [p for p in hashed if p.endswith(b"/d/f")]  # not read whole by the walk
+    assert [t.startswith("btrdelta-overlay") for t in threads] == [True]
+    assert got.identity == tree_sum(new)
 
 
 # -- on a btrfs snapshot: the C walk (tree/_treewalk.c) takes lines from the parent ---------

@@ -110,9 +110,6 @@ _METADATA = frozenset({_s.Chmod, _s.Chown, _s.Utimes, _s.Fileattr, _s.End,
 
 _XATTRS = frozenset({_s.SetXattr, _s.RemoveXattr})
 _OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-#: written files whose parent file has at least this many bytes are hashed in threads
-#: while the walk goes on (:meth:`Changes._overlay_early`)
-_EARLY = 256 << 10
 _WORKERS = 2
 
 
@@ -187,7 +184,7 @@ class Changes:
 
     def start(self, path: Path, parent: Digests) -> None:
         """Begin :meth:`tree_sum` of ``path`` early (every record fed and applied, e.g.
-        while the subvolume is being made read-only): the overlay digests of large written
+        while the subvolume is being made read-only): the overlay digests of the written
         files (:meth:`_overlay_early`) are computed in threads from now. Each is used only
         if the walk finds its file with the stamp it had when hashing began, so a change
         after this call costs the digest, not the result. :meth:`close` stops them when no
@@ -314,7 +311,7 @@ class Changes:
 
     def _overlay_early(self, pool: ThreadPoolExecutor, new_root: bytes, parent: Digests
                        ) -> dict[bytes, tuple[Future[str | None], _Stamp]]:
-        """The overlay digests of large written files, started in ``pool`` before the walk
+        """The overlay digests of the written files, started in ``pool`` before the walk
         (which uses one when it finds the file with the same stamp at that path): path ->
         (digest to come, stamp of the file it is of). Every file is found first, then the
         jobs go out largest first (a worker started earlier would hold the interpreter
@@ -327,7 +324,7 @@ class Changes:
             if ov is None or found is None or self._paths.origin(rel) != old:
                 continue
             entry, key = found
-            if entry.kind != "f" or entry.nlink != 1 or key[1] < _EARLY:
+            if entry.kind != "f" or entry.nlink != 1:
                 continue
             new = os.path.join(new_root, rel)
             try:
