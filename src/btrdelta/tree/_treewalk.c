@@ -12,12 +12,14 @@
  *
  *   - the parent's Entry itself: same path, same key (ctime included: the very inode,
  *     untouched since it was hashed), one link or a directory;
- *   - bytes, the entry's manifest line: a regular file, directory or symlink at the same
- *     path with the same inode number (a btrfs snapshot keeps them), one link in both trees
- *     (a file: the same size), whose parent entry still has the inode, size, mtime and ctime
- *     it was hashed with (fstatat() in the parent tree): content digest, symlink target
- *     and extended attributes are the parent's, and mode, uid, gid, mtime and size are
- *     this lstat's (the parent's line with those fields written again);
+ *   - a new Entry, the parent's restated (treesum.restated: the same instance fields,
+ *     mode, uid, gid and mtime from this lstat, extra empty, and its manifest line made
+ *     here): a regular file, directory or symlink at the same path with the same inode
+ *     number (a btrfs snapshot keeps them), one link in both trees (a file: the same size),
+ *     whose parent entry still has the inode, size, mtime and ctime it was hashed with
+ *     (fstatat() in the parent tree): content digest, symlink target and extended
+ *     attributes are the parent's, and mode, uid, gid, mtime and size are this lstat's
+ *     (the parent's line with those fields written again);
  *   - None: anything else (a path in hold or below a path of hold_tree: the stream wrote
  *     it or changed names there; other kinds, hard links, no parent entry): the caller
  *     works it out (incremental.Changes.tree_sum, the reference, which handles every
@@ -85,6 +87,9 @@ typedef struct {
     PyObject *record;    /* "record" */
     dev_t dev;
 } Walk;
+
+/* Names of the Entry fields a restated entry gets (treesum.restated), interned once. */
+static PyObject *f_mode, *f_uid, *f_gid, *f_mtime, *f_extra, *f_record, *no_args;
 
 static int cmp_names(const void *a, const void *b) {
     return strcmp(*(char *const *)a, *(char *const *)b);
@@ -163,6 +168,32 @@ static PyObject *derived_line(PyObject *line, const Lstat *st, int is_file) {
     return out;
 }
 
+/* treesum.restated(entry, key, line) (a new reference, NULL with an exception): a new
+ * instance of entry's class (object.__new__, no __init__) with a copy of its fields, mode,
+ * uid, gid and mtime_ns from key (incremental's lstat key), extra a new empty dict and
+ * the memoized manifest line _record. */
+static PyObject *restate(PyObject *entry, PyObject *key, PyObject *line) {
+    PyObject *new = PyBaseObject_Type.tp_new(Py_TYPE(entry), no_args, NULL);
+    if (new == NULL)
+        return NULL;
+    PyObject *src = PyObject_GenericGetDict(entry, NULL);
+    PyObject *dst = src == NULL ? NULL : PyObject_GenericGetDict(new, NULL);
+    PyObject *extra = dst == NULL ? NULL : PyDict_New();
+    int ok = extra != NULL && PyDict_Update(dst, src) == 0 &&
+             PyDict_SetItem(dst, f_mode, PyTuple_GET_ITEM(key, 4)) == 0 &&
+             PyDict_SetItem(dst, f_uid, PyTuple_GET_ITEM(key, 5)) == 0 &&
+             PyDict_SetItem(dst, f_gid, PyTuple_GET_ITEM(key, 6)) == 0 &&
+             PyDict_SetItem(dst, f_mtime, PyTuple_GET_ITEM(key, 2)) == 0 &&
+             PyDict_SetItem(dst, f_extra, extra) == 0 &&
+             PyDict_SetItem(dst, f_record, line) == 0;
+    Py_XDECREF(extra);
+    Py_XDECREF(dst);
+    Py_XDECREF(src);
+    if (!ok)
+        Py_CLEAR(new);
+    return new;
+}
+
 static int contains(PyObject *set, PyObject *rel) {
     return set == Py_None ? 0 : PySet_Contains(set, rel);
 }
@@ -228,7 +259,11 @@ static PyObject *lookup_in(Walk *w, PyObject *entry, PyObject *pkey, const Lstat
     }
     PyObject *out = derived_line(line, st, is_file);
     Py_DECREF(line);
-    return out;
+    if (out == NULL || out == Py_None)
+        return out;
+    PyObject *restated = restate(entry, key, out);
+    Py_DECREF(out);
+    return restated;
 }
 
 /* ---- phase 1, without the GIL: every entry's lstat (and its parent's), in walk order ---- */
@@ -523,4 +558,18 @@ static struct PyModuleDef module = {
     "The walk of an incremental tree-sum in C (see tree/incremental.py).", -1, methods,
 };
 
-PyMODINIT_FUNC PyInit__treewalk(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__treewalk(void) {
+    if (f_mode == NULL) {
+        f_mode = PyUnicode_InternFromString("mode");
+        f_uid = PyUnicode_InternFromString("uid");
+        f_gid = PyUnicode_InternFromString("gid");
+        f_mtime = PyUnicode_InternFromString("mtime_ns");
+        f_extra = PyUnicode_InternFromString("extra");
+        f_record = PyUnicode_InternFromString("_record");
+        no_args = PyTuple_New(0);
+        if (f_mode == NULL || f_uid == NULL || f_gid == NULL || f_mtime == NULL ||
+            f_extra == NULL || f_record == NULL || no_args == NULL)
+            return NULL;
+    }
+    return PyModule_Create(&module);
+}

@@ -51,7 +51,7 @@ from .. import _native
 from .. import stream as _s
 from .overlay import Overlay, overlay_digest
 from .pathmap import PathMap
-from .treesum import Entry, EntryMaker, Known, Reuse, manifest_sum, restated, tree_manifest
+from .treesum import Entry, EntryMaker, Known, Reuse, manifest_sum, tree_manifest
 
 __all__ = ["Changes", "Digests", "verified_digests"]
 
@@ -287,9 +287,10 @@ class Changes:
                 reuse: Reuse, known: Known, keys: dict[bytes, _Key]) -> list[Entry]:
         """The manifest of ``new_root`` by the C walk (``_treewalk.derive``): it lstat()s
         every entry and gives the parent's entry for an untouched inode (``known``'s rule),
-        or the entry's line for a file, directory or symlink at the same path with the same
-        inode, no record on its content or xattrs, one link, and a parent entry still as it
-        was hashed (``reuse``'s rule, in a snapshot); the others are made here as
+        or the parent's entry restated (:func:`~.treesum.restated`, in C) for a file,
+        directory or symlink at the same path with the same inode, no record on its content
+        or xattrs, one link, and a parent entry still as it was hashed (``reuse``'s rule, in
+        a snapshot); the others are made here as
         :func:`~.treesum.tree_manifest` makes them, with ``reuse`` and ``known``."""
         entries = parent.entries
         held = self._paths.moved()  # paths whose origin may not be themselves
@@ -303,8 +304,7 @@ class Changes:
                     maker.add(rel, full, os.lstat(full))  # (known() keeps its key)
                     continue
                 keys[rel] = key
-                out.append(restated(entries[rel][0], key, got) if type(got) is bytes
-                           else got)
+                out.append(got)
             return maker.finish()
         finally:
             maker.close()
