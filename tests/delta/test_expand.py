@@ -408,3 +408,85 @@ def test_old_file_checks_close_the_files_handed_over(tmp_path: Path) -> None:
     with pytest.raises(ChecksumError, match="the patch expects"):
         checks.wait()
     checks.close()
+
+
+def _snapshots_with(mnt: Path, files: dict[str, bytes]) -> tuple[Path, Path]:
+    """A read-only and a writable snapshot of a subvolume of ``mnt`` holding ``files``."""
+    import subprocess
+
+    vol = mnt / "vol"
+    subprocess.run(["btrfs", "-q", "subvolume", "create", str(vol)], check=True)
+    for name, data in files.items():
+        (vol / name).write_bytes(data)
+    ro, rw = mnt / "ro", mnt / "rw"
+    subprocess.run(["btrfs", "-q", "subvolume", "snapshot", "-r", str(vol), str(ro)],
+                   check=True)
+    subprocess.run(["btrfs", "-q", "subvolume", "snapshot", str(vol), str(rw)], check=True)
+    return ro, rw
+
+
+@pytest.mark.btrfs
+def test_a_large_old_file_of_a_read_only_snapshot_is_mapped(tmp_path: Path) -> None:
+    """``map_old_file``: a file of ``MAP_MIN`` bytes or more in a read-only subvolume comes
+    as a read-only mapping (it cannot shrink under it); a smaller one, one in a writable
+    subvolume or on another filesystem is read; the content and its checks are the same."""
+    import mmap
+
+    from tests.conftest import btrfs_loop
+
+    big = _text(random.Random(3), oldfiles.MAP_MIN + 12345)
+    algo = HashAlgo.BLAKE3
+    with btrfs_loop() as mnt:
+        ro, rw = _snapshots_with(mnt, {"big": big, "small": big[:5000]})
+        (tmp_path / "big").write_bytes(big)
+        got = oldfiles.map_old_file(ro, b"big", expected_size=len(big), algo=algo,
+                                    expected_digest=oldfiles.digest(algo, big))
+        assert isinstance(got, mmap.mmap)
+        assert got[:] == big
+        for root, name in ((ro, b"small"), (rw, b"big"), (tmp_path, b"big")):
+            assert type(oldfiles.map_old_file(root, name)) is bytes
+        assert type(oldfiles.read_old_file(ro, b"big")) is bytes
+        with pytest.raises(ChecksumError, match="old file differs"):
+            oldfiles.map_old_file(ro, b"big", algo=algo, expected_digest=bytes(32))
+
+
+@pytest.mark.btrfs
+@pytest.mark.parametrize("codec", ["hdiff", "edits", "zstd"])
+def test_a_patch_of_a_mapped_old_file_expands_to_the_stream(
+    tmp_path: Path, codec: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The old file of a patch in a read-only parent snapshot, 1 MiB or more, is mapped for
+    the codecs that take any buffer (hdiff, edits), read for the others (zstd): the
+    expansion is the stream either way."""
+    from btrdelta.fs.btrfs import subvol_info
+    from tests.conftest import btrfs_loop
+
+    base = _text(random.Random(5), oldfiles.MAP_MIN + 300_000)
+    new = base[:1000] + b"EDITED" + base[1000:-7]
+    mapped: list[bool] = []
+    real = oldfiles._frozen
+    monkeypatch.setattr(oldfiles, "_frozen", lambda fd: mapped.append(real(fd)) or mapped[-1])
+    with btrfs_loop() as mnt:
+        ro, _rw = _snapshots_with(mnt, {"f": base})
+        fd = os.open(ro, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            parent = subvol_info(fd)
+        finally:
+            os.close(fd)
+        out: list[bytes] = []
+        w = StreamWriter(out.append, 2)
+        w.write(R.Snapshot(b"B", uuid.uuid4(), 9, parent.uuid, parent.ctransid))
+        for off in range(0, len(new), 128 << 10):
+            w.write(R.Write(b"f", off, new[off : off + (128 << 10)]))
+        w.write(R.Truncate(b"f", len(new)))
+        w.write(R.End())
+        stream = b"".join(bytes(p) for p in out)
+        d: list[bytes] = []
+        make_delta(io.BufferedReader(io.BytesIO(stream)), ro, d.append,  # type: ignore[arg-type]
+                   MakeOptions(jobs=1, codec=codec))
+        delta = b"".join(bytes(p) for p in d)
+        mapped.clear()
+        got: list[bytes] = []
+        expand_to(open_delta(io.BytesIO(delta)), ro, lambda p: got.append(bytes(p)))
+        assert b"".join(got) == stream
+    assert mapped == ([True] if codec != "zstd" else [])

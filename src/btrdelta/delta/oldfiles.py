@@ -20,9 +20,15 @@ from ..fs.sandbox import DirCache, open_regular, open_regular_sized
 from .format import HashAlgo
 
 if TYPE_CHECKING:
+    import mmap
     from typing import Any
 
-__all__ = ["OldFileChecks", "digest", "hasher", "read_old_file", "read_old_files"]
+__all__ = ["MAP_MIN", "OldFileChecks", "digest", "hasher", "map_old_file", "read_old_file",
+           "read_old_files"]
+
+#: old files of at least this many bytes are mapped, not read, where they cannot change
+#: (:func:`map_old_file`)
+MAP_MIN = 1 << 20
 
 
 class _Blake3_128:
@@ -111,32 +117,78 @@ def read_old_file(
         MissingBaseError: ``expected_size`` is given and the file is missing.
         ChecksumError: the size or the ``algo`` digest differs from what is expected.
     """
+    got = _old_content(root, path, expected_size, max_size, algo, expected_digest, cache,
+                       mapped=False)
+    assert got is None or type(got) is bytes
+    return got
+
+
+def map_old_file(
+    root: str | os.PathLike[str],
+    path: bytes,
+    *,
+    expected_size: int | None = None,
+    max_size: int = 1 << 32,
+    algo: int | None = None,
+    expected_digest: bytes | None = None,
+    cache: DirCache | None = None,
+) -> bytes | mmap.mmap | None:
+    """:func:`read_old_file`, but a file of :data:`MAP_MIN` bytes or more in a read-only
+    btrfs subvolume (a parent snapshot) comes as a read-only mapping of it: its pages are
+    the page cache's, not copied into fresh memory (numpy's hop: the CPU of its patches on
+    the expansion thread 4.60 -> 3.09 ms). Only where the file cannot change:
+    a mapped file that shrinks faults its reader with SIGBUS, and a read-only subvolume
+    refuses every write (it would have to be made writable first)."""
+    return _old_content(root, path, expected_size, max_size, algo, expected_digest, cache,
+                        mapped=True)
+
+
+def _frozen(fd: int) -> bool:
+    """Whether file ``fd`` is in a read-only btrfs subvolume."""
+    from ..fs.btrfs import subvol_info  # (only for a file of MAP_MIN bytes or more)
+
+    try:
+        return subvol_info(fd).readonly
+    except OSError:  # not btrfs
+        return False
+
+
+def _old_content(
+    root: str | os.PathLike[str], path: bytes, expected_size: int | None, max_size: int,
+    algo: int | None, expected_digest: bytes | None, cache: DirCache | None, *, mapped: bool,
+) -> bytes | mmap.mmap | None:
     fd = open_regular(root, path, cache)
     if fd is None:
         if expected_size is None:
             return None
         raise MissingBaseError("old file of a patch is missing", path=path)
+    data: bytes | mmap.mmap
     try:
         size = os.fstat(fd).st_size
         if expected_size is not None:
             _expect_size(size, expected_size, path)
         if size > max_size:
             return None
-        pieces: list[bytes] = []
-        got = 0
-        while got < size:
-            piece = os.read(fd, min(size - got, 1 << 30))
-            if not piece:
-                break
-            pieces.append(piece)
-            got += len(piece)
-        if got != size:
-            raise ApplyError("old file changed while being read", op="read", path=path)
+        if mapped and size >= MAP_MIN and _frozen(fd):
+            import mmap
+
+            data = mmap.mmap(fd, size, prot=mmap.PROT_READ)  # (kept once fd is closed)
+        else:
+            pieces: list[bytes] = []
+            got = 0
+            while got < size:
+                piece = os.read(fd, min(size - got, 1 << 30))
+                if not piece:
+                    break
+                pieces.append(piece)
+                got += len(piece)
+            if got != size:
+                raise ApplyError("old file changed while being read", op="read", path=path)
+            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
     except OSError as exc:
         raise ApplyError(f"cannot read old file: {exc.strerror}", op="read", path=path) from exc
     finally:
         os.close(fd)
-    data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
     if algo is not None and expected_digest is not None:
         _expect_digest(digest(algo, data), expected_digest, path)
     return data

@@ -48,10 +48,11 @@ from .format import (
     PWrite,
     patch_refusal,
 )
-from .oldfiles import OldFileChecks, digest, read_old_file, read_old_files
+from .oldfiles import OldFileChecks, digest, map_old_file, read_old_file, read_old_files
 from .recompress import compress_extent
 
 if TYPE_CHECKING:
+    import mmap
     from typing import Any
 
 __all__ = ["Patcher", "Pending", "SameEncodedWrite", "SameWrite"]
@@ -81,9 +82,10 @@ class Pending(Value):
 
 class _Active(Value):
     patch: Patch
-    #: None: an unchanged file whose content is cloned, not read (its old file is being
-    #: checked in the background: :attr:`Patcher.checks`)
-    content: bytes | None
+    #: a read-only mapping for a same patch's old file in a parent snapshot
+    #: (:func:`~.oldfiles.map_old_file`); None: an unchanged file whose content is cloned,
+    #: not read (its old file is being checked in the background: :attr:`Patcher.checks`)
+    content: bytes | mmap.mmap | None
     size: int
     pos: int = 0
     #: the old file's data ranges (start, end) when it has holes (``clone_same`` only):
@@ -281,7 +283,7 @@ class Patcher:
                 return
             os.close(fd)
         try:
-            old: bytes | None
+            old: bytes | mmap.mmap | None
             if p.bases:
                 old = read_old_files(
                     root, (p.base_path, *p.bases), expected_size=p.old_size,
@@ -295,7 +297,9 @@ class Patcher:
                 lazy = (p.codec != SAME_CODEC and p.new_algo != NO_DIGEST) \
                     or self.content_checked
                 known = p.old_size != OLD_SIZE_UNKNOWN
-                old = read_old_file(
+                # mapped where the codec takes a buffer (a parent snapshot's large file)
+                mapped = p.codec == SAME_CODEC or get_codec(p.codec).takes_buffers
+                old = (map_old_file if mapped else read_old_file)(
                     root, p.base_path, expected_size=p.old_size if known else None,
                     max_size=self.max_file_size, algo=None if lazy else p.hash_algo,
                     expected_digest=p.old_digest, cache=self.dirs,
@@ -308,7 +312,9 @@ class Patcher:
                 self.active = _Active(p, old, len(old), old_data=old_data)
                 return
             try:
-                new = get_codec(p.codec).apply(old, patch, new_size=p.new_size)
+                # (a mapping only where the codec takes any buffer: ``takes_buffers``)
+                new = get_codec(p.codec).apply(old, patch,  # type: ignore[arg-type]
+                                               new_size=p.new_size)
             except BtrdeltaError:
                 _check_old(p, old)
                 raise
@@ -490,7 +496,7 @@ class Patcher:
         self.dirs.close()
 
 
-def _check_old(p: Patch, old: bytes) -> None:
+def _check_old(p: Patch, old: bytes | mmap.mmap) -> None:
     """Raise the old-file error of a patch that failed if its old content is not the one
     the patch was made against (the old files of a patch with BASES were checked before)."""
     if p.bases:

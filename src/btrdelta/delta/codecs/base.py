@@ -37,6 +37,9 @@ class Codec:
     name: ClassVar[str]
     module: ClassVar[str]
     package: ClassVar[str]
+    #: :meth:`apply` takes any buffer as ``old`` (a read-only mapping of the old file,
+    #: :func:`btrdelta.delta.oldfiles.map_old_file`), not only ``bytes``
+    takes_buffers: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._mod: ModuleType | None = None

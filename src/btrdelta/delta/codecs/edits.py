@@ -215,6 +215,7 @@ class EditsCodec(Codec):
     """Copies from the old file and literal bytes, as LEB128 varints (format 7)."""
 
     codec_id = 5
+    takes_buffers = True
     name = "edits"
     module = "btrdelta"
     package = "btrdelta"

@@ -295,6 +295,7 @@ class HdiffCodec(Codec):
     """HDiffPatch's in-memory diff, compressed with zstd level 19."""
 
     codec_id = 3
+    takes_buffers = True
     name = "hdiff"
     module = "hdiffpatch"
     package = "hdiffpatch"
