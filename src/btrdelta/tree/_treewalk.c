@@ -12,9 +12,9 @@
  *
  *   - the parent's Entry itself: same path, same key (ctime included: the very inode,
  *     untouched since it was hashed), one link or a directory;
- *   - a new Entry, the parent's restated (treesum.restated: the same instance fields,
- *     mode, uid, gid and mtime from this lstat, extra empty, and its manifest line made
- *     here): a regular file, directory or symlink at the same path with the same inode
+ *   - a new Entry, the parent's restated (see restate(): the same instance fields, mode,
+ *     uid, gid and mtime from this lstat, extra empty, and its manifest line made here):
+ *     a regular file, directory or symlink at the same path with the same inode
  *     number (a btrfs snapshot keeps them), one link in both trees (a file: the same size),
  *     whose parent entry still has the inode, size, mtime and ctime it was hashed with
  *     (fstatat() in the parent tree): content digest, symlink target and extended
@@ -88,7 +88,7 @@ typedef struct {
     dev_t dev;
 } Walk;
 
-/* Names of the Entry fields a restated entry gets (treesum.restated), interned once. */
+/* Names of the Entry fields a restated entry gets (restate()), interned once. */
 static PyObject *f_mode, *f_uid, *f_gid, *f_mtime, *f_extra, *f_record, *no_args;
 
 static int cmp_names(const void *a, const void *b) {
@@ -168,10 +168,11 @@ static PyObject *derived_line(PyObject *line, const Lstat *st, int is_file) {
     return out;
 }
 
-/* treesum.restated(entry, key, line) (a new reference, NULL with an exception): a new
- * instance of entry's class (object.__new__, no __init__) with a copy of its fields, mode,
- * uid, gid and mtime_ns from key (incremental's lstat key), extra a new empty dict and
- * the memoized manifest line _record. */
+/* The parent's entry restated (a new reference, NULL with an exception): a new instance of
+ * entry's class (object.__new__, no __init__) with a copy of its fields, mode, uid, gid
+ * and mtime_ns from key (incremental's lstat key), extra a new empty dict and the
+ * memoized manifest line _record (Entry.record): what dataclasses.replace() would give,
+ * without formatting the line again. */
 static PyObject *restate(PyObject *entry, PyObject *key, PyObject *line) {
     PyObject *new = PyBaseObject_Type.tp_new(Py_TYPE(entry), no_args, NULL);
     if (new == NULL)

@@ -287,10 +287,10 @@ class Changes:
                 reuse: Reuse, known: Known, keys: dict[bytes, _Key]) -> list[Entry]:
         """The manifest of ``new_root`` by the C walk (``_treewalk.derive``): it lstat()s
         every entry and gives the parent's entry for an untouched inode (``known``'s rule),
-        or the parent's entry restated (:func:`~.treesum.restated`, in C) for a file,
-        directory or symlink at the same path with the same inode, no record on its content
-        or xattrs, one link, and a parent entry still as it was hashed (``reuse``'s rule, in
-        a snapshot); the others are made here as
+        or the parent's entry restated (mode, uid, gid and mtime of this lstat, its line
+        made in C) for a file, directory or symlink at the same path with the same inode,
+        no record on its content or xattrs, one link, and a parent entry still as it was
+        hashed (``reuse``'s rule, in a snapshot); the others are made here as
         :func:`~.treesum.tree_manifest` makes them, with ``reuse`` and ``known``."""
         entries = parent.entries
         held = self._paths.moved()  # paths whose origin may not be themselves

@@ -27,7 +27,7 @@ import blake3
 from ..fs.copy import data_segments
 
 __all__ = ["Entry", "EntryMaker", "Known", "Reuse", "diff_manifests", "manifest_sum",
-           "restated", "tree_manifest", "tree_sum"]
+           "tree_manifest", "tree_sum"]
 
 #: ``reuse(relative path, lstat)`` of any entry: ``(entry, same)``, an entry of an earlier
 #: walk whose content digest (of a file of the same size) this one still has and, with
@@ -107,24 +107,6 @@ class Entry:
         if self.layout is not None:
             parts.append("layout=" + ",".join(f"{a}+{n}" for a, n in self.layout))
         return " ".join(parts)
-
-
-def restated(entry: Entry, key: tuple[int, ...], record: bytes) -> Entry:
-    """``entry`` with the mode, uid, gid and mtime of lstat ``key`` (inode, size, mtime ns,
-    ctime ns, mode, uid, gid, link count: :mod:`.incremental`'s key) and ``record``, its
-    line made for those fields (by the C walk of :mod:`.incremental`): the same value as
-    :func:`dataclasses.replace` gives, without formatting the line again (a copy of the
-    instance's fields, a few times cheaper than the constructor)."""
-    new = object.__new__(Entry)
-    fields = new.__dict__
-    fields.update(entry.__dict__)
-    fields["mode"] = key[4]
-    fields["uid"] = key[5]
-    fields["gid"] = key[6]
-    fields["mtime_ns"] = key[2]
-    fields["extra"] = {}
-    fields["_record"] = record
-    return new
 
 
 def _show(b: bytes) -> str:
