@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import multiprocessing.resource_tracker
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,12 +26,30 @@ def open_fds() -> dict[int, str]:
     return out
 
 
+_PASSED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item) -> Generator[None, pytest.TestReport,
+                                                              pytest.TestReport]:
+    """Note whether a test's own body passed (none is made when it was interrupted)."""
+    report = yield
+    if report.when == "call":
+        item.stash[_PASSED] = report.passed
+    return report
+
+
 @pytest.fixture(autouse=True)
-def _no_fd_leak() -> Iterator[None]:
-    """Every descriptor a test (and the code it drives) opens is closed when it ends."""
+def _no_fd_leak(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every descriptor a test (and the code it drives) opens is closed when it ends.
+
+    Checked only after a test that passed: one that failed or was interrupted (Ctrl-C of
+    ``make soak``) may leave its channels open, and its own error is the one to read."""
     multiprocessing.resource_tracker.ensure_running()  # one pipe for the process's life
     before = open_fds()
     yield
+    if not request.node.stash.get(_PASSED, False):
+        return
     leaked = {fd: what for fd, what in open_fds().items() if before.get(fd) != what}
     assert not leaked, f"{len(leaked)} descriptors left open: {sorted(leaked.items())[:8]}"
 
