@@ -86,18 +86,29 @@ def release(mnt: str | os.PathLike[str]) -> None:
                 pipe.close()
 
 
+def _backs(dev: str, image: str) -> bool:
+    """Whether loop device ``dev`` is attached to ``image`` (once detached, its number may be
+    anyone's: another process's ``losetup -f``)."""
+    try:
+        with open(f"/sys/block/{os.path.basename(dev)}/loop/backing_file") as f:
+            return f.read().rstrip("\n") == os.path.realpath(image)
+    except OSError:
+        return False
+
+
 def _cleanup(mnt: str, dev: str, image: str) -> None:
+    """Unmount, detach, delete; safe to run again when a run was interrupted (Ctrl-C also
+    reaches ``umount``: the atexit handler finishes the job)."""
     release(mnt)
     if mnt and os.path.ismount(mnt):
         proc = subprocess.run(["umount", mnt], capture_output=True, check=False)
         if proc.returncode != 0:
             subprocess.run(["umount", "-l", mnt], capture_output=True, check=False)
-    if dev:
+    if dev and _backs(dev, image):
         subprocess.run(["losetup", "-d", dev], capture_output=True, check=False)
-    with contextlib.suppress(OSError):
-        os.unlink(image)
-    with contextlib.suppress(OSError):
-        os.rmdir(mnt)
+    for remove, path in ((os.unlink, image), (os.rmdir, mnt), (os.rmdir, os.path.dirname(image))):
+        with contextlib.suppress(OSError):
+            remove(path)
 
 
 @atexit.register
@@ -152,9 +163,9 @@ def loop_fs(
         _LIVE.append(entry)
         yield Path(mnt)
     finally:
+        _cleanup(mnt, dev, image)  # interrupted, the entry stays for the atexit handler
         if entry is not None and entry in _LIVE:
             _LIVE.remove(entry)
-        _cleanup(mnt, dev, image)
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -1,0 +1,75 @@
+"""btrdelta.testing.loopfs: a loop filesystem is cleaned up even when Ctrl-C interrupts the
+cleanup itself (the signal reaches ``umount`` too), and a retried cleanup never detaches a
+loop device that is no longer its own."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from btrdelta.testing import loopfs
+from tests.conftest import btrfs_loop
+
+pytestmark = pytest.mark.btrfs
+
+
+def _source(mnt: Path) -> str:
+    return subprocess.run(["findmnt", "-n", "-o", "SOURCE", str(mnt)], capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+def _attached(image: Path) -> bool:
+    return str(image) in subprocess.run(["losetup", "-a"], capture_output=True, text=True,
+                                        check=True).stdout
+
+
+def test_cleanup_interrupted_in_umount_is_finished_at_exit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    real = subprocess.run
+
+    def ctrl_c_in_umount(cmd: list[str], *args: Any, **kwargs: Any) -> Any:
+        if cmd[0] == "umount":
+            raise KeyboardInterrupt  # umount got the SIGINT too: nothing was unmounted
+        return real(cmd, *args, **kwargs)
+
+    with pytest.raises(KeyboardInterrupt), btrfs_loop("256M") as mnt:  # noqa: PT012
+        image = mnt.parent / "fs.img"
+        assert _attached(image)
+        monkeypatch.setattr(subprocess, "run", ctrl_c_in_umount)
+    monkeypatch.undo()
+    left = [e for e in loopfs._LIVE if e[0] == str(mnt)]
+    try:
+        assert os.path.ismount(mnt)
+        assert left, "the interrupted loop filesystem is no longer registered for atexit"
+    finally:  # what the atexit handler does, for this entry only
+        for entry in left:
+            loopfs._LIVE.remove(entry)
+        loopfs._cleanup(str(mnt), _source(mnt) if os.path.ismount(mnt) else "", str(image))
+        if os.path.ismount(mnt):  # the test failed: leave nothing behind
+            real(["umount", str(mnt)], check=False)
+    assert not os.path.ismount(mnt)
+    assert not _attached(image)
+    assert not mnt.parent.exists()
+
+
+def test_retried_cleanup_leaves_a_reused_loop_device_alone(tmp_path: Path) -> None:
+    with btrfs_loop("256M") as mnt:
+        dev = _source(mnt)
+        image = mnt.parent / "fs.img"
+    # the number is free again: someone else's losetup takes it (here, or another process
+    # already did: the check is the same)
+    other = tmp_path / "other.img"
+    with open(other, "wb") as f:
+        f.truncate(1 << 20)
+    ours = subprocess.run(["losetup", dev, str(other)], check=False).returncode == 0
+    try:
+        loopfs._cleanup(str(mnt), dev, str(image))  # the atexit retry of the cleanup above
+        assert subprocess.run(["losetup", dev], capture_output=True,
+                              check=False).returncode == 0, f"{dev} was detached"
+    finally:
+        if ours:
+            subprocess.run(["losetup", "-d", dev], check=False)
