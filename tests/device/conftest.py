@@ -1,9 +1,10 @@
 """Fixtures for device workflows: loop-mounted btrfs devices and real releases.
 
 Real releases: the Debian bookworm minbase trees before and after ``apt-get upgrade``
-(``/work/bench-cache`` or ``benchmarks/.cache``, built by ``benchmarks/trees.py``), read only,
-never modified; and a small real update cut out of them (apt's files and dpkg's status: 80
-records), small enough to crash an install after every one of its records.
+(``$BTRDELTA_BENCH_CACHE``, ``/work/bench-cache`` or ``benchmarks/.cache``, built by
+``benchmarks/trees.py``), read only, never modified; and a small real update cut out of them
+(apt's files and dpkg's status: 80 records), small enough to crash an install after every one
+of its records.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import pytest
 from btrdelta.tree import tree_sum
 from tests.conftest import btrfs_loop
 
-_CACHES = (Path("/work/bench-cache"), Path(__file__).parents[2] / "benchmarks" / ".cache")
+_CACHES = tuple(Path(p) for p in (os.environ.get("BTRDELTA_BENCH_CACHE", ""), "/work/bench-cache",
+                                   Path(__file__).parents[2] / "benchmarks" / ".cache") if p)
 _SMALL = ("usr/lib/apt", "etc/apt", "home", "var/lib/dpkg/status", "var/lib/dpkg/info/apt.list",
           "var/lib/dpkg/info/apt.md5sums")
 BTRDELTA = [sys.executable, "-m", "btrdelta"]
