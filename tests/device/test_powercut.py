@@ -7,7 +7,7 @@ kernel with the busybox initramfs of :mod:`btrdelta.testing.vm`; installs and fa
 resets run inside the VM and qemu is killed (SIGKILL) at a random moment of them. The next
 boot must find the old or the new root, never neither, with every state subvolume intact;
 the host then checks the image (tree-sums against the source trees, consistent state) and
-re-runs the operation, which must complete. Figures go to ``VM_CACHE/figures.md``.
+re-runs the operation, which must complete. Figures go to ``VM_CACHE/figures.json``.
 """
 
 from __future__ import annotations
