@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from btrdelta.testing import loopfs
-from tests.conftest import btrfs_loop
+from tests.conftest import btrfs_loop, require_btrfs
 
 pytestmark = pytest.mark.btrfs
 
@@ -73,3 +73,29 @@ def test_retried_cleanup_leaves_a_reused_loop_device_alone(tmp_path: Path) -> No
     finally:
         if ours:
             subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_mounted_image_returns_once_the_filesystem_is_gone(tmp_path: Path) -> None:
+    require_btrfs()
+    image = tmp_path / "device.img"
+    with open(image, "wb") as f:
+        f.truncate(256 << 20)
+    subprocess.run(["mkfs.btrfs", "-q", "-f", str(image)], check=True)
+    holder: subprocess.Popen[bytes] | None = None
+    try:
+        with loopfs.mounted_image(image) as mnt:
+            (mnt / "f").write_bytes(b"x" * 100_000)
+            # a process copies the mount table (unshare -m, a browser's sandbox) and keeps it
+            holder = subprocess.Popen(["unshare", "-m", "sh", "-c", "echo ready; exec sleep 2"],
+                                      stdout=subprocess.PIPE)
+            assert holder.stdout is not None
+            assert holder.stdout.readline() == b"ready\n"
+        assert holder.poll() is not None, "returned while another namespace held the mount"
+        assert not _attached(image)
+        assert not os.path.ismount(mnt)
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+            assert holder.stdout is not None
+            holder.stdout.close()

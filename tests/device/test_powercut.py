@@ -27,6 +27,7 @@ import pytest
 
 from btrdelta import device
 from btrdelta.device.reset import factory_reset
+from btrdelta.testing.loopfs import mounted_image
 from btrdelta.testing.vm import VmKit
 from btrdelta.tree import tree_sum
 
@@ -67,13 +68,12 @@ class Releases:
 
 @contextmanager
 def mounted(image: Path) -> Iterator[Path]:
-    mnt = Path(f"{image}.mnt")
-    mnt.mkdir(exist_ok=True)
-    subprocess.run(["mount", "-o", "loop,subvolid=5", str(image), str(mnt)], check=True)
-    try:
+    # returns once the filesystem is gone, not only this namespace's mount of it: the last
+    # commit of a mount another namespace still held reached the next run's fresh image
+    # (session 11: install run 6 booted neither root, the image a mix of run 5's last commit
+    # over the base image)
+    with mounted_image(image, options="subvolid=5") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +107,7 @@ def base_image(releases: Releases) -> Path:
 
 def fresh(base: Path, name: str) -> Path:
     image = CACHE / f"{name}.img"
+    image.unlink(missing_ok=True)  # a new file: nothing still open on the old one reaches it
     subprocess.run(["cp", "--sparse=always", str(base), str(image)], check=True)
     return image
 

@@ -4,6 +4,8 @@
 file, formats it, attaches it with ``losetup -f``, mounts it under a fresh directory and, on
 exit (also on error or Ctrl-C), unmounts, detaches and deletes everything. A registry of live
 mounts is also cleaned at interpreter exit, so a crashed test does not leak loop devices.
+``with mounted_image(image) as mnt:`` mounts an existing image file (a device image a virtual
+machine uses next) and returns only once its filesystem is really gone.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["BtrfsUnavailable", "btrfs_available", "hold", "held", "loop_fs", "release", "run"]
+__all__ = ["BtrfsUnavailable", "btrfs_available", "hold", "held", "loop_fs", "mounted_image",
+           "release", "run"]
 
 _LIVE: list[tuple[str, str, str]] = []  # (mountpoint, loopdev, image)
 #: processes that keep files open on a mounted filesystem, by mountpoint (see :func:`hold`)
@@ -167,6 +171,38 @@ def loop_fs(
         if entry is not None and entry in _LIVE:
             _LIVE.remove(entry)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _loops_of(image: str | os.PathLike[str]) -> list[str]:
+    """The loop devices backed by ``image``."""
+    out = run("losetup", "-n", "-O", "NAME", "-j", image)
+    return out.split()
+
+
+@contextlib.contextmanager
+def mounted_image(image: str | os.PathLike[str], *, options: str = "",
+                  timeout: float = 120) -> Iterator[Path]:
+    """Mount the filesystem image file ``image`` (``mount -o loop``) on ``IMAGE.mnt``; on exit
+    unmount it and wait until no loop device backs the file any more.
+
+    ``umount`` returns once the mount has left this mount namespace. A process that copied
+    the mount table meanwhile (``unshare -m``, a browser's sandbox: on a shared machine, any
+    other user's) keeps the filesystem alive, and its last commit reaches the file when that
+    copy goes: possibly after the caller has copied a fresh image over it or booted a
+    virtual machine on it. The loop device (autoclear) goes only with the filesystem."""
+    mnt = Path(f"{image}.mnt")
+    mnt.mkdir(exist_ok=True)
+    run("mount", "-o", ",".join(["loop", *filter(None, [options])]), image, mnt)
+    try:
+        yield mnt
+    finally:
+        run("umount", mnt)
+        deadline = time.monotonic() + timeout
+        while _loops_of(image):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{image}: still attached {timeout:.0f} s after umount "
+                                   "(a copy of the mount in another mount namespace)")
+            time.sleep(0.1)
 
 
 def _parse_size(size: str) -> int:
