@@ -31,12 +31,14 @@ SIGNALS = [signal.SIGTERM, signal.SIGHUP, signal.SIGINT]
 
 
 def _as_in_a_terminal(ignored: signal.Signals | None = None) -> Callable[[], None]:
-    """SIGINT at its default in the child (a test run started in the background by a
-    non-interactive shell inherits it ignored, and Python then sets no Ctrl-C handler);
-    ``ignored`` set to SIG_IGN, as ``nohup`` does with SIGHUP."""
+    """The three signals at their default in the child (a test run started in the
+    background by a non-interactive shell inherits SIGINT ignored, and Python then sets no
+    Ctrl-C handler; one started under ``nohup`` inherits SIGHUP ignored, and the command
+    rightly keeps ignoring it); ``ignored`` set to SIG_IGN, as ``nohup`` does with SIGHUP."""
 
     def child() -> None:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
         if ignored is not None:
             signal.signal(ignored, signal.SIG_IGN)
 
