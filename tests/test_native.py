@@ -37,7 +37,34 @@ def _live_in(dest: Path) -> dict[str, bool]:
         "treewalk": _treewalk_runs_c(dest),
         "blockhash": BlockHasher(1)._blocks_of is not block_digests_py,
         "hpatch": _hpatch_runs_c(),
+        "sweep": _sweep_runs_c(),
     }
+
+
+def _sweep_runs_c() -> bool:
+    """Whether a change sweep's items are walked in C now (the Python reference not
+    called): ``changed_inodes`` on a fake search whose one buffer holds one inode item."""
+    import struct
+
+    from btrdelta.fs import btrfs
+
+    calls: list[int] = []
+    real_walk, real_searches = btrfs._sweep_py, btrfs._searches
+
+    def spy(*args: object) -> tuple[int, int, int]:
+        calls.append(1)
+        return real_walk(*args)  # type: ignore[arg-type]
+
+    def searches(fd: int, size: int, key: object) -> Iterator[tuple[bytearray, int, int]]:
+        item = struct.pack("<QQQII", 9, 300, 0, 1, 16) + struct.pack("<QQ", 3, 60)
+        yield bytearray(item), 0, 1
+
+    btrfs._sweep_py, btrfs._searches = spy, searches  # type: ignore[assignment]
+    try:
+        assert btrfs.changed_inodes(-1, 50) == {300: (3, 60)}
+    finally:
+        btrfs._sweep_py, btrfs._searches = real_walk, real_searches  # type: ignore[assignment]
+    return not calls
 
 
 def _hpatch_runs_c() -> bool:
@@ -116,10 +143,11 @@ def test_one_setting_picks_every_accelerator() -> None:
         out[value] = subprocess.run([sys.executable, "-c", code], env={**env, **extra},
                                     capture_output=True, text=True, check=True).stdout.split()
     assert out[None] == out["0"]
-    assert out[None][:9] == ["c", "['c',", "'c',", "'c',", "'c',", "'c',", "'c',", "'c']",
-                             "c"]
+    assert out[None][:10] == ["c", "['c',", "'c',", "'c',", "'c',", "'c',", "'c',", "'c',",
+                              "'c']", "c"]
     assert out["1"] == ["python", "['python',", "'python',", "'python',", "'python',",
-                        "'python',", "'python',", "'python']", "python", "crc32c", "package"]
+                        "'python',", "'python',", "'python',", "'python']", "python", "crc32c",
+                        "package"]
 
 
 def test_use_backend_reaches_objects_made_inside(tmp_path: Path) -> None:
@@ -131,14 +159,15 @@ def test_use_backend_reaches_objects_made_inside(tmp_path: Path) -> None:
         with _native.use_backend("c", "unfold"):
             assert _live_in(tmp_path) == {"speedups": False, "fastapply": False, "unfold": True,
                                           "buzhash": False, "treewalk": False,
-                                          "blockhash": False, "hpatch": False}
+                                          "blockhash": False, "hpatch": False,
+                                          "sweep": False}
     assert _native.BACKEND == "c"
     with _native.use_backend("python", "fastapply"):
         assert _native.BACKEND == "c"
         assert _native.backends()["fastapply"] == "python"
         assert _live_in(tmp_path) == {"speedups": True, "fastapply": False, "unfold": True,
                                       "buzhash": True, "treewalk": True, "blockhash": True,
-                                      "hpatch": True}
+                                      "hpatch": True, "sweep": True}
     assert _live_in(tmp_path) == dict.fromkeys(_native.ACCELERATORS, True)
 
 

@@ -1,6 +1,6 @@
 """The one switch between btrdelta's C accelerators and its pure-Python code (floor 0).
 
-Seven optional C modules are built when a compiler is present:
+Eight optional C modules are built when a compiler is present:
 
 =============  ==============================  ===============================================
 name           module                          what it runs instead of the Python code
@@ -18,9 +18,12 @@ name           module                          what it runs instead of the Pytho
                                                per block; needs ``xxhash.h`` to build)
 ``hpatch``     ``btrdelta.delta._hpatch``      applying an HDiffPatch (``hdiff``) patch,
                                                instead of the ``hdiffpatch`` library
+``sweep``      ``btrdelta.fs._sweep``          the inode items of a change sweep's search
+                                               results (one call a buffer, not Python per
+                                               item)
 =============  ==============================  ===============================================
 
-One setting picks the backend of all seven: ``BTRDELTA_PURE_PYTHON=1`` makes it
+One setting picks the backend of all eight: ``BTRDELTA_PURE_PYTHON=1`` makes it
 ``"python"``, otherwise it is ``"c"`` and every accelerator that is built is used. This
 module reads that variable once, at import: it is the only module besides ``cli`` that reads
 the environment. The Python code stays the reference: it handles what the C code hands
@@ -32,7 +35,7 @@ every object made after it::
 
     from btrdelta import _native
 
-    with _native.use_backend("python"):          # all seven
+    with _native.use_backend("python"):          # all eight
         ...
     with _native.use_backend("python", "fastapply"):   # only the applier's
         ...
@@ -86,6 +89,7 @@ ACCELERATORS: Final[dict[str, str]] = {
     "treewalk": "btrdelta.tree._treewalk",
     "blockhash": "btrdelta.send._blockhash",
     "hpatch": "btrdelta.delta._hpatch",
+    "sweep": "btrdelta.fs._sweep",
 }
 
 #: the backend asked for: ``"python"`` when ``BTRDELTA_PURE_PYTHON`` is set (not ``0``),

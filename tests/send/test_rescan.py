@@ -251,11 +251,23 @@ def test_inode_number_reused_after_a_delete(two_fs: tuple[Path, Path], tmp_path:
     assert not (rcv / "r1" / "last").exists()
 
 
+@pytest.mark.parametrize("backend", ["c", "python"])
 def test_change_sweep_in_big_and_small_buffers(two_fs: tuple[Path, Path],
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               backend: str) -> None:
     """`changed_inodes` names exactly the inodes written since a generation, whether the
     sweep takes one TREE_SEARCH_V2 call, many (a buffer smaller than the changes: the search
-    resumes after the last key), or falls back to TREE_SEARCH (a kernel without V2)."""
+    resumes after the last key), or falls back to TREE_SEARCH (a kernel without V2); the
+    items walked in C (the ``sweep`` accelerator) or by the Python reference."""
+    from btrdelta import _native
+
+    if backend == "c" and not _native.available("sweep") and os.environ.get("CI") != "true":
+        pytest.skip("the sweep accelerator is not built")
+    with _native.use_backend(backend, "sweep"):  # type: ignore[arg-type]
+        _sweep_in_buffers(two_fs, monkeypatch)
+
+
+def _sweep_in_buffers(two_fs: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     from btrdelta.fs import btrfs
 
     snd, _rcv = two_fs

@@ -1,0 +1,101 @@
+/*
+ * btrdelta.fs._sweep: the inode items of one change-sweep result buffer, in C.
+ *
+ * btrdelta.fs.btrfs.changed_inodes sweeps a subvolume's tree with TREE_SEARCH_V2 and
+ * min_transid: the kernel returns every item of every leaf written since (a small
+ * incremental of a 6,000-file tree: ~9,600 items for ~110 changed inodes), and the inode
+ * items among them name the inodes written since. btrfs.py walks the items in Python (the
+ * reference, _sweep_py, used when this module is not built: ~1,700 instructions an item,
+ * 16.7 M for that sweep); this module walks a whole buffer in one call.
+ *
+ * inodes(buf, pos, nr_items, key_type, since, out) -> (objectid, type, offset):
+ *   buf holds nr_items search results from offset pos, each a 32-byte header (u64 transid,
+ *   objectid, offset, u32 type, len; little-endian, struct btrfs_ioctl_search_header) and
+ *   len bytes of item. For each item of type key_type of at least 16 bytes (an inode item
+ *   starts with u64 generation, transid) whose transid is greater than since,
+ *   out[objectid] = (generation, transid). Returns the key of the last item (where the next
+ *   search resumes). An item that runs past the buffer is a ValueError.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+
+#define HEADER 32 /* sizeof(struct btrfs_ioctl_search_header) */
+
+static uint64_t le64(const uint8_t *p) {
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+static uint32_t le32(const uint8_t *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static PyObject *inodes(PyObject *self, PyObject *args) {
+    Py_buffer buf;
+    Py_ssize_t pos, nr;
+    unsigned int key_type;
+    unsigned long long since;
+    PyObject *out;
+    if (!PyArg_ParseTuple(args, "y*nnIKO!", &buf, &pos, &nr, &key_type, &since, &PyDict_Type,
+                          &out))
+        return NULL;
+    const uint8_t *p = buf.buf;
+    Py_ssize_t len = buf.len;
+    uint64_t obj = 0, off = 0;
+    uint32_t typ = 0;
+    PyObject *result = NULL;
+    for (Py_ssize_t i = 0; i < nr; i++) {
+        if (pos < 0 || pos > len - HEADER) {
+            PyErr_SetString(PyExc_ValueError, "a search result runs past the buffer");
+            goto done;
+        }
+        const uint8_t *h = p + pos;
+        obj = le64(h + 8);
+        off = le64(h + 16);
+        typ = le32(h + 24);
+        uint32_t length = le32(h + 28);
+        if ((Py_ssize_t)length > len - pos - HEADER) {
+            PyErr_SetString(PyExc_ValueError, "a search result runs past the buffer");
+            goto done;
+        }
+        if (typ == key_type && length >= 16) {
+            uint64_t generation = le64(h + HEADER), transid = le64(h + HEADER + 8);
+            if (transid > since) {
+                PyObject *key = PyLong_FromUnsignedLongLong(obj);
+                PyObject *value = key == NULL ? NULL : Py_BuildValue("(KK)",
+                    (unsigned long long)generation, (unsigned long long)transid);
+                int bad = value == NULL || PyDict_SetItem(out, key, value) < 0;
+                Py_XDECREF(key);
+                Py_XDECREF(value);
+                if (bad)
+                    goto done;
+            }
+        }
+        pos += HEADER + (Py_ssize_t)length;
+    }
+    result = Py_BuildValue("(KIK)", (unsigned long long)obj, (unsigned int)typ,
+                           (unsigned long long)off);
+done:
+    PyBuffer_Release(&buf);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"inodes", inodes, METH_VARARGS,
+     "inodes(buf, pos, nr_items, key_type, since, out) -> the key of the last item; "
+     "out[objectid] = (generation, transid) for each inode item written after since."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "btrdelta.fs._sweep",
+    "The inode items of a change sweep's TREE_SEARCH_V2 results (btrdelta.fs.btrfs).", -1,
+    methods,
+};
+
+PyMODINIT_FUNC PyInit__sweep(void) { return PyModule_Create(&module); }
