@@ -1,11 +1,12 @@
 """Build hook for the optional C accelerators; all metadata lives in pyproject.toml.
 
 ``btrdelta.stream._speedups``, ``btrdelta.receive._fastapply``, ``btrdelta.delta._unfold``,
-``btrdelta.chunk._buzhash``, ``btrdelta.tree._treewalk``, ``btrdelta.send._blockhash`` and
-``btrdelta.fs._sweep`` are optional: without a C compiler or Python headers (or, for
-``_blockhash``, ``xxhash.h``: Debian's libxxhash-dev) the build skips them and btrdelta
-runs on its pure-Python code paths. They include ``src/btrdelta/_constants.h``, generated
-from the Python tables by ``scripts/gen_constants.py``.
+``btrdelta.chunk._buzhash``, ``btrdelta.tree._treewalk``, ``btrdelta.tree._columns``,
+``btrdelta.send._blockhash`` and ``btrdelta.fs._sweep`` are optional: without a C compiler
+or Python headers (or, for ``_blockhash``, ``xxhash.h``: Debian's libxxhash-dev) the build
+skips them and btrdelta runs on its pure-Python code paths. They include
+``src/btrdelta/_constants.h``, generated from the Python tables by
+``scripts/gen_constants.py``.
 """
 
 from setuptools import Extension, setup
@@ -31,6 +32,8 @@ setup(
         Extension("btrdelta.tree._treewalk", ["src/btrdelta/tree/_treewalk.c"],
                   extra_compile_args=[*_FLAGS, "-D_GNU_SOURCE"],
                   **_SHARED),  # type: ignore[arg-type]
+        Extension("btrdelta.tree._columns", ["src/btrdelta/tree/_columns.c"],
+                  extra_compile_args=_FLAGS, **_SHARED),  # type: ignore[arg-type]
         Extension("btrdelta.fs._sweep", ["src/btrdelta/fs/_sweep.c"],
                   extra_compile_args=_FLAGS, **_SHARED),  # type: ignore[arg-type]
         # xxHash from the system's header (libxxhash-dev), inlined: nothing linked

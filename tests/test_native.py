@@ -38,7 +38,29 @@ def _live_in(dest: Path) -> dict[str, bool]:
         "blockhash": BlockHasher(1)._blocks_of is not block_digests_py,
         "hpatch": _hpatch_runs_c(),
         "sweep": _sweep_runs_c(),
+        "columns": _columns_run_c(),
     }
+
+
+def _columns_run_c() -> bool:
+    """Whether a record's column offsets are computed in C now (the Python running sums
+    not called)."""
+    from btrdelta.tree import columns
+
+    calls: list[int] = []
+    real = columns._prefix
+
+    def spy(values: object) -> object:
+        calls.append(1)
+        return real(values)  # type: ignore[arg-type]
+
+    cols, (count, _f, _b, nblk) = columns.encode_rows([])
+    columns._prefix = spy  # type: ignore[assignment]
+    try:
+        columns.Columns(dict(cols), count, nblk)
+    finally:
+        columns._prefix = real
+    return not calls
 
 
 def _sweep_runs_c() -> bool:
@@ -143,11 +165,11 @@ def test_one_setting_picks_every_accelerator() -> None:
         out[value] = subprocess.run([sys.executable, "-c", code], env={**env, **extra},
                                     capture_output=True, text=True, check=True).stdout.split()
     assert out[None] == out["0"]
-    assert out[None][:10] == ["c", "['c',", "'c',", "'c',", "'c',", "'c',", "'c',", "'c',",
-                              "'c']", "c"]
+    assert out[None][:11] == ["c", "['c',", "'c',", "'c',", "'c',", "'c',", "'c',", "'c',",
+                              "'c',", "'c']", "c"]
     assert out["1"] == ["python", "['python',", "'python',", "'python',", "'python',",
-                        "'python',", "'python',", "'python',", "'python']", "python", "crc32c",
-                        "package"]
+                        "'python',", "'python',", "'python',", "'python',", "'python']",
+                        "python", "crc32c", "package"]
 
 
 def test_use_backend_reaches_objects_made_inside(tmp_path: Path) -> None:
@@ -160,14 +182,14 @@ def test_use_backend_reaches_objects_made_inside(tmp_path: Path) -> None:
             assert _live_in(tmp_path) == {"speedups": False, "fastapply": False, "unfold": True,
                                           "buzhash": False, "treewalk": False,
                                           "blockhash": False, "hpatch": False,
-                                          "sweep": False}
+                                          "sweep": False, "columns": False}
     assert _native.BACKEND == "c"
     with _native.use_backend("python", "fastapply"):
         assert _native.BACKEND == "c"
         assert _native.backends()["fastapply"] == "python"
         assert _live_in(tmp_path) == {"speedups": True, "fastapply": False, "unfold": True,
                                       "buzhash": True, "treewalk": True, "blockhash": True,
-                                      "hpatch": True, "sweep": True}
+                                      "hpatch": True, "sweep": True, "columns": True}
     assert _live_in(tmp_path) == dict.fromkeys(_native.ACCELERATORS, True)
 
 

@@ -1,6 +1,6 @@
 """The one switch between btrdelta's C accelerators and its pure-Python code (floor 0).
 
-Eight optional C modules are built when a compiler is present:
+Nine optional C modules are built when a compiler is present:
 
 =============  ==============================  ===============================================
 name           module                          what it runs instead of the Python code
@@ -21,9 +21,12 @@ name           module                          what it runs instead of the Pytho
 ``sweep``      ``btrdelta.fs._sweep``          the inode items of a change sweep's search
                                                results (one call a buffer, not Python per
                                                item)
+``columns``    ``btrdelta.tree._columns``      a sendshot record's column offsets (running
+                                               sums, the rows of the files) without a Python
+                                               int per value
 =============  ==============================  ===============================================
 
-One setting picks the backend of all eight: ``BTRDELTA_PURE_PYTHON=1`` makes it
+One setting picks the backend of all nine: ``BTRDELTA_PURE_PYTHON=1`` makes it
 ``"python"``, otherwise it is ``"c"`` and every accelerator that is built is used. This
 module reads that variable once, at import: it is the only module besides ``cli`` that reads
 the environment. The Python code stays the reference: it handles what the C code hands
@@ -35,7 +38,7 @@ every object made after it::
 
     from btrdelta import _native
 
-    with _native.use_backend("python"):          # all eight
+    with _native.use_backend("python"):          # all nine
         ...
     with _native.use_backend("python", "fastapply"):   # only the applier's
         ...
@@ -90,6 +93,7 @@ ACCELERATORS: Final[dict[str, str]] = {
     "blockhash": "btrdelta.send._blockhash",
     "hpatch": "btrdelta.delta._hpatch",
     "sweep": "btrdelta.fs._sweep",
+    "columns": "btrdelta.tree._columns",
 }
 
 #: the backend asked for: ``"python"`` when ``BTRDELTA_PURE_PYTHON`` is set (not ``0``),

@@ -1,16 +1,36 @@
 """Record columns in memory (`btrdelta.tree.columns`): rows as encoded, directory entries
 found by a search of the PARENT column, and the next record made by patching (rows dropped,
-the root replaced, rows added) equal to the record encoded whole from the same inodes."""
+the root replaced, rows added) equal to the record encoded whole from the same inodes; on
+both backends of the column offsets (``tree/_columns.c``, the ``columns`` accelerator, and
+the Python reference), which give the same offsets and the same errors."""
 
 from __future__ import annotations
 
 import copy
+import os
+import random
+from array import array
+from collections.abc import Iterator
 
 import pytest
 
-from btrdelta.tree.columns import Columns, Encoded, encode_rows
-from btrdelta.tree.sendshot import RecordInode
+from btrdelta import _native
+from btrdelta.errors import StreamFormatError
+from btrdelta.tree import columns as columns_mod
+from btrdelta.tree.columns import EXTENT_SIZE, NO_EXTENTS, Columns, Encoded, encode_rows
+from btrdelta.tree.sendshot import C_BLOCKS, C_NSEGS, C_SIZE, WHOLE, RecordInode
 from tests.tree.test_sendshot_format import _inodes
+
+_BUILT = _native.available("columns") or os.environ.get("CI") == "true"
+
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test on both backends of the column offsets."""
+    if request.param == "c" and not _BUILT:
+        pytest.skip("the columns accelerator is not built")
+    with _native.use_backend(request.param, "columns"):
+        yield request.param
 
 
 def _columns(enc: Encoded) -> Columns:
@@ -63,3 +83,111 @@ def test_patch_that_orphans_a_name_is_refused() -> None:
         base.patched([3], [])  # directory "sub" dropped: its entries would dangle
     with pytest.raises(ValueError, match="both kept and added"):
         base.patched([], [_inodes()[1]])
+
+
+def _random_inodes(seed: int) -> list[RecordInode]:
+    """A tree of a few hundred inodes: directories, files whole, with holes, empty, with
+    and without extent items, large ones, links, symlinks, devices, xattrs."""
+    rng = random.Random(seed)
+    out = [RecordInode(256, 0o40755, 0, 0, 0, 1, 2, 3, [])]
+    dirs = [256]
+    for ino in range(257, 257 + rng.randrange(50, 400)):
+        parent = rng.choice(dirs)
+        kind = rng.random()
+        names = [(parent, b"n%d" % ino)]
+        if kind < 0.15:
+            out.append(RecordInode(ino, 0o40755, 0, 0, 0, 1, 2, 3, names))
+            dirs.append(ino)
+            continue
+        if kind < 0.25:
+            out.append(RecordInode(ino, 0o120777, 0, 0, 0, 1, 2, 3, names,
+                                   target=b"t" * rng.randrange(1, 40)))
+            continue
+        if kind < 0.28:
+            out.append(RecordInode(ino, 0o20644, 0, 0, 0, 1, 2, 3, names, rdev=7))
+            continue
+        size = rng.choice([0, 1, 4095, 4096, 4097, rng.randrange(1 << 22), 2**40 + 1])
+        segments = [(0, size)] if size else []
+        if size > 3 * 4096 and rng.random() < 0.3:  # a hole in the middle
+            segments = [(0, 4096), (8192, size - 8192)]
+        nblocks = sum(-(-n // 4096) for _o, n in segments) if size >= 4096 else 0
+        if size > 2**30:
+            segments, nblocks = [(0, 4096), (size - 10, 10)], 2
+        if rng.random() < 0.2:
+            names.append((rng.choice(dirs), b"l%d" % ino))
+        node = RecordInode(ino, 0o100644, 0, 0, size, 1, 2, 3, names, segments=segments,
+                           digest=rng.randbytes(16), bdigest=rng.randbytes(32),
+                           blocks=rng.randbytes(16 * nblocks))
+        if rng.random() < 0.3:
+            node.extents = rng.randbytes(EXTENT_SIZE * rng.randrange(4))
+        if rng.random() < 0.1:
+            node.xattrs = {b"user.x": rng.randbytes(rng.randrange(9))}
+        out.append(node)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_both_backends_give_the_same_offsets(seed: int, backend: str) -> None:
+    enc = encode_rows(_random_inodes(seed))
+    got = _columns(enc)
+    with _native.use_backend("python", "columns"):
+        want = _columns(enc)
+    for name, value in vars(want).items():
+        assert getattr(got, name) == value, name
+    assert list(got.rows()) == list(want.rows())
+
+
+def _corrupt(enc: Encoded, column: int, data: bytes) -> Encoded:
+    cols, ends = enc
+    return [(c, data if c == column else v) for c, v in cols], ends
+
+
+def test_both_backends_refuse_the_same_bad_columns(backend: str) -> None:
+    enc = encode_rows(_inodes())
+    sizes = array("Q", dict(enc[0])[C_SIZE])
+    sizes[5] = 5 * 4096  # a file of one block said to be five: BLOCKS does not add up
+    bad = [_corrupt(enc, C_SIZE, sizes.tobytes()),
+           _corrupt(enc, C_NSEGS, array("I", [WHOLE, 7, WHOLE, WHOLE]).tobytes()),
+           _corrupt(enc, C_BLOCKS, dict(enc[0])[C_BLOCKS][:-16])]
+    for b in bad:
+        with pytest.raises(StreamFormatError) as c_err:
+            _columns(b)
+        with _native.use_backend("python", "columns"), \
+                pytest.raises(StreamFormatError) as py_err:
+            _columns(b)
+        assert str(c_err.value) == str(py_err.value)
+
+
+def test_the_c_offsets_are_the_references() -> None:
+    if not _native.available("columns"):
+        pytest.skip("the columns accelerator is not built")
+    with _native.use_backend("c", "columns"):
+        c = _native.live("columns")
+    assert c is not None
+    rng = random.Random(1)
+    for code, top in (("B", 255), ("H", 2**16 - 1), ("I", 2**32 - 1), ("Q", 2**50)):
+        values = array(code, [rng.choice([0, 1, top, rng.randrange(top)]) for _ in range(500)])
+        assert columns_mod._q(c.prefix(values, 1, None)) == columns_mod._prefix(values)
+        want = columns_mod._prefix(0 if v == top else 3 * v for v in values)
+        assert columns_mod._q(c.prefix(values, 3, top)) == want
+        rows, offsets = c.where(values, 0xF0, 0x10, True)
+        flags = [v & 0xF0 == 0x10 for v in values]
+        assert list(columns_mod._q(rows)) == [i for i, f in enumerate(flags) if f]
+        assert columns_mod._q(offsets) == columns_mod._prefix(flags)
+        rows, _ = c.where(values, 0xFF, 0, False)
+        assert list(columns_mod._q(rows)) == [i for i, v in enumerate(values) if v & 0xFF]
+    sizes = array("Q", [0, 1, 4095, 4096, 4097, 2**64 - 1])
+    got = columns_mod._q(c.blocks(sizes, array("Q", [5, 4, 3, 2, 1, 0]), 4096))
+    assert list(got) == [(s + 4095) // 4096 if s >= 4096 else 0 for s in reversed(sizes)]
+    with pytest.raises(OverflowError):
+        c.prefix(array("Q", [2**63, 2**63]), 1, None)
+    with pytest.raises(OverflowError):
+        columns_mod._prefix(array("Q", [2**63, 2**63]))
+    with pytest.raises(OverflowError):
+        c.prefix(array("I", [NO_EXTENTS - 1]), 2**40, NO_EXTENTS)
+    with pytest.raises(IndexError):
+        c.blocks(sizes, array("Q", [6]), 4096)
+    with pytest.raises(TypeError):
+        c.prefix(array("i", [1]), 1, None)  # signed
+    with pytest.raises(TypeError):
+        c.prefix("text", 1, None)

@@ -27,11 +27,11 @@ import struct
 import sys
 from array import array
 from bisect import bisect_right
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import accumulate, compress
 from operator import mul
 
-from .. import TYPE_CHECKING
+from .. import TYPE_CHECKING, _native
 from ..errors import StreamFormatError
 from .sendshot import (
     BLOCK,
@@ -81,6 +81,7 @@ _XHEAD = struct.Struct("<HI")
 _U32 = struct.Struct("<I")
 _REG = 0o100000
 _FMT = 0o170000
+_ALL = 0xFFFFFFFF
 #: the columns' values are little-endian (swapped on a big-endian machine)
 _SWAP = sys.byteorder == "big"
 if [array(c).itemsize for c in "QqIH"] != [8, 8, 4, 2]:  # as on every Linux platform
@@ -96,7 +97,16 @@ Encoded = tuple[list[tuple[int, bytes]], tuple[int, int, int, int]]
 
 
 def _prefix(values: Iterable[int]) -> array[int]:
+    """The running sums of ``values`` from 0: the reference of the ``columns``
+    accelerator's ``prefix`` (``tree/_columns.c``)."""
     return array("Q", accumulate(values, initial=0))
+
+
+def _q(raw: bytes) -> array[int]:
+    """An array of the native u64 values in ``raw`` (what ``_columns.c`` returns)."""
+    out = array("Q")
+    out.frombytes(raw)
+    return out
 
 
 def _new(code: str) -> array[int]:
@@ -224,60 +234,79 @@ class Columns:
         self.count = count
         self.fixed = f
         self.inos, self.modes, self.sizes = f[C_INO], f[C_MODE], f[C_SIZE]
-        nd = sum(f[C_NNAMES])
+        # (C-level loops over the columns: no Python code per row; with the columns
+        # accelerator no Python object per value either)
+        native = _native.live("columns")
+        prefix = _prefix if native is None else lambda v: _q(native.prefix(v, 1, None))
+        # where each row's names and target start
+        self.doff = prefix(f[C_NNAMES])
+        nd = self.doff[-1]
         self.parents = _unpack(cols[C_PARENT], "I", nd, C_PARENT)
         #: the PARENT column as stored (u32 little-endian), searched by children()
         self._parent_bytes = bytes(cols[C_PARENT])
         self.namelens = _unpack(cols[C_NAMELEN], "H", nd, C_NAMELEN)
         self.names, self.targets = bytes(cols[C_NAMES]), bytes(cols[C_TARGETS])
         self.xattrs = bytes(cols[C_XATTRS])
-        if sum(self.namelens) != len(self.names) or sum(f[C_TARGETLEN]) != len(self.targets):
+        self.noff = prefix(self.namelens)
+        self.toff = prefix(f[C_TARGETLEN])
+        if self.noff[-1] != len(self.names) or self.toff[-1] != len(self.targets):
             raise StreamFormatError("columns NAMES or TARGETS do not match their lengths")
         if nd and max(self.parents) >= count:
             raise StreamFormatError(f"a dentry names a parent beyond the {count} inodes")
-        # (C-level loops over the columns: no Python code per row)
-        is_reg = list(map(_REG.__eq__, map(_FMT.__and__, self.modes)))
-        #: row -> its file index (regular files), and the rows of the files
-        self.file_rows = array("Q", compress(range(count), is_reg))
+        if native is not None:
+            rows, foff = native.where(self.modes, _FMT, _REG, True)
+            #: row -> its file index (regular files), and the rows of the files
+            self.file_rows, self.foff = _q(rows), _q(foff)
+        else:
+            is_reg = list(map(_REG.__eq__, map(_FMT.__and__, self.modes)))
+            self.file_rows = array("Q", compress(range(count), is_reg))
+            self.foff = _prefix(is_reg)
         files = len(self.file_rows)
         self.nsegs = _unpack(cols[C_NSEGS], "I", files, C_NSEGS)
-        holed = list(compress(range(files), map(WHOLE.__ne__, self.nsegs)))
-        seg_count = sum(self.nsegs[k] for k in holed)
-        self.segs = _unpack(cols[C_SEGMENTS], "Q", 2 * seg_count, C_SEGMENTS)
+        if native is not None:
+            self.soff = _q(native.prefix(self.nsegs, 2, WHOLE))
+            holed = list(_q(native.where(self.nsegs, _ALL, WHOLE, False)[0]))
+        else:
+            holed = list(compress(range(files), map(WHOLE.__ne__, self.nsegs)))
+            segs2 = [0] * files
+            for k in holed:
+                segs2[k] = 2 * self.nsegs[k]
+            self.soff = _prefix(segs2)
+        self.segs = _unpack(cols[C_SEGMENTS], "Q", self.soff[-1], C_SEGMENTS)
         self.digests, self.blocks = bytes(cols[C_DIGESTS]), bytes(cols[C_BLOCKS])
         if len(self.digests) != 48 * files or len(self.blocks) != _D * nblk:
             raise StreamFormatError("columns DIGESTS or BLOCKS do not match the files")
-        # where each row's (each file's) pieces start
-        self.doff = _prefix(f[C_NNAMES])
-        self.noff = _prefix(self.namelens)
-        self.toff = _prefix(f[C_TARGETLEN])
-        self.foff = _prefix(is_reg)
-        segs2 = [0] * files
-        for k in holed:
-            segs2[k] = 2 * self.nsegs[k]
-        self.soff = _prefix(segs2)
-        sizes = list(map(self.sizes.__getitem__, self.file_rows))
-        counts = [(s + BLOCK - 1) // BLOCK if s >= BLOCK else 0 for s in sizes]
+        # where each file's segments and block digests start
+        counts: list[int] | array[int]
+        if native is not None:
+            counts = _q(native.blocks(self.sizes, self.file_rows, BLOCK))
+        else:
+            sizes = list(map(self.sizes.__getitem__, self.file_rows))
+            counts = [(s + BLOCK - 1) // BLOCK if s >= BLOCK else 0 for s in sizes]
         for k in holed:  # a file with holes (rare): its segments' blocks
-            counts[k] = _blocks_of(sizes[k], self.segs[self.soff[k] + 1:self.soff[k + 1]:2])
-        self.boff = _prefix(counts)
+            counts[k] = _blocks_of(self.sizes[self.file_rows[k]],
+                                   self.segs[self.soff[k] + 1:self.soff[k + 1]:2])
+        self.boff = prefix(counts)
         if self.boff[-1] != nblk:
             raise StreamFormatError("column BLOCKS does not match the files' segments")
-        self.xoff = self._xattr_offsets()
+        self.xoff = self._xattr_offsets(prefix)
         if C_NEXTENTS in cols:
             self.nexts = _unpack(cols[C_NEXTENTS], "I", files, C_NEXTENTS)
             self.exts = bytes(cols[C_EXTENTS])
         else:
             self.nexts, self.exts = array("I", [NO_EXTENTS]) * files, b""
         #: where each file's extent items start (bytes)
-        self.eoff = _prefix(map(EXTENT_SIZE.__mul__, map(
-            mul, self.nexts, map(NO_EXTENTS.__ne__, self.nexts))))  # (C loops, no Python)
+        if native is not None:
+            self.eoff = _q(native.prefix(self.nexts, EXTENT_SIZE, NO_EXTENTS))
+        else:
+            self.eoff = _prefix(map(EXTENT_SIZE.__mul__, map(
+                mul, self.nexts, map(NO_EXTENTS.__ne__, self.nexts))))  # (C loops, no Python)
         if self.eoff[-1] != len(self.exts):
             raise StreamFormatError("column EXTENTS does not match NEXTENTS")
         self._row_of: dict[int, int] | None = None
 
-    def _xattr_offsets(self) -> array[int]:
-        lengths = [0] * self.count
+    def _xattr_offsets(self, prefix: Callable[[array[int]], array[int]]) -> array[int]:
+        lengths = array("Q", bytes(8 * self.count))
         v, pos = self.xattrs, 0
         nxattrs = self.fixed[C_NXATTRS]
         for r in compress(range(self.count), nxattrs):
@@ -293,7 +322,7 @@ class Columns:
             lengths[r] = pos - start
         if pos != len(v):
             raise StreamFormatError("column XATTRS holds more than the inodes")
-        return _prefix(lengths)
+        return prefix(lengths)
 
     def row_of(self) -> dict[int, int]:
         """inode number -> row."""

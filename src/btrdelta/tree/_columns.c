@@ -1,0 +1,189 @@
+/*
+ * btrdelta.tree._columns: the offsets of a sendshot record's columns, in C.
+ *
+ * Loading a version 2 or 3 record (btrdelta.tree.columns.Columns) decodes its columns into
+ * arrays, then computes where each row's names, target, segments, block digests and extent
+ * items start: prefix sums over the columns, and the rows of the regular files. columns.py
+ * does it with C-level iterators (the reference, used when this module is not built), but
+ * each value still becomes a Python int: ~3 ms of CPU for a 6,000-inode record, loaded by
+ * every incremental send. This module computes them without an object per value.
+ *
+ * prefix(values, scale, skip) -> bytes: the running sums of a buffer of unsigned integers
+ *   (item size 1, 2, 4 or 8), each value multiplied by scale, a value equal to skip (None:
+ *   no such value) counted as 0, starting with 0 (n + 1 native u64). OverflowError past
+ *   2**64 - 1.
+ * where(values, mask, want, equal) -> (rows, offsets): the rows whose value & mask is
+ *   want (equal true) or is not (equal false), native u64, and the running count of those
+ *   rows (n + 1 native u64).
+ * blocks(sizes, rows, block) -> bytes: for each row in rows, the digests of a whole file of
+ *   sizes[row] bytes: ceil(size / block) from block bytes on, else 0 (native u64). A row
+ *   beyond sizes is an IndexError.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <string.h>
+
+static int get_uints(PyObject *obj, Py_buffer *view) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0)
+        return -1;
+    const char *f = view->format ? view->format : "B";
+    if (f[0] == '<' || f[0] == '@' || f[0] == '=')
+        f++;
+    int ok = f[1] == '\0' && ((f[0] == 'B' && view->itemsize == 1) ||
+                              (f[0] == 'H' && view->itemsize == 2) ||
+                              (f[0] == 'I' && view->itemsize == 4) ||
+                              ((f[0] == 'L' || f[0] == 'Q' || f[0] == 'K') && view->itemsize == 8));
+    if (!ok) {
+        PyErr_SetString(PyExc_TypeError, "a buffer of unsigned integers is needed");
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static uint64_t item(const Py_buffer *v, Py_ssize_t i) {
+    const char *p = (const char *)v->buf + i * v->itemsize;
+    switch (v->itemsize) {
+    case 1: return *(const uint8_t *)p;
+    case 2: { uint16_t x; memcpy(&x, p, 2); return x; }
+    case 4: { uint32_t x; memcpy(&x, p, 4); return x; }
+    default: { uint64_t x; memcpy(&x, p, 8); return x; }
+    }
+}
+
+static PyObject *prefix(PyObject *self, PyObject *args) {
+    PyObject *values, *skip_obj;
+    unsigned long long scale;
+    if (!PyArg_ParseTuple(args, "OKO", &values, &scale, &skip_obj))
+        return NULL;
+    int has_skip = skip_obj != Py_None;
+    unsigned long long skip = 0;
+    if (has_skip) {
+        skip = PyLong_AsUnsignedLongLong(skip_obj);
+        if (skip == (unsigned long long)-1 && PyErr_Occurred())
+            return NULL;
+    }
+    Py_buffer v;
+    if (get_uints(values, &v) < 0)
+        return NULL;
+    Py_ssize_t n = v.len / v.itemsize;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (n + 1) * 8);
+    if (out == NULL) {
+        PyBuffer_Release(&v);
+        return NULL;
+    }
+    uint64_t *dst = (uint64_t *)PyBytes_AS_STRING(out), sum = 0;
+    dst[0] = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t x = item(&v, i), add;
+        if (has_skip && x == skip)
+            x = 0;
+        if (__builtin_mul_overflow(x, (uint64_t)scale, &add) ||
+            __builtin_add_overflow(sum, add, &sum)) {
+            PyBuffer_Release(&v);
+            Py_DECREF(out);
+            PyErr_SetString(PyExc_OverflowError, "a running sum beyond 2**64 - 1");
+            return NULL;
+        }
+        dst[i + 1] = sum;
+    }
+    PyBuffer_Release(&v);
+    return out;
+}
+
+static PyObject *where(PyObject *self, PyObject *args) {
+    PyObject *values;
+    unsigned long long mask, want;
+    int equal;
+    if (!PyArg_ParseTuple(args, "OKKp", &values, &mask, &want, &equal))
+        return NULL;
+    Py_buffer v;
+    if (get_uints(values, &v) < 0)
+        return NULL;
+    Py_ssize_t n = v.len / v.itemsize, count = 0;
+    PyObject *offsets = PyBytes_FromStringAndSize(NULL, (n + 1) * 8);
+    if (offsets == NULL) {
+        PyBuffer_Release(&v);
+        return NULL;
+    }
+    uint64_t *off = (uint64_t *)PyBytes_AS_STRING(offsets);
+    off[0] = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (((item(&v, i) & mask) == want) == equal)
+            count++;
+        off[i + 1] = (uint64_t)count;
+    }
+    PyObject *rows = PyBytes_FromStringAndSize(NULL, count * 8);
+    if (rows == NULL) {
+        PyBuffer_Release(&v);
+        Py_DECREF(offsets);
+        return NULL;
+    }
+    uint64_t *r = (uint64_t *)PyBytes_AS_STRING(rows);
+    for (Py_ssize_t i = 0, k = 0; i < n; i++)
+        if (((item(&v, i) & mask) == want) == equal)
+            r[k++] = (uint64_t)i;
+    PyBuffer_Release(&v);
+    PyObject *result = PyTuple_Pack(2, rows, offsets);
+    Py_DECREF(rows);
+    Py_DECREF(offsets);
+    return result;
+}
+
+static PyObject *blocks(PyObject *self, PyObject *args) {
+    PyObject *sizes_obj, *rows_obj;
+    unsigned long long block;
+    if (!PyArg_ParseTuple(args, "OOK", &sizes_obj, &rows_obj, &block))
+        return NULL;
+    if (block == 0) {
+        PyErr_SetString(PyExc_ValueError, "block must be positive");
+        return NULL;
+    }
+    Py_buffer sizes, rows;
+    if (get_uints(sizes_obj, &sizes) < 0)
+        return NULL;
+    if (get_uints(rows_obj, &rows) < 0) {
+        PyBuffer_Release(&sizes);
+        return NULL;
+    }
+    Py_ssize_t n = rows.len / rows.itemsize, have = sizes.len / sizes.itemsize;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n * 8);
+    if (out != NULL) {
+        uint64_t *dst = (uint64_t *)PyBytes_AS_STRING(out);
+        for (Py_ssize_t k = 0; k < n; k++) {
+            uint64_t r = item(&rows, k);
+            if (r >= (uint64_t)have) {
+                PyErr_SetString(PyExc_IndexError, "a row beyond the sizes");
+                Py_CLEAR(out);
+                break;
+            }
+            uint64_t s = item(&sizes, (Py_ssize_t)r);
+            dst[k] = s >= block ? s / block + (s % block != 0) : 0;
+        }
+    }
+    PyBuffer_Release(&sizes);
+    PyBuffer_Release(&rows);
+    return out;
+}
+
+static PyMethodDef methods[] = {
+    {"prefix", prefix, METH_VARARGS,
+     "prefix(values, scale, skip) -> the running sums (n + 1 native u64) of values * scale, "
+     "skip counted as 0."},
+    {"where", where, METH_VARARGS,
+     "where(values, mask, want, equal) -> (rows whose value & mask == want is equal, "
+     "running count of them)."},
+    {"blocks", blocks, METH_VARARGS,
+     "blocks(sizes, rows, block) -> per row, ceil(sizes[row] / block) from block bytes on."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "btrdelta.tree._columns",
+    "The offsets of a sendshot record's columns (btrdelta.tree.columns).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__columns(void) { return PyModule_Create(&module); }
