@@ -50,11 +50,23 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from .. import TYPE_CHECKING
 from .._value import Value
 from ..errors import BtrdeltaError, ChecksumError, StreamFormatError
-from .constants import CMD_HEADER, CMD_HEADER_SIZE, COMMAND_SPECS, SUPPORTED_VERSIONS, Cmd
+from .constants import (
+    CMD_HEADER,
+    CMD_HEADER_SIZE,
+    COMMAND_SPECS,
+    SUPPORTED_VERSIONS,
+    Cmd,
+    simple_enum,
+)
 from .crc import crc32c
 
 if TYPE_CHECKING:
     from typing import Any, Final, Literal, NoReturn
+
+    _IntEnum = enum.IntEnum
+    _Enum = enum.Enum
+else:
+    _IntEnum = _Enum = object
 
 __all__ = [
     "EOF",
@@ -76,7 +88,8 @@ __all__ = [
 ]
 
 
-class Sentinel(enum.Enum):
+@simple_enum(enum.Enum)
+class Sentinel(_Enum):
     """What a parser returns instead of an item."""
 
     #: feed more bytes
@@ -106,7 +119,8 @@ class Place(enum.Flag):
     SEND = SEND_V1 | SEND_V2 | SEND_V3
 
 
-class DCmd(enum.IntEnum):
+@simple_enum(enum.IntEnum)
+class DCmd(_IntEnum):
     """Record numbers the delta format adds (well above btrfs's 1..26)."""
 
     STREAM = 200
