@@ -23,7 +23,8 @@ name           module                          what it runs instead of the Pytho
                                                item)
 ``columns``    ``btrdelta.tree._columns``      a sendshot record's column offsets (running
                                                sums, the rows of the files) without a Python
-                                               int per value
+                                               int per value; the kept rows' runs copied
+                                               into the next record
 =============  ==============================  ===============================================
 
 One setting picks the backend of all nine: ``BTRDELTA_PURE_PYTHON=1`` makes it

@@ -191,3 +191,39 @@ def test_the_c_offsets_are_the_references() -> None:
         c.prefix(array("i", [1]), 1, None)  # signed
     with pytest.raises(TypeError):
         c.prefix("text", 1, None)
+
+
+def test_the_c_copies_are_the_references() -> None:
+    """``gather`` (runs of a column copied) and ``remap`` (names' directories renumbered), as
+    ``Columns.patched`` uses them, against slicing in Python."""
+    if not _native.available("columns"):
+        pytest.skip("the columns accelerator is not built")
+    with _native.use_backend("c", "columns"):
+        c = _native.live("columns")
+    assert c is not None
+    rng = random.Random(2)
+    values = array("I", [rng.randrange(50) for _ in range(300)])
+    runs = [(0, 10), (10, 10), (12, 100), (250, 300)]
+    flat = array("Q", [x for run in runs for x in run])
+    assert c.gather(values, flat, 4) == b"".join(values[a:b].tobytes() for a, b in runs)
+    raw = rng.randbytes(48 * 300)
+    assert c.gather(raw, flat, 48) == b"".join(raw[48 * a:48 * b] for a, b in runs)
+    assert c.gather(raw, array("Q"), 48) == b""
+    new = array("q", [rng.randrange(1000) for _ in range(50)])
+    got, bad = c.remap(values, flat, new)
+    assert bad == -1
+    assert got == array("I", [new[v] for a, b in runs for v in values[a:b]]).tobytes()
+    new[values[40]] = -1  # a directory not kept: the first name in it is reported
+    first = min(j for a, b in runs for j in range(a, b) if values[j] == values[40])
+    assert c.remap(values, flat, new)[1] == first
+    for bad_runs in ([(5, 4)], [(0, 301)]):
+        with pytest.raises(IndexError):
+            c.gather(values, array("Q", [x for r in bad_runs for x in r]), 4)
+        with pytest.raises(IndexError):
+            c.remap(values, array("Q", [x for r in bad_runs for x in r]), new)
+    with pytest.raises(IndexError):
+        c.remap(values, flat, new[:10])  # a value beyond new
+    with pytest.raises(TypeError):
+        c.gather(values, array("Q", [1, 2, 3]), 4)  # not pairs
+    with pytest.raises(TypeError):
+        c.remap(values, flat, array("Q", [1] * 50))  # new must be signed

@@ -6,7 +6,9 @@
  * items start: prefix sums over the columns, and the rows of the regular files. columns.py
  * does it with C-level iterators (the reference, used when this module is not built), but
  * each value still becomes a Python int: ~3 ms of CPU for a 6,000-inode record, loaded by
- * every incremental send. This module computes them without an object per value.
+ * every incremental send. This module computes them without an object per value, and
+ * copies the runs of kept rows when Columns.patched makes the next record (one call a
+ * column, not a slice a run and column: 2.3 -> 1.2 ms for a 6,000-inode record).
  *
  * prefix(values, scale, skip) -> bytes: the running sums of a buffer of unsigned integers
  *   (item size 1, 2, 4 or 8), each value multiplied by scale, a value equal to skip (None:
@@ -15,6 +17,12 @@
  * where(values, mask, want, equal) -> (rows, offsets): the rows whose value & mask is
  *   want (equal true) or is not (equal false), native u64, and the running count of those
  *   rows (n + 1 native u64).
+ * gather(values, runs, unit) -> bytes: the bytes of the runs [a, b) of values (any buffer,
+ *   unit bytes an element), runs a buffer of u64 pairs (a, b); IndexError for a run beyond
+ *   values or backwards.
+ * remap(values, runs, new) -> (bytes, bad): values[a:b] of each run (u32), each replaced
+ *   by new[value] (new: i64), as u32; bad is the index in values of the first value whose
+ *   new[value] is negative or beyond u32 (the output stops there), else -1.
  * blocks(sizes, rows, block) -> bytes: for each row in rows, the digests of a whole file of
  *   sizes[row] bytes: ceil(size / block) from block bytes on, else 0 (native u64). A row
  *   beyond sizes is an IndexError.
@@ -169,7 +177,132 @@ static PyObject *blocks(PyObject *self, PyObject *args) {
     return out;
 }
 
+static int get_runs(PyObject *obj, Py_buffer *runs) {
+    if (get_uints(obj, runs) < 0)
+        return -1;
+    if (runs->itemsize != 8 || (runs->len / 8) % 2) {
+        PyErr_SetString(PyExc_TypeError, "runs must be pairs of u64");
+        PyBuffer_Release(runs);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *gather(PyObject *self, PyObject *args) {
+    PyObject *values_obj, *runs_obj;
+    Py_ssize_t unit;
+    if (!PyArg_ParseTuple(args, "OOn", &values_obj, &runs_obj, &unit))
+        return NULL;
+    if (unit <= 0) {
+        PyErr_SetString(PyExc_ValueError, "unit must be positive");
+        return NULL;
+    }
+    Py_buffer values, runs;
+    if (PyObject_GetBuffer(values_obj, &values, PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    if (get_runs(runs_obj, &runs) < 0) {
+        PyBuffer_Release(&values);
+        return NULL;
+    }
+    const uint64_t *r = runs.buf;
+    Py_ssize_t nruns = runs.len / 16, have = values.len / unit, total = 0;
+    PyObject *out = NULL;
+    for (Py_ssize_t i = 0; i < nruns; i++) {
+        if (r[2 * i] > r[2 * i + 1] || r[2 * i + 1] > (uint64_t)have) {
+            PyErr_SetString(PyExc_IndexError, "a run beyond the values");
+            goto done;
+        }
+        total += (Py_ssize_t)(r[2 * i + 1] - r[2 * i]);
+    }
+    out = PyBytes_FromStringAndSize(NULL, total * unit);
+    if (out == NULL)
+        goto done;
+    char *dst = PyBytes_AS_STRING(out);
+    for (Py_ssize_t i = 0; i < nruns; i++) {
+        size_t n = (size_t)(r[2 * i + 1] - r[2 * i]) * (size_t)unit;
+        memcpy(dst, (const char *)values.buf + r[2 * i] * (uint64_t)unit, n);
+        dst += n;
+    }
+done:
+    PyBuffer_Release(&values);
+    PyBuffer_Release(&runs);
+    return out;
+}
+
+static PyObject *remap(PyObject *self, PyObject *args) {
+    PyObject *values_obj, *runs_obj, *new_obj;
+    if (!PyArg_ParseTuple(args, "OOO", &values_obj, &runs_obj, &new_obj))
+        return NULL;
+    Py_buffer values, runs, new;
+    if (get_uints(values_obj, &values) < 0)
+        return NULL;
+    if (values.itemsize != 4) {
+        PyBuffer_Release(&values);
+        PyErr_SetString(PyExc_TypeError, "values must be u32");
+        return NULL;
+    }
+    if (get_runs(runs_obj, &runs) < 0) {
+        PyBuffer_Release(&values);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(new_obj, &new, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&values);
+        PyBuffer_Release(&runs);
+        return NULL;
+    }
+    PyObject *out = NULL, *result = NULL;
+    const char *nf = new.format ? new.format : "B";
+    if ((nf[0] != 'q' && nf[0] != 'l') || nf[1] != '\0' || new.itemsize != 8) {
+        PyErr_SetString(PyExc_TypeError, "new must be a buffer of i64");
+        goto done;
+    }
+    const uint64_t *r = runs.buf;
+    const uint32_t *v = values.buf;
+    const int64_t *map = new.buf;
+    Py_ssize_t nruns = runs.len / 16, have = values.len / 4, nnew = new.len / 8, total = 0;
+    for (Py_ssize_t i = 0; i < nruns; i++) {
+        if (r[2 * i] > r[2 * i + 1] || r[2 * i + 1] > (uint64_t)have) {
+            PyErr_SetString(PyExc_IndexError, "a run beyond the values");
+            goto done;
+        }
+        total += (Py_ssize_t)(r[2 * i + 1] - r[2 * i]);
+    }
+    out = PyBytes_FromStringAndSize(NULL, total * 4);
+    if (out == NULL)
+        goto done;
+    uint32_t *dst = (uint32_t *)PyBytes_AS_STRING(out);
+    Py_ssize_t k = 0, bad = -1;
+    for (Py_ssize_t i = 0; i < nruns && bad < 0; i++)
+        for (uint64_t j = r[2 * i]; j < r[2 * i + 1]; j++) {
+            uint32_t x = v[j];
+            if ((Py_ssize_t)x >= nnew) {
+                PyErr_SetString(PyExc_IndexError, "a value beyond new");
+                Py_CLEAR(out);
+                goto done;
+            }
+            int64_t y = map[x];
+            if (y < 0 || y > (int64_t)UINT32_MAX) {
+                bad = (Py_ssize_t)j;
+                break;
+            }
+            dst[k++] = (uint32_t)y;
+        }
+    if (bad >= 0 && _PyBytes_Resize(&out, k * 4) < 0)
+        goto done;
+    result = Py_BuildValue("(On)", out, bad);
+done:
+    Py_XDECREF(out);
+    PyBuffer_Release(&values);
+    PyBuffer_Release(&runs);
+    PyBuffer_Release(&new);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"gather", gather, METH_VARARGS,
+     "gather(values, runs, unit) -> the bytes of values' runs [a, b) of unit-byte elements."},
+    {"remap", remap, METH_VARARGS,
+     "remap(values, runs, new) -> (new[v] for v in values' runs as u32, first bad index or -1)."},
     {"prefix", prefix, METH_VARARGS,
      "prefix(values, scale, skip) -> the running sums (n + 1 native u64) of values * scale, "
      "skip counted as 0."},

@@ -68,7 +68,7 @@ from .sendshot import (
 )
 
 if TYPE_CHECKING:
-    from typing import Final
+    from typing import Any, Final
 
 __all__ = ["Columns", "encode_rows"]
 
@@ -426,6 +426,10 @@ class Columns:
 
     def _copy_runs(self, out: _Out, runs: list[tuple[int, int]], new_row: list[int]) -> None:
         """Append the rows of ``runs`` (column slices) to ``out``."""
+        native = _native.live("columns")
+        if native is not None:
+            self._copy_runs_c(native, out, runs, new_row)
+            return
         f, doff, noff, foff = self.fixed, self.doff, self.noff, self.foff
         for a, b in runs:
             for c, _code in PER_INODE:
@@ -449,6 +453,38 @@ class Columns:
             out.nexts += self.nexts[fa:fb]
             out.pieces[C_EXTENTS].append(self.exts[self.eoff[fa]:self.eoff[fb]])
             out.count += b - a
+
+    def _copy_runs_c(self, native: Any, out: _Out, runs: list[tuple[int, int]],
+                     new_row: list[int]) -> None:
+        """:meth:`_copy_runs` with the columns accelerator: each column's runs copied and
+        the names' directories renumbered in one C call (not ~12 slices a run)."""
+        rows = array("Q", [x for run in runs for x in run])
+
+        def via(offsets: array[int], spans: array[int]) -> array[int]:
+            return array("Q", map(offsets.__getitem__, spans))
+
+        for c, _code in PER_INODE:
+            col = self.fixed[c]
+            out.fixed[c].frombytes(native.gather(col, rows, col.itemsize))
+        out.nbytes += sum(sum(self.sizes[a:b]) for a, b in runs)
+        names = via(self.doff, rows)
+        parents, bad = native.remap(self.parents, names, array("q", new_row))
+        if bad >= 0:
+            raise ValueError(f"a kept inode is named in directory "
+                             f"{self.inos[self.parents[bad]]}, which is not")
+        out.parents.frombytes(parents)
+        out.namelens.frombytes(native.gather(self.namelens, names, 2))
+        out.pieces[C_NAMES].append(native.gather(self.names, via(self.noff, names), 1))
+        out.pieces[C_TARGETS].append(native.gather(self.targets, via(self.toff, rows), 1))
+        out.pieces[C_XATTRS].append(native.gather(self.xattrs, via(self.xoff, rows), 1))
+        files = via(self.foff, rows)
+        out.nsegs.frombytes(native.gather(self.nsegs, files, 4))
+        out.segs.frombytes(native.gather(self.segs, via(self.soff, files), 8))
+        out.pieces[C_DIGESTS].append(native.gather(self.digests, files, 48))
+        out.pieces[C_BLOCKS].append(native.gather(self.blocks, via(self.boff, files), _D))
+        out.nexts.frombytes(native.gather(self.nexts, files, 4))
+        out.pieces[C_EXTENTS].append(native.gather(self.exts, via(self.eoff, files), 1))
+        out.count += sum(b - a for a, b in runs)
 
 
 class _Lookup(dict[int, int]):
