@@ -22,6 +22,8 @@
 
 #include <stdint.h>
 
+#include "_constants.h"
+
 #define HEADER 32 /* sizeof(struct btrfs_ioctl_search_header) */
 
 static uint64_t le64(const uint8_t *p) {

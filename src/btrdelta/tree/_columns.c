@@ -34,6 +34,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "_constants.h"
+
 static int get_uints(PyObject *obj, Py_buffer *view) {
     if (PyObject_GetBuffer(obj, view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0)
         return -1;
