@@ -314,6 +314,26 @@ def inode_order(tree: Tree) -> list[int]:
 class _Scanner:
     """One :func:`scan_tree`: the nodes so far, hard links by inode, counters."""
 
+    @classmethod
+    def at(cls, path: str | bytes | os.PathLike[str],
+           on_entry: Callable[[int, int], None] | None) -> _Scanner:
+        """A scanner of the tree at ``path`` with its root made (nothing below it yet).
+
+        Raises:
+            BtrdeltaError: ``path`` is not a directory or cannot be read.
+        """
+        root = os.fsencode(path).rstrip(b"/") or b"/"
+        try:
+            st = os.lstat(root)
+        except OSError as exc:
+            raise BtrdeltaError(f"cannot scan: {exc.strerror}", path=root) from exc
+        if not stat.S_ISDIR(st.st_mode):
+            raise BtrdeltaError("not a directory", path=root)
+        scanner = cls(root, st.st_dev, on_entry)
+        scanner.make(st, root, b"", None, root)
+        scanner.children[ROOT] = {}
+        return scanner
+
     def __init__(self, root: bytes, dev: int,
                  on_entry: Callable[[int, int], None] | None) -> None:
         self.nodes: dict[int, Node] = {}
@@ -400,17 +420,8 @@ def scan_tree(
     Raises:
         BtrdeltaError: ``path`` is not a directory or cannot be read.
     """
-    root = os.fsencode(path).rstrip(b"/") or b"/"
-    try:
-        st = os.lstat(root)
-    except OSError as exc:
-        raise BtrdeltaError(f"cannot scan: {exc.strerror}", path=root) from exc
-    if not stat.S_ISDIR(st.st_mode):
-        raise BtrdeltaError("not a directory", path=root)
-    scanner = _Scanner(root, st.st_dev, on_entry)
-    scanner.make(st, root, b"", None, root)
-    scanner.children[ROOT] = {}
-    stack: list[tuple[int, bytes, bytes]] = [(ROOT, root, b"")]
+    scanner = _Scanner.at(path, on_entry)
+    stack: list[tuple[int, bytes, bytes]] = [(ROOT, scanner.tree.root, b"")]
     while stack:
         stack.extend(reversed(scanner.scan_dir(*stack.pop())))
     tree = scanner.tree
@@ -441,16 +452,7 @@ class ScanStream:
     """
 
     def __init__(self, path: str | bytes | os.PathLike[str]) -> None:
-        root = os.fsencode(path).rstrip(b"/") or b"/"
-        try:
-            st = os.lstat(root)
-        except OSError as exc:
-            raise BtrdeltaError(f"cannot scan: {exc.strerror}", path=root) from exc
-        if not stat.S_ISDIR(st.st_mode):
-            raise BtrdeltaError("not a directory", path=root)
-        self._scanner = sc = _Scanner(root, st.st_dev, None)
-        sc.make(st, root, b"", None, root)
-        sc.children[ROOT] = {}
+        self._scanner = sc = _Scanner.at(path, None)
         self.tree = sc.tree
         self._cond = threading.Condition()
         self._scanned: set[int] = set()
