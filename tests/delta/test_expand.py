@@ -219,9 +219,16 @@ def _patched_case(tmp: Path, codec: str) -> tuple[Path, bytes, bytes]:
     base = _text(rnd, 300_000)
     (old / "f").write_bytes(base)
     new = base[:1000] + b"EDITED" + base[1000:]
+    return old, *_rewrite_delta(old, new, codec, uuid.uuid4(), 8)
+
+
+def _rewrite_delta(old: Path, new: bytes, codec: str, parent: uuid.UUID,
+                   ctransid: int) -> tuple[bytes, bytes]:
+    """A stream writing file ``f`` whole as ``new`` (parent ``parent``/``ctransid``), and its
+    delta (patch ``codec``) against ``old``."""
     out: list[bytes] = []
     w = StreamWriter(out.append, 2)
-    w.write(R.Snapshot(b"B", uuid.uuid4(), 9, uuid.uuid4(), 8))
+    w.write(R.Snapshot(b"B", uuid.uuid4(), 9, parent, ctransid))
     for off in range(0, len(new), 128 << 10):
         w.write(R.Write(b"f", off, new[off : off + (128 << 10)]))
     w.write(R.Truncate(b"f", len(new)))
@@ -230,7 +237,7 @@ def _patched_case(tmp: Path, codec: str) -> tuple[Path, bytes, bytes]:
     d: list[bytes] = []
     make_delta(io.BufferedReader(io.BytesIO(stream)), old, d.append,  # type: ignore[arg-type]
                MakeOptions(jobs=1, codec=codec))
-    return old, stream, b"".join(bytes(p) for p in d)
+    return stream, b"".join(bytes(p) for p in d)
 
 
 @pytest.mark.parametrize("codec", ["hdiff", "bsdiff", "zstd", "edits"])
@@ -473,18 +480,7 @@ def test_a_patch_of_a_mapped_old_file_expands_to_the_stream(
             parent = subvol_info(fd)
         finally:
             os.close(fd)
-        out: list[bytes] = []
-        w = StreamWriter(out.append, 2)
-        w.write(R.Snapshot(b"B", uuid.uuid4(), 9, parent.uuid, parent.ctransid))
-        for off in range(0, len(new), 128 << 10):
-            w.write(R.Write(b"f", off, new[off : off + (128 << 10)]))
-        w.write(R.Truncate(b"f", len(new)))
-        w.write(R.End())
-        stream = b"".join(bytes(p) for p in out)
-        d: list[bytes] = []
-        make_delta(io.BufferedReader(io.BytesIO(stream)), ro, d.append,  # type: ignore[arg-type]
-                   MakeOptions(jobs=1, codec=codec))
-        delta = b"".join(bytes(p) for p in d)
+        stream, delta = _rewrite_delta(ro, new, codec, parent.uuid, parent.ctransid)
         mapped.clear()
         got: list[bytes] = []
         expand_to(open_delta(io.BytesIO(delta)), ro, lambda p: got.append(bytes(p)))
