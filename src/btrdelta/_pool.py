@@ -100,11 +100,12 @@ class Pool:
                 raise RuntimeError("submit after shutdown")
             self._queue.append(task)
             self._cond.notify()
-        if not self._threads:
-            for i in range(self._workers):
-                t = threading.Thread(target=self._work, name=f"{self._name}_{i}", daemon=True)
-                t.start()
-                self._threads.append(t)
+            if not self._threads:  # under the lock: one set of workers, whoever submits
+                for i in range(self._workers):
+                    t = threading.Thread(target=self._work, name=f"{self._name}_{i}",
+                                         daemon=True)
+                    t.start()
+                    self._threads.append(t)
         return task
 
     def _work(self) -> None:

@@ -1,0 +1,61 @@
+"""btrdelta._pool: the small thread pool of the delta expansion."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from btrdelta._pool import Pool
+
+
+def _workers(name: str) -> int:
+    return sum(1 for t in threading.enumerate() if t.name.startswith(f"{name}_"))
+
+
+def test_results_in_order_and_exceptions_handed_over() -> None:
+    pool = Pool(2, "pool-order")
+    tasks = [pool.submit(pow, i, 2) for i in range(50)]
+    bad = pool.submit(int, "x")
+    assert [t.result() for t in tasks] == [i * i for i in range(50)]
+    with pytest.raises(ValueError, match="invalid literal"):
+        bad.result()
+    pool.shutdown()
+    assert _workers("pool-order") == 0
+
+
+def test_submitters_at_once_start_one_set_of_workers() -> None:
+    """The first submissions of several threads at once: each pool has ``workers``
+    threads, not one set per submitter that saw none started."""
+    for round_ in range(20):
+        name = f"pool-race{round_}"
+        pool = Pool(2, name)
+        gate = threading.Barrier(8)
+        got: list[int] = []
+
+        def submit(pool: Pool = pool, gate: threading.Barrier = gate,
+                   got: list[int] = got) -> None:
+            gate.wait()
+            got.append(pool.submit(lambda: 1).result())
+
+        threads = [threading.Thread(target=submit) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert got == [1] * 8
+        assert _workers(name) == 2
+        pool.shutdown()
+
+
+def test_shutdown_cancels_what_has_not_started() -> None:
+    pool = Pool(1, "pool-cancel")
+    gate = threading.Event()
+    first = pool.submit(gate.wait)
+    later = [pool.submit(int, "1") for _ in range(3)]
+    threading.Timer(0.2, gate.set).start()
+    pool.shutdown(cancel_futures=True)
+    assert first.result() is True
+    assert all(t.cancelled() for t in later)
+    with pytest.raises(RuntimeError, match="cancelled"):
+        later[0].result()
