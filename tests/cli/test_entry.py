@@ -94,7 +94,7 @@ def test_version_and_help_import_no_command(argv: list[str]) -> None:
     proc = subprocess.run([sys.executable, "-c", _IMPORTED.format(argv=argv)],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[-1] == "['btrdelta.cli._common']"
+    assert proc.stdout.splitlines()[-1] == "['btrdelta.cli._common', 'btrdelta.cli._lean']"
     if argv == ["--version"]:
         assert proc.stdout.startswith("btrdelta ")
     elif argv == ["--help"]:
@@ -110,18 +110,20 @@ def test_a_command_imports_only_its_module() -> None:
     proc = subprocess.run([sys.executable, "-c", _IMPORTED.format(argv=["dump", "--help"])],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[-1] == "['btrdelta.cli._common', 'btrdelta.cli.dump_cmd']"
+    assert proc.stdout.splitlines()[-1] == ("['btrdelta.cli._common', 'btrdelta.cli._lean', "
+                                            "'btrdelta.cli.dump_cmd']")
 
 
 def test_a_sendshot_send_imports_no_thread_pool_or_logging(tmp_path: Path) -> None:
     """``send --record`` and ``send --from-sendshot`` (hashing threads included) import
     neither ``concurrent.futures`` nor the ``logging`` it pulls in (~4 ms of every small
     send's start): the hashing threads are send/hashing.py's own. Nor ``locale``: argparse's
-    message lookups are not made (cli/_common.py). The full send with its record imports no
-    ``typing`` (~3 % of a small send): annotations are not evaluated, zstandard's C backend
-    is loaded without its package (btrdelta/_zstd.py). (The incremental of a directory that
-    is not a btrfs subvolume matches files by content-defined chunks: pyfastcdc imports
-    typing; the change sweep on btrfs does not.)"""
+    message lookups are not made (cli/_common.py). Nor ``platform`` and ``gettext``, which
+    ``uuid`` and ``argparse`` import for what the CLI never uses (cli/_lean.py). The full
+    send with its record imports no ``typing`` (~3 % of a small send): annotations are not
+    evaluated, zstandard's C backend is loaded without its package (btrdelta/_zstd.py).
+    (The incremental of a directory that is not a btrfs subvolume matches files by
+    content-defined chunks: pyfastcdc imports typing; the change sweep on btrfs does not.)"""
     src = tmp_path / "src"
     src.mkdir()
     for i in range(40):  # several batches for the hashing threads
@@ -135,8 +137,8 @@ def test_a_sendshot_send_imports_no_thread_pool_or_logging(tmp_path: Path) -> No
         f"open({str(src / 'f1')!r}, 'ab').write(b'x')\n"
         f"b = main(['send', {str(src)!r}, '-o', {str(tmp_path / 's1')!r}, '--record', "
         f"'--store', {str(store)!r}, '--from-sendshot', 'latest', '-q'])\n"
-        "print(a, b, sorted(m for m in ('concurrent.futures', 'logging', 'locale')\n"
-        "                   if m in sys.modules))"
+        "print(a, b, sorted(m for m in ('concurrent.futures', 'logging', 'locale', 'platform',\n"
+        "                               'gettext') if m in sys.modules))"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           check=False, timeout=120)
@@ -192,3 +194,20 @@ def test_positionals_between_options(argv: list[str], want: dict[str, object]) -
     DEST, then refused 'dest': 'unrecognized arguments')."""
     args = build_parser(argv[0]).parse_args(argv)
     assert {k: getattr(args, k) for k in want} == want
+
+
+def test_lean_imports_leave_the_real_modules() -> None:
+    """cli/_lean.py imports argparse and uuid with stand-ins for gettext and platform, and
+    removes them: a later import gets the real modules, and argparse and uuid work."""
+    script = (
+        "import sys\nimport btrdelta.cli\n"
+        "print(sorted(m for m in ('platform', 'gettext') if m in sys.modules))\n"
+        "import argparse, gettext, platform, uuid\n"
+        "print(platform.system(), bool(platform.python_version()), gettext.gettext('x'),\n"
+        "      hasattr(uuid, 'platform'), uuid.uuid4().version, str(uuid.UUID(int=1))[-4:],\n"
+        "      argparse.ngettext('a', 'b', 2))"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["[]", "Linux True x False 4 0001 b"]

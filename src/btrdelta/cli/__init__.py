@@ -13,7 +13,6 @@ output), ``-`` for standard input/output, an example in every ``--help``.
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import gc
 import importlib
@@ -28,6 +27,7 @@ from ..errors import BtrdeltaError, exit_codes
 from ._common import HelpFormatter, Interrupted, Parser, stop_on_signals
 
 if TYPE_CHECKING:
+    import argparse
     from typing import NoReturn
 
 __all__ = ["COMMANDS", "build_parser", "describe_os_error", "entry", "exit_codes_epilog", "main"]

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import os
@@ -15,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from .. import TYPE_CHECKING
 from ..errors import BtrdeltaError, UsageError
 from ..fs.atomic import atomic_output
+from ._lean import argparse
 
 #: a command's hint after "unrecognized arguments": (arguments parsed, words left over,
 #: the command's words) -> what was meant, or None

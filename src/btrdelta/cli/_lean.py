@@ -1,0 +1,68 @@
+"""``argparse`` and ``uuid`` as the CLI imports them: without ``gettext`` and ``platform``.
+
+Both standard modules import another one at import time for something the CLI never uses:
+
+- ``argparse`` imports ``gettext`` to translate its messages, which the CLI takes as
+  written (``_common``); ``gettext``'s import compiles its plural-forms tokenizer (3.8 M
+  instructions, ~1 % of a small ``send --from-sendshot``).
+- ``uuid`` imports ``platform`` on Linux only to ask once whether the system is AIX;
+  ``platform`` compiles nine regular expressions at import (8.6 M instructions, ~2.5 % of
+  that send, ~5 ms of its start under load).
+
+Each is imported here with a stand-in in ``sys.modules`` that has just what the import
+takes from the other module (``gettext.gettext`` and ``ngettext``: the message as written;
+``platform.system()``: ``os.uname()``'s), and the stand-in is removed right after: an import
+of ``gettext`` or ``platform`` later gets the real module. Where either module is imported
+already, nothing is stood in for. The CLI's first module (``_common``) takes ``argparse``
+from here, so this runs before anything else of the CLI imports either.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .. import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+__all__ = ["argparse", "uuid"]
+
+
+def _message(message: str) -> str:
+    return message
+
+
+def _messages(singular: str, plural: str, n: int) -> str:
+    return singular if n == 1 else plural
+
+
+def _system() -> str:
+    return os.uname().sysname
+
+
+def _import_with(module: str, stand_in: str, functions: dict[str, Callable[..., str]]) -> None:
+    """Import ``module`` with a module ``stand_in`` made of ``functions`` in
+    ``sys.modules`` (unless either is imported already); the stand-in is removed after,
+    also from ``module``'s namespace if it bound it by name."""
+    if module in sys.modules or stand_in in sys.modules:
+        return
+    fake = type(sys)(stand_in)
+    vars(fake).update(functions)
+    sys.modules[stand_in] = fake
+    try:
+        __import__(module)
+    finally:
+        if sys.modules.get(stand_in) is fake:
+            del sys.modules[stand_in]
+    namespace = vars(sys.modules[module])
+    if namespace.get(stand_in) is fake:
+        del namespace[stand_in]
+
+
+_import_with("argparse", "gettext", {"gettext": _message, "ngettext": _messages})
+_import_with("uuid", "platform", {"system": _system})
+
+import argparse  # noqa: E402  (imported above, with the stand-in)
+import uuid  # noqa: E402
