@@ -26,6 +26,12 @@
  * blocks(sizes, rows, block) -> bytes: for each row in rows, the digests of a whole file of
  *   sizes[row] bytes: ceil(size / block) from block bytes on, else 0 (native u64). A row
  *   beyond sizes is an IndexError.
+ * members(parents, doff, want) -> bytes: the dentries d with parents[d] == want, each with
+ *   its row (the r with doff[r] <= d < doff[r + 1], doff the running count of each row's
+ *   dentries), as native u64 pairs (d, r) in dentry order: one pass over both columns
+ *   instead of a search of the stored column and a bisection of doff per entry (a
+ *   directory's entries, for each directory a send lists). A dentry beyond doff's last
+ *   count is an IndexError.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -179,6 +185,45 @@ static PyObject *blocks(PyObject *self, PyObject *args) {
     return out;
 }
 
+static PyObject *members(PyObject *self, PyObject *args) {
+    PyObject *parents_obj, *doff_obj;
+    unsigned long long want;
+    if (!PyArg_ParseTuple(args, "OOK", &parents_obj, &doff_obj, &want))
+        return NULL;
+    Py_buffer parents, doff;
+    if (get_uints(parents_obj, &parents) < 0)
+        return NULL;
+    if (get_uints(doff_obj, &doff) < 0) {
+        PyBuffer_Release(&parents);
+        return NULL;
+    }
+    Py_ssize_t n = parents.len / parents.itemsize, rows = doff.len / doff.itemsize - 1;
+    Py_ssize_t count = 0;
+    for (Py_ssize_t d = 0; d < n; d++)
+        count += item(&parents, d) == want;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, count * 16);
+    if (out != NULL) {
+        uint64_t *dst = (uint64_t *)PyBytes_AS_STRING(out);
+        Py_ssize_t r = 0, k = 0;
+        for (Py_ssize_t d = 0; d < n && k < 2 * count; d++) {
+            if (item(&parents, d) != want)
+                continue;
+            while (r < rows && item(&doff, r + 1) <= (uint64_t)d)
+                r++;
+            if (r >= rows) {
+                PyErr_SetString(PyExc_IndexError, "a dentry beyond the rows' counts");
+                Py_CLEAR(out);
+                break;
+            }
+            dst[k++] = (uint64_t)d;
+            dst[k++] = (uint64_t)r;
+        }
+    }
+    PyBuffer_Release(&parents);
+    PyBuffer_Release(&doff);
+    return out;
+}
+
 static int get_runs(PyObject *obj, Py_buffer *runs) {
     if (get_uints(obj, runs) < 0)
         return -1;
@@ -313,6 +358,8 @@ static PyMethodDef methods[] = {
      "running count of them)."},
     {"blocks", blocks, METH_VARARGS,
      "blocks(sizes, rows, block) -> per row, ceil(sizes[row] / block) from block bytes on."},
+    {"members", members, METH_VARARGS,
+     "members(parents, doff, want) -> (dentry, row) pairs (native u64) of parents == want."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -242,8 +242,11 @@ class Columns:
         self.doff = prefix(f[C_NNAMES])
         nd = self.doff[-1]
         self.parents = _unpack(cols[C_PARENT], "I", nd, C_PARENT)
-        #: the PARENT column as stored (u32 little-endian), searched by children()
+        #: the PARENT column as stored (u32 little-endian), searched by children() without
+        #: the accelerator, and the accelerator's search of the column
         self._parent_bytes = bytes(cols[C_PARENT])
+        self._members = None if native is None else native.members
+        self._children: dict[int, list[tuple[bytes, int]]] = {}
         self.namelens = _unpack(cols[C_NAMELEN], "H", nd, C_NAMELEN)
         self.names, self.targets = bytes(cols[C_NAMES]), bytes(cols[C_TARGETS])
         self.xattrs = bytes(cols[C_XATTRS])
@@ -337,10 +340,27 @@ class Columns:
                 for d in range(self.doff[r], self.doff[r + 1])]
 
     def children(self, r: int) -> list[tuple[bytes, int]]:
-        """The entries of directory row ``r`` as (name, row) (found by ``bytes.find`` of
-        ``r`` in the stored PARENT column, a C loop: no index of every directory is built)."""
+        """The entries of directory row ``r`` as (name, row), in the record's order; the
+        same list again for the same ``r`` (a send asks twice for each directory it lists:
+        to list it and to find what was deleted). No index of every directory is built:
+        the columns accelerator's ``members`` finds the entries and their rows in one pass
+        over the PARENT and dentry-count columns; without it, ``bytes.find`` of ``r`` in
+        the stored PARENT column (a C loop) and a bisection for each entry's row (a
+        directory of the 6,000-inode tree of issue 15: ~460,000 instructions a call, the
+        accelerator ~30,000)."""
+        out = self._children.get(r)
+        if out is None:
+            out = self._children[r] = self._find_children(r)
+        return out
+
+    def _find_children(self, r: int) -> list[tuple[bytes, int]]:
+        names, noff, doff = self.names, self.noff, self.doff
+        if self._members is not None:
+            pairs = _q(self._members(self.parents, doff, r))
+            return [(names[noff[d]:noff[d + 1]], row)
+                    for d, row in zip(pairs[::2], pairs[1::2], strict=True)]
         out: list[tuple[bytes, int]] = []
-        raw, names, noff, doff = self._parent_bytes, self.names, self.noff, self.doff
+        raw = self._parent_bytes
         want = _U32.pack(r)
         pos = raw.find(want)
         while pos >= 0:
