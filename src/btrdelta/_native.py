@@ -24,7 +24,8 @@ name           module                          what it runs instead of the Pytho
 ``columns``    ``btrdelta.tree._columns``      a sendshot record's column offsets (running
                                                sums, the rows of the files) without a Python
                                                int per value; the kept rows' runs copied
-                                               into the next record
+                                               into the next record; a directory's entries
+                                               and their rows
 =============  ==============================  ===============================================
 
 One setting picks the backend of all nine: ``BTRDELTA_PURE_PYTHON=1`` makes it
