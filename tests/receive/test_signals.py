@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -42,14 +43,32 @@ def _ctrl_c_as_in_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _started(dest: Path, name: str) -> tuple[subprocess.Popen[bytes], bytes]:
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    """Kill ``proc`` if it still runs and wait for it (its pipes closed)."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate()
+
+
+@pytest.fixture
+def children() -> Iterator[ExitStack]:
+    """Receives started by a test: whatever ends the test (an assertion, a timeout of
+    ``communicate``, pytest-timeout), none is left running or unreaped (one left running
+    held the loop btrfs busy and the fixture's umount failed)."""
+    with ExitStack() as stack:
+        yield stack
+
+
+def _started(children: ExitStack, dest: Path,
+             name: str) -> tuple[subprocess.Popen[bytes], bytes]:
     """A receive of ``name`` from a pipe, blocked before its END (its temporary made);
-    returns it and the bytes still to send."""
+    returns it and the bytes still to send. ``children`` kills and reaps it at the end."""
     data = _stream(name)
     before = set(_temps(dest))
     proc = subprocess.Popen([sys.executable, "-m", "btrdelta", "receive", str(dest)],
                             stdin=subprocess.PIPE, stderr=subprocess.PIPE,
                             preexec_fn=_ctrl_c_as_in_a_terminal)
+    children.callback(_reap, proc)
     assert proc.stdin is not None
     proc.stdin.write(data[: -(1 << 20)])
     proc.stdin.flush()
@@ -63,7 +82,8 @@ def _started(dest: Path, name: str) -> tuple[subprocess.Popen[bytes], bytes]:
 
 def _receive(dest: Path, name: str) -> tuple[int, str]:
     proc = subprocess.run([sys.executable, "-m", "btrdelta", "receive", str(dest)],
-                          input=_stream(name), capture_output=True, check=False)
+                          input=_stream(name), capture_output=True, check=False,
+                          timeout=120)  # (run kills and reaps it on the timeout)
     return proc.returncode, proc.stderr.decode()
 
 
@@ -98,8 +118,9 @@ def _listing(dest: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
-def test_a_signal_removes_the_temporary(dest: Path, sig: signal.Signals) -> None:
-    proc, _ = _started(dest, "sv")
+def test_a_signal_removes_the_temporary(dest: Path, sig: signal.Signals,
+                                        children: ExitStack) -> None:
+    proc, _ = _started(children, dest, "sv")
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig, err  # 143, 129, 130
@@ -109,10 +130,11 @@ def test_a_signal_removes_the_temporary(dest: Path, sig: signal.Signals) -> None
         assert _btrfs_subvols(dest) == []
 
 
-def test_kill_9_leftovers_are_swept_not_a_live_receivers(dest: Path) -> None:
-    live, rest = _started(dest, "live")
+def test_kill_9_leftovers_are_swept_not_a_live_receivers(dest: Path,
+                                                         children: ExitStack) -> None:
+    live, rest = _started(children, dest, "live")
     live_tmp = _temps(dest)
-    dead, _ = _started(dest, "dead")
+    dead, _ = _started(children, dest, "dead")
     dead.kill()
     dead.communicate()
     left = [t for t in _temps(dest) if t not in live_tmp]
