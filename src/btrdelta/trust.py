@@ -404,7 +404,7 @@ class Signature(Value):
             raise SignatureError("malformed signature: file too large", source=source)
         try:
             obj = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             raise SignatureError("malformed signature: not a JSON object",
                                  source=source) from None
         return cls.from_json(obj, source=source)

@@ -108,7 +108,7 @@ class _Store:
             if doc.get("format") != _FORMAT or doc.get("version") != 1:
                 raise ValueError("not a btrdelta backup index")
             return [dict(b) for b in doc["backups"]]
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise StreamFormatError(f"invalid backup index: {exc}",
                                     source=f"{self.where}/{name}.backups.json") from exc
 

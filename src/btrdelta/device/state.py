@@ -111,25 +111,67 @@ def parse_state_spec(spec: str) -> StateSubvol:
     return StateSubvol(name, path, mode)
 
 
+_VERDICTS = ("new", "good", "bad")
+
+
+def _typed(value: Any, kind: type | tuple[type, ...], what: str) -> Any:
+    """``value`` if it is a ``kind`` (never a bool for a number), else a ValueError."""
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in (
+            kind if isinstance(kind, tuple) else (kind,))):
+        raise ValueError(f"{what}: {type(value).__name__} where "
+                         f"{getattr(kind, '__name__', 'a number')} is expected")
+    return value
+
+
+def _root_info(name: str, info: Any) -> RootInfo:
+    fields = _typed(info, dict, f"roots.{name}")
+    kinds: dict[str, Any] = {"release": str, "uuid": str, "tree_sum": str,
+                             "installed": (int, float), "verdict": str, "source": str}
+    for key, value in fields.items():
+        if key not in kinds:
+            raise ValueError(f"roots.{name}: unknown field {key!r}")
+        _typed(value, kinds[key], f"roots.{name}.{key}")
+    root = RootInfo(**fields)
+    root.installed = float(root.installed)
+    if root.verdict not in _VERDICTS:
+        raise ValueError(f"roots.{name}.verdict: {root.verdict!r}")
+    return root
+
+
 def _parse(doc: Any) -> DeviceState:
+    """The state from a decoded document: every field of its type (a damaged file is
+    refused here, never found out by a command halfway through its steps)."""
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ValueError("not a btrdelta device state file")
     if doc.get("version") != VERSION:
         raise ValueError(f"unsupported version {doc.get('version')!r}")
     roots = {}
-    for name, info in dict(doc.get("roots", {})).items():
+    for name, info in _typed(doc.get("roots", {}), dict, "roots").items():
         if name not in BOOTABLE:
             raise ValueError(f"unknown root {name!r}")
-        roots[name] = RootInfo(**info)
+        roots[name] = _root_info(name, info)
+    state = []
+    for i, s in enumerate(_typed(doc.get("state", []), list, "state")):
+        sub = _typed(s, dict, f"state[{i}]")
+        for key, value in sub.items():
+            if key not in ("name", "path", "mode"):
+                raise ValueError(f"state[{i}]: unknown field {key!r}")
+            _typed(value, str, f"state[{i}].{key}")
+        state.append(StateSubvol(**sub))
+    pending = doc.get("pending")
+    if pending is not None:
+        _typed(pending, dict, "pending")
     st = DeviceState(
-        tries=int(doc["tries"]),
-        hook=doc.get("hook"),
-        state=[StateSubvol(**s) for s in doc.get("state", [])],
+        tries=_typed(doc["tries"], int, "tries"),
+        hook=doc.get("hook") if doc.get("hook") is None else _typed(doc["hook"], str, "hook"),
+        state=state,
         roots=roots,
-        pending=doc.get("pending"),
-        generation=int(doc.get("generation", 0)),
-        log=list(doc.get("log", [])),
+        pending=pending,
+        generation=_typed(doc.get("generation", 0), int, "generation"),
+        log=[_typed(e, dict, "log entry") for e in _typed(doc.get("log", []), list, "log")],
     )
+    if st.tries < 1:
+        raise ValueError(f"tries: {st.tries}")
     for s in st.state:
         parse_state_spec(f"{s.name}:{s.path}:{s.mode}")
     return st
@@ -152,7 +194,10 @@ def load_state(layout: Layout) -> DeviceState:
         if len(raw) > _MAX_SIZE:
             raise ValueError("too large")
         return _parse(json.loads(raw))
-    except (ValueError, KeyError, TypeError) as exc:
+    except DeviceError as exc:  # (a state subvolume's spec: parse_state_spec)
+        raise StreamFormatError(f"invalid device state file: {exc}",
+                                source=str(layout.state_file)) from exc
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise StreamFormatError(f"invalid device state file: {exc}",
                                 source=str(layout.state_file)) from exc
 

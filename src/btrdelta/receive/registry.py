@@ -115,7 +115,8 @@ class Registry:
                     )
                 )
             return out
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError,
+                RecursionError) as exc:  # (UUID(5): AttributeError; int(1e999): Overflow)
             raise StreamFormatError(f"invalid subvolume registry: {exc}",
                                     source=str(self.path)) from exc
 

@@ -268,7 +268,7 @@ class SendshotStore:
 
         try:
             doc = json.loads(data)
-        except ValueError as exc:  # (json's messages are one line)
+        except (ValueError, RecursionError) as exc:  # (json's messages are one line)
             raise StreamFormatError(f"damaged cursor file: not JSON ({exc})", source=p) from None
         # a cursor file read as empty would let prune delete what receivers hold: refuse it
         if not isinstance(doc, dict) or doc.get("version") != 1:

@@ -285,7 +285,7 @@ class _Partial:
                 if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                     raise _Damaged("not a regular file")
                 doc = json.loads(f.read(1 << 20))
-        except ValueError as exc:  # (json's messages are one line)
+        except (ValueError, RecursionError) as exc:  # (json's messages are one line)
             raise _Damaged(f"not JSON ({exc})") from None
         except OSError as exc:
             raise _Damaged(exc.strerror or str(exc)) from None
@@ -414,7 +414,7 @@ class Replica:
             if exc.errno != errno.ELOOP:
                 raise
             raise StreamFormatError("damaged replica state: a symlink", source=str(p)) from None
-        except ValueError as exc:  # (json's messages are one line)
+        except (ValueError, RecursionError) as exc:  # (json's messages are one line)
             raise StreamFormatError(f"damaged replica state: {exc}", source=str(p)) from None
 
     def _save(self, doc: dict[str, Any]) -> None:
