@@ -87,8 +87,9 @@ randwork: sysdeps venv
 	CI=true BTRDELTA_RANDWORK=$${BTRDELTA_RANDWORK:-200} $(BIN)/python -m pytest -q \
 		-p no:cacheprovider --basetemp="$$tmp/t" tests/randwork
 
-# damaged inputs through the CLI (tests/cli/test_mutations.py) at 1,000 offsets per input and
-# command instead of make test's 24 (~19 minutes at load 4-12 on 2 cores); not part of `make test`
+# damaged inputs through the CLI (tests/cli/test_mutations.py) and the device state file
+# (tests/device/test_state_file.py) at 1,000 offsets per input and command instead of make
+# test's 24 (~19 minutes at load 4-12 on 2 cores); not part of `make test`
 fuzz: sysdeps venv
 	@echo "fuzz: $${BTRDELTA_MUTATIONS:-1000} mutations per input and command;" \
 		"started $$(date -u '+%F %T') UTC"
@@ -96,7 +97,8 @@ fuzz: sysdeps venv
 	trap 'rm -rf --one-file-system "$$tmp"' EXIT; \
 	trap 'exit 130' INT; trap 'exit 143' TERM; trap 'exit 129' HUP; \
 	CI=true BTRDELTA_MUTATIONS=$${BTRDELTA_MUTATIONS:-1000} $(BIN)/python -m pytest -q \
-		-p no:cacheprovider --basetemp="$$tmp/t" tests/cli/test_mutations.py
+		-p no:cacheprovider --basetemp="$$tmp/t" tests/cli/test_mutations.py \
+		tests/device/test_state_file.py
 
 lint: venv
 	$(BIN)/ruff check .

@@ -3,8 +3,9 @@
 The inputs are files nobody wrote by hand: streams the kernel's ``btrfs send`` made
 (committed under tests/data/streams) and a full stream, an incremental stream, a delta
 stream, an image archive, a sendshot record, a replication sender's side of a
-conversation and a versions repository's signed timestamp, index, version records and delta
-made here by our own commands. Each is mutated at many offsets (truncated, one
+conversation (to a receiver) and a receiver's side (to a sender), and a versions
+repository's signed timestamp, index, version records and delta (read from its directory
+and over HTTP) made here by our own commands. Each is mutated at many offsets (truncated, one
 bit flipped, four bytes overwritten by a huge or zero length, garbage; a send stream's
 records, a sendshot record's (compressed again, under its new digest) and the replication
 messages also changed *with their CRC32C fixed*, so the damage reaches the decoders and the
@@ -18,7 +19,8 @@ writes nothing outside DEST; one that fails leaves nothing under a final name, a
 that fails leaves the old version as it was. An image clone that exits 0 wrote the image.
 A send from a damaged sendshot record fails unless the record's content is as its name
 says, and one that exits 0 wrote a well-formed stream. A replication receiver shows no name
-the protocol did not commit, and what it committed is the sender's tree. An update from a
+the protocol did not commit, and what it committed is the sender's tree; a sender given a
+damaged receiver's side returns or fails with one error, its source as it was. An update from a
 damaged repository gives the version exactly or fails and leaves DEST's versions as they
 were.
 
@@ -522,18 +524,36 @@ def repository(made: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
     return {"repo": repo, "pub": pub, "dest": base / "dest"}
 
 
-def test_damaged_repository(repository: dict[str, Path], made: dict[str, Path],
+@pytest.mark.parametrize("via", ["dir", "http"])
+def test_damaged_repository(repository: dict[str, Path], made: dict[str, Path], via: str,
                             tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     """A repository's signed timestamp and index, a bin (version records) and the delta
     1 -> 2, damaged, through `repo ls` and `update --to 2` of a DEST holding version 1: one
     line, or version 2 exactly; an update that fails leaves DEST as it was (its download
-    cache DEST/.btrdelta aside)."""
+    cache DEST/.btrdelta aside). Read from the directory, and over HTTP as a client of a
+    mirror reads it (the built-in static server: ranges, the client's own caching)."""
+    from contextlib import ExitStack
+
+    from btrdelta.transport.server import StaticServer
+
+    with ExitStack() as stack:
+        where = str(repository["repo"])
+        if via == "http":
+            server = StaticServer(repository["repo"])
+            stack.enter_context(server.running())
+            where = server.url
+        _damaged_repository(repository, where, tmp_path, capfd)
+
+
+def _damaged_repository(repository: dict[str, Path], where: str, tmp_path: Path,
+                        capfd: pytest.CaptureFixture[str]) -> None:
     from btrdelta.tree import tree_sum
 
     def held(dest: Path) -> dict[str, bytes | None]:
         return {k: v for k, v in snapshot(dest).items() if not k.startswith(".btrdelta/")}
 
     repo, pub = repository["repo"], str(repository["pub"])
+    via = "http" if where.startswith("http") else "dir"
     files = {"timestamp": repo / "timestamp.json", "index": repo / "index" / "1.json",
              "bin": next((repo / "bins").iterdir()),
              "delta": next((repo / "deltas").iterdir())}
@@ -541,20 +561,22 @@ def test_damaged_repository(repository: dict[str, Path], made: dict[str, Path],
     dest = work / "dest"
     ok = tmp_path / "ok"
     copy(repository["dest"], ok)
-    assert main(["update", "-q", str(repo), str(ok), "--to", "2", "--key", pub]) == 0
+    assert main(["update", "-q", where, str(ok), "--to", "2", "--key", pub]) == 0
     expected = tree_sum(ok / "2")
     before = held(repository["dest"])
     for part, path in files.items():
         data = path.read_bytes()
         n = N // 2 if part in ("timestamp", "index") else N // 4
+        if via == "http":  # (the same decoders behind the client's reads: a quarter of them)
+            n = max(2, n // 4)
         try:
             for what, damaged in mutations(data, n, f"repository-{part}"):
-                what = f"{part}: {what}"
+                what = f"{via}: {part}: {what}"
                 path.write_bytes(damaged)
                 work.mkdir()
                 copy(repository["dest"], dest)
-                run(capfd, ["repo", "ls", str(repo), "--key", pub], what)
-                code = run(capfd, ["update", "-q", str(repo), str(dest), "--to", "2",
+                run(capfd, ["repo", "ls", where, "--key", pub], what)
+                code = run(capfd, ["update", "-q", where, str(dest), "--to", "2",
                                    "--key", pub], what)
                 if code:
                     assert held(dest) == before, f"{what}: DEST changed"
@@ -564,3 +586,124 @@ def test_damaged_repository(repository: dict[str, Path], made: dict[str, Path],
                 shutil.rmtree(work)
         finally:
             path.write_bytes(data)
+
+
+class _Lying:
+    """The sender's channel to a real receiver (``Replica.serve`` in a thread, over two
+    pipes) whose replies are replaced, byte for byte, by ``replies`` (a recorded receiver's
+    side, perhaps damaged): the real receiver paces them. ``replies`` shorter than what the
+    receiver says (truncated): the end of the connection there. The receiver silent for
+    ``patience`` seconds while the sender waits (a damaged reply can leave both waiting):
+    the end of the connection too (``stalled``)."""
+
+    def __init__(self, dest: Path, replies: bytes | None, patience: float) -> None:
+        from btrdelta.update.channels import PipeChannel
+        from btrdelta.update.replica import Replica
+
+        to_receiver, self.wfd = os.pipe()
+        self.rfd, from_receiver = os.pipe()
+        # (the receiver's PipeChannel closes them)
+        self.peer = PipeChannel(open(to_receiver, "rb", buffering=0),  # noqa: SIM115
+                                open(from_receiver, "wb", buffering=0),  # noqa: SIM115
+                                name="receiver")
+        self.replies, self.patience = replies, patience
+        self.said, self.pos, self.stalled = bytearray(), 0, False
+        replica = Replica(dest, backend="dir", on_warning=lambda _msg: None)
+
+        def serve() -> None:
+            try:
+                replica.serve(self.peer, peer="sender")
+            except Exception:  # (the honest side: the sender is under test)
+                pass
+            finally:
+                self.peer.close()
+
+        self.thread = threading.Thread(target=serve, daemon=True)
+        self.thread.start()
+
+    def read(self, n: int) -> bytes:
+        import select
+
+        if self.replies is not None and self.pos >= len(self.replies):
+            return b""
+        if not select.select([self.rfd], [], [], self.patience)[0]:
+            self.stalled = True
+            return b""
+        got = os.read(self.rfd, n)
+        self.said += got
+        if self.replies is None or not got:
+            return got
+        start, self.pos = self.pos, self.pos + len(got)
+        return self.replies[start:self.pos]
+
+    def write(self, data: bytes) -> None:
+        from btrdelta.errors import TransportError
+
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self.wfd, view):]
+        except OSError as exc:
+            raise TransportError(f"receiver: write failed: {exc}") from None
+
+    def close(self) -> None:
+        import contextlib
+
+        for fd in (self.wfd, self.rfd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.thread.join(60)
+        assert not self.thread.is_alive(), "the receiver did not end"
+
+
+def test_damaged_replication_replies(made: dict[str, Path], tmp_path: Path) -> None:
+    """A hostile receiver: a receiver's side of a replication (its HELLO, holdings, ACKs,
+    COMMITTED), damaged (and damaged inside a message with its CRC32C fixed), to a sender
+    (`replicate`): it returns or fails with one error of the table's (a BtrdeltaError of one
+    line), never another exception; it changes nothing of its source and writes nothing
+    outside its sendshot store; and the receiver still shows no name but the one its side
+    committed, with the sender's tree. (Undamaged, the same replies commit.)"""
+    from btrdelta.errors import BtrdeltaError
+    from btrdelta.send.store import SendshotStore
+    from btrdelta.tree import tree_sum
+    from btrdelta.update.replicate import replicate
+
+    source = made["v1"]
+    expected = tree_sum(source)
+    work = tmp_path / "w"
+
+    def one(replies: bytes | None, what: str, patience: float = 5) -> tuple[str, _Lying]:
+        work.mkdir()
+        (work / "dest").mkdir()
+        ch = _Lying(work / "dest", replies, patience)
+        try:
+            res = replicate(source, ch, store=SendshotStore(work / "store"),
+                            segment=16 << 10)
+            outcome, message = res.outcome, res.message
+        except BtrdeltaError as exc:
+            outcome, message = "error", str(exc).strip()
+        finally:
+            ch.close()
+        assert "\n" not in message, f"{what}: {message}"
+        shown = visible(work / "dest")
+        assert len(shown) <= 1, f"{what}: {shown}"
+        for n in shown:
+            assert tree_sum(work / "dest" / n) == expected, f"{what}: another tree"
+        assert sorted(os.listdir(work)) in (["dest"], ["dest", "store"]), what
+        shutil.rmtree(work)
+        return outcome, ch
+
+    outcome, ch = one(None, "recorded", patience=60)
+    assert outcome == "committed"
+    said = bytes(ch.said)
+    assert sum(n == 8 for _, n in _messages(said)) >= 2  # ACKs of two CHECKPOINTs
+    outcome, _ = one(said, "undamaged replay", patience=60)
+    assert outcome == "committed"
+    cases = [*mutations(said, N, "replies"),
+             *record_mutations(said, N, "reply-messages", first=REPL_MAGIC)]
+    stalls = 0
+    for what, damaged in cases:
+        _, ch = one(damaged, what)
+        stalls += ch.stalled
+    assert tree_sum(source) == expected
+    print(f"damaged replies: {len(cases)}, stalled: {stalls}")
