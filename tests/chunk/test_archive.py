@@ -151,3 +151,44 @@ def _make_desc() -> bytes:
 
 
 _DESC = _make_desc()
+
+
+_PEAK = """
+import sys
+from btrdelta.chunk.chunker import ChunkerParams
+from btrdelta.chunk.compress import compress_image
+with open(sys.argv[2], "wb") as f:
+    compress_image(sys.argv[1], f, params=ChunkerParams.from_avg(64 << 10), threads=2)
+status = open("/proc/self/status").read()
+print(next(int(line.split()[1]) for line in status.splitlines()
+           if line.startswith("VmHWM:")) << 10)
+"""
+
+
+def test_compress_keeps_a_bounded_resident_set(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The pages behind the cut are unmapped as it goes, and the whole-image digest reads
+    beside the map: the peak RSS of a 384 MiB image stays far below the image (it was the
+    image and more: every page the three passes read stayed mapped; session 11: 465 MB for
+    400 MiB; 1,102 MB before, 130 MB after for 1 GiB). A sparse image: its page cache is
+    made of zeros, nothing written to disk."""
+    import subprocess
+    import sys
+
+    import blake3
+
+    from btrdelta.chunk.archive import decode_header
+
+    image = tmp_path / "sparse.img"
+    with open(image, "wb") as f:
+        f.truncate(384 << 20)
+        f.write(random.Random(5).randbytes(1 << 20))  # (not only zeros)
+    out = tmp_path / "out.bdar"
+    proc = subprocess.run([sys.executable, "-c", _PEAK, str(image), str(out)],
+                          capture_output=True, text=True, check=True)
+    peak = int(proc.stdout)
+    assert peak < 200 << 20, f"peak RSS {peak >> 20} MiB for a 384 MiB image"
+    with open(out, "rb") as f:
+        header = decode_header(f.read(4096))
+    assert header.image_size == 384 << 20
+    # the digest read beside the map is the image's
+    assert header.image_digest == blake3.blake3(image.read_bytes()).digest()

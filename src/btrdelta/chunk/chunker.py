@@ -40,10 +40,12 @@ __all__ = [
     "ChunkerParams",
     "Chunking",
     "FastCdcChunking",
+    "FileMap",
     "chunk_digest",
     "hash_chunks",
     "iter_chunks",
     "map_file",
+    "open_map",
 ]
 
 #: Bytes in a chunk id (BLAKE3-256).
@@ -269,11 +271,34 @@ class FastCdcChunking:
         return chunk_digest(data)
 
 
-@contextlib.contextmanager
-def map_file(path: str | os.PathLike[str]) -> Iterator[memoryview]:
-    """Map a regular file or block device read-only; yields a view of all of it.
+class FileMap:
+    """A regular file or block device mapped read-only (:func:`open_map`).
 
-    An empty input yields an empty view. The view must not outlive the context.
+    Attributes:
+        view: all of it (empty for an empty input); must not outlive the map.
+        fd: its descriptor (for reads beside the map, e.g. ``os.preadv``).
+    """
+
+    def __init__(self, fd: int, mm: mmap.mmap | None) -> None:
+        self.fd, self._mm = fd, mm
+        self.view = memoryview(mm) if mm is not None else memoryview(b"")
+        self._dropped = 0
+
+    def drop(self, end: int) -> None:
+        """Unmap the pages before offset ``end`` from this process (``MADV_DONTNEED``;
+        they stay in the page cache, and a later read of them maps them again from the
+        file, so this is safe at any time): a sequential reader calls it behind its
+        progress and its resident set stays the size of what it is working on instead of
+        growing to the whole input."""
+        end -= end % mmap.PAGESIZE
+        if self._mm is not None and end > self._dropped:
+            self._mm.madvise(mmap.MADV_DONTNEED, self._dropped, end - self._dropped)
+            self._dropped = end
+
+
+@contextlib.contextmanager
+def open_map(path: str | os.PathLike[str]) -> Iterator[FileMap]:
+    """Map a regular file or block device read-only (``MADV_SEQUENTIAL``).
 
     Raises:
         BtrdeltaError: ``path`` is neither a regular file nor a block device.
@@ -286,16 +311,29 @@ def map_file(path: str | os.PathLike[str]) -> Iterator[memoryview]:
                                 path=os.fspath(path))
         size = os.lseek(fd, 0, os.SEEK_END)
         if size == 0:
-            yield memoryview(b"")
+            yield FileMap(fd, None)
             return
         mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
         mm.madvise(mmap.MADV_SEQUENTIAL)
-        view = memoryview(mm)
+        fm = FileMap(fd, mm)
         try:
-            yield view
+            yield fm
         finally:
-            view.release()
+            fm.view.release()
             with contextlib.suppress(BufferError):
                 mm.close()
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def map_file(path: str | os.PathLike[str]) -> Iterator[memoryview]:
+    """Map a regular file or block device read-only; yields a view of all of it.
+
+    An empty input yields an empty view. The view must not outlive the context.
+
+    Raises:
+        BtrdeltaError: ``path`` is neither a regular file nor a block device.
+    """
+    with open_map(path) as fm:
+        yield fm.view
