@@ -207,6 +207,48 @@ def test_receiving_twice_names_what_exists(tmp_path: Path, dest: Path,
     assert f"{dest / 'A'} already exists (received before?" in err
 
 
+@pytest.mark.btrfs
+def test_a_taken_name_is_refused_as_btrfs_receive_refuses_it(tmp_path: Path) -> None:
+    """The stream's subvolume name already taken in DEST (a subvolume, a directory, a
+    file): `btrfs receive` fails ("creating subvolume sv failed: File exists", exit 1) and
+    leaves the entry as it was; so does ours, with exit 8 (the table's class of a system
+    call failing while applying: EEXIST; btrfs-progs exits 1 for every error), naming the
+    path. Oracle: the kernel's tool on the same loop btrfs."""
+    from tests.conftest import btrfs_loop
+
+    with btrfs_loop() as mnt:
+        subprocess.run(["btrfs", "subvolume", "create", str(mnt / "sv")], check=True,
+                       capture_output=True)
+        (mnt / "sv" / "f").write_text("new\n")
+        subprocess.run(["btrfs", "property", "set", str(mnt / "sv"), "ro", "true"],
+                       check=True)
+        stream = mnt / "sv.stream"
+        subprocess.run(["btrfs", "send", "-q", "-f", str(stream), str(mnt / "sv")],
+                       check=True)
+        for kind in ("subvolume", "directory", "file"):
+            for tool in ("btrfs", "btrdelta"):
+                dest = mnt / f"{tool}-{kind}"
+                dest.mkdir()
+                if kind == "subvolume":
+                    subprocess.run(["btrfs", "subvolume", "create", str(dest / "sv")],
+                                   check=True, capture_output=True)
+                    (dest / "sv" / "old").write_text("old\n")
+                elif kind == "directory":
+                    (dest / "sv").mkdir()
+                    (dest / "sv" / "old").write_text("old\n")
+                else:
+                    (dest / "sv").write_text("old\n")
+                before = snapshot_tree(dest)
+                argv = (["btrfs", "receive", "-f", str(stream), str(dest)] if tool == "btrfs"
+                        else [sys.executable, "-m", "btrdelta", "receive", "-q", "-f",
+                              str(stream), str(dest)])
+                proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+                assert proc.returncode == (1 if tool == "btrfs" else 8), (kind, proc)
+                assert "File exists" in proc.stderr if tool == "btrfs" else (
+                    f"{dest / 'sv'} already exists" in proc.stderr), (kind, proc.stderr)
+                assert snapshot_tree(dest) == before, (tool, kind)
+
+
 def test_tree_sum_says_when_only_the_root_mtime_differs(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # the one difference a received incremental stream may leave (btrfs receive's too):
