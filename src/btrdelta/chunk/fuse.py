@@ -26,6 +26,13 @@ __all__ = ["LIBFUSE", "ImageFS", "check_can_mount", "mount_image"]
 #: ``(major, minor)`` of the libfuse ``mfusepy`` loaded.
 LIBFUSE: tuple[int, int] = (mfusepy.fuse_version_major, mfusepy.fuse_version_minor)
 
+#: libfuse 3.12-3.16's fuse_main_real() takes an unset max_idle_threads (UINT_MAX, its
+#: parser's default) for a value and says "Ignoring invalid max threads value 4294967295 >
+#: max (100000)." on every mount (libfuse issue 1003): the value libfuse 3 had for a
+#: default before 3.12, given explicitly. (libfuse 2 has no such option: a mount with it
+#: would fail.)
+_LOOP_OPTIONS: dict[str, int] = {"max_idle_threads": 10} if LIBFUSE[0] == 3 else {}
+
 # libfuse 3's fuse_main_real() returns 8 whenever its loop ends with a non-zero result, and
 # the loop's result is the signal number when SIGINT/SIGTERM stopped it: a normal stop
 _FUSE3_LOOP_ENDED = 8
@@ -142,6 +149,7 @@ def mount_image(store: ChunkStore, name: str, mountpoint: str, *, debug: bool = 
             ImageFS(reader, name, None if mounted is None else lambda: mounted(reader.size)),
             mountpoint, foreground=True, ro=True, debug=debug,
             fsname=f"btrdelta:{name}", subtype="btrdelta", nothreads=False,
+            **_LOOP_OPTIONS,
         )
     except RuntimeError as exc:
         if not (LIBFUSE[0] == 3 and exc.args == (_FUSE3_LOOP_ENDED,)):
