@@ -51,3 +51,40 @@ def test_page_renders_versions_and_graph_in_chromium(tmp_path: Path) -> None:
     assert dom.count('class="node"') == 12
     assert "<b>" not in dom.split("<body>")[1]  # names are escaped, never markup
     assert "12 versions" in dom
+
+
+_MEASURE = """<script>
+var box = document.querySelector('svg').getBoundingClientRect(), out = [];
+document.querySelectorAll('text.lbl').forEach(function (t) {
+  var r = t.getBoundingClientRect();
+  if (r.left < box.left - 0.5 || r.right > box.right + 0.5 || r.top < box.top - 0.5
+      || r.bottom > box.bottom + 0.5) out.push(t.textContent);
+});
+document.body.setAttribute('data-clipped', out.join('|') || 'none');
+</script>"""
+
+
+@pytest.mark.parametrize("names", [
+    ["bookworm-min", "bookworm-upd", "bookworm-tools"],
+    [f"2026.12.{d:02d}-security-rebuild" for d in range(1, 6)],
+    ["1", "2"],
+])
+def test_graph_labels_are_inside_the_drawing(tmp_path: Path, names: list[str]) -> None:
+    """Each version's label, drawn at -45 degrees under its node, is inside the SVG as
+    Chromium lays it out: long names were cut at the drawing's left and bottom edges
+    ("okworm-min" for the first version of a Debian repository)."""
+    cat = Catalog(ChunkerParams.from_avg(65536), 12, [PackEntry("00" * 32, 160, 5000)])
+    for p, name in enumerate(names, 1):
+        deltas = {a: ("ab" * 32, 1000 * (p - a)) for a in delta_sources(p)}
+        cat.versions.append(CatalogVersion(name, "12" * 32, 300000, "34" * 32, 900,
+                                           250000 + p, [], deltas))
+    page = tmp_path / "index.html"
+    page.write_text(render_html(cat).replace("</body>", _MEASURE + "</body>"))
+    proc = subprocess.run(
+        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    clipped = re.search(r'data-clipped="([^"]*)"', proc.stdout)
+    assert clipped is not None, proc.stdout[-2000:]
+    assert clipped.group(1) == "none"

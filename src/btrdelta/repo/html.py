@@ -19,6 +19,10 @@ __all__ = ["render_html"]
 
 _STEP = 56
 _MAX_DRAWN = 240
+#: a generous width of one character of the 11px labels, and sin/cos of their -45 degrees:
+#: a label reaches this far left of and below its anchor, and the drawing makes room for it
+_CHAR = 7.0
+_DIAG = math.sqrt(0.5)
 _STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{padding:.2em .7em;border-bottom:1px solid #ddd}
@@ -44,14 +48,18 @@ def _svg(cat: Catalog) -> str:
     if not drawn:
         return "<p>No versions yet.</p>"
     top = 150
-    width = _STEP * (len(drawn) + 1)
+    # the labels run down-left from under their version: room for the longest one
+    reach = math.ceil(_CHAR * _DIAG * max(len(v.name) for v in drawn)) + 4
+    left = max(_STEP, reach)
+    width = left + _STEP * len(drawn)
+    height = top + 84 + max(46, reach)
     biggest = max(max((n for _, n in v.deltas.values()), default=1) for v in drawn) or 1
     largest_full = max(v.full_bytes for v in drawn) or 1
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{top + 130}" '
-             f'viewBox="0 0 {width} {top + 130}" role="img" aria-label="delta graph">']
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" role="img" aria-label="delta graph">']
 
     def x(pos: int) -> int:
-        return _STEP * (pos - first)
+        return left + _STEP * (pos - first - 1)
 
     for i, v in enumerate(drawn):
         pos = first + i + 1
