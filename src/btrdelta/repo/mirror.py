@@ -32,7 +32,7 @@ import httpx
 
 from ..errors import BtrdeltaError, ChecksumError, StreamFormatError, TransportError
 from ..transport.config import HttpConfig
-from ..transport.http import FetchStats, RangeFetcher
+from ..transport.http import FetchStats, RangeFetcher, RangesNotSupported
 from ..transport.pacing import deadline
 from ..transport.plan import Span
 
@@ -271,7 +271,13 @@ class Mirrors:
         with open(part, "ab") as out:
             while have < length:
                 end = min(length, have + PIECE)
-                data = fetcher.get_range(have, end)
+                try:
+                    data = fetcher.get_range(have, end)
+                except RangesNotSupported:
+                    # a static server without Range (python3 -m http.server): the whole
+                    # file, from its start (no resuming from such a server)
+                    self._download_whole(fetcher, part, length)
+                    return
                 if len(data) != end - have:
                     raise _WrongBytes(f"range [{have}, {end}) came back short")
                 out.write(data)
@@ -279,6 +285,15 @@ class Mirrors:
                 os.fsync(out.fileno())
                 have = end
                 self._count(len(data))
+
+    def _download_whole(self, fetcher: RangeFetcher, part: Path, length: int) -> None:
+        with open(part, "wb") as out:
+            n = fetcher.download(out, length)
+            out.flush()
+            os.fsync(out.fileno())
+        self._count(n)
+        if n != length:
+            raise _WrongBytes(f"{n} bytes, expected {length}")
 
     def fetcher(self, url: str, path: str) -> RangeFetcher | _FileRanges:
         """A range fetcher for ``path`` on mirror ``url`` (sharing this client; a local

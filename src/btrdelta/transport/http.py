@@ -285,15 +285,16 @@ class RangeFetcher:
             self.size = total
         return first, end
 
-    def download(self, out: BinaryIO) -> int:
+    def download(self, out: BinaryIO, limit: int | None = None) -> int:
         """Stream the whole resource into ``out`` (for servers without Range support).
 
-        The body goes to ``out`` (not memory); a server's ``Content-Length`` bounds it.
+        The body goes to ``out`` (not memory); a server's ``Content-Length`` bounds it, and
+        ``limit`` when given (a longer body is refused, not retried).
         """
-        n: int = self._retrying()(self._download_once, out)
+        n: int = self._retrying()(self._download_once, out, limit)
         return n
 
-    def _download_once(self, out: BinaryIO) -> int:
+    def _download_once(self, out: BinaryIO, limit: int | None = None) -> int:
         out.seek(0)
         out.truncate()
         self._count(requests=1)
@@ -309,6 +310,9 @@ class RangeFetcher:
                     raise TransportError(f"HTTP {resp.status_code}", url=self.url,
                                          status=resp.status_code)
                 for block in _paced(resp, cfg):
+                    if limit is not None and n + len(block) > limit:
+                        raise _Oversize(f"longer than the {limit} bytes expected; cut off",
+                                        url=self.url)
                     out.write(block)
                     n += len(block)
                 length = resp.headers.get("content-length")
@@ -319,6 +323,66 @@ class RangeFetcher:
             raise _classify(exc, self) from exc
         finally:
             self._count(received=n)
+
+    def stream_spans(
+        self, spans: Sequence[Span], on_span: Callable[[Span, memoryview], None]
+    ) -> None:
+        """Deliver every span from one GET of the whole resource, for a server that ignores
+        Range (``python3 -m http.server``): the body is read in order and each span is
+        handed to ``on_span`` as soon as its bytes have passed; only the span being filled
+        is held in memory, and the reading stops after the last one. A retry (a dropped
+        connection) reads from the start again and delivers only what is still missing.
+
+        ``spans`` must not overlap.
+
+        Raises:
+            TransportError: the resource could not be read after all retries.
+        """
+        todo = sorted(spans, key=lambda s: s.start)
+        if not todo:
+            return
+        self._log(f"{self.url}: the server ignores Range requests: reading the whole file "
+                  "for the parts wanted")
+        self._cancel.clear()
+        done = [0]
+        self._retrying()(self._stream_once, todo, done, on_span)
+
+    def _stream_once(self, todo: list[Span], done: list[int],
+                     on_span: Callable[[Span, memoryview], None]) -> None:
+        self._count(requests=1)
+        cfg = self.config
+        i, pos, buf = done[0], 0, bytearray()
+        try:
+            with contextlib.ExitStack() as stack:
+                with deadline(cfg.timeout, cfg.deadline_speed):
+                    resp = stack.enter_context(self.client.stream(
+                        "GET", self.url, headers={"Accept-Encoding": "identity"}))
+                if resp.status_code in _RETRY_STATUS:
+                    raise _Retry(f"HTTP {resp.status_code}")
+                if resp.status_code != 200:
+                    raise TransportError(f"HTTP {resp.status_code}", url=self.url,
+                                         status=resp.status_code)
+                for block in _paced(resp, cfg):
+                    if self._cancel.is_set():
+                        raise TransportError("cancelled", url=self.url)
+                    self._count(received=len(block))
+                    first, pos = pos, pos + len(block)
+                    while i < len(todo) and todo[i].start < pos:
+                        span = todo[i]
+                        lo, hi = max(span.start, first), min(span.end, pos)
+                        if lo < hi:
+                            buf += block[lo - first : hi - first]
+                        if span.end > pos:
+                            break
+                        on_span(span, memoryview(bytes(buf)))
+                        buf.clear()
+                        i += 1
+                        done[0] = i
+                    if i == len(todo):
+                        return
+        except httpx.HTTPError as exc:
+            raise _classify(exc, self) from exc
+        raise _Retry(f"body ended at byte {pos}, before byte {todo[i].end}")
 
     def fetch_spans(
         self, spans: Sequence[Span], on_span: Callable[[Span, memoryview], None]
@@ -357,7 +421,14 @@ class RangeFetcher:
                     for span in pending:
                         self._fetch_batch([span], on_span)
                     return
+                multi = self._multi
                 self._fetch_once(wanted, on_span)
+                if multi and not self._multi and len(wanted.spans()) > 1:
+                    # the server answered several ranges otherwise: ask one by one now,
+                    # not after a retry's wait and warning
+                    for span in wanted.spans():
+                        self._fetch_batch([span], on_span)
+                    return
                 if wanted.spans():
                     raise _Retry("server did not send every range asked for")
 
@@ -528,7 +599,9 @@ def _outcome(state: tenacity.RetryCallState) -> str:
 
 
 def _stderr(line: str) -> None:
-    print(f"btrdelta: {line}", file=sys.stderr, flush=True)
+    # one write: lines of threads retrying at once do not run into each other
+    sys.stderr.write(f"btrdelta: {line}\n")
+    sys.stderr.flush()
 
 
 def _boundary(content_type: str) -> bytes:

@@ -23,7 +23,7 @@ from ..chunk.store import ChunkStore, ImageReader
 from ..errors import ChecksumError, StreamFormatError, TransportError
 from ..repo.fullindex import FullIndex, PackSlot
 from ..repo.mirror import Mirrors
-from ..transport.http import FetchStats
+from ..transport.http import FetchStats, RangeFetcher, RangesNotSupported
 from ..transport.plan import Part, Span
 from .clone import CloneReport, clone_image
 from .streams import ChunkConcat
@@ -93,13 +93,23 @@ class PackSource:
 
             noted = [0]
             fetcher = self.mirrors.fetcher(url, slot.path)
-            with lock:
-                left = sorted(todo.values(), key=lambda p: p.start)
-            rel = [Span(s.start - slot.base, s.end - slot.base,
-                        tuple(Part(p.key, p.start - slot.base, p.length) for p in s.parts))
-                   for s in _merge([Span(p.start, p.end, (p,)) for p in left])]
+            def wanted() -> list[Span]:  # what is left, relative to the pack
+                with lock:
+                    left = sorted(todo.values(), key=lambda p: p.start)
+                return [Span(s.start - slot.base, s.end - slot.base,
+                             tuple(Part(p.key, p.start - slot.base, p.length)
+                                   for p in s.parts))
+                        for s in _merge([Span(p.start, p.end, (p,)) for p in left])]
+
             try:
-                fetcher.fetch_spans(rel, deliver)
+                try:
+                    fetcher.fetch_spans(wanted(), deliver)
+                except RangesNotSupported:
+                    if not isinstance(fetcher, RangeFetcher):
+                        raise
+                    # a static server without Range (python3 -m http.server): the chunks
+                    # as the whole pack streams past
+                    fetcher.stream_spans(wanted(), deliver)
             finally:
                 with lock:
                     note()
