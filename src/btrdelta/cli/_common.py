@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -215,6 +216,34 @@ def input_name(args: argparse.Namespace) -> str:
     if args.file and args.input:
         raise UsageError("give the input either with -f or as an argument, not both")
     return str(args.file or args.input or "-")
+
+
+_HOST_PATH = re.compile(r"(?:localhost|[\w-]+(?:\.[\w-]+)+|\[[0-9a-fA-F:]+\])(?::\d+)?(?:/.*)?")
+
+
+def check_location(location: str, what: str = "URL") -> None:
+    """A repository location (``URL``, ``--mirror``) that is no directory here and has no
+    scheme but reads as ``host[:port]/path`` (``127.0.0.1:8000/app``, ``updates.example/app``)
+    is a URL whose scheme was left out: a usage error naming the URL meant.
+
+    Raises:
+        UsageError: see above.
+    """
+    if "://" in location or os.path.exists(location):
+        return
+    if _HOST_PATH.fullmatch(location):
+        raise UsageError(f"{what} {location}: no such directory; a URL needs its scheme: "
+                         f"http://{location} (or https://)")
+
+
+def check_not_url(path: str, what: str, hint: str) -> None:
+    """``path`` (a local directory argument) given as a URL: the arguments swapped.
+
+    Raises:
+        UsageError: ``path`` has a scheme (``http://...``).
+    """
+    if re.match(r"[a-zA-Z][\w+.-]*://", path):
+        raise UsageError(f"{what} {path} is a URL: {hint}")
 
 
 def positive_int(text: str) -> int:

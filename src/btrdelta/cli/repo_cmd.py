@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from ..errors import BtrdeltaError, UsageError
-from ._common import add_jobs, add_json, examples, human_bytes, parse_size
+from ._common import add_jobs, add_json, check_location, examples, human_bytes, parse_size
 from .progress import Progress, add_progress_options, progress_wanted
 
 _EPILOG = """\
@@ -286,6 +286,7 @@ def run_ls(args: argparse.Namespace) -> int:
     """``repo ls``."""
     from ..update.listing import list_repo
 
+    check_location(args.repo, "REPO|URL")
     doc = list_repo(args.repo, key=args.key)
     if args.json:
         print(json.dumps(doc, indent=1))

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from typing import Any
 
-from ._common import add_json, human_bytes
+from ._common import add_json, check_location, check_not_url, human_bytes
 from .http_options import add_http_options, http_config
 from .progress import Progress, add_progress_options, progress_wanted
 
@@ -20,7 +21,9 @@ examples:
 DEST holds versions as DEST/VERSION (btrfs subvolumes, or directories elsewhere). The root
 key given once is remembered in DEST/.btrdelta/root.pub (once the index verified with it:
 a wrong --key changes nothing). An interrupted update resumes.
-Exit codes: 5 a signature, hash, expiry or rollback check failed; 7 every mirror failed.
+Exit codes: 2 a usage mistake (URL and DEST swapped, a URL without its scheme); 5 a
+signature, hash, expiry or rollback check failed; 6 --to names no version of the
+repository; 7 every mirror failed; 1 DEST/VERSION exists but is not that version.
 """
 
 
@@ -98,6 +101,10 @@ def run(args: argparse.Namespace) -> int:
     """``update``."""
     from ..update.versions import update
 
+    check_not_url(args.dest, "DEST", "the repository comes first: btrdelta update "
+                  f"{shlex.quote(args.dest)} {shlex.quote(args.url)}")
+    for location in (args.url, *args.mirror):
+        check_location(location, "URL" if location == args.url else "--mirror")
     config = http_config(args)
     progress = Progress("update", enabled=progress_wanted(args) and not args.dry_run)
     reporter = _Reporter(progress, args.json or args.quiet)

@@ -1,0 +1,59 @@
+"""``btrdelta update`` and ``repo ls`` against a new user's mistakes with their arguments:
+one line naming what was meant, exit 2, nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from btrdelta.cli import main
+
+
+def _err(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err
+
+
+def test_url_and_dest_swapped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: 'every mirror failed: DEST: timestamp.json: No such file or directory' (exit
+    7), as if DEST were a repository."""
+    dest = tmp_path / "dest"
+    assert main(["update", str(dest), "http://127.0.0.1:9/app", "--dry-run"]) == 2
+    err = _err(capsys)
+    assert f"DEST http://127.0.0.1:9/app is a URL: the repository comes first: " \
+           f"btrdelta update http://127.0.0.1:9/app {dest}" in err
+    assert not dest.exists()
+
+
+@pytest.mark.parametrize(("argv", "meant"), [
+    (["update", "127.0.0.1:8000/app", "D"], "URL 127.0.0.1:8000/app"),
+    (["update", "updates.example/app", "D"], "URL updates.example/app"),
+    (["update", "http://127.0.0.1:9/app", "D", "--mirror", "localhost:8000/app"],
+     "--mirror localhost:8000/app"),
+    (["repo", "ls", "mirror.example:8080/app"], "REPO|URL mirror.example:8080/app"),
+])
+def test_a_url_without_its_scheme(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                  monkeypatch: pytest.MonkeyPatch, argv: list[str],
+                                  meant: str) -> None:
+    """Before: 'every mirror failed: 127.0.0.1:8000/app: timestamp.json: No such file or
+    directory: no signed repository here' (exit 7): read as a local directory."""
+    monkeypatch.chdir(tmp_path)
+    assert main([*argv, "--dry-run"] if argv[0] == "update" else argv) == 2
+    location = meant.split()[-1]
+    assert f"{meant}: no such directory; a URL needs its scheme: http://{location}" \
+        in _err(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_directory_named_like_a_host_is_a_directory(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mirror's copy in a directory that happens to read as host/path is used as one."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mirror.example" / "app").mkdir(parents=True)
+    assert main(["key", "generate", "-o", "root"]) == 0
+    capsys.readouterr()
+    assert main(["update", "mirror.example/app", "D", "--key", "root.pub", "--dry-run"]) == 7
+    assert "no signed repository here" in _err(capsys)
