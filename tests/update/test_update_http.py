@@ -141,3 +141,27 @@ def test_update_from_python_http_server_which_ignores_range(
     assert Quiet.ranged > 0  # it was asked for ranges, and answered with whole files
     assert tree_sum(dest / "v1") == tree_sum(releases[0])
     assert tree_sum(dest / "v2") == tree_sum(releases[1])
+
+
+def test_a_dead_first_mirror_is_tried_once(
+    releases: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A dead first mirror (connection refused) fails the first file and is then tried
+    last. Before, the lookup of the next root (root/2.json: no mirror has it when the key
+    never rotated) marked every mirror failed, so each file of the update, every pack
+    range included, went to the dead mirror first, with its retries and their warnings."""
+    root = tmp_path / "repo"
+    trust.save_key_pair(trust.generate_key(), str(tmp_path / "root.pem"),
+                        str(tmp_path / "root.pub"))
+    assert main(["repo", "init", str(root), "--avg-chunk", "4K"]) == 0
+    assert main(["repo", "add", str(root), "v1", str(releases[0])]) == 0
+    assert main(["repo", "sign", str(root), "--key", str(tmp_path / "root.pem")]) == 0
+    dead = "http://127.0.0.1:1/app"  # nothing listens on port 1
+    dest = tmp_path / "dest"
+    capsys.readouterr()
+    assert main(["update", dead, str(dest), "--mirror", str(root), "--key",
+                 str(tmp_path / "root.pub"), "--retries", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "packs/" not in err, err
+    assert "fulls/" not in err, err
+    assert tree_sum(dest / "v1") == tree_sum(releases[0])

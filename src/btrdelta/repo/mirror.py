@@ -5,10 +5,10 @@ Every file of a repository except ``timestamp.json`` is immutable and named by w
 serve any of them and a file is only trusted once its length and BLAKE3 match. A
 :class:`Mirrors` tries the mirrors in order for each file: on a connection failure, an HTTP
 error (404 included), a truncated body or wrong bytes it moves to the next one, and a mirror
-that failed is tried last from then on. Only when every mirror failed does the fetch fail:
-with :class:`~btrdelta.errors.ChecksumError` (exit 5) if some mirror served wrong bytes,
-else :class:`~btrdelta.errors.TransportError` (exit 7), one line naming the file and what
-each mirror did.
+that failed is tried last from then on, until it serves a file again. Only when every
+mirror failed does the fetch fail: with :class:`~btrdelta.errors.ChecksumError` (exit 5)
+if some mirror served wrong bytes, else :class:`~btrdelta.errors.TransportError` (exit 7),
+one line naming the file and what each mirror did.
 
 :meth:`Mirrors.download` writes an artifact to ``<path>.part`` in pieces of
 :data:`PIECE` bytes (ranges), so an interrupted download resumes where it stopped; the file
@@ -146,7 +146,7 @@ class Mirrors:
         wrong = None
         for url in self.order():
             try:
-                return attempt(url)
+                result = attempt(url)
             except (ChecksumError, StreamFormatError, _WrongBytes) as exc:
                 wrong = wrong or exc
                 problems.append(f"{url}: {exc}")
@@ -154,6 +154,13 @@ class Mirrors:
                 problems.append(f"{url}: {exc.message}")
             except httpx.HTTPError as exc:
                 problems.append(f"{url}: {type(exc).__name__}: {exc}")
+            else:
+                # it serves: first again (a file no mirror has, such as the next root of
+                # a chain that did not rotate, marks every one failed)
+                with self._lock:
+                    if url in self._failed:
+                        self._failed.remove(url)
+                return result
             self._mark_failed(url)
         text = f"every mirror failed: {'; '.join(problems)}"
         if isinstance(wrong, ChecksumError):  # signatures, freshness: keep the class
