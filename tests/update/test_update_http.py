@@ -165,3 +165,6 @@ def test_a_dead_first_mirror_is_tried_once(
     assert "packs/" not in err, err
     assert "fulls/" not in err, err
     assert tree_sum(dest / "v1") == tree_sum(releases[0])
+    # run again: nothing to do, and where it is (was: 'v1 is already in DEST')
+    assert main(["update", str(root), str(dest)]) == 0
+    assert capsys.readouterr().out == f"v1 is already in {dest / 'v1'}: nothing to download\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from typing import Any
@@ -54,8 +55,9 @@ class _Reporter:
     """Turns update events into progress: bytes of the plan downloaded (rate, percentage,
     ETA) and the hop being worked on."""
 
-    def __init__(self, progress: Progress, as_json: bool) -> None:
+    def __init__(self, progress: Progress, as_json: bool, dest: str) -> None:
         self.progress = progress
+        self.dest = dest
         self.as_json = as_json
         self.done = 0
         self.hop = ""
@@ -65,7 +67,7 @@ class _Reporter:
         if kind == "plan":
             self.progress.update(0, total=int(ev["to_download"]) or None)
             if not self.as_json:
-                _print_plan(ev)
+                _print_plan(ev, self.dest)
         elif kind in ("fetch", "apply"):
             what = f"{ev['from']} -> {ev['to']}" if ev["from"] else f"full {ev['to']}"
             self.hop = f"hop {ev['hop']}/{ev['hops']} {kind} {what}"
@@ -80,13 +82,14 @@ class _Reporter:
             self.progress.update(self.done, note=self.hop)
 
 
-def _print_plan(ev: dict[str, Any]) -> None:
+def _print_plan(ev: dict[str, Any], dest: str) -> None:
     plan = ev["plan"]
     start = plan["start"] or "nothing"
     if plan["start"] is None and ev["held"]:  # the full is priced with their chunks
         start += f" (a full, reusing the chunks of {', '.join(ev['held'])})"
     if not plan["steps"]:
-        print(f"{ev['target']} is already in DEST")
+        print(f"{ev['target']} is already in {os.path.join(dest, ev['target'])}: "
+              "nothing to download")
         return
     hops = f"{plan['hops']} hop" + ("s" if plan["hops"] != 1 else "")
     print(f"plan: from {start} to {ev['target']}: {hops}, "
@@ -107,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         check_location(location, "URL" if location == args.url else "--mirror")
     config = http_config(args)
     progress = Progress("update", enabled=progress_wanted(args) and not args.dry_run)
-    reporter = _Reporter(progress, args.json or args.quiet)
+    reporter = _Reporter(progress, args.json or args.quiet, args.dest)
     with progress:
         result = update(args.url, args.dest, to=args.to, key=args.key, mirrors=args.mirror,
                         dry_run=args.dry_run, on_event=reporter, config=config)
