@@ -259,3 +259,25 @@ def test_prune_removes_leftovers_of_killed_writers(
     assert not any(p.exists() for p in stale)
     assert all(p.exists() for p in kept)
     assert len([n for n in os.listdir(store / "records") if not n.startswith(".")]) == 1
+
+
+def test_a_new_user_s_first_sendshot(tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """``--from-sendshot latest`` before any record says how to make the first one; a
+    store of one record says '1 sendshot' (was: 'no sendshot of this source in STORE',
+    '1 sendshots')."""
+    store, src = tmp_path / "store", tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x" * 5000)
+    st = ["--store", str(store)]
+    capsys.readouterr()
+    assert main(["send", str(src), "-o", str(tmp_path / "inc"), "--from-sendshot", "latest",
+                 *st]) == 6
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "the first send records one (send SOURCE -o FILE --record" in err
+    assert "sendshot create COPY --source SOURCE" in err
+    assert main(["send", str(src), "-o", str(tmp_path / "full"), "--record", "-q", *st]) == 0
+    capsys.readouterr()
+    assert main(["sendshot", *st, "list"]) == 0
+    assert capsys.readouterr().out.startswith("1 sendshot, ")

@@ -119,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
         out = [s.to_json() for s in every]
         if not args.json:  # a summary first, as `repo ls`
             cursors = len(store.cursors())
-            print(f"{len(every)} sendshots, {human_bytes(sum(s.size for s in every))}; "
+            total = human_bytes(sum(s.size for s in every))
+            print(f"{len(every)} sendshot{'' if len(every) == 1 else 's'}, {total}; "
                   f"{cursors} receiver cursor{'' if cursors == 1 else 's'}; store "
                   f"{store.path}")
             for s in every:

@@ -221,7 +221,10 @@ class SendshotStore:
             found = [s for s in every if (lineage is None or lineage(s))
                      and (wanted is None or s.digest in wanted)]
             if not found:
-                raise MissingBaseError(f"no sendshot of this source in {self.path}")
+                raise MissingBaseError(
+                    f"no sendshot of this source in {self.path}: the first send records one "
+                    "(send SOURCE -o FILE --record, a full stream), or `btrdelta sendshot "
+                    "create COPY --source SOURCE` records a copy the receiver holds")
             return found[-1]
         if not _is_ident(ident):
             raise MissingBaseError(f"not a sendshot id: {ident!r} (hex digest or 'latest')")
