@@ -161,7 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BtrdeltaError as exc:
         if args.debug:
             raise
-        print(f"btrdelta {args.command}: error: {exc}", file=sys.stderr)
+        print(f"btrdelta {args.command}: error: {exc}{_not_root(exc, str(exc))}",
+              file=sys.stderr)
         return exc.exit_code
     except BrokenPipeError:
         # the reader went away (`btrdelta dump | head`): exit quietly, like coreutils
@@ -177,7 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         if args.debug:
             raise
-        print(f"btrdelta {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
+        text = describe_os_error(exc)
+        print(f"btrdelta {args.command}: error: {text}{_not_root(exc, text)}",
+              file=sys.stderr)
         return 1
     except Exception as exc:  # a bug: still one line (the mistake tests look for these)
         if args.debug:
@@ -193,6 +196,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for sig, handler in handlers.items():  # (main() called in a process that goes on)
             signal.signal(sig, handler)
+
+
+#: what a refusal to an unprivileged user says (the errno is not always at hand: a mount or
+#: ioctl made by a helper program reports in words)
+_REFUSED = ("Permission denied", "Operation not permitted", "failed to setup loop device",
+            "must be superuser", "only root")
+
+
+def _not_root(exc: BaseException, text: str) -> str:
+    """A hint for a user who is not root and was refused: btrfs subvolume operations,
+    loop mounts, ``receive`` of owners and devices and the default stores need root
+    (``""`` as root, or for another error)."""
+    if os.geteuid() == 0 or any(w in text for w in ("needs root", "as root", "running as uid")):
+        return ""  # root, or the error said it already
+    refused = any(word in text for word in _REFUSED)
+    cause: BaseException | None = exc
+    while cause is not None and not refused:
+        refused = isinstance(cause, PermissionError)
+        cause = cause.__cause__ or cause.__context__
+    if not refused:
+        return ""
+    return " (not running as root: btrfs subvolumes, mounts and the default stores need root)"
 
 
 def describe_os_error(exc: OSError) -> str:
