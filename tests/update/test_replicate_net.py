@@ -254,3 +254,21 @@ def test_tls_between_namespaces_with_cuts(netns: tuple[str, str], tmp_path: Path
     finally:
         server.terminate()
         server.wait()
+
+
+def test_over_openssh_without_btrdelta_on_the_remote_path(sshd: tuple[int, str],
+                                                          tmp_path: Path) -> None:
+    """The remote shell does not find `btrdelta` (a venv, /usr/local not on ssh's PATH):
+    the one line says so and names --remote-cmd (was: ...said: bash: line 1: btrdelta:
+    command not found, and nothing about the option)."""
+    port, ssh = sshd
+    src = _tree(tmp_path / "src", 1)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    proc = subprocess.run([*BTRDELTA, "replicate", str(src), f"ssh://root@127.0.0.1:{port}{dest}",
+                           "--ssh", ssh, "--store", str(tmp_path / "store"), "-q"],
+                          capture_output=True, text=True, check=False, env=_env(), timeout=120)
+    assert proc.returncode == 7
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "btrdelta: command not found (install btrdelta there, or give its path: " \
+           "--remote-cmd /path/to/btrdelta)" in proc.stderr

@@ -123,6 +123,11 @@ def _replicate(args: argparse.Namespace, ch: Any, peer: str) -> int:
                 if said:
                     last = said[-1].removeprefix("btrdelta replicate: ")
                     exc.message = f"{exc.message}; {peer} said: {last}"
+                    cmd = (args.remote_cmd.split() or ["btrdelta"])[0]
+                    if cmd in last and ("command not found" in last or "No such file" in last
+                                        or last.endswith("not found")):
+                        exc.message += (" (install btrdelta there, or give its path: "
+                                        "--remote-cmd /path/to/btrdelta)")
                 raise
             finally:
                 ch.close()
