@@ -57,3 +57,21 @@ def test_a_directory_named_like_a_host_is_a_directory(
     capsys.readouterr()
     assert main(["update", "mirror.example/app", "D", "--key", "root.pub", "--dry-run"]) == 7
     assert "no signed repository here" in _err(capsys)
+
+
+def test_repo_add_with_version_and_source_swapped(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: "version name '/build/app-1.0' must be 1-128 of A-Z a-z ..." (exit 1)."""
+    tree = tmp_path / "app-1.0"
+    tree.mkdir()
+    (tree / "f").write_bytes(b"x")
+    repo = tmp_path / "www"
+    assert main(["repo", "init", str(repo)]) == 0
+    capsys.readouterr()
+    assert main(["repo", "add", str(repo), str(tree), "1.0"]) == 2
+    assert f"VERSION {tree} is a path: the version's name comes first: btrdelta repo add " \
+           f"{repo} 1.0 {tree}" in _err(capsys)
+    assert main(["repo", "add", str(repo), "1.0", str(tree), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["repo", "ls", str(repo)]) == 0
+    assert capsys.readouterr().out.startswith("1 version, 0 deltas; ")

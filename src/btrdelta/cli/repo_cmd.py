@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
 from typing import Any
 
@@ -182,6 +184,11 @@ def run_add(args: argparse.Namespace) -> int:
     from .._malloc import return_freed_memory
     from ..update.publish import add_release
 
+    if "/" in args.version and os.path.exists(args.version):
+        name = shlex.quote(args.source) if args.source else "VERSION"
+        raise UsageError(f"VERSION {args.version} is a path: the version's name comes first: "
+                         f"btrdelta repo add {shlex.quote(args.repo)} {name} "
+                         f"{shlex.quote(args.version)}")
     return_freed_memory()  # the delta jobs read whole files for diffing
     shown = progress_wanted(args)
     progress = Progress("repo add", enabled=shown)
@@ -256,7 +263,8 @@ def run_sign(args: argparse.Namespace) -> int:
 
 
 def _print_listing(doc: dict[str, Any]) -> None:
-    print(f"{doc['versions_count']} versions, {doc['deltas_count']} deltas; "
+    nv, nd = doc["versions_count"], doc["deltas_count"]
+    print(f"{nv} version{'' if nv == 1 else 's'}, {nd} delta{'' if nd == 1 else 's'}; "
           f"{doc['signed']}")
     for v in doc["versions"]:
         print(f"{v['position']:>5}  {v['name']:<24} full {human_bytes(v['full_bytes']):>10}  "
