@@ -180,7 +180,10 @@ def test_mount_twice_is_refused(btrfs_dev: Path, small_release: Release,
     target = tmp_path / "sysroot"
     target.mkdir()
     try:
-        btrdelta("device", "mount", btrfs_dev, target)
+        made = btrdelta("device", "mount", btrfs_dev, target)
+        # how to undo it, said where it was done (was: nowhere, in the output, --help or
+        # docs/device.md)
+        assert made.stdout.rstrip().endswith(f" (undo: umount -R {target})")
         got = btrdelta("device", "mount", btrfs_dev, target, check=False)
         assert got.returncode == 1
         assert got.stderr.splitlines() == [

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from typing import Any
 
@@ -86,7 +87,8 @@ def _add_overlay(dsub: Any) -> None:
         "each overlay state subvolume as overlayfs (lower: the root's directory, upper: "
         "state/NAME/upper) and each bind state subvolume over its path, as the initramfs "
         "does. Undo with umount -R TARGET.",
-        epilog=examples("btrdelta device mount /mnt/top /mnt/sysroot && chroot /mnt/sysroot"),
+        epilog=examples("btrdelta device mount /mnt/top /mnt/sysroot && chroot /mnt/sysroot",
+                        "umount -R /mnt/sysroot      # undo: the state mounts, then the root"),
     )
     m.add_argument("fs", metavar="FS", help=_FS_HELP)
     m.add_argument("target", metavar="TARGET", help="an empty directory")
@@ -375,7 +377,8 @@ def run_mount(args: argparse.Namespace) -> int:
                           "mounts": [{"mode": m, "path": p} for m, p in mounts]}))
         return 0
     print(f"mounted root {res['root']} on {args.target}"
-          + "".join(f"; {mode} {path}" for mode, path in mounts))
+          + "".join(f"; {mode} {path}" for mode, path in mounts)
+          + f" (undo: umount -R {shlex.quote(args.target)})")
     return 0
 
 
