@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -18,13 +19,23 @@ from btrdelta.testing.scenarios import kernel_receive
 from tests.conftest import KernelStream
 
 
-@pytest.fixture(params=["c", "python"])
+@pytest.fixture(params=["c", "c-old-kernel", "python"])
 def applier_impl(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Run a test with the applier's C fast path, then with the Python handlers alone."""
-    if request.param == "c" and not _native.available("fastapply"):
+    """Run a test with the applier's C fast path, with it taking the calls of kernels
+    without ``openat2``/``fchmodat2`` (the source of a CLONE walked to one directory at a
+    time, a CHMOD through ``/proc/self/fd``), then with the Python handlers alone."""
+    impl: Literal["c", "python"] = "python" if request.param == "python" else "c"
+    if impl == "c" and not _native.available("fastapply"):
         pytest.skip("the C fast path (receive/_fastapply.c) is not built")
-    with _native.use_backend(request.param, "fastapply"):
-        yield str(request.param)
+    with _native.use_backend(impl, "fastapply"):
+        fast = _native.live("fastapply")
+        if fast is not None and request.param == "c-old-kernel":
+            fast.fall_back(True)
+        try:
+            yield str(request.param)
+        finally:
+            if fast is not None:
+                fast.fall_back(False)
 
 
 @dataclass

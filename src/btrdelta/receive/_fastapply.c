@@ -43,6 +43,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -314,6 +315,50 @@ walk_dirs(int root, const char *p, size_t n)
         start = stop + 1;
     }
     return cur;
+}
+
+/* openat2(2) and fchmodat2(2) by number (glibc may lack their wrappers); -1 when the
+ * kernel lacks them (ENOSYS: remembered), and the callers take the calls they stand for */
+#ifndef SYS_openat2
+#define SYS_openat2 437
+#endif
+#ifndef SYS_fchmodat2
+#define SYS_fchmodat2 452
+#endif
+struct open_how_args {
+    uint64_t flags, mode, resolve;
+};
+#define RESOLVE_NO_MAGICLINKS_ 0x02
+#define RESOLVE_NO_SYMLINKS_ 0x04
+#define RESOLVE_BENEATH_ 0x08
+static int no_openat2, no_fchmodat2;
+
+/* the entry at the checked path `p` (n bytes, non-empty) below `root` opened with `flags`
+ * in one system call: no symbolic link followed at any component, nothing outside `root`
+ * reached (openat2 RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS), which is what a walk one
+ * component at a time with O_NOFOLLOW gives. -1 with errno ENOSYS: no openat2 here */
+static int
+open_beneath(int root, const char *p, size_t n, int flags)
+{
+    char path[PATH_MAX];
+    if (no_openat2) {
+        errno = ENOSYS;
+        return -1;
+    }
+    if (n >= sizeof path) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    memcpy(path, p, n);
+    path[n] = 0;
+    struct open_how_args how = {(uint64_t)flags, 0,
+                                RESOLVE_BENEATH_ | RESOLVE_NO_SYMLINKS_ | RESOLVE_NO_MAGICLINKS_};
+    long fd = syscall(SYS_openat2, root, path, &how, sizeof how);
+    if (fd < 0 && (errno == ENOSYS || errno == E2BIG)) {
+        no_openat2 = 1;
+        errno = ENOSYS;
+    }
+    return (int)fd;
 }
 
 /* copy `p` (n bytes) into the growable buffer *buf (capacity *cap) */
@@ -778,23 +823,28 @@ copy_range(int src, off_t src_off, int dst, off_t dst_off, off_t length)
 static int
 exec_clone(Fast *f, const Op *o)
 {
-    char name[NAME_MAX + 1];
-    long dlen = split_last(o->q, o->qn, name);
-    if (dlen < 0)
-        return -1;
-    int dfd = f->clone_fd;
-    if (dlen > 0) {
-        if (!held_is(&f->src_dir, o->q, (size_t)dlen)) {
-            int fd = walk_dirs(f->clone_fd, o->q, (size_t)dlen);
-            if (fd < 0 || held_set(&f->src_dir, fd, o->q, (size_t)dlen) < 0)
-                return -1;
-        }
-        dfd = f->src_dir.fd;
-    }
     int dst = write_fd(f, o->p, o->n);
     if (dst < 0)
         return -1;
-    int src = openat(dfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+    /* one openat2 of the whole path (the source's directories neither walked nor held) */
+    int src = open_beneath(f->clone_fd, o->q, o->qn, O_RDONLY | O_NOFOLLOW | O_CLOEXEC |
+                                                         O_NONBLOCK);
+    if (src < 0 && errno == ENOSYS) {
+        char name[NAME_MAX + 1];
+        long dlen = split_last(o->q, o->qn, name);
+        if (dlen < 0)
+            return -1;
+        int dfd = f->clone_fd;
+        if (dlen > 0) {
+            if (!held_is(&f->src_dir, o->q, (size_t)dlen)) {
+                int fd = walk_dirs(f->clone_fd, o->q, (size_t)dlen);
+                if (fd < 0 || held_set(&f->src_dir, fd, o->q, (size_t)dlen) < 0)
+                    return -1;
+            }
+            dfd = f->src_dir.fd;
+        }
+        src = openat(dfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+    }
     if (src < 0)
         return -1;
     /* FICLONERANGE refuses a source that is not a regular file (EINVAL, EISDIR): the
@@ -842,6 +892,17 @@ exec_meta(Fast *f, const Op *o)
             return fchmod(f->root_fd, m) < 0 ? -1 : 0;
         if (held_is(&f->w, p, n)) /* the file just written: a regular file held open */
             return fchmod(f->w.fd, m) < 0 ? -1 : 0;
+        /* fchmodat2 does not follow a final symbolic link (one system call); where the
+         * kernel lacks it, or on a symbolic link (EOPNOTSUPP), the entry is opened with
+         * O_PATH, looked at and changed through /proc/self/fd */
+        if (!no_fchmodat2) {
+            if (syscall(SYS_fchmodat2, dfd, name, m, AT_SYMLINK_NOFOLLOW) == 0)
+                return 0;
+            if (errno == ENOSYS)
+                no_fchmodat2 = 1;
+            else if (errno != EINVAL && errno != EOPNOTSUPP)
+                return -1;
+        }
         r = -1;
         int pfd = openat(dfd, name, PATH_FLAGS);
         if (pfd >= 0) {
@@ -1149,7 +1210,22 @@ configure(PyObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* fall_back(flag): with a true flag, take the calls of kernels without openat2 and
+ * fchmodat2 (as after their ENOSYS), so that tests reach them on any kernel; a false one
+ * tries the newer calls again */
+static PyObject *
+fall_back(PyObject *self, PyObject *arg)
+{
+    int on = PyObject_IsTrue(arg);
+    if (on < 0)
+        return NULL;
+    no_openat2 = no_fchmodat2 = on;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"fall_back", fall_back, METH_O,
+     "fall_back(flag): use the calls of kernels without openat2 / fchmodat2 (tests)."},
     {"configure", configure, METH_O,
      "configure(types): the record classes of MKFILE, MKDIR, SYMLINK, RENAME, LINK, UNLINK, "
      "RMDIR, WRITE, TRUNCATE, CHMOD, CHOWN, UTIMES, UPDATE_EXTENT, ENCODED_WRITE, CLONE."},
