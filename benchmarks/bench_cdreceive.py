@@ -9,8 +9,8 @@ alternating order of ``btrfs receive`` of the compressed stream and ``btrdelta r
 its delta, each into a fresh directory of a loop btrfs (image on tmpfs when there is room)
 whose parent the kernel received, every receive at ``nice -n -15``, wall time and CPU (user +
 system, every thread: ``wait4``), the load average printed before each round. The first
-round's trees are compared with ``btrdelta tree-sum --holes``. Printed: the medians and the
-ratios ours ÷ kernel, wall and CPU.
+round's trees are compared with ``btrdelta tree-sum --holes --ignore-root-mtime``. Printed:
+the medians and the ratios ours / kernel, wall and CPU.
 
 Run one pair at a time (``BTRDELTA_BENCH_PAIRS`` takes words of the pair's name:
 ``upgrade``, ``install``, ``scipy``)::
@@ -97,7 +97,10 @@ def _timed(cmd: list[str | os.PathLike[str]]) -> tuple[float, float]:
 
 
 def _tree_sum(path: Path) -> str:
-    return subprocess.run([PY, "-m", "btrdelta", "tree-sum", "--holes", str(path)],
+    # (the root's mtime left out: an incremental stream cannot set it where the kernel
+    # sent no UTIMES after its last change, and btrfs receive leaves it as it comes)
+    return subprocess.run([PY, "-m", "btrdelta", "tree-sum", "--holes", "--ignore-root-mtime",
+                           str(path)],
                           check=True, capture_output=True, text=True).stdout.split()[0]
 
 
@@ -133,9 +136,10 @@ def _rounds(s: dict[str, Path]) -> tuple[dict[str, list[tuple[float, float]]], l
                 sums = {tool: _tree_sum(next(p for p in (mnt / f"{tool}-0").iterdir()
                                              if p.name != "A"
                                              and p.name != _parent_name(s["full-A"])))
-                        for tool in ("kernel", "ours")}
-                notes.append("trees equal (tree-sum --holes): "
-                             + str(sums["kernel"] == sums["ours"]))
+                        for tool in tools}
+                same = [f"{t} {sums[t] == sums['kernel']}" for t in tools if t != "kernel"]
+                notes.append("trees equal to the kernel's (tree-sum --holes "
+                             "--ignore-root-mtime): " + ", ".join(same))
             notes.append(f"round {i + 1}: load {loads}: " + "; ".join(got))
             for tool in order:
                 for sub in (mnt / f"{tool}-{i}").iterdir():
@@ -151,40 +155,47 @@ def _parent_name(full: Path) -> str:
     return first[1].strip("./")
 
 
+def measure(s: dict[str, Path]) -> list[str]:
+    """The rounds of one pair (``s``: its ``compressed`` stream, the ``full-A`` stream of
+    its parent, the ``delta``) and their medians, as printable lines (``bench_delta``
+    reports its compressed-data case with them)."""
+    runs, notes = _rounds(s)
+    med = {t: (statistics.median(w for w, _ in r), statistics.median(c for _, c in r))
+           for t, r in runs.items()}
+    (kw, kc), (ow, oc) = med["kernel"], med["ours"]
+    prior = ""
+    if "before" in med:
+        bw, bc = med["before"]
+        prior = (f"; before: {bw:.2f} s, {bc:.2f} s CPU, wall {bw / kw:.2f}x, "
+                 f"CPU {bc / kc:.2f}x")
+    return [*(f"  {n}" for n in notes),
+            f"  median of {ROUNDS}: btrfs receive {kw:.2f} s, {kc:.2f} s CPU; "
+            f"btrdelta receive of the delta {ow:.2f} s, {oc:.2f} s CPU; "
+            f"ours / kernel: wall {ow / kw:.2f}x, CPU {oc / kc:.2f}x (goal 1.2x)" + prior]
+
+
+def compile_sources() -> None:
+    """Byte code of this checkout (and of ``BTRDELTA_BENCH_BEFORE``'s) compiled."""
+    _compile(PY, Path(__file__).parents[1] / "src")
+    if BEFORE:
+        _compile(f"{BEFORE}/.venv/bin/python", Path(BEFORE) / "src")
+
+
 def run() -> list[str]:
     lines: list[str] = []
     keep = os.environ.get("BTRDELTA_BENCH_CDKEEP")
     tmp = None if keep else tempfile.mkdtemp(prefix="bench-cdreceive-", dir="/var/tmp")
     work = Path(keep or tmp or ".")
-    _compile(PY, Path(__file__).parents[1] / "src")
-    if BEFORE:
-        _compile(f"{BEFORE}/.venv/bin/python", Path(BEFORE) / "src")
+    compile_sources()
     try:
         for name, old, new, in_place in _pairs():
             s = _streams(name, old, new, in_place, work)
-            runs, notes = _rounds(s)
-            med = {t: (statistics.median(w for w, _ in r), statistics.median(c for _, c in r))
-                   for t, r in runs.items()}
-            (kw, kc), (ow, oc) = med["kernel"], med["ours"]
-            prior = ""
-            if "before" in med:
-                bw, bc = med["before"]
-                prior = (f"; before: {bw:.2f} s, {bc:.2f} s CPU, wall {bw / kw:.2f}x, "
-                         f"CPU {bc / kc:.2f}x")
             lines += [f"-- {name}: compressed stream {s['compressed'].stat().st_size:,} B, "
-                      f"delta {s['delta'].stat().st_size:,} B",
-                      *(f"  {n}" for n in notes),
-                      f"  median of {ROUNDS}: btrfs receive {kw:.2f} s, {kc:.2f} s CPU; "
-                      f"btrdelta receive of the delta {ow:.2f} s, {oc:.2f} s CPU; "
-                      f"ours / kernel: wall {ow / kw:.2f}x, CPU {oc / kc:.2f}x (goal 1.2x)"
-                      + prior]
-            for line in lines[-len(notes) - 2:]:
-                print(f"   {line}", flush=True)
+                      f"delta {s['delta'].stat().st_size:,} B", *measure(s)]
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     return lines
-
 
 if __name__ == "__main__":
     for line in run():

@@ -24,9 +24,12 @@ from scratch would be. For each pair, side by side in one run:
   files looked up by name and content) and of stream, ``delta expand`` in MB/s of expanded
   stream, each with its peak RSS (GNU time's ``%M``) next to the goal (64 MiB + 4x the
   largest file diffed); with ``BTRDELTA_BENCH_RECEIVE`` (default 1), ``btrdelta receive``
-  of the zstd delta of the plain and of the ``--compressed-data`` stream, into a loop btrfs
-  whose parent A the kernel received, next to ``btrfs receive`` of the same stream (median
-  of ``BTRDELTA_BENCH_REPEAT`` rounds, :mod:`.bench_receive`).
+  of the zstd delta of the plain stream, into a loop btrfs whose parent A the kernel
+  received, next to ``btrfs receive`` of the same stream (median of
+  ``BTRDELTA_BENCH_REPEAT`` rounds, :mod:`.bench_receive`), and of the delta of the
+  ``--compressed-data`` stream next to ``btrfs receive`` of that stream, wall and CPU
+  (:mod:`.bench_cdreceive`: at least 5 alternated rounds at ``nice -n -15``, medians, the
+  load printed; ``python -m benchmarks cdreceive`` measures that alone, a pair at a time).
 
 Run: ``.venv/bin/python -m benchmarks delta``.
 """
@@ -377,7 +380,15 @@ def _measure(name: str, a_tree: Path, b_tree: Path, work: Path,
         lines.append(f"  {label:<49} {n:>12,d} B  ({n / s:6.2%}){mark}")
     cs = _size(streams["compressed"])
     cdelta, _ = _delta_runs(streams["compressed"], streams["full-A"], a_tree, work,
-                            "compressed", lines, _peers(streams["compressed"]), "auto", receive)
+                            "compressed", lines, _peers(streams["compressed"]), "auto")
+    if receive:  # wall and CPU against btrfs receive of the compressed stream (issue 12)
+        from .bench_cdreceive import compile_sources, measure
+
+        compile_sources()
+        lines += ["  [compressed] receive of the delta vs btrfs receive of the stream:",
+                  *(f"  {line}" for line in measure({"compressed": streams["compressed"],
+                                                    "full-A": streams["full-A"],
+                                                    "delta": work / "compressed.delta"}))]
     lines.append(f"  --compressed-data stream (v2, compress=zstd)      {cs:>12,d} B")
     lines.append(f"  {'  its delta stream':<49} {cdelta:>12,d} B  ({cdelta / cs:6.2%} of it)")
     return lines, sizes
