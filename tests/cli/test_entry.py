@@ -211,3 +211,20 @@ def test_lean_imports_leave_the_real_modules() -> None:
                           check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["[]", "Linux True x False 4 0001 b"]
+
+
+def test_lean_import_falls_back_to_the_real_module(tmp_path: Path) -> None:
+    """A module that takes more from the stood-in one than the stand-in has (another
+    Python's argparse, say) is imported with the real one, not left half-imported."""
+    (tmp_path / "wants_more.py").write_text("from gettext import dgettext\nOK = dgettext\n")
+    script = (
+        "import sys\nfrom btrdelta.cli import _lean\n"
+        "sys.modules.pop('gettext', None)\n"
+        "_lean._import_with('wants_more', 'gettext', {'gettext': _lean._message})\n"
+        "import wants_more, gettext\n"
+        "print(wants_more.OK is gettext.dgettext, type(gettext.GNUTranslations).__name__)"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=False, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "type"]

@@ -13,8 +13,10 @@ Each is imported here with a stand-in in ``sys.modules`` that has just what the 
 takes from the other module (``gettext.gettext`` and ``ngettext``: the message as written;
 ``platform.system()``: ``os.uname()``'s), and the stand-in is removed right after: an import
 of ``gettext`` or ``platform`` later gets the real module. Where either module is imported
-already, nothing is stood in for. The CLI's first module (``_common``) takes ``argparse``
-from here, so this runs before anything else of the CLI imports either.
+already, nothing is stood in for; where the import fails with the stand-in (a Python whose
+module takes more from the other), both are imported for real. The CLI's first module
+(``_common``) takes ``argparse`` from here, so this runs before anything else of the CLI
+imports either.
 """
 
 from __future__ import annotations
@@ -53,6 +55,13 @@ def _import_with(module: str, stand_in: str, functions: dict[str, Callable[..., 
     sys.modules[stand_in] = fake
     try:
         __import__(module)
+    except Exception:
+        # another Python's module wants more of the other one than the stand-in has:
+        # import both for real
+        sys.modules.pop(module, None)
+        del sys.modules[stand_in]
+        __import__(module)
+        return
     finally:
         if sys.modules.get(stand_in) is fake:
             del sys.modules[stand_in]
