@@ -290,3 +290,14 @@ def test_a_resume_that_diverges_twice_fails(tmp_path: Path, monkeypatch: pytest.
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["btrdelta replicate: error: the stream made again differs from the one "
                    "the receiver holds part of"]
+
+
+def test_help_says_the_exit_codes_and_the_remote_command() -> None:
+    """A new user scripting replicate finds its exit codes and what --remote-cmd defaults
+    to in --help (was: neither; the codes only in the table of `btrdelta --help`)."""
+    out = subprocess.run([*BTRDELTA, "replicate", "--help"], capture_output=True, text=True,
+                         check=True, env={**os.environ, "COLUMNS": "200"}).stdout
+    text = " ".join(out.split())
+    assert "Exit codes: 0 also when the receiver is already current;" in text
+    assert "9 refused by the protocol (no-common-base, diverged, exists, busy)" in text
+    assert "default: btrdelta, found on the remote PATH" in text

@@ -23,7 +23,12 @@ examples:
 
 Each run sends what changed since the newest sendshot the receiver holds (a full stream the
 first time), in checkpointed segments: run it again after a cut and it resumes. The sender
-keeps a cursor per receiver and prunes the sendshots no receiver needs."""
+keeps a cursor per receiver and prunes the sendshots no receiver needs.
+
+Exit codes: 0 also when the receiver is already current; 2 a usage mistake; 5 a key not
+allowed (--allow) or not the pinned one (--peer); 7 the connection (ssh, TCP, a receiver
+that exited); 9 refused by the protocol (no-common-base, diverged, exists, busy); 130
+interrupted: run it again to resume."""
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -65,7 +70,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--ssh", default="ssh", metavar="CMD",
                    help="the ssh command (with options), e.g. 'ssh -i key -o ...'")
     p.add_argument("--remote-cmd", default="btrdelta", metavar="CMD",
-                   help="btrdelta on the other side (ssh://)")
+                   help="btrdelta on the other side (ssh://; default: btrdelta, found on "
+                        "the remote PATH)")
     p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                    help="give up on a silent TCP peer after this long (default 60)")
     p.add_argument("--backend", choices=("auto", "btrfs", "dir"), default="auto",
