@@ -75,3 +75,43 @@ def test_repo_add_with_version_and_source_swapped(
     capsys.readouterr()
     assert main(["repo", "ls", str(repo)]) == 0
     assert capsys.readouterr().out.startswith("1 version, 0 deltas; ")
+
+
+def test_repo_ls_says_which_version_is_unfinished(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A version whose add was cut short or waits for its --plan-only jobs was listed as any
+    other; `repo sign` then refused it. Now the listing says so and how to finish it."""
+    import json
+
+    repo = tmp_path / "www"
+    trees = []
+    for i in (1, 2):
+        tree = tmp_path / f"app-{i}"
+        tree.mkdir()
+        (tree / "f").write_bytes(b"release %d\n" % i * 3000)
+        trees.append(tree)
+    assert main(["repo", "init", str(repo)]) == 0
+    assert main(["repo", "add", str(repo), "1", str(trees[0]), "-q"]) == 0
+    assert main(["repo", "add", str(repo), "2", str(trees[1]), "--plan-only", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["repo", "ls", str(repo)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("unfinished") == 1
+    assert f"unfinished (an add cut short, or delta jobs pending): `btrdelta repo add {repo} " \
+           "2` finishes it" in out
+    assert main(["repo", "ls", str(repo), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [v["unfinished"] for v in listed["versions"]] == [False, True]
+    assert main(["repo", "add", str(repo), "2", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["repo", "ls", str(repo)]) == 0
+    assert "unfinished" not in capsys.readouterr().out
+
+
+def test_dest_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: 'afile: File exists' (exit 1)."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["update", "http://127.0.0.1:9/app", str(afile)]) == 2
+    assert f"DEST {afile} is not a directory: DEST holds versions as DEST/VERSION" \
+        in _err(capsys)

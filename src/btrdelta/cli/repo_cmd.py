@@ -272,6 +272,9 @@ def _print_listing(doc: dict[str, Any]) -> None:
         for d in v["deltas"]:
             print(f"         delta from {d['from']:<20} {human_bytes(d['bytes']):>10}  "
                   f"{d['path']}")
+        if v["unfinished"]:
+            print(f"         unfinished (an add cut short, or delta jobs pending): `btrdelta "
+                  f"repo add {shlex.quote(doc['repository'])} {v['name']}` finishes it")
 
 
 def run_gc(args: argparse.Namespace) -> int:

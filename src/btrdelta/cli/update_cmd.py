@@ -9,6 +9,7 @@ import shlex
 import sys
 from typing import Any
 
+from ..errors import UsageError
 from ._common import add_json, check_location, check_not_url, human_bytes
 from .http_options import add_http_options, http_config
 from .progress import Progress, add_progress_options, progress_wanted
@@ -106,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
 
     check_not_url(args.dest, "DEST", "the repository comes first: btrdelta update "
                   f"{shlex.quote(args.dest)} {shlex.quote(args.url)}")
+    if os.path.exists(args.dest) and not os.path.isdir(args.dest):
+        raise UsageError(f"DEST {args.dest} is not a directory: DEST holds versions as "
+                         "DEST/VERSION (made if missing)")
     for location in (args.url, *args.mirror):
         check_location(location, "URL" if location == args.url else "--mirror")
     config = http_config(args)

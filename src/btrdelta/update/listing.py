@@ -25,6 +25,9 @@ def _catalog_listing(cat: Catalog, where: str) -> dict[str, Any]:
                         "path": ArtifactRef.make("deltas", h, n).path}
                        for a, (h, n) in sorted(v.deltas.items(), reverse=True)],
             "pending": [cat.versions[a - 1].name for a in sorted(v.pending, reverse=True)],
+            # an add cut short (Ctrl-C) or waiting for its --plan-only jobs: repo sign
+            # refuses it until `repo add REPO VERSION` finishes it
+            "unfinished": bool(v.pending) or not v.measured,
         })
     signed = (f"signed index version {cat.index_version} ({cat.signed_versions} versions)"
               if cat.index_version else "not signed")
@@ -78,6 +81,7 @@ def _remote_listing(url: str, *, key: str | None) -> dict[str, Any]:
             "deltas": [{"from": names[d.source - 1], "bytes": d.ref.length,
                         "path": d.ref.path} for d in rec.deltas],
             "pending": [],
+            "unfinished": False,
         })
     return {
         "repository": url,
