@@ -1114,6 +1114,11 @@ def test_a_cut_after_the_commit_is_adopted_on_btrfs(fs2: tuple[Path, Path],
     assert not cursor.get("inflight"), cursor
     assert [ln.split()[-1] for ln in _sh("btrfs", "subvolume", "list", snd).splitlines()] \
         == ["vol"]
+    # the CLI: nothing to send is said as such, exit 0 (it said "refused: already-current")
+    again = _cli("replicate", live, dest, "--store", store.path)
+    assert again.returncode == 0, again.stderr
+    assert again.stderr == (f"replicate: nothing to send: the receiver holds {name}, the "
+                            "current state\n"), again.stderr
     (live / "more").write_bytes(b"m" * 10000)
     res = _rep(live, dest, store)
     assert (res.outcome, res.kind, res.base) == ("committed", "incremental", cut), res

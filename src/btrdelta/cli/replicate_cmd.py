@@ -162,7 +162,9 @@ def _replicate(args: argparse.Namespace, ch: Any, peer: str) -> int:
                 print(f"  receiver {result.receiver}, base {base}, {result.pruned} "
                       f"sendshot(s) pruned", file=sys.stderr)
         elif not failed:  # (a refusal is the error line below, once)
-            print(f"replicate: {result.outcome}: {result.message}", file=sys.stderr)
+            said = result.message.removeprefix("already-current: ")
+            what = "nothing to send" if said != result.message else result.outcome
+            print(f"replicate: {what}: {said}", file=sys.stderr)
     if failed:
         raise ProtocolError(result.message)
     return 0
