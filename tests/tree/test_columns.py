@@ -201,6 +201,12 @@ def test_the_c_offsets_are_the_references() -> None:
         assert pairs == [x for d, p in enumerate(parents) if p == want for x in (d, owner[d])]
     with pytest.raises(IndexError):  # more dentries than the counts say
         c.members(array("I", [*parents, 3]), doff, 3)
+    # the PARENT column is u32; any other buffer of unsigned integers gives the same
+    for code in ("H", "Q"):
+        wide = array(code, parents)
+        assert c.members(wide, doff, 3) == c.members(parents, doff, 3)
+    assert c.members(parents, doff, 2**32 + 3) == b""  # (not 3: no u32 equals it)
+    assert c.members(array("Q", parents), doff, 2**32 + 3) == b""
     with pytest.raises(TypeError):
         c.prefix(array("i", [1]), 1, None)  # signed
     with pytest.raises(TypeError):

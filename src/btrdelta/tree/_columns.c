@@ -199,15 +199,37 @@ static PyObject *members(PyObject *self, PyObject *args) {
     }
     Py_ssize_t n = parents.len / parents.itemsize, rows = doff.len / doff.itemsize - 1;
     Py_ssize_t count = 0;
-    for (Py_ssize_t d = 0; d < n; d++)
-        count += item(&parents, d) == want;
+    /* the dentries of the parent: the PARENT column is u32 (Columns.parents), compared
+     * without the per-item size switch (a send lists a directory per changed one; a round
+     * where every directory's atime changed lists them all) */
+    const uint32_t *p32 = parents.itemsize == 4 && (uintptr_t)parents.buf % 4 == 0
+                          ? (const uint32_t *)parents.buf : NULL;
+    if (p32 != NULL) {
+        if (want <= UINT32_MAX)
+            for (Py_ssize_t d = 0; d < n; d++)
+                count += p32[d] == (uint32_t)want;
+    } else {
+        for (Py_ssize_t d = 0; d < n; d++)
+            count += item(&parents, d) == want;
+    }
     PyObject *out = PyBytes_FromStringAndSize(NULL, count * 16);
     if (out != NULL) {
         uint64_t *dst = (uint64_t *)PyBytes_AS_STRING(out);
         Py_ssize_t r = 0, k = 0;
         for (Py_ssize_t d = 0; d < n && k < 2 * count; d++) {
-            if (item(&parents, d) != want)
+            if (p32 != NULL ? p32[d] != (uint32_t)want : item(&parents, d) != want)
                 continue;
+            if (k == 0) {  /* the first one's row by bisection, then walking on */
+                Py_ssize_t lo = 0, hi = rows;
+                while (lo < hi) {  /* the first r with doff[r + 1] > d */
+                    Py_ssize_t mid = lo + (hi - lo) / 2;
+                    if (item(&doff, mid + 1) <= (uint64_t)d)
+                        lo = mid + 1;
+                    else
+                        hi = mid;
+                }
+                r = lo;
+            }
             while (r < rows && item(&doff, r + 1) <= (uint64_t)d)
                 r++;
             if (r >= rows) {
