@@ -37,10 +37,13 @@ def _temps(dest: Path) -> list[str]:
 
 
 def _ctrl_c_as_in_a_terminal() -> None:
-    """SIGINT back to its default in the child: a test run started in the background by a
-    non-interactive shell inherits it ignored, and Python then installs no Ctrl-C handler
-    (the receive would rightly ignore the SIGINT sent and end on the closed pipe instead)."""
+    """SIGINT and SIGHUP back to their defaults in the child: a test run started in the
+    background by a non-interactive shell inherits SIGINT ignored, and one under ``nohup``
+    SIGHUP; Python then installs no Ctrl-C handler and the CLI rightly keeps an ignored
+    SIGHUP ignored (the receive would ignore the signal sent and end on the closed pipe
+    instead)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> None:
