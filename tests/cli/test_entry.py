@@ -228,3 +228,20 @@ def test_lean_import_falls_back_to_the_real_module(tmp_path: Path) -> None:
                           check=False, env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["True", "type"]
+
+
+def test_lean_imports_stand_in_nothing_while_another_thread_runs() -> None:
+    """A program that imports the CLI while another of its threads runs could have that
+    thread import the stand-in: the real modules are imported then."""
+    script = (
+        "import sys, threading\n"
+        "stop = threading.Event()\n"
+        "t = threading.Thread(target=stop.wait)\nt.start()\n"
+        "import btrdelta.cli\n"
+        "stop.set()\nt.join()\n"
+        "print(sorted(m for m in ('platform', 'gettext') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[0] == "['gettext', 'platform']"

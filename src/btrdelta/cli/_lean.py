@@ -13,10 +13,10 @@ Each is imported here with a stand-in in ``sys.modules`` that has just what the 
 takes from the other module (``gettext.gettext`` and ``ngettext``: the message as written;
 ``platform.system()``: ``os.uname()``'s), and the stand-in is removed right after: an import
 of ``gettext`` or ``platform`` later gets the real module. Where either module is imported
-already, nothing is stood in for; where the import fails with the stand-in (a Python whose
-module takes more from the other), both are imported for real. The CLI's first module
-(``_common``) takes ``argparse`` from here, so this runs before anything else of the CLI
-imports either.
+already, or where another thread runs (it could import the stand-in), nothing is stood in
+for; where the import fails with the stand-in (a Python whose module takes more from the
+other), both are imported for real. The CLI's first module (``_common``) takes
+``argparse`` from here, so this runs before anything else of the CLI imports either.
 """
 
 from __future__ import annotations
@@ -48,8 +48,10 @@ def _import_with(module: str, stand_in: str, functions: dict[str, Callable[..., 
     """Import ``module`` with a module ``stand_in`` made of ``functions`` in
     ``sys.modules`` (unless either is imported already); the stand-in is removed after,
     also from ``module``'s namespace if it bound it by name."""
-    if module in sys.modules or stand_in in sys.modules:
-        return
+    threading = sys.modules.get("threading")
+    if module in sys.modules or stand_in in sys.modules or (
+            threading is not None and threading.active_count() > 1):
+        return  # (another thread could import the stand-in meanwhile: no stand-in then)
     fake = type(sys)(stand_in)
     vars(fake).update(functions)
     sys.modules[stand_in] = fake
