@@ -610,8 +610,11 @@ def test_the_replica_state_is_replaced_whole_and_durably(tmp_path: Path,
     assert victim.read_text() == "untouched"
     state = json.loads((dest / ".btrdelta-replica.json").read_text())
     assert state == {"version": 1, "id": replica.ident, "received": {}}
-    assert len(synced) == 2  # the file's bytes, then the directory after the rename
-    assert synced[1] == str(dest)
+    # the file's bytes, again once linked (btrfs persists nothing of a file without links:
+    # fs.atomic), then the directory
+    assert len(synced) == 3
+    assert synced[0] == synced[1] != str(dest)
+    assert synced[2] == str(dest)
 
 
 @pytest.mark.parametrize("versions", [(1,), (1, 2), (2,), (3,), (2, 3, 4), (4, 5), (5,)])
