@@ -177,6 +177,27 @@ def test_a_cloned_hole_over_the_end_of_a_file_leaves_no_block(dest: Path,
             assert data_segments(fh.fileno(), 147_456) == [], name
 
 
+def test_a_copied_clone_leaves_its_source_atime(dest: Path, applier_impl: str) -> None:
+    """A CLONE copied (no reflinks here) reads its source without moving its atime, as the
+    clone ioctl of btrfs receive leaves it: an ext4 receive of upstream's clone scenarios
+    (btrfs/108, 109, 189, 283, ...) had their sources' atimes of the time of receive, which
+    the kernel's had from the stream. By Python's copy and by the C path's."""
+    atime, mtime = 1_000_000_000 * 10**9 + 5, 1_500_000_000 * 10**9 + 7  # relatime updates
+    recs = [subvol()]
+    for name, ino in ((b"s", 257), (b"t", 258)):
+        recs += [Mkfile(path=name, ino=ino), Write(path=name, offset=0, data=b"a" * 10_000),
+                 Utimes(path=name, atime=atime, mtime=mtime, ctime=mtime)]
+    for src, name, ino in ((b"s", b"f", 259), (b"t", b"g", 260)):  # by Python, then by C
+        recs += [Mkfile(path=name, ino=ino),
+                 Clone(offset=0, length=10_000, path=name, clone_uuid=UUID_A, clone_ctransid=1,
+                       clone_path=src, clone_offset=0)]
+    receive(events([*recs, End()]), dest)
+    for name in ("s", "t"):
+        st = os.lstat(dest / "sv" / name)
+        assert (st.st_atime_ns, st.st_mtime_ns) == (atime, mtime), name
+    assert (dest / "sv" / "g").read_bytes() == b"a" * 10_000
+
+
 @pytest.mark.parametrize("first", [True, False], ids=["python", "after-a-clone"])
 def test_a_clone_past_the_source_end_is_refused(dest: Path, applier_impl: str,
                                                first: bool) -> None:

@@ -826,9 +826,15 @@ exec_clone(Fast *f, const Op *o)
     int dst = write_fd(f, o->p, o->n);
     if (dst < 0)
         return -1;
+    /* O_NOATIME: a copy standing in for the reflink leaves the source's atime, as the
+     * clone ioctl does (allowed to the owner or CAP_FOWNER; else opened without) */
+    int flags = O_RDONLY | O_NOATIME | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK;
     /* one openat2 of the whole path (the source's directories neither walked nor held) */
-    int src = open_beneath(f->clone_fd, o->q, o->qn, O_RDONLY | O_NOFOLLOW | O_CLOEXEC |
-                                                         O_NONBLOCK);
+    int src = open_beneath(f->clone_fd, o->q, o->qn, flags);
+    if (src < 0 && errno == EPERM) {
+        flags &= ~O_NOATIME;
+        src = open_beneath(f->clone_fd, o->q, o->qn, flags);
+    }
     if (src < 0 && errno == ENOSYS) {
         char name[NAME_MAX + 1];
         long dlen = split_last(o->q, o->qn, name);
@@ -843,7 +849,9 @@ exec_clone(Fast *f, const Op *o)
             }
             dfd = f->src_dir.fd;
         }
-        src = openat(dfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+        src = openat(dfd, name, flags);
+        if (src < 0 && errno == EPERM && (flags & O_NOATIME))
+            src = openat(dfd, name, flags & ~O_NOATIME);
     }
     if (src < 0)
         return -1;
