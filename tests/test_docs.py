@@ -51,3 +51,22 @@ def test_every_documented_command_line_parses() -> None:
             if exc.code:
                 failures.append(f"{page}: {line}: {err.getvalue().strip()}")
     assert not failures, "\n".join(failures)
+
+
+def test_upstream_coverage_page_names_what_exists() -> None:
+    # docs/upstream-tests.md maps each upstream send/receive test to a scenario or a test:
+    # every scenario named after an xfstests number is in it, and every scenario and test
+    # function it names exists
+    from btrdelta.testing.scenarios import SCENARIOS
+
+    page = (ROOT / "docs" / "upstream-tests.md").read_text()
+    names = {sc.name for sc in SCENARIOS}
+    missing = [n for n in names if re.search(r"-\d{3}$", n) and f"`{n}`" not in page]
+    assert not missing
+    quoted = set(re.findall(r"`([a-z0-9][a-z0-9-]*-(?:\d{3}|misc\d{3}))`", page))
+    assert len(quoted) >= 80
+    assert quoted <= names, quoted - names
+    tests = set(re.findall(r"\b(test_[a-z0-9_]+)\b(?!\.py)", page))
+    sources = "".join(p.read_text() for p in (ROOT / "tests").rglob("test_*.py"))
+    assert len(tests) >= 15
+    assert [t for t in tests if f"def {t}(" not in sources] == []

@@ -8,7 +8,8 @@ upstream's inodes without links, btrfs/168 and 278): those descriptors stay open
 the filesystem is mounted, so the kernel sends the snapshots with the unlinked inodes in them.
 ``a_open`` keeps a file open in the live subvolume while snapshot A is taken (an O_TMPFILE:
 an orphan inode in both snapshots, upstream's btrfs/058). ``clones`` adds a snapshot C, a
-clone source for B's stream besides its parent A (btrfs/117).
+clone source for B's stream besides its parent A (btrfs/117). ``after`` runs once the
+read-only snapshots exist (btrfs/187: extents deduplicated between them, a balance).
 :func:`make_streams` runs them and lets the *kernel* write the streams, which are then the
 real data every stream test is checked on. Recipes follow the upstream tests they are
 named after (the number in a name is the upstream test's: xfstests' btrfs/NNN, or with
@@ -55,6 +56,11 @@ class Scenario:
     #: then also sent from A with C as a clone source (``send -p A -c C``), a third stream
     #: received after A and C (upstream's btrfs/117)
     clones: bool = False
+    #: run in the filesystem's top directory once the snapshots exist (read-only), with
+    #: ``$A`` and ``$B`` their paths: changes that keep every file's content but not where
+    #: it lies, as upstream's btrfs/187 dedupes between two snapshots and balances while it
+    #: sends them (run before the sends here). Not run in plain directories.
+    after: str = ""
 
 
 S = Scenario
@@ -502,6 +508,27 @@ SCENARIOS: list[Scenario] = [
       ' xfs_io -c "reflink bar 0 0 32K" foo',
       'xfs_io -f -c "pwrite -S 0xef 0 65K" baz; xfs_io -c "reflink baz 0 0 32K" foo;'
       ' xfs_io -c "reflink foo 0 0 32K" bar'),
+    # btrfs/272 at upstream's size (many-links-272 has 300 links, all in inode refs): 2000
+    # links named 1..2000 overflow the inode's ref item into extended refs, where the
+    # kernel once sent a link to a path that already existed
+    S("link-existing-path-extrefs-272",
+      "touch foo; python3 -c 'import os\nfor i in range(1, 2001): os.link(\"foo\", str(i))'",
+      "python3 -c 'import os\nfor i in range(1, 2001): os.unlink(str(i))\n"
+      "for i in range(1001, 2001): os.link(\"foo\", str(i))'"),
+    # btrfs/187 (upstream: 40000 + 40000 files, every xattr 3800 bytes, dedupe and a
+    # metadata balance racing with the sends): files of one content, xattrs on all of them
+    # in B, then extents deduplicated between the two read-only snapshots both ways (B's new
+    # files onto A's, some of A's onto B's) and the metadata relocated before they are sent
+    S("dedupe-balance-snapshots-187",
+      'for i in $(seq 1 100); do xfs_io -f -c "pwrite -S 0xea 0 64K" file_$i >/dev/null; done',
+      'for i in $(seq 101 200); do xfs_io -f -c "pwrite -S 0xea 0 64K" file_$i >/dev/null; done;'
+      " x=$(printf 'X%.0s' $(seq 1 3800));"
+      " for i in $(seq 1 200); do setfattr -n user.x1 -v $x file_$i; done",
+      after='for i in $(seq 1 40); do'
+      ' xfs_io -r -c "dedupe $A/file_$i 0 0 64K" $B/file_$((i + 100)); done;'
+      ' for i in $(seq 41 60); do'
+      ' xfs_io -r -c "dedupe $B/file_$((i + 100)) 0 0 64K" $A/file_$i; done;'
+      ' btrfs -q balance start -m .'),
     # held descriptors last: a later REMOUNT on the same filesystem would find it busy
     S("deleted-open-file-168",
       'xfs_io -f -c "pwrite -S 0xf1 0 64K" foo; xfs_io -f -c "pwrite -S 0x7b 0 90K" bar;'
@@ -558,13 +585,13 @@ def _mount_source(mnt: Path) -> tuple[str, str]:
     raise RuntimeError(f"{mnt} is not mounted")
 
 
-def _bash(script: str, cwd: Path) -> None:
+def _bash(script: str, cwd: Path, **env: str) -> None:
     proc = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", script],
         cwd=cwd,
         capture_output=True,
         check=False,
-        env={**os.environ, "LC_ALL": "C.UTF-8"},
+        env={**os.environ, "LC_ALL": "C.UTF-8", **env},
     )
     if proc.returncode != 0:
         raise RuntimeError(
@@ -623,6 +650,9 @@ def make_snapshots(mnt: Path, scenario: Scenario, tag: str = "") -> SnapshotPair
         c = mnt / f"{name}-C"
         run("btrfs", "-q", "subvolume", "snapshot", "-r", vol, c)
     run("btrfs", "-q", "subvolume", "snapshot", "-r", vol, b)
+    if scenario.after:
+        _bash(scenario.after, mnt, A=str(a), B=str(b))
+        run("sync")
     if scenario.a_held:
         _hold_in_snapshot(mnt, a, scenario.a_held)
     if scenario.b_held:
