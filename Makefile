@@ -8,7 +8,7 @@ PREFIX  ?= /usr/local
 SHARE_FILES := $(wildcard share/man/man1/*.1) share/bash-completion/completions/btrdelta \
                share/zsh/site-functions/_btrdelta
 
-.PHONY: all sysdeps venv demo test lint bench vmtest soak fuzz randwork clean cli-files install-cli-files sizes
+.PHONY: all sysdeps venv demo test lint bench vmtest soak fuzz randwork matrix clean cli-files install-cli-files sizes
 all: test
 
 sysdeps:
@@ -86,6 +86,19 @@ randwork: sysdeps venv
 	trap 'exit 130' INT; trap 'exit 143' TERM; trap 'exit 129' HUP; \
 	CI=true BTRDELTA_RANDWORK=$${BTRDELTA_RANDWORK:-200} $(BIN)/python -m pytest -q \
 		-p no:cacheprovider --basetemp="$$tmp/t" tests/randwork
+
+# every upstream scenario on the filesystems and send options upstream's tests also meet
+# (no compression, compress with max_inline=0, lzo, mkfs -O ^no-holes, --no-data, -c without
+# -p), every path against the kernel (tests/matrix): BTRDELTA_MATRIX=all or variant names,
+# BTRDELTA_MATRIX_ONLY=scenarios; not part of `make test`
+matrix: sysdeps venv
+	@echo "matrix: variants $${BTRDELTA_MATRIX:-all}, scenarios $${BTRDELTA_MATRIX_ONLY:-all};" \
+		"started $$(date -u '+%F %T') UTC"
+	@tmp=$$(mktemp -d /tmp/btrdelta-matrix.XXXXXX); \
+	trap 'rm -rf --one-file-system "$$tmp"' EXIT; \
+	trap 'exit 130' INT; trap 'exit 143' TERM; trap 'exit 129' HUP; \
+	CI=true BTRDELTA_MATRIX=$${BTRDELTA_MATRIX:-all} $(BIN)/python -m pytest -q \
+		-p no:cacheprovider --basetemp="$$tmp/t" tests/matrix
 
 # damaged inputs through the CLI (tests/cli/test_mutations.py) and the device state file
 # (tests/device/test_state_file.py) at 1,000 offsets per input and command instead of make

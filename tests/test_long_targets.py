@@ -1,7 +1,7 @@
-"""The long targets of the Makefile (``make fuzz``, ``soak``, ``randwork``; ``vmtest`` by its
-text): each says what it runs, runs pytest with ``CI=true`` (a test that cannot run here
-fails instead of passing as a skip), and removes its temporary directory on success and on
-Ctrl-C, which exits 130 (128 + SIGINT, as the CLI), not 143 (SIGTERM's).
+"""The long targets of the Makefile (``make fuzz``, ``soak``, ``randwork``, ``matrix``;
+``vmtest`` by its text): each says what it runs, runs pytest with ``CI=true`` (a test that
+cannot run here fails instead of passing as a skip), and removes its temporary directory on
+success and on Ctrl-C, which exits 130 (128 + SIGINT, as the CLI), not 143 (SIGTERM's).
 
 pytest itself is replaced by a script (``make BIN=...``): these tests check the recipes, not
 the suites they run."""
@@ -29,8 +29,10 @@ exit 0
 """
 TARGETS = {"fuzz": ("fuzz: 7 mutations per input and command", "BTRDELTA_MUTATIONS=7"),
            "soak": ("soak: 30 rounds of replication with cuts, seed 1", "BTRDELTA_SOAK=1"),
-           "randwork": ("randwork: seeds 301-307", "BTRDELTA_RANDWORK=7")}
-ENV = {"BTRDELTA_MUTATIONS": "7", "BTRDELTA_RANDWORK": "7", "BTRDELTA_RANDWORK_FROM": "301"}
+           "randwork": ("randwork: seeds 301-307", "BTRDELTA_RANDWORK=7"),
+           "matrix": ("matrix: variants plain,lzo, scenarios all", "BTRDELTA_MATRIX=plain,lzo")}
+ENV = {"BTRDELTA_MUTATIONS": "7", "BTRDELTA_RANDWORK": "7", "BTRDELTA_RANDWORK_FROM": "301",
+       "BTRDELTA_MATRIX": "plain,lzo"}
 
 
 def _fake_bin(tmp_path: Path) -> tuple[Path, Path]:

@@ -1,0 +1,261 @@
+"""Every upstream scenario on the filesystems and send options upstream's tests also meet,
+every path against the kernel: ``make matrix`` (not part of ``make test``).
+
+``make test`` sends every scenario from a btrfs mounted ``compress=zstd``, and some also
+from lzo, zlib and no compression (tests/conftest.py). Here each of :data:`VARIANTS` gets a
+loop btrfs of its own on which all scenarios are built; for each, the kernel's v1 and v2
+``--compressed-data`` streams of A and of B from A (or ``--no-data`` streams, or B with A
+as a ``-c`` clone source and no ``-p``), and with the kernel as the oracle:
+
+* ``btrdelta dump`` == ``btrfs receive --dump``, byte for byte;
+* ``receive`` into btrfs and into ext4 gives ``btrfs receive``'s trees (tree-sum; for v2
+  with the hole layout; on ext4 without the ``btrfs.*`` properties, skipped there), and the
+  atimes too (but A's on ext4, where B is made as a copy of A, whose reading moves them); a
+  stream ``btrfs receive`` refuses (a ``--no-data`` stream's clones:
+  btrfs-progs issue 787) ours refuses as well;
+* ``delta make`` then ``delta expand`` gives the incremental stream bit for bit;
+* btrdelta's send of the kernel's snapshots (A, then B from A) is received by ``btrfs
+  receive`` as them.
+
+``BTRDELTA_MATRIX=all`` (or variant names, comma-separated) enables it;
+``BTRDELTA_MATRIX_ONLY`` (scenario names) narrows the scenarios. A failure lists every
+difference, by scenario, stream and path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import stat
+import subprocess
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from btrdelta.cli import main
+from btrdelta.delta import MakeOptions, expand_to, make_delta, open_delta
+from btrdelta.receive import receive
+from btrdelta.send import send_stream
+from btrdelta.stream import StreamReader
+from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs
+from btrdelta.testing.scenarios import SCENARIOS, SnapshotPair, kernel_receive, make_snapshots
+from btrdelta.testing.scenarios import send as kernel_send
+from btrdelta.tree.treesum import diff_manifests, tree_manifest
+from tests.conftest import progs_dump, require_btrfs
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A source filesystem (mount options, mkfs options) and what is sent from it."""
+
+    name: str
+    options: str | None = None
+    mkfs: tuple[str, ...] = ()
+    #: "incremental" (A, B from A), "no-data" (both --no-data), "clone-source" (A; B with
+    #: A as a -c clone source and no -p: btrfs send picks A as its parent too)
+    mode: str = "incremental"
+
+
+VARIANTS = [
+    Variant("plain"),  # upstream's mount: no compression
+    Variant("zlib-no-inline", "compress,max_inline=0"),  # btrfs/149's
+    Variant("lzo", "compress=lzo"),
+    Variant("hole-items", mkfs=("-O", "^no-holes")),  # explicit hole extent items
+    Variant("no-data", "compress=zstd", mode="no-data"),
+    Variant("clone-source", "compress=zstd", mode="clone-source"),
+]
+_WANTED = os.environ.get("BTRDELTA_MATRIX", "")
+_ONLY = {n for n in os.environ.get("BTRDELTA_MATRIX_ONLY", "").split(",") if n}
+_BTRFS_PROPERTIES = (b"btrfs.compression",)
+
+pytestmark = [pytest.mark.btrfs, pytest.mark.slow, pytest.mark.timeout(3600),
+              pytest.mark.skipif(not _WANTED, reason="the matrix: make matrix")]
+
+
+@dataclass
+class Targets:
+    src: Path
+    kernel: Path
+    btrfs: Path
+    ext4: Path
+
+
+@contextlib.contextmanager
+def _targets(v: Variant) -> Iterator[Targets]:
+    require_btrfs()
+    try:
+        with ExitStack() as stack:
+            src = stack.enter_context(loop_fs("btrfs", size="3G", options=v.options,
+                                              mkfs_args=v.mkfs))
+            kernel, btrfs = (stack.enter_context(loop_fs("btrfs", size="3G")) for _ in "ab")
+            ext4 = stack.enter_context(loop_fs("ext4", size="3G", mkfs_args=("-O", "ea_inode")))
+            yield Targets(src, kernel, btrfs, ext4)
+    except BtrfsUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but btrfs is unavailable: {exc}")
+        pytest.skip(str(exc))
+
+
+def _our_dump(stream: Path) -> bytes:
+    out = io.BytesIO()
+    text = io.TextIOWrapper(out, encoding="utf-8", errors="surrogateescape")
+    with contextlib.redirect_stdout(text):
+        code = main(["dump", "-f", str(stream)])
+        text.flush()
+    return out.getvalue() if code == 0 else b"exit %d" % code
+
+
+def _our_receive(stream: Path, dest: Path) -> None:
+    with open(stream, "rb") as f:
+        receive(StreamReader(f, source=stream.name).events(), dest, on_warning=lambda _: None)
+
+
+def _atimes(root: Path) -> dict[str, int]:
+    """atime of every entry below ``root`` (this subvolume's), read without moving any:
+    directories listed through O_NOATIME descriptors."""
+    out: dict[str, int] = {}
+    dev = os.lstat(root).st_dev
+
+    def walk(path: str, rel: str) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOATIME)
+        try:
+            out[rel + "/"] = os.fstat(fd).st_atime_ns
+            for entry in os.scandir(fd):
+                st = os.lstat(entry.name, dir_fd=fd)
+                if st.st_dev != dev or (stat.S_ISDIR(st.st_mode) and st.st_ino == 2):
+                    continue
+                out[f"{rel}/{entry.name}"] = st.st_atime_ns
+                if stat.S_ISDIR(st.st_mode):
+                    walk(os.path.join(path, entry.name), f"{rel}/{entry.name}")
+        finally:
+            os.close(fd)
+
+    walk(str(root), ".")
+    return out
+
+
+def _compare(what: str, want: Path, got: Path, *, holes: bool, root_mtime: bool,
+             props: bool = True) -> list[str]:
+    skip = () if props else _BTRFS_PROPERTIES
+    diff = diff_manifests(
+        tree_manifest(want, holes=holes, ignore_root_mtime=not root_mtime, exclude_xattrs=skip),
+        tree_manifest(got, holes=holes, ignore_root_mtime=not root_mtime, exclude_xattrs=skip))
+    return [f"{what}: " + "; ".join(diff)] if diff else []
+
+
+def _streams(v: Variant, pair: SnapshotPair, out: Path, proto: int) -> tuple[Path, Path]:
+    extra: tuple[str, ...] = ("--no-data",) if v.mode == "no-data" else ()
+    a = kernel_send(pair.a, out / "A", proto=proto, compressed=proto == 2, extra=extra)
+    if v.mode == "clone-source":
+        b = kernel_send(pair.b, out / "B", proto=proto, compressed=proto == 2,
+                        extra=("-c", str(pair.a)))
+    else:
+        b = kernel_send(pair.b, out / "B", parent=pair.a, proto=proto, compressed=proto == 2,
+                        extra=extra)
+    return a, b
+
+
+def _check(v: Variant, t: Targets, pair: SnapshotPair, tag: str, out: Path,
+           proto: int) -> list[str]:
+    a, b = _streams(v, pair, out, proto)
+    problems = [f"{tag}: dump of {s.name} differs from btrfs receive --dump"
+                for s in (a, b) if _our_dump(s) != progs_dump(s).stdout]
+    dirs = {}
+    for key, root in (("kernel", t.kernel), ("btrfs", t.btrfs), ("ext4", t.ext4)):
+        dirs[key] = root / tag
+        dirs[key].mkdir()
+    for s in (a, b):
+        try:
+            kernel_receive(s, dirs["kernel"])
+            refused = None
+        except RuntimeError as exc:
+            refused = str(exc)
+        for key in ("btrfs", "ext4"):
+            try:
+                _our_receive(s, dirs[key])
+                if refused:
+                    problems.append(f"{tag}: {key} took {s.name}, btrfs receive not: {refused}")
+            except Exception as exc:  # reported with the stream and receiver
+                if not refused:
+                    problems.append(f"{tag}: {key} receive of {s.name}: {exc}")
+        if refused:
+            return problems
+    # B is a snapshot of A in every mode (btrfs send -c without -p picks A as the parent)
+    for snap, root_mtime in ((pair.a.name, True), (pair.b.name, False)):
+        kernel_atimes = _atimes(dirs["kernel"] / snap)
+        for key in ("btrfs", "ext4"):
+            # A's atimes after B on ext4: B is a copy of A there, whose reading moved them
+            if key == "ext4" and snap == pair.a.name:
+                continue
+            got = _atimes(dirs[key] / snap)
+            moved = [p for p, ns in kernel_atimes.items() if p != "./" and got.get(p) != ns]
+            if moved:
+                problems.append(f"{tag}: {key} {snap}: atime of {moved[:5]}")
+        if v.mode != "no-data":
+            problems += _compare(f"{tag}: kernel {snap} vs source", pair.b.parent / snap,
+                                 dirs["kernel"] / snap, holes=False, root_mtime=root_mtime)
+        for key in ("btrfs", "ext4"):
+            problems += _compare(f"{tag}: {key} {snap}", dirs["kernel"] / snap,
+                                 dirs[key] / snap, holes=proto == 2, root_mtime=root_mtime,
+                                 props=key != "ext4")
+    if v.mode == "incremental":
+        problems += _delta_and_send(t, pair, tag, out, proto, b)
+    return problems
+
+
+def _delta_and_send(t: Targets, pair: SnapshotPair, tag: str, out: Path, proto: int,
+                    incr: Path) -> list[str]:
+    problems = []
+    parts: list[bytes] = []
+    with open(incr, "rb") as f:
+        make_delta(f, pair.a, parts.append, MakeOptions(min_file_size=1))
+    expanded: list[bytes] = []
+    expand_to(open_delta(io.BytesIO(b"".join(bytes(p) for p in parts))), pair.a,
+              expanded.append)
+    if b"".join(bytes(p) for p in expanded) != incr.read_bytes():
+        problems.append(f"{tag}: delta make + expand is not the stream")
+    ours = (out / "our-A", out / "our-B")
+    for path, (new, parent) in zip(ours, ((pair.a, None), (pair.b, pair.a)), strict=True):
+        with open(path, "wb") as f:
+            if proto == 2:
+                send_stream(f.write, new, parent, version=2, compress="zstd")
+            else:
+                send_stream(f.write, new, parent)
+    dest = t.kernel / (tag + ".our-send")
+    dest.mkdir()
+    for path in ours:
+        kernel_receive(path, dest)
+    got = sorted(p.name for p in dest.iterdir())
+    for snap, name, root_mtime in ((pair.a, got[0], True), (pair.b, got[-1], False)):
+        problems += _compare(f"{tag}: our send of {snap.name}, btrfs receive", snap,
+                             dest / name, holes=False, root_mtime=root_mtime)
+    return problems
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[v.name for v in VARIANTS])
+def test_every_scenario(variant: Variant, tmp_path: Path) -> None:
+    if _WANTED != "all" and variant.name not in _WANTED.split(","):
+        pytest.skip(f"not in BTRDELTA_MATRIX={_WANTED}")
+    problems: list[str] = []
+    with _targets(variant) as t:
+        for sc in SCENARIOS:
+            if _ONLY and sc.name not in _ONLY:
+                continue
+            try:
+                pair = make_snapshots(t.src, sc)
+            except (RuntimeError, subprocess.CalledProcessError) as exc:
+                problems.append(f"{sc.name}: recipe: {exc}")
+                continue
+            for proto in (1, 2):
+                tag = f"{sc.name}.v{proto}"
+                out = tmp_path / tag
+                out.mkdir()
+                try:
+                    problems += _check(variant, t, pair, tag, out, proto)
+                except Exception as exc:  # one scenario's failure does not hide the rest
+                    problems.append(f"{tag}: {type(exc).__name__}: {exc}")
+    assert not problems, "\n".join(problems)
