@@ -46,9 +46,12 @@ def _fake_bin(tmp_path: Path) -> tuple[Path, Path]:
 
 def _make(target: str, bin_: Path) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BTRDELTA_") and k != "CI"}
+    # SIGINT at its default: a suite started in the background inherits it ignored, and
+    # so would make, which then never sees the test's Ctrl-C
     return subprocess.Popen(["make", "-s", "-C", str(ROOT), f"BIN={bin_}", target],
                             env={**env, **ENV}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _field(log: Path, name: str) -> str:

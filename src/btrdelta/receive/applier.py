@@ -647,12 +647,7 @@ class Applier:
         if self._fast is not None:  # the next CLONEs from this subvolume are applied in C
             self._fast.set_clone_source(rec.clone_uuid.bytes, src_sb.root_fd)
         dst = self._write_fd(rec.path)
-        # O_NOATIME: a copy standing in for the reflink must leave the source's atime, as
-        # the clone ioctl does (allowed to the owner or CAP_FOWNER; else without)
-        try:
-            src = src_sb.open_file(rec.clone_path, os.O_RDONLY | os.O_NOATIME)
-        except PermissionError:
-            src = src_sb.open_file(rec.clone_path, os.O_RDONLY)
+        src = src_sb.open_file(rec.clone_path, os.O_RDONLY, noatime=True)  # atime as a reflink
         try:
             try:
                 btrfs.clone_range(dst, rec.offset, src, rec.clone_offset, rec.length)
