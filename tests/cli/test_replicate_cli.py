@@ -246,6 +246,67 @@ def test_the_receiver_starts_before_the_send_side_is_imported(tmp_path: Path) ->
     assert err.splitlines()[-1] == "[]"
 
 
+def test_a_local_receiver_is_a_fork_not_a_new_interpreter(tmp_path: Path) -> None:
+    """The CLI's local DEST is received by a fork of the sender (no interpreter started, no
+    CLI imported again: what the first byte waited for), which leaves with the receiver's
+    exit code; a sender already running a thread starts a new interpreter instead (a fork
+    copies only the calling thread)."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "t").mkdir()
+    script = (
+        "import subprocess, sys, threading\n"
+        "from btrdelta.cli import main\n"
+        "import btrdelta.update.channels as c\n"
+        "spawned = []\n"
+        "real = c.spawn_local\n"
+        "def spawn(*a, **k):\n"
+        "    spawned.append(1)\n"
+        "    return real(*a, **k)\n"
+        "c.spawn_local = spawn\n"
+        "popen = subprocess.Popen.__init__\n"
+        "def no_serve(self, args, *a, **k):\n"
+        "    assert '--serve' not in args or spawned, args\n"
+        "    popen(self, args, *a, **k)\n"
+        "subprocess.Popen.__init__ = no_serve\n"
+        f"src, store = {str(_source(tmp_path))!r}, {str(tmp_path / 'store')!r}\n"
+        f"print(main(['replicate', '-q', '--store', store, src, {str(tmp_path / 'd')!r}]), "
+        "len(spawned))\n"
+        "stop = threading.Event()\n"
+        "threading.Thread(target=stop.wait).start()\n"
+        f"print(main(['replicate', '-q', '--store', store + '2', src, "
+        f"{str(tmp_path / 't')!r}]), len(spawned))\n"
+        "stop.set()\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, timeout=120).stdout.splitlines()
+    assert out == ["0 0", "0 1"]
+    _same_tree(tmp_path, "d")
+    _same_tree(tmp_path, "t")
+
+
+def test_a_forked_receiver_killed_or_failing_is_reported(tmp_path: Path) -> None:
+    """:func:`fork_local`'s child as :class:`subprocess.Popen`'s: its exit code and what it
+    said on its standard error once the channel is closed; a killed one is -9."""
+    from btrdelta.cli import main
+    from btrdelta.update.channels import fork_local
+
+    def serve(dest: Path) -> int:
+        return main(["replicate", "--serve", str(dest)])
+
+    ch = fork_local(str(tmp_path / "missing"), lambda: serve(tmp_path / "missing"))
+    ch.close()
+    assert ch.proc is not None
+    assert ch.proc.returncode == 1  # (as the command's: `replicate --serve` of it)
+    assert ch.err == f"btrdelta replicate: error: destination {tmp_path / 'missing'} is " \
+                     "not a directory"
+    (tmp_path / "d").mkdir()
+    ch = fork_local(str(tmp_path / "d"), lambda: serve(tmp_path / "d"))
+    assert ch.read(18).startswith(b"btrdelta-repl")  # (its HELLO)
+    assert ch.proc is not None
+    ch.proc.kill()
+    ch.close()
+    assert ch.proc.returncode == -9
+
+
 def test_tcp_without_keys_is_a_usage_error(tmp_path: Path) -> None:
     """`--listen` or a tcp:// DEST without the keys TLS needs, or without DEST, is a usage
     mistake (exit 2, one line naming what is missing), as argparse's own are; was exit 1."""

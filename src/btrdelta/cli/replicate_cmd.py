@@ -91,8 +91,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.source or not args.dest:
         raise UsageError("replicate needs SOURCE and DEST (or --serve/--listen)")
     # the receiver (a local child, ssh) starts while this side imports and sets up the send
-    # side: its start-up (a local one: an interpreter and its imports, ~0.1 s) is what the
-    # first byte waits for
+    # side: its start-up is what the first byte waits for (a local one is a fork of this
+    # process, which has imported the CLI and the protocol: no interpreter to start)
     ch, peer = _connect(args)
     try:
         keep_freed_memory()
@@ -191,7 +191,10 @@ def _connect(args: argparse.Namespace) -> tuple[Any, str]:
         sock = channels.connect_tcp(host, port, timeout=args.timeout)
         return channels.tls_client(sock, key, peer, dest), dest
     extra = ["--backend", args.backend] if args.backend != "auto" else []
-    return channels.spawn_local(dest, extra), dest
+    from . import main
+
+    argv = ["replicate", "--serve", *extra, dest]
+    return channels.fork_local(dest, lambda: main(argv), extra), dest
 
 
 def _serve(args: argparse.Namespace) -> int:

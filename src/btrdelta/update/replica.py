@@ -51,6 +51,7 @@ from queue import SimpleQueue
 from typing import Any
 from uuid import UUID, uuid4
 
+from .. import TYPE_CHECKING
 from .._value import Value
 from ..errors import (
     BtrdeltaError,
@@ -60,7 +61,7 @@ from ..errors import (
     UnsafePathError,
 )
 from ..fs.atomic import create_file, fsync_dir, pid_alive, write_atomic
-from ..fs.btrfs import delete_subvolume, subvol_info, syncfs
+from ..fs.btrfs import delete_subvolume, is_btrfs, subvol_info, syncfs
 from ..fs.remove import remove_path, remove_tree
 from ..fs.sandbox import check_name
 from ..protocol import (
@@ -77,13 +78,15 @@ from ..protocol import (
     Refuse,
 )
 from ..protocol.messages import spoken
-from ..receive import ReceivedSubvol, receive, uses_btrfs
-from ..receive.resume import ResumePoint
-from ..receive.subvolumes import PendingSubvol, Subvolumes
-from ..stream.reader import EOF, NEED_DATA, Event, StreamParser
 from ..stream.records import Clone, End, Snapshot, Subvol
 from .channels import Channel, MessageIO, PeerRefused
 from .inbox import Inbox, chain_next
+
+if TYPE_CHECKING:
+    from ..receive import ReceivedSubvol
+    from ..receive.resume import ResumePoint
+    from ..receive.subvolumes import PendingSubvol
+    from ..stream.reader import Event
 
 __all__ = ["LOCK_FILE", "PARTIAL_DIR", "STATE_FILE", "Replica", "ServeResult", "chain_next"]
 
@@ -191,6 +194,8 @@ class _Events:
 
     def __init__(self, inbox: Inbox, version: int, tmp: bytes,
                  acks: _Acks | None = None) -> None:
+        from ..stream.reader import StreamParser
+
         self.inbox, self.tmp, self.acks = inbox, tmp, acks
         self.parser = StreamParser(source="replication stream", may_modify_input=True)
         self.first = not version
@@ -198,6 +203,8 @@ class _Events:
             self.parser.begin(version)
 
     def _decoded(self) -> Iterator[list[Event]]:
+        from ..stream.reader import EOF, NEED_DATA
+
         parser, take = self.parser, self.inbox.take
         while True:
             batch = parser.take_batch()
@@ -352,12 +359,38 @@ class _Partial:
             names = {n for n in (tmp,) if n}
             names |= {n for n in os.listdir(self.dest) if _PARTIAL_TMP.fullmatch(n)}
         if names:
+            from ..receive.subvolumes import PendingSubvol, Subvolumes
+
             with Subvolumes(self.dest, backend=self.backend) as subvols:
                 for name in names:
                     if os.path.lexists(self.dest / name):
                         subvols.abort(PendingSubvol(b"", os.fsencode(name), self.dest / name,
                                                     UUID(int=0), 0, None, None))
         remove_path(self.path, ignore_errors=True)
+
+
+def _uses_btrfs(dest: Path, backend: str) -> bool:
+    """:func:`btrdelta.receive.uses_btrfs`; for ``"auto"`` (the usual case) without
+    importing the receive engine, which is imported while the sender plans, after the
+    HOLDINGS are out (:func:`_engine`)."""
+    if backend != "auto":
+        from ..receive import uses_btrfs
+
+        return uses_btrfs(dest, backend)
+    fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return is_btrfs(fd)
+    finally:
+        os.close(fd)
+
+
+def _engine() -> None:
+    """Import the receive engine (the stream's parser, the applier): a receiver sends its
+    HELLO and HOLDINGS first (the sender waits for them), then imports this while the
+    sender plans and makes the stream's first records."""
+    import btrdelta.receive.resume
+    import btrdelta.receive.subvolumes
+    import btrdelta.stream.reader  # noqa: F401
 
 
 def _encoded(state: dict[str, Any]) -> bytes:
@@ -382,7 +415,7 @@ class Replica:
         if not self.dest.is_dir():
             raise BtrdeltaError(f"destination {dest} is not a directory")
         self.backend = backend
-        self.btrfs = uses_btrfs(self.dest, backend)
+        self.btrfs = _uses_btrfs(self.dest, backend)
         self.state = self._load()
 
     # -- state ----------------------------------------------------------------------------
@@ -522,6 +555,7 @@ class Replica:
             self.state = self._load()  # (another process may have received since)
             holdings = self.holdings(io.conn.version)
             io.send(holdings)
+            _engine()
             msg = io.expect(Plan, Refuse)
             if isinstance(msg, Refuse):
                 return ServeResult("refused", f"{msg.code}: {msg.message}")
@@ -636,6 +670,8 @@ class Replica:
         """Apply the stream as it is read (a cut leaves the subvolume to a resume); the
         complete subvolume takes its final name only after the sender's COMMIT."""
 
+        from ..receive import receive
+
         def committed(pending: PendingSubvol) -> None:
             """Before the final name: END's segment acknowledged, then the COMMIT (size
             and chain checked) and the state naming its sendshot. A sender that refuses
@@ -667,6 +703,8 @@ class Replica:
         """Resume a transfer whose whole stream was applied and acknowledged (the cut came
         between END's ACK and the COMMIT): the next message must be the COMMIT (size and
         chain checked against the partial transfer's); then the state, the final name."""
+        from ..receive.subvolumes import Subvolumes
+
         pending = point.pending
         try:
             if events.inbox.take() is not None:
@@ -684,6 +722,9 @@ class Replica:
         temporary subvolume the last conversation left, after the records it applied), the
         resume point, the progress mapping and the partial transfer's meta (``complete``:
         the whole stream was applied and acknowledged)."""
+        from ..receive.resume import ResumePoint
+        from ..receive.subvolumes import Subvolumes
+
         version = io.conn.version
         doc = self._partial(version) if plan.kind == "resume" else None
         point: ResumePoint | None = None
