@@ -27,6 +27,7 @@ from btrdelta.stream.writer import StreamWriter
 from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs
 from btrdelta.tree import tree_sum
 from btrdelta.update.channels import MessageIO, PeerRefused, PipeChannel, spawn_local
+from btrdelta.update.outbox import Outbox
 from btrdelta.update.replica import Replica, chain_next
 from btrdelta.update.replicate import replicate
 from tests.conftest import require_btrfs, spy_fsync
@@ -209,9 +210,10 @@ def test_a_first_replication_scans_while_the_receiver_starts(
     assert subvols() == ["vol"]
 
 
-def test_the_cursor_names_a_new_session_before_its_first_byte(
+def test_the_cursor_names_a_new_session_before_its_first_checkpoint(
         fs2: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # written once the PLAN is out, while the receiver sets up, before the ACCEPT is read;
+    # written while the send sets up, the PLAN and the first DATA go out; before the first
+    # CHECKPOINT (nothing is acknowledged before the session is named);
     # a send that fails before its PLAN leaves no snapshot behind (no cursor names it)
     from btrdelta.update import replicate as rep
 
@@ -223,15 +225,15 @@ def test_the_cursor_names_a_new_session_before_its_first_byte(
     dest.mkdir()
     store = SendshotStore(tmp_path / "store")
     seen: list[str] = []
-    expect = MessageIO.expect
+    checkpoint = Outbox.checkpoint
 
-    def spy(io: MessageIO, *kinds: type) -> object:
-        if Accept in kinds:  # the PLAN is out; the cursor names the session already
+    def spy(out: Outbox, cp: Checkpoint) -> None:
+        if not seen:  # the first CHECKPOINT: the cursor names the session already
             inflight = next(iter(store.cursors().values())).get("inflight") or {}
             seen.append(str(inflight.get("session")))
-        return expect(io, *kinds)
+        checkpoint(out, cp)
 
-    monkeypatch.setattr(MessageIO, "expect", spy)
+    monkeypatch.setattr(Outbox, "checkpoint", spy)
 
     def subvols() -> list[str]:
         return [ln.split()[-1] for ln in _sh("btrfs", "subvolume", "list", snd).splitlines()]
@@ -250,6 +252,8 @@ def test_the_cursor_names_a_new_session_before_its_first_byte(
     ch.close()
     assert subvols() == ["vol"]  # the session's snapshot dropped: never named
     assert seen == []
+    # (the cursor, written while the send set up, taken back: no session in flight)
+    assert not any(c.get("inflight") for c in store.cursors().values())
     monkeypatch.setattr(rep, "send_with_sendshots", real)
     ch = spawn_local(str(dest))
     res = replicate(live, ch, store=store, segment=SEG)
