@@ -30,6 +30,7 @@ the snapshot behind: the next run of that source with that store deletes it
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -348,6 +349,8 @@ class _Early:
             snap = _session_snapshot(source, session, store)
         except (BtrdeltaError, OSError):
             return None
+        with contextlib.suppress(BtrdeltaError, OSError):
+            store.seed()  # (a full stream's, made now rather than after the HOLDINGS)
         return cls(snap, session) if snap is not None else None
 
     def adopt(self) -> ScanStream | None:
@@ -374,29 +377,36 @@ class _Naming:
     fails before its PLAN."""
 
     def __init__(self, write: Callable[[], None], undo: Callable[[], None]) -> None:
-        import threading
+        import _thread
 
         self._error: BaseException | None = None
         self.undo = undo  # the cursor as it was (the send failed before its PLAN)
+        # held until the cursor is written: a bare thread, not threading.Thread, whose
+        # start waits until the new thread runs (tens of ms on a loaded machine)
+        self._busy = _thread.allocate_lock()
+        self._busy.acquire()
 
         def run() -> None:
             try:
                 write()
             except BaseException as exc:  # raised again by wait()
                 self._error = exc
+            finally:
+                self._busy.release()
 
-        self._thread = threading.Thread(target=run, name="replicate-cursor", daemon=True)
-        self._thread.start()
+        _thread.start_new_thread(run, ())
 
     def wait(self) -> None:
         """Until the cursor is written (raises what writing it raised)."""
-        self._thread.join()
+        with self._busy:
+            pass
         if self._error is not None:
             raise self._error
 
     def done(self) -> bool:
         """Whether the cursor was written (waits for the thread; never raises)."""
-        self._thread.join()
+        with self._busy:
+            pass
         return self._error is None
 
 
@@ -502,6 +512,8 @@ class _Sender:
         # before its CHECKPOINT (a sender killed before it leaves no acknowledged segment
         # to resume from; the next run sends again, the receiver drops the transfer no
         # cursor names)
+        if choice.base is None:
+            self.store.seed()  # (made before the cursor's thread holds the store's lock)
         naming = _Naming(
             lambda: self.store.set_cursor(self.rid, cursor.get("digest"), inflight=flight),
             lambda: self.store.set_cursor(self.rid, cursor.get("digest"), **{
@@ -525,6 +537,8 @@ class _Sender:
                 on_stream=wire.on_stream, source_name=self.source, scanned=scanned)
             wire.end_segment()
             wire.finish()
+            if naming is not None and not wire.named:  # (a stream with no segment)
+                naming.wait()
         except _Diverged:
             wire.finish()
             io.send(Refuse("diverged", "the stream made again differs from the one "
