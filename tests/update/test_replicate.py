@@ -265,6 +265,37 @@ def test_the_cursor_names_a_new_session_before_its_first_checkpoint(
     assert tree_sum(_newest(dest)) == tree_sum(live)
 
 
+def test_the_first_data_messages_are_small_then_double(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stream's header and first records go out at once (64 KiB), not after the first
+    ~1 MiB was made: the receiver starts on them while the sender reads the next files; the
+    messages then double up to the full size. Records are never split."""
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(7)
+    for i in range(900):
+        (src / f"f{i:03}").write_bytes(rng.randbytes(3000))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    sizes: list[int] = []
+    data = Outbox.data
+
+    def spy(out: Outbox, offset: int, pieces: list[bytes]) -> None:
+        sizes.append(sum(len(p) for p in pieces))
+        data(out, offset, pieces)
+
+    monkeypatch.setattr(Outbox, "data", spy)
+    ch = spawn_local(str(dest))
+    res = replicate(src, ch, store=SendshotStore(tmp_path / "store"), segment=8 << 20)
+    ch.close()
+    assert res.outcome == "committed", res
+    assert sizes[0] < (64 << 10) + 4096  # (at most a record past 64 KiB)
+    assert sizes[1] < (128 << 10) + 4096
+    assert sizes[2] < (256 << 10) + 4096
+    assert max(sizes) > 512 << 10
+    assert tree_sum(_newest(dest)) == tree_sum(src)
+
+
 def test_already_current_and_refusals(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()

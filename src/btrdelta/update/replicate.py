@@ -103,6 +103,10 @@ _SMALL = 64 << 10
 #: message by more than a record (messages end at record boundaries), else 1 MiB
 _GROUP_V3 = (1 << 20) - (192 << 10)
 _GROUP = 1 << 20
+#: the first DATA message's: the stream's header and first records go out at once (the
+#: receiver makes the subvolume while the sender reads the first files), then twice as
+#: many bytes a message up to the size above
+_FIRST_GROUP = 64 << 10
 
 
 def _owned(piece: Any) -> Any:
@@ -144,7 +148,11 @@ class _Wire:
         self.size = flight.get("segment") or self.window
         self.version = self.io.conn.version
         self.limit = max_data(self.version)
-        self.group = _GROUP_V3 if self.version >= 3 else _GROUP
+        #: bytes gathered before a DATA message: the first ones small (the receiver starts
+        #: on the header and the first records while the next are made), doubling up to
+        #: the full size
+        self.full = _GROUP_V3 if self.version >= 3 else _GROUP
+        self.group = _FIRST_GROUP
         self.plan: Plan | None = None
         self._pieces: list[Any] = []
         self._small = bytearray()
@@ -212,6 +220,8 @@ class _Wire:
             self._small = bytearray()
         pieces, size = self._pieces, self._group
         self._pieces, self._group = [], 0
+        if self.group < self.full:
+            self.group = min(self.group * 2, self.full)
         h = self._hash
         for piece in pieces:
             h.update(piece)
