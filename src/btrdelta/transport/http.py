@@ -302,13 +302,7 @@ class RangeFetcher:
         cfg = self.config
         try:
             with contextlib.ExitStack() as stack:
-                with deadline(cfg.timeout, cfg.deadline_speed):
-                    resp = stack.enter_context(self.client.stream("GET", self.url))
-                if resp.status_code in _RETRY_STATUS:
-                    raise _Retry(f"HTTP {resp.status_code}")
-                if resp.status_code != 200:
-                    raise TransportError(f"HTTP {resp.status_code}", url=self.url,
-                                         status=resp.status_code)
+                resp = self._whole(stack)
                 for block in _paced(resp, cfg):
                     if limit is not None and n + len(block) > limit:
                         raise _Oversize(f"longer than the {limit} bytes expected; cut off",
@@ -323,6 +317,20 @@ class RangeFetcher:
             raise _classify(exc, self) from exc
         finally:
             self._count(received=n)
+
+    def _whole(self, stack: contextlib.ExitStack[bool | None],
+               headers: dict[str, str] | None = None) -> httpx.Response:
+        """A GET of the whole resource, open in ``stack``: its response once it is a 200
+        (a status worth a retry raises :class:`_Retry`, any other :class:`TransportError`)."""
+        cfg = self.config
+        with deadline(cfg.timeout, cfg.deadline_speed):
+            resp = stack.enter_context(self.client.stream("GET", self.url, headers=headers))
+        if resp.status_code in _RETRY_STATUS:
+            raise _Retry(f"HTTP {resp.status_code}")
+        if resp.status_code != 200:
+            raise TransportError(f"HTTP {resp.status_code}", url=self.url,
+                                 status=resp.status_code)
+        return resp
 
     def stream_spans(
         self, spans: Sequence[Span], on_span: Callable[[Span, memoryview], None]
@@ -354,14 +362,7 @@ class RangeFetcher:
         i, pos, buf = done[0], 0, bytearray()
         try:
             with contextlib.ExitStack() as stack:
-                with deadline(cfg.timeout, cfg.deadline_speed):
-                    resp = stack.enter_context(self.client.stream(
-                        "GET", self.url, headers={"Accept-Encoding": "identity"}))
-                if resp.status_code in _RETRY_STATUS:
-                    raise _Retry(f"HTTP {resp.status_code}")
-                if resp.status_code != 200:
-                    raise TransportError(f"HTTP {resp.status_code}", url=self.url,
-                                         status=resp.status_code)
+                resp = self._whole(stack, {"Accept-Encoding": "identity"})
                 for block in _paced(resp, cfg):
                     if self._cancel.is_set():
                         raise TransportError("cancelled", url=self.url)
