@@ -334,3 +334,69 @@ def test_receive_delta_keeps_zeros_written_where_the_old_file_had_a_hole(tmp_pat
         assert proc.returncode == 0, proc.stderr.decode()
         assert (tree_sum(ours / "B", holes=True, ignore_root_mtime=True)
                 == tree_sum(kernel / "B", holes=True, ignore_root_mtime=True))
+
+
+def _rchar() -> int:
+    """Bytes this process (all its threads) has read through read-like system calls."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")  # pragma: no cover
+
+
+def test_the_holes_of_a_sparse_old_file_are_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A sparse old file (scenario trailing-hole-303, larger, plus one with a few data
+    extents): ``delta make`` and ``delta expand`` read its data, not its holes
+    (SEEK_DATA/SEEK_HOLE), and the delta is byte for byte the one made when the old file
+    is read whole, and expands to the kernel's stream."""
+    from btrdelta.delta import oldfiles
+    from btrdelta.fs import copy as fs_copy
+    from tests.conftest import btrfs_loop
+
+    mib = 1 << 20
+    with btrfs_loop("512M") as mnt:
+        vol = mnt / "vol"
+        subprocess.run(["btrfs", "-q", "subvolume", "create", str(vol)], check=True)
+        with open(vol / "holes", "wb") as f:
+            f.truncate(96 * mib)
+        with open(vol / "some", "wb") as f:
+            f.truncate(96 * mib)
+            f.seek(3 * mib)
+            f.write(os.urandom(mib))
+            f.seek(70 * mib)
+            f.write(b"\xab" * mib)
+        old, new = mnt / "old", mnt / "new"
+        subprocess.run(["btrfs", "-q", "subvolume", "snapshot", "-r", str(vol), str(old)],
+                       check=True)
+        for name in ("holes", "some"):
+            with open(vol / name, "r+b") as f:
+                f.seek(0)
+                f.write(b"\xcd" * 65536)
+                f.seek(48 * mib)
+                f.write(b"\xef" * 65536)
+        subprocess.run(["btrfs", "-q", "subvolume", "snapshot", "-r", str(vol), str(new)],
+                       check=True)
+        stream = tmp_path / "inc.stream"
+        send(new, stream, parent=old)
+
+        for name, data_size in ((b"holes", 0), (b"some", 2 * mib)):
+            whole = (old / name.decode()).read_bytes()
+            for read in (oldfiles.read_old_file, oldfiles.map_old_file):
+                before = _rchar()
+                got = read(old, name)
+                assert _rchar() - before <= data_size + 4096
+                assert type(got) is bytes
+                assert got == whole
+
+        before = _rchar()
+        delta, _ = make(stream, old)
+        sparse_reads = _rchar() - before
+        before = _rchar()
+        assert expand(delta, old) == stream.read_bytes()
+        assert _rchar() - before < 8 * mib  # (both files patched: 192 MiB of old content)
+        monkeypatch.setattr(fs_copy, "data_segments", lambda fd, size: [(0, size)])
+        before = _rchar()
+        assert make(stream, old)[0] == delta
+        assert _rchar() - before > sparse_reads + 150 * mib  # (the holes read this time)
