@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from ._common import add_json, examples, human_bytes
-from .progress import Progress, add_progress_options, progress_wanted
+from .progress import Progress, add_progress_options, add_quiet_option, progress_wanted
 
 _FS_HELP = ("the device's btrfs: where its top-level subvolume is mounted (subvolid=5), or "
             "a block device or image file (mounted privately for the command)")
@@ -70,11 +70,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         m.add_argument("--slot", choices=("a", "b", "factory"),
                        help="the root (default: the booted one)")
         m.add_argument("--json", action="store_true", help="print the new status as JSON")
+        add_quiet_option(m)
         m.set_defaults(func=run_verdict, verdict=name)
     r = dsub.add_parser("rollback", help="cancel a pending trial, or make the previous good "
                         "root the default", epilog=examples("btrdelta device rollback /mnt/top"))
     r.add_argument("fs", metavar="FS", help=_FS_HELP)
     r.add_argument("--json", action="store_true", help="print the new status as JSON")
+    add_quiet_option(r)
     r.set_defaults(func=run_rollback)
     _add_overlay(dsub)
     _add_reset_backup(dsub)
@@ -95,6 +97,7 @@ def _add_overlay(dsub: Any) -> None:
     m.add_argument("--root", choices=("a", "b", "factory"), help="the root to mount")
     m.add_argument("--no-state", action="store_true", help="the root alone, no state")
     add_json(m, "the root and the mounts made")
+    add_quiet_option(m)
     m.set_defaults(func=run_mount)
     d = dsub.add_parser(
         "diff", help="what the overlay state subvolumes change in the root",
@@ -123,6 +126,7 @@ def _add_reset_backup(dsub: Any) -> None:
     f.add_argument("--to", choices=("factory", "last-good"), default="factory",
                    help="the root selected (default: the factory base)")
     f.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_quiet_option(f)
     f.set_defaults(func=run_reset)
     b = dsub.add_parser(
         "backup", help="back up a state subvolume as (incremental, delta) send streams",
@@ -137,6 +141,7 @@ def _add_reset_backup(dsub: Any) -> None:
     b.add_argument("dest", metavar="DEST", help="directory or http(s) URL")
     b.add_argument("--full", action="store_true", help="a whole stream, not incremental")
     b.add_argument("--json", action="store_true", help="print the index entry as JSON")
+    add_quiet_option(b)
     b.set_defaults(func=run_backup)
     r = dsub.add_parser(
         "restore", help="restore a state subvolume (or any directory) from its backups",
@@ -154,6 +159,7 @@ def _add_reset_backup(dsub: Any) -> None:
     r.add_argument("--to-dir", action="store_true",
                    help="FS is a plain directory: receive the tree below it")
     add_json(r, "what was restored")
+    add_quiet_option(r)
     r.set_defaults(func=run_restore)
 
 
@@ -326,9 +332,10 @@ def run_verdict(args: argparse.Namespace) -> int:
 
     fn = mark_good if args.verdict == "mark-good" else mark_bad
     st = fn(args.fs, slot=args.slot)
-    if not args.json:
+    if not args.json and not args.quiet:
         print(_what_was_done(st))
-    _print_status(st, args.json)
+    if args.json or not args.quiet:
+        _print_status(st, args.json)
     return 0
 
 
@@ -337,9 +344,10 @@ def run_rollback(args: argparse.Namespace) -> int:
     from ..device import rollback
 
     st = rollback(args.fs)
-    if not args.json:
+    if not args.json and not args.quiet:
         print(_what_was_done(st))
-    _print_status(st, args.json)
+    if args.json or not args.quiet:
+        _print_status(st, args.json)
     return 0
 
 
@@ -376,9 +384,10 @@ def run_mount(args: argparse.Namespace) -> int:
         print(json.dumps({"root": res["root"], "target": args.target,
                           "mounts": [{"mode": m, "path": p} for m, p in mounts]}))
         return 0
-    print(f"mounted root {res['root']} on {args.target}"
-          + "".join(f"; {mode} {path}" for mode, path in mounts)
-          + f" (undo: umount -R {shlex.quote(args.target)})")
+    if not args.quiet:
+        print(f"mounted root {res['root']} on {args.target}"
+              + "".join(f"; {mode} {path}" for mode, path in mounts)
+              + f" (undo: umount -R {shlex.quote(args.target)})")
     return 0
 
 
@@ -398,7 +407,7 @@ def run_reset(args: argparse.Namespace) -> int:
     res = factory_reset(args.fs, keep=args.keep, to=args.to)
     if args.json:
         print(json.dumps(res, indent=1))
-    else:
+    elif not args.quiet:
         print(f"factory reset: root {res['root']}; reset {', '.join(res['reset']) or '-'}; "
               f"kept {', '.join(res['kept']) or '-'}; reboot now")
     return 0
@@ -411,7 +420,7 @@ def run_backup(args: argparse.Namespace) -> int:
     entry = backup(args.fs, args.subvol, args.dest, full=args.full)
     if args.json:
         print(json.dumps(entry, indent=1))
-    else:
+    elif not args.quiet:
         kind = "whole" if entry["parent"] is None else f"delta from backup {entry['parent']}"
         print(f"backup {entry['n']} of {args.subvol}: {entry['file']} ({kind}, "
               f"{human_bytes(entry['bytes'])})")
@@ -426,12 +435,12 @@ def run_restore(args: argparse.Namespace) -> int:
         got = restore_to_dir(args.src, args.subvol, args.fs, upto=args.upto)
         if args.json:
             print(json.dumps({"subvol": args.subvol, "path": str(got), "tree_sum": None}))
-        else:
+        elif not args.quiet:
             print(f"restored {args.subvol} to {got}")
         return 0
     res = restore(args.fs, args.subvol, args.src, upto=args.upto, as_name=args.as_name)
     if args.json:
         print(json.dumps({"subvol": res["subvol"], "path": None, "tree_sum": res["tree_sum"]}))
-    else:
+    elif not args.quiet:
         print(f"restored state/{res['subvol']} (tree-sum {res['tree_sum']})")
     return 0

@@ -36,7 +36,7 @@ from ._common import (
     set_missing_hint,
 )
 from .http_options import add_http_options, http_config
-from .progress import Progress, add_progress_options, progress_wanted
+from .progress import Progress, add_progress_options, add_quiet_option, progress_wanted
 
 _FORMATS = ("Formats: docs/formats/chunk-archive.md, chunk-store.md, casync.md. Archives are "
             "named *.bdar (the old *.cba names work too: readers go by content).")
@@ -75,6 +75,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     m.add_argument("target", metavar="STORE/NAME", help="chunk store directory and image name")
     m.add_argument("mountpoint", metavar="MOUNTPOINT",
                    help="a directory; the image shows in it as MOUNTPOINT/NAME")
+    add_quiet_option(m)
     m.set_defaults(func=run_mount)
     n = isub.add_parser("nbd", help="serve an image in the store over NBD (read-only)")
     n.add_argument("target", metavar="STORE/NAME", help="chunk store directory and image name")
@@ -87,6 +88,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="also require a client certificate signed by this CA")
     n.epilog = examples("btrdelta image nbd /var/lib/images/v2 --listen unix:/run/v2.sock &",
                         "nbdinfo --map 'nbd+unix:///v2?socket=/run/v2.sock'")
+    add_quiet_option(n)
     n.set_defaults(func=run_nbd)
     i = isub.add_parser("info", help="what an archive, description or casync index holds",
                         epilog=examples("btrdelta image info http://server/rootfs-v2.bdar",
@@ -108,6 +110,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     g.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="wait this long for a clone or verify holding the store to finish")
     add_json(g, "the report")
+    add_quiet_option(g)
     g.set_defaults(func=run_gc)
 
 
@@ -205,6 +208,7 @@ def _add_verify(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     v.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="wait this long for the store's lock")
     add_json(v, "the report (also when it fails)")
+    add_quiet_option(v)
     add_http_options(v)
     v.set_defaults(func=run_verify)
 
@@ -354,12 +358,14 @@ def run_mount(args: argparse.Namespace) -> int:
     where = f"{args.mountpoint.rstrip('/') or '/'}/{name}".replace('//', '/')
 
     def mounted(size: int) -> None:  # a foreground command that says nothing looks hung
-        print(f"mounted {name} ({human_bytes(size)}, read-only) as {where}; "
-              f"umount {args.mountpoint} to end", file=sys.stderr, flush=True)
+        if not args.quiet:
+            print(f"mounted {name} ({human_bytes(size)}, read-only) as {where}; "
+                  f"umount {args.mountpoint} to end", file=sys.stderr, flush=True)
 
     with default_signals():  # libfuse's handlers: a clean unmount on SIGTERM/SIGHUP too
         mount_image(ChunkStore(store_dir), name, args.mountpoint, mounted=mounted)
-    print(f"unmounted {args.mountpoint}", file=sys.stderr, flush=True)
+    if not args.quiet:
+        print(f"unmounted {args.mountpoint}", file=sys.stderr, flush=True)
     return 0
 
 
@@ -379,8 +385,9 @@ def run_nbd(args: argparse.Namespace) -> int:
         raise
     thread = threading.Thread(target=server.serve_forever, name="nbd", daemon=True)
     thread.start()
-    print(f"serving {name} ({human_bytes(reader.size)}) on {server.uri}", file=sys.stderr,
-          flush=True)
+    if not args.quiet:
+        print(f"serving {name} ({human_bytes(reader.size)}) on {server.uri}",
+              file=sys.stderr, flush=True)
     try:
         _wait_for_signal()
     finally:
@@ -388,7 +395,8 @@ def run_nbd(args: argparse.Namespace) -> int:
         thread.join()
         server.server_close()
         reader.close()
-    print(f"stopped: {human_bytes(server.bytes_read)} read", file=sys.stderr, flush=True)
+    if not args.quiet:
+        print(f"stopped: {human_bytes(server.bytes_read)} read", file=sys.stderr, flush=True)
     return 0
 
 
@@ -429,7 +437,7 @@ def run_verify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(_verify_json(report, fix)))
     if report.ok:
-        if not args.json:
+        if not args.json and not args.quiet:
             fixed = f", {fix.repaired} chunk(s) repaired from {fix.source}" if fix else ""
             print(f"{args.target}: OK, {report.chunks} chunks{fixed}")
         return 0
@@ -472,6 +480,8 @@ def run_gc(args: argparse.Namespace) -> int:
         print(json.dumps({"removed": report.removed, "removed_bytes": report.removed_bytes,
                           "kept": report.kept, "damaged": report.damaged,
                           "leftovers": report.leftovers, "dry_run": args.dry_run}))
+        return 0
+    if args.quiet:
         return 0
     verb = "would remove" if args.dry_run else "removed"
     damaged = f" ({report.damaged} damaged)" if report.damaged else ""

@@ -8,6 +8,7 @@ import sys
 
 from ..trust import generate_key, key_id, load_public_key, public_key_text, save_key_pair
 from ._common import examples
+from .progress import add_quiet_option
 
 _EPILOG = """\
 examples:
@@ -52,6 +53,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     g.add_argument("-o", "--output", required=True, metavar="NAME",
                    help="write NAME.key and NAME.pub")
     g.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_quiet_option(g)
     g.set_defaults(func=run_generate)
     s = ksub.add_parser(
         "show", help="print a key's ID and its public key",
@@ -74,7 +76,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"key_id": kid, "private_key": private, "public_key": public,
                           "public_key_base64": public_key_text(key)}))
-    else:
+    elif not args.quiet:
         print(f"key {kid}")
         print(f"private: {private} (keep it secret)")
         print(f"public:  {public}")

@@ -22,17 +22,23 @@ from .. import TYPE_CHECKING
 if TYPE_CHECKING:
     from typing import Any, TextIO
 
-__all__ = ["Progress", "add_progress_options", "progress_wanted"]
+__all__ = ["Progress", "add_progress_options", "add_quiet_option", "progress_wanted"]
 
 #: seconds between plain lines when standard error is not a terminal
 _PLAIN_EVERY = 5.0
 
 
+def add_quiet_option(parser: argparse.ArgumentParser) -> None:
+    """``-q/--quiet``, spelled the same in every command that says what it did: the command
+    then prints nothing but errors (on standard error) and what ``--json`` asks for."""
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="print nothing but errors (no progress, no summary)")
+
+
 def add_progress_options(parser: argparse.ArgumentParser, *, verbose: bool = False) -> None:
     """``-q/--quiet`` and ``--progress`` (and ``-v/--verbose`` when the command has more
     to say), spelled the same in every command."""
-    parser.add_argument("-q", "--quiet", action="store_true",
-                        help="print nothing but errors (no progress, no summary)")
+    add_quiet_option(parser)
     parser.add_argument("--progress", action="store_true",
                         help="show progress even when standard error is not a terminal "
                              "(plain lines, no escape codes)")

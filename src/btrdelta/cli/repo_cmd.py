@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import BtrdeltaError, UsageError
 from ._common import add_jobs, add_json, check_location, examples, human_bytes, parse_size
-from .progress import Progress, add_progress_options, progress_wanted
+from .progress import Progress, add_progress_options, add_quiet_option, progress_wanted
 
 _EPILOG = """\
 examples:
@@ -64,6 +64,7 @@ def _add_init(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="average chunk size of fulls (default 64K)")
     i.add_argument("--level", type=int, default=12, help="zstd level of chunks (default 12)")
     add_json(i, "the repository made")
+    add_quiet_option(i)
     i.set_defaults(func=run_init)
 
 
@@ -98,6 +99,7 @@ def _add_run_job(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     j.add_argument("--work", metavar="DIR", help="scratch directory (default: $TMPDIR)")
     add_jobs(j, None, "diff threads (default: CPUs)")
     add_json(j, "the delta written")
+    add_quiet_option(j)
     j.set_defaults(func=run_job)
 
 
@@ -120,6 +122,7 @@ def _add_sign(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     s.add_argument("--index-expires", default="365d", metavar="AGE", type=parse_age,
                    help="index lifetime (default 365d)")
     add_json(s, "what is signed now")
+    add_quiet_option(s)
     s.set_defaults(func=run_sign)
 
 
@@ -150,6 +153,7 @@ def _add_gc(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "behind still serves a whole state)")
     g.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     add_json(g, "the report")
+    add_quiet_option(g)
     g.set_defaults(func=run_gc)
 
 
@@ -174,7 +178,7 @@ def run_init(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"repo": str(repo.root), "avg_chunk": args.avg_chunk,
                           "level": args.level}))
-    else:
+    elif not args.quiet:
         print(f"initialized empty repository {args.repo}")
     return 0
 
@@ -239,7 +243,7 @@ def run_job(args: argparse.Namespace) -> int:
     out = run_job_file(args.job, work=args.work, jobs=args.jobs)
     if args.json:
         print(json.dumps({"job": args.job, "output": str(out), "bytes": out.stat().st_size}))
-    else:
+    elif not args.quiet:
         print(f"wrote {out}")
     return 0
 
@@ -255,7 +259,7 @@ def run_sign(args: argparse.Namespace) -> int:
                     previous_key=args.previous_key)
     if args.json:
         print(json.dumps(res))
-    else:
+    elif not args.quiet:
         print(f"index version {res['index_version']} ({res['versions']} versions), timestamp "
               f"version {res['timestamp_version']} expires {res['timestamp_expires']}, root "
               f"version {res['root_version']}")
@@ -286,7 +290,7 @@ def run_gc(args: argparse.Namespace) -> int:
     report = collect_garbage(args.repo, keep_indexes=args.keep_indexes, dry_run=args.dry_run)
     if args.json:
         print(json.dumps(report.to_json(), indent=1))
-    else:
+    elif not args.quiet:
         verb = "would remove" if args.dry_run else "removed"
         print(f"{verb} {len(report.removed)} files ({human_bytes(report.bytes)}); kept "
               f"indexes {', '.join(map(str, report.kept_indexes)) or '-'}")

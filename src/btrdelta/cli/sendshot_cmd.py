@@ -11,6 +11,7 @@ from typing import Any
 from ..errors import BtrdeltaError
 from ..send.store import DEFAULT_STORE, SendshotStore, StoredSendshot, parse_grid
 from ._common import examples, human_bytes
+from .progress import add_quiet_option
 
 _EPILOG = """\
 examples:
@@ -57,6 +58,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                         help="digests or unique prefixes (sendshot list shows them)")
     delete.add_argument("--force", action="store_true",
                         help="also a record a receiver's cursor names")
+    add_quiet_option(delete)
     prune = cmds.add_parser("prune", help="delete what a retention rule does not keep "
                                           "(never what a receiver needs, never the newest)",
                             description="Delete the records a retention rule does not keep "
@@ -70,6 +72,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     prune.add_argument("--grid", metavar="GRID",
                        help="keep the newest in each interval: e.g. 1h:24,1d:7,1w:4")
     prune.add_argument("-n", "--dry-run", action="store_true", help="only say what would go")
+    add_quiet_option(prune)
     create = cmds.add_parser("create", help="record a tree a receiver already holds "
                                             "(a received subvolume, a kernel-sent snapshot)",
                              epilog=examples("btrdelta sendshot create /mnt/recv/data.20240101 "
@@ -83,6 +86,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     create.add_argument("--source", metavar="SOURCE",
                         help="the sender's source this is a copy of (e.g. PATH is the "
                              "receiver's copy): `send SOURCE --from-sendshot latest` finds it")
+    add_quiet_option(create)
     p.set_defaults(func=run)
 
 
@@ -153,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
             s = store.resolve(ident)
             store.delete(s.digest, force=args.force)
             done.append(s.digest)
-            if not args.json:
+            if not args.json and not args.quiet:
                 print("deleted " + _line(s))
         out = {"deleted": done}
     elif args.action == "prune":
@@ -164,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         stale = store.leftovers(remove=not args.dry_run)
         out = {"deleted": [s.digest for s in gone], "dry_run": args.dry_run,
                "leftovers": stale}
-        if not args.json:
+        if not args.json and not args.quiet:
             for s in gone:
                 print(("would delete " if args.dry_run else "deleted ") + _line(s))
             for p in stale:
@@ -182,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
         s = adopt(store, args.path, uuid=uuid, ctransid=args.ctransid,
                   name=os.fsencode(args.name) if args.name else None, source=args.source)
         out = s.to_json()
-        if not args.json:
+        if not args.json and not args.quiet:
             print(s.digest)
     if args.json:
         print(json.dumps(out))

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from ._common import add_input, add_json, examples, input_name, open_input
+from .progress import add_quiet_option
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -30,6 +31,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("-o", "--signature", metavar="SIG",
                    help="write the signature to SIG (default FILE.sig; needed for stdin)")
     add_json(p, "the signature's fields")
+    add_quiet_option(p)
     p.set_defaults(func=run)
 
 
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     write_signature(sig, sig_path)
     if args.json:
         print(json.dumps({"signature_file": sig_path, "kind": info.kind, **sig.to_json()}))
-    else:
+    elif not args.quiet:
         print(f"{sig_path}: {info.kind} signed by key {sig.key_id[:16]}, content "
               f"{info.content}")
     return 0
