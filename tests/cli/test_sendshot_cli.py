@@ -281,3 +281,23 @@ def test_a_new_user_s_first_sendshot(tmp_path: Path,
     capsys.readouterr()
     assert main(["sendshot", *st, "list"]) == 0
     assert capsys.readouterr().out.startswith("1 sendshot, ")
+
+
+def test_create_says_what_it_made(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``sendshot create`` says what it recorded as ``list`` shows a record (id, source,
+    size) and what a receiver must hold (was: only the record's digest)."""
+    tree, src = tmp_path / "copy", tmp_path / "src"
+    tree.mkdir()
+    (tree / "f").write_bytes(b"x" * 5000)
+    st = ["sendshot", "--store", str(tmp_path / "store")]
+    capsys.readouterr()
+    assert main([*st, "create", str(tree), "--source", str(src)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert main([*st, "--json", "list"]) == 0
+    (shot,) = checked("sendshot list", json.loads(capsys.readouterr().out))
+    assert len(out) == 2, out
+    assert out[0].startswith(f"recorded {shot['id'][:16]}  ")
+    assert f"  {src}  {shot['stream_uuid']}  {shot['bytes']} B" in out[0]
+    assert out[1] == (f"  a receiver holding {shot['stream_uuid']} (ctransid "
+                      f"{shot['stream_ctransid']}) takes `btrdelta send {src} "
+                      f"--from-sendshot {shot['id'][:16]}`")

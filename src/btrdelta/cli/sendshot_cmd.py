@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import time
 from typing import Any
 
@@ -175,19 +176,29 @@ def run(args: argparse.Namespace) -> int:
                 print(("would delete " if args.dry_run else "deleted ")
                       + f"leftover temporary file {p}")
     else:
-        from uuid import UUID
-
-        from ..send.sendshot import adopt
-
-        try:
-            uuid = UUID(args.uuid) if args.uuid else None
-        except ValueError as exc:
-            raise BtrdeltaError(f"--uuid: not a UUID: {args.uuid!r}") from exc
-        s = adopt(store, args.path, uuid=uuid, ctransid=args.ctransid,
-                  name=os.fsencode(args.name) if args.name else None, source=args.source)
-        out = s.to_json()
-        if not args.json and not args.quiet:
-            print(s.digest)
+        out = _create(store, args)
     if args.json:
         print(json.dumps(out))
     return 0
+
+
+def _create(store: SendshotStore, args: argparse.Namespace) -> dict[str, Any]:
+    """``sendshot create``: the record made, said as ``list`` shows one."""
+    from uuid import UUID
+
+    from ..send.sendshot import adopt
+
+    try:
+        uuid = UUID(args.uuid) if args.uuid else None
+    except ValueError as exc:
+        raise BtrdeltaError(f"--uuid: not a UUID: {args.uuid!r}") from exc
+    s = adopt(store, args.path, uuid=uuid, ctransid=args.ctransid,
+              name=os.fsencode(args.name) if args.name else None, source=args.source)
+    if not args.json and not args.quiet:
+        # what it made, as `list` shows a record, and what a receiver must hold
+        source = os.fsdecode(s.head.source)
+        print("recorded " + _line(s))
+        print(f"  a receiver holding {s.head.stream_uuid} (ctransid "
+              f"{s.head.stream_ctransid}) takes `btrdelta send {shlex.quote(source)} "
+              f"--from-sendshot {s.digest[:16]}`")
+    return s.to_json()
