@@ -3,6 +3,7 @@ one line naming what was meant, exit 2, nothing written."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,41 @@ def test_dest_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert main(["update", "http://127.0.0.1:9/app", str(afile)]) == 2
     assert f"DEST {afile} is not a directory: DEST holds versions as DEST/VERSION" \
         in _err(capsys)
+
+
+def _signed_repo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    """A repository of one version, signed with ``tmp_path/root.key``."""
+    tree, repo = tmp_path / "tree", tmp_path / "repo"
+    tree.mkdir()
+    (tree / "f").write_bytes(b"x" * 1000)
+    assert main(["key", "generate", "-o", str(tmp_path / "root"), "-q"]) == 0
+    assert main(["repo", "init", str(repo), "-q"]) == 0
+    assert main(["repo", "add", str(repo), "v1", str(tree), "-q"]) == 0
+    assert main(["repo", "sign", str(repo), "--key", str(tmp_path / "root.key"), "-q"]) == 0
+    capsys.readouterr()
+    return repo
+
+
+def test_every_mirror_failed_names_the_file_once(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: 'timestamp.json: every mirror failed: REPO: timestamp.json: content differs
+    ...', the file named again for each mirror."""
+    repo = _signed_repo(tmp_path, capsys)
+    ts = repo / "timestamp.json"
+    doc = json.loads(ts.read_text())
+    doc["signed"]["version"] += 1  # tampered: the signature no longer covers it
+    ts.write_text(json.dumps(doc))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    key = ["--key", str(tmp_path / "root.pub"), "--dry-run"]
+    assert main(["update", str(repo), str(tmp_path / "d"), *key]) == 5
+    err = _err(capsys)
+    assert err.startswith(f"btrdelta update: error: timestamp.json: every mirror failed: "
+                          f"{repo}: content differs from what key "), err
+    assert err.count("timestamp.json") == 1, err
+    assert main(["update", str(empty), str(tmp_path / "d"), *key, "--mirror", str(repo)]) == 5
+    err = _err(capsys)
+    assert f"timestamp.json: every mirror failed: {empty}: No such file or directory: no " \
+           f"signed repository here" in err
+    assert f"; {repo}: content differs" in err
+    assert err.count("timestamp.json:") == 1, err

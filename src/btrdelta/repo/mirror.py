@@ -144,16 +144,20 @@ class Mirrors:
         """
         problems: list[str] = []
         wrong = None
+
+        def failed(url: str, why: str) -> None:  # the file is named once, first
+            problems.append(f"{url}: {why.removeprefix(f'{path}: ')}")
+
         for url in self.order():
             try:
                 result = attempt(url)
             except (ChecksumError, StreamFormatError, _WrongBytes) as exc:
                 wrong = wrong or exc
-                problems.append(f"{url}: {exc}")
+                failed(url, str(exc))
             except TransportError as exc:
-                problems.append(f"{url}: {exc.message}")
+                failed(url, exc.message)
             except httpx.HTTPError as exc:
-                problems.append(f"{url}: {type(exc).__name__}: {exc}")
+                failed(url, f"{type(exc).__name__}: {exc}")
             else:
                 # it serves: first again (a file no mirror has, such as the next root of
                 # a chain that did not rotate, marks every one failed)
@@ -167,7 +171,8 @@ class Mirrors:
             raise type(wrong)(text, source=path)
         if wrong is not None:
             raise ChecksumError(text, source=path)
-        raise TransportError(text, url=path)
+        # the path first even when a reason names it again (`repo sign` writes timestamp.json)
+        raise TransportError(f"{path}: {text}", url=path)
 
     # -- whole small files -------------------------------------------------------------
 
