@@ -154,3 +154,26 @@ def test_every_mirror_failed_names_the_file_once(
            f"signed repository here" in err
     assert f"; {repo}: content differs" in err
     assert err.count("timestamp.json:") == 1, err
+
+
+def test_a_missing_directory_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local path that is not there (and does not read as host/path) is 'no such
+    directory' (was: 'No such file or directory: no signed repository here' for update,
+    'not a repository (no .btrdelta/catalog.json ...' for repo ls); a mirror that is missing
+    is still skipped for the next one."""
+    monkeypatch.chdir(tmp_path)
+    repo = _signed_repo(tmp_path, capsys)
+    (tmp_path / "file").write_bytes(b"x")
+    key = ["--key", str(tmp_path / "root.pub"), "--dry-run"]
+    for where, why in (("nowhere", "no such directory"), (str(tmp_path / "gone"),
+                                                          "no such directory"),
+                       ("file", "not a directory")):
+        assert main(["update", where, "D", *key]) == 7
+        assert _err(capsys) == (f"btrdelta update: error: timestamp.json: every mirror "
+                                f"failed: {where}: {why}\n")
+        assert main(["repo", "ls", where]) == 1
+        assert _err(capsys) == f"btrdelta repo ls: error: path {where!r}: {why}\n"
+    assert main(["update", "nowhere", "D", *key, "--mirror", str(repo)]) == 0
+    assert "plan: from nothing to v1" in capsys.readouterr().out
+    assert not (tmp_path / "D" / "v1").exists()

@@ -176,11 +176,12 @@ def test_refusals(repo: Path, releases: list[Path], tmp_path: Path,
     (tmp_path / "other" / "file").touch()
     assert main(["repo", "init", str(tmp_path / "other")]) == 1
     assert "not empty" in capsys.readouterr().err
-    for where in (tmp_path, tmp_path / "nonexistent"):  # a new user's wrong REPO
+    for where, why in ((tmp_path, "not a repository"),  # a new user's wrong REPO
+                       (tmp_path / "nonexistent", "no such directory")):
         assert main(["repo", "ls", str(where)]) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1, err
-        assert f"'{where}': not a repository" in err, err
+        assert f"'{where}': {why}" in err, err
     assert main(["repo", "ls", str(repo), "--json"]) == 0
     listing = checked("repo ls", json.loads(capsys.readouterr().out))
     assert [v["name"] for v in listing["versions"]] == [f"v{i}" for i in range(1, N + 1)]

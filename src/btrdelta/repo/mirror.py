@@ -184,6 +184,10 @@ class Mirrors:
                 with open(os.path.join(local, path), "rb") as f:
                     data = f.read(max_size + 1)
             except OSError as exc:
+                if isinstance(exc, (FileNotFoundError, NotADirectoryError)) \
+                        and not os.path.isdir(local):  # no repository, signed or not
+                    raise TransportError("no such directory" if not os.path.exists(local)
+                                         else "not a directory", url=url) from None
                 missing = isinstance(exc, FileNotFoundError)  # a server's 404
                 raise TransportError(f"{path}: {exc.strerror}", url=url,
                                      status=404 if missing else None) from None

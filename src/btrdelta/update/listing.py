@@ -108,6 +108,9 @@ def list_repo(location: str, *, key: str | None = None) -> dict[str, Any]:
     if not repo.catalog_path.exists() and os.path.exists(os.path.join(directory,
                                                                       "timestamp.json")):
         return _remote_listing(directory, key=key)  # a mirror's copy: no publisher catalog
+    if not os.path.isdir(directory):
+        raise BtrdeltaError("no such directory" if not os.path.exists(directory)
+                            else "not a directory", path=os.fspath(directory))
     if not repo.catalog_path.exists():
         raise BtrdeltaError("not a repository (no .btrdelta/catalog.json of `repo init`, "
                             "no timestamp.json of a mirror)", path=os.fspath(directory))
