@@ -65,15 +65,14 @@ vmtest: sysdeps venv
 	CI=true BTRDELTA_VMTEST=1 $(BIN)/python -m pytest -q -s -p no:cacheprovider \
 		tests/device/test_powercut.py
 
+# The long targets run pytest through scripts/longrun.sh (CI=true, a temporary basetemp removed
+# at the end, Ctrl-C exits 130); exec: the shell of the recipe would die of the Ctrl-C first.
+
 # replication soak (tests/update/test_replicate_soak.py): many rounds with cuts; not part of `make test`
 soak: sysdeps venv
 	@echo "soak: $${BTRDELTA_SOAK_ROUNDS:-30} rounds of replication with cuts," \
 		"seed $${BTRDELTA_SOAK_SEED:-1}; started $$(date -u '+%F %T') UTC"
-	@tmp=$$(mktemp -d /tmp/btrdelta-soak.XXXXXX); \
-	trap 'rm -rf --one-file-system "$$tmp"' EXIT; \
-	trap 'exit 130' INT; trap 'exit 143' TERM; trap 'exit 129' HUP; \
-	CI=true BTRDELTA_SOAK=1 $(BIN)/python -m pytest -q -s -p no:cacheprovider \
-		--basetemp="$$tmp/t" tests/update/test_replicate_soak.py
+	@exec env BIN=$(BIN) BTRDELTA_SOAK=1 scripts/longrun.sh soak -s tests/update/test_replicate_soak.py
 
 # random workloads against the kernel, every engine (tests/randwork, upstream btrfs/007):
 # BTRDELTA_RANDWORK seeds (default 200) from BTRDELTA_RANDWORK_FROM (default 1); make test
@@ -81,11 +80,8 @@ soak: sysdeps venv
 randwork: sysdeps venv
 	@n=$${BTRDELTA_RANDWORK:-200}; k=$${BTRDELTA_RANDWORK_FROM:-1}; \
 		echo "randwork: seeds $$k-$$((k + n - 1)); started $$(date -u '+%F %T') UTC"
-	@tmp=$$(mktemp -d /tmp/btrdelta-randwork.XXXXXX); \
-	trap 'rm -rf --one-file-system "$$tmp"' EXIT; \
-	trap 'exit 130' INT; trap 'exit 143' TERM; trap 'exit 129' HUP; \
-	CI=true BTRDELTA_RANDWORK=$${BTRDELTA_RANDWORK:-200} $(BIN)/python -m pytest -q \
-		-p no:cacheprovider --basetemp="$$tmp/t" tests/randwork
+	@exec env BIN=$(BIN) BTRDELTA_RANDWORK=$${BTRDELTA_RANDWORK:-200} scripts/longrun.sh randwork \
+		tests/randwork
 
 # every upstream scenario on the filesystems and send options upstream's tests also meet
 # (no compression, compress with max_inline=0, lzo, mkfs -O ^no-holes, --no-data, -c without
@@ -94,24 +90,16 @@ randwork: sysdeps venv
 matrix: sysdeps venv
 	@echo "matrix: variants $${BTRDELTA_MATRIX:-all}, scenarios $${BTRDELTA_MATRIX_ONLY:-all};" \
 		"started $$(date -u '+%F %T') UTC"
-	@tmp=$$(mktemp -d /tmp/btrdelta-matrix.XXXXXX); \
-	trap 'rm -rf --one-file-system "$$tmp"' EXIT; \
-	trap 'exit 130' INT; trap 'exit 143' TERM; trap 'exit 129' HUP; \
-	CI=true BTRDELTA_MATRIX=$${BTRDELTA_MATRIX:-all} $(BIN)/python -m pytest -q \
-		-p no:cacheprovider --basetemp="$$tmp/t" tests/matrix
+	@exec env BIN=$(BIN) BTRDELTA_MATRIX=$${BTRDELTA_MATRIX:-all} scripts/longrun.sh matrix tests/matrix
 
 # damaged inputs through the CLI (tests/cli/test_mutations.py) and the device state file
 # (tests/device/test_state_file.py) at 1,000 offsets per input and command instead of make
-# test's 24 (~19 minutes at load 4-12 on 2 cores); not part of `make test`
+# test's 24 (~34 minutes at load 6-14 on 2 cores, session 12); not part of `make test`
 fuzz: sysdeps venv
 	@echo "fuzz: $${BTRDELTA_MUTATIONS:-1000} mutations per input and command;" \
 		"started $$(date -u '+%F %T') UTC"
-	@tmp=$$(mktemp -d /tmp/btrdelta-fuzz.XXXXXX); \
-	trap 'rm -rf --one-file-system "$$tmp"' EXIT; \
-	trap 'exit 130' INT; trap 'exit 143' TERM; trap 'exit 129' HUP; \
-	CI=true BTRDELTA_MUTATIONS=$${BTRDELTA_MUTATIONS:-1000} $(BIN)/python -m pytest -q \
-		-p no:cacheprovider --basetemp="$$tmp/t" tests/cli/test_mutations.py \
-		tests/device/test_state_file.py
+	@exec env BIN=$(BIN) BTRDELTA_MUTATIONS=$${BTRDELTA_MUTATIONS:-1000} scripts/longrun.sh fuzz \
+		tests/cli/test_mutations.py tests/device/test_state_file.py
 
 lint: venv
 	$(BIN)/ruff check .
