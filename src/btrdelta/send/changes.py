@@ -54,8 +54,16 @@ from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
 from ..fs.copy import data_segments
 from .diff import Compared, compare_files
-from .hashing import _WHOLE, _hash_file, open_dir
-from .scan import ROOT, Node, Tree, node_identity, open_to_read, read_node, uuid_of
+from .hashing import _WHOLE, _hash_file, lstat_root, open_dir
+from .scan import (
+    ROOT,
+    Node,
+    Tree,
+    node_identity,
+    open_to_read,
+    read_node,
+    uuid_of,
+)
 
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
@@ -226,12 +234,7 @@ class _Side:
     """One tree of a walk: its node numbering, identity, hard links and reduced tree."""
 
     def __init__(self, root: bytes, tmpdir: str | None) -> None:
-        try:
-            st = os.lstat(root)
-        except OSError as exc:
-            raise BtrdeltaError(f"cannot scan: {exc.strerror}", path=root) from exc
-        if not stat.S_ISDIR(st.st_mode):
-            raise BtrdeltaError("not a directory", path=root)
+        st = lstat_root(root)
         self.dev = st.st_dev
         self.ident = TreeIdentity(tmpdir)
         #: st_ino -> (node, first path) of inodes with more than one link

@@ -16,6 +16,7 @@ import errno
 import fcntl
 import mmap
 import os
+import stat
 import threading
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -82,6 +83,21 @@ def open_dir(path: bytes) -> int:
     of a plain directory tree does not change the times it sends (a stream made again of
     the same tree, as a resumed replication makes it, is then the same stream)."""
     return _open_noatime(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def lstat_root(root: bytes) -> os.stat_result:
+    """``lstat`` of the root of a tree to scan.
+
+    Raises:
+        BtrdeltaError: ``root`` is not a directory or cannot be read.
+    """
+    try:
+        st = os.lstat(root)
+    except OSError as exc:
+        raise BtrdeltaError(f"cannot scan: {exc.strerror}", path=root) from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise BtrdeltaError("not a directory", path=root)
+    return st
 
 
 def reader(fd: int, content: bytes | None = None) -> Callable[[int, int], bytes]:

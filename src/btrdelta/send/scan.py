@@ -49,7 +49,14 @@ from .._optional import need
 from .._value import Value, field, field_names
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
-from .hashing import ContentHasher, block_segments, open_dir, open_file, open_to_read
+from .hashing import (
+    ContentHasher,
+    block_segments,
+    lstat_root,
+    open_dir,
+    open_file,
+    open_to_read,
+)
 from .onepass import BLOCK
 
 if TYPE_CHECKING:
@@ -323,12 +330,7 @@ class _Scanner:
             BtrdeltaError: ``path`` is not a directory or cannot be read.
         """
         root = os.fsencode(path).rstrip(b"/") or b"/"
-        try:
-            st = os.lstat(root)
-        except OSError as exc:
-            raise BtrdeltaError(f"cannot scan: {exc.strerror}", path=root) from exc
-        if not stat.S_ISDIR(st.st_mode):
-            raise BtrdeltaError("not a directory", path=root)
+        st = lstat_root(root)
         scanner = cls(root, st.st_dev, on_entry)
         scanner.make(st, root, b"", None, root)
         scanner.children[ROOT] = {}
