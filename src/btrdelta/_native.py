@@ -17,7 +17,9 @@ name           module                          what it runs instead of the Pytho
                                                4 KiB block of a buffer (one call, not one
                                                per block; needs ``xxhash.h`` to build)
 ``hpatch``     ``btrdelta.delta._hpatch``      applying an HDiffPatch (``hdiff``) patch,
-                                               instead of the ``hdiffpatch`` library
+                                               instead of the ``hdiffpatch`` library; the
+                                               blocks of a patched file equal to its old
+                                               file's (``receive`` clones them)
 ``sweep``      ``btrdelta.fs._sweep``          the inode items of a change sweep's search
                                                results (one call a buffer, not Python per
                                                item)

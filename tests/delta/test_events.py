@@ -8,6 +8,7 @@ from __future__ import annotations
 import fcntl
 import io
 import os
+import random
 import struct
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from btrdelta.delta.recompress import compress_extent
 from btrdelta.errors import ChecksumError
 from btrdelta.stream import records as R
 from btrdelta.stream.reader import iter_records
+from btrdelta.testing.loopfs import run
 from btrdelta.testing.scenarios import kernel_receive as btrfs_receive
 from btrdelta.testing.scenarios import send
 from btrdelta.tree.treesum import tree_sum
@@ -40,10 +42,12 @@ _FIEMAP = 0xC020660B  # FS_IOC_FIEMAP
 _HEAD = struct.Struct("=QQIIII")
 _EXT = struct.Struct("=QQQQQIIII")
 _ENCODED = 0x8  # FIEMAP_EXTENT_ENCODED: the extent is compressed
+_SHARED = 0x2000  # FIEMAP_EXTENT_SHARED: the extent is shared (with the parent here)
 
 
-def _encoded_layout(path: Path) -> list[tuple[int, int]]:
-    """(logical offset, length) of ``path``'s compressed extents (FIEMAP)."""
+def _encoded_layout(path: Path, flag: int = _ENCODED) -> list[tuple[int, int]]:
+    """(logical offset, length) of ``path``'s compressed extents (FIEMAP), or of those
+    with ``flag``."""
     count = 512
     buf = bytearray(_HEAD.pack(0, 1 << 62, 1, 0, count, 0) + bytes(_EXT.size * count))
     with open(path, "rb") as f:
@@ -52,7 +56,7 @@ def _encoded_layout(path: Path) -> list[tuple[int, int]]:
     for i in range(_HEAD.unpack_from(buf)[3]):
         logical, _phys, length, _r1, _r2, flags, *_ = _EXT.unpack_from(
             buf, _HEAD.size + i * _EXT.size)
-        if flags & _ENCODED:
+        if flags & flag:
             out.append((logical, length))
     return out
 
@@ -184,6 +188,72 @@ def test_receive_writes_verified_patched_extents_as_data(
     expand_to(open_delta(io.BytesIO(delta)), pair.a, out.append)
     assert b"".join(bytes(p) for p in out) == stream.read_bytes()
     assert len(calls) == len(sent)
+
+
+def _patched_pair(mnt: Path, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """Snapshots A and B (and B's ``--compressed-data`` stream) on the compress=zstd btrfs
+    at ``mnt``: a 3 MiB library (compressible text around 256 KiB of random bytes)
+    rewritten as a new file with a few bytes changed in two places, and a 1.5 MiB old
+    file with a hole rewritten with zeros in its place and a byte changed."""
+    rnd = random.Random(5)
+    vol = mnt / f"vol-{tmp_path.name}"
+    run("btrfs", "-q", "subvolume", "create", vol)
+    text = b"".join(b"symbol %d at %s\n" % (i, rnd.randbytes(6).hex().encode())
+                    for i in range(120_000))
+    lib = text[: 1 << 20] + rnd.randbytes(1 << 18) + text[1 << 20:]
+    lib = lib[: 3 << 20]
+    (vol / "lib.so").write_bytes(lib)
+    with open(vol / "sparse", "wb") as f:
+        f.write(text[: 1 << 20])
+        f.seek(3 << 19)
+        f.write(b"end")
+    run("sync")
+    a, b = mnt / f"{tmp_path.name}-A", mnt / f"{tmp_path.name}-B"
+    run("btrfs", "-q", "subvolume", "snapshot", "-r", vol, a)
+    new = bytearray(lib)
+    new[(1 << 20) + 5000 : (1 << 20) + 5100] = bytes(100)
+    new[2 << 20 : (2 << 20) + 10] = b"0123456789"
+    for name, data in (("lib.so", bytes(new)),
+                       ("sparse", b"X" + text[1 : 1 << 20] + bytes(1 << 19) + b"end")):
+        (vol / name).unlink()
+        (vol / name).write_bytes(data)  # a new file: the stream writes all of it
+    run("sync")
+    run("btrfs", "-q", "subvolume", "snapshot", "-r", vol, b)
+    return a, b, send(b, tmp_path / "AB.v2", parent=a, proto=2, compressed=True)
+
+
+def test_receive_clones_a_patched_file_s_unchanged_ranges(
+    delta_pairs: dict[str, Pair], tmp_path: Path
+) -> None:
+    """A patched file's verified new content is written as data except where it equals
+    its old file at the same offsets: those ranges are cloned from the parent (FIEMAP:
+    they share its extents, the changed ones do not), written data and clones both from
+    a file's compressed extents and its plain ones. The tree is ``btrfs receive``'s,
+    holes included: an old file with a hole is not cloned from (its hole would stand
+    where the stream writes zeros)."""
+    mnt = delta_pairs["rebuilt-same"].mnt
+    a, b, stream = _patched_pair(mnt, tmp_path)
+    delta = make(stream, a, codec="hdiff")[0]
+    dests = []
+    for name in ("k", "o"):
+        d = mnt / f"ev-{tmp_path.name}-{name}"
+        d.mkdir()
+        btrfs_receive(send(a, tmp_path / "A.full"), d)
+        dests.append(d)
+    btrfs_receive(stream, dests[0])
+    receive_any(io.BytesIO(delta), dests[1])
+    kernel, ours = dests[0] / b.name, dests[1] / b.name
+    assert tree_sum(ours, ignore_root_mtime=True, holes=True) == tree_sum(
+        kernel, ignore_root_mtime=True, holes=True)
+    with open(stream, "rb") as f:
+        kinds = {type(r) for r in iter_records(f) if getattr(r, "path", b"") == b"lib.so"}
+    assert {R.Write, R.EncodedWrite} <= kinds  # the random bytes are sent plain
+    shared = _encoded_layout(ours / "lib.so", _SHARED)
+    assert sum(n for _, n in shared) >= (5 << 20) // 2
+    for start in ((1 << 20) + 5000, 2 << 20):  # the changed bytes are written
+        assert not any(off <= start < off + n for off, n in shared)
+    assert _encoded_layout(kernel / "lib.so", _SHARED) == []
+    assert _encoded_layout(ours / "sparse", _SHARED) == []
 
 
 def test_receive_joins_the_clones_of_a_file_s_extents(

@@ -126,3 +126,30 @@ def test_receive_path_does_not_import_the_library() -> None:
                              text=True, check=True, env={**env, "BTRDELTA_PURE_PYTHON": pure})
         runs[pure] = out.stdout.split()
     assert runs == {"0": ["False", "False"], "1": ["True", "True"]}
+
+
+@settings(max_examples=300, deadline=None)
+@given(old=st.binary(max_size=600), edits=st.lists(st.integers(0, 700), max_size=4),
+       grow=st.binary(max_size=40), start=st.integers(0, 700), end=st.integers(0, 700),
+       block=st.sampled_from([1, 7, 64, 128]), min_len=st.sampled_from([0, 1, 64, 200]))
+def test_equal_runs_in_c_gives_the_python_runs(old: bytes, edits: list[int], grow: bytes,
+                                               start: int, end: int, block: int,
+                                               min_len: int) -> None:
+    """``_hpatch.equal_runs`` (the blocks of a patched file's new content equal to its old
+    file's, which receive clones) gives what ``patching._equal_runs`` gives, and those are
+    the equal blocks: whole ones, or the short last one where it ends both contents."""
+    from btrdelta.delta import _hpatch  # type: ignore[attr-defined]
+    from btrdelta.delta.patching import _equal_runs
+
+    new = bytearray(old[: len(old) - len(grow) // 2] + grow)
+    for i in edits:
+        if i < len(new):
+            new[i] ^= 0x5A
+    runs = _equal_runs(bytes(new), old, start, end, block, min_len)
+    assert _hpatch.equal_runs(bytes(new), old, start, end, block, min_len) == runs
+    for at, n in runs:
+        assert n >= min_len
+        assert at % block == 0
+        assert start <= at <= at + n <= end
+        assert new[at : at + n] == old[at : at + n]
+        assert n % block == 0 or at + n == len(new) == len(old)

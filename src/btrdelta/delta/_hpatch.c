@@ -18,6 +18,10 @@
  * packed integers of the covers stream: the old position as a signed step from the end of
  * the previous cover's old range (the sign in the first byte's top bit), the gap before it
  * in the new content, and its length.
+ *
+ * equal_runs() serves a patched file's receive on btrfs (delta/patching.py): the runs of
+ * blocks of the new content equal to the old file's at the same offsets, which are cloned
+ * from the parent instead of written; one memcmp a block, the GIL released.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -213,11 +217,83 @@ done:
     return result;
 }
 
+/* append (offset, length) to `runs` when the run is at least `min_len` long */
+static int
+add_run(PyObject *runs, Py_ssize_t at, Py_ssize_t len, Py_ssize_t min_len)
+{
+    if (len < min_len)
+        return 0;
+    PyObject *run = Py_BuildValue("(nn)", at, len);
+    if (run == NULL)
+        return -1;
+    int ret = PyList_Append(runs, run);
+    Py_DECREF(run);
+    return ret;
+}
+
+static PyObject *
+equal_runs(PyObject *self, PyObject *args)
+{
+    Py_buffer new, old;
+    Py_ssize_t start, end, block, min_len;
+    if (!PyArg_ParseTuple(args, "y*y*nnnn:equal_runs", &new, &old, &start, &end, &block,
+                          &min_len))
+        return NULL;
+    PyObject *runs = PyList_New(0);
+    if (runs == NULL)
+        goto done;
+    if (block <= 0 || start < 0 || end > new.len || start % block)
+        goto done;
+    /* the last block may be short where it ends both contents */
+    Py_ssize_t tail = new.len == old.len ? new.len : -1;
+    Py_ssize_t nblocks = end > start ? (end - start + block - 1) / block : 0;
+    uint8_t *same = PyMem_Malloc(nblocks ? (size_t)nblocks : 1);
+    if (same == NULL) {
+        Py_CLEAR(runs);
+        PyErr_NoMemory();
+        goto done;
+    }
+    const uint8_t *a = new.buf, *b = old.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < nblocks; i++) {
+        Py_ssize_t x = start + i * block;
+        Py_ssize_t y = x + block < end ? x + block : end;
+        same[i] = (y - x == block || y == tail) && y <= old.len
+                  && memcmp(a + x, b + x, (size_t)(y - x)) == 0;
+    }
+    Py_END_ALLOW_THREADS
+    Py_ssize_t run = -1;
+    for (Py_ssize_t i = 0; i <= nblocks; i++) {
+        Py_ssize_t x = start + i * block;
+        if (i < nblocks && same[i]) {
+            if (run < 0)
+                run = x;
+        }
+        else if (run >= 0) {
+            if (add_run(runs, run, (x < end ? x : end) - run, min_len) < 0) {
+                Py_CLEAR(runs);
+                break;
+            }
+            run = -1;
+        }
+    }
+    PyMem_Free(same);
+done:
+    PyBuffer_Release(&new);
+    PyBuffer_Release(&old);
+    return runs;
+}
+
 static PyMethodDef methods[] = {
     {"apply", apply, METH_VARARGS,
      "apply(old, new_size, covers, cover_count, rle_ctrl, rle_code, new_data) -> bytes | None: "
      "the new content of an HDIFF13 patch from its inflated streams, or None where "
      "HDiffPatch would refuse them (the caller then asks the library, for its error)."},
+    {"equal_runs", equal_runs, METH_VARARGS,
+     "equal_runs(new, old, start, end, block, min_len) -> list[tuple[int, int]]: the runs "
+     "(offset, length) of new[start:end] equal to old at the same offsets, in whole blocks "
+     "from start (a multiple of block; the last may be short where it ends both), each at "
+     "least min_len bytes."},
     {NULL, NULL, 0, NULL},
 };
 

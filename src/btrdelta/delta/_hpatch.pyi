@@ -7,3 +7,6 @@ def apply(
     old: Any, new_size: int, covers: Any, cover_count: int, rle_ctrl: Any, rle_code: Any,
     new_data: Any, /
 ) -> bytes | None: ...
+def equal_runs(
+    new: Any, old: Any, start: int, end: int, block: int, min_len: int, /
+) -> list[tuple[int, int]]: ...

@@ -14,7 +14,9 @@ the input read to its end (bytes after DEND are refused).
 
 With ``clone_same`` (``btrdelta receive`` on btrfs), the records of a file whose content is
 its old file's become one CLONE from the parent snapshot per PWRITE range (or PENC extent),
-consecutive CLONEs of adjacent ranges joined into one.
+consecutive CLONEs of adjacent ranges joined into one; a changed file's verified content
+is written as data except its ranges equal to the old file's, cloned the same way
+(:meth:`~.patching.Patcher._cloned_runs`).
 With ``hash_clones=False`` too (an unsigned receive), such a PENC extent is not recompressed
 just to be hashed: DEND's count and size are checked, its digest is not (see
 ``docs/formats/delta-stream.md`` §6).
@@ -29,7 +31,7 @@ from pathlib import Path
 from .. import TYPE_CHECKING
 from ..errors import BtrdeltaError, StreamFormatError
 from ..stream.reader import EOF, NEED_DATA, Event, StreamParser
-from ..stream.records import Clone, End
+from ..stream.records import Clone, End, Write
 from .expand import HEADER, WRITE, OldRoot, expand_items, open_delta
 from .format import DEFAULT_MAX_FILE_SIZE, DeltaItem
 from .patching import SameEncodedWrite, SameWrite
@@ -78,6 +80,17 @@ def _joined(a: Clone, b: Clone) -> Clone | None:
     return None
 
 
+def _add(batch: list[Event], rec: Clone | Write) -> None:
+    """Append what ``receive`` applies instead of a regenerated record, a CLONE joined to
+    the one before it where it continues it."""
+    joined = _joined(batch[-1], rec) if batch and type(rec) is Clone \
+        and type(batch[-1]) is Clone else None
+    if joined is not None:
+        batch[-1] = joined
+    else:
+        batch.append(rec)
+
+
 def expand_batches(
     items: Iterable[DeltaItem],
     old_root: OldRoot,
@@ -112,16 +125,11 @@ def expand_batches(
             cls = rec.__class__
             if cls is SameWrite or cls is SameEncodedWrite:
                 apply = rec.apply  # type: ignore[union-attr]
-                if apply is not None:
-                    joined = (
-                        _joined(batch[-1], apply)
-                        if batch and type(apply) is Clone and type(batch[-1]) is Clone
-                        else None
-                    )
-                    if joined is not None:
-                        batch[-1] = joined
-                    else:
-                        batch.append(apply)
+                if type(apply) is tuple:  # WRITEs and CLONEs of a patched file's extent
+                    for piece in apply:
+                        _add(batch, piece)
+                elif apply is not None:
+                    _add(batch, apply)
             elif kind == WRITE:
                 batch.append(rec)  # type: ignore[arg-type]
                 nbytes += len(rec.data)  # type: ignore[union-attr]

@@ -16,7 +16,8 @@ is not read at all: its old file is checked in worker threads
 (:class:`~.oldfiles.OldFileChecks`), and :meth:`Patcher.settle` waits for those checks
 before a stream's END (which commits the subvolume) goes out. ``receive`` also writes a
 patched file's extents as plain data when its new content's digest was checked, instead
-of recompressing them (:meth:`Patcher._written_plain`).
+of recompressing them (:meth:`Patcher._written_plain`), and clones from the parent the
+ranges of it equal to the old file's at the same offsets (:meth:`Patcher._cloned_runs`).
 
 Errors are :class:`~btrdelta.errors.BtrdeltaError` with the path where one is known; the
 expansion (:mod:`.expand`) adds the source and the record index.
@@ -27,7 +28,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 
-from .. import TYPE_CHECKING
+from .. import TYPE_CHECKING, _native
 from .._pool import Pool, Task
 from .._value import Value
 from ..errors import BtrdeltaError, ChecksumError, MissingBaseError, StreamFormatError
@@ -55,7 +56,10 @@ if TYPE_CHECKING:
     import mmap
     from typing import Any
 
-__all__ = ["Patcher", "Pending", "SameEncodedWrite", "SameWrite"]
+__all__ = ["Applied", "Patcher", "Pending", "SameEncodedWrite", "SameWrite"]
+
+#: what ``receive`` applies instead of a regenerated record: a CLONE, a WRITE, or several
+Applied = R.Clone | R.Write | tuple[R.Clone | R.Write, ...]
 
 #: threads recompressing extents (one per CPU this process may use; none if only one);
 #: extents below _INLINE bytes are recompressed at once
@@ -76,8 +80,9 @@ class Pending(Value):
     version: int
     index: int  # of the delta record, for errors
     #: receive: what is applied instead (not regenerated): the CLONE from the parent of
-    #: unchanged content, or a WRITE of a patched file's verified content (:meth:`pencoded`)
-    clone: R.Clone | R.Write | None = None
+    #: unchanged content, or a WRITE of a patched file's verified content (:meth:`pencoded`),
+    #: or WRITEs and CLONEs of it (:meth:`Patcher._cloned_runs`)
+    clone: Applied | None = None
 
 
 class _Active(Value):
@@ -91,9 +96,42 @@ class _Active(Value):
     #: the old file's data ranges (start, end) when it has holes (``clone_same`` only):
     #: a CLONE of a range with a hole would put a hole where the stream writes data
     old_data: list[tuple[int, int]] | None = None
+    #: a patched file's ranges (offset, length) equal to its old file's at the same
+    #: offsets, cloned instead of written (``receive`` on btrfs, :meth:`Patcher._cloned_runs`),
+    #: and the first of them not used up yet
+    same: list[tuple[int, int]] | None = None
+    next_same: int = 0
 
 
 _ZEROS = bytearray(1 << 16)
+#: a patched file's ranges equal to its old file's are compared in blocks of this size
+#: (btrfs's clone granularity) and cloned in runs of at least _SAME_MIN bytes
+_SAME_BLOCK = 4096
+_SAME_MIN = 64 << 10
+
+
+def _equal_runs(new: Any, old: Any, start: int, end: int, block: int,
+                min_len: int) -> list[tuple[int, int]]:
+    """The runs (offset, length) of ``new[start:end]`` equal to ``old`` at the same
+    offsets: whole blocks from ``start`` (a multiple of ``block``), and the last, shorter
+    block where it ends both contents; only runs of ``min_len`` bytes or more (the
+    reference of ``_hpatch.equal_runs``)."""
+    runs: list[tuple[int, int]] = []
+    if block <= 0 or start < 0 or end > len(new) or start % block:
+        return runs
+    tail = len(new) if len(new) == len(old) else -1
+    run = -1
+    for x in range(start, max(start, end), block):
+        y = min(x + block, end)
+        if (y - x == block or y == tail) and y <= len(old) and old[x:y] == new[x:y]:
+            run = x if run < 0 else run
+        elif run >= 0:
+            if x - run >= min_len:
+                runs.append((run, x - run))
+            run = -1
+    if run >= 0 and end - run >= min_len:
+        runs.append((run, end - run))
+    return runs
 
 
 def _zeros(n: int) -> memoryview:
@@ -113,7 +151,7 @@ class SameWrite(R.Write):
     snapshot on its first chunk, ``None`` on the others (see ``clone_same``)."""
 
     __slots__ = ("apply",)
-    apply: R.Clone | None
+    apply: Applied | None
 
 
 class SameEncodedWrite(R.EncodedWrite):
@@ -122,7 +160,7 @@ class SameEncodedWrite(R.EncodedWrite):
     file's) or a WRITE of that range of a patched file's verified content."""
 
     __slots__ = ("apply",)
-    apply: R.Clone | R.Write | None
+    apply: Applied | None
 
 
 class Patcher:
@@ -175,6 +213,8 @@ class Patcher:
         #: ``check_digest=False``); a wrong old file shows as a tree that does not check
         self.content_checked = False
         self.checks = OldFileChecks(_WORKERS)
+        fast = _native.live("hpatch")
+        self.equal_runs = _equal_runs if fast is None else fast.equal_runs
         #: index of the record being expanded (set by the caller), for deferred errors
         self.index = 0
 
@@ -320,9 +360,11 @@ class Patcher:
                 raise
         except BtrdeltaError as exc:
             raise exc.located(path=p.base_path) from None
+        runs = self.equal_runs(new, old, 0, len(new), _SAME_BLOCK, _SAME_MIN) \
+            if self._cloneable(p, old) else None
         if p.new_algo == NO_DIGEST or self.content_checked:
             # ``edits`` / ``edits2``: the DEND digest covers it; or the caller's check
-            self.active = _Active(p, new, len(new))
+            self.active = _Active(p, new, len(new), same=runs)
             return
         actual = digest(p.new_algo if p.new_algo is not None else p.hash_algo, new)
         if actual != p.new_digest:
@@ -331,7 +373,7 @@ class Patcher:
                 "patched content differs from the new content (wrong old file or bad patch)",
                 expected=p.new_digest.hex(), actual=actual.hex(), path=p.path,
             )
-        self.active = _Active(p, new, len(new))
+        self.active = _Active(p, new, len(new), same=runs)
 
     def pwrite(self, w: PWrite) -> Iterator[R.Write]:
         """The WRITE records of a PWRITE, data taken in order from the new content."""
@@ -367,7 +409,13 @@ class Patcher:
                 off += n
         while pos < end:
             n = min(w.chunk, end - pos)
-            yield R.Write(path, off, content[pos : pos + n])
+            cloned = self._cloned_runs(a, off, pos, n) if a.same else None
+            if cloned is None:
+                yield R.Write(path, off, content[pos : pos + n])
+            else:  # CLONEs where the old file has the same bytes
+                rec = SameWrite(path, off, content[pos : pos + n])
+                rec.apply = cloned
+                yield rec
             pos += n
             off += n
         a.pos = end
@@ -402,13 +450,15 @@ class Patcher:
             raise StreamFormatError("PENC in a v1 stream (ENCODED_WRITE needs v2)")
         if e.disk_len > MAX_PAYLOAD[self.version]:
             raise StreamFormatError(f"PENC disk length {e.disk_len} exceeds a command's payload")
-        clone: R.Clone | R.Write | None = self._same_clone(
+        clone: Applied | None = self._same_clone(
             a, e.offset, e.file_len, a.pos + e.unencoded_offset)
         if clone is None and self._written_plain(a, e):
             start = a.pos + e.unencoded_offset
-            assert a.content is not None
-            clone = R.Write(a.patch.path, e.offset,
-                            memoryview(a.content)[start : start + e.file_len])
+            clone = self._cloned_runs(a, e.offset, start, e.file_len)
+            if clone is None:
+                assert a.content is not None
+                clone = R.Write(a.patch.path, e.offset,
+                                memoryview(a.content)[start : start + e.file_len])
         packed: Task[bytes] | bytes | None
         if clone is not None and not self.hash_clones:
             packed = None  # the CLONE is applied; nothing to recompress
@@ -425,6 +475,54 @@ class Patcher:
         if a.pos == a.size:
             self.active = None
         return Pending(packed, e, a.patch.path, self.version, index, clone)
+
+    def _cloneable(self, p: Patch, old: Any) -> bool:
+        """Whether the ranges of the new content of ``p`` that equal its old file's at the
+        same offsets may be cloned from the parent instead of written (:meth:`_cloned_runs`):
+        ``receive`` on btrfs writing the patched file's extents as data (as in
+        :meth:`_written_plain`), one old file, mapped (:func:`~.oldfiles.map_old_file`
+        maps only a file without holes in a read-only subvolume: what was compared is what
+        is cloned, and no hole is cloned where the stream writes data)."""
+        return (
+            self.clone_same and not self.hash_clones and p.new_algo != NO_DIGEST
+            and not p.bases and type(self.head) is R.Snapshot
+            and not isinstance(old, bytes)  # (a mapping: map_old_file gives bytes otherwise)
+        )
+
+    def _cloned_runs(self, a: _Active, offset: int, start: int,
+                     length: int) -> tuple[R.Write | R.Clone, ...] | None:
+        """What ``receive`` applies for ``length`` bytes of a patched file's verified
+        content from ``start``, written at file ``offset``, where some of them are in a
+        range equal to the old file's (:attr:`_Active.same`): CLONEs of those from the
+        parent between WRITEs of the rest (consecutive CLONEs are joined into one by the
+        caller: a range over several extents is one FICLONERANGE); ``None`` where none
+        is (a WRITE of them all)."""
+        same, end = a.same, start + length
+        if not same or (offset - start) % _SAME_BLOCK:
+            return None
+        i = a.next_same
+        while i < len(same) and same[i][0] + same[i][1] <= start:
+            i += 1
+        a.next_same = i
+        if i == len(same) or same[i][0] >= end:
+            return None
+        content = memoryview(a.content)  # type: ignore[arg-type]
+        path, head = a.patch.path, self.head
+        pieces: list[R.Write | R.Clone] = []
+        pos = start
+        for run, n in same[i:]:
+            if run >= end:
+                break
+            lo, hi = max(run, pos), min(run + n, end)
+            if lo > pos:
+                pieces.append(R.Write(path, offset + pos - start, content[pos:lo]))
+            assert a.patch.base_path is not None
+            pieces.append(R.Clone(offset + lo - start, hi - lo, path, head.clone_uuid,
+                                  head.clone_ctransid, a.patch.base_path, lo))
+            pos = hi
+        if pos < end:
+            pieces.append(R.Write(path, offset + pos - start, content[pos:end]))
+        return tuple(pieces)
 
     def _written_plain(self, a: _Active, e: PEncoded) -> bool:
         """Whether ``receive`` writes this extent of a patched file as plain data instead
