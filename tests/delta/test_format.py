@@ -412,8 +412,9 @@ def test_name_commands_are_unfolded_in_c(monkeypatch: pytest.MonkeyPatch) -> Non
 @pytest.mark.parametrize("use_c", [True, False])
 def test_groups_are_handed_on_at_256_commands(use_c: bool) -> None:
     """However long a run of commands the C path can unfold, the expansion hands on a
-    group every GROUP_COMMANDS commands (the receiver starts on the first ones)."""
-    from btrdelta.delta.unpack import GROUP_COMMANDS, CarrierReader
+    group every GROUP_COMMANDS commands, the first ones sooner (16, 32, ... commands: the
+    receiver starts on the first ones)."""
+    from btrdelta.delta.unpack import _FIRST_GROUP, GROUP_COMMANDS, CarrierReader
 
     if use_c and not _native.available("unfold"):
         pytest.skip("the C unfold path (_unfold.c) is not built")
@@ -435,7 +436,10 @@ def test_groups_are_handed_on_at_256_commands(use_c: bool) -> None:
     counts.append(n)
     out += group
     assert bytes(out) == b"".join(raws)
-    assert counts == [GROUP_COMMANDS] * 3 + [900 - 3 * GROUP_COMMANDS]
+    sizes = [16, 32, 64, 128, 256, 256]
+    assert sizes[0] == _FIRST_GROUP
+    assert sizes[-1] == GROUP_COMMANDS
+    assert counts == [*sizes, 900 - sum(sizes)]
 
 
 def _split_grouped(carrier: bytes, use_c: bool) -> object:

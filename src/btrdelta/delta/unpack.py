@@ -64,6 +64,9 @@ GROUP_MAX = 1 << 20
 #: which the receiver would otherwise wait for: 0.1 s on the Debian pair when Python
 #: unfolded them)
 GROUP_COMMANDS = 256
+#: the first group is handed on at this many commands, the next ones at twice as many as
+#: the one before, up to GROUP_COMMANDS: the receiver, idle until then, starts sooner
+_FIRST_GROUP = 16
 #: compressed bytes fed to the inflater at a time (bounds the output of one call)
 _ZFEED = 1024
 _MAX_CMD = max_command(3)
@@ -103,6 +106,8 @@ class CarrierReader:
         #: carried btrfs commands gathered by :meth:`split` (``grouped``) and how many
         self.group = bytearray()
         self.count = 0
+        #: the commands the group being gathered is handed on at
+        self.group_commands = _FIRST_GROUP
         # the C path of unfolding (``_unfold.c``) when it is live, or None
         unfold_c = _native.live("unfold")
         self._unfold_c: Any = unfold_c.run if unfold_c is not None else None
@@ -190,9 +195,9 @@ class CarrierReader:
         while pos < len(mv):
             if fast is not None:
                 pos, n = fast(raw, pos, self.group, self.state, self._format, limit,
-                              _MAX_CMD, GROUP_MAX, max(1, GROUP_COMMANDS - self.count))
+                              _MAX_CMD, GROUP_MAX, max(1, self.group_commands - self.count))
                 self.count += n
-                if len(self.group) >= GROUP_MAX or self.count >= GROUP_COMMANDS:
+                if len(self.group) >= GROUP_MAX or self.count >= self.group_commands:
                     yield None
                     continue
                 if pos >= len(mv):
@@ -212,7 +217,7 @@ class CarrierReader:
                         self.on_head(cmd, view)
                     self.group += view
                     self.count += 1
-                    if len(self.group) >= GROUP_MAX or self.count >= GROUP_COMMANDS:
+                    if len(self.group) >= GROUP_MAX or self.count >= self.group_commands:
                         yield None
             pos = end
 
@@ -256,4 +261,5 @@ class CarrierReader:
         one returned is never appended to again: records keep views of it)."""
         got = self.count, self.group
         self.group, self.count = bytearray(), 0
+        self.group_commands = min(self.group_commands * 2, GROUP_COMMANDS)
         return got
