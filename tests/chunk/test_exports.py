@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes.util
+import errno
 import os
 import random
 import shutil
@@ -16,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from btrdelta.chunk.archive import ArchiveIndex
 from btrdelta.chunk.nbd import NbdServer
 from btrdelta.chunk.store import ChunkStore, ImageReader
 from btrdelta.cli._common import human_bytes
+from btrdelta.errors import ChecksumError
 from btrdelta.update.clone import clone_image
 
 from .images import ImagePair, trees_equal
@@ -173,5 +176,112 @@ def test_fuse_file_loop_mounts_to_the_source_tree(
             proc.wait()
         if _mounted(loop_dir):
             subprocess.run(["umount", "-l", str(loop_dir)], check=False)
+        if _mounted(fuse_dir):
+            subprocess.run(["umount", "-l", str(fuse_dir)], check=False)
+
+
+_KINDS = ("empty", "short", "long", "content differs")
+
+
+def _damage_chunks(store: ChunkStore, index: ArchiveIndex,
+                   kinds: tuple[str, ...] = _KINDS) -> dict[str, int]:
+    """Damage the chunks at image positions 1, 2, ... (distinct chunks) as a crash or a bad
+    disk can: kind -> the position's offset in the image."""
+    positions: dict[int, int] = {}  # entry -> first position
+    for pos, entry in enumerate(index.order[1:], 1):
+        positions.setdefault(entry, pos)
+        if len(positions) == len(kinds):
+            break
+    damaged = {}
+    for (entry, pos), kind in zip(positions.items(), kinds, strict=True):
+        path = Path(store.chunk_path(index.digests[entry]))
+        data = bytearray(path.read_bytes())
+        path.chmod(0o644)
+        if kind == "content differs":
+            data[len(data) // 2] ^= 0x20
+        path.write_bytes({"empty": b"", "short": bytes(data[:-1]), "long": bytes(data) + b"x",
+                          "content differs": bytes(data)}[kind])
+        damaged[kind] = index.starts[pos]
+    return damaged
+
+
+def test_a_damaged_chunk_fails_its_reads_instead_of_serving_wrong_bytes(
+    image_pair: ImagePair, tmp_path: Path
+) -> None:
+    """A chunk file left empty, short, long or with other content under its name (a power
+    cut under an older version, a bad disk): the reader checks each chunk once, when it
+    first opens it, and a read there fails naming the chunk; the rest reads as before."""
+    store = ChunkStore(tmp_path / "store")
+    clone_image(str(image_pair.arc2), target=f"{store.root}/v2")
+    _, index = store.read_description("v2")
+    damaged = _damage_chunks(store, index)
+    bad_entries = {index.order[index.starts.index(o)] for o in damaged.values()}
+    image = image_pair.img2.read_bytes()
+    reader = ImageReader(store, index)
+    for kind, offset in damaged.items():
+        for _ in range(2):  # and again: a damaged chunk is never taken as checked
+            with pytest.raises(ChecksumError, match=rf"chunk damaged in the store \({kind}\)"
+                               r".*image verify --repair"):
+                reader.pread(100, offset + 10)
+    for pos, entry in enumerate(index.order):
+        start, end = index.starts[pos], index.starts[pos + 1]
+        if entry not in bad_entries:
+            assert reader.pread(end - start, start) == image[start:end]
+    reader.close()
+    # unchecked (a caller that hashes the whole content itself), the wrong bytes come
+    # through: what the check is there for
+    unchecked = ImageReader(store, index, verify=False)
+    offset = damaged["content differs"]
+    n = index.starts[index.starts.index(offset) + 1] - offset
+    assert len(unchecked.pread(n, offset)) == n
+    assert unchecked.pread(n, offset) != image[offset:offset + n]
+    unchecked.close()
+
+
+@pytest.mark.btrfs
+def test_a_mounted_image_with_a_damaged_chunk_gives_eio_and_says_which(
+    image_pair: ImagePair, tmp_path: Path
+) -> None:
+    """`image mount` of a store with a damaged chunk: the read there fails (EIO, where it
+    served the wrong bytes), the command says once which chunk and what repairs it, the
+    rest of the image reads bit for bit."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        if os.environ.get("CI") == "true":
+            pytest.fail("root and /dev/fuse are required under CI")
+        pytest.skip("needs root and /dev/fuse")
+    store = ChunkStore(tmp_path / "store")
+    clone_image(str(image_pair.arc2), target=f"{store.root}/v2")
+    _, index = store.read_description("v2")
+    offset = _damage_chunks(store, index, ("content differs",))["content differs"]
+    end = index.starts[index.starts.index(offset) + 1]
+    image = image_pair.img2.read_bytes()
+    fuse_dir = tmp_path / "fuse"
+    fuse_dir.mkdir()
+    log = tmp_path / "mount.log"
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "btrdelta", "image", "mount", f"{store.root}/v2",
+             str(fuse_dir)], stdout=logf, stderr=subprocess.STDOUT)
+    try:
+        _wait_for(lambda: "mounted" in log.read_text() or proc.poll() is not None)
+        assert proc.poll() is None, log.read_text()
+        with open(fuse_dir / "v2", "rb", buffering=0) as f:
+            for _ in range(2):
+                with pytest.raises(OSError, match="Input/output error") as err:
+                    os.pread(f.fileno(), end - offset, offset)
+                assert err.value.errno == errno.EIO
+            assert os.pread(f.fileno(), offset, 0) == image[:offset]  # before it: fine
+        said = [line for line in log.read_text().splitlines() if "error" in line]
+        assert len(said) == 1, log.read_text()
+        assert said[0].startswith("btrdelta image mount: error: ")
+        assert "chunk damaged in the store (content differs)" in said[0]
+        assert index.digests[index.order[index.starts.index(offset)]].hex() in said[0]
+        assert said[0].endswith("reads there fail (EIO)")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
         if _mounted(fuse_dir):
             subprocess.run(["umount", "-l", str(fuse_dir)], check=False)

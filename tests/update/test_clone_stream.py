@@ -160,16 +160,17 @@ def test_no_chunk_is_named_before_its_batch_is_durable(
         state[fd] = "written"
         return fd, tmp
 
-    def spy_durable(fds: list[int]) -> None:
-        durable(fds)
+    def spy_durable(fds: list[int]) -> bool:
+        synced = durable(fds)
         durable_calls.append(len(fds))
         for fd in fds:
             assert state[fd] == "written"
             state[fd] = "durable"
+        return synced
 
-    def spy_link(fd: int, tmp: str | None, dir_fd: int, name: str) -> bool:
+    def spy_link(fd: int, tmp: str | None, dir_fd: int, name: str, **kw: bool) -> bool:
         assert state.pop(fd) == "durable", "a chunk was named before it was made durable"
-        return link(fd, tmp, dir_fd, name)
+        return link(fd, tmp, dir_fd, name, **kw)
 
     def spy_discard(fd: int, tmp: str | None, dir_fd: int) -> None:
         state.pop(fd, None)
@@ -186,6 +187,33 @@ def test_no_chunk_is_named_before_its_batch_is_durable(
     assert len(durable_calls) >= len(digests) // 7
     assert not state  # every chunk named (or dropped), no descriptor left
     assert len(_named(tmp_path / "store")) == len(digests)
+
+
+def test_without_syncfs_each_chunk_is_fsynced_once_named(
+    image_pair: ImagePair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the kernel has no syncfs, a chunk's data is fsync-ed before its name and the
+    chunk again once named: btrfs logs nothing of an inode without links, so the first
+    fsync alone let a later directory fsync log the name with an empty file (fs.atomic,
+    docs/device.md section 9). Every fsync is seen with the inode's link count then."""
+    synced: list[tuple[int, int]] = []  # (inode, links) at each fsync
+    real_fsync = os.fsync
+
+    def spy_fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        synced.append((st.st_ino, st.st_nlink))
+        real_fsync(fd)
+
+    monkeypatch.setattr(store_mod, "_syncfs", lambda fd: False)
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    store = tmp_path / "store"
+    report = clone_image(str(image_pair.arc1), target=f"{store}/v1")
+    monkeypatch.undo()
+    named = {p.stat().st_ino for p in _named(store)}
+    assert report.fetched == len(named) > 0
+    assert {ino for ino, links in synced if links == 0} >= named  # data out before the name
+    assert {ino for ino, links in synced if links > 0} >= named, (
+        "a chunk was not fsync-ed once it had its name")
 
 
 def test_a_sync_that_fails_names_no_chunk(

@@ -45,15 +45,20 @@ class ImageFS(mfusepy.Operations):  # type: ignore[misc]
         reader: the image.
         name: the file name inside the mount point.
         mounted: called once the kernel has the mount (libfuse's init).
+        on_error: called with the error of a read that fails (a chunk missing or damaged
+            in the store: the read gets EIO), once per distinct error.
     """
 
     use_ns = True
 
     def __init__(self, reader: ImageReader, name: str,
-                 mounted: Callable[[], object] | None = None) -> None:
+                 mounted: Callable[[], object] | None = None,
+                 on_error: Callable[[Exception], object] | None = None) -> None:
         self.reader = reader
         self.name = name
         self.mounted = mounted
+        self.on_error = on_error
+        self._said: set[str] = set()
         self.path = "/" + name
         now = time.time_ns()
         self._times = {"st_atime": now, "st_mtime": now, "st_ctime": now}
@@ -95,6 +100,9 @@ class ImageFS(mfusepy.Operations):  # type: ignore[misc]
         try:
             return self.reader.pread(size, offset)
         except Exception as exc:  # a missing chunk must surface as EIO, not kill libfuse
+            if self.on_error is not None and str(exc) not in self._said:
+                self._said.add(str(exc))  # (a set add: no lock needed)
+                self.on_error(exc)
             raise mfusepy.FuseOSError(errno.EIO) from exc
 
     def statfs(self, path: str) -> dict[str, int]:
@@ -133,9 +141,11 @@ def check_can_mount(mountpoint: str, device: str = "/dev/fuse") -> None:
 
 
 def mount_image(store: ChunkStore, name: str, mountpoint: str, *, debug: bool = False,
-                mounted: Callable[[int], object] | None = None) -> None:
+                mounted: Callable[[int], object] | None = None,
+                on_error: Callable[[Exception], object] | None = None) -> None:
     """Serve ``name`` at ``mountpoint`` until unmounted or SIGINT/SIGTERM (blocks);
-    ``mounted(size)`` is called once the mount is up.
+    ``mounted(size)`` is called once the mount is up, ``on_error(exc)`` when a read fails
+    (see :class:`ImageFS`).
 
     Raises:
         BtrdeltaError: see :func:`check_can_mount`; or libfuse failed to mount (it said why
@@ -146,7 +156,8 @@ def mount_image(store: ChunkStore, name: str, mountpoint: str, *, debug: bool = 
     reader = ImageReader(store, index)
     try:
         mfusepy.FUSE(
-            ImageFS(reader, name, None if mounted is None else lambda: mounted(reader.size)),
+            ImageFS(reader, name, None if mounted is None else lambda: mounted(reader.size),
+                    on_error),
             mountpoint, foreground=True, ro=True, debug=debug,
             fsname=f"btrdelta:{name}", subtype="btrdelta", nothreads=False,
             **_LOOP_OPTIONS,

@@ -13,11 +13,16 @@ made durable, so a name never refers to a partial file written by this code. Chu
 written to unnamed files as they arrive and named in batches: one ``syncfs`` for the batch
 (up to :data:`BATCH_FILES` files, :data:`BATCH_BYTES` bytes or :data:`BATCH_DELAY` seconds
 old), then the names (:func:`btrdelta.fs.atomic.link_written`); a ``kill -9`` loses at most
-the batch not yet named. A description is written (atomically) only after every chunk it
-names was checked present and the chunk directories were ``fsync``-ed. Damage from outside
-(a crash of an older version, a bad disk, a stray write) is found by :meth:`ChunkStore.check`
-(size, then BLAKE3 of the content); damaged files are dropped (:meth:`ChunkStore.drop`) and
-fetched again by a clone or ``verify --repair``; :meth:`ChunkStore.gc` removes them too.
+the batch not yet named. On btrfs the ``syncfs`` commits the unnamed files' extents before
+any name exists, so a power cut leaves a chunk whole under its name or no name (an ``fsync``
+of an unnamed file persists nothing there: where there is no ``syncfs``, each file is also
+``fsync``-ed once named; ``docs/formats/chunk-store.md``). A description is written
+(atomically) only after every chunk it names was checked present and the chunk directories
+were made durable. Damage from outside (a crash of an older version, a bad disk, a stray
+write) is found by :meth:`ChunkStore.check` (size, then BLAKE3 of the content); damaged files
+are dropped (:meth:`ChunkStore.drop`) and fetched again by a clone or ``verify --repair``;
+:meth:`ChunkStore.gc` removes them too; an :class:`ImageReader` checks each chunk when it
+first opens it and fails the reads of a damaged one.
 This module does not fetch anything: that is the clone workflow's job.
 """
 
@@ -89,12 +94,18 @@ def _syncfs(fd: int) -> bool:
     return True
 
 
-def _durable(fds: list[int]) -> None:
-    """Make the content of the files ``fds`` durable: one ``syncfs`` (their file system's
-    whole write-back, which costs about what one ``fsync`` does), else an ``fsync`` each."""
-    if not _syncfs(fds[0]):
-        for fd in fds:
-            os.fsync(fd)
+def _durable(fds: list[int]) -> bool:
+    """Make the content of the files ``fds`` durable before they are named: one ``syncfs``
+    (their file system's whole write-back and, on btrfs, a transaction commit, which holds
+    the unnamed files' extents; about what one ``fsync`` costs). Where there is none, an
+    ``fsync`` each writes their data out, and ``False`` says each must be ``fsync``-ed once
+    named as well: btrfs logs nothing of an inode without links, so that ``fsync`` alone
+    leaves the name to be logged with an empty file (``fs.atomic``)."""
+    if _syncfs(fds[0]):
+        return True
+    for fd in fds:
+        os.fsync(fd)
+    return False
 
 
 @dataclass(slots=True)
@@ -107,11 +118,11 @@ class _Pending:
     size: int
     done: bool = False
 
-    def link(self, name: str) -> bool:
+    def link(self, name: str, *, sync: bool = False) -> bool:
         dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             self.done = True
-            return link_written(self.fd, self.tmp, dir_fd, name)
+            return link_written(self.fd, self.tmp, dir_fd, name, sync=sync)
         finally:
             os.close(dir_fd)
 
@@ -357,9 +368,9 @@ class ChunkStore:
                 return
             named = set()
             try:
-                _durable([p.fd for p in batch.values()])
+                synced = _durable([p.fd for p in batch.values()])
                 for digest, pending in batch.items():
-                    if pending.link(digest.hex()):
+                    if pending.link(digest.hex(), sync=not synced):
                         named.add(pending.directory)
             finally:
                 for pending in batch.values():
@@ -613,19 +624,56 @@ class _OpenChunk:
 class ImageReader:
     """Random-access, thread-safe reads of an image rebuilt from a store.
 
+    With ``verify`` (the default), a chunk file is read whole and checked against its id
+    (size and BLAKE3) the first time it is opened: a chunk damaged in the store (a power
+    cut under an older version, a bad disk, a stray write) fails its reads with a
+    :class:`~btrdelta.errors.ChecksumError` naming it, instead of serving wrong bytes.
+    A reader whose caller checks the whole content anyway (a stream's BLAKE3) passes
+    ``verify=False``.
+
     Args:
         store: where the chunks are.
         index: the image's decoded index.
         max_open: file descriptors kept open (LRU).
+        verify: check each chunk once, when first opened.
     """
 
-    def __init__(self, store: ChunkStore, index: ArchiveIndex, *, max_open: int = 256) -> None:
+    def __init__(self, store: ChunkStore, index: ArchiveIndex, *, max_open: int = 256,
+                 verify: bool = True) -> None:
         self.store = store
         self.index = index
         self.size = index.starts[-1]
         self._fds: OrderedDict[int, _OpenChunk] = OrderedDict()
         self._lock = threading.Lock()
         self._max_open = max_open
+        self._verified: set[int] | None = set() if verify else None
+
+    def _open(self, entry: int) -> int:
+        """A new descriptor of chunk ``entry``'s file, checked once per reader (outside the
+        lock: checks run in parallel)."""
+        digest = self.index.digests[entry]
+        path = self.store.chunk_path(digest)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise MissingBaseError("chunk missing from the store", path=path) from None
+        if self._verified is None or entry in self._verified:
+            return fd
+        try:
+            size = self.index.raw_sizes[entry]
+            data = os.pread(fd, size + 1, 0)
+            if len(data) != size or chunk_digest(data) != digest:
+                what = ("empty" if not data else "short" if len(data) < size
+                        else "long" if len(data) > size else "content differs")
+                raise ChecksumError(
+                    f"chunk damaged in the store ({what}): `btrdelta image verify --repair` "
+                    "fetches it again", path=path)
+        except BaseException:
+            os.close(fd)
+            raise
+        with self._lock:
+            self._verified.add(entry)
+        return fd
 
     def _acquire(self, entry: int) -> _OpenChunk:
         """An open descriptor of chunk ``entry``, pinned until :meth:`_release`."""
@@ -635,11 +683,15 @@ class ImageReader:
                 self._fds.move_to_end(entry)
                 slot.users += 1
                 return slot
-            path = self.store.chunk_path(self.index.digests[entry])
-            try:
-                slot = _OpenChunk(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
-            except FileNotFoundError:
-                raise MissingBaseError("chunk missing from the store", path=path) from None
+        fd = self._open(entry)
+        with self._lock:
+            slot = self._fds.get(entry)
+            if slot is not None:  # another thread opened it meanwhile
+                os.close(fd)
+                self._fds.move_to_end(entry)
+                slot.users += 1
+                return slot
+            slot = _OpenChunk(fd)
             self._fds[entry] = slot
             while len(self._fds) > self._max_open:
                 _, victim = self._fds.popitem(last=False)
@@ -659,6 +711,7 @@ class ImageReader:
 
         Raises:
             MissingBaseError: the chunk file is missing or too short.
+            ChecksumError: the chunk file is damaged (``verify``).
         """
         # the lock only guards the LRU: reads run in parallel, and a descriptor evicted
         # while pinned is closed by its last user (its number is never reused under a read)

@@ -362,8 +362,13 @@ def run_mount(args: argparse.Namespace) -> int:
             print(f"mounted {name} ({human_bytes(size)}, read-only) as {where}; "
                   f"umount {args.mountpoint} to end", file=sys.stderr, flush=True)
 
+    def failed(exc: Exception) -> None:  # the reader gets EIO: say why, once per cause
+        print(f"btrdelta image mount: error: {exc}; reads there fail (EIO)",
+              file=sys.stderr, flush=True)
+
     with default_signals():  # libfuse's handlers: a clean unmount on SIGTERM/SIGHUP too
-        mount_image(ChunkStore(store_dir), name, args.mountpoint, mounted=mounted)
+        mount_image(ChunkStore(store_dir), name, args.mountpoint, mounted=mounted,
+                    on_error=failed)
     if not args.quiet:
         print(f"unmounted {args.mountpoint}", file=sys.stderr, flush=True)
     return 0

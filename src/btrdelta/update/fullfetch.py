@@ -160,7 +160,7 @@ def store_stream(index: ArchiveIndex, digest: bytes, store: ChunkStore, *,
                  source: str) -> ChunkConcat:
     """The plain stream of an image whose chunks are all in ``store`` (checked against its
     BLAKE3 ``digest``); closing it closes the store reader."""
-    reader = ImageReader(store, index)
+    reader = ImageReader(store, index, verify=False)  # the whole stream's BLAKE3 is checked
     order, sizes = index.order, index.raw_sizes
 
     def get(pos: int) -> bytes:
