@@ -46,6 +46,15 @@ def test_every_help_has_an_example() -> None:
         assert max(len(line) for line in text.splitlines()) <= 100, p.prog
 
 
+def test_every_help_says_what_the_command_does() -> None:
+    # `image verify`, `device rollback`, `repo add` and 12 more showed only their usage and
+    # options: a new user could not tell what verify checks or where rollback goes
+    for words, p in COMMANDS:
+        text = p.description or ""
+        assert len(text) >= 60, (words, text)
+        assert text.rstrip().endswith("."), (words, text)
+
+
 def test_receive_stdin_dash_quiet_and_json(tmp_path: Path) -> None:
     proc = subprocess.run([*BTRDELTA, "receive", "-q", "--json", "-", str(tmp_path)],
                           input=FULL.read_bytes(), capture_output=True, check=False)

@@ -53,6 +53,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     _add_init(dsub)
     _add_install(dsub)
     s = dsub.add_parser("status", help="roots, default, trial, booted root, state subvolumes",
+                        description="Show the device: the default root (what boots when "
+                        "no trial is pending), the booted root, the next boot, a pending "
+                        "trial and its tries left, each root's release, verdict (new, good, "
+                        "bad) and tree-sum, and the state subvolumes with how each is "
+                        "mounted. Read only: it changes nothing.",
                         epilog=examples("btrdelta device status /mnt/top --json"))
     s.add_argument("fs", metavar="FS", help=_FS_HELP)
     s.add_argument("--json", action="store_true", help="print the status document as JSON")
@@ -73,7 +78,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         add_quiet_option(m)
         m.set_defaults(func=run_verdict, verdict=name)
     r = dsub.add_parser("rollback", help="cancel a pending trial, or make the previous good "
-                        "root the default", epilog=examples("btrdelta device rollback /mnt/top"))
+                        "root the default",
+                        description="Go back. When an installed root is on trial (it would "
+                        "boot next, or boots with tries left), the trial is cancelled: the "
+                        "default root boots next and the hook gets 'cancel SLOT'. Without a "
+                        "trial, the default goes back to the other good slot (or the factory "
+                        "base) and the hook gets 'good SLOT'. Recorded in the state file "
+                        "first, so a re-run after a power cut finishes the one rollback "
+                        "instead of going back twice. Reboot afterwards.",
+                        epilog=examples("btrdelta device rollback /mnt/top"))
     r.add_argument("fs", metavar="FS", help=_FS_HELP)
     r.add_argument("--json", action="store_true", help="print the new status as JSON")
     add_quiet_option(r)

@@ -60,6 +60,44 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(func=usage)
     _add_compress(isub)
     _add_clone(isub)
+    _add_exports(isub)
+    i = isub.add_parser("info", help="what an archive, description or casync index holds",
+                        description="Say what an image archive (a path or an http(s) URL: "
+                        "only its header and index are read), an image in a chunk store, or "
+                        "a casync/desync .caibx index holds: the image's size and BLAKE3, "
+                        "its chunks (distinct and total), the chunker's parameters, the "
+                        "archive's size and whether it is signed (checked with --key).",
+                        epilog=examples("btrdelta image info http://server/rootfs-v2.bdar",
+                                        "btrdelta image info --json /var/lib/images/v2"))
+    i.add_argument("source", metavar="ARCHIVE|STORE/NAME|INDEX.caibx",
+                   help="an archive (path or URL), an image in a store, or a casync index")
+    i.add_argument("--key", metavar="PUBKEY", help="also check the signature with this key")
+    add_json(i, "what it holds")
+    add_http_options(i)
+    i.set_defaults(func=run_info)
+    _add_verify(isub)
+    g = isub.add_parser("gc", help="drop unused and damaged chunks and leftovers from a store",
+                        description="Remove from the chunk store STORE every chunk that no "
+                        "image description names, every chunk that one names but whose "
+                        "size or content is wrong (a later clone or verify --repair fetches "
+                        "it again), the temporary files of killed clones and the source "
+                        "records of removed images. Delete an image first by removing its "
+                        "description file (STORE/NAME). Takes the store's lock exclusively: "
+                        "it waits for no clone unless given --wait.",
+                        epilog=examples("btrdelta image gc /var/lib/images",
+                                        "btrdelta image gc --dry-run --json /var/lib/images"))
+    g.add_argument("store", metavar="STORE", help="chunk store directory")
+    g.add_argument("--dry-run", action="store_true", help="only report")
+    g.add_argument("--quick", action="store_true",
+                   help="check kept chunks' sizes only, not their content")
+    g.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for a clone or verify holding the store to finish")
+    add_json(g, "the report")
+    add_quiet_option(g)
+    g.set_defaults(func=run_gc)
+
+
+def _add_exports(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     m = isub.add_parser(
         "mount", help="FUSE: expose an image in the store as one read-only file",
         description="Show image NAME of the chunk store STORE as the read-only file "
@@ -77,7 +115,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="a directory; the image shows in it as MOUNTPOINT/NAME")
     add_quiet_option(m)
     m.set_defaults(func=run_mount)
-    n = isub.add_parser("nbd", help="serve an image in the store over NBD (read-only)")
+    n = isub.add_parser(
+        "nbd", help="serve an image in the store over NBD (read-only)",
+        description="Serve image NAME of the chunk store STORE read-only over NBD (fixed "
+        "newstyle, structured replies, block status: runs of zeros show as holes) to "
+        "nbdinfo, nbdcopy, qemu or the kernel's nbd-client, read from the store's chunks "
+        "(nothing is downloaded: clone the image first). Runs in the foreground until "
+        "interrupted; says where it serves on standard error. A chunk damaged in the store "
+        "fails the reads that need it (EIO) instead of serving wrong bytes.")
     n.add_argument("target", metavar="STORE/NAME", help="chunk store directory and image name")
     n.add_argument("--listen", default="127.0.0.1:10809", metavar="ADDR", type=_listen,
                    help="HOST:PORT, [IPV6]:PORT or unix:PATH (default 127.0.0.1:10809)")
@@ -90,28 +135,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                         "nbdinfo --map 'nbd+unix:///v2?socket=/run/v2.sock'")
     add_quiet_option(n)
     n.set_defaults(func=run_nbd)
-    i = isub.add_parser("info", help="what an archive, description or casync index holds",
-                        epilog=examples("btrdelta image info http://server/rootfs-v2.bdar",
-                                        "btrdelta image info --json /var/lib/images/v2"))
-    i.add_argument("source", metavar="ARCHIVE|STORE/NAME|INDEX.caibx",
-                   help="an archive (path or URL), an image in a store, or a casync index")
-    i.add_argument("--key", metavar="PUBKEY", help="also check the signature with this key")
-    add_json(i, "what it holds")
-    add_http_options(i)
-    i.set_defaults(func=run_info)
-    _add_verify(isub)
-    g = isub.add_parser("gc", help="drop unused and damaged chunks and leftovers from a store",
-                        epilog=examples("btrdelta image gc /var/lib/images",
-                                        "btrdelta image gc --dry-run --json /var/lib/images"))
-    g.add_argument("store", metavar="STORE", help="chunk store directory")
-    g.add_argument("--dry-run", action="store_true", help="only report")
-    g.add_argument("--quick", action="store_true",
-                   help="check kept chunks' sizes only, not their content")
-    g.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                   help="wait this long for a clone or verify holding the store to finish")
-    add_json(g, "the report")
-    add_quiet_option(g)
-    g.set_defaults(func=run_gc)
 
 
 def _compress_meant(parser: argparse.ArgumentParser, words: list[str]) -> str | None:
@@ -196,6 +219,11 @@ def _listen(text: str) -> ListenAddress:
 def _add_verify(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     v = isub.add_parser(
         "verify", help="check an image in the store (every chunk's size and hash)",
+        description="Check that every chunk image NAME needs is in the chunk store STORE "
+        "with its size and hashing to its id (BLAKE3), and the description's signature "
+        "with --key. Exit 6 when a chunk is missing, 5 when some are only damaged, naming "
+        "the first. --repair drops the damaged chunks and fetches what is missing from the "
+        "--seed files first, then from where the image was cloned from (or --source).",
         epilog="example: btrdelta image verify --repair /var/lib/images/v2 --seed /dev/mmcblk0p2")
     v.add_argument("target", metavar="STORE/NAME", help="chunk store directory and image name")
     v.add_argument("--key", metavar="PUBKEY", help="also check the description's signature")

@@ -57,6 +57,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def _add_init(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     i = rsub.add_parser("init", help="create an empty repository",
+                        description="Make REPO an empty versions repository: a plain "
+                        "directory any static web server or mirror serves as it is. The "
+                        "chunk size and zstd level of the fulls are fixed here for every "
+                        "release. Then repo add each release and repo sign.",
                         epilog=examples("btrdelta repo init www/app",
                                         "btrdelta repo init www/app --avg-chunk 256K"))
     i.add_argument("repo", metavar="REPO", help="directory to make (empty or new)")
@@ -71,6 +75,13 @@ def _add_init(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def _add_add(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     a = rsub.add_parser(
         "add", help="add the next release (full + deltas)",
+        description="Add release VERSION (a directory tree, a read-only btrfs snapshot or a "
+        "full send stream) after the newest one: store its full (only the chunks no earlier "
+        "release stored), receive it again and check its identity (tree-sum), make deltas "
+        "from older releases (each checked by applying it), and update index.html. Nothing "
+        "is public until repo sign. With --plan-only the deltas become job files for repo "
+        "run-job on other machines; repo add REPO VERSION without SOURCE adopts their "
+        "outputs (and finishes an interrupted add).",
         epilog=examples("btrdelta repo add www/app 1.1 /build/app-1.1 -j 4",
                         "btrdelta repo add www/app 1.2 /snap/app-1.2     # a ro btrfs snapshot",
                         "btrdelta repo add www/app 1.3 rel-1.3.stream --plan-only > jobs.json"))
@@ -93,6 +104,10 @@ def _add_add(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def _add_run_job(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     j = rsub.add_parser("run-job", help="run one delta job written by `repo add --plan-only`",
+                        description="Make the one delta a job file of repo add --plan-only "
+                        "describes, on any machine that can read the repository, and write "
+                        "it next to the job; repo add REPO VERSION then checks it and "
+                        "publishes it.",
                         epilog=examples("btrdelta repo run-job www/app/.btrdelta/jobs/1.3/"
                                         "1.1-1.3.json --work /scratch"))
     j.add_argument("job", metavar="JOB.json", help="a job file that repo add --plan-only wrote")
@@ -106,6 +121,11 @@ def _add_run_job(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def _add_sign(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = rsub.add_parser(
         "sign", help="sign the index (root key) and the timestamp",
+        description="Publish: with --key, write the next signed index (every version, full "
+        "and delta, with sizes and digests; signed by the root key), then a timestamp "
+        "naming it (signed by --timestamp-key, valid for --expires). Without --key, sign "
+        "only a fresh timestamp (from cron, more often than it expires: clients refuse an "
+        "expired one). Clients verify both before using anything.",
         epilog=examples(
             "btrdelta repo sign www/app --key root.key --timestamp-key ts.key --expires 7d",
             "btrdelta repo sign www/app --timestamp-key ts.key --expires 1d   # cron",
@@ -129,6 +149,10 @@ def _add_sign(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def _add_ls(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ls = rsub.add_parser(
         "ls", help="versions, artifacts and sizes of a repository",
+        description="List the versions of a repository (a directory, or a mirror's URL, "
+        "verified against the root key with --key), oldest first: each version with its "
+        "full (chunked size, stream size, tree-sum) and the deltas that lead to it with "
+        "their sizes, and which signed index publishes them.",
         epilog=examples("btrdelta repo ls www/app",
                         "btrdelta repo ls https://mirror.example/app --key root.pub --json"))
     ls.add_argument("repo", metavar="REPO|URL", help="repository directory or base URL")

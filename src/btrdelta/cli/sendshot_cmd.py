@@ -47,13 +47,23 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                        help="print JSON on standard output")
     cmds = _Actions(p.add_subparsers(dest="action", metavar="ACTION", required=True), after)
     cmds.add_parser("list", help="every record, oldest first",
+                    description="List the records of the store, oldest first: id, time, "
+                    "kind, source, the stream's UUID, size, the record it was sent against, "
+                    "and the receivers' cursors that hold it.",
                     epilog=examples("btrdelta sendshot list",
                                     "btrdelta sendshot --store /var/lib/shots --json list"))
     show = cmds.add_parser("show", help="one record in full (its head and counts)",
+                           description="Show one record: its head (time, kind, name, "
+                           "source, the stream's UUID and ctransid, the record it was sent "
+                           "against, the receivers holding it) and counts (inodes, files, "
+                           "data bytes, blocks).",
                            epilog=examples("btrdelta sendshot show latest",
                                            "btrdelta sendshot --json show 3f2a9c"))
     show.add_argument("id", metavar="ID", help="a digest, a unique prefix, or 'latest'")
     delete = cmds.add_parser("delete", help="delete records",
+                             description="Delete records by id. A record a receiver's "
+                             "cursor names is the base of that receiver's next send: it is "
+                             "kept unless --force (the next send to it is then full).",
                              epilog=examples("btrdelta sendshot delete 3f2a9c 81b0d4"))
     delete.add_argument("ids", metavar="ID", nargs="+",
                         help="digests or unique prefixes (sendshot list shows them)")
@@ -74,8 +84,19 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                        help="keep the newest in each interval: e.g. 1h:24,1d:7,1w:4")
     prune.add_argument("-n", "--dry-run", action="store_true", help="only say what would go")
     add_quiet_option(prune)
+    _add_create(cmds)
+    p.set_defaults(func=run)
+
+
+def _add_create(cmds: _Actions) -> None:
     create = cmds.add_parser("create", help="record a tree a receiver already holds "
                                             "(a received subvolume, a kernel-sent snapshot)",
+                             description="Record a tree a receiver already holds, so the "
+                             "next `send SOURCE --from-sendshot latest` is incremental "
+                             "against it: the sender's read-only snapshot that btrfs send "
+                             "sent, or the receiver's copy. The record is named by the UUID "
+                             "the receiver knows the tree by (a received subvolume's "
+                             "received UUID). No data is kept: metadata and block digests.",
                              epilog=examples("btrdelta sendshot create /mnt/recv/data.20240101 "
                                              "--source /data"))
     create.add_argument("path", metavar="SUBVOL_OR_DIR",
@@ -88,7 +109,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                         help="the sender's source this is a copy of (e.g. PATH is the "
                              "receiver's copy): `send SOURCE --from-sendshot latest` finds it")
     add_quiet_option(create)
-    p.set_defaults(func=run)
 
 
 class _Actions:
