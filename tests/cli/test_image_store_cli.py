@@ -211,3 +211,19 @@ def test_clone_into_a_place_that_does_not_exist_is_one_line(
     r = _run("image", "clone", arc, f"{tmp_path}/store/v2")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "store" / "v2").is_file()
+
+
+def test_verify_and_gc_show_their_progress(image_pair: ImagePair, tmp_path: Path) -> None:
+    """`image verify` and `image gc` read every chunk of a store (minutes for a large one):
+    with --progress (or on a terminal) they say how far they are, as `clone` does."""
+    store = tmp_path / "store"
+    assert _run("image", "clone", "-q", str(image_pair.arc1), f"{store}/v1").returncode == 0
+    chunks = len(_chunk_files(store))
+    verify = _run("image", "verify", "--progress", f"{store}/v1")
+    assert verify.returncode == 0, verify.stderr
+    assert f"verify check: {chunks} chunks of {chunks}, 100%" in verify.stderr
+    gc = _run("image", "gc", "--progress", str(store))
+    assert gc.returncode == 0, gc.stderr
+    assert f"gc check: {chunks} chunks of {chunks}, 100%" in gc.stderr
+    for quiet in (_run("image", "verify", f"{store}/v1"), _run("image", "gc", str(store))):
+        assert quiet.stderr == ""  # not a terminal, no --progress: nothing

@@ -547,11 +547,12 @@ class ChunkStore:
         found = self.check(sizes, jobs=jobs, on_progress=on_progress)
         return VerifyReport(len(sizes), found.missing, list(found.damaged), found.damaged)
 
-    def gc(self, *, dry_run: bool = False, quick: bool = False, jobs: int = 2) -> GcReport:
+    def gc(self, *, dry_run: bool = False, quick: bool = False, jobs: int = 2,
+           on_progress: Callable[[int, int], None] | None = None) -> GcReport:
         """Remove chunks no description uses, damaged chunks and leftover temporary files.
 
         Call it under the exclusive lock (:meth:`locked`). Kept chunks are checked like
-        :meth:`check` does (only their sizes with ``quick``).
+        :meth:`check` does (only their sizes with ``quick``), with ``on_progress``.
         """
         used: dict[bytes, int] = {}
         names = self.descriptions()
@@ -562,8 +563,8 @@ class ChunkStore:
                 raise exc.located(path=self.description_path(name)) from None
         removed = removed_bytes = kept = 0
         stored = dict(self.iter_chunks())
-        damaged = self._damaged(
-            {d: s for d, s in used.items() if d in stored}, stored, quick=quick, jobs=jobs)
+        damaged = self._damaged({d: s for d, s in used.items() if d in stored}, stored,
+                                quick=quick, jobs=jobs, on_progress=on_progress)
         for digest, path in stored.items():
             if digest in used and digest not in damaged:
                 kept += 1
@@ -577,9 +578,9 @@ class ChunkStore:
         return GcReport(removed, removed_bytes, kept, len(damaged), leftovers)
 
     def _damaged(self, sizes: dict[bytes, int], paths: dict[bytes, str], *, quick: bool,
-                 jobs: int) -> set[bytes]:
+                 jobs: int, on_progress: Callable[[int, int], None] | None) -> set[bytes]:
         if not quick:
-            return set(self.check(sizes, jobs=jobs).damaged)
+            return set(self.check(sizes, jobs=jobs, on_progress=on_progress).damaged)
         bad = set()
         for digest, size in sizes.items():
             with contextlib.suppress(FileNotFoundError):

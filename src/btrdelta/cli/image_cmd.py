@@ -93,7 +93,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     g.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="wait this long for a clone or verify holding the store to finish")
     add_json(g, "the report")
-    add_quiet_option(g)
+    add_progress_options(g)
     g.set_defaults(func=run_gc)
 
 
@@ -236,7 +236,7 @@ def _add_verify(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     v.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="wait this long for the store's lock")
     add_json(v, "the report (also when it fails)")
-    add_quiet_option(v)
+    add_progress_options(v)
     add_http_options(v)
     v.set_defaults(func=run_verify)
 
@@ -464,9 +464,10 @@ def run_verify(args: argparse.Namespace) -> int:
     key = load_public_key(args.key) if args.key else None
     if (args.source or args.seed) and not args.repair:
         raise BtrdeltaError("--source and --seed are for --repair")
-    report, fix = verify_image(args.target, repair=args.repair, source=args.source,
-                               seeds=args.seed, public_key=key, wait=args.wait,
-                               config=http_config(args))
+    with _Phases("verify", progress_wanted(args)) as progress:
+        report, fix = verify_image(args.target, repair=args.repair, source=args.source,
+                                   seeds=args.seed, public_key=key, wait=args.wait,
+                                   config=http_config(args), on_progress=progress)
     if args.json:
         print(json.dumps(_verify_json(report, fix)))
     if report.ok:
@@ -508,7 +509,9 @@ def _verify_error(target: str, report: VerifyReport, fix: RepairReport | None) -
 
 def run_gc(args: argparse.Namespace) -> int:
     """``image gc``."""
-    report = gc_store(args.store, dry_run=args.dry_run, quick=args.quick, wait=args.wait)
+    with _Phases("gc", progress_wanted(args)) as progress:
+        report = gc_store(args.store, dry_run=args.dry_run, quick=args.quick, wait=args.wait,
+                          on_progress=progress)
     if args.json:
         print(json.dumps({"removed": report.removed, "removed_bytes": report.removed_bytes,
                           "kept": report.kept, "damaged": report.damaged,

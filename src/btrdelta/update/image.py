@@ -126,7 +126,7 @@ def verify_image(
     store = ChunkStore(store_dir)
     if not os.path.isdir(store.root):
         store.read_description(name)  # the one-line "no such image" error
-    progress = None if on_progress is None else (lambda d, t: on_progress("verify", d, t))
+    progress = None if on_progress is None else (lambda d, t: on_progress("check", d, t))
     with store.locked(exclusive=repair, wait=wait):
         store.read_description(name, public_key=public_key)
         report = store.verify(name, on_progress=progress)
@@ -168,10 +168,13 @@ def _repair(store: ChunkStore, name: str, report: VerifyReport, source: str | No
 
 
 def gc_store(store_dir: str, *, dry_run: bool = False, quick: bool = False,
-             wait: float = 0.0) -> GcReport:
-    """Remove unused and damaged chunks and leftovers, under the store's exclusive lock."""
+             wait: float = 0.0,
+             on_progress: Callable[[str, int, int], None] | None = None) -> GcReport:
+    """Remove unused and damaged chunks and leftovers, under the store's exclusive lock
+    (``on_progress("check", done, total)`` as the kept chunks are checked)."""
     store = ChunkStore(store_dir)
     if not os.path.isdir(store.root):
         raise BtrdeltaError("no such chunk store", path=store_dir)
+    progress = None if on_progress is None else (lambda d, t: on_progress("check", d, t))
     with store.locked(exclusive=True, wait=wait):
-        return store.gc(dry_run=dry_run, quick=quick)
+        return store.gc(dry_run=dry_run, quick=quick, on_progress=progress)
