@@ -92,6 +92,35 @@ def test_install_from_a_repository_takes_the_delta(
     assert sorted(p.name for p in (btrfs_dev / ".btrdelta/fetch").iterdir()) == [".btrdelta"]
 
 
+def test_a_factory_base_from_a_stream_is_held_by_its_content_not_its_name(
+    btrfs_dev: Path, small_release: Release, served: tuple[Nginx, Path], tmp_path: Path,
+) -> None:
+    """The README's flow: `device init --factory rootfs-1.stream`, then installs from a
+    repository whose versions have other names ("old", "new"). The running root is the
+    repository's "old" by content (its tree-sum is that version's identity): the delta is
+    fetched, not the full (main fetched the whole full: the planner held only versions by
+    name)."""
+    r = small_release
+    srv, www = served
+    factory = tmp_path / "factory-1"
+    copy_tree(r.old, factory)
+    btrdelta("send", factory, "-o", tmp_path / "factory-1.stream")
+    btrdelta("device", "init", btrfs_dev, "--factory", tmp_path / "factory-1.stream")
+    assert device.status(btrfs_dev)["roots"]["a"]["release"] == "factory-1"
+    before = srv.served()
+    res = checked("device install", json.loads(btrdelta(
+        "device", "install", btrfs_dev, f"{srv.url}/repo", "--key", www / "root.pub",
+        "--json").stdout))
+    assert (res["slot"], res["release"], res["tree_sum"]) == ("b", "new", r.new_sum)
+    assert tree_sum(btrfs_dev / "roots/b") == r.new_sum
+    info = _versions(www / "repo")["new"]
+    fetched = srv.served() - before
+    delta = min(d["bytes"] for d in info["deltas"])
+    assert fetched < delta + 64 * 1024, (fetched, delta, info["full_bytes"])
+    assert res["hops"] == 1
+    assert [s for s in subvolumes(btrfs_dev) if not s.startswith("state/")] == CLEAN
+
+
 def test_install_from_a_repository_with_no_held_version_takes_the_full(
     btrfs_dev: Path, small_release: Release, served: tuple[Nginx, Path], tmp_path: Path,
 ) -> None:

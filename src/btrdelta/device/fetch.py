@@ -5,9 +5,11 @@ and turning it into a received root under the staging name:
 
 * a **repository** (an ``http(s)://`` URL that is not a ``.bdar``): ``btrdelta update``
   (:func:`btrdelta.update.versions.update`) runs on ``.btrdelta/fetch/`` of the device, where
-  the root the slot is rebuilt from was first snapshotted (read-only, under its release
+  the root the slot is rebuilt from was first snapshotted (read-only, under the name of the
+  repository's version whose identity is the root's recorded tree-sum, else its release
   name: the planner counts it as held only when its tree-sum is the index's identity of that
-  version). The planner picks the cheapest path (deltas, or the full reusing that root's
+  version; a factory base received from a stream or a tree carries the stream's name, not
+  the repository's). The planner picks the cheapest path (deltas, or the full reusing that root's
   chunks); the version arrives verified against the signed index and is moved to the
   staging name. The pinned root key and the trusted index state stay in
   ``.btrdelta/fetch/.btrdelta/`` (rollback protection across installs); downloads and
@@ -87,18 +89,39 @@ def _one_key(keys: Sequence[str] | None, what: str) -> str | None:
     return keys[0] if keys else None
 
 
+def _version_of(url: str, key: str | None, tree_sum: str | None) -> str | None:
+    """The name of the repository's version whose identity is ``tree_sum``, if any: a hint
+    only (the update checks the held tree's content against the verified index); a
+    repository that cannot be listed gives none, and the update says why."""
+    from ..errors import BtrdeltaError
+    from ..update.listing import list_repo
+
+    if not tree_sum:
+        return None
+    try:
+        listing = list_repo(url, key=key)
+    except (BtrdeltaError, OSError):
+        return None
+    return next((str(v["name"]) for v in listing["versions"]
+                 if v.get("identity") == tree_sum), None)
+
+
 def from_repository(
     layout: Layout, url: str, staged: Path, *, parent: Path | None, parent_release: str | None,
     to: str | None, mirrors: Sequence[str], keys: Sequence[str] | None,
-    on_progress: Callable[[int, int], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None, parent_sum: str | None = None,
 ) -> ReceivedSubvol:
     """Bring version ``to`` (default: the newest) of the repository at ``url`` to
     ``staged`` (a read-only subvolume, its tree-sum checked against the signed index).
-    The result's ``records`` are the hops applied, its ``data_bytes`` the bytes
-    downloaded."""
+    ``parent`` (release ``parent_release``, tree-sum ``parent_sum``) is offered to the
+    planner as held. The result's ``records`` are the hops applied, its ``data_bytes`` the
+    bytes downloaded."""
     from ..update.versions import update
 
     work = work_dir(layout)
+    key = _one_key(keys, "a repository's index")
+    if parent is not None:
+        parent_release = _version_of(url, key, parent_sum) or parent_release
     if parent is not None and parent_release and _plain_name(parent_release):
         held = work / parent_release
         if os.path.lexists(held):
@@ -112,8 +135,7 @@ def from_repository(
             received += int(ev["n"])  # type: ignore[call-overload]
             on_progress(0, received)
 
-    res = update(url, work, to=to, key=_one_key(keys, "a repository's index"),
-                 mirrors=mirrors, on_event=on_event)
+    res = update(url, work, to=to, key=key, mirrors=mirrors, on_event=on_event)
     if res.path is None:
         raise DeviceError(f"{url}: the update brought no version {res.target!r}")
     # a read-only subvolume cannot change directory (its ".." is inside it): a snapshot

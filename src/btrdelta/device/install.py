@@ -142,7 +142,8 @@ def install(
         parent_name = booted or default_root(layout)
         parent = layout.root(parent_name) if parent_name else None
         info = st.roots.get(parent_name) if parent_name else None
-        fetch = Fetch(to, tuple(mirrors), info.release if info else None)
+        fetch = Fetch(to, tuple(mirrors), info.release if info else None,
+                      info.tree_sum if info else None)
         try:
             built = build_root(layout, source, slot, parent=parent, expect_sum=expect_sum,
                                keys=keys, signature=signature, fetch=fetch,

@@ -39,11 +39,12 @@ _CHUNK = 256
 @dataclass(frozen=True)
 class Fetch:
     """For a repository URL: the version wanted (default the newest), other mirrors, the
-    release name of the root the slot is rebuilt from."""
+    release name and tree-sum of the root the slot is rebuilt from."""
 
     to: str | None = None
     mirrors: tuple[str, ...] = ()
     parent_release: str | None = None
+    parent_sum: str | None = None
 
 
 @dataclass(frozen=True)
@@ -239,7 +240,8 @@ def _receive(layout: Layout, source: str | os.PathLike[str], staged: str,
     if kind == "repository":
         return from_repository(layout, label, layout.roots / staged, parent=parent,
                                parent_release=fetch.parent_release, to=fetch.to,
-                               mirrors=fetch.mirrors, keys=keys, on_progress=on_progress)
+                               mirrors=fetch.mirrors, keys=keys, on_progress=on_progress,
+                               parent_sum=fetch.parent_sum)
     if fetch.to is not None or fetch.mirrors:
         raise DeviceError(f"{label}: --to and --mirror are for a repository URL")
     if kind == "archive":  # an archive carries its signature in itself
