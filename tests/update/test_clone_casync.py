@@ -4,6 +4,7 @@ clone must rebuild the image byte for byte, from a local store or over HTTP, wit
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -107,6 +108,13 @@ def test_cli_clone_and_info_of_a_caibx(
                  str(out), "--castr", str(casync_pair / "default.castr")]) == 0
     assert json.loads(capsys.readouterr().out)["kind"] == "casync"
     assert out.read_bytes() == image_pair.img1.read_bytes()
+    # a casync store lists no sizes: what it fetched is counted uncompressed, and said so
+    # (it said "fetched 1393 (106.0 MiB + ...); ..., 52.5 MiB received")
+    assert main(["image", "clone", str(casync_pair / "v1.caibx"), "--output",
+                 str(tmp_path / "again.img"), "--castr", str(casync_pair / "default.castr")]) == 0
+    said = capsys.readouterr().out
+    assert re.search(r"fetched \d+ \([\d.]+ [KM]iB uncompressed \+ [\d.]+ KiB index\); ",
+                     said), said
     assert main(["image", "info", "--json", str(casync_pair / "v1.caibx")]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["image_size"] == image_pair.img1.stat().st_size

@@ -348,9 +348,12 @@ def _print_clone(args: argparse.Namespace, report: CloneReport) -> None:
     verb = "would fetch" if args.dry_run else "fetched"
     n_fetch = report.fetch_chunks
     damaged = f" ({report.damaged} damaged, dropped)" if report.damaged else ""
+    # a casync store lists no sizes: its chunks are counted as they are uncompressed
+    raw = " uncompressed" if report.kind == "casync" else ""
     print(f"{what}: {report.chunks} chunks: {report.from_store} in store{damaged}, "
           f"{report.from_seeds} from seeds, {verb} {n_fetch}"
-          f" ({human_bytes(report.fetch_bytes)} + {human_bytes(report.index_bytes)} index); "
+          f" ({human_bytes(report.fetch_bytes)}{raw} + {human_bytes(report.index_bytes)} "
+          f"index); "
           f"{report.requests} requests, {human_bytes(report.bytes_received)} received"
           f"{' (server ignores Range: whole archive downloaded)' if report.full_download else ''}")
     if args.output and not args.dry_run:
