@@ -227,3 +227,22 @@ def test_verify_and_gc_show_their_progress(image_pair: ImagePair, tmp_path: Path
     assert f"gc check: {chunks} chunks of {chunks}, 100%" in gc.stderr
     for quiet in (_run("image", "verify", f"{store}/v1"), _run("image", "gc", str(store))):
         assert quiet.stderr == ""  # not a terminal, no --progress: nothing
+
+
+def test_every_phase_of_a_clone_to_an_output_ends_at_100_percent(
+    image_pair: ImagePair, tmp_path: Path
+) -> None:
+    """The output and verify phases' last lines said 96-99 % (their last report was the
+    start of their last block or 64th chunk), as if the clone stopped short."""
+    out = tmp_path / "v2.img"
+    clone = _run("image", "clone", "--progress", str(image_pair.arc2), "--output", str(out),
+                 "--seed", str(image_pair.img1))
+    assert clone.returncode == 0, clone.stderr
+    last: dict[str, str] = {}
+    for line in clone.stderr.splitlines():
+        if line.startswith("clone "):
+            last[line.split(":")[0]] = line
+    assert {"clone output", "clone fetch", "clone verify"} <= set(last), clone.stderr
+    for phase, line in last.items():
+        assert ", 100%, " in line, (phase, line)
+    assert out.read_bytes() == image_pair.img2.read_bytes()

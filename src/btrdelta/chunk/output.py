@@ -316,6 +316,8 @@ class OutputWriter:
             if on_progress is not None and pos % 64 == 0:
                 on_progress(starts[pos], size)
         flush()
+        if on_progress is not None:
+            on_progress(size, size)  # (it ended at the last 64th position: 96-99 %)
 
     def _moves(self) -> None:
         starts = self.layout.starts
@@ -388,7 +390,7 @@ class OutputWriter:
             for off in range(0, size, _COPY_BLOCK):
                 hasher.update(os.pread(self.fd, min(_COPY_BLOCK, size - off), off))
                 if on_progress is not None:
-                    on_progress(off, size)
+                    on_progress(min(off + _COPY_BLOCK, size), size)
             if hasher.digest() != image_digest:
                 raise ChecksumError(
                     "rebuilt image does not match the archive's image digest",
@@ -399,6 +401,6 @@ class OutputWriter:
             if not self._checked(data, pos):
                 raise ChecksumError(f"chunk {pos} of the written image does not match its id",
                                     offset=starts[pos], path=self.name)
-            if on_progress is not None and pos % 64 == 0:
-                on_progress(starts[pos], size)
+            if on_progress is not None and (pos % 64 == 63 or pos + 2 == len(starts)):
+                on_progress(starts[pos + 1], size)
 
