@@ -217,6 +217,26 @@ def test_status_says_a_trial_ran_out(btrfs_dev: Path, small_release: Release) ->
                       "install rebuilds b")
 
 
+def test_init_force_lays_out_a_device_anew(btrfs_dev: Path, small_release: Release) -> None:
+    """`device init --force` on a device failed with 'error: Operation not permitted' and
+    nothing else: btrfs refuses to delete the default subvolume (a root), and the state
+    file was already gone, so the device was no device and every re-run failed the same.
+    It lays the device out anew now: the factory release in every root, a fresh state."""
+    r = small_release
+    btrdelta("device", "init", btrfs_dev, "--factory", r.old, "-q")
+    btrdelta("device", "install", btrfs_dev, r.delta, "-q")
+    btrdelta("device", "mark-good", btrfs_dev, "--slot", "b", "-q")  # the default: roots/b
+    (btrfs_dev / "state/etc/upper").mkdir(parents=True, exist_ok=True)
+    (btrfs_dev / "state/etc/upper/hostname").write_text("device-1\n")
+    got = btrdelta("device", "init", btrfs_dev, "--factory", r.new, "--force", "--json")
+    st = json.loads(got.stdout)
+    assert st["default"] == "a"
+    assert {st["roots"][n]["tree_sum"] for n in ("a", "b", "factory")} == {r.new_sum}
+    assert tree_sum(btrfs_dev / "roots/b") == r.new_sum
+    assert not (btrfs_dev / "state/etc/upper/hostname").exists()
+    assert device.status(btrfs_dev)["next_boot"] == "a"
+
+
 def test_verdicts_and_rollback_say_what_they_did(btrfs_dev: Path,
                                                  small_release: Release) -> None:
     """mark-good, mark-bad and rollback printed only the status, with no line on what

@@ -49,6 +49,9 @@ __all__ = [
 DEFAULT_STATE = ("etc:/etc:overlay", "var:/var:overlay", "home:/home:bind")
 
 
+#: the top-level subvolume's id (the default of a fresh btrfs)
+_TOP_LEVEL = 5
+
 def init(
     fs: str | os.PathLike[str],
     factory: str | os.PathLike[str],
@@ -112,6 +115,10 @@ def _prepare_empty(layout: Layout, force: bool) -> None:
         raise DeviceError(f"{layout.name} holds {', '.join(p.name for p in present)} from an "
                           "unfinished init (--force deletes them)")
     if force:
+        # the default subvolume is a root, which btrfs refuses to delete (EPERM: --force on
+        # a device failed after dropping its state file, and every re-run failed the same)
+        with layout.fd() as fd:
+            sv.set_default_subvolume(fd, _TOP_LEVEL)
         layout.state_file.unlink(missing_ok=True)
         clear_trial(layout)
         for p in ours[1:]:

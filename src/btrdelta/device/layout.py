@@ -168,7 +168,11 @@ class Layout:
                     ids += self._delete_tree(p)
                     dirnames.remove(d)
         with self.fd(path.parent) as dfd:
-            sv.delete_subvolume(dfd, os.fsencode(path.name))
+            try:
+                sv.delete_subvolume(dfd, os.fsencode(path.name))
+            except OSError as exc:  # the ioctl's error names no path: name it (same type:
+                exc.filename = str(path)  # callers skip a subvolume in use by its errno)
+                raise
         return [*ids, sid]
 
     def rename(self, src: Path, dst: Path, *, replace: bool = False) -> None:
