@@ -172,6 +172,29 @@ def test_disk_full_before_the_install_keeps_the_pending_trial(small_release: Rel
         assert tree_sum(dev / "roots/b") == r.new_sum
 
 
+def test_mount_says_which_state_it_could_not_mount(btrfs_dev: Path, small_release: Release,
+                                                  tmp_path: Path) -> None:
+    """A state subvolume whose path the root lacks (here /srv/data) was left out without a
+    word: `mounted root a on T; overlay /etc`, and writes there hit the read-only root."""
+    btrdelta("device", "init", btrfs_dev, "--factory", small_release.old, "-q",
+             "--state", "etc:/etc:overlay", "--state", "data:/srv/data:bind")
+    target = tmp_path / "sysroot"
+    target.mkdir()
+    try:
+        made = btrdelta("device", "mount", btrfs_dev, target)
+        assert made.stdout.startswith(f"mounted root a on {target}; overlay /etc (undo")
+        assert made.stderr.splitlines() == [
+            "btrdelta device mount: warning: not mounted: /srv/data (root a has no such "
+            "directory; the release should create it)"]
+        subprocess.run(["umount", "-R", str(target)], check=True)
+        doc = json.loads(btrdelta("device", "mount", btrfs_dev, target, "--json").stdout)
+        assert doc["mounts"] == [{"mode": "overlay", "path": "/etc"}]
+        assert doc["skipped"] == ["/srv/data"]
+    finally:
+        while os.path.ismount(target):
+            subprocess.run(["umount", "-R", str(target)], check=True)
+
+
 def test_mount_twice_is_refused(btrfs_dev: Path, small_release: Release,
                                 tmp_path: Path) -> None:
     """A second ``device mount`` on the same target stacked a second root with its

@@ -393,14 +393,20 @@ def run_mount(args: argparse.Namespace) -> int:
 
     res = mount(args.fs, args.target, root=args.root, state=not args.no_state)
     mounts: list[tuple[str, str]] = res["mounts"]  # type: ignore[assignment]
+    skipped: list[str] = res["skipped"]  # type: ignore[assignment]
     if args.json:
         print(json.dumps({"root": res["root"], "target": args.target,
-                          "mounts": [{"mode": m, "path": p} for m, p in mounts]}))
+                          "mounts": [{"mode": m, "path": p} for m, p in mounts],
+                          "skipped": skipped}))
         return 0
     if not args.quiet:
         print(f"mounted root {res['root']} on {args.target}"
               + "".join(f"; {mode} {path}" for mode, path in mounts)
               + f" (undo: umount -R {shlex.quote(args.target)})")
+    if skipped:  # writes there hit the read-only root: say why they are not the state's
+        print(f"btrdelta device mount: warning: not mounted: {', '.join(skipped)} (root "
+              f"{res['root']} has no such directory; the release should create it)",
+              file=sys.stderr)
     return 0
 
 

@@ -50,7 +50,8 @@ def mount(fs: str | os.PathLike[str], target: str | os.PathLike[str], *,
     undoes it.
 
     Returns:
-        ``{"root": NAME, "mounts": [(mode, path), ...]}``.
+        ``{"root": NAME, "mounts": [(mode, path), ...], "skipped": [path, ...]}``: the
+        state subvolumes not mounted because the root has no directory at their path.
     """
     target = Path(target)
     if not target.is_dir():
@@ -65,11 +66,13 @@ def mount(fs: str | os.PathLike[str], target: str | os.PathLike[str], *,
         name = _root_name(layout, root)
         _run("mount", "--bind", "-o", "ro", str(layout.root(name)), str(target))
         done: list[tuple[str, str]] = []
+        skipped: list[str] = []
         try:
             for s in st.state if state else []:
                 where = target / s.path.lstrip("/")
                 sub = layout.state(s.name)
                 if not where.is_dir() or not sub.is_dir():
+                    skipped.append(s.path)
                     continue
                 if s.mode == "overlay":
                     _run("mount", "-t", "overlay", "overlay", "-o",
@@ -81,7 +84,7 @@ def mount(fs: str | os.PathLike[str], target: str | os.PathLike[str], *,
         except BaseException:
             subprocess.run(["umount", "-R", str(target)], capture_output=True, check=False)
             raise
-        return {"root": name, "mounts": done}
+        return {"root": name, "mounts": done, "skipped": skipped}
 
 
 @dataclass(frozen=True)
