@@ -218,6 +218,26 @@ def test_install_from_a_chunk_archive_reuses_the_running_root(
             fetched, seeded)
 
 
+def test_an_archive_install_reports_its_download(btrfs_dev: Path, small_release: Release,
+                                                 served: tuple[Nginx, Path]) -> None:
+    """The chunks of a .bdar came in without a word (a root image: minutes), then only the
+    receive showed progress; the download is reported as a repository's is: (0, bytes)."""
+    r = small_release
+    srv, www = served
+    device.init(btrfs_dev, r.old, state=[])
+    calls: list[tuple[int, int]] = []
+    before = srv.served()
+    device.install(btrfs_dev, f"{srv.url}/new.bdar",
+                   on_progress=lambda records, n: calls.append((records, n)))
+    received = next(i for i, (records, _) in enumerate(calls) if records)  # the receive's
+    downloads = [n for _, n in calls[:received] if n]  # (the receive starts at (0, 0))
+    assert downloads, calls
+    assert downloads == sorted(downloads), repr(calls)
+    assert srv.served() > before
+    # the chunks' bytes as they arrive, up to the image's (uncompressed)
+    assert 0 < downloads[-1] <= (www / "new.stream").stat().st_size
+
+
 def test_a_damaged_archive_selects_nothing(btrfs_dev: Path, small_release: Release,
                                            served: tuple[Nginx, Path], tmp_path: Path) -> None:
     _, www = served

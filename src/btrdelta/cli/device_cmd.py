@@ -292,8 +292,8 @@ def run_init(args: argparse.Namespace) -> int:
 
     with Progress("init", enabled=progress_wanted(args), unit="B") as progress:
 
-        def on_progress(records: int, nbytes: int) -> None:  # (0, downloaded): a repository
-            progress.update(nbytes, note=f"{records} records" if records else "")
+        def on_progress(records: int, nbytes: int) -> None:  # (0, downloaded): a download
+            progress.update(nbytes, note=f"{records} records" if records else "fetching")
 
         st = init(args.fs, args.factory, state=args.state, tries=args.tries, hook=args.hook,
                   expect_sum=args.expect_sum, force=args.force,
@@ -309,8 +309,8 @@ def run_install(args: argparse.Namespace) -> int:
 
     with Progress("install", enabled=progress_wanted(args), unit="B") as progress:
 
-        def on_progress(records: int, nbytes: int) -> None:  # (0, downloaded): a repository
-            progress.update(nbytes, note=f"{records} records" if records else "")
+        def on_progress(records: int, nbytes: int) -> None:  # (0, downloaded): a download
+            progress.update(nbytes, note=f"{records} records" if records else "fetching")
 
         def on_step(name: str) -> None:
             if args.verbose:

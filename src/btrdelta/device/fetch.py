@@ -160,10 +160,12 @@ def _plain_name(name: str) -> bool:
 @contextlib.contextmanager
 def archive_stream(
     layout: Layout, location: str, *, parent: Path | None, keys: Sequence[str] | None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[BinaryIO]:
     """The plain send stream in the chunk archive at ``location``, its chunks brought into
     the device's fetch store first (checked: per chunk, and the whole stream's BLAKE3 before
-    its last byte is read)."""
+    its last byte is read; ``on_progress(0, bytes fetched)`` meanwhile, as a repository's
+    download is reported)."""
     from ..update.clone import clone_image
     from ..update.fullfetch import store_stream
 
@@ -174,7 +176,10 @@ def archive_stream(
     seeds = [_seed(parent, work)] if parent is not None else []
     try:
         clone_image(location, target=f"{store.root}/{_IMAGE}", seeds=[str(s) for s in seeds],
-                    public_key=public_key)
+                    public_key=public_key,
+                    on_progress=None if on_progress is None else (
+                        lambda phase, done, total: on_progress(0, done)
+                        if phase == "fetch" else None))
     finally:
         for s in seeds:
             s.unlink(missing_ok=True)

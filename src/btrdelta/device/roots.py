@@ -245,7 +245,8 @@ def _receive(layout: Layout, source: str | os.PathLike[str], staged: str,
     if fetch.to is not None or fetch.mirrors:
         raise DeviceError(f"{label}: --to and --mirror are for a repository URL")
     if kind == "archive":  # an archive carries its signature in itself
-        with archive_stream(layout, label, parent=parent, keys=keys) as stream:
+        with archive_stream(layout, label, parent=parent, keys=keys,
+                            on_progress=on_progress) as stream:
             return _receive_stream(layout, stream, staged, label, on_progress, None)
     signed = _Signed(keys, signature, label) if keys else None
     if label != "-" and path.is_dir():
