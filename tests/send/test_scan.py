@@ -182,6 +182,33 @@ def test_hashing_threads_keep_order_errors_and_stop(tmp_path: Path) -> None:
     pool.close()
 
 
+def test_an_idle_hashing_thread_takes_the_next_batch(tmp_path: Path) -> None:
+    """A hashing thread that found the queue empty waits for the next batch (a full send's
+    walk queues them as it goes) instead of ending and being started again; close() ends
+    it at once."""
+    import threading
+    import time
+
+    from btrdelta.send.hashing import _LINGER, _Batches
+
+    ran: list[int] = []
+
+    def run(batch: list[tuple[object, bytes]], keeping: bool) -> int:
+        ran.append(threading.get_ident())
+        return len(batch)
+
+    pool = _Batches(run, 2)
+    for i in range(1, 6):
+        assert pool.submit([(None, b"x")] * i, False).result() == i
+        time.sleep(0.01)  # (the thread is waiting again)
+    assert len(pool._threads) == 1
+    assert len(set(ran)) == 1
+    started = time.monotonic()
+    pool.close()
+    assert time.monotonic() - started < _LINGER / 2
+    assert not any(t.is_alive() for t in pool._threads)
+
+
 def _many(root: Path, n: int = 300) -> None:
     for d in range(3):
         (root / f"d{d}").mkdir(parents=True)

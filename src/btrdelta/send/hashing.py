@@ -270,41 +270,60 @@ class _Job:
         return self.value
 
 
+#: seconds an idle hashing thread waits for the next batch before it ends: a full send's
+#: walk queues batches as it publishes directories, and a thread started again for each
+#: one held up the walk until the new thread ran (``Thread.start``: 10-60 ms a time at load
+#: 7, ten times for Debian's ``/usr``)
+_LINGER = 0.5
+
+
 class _Batches:
     """Up to ``workers`` threads running ``run(*args)`` over batches in the order queued.
 
     What :class:`ContentHasher` needs of ``concurrent.futures.ThreadPoolExecutor``, which
     (with the ``logging`` it imports) costs a small send ~4 ms of its start: a thread is
-    started per batch queued while fewer than ``workers`` run, and ends when the queue is
-    empty; :meth:`close` drops what was not started and joins the threads.
+    started per batch queued while fewer than ``workers`` run and none waits for work; one
+    that found the queue empty waits up to :data:`_LINGER` seconds for the next batch, then
+    ends; :meth:`close` drops what was not started, ends the waiting threads and joins them
+    (a batch queued after it starts new ones).
     """
 
     def __init__(self, run: Callable[[list[tuple[Node, bytes]], bool], int],
                  workers: int) -> None:
         self._run, self._workers = run, workers
-        self._lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
         self._queue: deque[_Job] = deque()
         self._threads: list[threading.Thread] = []
-        self._idle = 0  # threads started that found the queue empty (ended or ending)
+        self._running = 0  # threads started and not ended
+        self._idle = 0  # threads waiting for a batch
+        self._closed = False
 
     def submit(self, batch: list[tuple[Node, bytes]], keeping: bool) -> _Job:
         job = _Job((batch, keeping))
-        with self._lock:
+        with self._cond:
             self._queue.append(job)
-            if len(self._threads) - self._idle < self._workers:
+            if self._idle >= len(self._queue):  # (a waiting thread for each batch queued)
+                self._cond.notify()
+            elif self._running < self._workers:
                 t = threading.Thread(target=self._work, daemon=True,
                                      name=f"btrdelta-hash_{len(self._threads)}")
                 self._threads.append(t)
+                self._running += 1
                 t.start()
         return job
 
     def _work(self) -> None:
+        cond, queue = self._cond, self._queue
         while True:
-            with self._lock:
-                if not self._queue:
+            with cond:
+                if not queue and not self._closed:
                     self._idle += 1
+                    cond.wait(_LINGER)
+                    self._idle -= 1
+                if not queue or self._closed:
+                    self._running -= 1
                     return
-                job = self._queue.popleft()
+                job = queue.popleft()
             try:
                 job.value = self._run(*job.args)
             except BaseException as exc:  # handed to result() in the waiting thread
@@ -313,15 +332,19 @@ class _Batches:
                 job.finish()
 
     def close(self) -> None:
-        """Drop the batches not started, wait for the threads."""
-        with self._lock:
+        """Drop the batches not started, end the waiting threads, wait for them all."""
+        with self._cond:
+            self._closed = True
             dropped = list(self._queue)
             self._queue.clear()
+            self._cond.notify_all()
         for job in dropped:
             job.error = BtrdeltaError("hashing stopped")
             job.finish()
         for t in self._threads:
             t.join()
+        with self._cond:
+            self._closed = False  # (a batch queued later starts new threads)
 
 
 def block_segments(segs: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
