@@ -72,12 +72,12 @@ def test_nested_too_deep(reader: str, tmp_path: Path) -> None:
 
 def test_partial_meta_nested_too_deep(tmp_path: Path) -> None:
     """A replication receiver's partial transfer (it is discarded with a warning)."""
-    from btrdelta.update.replica import _META, PARTIAL_DIR, _Damaged, _Partial
+    from btrdelta.update.partial import META, PARTIAL_DIR, Damaged, PartialTransfer
 
     (tmp_path / PARTIAL_DIR).mkdir()
-    (tmp_path / PARTIAL_DIR / _META).write_bytes(NESTED)
-    with pytest.raises(_Damaged, match="not JSON"):
-        _Partial(tmp_path, "dir").load()
+    (tmp_path / PARTIAL_DIR / META).write_bytes(NESTED)
+    with pytest.raises(Damaged, match="not JSON"):
+        PartialTransfer(tmp_path, "dir").load()
 
 
 @pytest.mark.parametrize("entry", [

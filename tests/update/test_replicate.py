@@ -296,6 +296,65 @@ def test_the_first_data_messages_are_small_then_double(tmp_path: Path,
     assert tree_sum(_newest(dest)) == tree_sum(src)
 
 
+@pytest.mark.btrfs
+def test_the_commit_comes_while_the_receiver_seals(fs2: tuple[Path, Path], tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The receiver acknowledges END's segment before it seals the subvolume (its received
+    UUID, read-only: a transaction commit), and the sender names the sendshot in its cursor
+    while it waits for that ACK: the COMMIT comes during the seal, not a round trip and a
+    cursor write after it."""
+    import threading
+
+    from btrdelta.receive import subvolumes
+    from btrdelta.update.channels import SocketChannel
+
+    snd, rcv = fs2
+    live = snd / "vol"
+    _sh("btrfs", "subvolume", "create", live)
+    rng = random.Random(5)
+    for i in range(6):
+        (live / f"f{i}").write_bytes(rng.randbytes(700_000))
+    dest = rcv / "backup"
+    dest.mkdir()
+    commit_sent = threading.Event()
+    during_seal: list[bool] = []
+    send, seal = MessageIO.send, subvolumes.set_received
+
+    def spy_send(io: MessageIO, msg: object) -> None:
+        send(io, msg)  # type: ignore[arg-type]
+        if isinstance(msg, Commit):
+            commit_sent.set()
+
+    def spy_seal(*args: object) -> None:
+        during_seal.append(commit_sent.wait(5))
+        seal(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(MessageIO, "send", spy_send)
+    monkeypatch.setattr(subvolumes, "set_received", spy_seal)
+    a, b = socket.socketpair()
+    served: list[object] = []
+    receiver = threading.Thread(
+        target=lambda: served.append(Replica(dest).serve(SocketChannel(a, "sender"))))
+    receiver.start()
+    store = SendshotStore(tmp_path / "store")
+    res = replicate(live, SocketChannel(b, "receiver"), store=store, segment=SEG)
+    receiver.join(30)
+    a.close()
+    b.close()
+    assert res.outcome == "committed", res
+    assert served
+    assert served[0].outcome == "committed", served  # type: ignore[attr-defined]
+    assert during_seal == [True]
+    got = dest / res.name
+    assert tree_sum(got) == tree_sum(live)
+    info = _sh("btrfs", "subvolume", "show", got)
+    assert "readonly" in info
+    # the cursor moved to the new sendshot (named before the COMMIT, in flight no longer)
+    cursor = next(iter(store.cursors().values()))
+    assert cursor["digest"] == res.sendshot
+    assert not cursor.get("inflight")
+
+
 def test_already_current_and_refusals(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
@@ -559,31 +618,6 @@ def test_a_partial_meta_never_names_a_path_outside_its_temporary_names(tmp_path:
     assert (what, code) == ("Committed", 0), text
     assert (victim / "keep").read_text() == "mine"
     assert not [n for n in os.listdir(dest) if n.startswith(".btrdelta-tmp-")]
-
-
-def test_partial_meta_saves_fsync_the_file_and_the_directory(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """meta.json was written to meta.json.tmp and renamed, never fsync-ed: a power cut could
-    leave it torn or lose it. Now as fs.atomic writes files."""
-    from btrdelta.update import replica as rep
-
-    part = rep._Partial(tmp_path, "dir")
-    part.path.mkdir()
-    synced = spy_fsync(monkeypatch)
-    part.save({"version": 2}, durable=True)  # (a transfer's first meta)
-    assert len(synced) == 2, synced
-    assert synced[1] == str(part.path)
-    assert json.loads((part.path / "meta.json").read_text()) == {"version": 2,
-                                                                  "boot": rep._boot_id()}
-    part.save({"version": 2, "offset": 1}, synced=True)  # (a cut receiver's, written out)
-    assert len(synced) == 4, synced
-    assert json.loads((part.path / "meta.json").read_text())["boot"] is None
-    # an acknowledged segment's: renamed whole, not fsync-ed (discarded after a restart)
-    part.save({"version": 2, "offset": 2})
-    assert len(synced) == 4, synced
-    assert json.loads((part.path / "meta.json").read_text()) == {
-        "version": 2, "offset": 2, "boot": rep._boot_id()}
-    assert sorted(os.listdir(part.path)) == ["meta.json"]
 
 
 @pytest.mark.btrfs

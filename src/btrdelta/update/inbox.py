@@ -24,6 +24,7 @@ from typing import Any
 
 import blake3
 
+from .._pool import Started
 from ..errors import ProtocolError
 from ..protocol import Checkpoint, Commit, Data, Plan, Refuse
 from ..protocol.messages import segment_hasher
@@ -83,15 +84,13 @@ class Inbox:
         self._ahead = 2 * plan.segment + (2 << 20)
         self._cond = threading.Condition()
         self._stopped = False
-        self._thread: threading.Thread | None = None
-        if threaded:
-            self._thread = threading.Thread(target=self._read_ahead, name="replica-inbox",
-                                            daemon=True)
+        self._threaded = threaded
 
     def start(self) -> None:
-        """Start reading ahead (when threaded), once the ACCEPT is sent."""
-        if self._thread is not None:
-            self._thread.start()
+        """Start reading ahead (when threaded), once the ACCEPT is sent (the thread is not
+        waited for: :class:`~btrdelta._pool.Started`)."""
+        if self._threaded:
+            Started(self._read_ahead)
 
     # -- reading (the reading thread, or the engine's when not threaded) -----------------
 
@@ -168,7 +167,7 @@ class Inbox:
 
     def _pop(self) -> Any:
         """The next message read: bytes, a checkpoint (verified), or None (COMMIT)."""
-        if self._thread is None:
+        if not self._threaded:
             item = self._read()
         else:
             cond = self._cond
@@ -226,12 +225,17 @@ class Inbox:
             else:
                 self.chunks.append(got)
 
-    def rest(self) -> bool:
-        """After END was applied: acknowledge its segment; whether bytes follow END (the
-        next message must be COMMIT)."""
-        if self.chunks:
-            return True
-        if self.pending is not None:
+    def ack_end(self) -> None:
+        """After END was applied: acknowledge its segment, unless bytes follow END (then
+        :meth:`rest` says so)."""
+        if not self.chunks and self.pending is not None:
             cp, self.pending = self.pending, None
             self.acknowledge(cp)
+
+    def rest(self) -> bool:
+        """After END was applied: acknowledge its segment (if :meth:`ack_end` did not);
+        whether bytes follow END (the next message must be COMMIT)."""
+        if self.chunks:
+            return True
+        self.ack_end()
         return self.commit is None and self._pop() is not None

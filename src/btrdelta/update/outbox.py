@@ -31,6 +31,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .._pool import Started
 from ..errors import ProtocolError
 from ..protocol import Ack, Checkpoint
 from .channels import MessageIO
@@ -69,11 +70,9 @@ class Outbox:
         self._cond = threading.Condition()
         self._error: BaseException | None = None
         self._done = False
-        self._thread: threading.Thread | None = None
-        if threaded:
-            self._thread = threading.Thread(target=self._run, name="replicate-outbox",
-                                            daemon=True)
-            self._thread.start()
+        self._thread: Started | None = None
+        if threaded:  # (not waiting for it to run: the sender goes on making the stream)
+            self._thread = Started(self._run)
 
     # -- the sender's thread --------------------------------------------------------------
 

@@ -38,12 +38,8 @@ import contextlib
 import errno
 import fcntl
 import json
-import mmap
 import os
-import re
 import stat
-import struct
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -52,6 +48,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 from .. import TYPE_CHECKING
+from .._pool import Started
 from .._value import Value
 from ..errors import (
     BtrdeltaError,
@@ -62,7 +59,7 @@ from ..errors import (
 )
 from ..fs.atomic import create_file, fsync_dir, pid_alive, write_atomic
 from ..fs.btrfs import delete_subvolume, is_btrfs, subvol_info, syncfs
-from ..fs.remove import remove_path, remove_tree
+from ..fs.remove import remove_tree
 from ..fs.sandbox import check_name
 from ..protocol import (
     Accept,
@@ -81,6 +78,7 @@ from ..protocol.messages import spoken
 from ..stream.records import Clone, End, Snapshot, Subvol
 from .channels import Channel, MessageIO, PeerRefused
 from .inbox import Inbox, chain_next
+from .partial import META, META_VERSION, PARTIAL_DIR, PROGRESS, Damaged, PartialTransfer
 
 if TYPE_CHECKING:
     from ..receive import ReceivedSubvol
@@ -91,41 +89,17 @@ if TYPE_CHECKING:
 __all__ = ["LOCK_FILE", "PARTIAL_DIR", "STATE_FILE", "Replica", "ServeResult", "chain_next"]
 
 STATE_FILE = ".btrdelta-replica.json"
-PARTIAL_DIR = ".btrdelta-partial"
 #: flock(2)-ed by the process in a conversation on DEST (its pid in it, for the message)
 LOCK_FILE = ".btrdelta-replica.lock"
 #: seconds a receiver waits for a holder that says it is closing (then: ``busy``)
 CLOSING_WAIT = 60.0
 _ZERO_CHAIN = bytes(32).hex()
 _TMP_PREFIX = ".btrdelta-tmp-"
-_META_VERSION = 2
-_PROGRESS = "progress"
-_META = "meta.json"
-#: the fields of ``meta.json`` the HOLDINGS offer, and their types; and those a resume
-#: reads once a segment was acknowledged (``offset`` > 0)
-_META_FIELDS: dict[str, type] = {"session": str, "offset": int, "segments": int, "chain": str}
-_META_RESUME: dict[str, type] = {"records": int, "stream_version": int, "tmp": str}
-#: the temporary subvolume of a partial transfer (``_TMP_PREFIX``, 12 hex of its UUID)
-_PARTIAL_TMP = re.compile(r"\.btrdelta-tmp-[0-9a-f]{12}-partial")
-
-
-def _boot_id() -> str:
-    """This boot's id (``/proc/sys/kernel/random/boot_id``; "" where there is none)."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
 
 def _warn_default(msg: str) -> None:
     import warnings
 
     warnings.warn(msg, RuntimeWarning, stacklevel=3)
-
-
-class _Damaged(Exception):
-    """``meta.json`` is damaged (its text says how): the partial transfer is discarded."""
 
 
 class ServeResult(Value):
@@ -142,27 +116,25 @@ class ServeResult(Value):
 
 class _Acks:
     """The ACKs of one conversation, each written after the partial meta naming its
-    segment's end is saved (:meth:`_Partial.save`), by a thread of its own on a channel two
+    segment's end is saved (:meth:`PartialTransfer.save`), by a thread of its own on a channel two
     threads may use at once: the applier goes on with the next segment meanwhile (two are
     in flight) instead of waiting for the meta at every segment. In order; a failure ends the
     stream in the applier's thread (``fail``) and every later :meth:`put` or
     :meth:`drain` raises it. :meth:`drain` before anything else is saved or written."""
 
-    def __init__(self, io: MessageIO, partial: _Partial,
+    def __init__(self, io: MessageIO, partial: PartialTransfer,
                  fail: Callable[[BaseException], None]) -> None:
         self._io, self._partial, self._fail = io, partial, fail
         self._queue: SimpleQueue[tuple[dict[str, Any], Ack] | None] = SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._thread: Started | None = None
         self.error: BaseException | None = None
 
     def put(self, doc: dict[str, Any], ack: Ack) -> None:
         """Save ``doc`` (a copy of the meta), then send ``ack``."""
         if self.error is not None:
             raise self.error
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="replica-acks",
-                                            daemon=True)
-            self._thread.start()
+        if self._thread is None:  # (the applier does not wait for it to run)
+            self._thread = Started(self._run)
         self._queue.put((doc, ack))
 
     def _run(self) -> None:
@@ -247,6 +219,12 @@ class _Events:
         for batch in self.batches():
             yield from batch
 
+    def acknowledge_end(self) -> None:
+        """END applied: its segment's ACK is queued now, unless bytes follow END (then
+        :meth:`after_end` says so)."""
+        if not self.parser._in.avail:
+            self.inbox.ack_end()
+
     def after_end(self) -> bool:
         """Whether bytes follow the END the applier stopped at (END's segment acknowledged:
         every ACK sent)."""
@@ -258,115 +236,6 @@ class _Events:
         """Until every ACK queued is sent."""
         if self.acks is not None:
             self.acks.drain()
-
-
-class _Partial:
-    """``DEST/.btrdelta-partial``: the transfer in progress. ``meta.json`` (the plan, the
-    acknowledged offset, segments and chain, the records before that offset, the stream
-    version and the temporary subvolume's name) and ``progress`` (the count of records
-    applied, a u64 the applier stores through a shared mapping after each record)."""
-
-    def __init__(self, dest: Path, backend: str) -> None:
-        self.dest, self.backend = dest, backend
-        self.path = dest / PARTIAL_DIR
-
-    def load(self) -> dict[str, Any] | None:
-        """The partial transfer's meta: None when there is none or it is an older
-        receiver's (not resumable here).
-
-        Raises:
-            _Damaged: ``meta.json`` is not one this receiver wrote whole (a symlink, not a
-                regular file, not JSON, a field missing or of the wrong type).
-        """
-        p = self.path / _META
-        try:
-            # never through a symlink, never blocked by a FIFO, never more than 1 MiB read
-            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise _Damaged("a symlink" if exc.errno == errno.ELOOP else
-                           exc.strerror or str(exc)) from None
-        try:
-            with open(fd, "rb") as f:
-                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                    raise _Damaged("not a regular file")
-                doc = json.loads(f.read(1 << 20))
-        except (ValueError, RecursionError) as exc:  # (json's messages are one line)
-            raise _Damaged(f"not JSON ({exc})") from None
-        except OSError as exc:
-            raise _Damaged(exc.strerror or str(exc)) from None
-        if not isinstance(doc, dict):
-            raise _Damaged("not a JSON object")
-        if doc.get("version") != _META_VERSION:
-            return None  # (an older receiver's spool: not resumable here)
-        fields = _META_FIELDS | (_META_RESUME if doc.get("offset") else {})
-        for key, kind in fields.items():
-            value = doc.get(key)
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise _Damaged(f"{key!r} missing or not {kind.__name__}")
-        tmp = doc.get("tmp")
-        if tmp is not None and not (isinstance(tmp, str) and _PARTIAL_TMP.fullmatch(tmp)):
-            raise _Damaged(f"'tmp' is not a temporary subvolume's name: {str(tmp)[:80]!r}")
-        if doc.get("boot") and doc["boot"] != _boot_id():
-            # the records it counts were applied but not written out before the machine
-            # restarted (a power cut?): the disk may hold fewer than it says
-            raise _Damaged("left by a receiver of an earlier boot before it was written out")
-        return doc
-
-    def save(self, doc: dict[str, Any], *, synced: bool = False, durable: bool = False) -> None:
-        """Replace ``meta.json`` whole (:func:`~btrdelta.fs.atomic.write_atomic`: a
-        temporary file renamed into place: a killed receiver leaves the old meta or the new
-        one, never a torn one). It names the boot it was written in (``boot``), unless
-        ``synced``: everything it counts was written out.
-
-        Only a ``synced`` meta, and the first of a transfer (``durable``: it names the
-        temporary subvolume a later receiver must find to clean up), are ``fsync``-ed with
-        their directory. The others, one per acknowledged segment, need not be: after a
-        power cut a meta of the boot before is discarded whatever it says (the records it
-        counts may not be on the disk), so their ``fsync``s bought nothing (4 x 128 MiB:
-        270 of them per transfer)."""
-        doc["boot"] = None if synced else _boot_id()
-        write_atomic(self.path / _META, json.dumps(doc).encode(), mode=0o600,
-                     durable=synced or durable)
-
-    def applied(self) -> int:
-        try:
-            with open(self.path / _PROGRESS, "rb") as f:
-                return int(struct.unpack("=Q", f.read(8))[0])
-        except (OSError, struct.error):
-            return 0
-
-    def start(self) -> Any:
-        """A new transfer: the directory, the progress file at 0; returns its mapping."""
-        self.path.mkdir(exist_ok=True)
-        fd = os.open(self.path / _PROGRESS, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                     0o600)
-        try:
-            if os.fstat(fd).st_size < 8:
-                os.ftruncate(fd, 8)
-            return mmap.mmap(fd, 8)
-        finally:
-            os.close(fd)
-
-    def drop(self, tmp: str | None = None) -> None:
-        """Remove the partial transfer and its temporary subvolume (every one, when
-        ``meta.json`` is damaged and cannot name it: a DEST has one partial transfer)."""
-        try:
-            doc = self.load()
-            names = {n for n in (tmp, doc.get("tmp") if doc else None) if n}
-        except _Damaged:
-            names = {n for n in (tmp,) if n}
-            names |= {n for n in os.listdir(self.dest) if _PARTIAL_TMP.fullmatch(n)}
-        if names:
-            from ..receive.subvolumes import PendingSubvol, Subvolumes
-
-            with Subvolumes(self.dest, backend=self.backend) as subvols:
-                for name in names:
-                    if os.path.lexists(self.dest / name):
-                        subvols.abort(PendingSubvol(b"", os.fsencode(name), self.dest / name,
-                                                    UUID(int=0), 0, None, None))
-        remove_path(self.path, ignore_errors=True)
 
 
 def _uses_btrfs(dest: Path, backend: str) -> bool:
@@ -466,13 +335,13 @@ class Replica:
         ``version`` when given; its temporary subvolume there once a segment was). A
         damaged one (``meta.json`` torn or not ours, or the progress file counting fewer
         records than it) is discarded, with a warning: the transfer starts again."""
-        partial = _Partial(self.dest, self.backend)
+        partial = PartialTransfer(self.dest, self.backend)
         try:
             doc = partial.load()
             if doc is not None and doc.get("offset") and partial.applied() < doc["records"]:
-                raise _Damaged(f"{_PROGRESS} counts fewer records than {_META}")
-        except _Damaged as exc:
-            self.warn(f"discarded a damaged partial transfer ({partial.path / _META}: "
+                raise Damaged(f"{PROGRESS} counts fewer records than {META}")
+        except Damaged as exc:
+            self.warn(f"discarded a damaged partial transfer ({partial.path / META}: "
                       f"{exc}); the next transfer starts again")
             partial.drop()
             return None
@@ -540,7 +409,7 @@ class Replica:
         io = MessageIO(ch, conn)
         inbox: Inbox | None = None
         acks: _Acks | None = None
-        partial = _Partial(self.dest, self.backend)
+        partial = PartialTransfer(self.dest, self.backend)
         cut = False
         lock: int | None = None
         try:
@@ -636,7 +505,7 @@ class Replica:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return fd, ""
 
-    def _keep(self, partial: _Partial) -> None:
+    def _keep(self, partial: PartialTransfer) -> None:
         """A cut conversation leaves its partial transfer to a resume: DEST is written out
         (``syncfs``: the records applied, the progress count), then ``meta.json`` says so
         (no boot id), so that the transfer is resumed after a restart too. (One whose
@@ -644,7 +513,7 @@ class Replica:
         restart what it counts may not be on the disk, and it is discarded.)"""
         try:
             doc = partial.load()
-        except _Damaged:
+        except Damaged:
             return  # (the next conversation discards it and says why)
         if doc is None or not doc.get("boot"):
             return
@@ -666,31 +535,50 @@ class Replica:
         self._save(self.state)
 
     def _receive(self, events: _Events, point: ResumePoint | None, progress: Any,
-                 meta: dict[str, Any], partial: _Partial) -> ReceivedSubvol:
+                 meta: dict[str, Any], partial: PartialTransfer) -> ReceivedSubvol:
         """Apply the stream as it is read (a cut leaves the subvolume to a resume); the
         complete subvolume takes its final name only after the sender's COMMIT."""
 
         from ..receive import receive
 
-        def committed(pending: PendingSubvol) -> None:
+        replica = self
+
+        class Committed:
             """Before the final name: END's segment acknowledged, then the COMMIT (size
             and chain checked) and the state naming its sendshot. A sender that refuses
             or lies here leaves nothing under the final name (the subvolume is removed);
             one cut off here (a TransportError) leaves the complete subvolume under its
             temporary name and the partial transfer marked complete, acknowledged to
-            the stream's end: the next PLAN resumes there, with nothing to resend."""
-            events.drain()  # (no ACK of an earlier segment saves its meta after this one)
-            meta["complete"] = True  # saved with END's ACK (the offset of the stream's end)
-            if events.inbox.pending is None:
-                partial.save(meta)  # (END's segment was acknowledged already)
-            if events.after_end():
-                raise ProtocolError("data after the stream's END")
-            self._record(pending, events.inbox)
+            the stream's end: the next PLAN resumes there, with nothing to resend.
+
+            END's segment is acknowledged before the seal (:meth:`before_seal`; the seal
+            commits a transaction: 40-120 ms for Debian's ``/usr``), so that the sender's
+            COMMIT comes while the subvolume is sealed; a cut meanwhile is raised after
+            the seal, where it keeps the subvolume for a resume."""
+
+            cut: TransportError | None = None
+
+            def before_seal(self, pending: PendingSubvol) -> None:
+                try:
+                    events.drain()  # (no ACK of an earlier segment saves its meta after)
+                    meta["complete"] = True  # saved with END's ACK (the stream's end)
+                    if events.inbox.pending is None:
+                        partial.save(meta)  # (END's segment was acknowledged already)
+                    events.acknowledge_end()
+                except TransportError as exc:
+                    self.cut = exc
+
+            def __call__(self, pending: PendingSubvol) -> None:
+                if self.cut is not None:
+                    raise self.cut
+                if events.after_end():
+                    raise ProtocolError("data after the stream's END")
+                replica._record(pending, events.inbox)
 
         try:
             got = receive(events, self.dest, stop_at_end=True, backend=self.backend,
                           progress=progress, resume=point, temp_name=events.tmp,
-                          detach_on=(TransportError,), pre_commit=committed)
+                          detach_on=(TransportError,), pre_commit=Committed())
         except (TransportError, ProtocolError):
             raise
         except BtrdeltaError as exc:
@@ -716,7 +604,7 @@ class Replica:
             if not pending.done and pending.sandbox is not None:
                 pending.sandbox.close()  # (kept for the next resume, or dropped)
 
-    def _start(self, io: MessageIO, plan: Plan, partial: _Partial
+    def _start(self, io: MessageIO, plan: Plan, partial: PartialTransfer
                ) -> tuple[Inbox, _Events, ResumePoint | None, Any, dict[str, Any]]:
         """The inbox and events of a new or resumed transfer (a resumed one goes on with the
         temporary subvolume the last conversation left, after the records it applied), the
@@ -744,7 +632,7 @@ class Replica:
         progress = partial.start()
         if point is None:
             progress[:8] = bytes(8)
-        meta = {"version": _META_VERSION, "protocol": version, "session": plan.session,
+        meta = {"version": META_VERSION, "protocol": version, "session": plan.session,
                 "name": plan.name, "uuid": str(plan.uuid), "ctransid": plan.ctransid,
                 "parent_uuid": str(plan.parent_uuid) if plan.parent_uuid else None,
                 "base": plan.base, "segment": plan.segment, "offset": at,

@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 from uuid import UUID, uuid4
 
+from .._pool import Started
 from .._value import Value
 from ..errors import BtrdeltaError
 from ..fs.atomic import pid_alive
@@ -191,16 +192,19 @@ class _Wire:
         flight = self.flight
         parent = header.clone_uuid if isinstance(header, Snapshot) else None
         kind = "resume" if self.resume_at else ("incremental" if parent else "full")
-        self.plan = Plan(kind, flight["session"], flight["name"], header.uuid,
-                         header.ctransid, parent, flight.get("base") or "",
-                         getattr(self._sender, "estimate", 0), self.size, self.resume_at,
-                         self.held)
-        self.io.send(self.plan)
-        self.io.expect(Accept)
+        plan = Plan(kind, flight["session"], flight["name"], header.uuid,
+                    header.ctransid, parent, flight.get("base") or "",
+                    getattr(self._sender, "estimate", 0), self.size, self.resume_at,
+                    self.held)
         o = self.owner.o
+        # its writing thread starts while the PLAN and the ACCEPT cross (it writes nothing
+        # before the first DATA, and stops at abort() when the receiver refuses)
         self.out = Outbox(self.io, threaded=o.get("threaded", True), ahead=self.window,
                           rate=o.get("rate_limit"), progress=o.get("on_progress"),
                           window=self.window)
+        self.io.send(plan)
+        self.plan = plan
+        self.io.expect(Accept)
 
     @property
     def estimate(self) -> int:
@@ -387,36 +391,26 @@ class _Naming:
     fails before its PLAN."""
 
     def __init__(self, write: Callable[[], None], undo: Callable[[], None]) -> None:
-        import _thread
-
         self._error: BaseException | None = None
         self.undo = undo  # the cursor as it was (the send failed before its PLAN)
-        # held until the cursor is written: a bare thread, not threading.Thread, whose
-        # start waits until the new thread runs (tens of ms on a loaded machine)
-        self._busy = _thread.allocate_lock()
-        self._busy.acquire()
 
         def run() -> None:
             try:
                 write()
             except BaseException as exc:  # raised again by wait()
                 self._error = exc
-            finally:
-                self._busy.release()
 
-        _thread.start_new_thread(run, ())
+        self._thread = Started(run)
 
     def wait(self) -> None:
         """Until the cursor is written (raises what writing it raised)."""
-        with self._busy:
-            pass
+        self._thread.join()
         if self._error is not None:
             raise self._error
 
     def done(self) -> bool:
         """Whether the cursor was written (waits for the thread; never raises)."""
-        with self._busy:
-            pass
+        self._thread.join()
         return self._error is None
 
 
@@ -546,9 +540,12 @@ class _Sender:
                 name=os.fsencode(flight["name"]), on_record=wire.on_record,
                 on_stream=wire.on_stream, source_name=self.source, scanned=scanned)
             wire.end_segment()
-            wire.finish()
             if naming is not None and not wire.named:  # (a stream with no segment)
                 naming.wait()
+            # the cursor names the sendshot before the COMMIT, written while the receiver
+            # applies the last segments and seals the subvolume
+            flight = self._name_sendshot(flight, result)
+            wire.finish()
         except _Diverged:
             wire.finish()
             io.send(Refuse("diverged", "the stream made again differs from the one "
@@ -572,13 +569,6 @@ class _Sender:
         plan, chain, offset, sent = wire.plan, wire.chain, wire.offset, wire.sent
         assert plan is not None
         recorded = result.recorded.digest if result.recorded is not None else ""
-        if recorded and flight.get("sendshot") != recorded:
-            # the cursor names the sendshot before the COMMIT: a cut after it (the receiver
-            # commits, its COMMITTED is lost) keeps the sendshot from prune, and the next
-            # run adopts the subvolume from the HOLDINGS (:meth:`_adopt`)
-            flight = {**flight, "sendshot": recorded}
-            cursor = self.store.cursors().get(self.rid, {})
-            self.store.set_cursor(self.rid, cursor.get("digest"), inflight=flight)
         io.send(Commit(offset, chain, recorded))
         done: Committed = io.expect(Committed)
         # the snapshot before the cursor: a sender killed between them leaves the transfer
@@ -591,6 +581,19 @@ class _Sender:
         return ReplicateResult("committed", plan.kind, done.name, self.rid, plan.base or None,
                                recorded, sent, plan.offset, offset, pruned=pruned,
                                estimate=plan.estimate or wire.estimate)
+
+    def _name_sendshot(self, flight: dict[str, Any], result: Any) -> dict[str, Any]:
+        """The cursor names the sendshot the stream recorded (before the COMMIT: a cut
+        after it, the receiver committing and its COMMITTED lost, keeps the sendshot from
+        prune, and the next run adopts the subvolume from the HOLDINGS: :meth:`_adopt`);
+        the flight naming it."""
+        recorded = result.recorded.digest if result.recorded is not None else ""
+        if not recorded or flight.get("sendshot") == recorded:
+            return flight
+        flight = {**flight, "sendshot": recorded}
+        cursor = self.store.cursors().get(self.rid, {})
+        self.store.set_cursor(self.rid, cursor.get("digest"), inflight=flight)
+        return flight
 
     def _prune(self, lineage: object) -> int:
         """Prune this source's sendshots no receiver needs (unless told not to)."""

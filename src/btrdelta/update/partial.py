@@ -1,0 +1,160 @@
+"""A replication receiver's partial transfer: ``DEST/.btrdelta-partial`` (:class:`PartialTransfer`).
+
+``meta.json`` says how far the transfer is acknowledged (the plan, the acknowledged offset,
+segments and chain, the records before that offset, the stream version and the temporary
+subvolume's name); ``progress`` counts the records applied (a u64 the applier stores
+through a shared mapping after each record). :mod:`.replica` resumes from them, or
+discards them (a damaged meta, one of an earlier boot) and starts again.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import mmap
+import os
+import re
+import stat
+import struct
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from ..fs.atomic import write_atomic
+from ..fs.remove import remove_path
+
+__all__ = ["META", "META_VERSION", "PARTIAL_DIR", "PROGRESS", "Damaged", "PartialTransfer",
+           "boot_id"]
+
+PARTIAL_DIR = ".btrdelta-partial"
+META_VERSION = 2
+PROGRESS = "progress"
+META = "meta.json"
+#: the fields of ``meta.json`` the HOLDINGS offer, and their types; and those a resume
+#: reads once a segment was acknowledged (``offset`` > 0)
+_META_FIELDS: dict[str, type] = {"session": str, "offset": int, "segments": int, "chain": str}
+_META_RESUME: dict[str, type] = {"records": int, "stream_version": int, "tmp": str}
+#: the temporary subvolume of a partial transfer (12 hex of its UUID)
+_PARTIAL_TMP = re.compile(r"\.btrdelta-tmp-[0-9a-f]{12}-partial")
+
+
+def boot_id() -> str:
+    """This boot's id (``/proc/sys/kernel/random/boot_id``; "" where there is none)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+class Damaged(Exception):
+    """``meta.json`` is damaged (its text says how): the partial transfer is discarded."""
+
+
+class PartialTransfer:
+    """``DEST/.btrdelta-partial``: the transfer in progress. ``meta.json`` (the plan, the
+    acknowledged offset, segments and chain, the records before that offset, the stream
+    version and the temporary subvolume's name) and ``progress`` (the count of records
+    applied, a u64 the applier stores through a shared mapping after each record)."""
+
+    def __init__(self, dest: Path, backend: str) -> None:
+        self.dest, self.backend = dest, backend
+        self.path = dest / PARTIAL_DIR
+
+    def load(self) -> dict[str, Any] | None:
+        """The partial transfer's meta: None when there is none or it is an older
+        receiver's (not resumable here).
+
+        Raises:
+            Damaged: ``meta.json`` is not one this receiver wrote whole (a symlink, not a
+                regular file, not JSON, a field missing or of the wrong type).
+        """
+        p = self.path / META
+        try:
+            # never through a symlink, never blocked by a FIFO, never more than 1 MiB read
+            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise Damaged("a symlink" if exc.errno == errno.ELOOP else
+                           exc.strerror or str(exc)) from None
+        try:
+            with open(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    raise Damaged("not a regular file")
+                doc = json.loads(f.read(1 << 20))
+        except (ValueError, RecursionError) as exc:  # (json's messages are one line)
+            raise Damaged(f"not JSON ({exc})") from None
+        except OSError as exc:
+            raise Damaged(exc.strerror or str(exc)) from None
+        if not isinstance(doc, dict):
+            raise Damaged("not a JSON object")
+        if doc.get("version") != META_VERSION:
+            return None  # (an older receiver's spool: not resumable here)
+        fields = _META_FIELDS | (_META_RESUME if doc.get("offset") else {})
+        for key, kind in fields.items():
+            value = doc.get(key)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise Damaged(f"{key!r} missing or not {kind.__name__}")
+        tmp = doc.get("tmp")
+        if tmp is not None and not (isinstance(tmp, str) and _PARTIAL_TMP.fullmatch(tmp)):
+            raise Damaged(f"'tmp' is not a temporary subvolume's name: {str(tmp)[:80]!r}")
+        if doc.get("boot") and doc["boot"] != boot_id():
+            # the records it counts were applied but not written out before the machine
+            # restarted (a power cut?): the disk may hold fewer than it says
+            raise Damaged("left by a receiver of an earlier boot before it was written out")
+        return doc
+
+    def save(self, doc: dict[str, Any], *, synced: bool = False, durable: bool = False) -> None:
+        """Replace ``meta.json`` whole (:func:`~btrdelta.fs.atomic.write_atomic`: a
+        temporary file renamed into place: a killed receiver leaves the old meta or the new
+        one, never a torn one). It names the boot it was written in (``boot``), unless
+        ``synced``: everything it counts was written out.
+
+        Only a ``synced`` meta, and the first of a transfer (``durable``: it names the
+        temporary subvolume a later receiver must find to clean up), are ``fsync``-ed with
+        their directory. The others, one per acknowledged segment, need not be: after a
+        power cut a meta of the boot before is discarded whatever it says (the records it
+        counts may not be on the disk), so their ``fsync``s bought nothing (4 x 128 MiB:
+        270 of them per transfer)."""
+        doc["boot"] = None if synced else boot_id()
+        write_atomic(self.path / META, json.dumps(doc).encode(), mode=0o600,
+                     durable=synced or durable)
+
+    def applied(self) -> int:
+        try:
+            with open(self.path / PROGRESS, "rb") as f:
+                return int(struct.unpack("=Q", f.read(8))[0])
+        except (OSError, struct.error):
+            return 0
+
+    def start(self) -> Any:
+        """A new transfer: the directory, the progress file at 0; returns its mapping."""
+        self.path.mkdir(exist_ok=True)
+        fd = os.open(self.path / PROGRESS, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     0o600)
+        try:
+            if os.fstat(fd).st_size < 8:
+                os.ftruncate(fd, 8)
+            return mmap.mmap(fd, 8)
+        finally:
+            os.close(fd)
+
+    def drop(self, tmp: str | None = None) -> None:
+        """Remove the partial transfer and its temporary subvolume (every one, when
+        ``meta.json`` is damaged and cannot name it: a DEST has one partial transfer)."""
+        try:
+            doc = self.load()
+            names = {n for n in (tmp, doc.get("tmp") if doc else None) if n}
+        except Damaged:
+            names = {n for n in (tmp,) if n}
+            names |= {n for n in os.listdir(self.dest) if _PARTIAL_TMP.fullmatch(n)}
+        if names:
+            from ..receive.subvolumes import PendingSubvol, Subvolumes
+
+            with Subvolumes(self.dest, backend=self.backend) as subvols:
+                for name in names:
+                    if os.path.lexists(self.dest / name):
+                        subvols.abort(PendingSubvol(b"", os.fsencode(name), self.dest / name,
+                                                    UUID(int=0), 0, None, None))
+        remove_path(self.path, ignore_errors=True)
