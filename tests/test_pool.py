@@ -59,3 +59,25 @@ def test_shutdown_cancels_what_has_not_started() -> None:
     assert all(t.cancelled() for t in later)
     with pytest.raises(RuntimeError, match="cancelled"):
         later[0].result()
+
+
+def test_started_runs_in_another_thread_and_join_waits_for_it() -> None:
+    """``Started``: the caller does not wait for the new thread to run; ``join`` waits for
+    its target to return."""
+    import threading
+
+    from btrdelta._pool import Started
+
+    gate, ran = threading.Event(), []
+
+    def target() -> None:
+        assert gate.wait(5)
+        ran.append(threading.get_ident())
+
+    t = Started(target)  # returns while the target waits
+    assert ran == []
+    gate.set()
+    t.join()
+    assert len(ran) == 1
+    assert ran[0] != threading.get_ident()
+    t.join()  # (again: returns at once)
