@@ -164,8 +164,9 @@ def test_a_sender_killed_after_its_commit_on_btrfs(tmp_path: Path, shim: Path,
     """A writable source subvolume (read from the session's snapshot), the sender killed
     just after the cursor names the sendshot before the COMMIT (2), and after COMMITTED
     around the final cursor (3): the next run resumes or adopts, the cursor right, the
-    session's snapshot gone (it stayed for good when the kill came between the final
-    cursor and the snapshot's deletion)."""
+    session's snapshot gone (the final cursor and the snapshot's deletion are concurrent:
+    a kill before the deletion leaves a snapshot no cursor names, which the next run
+    deletes)."""
     from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs
     from tests.conftest import require_btrfs
 
