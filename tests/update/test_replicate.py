@@ -680,10 +680,52 @@ def test_the_replica_state_is_replaced_whole_and_durably(tmp_path: Path,
     state = json.loads((dest / ".btrdelta-replica.json").read_text())
     assert state == {"version": 1, "id": replica.ident, "received": {}}
     # the file's bytes, again once linked (btrfs persists nothing of a file without links:
-    # fs.atomic), then the directory
+    # fs.atomic), then the directory: those two by a thread, waited for before the ACCEPT
+    replica._durable()
     assert len(synced) == 3
-    assert synced[0] == synced[1] != str(dest)
+    assert synced[0] != str(dest)
+    assert synced[1] == str(dest / ".btrdelta-replica.json")
     assert synced[2] == str(dest)
+    replica._durable()  # (once)
+    assert len(synced) == 3
+
+
+def test_a_new_destinations_state_is_durable_before_the_accept_not_the_hello(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new DEST's state file is named at once (its id is what the HELLO says) and made
+    durable by a thread, waited for before the ACCEPT (``_durable``), not before the HELLO
+    and the HOLDINGS; what its ``fsync`` raised is raised there."""
+    import errno
+    import threading
+
+    from btrdelta.update.replica import Replica
+
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    gate, fail = threading.Event(), []
+    fsync = os.fsync
+
+    def slow(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}") == str(dest):
+            assert gate.wait(5)
+            if fail:
+                raise OSError(errno.EIO, "Input/output error")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow)
+    replica = Replica(dest)  # returns while DEST's fsync waits
+    assert replica.holdings().held == ()  # (what the HELLO and the HOLDINGS need)
+    assert replica._syncing is not None
+    gate.set()
+    replica._durable()
+    assert replica._syncing is None
+    # a failing fsync: raised before the ACCEPT (the conversation fails, nothing applied)
+    other = tmp_path / "other"
+    other.mkdir()
+    dest, fail[:] = other, [True]
+    replica = Replica(other)
+    with pytest.raises(OSError, match="Input/output error"):
+        replica._durable()
 
 
 @pytest.mark.parametrize("versions", [(1,), (1, 2), (2,), (3,), (2, 3, 4), (4, 5), (5,)])
@@ -1229,18 +1271,19 @@ def test_two_new_receivers_agree_on_the_destinations_id(tmp_path: Path,
     other's: the one that lost said its own id in its HELLO, so the sender's cursor for it
     named a receiver that no longer exists. The state file is created, never replaced, and
     the loser reads the winner's id."""
+    from btrdelta.fs.atomic import create_file
     from btrdelta.update import replica as mod
 
     dest = tmp_path / "dest"
     dest.mkdir()
     first = json.dumps({"version": 1, "id": "f" * 32, "received": {}}).encode()
-    create = mod.create_file
+    link = mod.link_written
 
-    def racing(dir_fd: int, name: str, data: bytes, **kw: int) -> bool:
-        assert create(dir_fd, name, first, **kw)  # the other receiver was faster
-        return create(dir_fd, name, data, **kw)
+    def racing(fd: int, tmp: str | None, dir_fd: int, name: str, **kw: bool) -> bool:
+        assert create_file(dir_fd, name, first)  # the other receiver was faster
+        return link(fd, tmp, dir_fd, name, **kw)
 
-    monkeypatch.setattr(mod, "create_file", racing)
+    monkeypatch.setattr(mod, "link_written", racing)
     assert mod.Replica(dest).ident == "f" * 32
     assert json.loads((dest / ".btrdelta-replica.json").read_text())["id"] == "f" * 32
 
