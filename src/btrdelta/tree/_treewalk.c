@@ -25,6 +25,14 @@
  *     works it out (incremental.Changes.tree_sum, the reference, which handles every
  *     entry this way when this module is not built).
  *
+ * Two threads: phase 1, the walk itself (readdir(), every lstat() and the parent's, no
+ * Python object), runs in a thread of its own (walk_tree) that hands its nodes over every
+ * PUBLISH_EVERY of them, while the calling thread, holding the GIL, makes each node's
+ * (rel, key, got) as they come (phase 2, derive_all). On numpy's hop the two were 4.4 and
+ * 2.9 ms of CPU one after the other; overlapped, the check took 7.4-8.2 ms instead of
+ * 10.4-10.7 (idle cores; session 13), for 0.5-1 ms more CPU (the hand-overs). The result
+ * is the same list in the same order.
+ *
  * Raises OSError where treesum._walk would (a directory that cannot be listed, an entry
  * gone between listing and lstat).
  */
@@ -39,6 +47,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <pthread.h>
 #include <unistd.h>
 
 #include "_constants.h"
@@ -85,7 +94,8 @@ typedef struct {
     PyObject *hold_tree; /* set of rel (and everything below) */
     PyObject *out;       /* list of (rel, key, got) */
     PyObject *record;    /* "record" */
-    dev_t dev;
+    struct Scan *scan;   /* phase 1's nodes, made by walk_tree() (no Python objects) */
+    const char *root, *proot;
 } Walk;
 
 /* Names of the Entry fields a restated entry gets (restate()), interned once. */
@@ -278,26 +288,51 @@ typedef struct {
     int has_pst;
 } Node;
 
-typedef struct {
-    Node *nodes;
-    size_t count, cap;
+/* Nodes are kept in chunks that never move: the main thread reads the first `ready` of
+ * them (phase 2) while the walk's thread adds more. */
+#define CHUNK_BITS 10
+#define CHUNK ((size_t)1 << CHUNK_BITS)
+#define MAX_CHUNKS 16384 /* 16.7 M entries */
+#define PUBLISH_EVERY 64 /* nodes added between two wake-ups of the main thread */
+
+typedef struct Scan {
+    Node *chunks[MAX_CHUNKS];
+    size_t count;     /* nodes added (the walk's thread only) */
     dev_t dev;
     int err;          /* errno of the first failure */
     char *err_name;   /* the name it failed on (malloc) */
+    /* between the walk's thread and the main thread, under mu */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    size_t ready;     /* nodes complete: the main thread may read them */
+    int done, rc;     /* the walk ended, and how (scan_dir's return) */
+    size_t told;      /* `ready` at the last wake-up */
 } Scan;
 
+static Node *node_at(Scan *sc, size_t i) {
+    return &sc->chunks[i >> CHUNK_BITS][i & (CHUNK - 1)];
+}
+
 static Node *add_node(Scan *sc) {
-    if (sc->count == sc->cap) {
-        size_t cap = sc->cap ? sc->cap * 2 : 1024;
-        Node *more = realloc(sc->nodes, cap * sizeof *more);
-        if (more == NULL)
+    size_t c = sc->count >> CHUNK_BITS;
+    if ((sc->count & (CHUNK - 1)) == 0) {
+        if (c >= MAX_CHUNKS || (sc->chunks[c] = malloc(CHUNK * sizeof(Node))) == NULL)
             return NULL;
-        sc->nodes = more;
-        sc->cap = cap;
     }
-    Node *n = &sc->nodes[sc->count++];
+    Node *n = node_at(sc, sc->count++);
     memset(n, 0, sizeof *n);
     return n;
+}
+
+/* Every node added so far is complete: let the main thread have them (every
+ * PUBLISH_EVERY nodes, or now with `now`). */
+static void publish(Scan *sc, int now) {
+    if (!now && sc->count - sc->told < PUBLISH_EVERY)
+        return;
+    pthread_mutex_lock(&sc->mu);
+    sc->ready = sc->told = sc->count;
+    pthread_cond_signal(&sc->cv);
+    pthread_mutex_unlock(&sc->mu);
 }
 
 static int fail(Scan *sc, int err, const char *name) {
@@ -335,7 +370,7 @@ static int scan_dir(Scan *sc, int fd, size_t self, int pdir) {
         size_t name, node;
     } *subs = NULL;
     if (d == NULL) {
-        fail(sc, errno, sc->nodes[self].rel);
+        fail(sc, errno, node_at(sc, self)->rel);
         close(fd);
         goto done;
     }
@@ -344,7 +379,7 @@ static int scan_dir(Scan *sc, int fd, size_t self, int pdir) {
         struct dirent *e = readdir(d);
         if (e == NULL) {
             if (errno) {
-                fail(sc, errno, sc->nodes[self].rel);
+                fail(sc, errno, node_at(sc, self)->rel);
                 goto done;
             }
             break;
@@ -394,7 +429,7 @@ static int scan_dir(Scan *sc, int fd, size_t self, int pdir) {
                 continue;
         }
         /* (nodes may move: index, not pointer) */
-        size_t plen = self == 0 ? 0 : sc->nodes[self].len, nlen = strlen(name);
+        size_t plen = self == 0 ? 0 : node_at(sc, self)->len, nlen = strlen(name);
         char *rel = malloc(plen + (plen ? 1 : 0) + nlen + 1);
         Node *n = rel == NULL ? NULL : add_node(sc);
         if (n == NULL) {
@@ -403,7 +438,7 @@ static int scan_dir(Scan *sc, int fd, size_t self, int pdir) {
             goto done;
         }
         if (plen) {
-            memcpy(rel, sc->nodes[self].rel, plen);
+            memcpy(rel, node_at(sc, self)->rel, plen);
             rel[plen] = '/';
         }
         memcpy(rel + plen + (plen ? 1 : 0), name, nlen + 1);
@@ -420,11 +455,12 @@ static int scan_dir(Scan *sc, int fd, size_t self, int pdir) {
             subs[nsubs].node = sc->count - 1;
             nsubs++;
         }
+        publish(sc, 0);
     }
     rc = 0;
     for (size_t j = 0; j < nsubs && rc == 0; j++) {
         const char *name = names[subs[j].name];
-        const Node *n = &sc->nodes[subs[j].node];
+        const Node *n = node_at(sc, subs[j].node);
         int sub = openat(dfd, name, DIR_FLAGS);
         if (sub < 0) {
             rc = fail(sc, errno, name);
@@ -452,12 +488,130 @@ done:
 
 static void free_scan(Scan *sc) {
     for (size_t i = 0; i < sc->count; i++)
-        free(sc->nodes[i].rel);
-    free(sc->nodes);
+        free(node_at(sc, i)->rel);
+    for (size_t c = 0; c < MAX_CHUNKS && sc->chunks[c] != NULL; c++)
+        free(sc->chunks[c]);
     free(sc->err_name);
+    pthread_cond_destroy(&sc->cv);
+    pthread_mutex_destroy(&sc->mu);
+    free(sc);
+}
+
+/* Phase 1 (see the file comment), then `done` told to the main thread. */
+static void *walk_tree(void *arg) {
+    Walk *w = arg;
+    Scan *sc = w->scan;
+    int rc = -1;
+    int fd = open(w->root, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    Node *top = NULL;
+    struct stat st, pst;
+    if (fd < 0)
+        fail(sc, errno, w->root);
+    else if ((top = add_node(sc)) == NULL || (top->rel = strdup(".")) == NULL) {
+        fail(sc, ENOMEM, NULL);
+        close(fd);
+    } else if (fstat(fd, &st) != 0) {
+        fail(sc, errno, w->root);
+        close(fd);
+    } else {
+        top->len = 1;
+        keep(&top->st, &st);
+        sc->dev = st.st_dev;
+        int pdir = open(w->proot, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        top->has_pst = pdir >= 0 && fstat(pdir, &pst) == 0;
+        if (top->has_pst)
+            stamp_of(&top->pst, &pst);
+        rc = scan_dir(sc, fd, 0, pdir);
+    }
+    pthread_mutex_lock(&sc->mu);
+    sc->ready = sc->count;
+    sc->done = 1;
+    sc->rc = rc;
+    pthread_cond_signal(&sc->cv);
+    pthread_mutex_unlock(&sc->mu);
+    return NULL;
 }
 
 /* ---- phase 2, with the GIL: what the parent's digests give each entry ---- */
+
+/* The (rel, key, got) of node i appended to w->out; held[i] set. 0, or -1 with an
+ * exception. */
+static int derive_one(Walk *w, size_t i, char *held) {
+    const Node *n = node_at(w->scan, i);
+    PyObject *rel = PyBytes_FromStringAndSize(n->rel, (Py_ssize_t)n->len);
+    if (rel == NULL)
+        return -1;
+    int h = i ? held[n->up] : 0;
+    if (!h)
+        h = contains(w->hold_tree, rel);
+    PyObject *key = h < 0 ? NULL : make_key(&n->st);
+    int exact = h ? h : (key == NULL ? -1 : contains(w->hold, rel));
+    PyObject *got = exact < 0 ? NULL
+                    : exact   ? Py_NewRef(Py_None)
+                              : lookup(w, rel, &n->st, key, n->has_pst ? &n->pst : NULL);
+    PyObject *item = got == NULL ? NULL : PyTuple_Pack(3, rel, key, got);
+    Py_DECREF(rel);
+    Py_XDECREF(key);
+    Py_XDECREF(got);
+    if (item == NULL)
+        return -1;
+    held[i] = (char)(h > 0);
+    int r = PyList_Append(w->out, item);
+    Py_DECREF(item);
+    return r;
+}
+
+/* Phase 2 of every node as phase 1 (its own thread, started here; inline if it cannot
+ * start) makes them: the two overlap. 0 (the walk ended; sc->rc says how), or -1 with an
+ * exception (the walk's thread joined). */
+static int derive_all(Walk *w) {
+    Scan *sc = w->scan;
+    pthread_t thread;
+    int threaded = pthread_create(&thread, NULL, walk_tree, w) == 0;
+    if (!threaded) {
+        Py_BEGIN_ALLOW_THREADS
+        walk_tree(w);
+        Py_END_ALLOW_THREADS
+    }
+    size_t i = 0, cap = 0, ready = 0;
+    int done = 0, failed = 0;
+    char *held = NULL;
+    while (!done || i < ready) {
+        if (i == ready) {
+            Py_BEGIN_ALLOW_THREADS
+            pthread_mutex_lock(&sc->mu);
+            while (sc->ready == i && !sc->done)
+                pthread_cond_wait(&sc->cv, &sc->mu);
+            ready = sc->ready;
+            done = sc->done;
+            pthread_mutex_unlock(&sc->mu);
+            Py_END_ALLOW_THREADS
+        }
+        if (failed || (done && sc->rc)) {
+            i = ready; /* the rest is not looked at: the walk goes on to its end */
+            continue;
+        }
+        if (ready > cap) {
+            char *more = realloc(held, ready);
+            if (more == NULL) {
+                PyErr_NoMemory();
+                failed = 1;
+                continue;
+            }
+            held = more;
+            cap = ready;
+        }
+        for (; i < ready && !failed; i++)
+            failed = derive_one(w, i, held) != 0;
+    }
+    if (threaded) {
+        Py_BEGIN_ALLOW_THREADS
+        pthread_join(thread, NULL);
+        Py_END_ALLOW_THREADS
+    }
+    free(held);
+    return failed ? -1 : 0;
+}
 
 static PyObject *derive(PyObject *self, PyObject *args) {
     const char *root, *proot;
@@ -470,78 +624,29 @@ static PyObject *derive(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_TypeError, "hold and hold_tree must be sets or None");
         return NULL;
     }
-    Scan sc = {0};
-    int r = -1;
-    Py_BEGIN_ALLOW_THREADS
-    int fd = open(root, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    Node *top = NULL;
-    struct stat st, pst;
-    if (fd < 0)
-        fail(&sc, errno, root);
-    else if ((top = add_node(&sc)) == NULL || (top->rel = strdup(".")) == NULL) {
-        fail(&sc, ENOMEM, NULL);
-        close(fd);
-    } else if (fstat(fd, &st) != 0) {
-        fail(&sc, errno, root);
-        close(fd);
-    } else {
-        top->len = 1;
-        keep(&top->st, &st);
-        sc.dev = st.st_dev;
-        int pdir = open(proot, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        top->has_pst = pdir >= 0 && fstat(pdir, &pst) == 0;
-        if (top->has_pst)
-            stamp_of(&top->pst, &pst);
-        r = scan_dir(&sc, fd, 0, pdir);
-    }
-    Py_END_ALLOW_THREADS
-    if (r) {
-        if (sc.err == ENOMEM)
+    Scan *sc = calloc(1, sizeof *sc);
+    if (sc == NULL)
+        return PyErr_NoMemory();
+    pthread_mutex_init(&sc->mu, NULL);
+    pthread_cond_init(&sc->cv, NULL);
+    Walk w = {parent, hold, hold_tree, PyList_New(0), PyUnicode_FromString("record"), sc,
+              root, proot};
+    if (w.out == NULL || w.record == NULL || derive_all(&w) != 0)
+        goto fail;
+    if (sc->rc) {
+        if (sc->err == ENOMEM)
             PyErr_NoMemory();
         else {
-            errno = sc.err;
-            PyErr_SetFromErrnoWithFilename(PyExc_OSError, sc.err_name);
+            errno = sc->err;
+            PyErr_SetFromErrnoWithFilename(PyExc_OSError, sc->err_name);
         }
-        free_scan(&sc);
-        return NULL;
-    }
-    Walk w = {parent, hold, hold_tree, PyList_New(sc.count), PyUnicode_FromString("record"),
-              sc.dev};
-    char *held = calloc(sc.count ? sc.count : 1, 1);
-    if (w.out == NULL || w.record == NULL || held == NULL) {
-        if (held == NULL)
-            PyErr_NoMemory();
         goto fail;
     }
-    for (size_t i = 0; i < sc.count; i++) {
-        const Node *n = &sc.nodes[i];
-        PyObject *rel = PyBytes_FromStringAndSize(n->rel, (Py_ssize_t)n->len);
-        if (rel == NULL)
-            goto fail;
-        int h = i ? held[n->up] : 0;
-        if (!h)
-            h = contains(hold_tree, rel);
-        PyObject *key = h < 0 ? NULL : make_key(&n->st);
-        int exact = h ? h : (key == NULL ? -1 : contains(hold, rel));
-        PyObject *got = exact < 0 ? NULL
-                        : exact   ? Py_NewRef(Py_None)
-                                  : lookup(&w, rel, &n->st, key, n->has_pst ? &n->pst : NULL);
-        PyObject *item = got == NULL ? NULL : PyTuple_Pack(3, rel, key, got);
-        Py_DECREF(rel);
-        Py_XDECREF(key);
-        Py_XDECREF(got);
-        if (item == NULL)
-            goto fail;
-        held[i] = (char)(h > 0);
-        PyList_SET_ITEM(w.out, (Py_ssize_t)i, item);
-    }
-    free(held);
-    free_scan(&sc);
+    free_scan(sc);
     Py_DECREF(w.record);
     return w.out;
 fail:
-    free(held);
-    free_scan(&sc);
+    free_scan(sc);
     Py_XDECREF(w.out);
     Py_XDECREF(w.record);
     return NULL;
