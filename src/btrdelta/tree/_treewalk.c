@@ -179,27 +179,26 @@ static PyObject *derived_line(PyObject *line, const Lstat *st, int is_file) {
 }
 
 /* The parent's entry restated (a new reference, NULL with an exception): a new instance of
- * entry's class (object.__new__, no __init__) with a copy of its fields, mode, uid, gid
- * and mtime_ns from key (incremental's lstat key), extra a new empty dict and the
- * memoized manifest line _record (Entry.record): what dataclasses.replace() would give,
- * without formatting the line again. */
-static PyObject *restate(PyObject *entry, PyObject *key, PyObject *line) {
+ * entry's class (object.__new__, no __init__) whose __dict__ is a copy of entry's (src) with
+ * mode, uid, gid and mtime_ns from key (incremental's lstat key), extra a new empty dict
+ * and the memoized manifest line _record (Entry.record) set: what dataclasses.replace()
+ * would give, without formatting the line again. */
+static PyObject *restate(PyObject *entry, PyObject *src, PyObject *key, PyObject *line) {
     PyObject *new = PyBaseObject_Type.tp_new(Py_TYPE(entry), no_args, NULL);
     if (new == NULL)
         return NULL;
-    PyObject *src = PyObject_GenericGetDict(entry, NULL);
-    PyObject *dst = src == NULL ? NULL : PyObject_GenericGetDict(new, NULL);
+    PyObject *dst = PyDict_Copy(src);
     PyObject *extra = dst == NULL ? NULL : PyDict_New();
-    int ok = extra != NULL && PyDict_Update(dst, src) == 0 &&
+    int ok = extra != NULL &&
              PyDict_SetItem(dst, f_mode, PyTuple_GET_ITEM(key, 4)) == 0 &&
              PyDict_SetItem(dst, f_uid, PyTuple_GET_ITEM(key, 5)) == 0 &&
              PyDict_SetItem(dst, f_gid, PyTuple_GET_ITEM(key, 6)) == 0 &&
              PyDict_SetItem(dst, f_mtime, PyTuple_GET_ITEM(key, 2)) == 0 &&
              PyDict_SetItem(dst, f_extra, extra) == 0 &&
-             PyDict_SetItem(dst, f_record, line) == 0;
+             PyDict_SetItem(dst, f_record, line) == 0 &&
+             PyObject_GenericSetDict(new, dst, NULL) == 0;
     Py_XDECREF(extra);
     Py_XDECREF(dst);
-    Py_XDECREF(src);
     if (!ok)
         Py_CLEAR(new);
     return new;
@@ -261,19 +260,23 @@ static PyObject *lookup_in(Walk *w, PyObject *entry, PyObject *pkey, const Lstat
     if (pst->ino != (unsigned long long)ino || pst->size != size || pst->mtime != mtime ||
         pst->ctime != ctime)
         Py_RETURN_NONE;
-    PyObject *line = PyObject_GetAttr(entry, w->record);
-    if (line == NULL)
+    /* the line memoized in the entry's __dict__ (Entry.record made it), else made now */
+    PyObject *src = PyObject_GenericGetDict(entry, NULL);
+    if (src == NULL)
         return NULL;
-    if (!PyBytes_Check(line)) {
-        Py_DECREF(line);
-        Py_RETURN_NONE;
-    }
-    PyObject *out = derived_line(line, st, is_file);
-    Py_DECREF(line);
-    if (out == NULL || out == Py_None)
-        return out;
-    PyObject *restated = restate(entry, key, out);
-    Py_DECREF(out);
+    PyObject *line = PyDict_GetItemWithError(src, f_record);
+    if (line != NULL)
+        Py_INCREF(line);
+    else if (!PyErr_Occurred())
+        line = PyObject_GetAttr(entry, w->record);
+    PyObject *out = line == NULL           ? NULL
+                    : !PyBytes_Check(line) ? Py_NewRef(Py_None)
+                                           : derived_line(line, st, is_file);
+    Py_XDECREF(line);
+    PyObject *restated = out == NULL || out == Py_None ? out : restate(entry, src, key, out);
+    if (restated != out)
+        Py_DECREF(out);
+    Py_DECREF(src);
     return restated;
 }
 
