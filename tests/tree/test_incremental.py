@@ -11,6 +11,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -372,11 +373,19 @@ def _derived(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     class Spy:
         @staticmethod
-        def derive(*args: object) -> list[tuple[bytes, object, object]]:
-            out = walk.derive(*args)
-            for _rel, _key, got in out:
-                counts[got is None] += 1
-            return out
+        def derive(*args: Any) -> None:
+            *walked, out, keys, handed_back = args
+
+            backs: list[bytes] = []
+
+            def back(rel: bytes) -> None:
+                backs.append(rel)
+                handed_back(rel)
+
+            before = len(keys)
+            walk.derive(*walked, out, keys, back)
+            counts[1] += len(backs)
+            counts[0] += len(keys) - before - len(backs)  # (handed_back() keeps keys too)
 
     monkeypatch.setattr(_native, "live", lambda name: Spy if name == "treewalk" else None)
     return counts
@@ -471,6 +480,42 @@ def test_the_c_walk_follows_the_python_walk_order_and_skips(btrfs_mnt: Path) -> 
         assert b"a/nested" not in {rel for rel, _k, _g in got}
     with pytest.raises(FileNotFoundError):
         walk.derive(os.fsencode(mnt / "none"), os.fsencode(parent), {}, set(), set())
+
+
+def test_the_c_walk_fills_the_callers_lists_as_it_returns_them(btrfs_mnt: Path) -> None:
+    """derive(..., out, keys, on_held) gives what derive(...) returns: each entry's result
+    appended to out and its key in keys, on_held called with each entry handed back, in
+    walk order (while the walk's thread goes on); what on_held raises is raised."""
+    from btrdelta import _native
+
+    walk = _native.live("treewalk")
+    assert walk is not None
+    mnt = btrfs_mnt / "filled"
+    mnt.mkdir()
+    parent = _subvol_parent(mnt)
+    digests = verified_digests(parent)
+    new = _snapshot(mnt, parent, "new")
+    (new / "d" / "added").write_bytes(b"a")
+    os.chmod(new / "e" / "keep", 0o600)
+    args = (os.fsencode(new), os.fsencode(parent), digests.entries, {b"d/f"}, None)
+    listed = walk.derive(*args)
+    out: list[object] = []
+    keys: dict[bytes, object] = {}
+    backs: list[bytes] = []
+    assert walk.derive(*args, out, keys, backs.append) is None
+    assert backs == [rel for rel, _key, got in listed if got is None]
+    assert b"d/f" in backs
+    assert b"d/added" in backs
+    assert out == [got for _rel, _key, got in listed if got is not None]
+    assert list(keys.items()) == [(rel, key) for rel, key, got in listed if got is not None]
+
+    def refuse(rel: bytes) -> None:
+        raise KeyError(rel)
+
+    with pytest.raises(KeyError):
+        walk.derive(*args, [], {}, refuse)
+    with pytest.raises(TypeError):
+        walk.derive(*args, [], {})
 
 
 def test_digests_started_early_are_used_only_for_files_unchanged_since(

@@ -25,6 +25,11 @@
  *     works it out (incremental.Changes.tree_sum, the reference, which handles every
  *     entry this way when this module is not built).
  *
+ * derive(root, parent_root, parent, hold, hold_tree, out, keys, on_held) returns None and
+ * gives the same as it goes: got appended to out and keys[rel] = key for each entry
+ * the parent gives, on_held(rel) called for each entry handed back (incremental.py makes
+ * those while the walk's thread lstat()s the entries that follow).
+ *
  * Two threads: phase 1, the walk itself (readdir(), every lstat() and the parent's, no
  * Python object), runs in a thread of its own (walk_tree) that hands its nodes over every
  * PUBLISH_EVERY of them, while the calling thread, holding the GIL, makes each node's
@@ -92,7 +97,9 @@ typedef struct {
     PyObject *parent;    /* dict: rel -> (Entry, key) */
     PyObject *hold;      /* set of rel */
     PyObject *hold_tree; /* set of rel (and everything below) */
-    PyObject *out;       /* list of (rel, key, got) */
+    PyObject *out;       /* list of (rel, key, got); with on_held, of got */
+    PyObject *keys;      /* with on_held: dict rel -> key of each got */
+    PyObject *on_held;   /* NULL, or called with the rel of each entry handed back */
     PyObject *record;    /* "record" */
     struct Scan *scan;   /* phase 1's nodes, made by walk_tree() (no Python objects) */
     const char *root, *proot;
@@ -552,15 +559,22 @@ static int derive_one(Walk *w, size_t i, char *held) {
     PyObject *got = exact < 0 ? NULL
                     : exact   ? Py_NewRef(Py_None)
                               : lookup(w, rel, &n->st, key, n->has_pst ? &n->pst : NULL);
-    PyObject *item = got == NULL ? NULL : PyTuple_Pack(3, rel, key, got);
+    int r = got == NULL ? -1 : 0;
+    if (r == 0 && w->on_held == NULL) {
+        PyObject *item = PyTuple_Pack(3, rel, key, got);
+        r = item == NULL ? -1 : PyList_Append(w->out, item);
+        Py_XDECREF(item);
+    } else if (r == 0 && got == Py_None) {
+        PyObject *ret = PyObject_CallOneArg(w->on_held, rel);
+        r = ret == NULL ? -1 : 0;
+        Py_XDECREF(ret);
+    } else if (r == 0) {
+        r = PyDict_SetItem(w->keys, rel, key) == 0 ? PyList_Append(w->out, got) : -1;
+    }
     Py_DECREF(rel);
     Py_XDECREF(key);
     Py_XDECREF(got);
-    if (item == NULL)
-        return -1;
     held[i] = (char)(h > 0);
-    int r = PyList_Append(w->out, item);
-    Py_DECREF(item);
     return r;
 }
 
@@ -618,13 +632,17 @@ static int derive_all(Walk *w) {
 
 static PyObject *derive(PyObject *self, PyObject *args) {
     const char *root, *proot;
-    PyObject *parent, *hold, *hold_tree;
-    if (!PyArg_ParseTuple(args, "yyO!OO", &root, &proot, &PyDict_Type, &parent, &hold,
-                          &hold_tree))
+    PyObject *parent, *hold, *hold_tree, *out = NULL, *keys = NULL, *on_held = NULL;
+    if (!PyArg_ParseTuple(args, "yyO!OO|O!O!O", &root, &proot, &PyDict_Type, &parent, &hold,
+                          &hold_tree, &PyList_Type, &out, &PyDict_Type, &keys, &on_held))
         return NULL;
     if ((hold != Py_None && !PyAnySet_Check(hold)) ||
         (hold_tree != Py_None && !PyAnySet_Check(hold_tree))) {
         PyErr_SetString(PyExc_TypeError, "hold and hold_tree must be sets or None");
+        return NULL;
+    }
+    if ((out != NULL) != (on_held != NULL) || (on_held != NULL && !PyCallable_Check(on_held))) {
+        PyErr_SetString(PyExc_TypeError, "out, keys and a callable on_held go together");
         return NULL;
     }
     Scan *sc = calloc(1, sizeof *sc);
@@ -632,8 +650,8 @@ static PyObject *derive(PyObject *self, PyObject *args) {
         return PyErr_NoMemory();
     pthread_mutex_init(&sc->mu, NULL);
     pthread_cond_init(&sc->cv, NULL);
-    Walk w = {parent, hold, hold_tree, PyList_New(0), PyUnicode_FromString("record"), sc,
-              root, proot};
+    Walk w = {parent, hold, hold_tree, out != NULL ? Py_NewRef(out) : PyList_New(0), keys,
+              on_held, PyUnicode_FromString("record"), sc, root, proot};
     if (w.out == NULL || w.record == NULL || derive_all(&w) != 0)
         goto fail;
     if (sc->rc) {
@@ -647,7 +665,10 @@ static PyObject *derive(PyObject *self, PyObject *args) {
     }
     free_scan(sc);
     Py_DECREF(w.record);
-    return w.out;
+    if (on_held == NULL)
+        return w.out;
+    Py_DECREF(w.out);
+    Py_RETURN_NONE;
 fail:
     free_scan(sc);
     Py_XDECREF(w.out);
@@ -658,7 +679,9 @@ fail:
 static PyMethodDef methods[] = {
     {"derive", derive, METH_VARARGS,
      "derive(root, parent_root, parent, hold, hold_tree) -> [(rel, key, got)]: the walk "
-     "of an incremental tree-sum (see the module's C source)."},
+     "of an incremental tree-sum (see the module's C source). derive(..., out, keys, "
+     "on_held) -> None: each got appended to out, its key in keys[rel], on_held(rel) "
+     "called for each entry handed back, in walk order."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -292,19 +292,18 @@ class Changes:
         no record on its content or xattrs, one link, and a parent entry still as it was
         hashed (``reuse``'s rule, in a snapshot); the others are made here as
         :func:`~.treesum.tree_manifest` makes them, with ``reuse`` and ``known``."""
-        entries = parent.entries
         held = self._paths.moved()  # paths whose origin may not be themselves
         maker = EntryMaker(False, False, frozenset(), reuse, known)
-        out = maker.out
+
+        def handed_back(rel: bytes) -> None:  # (known() keeps its key)
+            full = os.path.join(new_root, rel)
+            maker.add(rel, full, os.lstat(full))
+
         try:
-            for rel, key, got in walk.derive(new_root, root, entries, set(self._dirty),
-                                             held):
-                if got is None:
-                    full = os.path.join(new_root, rel)
-                    maker.add(rel, full, os.lstat(full))  # (known() keeps its key)
-                    continue
-                keys[rel] = key
-                out.append(got)
+            # the C walk appends to maker.out and keys, and calls handed_back, in walk
+            # order, while its thread lstat()s the entries that follow
+            walk.derive(new_root, root, parent.entries, set(self._dirty), held, maker.out,
+                        keys, handed_back)
             return maker.finish()
         finally:
             maker.close()
