@@ -70,6 +70,48 @@ def _repack(data: bytes, body: bytes) -> bytes:
     return data[:22] + zstandard.ZstdCompressor().compress(body)
 
 
+def test_a_record_says_its_size_and_is_decoded_at_once(tmp_path: Path) -> None:
+    """A record written now declares its size in its zstd frame: the reader decompresses
+    it at once into one buffer (from a file: mapped) and decodes what the stream decoder
+    decodes of a record that does not say it (written before session 13) or of one in two
+    zstd frames (the format allows several), with the same digest."""
+    data, digest = _encode()
+    body = _plain(data)
+    assert zstandard.frame_content_size(data[22:]) == len(body)
+    (tmp_path / "r").write_bytes(data)
+    with open(tmp_path / "r", "rb") as f:
+        reader = RecordReader(f, source="r")
+        want = list(reader.inodes())
+    assert reader._reader is None  # one buffer, no stream
+    assert reader.digest == digest
+    half = len(body) // 2
+    older = data[:22] + zstandard.ZstdCompressor(write_content_size=False).compress(body)
+    two = data[:22] + zstandard.ZstdCompressor().compress(body[:half]) + \
+        zstandard.ZstdCompressor().compress(body[half:])
+    for other in (data, older, two):
+        reader = RecordReader(io.BytesIO(other), source="r")
+        assert list(reader.inodes()) == want
+        assert (reader._reader is None) == (other is data)
+        assert reader.digest == digest
+
+
+@pytest.mark.parametrize("declared", ["+1", "4 GiB"])
+def test_a_wrong_declared_size_is_a_damaged_record(declared: str) -> None:
+    """A frame whose declared size is not its content's (one more byte; more than the data
+    could hold, which is not allocated up front) is a located one-line error."""
+    data, _ = _encode()
+    frame = bytearray(data[22:])
+    fhd = frame[4]  # zstd's frame header descriptor: where the size is, and its width
+    single = fhd >> 5 & 1
+    at = 5 + (not single) + (0, 1, 2, 4)[fhd & 3]
+    width = (single, 2, 4, 8)[fhd >> 6]
+    assert width == 4
+    size = int.from_bytes(frame[at:at + 4], "little")
+    frame[at:at + 4] = (size + 1 if declared == "+1" else 0xFFFFFFFF).to_bytes(4, "little")
+    with pytest.raises(StreamFormatError, match=r"r: .*corrupt compressed record"):
+        list(RecordReader(io.BytesIO(data[:22] + bytes(frame)), source="r").inodes())
+
+
 def test_version_1_is_still_read() -> None:
     """A record made by the btrdelta that wrote version 1 (tests/tree/data)."""
     data = (Path(__file__).parent / "data" / "sendshot-v1.record").read_bytes()

@@ -442,24 +442,26 @@ _FRAME_HDR = struct.Struct("<IHI")
 def encode_frame(cmd: int, attrs: Iterable[tuple[int, Any]]) -> bytes:
     """One frame: record ``cmd`` with the TLVs ``(type, value)`` in order (values are
     buffers of at most 65535 bytes), length and CRC32C filled in."""
-    header, payload = encode_frame_parts(cmd, attrs)
-    return header + payload
+    return b"".join(encode_frame_parts(cmd, attrs))
 
 
-def encode_frame_parts(cmd: int, attrs: Iterable[tuple[int, Any]]) -> tuple[bytes, bytes]:
-    """:func:`encode_frame` as its 10-byte header and its payload (a large frame is not
-    copied once more to join them)."""
-    parts: list[Any] = []
+def encode_frame_parts(cmd: int, attrs: Iterable[tuple[int, Any]]) -> list[Any]:
+    """:func:`encode_frame` as its pieces, in order: the 10-byte header, then each TLV's
+    header and value (the values themselves: a large frame is not copied to be joined)."""
+    parts: list[Any] = [b""]
+    length = 0
     for typ, value in attrs:
         n = len(value)
         if n > 0xFFFF:
             raise ValueError(f"TLV {typ} of {n} bytes does not fit a u16 length")
         parts.append(_TLV.pack(typ, n))
         parts.append(value)
-    payload = b"".join(parts)
-    crc = _crc(payload, _crc(_ZERO_CRC, _crc(_HDR6(len(payload), cmd), 0xFFFFFFFF))) \
-        ^ 0xFFFFFFFF
-    return _FRAME_HDR.pack(len(payload), cmd, crc), payload
+        length += 4 + n
+    crc = _crc(_ZERO_CRC, _crc(_HDR6(length, cmd), 0xFFFFFFFF))
+    for piece in parts:
+        crc = _crc(piece, crc)
+    parts[0] = _FRAME_HDR.pack(length, cmd, crc ^ 0xFFFFFFFF)
+    return parts
 
 
 def iter_tlvs(mv: memoryview, start: int, end: int) -> Iterator[tuple[int, memoryview]]:

@@ -192,27 +192,25 @@ def write_record(
     from .columns import encode_rows
 
     encoded = inodes if isinstance(inodes, tuple) else encode_rows(inodes)
-    digest = blake3.blake3()
-    comp = zstd.ZstdCompressor(level=level).compressobj()
-    header = _HEADER.pack(MAGIC, VERSION)
-    write(header)
-    digest.update(header)
-
-    def put(cmd: int, attrs: Iterable[tuple[int, Any]]) -> None:
-        # each frame goes to the compressor as it is made (it buffers up to a block)
-        for piece in encode_frame_parts(cmd, attrs):
-            digest.update(piece)
-            out = comp.compress(piece)
-            if out:
-                write(out)
-
-    put(_HEAD, _head_attrs(head))
     cols, (count, files, nbytes, nblocks) = encoded
+    # every frame's pieces first (views of the columns, not copies), so that the zstd frame
+    # says its content size: a reader decompresses the record at once into one buffer
+    pieces = encode_frame_parts(_HEAD, _head_attrs(head))
     for c, data in cols:
         view = memoryview(data)
-        put(c, [(1, view[i:i + 0xFFFF]) for i in range(0, len(view), 0xFFFF)])
-    put(_END, [(E_INODES, _u64(count)), (E_FILES, _u64(files)), (E_BYTES, _u64(nbytes)),
-               (E_BLOCKS, _u64(nblocks))])
+        pieces += encode_frame_parts(c, [(1, view[i:i + 0xFFFF])
+                                         for i in range(0, len(view), 0xFFFF)])
+    pieces += encode_frame_parts(_END, [(E_INODES, _u64(count)), (E_FILES, _u64(files)),
+                                        (E_BYTES, _u64(nbytes)), (E_BLOCKS, _u64(nblocks))])
+    header = _HEADER.pack(MAGIC, VERSION)
+    digest = blake3.blake3(header)
+    comp = zstd.ZstdCompressor(level=level).compressobj(size=sum(map(len, pieces)))
+    write(header)
+    for piece in pieces:  # (the compressor buffers up to a block)
+        digest.update(piece)
+        out = comp.compress(piece)
+        if out:
+            write(out)
     write(comp.flush())
     return digest.hexdigest(), count
 
@@ -243,6 +241,10 @@ PER_INODE = ((C_INO, "Q"), (C_GEN, "Q"), (C_TRANSID, "Q"), (C_MODE, "I"), (C_UID
              (C_CTIME, "q"), (C_FLAGS, "Q"), (C_NNAMES, "I"), (C_TARGETLEN, "I"),
              (C_NXATTRS, "I"))
 
+
+#: a record whose zstd frame declares more than this many times its compressed size is
+#: decoded as a stream (a size that cannot be true is not allocated up front)
+_MAX_RATIO = 1024
 
 _FRAMING = Framing(
     eof="truncated sendshot record (no END record)",
@@ -343,9 +345,11 @@ def _decode_inode(mv: memoryview, start: int, end: int) -> RecordInode:
     return node
 
 
-def _column(mv: memoryview, start: int, end: int) -> bytes:
-    """The values of a record's TLVs of type 1, joined (a column's bytes, BLOCKS' digests)."""
-    return b"".join(v for typ, v in iter_tlvs(mv, start, end) if typ == 1)
+def _column(mv: memoryview, start: int, end: int) -> bytes | memoryview:
+    """The values of a record's TLVs of type 1, joined (a column's bytes, BLOCKS' digests);
+    a column of one TLV is its view (the caller copies what it keeps)."""
+    values = [v for typ, v in iter_tlvs(mv, start, end) if typ == 1]
+    return values[0] if len(values) == 1 else b"".join(values)
 
 
 def _ends(mv: memoryview, start: int, end: int) -> dict[int, int]:
@@ -379,23 +383,68 @@ class RecordReader:
                 f"sendshot record version {version} (this btrdelta reads versions "
                 f"{', '.join(map(str, READS))}: a newer btrdelta made it)", source=source)
         self.version = version
-        self._digest = blake3.blake3(header)
-        self._reader = zstd.ZstdDecompressor().stream_reader(file, read_across_frames=True)
-        self._framer = Framer(_FRAMING, source=source)
-        self._framer.version = version
-        self._offset = _HEADER.size
+        self._file, self._header = file, header
+        self._start(zstd.ZstdDecompressor().stream_reader(file, read_across_frames=True))
         #: bytes decompressed at a time: little for the head (a store lists every record's
         #: head), then 1 MiB
         self._want = 16 << 10
-        cmd, mv, start, end = self._next()
-        if cmd != _HEAD:
-            self._framer.fail(StreamFormatError("the record does not start with HEAD"), cmd=cmd)
-        self.head: SendshotHead = self._decode(
-            lambda mv, a, b: _decode_head(mv, a, b, version), mv, start, end, cmd)
-        self._done()
+        self.head: SendshotHead = self._head()
         self._want = 1 << 20
         #: the digest (hex) of the record, once :meth:`inodes` reached its end
         self.digest: str | None = None
+
+    def _start(self, reader: Any, whole: Any = None) -> None:
+        """Decode from the first frame after the header: decompressed by ``reader``, or
+        (``whole``) all of it already."""
+        self._digest = blake3.blake3(self._header)
+        self._reader = reader
+        self._framer = Framer(_FRAMING, source=self.source)
+        self._framer.version = self.version
+        if whole is not None:
+            self._framer.feed(whole)
+            self._framer.feed(b"")
+
+    def _head(self) -> SendshotHead:
+        cmd, mv, start, end = self._next()
+        if cmd != _HEAD:
+            self._framer.fail(StreamFormatError("the record does not start with HEAD"), cmd=cmd)
+        version = self.version
+        head: SendshotHead = self._decode(
+            lambda mv, a, b: _decode_head(mv, a, b, version), mv, start, end, cmd)
+        self._done()
+        return head
+
+    def _at_once(self) -> None:
+        """Decode the rest from one buffer, the whole record decompressed at once, when its
+        zstd frame says its size (records written since session 13): no piece is copied
+        to be joined with the next one, and the decompressor needs no window. The record is
+        read again from its first frame (the head was decoded from its start). Otherwise,
+        or for a file that cannot be read again, nothing changes."""
+        import mmap
+
+        f = self._file
+        try:
+            f.seek(_HEADER.size)
+            try:  # (a file: its cached pages mapped, not copied)
+                data: Any = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                                       )[_HEADER.size:]
+            except (AttributeError, OSError, ValueError):
+                data = f.read()
+        except (AttributeError, OSError, ValueError):
+            return
+        whole = None
+        try:
+            size = zstd.frame_content_size(data)
+            # (a size the data cannot hold is not allocated: the stream decoder reports it)
+            if 0 <= size <= _MAX_RATIO * len(data):
+                whole = zstd.ZstdDecompressor().decompress(data, allow_extra_data=False)
+        except (zstd.ZstdError, MemoryError):
+            pass  # several frames, or damaged: decoded as a stream (which says where)
+        head = self.head
+        self._start(None if whole is not None else
+                    zstd.ZstdDecompressor().stream_reader(data, read_across_frames=True), whole)
+        if self._head() != head:
+            raise StreamFormatError("the record changed while it was read", source=self.source)
 
     def _next(self) -> tuple[int, memoryview, int, int]:
         fr = self._framer
@@ -446,6 +495,7 @@ class RecordReader:
         if self.version == 1:
             cols, (count, _f, _b, nblk) = encode_rows(self._inodes_v1())
             return Columns(dict(cols), count, nblk)
+        self._at_once()
         fr = self._framer
         cols_in: dict[int, memoryview | bytes] = {}
         for c in VERSION_COLUMNS[self.version]:
@@ -468,7 +518,7 @@ class RecordReader:
         return got
 
     def _check_end(self) -> None:
-        if self._framer.avail or self._reader.read(1):
+        if self._framer.avail or (self._reader is not None and self._reader.read(1)):
             self._framer.fail(StreamFormatError("data after the record's END"))
 
     def _inodes_v1(self) -> Iterator[RecordInode]:
