@@ -403,6 +403,34 @@ def test_files_hashed_before_they_are_numbered_are_kept_each(tmp_path: Path) -> 
     assert not hasher._kept
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_only_the_files_the_predicate_accepts_are_kept(tmp_path: Path, workers: int) -> None:
+    """``submit(keep=predicate)`` (an incremental send: new files are sent whole, changed
+    ones only where their blocks changed) keeps the bytes of the files it accepts; the
+    others are hashed from the one reused buffer, with the same digests."""
+    from btrdelta.send.scan import ContentHasher
+
+    root = tmp_path / "t"
+    root.mkdir()
+    for i in range(6):
+        (root / f"f{i}").write_bytes(os.urandom(3000 + 7000 * i))
+    tree, plain = scan_tree(root), scan_tree(root)
+    hasher, ref = ContentHasher(workers, seed=3), ContentHasher(1, seed=3)
+    hasher.submit(tree, keep=lambda n: n.path in (b"f1", b"f4"))
+    ref.submit(plain)
+    hasher.wait()
+    ref.wait()
+    files = {n.path: n for n in tree.nodes.values() if n.is_reg}
+    kept = {p: hasher.take(n) for p, n in files.items()}
+    assert {p for p, c in kept.items() if c is not None} == {b"f1", b"f4"}
+    assert kept[b"f4"] == (root / "f4").read_bytes()
+    by_path = {n.path: n for n in plain.nodes.values() if n.is_reg}
+    for p, n in files.items():
+        o = by_path[p]
+        assert (n.digest, n.bdigest, n.blocks, n.segments) == \
+            (o.digest, o.bdigest, o.blocks, o.segments) != (b"", b"", b"", None)
+
+
 def test_a_block_of_zeros_is_found_as_counting_every_block_finds_it() -> None:
     """``_no_zero_block`` (a run of 64 zeros looked for, then its block compared) says what
     counting the zeros of every 4 KiB block says (a last, partial block of zeros counts),

@@ -662,17 +662,17 @@ class Sender:
                      clones: list[tuple[int, int, Node, int]],
                      spooled: Callable[[int, int], bytes] | None = None) -> Iterator[Record]:
         """Writes (from ``spooled`` when the blocks were kept as they were read, else from
-        the file) and clones, by offset."""
-        if not writes and not clones:
-            return
-        if spooled is not None:
+        the file: a read-only snapshot's then leaves the page cache) and clones, by offset."""
+        if (writes or clones) and spooled is not None:
             yield from self._emit_ops(spooled, node, path, writes, clones)
-            return
-        fd = open_file(self.new.abspath(path))
-        try:
-            yield from self._emit_ops(reader(fd), node, path, writes, clones)
-        finally:
-            os.close(fd)
+        elif writes or clones:
+            fd = open_file(self.new.abspath(path))
+            try:
+                yield from self._emit_ops(reader(fd), node, path, writes, clones)
+                if self._hasher is not None and self._hasher.extents:
+                    uncache(fd)
+            finally:
+                os.close(fd)
 
     def _emit_ops(
         self,

@@ -35,6 +35,8 @@ from ..fs.copy import data_segments
 from ..tree.sendshot import RecordInode
 
 if TYPE_CHECKING:
+    import mmap
+
     from .scan import Node
 
 __all__ = ["EXTENT_MIN", "EXTENT_SHARE", "NOCOW", "extents_of", "first_blocks", "hash_changed",
@@ -177,8 +179,8 @@ def _reusable(same: list[tuple[int, int]], old: RecordInode, size: int,
     return out
 
 
-def hash_changed(node: Node, path: bytes, old: RecordInode, seed: int, buf: bytearray
-                 ) -> int | None:
+def hash_changed(node: Node, path: bytes, old: RecordInode, seed: int,
+                 buf: bytearray | mmap.mmap) -> int | None:
     """Hash changed file ``node`` (at ``path``) reading only the blocks that are not proven
     unchanged against its record ``old`` (the same inode): fills in its flags, data ranges,
     block digests, digests and extent items; returns the bytes read. None (nothing filled

@@ -207,7 +207,8 @@ def open_to_read(path: bytes) -> int:
         raise BtrdeltaError(f"cannot read file: {exc.strerror}", path=path) from exc
 
 
-def _hash_file(path: bytes, size: int, buf: bytearray, fd: int = -1) -> tuple[bytes, int]:
+def _hash_file(path: bytes, size: int, buf: bytearray | mmap.mmap, fd: int = -1
+               ) -> tuple[bytes, int]:
     """(XXH3-128 of the content, btrfs flags) of one regular file of ``size`` bytes (``fd``:
     opened already, closed here)."""
     xxhash = need("xxhash", "make")
@@ -385,7 +386,7 @@ def _no_zero_block(content: bytes) -> bool:
 
 
 def _hash_file_blocks(
-    path: bytes, size: int, buf: bytearray, seed: int, keep: bool = False, ino: int = 0,
+    path: bytes, size: int, buf: bytearray | mmap.mmap, seed: int, keep: bool = False, ino: int = 0,
     fd: int = -1, whole_blocks: bool = False,
 ) -> tuple[bytes, int, list[tuple[int, int]], bytes, bytes, bytes | None, bytes | None]:
     """Record mode: (XXH3-128 digest, flags, block-aligned data segments, seeded XXH3-128 of
@@ -537,8 +538,8 @@ class ContentHasher:
 
     def _run(self, batch: list[tuple[Node, bytes]], keeping: bool = False) -> int:
         buf = getattr(self._local, "buf", None)
-        if buf is None:
-            buf = self._local.buf = bytearray(_WHOLE)
+        if buf is None:  # (a mapping: only the pages a read fills are touched)
+            buf = self._local.buf = direct_buffer()
         total = 0
         seed = self.seed
         kept, lock = self._kept, self._keep_lock
@@ -579,23 +580,28 @@ class ContentHasher:
             self._kept_bytes -= len(got[1])
         return got[1]
 
-    def submit(self, tree: Tree, later: Collection[int] = (), *, keep: bool = False,
+    def submit(self, tree: Tree, later: Collection[int] = (), *,
+               keep: bool | Callable[[Node], bool] = False,
                order: Sequence[int] | None = None) -> None:
         """Queue every regular file of ``tree`` (no-op for a hashed or queued tree) but
         the nodes ``later`` (hashed by whoever reads them: see :class:`BlockHasher`);
-        ``keep``: keep small files' bytes for :meth:`take` (one tree only); ``order``:
-        the node ids in the order their files are wanted (:meth:`ready`), else the
-        largest files first."""
+        ``keep``: keep small files' bytes for :meth:`take` (one tree only), or only those
+        of the files it accepts (without ``order``; the others are read into one reused
+        buffer: no new memory per file); ``order``: the node ids in the order their files
+        are wanted (:meth:`ready`), else the largest files first."""
         if tree.hashed or any(t is tree for t in self._trees):
             return
         self._trees.append(tree)
-        keeping = keep and self.seed is not None and not self._keeping
+        keeping = bool(keep) and self.seed is not None and not self._keeping
         self._keeping |= keeping
         nodes = tree.nodes
         picked: Iterable[Node] = (nodes[i] for i in order) if order is not None \
             else sorted(nodes.values(), key=lambda n: -n.size)
         jobs = [(n, tree.root + b"/" + n.path) for n in picked
                 if n.is_reg and n.segments is None and n.id not in later]
+        if keeping and callable(keep) and order is None:
+            self._cut([j for j in jobs if not keep(j[0])], False, False)
+            jobs = [j for j in jobs if keep(j[0])]
         if keeping and order is not None:
             # sent in this order, each file soon after it is read: every small file can be
             # kept (the budget bounds how far ahead the threads keep)
@@ -607,19 +613,23 @@ class ContentHasher:
                     break
                 total += size
                 self._keep_max = size
+        self._cut(jobs, keeping, order is not None)
+
+    def _cut(self, jobs: list[tuple[Node, bytes]], keeping: bool, ordered: bool) -> None:
+        """Queue ``jobs`` in batches of up to 8 MiB or 256 files (``ordered``: the first
+        ones small, the first file being wanted at once)."""
         cur: list[tuple[Node, bytes]] = []
         cur_bytes = 0
-        # in order, the first batches are small: the first file is wanted at once
-        most = 16 if order is not None else 256
+        most = 16 if ordered else 256
         for job in jobs:
             cur.append(job)
             cur_bytes += job[0].size + 16384
             if cur_bytes >= (8 << 20) or len(cur) >= most:
-                self._queue(cur, keeping, order is not None)
+                self._queue(cur, keeping, ordered)
                 cur, cur_bytes = [], 0
                 most = min(256, most * 2)
         if cur:
-            self._queue(cur, keeping, order is not None)
+            self._queue(cur, keeping, ordered)
 
     def stream(self, tree: Tree) -> None:
         """Files of ``tree`` (a scan that is still walking it: :class:`~.scan.ScanStream`)

@@ -107,6 +107,12 @@ class Changes:
             return None
         return self._delta.cols.inode(r)
 
+    def sent_whole(self, node: Node) -> bool:
+        """Whether changed regular file ``node`` (of :attr:`to_hash`) is a new inode, whose
+        content the stream sends whole (of the others, only the blocks that changed)."""
+        r = self._delta.same_row(node.st_ino)
+        return r is None or self._delta.modes[r] & _FMT != stat.S_IFREG
+
     def build(self, clone_min: int = 16 * 1024) -> None:
         """Make :attr:`old` and :attr:`new` (the files of :attr:`to_hash` hashed). A changed
         file of at least ``clone_min`` bytes whose content equals an unchanged file's brings

@@ -666,8 +666,7 @@ class TreeScan:
         new_tree: the new tree, already scanned (:mod:`~.rescan`): ``new_dir`` is not walked;
             only its files without ``segments`` are read.
         later: record mode, called with the new tree once scanned: the node ids of files
-            not to hash here (the send reads them whole anyway and hashes them as it goes:
-            :class:`BlockHasher`).
+            not to hash here (the send reads them whole and hashes them: :class:`BlockHasher`).
         extents: record mode, ``new_dir`` is a read-only btrfs snapshot: record the extent
             items of its files (see :class:`ContentHasher`).
         order: called with the new tree once scanned: its node ids in the order a full send
@@ -676,10 +675,10 @@ class TreeScan:
         stream: a full send streamed while the tree is scanned: the new tree is a
             :class:`ScanStream`'s (this one, or, with True, one started here; kept as
             :attr:`stream`), its files queued for hashing as the walk finds them, in the
-            order they are sent (as with ``order``); the constructor does not wait for the
-            walk.
+            order sent (as with ``order``); the constructor does not wait for the walk.
         hash_as_sent: with ``stream``, called with each regular file as it is found (in
             the order sent): True for a file not to hash here (as ``later``).
+        keep: as :meth:`ContentHasher.submit`'s (record mode, without ``stream``).
 
     Raises:
         BtrdeltaError: the new tree cannot be scanned.
@@ -700,6 +699,7 @@ class TreeScan:
         order: Callable[[Tree], list[int]] | None = None,
         stream: ScanStream | bool = False,
         hash_as_sent: Callable[[Node], bool] | None = None,
+        keep: bool | Callable[[Node], bool] = True,
     ) -> None:
         need("xxhash", "make")  # before any thread starts: a missing extra is one line
         self.parent_dir = os.fsencode(parent_dir) if parent_dir is not None else None
@@ -736,7 +736,7 @@ class TreeScan:
             self.hasher.whole_blocks = _whole_blocks(self.new.root)
             self.order = order(self.new) if order is not None else None
             self.hasher.submit(self.new, later(self.new) if later is not None else set(),
-                               keep=True, order=self.order)
+                               keep=keep, order=self.order)
         except BaseException:
             self.close()
             raise

@@ -31,6 +31,7 @@ from ..tree.columns import Columns
 from ..tree.sendshot import SendshotHead
 from .emit import Sender
 from .extents import EXTENT_MIN, hash_changed
+from .hashing import direct_buffer
 from .live import Frozen, frozen, subvolume_uuid
 from .onepass import SentWhole
 from .record import record_inodes, stamp_generations, tree_from_record
@@ -186,8 +187,11 @@ def _changes(fz: Frozen, base: StoredSendshot, cols: Columns, seed: int
     # a few MiB are hashed as fast in this thread as by a pool (not even started)
     small = sum(n.size for n in changes.to_hash.nodes.values()
                 if n.segments is None) < (8 << 20)
+    # the bytes of new files are kept for the stream (sent whole); changed ones are read
+    # into one buffer and the stream reads the blocks that changed again: fresh memory for
+    # every file read cost more (5.5 MiB of changed files: ~1,400 page faults) than that
     scan = TreeScan(fz.path, seed=seed, new_tree=changes.to_hash, workers=1 if small else None,
-                    extents=True)
+                    extents=True, keep=changes.sent_whole)
     scan.hasher.read_before = read
     try:
         scan.hasher.wait()
@@ -212,8 +216,8 @@ def _hash_in_parts(changes: Changes, root: bytes, seed: int) -> int:
         old = changes.recorded(node)
         if old is None or old.extents is None:
             continue
-        if buf is None:
-            buf = bytearray(1 << 20)
+        if buf is None:  # (a mapping: only the pages the reads fill are touched)
+            buf = direct_buffer()
         got = hash_changed(node, root + b"/" + node.path, old, seed, buf)
         if got is not None:
             read += got
