@@ -79,11 +79,12 @@ def test_a_record_says_its_size_and_is_decoded_at_once(tmp_path: Path) -> None:
     body = _plain(data)
     assert zstandard.frame_content_size(data[22:]) == len(body)
     (tmp_path / "r").write_bytes(data)
-    with open(tmp_path / "r", "rb") as f:
-        reader = RecordReader(f, source="r")
-        want = list(reader.inodes())
-    assert reader._reader is None  # one buffer, no stream
-    assert reader.digest == digest
+    for whole in (False, True):  # (the head read alone first, or the record at once)
+        with open(tmp_path / "r", "rb") as f:
+            reader = RecordReader(f, source="r", whole=whole)
+            want = list(reader.inodes())
+        assert reader._reader is None  # one buffer, no stream
+        assert reader.digest == digest
     half = len(body) // 2
     older = data[:22] + zstandard.ZstdCompressor(write_content_size=False).compress(body)
     two = data[:22] + zstandard.ZstdCompressor().compress(body[:half]) + \

@@ -235,10 +235,10 @@ class SendshotStore:
         return found[0]
 
     def open(self, record: StoredSendshot) -> tuple[RecordReader, Any]:
-        """A reader of ``record`` and the file it reads (close it when done)."""
+        """A reader of all of ``record`` and the file it reads (close it when done)."""
         f = open(record.path, "rb")  # noqa: SIM115 - returned to the caller
         try:
-            return RecordReader(f, source=record.path), f
+            return RecordReader(f, source=record.path, whole=True), f
         except BaseException:
             f.close()
             raise

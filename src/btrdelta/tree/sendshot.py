@@ -365,12 +365,19 @@ class RecordReader:
     a :class:`~btrdelta.errors.StreamFormatError` naming ``source``, the offset in the
     uncompressed record and the record number.
 
+    A record whose zstd frame says its size (written since session 13) is decompressed at
+    once into one buffer when it is read whole (:meth:`columns`, :meth:`inodes`): no piece
+    is copied to be joined with the next, and the decompressor needs no window.
+
     Args:
         file: the encoded record.
         source: its name in error messages.
+        whole: the record is read whole: decompress it at once from the start (else the
+            head is decoded from its start alone, and the rest read again when wanted).
     """
 
-    def __init__(self, file: BinaryIO, *, source: str | None = None) -> None:
+    def __init__(self, file: BinaryIO, *, source: str | None = None,
+                 whole: bool = False) -> None:
         self.source = source
         header = file.read(_HEADER.size)
         if len(header) != _HEADER.size:
@@ -384,7 +391,11 @@ class RecordReader:
                 f"{', '.join(map(str, READS))}: a newer btrdelta made it)", source=source)
         self.version = version
         self._file, self._header = file, header
-        self._start(zstd.ZstdDecompressor().stream_reader(file, read_across_frames=True))
+        #: whether the body was read (at once if it could be) after the header
+        self._reread = whole
+        got = self._body() if whole else None
+        self._start(*(got or (zstd.ZstdDecompressor().stream_reader(
+            file, read_across_frames=True), None)))
         #: bytes decompressed at a time: little for the head (a store lists every record's
         #: head), then 1 MiB
         self._want = 16 << 10
@@ -414,12 +425,10 @@ class RecordReader:
         self._done()
         return head
 
-    def _at_once(self) -> None:
-        """Decode the rest from one buffer, the whole record decompressed at once, when its
-        zstd frame says its size (records written since session 13): no piece is copied
-        to be joined with the next one, and the decompressor needs no window. The record is
-        read again from its first frame (the head was decoded from its start). Otherwise,
-        or for a file that cannot be read again, nothing changes."""
+    def _body(self) -> tuple[Any, Any] | None:
+        """The compressed body after the header, read again: ``(None, its content)`` when
+        its zstd frame says its size, else ``(a stream reader of it, None)``; None for a
+        file that cannot be read again."""
         import mmap
 
         f = self._file
@@ -431,18 +440,27 @@ class RecordReader:
             except (AttributeError, OSError, ValueError):
                 data = f.read()
         except (AttributeError, OSError, ValueError):
-            return
-        whole = None
+            return None
         try:
             size = zstd.frame_content_size(data)
             # (a size the data cannot hold is not allocated: the stream decoder reports it)
             if 0 <= size <= _MAX_RATIO * len(data):
-                whole = zstd.ZstdDecompressor().decompress(data, allow_extra_data=False)
+                return None, zstd.ZstdDecompressor().decompress(data, allow_extra_data=False)
         except (zstd.ZstdError, MemoryError):
             pass  # several frames, or damaged: decoded as a stream (which says where)
+        return zstd.ZstdDecompressor().stream_reader(data, read_across_frames=True), None
+
+    def _at_once(self) -> None:
+        """Before reading the rest of a record whose head alone was read: read it again
+        from its first frame, at once if it can be (:meth:`_body`)."""
+        if self._reread:
+            return
+        self._reread = True
+        got = self._body()
+        if got is None:
+            return
         head = self.head
-        self._start(None if whole is not None else
-                    zstd.ZstdDecompressor().stream_reader(data, read_across_frames=True), whole)
+        self._start(*got)
         if self._head() != head:
             raise StreamFormatError("the record changed while it was read", source=self.source)
 
