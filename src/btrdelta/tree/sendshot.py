@@ -394,8 +394,9 @@ class RecordReader:
         #: whether the body was read (at once if it could be) after the header
         self._reread = whole
         got = self._body() if whole else None
+        # (the head alone: its first block read in 16 KiB pieces, not zstd's 128 KiB)
         self._start(*(got or (zstd.ZstdDecompressor().stream_reader(
-            file, read_across_frames=True), None)))
+            file, read_size=16 << 10, read_across_frames=True), None)))
         #: bytes decompressed at a time: little for the head (a store lists every record's
         #: head), then 1 MiB
         self._want = 16 << 10
