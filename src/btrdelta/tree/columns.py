@@ -93,7 +93,7 @@ _FIELDS: Final = ((C_INO, "ino"), (C_GEN, "generation"), (C_TRANSID, "transid"),
                   (C_CTIME, "ctime_ns"), (C_FLAGS, "flags"))
 #: result of an encoding: the columns (record number, bytes) and the END counts (inodes,
 #: regular files, their bytes, block digests)
-Encoded = tuple[list[tuple[int, bytes]], tuple[int, int, int, int]]
+Encoded = tuple[list[tuple[int, bytes | memoryview]], tuple[int, int, int, int]]
 
 
 def _prefix(values: Iterable[int]) -> array[int]:
@@ -125,11 +125,13 @@ def _unpack(data: memoryview | bytes, code: str, count: int, name: int) -> array
     return out
 
 
-def _pack(values: array[int]) -> bytes:
+def _pack(values: array[int]) -> bytes | memoryview:
+    """The column's bytes: a view of ``values`` (not a copy, on a little-endian machine)."""
     if _SWAP:
         values = array(values.typecode, values)
         values.byteswap()
-    return values.tobytes()
+        return values.tobytes()
+    return memoryview(values).cast("B")
 
 
 def _blocks_of(size: int, lengths: Iterable[int]) -> int:
