@@ -72,7 +72,7 @@ def _repack(data: bytes, body: bytes) -> bytes:
 
 def test_a_record_says_its_size_and_is_decoded_at_once(tmp_path: Path) -> None:
     """A record written now declares its size in its zstd frame: the reader decompresses
-    it at once into one buffer (from a file: mapped) and decodes what the stream decoder
+    it at once into one buffer (from a file or a buffer) and decodes what the stream decoder
     decodes of a record that does not say it (written before session 13) or of one in two
     zstd frames (the format allows several), with the same digest."""
     data, digest = _encode()

@@ -430,16 +430,10 @@ class RecordReader:
         """The compressed body after the header, read again: ``(None, its content)`` when
         its zstd frame says its size, else ``(a stream reader of it, None)``; None for a
         file that cannot be read again."""
-        import mmap
-
         f = self._file
-        try:
+        try:  # (read, not mapped: a record truncated under a mapping would be a SIGBUS)
             f.seek(_HEADER.size)
-            try:  # (a file: its cached pages mapped, not copied)
-                data: Any = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                                       )[_HEADER.size:]
-            except (AttributeError, OSError, ValueError):
-                data = f.read()
+            data = f.read()
         except (AttributeError, OSError, ValueError):
             return None
         try:
