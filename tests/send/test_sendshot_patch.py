@@ -126,3 +126,44 @@ def test_rounds_carry_unchanged_rows_over(two_fs: tuple[Path, Path], tmp_path: P
         assert tree_sum(rcv / f"r{i}") == tree_sum(live), i
         _base, cols = load_base(store, res.recorded.digest, b"", None)
         assert _rows(list(cols.rows())) == _rows(full[0]), i
+
+
+def test_a_new_small_file_is_read_once(two_fs: tuple[Path, Path], tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a send against a record, a new small file's bytes, kept as the hashing read them,
+    are what the stream sends: the file is opened and read once (a changed file's written
+    blocks are read again: its bytes are not kept). The kernel's `btrfs receive` of the
+    streams gives the snapshots' trees."""
+    from tests.send.conftest import count_reads
+
+    snd, rcv = two_fs
+    live = snd / "live"
+    run("btrfs", "subvolume", "create", live)
+    rng = random.Random(3)
+    (live / "old").mkdir()
+    for k in range(5):
+        (live / "old" / f"f{k}").write_bytes(rng.randbytes(10_000 + 7_000 * k))
+    run("btrfs", "subvolume", "snapshot", "-r", live, snd / "s0")
+    store = SendshotStore(tmp_path / "store")
+    with open(tmp_path / "s0", "wb") as f:
+        send_with_sendshots(f.write, snd / "s0", store=store, name=b"s0")
+    (live / "new").mkdir()
+    sizes = {f"n{k}": 5_000 + 11_000 * k for k in range(4)}
+    for name, size in sizes.items():
+        (live / "new" / name).write_bytes(rng.randbytes(size))
+    with open(live / "old" / "f3", "r+b") as f:
+        f.seek(9_000)
+        f.write(rng.randbytes(3_000))
+    run("btrfs", "subvolume", "snapshot", "-r", live, snd / "s1")
+    s1 = snd / "s1"
+    opened, read = count_reads(monkeypatch, os.stat(s1).st_dev)
+    with open(tmp_path / "s1", "wb") as f:
+        send_with_sendshots(f.write, s1, store=store, from_sendshot="latest", name=b"s1")
+    monkeypatch.undo()
+    for name, size in sizes.items():
+        ino = (s1 / "new" / name).stat().st_ino
+        assert (opened.get(ino), read.get(ino)) == (1, size), name
+    assert opened[(s1 / "old" / "f3").stat().st_ino] == 2  # hashed, then its blocks sent
+    for name in ("s0", "s1"):
+        run("btrfs", "receive", "-f", tmp_path / name, rcv)
+        assert tree_sum(rcv / name) == tree_sum(snd / name), name

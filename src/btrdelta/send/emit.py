@@ -104,8 +104,7 @@ class Sender:
             version when found there at a 4 KiB-aligned shift (0: never look).
         name: subvolume name in the stream (default: the basename of ``new_dir``).
         on_progress: called with :class:`SendStats` now and then.
-        scan: the trees' :class:`~btrdelta.send.scan.TreeScan`, if the caller started it
-            already (default: started here).
+        scan: the trees' :class:`~btrdelta.send.scan.TreeScan`, if started (default: here).
         old_record: the parent as a tree without files (from a sendshot record,
             :func:`~btrdelta.send.record.tree_from_record`) instead of ``parent_dir``: the new
             tree must then be hashed in record mode (``TreeScan(seed=...)``); changed blocks
@@ -576,9 +575,10 @@ class Sender:
         if clone is not None:
             yield self._count(clone)
             return True
-        if self.virtual:
+        if self.virtual:  # (a small file's bytes, kept as hashed: not read again)
             writes, vclones, _holes = self._diff(node, None)
-            yield from self._emit_blocks(node, path, writes, vclones)
+            yield from self._emit_blocks(node, path, writes, vclones,
+                                         reader(-1, content) if content is not None else None)
             if not node.segments or sum(node.segments[-1]) < node.size:
                 yield self._count(Truncate(path=path, size=node.size))
             return True
