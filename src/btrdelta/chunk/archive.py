@@ -24,7 +24,6 @@ from dataclasses import dataclass, field, replace
 from itertools import accumulate
 
 import blake3
-import crc32c
 
 from ..errors import ChecksumError, SignatureError, StreamFormatError, UnsupportedVersionError
 from ..trust import PrivateKey, PublicKey, sign_message, verify_message
@@ -169,6 +168,8 @@ def encode_header(h: ArchiveHeader) -> bytes:
         p.seed, h.image_size, h.chunk_count, h.order_count, h.index_offset, h.index_size,
         h.image_digest, h.index_digest, h.sig_size,
     )
+    import crc32c  # (here: the package's import reads package metadata, ~10 M instructions)
+
     return body + _CRC.pack(crc32c.crc32c(body))
 
 
@@ -195,6 +196,8 @@ def decode_header(
         index_size, image_digest, index_digest, sig_size,
     ) = _HEADER.unpack_from(mv, 0)
     (crc,) = _CRC.unpack_from(mv, _HEADER.size)
+    import crc32c  # (see encode_header)
+
     actual = crc32c.crc32c(mv[: _HEADER.size])
     if crc != actual:
         raise ChecksumError(

@@ -17,7 +17,6 @@ import atexit
 import gc
 import importlib
 import os
-import signal
 import sys
 from collections.abc import Sequence
 
@@ -28,7 +27,12 @@ from ._common import HelpFormatter, Interrupted, Parser, stop_on_signals
 
 if TYPE_CHECKING:
     import argparse
+    import signal
     from typing import NoReturn
+else:
+    # signal's functions and numbers without the three enums ``signal`` makes of them at
+    # import (~3 M instructions of every command's start); the handlers compare alike
+    import _signal as signal
 
 __all__ = ["COMMANDS", "build_parser", "describe_os_error", "entry", "exit_codes_epilog", "main"]
 

@@ -22,9 +22,12 @@ from ._lean import argparse
 Hint = Callable[[argparse.Namespace, list[str], list[str]], "str | None"]
 
 if TYPE_CHECKING:
+    import signal
     from typing import Any, BinaryIO, NoReturn
 
     from ..update.identify import Identified, Kind
+else:
+    import _signal as signal  # (``signal`` without its enums: cli/__init__.py; built in)
 
 
 def _message(message: str) -> str:
@@ -455,8 +458,6 @@ def stop_on_signals() -> dict[int, Any]:
     ``KeyboardInterrupt``), so what it made for the run (temporary snapshots, partial files)
     is removed on the way out; not one ignored when the command started (``nohup``). Returns
     the handlers replaced (empty outside the main thread, where none can be set)."""
-    import signal
-
     old: dict[int, Any] = {}
     for sig in (signal.SIGTERM, signal.SIGHUP):
         try:
@@ -476,8 +477,6 @@ def default_signals() -> Iterator[None]:
     """SIGTERM and SIGHUP at their default (those :func:`stop_on_signals` handles) while a
     C library runs that sets its own handlers only where a signal is at its default:
     libfuse's loop (a Python handler would wait for it to end, which it never does)."""
-    import signal
-
     old = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGTERM, signal.SIGHUP)
            if signal.getsignal(sig) is _stop}
     try:

@@ -35,7 +35,6 @@ import errno
 import faulthandler
 import marshal
 import os
-import signal
 import stat
 import struct
 import threading
@@ -631,7 +630,7 @@ class ForkedScan:
             self._rfd = -1
         if self._pid is not None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self._pid, signal.SIGKILL)
+                os.kill(self._pid, 9)  # SIGKILL (no `signal`: its enums)
             self._reap()
 
 
