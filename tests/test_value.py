@@ -147,6 +147,46 @@ def test_frozen_like_a_frozen_dataclass(cls: type[OursFrozen]) -> None:
     assert ours.stamp == 3
 
 
+class Checked(Value, frozen=True):
+    low: int
+    high: int = 10
+
+    def __post_init__(self) -> None:
+        if self.low > self.high:
+            raise ValueError("low above high")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TheirsChecked:
+    low: int
+    high: int = 10
+
+    def __post_init__(self) -> None:
+        if self.low > self.high:
+            raise ValueError("low above high")
+
+
+@pytest.mark.parametrize("cls", [Checked, TheirsChecked])
+def test_post_init_and_replace_like_a_dataclass(cls: type[Checked]) -> None:
+    """``__post_init__`` runs after the fields are set (its error propagates), and
+    ``_value.replace`` is ``dataclasses.replace``: a new instance, checked again."""
+    replace = _value.replace if cls is Checked else dataclasses.replace
+    a = cls(3)
+    assert (a.low, a.high) == (3, 10)
+    with pytest.raises(ValueError, match="low above high"):
+        cls(11)
+    with pytest.raises(ValueError, match="low above high"):
+        cls(high=2, low=5)
+    b = replace(a, high=4)
+    assert (b.low, b.high, a.high) == (3, 4, 10)
+    assert replace(a) == a
+    assert replace(a) is not a
+    with pytest.raises(ValueError, match="low above high"):
+        replace(a, low=99)
+    with pytest.raises(TypeError):
+        replace(a, nope=1)  # type: ignore[call-arg]
+
+
 def test_a_value_class_is_made_once() -> None:
     """``class C(Value)`` makes one class (``@value_class``: the ``class`` statement's, then
     the slotted one); a subclass of a value class is made as written (its own slots)."""

@@ -4,7 +4,9 @@
 fields: ``__slots__``, an ``__init__`` taking the fields in order (with the defaults given
 in the body; ``field(default_factory=list)`` makes one per instance), ``__repr__``,
 field-by-field ``__eq__`` (instances are unhashable, as with a dataclass),
-``__match_args__`` (the field names, in order; :func:`field_names` reads them).
+``__match_args__`` (the field names, in order; :func:`field_names` reads them); a
+``__post_init__`` of the body is called after the fields are set; :func:`replace` is
+``dataclasses.replace``.
 ``ClassVar`` annotations are class attributes, not fields. ``@value_class(frozen=True)``
 is ``@dataclass(frozen=True, slots=True)``: fields cannot be assigned after ``__init__``,
 instances hash by their fields.
@@ -48,7 +50,7 @@ else:
     def dataclass_transform(**_kwargs: object) -> Callable[[object], object]:
         return lambda f: f
 
-__all__ = ["Value", "field", "field_names", "value_class"]
+__all__ = ["Value", "field", "field_names", "replace", "value_class"]
 
 
 class _Factory:
@@ -191,8 +193,10 @@ def _slotted(name: str, qualname: str, body: Mapping[str, Any], frozen: bool
     )
     scope: dict[str, Any] = {f"_d_{n}": v for n, v in defaults.items()}
     scope["_set"] = object.__setattr__
-    init = FunctionType(code, scope, "__init__",
+    init: Callable[..., None] = FunctionType(code, scope, "__init__",
                         tuple(scope[f"_d_{n}"] for n in names if n in defaults) or None)
+    if "__post_init__" in body:
+        init = _with_post_init(init, qualname)
     ns = {k: v for k, v in body.items() if k not in names and k not in ("__dict__", "__weakref__")}
     ns.update(
         __slots__=names, __match_args__=names, __init__=init, __repr__=_repr, __eq__=_eq,
@@ -201,6 +205,26 @@ def _slotted(name: str, qualname: str, body: Mapping[str, Any], frozen: bool
     if frozen:
         ns.update(__setattr__=_frozen_setattr, __delattr__=_frozen_delattr, __hash__=_hash)
     return ns
+
+
+def _with_post_init(init: Callable[..., None], qualname: str) -> Callable[..., None]:
+    """``init``, then the instance's ``__post_init__()`` (a dataclass's: it may check the
+    fields and raise)."""
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self.__post_init__()
+
+    __init__.__qualname__ = f"{qualname}.__init__"
+    return __init__
+
+
+def replace(obj: _V, /, **changes: Any) -> _V:
+    """``dataclasses.replace``: a new instance of ``obj``'s value class with ``changes``
+    to its fields."""
+    for n in field_names(type(obj)):
+        if n not in changes:
+            changes[n] = getattr(obj, n)
+    return type(obj)(**changes)
 
 
 def _make(cls: _T, frozen: bool) -> _T:
@@ -248,9 +272,11 @@ _d_f2: Any = None
 _d_f3: Any = None
 _d_f4: Any = None
 _d_f5: Any = None
+_d_f6: Any = None
 _d_f7: Any = None
 _d_f8: Any = None
 _d_f9: Any = None
+_d_f10: Any = None
 _d_f12: Any = None
 _d_f13: Any = None
 
@@ -263,9 +289,18 @@ def _init1_0(self: Any, f0: Any) -> None:
     self.f0 = f0
 
 
+def _frozen1_0(self: Any, f0: Any) -> None:
+    _set(self, 'f0', f0)
+
+
 def _init2_00(self: Any, f0: Any, f1: Any) -> None:
     self.f0 = f0
     self.f1 = f1
+
+
+def _frozen2_00(self: Any, f0: Any, f1: Any) -> None:
+    _set(self, 'f0', f0)
+    _set(self, 'f1', f1)
 
 
 def _init3_000(self: Any, f0: Any, f1: Any, f2: Any) -> None:
@@ -278,6 +313,12 @@ def _frozen3_000(self: Any, f0: Any, f1: Any, f2: Any) -> None:
     _set(self, 'f0', f0)
     _set(self, 'f1', f1)
     _set(self, 'f2', f2)
+
+
+def _init3_001(self: Any, f0: Any, f1: Any, f2: Any) -> None:
+    self.f0 = f0
+    self.f1 = f1
+    self.f2 = _d_f2.make() if f2 is _d_f2 else f2
 
 
 def _init3_111(self: Any, f0: Any, f1: Any, f2: Any) -> None:
@@ -315,11 +356,35 @@ def _init5_00000(self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any) -> None
     self.f4 = f4
 
 
+def _frozen5_00000(self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any) -> None:
+    _set(self, 'f0', f0)
+    _set(self, 'f1', f1)
+    _set(self, 'f2', f2)
+    _set(self, 'f3', f3)
+    _set(self, 'f4', f4)
+
+
 def _init5_00001(self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any) -> None:
     self.f0 = f0
     self.f1 = f1
     self.f2 = f2
     self.f3 = f3
+    self.f4 = _d_f4.make() if f4 is _d_f4 else f4
+
+
+def _init5_00010(self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any) -> None:
+    self.f0 = f0
+    self.f1 = f1
+    self.f2 = f2
+    self.f3 = _d_f3.make() if f3 is _d_f3 else f3
+    self.f4 = f4
+
+
+def _init5_01111(self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any) -> None:
+    self.f0 = f0
+    self.f1 = _d_f1.make() if f1 is _d_f1 else f1
+    self.f2 = _d_f2.make() if f2 is _d_f2 else f2
+    self.f3 = _d_f3.make() if f3 is _d_f3 else f3
     self.f4 = _d_f4.make() if f4 is _d_f4 else f4
 
 
@@ -330,6 +395,15 @@ def _init6_000000(self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any, f5: An
     self.f3 = f3
     self.f4 = f4
     self.f5 = f5
+
+
+def _init6_000001(self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any, f5: Any) -> None:
+    self.f0 = f0
+    self.f1 = f1
+    self.f2 = f2
+    self.f3 = f3
+    self.f4 = f4
+    self.f5 = _d_f5.make() if f5 is _d_f5 else f5
 
 
 def _init7_0000000(
@@ -370,6 +444,20 @@ def _init8_00000000(
     self.f7 = f7
 
 
+def _init8_00001111(
+    self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any, f5: Any, f6: Any,
+    f7: Any,
+) -> None:
+    self.f0 = f0
+    self.f1 = f1
+    self.f2 = f2
+    self.f3 = f3
+    self.f4 = _d_f4.make() if f4 is _d_f4 else f4
+    self.f5 = _d_f5.make() if f5 is _d_f5 else f5
+    self.f6 = _d_f6.make() if f6 is _d_f6 else f6
+    self.f7 = _d_f7.make() if f7 is _d_f7 else f7
+
+
 def _init9_000000000(
     self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any, f5: Any, f6: Any,
     f7: Any, f8: Any,
@@ -383,6 +471,21 @@ def _init9_000000000(
     self.f6 = f6
     self.f7 = f7
     self.f8 = f8
+
+
+def _frozen9_000000000(
+    self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any, f5: Any, f6: Any,
+    f7: Any, f8: Any,
+) -> None:
+    _set(self, 'f0', f0)
+    _set(self, 'f1', f1)
+    _set(self, 'f2', f2)
+    _set(self, 'f3', f3)
+    _set(self, 'f4', f4)
+    _set(self, 'f5', f5)
+    _set(self, 'f6', f6)
+    _set(self, 'f7', f7)
+    _set(self, 'f8', f8)
 
 
 def _init10_0000000000(
@@ -432,6 +535,58 @@ def _init11_00000000000(
     self.f8 = f8
     self.f9 = f9
     self.f10 = f10
+
+
+def _init11_00000000001(
+    self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any, f5: Any, f6: Any,
+    f7: Any, f8: Any, f9: Any, f10: Any,
+) -> None:
+    self.f0 = f0
+    self.f1 = f1
+    self.f2 = f2
+    self.f3 = f3
+    self.f4 = f4
+    self.f5 = f5
+    self.f6 = f6
+    self.f7 = f7
+    self.f8 = f8
+    self.f9 = f9
+    self.f10 = _d_f10.make() if f10 is _d_f10 else f10
+
+
+def _init11_00010000000(
+    self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any, f5: Any, f6: Any,
+    f7: Any, f8: Any, f9: Any, f10: Any,
+) -> None:
+    self.f0 = f0
+    self.f1 = f1
+    self.f2 = f2
+    self.f3 = _d_f3.make() if f3 is _d_f3 else f3
+    self.f4 = f4
+    self.f5 = f5
+    self.f6 = f6
+    self.f7 = f7
+    self.f8 = f8
+    self.f9 = f9
+    self.f10 = f10
+
+
+def _frozen12_000000000000(
+    self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any, f5: Any, f6: Any,
+    f7: Any, f8: Any, f9: Any, f10: Any, f11: Any,
+) -> None:
+    _set(self, 'f0', f0)
+    _set(self, 'f1', f1)
+    _set(self, 'f2', f2)
+    _set(self, 'f3', f3)
+    _set(self, 'f4', f4)
+    _set(self, 'f5', f5)
+    _set(self, 'f6', f6)
+    _set(self, 'f7', f7)
+    _set(self, 'f8', f8)
+    _set(self, 'f9', f9)
+    _set(self, 'f10', f10)
+    _set(self, 'f11', f11)
 
 
 def _init13_0000000000000(
@@ -503,6 +658,35 @@ def _init20_00000000000000000000(
     self.f19 = f19
 
 
+def _init22_0000000000000000000000(
+    self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any, f5: Any, f6: Any,
+    f7: Any, f8: Any, f9: Any, f10: Any, f11: Any, f12: Any, f13: Any, f14: Any,
+    f15: Any, f16: Any, f17: Any, f18: Any, f19: Any, f20: Any, f21: Any,
+) -> None:
+    self.f0 = f0
+    self.f1 = f1
+    self.f2 = f2
+    self.f3 = f3
+    self.f4 = f4
+    self.f5 = f5
+    self.f6 = f6
+    self.f7 = f7
+    self.f8 = f8
+    self.f9 = f9
+    self.f10 = f10
+    self.f11 = f11
+    self.f12 = f12
+    self.f13 = f13
+    self.f14 = f14
+    self.f15 = f15
+    self.f16 = f16
+    self.f17 = f17
+    self.f18 = f18
+    self.f19 = f19
+    self.f20 = f20
+    self.f21 = f21
+
+
 def _init24_000000000000110000000000(
     self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any, f5: Any, f6: Any,
     f7: Any, f8: Any, f9: Any, f10: Any, f11: Any, f12: Any, f13: Any, f14: Any,
@@ -539,26 +723,39 @@ def _init24_000000000000110000000000(
 _GENERATED: dict[str, Callable[..., None]] = {
     "_init0_": _init0_,
     "_init1_0": _init1_0,
+    "_frozen1_0": _frozen1_0,
     "_init2_00": _init2_00,
+    "_frozen2_00": _frozen2_00,
     "_init3_000": _init3_000,
     "_frozen3_000": _frozen3_000,
+    "_init3_001": _init3_001,
     "_init3_111": _init3_111,
     "_init4_0000": _init4_0000,
     "_frozen4_0000": _frozen4_0000,
     "_init4_0011": _init4_0011,
     "_init5_00000": _init5_00000,
+    "_frozen5_00000": _frozen5_00000,
     "_init5_00001": _init5_00001,
+    "_init5_00010": _init5_00010,
+    "_init5_01111": _init5_01111,
     "_init6_000000": _init6_000000,
+    "_init6_000001": _init6_000001,
     "_init7_0000000": _init7_0000000,
     "_frozen7_0000000": _frozen7_0000000,
     "_init8_00000000": _init8_00000000,
+    "_init8_00001111": _init8_00001111,
     "_init9_000000000": _init9_000000000,
+    "_frozen9_000000000": _frozen9_000000000,
     "_init10_0000000000": _init10_0000000000,
     "_init10_0011110110": _init10_0011110110,
     "_init11_00000000000": _init11_00000000000,
+    "_init11_00000000001": _init11_00000000001,
+    "_init11_00010000000": _init11_00010000000,
+    "_frozen12_000000000000": _frozen12_000000000000,
     "_init13_0000000000000": _init13_0000000000000,
     "_init16_0001110001000100": _init16_0001110001000100,
     "_init20_00000000000000000000": _init20_00000000000000000000,
+    "_init22_0000000000000000000000": _init22_0000000000000000000000,
     "_init24_000000000000110000000000": _init24_000000000000110000000000,
 }
 # --- end of generated code ---------------------------------------------------------------

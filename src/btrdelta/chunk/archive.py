@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import struct
 from array import array
-from dataclasses import dataclass, field, replace
 from itertools import accumulate
 
 import blake3
 
+from .._value import Value, field, replace
 from ..errors import ChecksumError, SignatureError, StreamFormatError, UnsupportedVersionError
 from ..trust import PrivateKey, PublicKey, sign_message, verify_message
 from .chunker import ChunkerParams
@@ -75,8 +75,7 @@ def max_compressed_size(raw_size: int) -> int:
     return raw_size + (raw_size >> 8) + 512
 
 
-@dataclass(frozen=True, slots=True)
-class ArchiveHeader:
+class ArchiveHeader(Value, frozen=True):
     """The fixed 160-byte archive header.
 
     Attributes:
@@ -116,8 +115,7 @@ class ArchiveHeader:
         return self.index_offset + self.index_size + self.sig_size
 
 
-@dataclass(slots=True)
-class ArchiveIndex:
+class ArchiveIndex(Value):
     """The decoded dictionary and order, with derived image offsets.
 
     Attributes:

@@ -26,12 +26,12 @@ from array import array
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass, field
 from io import BytesIO
 from itertools import accumulate
 
 import zstandard
 
+from .._value import Value, field
 from ..errors import ChecksumError, StreamFormatError
 from .buzhash import WINDOW, cuts, discriminator
 from .chunker import WINDOW_SIZE, ChunkBatch
@@ -72,8 +72,7 @@ def is_caibx(buf: bytes | memoryview) -> bool:
     return len(buf) >= 16 and struct.unpack_from("<QQ", buf) == (48, CA_FORMAT_INDEX)
 
 
-@dataclass(slots=True)
-class CasyncIndex:
+class CasyncIndex(Value):
     """A decoded blob index, shaped like :class:`~btrdelta.chunk.archive.ArchiveIndex`
     (what the clone and output code read: ``digests``, ``raw_sizes``, ``order``,
     ``starts``).
@@ -213,8 +212,7 @@ def decode_chunk_file(
     return raw
 
 
-@dataclass(frozen=True, slots=True)
-class CasyncChunking:
+class CasyncChunking(Value, frozen=True):
     """Cut and hash an input like casync: buzhash cut points, SHA-512/256 (or SHA-256) ids.
 
     Attributes:

@@ -22,12 +22,12 @@ import stat
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import blake3
 
 from .._optional import need
+from .._value import Value
 from ..errors import BtrdeltaError, StreamFormatError
 
 if TYPE_CHECKING:  # pyfastcdc is optional ([image], [make]): imported when a cut starts
@@ -65,8 +65,7 @@ def chunk_digest(data: bytes | bytearray | memoryview) -> bytes:
     return blake3.blake3(data).digest()
 
 
-@dataclass(frozen=True, slots=True)
-class ChunkerParams:
+class ChunkerParams(Value, frozen=True):
     """FastCDC parameters; two parties find the same chunks only with equal parameters.
 
     Attributes:
@@ -126,8 +125,7 @@ class ChunkerParams:
         return cutter
 
 
-@dataclass(frozen=True, slots=True)
-class ChunkRef:
+class ChunkRef(Value, frozen=True):
     """One chunk of an input: where it is, how long, and its digest."""
 
     offset: int
@@ -153,8 +151,7 @@ def iter_chunks(
         yield chunk.offset, chunk.data
 
 
-@dataclass(slots=True)
-class ChunkBatch:
+class ChunkBatch(Value):
     """Consecutive chunks of one input, in input order.
 
     Attributes:
@@ -256,8 +253,7 @@ class Chunking(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
-class FastCdcChunking:
+class FastCdcChunking(Value, frozen=True):
     """:class:`Chunking` of btrdelta archives: FastCDC with ``params``, BLAKE3 ids."""
 
     params: ChunkerParams

@@ -19,12 +19,13 @@ from array import array
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import BinaryIO
 
 import blake3
 import zstandard
 
+from .._value import replace
 from ..errors import BtrdeltaError
 from ..trust import PrivateKey
 from .archive import (

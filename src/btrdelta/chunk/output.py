@@ -36,11 +36,11 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import blake3
 
+from .._value import Value, field
 from ..errors import ChecksumError, MissingBaseError
 from .seed import SeedMap
 from .store import ChunkStore
@@ -90,8 +90,7 @@ class Layout(Protocol):
         ...
 
 
-@dataclass(slots=True)
-class OutputPlan:
+class OutputPlan(Value):
     """Where each position's bytes come from.
 
     Attributes:
@@ -217,8 +216,7 @@ def _order_moves(plan: OutputPlan, starts: Sequence[int], stash_limit: int) -> N
         release(i)
 
 
-@dataclass(slots=True)
-class OutputReport:
+class OutputReport(Value):
     """Where the output's bytes came from.
 
     Attributes:

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Container, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
+from .._value import Value, field
 from .chunker import Chunking, map_file
 
 __all__ = ["SeedMap", "scan_seeds"]
 
 
-@dataclass(slots=True)
-class SeedMap:
+class SeedMap(Value):
     """Where the image's chunks sit in the seeds.
 
     Attributes:

@@ -38,10 +38,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import blake3
 
+from .._value import Value, field
 from ..errors import (
     BtrdeltaError,
     ChecksumError,
@@ -108,8 +108,7 @@ def _durable(fds: list[int]) -> bool:
     return False
 
 
-@dataclass(slots=True)
-class _Pending:
+class _Pending(Value):
     """A chunk written to an unnamed (or temporary) file, waiting for its batch's sync."""
 
     fd: int
@@ -152,8 +151,7 @@ class StoreBusyError(BtrdeltaError):
     """Another process holds the store's lock in a conflicting mode."""
 
 
-@dataclass(frozen=True, slots=True)
-class GcReport:
+class GcReport(Value, frozen=True):
     """What :meth:`ChunkStore.gc` removed (``damaged`` is included in ``removed``)."""
 
     removed: int
@@ -163,8 +161,7 @@ class GcReport:
     leftovers: int = 0
 
 
-@dataclass(slots=True)
-class ChunkCheck:
+class ChunkCheck(Value):
     """What :meth:`ChunkStore.check` found.
 
     Attributes:
@@ -179,8 +176,7 @@ class ChunkCheck:
     damaged: dict[bytes, str] = field(default_factory=dict)
 
 
-@dataclass(slots=True)
-class VerifyReport:
+class VerifyReport(Value):
     """What a verify found (``missing`` and ``bad`` are chunk ids; ``reasons`` says why each
     bad one is bad; ``repaired`` counts chunks fetched again by a repair)."""
 
@@ -613,8 +609,7 @@ class ChunkStore:
                 if len(d) == 2 and os.path.isdir(os.path.join(self.chunks_dir, d))]
 
 
-@dataclass(slots=True)
-class _OpenChunk:
+class _OpenChunk(Value):
     """A cached chunk descriptor: readers using it, and whether the LRU dropped it."""
 
     fd: int

@@ -22,9 +22,9 @@ file and what is wrong.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
+from .._value import Value
 from ..errors import SignatureError
 from .canonical import Fields
 from .model import Index, Timestamp, format_time
@@ -32,8 +32,7 @@ from .model import Index, Timestamp, format_time
 __all__ = ["TrustedState", "check_index", "check_timestamp"]
 
 
-@dataclass(slots=True)
-class TrustedState:
+class TrustedState(Value):
     """What a client has trusted before (versions only grow)."""
 
     index_version: int = 0

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import bisect
 import struct
-from dataclasses import dataclass
 
+from .._value import Value
 from ..chunk.archive import HEADER_SIZE, ArchiveHeader, ArchiveIndex, decode_header, decode_index
 from ..errors import StreamFormatError
 
@@ -35,8 +35,7 @@ _SLOT = struct.Struct("<32sQQ")
 _MAX_PACKS = 1 << 20
 
 
-@dataclass(frozen=True, slots=True)
-class PackSlot:
+class PackSlot(Value, frozen=True):
     """One pack of the pack space: id (BLAKE3-256 of its bytes), base offset, length."""
 
     pack_id: bytes
@@ -52,8 +51,7 @@ class PackSlot:
         return f"packs/{self.pack_id.hex()}.pack"
 
 
-@dataclass(slots=True)
-class FullIndex:
+class FullIndex(Value):
     """A decoded full index."""
 
     header: ArchiveHeader

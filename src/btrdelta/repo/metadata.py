@@ -14,12 +14,12 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import blake3
 
 from .. import trust
+from .._value import Value
 from ..errors import ChecksumError, StreamFormatError, TransportError
 from ..fs.atomic import write_atomic
 from .canonical import Fields, parse_json
@@ -65,8 +65,7 @@ class MetaCache:
         return data
 
 
-@dataclass(slots=True)
-class Verified:
+class Verified(Value):
     """The repository state a client trusts now."""
 
     index: Index

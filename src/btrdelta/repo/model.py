@@ -20,9 +20,9 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
+from .._value import Value
 from .canonical import Fields
 
 __all__ = [
@@ -96,8 +96,7 @@ def _time_field(f: Fields, key: str) -> int:
         f.fail(str(exc), key)
 
 
-@dataclass(frozen=True, slots=True)
-class ArtifactRef:
+class ArtifactRef(Value, frozen=True):
     """A content-addressed file of the repository: the hex in its name is the BLAKE3-256
     of its bytes."""
 
@@ -126,8 +125,7 @@ class ArtifactRef:
         return cls(path, f.integer("length", 0, _MAX_LEN))
 
 
-@dataclass(frozen=True, slots=True)
-class IndexVersion:
+class IndexVersion(Value, frozen=True):
     """One version as the index lists it (position = list index + 1)."""
 
     name: str
@@ -136,8 +134,7 @@ class IndexVersion:
     deltas: tuple[tuple[int, int], ...]
 
 
-@dataclass(frozen=True, slots=True)
-class BinRef:
+class BinRef(Value, frozen=True):
     """Where the records of versions ``first .. first + count - 1`` are."""
 
     first: int
@@ -145,8 +142,7 @@ class BinRef:
     ref: ArtifactRef
 
 
-@dataclass(frozen=True, slots=True)
-class Index:
+class Index(Value, frozen=True):
     """The signed part of ``index/<N>.json``."""
 
     version: int
@@ -246,16 +242,14 @@ def _bad_version(f: Fields, i: int, name: str, seen: set[str]) -> NoReturn:
     f.fail("full bytes out of range", where)
 
 
-@dataclass(frozen=True, slots=True)
-class DeltaRef:
+class DeltaRef(Value, frozen=True):
     """A delta into a version, from the version at ``source`` (position)."""
 
     source: int
     ref: ArtifactRef
 
 
-@dataclass(frozen=True, slots=True)
-class VersionRecord:
+class VersionRecord(Value, frozen=True):
     """What a bin says about one version."""
 
     name: str
@@ -289,12 +283,11 @@ class VersionRecord:
                    ArtifactRef.decode(f.sub("full"), "fulls"), deltas)
 
 
-@dataclass(frozen=True, slots=True)
-class Bin:
+class Bin(Value, frozen=True):
     """A bin file: the records of consecutive versions from position ``first``."""
 
     first: int
-    versions: tuple[VersionRecord, ...] = field(default=())
+    versions: tuple[VersionRecord, ...] = ()
 
     def encode(self) -> dict[str, Any]:
         return {
@@ -313,8 +306,7 @@ class Bin:
         return cls(f.integer("first", 1), records)
 
 
-@dataclass(frozen=True, slots=True)
-class Timestamp:
+class Timestamp(Value, frozen=True):
     """The signed part of ``timestamp.json``."""
 
     version: int

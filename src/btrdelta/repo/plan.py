@@ -11,17 +11,16 @@ linear in versions + deltas: a 1,000-version index plans in about a millisecond.
 from __future__ import annotations
 
 from collections.abc import Mapping, Set
-from dataclasses import dataclass, field
 from typing import Any
 
+from .._value import Value, field
 from ..errors import MissingBaseError
 from .model import Index
 
 __all__ = ["Plan", "Step", "plan_update"]
 
 
-@dataclass(frozen=True, slots=True)
-class Step:
+class Step(Value, frozen=True):
     """One hop: ``kind`` is ``"full"`` (``source`` None) or ``"delta"``."""
 
     kind: str
@@ -30,8 +29,7 @@ class Step:
     bytes: int
 
 
-@dataclass(slots=True)
-class Plan:
+class Plan(Value):
     """What an update will download and apply, and what it costs."""
 
     target: int

@@ -26,11 +26,11 @@ import functools
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import trust
+from .._value import Value
 from ..errors import SignatureError, StreamFormatError, TransportError
 from ..fs.atomic import write_atomic
 from .canonical import Fields, parse_json
@@ -46,8 +46,7 @@ _MAX_KEYS = 16
 _NAME = re.compile(r"(\d+)\.json")
 
 
-@dataclass(frozen=True, slots=True)
-class Root:
+class Root(Value, frozen=True):
     """A trusted root: its version (0: a pinned key, no document) and its keys."""
 
     version: int

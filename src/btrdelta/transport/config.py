@@ -14,11 +14,11 @@ import os
 import re
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
+from .._value import Value
 from ..errors import BtrdeltaError
 from .pacing import PacedTransport, RateLimiter
 
@@ -42,8 +42,7 @@ def parse_header(text: str) -> tuple[str, str]:
     return name, value
 
 
-@dataclass(frozen=True, slots=True)
-class HttpConfig:
+class HttpConfig(Value, frozen=True):
     """How to talk HTTP(S): one object from the command line to the socket.
 
     Attributes:

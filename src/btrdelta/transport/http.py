@@ -29,12 +29,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from typing import BinaryIO, NoReturn
 
 import httpx
 import tenacity
 
+from .._value import Value
 from ..errors import TransportError
 from .config import HttpConfig
 from .pacing import Deadline, deadline
@@ -72,8 +72,7 @@ class _Retry(Exception):
     """A transient failure of one request."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Response:
+class _Response(Value, frozen=True):
     """Status, headers and body of one finished request."""
 
     status_code: int
@@ -81,8 +80,7 @@ class _Response:
     content: bytes
 
 
-@dataclass(slots=True)
-class FetchStats:
+class FetchStats(Value):
     """Counters over a fetcher's life: requests sent, body bytes received, retries."""
 
     requests: int = 0

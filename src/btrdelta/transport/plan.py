@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
+from .._value import Value
 from ..errors import TransportError
 
 __all__ = [
@@ -26,8 +26,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class Part:
+class Part(Value, frozen=True):
     """One wanted piece: ``length`` bytes at ``start``, tagged with a caller's ``key``."""
 
     key: int
@@ -40,8 +39,7 @@ class Part:
         return self.start + self.length
 
 
-@dataclass(frozen=True, slots=True)
-class Span:
+class Span(Value, frozen=True):
     """A contiguous byte range ``[start, end)`` covering one or more parts."""
 
     start: int

@@ -43,12 +43,12 @@ import os
 import stat
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import _native
 from .. import stream as _s
+from .._value import Value
 from .overlay import Overlay, overlay_digest
 from .pathmap import PathMap
 from .treesum import Entry, EntryMaker, Known, Reuse, manifest_sum, tree_manifest
@@ -70,8 +70,7 @@ def _key(st: os.stat_result) -> _Key:
             st.st_gid, st.st_nlink)
 
 
-@dataclass(slots=True)
-class Digests:
+class Digests(Value):
     """A tree's tree-sum and its manifest entries, each with its lstat when it was read."""
 
     root: Path

@@ -25,9 +25,9 @@ import stat
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Protocol
 
+from .._value import Value, field
 from ..chunk.archive import ArchiveHeader
 from ..chunk.castr import CastrChunks, default_store, read_caibx
 from ..chunk.casync import INDEX_SUFFIX, is_caibx
@@ -73,8 +73,7 @@ class ChunkFetcher(Protocol):
         ...
 
 
-@dataclass(slots=True)
-class OpenImage:
+class OpenImage(Value):
     """An image source, opened: what it is made of and where its chunks come from.
 
     Attributes:
@@ -162,8 +161,7 @@ def open_image(
                      closers=[source.close])
 
 
-@dataclass(slots=True)
-class CloneReport:
+class CloneReport(Value):
     """What a clone did (``fetch_bytes`` is what was, or with ``dry_run`` would be, fetched;
     for casync sources it counts uncompressed bytes, a store lists no compressed sizes)."""
 
@@ -191,8 +189,7 @@ class CloneReport:
     archive_size: int = 0
 
 
-@dataclass(slots=True)
-class _Output:
+class _Output(Value):
     """Where and how the output is written."""
 
     path: str

@@ -32,13 +32,13 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from .. import _native, trust
+from .._value import Value, field
 from ..chunk.store import ChunkStore
 from ..errors import BtrdeltaError, MissingBaseError
 from ..fs.atomic import write_atomic
@@ -68,8 +68,7 @@ STATE = ".btrdelta"
 Event = Callable[[dict[str, Any]], None]
 
 
-@dataclass(slots=True)
-class UpdateResult:
+class UpdateResult(Value):
     """What an update planned and did."""
 
     target: str
