@@ -10,6 +10,7 @@ import os
 import stat
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import blake3
@@ -117,6 +118,38 @@ def test_bad_public_keys_are_one_line_errors(tmp_path: Path, text: bytes, match:
     with pytest.raises(BtrdeltaError, match=match) as info:
         load_public_key(str(p))
     assert "\n" not in str(info.value)
+
+
+def test_a_pem_public_key_is_read_without_cryptography_s_key_readers(tmp_path: Path) -> None:
+    """An Ed25519 PEM public key (``key generate``'s, openssl's; CRLF lines too) is read
+    from its DER without cryptography's ``serialization`` (its import is ~26 M
+    instructions of an ``update``'s start), to the key openssl derives; a PEM public key
+    of the same length with another algorithm (X25519) or another label still goes to
+    cryptography's reader and is refused."""
+    okey = tmp_path / "openssl.key"
+    _openssl("genpkey", "-algorithm", "ed25519", "-out", str(okey))
+    pem = _openssl("pkey", "-in", str(okey), "-pubout")
+    raw = _openssl("pkey", "-in", str(okey), "-pubout", "-outform", "DER")[-32:]
+    want = hashlib.sha256(raw).hexdigest()
+    forms = {"lf.pub": pem, "crlf.pub": pem.replace(b"\n", b"\r\n")}
+    for name, data in forms.items():
+        (tmp_path / name).write_bytes(data)
+    code = ("import sys\nfrom btrdelta.trust import key_id, load_public_key\n"
+            f"print([key_id(load_public_key(p)) for p in {[str(tmp_path / n) for n in forms]!r}],"
+            " 'cryptography.hazmat.primitives.serialization' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == f"{[want, want]!r} False"
+    xkey = tmp_path / "x25519.key"
+    _openssl("genpkey", "-algorithm", "x25519", "-out", str(xkey))
+    xpub = tmp_path / "x25519.pub"
+    xpub.write_bytes(_openssl("pkey", "-in", str(xkey), "-pubout"))
+    assert len(xpub.read_bytes()) == len(pem)
+    other = tmp_path / "other.pub"
+    other.write_bytes(pem.replace(b"PUBLIC KEY", b"PUBLIC KEYS"))
+    for path in (xpub, other):
+        with pytest.raises(BtrdeltaError, match="not an Ed25519 public key"):
+            load_public_key(str(path))
 
 
 def test_rsa_and_encrypted_private_keys_are_refused(tmp_path: Path) -> None:

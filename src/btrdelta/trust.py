@@ -42,7 +42,6 @@ from typing import Any, BinaryIO
 
 import blake3
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from ._value import Value
@@ -187,7 +186,7 @@ def generate_key() -> Ed25519PrivateKey:
 
 def _raw_public(key: Ed25519PublicKey | Ed25519PrivateKey) -> bytes:
     pub = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
-    return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return pub.public_bytes_raw()
 
 
 def key_id(key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
@@ -231,6 +230,8 @@ def save_key_pair(key: Ed25519PrivateKey, private_path: str, public_path: str) -
     for path in (private_path, public_path):
         if os.path.lexists(path):
             raise BtrdeltaError("file exists; refusing to overwrite a key", path=path)
+    from cryptography.hazmat.primitives import serialization
+
     private_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
@@ -256,6 +257,8 @@ def _read_small(path: str, what: str) -> bytes:
 
 
 def _load_private(data: bytes, path: str) -> Ed25519PrivateKey:
+    from cryptography.hazmat.primitives import serialization
+
     try:
         if b"-----BEGIN OPENSSH PRIVATE KEY-----" in data:
             key: object = serialization.load_ssh_private_key(data, password=None)
@@ -279,16 +282,44 @@ def load_private_key(path: str) -> Ed25519PrivateKey:
     return _load_private(_read_small(path, "a key file"), path)
 
 
+#: the DER of an Ed25519 SubjectPublicKeyInfo before its 32 key bytes (RFC 8410 §4)
+_ED25519_SPKI = bytes.fromhex("302a300506032b6570032100")
+
+
+def _spki_ed25519(text: bytes) -> bytes | None:
+    """The 32 key bytes of ``text`` (stripped) when it is a PEM ``PUBLIC KEY`` holding an
+    Ed25519 SubjectPublicKeyInfo, as :func:`save_key_pair` and ``openssl pkey -pubout``
+    write it; else None (cryptography's PEM reader decides)."""
+    lines = text.split(b"\n")
+    if len(lines) < 3 or lines[0].rstrip(b"\r") != b"-----BEGIN PUBLIC KEY-----" \
+            or lines[-1].rstrip(b"\r") != b"-----END PUBLIC KEY-----":
+        return None
+    try:
+        der = base64.b64decode(b"".join(line.strip() for line in lines[1:-1]), validate=True)
+    except binascii.Error:
+        return None
+    if len(der) != 44 or not der.startswith(_ED25519_SPKI):
+        return None
+    return der[12:]
+
+
 def parse_public_key(data: bytes, *, source: str = "public key") -> Ed25519PublicKey:
     """An Ed25519 public key from any form :func:`load_public_key` reads."""
     text = data.strip()
     if text.startswith(b"-----BEGIN") and b"PRIVATE KEY-----" in text:
         return _load_private(data, source).public_key()
+    # (cryptography's readers of key files import its every algorithm: ~26 M instructions
+    # of an `update`'s start: the forms of Ed25519 keys that btrdelta writes are read here)
+    spki = _spki_ed25519(text)
+    if spki is not None:
+        return Ed25519PublicKey.from_public_bytes(spki)
     try:
-        if text.startswith(b"-----BEGIN"):
-            key: object = serialization.load_pem_public_key(text)
-        elif text.startswith(b"ssh-"):
-            key = serialization.load_ssh_public_key(text)
+        if text.startswith((b"-----BEGIN", b"ssh-")):
+            from cryptography.hazmat.primitives import serialization
+
+            key: object = (serialization.load_pem_public_key(text)
+                           if text.startswith(b"-----BEGIN")
+                           else serialization.load_ssh_public_key(text))
         else:
             raw = base64.b64decode(text, validate=True)
             if len(raw) != 32:
