@@ -196,7 +196,14 @@ class _Decoder:
 
 
 _MISSING: Any = object()
-_DECODERS: dict[int, _Decoder] = {int(c): _Decoder(c) for c in COMMAND_SPECS}
+#: the decoding plans made so far (a send decodes nothing: made when first used)
+_DECODERS: dict[int, _Decoder] = {}
+
+
+def _decoder(cmd: int) -> _Decoder:
+    dec = _DECODERS[cmd] = _Decoder(Cmd(cmd))
+    return dec
+
 _TLV = TLV_HEADER.unpack_from
 _U16_FROM = _U16.unpack_from
 
@@ -209,12 +216,12 @@ def decode_payload(cmd: int, mv: memoryview, start: int, end: int, version: int)
             the caller adds offset and record number).
     """
     if not legal(cmd, send_place(version)):
-        if cmd in _DECODERS:
+        if cmd in COMMAND_SPECS:
             raise StreamFormatError(
                 f"command {Cmd(cmd).name} does not exist in stream version {version}"
             )
         raise StreamFormatError(f"unknown command number {cmd}")
-    dec = _DECODERS[cmd]
+    dec = _DECODERS.get(cmd) or _decoder(cmd)
     slot = dec.slot
     conv = dec.converters
     values: list[Any] = [_MISSING] * dec.nfields
@@ -460,7 +467,7 @@ def fast_decoder(cmd: int, v2: bool) -> Callable[[memoryview, int, int], Any] | 
     try:
         return _FAST[key]
     except KeyError:
-        dec = _gen_fast_decoder(Cmd(cmd), v2) if cmd in _DECODERS and cmd else None
+        dec = _gen_fast_decoder(Cmd(cmd), v2) if cmd in COMMAND_SPECS and cmd else None
         _FAST[key] = dec
         return dec
 
@@ -491,6 +498,8 @@ _KIND_CODE = {Kind.U8: 0, Kind.U32: 1, Kind.U64: 2, Kind.UUID: 3, Kind.TIMESPEC:
 def _speedups_plan() -> tuple[Any, ...]:
     """``configure()`` arguments: per command, the kernel-order fields fast decoders accept."""
     commands: list[Any] = [None] * (max(COMMAND_SPECS) + 1)
+    # (keyed by the attribute, an IntEnum: a Kind, a plain Enum, hashes in Python)
+    code = {attr: _KIND_CODE[kind] for attr, kind in ATTR_KIND.items()}
     for cmd, spec in COMMAND_SPECS.items():
         cls = RECORD_TYPES[cmd]
         order = list(field_names(cls))
@@ -499,7 +508,7 @@ def _speedups_plan() -> tuple[Any, ...]:
         # (this kernel leaves ENCRYPTION out of ENCODED_WRITE when it is 0)
         plans = [
             tuple(
-                (int(f.attr), _KIND_CODE[ATTR_KIND[f.attr]], order.index(f.name), f.optional)
+                (int(f.attr), code[f.attr], order.index(f.name), f.optional)
                 for f in spec.fields
                 if v2 or not f.optional
             )

@@ -173,10 +173,14 @@ def send_place(version: int) -> Place:
     return _SEND[version]
 
 
-_LEGAL_AT: Final = {
-    p: frozenset(c for c, where in RECORDS.items() if where.value & p.value)
-    for p in Place.__members__.values()
-}
+def _legal_at() -> dict[Place, frozenset[int]]:
+    # (a flag's ``.value`` runs Python code too: each is read once)
+    bits = {c: where.value for c, where in RECORDS.items()}
+    return {p: frozenset(c for c, b in bits.items() if b & v)
+            for p, v in ((p, p.value) for p in Place.__members__.values())}
+
+
+_LEGAL_AT: Final = _legal_at()
 
 
 def legal(cmd: int, place: Place) -> bool:
@@ -187,8 +191,7 @@ def legal(cmd: int, place: Place) -> bool:
 
 def max_command(version: int) -> int:
     """The highest command number a send stream of ``version`` defines (they are dense)."""
-    place = _SEND[version]
-    return max(cmd for cmd, where in RECORDS.items() if where & place)
+    return max(_LEGAL_AT[_SEND[version]])
 
 
 # --- framing -------------------------------------------------------------------------------
