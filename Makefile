@@ -24,10 +24,14 @@ XXHASH  := $(if $(wildcard /usr/include/xxhash.h),$(VENV)/.xxhash)
 $(VENV)/.xxhash:
 	@mkdir -p $(VENV) && touch $@
 
+#: the byte code of every module is compiled, as a wheel's install leaves it: an editable
+#: install compiles nothing, and with PYTHONDONTWRITEBYTECODE=1 every process (each CLI
+#: test's) would compile every module it imports at its start
 $(STAMP): pyproject.toml setup.py $(CSRC) $(XXHASH)
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip >/dev/null
 	@$(BIN)/python -m pip install -q -e '.[all,test,dev]'
+	@$(BIN)/python -m compileall -q src >/dev/null
 	@touch $(STAMP)
 
 # man pages and completions into the venv (an editable install skips data files)
