@@ -38,7 +38,8 @@ _SUBVOL_ROOT_INO = 256
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 #: prefix of the temporary snapshots (never sent, never a parent)
 TMP_PREFIX = ".btrdelta-send-"
-_TMP_NAME = re.compile(rb"\.btrdelta-send-([0-9]+)-[0-9a-f]{8}")
+#: (compiled where a name has the prefix, in re's cache: not by every send)
+_TMP_NAME = rb"\.btrdelta-send-([0-9]+)-[0-9a-f]{8}"
 LIVE_WARNING = ("not a btrfs subvolume: the tree is read live, so the result is only as "
                 "consistent as the tree was still while it was read")
 
@@ -153,7 +154,7 @@ def _drop_leftovers(path: bytes, uuid: UUID) -> None:
     """Delete the temporary snapshots of the subvolume ``path`` that killed senders left:
     named ``.btrdelta-send-<pid>-<random>``, their pid gone (:func:`drop_leftovers`)."""
     def stale(name: bytes) -> bool:
-        m = _TMP_NAME.fullmatch(name) if name.startswith(b".btrdelta-send-") else None
+        m = re.fullmatch(_TMP_NAME, name) if name.startswith(b".btrdelta-send-") else None
         return m is not None and not pid_alive(int(m.group(1)))
 
     drop_leftovers(path, uuid, stale)
