@@ -177,19 +177,24 @@ def _decompress(
     dctx: zstandard.ZstdDecompressor, blob: memoryview, raw_size: int, entry: int,
     offset: int, source: str,
 ) -> bytes:
+    """The chunk's ``raw_size`` bytes. A frame that does not decode to exactly them is a
+    chunk not matching its index entry (``ChecksumError``, as a wrong digest is): a damaged
+    byte gives the same error wherever it falls, in the frame's header, its data or the
+    content itself."""
+    why = None
     try:
         params = zstandard.get_frame_parameters(blob)
         if params.content_size != raw_size:
-            raise StreamFormatError(
-                f"chunk {entry}: frame declares {params.content_size} bytes, index {raw_size}",
-                source=source, offset=offset, index=entry)
-        raw = dctx.decompress(blob, max_output_size=raw_size)
+            why = f"its zstd frame declares {params.content_size} bytes, the index {raw_size}"
+        else:
+            raw = dctx.decompress(blob, max_output_size=raw_size)
+            if len(raw) != raw_size:
+                why = f"{len(raw)} bytes, the index says {raw_size}"
     except zstandard.ZstdError as exc:
-        raise StreamFormatError(f"chunk {entry}: bad zstd frame ({exc})", source=source,
-                                offset=offset, index=entry) from exc
-    if len(raw) != raw_size:
-        raise StreamFormatError(f"chunk {entry}: {len(raw)} bytes, index says {raw_size}",
-                                source=source, offset=offset, index=entry)
+        why = f"its zstd frame does not decode: {exc}"
+    if why is not None:
+        raise ChecksumError(f"chunk {entry} does not match its id ({why}); not used",
+                            source=source, offset=offset, index=entry)
     return raw
 
 
@@ -225,8 +230,8 @@ class ArchiveChunks:
         (from worker threads).
 
         Raises:
-            StreamFormatError: a bad zstd frame; ``ChecksumError``: a chunk not matching its
-                id (nothing of it reaches ``on_chunk``).
+            ChecksumError: a chunk not matching its id, a frame that does not decode
+                included (nothing of it reaches ``on_chunk``).
         """
         index, name = self.index, self.source.name
         local = threading.local()

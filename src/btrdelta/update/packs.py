@@ -220,11 +220,12 @@ def open_full(full: FullIndex, packs: PackReader, *, source: str) -> ChunkConcat
         off, size, rawsize = index.offsets[entry], index.comp_sizes[entry], index.raw_sizes[entry]
         slot = full.pack_at(off)
         blob = packs.read(slot, off - slot.base, off - slot.base + size)
-        try:
+        try:  # a frame that does not decode is a chunk not matching its id, as in chunk.source
             data = dctx.decompress(blob, max_output_size=rawsize)
         except zstandard.ZstdError as exc:
-            raise StreamFormatError(f"chunk {entry}: bad zstd frame ({exc})", source=slot.path,
-                                    offset=off - slot.base) from exc
+            raise ChecksumError(
+                f"chunk {entry} does not match its id (its zstd frame does not decode: {exc})",
+                source=slot.path, offset=off - slot.base) from exc
         if len(data) != rawsize or chunk_digest(data) != index.digests[entry]:
             raise ChecksumError(f"chunk {entry} does not match its id", source=slot.path,
                                 offset=off - slot.base)
