@@ -80,3 +80,21 @@ def test_create_file_never_replaces(tmp_path: Path, mode: str) -> None:
     assert (tmp_path / "chunk").read_bytes() == b"first"
     assert not (tmp_path / "elsewhere").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chunk", "link"]
+
+
+def test_stale_temporary_names_of_gone_writers_are_removed(tmp_path: Path) -> None:
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid no process has any more
+    target = tmp_path / "reg.json"
+    write_atomic(target, b"{}")
+    stale = tmp_path / f".reg.json.tmp-{gone.pid}-{'ab' * 6}"
+    running = tmp_path / f".reg.json.tmp-1-{'cd' * 6}"  # init: still running
+    mine = tmp_path / f".reg.json.tmp-{os.getpid()}-{'ef' * 6}"
+    other = tmp_path / f".other.tmp-{gone.pid}-{'ab' * 6}"  # another file's
+    for p in (stale, running, mine, other):
+        p.write_bytes(b"x")
+    assert atomic.remove_stale_temps(target) == [stale.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [target.name, running.name, mine.name, other.name])

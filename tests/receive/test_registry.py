@@ -147,3 +147,17 @@ def test_a_planted_registry_is_refused_not_followed(tmp_path: Path, planted: str
     assert [line for line in err.splitlines() if "error" in line] == err.splitlines()[-1:]
     assert sorted(p.name for p in dest.iterdir()) == [REGISTRY_NAME]
     assert outside.read_text() == json.dumps({"version": 1, "subvols": []})
+
+
+def test_a_killed_writers_temporary_registry_is_removed_by_the_next(tmp_path: Path) -> None:
+    """A receive killed between the registry's link and its rename leaves
+    ``.btrdelta-subvols.json.tmp-PID-HEX``; the next receive's registration removes it."""
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    leftover = dest / f".{REGISTRY_NAME}.tmp-{gone.pid}-{'0f' * 6}"
+    leftover.write_bytes(b'{"version": 1, "subvols": []}\n')
+    code, err = _receive(_full(tmp_path, "a", uuid.uuid4()), dest)
+    assert code == 0, err
+    assert sorted(os.listdir(dest)) == [REGISTRY_NAME, "a"]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import stat
 from collections.abc import Iterator
 
@@ -47,6 +48,7 @@ __all__ = [
     "fsync_dir",
     "link_written",
     "pid_alive",
+    "remove_stale_temps",
     "write_atomic",
     "write_unnamed",
 ]
@@ -58,6 +60,28 @@ _NO_TMPFILE = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENO
 
 def _tmp_name(base: str) -> str:
     return f".{base}.tmp-{os.getpid()}-{os.urandom(6).hex()}"
+
+
+def remove_stale_temps(path: str | os.PathLike[str]) -> list[str]:
+    """Remove the temporary names :func:`atomic_output` gave ``path``'s new versions in
+    writers that are gone (``.BASE.tmp-PID-HEX``, PID no longer running: a writer killed
+    between its link and its rename). A name of a running writer is left alone.
+
+    Returns:
+        the names removed.
+    """
+    directory, base = os.path.split(os.path.abspath(path))
+    stale = re.compile(rf"\.{re.escape(base)}\.tmp-(\d+)-[0-9a-f]{{12}}")
+    removed = []
+    with os.scandir(directory) as it:
+        names = [e.name for e in it if e.name.startswith(f".{base}.tmp-")]
+    for name in names:
+        m = stale.fullmatch(name)
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, name))
+                removed.append(name)
+    return removed
 
 
 def _open_dir(directory: str) -> int:

@@ -42,7 +42,7 @@ from pathlib import Path
 from uuid import UUID
 
 from ..errors import StreamFormatError
-from ..fs.atomic import write_atomic
+from ..fs.atomic import remove_stale_temps, write_atomic
 from ..fs.sandbox import check_name
 
 __all__ = ["REGISTRY_NAME", "Registry", "RegistryEntry"]
@@ -180,6 +180,7 @@ class Registry:
             ],
         }
         write_atomic(self.path, (json.dumps(doc, indent=1) + "\n").encode())
+        remove_stale_temps(self.path)  # (a writer killed between its link and its rename)
 
 
 def _ino(path: Path) -> int | None:
