@@ -120,3 +120,35 @@ def test_serve_start_up_errors_are_one_line(
             main(["serve", str(tmp_path), *bad])
         assert info.value.code == 2
         assert "error: argument" in capsys.readouterr().err
+
+
+def test_serve_says_where_clients_find_it(tmp_path: Path) -> None:
+    """A wildcard bind is not an address a client can use: the start line names the port
+    and this host; the last line counts requests in the singular for one."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    (tmp_path / "f").write_bytes(b"hello")
+    proc = subprocess.Popen([sys.executable, "-m", "btrdelta", "serve", str(tmp_path),
+                             "--port", "0", "--bind", "0.0.0.0"],
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()
+        port = int(first.split("port ")[1].split()[0])
+        assert first.strip() == (f"serving {tmp_path} on port {port} of every address of "
+                                 f"this host (e.g. http://{socket.gethostname()}:{port}/)")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/f", timeout=10) as resp:
+            assert resp.read() == b"hello"
+        proc.send_signal(signal.SIGTERM)
+        _, rest = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+    assert rest.strip().splitlines()[-1] == "stopped: 1 request, 5 bytes served"

@@ -354,7 +354,8 @@ def _print_clone(args: argparse.Namespace, report: CloneReport) -> None:
           f"{report.from_seeds} from seeds, {verb} {n_fetch}"
           f" ({human_bytes(report.fetch_bytes)}{raw} + {human_bytes(report.index_bytes)} "
           f"index); "
-          f"{report.requests} requests, {human_bytes(report.bytes_received)} received"
+          f"{report.requests} request{'' if report.requests == 1 else 's'}, "
+          f"{human_bytes(report.bytes_received)} received"
           f"{' (server ignores Range: whole archive downloaded)' if report.full_download else ''}")
     if args.output and not args.dry_run:
         print(f"{args.output}: {human_bytes(report.out_in_place)} already in place, "

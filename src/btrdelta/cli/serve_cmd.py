@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 import threading
 import types
@@ -75,12 +76,23 @@ def run(args: argparse.Namespace) -> int:
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with server.running():
-            print(f"serving {server.root} on {server.url}/", file=sys.stderr, flush=True)
+            print(f"serving {server.root} on {_where(server)}", file=sys.stderr, flush=True)
             while not stop.wait(0.5):
                 pass
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    print(f"stopped: {server.requests} requests, {server.bytes_served} bytes served",
+    n = server.requests
+    print(f"stopped: {n} request{'' if n == 1 else 's'}, {server.bytes_served} bytes served",
           file=sys.stderr, flush=True)
     return 0
+
+
+def _where(server: StaticServer) -> str:
+    """The URL to give clients; for a wildcard bind (0.0.0.0, ::) no client can use the
+    bound address itself, so say the port and name this host as an example."""
+    host, port = server.server_address[:2]
+    if str(host) in ("0.0.0.0", "::"):
+        return (f"port {port} of every address of this host (e.g. "
+                f"http://{socket.gethostname()}:{port}/)")
+    return f"{server.url}/"
