@@ -140,3 +140,21 @@ def test_chunk_files_are_bounded_and_checked() -> None:
         decode_chunk_file(bomb, digest, 1000, "sha512_256")
     with pytest.raises(StreamFormatError, match="not zstd"):
         decode_chunk_file(raw, digest, 1000, "sha512_256")
+
+
+def test_a_flipped_byte_anywhere_in_a_chunk_file_is_a_mismatch_of_its_id() -> None:
+    """Magic, frame header, compressed data or checksum: one error (exit 5) wherever the
+    damage falls, so a clone tries the next store and a user sees one cause."""
+    raw = random.Random(7).randbytes(700) + b"text " * 200
+    digest = hashlib.new("sha512_256", raw).digest()
+    frame = zstandard.ZstdCompressor(write_checksum=True).compress(raw)
+    errors = []
+    for pos in range(len(frame)):
+        bad = bytearray(frame)
+        bad[pos] ^= 0x10
+        try:  # (a bit the decoder does not need may flip: then the content is still right)
+            assert decode_chunk_file(bytes(bad), digest, len(raw), "sha512_256") == raw
+        except ChecksumError as exc:
+            errors.append(str(exc))
+    assert len(errors) >= len(frame) - 4
+    assert all("does not match its id" in e for e in errors)

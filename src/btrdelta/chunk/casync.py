@@ -190,25 +190,25 @@ def decode_chunk_file(
     """The chunk in a ``.cacnk`` file, decompressed (bounded by ``raw_size``) and checked.
 
     Raises:
-        StreamFormatError: not a compressed chunk, or of another size.
-        ChecksumError: the content does not hash to ``digest``.
+        ChecksumError: the file is not the chunk its name and ``digest`` say: not compressed
+            data, not decodable, of another size, or content not hashing to ``digest`` (a
+            damaged byte gives this one error wherever it falls).
     """
+    prefix = f"chunk {digest.hex()[:16]}… does not match its id"
     try:
         raw = _bounded(memoryview(blob), raw_size + 1)
     except (zstandard.ZstdError, lzma.LZMAError, zlib.error) as exc:
-        raise StreamFormatError(f"chunk {digest.hex()[:16]}…: bad compressed data ({exc})",
-                                source=source) from exc
+        raise ChecksumError(f"{prefix} (bad compressed data: {exc})", source=source) from exc
     except StreamFormatError as exc:
-        raise exc.located(source=source) from None
+        raise ChecksumError(f"{prefix} ({exc.message})", source=source) from None
     if len(raw) != raw_size:
-        raise StreamFormatError(
-            f"chunk {digest.hex()[:16]}…: {'more than ' if len(raw) > raw_size else ''}"
+        raise ChecksumError(
+            f"{prefix} ({'more than ' if len(raw) > raw_size else ''}"
             f"{min(len(raw), raw_size + 1) - (len(raw) > raw_size)} bytes, index says "
-            f"{raw_size}", source=source)
+            f"{raw_size})", source=source)
     actual = hashlib.new(hash_name, raw).digest()
     if actual != digest:
-        raise ChecksumError(f"chunk {digest.hex()[:16]}… does not match its id",
-                            expected=digest.hex(), actual=actual.hex(), source=source)
+        raise ChecksumError(prefix, expected=digest.hex(), actual=actual.hex(), source=source)
     return raw
 
 
