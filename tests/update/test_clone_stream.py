@@ -249,8 +249,9 @@ def test_kill_9_between_the_writes_and_the_sync_leaves_no_name(
         "import pathlib, time\n"
         "from btrdelta.chunk import store\n"
         "from btrdelta.update.clone import clone_image\n"
-        "def stuck(fds):\n"
-        f"    pathlib.Path({str(marker)!r}).write_text(str(len(fds)))\n"
+        "def stuck(fds):\n"  # (the marker appears whole: the test may read it at once)
+        f"    pathlib.Path({str(marker) + '.tmp'!r}).write_text(str(len(fds)))\n"
+        f"    pathlib.Path({str(marker) + '.tmp'!r}).rename({str(marker)!r})\n"
         "    time.sleep(600)\n"
         "store._durable = stuck\n"
         f"clone_image({str(image_pair.arc2)!r}, target={str(store / 'v2')!r})\n"
