@@ -417,6 +417,35 @@ def test_old_file_checks_close_the_files_handed_over(tmp_path: Path) -> None:
     checks.close()
 
 
+def test_old_file_checks_hold_at_most_max_fds_open(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past ``_MAX_FDS`` files held open, a file handed over is closed at once and checked
+    by its path (the caller never waits for a batch to give fds back); it is checked all
+    the same: a wrong one fails with its record index."""
+    monkeypatch.setattr(oldfiles.OldFileChecks, "_MAX_FDS", 2)
+    monkeypatch.setattr(oldfiles.OldFileChecks, "_BATCH_FILES", 100)  # one batch, at wait()
+    algo = HashAlgo.BLAKE3_128
+    for bad in (None, 4):
+        checks = oldfiles.OldFileChecks(2)
+        fds = []
+        for i in range(6):
+            data = bytes([i]) * (500 + i)
+            (tmp_path / f"g{i}").write_bytes(data)
+            fd = os.open(tmp_path / f"g{i}", os.O_RDONLY)
+            want = oldfiles.digest(algo, data if i != bad else b"other")
+            checks.add(tmp_path, f"g{i}".encode(), len(data), algo, want, 200 + i, fd)
+            fds.append(fd)
+        assert [_fd_open(fd) for fd in fds] == [True, True, False, False, False, False]
+        if bad is None:
+            checks.wait()
+        else:
+            with pytest.raises(ChecksumError, match="old file differs") as info:
+                checks.wait()
+            assert (info.value.index, info.value.path) == (204, b"g4")
+        checks.close()
+        assert not any(_fd_open(fd) for fd in fds[:2])
+
+
 def _snapshots_with(mnt: Path, files: dict[str, bytes]) -> tuple[Path, Path]:
     """A read-only and a writable snapshot of a subvolume of ``mnt`` holding ``files``."""
     import subprocess
