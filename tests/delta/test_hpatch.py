@@ -70,6 +70,21 @@ def test_c_applier_takes_a_windowed_patch() -> None:
     assert get_codec("hdiff").apply(old, patch, new_size=len(new)) == new
 
 
+def test_c_applier_large_output_faulted_in_by_a_second_thread() -> None:
+    """An output of 8 MiB or more is faulted in by a second thread while the patch writes
+    it (``_hpatch.c``'s prefault, which must leave the content alone): the result is still
+    the library's, byte for byte, from its first to its last page."""
+    rng = random.Random(11)
+    old = rng.randbytes(12 << 20)
+    new = _edited(rng, old, 60)
+    patch = windowed_diff(lambda o, n: bytes(hdiffpatch.diff(o, n, None, validate=False)),
+                          old, new, step=4 << 20, overlap=1 << 16)
+    fast = _native.live("hpatch")
+    assert fast is not None
+    for _ in range(3):
+        assert _apply_c(fast, old, patch) == hdiffpatch.apply(old, patch) == new
+
+
 @pytest.mark.parametrize("codec", CODECS)
 @settings(max_examples=150, deadline=None)
 @given(data=st.data())
