@@ -256,6 +256,39 @@ def test_receive_clones_a_patched_file_s_unchanged_ranges(
     assert _encoded_layout(ours / "sparse", _SHARED) == []
 
 
+def test_the_records_before_a_long_patch_go_out_before_it_is_applied(
+    delta_pairs: dict[str, Pair], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The records gathered before a patch of 1 MiB or more of new content go out to the
+    receiver before the patch is applied (it may take tens of milliseconds: the
+    receiving thread applies them meanwhile), even where a batch would hold far more;
+    the events are the same."""
+    mnt = delta_pairs["rebuilt-same"].mnt
+    a, _b, stream = _patched_pair(mnt, tmp_path)
+    delta = make(stream, a, codec="hdiff")[0]
+    whole = [e for batch in expand_events(io.BytesIO(delta), a).batches() for e in batch]
+    for name, value in (("_EVENTS_BATCH", 1 << 30), ("_EVENTS_BYTES", 1 << 40),
+                        ("_FIRST_BATCH", 1 << 30)):
+        monkeypatch.setattr(events_mod, name, value)
+    received: list[Any] = []
+    applied: list[tuple[int, int]] = []  # (new size, events received by then)
+    finish = patching.Patcher._finish
+
+    def recorded(self: patching.Patcher, p: Any, patch: bytes) -> None:
+        applied.append((p.new_size, len(received)))
+        finish(self, p, patch)
+
+    monkeypatch.setattr(patching.Patcher, "_finish", recorded)
+    for batch in expand_events(io.BytesIO(delta), a).batches():
+        received += batch
+    assert received == whole
+    big = [(size, got) for size, got in applied if size >= 1 << 20]
+    assert len(big) == 2  # lib.so and sparse, both hdiff-patched
+    for _size, got in big:
+        assert 0 < got < len(received)
+        assert type(received[got - 1]) is not R.Write  # not the patched data
+
+
 def test_receive_joins_the_clones_of_a_file_s_extents(
     delta_pairs: dict[str, Pair], tmp_path: Path
 ) -> None:

@@ -10,7 +10,10 @@ also checks that the expanded stream is well formed: a command after END, a new 
 before END, a command the embedded version does not define. A batch ending with END is
 held until the next output or the end of the expansion, so a single stream's END (where
 the receiver commits the subvolume) reaches the receiver only after DEND was checked and
-the input read to its end (bytes after DEND are refused).
+the input read to its end (bytes after DEND are refused). Before a patch of 1 MiB or more of
+new content is applied (``expand_items(flush=True)``), the batch gathered so far goes out:
+the receiver applies those records while the patch runs, instead of waiting for them
+behind it (scipy's 35 MB OpenBLAS: ~30 ms).
 
 With ``clone_same`` (``btrdelta receive`` on btrfs), the records of a file whose content is
 its old file's become one CLONE from the parent snapshot per PWRITE range (or PENC extent),
@@ -32,7 +35,7 @@ from .. import TYPE_CHECKING
 from ..errors import BtrdeltaError, StreamFormatError
 from ..stream.reader import EOF, NEED_DATA, Event, StreamParser
 from ..stream.records import Clone, End, Write
-from .expand import HEADER, WRITE, OldRoot, expand_items, open_delta
+from .expand import FLUSH, HEADER, WRITE, OldRoot, expand_items, open_delta
 from .format import DEFAULT_MAX_FILE_SIZE, DeltaItem
 from .patching import SameEncodedWrite, SameWrite
 
@@ -119,10 +122,16 @@ def expand_batches(
     limit = _FIRST_BATCH
     outputs = expand_items(items, old_root, max_file_size=max_file_size, source=source,
                            clone_same=clone_same, hash_clones=hash_clones,
-                           check_digest=check_digest)
+                           check_digest=check_digest, flush=True)
     with closing(outputs):  # closing this generator stops the recompression threads
         for kind, pieces, rec in outputs:
             cls = rec.__class__
+            if kind == FLUSH:  # a long patch next: what came before it goes out now
+                if batch and type(batch[-1]) is not End:
+                    yield batch
+                    batch = []
+                    nbytes = 0
+                continue
             if cls is SameWrite or cls is SameEncodedWrite:
                 apply = rec.apply  # type: ignore[union-attr]
                 if type(apply) is tuple:  # WRITEs and CLONEs of a patched file's extent

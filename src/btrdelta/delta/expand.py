@@ -44,6 +44,7 @@ from ..stream.crc import crc32c
 from ..stream.reader import StreamHeader
 from .format import (
     DEFAULT_MAX_FILE_SIZE,
+    SAME_CODEC,
     BtrfsCommand,
     DeltaEnd,
     DeltaItem,
@@ -66,6 +67,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_MAX_FILE_SIZE",
     "END",
+    "FLUSH",
     "HEADER",
     "PENC",
     "RAW",
@@ -89,11 +91,15 @@ _HDR_ZERO_CRC = struct.Struct("<IHI")
 OldRoot = str | os.PathLike[str] | Callable[..., "str | os.PathLike[str]"]
 
 # output kinds of expand_items: a stream header, carried btrfs commands (a group of whole
-# commands), a regenerated WRITE or ENCODED_WRITE
-HEADER, RAW, WRITE = 0, 1, 2
+# commands), a regenerated WRITE or ENCODED_WRITE; with ``flush``, FLUSH (no bytes): a
+# long patch comes next, hand on what came before it
+HEADER, RAW, WRITE, FLUSH = 0, 1, 2, 6
 # and of _Expander.run only: an ENCODED_WRITE being regenerated (a future), the DEND record,
 # an ENCODED_WRITE of unchanged content left to its CLONE (not regenerated: hash_clones)
 PENC, END, CLONED = 3, 4, 5
+#: a patch of new content this large (not a ``same`` one) comes after a FLUSH output
+#: (HDiffPatch: ~1 ms a MB, scipy's OpenBLAS ~30 ms)
+_FLUSH_MIN = 1 << 20
 #: outputs waiting behind an extent being recompressed: at most this many bytes (and items)
 _WINDOW = 32 << 20
 _WINDOW_ITEMS = 4096
@@ -105,8 +111,10 @@ class _Expander:
     def __init__(
         self, old_root: OldRoot, max_file_size: int, source: str | None,
         clone_same: bool = False, hash_clones: bool = True, check_digest: bool = True,
+        flush: bool = False,
     ) -> None:
         self.old_root = old_root
+        self.flush = flush
         self.root: str | os.PathLike[str] | None = (
             None if callable(old_root) else old_root
         )
@@ -206,13 +214,13 @@ class _Expander:
         elif cls is PatchData:
             self.patcher.add_pdata(item)  # type: ignore[arg-type]
         elif cls is Patch:
-            self.patcher.start(item)  # type: ignore[arg-type]
-            if item.auto_chunk:  # type: ignore[union-attr]
+            p: Patch = item  # type: ignore[assignment]
+            if self.flush and p.codec != SAME_CODEC and p.new_size >= _FLUSH_MIN:
+                yield FLUSH, None, None
+            self.patcher.start(p)
+            if p.auto_chunk:
                 # CPATCH: its one PWRITE (the whole new content from offset 0) is implied
-                yield from self.handle(
-                    PWrite(0, item.new_size, item.auto_chunk),  # type: ignore[union-attr]
-                    inner=True,
-                )
+                yield from self.handle(PWrite(0, p.new_size, p.auto_chunk), inner=True)
         elif cls is StreamStart and not inner:
             self.patcher.check_idle("STREAM")
             self.patcher.settle()  # the END before it is held back until this output
@@ -339,7 +347,7 @@ class _Outputs:
         size = (
             a.penc.disk_len if kind == PENC else len(b) if kind == RAW
             else len(a.data) if kind == WRITE else 0
-        )
+        )  # (a FLUSH waiting behind an extent: 0)
         waiting = self.waiting
         waiting.append((kind, a, b, size))
         self.nbytes += size
@@ -372,6 +380,8 @@ class _Outputs:
             rec, size = ex.patcher.cloned(a)
             ex.left_out(size)
             return WRITE, [], rec
+        elif kind == FLUSH:
+            return FLUSH, [], None
         else:
             pending: Pending = a
             rec, pieces = ex.patcher.regenerated(pending) if kind == PENC else (a, b)
@@ -401,6 +411,7 @@ def expand_items(
     clone_same: bool = False,
     hash_clones: bool = True,
     check_digest: bool = True,
+    flush: bool = False,
 ) -> Generator[tuple[int, list[Any], R.Record | StreamHeader | None], None, None]:
     """Expand delta items to ``(kind, pieces, record)`` with the bytes of each output item.
 
@@ -420,8 +431,13 @@ def expand_items(
     (its count and size are), for a caller that checked the delta stream's bytes and checks
     what it makes of them (``update``: the artifact's BLAKE3 from the signed index, the
     received tree's content identity).
+
+    ``flush``: a ``(FLUSH, [], None)`` output comes before a patch of :data:`_FLUSH_MIN`
+    bytes or more of new content is applied (a consumer that gathers outputs, as
+    ``receive`` does, hands on what it holds rather than keep it while the patch runs).
     """
-    ex = _Expander(old_root, max_file_size, source, clone_same, hash_clones, check_digest)
+    ex = _Expander(old_root, max_file_size, source, clone_same, hash_clones, check_digest,
+                   flush)
     outputs = _Outputs(ex)
     run = ex.run(items)
     try:
