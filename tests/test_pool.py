@@ -74,10 +74,36 @@ def test_started_runs_in_another_thread_and_join_waits_for_it() -> None:
         assert gate.wait(5)
         ran.append(threading.get_ident())
 
-    t = Started(target)  # returns while the target waits
+    t = Started(target, "test-target")  # returns while the target waits
     assert ran == []
     gate.set()
     t.join()
     assert len(ran) == 1
     assert ran[0] != threading.get_ident()
     t.join()  # (again: returns at once)
+
+
+def test_started_threads_carry_their_name_for_the_kernel() -> None:
+    """A ``Started`` thread names itself for ``ps -L`` (/proc's comm, 15 bytes); it stays
+    out of ``threading``'s count (which decides forks and ``os._exit``)."""
+    import threading
+
+    from btrdelta._pool import Started
+
+    gate, seen = threading.Event(), []
+
+    def target() -> None:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
+            seen.append(f.read().strip())
+        assert gate.wait(5)
+
+    count = threading.active_count()
+    t = Started(target, "a-long-thread-name")
+    for _ in range(500):
+        if seen:
+            break
+        threading.Event().wait(0.01)
+    assert seen == ["a-long-thread-n"]
+    assert threading.active_count() == count
+    gate.set()
+    t.join()

@@ -90,7 +90,7 @@ class Inbox:
         """Start reading ahead (when threaded), once the ACCEPT is sent (the thread is not
         waited for: :class:`~btrdelta._pool.Started`)."""
         if self._threaded:
-            Started(self._read_ahead)
+            Started(self._read_ahead, "read-ahead")
 
     # -- reading (the reading thread, or the engine's when not threaded) -----------------
 

@@ -72,7 +72,7 @@ class Outbox:
         self._done = False
         self._thread: Started | None = None
         if threaded:  # (not waiting for it to run: the sender goes on making the stream)
-            self._thread = Started(self._run)
+            self._thread = Started(self._run, "outbox-send")
 
     # -- the sender's thread --------------------------------------------------------------
 

@@ -134,7 +134,7 @@ class _Acks:
         if self.error is not None:
             raise self.error
         if self._thread is None:  # (the applier does not wait for it to run)
-            self._thread = Started(self._run)
+            self._thread = Started(self._run, "ack-writer")
         self._queue.put((doc, ack))
 
     def _run(self) -> None:
@@ -354,7 +354,7 @@ class Replica:
                 finally:
                     os.close(dir_fd)
 
-            self._syncing = (Started(sync), errors)
+            self._syncing = (Started(sync, "state-sync"), errors)
             return True
         finally:
             os.close(fd)

@@ -402,7 +402,7 @@ class _Naming:
             except BaseException as exc:  # raised again by wait()
                 self._error = exc
 
-        self._thread = Started(run)
+        self._thread = Started(run, "cursor-write")
 
     def wait(self) -> None:
         """Until the cursor is written (raises what writing it raised)."""
@@ -578,7 +578,8 @@ class _Sender:
         # leaves the transfer in flight, which the next run adopts, or a snapshot no
         # cursor names, which the next run deletes (_drop_leftovers)
         snap = flight.get("snapshot")
-        dropping = Started(lambda: drop_snapshot(os.fsencode(snap))) if snap else None
+        dropping = (Started(lambda: drop_snapshot(os.fsencode(snap)), "snapshot-drop")
+                    if snap else None)
         try:
             self.store.set_cursor(self.rid, recorded, name=done.name, uuid=str(done.uuid))
             lineage = result.recorded.head.subvol_uuid if result.recorded else None
