@@ -24,10 +24,14 @@ from itertools import accumulate
 
 import blake3
 
+from .. import TYPE_CHECKING
 from .._value import Value, field, replace
 from ..errors import ChecksumError, SignatureError, StreamFormatError, UnsupportedVersionError
 from ..trust import PrivateKey, PublicKey, sign_message, verify_message
 from .chunker import ChunkerParams
+
+if TYPE_CHECKING:
+    import zstandard
 
 __all__ = [
     "ENTRY_SIZE",
@@ -39,6 +43,7 @@ __all__ = [
     "SIGNATURE_SIZE",
     "ArchiveHeader",
     "ArchiveIndex",
+    "decode_chunk",
     "decode_description",
     "decode_header",
     "decode_index",
@@ -387,3 +392,29 @@ def verify_signature(
 def with_index_digest(header: ArchiveHeader, index: bytes) -> ArchiveHeader:
     """``header`` with ``index_digest`` set from ``index``."""
     return replace(header, index_digest=blake3.blake3(index).digest())
+
+
+def decode_chunk(dctx: zstandard.ZstdDecompressor, blob: bytes | memoryview, raw_size: int,
+                 entry: int, *, source: str, offset: int) -> bytes:
+    """The ``raw_size`` bytes of chunk ``entry``'s zstd frame ``blob`` (at ``offset`` of
+    ``source``; an archive's or a repository pack's), decompressed with that bound. A frame
+    that does not decode to exactly them is a chunk not matching its id (``ChecksumError``,
+    as a wrong digest is, which the caller checks): a damaged byte gives the same error
+    wherever it falls, in the frame's header, its data or the content itself."""
+    import zstandard  # (only where chunks are read: not on every importer's path)
+
+    why = None
+    try:
+        params = zstandard.get_frame_parameters(blob)
+        if params.content_size != raw_size:
+            why = f"its zstd frame declares {params.content_size} bytes, the index {raw_size}"
+        else:
+            raw = dctx.decompress(blob, max_output_size=raw_size)
+            if len(raw) != raw_size:
+                why = f"{len(raw)} bytes, the index says {raw_size}"
+    except zstandard.ZstdError as exc:
+        why = f"its zstd frame does not decode: {exc}"
+    if why is not None:
+        raise ChecksumError(f"chunk {entry} does not match its id ({why}); not used",
+                            source=source, offset=offset, index=entry)
+    return raw

@@ -26,6 +26,7 @@ from .archive import (
     HEADER_SIZE,
     ArchiveHeader,
     ArchiveIndex,
+    decode_chunk,
     decode_header,
     decode_index,
     verify_signature,
@@ -173,31 +174,6 @@ def read_index(
     return header, index, head + tail
 
 
-def _decompress(
-    dctx: zstandard.ZstdDecompressor, blob: memoryview, raw_size: int, entry: int,
-    offset: int, source: str,
-) -> bytes:
-    """The chunk's ``raw_size`` bytes. A frame that does not decode to exactly them is a
-    chunk not matching its index entry (``ChecksumError``, as a wrong digest is): a damaged
-    byte gives the same error wherever it falls, in the frame's header, its data or the
-    content itself."""
-    why = None
-    try:
-        params = zstandard.get_frame_parameters(blob)
-        if params.content_size != raw_size:
-            why = f"its zstd frame declares {params.content_size} bytes, the index {raw_size}"
-        else:
-            raw = dctx.decompress(blob, max_output_size=raw_size)
-            if len(raw) != raw_size:
-                why = f"{len(raw)} bytes, the index says {raw_size}"
-    except zstandard.ZstdError as exc:
-        why = f"its zstd frame does not decode: {exc}"
-    if why is not None:
-        raise ChecksumError(f"chunk {entry} does not match its id ({why}); not used",
-                            source=source, offset=offset, index=entry)
-    return raw
-
-
 class ArchiveChunks:
     """The chunks of one archive, fetched by dictionary entry.
 
@@ -243,8 +219,8 @@ class ArchiveChunks:
             for part in span.parts:
                 entry = part.key
                 blob = data[part.start - span.start : part.end - span.start]
-                raw = _decompress(dctx, blob, index.raw_sizes[entry], entry,
-                                  index.offsets[entry], name)
+                raw = decode_chunk(dctx, blob, index.raw_sizes[entry], entry,
+                                   source=name, offset=index.offsets[entry])
                 digest = index.digests[entry]
                 if chunk_digest(raw) != digest:
                     raise ChecksumError(

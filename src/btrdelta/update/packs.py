@@ -23,7 +23,13 @@ from typing import Protocol
 import blake3
 import zstandard
 
-from ..chunk.archive import ArchiveHeader, encode_header, encode_index, with_index_digest
+from ..chunk.archive import (
+    ArchiveHeader,
+    decode_chunk,
+    encode_header,
+    encode_index,
+    with_index_digest,
+)
 from ..chunk.chunker import ChunkerParams, chunk_digest, hash_chunks, map_file
 from ..errors import ChecksumError, StreamFormatError
 from ..fs.atomic import fsync_dir
@@ -220,15 +226,11 @@ def open_full(full: FullIndex, packs: PackReader, *, source: str) -> ChunkConcat
         off, size, rawsize = index.offsets[entry], index.comp_sizes[entry], index.raw_sizes[entry]
         slot = full.pack_at(off)
         blob = packs.read(slot, off - slot.base, off - slot.base + size)
-        try:  # a frame that does not decode is a chunk not matching its id, as in chunk.source
-            data = dctx.decompress(blob, max_output_size=rawsize)
-        except zstandard.ZstdError as exc:
-            raise ChecksumError(
-                f"chunk {entry} does not match its id (its zstd frame does not decode: {exc})",
-                source=slot.path, offset=off - slot.base) from exc
-        if len(data) != rawsize or chunk_digest(data) != index.digests[entry]:
-            raise ChecksumError(f"chunk {entry} does not match its id", source=slot.path,
-                                offset=off - slot.base)
+        data = decode_chunk(dctx, blob, rawsize, entry, source=slot.path,
+                            offset=off - slot.base)
+        if chunk_digest(data) != index.digests[entry]:
+            raise ChecksumError(f"chunk {entry} does not match its id; not used",
+                                source=slot.path, offset=off - slot.base, index=entry)
         return data
 
     return ChunkConcat(len(index.order), get, full.header.image_digest, source=source,
