@@ -571,24 +571,6 @@ def _init11_00010000000(
     self.f10 = f10
 
 
-def _frozen12_000000000000(
-    self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any, f5: Any, f6: Any,
-    f7: Any, f8: Any, f9: Any, f10: Any, f11: Any,
-) -> None:
-    _set(self, 'f0', f0)
-    _set(self, 'f1', f1)
-    _set(self, 'f2', f2)
-    _set(self, 'f3', f3)
-    _set(self, 'f4', f4)
-    _set(self, 'f5', f5)
-    _set(self, 'f6', f6)
-    _set(self, 'f7', f7)
-    _set(self, 'f8', f8)
-    _set(self, 'f9', f9)
-    _set(self, 'f10', f10)
-    _set(self, 'f11', f11)
-
-
 def _init13_0000000000000(
     self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any, f5: Any, f6: Any,
     f7: Any, f8: Any, f9: Any, f10: Any, f11: Any, f12: Any,
@@ -606,6 +588,25 @@ def _init13_0000000000000(
     self.f10 = f10
     self.f11 = f11
     self.f12 = f12
+
+
+def _frozen13_0000000000000(
+    self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any, f5: Any, f6: Any,
+    f7: Any, f8: Any, f9: Any, f10: Any, f11: Any, f12: Any,
+) -> None:
+    _set(self, 'f0', f0)
+    _set(self, 'f1', f1)
+    _set(self, 'f2', f2)
+    _set(self, 'f3', f3)
+    _set(self, 'f4', f4)
+    _set(self, 'f5', f5)
+    _set(self, 'f6', f6)
+    _set(self, 'f7', f7)
+    _set(self, 'f8', f8)
+    _set(self, 'f9', f9)
+    _set(self, 'f10', f10)
+    _set(self, 'f11', f11)
+    _set(self, 'f12', f12)
 
 
 def _init16_0001110001000100(
@@ -751,8 +752,8 @@ _GENERATED: dict[str, Callable[..., None]] = {
     "_init11_00000000000": _init11_00000000000,
     "_init11_00000000001": _init11_00000000001,
     "_init11_00010000000": _init11_00010000000,
-    "_frozen12_000000000000": _frozen12_000000000000,
     "_init13_0000000000000": _init13_0000000000000,
+    "_frozen13_0000000000000": _frozen13_0000000000000,
     "_init16_0001110001000100": _init16_0001110001000100,
     "_init20_00000000000000000000": _init20_00000000000000000000,
     "_init22_0000000000000000000000": _init22_0000000000000000000000,

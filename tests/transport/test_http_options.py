@@ -146,6 +146,8 @@ def test_refused_connection_waits_as_long_as_asked(
     lines = err.strip().splitlines()
     assert len(lines) == 3
     assert "attempt 2 of 3" in lines[0]
+    # each line names the command, as the error line does (the retry lines said 'btrdelta:')
+    assert all(line.startswith("btrdelta image clone: ") for line in lines), lines
     assert "giving up after 3 attempts: " in lines[-1]
     assert "refused" in lines[-1]
     # none asked: no retry line, and the error says so (was: 'giving up after 1 attempts')

@@ -125,4 +125,5 @@ def http_config(args: argparse.Namespace) -> HttpConfig:
         ca_cert=args.ca_cert, client_cert=args.client_cert, client_key=args.client_key,
         headers=_headers(args.header), timeout=args.timeout, retries=args.retries,
         retry_max_wait=args.retry_max_wait, jobs=args.jobs, rate_limit=args.rate_limit,
+        who=f"btrdelta {args.command}",
     )

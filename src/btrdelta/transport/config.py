@@ -62,6 +62,8 @@ class HttpConfig(Value, frozen=True):
         jobs: requests in flight (parallel connections).
         rate_limit: bytes per second over all connections together (``None``: no limit).
         max_redirects: redirects followed before a request fails (a loop is an error).
+        who: what starts each line said on standard error (a retry, a server ignoring
+            ranges): the command (``btrdelta image clone``), as its error line does.
     """
 
     ca_cert: str | None = None
@@ -76,6 +78,7 @@ class HttpConfig(Value, frozen=True):
     jobs: int = 4
     rate_limit: int | None = None
     max_redirects: int = 10
+    who: str = "btrdelta"
 
     def __post_init__(self) -> None:
         if self.timeout <= 0 or self.min_speed <= 0:

@@ -122,7 +122,7 @@ class RangeFetcher:
         self.max_request_bytes = max_request_bytes
         self.stats = FetchStats()
         self.size: int | None = None
-        self._log = log or _stderr
+        self._log = log or self._stderr
         self._lock = threading.Lock()
         self._multi = self.max_ranges > 1
         self._cancel = threading.Event()
@@ -156,6 +156,11 @@ class RangeFetcher:
             before_sleep=self._before_sleep,
             retry_error_callback=self._give_up,
         )
+
+    def _stderr(self, line: str) -> None:
+        # one write: lines of threads retrying at once do not run into each other
+        sys.stderr.write(f"{self.config.who}: {line}\n")
+        sys.stderr.flush()
 
     def _sleep(self, seconds: float) -> None:
         if self._cancel.wait(seconds):
@@ -597,10 +602,6 @@ def _outcome(state: tenacity.RetryCallState) -> str:
     return _one_line(exc) if exc is not None else "no result"
 
 
-def _stderr(line: str) -> None:
-    # one write: lines of threads retrying at once do not run into each other
-    sys.stderr.write(f"btrdelta: {line}\n")
-    sys.stderr.flush()
 
 
 def _boundary(content_type: str) -> bytes:
