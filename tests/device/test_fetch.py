@@ -238,6 +238,44 @@ def test_an_archive_install_reports_its_download(btrfs_dev: Path, small_release:
     assert 0 < downloads[-1] <= (www / "new.stream").stat().st_size
 
 
+def test_an_archive_install_shows_its_fetch_then_its_receive(
+        btrfs_dev: Path, small_release: Release, served: tuple[Nginx, Path]) -> None:
+    """The CLI's progress: the fetch, then the receive, each counted from 0 under its own
+    label (one display showed the chunks' bytes, then the receive's from 0 again: the
+    figure went backwards on the same line)."""
+    r = small_release
+    srv, www = served
+    device.init(btrfs_dev, r.old, state=[])
+    proc = btrdelta("device", "install", btrfs_dev, f"{srv.url}/new.bdar", "--progress")
+    lines = proc.stderr.splitlines()
+    labels = [line.split(":")[0] for line in lines]
+    assert labels == sorted(labels, key=["install fetch", "install receive"].index), lines
+    assert (labels[0], labels[-1]) == ("install fetch", "install receive"), lines
+    assert "records" in lines[-1]
+    assert "records" not in lines[0]
+    stream = (www / "new.stream").stat().st_size
+    for line in (lines[0], lines[-1]):  # each counts its own bytes: within the stream's
+        n, unit = line.split(": ")[1].split(",")[0].split()
+        assert 0 < float(n) * {"B": 1, "KiB": 1024, "MiB": 1 << 20}[unit] <= stream, line
+
+
+def test_an_archive_whose_image_is_not_a_stream_says_so(
+        btrfs_dev: Path, small_release: Release, tmp_path: Path) -> None:
+    """A .bdar of something that is not a send stream: the error's offset is the image's,
+    not the archive file's (it said 'new.bdar: offset 0: bad magic')."""
+    text = tmp_path / "notes.txt"
+    text.write_bytes(b"not a stream\n" * 1000)
+    bdar = tmp_path / "notes.bdar"
+    btrdelta("image", "compress", "-i", text, "-o", bdar)
+    device.init(btrfs_dev, small_release.old, state=[])
+    proc = btrdelta("device", "install", btrfs_dev, bdar, check=False)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert f"{bdar} (the archive's image): offset 0: bad magic" in proc.stderr
+    assert device.status(btrfs_dev)["next_boot"] == "a"
+    assert subvolumes(btrfs_dev) == CLEAN
+
+
 def test_a_damaged_archive_selects_nothing(btrfs_dev: Path, small_release: Release,
                                            served: tuple[Nginx, Path], tmp_path: Path) -> None:
     _, www = served

@@ -10,10 +10,11 @@ import argparse
 import json
 import shlex
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from ._common import add_json, examples, human_bytes
-from .progress import Progress, add_progress_options, add_quiet_option, progress_wanted
+from .progress import Phases, add_progress_options, add_quiet_option, progress_wanted
 
 _FS_HELP = ("the device's btrfs: where its top-level subvolume is mounted (subvolid=5), or "
             "a block device or image file (mounted privately for the command)")
@@ -290,14 +291,11 @@ def run_init(args: argparse.Namespace) -> int:
     """Lay out the device."""
     from ..device import init
 
-    with Progress("init", enabled=progress_wanted(args), unit="B") as progress:
-
-        def on_progress(records: int, nbytes: int) -> None:  # (0, downloaded): a download
-            progress.update(nbytes, note=f"{records} records" if records else "fetching")
-
+    with Phases("init", progress_wanted(args)) as progress:
         st = init(args.fs, args.factory, state=args.state, tries=args.tries, hook=args.hook,
                   expect_sum=args.expect_sum, force=args.force,
-                  key=args.key, to=args.to, mirrors=args.mirror, on_progress=on_progress)
+                  key=args.key, to=args.to, mirrors=args.mirror,
+                  on_progress=_fetch_then_receive(progress))
     if not args.quiet or args.json:
         _print_status(st, args.json)
     return 0
@@ -307,10 +305,7 @@ def run_install(args: argparse.Namespace) -> int:
     """Install a release."""
     from ..device import install
 
-    with Progress("install", enabled=progress_wanted(args), unit="B") as progress:
-
-        def on_progress(records: int, nbytes: int) -> None:  # (0, downloaded): a download
-            progress.update(nbytes, note=f"{records} records" if records else "fetching")
+    with Phases("install", progress_wanted(args)) as progress:
 
         def on_step(name: str) -> None:
             if args.verbose:
@@ -319,7 +314,7 @@ def run_install(args: argparse.Namespace) -> int:
         res = install(args.fs, args.source, expect_sum=args.expect_sum, tries=args.tries,
                       booted=args.booted, keys=args.key, signature=args.signature,
                       to=args.to, mirrors=args.mirror, on_step=on_step,
-                      on_progress=on_progress)
+                      on_progress=_fetch_then_receive(progress))
     if args.json:
         print(json.dumps(res.to_json(), indent=1))
     elif not args.quiet:
@@ -329,6 +324,20 @@ def run_install(args: argparse.Namespace) -> int:
         print(f"installed {res.release} into slot {res.slot} ({what}, {res.seconds:.1f} s); "
               f"next boot: {res.slot}, {res.tries} tries; tree-sum {res.tree_sum}")
     return 0
+
+
+def _fetch_then_receive(progress: Phases) -> Callable[[int, int], None]:
+    """The device's ``on_progress(records, bytes)`` shown in two phases, each from 0: a
+    download (``(0, bytes fetched)``: a repository's artifacts, a .bdar's chunks), then the
+    receive (``(records, stream bytes)``; its ``(0, 0)`` at the start says nothing)."""
+
+    def on_progress(records: int, nbytes: int) -> None:
+        if records:
+            progress("receive", nbytes, None, note=f"{records} records")
+        elif nbytes and progress.phase != "receive":
+            progress("fetch", nbytes, None)
+
+    return on_progress
 
 
 def run_status(args: argparse.Namespace) -> int:

@@ -36,7 +36,13 @@ from ._common import (
     set_missing_hint,
 )
 from .http_options import add_http_options, http_config
-from .progress import Progress, add_progress_options, add_quiet_option, progress_wanted
+from .progress import (
+    Phases,
+    Progress,
+    add_progress_options,
+    add_quiet_option,
+    progress_wanted,
+)
 
 _FORMATS = ("Formats: docs/formats/chunk-archive.md, chunk-store.md, casync.md. Archives are "
             "named *.bdar (the old *.cba names work too: readers go by content).")
@@ -292,7 +298,7 @@ def run_clone(args: argparse.Namespace) -> int:
                          f"btrdelta image clone {shlex.quote(args.target)} "
                          f"{shlex.quote(args.source)}")
     key = load_public_key(args.key) if args.key else None
-    with _Phases("clone", progress_wanted(args)) as progress:
+    with Phases("clone", progress_wanted(args), {"check": "chunks"}) as progress:
         report = clone_image(
             args.source, target=args.target, output=args.output, seeds=args.seed,
             castr=args.castr, dry_run=args.dry_run, public_key=key,
@@ -306,37 +312,6 @@ def run_clone(args: argparse.Namespace) -> int:
     if not args.quiet:
         _print_clone(args, report)
     return 0
-
-
-class _Phases:
-    """Progress of a job in phases: one display per phase (``fetch``: bytes of the image
-    fetched, rate and ETA; ``check``: chunks looked at)."""
-
-    def __init__(self, label: str, enabled: bool) -> None:
-        self.label = label
-        self.enabled = enabled
-        self.phase = ""
-        self.current: Progress | None = None
-
-    def __call__(self, phase: str, done: int, total: int) -> None:
-        if phase != self.phase:
-            self.close()
-            self.phase = phase
-            self.current = Progress(f"{self.label} {phase}", enabled=self.enabled,
-                                    unit="chunks" if phase == "check" else "B", total=total)
-        assert self.current is not None
-        self.current.update(done, total=total)
-
-    def close(self) -> None:
-        if self.current is not None:
-            self.current.close()
-            self.current = None
-
-    def __enter__(self) -> _Phases:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _print_clone(args: argparse.Namespace, report: CloneReport) -> None:
@@ -468,7 +443,7 @@ def run_verify(args: argparse.Namespace) -> int:
     key = load_public_key(args.key) if args.key else None
     if (args.source or args.seed) and not args.repair:
         raise BtrdeltaError("--source and --seed are for --repair")
-    with _Phases("verify", progress_wanted(args)) as progress:
+    with Phases("verify", progress_wanted(args), {"check": "chunks"}) as progress:
         report, fix = verify_image(args.target, repair=args.repair, source=args.source,
                                    seeds=args.seed, public_key=key, wait=args.wait,
                                    config=http_config(args), on_progress=progress)
@@ -513,7 +488,7 @@ def _verify_error(target: str, report: VerifyReport, fix: RepairReport | None) -
 
 def run_gc(args: argparse.Namespace) -> int:
     """``image gc``."""
-    with _Phases("gc", progress_wanted(args)) as progress:
+    with Phases("gc", progress_wanted(args), {"check": "chunks"}) as progress:
         report = gc_store(args.store, dry_run=args.dry_run, quick=args.quick, wait=args.wait,
                           on_progress=progress)
     if args.json:

@@ -22,7 +22,7 @@ from .. import TYPE_CHECKING
 if TYPE_CHECKING:
     from typing import Any, TextIO
 
-__all__ = ["Progress", "add_progress_options", "add_quiet_option", "progress_wanted"]
+__all__ = ["Phases", "Progress", "add_progress_options", "add_quiet_option", "progress_wanted"]
 
 #: seconds between plain lines when standard error is not a terminal
 _PLAIN_EVERY = 5.0
@@ -177,3 +177,49 @@ class Progress:
     def _print(self, text: str) -> None:
         self._stream.write(text + "\n")
         self._stream.flush()
+
+
+class Phases:
+    """Progress of a job in phases: one display per phase, each counting from 0 under its
+    own label (``clone fetch``: bytes of the image fetched, rate and ETA; ``clone check``:
+    chunks looked at; ``install receive``). A phase does not come back once another began.
+
+    Args:
+        label: the job (``"clone"``), before each phase's name.
+        enabled: from :func:`progress_wanted`.
+        units: a phase's unit when not bytes (``{"check": "chunks"}``).
+    """
+
+    def __init__(self, label: str, enabled: bool, units: dict[str, str] | None = None) -> None:
+        self.label = label
+        self.enabled = enabled
+        self.units = units or {}
+        self.phase = ""
+        self.current: Progress | None = None
+
+    def __call__(self, phase: str, done: int, total: int | None, note: str = "") -> None:
+        if phase != self.phase:
+            self.close()
+            self.phase = phase
+            self.current = Progress(f"{self.label} {phase}", enabled=self.enabled,
+                                    unit=self.units.get(phase, "B"), total=total)
+        assert self.current is not None
+        self.current.update(done, total=total, note=note)
+
+    def message(self, text: str) -> None:
+        """A line of its own (above the bar on a terminal)."""
+        if self.current is not None:
+            self.current.message(text)
+        else:
+            Progress(self.label, enabled=False).message(text)
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.current.close()
+            self.current = None
+
+    def __enter__(self) -> Phases:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -247,7 +247,9 @@ def _receive(layout: Layout, source: str | os.PathLike[str], staged: str,
     if kind == "archive":  # an archive carries its signature in itself
         with archive_stream(layout, label, parent=parent, keys=keys,
                             on_progress=on_progress) as stream:
-            return _receive_stream(layout, stream, staged, label, on_progress, None)
+            # (an error's offset is the image's: say so)
+            return _receive_stream(layout, stream, staged, f"{label} (the archive's image)",
+                                   on_progress, None)
     signed = _Signed(keys, signature, label) if keys else None
     if label != "-" and path.is_dir():
         if signed is not None:
