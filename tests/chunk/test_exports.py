@@ -285,3 +285,48 @@ def test_a_mounted_image_with_a_damaged_chunk_gives_eio_and_says_which(
             proc.wait()
         if _mounted(fuse_dir):
             subprocess.run(["umount", "-l", str(fuse_dir)], check=False)
+
+
+def test_an_nbd_export_with_a_damaged_chunk_says_which_on_its_side(
+    image_pair: ImagePair, tmp_path: Path
+) -> None:
+    """`image nbd` of a store with a damaged chunk: the client's read there fails (EIO, with
+    the message in its structured reply) and the server says once which chunk, as `image
+    mount` does (it said nothing: the operator saw no cause on the serving side)."""
+    _need("nbdsh")
+    store = ChunkStore(tmp_path / "store")
+    clone_image(str(image_pair.arc2), target=f"{store.root}/v2")
+    _, index = store.read_description("v2")
+    offset = _damage_chunks(store, index, ("content differs",))["content differs"]
+    log = tmp_path / "nbd.log"
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "btrdelta", "image", "nbd", f"{store.root}/v2", "--listen",
+             "127.0.0.1:0"], stdout=logf, stderr=subprocess.STDOUT)
+    try:
+        _wait_for(lambda: "nbd://" in log.read_text() or proc.poll() is not None)
+        assert proc.poll() is None, log.read_text()
+        uri = "nbd://" + log.read_text().split("nbd://")[1].split()[0]
+        env = dict(os.environ, PATH=f"/usr/bin:{os.environ['PATH']}")  # libnbd's python3
+        out = subprocess.run(["nbdsh", "-c", f"""
+import errno
+h.connect_uri({uri!r})
+for _ in range(2):
+    try:
+        h.pread(100, {offset + 10})
+    except nbd.Error as e:
+        print('error', e.errno in (errno.EIO, 'EIO'))
+print(len(h.pread(100, 0)))
+"""], capture_output=True, text=True, timeout=60, env=env, check=True).stdout
+        assert out.split() == ["error", "True", "error", "True", "100"]
+        said = [line for line in log.read_text().splitlines() if "error" in line]
+        assert len(said) == 1, log.read_text()
+        assert said[0].startswith("btrdelta image nbd: error: ")
+        assert "chunk damaged in the store (content differs)" in said[0]
+        assert said[0].endswith("reads there fail (EIO)")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

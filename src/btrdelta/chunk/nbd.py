@@ -349,6 +349,7 @@ class _Handler(socketserver.BaseRequestHandler):
         try:
             data = self.server.reader.pread(length, offset)
         except Exception as exc:  # a missing/short chunk file: report EIO, keep serving
+            self.server.read_failed(exc)
             self._error(s, handle, EIO, f"read at {offset}: {exc}")
             return
         if s.structured:
@@ -408,6 +409,8 @@ class NbdServer(socketserver.ThreadingMixIn, socketserver.BaseServer):
         listen: ``HOST:PORT`` (port 0 picks one), ``unix:PATH``, or a parsed address.
         log: called with one line per connection event.
         tls: a server TLS context: clients must ``STARTTLS`` before anything else.
+        on_error: called with the error of a read that fails (a chunk missing or damaged
+            in the store: the client gets EIO with the message), once per distinct error.
 
     Raises:
         ValueError: a malformed ``listen`` string.
@@ -419,7 +422,8 @@ class NbdServer(socketserver.ThreadingMixIn, socketserver.BaseServer):
     def __init__(self, reader: ImageReader, name: str,
                  listen: str | ListenAddress = "127.0.0.1:10809", *,
                  log: Callable[[str], None] | None = None,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None,
+                 on_error: Callable[[Exception], object] | None = None) -> None:
         where = parse_listen(listen) if isinstance(listen, str) else listen
         self.socket = bind_listener(where, backlog=16)
         super().__init__(self.socket.getsockname(), _Handler)
@@ -432,6 +436,8 @@ class NbdServer(socketserver.ThreadingMixIn, socketserver.BaseServer):
         self.bytes_read = 0
         self._lock = threading.Lock()
         self._log = log
+        self.on_error = on_error
+        self._said: set[str] = set()
 
     def knows(self, name: bytes) -> bool:
         """The export ``name`` is ours (the empty name is the default export)."""
@@ -441,6 +447,14 @@ class NbdServer(socketserver.ThreadingMixIn, socketserver.BaseServer):
         """Emit one log line (if a log was given)."""
         if self._log is not None:
             self._log(line)
+
+    def read_failed(self, exc: Exception) -> None:
+        """A read failed (its client gets EIO): ``on_error``, once per distinct error."""
+        with self._lock:
+            if self.on_error is None or str(exc) in self._said:
+                return
+            self._said.add(str(exc))
+        self.on_error(exc)
 
     def count(self, n: int) -> None:
         """Count bytes served."""

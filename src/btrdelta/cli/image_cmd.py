@@ -390,8 +390,13 @@ def run_nbd(args: argparse.Namespace) -> int:
     _, index = store.read_description(name)
     tls = server_tls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     reader = ImageReader(store, index)
+
+    def failed(exc: Exception) -> None:  # the client gets EIO and the message: say it here
+        print(f"btrdelta image nbd: error: {exc}; reads there fail (EIO)",
+              file=sys.stderr, flush=True)
+
     try:
-        server = NbdServer(reader, name, args.listen, tls=tls)
+        server = NbdServer(reader, name, args.listen, tls=tls, on_error=failed)
     except BaseException:
         reader.close()
         raise
