@@ -184,3 +184,49 @@ def test_cli_compare_names_each_tree(tmp_path: Path, capsys: pytest.CaptureFixtu
     out = capsys.readouterr().out
     assert f"only in {a}: only-a" in out
     assert f"only in {b}: only-b" in out
+
+
+def test_progress_counts_every_entry_and_file_byte(tmp_path: Path) -> None:
+    """``on_progress(entries, bytes)``: rising, every 256 entries, and at the end the
+    manifest's entries and the regular files' bytes (``tree-sum``'s bar on a terminal)."""
+    tree = tmp_path / "t"
+    for d in range(6):
+        (tree / f"d{d}").mkdir(parents=True)
+        for f in range(100):
+            (tree / f"d{d}" / f"f{f}").write_bytes(b"x" * (d * 100 + f))
+    (tree / "big").write_bytes(os.urandom(3 << 20))  # hashed in a worker thread
+    os.symlink("big", tree / "link")
+    calls: list[tuple[int, int]] = []
+    entries = tree_manifest(tree, on_progress=lambda n, b: calls.append((n, b)))
+    assert calls == sorted(calls)
+    assert [n for n, _ in calls[:-1]] == [256 * k for k in range(1, len(calls))]
+    files = sum(e.size or 0 for e in entries if e.kind == "f")
+    assert calls[-1] == (len(entries), files)
+    assert tree_sum(tree, on_progress=lambda n, b: None) == tree_sum(tree)
+
+
+def test_cli_shows_a_bar_on_a_terminal_and_prints_only_the_sum(tmp_path: Path) -> None:
+    """On a terminal, a bar (cleared at the end) while it works; standard output holds the
+    answer alone, and a file or pipe gets no progress at all (tree-sum has no -q)."""
+    import sys
+
+    from tests.conftest import read_pty
+
+    tree = tmp_path / "t"
+    tree.mkdir()
+    for f in range(600):
+        (tree / f"f{f}").write_bytes(b"y" * f)
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "btrdelta", "tree-sum", str(tree)],
+                              stdout=subprocess.PIPE, stderr=slave, timeout=60, check=True)
+        os.set_blocking(master, False)
+        term = read_pty(master).decode()
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert proc.stdout.decode() == f"{tree_sum(tree)}  {tree}\n"
+    assert "tree-sum" in term
+    piped = subprocess.run([sys.executable, "-m", "btrdelta", "tree-sum", str(tree)],
+                           capture_output=True, timeout=60, check=True)
+    assert (piped.stdout, piped.stderr) == (proc.stdout, b"")

@@ -80,10 +80,12 @@ class Progress:
         unit: ``"B"`` (bytes, shown as KiB/MiB) or an item name (``"chunks"``).
         total: the total when known (percentage and ETA), else ``None``.
         stream: where to print (standard error).
+        transient: the bar is cleared when done (a command whose output is the answer:
+            ``tree-sum``), instead of staying as the job's last figures.
     """
 
     def __init__(self, label: str, *, enabled: bool, unit: str = "B", total: int | None = None,
-                 stream: TextIO | None = None) -> None:
+                 stream: TextIO | None = None, transient: bool = False) -> None:
         self.enabled = enabled
         self.label = label
         self.unit = unit
@@ -105,7 +107,7 @@ class Progress:
                 unit_divisor=1024 if bytes_ else 1000, file=self._stream,
                 dynamic_ncols=dynamic, ncols=None if dynamic else 80, mininterval=0.1,
                 # and no height either: tqdm then draws nothing on standard error
-                nrows=None if dynamic else 24, leave=True,
+                nrows=None if dynamic else 24, leave=not transient,
             )
 
     def update(self, done: int, total: int | None = None, note: str = "") -> None:

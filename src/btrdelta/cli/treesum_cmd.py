@@ -6,9 +6,11 @@ import argparse
 import json
 import re
 import sys
+from typing import Any
 
 from ..tree import diff_manifests, tree_manifest, tree_sum
 from ._common import add_json, examples, meant, set_extra_hint
+from .progress import Progress
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -21,7 +23,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "content, symlink targets, device numbers, link counts and hard-link groups, "
             "xattrs (and with --holes the sparse layout). Equal trees give equal sums, on "
             "any filesystem. atime, ctime and inode numbers are not covered; nested btrfs "
-            "subvolumes are skipped."
+            "subvolumes are skipped. On a terminal a bar shows the entries and bytes read "
+            "while it works (cleared at the end: the output is the answer, so there is no "
+            "-q and no --progress)."
         ),
         epilog=examples("btrdelta tree-sum /mnt/received/B",
                         "btrdelta tree-sum /mnt/received/B --compare /mnt/src/B",
@@ -63,9 +67,40 @@ def run(args: argparse.Namespace) -> int:
         "ignore_root_mtime": args.ignore_root_mtime,
         "exclude_xattrs": [n.encode() for n in args.exclude_xattr],
     }
+    with _Walked(sys.stderr.isatty()) as walked:
+        return _run(args, opts, walked)
+
+
+class _Walked:
+    """A bar of the entries and bytes walked (on a terminal), over one tree or two."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.progress = Progress("tree-sum", enabled=enabled, transient=True)
+        self.base = (0, 0)  # the first tree's, when comparing
+        self.last = (0, 0)
+
+    def __call__(self, entries: int, nbytes: int) -> None:
+        self.last = (self.base[0] + entries, self.base[1] + nbytes)
+        self.progress.update(self.last[1], note=f"{self.last[0]} entries")
+
+    def next_tree(self) -> None:
+        self.base = self.last
+
+    def __enter__(self) -> _Walked:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.close()
+
+
+def _run(args: argparse.Namespace, opts: dict[str, Any], walked: _Walked) -> int:
+    opts = {**opts, "on_progress": walked if walked.progress.enabled else None}
     if args.compare:
-        diffs = diff_manifests(tree_manifest(args.dir, **opts), tree_manifest(args.compare, **opts),
-                               names=(args.dir, args.compare))
+        mine = tree_manifest(args.dir, **opts)
+        walked.next_tree()
+        other = tree_manifest(args.compare, **opts)
+        walked.progress.close()  # (cleared before the differences are printed)
+        diffs = diff_manifests(mine, other, names=(args.dir, args.compare))
         if args.json:
             print(json.dumps({"dir": args.dir, "other": args.compare, "equal": not diffs,
                               "differences": diffs}))
@@ -84,7 +119,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"trees are equal: {args.dir} {args.compare}")
         return 0
     if args.manifest:
-        entries = (entry.line() for entry in tree_manifest(args.dir, **opts))
+        manifest = tree_manifest(args.dir, **opts)
+        walked.progress.close()
+        entries = (entry.line() for entry in manifest)
         if args.json:
             print(json.dumps({"dir": args.dir, "entries": list(entries)}))
         else:
@@ -92,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
                 print(line)
         return 0
     total = tree_sum(args.dir, **opts)
+    walked.progress.close()
     if args.json:
         print(json.dumps({"dir": args.dir, "sum": total}))
     else:

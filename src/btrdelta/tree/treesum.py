@@ -310,6 +310,7 @@ def tree_manifest(
     exclude_xattrs: Iterable[bytes] = (),
     reuse: Reuse | None = None,
     known: Known | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> list[Entry]:
     """Every entry of the tree at ``path`` as :class:`Entry` values, sorted by path.
 
@@ -317,14 +318,30 @@ def tree_manifest(
     extended attributes and symlink target before they are read (see :data:`Reuse`),
     ``known`` (not with ``holes``) for a whole entry
     before anything else of it is read (see :data:`Known`); everything else is read from
-    the tree. Large files are hashed in worker threads while the walk goes on."""
+    the tree. Large files are hashed in worker threads while the walk goes on.
+    ``on_progress(entries, file bytes)`` is called every 256 entries and at the end (the
+    bytes of regular files walked so far; those hashed in threads counted when handed to
+    them)."""
     if (reuse is not None or known is not None) and holes:
         raise ValueError("reuse gives content digests, not layouts")
     maker = EntryMaker(holes, ignore_root_mtime, frozenset(exclude_xattrs), reuse, known)
+    n = nbytes = 0
     try:
-        for rel, full, st in _walk(os.fsencode(path)):
-            maker.add(rel, full, st)
-        return maker.finish()
+        if on_progress is None:
+            for rel, full, st in _walk(os.fsencode(path)):
+                maker.add(rel, full, st)
+        else:
+            for rel, full, st in _walk(os.fsencode(path)):
+                maker.add(rel, full, st)
+                n += 1
+                if stat.S_ISREG(st.st_mode):
+                    nbytes += st.st_size
+                if not n % 256:
+                    on_progress(n, nbytes)
+        entries = maker.finish()
+        if on_progress is not None:
+            on_progress(n, nbytes)
+        return entries
     finally:
         maker.close()
 
@@ -335,10 +352,13 @@ def tree_sum(
     holes: bool = False,
     ignore_root_mtime: bool = False,
     exclude_xattrs: Iterable[bytes] = (),
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> str:
-    """Hex BLAKE3 over the manifest of the tree at ``path`` (equal trees, equal sums)."""
+    """Hex BLAKE3 over the manifest of the tree at ``path`` (equal trees, equal sums);
+    ``on_progress`` as :func:`tree_manifest`'s."""
     return manifest_sum(tree_manifest(
-        path, holes=holes, ignore_root_mtime=ignore_root_mtime, exclude_xattrs=exclude_xattrs
+        path, holes=holes, ignore_root_mtime=ignore_root_mtime, exclude_xattrs=exclude_xattrs,
+        on_progress=on_progress,
     ))
 
 
