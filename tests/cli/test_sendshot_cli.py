@@ -301,3 +301,25 @@ def test_create_says_what_it_made(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert out[1] == (f"  a receiver holding {shot['stream_uuid']} (ctransid "
                       f"{shot['stream_ctransid']}) takes `btrdelta send {src} "
                       f"--from-sendshot {shot['id'][:16]}`")
+
+
+def test_create_shows_its_walk_then_its_reading(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """``sendshot create`` reads every file of the tree (a large one: seconds of silence):
+    with --progress (or on a terminal) the walk's files, then the bytes read; -q says
+    nothing."""
+    tree = tmp_path / "copy"
+    tree.mkdir()
+    for i in range(300):
+        (tree / f"f{i}").write_bytes(os.urandom(1000 + i))
+    st = ["sendshot", "--store", str(tmp_path / "store"), "create", str(tree)]
+    capsys.readouterr()
+    assert main([*st, "--progress"]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "sendshot create walk: 300 files", lines
+    read = lines[1].split(": ")
+    assert read[0] == "sendshot create read", lines
+    assert read[1].split(",")[0] == human_bytes(sum(1000 + i for i in range(300))), lines
+    assert len(lines) == 2, lines
+    assert main([*st, "-q"]) == 0
+    assert capsys.readouterr() == ("", "")

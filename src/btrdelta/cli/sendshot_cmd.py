@@ -12,7 +12,7 @@ from typing import Any
 from ..errors import BtrdeltaError
 from ..send.store import DEFAULT_STORE, SendshotStore, StoredSendshot, parse_grid
 from ._common import examples, human_bytes
-from .progress import add_quiet_option
+from .progress import Phases, add_progress_options, add_quiet_option, progress_wanted
 
 _EPILOG = """\
 examples:
@@ -96,7 +96,9 @@ def _add_create(cmds: _Actions) -> None:
                              "against it: the sender's read-only snapshot that btrfs send "
                              "sent, or the receiver's copy. The record is named by the UUID "
                              "the receiver knows the tree by (a received subvolume's "
-                             "received UUID). No data is kept: metadata and block digests.",
+                             "received UUID). No data is kept: metadata and block digests; "
+                             "every file is read once to make them (progress on a terminal: "
+                             "the walk, then the bytes read).",
                              epilog=examples("btrdelta sendshot create /mnt/recv/data.20240101 "
                                              "--source /data"))
     create.add_argument("path", metavar="SUBVOL_OR_DIR",
@@ -108,7 +110,7 @@ def _add_create(cmds: _Actions) -> None:
     create.add_argument("--source", metavar="SOURCE",
                         help="the sender's source this is a copy of (e.g. PATH is the "
                              "receiver's copy): `send SOURCE --from-sendshot latest` finds it")
-    add_quiet_option(create)
+    add_progress_options(create)
 
 
 class _Actions:
@@ -212,8 +214,11 @@ def _create(store: SendshotStore, args: argparse.Namespace) -> dict[str, Any]:
         uuid = UUID(args.uuid) if args.uuid else None
     except ValueError as exc:
         raise BtrdeltaError(f"--uuid: not a UUID: {args.uuid!r}") from exc
-    s = adopt(store, args.path, uuid=uuid, ctransid=args.ctransid,
-              name=os.fsencode(args.name) if args.name else None, source=args.source)
+    with Phases("sendshot create", progress_wanted(args), {"walk": "files"}) as progress:
+        s = adopt(store, args.path, uuid=uuid, ctransid=args.ctransid,
+                  name=os.fsencode(args.name) if args.name else None, source=args.source,
+                  on_entry=lambda files, _: progress("walk", files, None),
+                  on_bytes=lambda n: progress("read", n, None))
     if not args.json and not args.quiet:
         # what it made, as `list` shows a record, and what a receiver must hold
         source = os.fsdecode(s.head.source)

@@ -365,7 +365,9 @@ def _head(sender: Sender, fz: Frozen, base: StoredSendshot | None, src: bytes, n
 
 def adopt(store: SendshotStore, path: str | bytes | os.PathLike[str], *,
           uuid: Any = None, ctransid: int | None = None, name: bytes | None = None,
-          source: str | bytes | os.PathLike[str] | None = None) -> StoredSendshot:
+          source: str | bytes | os.PathLike[str] | None = None,
+          on_entry: Callable[[int, int], None] | None = None,
+          on_bytes: Callable[[int], None] | None = None) -> StoredSendshot:
     """Record a tree the receiver already holds (``sendshot create``) without sending it.
 
     Its identity is the one a receiver knows it by: a btrfs subvolume's received UUID and
@@ -376,7 +378,8 @@ def adopt(store: SendshotStore, path: str | bytes | os.PathLike[str], *,
     that source then finds it; default: ``path`` itself). A read-only snapshot of the
     subvolume the next sends read (``source`` omitted, or naming that subvolume) is recorded
     as a send of it would be (its generation and large files' extent items): the next send
-    finds what changed since without reading the unchanged files.
+    finds what changed since without reading the unchanged files. Progress: the walk's
+    ``on_entry(files, bytes)`` (every 256 entries), then the hashing's ``on_bytes(read)``.
     """
     src = os.path.abspath(os.fsencode(path))
     with frozen(src, snapshot=False) as fz:
@@ -386,11 +389,11 @@ def adopt(store: SendshotStore, path: str | bytes | os.PathLike[str], *,
         lineage = fz.lineage if source is None or (
             fz.lineage is not None and subvolume_uuid(source) == fz.lineage) else None
         seed = store.seed()
-        scan = TreeScan(fz.path, None, seed=seed, prepare=_stamp(fz),
+        scan = TreeScan(fz.path, None, seed=seed, prepare=_stamp(fz), on_entry=on_entry,
                         extents=lineage is not None and fz.info is not None
                         and fz.info.readonly)
         try:
-            scan.hasher.wait()
+            scan.hasher.wait(on_bytes)
             tree = scan.new
         finally:
             scan.close()
