@@ -58,6 +58,42 @@ def test_restore_after_a_directory_was_removed(btrfs_dev: Path,
     assert tree_sum(tmp_path / "dir/home.2") == want
 
 
+def test_backup_and_restore_mistakes_name_what_was_given(btrfs_dev: Path,
+                                                        small_release: Release,
+                                                        tmp_path: Path) -> None:
+    """A mistyped SRC was created (empty) and answered 'no backups to restore'; a backup
+    number not there 'backup 7 is missing from the index' (which?); a plain directory
+    without --to-dir 'is not on btrfs'; a file as DEST 'File exists'. Each is one line
+    naming what the user gave, and nothing is made."""
+    device.init(btrfs_dev, small_release.old, state=STATE)
+    (btrfs_dev / "state/home/notes").write_text("one\n")
+    dest = tmp_path / "backups"
+    btrdelta("device", "backup", btrfs_dev, "home", dest)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    afile = tmp_path / "afile"
+    afile.write_bytes(b"x")
+    index = dest / "home.backups.json"
+    for argv, code, said in (
+        (["restore", btrfs_dev, "home", tmp_path / "typo"], 1, f"{tmp_path / 'typo'}: no such "
+         "directory"),
+        (["restore", btrfs_dev, "hom", dest, "--as", "home"], 1,
+         f"{dest / 'hom.backups.json'}: no such backup index"),
+        (["restore", btrfs_dev, "home", dest, "--upto", "7"], 1, f"{index}: no backup 7 (it "
+         "lists 1)"),
+        (["restore", plain, "home", dest], 1, f"{plain} is not on btrfs: a device's state "
+         "subvolume is restored (into a plain directory: --to-dir)"),
+        (["backup", btrfs_dev, "home", afile], 1, f"{afile} is not a directory"),
+    ):
+        proc = btrdelta("device", *argv, check=False)
+        assert proc.returncode == code, proc.stderr
+        assert proc.stderr.count("\n") == 1, proc.stderr
+        assert said in proc.stderr, proc.stderr
+    assert not (tmp_path / "typo").exists()
+    assert os.listdir(plain) == []
+    assert afile.read_bytes() == b"x"
+
+
 def test_restore_to_dir_leaves_the_restored_tree_only(btrfs_dev: Path,
                                                       small_release: Release,
                                                       tmp_path: Path) -> None:

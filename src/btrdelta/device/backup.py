@@ -47,11 +47,20 @@ RESTORED = ".restored-"
 class _Store:
     """A backup location: a directory, or an ``http(s)://`` URL taking PUT and GET."""
 
-    def __init__(self, where: str) -> None:
-        self.where = where.rstrip("/")
+    def __init__(self, where: str, *, create: bool = False) -> None:
+        """``create``: a directory that does not exist is made (a backup's destination);
+        else it must exist (a restore's source: a mistyped name was made, empty)."""
+        self.where = where.rstrip("/") or "/"
         self.http = where.startswith(("http://", "https://"))
-        if not self.http:
+        if self.http:
+            return
+        if os.path.exists(where) and not os.path.isdir(where):
+            raise DeviceError(f"{where} is not a directory (backups are files in a "
+                              "directory, or at an http(s) URL)")
+        if create:
             Path(where).mkdir(parents=True, exist_ok=True)
+        elif not os.path.isdir(where):
+            raise DeviceError(f"{where}: no such directory")
 
     def put(self, name: str, path: Path) -> None:
         if not self.http:
@@ -143,7 +152,7 @@ def backup(fs: str | os.PathLike[str], name: str, dest: str, *,
     from ..send import kernel_send
     from .control import recover
 
-    store = _Store(dest)
+    store = _Store(dest, create=True)
     with open_device(fs) as layout, layout.lock():
         st = load_state(layout)
         recover(layout, st)
@@ -215,15 +224,19 @@ def _end_with_root_times(stream: Path, snap: Path, version: int) -> None:
             f.write(piece)
 
 
-def _chain(entries: list[dict[str, Any]], upto: int | None) -> list[dict[str, Any]]:
+def _chain(entries: list[dict[str, Any]], upto: int | None, index: str
+           ) -> list[dict[str, Any]]:
+    """The backups to receive in turn for backup ``upto`` (default: the last) of the
+    ``entries`` of ``index`` (the index file, for the errors)."""
     by_n = {int(e["n"]): e for e in entries}
     if not by_n:
-        raise DeviceError("no backups to restore")
+        raise DeviceError(f"{index}: no such backup index (no backups of that name there)")
     n: int | None = upto if upto is not None else max(by_n)
     chain = []
     while n is not None:
         if n not in by_n:
-            raise DeviceError(f"backup {n} is missing from the index")
+            listed = ", ".join(str(k) for k in sorted(by_n))
+            raise DeviceError(f"{index}: no backup {n} (it lists {listed})")
         chain.append(by_n[n])
         parent = by_n[n].get("parent")
         n = None if parent is None else int(parent)
@@ -238,7 +251,7 @@ def restore_to_dir(src: str, name: str, dest: str | os.PathLike[str], *,
     from ..update.receive import receive_any
 
     store = _Store(src)
-    chain = _chain(store.index(name), upto)
+    chain = _chain(store.index(name), upto, f"{store.where}/{name}.backups.json")
     dest = Path(dest)
     got: list[ReceivedSubvol] = []
     try:
@@ -260,6 +273,14 @@ def restore_to_dir(src: str, name: str, dest: str | os.PathLike[str], *,
     for done in got[:-1]:  # the chain's earlier backups were only parents of the last
         _remove(done)
     return got[-1].path
+
+
+def _on_btrfs(path: str | os.PathLike[str]) -> bool:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return sv.is_btrfs(fd)
+    finally:
+        os.close(fd)
 
 
 def _remove(got: ReceivedSubvol) -> None:
@@ -285,6 +306,9 @@ def restore(fs: str | os.PathLike[str], name: str, src: str, *, upto: int | None
     from .control import recover
 
     target = as_name or name
+    if os.path.isdir(fs) and not _on_btrfs(fs):
+        raise DeviceError(f"{fs} is not on btrfs: a device's state subvolume is restored "
+                          "(into a plain directory: --to-dir)")
     with open_device(fs) as layout, layout.lock():
         st = load_state(layout)
         recover(layout, st)
