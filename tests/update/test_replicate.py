@@ -843,7 +843,17 @@ def test_tcp_peers_must_authenticate(tmp_path: Path) -> None:
         assert tree_sum(dest / got) == tree_sum(src)
     finally:
         srv.terminate()
-        srv.communicate()
+        _, said = srv.communicate()
+    # the server's lines: each names the client once, and says why in words (it said the
+    # address twice, and the TLS library's 'EOF occurred in violation of protocol' for a
+    # client pinning another server key, '[SSL: WRONG_VERSION_NUMBER]' for one without TLS)
+    lines = [line for line in said.splitlines() if line.startswith("replicate: 127.0.0.1:")]
+    assert all(line.count("127.0.0.1:") == 1 for line in lines), lines
+    assert any(line.endswith(" is not allowed") for line in lines), lines
+    assert any(line.endswith("authentication failed: the client hung up (does it pin another "
+                             "server key with --peer?)") for line in lines), lines
+    assert any(line.endswith("TLS handshake failed: the client does not speak TLS (a "
+                             "--no-auth client?)") for line in lines), lines
     nonloop = _cli("replicate", "--listen", "0.0.0.0:1", "--no-auth", dest)
     assert nonloop.returncode == 1
     assert "only allowed on a loopback address" in nonloop.stderr
@@ -864,6 +874,35 @@ def test_unauthenticated_loopback(tmp_path: Path) -> None:
     assert srv.wait(timeout=30) == 0
     srv.communicate()
     assert '"outcome": "committed"' in ok.stdout
+
+
+@pytest.mark.btrfs
+def test_a_listener_with_nothing_to_receive_says_so(fs2: tuple[Path, Path],
+                                                    tmp_path: Path) -> None:
+    """A subvolume replicated again unchanged: the sender says 'nothing to send' and exits
+    0; the listener said 'refused, 0 bytes received already-current: ...' and with --once
+    exited 9. It says 'nothing to receive' and exits 0."""
+    snd, rcv = fs2
+    live = snd / "live"
+    _sh("btrfs", "-q", "subvolume", "create", live)
+    (live / "a").write_bytes(os.urandom(10_000))
+    dest = rcv / "dest"
+    dest.mkdir()
+    store = ["--store", tmp_path / "store"]
+    for round_ in ("first", "again"):
+        port = _free_port()
+        srv = _listen(port, dest, "--no-auth", "--once")
+        sent = _cli("replicate", live, f"tcp://127.0.0.1:{port}", "--no-auth", *store)
+        assert sent.returncode == 0, sent.stderr
+        assert srv.wait(timeout=30) == 0
+        said = srv.communicate()[1]
+        if round_ == "again":
+            assert "replicate: nothing to send: the receiver holds " in sent.stderr
+            (got,) = _visible(dest)
+            assert said.startswith("replicate: 127.0.0.1:"), said
+            assert f"(anonymous): nothing to receive: the receiver holds {got}" in said
+        else:
+            assert "committed" in said
 
 
 def test_receivers_keep_their_own_cursors(tmp_path: Path) -> None:

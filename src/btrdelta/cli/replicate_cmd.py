@@ -235,6 +235,28 @@ def _say_served(who: str, result: Any) -> None:
           file=sys.stderr, flush=True)
 
 
+def _current(result: Any) -> str | None:
+    """Why there was nothing to receive, when the sender said the receiver is current."""
+    said = result.message.removeprefix("already-current: ")
+    return said if result.outcome == "refused" and said != result.message else None
+
+
+def _peer_error(exc: BtrdeltaError, name: str) -> str:
+    """A refused connection's error without the address the line already names; a client
+    that hung up during the handshake is said in words (not as the TLS library's EOF)."""
+    import ssl
+
+    text, cause = str(exc).removeprefix(f"{name}: "), exc.__cause__
+    if isinstance(cause, (ssl.SSLEOFError, ConnectionError)) or text.endswith(
+            "the peer closed the connection during authentication"):
+        return ("authentication failed: the client hung up (does it pin another server "
+                "key with --peer?)")
+    if isinstance(cause, ssl.SSLError) and cause.reason in ("WRONG_VERSION_NUMBER",
+                                                             "HTTP_REQUEST"):
+        return "TLS handshake failed: the client does not speak TLS (a --no-auth client?)"
+    return text
+
+
 def _listen(args: argparse.Namespace) -> int:
     import socket
 
@@ -275,15 +297,21 @@ def _listen(args: argparse.Namespace) -> int:
                     ch, who = channels.tls_server(sock, key, allowed, name)
                 result = replica.serve(ch, peer=name)
                 ch.close()
+                current = _current(result)
                 if args.verbose and not args.quiet:
                     _say_served(f"replicate: {name} ({who[:16]})", result)
+                elif current is not None and not args.quiet:
+                    print(f"replicate: {name} ({who[:16]}): nothing to receive: {current}",
+                          file=sys.stderr, flush=True)
                 elif not args.quiet:
                     print(f"replicate: {name} ({who[:16]}): {result.outcome}, "
                           f"{result.received_bytes} bytes received {result.message}".rstrip(),
                           file=sys.stderr, flush=True)
             except BtrdeltaError as exc:
                 sock.close()
-                print(f"replicate: {name}: refused: {exc}", file=sys.stderr, flush=True)
+                print(f"replicate: {name}: refused: {_peer_error(exc, name)}",
+                      file=sys.stderr, flush=True)
                 result = None
-            if args.once and result is not None:
-                return 0 if result.outcome == "committed" else ProtocolError.exit_code
+            if args.once and result is not None:  # (nothing to receive is no failure)
+                ok = result.outcome == "committed" or _current(result) is not None
+                return 0 if ok else ProtocolError.exit_code
