@@ -349,3 +349,14 @@ def test_mount_as_a_user_without_fuse_access_is_one_line(
         assert "FUSE is not available to user 65534" in proc.stderr
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_compress_counts_one_chunk_in_the_singular(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # a small file is one chunk: it said "1 chunks (1 distinct)"
+    small = tmp_path / "small"
+    small.write_bytes(b"notes\n" * 100)
+    capsys.readouterr()
+    assert main(["image", "compress", "-i", str(small), "-o", str(tmp_path / "s.bdar")]) == 0
+    out = capsys.readouterr().out
+    assert ", 1 chunk (1 distinct), archive " in out, out

@@ -277,7 +277,8 @@ def run_compress(args: argparse.Namespace) -> int:
         return 0
     if args.quiet:
         return 0
-    print(f"{args.output}: {human_bytes(h.image_size)} image, {h.order_count} chunks "
+    chunks = "chunk" if h.order_count == 1 else "chunks"
+    print(f"{args.output}: {human_bytes(h.image_size)} image, {h.order_count} {chunks} "
           f"({h.chunk_count} distinct), archive {human_bytes(report.archive_size)}"
           f"{', signed' if h.signed else ''}")
     return 0
