@@ -65,6 +65,8 @@ def make_release(src: Path, dst: Path) -> None:
     (dst / "VERSION").write_text("1.0.0\n")
     (dst / "etc").mkdir()
     (dst / "etc/app.conf").write_text("threads = 4\nlog = /var/log/app.log\n")
+    for where in ("var", "home"):  # where `device mount` puts the device's state
+        (dst / where).mkdir()
 
 
 def rebuild_release(v1: Path, v2: Path) -> None:
