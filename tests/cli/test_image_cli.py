@@ -249,9 +249,11 @@ def _one_line_error(capsys: pytest.CaptureFixture[str], code: int, argv: list[st
 
 
 def test_user_mistakes_are_one_line_errors(
-    images: ImagePair, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    images: ImagePair, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     store = tmp_path / "store"
+    (tmp_path / "work").mkdir()
     assert main(["image", "clone", str(images.arc1), f"{store}/v1"]) == 0
     err = _one_line_error(capsys, 1, ["image", "mount", f"{store}/v1", str(tmp_path / "nope")])
     assert "mount point does not exist" in err
@@ -281,6 +283,14 @@ def test_user_mistakes_are_one_line_errors(
     assert "1 damaged" in _one_line_error(capsys, 5, ["image", "verify", f"{store}/v1"])
     first.unlink()
     assert "1 chunk(s) missing" in _one_line_error(capsys, 6, ["image", "verify", f"{store}/v1"])
+    # a target without STORE/: the working directory was made a chunk store (chunks/,
+    # .lock, .sources and the image's description next to the user's files)
+    monkeypatch.chdir(tmp_path / "work")
+    for bare in ("v1.img", "v1/"):
+        err = _one_line_error(capsys, 2, ["image", "clone", str(images.arc1), bare])
+        assert "give STORE/NAME" in err
+        assert f"--output {bare}" in err
+    assert os.listdir(".") == []
 
 
 @pytest.mark.parametrize("argv", [

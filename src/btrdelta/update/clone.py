@@ -43,7 +43,7 @@ from ..chunk.source import (
     read_index,
 )
 from ..chunk.store import ChunkStore, split_store_name
-from ..errors import BtrdeltaError, MissingBaseError
+from ..errors import BtrdeltaError, MissingBaseError, UsageError
 from ..fs.atomic import atomic_output
 from ..transport.config import HttpConfig
 from ..transport.http import FetchStats, RangesNotSupported
@@ -320,6 +320,10 @@ def clone_image(
         raise BtrdeltaError("nothing to clone into: give STORE/NAME, --output, or both")
     store, name = None, ""
     if target is not None:
+        if not os.path.dirname(target.rstrip("/")):  # (the working directory made a store)
+            raise UsageError(f"{target}: give STORE/NAME, a chunk store directory and the "
+                             f"image's name in it (./{target.rstrip('/')}: this directory "
+                             f"is the store), or --output {target} to write the image there")
         store_dir, name = split_store_name(target)
         store = ChunkStore(store_dir)
         _check_store_place(store.root)
