@@ -323,3 +323,15 @@ def test_create_shows_its_walk_then_its_reading(tmp_path: Path,
     assert len(lines) == 2, lines
     assert main([*st, "-q"]) == 0
     assert capsys.readouterr() == ("", "")
+
+
+def test_list_of_a_store_that_does_not_exist_says_so(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # a mistyped --store listed '0 sendshots' as an empty store would
+    store = tmp_path / "typo"
+    capsys.readouterr()
+    assert main(["sendshot", "--store", str(store), "list"]) == 0
+    assert capsys.readouterr().out == (f"0 sendshots, 0 B; 0 receiver cursors; store {store} "
+                                       "(no such directory yet: a typo, or no send recorded "
+                                       "there)\n")
+    assert not store.exists()

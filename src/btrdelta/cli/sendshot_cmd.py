@@ -149,7 +149,9 @@ def run(args: argparse.Namespace) -> int:
             total = human_bytes(sum(s.size for s in every))
             print(f"{len(every)} sendshot{'' if len(every) == 1 else 's'}, {total}; "
                   f"{cursors} receiver cursor{'' if cursors == 1 else 's'}; store "
-                  f"{store.path}")
+                  f"{store.path}" + ("" if os.path.isdir(store.path) else
+                                     " (no such directory yet: a typo, or no send "
+                                     "recorded there)"))
             for s in every:
                 print(_line(s))
     elif args.action == "show":
