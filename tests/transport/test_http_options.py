@@ -88,11 +88,11 @@ def test_clone_over_mutual_tls_with_a_token(
         # no client certificate: nginx answers 400
         code, _, err = _run(capsys, "image", "clone", url, store, *tls, *header)
         assert code == 7
-        _one_line(err, "HTTP 400 for a range request")
+        _one_line(err, "HTTP 400 Bad Request for a range request")
         # no token: 403
         code, _, err = _run(capsys, "image", "clone", url, store, *tls, *client)
         assert code == 7
-        _one_line(err, "HTTP 403 for a range request")
+        _one_line(err, "HTTP 403 Forbidden for a range request")
         # the token from a file (kept out of ps)
         hfile = tmp_path / "headers"
         hfile.write_text(f"# device credentials\nX-Token: {TOKEN}\n")

@@ -215,8 +215,8 @@ class RangeFetcher:
         if status in _RETRY_STATUS:
             raise _Retry(f"HTTP {status}")
         if status != 206:
-            raise TransportError(f"HTTP {status} for a range request", url=self.url,
-                                 status=status)
+            raise TransportError(f"HTTP {_status(status)} for a range request",
+                                 url=self.url, status=status)
         length = resp.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) != len(content):
             raise _Retry(f"body truncated ({len(content)} of {length} bytes)")
@@ -468,8 +468,8 @@ class RangeFetcher:
         if status in _RETRY_STATUS:
             raise _Retry(f"HTTP {status}")
         if status != 206:
-            raise TransportError(f"HTTP {status} for a range request", url=self.url,
-                                 status=status)
+            raise TransportError(f"HTTP {_status(status)} for a range request",
+                                 url=self.url, status=status)
         if len(batch) > 1 and len(regions.regions) == 1 and wanted.spans():
             self._multi = False  # answered a multi-range request with one range
 
@@ -590,6 +590,16 @@ def _classify(exc: httpx.HTTPError, fetcher: RangeFetcher) -> Exception:
     if isinstance(exc, httpx.TransportError):
         return _Retry(why)
     return TransportError(why, url=fetcher.url)
+
+
+def _status(code: int) -> str:
+    """``404 Not Found``: the code and its reason phrase (the code alone if unknown)."""
+    from http import HTTPStatus
+
+    try:
+        return f"{code} {HTTPStatus(code).phrase}"
+    except ValueError:
+        return str(code)
 
 
 def _one_line(exc: BaseException) -> str:
