@@ -105,18 +105,42 @@ def test_json_report_and_the_sendshot_it_recorded(tmp_path: Path) -> None:
 
 
 def test_a_receiver_that_exits_says_why(tmp_path: Path) -> None:
-    """A missing DEST makes the receiver exit before it answers: the sender's one line
-    carries the receiver's reason (was: only 'the peer closed the connection')."""
+    """A receiver that cannot receive into DEST (the btrfs backend on another filesystem)
+    exits before it answers: the sender's one line carries the receiver's reason (was:
+    only 'the peer closed the connection'). The receiver got its options after --serve
+    DEST, which takes one argument: every local --backend said 'argument --serve:
+    expected one argument'."""
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "f").write_bytes(b"x")
-    missing = tmp_path / "no" / "such"
-    proc = subprocess.run([*BTRDELTA, "replicate", "-q", "--store", str(tmp_path / "store"),
-                           str(tmp_path / "src"), str(missing)],
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    store = ["--store", str(tmp_path / "store")]
+    proc = subprocess.run([*BTRDELTA, "replicate", "-q", *store, "--backend", "btrfs",
+                           str(tmp_path / "src"), str(dest)],
                           capture_output=True, text=True, check=False, timeout=120)
     assert proc.returncode == 7
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert "the peer closed the connection" in proc.stderr
-    assert f"said: error: destination {missing} is not a directory" in proc.stderr
+    assert f"said: error: {dest} is not on btrfs: the btrfs backend needs it" in proc.stderr
+    assert os.listdir(dest) == []
+    proc = subprocess.run([*BTRDELTA, "replicate", "-q", *store, "--backend", "dir",
+                           str(tmp_path / "src"), str(dest)],
+                          capture_output=True, text=True, check=False, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    _same_tree(tmp_path, "dest")
+
+
+def test_a_missing_local_dest_is_said_before_any_receiver(tmp_path: Path) -> None:
+    # it was the receiver's exit: 'the peer closed the connection; ... said: error:
+    # destination ... is not a directory', exit 7 (a transport error)
+    (tmp_path / "src").mkdir()
+    missing = tmp_path / "no" / "such"
+    proc = subprocess.run([*BTRDELTA, "replicate", "--store", str(tmp_path / "store"),
+                           str(tmp_path / "src"), str(missing)],
+                          capture_output=True, text=True, check=False, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr == (f"btrdelta replicate: error: destination {missing} does not exist "
+                           f"(make it first: mkdir -p {missing})\n")
     assert not missing.exists()
 
 

@@ -190,10 +190,16 @@ def _connect(args: argparse.Namespace) -> tuple[Any, str]:
         key, peer = load_private_key(args.key), load_public_key(args.peer)
         sock = channels.connect_tcp(host, port, timeout=args.timeout)
         return channels.tls_client(sock, key, peer, dest), dest
+    if not os.path.isdir(dest):  # (else the receiver's exit: 'the peer closed', exit 7)
+        import shlex
+
+        raise BtrdeltaError(f"destination {dest} " + (
+            "is not a directory" if os.path.exists(dest) else
+            f"does not exist (make it first: mkdir -p {shlex.quote(dest)})"))
     extra = ["--backend", args.backend] if args.backend != "auto" else []
     from . import main
 
-    argv = ["replicate", "--serve", *extra, dest]
+    argv = ["replicate", *extra, "--serve", dest]  # (--serve takes DEST: options first)
     return channels.fork_local(dest, lambda: main(argv), extra), dest
 
 

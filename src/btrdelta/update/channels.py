@@ -208,7 +208,7 @@ def _spawn(cmd: list[str], name: str) -> PipeChannel:
 
 def spawn_local(dest: str, extra: Sequence[str] = ()) -> PipeChannel:
     """``btrdelta replicate --serve DEST`` as a child, over pipes."""
-    return _spawn([sys.executable, "-m", "btrdelta", "replicate", "--serve", *extra, dest],
+    return _spawn([sys.executable, "-m", "btrdelta", "replicate", *extra, "--serve", dest],
                   f"local {dest}")
 
 
