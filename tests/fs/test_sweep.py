@@ -5,9 +5,12 @@ run past the buffer."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import random
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +121,26 @@ def test_c_refuses_what_is_not_a_buffer_and_a_dict() -> None:
         c.inodes("text", 0, 0, 1, 0, {})
     with pytest.raises(TypeError):
         c.inodes(b"", 0, 0, 1, 0, [])
+
+
+def test_c_search_fails_as_fcntl_ioctl_does(tmp_path: Path) -> None:
+    """The accelerator's ioctl (the GIL released) raises what ``fcntl.ioctl`` raises: an
+    OSError with the errno (a file that is not on btrfs: ENOTTY, which makes the sweep fall
+    back; a closed descriptor: EBADF), and takes only a writable buffer."""
+    c = _native.live("sweep")
+    assert c is not None
+    (tmp_path / "f").write_bytes(b"x")
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        buf = bytearray(4096)
+        for call in (c.search, fcntl.ioctl):
+            with pytest.raises(OSError, match=r"Inappropriate ioctl|Invalid argument") as caught:
+                call(fd, btrfs._TREE_SEARCH_V2, buf)
+            assert caught.value.errno in (errno.ENOTTY, errno.EINVAL)
+        with pytest.raises(TypeError):
+            c.search(fd, btrfs._TREE_SEARCH_V2, bytes(4096))
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError, match="Bad file descriptor") as caught:
+        c.search(fd, btrfs._TREE_SEARCH_V2, bytearray(4096))
+    assert caught.value.errno == errno.EBADF

@@ -15,12 +15,22 @@
  *   starts with u64 generation, transid) whose transid is greater than since,
  *   out[objectid] = (generation, transid). Returns the key of the last item (where the next
  *   search resumes). An item that runs past the buffer is a ValueError.
+ *
+ * search(fd, request, buf) -> None:
+ *   ioctl(fd, request, buf) on the writable buffer buf (a TREE_SEARCH_V2 argument and its
+ *   result space), the GIL released while the kernel searches: Python 3.11's fcntl.ioctl
+ *   keeps the GIL during an ioctl whose mutable buffer exceeds 1 KiB, so a sweep in one
+ *   thread (~2.5 ms of the kernel walking the tree) stopped every other thread. A bytearray
+ *   cannot be resized while its buffer is held here. Retried on EINTR; another failure is
+ *   an OSError with the errno, as fcntl.ioctl raises.
  */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <errno.h>
 #include <stdint.h>
+#include <sys/ioctl.h>
 
 #include "_constants.h"
 
@@ -87,7 +97,34 @@ done:
     return result;
 }
 
+static PyObject *search(PyObject *self, PyObject *args) {
+    int fd;
+    unsigned long request;
+    Py_buffer buf;
+    if (!PyArg_ParseTuple(args, "ikw*", &fd, &request, &buf))
+        return NULL;
+    int ret, err;
+    do {
+        Py_BEGIN_ALLOW_THREADS
+        ret = ioctl(fd, request, buf.buf);
+        err = errno;
+        Py_END_ALLOW_THREADS
+    } while (ret == -1 && err == EINTR && PyErr_CheckSignals() == 0);
+    PyBuffer_Release(&buf);
+    if (ret == -1) {
+        if (!PyErr_Occurred()) {
+            errno = err;
+            PyErr_SetFromErrno(PyExc_OSError);
+        }
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"search", search, METH_VARARGS,
+     "search(fd, request, buf): ioctl(fd, request, buf) on a writable buffer, the GIL "
+     "released."},
     {"inodes", inodes, METH_VARARGS,
      "inodes(buf, pos, nr_items, key_type, since, out) -> the key of the last item; "
      "out[objectid] = (generation, transid) for each inode item written after since."},

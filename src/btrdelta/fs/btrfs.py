@@ -441,12 +441,15 @@ def _searches(fd: int, size: int, key: Callable[[bytearray], None]
     search key before each call: the caller moves it past the last item it was given."""
     request, start = _TREE_SEARCH_V2, _SEARCH_KEY.size + 8
     buf = bytearray(start + size)
+    # (the accelerator's call releases the GIL, fcntl.ioctl's of a buffer this size not)
+    native = _native.live("sweep")
+    ioctl = fcntl.ioctl if native is None else native.search
     while True:
         key(buf)
         if request == _TREE_SEARCH_V2:
             struct.pack_into("<Q", buf, _SEARCH_KEY.size, size)
         try:
-            fcntl.ioctl(fd, request, buf)
+            ioctl(fd, request, buf)
         except OSError as exc:
             if request != _TREE_SEARCH_V2 or exc.errno not in (errno.ENOTTY, errno.EINVAL):
                 raise
