@@ -141,3 +141,34 @@ def test_a_full_record_send_of_a_snapshot_leaves_its_files_uncached(
     assert main(["send", str(plain), "-o", str(tmp_path / "p"), "--record", "--store",
                  str(tmp_path / "store2"), "-q"]) == 0
     assert _cached(plain / "f")
+
+
+def test_a_small_send_against_a_record_leaves_the_pages_it_read(
+        two_fs: tuple[Path, Path], tmp_path: Path) -> None:
+    """Against a record (the change sweep), a change of a few MiB is read without dropping
+    its pages one file at a time (~13 µs a file: the snapshot's deletion drops a few MiB at
+    once); a change of 8 MiB or more drops them as a full send does. The kernel receives
+    both streams (oracle: tree-sum)."""
+    snd, rcv = two_fs
+    live = snd / "live"
+    run("btrfs", "subvolume", "create", live)
+    for i in range(6):
+        (live / f"f{i}").write_bytes(os.urandom(40_000))
+    for i in range(3):
+        (live / f"big{i}").write_bytes(os.urandom(900_000))  # (below extents' 1 MiB)
+    store = str(tmp_path / "store")
+    rounds = [lambda: (live / "f1").write_bytes(os.urandom(50_000)),
+              lambda: [(live / f"g{i}").write_bytes(os.urandom(900_000)) for i in range(10)]]
+    for i, change in enumerate([lambda: None, *rounds]):
+        change()
+        run("btrfs", "subvolume", "snapshot", "-r", live, snd / f"S{i}")
+        run("btrfs", "filesystem", "sync", snd)
+        assert main(["send", str(snd / f"S{i}"), "-o", str(tmp_path / "s"), "--record",
+                     "--store", store, "-q", *(["--from-sendshot", "latest"] if i else [])]) == 0
+        if i == 1:  # 50 KB changed: read, and still cached
+            assert _cached(snd / "S1" / "f1")
+            assert not _cached(snd / "S1" / "f2")  # (unchanged: not read at all)
+        if i == 2:  # 9 MB of new files: dropped once read
+            assert [n for n in range(10) if _cached(snd / "S2" / f"g{n}")] == []
+        run("btrfs", "receive", "-f", tmp_path / "s", rcv)
+        assert tree_sum(rcv / f"S{i}") == tree_sum(snd / f"S{i}")

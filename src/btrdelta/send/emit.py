@@ -614,7 +614,7 @@ class Sender:
             if hasher is not None:
                 hashed_as_sent(fd, node, segs, hasher, self.chunk,
                                extents=self._hasher is not None and self._hasher.extents)
-            if direct is None and fd >= 0 and self._hasher is not None and self._hasher.extents:
+            if direct is None and fd >= 0 and self._hasher is not None and self._hasher.uncache:
                 uncache(fd)
         finally:
             if fd >= 0:
@@ -669,7 +669,7 @@ class Sender:
             fd = open_file(self.new.abspath(path))
             try:
                 yield from self._emit_ops(reader(fd), node, path, writes, clones)
-                if self._hasher is not None and self._hasher.extents:
+                if self._hasher is not None and self._hasher.uncache:
                     uncache(fd)
             finally:
                 os.close(fd)

@@ -281,6 +281,9 @@ def _changes(fz: Frozen, base: StoredSendshot, cols: Columns, seed: int,
     scan = TreeScan(fz.path, seed=seed, new_tree=changes.to_hash, workers=1 if small else None,
                     extents=True, keep=changes.sent_whole)
     scan.hasher.read_before = read
+    # (a small change's pages stay cached: dropping them file by file costs more than the
+    # snapshot's deletion takes to drop a few MiB)
+    scan.hasher.uncache = not small
     try:
         scan.hasher.wait()
         changes.build()
