@@ -94,7 +94,8 @@ def test_version_and_help_import_no_command(argv: list[str]) -> None:
     proc = subprocess.run([sys.executable, "-c", _IMPORTED.format(argv=argv)],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[-1] == "['btrdelta.cli._common', 'btrdelta.cli._lean']"
+    assert proc.stdout.splitlines()[-1] == ("['btrdelta.cli._common', 'btrdelta.cli._lean', "
+                                            "'btrdelta.cli._parser']")
     if argv == ["--version"]:
         assert proc.stdout.startswith("btrdelta ")
     elif argv == ["--help"]:
@@ -111,7 +112,7 @@ def test_a_command_imports_only_its_module() -> None:
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1] == ("['btrdelta.cli._common', 'btrdelta.cli._lean', "
-                                            "'btrdelta.cli.dump_cmd']")
+                                            "'btrdelta.cli._parser', 'btrdelta.cli.dump_cmd']")
 
 
 def test_a_sendshot_send_imports_no_thread_pool_or_logging(tmp_path: Path) -> None:
@@ -121,9 +122,11 @@ def test_a_sendshot_send_imports_no_thread_pool_or_logging(tmp_path: Path) -> No
     message lookups are not made (cli/_common.py). Nor ``platform`` and ``gettext``, which
     ``uuid`` and ``argparse`` import for what the CLI never uses (cli/_lean.py). The full
     send with its record imports no ``typing`` (~3 % of a small send): annotations are not
-    evaluated, zstandard's C backend is loaded without its package (btrdelta/_zstd.py).
-    (The incremental of a directory that is not a btrfs subvolume matches files by
-    content-defined chunks: pyfastcdc imports typing; the change sweep on btrfs does not.)"""
+    evaluated, zstandard's C backend is loaded without its package (btrdelta/_zstd.py);
+    nor ``argparse`` and the ``re`` it imports: its plain words are read without building
+    the parser (cli/_common.py ``quick_parse``). (The incremental of a directory that is
+    not a btrfs subvolume matches files by content-defined chunks: pyfastcdc imports
+    typing; the change sweep on btrfs does not.)"""
     src = tmp_path / "src"
     src.mkdir()
     for i in range(40):  # several batches for the hashing threads
@@ -133,7 +136,8 @@ def test_a_sendshot_send_imports_no_thread_pool_or_logging(tmp_path: Path) -> No
         "import sys\nfrom btrdelta.cli import main\n"
         f"a = main(['send', {str(src)!r}, '-o', {str(tmp_path / 's0')!r}, '--record', "
         f"'--store', {str(store)!r}, '-q'])\n"
-        "print(sorted(m for m in ('typing', 'zstandard') if m in sys.modules))\n"
+        "print(sorted(m for m in ('typing', 'zstandard', 'argparse', 're')\n"
+        "             if m in sys.modules))\n"
         f"open({str(src / 'f1')!r}, 'ab').write(b'x')\n"
         f"b = main(['send', {str(src)!r}, '-o', {str(tmp_path / 's1')!r}, '--record', "
         f"'--store', {str(store)!r}, '--from-sendshot', 'latest', '-q'])\n"
@@ -239,7 +243,7 @@ def test_lean_imports_stand_in_nothing_while_another_thread_runs() -> None:
         "import sys, threading\n"
         "stop = threading.Event()\n"
         "t = threading.Thread(target=stop.wait)\nt.start()\n"
-        "import btrdelta.cli\n"
+        "import btrdelta.cli\nfrom btrdelta.cli import _lean\n_lean.argparse\n"
         "stop.set()\nt.join()\n"
         "print(sorted(m for m in ('platform', 'gettext') if m in sys.modules))"
     )

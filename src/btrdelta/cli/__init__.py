@@ -23,7 +23,8 @@ from collections.abc import Sequence
 from .. import TYPE_CHECKING, __version__
 from .._optional import OPTIONAL, missing
 from ..errors import BtrdeltaError, exit_codes
-from ._common import HelpFormatter, Interrupted, Parser, stop_on_signals
+from . import _lean  # noqa: F401  (first: ``uuid`` without ``platform``)
+from ._common import Interrupted, stop_on_signals
 
 if TYPE_CHECKING:
     import argparse
@@ -75,6 +76,8 @@ def build_parser(only: str | None = None, *, listing: bool = False) -> argparse.
     :data:`COMMANDS`: only its module is imported). ``listing``: every command by its name
     and help line only (no command module imported): enough for ``--help``, ``--version``
     and the error naming a mistyped command."""
+    from ._parser import HelpFormatter, Parser
+
     parser = Parser(
         prog="btrdelta",
         description=(
@@ -148,11 +151,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # only the chosen command's module is imported; without one (--help, --version, a
     # mistyped name) the commands are listed from COMMANDS
     command = next((w for w in words if not w.startswith("-")), None)
-    parser = build_parser(command, listing=command not in COMMANDS)
-    args = parser.parse_args(words)
-    if not getattr(args, "func", None):
-        parser.print_help(sys.stderr)
-        return 2
+    args = _quick_args(command, words)
+    if args is None:
+        parser = build_parser(command, listing=command not in COMMANDS)
+        args = parser.parse_args(words)
+        if not getattr(args, "func", None):
+            parser.print_help(sys.stderr)
+            return 2
     # "delta make", "image clone": the words that chose the command, for error lines
     args.command = " ".join(v for k, v in vars(args).items()
                             if k.endswith("command") and isinstance(v, str))
@@ -200,6 +205,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for sig, handler in handlers.items():  # (main() called in a process that goes on)
             signal.signal(sig, handler)
+
+
+def _quick_args(command: str | None, words: list[str]) -> argparse.Namespace | None:
+    """The arguments of a command whose module reads plain words without its parser
+    (``quick_args``: ``send``), as ``build_parser(command).parse_args(words)`` gives them;
+    None: build the parser (anything else, ``--help`` and mistakes included)."""
+    if command not in COMMANDS:
+        return None
+    at = words.index(command)
+    if any(w != "--debug" for w in words[:at]):
+        return None
+    quick = getattr(importlib.import_module(f"{__name__}.{COMMANDS[command][0]}"),
+                    "quick_args", None)
+    ns: argparse.Namespace | None = quick(words[at + 1:]) if quick is not None else None
+    if ns is None:
+        return None
+    # (the top-level parser's dests first, as its parse gives them)
+    return type(ns)(debug=at > 0, command=command, **vars(ns))
 
 
 #: what a refusal to an unprivileged user says (the errno is not always at hand: a mount or

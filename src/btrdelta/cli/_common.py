@@ -7,138 +7,97 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import re
 import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from types import SimpleNamespace
 
 from .. import TYPE_CHECKING
 from ..errors import BtrdeltaError, UsageError
 from ..fs.atomic import atomic_output
-from ._lean import argparse
-
-#: a command's hint after "unrecognized arguments": (arguments parsed, words left over,
-#: the command's words) -> what was meant, or None
-Hint = Callable[[argparse.Namespace, list[str], list[str]], "str | None"]
 
 if TYPE_CHECKING:
+    import argparse
     import signal
-    from typing import Any, BinaryIO, NoReturn
+    from typing import Any, BinaryIO
 
     from ..update.identify import Identified, Kind
+
+    #: a command's hint after "unrecognized arguments": (arguments parsed, words left
+    #: over, the command's words) -> what was meant, or None
+    Hint = Callable[[argparse.Namespace, list[str], list[str]], "str | None"]
 else:
     import _signal as signal  # (``signal`` without its enums: cli/__init__.py; built in)
 
 
-def _message(message: str) -> str:
-    return message
+#: an option a command takes without building its parser (:func:`quick_parse`): option
+#: string -> (dest, kind: ``store``, ``append``, ``true`` or ``count``, for a value the
+#: words it may be and what each gives (None: any word))
+Quick = dict[str, tuple[str, str, "dict[str, object] | None"]]
 
 
-def _messages(singular: str, plural: str, n: int) -> str:
-    return singular if n == 1 else plural
+def quick_parse(words: Sequence[str], options: Quick, positionals: Sequence[str],
+                defaults: dict[str, object]) -> argparse.Namespace | None:
+    """A command's words as its argparse parser reads them, without building the parser
+    (~2-5 ms of a small command's start, its first regular expressions compiled), when
+    they are plain: each option spelled whole (``--store S``, ``--store=S``, ``-o F``), a
+    value not starting with ``-``, the positionals given. None for anything else (an
+    abbreviation, ``-qv``, ``-oF``, ``--``, a value or positional starting with ``-``,
+    ``--help``, a mistake): the parser reads those, and says what is wrong.
 
-
-# argparse looks each of its messages up in gettext's default domain ("messages"): a search
-# for a catalogue at every lookup, and the first one imports ``locale`` to normalize the
-# language names (~1 ms, 5 M instructions, of every command's start: 6 lookups for a
-# ``send``). btrdelta's own messages are English, and no catalogue of that domain is
-# installed with Python: argparse's messages are taken as they are written.
-argparse._ = _message  # type: ignore[attr-defined]
-argparse.ngettext = _messages  # type: ignore[attr-defined]
-
-
-class HelpFormatter(argparse.HelpFormatter):
-    """Wraps each paragraph of a description or epilog; keeps indented lines (examples)
-    as they are written. The width is the terminal's as argparse finds it, without its
-    import of ``shutil`` (a few ms of every command's start)."""
-
-    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
-                 width: int | None = None) -> None:
-        super().__init__(prog, indent_increment, max_help_position,
-                         _columns() - 2 if width is None else width)
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        import textwrap  # (help only)
-
-        out = []
-        for block in text.strip("\n").split("\n\n"):
-            lines = block.splitlines()
-            if any(line.startswith("  ") for line in lines):
-                out.append("\n".join(indent + line for line in lines))
+    ``defaults``: every dest of the parser (but ``func``) and its default, in the parser's
+    order (a list default is copied, as argparse does). tests/cli/test_quick.py checks a
+    command's table against its parser, and the two readings against each other.
+    """
+    # (argparse's Namespace without importing argparse: the same attributes, ``vars`` and
+    # equality)
+    ns: argparse.Namespace = SimpleNamespace(  # type: ignore[assignment]
+        **{k: list(v) if isinstance(v, list) else v for k, v in defaults.items()})
+    given: list[str] = []
+    i = 0
+    while i < len(words):
+        word = words[i]
+        i += 1
+        if not word.startswith("-"):
+            given.append(word)
+            continue
+        name, eq, value = word.partition("=")
+        spec = options.get(name)
+        if spec is None or (eq and not name.startswith("--")):
+            return None
+        dest, kind, choices = spec
+        if kind in ("store", "append"):
+            if not eq:
+                if i == len(words) or words[i].startswith("-"):
+                    return None
+                value = words[i]
+                i += 1
+            got: object = value
+            if choices is not None:
+                if value not in choices:
+                    return None
+                got = choices[value]
+            if kind == "store":
+                setattr(ns, dest, got)
             else:
-                out.append(textwrap.fill(" ".join(block.split()), width,
-                                         initial_indent=indent, subsequent_indent=indent))
-        return "\n\n".join(out)
-
-
-def _columns() -> int:
-    """``shutil.get_terminal_size().columns``: $COLUMNS, else the terminal's, else 80."""
-    try:
-        columns = int(os.environ["COLUMNS"])
-    except (KeyError, ValueError):
-        columns = 0
-    if columns <= 0:
-        try:
-            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
-        except (AttributeError, ValueError, OSError):
-            columns = 0
-    return columns if columns > 0 else 80
-
-
-class Parser(argparse.ArgumentParser):
-    """The parser of every ``btrdelta`` command: a usage mistake is one line (naming the
-    command and where to read more) and exit 2."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        kwargs.setdefault("formatter_class", HelpFormatter)
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self._intermixing = False
-        #: the command's own words (after its name) of the parse under way
-        self.words: list[str] = []
-        #: what a command says after "unrecognized arguments: ..." (given the arguments
-        #: parsed and the words left over), e.g. ``send OLD NEW``: give OLD with -p
-        self.extra_hint: Hint | None = None
-        #: what a command says after "the following arguments are required: ..." (given
-        #: its words), e.g. ``delta make A-B.stream /snap/A``: give /snap/A with --old
-        self.missing_hint: Callable[[list[str]], str | None] | None = None
-
-    def error(self, message: str) -> NoReturn:
-        if self.missing_hint is not None and message.startswith(
-                "the following arguments are required"):
-            hint = self.missing_hint(self.words)
-            message += f"; {hint}" if hint else ""
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
-                         namespace: argparse.Namespace | None = None,
-                         ) -> tuple[argparse.Namespace, list[str]]:
-        """A command's positionals may come between its options (``receive A.stream -q
-        DEST``, ``replicate /data --store S /backup``): plain argparse gives an optional
-        positional nothing when an option follows its value, takes that value for the next
-        positional, and then refuses the last word."""
-        if self._intermixing:
-            return super().parse_known_args(args, namespace)
-        self.words = list(sys.argv[1:] if args is None else args)
-        if self._subparsers is not None or not any(
-                a.nargs in ("?", "*", "+") for a in self._get_positional_actions()):
-            ns, extra = super().parse_known_args(args, namespace)
+                getattr(ns, dest).append(got)
+        elif eq:
+            return None
+        elif kind == "true":
+            setattr(ns, dest, True)
         else:
-            self._intermixing = True
-            try:
-                ns, extra = self.parse_known_intermixed_args(args, namespace)
-            finally:
-                self._intermixing = False
-        if extra and self._subparsers is None:
-            # the command's own mistake, named by it (not by `btrdelta`), with its hint
-            hint = (self.extra_hint(ns, extra, self.words) if self.extra_hint is not None
-                    else None)
-            self.error(f"unrecognized arguments: {' '.join(extra)}"
-                       + (f"; {hint}" if hint else ""))
-        return ns, extra
+            setattr(ns, dest, getattr(ns, dest) + 1)
+    if len(given) != len(positionals):
+        return None
+    for dest, word in zip(positionals, given, strict=True):
+        setattr(ns, dest, word)
+    return ns
 
 
 def set_extra_hint(parser: argparse.ArgumentParser, hint: Hint) -> None:
     """Say ``hint(args, extra, words)`` after a command's "unrecognized arguments" error."""
+    from ._parser import Parser
+
     if isinstance(parser, Parser):
         parser.extra_hint = hint
 
@@ -146,6 +105,8 @@ def set_extra_hint(parser: argparse.ArgumentParser, hint: Hint) -> None:
 def set_missing_hint(parser: argparse.ArgumentParser,
                      hint: Callable[[list[str]], str | None]) -> None:
     """Say ``hint(words)`` after a command's "the following arguments are required"."""
+    from ._parser import Parser
+
     if isinstance(parser, Parser):
         parser.missing_hint = hint
 
@@ -235,6 +196,8 @@ def check_location(location: str, what: str = "URL") -> None:
     """
     if "://" in location or os.path.exists(location):
         return
+    import re
+
     if re.fullmatch(_HOST_PATH, location):
         raise UsageError(f"{what} {location}: no such directory; a URL needs its scheme: "
                          f"http://{location} (or https://)")
@@ -246,6 +209,8 @@ def check_not_url(path: str, what: str, hint: str) -> None:
     Raises:
         UsageError: ``path`` has a scheme (``http://...``).
     """
+    import re
+
     if re.match(r"[a-zA-Z][\w+.-]*://", path):
         raise UsageError(f"{what} {path} is a URL: {hint}")
 
@@ -257,6 +222,8 @@ def positive_int(text: str) -> int:
     except ValueError:
         value = 0
     if value < 1:
+        from ._lean import argparse
+
         raise argparse.ArgumentTypeError(f"not a positive number: {text!r}")
     return value
 
@@ -375,6 +342,8 @@ _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 def parse_size(text: str) -> int:
     """An argparse type: '64M' -> 67108864 (K, M, G, T suffixes, binary; 'KiB', 'MB' too)."""
+    from ._lean import argparse
+
     t = text.strip().upper().removesuffix("IB").removesuffix("B")
     try:
         value = int(float(t[:-1]) * _UNITS[t[-1]]) if t and t[-1] in _UNITS else int(t)

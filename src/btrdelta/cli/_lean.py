@@ -15,8 +15,10 @@ takes from the other module (``gettext.gettext`` and ``ngettext``: the message a
 of ``gettext`` or ``platform`` later gets the real module. Where either module is imported
 already, or where another thread runs (it could import the stand-in), nothing is stood in
 for; where the import fails with the stand-in (a Python whose module takes more from the
-other), both are imported for real. The CLI's first module (``_common``) takes
-``argparse`` from here, so this runs before anything else of the CLI imports either.
+other), both are imported for real. The CLI imports this module first (``uuid`` is
+imported here then, before any other module of the CLI imports it); ``argparse`` only when
+a parser is built (``_parser`` takes it from here): a command whose words
+``_common.quick_parse`` reads builds none, and imports neither ``argparse`` nor ``re``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import sys
 from .. import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Callable
 
 __all__ = ["argparse", "uuid"]
@@ -72,8 +75,17 @@ def _import_with(module: str, stand_in: str, functions: dict[str, Callable[..., 
         del namespace[stand_in]
 
 
-_import_with("argparse", "gettext", {"gettext": _message, "ngettext": _messages})
 _import_with("uuid", "platform", {"system": _system})
 
-import argparse  # noqa: E402  (imported above, with the stand-in)
-import uuid  # noqa: E402
+import uuid  # noqa: E402  (imported above, with the stand-in)
+
+
+def __getattr__(name: str) -> object:
+    """``argparse``, imported (with its stand-in) when first asked for."""
+    if name != "argparse":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    _import_with("argparse", "gettext", {"gettext": _message, "ngettext": _messages})
+    import argparse
+
+    globals()["argparse"] = argparse
+    return argparse

@@ -11,7 +11,6 @@ sees this class.
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import sys
@@ -20,6 +19,7 @@ import time
 from .. import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import argparse
     from typing import Any, TextIO
 
 __all__ = ["Phases", "Progress", "add_progress_options", "add_quiet_option", "progress_wanted"]

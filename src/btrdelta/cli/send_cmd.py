@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import stat
 import time
@@ -11,17 +10,21 @@ from .. import TYPE_CHECKING
 from ..errors import BtrdeltaError, UsageError
 from ..send.store import DEFAULT_STORE
 from ._common import (
+    Quick,
     add_json,
     human_bytes,
     json_needs_stdout,
     meant,
     open_output,
+    quick_parse,
     refuse_terminal_output,
     set_extra_hint,
 )
 from .progress import Progress, add_progress_options, progress_wanted
 
 if TYPE_CHECKING:
+    import argparse
+
     from ..send import SendStats, StreamIds
     from ..update.signed import StreamSigner
 
@@ -111,6 +114,49 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_progress_options(p, verbose=True)
     set_extra_hint(p, _two_trees)
     p.set_defaults(func=run)
+
+
+#: the options of :func:`add_parser` for :func:`quick_args` (tests/cli/test_quick.py checks
+#: them against the parser)
+_QUICK: Quick = {
+    **dict.fromkeys(("-p", "--parent"), ("parent", "store", None)),
+    **dict.fromkeys(("-c", "--clone-src"), ("clone_src", "append", None)),
+    **dict.fromkeys(("-f", "-o", "--output"), ("output", "store", None)),
+    "--proto": ("proto", "store", {str(v): v for v in (0, 1, 2, 3)}),
+    "--compressed-data": ("compressed_data", "true", None),
+    "--compress": ("compress", "store", {v: v for v in ("zstd", "zlib", "none")}),
+    "--no-data": ("no_data", "true", None),
+    "--quick": ("quick", "true", None),
+    "--name": ("name", "store", None),
+    "--kernel": ("kernel", "true", None),
+    "--record": ("record", "true", None),
+    "--from-sendshot": ("from_sendshot", "store", None),
+    "--store": ("store", "store", None),
+    "--no-snapshot": ("no_snapshot", "true", None),
+    "--parent-uuid": ("parent_uuid", "store", None),
+    "--sign": ("sign", "store", None),
+    "--signature": ("signature", "store", None),
+    "--json": ("json", "true", None),
+    **dict.fromkeys(("-q", "--quiet"), ("quiet", "true", None)),
+    "--progress": ("progress", "true", None),
+    **dict.fromkeys(("-v", "--verbose"), ("verbose", "count", None)),
+}
+_DEFAULTS: dict[str, object] = {
+    "new_dir": None, "parent": None, "clone_src": [], "output": "-", "proto": None,
+    "compressed_data": False, "compress": None, "no_data": False, "quick": False,
+    "name": None, "kernel": False, "record": False, "from_sendshot": None, "store": None,
+    "no_snapshot": False, "parent_uuid": None, "sign": None, "signature": None,
+    "json": False, "quiet": False, "progress": False, "verbose": 0,
+}
+
+
+def quick_args(words: list[str]) -> argparse.Namespace | None:
+    """The words after ``send`` as :func:`add_parser`'s parser reads them, when they are
+    plain (:func:`~._common.quick_parse`; None: the parser reads them)."""
+    ns = quick_parse(words, _QUICK, ("new_dir",), _DEFAULTS)
+    if ns is not None:
+        ns.func = run
+    return ns
 
 
 def _two_trees(args: argparse.Namespace, extra: list[str], words: list[str]) -> str | None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import re
 import stat
 from collections.abc import Iterator
 
@@ -70,6 +69,8 @@ def remove_stale_temps(path: str | os.PathLike[str]) -> list[str]:
     Returns:
         the names removed.
     """
+    import re  # (not imported by a command that removes nothing)
+
     directory, base = os.path.split(os.path.abspath(path))
     stale = re.compile(rf"\.{re.escape(base)}\.tmp-(\d+)-[0-9a-f]{{12}}")
     removed = []

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import re
 from collections.abc import Callable, Iterator
 from uuid import UUID
 
@@ -154,7 +153,11 @@ def _drop_leftovers(path: bytes, uuid: UUID) -> None:
     """Delete the temporary snapshots of the subvolume ``path`` that killed senders left:
     named ``.btrdelta-send-<pid>-<random>``, their pid gone (:func:`drop_leftovers`)."""
     def stale(name: bytes) -> bool:
-        m = re.fullmatch(_TMP_NAME, name) if name.startswith(b".btrdelta-send-") else None
+        if not name.startswith(b".btrdelta-send-"):
+            return False
+        import re  # (not imported by a send that finds no leftover)
+
+        m = re.fullmatch(_TMP_NAME, name)
         return m is not None and not pid_alive(int(m.group(1)))
 
     drop_leftovers(path, uuid, stale)

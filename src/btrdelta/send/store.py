@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -339,6 +338,8 @@ class SendshotStore:
                     names = os.listdir(folder)
                 except FileNotFoundError:
                     continue
+                import re  # (not imported by a send)
+
                 for name in names:
                     m = re.fullmatch(_LEFTOVER, name)
                     if m is None or (folder == self.path) != name.startswith(
@@ -422,6 +423,8 @@ def parse_grid(text: str) -> list[tuple[int, int]]:
     Raises:
         BtrdeltaError: not a grid.
     """
+    import re  # (not imported by a send)
+
     out: list[tuple[int, int]] = []
     for part in text.split(","):
         m = re.fullmatch(r"\s*(\d+)([mhdwy]):(\d+)\s*", part)
