@@ -63,11 +63,12 @@ test: sysdeps venv
 # power cuts in qemu (docs/device.md §9): not part of `make test` (tens of minutes under TCG)
 vmtest: sysdeps venv
 	@scripts/sysdeps.sh --vm
-	@echo "vmtest: $${BTRDELTA_VMTEST_RUNS:-12} power cuts of each device operation," \
+	@echo "vmtest: $${BTRDELTA_VMTEST_RUNS:-12} power cuts of each device operation, image" \
+		"clone and update," \
 		"seed $${BTRDELTA_VMTEST_SEED:-from the clock}, kernel and images in" \
 		"$${BTRDELTA_VM_CACHE:-/var/tmp/btrdelta-vm}; started $$(date -u '+%F %T') UTC"
 	CI=true BTRDELTA_VMTEST=1 $(BIN)/python -m pytest -q -s -p no:cacheprovider \
-		tests/device/test_powercut.py
+		tests/device/test_powercut.py tests/device/test_powercut_net.py
 
 # The long targets run pytest through scripts/longrun.sh (CI=true, a temporary basetemp removed
 # at the end, Ctrl-C exits 130); exec: the shell of the recipe would die of the Ctrl-C first.

@@ -15,7 +15,9 @@ script of ``contrib/boot`` and an ``/init`` that acts by the kernel command line
   ``btrdelta.module=`` runs ``python -m MODULE ARGS`` instead, e.g.
   :mod:`btrdelta.testing.cutwrite`) from the host's filesystem, shared read-only over 9p,
   against the virtual disk; print ``BTRDELTA-START`` before and ``BTRDELTA-DONE rc=N``
-  after; power off.
+  after; power off. ``btrdelta.mount=/run/vda`` mounts the disk's btrfs there first (the
+  host's ``/run`` is a tmpfs in the guest); ``btrdelta.net=1`` brings up a virtio NIC on
+  qemu's user network (the guest 10.0.2.15; the host's loopback is 10.0.2.2 from there).
 
 ``VmKit.run(image, mode, ...)`` boots qemu (KVM when it works, else TCG) and returns the
 serial console's lines; ``kill_after`` kills qemu (SIGKILL: a power cut) that many seconds
@@ -41,13 +43,13 @@ __all__ = ["VmKit", "VmResult"]
 
 _MODULES = ("virtio_pci", "virtio_blk", "btrfs", "overlay", "9pnet_virtio", "9p",
             "crc32c_generic", "crc32c-intel", "blake2b_generic", "xxhash_generic",
-            "sha256_generic")
+            "sha256_generic", "virtio_net")
 _CONTRIB = Path(__file__).resolve().parents[3] / "contrib" / "boot"
 
 _INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-modprobe -a virtio_pci virtio_blk btrfs overlay 9pnet_virtio 9p 2>/dev/null
+modprobe -a virtio_pci virtio_blk btrfs overlay 9pnet_virtio 9p virtio_net 2>/dev/null
 for i in $(seq 100); do [ -b /dev/vda ] && break; sleep 0.1; done
 arg() { sed -n "s/.*btrdelta\.$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
 mode=$(arg mode)
@@ -77,6 +79,12 @@ if [ "$mode" = run ]; then
     mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=524288 host /host
     mount -t proc proc /host/proc; mount -t sysfs sys /host/sys
     mount -t devtmpfs dev /host/dev; mount -t tmpfs tmp /host/tmp; mount -t tmpfs run /host/run
+    if [ "$(arg net)" = 1 ]; then
+        ip link set lo up; ip link set eth0 up
+        ip addr add 10.0.2.15/24 dev eth0; ip route add default via 10.0.2.2
+    fi
+    at=$(arg mount)
+    [ -n "$at" ] && mkdir -p "/host$at" && mount -t btrfs /dev/vda "/host$at"
     py=$(arg python); cwd=$(arg cwd); module=$(arg module)
     if [ -n "$good" ]; then args="device mark-good /dev/vda --slot $good"; module=
     else args=$(arg args | tr + ' '); fi
@@ -159,7 +167,8 @@ class VmKit:
             res = probe.run(img, "probe", timeout=30)
         return "kvm" if any("BTRDELTA-END" in line for line in res.lines) else "tcg"
 
-    def command(self, image: Path, mode: str, args: str = "", module: str = "") -> list[str]:
+    def command(self, image: Path, mode: str, args: str = "", module: str = "", *,
+                net: bool = False, mount: str = "") -> list[str]:
         """The qemu command line.
 
         ``no_timer_check``: under TCG on a loaded host the kernel's check of the timer
@@ -170,21 +179,27 @@ class VmKit:
         append = (f"console=ttyS0 panic=-1 quiet no_timer_check btrdelta.mode={mode} "
                   f"btrdelta.python={sys.executable} btrdelta.cwd={os.getcwd()} "
                   f"btrdelta.args={args.replace(' ', '+')}"
-                  + (f" btrdelta.module={module}" if module else ""))
+                  + (f" btrdelta.module={module}" if module else "")
+                  + (" btrdelta.net=1" if net else "")
+                  + (f" btrdelta.mount={mount}" if mount else ""))
+        nic = ["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0"] if net else []
         return ["qemu-system-x86_64", *accel, "-m", "1024", "-smp", "1", "-nodefaults",
                 "-no-reboot", "-display", "none", "-serial", "stdio",
                 "-kernel", str(self.vmlinux), "-initrd", str(self.initrd),
                 "-append", append,
                 "-drive", f"file={image},format=raw,if=virtio,cache=none,aio=threads",
                 "-virtfs", "local,path=/,mount_tag=host,security_model=none,readonly=on,"
-                "multidevs=remap"]
+                "multidevs=remap", *nic]
 
     def run(self, image: Path, mode: str, args: str = "", *, kill_after: float | None = None,
-            timeout: float = 900, module: str = "") -> VmResult:
+            timeout: float = 900, module: str = "", net: bool = False,
+            mount: str = "") -> VmResult:
         """Boot once; with ``kill_after``, SIGKILL qemu that long after BTRDELTA-START;
-        ``module``: run ``python -m MODULE ARGS`` instead of ``btrdelta ARGS``."""
+        ``module``: run ``python -m MODULE ARGS`` instead of ``btrdelta ARGS``; ``net``: a
+        NIC on qemu's user network; ``mount``: where the disk's btrfs is mounted first."""
         t0 = time.monotonic()
-        proc = subprocess.Popen(self.command(image, mode, args, module), stdout=subprocess.PIPE,
+        proc = subprocess.Popen(self.command(image, mode, args, module, net=net, mount=mount),
+                                stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         assert proc.stdout is not None
         lines: list[str] = []

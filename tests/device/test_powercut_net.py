@@ -1,0 +1,288 @@
+"""Power cuts in a virtual machine while it downloads (``make vmtest``; skipped by ``make test``).
+
+The host serves files with ``btrdelta serve`` on its loopback; the guest reaches it over
+qemu's user network (``http://10.0.2.2:PORT``) and writes to a btrfs disk mounted at
+``/run/vda``; qemu is killed (SIGKILL) at a random moment of the command. The host then
+mounts the disk and checks what the cut left, and runs the command again to its end:
+
+* ``image clone`` of a chunked ext4 image of Debian bookworm (after ``apt-get upgrade``)
+  over HTTP into a chunk store that holds the image before the upgrade, and onto an output
+  file: every chunk file under its name hashes to its name, the old image still verifies,
+  the new image (description, output) is absent or complete, and the re-run completes to
+  a bit-perfect image;
+* ``update`` of a repository of eight regex releases (3 MB trees) from the oldest to the
+  newest, a multi-hop path, DEST on btrfs: the old version intact (tree-sum), every version
+  under a final name (``DEST/V``, ``DEST/.btrdelta-hop-V``) complete, and the re-run lands
+  the newest version, checked by its tree-sum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import shutil
+import subprocess
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from btrdelta import trust
+from btrdelta.chunk.chunker import chunk_digest
+from btrdelta.chunk.store import ChunkStore
+from btrdelta.testing.vm import VmKit
+from btrdelta.testing.wheels import REGEX, release_trees
+from btrdelta.tree import tree_sum
+from tests.chunk.images import make_ext4
+
+from .conftest import BTRDELTA, btrdelta, debian_trees
+from .test_powercut import CACHE, ENABLED, FIGURES, RUNS, SEED, _write_figures, mounted
+
+pytestmark = [pytest.mark.btrfs, pytest.mark.timeout(5400),
+              pytest.mark.skipif(not ENABLED, reason="power-cut VM test: make vmtest")]
+AT = "/run/vda"  # where the guest mounts its disk
+GUEST_HOST = "10.0.2.2"  # the host's loopback, seen from qemu's user network
+#: what the images hold of each Debian tree (~70 MB: a clone takes ~27 s under TCG)
+IMAGE_PARTS = ("etc", "usr/bin", "usr/sbin", "usr/lib/x86_64-linux-gnu", "var/lib/dpkg")
+
+
+@pytest.fixture(scope="module")
+def kit() -> VmKit:
+    print(f"vmtest seed {SEED}", flush=True)
+    return VmKit.prepare(CACHE)
+
+
+@dataclass(frozen=True)
+class Served:
+    root: Path
+    port: int
+
+    def url(self, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}"
+
+
+@pytest.fixture(scope="module")
+def www() -> Iterator[Served]:
+    """``btrdelta serve`` of ``CACHE/www`` on a free loopback port."""
+    root = CACHE / "www"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    proc = subprocess.Popen([*BTRDELTA, "serve", "-q", "--port", "0", str(root)],
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    try:
+        line = proc.stderr.readline()
+        m = re.search(r":(\d+)/", line)
+        assert m, line
+        yield Served(root, int(m[1]))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        proc.stderr.close()
+
+
+def blank(name: str, size: int) -> Path:
+    image = CACHE / f"{name}.img"
+    image.unlink(missing_ok=True)
+    with open(image, "wb") as f:
+        f.truncate(size)
+    subprocess.run(["mkfs.btrfs", "-q", "-f", str(image)], check=True, capture_output=True)
+    return image
+
+
+def fresh(base: Path, name: str) -> Path:
+    image = CACHE / f"{name}.img"
+    image.unlink(missing_ok=True)
+    subprocess.run(["cp", "--sparse=always", str(base), str(image)], check=True)
+    return image
+
+
+def sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def cut_points(rng: random.Random, length: float, marks: list[float]) -> Iterator[float]:
+    """Half the cuts anywhere in the command, half within 1 s of one of ``marks``."""
+    for i in range(RUNS):
+        if i % 2 or not marks:
+            yield rng.uniform(0.0, length)
+        else:
+            yield max(0.0, rng.choice(marks) + rng.uniform(-1.0, 1.0))
+
+
+# -- image clone ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Images:
+    old: Path  # ext4 image of the old Debian tree
+    new: Path
+    new_sha: str
+    base: Path  # btrfs disk: STORE holding image "old"
+
+
+@pytest.fixture(scope="module")
+def images(www: Served) -> Images:
+    try:
+        old_tree, new_tree = debian_trees()
+    except pytest.skip.Exception as exc:
+        pytest.fail(f"make vmtest: {exc}")
+    work = CACHE / "images"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    for name, tree in (("old", old_tree), ("new", new_tree)):
+        for part in IMAGE_PARTS:
+            (work / name / part).parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["cp", "-a", str(tree / part), str(work / name / part)], check=True)
+        make_ext4(work / name, work / f"{name}.img", "128M")
+        btrdelta("image", "compress", "-q", "-i", work / f"{name}.img",
+                 "-o", www.root / f"{name}.bdar")
+    base = blank("clone-base", 2 << 30)
+    with mounted(base) as mnt:
+        btrdelta("image", "clone", "-q", www.root / "old.bdar", mnt / "store/old")
+    return Images(work / "old.img", work / "new.img", sha256(work / "new.img"), base)
+
+
+def _check_clone_cut(mnt: Path, img: Images) -> tuple[int, str]:
+    """What a cut clone left: (chunk files under their names, state of the new image)."""
+    store = ChunkStore(mnt / "store")
+    named = 0
+    for digest, path in store.iter_chunks():
+        assert chunk_digest(Path(path).read_bytes()) == digest, f"damaged chunk {path}"
+        named += 1
+    assert btrdelta("image", "verify", "-q", mnt / "store/old", check=False).returncode == 0
+    has_desc = (mnt / "store/new").exists()
+    if has_desc:  # complete: every chunk present and whole
+        ver = btrdelta("image", "verify", "-q", mnt / "store/new", check=False)
+        assert ver.returncode == 0, ver.stderr
+    has_out = (mnt / "new.img").exists()
+    if has_out:
+        assert sha256(mnt / "new.img") == img.new_sha
+    return named, ("description" if has_desc else "-") + ", " + ("output" if has_out else "-")
+
+
+def test_power_cut_during_image_clone(kit: VmKit, www: Served, images: Images) -> None:
+    url = f"{www.url(GUEST_HOST)}/new.bdar"
+    command = f"image clone --progress {url} {AT}/store/new --output {AT}/new.img"
+    image = fresh(images.base, "clone")
+    ran = kit.run(image, "run", command, net=True, mount=AT)
+    assert ran.done_rc() == 0, "\n".join(ran.lines[-30:])
+    assert ran.started is not None
+    length = ran.seconds - ran.started
+    marks = [t for t in (ran.when("clone fetch"), ran.when("clone output")) if t is not None]
+    with mounted(image) as mnt:
+        full, state = _check_clone_cut(mnt, images)
+        assert state == "description, output"
+    rng = random.Random(SEED + 2)
+    outcomes: Counter[str] = Counter()
+    for i, delay in enumerate(cut_points(rng, length, marks)):
+        image = fresh(images.base, "clone")
+        cut = kit.run(image, "run", command, net=True, mount=AT, kill_after=delay)
+        if not cut.killed:
+            assert cut.done_rc() == 0, (i, delay, "\n".join(cut.lines[-40:]))
+        with mounted(image) as mnt:
+            named, state = _check_clone_cut(mnt, images)
+            rerun = btrdelta("image", "clone", "--json", f"{www.url()}/new.bdar",
+                             mnt / "store/new", "--output", mnt / "new.img", check=False)
+            assert rerun.returncode == 0, (i, delay, rerun.stderr)
+            again = json.loads(rerun.stdout)
+            assert _check_clone_cut(mnt, images)[1] == "description, output"
+        what = f"{'cut' if cut.killed else 'finished'}: {state}"
+        outcomes[what] += 1
+        print(f"clone run {i + 1}/{RUNS}: power cut {delay:.1f} s after start: {what}; "
+              f"{named}/{full} chunk files, re-run fetched {again.get('fetched')} chunks",
+              flush=True)
+    FIGURES["image clone"] = [f"{n} x {what}" for what, n in sorted(outcomes.items())] + [
+        f"uninterrupted clone in the VM: {length:.1f} s, fetch and output from "
+        f"{', '.join(f'{t:.1f}' for t in marks)} s ({kit.accel}); "
+        f"seed {SEED + 2}"]
+    _write_figures()
+
+
+# -- update ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Repo:
+    versions: list[str]
+    sums: dict[str, str]
+    base: Path  # btrfs disk: DEST holding the first version, the root key pinned
+
+
+@pytest.fixture(scope="module")
+def repo(www: Served) -> Repo:
+    trees = release_trees(*REGEX, Path.home() / ".cache" / "btrdelta-bench")
+    if trees is None:
+        pytest.fail("make vmtest: pip download of the regex wheels failed")
+    versions = list(REGEX[1])
+    root = www.root / "app"
+    keys = CACHE / "keys"
+    shutil.rmtree(keys, ignore_errors=True)
+    keys.mkdir(parents=True)
+    trust.save_key_pair(trust.generate_key(), str(keys / "root.pem"), str(keys / "root.pub"))
+    btrdelta("repo", "init", root)
+    for ver, tree in zip(versions, trees, strict=True):
+        btrdelta("repo", "add", root, ver, tree)
+    btrdelta("repo", "sign", root, "--key", keys / "root.pem", "--timestamp-key",
+             keys / "root.pem", "--expires", "7d")
+    base = blank("update-base", 1 << 30)
+    with mounted(base) as mnt:
+        btrdelta("update", "-q", root, mnt / "dest", "--to", versions[0],
+                 "--key", keys / "root.pub")
+    return Repo(versions, {v: tree_sum(t) for v, t in zip(versions, trees, strict=True)}, base)
+
+
+def _check_update_cut(dest: Path, repo: Repo) -> list[str]:
+    """What a cut update left: the versions under final names, each checked whole."""
+    assert tree_sum(dest / repo.versions[0]) == repo.sums[repo.versions[0]]
+    landed = []
+    for entry in sorted(dest.iterdir()):
+        ver = entry.name.removeprefix(".btrdelta-hop-")
+        if ver in repo.sums:
+            assert tree_sum(entry) == repo.sums[ver], f"{entry.name}: not version {ver}"
+            landed.append(entry.name)
+    return landed
+
+
+def test_power_cut_during_multi_hop_update(kit: VmKit, www: Served, repo: Repo) -> None:
+    newest = repo.versions[-1]
+    command = f"update --progress {www.url(GUEST_HOST)}/app {AT}/dest"
+    image = fresh(repo.base, "update")
+    ran = kit.run(image, "run", command, net=True, mount=AT)
+    assert ran.done_rc() == 0, "\n".join(ran.lines[-30:])
+    assert ran.started is not None
+    length = ran.seconds - ran.started
+    plan = next((m[0] for m in map(re.compile(r"plan: from [^\r]*").search, ran.lines) if m),
+                "")
+    hops = [t - ran.started for line, t in zip(ran.lines, ran.times or [], strict=False)
+            if "update: hop" in line]
+    with mounted(image) as mnt:
+        landed = _check_update_cut(mnt / "dest", repo)
+        assert landed == [repo.versions[0], newest], landed  # intermediates removed
+    m = re.search(r"(\d+) hops", plan)
+    assert m, "\n".join(ran.lines[-40:])
+    assert int(m[1]) >= 2, plan
+    rng = random.Random(SEED + 3)
+    outcomes: Counter[str] = Counter()
+    for i, delay in enumerate(cut_points(rng, length, hops)):
+        image = fresh(repo.base, "update")
+        cut = kit.run(image, "run", command, net=True, mount=AT, kill_after=delay)
+        if not cut.killed:
+            assert cut.done_rc() == 0, (i, delay, "\n".join(cut.lines[-40:]))
+        with mounted(image) as mnt:
+            landed = _check_update_cut(mnt / "dest", repo)
+            rerun = btrdelta("update", "-q", f"{www.url()}/app", mnt / "dest", check=False)
+            assert rerun.returncode == 0, (i, delay, rerun.stderr)
+            assert newest in _check_update_cut(mnt / "dest", repo)
+            left = sorted(p.name for p in (mnt / "dest").iterdir()
+                          if p.name.startswith(".btrdelta-tmp"))
+        what = f"{'cut' if cut.killed else 'finished'}: {len(landed) - 1} landed"
+        outcomes[what] += 1
+        print(f"update run {i + 1}/{RUNS}: power cut {delay:.1f} s after start: {what} "
+              f"({', '.join(landed[1:]) or 'none'}); temporary left after the re-run: "
+              f"{left or 'none'}", flush=True)
+    FIGURES["update"] = [f"{n} x {what}" for what, n in sorted(outcomes.items())] + [
+        f"uninterrupted update in the VM: {length:.1f} s ({kit.accel}); {plan}; "
+        f"seed {SEED + 3}"]
+    _write_figures()
