@@ -487,13 +487,16 @@ def _is_reg_at(tree: Tree, path: bytes) -> bool:
 
 def _match_identities(old: Tree, new: Tree, m: Match) -> None:
     """Pair inodes with the same inode number (and btrfs generation, where known) and type:
-    the same inode, renamed or not (``old`` is a record of an earlier state of ``new``)."""
+    the same inode, renamed or not (``old`` is a record of an earlier state of ``new``).
+    A symlink's target and a device's number never change: where they differ the number
+    was reused (a directory elsewhere than btrfs has no generation for a symlink), and the
+    inode is another one."""
     by_ino = {o.st_ino: o for o in old.nodes.values() if o.id != ROOT}
     for node in new.nodes.values():
         o = by_ino.get(node.st_ino)
         if o is None or node.id == ROOT or o.fmt != node.fmt or o.id in m.o2n or (
             o.generation and node.generation and o.generation != node.generation
-        ):
+        ) or o.target != node.target or o.rdev != node.rdev:
             continue
         m.pair(node.id, o.id)
         if node.is_reg and o.size == node.size and o.bdigest and o.bdigest == node.bdigest:
