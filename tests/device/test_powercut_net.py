@@ -13,7 +13,11 @@ mounts the disk and checks what the cut left, and runs the command again to its 
 * ``update`` of a repository of eight regex releases (3 MB trees) from the oldest to the
   newest, a multi-hop path, DEST on btrfs: the old version intact (tree-sum), every version
   under a final name (``DEST/V``, ``DEST/.btrdelta-hop-V``) complete, and the re-run lands
-  the newest version, checked by its tree-sum.
+  the newest version, checked by its tree-sum;
+* ``replicate --listen`` in the guest receiving an incremental of the same Debian parts
+  from a sender on the host (``--rate-limit 4M``, through a forwarded port), its
+  directory holding the old tree: the old tree intact, every visible subvolume a whole
+  tree (old or new), and the sender's re-run straight to the disk completes the new tree.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import pytest
 from btrdelta import trust
 from btrdelta.chunk.chunker import chunk_digest
 from btrdelta.chunk.store import ChunkStore
-from btrdelta.testing.vm import VmKit
+from btrdelta.testing.vm import VmKit, VmResult
 from btrdelta.testing.wheels import REGEX, release_trees
 from btrdelta.tree import tree_sum
 from tests.chunk.images import make_ext4
@@ -286,3 +290,128 @@ def test_power_cut_during_multi_hop_update(kit: VmKit, www: Served, repo: Repo) 
         f"uninterrupted update in the VM: {length:.1f} s ({kit.accel}); {plan}; "
         f"seed {SEED + 3}"]
     _write_figures()
+
+
+# -- replicate: the receiving side ----------------------------------------------------------
+@dataclass(frozen=True)
+class Replication:
+    src: Path  # the sender's directory, now the new tree
+    keys: Path
+    store: Path  # the sender's sendshot store after the first replication
+    sums: dict[str, str]  # "old", "new"
+    base: Path  # btrfs disk: bk/ holding the old tree, received from the sender
+
+
+def _replicate(rep: Replication, store: Path, dest: str, *extra: str) -> list[str]:
+    return [*BTRDELTA, "replicate", str(rep.src), dest, "--store", str(store), "--json",
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def replication(images: Images) -> Replication:
+    work = CACHE / "replicate"
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "keys").mkdir(parents=True)
+    for name in ("server", "client"):
+        btrdelta("key", "generate", "-o", work / "keys" / name)
+    src = work / "src"
+    subprocess.run(["cp", "-a", str(images.old.with_suffix("")), str(src)], check=True)
+    rep = Replication(src, work / "keys", work / "store0",
+                      {"old": tree_sum(src), "new": tree_sum(images.new.with_suffix(""))},
+                      blank("replicate-base", 1 << 30))
+    with mounted(rep.base) as mnt:
+        (mnt / "bk").mkdir()
+        subprocess.run(_replicate(rep, rep.store, str(mnt / "bk")), check=True,
+                       capture_output=True)
+    shutil.rmtree(src)
+    subprocess.run(["cp", "-a", str(images.new.with_suffix("")), str(src)], check=True)
+    return rep
+
+
+def _check_replica_cut(bk: Path, rep: Replication) -> list[str]:
+    """What a cut left in the receiver's directory: the old tree intact, every visible
+    subvolume a whole tree; returns which (``old``, ``new``)."""
+    seen = []
+    by_sum = {v: k for k, v in rep.sums.items()}
+    for entry in sorted(p for p in bk.iterdir() if not p.name.startswith(".")):
+        got = tree_sum(entry)
+        assert got in by_sum, f"{entry.name}: neither the old nor the new tree"
+        seen.append(by_sum[got])
+    assert "old" in seen, seen
+    return seen
+
+
+def _replicate_into_vm(kit: VmKit, rep: Replication, image: Path, store: Path,
+                       delay: float | None) -> tuple[VmResult, subprocess.Popen[str], str, str]:
+    """Boot the receiver (``replicate --listen`` in the VM) and, once it listens, start the
+    sender on the host through a forwarded port; returns both ends' outcome."""
+    port = _free_port()
+    command = (f"replicate --listen 0.0.0.0:7447 {AT}/bk --once --timeout 10 --key "
+               f"{rep.keys}/server.key --allow {rep.keys}/client.pub")
+    senders: list[subprocess.Popen[str]] = []
+
+    def on_line(line: str) -> None:
+        if "listening on" in line and not senders:
+            senders.append(subprocess.Popen(
+                _replicate(rep, store, f"tcp://127.0.0.1:{port}", "--key",
+                           str(rep.keys / "client.key"), "--peer", str(rep.keys / "server.pub"),
+                           "--rate-limit", "4M", "--timeout", "10"),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+
+    cut = kit.run(image, "run", command, net=True, mount=AT, forward=(port, 7447),
+                  on_line=on_line, kill_after=delay)
+    assert senders, "\n".join(cut.lines[-30:])
+    out, err = senders[0].communicate(timeout=120)
+    return cut, senders[0], out, err
+
+
+def test_power_cut_on_the_receiving_side_of_replicate(kit: VmKit, replication: Replication
+                                                      ) -> None:
+    rep = replication
+    rng = random.Random(SEED + 4)
+    outcomes: Counter[str] = Counter()
+    length = 0.0
+    store = CACHE / "replicate" / "store"
+    for i in range(RUNS + 1):  # the first one uninterrupted: its length sets the range
+        delay = None if i == 0 else rng.uniform(0.0, length)
+        image = fresh(rep.base, "replicate")
+        shutil.rmtree(store, ignore_errors=True)
+        shutil.copytree(rep.store, store, symlinks=True)
+        cut, sender, out, err = _replicate_into_vm(kit, rep, image, store, delay)
+        if delay is None or not cut.killed:
+            assert cut.done_rc() == 0, (i, delay, err, "\n".join(cut.lines[-40:]))
+            assert sender.returncode == 0, (i, delay, err)
+        if delay is None:
+            assert cut.started is not None
+            length = cut.seconds - cut.started
+            sent = json.loads(out)
+        with mounted(image) as mnt:
+            seen = _check_replica_cut(mnt / "bk", rep)
+            if delay is None:
+                assert seen == ["old", "new"], seen
+                continue
+            rerun = subprocess.run(_replicate(rep, store, str(mnt / "bk")), capture_output=True,
+                                   text=True, check=False)
+            assert rerun.returncode == 0, (i, delay, rerun.stderr)
+            again = json.loads(rerun.stdout)
+            assert _check_replica_cut(mnt / "bk", rep) == ["old", "new"]
+            left = sorted(p.name for p in (mnt / "bk").iterdir()
+                          if p.name.startswith(".btrdelta-tmp"))
+        what = f"{'cut' if cut.killed else 'finished'}: {'+'.join(seen)}"
+        outcomes[what] += 1
+        print(f"replicate run {i}/{RUNS}: power cut {delay:.1f} s after start: {what}; "
+              f"sender exit {sender.returncode}; re-run: {again.get('kind')}, "
+              f"{again.get('size')} bytes; temporary left after it: {left or 'none'}",
+              flush=True)
+    FIGURES["replicate"] = [f"{n} x {what}" for what, n in sorted(outcomes.items())] + [
+        f"uninterrupted replication in the VM: {length:.1f} s ({kit.accel}), "
+        f"{sent.get('kind')} of {sent.get('size')} bytes at 4 MB/s; seed {SEED + 4}"]
+    _write_figures()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -17,7 +17,8 @@ script of ``contrib/boot`` and an ``/init`` that acts by the kernel command line
   against the virtual disk; print ``BTRDELTA-START`` before and ``BTRDELTA-DONE rc=N``
   after; power off. ``btrdelta.mount=/run/vda`` mounts the disk's btrfs there first (the
   host's ``/run`` is a tmpfs in the guest); ``btrdelta.net=1`` brings up a virtio NIC on
-  qemu's user network (the guest 10.0.2.15; the host's loopback is 10.0.2.2 from there).
+  qemu's user network (the guest 10.0.2.15; the host's loopback is 10.0.2.2 from there; a
+  host port can be forwarded to one of the guest's).
 
 ``VmKit.run(image, mode, ...)`` boots qemu (KVM when it works, else TCG) and returns the
 serial console's lines; ``kill_after`` kills qemu (SIGKILL: a power cut) that many seconds
@@ -36,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,7 +170,8 @@ class VmKit:
         return "kvm" if any("BTRDELTA-END" in line for line in res.lines) else "tcg"
 
     def command(self, image: Path, mode: str, args: str = "", module: str = "", *,
-                net: bool = False, mount: str = "") -> list[str]:
+                net: bool = False, mount: str = "",
+                forward: tuple[int, int] | None = None) -> list[str]:
         """The qemu command line.
 
         ``no_timer_check``: under TCG on a loaded host the kernel's check of the timer
@@ -182,7 +185,9 @@ class VmKit:
                   + (f" btrdelta.module={module}" if module else "")
                   + (" btrdelta.net=1" if net else "")
                   + (f" btrdelta.mount={mount}" if mount else ""))
-        nic = ["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0"] if net else []
+        user = "user,id=n0" + (f",hostfwd=tcp:127.0.0.1:{forward[0]}-:{forward[1]}"
+                               if forward else "")
+        nic = ["-netdev", user, "-device", "virtio-net-pci,netdev=n0"] if net else []
         return ["qemu-system-x86_64", *accel, "-m", "1024", "-smp", "1", "-nodefaults",
                 "-no-reboot", "-display", "none", "-serial", "stdio",
                 "-kernel", str(self.vmlinux), "-initrd", str(self.initrd),
@@ -193,12 +198,16 @@ class VmKit:
 
     def run(self, image: Path, mode: str, args: str = "", *, kill_after: float | None = None,
             timeout: float = 900, module: str = "", net: bool = False,
-            mount: str = "") -> VmResult:
+            mount: str = "", forward: tuple[int, int] | None = None,
+            on_line: Callable[[str], None] | None = None) -> VmResult:
         """Boot once; with ``kill_after``, SIGKILL qemu that long after BTRDELTA-START;
         ``module``: run ``python -m MODULE ARGS`` instead of ``btrdelta ARGS``; ``net``: a
-        NIC on qemu's user network; ``mount``: where the disk's btrfs is mounted first."""
+        NIC on qemu's user network, ``forward``: (host port, guest port) forwarded to it;
+        ``mount``: where the disk's btrfs is mounted first; ``on_line``: called with each
+        console line as it comes."""
         t0 = time.monotonic()
-        proc = subprocess.Popen(self.command(image, mode, args, module, net=net, mount=mount),
+        proc = subprocess.Popen(self.command(image, mode, args, module, net=net, mount=mount,
+                                             forward=forward),
                                 stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         assert proc.stdout is not None
@@ -220,6 +229,8 @@ class VmKit:
                 line = raw.decode("utf-8", "replace").rstrip("\r\n")
                 lines.append(line)
                 times.append(time.monotonic() - t0)
+                if on_line is not None:
+                    on_line(line)
                 if line.startswith("BTRDELTA-START") and not started:
                     started.append(time.monotonic() - t0)
                     if kill_after is not None:
