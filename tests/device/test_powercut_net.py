@@ -17,7 +17,12 @@ mounts the disk and checks what the cut left, and runs the command again to its 
 * ``replicate --listen`` in the guest receiving an incremental of the same Debian parts
   from a sender on the host (``--rate-limit 4M``, through a forwarded port), its
   directory holding the old tree: the old tree intact, every visible subvolume a whole
-  tree (old or new), and the sender's re-run straight to the disk completes the new tree.
+  tree (old or new), and the sender's re-run straight to the disk completes the new tree;
+* ``replicate`` in the guest sending a subvolume (the same Debian parts, updated in place
+  from the old tree to the new) to ``replicate --listen`` on the host, its sendshot store
+  on the guest's disk: the store still lists its records (``cursors.json`` whole), the
+  receiver holds whole trees only, and the re-run of the sender from the cut disk lands
+  the new tree.
 """
 
 from __future__ import annotations
@@ -415,3 +420,113 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# -- replicate: the sending side (its sendshot store) ---------------------------------------
+@dataclass(frozen=True)
+class Sending:
+    keys: Path
+    sums: dict[str, str]  # "old", "new"
+    dest: Path  # the receiver's directory on the host, holding the old tree
+    base: Path  # btrfs disk: subvolume data (now the new tree), its sendshot store ss
+
+
+@pytest.fixture(scope="module")
+def sending(images: Images, replication: Replication) -> Sending:
+    work = CACHE / "sending"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    snd = Sending(replication.keys, replication.sums, work / "dest0",
+                  blank("sending-base", 1 << 30))
+    snd.dest.mkdir()
+    old, new = images.old.with_suffix(""), images.new.with_suffix("")
+    with mounted(snd.base) as mnt:
+        subprocess.run(["btrfs", "subvolume", "create", str(mnt / "data")], check=True,
+                       capture_output=True)
+        subprocess.run(["cp", "-a", f"{old}/.", str(mnt / "data")], check=True)
+        subprocess.run([*BTRDELTA, "replicate", str(mnt / "data"), str(snd.dest), "--store",
+                        str(mnt / "ss")], check=True, capture_output=True)
+        subprocess.run(["rsync", "-aHAX", "--delete", f"{new}/", f"{mnt / 'data'}/"],
+                       check=True)
+        assert tree_sum(mnt / "data") == snd.sums["new"]
+    return snd
+
+
+def _check_sender_cut(mnt: Path, dest: Path, snd: Sending) -> list[str]:
+    """What a cut sender left: its store readable, the receiver's trees whole."""
+    listed = btrdelta("sendshot", "--store", mnt / "ss", "--json", "list", check=False)
+    assert listed.returncode == 0, listed.stderr
+    if (mnt / "ss/cursors.json").exists():
+        json.loads((mnt / "ss/cursors.json").read_text())
+    assert tree_sum(mnt / "data") == snd.sums["new"]
+    by_sum = {v: k for k, v in snd.sums.items()}
+    seen = [by_sum.get(tree_sum(p), p.name) for p in sorted(dest.iterdir())
+            if not p.name.startswith(".")]
+    assert "old" in seen, seen
+    assert set(seen) <= {"old", "new"}, seen
+    return seen
+
+
+def _send_from_vm(kit: VmKit, snd: Sending, image: Path, dest: Path,
+                  delay: float | None) -> VmResult:
+    """The sender in the VM, the receiver (``replicate --listen --once``) on the host."""
+    port = _free_port()
+    listener = subprocess.Popen(
+        [*BTRDELTA, "replicate", "--listen", f"127.0.0.1:{port}", str(dest), "--once",
+         "--timeout", "10", "--key", str(snd.keys / "server.key"), "--allow",
+         str(snd.keys / "client.pub")], stderr=subprocess.PIPE, text=True)
+    try:
+        assert listener.stderr is not None
+        assert "listening on" in listener.stderr.readline()
+        command = (f"replicate {AT}/data tcp://{GUEST_HOST}:{port} --store {AT}/ss --key "
+                   f"{snd.keys}/client.key --peer {snd.keys}/server.pub --rate-limit 4M "
+                   "--timeout 10")
+        cut = kit.run(image, "run", command, net=True, mount=AT, kill_after=delay)
+        try:
+            listener.wait(timeout=60)  # the cut conversation times out
+        except subprocess.TimeoutExpired:
+            pass
+    finally:
+        if listener.poll() is None:
+            listener.terminate()
+        listener.communicate(timeout=30)
+    return cut
+
+
+def test_power_cut_on_the_sending_side_of_replicate(kit: VmKit, sending: Sending) -> None:
+    snd = sending
+    rng = random.Random(SEED + 5)
+    outcomes: Counter[str] = Counter()
+    length = 0.0
+    dest = CACHE / "sending" / "dest"
+    for i in range(RUNS + 1):  # the first one uninterrupted: its length sets the range
+        delay = None if i == 0 else rng.uniform(0.0, length)
+        image = fresh(snd.base, "sending")
+        shutil.rmtree(dest, ignore_errors=True)
+        subprocess.run(["cp", "-a", str(snd.dest), str(dest)], check=True)
+        cut = _send_from_vm(kit, snd, image, dest, delay)
+        if delay is None or not cut.killed:
+            assert cut.done_rc() == 0, (i, delay, "\n".join(cut.lines[-40:]))
+        with mounted(image) as mnt:
+            seen = _check_sender_cut(mnt, dest, snd)
+            if delay is None:
+                assert cut.started is not None
+                length = cut.seconds - cut.started
+                assert seen == ["old", "new"], seen
+                continue
+            rerun = btrdelta("replicate", mnt / "data", dest, "--store", mnt / "ss", "--json",
+                             check=False)
+            assert rerun.returncode == 0, (i, delay, rerun.stderr)
+            again = json.loads(rerun.stdout)
+            assert _check_sender_cut(mnt, dest, snd)[-1] == "new"
+            records = len(json.loads(btrdelta("sendshot", "--store", mnt / "ss", "--json",
+                                              "list").stdout))
+        what = f"{'cut' if cut.killed else 'finished'}: receiver {'+'.join(seen)}"
+        outcomes[what] += 1
+        print(f"sending run {i}/{RUNS}: power cut {delay:.1f} s after start: {what}; "
+              f"re-run: {again.get('kind')}, {again.get('size')} bytes; {records} records",
+              flush=True)
+    FIGURES["replicate, sending side"] = [
+        f"{n} x {what}" for what, n in sorted(outcomes.items())] + [
+        f"uninterrupted replication from the VM: {length:.1f} s ({kit.accel}); seed {SEED + 5}"]
+    _write_figures()
