@@ -113,6 +113,38 @@ def test_the_receiving_side_of_replication(tmp_path: Path, sig: signal.Signals) 
     assert err == b"btrdelta replicate: interrupted\n"
 
 
+def test_the_listener_waits_with_no_thread_of_its_own(tmp_path: Path) -> None:
+    """A new DEST's state file is made durable by a thread (``Replica``); the listener waits
+    for it before it listens. Else a signal sent while it still ran could be lost (CPython
+    3.11: the thread taking the GIL resets the main thread's signal check, which then stays
+    in ``accept()``; a fresh-clone CI run timed out so at load 11-14). The DEST's ``fsync``
+    is made slow here, so the thread outlives the start without the wait."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = ("import os, sys, time\n"
+            "fsync = os.fsync\n"
+            "def slow(fd):\n"
+            "    time.sleep(0.5)\n"
+            "    fsync(fd)\n"
+            "os.fsync = slow\n"
+            "sys.argv[0] = 'btrdelta'\n"
+            "from btrdelta.__main__ import entry\n"
+            "entry()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, "replicate", "--listen",
+                             f"127.0.0.1:{port}", "--no-auth", str(tmp_path)],
+                            stderr=subprocess.PIPE, preexec_fn=_as_in_a_terminal())
+    assert proc.stderr is not None
+    try:
+        assert b"listening" in proc.stderr.readline()
+        assert os.listdir(f"/proc/{proc.pid}/task") == [str(proc.pid)]
+        assert (tmp_path / ".btrdelta-replica.json").is_file()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+
+
 def test_a_signal_ignored_at_the_start_stays_ignored() -> None:
     """``nohup``: SIGHUP ignored when the command started does not end it."""
     data = _stream()

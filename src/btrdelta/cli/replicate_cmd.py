@@ -283,6 +283,7 @@ def _listen(args: argparse.Namespace) -> int:
     key = load_private_key(args.key) if not args.no_auth else None
     allowed = [load_public_key(p) for p in args.allow]
     replica = Replica(dest, backend=args.backend, on_warning=_warner(args, "--listen"))
+    replica.settle()  # (no thread of ours left while we wait: a signal's handler runs)
     try:
         server = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host
                                       else socket.AF_INET, reuse_port=False)

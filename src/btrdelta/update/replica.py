@@ -359,6 +359,14 @@ class Replica:
         finally:
             os.close(fd)
 
+    def settle(self) -> None:
+        """Until no thread of this replica runs (a new DEST's state file is then durable;
+        raises what making it durable raised). A daemon calls it before it waits for
+        connections: CPython 3.11 can lose the call of a signal's handler when another
+        thread takes the GIL after the signal and before the main thread checks for it,
+        and the main thread then stays in ``accept()`` (SIGTERM ignored until the next)."""
+        self._durable()
+
     def _durable(self) -> None:
         """Until the state file :meth:`_create` made is durable (raises what its two
         ``fsync`` calls raised)."""
