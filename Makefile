@@ -8,7 +8,7 @@ PREFIX  ?= /usr/local
 SHARE_FILES := $(wildcard share/man/man1/*.1) share/bash-completion/completions/btrdelta \
                share/zsh/site-functions/_btrdelta
 
-.PHONY: all sysdeps venv demo test lint bench vmtest soak fuzz randwork matrix clean cli-files install-cli-files sizes
+.PHONY: all sysdeps venv demo test lint bench vmtest soak fuzz randwork fsstress matrix clean cli-files install-cli-files sizes
 all: test
 
 sysdeps:
@@ -87,6 +87,18 @@ randwork: sysdeps venv
 		echo "randwork: seeds $$k-$$((k + n - 1)); started $$(date -u '+%F %T') UTC"
 	@exec env BIN=$(BIN) BTRDELTA_RANDWORK=$${BTRDELTA_RANDWORK:-200} scripts/longrun.sh randwork \
 		tests/randwork
+
+# upstream's fsstress (fstests' ltp/fsstress, not shipped here: BTRDELTA_FSSTRESS names the
+# program, else fsstress on PATH or /var/tmp/btrdelta-fsstress/fsstress) against the kernel,
+# every engine (tests/randwork/test_fsstress.py): BTRDELTA_FSSTRESS_SEEDS seeds (default 40)
+# from BTRDELTA_FSSTRESS_FROM (default 1), BTRDELTA_FSSTRESS_OPS operations each (default
+# 2000); not part of `make test`
+fsstress: sysdeps venv
+	@n=$${BTRDELTA_FSSTRESS_SEEDS:-40}; k=$${BTRDELTA_FSSTRESS_FROM:-1}; \
+		echo "fsstress: seeds $$k-$$((k + n - 1)), $${BTRDELTA_FSSTRESS_OPS:-2000} operations" \
+		"each; started $$(date -u '+%F %T') UTC"
+	@exec env BIN=$(BIN) BTRDELTA_FSSTRESS_SEEDS=$${BTRDELTA_FSSTRESS_SEEDS:-40} \
+		scripts/longrun.sh fsstress tests/randwork/test_fsstress.py
 
 # every upstream scenario on the filesystems and send options upstream's tests also meet
 # (no compression, compress with max_inline=0, lzo, mkfs -O ^no-holes, --no-data, -c without

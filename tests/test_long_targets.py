@@ -1,7 +1,7 @@
-"""The long targets of the Makefile (``make fuzz``, ``soak``, ``randwork``, ``matrix``;
-``vmtest`` by its text): each says what it runs, runs pytest with ``CI=true`` (a test that
-cannot run here fails instead of passing as a skip), and removes its temporary directory on
-success and on Ctrl-C, which exits 130 (128 + SIGINT, as the CLI), not 143 (SIGTERM's).
+"""The long targets of the Makefile (``make fuzz``, ``soak``, ``randwork``, ``fsstress``,
+``matrix``; ``vmtest`` by its text): each says what it runs, runs pytest with ``CI=true``
+(a test that cannot run here fails instead of passing as a skip), and removes its temporary
+directory on success and on Ctrl-C, which exits 130 (128 + SIGINT, as the CLI), not 143 (SIGTERM's).
 
 pytest itself is replaced by a script (``make BIN=...``): these tests check the recipes, not
 the suites they run."""
@@ -30,8 +30,11 @@ exit 0
 TARGETS = {"fuzz": ("fuzz: 7 mutations per input and command", "BTRDELTA_MUTATIONS=7"),
            "soak": ("soak: 30 rounds of replication with cuts, seed 1", "BTRDELTA_SOAK=1"),
            "randwork": ("randwork: seeds 301-307", "BTRDELTA_RANDWORK=7"),
+           "fsstress": ("fsstress: seeds 5-7, 300 operations each", "BTRDELTA_FSSTRESS_SEEDS=3"),
            "matrix": ("matrix: variants plain,lzo, scenarios all", "BTRDELTA_MATRIX=plain,lzo")}
 ENV = {"BTRDELTA_MUTATIONS": "7", "BTRDELTA_RANDWORK": "7", "BTRDELTA_RANDWORK_FROM": "301",
+       "BTRDELTA_FSSTRESS_SEEDS": "3", "BTRDELTA_FSSTRESS_FROM": "5",
+       "BTRDELTA_FSSTRESS_OPS": "300",
        "BTRDELTA_MATRIX": "plain,lzo"}
 
 

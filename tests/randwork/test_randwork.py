@@ -63,6 +63,8 @@ class Mounts:
     src: Path
     dst: Path
     ext4: Path
+    #: a plain directory on tmpfs too (tests/randwork/test_fsstress.py)
+    tmpfs: Path | None = None
 
 
 @pytest.fixture
@@ -72,11 +74,12 @@ def mounts() -> Iterator[Mounts]:
 
 
 @contextmanager
-def _mounts(src_options: str) -> Iterator[Mounts]:
+def _mounts(src_options: str, mkfs_args: tuple[str, ...] = ()) -> Iterator[Mounts]:
     require_btrfs()
     try:
         with ExitStack() as stack:
-            src = stack.enter_context(loop_fs("btrfs", size="2G", options=src_options))
+            src = stack.enter_context(loop_fs("btrfs", size="2G", options=src_options or None,
+                                              mkfs_args=mkfs_args))
             dst = stack.enter_context(loop_fs("btrfs", size="3G"))
             ext4 = stack.enter_context(loop_fs("ext4", size="1G"))
             yield Mounts(src, dst, ext4)
@@ -138,9 +141,34 @@ def _fresh(root: Path, name: str) -> Path:
     return d
 
 
+def _receive_checks(label: str, tag: str, streams: tuple[Path, Path], m: Mounts) -> list[str]:
+    """The kernel's receive of ``streams`` (A, then B from A) into ``m.dst``, ours into
+    ``m.dst`` and plain directories (ext4, and tmpfs when ``m.tmpfs``): the differences."""
+    problems: list[str] = []
+    holes = tag == "v2"
+    kern = _fresh(m.dst, f"k{label}{tag}")
+    ours = _fresh(m.dst, f"o{label}{tag}")
+    plains = [_fresh(p, f"o{label}{tag}") for p in (m.ext4, m.tmpfs) if p is not None]
+    for s in streams:
+        kernel_receive(s, kern)
+        for dest in (ours, *plains):
+            try:
+                _our_receive(s, dest)
+            except Exception as exc:
+                problems.append(f"receive {tag} {s.name} into {dest}: {exc}")
+    # (the hole layout on ext4 too: the parent's copy there keeps its holes and its
+    # zero data blocks, tests below; BTRDELTA_RANDWORK_EXT4_HOLES=0 leaves it out)
+    plain_holes = holes and os.environ.get("BTRDELTA_RANDWORK_EXT4_HOLES", "1") == "1"
+    for dest, lay in ((ours, holes), *((p, plain_holes) for p in plains)):
+        problems += _same(kern / "A", dest / "A", f"receive {tag} A into {dest}",
+                          holes=lay, elsewhere=dest != ours)
+        problems += _same(kern / "B", dest / "B", f"receive {tag} B into {dest}",
+                          holes=lay, ignore_root_mtime=True, elsewhere=dest != ours)
+    return problems
+
+
 def check_seed(seed: int, m: Mounts, tmp: Path) -> list[str]:
     """Every check for one seed; the problems found (empty: all agree)."""
-    problems: list[str] = []
     top = _fresh(m.src, f"s{seed}")
     vol = top / "vol"
     run("btrfs", "-q", "subvolume", "create", vol)
@@ -157,11 +185,28 @@ def check_seed(seed: int, m: Mounts, tmp: Path) -> list[str]:
     run("btrfs", "-q", "subvolume", "snapshot", "-r", vol, b)
     assert main(["send", str(vol), "-o", str(ss_b), "--from-sendshot", "latest",
                  "--store", str(store), "--name", "B", "-q"]) == 0
+    return check_snapshots(f"{seed}", a, b, m, tmp, sendshots=(ss_a, ss_b))
 
+
+def kernel_streams(a: Path, b: Path, tmp: Path) -> dict[str, tuple[Path, Path]]:
+    """The kernel's streams of ``a`` and of ``b`` from ``a``, v1 and v2 --compressed-data."""
     streams: dict[str, tuple[Path, Path]] = {}
     for tag, proto, compressed in (("v1", 1, False), ("v2", 2, True)):
         streams[tag] = (send(a, tmp / f"{tag}.A", proto=proto, compressed=compressed),
                         send(b, tmp / f"{tag}.B", parent=a, proto=proto, compressed=compressed))
+    return streams
+
+
+def check_snapshots(label: str, a: Path, b: Path, m: Mounts, tmp: Path, *,
+                    sendshots: tuple[Path, Path] | None = None,
+                    streams: dict[str, tuple[Path, Path]] | None = None) -> list[str]:
+    """Every check of read-only snapshots ``a`` and ``b`` (a snapshot of the same subvolume
+    taken later), of the kernel's ``streams`` of them (:func:`kernel_streams`, made here when
+    not given) and of ``sendshots`` (our ``--record`` then ``--from-sendshot`` streams of
+    that subvolume at A and at B), ``label`` naming the receive directories; the problems
+    found (empty: all agree)."""
+    problems: list[str] = []
+    streams = streams or kernel_streams(a, b, tmp)
 
     # 1. dump == btrfs receive --dump
     for tag, pair in streams.items():
@@ -171,29 +216,13 @@ def check_seed(seed: int, m: Mounts, tmp: Path) -> list[str]:
             if _our_dump(s) != ref.stdout:
                 problems.append(f"dump of {tag} {s.name} differs from btrfs receive --dump")
 
-    # 2. receive: kernel into btrfs, ours into btrfs and into a plain directory on ext4
+    # 2. receive: kernel into btrfs, ours into btrfs and into plain directories
     for tag, (sa, sb) in streams.items():
-        holes = tag == "v2"
-        kern = _fresh(m.dst, f"k{seed}{tag}")
-        ours = _fresh(m.dst, f"o{seed}{tag}")
-        plain = _fresh(m.ext4, f"o{seed}{tag}")
-        for s in (sa, sb):
-            kernel_receive(s, kern)
-            for dest in (ours, plain):
-                try:
-                    _our_receive(s, dest)
-                except Exception as exc:
-                    problems.append(f"receive {tag} {s.name} into {dest}: {exc}")
-        # (the hole layout on ext4 too: the parent's copy there keeps its holes and its
-        # zero data blocks, tests below; BTRDELTA_RANDWORK_EXT4_HOLES=0 leaves it out)
-        plain_holes = holes and os.environ.get("BTRDELTA_RANDWORK_EXT4_HOLES", "1") == "1"
-        for dest, lay in ((ours, holes), (plain, plain_holes)):
-            problems += _same(kern / "A", dest / "A", f"receive {tag} A into {dest}",
-                              holes=lay, elsewhere=dest == plain)
-            problems += _same(kern / "B", dest / "B", f"receive {tag} B into {dest}",
-                              holes=lay, ignore_root_mtime=True, elsewhere=dest == plain)
+        problems += _receive_checks(label, tag, (sa, sb), m)
 
         # 3. delta make + expand == the stream; receive of the delta gives B
+        holes = tag == "v2"
+        kern = m.dst / f"k{label}{tag}"
         out: list[bytes] = []
         with open(sb, "rb") as f:
             make_delta(f, a, out.append, MakeOptions(min_file_size=1))
@@ -203,7 +232,7 @@ def check_seed(seed: int, m: Mounts, tmp: Path) -> list[str]:
         if b"".join(bytes(p) for p in back) != sb.read_bytes():
             problems.append(f"delta expand of {tag} B is not the stream")
         (tmp / f"{tag}.delta").write_bytes(delta)
-        dd = _fresh(m.dst, f"d{seed}{tag}")
+        dd = _fresh(m.dst, f"d{label}{tag}")
         kernel_receive(sa, dd)
         if main(["receive", "-q", "-f", str(tmp / f"{tag}.delta"), str(dd)]) != 0:
             problems.append(f"receive of the {tag} delta failed")
@@ -212,7 +241,7 @@ def check_seed(seed: int, m: Mounts, tmp: Path) -> list[str]:
                               holes=holes, ignore_root_mtime=True)
 
     # 4. userspace send of the snapshots as plain trees, received by the kernel
-    us = _fresh(m.dst, f"u{seed}")
+    us = _fresh(m.dst, f"u{label}")
     for proto in (1, 2):
         ua, ub = tmp / f"u{proto}.A", tmp / f"u{proto}.B"
         kw = {"compress": "zstd"} if proto == 2 else {}
@@ -231,10 +260,12 @@ def check_seed(seed: int, m: Mounts, tmp: Path) -> list[str]:
         problems += _same(b, dest / "B", f"userspace send v{proto} B")
 
     # 5. send --from-sendshot: the kernel receives the recorded full and the increment
-    sd = _fresh(m.dst, f"ss{seed}")
+    if sendshots is None:
+        return problems
+    sd = _fresh(m.dst, f"ss{label}")
     try:
-        kernel_receive(ss_a, sd)
-        kernel_receive(ss_b, sd)
+        for ss in sendshots:
+            kernel_receive(ss, sd)
     except RuntimeError as exc:
         problems.append(f"sendshot: {exc}")
     else:
