@@ -324,7 +324,11 @@ class Subvolumes:
             finally:
                 os.close(pfd)
         else:
-            copy_tree(parent, pending.path)
+            try:
+                copy_tree(parent, pending.path)
+            except BaseException:  # Ctrl-C: the partial copy goes too
+                self._remove(tmp)
+                raise
         try:
             pending.sandbox = Sandbox.open(tmp, dir_fd=fd)
             # held until the sandbox is closed: the temporary is not a dead receiver's
