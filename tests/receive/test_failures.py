@@ -207,3 +207,14 @@ def test_error_names_the_record_after_a_long_run_of_applied_ones(dest: Path) -> 
     assert info.value.index == len(recs) - 2
     assert info.value.path == b"missing/file"
     assert _entries(dest) == []
+
+
+def test_a_subvolume_that_cannot_be_made_is_named_as_text() -> None:
+    """A DEST where no directory can be made (``/proc``): the temporary name in the one
+    line is text, not a bytes repr (it was ``(b'.btrdelta-tmp-...')``)."""
+    with pytest.raises(ApplyError) as info:
+        receive(events([subvol(), End()]), Path("/proc"))
+    text = str(info.value)
+    assert "subvol failed" in text, text
+    assert "(.btrdelta-tmp-" in text, text
+    assert "b'" not in text, text

@@ -323,7 +323,9 @@ class Applier:
                               path=getattr(rec, "path", None)) from exc.__cause__
         except OSError as exc:
             op = rec.cmd.name.lower()
-            where = f" ({exc.filename})" if exc.filename and op in ("subvol", "snapshot") else ""
+            name = exc.filename
+            where = f" ({os.fsdecode(name) if isinstance(name, bytes) else name})" \
+                if name and op in ("subvol", "snapshot") else ""
             raise ApplyError(
                 f"{op} failed: {exc.strerror or exc}{where}", op=op, index=index,
                 command=op, path=getattr(rec, "path", None),
