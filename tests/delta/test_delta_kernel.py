@@ -294,6 +294,22 @@ def test_wrong_old_subvolume_is_refused(delta_pairs: dict[str, Pair], tmp_path: 
     proc = subprocess.run([*cmd, str(dest / pair.a.name)], capture_output=True, check=False)
     assert proc.returncode == 0, proc.stderr.decode()
     assert expand(out.read_bytes(), dest / pair.a.name) == stream.read_bytes()
+    # delta expand refuses the wrong subvolume as make does, before it reads an old file
+    expanded = tmp_path / "S"
+    proc = subprocess.run([sys.executable, "-m", "btrdelta", "delta", "expand", "-f", str(out),
+                           "-o", str(expanded), "--old", str(wrong)],
+                          capture_output=True, check=False)
+    err = proc.stderr.decode()
+    assert proc.returncode == 6, err
+    assert err.count("\n") == 1, err
+    assert uuid_of(wrong) in err
+    assert uuid_of(pair.a) in err
+    assert not expanded.exists()
+    proc = subprocess.run([sys.executable, "-m", "btrdelta", "delta", "expand", "-f", str(out),
+                           "-o", str(expanded), "--old", str(pair.a)],
+                          capture_output=True, check=False)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert expanded.read_bytes() == stream.read_bytes()
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])

@@ -8,7 +8,8 @@ import json
 import os
 import sys
 import time
-from typing import BinaryIO
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 from ..delta.codecs import AUTO, CODECS
 from ..delta.options import DEFAULT_MAX_FILE_SIZE, MakeOptions
@@ -268,6 +269,23 @@ def run_make(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checked_old(old: str) -> Callable[[Any], str]:
+    """``--old`` as the expansion's old root, checked when first needed: a btrfs subvolume
+    that is not the parent of a SNAPSHOT the delta names is refused (exit 6, both UUIDs),
+    as ``delta make`` refuses it, rather than fail at the first old file that differs."""
+    from ..delta.parent import check_parent, old_subvolume
+
+    info = old_subvolume(old)
+
+    def root(head: Any) -> str:
+        parent = getattr(head, "clone_uuid", None)  # (a SUBVOL: a full stream, no parent)
+        if info is not None and parent is not None:
+            check_parent(info, parent, old)
+        return old
+
+    return root
+
+
 def run_expand(args: argparse.Namespace) -> int:
     """``delta expand``."""
     from ..delta.expand import expand_to, open_delta
@@ -292,7 +310,7 @@ def run_expand(args: argparse.Namespace) -> int:
         _, f = sniff_input(f, name, Kind.DELTA_STREAM)
         with progress:
             try:
-                n = expand_to(open_delta(f, source=name), args.old, write,
+                n = expand_to(open_delta(f, source=name), _checked_old(args.old), write,
                               max_file_size=args.max_file_size, source=name)
             except ChecksumError as exc:
                 if exc.message.startswith("old file"):  # not the delta's own damage
