@@ -247,8 +247,17 @@ def _not_root(exc: BaseException, text: str) -> str:
     return " (not running as root: btrfs subvolumes, mounts and the default stores need root)"
 
 
+#: a path in an error line longer than this is shortened in its middle (a path past
+#: PATH_MAX, refused with ENAMETOOLONG, filled a terminal with 4 KB of one line)
+_PATH_SHOWN = 240
+
+
 def describe_os_error(exc: OSError) -> str:
-    """``path: reason`` of an :class:`OSError`, without Python's ``[Errno N]``."""
+    """``path: reason`` of an :class:`OSError`, without Python's ``[Errno N]``; a path longer
+    than 240 characters keeps its first and last 100 and says how long it is."""
     name = exc.filename
-    where = f"{os.fsdecode(name) if isinstance(name, bytes) else name}: " if name else ""
+    text = os.fsdecode(name) if isinstance(name, bytes) else str(name) if name else ""
+    if len(text) > _PATH_SHOWN:
+        text = f"{text[:100]}...({len(text)} characters)...{text[-100:]}"
+    where = f"{text}: " if text else ""
     return f"{where}{exc.strerror or exc}"
