@@ -323,13 +323,10 @@ class Applier:
                               path=getattr(rec, "path", None)) from exc.__cause__
         except OSError as exc:
             op = rec.cmd.name.lower()
-            name = exc.filename
-            where = f" ({os.fsdecode(name) if isinstance(name, bytes) else name})" \
-                if name and op in ("subvol", "snapshot") else ""
-            raise ApplyError(
-                f"{op} failed: {exc.strerror or exc}{where}", op=op, index=index,
-                command=op, path=getattr(rec, "path", None),
-            ) from exc
+            where = (f" ({os.fsdecode(exc.filename)})"
+                     if exc.filename and op in ("subvol", "snapshot") else "")
+            raise ApplyError(f"{op} failed: {exc.strerror or exc}{where}", op=op, index=index,
+                             command=op, path=getattr(rec, "path", None)) from exc
         except OverflowError as exc:  # a u64 of the stream a system call cannot take
             raise StreamFormatError(
                 f"{_out_of_range(rec)} is out of range for this system", index=index,
