@@ -360,11 +360,12 @@ class Replica:
             os.close(fd)
 
     def settle(self) -> None:
-        """Until no thread of this replica runs (a new DEST's state file is then durable;
-        raises what making it durable raised). A daemon calls it before it waits for
-        connections: CPython 3.11 can lose the call of a signal's handler when another
-        thread takes the GIL after the signal and before the main thread checks for it,
-        and the main thread then stays in ``accept()`` (SIGTERM ignored until the next)."""
+        """Until the thread :meth:`_create` started for a new DEST's state file has ended
+        (raises what its ``fsync`` calls raised): :meth:`_durable`, for a daemon before it
+        waits for connections, when that thread is the only other one it can have.
+        CPython 3.11 can lose the call of a signal's handler when another thread takes the
+        GIL after the signal and before the main thread checks for it, and the main thread
+        then stays in ``accept()`` (SIGTERM ignored until the next)."""
         self._durable()
 
     def _durable(self) -> None:
