@@ -86,3 +86,28 @@ def test_empty_input(tmp_path: Path) -> None:
     proc = _run("verify", empty)
     assert proc.returncode == 3
     assert "empty input" in _one_line(proc)
+
+
+def test_a_file_url_is_its_path_and_other_schemes_are_refused(tmp_path: Path) -> None:
+    """Where a command takes a path or an http(s) URL, ``file:///p`` is read as ``/p``
+    (it used to be taken as a relative path: ``device backup ... file:///x`` made
+    ``./file:/x``), and ``ftp://...`` is refused in one line before anything is made."""
+    image = tmp_path / "img"
+    image.write_bytes(bytes(range(256)) * 4096)
+    archive = tmp_path / "a b.bdar"
+    assert _run("image", "compress", "-i", image, "-o", archive).returncode == 0
+    by_path = _run("image", "info", "--json", archive)
+    by_url = _run("image", "info", "--json", archive.as_uri())
+    assert by_path.returncode == by_url.returncode == 0, by_url.stderr
+    assert by_url.stdout == by_path.stdout
+    for args in (["image", "info", "ftp://host/a.bdar"],
+                 ["device", "backup", tmp_path / "fs.img", "home", "ftp://host/backups"],
+                 ["device", "restore", "--to-dir", tmp_path, "home", "sftp://host/b"],
+                 ["device", "backup", tmp_path / "fs.img", "home", "file://elsewhere/b"]):
+        proc = subprocess.run([*BTRDELTA, *map(str, args)], capture_output=True, check=False,
+                              cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        err = _one_line(proc)
+        assert str(args[-1]) in err
+        assert "not a path or an http(s):// URL" in err or "names another host" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a b.bdar", "img"]

@@ -38,6 +38,7 @@ __all__ = [
     "ArchiveSource",
     "FileSource",
     "HttpSource",
+    "file_url_path",
     "is_url",
     "open_source",
     "read_index",
@@ -47,6 +48,22 @@ __all__ = [
 def is_url(location: str) -> bool:
     """``location`` is an ``http(s)://`` URL."""
     return location.startswith(("http://", "https://"))
+
+
+def file_url_path(location: str) -> str:
+    """The path a ``file://`` URL names (``location`` unchanged if it is none).
+
+    Raises:
+        BtrdeltaError: the URL names another host.
+    """
+    if not location.startswith("file://"):
+        return location
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(location)
+    if parts.netloc not in ("", "localhost"):
+        raise BtrdeltaError(f"file URL names another host: {parts.netloc}", path=location)
+    return unquote(parts.path) or "/"
 
 
 class ArchiveSource(Protocol):

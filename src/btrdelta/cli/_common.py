@@ -203,6 +203,31 @@ def check_location(location: str, what: str = "URL") -> None:
                          f"http://{location} (or https://)")
 
 
+def location(text: str) -> str:
+    """An argument that is a path or an ``http(s)://`` URL (``type=`` of argparse): a
+    ``file://`` URL is read as the path it names; any other ``scheme://`` is refused (it
+    would otherwise be taken as a relative path, and a destination made under ``./ftp:``).
+
+    Raises:
+        argparse.ArgumentTypeError: see above.
+    """
+    import argparse
+    import re
+
+    if text.startswith(("http://", "https://")) or not re.match(r"[a-zA-Z][\w+.-]*://", text):
+        return text
+    from ..chunk.source import file_url_path
+
+    if text.startswith("file://"):
+        try:
+            return file_url_path(text)
+        except BtrdeltaError as e:
+            raise argparse.ArgumentTypeError(f"{text}: {e.args[0]}") from None
+    raise argparse.ArgumentTypeError(
+        f"{text}: not a path or an http(s):// URL (file:// URLs are read as paths; "
+        f"{text.split('://')[0]}:// is not supported here)")
+
+
 def check_not_url(path: str, what: str, hint: str) -> None:
     """``path`` (a local directory argument) given as a URL: the arguments swapped.
 

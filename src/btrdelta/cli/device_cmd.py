@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ._common import add_json, examples, human_bytes
+from ._common import add_json, examples, human_bytes, location
 from .progress import Phases, add_progress_options, add_quiet_option, progress_wanted
 
 _FS_HELP = ("the device's btrfs: where its top-level subvolume is mounted (subvolid=5), or "
@@ -152,7 +152,7 @@ def _add_reset_backup(dsub: Any) -> None:
     )
     b.add_argument("fs", metavar="FS", help=_FS_HELP)
     b.add_argument("subvol", metavar="SUBVOL", help="state subvolume name (e.g. home)")
-    b.add_argument("dest", metavar="DEST", help="directory or http(s) URL")
+    b.add_argument("dest", metavar="DEST", type=location, help="directory or http(s) URL")
     b.add_argument("--full", action="store_true", help="a whole stream, not incremental")
     b.add_argument("--json", action="store_true", help="print the index entry as JSON")
     add_quiet_option(b)
@@ -167,7 +167,8 @@ def _add_reset_backup(dsub: Any) -> None:
     )
     r.add_argument("fs", metavar="FS|DIR", help=_FS_HELP + "; or a directory with --to-dir")
     r.add_argument("subvol", metavar="SUBVOL", help="the backed-up subvolume's name")
-    r.add_argument("src", metavar="SRC", help="directory or http(s) URL of the backups")
+    r.add_argument("src", metavar="SRC", type=location,
+                   help="directory or http(s) URL of the backups")
     r.add_argument("--upto", type=int, metavar="N", help="restore backup N (default: last)")
     r.add_argument("--as", dest="as_name", metavar="NAME", help="restore as state/NAME")
     r.add_argument("--to-dir", action="store_true",
@@ -234,8 +235,9 @@ def _add_install(dsub: Any) -> None:
                  "by release.pub."),
     )
     n.add_argument("fs", metavar="FS", help=_FS_HELP)
-    n.add_argument("source", metavar="SOURCE", help="delta stream, send stream ('-': stdin), "
-                   "directory tree, repository URL or chunk archive (.bdar)")
+    n.add_argument("source", metavar="SOURCE", type=location,
+                   help="delta stream, send stream ('-': stdin), directory tree, repository URL "
+                   "or chunk archive (.bdar)")
     n.add_argument("--expect-sum", metavar="TREESUM",
                    help="the release's tree-sum (btrdelta tree-sum NEW; for a stream made by "
                         "btrfs send -p, tree-sum --ignore-root-mtime NEW: the kernel may not "

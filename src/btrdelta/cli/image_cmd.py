@@ -30,6 +30,7 @@ from ._common import (
     examples,
     free_words,
     human_bytes,
+    location,
     meant,
     naming_output,
     parse_size,
@@ -75,7 +76,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                         "archive's size and whether it is signed (checked with --key).",
                         epilog=examples("btrdelta image info http://server/rootfs-v2.bdar",
                                         "btrdelta image info --json /var/lib/images/v2"))
-    i.add_argument("source", metavar="ARCHIVE|STORE/NAME|INDEX.caibx",
+    i.add_argument("source", metavar="ARCHIVE|STORE/NAME|INDEX.caibx", type=location,
                    help="an archive (path or URL), an image in a store, or a casync index")
     i.add_argument("--key", metavar="PUBKEY", help="also check the signature with this key")
     add_json(i, "what it holds")
@@ -193,14 +194,15 @@ def _add_clone(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "  btrdelta image clone http://server/rootfs.caibx --output rootfs.img \\\n"
         "      --castr http://server/default.castr    # a casync/desync index and store",
     )
-    cl.add_argument("source", metavar="SOURCE", help="archive or .caibx (path or http(s) URL)")
+    cl.add_argument("source", metavar="SOURCE", type=location,
+                    help="archive or .caibx (path or http(s) URL)")
     cl.add_argument("target", metavar="STORE/NAME", nargs="?",
                     help="chunk store directory and image name (optional with --output)")
     cl.add_argument("--output", metavar="FILE_OR_DEVICE",
                     help="write the image here (a device is updated in place, where it differs)")
     cl.add_argument("--seed", action="append", default=[], metavar="FILE_OR_DEVICE",
                     help="a file or device that may hold chunks (repeatable)")
-    cl.add_argument("--castr", action="append", default=[], metavar="STORE",
+    cl.add_argument("--castr", action="append", default=[], metavar="STORE", type=location,
                     help="casync chunk store (directory or URL) for a .caibx source, tried in "
                     "order (repeatable; default: default.castr next to the index)")
     cl.add_argument("--in-place", action="store_true",
@@ -235,7 +237,7 @@ def _add_verify(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     v.add_argument("--key", metavar="PUBKEY", help="also check the description's signature")
     v.add_argument("--repair", action="store_true",
                    help="drop damaged chunks and fetch what is missing again")
-    v.add_argument("--source", metavar="ARCHIVE",
+    v.add_argument("--source", metavar="ARCHIVE", type=location,
                    help="where --repair fetches from (default: where the image was cloned from)")
     v.add_argument("--seed", action="append", default=[], metavar="FILE_OR_DEVICE",
                    help="a file or device --repair may take chunks from (repeatable)")

@@ -10,7 +10,15 @@ import sys
 from typing import Any
 
 from ..errors import BtrdeltaError, UsageError
-from ._common import add_jobs, add_json, check_location, examples, human_bytes, parse_size
+from ._common import (
+    add_jobs,
+    add_json,
+    check_location,
+    examples,
+    human_bytes,
+    location,
+    parse_size,
+)
 from .progress import Progress, add_progress_options, add_quiet_option, progress_wanted
 
 _EPILOG = """\
@@ -155,7 +163,8 @@ def _add_ls(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "their sizes, and which signed index publishes them.",
         epilog=examples("btrdelta repo ls www/app",
                         "btrdelta repo ls https://mirror.example/app --key root.pub --json"))
-    ls.add_argument("repo", metavar="REPO|URL", help="repository directory or base URL")
+    ls.add_argument("repo", metavar="REPO|URL", type=location,
+                    help="repository directory or base URL")
     ls.add_argument("--key", metavar="ROOT_PUB", help="verify the index (URLs)")
     add_json(ls, "the listing")
     ls.set_defaults(func=run_ls)

@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 from ..errors import UsageError
-from ._common import add_json, check_location, check_not_url, human_bytes
+from ._common import add_json, check_location, check_not_url, human_bytes, location
 from .http_options import add_http_options, http_config
 from .progress import Progress, add_progress_options, progress_wanted
 
@@ -39,11 +39,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "docs/repository.md.",
         epilog=_EPILOG,
     )
-    p.add_argument("url", metavar="URL", help="repository base URL (or directory)")
+    p.add_argument("url", metavar="URL", type=location, help="repository base URL (or directory)")
     p.add_argument("dest", metavar="DEST", help="directory holding versions as DEST/VERSION")
     p.add_argument("--to", metavar="VERSION", help="version wanted (default: the newest)")
     p.add_argument("--key", metavar="ROOT_PUB", help="the repository's root public key")
-    p.add_argument("--mirror", action="append", default=[], metavar="URL",
+    p.add_argument("--mirror", action="append", default=[], metavar="URL", type=location,
                    help="another mirror, tried when one fails (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the plan, download nothing")
     add_json(p, "the plan and the result")
@@ -110,8 +110,8 @@ def run(args: argparse.Namespace) -> int:
     if os.path.exists(args.dest) and not os.path.isdir(args.dest):
         raise UsageError(f"DEST {args.dest} is not a directory: DEST holds versions as "
                          "DEST/VERSION (made if missing)")
-    for location in (args.url, *args.mirror):
-        check_location(location, "URL" if location == args.url else "--mirror")
+    for where in (args.url, *args.mirror):
+        check_location(where, "URL" if where == args.url else "--mirror")
     config = http_config(args)
     progress = Progress("update", enabled=progress_wanted(args) and not args.dry_run)
     reporter = _Reporter(progress, args.json or args.quiet, args.dest)

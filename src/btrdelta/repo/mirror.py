@@ -30,6 +30,7 @@ from typing import TypeVar
 import blake3
 import httpx
 
+from ..chunk.source import file_url_path
 from ..errors import BtrdeltaError, ChecksumError, StreamFormatError, TransportError
 from ..transport.config import HttpConfig
 from ..transport.http import FetchStats, RangeFetcher, RangesNotSupported
@@ -48,14 +49,7 @@ def local_path(location: str) -> str | None:
     for an ``http(s)://`` URL."""
     if location.startswith(("http://", "https://")):
         return None
-    if location.startswith("file://"):
-        from urllib.parse import unquote, urlsplit
-
-        parts = urlsplit(location)
-        if parts.netloc not in ("", "localhost"):
-            raise BtrdeltaError(f"file URL names another host: {parts.netloc}", path=location)
-        return unquote(parts.path) or "/"
-    return location
+    return file_url_path(location)
 
 
 class _FileRanges:
