@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from btrdelta import device
-from btrdelta.device.backup import backup, restore, restore_to_dir
+from btrdelta.device.backup import KEEP_DESTINATIONS, backup, restore, restore_to_dir
 from btrdelta.device.overlay import diff, mount
 from btrdelta.device.reset import factory_reset
 from btrdelta.testing.loopfs import loop_fs
@@ -166,6 +166,45 @@ def _edit(home: Path) -> None:
         f.write(b"edited")
     victims[1].unlink()
     (data / "added").write_bytes(os.urandom(5000))
+
+
+def test_backups_to_several_destinations_each_stay_incremental(
+        btrfs_dev: Path, small_release: Release, tmp_path: Path) -> None:
+    """A USB stick and a server, used in turns: each destination's next backup is a delta
+    from the last backup it holds (its snapshot kept on the device), restored exactly;
+    a destination holding another device's backup of that name gets a whole one; the
+    snapshots kept are each destination's newest, for the KEEP_DESTINATIONS used last."""
+    r = small_release
+    device.init(btrfs_dev, r.old, state=STATE)
+    home = btrfs_dev / "state/home"
+    copy_tree(r.new / "usr/lib/apt", home / "data")
+    usb, server = tmp_path / "usb", tmp_path / "server"
+    sums: dict[Path, str] = {}
+    got = []
+    for dest in (usb, server, usb, server, usb):
+        got.append(backup(btrfs_dev, "home", f"file://{dest}" if dest == server else str(dest)))
+        sums[dest] = tree_sum(home)
+        _edit(home)
+    assert [e["file"] for e in got] == ["home.1.stream", "home.2.stream", "home.3.delta",
+                                        "home.4.delta", "home.5.delta"]
+    assert [e["parent"] for e in got] == [None, None, 1, 2, 3]
+    assert all(e["bytes"] < got[0]["bytes"] / 10 for e in got[2:])
+    kept = sorted(p.name for p in (btrfs_dev / ".btrdelta/backups/home").iterdir())
+    assert kept == ["destinations.json", "home.4", "home.5"]
+    for dest, want in sums.items():
+        (tmp_path / f"r-{dest.name}").mkdir()
+        assert tree_sum(restore_to_dir(str(dest), "home", tmp_path / f"r-{dest.name}")) == want
+    # another device's backup 5 of "home" in a destination is no parent for this one's
+    index = json.loads((usb / "home.backups.json").read_text())
+    shutil.copytree(usb, tmp_path / "foreign")
+    index["backups"][-1]["uuid"] = "00000000-0000-0000-0000-000000000000"
+    (tmp_path / "foreign/home.backups.json").write_text(json.dumps(index))
+    assert backup(btrfs_dev, "home", str(tmp_path / "foreign"))["parent"] is None
+    # more destinations than are kept: the one used longest ago starts whole again
+    for i in range(KEEP_DESTINATIONS):
+        backup(btrfs_dev, "home", str(tmp_path / f"d{i}"))
+    assert backup(btrfs_dev, "home", str(usb))["parent"] is None
+    assert backup(btrfs_dev, "home", str(tmp_path / "d1"))["parent"] is not None
 
 
 def test_backup_to_ext4_and_http_restore_elsewhere(btrfs_dev: Path, small_release: Release,

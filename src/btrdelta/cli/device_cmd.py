@@ -146,9 +146,13 @@ def _add_reset_backup(dsub: Any) -> None:
         "backup", help="back up a state subvolume as (incremental, delta) send streams",
         description="Snapshot state/SUBVOL read-only and send it to DEST (a directory or an "
         "http(s) URL taking PUT): whole the first time, then incremental against the "
-        "previous backup and delta-compressed against its files. DEST/SUBVOL.backups.json "
-        "lists the chain.",
-        epilog=examples("btrdelta device backup /mnt/top home /media/usb/backups"),
+        "last backup DEST holds and delta-compressed against its files. "
+        "DEST/SUBVOL.backups.json lists the chain. The device keeps the snapshot of each "
+        "destination's last backup, for the 4 destinations used last (each holds the data "
+        "changed since).",
+        epilog=examples("btrdelta device backup /mnt/top home /media/usb/backups",
+                        "btrdelta device backup /mnt/top home https://backup.example/dev1  "
+                        "# in turns: each stays incremental"),
     )
     b.add_argument("fs", metavar="FS", help=_FS_HELP)
     b.add_argument("subvol", metavar="SUBVOL", help="state subvolume name (e.g. home)")

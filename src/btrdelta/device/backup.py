@@ -2,8 +2,10 @@
 
 A backup of ``state/NAME`` is a read-only snapshot ``.btrdelta/backups/NAME/NAME.N`` sent
 by the kernel (``btrfs send``): the first one whole (``NAME.N.stream``), the next ones
-incremental against the previous snapshot, kept on the device for that, and
-delta-compressed against its files (``NAME.N.delta``, ``btrdelta delta make``). The files
+incremental against the newest snapshot whose backup that destination holds (kept on the
+device for that: one per destination, the :data:`KEEP_DESTINATIONS` used last, named in
+``NAME/destinations.json``), and delta-compressed against its files (``NAME.N.delta``,
+``btrdelta delta make``). The files
 and an index ``NAME.backups.json`` go to a directory (any filesystem) or an HTTP location
 that takes ``PUT`` (WebDAV, S3-style object stores behind a presigning proxy). Restore
 reads the index, receives the chain from the last full stream on (a delta's old files are
@@ -27,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from ..chunk.source import file_url_path
 from ..errors import StreamFormatError, TransportError
 from ..fs import btrfs as sv
 from ..fs.atomic import atomic_output, write_atomic
@@ -35,23 +38,33 @@ from ..tree import tree_sum
 from .layout import DeviceError, Layout, open_device
 from .state import load_state
 
-__all__ = ["RESTORED", "RESTORE_WORK", "backup", "restore", "restore_to_dir"]
+__all__ = ["KEEP_DESTINATIONS", "RESTORED", "RESTORE_WORK", "backup", "restore",
+           "restore_to_dir"]
 
 _FORMAT = "btrdelta-backups"
 #: a restore's work directory in ``.btrdelta/``, the prefix of its new subvolume in ``state/``
 #: (after the swap: the old one); recovery removes both when a restore was cut short
 RESTORE_WORK = "restore"
 RESTORED = ".restored-"
+#: destinations (directories, URLs) whose last backup's snapshot stays on the device as the
+#: parent of their next incremental backup: the ones used last (an older one's next backup
+#: is whole); each kept snapshot holds the data changed since on the device
+KEEP_DESTINATIONS = 4
+_DESTINATIONS = "destinations.json"
 
 
 class _Store:
-    """A backup location: a directory, or an ``http(s)://`` URL taking PUT and GET."""
+    """A backup location: a directory (or a ``file://`` URL), or an ``http(s)://`` URL
+    taking PUT and GET."""
 
     def __init__(self, where: str, *, create: bool = False) -> None:
         """``create``: a directory that does not exist is made (a backup's destination);
         else it must exist (a restore's source: a mistyped name was made, empty)."""
+        where = file_url_path(where)
         self.where = where.rstrip("/") or "/"
         self.http = where.startswith(("http://", "https://"))
+        #: the destination's name in ``destinations.json``
+        self.key = self.where if self.http else os.path.realpath(self.where)
         if self.http:
             return
         if os.path.exists(where) and not os.path.isdir(where):
@@ -160,8 +173,8 @@ def backup(fs: str | os.PathLike[str], name: str, dest: str, *,
             raise DeviceError(f"no state subvolume {name!r}")
         entries = store.index(name)
         local = _snapshots(layout, name)
-        known = {int(e["n"]) for e in entries}
-        prev = None if full or not local or local[-1][0] not in known else local[-1]
+        known = {int(e["n"]): e.get("uuid") for e in entries}
+        prev = None if full else _parent(layout, local, known)
         n = max([0, *known, *(k for k, _ in local)]) + 1
         (layout.backups / name).mkdir(parents=True, exist_ok=True)
         snap = layout.backups / name / f"{name}.{n}"
@@ -171,10 +184,39 @@ def backup(fs: str | os.PathLike[str], name: str, dest: str, *,
         except BaseException:
             layout.delete(snap)
             raise
-        for _k, old in local:  # only the newest snapshot is the next parent
-            layout.delete(old)
         store.put_index(name, [*entries, entry])
+        keep = _remember(layout.backups / name, store.key, n)
+        for k, old in local:  # only each destination's newest one is a next parent
+            if k not in keep:
+                layout.delete(old)
         return entry
+
+
+def _parent(layout: Layout, local: list[tuple[int, Path]],
+            known: dict[int, object]) -> tuple[int, Path] | None:
+    """The newest snapshot on the device whose backup the destination's index holds (same
+    number and subvolume UUID: another device's backup of that name is no parent)."""
+    for k, snap in reversed(local):
+        if k in known:
+            with layout.fd(snap) as fd:
+                if str(sv.subvol_info(fd).uuid) == known[k]:
+                    return k, snap
+    return None
+
+
+def _remember(base: Path, key: str, n: int) -> set[int]:
+    """Note that destination ``key`` holds backup ``n``; the snapshots to keep: each of
+    the :data:`KEEP_DESTINATIONS` destinations used last, its newest backup's."""
+    try:
+        doc = json.loads((base / _DESTINATIONS).read_bytes())
+        held = {str(k): int(v) for k, v in doc["destinations"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        held = {}  # none yet, or damaged: the other destinations' next backups are whole
+    held.pop(key, None)
+    held = dict(list({key: n, **held}.items())[:KEEP_DESTINATIONS])
+    write_atomic(base / _DESTINATIONS,
+                 json.dumps({"destinations": held}, indent=1).encode() + b"\n")
+    return set(held.values())
 
 
 def _send(layout: Layout, snap: Path, prev: tuple[int, Path] | None, store: _Store,
