@@ -78,6 +78,27 @@ def test_debian_install_by_delta(btrfs_dev: Path, debian_release: Release) -> No
                                      "state/home", "state/var"]
 
 
+def test_rollback_goes_back_to_the_root_that_was_the_default_before(
+        btrfs_dev: Path, small_release: Release) -> None:
+    """"the previous good root" (docs/device.md §2): after b (the new release) was good and
+    a factory reset made the factory base the default, rollback went to a, the older
+    release, because it tried the slots in name order."""
+    r = small_release
+    device.init(btrfs_dev, r.old, state=[])
+    device.install(btrfs_dev, r.delta, booted="a")
+    device.mark_good(btrfs_dev, slot="b")
+    btrdelta("device", "factory-reset", btrfs_dev)
+    assert status(btrfs_dev)["default"] == "factory"
+    assert status(btrfs_dev)["roots"]["a"]["verdict"] == "good"
+    out = btrdelta("device", "rollback", btrfs_dev).stdout
+    assert out.startswith("rolled back from factory: b is the default"), out
+    assert progs_default(btrfs_dev) == "roots/b"
+    assert tree_sum(btrfs_dev / "roots/b") == r.new_sum
+    # and from b, back to the factory base it came from (a is good, but older)
+    device.rollback(btrfs_dev)
+    assert progs_default(btrfs_dev) == "roots/factory"
+
+
 def test_wrong_release_sum_selects_nothing(btrfs_dev: Path, small_release: Release) -> None:
     r = small_release
     device.init(btrfs_dev, r.old, state=[])

@@ -299,10 +299,15 @@ def mark_good(fs: str | os.PathLike[str], *, slot: str | None = None,
 
 
 def _fallback(layout: Layout, st: DeviceState, bad: str) -> str:
-    """The root to go back to from ``bad``: the other slot if it is not bad, else the
-    factory base."""
-    for name in (*SLOTS, FACTORY):
-        if name == bad or not layout.is_subvolume(layout.root(name)):
+    """The root to go back to from ``bad``: the good root that was the default last before
+    it (the log's mark-good, rollback, factory reset and init, newest first: after a
+    factory reset from b, b rather than an older a), else a good slot, else the factory
+    base."""
+    made_default = {"mark-good": "slot", "rollback": "slot", "factory-reset": "root"}
+    recent = [SLOTS[0] if e.get("event") == "init" else e.get(made_default.get(e.get("event"), ""))
+              for e in reversed(st.log)]
+    for name in dict.fromkeys([*recent, *SLOTS, FACTORY]):
+        if name not in BOOTABLE or name == bad or not layout.is_subvolume(layout.root(name)):
             continue
         info = st.roots.get(name)
         if info is not None and info.verdict == "bad":
