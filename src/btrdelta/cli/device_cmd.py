@@ -151,8 +151,8 @@ def _add_reset_backup(dsub: Any) -> None:
         "destination's last backup, for the 4 destinations used last (each holds the data "
         "changed since).",
         epilog=examples("btrdelta device backup /mnt/top home /media/usb/backups",
-                        "btrdelta device backup /mnt/top home https://backup.example/dev1  "
-                        "# in turns: each stays incremental"),
+                        "btrdelta device backup /mnt/top home https://backup.example/d1  "
+                        "# in turns"),
     )
     b.add_argument("fs", metavar="FS", help=_FS_HELP)
     b.add_argument("subvol", metavar="SUBVOL", help="state subvolume name (e.g. home)")
