@@ -13,9 +13,11 @@ What stays in memory: the entries of the directory being read, the directories s
 visit (each a path), for inodes with more than one link their first path and names, and for
 files of at least ``clone_min`` bytes their first path by content digest (a copy becomes a
 ``CLONE`` from the new subvolume, confirmed byte by byte first; with clone sources, ``send
--c``, their files of that size by digest: :func:`.changes.index_source`). Nothing else grows
-with the tree. The stream's first record (``SUBVOL``) names the tree's UUID, which is derived from
-the content of every file (:meth:`.scan.Tree.identity`), so the records after it are written
+-c``, their files of that size by digest: :func:`.changes.index_source`), and the inode
+numbers given, 8-16 bytes an inode (:class:`.order.FullInos`: each derived from the inode's
+first path, so the same in the next release's full). Nothing else grows with the tree.
+The stream's first record (``SUBVOL``) names the tree's UUID, which is derived from the
+content of every file (:meth:`.scan.Tree.identity`), so the records after it are written
 as they are made, after room left for it, and it is written last: into a new regular output
 file directly, else (a pipe, a signed stream) into a spool, an unnamed temporary file in
 ``tmpdir`` (the CLI's: ``$TMPDIR``, else ``/var/tmp``) copied out behind the header at the
@@ -58,7 +60,7 @@ from ..stream.records import (
 from .changes import SourceIndex, TreeIdentity, dir_flags, index_source
 from .emit import CAPS, COMPRESSORS, SendStats, encode_piece, option_problem
 from .hashing import open_dir
-from .order import _create
+from .order import FullInos, _create
 from .scan import ROOT, Node, open_file, open_to_read, read_node, uuid_of
 
 __all__ = ["FullSend"]
@@ -195,7 +197,7 @@ class FullSend:
         self.tmpdir = tmpdir
         self._ident = TreeIdentity(tmpdir)
         self._nodes = 0
-        self._next_ino = 257
+        self._inos = FullInos()
         #: st_ino -> (node, first path) of inodes with more than one link
         self._linked: dict[int, tuple[Node, bytes]] = {}
         #: content digest -> first path, of files of at least clone_min bytes
@@ -346,8 +348,7 @@ class FullSend:
         self._nodes += 1
         node.dentries.append((parent, name))
         self.stats.files_scanned += 1
-        self._emit(_create(node, rel, self._next_ino))
-        self._next_ino += 1
+        self._emit(_create(node, rel, self._inos.number(rel)))
         if node.is_dir:
             node.flags = dir_flags(full)
         else:

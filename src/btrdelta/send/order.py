@@ -26,9 +26,11 @@ data and metadata afterwards (all names are then final).
 from __future__ import annotations
 
 import stat
+from array import array
 from collections.abc import Iterator
 
 from .. import TYPE_CHECKING
+from .._optional import need
 from .._value import Value, field
 from ..stream.records import (
     Link,
@@ -49,7 +51,7 @@ from .scan import ROOT, Node, Tree
 if TYPE_CHECKING:
     from .scan import ScanStream
 
-__all__ = ["Namespace", "full_order", "order_namespace"]
+__all__ = ["FullInos", "Namespace", "full_order", "order_namespace"]
 
 Dentry = tuple[int, bytes]
 
@@ -90,6 +92,74 @@ class Namespace(Value):
         del self.children[parent][name]
         self.dentries[key].remove((parent, name))
         self.touched.add(parent)
+
+
+#: how many inode numbers a full send draws from: 257 .. 2**63 - 1 (256 is the subvolume's
+#: root; below 2**63 for readers that take a u64 as signed)
+INO_SPACE = (1 << 63) - 257
+
+
+class FullInos:
+    """The inode numbers of a full send, stable across releases of a rebuilt tree.
+
+    The kernel's full of a snapshot names each inode by its number on disk, which a later
+    snapshot of the same subvolume keeps; a tree read from a directory (a release rebuilt,
+    unpacked, copied) has no such number, and numbering in walk order shifts every number
+    after a file added early: every later create record, so every content-defined chunk
+    after it, changed. Here an inode's number is derived from its first path (XXH3-64 of
+    it, into 257 .. 2**63 - 1): the same path has the same number in every release.
+
+    Numbers are unique within a stream: a number taken already is passed over for the next
+    one (deterministic: of two paths with the same hash the first sent keeps it). Taken
+    numbers are kept as their low 32 bits in an open-addressing table at most half full (8
+    to 16 bytes an inode: a full send's only per-inode memory); a clash of those bits counts
+    as taken, which keeps the numbers unique. Receivers do not depend on the numbers
+    (btrfs-progs reads ``INO`` and drops it; so does :mod:`btrdelta.receive`).
+
+    Args:
+        space: how many numbers there are from 257 on (a small space makes clashes, for
+            tests).
+    """
+
+    def __init__(self, space: int = INO_SPACE) -> None:
+        self._hash = need("xxhash", "make").xxh3_64_intdigest
+        self._space = space
+        self._slots = array("I", bytes(4 * 1024))
+        self._used = 0
+
+    def number(self, path: bytes) -> int:
+        """The number of the inode whose first path is ``path`` (each path asked once)."""
+        ino: int = 257 + self._hash(path) % self._space
+        while not self._take(ino):
+            ino = 257 + (ino - 256) % self._space
+        return ino
+
+    def _take(self, ino: int) -> bool:
+        """Mark ``ino`` taken; False if it (or a number with its low 32 bits) was."""
+        key = ino & 0xFFFFFFFF or 1
+        slots = self._slots
+        mask = len(slots) - 1
+        i = key & mask
+        while slots[i]:
+            if slots[i] == key:
+                return False
+            i = (i + 1) & mask
+        slots[i] = key
+        self._used += 1
+        if 2 * self._used > len(slots):
+            self._grow()
+        return True
+
+    def _grow(self) -> None:
+        old = self._slots
+        self._slots = slots = array("I", bytes(8 * len(old)))
+        mask = len(slots) - 1
+        for key in old:
+            if key:
+                i = key & mask
+                while slots[i]:
+                    i = (i + 1) & mask
+                slots[i] = key
 
 
 def _create(node: Node, path: bytes, ino: int) -> Record:
@@ -252,10 +322,11 @@ def full_order(old: Tree, new: Tree, match: Match, stream: ScanStream | None = N
     and, a non-directory, its node id follows once its first name (``Node.path``) exists: its
     data and metadata come next, while the receiver still holds the file it created. A
     directory's id follows everything below it (a read-only directory is filled before its
-    mode is set, its time is that of its last entry), the root's last. The records, inode
-    numbers and file order (:func:`~.scan.inode_order`, the order the files are hashed in)
-    are those of :func:`order_namespace` then every inode; the receiver creates and writes
-    each file with one ``open`` (not a second one by path for its data).
+    mode is set, its time is that of its last entry), the root's last. The records and file
+    order (:func:`~.scan.inode_order`, the order the files are hashed in) are those of
+    :func:`order_namespace` then every inode; the inode numbers are :class:`FullInos`' (those
+    of :class:`~.full.FullSend`: the same stream). The receiver creates and writes each file
+    with one ``open`` (not a second one by path for its data).
 
     ``old`` is the tree of a full send (its root only). The namespace returned stays empty:
     a full send's inodes are all created (nothing in it is ``touched``). With ``stream``
@@ -269,7 +340,7 @@ def full_order(old: Tree, new: Tree, match: Match, stream: ScanStream | None = N
 
     def walk() -> Iterator[Record | int]:
         nodes, children = new.nodes, new.children
-        ino = max((n.ino for n in old.nodes.values()), default=256) + 1
+        inos = FullInos()
         first: dict[int, bytes] = {}  # inode (more than one name) -> its first path
         waiting: dict[bytes, int] = {}  # a path yet to be made -> the inode named by it
         stack = [ROOT]  # a directory to walk, or ~its id: its metadata is next
@@ -290,8 +361,7 @@ def full_order(old: Tree, new: Tree, match: Match, stream: ScanStream | None = N
                 if made is not None:
                     yield Link(path=path, path_link=made)
                 else:
-                    yield _create(node, path, ino)
-                    ino += 1
+                    yield _create(node, path, inos.number(path))
                     if node.is_dir:
                         subdirs.append(cid)
                         continue
