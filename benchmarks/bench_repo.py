@@ -9,7 +9,9 @@ Side by side in one run:
   stream (userspace send, the kernel's format); hops;
 * mirror storage: ours (packs + full indexes + deltas) vs storing every full on its own vs
   all-pairs deltas (+ the deduplicated fulls); deltas per release; ``repo add`` seconds per
-  release (``--parallel 2``, each delta checked by applying it);
+  release (``--parallel 2``, each delta checked by applying it); how the fulls deduplicate
+  (distinct chunks) against the kernel's fulls of the same trees as snapshots of one
+  subvolume, also for a release with a file added first (:func:`bench_fulls`);
 * ``update`` throughput in MB/s of expanded stream applied (full from nothing; the multi-hop
   path from the oldest);
 * scale: a synthetic 1,000-version index (full and delta sizes drawn from the real
@@ -39,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from btrdelta import trust
-from btrdelta.chunk.chunker import ChunkerParams
+from btrdelta.chunk.chunker import ChunkerParams, chunk_digest, iter_chunks
 from btrdelta.cli import main
 from btrdelta.repo.catalog import Catalog, CatalogVersion, PackEntry, build_metadata
 from btrdelta.repo.layout import delta_sources
@@ -49,6 +51,7 @@ from btrdelta.repo.signing import CONTEXT_INDEX, open_document, sign_document
 from btrdelta.testing.wheels import REGEX, release_trees
 from btrdelta.tree import tree_sum
 from btrdelta.update.publish import Repo
+from btrdelta.update.streams import write_release_stream
 from tests.update.conftest import Nginx
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "btrdelta-bench"
@@ -159,6 +162,94 @@ def bench_storage(trees: list[Path], root: Path, times: list[float], work: Path)
         "repo add seconds per release (--parallel 2, deltas checked): "
         + ", ".join(f"{t:.1f}" for t in times) + f"; median {statistics.median(times):.1f}",
     ]
+
+
+def _stored(streams: Iterator[bytes], params: ChunkerParams) -> list[tuple[int, int, int, int]]:
+    """Each stream's (chunks, new chunks, new chunk bytes, bytes), a chunk being new unless
+    an earlier stream had it (what a chunk store keeps, uncompressed)."""
+    seen: set[bytes] = set()
+    out = []
+    for data in streams:
+        n = new = new_bytes = 0
+        for _off, chunk in iter_chunks(data, params):
+            n += 1
+            digest = chunk_digest(chunk)
+            if digest not in seen:
+                seen.add(digest)
+                new += 1
+                new_bytes += len(chunk)
+        out.append((n, new, new_bytes, len(data)))
+    return out
+
+
+def _our_fulls(trees: list[Path]) -> Iterator[bytes]:
+    """``repo add``'s full of each tree (its userspace send, normalized)."""
+    for tree in trees:
+        buf = bytearray()
+        write_release_stream(buf.extend, tree, "r", tree_sum(tree))
+        yield bytes(buf)
+
+
+def _kernel_fulls(trees: list[Path], mnt: Path, tag: str) -> Iterator[bytes]:
+    """The kernel's fulls (``--proto 2``) of read-only snapshots of one subvolume, each tree
+    copied into it in turn with ``rsync -a --delete`` (unchanged files keep their inodes)."""
+    sub = mnt / tag
+    subprocess.run(["btrfs", "-q", "subvolume", "create", str(sub)], check=True)
+    for i, tree in enumerate(trees):
+        subprocess.run(["rsync", "-a", "--delete", f"{tree}/", f"{sub}/"], check=True)
+        snap = mnt / f"{tag}-{i}"
+        subprocess.run(["btrfs", "-q", "subvolume", "snapshot", "-r", str(sub), str(snap)],
+                       check=True)
+        yield subprocess.run(["btrfs", "send", "-q", "--proto", "2", str(snap)], check=True,
+                             capture_output=True).stdout
+
+
+def _edited(tree: Path, work: Path) -> list[Path]:
+    """``tree`` and a rebuilt copy of it with a file added first in the walk and its
+    ``numpy/f2py/tests`` removed (a small release of a rebuilt tree)."""
+    a, b = work / "edit-a", work / "edit-b"
+    for t in (a, b):
+        shutil.copytree(tree, t, symlinks=True)
+    (b / "0-VERSION").write_text("1.26.3-1\n")
+    shutil.rmtree(b / "numpy" / "f2py" / "tests")
+    return [a, b]
+
+
+def bench_fulls(trees: list[Path], params: ChunkerParams, work: Path) -> list[str]:
+    """How the fulls ``repo add`` stores deduplicate across releases, against the kernel's
+    fulls of the same trees as snapshots of one subvolume: the regex releases, and numpy
+    1.26.3 then a rebuilt copy with a file added first and a directory removed (inode
+    numbers in walk order changed most of that second full's chunks: session 14)."""
+    from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs
+
+    def mib(n: float) -> str:
+        return f"{n / 2**20:.1f} MiB"
+
+    if shutil.which("rsync") is None:
+        return ["fulls stored: rsync not installed (the kernel's side copies releases with it)"]
+    numpy = release_trees("numpy", ("1.26.3",), CACHE)
+    edited = _edited(numpy[0], work) if numpy is not None else []
+    try:
+        with loop_fs("btrfs", size="1G") as mnt:
+            kernel = [_stored(_kernel_fulls(t, mnt, tag), params)
+                      for t, tag in ((trees, "regex"), (edited, "numpy"))]
+    except BtrfsUnavailable as exc:
+        return [f"fulls stored: btrfs unavailable for the kernel's fulls: {exc}"]
+    ours = [_stored(_our_fulls(t), params) for t in (trees, edited)]
+    lines = []
+    for name, side in (("ours", ours[0]), ("the kernel's", kernel[0])):
+        new, total = sum(s[2] for s in side), sum(s[3] for s in side)
+        lines.append(f"{name} {mib(new)} of {mib(total)} ({new / total:.2f}x)")
+    out = ["fulls stored (distinct chunks, uncompressed) over every full's bytes, regex: "
+           + "; ".join(lines) + " (the kernel's: snapshots of one subvolume, each release "
+           "rsync'd in)"]
+    if edited:
+        (_n, _new, _b, _t), (n1, new1, b1, _t1) = ours[1]
+        (_kn, _knew, _kb, _kt), (kn1, knew1, kb1, _kt1) = kernel[1]
+        out.append(f"numpy 1.26.3, then rebuilt with a file added first and f2py/tests "
+                   f"removed: new chunks of the second full: ours {new1} of {n1} ({mib(b1)}), "
+                   f"the kernel's {knew1} of {kn1} ({mib(kb1)})")
+    return out
 
 
 def _expanded(delta: Path) -> int:
@@ -492,6 +583,7 @@ def run() -> list[str]:
         finally:
             srv.stop()
         out += bench_storage(trees, root, times, work)
+        out += bench_fulls(trees, Repo(root).load().params, work)
         out += bench_scale(root, work)
         out += bench_apply(work)
     return out
