@@ -272,3 +272,36 @@ def test_over_openssh_without_btrdelta_on_the_remote_path(sshd: tuple[int, str],
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert "btrdelta: command not found (install btrdelta there, or give its path: " \
            "--remote-cmd /path/to/btrdelta)" in proc.stderr
+
+
+@pytest.mark.btrfs
+def test_over_openssh_the_backend_goes_to_the_remote_side(sshd: tuple[int, str],
+                                                           tmp_path: Path) -> None:
+    """``--backend dir`` with an ssh:// DEST on btrfs: the remote ``--serve`` receives a
+    directory (registered), not a subvolume. Before, the option stayed on the sending side
+    and the remote side used ``auto`` (a subvolume). With tcp:// it is refused: the
+    listener at the other end has its own."""
+    from tests.conftest import btrfs_loop
+
+    port, ssh = sshd
+    src = _tree(tmp_path / "src", 2)
+    with btrfs_loop("300M") as fs:
+        dest = fs / "dest"
+        dest.mkdir()
+        proc = subprocess.run([*BTRDELTA, "replicate", "--backend", "dir", str(src),
+                               f"ssh://root@127.0.0.1:{port}{dest}", "--ssh", ssh,
+                               "--remote-cmd", f"{sys.executable} -m btrdelta", "--store",
+                               str(tmp_path / "store"), "--json"],
+                              capture_output=True, text=True, check=False, env=_env(),
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        name = checked("replicate", json.loads(proc.stdout))["name"]
+        assert os.stat(dest / name).st_ino != 256  # a directory, not a subvolume
+        assert name in (dest / ".btrdelta-subvols.json").read_text()
+        assert tree_sum(dest / name) == tree_sum(src)
+    tcp = subprocess.run([*BTRDELTA, "replicate", "--backend", "dir", str(src),
+                          "tcp://127.0.0.1:9", "--no-auth", "--store", str(tmp_path / "s2")],
+                         capture_output=True, text=True, check=False, timeout=60)
+    assert tcp.returncode == 2, tcp.stderr
+    assert tcp.stderr.count("\n") == 1, tcp.stderr
+    assert "replicate --listen" in tcp.stderr, tcp.stderr

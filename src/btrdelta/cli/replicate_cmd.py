@@ -75,7 +75,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                    help="give up on a silent TCP peer after this long (default 60)")
     p.add_argument("--backend", choices=("auto", "btrfs", "dir"), default="auto",
-                   help="(receiving) subvolumes on btrfs, or directories")
+                   help="(the receiving side: DEST, ssh://, --serve, --listen) subvolumes "
+                        "on btrfs, or directories")
     add_progress_options(p, verbose=True)
     p.add_argument("--json", action="store_true", help="print what was done as JSON")
     p.set_defaults(func=run)
@@ -174,9 +175,13 @@ def _connect(args: argparse.Namespace) -> tuple[Any, str]:
     from ..update import channels
 
     dest: str = args.dest
+    extra = ["--backend", args.backend] if args.backend != "auto" else []
     if dest.startswith("ssh://"):
-        return channels.spawn_ssh(dest, args.ssh, args.remote_cmd), dest
+        return channels.spawn_ssh(dest, args.ssh, args.remote_cmd, extra), dest
     if dest.startswith("tcp://"):
+        if extra:
+            raise UsageError("--backend is the receiving side's: give it to the "
+                             "`replicate --listen` at the other end of tcp://")
         host, port = channels.parse_address(dest[len("tcp://"):].rstrip("/"))
         if args.no_auth:
             channels.check_loopback(host)
@@ -196,7 +201,6 @@ def _connect(args: argparse.Namespace) -> tuple[Any, str]:
         raise BtrdeltaError(f"destination {dest} " + (
             "is not a directory" if os.path.exists(dest) else
             f"does not exist (make it first: mkdir -p {shlex.quote(dest)})"))
-    extra = ["--backend", args.backend] if args.backend != "auto" else []
     from . import main
 
     argv = ["replicate", *extra, "--serve", dest]  # (--serve takes DEST: options first)

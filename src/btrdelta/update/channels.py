@@ -306,8 +306,9 @@ class _Forked:
 
 def spawn_ssh(target: str, ssh: str = "ssh", remote: str = "btrdelta",
               extra: Sequence[str] = ()) -> PipeChannel:
-    """``ssh [-p PORT] [USER@]HOST REMOTE replicate --serve PATH`` for ``target`` =
-    ``ssh://[user@]host[:port]/path``."""
+    """``ssh [-p PORT] [USER@]HOST REMOTE replicate [EXTRA] --serve PATH`` for ``target`` =
+    ``ssh://[user@]host[:port]/path`` (``extra``: options of the remote side, such as
+    ``--backend dir``)."""
     rest = target[len("ssh://"):]
     hostpart, slash, path = rest.partition("/")
     if not slash or not hostpart:
@@ -326,7 +327,8 @@ def spawn_ssh(target: str, ssh: str = "ssh", remote: str = "btrdelta",
     cmd = shlex.split(ssh)
     if port:
         cmd += ["-p", port]
-    remote_cmd = [*shlex.split(remote), "replicate", "--serve", *extra, "/" + path]
+    # (--serve takes DEST: the options before it)
+    remote_cmd = [*shlex.split(remote), "replicate", *extra, "--serve", "/" + path]
     cmd += [host, " ".join(shlex.quote(w) for w in remote_cmd)]
     return _spawn(cmd, f"ssh {host}")
 
