@@ -144,9 +144,9 @@ def test_every_mirror_failed_names_the_file_once(
     empty.mkdir()
     key = ["--key", str(tmp_path / "root.pub"), "--dry-run"]
     assert main(["update", str(repo), str(tmp_path / "d"), *key]) == 5
-    err = _err(capsys)
-    assert err.startswith(f"btrdelta update: error: timestamp.json: every mirror failed: "
-                          f"{repo}: content differs from what key "), err
+    err = _err(capsys)  # one mirror: its error alone
+    assert err.startswith(f"btrdelta update: error: {repo}/timestamp.json: content differs "
+                          "from what key "), err
     assert err.count("timestamp.json") == 1, err
     assert main(["update", str(empty), str(tmp_path / "d"), *key, "--mirror", str(repo)]) == 5
     err = _err(capsys)
@@ -170,10 +170,39 @@ def test_a_missing_directory_says_so(tmp_path: Path, capsys: pytest.CaptureFixtu
                                                           "no such directory"),
                        ("file", "not a directory")):
         assert main(["update", where, "D", *key]) == 7
-        assert _err(capsys) == (f"btrdelta update: error: timestamp.json: every mirror "
-                                f"failed: {where}: {why}\n")
+        assert _err(capsys) == f"btrdelta update: error: {where}: {why}\n"
         assert main(["repo", "ls", where]) == 1
         assert _err(capsys) == f"btrdelta repo ls: error: path {where!r}: {why}\n"
     assert main(["update", "nowhere", "D", *key, "--mirror", str(repo)]) == 0
     assert "plan: from nothing to v1" in capsys.readouterr().out
     assert not (tmp_path / "D" / "v1").exists()
+
+
+def test_a_wrong_key_with_one_mirror_is_one_clear_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--key`` of another repository, one mirror (HTTP, and a local copy): one line
+    naming the file and the key trusted, exit 5. Before: 'timestamp.json: every mirror
+    failed: http://HOST/app: index/1.json: not signed by a trusted key (trusted: ...)',
+    a file it did not fetch first, and a list of one."""
+    from tests.update.conftest import Nginx
+
+    repo = _signed_repo(tmp_path, capsys)
+    assert main(["key", "generate", "-o", str(tmp_path / "other"), "-q"]) == 0
+    capsys.readouterr()
+    key = ["--key", str(tmp_path / "other.pub"), "--dry-run"]
+    assert main(["update", str(repo), str(tmp_path / "d"), *key]) == 5
+    err = _err(capsys)
+    assert err.startswith(f"btrdelta update: error: {repo}/index/1.json: not signed by a "
+                          "trusted key (trusted: "), err
+    server = Nginx(repo, tmp_path / "nginx")
+    try:
+        url = server.url
+        assert main(["update", url, str(tmp_path / "d"), *key]) == 5
+    finally:
+        server.stop()
+    err = _err(capsys)
+    assert err.startswith(f"btrdelta update: error: {url}/index/1.json: not signed by a "
+                          "trusted key (trusted: "), err
+    assert "every mirror" not in err, err
+    assert err.count("json") == 1, err
+    assert not (tmp_path / "d").exists()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -137,10 +138,12 @@ class Mirrors:
         :class:`StreamFormatError`) to move to the next mirror.
         """
         problems: list[str] = []
+        where: list[tuple[str, str]] = []  # (the failure's URL or the mirror's, why)
         wrong = None
 
-        def failed(url: str, why: str) -> None:  # the file is named once, first
-            problems.append(f"{url}: {why.removeprefix(f'{path}: ')}")
+        def failed(url: str, why: str, at: str | None = None) -> None:
+            problems.append(f"{url}: {why.removeprefix(f'{path}: ')}")  # the file once, first
+            where.append((at or f"{url}/{path}", why))
 
         for url in self.order():
             try:
@@ -149,7 +152,7 @@ class Mirrors:
                 wrong = wrong or exc
                 failed(url, str(exc))
             except TransportError as exc:
-                failed(url, exc.message)
+                failed(url, exc.message, exc.url)
             except httpx.HTTPError as exc:
                 failed(url, f"{type(exc).__name__}: {exc}")
             else:
@@ -160,13 +163,16 @@ class Mirrors:
                         self._failed.remove(url)
                 return result
             self._mark_failed(url)
-        text = f"every mirror failed: {'; '.join(problems)}"
+        if len(self.urls) == 1:  # one mirror: its error alone, where it was
+            source, text = _where(self.urls[0], *where[0])
+        else:
+            source, text = path, f"every mirror failed: {'; '.join(problems)}"
         if isinstance(wrong, ChecksumError):  # signatures, freshness: keep the class
-            raise type(wrong)(text, source=path)
+            raise type(wrong)(text, source=source)
         if wrong is not None:
-            raise ChecksumError(text, source=path)
+            raise ChecksumError(text, source=source)
         # the path first even when a reason names it again (`repo sign` writes timestamp.json)
-        raise TransportError(f"{path}: {text}", url=path)
+        raise TransportError(f"{source}: {text}", url=source)
 
     # -- whole small files -------------------------------------------------------------
 
@@ -316,6 +322,21 @@ class Mirrors:
     def note_bytes(self, n: int) -> None:
         """Count ``n`` bytes received by a caller's own fetcher."""
         self._count(n)
+
+
+#: a repository's file named at the start of a reason (``index/1.json: not signed ...``)
+_FILE = re.compile(r"[\w.-]+(?:/[\w.-]+)*\.[a-z]+")
+
+
+def _where(mirror: str, at: str, why: str) -> tuple[str, str]:
+    """The error line's place and reason when the only mirror failed (not "FILE: every
+    mirror failed: MIRROR: ..."): the file under the mirror when the reason starts with
+    its name, else where it failed (the file's URL, or the mirror itself when that is
+    missing)."""
+    name, sep, rest = why.partition(": ")
+    if sep and at.startswith(mirror) and _FILE.fullmatch(name):
+        return f"{mirror}/{name}", rest
+    return at, why
 
 
 def _file_blake3(path: Path) -> str:
