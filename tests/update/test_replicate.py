@@ -6,6 +6,7 @@ tree-sum of the received subvolume equals the source."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -355,6 +356,69 @@ def test_the_commit_comes_while_the_receiver_seals(fs2: tuple[Path, Path], tmp_p
     assert not cursor.get("inflight")
 
 
+@pytest.mark.parametrize("kind", ["dir", pytest.param("btrfs", marks=pytest.mark.btrfs)])
+def test_the_receiver_is_written_out_before_the_final_name_and_the_committed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """A commit survives a power cut on the receiver: DEST is written out (``syncfs``: the
+    files' data, the seal) before the state names the sendshot and the subvolume takes its
+    final name, and again before COMMITTED moves the sender's cursor (which lets prune
+    delete the base the receiver held before). Before, a power cut after COMMITTED could
+    take back the final name, or leave it on a tree whose data was still in memory."""
+    import threading
+
+    from btrdelta.receive import subvolumes
+    from btrdelta.update import replica as replica_mod
+    from btrdelta.update.channels import SocketChannel
+    from tests.conftest import btrfs_loop
+
+    events: list[str] = []
+    real_sync, real_rename, real_save = (replica_mod.syncfs, subvolumes.rename_noreplace,
+                                         replica_mod.write_atomic)
+    send = MessageIO.send
+
+    def spy_sync(fd: int) -> None:
+        real_sync(fd)
+        events.append("syncfs")
+
+    def spy_rename(*args: object) -> None:
+        real_rename(*args)  # type: ignore[arg-type]
+        events.append("rename")
+
+    def spy_save(path: object, data: bytes, **kw: object) -> None:
+        real_save(path, data, **kw)  # type: ignore[arg-type]
+        events.append("state")
+
+    def spy_send(io: MessageIO, msg: object) -> None:
+        if isinstance(msg, Committed):
+            events.append("COMMITTED")
+        send(io, msg)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(replica_mod, "syncfs", spy_sync)
+    monkeypatch.setattr(subvolumes, "rename_noreplace", spy_rename)
+    monkeypatch.setattr(replica_mod, "write_atomic", spy_save)
+    monkeypatch.setattr(MessageIO, "send", spy_send)
+    with contextlib.ExitStack() as stack:
+        top = tmp_path if kind == "dir" else stack.enter_context(btrfs_loop("300M"))
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "f").write_bytes(os.urandom(300_000))
+        dest = top / "dest"
+        dest.mkdir()
+        a, b = socket.socketpair()
+        served: list[object] = []
+        receiver = threading.Thread(
+            target=lambda: served.append(Replica(dest).serve(SocketChannel(a, "sender"))))
+        receiver.start()
+        res = replicate(src, SocketChannel(b, "receiver"), store=SendshotStore(
+            tmp_path / "store"), segment=SEG)
+        receiver.join(30)
+        a.close()
+        b.close()
+        assert res.outcome == "committed", res
+        assert events[-5:] == ["syncfs", "state", "rename", "syncfs", "COMMITTED"], events
+        assert tree_sum(dest / res.name) == tree_sum(src)
+
+
 def test_already_current_and_refusals(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
@@ -376,6 +440,40 @@ def test_already_current_and_refusals(tmp_path: Path) -> None:
     assert replicate(src, ch, store=other, allow_full=True).outcome == "committed"
     ch.close()
     assert len(_visible(dest)) == 2
+
+
+def test_an_unchanged_directory_is_already_current(tmp_path: Path) -> None:
+    """A plain directory sent again unchanged: its incremental carries no change, so it is
+    not committed (the receiver would hold the same tree twice): exit 0, `nothing to
+    send`, no new subvolume, no temporary left, the store keeps no record of it and the
+    cursor stays; a change then goes as an incremental from the state held."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "a").write_bytes(os.urandom(5000))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    cli = [sys.executable, "-m", "btrdelta", "replicate", str(src), str(dest), "--store",
+           str(tmp_path / "store")]
+    first = json.loads(subprocess.run([*cli, "--json"], capture_output=True, text=True,
+                                      check=True).stdout)
+    store = SendshotStore(tmp_path / "store")
+    records = [r.digest for r in store.records_list()]
+    again = subprocess.run(cli, capture_output=True, text=True, check=False)
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.startswith("replicate: nothing to send: the receiver holds "
+                                   f"{first['name']}, the current state"), again.stderr
+    assert _visible(dest) == {first["name"]}
+    assert [n for n in os.listdir(dest) if n.startswith(".btrdelta-tmp")] == []
+    assert [r.digest for r in store.records_list()] == records
+    cursor = store.cursors()[first["receiver"]]
+    assert (cursor["digest"], cursor["name"], cursor.get("inflight")) == \
+        (first["sendshot"], first["name"], None)
+    os.utime(src / "d" / "a", (1, 1))  # (a change of metadata only is a change)
+    changed = json.loads(subprocess.run([*cli, "--json"], capture_output=True, text=True,
+                                        check=True).stdout)
+    assert (changed["outcome"], changed["kind"], changed["base"]) == \
+        ("committed", "incremental", first["sendshot"]), changed
+    assert tree_sum(dest / changed["name"]) == tree_sum(src)
 
 
 def _stream(records: list[object]) -> bytes:

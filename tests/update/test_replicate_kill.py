@@ -2,20 +2,27 @@
 just before and just after each write of the receiver's `DEST/.btrdelta-partial/meta.json`
 (a new transfer, each acknowledged segment, the stream complete) and of its state (the
 sendshot named before the final name), and just after each write of the sender's
-`cursors.json` (the transfer in flight, its sendshot named before the COMMIT, the commit).
-The next run completes: the new subvolume once, equal to the source (tree-sum), the
-earlier one untouched, no temporary subvolume or partial transfer left, the cursor on
-the committed sendshot with nothing in flight.
+`cursors.json` (the transfer in flight, its sendshot named before the COMMIT, the commit);
+then at each step of the commit, DEST a plain directory and a btrfs: the receiver before
+and after each write-out of DEST (as it seals; after the final name, before COMMITTED),
+the sender just after its COMMIT went out. The next run completes: the new subvolume
+once (a commit the killed run made is adopted, never sent again), equal to the source
+(tree-sum), the earlier one untouched, no temporary subvolume or partial transfer left,
+the cursor on the committed sendshot with nothing in flight; a change after it goes as an
+incremental from it.
 
 The kill is a `sitecustomize` on the child's path that wraps `fs.atomic.write_atomic`
-(every one of these files is written through it) and kills its own process at the N-th
-write of the named file."""
+(every one of these files is written through it), `Replica._write_out` or the sending of
+a COMMIT, and kills its own process at the N-th call."""
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,21 +41,50 @@ import os, signal
 _spec = os.environ.get("BTRDELTA_TEST_KILL_AT")
 if _spec:
     _name, _n, _when = _spec.split(":")
-    import btrdelta.fs.atomic as _atomic
-    _real, _seen = _atomic.write_atomic, [0]
+    _seen = [0]
 
-    def write_atomic(path, data, **kw):
-        hit = os.path.basename(os.fspath(path)) == _name
+    def _at(hit, when):
+        if hit and _when == when:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _count(hit):
         if hit:
             _seen[0] += 1
-            hit = _seen[0] == int(_n)
-        if hit and _when == "before":
-            os.kill(os.getpid(), signal.SIGKILL)
-        _real(path, data, **kw)
-        if hit and _when == "after":
-            os.kill(os.getpid(), signal.SIGKILL)
+            return _seen[0] == int(_n)
+        return False
 
-    _atomic.write_atomic = write_atomic
+    if _name == "write-out":  # the receiver's syncfs of DEST (1: at the seal, 2: renamed)
+        from btrdelta.update.replica import Replica
+        _real_out = Replica._write_out
+
+        def _write_out(self):
+            hit = _count(True)
+            _at(hit, "before")
+            _real_out(self)
+            _at(hit, "after")
+
+        Replica._write_out = _write_out
+    elif _name == "COMMIT":  # the sender, once its COMMIT is on the wire
+        from btrdelta.update.channels import MessageIO
+        _real_send = MessageIO.send
+
+        def send(self, msg):
+            hit = _count(type(msg).__name__ == "Commit")
+            _real_send(self, msg)
+            _at(hit, "after")
+
+        MessageIO.send = send
+    else:  # a file written through fs.atomic.write_atomic
+        import btrdelta.fs.atomic as _atomic
+        _real = _atomic.write_atomic
+
+        def write_atomic(path, data, **kw):
+            hit = _count(os.path.basename(os.fspath(path)) == _name)
+            _at(hit, "before")
+            _real(path, data, **kw)
+            _at(hit, "after")
+
+        _atomic.write_atomic = write_atomic
 '''
 
 
@@ -89,28 +125,39 @@ def _round_one(tmp_path: Path) -> tuple[Path, Path, SendshotStore, str]:
 
 
 def _completes(src: Path, dest: Path, store: SendshotStore, old_sum: str) -> None:
-    """The next run (nothing killed) commits; everything is as after an uncut one. (When
-    the killed run's receiver had committed, the next run of a plain directory, which is
-    sent again each time, adds a third state: the killed run's is then its base.)"""
+    """The next run (nothing killed) completes; everything is as after an uncut one: the
+    receiver holds the new tree once. (When the killed run's receiver had committed, the
+    next run finds it, adopted when the sender had not heard of the commit, and is refused
+    ``already-current``: the source is unchanged since, a plain directory's incremental
+    carries no change and is not committed.) Then a change goes as an incremental from
+    that state, not the whole tree again."""
     os.environ.pop("BTRDELTA_TEST_KILL_AT", None)
     committed = _visible(dest)[1:]
     ch = spawn_local(str(dest))
     res = replicate(src, ch, store=store, segment=SEG)
     ch.close()
-    if res.outcome == "refused":  # (btrfs: the killed run's commit adopted, nothing new)
-        assert "already-current" in res.message, res
+    if committed:
+        assert (res.outcome, res.message.split(":")[0]) == ("refused", "already-current"), res
     else:
-        assert res.outcome == "committed", res
-    old, *new = _visible(dest)
+        assert (res.outcome, res.adopted) == ("committed", ""), res
+    old, new = _visible(dest)  # the new tree once, never twice
     assert tree_sum(dest / old) == old_sum
-    assert new[:len(committed)] == committed
-    assert len(new) == len(committed) + (res.outcome == "committed")
-    assert all(tree_sum(dest / n) == tree_sum(src) for n in new)
+    assert tree_sum(dest / new) == tree_sum(src)
     assert not [n for n in os.listdir(dest) if n.startswith(".btrdelta-tmp-")]
     assert not (dest / ".btrdelta-partial").exists()
     cursor = store.cursors()[Replica(dest).ident]
     assert not cursor.get("inflight"), cursor
     assert cursor["digest"] == store.records_list()[-1].digest
+    assert cursor["name"] == new, cursor
+    held = cursor["digest"]
+    (src / "after").write_bytes(b"a" * 3000)
+    ch = spawn_local(str(dest))
+    res = replicate(src, ch, store=store, segment=SEG)
+    ch.close()
+    assert (res.outcome, res.kind, res.base) == ("committed", "incremental", held), res
+    assert res.size < SEG // 4, res
+    assert _visible(dest) == [old, new, res.name]
+    assert tree_sum(dest / res.name) == tree_sum(src)
 
 
 #: the receiver's writes in the second round: meta.json at the start (1), after each of the
@@ -261,3 +308,98 @@ def test_a_sender_killed_before_its_first_cursor_leaks_no_snapshot(tmp_path: Pat
         for name in kept:
             subprocess.run(["btrfs", "subvolume", "delete", str(fs / name)], check=True,
                            capture_output=True)
+
+
+def _in_dest(kind: str, tmp_path: Path) -> Iterator[Path]:
+    """``tmp_path`` (a plain directory DEST: the directory backend), or a btrfs loop."""
+    if kind == "dir":
+        yield tmp_path
+        return
+    from tests.conftest import btrfs_loop
+
+    with btrfs_loop("400M") as fs:
+        yield fs
+
+
+#: the end of a transfer on the receiver: its write-out of DEST (``syncfs``) while it
+#: seals the subvolume (1: END acknowledged, before the state names the sendshot and the
+#: subvolume its final name), and after the final name (2: before the COMMITTED)
+COMMIT_POINTS = [("write-out", 1, "before"), ("write-out", 1, "after"),
+                 ("write-out", 2, "before"), ("write-out", 2, "after")]
+
+
+@pytest.mark.parametrize("kind", ["dir", pytest.param("btrfs", marks=pytest.mark.btrfs)])
+@pytest.mark.parametrize(("name", "n", "when"), COMMIT_POINTS)
+def test_a_receiver_killed_at_each_step_of_the_commit(tmp_path: Path, shim: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      kind: str, name: str, n: int,
+                                                      when: str) -> None:
+    """Killed before its final name, the next run resumes the complete transfer (nothing
+    sent again but the COMMIT); killed after it, before the sender heard COMMITTED, the
+    next run adopts it and sends nothing (the source is unchanged: ``already-current``,
+    not a second copy); then a change goes as an incremental from it."""
+    for top in _in_dest(kind, tmp_path):
+        src, dest, store, old_sum = _round_one(top)
+        monkeypatch.setenv("BTRDELTA_TEST_KILL_AT", f"{name}:{n}:{when}")
+        ch = spawn_local(str(dest))
+        with pytest.raises(TransportError):
+            replicate(src, ch, store=store, segment=SEG)
+        ch.close()
+        assert ch.proc is not None
+        assert ch.proc.returncode == -9, ch.err  # killed there, not finished
+        assert len(_visible(dest)) == 1 + (n == 2)  # the final name once renamed
+        cursor = store.cursors()[Replica(dest).ident]
+        assert cursor["inflight"]["sendshot"], cursor  # in doubt: named before the COMMIT
+        _completes(src, dest, store, old_sum)
+
+
+@pytest.mark.parametrize("kind", ["dir", pytest.param("btrfs", marks=pytest.mark.btrfs)])
+def test_a_sender_killed_once_its_commit_is_sent(tmp_path: Path, shim: Path,
+                                                 kind: str) -> None:
+    """The sender killed (SIGKILL) just after its COMMIT went out: the receiver commits and
+    its COMMITTED finds no one. The next run adopts the subvolume (the cursor names the
+    sendshot in flight), sends nothing, and the receiver holds the new tree once."""
+    for top in _in_dest(kind, tmp_path):
+        src, dest, store, old_sum = _round_one(top)
+        env = {**os.environ, "BTRDELTA_TEST_KILL_AT": "COMMIT:1:after"}
+        proc = subprocess.run([sys.executable, "-m", "btrdelta", "replicate", str(src),
+                               str(dest), "--store", store.path, "--segment", str(SEG),
+                               "-q"], env=env, capture_output=True, text=True, timeout=120,
+                              check=False)
+        assert proc.returncode == -9, proc.stderr
+        # the receiver (a fork of the sender) goes on alone: its lock is free once its
+        # conversation is over
+        fd = os.open(dest / ".btrdelta-replica.lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        finally:
+            os.close(fd)
+        assert len(_visible(dest)) == 2, _visible(dest)
+        _completes(src, dest, store, old_sum)
+
+
+def test_a_complete_transfer_written_out_is_resumed_after_a_restart(
+        tmp_path: Path, shim: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the whole stream is applied and DEST written out (before the state names the
+    sendshot), the partial transfer says so (``complete``, no boot id): a receiver that
+    loses its power there, before its final name, is resumed after the restart with only
+    the COMMIT (a meta of an earlier boot is discarded, and its stream sent again whole)."""
+    src, dest, store, old_sum = _round_one(tmp_path)
+    monkeypatch.setenv("BTRDELTA_TEST_KILL_AT", ".btrdelta-replica.json:1:before")
+    ch = spawn_local(str(dest))
+    with pytest.raises(TransportError):
+        replicate(src, ch, store=store, segment=SEG)
+    ch.close()
+    assert ch.proc is not None
+    assert ch.proc.returncode == -9, ch.err
+    meta = json.loads((dest / ".btrdelta-partial" / "meta.json").read_text())
+    assert (meta["complete"], meta["boot"]) == (True, None), meta
+    monkeypatch.delenv("BTRDELTA_TEST_KILL_AT")
+    ch = spawn_local(str(dest))
+    res = replicate(src, ch, store=store, segment=SEG)
+    ch.close()
+    assert (res.outcome, res.kind, res.sent) == ("committed", "resume", 0), res
+    assert res.resumed_from == res.size, res
+    old, new = _visible(dest)
+    assert tree_sum(dest / old) == old_sum
+    assert tree_sum(dest / new) == tree_sum(src)

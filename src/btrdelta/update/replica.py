@@ -18,8 +18,10 @@ applies the stream's records as their bytes arrive with :func:`btrdelta.receive.
 stream is the one planned (its UUID, name and parent, clones only from the parent or
 itself); END only once its segment is verified. A segment is acknowledged once its digest
 and the chain of digests match its CHECKPOINT and its records are applied. The complete
-subvolume takes its final name only after the COMMIT (size and chain) matched and the
-state names its sendshot; then COMMITTED. A sender that refuses, lies or is cut off after
+subvolume takes its final name only after the COMMIT (size and chain) matched, DEST was
+written out (``syncfs``: its data on the disk before any name does) and the state names its
+sendshot; then DEST is written out again and COMMITTED sent: what the sender is told it
+holds survives a power cut. A sender that refuses, lies or is cut off after
 END leaves no subvolume under its final name (one cut off leaves it complete under its
 temporary name, the partial transfer acknowledged to the stream's end and marked
 ``complete``: the next PLAN resumes there and only the COMMIT is sent).
@@ -507,6 +509,7 @@ class Replica:
                 got = self._receive(events, point, progress, meta, partial)
             events.drain()
             partial.drop()
+            self._write_out()  # (the final name on the disk before the sender hears of it)
             io.send(Committed(got.name, got.uuid))
             return ServeResult("committed", received=got, received_bytes=inbox.added)
         except PeerRefused as exc:
@@ -577,22 +580,37 @@ class Replica:
             return  # (the next conversation discards it and says why)
         if doc is None or not doc.get("boot"):
             return
+        self._write_out()
+        partial.save(doc, synced=True)
+
+    def _record(self, pending: PendingSubvol, inbox: Inbox,
+                written: Callable[[], None] | None = None) -> None:
+        """The COMMIT read (size and chain checked): the subvolume is on the disk (DEST
+        written out: ``written`` waits for the thread doing it, else it is done here) and
+        the state names its sendshot, before the subvolume takes its final name."""
+        commit = inbox.commit
+        if commit is None:
+            raise ProtocolError("no COMMIT after the stream's END")
+        if written is not None:
+            written()
+        else:
+            self._write_out()
+        self.state.setdefault("received", {})[os.fsdecode(pending.name)] = \
+            commit.sendshot or None
+        self._save(self.state)
+
+    def _write_out(self) -> None:
+        """``syncfs`` of DEST: what was received (and the seal, the final name) is on the
+        disk. Before the final name, so that a power cut never leaves a name on a tree
+        whose data was still in memory (btrfs commits a rename without writing out the
+        files' delayed allocations; ext4 too may commit it first); after it, before the
+        COMMITTED, so that what the sender is told it holds survives a power cut: its
+        cursor moves on, and prune deletes the sendshot it held before."""
         fd = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             syncfs(fd)
         finally:
             os.close(fd)
-        partial.save(doc, synced=True)
-
-    def _record(self, pending: PendingSubvol, inbox: Inbox) -> None:
-        """The COMMIT read (size and chain checked): the state names the subvolume's
-        sendshot, before the subvolume takes its final name."""
-        commit = inbox.commit
-        if commit is None:
-            raise ProtocolError("no COMMIT after the stream's END")
-        self.state.setdefault("received", {})[os.fsdecode(pending.name)] = \
-            commit.sendshot or None
-        self._save(self.state)
 
     def _receive(self, events: _Events, point: ResumePoint | None, progress: Any,
                  meta: dict[str, Any], partial: PartialTransfer) -> ReceivedSubvol:
@@ -616,7 +634,10 @@ class Replica:
             COMMIT comes while the subvolume is sealed; a cut meanwhile is raised after
             the seal, where it keeps the subvolume for a resume."""
 
-            cut: TransportError | None = None
+            def __init__(self) -> None:
+                self.cut: TransportError | None = None
+                self.writing: Started | None = None
+                self.failed: list[BaseException] = []
 
             def before_seal(self, pending: PendingSubvol) -> None:
                 try:
@@ -627,13 +648,34 @@ class Replica:
                     events.acknowledge_end()
                 except TransportError as exc:
                     self.cut = exc
+                # DEST written out while the subvolume is sealed and the COMMIT comes
+                self.writing = Started(self._write_out, "write-out")
+
+            def _write_out(self) -> None:
+                try:
+                    replica._write_out()
+                except BaseException as exc:  # raised again by written()
+                    self.failed.append(exc)
+
+            def written(self) -> None:
+                """Until DEST is written out; then the partial transfer (complete) says
+                so: a power cut from here on costs only the COMMIT again."""
+                if self.writing is None:
+                    return
+                self.writing.join()
+                self.writing = None
+                if self.failed:
+                    raise self.failed[0]
+                partial.save(meta, synced=True)
 
             def __call__(self, pending: PendingSubvol) -> None:
                 if self.cut is not None:
+                    self.written()
                     raise self.cut
                 if events.after_end():
+                    self.written()
                     raise ProtocolError("data after the stream's END")
-                replica._record(pending, events.inbox)
+                replica._record(pending, events.inbox, self.written)
 
         try:
             got = receive(events, self.dest, stop_at_end=True, backend=self.backend,

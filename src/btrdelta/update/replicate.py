@@ -13,7 +13,12 @@ the size, the chain and the new sendshot; after COMMITTED the receiver's cursor 
 and sendshots of this source that no receiver needs are pruned. The cursor names the new
 sendshot (in flight) before the COMMIT goes out: when the connection drops after the
 receiver committed but before COMMITTED arrived, prune keeps it and the next conversation
-adopts the subvolume the HOLDINGS list under the transfer's name (:meth:`_Sender._adopt`).
+adopts the subvolume the HOLDINGS list under the transfer's name (:meth:`_Sender._adopt`);
+when they list neither it nor a partial transfer of it, the session is abandoned, its
+snapshot and record deleted (:meth:`_Sender._abandon`). An incremental stream that changes
+nothing (a plain directory sent again unchanged, the run after an adopted commit) gets a
+REFUSE ``already-current`` in place of its COMMIT (:meth:`_Sender._unchanged`): a receiver
+never holds one state twice because a run was repeated.
 
 Resumable: a writable btrfs source is read from a read-only snapshot kept (next to it,
 named ``.btrdelta-replicate-<session>-<store>-<pid>``) until the receiver committed (on a
@@ -156,6 +161,9 @@ class _Wire:
         self.full = _GROUP_V3 if self.version >= 3 else _GROUP
         self.group = _FIRST_GROUP
         self.plan: Plan | None = None
+        #: records that change something (not the header, not END): an incremental with
+        #: none is the base again, not committed (:meth:`_Sender._unchanged`)
+        self.changes = 0
         self._pieces: list[Any] = []
         self._small = bytearray()
         self._n = self._group = 0
@@ -182,6 +190,8 @@ class _Wire:
     def on_record(self, rec: Record) -> None:
         if self.plan is None:
             self._begin(rec)
+        else:
+            self.changes += rec.__class__ is not End
         if self._n >= self.size or rec.__class__ is End:
             self.end_segment()
         elif self._group >= self.group:
@@ -471,7 +481,7 @@ class _Sender:
         io = self.io
         hello: Hello = io.expect(Hello)
         holdings: Holdings = io.expect(Holdings)
-        self.rid = hello.ident
+        self.rid, self.holdings = hello.ident, holdings
         cursor = self.store.cursors().get(self.rid, {})
         inflight = cursor.get("inflight") or None
         if inflight and self._adopt(inflight, holdings, records):
@@ -494,8 +504,8 @@ class _Sender:
             assert holdings.partial is not None
             return self._stream(inflight, holdings.partial.offset, holdings.partial.segments,
                                 holdings.partial.chain)
-        if inflight and inflight.get("snapshot"):
-            drop_snapshot(os.fsencode(inflight["snapshot"]))  # an abandoned session
+        if inflight:  # an abandoned session (the receiver did not commit it)
+            self._abandon(inflight, choice.base.digest if choice.base else None)
         scanned: ScanStream | None = None
         snap: bytes | None
         if early is not None:
@@ -544,9 +554,12 @@ class _Sender:
             wire.end_segment()
             if naming is not None and not wire.named:  # (a stream with no segment)
                 naming.wait()
-            # the cursor names the sendshot before the COMMIT, written while the receiver
-            # applies the last segments and seals the subvolume
-            flight = self._name_sendshot(flight, result)
+            assert wire.plan is not None
+            unchanged = wire.plan.parent_uuid is not None and not wire.changes
+            if not unchanged:
+                # the cursor names the sendshot before the COMMIT, written while the
+                # receiver applies the last segments and seals the subvolume
+                flight = self._name_sendshot(flight, result)
             wire.finish()
         except _Diverged:
             wire.finish()
@@ -570,6 +583,8 @@ class _Sender:
             raise
         plan, chain, offset, sent = wire.plan, wire.chain, wire.offset, wire.sent
         assert plan is not None
+        if unchanged:
+            return self._unchanged(flight, result, plan, sent, offset)
         recorded = result.recorded.digest if result.recorded is not None else ""
         io.send(Commit(offset, chain, recorded))
         done: Committed = io.expect(Committed)
@@ -590,6 +605,37 @@ class _Sender:
         return ReplicateResult("committed", plan.kind, done.name, self.rid, plan.base or None,
                                recorded, sent, plan.offset, offset, pruned=pruned,
                                estimate=plan.estimate or wire.estimate)
+
+    def _unchanged(self, flight: dict[str, Any], result: Any, plan: Plan, sent: int,
+                   size: int) -> ReplicateResult:
+        """An incremental that changes nothing (only its SNAPSHOT and END: the source is
+        the base again, e.g. a plain directory sent again, or the run after one whose
+        commit was adopted) is not committed: a second copy of the same tree would be all
+        it adds. REFUSE ``already-current`` instead of the COMMIT (the receiver removes
+        the subvolume), the cursor stays on the base, the stream's record and the
+        session's snapshot go."""
+        base = flight.get("base") or ""
+        held = self._held(base)
+        said = f"the receiver holds {held.name if held else base[:16]}, the current state"
+        self.io.send(Refuse("already-current", said))
+        extra = {"name": held.name, "uuid": str(held.uuid)} if held is not None else {}
+        self.store.set_cursor(self.rid, base or None, **extra)
+        if result.recorded is not None and result.recorded.digest != base:
+            with contextlib.suppress(BtrdeltaError):
+                self.store.delete(result.recorded.digest)
+        if flight.get("snapshot"):
+            drop_snapshot(os.fsencode(flight["snapshot"]))
+        return ReplicateResult("refused", plan.kind, "", self.rid, base or None, None, sent,
+                               plan.offset, size, f"already-current: {said}",
+                               estimate=plan.estimate)
+
+    def _held(self, digest: str) -> Any:
+        """The receiver's subvolume received as sendshot ``digest`` (by the digest its
+        state names, else by the sendshot's stream UUID), or None."""
+        record = next((r for r in self.store.records_list() if r.digest == digest), None)
+        uuid = record.head.stream_uuid if record is not None else None
+        return next((h for h in self.holdings.held if h.sendshot == digest or (
+            uuid is not None and uuid in (h.received_uuid, h.uuid))), None)
 
     def _name_sendshot(self, flight: dict[str, Any], result: Any) -> dict[str, Any]:
         """The cursor names the sendshot the stream recorded (before the COMMIT: a cut
@@ -636,6 +682,18 @@ class _Sender:
         self._prune(mine[digest].head.subvol_uuid)
         self.adopted = held.name
         return True
+
+    def _abandon(self, inflight: dict[str, Any], base: str | None) -> None:
+        """Drop what an earlier run's session left that the receiver does not hold (not
+        committed, no partial transfer to resume): its snapshot, and the sendshot it
+        recorded (named in its cursor before its COMMIT, kept from prune until now) unless
+        it is the base chosen now or a cursor names it."""
+        if inflight.get("snapshot"):
+            drop_snapshot(os.fsencode(inflight["snapshot"]))
+        digest = inflight.get("sendshot")
+        if digest and digest != base:
+            with contextlib.suppress(BtrdeltaError):
+                self.store.delete(digest)
 
     def _forget(self, flight: dict[str, Any]) -> None:
         cursor = self.store.cursors().get(self.rid, {})
