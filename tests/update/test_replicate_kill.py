@@ -38,14 +38,19 @@ SEG = 1 << 20
 
 _SHIM = '''
 import os, signal
+if os.environ.get("BTRDELTA_TEST_BOOT_ID"):  # another boot (after a power cut)
+    import btrdelta.update.partial as _partial
+    _partial.boot_id = lambda: os.environ["BTRDELTA_TEST_BOOT_ID"]
 _spec = os.environ.get("BTRDELTA_TEST_KILL_AT")
 if _spec:
     _name, _n, _when = _spec.split(":")
     _seen = [0]
+    # SIGSTOP: the test takes the disk as it is then (a power cut), then kills it
+    _sig = signal.SIGSTOP if os.environ.get("BTRDELTA_TEST_CUT") == "stop" else signal.SIGKILL
 
     def _at(hit, when):
         if hit and _when == when:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), _sig)
 
     def _count(hit):
         if hit:
@@ -64,12 +69,12 @@ if _spec:
             _at(hit, "after")
 
         Replica._write_out = _write_out
-    elif _name == "COMMIT":  # the sender, once its COMMIT is on the wire
+    elif _name in ("COMMIT", "COMMITTED"):  # once that message is on the wire
         from btrdelta.update.channels import MessageIO
         _real_send = MessageIO.send
 
         def send(self, msg):
-            hit = _count(type(msg).__name__ == "Commit")
+            hit = _count(type(msg).__name__.upper() == _name)
             _real_send(self, msg)
             _at(hit, "after")
 
@@ -124,17 +129,17 @@ def _round_one(tmp_path: Path) -> tuple[Path, Path, SendshotStore, str]:
     return src, dest, store, old_sum
 
 
-def _completes(src: Path, dest: Path, store: SendshotStore, old_sum: str) -> None:
+def _completes(src: Path, dest: Path, store: SendshotStore, old_sum: str) -> object:
     """The next run (nothing killed) completes; everything is as after an uncut one: the
     receiver holds the new tree once. (When the killed run's receiver had committed, the
     next run finds it, adopted when the sender had not heard of the commit, and is refused
     ``already-current``: the source is unchanged since, a plain directory's incremental
     carries no change and is not committed.) Then a change goes as an incremental from
-    that state, not the whole tree again."""
+    that state, not the whole tree again. Returns what the next run did."""
     os.environ.pop("BTRDELTA_TEST_KILL_AT", None)
     committed = _visible(dest)[1:]
     ch = spawn_local(str(dest))
-    res = replicate(src, ch, store=store, segment=SEG)
+    res = first = replicate(src, ch, store=store, segment=SEG)
     ch.close()
     if committed:
         assert (res.outcome, res.message.split(":")[0]) == ("refused", "already-current"), res
@@ -158,6 +163,7 @@ def _completes(src: Path, dest: Path, store: SendshotStore, old_sum: str) -> Non
     assert res.size < SEG // 4, res
     assert _visible(dest) == [old, new, res.name]
     assert tree_sum(dest / res.name) == tree_sum(src)
+    return first
 
 
 #: the receiver's writes in the second round: meta.json at the start (1), after each of the
