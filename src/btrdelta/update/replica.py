@@ -658,12 +658,13 @@ class Replica:
                     self.failed.append(exc)
 
             def written(self) -> None:
-                """Until DEST is written out; then the partial transfer (complete) says
-                so: a power cut from here on costs only the COMMIT again."""
+                """Until DEST is written out (here, when the seal was not this
+                conversation's); then the partial transfer (complete) says so: a power
+                cut from here on costs only the COMMIT again."""
                 if self.writing is None:
-                    return
-                self.writing.join()
-                self.writing = None
+                    self._write_out()
+                else:
+                    self.writing.join()
                 if self.failed:
                     raise self.failed[0]
                 partial.save(meta, synced=True)
