@@ -267,6 +267,38 @@ def add_json(parser: argparse.ArgumentParser, what: str = "the result") -> None:
                              "(docs/cli-json.md)")
 
 
+def json_line(obj: dict[str, object]) -> str:
+    """``json.dumps(obj)``, made without importing :mod:`json` when ``obj`` is flat: its
+    keys text, its values text, ``int``, finite ``float``, ``bool`` or ``None`` (a
+    ``--json`` report of a small command). ``json``'s import compiles six regular
+    expressions (``re`` with it): ~2.5 ms of a small ``send --json``. The strings are
+    escaped by the C function ``json.dumps`` uses; anything else goes to ``json.dumps``."""
+    try:
+        from _json import encode_basestring_ascii as text
+    except ImportError:  # (another interpreter)
+        return _json_dumps(obj)
+    parts = []
+    for key, v in obj.items():
+        if v is None or v is True or v is False:
+            value = "null" if v is None else "true" if v else "false"
+        elif type(v) is str:
+            value = text(v)
+        elif type(v) is int or (type(v) is float and v - v == 0.0):  # (not NaN, not ±inf)
+            value = repr(v)
+        else:
+            return _json_dumps(obj)
+        if type(key) is not str:
+            return _json_dumps(obj)
+        parts.append(f"{text(key)}: {value}")
+    return "{" + ", ".join(parts) + "}"
+
+
+def _json_dumps(obj: object) -> str:
+    import json
+
+    return json.dumps(obj)
+
+
 def json_needs_stdout(args: argparse.Namespace, output: str | None) -> None:
     """Refuse ``--json`` when the payload itself goes to standard output."""
     if getattr(args, "json", False) and output in (None, "-"):

@@ -13,6 +13,7 @@ from ._common import (
     Quick,
     add_json,
     human_bytes,
+    json_line,
     json_needs_stdout,
     meant,
     open_output,
@@ -219,9 +220,7 @@ def run(args: argparse.Namespace) -> int:
         signer.finish()
     report["seconds"] = round(time.monotonic() - started, 3)
     if args.json:
-        import json
-
-        print(json.dumps(report))
+        print(json_line(report))
     elif args.verbose or progress_wanted(args):
         records = f"{report['records']} records, " if report["records"] is not None else ""
         progress.message(f"{report['output']}: {records}"
