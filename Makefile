@@ -39,7 +39,15 @@ $(VENV)/.cli-files: $(STAMP) $(SHARE_FILES)
 	@$(MAKE) -s install-cli-files PREFIX=$(CURDIR)/$(VENV)
 	@touch $@
 
-venv: $(STAMP) $(VENV)/.cli-files
+#: `python -m venv` (3.11) installs setuptools, whose distutils-precedence.pth imports
+#: _distutils_hack at the start of every process of the venv and puts a finder before each
+#: import (~0.5 ms of every btrdelta command): the package's build takes its own setuptools
+#: (pip's build isolation: pyproject.toml), so the venv has none (tests/test_venv.py)
+$(VENV)/.no-setuptools: $(STAMP)
+	@$(BIN)/python -m pip uninstall -q -y setuptools
+	@touch $@
+
+venv: $(STAMP) $(VENV)/.cli-files $(VENV)/.no-setuptools
 
 demo: sysdeps venv
 	@PATH="$(CURDIR)/$(BIN):$$PATH" scripts/demo.sh
