@@ -13,9 +13,10 @@ comparing content), :mod:`.order` (namespace changes in a valid order, orphans),
 :mod:`.sendshot` (sendshot records: the old side of an incremental send without the old
 tree).
 
-Importing this package is cheap: :mod:`.emit` (and with it the stream codec) and
-:mod:`.kernel` load on first use, so a caller can start a :class:`TreeScan` (child process,
-hashing threads) first and import the rest while the trees are being read.
+Importing this package is cheap: :mod:`.scan`, :mod:`.emit` (and with it the stream codec)
+and :mod:`.kernel` load on first use, so a caller can start a :class:`TreeScan` (child
+process, hashing threads) first and import the rest while the trees are being read, or
+freeze a live subvolume (:mod:`.live`) and import the rest while the kernel snapshots it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 
 from .. import TYPE_CHECKING
-from .scan import Tree, TreeScan, hash_contents, scan_tree
 
 if TYPE_CHECKING:
     from typing import Any
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from ..stream.writer import StreamWriter
     from .emit import COMPRESSORS, Sender
     from .kernel import is_readonly_snapshot, kernel_send
+    from .scan import Tree, TreeScan, hash_contents, scan_tree
     from .values import SendStats, StreamIds
 
 __all__ = [
@@ -56,8 +57,12 @@ _LAZY = {
     "SendStats": ".values",
     "Sender": ".emit",
     "StreamIds": ".values",
+    "Tree": ".scan",
+    "TreeScan": ".scan",
+    "hash_contents": ".scan",
     "is_readonly_snapshot": ".kernel",
     "kernel_send": ".kernel",
+    "scan_tree": ".scan",
 }
 
 PathArg = str | bytes | os.PathLike[str]

@@ -23,6 +23,7 @@ import contextlib
 import fcntl
 import os
 from collections.abc import Callable, Iterator
+from functools import partial
 from uuid import UUID
 
 from .._value import Value
@@ -105,12 +106,17 @@ def subvolume_uuid(path: str | bytes | os.PathLike[str]) -> UUID | None:
 
 
 @contextlib.contextmanager
-def frozen(source: str | bytes | os.PathLike[str], *, snapshot: bool = True) -> Iterator[Frozen]:
+def frozen(source: str | bytes | os.PathLike[str], *, snapshot: bool = True,
+           meanwhile: Callable[[], object] | None = None) -> Iterator[Frozen]:
     """The tree to read for ``source`` (see the module docstring).
 
     Args:
         source: a directory: a btrfs subvolume (read-only or writable) or any tree.
         snapshot: take a temporary snapshot of a writable subvolume (False: read it live).
+        meanwhile: called once before the tree is given: in this thread while another one
+            makes the snapshot (the kernel commits a transaction: 6-15 ms, the GIL released;
+            the CLI imports the send's modules meanwhile), else at once. The snapshot is
+            deleted when it raises.
 
     Raises:
         BtrdeltaError: ``source`` is not a directory, or the snapshot cannot be made.
@@ -119,17 +125,17 @@ def frozen(source: str | bytes | os.PathLike[str], *, snapshot: bool = True) -> 
     if not os.path.isdir(path):
         raise BtrdeltaError("not a directory", path=path)
     info = _subvol_of(path)
-    if info is None:
-        yield Frozen(path, None, warning=LIVE_WARNING)
-        return
-    if info.readonly or not snapshot:
-        yield Frozen(path, info, warning="" if info.readonly else LIVE_WARNING)
+    if info is None or info.readonly or not snapshot:
+        if meanwhile is not None:
+            meanwhile()
+        yield Frozen(path, info, warning="" if info is not None and info.readonly
+                     else LIVE_WARNING)
         return
     _drop_leftovers(path, info.uuid)
     name = f"{TMP_PREFIX}{os.getpid()}-{os.urandom(4).hex()}".encode()
     src_fd = os.open(path, _DIR)
     try:
-        where, dir_fd = _snapshot_next_to(path, name, src_fd)
+        where, dir_fd = _snapshot_next_to(path, name, src_fd, meanwhile)
         try:
             snap = os.path.join(where, name)
             snap_fd = -1
@@ -194,9 +200,11 @@ def drop_leftovers(path: bytes, uuid: UUID, stale: Callable[[bytes], bool]) -> l
     return dropped
 
 
-def _snapshot_next_to(path: bytes, name: bytes, src_fd: int) -> tuple[bytes, int]:
+def _snapshot_next_to(path: bytes, name: bytes, src_fd: int,
+                      meanwhile: Callable[[], object] | None = None) -> tuple[bytes, int]:
     """Make the read-only snapshot ``name`` in the parent directory of ``path`` (else, when
-    that is another filesystem or not writable, inside ``path``); (directory, its fd)."""
+    that is another filesystem or not writable, inside ``path``); (directory, its fd).
+    ``meanwhile``: called while the first snapshot is made (:func:`frozen`)."""
     last: OSError | None = None
     for where in (os.path.dirname(path) or b".", path):
         try:
@@ -204,14 +212,55 @@ def _snapshot_next_to(path: bytes, name: bytes, src_fd: int) -> tuple[bytes, int
         except OSError as exc:
             last = exc
             continue
+        make = partial(create_snapshot, dir_fd, name, src_fd, readonly=True)
         try:
-            create_snapshot(dir_fd, name, src_fd, readonly=True)
-            return where, dir_fd
-        except OSError as exc:
+            failed = _made(make) if meanwhile is None else _beside(make, meanwhile)
+        except BaseException:  # (``meanwhile``'s: the snapshot made beside it goes)
+            with contextlib.suppress(OSError):
+                delete_subvolume(dir_fd, name)
             os.close(dir_fd)
-            last = exc
+            raise
+        meanwhile = None
+        if failed is None:
+            return where, dir_fd
+        os.close(dir_fd)
+        last = failed
     assert last is not None
     raise BtrdeltaError(f"cannot snapshot the subvolume: {last.strerror}", path=path) from last
+
+
+def _made(make: Callable[[], None]) -> OSError | None:
+    """``make()``; its ``OSError`` returned."""
+    try:
+        make()
+    except OSError as exc:
+        return exc
+    return None
+
+
+def _beside(make: Callable[[], None], meanwhile: Callable[[], object]) -> OSError | None:
+    """``make()`` in a thread while ``meanwhile()`` runs in this one; ``make``'s ``OSError``
+    returned, any other error raised once both have ended (``meanwhile``'s first)."""
+    import threading
+
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            make()
+        except BaseException as exc:  # (given to the caller's thread)
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, name="btrdelta-snapshot", daemon=True)
+    thread.start()
+    try:
+        meanwhile()
+    finally:
+        thread.join()
+    if failed and not isinstance(failed[0], OSError):
+        raise failed[0]
+    return failed[0] if failed else None  # type: ignore[return-value]
+
 
 
 def keep_snapshot(source: str | bytes | os.PathLike[str], name: bytes) -> bytes | None:

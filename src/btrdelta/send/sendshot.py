@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from functools import partial
 
 from .. import TYPE_CHECKING
@@ -334,6 +335,7 @@ def send_with_sendshots(
     source_name: bytes | None = None,
     durable: bool = True,
     scanned: ScanStream | None = None,
+    tree: Frozen | None = None,
 ) -> SendshotResult:
     """Send ``source`` (full, or against the sendshot ``from_sendshot``) to ``write``.
 
@@ -355,6 +357,8 @@ def send_with_sendshots(
             that froze it).
         durable: ``fsync`` the new record before naming it (``docs/formats/sendshot.md`` §4).
         scanned: a walk of ``source`` started already (:class:`~.scan.ScanStream`).
+        tree: ``source`` frozen already (:func:`~.live.frozen`, by a caller that imported
+            the send's modules while its snapshot was made); ``snapshot`` is not used.
 
     Raises:
         MissingBaseError: no such sendshot.
@@ -363,7 +367,7 @@ def send_with_sendshots(
     path = os.path.abspath(os.fsencode(source))
     src = os.path.abspath(source_name) if source_name is not None else path
     stream_name = name or os.path.basename(src) or b"subvol"
-    with frozen(path, snapshot=snapshot) as fz:
+    with nullcontext(tree) if tree is not None else frozen(path, snapshot=snapshot) as fz:
         damaged: list[str] = []
         base, cols, sweep = _load_swept(store, from_sendshot, src, fz, candidates, damaged)
         seed = base.head.seed if base is not None else store.seed()
