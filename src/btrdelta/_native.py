@@ -22,7 +22,8 @@ name           module                          what it runs instead of the Pytho
                                                file's (``receive`` clones them)
 ``sweep``      ``btrdelta.fs._sweep``          the inode items of a change sweep's search
                                                results (one call a buffer, not Python per
-                                               item)
+                                               item); ioctls with buffers over 1 KiB made
+                                               without the GIL (``fcntl.ioctl`` keeps it)
 ``columns``    ``btrdelta.tree._columns``      a sendshot record's column offsets (running
                                                sums, the rows of the files) without a Python
                                                int per value; the kept rows' runs copied

@@ -4,17 +4,23 @@ say after each operation."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import itertools
 import os
 import re
 import shutil
 import subprocess
+import sys
+import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from btrdelta import _native
 from btrdelta.fs.btrfs import (
     FILEATTR_FLAGS,
     FS_FLAGS_KNOWN,
@@ -42,6 +48,7 @@ from .conftest import mount_source, progs, subvolume_show
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _BTRFS_BITS = sum(f.bit for f in FILEATTR_FLAGS)
+_FITHAW = 0xC0045878  # _IOWR('X', 120, int)
 
 
 def _open(path: Path, flags: int = _DIR) -> int:
@@ -260,3 +267,59 @@ def test_numbers_match_the_kernel_headers(tmp_path: Path) -> None:
     got = [int(v) for v in subprocess.run([str(tmp_path / "n")], check=True,
                                           capture_output=True, text=True).stdout.split()]
     assert got == [*IOCTLS.values(), *(f.fs_bit for f in FILEATTR_FLAGS), FS_TREE]
+
+
+@pytest.mark.btrfs
+def test_subvolume_ioctls_let_other_threads_run(btrfs_mnt: Path, top: int) -> None:
+    """Creating, snapshotting and deleting a subvolume (4 KiB arguments, which Python 3.11's
+    ``fcntl.ioctl`` makes holding the GIL) let other threads run meanwhile: a replication
+    deletes its snapshot in a thread while the main one moves the cursor. Each call is made
+    on a frozen filesystem (``fsfreeze``: it waits in the kernel until the thaw); a thread
+    thaws it 0.2 s later, which it can only do if the call released the GIL (else a
+    process thaws it after 5 s, and the thread has not run when the call returns: the
+    switch interval is one minute meanwhile)."""
+    assert _native.live("sweep") is not None  # (the C accelerators are built for the tests)
+    create_subvolume(top, b"gil-sv")
+    src = _open(btrfs_mnt / "gil-sv")
+    try:
+        calls = {"create": lambda: create_subvolume(top, b"gil-new"),
+                 "snapshot": lambda: create_snapshot(top, b"gil-snap", src, readonly=True),
+                 "delete": lambda: delete_subvolume(top, b"gil-snap")}
+        ran = {what: _frozen_during(btrfs_mnt, call) for what, call in calls.items()}
+    finally:
+        os.close(src)
+    assert ran == dict.fromkeys(calls, True)
+    names = os.listdir(btrfs_mnt)
+    assert "gil-new" in names
+    assert "gil-snap" not in names
+    for name in (b"gil-new", b"gil-sv"):
+        delete_subvolume(top, name)
+
+
+def _frozen_during(mnt: Path, call: Callable[[], object]) -> bool:
+    """Make ``call`` on ``mnt`` frozen; whether a thread thawing it ran before it returned."""
+    ran = threading.Event()
+    fd = _open(mnt)
+
+    def thaw() -> None:
+        time.sleep(0.2)
+        ran.set()
+        with contextlib.suppress(OSError):
+            fcntl.ioctl(fd, _FITHAW, 0)
+
+    subprocess.run(["fsfreeze", "-f", mnt], check=True)
+    backstop = subprocess.Popen(["sh", "-c", f"sleep 5; fsfreeze -u '{mnt}' 2>/dev/null"])
+    thread = threading.Thread(target=thaw)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(60)  # (the GIL changes hands only when a thread blocks)
+    try:
+        thread.start()
+        call()
+        return ran.is_set()
+    finally:
+        sys.setswitchinterval(interval)
+        thread.join()
+        backstop.kill()
+        backstop.wait()
+        subprocess.run(["fsfreeze", "-u", mnt], capture_output=True, check=False)
+        os.close(fd)

@@ -201,12 +201,19 @@ def _raise_errno(filename: str | None = None) -> NoReturn:
     raise OSError(err, os.strerror(err), filename)
 
 
+def _ioctl(fd: int, request: int, buf: bytearray) -> None:
+    """``fcntl.ioctl(fd, request, buf)`` without the GIL (the ``sweep`` accelerator's call):
+    Python 3.11's keeps it for the whole call when ``buf`` is over 1 KiB (vol args, searches,
+    INO_LOOKUP), stopping every other thread (a snapshot: 6-15 ms; its deletion: 15-90 ms)."""
+    native = _native.live("sweep")
+    (fcntl.ioctl if native is None else native.search)(fd, request, buf)
+
+
 def _vol_args(name: bytes, fd: int = 0) -> bytearray:
     if len(name) > _VOL_NAME_MAX:
         raise OSError(36, "subvolume name too long")  # ENAMETOOLONG
     buf = bytearray(4096)
-    struct.pack_into("<q", buf, 0, fd)
-    buf[8 : 8 + len(name)] = name
+    struct.pack_into(f"<q{len(name)}s", buf, 0, fd, name)
     return buf
 
 
@@ -227,7 +234,7 @@ def is_btrfs(fd: int) -> bool:
 
 def create_subvolume(dir_fd: int, name: bytes) -> None:
     """Create an empty subvolume ``name`` in directory ``dir_fd``."""
-    fcntl.ioctl(dir_fd, _SUBVOL_CREATE, _vol_args(name))
+    _ioctl(dir_fd, _SUBVOL_CREATE, _vol_args(name))
 
 
 def create_snapshot(dir_fd: int, name: bytes, source_fd: int, *, readonly: bool = False) -> None:
@@ -237,16 +244,12 @@ def create_snapshot(dir_fd: int, name: bytes, source_fd: int, *, readonly: bool 
     if len(name) > 4039:
         raise OSError(36, "subvolume name too long")
     buf[56 : 56 + len(name)] = name
-    # (the accelerator's call releases the GIL while the kernel commits the snapshot's
-    # transaction, 6-15 ms; fcntl.ioctl's of a buffer this size keeps it: send.live.frozen
-    # imports the send's modules meanwhile)
-    native = _native.live("sweep")
-    (fcntl.ioctl if native is None else native.search)(dir_fd, _SNAP_CREATE_V2, buf)
+    _ioctl(dir_fd, _SNAP_CREATE_V2, buf)
 
 
 def delete_subvolume(dir_fd: int, name: bytes) -> None:
     """Delete subvolume ``name`` of directory ``dir_fd`` (its content too)."""
-    fcntl.ioctl(dir_fd, _SNAP_DESTROY, _vol_args(name))
+    _ioctl(dir_fd, _SNAP_DESTROY, _vol_args(name))
 
 
 def set_received(fd: int, received_uuid: UUID, stransid: int) -> None:
@@ -342,7 +345,7 @@ def _tree_search(
             buf, 0, tree, objectid, objectid, offset_min, offset_max, 0, _U64_MAX,
             key_type, key_type, 4096, 0, 0, 0, 0, 0,
         )
-        fcntl.ioctl(fd, _TREE_SEARCH, buf)
+        _ioctl(fd, _TREE_SEARCH, buf)
         nr_items = struct.unpack_from("<I", buf, 64)[0]
         if not nr_items:
             return
@@ -445,15 +448,12 @@ def _searches(fd: int, size: int, key: Callable[[bytearray], None]
     search key before each call: the caller moves it past the last item it was given."""
     request, start = _TREE_SEARCH_V2, _SEARCH_KEY.size + 8
     buf = bytearray(start + size)
-    # (the accelerator's call releases the GIL, fcntl.ioctl's of a buffer this size not)
-    native = _native.live("sweep")
-    ioctl = fcntl.ioctl if native is None else native.search
     while True:
         key(buf)
         if request == _TREE_SEARCH_V2:
             struct.pack_into("<Q", buf, _SEARCH_KEY.size, size)
         try:
-            ioctl(fd, request, buf)
+            _ioctl(fd, request, buf)
         except OSError as exc:
             if request != _TREE_SEARCH_V2 or exc.errno not in (errno.ENOTTY, errno.EINVAL):
                 raise
@@ -531,7 +531,7 @@ def dir_path(fd: int, ino: int) -> bytes | None:
 def _ino_lookup(fd: int, tree: int, objectid: int) -> bytes:
     buf = bytearray(4096)
     struct.pack_into("<QQ", buf, 0, tree, objectid)
-    fcntl.ioctl(fd, _INO_LOOKUP, buf)
+    _ioctl(fd, _INO_LOOKUP, buf)
     return bytes(buf[16:]).split(b"\0", 1)[0]
 
 
