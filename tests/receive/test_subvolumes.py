@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -207,3 +209,137 @@ def test_receive_runs_the_hook_before_each_final_name(dest: Path) -> None:
     assert info.value.index == len(FULL) - 1  # located at the END that finished it
     assert [n.startswith(TMP_PREFIX) for n in names] == [True, True]
     assert _entries(dest) == ["A"]
+
+
+def _refused(root: Path) -> list[str]:
+    """The changes to the tree at ``root`` the kernel refused with EROFS (each tried)."""
+    tries = {
+        "write": lambda: os.close(os.open(root / "f", os.O_WRONLY)),
+        "create": lambda: os.close(os.open(root / "new", os.O_WRONLY | os.O_CREAT, 0o644)),
+        "utimes": lambda: os.utime(root / "f", ns=(1, 1)),
+        "chmod": lambda: os.chmod(root / "f", 0o600),
+        "setxattr": lambda: os.setxattr(root / "f", "user.x", b"1"),
+        "mkdir": lambda: os.mkdir(root / "d"),
+        "rename": lambda: os.rename(root / "f", root / "g"),
+        "unlink": lambda: os.unlink(root / "f"),
+    }
+    out = []
+    for name, change in tries.items():
+        try:
+            change()
+        except OSError as exc:
+            if exc.errno == errno.EROFS:
+                out.append(name)
+    return out
+
+
+@pytest.mark.parametrize("slow", ["flag", "commit"])
+def test_the_hook_sees_the_read_only_subvolume_while_the_flag_commits(
+        btrfs_mnt: Path, monkeypatch: pytest.MonkeyPatch, slow: str) -> None:
+    """The pre-commit hook runs once the read-only flag is in effect, while its transaction
+    still commits (the ioctl has not returned: ``commit``, a commit 0.3 s longer), and not
+    before the flag is set (``flag``: the ioctl starts 0.3 s late): each time the kernel
+    already refuses every change the hook tries."""
+    from btrdelta.receive import subvolumes
+
+    real = subvolumes.set_readonly
+    returned = threading.Event()
+
+    def set_readonly(fd: int, readonly: bool = True) -> None:
+        if slow == "flag":
+            time.sleep(0.3)
+        real(fd, readonly)
+        if slow == "commit":
+            time.sleep(0.3)
+        returned.set()
+
+    monkeypatch.setattr(subvolumes, "set_readonly", set_readonly)
+    dest = btrfs_mnt / f"dest-{uuid.uuid4().hex[:8]}"
+    dest.mkdir()
+    seen: list[tuple[list[str], bool]] = []
+    with Subvolumes(dest) as subs:
+        pending = subs.begin(b"slot", UUID_A, 7)
+        _write(pending.sandbox, b"f", b"content")
+        done = subs.finish(pending, pre_commit=lambda p: seen.append(
+            (_refused(p.path), returned.is_set())))
+    ((refused, after_return),) = seen
+    assert refused == ["write", "create", "utimes", "chmod", "setxattr", "mkdir", "rename",
+                       "unlink"]
+    assert slow == "flag" or not after_return  # "commit": the hook ran 0.3 s before it
+    assert returned.is_set()  # before the final name
+    assert (done.path / "f").read_bytes() == b"content"
+    show = subvolume_show(done.path)
+    assert show["Flags"] == "readonly"
+    assert show["Received UUID"] == str(UUID_A)
+
+
+@pytest.mark.parametrize(("when", "hook_fails"), [("before", False), ("after", False),
+                                                 ("after", True)])
+def test_a_read_only_flag_that_fails_removes_the_subvolume(
+        btrfs_mnt: Path, monkeypatch: pytest.MonkeyPatch, when: str, hook_fails: bool) -> None:
+    """The flag's ioctl failing (``before`` it took effect, or ``after``: set, then cleared
+    as the kernel clears it when its commit fails): its error is raised, the hook's instead
+    when the hook failed too, and the subvolume is removed; a flag that never took effect
+    does not run the hook on a writable subvolume."""
+    from btrdelta.receive import subvolumes
+
+    real = subvolumes.set_readonly
+
+    def set_readonly(fd: int, readonly: bool = True) -> None:
+        if when == "after":
+            real(fd, True)
+            time.sleep(0.3)
+            real(fd, False)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(subvolumes, "set_readonly", set_readonly)
+    dest = btrfs_mnt / f"dest-{uuid.uuid4().hex[:8]}"
+    dest.mkdir()
+    calls: list[list[str]] = []
+
+    def hook(pending: PendingSubvol) -> None:
+        calls.append(_refused(pending.path))
+        if hook_fails:
+            raise ChecksumError("does not verify")
+
+    with Subvolumes(dest) as subs:
+        pending = subs.begin(b"slot", UUID_A, 7)
+        _write(pending.sandbox, b"f", b"content")
+        with pytest.raises(ChecksumError if hook_fails else OSError) as info:
+            subs.finish(pending, pre_commit=hook)
+        assert hook_fails or info.value.errno == errno.EIO
+        assert calls == ([] if when == "before" else [["write", "create", "utimes", "chmod",
+                                                      "setxattr", "mkdir", "rename",
+                                                      "unlink"]])
+        assert subs.find(UUID_A) is None
+    assert _entries(dest) == []
+    assert TMP_PREFIX not in progs("subvolume", "list", dest)
+
+
+def test_the_flag_is_waited_for_when_its_effect_cannot_be_seen(
+        btrfs_mnt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A root that refused writes before the flag (not root, an immutable directory): the
+    change cannot be seen, so the hook waits for the ioctl to return."""
+    from btrdelta.receive import subvolumes
+
+    real = subvolumes.set_readonly
+    returned = threading.Event()
+
+    def set_readonly(fd: int, readonly: bool = True) -> None:
+        real(fd, readonly)
+        time.sleep(0.3)
+        returned.set()
+
+    monkeypatch.setattr(subvolumes, "set_readonly", set_readonly)
+    dest = btrfs_mnt / f"dest-{uuid.uuid4().hex[:8]}"
+    dest.mkdir()
+    with Subvolumes(dest) as subs:
+        pending = subs.begin(b"slot", UUID_A, 7)
+        assert pending.sandbox is not None
+        flag = subvolumes._ReadOnly(pending.sandbox.root_fd)
+        flag.begin()
+        flag.wait_in_effect(was_writable=False)
+        assert returned.is_set()
+        flag.end()
+        flag.end()  # (once more: nothing)
+        subs.abort(pending)
