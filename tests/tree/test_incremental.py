@@ -372,9 +372,11 @@ def _derived(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     counts = [0, 0]
 
     class Spy:
+        unchanged = staticmethod(walk.unchanged)
+
         @staticmethod
         def derive(*args: Any) -> None:
-            *walked, out, keys, handed_back = args
+            *walked, out, keys, handed_back, proven = args if len(args) == 9 else (*args, None)
 
             backs: list[bytes] = []
 
@@ -383,7 +385,7 @@ def _derived(monkeypatch: pytest.MonkeyPatch) -> list[int]:
                 handed_back(rel)
 
             before = len(keys)
-            walk.derive(*walked, out, keys, back)
+            walk.derive(*walked, out, keys, back, proven)
             counts[1] += len(backs)
             counts[0] += len(keys) - before - len(backs)  # (handed_back() keeps keys too)
 
@@ -420,13 +422,91 @@ def test_on_a_snapshot_the_c_walk_gives_the_full_sum(btrfs_mnt: Path, case: str,
     assert OVERLAID.get(case) not in read
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_on_a_snapshot_the_parent_looked_at_before_the_seal_gives_the_full_sum(
+        btrfs_mnt: Path, case: str, hashed: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """:meth:`Changes.start` finds the parent's entries still as hashed (``unchanged``)
+    before the seal; the walk after it looks at none of the parent's and gives the full
+    tree-sum, the lines of untouched inodes still restated, not read. A change of the
+    parent after that (after the snapshot: not in the new tree) changes nothing."""
+    from btrdelta import _native
+
+    mnt = btrfs_mnt / ("early-" + case.replace(" ", "-").replace(",", ""))
+    mnt.mkdir()
+    parent = _subvol_parent(mnt)
+    digests = verified_digests(parent)
+    new = _snapshot(mnt, parent, "new")
+    changes = Changes()
+    _apply(new, changes, [_snap(), *CASES[case]])
+    counts = _derived(monkeypatch)
+    walk = _native.live("treewalk")
+    assert walk is not None
+    given: list[object] = []
+    real_derive = walk.derive
+    monkeypatch.setattr(walk, "derive", lambda *a: given.append(a[-1]) or real_derive(*a))
+    changes.start(new, digests)
+    assert changes._started is not None
+    assert changes._started[4] is not None
+    changes._started[4].result()
+    with open(parent / "top", "r+b") as f:  # after the snapshot and start()'s look
+        f.write(b"changed")
+    hashed.clear()
+    got = changes.tree_sum(new, digests)
+    read = {os.path.relpath(p, os.fsencode(new)) for p in hashed}
+    assert got.identity == tree_sum(new)
+    assert len(given) == 1
+    assert isinstance(given[0], set)
+    assert b"top" in given[0]
+    assert b"d/f" in given[0]
+    assert counts[0] >= 5
+    assert b"top" not in read or case == "xattr only"
+    assert OVERLAID.get(case) not in read
+
+
+def test_unchanged_tells_the_parent_entries_still_as_hashed(btrfs_mnt: Path) -> None:
+    """``_treewalk.unchanged``: the entries whose inode, size, mtime and ctime are the
+    hashed ones; not one changed since (its ctime moved, mtime put back), not one gone,
+    and not one reached through a symlink that took its directory's place (the directory
+    renamed: the very inode, unchanged, behind it)."""
+    from btrdelta import _native
+
+    walk = _native.live("treewalk")
+    assert walk is not None
+    mnt = btrfs_mnt / "unchanged"
+    mnt.mkdir()
+    parent = _subvol_parent(mnt)
+    digests = verified_digests(parent)
+    everything = set(digests.entries)
+    assert walk.unchanged(os.fsencode(parent), digests.entries) == everything
+    os.chmod(parent / "top", 0o600)
+    os.chmod(parent / "top", 0o644)
+    os.utime(parent / "top", ns=(T, T))
+    os.unlink(parent / "link")
+    os.rename(parent / "d", parent / "moved")
+    os.symlink("moved", parent / "d")
+    for p in (parent, parent / "d", parent / "moved"):
+        os.utime(p, ns=(T, T), follow_symlinks=False)
+    got = walk.unchanged(os.fsencode(parent), digests.entries)
+    assert got == {rel for rel in everything
+                   if rel not in (b".", b"top", b"link") and not rel.startswith(b"d")}
+    assert b"e/keep" in got
+    assert walk.unchanged(os.fsencode(mnt / "nothing"), digests.entries) == set()
+    assert walk.unchanged(os.fsencode(parent), {}) == set()
+    with pytest.raises(TypeError):
+        walk.derive(b"/", b"/", {}, None, None, [], {}, print, [b"a list"])
+
+
+@pytest.mark.parametrize("early", [False, True])
 def test_on_a_snapshot_a_parent_changed_after_it_was_hashed_is_read_again(
-        btrfs_mnt: Path, hashed: list[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+        btrfs_mnt: Path, hashed: list[bytes], monkeypatch: pytest.MonkeyPatch,
+        early: bool) -> None:
     """The parent changed behind the update's back after it was hashed, before its
-    snapshot (same size, mtime put back): the C walk finds its ctime moved, the file is read,
-    and the sum is the new tree's, not the parent's digests'. A symlink, an xattr and a
-    directory's mode changed the same way are read again too."""
-    mnt = btrfs_mnt / "changed"
+    snapshot (same size, mtime put back): the C walk finds its ctime moved (``early``:
+    :meth:`Changes.start`'s look at the parent does), the file is read, and the sum is the
+    new tree's, not the parent's digests'. A symlink, an xattr and a directory's mode
+    changed the same way are read again too."""
+    mnt = btrfs_mnt / f"changed-{early}"
     mnt.mkdir()
     parent = _subvol_parent(mnt)
     digests = verified_digests(parent)
@@ -442,6 +522,8 @@ def test_on_a_snapshot_a_parent_changed_after_it_was_hashed_is_read_again(
     changes = Changes()
     _apply(new, changes, [_snap()])
     counts = _derived(monkeypatch)
+    if early:
+        changes.start(new, digests)
     hashed.clear()
     got = changes.tree_sum(new, digests)
     assert got.identity == tree_sum(new) != digests.identity

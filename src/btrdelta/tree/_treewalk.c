@@ -103,6 +103,7 @@ typedef struct {
     PyObject *record;    /* "record" */
     struct Scan *scan;   /* phase 1's nodes, made by walk_tree() (no Python objects) */
     const char *root, *proot;
+    PyObject *proven;    /* NULL, or the set unchanged() gave: no fstatat() in the parent */
 } Walk;
 
 /* Names of the Entry fields a restated entry gets (restate()), interned once. */
@@ -218,10 +219,13 @@ static int contains(PyObject *set, PyObject *rel) {
 /* What the parent gives for one entry (see the file comment): a new reference to the
  * parent's Entry, a bytes line or None; NULL with an exception. */
 static PyObject *lookup_in(Walk *w, PyObject *entry, PyObject *pkey, const Lstat *st,
-                           PyObject *key, const Stamp *pst);
+                           PyObject *key, const Stamp *pst, int proven);
 
 static PyObject *lookup(Walk *w, PyObject *rel, const Lstat *st, PyObject *key,
                         const Stamp *pst) {
+    int proven = w->proven == NULL ? -1 : PySet_Contains(w->proven, rel);
+    if (proven == -1 && w->proven != NULL)
+        return NULL;
     PyObject *found = PyDict_GetItemWithError(w->parent, rel);
     if (found == NULL) {
         if (PyErr_Occurred())
@@ -232,13 +236,13 @@ static PyObject *lookup(Walk *w, PyObject *rel, const Lstat *st, PyObject *key,
         Py_RETURN_NONE;
     Py_INCREF(found); /* (borrowed from the dict; held while its items are used) */
     PyObject *out = lookup_in(w, PyTuple_GET_ITEM(found, 0), PyTuple_GET_ITEM(found, 1), st,
-                              key, pst);
+                              key, pst, proven);
     Py_DECREF(found);
     return out;
 }
 
 static PyObject *lookup_in(Walk *w, PyObject *entry, PyObject *pkey, const Lstat *st,
-                           PyObject *key, const Stamp *pst) {
+                           PyObject *key, const Stamp *pst, int proven) {
     if (!PyTuple_Check(pkey) || PyTuple_GET_SIZE(pkey) != 8)
         Py_RETURN_NONE;
     int is_dir = S_ISDIR(st->mode), is_file = S_ISREG(st->mode);
@@ -261,11 +265,12 @@ static PyObject *lookup_in(Walk *w, PyObject *entry, PyObject *pkey, const Lstat
         Py_RETURN_NONE;
     if (is_file && size != st->size)
         Py_RETURN_NONE;
-    /* the parent's entry as it was hashed: inode, size, mtime, ctime */
-    if (pst == NULL)
+    /* the parent's entry as it was hashed: inode, size, mtime, ctime (seen by unchanged()
+     * after the snapshot was made, or by phase 1) */
+    if (proven == 0)
         Py_RETURN_NONE;
-    if (pst->ino != (unsigned long long)ino || pst->size != size || pst->mtime != mtime ||
-        pst->ctime != ctime)
+    if (proven < 0 && (pst == NULL || pst->ino != (unsigned long long)ino ||
+                       pst->size != size || pst->mtime != mtime || pst->ctime != ctime))
         Py_RETURN_NONE;
     /* the line memoized in the entry's __dict__ (Entry.record made it), else made now */
     PyObject *src = PyObject_GenericGetDict(entry, NULL);
@@ -527,7 +532,7 @@ static void *walk_tree(void *arg) {
         top->len = 1;
         keep(&top->st, &st);
         sc->dev = st.st_dev;
-        int pdir = open(w->proot, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        int pdir = w->proven != NULL ? -1 : open(w->proot, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         top->has_pst = pdir >= 0 && fstat(pdir, &pst) == 0;
         if (top->has_pst)
             stamp_of(&top->pst, &pst);
@@ -633,9 +638,15 @@ static int derive_all(Walk *w) {
 static PyObject *derive(PyObject *self, PyObject *args) {
     const char *root, *proot;
     PyObject *parent, *hold, *hold_tree, *out = NULL, *keys = NULL, *on_held = NULL;
-    if (!PyArg_ParseTuple(args, "yyO!OO|O!O!O", &root, &proot, &PyDict_Type, &parent, &hold,
-                          &hold_tree, &PyList_Type, &out, &PyDict_Type, &keys, &on_held))
+    PyObject *proven = Py_None;
+    if (!PyArg_ParseTuple(args, "yyO!OO|O!O!OO", &root, &proot, &PyDict_Type, &parent, &hold,
+                          &hold_tree, &PyList_Type, &out, &PyDict_Type, &keys, &on_held,
+                          &proven))
         return NULL;
+    if (proven != Py_None && !PyAnySet_Check(proven)) {
+        PyErr_SetString(PyExc_TypeError, "proven must be a set or None");
+        return NULL;
+    }
     if ((hold != Py_None && !PyAnySet_Check(hold)) ||
         (hold_tree != Py_None && !PyAnySet_Check(hold_tree))) {
         PyErr_SetString(PyExc_TypeError, "hold and hold_tree must be sets or None");
@@ -651,7 +662,8 @@ static PyObject *derive(PyObject *self, PyObject *args) {
     pthread_mutex_init(&sc->mu, NULL);
     pthread_cond_init(&sc->cv, NULL);
     Walk w = {parent, hold, hold_tree, out != NULL ? Py_NewRef(out) : PyList_New(0), keys,
-              on_held, PyUnicode_FromString("record"), sc, root, proot};
+              on_held, PyUnicode_FromString("record"), sc, root, proot,
+              proven == Py_None ? NULL : proven};
     if (w.out == NULL || w.record == NULL || derive_all(&w) != 0)
         goto fail;
     if (sc->rc) {
@@ -676,12 +688,132 @@ fail:
     return NULL;
 }
 
+/* ---- unchanged(): the parent's stamps, looked at before the check ---- */
+
+typedef struct {
+    const char *name; /* the last component of rel (in the bytes object held) */
+    Py_ssize_t up;    /* index of the entry of its directory, -1: the root's, -2: none */
+    Stamp want;       /* inode, size, mtime, ctime it was hashed with */
+    int fd;           /* a directory's, opened when an entry in it is looked at (-1: none) */
+    int same;
+} Look;
+
+/* The directory descriptor entry i is looked up in (opened on first use, as phase 1 opens
+ * them: no symlink followed), or -1. */
+static int dir_of(Look *look, Py_ssize_t i, int root) {
+    Py_ssize_t up = look[i].up;
+    if (up == -1)
+        return root;
+    if (up < 0)
+        return -1;
+    if (look[up].fd == -2) {
+        int in = dir_of(look, up, root);
+        look[up].fd = in < 0 ? -1 : openat(in, look[up].name, DIR_FLAGS);
+    }
+    return look[up].fd;
+}
+
+/* Fill look[0..n) from the parent's digests (rel -> (Entry, key)); rels[i] holds each
+ * rel. 0, or -1 with an exception. */
+static int look_at(PyObject *parent, PyObject **rels, Look *look, Py_ssize_t n) {
+    PyObject *index = PyDict_New(), *rel, *value;
+    Py_ssize_t pos = 0, i = 0;
+    int rc = index == NULL ? -1 : 0;
+    while (rc == 0 && i < n && PyDict_Next(parent, &pos, &rel, &value)) {
+        Look *l = &look[i];
+        long long v[4] = {0, 0, 0, 0};
+        l->fd = -2;
+        l->up = -2;
+        rels[i++] = Py_NewRef(rel);
+        if (!PyBytes_Check(rel) || !PyTuple_Check(value) || PyTuple_GET_SIZE(value) != 2)
+            continue;
+        PyObject *key = PyTuple_GET_ITEM(value, 1);
+        if (!PyTuple_Check(key) || PyTuple_GET_SIZE(key) != 8)
+            continue;
+        for (int k = 0; k < 4 && rc == 0; k++)
+            rc = key_at(key, k, &v[k]);
+        PyObject *at = rc ? NULL : PyLong_FromSsize_t(i - 1);
+        rc = at == NULL ? -1 : PyDict_SetItem(index, rel, at);
+        Py_XDECREF(at);
+        if (rc)
+            break;
+        l->want = (Stamp){(unsigned long long)v[0], v[1], v[2], v[3], 0};
+        const char *path = PyBytes_AS_STRING(rel), *slash = strrchr(path, '/');
+        l->name = slash ? slash + 1 : path;
+        if (slash == NULL) {
+            l->up = -1;
+            continue;
+        }
+        PyObject *dir = PyBytes_FromStringAndSize(path, slash - path);
+        PyObject *found = dir == NULL ? NULL : PyDict_GetItemWithError(index, dir);
+        Py_XDECREF(dir);
+        if (found != NULL)
+            l->up = PyLong_AsSsize_t(found);
+        else if (PyErr_Occurred())
+            rc = -1;
+    }
+    Py_XDECREF(index);
+    return rc;
+}
+
+/* unchanged(parent_root, parent) -> set of the rels of parent (rel -> (Entry, key)) whose
+ * entry under parent_root has the inode, size, mtime and ctime it was hashed with now
+ * (fstatat() in its directory, opened without following symlinks; a directory before its
+ * entries, as the walk lists them). Called after a snapshot of parent_root was made, it
+ * tells what phase 1's fstatat() in the parent tells (ctimes only go forward: unchanged
+ * now is unchanged since the hashing, the snapshot included): derive(..., proven) then
+ * makes none, so the check's walk after the seal has half the lstat()s. */
+static PyObject *unchanged(PyObject *self, PyObject *args) {
+    const char *proot;
+    PyObject *parent;
+    if (!PyArg_ParseTuple(args, "yO!", &proot, &PyDict_Type, &parent))
+        return NULL;
+    Py_ssize_t n = PyDict_GET_SIZE(parent), got = 0;
+    PyObject **rels = calloc(n ? n : 1, sizeof *rels);
+    Look *look = calloc(n ? n : 1, sizeof *look);
+    PyObject *out = rels && look ? PySet_New(NULL) : PyErr_NoMemory();
+    if (out != NULL && look_at(parent, rels, look, n) != 0)
+        Py_CLEAR(out);
+    for (Py_ssize_t i = 0; rels != NULL && i < n && rels[i] != NULL; i++)
+        got = i + 1;
+    if (out != NULL) {
+        Py_BEGIN_ALLOW_THREADS
+        int root = open(proot, DIR_FLAGS);
+        for (Py_ssize_t i = 0; i < got && root >= 0; i++) {
+            struct stat st;
+            int in = look[i].up == -2 ? -1 : dir_of(look, i, root);
+            Stamp *w = &look[i].want;
+            look[i].same = in >= 0 && fstatat(in, look[i].name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+                           st.st_ino == w->ino && st.st_size == w->size &&
+                           ns(&st.st_mtim) == w->mtime && ns(&st.st_ctim) == w->ctime;
+        }
+        for (Py_ssize_t i = 0; i < got; i++)
+            if (look[i].fd >= 0)
+                close(look[i].fd);
+        if (root >= 0)
+            close(root);
+        Py_END_ALLOW_THREADS
+    }
+    for (Py_ssize_t i = 0; i < got; i++) {
+        if (out != NULL && look[i].same && PySet_Add(out, rels[i]) != 0)
+            Py_CLEAR(out);
+        Py_DECREF(rels[i]);
+    }
+    free(rels);
+    free(look);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"derive", derive, METH_VARARGS,
      "derive(root, parent_root, parent, hold, hold_tree) -> [(rel, key, got)]: the walk "
      "of an incremental tree-sum (see the module's C source). derive(..., out, keys, "
      "on_held) -> None: each got appended to out, its key in keys[rel], on_held(rel) "
-     "called for each entry handed back, in walk order."},
+     "called for each entry handed back, in walk order; derive(..., on_held, proven): "
+     "the parent's stamps are not looked at, proven (unchanged()'s) tells them."},
+    {"unchanged", unchanged, METH_VARARGS,
+     "unchanged(parent_root, parent) -> set of the rels of parent whose entry has the "
+     "stamp it was hashed with now (see the module's C source)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -125,9 +125,11 @@ class Changes:
         self._incremental = False
         #: parent path -> the last path a WRITE or TRUNCATE named it by
         self._named: dict[bytes, bytes] = {}
-        #: what :meth:`start` began: (new root, parent, pool, early overlay digests)
+        #: what :meth:`start` began: (new root, parent, pool, early overlay digests, the
+        #: parent's entries proven unchanged: the C walk's ``unchanged``, or None)
         self._started: tuple[bytes, Digests, ThreadPoolExecutor,
-                             dict[bytes, tuple[Future[str | None], _Stamp]]] | None = None
+                             dict[bytes, tuple[Future[str | None], _Stamp]],
+                             Future[set[bytes]] | None] | None = None
         #: hashing threads started by :meth:`warm`, not used yet
         self._pool: ThreadPoolExecutor | None = None
 
@@ -186,10 +188,15 @@ class Changes:
         while the subvolume is being made read-only): the overlay digests of the written
         files (:meth:`_overlay_early`) are computed in threads from now. Each is used only
         if the walk finds its file with the stamp it had when hashing began, so a change
-        after this call costs the digest, not the result. :meth:`close` stops them when no
-        :meth:`tree_sum` follows. The threads :meth:`warm` started are the ones used
-        (stopping them here and starting others cost numpy's hop about a millisecond of the
-        applying thread)."""
+        after this call costs the digest, not the result. First of all, the parent's
+        entries still as they were hashed are found (the C walk's ``unchanged``: an
+        fstatat() of each), so the walk after the seal makes none in the parent: that the
+        parent's entry is unchanged now, after ``path`` was snapshotted from it, says it
+        was unchanged when the snapshot was made (a change sets the ctime, and ctimes only
+        go forward), which is all the walk's fstatat() after the seal says. :meth:`close`
+        stops them when no :meth:`tree_sum` follows. The threads :meth:`warm` started are
+        the ones used (stopping them here and starting others cost numpy's hop about a
+        millisecond of the applying thread)."""
         started, self._started = self._started, None
         if started is not None:
             started[2].shutdown(wait=True, cancel_futures=True)
@@ -197,12 +204,15 @@ class Changes:
             return
         new_root = os.fsencode(path)
         pool = self._take_pool()
+        walk = _native.live("treewalk")
         try:
+            proven = None if walk is None else pool.submit(
+                walk.unchanged, os.fsencode(parent.root), parent.entries)
             early = self._overlay_early(pool, new_root, parent)
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
-        self._started = (new_root, parent, pool, early)
+        self._started = (new_root, parent, pool, early, proven)
 
     def close(self) -> None:
         """Stop what :meth:`warm` and :meth:`start` began (threads joined)."""
@@ -224,8 +234,9 @@ class Changes:
         started, self._started = self._started, None
         pool: ThreadPoolExecutor | None = None
         early: dict[bytes, tuple[Future[str | None], _Stamp]] = {}
+        proven: Future[set[bytes]] | None = None
         if started is not None and started[0] == new_root and started[1] is parent and usable:
-            pool, early = started[2], started[3]
+            pool, early, proven = started[2], started[3], started[4]
         elif started is not None:
             started[2].shutdown(wait=True, cancel_futures=True)
         if pool is None and usable:
@@ -277,19 +288,21 @@ class Changes:
             if walk is None:
                 return _digests(path, tree_manifest(path, reuse=reuse, known=known), keys)
             return _digests(path, self._walk_c(walk, new_root, root, parent, reuse, known,
-                                               keys), keys)
+                                               keys, _result(proven)), keys)
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
 
     def _walk_c(self, walk: Any, new_root: bytes, root: bytes, parent: Digests,
-                reuse: Reuse, known: Known, keys: dict[bytes, _Key]) -> list[Entry]:
+                reuse: Reuse, known: Known, keys: dict[bytes, _Key],
+                proven: set[bytes] | None = None) -> list[Entry]:
         """The manifest of ``new_root`` by the C walk (``_treewalk.derive``): it lstat()s
         every entry and gives the parent's entry for an untouched inode (``known``'s rule),
         or the parent's entry restated (mode, uid, gid and mtime of this lstat, its line
         made in C) for a file, directory or symlink at the same path with the same inode,
         no record on its content or xattrs, one link, and a parent entry still as it was
-        hashed (``reuse``'s rule, in a snapshot); the others are made here as
+        hashed (``reuse``'s rule, in a snapshot; ``proven``: the parent's entries found so
+        by :meth:`start`, not looked at again); the others are made here as
         :func:`~.treesum.tree_manifest` makes them, with ``reuse`` and ``known``."""
         held = self._paths.moved()  # paths whose origin may not be themselves
         maker = EntryMaker(False, False, frozenset(), reuse, known)
@@ -302,7 +315,7 @@ class Changes:
             # the C walk appends to maker.out and keys, and calls handed_back, in walk
             # order, while its thread lstat()s the entries that follow
             walk.derive(new_root, root, parent.entries, set(self._dirty), held, maker.out,
-                        keys, handed_back)
+                        keys, handed_back, proven)
             return maker.finish()
         finally:
             maker.close()
@@ -334,6 +347,17 @@ class Changes:
         jobs.sort(key=lambda job: -job[2].st_size)
         return {rel: (pool.submit(_overlaid, new, st, old, key, ov), _stamp(st))
                 for rel, new, st, old, key, ov in jobs}
+
+
+def _result(proven: Future[set[bytes]] | None) -> set[bytes] | None:
+    """What :meth:`Changes.start`'s ``unchanged`` found (None: the walk looks at the
+    parent itself)."""
+    if proven is None:
+        return None
+    try:
+        return proven.result()
+    except Exception:  # (out of memory): phase 1 makes the fstatat()s as before
+        return None
 
 
 def _meet(barrier: threading.Barrier) -> None:
