@@ -358,6 +358,55 @@ def test_without_check_digest_nothing_is_hashed_but_count_and_size_are_checked(
             expand(with_end(**change), check_digest=False)
 
 
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_a_write_counted_not_made_has_the_size_of_its_bytes(version: int) -> None:
+    """The records-only expansion of an unhashed stream counts a regenerated WRITE by its
+    size: the size of its bytes, for every version and length (a PATH too long for the
+    format still fails as when it is made)."""
+    from btrdelta.delta.expand import _encode_write, _write_size
+    from btrdelta.errors import BtrdeltaError
+
+    for path, n in [(b"f", 0), (b"d/" * 100 + b"x", 1), (b"p", 4096), (b"q", 0xFFFF),
+                    (b"r", 128 << 10)]:
+        rec = R.Write(path, 12345, bytes(n))
+        try:
+            made = sum(len(p) for p in _encode_write(rec, version))
+        except BtrdeltaError as exc:  # (v1: 64 KiB of data does not fit)
+            with pytest.raises(type(exc)):
+                _write_size(rec, version)
+            continue
+        assert [len(p) for p in _write_size(rec, version)] == [made]
+    with pytest.raises(BtrdeltaError):
+        _write_size(R.Write(b"x" * 0x10000, 0, b"a"), version)
+
+
+def test_the_records_of_an_unhashed_expansion_are_the_streams_and_its_size_is_checked(
+        tmp_path: Path) -> None:
+    """``expand_events(..., check_digest=False)`` (``update``'s hop, WRITEs counted, not
+    made): the records are the plain stream's, and a DEND whose size is one byte off is
+    still refused."""
+    from btrdelta.delta.encoding import encode_item
+    from btrdelta.delta.events import expand_events
+    from btrdelta.delta.format import DeltaEnd
+
+    old, stream, delta = _patched_case(tmp_path, "hdiff")
+    want = [ev for ev in StreamReader(io.BytesIO(stream)).events()
+            if type(ev).__name__ != "StreamHeader"]
+
+    def records(data: bytes) -> list[object]:
+        return [ev for ev in expand_events(io.BytesIO(data), old, check_digest=False)
+                if type(ev).__name__ != "StreamHeader"]
+
+    assert records(delta) == want
+    end = delta_items(delta)[-1]
+    assert type(end) is DeltaEnd
+    tail = b"".join(bytes(p) for p in encode_item(end))
+    wrong = delta[: -len(tail)] + b"".join(bytes(p) for p in encode_item(
+        DeltaEnd(end.count, end.size + 1, end.hash_algo, bytes(end.digest))))
+    with pytest.raises(ChecksumError, match="DEND says"):
+        records(wrong)
+
+
 def _fd_open(fd: int) -> bool:
     try:
         os.fstat(fd)

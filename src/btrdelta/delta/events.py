@@ -122,7 +122,7 @@ def expand_batches(
     limit = _FIRST_BATCH
     outputs = expand_items(items, old_root, max_file_size=max_file_size, source=source,
                            clone_same=clone_same, hash_clones=hash_clones,
-                           check_digest=check_digest, flush=True)
+                           check_digest=check_digest, flush=True, records_only=True)
     with closing(outputs):  # closing this generator stops the recompression threads
         for kind, pieces, rec in outputs:
             cls = rec.__class__

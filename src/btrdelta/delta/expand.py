@@ -111,10 +111,12 @@ class _Expander:
     def __init__(
         self, old_root: OldRoot, max_file_size: int, source: str | None,
         clone_same: bool = False, hash_clones: bool = True, check_digest: bool = True,
-        flush: bool = False,
+        flush: bool = False, records_only: bool = False,
     ) -> None:
         self.old_root = old_root
         self.flush = flush
+        #: the caller takes a regenerated WRITE's record, never its bytes (see expand_items)
+        self.records_only = records_only
         self.root: str | os.PathLike[str] | None = (
             None if callable(old_root) else old_root
         )
@@ -392,11 +394,39 @@ class _Outputs:
         return kind, pieces, rec
 
 
+class _Sized:
+    """A piece of the expanded stream that is counted, not made: its length only (nothing
+    hashes it, nobody reads its bytes)."""
+
+    __slots__ = ("n",)
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _write_size(rec: R.Write, version: int) -> list[Any]:
+    """:func:`_encode_write`'s pieces as one piece of their size (where they could be
+    made; else made, with their checks and errors)."""
+    path, n = rec.path, len(rec.data)
+    if len(path) > 0xFFFF or (version < 2 and n > 0xFFFF):
+        return _encode_write(rec, version)
+    # PATH and FILE_OFFSET TLVs, DATA's header (v1: type and length; v2+: type), the data
+    length = _PATH_TLV.size + len(path) + _OFFSET_TLV.size + (
+        _PATH_TLV.size if version < 2 else _U16.size) + n
+    if length > MAX_PAYLOAD[version]:
+        return _encode_write(rec, version)
+    return [_Sized(CMD_HEADER_SIZE + length)]
+
+
 def _next_output(ex: _Expander, run: Iterator[tuple[int, Any, Any]]) -> tuple[int, Any, Any]:
     kind, a, b = next(run)
     if kind == WRITE and b is None:
         try:  # now: the stream version may change before it goes out
-            b = _encode_write(a, ex.version)
+            b = _write_size(a, ex.version) if ex.records_only and not ex.hashing \
+                else _encode_write(a, ex.version)
         except BtrdeltaError as exc:
             raise ex.fail("", exc) from None
     return kind, a, b
@@ -412,6 +442,7 @@ def expand_items(
     hash_clones: bool = True,
     check_digest: bool = True,
     flush: bool = False,
+    records_only: bool = False,
 ) -> Generator[tuple[int, list[Any], R.Record | StreamHeader | None], None, None]:
     """Expand delta items to ``(kind, pieces, record)`` with the bytes of each output item.
 
@@ -435,9 +466,14 @@ def expand_items(
     ``flush``: a ``(FLUSH, [], None)`` output comes before a patch of :data:`_FLUSH_MIN`
     bytes or more of new content is applied (a consumer that gathers outputs, as
     ``receive`` does, hands on what it holds rather than keep it while the patch runs).
+
+    ``records_only``: the caller takes a regenerated WRITE's record, not its pieces; when
+    the expanded stream is not hashed (``check_digest=False``, or a CLONE left an extent
+    out) a WRITE's pieces are then one object of their length (counted for DEND, not
+    made: no copy of the header and attributes, no CRC over the data).
     """
     ex = _Expander(old_root, max_file_size, source, clone_same, hash_clones, check_digest,
-                   flush)
+                   flush, records_only)
     outputs = _Outputs(ex)
     run = ex.run(items)
     try:
