@@ -30,6 +30,12 @@
  * the parent gives, on_held(rel) called for each entry handed back (incremental.py makes
  * those while the walk's thread lstat()s the entries that follow).
  *
+ * derive(..., on_held, proven), proven a set: the parent's entries are not looked at
+ * (no fstatat() in parent_root); "still has the inode, size, mtime and ctime it was
+ * hashed with" is rel in proven, the set unchanged(parent_root, parent) gave when it
+ * was called after the snapshot of parent_root was made (incremental.Changes.start, before
+ * the seal: the walk after the seal makes half the system calls).
+ *
  * Two threads: phase 1, the walk itself (readdir(), every lstat() and the parent's, no
  * Python object), runs in a thread of its own (walk_tree) that hands its nodes over every
  * PUBLISH_EVERY of them, while the calling thread, holding the GIL, makes each node's
