@@ -184,19 +184,20 @@ class _ReadOnly:
         if self._error is not None:
             self.end()
 
-    def end(self) -> None:
+    def end(self, raising: bool = True) -> None:
         """Wait for the ioctl (cancelled when :meth:`begin` was not called) and raise its
-        error (once)."""
+        error (once; not with ``raising=False``)."""
         if not self._go.is_set():
             self._cancel = True
             self._go.set()
         self._thread.join()
         error, self._error = self._error, None
-        if error is not None:
+        if error is not None and raising:
             raise error
 
 
-def _seal(root_fd: int, pending: PendingSubvol, pre_commit: PreCommit | None) -> None:
+def _seal(root_fd: int, pending: PendingSubvol, pre_commit: PreCommit | None,
+          flag: _ReadOnly | None = None) -> None:
     """Seal btrfs subvolume ``pending`` (open as ``root_fd``) as ``btrfs receive`` does,
     received UUID and transid (a transaction commit), then the read-only flag (another),
     and run ``pre_commit`` on the sealed subvolume. The hook runs as soon as the flag is in
@@ -205,12 +206,13 @@ def _seal(root_fd: int, pending: PendingSubvol, pre_commit: PreCommit | None) ->
     commit, so the hook sees what it would see after it. A failed commit clears the flag
     again and raises here, after the hook (the subvolume is then removed, as for any
     error). Before the received UUID the flag cannot be set (the kernel refuses a received
-    UUID on a read-only subvolume)."""
+    UUID on a read-only subvolume). ``flag``: the flag's thread, started by the caller
+    (:class:`_ReadOnly` of ``root_fd``)."""
     if pre_commit is None:
         set_received(root_fd, pending.uuid, pending.ctransid)
         set_readonly(root_fd, True)
         return
-    flag = _ReadOnly(root_fd)
+    flag = flag if flag is not None else _ReadOnly(root_fd)
     try:
         set_received(root_fd, pending.uuid, pending.ctransid)
         writable = os.access(".", os.W_OK, dir_fd=root_fd)
@@ -218,8 +220,7 @@ def _seal(root_fd: int, pending: PendingSubvol, pre_commit: PreCommit | None) ->
         flag.wait_in_effect(writable)
         pre_commit(pending)
     except BaseException:
-        with contextlib.suppress(BaseException):  # the first error is the one raised
-            flag.end()
+        flag.end(raising=False)  # the first error is the one raised
         raise
     flag.end()
 
@@ -487,17 +488,22 @@ class Subvolumes:
             try:
                 sandbox = pending.sandbox
                 assert sandbox is not None
-                before_seal = getattr(pre_commit, "before_seal", None)
-                if before_seal is not None and not sealed:
-                    before_seal(pending)
+                # the flag's thread starts before before_seal gives other threads work
+                flag = _ReadOnly(sandbox.root_fd) if self.btrfs and pre_commit else None
                 try:
+                    before_seal = getattr(pre_commit, "before_seal", None)
+                    if before_seal is not None and not sealed:
+                        before_seal(pending)
                     if self.btrfs and not self._sealed(pending):
-                        _seal(sandbox.root_fd, pending, pre_commit)
+                        _seal(sandbox.root_fd, pending, pre_commit, flag)
                     elif pre_commit is not None:
                         pre_commit(pending)
                 except keep_on:
                     self.detach(pending)
                     raise
+                finally:
+                    if flag is not None:
+                        flag.end(raising=False)
                 registry = None if self.btrfs else self._register(pending, sandbox.root_fd)
                 sandbox.close()
                 try:

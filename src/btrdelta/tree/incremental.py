@@ -42,7 +42,9 @@ import contextlib
 import os
 import stat
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -205,10 +207,10 @@ class Changes:
         new_root = os.fsencode(path)
         pool = self._take_pool()
         walk = _native.live("treewalk")
+        look = None if walk is None else partial(walk.unchanged, os.fsencode(parent.root),
+                                                 parent.entries)
         try:
-            proven = None if walk is None else pool.submit(
-                walk.unchanged, os.fsencode(parent.root), parent.entries)
-            early = self._overlay_early(pool, new_root, parent)
+            early, proven = self._overlay_early(pool, new_root, parent, look)
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
@@ -241,7 +243,7 @@ class Changes:
             started[2].shutdown(wait=True, cancel_futures=True)
         if pool is None and usable:
             pool = self._take_pool()
-            early = self._overlay_early(pool, new_root, parent)
+            early = self._overlay_early(pool, new_root, parent)[0]
 
         def known(rel: bytes, st: os.stat_result) -> Entry | None:
             key = keys[rel] = _key(st)
@@ -320,13 +322,16 @@ class Changes:
         finally:
             maker.close()
 
-    def _overlay_early(self, pool: ThreadPoolExecutor, new_root: bytes, parent: Digests
-                       ) -> dict[bytes, tuple[Future[str | None], _Stamp]]:
+    def _overlay_early(self, pool: ThreadPoolExecutor, new_root: bytes, parent: Digests,
+                       first: Callable[[], set[bytes]] | None = None,
+                       ) -> tuple[dict[bytes, tuple[Future[str | None], _Stamp]],
+                                  Future[set[bytes]] | None]:
         """The overlay digests of the written files, started in ``pool`` before the walk
         (which uses one when it finds the file with the same stamp at that path): path ->
-        (digest to come, stamp of the file it is of). Every file is found first, then the
-        jobs go out largest first (a worker started earlier would hold the interpreter
-        while this thread still lstat()s)."""
+        (digest to come, stamp of the file it is of); and ``first`` (done before them),
+        started. Every file is found first, then the jobs go out, ``first`` and then the
+        largest first (a worker started earlier would hold the interpreter while this
+        thread still lstat()s)."""
         root = os.fsencode(parent.root)
         jobs: list[tuple[bytes, bytes, os.stat_result, bytes, _Key, Overlay]] = []
         for old, rel in self._named.items():
@@ -345,8 +350,9 @@ class Changes:
             if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
                 jobs.append((rel, new, st, os.path.join(root, old), key, ov))
         jobs.sort(key=lambda job: -job[2].st_size)
+        ahead = pool.submit(first) if first is not None else None
         return {rel: (pool.submit(_overlaid, new, st, old, key, ov), _stamp(st))
-                for rel, new, st, old, key, ov in jobs}
+                for rel, new, st, old, key, ov in jobs}, ahead
 
 
 def _result(proven: Future[set[bytes]] | None) -> set[bytes] | None:
