@@ -9,7 +9,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -233,6 +233,42 @@ def _refused(root: Path) -> list[str]:
     return out
 
 
+class _WhileSealing:
+    """A pre-commit hook that runs while the read-only flag commits."""
+
+    while_sealing = True
+
+    def __init__(self, hook: Callable[[PendingSubvol], object]) -> None:
+        self.hook = hook
+
+    def __call__(self, pending: PendingSubvol) -> None:
+        self.hook(pending)
+
+
+def test_a_hook_runs_after_the_read_only_flag_committed_unless_it_says_otherwise(
+        btrfs_mnt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hook without ``while_sealing`` (the replica's, which records the new version in its
+    state before the final name) runs after the flag's ioctl returned, as before."""
+    from btrdelta.receive import subvolumes
+
+    real = subvolumes.set_readonly
+    returned = threading.Event()
+
+    def set_readonly(fd: int, readonly: bool = True) -> None:
+        real(fd, readonly)
+        time.sleep(0.1)
+        returned.set()
+
+    monkeypatch.setattr(subvolumes, "set_readonly", set_readonly)
+    dest = btrfs_mnt / f"dest-{uuid.uuid4().hex[:8]}"
+    dest.mkdir()
+    seen: list[bool] = []
+    with Subvolumes(dest) as subs:
+        pending = subs.begin(b"slot", UUID_A, 7)
+        subs.finish(pending, pre_commit=lambda p: seen.append(returned.is_set()))
+    assert seen == [True]
+
+
 @pytest.mark.parametrize("slow", ["flag", "commit"])
 def test_the_hook_sees_the_read_only_subvolume_while_the_flag_commits(
         btrfs_mnt: Path, monkeypatch: pytest.MonkeyPatch, slow: str) -> None:
@@ -260,8 +296,8 @@ def test_the_hook_sees_the_read_only_subvolume_while_the_flag_commits(
     with Subvolumes(dest) as subs:
         pending = subs.begin(b"slot", UUID_A, 7)
         _write(pending.sandbox, b"f", b"content")
-        done = subs.finish(pending, pre_commit=lambda p: seen.append(
-            (_refused(p.path), returned.is_set())))
+        done = subs.finish(pending, pre_commit=_WhileSealing(lambda p: seen.append(
+            (_refused(p.path), returned.is_set()))))
     ((refused, after_return),) = seen
     assert refused == ["write", "create", "utimes", "chmod", "setxattr", "mkdir", "rename",
                        "unlink"]
@@ -306,7 +342,7 @@ def test_a_read_only_flag_that_fails_removes_the_subvolume(
         pending = subs.begin(b"slot", UUID_A, 7)
         _write(pending.sandbox, b"f", b"content")
         with pytest.raises(ChecksumError if hook_fails else OSError) as info:
-            subs.finish(pending, pre_commit=hook)
+            subs.finish(pending, pre_commit=_WhileSealing(hook))
         assert hook_fails or info.value.errno == errno.EIO
         assert calls == ([] if when == "before" else [["write", "create", "utimes", "chmod",
                                                       "setxattr", "mkdir", "rename",

@@ -197,28 +197,31 @@ class _ReadOnly:
 
 
 def _seal(root_fd: int, pending: PendingSubvol, pre_commit: PreCommit | None,
-          flag: _ReadOnly | None = None) -> None:
+          flag: _ReadOnly | None) -> None:
     """Seal btrfs subvolume ``pending`` (open as ``root_fd``) as ``btrfs receive`` does,
     received UUID and transid (a transaction commit), then the read-only flag (another),
-    and run ``pre_commit`` on the sealed subvolume. The hook runs as soon as the flag is in
-    effect, while the flag's transaction commits (1-7 ms of numpy's repository hop): from
-    that moment the kernel refuses every change to the subvolume as it does after the
-    commit, so the hook sees what it would see after it. A failed commit clears the flag
-    again and raises here, after the hook (the subvolume is then removed, as for any
-    error). Before the received UUID the flag cannot be set (the kernel refuses a received
-    UUID on a read-only subvolume). ``flag``: the flag's thread, started by the caller
-    (:class:`_ReadOnly` of ``root_fd``)."""
-    if pre_commit is None:
+    and run ``pre_commit`` on the sealed subvolume. With ``flag`` (the flag's thread, a
+    :class:`_ReadOnly` of ``root_fd`` the caller started: a hook that says
+    ``while_sealing``) the hook runs as soon as the flag is in effect, while the flag's
+    transaction commits (1-7 ms of numpy's repository hop): from that moment the kernel
+    refuses every change to the subvolume as it does after the commit, so the hook sees
+    what it would see after it, but what the hook writes elsewhere may reach the disk
+    before the flag does. A failed commit clears the flag again and raises here, after the
+    hook (the subvolume is then removed, as for any error). Before the received UUID the
+    flag cannot be set (the kernel refuses a received UUID on a read-only subvolume)."""
+    if flag is None:
         set_received(root_fd, pending.uuid, pending.ctransid)
         set_readonly(root_fd, True)
+        if pre_commit is not None:
+            pre_commit(pending)
         return
-    flag = flag if flag is not None else _ReadOnly(root_fd)
     try:
         set_received(root_fd, pending.uuid, pending.ctransid)
         writable = os.access(".", os.W_OK, dir_fd=root_fd)
         flag.begin()
         flag.wait_in_effect(writable)
-        pre_commit(pending)
+        if pre_commit is not None:
+            pre_commit(pending)
     except BaseException:
         flag.end(raising=False)  # the first error is the one raised
         raise
@@ -470,7 +473,10 @@ class Subvolumes:
         ``pre_commit(pending)``, then the final name (and a registry entry on the directory
         backend). A ``pre_commit`` with a ``before_seal`` method has it called with
         ``pending`` first, before the subvolume is made read-only: work the check will wait
-        for may start there (nothing it sees is final yet). On any failure before the
+        for may start there (nothing it sees is final yet). One whose ``while_sealing`` is
+        true runs once the read-only flag is in effect, while the flag's transaction
+        commits (a check that writes nothing elsewhere: see :func:`_seal`); the final name
+        still comes after the commit. On any failure before the
         rename it is removed and the error raised, but when ``pre_commit`` raises one of
         ``keep_on``: then the complete subvolume is left under its temporary name
         (:meth:`detach`), for a later ``finish(..., sealed=True)`` of it :meth:`reopen`-ed
@@ -488,8 +494,9 @@ class Subvolumes:
             try:
                 sandbox = pending.sandbox
                 assert sandbox is not None
-                # the flag's thread starts before before_seal gives other threads work
-                flag = _ReadOnly(sandbox.root_fd) if self.btrfs and pre_commit else None
+                # (the flag's thread starts before before_seal gives other threads work)
+                flag = _ReadOnly(sandbox.root_fd) if self.btrfs and getattr(
+                    pre_commit, "while_sealing", False) else None
                 try:
                     before_seal = getattr(pre_commit, "before_seal", None)
                     if before_seal is not None and not sealed:

@@ -221,7 +221,10 @@ def _receive(
 
     class Check:
         """The pre-commit check: the content identity of the sealed subvolume; a delta's
-        overlay digests start before the seal (:meth:`Changes.start`)."""
+        overlay digests start before the seal (:meth:`Changes.start`). It writes nothing, so
+        it runs while the read-only flag commits (``while_sealing``)."""
+
+        while_sealing = True
 
         def before_seal(self, pending: PendingSubvol) -> None:
             if identity is not None and changes is not None and parent is not None \
