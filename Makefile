@@ -44,7 +44,8 @@ $(VENV)/.cli-files: $(STAMP) $(SHARE_FILES)
 #: import (~0.5 ms of every btrdelta command): the package's build takes its own setuptools
 #: (pip's build isolation: pyproject.toml), so the venv has none (tests/test_venv.py)
 $(VENV)/.no-setuptools: $(STAMP)
-	@$(BIN)/python -m pip uninstall -q -y setuptools
+	@if $(BIN)/python -m pip show -q setuptools >/dev/null 2>&1; then \
+		$(BIN)/python -m pip uninstall -q -y setuptools; fi
 	@touch $@
 
 venv: $(STAMP) $(VENV)/.cli-files $(VENV)/.no-setuptools
