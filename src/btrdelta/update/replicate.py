@@ -497,8 +497,10 @@ class _Sender:
                         current=current, allow_full=self.o.get("allow_full", False))
         if choice.kind == "refuse":
             io.send(Refuse(choice.code, choice.message))
+            # (current: what a run killed between its last cursor and its prune left)
+            pruned = self._prune(lineage) if choice.code == "already-current" else 0
             return ReplicateResult("refused", receiver=self.rid,
-                                   message=f"{choice.code}: {choice.message}")
+                                   message=f"{choice.code}: {choice.message}", pruned=pruned)
         if choice.kind == "resume":
             assert inflight is not None
             assert holdings.partial is not None
@@ -613,7 +615,7 @@ class _Sender:
         commit was adopted) is not committed: a second copy of the same tree would be all
         it adds. REFUSE ``already-current`` instead of the COMMIT (the receiver removes
         the subvolume), the cursor stays on the base, the stream's record and the
-        session's snapshot go."""
+        session's snapshot go, and the store is pruned as after a commit."""
         base = flight.get("base") or ""
         held = self._held(base)
         said = f"the receiver holds {held.name if held else base[:16]}, the current state"
@@ -625,9 +627,10 @@ class _Sender:
                 self.store.delete(result.recorded.digest)
         if flight.get("snapshot"):
             drop_snapshot(os.fsencode(flight["snapshot"]))
+        pruned = self._prune(result.recorded.head.subvol_uuid if result.recorded else None)
         return ReplicateResult("refused", plan.kind, "", self.rid, base or None, None, sent,
-                               plan.offset, size, f"already-current: {said}",
-                               estimate=plan.estimate)
+                               plan.offset, size, f"already-current: {said}", pruned,
+                               plan.estimate)
 
     def _held(self, digest: str) -> Any:
         """The receiver's subvolume received as sendshot ``digest`` (by the digest its
