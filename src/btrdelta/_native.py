@@ -23,7 +23,9 @@ name           module                          what it runs instead of the Pytho
 ``sweep``      ``btrdelta.fs._sweep``          the inode items of a change sweep's search
                                                results (one call a buffer, not Python per
                                                item); ioctls with buffers over 1 KiB made
-                                               without the GIL (``fcntl.ioctl`` keeps it)
+                                               without the GIL (``fcntl.ioctl`` keeps it);
+                                               ``fstatfs`` and ``renameat2`` without ctypes
+                                               (``fs.libc``)
 ``columns``    ``btrdelta.tree._columns``      a sendshot record's column offsets (running
                                                sums, the rows of the files) without a Python
                                                int per value; the kept rows' runs copied

@@ -36,7 +36,6 @@ from btrdelta.fs.btrfs import (
     get_fileattr,
     get_fsflags,
     is_btrfs,
-    rename_noreplace,
     set_default_subvolume,
     set_fsflags,
     set_readonly,
@@ -229,21 +228,6 @@ def test_fileattr_map_is_one_table_both_ways() -> None:
     finally:
         os.close(r)
         os.close(w)
-
-
-def test_rename_noreplace(tmp_path: Path) -> None:
-    (tmp_path / "a").write_bytes(b"a")
-    (tmp_path / "b").write_bytes(b"b")
-    fd = _open(tmp_path)
-    try:
-        with pytest.raises(FileExistsError) as info:
-            rename_noreplace(fd, b"a", b"b")
-        assert info.value.filename == "b"
-        rename_noreplace(fd, b"a", b"c")
-    finally:
-        os.close(fd)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "c"]
-    assert (tmp_path / "c").read_bytes() == b"a"
 
 
 def test_numbers_match_the_kernel_headers(tmp_path: Path) -> None:

@@ -7,9 +7,8 @@ back from the root tree as ``btrfs subvolume get-default`` does), reading a subv
 identity (``GET_SUBVOL_INFO``), finding a subvolume by (received) UUID through the UUID tree
 (``TREE_SEARCH`` + ``INO_LOOKUP``), the inodes changed since a transaction (``TREE_SEARCH``
 with ``min_transid``), the data ioctls (``BTRFS_IOC_ENCODED_WRITE``,
-``FICLONERANGE``, ``FS_IOC_ENABLE_VERITY``, ``fallocate(2)`` with a mode,
-``renameat2(RENAME_NOREPLACE)`` and ``RENAME_EXCHANGE``), syncing and waiting for deleted
-subvolumes to be cleaned (``syncfs(2)``, ``BTRFS_IOC_SYNC``, ``FS_INFO``), and the inode
+``FICLONERANGE``, ``FS_IOC_ENABLE_VERITY``), waiting for deleted subvolumes to be cleaned
+(``BTRFS_IOC_SYNC``, ``FS_INFO``), and the inode
 flags: ``FS_IOC_GETFLAGS``/``SETFLAGS`` and the one table between btrfs's inode-item flags
 (what a send stream's FILEATTR carries) and the ``FS_*_FL`` bits of those ioctls, used
 both ways (:data:`FILEATTR_FLAGS`).
@@ -18,7 +17,8 @@ Struct layouts and request numbers were checked against ``<linux/btrfs.h>`` and
 ``<linux/fs.h>`` (the request number encodes the struct size, so a wrong layout fails with
 ``ENOTTY``, never silently); the C accelerators take the numbers they use from here through
 the generated ``_constants.h``. Nothing here knows about streams; errors are plain
-:class:`OSError`.
+:class:`OSError`. The libc calls Python lacks (``fstatfs``'s type, ``syncfs``,
+``fallocate``, ``renameat2``) are in :mod:`.libc` (imported here too).
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ from uuid import UUID
 
 from .. import TYPE_CHECKING, _native
 from .._value import Value
+from .libc import fallocate, fs_type, rename_exchange, rename_noreplace, syncfs
 
 if TYPE_CHECKING:
     from pathlib import Path
-    from typing import Any, Final, NamedTuple, NoReturn
+    from typing import Any, Final, NamedTuple
 
 __all__ = [
     "BTRFS_SUPER_MAGIC",
@@ -178,29 +179,6 @@ _U64_MAX = (1 << 64) - 1
 
 
 
-@functools.cache
-def _libc() -> Any:
-    """libc through ctypes, loaded on first use (send and tree-sum never need it)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
-    libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
-                               ctypes.c_uint]
-    libc.syncfs.argtypes = [ctypes.c_int]
-    return libc
-
-
-def _raise_errno(filename: str | None = None) -> NoReturn:
-    import ctypes
-
-    err = ctypes.get_errno()
-    if filename is None:
-        raise OSError(err, os.strerror(err))
-    raise OSError(err, os.strerror(err), filename)
-
-
 def _ioctl(fd: int, request: int, buf: bytearray) -> None:
     """``fcntl.ioctl(fd, request, buf)`` without the GIL (the ``sweep`` accelerator's call):
     Python 3.11's keeps it for the whole call when ``buf`` is over 1 KiB (vol args, searches,
@@ -215,16 +193,6 @@ def _vol_args(name: bytes, fd: int = 0) -> bytearray:
     buf = bytearray(4096)
     struct.pack_into(f"<q{len(name)}s", buf, 0, fd, name)
     return buf
-
-
-def fs_type(fd: int) -> int:
-    """``statfs.f_type`` of the filesystem holding ``fd``."""
-    import ctypes
-
-    buf = ctypes.create_string_buffer(128)
-    if _libc().fstatfs(fd, buf) != 0:
-        _raise_errno()
-    return int(struct.unpack_from("<q", buf.raw, 0)[0])
 
 
 def is_btrfs(fd: int) -> bool:
@@ -567,13 +535,6 @@ def fs_uuid(fd: int) -> UUID:
     return UUID(bytes=bytes(buf[16:32]))
 
 
-def syncfs(fd: int) -> None:
-    """``syncfs(2)``: write out the filesystem holding ``fd`` (on btrfs: flush delayed
-    allocation and commit the transaction)."""
-    if _libc().syncfs(fd) != 0:
-        _raise_errno()
-
-
 def deleted_subvolumes(fd: int) -> list[int]:
     """Ids of subvolumes deleted but not yet cleaned up (ORPHAN items of the root tree)."""
     return [off for off, _ in _tree_search(fd, _ROOT_TREE, _ORPHAN_OBJECTID, _ORPHAN_ITEM_KEY)]
@@ -718,12 +679,6 @@ def clone_range(dst_fd: int, dst_offset: int, src_fd: int, src_offset: int, leng
                                                    dst_offset))
 
 
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """``fallocate(2)`` with a mode (``FALLOC_FL_*`` bits)."""
-    if _libc().fallocate(fd, mode, offset, length) != 0:
-        _raise_errno()
-
-
 def enable_verity(fd: int, algorithm: int, block_size: int, salt: bytes, sig: bytes) -> None:
     """``FS_IOC_ENABLE_VERITY`` on a file opened read-only."""
     import ctypes
@@ -781,20 +736,3 @@ def get_fileattr(fd: int) -> int:
             return 0
         raise
     return fsflags_to_fileattr(fsflags)
-
-
-_RENAME_NOREPLACE = 1
-_RENAME_EXCHANGE = 2
-
-
-def rename_noreplace(dir_fd: int, src: bytes, dst: bytes) -> None:
-    """``renameat2(RENAME_NOREPLACE)`` inside one directory: fails if ``dst`` exists."""
-    if _libc().renameat2(dir_fd, src, dir_fd, dst, _RENAME_NOREPLACE) != 0:
-        _raise_errno(os.fsdecode(dst))
-
-
-def rename_exchange(dir_fd: int, a: bytes, b: bytes) -> None:
-    """``renameat2(RENAME_EXCHANGE)`` inside one directory: swap ``a`` and ``b`` atomically
-    (both must exist; directories and subvolumes alike)."""
-    if _libc().renameat2(dir_fd, a, dir_fd, b, _RENAME_EXCHANGE) != 0:
-        _raise_errno(os.fsdecode(a))
