@@ -18,7 +18,11 @@ Run one pair at a time (``BTRDELTA_BENCH_PAIRS`` takes words of the pair's name:
     BTRDELTA_BENCH_CACHE=/work/bench-cache BTRDELTA_BENCH_PAIRS=upgrade \\
         .venv/bin/python -m benchmarks cdreceive
 
-``BTRDELTA_BENCH_CDKEEP=DIR`` keeps (and reuses) the streams and deltas in ``DIR``;
+``BTRDELTA_BENCH_FS_SIZE=32G`` makes the loop btrfs at least that large (sparse; default:
+1 GiB plus room for every round's streams, ~2.7 GB for scipy). On that small file system
+``btrdelta receive`` waits for btrfs's metadata reservations (tickets: 0-65 ms a scipy
+receive, in about half of them), ``btrfs receive`` never: see docs/performance.md, issue 12,
+session 15. ``BTRDELTA_BENCH_CDKEEP=DIR`` keeps (and reuses) the streams and deltas in ``DIR``;
 ``BTRDELTA_BENCH_BEFORE=CHECKOUT`` adds, in the same rounds, ``btrdelta receive`` of
 another checkout (its ``.venv``: the code before a change). Both packages' byte code is
 compiled first, as it is in an installed package.
@@ -45,6 +49,16 @@ from .trees import debian_install_pair, real_pair
 PY = sys.executable
 ROUNDS = max(5, REPEAT)
 BEFORE = os.environ.get("BTRDELTA_BENCH_BEFORE")
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _fs_size(default: int) -> int:
+    """``BTRDELTA_BENCH_FS_SIZE`` (bytes, or with a K/M/G/T suffix), if larger."""
+    text = os.environ.get("BTRDELTA_BENCH_FS_SIZE", "").strip().upper()
+    if not text:
+        return default
+    unit = text[-1] if text[-1] in _UNITS else ""
+    return max(default, int(text.removesuffix(unit)) * _UNITS[unit])
 
 
 def _compile(py: str, src: Path) -> None:
@@ -112,8 +126,8 @@ def _rounds(s: dict[str, Path]) -> tuple[dict[str, list[tuple[float, float]]], l
     if BEFORE:
         tools["before"] = [f"{BEFORE}/.venv/bin/python", "-m", "btrdelta", "receive", "-f",
                            s["delta"]]
-    size = (1 << 30) + len(tools) * ROUNDS * (s["full-A"].stat().st_size
-                                     + s["compressed"].stat().st_size)
+    size = _fs_size((1 << 30) + len(tools) * ROUNDS * (s["full-A"].stat().st_size
+                                              + s["compressed"].stat().st_size))
     runs: dict[str, list[tuple[float, float]]] = {t: [] for t in tools}
     notes: list[str] = []
     with loop_fs("btrfs", size=str(size), workdir=WORKDIR) as mnt:
@@ -183,6 +197,8 @@ def compile_sources() -> None:
 
 def run() -> list[str]:
     lines: list[str] = []
+    if os.environ.get("BTRDELTA_BENCH_FS_SIZE"):
+        lines.append(f"   (loop btrfs of at least {os.environ['BTRDELTA_BENCH_FS_SIZE']})")
     keep = os.environ.get("BTRDELTA_BENCH_CDKEEP")
     tmp = None if keep else tempfile.mkdtemp(prefix="bench-cdreceive-", dir="/var/tmp")
     work = Path(keep or tmp or ".")
