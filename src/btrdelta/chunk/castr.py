@@ -16,13 +16,18 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
-import httpx
-
+from .. import TYPE_CHECKING
+from .._optional import lazy
 from ..errors import BtrdeltaError, MissingBaseError, StreamFormatError, TransportError
 from ..transport.config import HttpConfig
 from ..transport.http import FetchStats, RangeFetcher
 from .casync import MAX_INDEX_SIZE, CasyncIndex, chunk_file_name, decode_caibx, decode_chunk_file
 from .source import is_url
+
+if TYPE_CHECKING:
+    import httpx
+else:
+    httpx = lazy("httpx")  # (40-60 ms: only when HTTP is used)
 
 __all__ = ["CastrChunks", "default_store", "read_caibx"]
 

@@ -16,11 +16,16 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-import httpx
-
+from .. import TYPE_CHECKING
+from .._optional import lazy
 from .._value import Value
 from ..errors import BtrdeltaError
-from .pacing import PacedTransport, RateLimiter
+from .pacing import RateLimiter, paced_transport
+
+if TYPE_CHECKING:
+    import httpx
+else:
+    httpx = lazy("httpx")  # (40-60 ms: only when HTTP is used)
 
 __all__ = ["HttpConfig", "LazyTLS", "parse_header"]
 
@@ -123,7 +128,7 @@ class HttpConfig(Value, frozen=True):
         limiter = RateLimiter(self.rate_limit) if self.rate_limit else None
         tls: Any = self.ssl_context() if self.ca_cert or self.client_cert else LazyTLS(
             self.ssl_context)
-        transport = PacedTransport(verify=tls, limits=limits, limiter=limiter)
+        transport = paced_transport(verify=tls, limits=limits, limiter=limiter)
         return httpx.Client(
             transport=transport,
             timeout=httpx.Timeout(self.timeout),

@@ -12,15 +12,19 @@ retries, no ranges, no settings (see :mod:`.config`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-import httpcore
-import httpx
+from .. import TYPE_CHECKING
 
-__all__ = ["Deadline", "PacedTransport", "RateLimiter", "deadline"]
+if TYPE_CHECKING:
+    import httpcore
+    import httpx
+
+__all__ = ["Deadline", "RateLimiter", "deadline", "paced_transport"]
 
 
 class RateLimiter:
@@ -61,6 +65,8 @@ class Deadline:
 
     def expired(self) -> httpcore.ReadTimeout:
         """The error for a request past its deadline."""
+        import httpcore
+
         took = time.monotonic() - self.start
         return httpcore.ReadTimeout(
             f"server too slow: {self.received} bytes in {took:.1f} s (a request gets "
@@ -82,93 +88,116 @@ def deadline(timeout: float, min_speed: float) -> Iterator[Deadline]:
         _current.budget = previous
 
 
-class _PacedStream(httpcore.NetworkStream):
-    def __init__(self, inner: httpcore.NetworkStream, limiter: RateLimiter | None) -> None:
-        self._inner = inner
-        self._limiter = limiter
-
-    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        budget: Deadline | None = getattr(_current, "budget", None)
-        if budget is not None:
-            left = budget.remaining()
-            if left <= 0:
-                raise budget.expired()
-            timeout = left if timeout is None else min(timeout, left)
-        try:
-            data = self._inner.read(max_bytes, timeout)
-        except httpcore.ReadTimeout:
-            if budget is not None and budget.remaining() <= 0:
-                raise budget.expired() from None
-            raise
-        if budget is not None:
-            budget.received += len(data)
-        if self._limiter is not None and data:
-            self._limiter.take(len(data))
-        return data
-
-    def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._inner.write(buffer, timeout)
-
-    def close(self) -> None:
-        self._inner.close()
-
-    def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
-                  timeout: float | None = None) -> httpcore.NetworkStream:
-        return _PacedStream(self._inner.start_tls(ssl_context, server_hostname, timeout),
-                            self._limiter)
-
-    def get_extra_info(self, info: str) -> Any:
-        return self._inner.get_extra_info(info)
+def paced_transport(*, verify: Any, limits: httpx.Limits,
+                    limiter: RateLimiter | None) -> httpx.HTTPTransport:
+    """An ``httpx.HTTPTransport`` whose connections use the paced backend. Its classes are
+    made at the first call: they subclass httpx's and httpcore's, and httpx takes 40-60 ms
+    to import, which a command that fetches nothing over HTTP never pays."""
+    return _transport_class()(verify=verify, limits=limits, limiter=limiter)
 
 
-class _PacedBackend(httpcore.NetworkBackend):
-    def __init__(self, limiter: RateLimiter | None) -> None:
-        self._inner = httpcore.SyncBackend()
-        self._limiter = limiter
+@functools.cache
+def _backend_class() -> Callable[..., httpcore.NetworkBackend]:
+    import httpcore
 
-    def connect_tcp(self, host: str, port: int, timeout: float | None = None,
-                    local_address: str | None = None,
-                    socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
-        budget: Deadline | None = getattr(_current, "budget", None)
-        if budget is not None:
-            left = budget.remaining()
-            if left <= 0:
-                raise budget.expired()
-            timeout = left if timeout is None else min(timeout, left)
-        stream = self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
-        return _PacedStream(stream, self._limiter)
+    class _PacedStream(httpcore.NetworkStream):
+        def __init__(self, inner: httpcore.NetworkStream, limiter: RateLimiter | None) -> None:
+            self._inner = inner
+            self._limiter = limiter
 
-    def connect_unix_socket(self, path: str, timeout: float | None = None,
-                            socket_options: Iterable[Any] | None = None
-                            ) -> httpcore.NetworkStream:
-        return _PacedStream(self._inner.connect_unix_socket(path, timeout, socket_options),
-                            self._limiter)
+        def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+            budget: Deadline | None = getattr(_current, "budget", None)
+            if budget is not None:
+                left = budget.remaining()
+                if left <= 0:
+                    raise budget.expired()
+                timeout = left if timeout is None else min(timeout, left)
+            try:
+                data = self._inner.read(max_bytes, timeout)
+            except httpcore.ReadTimeout:
+                if budget is not None and budget.remaining() <= 0:
+                    raise budget.expired() from None
+                raise
+            if budget is not None:
+                budget.received += len(data)
+            if self._limiter is not None and data:
+                self._limiter.take(len(data))
+            return data
 
-    def sleep(self, seconds: float) -> None:
-        self._inner.sleep(seconds)
+        def write(self, buffer: bytes, timeout: float | None = None) -> None:
+            self._inner.write(buffer, timeout)
+
+        def close(self) -> None:
+            self._inner.close()
+
+        def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
+                      timeout: float | None = None) -> httpcore.NetworkStream:
+            return _PacedStream(self._inner.start_tls(ssl_context, server_hostname, timeout),
+                                self._limiter)
+
+        def get_extra_info(self, info: str) -> Any:
+            return self._inner.get_extra_info(info)
 
 
-class PacedTransport(httpx.HTTPTransport):
-    """``httpx.HTTPTransport`` whose connections use the paced backend.
+    class _PacedBackend(httpcore.NetworkBackend):
+        def __init__(self, limiter: RateLimiter | None) -> None:
+            self._inner = httpcore.SyncBackend()
+            self._limiter = limiter
 
-    Args:
-        verify: the TLS context (any object with its methods: see
-            :class:`~btrdelta.transport.config.LazyTLS`).
-        limits: connection pool limits.
-        limiter: the shared rate limit, if any.
-    """
+        def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                        local_address: str | None = None,
+                        socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+            budget: Deadline | None = getattr(_current, "budget", None)
+            if budget is not None:
+                left = budget.remaining()
+                if left <= 0:
+                    raise budget.expired()
+                timeout = left if timeout is None else min(timeout, left)
+            stream = self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+            return _PacedStream(stream, self._limiter)
 
-    def __init__(self, *, verify: Any, limits: httpx.Limits,
-                 limiter: RateLimiter | None) -> None:
-        super().__init__(verify=False, limits=limits)  # its pool is replaced below
-        pool = getattr(self, "_pool", None)
-        if not isinstance(pool, httpcore.ConnectionPool):  # pragma: no cover - httpx changed
-            raise RuntimeError("httpx.HTTPTransport no longer keeps an httpcore pool in _pool")
-        self._pool = httpcore.ConnectionPool(
-            ssl_context=verify,
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            network_backend=_PacedBackend(limiter),
-        )
-        pool.close()
+        def connect_unix_socket(self, path: str, timeout: float | None = None,
+                                socket_options: Iterable[Any] | None = None
+                                ) -> httpcore.NetworkStream:
+            return _PacedStream(self._inner.connect_unix_socket(path, timeout, socket_options),
+                                self._limiter)
+
+        def sleep(self, seconds: float) -> None:
+            self._inner.sleep(seconds)
+
+    return _PacedBackend
+
+
+@functools.cache
+def _transport_class() -> Callable[..., httpx.HTTPTransport]:
+    import httpcore
+    import httpx
+
+    paced_backend = _backend_class()
+
+    class PacedTransport(httpx.HTTPTransport):
+        """``httpx.HTTPTransport`` whose connections use the paced backend.
+
+        Args:
+            verify: the TLS context (any object with its methods: see
+                :class:`~btrdelta.transport.config.LazyTLS`).
+            limits: connection pool limits.
+            limiter: the shared rate limit, if any.
+        """
+
+        def __init__(self, *, verify: Any, limits: httpx.Limits,
+                     limiter: RateLimiter | None) -> None:
+            super().__init__(verify=False, limits=limits)  # its pool is replaced below
+            pool = getattr(self, "_pool", None)
+            if not isinstance(pool, httpcore.ConnectionPool):  # pragma: no cover - httpx changed
+                raise RuntimeError("httpx.HTTPTransport no longer keeps an httpcore pool in _pool")
+            self._pool = httpcore.ConnectionPool(
+                ssl_context=verify,
+                max_connections=limits.max_connections,
+                max_keepalive_connections=limits.max_keepalive_connections,
+                keepalive_expiry=limits.keepalive_expiry,
+                network_backend=paced_backend(limiter),
+            )
+            pool.close()
+
+    return PacedTransport

@@ -35,9 +35,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from .. import _native, trust
+from .. import TYPE_CHECKING, _native, trust
+from .._optional import lazy
 from .._value import Value, field
 from ..chunk.store import ChunkStore
 from ..errors import BtrdeltaError, MissingBaseError
@@ -61,6 +60,11 @@ from ..tree.incremental import Digests
 from . import holdings
 from .fullfetch import fetch_full, full_cost, store_stream
 from .streams import receive_version, write_release_stream
+
+if TYPE_CHECKING:
+    import httpx
+else:
+    httpx = lazy("httpx")  # (40-60 ms: only when HTTP is used)
 
 __all__ = ["UpdateResult", "update"]
 
