@@ -88,6 +88,18 @@ def deadline(timeout: float, min_speed: float) -> Iterator[Deadline]:
         _current.budget = previous
 
 
+def _budget(timeout: float | None) -> tuple[Deadline | None, float | None]:
+    """This thread's request budget (if any) and the socket timeout it leaves of
+    ``timeout``; raises the budget's error once it is spent."""
+    budget: Deadline | None = getattr(_current, "budget", None)
+    if budget is not None:
+        left = budget.remaining()
+        if left <= 0:
+            raise budget.expired()
+        timeout = left if timeout is None else min(timeout, left)
+    return budget, timeout
+
+
 def paced_transport(*, verify: Any, limits: httpx.Limits,
                     limiter: RateLimiter | None) -> httpx.HTTPTransport:
     """An ``httpx.HTTPTransport`` whose connections use the paced backend. Its classes are
@@ -106,12 +118,7 @@ def _backend_class() -> Callable[..., httpcore.NetworkBackend]:
             self._limiter = limiter
 
         def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-            budget: Deadline | None = getattr(_current, "budget", None)
-            if budget is not None:
-                left = budget.remaining()
-                if left <= 0:
-                    raise budget.expired()
-                timeout = left if timeout is None else min(timeout, left)
+            budget, timeout = _budget(timeout)
             try:
                 data = self._inner.read(max_bytes, timeout)
             except httpcore.ReadTimeout:
@@ -138,7 +145,6 @@ def _backend_class() -> Callable[..., httpcore.NetworkBackend]:
         def get_extra_info(self, info: str) -> Any:
             return self._inner.get_extra_info(info)
 
-
     class _PacedBackend(httpcore.NetworkBackend):
         def __init__(self, limiter: RateLimiter | None) -> None:
             self._inner = httpcore.SyncBackend()
@@ -147,12 +153,7 @@ def _backend_class() -> Callable[..., httpcore.NetworkBackend]:
         def connect_tcp(self, host: str, port: int, timeout: float | None = None,
                         local_address: str | None = None,
                         socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
-            budget: Deadline | None = getattr(_current, "budget", None)
-            if budget is not None:
-                left = budget.remaining()
-                if left <= 0:
-                    raise budget.expired()
-                timeout = left if timeout is None else min(timeout, left)
+            _, timeout = _budget(timeout)
             stream = self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
             return _PacedStream(stream, self._limiter)
 
