@@ -230,8 +230,9 @@ def test_tls_between_namespaces_with_cuts(netns: tuple[str, str], tmp_path: Path
         subprocess.run(["ip", "-n", a, "link", "set", f"va{tag}", "up"], check=True)
         time.sleep(4)  # the server's side of the dead connection times out too
         # 2. the sender killed mid-stream
+        done = json.loads((dest / ".btrdelta-partial" / "meta.json").read_text())["offset"]
         second = client("--rate-limit", "2M")
-        time.sleep(1.5)
+        _wait_partial(dest, done + SEG)  # killed once it has sent data
         second.send_signal(signal.SIGKILL)
         second.communicate()
         assert _visible(dest) == []
