@@ -419,6 +419,54 @@ def test_the_receiver_is_written_out_before_the_final_name_and_the_committed(
         assert tree_sum(dest / res.name) == tree_sum(src)
 
 
+@pytest.mark.btrfs
+def test_the_receiver_writes_a_large_file_out_while_it_comes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The receiver starts writing a large file's data out as it applies it (every 8 MiB:
+    receive's ``write_behind``), so that its write-out of DEST before the commit
+    (``syncfs``) finds little left: at that ``syncfs`` the kernel already has a place on
+    the disk for the file's first 16 MiB (FIEMAP: not delayed allocation)."""
+    import threading
+
+    from btrdelta import _native
+    from btrdelta.receive.applier import WRITE_BEHIND
+    from btrdelta.update import replica as replica_mod
+    from btrdelta.update.channels import SocketChannel
+    from tests.conftest import btrfs_loop
+    from tests.receive.helpers import written_out_bytes
+
+    if not _native.available("fastapply"):
+        pytest.skip("the C fast path (receive/_fastapply.c) is not built")
+    placed: list[int] = []
+    real_sync = replica_mod.syncfs
+
+    def spy_sync(fd: int) -> None:
+        if not placed:  # the first write-out: the tree as the stream left it
+            big = [os.path.join(d, "big") for d, _, names in os.walk(dest) if "big" in names]
+            placed.extend(written_out_bytes(b, 2 * WRITE_BEHIND) for b in big)
+        real_sync(fd)
+
+    monkeypatch.setattr(replica_mod, "syncfs", spy_sync)
+    with _native.use_backend("c", "fastapply"), btrfs_loop("400M") as top:
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "big").write_bytes(os.urandom(2 * WRITE_BEHIND + 1_000_000))
+        dest = top / "dest"
+        dest.mkdir()
+        a, b = socket.socketpair()
+        receiver = threading.Thread(target=lambda: Replica(dest).serve(
+            SocketChannel(a, "sender")))
+        receiver.start()
+        res = replicate(src, SocketChannel(b, "receiver"), store=SendshotStore(
+            tmp_path / "store"), segment=SEG)
+        receiver.join(30)
+        a.close()
+        b.close()
+        assert res.outcome == "committed", res
+        assert placed == [2 * WRITE_BEHIND]
+        assert tree_sum(dest / res.name) == tree_sum(src)
+
+
 def test_already_current_and_refusals(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()

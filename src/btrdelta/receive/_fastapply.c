@@ -30,6 +30,10 @@
  * moves between the two sides with give_write()/take_write(); take_dirs_changed() tells
  * Python to drop its own directory cache after C renamed or removed directories, and
  * clear_dirs() does the same on this side after Python did.
+ *
+ * Write-behind (write_behind(), off by default): a receiver that writes its destination out
+ * at the end (replicate's, before it commits) has each large file's data written out as
+ * it comes, so that the final syncfs does not write it all at once.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -104,11 +108,13 @@ typedef struct {
     int fd;
 } DirEnt;
 
-/* a descriptor held open for a path (owned; fd -1: none) */
+/* a descriptor held open for a path (owned; fd -1: none); for the write descriptor, the
+ * range [lo, hi) written since its write-out was last started and the bytes written in it */
 typedef struct {
     int fd;
     char *path;
     size_t len, cap;
+    long long lo, hi, pend;
 } Held;
 
 typedef struct {
@@ -116,6 +122,7 @@ typedef struct {
     int root_fd; /* borrowed from the Python sandbox; -1 = no subvolume */
     int encoded; /* pass ENCODED_WRITE through with the ioctl */
     Held w;      /* the write descriptor: the file last created or written */
+    long long behind; /* write_behind(): start a write-out every this many bytes (0: never) */
     DirEnt *dirs;
     size_t ndirs, dcap;
     int dirs_changed;
@@ -386,6 +393,7 @@ held_close(Held *h)
         close(h->fd);
     h->fd = -1;
     h->len = 0;
+    h->pend = 0;
 }
 
 /* the held descriptor now stands for path `p` (n bytes) */
@@ -705,6 +713,26 @@ exec_two(Fast *f, const Op *o)
     return 0;
 }
 
+/* write_behind(): once `behind` bytes were written into the file since its last one, the
+ * write-out of the range they span is started (sync_file_range(SYNC_FILE_RANGE_WRITE):
+ * data only, no transaction, no wait for the I/O), so that a large file goes to the disk
+ * while the stream is still coming and a syncfs at the end finds little left to write.
+ * A file smaller than that is left to the kernel's writeback. */
+static void
+written(Fast *f, long long off, long long len)
+{
+    Held *h = &f->w;
+    if (h->pend == 0 || off < h->lo)
+        h->lo = off;
+    if (h->pend == 0 || off + len > h->hi)
+        h->hi = off + len;
+    h->pend += len;
+    if (h->pend >= f->behind) {
+        (void)sync_file_range(h->fd, h->lo, h->hi - h->lo, SYNC_FILE_RANGE_WRITE);
+        h->pend = 0;
+    }
+}
+
 /* WRITE, TRUNCATE, UPDATE_EXTENT, ENCODED_WRITE */
 static int
 exec_data(Fast *f, const Op *o, long long *nbytes)
@@ -727,6 +755,8 @@ exec_data(Fast *f, const Op *o, long long *nbytes)
             done += (size_t)w;
         }
         *nbytes += (long long)len;
+        if (f->behind > 0)
+            written(f, v[0], (long long)len);
         return 0;
     }
     struct iovec iov = {o->view.buf, (size_t)o->view.len};
@@ -1102,6 +1132,7 @@ Fast_take_write(Fast *self, PyObject *unused)
     if (r != NULL) {
         self->w.fd = -1;
         self->w.len = 0;
+        self->w.pend = 0;
     }
     return r;
 }
@@ -1133,6 +1164,16 @@ Fast_track(Fast *self, PyObject *arg)
         return NULL;
     }
     self->progress = (volatile uint64_t *)self->progress_view.buf;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Fast_write_behind(Fast *self, PyObject *arg)
+{
+    long long n = PyLong_AsLongLong(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    self->behind = n < 0 ? 0 : n;
     Py_RETURN_NONE;
 }
 
@@ -1177,6 +1218,9 @@ static PyMethodDef Fast_methods[] = {
      "take_write() -> (path, fd) | None: hand the cached write descriptor to the caller."},
     {"give_write", (PyCFunction)Fast_give_write, METH_VARARGS,
      "give_write(path, fd): take ownership of the caller's write descriptor for path."},
+    {"write_behind", (PyCFunction)Fast_write_behind, METH_O,
+     "write_behind(nbytes): start the write-out of a file's data (sync_file_range) each "
+     "time nbytes more were written into it (0: never, the default)."},
     {"clear_dirs", (PyCFunction)Fast_clear_dirs, METH_NOARGS,
      "clear_dirs(): forget cached directories (after Python renamed or removed some)."},
     {"take_dirs_changed", (PyCFunction)Fast_take_dirs_changed, METH_NOARGS,

@@ -82,6 +82,8 @@ _native.on_load("fastapply", lambda mod: mod.configure((
     UpdateExtent, EncodedWrite, Clone)))
 
 _WRITE_FLAGS = os.O_WRONLY
+#: with ``write_behind``, a file's write-out is started each time this much more was written
+WRITE_BEHIND = 8 << 20
 _FALLBACK_ERRNOS = (errno.ENOTTY, errno.EINVAL, errno.ENOSPC, errno.EOPNOTSUPP, errno.EXDEV,
                     errno.EPERM)
 
@@ -136,22 +138,18 @@ class Applier:
             :class:`.subvolumes.Subvolumes`).
         detach_on: what ``pre_commit`` may raise to leave the complete subvolume under
             its temporary name instead of removing it (a receive to finish later).
+        write_behind: start large files' write-out as they are written (the C fast path,
+            every :data:`WRITE_BEHIND`), for a caller that writes ``dest`` out at the end
+            (``syncfs``); the writeback's CPU is then spent during the receive.
     """
 
     def __init__(
-        self,
-        dest: Path,
-        *,
-        backend: str = "auto",
-        dry_run: bool = False,
-        apply_fileattr: bool = False,
-        force_decompress: bool = False,
-        on_warning: Callable[[str], None] | None = None,
-        pre_commit: PreCommit | None = None,
-        search_root: Path | None = None,
-        temp_name: bytes | None = None,
+        self, dest: Path, *, backend: str = "auto", dry_run: bool = False,
+        apply_fileattr: bool = False, force_decompress: bool = False,
+        on_warning: Callable[[str], None] | None = None, pre_commit: PreCommit | None = None,
+        search_root: Path | None = None, temp_name: bytes | None = None,
         parents: dict[UUID, Path] | None = None,
-        detach_on: tuple[type[BaseException], ...] = (),
+        detach_on: tuple[type[BaseException], ...] = (), write_behind: bool = False,
     ) -> None:
         #: the temporary name of the subvolume being received (None: the default)
         self.temp_name = temp_name
@@ -176,6 +174,8 @@ class Applier:
         self._warned: set[str] = set()
         fastapply = _native.live("fastapply")
         self._fast: Any = fastapply.Fast() if fastapply is not None and not dry_run else None
+        if self._fast is not None and write_behind:
+            self._fast.write_behind(WRITE_BEHIND)
         #: the C side may hold the write descriptor or have renamed cached directories
         self._fast_dirty = False
         self._handlers: dict[type, Callable[[Any], None]] = {

@@ -270,19 +270,15 @@ def receive(
     events: Iterable[Event],
     dest: Path,
     *,
-    stop_at_end: bool = False,
-    max_errors: int = 1,
-    dry_run: bool = False,
-    backend: str = "auto",
-    apply_fileattr: bool = False,
-    force_decompress: bool = False,
+    stop_at_end: bool = False, max_errors: int = 1, dry_run: bool = False,
+    backend: str = "auto", apply_fileattr: bool = False, force_decompress: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
     on_subvol: Callable[[ReceivedSubvol], None] | None = None, read_ahead: bool = False,
     pre_commit: PreCommit | None = None, search_root: Path | None = None,
     progress: Any = None, resume: ResumePoint | None = None,
     detach_on: tuple[type[BaseException], ...] = (), temp_name: bytes | None = None,
-    parents: dict[UUID, Path] | None = None,
+    parents: dict[UUID, Path] | None = None, write_behind: bool = False,
 ) -> list[ReceivedSubvol]:
     """Apply a stream of events (stream headers and records) below ``dest``.
 
@@ -312,6 +308,8 @@ def receive(
             :mod:`.resume`: records applied counted, the subvolume kept, gone on with).
         parents: parents by (received) UUID, taken as found, shared with a delta
             stream's expansion (see :class:`.subvolumes.Subvolumes`).
+        write_behind: write large files' data out as it comes (see
+            :class:`.applier.Applier`), for a caller that writes ``dest`` out after.
 
     Returns:
         The finished subvolumes, in stream order.
@@ -324,7 +322,7 @@ def receive(
         Path(dest), backend=backend, dry_run=dry_run, apply_fileattr=apply_fileattr,
         force_decompress=force_decompress, on_warning=on_warning, pre_commit=pre_commit,
         search_root=search_root, temp_name=temp_name, parents=parents,
-        detach_on=detach_on,
+        detach_on=detach_on, write_behind=write_behind,
     ) as applier:
         run = _Run(applier, max_errors=max_errors, stop_at_end=stop_at_end,
                    on_progress=on_progress, on_subvol=on_subvol, progress=progress)

@@ -681,7 +681,8 @@ class Replica:
         try:
             got = receive(events, self.dest, stop_at_end=True, backend=self.backend,
                           progress=progress, resume=point, temp_name=events.tmp,
-                          detach_on=(TransportError,), pre_commit=Committed())
+                          detach_on=(TransportError,), pre_commit=Committed(),
+                          write_behind=True)
         except (TransportError, ProtocolError):
             raise
         except BtrdeltaError as exc:
