@@ -464,6 +464,28 @@ def test_on_a_snapshot_the_parent_looked_at_before_the_seal_gives_the_full_sum(
     assert OVERLAID.get(case) not in read
 
 
+def test_written_files_hashed_before_the_seal_keep_their_atime(btrfs_mnt: Path) -> None:
+    """The early digests read the written files before the seal without updating their
+    atime (the stream's, older than their ctime: a read updates it with ``relatime``,
+    a transaction joined while the seal commits); a plain read afterwards does."""
+    mnt = btrfs_mnt / "atime"
+    mnt.mkdir()
+    parent = _subvol_parent(mnt)
+    digests = verified_digests(parent)
+    new = _snapshot(mnt, parent, "new")
+    changes = Changes()
+    _apply(new, changes, [_snap(), S.Write(b"d/f", 10, b"X" * 20), S.Write(b"top", 0, b"Y")])
+    changes.start(new, digests)
+    assert changes._started is not None
+    assert sorted(changes._started[3]) == [b"d/f", b"top"]
+    for fut, _stamp in changes._started[3].values():
+        assert fut.result() is not None
+    assert [os.lstat(new / p).st_atime_ns for p in ("d/f", "top")] == [T, T]
+    assert changes.tree_sum(new, digests).identity == tree_sum(new)
+    (new / "top").read_bytes()
+    assert os.lstat(new / "top").st_atime_ns > T
+
+
 def test_unchanged_tells_the_parent_entries_still_as_hashed(btrfs_mnt: Path) -> None:
     """``_treewalk.unchanged``: the entries whose inode, size, mtime and ctime are the
     hashed ones; not one changed since (its ctime moved, mtime put back), not one gone,

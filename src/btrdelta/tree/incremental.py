@@ -372,6 +372,19 @@ def _meet(barrier: threading.Barrier) -> None:
         barrier.wait(timeout=1.0)
 
 
+def _open(path: bytes) -> int:
+    """Open ``path`` to read it, with ``O_NOATIME`` where allowed (the owner or
+    CAP_FOWNER). A written file is read before the seal (:meth:`Changes.start`), while
+    ``SET_RECEIVED_SUBVOL`` commits: its atime, which the stream set to its mtime, is
+    older than its ctime, so a read would update it (``relatime``), and btrfs joins a
+    transaction for that, waiting for the commit running and dirtying the inode again
+    for the read-only flag's."""
+    try:
+        return os.open(path, _OPEN | os.O_NOATIME)
+    except PermissionError:
+        return os.open(path, _OPEN)
+
+
 def _overlaid(new: bytes, st: os.stat_result, old: bytes, key: _Key,
               ov: Overlay) -> str | None:
     """The content digest of file ``new`` (lstat ``st``) made from parent file ``old``
@@ -381,13 +394,13 @@ def _overlaid(new: bytes, st: os.stat_result, old: bytes, key: _Key,
     if size != st.st_size:
         return None
     try:
-        old_fd = os.open(old, _OPEN)
+        old_fd = _open(old)
     except OSError:
         return None
     try:
         if _stamp(os.fstat(old_fd)) != key[:4]:
             return None
-        new_fd = os.open(new, _OPEN)
+        new_fd = _open(new)
         try:
             got = os.fstat(new_fd)
             if got.st_ino != st.st_ino or got.st_size != size:
