@@ -379,3 +379,115 @@ def test_the_flag_is_waited_for_when_its_effect_cannot_be_seen(
         flag.end()
         flag.end()  # (once more: nothing)
         subs.abort(pending)
+
+
+def _made_by(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the threads that create snapshots (the subvolumes module's calls)."""
+    from btrdelta.receive import subvolumes
+
+    seen: list[str] = []
+    real = subvolumes.create_snapshot
+
+    def spy(*args: object, **kwargs: object) -> None:
+        seen.append(threading.current_thread().name)
+        real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(subvolumes, "create_snapshot", spy)
+    return seen
+
+
+def _parent_subvol(dest: Path, subs: Subvolumes) -> Path:
+    first = subs.begin(b"parent", UUID_A, 7)
+    _write(first.sandbox, b"os-release", b"v1\n")
+    return subs.finish(first).path
+
+
+def test_a_snapshot_made_ahead_is_the_one_begin_takes(btrfs_mnt: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """:meth:`Subvolumes.snapshot_ahead` snapshots the parent in a thread before the
+    SNAPSHOT record is at hand; ``begin`` of that name, UUID and parent takes it (no
+    second snapshot), and the kernel records it as a snapshot of the parent."""
+    dest = btrfs_mnt / f"ahead-{uuid.uuid4().hex[:8]}"
+    dest.mkdir()
+    made = _made_by(monkeypatch)
+    with Subvolumes(dest, parents={}) as subs:
+        parent = _parent_subvol(dest, subs)
+        assert subs.parents is not None
+        subs.parents[UUID_A] = parent
+        subs.snapshot_ahead(b"next", UUID_B, UUID_A)
+        pending = subs.begin(b"next", UUID_B, 9, parent_uuid=UUID_A)
+        assert made == ["btrdelta-snapshot"]
+        assert (pending.path / "os-release").read_bytes() == b"v1\n"
+        _write(pending.sandbox, b"os-release", b"v2\n")
+        done = subs.finish(pending)
+    assert _entries(dest) == ["next", "parent"]
+    assert (done.path / "os-release").read_bytes() == b"v2\n"
+    shown, shown_parent = subvolume_show(done.path), subvolume_show(parent)
+    assert shown["Parent UUID"] == shown_parent["UUID"]
+    assert shown["Received UUID"] == str(UUID_B)
+
+
+@pytest.mark.parametrize("other", ["name", "uuid", "parent", "unused"])
+def test_a_snapshot_made_ahead_for_something_else_is_deleted(
+        btrfs_mnt: Path, other: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One that ``begin`` is not called for as it was made (another name, UUID or parent)
+    is deleted and ``begin`` makes its own; one never taken is deleted at close: no
+    temporary is left in DEST."""
+    dest = btrfs_mnt / f"ahead-{other}-{uuid.uuid4().hex[:8]}"
+    dest.mkdir()
+    made = _made_by(monkeypatch)
+    with Subvolumes(dest, parents={}) as subs:
+        parent = _parent_subvol(dest, subs)
+        empty = subs.finish(subs.begin(b"empty", uuid.UUID(int=0xE), 3))
+        assert subs.parents is not None
+        subs.parents[UUID_A] = parent
+        subs.parents[empty.uuid] = empty.path
+        subs.snapshot_ahead(b"next", UUID_B, UUID_A)
+        if other == "unused":
+            while not any(p.name.startswith(TMP_PREFIX) for p in dest.iterdir()):
+                time.sleep(0.001)
+            assert made == ["btrdelta-snapshot"]
+        else:
+            name = b"other" if other == "name" else b"next"
+            wanted = uuid.UUID(int=0xC) if other == "uuid" else UUID_B
+            base = empty.uuid if other == "parent" else UUID_A
+            pending = subs.begin(name, wanted, 9, parent_uuid=base)
+            assert made == ["btrdelta-snapshot", "MainThread"]
+            assert (pending.path / "os-release").exists() == (other != "parent")
+            subs.finish(pending)
+    assert not [p for p in _entries(dest) if p.startswith(TMP_PREFIX)]
+
+
+def test_a_snapshot_that_cannot_be_made_ahead_is_refused_by_begin(
+        btrfs_mnt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread's failure is not raised there: ``begin`` makes the snapshot again and
+    raises what the kernel says (the temporary name taken: EEXIST)."""
+    dest = btrfs_mnt / f"ahead-fails-{uuid.uuid4().hex[:8]}"
+    dest.mkdir()
+    made = _made_by(monkeypatch)
+    with Subvolumes(dest, parents={}) as subs:
+        parent = _parent_subvol(dest, subs)
+        assert subs.parents is not None
+        subs.parents[UUID_A] = parent
+        taken = f"{TMP_PREFIX}{UUID_B.hex[:12]}-{os.getpid()}"
+        (dest / taken).mkdir()
+        subs.snapshot_ahead(b"next", UUID_B, UUID_A)
+        with pytest.raises(FileExistsError):
+            subs.begin(b"next", UUID_B, 9, parent_uuid=UUID_A)
+        assert made == ["btrdelta-snapshot", "MainThread"]
+    assert _entries(dest) == sorted(["parent", taken])  # not ours: left alone
+
+
+def test_no_snapshot_is_made_ahead_without_a_known_parent_or_in_a_dry_run(
+        btrfs_mnt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dest = btrfs_mnt / f"ahead-none-{uuid.uuid4().hex[:8]}"
+    dest.mkdir()
+    made = _made_by(monkeypatch)
+    with Subvolumes(dest, parents={}) as subs:
+        subs.snapshot_ahead(b"next", UUID_B, UUID_A)
+    with Subvolumes(dest, dry_run=True, parents={UUID_A: dest}) as dry:
+        dry.snapshot_ahead(b"next", UUID_B, UUID_A)
+    with Subvolumes(dest, backend="dir", parents={UUID_A: dest}) as dirs:
+        dirs.snapshot_ahead(b"next", UUID_B, UUID_A)
+    assert made == []
+    assert _entries(dest) == []

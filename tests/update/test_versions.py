@@ -482,6 +482,7 @@ def test_a_delta_hop_reads_only_the_files_its_stream_changed(
     (same size and mtime; on btrfs made writable for that and read-only again) is seen by
     its ctime and the hop refused."""
     from btrdelta.fs import btrfs as sv
+    from btrdelta.receive import subvolumes
     from btrdelta.tree import incremental, treesum
     from btrdelta.update import versions
 
@@ -504,11 +505,22 @@ def test_a_delta_hop_reads_only_the_files_its_stream_changed(
             read.append(os.fsdecode(new))
         return got
 
+    snapshots: list[str] = []  # the threads that made the hop's snapshot
+    real_snapshot = subvolumes.create_snapshot
+
+    def snapshot(*args: object, **kwargs: object) -> None:
+        snapshots.append(threading.current_thread().name)
+        real_snapshot(*args, **kwargs)  # type: ignore[arg-type]
+
     monkeypatch.setattr(treesum, "_file_digest", spy)
     monkeypatch.setattr(incremental, "_overlaid", overlaid)
+    monkeypatch.setattr(subvolumes, "create_snapshot", snapshot)
     rc, out, err = _update(server.url, dest, pub, "--json", capsys=capsys)
     assert rc == 0, err
     assert [s["kind"] for s in json.loads(out)["plan"]["steps"]] == ["delta"]
+    # on btrfs made ahead, before the stream's SNAPSHOT was expanded (the same snapshot)
+    assert snapshots == (["btrdelta-snapshot"] if (dest / "v8").stat().st_ino == 256
+                         else [])
     assert tree_sum(dest / "v9") == tree_sum(releases[8])
     in_hop = [p.split("/.btrdelta-tmp-", 1)[1].split("/", 1)[1] for p in read
               if "/.btrdelta-tmp-" in p]

@@ -279,6 +279,7 @@ def receive(
     progress: Any = None, resume: ResumePoint | None = None,
     detach_on: tuple[type[BaseException], ...] = (), temp_name: bytes | None = None,
     parents: dict[UUID, Path] | None = None, write_behind: bool = False,
+    snapshot_ahead: tuple[bytes, UUID, UUID] | None = None,
 ) -> list[ReceivedSubvol]:
     """Apply a stream of events (stream headers and records) below ``dest``.
 
@@ -310,6 +311,8 @@ def receive(
             stream's expansion (see :class:`.subvolumes.Subvolumes`).
         write_behind: write large files' data out as it comes (see
             :class:`.applier.Applier`), for a caller that writes ``dest`` out after.
+        snapshot_ahead: the stream's SNAPSHOT, ``(name, UUID, parent UUID)``, made at once
+            and taken if it is that (:meth:`.subvolumes.Subvolumes.snapshot_ahead`).
 
     Returns:
         The finished subvolumes, in stream order.
@@ -324,6 +327,8 @@ def receive(
         search_root=search_root, temp_name=temp_name, parents=parents,
         detach_on=detach_on, write_behind=write_behind,
     ) as applier:
+        if snapshot_ahead is not None:
+            applier.subvols.snapshot_ahead(*snapshot_ahead)
         run = _Run(applier, max_errors=max_errors, stop_at_end=stop_at_end,
                    on_progress=on_progress, on_subvol=on_subvol, progress=progress)
         batches = _event_batches(events, read_ahead=read_ahead)

@@ -196,6 +196,28 @@ class _ReadOnly:
             raise error
 
 
+class _Ahead:
+    """A snapshot being made by a thread of its own (:meth:`Subvolumes.snapshot_ahead`)."""
+
+    def __init__(self, name: bytes, uuid: UUID, parent: Path, tmp: bytes,
+                 make: Callable[[], None]) -> None:
+        self.name, self.uuid, self.parent, self.tmp = name, uuid, parent, tmp
+        self._ok = False
+        self._thread = threading.Thread(target=self._run, args=(make,),
+                                        name="btrdelta-snapshot", daemon=True)
+        self._thread.start()
+
+    def _run(self, make: Callable[[], None]) -> None:
+        with contextlib.suppress(Exception):  # begin() makes it again and raises
+            make()
+            self._ok = True
+
+    def made(self) -> bool:
+        """Wait for it; whether it was made."""
+        self._thread.join()
+        return self._ok
+
+
 def _seal(root_fd: int, pending: PendingSubvol, pre_commit: PreCommit | None,
           flag: _ReadOnly | None) -> None:
     """Seal btrfs subvolume ``pending`` (open as ``root_fd``) as ``btrfs receive`` does,
@@ -336,9 +358,15 @@ class Subvolumes:
         self.dry_run = dry_run
         self._dest_fd = os.open(self.dest, _DIR)
         self._swept = False
+        #: the snapshot :meth:`snapshot_ahead` is making, until :meth:`begin` takes it
+        self._ahead: _Ahead | None = None
 
     def close(self) -> None:
-        """Release the destination's descriptor (pending subvolumes are the caller's)."""
+        """Release the destination's descriptor (pending subvolumes are the caller's); a
+        snapshot made ahead that :meth:`begin` did not take is deleted."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.made():
+            self._remove(ahead.tmp)
         if self._dest_fd >= 0:
             os.close(self._dest_fd)
             self._dest_fd = -1
@@ -407,6 +435,20 @@ class Subvolumes:
         if self.dry_run:
             return pending
         fd = self._dest_fd
+        if not self._take_ahead(name, uuid, parent, tmp):
+            self._make(tmp, parent, pending.path)
+        try:
+            pending.sandbox = Sandbox.open(tmp, dir_fd=fd)
+            # held until the sandbox is closed: the temporary is not a dead receiver's
+            fcntl.flock(pending.sandbox.root_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            self.abort(pending)
+            raise
+        return pending
+
+    def _make(self, tmp: bytes, parent: Path | None, path: Path) -> None:
+        """Create temporary ``tmp`` (at ``path``): empty, or from ``parent``."""
+        fd = self._dest_fd
         if parent is None:
             if self.btrfs:
                 create_subvolume(fd, tmp)
@@ -420,18 +462,45 @@ class Subvolumes:
                 os.close(pfd)
         else:
             try:
-                copy_tree(parent, pending.path)
+                copy_tree(parent, path)
             except BaseException:  # Ctrl-C: the partial copy goes too
                 self._remove(tmp)
                 raise
-        try:
-            pending.sandbox = Sandbox.open(tmp, dir_fd=fd)
-            # held until the sandbox is closed: the temporary is not a dead receiver's
-            fcntl.flock(pending.sandbox.root_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BaseException:
-            self.abort(pending)
-            raise
-        return pending
+
+    def snapshot_ahead(self, name: bytes, uuid: UUID, parent_uuid: UUID) -> None:
+        """Start making, in a thread, the writable snapshot that :meth:`begin` of ``name``
+        (received UUID ``uuid``, default temporary name) from the parent ``parent_uuid``
+        in :attr:`parents` would make, before the stream's SNAPSHOT record is at hand (a
+        delta stream's first records come after ~1 ms of expanding; the snapshot is a
+        transaction commit of its own, 1.5-5 ms of numpy's repository hop). :meth:`begin`
+        takes it when called with these and that parent, the same snapshot made earlier
+        (the parent is a received, read-only subvolume); otherwise, or at :meth:`close`,
+        it is deleted. The sweep of dead receivers' temporaries runs here, first.
+        Nothing happens in a dry run, on the directory backend, or for a parent not in
+        :attr:`parents`."""
+        parent = self.parents.get(parent_uuid) if self.parents is not None else None
+        if self.dry_run or not self.btrfs or parent is None or self._ahead is not None:
+            return
+        if not self._swept:  # (before: the snapshot holds DEST's lock, which listing takes)
+            self._swept = True
+            self.sweep()
+        tmp = f"{TMP_PREFIX}{uuid.hex[:12]}-{os.getpid()}".encode()
+        self._ahead = _Ahead(name, uuid, parent, tmp,
+                             lambda: self._make(tmp, parent, self.dest / os.fsdecode(tmp)))
+
+    def _take_ahead(self, name: bytes, uuid: UUID, parent: Path | None, tmp: bytes) -> bool:
+        """Whether the snapshot made ahead is ``tmp`` as :meth:`begin` of these would make
+        it (then begin takes it); one that is not is deleted first."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return False
+        made = ahead.made()
+        if made and (ahead.name, ahead.uuid, ahead.parent, ahead.tmp) == (name, uuid, parent,
+                                                                          tmp):
+            return True
+        if made:
+            self._remove(ahead.tmp)
+        return False
 
     def reopen(self, name: bytes, tmp: bytes, uuid: UUID, ctransid: int, *,
                parent_uuid: UUID | None = None) -> PendingSubvol:

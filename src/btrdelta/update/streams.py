@@ -144,16 +144,20 @@ class _Renamed:
     """Events of a stream whose subvolume gets a local staging name (and each of them fed
     to ``changes``)."""
 
-    def __init__(self, events: Any, name: bytes, changes: Changes | None = None) -> None:
+    def __init__(self, events: Any, name: bytes, changes: Changes | None = None,
+                 warm: bool = False) -> None:
         self._events = events
         self._name = name
         self._changes = changes
+        self._warm = warm
 
     def __iter__(self) -> Iterator[Event]:
         for batch in self.batches():
             yield from batch
 
     def batches(self) -> Generator[list[Event], None, None]:
+        if self._changes is not None and self._warm:
+            self._changes.warm()  # its threads start while the first records are expanded
         feed = self._changes.feed if self._changes is not None else None
         for batch in self._events.batches():
             for ev in batch:
@@ -244,11 +248,14 @@ def _receive(
             digests.append(got)
 
     try:
-        if changes is not None and identity is not None:
-            changes.warm()  # its threads start while the first records are expanded
-        done = receive(_Renamed(events, name.encode(), changes), dest, stop_at_end=True,
+        # a release's delta starts with the SNAPSHOT of its normalized stream (the UUIDs
+        # of both identities): the snapshot is made while the first records are expanded
+        ahead = (name.encode(), stream_uuid(identity), parent_at[0]) \
+            if is_delta and identity is not None and parent_at is not None else None
+        warm = changes is not None and identity is not None
+        done = receive(_Renamed(events, name.encode(), changes, warm), dest, stop_at_end=True,
                        read_ahead=is_delta, on_progress=on_progress, pre_commit=Check(),
-                       parents=parents)
+                       parents=parents, snapshot_ahead=ahead)
     finally:
         if changes is not None:
             changes.close()
