@@ -447,8 +447,9 @@ def test_on_a_snapshot_the_parent_looked_at_before_the_seal_gives_the_full_sum(
     monkeypatch.setattr(walk, "derive", lambda *a: given.append(a[-1]) or real_derive(*a))
     changes.start(new, digests)
     assert changes._started is not None
-    assert changes._started[4] is not None
-    changes._started[4].result()
+    proven = changes._started[3].result()[1]
+    assert proven is not None
+    proven.result()
     with open(parent / "top", "r+b") as f:  # after the snapshot and start()'s look
         f.write(b"changed")
     hashed.clear()
@@ -477,8 +478,9 @@ def test_written_files_hashed_before_the_seal_keep_their_atime(btrfs_mnt: Path) 
     _apply(new, changes, [_snap(), S.Write(b"d/f", 10, b"X" * 20), S.Write(b"top", 0, b"Y")])
     changes.start(new, digests)
     assert changes._started is not None
-    assert sorted(changes._started[3]) == [b"d/f", b"top"]
-    for fut, _stamp in changes._started[3].values():
+    early = changes._started[3].result()[0]
+    assert sorted(early) == [b"d/f", b"top"]
+    for fut, _stamp in early.values():
         assert fut.result() is not None
     assert [os.lstat(new / p).st_atime_ns for p in ("d/f", "top")] == [T, T]
     assert changes.tree_sum(new, digests).identity == tree_sum(new)
@@ -636,7 +638,7 @@ def test_digests_started_early_are_used_only_for_files_unchanged_since(
                           S.Write(b"e/late", 0, b"Y")])
     changes.start(new, digests)
     assert changes._started is not None
-    for fut, _stamp in changes._started[3].values():
+    for fut, _stamp in changes._started[3].result()[0].values():
         fut.result()
     with open(new / "e/late", "r+b") as f:  # after the early digests, in the range written
         f.write(b"Z")
@@ -687,7 +689,7 @@ def _large_parent_copied(tmp_path: Path) -> tuple[Digests, Path]:
 
 def test_warm_threads_serve_the_walk_and_stop(tmp_path: Path) -> None:
     """:meth:`Changes.warm` starts both hashing threads at once; :meth:`tree_sum` hashes in
-    them, and they are gone after it (or after :meth:`close` when no walk came)."""
+    them, and they are gone after :meth:`close` (which joins them; without a walk too)."""
     before = _overlay_threads()
     digests, new = _large_parent_copied(tmp_path)
     changes = Changes()
@@ -696,6 +698,7 @@ def test_warm_threads_serve_the_walk_and_stop(tmp_path: Path) -> None:
     assert len(warm) == 2
     _apply(new, changes, [_snap(), S.Write(b"e/big", 10, b"X")])
     assert changes.tree_sum(new, digests).identity == tree_sum(new)
+    changes.close()
     assert not _overlay_threads() & warm
     idle = Changes()
     idle.warm()
@@ -706,7 +709,8 @@ def test_warm_threads_serve_the_walk_and_stop(tmp_path: Path) -> None:
 
 def test_start_keeps_the_warm_threads(tmp_path: Path) -> None:
     """:meth:`Changes.start` gives the early digests to the threads :meth:`Changes.warm`
-    started (it stopped them and started two more); they are gone after the walk."""
+    started (it stopped them and started two more); they are gone after the walk's
+    :meth:`close`."""
     before = _overlay_threads()
     digests, new = _large_parent_copied(tmp_path)
     changes = Changes()
@@ -716,4 +720,5 @@ def test_start_keeps_the_warm_threads(tmp_path: Path) -> None:
     changes.start(new, digests)
     assert _overlay_threads() - before == warm
     assert changes.tree_sum(new, digests).identity == tree_sum(new)
+    changes.close()
     assert not _overlay_threads() - before
