@@ -396,6 +396,19 @@ def _made_by(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return seen
 
 
+class _Sealing:
+    """A hook run while the read-only flag commits; what it saw."""
+
+    while_sealing = True
+
+    def __init__(self) -> None:
+        self.seen: list[bool] = []
+
+    def __call__(self, pending: PendingSubvol) -> None:
+        assert pending.sandbox is not None
+        self.seen.append(os.access(".", os.W_OK, dir_fd=pending.sandbox.root_fd))
+
+
 def _parent_subvol(dest: Path, subs: Subvolumes) -> Path:
     first = subs.begin(b"parent", UUID_A, 7)
     _write(first.sandbox, b"os-release", b"v1\n")
@@ -406,25 +419,43 @@ def test_a_snapshot_made_ahead_is_the_one_begin_takes(btrfs_mnt: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """:meth:`Subvolumes.snapshot_ahead` snapshots the parent in a thread before the
     SNAPSHOT record is at hand; ``begin`` of that name, UUID and parent takes it (no
-    second snapshot), and the kernel records it as a snapshot of the parent."""
-    dest = btrfs_mnt / f"ahead-{uuid.uuid4().hex[:8]}"
-    dest.mkdir()
-    made = _made_by(monkeypatch)
-    with Subvolumes(dest, parents={}) as subs:
-        parent = _parent_subvol(dest, subs)
-        assert subs.parents is not None
-        subs.parents[UUID_A] = parent
-        subs.snapshot_ahead(b"next", UUID_B, UUID_A)
-        pending = subs.begin(b"next", UUID_B, 9, parent_uuid=UUID_A)
-        assert made == ["btrdelta-snapshot"]
-        assert (pending.path / "os-release").read_bytes() == b"v1\n"
-        _write(pending.sandbox, b"os-release", b"v2\n")
-        done = subs.finish(pending)
-    assert _entries(dest) == ["next", "parent"]
-    assert (done.path / "os-release").read_bytes() == b"v2\n"
-    shown, shown_parent = subvolume_show(done.path), subvolume_show(parent)
-    assert shown["Parent UUID"] == shown_parent["UUID"]
-    assert shown["Received UUID"] == str(UUID_B)
+    second snapshot), and the kernel records it as a snapshot of the parent. With a hook
+    that runs while sealing, the same thread sets the read-only flag (no other starts);
+    without one it is stopped and the seal is made as before."""
+    from btrdelta.receive import subvolumes
+
+    flagged: list[str] = []
+    real_flag = subvolumes.set_readonly
+
+    def set_readonly(fd: int, flag: bool) -> None:
+        flagged.append(threading.current_thread().name)
+        real_flag(fd, flag)
+
+    monkeypatch.setattr(subvolumes, "set_readonly", set_readonly)
+    for sealing in (_Sealing(), None):
+        dest = btrfs_mnt / f"ahead-{uuid.uuid4().hex[:8]}"
+        dest.mkdir()
+        made = _made_by(monkeypatch)
+        flagged.clear()
+        with Subvolumes(dest, parents={}) as subs:
+            parent = _parent_subvol(dest, subs)
+            assert subs.parents is not None
+            subs.parents[UUID_A] = parent
+            subs.snapshot_ahead(b"next", UUID_B, UUID_A)
+            pending = subs.begin(b"next", UUID_B, 9, parent_uuid=UUID_A)
+            assert made == ["btrdelta-snapshot"]
+            assert (pending.path / "os-release").read_bytes() == b"v1\n"
+            _write(pending.sandbox, b"os-release", b"v2\n")
+            done = subs.finish(pending, pre_commit=sealing)
+        assert _entries(dest) == ["next", "parent"]
+        assert (done.path / "os-release").read_bytes() == b"v2\n"
+        shown, shown_parent = subvolume_show(done.path), subvolume_show(parent)
+        assert shown["Parent UUID"] == shown_parent["UUID"]
+        assert shown["Received UUID"] == str(UUID_B)
+        assert shown["Flags"] == "readonly"
+        assert flagged == ["MainThread", "btrdelta-snapshot" if sealing else "MainThread"]
+        assert sealing is None or sealing.seen == [False]
+        assert not [t for t in threading.enumerate() if t.name == "btrdelta-snapshot"]
 
 
 @pytest.mark.parametrize("other", ["name", "uuid", "parent", "unused"])
@@ -454,8 +485,9 @@ def test_a_snapshot_made_ahead_for_something_else_is_deleted(
             pending = subs.begin(name, wanted, 9, parent_uuid=base)
             assert made == ["btrdelta-snapshot", "MainThread"]
             assert (pending.path / "os-release").exists() == (other != "parent")
-            subs.finish(pending)
+            subs.finish(pending, pre_commit=_Sealing())
     assert not [p for p in _entries(dest) if p.startswith(TMP_PREFIX)]
+    assert not [t for t in threading.enumerate() if t.name == "btrdelta-snapshot"]
 
 
 def test_a_snapshot_that_cannot_be_made_ahead_is_refused_by_begin(

@@ -515,11 +515,19 @@ def test_a_delta_hop_reads_only_the_files_its_stream_changed(
     monkeypatch.setattr(treesum, "_file_digest", spy)
     monkeypatch.setattr(incremental, "_overlaid", overlaid)
     monkeypatch.setattr(subvolumes, "create_snapshot", snapshot)
+    real_flag = subvolumes.set_readonly
+
+    def set_readonly(fd: int, flag: bool) -> None:
+        snapshots.append(threading.current_thread().name)
+        real_flag(fd, flag)
+
+    monkeypatch.setattr(subvolumes, "set_readonly", set_readonly)
     rc, out, err = _update(server.url, dest, pub, "--json", capsys=capsys)
     assert rc == 0, err
     assert [s["kind"] for s in json.loads(out)["plan"]["steps"]] == ["delta"]
-    # on btrfs made ahead, before the stream's SNAPSHOT was expanded (the same snapshot)
-    assert snapshots == (["btrdelta-snapshot"] if (dest / "v8").stat().st_ino == 256
+    # on btrfs made ahead, before the stream's SNAPSHOT was expanded (the same snapshot),
+    # and made read-only by the same thread
+    assert snapshots == (["btrdelta-snapshot"] * 2 if (dest / "v8").stat().st_ino == 256
                          else [])
     assert tree_sum(dest / "v9") == tree_sum(releases[8])
     in_hop = [p.split("/.btrdelta-tmp-", 1)[1].split("/", 1)[1] for p in read

@@ -106,8 +106,8 @@ class ReceivedSubvol(Value):
 class PendingSubvol:
     """A subvolume being made under its temporary name (see :meth:`Subvolumes.begin`)."""
 
-    __slots__ = ("ctransid", "data_bytes", "done", "name", "parent_path", "parent_uuid", "path",
-                 "records", "sandbox", "tmp", "uuid")
+    __slots__ = ("ctransid", "data_bytes", "done", "flag", "name", "parent_path",
+                 "parent_uuid", "path", "records", "sandbox", "tmp", "uuid")
 
     def __init__(self, name: bytes, tmp: bytes, path: Path, uuid: UUID, ctransid: int,
                  parent_uuid: UUID | None, parent_path: Path | None) -> None:
@@ -127,6 +127,8 @@ class PendingSubvol:
         self.data_bytes = 0
         #: finished or aborted
         self.done = False
+        #: the thread that made the snapshot ahead, to set the read-only flag
+        self.flag: _ReadOnly | None = None
 
 
 #: called by :meth:`Subvolumes.finish` with the complete, read-only temporary subvolume
@@ -144,16 +146,26 @@ class _ReadOnly:
     #: seconds between two looks at the flag
     POLL = 1e-4
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+    def __init__(self, fd: int, first: Callable[[], None] | None = None,
+                 name: str = "btrdelta-seal") -> None:
+        self.fd = fd  # (may be set until begin())
         self._go = threading.Event()
         self._done = threading.Event()
         self._cancel = False
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="btrdelta-seal", daemon=True)
+        self._first = threading.Event()
+        self._first_ok = False
+        self._thread = threading.Thread(target=self._run, args=(first,), name=name,
+                                        daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
+    def _run(self, first: Callable[[], None] | None) -> None:
+        """``first``, then the flag once :meth:`begin` says so."""
+        if first is not None:
+            with contextlib.suppress(Exception):  # (its caller does it again and raises)
+                first()
+                self._first_ok = True
+        self._first.set()
         try:
             self._go.wait()
             if not self._cancel:
@@ -162,6 +174,11 @@ class _ReadOnly:
             self._error = exc
         finally:
             self._done.set()
+
+    def first_done(self) -> bool:
+        """Wait for the job given as ``first``; whether it succeeded."""
+        self._first.wait()
+        return self._first_ok
 
     def begin(self) -> None:
         """Set the flag now (in the thread)."""
@@ -197,25 +214,25 @@ class _ReadOnly:
 
 
 class _Ahead:
-    """A snapshot being made by a thread of its own (:meth:`Subvolumes.snapshot_ahead`)."""
+    """A snapshot being made by a thread of its own (:meth:`Subvolumes.snapshot_ahead`),
+    which then waits to set the subvolume's read-only flag (a :class:`_ReadOnly`: the
+    seal then starts no thread)."""
 
     def __init__(self, name: bytes, uuid: UUID, parent: Path, tmp: bytes,
                  make: Callable[[], None]) -> None:
         self.name, self.uuid, self.parent, self.tmp = name, uuid, parent, tmp
-        self._ok = False
-        self._thread = threading.Thread(target=self._run, args=(make,),
-                                        name="btrdelta-snapshot", daemon=True)
-        self._thread.start()
-
-    def _run(self, make: Callable[[], None]) -> None:
-        with contextlib.suppress(Exception):  # begin() makes it again and raises
-            make()
-            self._ok = True
+        self.flag = _ReadOnly(-1, make, "btrdelta-snapshot")
 
     def made(self) -> bool:
         """Wait for it; whether it was made."""
-        self._thread.join()
-        return self._ok
+        return self.flag.first_done()
+
+
+def _stop_flag(pending: PendingSubvol) -> None:
+    """Stop the thread left to set ``pending``'s read-only flag, if any (unused)."""
+    flag, pending.flag = pending.flag, None
+    if flag is not None:
+        flag.end(raising=False)
 
 
 def _seal(root_fd: int, pending: PendingSubvol, pre_commit: PreCommit | None,
@@ -365,8 +382,10 @@ class Subvolumes:
         """Release the destination's descriptor (pending subvolumes are the caller's); a
         snapshot made ahead that :meth:`begin` did not take is deleted."""
         ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead.made():
-            self._remove(ahead.tmp)
+        if ahead is not None:
+            if ahead.made():
+                self._remove(ahead.tmp)
+            ahead.flag.end(raising=False)
         if self._dest_fd >= 0:
             os.close(self._dest_fd)
             self._dest_fd = -1
@@ -435,15 +454,20 @@ class Subvolumes:
         if self.dry_run:
             return pending
         fd = self._dest_fd
-        if not self._take_ahead(name, uuid, parent, tmp):
+        flag = self._take_ahead(name, uuid, parent, tmp)
+        if flag is None:
             self._make(tmp, parent, pending.path)
         try:
             pending.sandbox = Sandbox.open(tmp, dir_fd=fd)
             # held until the sandbox is closed: the temporary is not a dead receiver's
             fcntl.flock(pending.sandbox.root_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BaseException:
+            if flag is not None:
+                flag.end(raising=False)
             self.abort(pending)
             raise
+        if flag is not None:
+            flag.fd, pending.flag = pending.sandbox.root_fd, flag
         return pending
 
     def _make(self, tmp: bytes, parent: Path | None, path: Path) -> None:
@@ -488,19 +512,22 @@ class Subvolumes:
         self._ahead = _Ahead(name, uuid, parent, tmp,
                              lambda: self._make(tmp, parent, self.dest / os.fsdecode(tmp)))
 
-    def _take_ahead(self, name: bytes, uuid: UUID, parent: Path | None, tmp: bytes) -> bool:
-        """Whether the snapshot made ahead is ``tmp`` as :meth:`begin` of these would make
-        it (then begin takes it); one that is not is deleted first."""
+    def _take_ahead(self, name: bytes, uuid: UUID, parent: Path | None,
+                    tmp: bytes) -> _ReadOnly | None:
+        """The snapshot made ahead when it is ``tmp`` as :meth:`begin` of these would make
+        it (then begin takes it): its thread, to set the read-only flag; one that is not
+        is deleted first."""
         ahead, self._ahead = self._ahead, None
         if ahead is None:
-            return False
+            return None
         made = ahead.made()
         if made and (ahead.name, ahead.uuid, ahead.parent, ahead.tmp) == (name, uuid, parent,
                                                                           tmp):
-            return True
+            return ahead.flag
         if made:
             self._remove(ahead.tmp)
-        return False
+        ahead.flag.end(raising=False)
+        return None
 
     def reopen(self, name: bytes, tmp: bytes, uuid: UUID, ctransid: int, *,
                parent_uuid: UUID | None = None) -> PendingSubvol:
@@ -532,6 +559,7 @@ class Subvolumes:
         if pending.done:
             return
         pending.done = True
+        _stop_flag(pending)
         if pending.sandbox is not None:
             pending.sandbox.close()
 
@@ -564,8 +592,13 @@ class Subvolumes:
                 sandbox = pending.sandbox
                 assert sandbox is not None
                 # (the flag's thread starts before before_seal gives other threads work)
-                flag = _ReadOnly(sandbox.root_fd) if self.btrfs and getattr(
-                    pre_commit, "while_sealing", False) else None
+                flag, pending.flag = pending.flag, None
+                if not (self.btrfs and getattr(pre_commit, "while_sealing", False)):
+                    if flag is not None:  # (sealed as before: its thread is stopped)
+                        flag.end(raising=False)
+                    flag = None
+                elif flag is None:
+                    flag = _ReadOnly(sandbox.root_fd)
                 try:
                     before_seal = getattr(pre_commit, "before_seal", None)
                     if before_seal is not None and not sealed:
@@ -659,6 +692,7 @@ class Subvolumes:
         if pending.done:
             return
         pending.done = True
+        _stop_flag(pending)
         if pending.sandbox is not None:
             pending.sandbox.close()
         if not self.dry_run:
