@@ -441,7 +441,7 @@ def test_a_snapshot_made_ahead_is_the_one_begin_takes(btrfs_mnt: Path,
             parent = _parent_subvol(dest, subs)
             assert subs.parents is not None
             subs.parents[UUID_A] = parent
-            subs.snapshot_ahead(b"next", UUID_B, UUID_A)
+            subs.snapshot_ahead((b"next", UUID_B, UUID_A))
             pending = subs.begin(b"next", UUID_B, 9, parent_uuid=UUID_A)
             assert made == ["btrdelta-snapshot"]
             assert (pending.path / "os-release").read_bytes() == b"v1\n"
@@ -473,7 +473,7 @@ def test_a_snapshot_made_ahead_for_something_else_is_deleted(
         assert subs.parents is not None
         subs.parents[UUID_A] = parent
         subs.parents[empty.uuid] = empty.path
-        subs.snapshot_ahead(b"next", UUID_B, UUID_A)
+        subs.snapshot_ahead((b"next", UUID_B, UUID_A))
         if other == "unused":
             while not any(p.name.startswith(TMP_PREFIX) for p in dest.iterdir()):
                 time.sleep(0.001)
@@ -503,7 +503,7 @@ def test_a_snapshot_that_cannot_be_made_ahead_is_refused_by_begin(
         subs.parents[UUID_A] = parent
         taken = f"{TMP_PREFIX}{UUID_B.hex[:12]}-{os.getpid()}"
         (dest / taken).mkdir()
-        subs.snapshot_ahead(b"next", UUID_B, UUID_A)
+        subs.snapshot_ahead((b"next", UUID_B, UUID_A))
         with pytest.raises(FileExistsError):
             subs.begin(b"next", UUID_B, 9, parent_uuid=UUID_A)
         assert made == ["btrdelta-snapshot", "MainThread"]
@@ -516,10 +516,10 @@ def test_no_snapshot_is_made_ahead_without_a_known_parent_or_in_a_dry_run(
     dest.mkdir()
     made = _made_by(monkeypatch)
     with Subvolumes(dest, parents={}) as subs:
-        subs.snapshot_ahead(b"next", UUID_B, UUID_A)
+        subs.snapshot_ahead((b"next", UUID_B, UUID_A))
     with Subvolumes(dest, dry_run=True, parents={UUID_A: dest}) as dry:
-        dry.snapshot_ahead(b"next", UUID_B, UUID_A)
+        dry.snapshot_ahead((b"next", UUID_B, UUID_A))
     with Subvolumes(dest, backend="dir", parents={UUID_A: dest}) as dirs:
-        dirs.snapshot_ahead(b"next", UUID_B, UUID_A)
+        dirs.snapshot_ahead((b"next", UUID_B, UUID_A))
     assert made == []
     assert _entries(dest) == []

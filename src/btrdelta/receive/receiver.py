@@ -24,7 +24,7 @@ from ..stream.reader import Event, StreamHeader
 from ..stream.records import End, Snapshot, Subvol
 from .applier import Applier
 from .resume import ResumePoint, resumed
-from .subvolumes import PreCommit, ReceivedSubvol
+from .subvolumes import Ahead, PreCommit, ReceivedSubvol
 
 if TYPE_CHECKING:
     from typing import Any, Protocol, runtime_checkable
@@ -276,10 +276,9 @@ def receive(
     on_warning: Callable[[str], None] | None = None,
     on_subvol: Callable[[ReceivedSubvol], None] | None = None, read_ahead: bool = False,
     pre_commit: PreCommit | None = None, search_root: Path | None = None,
-    progress: Any = None, resume: ResumePoint | None = None,
+    progress: Any = None, resume: ResumePoint | None = None, write_behind: bool = False,
     detach_on: tuple[type[BaseException], ...] = (), temp_name: bytes | None = None,
-    parents: dict[UUID, Path] | None = None, write_behind: bool = False,
-    snapshot_ahead: tuple[bytes, UUID, UUID] | None = None,
+    parents: dict[UUID, Path] | None = None, snapshot_ahead: Ahead | None = None,
 ) -> list[ReceivedSubvol]:
     """Apply a stream of events (stream headers and records) below ``dest``.
 
@@ -311,8 +310,7 @@ def receive(
             stream's expansion (see :class:`.subvolumes.Subvolumes`).
         write_behind: write large files' data out as it comes (see
             :class:`.applier.Applier`), for a caller that writes ``dest`` out after.
-        snapshot_ahead: the stream's SNAPSHOT, ``(name, UUID, parent UUID)``, made at once
-            and taken if it is that (:meth:`.subvolumes.Subvolumes.snapshot_ahead`).
+        snapshot_ahead: the SNAPSHOT to come (:meth:`.subvolumes.Subvolumes.snapshot_ahead`).
 
     Returns:
         The finished subvolumes, in stream order.
@@ -327,8 +325,7 @@ def receive(
         search_root=search_root, temp_name=temp_name, parents=parents,
         detach_on=detach_on, write_behind=write_behind,
     ) as applier:
-        if snapshot_ahead is not None:
-            applier.subvols.snapshot_ahead(*snapshot_ahead)
+        applier.subvols.snapshot_ahead(snapshot_ahead)
         run = _Run(applier, max_errors=max_errors, stop_at_end=stop_at_end,
                    on_progress=on_progress, on_subvol=on_subvol, progress=progress)
         batches = _event_batches(events, read_ahead=read_ahead)

@@ -131,6 +131,10 @@ class PendingSubvol:
         self.flag: _ReadOnly | None = None
 
 
+#: what :meth:`Subvolumes.snapshot_ahead` is told: the (final) name, received UUID and
+#: parent's (received) UUID of a SNAPSHOT record to come
+Ahead = tuple[bytes, UUID, UUID]
+
 #: called by :meth:`Subvolumes.finish` with the complete, read-only temporary subvolume
 #: before it gets its final name; raising aborts it (e.g. a signature that does not verify)
 PreCommit = Callable[[PendingSubvol], None]
@@ -491,17 +495,21 @@ class Subvolumes:
                 self._remove(tmp)
                 raise
 
-    def snapshot_ahead(self, name: bytes, uuid: UUID, parent_uuid: UUID) -> None:
+    def snapshot_ahead(self, ahead: Ahead | None) -> None:
         """Start making, in a thread, the writable snapshot that :meth:`begin` of ``name``
         (received UUID ``uuid``, default temporary name) from the parent ``parent_uuid``
-        in :attr:`parents` would make, before the stream's SNAPSHOT record is at hand (a
-        delta stream's first records come after ~1 ms of expanding; the snapshot is a
-        transaction commit of its own, 1.5-5 ms of numpy's repository hop). :meth:`begin`
+        in :attr:`parents` (``ahead``: the three, or None: nothing) would make, before the
+        stream's SNAPSHOT record is at hand (a delta stream's first records come after
+        ~1 ms of expanding; the snapshot is a transaction commit of its own, 1.5-5 ms of
+        numpy's repository hop). :meth:`begin`
         takes it when called with these and that parent, the same snapshot made earlier
         (the parent is a received, read-only subvolume); otherwise, or at :meth:`close`,
         it is deleted. The sweep of dead receivers' temporaries runs here, first.
         Nothing happens in a dry run, on the directory backend, or for a parent not in
         :attr:`parents`."""
+        if ahead is None:
+            return
+        name, uuid, parent_uuid = ahead
         parent = self.parents.get(parent_uuid) if self.parents is not None else None
         if self.dry_run or not self.btrfs or parent is None or self._ahead is not None:
             return
