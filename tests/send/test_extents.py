@@ -62,14 +62,14 @@ def test_same_ranges_follow_extents_not_items() -> None:
 
 def test_extents_recorded_only_for_large_cow_files_not_too_fragmented(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Files below 1 MiB, NOCOW files and files whose items would take more than 0.5 % of
-    their size keep no extents (read whole next time); no right to search: none either."""
+    """Files below EXTENT_MIN, NOCOW files and files whose items would take more than 0.5 %
+    of their size keep no extents (read whole next time); no right to search: none either."""
     from btrdelta.send import extents
 
     items = b"".join(_ext(k * 16384, 16384, (1 << 30) + k * 16384) for k in range(400))
     monkeypatch.setattr(extents, "file_extents", lambda fd, ino: items)
     assert extents.extents_of(0, 257, 8 * MIB, 0) == items  # 20,000 bytes: 0.24 %
-    assert extents.extents_of(0, 257, MIB - 1, 0) is None
+    assert extents.extents_of(0, 257, extents.EXTENT_MIN - 1, 0) is None
     assert extents.extents_of(0, 257, 4 * MIB, extents.NOCOW) is None
     assert extents.extents_of(0, 257, len(items) * 199, 0) is None  # over 0.5 %
     assert extents.extents_of(0, 257, len(items) * 200, 0) == items
@@ -249,6 +249,99 @@ def test_changed_files_read_where_extents_changed(two_fs: tuple[Path, Path],
     # untouched files stay unread when only metadata changes
     os.chmod(big, 0o600)
     round_reads("chmod", 0)
+
+
+@pytest.mark.btrfs
+def test_small_changed_files_read_where_extents_changed(two_fs: tuple[Path, Path],
+                                                        tmp_path: Path) -> None:
+    """Files from EXTENT_MIN up (the in-place round of the sendshot benchmark: most changed
+    files are 16-128 KiB) are read only where their extents changed: not at all after a
+    rename, a new link or an xattr, one block after a 4 KiB overwrite; a smaller file is
+    read whole. The kernel receives each stream to the source (_Rounds)."""
+    from btrdelta.send.extents import EXTENT_MIN
+
+    snd, rcv = two_fs
+    run("mount", "-o", "remount,noatime", snd)
+    live = snd / "live"
+    run("btrfs", "subvolume", "create", live)
+    sizes = {"a": EXTENT_MIN, "b": 40_000, "c": 64 << 10, "d": 300_000}
+    for name, size in sizes.items():
+        (live / name).write_bytes(os.urandom(size))
+    (live / "small").write_bytes(os.urandom(EXTENT_MIN - 4096))
+    rounds = _Rounds(snd, rcv, tmp_path / "store", tmp_path / "s")
+    rounds.send()
+    (live / "a").rename(live / "a2")
+    os.link(live / "b", live / "b2")
+    os.setxattr(live / "c", "user.round", b"1")
+    assert rounds.send().stats.bytes_read == 0
+    _write(live / "d", 100_000, b"D" * 4096)  # two blocks: hashed, then sent
+    assert rounds.send().stats.bytes_read <= 4 * 4096
+    with open(live / "b", "ab") as f:  # its last, short block and the new ones
+        f.write(os.urandom(3000))
+    os.truncate(live / "c", 50_000)
+    assert rounds.send().stats.bytes_read <= 2 * (8192 + 3000) + 2 * 4096
+    _write(live / "small", 0, b"S" * 100)
+    assert rounds.send().stats.bytes_read >= EXTENT_MIN - 4096
+
+
+@pytest.mark.btrfs
+def test_full_send_takes_small_files_extents_from_its_sweep(two_fs: tuple[Path, Path],
+                                                           tmp_path: Path) -> None:
+    """The sweep that stamps a full send's inodes collects every file's extent items as a
+    search of each file finds them (regular, holes, prealloc, compressed; an inline item:
+    None); the record keeps those of the files from EXTENT_MIN up to SEARCH_MIN that are
+    neither NOCOW nor read live (--no-snapshot), each equal to what extents_of gives."""
+    from btrdelta.fs.btrfs import changed_inodes, get_fileattr
+    from btrdelta.send.extents import SEARCH_MIN, extents_of
+
+    snd, _rcv = two_fs
+    live = snd / "live"
+    run("btrfs", "subvolume", "create", live)
+    (live / "plain").write_bytes(os.urandom(40_000))
+    (live / "holey").write_bytes(os.urandom(20_000))
+    run("fallocate", "-p", "-o", "4096", "-l", "8192", live / "holey")
+    (live / "pre").write_bytes(os.urandom(20_000))
+    run("fallocate", "-o", "20000", "-l", "65536", live / "pre")
+    (live / "packed").touch()
+    run("btrfs", "property", "set", live / "packed", "compression", "zstd")
+    (live / "packed").write_bytes(b"z" * 300_000)
+    (live / "tiny").write_bytes(b"t" * 100)  # inline
+    (live / "nocow").touch()
+    run("chattr", "+C", live / "nocow")
+    (live / "nocow").write_bytes(os.urandom(50_000))
+    (live / "big").write_bytes(os.urandom(SEARCH_MIN + 4096))
+    run("sync")
+    fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        items: dict[int, list[bytes | None]] = {}
+        changed_inodes(fd, 0, items)
+        for p in live.iterdir():
+            ino = p.stat().st_ino
+            want = file_extents(fd, ino)
+            got = items.get(ino, [])
+            assert (None if None in got else b"".join(got)) == want, p.name  # type: ignore[arg-type]
+    finally:
+        os.close(fd)
+    assert items[(live / "tiny").stat().st_ino] == [None]
+    for live_read in (False, True):
+        store = SendshotStore(tmp_path / f"store{live_read}")
+        res = send_with_sendshots(io.BytesIO().write, live, store=store, snapshot=not live_read)
+        assert res.recorded is not None
+        reader, f = store.open(res.recorded)
+        with f:
+            rows = {r.ino: r for r in reader.columns().rows()}
+        for p in live.iterdir():
+            row = rows[p.stat().st_ino]
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                want = extents_of(fd, row.ino, row.size, get_fileattr(fd), EXTENT_MIN)
+            finally:
+                os.close(fd)
+            if live_read or p.name in ("tiny", "nocow"):
+                assert row.extents is None, (live_read, p.name)
+            else:
+                assert want is not None, p.name
+                assert row.extents == want, p.name
 
 
 @pytest.mark.btrfs

@@ -50,6 +50,7 @@ __all__ = [
     "FileattrFlag",
     "SubvolInfo",
     "changed_inodes",
+    "extent_item",
     "file_extents",
     "dir_path",
     "clone_range",
@@ -344,7 +345,8 @@ _ITEM_OBJECTID = struct.Struct("<8xQ")
 _SWEEP_BUFFER = 1 << 20
 
 
-def changed_inodes(fd: int, since: int) -> dict[int, tuple[int, int]]:
+def changed_inodes(fd: int, since: int, extents: dict[int, list[bytes | None]] | None = None
+                   ) -> dict[int, tuple[int, int]]:
     """Inodes of the subvolume holding ``fd`` whose inode item changed after transaction
     ``since``: ``{ino: (generation, transid)}`` (needs ``CAP_SYS_ADMIN``).
 
@@ -353,6 +355,11 @@ def changed_inodes(fd: int, since: int) -> dict[int, tuple[int, int]]:
     ``btrfs subvolume find-new`` does), so the cost follows the changes, not the size of the
     subvolume. An inode item's transid is the transaction that last wrote it: any change of
     data, metadata or names (ctime) rewrites it.
+
+    ``extents``: also collect the file extent items the sweep returns (every one of the
+    subvolume when ``since`` is 0), ``{ino: [item packed as EXTENT, or None (cannot be
+    compared: extent_item), ...]}`` in file order: a whole tree's items without a search
+    per file.
     """
     out: dict[int, tuple[int, int]] = {}
     min_obj, min_type, min_off = 0, 0, 0
@@ -365,6 +372,8 @@ def changed_inodes(fd: int, since: int) -> dict[int, tuple[int, int]]:
     items = native.inodes if native is not None else _sweep_py
     for buf, pos, nr_items in _searches(fd, _SWEEP_BUFFER, key):
         obj, typ, off = items(buf, pos, nr_items, _INODE_ITEM_KEY, since, out)
+        if extents is not None:
+            _extent_items(buf, pos, nr_items, extents)
         # the next key after the last one returned
         if off < _U64_MAX:
             min_obj, min_type, min_off = obj, typ, off + 1
@@ -375,6 +384,22 @@ def changed_inodes(fd: int, since: int) -> dict[int, tuple[int, int]]:
         else:
             break
     return out
+
+
+def _extent_items(buf: bytearray, pos: int, nr_items: int,
+                  out: dict[int, list[bytes | None]]) -> None:
+    """Append the file extent items among the ``nr_items`` search results in ``buf`` from
+    ``pos`` to ``out[objectid]`` (:func:`changed_inodes`' ``extents``)."""
+    header, size = _SEARCH_HDR.unpack_from, len(buf)
+    for _ in range(nr_items):
+        if pos + 32 > size:
+            raise ValueError("a search result runs past the buffer")
+        _transid, obj, off, typ, length = header(buf, pos)
+        if pos + 32 + length > size:
+            raise ValueError("a search result runs past the buffer")
+        if typ == _EXTENT_DATA_KEY:
+            out.setdefault(obj, []).append(extent_item(buf, pos + 32, length, off))
+        pos += 32 + length
 
 
 def _sweep_py(buf: bytearray, pos: int, nr_items: int, key_type: int, since: int,
@@ -460,27 +485,36 @@ def file_extents(fd: int, ino: int) -> bytes | None:
         _SEARCH_KEY.pack_into(buf, 0, 0, ino, ino, min_off, _U64_MAX, 0, _U64_MAX,
                               _EXTENT_DATA_KEY, _EXTENT_DATA_KEY, 0xFFFFFFFF, 0, 0, 0, 0, 0)
 
-    header, head, body, pack = (_SEARCH_HDR.unpack_from, _FE_HEAD.unpack_from,
-                                _FE_BODY.unpack_from, EXTENT.pack)
+    header = _SEARCH_HDR.unpack_from
     for buf, pos, nr_items in _searches(fd, _EXTENT_BUFFER, key):
         off = 0
         for _ in range(nr_items):
             _transid, obj, off, typ, length = header(buf, pos)
             pos += 32
             if obj == ino and typ == _EXTENT_DATA_KEY:
-                if length < _FE_HEAD.size:
+                item = extent_item(buf, pos, length, off)
+                if item is None:
                     return None
-                gen, _ram, comp, enc, other, kind = head(buf, pos)
-                if enc or other or kind not in (EXTENT_REG, EXTENT_PREALLOC) or \
-                        length < _FE_HEAD.size + _FE_BODY.size:
-                    return None  # inline data, or an item this code does not know
-                bytenr, disk_bytes, ext_off, num = body(buf, pos + _FE_HEAD.size)
-                out.append(pack(off, num, bytenr, disk_bytes, ext_off, gen, kind, comp))
+                out.append(item)
             pos += length
         if off >= _U64_MAX:
             break
         min_off = off + 1
     return b"".join(out)
+
+
+def extent_item(buf: bytearray, pos: int, length: int, off: int) -> bytes | None:
+    """The file extent item of ``length`` bytes at ``pos`` of ``buf`` (a search result;
+    its key's offset ``off``), packed as :data:`EXTENT`; None when it cannot be compared
+    by its fields (inline data, encryption or another encoding, an unknown type)."""
+    if length < _FE_HEAD.size:
+        return None
+    gen, _ram, comp, enc, other, kind = _FE_HEAD.unpack_from(buf, pos)
+    if enc or other or kind not in (EXTENT_REG, EXTENT_PREALLOC) or \
+            length < _FE_HEAD.size + _FE_BODY.size:
+        return None  # inline data, or an item this code does not know
+    bytenr, disk_bytes, ext_off, num = _FE_BODY.unpack_from(buf, pos + _FE_HEAD.size)
+    return EXTENT.pack(off, num, bytenr, disk_bytes, ext_off, gen, kind, comp)
 
 
 def dir_path(fd: int, ino: int) -> bytes | None:

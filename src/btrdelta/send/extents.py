@@ -39,11 +39,20 @@ if TYPE_CHECKING:
 
     from .scan import Node
 
-__all__ = ["EXTENT_MIN", "EXTENT_SHARE", "NOCOW", "extents_of", "first_blocks", "hash_changed",
-           "parts_digests"]
+__all__ = ["EXTENT_MIN", "EXTENT_SHARE", "NOCOW", "SEARCH_MIN", "Planned", "extents_of",
+           "first_blocks", "from_sweep", "hash_changed", "parts_digests", "plan_changed"]
 
-#: smallest file whose extent items a record keeps (smaller files are read whole: cheap)
-EXTENT_MIN = 1 << 20
+#: smallest file whose extent items a record keeps (smaller files are read whole: a few
+#: blocks). Since session 16 16 KiB (was 1 MiB): the changed files of the sendshot
+#: benchmark's in-place round are mostly 16-128 KiB, a third of them changed in metadata
+#: only (renamed, linked, an xattr); read whole they were 5.9 MB of reads for a 0.42 MB
+#: stream, in parts 1.1 MB (the record: +1 %)
+EXTENT_MIN = 16 << 10
+#: smallest file whose items the hashing threads search for themselves (:func:`extents_of`,
+#: one search a file: ~16 µs); a full send's smaller files get theirs from the sweep that
+#: stamps its inodes (:func:`from_sweep`: every item of the snapshot in a few searches),
+#: which a search a file would have cost ~18 ms of CPU for Debian's ``/usr``
+SEARCH_MIN = 1 << 20
 #: at most this share of a file's size in recorded extent items (50 bytes each)
 EXTENT_SHARE = 0.005
 #: ``BTRFS_INODE_NODATACOW`` in FILEATTR encoding: written in place, items unchanged
@@ -60,20 +69,37 @@ _PAIR = struct.Struct("<QQ")
 _Span = tuple[int, int, tuple[int, ...] | None]
 
 
-def extents_of(fd: int, ino: int, size: int, flags: int) -> bytes | None:
+def extents_of(fd: int, ino: int, size: int, flags: int, least: int = SEARCH_MIN
+               ) -> bytes | None:
     """The extent items to record for open file ``fd`` (inode ``ino`` of ``size`` bytes,
-    inode flags ``flags``), or None: below :data:`EXTENT_MIN`, ``NOCOW``, items that cannot
-    be compared (:func:`~btrdelta.fs.btrfs.file_extents`), no right to search the tree (not
+    inode flags ``flags``), or None: below ``least`` (:data:`SEARCH_MIN`: the smaller files
+    of a full send get theirs from :func:`from_sweep`), ``NOCOW``, items that cannot be
+    compared (:func:`~btrdelta.fs.btrfs.file_extents`), no right to search the tree (not
     root), or items taking more than :data:`EXTENT_SHARE` of the file's size (a file
     fragmented into extents of less than ~10 KiB: the record stays small, the file is read
     whole)."""
-    if size < EXTENT_MIN or flags & NOCOW:
+    if size < max(least, EXTENT_MIN) or flags & NOCOW:
         return None
     try:
         got = file_extents(fd, ino)
     except OSError:
         return None
     return None if got is None or len(got) > size * EXTENT_SHARE else got
+
+
+def from_sweep(items: list[bytes | None] | None, size: int, flags: int) -> bytes | None:
+    """:func:`extents_of` of a file from the items a sweep of its snapshot collected
+    (:func:`~btrdelta.fs.btrfs.changed_inodes`' ``extents``: ``items`` its list, None for a
+    file without any: all holes), for a file of :data:`EXTENT_MIN` up to
+    :data:`SEARCH_MIN`; None for the others, as :func:`extents_of` would say."""
+    if not EXTENT_MIN <= size < SEARCH_MIN or flags & NOCOW:
+        return None
+    if not items:
+        return b""
+    if None in items:
+        return None
+    got = b"".join(items)  # type: ignore[arg-type]
+    return None if len(got) > size * EXTENT_SHARE else got
 
 
 def _spans(items: bytes, limit: int) -> list[_Span]:
@@ -179,83 +205,144 @@ def _reusable(same: list[tuple[int, int]], old: RecordInode, size: int,
     return out
 
 
+class Planned:
+    """A changed file's partial read, planned (:func:`plan_changed`): its file open, the
+    reads of the blocks not proven unchanged asked of the device; :meth:`read` makes them."""
+
+    __slots__ = ("fd", "flags", "new_ext", "node", "old", "ops", "path", "segs")
+
+    def __init__(self, node: Node, path: bytes, old: RecordInode, fd: int, flags: int,
+                 new_ext: bytes, segs: list[tuple[int, int]], ops: list[tuple[int, int]]
+                 ) -> None:
+        self.node, self.path, self.old, self.fd = node, path, old, fd
+        self.flags, self.new_ext, self.segs, self.ops = flags, new_ext, segs, ops
+
+    def read(self, seed: int, buf: bytearray | mmap.mmap) -> int:
+        """Read and hash the planned blocks, fill in the node (its flags, data ranges, block
+        digests, digests and extent items) and close the file; the bytes read.
+
+        Raises:
+            BtrdeltaError: the file cannot be read or changed size while it was read.
+        """
+        xxhash = need("xxhash", "make")
+        node, path, fd, old, size = self.node, self.path, self.fd, self.old, self.node.size
+        try:
+            bhash, view, oblocks = xxhash.xxh3_128_digest, memoryview(buf), old.blocks
+            pieces: list[bytes] = []
+            read = 0
+            for pos, stop in self.ops:
+                if pos < 0:
+                    k = -1 - pos
+                    pieces.append(oblocks[16 * k:16 * (k + stop)])
+                    continue
+                got = os.preadv(fd, [view[:stop - pos]], pos)
+                if got != stop - pos:
+                    raise BtrdeltaError("file changed while sending (short read)", path=path)
+                pieces += [bhash(view[i:min(i + _BLOCK, got)], seed)
+                           for i in range(0, got, _BLOCK)]
+                read += got
+            if os.pread(fd, 1, size):
+                raise BtrdeltaError("file changed while sending (size differs)", path=path)
+        finally:
+            self.close()
+        blocks, segs = b"".join(pieces), self.segs
+        if not read and size == old.size and segs == old.segments:
+            node.digest, node.bdigest = old.digest, old.bdigest
+        else:
+            node.digest, node.bdigest = parts_digests(size, segs, blocks)
+        node.flags, node.segments, node.blocks, node.extents = \
+            self.flags, segs, blocks, self.new_ext
+        node.read_ranges = [(pos, stop - pos) for pos, stop in self.ops if pos >= 0]
+        return read
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def plan_changed(node: Node, path: bytes, old: RecordInode) -> Planned | None:
+    """Plan the read of changed file ``node`` (at ``path``) where its blocks are not proven
+    unchanged against its record ``old`` (the same inode): the blocks to read are asked of
+    the device at once (``POSIX_FADV_WILLNEED``), so the reads of several files planned
+    before the first is made overlap. None: the file is not eligible (see the module
+    docstring) or nothing is proven unchanged; the caller hashes it whole.
+
+    Raises:
+        BtrdeltaError: the file cannot be opened.
+    """
+    from .hashing import open_to_read
+
+    if old.extents is None or old.segments is None or old.flags & NOCOW or \
+            old.size < EXTENT_MIN or node.size < EXTENT_MIN:
+        return None
+    fd = open_to_read(path)
+    try:
+        plan = _plan(fd, node, old)
+        if plan is None:
+            return None
+        flags, new_ext, segs, ops = plan
+        # scattered reads of a file not in the page cache (a new snapshot's inode): asked
+        # for all at once, so the device works on them together
+        for pos, stop in ops:
+            if pos >= 0:
+                os.posix_fadvise(fd, pos, stop - pos, os.POSIX_FADV_WILLNEED)
+        planned, fd = Planned(node, path, old, fd, flags, new_ext, segs, ops), -1
+        return planned
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _plan(fd: int, node: Node, old: RecordInode
+          ) -> tuple[int, bytes, list[tuple[int, int]], list[tuple[int, int]]] | None:
+    """(inode flags, extent items, data segments, what to do in file order) of open file
+    ``fd`` against its record ``old``; each thing to do is ``(-1 - first digest, blocks)``
+    taken from the record or ``(offset, end)`` to read. None: nothing proven unchanged."""
+    from .hashing import block_segments
+
+    if os.fstat(fd).st_ino != node.st_ino:
+        return None
+    flags = get_fileattr(fd)
+    new_ext = extents_of(fd, node.st_ino, node.size, flags, EXTENT_MIN)
+    if new_ext is None:
+        return None
+    size = node.size
+    same = same_ranges(old.extents or b"", new_ext, min(size, old.size))
+    if not same:
+        return None
+    segs = block_segments(data_segments(fd, size), size)
+    runs = _reusable(same, old, size, segs)
+    if not runs:
+        return None
+    ops: list[tuple[int, int]] = []
+    r = 0
+    for a, n in segs:
+        pos, end = a, a + n
+        while pos < end:
+            while r < len(runs) and runs[r][1] <= pos:
+                r += 1
+            if r < len(runs) and runs[r][0] <= pos:  # digests from the record
+                stop = min(end, runs[r][1])
+                ops.append((-1 - (runs[r][2] + (pos - runs[r][0]) // _BLOCK),
+                            -(-(stop - pos) // _BLOCK)))
+            else:
+                stop = min(end, runs[r][0] if r < len(runs) else end, pos + _PIECE)
+                ops.append((pos, stop))
+            pos = stop
+    return flags, new_ext, segs, ops
+
+
 def hash_changed(node: Node, path: bytes, old: RecordInode, seed: int,
                  buf: bytearray | mmap.mmap) -> int | None:
     """Hash changed file ``node`` (at ``path``) reading only the blocks that are not proven
     unchanged against its record ``old`` (the same inode): fills in its flags, data ranges,
     block digests, digests and extent items; returns the bytes read. None (nothing filled
     in): the file is not eligible (see the module docstring) or nothing is proven unchanged;
-    the caller hashes it whole.
+    the caller hashes it whole. (:func:`plan_changed` then :meth:`Planned.read`.)
 
     Raises:
         BtrdeltaError: the file cannot be read or changed size while it was read.
     """
-    from .hashing import block_segments, open_to_read
-
-    if old.extents is None or old.segments is None or old.flags & NOCOW or \
-            old.size < EXTENT_MIN or node.size < EXTENT_MIN:
-        return None
-    xxhash = need("xxhash", "make")
-    fd = open_to_read(path)
-    try:
-        if os.fstat(fd).st_ino != node.st_ino:
-            return None
-        flags = get_fileattr(fd)
-        new_ext = extents_of(fd, node.st_ino, node.size, flags)
-        if new_ext is None:
-            return None
-        size = node.size
-        same = same_ranges(old.extents, new_ext, min(size, old.size))
-        if not same:
-            return None
-        segs = block_segments(data_segments(fd, size), size)
-        runs = _reusable(same, old, size, segs)
-        if not runs:
-            return None
-        # what to do, in file order: (-1 - first digest, blocks) from the record, or
-        # (offset, end) to read
-        ops: list[tuple[int, int]] = []
-        r = 0
-        for a, n in segs:
-            pos, end = a, a + n
-            while pos < end:
-                while r < len(runs) and runs[r][1] <= pos:
-                    r += 1
-                if r < len(runs) and runs[r][0] <= pos:  # digests from the record
-                    stop = min(end, runs[r][1])
-                    ops.append((-1 - (runs[r][2] + (pos - runs[r][0]) // _BLOCK),
-                                -(-(stop - pos) // _BLOCK)))
-                else:
-                    stop = min(end, runs[r][0] if r < len(runs) else end, pos + _PIECE)
-                    ops.append((pos, stop))
-                pos = stop
-        # scattered reads of a file not in the page cache (a new snapshot's inode): asked
-        # for all at once, so the device works on them together
-        for op in ops:
-            if op[0] >= 0:
-                os.posix_fadvise(fd, op[0], op[1] - op[0], os.POSIX_FADV_WILLNEED)
-        bhash, view, oblocks = xxhash.xxh3_128_digest, memoryview(buf), old.blocks
-        pieces: list[bytes] = []
-        read = 0
-        for pos, stop in ops:
-            if pos < 0:
-                k = -1 - pos
-                pieces.append(oblocks[16 * k:16 * (k + stop)])
-                continue
-            got = os.preadv(fd, [view[:stop - pos]], pos)
-            if got != stop - pos:
-                raise BtrdeltaError("file changed while sending (short read)", path=path)
-            pieces += [bhash(view[i:min(i + _BLOCK, got)], seed) for i in range(0, got, _BLOCK)]
-            read += got
-        if os.pread(fd, 1, size):
-            raise BtrdeltaError("file changed while sending (size differs)", path=path)
-    finally:
-        os.close(fd)
-    blocks = b"".join(pieces)
-    if not read and size == old.size and segs == old.segments:
-        node.digest, node.bdigest = old.digest, old.bdigest
-    else:
-        node.digest, node.bdigest = parts_digests(size, segs, blocks)
-    node.flags, node.segments, node.blocks, node.extents = flags, segs, blocks, new_ext
-    node.read_ranges = [(pos, stop - pos) for pos, stop in ops if pos >= 0]
-    return read
+    planned = plan_changed(node, path, old)
+    return None if planned is None else planned.read(seed, buf)

@@ -26,7 +26,7 @@ from .._optional import need
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
 from ..fs.copy import data_segments
-from .extents import extents_of
+from .extents import SEARCH_MIN, extents_of
 from .onepass import BLOCK, BlockHasher, digests_of
 
 if TYPE_CHECKING:
@@ -387,14 +387,15 @@ def _no_zero_block(content: bytes) -> bool:
 
 def _hash_file_blocks(
     path: bytes, size: int, buf: bytearray | mmap.mmap, seed: int, keep: bool = False, ino: int = 0,
-    fd: int = -1, whole_blocks: bool = False, drop: bool = True,
+    fd: int = -1, whole_blocks: bool = False, drop: bool = True, extent_min: int = SEARCH_MIN,
 ) -> tuple[bytes, int, list[tuple[int, int]], bytes, bytes, bytes | None, bytes | None]:
     """Record mode: (XXH3-128 digest, flags, block-aligned data segments, seeded XXH3-128 of
     each 4 KiB block of them, BLAKE3-256 digest, content, extent items) of one regular file,
     read once (``fd``: opened already, closed here).
 
     The content (the bytes hashed) only with ``keep``, of a file without holes of at most
-    :data:`KEEP_MAX` bytes; else None. The extent items (:func:`~.extents.extents_of`) only
+    :data:`KEEP_MAX` bytes; else None. The extent items (:func:`~.extents.extents_of`, from
+    ``extent_min`` bytes on) only
     with ``ino`` (its inode number: the file is in a read-only btrfs snapshot); else None.
     With ``whole_blocks`` (the filesystem's holes are whole 4 KiB blocks) a file to keep is
     read first, and its holes are only looked for (``SEEK_DATA``/``SEEK_HOLE``) when one of
@@ -409,7 +410,7 @@ def _hash_file_blocks(
         fd = open_to_read(path)
     try:
         flags = get_fileattr(fd)
-        extents = extents_of(fd, ino, size, flags) if ino else None
+        extents = extents_of(fd, ino, size, flags, extent_min) if ino else None
         if keep and whole_blocks and 0 < size <= KEEP_MAX:
             content = os.pread(fd, size + 1, 0)
             if len(content) != size:
@@ -505,6 +506,9 @@ class ContentHasher:
         self.whole_blocks = False
         #: record mode on a read-only btrfs snapshot: record files' extent items
         self.extents = extents
+        #: ... of files from this size on (a search a file; a full send's smaller files get
+        #: theirs from the sweep that stamps its inodes: :func:`~.extents.from_sweep`)
+        self.extent_min = SEARCH_MIN
         #: drop the pages of a snapshot's files once read for the stream (:func:`uncache`):
         #: a read-only snapshot's, unless the caller knows the send reads little (then the
         #: ~13 µs of each call, ~1 ms of a small round, buy nothing: the few MiB left cached
@@ -564,7 +568,7 @@ class ContentHasher:
                      content, node.extents) = _hash_file_blocks(
                         path, node.size, buf, seed, keep,
                         node.st_ino if self.extents else 0, fd, self.whole_blocks,
-                        self.uncache)
+                        self.uncache, self.extent_min)
                     if content is not None:
                         with lock:
                             if self._kept_bytes + node.size <= KEEP_BUDGET:

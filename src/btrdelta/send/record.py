@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from ..errors import StreamFormatError
 from ..fs.btrfs import changed_inodes
 from ..tree.sendshot import RecordInode, SendshotHead
-from .extents import first_blocks
+from .extents import first_blocks, from_sweep
 from .scan import BLOCK, ROOT, Node, Tree
 
 __all__ = ["BlockIndex", "Diff", "block_diff", "node_of", "record_inode", "record_inodes",
@@ -125,13 +125,20 @@ def record_inodes(tree: Tree) -> Iterator[RecordInode]:
         yield record_inode(n, [(nodes[p].st_ino, name) for p, name in n.dentries])
 
 
-def stamp_generations(tree: Tree, snapshot_fd: int) -> None:
-    """Give every inode of ``tree`` its btrfs generation and transid (a full sweep)."""
-    found = changed_inodes(snapshot_fd, 0)
+def stamp_generations(tree: Tree, snapshot_fd: int, extents: bool = False) -> None:
+    """Give every inode of ``tree`` its btrfs generation and transid (a full sweep).
+    ``extents`` (a tree hashed from the read-only snapshot, its files' flags known): also the
+    extent items of its files below :data:`~.extents.SEARCH_MIN` that have none yet, from
+    the same sweep (:func:`~.extents.from_sweep`)."""
+    items: dict[int, list[bytes | None]] | None = {} if extents else None
+    found = changed_inodes(snapshot_fd, 0, items)
     for node in tree.nodes.values():
         got = found.get(node.st_ino)
         if got is not None:
             node.generation, node.transid = got
+        if items is not None and node.is_reg and node.extents is None and \
+                node.segments is not None:
+            node.extents = from_sweep(items.get(node.st_ino), node.size, node.flags)
 
 
 class BlockIndex:

@@ -31,7 +31,7 @@ from ..stream.records import Record
 from ..tree.columns import Columns
 from ..tree.sendshot import SendshotHead
 from .emit import Sender
-from .extents import EXTENT_MIN, hash_changed
+from .extents import EXTENT_MIN, Planned, plan_changed
 from .hashing import direct_buffer
 from .live import Frozen, frozen, subvolume_uuid
 from .onepass import SentWhole
@@ -192,14 +192,16 @@ def _load_swept(store: SendshotStore, ident: str | None, src: bytes, fz: Frozen,
     return base, cols, sweeps[0] if sweeps else None
 
 
-def _stamp(fz: Frozen) -> Callable[[Tree], None]:
-    """Give every inode of a fully scanned tree its btrfs generation and transid (root)."""
+def _stamp(fz: Frozen, extents: bool = False) -> Callable[[Tree], None]:
+    """Give every inode of a fully scanned tree its btrfs generation and transid (root);
+    ``extents``: and its smaller files their extent items (a tree hashed already, from a
+    read-only snapshot: :func:`~.record.stamp_generations`)."""
     def prepare(tree: Tree) -> None:
         if fz.info is None:
             return
         fd = os.open(fz.path, _DIR)
         try:
-            stamp_generations(tree, fd)
+            stamp_generations(tree, fd, extents and fz.info.readonly)
         except PermissionError:
             pass  # not root: the next send against this record reads every file
         finally:
@@ -282,6 +284,7 @@ def _changes(fz: Frozen, base: StoredSendshot, cols: Columns, seed: int,
     scan = TreeScan(fz.path, seed=seed, new_tree=changes.to_hash, workers=1 if small else None,
                     extents=True, keep=changes.sent_whole)
     scan.hasher.read_before = read
+    scan.hasher.extent_min = EXTENT_MIN  # (a few files: a search each, as a full send records)
     # (a small change's pages stay cached: dropping them file by file costs more than the
     # snapshot's deletion takes to drop a few MiB)
     scan.hasher.uncache = not small
@@ -300,20 +303,28 @@ def _changes(fz: Frozen, base: StoredSendshot, cols: Columns, seed: int,
 
 def _hash_in_parts(changes: Changes, root: bytes, seed: int) -> int:
     """Hash the changed files whose record keeps their extent items where those changed
-    (:func:`~.extents.hash_changed`); the others are left to the hasher. Bytes read."""
-    read, buf = 0, None
-    for node in changes.to_hash.nodes.values():
-        if node.size < EXTENT_MIN:
-            continue
-        old = changes.recorded(node)
-        if old is None or old.extents is None:
-            continue
-        if buf is None:  # (a mapping: only the pages the reads fill are touched)
-            buf = direct_buffer()
-        got = hash_changed(node, root + b"/" + node.path, old, seed, buf)
-        if got is not None:
-            read += got
-    return read
+    (:func:`~.extents.plan_changed`); the others are left to the hasher. Bytes read. Every
+    file's reads are planned (asked of the device) before the first is made: the files of a
+    new snapshot are not in the page cache, and one read after another each waited for the
+    device (~30 µs a file)."""
+    plans: list[Planned] = []
+    try:
+        for node in changes.to_hash.nodes.values():
+            if node.size < EXTENT_MIN:
+                continue
+            old = changes.recorded(node)
+            if old is None or old.extents is None:
+                continue
+            planned = plan_changed(node, root + b"/" + node.path, old)
+            if planned is not None:
+                plans.append(planned)
+        if not plans:
+            return 0
+        buf = direct_buffer()  # (a mapping: only the pages the reads fill are touched)
+        return sum(planned.read(seed, buf) for planned in plans)
+    finally:
+        for planned in plans:
+            planned.close()
 
 
 def send_with_sendshots(
@@ -387,7 +398,7 @@ def send_with_sendshots(
             on_stream(sender)
         head = partial(_head, sender, fz, base, src, stream_name, seed)
         stored = _stream_and_record(sender, write, version, on_record, store, head, changes,
-                                    record, durable, _stamp(fz) if base is None else None)
+                                    record, durable, _stamp(fz, True) if base is None else None)
         if inflight is not None:
             inflight(fz)
         return SendshotResult(
@@ -406,9 +417,9 @@ def _stream_and_record(sender: Sender, write: Callable[[Any], object], version: 
     """Write the stream, then (``record``) store its record. The record of a change sweep is
     known before the stream: it is written (``durable``: and ``fsync``-ed) by a thread while
     the stream is sent, and named after its last byte (nothing is named for a stream that
-    did not end). ``stamp``: gives a full stream's tree its inode generations before its record
-    is made (a sweep of every inode: 11-14 ms of CPU for Debian's ``/usr``, after the stream
-    rather than before its first byte)."""
+    did not end). ``stamp``: gives a full stream's tree its inode generations (and its smaller
+    files their extent items) before its record is made (a sweep of every inode: 11-14 ms of
+    CPU for Debian's ``/usr``, after the stream rather than before its first byte)."""
     pending = store.begin(head(changes), changes.record(), durable=durable) \
         if record and changes is not None else None
     try:
