@@ -325,6 +325,49 @@ def test_c_encoder_gives_the_reference_bytes_or_hands_back(recs: list[Any],
             assert data is rec.data
 
 
+_NS = st.one_of(st.integers(-(2**63), 2**63 - 1), st.sampled_from([0, -1, -(10**9) - 1]),
+                st.integers(-(2**70), 2**70))
+
+
+@given(st.sampled_from([1, 2, 3]), st.binary(max_size=300), st.integers(-2, 2**64),
+       st.none() | st.binary(max_size=9000) | st.sampled_from([bytes(48 << 10)]),
+       st.integers(-1, 2**64), st.integers(0, 2**32),
+       st.sampled_from([0o100644, 0o40755, 0o120777, 0o104755, 0o20600, 0o10644, 0o177777]),
+       _NS, _NS, _NS)
+def test_c_inode_encoder_gives_the_records_bytes_or_hands_back(
+        version: int, path: bytes, ino: int, content: bytes | None, uid: int, gid: int,
+        mode: int, atime: int, mtime: int, ctime: int) -> None:
+    """``encode_inode``: MKFILE, WRITE, CHOWN, CHMOD (not a symlink's), UTIMES as the Python
+    encoder encodes them, the data as its own piece (the object given), or None for what it
+    does not encode (negative or too large numbers, times beyond 64-bit nanoseconds)."""
+    from btrdelta.stream import _speedups
+    from btrdelta.stream.codec import encode_record
+    from btrdelta.stream.records import Chmod, Chown
+
+    recs: list[Any] = [Mkfile(path, ino)] if ino >= 0 else []
+    if content:
+        recs.append(Write(path, 0, memoryview(content)))
+    recs.append(Chown(path, uid, gid))
+    if mode & 0o170000 != 0o120000:
+        recs.append(Chmod(path, mode & 0o7777))
+    recs.append(Utimes(path, atime, mtime, ctime, ctime if version >= 2 else None))
+    try:
+        want: Any = b"".join(bytes(p) for r in recs for p in encode_record(r, version))
+    except (BtrdeltaError, struct.error, OverflowError):
+        want = None
+    got = _speedups.encode_inode(version, path, ino, content, uid, gid, mode, atime, mtime,
+                                 ctime)
+    handed_back = ino < -1 or ino >= 2**63 or uid < 0 or uid >= 2**64 or abs(atime) >= 2**63 \
+        or abs(mtime) >= 2**63 or abs(ctime) >= 2**63
+    if got is None:
+        assert want is None or handed_back
+        return
+    head, data, tail, count = got
+    assert head + (data or b"") + tail == want
+    assert count == len(recs)
+    assert (data is content) if content else data is None
+
+
 @pytest.mark.parametrize("version", [1, 2, 3])
 def test_writers_of_both_backends_write_the_same_bytes(version: int) -> None:
     recs = [Subvol(b"s", uuid.UUID(int=5), 9), Mkfile(b"f", 257),

@@ -41,12 +41,11 @@ instead: its files are hashed in the order they are sent, each waited for as it 
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from itertools import chain
 from uuid import UUID
 
-from .. import TYPE_CHECKING
+from .. import TYPE_CHECKING, _native
 from ..errors import BtrdeltaError
 from ..fs.copy import data_segments
 from ..stream.records import (
@@ -57,6 +56,7 @@ from ..stream.records import (
     End,
     Fallocate,
     Fileattr,
+    Mkfile,
     Record,
     RemoveXattr,
     SetXattr,
@@ -67,7 +67,8 @@ from ..stream.records import (
     Utimes,
     Write,
 )
-from .diff import Match, changed_ranges, files_equal, match_trees, shifted_clones
+from .clones import CloneFinder
+from .diff import Match, changed_ranges, match_trees, shifted_clones
 from .encode import COMPRESSORS, encode_piece, option_problem
 from .hashing import DirectReader, direct_buffer, reader, uncache
 from .onepass import BlockHasher, hashed_as_sent
@@ -77,6 +78,7 @@ from .scan import ROOT, ContentHasher, Node, Tree, TreeScan, block_segments, ino
 from .values import SendStats, StreamIds
 
 if TYPE_CHECKING:
+    from ..stream.writer import Encoded
     from .changes import Changes, SourceIndex
     from .scan import ScanStream
 
@@ -89,7 +91,7 @@ _PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
 _ZEROS = bytes(_ENCODED_MAX)
 
 
-class Sender:
+class Sender(CloneFinder):
     """Produces the records of a full or incremental send.
 
     Args:
@@ -121,6 +123,11 @@ class Sender:
     and keeps only what changed (:func:`~.changes.find_changes`): memory grows with the
     changes, not with the trees. With ``scan`` or ``old_record`` both trees are held whole.
     """
+
+    #: the C encoder of a created inode's records (:meth:`encoded_records`)
+    _encode_inode: Callable[..., Encoded | None] | None = None
+    #: a file's bytes taken from the hashing threads by :meth:`_encoded`, not encoded
+    _content: bytes | None = None
 
     def __init__(
         self,
@@ -291,6 +298,18 @@ class Sender:
 
     def records(self) -> Generator[Record, None, None]:
         """Every record of the stream, ``SUBVOL``/``SNAPSHOT`` first and ``END`` last."""
+        return self._stream_of()  # type: ignore[return-value]  # (no Encoded without it)
+
+    def encoded_records(self) -> Generator[Record | Encoded, None, None]:
+        """:meth:`records`, but a full stream's created inodes may come as
+        :data:`~..stream.writer.Encoded` (all of an inode's records, encoded as
+        :class:`~..stream.writer.StreamWriter` would encode them in this version) where the C
+        accelerator makes them (:meth:`_encoded`)."""
+        if self.old is None and self._compress is None and not self.no_data:
+            self._encode_inode = getattr(_native.live("speedups"), "encode_inode", None)
+        return self._stream_of()
+
+    def _stream_of(self) -> Generator[Record | Encoded, None, None]:
         try:
             yield from self._records()
         finally:
@@ -301,7 +320,7 @@ class Sender:
             if self._stream is not None:
                 self._stream.close()  # (the walk too)
 
-    def _records(self) -> Iterator[Record]:
+    def _records(self) -> Iterator[Record | Encoded]:
         old = self._base
         self.stats.phase = "hash"
         self._progress()
@@ -388,7 +407,7 @@ class Sender:
         return block_diff(node, onode, index, min_len=self.shift_min)
 
     def _inodes(self, old: Tree, match: Match, ns: Namespace,
-                names: Iterable[Record | int]) -> Iterator[Record]:
+                names: Iterable[Record | int | tuple[int, int]]) -> Iterator[Record | Encoded]:
         """The namespace records ``names``, then every inode's (xattrs, data, metadata) in
         ``inode_order``; a full send's ``names`` hold its inodes' ids (``full_order``)."""
         new = self.new
@@ -404,29 +423,40 @@ class Sender:
         order = names if full else chain(names, inode_order(new))
         ready = self._hasher.ready if self.streaming and self._hasher is not None else None
         unchanged, touched = match.unchanged, ns.touched
-        for i, nid in enumerate(order):
-            if not isinstance(nid, int):  # a namespace record
-                yield self._count(nid)
+        encode = self._encode_inode if full else None
+        for i, item in enumerate(order):
+            if item.__class__ is tuple:  # a full send's new file: its MKFILE, then its id
+                nid, ino = item
+            elif item.__class__ is int:
+                nid, ino = item, -1
+            else:  # a namespace record
+                yield self._count(item)  # type: ignore[arg-type]
                 continue
             node = new.nodes[nid]
             if ready is not None and node.is_reg:
                 ready(node)  # its digests and bytes (hashed in this order, ahead)
-            oid = match.n2o.get(nid)
-            onode = old.nodes[oid] if oid is not None and not full else None
-            if (
-                onode is not None  # fast path: nothing at all to send for this inode
-                and (nid in unchanged or not node.is_reg)
-                and onode.mtime_ns == node.mtime_ns
-                and onode.mode == node.mode
-                and onode.uid == node.uid
-                and onode.gid == node.gid
-                and onode.flags == node.flags
-                and oid not in touched
-                and onode.xattrs == node.xattrs
-            ):
-                pass
+            enc = self._encoded(node, ino, encode, new_by_digest) if encode is not None \
+                else None
+            if enc is not None:
+                yield enc
             else:
-                yield from self._inode(node, onode, match, ns, old_by_digest, new_by_digest)
+                if ino >= 0:
+                    yield self._count(Mkfile(path=node.path, ino=ino))
+                oid = match.n2o.get(nid)
+                onode = old.nodes[oid] if oid is not None and not full else None
+                if (
+                    onode is None  # fast path: nothing at all to send for this inode
+                    or (nid not in unchanged and node.is_reg)
+                    or onode.mtime_ns != node.mtime_ns
+                    or onode.mode != node.mode
+                    or onode.uid != node.uid
+                    or onode.gid != node.gid
+                    or onode.flags != node.flags
+                    or oid in touched
+                    or onode.xattrs != node.xattrs
+                ):
+                    yield from self._inode(node, onode, match, ns, old_by_digest,
+                                           new_by_digest)
             if node.is_reg and node.size >= self.clone_min:
                 new_by_digest.setdefault(node.digest, nid)
             if i % 64 == 0:
@@ -434,6 +464,36 @@ class Sender:
                 self.stats.files_scanned = new.files  # (a tree still walked: so far)
                 self._progress()
         self.stats.bytes_read = self._read + self._hashed
+
+    def _encoded(self, node: Node, ino: int, encode: Callable[..., Encoded | None],
+                 new_by_digest: dict[bytes, int]) -> Encoded | None:
+        """A full send's created inode's records (``ino`` >= 0: its ``MKFILE`` first) made by
+        the C accelerator at once, as :meth:`_inode` makes them one by one: an inode without
+        xattrs; a regular file only if the hashing threads kept its bytes (read once) and
+        they fit one ``WRITE`` (the sizes of the kernel's writes), and no ``CLONE`` stands
+        for it. None: :meth:`_inode` makes them (a file's kept bytes are handed to it)."""
+        if node.xattrs:
+            return None
+        content = None
+        if node.is_reg:
+            if node.size > self.chunk or node.segments is None or self._hasher is None:
+                return None
+            content = self._hasher.take(node)
+            # (not kept, or not all of it: the reading of it raises that)
+            if len(content or b"") != node.size or (
+                    node.size >= self.clone_min
+                    and self._find_clone(node, new_by_digest) is not None):
+                self._content = content
+                return None
+        enc = encode(self.version, node.path, ino, content, node.uid, node.gid, node.mode,
+                     node.atime_ns, node.mtime_ns, node.ctime_ns)
+        if enc is None:
+            self._content = content
+            return None
+        self.stats.records += enc[3]
+        self.stats.data_bytes += node.size
+        self._read += node.size
+        return enc
 
     def _inode(
         self,
@@ -507,57 +567,6 @@ class Sender:
 
     # -- data ----------------------------------------------------------------------------
 
-    def _find_clone(
-        self, node: Node, old_by_digest: dict[bytes, int], new_by_digest: dict[bytes, int]
-    ) -> Clone | None:
-        if node.size < self.clone_min:
-            return None
-        new_abs = self.new.abspath(node.path)
-        onode = self._old_file(node.digest)
-        if onode is not None and self._same_as_old(onode, node):
-            clone_uuid, clone_ctransid = self.parent_ids()
-            return _whole_clone(node, clone_uuid, clone_ctransid, onode.path)
-        for src in self.sources:
-            if src.uuid == self.new_ids()[0]:
-                # a copy of the new tree (the UUID is the content's): the receiver takes a
-                # clone from that UUID for one from the subvolume it is receiving
-                continue
-            found = src.by_digest.get(node.digest)
-            if found is not None and found[1] == node.size and files_equal(
-                src.abspath(found[0]), new_abs, node.size
-            ):
-                return _whole_clone(node, src.uuid, src.ctransid, found[0])
-        nid = new_by_digest.get(node.digest)
-        if nid is not None and files_equal(
-            self.new.abspath(self.new.nodes[nid].path), new_abs, node.size
-        ):
-            uuid, ctransid = self.new_ids()
-            return _whole_clone(node, uuid, ctransid, self.new.nodes[nid].path)
-        return None
-
-    def _old_file(self, digest: bytes) -> Node | None:
-        """The first old file of at least ``clone_min`` bytes with this content digest."""
-        if self.changes is not None:
-            got = self.changes.by_digest.get(digest)
-            if got is None or got[1] < self.clone_min:
-                return None
-            kept = self.old.nodes.get(got[2]) if self.old is not None else None
-            return kept if kept is not None else _stub(got)  # kept: read while walking
-        oid = self._old_digests.get(digest)
-        return None if oid is None or self.old is None else self.old.nodes[oid]
-
-    def _same_as_old(self, onode: Node, node: Node) -> bool:
-        """Whether new file ``node`` has the content of old file ``onode`` (BLAKE3 digests
-        for a record, else byte by byte)."""
-        if self.virtual:
-            return bool(onode.bdigest) and onode.bdigest == node.bdigest \
-                and onode.size == node.size
-        assert self.old is not None
-        if onode.bdigest and node.bdigest:  # both read while walking (.changes)
-            return onode.bdigest == node.bdigest and onode.size == node.size
-        return files_equal(self.old.abspath(onode.path), self.new.abspath(node.path),
-                           node.size)
-
     def _new_data(
         self,
         node: Node,
@@ -566,12 +575,15 @@ class Sender:
         new_by_digest: dict[bytes, int],
     ) -> Generator[Record, None, bool]:
         kept = self.changes.whole.get(node.id) if self.changes is not None else None
-        # a small file the hashing threads read: its bytes, as they were hashed
-        content = self._hasher.take(node) if self._hasher is not None and kept is None else None
+        # a small file the hashing threads read: its bytes, as they were hashed (taken
+        # already where :meth:`_encoded` did not encode it)
+        content, self._content = self._content, None
+        if content is None and self._hasher is not None and kept is None:
+            content = self._hasher.take(node)
         seed = self._hasher.seed if self._hasher is not None else None
         # record mode: a file not hashed yet (no CLONE can stand for it) is hashed as sent
         later = node.segments is None and seed is not None and kept is None
-        clone = None if later else self._find_clone(node, old_by_digest, new_by_digest)
+        clone = None if later else self._find_clone(node, new_by_digest)
         if clone is not None:
             yield self._count(clone)
             return True
@@ -622,28 +634,6 @@ class Sender:
         if end < node.size:
             yield self._count(Truncate(path=path, size=node.size))
         return True
-
-    def _similar_old_file(self, node: Node) -> Node | None:
-        """An old file to look for pieces of a new file in: one with the same name (a file
-        that moved and changed, or a copy that grew), the closest in size."""
-        if self.old is None or not self.shift_min or node.size < self.shift_min:
-            return None
-        if self.changes is not None:
-            found = [f for _p, name in node.dentries
-                     for f in self.changes.by_name.get(name, ()) if f[1] >= self.shift_min]
-            if not found:
-                return None
-            return _stub(min(found, key=lambda f: (abs(f[1] - node.size), f[2])))
-        if self._old_by_name is None:
-            self._old_by_name = {}
-            for o in self.old.nodes.values():
-                if o.is_reg and o.size >= self.shift_min:
-                    for _p, name in o.dentries:
-                        self._old_by_name.setdefault(name, []).append(o)
-        cands = {o.id: o for _p, name in node.dentries for o in self._old_by_name.get(name, ())}
-        if not cands:
-            return None
-        return min(cands.values(), key=lambda o: (abs(o.size - node.size), o.id))
 
     def _block_index(self) -> BlockIndex:
         """Blocks of the old files whose data may have moved (record mode): files that
@@ -785,16 +775,3 @@ class Sender:
         if enc is not None:
             self.stats.data_bytes += len(enc.data)
         return enc
-
-
-def _whole_clone(node: Node, uuid: UUID, ctransid: int, path: bytes) -> Clone:
-    """The ``CLONE`` of all of ``node``'s content from the file at ``path`` of ``uuid``."""
-    return Clone(offset=0, length=node.size, path=node.path, clone_uuid=uuid,
-                 clone_ctransid=ctransid, clone_path=path, clone_offset=0)
-
-
-def _stub(found: tuple[bytes, int, int]) -> Node:
-    """A parent file left out of a reduced tree (:class:`~.changes.Changes`): its path,
-    size and node id, as a node to clone from."""
-    path, size, nid = found
-    return Node(nid, 256 + nid, stat.S_IFREG | 0o644, 0, 0, size, 0, 0, 0, path)

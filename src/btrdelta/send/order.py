@@ -315,7 +315,7 @@ def order_namespace(old: Tree, new: Tree, match: Match) -> tuple[list[Record], N
 
 
 def full_order(old: Tree, new: Tree, match: Match, stream: ScanStream | None = None
-               ) -> tuple[Iterator[Record | int], Namespace]:
+               ) -> tuple[Iterator[Record | int | tuple[int, int]], Namespace]:
     """A full send's namespace records with its inodes between them, as the kernel's send
     orders them: each entry of a directory (top-down, by name: the walk of
     :func:`order_namespace`) is created (``LINK`` for a further name of a hard-linked inode)
@@ -324,7 +324,9 @@ def full_order(old: Tree, new: Tree, match: Match, stream: ScanStream | None = N
     directory's id follows everything below it (a read-only directory is filled before its
     mode is set, its time is that of its last entry), the root's last. The records and file
     order (:func:`~.scan.inode_order`, the order the files are hashed in) are those of
-    :func:`order_namespace` then every inode; the inode numbers are :class:`FullInos`' (those
+    :func:`order_namespace` then every inode; a regular file created at its first name comes
+    as ``(id, inode number)``, standing for its ``MKFILE`` and then its id (its records can
+    be made at once); the inode numbers are :class:`FullInos`' (those
     of :class:`~.full.FullSend`: the same stream). The receiver creates and writes each file
     with one ``open`` (not a second one by path for its data).
 
@@ -338,7 +340,7 @@ def full_order(old: Tree, new: Tree, match: Match, stream: ScanStream | None = N
     linked = stream.linked if stream is not None else None
     ns = Namespace(children={}, dentries={})
 
-    def walk() -> Iterator[Record | int]:
+    def walk() -> Iterator[Record | int | tuple[int, int]]:
         nodes, children = new.nodes, new.children
         inos = FullInos()
         first: dict[int, bytes] = {}  # inode (more than one name) -> its first path
@@ -361,13 +363,18 @@ def full_order(old: Tree, new: Tree, match: Match, stream: ScanStream | None = N
                 if made is not None:
                     yield Link(path=path, path_link=made)
                 else:
-                    yield _create(node, path, inos.number(path))
+                    ino = inos.number(path)
+                    # (streamed: its further names may not be scanned yet)
+                    if not node.is_dir and (len(node.dentries) > 1 or (
+                            linked is not None and linked(node))):
+                        first[cid] = path
+                    if node.fmt == stat.S_IFREG and path == node.path:
+                        yield (cid, ino)  # its MKFILE, then its records
+                        continue
+                    yield _create(node, path, ino)
                     if node.is_dir:
                         subdirs.append(cid)
                         continue
-                    # (streamed: its further names may not be scanned yet)
-                    if len(node.dentries) > 1 or (linked is not None and linked(node)):
-                        first[cid] = path
                     if path != node.path:  # (its records name its first path)
                         waiting[node.path] = cid
                         continue

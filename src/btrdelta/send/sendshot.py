@@ -44,6 +44,8 @@ from .values import SendStats, StreamIds
 if TYPE_CHECKING:
     from typing import Any
 
+    from ..stream.writer import Encoded
+
 __all__ = ["SendshotResult", "adopt", "load_base", "send_with_sendshots"]
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -342,7 +344,7 @@ def send_with_sendshots(
     on_progress: Callable[[SendStats], None] | None = None,
     on_stream: Callable[[Sender], None] | None = None,
     inflight: Callable[[Frozen], None] | None = None,
-    on_record: Callable[[Record], None] | None = None,
+    on_record: Callable[[Record | Encoded], None] | None = None,
     source_name: bytes | None = None,
     durable: bool = True,
     scanned: ScanStream | None = None,
@@ -363,7 +365,7 @@ def send_with_sendshots(
         on_progress: progress callback.
         on_stream: called with the sender before the first record (its header is known).
         inflight: called with the frozen tree once the stream is complete (before its deletion).
-        on_record: called after each record was written (the first is the header).
+        on_record: called after each record (or :data:`~..stream.writer.Encoded`) was written.
         source_name: the path to record (default ``source``; the live path, for a caller
             that froze it).
         durable: ``fsync`` the new record before naming it (``docs/formats/sendshot.md`` §4).
@@ -410,7 +412,7 @@ def send_with_sendshots(
 
 
 def _stream_and_record(sender: Sender, write: Callable[[Any], object], version: int,
-                       on_record: Callable[[Record], None] | None, store: SendshotStore,
+                       on_record: Callable[[Record | Encoded], None] | None, store: SendshotStore,
                        head: Callable[[Changes | None], SendshotHead], changes: Changes | None,
                        record: bool, durable: bool,
                        stamp: Callable[[Tree], None] | None = None) -> StoredSendshot | None:
@@ -438,14 +440,18 @@ def _stream_and_record(sender: Sender, write: Callable[[Any], object], version: 
 
 
 def _write_stream(sender: Sender, write: Callable[[Any], object], version: int,
-                  on_record: Callable[[Record], None] | None) -> None:
+                  on_record: Callable[[Record | Encoded], None] | None) -> None:
     from ..stream.writer import StreamWriter
 
     writer = StreamWriter(write, version)
-    records = sender.records()
+    records = sender.encoded_records()
+    put, put_encoded = writer.write, writer.write_encoded
     try:
         for rec in records:
-            writer.write(rec)
+            if isinstance(rec, tuple):  # (a created inode's records, encoded at once)
+                put_encoded(rec)
+            else:
+                put(rec)
             if on_record is not None:
                 on_record(rec)
     finally:

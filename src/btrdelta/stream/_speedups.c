@@ -1609,6 +1609,253 @@ PyDoc_STRVAR(encode_head_doc,
 "attributes as one bytes, and the DATA piece of a v2+ command (the record's own object)\n"
 "or None; None when the Python encoder must do it (unusual values, errors).");
 
+/* ---------------------------------------------------------------------------------------
+ * encode_inode: all of a created inode's records at once (a full send's hot path) */
+
+/* the values of one inode's records, by attribute */
+typedef struct {
+    const uint8_t *path;
+    size_t plen;
+    uint64_t ino, uid, gid, mode;
+    int64_t sec[4]; /* atime, mtime, ctime, otime (as the record fields: ns floored) */
+    uint32_t nsec[4];
+    int otime;      /* a v2+ stream: OTIME is sent (the ctime) */
+    size_t dlen;    /* WRITE: the data's length */
+} InodeVals;
+
+/* Serialize command c of `version` from `v` at p (NULL: only measure). The attributes are
+ * the command's encoding plan (the record's fields in order), each value taken by its
+ * attribute number; a field this encoder has no value for, or of a kind not expected for
+ * it, makes it return 0 (the Python encoder must do it). Returns the bytes of the header
+ * and attributes (a v2+ WRITE's data not counted: it follows them), or 0. */
+static size_t
+put_inode_cmd(uint8_t *p, int c, long version, const InodeVals *v)
+{
+    const CmdPlan *cp = &cmds[c];
+    size_t at = CMD_HEADER_SIZE;
+    if (cp->cls == NULL || (uint32_t)c > max_cmd[version])
+        return 0;
+    for (int i = 0; i < cp->nplan[1]; i++) {
+        const FieldPlan *f = &cp->plan[1][i];
+        uint64_t num = 0;
+        int ts = -1;
+        size_t len;
+        switch (f->attr) {
+        case A_PATH:
+            if (f->kind != K_BYTES || v->plen > 0xFFFF)
+                return 0;
+            len = v->plen;
+            break;
+        case A_INO: num = v->ino; goto number;
+        case A_UID: num = v->uid; goto number;
+        case A_GID: num = v->gid; goto number;
+        case A_MODE: num = v->mode; goto number;
+        case A_FILE_OFFSET: num = 0; goto number;
+        case A_ATIME: ts = 0; goto times;
+        case A_MTIME: ts = 1; goto times;
+        case A_CTIME: ts = 2; goto times;
+        case A_OTIME:
+            if (!v->otime) {
+                if (!f->optional)
+                    return 0;
+                continue;
+            }
+            ts = 3;
+            goto times;
+        case A_DATA:
+            if (f->kind != K_DATA || i != cp->nplan[1] - 1)
+                return 0; /* (the data is the command's last piece) */
+            if (version >= 2) {
+                if (p != NULL) {
+                    p[at] = (uint8_t)f->attr;
+                    p[at + 1] = (uint8_t)(f->attr >> 8);
+                }
+                at += 2;
+                continue;
+            }
+            if (v->dlen > 0xFFFF)
+                return 0;
+            if (p != NULL) {
+                p[at] = (uint8_t)f->attr;
+                p[at + 1] = (uint8_t)(f->attr >> 8);
+                p[at + 2] = (uint8_t)v->dlen;
+                p[at + 3] = (uint8_t)(v->dlen >> 8);
+            }
+            at += 4; /* the data itself follows (not in p) */
+            continue;
+        default:
+            return 0;
+        }
+        goto put;
+    number:
+        if (f->kind != K_U64)
+            return 0;
+        len = 8;
+        goto put;
+    times:
+        if (f->kind != K_TIMESPEC)
+            return 0;
+        len = 12;
+    put:
+        if (p != NULL) {
+            uint8_t *q = p + at;
+            q[0] = (uint8_t)f->attr;
+            q[1] = (uint8_t)(f->attr >> 8);
+            q[2] = (uint8_t)len;
+            q[3] = (uint8_t)(len >> 8);
+            q += 4;
+            if (f->attr == A_PATH) {
+                if (len)
+                    memcpy(q, v->path, len);
+            } else if (ts >= 0) {
+                put_le64(q, (uint64_t)v->sec[ts]);
+                put_le32(q + 8, v->nsec[ts]);
+            } else
+                put_le64(q, num);
+        }
+        at += 4 + len;
+    }
+    size_t length = at - CMD_HEADER_SIZE + (c == C_WRITE ? v->dlen : 0);
+    if (length > max_payload[version])
+        return 0;
+    if (p != NULL) {
+        put_le32(p, (uint32_t)length);
+        p[4] = (uint8_t)c;
+        p[5] = (uint8_t)(c >> 8);
+        memset(p + 6, 0, 4);
+        if (c != C_WRITE) /* (a WRITE's CRC covers its data too: the caller's) */
+            put_le32(p + 6, crc_update(0, p, at));
+    }
+    return at;
+}
+
+static int
+ns_of(PyObject *o, int64_t *sec, uint32_t *nsec)
+{
+    int overflow = 0;
+    long long ns = PyLong_Check(o) ? PyLong_AsLongLongAndOverflow(o, &overflow) : -1;
+    if (!PyLong_Check(o) || overflow || (ns == -1 && PyErr_Occurred()))
+        return -1;
+    long long s = ns / 1000000000LL, rem = ns % 1000000000LL;
+    if (rem < 0) { /* floor division, as divmod */
+        rem += 1000000000LL;
+        s -= 1;
+    }
+    *sec = s;
+    *nsec = (uint32_t)rem;
+    return 0;
+}
+
+static int
+u64_of(PyObject *o, uint64_t *out)
+{
+    if (!PyLong_Check(o))
+        return -1;
+    unsigned long long v = PyLong_AsUnsignedLongLong(o);
+    if (v == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    *out = v;
+    return 0;
+}
+
+static PyObject *
+encode_inode(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "encode_inode(version, path, ino, content, uid, gid, "
+                                         "mode, atime, mtime, ctime)");
+        return NULL;
+    }
+    long version = PyLong_AsLong(args[0]);
+    if (version == -1 && PyErr_Occurred())
+        return NULL;
+    InodeVals v;
+    memset(&v, 0, sizeof(v));
+    PyObject *content = args[3];
+    long long ino = PyLong_Check(args[2]) ? PyLong_AsLongLong(args[2]) : -2;
+    if (ino == -1 && PyErr_Occurred())
+        goto fallback;
+    if (!configured || version < 1 || version >= NVERSIONS || !PyBytes_CheckExact(args[1]) ||
+        ino < -1 || (content != Py_None && !PyBytes_CheckExact(content)) ||
+        u64_of(args[4], &v.uid) || u64_of(args[5], &v.gid) || u64_of(args[6], &v.mode))
+        goto fallback;
+    for (int t = 0; t < 3; t++)
+        if (ns_of(args[7 + t], &v.sec[t], &v.nsec[t]))
+            goto fallback;
+    v.path = (const uint8_t *)PyBytes_AS_STRING(args[1]);
+    v.plen = (size_t)PyBytes_GET_SIZE(args[1]);
+    v.ino = (uint64_t)ino;
+    v.otime = version >= 2;
+    v.sec[3] = v.sec[2];
+    v.nsec[3] = v.nsec[2];
+    const uint8_t *data = NULL;
+    if (content != Py_None && PyBytes_GET_SIZE(content) > 0) {
+        data = (const uint8_t *)PyBytes_AS_STRING(content);
+        v.dlen = (size_t)PyBytes_GET_SIZE(content);
+        if (version >= 2 && v.dlen >= LIB_CRC_MIN && !crc_is_hw())
+            goto fallback; /* the library's CRC is the fast one here */
+    }
+    int chmod = (v.mode & 0170000) != 0120000; /* (never for a symlink) */
+    v.mode &= 07777;
+    /* the records before the data (MKFILE?, WRITE's head) and after it (CHOWN, CHMOD?,
+     * UTIMES), measured, then written */
+    int before[2], after[3], nb = 0, na = 0;
+    if (ino >= 0)
+        before[nb++] = C_MKFILE;
+    if (data != NULL)
+        before[nb++] = C_WRITE;
+    after[na++] = C_CHOWN;
+    if (chmod)
+        after[na++] = C_CHMOD;
+    after[na++] = C_UTIMES;
+    size_t hlen = 0, tlen = 0, got;
+    for (int i = 0; i < nb; i++) {
+        if ((got = put_inode_cmd(NULL, before[i], version, &v)) == 0)
+            goto fallback;
+        hlen += got;
+    }
+    for (int i = 0; i < na; i++) {
+        if ((got = put_inode_cmd(NULL, after[i], version, &v)) == 0)
+            goto fallback;
+        tlen += got;
+    }
+    /* without data, everything is one piece */
+    PyObject *head = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(hlen + (data ? 0 : tlen)));
+    PyObject *tail = data ? PyBytes_FromStringAndSize(NULL, (Py_ssize_t)tlen) : NULL;
+    if (head == NULL || (data && tail == NULL)) {
+        Py_XDECREF(head);
+        Py_XDECREF(tail);
+        return NULL;
+    }
+    uint8_t *p = (uint8_t *)PyBytes_AS_STRING(head);
+    for (int i = 0; i < nb; i++) {
+        got = put_inode_cmd(p, before[i], version, &v);
+        if (before[i] == C_WRITE)
+            put_le32(p + 6, crc_update(crc_update(0, p, got), data, v.dlen));
+        p += got;
+    }
+    if (data)
+        p = (uint8_t *)PyBytes_AS_STRING(tail);
+    for (int i = 0; i < na; i++)
+        p += put_inode_cmd(p, after[i], version, &v);
+    PyObject *res = Py_BuildValue("(NONi)", head, data ? content : Py_None,
+                                  data ? tail : PyBytes_FromStringAndSize(NULL, 0), nb + na);
+    return res;
+fallback:
+    PyErr_Clear();
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(encode_inode_doc,
+"encode_inode(version, path, ino, content, uid, gid, mode, atime, mtime, ctime, /)\n"
+"    -> (head, data, tail, records) | None\n\n"
+"A created inode's records, encoded as codec.encode_record encodes the records a full\n"
+"send makes of it, in its order: MKFILE (ino >= 0; -1: none), one WRITE of content at\n"
+"offset 0 (bytes; None or empty: none), CHOWN, CHMOD (mode & 07777; not for a symlink),\n"
+"UTIMES (times in ns; OTIME = ctime in v2+). head: the bytes up to the WRITE's data (all\n"
+"of them without data); data: content as it is, or None; tail: the bytes after it;\n"
+"records: how many. None when the Python encoder must do it (unusual values).");
+
 /* a bytearray of n bytes, not zeroed (a buffer that a read fills at once: the zeroing of
  * bytearray(n) was a pass over every byte of a replication's messages) */
 static PyObject *
@@ -1700,6 +1947,8 @@ static PyMethodDef methods[] = {
      decode_batch_doc},
     {"render_dump", (PyCFunction)(void (*)(void))render_dump, METH_FASTCALL, render_dump_doc},
     {"encode_head", (PyCFunction)(void (*)(void))encode_head, METH_FASTCALL, encode_head_doc},
+    {"encode_inode", (PyCFunction)(void (*)(void))encode_inode, METH_FASTCALL,
+     encode_inode_doc},
     {"buffer", py_buffer, METH_O,
      "buffer(n, /) -> bytearray: n bytes, not zeroed (for a read that fills them)."},
     {"_set_crc_impl", py_set_crc_impl, METH_O,

@@ -19,7 +19,11 @@ from .records import End, Event, Record, StreamHeader
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = ["StreamWriter", "write_stream"]
+__all__ = ["Encoded", "StreamWriter", "write_stream"]
+
+#: records encoded already (``_speedups.encode_inode``): the bytes before a piece of data,
+#: the data (or None), the bytes after it, and how many records they are
+Encoded = tuple[bytes, "Any", bytes, int]
 
 
 class StreamWriter:
@@ -82,6 +86,24 @@ class StreamWriter:
         self.records += 1
         if type(rec) is End:
             self._need_header = True
+
+    def write_encoded(self, enc: Encoded) -> None:
+        """Append records encoded already for this version (never an END): their pieces go
+        to ``write`` as they are (the data as its own piece)."""
+        if self._need_header:
+            self.start_stream()
+        head, data, tail, count = enc
+        write = self._write
+        write(head)
+        n = len(head)
+        if data is not None:
+            write(data)
+            n += len(data)
+        if tail:
+            write(tail)
+            n += len(tail)
+        self.bytes_written += n
+        self.records += count
 
     def write_event(self, ev: Event) -> None:
         """Append a header or a record as read by :meth:`StreamReader.events`."""

@@ -67,6 +67,7 @@ from ..send.scan import ScanStream
 from ..send.sendshot import send_with_sendshots
 from ..send.store import SendshotStore, StoredSendshot
 from ..stream.records import End, Record, Snapshot, Subvol
+from ..stream.writer import Encoded
 from .channels import Channel, MessageIO, PeerRefused
 from .inbox import chain_next
 from .outbox import Outbox
@@ -187,7 +188,7 @@ class _Wire:
         self._n += n
         self._group += n
 
-    def on_record(self, rec: Record) -> None:
+    def on_record(self, rec: Record | Encoded) -> None:
         if self.plan is None:
             self._begin(rec)
         else:
@@ -197,7 +198,7 @@ class _Wire:
         elif self._group >= self.group:
             self._send_group()
 
-    def _begin(self, header: Record) -> None:
+    def _begin(self, header: Record | Encoded) -> None:
         if not isinstance(header, Subvol | Snapshot):
             raise BtrdeltaError("the stream did not start with a subvolume")
         flight = self.flight
