@@ -37,6 +37,7 @@ from array import array
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
 
+from .. import TYPE_CHECKING, _native
 from .._optional import need
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
@@ -49,6 +50,7 @@ from ..stream.records import (
     Clone,
     End,
     Link,
+    Mkfile,
     Record,
     SetXattr,
     Subvol,
@@ -62,6 +64,9 @@ from .emit import CAPS, COMPRESSORS, SendStats, encode_piece, option_problem
 from .hashing import open_dir
 from .order import FullInos, _create
 from .scan import ROOT, Node, open_file, open_to_read, read_node, uuid_of
+
+if TYPE_CHECKING:
+    from ..stream.writer import Encoded
 
 __all__ = ["FullSend"]
 
@@ -90,13 +95,28 @@ class _Spool:
         self.head_len = len(head)
         self.pos = len(head) + reserve
         self.records = 0
+        # the C encoder of plain commands (as StreamWriter's), else None
+        self._head: Callable[[Record, int], Any] | None = getattr(
+            _native.live("speedups"), "encode_head", None)
 
     def write(self, rec: Record) -> None:
+        got = self._head(rec, self.version) if self._head is not None else None
         write = self.file.write
-        for piece in encode_record(rec, self.version):
-            write(piece)
-            self.pos += len(piece)
+        for piece in encode_record(rec, self.version) if got is None else got:
+            if piece is not None:
+                write(piece)
+                self.pos += len(piece)
         self.records += 1
+
+    def write_encoded(self, enc: Encoded) -> None:
+        """Records encoded already (:data:`~..stream.writer.Encoded`)."""
+        head, data, tail, count = enc
+        write = self.file.write
+        for piece in (head, data, tail):
+            if piece:
+                write(piece)
+                self.pos += len(piece)
+        self.records += count
 
     def mark(self) -> tuple[int, int]:
         """Where the next record goes (for :meth:`rewind`)."""
@@ -207,6 +227,9 @@ class FullSend:
         self._sources: list[SourceIndex] = []
         #: the clone source and path of the file being sent, when one has its content
         self._from: tuple[SourceIndex, bytes] | None = None
+        #: a created inode's records encoded at once (the C accelerator), else None
+        self._encode: Callable[..., Encoded | None] | None = None if compress or no_data \
+            else getattr(_native.live("speedups"), "encode_inode", None)
 
     # -- driving ------------------------------------------------------------------------
 
@@ -348,10 +371,15 @@ class FullSend:
         self._nodes += 1
         node.dentries.append((parent, name))
         self.stats.files_scanned += 1
-        self._emit(_create(node, rel, self._inos.number(rel)))
+        ino = self._inos.number(rel)
+        if node.is_reg and not node.xattrs:  # (its MKFILE with its data, see _file)
+            if not self._file(node, ino):
+                self._metadata(node, xattrs=False)
+        else:
+            self._emit(_create(node, rel, ino))
         if node.is_dir:
             node.flags = dir_flags(full)
-        else:
+        elif node.xattrs or not node.is_reg:
             for xname, value in sorted(node.xattrs.items()):
                 if xname != CAPS:
                     self._emit(SetXattr(path=rel, name=xname, data=value))
@@ -371,6 +399,13 @@ class FullSend:
         """Ownership, mode, capabilities and times of a created inode (xattrs first for a
         directory, whose metadata comes after its subtree)."""
         path = node.path
+        if not node.xattrs and self._encode is not None:
+            enc = self._encode(self.version, path, -1, None, node.uid, node.gid, node.mode,
+                               node.atime_ns, node.mtime_ns, node.ctime_ns)
+            if enc is not None:
+                assert self._spool is not None
+                self._spool.write_encoded(enc)
+                return
         if xattrs:
             for xname, value in sorted(node.xattrs.items()):
                 if xname != CAPS:
@@ -387,8 +422,11 @@ class FullSend:
 
     # -- data ---------------------------------------------------------------------------
 
-    def _file(self, node: Node) -> None:
-        """Open and read one regular file once: its data records, digest and flags."""
+    def _file(self, node: Node, ino: int = -1) -> bool:
+        """Open and read one regular file once: its data records, digest and flags (``ino``
+        >= 0: its ``MKFILE`` first, and it has no xattrs). True when its metadata was sent
+        with them: such a file of one ``WRITE`` without holes, its records encoded at once
+        in C (:meth:`_at_once`)."""
         full = self.root + b"/" + node.path
         fd = open_to_read(full)
         try:
@@ -396,31 +434,54 @@ class FullSend:
             size = node.size
             segs = data_segments(fd, size) if size else []
             assert self._spool is not None
-            mark = self._spool.mark()
-            sent = self.stats.data_bytes
             self.stats.bytes_read += size
             if size <= _WHOLE:
                 data = os.pread(fd, size + 1, 0) if size else b""
                 if len(data) != size:
                     raise BtrdeltaError("file changed while sending (size differs)", path=full)
                 node.digest = self._xxh.xxh3_128_digest(data)
-                if self._clone(node, full, data):
+                clone = self._clone(node, full, data)
+                if ino >= 0 and not clone and self._encode is not None and \
+                        0 < size <= self.chunk and segs == [(0, size)] and \
+                        self._at_once(node, ino, data):
+                    return True
+                if ino >= 0:
+                    self._emit(Mkfile(path=node.path, ino=ino))
+                if clone:
                     self._clone_record(node)
-                    return
+                    return False
                 view = memoryview(data)
                 for off, length in segs:
                     self._write_range(node, off, length, lambda p, n: view[p:p + n])
             else:
+                if ino >= 0:
+                    self._emit(Mkfile(path=node.path, ino=ino))
+                mark, sent = self._spool.mark(), self.stats.data_bytes
                 node.digest = self._read_large(node, fd, segs, full)
                 if self._clone(node, full, None):
                     self.stats.data_bytes = sent
                     self._spool.rewind(mark)
                     self._clone_record(node)
-                    return
+                    return False
             if not segs or sum(segs[-1]) < size:
                 self._emit(Truncate(path=node.path, size=size))
+            return False
         finally:
             os.close(fd)
+
+    def _at_once(self, node: Node, ino: int, data: bytes) -> bool:
+        """Send a small file's records (``MKFILE`` if ``ino`` >= 0, its one ``WRITE``,
+        ``CHOWN``, ``CHMOD``, ``UTIMES``) encoded at once in C; False where the C encoder
+        hands them back."""
+        assert self._encode is not None
+        assert self._spool is not None
+        enc = self._encode(self.version, node.path, ino, data, node.uid, node.gid, node.mode,
+                           node.atime_ns, node.mtime_ns, node.ctime_ns)
+        if enc is None:
+            return False
+        self._spool.write_encoded(enc)
+        self.stats.data_bytes += node.size
+        return True
 
     def _read_large(self, node: Node, fd: int, segs: list[tuple[int, int]],
                     full: bytes) -> bytes:
