@@ -140,3 +140,34 @@ def test_a_plain_directory_hashed_first_gives_the_same_stream(
         monkeypatch.delattr(speedups, "encode_inode")
         slow = _send(tree, tmp_path / "store2", 2)
     assert fast == slow
+
+
+def test_the_same_inodes_come_encoded_whatever_the_threads_kept(
+    two_fs: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Which records come as one encoded group does not depend on the files the hashing
+    threads kept (their budget): a replication's segments end at record boundaries, so a cut
+    transfer's stream, made again, must be cut alike."""
+    from btrdelta.send import hashing
+
+    snd, _rcv = two_fs
+    live = snd / "live"
+    run("btrfs", "subvolume", "create", live)
+    _fill(live)
+    run("btrfs", "subvolume", "snapshot", "-r", live, snd / "S")
+
+    def shape(store: Path) -> tuple[bytes, list[str]]:
+        out: list[bytes] = []
+        seen: list[str] = []
+        send_with_sendshots(lambda b: out.append(bytes(b)), snd / "S",
+                            store=SendshotStore(store), version=2, snapshot=False,
+                            on_record=lambda r: seen.append(
+                                f"{r[3]}" if isinstance(r, tuple) else type(r).__name__))
+        return b"".join(out), seen
+
+    assert _native.available("speedups"), "the C accelerator is not built"
+    with _native.use_backend("c", "speedups"):
+        kept = shape(tmp_path / "store1")
+        monkeypatch.setattr(hashing, "KEEP_BUDGET", 0)  # nothing kept: read by the send
+        assert shape(tmp_path / "store2") == kept
+    assert sum(1 for s in kept[1] if s.isdigit()) >= 12

@@ -469,9 +469,12 @@ class Sender(CloneFinder):
                  new_by_digest: dict[bytes, int]) -> Encoded | None:
         """A full send's created inode's records (``ino`` >= 0: its ``MKFILE`` first) made by
         the C accelerator at once, as :meth:`_inode` makes them one by one: an inode without
-        xattrs; a regular file only if the hashing threads kept its bytes (read once) and
-        they fit one ``WRITE`` (the sizes of the kernel's writes), and no ``CLONE`` stands
-        for it. None: :meth:`_inode` makes them (a file's kept bytes are handed to it)."""
+        xattrs; a regular file only if its bytes fit one ``WRITE`` (the sizes of the
+        kernel's writes), it has no holes and no ``CLONE`` stands for it (its bytes as the
+        hashing threads kept them, else read here). None: :meth:`_inode` makes them (a
+        file's bytes taken are handed to it). Which inodes come encoded depends on the tree
+        only, not on what the threads kept: a replication's segments end at the same
+        records when a cut transfer's stream is made again."""
         if node.xattrs:
             return None
         content = None
@@ -479,10 +482,15 @@ class Sender(CloneFinder):
             if node.size > self.chunk or node.segments is None or self._hasher is None:
                 return None
             content = self._hasher.take(node)
-            # (not kept, or not all of it: the reading of it raises that)
-            if len(content or b"") != node.size or (
-                    node.size >= self.clone_min
-                    and self._find_clone(node, new_by_digest) is not None):
+            if node.size >= self.clone_min and \
+                    self._find_clone(node, new_by_digest) is not None:
+                self._content = content
+                return None
+            if content is None and node.size:
+                content = self._read_whole(node)
+                if content is None:  # (holes)
+                    return None
+            if len(content or b"") != node.size:  # (its reading raises it)
                 self._content = content
                 return None
         enc = encode(self.version, node.path, ino, content, node.uid, node.gid, node.mode,
@@ -494,6 +502,20 @@ class Sender(CloneFinder):
         self.stats.data_bytes += node.size
         self._read += node.size
         return enc
+
+    def _read_whole(self, node: Node) -> bytes | None:
+        """The bytes of a small file the hashing threads did not keep, as :meth:`_new_data`
+        reads them; None if it has holes (it sends only its data)."""
+        fd = open_file(self.new.abspath(node.path))
+        try:
+            if data_segments(fd, node.size) != [(0, node.size)]:
+                return None
+            data = os.pread(fd, node.size, 0)
+            if self._hasher is not None and self._hasher.uncache:
+                uncache(fd)
+            return data
+        finally:
+            os.close(fd)
 
     def _inode(
         self,
