@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from btrdelta import receive_any
+from btrdelta import _native, receive_any
 from btrdelta.delta import events as events_mod
 from btrdelta.delta import expand_events, expand_to, open_delta, patching
 from btrdelta.delta.encoding import encode_item
@@ -223,17 +223,28 @@ def _patched_pair(mnt: Path, tmp_path: Path) -> tuple[Path, Path, Path]:
 
 
 def test_receive_clones_a_patched_file_s_unchanged_ranges(
-    delta_pairs: dict[str, Pair], tmp_path: Path
+    delta_pairs: dict[str, Pair], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A patched file's verified new content is written as data except where it equals
     its old file at the same offsets: those ranges are cloned from the parent (FIEMAP:
     they share its extents, the changed ones do not), written data and clones both from
     a file's compressed extents and its plain ones. The tree is ``btrfs receive``'s,
     holes included: an old file with a hole is not cloned from (its hole would stand
-    where the stream writes zeros)."""
+    where the stream writes zeros). The 3 MiB library's new content is mapped over its
+    old file in the read-only parent (``_hpatch.Output``, where the C applier is built);
+    the sparse file's old file is read, not mapped, and its content is fresh memory."""
     mnt = delta_pairs["rebuilt-same"].mnt
     a, b, stream = _patched_pair(mnt, tmp_path)
     delta = make(stream, a, codec="hdiff")[0]
+    contents: dict[bytes, str] = {}
+    apply = patching.Patcher._apply
+
+    def recorded(self: patching.Patcher, root: Any, p: Any, old: Any, patch: bytes) -> Any:
+        new = apply(self, root, p, old, patch)
+        contents[p.path] = type(new).__name__
+        return new
+
+    monkeypatch.setattr(patching.Patcher, "_apply", recorded)
     dests = []
     for name in ("k", "o"):
         d = mnt / f"ev-{tmp_path.name}-{name}"
@@ -254,6 +265,8 @@ def test_receive_clones_a_patched_file_s_unchanged_ranges(
         assert not any(off <= start < off + n for off, n in shared)
     assert _encoded_layout(kernel / "lib.so", _SHARED) == []
     assert _encoded_layout(ours / "sparse", _SHARED) == []
+    mapped = "Output" if _native.live("hpatch") is not None else "bytes"
+    assert contents == {b"lib.so": mapped, b"sparse": "bytes"}
 
 
 def test_the_records_before_a_long_patch_go_out_before_it_is_applied(

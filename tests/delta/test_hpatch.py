@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -168,3 +169,93 @@ def test_equal_runs_in_c_gives_the_python_runs(old: bytes, edits: list[int], gro
         assert start <= at <= at + n <= end
         assert new[at : at + n] == old[at : at + n]
         assert n % block == 0 or at + n == len(new) == len(old)
+
+
+def _anonymous_kib(path: Path) -> int:
+    """The ``Anonymous`` kB of this process's writable private mappings of ``path`` (the
+    pages copied on write: /proc/self/smaps)."""
+    total, ours = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:
+                ours = fields[1] == "rw-p" and line.rstrip().endswith(str(path))
+            elif ours and fields[0] == "Anonymous:":
+                total += int(fields[1])
+    return total
+
+
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize(("size", "grow"), [(3 << 20, 0), (3 << 20, 70_001), (3 << 20, -9_999),
+                                            ((1 << 20) + 123, 4096), (5000, 1)])
+def test_c_applier_over_the_old_file_gives_the_library_result(
+    codec: str, size: int, grow: int, tmp_path: Path
+) -> None:
+    """``apply_over``: the result mapped over the old file (a private mapping of it,
+    anonymous memory past its end where the new content is longer) is the library's, byte
+    for byte, longer or shorter than the old file or the same size, a page multiple or
+    not; the old file is left as it was (the writes are the mapping's own copies)."""
+    from btrdelta.delta import _hpatch  # type: ignore[attr-defined]
+
+    rng = random.Random(size + grow)
+    old = rng.randbytes(size)
+    new = bytearray(old[: size + grow] if grow < 0 else old + rng.randbytes(grow))
+    for at in (0, size // 3, size // 2 + 4097, len(new) - 1):
+        new[at % len(new)] ^= 0xA5
+    new[size // 4 : size // 4] = b"inserted" * 100
+    new[-(size // 5) :] = new[-(size // 5) :][::-1]
+    patch = get_codec(codec).make(old, bytes(new))
+    (tmp_path / "old").write_bytes(old)
+    fd = os.open(tmp_path / "old", os.O_RDONLY)
+    try:
+        out = get_codec(codec).apply_over(old, patch, new_size=len(new), old_fd=fd)
+    finally:
+        os.close(fd)
+    assert type(out) is _hpatch.Output
+    assert len(out) == len(new)
+    assert bytes(memoryview(out)) == hdiffpatch.apply(old, patch) == new
+    assert (tmp_path / "old").read_bytes() == old
+    with pytest.raises(TypeError):
+        memoryview(out)[0] = 0  # read-only
+
+
+def test_c_applier_over_the_old_file_leaves_its_unchanged_pages_alone(tmp_path: Path) -> None:
+    """The point of ``apply_over``: a cover at the same offset is not copied, so the pages
+    of an 8 MiB old file that a few byte changes do not touch stay the file's page cache
+    pages; only the changed ones are copied on write (the kernel's count of the
+    mapping's anonymous pages, /proc/self/smaps), where the fresh output of ``apply``
+    would have 8 MiB of them."""
+    rng = random.Random(5)
+    old = rng.randbytes(8 << 20)
+    new = bytearray(old)
+    for at in (100, 3 << 20, (6 << 20) + 17):
+        new[at] ^= 0x0F
+    patch = get_codec("hdiff").make(old, bytes(new))
+    path = tmp_path / "old-file"
+    path.write_bytes(old)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        out = get_codec("hdiff").apply_over(old, patch, new_size=len(new), old_fd=fd)
+    finally:
+        os.close(fd)
+    assert bytes(memoryview(out)) == new
+    assert 0 < _anonymous_kib(path) <= 3 * 4 * 4  # three changed pages (4 KiB; or 16 KiB)
+    del out
+    assert _anonymous_kib(path) == 0  # unmapped with the last reference
+
+
+def test_c_applier_over_a_file_of_another_size_is_fresh_memory(tmp_path: Path) -> None:
+    """The old file is checked: one whose size is not the old content's (it changed, or
+    the wrong file) gets no mapping over it, the result is ordinary bytes."""
+    rng = random.Random(9)
+    old = rng.randbytes(1 << 20)
+    new = old[:1000] + b"changed" + old[1007:]
+    patch = get_codec("hdiff").make(old, new)
+    (tmp_path / "old").write_bytes(old + b"longer")
+    fd = os.open(tmp_path / "old", os.O_RDONLY)
+    try:
+        out = get_codec("hdiff").apply_over(old, patch, new_size=len(new), old_fd=fd)
+    finally:
+        os.close(fd)
+    assert type(out) is bytes
+    assert out == new

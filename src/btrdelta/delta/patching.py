@@ -33,7 +33,7 @@ from .._pool import Pool, Task
 from .._value import Value
 from ..errors import BtrdeltaError, ChecksumError, MissingBaseError, StreamFormatError
 from ..fs.copy import data_segments
-from ..fs.sandbox import DirCache, open_regular_sized
+from ..fs.sandbox import DirCache, open_regular, open_regular_sized
 from ..stream import records as R
 from ..stream.codec import encode_record
 from ..stream.constants import CMD_HEADER, MAX_PAYLOAD
@@ -55,6 +55,8 @@ from .recompress import compress_extent
 if TYPE_CHECKING:
     import mmap
     from typing import Any
+
+    from ._hpatch import Output
 
 __all__ = ["Applied", "Patcher", "Pending", "SameEncodedWrite", "SameWrite"]
 
@@ -90,7 +92,7 @@ class _Active(Value):
     #: a read-only mapping for a same patch's old file in a parent snapshot
     #: (:func:`~.oldfiles.map_old_file`); None: an unchanged file whose content is cloned,
     #: not read (its old file is being checked in the background: :attr:`Patcher.checks`)
-    content: bytes | mmap.mmap | None
+    content: bytes | mmap.mmap | Output | None
     size: int
     pos: int = 0
     #: the old file's data ranges (start, end) when it has holes (``clone_same`` only):
@@ -352,9 +354,7 @@ class Patcher:
                 self.active = _Active(p, old, len(old), old_data=old_data)
                 return
             try:
-                # (a mapping only where the codec takes any buffer: ``takes_buffers``)
-                new = get_codec(p.codec).apply(old, patch,  # type: ignore[arg-type]
-                                               new_size=p.new_size)
+                new = self._apply(root, p, old, patch)
             except BtrdeltaError:
                 _check_old(p, old)
                 raise
@@ -374,6 +374,22 @@ class Patcher:
                 expected=p.new_digest.hex(), actual=actual.hex(), path=p.path,
             )
         self.active = _Active(p, new, len(new), same=runs)
+
+    def _apply(self, root: str | os.PathLike[str], p: Patch, old: bytes | mmap.mmap,
+               patch: bytes) -> bytes | Output:
+        """The new content of ``p``: a mapped old file (a read-only snapshot's, of
+        ``MAP_MIN`` bytes or more) is opened again for the codec to map the result over
+        (:meth:`~.codecs.base.Codec.apply_over`); a mapping only where the codec takes
+        any buffer (``takes_buffers``)."""
+        codec = get_codec(p.codec)
+        fd = None if isinstance(old, bytes) else open_regular(root, p.base_path, self.dirs)
+        if fd is None:
+            return codec.apply(old, patch, new_size=p.new_size)  # type: ignore[arg-type]
+        try:
+            return codec.apply_over(old, patch,  # type: ignore[arg-type]
+                                    new_size=p.new_size, old_fd=fd)
+        finally:
+            os.close(fd)
 
     def pwrite(self, w: PWrite) -> Iterator[R.Write]:
         """The WRITE records of a PWRITE, data taken in order from the new content."""

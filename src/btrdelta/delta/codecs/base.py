@@ -12,6 +12,8 @@ from ...errors import MissingDependencyError
 if TYPE_CHECKING:
     from typing import Any, ClassVar
 
+    from .._hpatch import Output
+
 __all__ = ["Codec", "CodecUnavailableError"]
 
 #: Largest new content a patch may declare when the caller gives no expectation.
@@ -86,6 +88,14 @@ class Codec:
             StreamFormatError: the patch is malformed or declares another size.
         """
         raise NotImplementedError
+
+    def apply_over(self, old: bytes, patch: bytes, *, new_size: int,
+                   old_fd: int) -> bytes | Output:
+        """:meth:`apply`, where ``old`` is the content of file ``old_fd``, which cannot
+        change (a read-only snapshot's): a codec may map its result over that file (a
+        read-only buffer whose pages the patch leaves alone stay the file's, not fresh
+        memory: the HDIFF13 applier). Here: :meth:`apply`."""
+        return self.apply(old, patch, new_size=new_size)
 
     def __repr__(self) -> str:
         return f"<codec {self.name} id={self.codec_id}>"

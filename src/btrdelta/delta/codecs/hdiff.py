@@ -16,9 +16,12 @@ import importlib.util
 from collections.abc import Callable
 from types import ModuleType
 
-from ... import _native
+from ... import TYPE_CHECKING, _native
 from ...errors import StreamFormatError
 from .base import DEFAULT_MAX_SIZE, Codec, CodecUnavailableError
+
+if TYPE_CHECKING:
+    from .._hpatch import Output
 
 __all__ = ["WINDOW_MIN", "HdiffCodec", "HdiffRawCodec", "windowed_diff"]
 
@@ -232,14 +235,16 @@ def _inflated(frame: memoryview, size: int) -> bytes | None:
     return out if len(out) == size else None
 
 
-def _apply_c(fast: ModuleType, old: bytes, patch: bytes) -> bytes | None:
+def _apply_c(fast: ModuleType, old: bytes, patch: bytes,
+             old_fd: int = -1) -> bytes | Output | None:
     """The new content of an HDIFF13 patch applied
     by the C module ``_hpatch``: its four streams (covers, RLE control, RLE code, new data)
     taken apart here, the stored ones as views, the zstd ones inflated (each at most about
     the new size, or twice it for the covers: more is left to the library). ``None``: the C
     path does not take this patch (another compressor, a stream that is not as HDiffPatch
     writes it, or a patch HDiffPatch would refuse); the library then applies it or names
-    the fault."""
+    the fault. ``old_fd`` (0 or more): the file ``old`` is, unchanging; the result is then
+    mapped over it where it can be (:meth:`HdiffCodec.apply_over`)."""
     start = len(_MAGIC)
     end = patch.find(b"\x00", start, start + 32)
     name = patch[start:end]
@@ -275,7 +280,10 @@ def _apply_c(fast: ModuleType, old: bytes, patch: bytes) -> bytes | None:
     if pos != len(patch):
         return None
     covers, ctrl, code, data = streams
-    out: bytes | None = fast.apply(old, new_size, covers, count, ctrl, code, data)
+    # (a module built before its Output type takes no old_fd: a stale build maps nothing)
+    over = (old_fd,) if old_fd >= 0 and hasattr(fast, "Output") else ()
+    out: bytes | Output | None = fast.apply(old, new_size, covers, count, ctrl, code, data,
+                                            *over)
     return out
 
 
@@ -349,6 +357,20 @@ class HdiffCodec(Codec):
         """Apply an HDIFF13 patch after checking the sizes it declares: in C when the
         ``_hpatch`` accelerator is live and takes the patch (:func:`_apply_c`), else with
         the library (the reference, and the one that names what is wrong)."""
+        out = self._apply(old, patch, new_size, -1)
+        assert isinstance(out, bytes)  # (only apply_over maps)
+        return out
+
+    def apply_over(self, old: bytes, patch: bytes, *, new_size: int,
+                   old_fd: int) -> bytes | Output:
+        """:meth:`apply` with the C applier's result mapped over the old file ``old_fd``
+        (an ``_hpatch.Output``: a private mapping of it, where a cover at the same offset
+        is not copied, so the pages of the old content left in place are the page
+        cache's, not fresh memory; bytes where it cannot be mapped)."""
+        return self._apply(old, patch, new_size, old_fd)
+
+    def _apply(self, old: bytes, patch: bytes, new_size: int | None,
+               old_fd: int) -> bytes | Output:
         patch = bytes(patch)
         size, old_size = _declared_sizes(patch)
         limit = DEFAULT_MAX_SIZE if new_size is None else new_size
@@ -360,7 +382,7 @@ class HdiffCodec(Codec):
             )
         fast = _native.live("hpatch")
         if fast is not None:
-            got = _apply_c(fast, old, patch)
+            got = _apply_c(fast, old, patch, old_fd)
             if got is not None:
                 return got
         h = self.lib()
