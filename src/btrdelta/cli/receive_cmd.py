@@ -2,31 +2,32 @@
 
 from __future__ import annotations
 
-import argparse
 import errno
 import functools
 import os
-import shlex
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from .. import TYPE_CHECKING
 from ..errors import ApplyError, BtrdeltaError, UsageError
 from ..receive import ReceivedSubvol
 from ..update.receive import receive_any
 from ._common import (
+    Quick,
     add_json,
     dump_stream,
     input_position,
     input_size,
     open_input,
     parse_size,
+    quick_parse,
 )
 from .progress import Progress, add_progress_options, progress_wanted
 
 if TYPE_CHECKING:
+    import argparse
+    from pathlib import Path
     from typing import BinaryIO
 
 _EPILOG = """\
@@ -113,12 +114,58 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(func=run)
 
 
+#: the options of :func:`add_parser` that :func:`quick_args` reads (tests/cli/test_quick.py
+#: checks them against the parser; ``-E`` and ``--max-file-size``, whose values the parser
+#: converts, and ``--key``, a list that starts as None, are left to it)
+_QUICK: Quick = {
+    **dict.fromkeys(("-f", "--file"), ("file", "store", None)),
+    "-e": ("stop_at_end", "true", None),
+    **dict.fromkeys(("-C", "--chroot"), ("chroot", "true", None)),
+    "-m": ("search_root", "store", None),
+    "--dump": ("dump", "true", None),
+    "--dry-run": ("dry_run", "true", None),
+    "--backend": ("backend", "store", {v: v for v in ("auto", "btrfs", "dir")}),
+    "--fileattr": ("fileattr", "true", None),
+    "--force-decompress": ("force_decompress", "true", None),
+    "--signature": ("signature", "store", None),
+    "--json": ("json", "true", None),
+    **dict.fromkeys(("-q", "--quiet"), ("quiet", "true", None)),
+    "--progress": ("progress", "true", None),
+    **dict.fromkeys(("-v", "--verbose"), ("verbose", "count", None)),
+}
+_DEFAULTS: dict[str, object] = {
+    "file": None, "input": None, "dest": None, "stop_at_end": False, "max_errors": 1,
+    "chroot": False, "search_root": None, "dump": False, "dry_run": False, "backend": "auto",
+    "fileattr": False, "force_decompress": False, "max_file_size": None, "key": None,
+    "signature": None, "json": False, "quiet": False, "progress": False, "verbose": 0,
+}
+
+
+def quick_args(words: list[str]) -> argparse.Namespace | None:
+    """The words after ``receive`` as :func:`add_parser`'s parser reads them, when they are
+    plain (:func:`~._common.quick_parse`; None: the parser reads them): a receive then
+    builds no parser and imports neither ``argparse`` nor ``gettext`` (~3-5 ms of the
+    receiving thread's start, before its first record)."""
+    for positionals in ((), ("input",), ("input", "dest")):
+        ns = quick_parse(words, _QUICK, positionals, _DEFAULTS)
+        if ns is not None:
+            ns.func = run
+            for dest in ("input", "dest"):  # (last, as the parser sets its positionals)
+                value = getattr(ns, dest)
+                delattr(ns, dest)
+                setattr(ns, dest, value)
+            return ns
+    return None
+
+
 def _count(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         value = -1
     if value < 0:
+        from ._lean import argparse
+
         raise argparse.ArgumentTypeError(f"not a count: {text!r}")
     return value
 
@@ -146,10 +193,14 @@ def _names(args: argparse.Namespace) -> tuple[str, str | None]:
     if args.dest is None and args.input is not None and not args.dump:
         args.dest, args.input = args.input, None  # `receive DEST`: the only argument is DEST
         if args.file is None and os.path.isfile(args.dest):
+            import shlex  # (this mistake only)
+
             raise UsageError(f"{args.dest} is a file: give the directory to receive into "
                              f"too: btrdelta receive {shlex.quote(args.dest)} DEST")
     if args.input is not None and args.dest is not None and os.path.isdir(args.input) \
             and os.path.isfile(args.dest):
+        import shlex
+
         raise UsageError(f"{args.input} is a directory and {args.dest} a file: the stream "
                          "comes first: btrdelta receive "
                          f"{shlex.quote(args.dest)} {shlex.quote(args.input)}")
@@ -171,6 +222,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     assert dest is not None
     if not os.path.isdir(dest):
+        import shlex
+
         what = ("is not a directory" if os.path.lexists(dest) else
                 f"does not exist (make it first: mkdir -p {shlex.quote(dest)})")
         raise BtrdeltaError(f"destination {what}", source=dest)
@@ -225,7 +278,7 @@ def _receive(args: argparse.Namespace, receiver: Callable[..., list[ReceivedSubv
             max_errors=args.max_errors, dry_run=args.dry_run, backend=args.backend,
             apply_fileattr=args.fileattr, force_decompress=args.force_decompress,
             on_progress=on_progress, on_warning=on_warning, on_subvol=on_subvol,
-            search_root=None if args.search_root is None else Path(args.search_root),
+            search_root=None if args.search_root is None else _path(args.search_root),
             max_file_size=args.max_file_size,
         )
     except ApplyError as exc:
@@ -238,6 +291,12 @@ def _receive(args: argparse.Namespace, receiver: Callable[..., list[ReceivedSubv
         raise
     finally:
         progress.close()
+
+
+def _path(name: str) -> Path:
+    from pathlib import Path
+
+    return Path(name)
 
 
 def _subvol_json(sv: ReceivedSubvol) -> dict[str, object]:
