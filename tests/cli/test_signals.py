@@ -113,6 +113,21 @@ def test_the_receiving_side_of_replication(tmp_path: Path, sig: signal.Signals) 
     assert err == b"btrdelta replicate: interrupted\n"
 
 
+def _tasks(pid: int) -> list[str]:
+    return os.listdir(f"/proc/{pid}/task")
+
+
+def _names(pid: int) -> list[str]:
+    names = []
+    for tid in _tasks(pid):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:
+            pass
+    return names
+
+
 def test_the_listener_waits_with_no_thread_of_its_own(tmp_path: Path) -> None:
     """A new DEST's state file is made durable by a thread (``Replica``); the listener waits
     for it before it listens. Else a signal sent while it still ran could be lost (CPython
@@ -137,7 +152,15 @@ def test_the_listener_waits_with_no_thread_of_its_own(tmp_path: Path) -> None:
     assert proc.stderr is not None
     try:
         assert b"listening" in proc.stderr.readline()
-        assert os.listdir(f"/proc/{proc.pid}/task") == [str(proc.pid)]
+        # a joined thread can still be leaving the kernel for a moment after its Python
+        # part ended (it holds no GIL then): wait for that, not for one that still runs
+        tasks = _tasks(proc.pid)
+        for _ in range(40):
+            if tasks == [str(proc.pid)]:
+                break
+            time.sleep(0.05)
+            tasks = _tasks(proc.pid)
+        assert tasks == [str(proc.pid)], _names(proc.pid)
         assert (tmp_path / ".btrdelta-replica.json").is_file()
     finally:
         proc.send_signal(signal.SIGTERM)
