@@ -341,13 +341,6 @@ def _frozen4_0000(self: Any, f0: Any, f1: Any, f2: Any, f3: Any) -> None:
     _set(self, 'f3', f3)
 
 
-def _init4_0011(self: Any, f0: Any, f1: Any, f2: Any, f3: Any) -> None:
-    self.f0 = f0
-    self.f1 = f1
-    self.f2 = _d_f2.make() if f2 is _d_f2 else f2
-    self.f3 = _d_f3.make() if f3 is _d_f3 else f3
-
-
 def _init5_00000(self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any) -> None:
     self.f0 = f0
     self.f1 = f1
@@ -378,6 +371,14 @@ def _init5_00010(self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any) -> None
     self.f2 = f2
     self.f3 = _d_f3.make() if f3 is _d_f3 else f3
     self.f4 = f4
+
+
+def _init5_00111(self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any) -> None:
+    self.f0 = f0
+    self.f1 = f1
+    self.f2 = _d_f2.make() if f2 is _d_f2 else f2
+    self.f3 = _d_f3.make() if f3 is _d_f3 else f3
+    self.f4 = _d_f4.make() if f4 is _d_f4 else f4
 
 
 def _init5_01111(self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any) -> None:
@@ -733,11 +734,11 @@ _GENERATED: dict[str, Callable[..., None]] = {
     "_init3_111": _init3_111,
     "_init4_0000": _init4_0000,
     "_frozen4_0000": _frozen4_0000,
-    "_init4_0011": _init4_0011,
     "_init5_00000": _init5_00000,
     "_frozen5_00000": _frozen5_00000,
     "_init5_00001": _init5_00001,
     "_init5_00010": _init5_00010,
+    "_init5_00111": _init5_00111,
     "_init5_01111": _init5_01111,
     "_init6_000000": _init6_000000,
     "_init6_000001": _init6_000001,

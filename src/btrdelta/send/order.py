@@ -51,9 +51,30 @@ from .scan import ROOT, Node, Tree
 if TYPE_CHECKING:
     from .scan import ScanStream
 
-__all__ = ["FullInos", "Namespace", "full_order", "order_namespace"]
+__all__ = ["FullInos", "Namespace", "full_order", "inherited_acls", "order_namespace"]
 
 Dentry = tuple[int, bytes]
+ACL_ACCESS = b"system.posix_acl_access"
+ACL_DEFAULT = b"system.posix_acl_default"
+#: ACL entry tags a mode expresses (owner, owning group, other): an ACL of only these is a mode
+_MODE_TAGS = (1, 4, 0x20)
+
+
+def inherited_acls(node: Node, default: bytes | None) -> dict[bytes, bytes]:
+    """The ACL xattrs an inode like ``node`` has once created in a directory whose default
+    ACL is ``default`` (acl(5)): a directory that default ACL, every inode but a symbolic
+    link an access ACL unless the default ACL holds only what a mode can say. The access
+    ACL's value (the default ACL masked by the mode created with) is given as ``b""``, which
+    no ACL value equals."""
+    if default is None:
+        return {}
+    out = {ACL_DEFAULT: default} if node.is_dir else {}
+    if node.fmt != stat.S_IFLNK and any(
+        int.from_bytes(default[i : i + 2], "little") not in _MODE_TAGS
+        for i in range(4, len(default) - 7, 8)
+    ):
+        out[ACL_ACCESS] = b""
+    return out
 
 
 class Namespace(Value):
@@ -66,6 +87,14 @@ class Namespace(Value):
     touched: set[int] = field(default_factory=set)
     #: new ids of the inodes the stream created
     created: set[int] = field(default_factory=set)
+    #: new ids of created inodes -> the default ACL of the directory they were created in,
+    #: which the receiver gave them ACLs from (:func:`inherited_acls`)
+    inherited: dict[int, bytes] = field(default_factory=dict)
+
+    def inherited_acls(self, node: Node) -> dict[bytes, bytes]:
+        """The ACL xattrs created inode ``node`` got from its directory
+        (:func:`inherited_acls`)."""
+        return inherited_acls(node, self.inherited.get(node.id))
 
     def dir_path(self, key: int) -> bytes:
         """Current path of directory ``key``."""
@@ -196,6 +225,16 @@ class _Orderer:
             if tree.whole is not None:
                 self.root_names |= tree.whole[2]
         self.orphan_seq: dict[int, int] = {}
+        #: keys of created directories -> the default ACL they were given at creation
+        self.defaults: dict[int, bytes] = {}
+
+    def default_acl(self, key: int) -> bytes | None:
+        """The default ACL directory ``key`` has on the receiver while names change (an old
+        directory's xattrs change after every name, a new one has what it inherited)."""
+        if key < 0:
+            return self.defaults.get(key)
+        old = self.old.nodes.get(key)
+        return old.xattrs.get(ACL_DEFAULT) if old is not None else None
 
     def key_of(self, new_id: int) -> int:
         """The namespace key of new node ``new_id``."""
@@ -250,6 +289,11 @@ class _Orderer:
             self.out.append(_create(node, target, self.next_ino))
             self.next_ino += 1
             ns.created.add(cid)
+            default = self.default_acl(pkey)
+            if default is not None:
+                ns.inherited[cid] = default
+                if node.is_dir:
+                    self.defaults[ckey] = default
             ns.add(ckey, pkey, name)
             if node.is_dir:
                 ns.children[ckey] = {}

@@ -63,6 +63,14 @@ class Scenario:
     after: str = ""
 
 
+#: POSIX ACL xattr values (version 2, then tag, permissions, id: u16, u16, u32 LE): owner
+#: rwx, user 1000 rwx, group r-x, mask r-x, other r-x; and owner rwx, group r-x, group 50
+#: rw-, mask rwx, other ---
+_ACL_USER = ("0x02000000" "01000700ffffffff" "02000700e8030000" "04000500ffffffff"
+             "10000500ffffffff" "20000500ffffffff")
+_ACL_GROUP = ("0x02000000" "01000700ffffffff" "04000500ffffffff" "0800060032000000"
+              "10000700ffffffff" "20000000ffffffff")
+
 S = Scenario
 
 SCENARIOS: list[Scenario] = [
@@ -529,6 +537,18 @@ SCENARIOS: list[Scenario] = [
       ' for i in $(seq 41 60); do'
       ' xfs_io -r -c "dedupe $B/file_$((i + 100)) 0 0 64K" $A/file_$i; done;'
       ' btrfs -q balance start -m .'),
+    # -- session 16: classes the upstream tests leave thin (a new user's trial) --
+    # POSIX ACLs (their xattrs) on directories: a default ACL the receiver's new inodes
+    # inherit unless told otherwise (a file created in such a directory, its ACL removed)
+    S("acl-default-dirs",
+      f"mkdir d e; setfattr -n system.posix_acl_default -v {_ACL_USER} d;"
+      f" setfattr -n system.posix_acl_access -v {_ACL_USER} e; touch d/inherits; mkdir d/sub;"
+      " touch d/plain; setfattr -x system.posix_acl_access d/plain; chmod 640 d/plain",
+      f"setfattr -n system.posix_acl_default -v {_ACL_GROUP} d; touch d/new; mkdir d/newsub;"
+      " setfattr -x system.posix_acl_access e; chmod 751 e; mv d/plain e/plain;"
+      " touch d/new-noacl; setfattr -x system.posix_acl_access d/new-noacl;"
+      " mkdir d/newsub-noacl; setfattr -x system.posix_acl_default d/newsub-noacl;"
+      " mkfifo d/fifo; setfattr -x system.posix_acl_access d/fifo; ln -s x d/link"),
     # held descriptors last: a later REMOUNT on the same filesystem would find it busy
     S("deleted-open-file-168",
       'xfs_io -f -c "pwrite -S 0xf1 0 64K" foo; xfs_io -f -c "pwrite -S 0x7b 0 90K" bar;'
