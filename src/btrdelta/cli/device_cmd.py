@@ -70,7 +70,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                      "last trial, ended or not) is bad: its trial ends, or the default "
                      "goes back to the previous good root"),
     ):
-        m = dsub.add_parser(name, help=helptext, description=helptext + ".",
+        m = dsub.add_parser(name, help=helptext,
+                            description=helptext[0].upper() + helptext[1:] + ".",
                             epilog=examples(f"btrdelta device {name} /mnt/top --slot b"))
         m.add_argument("fs", metavar="FS", help=_FS_HELP)
         m.add_argument("--slot", choices=("a", "b", "factory"),

@@ -47,7 +47,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="a local directory, ssh://[user@]host[:port]/path or tcp://host:port")
     p.add_argument("--serve", metavar="DIR", help="receive one transfer into DIR over "
                                                   "standard input and output")
-    p.add_argument("--listen", metavar="ADDR", help="receive over TCP on HOST:PORT into DEST")
+    p.add_argument("--listen", metavar="ADDR",
+                   help="receive over TCP on HOST:PORT into DEST (then the only positional "
+                   "argument)")
     p.add_argument("--allow", metavar="PUBKEY", action="append", default=[],
                    help="(--listen) a client key allowed to connect (repeatable)")
     p.add_argument("--key", metavar="KEY", help="this side's private key (tcp)")
@@ -64,7 +66,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--full", action="store_true",
                    help="send a full stream when the receiver holds no common base")
     p.add_argument("--compress", choices=("zstd", "none"), default="none",
-                   help="send file data compressed (ENCODED_WRITE)")
+                   help="send file data compressed (ENCODED_WRITE; default none)")
     p.add_argument("--no-prune", action="store_true",
                    help="keep sendshots no receiver needs")
     p.add_argument("--ssh", default="ssh", metavar="CMD",
