@@ -563,6 +563,12 @@ SCENARIOS: list[Scenario] = [
       " touch d/new-noacl; setfattr -x system.posix_acl_access d/new-noacl;"
       " mkdir d/newsub-noacl; setfattr -x system.posix_acl_default d/newsub-noacl;"
       " mkfifo d/fifo; setfattr -x system.posix_acl_access d/fifo; ln -s x d/link"),
+    # the subvolume root's default ACL: what the kernel's orphans (made in the root) inherit
+    S("acl-default-root",
+      f"setfattr -n system.posix_acl_default -v {_ACL_USER} .; mkdir sub; echo a > f;"
+      " setfattr -x system.posix_acl_default sub; setfattr -x system.posix_acl_access sub",
+      "touch sub/f2; mkdir sub/d; echo b > g; mkdir h;"
+      f" setfattr -n system.posix_acl_default -v {_ACL_GROUP} .; touch h/x"),
     S("xattrs-on-moved-dirs",
       "mkdir -p a/b/c; for d in a a/b a/b/c; do setfattr -n user.k1 -v v1 $d;"
       " setfattr -n user.k2 -v v2 $d; done; echo f > a/b/c/f",
