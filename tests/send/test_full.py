@@ -253,3 +253,29 @@ def test_small_files_encoded_at_once_give_the_same_stream(
     subprocess.run(["btrfs", "receive", "-f", str(stream), str(dest)], check=True,
                    capture_output=True)
     assert tree_sum(dest / "t") == tree_sum(tree)
+
+
+def test_acls_of_a_tree_on_xfs_are_sent_as_posix_acls_only(btrfs_ws: Workspace) -> None:
+    # XFS lists to root its own stored form of POSIX ACLs (trusted.SGI_ACL_FILE/_DEFAULT)
+    # besides system.posix_acl_*: sent, a receiver would keep them as plain trusted xattrs
+    from btrdelta.stream.records import SetXattr
+    from btrdelta.testing.loopfs import loop_fs
+    from btrdelta.testing.scenarios import _ACL_USER, kernel_receive
+    from btrdelta.tree.treesum import diff_manifests, tree_manifest
+
+    acl = bytes.fromhex(_ACL_USER[2:])
+    with loop_fs("xfs", size="300M") as xfs:
+        tree = xfs / "acl-xfs"
+        (tree / "d").mkdir(parents=True)
+        (tree / "d/f").write_bytes(b"x")
+        os.setxattr(tree / "d/f", "system.posix_acl_access", acl)
+        os.setxattr(tree / "d", "system.posix_acl_default", acl)
+        names = sorted(r.name for r in send_records(tree) if isinstance(r, SetXattr))
+        assert names == [b"system.posix_acl_access", b"system.posix_acl_default"]
+        stream = btrfs_ws.fresh("acl-xfs") / "s"
+        with open(stream, "wb") as f:
+            send_stream(f.write, tree)
+        kernel_receive(stream, stream.parent)
+        got = stream.parent / "acl-xfs"
+        assert not diff_manifests(tree_manifest(tree), tree_manifest(got))
+        assert not [n for n in os.listxattr(got / "d/f") if n.startswith("trusted.")]

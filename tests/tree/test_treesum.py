@@ -230,3 +230,33 @@ def test_cli_shows_a_bar_on_a_terminal_and_prints_only_the_sum(tmp_path: Path) -
     piped = subprocess.run([sys.executable, "-m", "btrdelta", "tree-sum", str(tree)],
                            capture_output=True, timeout=60, check=True)
     assert (piped.stdout, piped.stderr) == (proc.stdout, b"")
+
+
+#: a POSIX ACL (user 1000 rwx besides the mode's entries), as system.posix_acl_* hold it
+_ACL = bytes.fromhex("02000000" "01000700ffffffff" "02000700e8030000" "04000500ffffffff"
+                     "10000500ffffffff" "20000500ffffffff")
+
+
+def test_acls_on_xfs_sum_as_elsewhere(tmp_path: Path) -> None:
+    # XFS lists to root its own stored form of the POSIX ACLs (trusted.SGI_ACL_FILE,
+    # trusted.SGI_ACL_DEFAULT) besides system.posix_acl_*: not a property of the tree (cp -a
+    # and rsync skip them, /etc/xattr.conf), so the same tree on ext4 has the same sum
+    from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs
+
+    try:
+        with loop_fs("xfs", size="300M") as xfs, loop_fs("ext4", size="64M") as ext4:
+            tree = xfs / "t"
+            (tree / "d").mkdir(parents=True)
+            (tree / "d/f").write_bytes(b"x")
+            os.setxattr(tree / "d/f", "system.posix_acl_access", _ACL)
+            os.setxattr(tree / "d", "system.posix_acl_default", _ACL)
+            assert "trusted.SGI_ACL_FILE" in os.listxattr(tree / "d/f")  # (what XFS lists)
+            copy = _copy(tree, ext4 / "t")
+            ours = tree_manifest(tree)
+            assert not diff_manifests(ours, tree_manifest(copy))
+            assert [x for e in ours for x, _ in e.xattrs] == [
+                b"system.posix_acl_default", b"system.posix_acl_access"]
+    except BtrfsUnavailable as exc:  # (any loop filesystem that cannot be made)
+        if os.environ.get("CI") == "true":
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))

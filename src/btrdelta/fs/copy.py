@@ -26,10 +26,16 @@ from ..errors import ApplyError
 from .btrfs import fallocate
 from .remove import remove_tree
 
+#: xattrs that are not part of a tree, skipped as ``cp -a`` and rsync skip them (libattr's
+#: /etc/xattr.conf): XFS lists to root its own stored form of the POSIX ACLs besides
+#: ``system.posix_acl_*``; anywhere else they would be plain trusted xattrs of no meaning
+NOT_COPIED_XATTRS = frozenset({"trusted.SGI_ACL_FILE", "trusted.SGI_ACL_DEFAULT"})
+
 if TYPE_CHECKING:
     from pathlib import Path
 
-__all__ = ["copy_range", "copy_tree", "data_segments", "within_source", "write_zeros"]
+__all__ = ["NOT_COPIED_XATTRS", "copy_range", "copy_tree", "data_segments", "within_source",
+           "write_zeros"]
 
 _FALLOC_PUNCH = 0x02 | 0x01  # PUNCH_HOLE | KEEP_SIZE
 _ZEROS = bytes(1 << 20)

@@ -48,6 +48,7 @@ from .._optional import need
 from .._value import Value, field, field_names
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
+from ..fs.copy import NOT_COPIED_XATTRS
 from .hashing import (
     ContentHasher,
     block_segments,
@@ -255,7 +256,7 @@ def kernel_rdev(st_rdev: int) -> int:
 
 def _read_xattrs(path: bytes, names: list[str]) -> dict[bytes, bytes]:
     out: dict[bytes, bytes] = {}
-    for sname in names:
+    for sname in (n for n in names if n not in NOT_COPIED_XATTRS):  # (XFS: ACLs again)
         name = sname.encode("utf-8", "surrogateescape")
         try:
             out[name] = os.getxattr(path, name, follow_symlinks=False)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 
 import blake3
 
-from ..fs.copy import data_segments
+from ..fs.copy import NOT_COPIED_XATTRS, data_segments
 
 __all__ = ["Entry", "EntryMaker", "Known", "Reuse", "diff_manifests", "manifest_sum",
            "tree_manifest", "tree_sum"]
@@ -127,7 +127,8 @@ def _xattrs(path: bytes, exclude: frozenset[bytes]) -> tuple[tuple[bytes, bytes]
             return ()
         raise
     out = []
-    for name in sorted(n.encode("utf-8", "surrogateescape") for n in names):
+    for name in sorted(n.encode("utf-8", "surrogateescape") for n in names
+                       if n not in NOT_COPIED_XATTRS):
         if name in exclude:
             continue
         try:
