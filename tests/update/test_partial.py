@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,12 +27,40 @@ def test_partial_meta_saves_fsync_the_file_and_the_directory(
     assert json.loads((part.path / "meta.json").read_text()) == {"version": 2,
                                                                   "boot": boot_id()}
     part.save({"version": 2, "offset": 1}, synced=True)  # (a cut receiver's, written out)
-    assert len(synced) == 4, synced
+    # the records' count first (it must outlive a restart as the meta does), then the meta
+    assert len(synced) == 5, synced
+    assert synced[2] == str(part.path / "progress")
     assert json.loads((part.path / "meta.json").read_text())["boot"] is None
     # an acknowledged segment's: renamed whole, not fsync-ed (discarded after a restart)
     part.save({"version": 2, "offset": 2})
-    assert len(synced) == 4, synced
+    assert len(synced) == 5, synced
     assert json.loads((part.path / "meta.json").read_text()) == {
         "version": 2, "offset": 2, "boot": boot_id()}
-    assert sorted(os.listdir(part.path)) == ["meta.json"]
+    assert sorted(os.listdir(part.path)) == ["meta.json", "progress"]
 
+
+
+def test_the_record_counter_is_mapped_in_tmpfs_and_outlives_a_restart_once_synced(
+        tmp_path: Path) -> None:
+    """The counter the applier stores into is a tmpfs file (a mapping of a file on DEST
+    can SIGBUS on a full btrfs); a synced meta's count is in DEST too, where a restart
+    (no tmpfs file) finds it; drop removes both."""
+    part = PartialTransfer(tmp_path, "dir")
+    counter = part.start()
+    counter[:8] = (41).to_bytes(8, sys.byteorder)
+    shm = [n for n in os.listdir("/dev/shm") if n.startswith("btrdelta-progress-")
+           and n.endswith(f"-{os.stat(part.path).st_ino:x}")]
+    assert len(shm) == 1
+    assert part.applied() == 41
+    assert not (part.path / "progress").exists()  # (nothing on DEST until it must last)
+    part.save({"version": 2, "offset": 1}, synced=True)
+    assert (part.path / "progress").read_bytes() == (41).to_bytes(8, sys.byteorder)
+    counter[:8] = (42).to_bytes(8, sys.byteorder)
+    os.unlink(f"/dev/shm/{shm[0]}")  # a restart
+    assert part.applied() == 41  # the synced count
+    again = part.start()  # a resume after it: the counter starts from that count
+    assert int.from_bytes(again[:8], sys.byteorder) == 41
+    assert part.applied() == 41
+    part.drop()
+    assert not os.path.exists(f"/dev/shm/{shm[0]}")
+    assert not part.path.exists()

@@ -29,6 +29,7 @@ from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs
 from btrdelta.tree import tree_sum
 from btrdelta.update.channels import MessageIO, PeerRefused, PipeChannel, spawn_local
 from btrdelta.update.outbox import Outbox
+from btrdelta.update.partial import PartialTransfer
 from btrdelta.update.replica import Replica, chain_next
 from btrdelta.update.replicate import replicate
 from tests.conftest import require_btrfs, spy_fsync
@@ -1158,7 +1159,8 @@ def test_a_killed_receiver_resumes_with_one_segment_resent(tmp_path: Path) -> No
     src, store, dest, kill = _cut_transfer(tmp_path, 40, 5)
     assert _visible(dest) == set()
     # the records applied are counted in the partial transfer, the subvolume left for it
-    assert (dest / ".btrdelta-partial" / "progress").stat().st_size == 8
+    meta = json.loads((dest / ".btrdelta-partial" / "meta.json").read_text())
+    assert PartialTransfer(dest, "dir").applied() >= meta["records"] > 0
     ch = spawn_local(str(dest))
     res = replicate(src, ch, store=store, segment=SEG)
     ch.close()
@@ -1535,3 +1537,36 @@ def _busy(first: PipeChannel, src: Path, dest: Path, store: list[object]) -> Non
     assert served.err.startswith("btrdelta replicate: error: busy: ")
     assert len(served.err.splitlines()) == 1, served.err
     assert sorted(os.listdir(dest)) == before
+
+
+def test_a_full_destination_is_an_error_not_a_killed_receiver(tmp_path: Path) -> None:
+    """DEST on a btrfs with too little space for the tree: the replicate fails with one
+    line naming ENOSPC, and nothing but DEST's state is left there (the record counter was
+    a mapping of a file in DEST: on a full btrfs a store into it, after a write-back, made
+    the kernel kill the receiver with SIGBUS, and the sender said only `the peer closed
+    the connection`)."""
+    require_btrfs()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(150 << 20))
+    try:
+        with loop_fs("btrfs", size="400M") as mnt:
+            (mnt / "fill").write_bytes(os.urandom(250 << 20))
+            os.sync()
+            dest = mnt / "dest"
+            dest.mkdir()
+            proc = subprocess.run(
+                [sys.executable, "-m", "btrdelta", "replicate", str(src), str(dest),
+                 "--store", str(tmp_path / "store")],
+                capture_output=True, text=True, check=False, timeout=300)
+            assert proc.returncode not in (0, 7), proc.stderr  # (7: the peer closed)
+            assert proc.stderr.count("\n") == 1, proc.stderr
+            assert "No space left on device" in proc.stderr, proc.stderr
+            assert _visible(dest) == set()
+            assert [n for n in os.listdir(dest) if n.startswith(".btrdelta-tmp")] == []
+            assert not (dest / ".btrdelta-partial").exists()
+    except BtrfsUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but btrfs is unavailable: {exc}")
+        pytest.skip(str(exc))
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith("btrdelta-progress-")]

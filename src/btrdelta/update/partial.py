@@ -2,13 +2,22 @@
 
 ``meta.json`` says how far the transfer is acknowledged (the plan, the acknowledged offset,
 segments and chain, the records before that offset, the stream version and the temporary
-subvolume's name); ``progress`` counts the records applied (a u64 the applier stores
-through a shared mapping after each record). :mod:`.replica` resumes from them, or
-discards them (a damaged meta, one of an earlier boot) and starts again.
+subvolume's name); the records applied are counted in a u64 the applier stores through a
+shared mapping after each record. :mod:`.replica` resumes from them, or discards them (a
+damaged meta, one of an earlier boot) and starts again.
+
+The mapped counter is a file in ``/dev/shm`` (tmpfs: it outlives a killed receiver, not a
+restart), written once before it is mapped so that its page exists: a store into a
+mapping of a file on DEST faults again after each write-back, and on a full btrfs that
+fault cannot reserve space and kills the receiver with ``SIGBUS`` (no error, no cleanup).
+``progress`` in DEST holds the count where it must outlive a restart: it is written and
+``fsync``-ed before a meta that says "written out" (``synced``). Where ``/dev/shm`` cannot
+be used, ``progress`` itself is mapped, as before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import mmap
@@ -29,6 +38,8 @@ __all__ = ["META", "META_VERSION", "PARTIAL_DIR", "PROGRESS", "Damaged", "Partia
 PARTIAL_DIR = ".btrdelta-partial"
 META_VERSION = 2
 PROGRESS = "progress"
+#: where the record counter is mapped (tmpfs)
+SHM = "/dev/shm"
 META = "meta.json"
 #: the fields of ``meta.json`` the HOLDINGS offer, and their types; and those a resume
 #: reads once a segment was acknowledged (``offset`` > 0)
@@ -60,6 +71,18 @@ class PartialTransfer:
     def __init__(self, dest: Path, backend: str) -> None:
         self.dest, self.backend = dest, backend
         self.path = dest / PARTIAL_DIR
+
+    def _counter(self) -> str | None:
+        """The tmpfs file counting this partial transfer's records (named by the
+        directory's device and inode: one per partial transfer), or None (no directory,
+        no ``/dev/shm``)."""
+        try:
+            st = os.stat(self.path, follow_symlinks=False)
+        except OSError:
+            return None
+        if not os.path.isdir(SHM):
+            return None
+        return f"{SHM}/btrdelta-progress-{st.st_dev:x}-{st.st_ino:x}"
 
     def load(self) -> dict[str, Any] | None:
         """The partial transfer's meta: None when there is none or it is an older
@@ -118,24 +141,46 @@ class PartialTransfer:
         counts may not be on the disk), so their ``fsync``s bought nothing (4 x 128 MiB:
         270 of them per transfer)."""
         doc["boot"] = None if synced else boot_id()
+        if synced:  # the count must outlive a restart as the meta does
+            fd = os.open(self.path / PROGRESS,
+                         os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            try:
+                os.pwrite(fd, struct.pack("=Q", self.applied()), 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         write_atomic(self.path / META, json.dumps(doc).encode(), mode=0o600,
                      durable=synced or durable)
 
     def applied(self) -> int:
-        try:
-            with open(self.path / PROGRESS, "rb") as f:
-                return int(struct.unpack("=Q", f.read(8))[0])
-        except (OSError, struct.error):
-            return 0
+        """The records applied: the tmpfs counter's, else (after a restart) ``progress``."""
+        counter = self._counter()
+        for path in ((counter,) if counter and os.path.exists(counter) else ()) + (
+                str(self.path / PROGRESS),):
+            try:
+                with open(path, "rb") as f:
+                    return int(struct.unpack("=Q", f.read(8))[0])
+            except (OSError, struct.error):
+                pass
+        return 0
 
     def start(self) -> Any:
-        """A new transfer: the directory, the progress file at 0; returns its mapping."""
+        """The transfer's directory and its record counter (holding what :meth:`applied`
+        says); returns the counter's mapping."""
         self.path.mkdir(exist_ok=True)
-        fd = os.open(self.path / PROGRESS, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                     0o600)
+        count = struct.pack("=Q", self.applied())
+        counter = self._counter()
+        fd = -1
+        if counter is not None:
+            with contextlib.suppress(OSError):
+                fd = os.open(counter, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                             0o600)
+        if fd < 0:
+            fd = os.open(self.path / PROGRESS,
+                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
-            if os.fstat(fd).st_size < 8:
-                os.ftruncate(fd, 8)
+            os.ftruncate(fd, 8)
+            os.pwrite(fd, count, 0)  # the page exists before it is mapped (ENOSPC here)
             return mmap.mmap(fd, 8)
         finally:
             os.close(fd)
@@ -157,4 +202,8 @@ class PartialTransfer:
                     if os.path.lexists(self.dest / name):
                         subvols.abort(PendingSubvol(b"", os.fsencode(name), self.dest / name,
                                                     UUID(int=0), 0, None, None))
+        counter = self._counter()
+        if counter is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(counter)
         remove_path(self.path, ignore_errors=True)
