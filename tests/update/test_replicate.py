@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import xxhash
@@ -53,6 +54,29 @@ def _sh(*cmd: object) -> str:
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, check=False)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     return proc.stdout.decode()
+
+
+def _over_a_socketpair(src: Path, dest: Path, store: Path) -> tuple[Any, list[object]]:
+    """``replicate`` of ``src`` into ``dest`` over a socket pair (the ACK thread's path), the
+    receiver a :class:`Replica` serving in a thread: the sender's result and the
+    receiver's (one, or none when it raised)."""
+    import threading
+
+    from btrdelta.update.channels import SocketChannel
+
+    a, b = socket.socketpair()
+    served: list[object] = []
+    receiver = threading.Thread(
+        target=lambda: served.append(Replica(dest).serve(SocketChannel(a, "sender"))))
+    receiver.start()
+    try:
+        res = replicate(src, SocketChannel(b, "receiver"), store=SendshotStore(store),
+                        segment=SEG)
+    finally:
+        receiver.join(30)
+        a.close()
+        b.close()
+    return res, served
 
 
 def _visible(dest: Path) -> set[str]:
@@ -308,7 +332,6 @@ def test_the_commit_comes_while_the_receiver_seals(fs2: tuple[Path, Path], tmp_p
     import threading
 
     from btrdelta.receive import subvolumes
-    from btrdelta.update.channels import SocketChannel
 
     snd, rcv = fs2
     live = snd / "vol"
@@ -333,16 +356,7 @@ def test_the_commit_comes_while_the_receiver_seals(fs2: tuple[Path, Path], tmp_p
 
     monkeypatch.setattr(MessageIO, "send", spy_send)
     monkeypatch.setattr(subvolumes, "set_received", spy_seal)
-    a, b = socket.socketpair()
-    served: list[object] = []
-    receiver = threading.Thread(
-        target=lambda: served.append(Replica(dest).serve(SocketChannel(a, "sender"))))
-    receiver.start()
-    store = SendshotStore(tmp_path / "store")
-    res = replicate(live, SocketChannel(b, "receiver"), store=store, segment=SEG)
-    receiver.join(30)
-    a.close()
-    b.close()
+    res, served = _over_a_socketpair(live, dest, tmp_path / "store")
     assert res.outcome == "committed", res
     assert served
     assert served[0].outcome == "committed", served  # type: ignore[attr-defined]
@@ -352,7 +366,7 @@ def test_the_commit_comes_while_the_receiver_seals(fs2: tuple[Path, Path], tmp_p
     info = _sh("btrfs", "subvolume", "show", got)
     assert "readonly" in info
     # the cursor moved to the new sendshot (named before the COMMIT, in flight no longer)
-    cursor = next(iter(store.cursors().values()))
+    cursor = next(iter(SendshotStore(tmp_path / "store").cursors().values()))
     assert cursor["digest"] == res.sendshot
     assert not cursor.get("inflight")
 
@@ -365,11 +379,9 @@ def test_the_receiver_is_written_out_before_the_final_name_and_the_committed(
     final name, and again before COMMITTED moves the sender's cursor (which lets prune
     delete the base the receiver held before). Before, a power cut after COMMITTED could
     take back the final name, or leave it on a tree whose data was still in memory."""
-    import threading
 
     from btrdelta.receive import subvolumes
     from btrdelta.update import replica as replica_mod
-    from btrdelta.update.channels import SocketChannel
     from tests.conftest import btrfs_loop
 
     events: list[str] = []
@@ -405,16 +417,7 @@ def test_the_receiver_is_written_out_before_the_final_name_and_the_committed(
         (src / "f").write_bytes(os.urandom(300_000))
         dest = top / "dest"
         dest.mkdir()
-        a, b = socket.socketpair()
-        served: list[object] = []
-        receiver = threading.Thread(
-            target=lambda: served.append(Replica(dest).serve(SocketChannel(a, "sender"))))
-        receiver.start()
-        res = replicate(src, SocketChannel(b, "receiver"), store=SendshotStore(
-            tmp_path / "store"), segment=SEG)
-        receiver.join(30)
-        a.close()
-        b.close()
+        res, _ = _over_a_socketpair(src, dest, tmp_path / "store")
         assert res.outcome == "committed", res
         assert events[-5:] == ["syncfs", "state", "rename", "syncfs", "COMMITTED"], events
         assert tree_sum(dest / res.name) == tree_sum(src)
@@ -427,12 +430,10 @@ def test_the_receiver_writes_a_large_file_out_while_it_comes(
     receive's ``write_behind``), so that its write-out of DEST before the commit
     (``syncfs``) finds little left: at that ``syncfs`` the kernel already has a place on
     the disk for the file's first 16 MiB (FIEMAP: not delayed allocation)."""
-    import threading
 
     from btrdelta import _native
     from btrdelta.receive.applier import WRITE_BEHIND
     from btrdelta.update import replica as replica_mod
-    from btrdelta.update.channels import SocketChannel
     from tests.conftest import btrfs_loop
     from tests.receive.helpers import written_out_bytes
 
@@ -454,15 +455,7 @@ def test_the_receiver_writes_a_large_file_out_while_it_comes(
         (src / "big").write_bytes(os.urandom(2 * WRITE_BEHIND + 1_000_000))
         dest = top / "dest"
         dest.mkdir()
-        a, b = socket.socketpair()
-        receiver = threading.Thread(target=lambda: Replica(dest).serve(
-            SocketChannel(a, "sender")))
-        receiver.start()
-        res = replicate(src, SocketChannel(b, "receiver"), store=SendshotStore(
-            tmp_path / "store"), segment=SEG)
-        receiver.join(30)
-        a.close()
-        b.close()
+        res, _ = _over_a_socketpair(src, dest, tmp_path / "store")
         assert res.outcome == "committed", res
         assert placed == [2 * WRITE_BEHIND]
         assert tree_sum(dest / res.name) == tree_sum(src)
@@ -1565,8 +1558,9 @@ def test_a_full_destination_is_an_error_not_a_killed_receiver(tmp_path: Path) ->
             assert _visible(dest) == set()
             assert [n for n in os.listdir(dest) if n.startswith(".btrdelta-tmp")] == []
             assert not (dest / ".btrdelta-partial").exists()
+            counters = f"btrdelta-progress-{os.stat(dest).st_dev:x}-"  # (this filesystem's)
+            assert not [n for n in os.listdir("/dev/shm") if n.startswith(counters)]
     except BtrfsUnavailable as exc:
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI=true but btrfs is unavailable: {exc}")
         pytest.skip(str(exc))
-    assert not [n for n in os.listdir("/dev/shm") if n.startswith("btrdelta-progress-")]
