@@ -167,10 +167,26 @@ def loop_fs(
         _LIVE.append(entry)
         yield Path(mnt)
     finally:
+        _forget_counters(mnt)
         _cleanup(mnt, dev, image)  # interrupted, the entry stays for the atexit handler
         if entry is not None and entry in _LIVE:
             _LIVE.remove(entry)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _forget_counters(mnt: str) -> None:
+    """Remove the record counters (``/dev/shm/btrdelta-progress-DEV-INO``) of partial
+    replications left on the filesystem at ``mnt`` (DESTs in its top subvolume): it is
+    going away with them."""
+    try:
+        if not os.path.ismount(mnt):  # (the directory's device would be another's)
+            return
+        prefix = f"btrdelta-progress-{os.stat(mnt).st_dev:x}-"
+        for name in os.listdir("/dev/shm"):
+            if name.startswith(prefix):
+                os.unlink(os.path.join("/dev/shm", name))
+    except OSError:
+        pass
 
 
 def _loops_of(image: str | os.PathLike[str]) -> list[str]:
