@@ -245,21 +245,30 @@ class _WhileSealing:
         self.hook(pending)
 
 
-def test_a_hook_runs_after_the_read_only_flag_committed_unless_it_says_otherwise(
-        btrfs_mnt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A hook without ``while_sealing`` (the replica's, which records the new version in its
-    state before the final name) runs after the flag's ioctl returned, as before."""
+def _slow_flag(monkeypatch: pytest.MonkeyPatch, *, before: float = 0.0,
+               after: float = 0.0) -> threading.Event:
+    """The read-only flag's ioctl starts ``before`` s late and returns ``after`` s late (a
+    longer commit); the event is set once it has returned."""
     from btrdelta.receive import subvolumes
 
     real = subvolumes.set_readonly
     returned = threading.Event()
 
     def set_readonly(fd: int, readonly: bool = True) -> None:
+        time.sleep(before)
         real(fd, readonly)
-        time.sleep(0.1)
+        time.sleep(after)
         returned.set()
 
     monkeypatch.setattr(subvolumes, "set_readonly", set_readonly)
+    return returned
+
+
+def test_a_hook_runs_after_the_read_only_flag_committed_unless_it_says_otherwise(
+        btrfs_mnt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hook without ``while_sealing`` (the replica's, which records the new version in its
+    state before the final name) runs after the flag's ioctl returned, as before."""
+    returned = _slow_flag(monkeypatch, after=0.1)
     dest = btrfs_mnt / f"dest-{uuid.uuid4().hex[:8]}"
     dest.mkdir()
     seen: list[bool] = []
@@ -276,20 +285,8 @@ def test_the_hook_sees_the_read_only_subvolume_while_the_flag_commits(
     still commits (the ioctl has not returned: ``commit``, a commit 0.3 s longer), and not
     before the flag is set (``flag``: the ioctl starts 0.3 s late): each time the kernel
     already refuses every change the hook tries."""
-    from btrdelta.receive import subvolumes
-
-    real = subvolumes.set_readonly
-    returned = threading.Event()
-
-    def set_readonly(fd: int, readonly: bool = True) -> None:
-        if slow == "flag":
-            time.sleep(0.3)
-        real(fd, readonly)
-        if slow == "commit":
-            time.sleep(0.3)
-        returned.set()
-
-    monkeypatch.setattr(subvolumes, "set_readonly", set_readonly)
+    returned = _slow_flag(monkeypatch, before=0.3 if slow == "flag" else 0.0,
+                          after=0.3 if slow == "commit" else 0.0)
     dest = btrfs_mnt / f"dest-{uuid.uuid4().hex[:8]}"
     dest.mkdir()
     seen: list[tuple[list[str], bool]] = []
@@ -358,15 +355,7 @@ def test_the_flag_is_waited_for_when_its_effect_cannot_be_seen(
     change cannot be seen, so the hook waits for the ioctl to return."""
     from btrdelta.receive import subvolumes
 
-    real = subvolumes.set_readonly
-    returned = threading.Event()
-
-    def set_readonly(fd: int, readonly: bool = True) -> None:
-        real(fd, readonly)
-        time.sleep(0.3)
-        returned.set()
-
-    monkeypatch.setattr(subvolumes, "set_readonly", set_readonly)
+    returned = _slow_flag(monkeypatch, after=0.3)
     dest = btrfs_mnt / f"dest-{uuid.uuid4().hex[:8]}"
     dest.mkdir()
     with Subvolumes(dest) as subs:

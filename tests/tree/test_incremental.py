@@ -342,6 +342,21 @@ def _subvol_parent(mnt: Path) -> Path:
     return root
 
 
+def _changed_snapshot(btrfs_mnt: Path, prefix: str, case: str
+                      ) -> tuple[Path, Path, Changes, Digests]:
+    """A parent subvolume and its verified digests, a snapshot of it changed by the case's
+    records (through a :class:`Changes`): the parent, the snapshot, the changes, the
+    digests."""
+    mnt = btrfs_mnt / (prefix + case.replace(" ", "-").replace(",", ""))
+    mnt.mkdir()
+    parent = _subvol_parent(mnt)
+    digests = verified_digests(parent)
+    new = _snapshot(mnt, parent, "new")
+    changes = Changes()
+    _apply(new, changes, [_snap(), *CASES[case]])
+    return parent, new, changes, digests
+
+
 def _snapshot(mnt: Path, parent: Path, name: str) -> Path:
     from btrdelta.fs.btrfs import create_snapshot
 
@@ -402,13 +417,7 @@ def test_on_a_snapshot_the_c_walk_gives_the_full_sum(btrfs_mnt: Path, case: str,
     tree-sum's, and the pure-Python walk gives the same digests."""
     from btrdelta import _native
 
-    mnt = btrfs_mnt / case.replace(" ", "-").replace(",", "")
-    mnt.mkdir()
-    parent = _subvol_parent(mnt)
-    digests = verified_digests(parent)
-    new = _snapshot(mnt, parent, "new")
-    changes = Changes()
-    _apply(new, changes, [_snap(), *CASES[case]])
+    _, new, changes, digests = _changed_snapshot(btrfs_mnt, "", case)
     hashed.clear()
     with _native.use_backend("python", "treewalk"):
         py = changes.tree_sum(new, digests)
@@ -432,13 +441,7 @@ def test_on_a_snapshot_the_parent_looked_at_before_the_seal_gives_the_full_sum(
     parent after that (after the snapshot: not in the new tree) changes nothing."""
     from btrdelta import _native
 
-    mnt = btrfs_mnt / ("early-" + case.replace(" ", "-").replace(",", ""))
-    mnt.mkdir()
-    parent = _subvol_parent(mnt)
-    digests = verified_digests(parent)
-    new = _snapshot(mnt, parent, "new")
-    changes = Changes()
-    _apply(new, changes, [_snap(), *CASES[case]])
+    parent, new, changes, digests = _changed_snapshot(btrfs_mnt, "early-", case)
     counts = _derived(monkeypatch)
     walk = _native.live("treewalk")
     assert walk is not None

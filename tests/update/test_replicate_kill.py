@@ -129,6 +129,28 @@ def _round_one(tmp_path: Path) -> tuple[Path, Path, SendshotStore, str]:
     return src, dest, store, old_sum
 
 
+def _sender_killed_at(src: Path, dest: Path, store: SendshotStore, point: str) -> None:
+    """``btrdelta replicate`` of ``src`` into ``dest``, its sender killed at ``point``."""
+    env = {**os.environ, "BTRDELTA_TEST_KILL_AT": point}
+    proc = subprocess.run([sys.executable, "-m", "btrdelta", "replicate", str(src), str(dest),
+                           "--store", store.path, "--segment", str(SEG), "-q"], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == -9, proc.stderr
+
+
+def _receiver_killed_at(src: Path, dest: Path, store: SendshotStore,
+                        monkeypatch: pytest.MonkeyPatch, point: str) -> None:
+    """``replicate`` of ``src`` into ``dest``, its receiver (a local child) killed at
+    ``point``."""
+    monkeypatch.setenv("BTRDELTA_TEST_KILL_AT", point)
+    ch = spawn_local(str(dest))
+    with pytest.raises(TransportError):
+        replicate(src, ch, store=store, segment=SEG)
+    ch.close()
+    assert ch.proc is not None
+    assert ch.proc.returncode == -9, ch.err  # killed there, not finished
+
+
 def _completes(src: Path, dest: Path, store: SendshotStore, old_sum: str) -> object:
     """The next run (nothing killed) completes; everything is as after an uncut one: the
     receiver holds the new tree once. (When the killed run's receiver had committed, the
@@ -180,13 +202,7 @@ def test_a_receiver_killed_at_each_durable_step(tmp_path: Path, shim: Path,
                                                 monkeypatch: pytest.MonkeyPatch,
                                                 name: str, n: int, when: str) -> None:
     src, dest, store, old_sum = _round_one(tmp_path)
-    monkeypatch.setenv("BTRDELTA_TEST_KILL_AT", f"{name}:{n}:{when}")
-    ch = spawn_local(str(dest))
-    with pytest.raises(TransportError):
-        replicate(src, ch, store=store, segment=SEG)
-    ch.close()
-    assert ch.proc is not None
-    assert ch.proc.returncode == -9, ch.err  # killed there, not finished
+    _receiver_killed_at(src, dest, store, monkeypatch, f"{name}:{n}:{when}")
     assert len(_visible(dest)) == 1  # nothing under a final name
     _completes(src, dest, store, old_sum)
 
@@ -202,11 +218,7 @@ SENDER_POINTS = [("cursors.json", 1, "after"), ("cursors.json", 2, "before"),
 def test_a_sender_killed_at_each_durable_step(tmp_path: Path, shim: Path,
                                               name: str, n: int, when: str) -> None:
     src, dest, store, old_sum = _round_one(tmp_path)
-    env = {**os.environ, "BTRDELTA_TEST_KILL_AT": f"{name}:{n}:{when}"}
-    proc = subprocess.run([sys.executable, "-m", "btrdelta", "replicate", str(src),
-                           str(dest), "--store", store.path, "--segment", str(SEG), "-q"],
-                          env=env, capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode == -9, proc.stderr
+    _sender_killed_at(src, dest, store, f"{name}:{n}:{when}")
     _completes(src, dest, store, old_sum)
 
 
@@ -245,12 +257,7 @@ def test_a_sender_killed_after_its_commit_on_btrfs(tmp_path: Path, shim: Path,
         [old] = _visible(dest)
         old_sum = tree_sum(dest / old)
         (live / "more").write_bytes(os.urandom(SEG))
-        env = {**os.environ, "BTRDELTA_TEST_KILL_AT": f"cursors.json:{n}:{when}"}
-        proc = subprocess.run([sys.executable, "-m", "btrdelta", "replicate", str(live),
-                               str(dest), "--store", store.path, "--segment", str(SEG),
-                               "-q"], env=env, capture_output=True, text=True, timeout=120,
-                              check=False)
-        assert proc.returncode == -9, proc.stderr
+        _sender_killed_at(live, dest, store, f"cursors.json:{n}:{when}")
         _completes(live, dest, store, old_sum)
         subvols = subprocess.run(["btrfs", "subvolume", "list", "-o", str(fs)], check=True,
                                  capture_output=True, text=True).stdout
@@ -286,12 +293,7 @@ def test_a_sender_killed_before_its_first_cursor_leaks_no_snapshot(tmp_path: Pat
         dest = fs / "dest"
         dest.mkdir()
         store = SendshotStore(tmp_path / "store")
-        env = {**os.environ, "BTRDELTA_TEST_KILL_AT": "cursors.json:1:before"}
-        proc = subprocess.run([sys.executable, "-m", "btrdelta", "replicate", str(live),
-                               str(dest), "--store", store.path, "--segment", str(SEG),
-                               "-q"], env=env, capture_output=True, text=True, timeout=120,
-                              check=False)
-        assert proc.returncode == -9, proc.stderr
+        _sender_killed_at(live, dest, store, "cursors.json:1:before")
         [leaked] = [n for n in os.listdir(fs) if n.startswith(".btrdelta-replicate-")]
         tag, dead = _store_tag(store).decode(), _dead_pid()
         kept = {f".btrdelta-replicate-{'1' * 16}-{'0' * 8 if tag != '0' * 8 else 'f' * 8}"
@@ -346,13 +348,7 @@ def test_a_receiver_killed_at_each_step_of_the_commit(tmp_path: Path, shim: Path
     not a second copy); then a change goes as an incremental from it."""
     for top in _in_dest(kind, tmp_path):
         src, dest, store, old_sum = _round_one(top)
-        monkeypatch.setenv("BTRDELTA_TEST_KILL_AT", f"{name}:{n}:{when}")
-        ch = spawn_local(str(dest))
-        with pytest.raises(TransportError):
-            replicate(src, ch, store=store, segment=SEG)
-        ch.close()
-        assert ch.proc is not None
-        assert ch.proc.returncode == -9, ch.err  # killed there, not finished
+        _receiver_killed_at(src, dest, store, monkeypatch, f"{name}:{n}:{when}")
         assert len(_visible(dest)) == 1 + (n == 2)  # the final name once renamed
         cursor = store.cursors()[Replica(dest).ident]
         assert cursor["inflight"]["sendshot"], cursor  # in doubt: named before the COMMIT
@@ -367,12 +363,7 @@ def test_a_sender_killed_once_its_commit_is_sent(tmp_path: Path, shim: Path,
     sendshot in flight), sends nothing, and the receiver holds the new tree once."""
     for top in _in_dest(kind, tmp_path):
         src, dest, store, old_sum = _round_one(top)
-        env = {**os.environ, "BTRDELTA_TEST_KILL_AT": "COMMIT:1:after"}
-        proc = subprocess.run([sys.executable, "-m", "btrdelta", "replicate", str(src),
-                               str(dest), "--store", store.path, "--segment", str(SEG),
-                               "-q"], env=env, capture_output=True, text=True, timeout=120,
-                              check=False)
-        assert proc.returncode == -9, proc.stderr
+        _sender_killed_at(src, dest, store, "COMMIT:1:after")
         # the receiver (a fork of the sender) goes on alone: its lock is free once its
         # conversation is over
         fd = os.open(dest / ".btrdelta-replica.lock", os.O_RDWR)

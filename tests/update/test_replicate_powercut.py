@@ -133,6 +133,16 @@ RECEIVER_CUTS = ["meta.json:3:after", "write-out:1:before", ".btrdelta-replica.j
                  "write-out:2:before", "write-out:2:after", "COMMITTED:1:after"]
 
 
+def _first_round(src: Path, dest: Path, store: SendshotStore) -> str:
+    """The source's trees made and replicated once; the tree-sum of what DEST holds."""
+    _trees(src)
+    ch = spawn_local(str(dest))
+    assert replicate(src, ch, store=store, segment=SEG).outcome == "committed"
+    ch.close()
+    [old] = _visible(dest)
+    return tree_sum(dest / old)
+
+
 @pytest.mark.parametrize("fstype", ["btrfs", "ext4"])
 @pytest.mark.parametrize("point", RECEIVER_CUTS)
 def test_a_power_cut_on_the_receiver(tmp_path: Path, shim: Path,
@@ -142,12 +152,7 @@ def test_a_power_cut_on_the_receiver(tmp_path: Path, shim: Path,
         dest = disk.mnt / "dest"
         dest.mkdir()
         src, store = tmp_path / "src", SendshotStore(tmp_path / "store")
-        _trees(src)
-        ch = spawn_local(str(dest))
-        assert replicate(src, ch, store=store, segment=SEG).outcome == "committed"
-        ch.close()
-        [old] = _visible(dest)
-        old_sum = tree_sum(dest / old)
+        old_sum = _first_round(src, dest, store)
         os.sync()  # (the first state is old news when the power goes)
         _change(src)
         monkeypatch.setenv("BTRDELTA_TEST_KILL_AT", point)
@@ -192,12 +197,7 @@ def test_a_power_cut_on_the_sender(tmp_path: Path, shim: Path, point: str) -> No
         src, store = disk.mnt / "src", SendshotStore(disk.mnt / "store")
         dest = tmp_path / "dest"
         dest.mkdir()
-        _trees(src)
-        ch = spawn_local(str(dest))
-        assert replicate(src, ch, store=store, segment=SEG).outcome == "committed"
-        ch.close()
-        [old] = _visible(dest)
-        old_sum = tree_sum(dest / old)
+        old_sum = _first_round(src, dest, store)
         _change(src)
         os.sync()  # (the source's change is old news when the power goes)
         env = {**os.environ, "BTRDELTA_TEST_KILL_AT": point, "BTRDELTA_TEST_CUT": "stop"}
