@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from btrdelta.testing.wheels import MARKUPSAFE, release_trees
-from btrdelta.update.partial import PARTIAL_DIR, SHM
+from btrdelta.update.partial import COUNTER_PREFIX, PARTIAL_DIR, SHM
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "btrdelta-tests"
 
@@ -57,7 +57,7 @@ def _no_fd_leak(request: pytest.FixtureRequest) -> Iterator[None]:
 
 def _counters() -> set[str]:
     try:
-        return {n for n in os.listdir(SHM) if n.startswith("btrdelta-progress-")}
+        return {n for n in os.listdir(SHM) if n.startswith(COUNTER_PREFIX)}
     except OSError:
         return set()
 
@@ -76,7 +76,7 @@ def _no_counter_left(request: pytest.FixtureRequest) -> Iterator[None]:
     for top, dirs, _ in os.walk(tmp):
         if PARTIAL_DIR in dirs:
             st = os.stat(os.path.join(top, PARTIAL_DIR), follow_symlinks=False)
-            name = f"btrdelta-progress-{st.st_dev:x}-{st.st_ino:x}"
+            name = f"{COUNTER_PREFIX}{st.st_dev:x}-{st.st_ino:x}"
             if name in new:
                 os.unlink(os.path.join(SHM, name))
 

@@ -178,13 +178,15 @@ def _forget_counters(mnt: str) -> None:
     """Remove the record counters (``/dev/shm/btrdelta-progress-DEV-INO``) of partial
     replications left on the filesystem at ``mnt`` (DESTs in its top subvolume): it is
     going away with them."""
+    from ..update.partial import COUNTER_PREFIX, SHM
+
     try:
         if not os.path.ismount(mnt):  # (the directory's device would be another's)
             return
-        prefix = f"btrdelta-progress-{os.stat(mnt).st_dev:x}-"
-        for name in os.listdir("/dev/shm"):
+        prefix = f"{COUNTER_PREFIX}{os.stat(mnt).st_dev:x}-"
+        for name in os.listdir(SHM):
             if name.startswith(prefix):
-                os.unlink(os.path.join("/dev/shm", name))
+                os.unlink(os.path.join(SHM, name))
     except OSError:
         pass
 

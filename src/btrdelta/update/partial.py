@@ -38,8 +38,9 @@ __all__ = ["META", "META_VERSION", "PARTIAL_DIR", "PROGRESS", "Damaged", "Partia
 PARTIAL_DIR = ".btrdelta-partial"
 META_VERSION = 2
 PROGRESS = "progress"
-#: where the record counter is mapped (tmpfs)
+#: where the record counter is mapped (tmpfs), and its name's start (then DEV-INO in hex)
 SHM = "/dev/shm"
+COUNTER_PREFIX = "btrdelta-progress-"
 META = "meta.json"
 #: the fields of ``meta.json`` the HOLDINGS offer, and their types; and those a resume
 #: reads once a segment was acknowledged (``offset`` > 0)
@@ -82,7 +83,7 @@ class PartialTransfer:
             return None
         if not os.path.isdir(SHM):
             return None
-        return f"{SHM}/btrdelta-progress-{st.st_dev:x}-{st.st_ino:x}"
+        return f"{SHM}/{COUNTER_PREFIX}{st.st_dev:x}-{st.st_ino:x}"
 
     def load(self) -> dict[str, Any] | None:
         """The partial transfer's meta: None when there is none or it is an older
@@ -155,8 +156,8 @@ class PartialTransfer:
     def applied(self) -> int:
         """The records applied: the tmpfs counter's, else (after a restart) ``progress``."""
         counter = self._counter()
-        for path in ((counter,) if counter and os.path.exists(counter) else ()) + (
-                str(self.path / PROGRESS),):
+        live = [counter] if counter is not None and os.path.exists(counter) else []
+        for path in (*live, str(self.path / PROGRESS)):
             try:
                 with open(path, "rb") as f:
                     return int(struct.unpack("=Q", f.read(8))[0])
