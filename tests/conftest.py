@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, settings
 
 from btrdelta.testing.loopfs import BtrfsUnavailable, btrfs_available, loop_fs
 from btrdelta.testing.scenarios import SCENARIOS, make_snapshots, send
+from btrdelta.update.partial import COUNTER_PREFIX, PARTIAL_DIR, SHM
 from tests.chunk.images import ImagePair, build_pair
 
 settings.register_profile(
@@ -33,6 +34,32 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 DATA = Path(__file__).parent / "data"
+
+
+def _counters() -> set[str]:
+    try:
+        return {n for n in os.listdir(SHM) if n.startswith(COUNTER_PREFIX)}
+    except OSError:
+        return set()
+
+
+@pytest.fixture(autouse=True)
+def _no_counter_left(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that leaves a partial transfer in its DEST (a cut never resumed) leaves its
+    record counter in ``/dev/shm``, as a DEST deleted by hand would: removed with the
+    test's temporary tree (only the counters of partial transfers under it)."""
+    before = _counters()
+    yield
+    new = _counters() - before
+    tmp = request.node.funcargs.get("tmp_path") if hasattr(request.node, "funcargs") else None
+    if not new or not isinstance(tmp, Path):
+        return
+    for top, dirs, _ in os.walk(tmp):
+        if PARTIAL_DIR in dirs:
+            st = os.stat(os.path.join(top, PARTIAL_DIR), follow_symlinks=False)
+            name = f"{COUNTER_PREFIX}{st.st_dev:x}-{st.st_ino:x}"
+            if name in new:
+                os.unlink(os.path.join(SHM, name))
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from btrdelta.testing.wheels import MARKUPSAFE, release_trees
-from btrdelta.update.partial import COUNTER_PREFIX, PARTIAL_DIR, SHM
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "btrdelta-tests"
 
@@ -53,32 +52,6 @@ def _no_fd_leak(request: pytest.FixtureRequest) -> Iterator[None]:
         return
     leaked = {fd: what for fd, what in open_fds().items() if before.get(fd) != what}
     assert not leaked, f"{len(leaked)} descriptors left open: {sorted(leaked.items())[:8]}"
-
-
-def _counters() -> set[str]:
-    try:
-        return {n for n in os.listdir(SHM) if n.startswith(COUNTER_PREFIX)}
-    except OSError:
-        return set()
-
-
-@pytest.fixture(autouse=True)
-def _no_counter_left(request: pytest.FixtureRequest) -> Iterator[None]:
-    """A test that leaves a partial transfer in its DEST (a cut never resumed) leaves its
-    record counter in ``/dev/shm``, as a DEST deleted by hand would: removed with the
-    test's temporary tree (only the counters of partial transfers under it)."""
-    before = _counters()
-    yield
-    new = _counters() - before
-    tmp = request.node.funcargs.get("tmp_path") if hasattr(request.node, "funcargs") else None
-    if not new or not isinstance(tmp, Path):
-        return
-    for top, dirs, _ in os.walk(tmp):
-        if PARTIAL_DIR in dirs:
-            st = os.stat(os.path.join(top, PARTIAL_DIR), follow_symlinks=False)
-            name = f"{COUNTER_PREFIX}{st.st_dev:x}-{st.st_ino:x}"
-            if name in new:
-                os.unlink(os.path.join(SHM, name))
 
 
 @pytest.fixture(scope="session")
