@@ -666,6 +666,7 @@ def test_damaged_replication_replies(made: dict[str, Path], tmp_path: Path) -> N
     from btrdelta.errors import BtrdeltaError
     from btrdelta.send.store import SendshotStore
     from btrdelta.tree import tree_sum
+    from btrdelta.update.partial import PartialTransfer
     from btrdelta.update.replicate import replicate
 
     source = made["v1"]
@@ -690,6 +691,7 @@ def test_damaged_replication_replies(made: dict[str, Path], tmp_path: Path) -> N
         for n in shown:
             assert tree_sum(work / "dest" / n) == expected, f"{what}: another tree"
         assert sorted(os.listdir(work)) in (["dest"], ["dest", "store"]), what
+        PartialTransfer(work / "dest", "dir").drop()  # (its tmpfs counter, if any)
         shutil.rmtree(work)
         return outcome, ch
 

@@ -400,3 +400,24 @@ def test_a_complete_transfer_written_out_is_resumed_after_a_restart(
     old, new = _visible(dest)
     assert tree_sum(dest / old) == old_sum
     assert tree_sum(dest / new) == tree_sum(src)
+
+
+@pytest.mark.parametrize("lost", [False, True])
+def test_a_resume_trusts_the_record_counter_only_while_it_lasts(
+        tmp_path: Path, shim: Path, monkeypatch: pytest.MonkeyPatch, lost: bool) -> None:
+    """The count of records a killed receiver applied lives in tmpfs: the next run resumes
+    after them. When that counter is gone without a restart (``/dev/shm`` emptied by hand),
+    the applied records cannot be counted and the transfer starts again from its first
+    byte, never resumed on a wrong count; either way DEST ends with the source's tree."""
+    from btrdelta.update.partial import COUNTER_PREFIX, SHM
+
+    src, dest, store, old_sum = _round_one(tmp_path)
+    before = set(os.listdir(SHM))
+    _receiver_killed_at(src, dest, store, monkeypatch, "meta.json:3:after")
+    counters = [n for n in set(os.listdir(SHM)) - before if n.startswith(COUNTER_PREFIX)]
+    assert len(counters) == 1, counters
+    if lost:
+        os.unlink(os.path.join(SHM, counters[0]))
+    res = _completes(src, dest, store, old_sum)
+    resumed = res.resumed_from  # type: ignore[attr-defined]
+    assert (resumed == 0) if lost else (resumed > SEG // 2), res

@@ -31,7 +31,7 @@ import pytest
 
 from btrdelta.errors import TransportError
 from btrdelta.send.store import SendshotStore
-from btrdelta.testing.loopfs import run
+from btrdelta.testing.loopfs import forget_counters, run
 from btrdelta.tree import tree_sum
 from btrdelta.update.channels import spawn_local
 from btrdelta.update.replicate import replicate
@@ -75,12 +75,14 @@ class _Disk:
 
     def cut(self, pid: int) -> None:
         """The power goes while process ``pid`` is stopped at its step: the disk as it is
-        now (the clone) replaces the image, once ``pid`` is killed."""
+        now (the clone) replaces the image, once ``pid`` is killed; tmpfs (its record
+        counters) is gone."""
         _wait_stopped(pid)
         cut = self.image.with_suffix(".cut")
         with open(self.image, "rb") as src, open(cut, "wb") as dst:
             fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
         os.kill(pid, signal.SIGKILL)
+        forget_counters(self.mnt)
 
     def restart(self) -> None:
         """Mount the disk as the cut left it (after the killed process is gone)."""

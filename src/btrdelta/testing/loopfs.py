@@ -167,17 +167,17 @@ def loop_fs(
         _LIVE.append(entry)
         yield Path(mnt)
     finally:
-        _forget_counters(mnt)
+        forget_counters(mnt)
         _cleanup(mnt, dev, image)  # interrupted, the entry stays for the atexit handler
         if entry is not None and entry in _LIVE:
             _LIVE.remove(entry)
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _forget_counters(mnt: str) -> None:
+def forget_counters(mnt: str | os.PathLike[str]) -> None:
     """Remove the record counters (``/dev/shm/btrdelta-progress-DEV-INO``) of partial
     replications left on the filesystem at ``mnt`` (DESTs in its top subvolume): it is
-    going away with them."""
+    going away with them, or the machine restarts (tmpfs does not outlive a power cut)."""
     from ..update.partial import COUNTER_PREFIX, SHM
 
     try:
