@@ -901,3 +901,35 @@ print(" ".join(m for m in wanted if m not in sys.modules), "hdiffpatch" in sys.m
                          check=True, env={k: v for k, v in os.environ.items()
                                           if not k.startswith("BTRDELTA_")})
     assert out.stdout.strip() == "False"
+
+
+def test_a_mirror_that_synced_timestamp_json_first_is_named_once(
+    signed: tuple[Path, Path, Path], releases: list[Path], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A mirror that copied the new timestamp.json before the index it names (synced in the
+    wrong order): alone, the update fails naming that index once, where it was looked for
+    (the message said the directory twice, 'www/www/index/2.json', or the URL twice); with
+    a good mirror after it, the update goes on there."""
+    _root, pub, ts_key = signed
+    good = _copy_repo(signed, tmp_path / "good")
+    assert main(["repo", "sign", str(good), "--key", str(pub.with_suffix(".pem")),
+                 "--timestamp-key", str(ts_key)]) == 0  # index version 2
+    early = _copy_repo(signed, tmp_path / "early")
+    shutil.copy2(good / "timestamp.json", early / "timestamp.json")
+    assert not (early / "index" / "2.json").exists()
+    srv = Nginx(early, tmp_path / "nginx")
+    try:
+        for url in (str(early), srv.url):
+            rc, _, err = _update(url, tmp_path / "d", pub, capsys=capsys)
+            assert rc == 7, err
+            assert err.count("\n") == 1, err
+            assert f": error: {url}/index/2.json: " in err, err
+            assert err.count("index/2.json") == 1, err
+        assert not (tmp_path / "d" / ".btrdelta" / "root.pub").exists()
+        rc, _, err = _update(srv.url, tmp_path / "d", pub, "--to", "v2", "--mirror", str(good),
+                             capsys=capsys)
+        assert rc == 0, err
+        assert tree_sum(tmp_path / "d" / "v2") == tree_sum(releases[1])
+    finally:
+        srv.stop()

@@ -347,7 +347,10 @@ def _where(mirror: str, at: str, why: str) -> tuple[str, str]:
     """The error line's place and reason when the only mirror failed (not "FILE: every
     mirror failed: MIRROR: ..."): the file under the mirror when the reason starts with
     its name, else where it failed (the file's URL, or the mirror itself when that is
-    missing)."""
+    missing). A reason that starts with its place (a fetch nested in the attempt, such as
+    the index a timestamp names, failed on every mirror already) is not named twice."""
+    if why.startswith(f"{at}: "):
+        return at, why[len(at) + 2:]
     name, sep, rest = why.partition(": ")
     if sep and at.startswith(mirror) and _FILE.fullmatch(name):
         return f"{mirror}/{name}", rest
