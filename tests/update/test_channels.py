@@ -5,6 +5,7 @@ channel that has only read/write. Oracle: the messages as another Connection enc
 from __future__ import annotations
 
 import os
+import struct
 import threading
 import uuid
 from typing import Any
@@ -171,3 +172,48 @@ def test_a_write_to_an_exited_peer_says_it_closed_the_connection(vectored: bool)
     finally:
         ch.close()
         os.close(ww)
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_a_killed_peer_over_tcp_closed_the_connection(tls: bool) -> None:
+    """A receiver killed mid-transfer (`kill -9` of `replicate --listen`): the sender's
+    writes then fail with a reset connection, or under TLS with 'EOF occurred in violation
+    of protocol (_ssl.c:2427)', which the sender printed as it came. It is now the pipe's
+    'the peer closed the connection'."""
+    import socket
+
+    from btrdelta import trust
+    from btrdelta.update.channels import SocketChannel, tls_client, tls_server
+
+    server_key, client_key = trust.generate_key(), trust.generate_key()
+    lsock = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def serve() -> None:
+        sock, _ = lsock.accept()
+        if tls:
+            ch, _ = tls_server(sock, server_key, [client_key.public_key()], "sender")
+            sock = ch.sock
+        accepted.append(sock)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    sock = socket.create_connection(lsock.getsockname())
+    ch = tls_client(sock, client_key, server_key.public_key(), "receiver") if tls else \
+        SocketChannel(sock, "receiver")
+    t.join()
+    lsock.close()
+    # the kernel closes a killed process's socket: unread bytes make it a reset
+    accepted[0].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    accepted[0].close()
+
+    def flood() -> None:
+        for _ in range(1000):
+            ch.write(b"x" * 65536)
+            ch.writev([memoryview(b"y" * 65536)])
+
+    try:
+        with pytest.raises(PeerClosed, match=r"^receiver: the peer closed the connection$"):
+            flood()
+    finally:
+        ch.close()

@@ -347,27 +347,21 @@ class SocketChannel:
     def read(self, n: int) -> bytes:
         try:
             return self.sock.recv(n)
-        except TimeoutError as exc:
-            raise TransportError(f"{self.name}: the peer went silent (timeout)") from exc
         except OSError as exc:
-            raise TransportError(f"{self.name}: read failed: {exc}") from exc
+            raise self._failed("read", exc) from exc
 
     def readinto(self, buf: Any) -> int:
         """Read into ``buf`` (some bytes, 0 at the end)."""
         try:
             return self.sock.recv_into(buf)
-        except TimeoutError as exc:
-            raise TransportError(f"{self.name}: the peer went silent (timeout)") from exc
         except OSError as exc:
-            raise TransportError(f"{self.name}: read failed: {exc}") from exc
+            raise self._failed("read", exc) from exc
 
     def write(self, data: bytes) -> None:
         try:
             self.sock.sendall(data)
-        except TimeoutError as exc:
-            raise TransportError(f"{self.name}: the peer went silent (timeout)") from exc
         except OSError as exc:
-            raise TransportError(f"{self.name}: write failed: {exc}") from exc
+            raise self._failed("write", exc) from exc
 
     def writev(self, buffers: Sequence[Any]) -> None:
         """Send ``buffers`` in order (gathered by the kernel on a plain socket; TLS
@@ -377,10 +371,20 @@ class SocketChannel:
             return
         try:
             _writev_all(self.sock.sendmsg, buffers)
-        except TimeoutError as exc:
-            raise TransportError(f"{self.name}: the peer went silent (timeout)") from exc
         except OSError as exc:
-            raise TransportError(f"{self.name}: write failed: {exc}") from exc
+            raise self._failed("write", exc) from exc
+
+    def _failed(self, what: str, exc: OSError) -> TransportError:
+        """The error of a failed read or write: a peer that exited or was killed (the
+        kernel resets its connection; TLS sees the stream end without its close) closed
+        the connection, as on a pipe, rather than 'EOF occurred in violation of protocol'."""
+        import ssl
+
+        if isinstance(exc, TimeoutError):
+            return TransportError(f"{self.name}: the peer went silent (timeout)")
+        if isinstance(exc, (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError)):
+            return PeerClosed(f"{self.name}: the peer closed the connection")
+        return TransportError(f"{self.name}: {what} failed: {exc}")
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
