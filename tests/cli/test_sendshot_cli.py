@@ -124,14 +124,22 @@ def test_list_show_delete_prune(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert deleted == {"deleted": [mine[1]["id"]]}
     assert len(_records(store)) == 2
 
-    # mistakes: one line, the error's exit code
-    for args, code in ((["prune"], 1), (["prune", "--grid", "1x:3"], 1),
+    # mistakes: one line, the error's exit code; a rule missing or not understood is a
+    # usage error (it was exit 1, and an empty --grid or a negative --keep was taken)
+    for args, code in ((["prune"], 2), (["prune", "--grid", "1x:3"], 2),
+                       (["prune", "--grid", ""], 2), (["prune", "--keep", "-1"], 2),
                        (["show", "0000"], 6)):
         capsys.readouterr()
-        assert main(["sendshot", "--store", str(store), *args]) == code, args
+        try:
+            rc = main(["sendshot", "--store", str(store), *args])
+        except SystemExit as exc:  # argparse's
+            rc = exc.code
+        assert rc == code, args
         err = capsys.readouterr().err
-        assert err.startswith("btrdelta sendshot: error: ")
+        assert err.startswith(("btrdelta sendshot: error: ",
+                               "btrdelta sendshot prune: error: argument --")), err
         assert err.count("\n") == 1
+    assert len(_records(store)) == 2
 
 
 def test_show_and_delete_speak_to_a_person_without_json(

@@ -9,9 +9,9 @@ import shlex
 import time
 from typing import Any
 
-from ..errors import BtrdeltaError
+from ..errors import BtrdeltaError, UsageError
 from ..send.store import DEFAULT_STORE, SendshotStore, StoredSendshot, parse_grid
-from ._common import examples, human_bytes
+from ._common import examples, human_bytes, positive_int
 from .progress import Phases, add_progress_options, add_quiet_option, progress_wanted
 
 _EPILOG = """\
@@ -22,6 +22,14 @@ examples:
   btrdelta sendshot prune --keep 3                      # or --grid 1h:24,1d:7,1w:4
   btrdelta sendshot create /mnt/recv/data.20240101      # adopt a tree a receiver holds
 """
+
+
+def _grid(text: str) -> list[tuple[int, int]]:
+    """An argparse type: a retention grid (``parse_grid``), a usage error if it is not."""
+    try:
+        return parse_grid(text)
+    except BtrdeltaError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -79,9 +87,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                                         "an hour).",
                             epilog=examples("btrdelta sendshot prune --keep 3",
                                             "btrdelta sendshot prune --grid 1h:24,1d:7,1w:4 -n"))
-    prune.add_argument("--keep", type=int, metavar="N", help="keep the newest N per source")
-    prune.add_argument("--grid", metavar="GRID",
-                       help="keep the newest in each interval: e.g. 1h:24,1d:7,1w:4")
+    prune.add_argument("--keep", type=positive_int, metavar="N",
+                       help="keep the newest N per source")
+    prune.add_argument("--grid", type=_grid, metavar="GRID",
+                       help="keep the newest in each of the last COUNT intervals of each "
+                       "LENGTH, counted back from now: LENGTHUNIT:COUNT,... with the units "
+                       "m (minutes), h, d, w, y; e.g. 1h:24,1d:7,1w:4")
     prune.add_argument("-n", "--dry-run", action="store_true", help="only say what would go")
     add_quiet_option(prune)
     _add_create(cmds)
@@ -187,9 +198,8 @@ def run(args: argparse.Namespace) -> int:
         out = {"deleted": done}
     elif args.action == "prune":
         if args.keep is None and args.grid is None:
-            raise BtrdeltaError("prune needs --keep N or --grid GRID")
-        grid = parse_grid(args.grid) if args.grid else None
-        gone = store.prune(keep=args.keep, grid=grid, dry_run=args.dry_run)
+            raise UsageError("prune needs --keep N or --grid GRID")
+        gone = store.prune(keep=args.keep, grid=args.grid, dry_run=args.dry_run)
         stale = store.leftovers(remove=not args.dry_run)
         out = {"deleted": [s.digest for s in gone], "dry_run": args.dry_run,
                "leftovers": stale}
