@@ -19,6 +19,7 @@ import pytest
 from btrdelta import device
 from btrdelta.device.boot import select_root
 from btrdelta.device.layout import Layout
+from btrdelta.device.state import load_state, save_state
 from btrdelta.tree import tree_sum
 from tests.conftest import btrfs_loop
 
@@ -438,3 +439,23 @@ def test_a_killed_command_leaves_no_private_mount(small_release: Release, tmp_pa
                 subprocess.run(["umount", str(leftover)], check=False)
     assert os.listdir(tmp) == []
     assert _losetup(img, settle=0) == []
+
+
+def test_status_says_what_a_cut_operation_was(btrfs_dev: Path, small_release: Release) -> None:
+    """An install cut by a power cut after its commit point (a manual cut in the VM, session
+    17): status printed the state file's record as Python, ``pending: {'op': 'install',
+    'slot': 'b', 'started': 1796503670.179}``, and nothing of what it means."""
+    btrdelta("device", "init", btrfs_dev, "--factory", small_release.old, "-q")
+    layout = Layout(btrfs_dev)
+    st = load_state(layout)
+    st.pending = {"op": "install", "slot": "b", "started": 1796503670.179}
+    save_state(layout, st)
+    out = btrdelta("device", "status", btrfs_dev).stdout.splitlines()
+    assert out[-1] == ("pending: install (slot b, started 2026-12-05 20:47:50 UTC) was cut "
+                       "short: the next install, mark-good, mark-bad, rollback, factory-reset, "
+                       "backup or restore finishes or undoes it"), out
+    assert json.loads(btrdelta("device", "status", btrfs_dev, "--json").stdout)["pending"] \
+        == st.pending
+    btrdelta("device", "mark-good", btrfs_dev, "--slot", "a", "-q")  # recovers first
+    assert not any(line.startswith("pending") for line in
+                   btrdelta("device", "status", btrfs_dev).stdout.splitlines())

@@ -291,7 +291,22 @@ def _print_status(st: dict[str, Any], as_json: bool) -> None:
         print(f"  state/{s['name']:6} {s['mode']:8} {s['path']}"
               f"{'' if s['present'] else ' (missing)'}")
     if st["pending"]:
-        print(f"pending: {st['pending']}")
+        print(_pending_text(st["pending"]))
+
+
+def _pending_text(pending: dict[str, Any]) -> str:
+    """The state file's unfinished operation, said to a person (it was the Python repr of
+    the record: ``pending: {'op': 'install', 'slot': 'b', 'started': 1796503670.179}``)."""
+    import time
+
+    op = str(pending.get("op", "?"))
+    what = [f"{k} {v}" for k, v in pending.items() if k not in ("op", "started")]
+    if isinstance(pending.get("started"), (int, float)):
+        what.append("started " + time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                               time.gmtime(pending["started"])))
+    return (f"pending: {op}{' (' + ', '.join(what) + ')' if what else ''} was cut short: "
+            "the next install, mark-good, mark-bad, rollback, factory-reset, backup or "
+            "restore finishes or undoes it")
 
 
 def run_init(args: argparse.Namespace) -> int:
