@@ -283,6 +283,13 @@ def test_user_mistakes_are_one_line_errors(
     assert "1 damaged" in _one_line_error(capsys, 5, ["image", "verify", f"{store}/v1"])
     first.unlink()
     assert "1 chunk(s) missing" in _one_line_error(capsys, 6, ["image", "verify", f"{store}/v1"])
+    # no target, or --castr for a btrdelta archive: usage errors (they were exit 1)
+    err = _one_line_error(capsys, 2, ["image", "clone", str(images.arc1)])
+    assert "nothing to clone into" in err
+    err = _one_line_error(capsys, 2, ["image", "clone", str(images.arc1), "--output",
+                                      str(tmp_path / "c.img"), "--castr", str(tmp_path)])
+    assert "--castr is for casync indexes" in err
+    assert not (tmp_path / "c.img").exists()
     # a target without STORE/: the working directory was made a chunk store (chunks/,
     # .lock, .sources and the image's description next to the user's files)
     monkeypatch.chdir(tmp_path / "work")

@@ -119,8 +119,17 @@ def test_cli_clone_and_info_of_a_caibx(
     info = json.loads(capsys.readouterr().out)
     assert info["image_size"] == image_pair.img1.stat().st_size
     assert info["chunker"] == {"name": "buzhash", "min": 4096, "avg": 16384, "max": 65536}
-    assert main(["image", "clone", str(casync_pair / "v1.caibx"), f"{tmp_path}/s/v1"]) == 1
+    # options a casync index cannot take are usage errors (exit 2; they were 1)
+    assert main(["image", "clone", str(casync_pair / "v1.caibx"), f"{tmp_path}/s/v1"]) == 2
     assert "--output only" in capsys.readouterr().err
+    from btrdelta import trust
+
+    trust.save_key_pair(trust.generate_key(), str(tmp_path / "k.pem"), str(tmp_path / "k.pub"))
+    assert main(["image", "clone", str(casync_pair / "v1.caibx"), "--output",
+                 str(tmp_path / "k.img"), "--key", str(tmp_path / "k.pub")]) == 2
+    assert "casync indexes are not signed" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+    assert not (tmp_path / "k.img").exists()
 
 
 def test_cli_clone_of_a_caibx_whose_store_is_not_the_default(

@@ -140,7 +140,7 @@ def open_image(
                          description, header.archive_size, len(description), header)
     if _is_casync(location):
         if public_key is not None:
-            raise BtrdeltaError("casync indexes are not signed: --key applies to btrdelta "
+            raise UsageError("casync indexes are not signed: --key applies to btrdelta "
                                 "archives only", source=location)
         caibx, stats = read_caibx(location, config)
         chunks = CastrChunks(caibx, list(castr) or [default_store(location)], config=config,
@@ -148,7 +148,7 @@ def open_image(
         return OpenImage("casync", location, caibx, caibx.chunking(), chunks, None, None, 0,
                          stats.bytes_received, closers=[chunks.close])
     if castr:
-        raise BtrdeltaError("--castr is for casync indexes (.caibx)", source=location)
+        raise UsageError("--castr is for casync indexes (.caibx)", source=location)
     source = open_source(location, config)
     try:
         header, index, description = read_index(source, public_key=public_key)
@@ -317,7 +317,7 @@ def clone_image(
         TransportError: the source could not be fetched.
     """
     if target is None and output is None:
-        raise BtrdeltaError("nothing to clone into: give STORE/NAME, --output, or both")
+        raise UsageError("nothing to clone into: give STORE/NAME, --output, or both")
     store, name = None, ""
     if target is not None:
         if not os.path.dirname(target.rstrip("/")):  # (the working directory made a store)
@@ -339,7 +339,7 @@ def clone_image(
                                  config=config)
     try:
         if store is not None and image.description is None:
-            raise BtrdeltaError("a casync index is cloned to --output only (its chunk store "
+            raise UsageError("a casync index is cloned to --output only (its chunk store "
                                 "is the .castr)", source=image.location)
         lock: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
         if store is not None and (not dry_run or os.path.isdir(store.root)):
