@@ -280,9 +280,13 @@ def test_user_mistakes_are_one_line_errors(
     first = store / "chunks" / index.digests[0].hex()[:2] / index.digests[0].hex()
     first.chmod(0o644)
     first.write_bytes(b"")
-    assert "1 damaged" in _one_line_error(capsys, 5, ["image", "verify", f"{store}/v1"])
+    # the image named as `verify` names it when it is OK ("path 'STORE/v1'" was a stream's)
+    err = _one_line_error(capsys, 5, ["image", "verify", f"{store}/v1"])
+    assert err.startswith(f"btrdelta image verify: error: {store}/v1: 0 chunk(s) missing, "
+                          "1 damaged"), err
     first.unlink()
-    assert "1 chunk(s) missing" in _one_line_error(capsys, 6, ["image", "verify", f"{store}/v1"])
+    err = _one_line_error(capsys, 6, ["image", "verify", f"{store}/v1"])
+    assert err.startswith(f"btrdelta image verify: error: {store}/v1: 1 chunk(s) missing"), err
     # no target, or --castr for a btrdelta archive: usage errors (they were exit 1)
     err = _one_line_error(capsys, 2, ["image", "clone", str(images.arc1)])
     assert "nothing to clone into" in err

@@ -490,8 +490,8 @@ def _verify_error(target: str, report: VerifyReport, fix: RepairReport | None) -
     else:
         hint = f"; still missing after fetching from {fix.source}"
     if report.missing:
-        return MissingBaseError(what + hint, path=target)
-    return ChecksumError(what + hint, path=target)
+        return MissingBaseError(what + hint, source=target)
+    return ChecksumError(what + hint, source=target)
 
 
 def run_gc(args: argparse.Namespace) -> int:
