@@ -152,3 +152,34 @@ def test_serve_says_where_clients_find_it(tmp_path: Path) -> None:
             proc.wait()
     assert proc.returncode == 0
     assert rest.strip().splitlines()[-1] == "stopped: 1 request, 5 bytes served"
+
+
+def test_a_repository_page_opens_in_a_browser(tmp_path: Path) -> None:
+    """docs/repository.md: serve the directory and open .../app/index.html in a browser. It
+    came as application/octet-stream, which a browser downloads instead of showing; and the
+    repository's own URL (.../app/) was a 404."""
+    (tmp_path / "app").mkdir()
+    page = b"<!DOCTYPE html><title>r</title>"
+    (tmp_path / "app" / "index.html").write_bytes(page)
+    (tmp_path / "app" / "timestamp.json").write_bytes(b"{}")
+    (tmp_path / "app" / "x.pack").write_bytes(b"\0" * 10)
+    srv = StaticServer(tmp_path, log=lambda line: None)
+    with srv.running():
+        host, port = srv.server_address[:2]
+        c = http.client.HTTPConnection(str(host), int(port), timeout=10)
+        try:
+            for path, headers, want_type, want in (
+                ("/app/index.html", {}, "text/html; charset=utf-8", page),
+                ("/app/", {}, "text/html; charset=utf-8", page),
+                ("/app/timestamp.json", {}, "application/json", b"{}"),
+                ("/app/x.pack", {"Range": "bytes=0-1"}, "application/octet-stream", b"\0\0"),
+            ):
+                c.request("GET", path, headers=headers)
+                resp = c.getresponse()
+                assert (resp.getheader("Content-Type"), resp.read()) == (want_type, want), path
+            c.request("GET", "/app")  # no directory listing, no index without the slash
+            resp = c.getresponse()
+            resp.read()
+            assert resp.status == 404
+        finally:
+            c.close()

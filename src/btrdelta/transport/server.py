@@ -4,10 +4,13 @@ It serves the regular files below one directory (never outside it: ``..``, NUL a
 leaving the root are refused), answers ``Range`` with 206 (one range) or
 ``multipart/byteranges`` (several; overlapping or nearly adjacent ranges are coalesced, so a
 reply is never longer than the file), 416 when nothing is satisfiable, and logs one line per
-request with the body bytes sent. Data go out with ``sendfile`` on ``TCP_NODELAY`` sockets
-(no Nagle stall between headers and body on kept-alive connections); a connection idle for
-``idle_timeout`` seconds is closed; an unexpected error in a handler is one log line, never
-a traceback. Production deployments use any web server or CDN.
+request with the body bytes sent. ``.html`` (a repository's page, also served for its
+directory's URL ending in ``/``), ``.json``, ``.svg`` and ``.txt`` files carry their types,
+so a browser shows them; the rest is ``application/octet-stream``. Data go out with
+``sendfile`` on ``TCP_NODELAY`` sockets (no Nagle stall between headers and body on
+kept-alive connections); a connection idle for ``idle_timeout`` seconds is closed; an
+unexpected error in a handler is one log line, never a traceback. Production deployments
+use any web server or CDN.
 """
 
 from __future__ import annotations
@@ -28,6 +31,15 @@ from .listen import ListenAddress, bind_listener
 from .plan import coalesce_ranges, parse_range_header
 
 __all__ = ["StaticServer", "StaticRequestHandler"]
+
+#: the types a browser must know to show a file (a repository's index.html was offered as
+#: a download); everything else is bytes
+_TYPES = {".html": "text/html; charset=utf-8", ".json": "application/json",
+          ".svg": "image/svg+xml", ".txt": "text/plain; charset=utf-8"}
+
+
+def _content_type(name: object) -> str:
+    return _TYPES.get(os.path.splitext(str(name))[1].lower(), "application/octet-stream")
 
 
 class StaticRequestHandler(BaseHTTPRequestHandler):
@@ -61,6 +73,8 @@ class StaticRequestHandler(BaseHTTPRequestHandler):
         full = os.path.realpath(os.path.join(self.server.root, path.lstrip("/")))
         if os.path.commonpath([full, self.server.root]) != self.server.root:
             return None
+        if path.endswith("/") and os.path.isdir(full):  # a repository's page, as nginx does
+            full = os.path.join(full, "index.html")
         return full if os.path.isfile(full) else None
 
     def do_HEAD(self) -> None:
@@ -102,7 +116,7 @@ class StaticRequestHandler(BaseHTTPRequestHandler):
 
     def _send_whole(self, f: BinaryIO, size: int, body: bool) -> None:
         self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Type", _content_type(f.name))
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Length", str(size))
         self.end_headers()
@@ -111,7 +125,7 @@ class StaticRequestHandler(BaseHTTPRequestHandler):
     def _send_one(self, f: BinaryIO, size: int, rng: tuple[int, int], body: bool) -> None:
         start, end = rng
         self.send_response(HTTPStatus.PARTIAL_CONTENT)
-        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Type", _content_type(f.name))
         self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
         self.send_header("Content-Length", str(end - start))
         self.end_headers()
