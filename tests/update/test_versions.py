@@ -403,6 +403,11 @@ def test_a_failing_mirror_is_replaced_by_the_next(
         rc, _out, err = _update(url, dest, pub, "--mirror", server.url, "--json", capsys=capsys)
         assert rc == 0, err
         assert tree_sum(dest / "v9") == tree_sum(releases[8])
+        # the failure is said (it was silent: a broken mirror went unnoticed)
+        moved = [line for line in err.splitlines() if "the next mirror" in line]
+        assert len(moved) == 1, err
+        assert moved[0].startswith(f"btrdelta update: {url}/"), moved
+        assert moved[0].endswith(f"; the next mirror, {server.url}, served it"), moved
         # every mirror failing is exit 7 (transport) naming each mirror
         if fault in ("404", "refused"):
             shutil.rmtree(dest / "v9")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -116,6 +117,7 @@ class Mirrors:
         self.stats = FetchStats()
         self._failed: list[str] = []
         self._lock = threading.Lock()
+        self._nested = threading.local()  # in an attempt of :meth:`each` (this thread)
 
     @property
     def client(self) -> httpx.Client:
@@ -139,6 +141,11 @@ class Mirrors:
             if url not in self._failed:
                 self._failed.append(url)
 
+    def _say(self, line: str) -> None:
+        # one write, as the HTTP retries' lines (threads fetching at once)
+        sys.stderr.write(f"{self.config.who}: {line}\n")
+        sys.stderr.flush()
+
     def _count(self, n: int) -> None:
         with self._lock:
             self.stats.bytes_received += n
@@ -160,8 +167,11 @@ class Mirrors:
             problems.append(f"{url}: {why.removeprefix(f'{path}: ')}")  # the file once, first
             where.append((at or f"{url}/{path}", why))
 
-        for url in self.order():
+        order = self.order()
+        outer = not getattr(self._nested, "on", False)  # (an attempt may fetch: the index)
+        for url in order:
             try:
+                self._nested.on = True
                 result = attempt(url)
             except (ChecksumError, StreamFormatError, _WrongBytes) as exc:
                 wrong = wrong or exc
@@ -171,12 +181,20 @@ class Mirrors:
             except httpx.HTTPError as exc:
                 failed(url, f"{type(exc).__name__}: {exc}")
             else:
+                # the mirrors that failed before it are said, as a retry is (a broken
+                # mirror went unnoticed); not a file that no mirror has (the next root),
+                # nor a file fetched inside an attempt (its outcome is the attempt's)
+                for mirror, (at, why) in zip(order, where if outer else [], strict=False):
+                    at, why = _where(mirror, at, why)
+                    self._say(f"{at}: {why}; the next mirror, {url}, served it")
                 # it serves: first again (a file no mirror has, such as the next root of
                 # a chain that did not rotate, marks every one failed)
                 with self._lock:
                     if url in self._failed:
                         self._failed.remove(url)
                 return result
+            finally:
+                self._nested.on = not outer
             self._mark_failed(url)
         if len(self.urls) == 1:  # one mirror: its error alone, where it was
             source, text = _where(self.urls[0], *where[0])
