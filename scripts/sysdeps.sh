@@ -26,12 +26,13 @@ libs=$(/sbin/ldconfig -p)
 for lib in libfuse.so.2:libfuse2 libfuse3.so.3:libfuse3-3; do
   [[ $libs == *"${lib%%:*} "* ]] || missing+=("${lib#*:}")
 done
-# python3-venv is needed to make the venv on Debian's own python
-if ! python3 -c 'import ensurepip' >/dev/null 2>&1; then missing+=(python3-venv); fi
+# python3-venv is needed to make the venv on Debian's own python (the Makefile's PY)
+PY=${PY:-python3}
+if ! "$PY" -c 'import ensurepip' >/dev/null 2>&1; then missing+=(python3-venv); fi
 # the optional C accelerator (btrdelta.stream._speedups) needs a compiler and Python.h;
 # python3-dev only helps Debian's own python (headers under /usr/include)
 command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || missing+=(gcc)
-pyinc=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>/dev/null || true)
+pyinc=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>/dev/null || true)
 if [ -n "$pyinc" ] && [ ! -f "$pyinc/Python.h" ]; then
   case "$pyinc" in /usr/include/*) missing+=(python3-dev) ;; esac
 fi
