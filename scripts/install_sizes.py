@@ -32,6 +32,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from btrdelta.testing.tarballs import extract_tar
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
 PROFILES = {"core": "", "make": "[make]", "hdiff": "[hdiff]", "image": "[image]",
@@ -126,8 +128,7 @@ def smoke(venvs: dict[str, Path], work: Path) -> list[str]:
         failures.append(f"core receive: tree-sum {sums[0]!r} != dev venv's {sums[1]!r}")
     manifest = json.loads((DATA / "deltas" / "MANIFEST.json").read_text())
     old = work / "old"
-    with tarfile.open(DATA / "deltas" / manifest["old"]) as tar:
-        tar.extractall(old, filter="tar")
+    extract_tar(DATA / "deltas" / manifest["old"], old)
     entry = manifest["deltas"][0]
     delta = DATA / "deltas" / entry["file"]
     bad = _one_line_exit_10(_cli(core, "delta", "expand", "-f", delta, "--old", old, "-o",

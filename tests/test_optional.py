@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 
 from btrdelta._optional import EXTRAS, OPTIONAL
 from btrdelta.errors import MissingDependencyError
+from btrdelta.testing.tarballs import extract_tar
 from tests.conftest import DATA, committed_streams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,8 +226,7 @@ def test_an_hdiff_delta_needs_the_hdiff_extra(without: Callable[..., Runner],
     entry = manifest["deltas"][0]
     assert "hdiff" in entry["files_by_codec"]
     old = tmp_path / "old"
-    with tarfile.open(DATA / "deltas" / manifest["old"]) as tar:
-        tar.extractall(old, filter="tar")
+    extract_tar(DATA / "deltas" / manifest["old"], old)
     args = ("delta", "expand", "-q", "-f", DATA / "deltas" / entry["file"], "--old", old,
             "-o", tmp_path / "x.stream")
     proc = without("hdiffpatch")(*args)

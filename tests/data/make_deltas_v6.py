@@ -14,11 +14,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import tarfile
 import tempfile
 from pathlib import Path
 
 from btrdelta.delta import MakeOptions, expand_to, make_delta, open_delta
+from btrdelta.testing.tarballs import extract_tar
 
 OUT = Path(__file__).parent / "deltas"
 
@@ -28,8 +28,7 @@ def main() -> None:
     have = {e["file"] for e in manifest["deltas"]}
     with tempfile.TemporaryDirectory() as tmp:
         old = Path(tmp)
-        with tarfile.open(OUT / manifest["old"]) as tar:
-            tar.extractall(old, filter="tar")
+        extract_tar(OUT / manifest["old"], old)
         for entry in list(manifest["deltas"]):
             if entry.get("format", 4) != 4 or entry["level"] == 0:
                 continue

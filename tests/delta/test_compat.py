@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from btrdelta.delta import expand_events, expand_to, open_delta
 from btrdelta.errors import StreamFormatError, UnsupportedVersionError
 from btrdelta.stream import StreamReader
 from btrdelta.stream.records import Record
+from btrdelta.testing.tarballs import extract_tar
 from tests.conftest import DATA
 
 DELTAS = DATA / "deltas"
@@ -35,8 +35,7 @@ MANIFEST: dict[str, Any] = json.loads((DELTAS / "MANIFEST.json").read_text())
 @pytest.fixture(scope="module")
 def old_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("frozen-old")
-    with tarfile.open(DELTAS / MANIFEST["old"]) as tar:
-        tar.extractall(root, filter="tar")
+    extract_tar(DELTAS / MANIFEST["old"], root)
     return root
 
 

@@ -2,4 +2,4 @@
 
 from __future__ import annotations
 
-__all__ = ["loopfs", "scenarios", "vm", "wheels"]  # modules
+__all__ = ["loopfs", "scenarios", "tarballs", "vm", "wheels"]  # modules
