@@ -1,9 +1,10 @@
 # btrdelta: `make demo` and `make test` do all set-up on a fresh Debian machine (as root).
-#: the venv's interpreter: the distribution's python3 where it is 3.11 or newer (Debian's is
-#: built with PGO and LTO: a short command such as a small send takes ~10 % less CPU than
-#: on a plain source build, e.g. pyenv's, which a PATH may put first), else python3 on PATH;
-#: `make PY=...` chooses another (a venv that exists is kept: `make clean` first)
-PY      ?= $(shell /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+#: the venv's interpreter: the distribution's python3 where it is 3.11.2 or newer (Debian's is
+#: built with PGO and LTO: a small in-place send takes 9-15 % less CPU than on a plain
+#: source build such as pyenv's, which a PATH may put first; docs/performance.md), else
+#: python3 on PATH; `make PY=...` chooses another (a venv that exists is kept whatever made
+#: it: `make clean` first)
+PY      ?= $(shell /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info < (3, 11, 2))' \
              2>/dev/null && echo /usr/bin/python3 || echo python3)
 VENV    := .venv
 BIN     := $(VENV)/bin
