@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
+from itertools import compress
 from uuid import UUID
 
 from ..fs.btrfs import dir_path, get_fileattr
@@ -351,7 +353,13 @@ class _Delta:
         if not wanted:
             return []
         digests = cols.digests
-        at = {digests[48 * k:48 * k + 16]: k for k in range(len(cols.file_rows))}
+        # the files whose XXH3 digest starts as a wanted one's (its first 8 bytes as an
+        # integer, compared in a C loop: no slice of every file's digest), then by the
+        # whole digest, the last such file for each (as a mapping of every file's would)
+        firsts = {int.from_bytes(n.digest[:8], sys.byteorder) for n in wanted}
+        near = compress(range(len(cols.file_rows)),
+                        map(firsts.__contains__, memoryview(digests).cast("Q")[::6]))
+        at = {digests[48 * k:48 * k + 16]: k for k in near}
         out: list[int] = []
         for node in wanted:
             k = at.get(node.digest)
