@@ -206,11 +206,30 @@ def write_record(
     digest = blake3.blake3(header)
     comp = zstd.ZstdCompressor(level=level).compressobj(size=sum(map(len, pieces)))
     write(header)
-    for piece in pieces:  # (the compressor buffers up to a block)
-        digest.update(piece)
-        out = comp.compress(piece)
+
+    def put(data: memoryview | bytes) -> None:
+        digest.update(data)
+        out = comp.compress(data)
         if out:
             write(out)
+
+    # the pieces (a frame's header, a TLV's header, up to 64 KiB of a column) are hashed
+    # and compressed _COALESCE bytes at a time: a record written by a thread beside a
+    # stream being sent made ~120 calls, each waiting for the GIL
+    buf = memoryview(bytearray(_COALESCE))
+    n = 0
+    for piece in pieces:
+        size = len(piece)
+        if n and n + size > _COALESCE:
+            put(buf[:n])
+            n = 0
+        if size > _COALESCE - n:
+            put(piece)
+        else:
+            buf[n:n + size] = piece
+            n += size
+    if n:
+        put(buf[:n])
     write(comp.flush())
     return digest.hexdigest(), count
 
@@ -245,6 +264,8 @@ PER_INODE = ((C_INO, "Q"), (C_GEN, "Q"), (C_TRANSID, "Q"), (C_MODE, "I"), (C_UID
 #: a record whose zstd frame declares more than this many times its compressed size is
 #: decoded as a stream (a size that cannot be true is not allocated up front)
 _MAX_RATIO = 1024
+#: bytes of a record hashed and compressed at a time (:func:`write_record`)
+_COALESCE = 256 << 10
 
 _FRAMING = Framing(
     eof="truncated sendshot record (no END record)",
