@@ -129,6 +129,11 @@ def _link_unnamed(fd: int, dir_fd: int, name: str) -> None:
     os.link(f"{_PROC_FD}/{fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
 
 
+#: the output's buffer: a stream's pieces (a record's header, then its data) are
+#: written 256 KiB at a time, not each by a system call
+_BUFFER = 256 << 10
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str], *, mode: int = 0o644,
                   durable: bool = True) -> Iterator[BinaryIO]:
@@ -165,7 +170,7 @@ def atomic_output(path: str | os.PathLike[str], *, mode: int = 0o644,
         fd = _open_unnamed(dir_fd, mode)
         if fd is None:
             fd, tmp = _open_new(dir_fd, base, mode)
-        with os.fdopen(fd, "w+b") as f:
+        with os.fdopen(fd, "w+b", buffering=_BUFFER) as f:
             yield f
             f.flush()
             if tmp is None:
