@@ -55,7 +55,7 @@ def test_send_json_imports_neither_json_nor_re(tmp_path: Path) -> None:
         "import sys\nfrom btrdelta.cli import main\n"
         f"code = main(['send', {str(src)!r}, '-o', {str(out)!r}, '--json', '--record', "
         f"'--store', {str(tmp_path / 'store')!r}])\n"
-        "print(code, sorted(m for m in ('json', 're', 'argparse') if m in sys.modules))"
+        "print(code, sorted(m for m in ('json', '_json', 're', 'argparse') if m in sys.modules))"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           check=False, timeout=120)
