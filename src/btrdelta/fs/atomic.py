@@ -129,9 +129,10 @@ def _link_unnamed(fd: int, dir_fd: int, name: str) -> None:
     os.link(f"{_PROC_FD}/{fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
 
 
-#: the output's buffer: a stream's pieces (a record's header, then its data) are
-#: written 256 KiB at a time, not each by a system call
-_BUFFER = 256 << 10
+#: the output's buffer: a stream's pieces (a record's header, then its data) are written
+#: ~120 KiB at a time, not each by a system call (below glibc's 128 KiB mmap threshold:
+#: heap memory, not pages mapped and faulted in afresh for each output)
+_BUFFER = 120 << 10
 
 
 @contextlib.contextmanager

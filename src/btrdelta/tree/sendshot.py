@@ -264,8 +264,9 @@ PER_INODE = ((C_INO, "Q"), (C_GEN, "Q"), (C_TRANSID, "Q"), (C_MODE, "I"), (C_UID
 #: a record whose zstd frame declares more than this many times its compressed size is
 #: decoded as a stream (a size that cannot be true is not allocated up front)
 _MAX_RATIO = 1024
-#: bytes of a record hashed and compressed at a time (:func:`write_record`)
-_COALESCE = 256 << 10
+#: bytes of a record hashed and compressed at a time (:func:`write_record`; below glibc's
+#: 128 KiB mmap threshold)
+_COALESCE = 120 << 10
 
 _FRAMING = Framing(
     eof="truncated sendshot record (no END record)",
