@@ -409,15 +409,15 @@ def test_a_resume_trusts_the_record_counter_only_while_it_lasts(
     after them. When that counter is gone without a restart (``/dev/shm`` emptied by hand),
     the applied records cannot be counted and the transfer starts again from its first
     byte, never resumed on a wrong count; either way DEST ends with the source's tree."""
-    from btrdelta.update.partial import COUNTER_PREFIX, SHM
+    from btrdelta.update.partial import COUNTER_PREFIX, PARTIAL_DIR, SHM
 
     src, dest, store, old_sum = _round_one(tmp_path)
-    before = set(os.listdir(SHM))
     _receiver_killed_at(src, dest, store, monkeypatch, "meta.json:3:after")
-    counters = [n for n in set(os.listdir(SHM)) - before if n.startswith(COUNTER_PREFIX)]
-    assert len(counters) == 1, counters
+    st = os.stat(dest / PARTIAL_DIR)  # (the counter of this DEST's transfer, not another's)
+    counter = os.path.join(SHM, f"{COUNTER_PREFIX}{st.st_dev:x}-{st.st_ino:x}")
+    assert os.path.exists(counter)
     if lost:
-        os.unlink(os.path.join(SHM, counters[0]))
+        os.unlink(counter)
     res = _completes(src, dest, store, old_sum)
     resumed = res.resumed_from  # type: ignore[attr-defined]
     assert (resumed == 0) if lost else (resumed > SEG // 2), res
