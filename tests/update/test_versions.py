@@ -757,6 +757,8 @@ def test_a_root_key_that_did_not_sign_the_index_is_refused(
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
     assert "did not sign index 1" in err, err
+    # the file named as a file ("path 'www/index/1.json'" was the form of a stream's path)
+    assert err.startswith(f"btrdelta repo sign: error: {www}/index/1.json: this root key"), err
     assert main(["repo", "sign", str(www), "--key", str(pub.with_suffix(".pem")),
                  "--previous-key", str(ts)]) == 1
     assert "--previous-key did not sign index 1" in capsys.readouterr().err

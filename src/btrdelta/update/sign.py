@@ -67,28 +67,28 @@ def _rotate_or_check(repo: Repo, rkey: trust.PrivateKey, previous_key: str | Non
         if latest is not None and trust.public_key_text(rkey) not in latest.keys:
             raise BtrdeltaError(f"this root key is not one of root version {current}'s "
                                 "(it was rotated out: sign with the newest root key)",
-                                path=str(repo.root / "root" / f"{current}.json"))
+                                source=str(repo.root / "root" / f"{current}.json"))
         if first and trust.key_id(rkey) not in first:
             raise BtrdeltaError(
                 f"this root key ({trust.key_id(rkey)[:16]}) did not sign index "
                 f"{index_version} ({', '.join(k[:16] for k in sorted(first))}): devices "
                 "that pinned that key would refuse every new index; sign with it, or "
                 "rotate to this key with --previous-key",
-                path=str(repo.root / "index" / f"{index_version}.json"))
+                source=str(repo.root / "index" / f"{index_version}.json"))
         return current
     prev = trust.load_private_key(previous_key)
     if latest is not None and trust.public_key_text(prev) not in latest.keys:
         raise BtrdeltaError(f"--previous-key is not a key of root version {current}",
-                            path=str(repo.root / "root" / f"{current}.json"))
+                            source=str(repo.root / "root" / f"{current}.json"))
     if first and trust.key_id(prev) not in first:
         raise BtrdeltaError(f"--previous-key did not sign index {index_version}",
-                            path=str(repo.root / "index" / f"{index_version}.json"))
+                            source=str(repo.root / "index" / f"{index_version}.json"))
     if trust.key_id(prev) == trust.key_id(rkey):
         raise BtrdeltaError("--previous-key and --key are the same key: nothing to rotate")
     (repo.root / "root").mkdir(exist_ok=True)
     path = repo.root / "root" / f"{current + 1}.json"
     if path.exists():
-        raise BtrdeltaError("root version exists already", path=str(path))
+        raise BtrdeltaError("root version exists already", source=str(path))
     write_atomic(path, make_root(current + 1, [rkey], [prev]))
     return current + 1
 
@@ -163,4 +163,4 @@ def _check_listed(index_bytes: bytes, source: str, key: trust.PrivateKey) -> Non
     listed = signed.get("timestamp_keys", []) if isinstance(signed, dict) else []
     if trust.public_key_text(key) not in listed:
         raise BtrdeltaError("this timestamp key is not one the current index lists "
-                            "(sign a new index with --key to change it)", path=source)
+                            "(sign a new index with --key to change it)", source=source)
