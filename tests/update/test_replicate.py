@@ -994,10 +994,11 @@ def test_tcp_peers_must_authenticate(tmp_path: Path) -> None:
                              "server key with --peer?)") for line in lines), lines
     assert any(line.endswith("TLS handshake failed: the client does not speak TLS (a "
                              "--no-auth client?)") for line in lines), lines
+    # --no-auth off loopback is a usage mistake (exit 2; it was 1)
     nonloop = _cli("replicate", "--listen", "0.0.0.0:1", "--no-auth", dest)
-    assert nonloop.returncode == 1
+    assert nonloop.returncode == 2
     assert "only allowed on a loopback address" in nonloop.stderr
-    assert _cli("replicate", src, "tcp://10.1.2.3:9", "--no-auth").returncode == 1
+    assert _cli("replicate", src, "tcp://10.1.2.3:9", "--no-auth").returncode == 2
 
 
 def test_unauthenticated_loopback(tmp_path: Path) -> None:

@@ -24,7 +24,13 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from .. import _native
-from ..errors import BtrdeltaError, ProtocolError, SignatureError, TransportError
+from ..errors import (
+    BtrdeltaError,
+    ProtocolError,
+    SignatureError,
+    TransportError,
+    UsageError,
+)
 from ..protocol import EOF, NEED_DATA, Connection, Message, Refuse
 from ..stream.constants import CMD_HEADER_SIZE
 
@@ -409,8 +415,8 @@ def check_loopback(host: str) -> None:
     except ValueError:
         if host == "localhost":
             return
-    raise BtrdeltaError(f"unauthenticated TCP is only allowed on a loopback address, not "
-                        f"{host!r}")
+    raise UsageError(f"unauthenticated TCP is only allowed on a loopback address, not "
+                     f"{host!r}")
 
 
 def connect_tcp(host: str, port: int, *, timeout: float) -> socket.socket:
