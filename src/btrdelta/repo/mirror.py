@@ -115,7 +115,9 @@ class Mirrors:
         self.retries = self.config.retries
         self.on_bytes = on_bytes
         self.stats = FetchStats()
-        self._failed: list[str] = []
+        #: how each mirror failed last: 1 a file it lacks or serves wrong (a 404, as for the
+        #: next root that no mirror has), 2 dead or silent (refused, timed out, 5xx)
+        self._failed: dict[str, int] = {}
         self._lock = threading.Lock()
         self._nested = threading.local()  # in an attempt of :meth:`each` (this thread)
 
@@ -133,13 +135,15 @@ class Mirrors:
             self._client.close()
 
     def order(self) -> list[str]:
-        """Mirrors to try, those that failed before last."""
-        return sorted(self.urls, key=lambda u: u in self._failed)
-
-    def _mark_failed(self, url: str) -> None:
+        """Mirrors to try: those that failed before last, a dead or silent one after one
+        that only lacked a file (a silent first mirror cost each file its timeout: the
+        next root's 404 on every mirror had ranked them all alike)."""
         with self._lock:
-            if url not in self._failed:
-                self._failed.append(url)
+            return sorted(self.urls, key=lambda u: self._failed.get(u, 0))
+
+    def _mark_failed(self, url: str, dead: bool) -> None:
+        with self._lock:
+            self._failed[url] = 2 if dead else 1
 
     def _say(self, line: str) -> None:
         # one write, as the HTTP retries' lines (threads fetching at once)
@@ -169,33 +173,44 @@ class Mirrors:
 
         order = self.order()
         outer = not getattr(self._nested, "on", False)  # (an attempt may fetch: the index)
-        for url in order:
+        said: set[int] = set()  # failures said already: a mirror found dead, at once
+        for n, url in enumerate(order):
             try:
                 self._nested.on = True
                 result = attempt(url)
             except (ChecksumError, StreamFormatError, _WrongBytes) as exc:
                 wrong = wrong or exc
                 failed(url, str(exc))
+                dead = False
             except TransportError as exc:
                 failed(url, exc.message, exc.url)
+                dead = exc.status is None or exc.status >= 500
             except httpx.HTTPError as exc:
                 failed(url, f"{type(exc).__name__}: {exc}")
+                dead = True
             else:
                 # the mirrors that failed before it are said, as a retry is (a broken
                 # mirror went unnoticed); not a file that no mirror has (the next root),
                 # nor a file fetched inside an attempt (its outcome is the attempt's)
-                for mirror, (at, why) in zip(order, where if outer else [], strict=False):
-                    at, why = _where(mirror, at, why)
-                    self._say(f"{at}: {why}; the next mirror, {url}, served it")
+                for i, (mirror, (at, why)) in enumerate(zip(order, where if outer else [],
+                                                             strict=False)):
+                    if i not in said:
+                        at, why = _where(mirror, at, why)
+                        self._say(f"{at}: {why}; the next mirror, {url}, served it")
                 # it serves: first again (a file no mirror has, such as the next root of
                 # a chain that did not rotate, marks every one failed)
                 with self._lock:
-                    if url in self._failed:
-                        self._failed.remove(url)
+                    self._failed.pop(url, None)
                 return result
             finally:
                 self._nested.on = not outer
-            self._mark_failed(url)
+            if dead and n + 1 < len(order) and self._failed.get(url) != 2:
+                # dead or silent: said once, whatever the file (it is tried last from now
+                # on, and the next root's lookup, which no mirror answers, would hide it)
+                at, why = _where(url, *where[-1])
+                self._say(f"{at}: {why}; trying the next mirror, {order[n + 1]}")
+                said.add(len(where) - 1)
+            self._mark_failed(url, dead)
         if len(self.urls) == 1:  # one mirror: its error alone, where it was
             source, text = _where(self.urls[0], *where[0])
         else:
