@@ -31,6 +31,11 @@ from scratch would be. For each pair, side by side in one run:
   (:mod:`.bench_cdreceive`: at least 5 alternated rounds at ``nice -n -15``, medians, the
   load printed; ``python -m benchmarks cdreceive`` measures that alone, a pair at a time).
 
+Other pairs: ``BTRDELTA_BENCH_PANDAS=1`` adds pandas 2.2.2 -> 2.2.3 (wheels unpacked, as
+scipy); ``BTRDELTA_BENCH_DIRS="NAME=OLD:NEW;..."`` adds directory pairs of your own (NEW
+written as fresh files); ``BTRDELTA_BENCH_PAIRS=WORD,...`` keeps only the pairs whose name
+has one of the words.
+
 Run: ``.venv/bin/python -m benchmarks delta``.
 """
 
@@ -57,6 +62,9 @@ from .trees import CACHE, debian_install_pair, real_pair
 #: scipy 1.13.0 -> 1.13.1: its vendored OpenBLAS (35 MB) is renamed
 #: libopenblasp-r0-24bff013.3.26.dev.so -> libopenblasp-r0-01191904.3.27.so
 SCIPY = ("1.13.0", "1.13.1")
+#: pandas 2.2.2 -> 2.2.3 (``BTRDELTA_BENCH_PANDAS=1``: 26 MB of wheels downloaded once): a
+#: point release of a wheel with native extensions (43 of its 44 .so rebuilt), 46 MB a tree
+PANDAS = ("2.2.2", "2.2.3")
 PY = sys.executable
 BTRDELTA = [PY, "-m", "btrdelta"]
 
@@ -423,6 +431,15 @@ def _pairs(work: Path) -> list[tuple[str, Path, Path, bool]]:
     if wheel is not None:
         pairs.append((f"scipy {SCIPY[0]} -> {SCIPY[1]} (renamed vendored libraries)", *wheel,
                       False))
+    if os.environ.get("BTRDELTA_BENCH_PANDAS", "0") != "0":
+        wheel = _wheel_trees("pandas", PANDAS)
+        if wheel is not None:
+            pairs.append((f"pandas {PANDAS[0]} -> {PANDAS[1]} (rebuilt extensions)", *wheel,
+                          False))
+    for spec in filter(None, os.environ.get("BTRDELTA_BENCH_DIRS", "").split(";")):
+        label, _, dirs = spec.rpartition("=")
+        old_dir, _, new_dir = dirs.partition(":")
+        pairs.append((label or dirs, Path(old_dir), Path(new_dir), False))
     if os.environ.get("BTRDELTA_BENCH_RELEASE", "1") != "0":
         pairs.append(("rebuilt release (test tree)", *_release_trees(work), False))
     only = os.environ.get("BTRDELTA_BENCH_PAIRS")
