@@ -260,7 +260,8 @@ def test_acls_of_a_tree_on_xfs_are_sent_as_posix_acls_only(btrfs_ws: Workspace) 
     # besides system.posix_acl_*: sent, a receiver would keep them as plain trusted xattrs
     from btrdelta.stream.records import SetXattr
     from btrdelta.testing.loopfs import loop_fs
-    from btrdelta.testing.scenarios import _ACL_USER, kernel_receive
+    from btrdelta.testing.scenarios import kernel_receive
+    from btrdelta.testing.scenarios_beyond import _ACL_USER
     from btrdelta.tree.treesum import diff_manifests, tree_manifest
 
     acl = bytes.fromhex(_ACL_USER[2:])
