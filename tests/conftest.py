@@ -200,7 +200,8 @@ _LAYOUT = {
     "fragmented-backrefs-033", "compression-property-048", "overwritten-files-misc018",
     "dir-to-subvolume-btrbk608", "unaligned-then-fallocated-progs-e3209f8",
     "encoded-write-unaligned-offset-progs-6f4a518", "dedupe-balance-snapshots-187",
-    "deleted-open-file-168", "tmpfile-orphan-in-snapshot-058",
+    "clones-new-files-one-transaction", "many-extents-sparse", "truncate-to-zero",
+    "clone-source-c-new-files", "deleted-open-file-168", "tmpfile-orphan-in-snapshot-058",
 }
 
 #: (name, mount options, the scenarios it applies to or None for all); every variant's

@@ -1,8 +1,12 @@
-"""Scenarios of classes the upstream send tests leave thin, built by hand.
+"""Scenarios of classes the upstream send tests leave thin, built by hand (sessions 16, 17).
 
 Session 16 (a new user's trial): FALLOC_FL_ZERO_RANGE, renameat2(RENAME_EXCHANGE), default
 POSIX ACLs, xattrs on moved directories, the subvolume root's metadata, clones of ranges
 with holes, inode numbers reused across types, symlink times, set-user-ID after chown.
+Session 17: rotations and type changes of names across directories, hard links leaving
+removed directories, clones among new files, many extents, truncation to zero, nodatacow,
+the largest xattrs, ``-c`` clone sources, Debian's merged /usr, a big directory's churn,
+255-byte names, capabilities after writes, content changed under a kept size and mtime.
 :mod:`btrdelta.testing.scenarios` runs them with the upstream ones (none of these remounts
 or holds files open).
 """
@@ -101,5 +105,114 @@ BEYOND: list[Scenario] = [
       "echo x > f; chmod 4755 f; mkdir d; chmod 2775 d; echo y > g; chmod 6711 g",
       "chown 1000:1000 f; chmod 4755 f; chown 7:8 d; chmod 2775 d; chown 9 g; chmod 6711 g;"
       " echo more >> g"),
+    # -- session 17 --
+    # one name rotated through three directories (files and directories alike), then two
+    # of the directories moved under the third
+    S("file-rotation-3dirs",
+      "mkdir a b c; echo 1 > a/f; echo 2 > b/f; echo 3 > c/f; ln a/f a/g;"
+      " mkdir a/d b/d c/d; echo da > a/d/x; echo db > b/d/x",
+      "mv a/f t; mv c/f a/f; mv b/f c/f; mv t b/f; mv a/d t; mv b/d a/d; mv c/d b/d;"
+      " mv t c/d; mv a b/a2; mv c b/a2/c2; echo 4 >> b/a2/f"),
+    # a directory replaced by a file of the same name: its own child, a file of a removed
+    # subtree; and a file that moves into a new directory taking its name
+    S("file-takes-dir-name",
+      "mkdir d e; echo x > d/f; echo y > e/g; mkdir e/sub; echo z > e/sub/h; echo w > k",
+      "mv d/f df; rmdir d; mv df d; mv e/sub/h eh; rm -r e; mv eh e;"
+      " mv k kk; mkdir k; mv kk k/k"),
+    # hard links moved out of directories that are then removed (orphans while the stream
+    # runs), new directories and links taking the removed names (a file where a dir was)
+    S("links-out-of-removed-dirs",
+      "mkdir -p d1/s d2; echo a > d1/a; ln d1/a d1/s/b; ln d1/a d2/c; echo q > d2/q;"
+      " ln d2/q d1/s/q2",
+      "mkdir n; mv d1/s/b n/b; mv d2/c n/c; rm -r d1; mv d2/q n/q; rm -r d2; mkdir d1;"
+      " ln n/b d1/a; ln n/q d1/s"),
+    # clones between files all new in B, no commit between them (a later inode the source
+    # of an earlier one's clone), into an old file from a new one
+    S("clones-new-files-one-transaction",
+      'xfs_io -f -c "pwrite -S 0xa1 0 512K" base',
+      'xfs_io -f -c "pwrite -S 0x11 0 256K" n1;'
+      ' xfs_io -f -c "reflink n1 0 0 256K" -c "reflink base 128K 256K 128K" n2;'
+      ' touch n0; xfs_io -c "reflink n2 64K 0 192K" n0; xfs_io -c "pwrite -S 0x22 16K 8K" n1;'
+      ' xfs_io -c "reflink n0 0 300K 64K" base; cp --reflink=always n2 n3;'
+      ' xfs_io -c "pwrite -S 0x33 100K 4K" n2'),
+    # 1,000 extents with holes between them; every 14th block rewritten, every 22nd punched
+    S("many-extents-sparse",
+      'c=(); for i in $(seq 0 2 1999); do c+=(-c "pwrite -S $((i % 250 + 1)) $((i * 4))K 4K");'
+      ' done; xfs_io -f "${c[@]}" foo',
+      'c=(); for i in $(seq 1 14 1999); do c+=(-c "pwrite -S 0x77 $((i * 4))K 4K"); done;'
+      ' for i in $(seq 0 22 1999); do c+=(-c "fpunch $((i * 4))K 4K"); done;'
+      ' xfs_io "${c[@]}" -c "truncate 10M" -c "pwrite -S 0x55 8500K 4K" foo'),
+    # files cut to 0 bytes: kept empty, regrown sparse, rewritten, an empty file truncated
+    S("truncate-to-zero",
+      "seq 1 100000 > big; printf small > inl; xfs_io -f -c 'pwrite -S 0x61 0 1M' mid;"
+      " touch e0; seq 1 1000 > re; seq 1 5000 > grow",
+      "truncate -s 0 big; truncate -s 0 inl; truncate -s 0 mid; truncate -s 1M mid;"
+      " truncate -s 0 re; echo new > re; truncate -s 0 e0; truncate -s 0 grow;"
+      " truncate -s 3000 grow"),
+    # chattr +C (nodatacow: no compression, no checksums; the flag is not sent before v3)
+    S("nocow-files",
+      "mkdir nc; chattr +C nc; xfs_io -f -c 'pwrite -S 0x41 0 256K' nc/f;"
+      " xfs_io -f -c 'falloc 0 1M' -c 'pwrite -S 0x42 64K 4K' nc/p; seq 1 10000 > nc/t",
+      "xfs_io -c 'pwrite -S 0x43 4K 8K' nc/f; xfs_io -c 'pwrite -S 0x44 512K 4K' nc/p;"
+      " cp --reflink=always nc/f nc/f2; echo x >> nc/t; mv nc/t t"),
+    # xattrs of nearly the largest size a 16 KiB node holds, on a file, a dir, a symlink
+    S("xattr-max-size",
+      "touch f; mkdir d; ln -s tgt l; v=$(printf 'a%.0s' $(seq 16000));"
+      " setfattr -n user.big -v $v f; setfattr -n user.big -v $v d",
+      "v=$(printf 'b%.0s' $(seq 15999)); w=$(printf 'c%.0s' $(seq 12000));"
+      " setfattr -n user.big -v $v f; setfattr -n user.two -v $w f; setfattr -x user.big d;"
+      " setfattr -h -n trusted.big -v $w l",
+      large_xattrs=True),
+    # -p A -c C: new files cloned from a removed one and from each other
+    S("clone-source-c-new-files",
+      'xfs_io -f -c "pwrite -S 0x5a 0 1M" lib; mkdir app',
+      'cp --reflink=always lib app/lib-copy; xfs_io -f -c "pwrite -S 0x6b 0 256K" app/new;'
+      ' cp --reflink=always app/new app/new2; rm lib;'
+      ' xfs_io -c "reflink app/new 0 512K 128K" app/lib-copy',
+      clones=True),
+    # Debian's merged /usr: directories replaced by symlinks to where their files went, and
+    # a symlink replaced by a directory
+    S("usrmerge-dir-to-symlink",
+      "mkdir -p lib/x86 usr/lib bin usr/bin usr/lib32; echo so > lib/libc.so;"
+      " echo so2 > lib/x86/ld.so; echo sh > bin/sh; ln -s sh bin/bash; echo u > usr/lib/u;"
+      " ln lib/libc.so usr/lib/libc-link; ln -s usr/lib32 lib32; echo l > usr/lib32/l",
+      "mv lib/* usr/lib/; rmdir lib; ln -s usr/lib lib; mv bin/sh bin/bash usr/bin/; rmdir bin;"
+      " ln -s usr/bin bin; mkdir -p usr/lib/x86/new; echo n > usr/lib/x86/new/f;"
+      " rm lib32; mkdir lib32; mv usr/lib32/l lib32/; rmdir usr/lib32"),
+    # 1,200 names in one directory: half removed, renamed, new names, names reused
+    S("big-dir-churn",
+      "mkdir d; python3 -c 'import os\nfor i in range(1, 1201):\n"
+      "    open(\"d/f%05d\" % i, \"w\").write(str(i) if i % 50 == 1 else \"\")'",
+      "python3 -c 'import os\nfor i in range(2, 1201, 2): os.unlink(\"d/f%05d\" % i)\n"
+      "for i in range(1, 300, 2): os.rename(\"d/f%05d\" % i, \"d/g%05d\" % i)\n"
+      "for i in range(2, 401, 2): open(\"d/f%05d.n\" % i, \"w\")\n"
+      "for i in range(401, 600, 2): os.rename(\"d/f%05d\" % i, \"d/f%05d\" % (i + 1))'"),
+    # hard links to a device, a fifo, a symlink and a socket; names changing types
+    S("special-files-links-types",
+      "mknod c c 1 3; ln c c2; mkfifo p; ln p p2; ln -s t s; ln s s2;"
+      " python3 -c 'import socket; socket.socket(socket.AF_UNIX).bind(\"sock\")'; ln sock sock2",
+      "rm c; mv c2 c; mv p pp; mkdir p; mv pp p/fifo; rm s; mknod s b 7 1; mv s2 s-old;"
+      " rm sock; touch sock; chown 3:4 c; ln p2 p/fifo2"),
+    # names of 255 bytes: renamed, linked, a new file under a moved directory
+    S("max-name-255",
+      "n=$(printf 'n%.0s' $(seq 255)); m=$(printf 'm%.0s' $(seq 254)); mkdir $m;"
+      " echo a > $n; echo b > $m/$n; xfs_io -f -c 'pwrite -S 0x61 0 200K' $m/${m}x;"
+      " ln $n $m/${m}y",
+      "n=$(printf 'n%.0s' $(seq 255)); m=$(printf 'm%.0s' $(seq 254));"
+      " o=$(printf 'o%.0s' $(seq 255));"
+      " echo more >> $n; mv $m/$n $o; xfs_io -c 'pwrite -S 0x62 4K 4K' $m/${m}x;"
+      " mv $m ${m}z; echo new > ${m}z/$n; ln ${m}z/${m}x ${m}q; rm ${m}z/${m}y"),
+    # a write drops security.capability: set again after the data, the same value as in A
+    S("caps-after-write",
+      "printf 'v1' > tool; setcap cap_net_raw+ep tool; printf 'x' > t2;"
+      " setcap cap_sys_nice=ep t2",
+      "printf 'v2 longer' >> tool; setcap cap_net_raw+ep tool;"
+      " xfs_io -c 'pwrite -S 0x41 0 1' t2; setcap cap_sys_nice=ep t2"),
+    # content changed, the size and mtime of A kept (what a quick check by size and mtime
+    # misses)
+    S("content-changed-mtime-kept",
+      "seq 1 20000 > f; xfs_io -f -c 'pwrite -S 0x61 0 64K' g; touch -d '2020-01-01' f g",
+      "xfs_io -c 'pwrite -S 0x62 100 1' f; xfs_io -c 'pwrite -S 0x63 32K 4K' g;"
+      " touch -d '2020-01-01' f g"),
 ]
 del S
