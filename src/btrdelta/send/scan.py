@@ -226,15 +226,15 @@ class Tree(Value):
         return max(1, newest // 1_000_000_000)
 
 
-_PACK_NODE = struct.Struct("<IIIQqQQII").pack
+_PACK_NODE = struct.Struct("<IIIQQQQII").pack  # mtime: its int64 ns, wrapped past 2262
 
 
 def node_identity(node: Node) -> bytes:
     """What :meth:`Tree.identity` digests of one node (scan order, node ids as parents)."""
     parts = [struct.pack("<QI", parent, len(name)) + name for parent, name in node.dentries]
     parts.append(_PACK_NODE(node.mode, node.uid, node.gid, node.size if node.is_reg else 0,
-                            node.mtime_ns, node.rdev, node.flags, len(node.dentries),
-                            len(node.target)))
+                            node.mtime_ns & (1 << 64) - 1, node.rdev, node.flags,
+                            len(node.dentries), len(node.target)))
     parts += (node.target, node.digest)
     for name in sorted(node.xattrs):
         value = node.xattrs[name]

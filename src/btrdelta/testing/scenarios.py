@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -593,8 +594,10 @@ def _hold_in_snapshot(mnt: Path, snap: Path, script: str) -> None:
     run("btrfs", "property", "set", snap, "ro", "true")
 
 
-def make_snapshots(mnt: Path, scenario: Scenario, tag: str = "") -> SnapshotPair:
-    """Run ``scenario`` in a new subvolume of the btrfs at ``mnt``; snapshot A and B (ro)."""
+def make_snapshots(mnt: Path, scenario: Scenario, tag: str = "",
+                   between: Callable[[Path], object] | None = None) -> SnapshotPair:
+    """Run ``scenario`` in a new subvolume of the btrfs at ``mnt``; snapshot A and B (ro).
+    ``between`` is called with the live subvolume once A is taken, before ``b`` runs."""
     name = scenario.name + tag
     vol = mnt / f"vol-{name}"
     run("btrfs", "-q", "subvolume", "create", vol)
@@ -605,6 +608,8 @@ def make_snapshots(mnt: Path, scenario: Scenario, tag: str = "") -> SnapshotPair
     a = mnt / f"{name}-A"
     b = mnt / f"{name}-B"
     run("btrfs", "-q", "subvolume", "snapshot", "-r", vol, a)
+    if between is not None:
+        between(vol)
     for i, part in enumerate(scenario.b.split("\nREMOUNT\n")):
         if i:
             if held(mnt):

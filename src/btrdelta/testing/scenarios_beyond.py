@@ -6,9 +6,9 @@ with holes, inode numbers reused across types, symlink times, set-user-ID after 
 Session 17: rotations and type changes of names across directories, hard links leaving
 removed directories, clones among new files, many extents, truncation to zero, nodatacow,
 the largest xattrs, ``-c`` clone sources, Debian's merged /usr, a big directory's churn,
-255-byte names, capabilities after writes, content changed under a kept size and mtime.
-:mod:`btrdelta.testing.scenarios` runs them with the upstream ones (none of these remounts
-or holds files open).
+255-byte names, metadata at the limits of its fields, capabilities after writes, content
+changed under a kept size and mtime. :mod:`btrdelta.testing.scenarios` runs them with the
+upstream ones (none of these remounts or holds files open).
 """
 
 from __future__ import annotations
@@ -202,6 +202,13 @@ BEYOND: list[Scenario] = [
       " o=$(printf 'o%.0s' $(seq 255));"
       " echo more >> $n; mv $m/$n $o; xfs_io -c 'pwrite -S 0x62 4K 4K' $m/${m}x;"
       " mv $m ${m}z; echo new > ${m}z/$n; ln ${m}z/${m}x ${m}q; rm ${m}z/${m}y"),
+    # an owner of 2^32 - 2, a group past 2^31, times past 2262 (their ns past int64) and
+    # before 1902, mode 7777, directories of mode 000 written into
+    S("extreme-metadata",
+      "echo a > f; mkdir d; echo b > g; mkdir z; chmod 000 z",
+      "chown 4294967294:2147483653 f; touch -d '2262-04-11 23:47:16.999999999' f;"
+      " touch -d '1901-12-14 00:00:00.000000001' g; chmod 7777 g; chmod 000 d;"
+      " echo c > z/new; mkdir z/sub; chmod 000 z/sub; touch -d '1970-01-01 00:00:00' z/new"),
     # a write drops security.capability: set again after the data, the same value as in A
     S("caps-after-write",
       "printf 'v1' > tool; setcap cap_net_raw+ep tool; printf 'x' > t2;"

@@ -102,6 +102,11 @@ def _prefix(values: Iterable[int]) -> array[int]:
     return array("Q", accumulate(values, initial=0))
 
 
+#: a time column holds its ns wrapped into int64 (a file stamped past 2262 is then sent
+#: its times again by every --from-sendshot, never refused)
+_I64 = 1 << 63
+
+
 def _q(raw: bytes) -> array[int]:
     """An array of the native u64 values in ``raw`` (what ``_columns.c`` returns)."""
     out = array("Q")
@@ -158,7 +163,12 @@ class _Out:
         """Append ``rows``; ``index``: inode number -> row of the record being made."""
         fixed = self.fixed
         for c, field in _FIELDS:
-            fixed[c].extend([getattr(r, field) for r in rows])
+            col, n = fixed[c], len(fixed[c])
+            try:
+                col.extend([getattr(r, field) for r in rows])
+            except OverflowError:  # a time before 1677 or after 2262: its ns past int64
+                del col[n:]
+                col.extend([(getattr(r, field) + _I64) % (2 * _I64) - _I64 for r in rows])
         fixed[C_NNAMES].extend([len(r.dentries) for r in rows])
         fixed[C_TARGETLEN].extend([len(r.target) for r in rows])
         fixed[C_NXATTRS].extend([len(r.xattrs) if r.xattrs else 0 for r in rows])

@@ -1,0 +1,56 @@
+"""``send --record`` of a live subvolume at a scenario's A, then ``send --from-sendshot`` at
+its B (what ``replicate`` sends), for the scenarios of classes beyond the upstream tests and
+those that make btrfs reuse inode numbers (a remount between A and B): ``btrfs receive``
+takes both streams and gives the read-only snapshots A and B (tree-sum as the oracle)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from btrdelta.cli import main
+from btrdelta.testing.loopfs import loop_fs
+from btrdelta.testing.scenarios import SCENARIOS, kernel_receive, make_snapshots
+from btrdelta.testing.scenarios_beyond import BEYOND
+from btrdelta.tree.treesum import diff_manifests, tree_manifest
+from tests.conftest import require_btrfs
+
+pytestmark = pytest.mark.btrfs
+
+SHOTS = [sc for sc in SCENARIOS if (sc in BEYOND or "\nREMOUNT\n" in sc.b)
+         and not (sc.a_held or sc.b_held or sc.a_open or sc.after)]
+
+
+@pytest.fixture(scope="module")
+def fs_pair() -> Iterator[tuple[Path, Path]]:
+    """The source btrfs (compress=zstd, as the kernel's scenario streams) and the receiver's."""
+    require_btrfs()
+    with loop_fs("btrfs", size="1G", options="compress=zstd") as src, \
+            loop_fs("btrfs", size="1G") as dst:
+        yield src, dst
+
+
+@pytest.mark.parametrize("scenario", SHOTS, ids=[sc.name for sc in SHOTS])
+def test_sendshot_streams_of_scenario(fs_pair: tuple[Path, Path], tmp_path: Path,
+                                      scenario) -> None:
+    src, dst = fs_pair
+    store, full, incr = tmp_path / "store", tmp_path / "full", tmp_path / "incr"
+    send = ["send", "-q", "--store", str(store)]
+
+    def record(vol: Path) -> None:
+        assert main([*send, str(vol), "-o", str(full), "--record", "--name", "A"]) == 0
+
+    pair = make_snapshots(src, scenario, between=record)
+    vol = src / f"vol-{scenario.name}"
+    assert main([*send, str(vol), "-o", str(incr), "--from-sendshot", "latest", "--record",
+                 "--name", "B"]) == 0
+    dest = dst / scenario.name
+    dest.mkdir()
+    kernel_receive(full, dest)
+    kernel_receive(incr, dest)
+    for snap, got in ((pair.a, dest / "A"), (pair.b, dest / "B")):
+        diff = diff_manifests(tree_manifest(snap, ignore_root_mtime=True),
+                              tree_manifest(got, ignore_root_mtime=True))
+        assert not diff, "\n".join(diff)
