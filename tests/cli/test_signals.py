@@ -1,10 +1,11 @@
 """One rule for a command ended by a signal: its clean-up runs as on Ctrl-C, one line
 (``btrdelta CMD: interrupted``), exit 128 + the signal's number (SIGINT 130, SIGTERM 143,
 SIGHUP 129), in each family of commands: a stream read (``dump``), a stream written
-(``send``), the receiving side of replication (``replicate --listen``); ``receive`` in
-tests/receive/test_signals.py, ``update`` in tests/update/test_update_http.py. A signal
-ignored when the command started (``nohup``) stays ignored. (The servers, ``serve`` and
-``image nbd``/``mount``, stop on these signals as their normal end: exit 0, their tests.)
+(``send``), a tree hashed (``tree-sum``), the receiving side of replication (``replicate
+--listen``); ``receive`` in tests/receive/test_signals.py, ``update`` in
+tests/update/test_update_http.py. A signal ignored when the command started (``nohup``)
+stays ignored. (The servers, ``serve`` and ``image nbd``/``mount``, stop on these signals
+as their normal end: exit 0, their tests.)
 
 The signal is sent once the command is blocked where it works (its main thread in a pipe
 read or write, ``/proc/PID/wchan``; the listener after its first line): before that the
@@ -95,6 +96,28 @@ def test_a_stream_written(tmp_path: Path, sig: signal.Signals) -> None:
     err += proc.communicate(timeout=60)[1]
     assert proc.returncode == 128 + sig, err
     assert err == b"btrdelta send: interrupted\n"
+
+
+def test_a_tree_hashed_while_a_thread_hashes_a_huge_file(tmp_path: Path) -> None:
+    """``tree-sum`` of a tree holding a sparse file of 1 TiB, which a worker thread hashes
+    (minutes of zeros): the signal ends the command within a few MiB of hashing, not when
+    the file is hashed (until session 17 it waited for that; ``send --record`` still
+    does)."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    with open(tree / "huge", "wb") as f:
+        f.truncate(1 << 40)
+    proc = subprocess.Popen([sys.executable, "-m", "btrdelta", "tree-sum", str(tree)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=_as_in_a_terminal())
+    try:
+        _blocked_in(proc, "futex")  # the walk done, it waits for the hashing thread
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (proc.returncode, out, err) == (143, b"", b"btrdelta tree-sum: interrupted\n")
 
 
 @pytest.mark.parametrize("sig", SIGNALS)

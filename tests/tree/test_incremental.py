@@ -77,9 +77,9 @@ def hashed(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     seen: list[bytes] = []
     real = treesum._file_digest
 
-    def spy(path: bytes, size: int, want_layout: bool) -> tuple[str, object]:
+    def spy(path: bytes, size: int, want_layout: bool, *stop: object) -> tuple[str, object]:
         seen.append(path)
-        return real(path, size, want_layout)
+        return real(path, size, want_layout, *stop)  # type: ignore[arg-type]
 
     monkeypatch.setattr(treesum, "_file_digest", spy)
     return seen

@@ -502,9 +502,9 @@ def test_a_delta_hop_reads_only_the_files_its_stream_changed(
     read: list[str] = []
     real = treesum._file_digest
 
-    def spy(path: bytes, size: int, want_layout: bool) -> tuple[str, object]:
+    def spy(path: bytes, size: int, want_layout: bool, *stop: object) -> tuple[str, object]:
         read.append(os.fsdecode(path))
-        return real(path, size, want_layout)
+        return real(path, size, want_layout, *stop)  # type: ignore[arg-type]
 
     real_overlaid = incremental._overlaid
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -141,20 +142,28 @@ def _xattrs(path: bytes, exclude: frozenset[bytes]) -> tuple[tuple[bytes, bytes]
     return tuple(out)
 
 
+class _Stopped(Exception):
+    """A hashing thread told to stop (:meth:`EntryMaker.close` before the walk's end)."""
+
+
 def _file_digest(
-    path: bytes, size: int, want_layout: bool
+    path: bytes, size: int, want_layout: bool, stop: threading.Event | None = None
 ) -> tuple[str, tuple[tuple[int, int], ...] | None]:
-    """BLAKE3 of the content (holes read as zeros) and, if asked, the data extents."""
+    """BLAKE3 of the content (holes read as zeros) and, if asked, the data extents;
+    ``stop`` set ends it within 1 MiB (:class:`_Stopped`): a file of terabytes, sparse or
+    not, would else keep an interrupted command alive until it is hashed."""
     h = blake3.blake3()
     layout: list[tuple[int, int]] = []
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         pos = 0
         for data, length in data_segments(fd, size):
-            _feed_zeros(h, data - pos)
+            _feed_zeros(h, data - pos, stop)
             os.lseek(fd, data, os.SEEK_SET)
             left = length
             while left > 0:
+                if stop is not None and stop.is_set():
+                    raise _Stopped
                 chunk = os.read(fd, min(_READ, left))
                 if not chunk:
                     raise OSError(errno.EIO, "file shrank while hashing", path)
@@ -169,14 +178,16 @@ def _file_digest(
                     layout[-1] = (start, max(b, start + layout[-1][1]) - start)
                 else:
                     layout.append((a, b - a))
-        _feed_zeros(h, size - pos)
+        _feed_zeros(h, size - pos, stop)
     finally:
         os.close(fd)
     return h.hexdigest(), (tuple(layout) if want_layout else None)
 
 
-def _feed_zeros(h: blake3.blake3, n: int) -> None:
+def _feed_zeros(h: blake3.blake3, n: int, stop: threading.Event | None) -> None:
     while n > 0:
+        if stop is not None and stop.is_set():
+            raise _Stopped
         take = min(n, len(_ZEROS))
         h.update(memoryview(_ZEROS)[:take])
         n -= take
@@ -238,6 +249,7 @@ class EntryMaker:
         self.hashing: list[tuple[int, Future[tuple[str, tuple[tuple[int, int], ...] | None]]]]
         self.hashing = []
         self.pool: ThreadPoolExecutor | None = None
+        self.stop = threading.Event()
 
     def add(self, rel: bytes, full: bytes, st: os.stat_result) -> None:
         """Make the entry of ``rel`` (absolute path ``full``, lstat ``st``) and append it."""
@@ -268,7 +280,7 @@ class EntryMaker:
                 if self.pool is None:
                     self.pool = ThreadPoolExecutor(_WORKERS, "btrdelta-treesum")
                 self.hashing.append((len(out), self.pool.submit(_file_digest, full, size,
-                                                                False)))
+                                                                False, self.stop)))
             elif digest is None:
                 digest, layout = _file_digest(full, st.st_size, holes)
         elif kind == "l":
@@ -298,7 +310,9 @@ class EntryMaker:
         return out
 
     def close(self) -> None:
-        """Stop the worker threads (those not started are cancelled)."""
+        """Stop the worker threads (those not started are cancelled, those hashing stop
+        within 1 MiB)."""
+        self.stop.set()
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
