@@ -7,8 +7,9 @@ Session 17: rotations and type changes of names across directories, hard links l
 removed directories, clones among new files, many extents, truncation to zero, nodatacow,
 the largest xattrs, ``-c`` clone sources, Debian's merged /usr, a big directory's churn,
 255-byte names, metadata at the limits of its fields, capabilities after writes, content
-changed under a kept size and mtime. :mod:`btrdelta.testing.scenarios` runs them with the
-upstream ones (none of these remounts or holds files open).
+changed under a kept size and mtime, xattrs on special files, set-group-ID directories.
+:mod:`btrdelta.testing.scenarios` runs them with the upstream ones (none of these remounts
+or holds files open).
 """
 
 from __future__ import annotations
@@ -221,5 +222,19 @@ BEYOND: list[Scenario] = [
       "seq 1 20000 > f; xfs_io -f -c 'pwrite -S 0x61 0 64K' g; touch -d '2020-01-01' f g",
       "xfs_io -c 'pwrite -S 0x62 100 1' f; xfs_io -c 'pwrite -S 0x63 32K 4K' g;"
       " touch -d '2020-01-01' f g"),
+    # trusted.* xattrs on a fifo, a device, a socket (user.* is refused there)
+    S("xattrs-on-special-files",
+      "mkfifo p; mknod c c 1 3;"
+      " python3 -c 'import socket; socket.socket(socket.AF_UNIX).bind(\"s\")';"
+      " setfattr -n trusted.a -v 1 p; setfattr -n trusted.b -v 2 c; setfattr -n trusted.c -v 3 s",
+      "setfattr -n trusted.a -v changed p; setfattr -x trusted.b c; mv s s2;"
+      " setfattr -n trusted.d -v 4 s2; mkfifo q; setfattr -n trusted.e -v 5 q"),
+    # a set-group-ID directory: what a receiver's new inodes inherit there (its group; a
+    # new directory the bit too) unless the stream says otherwise
+    S("setgid-dir-inheritance",
+      "mkdir sg; chown 0:50 sg; chmod 2775 sg; mkdir sg/old",
+      "touch sg/f; chgrp 0 sg/f; mkdir sg/d; chmod g-s sg/d; chgrp 0 sg/d; mkdir sg/d2;"
+      " mkfifo sg/p; chgrp 0 sg/p; ln -s x sg/l; chgrp -h 0 sg/l; mkdir sg/old/n;"
+      " chmod 755 sg/old/n; chgrp 0 sg/old/n; touch sg/g; chmod 2755 sg/g"),
 ]
 del S
