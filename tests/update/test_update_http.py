@@ -14,16 +14,25 @@ from tests.transport.certs import make_certs
 from tests.transport.nginx import nginx
 
 
-def test_update_over_mutual_tls_with_a_token(
-    releases: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def _published(tmp_path: Path, trees: list[Path], init: tuple[str, ...] = ("--avg-chunk", "4K"),
+               sign: tuple[str, ...] = ()) -> Path:
+    """``tmp_path/repo``: the trees added as v1, v2, ... and signed with a root key made
+    here (``tmp_path/root.pem``, ``root.pub``)."""
     root = tmp_path / "repo"
     trust.save_key_pair(trust.generate_key(), str(tmp_path / "root.pem"),
                         str(tmp_path / "root.pub"))
-    assert main(["repo", "init", str(root), "--avg-chunk", "4K"]) == 0
-    assert main(["repo", "add", str(root), "v1", str(releases[0])]) == 0
-    assert main(["repo", "sign", str(root), "--key", str(tmp_path / "root.pem"),
-                 "--timestamp-key", str(tmp_path / "root.pem"), "--expires", "1d"]) == 0
+    assert main(["repo", "init", str(root), *init]) == 0
+    for i, tree in enumerate(trees, 1):
+        assert main(["repo", "add", str(root), f"v{i}", str(tree)]) == 0
+    assert main(["repo", "sign", str(root), "--key", str(tmp_path / "root.pem"), *sign]) == 0
+    return root
+
+
+def test_update_over_mutual_tls_with_a_token(
+    releases: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _published(tmp_path, releases[:1], sign=("--timestamp-key", str(tmp_path / "root.pem"),
+                                                     "--expires", "1d"))
     certs = make_certs(tmp_path / "certs")
     block = f"""
       listen 127.0.0.1:{{port}} ssl; root {root};
@@ -63,12 +72,7 @@ def test_ctrl_c_during_a_full_s_download_stops_at_once(tmp_path: Path, signame: 
     tree.mkdir()
     for i in range(5):  # incompressible: the pack is as large as the tree
         (tree / f"f{i}").write_bytes(os.urandom(4 << 20))
-    root = tmp_path / "repo"
-    trust.save_key_pair(trust.generate_key(), str(tmp_path / "root.pem"),
-                        str(tmp_path / "root.pub"))
-    assert main(["repo", "init", str(root), "--level", "1"]) == 0
-    assert main(["repo", "add", str(root), "v1", str(tree)]) == 0
-    assert main(["repo", "sign", str(root), "--key", str(tmp_path / "root.pem")]) == 0
+    root = _published(tmp_path, [tree], init=("--level", "1"))
     srv = Nginx(root, tmp_path / "nginx", limit_rate="256k")
     try:
         dest = tmp_path / "dest"
@@ -103,13 +107,7 @@ def test_update_from_python_http_server_which_ignores_range(
     import threading
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
-    root = tmp_path / "repo"
-    trust.save_key_pair(trust.generate_key(), str(tmp_path / "root.pem"),
-                        str(tmp_path / "root.pub"))
-    assert main(["repo", "init", str(root), "--avg-chunk", "4K"]) == 0
-    for i, tree in enumerate(releases[:2], 1):
-        assert main(["repo", "add", str(root), f"v{i}", str(tree)]) == 0
-    assert main(["repo", "sign", str(root), "--key", str(tmp_path / "root.pem")]) == 0
+    root = _published(tmp_path, releases[:2])
 
     class Quiet(SimpleHTTPRequestHandler):
         ranged = 0
@@ -150,12 +148,7 @@ def test_a_dead_first_mirror_is_tried_once(
     last. Before, the lookup of the next root (root/2.json: no mirror has it when the key
     never rotated) marked every mirror failed, so each file of the update, every pack
     range included, went to the dead mirror first, with its retries and their warnings."""
-    root = tmp_path / "repo"
-    trust.save_key_pair(trust.generate_key(), str(tmp_path / "root.pem"),
-                        str(tmp_path / "root.pub"))
-    assert main(["repo", "init", str(root), "--avg-chunk", "4K"]) == 0
-    assert main(["repo", "add", str(root), "v1", str(releases[0])]) == 0
-    assert main(["repo", "sign", str(root), "--key", str(tmp_path / "root.pem")]) == 0
+    root = _published(tmp_path, releases[:1])
     dead = "http://127.0.0.1:1/app"  # nothing listens on port 1
     dest = tmp_path / "dest"
     capsys.readouterr()
@@ -181,12 +174,7 @@ def test_a_silent_first_mirror_is_waited_for_once(
     import threading
     import time
 
-    root = tmp_path / "repo"
-    trust.save_key_pair(trust.generate_key(), str(tmp_path / "root.pem"),
-                        str(tmp_path / "root.pub"))
-    assert main(["repo", "init", str(root), "--avg-chunk", "4K"]) == 0
-    assert main(["repo", "add", str(root), "v1", str(releases[0])]) == 0
-    assert main(["repo", "sign", str(root), "--key", str(tmp_path / "root.pem")]) == 0
+    root = _published(tmp_path, releases[:1])
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.2)
     held: list[socket.socket] = []
