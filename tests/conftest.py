@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, settings
 
 from btrdelta.testing.loopfs import BtrfsUnavailable, btrfs_available, loop_fs
 from btrdelta.testing.scenarios import SCENARIOS, make_snapshots, send
-from btrdelta.update.partial import COUNTER_PREFIX, PARTIAL_DIR, SHM
+from btrdelta.update.partial import COUNTER_PREFIX, PARTIAL_DIR, SHM, PartialTransfer
 from tests.chunk.images import ImagePair, build_pair
 
 settings.register_profile(
@@ -56,10 +56,9 @@ def _no_counter_left(request: pytest.FixtureRequest) -> Iterator[None]:
         return
     for top, dirs, _ in os.walk(tmp):
         if PARTIAL_DIR in dirs:
-            st = os.stat(os.path.join(top, PARTIAL_DIR), follow_symlinks=False)
-            name = f"{COUNTER_PREFIX}{st.st_dev:x}-{st.st_ino:x}"
-            if name in new:
-                os.unlink(os.path.join(SHM, name))
+            counter = PartialTransfer(Path(top), "dir").counter()
+            if counter is not None and os.path.basename(counter) in new:
+                os.unlink(counter)
 
 
 @pytest.fixture(autouse=True)

@@ -409,12 +409,12 @@ def test_a_resume_trusts_the_record_counter_only_while_it_lasts(
     after them. When that counter is gone without a restart (``/dev/shm`` emptied by hand),
     the applied records cannot be counted and the transfer starts again from its first
     byte, never resumed on a wrong count; either way DEST ends with the source's tree."""
-    from btrdelta.update.partial import COUNTER_PREFIX, PARTIAL_DIR, SHM
+    from btrdelta.update.partial import PartialTransfer
 
     src, dest, store, old_sum = _round_one(tmp_path)
     _receiver_killed_at(src, dest, store, monkeypatch, "meta.json:3:after")
-    st = os.stat(dest / PARTIAL_DIR)  # (the counter of this DEST's transfer, not another's)
-    counter = os.path.join(SHM, f"{COUNTER_PREFIX}{st.st_dev:x}-{st.st_ino:x}")
+    counter = PartialTransfer(dest, "dir").counter()  # (this DEST's, not another's)
+    assert counter is not None
     assert os.path.exists(counter)
     if lost:
         os.unlink(counter)

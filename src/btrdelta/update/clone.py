@@ -141,7 +141,7 @@ def open_image(
     if _is_casync(location):
         if public_key is not None:
             raise UsageError("casync indexes are not signed: --key applies to btrdelta "
-                                "archives only", source=location)
+                             "archives only", source=location)
         caibx, stats = read_caibx(location, config)
         chunks = CastrChunks(caibx, list(castr) or [default_store(location)], config=config,
                              guessed=not castr)
@@ -340,7 +340,7 @@ def clone_image(
     try:
         if store is not None and image.description is None:
             raise UsageError("a casync index is cloned to --output only (its chunk store "
-                                "is the .castr)", source=image.location)
+                             "is the .castr)", source=image.location)
         lock: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
         if store is not None and (not dry_run or os.path.isdir(store.root)):
             lock = store.locked(wait=wait, create=not dry_run)

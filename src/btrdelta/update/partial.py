@@ -73,7 +73,7 @@ class PartialTransfer:
         self.dest, self.backend = dest, backend
         self.path = dest / PARTIAL_DIR
 
-    def _counter(self) -> str | None:
+    def counter(self) -> str | None:
         """The tmpfs file counting this partial transfer's records (named by the
         directory's device and inode: one per partial transfer), or None (no directory,
         no ``/dev/shm``)."""
@@ -155,7 +155,7 @@ class PartialTransfer:
 
     def applied(self) -> int:
         """The records applied: the tmpfs counter's, else (after a restart) ``progress``."""
-        counter = self._counter()
+        counter = self.counter()
         live = [counter] if counter is not None and os.path.exists(counter) else []
         for path in (*live, str(self.path / PROGRESS)):
             try:
@@ -170,7 +170,7 @@ class PartialTransfer:
         says); returns the counter's mapping."""
         self.path.mkdir(exist_ok=True)
         count = struct.pack("=Q", self.applied())
-        counter = self._counter()
+        counter = self.counter()
         fd = -1
         if counter is not None:
             with contextlib.suppress(OSError):
@@ -203,7 +203,7 @@ class PartialTransfer:
                     if os.path.lexists(self.dest / name):
                         subvols.abort(PendingSubvol(b"", os.fsencode(name), self.dest / name,
                                                     UUID(int=0), 0, None, None))
-        counter = self._counter()
+        counter = self.counter()
         if counter is not None:
             with contextlib.suppress(OSError):
                 os.unlink(counter)
