@@ -22,6 +22,7 @@ import pytest
 
 from btrdelta import _native
 from btrdelta.fs.btrfs import (
+    EXTENT,
     FILEATTR_FLAGS,
     FS_FLAGS_KNOWN,
     FS_TREE,
@@ -30,18 +31,21 @@ from btrdelta.fs.btrfs import (
     create_subvolume,
     default_subvolume,
     delete_subvolume,
+    file_extents,
     fileattr_to_fsflags,
     find_subvolumes_by_uuid,
     fsflags_to_fileattr,
     get_fileattr,
     get_fsflags,
     is_btrfs,
+    largest_item,
     set_default_subvolume,
     set_fsflags,
     set_readonly,
     set_received,
     subvol_info,
 )
+from tests.conftest import btrfs_loop
 
 from .conftest import mount_source, progs, subvolume_show
 
@@ -307,3 +311,74 @@ def _frozen_during(mnt: Path, call: Callable[[], object]) -> bool:
         backstop.wait()
         subprocess.run(["fsfreeze", "-u", mnt], capture_output=True, check=False)
         os.close(fd)
+
+
+def _scattered(path: Path, n: int) -> list[int]:
+    """A file of ``n`` 4 KiB blocks, each alone between holes (``n`` extent items); their
+    offsets."""
+    offsets = [i * 8192 for i in range(n)]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for off in offsets:
+            os.pwrite(fd, os.urandom(4096), off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return offsets
+
+
+def _extents_searched(path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], int]:
+    """The offsets of ``path``'s extent items (:func:`file_extents`) and the searches made."""
+    from btrdelta.fs import btrfs
+
+    calls = []
+    real = btrfs._ioctl
+
+    def counted(fd: int, request: int, buf: bytearray) -> None:
+        calls.append(request)
+        real(fd, request, buf)
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(btrfs, "_ioctl", counted)
+            got = file_extents(fd, os.fstat(fd).st_ino)
+    finally:
+        os.close(fd)
+    assert got is not None
+    return [item[0] for item in EXTENT.iter_unpack(got)], calls.count(IOCTLS["TREE_SEARCH_V2"])
+
+
+@pytest.mark.btrfs
+@pytest.mark.parametrize("nodesize", [16384, 65536])
+def test_file_extents_ends_after_one_search_only_when_nothing_can_follow(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nodesize: int) -> None:
+    """A search result that leaves room for the largest item the filesystem holds is every
+    item (one ``TREE_SEARCH_V2``); one that leaves less is searched on, and every item is
+    found: files whose items (85 bytes each in the result) fill the 64 KiB buffer to just
+    under, at and just over that room, exactly (771 items: 65,535 bytes), and twice over."""
+    with btrfs_loop(size="256M", mkfs_args=("-n", str(nodesize))) as mnt:
+        fd = os.open(mnt, os.O_RDONLY)
+        try:
+            item_max = largest_item(fd)
+        finally:
+            os.close(fd)
+        assert item_max == nodesize - 101 - 25  # BTRFS_MAX_ITEM_SIZE
+        most = ((1 << 16) - 32 - item_max) // 85  # items a result can have and be whole
+        for n in sorted({1, 2, max(most - 1, 1), most, most + 1, 771, 772, 1600}):
+            want = _scattered(mnt / f"f{n}", n)
+            got, searches = _extents_searched(mnt / f"f{n}", monkeypatch)
+            assert got == want, n
+            assert searches == _searches_needed(n, most), n
+
+
+def _searches_needed(n: int, most: int) -> int:
+    """Searches for ``n`` items: 771 fill a result (65,535 bytes); a result of ``most`` or
+    fewer is whole; after a fuller one another search is made (empty when none is left)."""
+    searches = 0
+    while True:
+        searches += 1
+        got = min(n, (1 << 16) // 85)
+        n -= got
+        if got <= most:
+            return searches

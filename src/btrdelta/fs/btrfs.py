@@ -52,6 +52,7 @@ __all__ = [
     "changed_inodes",
     "extent_item",
     "file_extents",
+    "largest_item",
     "dir_path",
     "clone_range",
     "create_snapshot",
@@ -470,6 +471,24 @@ EXTENT = struct.Struct("<QQQQQQBB")
 #: ``BTRFS_FILE_EXTENT_INLINE``, ``_REG``, ``_PREALLOC``
 EXTENT_INLINE, EXTENT_REG, EXTENT_PREALLOC = 0, 1, 2
 _EXTENT_BUFFER = 1 << 16
+#: a ``TREE_SEARCH_V2`` result's first item (after the key and the buffer's size)
+_V2_START = _SEARCH_KEY.size + 8
+#: ``sizeof(struct btrfs_header) + sizeof(struct btrfs_item)``: a leaf's header and one
+#: item's, what ``BTRFS_MAX_ITEM_SIZE`` takes off the node size
+_LEAF_OVERHEAD = 101 + 25
+
+
+def largest_item(fd: int) -> int:
+    """The largest item a tree of the filesystem holding ``fd`` can hold (its node size from
+    ``BTRFS_IOC_FS_INFO`` less a leaf's header and one item's: ``BTRFS_MAX_ITEM_SIZE``);
+    the largest a node can be (64 KiB) where the filesystem does not say."""
+    buf = bytearray(1024)
+    try:
+        fcntl.ioctl(fd, _FS_INFO, buf)
+    except OSError:
+        return (1 << 16) - _LEAF_OVERHEAD
+    nodesize = int.from_bytes(buf[32:36], "little")
+    return (nodesize if 0 < nodesize <= 1 << 16 else 1 << 16) - _LEAF_OVERHEAD
 
 
 def file_extents(fd: int, ino: int) -> bytes | None:
@@ -477,9 +496,18 @@ def file_extents(fd: int, ino: int) -> bytes | None:
     ``fd``, in file order, each packed as :data:`EXTENT`; None when one of them cannot be
     compared by its fields (inline data, encryption or another encoding, an unknown type).
     Needs ``CAP_SYS_ADMIN`` (``TREE_SEARCH_V2``, ``TREE_SEARCH`` on kernels without it).
+
+    Most files take one search, not a second that finds nothing: the kernel
+    (``search_ioctl``/``copy_to_sk``, ``fs/btrfs/ioctl.c``) ends a ``TREE_SEARCH_V2`` before
+    the last item in the key range only when the next one does not fit in what is left of
+    the buffer (its 32-byte header and the item; or the number of items asked for is
+    reached: we ask for 2^32 - 1), so a result that leaves room for a header and the largest
+    item the filesystem can hold (:func:`largest_item`) is every item there is. ``TREE_SEARCH``
+    (4 KiB, older kernels) is searched until it finds none.
     """
     out: list[bytes] = []
     min_off = 0
+    room = 0  # (what a complete result leaves, once needed: 0 = not asked yet)
 
     def key(buf: bytearray) -> None:
         _SEARCH_KEY.pack_into(buf, 0, 0, ino, ino, min_off, _U64_MAX, 0, _U64_MAX,
@@ -487,7 +515,7 @@ def file_extents(fd: int, ino: int) -> bytes | None:
 
     header = _SEARCH_HDR.unpack_from
     for buf, pos, nr_items in _searches(fd, _EXTENT_BUFFER, key):
-        off = 0
+        off, first = 0, pos
         for _ in range(nr_items):
             _transid, obj, off, typ, length = header(buf, pos)
             pos += 32
@@ -499,6 +527,10 @@ def file_extents(fd: int, ino: int) -> bytes | None:
             pos += length
         if off >= _U64_MAX:
             break
+        if first == _V2_START:
+            room = room or _SEARCH_HDR.size + largest_item(fd)
+            if pos - first + room <= _EXTENT_BUFFER:
+                break  # every item fitted with room to spare: there is no other
         min_off = off + 1
     return b"".join(out)
 
