@@ -235,7 +235,10 @@ class SendshotStore:
 
     def open(self, record: StoredSendshot) -> tuple[RecordReader, Any]:
         """A reader of all of ``record`` and the file it reads (close it when done)."""
-        f = open(record.path, "rb")  # noqa: SIM115 - returned to the caller
+        # (unbuffered: the reader reads the head, then all after it at once; a buffered
+        # file's read after a seek inside its buffer joins that buffer with the rest, a
+        # second copy of the record: 1 against 0.45 ms and 364 against 183 page faults)
+        f = open(record.path, "rb", buffering=0)  # noqa: SIM115 - returned to the caller
         try:
             return RecordReader(f, source=record.path, whole=True), f
         except BaseException:
