@@ -442,3 +442,53 @@ def test_block_diff_compares_read_ranges_only(data: st.DataObject) -> None:
 
 def _blocks(rng: tuple[int, int], size: int) -> list[tuple[int, int]]:
     return [(p, min(4096, size - p)) for p in range(rng[0], rng[0] + rng[1], 4096)]
+
+
+@pytest.mark.btrfs
+@pytest.mark.parametrize("keep_open", [256, 2])
+def test_changed_files_are_opened_once(two_fs: tuple[Path, Path], tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch, keep_open: int) -> None:
+    """A changed file hashed for the next record (in parts, or whole) stays open for the
+    stream, which reads its changed blocks from it instead of opening it again (up to
+    ``_KEEP_OPEN`` files; the others are opened again); every descriptor is closed after
+    the send (also those of files the stream had nothing to read from: a chmod), and the
+    kernel receives each stream to the source (_Rounds)."""
+    from btrdelta.send import emit, sendshot
+
+    snd, rcv = two_fs
+    live = snd / "live"
+    run("btrfs", "subvolume", "create", live)
+    parts = [live / f"parts{i}" for i in range(4)]  # read in parts (16 KiB and up)
+    whole = [live / f"whole{i}" for i in range(3)]  # read whole (below 16 KiB)
+    for p in parts:
+        p.write_bytes(os.urandom(64 << 10))
+    for p in whole:
+        p.write_bytes(os.urandom(9000))
+    (live / "chmod").write_bytes(os.urandom(64 << 10))  # hashed (nothing read), not sent
+    rounds = _Rounds(snd, rcv, tmp_path / "store", tmp_path / "s")
+    rounds.send()
+    os.chmod(live / "chmod", 0o600)
+    for p in parts:
+        _write(p, 16 << 10, os.urandom(4096))
+    for p in whole:
+        _write(p, 100, os.urandom(100))
+    reopened: list[bytes] = []
+    real = emit.open_file
+
+    def counted(path: bytes) -> int:
+        reopened.append(os.path.basename(path))
+        return real(path)
+
+    monkeypatch.setattr(emit, "open_file", counted)
+    monkeypatch.setattr(sendshot, "_KEEP_OPEN", keep_open)
+    before = len(os.listdir("/proc/self/fd"))
+    res = rounds.send()
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert 4 * 4096 <= res.stats.bytes_read < 4 * (64 << 10) + 3 * 9000  # (parts read)
+    changed = {p.name.encode() for p in parts + whole}
+    assert b"chmod" not in reopened
+    if keep_open > len(changed):
+        assert not changed & set(reopened)
+    else:  # (the chmod-ed file may be one of those kept)
+        got = len(changed & set(reopened))
+        assert len(changed) - keep_open <= got <= len(changed) + 1 - keep_open

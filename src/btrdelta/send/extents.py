@@ -217,9 +217,10 @@ class Planned:
         self.node, self.path, self.old, self.fd = node, path, old, fd
         self.flags, self.new_ext, self.segs, self.ops = flags, new_ext, segs, ops
 
-    def read(self, seed: int, buf: bytearray | mmap.mmap) -> int:
+    def read(self, seed: int, buf: bytearray | mmap.mmap, keep_open: bool = False) -> int:
         """Read and hash the planned blocks, fill in the node (its flags, data ranges, block
-        digests, digests and extent items) and close the file; the bytes read.
+        digests, digests and extent items) and close the file (``keep_open``: unless it was
+        read, for the caller to :meth:`detach`); the bytes read.
 
         Raises:
             BtrdeltaError: the file cannot be read or changed size while it was read.
@@ -243,7 +244,10 @@ class Planned:
                 read += got
             if os.pread(fd, 1, size):
                 raise BtrdeltaError("file changed while sending (size differs)", path=path)
-        finally:
+        except BaseException:
+            self.close()
+            raise
+        if not keep_open:
             self.close()
         blocks, segs = b"".join(pieces), self.segs
         if not read and size == old.size and segs == old.segments:
@@ -254,6 +258,11 @@ class Planned:
             self.flags, segs, blocks, self.new_ext
         node.read_ranges = [(pos, stop - pos) for pos, stop in self.ops if pos >= 0]
         return read
+
+    def detach(self) -> int:
+        """The open file, no longer closed by :meth:`close`."""
+        fd, self.fd = self.fd, -1
+        return fd
 
     def close(self) -> None:
         if self.fd >= 0:

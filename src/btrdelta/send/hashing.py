@@ -516,6 +516,13 @@ class ContentHasher:
         self.uncache = extents
         #: bytes read for this hashing by others (:mod:`.extents`), counted by :meth:`wait`
         self.read_before = 0
+        #: files open already, by ``id`` of their node (read in parts by :mod:`.extents`):
+        #: the stream reads their changed blocks from these rather than opening them again
+        #: (:meth:`opened_file`); :meth:`close_files` closes what it did not take
+        self.opened: dict[int, int] = {}
+        #: leave up to this many files hashed here open there too (those whose bytes were
+        #: not kept: the stream reads their changed blocks)
+        self.keep_open = 0
         self._done = 0
         self.workers = workers or min(4, os.cpu_count() or 1)
         self._pool = _Batches(self._run, self.workers) if self.workers > 1 else None
@@ -564,11 +571,25 @@ class ContentHasher:
                 else:
                     keep = keeping and node.size <= self._keep_max and \
                         self._kept_bytes + node.size <= KEEP_BUDGET
-                    (node.digest, node.flags, node.segments, node.blocks, node.bdigest,
-                     content, node.extents) = _hash_file_blocks(
-                        path, node.size, buf, seed, keep,
-                        node.st_ino if self.extents else 0, fd, self.whole_blocks,
-                        self.uncache, self.extent_min)
+                    # (a file whose bytes are not kept: a copy of its descriptor is hashed
+                    # and closed, the file stays open)
+                    still = -1
+                    if fd >= 0 and not keep and len(self.opened) < self.keep_open:
+                        still, fd = fd, os.dup(fd)
+                    try:
+                        (node.digest, node.flags, node.segments, node.blocks, node.bdigest,
+                         content, node.extents) = _hash_file_blocks(
+                            path, node.size, buf, seed, keep,
+                            node.st_ino if self.extents else 0, fd, self.whole_blocks,
+                            self.uncache, self.extent_min)
+                    except BaseException:
+                        if still >= 0:
+                            os.close(still)
+                        raise
+                    if still >= 0 and content is None:
+                        self.opened[id(node)] = still
+                    elif still >= 0:
+                        os.close(still)
                     if content is not None:
                         with lock:
                             if self._kept_bytes + node.size <= KEEP_BUDGET:
@@ -742,6 +763,16 @@ class ContentHasher:
             on_bytes(self.read_before + self._done)
         return self.read_before + self._done
 
+
+    def opened_file(self, node: Node) -> int:
+        """The file of ``node`` open already (:attr:`opened`), now the caller's to close;
+        -1 if none."""
+        return self.opened.pop(id(node), -1) if self.opened else -1
+
+    def close_files(self) -> None:
+        """Close the files of :attr:`opened` that nobody took."""
+        while self.opened:
+            os.close(self.opened.popitem()[1])
 
     def close(self) -> None:
         """Drop queued work and stop the threads (after an error elsewhere)."""

@@ -49,6 +49,9 @@ if TYPE_CHECKING:
 __all__ = ["SendshotResult", "adopt", "load_base", "send_with_sendshots"]
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+#: at most this many files read in parts are left open for the stream (the others are
+#: opened again; 1,024 descriptors is a common limit)
+_KEEP_OPEN = 256
 
 
 class SendshotResult(Value):
@@ -275,8 +278,14 @@ def _changes(fz: Frozen, base: StoredSendshot, cols: Columns, seed: int,
         return None
     finally:
         os.close(fd)
-    # large files read only where their extents changed (the rest: the record's digests)
-    read = _hash_in_parts(changes, fz.path, seed)
+    # large files read only where their extents changed (the rest: the record's digests);
+    # they stay open for the stream, which reads their changed blocks again
+    opened: dict[int, int] = {}
+    try:
+        read = _hash_in_parts(changes, fz.path, seed, opened)
+    except BaseException:
+        _close_all(opened)
+        raise
     # a few MiB are hashed as fast in this thread as by a pool (not even started)
     small = sum(n.size for n in changes.to_hash.nodes.values()
                 if n.segments is None) < (8 << 20)
@@ -286,6 +295,8 @@ def _changes(fz: Frozen, base: StoredSendshot, cols: Columns, seed: int,
     scan = TreeScan(fz.path, seed=seed, new_tree=changes.to_hash, workers=1 if small else None,
                     extents=True, keep=changes.sent_whole)
     scan.hasher.read_before = read
+    scan.hasher.opened = opened
+    scan.hasher.keep_open = _KEEP_OPEN
     scan.hasher.extent_min = EXTENT_MIN  # (a few files: a search each, as a full send records)
     # (a small change's pages stay cached: dropping them file by file costs more than the
     # snapshot's deletion takes to drop a few MiB)
@@ -295,20 +306,30 @@ def _changes(fz: Frozen, base: StoredSendshot, cols: Columns, seed: int,
         changes.build()
     except Stale:
         scan.close()
+        scan.hasher.close_files()
         return None
     except BaseException:
         scan.close()
+        scan.hasher.close_files()
         raise
     scan.new = changes.new
     return scan, changes
 
 
-def _hash_in_parts(changes: Changes, root: bytes, seed: int) -> int:
+def _close_all(opened: dict[int, int]) -> None:
+    while opened:
+        os.close(opened.popitem()[1])
+
+
+def _hash_in_parts(changes: Changes, root: bytes, seed: int,
+                   opened: dict[int, int] | None = None) -> int:
     """Hash the changed files whose record keeps their extent items where those changed
     (:func:`~.extents.plan_changed`); the others are left to the hasher. Bytes read. Every
     file's reads are planned (asked of the device) before the first is made: the files of a
     new snapshot are not in the page cache, and one read after another each waited for the
-    device (~30 µs a file)."""
+    device (~30 µs a file). ``opened``: the files read are left open there (by ``id`` of
+    their node, up to :data:`_KEEP_OPEN`), for the stream (each open and close of a file
+    of a new snapshot, by path, ~15 µs)."""
     plans: list[Planned] = []
     try:
         for node in changes.to_hash.nodes.values():
@@ -323,7 +344,13 @@ def _hash_in_parts(changes: Changes, root: bytes, seed: int) -> int:
         if not plans:
             return 0
         buf = direct_buffer()  # (a mapping: only the pages the reads fill are touched)
-        return sum(planned.read(seed, buf) for planned in plans)
+        read = 0
+        for planned in plans:
+            keep = opened is not None and len(opened) < _KEEP_OPEN
+            read += planned.read(seed, buf, keep)
+            if keep:
+                opened[id(planned.node)] = planned.detach()  # type: ignore[index]
+        return read
     finally:
         for planned in plans:
             planned.close()
@@ -385,22 +412,26 @@ def send_with_sendshots(
         base, cols, sweep = _load_swept(store, from_sendshot, src, fz, candidates, damaged)
         seed = base.head.seed if base is not None else store.seed()
         scan, old, changes = _scan(fz, base, cols, seed, scanned, sweep)
-        ids = StreamIds(
-            uuid=fz.stream_uuid, ctransid=fz.info.ctransid if fz.info is not None else 0,
-            parent_uuid=base.head.stream_uuid if base is not None else None,
-            parent_ctransid=base.head.stream_ctransid if base is not None else 0,
-        )
-        same_tree = base is not None and (
-            base.head.subvol_uuid == fz.lineage if fz.lineage is not None
-            else base.head.source == src and base.head.kind == "sent")
-        sender = Sender(fz.path, None, version=version, compress=compress, name=stream_name,
-                        on_progress=on_progress, scan=scan, old_record=old, ids=ids,
-                        identities=same_tree)
-        if on_stream is not None:
-            on_stream(sender)
-        head = partial(_head, sender, fz, base, src, stream_name, seed)
-        stored = _stream_and_record(sender, write, version, on_record, store, head, changes,
-                                    record, durable, _stamp(fz, True) if base is None else None)
+        try:
+            ids = StreamIds(
+                uuid=fz.stream_uuid, ctransid=fz.info.ctransid if fz.info is not None else 0,
+                parent_uuid=base.head.stream_uuid if base is not None else None,
+                parent_ctransid=base.head.stream_ctransid if base is not None else 0,
+            )
+            same_tree = base is not None and (
+                base.head.subvol_uuid == fz.lineage if fz.lineage is not None
+                else base.head.source == src and base.head.kind == "sent")
+            sender = Sender(fz.path, None, version=version, compress=compress, name=stream_name,
+                            on_progress=on_progress, scan=scan, old_record=old, ids=ids,
+                            identities=same_tree)
+            if on_stream is not None:
+                on_stream(sender)
+            head = partial(_head, sender, fz, base, src, stream_name, seed)
+            stored = _stream_and_record(sender, write, version, on_record, store, head,
+                                        changes, record, durable,
+                                        _stamp(fz, True) if base is None else None)
+        finally:
+            scan.hasher.close_files()  # (the files the stream did not read)
         if inflight is not None:
             inflight(fz)
         return SendshotResult(
