@@ -495,7 +495,7 @@ def largest_item(fd: int) -> int:
     return (nodesize if 0 < nodesize <= 1 << 16 else 1 << 16) - _LEAF_OVERHEAD
 
 
-def file_extents(fd: int, ino: int) -> bytes | None:
+def file_extents(fd: int, ino: int, item_max: int = 0) -> bytes | None:
     """The file extent items (``EXTENT_DATA``) of inode ``ino`` of the subvolume holding
     ``fd``, in file order, each packed as :data:`EXTENT`; None when one of them cannot be
     compared by its fields (inline data, encryption or another encoding, an unknown type).
@@ -506,8 +506,9 @@ def file_extents(fd: int, ino: int) -> bytes | None:
     the last item in the key range only when the next one does not fit in what is left of
     the buffer (its 32-byte header and the item; or the number of items asked for is
     reached: we ask for 2^32 - 1), so a result that leaves room for a header and the largest
-    item the filesystem can hold (:func:`largest_item`) is every item there is. ``TREE_SEARCH``
-    (4 KiB, older kernels) is searched until it finds none.
+    item the filesystem can hold (:func:`largest_item`; ``item_max``: it, asked already) is
+    every item there is. ``TREE_SEARCH`` (4 KiB, older kernels) is searched until it finds
+    none.
     """
     out: list[bytes] = []
     min_off = 0
@@ -532,7 +533,7 @@ def file_extents(fd: int, ino: int) -> bytes | None:
         if off >= _U64_MAX:
             break
         if first == _V2_START:
-            room = room or _SEARCH_HDR.size + largest_item(fd)
+            room = room or _SEARCH_HDR.size + (item_max or largest_item(fd))
             if pos - first + room <= _EXTENT_BUFFER:
                 break  # every item fitted with room to spare: there is no other
         min_off = off + 1

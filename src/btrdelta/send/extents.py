@@ -69,19 +69,20 @@ _PAIR = struct.Struct("<QQ")
 _Span = tuple[int, int, tuple[int, ...] | None]
 
 
-def extents_of(fd: int, ino: int, size: int, flags: int, least: int = SEARCH_MIN
-               ) -> bytes | None:
+def extents_of(fd: int, ino: int, size: int, flags: int, least: int = SEARCH_MIN,
+               item_max: int = 0) -> bytes | None:
     """The extent items to record for open file ``fd`` (inode ``ino`` of ``size`` bytes,
     inode flags ``flags``), or None: below ``least`` (:data:`SEARCH_MIN`: the smaller files
     of a full send get theirs from :func:`from_sweep`), ``NOCOW``, items that cannot be
     compared (:func:`~btrdelta.fs.btrfs.file_extents`), no right to search the tree (not
     root), or items taking more than :data:`EXTENT_SHARE` of the file's size (a file
     fragmented into extents of less than ~10 KiB: the record stays small, the file is read
-    whole)."""
+    whole). ``item_max``: :func:`~btrdelta.fs.btrfs.largest_item` of the filesystem, asked
+    already."""
     if size < max(least, EXTENT_MIN) or flags & NOCOW:
         return None
     try:
-        got = file_extents(fd, ino)
+        got = file_extents(fd, ino, item_max)
     except OSError:
         return None
     return None if got is None or len(got) > size * EXTENT_SHARE else got
@@ -270,12 +271,14 @@ class Planned:
             self.fd = -1
 
 
-def plan_changed(node: Node, path: bytes, old: RecordInode) -> Planned | None:
+def plan_changed(node: Node, path: bytes, old: RecordInode, item_max: int = 0
+                 ) -> Planned | None:
     """Plan the read of changed file ``node`` (at ``path``) where its blocks are not proven
     unchanged against its record ``old`` (the same inode): the blocks to read are asked of
     the device at once (``POSIX_FADV_WILLNEED``), so the reads of several files planned
     before the first is made overlap. None: the file is not eligible (see the module
-    docstring) or nothing is proven unchanged; the caller hashes it whole.
+    docstring) or nothing is proven unchanged; the caller hashes it whole. ``item_max``: as
+    :func:`extents_of`.
 
     Raises:
         BtrdeltaError: the file cannot be opened.
@@ -287,7 +290,7 @@ def plan_changed(node: Node, path: bytes, old: RecordInode) -> Planned | None:
         return None
     fd = open_to_read(path)
     try:
-        plan = _plan(fd, node, old)
+        plan = _plan(fd, node, old, item_max)
         if plan is None:
             return None
         flags, new_ext, segs, ops = plan
@@ -303,7 +306,7 @@ def plan_changed(node: Node, path: bytes, old: RecordInode) -> Planned | None:
             os.close(fd)
 
 
-def _plan(fd: int, node: Node, old: RecordInode
+def _plan(fd: int, node: Node, old: RecordInode, item_max: int = 0
           ) -> tuple[int, bytes, list[tuple[int, int]], list[tuple[int, int]]] | None:
     """(inode flags, extent items, data segments, what to do in file order) of open file
     ``fd`` against its record ``old``; each thing to do is ``(-1 - first digest, blocks)``
@@ -313,7 +316,7 @@ def _plan(fd: int, node: Node, old: RecordInode
     if os.fstat(fd).st_ino != node.st_ino:
         return None
     flags = get_fileattr(fd)
-    new_ext = extents_of(fd, node.st_ino, node.size, flags, EXTENT_MIN)
+    new_ext = extents_of(fd, node.st_ino, node.size, flags, EXTENT_MIN, item_max)
     if new_ext is None:
         return None
     size = node.size

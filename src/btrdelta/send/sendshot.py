@@ -26,7 +26,7 @@ from functools import partial
 from .. import TYPE_CHECKING
 from .._value import Value
 from ..errors import BtrdeltaError, MissingBaseError, StreamFormatError
-from ..fs.btrfs import changed_inodes
+from ..fs.btrfs import changed_inodes, largest_item
 from ..stream.records import Record
 from ..tree.columns import Columns
 from ..tree.sendshot import SendshotHead
@@ -331,6 +331,7 @@ def _hash_in_parts(changes: Changes, root: bytes, seed: int,
     their node, up to :data:`_KEEP_OPEN`), for the stream (each open and close of a file
     of a new snapshot, by path, ~15 µs)."""
     plans: list[Planned] = []
+    item_max = 0  # (the filesystem's largest item, asked once)
     try:
         for node in changes.to_hash.nodes.values():
             if node.size < EXTENT_MIN:
@@ -338,7 +339,13 @@ def _hash_in_parts(changes: Changes, root: bytes, seed: int,
             old = changes.recorded(node)
             if old is None or old.extents is None:
                 continue
-            planned = plan_changed(node, root + b"/" + node.path, old)
+            if not item_max:
+                fd = os.open(root, _DIR)
+                try:
+                    item_max = largest_item(fd)
+                finally:
+                    os.close(fd)
+            planned = plan_changed(node, root + b"/" + node.path, old, item_max)
             if planned is not None:
                 plans.append(planned)
         if not plans:
