@@ -23,6 +23,7 @@ the generated ``_constants.h``. Nothing here knows about streams; errors are pla
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import functools
@@ -342,11 +343,8 @@ _ITEM_OBJECTID = struct.Struct("<8xQ")
 
 
 #: the result buffer of a change sweep (TREE_SEARCH_V2): an incremental of a few thousand
-#: changed inodes in a handful of calls (TREE_SEARCH's 4 KiB took hundreds). 128 KiB, not
-#: the 1 MiB of sessions 11-17: the kernel faults the whole buffer in before it copies
-#: (``fault_in_writeable``), and a fresh process's 1 MiB was 256 page faults; the sendshot
-#: benchmark's in-place round swept in 9 calls instead of 2, 2.2 against 2.8 ms (265 → 39
-#: faults), a whole Debian ``/usr`` in 37 instead of 6, 8.8 against 9.6 ms (2026-12-05)
+#: changed inodes in a handful of calls (TREE_SEARCH's 4 KiB took hundreds); not 1 MiB: the
+#: kernel faults the whole buffer in (256 page faults), docs/performance.md "Session 18"
 _SWEEP_BUFFER = 128 << 10
 
 
@@ -475,23 +473,17 @@ EXTENT = struct.Struct("<QQQQQQBB")
 #: ``BTRFS_FILE_EXTENT_INLINE``, ``_REG``, ``_PREALLOC``
 EXTENT_INLINE, EXTENT_REG, EXTENT_PREALLOC = 0, 1, 2
 _EXTENT_BUFFER = 1 << 16
-#: a ``TREE_SEARCH_V2`` result's first item (after the key and the buffer's size)
-_V2_START = _SEARCH_KEY.size + 8
-#: ``sizeof(struct btrfs_header) + sizeof(struct btrfs_item)``: a leaf's header and one
-#: item's, what ``BTRFS_MAX_ITEM_SIZE`` takes off the node size
-_LEAF_OVERHEAD = 101 + 25
+_V2_START = _SEARCH_KEY.size + 8  # (a TREE_SEARCH_V2 result's first item)
+_LEAF_OVERHEAD = 101 + 25  # (BTRFS_MAX_ITEM_SIZE: the node size less a leaf's, an item's header)
 
 
 def largest_item(fd: int) -> int:
-    """The largest item a tree of the filesystem holding ``fd`` can hold (its node size from
-    ``BTRFS_IOC_FS_INFO`` less a leaf's header and one item's: ``BTRFS_MAX_ITEM_SIZE``);
-    the largest a node can be (64 KiB) where the filesystem does not say."""
+    """The largest item the filesystem holding ``fd`` can hold (``BTRFS_MAX_ITEM_SIZE``, of
+    its node size from ``BTRFS_IOC_FS_INFO``; of 64 KiB, the most, where it does not say)."""
     buf = bytearray(1024)
-    try:
+    with contextlib.suppress(OSError):
         fcntl.ioctl(fd, _FS_INFO, buf)
-    except OSError:
-        return (1 << 16) - _LEAF_OVERHEAD
-    nodesize = int.from_bytes(buf[32:36], "little")
+    nodesize = int.from_bytes(buf[32:36], "little")  # (0: not said)
     return (nodesize if 0 < nodesize <= 1 << 16 else 1 << 16) - _LEAF_OVERHEAD
 
 
@@ -504,15 +496,14 @@ def file_extents(fd: int, ino: int, item_max: int = 0) -> bytes | None:
     Most files take one search, not a second that finds nothing: the kernel
     (``search_ioctl``/``copy_to_sk``, ``fs/btrfs/ioctl.c``) ends a ``TREE_SEARCH_V2`` before
     the last item in the key range only when the next one does not fit in what is left of
-    the buffer (its 32-byte header and the item; or the number of items asked for is
-    reached: we ask for 2^32 - 1), so a result that leaves room for a header and the largest
-    item the filesystem can hold (:func:`largest_item`; ``item_max``: it, asked already) is
-    every item there is. ``TREE_SEARCH`` (4 KiB, older kernels) is searched until it finds
-    none.
+    the buffer (its 32-byte header and the item; or when 2^32 - 1 items were found), so a
+    result that leaves room for a header and the largest item the filesystem can hold
+    (:func:`largest_item`; ``item_max``: it, asked already) is every item there is.
+    ``TREE_SEARCH`` (4 KiB, older kernels) is searched until it finds none.
     """
     out: list[bytes] = []
     min_off = 0
-    room = 0  # (what a complete result leaves, once needed: 0 = not asked yet)
+    room = 0  # (what a complete result leaves: asked when needed)
 
     def key(buf: bytearray) -> None:
         _SEARCH_KEY.pack_into(buf, 0, 0, ino, ino, min_off, _U64_MAX, 0, _U64_MAX,

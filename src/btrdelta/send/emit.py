@@ -679,8 +679,7 @@ class Sender(CloneFinder):
             yield from self._emit_ops(spooled, node, path, writes, clones)
         elif writes or clones:
             fd = self._hasher.opened_file(node) if self._hasher is not None else -1
-            if fd < 0:
-                fd = open_file(self.new.abspath(path))
+            fd = fd if fd >= 0 else open_file(self.new.abspath(path))
             try:
                 yield from self._emit_ops(reader(fd), node, path, writes, clones)
                 if self._hasher is not None and self._hasher.uncache:

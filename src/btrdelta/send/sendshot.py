@@ -420,17 +420,8 @@ def send_with_sendshots(
         seed = base.head.seed if base is not None else store.seed()
         scan, old, changes = _scan(fz, base, cols, seed, scanned, sweep)
         try:
-            ids = StreamIds(
-                uuid=fz.stream_uuid, ctransid=fz.info.ctransid if fz.info is not None else 0,
-                parent_uuid=base.head.stream_uuid if base is not None else None,
-                parent_ctransid=base.head.stream_ctransid if base is not None else 0,
-            )
-            same_tree = base is not None and (
-                base.head.subvol_uuid == fz.lineage if fz.lineage is not None
-                else base.head.source == src and base.head.kind == "sent")
-            sender = Sender(fz.path, None, version=version, compress=compress, name=stream_name,
-                            on_progress=on_progress, scan=scan, old_record=old, ids=ids,
-                            identities=same_tree)
+            ids, sender = _sender(fz, base, src, scan, old, version=version, compress=compress,
+                                  name=stream_name, on_progress=on_progress)
             if on_stream is not None:
                 on_stream(sender)
             head = partial(_head, sender, fz, base, src, stream_name, seed)
@@ -447,6 +438,21 @@ def send_with_sendshots(
             reused=changes.reused if changes is not None else 0, stats=sender.stats,
             warning="; ".join(filter(None, [fz.warning, *damaged])),
         )
+
+
+def _sender(fz: Frozen, base: StoredSendshot | None, src: bytes, scan: TreeScan,
+            old: Tree | None, **options: Any) -> tuple[StreamIds, Sender]:
+    """The stream's identities and its :class:`~.emit.Sender` (``options``: its own)."""
+    ids = StreamIds(
+        uuid=fz.stream_uuid, ctransid=fz.info.ctransid if fz.info is not None else 0,
+        parent_uuid=base.head.stream_uuid if base is not None else None,
+        parent_ctransid=base.head.stream_ctransid if base is not None else 0,
+    )
+    same_tree = base is not None and (
+        base.head.subvol_uuid == fz.lineage if fz.lineage is not None
+        else base.head.source == src and base.head.kind == "sent")
+    return ids, Sender(fz.path, None, scan=scan, old_record=old, ids=ids,
+                       identities=same_tree, **options)
 
 
 def _stream_and_record(sender: Sender, write: Callable[[Any], object], version: int,
