@@ -51,7 +51,8 @@ def _no_counter_left(request: pytest.FixtureRequest) -> Iterator[None]:
     before = _counters()
     yield
     new = _counters() - before
-    tmp = request.node.funcargs.get("tmp_path") if hasattr(request.node, "funcargs") else None
+    # pytest sets ``funcargs`` to None once an interrupted (Ctrl-C) test is torn down
+    tmp = (getattr(request.node, "funcargs", None) or {}).get("tmp_path")
     if not new or not isinstance(tmp, Path):
         return
     for top, dirs, _ in os.walk(tmp):
