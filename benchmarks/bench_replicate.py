@@ -23,8 +23,14 @@ the kernel's synced 2.50 and 2.43 s against 1.31-1.50 s), a cost of the loop fil
 either tool, that made the 3-round medians swing. Each run's
 snapshot is new, so both read their files from the disk (a snapshot's inodes are not those
 of the tree it was taken of, nor of any earlier snapshot). The two alternate (who goes first
-alternates too) ``BTRDELTA_BENCH_REPS`` times (default 3), and the medians count (the
-machine is shared: the load average is printed); the CPU time of each side (user + system of
+alternates too) ``BTRDELTA_BENCH_REPS`` times (default 6), and the medians count (the
+machine is shared: the load average is printed). The count is even so that each side goes
+second in a round as often as the other: the run second in a round is the slower one (the
+same code on both sides, session 18, 4 x 128 MiB: medians 1.93-2.02 s first against 2.50-2.54
+s second at load 26-28, 2.9-6.0 s against 8.1-8.9 s at load 9; the end of session 17's two
+near-idle runs: ours 1.14 and 1.00 s first, 1.37-1.95 s second), and with 3 rounds ours went
+second twice, the kernel's once. The median of each side's runs first in their round is
+printed too. The CPU time of each side (user + system of
 every process, not the kernel's writeback, loop and checksum threads) is printed too. The
 kernel sending one snapshot again and again (its files cached from the second run on: not
 what a replication does) was the comparison until session 7; it is no longer measured.
@@ -53,7 +59,7 @@ from btrdelta.testing.loopfs import loop_fs
 from btrdelta.testing.loopfs import run as sh
 
 PY = sys.executable
-REPS = int(os.environ.get("BTRDELTA_BENCH_REPS", "3"))
+REPS = int(os.environ.get("BTRDELTA_BENCH_REPS", "6"))
 WORKDIR = os.environ.get("BTRDELTA_BENCH_WORKDIR")
 
 
@@ -107,6 +113,7 @@ def _tree(name: str, fill: Callable[[Path], None], env: dict[str, str],
         synced: list[tuple[float, float]] = []  # the kernel's, then ``sync -f`` of its copy
         ours: list[tuple[float, float]] = []
         loads: list[float] = []
+        first: dict[Callable[[int, Path], None], list[int]] = {}  # rounds each side led
 
         def run_kernel(rep: int, k: Path) -> None:
             snap = mnt / f"K{rep}"
@@ -126,7 +133,10 @@ def _tree(name: str, fill: Callable[[Path], None], env: dict[str, str],
         for rep in range(-1, REPS):  # round -1: a warm-up, not counted
             k, b = rcv / f"k{rep}", rcv / f"b{rep}"
             sides = [(run_kernel, k), (run_ours, b)]
-            for side, dest in sides if rep % 2 == 0 else sides[::-1]:
+            if rep % 2:
+                sides.reverse()
+            first.setdefault(sides[0][0], []).append(rep)
+            for side, dest in sides:
                 dest.mkdir()
                 sh("sync")
                 loads.append(os.getloadavg()[0])
@@ -148,13 +158,19 @@ def _tree(name: str, fill: Callable[[Path], None], env: dict[str, str],
         def runs(times: list[tuple[float, float]]) -> str:
             return " ".join(f"{t:.2f}" for t, _ in times)
 
+        def led(side: Callable[[int, Path], None], times: list[tuple[float, float]]) -> str:
+            mine = [times[rep][0] for rep in first.get(side, []) if rep >= 0]
+            return f"{median(mine):.2f}" if mine else "-"
+
         out(f"replicate {name} ({mib:.0f} MiB in {len(files)} files) over a pipe: "
             f"{mib / bt:.0f} MiB/s ({bt:.2f} s, CPU {bc:.2f} s) vs snapshot + btrfs send | "
             f"btrfs receive {mib / kt:.0f} MiB/s ({kt:.2f} s, CPU {kc:.2f} s): "
             f"{kt / bt:.2f}x throughput; with sync -f DEST after it (as durable as ours) "
             f"{mib / st:.0f} MiB/s ({st:.2f} s, CPU {sc:.2f} s): {st / bt:.2f}x (goal >= 0.9x; "
             f"medians of {REPS} alternated runs, load {min(loads):.1f}-{max(loads):.1f}); "
-            f"runs {runs(ours)} vs {runs(kernel)}, synced {runs(synced)}{warm}")
+            f"runs {runs(ours)} vs {runs(kernel)}, synced {runs(synced)}; first in their "
+            f"round: ours {led(run_ours, ours)} s, the kernel's {led(run_kernel, kernel)} s"
+            f"{warm}")
 
 
 def run() -> list[str]:
