@@ -26,11 +26,12 @@ of the tree it was taken of, nor of any earlier snapshot). The two alternate (wh
 alternates too) ``BTRDELTA_BENCH_REPS`` times (default 6), and the medians count (the
 machine is shared: the load average is printed). The count is even so that each side goes
 second in a round as often as the other: the run second in a round is the slower one (the
-same code on both sides, session 18, 4 x 128 MiB: medians 1.93-2.02 s first against 2.50-2.54
-s second at load 26-28, 2.9-6.0 s against 8.1-8.9 s at load 9; the end of session 17's two
-near-idle runs: ours 1.14 and 1.00 s first, 1.37-1.95 s second), and with 3 rounds ours went
-second twice, the kernel's once. The median of each side's runs first in their round is
-printed too. The CPU time of each side (user + system of
+same code on both sides, session 18, 4 x 128 MiB: medians 1.93-2.02 s first against
+2.50-2.54 s second at load 26-28, 5.98 and 3.54 s against 8.12 and 7.46 s at load 9; the
+kernel pipeline on both sides 1.66 s first against 2.48 s second at load 21; the
+end of session 17's two near-idle runs: ours 1.14 and 1.00 s first, 1.37-1.95 s second),
+and with 3 rounds ours went second twice, the kernel's once. The median of each side's
+runs first in their round is printed too. The CPU time of each side (user + system of
 every process, not the kernel's writeback, loop and checksum threads) is printed too. The
 kernel sending one snapshot again and again (its files cached from the second run on: not
 what a replication does) was the comparison until session 7; it is no longer measured.
