@@ -23,16 +23,19 @@ the kernel's synced 2.50 and 2.43 s against 1.31-1.50 s), a cost of the loop fil
 either tool, that made the 3-round medians swing. Each run's
 snapshot is new, so both read their files from the disk (a snapshot's inodes are not those
 of the tree it was taken of, nor of any earlier snapshot). The two alternate (who goes first
-alternates too) ``BTRDELTA_BENCH_REPS`` times (default 6), and the medians count (the
-machine is shared: the load average is printed). The count is even so that each side goes
-second in a round as often as the other: the run second in a round is the slower one (the
-same code on both sides, session 18, 4 x 128 MiB: medians 1.93-2.02 s first against
-2.50-2.54 s second at load 26-28, 5.98 and 3.54 s against 8.12 and 7.46 s at load 9; the
-kernel pipeline on both sides 1.66 s first against 2.48 s second at load 21; the
-end of session 17's two near-idle runs: ours 1.14 and 1.00 s first, 1.37-1.95 s second),
-and with 3 rounds ours went second twice, the kernel's once. The median of each side's
-runs first in their round is printed too. The CPU time of each side (user + system of
-every process, not the kernel's writeback, loop and checksum threads) is printed too. The
+alternates too) ``BTRDELTA_BENCH_REPS`` times (default 6: even, so that each side goes
+second as often as the other), and the medians count (the machine is shared: the load
+average is printed). Each run's copy is deleted right after it and the deletion waited for
+(``btrfs subvolume sync``), so that every run starts from the same empty receiving
+filesystem: with the round's first copy still there, the second run was the slower one
+(session 18, 4 x 128 MiB, the same code on both sides: ours 1.93-2.02 s first against
+2.50-2.54 s second at load 26-28; the kernel pipeline 1.66 s against 2.48 s at load 21, and
+with the copy deleted and waited for 1.84 and 1.73 s against 1.64 and 1.82 s in two
+batches of 6 rounds; at the end of session 17, near idle, ours 1.14 and 1.00 s first
+against 1.37-1.95 s second, and with 3 rounds ours went second twice, the kernel once). The
+median of each side's runs first in their round is printed too. The CPU time of each side
+(user + system of every
+process, not the kernel's writeback, loop and checksum threads) is printed too. The
 kernel sending one snapshot again and again (its files cached from the second run on: not
 what a replication does) was the comparison until session 7; it is no longer measured.
 Python's bytecode is compiled once before (an installed package has it; a development tree
@@ -142,11 +145,12 @@ def _tree(name: str, fill: Callable[[Path], None], env: dict[str, str],
                 sh("sync")
                 loads.append(os.getloadavg()[0])
                 side(rep, dest)
-            for d in (k, b):  # room for the next round
-                for sub in d.iterdir():
+                # each run starts from an empty receiving filesystem, nothing left to clean
+                for sub in dest.iterdir():
                     if sub.is_dir() and sub.stat().st_ino == 256:  # a subvolume
                         sh("btrfs", "subvolume", "delete", str(sub))
-            sh("btrfs", "filesystem", "sync", str(rcv))
+                sh("btrfs", "filesystem", "sync", str(rcv))
+                sh("btrfs", "subvolume", "sync", str(rcv))
             if rep < 0:
                 warm = (f"; warm-up round, not counted: ours {ours.pop()[0]:.2f} s, the "
                         f"kernel's {kernel.pop()[0]:.2f} s, synced {synced.pop()[0]:.2f} s")
