@@ -45,7 +45,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from ._value import Value
-from .errors import BtrdeltaError, SignatureError, StreamFormatError
+from .errors import BtrdeltaError, SignatureError, StreamFormatError, UsageError
 
 __all__ = [
     "CONTEXT_STREAM",
@@ -64,6 +64,7 @@ __all__ = [
     "key_id",
     "load_private_key",
     "load_public_key",
+    "load_root_key",
     "parse_public_key",
     "public_key_text",
     "read_signature",
@@ -339,6 +340,17 @@ def load_public_key(path: str) -> Ed25519PublicKey:
     (``ssh-ed25519 AAAA…``), the base64 of its 32 raw bytes (:func:`public_key_text`), or
     a private key file (its public half)."""
     return parse_public_key(_read_small(path, "a key file"), source=path)
+
+
+def load_root_key(path: str) -> Ed25519PublicKey:
+    """A repository's root public key for a client to pin (:func:`load_public_key`'s
+    forms but a private key file: a device holds the public half only, and its private
+    key there is a mistake to say, not to use: :class:`UsageError`)."""
+    data = _read_small(path, "a key file")
+    if data.lstrip().startswith(b"-----BEGIN") and b"PRIVATE KEY-----" in data:
+        raise UsageError(f"{path} is a private key: give the repository's root public key "
+                         "(NAME.pub beside NAME.key; a client never needs the private one)")
+    return parse_public_key(data, source=path)
 
 
 # -- signatures -----------------------------------------------------------------------

@@ -944,3 +944,77 @@ def test_a_mirror_that_synced_timestamp_json_first_is_named_once(
         assert tree_sum(tmp_path / "d" / "v2") == tree_sum(releases[1])
     finally:
         srv.stop()
+
+
+def test_a_newer_timestamp_seen_is_never_gone_back_from(
+    signed: tuple[Path, Path, Path], releases: list[Path], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A mirror that synced the new timestamp.json first (its index missing), then a stale
+    mirror with the old, still valid state: the newer timestamp verifies with the keys of
+    the index the device trusts, so the stale one is a rollback, in this run and the next
+    (TUF 1.0 §5.4.3, §5.4.5). The stale state was taken in the same run, and the
+    newer timestamp forgotten."""
+    _root, pub, ts_key = signed
+    stale = _copy_repo(signed, tmp_path / "stale")
+    dest = tmp_path / "d"
+    rc, _, err = _update(str(stale), dest, pub, "--to", "v1", capsys=capsys)
+    assert rc == 0, err
+    good = _copy_repo(signed, tmp_path / "good")
+    assert main(["repo", "sign", str(good), "--key", str(pub.with_suffix(".pem")),
+                 "--timestamp-key", str(ts_key)]) == 0  # index version 2
+    early = _copy_repo(signed, tmp_path / "early")
+    shutil.copy2(good / "timestamp.json", early / "timestamp.json")
+    before = _snapshot(dest)
+    rc, _, err = _update(str(early), dest, None, "--mirror", str(stale), capsys=capsys)
+    assert rc == 5, err
+    assert "timestamp version 1 is older than version 2 already seen" in err, err
+    assert err.count("\n") == 1, err
+    rc, _, err = _update(str(stale), dest, None, capsys=capsys)  # the next run, alone
+    assert rc == 5, err
+    assert "older than version 2 already seen" in err, err
+    assert _snapshot(dest) == before
+    rc, _, err = _update(str(stale), dest, None, "--to", "v2", "--mirror", str(good),
+                         capsys=capsys)
+    assert rc == 0, err
+    assert tree_sum(dest / "v2") == tree_sum(releases[1])
+    # a timestamp nothing verifies (no index trusted yet: a first update) is not kept
+    fresh = tmp_path / "fresh"
+    rc, _, err = _update(str(early), fresh, pub, "--to", "v1", "--mirror", str(stale),
+                         capsys=capsys)
+    assert rc == 0, err
+
+
+def test_a_first_update_that_fails_leaves_nothing_and_a_private_key_is_refused(
+    signed: tuple[Path, Path, Path], releases: list[Path], server: Nginx, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A first update refused before any index verified (a private key given, a wrong
+    key, no repository at the URL) leaves DEST as it found it: absent, or without
+    `.btrdelta/`. The private root key was taken (its public half pinned), and each
+    failure left `DEST/.btrdelta/` (lock, metadata cache)."""
+    _, pub, _ = signed
+    repo = _copy_repo(signed, tmp_path / "www")
+    dest = tmp_path / "new"
+    for cmd in (["update", str(repo), str(dest)], ["repo", "ls", server.url]):
+        capsys.readouterr()
+        rc = main([*cmd, "--key", str(pub.with_suffix(".pem"))])
+        err = capsys.readouterr().err
+        assert rc == 2, err
+        assert err.count("\n") == 1, err
+        assert "is a private key" in err, err
+        assert not dest.exists()
+    wrong = tmp_path / "other"
+    trust.save_key_pair(trust.generate_key(), f"{wrong}.pem", f"{wrong}.pub")
+    rc, _, err = _update(str(repo), dest, Path(f"{wrong}.pub"), capsys=capsys)
+    assert rc == 5, err
+    assert not dest.exists()
+    dest.mkdir()
+    for url, key, code in ((str(repo), Path(f"{wrong}.pub"), 5),
+                           (str(tmp_path / "nothing"), pub, 7)):
+        rc, _, err = _update(url, dest, key, capsys=capsys)
+        assert rc == code, err
+        assert os.listdir(dest) == []
+    rc, _, err = _update(str(repo), dest, pub, "--to", "v1", capsys=capsys)
+    assert rc == 0, err
+    assert tree_sum(dest / "v1") == tree_sum(releases[0])

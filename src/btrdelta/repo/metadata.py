@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import blake3
@@ -29,7 +29,8 @@ from .mirror import Mirrors
 from .model import ArtifactRef, Bin, Index, Timestamp, VersionRecord
 from .signing import CONTEXT_INDEX, CONTEXT_TIMESTAMP, open_document
 
-__all__ = ["MetaCache", "Verified", "get_timestamp", "load_index", "version_records"]
+__all__ = ["MetaCache", "Verified", "get_timestamp", "keep_timestamp", "load_index",
+           "version_records"]
 
 _MAX_TIMESTAMP = 64 << 10
 
@@ -91,35 +92,78 @@ def get_timestamp(mirrors: Mirrors, url: str) -> bytes:
 
 
 def load_index(mirrors: Mirrors, keys: Sequence[trust.PublicKey], trusted: TrustedState,
-               cache: MetaCache, *, now: float | None = None) -> Verified:
-    """The verified index (see the module docstring); ``trusted`` is not modified."""
+               cache: MetaCache, *, now: float | None = None,
+               on_newer: Callable[[int], None] | None = None) -> Verified:
+    """The verified index (see the module docstring); ``trusted`` is not modified.
+
+    A mirror's ``timestamp.json`` newer than the trusted one whose index cannot be had
+    (a mirror that synced it first) still counts once its signature verifies with the
+    timestamp keys of the trusted index (in ``cache``): no later mirror's older timestamp
+    is taken in this run (TUF 1.0 §5.4.3), and ``on_newer(version)`` is told, for the
+    caller to keep it (§5.4.5: the next run refuses an older one too)."""
     when = time.time() if now is None else now
     before = mirrors.stats.bytes_received
+    newest = [trusted.timestamp_version]
 
     def attempt(url: str) -> Verified:
         ts_bytes = get_timestamp(mirrors, url)
         claimed = Timestamp.decode(Fields(parse_json(ts_bytes, "timestamp.json"),
                                           "timestamp.json").get("signed"), "timestamp.json")
+        floor = TrustedState(trusted.index_version, newest[0], trusted.index_blake3)
         # an expired or rolled-back timestamp is refused before anything it names is fetched
-        check_timestamp(claimed, now=when, trusted=trusted)
-        data = cache.get(claimed.index_blake3)
-        if data is None:
-            data = mirrors.fetch(claimed.index_path, length=claimed.index_length,
-                                 digest=claimed.index_blake3)
-        source = claimed.index_path
-        index = Index.decode(open_document(data, source, keys, CONTEXT_INDEX), source)
-        ts_keys = [trust.parse_public_key(k.encode(), source=source)
-                   for k in index.timestamp_keys]
-        ts = Timestamp.decode(open_document(ts_bytes, "timestamp.json", ts_keys,
-                                            CONTEXT_TIMESTAMP), "timestamp.json")
-        check_timestamp(ts, now=when, trusted=trusted)
-        check_index(index, ts, claimed.index_blake3, now=when, trusted=trusted, source=source)
-        cache.put(claimed.index_blake3, data)
-        return Verified(index, ts, claimed.index_blake3, len(data), len(ts_bytes))
+        check_timestamp(claimed, now=when, trusted=floor)
+        try:
+            return _verify(mirrors, keys, floor, cache, ts_bytes, claimed, when)
+        except (TransportError, ChecksumError, StreamFormatError):
+            if claimed.version > newest[0] and _signed_as_trusted(ts_bytes, keys, trusted,
+                                                                   cache):
+                newest[0] = claimed.version
+                if on_newer is not None:
+                    on_newer(claimed.version)
+            raise
 
     out = mirrors.each("timestamp.json", attempt)
     out.downloaded = mirrors.stats.bytes_received - before
     return out
+
+
+def _verify(mirrors: Mirrors, keys: Sequence[trust.PublicKey], trusted: TrustedState,
+            cache: MetaCache, ts_bytes: bytes, claimed: Timestamp, when: float) -> Verified:
+    """The index ``claimed`` names (cached, or fetched from any mirror), verified, and the
+    timestamp verified with the keys it lists."""
+    data = cache.get(claimed.index_blake3)
+    if data is None:
+        data = mirrors.fetch(claimed.index_path, length=claimed.index_length,
+                             digest=claimed.index_blake3)
+    source = claimed.index_path
+    index = Index.decode(open_document(data, source, keys, CONTEXT_INDEX), source)
+    ts = Timestamp.decode(open_document(ts_bytes, "timestamp.json", _timestamp_keys(index),
+                                        CONTEXT_TIMESTAMP), "timestamp.json")
+    check_timestamp(ts, now=when, trusted=trusted)
+    check_index(index, ts, claimed.index_blake3, now=when, trusted=trusted, source=source)
+    cache.put(claimed.index_blake3, data)
+    return Verified(index, ts, claimed.index_blake3, len(data), len(ts_bytes))
+
+
+def _timestamp_keys(index: Index) -> list[trust.PublicKey]:
+    return [trust.parse_public_key(k.encode(), source=f"index/{index.version}.json")
+            for k in index.timestamp_keys]
+
+
+def _signed_as_trusted(ts_bytes: bytes, keys: Sequence[trust.PublicKey],
+                       trusted: TrustedState, cache: MetaCache) -> bool:
+    """Whether ``ts_bytes`` is signed by a timestamp key of the trusted index (kept in
+    ``cache``): false without one, or when the keys changed since."""
+    data = cache.get(trusted.index_blake3) if trusted.index_blake3 else None
+    if data is None:
+        return False
+    try:
+        source = f"index/{trusted.index_version}.json"
+        index = Index.decode(open_document(data, source, keys, CONTEXT_INDEX), source)
+        open_document(ts_bytes, "timestamp.json", _timestamp_keys(index), CONTEXT_TIMESTAMP)
+    except StreamFormatError:  # (ChecksumError, SignatureError: subclasses)
+        return False
+    return True
 
 
 def version_records(mirrors: Mirrors, index: Index, cache: MetaCache,
@@ -153,14 +197,22 @@ def full_index(mirrors: Mirrors, rec: VersionRecord, cache: MetaCache) -> FullIn
     return full
 
 
-def save_trusted(path: Path, verified: Verified) -> None:
+def save_trusted(path: Path, verified: Verified | TrustedState) -> None:
     """Remember ``verified`` as the newest trusted state (atomic)."""
     import json
 
-    state = TrustedState(verified.index.version, verified.timestamp.version,
-                         verified.index_blake3)
+    state = verified if isinstance(verified, TrustedState) else TrustedState(
+        verified.index.version, verified.timestamp.version, verified.index_blake3)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, (json.dumps(state.encode()) + "\n").encode())
+
+
+def keep_timestamp(path: Path, version: int) -> None:
+    """Remember timestamp ``version`` as seen (``load_index``'s ``on_newer``), the trusted
+    index unchanged."""
+    old = read_trusted(path)
+    if version > old.timestamp_version:
+        save_trusted(path, TrustedState(old.index_version, version, old.index_blake3))
 
 
 def read_trusted(path: Path) -> TrustedState:

@@ -174,6 +174,7 @@ class Mirrors:
         order = self.order()
         outer = not getattr(self._nested, "on", False)  # (an attempt may fetch: the index)
         said: set[int] = set()  # failures said already: a mirror found dead, at once
+        missing = 0  # mirrors that lacked the file (HTTP 404, no such file)
         for n, url in enumerate(order):
             try:
                 self._nested.on = True
@@ -185,6 +186,7 @@ class Mirrors:
             except TransportError as exc:
                 failed(url, exc.message, exc.url)
                 dead = exc.status is None or exc.status >= 500
+                missing += exc.status == 404
             except httpx.HTTPError as exc:
                 failed(url, f"{type(exc).__name__}: {exc}")
                 dead = True
@@ -219,8 +221,11 @@ class Mirrors:
             raise type(wrong)(text, source=source)
         if wrong is not None:
             raise ChecksumError(text, source=source)
-        # the path first even when a reason names it again (`repo sign` writes timestamp.json)
-        raise TransportError(f"{source}: {text}", url=source)
+        # the path first even when a reason names it again (`repo sign` writes timestamp.json);
+        # missing everywhere is a 404 still (the index a timestamp names, fetched inside an
+        # attempt: its mirror is not dead)
+        raise TransportError(f"{source}: {text}", url=source,
+                             status=404 if missing == len(order) else None)
 
     # -- whole small files -------------------------------------------------------------
 

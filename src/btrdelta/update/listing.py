@@ -56,7 +56,7 @@ def _remote_listing(url: str, *, key: str | None) -> dict[str, Any]:
     cache = MetaCache(None)
     try:
         if key is not None:
-            keys = current_root(mirrors, [trust.load_public_key(key)], None)
+            keys = current_root(mirrors, [trust.load_root_key(key)], None)
             v = load_index(mirrors, keys, TrustedState(), cache)
             index, ts, note = v.index, v.timestamp, "signatures verified"
         else:

@@ -46,6 +46,7 @@ from ..repo.metadata import (
     MetaCache,
     Verified,
     full_index,
+    keep_timestamp,
     load_index,
     read_trusted,
     save_trusted,
@@ -157,7 +158,7 @@ class _Dest:
         the one pinned before."""
         pinned = self.state / "root.pub"
         if key is not None:
-            return [trust.load_public_key(key)]
+            return [trust.load_root_key(key)]
         if not pinned.exists():
             raise BtrdeltaError("no root key: give --key ROOT_PUB (it is remembered in "
                                 f"{pinned})")
@@ -255,6 +256,30 @@ def _import_ahead() -> threading.Thread:
     return thread
 
 
+def _verified(d: _Dest, m: Mirrors, key: str | None, now: float | None,
+              made: Path | None) -> Verified:
+    """The repository's verified index, the root key pinned and the trusted state kept
+    (not on a dry run); ``made`` is removed if it fails (under DEST's lock)."""
+    dry_run = d.meta.readonly
+    try:
+        pinned = d.root_keys(key)
+        trusted_path = d.state / "trusted" / f"{trust.key_id(pinned[0])}.json"
+        keys = current_root(m, pinned, trusted_path.with_suffix(".root.json"),
+                            save=not dry_run)
+        verified = load_index(
+            m, keys, read_trusted(trusted_path), d.meta, now=now,
+            on_newer=None if dry_run else lambda v: keep_timestamp(trusted_path, v))
+    except BaseException:
+        if made is not None:
+            remove_path(made, ignore_errors=True)
+        raise
+    if not dry_run:
+        save_trusted(trusted_path, verified)
+        if key is not None:
+            d.pin(pinned[0])
+    return verified
+
+
 def update(
     url: str, dest: str | os.PathLike[str], *, to: str | None = None, key: str | None = None,
     mirrors: Sequence[str] = (), dry_run: bool = False, client: httpx.Client | None = None,
@@ -268,6 +293,10 @@ def update(
     the trusted state or the metadata cache; what is cached is used)."""
     t0 = time.monotonic()
     d = _Dest(Path(dest), dry_run=dry_run)
+    #: a first update's DEST (or its state directory) is made by this run: gone again if
+    #: the run ends before an index verified (a wrong key or URL leaves nothing behind)
+    made = None if dry_run or d.state.exists() else \
+        d.state if d.dest.exists() else d.dest
     if not dry_run:  # (a dry run writes nothing: no directory, lock, pin, cache or state)
         d.dest.mkdir(parents=True, exist_ok=True)
     emit = on_event or (lambda _e: None)
@@ -277,15 +306,8 @@ def update(
         d.imports = _import_ahead()
     try:
         with d.looked_at() if dry_run else d.locked():
-            pinned = d.root_keys(key)
-            trusted_path = d.state / "trusted" / f"{trust.key_id(pinned[0])}.json"
-            keys = current_root(m, pinned, trusted_path.with_suffix(".root.json"),
-                                save=not dry_run)
-            verified = load_index(m, keys, read_trusted(trusted_path), d.meta, now=now)
+            verified = _verified(d, m, key, now, made)
             if not dry_run:
-                save_trusted(trusted_path, verified)
-                if key is not None:
-                    d.pin(pinned[0])
                 holdings.cleanup(d.dest)
             result = _run(d, m, verified, to, dry_run, emit)
             result.metadata_bytes += verified.downloaded
