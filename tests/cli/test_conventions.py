@@ -9,6 +9,7 @@ import json
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,28 @@ def test_every_help_has_an_example() -> None:
                    after.splitlines()), p.prog
         # long lines of the examples are kept as written, paragraphs are wrapped
         assert max(len(line) for line in text.splitlines()) <= 100, p.prog
+
+
+def test_every_group_s_help_has_an_example() -> None:
+    """`btrdelta image --help` (a command of subcommands, as `device`, `repo`, `key`) had
+    no example: a new user saw seven subcommands and no order to run them in."""
+    def groups(p: argparse.ArgumentParser, words: tuple[str, ...] = ()
+               ) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, child in a.choices.items():
+                    if any(isinstance(x, argparse._SubParsersAction) for x in child._actions):
+                        yield (*words, name), child
+                        yield from groups(child, (*words, name))
+
+    found = dict(groups(build_parser()))
+    assert {("image",), ("device",), ("repo",)} <= set(found)
+    for words, p in found.items():
+        text = p.format_help()
+        assert "example" in text, words
+        after = text.split("example", 1)[1]
+        assert any(line.strip(" :s").startswith(f"btrdelta {words[0]} ")
+                   for line in after.splitlines()), words
 
 
 def test_every_help_says_what_the_command_does() -> None:

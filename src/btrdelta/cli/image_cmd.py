@@ -57,6 +57,18 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "cloned into a local chunk store and/or straight onto a file or device, reusing what "
         "the store, the output and seeds hold; exposed read-only through FUSE or NBD. "
         "casync/desync .caibx indexes and .castr stores are read too. " + _FORMATS,
+        epilog=examples(
+            "btrdelta key generate -o release                 # once; release.pub to devices",
+            "btrdelta image compress -i rootfs-v2.ext4 -o www/rootfs-v2.bdar --sign release.key",
+            "btrdelta serve www                               # or any HTTP server (ranges)",
+            "# on a device: fetch what the old image (the running slot) lacks",
+            "btrdelta image clone http://server/rootfs-v2.bdar /var/lib/images/v2 \\",
+            "    --seed /dev/mmcblk0p2 --key release.pub",
+            "btrdelta image verify /var/lib/images/v2 --key release.pub",
+            "btrdelta image clone http://server/rootfs-v2.bdar --output /dev/mmcblk0p3 \\",
+            "    --seed /dev/mmcblk0p2 --key release.pub      # no store: onto slot B",
+            "btrdelta image gc /var/lib/images                # chunks no image needs",
+            note="Each subcommand's --help has more (mount, nbd, info)."),
     )
     isub = p.add_subparsers(dest="image_command", metavar="SUBCOMMAND")
 
