@@ -111,6 +111,50 @@ def test_overlay_diff_and_factory_reset(btrfs_dev: Path, small_release: Release,
     assert tree_sum(btrfs_dev / "roots/factory") == r.old_sum
 
 
+def _subvolumes(top: Path) -> list[str]:
+    """The kernel's list of subvolume paths (btrfs-progs)."""
+    out = subprocess.run(["btrfs", "subvolume", "list", str(top)], capture_output=True,
+                         text=True, check=True).stdout
+    return sorted(line.split(" path ", 1)[1] for line in out.splitlines())
+
+
+def test_a_reset_of_the_running_system_keeps_its_old_state_until_the_next_boot(
+    btrfs_dev: Path, small_release: Release, sysroot: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A factory reset run on the system booted from the device (its / one of the roots,
+    mounted as the initramfs does) swaps the state at once but deletes the old one only
+    after a reboot: the running system's overlays and bind mounts go on working until
+    then. It was deleted under them: a bind-mounted /home became an empty directory and
+    every write there failed with ENOENT (session 17)."""
+    from btrdelta.device import boot
+
+    device.init(btrfs_dev, small_release.old, state=STATE)
+    mount(btrfs_dev, sysroot)
+    (sysroot / "home/notes").write_text("before\n")
+    (sysroot / "etc/local.conf").write_text("local\n")
+    monkeypatch.setattr(boot, "RUNNING_ROOT", str(sysroot))  # booted from roots/a
+    assert device.status(btrfs_dev)["booted"] == "a"
+    assert factory_reset(btrfs_dev, keep=["home"])["kept"] == ["home"]
+    (sysroot / "home/later").write_text("written after the reset\n")  # was ENOENT
+    assert (sysroot / "home/notes").read_text() == "before\n"
+    assert (sysroot / "etc/local.conf").read_text() == "local\n"
+    assert progs_default(btrfs_dev) == "roots/factory"
+    assert (btrfs_dev / "state/home/notes").read_text() == "before\n"  # kept as it was
+    assert not (btrfs_dev / "state/home/later").exists()
+    assert os.listdir(btrfs_dev / "state/etc/upper") == []
+    old = [".state-reset/etc", ".state-reset/home", ".state-reset/var"]
+    assert set(old) <= set(_subvolumes(btrfs_dev))
+    with pytest.raises(device.DeviceError, match="reboot first"):
+        factory_reset(btrfs_dev)  # in the same boot: it would delete them
+    assert set(old) <= set(_subvolumes(btrfs_dev))
+    # the next boot: the running system is on the new state; any command deletes the old
+    _umount(sysroot)
+    monkeypatch.setattr(boot, "RUNNING_ROOT", "/")
+    factory_reset(btrfs_dev, keep=["home"])
+    assert not set(old) & set(_subvolumes(btrfs_dev))
+    assert sorted(os.listdir(btrfs_dev)) == [".btrdelta", "roots", "state"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

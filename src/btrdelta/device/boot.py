@@ -144,9 +144,15 @@ def set_default_root(layout: Layout, name: str) -> None:
         sv.syncfs(fd)
 
 
-def booted_root(layout: Layout, running_root: str = "/") -> str | None:
-    """The root the running system booted, when its ``/`` is one of this filesystem's
-    roots (same btrfs UUID, same subvolume); else ``None``."""
+#: the running system's ``/`` (tests put a root mounted by ``device mount`` here)
+RUNNING_ROOT = "/"
+
+
+def booted_root(layout: Layout, running_root: str | None = None) -> str | None:
+    """The root the running system booted, when its ``/`` (``running_root``, default
+    :data:`RUNNING_ROOT`) is one of this filesystem's roots (same btrfs UUID, same
+    subvolume); else ``None``."""
+    running_root = RUNNING_ROOT if running_root is None else running_root
     try:
         rfd = os.open(running_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:

@@ -31,7 +31,7 @@ from .boot import (
 )
 from .fetch import clear_work
 from .layout import BOOTABLE, FACTORY, HIDDEN, SLOTS, DeviceError, Layout, open_device
-from .reset import STATE_RESET, fresh_state_subvol
+from .reset import STATE_RESET, fresh_state_subvol, old_state_in_use
 from .roots import Fetch, build_root, place_root
 from .state import DeviceState, RootInfo, load_state, parse_state_spec, save_state
 
@@ -161,7 +161,8 @@ def recover(layout: Layout, st: DeviceState) -> list[str]:
             done.append(f"finished a rollback cut short (default {default})")
         st.pending = None
     leftovers = _restore_leftovers(layout)
-    if pending.get("op") != "factory-reset" and os.path.lexists(layout.top / STATE_RESET):
+    if pending.get("op") != "factory-reset" and os.path.lexists(layout.top / STATE_RESET) \
+            and not old_state_in_use(layout):  # (kept until the next boot)
         leftovers.append(layout.top / STATE_RESET)  # a reset's prepared or old state
     for leftover in leftovers:
         try:

@@ -9,7 +9,9 @@ The steps (no reflash, no partition erase)::
     COMMIT    renameat2(RENAME_EXCHANGE) of .state-reset and state: one atomic step swaps
               every state subvolume at once; synced
     finish    ROOT becomes the default subvolume, any trial is cleared, the old state
-              (now .state-reset) is deleted; state file: pending cleared
+              (now .state-reset) is deleted, or kept until the next boot when the
+              running system booted from this device in the boot that reset it (its
+              overlays and bind mounts use it); state file: pending cleared
 
 A power cut before COMMIT leaves the old state and the old root (recovery deletes the
 prepared state); after it, the new state is in place and the next ``device`` command
@@ -23,15 +25,32 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from .boot import call_hook, clear_trial, default_root, set_default_root
+from ..update.partial import boot_id
+from .boot import booted_root, call_hook, clear_trial, default_root, set_default_root
 from .layout import FACTORY, DeviceError, Layout, open_device
 from .state import DeviceState, StateSubvol, save_state
 
-__all__ = ["STATE_RESET", "factory_reset", "finish_reset", "fresh_state_subvol"]
+__all__ = ["STATE_RESET", "factory_reset", "finish_reset", "fresh_state_subvol",
+           "old_state_in_use"]
 
 #: where the new state subvolumes are prepared (top level)
 STATE_RESET = _PREPARED = ".state-reset"
 _MARK = ".btrdelta-generation"
+#: in the old state a reset swapped out: the boot whose running system still uses it
+_IN_USE = ".btrdelta-in-use-by-boot"
+
+
+def old_state_in_use(layout: Layout, boot: str | None = None) -> bool:
+    """Whether ``.state-reset`` is the old state of a reset made in this boot (``boot``,
+    else its marker, names it) while the running system is one of this device's roots:
+    its overlays and bind mounts use those subvolumes until the next boot (deleted under
+    them, a bind-mounted /home became an empty directory where writes fail)."""
+    if boot is None:
+        try:
+            boot = (layout.top / _PREPARED / _IN_USE).read_text().strip()
+        except OSError:
+            return False
+    return bool(boot) and boot == boot_id() and booted_root(layout) is not None
 
 
 def fresh_state_subvol(layout: Layout, s: StateSubvol, dest: os.PathLike[str]) -> None:
@@ -94,6 +113,9 @@ def factory_reset(
 
         st = load_state(layout)
         recover(layout, st)
+        if old_state_in_use(layout):
+            raise DeviceError("the running system still uses the state of the last factory "
+                              "reset: reboot first")
         names = {s.name for s in st.state}
         unknown = [k for k in keep if k not in names]
         if unknown:
@@ -112,7 +134,7 @@ def factory_reset(
         (prepared / _MARK).write_text(f"{gen}\n")
         layout.sync()
         st.pending = {"op": "factory-reset", "to": target, "generation": gen,
-                      "keep": keep}
+                      "keep": keep, "boot": boot_id()}
         save_state(layout, st)
         layout.exchange(prepared, layout.state_dir)  # COMMIT
         layout.sync()
@@ -132,10 +154,15 @@ def finish_reset(layout: Layout, st: DeviceState) -> list[str]:
         set_default_root(layout, target)
         clear_trial(layout)
         call_hook(st.hook, "good", target)
-        try:
-            layout.delete(prepared)
-        except OSError as exc:  # in use by the running system's mounts: next time
-            done.append(f"old state kept until it is not in use ({exc.strerror})")
+        if old_state_in_use(layout, str(pending.get("boot") or "")):
+            (prepared / _IN_USE).write_text(f"{pending['boot']}\n")
+            done.append("old state kept until the next boot (the running system's mounts "
+                        "use it)")
+        else:
+            try:
+                layout.delete(prepared)
+            except OSError as exc:  # btrfs refused: the next command
+                done.append(f"old state kept until it is not in use ({exc.strerror})")
         st.note("factory-reset", root=target, kept=pending.get("keep", []))
         done.append(f"factory reset to {target}")
     else:
