@@ -622,12 +622,18 @@ class _Matcher:
         for d in reversed(order):
             if d == ROOT or d in m.n2o:
                 continue
-            votes: dict[int, int] = defaultdict(int)
+            # a vote for each (name, old name) pair: 2 where the names are equal, else 1;
+            # counted per matched inode, not per name (a file of N names in d: N, not N^2)
+            names_of: dict[int, set[bytes]] = defaultdict(set)
             for name, cid in new.children[d].items():
                 matched = m.n2o.get(cid)
-                for op, oname in onodes[matched].dentries if matched is not None else ():
+                if matched is not None:
+                    names_of[matched].add(name)
+            votes: dict[int, int] = defaultdict(int)
+            for matched, names in names_of.items():
+                for op, oname in onodes[matched].dentries:
                     if op not in m.o2n:
-                        votes[op] += 2 if oname == name else 1
+                        votes[op] += len(names) + (oname in names)
             same_path = self.old_at(d)
             same = same_path[0] if same_path and onodes[same_path[0]].is_dir else None
             if votes:

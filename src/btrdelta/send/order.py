@@ -116,10 +116,13 @@ class Namespace(Value):
         self.dentries.setdefault(key, []).append((parent, name))
         self.touched.add(parent)
 
-    def remove(self, key: int, parent: int, name: bytes) -> None:
-        """Record a removed entry."""
+    def remove(self, key: int, parent: int, name: bytes, at: int | None = None) -> None:
+        """Record a removed entry (``at``: where it is in ``dentries[key]``, when known)."""
         del self.children[parent][name]
-        self.dentries[key].remove((parent, name))
+        if at is None:
+            self.dentries[key].remove((parent, name))
+        else:
+            del self.dentries[key][at]
         self.touched.add(parent)
 
 
@@ -227,6 +230,9 @@ class _Orderer:
         self.orphan_seq: dict[int, int] = {}
         #: keys of created directories -> the default ACL they were given at creation
         self.defaults: dict[int, bytes] = {}
+        self._finals: dict[int, set[Dentry]] = {}
+        #: key -> how many of its first names are final (:meth:`first_pending`)
+        self._placed: dict[int, int] = {}
 
     def default_acl(self, key: int) -> bytes | None:
         """The default ACL directory ``key`` has on the receiver while names change (an old
@@ -242,11 +248,26 @@ class _Orderer:
         return oid if oid is not None else -1 - new_id
 
     def final_dentries(self, key: int) -> set[Dentry]:
-        """The names ``key`` has in the new tree."""
-        nid = self.match.o2n.get(key) if key >= 0 else -1 - key
-        if nid is None:
-            return set()
-        return {(self.key_of(p), name) for p, name in self.new.nodes[nid].dentries}
+        """The names ``key`` has in the new tree (made once: an inode of N names is placed
+        N times)."""
+        finals = self._finals.get(key)
+        if finals is None:
+            nid = self.match.o2n.get(key) if key >= 0 else -1 - key
+            dentries = self.new.nodes[nid].dentries if nid is not None else ()
+            finals = self._finals[key] = {(self.key_of(p), name) for p, name in dentries}
+        return finals
+
+    def first_pending(self, key: int, current: list[Dentry]) -> int:
+        """Where the first name of ``key`` that is not one of its final names is in
+        ``current`` (its names now), ``len(current)`` if none. Scanned on from the last
+        call's answer: the names before it are final, and only names that are not final
+        are ever removed (a name moved away, evicted or unlinked) and new ones appended."""
+        finals = self.final_dentries(key)
+        at = self._placed.get(key, 0)
+        while at < len(current) and current[at] in finals:
+            at += 1
+        self._placed[key] = at
+        return at
 
     def orphan_name(self, key: int) -> bytes:
         """A free orphan name ``o<ino>-0-<idx>`` in the root for old inode ``key``."""
@@ -299,12 +320,11 @@ class _Orderer:
                 ns.children[ckey] = {}
             return
         current = ns.dentries.get(ckey, [])
-        finals = self.final_dentries(ckey)
-        pending = [dn for dn in current if dn not in finals]
-        if pending:
-            src_parent, src_name = pending[0]
+        at = self.first_pending(ckey, current)
+        if at < len(current):
+            src_parent, src_name = current[at]
             self.out.append(Rename(path=ns.path(src_parent, src_name), path_to=target))
-            ns.remove(ckey, src_parent, src_name)
+            ns.remove(ckey, src_parent, src_name, at)
             ns.add(ckey, pkey, name)
             if node.is_dir:
                 ns.touched.add(ckey)
@@ -326,9 +346,16 @@ class _Orderer:
                     doomed_dirs.append(key)
                 continue
             finals = self.final_dentries(key)
-            for dn in [dn for dn in ns.dentries[key] if dn not in finals]:
-                self.out.append(Unlink(path=ns.path(*dn)))
-                ns.remove(key, *dn)
+            kept: list[Dentry] = []
+            for dn in ns.dentries[key]:  # (not ns.remove: a scan of the list for each)
+                if dn in finals:
+                    kept.append(dn)
+                    continue
+                parent, name = dn
+                self.out.append(Unlink(path=ns.path(parent, name)))
+                del ns.children[parent][name]
+                ns.touched.add(parent)
+            ns.dentries[key] = kept
         depth = {k: ns.dir_path(k).count(b"/") for k in doomed_dirs}
         for key in sorted(doomed_dirs, key=lambda k: -depth[k]):
             parent, name = ns.dentries[key][0]
