@@ -58,6 +58,8 @@ class Variant:
     #: "incremental" (A, B from A), "no-data" (both --no-data), "clone-source" (A; B with
     #: A as a -c clone source and no -p: btrfs send picks A as its parent too)
     mode: str = "incremental"
+    #: scenarios this filesystem cannot hold (their recipes fail on it)
+    skip: frozenset[str] = frozenset()
 
 
 VARIANTS = [
@@ -67,10 +69,26 @@ VARIANTS = [
     Variant("hole-items", mkfs=("-O", "^no-holes")),  # explicit hole extent items
     Variant("no-data", "compress=zstd", mode="no-data"),
     Variant("clone-source", "compress=zstd", mode="clone-source"),
+    # 64 KiB nodes: inline extents up to a whole 4 KiB sector (4,000 bytes of random data
+    # stored inline, 4,096 compressed), zstd's slowest level
+    Variant("nodesize-64k", "compress-force=zstd:15,max_inline=4096", ("-n", "65536")),
+    # 4 KiB nodes in mixed block groups, zlib's level 9 (xattrs past a 4 KiB leaf do not
+    # fit; a metadata-only balance is refused where data and metadata share block groups)
+    Variant("nodesize-4k-mixed", "compress-force=zlib:9", ("-M", "-n", "4096"),
+            skip=frozenset({"xattr-max-size", "xattrs-past-path-max-053",
+                            "dedupe-balance-snapshots-187"})),
+    # no copy-on-write, no checksums and so no compression for every file (the compression
+    # property cannot be set)
+    Variant("nodatacow", "nodatacow", skip=frozenset({"compression-property-048"})),
 ]
 _WANTED = os.environ.get("BTRDELTA_MATRIX", "")
 _ONLY = {n for n in os.environ.get("BTRDELTA_MATRIX_ONLY", "").split(",") if n}
 _BTRFS_PROPERTIES = (b"btrfs.compression",)
+#: scenarios where btrfs receive's tree is not the source's (6.18, btrfs-progs 6.2), so only
+#: ours against it is compared: a subvolume root's default ACL, inherited by the orphans it
+#: makes there (docs/upstream-tests.md); a set-user-ID file's owner changed with its mode
+#: kept, whose chown (no chmod after it in the stream) clears the bit
+_KERNEL_DIFFERS = {"acl-default-root", "setuid-after-chown"}
 
 pytestmark = [pytest.mark.btrfs, pytest.mark.slow, pytest.mark.timeout(3600),
               pytest.mark.skipif(not _WANTED, reason="the matrix: make matrix")]
@@ -195,7 +213,7 @@ def _check(v: Variant, t: Targets, pair: SnapshotPair, tag: str, out: Path,
             moved = [p for p, ns in kernel_atimes.items() if p != "./" and got.get(p) != ns]
             if moved:
                 problems.append(f"{tag}: {key} {snap}: atime of {moved[:5]}")
-        if v.mode != "no-data":
+        if v.mode != "no-data" and pair.scenario.name not in _KERNEL_DIFFERS:
             problems += _compare(f"{tag}: kernel {snap} vs source", pair.b.parent / snap,
                                  dirs["kernel"] / snap, holes=False, root_mtime=root_mtime)
         for key in ("btrfs", "ext4"):
@@ -243,7 +261,7 @@ def test_every_scenario(variant: Variant, tmp_path: Path) -> None:
     problems: list[str] = []
     with _targets(variant) as t:
         for sc in SCENARIOS:
-            if _ONLY and sc.name not in _ONLY:
+            if (_ONLY and sc.name not in _ONLY) or sc.name in variant.skip:
                 continue
             try:
                 pair = make_snapshots(t.src, sc)

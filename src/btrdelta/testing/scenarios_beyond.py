@@ -1,4 +1,4 @@
-"""Scenarios of classes the upstream send tests leave thin, built by hand (sessions 16, 17).
+"""Scenarios of classes the upstream send tests leave thin, built by hand (sessions 16-18).
 
 Session 16 (a new user's trial): FALLOC_FL_ZERO_RANGE, renameat2(RENAME_EXCHANGE), default
 POSIX ACLs, xattrs on moved directories, the subvolume root's metadata, clones of ranges
@@ -8,6 +8,8 @@ removed directories, clones among new files, many extents, truncation to zero, n
 the largest xattrs, ``-c`` clone sources, Debian's merged /usr, a big directory's churn,
 255-byte names, metadata at the limits of its fields, capabilities after writes, content
 changed under a kept size and mtime, xattrs on special files, set-group-ID directories.
+Session 18: device numbers at the ends of their fields, every byte in names, files around
+the inline limit, 255-byte xattr names, immutable and append-only inodes.
 :mod:`btrdelta.testing.scenarios` runs them with the upstream ones (none of these remounts
 or holds files open).
 """
@@ -236,5 +238,64 @@ BEYOND: list[Scenario] = [
       "touch sg/f; chgrp 0 sg/f; mkdir sg/d; chmod g-s sg/d; chgrp 0 sg/d; mkdir sg/d2;"
       " mkfifo sg/p; chgrp 0 sg/p; ln -s x sg/l; chgrp -h 0 sg/l; mkdir sg/old/n;"
       " chmod 755 sg/old/n; chgrp 0 sg/old/n; touch sg/g; chmod 2755 sg/g"),
+    # -- session 18 --
+    # device numbers at the ends of their fields (major 4095, minor 2^20 - 1: past the old
+    # 8-bit encoding), changed, a character device replaced by a block device
+    S("device-numbers-wide",
+      "mknod c1 c 4095 1048575; mknod b1 b 259 1048575; mknod c2 c 256 256; mknod c3 c 0 0;"
+      " mknod b2 b 4095 0",
+      "rm c1; mknod c1 c 1 1048575; mknod c4 c 4000 70000; mv b1 b1m; mknod b1 b 4095 1;"
+      " rm c2; mknod c2 b 256 257"),
+    # every byte but NUL and '/' in names: one of each, a name of all 254, a symlink target
+    # of all 255, an xattr name of bytes 0x80-0xff and a value of all 256
+    S("all-byte-names",
+      "python3 -c 'import os\n"
+      "allb = bytes(b for b in range(1, 256) if b != 0x2f)\n"
+      "os.mkdir(b\"d\")\n"
+      "for b in range(1, 256):\n"
+      "    if b not in (0x2e, 0x2f): open(b\"d/\" + bytes([b]), \"w\").write(str(b))\n"
+      "open(allb, \"w\").write(\"all\")\n"
+      "os.mkdir(allb[::-1])\n"
+      "os.symlink(bytes(range(1, 256)), b\"sym\")\n"
+      "os.setxattr(allb, b\"user.\" + bytes(range(0x80, 0x100)), bytes(range(256)))'",
+      "python3 -c 'import os\n"
+      "allb = bytes(b for b in range(1, 256) if b != 0x2f)\n"
+      "for b in range(1, 256):\n"
+      "    if b in (0x2e, 0x2f): continue\n"
+      "    if b % 3 == 0: os.rename(b\"d/\" + bytes([b]), b\"d/\" + bytes([b, b]))\n"
+      "    elif b % 3 == 1: os.unlink(b\"d/\" + bytes([b]))\n"
+      "os.rename(allb, allb[::-1] + b\"/\" + allb)\n"
+      "os.link(allb[::-1] + b\"/\" + allb, b\".\\xff..\")\n"
+      "os.unlink(b\"sym\"); os.symlink(bytes(range(255, 0, -1)), b\"sym\")\n"
+      "os.setxattr(b\".\\xff..\", b\"user.\\x01\\x7f\", b\"\\x00\")'"),
+    # files around the inline limit (2,048 by default, 4,095 with max_inline=4096 on 64 KiB
+    # nodes: make matrix) grown past it, cut below it, rewritten; an inline extent cloned
+    S("inline-boundaries",
+      "for n in 1 2047 2048 2049 4095 4096 4097; do head -c $n /dev/urandom > r$n;"
+      " head -c $n /dev/zero | tr \"\\\\0\" a > z$n; done",
+      "printf x >> r2047; printf xy >> z4095; truncate -s 100 r4096; truncate -s 2000 z2049;"
+      " printf Q | dd of=r2048 bs=1 conv=notrunc status=none;"
+      " head -c 4096 /dev/zero | tr \"\\\\0\" q > n4096;"
+      " truncate -s 3000 z4097; printf tail >> z4097; cp --reflink=always z2047 zc;"
+      " head -c 4000 /dev/urandom > n4000; truncate -s 0 r1; printf 12 > r1;"
+      " truncate -s 8192 z2048"),
+    # xattr names of 255 bytes (the limit), empty values, values with NULs
+    S("xattr-long-names",
+      "touch f; mkdir d; for c in a b c; do setfattr -n user.$(printf \"$c%.0s\" $(seq 250))"
+      " -v val$c f; done; setfattr -n user.nul -v 0x00ff00 f; setfattr -n user.empty f;"
+      " for i in $(seq 10 17); do setfattr -n user.$i$(printf 'x%.0s' $(seq 248))"
+      " -v $(printf 'v%.0s' $(seq 60)) d; done",
+      "setfattr -x user.$(printf 'a%.0s' $(seq 250)) f;"
+      " setfattr -n user.$(printf 'b%.0s' $(seq 250)) -v 0x0000 f; setfattr -n user.empty -v e f;"
+      " setfattr -n user.nul f; for i in $(seq 10 3 17); do"
+      " setfattr -x user.$i$(printf 'x%.0s' $(seq 248)) d; done; mv f d/f"),
+    # immutable and append-only files and directories (the flags are not sent before v3;
+    # what is written while they are lifted is)
+    S("immutable-append-only",
+      "echo a > imm; chattr +i imm; echo b > app; chattr +a app; mkdir adir; echo c > adir/f;"
+      " chattr +a adir; mkdir idir; echo d > idir/f; chattr +i idir; echo e > plain",
+      "chattr -i imm; echo more >> imm; chattr +i imm; echo more >> app; touch adir/new;"
+      " chattr -i idir; rm idir/f; chattr +i idir; chattr +i plain; chattr -a adir",
+      btrfs_only=True),
 ]
 del S
