@@ -15,7 +15,9 @@ name           module                          what it runs instead of the Pytho
                                                parent's)
 ``blockhash``  ``btrdelta.send._blockhash``    a sendshot record's seeded XXH3-128 of every
                                                4 KiB block of a buffer (one call, not one
-                                               per block; needs ``xxhash.h`` to build)
+                                               per block; needs ``xxhash.h`` to build); a
+                                               file's XXH3-128 with its holes hashed by
+                                               their length, not their zeros
 ``hpatch``     ``btrdelta.delta._hpatch``      applying an HDiffPatch (``hdiff``) patch,
                                                instead of the ``hdiffpatch`` library; the
                                                blocks of a patched file equal to its old

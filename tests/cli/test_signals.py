@@ -101,8 +101,8 @@ def test_a_stream_written(tmp_path: Path, sig: signal.Signals) -> None:
 def test_a_tree_hashed_while_a_thread_hashes_a_huge_file(tmp_path: Path) -> None:
     """``tree-sum`` of a tree holding a sparse file of 1 TiB, which a worker thread hashes
     (minutes of zeros): the signal ends the command within a few MiB of hashing, not when
-    the file is hashed (until session 17 it waited for that; ``send --record`` still
-    does)."""
+    the file is hashed (until session 17 it waited for that; ``send --record``: the next
+    test)."""
     tree = tmp_path / "tree"
     tree.mkdir()
     with open(tree / "huge", "wb") as f:
@@ -118,6 +118,50 @@ def test_a_tree_hashed_while_a_thread_hashes_a_huge_file(tmp_path: Path) -> None
         proc.kill()
         proc.wait()
     assert (proc.returncode, out, err) == (143, b"", b"btrdelta tree-sum: interrupted\n")
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_send_record_of_a_huge_sparse_file(tmp_path: Path) -> None:
+    """``send --record`` of a tree holding a sparse file of 1 TiB (its record's BLAKE3 of the
+    whole content: ~12 min of zeros at 1.5 GB/s): the signal, once the hashing runs, ends
+    the command with nothing left (no stream, no record, no temporary file). The bound:
+    the hashing stops within a MiB of BLAKE3 or 16 GiB of holes hashed by length (~0.1 s
+    on an idle core, ~1 s at load 10), then the clean-up: 30 s covers a load of 20; until
+    session 18 the hashing thread finished the file first (a 64 GiB file: 40 s)."""
+    tree, store, tmp = tmp_path / "tree", tmp_path / "store", tmp_path / "tmp"
+    tree.mkdir()
+    tmp.mkdir()
+    with open(tree / "huge", "wb") as f:
+        f.truncate(1 << 40)
+    (tree / "small").write_bytes(b"x")
+    out = tmp_path / "out.stream"
+    proc = subprocess.Popen([sys.executable, "-m", "btrdelta", "send", str(tree), "-o",
+                             str(out), "--record", "--store", str(store), "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "TMPDIR": str(tmp)},
+                            preexec_fn=_as_in_a_terminal())
+    try:
+        deadline = time.monotonic() + 60
+        while _cpu_seconds(proc.pid) < 1.5:  # past start-up: hashing the file
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "never started hashing"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        out_, err = proc.communicate(timeout=30)
+        took = time.monotonic() - start
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (proc.returncode, out_, err) == (143, b"", b"btrdelta send: interrupted\n"), took
+    assert not out.exists()
+    assert not list((store / "records").iterdir()) if (store / "records").exists() else True
+    assert not list(tmp.iterdir())
 
 
 @pytest.mark.parametrize("sig", SIGNALS)

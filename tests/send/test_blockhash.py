@@ -13,7 +13,13 @@ import xxhash
 
 from btrdelta import _native
 from btrdelta.cli import main
-from btrdelta.send.onepass import BLOCK, BlockHasher, block_digests_py, digests_of
+from btrdelta.send.onepass import (
+    BLOCK,
+    BlockHasher,
+    block_digests_py,
+    content_hasher,
+    digests_of,
+)
 from btrdelta.stream import StreamReader
 from btrdelta.stream.records import Write
 
@@ -102,3 +108,61 @@ def test_a_record_of_one_backend_is_the_others_base(tmp_path: Path) -> None:
         writes = [(r.path, r.offset, len(r.data)) for r in StreamReader(f)
                   if isinstance(r, Write)]
     assert writes == [(b"f1", 5 * BLOCK, BLOCK), (b"f3", 200 * BLOCK, BLOCK)]
+
+
+def _fed(hasher: object, parts: list[tuple[bool, bytes]]) -> bytes:
+    for zeros, data in parts:
+        if zeros:
+            hasher.zeros(len(data))  # type: ignore[attr-defined]
+        else:
+            hasher.update(data)  # type: ignore[attr-defined]
+    digest: bytes = hasher.digest()  # type: ignore[attr-defined]
+    return digest
+
+
+def test_content_digests_with_holes_by_length_are_xxh3s() -> None:
+    """XXH3-128 of content fed with runs of zeros by length (``x3_*`` in C, and the Python
+    hasher that feeds the zeros) equals python-xxhash's of the same bytes: short and long
+    inputs, runs that start and end inside a stripe (64 bytes) and a block (1024), many
+    blocks, data between."""
+    rng = random.Random(18)
+    sizes = [0, 1, 63, 64, 65, 239, 240, 241, 1023, 1024, 1025, 16 * 1024 + 5, 100_000]
+    for trial in range(600):
+        parts = [(rng.random() < 0.5, b"") for _ in range(rng.randint(0, 5))]
+        parts = [(z, bytes(n) if z else rng.randbytes(n))
+                 for z, _ in parts for n in [rng.choice([*sizes, rng.randint(0, 9000)])]]
+        want = xxhash.xxh3_128(b"".join(d for _z, d in parts)).digest()
+        for backend in ("c", "python"):
+            with _native.use_backend(backend, "blockhash"):  # type: ignore[arg-type]
+                assert _fed(content_hasher(), parts) == want, (trial, backend)
+    for backend in ("c", "python"):  # the C hasher only where holes are the most bytes
+        with _native.use_backend(backend, "blockhash"):  # type: ignore[arg-type]
+            assert type(content_hasher(1 << 20, 1 << 30)).__name__ == "_ZerosFed"
+    with _native.use_backend("c", "blockhash"):
+        assert type(content_hasher(1 << 30, 1 << 20)).__name__ == "_ZerosByLength"
+
+
+def test_a_hole_of_many_gib_by_length() -> None:
+    """3 GiB of zeros (hashed by python-xxhash as bytes: the oracle), data, more zeros."""
+    with _native.use_backend("c", "blockhash"):
+        h = content_hasher()
+        h.zeros(3 << 30)
+        h.update(b"data")
+        h.zeros(70_000)
+    want = xxhash.xxh3_128()
+    zeros = memoryview(bytes(1 << 20))
+    for _ in range(3 << 10):
+        want.update(zeros)
+    want.update(b"data" + bytes(70_000))
+    assert h.digest() == want.digest()
+
+
+def test_c_hasher_refuses_a_state_of_another_size() -> None:
+    c = _native.live("blockhash")
+    assert c is not None
+    with pytest.raises(ValueError, match="state"):
+        c.x3_update(bytearray(8), b"x")
+    with pytest.raises(ValueError, match="state"):
+        c.x3_zeros(bytearray(8), 5)
+    with pytest.raises(TypeError):
+        c.x3_update(bytes(c.X3_STATE_SIZE), b"x")  # read-only

@@ -62,6 +62,7 @@ from ..stream.records import (
 from .changes import SourceIndex, TreeIdentity, dir_flags, index_source
 from .emit import CAPS, COMPRESSORS, SendStats, encode_piece, option_problem
 from .hashing import open_dir
+from .onepass import content_hasher
 from .order import FullInos, _create
 from .scan import ROOT, Node, open_file, open_to_read, read_node, uuid_of
 
@@ -72,7 +73,6 @@ __all__ = ["FullSend"]
 
 #: files up to this size are read with one ``read`` (and kept until sent)
 _WHOLE = 1 << 20
-_ZEROS = bytes(_WHOLE)
 _HDR = struct.Struct("<IHI")
 #: the UUID of a CLONE from the new subvolume until its UUID is known
 _NIL = uuid.UUID(int=0)
@@ -485,16 +485,16 @@ class FullSend:
 
     def _read_large(self, node: Node, fd: int, segs: list[tuple[int, int]],
                     full: bytes) -> bytes:
-        """Send the data ranges of a large file, hashing holes as the zeros they read as."""
-        h = self._xxh.xxh3_128()
+        """Send the data ranges of a large file, hashing holes as the zeros they read as
+        (by their length: :func:`.onepass.content_hasher`)."""
+        data = sum(n for _off, n in segs)
+        h = content_hasher(node.size - data, data)
         pos = 0
 
         def piece(p: int, n: int) -> bytes:
             nonlocal pos
-            while pos < p:  # a hole before this piece
-                k = min(_WHOLE, p - pos)
-                h.update(_ZEROS[:k])
-                pos += k
+            if pos < p:  # a hole before this piece
+                h.zeros(p - pos)
             buf = os.pread(fd, n, p)
             if len(buf) != n:
                 raise BtrdeltaError("file changed while sending (short read)", path=full)
@@ -504,14 +504,11 @@ class FullSend:
 
         for off, length in segs:
             self._write_range(node, off, length, piece)
-        while pos < node.size:
-            k = min(_WHOLE, node.size - pos)
-            h.update(_ZEROS[:k])
-            pos += k
+        if pos < node.size:
+            h.zeros(node.size - pos)
         if os.pread(fd, 1, node.size):
             raise BtrdeltaError("file changed while sending (size differs)", path=full)
-        digest: bytes = h.digest()
-        return digest
+        return h.digest()
 
     def _write_range(self, node: Node, off: int, length: int,
                      piece: Callable[[int, int], Any]) -> None:

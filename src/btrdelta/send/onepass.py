@@ -16,6 +16,7 @@ is 9 ms of CPU against 15-17 ms; the whole-file digests (BLAKE3 and XXH3) take 3
 from __future__ import annotations
 
 import os
+import threading
 
 import blake3
 
@@ -30,14 +31,16 @@ if TYPE_CHECKING:
 
     from .scan import Node
 
-__all__ = ["BLOCK", "BlockHasher", "SentWhole", "block_digests_py", "digests_of",
-           "hashed_as_sent"]
+__all__ = ["BLOCK", "BlockHasher", "SentWhole", "Stopped", "block_digests_py", "content_hasher",
+           "digests_of", "hashed_as_sent"]
 
 #: size of the blocks a sendshot record digests
 BLOCK = 4096
 #: zeros fed for holes, at most this many at a time
 _PIECE = 1 << 20
 _ZEROS = memoryview(bytes(_PIECE))
+#: zeros the C hasher takes by length at a time (~0.1 s on an idle core)
+_HOLE_PIECE = 16 << 30
 #: smallest file a full send hashes as it sends it (see :class:`SentWhole`)
 _HASHED_AS_SENT = 1 << 20
 
@@ -55,18 +58,86 @@ def _block_digests_fn() -> Any:
     return native.blocks if native is not None else block_digests_py
 
 
+class Stopped(BtrdeltaError):
+    """Hashing was stopped (:meth:`~.hashing.ContentHasher.close`: an error elsewhere, a
+    signal) before the file was hashed."""
+
+
+class _ZerosFed:
+    """XXH3-128 of content fed in order, a run of zeros fed as zeros (python-xxhash)."""
+
+    __slots__ = ("_h", "update")
+
+    def __init__(self) -> None:
+        self._h = need("xxhash", "make").xxh3_128()
+        self.update = self._h.update
+
+    def zeros(self, n: int, stop: threading.Event | None = None) -> None:
+        while n > 0:
+            if stop is not None and stop.is_set():
+                raise Stopped("hashing stopped")
+            k = min(_PIECE, n)
+            self._h.update(_ZEROS[:k])
+            n -= k
+
+    def digest(self) -> bytes:
+        digest: bytes = self._h.digest()
+        return digest
+
+
+class _ZerosByLength:
+    """XXH3-128 of content fed in order, a run of zeros by its length (the C accelerator's
+    ``x3_*``: a 1 TiB hole in ~6 s of one idle core instead of ~60 s, its data at ~6 GB/s
+    instead of ~20)."""
+
+    __slots__ = ("_native", "_state")
+
+    def __init__(self, native: Any) -> None:
+        self._native = native
+        self._state = bytearray(native.X3_STATE_SIZE)
+
+    def update(self, data: Any) -> None:
+        self._native.x3_update(self._state, data)
+
+    def zeros(self, n: int, stop: threading.Event | None = None) -> None:
+        while n > 0:  # (in pieces of ~0.1 s on an idle core, to be stopped between them)
+            if stop is not None and stop.is_set():
+                raise Stopped("hashing stopped")
+            k = min(_HOLE_PIECE, n)
+            self._native.x3_zeros(self._state, k)
+            n -= k
+
+    def digest(self) -> bytes:
+        digest: bytes = self._native.x3_digest(self._state)
+        return digest
+
+
+def content_hasher(holes: int = 1, data: int = 0) -> _ZerosFed | _ZerosByLength:
+    """An XXH3-128 hasher of a file's content fed in order (``update(bytes)``,
+    ``zeros(n)``: its holes, ``digest()``: canonical, 16 bytes; the digest is the same
+    either way). For a file with ``holes`` bytes of holes and ``data`` bytes of data it is
+    the ``blockhash`` C accelerator's when built and the holes are at least as many bytes
+    as the data (its data path runs at a third of python-xxhash's speed, its holes at ~10x
+    that of hashing their zeros), else python-xxhash's, zeros fed as bytes."""
+    native = _native.live("blockhash") if holes >= data else None
+    if native is not None and hasattr(native, "x3_zeros"):
+        return _ZerosByLength(native)
+    return _ZerosFed()
+
+
 class BlockHasher:
     """Record mode: the digests of one file's content fed in order, its data ranges
     (:func:`~.scan.block_segments`) at 4 KiB-aligned offsets, holes skipped: XXH3-128 and
     BLAKE3-256 of the whole content (holes as zeros) and the seeded XXH3-128 of every block
     of the data ranges."""
 
-    __slots__ = ("_b3", "_blocks", "_blocks_of", "_h", "pos", "seed")
+    __slots__ = ("_b3", "_blocks", "_blocks_of", "_h", "_stop", "pos", "seed")
 
-    def __init__(self, seed: int) -> None:
-        xxhash = need("xxhash", "make")
+    def __init__(self, seed: int, stop: threading.Event | None = None) -> None:
         self.seed = seed
-        self._h = xxhash.xxh3_128()
+        #: set: feeding a hole's zeros raises :class:`Stopped` within a MiB
+        self._stop = stop
+        self._h = content_hasher()  # (its zeros cost next to BLAKE3's: the C one if built)
         self._b3 = blake3.blake3()
         self._blocks_of = _block_digests_fn()
         self._blocks: list[bytes] = []
@@ -86,9 +157,13 @@ class BlockHasher:
         self.pos = pos + len(data)
 
     def _zeros(self, end: int) -> None:
+        if self.pos >= end:
+            return
+        self._h.zeros(end - self.pos, self._stop)
         while self.pos < end:
+            if self._stop is not None and self._stop.is_set():
+                raise Stopped("hashing stopped")
             n = min(_PIECE, end - self.pos)
-            self._h.update(_ZEROS[:n])
             self._b3.update(_ZEROS[:n])
             self.pos += n
 
