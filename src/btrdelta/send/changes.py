@@ -55,6 +55,7 @@ from ..fs.btrfs import get_fileattr
 from ..fs.copy import data_segments
 from .diff import Compared, compare_files
 from .hashing import _WHOLE, _hash_file, lstat_root, open_dir
+from .onepass import content_hasher
 from .scan import (
     ROOT,
     Node,
@@ -198,12 +199,15 @@ def _read_single(node: Node, path: bytes, buf: bytearray, keep: bool) -> _Kept |
             node.digest = xxhash.xxh3_128_digest(data)
             node.bdigest = blake3.blake3(data).digest()
             return (data_segments(fd, size), data) if keep else None
-        h, b3 = xxhash.xxh3_128(), blake3.blake3()
+        segs = data_segments(fd, size)
+        in_data = sum(n for _off, n in segs)
+        h, b3 = content_hasher(size - in_data, in_data), blake3.blake3()
         view, pos = memoryview(buf), 0
-        for off, length in [*data_segments(fd, size), (size, 0)]:
-            while pos < off:  # a hole: the zeros it reads as
+        for off, length in [*segs, (size, 0)]:
+            if pos < off:  # a hole: the zeros it reads as (XXH3 by length)
+                h.zeros(off - pos)
+            while pos < off:
                 k = min(_WHOLE, off - pos)
-                h.update(_ZEROS[:k])
                 b3.update(_ZEROS[:k])
                 pos += k
             while pos < off + length:

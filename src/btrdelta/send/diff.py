@@ -58,7 +58,6 @@ __all__ = [
 #: granularity of in-place diffs (the btrfs sector size)
 BLOCK = 4096
 _READ = 1 << 20
-_ZEROS = memoryview(bytes(_READ))
 
 
 class Match(Value):
@@ -256,15 +255,18 @@ def _compare(fo: int, fn: int, old_path: bytes, new_path: bytes, old_size: int,
         return _compare_small(fo, fn, old_path, new_path, old_size, new_size, xxhash)
     oflags, nflags = get_fileattr(fo), get_fileattr(fn)
     osegs, nsegs = data_segments(fo, old_size), data_segments(fn, new_size)
-    ho, hn = xxhash.xxh3_128(), xxhash.xxh3_128()
+    from .onepass import content_hasher  # (not at import: send20's import graph)
+
+    odata, ndata = sum(n for _o, n in osegs), sum(n for _o, n in nsegs)
+    ho = content_hasher(old_size - odata, odata)
+    hn = content_hasher(new_size - ndata, ndata)
     hashed = [0, 0]
     writes: list[tuple[int, int]] = []
 
-    def zeros(h: Any, i: int, upto: int) -> None:
-        while hashed[i] < upto:
-            k = min(_READ, upto - hashed[i])
-            h.update(_ZEROS[:k])
-            hashed[i] += k
+    def zeros(h: Any, i: int, upto: int) -> None:  # a hole: XXH3 by its length
+        if hashed[i] < upto:
+            h.zeros(upto - hashed[i])
+            hashed[i] = upto
 
     for start, end in _regions(osegs, nsegs, max(old_size, new_size)):
         pos = start
