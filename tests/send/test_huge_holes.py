@@ -9,8 +9,11 @@ the data (``/proc/self/io``'s ``rchar``), and our stream is as small as the kern
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -118,11 +121,27 @@ def test_a_1tib_sparse_file_sends_like_the_kernels(btrfs_ws: Workspace, tmp_path
         subprocess.run(["btrfs", "-q", "subvolume", "delete", str(base / d)], check=True)
 
 
-def test_record_then_from_sendshot_with_huge_holes(tmp_path: Path) -> None:
+@pytest.fixture(params=["tmp", "tmpfs"])
+def where(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    """The test's directory (``/tmp``: ext4 here) or one on tmpfs (``/dev/shm``)."""
+    if request.param == "tmp":
+        yield tmp_path
+        return
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    d = Path(tempfile.mkdtemp(prefix="btrdelta-holes-", dir="/dev/shm"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_record_then_from_sendshot_with_huge_holes(where: Path) -> None:
     """``send --record`` of a tree with files of a few GiB of holes, then a data block
     written inside a hole, a MiB of data punched, a file of holes extended by a GiB:
     ``--from-sendshot`` sends those, and receiving both streams gives the tree (tree-sum,
     BLAKE3 of the whole apparent size: the sizes are kept small for it)."""
+    tmp_path = where
     tree, store = tmp_path / "tree", str(tmp_path / "store")
     tree.mkdir()
     with open(tree / "vm.img", "wb") as f:
