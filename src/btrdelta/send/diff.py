@@ -75,7 +75,9 @@ class Match(Value):
 
 
 def files_equal(a: bytes, b: bytes, size: int) -> bool:
-    """True if the two files (both of ``size`` bytes) have the same content (early exit)."""
+    """True if the two files (both of ``size`` bytes) have the same content (early exit).
+    Only where either has data is read: a range that is a hole in both reads as zeros in
+    both (two sparse files of 1 TiB compare in their data's time, not in minutes)."""
     if size == 0:
         return True
     fa = open_file(a)
@@ -85,13 +87,14 @@ def files_equal(a: bytes, b: bytes, size: int) -> bool:
         os.close(fa)
         raise
     try:
-        pos = 0
-        while pos < size:
-            x = os.pread(fa, _READ, pos)
-            if not x or x != os.pread(fb, len(x), pos):
-                return False
-            pos += len(x)
-        return not os.pread(fb, 1, size)
+        for start, end in _regions(data_segments(fa, size), data_segments(fb, size), size):
+            pos = start
+            while pos < end:
+                x = os.pread(fa, min(_READ, end - pos), pos)
+                if not x or x != os.pread(fb, len(x), pos):
+                    return False
+                pos += len(x)
+        return all(len(os.pread(f, 2, size - 1)) == 1 for f in (fa, fb))  # (both: size)
     finally:
         os.close(fa)
         os.close(fb)
