@@ -14,6 +14,7 @@ import os
 import random
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -493,6 +494,50 @@ def test_old_file_checks_hold_at_most_max_fds_open(tmp_path: Path,
             assert (info.value.index, info.value.path) == (204, b"g4")
         checks.close()
         assert not any(_fd_open(fd) for fd in fds[:2])
+
+
+def test_old_file_checks_read_through_one_buffer_a_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each check thread reads every file of every batch through one buffer of its own
+    (``_CHUNK`` bytes): files shorter, as long as and longer than it, one batch after
+    another, are checked with nothing of the last file read left in the hash; a byte
+    changed past the first buffer's worth is still refused, with its record index."""
+    monkeypatch.setattr(oldfiles.OldFileChecks, "_BATCH_FILES", 2)
+    chunk = oldfiles._CHUNK
+    algo = HashAlgo.BLAKE3_128
+    sizes = [0, 1, chunk - 1, chunk, chunk + 1, 3 * chunk + 17, 5, 2 * chunk]
+    rng = random.Random(3)
+    files = []
+    for i, size in enumerate(sizes):
+        data = rng.randbytes(size)
+        (tmp_path / f"h{i}").write_bytes(data)
+        files.append((f"h{i}".encode(), data))
+    for bad in (None, 5):
+        checks = oldfiles.OldFileChecks(2)
+        buffers: set[int] = set()
+        check = checks._check
+
+        def spy(batch: list[object], check: Callable[[list[object]], None] = check,
+                seen: set[int] = buffers) -> None:
+            check(batch)
+            seen.add(id(oldfiles._local.buf))
+
+        monkeypatch.setattr(checks, "_check", spy)
+        for i, (name, data) in enumerate(files):
+            want = oldfiles.digest(algo, data)
+            if i == bad:
+                changed = bytearray(data)
+                changed[2 * chunk + 5] ^= 1
+                (tmp_path / name.decode()).write_bytes(changed)
+            checks.add(tmp_path, name, len(data), algo, want, 300 + i)
+        if bad is None:
+            checks.wait()
+        else:
+            with pytest.raises(ChecksumError, match="old file differs") as info:
+                checks.wait()
+            assert (info.value.index, info.value.path) == (305, b"h5")
+        checks.close()
+        assert 1 <= len(buffers) <= 2  # one per thread, whatever the batches
 
 
 def _snapshots_with(mnt: Path, files: dict[str, bytes]) -> tuple[Path, Path]:

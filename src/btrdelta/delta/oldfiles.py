@@ -9,6 +9,7 @@ files without reading them is :mod:`btrdelta.fs.sandbox`'s too.
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 
 import blake3
@@ -283,8 +284,21 @@ def _expect_digest(actual: bytes, expected: bytes, path: bytes) -> None:
                             expected=expected.hex(), actual=actual.hex(), path=path)
 
 
-#: what :class:`OldFileChecks` reads of an old file at a time
-_CHUNK = 1 << 20
+#: what :class:`OldFileChecks` reads of an old file at a time: a file of that many bytes or
+#: fewer is one ``preadv`` (scipy's 1,203 unchanged files average 22 KB)
+_CHUNK = 128 << 10
+#: each check thread's read buffer (:func:`_buffer`)
+_local = threading.local()
+
+
+def _buffer() -> bytearray:
+    """This thread's :data:`_CHUNK`-byte read buffer, made once. A new 1 MiB buffer per
+    batch was fresh memory, a page fault per 4 KiB page, whenever malloc had given the
+    last one back (775 faults in the checks of scipy's 21 batches; 71 with this one)."""
+    buf: bytearray | None = getattr(_local, "buf", None)
+    if buf is None:
+        buf = _local.buf = bytearray(_CHUNK)
+    return buf
 
 
 def _check_old_file(root: str | os.PathLike[str], path: bytes, size: int, algo: int,
@@ -407,7 +421,7 @@ class OldFileChecks:
 
     def _check(self, batch: list[_Check]) -> None:
         cache = DirCache()
-        buf = bytearray(_CHUNK)  # read into, hashed, reused: no new memory per file
+        buf = _buffer()  # read into, hashed, reused: no new memory per file or batch
         started = 0  # checks started (each closes its fd)
         try:
             for root, path, size, algo, expected, index, fd in batch:
