@@ -523,18 +523,22 @@ def test_old_file_checks_read_through_one_buffer_a_thread(
             seen.add(id(oldfiles._local.buf))
 
         monkeypatch.setattr(checks, "_check", spy)
-        for i, (name, data) in enumerate(files):
-            want = oldfiles.digest(algo, data)
-            if i == bad:
-                changed = bytearray(data)
-                changed[2 * chunk + 5] ^= 1
-                (tmp_path / name.decode()).write_bytes(changed)
-            checks.add(tmp_path, name, len(data), algo, want, 300 + i)
-        if bad is None:
+
+        def check_all(checks: oldfiles.OldFileChecks = checks, bad: int | None = bad) -> None:
+            for i, (name, data) in enumerate(files):
+                want = oldfiles.digest(algo, data)
+                if i == bad:
+                    changed = bytearray(data)
+                    changed[2 * chunk + 5] ^= 1
+                    (tmp_path / name.decode()).write_bytes(changed)
+                checks.add(tmp_path, name, len(data), algo, want, 300 + i)
             checks.wait()
-        else:
+
+        if bad is None:
+            check_all()
+        else:  # (raised by a later add() once its batch is done, else by wait())
             with pytest.raises(ChecksumError, match="old file differs") as info:
-                checks.wait()
+                check_all()
             assert (info.value.index, info.value.path) == (305, b"h5")
         checks.close()
         assert 1 <= len(buffers) <= 2  # one per thread, whatever the batches
