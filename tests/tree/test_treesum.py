@@ -260,3 +260,43 @@ def test_acls_on_xfs_sum_as_elsewhere(tmp_path: Path) -> None:
         if os.environ.get("CI") == "true":
             pytest.fail(str(exc))
         pytest.skip(str(exc))
+
+
+@pytest.mark.parametrize("holes", [False, True])
+def test_a_file_of_many_names_is_read_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, holes: bool
+) -> None:
+    """Every name of a hard-linked file gets the digest, layout and xattrs of its inode
+    (BLAKE3 of the content: the oracle), read for its first name only: 60,000 names cost
+    one read, not 60,000 (small files hashed at once, large ones in worker threads)."""
+    import blake3
+
+    from btrdelta.tree import treesum
+
+    tree = tmp_path / "t"
+    (tree / "a").mkdir(parents=True)
+    contents = {"small": b"s" * 5000, "large": os.urandom(1 << 20)}
+    for name, data in contents.items():
+        (tree / name).write_bytes(data)
+        os.setxattr(tree / name, "user.k", name.encode())
+        for i in range(3):
+            os.link(tree / name, tree / "a" / f"{name}{i}")
+    read: list[bytes] = []
+    real = treesum._file_digest
+
+    def counting(path: bytes, *args: object, **kwargs: object) -> object:
+        read.append(path)
+        return real(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(treesum, "_file_digest", counting)
+    entries = {e.path: e for e in tree_manifest(tree, holes=holes)}
+    assert len(read) == 2
+    for name, data in contents.items():
+        names = [name.encode()] + [f"a/{name}{i}".encode() for i in range(3)]
+        want = blake3.blake3(data).hexdigest()
+        assert {entries[n].digest for n in names} == {want}
+        assert {entries[n].xattrs for n in names} == {((b"user.k", name.encode()),)}
+        assert {entries[n].layout for n in names} == {((0, len(data) + 4095 & ~4095),)
+                                                        if holes else None}
+    monkeypatch.undo()
+    assert tree_sum(tree, holes=holes) == tree_sum(_copy(tree, tmp_path / "copy"), holes=holes)

@@ -245,6 +245,10 @@ class EntryMaker:
         self.reuse = reuse
         self.known = known
         self.groups: dict[int, bytes] = {}
+        #: (st_dev, st_ino) of a regular file of several names -> its first entry's index
+        self.linked: dict[tuple[int, int], int] = {}
+        #: (index, index of the first name's entry): a later name, its digest copied
+        self.copies: list[tuple[int, int]] = []
         self.out: list[Entry] = []
         self.hashing: list[tuple[int, Future[tuple[str, tuple[tuple[int, int], ...] | None]]]]
         self.hashing = []
@@ -272,7 +276,14 @@ class EntryMaker:
             if found is not None and found[0].kind == kind:
                 base = found[0]
                 whole = base if found[1] else None
-        if kind == "f":
+        first = None
+        if kind == "f" and st.st_nlink > 1:
+            first = self.linked.setdefault((st.st_dev, st.st_ino), len(out))
+            first = None if first == len(out) else first
+        if first is not None:  # another name of a file already read: one inode, one content
+            size = st.st_size
+            self.copies.append((len(out), first))
+        elif kind == "f":
             size = st.st_size
             if base is not None and base.size == size:
                 digest = base.digest
@@ -293,7 +304,9 @@ class EntryMaker:
                 group = self.groups.setdefault(st.st_ino, rel)
                 if group == rel:
                     group = None
-        if whole is not None:
+        if first is not None:
+            xattrs = out[first].xattrs
+        elif whole is not None:
             xattrs = whole.xattrs
         else:
             xattrs = _xattrs(full, self.exclude) if kind != "s" else ()
@@ -307,6 +320,8 @@ class EntryMaker:
         out = self.out
         for i, fut in self.hashing:
             out[i] = replace(out[i], digest=fut.result()[0])
+        for i, first in self.copies:
+            out[i] = replace(out[i], digest=out[first].digest, layout=out[first].layout)
         return out
 
     def close(self) -> None:
