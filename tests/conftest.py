@@ -144,6 +144,25 @@ def run_peak_rss(argv: list[str], env: dict[str, str]) -> tuple[int, str, int]:
     return proc.returncode, err.decode(), int(rss or b"0")
 
 
+_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+_nobody_ok: list[bool] = []
+
+
+def nobody_prefix() -> list[str]:
+    """The prefix that runs a command as user nobody (``setpriv``), once nobody was seen to
+    run this interpreter with btrdelta: a venv made from an interpreter nobody cannot reach
+    (pyenv's under a 0700 /root) failed each such test with exit 127 and a loader error."""
+    if not _nobody_ok:
+        probe = subprocess.run([*_NOBODY, sys.executable, "-c", "import btrdelta"],
+                               capture_output=True, text=True, check=False)
+        if probe.returncode != 0:
+            pytest.fail(f"user nobody cannot run {sys.executable} (exit {probe.returncode}: "
+                        f"{probe.stderr.strip()[-160:]}): make the venv from an interpreter "
+                        "every user can reach (make PY=...)", pytrace=False)
+        _nobody_ok.append(True)
+    return list(_NOBODY)
+
+
 def require_btrfs() -> None:
     """Skip (or, under CI=true, fail) when loop-mounted btrfs cannot be used here."""
     reason = btrfs_available()

@@ -27,11 +27,10 @@ import pytest
 
 from btrdelta.cli import build_parser
 from btrdelta.errors import exit_codes
-from tests.conftest import committed_streams, read_pty
+from tests.conftest import committed_streams, nobody_prefix, read_pty
 
 STREAM = next(s for s in committed_streams() if ".A." in s.name)  # a full stream
 CODES = {code for code, _ in exit_codes()}
-NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 #: what a user's mistake must never show
 LEAKS = ("Traceback", "internal error", "Errno", "PosixPath(", "object at 0x")
 #: a bytes repr (b'...'), not a path that ends in b and is quoted (/tmp/tmp2szp7bpb')
@@ -112,7 +111,7 @@ def run_cli(argv: list[str], *, nobody: bool = False, cwd: Path | None = None,
             stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
     cmd = [sys.executable, "-m", "btrdelta", *argv]
     if nobody:
-        cmd = [*NOBODY, *cmd]
+        cmd = [*nobody_prefix(), *cmd]
     return subprocess.run(cmd, input=stdin, stdin=None if stdin is not None else
                           subprocess.DEVNULL, capture_output=True, timeout=60, cwd=cwd,
                           check=False)

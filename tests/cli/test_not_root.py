@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+from tests.conftest import nobody_prefix
+
 HINT = "(not running as root: btrfs subvolumes, mounts and the default stores need root)"
 
 
@@ -33,7 +34,7 @@ def _as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
 
     if os.geteuid() != 0:
         pytest.skip("needs root to become another user")
-    return subprocess.run([*NOBODY, sys.executable, "-m", "btrdelta", *argv],
+    return subprocess.run([*nobody_prefix(), sys.executable, "-m", "btrdelta", *argv],
                           capture_output=True, text=True, timeout=120, check=False)
 
 
