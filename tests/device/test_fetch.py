@@ -353,3 +353,30 @@ def test_a_base_that_does_not_verify_fails_alone_and_comes_whole_from_a_reposito
     full = _versions(repo)["new"]["full_bytes"]
     print(f"damaged base: {fetched} bytes served, the full is {full}")
     assert fetched < full / 4, (fetched, full)
+
+
+def test_init_from_a_file_url_and_a_failed_init_leaves_nothing(
+    btrfs_dev: Path, small_release: Release, served: tuple[Nginx, Path],
+) -> None:
+    """A repository in a directory (a USB stick) is a `file://` URL, as `update` takes
+    it: it was refused ("--to and --mirror are for a repository URL"). And an init that
+    fails (a private key given, a tree with --to) leaves no roots/ or state/ behind: each
+    left them, and every re-run was refused as "an unfinished init" until --force."""
+    _srv, www = served
+    url = f"file://{www / 'repo'}"
+    for key, code in ((www / "root.key", 2), (www / "other.pub", 5)):
+        proc = btrdelta("device", "init", btrfs_dev, "--factory", url, "--key", key,
+                        "--to", "old", check=False)
+        assert proc.returncode == code, proc.stderr
+        assert proc.stderr.count("\n") == 1, proc.stderr
+        assert not (btrfs_dev / "roots").exists()
+        assert not (btrfs_dev / "state").exists()
+    proc = btrdelta("device", "init", btrfs_dev, "--factory", small_release.old, "--to", "old",
+                    check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert "file:// for a directory" in proc.stderr
+    assert subvolumes(btrfs_dev) == []
+    btrdelta("device", "init", btrfs_dev, "--factory", url, "--key", www / "root.pub",
+             "--to", "old")
+    for root in ("factory", "a", "b"):
+        assert tree_sum(btrfs_dev / "roots" / root) == small_release.old_sum

@@ -195,7 +195,8 @@ def _add_init(dsub: Any) -> None:
     i.add_argument("fs", metavar="FS", help=_FS_HELP)
     i.add_argument("--factory", required=True, metavar="SOURCE",
                    help="the factory release: a directory tree, a full send stream, a "
-                        "repository URL (with --key; --to: a version other than the newest) "
+                        "repository URL (http(s)://, or file:// for a directory; with --key; "
+                        "--to: a version other than the newest) "
                         "or a chunk archive (.bdar) of a full send stream")
     i.add_argument("--key", metavar="PUBKEY",
                    help="a repository's root key, or the key a chunk archive is signed by")
@@ -221,7 +222,8 @@ def _add_install(dsub: Any) -> None:
     n = dsub.add_parser(
         "install", help="rebuild the inactive slot from a release; boot it once, with tries",
         description="SOURCE is a delta stream, a send stream (incremental: its parent is "
-        "found among the roots by UUID), a directory tree, a versions repository URL (the "
+        "found among the roots by UUID), a directory tree, a versions repository URL "
+        "(http(s)://, or file:// for a directory; the "
         "cheapest path from the running root's release, as btrdelta update plans it, "
         "verified against the signed index) or a chunk archive (.bdar, path or URL) of a "
         "root's plain send stream (chunks of the running root reused). The inactive slot is "

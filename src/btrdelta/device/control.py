@@ -83,9 +83,17 @@ def init(
         _prepare_empty(layout, force)
         layout.roots.mkdir()
         layout.state_dir.mkdir()
-        built = build_root(layout, factory, FACTORY, expect_sum=expect_sum,
-                           keys=[key] if key else None, fetch=Fetch(to, tuple(mirrors)),
-                           on_progress=on_progress)
+        try:
+            built = build_root(layout, factory, FACTORY, expect_sum=expect_sum,
+                               keys=[key] if key else None, fetch=Fetch(to, tuple(mirrors)),
+                               on_progress=on_progress)
+        except Exception:
+            # nothing to keep: a re-run needs no --force (a wrong key, source or option
+            # left roots/ and state/ as "an unfinished init")
+            # (a download of the fetch area stays: the re-run resumes it)
+            for p in (layout.roots, layout.state_dir):
+                layout.delete(p, wait=True)
+            raise
         clear_work(layout)
         place_root(layout, built, FACTORY)
         for slot in SLOTS:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..chunk.archive import MAGIC
-from ..chunk.source import is_url
+from ..chunk.source import file_url_path, is_url
 from ..chunk.store import ChunkStore
 from ..fs import btrfs as sv
 from ..receive import ReceivedSubvol
@@ -50,9 +50,13 @@ _IMAGE = "release"
 
 
 def source_kind(source: str) -> str:
-    """``"repository"``, ``"archive"`` or ``"local"`` (a stream file, stdin or a tree)."""
+    """``"repository"``, ``"archive"`` or ``"local"`` (a stream file, stdin or a tree). A
+    ``file://`` URL of a directory is a repository (as ``update`` takes it: a repository
+    on a USB stick); a plain directory path stays a tree."""
     if is_url(source):
         return "archive" if source.split("?")[0].endswith(_ARCHIVE_SUFFIX) else "repository"
+    if source.startswith("file://") and os.path.isdir(file_url_path(source)):
+        return "repository"
     if source != "-" and os.path.isfile(source):
         with open(source, "rb") as f:
             if f.read(len(MAGIC)) == MAGIC:

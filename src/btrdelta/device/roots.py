@@ -243,7 +243,8 @@ def _receive(layout: Layout, source: str | os.PathLike[str], staged: str,
                                mirrors=fetch.mirrors, keys=keys, on_progress=on_progress,
                                parent_sum=fetch.parent_sum)
     if fetch.to is not None or fetch.mirrors:
-        raise DeviceError(f"{label}: --to and --mirror are for a repository URL")
+        raise DeviceError(f"{label}: --to and --mirror are for a repository URL (http(s)://, "
+                          "or file:// for a directory)")
     if kind == "archive":  # an archive carries its signature in itself
         with archive_stream(layout, label, parent=parent, keys=keys,
                             on_progress=on_progress) as stream:
