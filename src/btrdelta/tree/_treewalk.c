@@ -113,7 +113,7 @@ typedef struct {
 } Walk;
 
 /* Names of the Entry fields a restated entry gets (restate()), interned once. */
-static PyObject *f_mode, *f_uid, *f_gid, *f_mtime, *f_extra, *f_record, *no_args;
+static PyObject *f_mode, *f_uid, *f_gid, *f_mtime, *f_extra, *f_record, *f_dict, *no_args;
 
 static int cmp_names(const void *a, const void *b) {
     return strcmp(*(char *const *)a, *(char *const *)b);
@@ -210,7 +210,11 @@ static PyObject *restate(PyObject *entry, PyObject *src, PyObject *key, PyObject
              PyDict_SetItem(dst, f_mtime, PyTuple_GET_ITEM(key, 2)) == 0 &&
              PyDict_SetItem(dst, f_extra, extra) == 0 &&
              PyDict_SetItem(dst, f_record, line) == 0 &&
-             PyObject_GenericSetDict(new, dst, NULL) == 0;
+             /* (as object.__setattr__(new, "__dict__", dst): CPython 3.13.0's
+              * PyObject_GenericSetDict swaps the dict of an object with inline values
+              * but leaves those valid, and every field was then missing: AttributeError
+              * 'path' on each restated entry) */
+             PyObject_GenericSetAttr(new, f_dict, dst) == 0;
     Py_XDECREF(extra);
     Py_XDECREF(dst);
     if (!ok)
@@ -836,9 +840,10 @@ PyMODINIT_FUNC PyInit__treewalk(void) {
         f_mtime = PyUnicode_InternFromString("mtime_ns");
         f_extra = PyUnicode_InternFromString("extra");
         f_record = PyUnicode_InternFromString("_record");
+        f_dict = PyUnicode_InternFromString("__dict__");
         no_args = PyTuple_New(0);
         if (f_mode == NULL || f_uid == NULL || f_gid == NULL || f_mtime == NULL ||
-            f_extra == NULL || f_record == NULL || no_args == NULL)
+            f_extra == NULL || f_record == NULL || f_dict == NULL || no_args == NULL)
             return NULL;
     }
     return PyModule_Create(&module);
