@@ -50,9 +50,17 @@ def test_submitters_at_once_start_one_set_of_workers() -> None:
 
 def test_shutdown_cancels_what_has_not_started() -> None:
     pool = Pool(1, "pool-cancel")
-    gate = threading.Event()
-    first = pool.submit(gate.wait)
+    gate, started = threading.Event(), threading.Event()
+
+    def first_task() -> bool:
+        started.set()
+        return gate.wait()
+
+    first = pool.submit(first_task)
     later = [pool.submit(int, "1") for _ in range(3)]
+    # (the worker must have taken the first task before the shutdown: under load it had
+    # not, and the shutdown cancelled it too)
+    assert started.wait(60)
     threading.Timer(0.2, gate.set).start()
     pool.shutdown(cancel_futures=True)
     assert first.result() is True
