@@ -270,7 +270,11 @@ def test_a_mounted_image_with_a_damaged_chunk_gives_eio_and_says_which(
                 with pytest.raises(OSError, match="Input/output error") as err:
                     os.pread(f.fileno(), end - offset, offset)
                 assert err.value.errno == errno.EIO
-            assert os.pread(f.fileno(), offset, 0) == image[:offset]  # before it: fine
+            # before it: fine, up to the page that holds its first byte (a page is read
+            # whole: that one fails; the chunk was page-aligned with 3.11's stdlib, not
+            # with 3.13's, and the read came back short)
+            good = offset - offset % 4096
+            assert os.pread(f.fileno(), good, 0) == image[:good]
         said = [line for line in log.read_text().splitlines() if "error" in line]
         assert len(said) == 1, log.read_text()
         assert said[0].startswith("btrdelta image mount: error: ")
