@@ -153,3 +153,35 @@ def test_decode_extent_bounds() -> None:
     assert decode_extent(zlib.compress(b"abc" * 10), 1, 30) == b"abc" * 10
     with pytest.raises(StreamFormatError, match="unsupported ENCODED_WRITE compression 9"):
         decode_extent(b"", 9, 0)
+
+
+def test_each_thread_decodes_with_its_own_contexts() -> None:
+    """A zstandard (or LZO) context must not be used by two threads at once: two receives
+    in threads of one process each get their own, and decode in parallel correctly."""
+    import threading
+
+    from btrdelta.receive import encoded
+
+    seen: dict[str, tuple[object, object]] = {}  # the contexts kept: their ids stay unique
+    together = threading.Barrier(4)
+    datas = [os.urandom(2000) * 20 + bytes([i]) * 9000 for i in range(8)]
+    frames = [zstandard.ZstdCompressor().compress(d) for d in datas]
+    bad: list[int] = []
+
+    def work(name: str) -> None:
+        together.wait()
+        seen[name] = (encoded._zstd_dctx(), encoded._lzo())
+        for _ in range(50):
+            for i, frame in enumerate(frames):
+                if decode_extent(frame, 2, len(datas[i])) != datas[i]:
+                    bad.append(i)
+
+    threads = [threading.Thread(target=work, args=(f"t{k}",)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad
+    assert len({id(z) for z, _ in seen.values()}) == 4
+    assert len({id(lz) for _, lz in seen.values()}) == 4
+    assert encoded._zstd_dctx() is encoded._zstd_dctx()  # one per thread, kept

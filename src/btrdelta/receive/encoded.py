@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import struct
+import threading
 import zlib
 
 from .. import TYPE_CHECKING
@@ -59,11 +60,18 @@ def _zstd() -> Any:
     return zstandard
 
 
-@functools.cache
-def _lzo() -> Any:
-    import lzallright
+#: this thread's decompressors: a zstandard context (and an LZO one) must not be used by
+#: two threads at once, and two receives may run in threads of one process
+_local = threading.local()
 
-    return lzallright.LZOCompressor()
+
+def _lzo() -> Any:
+    lzo = getattr(_local, "lzo", None)
+    if lzo is None:
+        import lzallright
+
+        lzo = _local.lzo = lzallright.LZOCompressor()
+    return lzo
 
 
 @functools.cache
@@ -74,10 +82,12 @@ def _errors() -> tuple[type[BaseException], ...]:
     return (zlib.error, zstandard.ZstdError, lzallright.LZOError, ValueError)
 
 
-@functools.cache
 def _zstd_dctx() -> Any:
-    # the window bound makes a frame that needs more memory an error, not an allocation
-    return _zstd().ZstdDecompressor(max_window_size=MAX_UNENCODED)
+    dctx = getattr(_local, "zstd", None)
+    if dctx is None:
+        # the window bound makes a frame that needs more memory an error, not an allocation
+        dctx = _local.zstd = _zstd().ZstdDecompressor(max_window_size=MAX_UNENCODED)
+    return dctx
 
 
 def _zstd_frame(data: memoryview, limit: int) -> bytes | bytearray:
