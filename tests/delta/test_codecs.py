@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -102,14 +103,67 @@ def test_missing_library_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> No
     assert os.environ.get("BTRDELTA_NOPE") is None
 
 
-def test_hdiff_from_raw_is_the_compressed_diff() -> None:
-    """``delta make`` diffs once: the compressed hdiff patch recompressed from the raw one
-    is byte for byte what a second diff would give, and applies."""
+def test_hdiff_patch_is_the_library_patch() -> None:
+    """``delta make`` diffs once and compresses the raw patch's streams itself (zstd's
+    tables capped): where the caps do not bind (streams of up to ~1 MB), the patch is byte
+    for byte HDiffPatch's own compressed diff and its recompression of the raw patch, and
+    the library's patcher applies it."""
+    import hdiffpatch
+
     old, new = _real_pair()
     hdiff, raw = get_codec("hdiff"), get_codec("hdiff-raw")
+    config = hdiffpatch.ZStdConfig(level=19, window=(len(new) - 1).bit_length())
+    library = bytes(hdiffpatch.diff(old, new, config, validate=False))
     patch = raw.make(old, new)
-    assert hdiff.from_raw(patch, len(new)) == hdiff.make(old, new)  # type: ignore[attr-defined]
-    assert hdiff.apply(old, hdiff.from_raw(patch, len(new)), new_size=len(new)) == new  # type: ignore[attr-defined]
+    assert hdiff.from_raw(patch, len(new)) == hdiff.make(old, new) == library  # type: ignore[attr-defined]
+    assert bytes(hdiffpatch.recompress(patch, config)) == library
+    assert bytes(hdiffpatch.apply(old, library)) == new
+
+
+@given(seed=st.integers(0, 1 << 30), size=st.integers(0, 30_000),
+       noise=st.integers(0, 20_000))
+def test_hdiff_patches_apply_with_the_library(seed: int, size: int, noise: int) -> None:
+    """Whatever the streams (empty, stored because zstd does not shrink them, compressed;
+    their sizes written as HDiffPatch pads them), the patch is HDiffPatch's: the
+    library's patcher and ours give the new content back."""
+    import hdiffpatch
+
+    old, new = _shifted_pair(seed, size)
+    new += random.Random(seed).randbytes(noise)
+    hdiff = get_codec("hdiff")
+    patch = hdiff.make(old, new)
+    assert bytes(hdiffpatch.apply(old, patch)) == new
+    assert hdiff.apply(old, patch, new_size=len(new)) == new
+
+
+def test_hdiff_caps_zstd_tables_on_large_streams(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A raw patch with a 3 MB new-data stream: level 19 would size zstd's chain table to
+    2**22 entries; the frame is made with CHAIN_LOG's, still one frame per stream with its
+    content size (what the C applier inflates), and the library applies the patch."""
+    import hdiffpatch
+    import zstandard
+
+    from btrdelta.delta.codecs import hdiff as mod
+
+    rng = random.Random(3)
+    old = rng.randbytes(100_000)
+    pool = [rng.randbytes(4096) for _ in range(64)]
+    new = b"".join(rng.choice(pool) for _ in range(750))
+    seen: list[int] = []
+    real = zstandard.ZstdCompressor
+
+    def spy(*args, **kw):  # type: ignore[no-untyped-def]
+        seen.append(kw["compression_params"].chain_log)
+        return real(*args, **kw)
+
+    from btrdelta._zstd import zstd
+
+    monkeypatch.setattr(zstd, "ZstdCompressor", spy)
+    patch = get_codec("hdiff").make(old, new)
+    monkeypatch.undo()
+    assert max(seen) == mod.CHAIN_LOG < 22
+    assert bytes(hdiffpatch.apply(old, patch)) == new
+    assert get_codec("hdiff").apply(old, patch, new_size=len(new)) == new
 
 
 def _hdiff_raw(old: bytes, new: bytes) -> bytes:
