@@ -312,6 +312,8 @@ def diff_group(
     if len(pieces) > 1:
         _hold_content(group, new, encoded)
     del pieces[:]
+    if opts.level and size >= RUNS_MIN and _runs_only(new):
+        return None
     best: Result | None = None
     if group.base is not None:
         best = _diff_base(old_root, group.base, new, opts, replaced, encoded)
@@ -349,6 +351,21 @@ def diff_group(
             if res.cost < FOUND_GAIN * alone:
                 best = res
     return best
+
+
+#: new contents from this size on are first checked for being runs of bytes alone
+RUNS_MIN = 256 << 10
+
+
+def _runs_only(new: bytes) -> bool:
+    """Whether ``new`` is all but entirely runs of equal bytes (zstd level 1 makes it at
+    least 1024 times smaller): the carrier then carries it for next to nothing, and
+    HDiffPatch would search it position by position (its covers of runs are refused while
+    the old file has runs of the same byte: a sparse file's holes sent as zeros, blocks of
+    one byte). Measured on the scenario many-extents-sparse (an 8 MB old file, 1.6 MB of
+    new content in 390 writes): 1.7 s of CPU in the diff for a 718-byte patch; zstd level 1
+    takes ~2.5 ms a MB, and real binaries compress 2-3 times."""
+    return len(zstandard.ZstdCompressor(level=1).compress(new)) <= len(new) >> 10
 
 
 #: largest old content made of several old files (read whole, and ~4x that diffed)
