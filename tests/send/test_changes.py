@@ -187,3 +187,46 @@ def test_directory_with_unchanged_entries_keeps_its_inode(btrfs_ws: Workspace) -
     kernel_receive(full, dest)
     kernel_receive(incr, dest)
     assert_same_tree(new, dest / "new")
+
+
+def test_reading_stops_when_the_walk_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                          ) -> None:
+    """An error or a signal in a plain incremental's walk stops the threads reading large
+    files within a MiB, instead of waiting until each file is read (a signal then took as
+    long as the largest file): the walk hands its readers an event it sets when it ends,
+    and a reader with the event set reads no further."""
+    import threading
+
+    from btrdelta.errors import BtrdeltaError
+    from btrdelta.send import changes, diff
+    from btrdelta.send.onepass import Stopped
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    for d in (old, new):
+        d.mkdir()
+    data = random.Random(7).randbytes(3 << 20)
+    (old / "same-name").write_bytes(data)
+    (new / "same-name").write_bytes(data[:-1] + b"!")
+    (new / "new-file").write_bytes(data)
+    stopped = threading.Event()
+    stopped.set()
+    with pytest.raises(Stopped, match="reading stopped"):
+        diff.compare_files(bytes(old / "same-name"), bytes(new / "same-name"),
+                           len(data), len(data), stopped)
+    node = changes.Node(1, 257, 0o100644, 0, 0, len(data), 0, 0, 0, path=b"new-file")
+    with pytest.raises(Stopped, match="reading stopped"):
+        changes._read_single(node, bytes(new / "new-file"), bytearray(1 << 20), False,
+                             stop=stopped)
+    # the walk's event: handed to every reader, set once the walk ends (here by an error)
+    seen: list[threading.Event | None] = []
+
+    def failing(node: object, path: bytes, buf: bytearray, keep: bool,
+                stop: threading.Event | None = None) -> None:
+        seen.append(stop)
+        raise BtrdeltaError("cannot read", path=path)
+
+    monkeypatch.setattr(changes, "_read_single", failing)
+    with pytest.raises(BtrdeltaError, match="cannot read"):
+        changes.find_changes(old, new)
+    assert seen
+    assert all(stop is not None and stop.is_set() for stop in seen)

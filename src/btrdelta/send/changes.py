@@ -55,7 +55,7 @@ from ..fs.btrfs import get_fileattr
 from ..fs.copy import data_segments
 from .diff import Compared, compare_files
 from .hashing import _WHOLE, _hash_file, lstat_root, open_dir
-from .onepass import content_hasher
+from .onepass import Stopped, content_hasher
 from .scan import (
     ROOT,
     Node,
@@ -180,11 +180,13 @@ _Kept = tuple[list[tuple[int, int]], bytes]
 _ZEROS = memoryview(bytes(_WHOLE))
 
 
-def _read_single(node: Node, path: bytes, buf: bytearray, keep: bool) -> _Kept | None:
+def _read_single(node: Node, path: bytes, buf: bytearray, keep: bool,
+                 stop: threading.Event | None = None) -> _Kept | None:
     """Read a file that has no counterpart of its name: its XXH3-128 and BLAKE3 digests
     (moves are confirmed by the latter, not by reading it again; a file of more holes than
     data has none: its moves are confirmed by comparing data) and flags; with ``keep``,
     a file of up to 1 MiB is returned whole with its data ranges (to send from this read).
+    ``stop`` set ends the reading of a larger file within a MiB (:class:`.onepass.Stopped`).
 
     Raises:
         BtrdeltaError: the file cannot be read or changed size while it was read.
@@ -211,11 +213,15 @@ def _read_single(node: Node, path: bytes, buf: bytearray, keep: bool) -> _Kept |
             if pos < off:  # a hole: the zeros it reads as (XXH3 by length)
                 h.zeros(off - pos)
             while pos < off and b3 is not None:
+                if stop is not None and stop.is_set():
+                    raise Stopped("reading stopped", path=path)
                 k = min(_WHOLE, off - pos)
                 b3.update(_ZEROS[:k])
                 pos += k
             pos = max(pos, off)
             while pos < off + length:
+                if stop is not None and stop.is_set():
+                    raise Stopped("reading stopped", path=path)
                 k = os.preadv(fd, [view[:min(_WHOLE, off + length - pos)]], pos)
                 if k <= 0:
                     raise BtrdeltaError("file changed while sending (short read)", path=path)
@@ -439,6 +445,8 @@ class _Walk:
         self.out = Changes(old.tree, new.tree, spool=self.spool)
         self._seen = 0
         self._local = threading.local()
+        #: set when the walk ends (an error, a signal): the reading threads stop within a MiB
+        self.stop = threading.Event()
         self.workers = workers
         #: started for the first directory that holds 8 MiB of files
         self.pool: ThreadPoolExecutor | None = None
@@ -552,7 +560,7 @@ class _Walk:
         for o, n in jobs:
             if o is not None and n is not None:
                 cmp = compare_files(self.old.tree.abspath(o.path),
-                                    self.new.tree.abspath(n.path), o.size, n.size)
+                                    self.new.tree.abspath(n.path), o.size, n.size, self.stop)
                 o.digest, o.flags, n.digest, n.flags = (cmp.old_digest, cmp.old_flags,
                                                         cmp.new_digest, cmp.new_flags)
                 out.append(cmp)
@@ -560,7 +568,7 @@ class _Walk:
                 node, side = (o, self.old) if o is not None else (n, self.new)
                 assert node is not None
                 out.append(_read_single(node, side.tree.abspath(node.path), buf,
-                                        keep=n is not None))
+                                        keep=n is not None, stop=self.stop))
         return out
 
     def _unchanged(self, o: Node, n: Node) -> bool:
@@ -634,6 +642,7 @@ def find_changes(
         walk.spool.close()
         raise
     finally:
+        walk.stop.set()  # an error or a signal: a thread reading a large file stops soon
         if walk.pool is not None:
             walk.pool.shutdown(wait=True, cancel_futures=True)
         old.close()

@@ -38,6 +38,7 @@ from ..fs.copy import data_segments
 from .scan import ROOT, Node, Tree, open_file, open_to_read
 
 if TYPE_CHECKING:
+    import threading
     from typing import Any
 
 if TYPE_CHECKING:  # pyfastcdc and xxhash come with [make]: imported when a send starts
@@ -210,11 +211,12 @@ def _read_at(fd: int, pos: int, n: int, size: int, path: bytes) -> bytes:
     return data
 
 
-def compare_files(old_path: bytes, new_path: bytes, old_size: int, new_size: int
-                  ) -> Compared:
+def compare_files(old_path: bytes, new_path: bytes, old_size: int, new_size: int,
+                  stop: threading.Event | None = None) -> Compared:
     """Read an old and a new version of a file once each, side by side: their content
     digests (XXH3-128, holes hashed as the zeros they read as, as
     :func:`~.scan.hash_contents` does), their inode flags, and where the new one differs.
+    ``stop`` set ends the reading of files over 1 MiB within a MiB (:class:`.onepass.Stopped`).
 
     Raises:
         BtrdeltaError: a file cannot be read or changed size while it was read.
@@ -224,7 +226,7 @@ def compare_files(old_path: bytes, new_path: bytes, old_size: int, new_size: int
     try:
         fn = open_to_read(new_path)
         try:
-            return _compare(fo, fn, old_path, new_path, old_size, new_size, xxhash)
+            return _compare(fo, fn, old_path, new_path, old_size, new_size, xxhash, stop)
         finally:
             os.close(fn)
     finally:
@@ -253,12 +255,12 @@ def _compare_small(fo: int, fn: int, old_path: bytes, new_path: bytes, old_size:
 
 
 def _compare(fo: int, fn: int, old_path: bytes, new_path: bytes, old_size: int,
-             new_size: int, xxhash: Any) -> Compared:
+             new_size: int, xxhash: Any, stop: threading.Event | None) -> Compared:
     if old_size <= _READ and new_size <= _READ:
         return _compare_small(fo, fn, old_path, new_path, old_size, new_size, xxhash)
     oflags, nflags = get_fileattr(fo), get_fileattr(fn)
     osegs, nsegs = data_segments(fo, old_size), data_segments(fn, new_size)
-    from .onepass import content_hasher  # (not at import: send20's import graph)
+    from .onepass import Stopped, content_hasher  # (not at import: send20's import graph)
 
     odata, ndata = sum(n for _o, n in osegs), sum(n for _o, n in nsegs)
     ho = content_hasher(old_size - odata, odata)
@@ -274,6 +276,8 @@ def _compare(fo: int, fn: int, old_path: bytes, new_path: bytes, old_size: int,
     for start, end in _regions(osegs, nsegs, max(old_size, new_size)):
         pos = start
         while pos < end:
+            if stop is not None and stop.is_set():
+                raise Stopped("reading stopped", path=new_path)
             n = min(_READ, end - pos)
             x = _read_at(fo, pos, n, old_size, old_path)
             y = _read_at(fn, pos, n, new_size, new_path)
