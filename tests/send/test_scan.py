@@ -132,7 +132,7 @@ def test_the_keep_budget_follows_the_memory(monkeypatch: pytest.MonkeyPatch) -> 
 def test_hashing_threads_keep_order_errors_and_stop(tmp_path: Path) -> None:
     """The hashing threads (send/hashing.py ``_Batches``, not ``concurrent.futures``): results
     in the order queued, at most ``workers`` threads, an error raised by ``result``, what was
-    not started dropped on ``close`` and every thread joined."""
+    not started (or queued while it runs) dropped on ``close`` and every thread joined."""
     import threading
 
     from btrdelta.errors import BtrdeltaError
@@ -174,8 +174,14 @@ def test_hashing_threads_keep_order_errors_and_stop(tmp_path: Path) -> None:
     closer.start()
     while one._queue:
         threading.Event().wait(0.01)
+    # queued while close() waits for the running one (a walk still publishing): dropped,
+    # not left queued for a thread close() would join before it started
+    late = one.submit([(None, b"c")], False)
+    with pytest.raises(BtrdeltaError, match="hashing stopped"):
+        late.result()
     gate.set()
     closer.join(5)
+    assert not closer.is_alive()
     assert first.result() == 1
     with pytest.raises(BtrdeltaError, match="hashing stopped"):
         second.result()

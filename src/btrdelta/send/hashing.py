@@ -287,8 +287,9 @@ class _Batches:
     (with the ``logging`` it imports) costs a small send ~4 ms of its start: a thread is
     started per batch queued while fewer than ``workers`` run and none waits for work; one
     that found the queue empty waits up to :data:`_LINGER` seconds for the next batch, then
-    ends; :meth:`close` drops what was not started, ends the waiting threads and joins them
-    (a batch queued after it starts new ones).
+    ends; :meth:`close` drops what was not started, ends the waiting threads and joins them.
+    A batch queued while :meth:`close` runs (another thread's walk still publishing) is
+    dropped too; one queued after it returns starts new threads.
     """
 
     def __init__(self, run: Callable[[list[tuple[Node, bytes]], bool], int],
@@ -304,6 +305,10 @@ class _Batches:
     def submit(self, batch: list[tuple[Node, bytes]], keeping: bool) -> _Job:
         job = _Job((batch, keeping))
         with self._cond:
+            if self._closed:  # (close() runs: it would join a thread not yet started)
+                job.error = BtrdeltaError("hashing stopped")
+                job.finish()
+                return job
             self._queue.append(job)
             if self._idle >= len(self._queue):  # (a waiting thread for each batch queued)
                 self._cond.notify()
@@ -341,10 +346,11 @@ class _Batches:
             dropped = list(self._queue)
             self._queue.clear()
             self._cond.notify_all()
+            threads = list(self._threads)
         for job in dropped:
             job.error = BtrdeltaError("hashing stopped")
             job.finish()
-        for t in self._threads:
+        for t in threads:
             t.join()
         with self._cond:
             self._closed = False  # (a batch queued later starts new threads)
