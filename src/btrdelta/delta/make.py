@@ -59,8 +59,11 @@ _MAX_QUEUED = 8 << 20
 #: old + new bytes of the files being diffed at once: a diff takes ~6x its files (hdiff's
 #: suffix array of the old file, both files), so a pair above this is diffed alone and the
 #: peak stays ~6x the largest pair diffed, whatever the number of workers (8 MiB: 74 MB
-#: peak on the rebuilt-release pair, 2 MiB: 72 MB; -j1: 65 MB)
-_DIFF_BUDGET = 2 << 20
+#: peak on the rebuilt-release pair, 2 MiB: 72 MB; -j1: 65 MB). Two pairs of ~1 MiB each
+#: at once cost more than one pair of twice the size (each codec's tables at their own
+#: size class): pandas 2.2.2 -> 2.2.3's ``--compressed-data`` make peaked at 73-75 MiB
+#: with 2 MiB here, 57-58 MiB with 1 MiB (-j1: 53 MiB; its goal 74 MiB), the CPU the same
+_DIFF_BUDGET = 1 << 20
 
 
 @dataclass
