@@ -287,9 +287,8 @@ class _Batches:
     (with the ``logging`` it imports) costs a small send ~4 ms of its start: a thread is
     started per batch queued while fewer than ``workers`` run and none waits for work; one
     that found the queue empty waits up to :data:`_LINGER` seconds for the next batch, then
-    ends; :meth:`close` drops what was not started, ends the waiting threads and joins them.
-    A batch queued while :meth:`close` runs (another thread's walk still publishing) is
-    dropped too; one queued after it returns starts new threads.
+    ends; :meth:`close` drops what was not started or is queued while it runs (a walk still
+    publishing), ends the waiting threads and joins them (a batch queued later starts new ones).
     """
 
     def __init__(self, run: Callable[[list[tuple[Node, bytes]], bool], int],
@@ -346,11 +345,10 @@ class _Batches:
             dropped = list(self._queue)
             self._queue.clear()
             self._cond.notify_all()
-            threads = list(self._threads)
         for job in dropped:
             job.error = BtrdeltaError("hashing stopped")
             job.finish()
-        for t in threads:
+        for t in self._threads:  # (none is added while closed: submit() drops)
             t.join()
         with self._cond:
             self._closed = False  # (a batch queued later starts new threads)
