@@ -143,7 +143,7 @@ def test_hdiff_caps_zstd_tables_on_large_streams(monkeypatch: pytest.MonkeyPatch
     import hdiffpatch
     import zstandard
 
-    from btrdelta.delta.codecs import hdiff as mod
+    from btrdelta.delta.codecs import zstd as mod
 
     rng = random.Random(3)
     old = rng.randbytes(100_000)

@@ -19,7 +19,7 @@ from types import ModuleType
 from ... import TYPE_CHECKING, _native
 from ...errors import StreamFormatError
 from .base import DEFAULT_MAX_SIZE, Codec, CodecUnavailableError
-from .zstd import CHAIN_LOG, HASH_LOG, LEVEL
+from .zstd import capped_params
 
 if TYPE_CHECKING:
     from .._hpatch import Output
@@ -237,11 +237,7 @@ def _deflated(stream: memoryview, window_log: int) -> bytes:
     is not smaller than the stream (it is then stored, as HDiffPatch stores it)."""
     from ..._zstd import zstd
 
-    sized = zstd.ZstdCompressionParameters.from_level(
-        LEVEL, source_size=len(stream), window_log=window_log)
-    params = zstd.ZstdCompressionParameters.from_level(
-        LEVEL, source_size=len(stream), window_log=window_log, write_content_size=1,
-        chain_log=min(sized.chain_log, CHAIN_LOG), hash_log=min(sized.hash_log, HASH_LOG))
+    params = capped_params(zstd, len(stream), window_log, write_content_size=1)
     out = zstd.ZstdCompressor(compression_params=params).compress(stream)
     return bytes(out) if len(out) < len(stream) else b""
 

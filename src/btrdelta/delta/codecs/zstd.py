@@ -22,6 +22,19 @@ CHAIN_LOG = 21
 HASH_LOG = 20
 
 
+def capped_params(z: Any, source_size: int, window_log: int, dict_size: int = 0,
+                  **extra: Any) -> Any:
+    """Level :data:`LEVEL`'s parameters for ``source_size`` bytes (and a ``dict_size``-byte
+    dictionary) in a ``window_log`` window, their match tables capped at :data:`CHAIN_LOG` /
+    :data:`HASH_LOG`; ``extra`` sets further parameters (``z``: the zstandard module)."""
+    sized = z.ZstdCompressionParameters.from_level(
+        LEVEL, source_size=source_size, dict_size=dict_size, window_log=window_log)
+    return z.ZstdCompressionParameters.from_level(
+        LEVEL, source_size=source_size, dict_size=dict_size, window_log=sized.window_log,
+        chain_log=min(sized.chain_log, CHAIN_LOG), hash_log=min(sized.hash_log, HASH_LOG),
+        **extra)
+
+
 def _window_log(old_size: int, new_size: int) -> int:
     need = max(old_size + new_size, 1 << 10)
     return min(max((need - 1).bit_length(), 10), MAX_WINDOW_LOG)
@@ -55,15 +68,8 @@ class ZstdCodec(Codec):
     def make(self, old: bytes, new: bytes) -> bytes:
         """A zstd frame (content size recorded) compressed against ``old``."""
         z = self.lib()
-        sized = z.ZstdCompressionParameters.from_level(
-            LEVEL, source_size=len(new), dict_size=len(old),
-            window_log=_window_log(len(old), len(new)),
-        )
-        params = z.ZstdCompressionParameters.from_level(
-            LEVEL, source_size=len(new), dict_size=len(old), window_log=sized.window_log,
-            enable_ldm=True, write_content_size=1,
-            chain_log=min(sized.chain_log, CHAIN_LOG), hash_log=min(sized.hash_log, HASH_LOG),
-        )
+        params = capped_params(z, len(new), _window_log(len(old), len(new)), len(old),
+                               enable_ldm=True, write_content_size=1)
         cctx = z.ZstdCompressor(dict_data=self._dict(old), compression_params=params)
         return bytes(cctx.compress(bytes(new)))
 
