@@ -127,7 +127,7 @@ def test_json_goes_to_stdout(tmp_path: Path) -> None:
     assert json.loads(expanded.stdout)["output_bytes"] == FULL.stat().st_size
     assert (tmp_path / "s").read_bytes() == FULL.read_bytes()
     tree = json.loads(_run("tree-sum", "--json", old).stdout)
-    assert tree == {"dir": str(old), "sum": tree["sum"]}
+    assert tree == {"dir": str(old), "sum": tree["sum"], "format": "tree-sum-2"}
     sent = json.loads(_run("send", "--json", "-q", old, "-f", tmp_path / "o.s").stdout)
     assert sent["records"] > 0
     assert sent["uuid"] == _uuid_of(tmp_path / "o.s")

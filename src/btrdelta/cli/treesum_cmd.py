@@ -33,6 +33,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("dir", metavar="DIR", help="root of the tree")
     p.add_argument("--holes", action="store_true", help="also cover the data/hole layout")
+    p.add_argument("--format", type=int, choices=(2, 3), default=2,
+                   help="2 (default): each file's content as one BLAKE3 of its whole apparent "
+                        "size (holes hashed as zeros); 3: holes and blocks of zeros taken by "
+                        "length, so a sparse file costs its data, not its size "
+                        "(docs/formats/tree-sum.md). The two give different sums")
     p.add_argument("--ignore-root-mtime", action="store_true",
                    help="leave out the root directory's mtime (a received incremental "
                         "stream may not reproduce it: the kernel sends no utimes for it "
@@ -66,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         "holes": args.holes,
         "ignore_root_mtime": args.ignore_root_mtime,
         "exclude_xattrs": [n.encode() for n in args.exclude_xattr],
+        "version": args.format,
     }
     with _Walked(sys.stderr.isatty()) as walked:
         return _run(args, opts, walked)
@@ -131,7 +137,7 @@ def _run(args: argparse.Namespace, opts: dict[str, Any], walked: _Walked) -> int
     total = tree_sum(args.dir, **opts)
     walked.progress.close()
     if args.json:
-        print(json.dumps({"dir": args.dir, "sum": total}))
+        print(json.dumps({"dir": args.dir, "sum": total, "format": f"tree-sum-{args.format}"}))
     else:
         print(f"{total}  {args.dir}")
     return 0

@@ -1,7 +1,8 @@
 """A checksum of a whole directory tree, to verify an update and to compare receivers.
 
 Per entry (sorted by name, bytes) it covers: file type, ``st_mode``, uid, gid, mtime in
-nanoseconds, size, content (BLAKE3), symlink target, device numbers, link count and
+nanoseconds, size, content (tree-sum-2: BLAKE3 of the whole apparent size; tree-sum-3:
+:mod:`.content`'s digest, holes taken by length), symlink target, device numbers, link count and
 hard-link group (which other path shares the inode), and every extended attribute (name and
 value, not following symlinks). Optionally (``holes=True``) the data/hole layout of regular
 files, found with ``SEEK_DATA``/``SEEK_HOLE`` and rounded to 4 KiB blocks.
@@ -26,9 +27,14 @@ from dataclasses import dataclass, field, replace
 import blake3
 
 from ..fs.copy import NOT_COPIED_XATTRS, data_segments
+from .content import Stopped, file_content_digest
 
-__all__ = ["Entry", "EntryMaker", "Known", "Reuse", "diff_manifests", "manifest_sum",
-           "tree_manifest", "tree_sum"]
+__all__ = ["FORMATS", "Entry", "EntryMaker", "Known", "Reuse", "diff_manifests",
+           "manifest_sum", "tree_manifest", "tree_sum"]
+
+#: the tree-sum formats computed: 2, a file's content as one BLAKE3 of its whole apparent
+#: size (holes hashed as zeros); 3, :mod:`.content`'s digest (holes by length)
+FORMATS = (2, 3)
 
 #: ``reuse(relative path, lstat)`` of any entry: ``(entry, same)``, an entry of an earlier
 #: walk whose content digest (of a file of the same size) this one still has and, with
@@ -142,46 +148,62 @@ def _xattrs(path: bytes, exclude: frozenset[bytes]) -> tuple[tuple[bytes, bytes]
     return tuple(out)
 
 
-class _Stopped(Exception):
-    """A hashing thread told to stop (:meth:`EntryMaker.close` before the walk's end)."""
+_Stopped = Stopped  # a hashing thread told to stop (EntryMaker.close before the walk's end)
 
 
 def _file_digest(
-    path: bytes, size: int, want_layout: bool, stop: threading.Event | None = None
+    path: bytes, size: int, want_layout: bool, stop: threading.Event | None = None,
+    version: int = 2,
 ) -> tuple[str, tuple[tuple[int, int], ...] | None]:
-    """BLAKE3 of the content (holes read as zeros) and, if asked, the data extents;
+    """The content digest of format ``version`` (2: BLAKE3 of the content, holes read as
+    zeros; 3: :func:`.content.file_content_digest`) and, if asked, the data extents;
     ``stop`` set ends it within 1 MiB (:class:`_Stopped`): a file of terabytes, sparse or
     not, would else keep an interrupted command alive until it is hashed."""
-    h = blake3.blake3()
-    layout: list[tuple[int, int]] = []
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        pos = 0
-        for data, length in data_segments(fd, size):
-            _feed_zeros(h, data - pos, stop)
-            os.lseek(fd, data, os.SEEK_SET)
-            left = length
-            while left > 0:
-                if stop is not None and stop.is_set():
-                    raise _Stopped
-                chunk = os.read(fd, min(_READ, left))
-                if not chunk:
-                    raise OSError(errno.EIO, "file shrank while hashing", path)
-                h.update(chunk)
-                left -= len(chunk)
-            pos = data + length
-            if want_layout:  # whole 4 KiB blocks, neighbours merged
-                a = data // _BLOCK * _BLOCK
-                b = min(-(-pos // _BLOCK) * _BLOCK, -(-size // _BLOCK) * _BLOCK)
-                if layout and layout[-1][0] + layout[-1][1] >= a:
-                    start = layout[-1][0]
-                    layout[-1] = (start, max(b, start + layout[-1][1]) - start)
-                else:
-                    layout.append((a, b - a))
-        _feed_zeros(h, size - pos, stop)
+        if version == 3:
+            digest = file_content_digest(fd, size, stop, path).hex()
+            return digest, (_layout(data_segments(fd, size), size) if want_layout else None)
+        return _digest2(fd, path, size, want_layout, stop)
     finally:
         os.close(fd)
-    return h.hexdigest(), (tuple(layout) if want_layout else None)
+
+
+def _layout(segments: list[tuple[int, int]], size: int) -> tuple[tuple[int, int], ...]:
+    """The data extents as whole 4 KiB blocks, neighbours merged."""
+    layout: list[tuple[int, int]] = []
+    for data, length in segments:
+        a = data // _BLOCK * _BLOCK
+        b = min(-(-(data + length) // _BLOCK) * _BLOCK, -(-size // _BLOCK) * _BLOCK)
+        if layout and layout[-1][0] + layout[-1][1] >= a:
+            start = layout[-1][0]
+            layout[-1] = (start, max(b, start + layout[-1][1]) - start)
+        else:
+            layout.append((a, b - a))
+    return tuple(layout)
+
+
+def _digest2(fd: int, path: bytes, size: int, want_layout: bool,
+             stop: threading.Event | None) -> tuple[str, tuple[tuple[int, int], ...] | None]:
+    """tree-sum-2's content digest: BLAKE3 of the whole apparent size."""
+    h = blake3.blake3()
+    segments = data_segments(fd, size)
+    pos = 0
+    for data, length in segments:
+        _feed_zeros(h, data - pos, stop)
+        os.lseek(fd, data, os.SEEK_SET)
+        left = length
+        while left > 0:
+            if stop is not None and stop.is_set():
+                raise _Stopped
+            chunk = os.read(fd, min(_READ, left))
+            if not chunk:
+                raise OSError(errno.EIO, "file shrank while hashing", path)
+            h.update(chunk)
+            left -= len(chunk)
+        pos = data + length
+    _feed_zeros(h, size - pos, stop)
+    return h.hexdigest(), (_layout(segments, size) if want_layout else None)
 
 
 def _feed_zeros(h: blake3.blake3, n: int, stop: threading.Event | None) -> None:
@@ -238,7 +260,10 @@ class EntryMaker:
     (:meth:`finish` puts their digests in)."""
 
     def __init__(self, holes: bool, ignore_root_mtime: bool, exclude: frozenset[bytes],
-                 reuse: Reuse | None, known: Known | None) -> None:
+                 reuse: Reuse | None, known: Known | None, version: int = 2) -> None:
+        if version not in FORMATS:
+            raise ValueError(f"no tree-sum format {version}")
+        self.version = version
         self.holes = holes
         self.ignore_root_mtime = ignore_root_mtime
         self.exclude = exclude
@@ -290,10 +315,10 @@ class EntryMaker:
             if digest is None and not holes and size >= _POOL_SIZE and _WORKERS > 1:
                 if self.pool is None:
                     self.pool = ThreadPoolExecutor(_WORKERS, "btrdelta-treesum")
-                self.hashing.append((len(out), self.pool.submit(_file_digest, full, size,
-                                                                False, self.stop)))
+                self.hashing.append((len(out), self.pool.submit(
+                    _file_digest, full, size, False, self.stop, self.version)))
             elif digest is None:
-                digest, layout = _file_digest(full, st.st_size, holes)
+                digest, layout = _file_digest(full, st.st_size, holes, None, self.version)
         elif kind == "l":
             target = whole.target if whole is not None else os.readlink(full)
         elif kind in "cb":
@@ -341,6 +366,7 @@ def tree_manifest(
     reuse: Reuse | None = None,
     known: Known | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    version: int = 2,
 ) -> list[Entry]:
     """Every entry of the tree at ``path`` as :class:`Entry` values, sorted by path.
 
@@ -351,10 +377,12 @@ def tree_manifest(
     the tree. Large files are hashed in worker threads while the walk goes on.
     ``on_progress(entries, file bytes)`` is called every 256 entries and at the end (the
     bytes of regular files walked so far; those hashed in threads counted when handed to
-    them)."""
+    them). ``version``: the tree-sum format (:data:`FORMATS`) of the content digests;
+    ``reuse`` and ``known`` must give entries of the same format."""
     if (reuse is not None or known is not None) and holes:
         raise ValueError("reuse gives content digests, not layouts")
-    maker = EntryMaker(holes, ignore_root_mtime, frozenset(exclude_xattrs), reuse, known)
+    maker = EntryMaker(holes, ignore_root_mtime, frozenset(exclude_xattrs), reuse, known,
+                       version)
     n = nbytes = 0
     try:
         if on_progress is None:
@@ -383,18 +411,23 @@ def tree_sum(
     ignore_root_mtime: bool = False,
     exclude_xattrs: Iterable[bytes] = (),
     on_progress: Callable[[int, int], None] | None = None,
+    version: int = 2,
 ) -> str:
     """Hex BLAKE3 over the manifest of the tree at ``path`` (equal trees, equal sums);
-    ``on_progress`` as :func:`tree_manifest`'s."""
+    ``on_progress`` and ``version`` as :func:`tree_manifest`'s."""
     return manifest_sum(tree_manifest(
         path, holes=holes, ignore_root_mtime=ignore_root_mtime, exclude_xattrs=exclude_xattrs,
-        on_progress=on_progress,
-    ))
+        on_progress=on_progress, version=version,
+    ), version)
 
 
-def manifest_sum(entries: Iterable[Entry]) -> str:
-    """The tree-sum of a manifest (:func:`tree_manifest`'s entries, in order)."""
-    h = blake3.blake3()
+def manifest_sum(entries: Iterable[Entry], version: int = 2) -> str:
+    """The tree-sum of a manifest (:func:`tree_manifest`'s entries, in order, made with
+    ``version``); tree-sum-3's starts with the line ``tree-sum-3`` (no tree has one sum
+    in both formats, even a tree without regular files)."""
+    if version not in FORMATS:
+        raise ValueError(f"no tree-sum format {version}")
+    h = blake3.blake3(b"tree-sum-3\n" if version == 3 else b"")
     batch: list[bytes] = []
     for entry in entries:  # joined a few thousand lines at a time: few calls, little memory
         batch.append(entry.record)
