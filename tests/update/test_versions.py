@@ -546,6 +546,9 @@ def test_a_delta_hop_reads_only_the_files_its_stream_changed(
     assert "markupsafe/__init__.py" in in_hop
     assert not unchanged & set(in_hop)
     assert len(in_hop) < sum(1 for p in (dest / "v9").rglob("*") if p.is_file())
+    # the parent: on btrfs its digests were kept by the update that received it (none of
+    # its files read again); a directory is read whole
+    assert any("/v8/" in p for p in read) != ((dest / "v8").stat().st_ino == 256)
 
     # v9 again from v8, v8 changed behind the update's back once it was checked
     versions.holdings.remove_entry(dest, "v9")
@@ -836,11 +839,12 @@ def test_root_key_rotation_through_the_cli(
 @pytest.mark.btrfs
 def test_btrfs_dest_gets_read_only_subvolumes(
     signed: tuple[Path, Path, Path], server: Nginx, releases: list[Path],
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from btrdelta.fs import btrfs as sv
     from btrdelta.repo.model import stream_uuid
     from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs
+    from btrdelta.update import holdings
 
     _, pub, _ = signed
     try:
@@ -868,6 +872,32 @@ def test_btrfs_dest_gets_read_only_subvolumes(
                 (dest / name / "new-file").write_text("x")
             identity = Repo(signed[0]).load().versions[pos - 1].identity
             assert sv.find_subvolumes_by_uuid(dest, stream_uuid(identity))[0].name == name
+        # v9 is held by its kept digests (no file read), until a write through a
+        # descriptor opened while it was writable: then it is not v9 any more
+        hashed: list[Path] = []
+        real = holdings.verified_digests
+        monkeypatch.setattr(holdings, "verified_digests",
+                            lambda path: hashed.append(path) or real(path))
+        rc, out, err = _update(server.url, dest, pub, "--json", capsys=capsys)
+        assert rc == 0, err
+        assert json.loads(out)["plan"]["steps"] == []
+        assert hashed == [dest / "v6"]  # (a directory)
+        victim = next(p for p in (dest / "v9").rglob("*.py") if p.stat().st_size > 10)
+        fd = os.open(dest / "v9", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            sv.set_readonly(fd, False)
+            wfd = os.open(victim, os.O_WRONLY)
+            sv.set_readonly(fd, True)
+        finally:
+            os.close(fd)
+        try:
+            os.pwrite(wfd, b"#", 0)
+            rc, _, err = _update(server.url, dest, pub, capsys=capsys)
+        finally:
+            os.close(wfd)
+        assert rc == 1
+        assert "is not version 'v9'" in err
+        assert dest / "v9" in hashed
     finally:
         ctx.__exit__(None, None, None)
 

@@ -55,7 +55,7 @@ from .overlay import Overlay, overlay_digest
 from .pathmap import PathMap
 from .treesum import Entry, EntryMaker, Known, Reuse, manifest_sum, tree_manifest
 
-__all__ = ["Changes", "Digests", "verified_digests"]
+__all__ = ["Changes", "Digests", "key_of", "stamp_of", "verified_digests"]
 
 #: what tells that a file's content may have changed since it was hashed
 _Stamp = tuple[int, int, int, int]  # inode, size, mtime ns, ctime ns
@@ -73,6 +73,10 @@ def _stamp(st: os.stat_result) -> _Stamp:
 def _key(st: os.stat_result) -> _Key:
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode, st.st_uid,
             st.st_gid, st.st_nlink)
+
+
+#: the stamp (inode, size, mtime, ctime) and the whole key a :class:`Digests` entry keeps
+stamp_of, key_of = _stamp, _key
 
 
 class Digests(Value):

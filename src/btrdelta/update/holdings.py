@@ -12,7 +12,9 @@ receive registry). A version counts as held only when its tree's content identit
 
 Existing versions are never written to. :func:`find_held` reads every file of each
 candidate and returns its digests (:class:`~btrdelta.tree.incremental.Digests`), which the
-update keeps in memory to check a delta hop from it reading only what the hop changed.
+update keeps in memory to check a delta hop from it reading only what the hop changed; a
+read-only btrfs subvolume's digests are kept between updates (:mod:`.heldsums`) and not
+read again while it is unchanged.
 
 A held version a delta needs as its parent must be found by the stream's parent UUID (the
 repository's UUID of that release); one received from the repository is, any other copy
@@ -34,6 +36,7 @@ from ..receive.subvolumes import TMP_PREFIX, Subvolumes
 from ..repo.model import stream_uuid
 from ..tree import tree_sum
 from ..tree.incremental import Digests, verified_digests
+from . import heldsums
 
 __all__ = [
     "HOP_PREFIX",
@@ -75,18 +78,25 @@ def cleanup(dest: Path) -> None:
                 remove_entry(dest, entry)
 
 
-def find_held(dest: Path, wanted: dict[str, str]) -> dict[str, Digests]:
+def find_held(dest: Path, wanted: dict[str, str], state: Path | None = None, *,
+              keep: bool = True) -> dict[str, Digests]:
     """Versions of ``wanted`` (name -> identity) that ``dest`` holds: name -> the tree's
     digests (its directory is their ``root``).
 
     Candidates are ``DEST/<name>`` and ``DEST/.btrdelta-hop-<name>``; each is checked by
-    its tree-sum, every file read.
+    its tree-sum, every file read, unless ``state`` (DEST's state directory) keeps its
+    digests and they are still the tree's (:func:`.heldsums.load`: a read-only btrfs
+    subvolume, unchanged since); a tree hashed here is kept there with ``keep``.
     """
     held: dict[str, Digests] = {}
     for name, identity in wanted.items():
         for path in (dest / name, dest / f"{HOP_PREFIX}{name}"):
             if path.is_dir() and not path.is_symlink():
-                digests = verified_digests(path)
+                digests = heldsums.load(state, path, identity) if state is not None else None
+                if digests is None:
+                    digests = verified_digests(path)
+                    if digests.identity == identity and state is not None and keep:
+                        heldsums.save(state, digests)
                 if digests.identity == identity:
                     held[name] = digests
                     break

@@ -18,7 +18,9 @@
    ``DEST/<version>`` for the target, last; intermediates, downloads and chunks are then
    removed. A delta hop's identity is computed reading again only the files its stream
    may have changed (:mod:`btrdelta.tree.incremental`): the parent's file digests come
-   from step 3 or from the hop before, in memory, never from disk.
+   from step 3 or from the hop before, in memory. The wanted version's digests are kept in
+   ``DEST/.btrdelta/held/`` (:mod:`.heldsums`), so that step 3 of the next update does not
+   read it again while it is the same read-only subvolume, unchanged.
 
 State lives in ``DEST/.btrdelta/``: the pinned root key, trusted versions, a cache of
 verified metadata, downloads (``*.part`` while incomplete), a chunk store for fulls.
@@ -58,7 +60,7 @@ from ..repo.plan import Plan, Step, plan_update
 from ..repo.rootchain import current_root
 from ..transport.config import HttpConfig
 from ..tree.incremental import Digests
-from . import holdings
+from . import heldsums, holdings
 from .fullfetch import fetch_full, full_cost, store_stream
 from .streams import receive_version, write_release_stream
 
@@ -182,7 +184,8 @@ def _holdings(d: _Dest, mirrors: Mirrors, verified: Verified
                for path in (d.dest / name, d.dest / f"{holdings.HOP_PREFIX}{name}")
                if path.is_dir() and not path.is_symlink()}
     records = version_records(mirrors, index, d.meta, list(present))
-    found = holdings.find_held(d.dest, {records[p].name: records[p].identity for p in present})
+    found = holdings.find_held(d.dest, {records[p].name: records[p].identity for p in present},
+                               d.state, keep=not d.meta.readonly)
     held = {positions[n]: digests for n, digests in found.items()}
     return held, {p: path for p, path in present.items() if p not in held}, records
 
@@ -354,6 +357,7 @@ def _run(d: _Dest, m: Mirrors, verified: Verified, to: str | None, dry_run: bool
     res.path = current.root
     _finish(d)
     emit({"event": "done", "path": str(current.root)})
+    heldsums.save(d.state, current)  # the next update does not hash it again
     return res
 
 
