@@ -232,3 +232,56 @@ def _uuid(path: Path) -> str:
         return sv.subvol_info(fd).uuid.hex
     finally:
         os.close(fd)
+
+
+def test_a_kept_parent_is_proven_unchanged_by_its_ctransid_after_the_snapshot(
+    mnt: Path, releases: list[Path],
+) -> None:
+    """The hop's look at the parent after its snapshot (incremental._unchanged): none
+    while the parent's ctransid is the one its digests were seen at; a write through a
+    descriptor opened before the seal, made before the snapshot, is written back by the
+    snapshot, moves the ctransid, and the entries are looked at (the written one found
+    changed)."""
+    from btrdelta import _native
+    from btrdelta.tree import incremental
+
+    real = _native.live("treewalk")
+    if real is None:
+        pytest.skip("the treewalk accelerator is not built")
+
+    class Walk:
+        calls = 0
+
+        def unchanged(self, *args: object) -> set[bytes]:
+            Walk.calls += 1
+            got: set[bytes] = real.unchanged(*args)
+            return got
+
+    state = mnt / "dest" / ".btrdelta"
+    v1 = _sub(mnt, "v1", releases[0])
+    victim = next(p for p in v1.rglob("*.py") if p.stat().st_size > 10)
+    _ro(v1, False)
+    fd = os.open(victim, os.O_WRONLY)
+    _ro(v1, True)
+    try:
+        for write in (False, True):
+            digests = holdings.find_held(v1.parent, {"v1": tree_sum(v1)}, state)["v1"]
+            assert digests.ctransid == _ctransid(v1)
+            if write:
+                assert os.pwrite(fd, b"#", 0) == 1
+            snap = mnt / f"snap-{write}"
+            src = os.open(v1, os.O_RDONLY | os.O_DIRECTORY)
+            top = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                sv.create_snapshot(top, snap.name.encode(), src)
+            finally:
+                os.close(src)
+                os.close(top)
+            calls = Walk.calls
+            found = incremental._unchanged(Walk(), digests)
+            assert Walk.calls == calls + write
+            rel = os.fsencode(victim.relative_to(v1))
+            assert (rel in found) != write
+            assert len(found) == len(digests.entries) - write
+    finally:
+        os.close(fd)

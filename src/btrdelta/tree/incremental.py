@@ -51,6 +51,7 @@ from typing import Any
 from .. import _native
 from .. import stream as _s
 from .._value import Value
+from ..fs.btrfs import subvol_info
 from .overlay import Overlay, overlay_digest
 from .pathmap import PathMap
 from .treesum import Entry, EntryMaker, Known, Reuse, manifest_sum, tree_manifest
@@ -86,6 +87,9 @@ class Digests(Value):
     identity: str
     #: relative path -> (manifest entry, lstat key when read)
     entries: dict[bytes, tuple[Entry, _Key]]
+    #: the ctransid of the btrfs subvolume ``root`` when every entry was seen with its key
+    #: (read after the subvolume's writeback: :mod:`btrdelta.update.heldsums`), or None
+    ctransid: int | None = None
 
     def same_root(self, path: Path | None) -> bool:
         """Whether ``path`` is this tree's root directory (the same inode)."""
@@ -216,8 +220,7 @@ class Changes:
         new_root = os.fsencode(path)
         pool = self._take_pool()
         walk = _native.live("treewalk")
-        look = None if walk is None else partial(walk.unchanged, os.fsencode(parent.root),
-                                                 parent.entries)
+        look = None if walk is None else partial(_unchanged, walk, parent)
         try:
             plan = pool.submit(self._overlay_early, pool, new_root, parent, look)
         except BaseException:
@@ -365,6 +368,28 @@ class Changes:
         ahead = pool.submit(first) if first is not None else None
         return {rel: (pool.submit(_overlaid, new, st, old, key, ov), _stamp(st))
                 for rel, new, st, old, key, ov in jobs}, ahead
+
+
+def _unchanged(walk: Any, parent: Digests) -> set[bytes]:
+    """The parent's entries still as they were hashed, after the snapshot of it was made
+    (:meth:`Changes.start`): every one, without a look, when ``parent.ctransid`` (every
+    entry seen with its key at that ctransid) is the subvolume's ctransid now. Sound: a
+    change of a name, mode, owner, time, xattr or size moves the ctransid at once, and
+    data written before the snapshot was written back by it (btrfs flushes the source's
+    delayed allocation and waits for its ordered extents before a snapshot), which moves
+    it too; else the C walk's ``unchanged`` (an ``fstatat()`` of each)."""
+    root = os.fsencode(parent.root)
+    if parent.ctransid is not None:
+        with contextlib.suppress(OSError):
+            fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                info = subvol_info(fd)
+            finally:
+                os.close(fd)
+            if info.readonly and info.ctransid == parent.ctransid:
+                return set(parent.entries)
+    found: set[bytes] = walk.unchanged(root, parent.entries)
+    return found
 
 
 def _planned(plan: Future[_Early]) -> _Early:

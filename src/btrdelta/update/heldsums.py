@@ -28,6 +28,10 @@ all of these hold (else the tree is hashed whole, as before):
 
 Stale or corrupt files are a miss, never an error. Files of subvolumes no longer in DEST
 are removed when another is written. Directories (not btrfs) keep the full check.
+
+The digests found or kept carry that ctransid (:attr:`Digests.ctransid`): a delta hop
+from them then needs no look at the parent's entries after its snapshot while the
+parent's ctransid is still that one (:func:`btrdelta.tree.incremental._unchanged`).
 """
 
 from __future__ import annotations
@@ -156,7 +160,7 @@ def load(state: Path, path: Path, identity: str) -> Digests | None:
         still = _still(path, entries)
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
         return None
-    return None if still is None else Digests(path, identity, still)
+    return None if still is None else Digests(path, identity, still, info.ctransid)
 
 
 def save(state: Path, digests: Digests) -> bool:
@@ -188,6 +192,7 @@ def save(state: Path, digests: Digests) -> bool:
         write_atomic(folder / f"{info.uuid.hex}.json",
                      json.dumps(doc, separators=(",", ":")).encode())
         _prune(folder, path.parent, info.uuid.hex)
+        digests.entries, digests.ctransid = still, info.ctransid
         return True
     except OSError:
         return False
