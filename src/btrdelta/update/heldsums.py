@@ -168,7 +168,8 @@ def save(state: Path, digests: Digests) -> bool:
     process) in ``state`` when that tree is a read-only btrfs subvolume whose entries are
     all still as they were read: after a ``syncfs`` (the tree's own writeback committed,
     so that its ctransid does not move later), the ctransid is read and every entry looked
-    at (:func:`_still`). Returns whether it was kept; a failure to write is a miss later."""
+    at (:func:`_still`), then a second ``syncfs`` must leave the ctransid as it was.
+    Returns whether it was kept; a failure to write is a miss later."""
     path = digests.root
     try:
         fd = os.open(path, _OPEN)
@@ -183,6 +184,12 @@ def save(state: Path, digests: Digests) -> bool:
             return False
         still = _still(path, digests.entries)
         if still is None:
+            return False
+        # the transaction that set this ctransid committed: any later change gets a
+        # higher one (without it, a change in the same running transaction, e.g. data
+        # of an unlinked file written back, could leave it as it is)
+        syncfs(fd)
+        if _subvolume(fd) != info:
             return False
         doc = {"format": FORMAT, "algorithm": IDENTITY_ALGORITHM, "uuid": info.uuid.hex,
                "ctransid": info.ctransid, "identity": digests.identity,
