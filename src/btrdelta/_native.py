@@ -64,14 +64,13 @@ next to its C file.
 
 from __future__ import annotations
 
-import importlib
 import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import ModuleType
 
-from . import TYPE_CHECKING
+from . import TYPE_CHECKING, _import_module
 
 if TYPE_CHECKING:
     from typing import Final, Literal
@@ -140,7 +139,7 @@ def _load(name: str) -> ModuleType | None:
         if name in _configuring:  # asked by one of its own hooks
             return _configuring[name]
         try:
-            mod: ModuleType | None = importlib.import_module(ACCELERATORS[name])
+            mod: ModuleType | None = _import_module(ACCELERATORS[name])
         except ImportError:  # no compiler at install time (or a dependency not built)
             mod = None
         if mod is not None:

@@ -13,11 +13,10 @@ Knows nothing of what the dependencies do.
 
 from __future__ import annotations
 
-import importlib
 import sys
 from types import ModuleType
 
-from . import TYPE_CHECKING
+from . import TYPE_CHECKING, _import_module
 from .errors import MissingDependencyError
 
 if TYPE_CHECKING:
@@ -56,7 +55,7 @@ def need(module: str, extra: str | None = None) -> ModuleType:
     if got is not None:
         return got
     try:
-        return importlib.import_module(module)
+        return _import_module(module)
     except ImportError as exc:
         raise missing(module.split(".")[0], extra) from exc
 
@@ -73,7 +72,7 @@ class _Deferred:
     def __getattr__(self, attr: str) -> Any:
         module = self._module
         if module is None:
-            module = self._module = importlib.import_module(self._name)
+            module = self._module = _import_module(self._name)
         return getattr(module, attr)
 
 

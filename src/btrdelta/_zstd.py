@@ -28,10 +28,12 @@ else:
         if sys.implementation.name != "cpython" or \
                 os.environ.get("PYTHON_ZSTANDARD_IMPORT_POLICY", "default").strip() != "default":
             return None
-        from importlib.machinery import (
+        # (importlib.machinery's names from the import system's own modules: the package
+        # ``importlib`` imports ``warnings``, ~0.45 ms of a command's start)
+        from _frozen_importlib import ModuleSpec
+        from _frozen_importlib_external import (
             EXTENSION_SUFFIXES,
             ExtensionFileLoader,
-            ModuleSpec,
             PathFinder,
         )
 

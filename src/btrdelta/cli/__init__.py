@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import atexit
 import gc
-import importlib
 import os
 import sys
 from collections.abc import Sequence
 
-from .. import TYPE_CHECKING, __version__
+from .. import TYPE_CHECKING, __version__, _import_module
 from .._optional import OPTIONAL, missing
 from ..errors import BtrdeltaError, exit_codes
 from . import _lean  # noqa: F401  (first: ``uuid`` without ``platform``)
@@ -101,7 +100,7 @@ def build_parser(only: str | None = None, *, listing: bool = False) -> argparse.
         return parser
     names = [COMMANDS[only][0]] if only in COMMANDS else sorted({m for m, _ in COMMANDS.values()})
     for name in names:
-        importlib.import_module(f"{__name__}.{name}").add_parser(sub)
+        _import_module(f"{__name__}.{name}").add_parser(sub)
     return parser
 
 
@@ -216,7 +215,7 @@ def _quick_args(command: str | None, words: list[str]) -> argparse.Namespace | N
     at = words.index(command)
     if any(w != "--debug" for w in words[:at]):
         return None
-    quick = getattr(importlib.import_module(f"{__name__}.{COMMANDS[command][0]}"),
+    quick = getattr(_import_module(f"{__name__}.{COMMANDS[command][0]}"),
                     "quick_args", None)
     ns: argparse.Namespace | None = quick(words[at + 1:]) if quick is not None else None
     if ns is None:

@@ -21,11 +21,10 @@ freeze a live subvolume (:mod:`.live`) and import the rest while the kernel snap
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 
-from .. import TYPE_CHECKING
+from .. import TYPE_CHECKING, _import_module
 
 if TYPE_CHECKING:
     from typing import Any
@@ -72,7 +71,7 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module, __name__), name)
+    return getattr(_import_module(__name__ + module), name)
 
 
 def send_records(
