@@ -209,20 +209,23 @@ def test_positionals_between_options(argv: list[str], want: dict[str, object]) -
 
 
 def test_lean_imports_leave_the_real_modules() -> None:
-    """cli/_lean.py imports argparse and uuid with stand-ins for gettext and platform, and
-    removes them: a later import gets the real modules, and argparse and uuid work."""
+    """cli/_lean.py imports argparse and uuid with stand-ins for gettext and platform (and
+    uuid without _uuid), and removes them: a later import gets the real modules, and
+    argparse and uuid work."""
     script = (
         "import sys\nimport btrdelta.cli\n"
-        "print(sorted(m for m in ('platform', 'gettext') if m in sys.modules))\n"
-        "import argparse, gettext, platform, uuid\n"
+        "print(sorted(m for m in ('platform', 'gettext', '_uuid') if m in sys.modules))\n"
+        "import argparse, gettext, platform, uuid, _uuid\n"
         "print(platform.system(), bool(platform.python_version()), gettext.gettext('x'),\n"
         "      hasattr(uuid, 'platform'), uuid.uuid4().version, str(uuid.UUID(int=1))[-4:],\n"
-        "      argparse.ngettext('a', 'b', 2))"
+        "      argparse.ngettext('a', 'b', 2), uuid._uuid, hasattr(_uuid, '__file__'),\n"
+        "      uuid.uuid1(node=1, clock_seq=2).version)"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           check=False)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == ["[]", "Linux True x False 4 0001 b"]
+    # (uuid without _uuid: uuid1 is its pure-Python one; _uuid itself imports later)
+    assert proc.stdout.splitlines() == ["[]", "Linux True x False 4 0001 b None True 1"]
 
 
 def test_lean_import_falls_back_to_the_real_module(tmp_path: Path) -> None:

@@ -7,7 +7,10 @@ Both standard modules import another one at import time for something the CLI ne
   instructions, ~1 % of a small ``send --from-sendshot``).
 - ``uuid`` imports ``platform`` on Linux only to ask once whether the system is AIX;
   ``platform`` compiles nine regular expressions at import (8.6 M instructions, ~2.5 % of
-  that send, ~5 ms of its start under load).
+  that send, ~5 ms of its start under load). It also loads ``_uuid`` (a C module linked
+  with libuuid: two libraries loaded, ~0.3 ms) for ``uuid1``'s clock, which btrdelta never
+  calls (its UUIDs are derived, parsed or ``uuid4``): ``uuid`` is imported with ``_uuid``
+  absent (its own fallback, the pure-Python ``uuid1``, for any later caller).
 
 Each is imported here with a stand-in in ``sys.modules`` that has just what the import
 takes from the other module (``gettext.gettext`` and ``ngettext``: the message as written;
@@ -47,16 +50,21 @@ def _system() -> str:
     return os.uname().sysname
 
 
-def _import_with(module: str, stand_in: str, functions: dict[str, Callable[..., str]]) -> None:
+def _import_with(module: str, stand_in: str, functions: dict[str, Callable[..., str]],
+                 absent: tuple[str, ...] = ()) -> None:
     """Import ``module`` with a module ``stand_in`` made of ``functions`` in
-    ``sys.modules`` (unless either is imported already); the stand-in is removed after,
-    also from ``module``'s namespace if it bound it by name."""
+    ``sys.modules`` (unless either is imported already), and ``absent`` modules (those not
+    imported yet) refused to it as if not installed; the stand-in and the refusals are
+    removed after, the stand-in also from ``module``'s namespace if it bound it by name."""
     threading = sys.modules.get("threading")
     if module in sys.modules or stand_in in sys.modules or (
             threading is not None and threading.active_count() > 1):
         return  # (another thread could import the stand-in meanwhile: no stand-in then)
     fake = type(sys)(stand_in)
     vars(fake).update(functions)
+    refused = [name for name in absent if name not in sys.modules]
+    for name in refused:
+        sys.modules[name] = None  # type: ignore[assignment]  # ("import of ... halted")
     sys.modules[stand_in] = fake
     try:
         __import__(module)
@@ -65,17 +73,23 @@ def _import_with(module: str, stand_in: str, functions: dict[str, Callable[..., 
         # import both for real
         sys.modules.pop(module, None)
         del sys.modules[stand_in]
+        for name in refused:
+            del sys.modules[name]
+        refused = []
         __import__(module)
         return
     finally:
         if sys.modules.get(stand_in) is fake:
             del sys.modules[stand_in]
+        for name in refused:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
     namespace = vars(sys.modules[module])
     if namespace.get(stand_in) is fake:
         del namespace[stand_in]
 
 
-_import_with("uuid", "platform", {"system": _system})
+_import_with("uuid", "platform", {"system": _system}, absent=("_uuid",))
 
 import uuid  # noqa: E402  (imported above, with the stand-in)
 
