@@ -249,7 +249,8 @@ def test_prune_removes_leftovers_of_killed_writers(
     old = time.time() - 7200
     stale = [store / "records" / f".tmp-{gone_pid}-0badc0de",
              store / f"cursors.json.tmp-{gone_pid}",
-             store / f".cursors.json.tmp-{gone_pid}-0badc0de"]
+             store / f".cursors.json.tmp-{gone_pid}-0badc0de",
+             store / f".heads.tmp-{gone_pid}-0badc0de"]
     kept = [store / "records" / f".tmp-{os.getpid()}-00c0ffee",      # a running writer
             store / "records" / f".tmp-{gone_pid}-0000beef"]         # an hour not yet passed
     for p in stale + kept:

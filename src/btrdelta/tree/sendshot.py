@@ -53,6 +53,8 @@ __all__ = [
     "RecordInode",
     "RecordReader",
     "SendshotHead",
+    "decode_head",
+    "encode_head",
     "read_head",
     "write_record",
 ]
@@ -596,3 +598,20 @@ class RecordReader:
 def read_head(file: BinaryIO, *, source: str | None = None) -> SendshotHead:
     """The head of the record in ``file`` (decompresses only its start)."""
     return RecordReader(file, source=source).head
+
+
+def encode_head(head: SendshotHead) -> bytes:
+    """The attributes of ``head`` as a record's HEAD holds them (TLVs), without the record's
+    version: what :func:`decode_head` reads back (the store's head cache keeps these)."""
+    return b"".join(_TLV.pack(typ, len(value)) + bytes(value)
+                    for typ, value in _head_attrs(head) if typ != H_VERSION)
+
+
+def decode_head(data: bytes | memoryview) -> SendshotHead:
+    """The head :func:`encode_head` encoded.
+
+    Raises:
+        StreamFormatError: bad bytes.
+    """
+    view = memoryview(data)
+    return _decode_head(view, 0, len(view), VERSION)

@@ -1,0 +1,141 @@
+"""The sendshot store's head cache (``STORE/heads``): a listing reads no record's head that
+the cache holds for the file as it is, and a cache that is stale, damaged or lying changes
+nothing a send or a listing decides."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from btrdelta.cli import main
+from btrdelta.errors import StreamFormatError
+from btrdelta.send import store as store_mod
+from btrdelta.send.store import SendshotStore, StoredSendshot
+from btrdelta.tree.sendshot import SendshotHead, decode_head, encode_head
+
+
+def _store(tmp_path: Path, rounds: int = 3) -> Path:
+    src, store = tmp_path / "src", tmp_path / "store"
+    src.mkdir()
+    for i in range(rounds):
+        (src / f"f{i}").write_bytes(os.urandom(5000 + i))
+        assert main(["send", str(src), "-o", str(tmp_path / f"s{i}"), "--record", "--store",
+                     str(store), "-q", *(["--from-sendshot", "latest"] if i else [])]) == 0
+    return store
+
+
+def _listed(store: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[StoredSendshot], int]:
+    """The listing, and how many heads it read from records."""
+    reads = []
+    real = store_mod.read_head
+
+    def counted(*args: object, **kwargs: object) -> SendshotHead:
+        reads.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store_mod, "read_head", counted)
+    got = SendshotStore(store).records_list()
+    monkeypatch.setattr(store_mod, "read_head", real)
+    return got, len(reads)
+
+
+def _truth(store: Path, monkeypatch: pytest.MonkeyPatch) -> list[StoredSendshot]:
+    """The listing of every head read from its record (the cache removed first)."""
+    (store / "heads").unlink(missing_ok=True)
+    got, reads = _listed(store, monkeypatch)
+    assert reads == len(got)
+    return got
+
+
+def test_a_listing_reads_no_head_the_cache_holds(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    store = _store(tmp_path)
+    got, reads = _listed(store, monkeypatch)  # each new record added itself
+    assert (len(got), reads) == (3, 0)
+    want = _truth(store, monkeypatch)  # (and the cache written again by that listing)
+    assert got == want
+    assert sorted(s.digest + ".sendshot" for s in want) == sorted(os.listdir(store / "records"))
+    assert _listed(store, monkeypatch) == (want, 0)
+
+
+def test_a_changed_or_new_file_is_read_again(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    store = _store(tmp_path)
+    want = _truth(store, monkeypatch)
+    os.utime(want[0].path, ns=(1, 1))  # another mtime: not the file the cache saw
+    assert _listed(store, monkeypatch) == (want, 1)
+    assert _listed(store, monkeypatch) == (want, 0)
+    os.unlink(want[1].path)  # a deleted record goes from the cache too
+    got, reads = _listed(store, monkeypatch)
+    assert (got, reads) == ([want[0], want[2]], 0)
+    assert len(SendshotStore(store)._heads()) == 2
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "not a cache"])
+def test_a_damaged_cache_is_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     damage: str) -> None:
+    store = _store(tmp_path)
+    want = _truth(store, monkeypatch)
+    cache = store / "heads"
+    data = bytearray(cache.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 1
+    elif damage == "truncate":
+        del data[-40:]
+    elif damage == "empty":
+        data.clear()
+    else:
+        data[:] = b"x" * 200
+    cache.write_bytes(bytes(data))
+    assert _listed(store, monkeypatch) == (want, 3)
+    assert _listed(store, monkeypatch) == (want, 0)  # (written again)
+
+
+def test_a_lying_cache_is_caught_when_the_record_is_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An entry that matches the file but holds another head (a cache written by something
+    else, its checksum right) is what the listing says; the record read whole is checked
+    against it: an error naming the record, and the cache is gone."""
+    store = _store(tmp_path)
+    want = _truth(store, monkeypatch)
+    s = SendshotStore(store)
+    entries = s._heads()
+    newest = want[-1]
+    lie = SendshotHead(**{**vars_of(newest.head), "generation": newest.head.generation + 7})
+    size, mtime, ino, _head = entries[newest.digest]
+    entries[newest.digest] = (size, mtime, ino, encode_head(lie))
+    s._write_heads(entries)
+    listed = s.records_list()
+    assert listed[-1].head == lie
+    with pytest.raises(StreamFormatError, match="not the one listed"):
+        s.open(listed[-1])
+    assert not (store / "heads").exists()
+    assert _listed(store, monkeypatch) == (want, 3)
+
+
+def vars_of(head: SendshotHead) -> dict[str, object]:
+    return {name: getattr(head, name) for name in (
+        "stream_uuid", "stream_ctransid", "name", "created_ns", "kind", "subvol_uuid",
+        "parent", "source", "generation", "seed", "tree_digest")}
+
+
+def test_encode_head_round_trips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for s in _truth(_store(tmp_path), monkeypatch):
+        assert decode_head(encode_head(s.head)) == s.head
+        assert vars_of(decode_head(encode_head(s.head))) == vars_of(s.head)
+
+
+def test_a_store_that_cannot_be_written_is_still_listed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = _store(tmp_path)
+    want = _truth(store, monkeypatch)
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    (store / "heads").unlink()
+    monkeypatch.setattr(store_mod, "write_atomic", refused)
+    assert _listed(store, monkeypatch) == (want, 3)
+    assert not (store / "heads").exists()
