@@ -9,7 +9,10 @@ so a loop that makes one 128 KiB ``bytes`` per read (a send's WRITE records, a p
 raises both limits once, for processes that stream data through Python objects
 (``replicate`` and its ``--serve`` side): buffers up to 32 MiB come from the heap and freed
 ones are reused without a fault. The peak memory is the same; memory freed after it stays
-with the process (up to ``trim`` bytes) until it exits.
+with the process (up to ``trim`` bytes) until it exits. ``btrdelta send`` takes it too, with
+8 MiB kept: a small ``--from-sendshot`` reads, decompresses and patches its base record in
+buffers of 0.1-1.4 MiB, each a fresh ``mmap`` with glibc's threshold (~500 page faults of
+~2,500 after its imports; measured in docs/performance.md, session 19).
 
 :func:`return_freed_memory` is the opposite choice, for processes whose peak memory is the
 goal (``delta make``, the delta jobs of ``repo add``): glibc raises its mmap threshold each
@@ -24,7 +27,6 @@ Owns only these settings. On a C library other than glibc they do nothing.
 
 from __future__ import annotations
 
-import ctypes
 import os
 
 __all__ = ["keep_freed_memory", "return_freed_memory"]
@@ -39,8 +41,19 @@ def _mallopt(*settings: tuple[int, int]) -> bool:
     try:  # (not platform.libc_ver and ctypes.util: their imports cost 30 ms of CPU)
         if not os.confstr("CS_GNU_LIBC_VERSION"):
             return False
+    except (OSError, ValueError):
+        return False
+    try:  # the stream accelerator's mallopt (importing ctypes: ~1.4 ms of CPU, 86 faults)
+        from .stream._speedups import mallopt as built
+    except ImportError:
+        pass
+    else:
+        return all(built(param, value) for param, value in settings)
+    import ctypes
+
+    try:
         mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
-    except (OSError, ValueError, AttributeError):
+    except (OSError, AttributeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int

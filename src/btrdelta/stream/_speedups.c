@@ -30,6 +30,10 @@
 
 #include "_constants.h" /* generated: command numbers, CMD_HEADER_SIZE, NVERSIONS */
 
+#if defined(__GLIBC__)
+#include <malloc.h> /* mallopt: btrdelta._malloc's settings without ctypes */
+#endif
+
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #include <nmmintrin.h>
 #define HAVE_X86_CRC 1
@@ -1940,7 +1944,27 @@ py_set_crc_impl(PyObject *self, PyObject *arg)
     return prev;
 }
 
+/* mallopt(param, value) -> bool: glibc's setting taken (False off glibc). For
+ * btrdelta._malloc: importing ctypes to call it costs a short command ~1.4 ms of CPU. */
+static PyObject *
+py_mallopt(PyObject *self, PyObject *args)
+{
+    int param, value;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "ii:mallopt", &param, &value))
+        return NULL;
+#if defined(__GLIBC__)
+    return PyBool_FromLong(mallopt(param, value) == 1);
+#else
+    (void)param;
+    (void)value;
+    Py_RETURN_FALSE;
+#endif
+}
+
 static PyMethodDef methods[] = {
+    {"mallopt", py_mallopt, METH_VARARGS,
+     "mallopt(param, value, /) -> bool: glibc's mallopt (False where there is none)."},
     {"configure", configure, METH_VARARGS,
      "configure(uuid_cls, commands, limits, end_cmd, crc32c=None, /): set the decoding plan."},
     {"decode_batch", (PyCFunction)(void (*)(void))decode_batch, METH_FASTCALL,
