@@ -10,9 +10,10 @@ raises both limits once, for processes that stream data through Python objects
 (``replicate`` and its ``--serve`` side): buffers up to 32 MiB come from the heap and freed
 ones are reused without a fault. The peak memory is the same; memory freed after it stays
 with the process (up to ``trim`` bytes) until it exits. ``btrdelta send`` takes it too, with
-8 MiB kept: a small ``--from-sendshot`` reads, decompresses and patches its base record in
-buffers of 0.1-1.4 MiB, each a fresh ``mmap`` with glibc's threshold (~500 page faults of
-~2,500 after its imports; measured in docs/performance.md, session 19).
+8 MiB kept, through the stream accelerator's ``mallopt``: a small ``--from-sendshot`` reads,
+decompresses and patches its base record in buffers of 0.1-1.4 MiB, each a fresh ``mmap``
+with glibc's threshold (~500 page faults of ~2,500 after its imports; measured in
+docs/performance.md, session 19).
 
 :func:`return_freed_memory` is the opposite choice, for processes whose peak memory is the
 goal (``delta make``, the delta jobs of ``repo add``): glibc raises its mmap threshold each
@@ -29,6 +30,11 @@ from __future__ import annotations
 
 import os
 
+from . import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 __all__ = ["keep_freed_memory", "return_freed_memory"]
 
 _M_TRIM_THRESHOLD = -1
@@ -37,18 +43,15 @@ _M_MMAP_THRESHOLD = -3
 _MMAP_MAX = 32 << 20
 
 
-def _mallopt(*settings: tuple[int, int]) -> bool:
+def _mallopt(settings: tuple[tuple[int, int], ...],
+             call: Callable[[int, int], bool] | None = None) -> bool:
     try:  # (not platform.libc_ver and ctypes.util: their imports cost 30 ms of CPU)
         if not os.confstr("CS_GNU_LIBC_VERSION"):
             return False
     except (OSError, ValueError):
         return False
-    try:  # the stream accelerator's mallopt (importing ctypes: ~1.4 ms of CPU, 86 faults)
-        from .stream._speedups import mallopt as built
-    except ImportError:
-        pass
-    else:
-        return all(built(param, value) for param, value in settings)
+    if call is not None:  # (a C module's: importing ctypes costs ~1.4 ms of CPU, 86 faults)
+        return all(call(param, value) for param, value in settings)
     import ctypes
 
     try:
@@ -60,12 +63,15 @@ def _mallopt(*settings: tuple[int, int]) -> bool:
     return all(mallopt(param, value) for param, value in settings)
 
 
-def keep_freed_memory(trim: int = 256 << 20) -> bool:
+def keep_freed_memory(trim: int = 256 << 20, *,
+                      mallopt: Callable[[int, int], bool] | None = None) -> bool:
     """Serve buffers up to 32 MiB from the heap and keep up to ``trim`` freed bytes there.
+    ``mallopt``: glibc's, as a C module gives it (``btrdelta.stream._speedups.mallopt``),
+    else ``ctypes``' is used.
 
     Returns whether the C library took the setting (False off glibc).
     """
-    return _mallopt((_M_MMAP_THRESHOLD, _MMAP_MAX), (_M_TRIM_THRESHOLD, trim))
+    return _mallopt(((_M_MMAP_THRESHOLD, _MMAP_MAX), (_M_TRIM_THRESHOLD, trim)), mallopt)
 
 
 def return_freed_memory(threshold: int = 256 << 10) -> bool:
@@ -74,4 +80,4 @@ def return_freed_memory(threshold: int = 256 << 10) -> bool:
 
     Returns whether the C library took the setting (False off glibc).
     """
-    return _mallopt((_M_MMAP_THRESHOLD, threshold))
+    return _mallopt(((_M_MMAP_THRESHOLD, threshold),))
