@@ -221,6 +221,7 @@ _LAYOUT = {
     "encoded-write-unaligned-offset-progs-6f4a518", "dedupe-balance-snapshots-187",
     "clones-new-files-one-transaction", "many-extents-sparse", "truncate-to-zero",
     "clone-source-c-new-files", "deleted-open-file-168", "tmpfile-orphan-in-snapshot-058",
+    "encoded-every-compression-holes", "nocow-clones", "truncate-extend-unaligned",
 }
 
 #: (name, mount options, the scenarios it applies to or None for all); every variant's

@@ -9,7 +9,9 @@ the largest xattrs, ``-c`` clone sources, Debian's merged /usr, a big directory'
 255-byte names, metadata at the limits of its fields, capabilities after writes, content
 changed under a kept size and mtime, xattrs on special files, set-group-ID directories.
 Session 18: device numbers at the ends of their fields, every byte in names, files around
-the inline limit, 255-byte xattr names, immutable and append-only inodes.
+the inline limit, 255-byte xattr names, immutable and append-only inodes. Session 19: one
+file's extents under every compression with holes between, nodatacow files cloned, a
+directory rotation with hard links moved across it, unaligned truncations and extensions.
 :mod:`btrdelta.testing.scenarios` runs them with the upstream ones (none of these remounts
 or holds files open).
 """
@@ -32,6 +34,9 @@ _ACL_USER = ("0x02000000" "01000700ffffffff" "02000700e8030000" "04000500fffffff
              "10000500ffffffff" "20000500ffffffff")
 _ACL_GROUP = ("0x02000000" "01000700ffffffff" "04000500ffffffff" "0800060032000000"
               "10000700ffffffff" "20000000ffffffff")
+
+#: set a file's btrfs.compression property (zlib, lzo, zstd; ``no``: none)
+_PROP = "btrfs property set"
 
 S = Scenario
 
@@ -297,5 +302,62 @@ BEYOND: list[Scenario] = [
       "chattr -i imm; echo more >> imm; chattr +i imm; echo more >> app; touch adir/new;"
       " chattr -i idir; rm idir/f; chattr +i idir; chattr +i plain; chattr -a adir",
       btrfs_only=True),
+    # -- session 19 --
+    # one file whose extents were written under zlib, lzo, zstd and none (the compression
+    # property changed between writes, each written back before the next), holes between;
+    # B rewrites parts of them under another algorithm (v2: encoded writes of part of an
+    # extent), punches holes in them, clones ranges within the file and into a new one
+    # (lzo), dedupes the file with itself
+    S("encoded-every-compression-holes",
+      "touch f g; seq 1 40000 > text;"
+      f" {_PROP} f compression zlib;"
+      " xfs_io -c 'pwrite -S 0x61 0 200K' -c 'pwrite -i text 256K 100K' -c fsync f;"
+      f" {_PROP} f compression lzo;"
+      " xfs_io -c 'pwrite -S 0x62 512K 200K' -c 'pwrite -i text 800K 60K' -c fsync f;"
+      f" {_PROP} f compression zstd; xfs_io -c 'pwrite -S 0x63 1M 300K' -c fsync f;"
+      f" {_PROP} f compression no; xfs_io -c 'pwrite -S 0x64 1536K 64K' -c fsync f;"
+      " head -c 70000 /dev/urandom > rnd; xfs_io -c 'pwrite -i rnd 1700K 70000' -c fsync f;"
+      f" truncate -s 2M f; {_PROP} g compression lzo;"
+      " xfs_io -c 'pwrite -S 0x65 0 3000' -c fsync g",
+      f"{_PROP} f compression zstd; xfs_io -c 'pwrite -S 0x71 64K 8K' -c fsync f;"
+      f" {_PROP} f compression zlib;"
+      " xfs_io -c 'pwrite -S 0x72 600K 16K' -c 'pwrite -S 0x73 1300K 100K' -c fsync f;"
+      " xfs_io -c 'fpunch 540K 40K' -c 'fpunch 1100K 24K' f;"
+      " xfs_io -c 'reflink f 512K 2176K 128K' -c 'reflink f 0 2432K 64K' f;"
+      f" touch h; {_PROP} h compression lzo;"
+      " xfs_io -c 'reflink f 1M 0 256K' -c 'pwrite -S 0x74 300K 4K' -c fsync h;"
+      " xfs_io -c 'dedupe f 0 128K 64K' f; xfs_io -c 'pwrite -S 0x75 3000 1000' -c fsync g;"
+      f" {_PROP} g compression zlib; xfs_io -c 'pwrite -S 0x76 8K 4K' -c fsync g",
+      btrfs_only=True),
+    # chattr +C files and clones among them (reflinks, dedupe, a clone over preallocation):
+    # a write into a shared nodatacow extent is copied on write after all
+    S("nocow-clones",
+      "mkdir nc; chattr +C nc; xfs_io -f -c 'pwrite -S 0x41 0 512K' nc/a;"
+      " cp --reflink=always nc/a nc/b;"
+      " xfs_io -f -c 'pwrite -S 0x42 0 128K' -c 'reflink nc/a 128K 128K 128K' nc/c;"
+      " xfs_io -f -c 'falloc 0 256K' nc/p",
+      "xfs_io -c 'pwrite -S 0x43 64K 8K' nc/a; xfs_io -c 'reflink nc/b 0 256K 64K' nc/c;"
+      " xfs_io -c 'fpunch 300K 40K' nc/b; truncate -s 1M nc/c;"
+      " xfs_io -c 'reflink nc/a 0 64K 64K' -c 'pwrite -S 0x44 192K 4K' nc/p;"
+      " xfs_io -c 'dedupe nc/b 128K 0 64K' nc/a; cp --reflink=always nc/p nc/p2;"
+      " xfs_io -c 'pwrite -S 0x45 0 4K' nc/p2"),
+    # directories rotated in a cycle (a -> c, b -> a, c -> b), hard links moved across
+    # them, a subtree moved under another, a removed directory's name taken by a new one
+    # that receives a rotated directory, a directory emptied and removed
+    S("dir-cycle-links-moved",
+      "mkdir -p a/x/deep b/y c/z e; echo 1 > a/x/f; ln a/x/f b/y/l1; ln a/x/f c/z/l2;"
+      " echo 2 > a/x/deep/g; echo 3 > e/h; ln e/h a/hl",
+      "mv a t; mv b a; mv c b; mv t c; mv c/x b/z/x; mv a/y/l1 c/l1moved; rm b/z/l2;"
+      " mv e/h a/y/h; rmdir e; mkdir e; mv c e/c; mv b/z/x/deep deep; ln deep/g e/c/g2;"
+      " mv b/z/x/f b/z/f; rmdir b/z/x"),
+    # unaligned truncations and extensions: a tail zeroed past a cut, shrunk then grown,
+    # grown into preallocation past EOF, a clone ending in a file's last partial block
+    S("truncate-extend-unaligned",
+      "head -c 300000 /dev/urandom > f; xfs_io -f -c 'pwrite -S 0x61 0 100001' g;"
+      " cp --reflink=always f f2; head -c 5000 /dev/urandom > s",
+      "truncate -s 123457 f; xfs_io -c 'pwrite -S 0x62 200000 5000' f; truncate -s 50000 g;"
+      " truncate -s 150000 g; xfs_io -c 'falloc -k 300000 100000' f2; truncate -s 350000 f2;"
+      " xfs_io -c 'pwrite -S 0x63 340000 100' f2; xfs_io -f -c 'reflink f2 0 0 299008' f3;"
+      " truncate -s 4097 s; truncate -s 12288 s"),
 ]
 del S
