@@ -92,6 +92,18 @@ class Group:
     middle: tuple[KernelStream, ...] = ()
 
 
+#: seconds for a test that uses :func:`received`: the first one pays for the session
+#: fixture, four receives of every scenario's streams (~0.5 of the global 600 s near idle;
+#: past 600 at load ~15)
+RECEIVED_TIMEOUT = 1800
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "received" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.timeout(RECEIVED_TIMEOUT))
+
+
 @pytest.fixture(scope="session")
 def received(kernel_streams: list[KernelStream], targets: Targets) -> dict[str, Group]:
     by_name = {ks.name: ks for ks in kernel_streams}
