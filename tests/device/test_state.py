@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from btrdelta import device
+from btrdelta.cli import main
 from btrdelta.device.backup import KEEP_DESTINATIONS, backup, restore, restore_to_dir
 from btrdelta.device.overlay import diff, mount
 from btrdelta.device.reset import factory_reset
@@ -120,6 +121,7 @@ def _subvolumes(top: Path) -> list[str]:
 
 def test_a_reset_of_the_running_system_keeps_its_old_state_until_the_next_boot(
     btrfs_dev: Path, small_release: Release, sysroot: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A factory reset run on the system booted from the device (its / one of the roots,
     mounted as the initramfs does) swaps the state at once but deletes the old one only
@@ -134,7 +136,9 @@ def test_a_reset_of_the_running_system_keeps_its_old_state_until_the_next_boot(
     (sysroot / "etc/local.conf").write_text("local\n")
     monkeypatch.setattr(boot, "RUNNING_ROOT", str(sysroot))  # booted from roots/a
     assert device.status(btrfs_dev)["booted"] == "a"
-    assert factory_reset(btrfs_dev, keep=["home"])["kept"] == ["home"]
+    assert main(["device", "factory-reset", str(btrfs_dev), "--keep", "home"]) == 0
+    assert capsys.readouterr().out == "factory reset: root factory; reset etc, var; kept home; " \
+        "the running system uses the old state until the next boot; reboot now\n"
     (sysroot / "home/later").write_text("written after the reset\n")  # was ENOENT
     assert (sysroot / "home/notes").read_text() == "before\n"
     assert (sysroot / "etc/local.conf").read_text() == "local\n"
@@ -150,9 +154,57 @@ def test_a_reset_of_the_running_system_keeps_its_old_state_until_the_next_boot(
     # the next boot: the running system is on the new state; any command deletes the old
     _umount(sysroot)
     monkeypatch.setattr(boot, "RUNNING_ROOT", "/")
-    factory_reset(btrfs_dev, keep=["home"])
+    assert factory_reset(btrfs_dev, keep=["home"])["old_kept"] is False
     assert not set(old) & set(_subvolumes(btrfs_dev))
     assert sorted(os.listdir(btrfs_dev)) == [".btrdelta", "roots", "state"]
+
+
+def test_a_restore_on_the_running_system_keeps_the_old_subvolume_until_the_next_boot(
+    btrfs_dev: Path, small_release: Release, sysroot: Path, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A restore run on the system booted from the device swaps the restored subvolume in
+    at once but keeps the one it replaces (the running system's bind mount of /home is on
+    it) until the next boot, and says so. It was deleted under the mount, and the next
+    command's recovery deleted it too: /home became an empty directory where every write
+    failed with ENOENT (session 18). A second restore of it in that boot is refused."""
+    from btrdelta.device import boot
+
+    device.init(btrfs_dev, small_release.old, state=STATE)
+    (btrfs_dev / "state/home/notes").write_text("backed up\n")
+    backups = tmp_path / "backups"
+    backup(btrfs_dev, "home", str(backups))
+    want = tree_sum(btrfs_dev / "state/home")
+    mount(btrfs_dev, sysroot)
+    (sysroot / "home/notes").write_text("after the backup\n")
+    monkeypatch.setattr(boot, "RUNNING_ROOT", str(sysroot))  # booted from roots/a
+    assert main(["device", "restore", str(btrfs_dev), "home", str(backups), "--json"]) == 0
+    res = checked("device restore", json.loads(capsys.readouterr().out))
+    assert res["tree_sum"] == want == tree_sum(btrfs_dev / "state/home")
+    assert res["old_kept"] is True
+    (sysroot / "home/later").write_text("written after the restore\n")  # was ENOENT
+    assert (sysroot / "home/notes").read_text() == "after the backup\n"
+    assert (btrfs_dev / "state/home/notes").read_text() == "backed up\n"
+    assert "state/.restored-home" in _subvolumes(btrfs_dev)
+    device.status(btrfs_dev)  # any command: its recovery keeps it too
+    assert (sysroot / "home/later").read_text() == "written after the restore\n"
+    assert "state/.restored-home" in _subvolumes(btrfs_dev)
+    with pytest.raises(device.DeviceError, match="reboot first"):
+        restore(btrfs_dev, "home", str(backups))
+    assert (sysroot / "home/notes").read_text() == "after the backup\n"
+    (backups / "more").mkdir()  # another one restored in that boot: its old one kept too
+    backup(btrfs_dev, "var", str(backups / "more"))
+    assert main(["device", "restore", str(btrfs_dev), "var", str(backups / "more")]) == 0
+    assert "the running system uses the old var until the next boot: reboot now" in \
+        capsys.readouterr().out
+    # the next boot: the running system uses the restored one; any command deletes the old
+    _umount(sysroot)
+    monkeypatch.setattr(boot, "RUNNING_ROOT", "/")
+    out = btrdelta("device", "restore", btrfs_dev, "home", backups).stdout
+    assert "until the next boot" not in out
+    assert "state/.restored-home" not in _subvolumes(btrfs_dev)
+    assert tree_sum(btrfs_dev / "state/home") == want
+    assert sorted(os.listdir(btrfs_dev / "state")) == ["etc", "home", "var"]
 
 
 def _free_port() -> int:

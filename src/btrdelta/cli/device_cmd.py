@@ -132,7 +132,9 @@ def _add_reset_backup(dsub: Any) -> None:
         description="Every state subvolume is made anew (an empty overlay upper shows the "
         "release's own files) except those kept, which are snapshotted as they are; all "
         "are swapped in by one atomic rename, then the factory base (or the last good "
-        "slot) becomes the default. Reboot afterwards.",
+        "slot) becomes the default. Reboot afterwards (on the system booted from FS, "
+        "its mounts keep the old state until then: it is deleted by the first device "
+        "command of the next boot).",
         epilog=examples("btrdelta device factory-reset /mnt/top --keep home"),
     )
     f.add_argument("fs", metavar="FS", help=_FS_HELP)
@@ -166,7 +168,9 @@ def _add_reset_backup(dsub: Any) -> None:
         "restore", help="restore a state subvolume (or any directory) from its backups",
         description="Receive the backup chain of SUBVOL from SRC (each delta verified "
         "against the subvolume restored before it; the result against the backup's "
-        "tree-sum) and swap it in place of state/SUBVOL of FS. With --to-dir, receive it "
+        "tree-sum) and swap it in place of state/SUBVOL of FS, then reboot (on the "
+        "system booted from FS, its mount keeps the old one until then: it is deleted "
+        "by the first device command of the next boot). With --to-dir, receive it "
         "below any directory instead (any filesystem) as SUBVOL.N, N the backup restored.",
         epilog=examples("btrdelta device restore /mnt/top home /media/usb/backups"),
     )
@@ -460,8 +464,10 @@ def run_reset(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(res, indent=1))
     elif not args.quiet:
+        old = "; the running system uses the old state until the next boot" \
+            if res["old_kept"] else ""
         print(f"factory reset: root {res['root']}; reset {', '.join(res['reset']) or '-'}; "
-              f"kept {', '.join(res['kept']) or '-'}; reboot now")
+              f"kept {', '.join(res['kept']) or '-'}{old}; reboot now")
     return 0
 
 
@@ -486,13 +492,17 @@ def run_restore(args: argparse.Namespace) -> int:
     if args.to_dir:
         got = restore_to_dir(args.src, args.subvol, args.fs, upto=args.upto)
         if args.json:
-            print(json.dumps({"subvol": args.subvol, "path": str(got), "tree_sum": None}))
+            print(json.dumps({"subvol": args.subvol, "path": str(got), "tree_sum": None,
+                              "old_kept": False}))
         elif not args.quiet:
             print(f"restored {args.subvol} to {got}")
         return 0
     res = restore(args.fs, args.subvol, args.src, upto=args.upto, as_name=args.as_name)
     if args.json:
-        print(json.dumps({"subvol": res["subvol"], "path": None, "tree_sum": res["tree_sum"]}))
+        print(json.dumps({"subvol": res["subvol"], "path": None, "tree_sum": res["tree_sum"],
+                          "old_kept": res["old_kept"]}))
     elif not args.quiet:
-        print(f"restored state/{res['subvol']} (tree-sum {res['tree_sum']})")
+        old = f"; the running system uses the old {res['subvol']} until the next boot: " \
+            "reboot now" if res["old_kept"] else ""
+        print(f"restored state/{res['subvol']} (tree-sum {res['tree_sum']}){old}")
     return 0

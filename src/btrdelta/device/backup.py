@@ -39,7 +39,7 @@ from .layout import DeviceError, Layout, open_device
 from .state import load_state
 
 __all__ = ["KEEP_DESTINATIONS", "RESTORED", "RESTORE_WORK", "backup", "restore",
-           "restore_to_dir"]
+           "restore_to_dir", "restored_in_use"]
 
 _FORMAT = "btrdelta-backups"
 #: a restore's work directory in ``.btrdelta/``, the prefix of its new subvolume in ``state/``
@@ -344,7 +344,10 @@ def restore(fs: str | os.PathLike[str], name: str, src: str, *, upto: int | None
             as_name: str | None = None) -> dict[str, Any]:
     """Restore backup chain ``name`` from ``src`` as state subvolume ``as_name`` (default
     ``name``) of device ``fs``: received in a hidden directory, then a writable snapshot
-    swapped in place of the state subvolume in one rename."""
+    swapped in place of the state subvolume in one rename. The one it replaced is deleted,
+    or kept as ``state/.restored-NAME`` until the next boot when the running system booted
+    from this device (its bind mount or overlay uses it: deleted under them, /home became
+    an empty directory where writes failed); the report's ``old_kept`` says which."""
     from .control import recover
 
     target = as_name or name
@@ -356,26 +359,69 @@ def restore(fs: str | os.PathLike[str], name: str, src: str, *, upto: int | None
         recover(layout, st)
         if target not in {s.name for s in st.state}:
             raise DeviceError(f"the device has no state subvolume {target!r}")
+        if restored_in_use(layout, target):
+            raise DeviceError(f"the running system still uses state/{target} as it was "
+                              f"before the last restore (state/{RESTORED}{target}): "
+                              "reboot first")
         work = layout.meta / RESTORE_WORK
         layout.delete(work, wait=True)
         work.mkdir()
         try:
-            got = restore_to_dir(src, name, work, upto=upto)
-            fresh = layout.state_dir / f"{RESTORED}{target}"
-            layout.delete(fresh)
-            layout.snapshot(got, fresh, readonly=False)
-            live = layout.state(target)
-            if os.path.lexists(live):
-                layout.exchange(fresh, live)
-            else:
-                layout.rename(fresh, live)
-            layout.sync()
-            layout.delete(fresh)  # the old one, after the swap
+            kept = _swap_in(layout, target, restore_to_dir(src, name, work, upto=upto))
         finally:
             layout.delete(work, wait=True)
-        st.note("restore", subvol=target, source=src)
+        st.note("restore", subvol=target, source=src, old_kept=kept)
         from .state import save_state
 
         save_state(layout, st)
-        return {"subvol": target, "tree_sum": tree_sum(layout.state(target))}
+        return {"subvol": target, "tree_sum": tree_sum(layout.state(target)),
+                "old_kept": kept}
 
+
+def _swap_in(layout: Layout, target: str, got: Path) -> bool:
+    """A writable snapshot of ``got`` in place of ``state/TARGET`` (one exchange); the old
+    one deleted, or kept when the running system uses it (returns True then)."""
+    from ..update.partial import boot_id
+    from .boot import booted_root
+
+    fresh = layout.state_dir / f"{RESTORED}{target}"
+    layout.delete(fresh)
+    layout.snapshot(got, fresh, readonly=False)
+    live = layout.state(target)
+    if not os.path.lexists(live):
+        layout.rename(fresh, live)
+        layout.sync()
+        return False
+    in_use = booted_root(layout) is not None
+    if in_use:  # before the swap: it names the subvolume that leaves, so a cut is safe
+        write_atomic(_in_use_mark(layout, target),
+                     f"{boot_id()} {layout.subvol_id(live)}\n".encode())
+    layout.exchange(fresh, live)
+    layout.sync()
+    if not in_use:
+        layout.delete(fresh)  # the old one, after the swap
+    return in_use
+
+
+def _in_use_mark(layout: Layout, target: str) -> Path:
+    return layout.meta / f"restored-{target}.in-use"
+
+
+def restored_in_use(layout: Layout, target: str) -> bool:
+    """Whether ``state/.restored-TARGET`` is the subvolume a restore in this boot swapped
+    out while the running system, booted from this device, used it (its mark names the
+    boot and the subvolume); a mark that does not hold any more is removed."""
+    from ..update.partial import boot_id
+    from .boot import booted_root
+
+    mark = _in_use_mark(layout, target)
+    try:
+        boot, sid = mark.read_text().split()
+    except (OSError, ValueError):
+        return False
+    old = layout.state_dir / f"{RESTORED}{target}"
+    if (boot == boot_id() and booted_root(layout) is not None
+            and layout.is_subvolume(old) and str(layout.subvol_id(old)) == sid):
+        return True
+    mark.unlink(missing_ok=True)
+    return False

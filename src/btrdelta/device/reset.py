@@ -103,7 +103,9 @@ def factory_reset(
     are), and ``to`` (``factory`` or ``last-good``) the default root.
 
     Returns:
-        A report: the root selected, the subvolumes reset and kept.
+        A report: the root selected, the subvolumes reset and kept, and whether the old
+        state is kept until the next boot (the running system booted from the device uses
+        it; ``.state-reset``).
     """
     from .control import recover
 
@@ -140,7 +142,8 @@ def factory_reset(
         layout.sync()
         finish_reset(layout, st)
         save_state(layout, st)
-        return {"root": target, "reset": sorted(names - set(keep)), "kept": sorted(keep)}
+        return {"root": target, "reset": sorted(names - set(keep)), "kept": sorted(keep),
+                "old_kept": os.path.lexists(prepared)}
 
 
 def finish_reset(layout: Layout, st: DeviceState) -> list[str]:
