@@ -4,6 +4,7 @@ one line naming what was meant, exit 2, nothing written."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,38 @@ def test_a_wrong_key_with_one_mirror_is_one_clear_line(
     assert "every mirror" not in err, err
     assert err.count("json") == 1, err
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.btrfs
+def test_a_full_dest_is_named_and_a_rerun_completes(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """DEST on a small btrfs without room for the release: one line naming DEST (it said
+    only 'No space left on device', from a chunk written in the download store), nothing
+    half-made shown as the version; once there is room, a re-run completes it."""
+    from btrdelta.testing.loopfs import loop_fs
+    from btrdelta.tree import tree_sum
+
+    tree, repo = tmp_path / "tree", tmp_path / "repo"
+    tree.mkdir()
+    for i in range(6):  # 24 MiB that no compression makes smaller
+        (tree / f"f{i}").write_bytes(os.urandom(4 << 20))
+    assert main(["key", "generate", "-o", str(tmp_path / "root"), "-q"]) == 0
+    assert main(["repo", "init", str(repo), "-q"]) == 0
+    assert main(["repo", "add", str(repo), "v1", str(tree), "-q"]) == 0
+    assert main(["repo", "sign", str(repo), "--key", str(tmp_path / "root.key"), "-q"]) == 0
+    capsys.readouterr()
+    with loop_fs("btrfs", size="256M") as fs:
+        filler = fs / "filler"
+        with open(filler, "wb") as f:  # leave ~12 MiB: half the release
+            while os.statvfs(fs).f_bavail * os.statvfs(fs).f_frsize > 12 << 20:
+                f.write(os.urandom(4 << 20))
+                f.flush()
+                os.fsync(f.fileno())
+        dest = fs / "app"
+        args = ["update", str(repo), str(dest), "--key", str(tmp_path / "root.pub"), "-q"]
+        assert main(args) == 1
+        assert _err(capsys) == f"btrdelta update: error: {dest}: No space left on device\n"
+        assert os.listdir(dest) == [".btrdelta"]  # its download, kept for the re-run
+        filler.unlink()
+        assert main(args) == 0
+        assert tree_sum(dest / "v1") == tree_sum(tree)

@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 from ..errors import UsageError
-from ._common import add_json, check_location, check_not_url, human_bytes, location
+from ._common import add_json, check_location, check_not_url, human_bytes, location, naming_output
 from .http_options import add_http_options, http_config
 from .progress import Progress, add_progress_options, progress_wanted
 
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     config = http_config(args)
     progress = Progress("update", enabled=progress_wanted(args) and not args.dry_run)
     reporter = _Reporter(progress, args.json or args.quiet, args.dest)
-    with progress:
+    with progress, naming_output(args.dest):  # a full DEST (a chunk written, a file)
         result = update(args.url, args.dest, to=args.to, key=args.key, mirrors=args.mirror,
                         dry_run=args.dry_run, on_event=reporter, config=config)
     if args.json:
