@@ -69,6 +69,19 @@ def test_every_group_s_help_has_an_example() -> None:
                    for line in after.splitlines()), words
 
 
+def test_every_help_gives_the_exit_codes() -> None:
+    """Only `btrdelta --help`, `replicate` and `update` said them (session 19): a script's
+    author reading `device install --help` could not tell a bad signature from a lost
+    mirror. The short paragraph names every code of the table, each with its kind."""
+    from btrdelta.cli._parser import EXIT_CODES
+    from btrdelta.errors import exit_codes
+
+    for code, _meaning in exit_codes():
+        assert re.search(rf"\b{code}\b", EXIT_CODES), code
+    for p in [build_parser(), *(p for _, p in COMMANDS)]:
+        assert re.search("exit codes", p.format_help(), re.I), p.prog
+
+
 def test_every_help_says_what_the_command_does() -> None:
     # `image verify`, `device rollback`, `repo add` and 12 more showed only their usage and
     # options: a new user could not tell what verify checks or where rollback goes

@@ -74,12 +74,23 @@ def _columns() -> int:
     return columns if columns > 0 else 80
 
 
+#: the paragraph ending each command's --help that does not give its own (the table:
+#: ``btrdelta --help``, README)
+EXIT_CODES = ("Exit codes: 0 success, 2 a usage mistake, 130 interrupted (143 SIGTERM, 129 "
+              "SIGHUP); an error's code says its kind: 1 other, 3 malformed input, 4 unsafe "
+              "path, 5 checksum or signature, 6 missing parent or base, 7 HTTP, 8 I/O, 9 "
+              "replication protocol, 10 an optional dependency missing (btrdelta --help).")
+
+
 class Parser(argparse.ArgumentParser):
     """The parser of every ``btrdelta`` command: a usage mistake is one line (naming the
     command and where to read more) and exit 2."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
+        epilog = kwargs.get("epilog")
+        if isinstance(epilog, str) and "xit code" not in epilog:  # every --help says them
+            kwargs["epilog"] = f"{epilog}\n\n{EXIT_CODES}"
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._intermixing = False
         #: the command's own words (after its name) of the parse under way

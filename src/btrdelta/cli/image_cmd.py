@@ -141,7 +141,9 @@ def _add_exports(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "nbdinfo, nbdcopy, qemu or the kernel's nbd-client, read from the store's chunks "
         "(nothing is downloaded: clone the image first). Runs in the foreground until "
         "interrupted; says where it serves on standard error. A chunk damaged in the store "
-        "fails the reads that need it (EIO) instead of serving wrong bytes.")
+        "fails the reads that need it (EIO) instead of serving wrong bytes.",
+        epilog=examples("btrdelta image nbd /var/lib/images/v2 --listen unix:/run/v2.sock &",
+                        "nbdinfo --map 'nbd+unix:///v2?socket=/run/v2.sock'"))
     n.add_argument("target", metavar="STORE/NAME", help="chunk store directory and image name")
     n.add_argument("--listen", default="127.0.0.1:10809", metavar="ADDR", type=_listen,
                    help="HOST:PORT, [IPV6]:PORT or unix:PATH (default 127.0.0.1:10809)")
@@ -150,8 +152,6 @@ def _add_exports(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     n.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     n.add_argument("--tls-client-ca", metavar="PEM",
                    help="also require a client certificate signed by this CA")
-    n.epilog = examples("btrdelta image nbd /var/lib/images/v2 --listen unix:/run/v2.sock &",
-                        "nbdinfo --map 'nbd+unix:///v2?socket=/run/v2.sock'")
     add_quiet_option(n)
     n.set_defaults(func=run_nbd)
 
