@@ -242,3 +242,21 @@ def test_a_full_dest_is_named_and_a_rerun_completes(
         filler.unlink()
         assert main(args) == 0
         assert tree_sum(dest / "v1") == tree_sum(tree)
+
+
+def test_an_unreachable_mirror_is_one_plain_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Nothing listens, or the host has no address: exit 7, one line naming the file and
+    what happened. Before: 'ConnectError: [Errno 111] Connection refused' (the client
+    library's class and errno)."""
+    key = _signed_repo(tmp_path, capsys).parent / "root.pub"
+    for url, why in (("http://127.0.0.1:1/app", "Connection refused"),
+                     ("http://no-such-host.invalid/app", "")):
+        args = ["update", url, str(tmp_path / "d"), "--key", str(key), "--retries", "0"]
+        assert main(args) == 7
+        err = _err(capsys)
+        assert err.startswith(f"btrdelta update: error: {url}/timestamp.json: cannot "
+                              f"connect: {why}"), err
+        assert "Errno" not in err, err
+        assert "ConnectError" not in err, err
+    assert not (tmp_path / "d").exists()

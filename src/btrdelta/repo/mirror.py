@@ -36,7 +36,7 @@ from .._optional import lazy
 from ..chunk.source import file_url_path
 from ..errors import BtrdeltaError, ChecksumError, StreamFormatError, TransportError
 from ..transport.config import HttpConfig
-from ..transport.http import FetchStats, RangeFetcher, RangesNotSupported
+from ..transport.http import FetchStats, RangeFetcher, RangesNotSupported, describe_http_error
 from ..transport.pacing import deadline
 from ..transport.plan import Span
 
@@ -188,7 +188,7 @@ class Mirrors:
                 dead = exc.status is None or exc.status >= 500
                 missing += exc.status == 404
             except httpx.HTTPError as exc:
-                failed(url, f"{type(exc).__name__}: {exc}")
+                failed(url, describe_http_error(exc))
                 dead = True
             else:
                 # the mirrors that failed before it are said, as a retry is (a broken
@@ -274,7 +274,7 @@ class Mirrors:
                         raise httpx.ReadError(f"body truncated ({n} of {length} bytes)")
                     return data
             except httpx.TransportError as exc:
-                last = f"{type(exc).__name__}: {exc}"
+                last = describe_http_error(exc)
         raise TransportError(last, url=full)
 
     def fetch(self, path: str, *, length: int, digest: str) -> bytes:

@@ -23,6 +23,7 @@ that ignores ``Range`` altogether is detected by :meth:`RangeFetcher.get_range` 
 from __future__ import annotations
 
 import contextlib
+import re
 import ssl
 import sys
 import threading
@@ -53,7 +54,7 @@ if TYPE_CHECKING:
 else:
     httpx = lazy("httpx")  # (40-60 ms: only when HTTP is used)
 
-__all__ = ["FetchStats", "RangeFetcher", "RangesNotSupported"]
+__all__ = ["FetchStats", "RangeFetcher", "RangesNotSupported", "describe_http_error"]
 
 _RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 #: multipart framing allowed per part (boundary, Content-Type, Content-Range lines)
@@ -574,9 +575,18 @@ def _paced(resp: httpx.Response, cfg: HttpConfig) -> Iterator[bytes]:
         yield block
 
 
+def describe_http_error(exc: BaseException) -> str:
+    """One line for an HTTP client error: ``cannot connect: Connection refused`` (was
+    ``ConnectError: [Errno 111] Connection refused``), else its class and text."""
+    text = _one_line(exc)
+    if isinstance(exc, httpx.ConnectError):
+        return "cannot connect: " + re.sub(r"^\[Errno -?\d+\] ", "", text)
+    return f"{type(exc).__name__}: {text}"
+
+
 def _classify(exc: httpx.HTTPError, fetcher: RangeFetcher) -> Exception:
     """A transient :class:`_Retry` or a permanent :class:`TransportError` for ``exc``."""
-    why = f"{type(exc).__name__}: {_one_line(exc)}"
+    why = describe_http_error(exc)
     if isinstance(exc, httpx.TooManyRedirects):
         return TransportError(
             f"more than {fetcher.config.max_redirects} redirects (a redirect loop?)",
