@@ -251,3 +251,28 @@ def test_a_signal_ignored_at_the_start_stays_ignored() -> None:
     assert proc.poll() is None
     _, err = proc.communicate(data[-100:], timeout=60)
     assert proc.returncode == 0, err
+
+
+@pytest.mark.parametrize("module", ["btrdelta.cli", "btrdelta.cli.treesum_cmd"])
+def test_ctrl_c_while_the_command_loads_is_one_line(module: str) -> None:
+    """Ctrl-C while the CLI's modules are imported (the first ~0.2 s under load), before
+    the command's own handling: exit 130 and one line. It printed a Python traceback
+    (KeyboardInterrupt in an import). The SIGINT is sent by the process to itself when
+    ``module`` is imported."""
+    code = f"""
+import builtins, os, signal, sys
+real = builtins.__import__
+def hooked(name, *args, **kwargs):
+    m = real(name, *args, **kwargs)
+    if {module!r} in sys.modules:  # (from the first import after it began loading)
+        builtins.__import__ = real
+        os.kill(os.getpid(), signal.SIGINT)
+    return m
+builtins.__import__ = hooked
+sys.argv = ["btrdelta", "tree-sum", sys.prefix]
+from btrdelta.__main__ import entry
+entry()
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          preexec_fn=_as_in_a_terminal(), timeout=60, check=False)
+    assert (proc.returncode, proc.stderr) == (130, "btrdelta: interrupted\n")
