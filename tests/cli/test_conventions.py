@@ -82,6 +82,19 @@ def test_every_help_gives_the_exit_codes() -> None:
         assert re.search("exit codes", p.format_help(), re.I), p.prog
 
 
+def test_every_option_with_a_default_states_it() -> None:
+    """`replicate --ssh`, `--backend` and the three `image --wait` took a default their
+    help did not give (session 19): each option whose value is not None (or a flag's
+    False, or an empty list) says `default` in its help."""
+    plain = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._HelpAction,
+             argparse._VersionAction, argparse._CountAction, argparse._AppendAction)
+    for p in [build_parser(), *(p for _, p in COMMANDS)]:
+        for a in p._actions:
+            if not a.option_strings or isinstance(a, plain) or a.default in (None, False, []):
+                continue
+            assert "default" in (a.help or "").lower(), (p.prog, a.option_strings, a.default)
+
+
 def test_every_help_says_what_the_command_does() -> None:
     # `image verify`, `device rollback`, `repo add` and 12 more showed only their usage and
     # options: a new user could not tell what verify checks or where rollback goes

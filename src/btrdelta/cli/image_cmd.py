@@ -110,7 +110,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     g.add_argument("--quick", action="store_true",
                    help="check kept chunks' sizes only, not their content")
     g.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                   help="wait this long for a clone or verify holding the store to finish")
+                   help="wait this long for a clone or verify holding the store to finish "
+                        "(default 0: fail at once, saying who holds it)")
     add_json(g, "the report")
     add_progress_options(g)
     g.set_defaults(func=run_gc)
@@ -222,7 +223,8 @@ def _add_clone(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     cl.add_argument("--dry-run", action="store_true", help="only say how much would be fetched")
     cl.add_argument("--key", metavar="PUBKEY", help="require a valid signature by this key (PEM)")
     cl.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                    help="wait this long for a gc or repair holding the store to finish")
+                    help="wait this long for a gc or repair holding the store to finish "
+                         "(default 0: fail at once, saying who holds it)")
     add_json(cl, "the report")
     add_progress_options(cl)
     add_http_options(cl)
@@ -254,7 +256,8 @@ def _add_verify(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     v.add_argument("--seed", action="append", default=[], metavar="FILE_OR_DEVICE",
                    help="a file or device --repair may take chunks from (repeatable)")
     v.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                   help="wait this long for the store's lock")
+                   help="wait this long for the store's lock (default 0: fail at once, "
+                        "saying who holds it)")
     add_json(v, "the report (also when it fails)")
     add_progress_options(v)
     add_http_options(v)

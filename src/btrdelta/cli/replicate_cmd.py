@@ -70,7 +70,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--no-prune", action="store_true",
                    help="keep sendshots no receiver needs")
     p.add_argument("--ssh", default="ssh", metavar="CMD",
-                   help="the ssh command (with options), e.g. 'ssh -i key -o ...'")
+                   help="the ssh command (with options), e.g. 'ssh -i key -o ...' "
+                        "(default: ssh)")
     p.add_argument("--remote-cmd", default="btrdelta", metavar="CMD",
                    help="btrdelta on the other side (ssh://; default: btrdelta, found on "
                         "the remote PATH)")
@@ -78,7 +79,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="give up on a silent TCP peer after this long (default 60)")
     p.add_argument("--backend", choices=("auto", "btrfs", "dir"), default="auto",
                    help="(the receiving side: DEST, ssh://, --serve, --listen) subvolumes "
-                        "on btrfs, or directories")
+                        "on btrfs, or directories (default auto: subvolumes where DEST is on "
+                        "btrfs)")
     add_progress_options(p, verbose=True)
     p.add_argument("--json", action="store_true", help="print what was done as JSON")
     p.set_defaults(func=run)
