@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from btrdelta.device.layout import Layout
 from btrdelta.tree import tree_sum
 from tests.jsondoc import checked
 
-from .conftest import Release, btrdelta
+from .conftest import BTRDELTA, Release, btrdelta
 
 pytestmark = pytest.mark.btrfs
 
@@ -229,3 +231,39 @@ def test_install_refuses_unsigned_or_wrongly_signed(btrfs_dev: Path, small_relea
     btrdelta("sign", delta, "--key", tmp_path / "release.key")
     res = device.install(btrfs_dev, delta, keys=[str(tmp_path / "release.pub")])
     assert res.tree_sum == r.new_sum
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_init_interrupted_leaves_nothing_and_a_rerun_completes(
+        btrfs_dev: Path, small_release: Release, sig: signal.Signals) -> None:
+    """Ctrl-C (or SIGTERM) while `device init` receives the factory stream: one line, exit
+    130 (143), and no roots/ or state/ left: they were, and the re-run was refused as "an
+    unfinished init" until --force (only an error, not an interrupt, removed them)."""
+    data = small_release.full.read_bytes()
+
+    def default() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # (a background run inherits SIG_IGN)
+
+    proc = subprocess.Popen([*BTRDELTA, "device", "init", str(btrfs_dev), "--factory", "-"],
+                            stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=False,
+                            preexec_fn=default)
+    assert proc.stdin is not None
+    proc.stdin.write(data[:len(data) // 2])
+    proc.stdin.flush()
+    deadline = time.monotonic() + 60
+    while True:  # the first half received: the process waits for the rest
+        assert proc.poll() is None, proc.returncode
+        with open(f"/proc/{proc.pid}/wchan") as f:
+            if "pipe_read" in f.read() and (btrfs_dev / "roots").exists():
+                break
+        assert time.monotonic() < deadline, "never waited for the rest of the stream"
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    proc.stdin.close()
+    assert (proc.returncode, err) == (128 + sig, b"btrdelta device init: interrupted\n")
+    assert sorted(os.listdir(btrfs_dev)) in ([], [".btrdelta"])
+    assert subprocess.run(["btrfs", "subvolume", "list", str(btrfs_dev)], capture_output=True,
+                          text=True, check=True).stdout == ""
+    btrdelta("device", "init", btrfs_dev, "--factory", small_release.full)
+    assert tree_sum(btrfs_dev / "roots/a") == small_release.old_sum

@@ -87,30 +87,38 @@ def init(
             built = build_root(layout, factory, FACTORY, expect_sum=expect_sum,
                                keys=[key] if key else None, fetch=Fetch(to, tuple(mirrors)),
                                on_progress=on_progress)
-        except Exception:
-            # nothing to keep: a re-run needs no --force (a wrong key, source or option
-            # left roots/ and state/ as "an unfinished init")
-            # (a download of the fetch area stays: the re-run resumes it)
-            for p in (layout.roots, layout.state_dir):
-                layout.delete(p, wait=True)
+            clear_work(layout)
+            place_root(layout, built, FACTORY)
+            for slot in SLOTS:
+                layout.snapshot(layout.root(FACTORY), layout.root(slot), readonly=True)
+            for s in specs:
+                fresh_state_subvol(layout, s, layout.state(s.name))
+            st = DeviceState(tries=tries, hook=hook, state=specs)
+            now = time.time()
+            for name in BOOTABLE:
+                st.roots[name] = RootInfo(built.release, str(built.uuid), built.tree_sum,
+                                          now, "good", built.source)
+            st.note("init", release=built.release, tree_sum=built.tree_sum)
+            layout.sync()
+            set_default_root(layout, SLOTS[0])
+            save_state(layout, st)  # last: a device exists once its state file does
+        except BaseException:
+            # nothing to keep before the state file: a re-run needs no --force (a wrong
+            # key, source or option, and Ctrl-C or SIGTERM, left roots/ and state/ as "an
+            # unfinished init"); a download of the fetch area stays: the re-run resumes it
+            if not layout.initialized():
+                _undo_init(layout)
             raise
-        clear_work(layout)
-        place_root(layout, built, FACTORY)
-        for slot in SLOTS:
-            layout.snapshot(layout.root(FACTORY), layout.root(slot), readonly=True)
-        for s in specs:
-            fresh_state_subvol(layout, s, layout.state(s.name))
-        st = DeviceState(tries=tries, hook=hook, state=specs)
-        now = time.time()
-        for name in BOOTABLE:
-            st.roots[name] = RootInfo(built.release, str(built.uuid), built.tree_sum, now,
-                                      "good", built.source)
-        st.note("init", release=built.release, tree_sum=built.tree_sum)
-        layout.sync()
-        set_default_root(layout, SLOTS[0])
-        save_state(layout, st)  # last: a device exists once its state file does
         call_hook(hook, "good", SLOTS[0])
         return status_of(layout, st)
+
+
+def _undo_init(layout: Layout) -> None:
+    """Delete what an init that did not finish made (not its fetch area)."""
+    with layout.fd() as fd:  # (btrfs refuses to delete the default subvolume)
+        sv.set_default_subvolume(fd, _TOP_LEVEL)
+    for p in (layout.roots, layout.state_dir):
+        layout.delete(p, wait=True)
 
 
 def _prepare_empty(layout: Layout, force: bool) -> None:
