@@ -28,13 +28,28 @@ def _live(mnt: Path) -> Path:
     return live
 
 
-def test_meanwhile_runs_while_the_snapshot_is_made(two_fs: tuple[Path, Path]) -> None:
+def test_meanwhile_runs_while_the_snapshot_is_made(
+    two_fs: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from btrdelta.send import live as live_mod
+
     snd, _rcv = two_fs
     live = _live(snd)
     seen: list[list[str]] = []
+    looked = threading.Event()
+    made_in: list[str] = []
+    real = live_mod.create_snapshot
+
+    def held(*args: object, **kw: object) -> object:  # (the snapshot waits for the look:
+        made_in.append(threading.current_thread().name)  # under load its thread ended first)
+        assert looked.wait(30)
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(live_mod, "create_snapshot", held)
 
     def meanwhile() -> None:
         seen.append([t.name for t in threading.enumerate()])
+        looked.set()
 
     with frozen(live, meanwhile=meanwhile) as fz:
         assert fz.temporary
@@ -44,6 +59,7 @@ def test_meanwhile_runs_while_the_snapshot_is_made(two_fs: tuple[Path, Path]) ->
         (snapshot,) = [n for n in _subvolumes(snd) if n != "live"]
         assert snapshot.startswith(".btrdelta-send-")
     assert len(seen) == 1
+    assert made_in == ["btrdelta-snapshot"]
     assert "btrdelta-snapshot" in seen[0]  # (its thread was making it then)
     assert _subvolumes(snd) == ["live"]
 
