@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from btrdelta._value import replace
 from btrdelta.fs.btrfs import EXTENT, clone_range, file_extents
 from btrdelta.send.extents import EXTENT_MIN, same_ranges
 from btrdelta.send.scan import Node
@@ -115,9 +116,10 @@ def test_version_2_records_load_without_extents(monkeypatch: pytest.MonkeyPatch)
     got = list(RecordReader(io.BytesIO(out.getvalue())).inodes())
     assert got[1].extents == f.extents
     cols, counts = encode_rows([root, f])
-    monkeypatch.setattr(fmt, "VERSION", 2)
+    monkeypatch.setattr(fmt, "WRITES", (2, 3, 4))  # (as a btrdelta of version 2 wrote)
     old = io.BytesIO()
-    write_record(old.write, head, ([c for c in cols if c[0] < fmt.C_NEXTENTS], counts))
+    write_record(old.write, replace(head, version=2),
+                 ([c for c in cols if c[0] < fmt.C_NEXTENTS], counts))
     reader = RecordReader(io.BytesIO(old.getvalue()))
     assert reader.version == 2
     got = list(reader.inodes())

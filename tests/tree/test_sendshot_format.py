@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from btrdelta._value import replace
 from btrdelta.errors import StreamFormatError, UnsupportedVersionError
 from btrdelta.send.store import StoredSendshot, parse_grid, plan_prune
 from btrdelta.tree.sendshot import RecordInode, RecordReader, SendshotHead, write_record
@@ -53,6 +54,8 @@ def test_round_trip_and_digest() -> None:
     data, digest = _encode()
     reader = RecordReader(io.BytesIO(data), source="r")
     assert reader.head == HEAD
+    assert reader.version == 4
+    assert reader.head.content3
     got = list(reader.inodes())
     want = _inodes()
     want[5].blocks = b""  # below a block: none kept
@@ -118,7 +121,8 @@ def test_version_1_is_still_read() -> None:
     data = (Path(__file__).parent / "data" / "sendshot-v1.record").read_bytes()
     reader = RecordReader(io.BytesIO(data), source="v1")
     assert reader.version == 1
-    assert reader.head == HEAD
+    assert reader.head == replace(HEAD, version=1)
+    assert not reader.head.content3
     got = list(reader.inodes())
     assert [(n.ino, n.dentries, n.segments, n.blocks, n.xattrs, n.target) for n in got] == [
         (256, [], None, b"", None, b""),
@@ -211,3 +215,19 @@ def test_retention_plans() -> None:
     assert plan_prune(every, set(), keep=0)[-1].digest == "18"  # the newest always stays
     with pytest.raises(Exception, match="bad retention grid"):
         parse_grid("1x:3")
+
+
+def test_version_3_is_written_for_its_lineage_and_read_as_such() -> None:
+    """A head of version 3 (a send against a version 3 record) writes a version 3 record,
+    read back with its version; other versions are not written."""
+    out = io.BytesIO()
+    digest, _n = write_record(out.write, replace(HEAD, version=3), iter(_inodes()))
+    data = out.getvalue()
+    assert int.from_bytes(data[18:22], "little") == 3
+    reader = RecordReader(io.BytesIO(data), source="r")
+    assert (reader.version, reader.head.version, reader.head.content3) == (3, 3, False)
+    assert list(reader.inodes())[1] == _inodes()[1]
+    assert reader.digest == digest != _encode()[1]
+    for version in (1, 2, 5):
+        with pytest.raises(ValueError, match=f"version {version} are not written"):
+            write_record(io.BytesIO().write, replace(HEAD, version=version), iter(_inodes()))

@@ -602,7 +602,7 @@ class Sender(CloneFinder):
         content, self._content = self._content, None
         if content is None and self._hasher is not None and kept is None:
             content = self._hasher.take(node)
-        seed = self._hasher.seed if self._hasher is not None else None
+        seed, c3 = (h.seed, h.content3) if (h := self._hasher) is not None else (None, True)
         # record mode: a file not hashed yet (no CLONE can stand for it) is hashed as sent
         later = node.segments is None and seed is not None and kept is None
         clone = None if later else self._find_clone(node, new_by_digest)
@@ -622,7 +622,7 @@ class Sender(CloneFinder):
         try:
             segs = data_segments(fd, node.size) if fd >= 0 else [(0, node.size)] \
                 if kept is None else [(o, n) for o, n, _ in kept]
-            hasher = BlockHasher(seed) if later and seed is not None else None
+            hasher = BlockHasher(seed, content3=c3) if later and seed is not None else None
             if hasher is not None:
                 segs = block_segments(segs, node.size)
             end = segs[-1][0] + segs[-1][1] if segs else 0

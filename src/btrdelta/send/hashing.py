@@ -371,10 +371,11 @@ def block_segments(segs: list[tuple[int, int]], size: int) -> list[tuple[int, in
 def _hash_file_blocks(
     path: bytes, size: int, buf: bytearray | mmap.mmap, seed: int, keep: bool = False, ino: int = 0,
     fd: int = -1, whole_blocks: bool = False, drop: bool = True, extent_min: int = SEARCH_MIN,
-    stop: threading.Event | None = None,
+    stop: threading.Event | None = None, content3: bool = True,
 ) -> tuple[bytes, int, list[tuple[int, int]], bytes, bytes, bytes | None, bytes | None]:
     """Record mode: (XXH3-128 digest, flags, block-aligned data segments, seeded XXH3-128 of
-    each 4 KiB block of them, BLAKE3-256 digest, content, extent items) of one regular file,
+    each 4 KiB block of them, content digest (``content3``: tree-sum-3's; else BLAKE3-256),
+    content, extent items) of one regular file,
     read once (``fd``: opened already, closed here).
 
     The content (the bytes hashed) only with ``keep``, of a file without holes of at most
@@ -391,8 +392,8 @@ def _hash_file_blocks(
     ``/usr``: the deletion took 0.103 s instead of 0.057 s after its 4,600 small files
     were read, at load 15).
 
-    ``stop`` set: raises :class:`Stopped` within a MiB read or hashed (a hole's zeros,
-    hashed by BLAKE3 at ~5 GB/s of CPU, included)."""
+    ``stop`` set: raises :class:`Stopped` within a MiB read or hashed (without ``content3``
+    a hole's zeros, hashed by BLAKE3 at ~5 GB/s of CPU, included)."""
     if fd < 0:
         fd = open_to_read(path)
     try:
@@ -402,8 +403,8 @@ def _hash_file_blocks(
             content = os.pread(fd, size + 1, 0)
             if len(content) != size:
                 raise BtrdeltaError("file changed while sending (size differs)", path=path)
-            if no_zero_block(content) or data_segments(fd, size) == [(0, size)]:
-                digest, blocks, bdigest = digests_of(content, seed)
+            if (no_zeros := no_zero_block(content)) or data_segments(fd, size) == [(0, size)]:
+                digest, blocks, bdigest = digests_of(content, seed, content3, no_zeros)
                 if ino and drop:
                     uncache(fd)
                 return digest, flags, [(0, size)], blocks, bdigest, content, extents
@@ -413,11 +414,11 @@ def _hash_file_blocks(
             content = os.pread(fd, size + 1, 0) if size else b""
             if len(content) != size:
                 raise BtrdeltaError("file changed while sending (size differs)", path=path)
-            digest, blocks, bdigest = digests_of(content, seed)
+            digest, blocks, bdigest = digests_of(content, seed, content3)
             if ino and size and drop:
                 uncache(fd)
             return digest, flags, segs, blocks, bdigest, content, extents
-        hasher = BlockHasher(seed, stop)
+        hasher = BlockHasher(seed, stop, content3)
         view = memoryview(buf)
         for off, length in segs:
             pos, end = off, off + length
@@ -488,8 +489,11 @@ class ContentHasher:
     """
 
     def __init__(self, workers: int | None = None, seed: int | None = None,
-                 extents: bool = False) -> None:
+                 extents: bool = False, content3: bool = True) -> None:
         self.seed = seed
+        #: record mode: the files' content digests are tree-sum-3's (record version 4), else
+        #: BLAKE3 of the whole content (version 3: a send against such a record compares them)
+        self.content3 = content3
         #: the files' holes are whole 4 KiB blocks (a block with a byte other than zero is
         #: data): set by the caller that knows the filesystem (:class:`~.scan.TreeScan`)
         self.whole_blocks = False
@@ -572,7 +576,7 @@ class ContentHasher:
                          content, node.extents) = _hash_file_blocks(
                             path, node.size, buf, seed, keep,
                             node.st_ino if self.extents else 0, fd, self.whole_blocks,
-                            self.uncache, self.extent_min, self._stop)
+                            self.uncache, self.extent_min, self._stop, self.content3)
                     except BaseException:
                         if still >= 0:
                             os.close(still)

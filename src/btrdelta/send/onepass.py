@@ -1,7 +1,9 @@
 """Record-mode digests made from the bytes a send reads anyway (one read per byte).
 
-A sendshot record holds, per regular file, XXH3-128 and BLAKE3-256 of its content and the
-seeded XXH3-128 of every 4 KiB block of its data ranges. :class:`BlockHasher` makes them
+A sendshot record holds, per regular file, XXH3-128 and BLAKE3-256 of its content (record
+version 4: the tree-sum-3 content digest, :mod:`btrdelta.tree.content`, its holes taken by
+length; version 3: BLAKE3 of the whole content, ``content3=False``) and the seeded
+XXH3-128 of every 4 KiB block of its data ranges. :class:`BlockHasher` makes them
 from a file's bytes fed in order; the hashing threads of :mod:`.scan` feed it what they read,
 and a full send (:mod:`.emit`) feeds it the bytes it sends of the files :class:`SentWhole`
 leaves to it, then :func:`hashed_as_sent` fills in the node. Owns no reading policy beyond
@@ -24,6 +26,7 @@ from .. import TYPE_CHECKING, _native
 from .._optional import need
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
+from ..tree.content import ContentDigest, content_digest
 from .extents import extents_of
 
 if TYPE_CHECKING:
@@ -129,19 +132,24 @@ def content_hasher(holes: int = 1, data: int = 0) -> _ZerosFed | _ZerosByLength:
 class BlockHasher:
     """Record mode: the digests of one file's content fed in order, its data ranges
     (:func:`~.scan.block_segments`) at 4 KiB-aligned offsets, holes skipped: XXH3-128 and
-    BLAKE3-256 of the whole content (holes as zeros) and the seeded XXH3-128 of every block
-    of the data ranges."""
+    the content digest (``content3``: tree-sum-3's, holes by length; else BLAKE3-256 of the
+    whole content, holes as zeros) and the seeded XXH3-128 of every block of the data
+    ranges."""
 
-    __slots__ = ("_b3", "_blocks", "_blocks_of", "_h", "_stop", "pos", "seed")
+    __slots__ = ("_b3", "_blocks", "_blocks_of", "_c3", "_h", "_stop", "content3", "pos",
+                 "seed")
 
-    def __init__(self, seed: int, stop: threading.Event | None = None) -> None:
+    def __init__(self, seed: int, stop: threading.Event | None = None,
+                 content3: bool = True) -> None:
         self.seed = seed
+        self.content3 = content3
         #: set: feeding a hole's zeros raises :class:`Stopped` within a MiB
         self._stop = stop
         # (the C one if built: its slower data path costs ~4 % of a record's hashing beside
         # BLAKE3's and the block digests', its holes' zeros are free)
         self._h = content_hasher()
-        self._b3 = blake3.blake3()
+        self._b3 = None if content3 else blake3.blake3()
+        self._c3 = ContentDigest() if content3 else None
         self._blocks_of = _block_digests_fn()
         self._blocks: list[bytes] = []
         #: the offset the next bytes are at, or -1 once fed out of order (unusable)
@@ -155,7 +163,11 @@ class BlockHasher:
             return
         self._zeros(pos)
         self._h.update(data)
-        self._b3.update(data)
+        if self._c3 is not None:
+            self._c3.update(data)
+        else:
+            assert self._b3 is not None
+            self._b3.update(data)
         self._blocks.append(self._blocks_of(data, self.seed))
         self.pos = pos + len(data)
 
@@ -163,6 +175,11 @@ class BlockHasher:
         if self.pos >= end:
             return
         self._h.zeros(end - self.pos, self._stop)
+        if self._c3 is not None:  # (by length)
+            self._c3.zeros(end - self.pos)
+            self.pos = end
+            return
+        assert self._b3 is not None
         while self.pos < end:
             if self._stop is not None and self._stop.is_set():
                 raise Stopped("hashing stopped")
@@ -171,18 +188,23 @@ class BlockHasher:
             self.pos += n
 
     def finish(self, size: int) -> tuple[bytes, bytes, bytes]:
-        """(XXH3-128 digest, block digests, BLAKE3-256 digest) of a file of ``size`` bytes
+        """(XXH3-128 digest, block digests, content digest) of a file of ``size`` bytes
         (zeros after the last bytes fed)."""
         self._zeros(size)
-        return self._h.digest(), b"".join(self._blocks), self._b3.digest()
+        whole = self._c3.digest(size) if self._c3 is not None else \
+            self._b3.digest() if self._b3 is not None else b""
+        return self._h.digest(), b"".join(self._blocks), whole
 
 
-def digests_of(content: bytes, seed: int) -> tuple[bytes, bytes, bytes]:
+def digests_of(content: bytes, seed: int, content3: bool = True, no_zeros: bool = False
+               ) -> tuple[bytes, bytes, bytes]:
     """:meth:`BlockHasher.finish` of a whole file's ``content`` fed at once (a small file,
-    without holes), made without a hasher object."""
+    without holes), made without a hasher object (``no_zeros``: none of its blocks is all
+    zeros, as the caller found)."""
     xxhash = need("xxhash", "make")
     blocks = _block_digests_fn()(content, seed)
-    return xxhash.xxh3_128_digest(content), blocks, blake3.blake3(content).digest()
+    return xxhash.xxh3_128_digest(content), blocks, \
+        content_digest(content, no_zeros) if content3 else blake3.blake3(content).digest()
 
 
 def hashed_as_sent(fd: int, node: Node, segs: list[tuple[int, int]], hasher: BlockHasher,
@@ -198,7 +220,7 @@ def hashed_as_sent(fd: int, node: Node, segs: list[tuple[int, int]], hasher: Blo
     if os.pread(fd, 1, node.size):
         raise BtrdeltaError("file changed while sending (size differs)", path=node.path)
     if hasher.pos < 0 or chunk % BLOCK:
-        hasher = BlockHasher(hasher.seed)
+        hasher = BlockHasher(hasher.seed, content3=hasher.content3)
         for off, length in segs:
             pos = off
             while pos < off + length:

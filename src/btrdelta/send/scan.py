@@ -660,7 +660,7 @@ class TreeScan:
         parent_dir: the tree the receiver has (``None``: full send).
         workers: hashing threads (see :class:`ContentHasher`); 1 also disables the child.
         on_entry: progress of the new tree's scan (see :func:`scan_tree`).
-        seed: record mode (see :class:`ContentHasher`).
+        seed: record mode (see :class:`ContentHasher`; and ``content3``, its digests).
         prepare: called with the new tree once scanned, before its files are queued (fills
             in what a record already knows, so those files are not read).
         new_tree: the new tree, already scanned (:mod:`~.rescan`): ``new_dir`` is not walked;
@@ -699,7 +699,7 @@ class TreeScan:
         order: Callable[[Tree], list[int]] | None = None,
         stream: ScanStream | bool = False,
         hash_as_sent: Callable[[Node], bool] | None = None,
-        keep: bool | Callable[[Node], bool] = True,
+        keep: bool | Callable[[Node], bool] = True, content3: bool = True,
     ) -> None:
         need("xxhash", "make")  # before any thread starts: a missing extra is one line
         self.parent_dir = os.fsencode(parent_dir) if parent_dir is not None else None
@@ -710,7 +710,7 @@ class TreeScan:
             and threading.active_count() == 1
         ):
             self._forked = ForkedScan(self.parent_dir)
-        self.hasher = ContentHasher(workers, seed, extents)
+        self.hasher = ContentHasher(workers, seed, extents, content3)
         self._old: Tree | None = None
         #: the new tree's node ids in the order they are emitted (``order``), else None
         self.order: list[int] | None = None

@@ -239,6 +239,9 @@ def _scan(fz: Frozen, base: StoredSendshot | None, cols: Columns | None,
 def _scan_with(fz: Frozen, base: StoredSendshot | None, cols: Columns | None, seed: int,
                scanned: ScanStream | None, sweep: _Sweep | None
                ) -> tuple[TreeScan, Tree | None, Changes | None]:
+    # a record's digests are compared with the base's: of the base's kind (a version 3
+    # base's lineage keeps BLAKE3 of the whole content until a full send or an adoption)
+    content3 = base is None or base.head.content3
     if scanned is not None and (base is not None or fz.info is None):
         scanned.close()  # (not a full stream on btrfs: walked again below)
         scanned = None
@@ -246,7 +249,7 @@ def _scan_with(fz: Frozen, base: StoredSendshot | None, cols: Columns | None, se
             usable(base.head, fz.lineage, fz.generation, fz.info.readonly):
         got = _changes(fz, base, cols, seed,
                        sweep if sweep is not None and sweep.since == base.head.generation
-                       else None)
+                       else None, content3)
         if got is not None:
             return got[0], got[1].old, got[1]
     old = tree_from_record(cols.rows(), base.head, base.path) \
@@ -255,15 +258,16 @@ def _scan_with(fz: Frozen, base: StoredSendshot | None, cols: Columns | None, se
     if base is None and fz.info is not None:
         # its inodes' generations (only its record's) are read after it (send_with_sendshots)
         return TreeScan(fz.path, None, seed=seed, extents=extents, stream=scanned or True,
-                        hash_as_sent=SentWhole(fz.path)), None, None
+                        hash_as_sent=SentWhole(fz.path), content3=content3), None, None
     # a full stream of a plain directory (its UUID the content's) is hashed before it starts
     order = inode_order if base is None else None
     return TreeScan(fz.path, None, seed=seed, prepare=_stamp(fz) if base is not None else None,
-                    extents=extents, order=order), old, None
+                    extents=extents, order=order, content3=content3), old, None
 
 
 def _changes(fz: Frozen, base: StoredSendshot, cols: Columns, seed: int,
-             sweep: _Sweep | None = None) -> tuple[TreeScan, Changes] | None:
+             sweep: _Sweep | None = None, content3: bool = True
+             ) -> tuple[TreeScan, Changes] | None:
     """The changes since ``base`` (:func:`~.rescan.rescan`; ``sweep``: its change sweep,
     started already) and the scan holding them, or None when they cannot be found (not
     root, or the record disagrees with the tree). The changed files are hashed first: a new
@@ -293,7 +297,7 @@ def _changes(fz: Frozen, base: StoredSendshot, cols: Columns, seed: int,
     # into one buffer and the stream reads the blocks that changed again: fresh memory for
     # every file read cost more (5.5 MiB of changed files: ~1,400 page faults) than that
     scan = TreeScan(fz.path, seed=seed, new_tree=changes.to_hash, workers=1 if small else None,
-                    extents=True, keep=changes.sent_whole)
+                    extents=True, keep=changes.sent_whole, content3=content3)
     scan.hasher.read_before = read
     scan.hasher.opened = opened
     scan.hasher.keep_open = _KEEP_OPEN
@@ -513,6 +517,7 @@ def _head(sender: Sender, fz: Frozen, base: StoredSendshot | None, src: bytes, n
         kind="sent", subvol_uuid=fz.lineage, parent=base.digest if base is not None else None,
         source=src, generation=fz.generation, seed=seed,
         tree_digest=b"" if changes is not None else sender.new.identity(),
+        version=4 if base is None or base.head.content3 else 3,
     )
 
 

@@ -4,16 +4,18 @@ A *sendshot* replaces the old snapshot that an incremental ``btrfs send -p`` nee
 inode its identity (inode number, btrfs generation and transid), metadata (type, mode,
 owner, times, ``chattr`` flags, xattrs, every name, device number, symlink target, size) and,
 per regular file, where its data is (data segments; the rest are holes), a digest of every
-4 KiB block of data (XXH3-128 seeded with the record's
-secret seed) and of the whole content (BLAKE3-256). No file data. The head names the stream
-the receiver got (its UUID and ctransid: the receiver's *received UUID*), the source
+4 KiB block of data (XXH3-128 seeded with the record's secret seed) and of the whole
+content (XXH3-128, and the tree-sum-3 content digest: :mod:`.content`; BLAKE3-256 of the
+whole content in versions up to 3). No file data. The head names the stream the receiver
+got (its UUID and ctransid: the receiver's *received UUID*), the source
 subvolume, and the sendshot it was sent against.
 
 Encoding (``docs/formats/sendshot.md``): a 22-byte header (``btrdelta-sendshot\\0`` and a
 u32 version), then zstd frames holding frames of TLVs on the send stream's framing
 (:mod:`btrdelta.stream.framing`: u32 length, u16 record, u32 CRC32C, TLVs): ``HEAD``, the
 inodes in scan order (root first, then depth first by sorted names) and ``END`` with the
-counts. Versions 2 and 3 (written; 3 adds each file's extent items) store the inodes as
+counts. Versions 2 to 4 (3 adds each file's extent items, 4 the tree-sum-3 content
+digests; 4 is written, and 3 for a record sent against a version 3 one) store the inodes as
 *columns*, one record per field of every inode (compact, decoded with one ``struct`` call
 per column); version 1 (still read) as one ``INODE`` record per inode, each regular
 file's ``BLOCKS`` right after it. The record's *digest* (its name in a store) is the
@@ -60,9 +62,13 @@ __all__ = [
 ]
 
 MAGIC: Final = b"btrdelta-sendshot\0"
-VERSION: Final = 3
+VERSION: Final = 4
 #: the versions :class:`RecordInode` reads
-READS: Final = (1, 2, 3)
+READS: Final = (1, 2, 3, 4)
+#: the versions written: 4, whose DIGESTS hold tree-sum-3 content digests
+#: (:mod:`.content`); 3, whose DIGESTS hold BLAKE3 of the whole content (a record
+#: sent against a version 3 base keeps its kind of digests: they are compared)
+WRITES: Final = (3, 4)
 _HEADER = struct.Struct("<18sI")
 #: bytes per block digest
 BLOCK: Final = 4096
@@ -118,6 +124,14 @@ class SendshotHead(Value):
     seed: int = 0
     #: BLAKE3-256 identity of the tree (metadata and content digests), 32 bytes
     tree_digest: bytes = b""
+    #: the record format version (:data:`WRITES` when written): 4's DIGESTS hold
+    #: tree-sum-3 content digests, the others' BLAKE3 of the whole content
+    version: int = VERSION
+
+    @property
+    def content3(self) -> bool:
+        """Whether the files' BLAKE3 digests are tree-sum-3 content digests."""
+        return self.version >= 4
 
 
 class RecordInode(Value):
@@ -157,7 +171,7 @@ def _u64(v: int) -> bytes:
 
 def _head_attrs(head: SendshotHead) -> list[tuple[int, bytes]]:
     attrs = [
-        (H_VERSION, _U32.pack(VERSION)),
+        (H_VERSION, _U32.pack(head.version)),
         (H_STREAM_UUID, head.stream_uuid.bytes),
         (H_CTRANSID, _u64(head.stream_ctransid)),
         (H_NAME, head.name),
@@ -204,7 +218,9 @@ def write_record(
                                          for i in range(0, len(view), 0xFFFF)])
     pieces += encode_frame_parts(_END, [(E_INODES, _u64(count)), (E_FILES, _u64(files)),
                                         (E_BYTES, _u64(nbytes)), (E_BLOCKS, _u64(nblocks))])
-    header = _HEADER.pack(MAGIC, VERSION)
+    if head.version not in WRITES:
+        raise ValueError(f"sendshot records of version {head.version} are not written")
+    header = _HEADER.pack(MAGIC, head.version)
     digest = blake3.blake3(header)
     comp = zstd.ZstdCompressor(level=level).compressobj(size=sum(map(len, pieces)))
     write(header)
@@ -255,7 +271,8 @@ COLUMNS: Final = {
     C_DIGESTS: "DIGESTS", C_BLOCKS: "BLOCKS", C_NEXTENTS: "NEXTENTS", C_EXTENTS: "EXTENTS",
 }
 #: the columns of each version that has columns (version 3 added the extents)
-VERSION_COLUMNS: Final = {2: tuple(range(C_INO, C_NEXTENTS)), 3: tuple(COLUMNS)}
+VERSION_COLUMNS: Final = {2: tuple(range(C_INO, C_NEXTENTS)), 3: tuple(COLUMNS),
+                          4: tuple(COLUMNS)}
 #: struct code of the fixed-width per-inode columns
 PER_INODE = ((C_INO, "Q"), (C_GEN, "Q"), (C_TRANSID, "Q"), (C_MODE, "I"), (C_UID, "I"),
              (C_GID, "I"), (C_RDEV, "Q"), (C_SIZE, "Q"), (C_ATIME, "q"), (C_MTIME, "q"),
@@ -311,6 +328,7 @@ def _decode_head(mv: memoryview, start: int, end: int, version: int) -> Sendshot
         parent=bytes(parent).hex() if parent is not None else None,
         source=bytes(f.get(H_SOURCE, b"")), generation=_int(f[H_GEN]) if H_GEN in f else 0,
         seed=_int(f[H_SEED]) if H_SEED in f else 0, tree_digest=bytes(f.get(H_TREE, b"")),
+        version=version,
     )
 
 
