@@ -159,6 +159,8 @@ def test_a_version_3_record_is_a_base_and_its_lineage_stays_version_3(
     assert main(["send", str(tree), "-o", str(full), "--record", "--store", str(store), "-q",
                  "--name", "v1"]) == 0
     base = _as_version_3(store, tree)
+    for _ in range(2):  # (read from the record, then from the store's head cache)
+        assert [r.head.version for r in SendshotStore(store).records_list()] == [3]
     _change(tree)
     assert main(["send", str(tree), "-o", str(inc), "--from-sendshot", base, "--record",
                  "--store", str(store), "-q", "--name", "v2"]) == 0

@@ -70,7 +70,7 @@ _SUFFIX = ".sendshot"
 #: damaged, stale or missing entries are read from the records again. The base of a send
 #: is read whole and checked against its name, and its head against the one listed.
 _HEADS = "heads"
-_HEADS_MAGIC = b"btrdelta sendshot heads 1\n"
+_HEADS_MAGIC = b"btrdelta sendshot heads 2\n"  # (1: without the record's version)
 #: an entry: digest (hex), size, mtime (ns), inode, length of the head's bytes that follow
 _ENTRY = struct.Struct("<64sQqQI")
 _BLAKE3 = 32

@@ -312,9 +312,14 @@ def _int(v: memoryview) -> int:
     raise StreamFormatError(f"an integer of {len(v)} bytes")
 
 
-def _decode_head(mv: memoryview, start: int, end: int, version: int) -> SendshotHead:
+def _decode_head(mv: memoryview, start: int, end: int, version: int | None) -> SendshotHead:
+    """A HEAD's attributes; ``version`` None: the record's version is its VERSION's."""
     f: dict[int, memoryview] = dict(iter_tlvs(mv, start, end))
-    if H_VERSION in f and _int(f[H_VERSION]) != version:
+    if version is None:
+        version = _int(f[H_VERSION]) if H_VERSION in f else -1
+        if version not in READS:
+            raise UnsupportedVersionError(f"sendshot record version {version}")
+    elif H_VERSION in f and _int(f[H_VERSION]) != version:
         raise UnsupportedVersionError(f"sendshot record version {_int(f[H_VERSION])}")
     for need in (H_STREAM_UUID, H_CTRANSID, H_NAME, H_CREATED):
         if need not in f:
@@ -619,10 +624,11 @@ def read_head(file: BinaryIO, *, source: str | None = None) -> SendshotHead:
 
 
 def encode_head(head: SendshotHead) -> bytes:
-    """The attributes of ``head`` as a record's HEAD holds them (TLVs), without the record's
-    version: what :func:`decode_head` reads back (the store's head cache keeps these)."""
+    """The attributes of ``head`` as a record's HEAD holds them (TLVs), the record's version
+    included (it says which content digests the record holds): what :func:`decode_head`
+    reads back (the store's head cache keeps these)."""
     return b"".join(_TLV.pack(typ, len(value)) + bytes(value)
-                    for typ, value in _head_attrs(head) if typ != H_VERSION)
+                    for typ, value in _head_attrs(head))
 
 
 def decode_head(data: bytes | memoryview) -> SendshotHead:
@@ -632,4 +638,4 @@ def decode_head(data: bytes | memoryview) -> SendshotHead:
         StreamFormatError: bad bytes.
     """
     view = memoryview(data)
-    return _decode_head(view, 0, len(view), VERSION)
+    return _decode_head(view, 0, len(view), None)
