@@ -301,7 +301,7 @@ def _listen(args: argparse.Namespace) -> int:
         print(f"replicate: listening on {args.listen}", file=sys.stderr, flush=True)
     with server:
         while True:
-            sock, addr = server.accept()
+            sock, addr = _accept(server)
             sock.settimeout(args.timeout)
             name = f"{addr[0]}:{addr[1]}"
             try:
@@ -330,3 +330,30 @@ def _listen(args: argparse.Namespace) -> int:
             if args.once and result is not None:  # (nothing to receive is no failure)
                 ok = result.outcome == "committed" or _current(result) is not None
                 return 0 if ok else ProtocolError.exit_code
+
+
+def _accept(server: Any) -> tuple[Any, Any]:
+    """``server.accept()``, woken by a signal whichever thread the kernel gave it to.
+
+    A signal taken by another thread (a library's, or one still leaving the kernel) trips
+    Python's flag but does not interrupt ``accept()`` in this one, so its handler would wait
+    for the next connection (a fresh-clone CI run: SIGTERM ignored for 60 s at load 9-13).
+    The signal's number reaches a wakeup socket from any thread; the wait is a ``select`` on
+    both, and a number read there is raised again in this thread, where ``raise_signal``
+    runs the handler (one call for both: a signal's flag is one bit)."""
+    import select
+    import signal
+    import socket
+
+    wake, wake_w = socket.socketpair()
+    with wake, wake_w:
+        wake.setblocking(False)
+        wake_w.setblocking(False)
+        old = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        try:
+            while server not in select.select([server, wake], [], [])[0]:
+                for signum in wake.recv(64):
+                    signal.raise_signal(signum)
+        finally:
+            signal.set_wakeup_fd(old)
+    return server.accept()  # type: ignore[no-any-return]
