@@ -164,11 +164,15 @@ def test_send_record_of_a_huge_sparse_file(tmp_path: Path) -> None:
     assert not list(tmp.iterdir())
 
 
-@pytest.mark.parametrize("sig", SIGNALS)
-def test_the_receiving_side_of_replication(tmp_path: Path, sig: signal.Signals) -> None:
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("sig", SIGNALS)
+def test_the_receiving_side_of_replication(tmp_path: Path, sig: signal.Signals) -> None:
+    port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "btrdelta", "replicate", "--listen",
                              f"127.0.0.1:{port}", "--no-auth", str(tmp_path)],
                             stderr=subprocess.PIPE, preexec_fn=_as_in_a_terminal())
@@ -201,9 +205,7 @@ def test_the_listener_waits_with_no_thread_of_its_own(tmp_path: Path) -> None:
     3.11: the thread taking the GIL resets the main thread's signal check, which then stays
     in ``accept()``; a fresh-clone CI run timed out so at load 11-14). The DEST's ``fsync``
     is made slow here, so the thread outlives the start without the wait."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     code = ("import os, sys, time\n"
             "fsync = os.fsync\n"
             "def slow(fd):\n"
@@ -242,9 +244,7 @@ def test_the_listener_ends_on_a_signal_another_thread_took(tmp_path: Path,
     ``pthread_kill``) does not interrupt ``accept()`` in the main thread: the listener
     still ends at once, as for one the main thread took (it waited for the next connection:
     a CI run's SIGTERM was ignored for 60 s at load 9-13)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     code = ("import signal, sys, threading\n"
             "go = threading.Event()\n"
             "def other():\n"
