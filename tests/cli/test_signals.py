@@ -170,6 +170,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _listener(prelude: str, dest: Path) -> subprocess.Popen[bytes]:
+    """``replicate --listen`` on a free loopback port into ``dest``, in a Python that runs
+    ``prelude`` first."""
+    code = prelude + "sys.argv[0] = 'btrdelta'\nfrom btrdelta.__main__ import entry\nentry()\n"
+    return subprocess.Popen([sys.executable, "-c", code, "replicate", "--listen",
+                             f"127.0.0.1:{_free_port()}", "--no-auth", str(dest)],
+                            stderr=subprocess.PIPE, preexec_fn=_as_in_a_terminal())
+
+
 @pytest.mark.parametrize("sig", SIGNALS)
 def test_the_receiving_side_of_replication(tmp_path: Path, sig: signal.Signals) -> None:
     port = _free_port()
@@ -205,19 +214,13 @@ def test_the_listener_waits_with_no_thread_of_its_own(tmp_path: Path) -> None:
     3.11: the thread taking the GIL resets the main thread's signal check, which then stays
     in ``accept()``; a fresh-clone CI run timed out so at load 11-14). The DEST's ``fsync``
     is made slow here, so the thread outlives the start without the wait."""
-    port = _free_port()
     code = ("import os, sys, time\n"
             "fsync = os.fsync\n"
             "def slow(fd):\n"
             "    time.sleep(0.5)\n"
             "    fsync(fd)\n"
-            "os.fsync = slow\n"
-            "sys.argv[0] = 'btrdelta'\n"
-            "from btrdelta.__main__ import entry\n"
-            "entry()\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, "replicate", "--listen",
-                             f"127.0.0.1:{port}", "--no-auth", str(tmp_path)],
-                            stderr=subprocess.PIPE, preexec_fn=_as_in_a_terminal())
+            "os.fsync = slow\n")
+    proc = _listener(code, tmp_path)
     assert proc.stderr is not None
     try:
         assert b"listening" in proc.stderr.readline()
@@ -244,7 +247,6 @@ def test_the_listener_ends_on_a_signal_another_thread_took(tmp_path: Path,
     ``pthread_kill``) does not interrupt ``accept()`` in the main thread: the listener
     still ends at once, as for one the main thread took (it waited for the next connection:
     a CI run's SIGTERM was ignored for 60 s at load 9-13)."""
-    port = _free_port()
     code = ("import signal, sys, threading\n"
             "go = threading.Event()\n"
             "def other():\n"
@@ -259,13 +261,8 @@ def test_the_listener_ends_on_a_signal_another_thread_took(tmp_path: Path,
             "        sys.stderr.flush()\n"
             "        go.set()\n"
             "    return n\n"
-            "sys.stderr.write = write\n"
-            "sys.argv[0] = 'btrdelta'\n"
-            "from btrdelta.__main__ import entry\n"
-            "entry()\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, "replicate", "--listen",
-                             f"127.0.0.1:{port}", "--no-auth", str(tmp_path)],
-                            stderr=subprocess.PIPE, preexec_fn=_as_in_a_terminal())
+            "sys.stderr.write = write\n")
+    proc = _listener(code, tmp_path)
     try:
         _, err = proc.communicate(timeout=30)
     finally:
