@@ -70,6 +70,25 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TZ", "UTC")
 
 
+@pytest.fixture(params=["tmp", "tmpfs"])
+def where(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    """The test's directory (``/tmp``: ext4 here), then one on tmpfs (``/dev/shm``): a
+    test of sparse files run on both (their holes and ``SEEK_DATA`` differ)."""
+    if request.param == "tmp":
+        yield tmp_path
+        return
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="btrdelta-where-", dir="/dev/shm"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture
 def deep_tmp_path(tmp_path: Path) -> Iterator[Path]:
     """``tmp_path`` for a test that makes a directory tree deeper than Python's recursion

@@ -9,11 +9,8 @@ the data (``/proc/self/io``'s ``rchar``), and our stream is as small as the kern
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -119,21 +116,6 @@ def test_a_1tib_sparse_file_sends_like_the_kernels(btrfs_ws: Workspace, tmp_path
     assert blocks * 512 < 4 * data + (1 << 20)
     for d in ("k/snap", "o0/snap", "o1/snap", "snap"):
         subprocess.run(["btrfs", "-q", "subvolume", "delete", str(base / d)], check=True)
-
-
-@pytest.fixture(params=["tmp", "tmpfs"])
-def where(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
-    """The test's directory (``/tmp``: ext4 here) or one on tmpfs (``/dev/shm``)."""
-    if request.param == "tmp":
-        yield tmp_path
-        return
-    if not os.path.isdir("/dev/shm"):
-        pytest.skip("no /dev/shm")
-    d = Path(tempfile.mkdtemp(prefix="btrdelta-holes-", dir="/dev/shm"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_record_then_from_sendshot_with_huge_holes(where: Path) -> None:

@@ -7,13 +7,10 @@ from __future__ import annotations
 import os
 import random
 import resource
-import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import blake3
@@ -122,19 +119,6 @@ def _write(path: Path, content: bytes, holes: bool) -> None:
             f.seek(i)
             f.write(block)
         f.truncate(len(content))
-
-
-@pytest.fixture(params=["tmp", "tmpfs"])
-def where(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
-    """The test's directory (``/tmp``: ext4 here) or one on tmpfs (``/dev/shm``)."""
-    if request.param == "tmp":
-        yield tmp_path
-        return
-    d = Path(tempfile.mkdtemp(prefix="btrdelta-content-", dir="/dev/shm"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_files_hash_as_their_content_holes_or_written_zeros(where: Path) -> None:
