@@ -70,6 +70,27 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TZ", "UTC")
 
 
+#: a TiB, and the data pieces (offset, bytes) of :func:`huge_sparse_tree`'s ``vm.img``
+TIB = 1 << 40
+HUGE_PIECES = ((0, b"\x01" * 4096), (300 << 30, os.urandom(65536)), (TIB + 100, b"tail!"))
+
+
+def huge_sparse_tree(tree: Path) -> None:
+    """A 1 TiB (+105 bytes) file with :data:`HUGE_PIECES` of data (``vm.img``), a 256 MiB
+    preallocated file (unwritten extents: read as zeros, holes to SEEK_DATA and to the
+    kernel's send), a 4 GiB file of holes only and a small file."""
+    tree.mkdir(exist_ok=True)
+    with open(tree / "vm.img", "wb") as f:
+        for off, data in HUGE_PIECES:
+            f.seek(off)
+            f.write(data)
+    with open(tree / "prealloc", "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, 256 << 20)
+    with open(tree / "empty.img", "wb") as f:
+        f.truncate(4 << 30)
+    (tree / "small").write_bytes(b"small\n")
+
+
 @pytest.fixture(params=["tmp", "tmpfs"])
 def where(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
     """The test's directory (``/tmp``: ext4 here), then one on tmpfs (``/dev/shm``): a

@@ -17,28 +17,9 @@ import pytest
 
 from btrdelta.fs.copy import data_segments
 from btrdelta.tree.treesum import tree_sum
+from tests.conftest import HUGE_PIECES, huge_sparse_tree
 
 from .conftest import Workspace
-
-TIB = 1 << 40
-#: the data written into the huge files, in all (a few pieces): reads are bounded by it
-_PIECES = ((0, b"\x01" * 4096), (300 << 30, os.urandom(65536)), (TIB + 100, b"tail!"))
-
-
-def _huge(tree: Path) -> None:
-    """A 1 TiB (+105 bytes) file with three pieces of data, a 256 MiB preallocated file
-    (unwritten extents: read as zeros, holes to SEEK_DATA and to the kernel's send), a
-    4 GiB file of holes only, and a small file."""
-    tree.mkdir(exist_ok=True)
-    with open(tree / "vm.img", "wb") as f:
-        for off, data in _PIECES:
-            f.seek(off)
-            f.write(data)
-    with open(tree / "prealloc", "wb") as f:
-        os.posix_fallocate(f.fileno(), 0, 256 << 20)
-    with open(tree / "empty.img", "wb") as f:
-        f.truncate(4 << 30)
-    (tree / "small").write_bytes(b"small\n")
 
 
 def _layout(path: Path) -> tuple[int, list[tuple[int, int]], list[bytes]]:
@@ -81,7 +62,7 @@ def test_a_1tib_sparse_file_sends_like_the_kernels(btrfs_ws: Workspace, tmp_path
     base = btrfs_ws.fresh("huge")
     sv = base / "sv"
     subprocess.run(["btrfs", "-q", "subvolume", "create", str(sv)], check=True)
-    _huge(sv)
+    huge_sparse_tree(sv)
     snap = base / "snap"
     subprocess.run(["btrfs", "-q", "subvolume", "snapshot", "-r", str(sv), str(snap)],
                    check=True)
@@ -90,7 +71,7 @@ def test_a_1tib_sparse_file_sends_like_the_kernels(btrfs_ws: Workspace, tmp_path
     (base / "k").mkdir()
     subprocess.run(["btrfs", "receive", "-f", str(kernel_stream), str(base / "k")],
                    check=True, capture_output=True)
-    data = sum(len(d) for _o, d in _PIECES)
+    data = sum(len(d) for _o, d in HUGE_PIECES)
     for n, flags in enumerate(([], ["--proto", "2", "--compressed-data"])):
         ours = tmp_path / f"ours{n}.stream"
         if not flags:  # in this process: what it reads is bounded by the data

@@ -18,7 +18,7 @@ import pytest
 
 from btrdelta.tree.content import ContentDigest, Stopped, content_digest, file_content_digest
 from btrdelta.tree.treesum import tree_manifest, tree_sum
-from tests.conftest import btrfs_loop
+from tests.conftest import HUGE_PIECES, TIB, btrfs_loop, huge_sparse_tree
 
 B = 4096
 
@@ -158,26 +158,11 @@ def _cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-TIB = 1 << 40
-_PIECES = ((0, b"\x01" * B), (300 << 30, os.urandom(65536)), (TIB + 100, b"tail!"))
-
-
-def _huge(tree: Path) -> None:
-    """A 1 TiB (+105 bytes) file with three pieces of data and a 256 MiB preallocated one."""
-    tree.mkdir(exist_ok=True)
-    with open(tree / "vm.img", "wb") as f:
-        for off, data in _PIECES:
-            f.seek(off)
-            f.write(data)
-    with open(tree / "prealloc", "wb") as f:
-        os.posix_fallocate(f.fileno(), 0, 256 << 20)
-
-
 def _expect_huge() -> bytes:
     """vm.img's digest by the definition, its runs of zero blocks counted by hand."""
     size = TIB + 105
-    d1 = blake3.blake3(_PIECES[0][1]).digest()
-    d2 = blake3.blake3(_PIECES[1][1]).digest()
+    d1 = blake3.blake3(HUGE_PIECES[0][1]).digest()
+    d2 = blake3.blake3(HUGE_PIECES[1][1]).digest()
     tail = bytes(100) + b"tail!"  # the last, partial block
     out = b"tree-sum-3 content\0"
     out += b"\1" + struct.pack("<Q", B) + d1
@@ -197,14 +182,14 @@ def _check_huge(tree: Path) -> None:
 
 
 def test_a_1tib_sparse_file_in_seconds(where: Path) -> None:
-    _huge(where / "t")
+    huge_sparse_tree(where / "t")
     _check_huge(where / "t")
 
 
 @pytest.mark.btrfs
 def test_a_1tib_sparse_file_in_seconds_on_btrfs() -> None:
     with btrfs_loop(size="1G") as mnt:
-        _huge(mnt / "t")
+        huge_sparse_tree(mnt / "t")
         subprocess.run(["sync", "-f", str(mnt)], check=True)
         _check_huge(mnt / "t")
 
