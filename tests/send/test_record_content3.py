@@ -23,7 +23,8 @@ from btrdelta.stream import StreamReader
 from btrdelta.stream.records import Clone, Write
 from btrdelta.tree.sendshot import RecordInode, RecordReader
 from btrdelta.tree.treesum import tree_sum
-from tests.tree.test_content import _PIECES, _expect_huge, reference
+from tests.conftest import HUGE_PIECES
+from tests.tree.test_content import _expect_huge, reference
 
 from .conftest import Workspace
 
@@ -102,7 +103,7 @@ def test_a_record_of_a_1tib_sparse_file_costs_its_data(btrfs_ws: Workspace,
     tree, store = tmp_path / "tree", tmp_path / "store"
     _tree(tree)
     with open(tree / "vm.img", "wb") as f:
-        for off, data in _PIECES:
+        for off, data in HUGE_PIECES:
             f.seek(off)
             f.write(data)
     full, inc = tmp_path / "full", tmp_path / "inc"
