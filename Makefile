@@ -73,7 +73,7 @@ test: sysdeps venv
 
 # The long targets below (not part of `make test`) say what they run and when they started,
 # and run with CI=true: a test that cannot run here (no btrfs, no Debian trees) fails
-# instead of passing as a skip. Durations: README, Tests.
+# instead of passing as a skip. Durations: README, Tests; docs/testing.md.
 
 # power cuts in qemu (docs/device.md §9): not part of `make test` (tens of minutes under TCG)
 vmtest: sysdeps venv
