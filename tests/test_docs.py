@@ -70,3 +70,19 @@ def test_upstream_coverage_page_names_what_exists() -> None:
     sources = "".join(p.read_text() for p in (ROOT / "tests").rglob("test_*.py"))
     assert len(tests) >= 15
     assert [t for t in tests if f"def {t}(" not in sources] == []
+
+
+def test_every_relative_link_names_a_file_that_exists() -> None:
+    # a page moved or renamed must not leave a dead link in the README or docs/ (a new
+    # user follows them from the README first); links inside code blocks are examples
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    links = []
+    for page in pages:
+        text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)
+        links += [(page, target.split("#")[0])
+                  for target in re.findall(r"\]\(([^)\s]+)\)", text)
+                  if not re.match(r"[a-z][a-z0-9+.-]*:|#", target)]
+    assert len(links) >= 30
+    dead = [f"{page.relative_to(ROOT)}: {target}" for page, target in links
+            if not (page.parent / target).exists()]
+    assert not dead, "\n".join(dead)
