@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -40,6 +41,24 @@ class _Counted:
 def mnt() -> Iterator[Path]:
     with btrfs_loop("256M") as m:
         yield m
+
+
+class _Dest(NamedTuple):
+    """DEST (``mnt/dest``) holding one version: what most tests start from."""
+
+    mnt: Path
+    #: DEST's state directory (the cache is its ``held/``)
+    state: Path
+    #: ``DEST/v1``: a read-only subvolume holding a copy of the first release
+    v1: Path
+    #: its tree-sum
+    want: str
+
+
+@pytest.fixture
+def dest(mnt: Path, releases: list[Path]) -> _Dest:
+    return _Dest(mnt, mnt / "dest" / ".btrdelta", _sub(mnt, "v1", releases[0]),
+                 tree_sum(releases[0]))
 
 
 def _sub(mnt: Path, name: str, tree: Path) -> Path:
@@ -73,11 +92,9 @@ def _held(path: Path, identity: str, state: Path) -> bool:
 
 
 def test_a_hit_reads_nothing_and_any_change_is_hashed_again(
-    mnt: Path, releases: list[Path], monkeypatch: pytest.MonkeyPatch,
+    dest: _Dest, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    state = mnt / "dest" / ".btrdelta"
-    v1 = _sub(mnt, "v1", releases[0])
-    want = tree_sum(releases[0])
+    mnt, state, v1, want = dest
     count = _Counted(monkeypatch)
     first = holdings.find_held(v1.parent, {"v1": want}, state)["v1"]
     assert count.hashed == ["v1"]
@@ -109,13 +126,11 @@ def test_a_hit_reads_nothing_and_any_change_is_hashed_again(
 
 
 def test_a_write_through_a_descriptor_opened_before_the_seal_is_seen(
-    mnt: Path, releases: list[Path], monkeypatch: pytest.MonkeyPatch,
+    dest: _Dest, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The kernel lets a descriptor opened while the subvolume was writable write after it
     is read-only, and moves the ctransid only at writeback: the stamps see it at once."""
-    state = mnt / "dest" / ".btrdelta"
-    v1 = _sub(mnt, "v1", releases[0])
-    want = tree_sum(releases[0])
+    _mnt, state, v1, want = dest
     victim = next(p for p in v1.rglob("*.py") if p.stat().st_size > 10)
     _ro(v1, False)
     fd = os.open(victim, os.O_WRONLY)
@@ -134,11 +149,9 @@ def test_a_write_through_a_descriptor_opened_before_the_seal_is_seen(
 
 
 def test_another_subvolume_at_the_path_and_bad_cache_files_are_misses(
-    mnt: Path, releases: list[Path], monkeypatch: pytest.MonkeyPatch,
+    dest: _Dest, releases: list[Path], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    state = mnt / "dest" / ".btrdelta"
-    v1 = _sub(mnt, "v1", releases[0])
-    want = tree_sum(releases[0])
+    mnt, state, v1, want = dest
     count = _Counted(monkeypatch)
     assert _held(v1, want, state)
     cache = state / "held" / f"{_uuid(v1)}.json"
@@ -181,13 +194,11 @@ def test_another_subvolume_at_the_path_and_bad_cache_files_are_misses(
 
 
 def test_a_name_added_at_the_root_with_its_mtime_set_back_is_seen(
-    mnt: Path, releases: list[Path], monkeypatch: pytest.MonkeyPatch,
+    dest: _Dest, releases: list[Path], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Between a tree's check and its saving (no ctransid known from the check yet) the
     root is made again and its names listed: its ctime is not compared (a rename moves it)."""
-    state = mnt / "dest" / ".btrdelta"
-    v1 = _sub(mnt, "v1", releases[0])
-    want = tree_sum(releases[0])
+    mnt, state, v1, want = dest
     checked = holdings.verified_digests(v1)
     st = v1.stat()
     _ro(v1, False)
@@ -211,13 +222,12 @@ def test_a_name_added_at_the_root_with_its_mtime_set_back_is_seen(
 
 
 def test_writable_subvolumes_and_plain_directories_are_never_kept(
-    mnt: Path, releases: list[Path], monkeypatch: pytest.MonkeyPatch,
+    dest: _Dest, releases: list[Path], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    state = mnt / "dest" / ".btrdelta"
-    v1 = _sub(mnt, "v1", releases[0])
+    mnt, state, v1, want = dest
     _ro(v1, False)
     shutil.copytree(releases[1], mnt / "dest" / "v2", symlinks=True)
-    wanted = {"v1": tree_sum(releases[0]), "v2": tree_sum(releases[1])}
+    wanted = {"v1": want, "v2": tree_sum(releases[1])}
     count = _Counted(monkeypatch)
     for _ in range(2):
         assert sorted(holdings.find_held(mnt / "dest", wanted, state)) == ["v1", "v2"]
@@ -235,7 +245,7 @@ def _uuid(path: Path) -> str:
 
 
 def test_a_kept_parent_is_proven_unchanged_by_its_ctransid_after_the_snapshot(
-    mnt: Path, releases: list[Path],
+    dest: _Dest,
 ) -> None:
     """The hop's look at the parent after its snapshot (incremental._unchanged): none
     while the parent's ctransid is the one its digests were seen at; a write through a
@@ -257,15 +267,14 @@ def test_a_kept_parent_is_proven_unchanged_by_its_ctransid_after_the_snapshot(
             got: set[bytes] = real.unchanged(*args)
             return got
 
-    state = mnt / "dest" / ".btrdelta"
-    v1 = _sub(mnt, "v1", releases[0])
+    mnt, state, v1, want = dest
     victim = next(p for p in v1.rglob("*.py") if p.stat().st_size > 10)
     _ro(v1, False)
     fd = os.open(victim, os.O_WRONLY)
     _ro(v1, True)
     try:
         for write in (False, True):
-            digests = holdings.find_held(v1.parent, {"v1": tree_sum(v1)}, state)["v1"]
+            digests = holdings.find_held(v1.parent, {"v1": want}, state)["v1"]
             assert digests.ctransid == _ctransid(v1)
             if write:
                 assert os.pwrite(fd, b"#", 0) == 1
