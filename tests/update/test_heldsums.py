@@ -294,3 +294,40 @@ def test_a_kept_parent_is_proven_unchanged_by_its_ctransid_after_the_snapshot(
             assert len(found) == len(digests.entries) - write
     finally:
         os.close(fd)
+
+
+def test_update_hashes_again_past_a_held_file_nested_too_deep_or_of_huge_integers(
+    mnt: Path, releases: list[Path], tmp_path: Path,
+) -> None:
+    """``btrdelta update`` (a process) into a btrfs DEST whose kept file is damaged in ways
+    json decodes, or fails on with other errors than ValueError: nested deeper than the
+    decoder's recursion limit (RecursionError), an inode number past 64 bits (the C walk's
+    OverflowError), a float where an integer is (a mode). Each is a miss: the version is
+    hashed again and held (exit 0, nothing on stderr) and its file written again."""
+    from btrdelta import trust
+    from tests.update.signing import run
+
+    repo, root, ts, pub = (tmp_path / n for n in ("repo", "root.pem", "ts.pem", "root.pub"))
+    trust.save_key_pair(trust.generate_key(), str(root), str(pub))
+    trust.save_key_pair(trust.generate_key(), str(ts), str(tmp_path / "ts.pub"))
+    for words in (["init", repo], ["add", repo, "v1", releases[0]],
+                  ["sign", repo, "--key", root, "--timestamp-key", ts, "--expires", "1d"]):
+        assert run("repo", *words).returncode == 0
+    dest = mnt / "dest"
+    assert run("update", repo, dest, "--key", pub).returncode == 0
+    [cache] = (dest / ".btrdelta" / "held").iterdir()
+    good = json.loads(cache.read_bytes())
+
+    def row_with(field: int, value: object) -> bytes:
+        row = list(good["entries"][-1])
+        row[field] = value
+        return json.dumps({**good, "entries": [*good["entries"][:-1], row]}).encode()
+
+    key = good["entries"][-1][14]
+    for bad in (b"[" * 100_000 + b"]" * 100_000, row_with(14, [1 << 64, *key[1:]]),
+                row_with(2, 0.5)):
+        cache.write_bytes(bad)
+        got = run("update", repo, dest, "--json", process=True)
+        assert (got.returncode, got.stderr) == (0, b""), got.stderr.decode()[-600:]
+        assert json.loads(got.stdout)["held"] == ["v1"]
+        assert json.loads(cache.read_bytes()) == good

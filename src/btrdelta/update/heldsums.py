@@ -158,7 +158,10 @@ def load(state: Path, path: Path, identity: str) -> Digests | None:
         if manifest_sum(e for e, _k in entries.values()) != identity:
             return None
         still = _still(path, entries)
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+    # (what a damaged file can raise: json's RecursionError nested too deep, the C walk's
+    # OverflowError for an integer past 64 bits; every update failed on such a file)
+    except (OSError, ValueError, LookupError, TypeError, AttributeError, ArithmeticError,
+            RecursionError):
         return None
     return None if still is None else Digests(path, identity, still, info.ctransid)
 
