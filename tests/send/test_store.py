@@ -4,6 +4,7 @@ nothing a send or a listing decides."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -139,3 +140,23 @@ def test_a_store_that_cannot_be_written_is_still_listed(
     monkeypatch.setattr(store_mod, "write_atomic", refused)
     assert _listed(store, monkeypatch) == (want, 3)
     assert not (store / "heads").exists()
+
+
+def test_a_record_dated_past_2262_is_listed_its_head_read_each_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """An mtime past the cache's signed 64-bit nanoseconds (2262-04-11: a clock set far
+    ahead, a touch -d) is not kept: the listing, ``sendshot list`` and a send's record
+    failed ('internal error: argument out of range') instead."""
+    store = _store(tmp_path)
+    want = _truth(store, monkeypatch)
+    os.utime(want[1].path, ns=(0, (1 << 63) + 3600 * 10**9))
+    capsys.readouterr()
+    assert main(["sendshot", "list", "--store", str(store), "--json"]) == 0
+    assert [s["id"] for s in json.loads(capsys.readouterr().out)] == [s.digest for s in want]
+    assert _listed(store, monkeypatch) == (want, 1)
+    assert _listed(store, monkeypatch) == (want, 1)  # (the others from the cache)
+    (tmp_path / "src" / "f9").write_bytes(b"new")
+    assert main(["send", str(tmp_path / "src"), "-o", str(tmp_path / "s9"), "--record",
+                 "--store", str(store), "-q", "--from-sendshot", "latest"]) == 0
+    assert _listed(store, monkeypatch)[1] == 1

@@ -271,7 +271,11 @@ class SendshotStore:
         """Replace the head cache (a store this process cannot write keeps the old one)."""
         parts = [_HEADS_MAGIC]
         for digest, (size, mtime, ino, head) in entries.items():
-            parts += (_ENTRY.pack(digest.encode("ascii"), size, mtime, ino, len(head)), head)
+            try:
+                parts += (_ENTRY.pack(digest.encode("ascii"), size, mtime, ino, len(head)),
+                          head)
+            except struct.error:  # (an mtime past 2262: not kept, its head read each time)
+                continue
         import blake3
 
         body = b"".join(parts)
