@@ -73,6 +73,19 @@ def _import_module(name: str) -> ModuleType:
     return sys.modules[name]
 
 
+def _module_found(name: str) -> bool:
+    """``importlib.util.find_spec(name) is not None`` for a top-level ``name`` (a module
+    looked for, not imported), without ``importlib``: the finders of ``sys.meta_path`` asked
+    in turn, as ``find_spec`` asks them."""
+    if name in sys.modules:
+        return True
+    for finder in sys.meta_path:
+        find = getattr(finder, "find_spec", None)
+        if find is not None and find(name, None) is not None:
+            return True
+    return False
+
+
 def __getattr__(name: str) -> Any:
     where = _WHERE.get(name)
     if where is None:

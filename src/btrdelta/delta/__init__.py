@@ -13,9 +13,7 @@ and compression libraries of a command it does not run).
 
 from __future__ import annotations
 
-import importlib
-
-from .. import TYPE_CHECKING
+from .. import TYPE_CHECKING, _import_module
 
 if TYPE_CHECKING:
     from typing import Any
@@ -43,6 +41,6 @@ def __getattr__(name: str) -> Any:
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    value = getattr(_import_module(f"{__name__}.{module}"), name)
     globals()[name] = value
     return value

@@ -31,19 +31,22 @@ expression, so Python touches only candidate bytes (~1 in 100 of machine code).
 
 from __future__ import annotations
 
-import re
-
 __all__ = ["DENSITY", "decode", "encode", "worth_it"]
 
-_OPCODE = re.compile(rb"[\xe8\xe9]")
+#: the opcodes, as the scan's regular expression
+_OPCODE = rb"[\xe8\xe9]"
 _MASK = (1 << 25) - 1
 _SIGN = 1 << 24
 _HIGH = 0xFE000000
 
 
 def _convert(buf: bytearray, base: int, sign: int) -> int:
+    # (``re`` imported here: every delta receive imports this module, few convert a piece,
+    # and ``re`` is ~0.8 ms of a receive's start; ``re.compile`` keeps the compiled pattern)
+    import re
+
     n = len(buf)
-    search = _OPCODE.search
+    search = re.compile(_OPCODE).search
     i = done = 0
     while (m := search(buf, i)) is not None:
         i = m.start()

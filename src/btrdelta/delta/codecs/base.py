@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
-from ... import TYPE_CHECKING
+from ... import TYPE_CHECKING, _import_module
 from ..._optional import OPTIONAL
 from ...errors import MissingDependencyError
 
@@ -52,7 +51,7 @@ class Codec:
         if self._mod is None:
             if not self._missing:
                 try:
-                    self._mod = importlib.import_module(self.module)
+                    self._mod = _import_module(self.module)
                 except ImportError:
                     self._missing = True
             if self._mod is None:

@@ -12,11 +12,10 @@ order, so the joined patch is an ordinary one: expansion does not change).
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from types import ModuleType
 
-from ... import TYPE_CHECKING, _native
+from ... import TYPE_CHECKING, _module_found, _native
 from ...errors import StreamFormatError
 from .base import DEFAULT_MAX_SIZE, Codec, CodecUnavailableError
 from .zstd import capped_params
@@ -380,11 +379,7 @@ class HdiffCodec(Codec):
         if _native.live("hpatch") is None:
             super().require()
         elif not self._found:
-            try:
-                found = importlib.util.find_spec(self.module) is not None
-            except ImportError:
-                found = False
-            if not found:
+            if not _module_found(self.module):
                 raise CodecUnavailableError(self.package, what=f"codec {self.name!r} ")
             self._found = True
 
