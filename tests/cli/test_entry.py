@@ -165,7 +165,9 @@ def test_a_delta_receive_imports_no_typing_dataclasses_or_thread_pool(tmp_path: 
     package (its C backend only: btrdelta/_zstd.py): ~20 ms of every receive's start-up
     that ``btrfs receive`` does not have (issue 12). Nor ``signal``, which makes three
     enums at import (the CLI takes ``_signal``), nor the ``crc32c`` package, whose import
-    reads package metadata (btrdelta/stream/crc.py)."""
+    reads package metadata (btrdelta/stream/crc.py). Nor ``re``, ``urllib.parse``,
+    ``ipaddress`` and ``warnings``, which ``pathlib`` imports for what the receive never
+    asks of it (btrdelta/_pathlib.py), nor ``importlib`` (``btrdelta._import_module``)."""
     old, stream = _setup(tmp_path)
     delta = tmp_path / "D"
     assert main(["delta", "make", "-q", "-f", str(stream), "--old", str(old), "-o",
@@ -177,7 +179,9 @@ def test_a_delta_receive_imports_no_typing_dataclasses_or_thread_pool(tmp_path: 
         f"with open({str(delta)!r}, 'rb') as f:\n"
         f"    n = sum(len(b) for b in expand_events(f, {str(old)!r}).batches())\n"
         "print(n, sorted(m for m in ('typing', 'dataclasses', 'inspect', 'concurrent.futures',\n"
-        "                            'logging', 'zstandard', 'json', 'signal', 'crc32c')\n"
+        "                            'logging', 'zstandard', 'json', 'signal', 'crc32c',\n"
+        "                            're', 'urllib.parse', 'ipaddress', 'warnings',\n"
+        "                            'importlib')\n"
         "                if m in sys.modules))"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

@@ -11,7 +11,7 @@ ioctls and copies are :mod:`btrdelta.fs`'s.
 
 from __future__ import annotations
 
-from .. import TYPE_CHECKING
+from .. import TYPE_CHECKING, _pathlib  # noqa: F401  (first: ``pathlib`` without ``re``...)
 from .applier import Applier
 from .receiver import receive
 from .subvolumes import (
