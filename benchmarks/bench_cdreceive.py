@@ -10,7 +10,10 @@ its delta, each into a fresh directory of a loop btrfs (image on tmpfs when ther
 whose parent the kernel received, every receive at ``nice -n -15``, wall time and CPU (user +
 system, every thread: ``wait4``), the load average printed before each round. The first
 round's trees are compared with ``btrdelta tree-sum --holes --ignore-root-mtime``. Printed:
-the medians and the ratios ours / kernel, wall and CPU.
+the medians and the ratios ours / kernel, wall and CPU. ``btrdelta receive`` is run as a
+user runs it: the console script beside the interpreter where there is one (as
+:mod:`.bench_sendshot` runs ``send``; ``python -m`` also imports ``runpy`` and
+``importlib``), else ``python -m btrdelta``.
 
 Run one pair at a time (``BTRDELTA_BENCH_PAIRS`` takes words of the pair's name:
 ``upgrade``, ``install``, ``scipy``)::
@@ -118,13 +121,20 @@ def _tree_sum(path: Path) -> str:
                           check=True, capture_output=True, text=True).stdout.split()[0]
 
 
+def _btrdelta(py: str) -> list[str | os.PathLike[str]]:
+    """The ``btrdelta`` command of the venv of interpreter ``py``: its console script, else
+    ``py -m btrdelta``."""
+    script = Path(py).parent / "btrdelta"
+    return [script] if os.access(script, os.X_OK) else [py, "-m", "btrdelta"]
+
+
 def _rounds(s: dict[str, Path]) -> tuple[dict[str, list[tuple[float, float]]], list[str]]:
     tools: dict[str, list[str | os.PathLike[str]]] = {
         "kernel": ["btrfs", "receive", "-f", s["compressed"]],
-        "ours": [PY, "-m", "btrdelta", "receive", "-f", s["delta"]],
+        "ours": [*_btrdelta(PY), "receive", "-f", s["delta"]],
     }
     if BEFORE:
-        tools["before"] = [f"{BEFORE}/.venv/bin/python", "-m", "btrdelta", "receive", "-f",
+        tools["before"] = [*_btrdelta(f"{BEFORE}/.venv/bin/python"), "receive", "-f",
                            s["delta"]]
     size = _fs_size((1 << 30) + len(tools) * ROUNDS * (s["full-A"].stat().st_size
                                               + s["compressed"].stat().st_size))
