@@ -379,7 +379,11 @@ class HdiffCodec(Codec):
         if _native.live("hpatch") is None:
             super().require()
         elif not self._found:
-            if not _module_found(self.module):
+            try:
+                found = _module_found(self.module)
+            except ImportError:  # (a finder may refuse the name so)
+                found = False
+            if not found:
                 raise CodecUnavailableError(self.package, what=f"codec {self.name!r} ")
             self._found = True
 
