@@ -2,13 +2,17 @@
 
 Real releases: the Debian bookworm minbase trees before and after ``apt-get upgrade``
 (``$BTRDELTA_BENCH_CACHE``, ``/work/bench-cache`` or ``benchmarks/.cache``, built by
-``benchmarks/trees.py``), read only, never modified; and a small real update cut out of them
-(apt's files and dpkg's status: 80 records), small enough to crash an install after every one
-of its records.
+``benchmarks/trees.py``), read only, never modified; where they are not cached (a fresh
+machine), a pair of the same kind made once per session from this machine's own packages
+(:mod:`tests.device.hostrelease`; ``BTRDELTA_DEVICE_TREES=host`` makes it even where the
+Debian pair is cached). Under ``CI=true`` a test that gets neither fails. And a small real
+update cut out of the pair (apt's files and dpkg's status: 60-80 records), small enough to
+crash an install after every one of its records.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -22,8 +26,12 @@ import pytest
 from btrdelta.tree import tree_sum
 from tests.conftest import btrfs_loop
 
+from . import hostrelease
+
 _CACHES = tuple(Path(p) for p in (os.environ.get("BTRDELTA_BENCH_CACHE", ""), "/work/bench-cache",
                                    Path(__file__).parents[2] / "benchmarks" / ".cache") if p)
+#: read at import: the autouse _clean_env of tests/conftest.py clears BTRDELTA_* for each test
+_HOST_TREES = os.environ.get("BTRDELTA_DEVICE_TREES") == "host"
 _SMALL = ("usr/lib/apt", "etc/apt", "home", "var/lib/dpkg/status", "var/lib/dpkg/info/apt.list",
           "var/lib/dpkg/info/apt.md5sums")
 BTRDELTA = [sys.executable, "-m", "btrdelta"]
@@ -40,6 +48,7 @@ class Release:
     full: Path  # full stream of OLD
     stream: Path  # incremental OLD -> NEW
     delta: Path  # delta stream of it
+    records: int  # the commands the delta expands to (``btrdelta stat``)
 
 
 def btrdelta(*args: str | os.PathLike[str], check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -51,11 +60,43 @@ def btrdelta(*args: str | os.PathLike[str], check: bool = True) -> subprocess.Co
     return proc
 
 
+def cached_trees() -> tuple[Path, Path] | None:
+    """The Debian pair of ``benchmarks/trees.py`` where a cache holds it whole."""
+    for cache in () if _HOST_TREES else _CACHES:
+        old, new = cache / "debian-old", cache / "debian-new"
+        if (cache / "debian.done").exists() and old.is_dir() and new.is_dir():
+            return old, new
+    return None
+
+
 def debian_trees() -> tuple[Path, Path]:
-    for cache in _CACHES:
-        if (cache / "debian.done").exists():
-            return cache / "debian-old", cache / "debian-new"
-    pytest.skip("no Debian release trees (make bench builds them: benchmarks/trees.py)")
+    """The cached Debian pair, else a skip (the power-cut tests of ``make vmtest``)."""
+    cached = cached_trees()
+    if cached is None:
+        pytest.skip("no Debian release trees (make bench builds them: benchmarks/trees.py)")
+    return cached
+
+
+@pytest.fixture(scope="session")
+def release_trees(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
+    """(OLD, NEW): the cached Debian pair, else one made from this machine's packages (removed
+    at the session's end); skipped without either, failed instead under CI=true."""
+    cached = cached_trees()
+    if cached:
+        yield cached
+        return
+    out = tmp_path_factory.mktemp("host-release")
+    try:
+        trees = hostrelease.build(out)
+    except (hostrelease.NoPackages, OSError, subprocess.CalledProcessError, RuntimeError) as exc:
+        shutil.rmtree(out)
+        msg = (f"no release trees: no Debian pair cached (make bench builds it: "
+               f"benchmarks/trees.py) and none made from this machine's packages ({exc})")
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {msg}", pytrace=False)
+        pytest.skip(msg)
+    yield trees
+    shutil.rmtree(out)
 
 
 def _streams(out: Path, old: Path, new: Path) -> Release:
@@ -63,26 +104,30 @@ def _streams(out: Path, old: Path, new: Path) -> Release:
     btrdelta("send", old, "-o", full)
     btrdelta("send", "--parent", old, new, "-o", stream)
     btrdelta("delta", "make", "-f", stream, "--old", old, "-o", delta)
-    return Release(old, new, tree_sum(old), tree_sum(new), full, stream, delta)
+    records = json.loads(btrdelta("stat", "--json", delta).stdout)["expanded_commands"]
+    return Release(old, new, tree_sum(old), tree_sum(new), full, stream, delta, records)
 
 
 @pytest.fixture(scope="session")
-def small_release(tmp_path_factory: pytest.TempPathFactory) -> Release:
-    """The small real update (cut out of the Debian pair)."""
-    old_tree, new_tree = debian_trees()
+def small_release(tmp_path_factory: pytest.TempPathFactory,
+                  release_trees: tuple[Path, Path]) -> Iterator[Release]:
+    """The small real update (cut out of the release pair)."""
     out = tmp_path_factory.mktemp("small-release")
-    for tree, dst in ((old_tree, out / "old"), (new_tree, out / "new")):
+    for tree, dst in zip(release_trees, (out / "old", out / "new"), strict=True):
         for rel in _SMALL:
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             subprocess.run(["cp", "-a", str(tree / rel), str(dst / rel)], check=True)
-    return _streams(out, out / "old", out / "new")
+    yield _streams(out, out / "old", out / "new")
+    shutil.rmtree(out)
 
 
 @pytest.fixture(scope="session")
-def debian_release(tmp_path_factory: pytest.TempPathFactory) -> Release:
-    """The whole Debian minbase update."""
-    old_tree, new_tree = debian_trees()
-    return _streams(tmp_path_factory.mktemp("debian-release"), old_tree, new_tree)
+def debian_release(tmp_path_factory: pytest.TempPathFactory,
+                   release_trees: tuple[Path, Path]) -> Iterator[Release]:
+    """The whole minbase update (the Debian pair's, or this machine's)."""
+    out = tmp_path_factory.mktemp("debian-release")
+    yield _streams(out, *release_trees)
+    shutil.rmtree(out)
 
 
 @pytest.fixture
