@@ -137,7 +137,10 @@ def _copy(paths: Iterable[str], dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     xattrs = ("--xattrs", "--xattrs-include=*")
     with tempfile.TemporaryFile() as listing:
-        listing.write("".join(f"{p}\0" for p in sorted(wanted)).encode())
+        # each directory right before what it holds: tar sets a directory's time when it
+        # leaves it, and an entry of it coming later would change that time again
+        listing.write("".join(f"{p}\0" for p in sorted(wanted, key=lambda p: p.split("/")))
+                      .encode())
         listing.seek(0)
         create = subprocess.Popen(["tar", "-C", "/", "--null", "--no-recursion", "-T", "-",
                                    *xattrs, "-cf", "-"], stdin=listing, stdout=subprocess.PIPE)
@@ -159,6 +162,12 @@ def _write(path: Path, data: bytes, like: os.stat_result | None = None, mode: in
     os.chmod(tmp, stat.S_IMODE(like.st_mode) if like else mode)
     os.utime(tmp, (mtime, mtime))
     os.replace(tmp, path)
+    _touched(path, mtime)
+
+
+def _touched(path: Path, mtime: int = NEW_TIME) -> None:
+    """The time of the directory whose entry ``path`` changed (as when the release's
+    install changed it: the same in every build)."""
     os.utime(path.parent, (mtime, mtime))
 
 
@@ -191,6 +200,8 @@ def build_old(dst: Path, root: Path = Path("/")) -> None:
         os.mknod(dst / "dev" / name, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
         os.chmod(dst / "dev" / name, 0o666)
     os.symlink("/proc/self/fd", dst / "dev/fd")
+    for name in [*DEVICES, "fd"]:
+        os.utime(dst / "dev" / name, (OLD_TIME, OLD_TIME), follow_symlinks=False)
     for sub in ("home", "dev/pts", "dev", "proc", "run", "sys", "tmp", "root", "var/log", "etc/apt",
                 "etc", "."):
         os.utime(dst / sub, (OLD_TIME, OLD_TIME))
@@ -290,6 +301,7 @@ def _upgrade_package(new: Path, pkg: str, source: str, version: str) -> None:
         if (st.st_dev, st.st_ino) in done:  # a hard link of a file written already
             os.unlink(path)
             os.link(done[st.st_dev, st.st_ino], path)
+            _touched(path)
             continue
         xattrs = {name: os.getxattr(path, name) for name in os.listxattr(path)}
         _write(path, _edited(rel, path.read_bytes(), source, version, pkg in FIXED), like=st)
@@ -326,8 +338,11 @@ def _relist(new: Path, pkg: str, add: Iterable[str] = (), drop: Iterable[str] = 
                    .encode(), like=path.lstat())
     for rel in gone:
         os.unlink(new / rel)
+        _touched(new / rel)
     for rel, to in moves.items():
         os.rename(new / rel, new / to)
+        _touched(new / rel)
+        _touched(new / to)
 
 
 def _soname_move(new: Path) -> tuple[str, dict[str, str]] | None:
@@ -350,6 +365,7 @@ def upgrade(old: Path, new: Path) -> None:
     zones = new / "usr/share/zoneinfo"
     if (zones / "America/Santiago").is_file() and not (zones / "America/Coyhaique").exists():
         shutil.copy2(zones / "America/Santiago", zones / "America/Coyhaique")
+        _touched(zones / "America/Coyhaique")
         _relist(new, "tzdata", add=["usr/share/zoneinfo/America/Coyhaique"])
     methods = "usr/lib/apt/methods"
     conf = ("etc/apt/apt.conf.d/01autoremove", "etc/apt/apt.conf.d/20autoremove")
@@ -365,6 +381,8 @@ def upgrade(old: Path, new: Path) -> None:
                 if link.is_symlink() and os.readlink(link) == os.path.basename(rel):
                     link.unlink()
                     link.symlink_to(os.path.basename(to))
+                    os.utime(link, (NEW_TIME, NEW_TIME), follow_symlinks=False)
+                    _touched(link)
     # the packages' new versions: files, md5sums, dpkg's status
     upgraded, texts = [], []
     for text, fields in stanzas:
