@@ -46,9 +46,9 @@ def _build_id(path: Path) -> str:
     return next(line.split()[-1] for line in out.splitlines() if "Build ID" in line)
 
 
-@pytest.mark.parametrize("which", ["tests'", "host"])
+@pytest.mark.parametrize("which", ["release_trees", "host_trees"])
 def test_a_pair_is_a_verified_upgrade(which: str, request: pytest.FixtureRequest) -> None:
-    old, new = request.getfixturevalue("release_trees" if which == "tests'" else "host_trees")
+    old, new = request.getfixturevalue(which)
     for tree in (old, new):
         got = subprocess.run(["dpkg", f"--root={tree}", "--verify"], capture_output=True,
                              text=True, check=False)
