@@ -175,6 +175,10 @@ def gc_store(store_dir: str, *, dry_run: bool = False, quick: bool = False,
     store = ChunkStore(store_dir)
     if not os.path.isdir(store.root):
         raise BtrdeltaError("no such chunk store", path=store_dir)
+    if not os.path.isdir(store.chunks_dir):  # (a typo'd or served directory: its
+        # archives read as damaged descriptions, its .tmp- files as leftovers to delete)
+        raise BtrdeltaError("not a chunk store (no chunks/ directory: give the STORE of "
+                            "image clone's STORE/NAME)", path=store_dir)
     progress = None if on_progress is None else (lambda d, t: on_progress("check", d, t))
     with store.locked(exclusive=True, wait=wait):
         return store.gc(dry_run=dry_run, quick=quick, on_progress=progress)

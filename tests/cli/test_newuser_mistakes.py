@@ -1,0 +1,49 @@
+"""A new user's mistakes found in session 20's trial, each through the CLI: one line naming
+what was meant, the documented exit code, nothing made or removed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from btrdelta.cli import main
+from tests.conftest import committed_streams
+
+STREAM = next(s for s in committed_streams() if ".A." in s.name)  # a full stream
+
+
+def _err(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err
+
+
+def test_image_gc_of_a_directory_that_is_no_store(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: the served directory of archives said 'description is 5000160 bytes,
+    expected 160...' (exit 3: its archives read as damaged descriptions), a directory
+    holding no store 'removed 0 chunks ... kept 0' (exit 0), and either would have lost
+    its files named like a store's leftovers (.NAME.tmp-*)."""
+    (tmp_path / "rootfs.img").write_bytes(os.urandom(1 << 20) * 3)
+    www = tmp_path / "www"
+    www.mkdir()
+    assert main(["image", "compress", "-q", "-i", str(tmp_path / "rootfs.img"),
+                 "-o", str(www / "rootfs.bdar")]) == 0
+    (www / ".notes.tmp-1").write_text("mine\n")
+    other = tmp_path / "other"
+    (other / "sub").mkdir(parents=True)
+    (other / ".cfg.tmp-2").write_text("mine\n")
+    for where in (www, other):
+        before = sorted(p.name for p in where.iterdir())
+        assert main(["image", "gc", str(where)]) == 1
+        err = _err(capsys)
+        assert err.startswith("btrdelta image gc: error: ")
+        assert f"path '{where}': not a chunk store (no chunks/ directory" in err
+        assert sorted(p.name for p in where.iterdir()) == before
+    # a store image clone made is still collected
+    store = tmp_path / "store"
+    assert main(["image", "clone", "-q", str(www / "rootfs.bdar"), f"{store}/v1"]) == 0
+    assert main(["image", "gc", "-q", str(store)]) == 0
