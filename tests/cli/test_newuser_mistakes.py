@@ -47,3 +47,26 @@ def test_image_gc_of_a_directory_that_is_no_store(
     store = tmp_path / "store"
     assert main(["image", "clone", "-q", str(www / "rootfs.bdar"), f"{store}/v1"]) == 0
     assert main(["image", "gc", "-q", str(store)]) == 0
+
+
+@pytest.mark.parametrize("source", [STREAM.name, "rootfs.bdar", "http://127.0.0.1:9/os"])
+def test_device_install_with_its_arguments_swapped(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], source: str) -> None:
+    """Before: '1-2.stream is not a btrfs filesystem: a device's filesystem is made with
+    mkfs.btrfs...' (exit 1), as if the stream were to be laid out."""
+    disk = tmp_path / "disk.img"
+    with open(disk, "wb") as f:
+        f.truncate(256 << 20)
+    shutil.copy(STREAM, tmp_path / STREAM.name)
+    (tmp_path / "rootfs.img").write_bytes(os.urandom(1 << 16))
+    assert main(["image", "compress", "-q", "-i", str(tmp_path / "rootfs.img"),
+                 "-o", str(tmp_path / "rootfs.bdar")]) == 0
+    given = source if "://" in source else str(tmp_path / source)
+    kind = {STREAM.name: "a btrfs send stream", "rootfs.bdar": "a btrdelta chunk archive"}
+    assert main(["device", "install", given, str(disk)]) == 2
+    err = _err(capsys)
+    what = "a URL" if "://" in source else kind[source]
+    assert f"error: FS {given} is {what}" in err
+    assert err.rstrip().endswith(f"the device's filesystem comes first: "
+                                 f"btrdelta device install {disk} {given}")
+    assert disk.stat().st_blocks == 0  # (nothing written: not even formatted)

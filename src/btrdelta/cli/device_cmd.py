@@ -333,6 +333,7 @@ def run_install(args: argparse.Namespace) -> int:
     """Install a release."""
     from ..device import install
 
+    _check_install_order(args.fs, args.source)
     with Phases("install", progress_wanted(args)) as progress:
 
         def on_step(name: str) -> None:
@@ -352,6 +353,34 @@ def run_install(args: argparse.Namespace) -> int:
         print(f"installed {res.release} into slot {res.slot} ({what}, {res.seconds:.1f} s); "
               f"next boot: {res.slot}, {res.tries} tries; tree-sum {res.tree_sum}")
     return 0
+
+
+def _check_install_order(fs: str, source: str) -> None:
+    """FS and SOURCE swapped (``device install 1-2.delta /mnt/top``): a usage error
+    naming the command meant, not "1-2.delta is not a btrfs filesystem".
+
+    Raises:
+        UsageError: FS is a URL, or a stream or archive file, and SOURCE exists here.
+    """
+    import os
+
+    from ._common import check_not_url
+
+    again = f"btrdelta device install {shlex.quote(source)} {shlex.quote(fs)}"
+    check_not_url(fs, "FS", f"the device's filesystem comes first: {again}")
+    if not os.path.isfile(fs) or not os.path.exists(source):
+        return
+    from ..errors import UsageError
+    from ..update.identify import PEEK, Kind, identify_bytes
+
+    try:
+        with open(fs, "rb") as f:
+            what = identify_bytes(f.read(PEEK))
+    except OSError:
+        return  # (said by the command itself)
+    if what.kind in (Kind.SEND_STREAM, Kind.DELTA_STREAM, Kind.CHUNK_ARCHIVE):
+        raise UsageError(f"FS {fs} is {what.describe()}: the device's filesystem comes "
+                         f"first: {again}")
 
 
 def _fetch_then_receive(progress: Phases) -> Callable[[int, int], None]:
