@@ -70,3 +70,21 @@ def test_device_install_with_its_arguments_swapped(
     assert err.rstrip().endswith(f"the device's filesystem comes first: "
                                  f"btrdelta device install {disk} {given}")
     assert disk.stat().st_blocks == 0  # (nothing written: not even formatted)
+
+
+@pytest.mark.parametrize(("dest", "says"), [
+    ("ssh://root@127.0.0.1:2222pool/data", "port '2222pool' is not a number"),
+    ("ssh://root@127.0.0.1", "not ssh://[user@]host[:port]/path: 'ssh://root@127.0.0.1'"),
+])
+def test_replicate_to_a_malformed_ssh_url(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], dest: str, says: str) -> None:
+    """Before: ssh ran and said "Bad port '2222pool'" (exit 7, a transport error) for a
+    slash left out; a URL without its path was exit 1."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x\n")
+    store = tmp_path / "store"
+    assert main(["replicate", str(src), dest, "--store", str(store),
+                 "--ssh", "ssh -o BatchMode=yes -o ConnectTimeout=1"]) == 2
+    assert says in _err(capsys)
+    assert not store.exists()

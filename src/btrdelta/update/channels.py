@@ -318,7 +318,7 @@ def spawn_ssh(target: str, ssh: str = "ssh", remote: str = "btrdelta",
     rest = target[len("ssh://"):]
     hostpart, slash, path = rest.partition("/")
     if not slash or not hostpart:
-        raise BtrdeltaError(f"not ssh://[user@]host[:port]/path: {target!r}")
+        raise UsageError(f"not ssh://[user@]host[:port]/path: {target!r}")
     port = None
     if hostpart.startswith("[") and "]" in hostpart:  # [v6]:port
         host, _, tail = hostpart[1:].partition("]")
@@ -328,6 +328,9 @@ def spawn_ssh(target: str, ssh: str = "ssh", remote: str = "btrdelta",
         host, port = hostpart.split(":")
     else:
         host = hostpart
+    if port and not port.isdigit():  # (else ssh's "Bad port", exit 7)
+        raise UsageError(f"not ssh://[user@]host[:port]/path: {target!r} (port {port!r} "
+                         "is not a number; a slash goes before the path)")
     import shlex
 
     cmd = shlex.split(ssh)
