@@ -271,6 +271,10 @@ def _load_private(data: bytes, path: str) -> Ed25519PrivateKey:
             path=path,
         ) from None
     except (ValueError, UnsupportedAlgorithm):
+        if b"-----BEGIN PUBLIC KEY-----" in data or data.startswith(b"ssh-ed25519 "):
+            raise StreamFormatError(  # (a user's mix-up: key generate makes both files)
+                "a public key, not a private one: give the private key (the .key "
+                "file `btrdelta key generate` wrote beside the .pub)", source=path) from None
         raise StreamFormatError("not a PEM or OpenSSH private key", source=path) from None
     if not isinstance(key, Ed25519PrivateKey):
         raise StreamFormatError("not an Ed25519 private key", source=path)

@@ -88,3 +88,18 @@ def test_replicate_to_a_malformed_ssh_url(
                  "--ssh", "ssh -o BatchMode=yes -o ConnectTimeout=1"]) == 2
     assert says in _err(capsys)
     assert not store.exists()
+
+
+def test_sign_with_the_public_key(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: 'release.pub: not a PEM or OpenSSH private key', as if the file were
+    damaged."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["key", "generate", "-o", "release"]) == 0
+    capsys.readouterr()
+    shutil.copy(STREAM, tmp_path / "a.stream")
+    assert main(["sign", "a.stream", "--key", "release.pub"]) == 3
+    assert "release.pub: a public key, not a private one: give the private key (the .key " \
+           "file `btrdelta key generate` wrote beside the .pub)" in _err(capsys)
+    assert not (tmp_path / "a.stream.sig").exists()
+    assert main(["sign", "a.stream", "--key", "release.key"]) == 0

@@ -235,4 +235,4 @@ def test_sign_and_send_need_a_signature_path_for_stdout(
     assert run("verify", "--key", pub, "--signature", tmp_path / "out.sig",
                tmp_path / "out.stream").returncode == 0
     refused(run("sign", "--key", tmp_path / "release.pub", tmp_path / "out.stream"), 3,
-            "not a PEM or OpenSSH private key")
+            "a public key, not a private one: give the private key")
