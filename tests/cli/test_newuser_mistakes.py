@@ -103,3 +103,22 @@ def test_sign_with_the_public_key(tmp_path: Path, capsys: pytest.CaptureFixture[
            "file `btrdelta key generate` wrote beside the .pub)" in _err(capsys)
     assert not (tmp_path / "a.stream.sig").exists()
     assert main(["sign", "a.stream", "--key", "release.key"]) == 0
+
+
+def test_sendshot_prune_that_deletes_nothing_says_so(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: nothing at all was printed (exit 0), with -n too: did it run?"""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x\n")
+    store = tmp_path / "store"
+    assert main(["send", str(src), "-o", str(tmp_path / "full.stream"), "--record",
+                 "--store", str(store)]) == 0
+    capsys.readouterr()
+    for dry in ([], ["-n"]):
+        assert main(["sendshot", "prune", "--keep", "1", "--store", str(store), *dry]) == 0
+        out = capsys.readouterr().out
+        assert out == f"nothing to prune: 1 record kept (0 held by a receiver's cursor); " \
+                      f"store {store}\n"
+    assert main(["sendshot", "prune", "--keep", "1", "--store", str(store), "-q"]) == 0
+    assert capsys.readouterr().out == ""

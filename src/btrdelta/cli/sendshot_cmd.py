@@ -209,6 +209,12 @@ def run(args: argparse.Namespace) -> int:
             for p in stale:
                 print(("would delete " if args.dry_run else "deleted ")
                       + f"leftover temporary file {p}")
+            if not gone and not stale:  # (silence read as "did it run?")
+                every = store.records_list()
+                held = sum(1 for s in every if s.held_by)
+                print(f"nothing to prune: {len(every)} record"
+                      f"{'' if len(every) == 1 else 's'} kept ({held} held by a receiver's "
+                      f"cursor); store {store.path}")
     else:
         out = _create(store, args)
     if args.json:
