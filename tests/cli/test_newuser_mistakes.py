@@ -1,16 +1,19 @@
 """A new user's mistakes found in session 20's trial, each through the CLI: one line naming
-what was meant, the documented exit code, nothing made or removed."""
+what was meant, the documented exit code, nothing made or removed (and what the user saw
+on a terminal)."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from btrdelta.cli import main
-from tests.conftest import committed_streams
+from tests.conftest import committed_streams, read_pty
 
 STREAM = next(s for s in committed_streams() if ".A." in s.name)  # a full stream
 
@@ -122,3 +125,32 @@ def test_sendshot_prune_that_deletes_nothing_says_so(
                       f"store {store}\n"
     assert main(["sendshot", "prune", "--keep", "1", "--store", str(store), "-q"]) == 0
     assert capsys.readouterr().out == ""
+
+
+def test_repo_add_on_a_terminal_says_its_steps_without_an_empty_bar(tmp_path: Path) -> None:
+    """Before: a byte bar that never moved ('repo add: 0.00B [00:32, ?B/s]') under every
+    step line, and '1 deltas on 1 processes'."""
+    repo, v1, v2 = tmp_path / "repo", tmp_path / "v1", tmp_path / "v2"
+    for tree, text in ((v1, "one\n" * 500), (v2, "one\n" * 500 + "two\n")):
+        (tree / "d").mkdir(parents=True)
+        (tree / "d" / "f").write_text(text)
+    assert main(["repo", "init", str(repo)]) == 0
+    assert main(["repo", "add", "-q", str(repo), "1", str(v1)]) == 0
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "btrdelta", "repo", "add", str(repo), "2",
+                               str(v2)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=slave, text=True, timeout=300, check=False)
+        os.set_blocking(master, False)
+        err = read_pty(master).decode()
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert proc.returncode == 0, err
+    assert proc.stdout.startswith("2 (#2): ")
+    lines = err.replace("\r\n", "\n").splitlines()
+    assert "repo add: 2: 1 delta on 1 process (" in err
+    assert any(ln.startswith("repo add: 2: checking the delta from 1 (") for ln in lines), err
+    assert all(ln.startswith("repo add: 2: ") and ln.endswith(" s)") for ln in lines), err
+    assert "B/s" not in err
+    assert "\r" not in err.replace("\r\n", "")

@@ -7,6 +7,7 @@ import json
 import os
 import shlex
 import sys
+import time
 from typing import Any
 
 from ..errors import BtrdeltaError, UsageError
@@ -19,7 +20,7 @@ from ._common import (
     location,
     parse_size,
 )
-from .progress import Progress, add_progress_options, add_quiet_option, progress_wanted
+from .progress import add_progress_options, add_quiet_option, progress_wanted
 
 _EPILOG = """\
 examples:
@@ -228,16 +229,18 @@ def run_add(args: argparse.Namespace) -> int:
                          f"{shlex.quote(args.version)}")
     return_freed_memory()  # the delta jobs read whole files for diffing
     shown = progress_wanted(args)
-    progress = Progress("repo add", enabled=shown)
+    started = time.monotonic()
 
     def say(step: str) -> None:
+        # one line a step, with the time so far: the steps report no bytes, and a bar
+        # below them stood at '0.00B [00:32, ?B/s]' on a terminal
         if shown:
-            progress.message(f"repo add: {step}")
+            print(f"repo add: {step} ({time.monotonic() - started:.1f} s)", file=sys.stderr,
+                  flush=True)
 
-    with progress:
-        report = add_release(args.repo, args.version, args.source,
-                             parallel=max(1, args.jobs), plan_only=args.plan_only,
-                             verify=not args.no_verify, on_progress=say)
+    report = add_release(args.repo, args.version, args.source,
+                         parallel=max(1, args.jobs), plan_only=args.plan_only,
+                         verify=not args.no_verify, on_progress=say)
     if args.plan_only:
         from ..update.publish import Repo
 

@@ -158,7 +158,9 @@ def run_pending(repo: Any, cat: Catalog, pos: int, report: Any, *, parallel: int
                              str(jobs))))
     times: dict[int, float] = {}
     if todo:
-        say(f"{entry.name}: {len(todo)} deltas on {min(parallel, len(todo))} processes")
+        n = min(parallel, len(todo))
+        say(f"{entry.name}: {len(todo)} delta{'' if len(todo) == 1 else 's'} on {n} "
+            f"process{'' if n == 1 else 'es'}")
         if parallel > 1 and len(todo) > 1:
             ctx = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(min(parallel, len(todo)), mp_context=ctx) as pool:
