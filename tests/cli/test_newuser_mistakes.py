@@ -4,6 +4,7 @@ on a terminal)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -154,3 +155,42 @@ def test_repo_add_on_a_terminal_says_its_steps_without_an_empty_bar(tmp_path: Pa
     assert all(ln.startswith("repo add: 2: ") and ln.endswith(" s)") for ln in lines), err
     assert "B/s" not in err
     assert "\r" not in err.replace("\r\n", "")
+
+
+def test_a_sendshot_is_named_by_the_name_it_was_sent_as(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """README's `send /pool/data -o full.stream --record --name data.1`, then
+    `--from-sendshot data.1`: before, "not a sendshot id: 'data.1' (hex digest or
+    'latest')" (exit 6), and `sendshot show data.1` the same."""
+    src, store, dest = tmp_path / "data", tmp_path / "store", tmp_path / "dest"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_text("one\n" * 1000)
+    dest.mkdir()
+    common = ["--store", str(store)]
+    assert main(["send", str(src), "-o", str(tmp_path / "full.stream"), "--record",
+                 "--name", "data.1", *common]) == 0
+    (src / "d" / "f").write_text("one\n" * 1000 + "two\n")
+    (src / "g").write_text("new\n")
+    assert main(["send", str(src), "-o", str(tmp_path / "inc.stream"), "--from-sendshot",
+                 "data.1", "--record", "--name", "data.2", *common]) == 0
+    for stream in ("full.stream", "inc.stream"):
+        assert main(["receive", "-q", "-f", str(tmp_path / stream), str(dest)]) == 0
+    capsys.readouterr()
+    assert main(["tree-sum", "--ignore-root-mtime", str(dest / "data.2"),
+                 "--compare", str(src)]) == 0
+    capsys.readouterr()
+    assert main(["sendshot", "list", "--json", *common]) == 0
+    ids = {r["name"]: r["id"] for r in json.loads(capsys.readouterr().out)}
+    assert main(["sendshot", "show", "--json", "data.2", *common]) == 0
+    assert json.loads(capsys.readouterr().out)["id"] == ids["data.2"]
+    # a name two records have is no answer; a name no record has says what is accepted
+    assert main(["send", str(src), "-o", str(tmp_path / "again.stream"), "--from-sendshot",
+                 "data.1", "--record", "--name", "data.2", *common]) == 0
+    capsys.readouterr()
+    assert main(["sendshot", "show", "data.2", *common]) == 6
+    assert f"2 sendshots are named 'data.2' in {store}: give the id of one" in _err(capsys)
+    assert main(["sendshot", "delete", "data.9", *common]) == 6
+    assert "no sendshot id or name 'data.9'" in _err(capsys)
+    assert main(["sendshot", "delete", "-q", "data.1", *common]) == 0
+    assert main(["sendshot", "list", "--json", *common]) == 0
+    assert ids["data.1"] not in {r["id"] for r in json.loads(capsys.readouterr().out)}

@@ -97,8 +97,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="also record a sendshot of what was sent (what the receiver will "
                         "hold), the base of later --from-sendshot sends")
     p.add_argument("--from-sendshot", metavar="ID", dest="from_sendshot",
-                   help="incremental against a sendshot (an id, a unique prefix, or 'latest': "
-                        "the newest of this source); the old tree is not needed")
+                   help="incremental against a sendshot (an id, a unique prefix, the name it "
+                        "was sent as, or 'latest': the newest of this source); the old tree "
+                        "is not needed")
     p.add_argument("--store", metavar="DIR",
                    help=f"the sendshot store (default {DEFAULT_STORE})")
     p.add_argument("--no-snapshot", action="store_true",

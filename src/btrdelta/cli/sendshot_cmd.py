@@ -67,14 +67,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                            "data bytes, blocks).",
                            epilog=examples("btrdelta sendshot show latest",
                                            "btrdelta sendshot --json show 3f2a9c"))
-    show.add_argument("id", metavar="ID", help="a digest, a unique prefix, or 'latest'")
+    show.add_argument("id", metavar="ID", help="a digest, a unique prefix, the name it was sent as "
+                      "(send --record --name), or 'latest'")
     delete = cmds.add_parser("delete", help="delete records",
                              description="Delete records by id. A record a receiver's "
                              "cursor names is the base of that receiver's next send: it is "
                              "kept unless --force (the next send to it is then full).",
                              epilog=examples("btrdelta sendshot delete 3f2a9c 81b0d4"))
     delete.add_argument("ids", metavar="ID", nargs="+",
-                        help="digests or unique prefixes (sendshot list shows them)")
+                        help="digests, unique prefixes (sendshot list shows them) or the "
+                             "names they were sent as")
     delete.add_argument("--force", action="store_true",
                         help="also a record a receiver's cursor names")
     add_quiet_option(delete)

@@ -286,8 +286,9 @@ class SendshotStore:
     def resolve(self, ident: str, *, lineage: Callable[[StoredSendshot], bool] | None = None,
                 candidates: Iterable[str] | None = None) -> StoredSendshot:
         """The record named by ``ident``: a digest or a unique prefix of one (4+ hex
-        digits), or ``latest`` (the newest one that ``lineage`` accepts and, when
-        ``candidates`` is given, whose digest is among them).
+        digits), ``latest`` (the newest one that ``lineage`` accepts and, when
+        ``candidates`` is given, whose digest is among them), or the subvolume name it
+        was sent as when one record has it (of ``lineage``, when some record there has).
 
         Raises:
             MissingBaseError: no such record (or several match a prefix).
@@ -304,12 +305,27 @@ class SendshotStore:
                     "create COPY --source SOURCE` records a copy the receiver holds")
             return found[-1]
         if not _is_ident(ident):
-            raise MissingBaseError(f"not a sendshot id: {ident!r} (hex digest or 'latest')")
+            return self._named(every, ident, lineage)
         found = [s for s in every if s.digest.startswith(ident)]
         if len(found) != 1:
             what = "no" if not found else f"{len(found)}"
             raise MissingBaseError(f"{what} sendshot matches {ident!r} in {self.path}")
         return found[0]
+
+    def _named(self, every: list[StoredSendshot], name: str,
+               lineage: Callable[[StoredSendshot], bool] | None) -> StoredSendshot:
+        """The one record whose subvolume name (``send --name``, the receiver's) is
+        ``name``: of ``lineage`` when that has one, else of any source."""
+        named = [s for s in every if os.fsdecode(s.head.name) == name]
+        if lineage is not None and any(lineage(s) for s in named):
+            named = [s for s in named if lineage(s)]
+        if len(named) == 1:
+            return named[0]
+        if named:
+            raise MissingBaseError(f"{len(named)} sendshots are named {name!r} in {self.path}:"
+                                   " give the id of one (btrdelta sendshot list)")
+        raise MissingBaseError(f"no sendshot id or name {name!r} in {self.path} (an id, a "
+                               "unique prefix of one, the name it was sent as, or 'latest')")
 
     def open(self, record: StoredSendshot) -> tuple[RecordReader, Any]:
         """A reader of all of ``record`` and the file it reads (close it when done)."""
