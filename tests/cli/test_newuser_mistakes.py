@@ -194,3 +194,30 @@ def test_a_sendshot_is_named_by_the_name_it_was_sent_as(
     assert main(["sendshot", "delete", "-q", "data.1", *common]) == 0
     assert main(["sendshot", "list", "--json", *common]) == 0
     assert ids["data.1"] not in {r["id"] for r in json.loads(capsys.readouterr().out)}
+
+
+@pytest.mark.parametrize(("words", "says"), [
+    (["recieve", "-f", "A.stream", "/tmp"], "invalid choice: 'recieve' (choose from "),
+    (["delta", "mak", "-f", "A.stream"], "invalid choice: 'mak' (choose from "),
+    (["help"], "invalid choice: 'help' (choose from "),
+    (["-q", "receive", "-f", "A.stream", "/tmp/x"], "unrecognized arguments: -q; "),
+    (["--debug", "-q", "--progress", "image", "clone", "U", "--output", "x"],
+     "unrecognized arguments: -q --progress; "),
+])
+def test_a_mistyped_command_or_an_option_before_it(tmp_path: Path, words: list[str],
+                                                   says: str) -> None:
+    """Before: the choices listed, or 'unrecognized arguments: -q', and no more."""
+    proc = subprocess.run([sys.executable, "-m", "btrdelta", *words], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert says in proc.stderr
+    meant = {"recieve": "did you mean 'receive'?", "mak": "did you mean 'make'?",
+             "help": "help: btrdelta --help, btrdelta COMMAND --help",
+             "receive": "a command's options go after its name: "
+                        "btrdelta receive -q -f A.stream /tmp/x",
+             "image": "a command's options go after its name: "
+                      "btrdelta --debug image clone -q --progress U --output x"}
+    key = next(w for w in words if w in meant)
+    assert proc.stderr.endswith(f"; {meant[key]} (see {proc.stderr.split(':')[0]} --help)\n")
+    assert list(tmp_path.iterdir()) == []

@@ -103,11 +103,59 @@ class Parser(argparse.ArgumentParser):
         self.missing_hint: Callable[[list[str]], str | None] | None = None
 
     def error(self, message: str) -> NoReturn:
+        hint = None
         if self.missing_hint is not None and message.startswith(
                 "the following arguments are required"):
             hint = self.missing_hint(self.words)
-            message += f"; {hint}" if hint else ""
+        elif self._subparsers is not None and message.startswith("unrecognized arguments"):
+            hint = self._placement_hint()
+        elif self._subparsers is not None and "invalid choice: " in message:
+            hint = self._choice_hint(message)
+        message += f"; {hint}" if hint else ""
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def _commands(self) -> dict[str, argparse.ArgumentParser]:
+        assert self._subparsers is not None
+        action = self._subparsers._group_actions[0]
+        return action.choices if isinstance(action.choices, dict) else {}
+
+    def _choice_hint(self, message: str) -> str | None:
+        """``btrdelta recieve``: the command meant, by spelling (or where help is)."""
+        import difflib  # (this mistake only)
+        import re
+
+        given = re.search(r"invalid choice: '([^']*)'", message)
+        if given is None:
+            return None
+        if given.group(1) in ("help", "-help"):
+            return f"help: {self.prog} --help, {self.prog} COMMAND --help"
+        close = difflib.get_close_matches(given.group(1), self._commands(), n=1, cutoff=0.6)
+        return f"did you mean '{close[0]}'?" if close else None
+
+    def _placement_hint(self) -> str | None:
+        """``btrdelta -q receive ...``: a command's options given before its name."""
+        import shlex  # (this mistake only)
+
+        words, i = self.words, 0
+        mine = {s for a in self._actions for s in a.option_strings}
+        own: list[str] = []
+        moved: list[str] = []
+        while i < len(words) and words[i].startswith("-") and words[i] != "--":
+            (own if words[i] in mine else moved).append(words[i])
+            i += 1
+        parser: argparse.ArgumentParser = self
+        path: list[str] = []
+        while i < len(words) and isinstance(parser, Parser) and parser._subparsers is not None:
+            chosen = parser._commands().get(words[i])
+            if chosen is None:
+                break
+            parser, i = chosen, i + 1
+            path.append(words[i - 1])
+        if not moved or not path or (isinstance(parser, Parser) and parser._subparsers) \
+                or any(w.split("=", 1)[0] not in parser._option_string_actions for w in moved):
+            return None
+        return (f"a command's options go after its name: "
+                f"{self.prog} {shlex.join([*own, *path, *moved, *words[i:]])}")
 
     def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
                          namespace: argparse.Namespace | None = None,
