@@ -221,3 +221,27 @@ def test_a_mistyped_command_or_an_option_before_it(tmp_path: Path, words: list[s
     key = next(w for w in words if w in meant)
     assert proc.stderr.endswith(f"; {meant[key]} (see {proc.stderr.split(':')[0]} --help)\n")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_image_clone_into_the_store_alone(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """STORE/NAME given as the store: before, an existing directory said "is a directory,
+    not a file to write" (exit 1), and 'images/' made the description a file named
+    'images' beside the chunks (exit 0), where the user meant a directory."""
+    (tmp_path / "rootfs.img").write_bytes(os.urandom(1 << 20) * 2)
+    archive = tmp_path / "rootfs-v2.bdar"
+    assert main(["image", "compress", "-q", "-i", str(tmp_path / "rootfs.img"),
+                 "-o", str(archive)]) == 0
+    (tmp_path / "there").mkdir()
+    for target, what in ((tmp_path / "there", "a directory"),
+                         (f"{tmp_path}/images/", "a directory's name (ends with /)")):
+        assert main(["image", "clone", str(archive), str(target)]) == 2
+        meant = f"{str(target).rstrip('/')}/rootfs-v2"
+        assert _err(capsys).endswith(
+            f"error: STORE/NAME {target} is {what}: give the image's name in the store "
+            f"too: btrdelta image clone {archive} {meant}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rootfs-v2.bdar", "rootfs.img",
+                                                          "there"]
+    assert list((tmp_path / "there").iterdir()) == []
+    assert main(["image", "clone", "-q", str(archive), f"{tmp_path}/images/rootfs-v2"]) == 0
+    assert main(["image", "verify", "-q", f"{tmp_path}/images/rootfs-v2"]) == 0

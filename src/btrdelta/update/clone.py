@@ -280,6 +280,29 @@ def _check_output_place(output: str) -> None:
         raise BtrdeltaError(f"--output: its directory {parent} {what}", path=output)
 
 
+def _check_not_the_store(location: str | ArchiveSource, target: str) -> None:
+    """STORE/NAME given as the store alone (``/var/lib/images`` that exists, or
+    ``.../images/``): a usage error naming the image in it, not a description file made
+    in its parent (the trailing slash) or 'is a directory, not a file to write'.
+
+    Raises:
+        UsageError: see above.
+    """
+    if not (target.endswith("/") or os.path.isdir(target)):
+        return
+    import shlex
+
+    where = location if isinstance(location, str) else location.name
+    stem = where.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
+    for suffix in (".bdar", ".cba", ".caibx"):
+        stem = stem.removesuffix(suffix)
+    meant = f"{target.rstrip('/')}/{stem or 'NAME'}"
+    raise UsageError(f"STORE/NAME {target} is " + (
+        "a directory" if os.path.isdir(target) else "a directory's name (ends with /)")
+        + f": give the image's name in the store too: btrdelta image clone "
+        f"{shlex.quote(where)} {shlex.quote(meant)}")
+
+
 def clone_image(
     location: str | ArchiveSource, *, target: str | None = None, output: str | None = None,
     seeds: Sequence[str] = (), castr: Sequence[str] = (), dry_run: bool = False,
@@ -325,6 +348,7 @@ def clone_image(
                              f"image's name in it (./{target.rstrip('/')}: this directory "
                              f"is the store), or --output {target} to write the image there")
         store_dir, name = split_store_name(target)
+        _check_not_the_store(location, target)
         store = ChunkStore(store_dir)
         _check_store_place(store.root)
     if output is not None:
