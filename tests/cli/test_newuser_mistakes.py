@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from btrdelta.cli import main
-from tests.conftest import committed_streams, read_pty
+from tests.conftest import btrfs_loop, committed_streams, read_pty
 
 STREAM = next(s for s in committed_streams() if ".A." in s.name)  # a full stream
 
@@ -245,3 +245,40 @@ def test_image_clone_into_the_store_alone(tmp_path: Path,
     assert list((tmp_path / "there").iterdir()) == []
     assert main(["image", "clone", "-q", str(archive), f"{tmp_path}/images/rootfs-v2"]) == 0
     assert main(["image", "verify", "-q", f"{tmp_path}/images/rootfs-v2"]) == 0
+
+
+@pytest.mark.btrfs
+def test_device_mount_backup_and_restore_mistakes(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: a mount point not made yet 'is not a directory'; a state subvolume the
+    device lacks named no one it has; `restore FS home SRC --to-dir DIR` (the switch
+    read as taking a value) 'unrecognized arguments: DIR' alone."""
+    release = tmp_path / "release"
+    for d in ("etc", "var", "home", "usr/bin"):
+        (release / d).mkdir(parents=True)
+    (release / "etc/hostname").write_text("device\n")
+    with btrfs_loop(size="256M") as fs:
+        assert main(["device", "init", "-q", str(fs), "--factory", str(release),
+                     "--state", "etc:/etc:overlay", "--state", "home:/home:bind"]) == 0
+        capsys.readouterr()
+        sysroot = tmp_path / "sysroot"
+        assert main(["device", "mount", str(fs), str(sysroot)]) == 1
+        assert _err(capsys).endswith(f"error: {sysroot} does not exist (make it first: "
+                                     f"mkdir -p {sysroot})\n")
+        backups = tmp_path / "backups"
+        assert main(["device", "backup", str(fs), "hmoe", str(backups)]) == 1
+        assert "no state subvolume 'hmoe' (the device's: etc, home)" in _err(capsys)
+        assert main(["device", "backup", "-q", str(fs), "home", str(backups)]) == 0
+        copy = tmp_path / "copy"
+        copy.mkdir()
+        with pytest.raises(SystemExit) as stop:
+            main(["device", "restore", str(fs), "home", str(backups), "--to-dir", str(copy)])
+        assert stop.value.code == 2
+        assert _err(capsys).endswith(
+            f"--to-dir takes no value (FS is then the directory): btrdelta device restore "
+            f"{copy} home {backups} --to-dir (see btrdelta device restore --help)\n")
+        assert main(["device", "restore", "-q", str(copy), "home", str(backups),
+                     "--to-dir"]) == 0
+        assert main(["tree-sum", str(copy / "home.1"), "--compare",
+                     str(fs / "state/home")]) == 0
+        assert not sysroot.exists()

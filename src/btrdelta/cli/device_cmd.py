@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ._common import add_json, examples, human_bytes, location
+from ._common import add_json, examples, human_bytes, location, set_extra_hint
 from .progress import Phases, add_progress_options, add_quiet_option, progress_wanted
 
 _FS_HELP = ("the device's btrfs: where its top-level subvolume is mounted (subvolid=5), or "
@@ -172,7 +172,8 @@ def _add_reset_backup(dsub: Any) -> None:
         "system booted from FS, its mount keeps the old one until then: it is deleted "
         "by the first device command of the next boot). With --to-dir, receive it "
         "below any directory instead (any filesystem) as SUBVOL.N, N the backup restored.",
-        epilog=examples("btrdelta device restore /mnt/top home /media/usb/backups"),
+        epilog=examples("btrdelta device restore /mnt/top home /media/usb/backups",
+                        "btrdelta device restore /srv/copy home /media/usb/backups --to-dir"),
     )
     r.add_argument("fs", metavar="FS|DIR", help=_FS_HELP + "; or a directory with --to-dir")
     r.add_argument("subvol", metavar="SUBVOL", help="the backed-up subvolume's name")
@@ -185,6 +186,15 @@ def _add_reset_backup(dsub: Any) -> None:
     add_json(r, "what was restored")
     add_quiet_option(r)
     r.set_defaults(func=run_restore)
+
+    def to_dir_value(args: argparse.Namespace, left: list[str], _words: list[str]) -> str | None:
+        # `restore FS home SRC --to-dir /srv/copy`: the directory is FS, --to-dir a switch
+        if not args.to_dir or len(left) != 1 or left[0].startswith("-"):
+            return None
+        return ("--to-dir takes no value (FS is then the directory): btrdelta device restore "
+                + shlex.join([left[0], args.subvol, args.src, "--to-dir"]))
+
+    set_extra_hint(r, to_dir_value)
 
 
 def _add_init(dsub: Any) -> None:

@@ -170,7 +170,8 @@ def backup(fs: str | os.PathLike[str], name: str, dest: str, *,
         st = load_state(layout)
         recover(layout, st)
         if name not in {s.name for s in st.state} or not layout.is_subvolume(layout.state(name)):
-            raise DeviceError(f"no state subvolume {name!r}")
+            raise DeviceError(f"no state subvolume {name!r} (the device's: "
+                              f"{', '.join(s.name for s in st.state) or 'none'})")
         entries = store.index(name)
         local = _snapshots(layout, name)
         known = {int(e["n"]): e.get("uuid") for e in entries}
@@ -358,7 +359,8 @@ def restore(fs: str | os.PathLike[str], name: str, src: str, *, upto: int | None
         st = load_state(layout)
         recover(layout, st)
         if target not in {s.name for s in st.state}:
-            raise DeviceError(f"the device has no state subvolume {target!r}")
+            raise DeviceError(f"the device has no state subvolume {target!r} (its: "
+                              f"{', '.join(s.name for s in st.state) or 'none'})")
         if restored_in_use(layout, target):
             raise DeviceError(f"the running system still uses state/{target} as it was "
                               f"before the last restore (state/{RESTORED}{target}): "

@@ -55,7 +55,8 @@ def mount(fs: str | os.PathLike[str], target: str | os.PathLike[str], *,
     """
     target = Path(target)
     if not target.is_dir():
-        raise DeviceError(f"{target} is not a directory")
+        raise DeviceError(f"{target} is not a directory" if target.exists() else
+                          f"{target} does not exist (make it first: mkdir -p {target})")
     if os.path.ismount(target):  # mounting again would stack a second root over the first
         raise DeviceError(f"{target} is a mount point already (umount -R {target} first)")
     with os.scandir(target) as entries:
