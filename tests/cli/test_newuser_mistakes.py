@@ -282,3 +282,34 @@ def test_device_mount_backup_and_restore_mistakes(tmp_path: Path,
         assert main(["tree-sum", str(copy / "home.1"), "--compare",
                      str(fs / "state/home")]) == 0
         assert not sysroot.exists()
+
+
+def test_https_to_a_plain_http_server(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: 'cannot connect: [SSL: WRONG_VERSION_NUMBER] wrong version number
+    (_ssl.c:992)', after every retry (the answer does not change)."""
+    import socketserver
+    import threading
+
+    connections = []
+
+    class Plain(socketserver.BaseRequestHandler):
+        def handle(self) -> None:  # an HTTP server's answer to a TLS hello
+            connections.append(1)
+            self.request.recv(4096)
+            self.request.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), Plain) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            url = f"https://127.0.0.1:{server.server_address[1]}"
+            assert main(["image", "clone", f"{url}/v2.bdar", "--output",
+                         str(tmp_path / "v2.img"), "--retries", "2"]) == 7
+            assert _err(capsys).endswith(
+                f"error: {url}/v2.bdar: TLS: the server did not answer in TLS "
+                "(WRONG_VERSION_NUMBER): a plain HTTP server? (its URL is then http://)\n")
+            assert len(connections) == 1
+            assert main(["repo", "ls", f"{url}/app"]) == 7
+            assert "a plain HTTP server? (its URL is then http://)" in _err(capsys)
+        finally:
+            server.shutdown()
+    assert not (tmp_path / "v2.img").exists()

@@ -579,6 +579,12 @@ def describe_http_error(exc: BaseException) -> str:
     """One line for an HTTP client error: ``cannot connect: Connection refused`` (was
     ``ConnectError: [Errno 111] Connection refused``), else its class and text."""
     text = _one_line(exc)
+    cause: BaseException | None = exc
+    while cause is not None:  # https:// to a plain HTTP server: "wrong version number"
+        if isinstance(cause, ssl.SSLError) and cause.reason == "WRONG_VERSION_NUMBER":
+            return ("TLS: the server did not answer in TLS (WRONG_VERSION_NUMBER): a plain "
+                    "HTTP server? (its URL is then http://)")
+        cause = cause.__cause__ or cause.__context__
     if isinstance(exc, httpx.ConnectError):
         return "cannot connect: " + re.sub(r"^\[Errno -?\d+\] ", "", text)
     return f"{type(exc).__name__}: {text}"
@@ -599,6 +605,8 @@ def _classify(exc: httpx.HTTPError, fetcher: RangeFetcher) -> Exception:
             return TransportError(
                 f"TLS: server certificate not trusted ({cause.verify_message or cause.reason}); "
                 "is --ca-cert right?", url=fetcher.url)
+        if isinstance(cause, ssl.SSLError) and cause.reason == "WRONG_VERSION_NUMBER":
+            return TransportError(why, url=fetcher.url)  # (no retry: it will not change)
         if isinstance(cause, ssl.SSLError) and "ALERT" in str(cause.reason or ""):
             return TransportError(f"TLS: the server refused the handshake ({cause.reason})",
                                   url=fetcher.url)
