@@ -207,6 +207,9 @@ def _write_new(path: str, data: bytes, mode: int) -> None:
         fd = os.open(path, flags, mode)
     except FileExistsError:
         raise BtrdeltaError("file exists; refusing to overwrite a key", path=path) from None
+    except FileNotFoundError:  # (as every output of the package says it)
+        raise BtrdeltaError("directory does not exist",
+                            path=os.path.dirname(path) or ".") from None
     try:
         os.fchmod(fd, mode)  # whatever the umask
         view = memoryview(data)

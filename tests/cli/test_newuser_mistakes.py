@@ -313,3 +313,15 @@ def test_https_to_a_plain_http_server(tmp_path: Path, capsys: pytest.CaptureFixt
         finally:
             server.shutdown()
     assert not (tmp_path / "v2.img").exists()
+
+
+def test_key_generate_into_a_directory_not_made(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: 'DIR/release.key: No such file or directory', where every other output
+    (send -o, delta make -o) says which directory is missing."""
+    keys = tmp_path / "keys"
+    assert main(["key", "generate", "-o", str(keys / "release")]) == 1
+    assert _err(capsys).endswith(f"error: path '{keys}': directory does not exist\n")
+    assert main(["send", str(tmp_path), "-o", str(keys / "x.stream")]) == 1
+    assert _err(capsys).endswith(f"error: path '{keys}': directory does not exist\n")
+    assert list(tmp_path.iterdir()) == []
