@@ -325,3 +325,30 @@ def test_key_generate_into_a_directory_not_made(tmp_path: Path,
     assert main(["send", str(tmp_path), "-o", str(keys / "x.stream")]) == 1
     assert _err(capsys).endswith(f"error: path '{keys}': directory does not exist\n")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_update_on_a_terminal_prints_its_plan_on_a_line_of_its_own(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: the plan (standard output) followed the bar (standard error) on its line,
+    on the same terminal: 'update: 0.00B [00:00, ?B/s]plan: from nothing to 1: ...'."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "v1" / "d").mkdir(parents=True)
+    (tmp_path / "v1" / "d" / "f").write_text("one\n" * 100)
+    for argv in (["repo", "init", "-q", "repo"], ["repo", "add", "-q", "repo", "1", "v1"],
+                 ["key", "generate", "-o", "root"], ["key", "generate", "-o", "ts"],
+                 ["repo", "sign", "repo", "--key", "root.key", "--timestamp-key", "ts.key"]):
+        assert main(argv) == 0
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "btrdelta", "update", "repo", "dest",
+                               "--key", "root.pub"], stdin=subprocess.DEVNULL, stdout=slave,
+                              stderr=slave, timeout=300, check=False)
+        os.set_blocking(master, False)
+        out = read_pty(master).decode()
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert proc.returncode == 0, out
+    at = out.index("plan: from nothing to 1: 1 hop")
+    assert out[at - 1] in "\r\n", out  # (the bar cleared: it ends in a carriage return)
+    assert "1 is in dest/1" in out

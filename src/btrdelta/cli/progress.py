@@ -142,6 +142,19 @@ class Progress:
         else:
             self._print(text)
 
+    def print_out(self, text: str) -> None:
+        """Print ``text`` (lines) on standard output; a bar on the same terminal is cleared
+        first and drawn again after (else the text would follow the bar on its line)."""
+        if self._bar is None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            return
+        from tqdm import tqdm
+
+        with tqdm.external_write_mode(file=sys.stdout):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
     def close(self, summary: str | None = None) -> None:
         """End the bar (or print a last plain line); ``summary`` is printed after it."""
         if self.enabled:

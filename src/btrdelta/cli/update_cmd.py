@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import shlex
-import sys
 from typing import Any
 
 from ..errors import UsageError
@@ -68,7 +67,7 @@ class _Reporter:
         if kind == "plan":
             self.progress.update(0, total=int(ev["to_download"]) or None)
             if not self.as_json:
-                _print_plan(ev, self.dest)
+                self.progress.print_out(_plan_text(ev, self.dest))
         elif kind in ("fetch", "apply"):
             what = f"{ev['from']} -> {ev['to']}" if ev["from"] else f"full {ev['to']}"
             self.hop = f"hop {ev['hop']}/{ev['hops']} {kind} {what}"
@@ -83,22 +82,22 @@ class _Reporter:
             self.progress.update(self.done, note=self.hop)
 
 
-def _print_plan(ev: dict[str, Any], dest: str) -> None:
+def _plan_text(ev: dict[str, Any], dest: str) -> str:
+    """The plan's lines (or that the target is there already)."""
     plan = ev["plan"]
     start = plan["start"] or "nothing"
     if plan["start"] is None and ev["held"]:  # the full is priced with their chunks
         start += f" (a full, reusing the chunks of {', '.join(ev['held'])})"
     if not plan["steps"]:
-        print(f"{ev['target']} is already in {os.path.join(dest, ev['target'])}: "
-              "nothing to download")
-        return
+        return (f"{ev['target']} is already in {os.path.join(dest, ev['target'])}: "
+                "nothing to download\n")
     hops = f"{plan['hops']} hop" + ("s" if plan["hops"] != 1 else "")
-    print(f"plan: from {start} to {ev['target']}: {hops}, "
-          f"{human_bytes(plan['bytes'])} ({ev['to_download']} bytes to download)")
+    lines = [f"plan: from {start} to {ev['target']}: {hops}, "
+             f"{human_bytes(plan['bytes'])} ({ev['to_download']} bytes to download)"]
     for s in plan["steps"]:
         what = f"delta {s['from']} -> {s['to']}" if s["kind"] == "delta" else f"full {s['to']}"
-        print(f"  {what}: {human_bytes(s['bytes'])}")
-    sys.stdout.flush()
+        lines.append(f"  {what}: {human_bytes(s['bytes'])}")
+    return "\n".join(lines) + "\n"
 
 
 def run(args: argparse.Namespace) -> int:
