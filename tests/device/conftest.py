@@ -69,14 +69,6 @@ def cached_trees() -> tuple[Path, Path] | None:
     return None
 
 
-def debian_trees() -> tuple[Path, Path]:
-    """The cached Debian pair, else a skip (the power-cut tests of ``make vmtest``)."""
-    cached = cached_trees()
-    if cached is None:
-        pytest.skip("no Debian release trees (make bench builds them: benchmarks/trees.py)")
-    return cached
-
-
 @pytest.fixture(scope="session")
 def release_trees(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
     """(OLD, NEW): the cached Debian pair, else one made from this machine's packages (removed

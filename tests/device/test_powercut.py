@@ -31,7 +31,7 @@ from btrdelta.testing.loopfs import mounted_image
 from btrdelta.testing.vm import VmKit
 from btrdelta.tree import tree_sum
 
-from .conftest import btrdelta, copy_tree, debian_trees
+from .conftest import btrdelta, copy_tree
 
 ENABLED = bool(os.environ.get("BTRDELTA_VMTEST"))
 RUNS = int(os.environ.get("BTRDELTA_VMTEST_RUNS", "12"))
@@ -44,13 +44,10 @@ FIGURES: dict[str, list[str]] = {}
 
 
 class Releases:
-    """Copies of the Debian trees with a release marker, their sums, streams."""
+    """Copies of the release trees (``release_trees``: the cached Debian pair, else one made
+    from this machine's packages) with a release marker, their sums, streams."""
 
-    def __init__(self, work: Path) -> None:
-        try:
-            old, new = debian_trees()
-        except pytest.skip.Exception as exc:  # asked for by make vmtest: not a quiet pass
-            pytest.fail(f"make vmtest: {exc}")
+    def __init__(self, work: Path, old: Path, new: Path) -> None:
         self.trees: dict[str, Path] = {}
         for name, src in (("old", old), ("new", new), ("bad", new)):
             dst = work / name
@@ -85,12 +82,12 @@ def kit() -> VmKit:
 
 
 @pytest.fixture(scope="module")
-def releases() -> Releases:
+def releases(release_trees: tuple[Path, Path]) -> Releases:
     # not below /tmp: the VM mounts a tmpfs there over the host's files it sees
     work = CACHE / "releases"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    return Releases(work)
+    return Releases(work, *release_trees)
 
 
 @pytest.fixture(scope="module")

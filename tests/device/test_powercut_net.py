@@ -48,7 +48,7 @@ from btrdelta.testing.wheels import REGEX, release_trees
 from btrdelta.tree import tree_sum
 from tests.chunk.images import make_ext4
 
-from .conftest import BTRDELTA, btrdelta, debian_trees
+from .conftest import BTRDELTA, btrdelta
 from .test_powercut import CACHE, ENABLED, FIGURES, RUNS, SEED, _write_figures, mounted
 
 pytestmark = [pytest.mark.btrfs, pytest.mark.timeout(5400),
@@ -134,11 +134,8 @@ class Images:
 
 
 @pytest.fixture(scope="module")
-def images(www: Served) -> Images:
-    try:
-        old_tree, new_tree = debian_trees()
-    except pytest.skip.Exception as exc:
-        pytest.fail(f"make vmtest: {exc}")
+def images(www: Served, release_trees: tuple[Path, Path]) -> Images:
+    old_tree, new_tree = release_trees
     work = CACHE / "images"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
