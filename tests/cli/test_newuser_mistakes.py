@@ -352,3 +352,24 @@ def test_update_on_a_terminal_prints_its_plan_on_a_line_of_its_own(
     at = out.index("plan: from nothing to 1: 1 hop")
     assert out[at - 1] in "\r\n", out  # (the bar cleared: it ends in a carriage return)
     assert "1 is in dest/1" in out
+
+
+@pytest.mark.parametrize(("dest", "argv"), [
+    ("ssh://root@[::1]:2222/pool/data", "-p 2222 root@::1"),
+    ("ssh://[::1]:2222/pool/data", "-p 2222 ::1"),
+    ("ssh://root@nas:2222/pool/data", "-p 2222 root@nas"),
+    ("ssh://root@[::1]/pool/data", "root@::1"),
+])
+def test_replicate_ssh_urls_give_ssh_its_host_and_port(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], dest: str, argv: str) -> None:
+    """Before: 'ssh://root@[::1]:2222/pool/data' ran `ssh root@[::1]:2222 ...` (ssh: Could
+    not resolve hostname [::1]:2222), the port not taken out with a user before the
+    brackets. The ssh here only says what it was given (as the receiver's last words)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x\n")
+    fake = "sh -c 'echo \"$@\" >&2' ssh"
+    assert main(["replicate", str(src), dest, "--store", str(tmp_path / "store"),
+                 "--ssh", fake]) == 7
+    assert _err(capsys).endswith(f"{dest} said: {argv} btrdelta replicate --serve "
+                                 "/pool/data\n")

@@ -319,15 +319,16 @@ def spawn_ssh(target: str, ssh: str = "ssh", remote: str = "btrdelta",
     hostpart, slash, path = rest.partition("/")
     if not slash or not hostpart:
         raise UsageError(f"not ssh://[user@]host[:port]/path: {target!r}")
+    user, at, hostport = hostpart.rpartition("@")
     port = None
-    if hostpart.startswith("[") and "]" in hostpart:  # [v6]:port
-        host, _, tail = hostpart[1:].partition("]")
+    if hostport.startswith("[") and "]" in hostport:  # [v6]:port, user@[v6]:port
+        host, _, tail = hostport[1:].partition("]")
         port = tail[1:] if tail.startswith(":") else None
-        host = host if "@" not in hostpart else hostpart.split("]")[0] + "]"
-    elif hostpart.count(":") == 1:
-        host, port = hostpart.split(":")
+    elif hostport.count(":") == 1:
+        host, port = hostport.split(":")
     else:
-        host = hostpart
+        host = hostport
+    host = f"{user}@{host}" if at else host
     if port and not port.isdigit():  # (else ssh's "Bad port", exit 7)
         raise UsageError(f"not ssh://[user@]host[:port]/path: {target!r} (port {port!r} "
                          "is not a number; a slash goes before the path)")
