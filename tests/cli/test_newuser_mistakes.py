@@ -373,3 +373,29 @@ def test_replicate_ssh_urls_give_ssh_its_host_and_port(
                  "--ssh", fake]) == 7
     assert _err(capsys).endswith(f"{dest} said: {argv} btrdelta replicate --serve "
                                  "/pool/data\n")
+
+
+def test_repo_add_that_finishes_planned_jobs_says_where_its_full_went(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: '2 (#2): stream 2.5 KiB, 0 of 0 chunks new (0 B), ...' after `repo add
+    --plan-only` and `repo run-job` had stored the full and made the delta."""
+    repo, v1, v2 = tmp_path / "repo", tmp_path / "v1", tmp_path / "v2"
+    for tree, text in ((v1, "one\n" * 500), (v2, "one\n" * 500 + "two\n")):
+        (tree / "d").mkdir(parents=True)
+        (tree / "d" / "f").write_text(text)
+    assert main(["repo", "init", "-q", str(repo)]) == 0
+    assert main(["repo", "add", str(repo), "1", str(v1)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("1 (#1): stream ")
+    assert " chunks new (" in first
+    assert main(["repo", "add", str(repo), "2", str(v2), "--plan-only"]) == 0
+    (job,) = json.loads(capsys.readouterr().out)
+    assert main(["repo", "run-job", job["command"][-1]]) == 0
+    capsys.readouterr()
+    assert main(["repo", "add", str(repo), "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("2 (#2): stream ")
+    assert ", its full stored by the repo add that began it, full download " in lines[0]
+    assert lines[1].startswith("  delta from 1: ")
+    assert main(["repo", "ls", "--json", str(repo)]) == 0
+    assert len(json.loads(capsys.readouterr().out)["versions"]) == 2

@@ -260,10 +260,13 @@ def run_add(args: argparse.Namespace) -> int:
         return 0
     if args.quiet:
         return 0
+    # (no chunks packed: an add that finishes one --plan-only or a cut began, which stored
+    # the full; was '0 of 0 chunks new (0 B)')
+    stored = (f"{report.new_chunks} of {report.chunks} chunks new "
+              f"({human_bytes(report.new_chunk_bytes)})" if report.chunks else
+              "its full stored by the repo add that began it")
     print(f"{report.version} (#{report.position}): stream {human_bytes(report.stream_size)}, "
-          f"{report.new_chunks} of {report.chunks} chunks new "
-          f"({human_bytes(report.new_chunk_bytes)}), full download "
-          f"{human_bytes(report.full_bytes)}")
+          f"{stored}, full download {human_bytes(report.full_bytes)}")
     for source, n, secs in report.deltas:
         print(f"  delta from {source}: {human_bytes(n)} ({secs:.1f} s)")
     print(f"  {report.seconds:.1f} s")
