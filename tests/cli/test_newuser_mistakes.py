@@ -399,3 +399,21 @@ def test_repo_add_that_finishes_planned_jobs_says_where_its_full_went(
     assert lines[1].startswith("  delta from 1: ")
     assert main(["repo", "ls", "--json", str(repo)]) == 0
     assert len(json.loads(capsys.readouterr().out)["versions"]) == 2
+
+
+@pytest.mark.parametrize("words", [["replicate", "{missing}", "{tmp}"],
+                                   ["sendshot", "create", "{missing}"],
+                                   ["serve", "{missing}", "--port", "0"]])
+def test_a_source_that_does_not_exist_is_not_called_not_a_directory(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], words: list[str]) -> None:
+    """Before: "path '/data': not a directory" for a path that is not there at all (a
+    typo), as for a file."""
+    missing = tmp_path / "data"
+    argv = [w.format(missing=missing, tmp=tmp_path) for w in words]
+    assert main([*argv, "--store", str(tmp_path / "store")] if words[0] != "serve"
+                else argv) == 1
+    assert _err(capsys).endswith(f"error: path '{missing}': does not exist\n")
+    missing.write_text("a file\n")
+    assert main([*argv, "--store", str(tmp_path / "store")] if words[0] != "serve"
+                else argv) == 1
+    assert _err(capsys).endswith(f"error: path '{missing}': not a directory\n")

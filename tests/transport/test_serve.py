@@ -114,7 +114,10 @@ def test_serve_start_up_errors_are_one_line(
     assert len(err) == 1
     assert "cannot listen on no-such-host.invalid:0: unknown host" in err[0]
     assert main(["serve", str(tmp_path / "nope"), "--port", "0"]) == 1
-    assert "not a directory" in capsys.readouterr().err
+    assert "nope': does not exist" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x\n")
+    assert main(["serve", str(tmp_path / "file"), "--port", "0"]) == 1
+    assert "file': not a directory" in capsys.readouterr().err
     for bad in (["--port", "70000"], ["--port", "http"], ["--idle-timeout", "0"]):
         with pytest.raises(SystemExit) as info:
             main(["serve", str(tmp_path), *bad])

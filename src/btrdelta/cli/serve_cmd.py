@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
             print(line, file=sys.stderr, flush=True)
 
     if not os.path.isdir(args.dir):
-        raise BtrdeltaError("not a directory", path=args.dir)
+        raise BtrdeltaError("not a directory" if os.path.lexists(args.dir) else
+                            "does not exist", path=args.dir)
     server = StaticServer(args.dir, (args.bind, args.port), log=log,
                           idle_timeout=args.idle_timeout)
     stop = threading.Event()

@@ -123,7 +123,8 @@ def frozen(source: str | bytes | os.PathLike[str], *, snapshot: bool = True,
     """
     path = os.fsencode(source).rstrip(b"/") or b"/"
     if not os.path.isdir(path):
-        raise BtrdeltaError("not a directory", path=path)
+        raise BtrdeltaError("not a directory" if os.path.lexists(path) else "does not exist",
+                            path=path)
     info = _subvol_of(path)
     if info is None or info.readonly or not snapshot:
         if meanwhile is not None:
