@@ -417,3 +417,24 @@ def test_a_source_that_does_not_exist_is_not_called_not_a_directory(
     assert main([*argv, "--store", str(tmp_path / "store")] if words[0] != "serve"
                 else argv) == 1
     assert _err(capsys).endswith(f"error: path '{missing}': not a directory\n")
+
+
+def test_image_clone_of_a_casync_index_with_a_store_not_there(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: "/srv/castr: chunk 3f2a... is in none of the stores" (exit 6), as if the
+    store lacked a chunk, for a --castr directory that does not exist (a typo)."""
+    from tests.chunk.test_casync import casync_make
+
+    blob = tmp_path / "rootfs.img"
+    blob.write_bytes(os.urandom(1 << 18) * 2)
+    index, store = casync_make(blob, tmp_path)
+    out = tmp_path / "out.img"
+    typo = tmp_path / "rootfs.castr"
+    assert main(["image", "clone", str(index), "--output", str(out), "--castr",
+                 str(typo)]) == 6
+    assert _err(capsys).endswith(f"is in none of the stores ({typo}: no such directory)\n")
+    assert not out.exists()
+    # a store not there among others that are is passed over, as before
+    assert main(["image", "clone", "-q", str(index), "--output", str(out), "--castr",
+                 str(typo), "--castr", str(store)]) == 0
+    assert out.read_bytes() == blob.read_bytes()

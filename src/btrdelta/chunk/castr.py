@@ -176,8 +176,9 @@ class CastrChunks:
             raise MissingBaseError(f"chunk {digest.hex()} is not in the default store "
                                    "(default.castr next to the index): name the index's "
                                    "store with --castr", source=self.name)
-        raise MissingBaseError(f"chunk {digest.hex()} is in none of the stores",
-                               source=self.name)
+        absent = [s for s in self.stores if not is_url(s) and not os.path.isdir(s)]
+        raise MissingBaseError(f"chunk {digest.hex()} is in none of the stores" + (
+            f" ({', '.join(absent)}: no such directory)" if absent else ""), source=self.name)
 
     def fetch(self, entries: Sequence[int], on_chunk: Callable[[int, bytes], None]) -> None:
         """Fetch and check each entry's chunk; ``on_chunk(entry, data)`` gets it (from
