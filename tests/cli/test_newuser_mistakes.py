@@ -438,3 +438,35 @@ def test_image_clone_of_a_casync_index_with_a_store_not_there(
     assert main(["image", "clone", "-q", str(index), "--output", str(out), "--castr",
                  str(typo), "--castr", str(store)]) == 0
     assert out.read_bytes() == blob.read_bytes()
+
+
+@pytest.mark.btrfs
+def test_device_init_force_with_a_wrong_factory_keeps_the_device(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: `device init --force` deleted every root and state subvolume, then failed on
+    the factory ('No such file or directory', a tar's 'bad magic', an incremental stream's
+    missing parent): no device left at all, status 'not a btrdelta device'."""
+    release = tmp_path / "release"
+    for d in ("etc", "var", "home"):
+        (release / d).mkdir(parents=True)
+    (release / "etc/hostname").write_text("device\n")
+    incremental = next(s for s in committed_streams() if ".B." in s.name)
+    garbage = tmp_path / "rootfs.tar"
+    garbage.write_bytes(b"./\0" + os.urandom(4000))
+    with btrfs_loop(size="256M") as fs:
+        assert main(["device", "init", "-q", str(fs), "--factory", str(release)]) == 0
+        assert main(["device", "status", "--json", str(fs)]) == 0
+        before = json.loads(capsys.readouterr().out)
+        (fs / "state/home/notes").write_text("mine\n")
+        for factory, code, says in (
+                (tmp_path / "rootfs-1.stram", 1, "No such file or directory (the factory release"),
+                (garbage, 3, "expected a full btrfs send stream"),
+                (incremental, 1, "an incremental stream (btrfs send -p)")):
+            assert main(["device", "init", str(fs), "--factory", str(factory),
+                         "--force"]) == code
+            err = _err(capsys)
+            assert f"error: {factory}: " in err
+            assert says in err
+            assert main(["device", "status", "--json", str(fs)]) == 0
+            assert json.loads(capsys.readouterr().out) == before
+            assert (fs / "state/home/notes").read_text() == "mine\n"

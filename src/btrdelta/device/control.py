@@ -79,6 +79,7 @@ def init(
         raise DeviceError("state subvolume names must differ")
     if tries < 1:
         raise DeviceError("tries must be at least 1")
+    _check_factory(os.fspath(factory))
     with open_device(fs) as layout, layout.lock():
         _prepare_empty(layout, force)
         layout.roots.mkdir()
@@ -111,6 +112,38 @@ def init(
             raise
         call_hook(hook, "good", SLOTS[0])
         return status_of(layout, st)
+
+
+def _check_factory(source: str) -> None:
+    """A local factory that is missing or no full send stream (nor a tree, nor a chunk
+    archive) is refused before anything is laid out: with --force the device's roots and
+    state were deleted first, then 'No such file' or 'bad magic' left no device at all.
+
+    Raises:
+        DeviceError: ``source`` does not exist.
+        StreamFormatError: it is a file of another kind (a delta, a tar, compressed).
+    """
+    from .fetch import source_kind
+
+    if source == "-" or source_kind(source) != "local" or os.path.isdir(source):
+        return
+    if not os.path.exists(source):
+        raise DeviceError(f"{source}: No such file or directory (the factory release: a "
+                          "full send stream, a tree, a repository URL or a chunk archive)")
+    from ..update.identify import PEEK, Kind, identify_bytes
+
+    with open(source, "rb") as f:
+        head = f.read(PEEK)
+    what = identify_bytes(head)
+    if what.kind is not Kind.SEND_STREAM:
+        raise what.refuse("a full btrfs send stream (or a tree, a repository URL, a chunk "
+                          "archive)", source=source)
+    from ..stream.constants import CMD_HEADER, STREAM_HEADER_SIZE, Cmd
+
+    if len(head) >= STREAM_HEADER_SIZE + CMD_HEADER.size and CMD_HEADER.unpack_from(
+            head, STREAM_HEADER_SIZE)[1] == Cmd.SNAPSHOT:
+        raise DeviceError(f"{source}: an incremental stream (btrfs send -p): the factory "
+                          "release is received whole, from a full stream")
 
 
 def _undo_init(layout: Layout) -> None:
