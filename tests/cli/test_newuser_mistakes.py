@@ -470,3 +470,36 @@ def test_device_init_force_with_a_wrong_factory_keeps_the_device(
             assert main(["device", "status", "--json", str(fs)]) == 0
             assert json.loads(capsys.readouterr().out) == before
             assert (fs / "state/home/notes").read_text() == "mine\n"
+
+
+def test_an_output_named_as_the_input_is_refused(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: `image compress -i rootfs.img -o rootfs.img` replaced the image by its
+    archive, `delta make -f A-B.stream -o A-B.stream` the stream by its delta (exit 0):
+    outputs are written beside and renamed over, so the input was read whole first."""
+    monkeypatch.chdir(tmp_path)
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "f").write_text("one\n" * 100)
+    new = tmp_path / "new"
+    shutil.copytree(old, new)
+    (new / "f").write_text("one\n" * 100 + "two\n")
+    assert main(["send", "-p", str(old), str(new), "-o", "1-2.stream"]) == 0
+    (tmp_path / "rootfs.img").write_bytes(os.urandom(1 << 16) * 2)
+    saved = {n: (tmp_path / n).read_bytes() for n in ("1-2.stream", "rootfs.img")}
+    for argv in (["delta", "make", "-f", "1-2.stream", "--old", str(old), "-o", "./1-2.stream"],
+                 ["delta", "make", "1-2.stream", "--old", str(old), "-o", "1-2.stream"],
+                 ["image", "compress", "-i", "rootfs.img", "-o", str(tmp_path / "rootfs.img")]):
+        assert main(argv) == 2
+        output = argv[argv.index("-o") + 1]
+        assert _err(capsys).endswith(f"error: -o {output} is the input file: the output "
+                                     "would replace it (give it another name)\n")
+    assert main(["delta", "make", "-q", "-f", "1-2.stream", "--old", str(old), "-o",
+                 "1-2.delta"]) == 0
+    (tmp_path / "again.delta").write_bytes((tmp_path / "1-2.delta").read_bytes())
+    assert main(["delta", "expand", "-f", "again.delta", "--old", str(old), "-o",
+                 "again.delta"]) == 2
+    assert "error: -o again.delta is the input file" in _err(capsys)
+    assert {n: (tmp_path / n).read_bytes() for n in saved} == saved
+    assert (tmp_path / "again.delta").read_bytes() == (tmp_path / "1-2.delta").read_bytes()

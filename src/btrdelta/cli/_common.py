@@ -240,6 +240,25 @@ def check_not_url(path: str, what: str, hint: str) -> None:
         raise UsageError(f"{what} {path} is a URL: {hint}")
 
 
+def refuse_same_file(name: str, output: str | None, option: str = "-o") -> None:
+    """The output named as the input file (``delta make -f X -o X``, ``image compress -i
+    IMG -o IMG``): it would replace the input (outputs are written beside and renamed
+    over), so a usage error instead.
+
+    Raises:
+        UsageError: ``output`` is the file ``name`` is.
+    """
+    if output in (None, "-") or name == "-":
+        return
+    try:
+        same = os.path.samefile(name, output)
+    except OSError:  # (either missing: said where it is opened)
+        return
+    if same:
+        raise UsageError(f"{option} {output} is the input file: the output would replace it "
+                         "(give it another name)")
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an integer of at least 1."""
     try:

@@ -31,6 +31,7 @@ from ._common import (
     open_output,
     parse_size,
     print_delta_stats,
+    refuse_same_file,
     set_extra_hint,
     set_missing_hint,
     sniff_input,
@@ -230,6 +231,7 @@ def run_make(args: argparse.Namespace) -> int:
         carrier=args.carrier,
     )
     name = input_name(args)
+    refuse_same_file(name, args.output)
     signer = None
     if args.sign:  # cryptography and OpenSSL: ~10 MB of memory, only when signing
         from ..update.signed import StreamSigner
@@ -293,6 +295,7 @@ def run_expand(args: argparse.Namespace) -> int:
     json_needs_stdout(args, args.output)
     _old_dir(args.old)
     name = input_name(args)
+    refuse_same_file(name, args.output)
     t0 = time.monotonic()
     with open_input(name) as f, open_output(args.output) as out:
         size = input_size(f)

@@ -34,6 +34,7 @@ from ._common import (
     meant,
     naming_output,
     parse_size,
+    refuse_same_file,
     set_missing_hint,
 )
 from .http_options import add_http_options, http_config
@@ -279,6 +280,7 @@ def run_compress(args: argparse.Namespace) -> int:
     """``image compress``."""
     _no_stdio("-i", args.input)
     _no_stdio("-o", args.output)
+    refuse_same_file(args.input, args.output)
     key = load_private_key(args.sign) if args.sign else None
     with naming_output(args.output), \
             Progress("compress", enabled=progress_wanted(args)) as progress:
