@@ -503,3 +503,32 @@ def test_an_output_named_as_the_input_is_refused(tmp_path: Path,
     assert "error: -o again.delta is the input file" in _err(capsys)
     assert {n: (tmp_path / n).read_bytes() for n in saved} == saved
     assert (tmp_path / "again.delta").read_bytes() == (tmp_path / "1-2.delta").read_bytes()
+
+
+def test_a_delta_stream_where_a_send_stream_is_read_says_what_reads_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: 'expected a btrfs send stream, this is a btrdelta delta stream', and no
+    word of what reads one (dump, stat of the send stream, delta make of a delta)."""
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "f").write_text("one\n" * 100)
+    new = tmp_path / "new"
+    shutil.copytree(old, new)
+    (new / "f").write_text("one\n" * 100 + "two\n")
+    stream, delta = tmp_path / "1-2.stream", tmp_path / "1-2.delta"
+    assert main(["send", "-p", str(old), str(new), "-o", str(stream)]) == 0
+    assert main(["delta", "make", "-q", "-f", str(stream), "--old", str(old), "-o",
+                 str(delta)]) == 0
+    capsys.readouterr()
+    for argv in (["dump", str(delta)],
+                 ["delta", "make", "-f", str(delta), "--old", str(old), "-o",
+                  str(tmp_path / "x")]):
+        assert main(argv) == 3
+        assert _err(capsys).endswith(
+            f"{delta}: offset 0: expected a btrfs send stream, this is a btrdelta delta "
+            "stream (`btrdelta delta stat` tells what it holds; `btrdelta delta expand "
+            "--old OLD` gives its send stream)\n")
+    assert main(["delta", "stat", str(delta)]) == 0
+    assert main(["delta", "expand", "-f", str(delta), "--old", str(old), "-o",
+                 str(tmp_path / "again.stream")]) == 0
+    assert (tmp_path / "again.stream").read_bytes() == stream.read_bytes()

@@ -70,6 +70,9 @@ class Identified(Value, frozen=True):
             hint = f": decompress it first (`{self.undo} FILE | btrdelta ...`)"
         elif self.kind is Kind.CHUNK_ARCHIVE:
             hint = " (use `btrdelta image clone`)"
+        elif self.kind is Kind.DELTA_STREAM:  # (dump, delta make of one: what reads it)
+            hint = (" (`btrdelta delta stat` tells what it holds; `btrdelta delta expand "
+                    "--old OLD` gives its send stream)")
         return StreamFormatError(f"expected {wanted}, this is {self.describe()}{hint}",
                                  source=source, offset=0)
 
