@@ -532,3 +532,20 @@ def test_a_delta_stream_where_a_send_stream_is_read_says_what_reads_it(
     assert main(["delta", "expand", "-f", str(delta), "--old", str(old), "-o",
                  str(tmp_path / "again.stream")]) == 0
     assert (tmp_path / "again.stream").read_bytes() == stream.read_bytes()
+
+
+def test_image_verify_of_an_archive_says_it_takes_a_store_image(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: "www/v2.bdar: description is 47717349 bytes, expected 76888" (exit 3) for
+    `image verify` (or mount, nbd) of the archive itself, not of STORE/NAME."""
+    (tmp_path / "rootfs.img").write_bytes(os.urandom(1 << 18) * 2)
+    archive = tmp_path / "rootfs.bdar"
+    assert main(["image", "compress", "-q", "-i", str(tmp_path / "rootfs.img"),
+                 "-o", str(archive)]) == 0
+    assert main(["image", "verify", str(archive)]) == 3
+    assert _err(capsys).endswith(
+        f"{archive}: a whole chunk archive, not a store's image description (image verify, "
+        "mount and nbd take the STORE/NAME image clone made; image info reads an archive)\n")
+    assert main(["image", "clone", "-q", str(archive), f"{tmp_path}/store/rootfs"]) == 0
+    assert main(["image", "verify", "-q", f"{tmp_path}/store/rootfs"]) == 0
+    assert main(["image", "info", str(archive)]) == 0

@@ -354,6 +354,11 @@ def decode_description(
     header = decode_header(mv, source=source)
     end = HEADER_SIZE + header.index_size
     if len(mv) != end + header.sig_size:
+        if len(mv) == header.archive_size:  # (a user's `image verify www/v2.bdar`)
+            raise StreamFormatError(
+                "a whole chunk archive, not a store's image description (image verify, "
+                "mount and nbd take the STORE/NAME image clone made; image info reads an "
+                "archive)", source=source)
         raise StreamFormatError(
             f"description is {len(mv)} bytes, expected {end + header.sig_size}",
             source=source, offset=len(mv),
