@@ -549,3 +549,30 @@ def test_image_verify_of_an_archive_says_it_takes_a_store_image(
     assert main(["image", "clone", "-q", str(archive), f"{tmp_path}/store/rootfs"]) == 0
     assert main(["image", "verify", "-q", f"{tmp_path}/store/rootfs"]) == 0
     assert main(["image", "info", str(archive)]) == 0
+
+
+def test_image_commands_given_a_stream_say_what_it_is(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: 'not a btrdelta chunk archive (bad magic)' for a send stream or a delta
+    stream given to image clone or info (a release file mistaken for its image)."""
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "f").write_text("one\n" * 100)
+    new = tmp_path / "new"
+    shutil.copytree(old, new)
+    (new / "f").write_text("one\n" * 100 + "two\n")
+    stream, delta = tmp_path / "1-2.stream", tmp_path / "1-2.delta"
+    assert main(["send", "-p", str(old), str(new), "-o", str(stream)]) == 0
+    assert main(["delta", "make", "-q", "-f", str(stream), "--old", str(old), "-o",
+                 str(delta)]) == 0
+    capsys.readouterr()
+    assert main(["image", "clone", str(stream), "--output", str(tmp_path / "x.img")]) == 3
+    assert _err(capsys).endswith(
+        f"{stream}: offset 0: not a btrdelta chunk archive: this is a btrfs send stream "
+        "(btrdelta receive, dump and stat read it; image compress makes an archive of a "
+        "disk image)\n")
+    assert main(["image", "info", str(delta)]) == 3
+    assert _err(capsys).endswith(
+        f"{delta}: offset 0: not a btrdelta chunk archive: this is a btrdelta delta stream "
+        "(btrdelta receive and delta expand read it)\n")
+    assert not (tmp_path / "x.img").exists()

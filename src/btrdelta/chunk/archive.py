@@ -152,6 +152,10 @@ _OTHER_MAGICS = (
     (b"\x1f\x8b", "this is gzip-compressed: decompress it first (gzip -d)"),
     (b"\x30\x00\x00\x00\x00\x00\x00\x00", "this looks like a casync index (.caibx): "
      "name it with its .caibx suffix"),
+    (b"btrfs-stream\x00", "this is a btrfs send stream (btrdelta receive, dump and stat read "
+     "it; image compress makes an archive of a disk image)"),
+    (b"btrdelta-dstream\x00", "this is a btrdelta delta stream (btrdelta receive and delta expand "
+     "read it)"),
 )
 
 
@@ -192,7 +196,7 @@ def decode_header(
             f"archive header truncated ({len(mv)} of {HEADER_SIZE} bytes)", source=source, offset=0
         )
     if bytes(mv[:8]) != MAGIC:
-        raise StreamFormatError(_not_an_archive(bytes(mv[:8])), source=source, offset=0)
+        raise StreamFormatError(_not_an_archive(bytes(mv[:32])), source=source, offset=0)
     (
         _magic, version, flags, hash_algo, compression, chunker, norm, min_size, avg_size,
         max_size, _reserved, seed, image_size, chunk_count, order_count, index_offset,
