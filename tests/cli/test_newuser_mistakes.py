@@ -281,6 +281,11 @@ def test_device_mount_backup_and_restore_mistakes(tmp_path: Path,
                      "--to-dir"]) == 0
         assert main(["tree-sum", str(copy / "home.1"), "--compare",
                      str(fs / "state/home")]) == 0
+        capsys.readouterr()
+        # (was 'kept -' when nothing was kept)
+        assert main(["device", "factory-reset", str(fs)]) == 0
+        assert capsys.readouterr().out == ("factory reset: root factory; reset etc, home; "
+                                           "kept none; reboot now\n")
         assert not sysroot.exists()
 
 

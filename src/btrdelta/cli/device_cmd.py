@@ -505,8 +505,8 @@ def run_reset(args: argparse.Namespace) -> int:
     elif not args.quiet:
         old = "; the running system uses the old state until the next boot" \
             if res["old_kept"] else ""
-        print(f"factory reset: root {res['root']}; reset {', '.join(res['reset']) or '-'}; "
-              f"kept {', '.join(res['kept']) or '-'}{old}; reboot now")
+        print(f"factory reset: root {res['root']}; reset {', '.join(res['reset']) or 'none'}; "
+              f"kept {', '.join(res['kept']) or 'none'}{old}; reboot now")
     return 0
 
 
