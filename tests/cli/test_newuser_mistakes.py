@@ -581,3 +581,27 @@ def test_image_commands_given_a_stream_say_what_it_is(
         f"{delta}: offset 0: not a btrdelta chunk archive: this is a btrdelta delta stream "
         "(btrdelta receive and delta expand read it)\n")
     assert not (tmp_path / "x.img").exists()
+
+
+def test_an_output_on_a_read_only_filesystem_is_named(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: "error: .: Read-only file system" (the directory's temporary file, opened
+    as '.'), for send -o, delta make -o, image compress -o on a read-only mount."""
+    if os.geteuid() != 0:
+        pytest.skip("a read-only bind mount needs root")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "--bind", str(ro), str(ro)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
+        (tmp_path / "tree").mkdir()
+        (tmp_path / "tree" / "f").write_text("x\n")
+        (tmp_path / "rootfs.img").write_bytes(os.urandom(1 << 16))
+        for argv, out in ((["send", str(tmp_path / "tree"), "-o"], ro / "x.stream"),
+                          (["image", "compress", "-i", str(tmp_path / "rootfs.img"), "-o"],
+                           ro / "x.bdar")):
+            assert main([*argv, str(out)]) == 1
+            assert _err(capsys).endswith(f"error: {out}: Read-only file system\n")
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+    assert list(ro.iterdir()) == []

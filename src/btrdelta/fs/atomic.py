@@ -168,9 +168,12 @@ def atomic_output(path: str | os.PathLike[str], *, mode: int = 0o644,
         raise BtrdeltaError("directory does not exist", path=directory) from None
     tmp: str | None = None
     try:
-        fd = _open_unnamed(dir_fd, mode)
-        if fd is None:
-            fd, tmp = _open_new(dir_fd, base, mode)
+        try:
+            fd = _open_unnamed(dir_fd, mode)
+            if fd is None:
+                fd, tmp = _open_new(dir_fd, base, mode)
+        except OSError as exc:  # named '.' or a temporary name: say the file asked for
+            raise OSError(exc.errno, exc.strerror, path) from None
         with os.fdopen(fd, "w+b", buffering=_BUFFER) as f:
             yield f
             f.flush()
