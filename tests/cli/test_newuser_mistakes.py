@@ -25,6 +25,21 @@ def _err(capsys: pytest.CaptureFixture[str]) -> str:
     return err
 
 
+def _release(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """OLD (a tree), the stream OLD -> NEW sent by btrdelta (1-2.stream) and its delta
+    (1-2.delta), all in ``tmp_path``."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    (old / "f").write_text("one\n" * 100)
+    shutil.copytree(old, new)
+    (new / "f").write_text("one\n" * 100 + "two\n")
+    stream, delta = tmp_path / "1-2.stream", tmp_path / "1-2.delta"
+    assert main(["send", "-p", str(old), str(new), "-o", str(stream)]) == 0
+    assert main(["delta", "make", "-q", "-f", str(stream), "--old", str(old), "-o",
+                 str(delta)]) == 0
+    return old, stream, delta
+
+
 def test_image_gc_of_a_directory_that_is_no_store(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Before: the served directory of archives said 'description is 5000160 bytes,
@@ -484,13 +499,7 @@ def test_an_output_named_as_the_input_is_refused(tmp_path: Path,
     archive, `delta make -f A-B.stream -o A-B.stream` the stream by its delta (exit 0):
     outputs are written beside and renamed over, so the input was read whole first."""
     monkeypatch.chdir(tmp_path)
-    old = tmp_path / "old"
-    old.mkdir()
-    (old / "f").write_text("one\n" * 100)
-    new = tmp_path / "new"
-    shutil.copytree(old, new)
-    (new / "f").write_text("one\n" * 100 + "two\n")
-    assert main(["send", "-p", str(old), str(new), "-o", "1-2.stream"]) == 0
+    old, _, _ = _release(tmp_path)
     (tmp_path / "rootfs.img").write_bytes(os.urandom(1 << 16) * 2)
     saved = {n: (tmp_path / n).read_bytes() for n in ("1-2.stream", "rootfs.img")}
     for argv in (["delta", "make", "-f", "1-2.stream", "--old", str(old), "-o", "./1-2.stream"],
@@ -514,16 +523,7 @@ def test_a_delta_stream_where_a_send_stream_is_read_says_what_reads_it(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Before: 'expected a btrfs send stream, this is a btrdelta delta stream', and no
     word of what reads one (dump, stat of the send stream, delta make of a delta)."""
-    old = tmp_path / "old"
-    old.mkdir()
-    (old / "f").write_text("one\n" * 100)
-    new = tmp_path / "new"
-    shutil.copytree(old, new)
-    (new / "f").write_text("one\n" * 100 + "two\n")
-    stream, delta = tmp_path / "1-2.stream", tmp_path / "1-2.delta"
-    assert main(["send", "-p", str(old), str(new), "-o", str(stream)]) == 0
-    assert main(["delta", "make", "-q", "-f", str(stream), "--old", str(old), "-o",
-                 str(delta)]) == 0
+    old, stream, delta = _release(tmp_path)
     capsys.readouterr()
     for argv in (["dump", str(delta)],
                  ["delta", "make", "-f", str(delta), "--old", str(old), "-o",
@@ -560,16 +560,7 @@ def test_image_commands_given_a_stream_say_what_it_is(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Before: 'not a btrdelta chunk archive (bad magic)' for a send stream or a delta
     stream given to image clone or info (a release file mistaken for its image)."""
-    old = tmp_path / "old"
-    old.mkdir()
-    (old / "f").write_text("one\n" * 100)
-    new = tmp_path / "new"
-    shutil.copytree(old, new)
-    (new / "f").write_text("one\n" * 100 + "two\n")
-    stream, delta = tmp_path / "1-2.stream", tmp_path / "1-2.delta"
-    assert main(["send", "-p", str(old), str(new), "-o", str(stream)]) == 0
-    assert main(["delta", "make", "-q", "-f", str(stream), "--old", str(old), "-o",
-                 str(delta)]) == 0
+    _, stream, delta = _release(tmp_path)
     capsys.readouterr()
     assert main(["image", "clone", str(stream), "--output", str(tmp_path / "x.img")]) == 3
     assert _err(capsys).endswith(
