@@ -40,6 +40,24 @@ def _release(tmp_path: Path) -> tuple[Path, Path, Path]:
     return old, stream, delta
 
 
+def _on_a_terminal(args: list[str], *, stdout_too: bool,
+                   ) -> tuple[subprocess.CompletedProcess[str], str]:
+    """Run ``btrdelta ARGS`` with standard error (and standard output too, or piped) on a
+    pseudo-terminal; the process and what the terminal showed."""
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "btrdelta", *args],
+                              stdin=subprocess.DEVNULL,
+                              stdout=slave if stdout_too else subprocess.PIPE, stderr=slave,
+                              text=True, timeout=300, check=False)
+        os.set_blocking(master, False)
+        shown = read_pty(master).decode()
+    finally:
+        os.close(master)
+        os.close(slave)
+    return proc, shown
+
+
 def test_image_gc_of_a_directory_that_is_no_store(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Before: the served directory of archives said 'description is 5000160 bytes,
@@ -152,16 +170,7 @@ def test_repo_add_on_a_terminal_says_its_steps_without_an_empty_bar(tmp_path: Pa
         (tree / "d" / "f").write_text(text)
     assert main(["repo", "init", str(repo)]) == 0
     assert main(["repo", "add", "-q", str(repo), "1", str(v1)]) == 0
-    master, slave = os.openpty()
-    try:
-        proc = subprocess.run([sys.executable, "-m", "btrdelta", "repo", "add", str(repo), "2",
-                               str(v2)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=slave, text=True, timeout=300, check=False)
-        os.set_blocking(master, False)
-        err = read_pty(master).decode()
-    finally:
-        os.close(master)
-        os.close(slave)
+    proc, err = _on_a_terminal(["repo", "add", str(repo), "2", str(v2)], stdout_too=False)
     assert proc.returncode == 0, err
     assert proc.stdout.startswith("2 (#2): ")
     lines = err.replace("\r\n", "\n").splitlines()
@@ -358,16 +367,7 @@ def test_update_on_a_terminal_prints_its_plan_on_a_line_of_its_own(
                  ["key", "generate", "-o", "root"], ["key", "generate", "-o", "ts"],
                  ["repo", "sign", "repo", "--key", "root.key", "--timestamp-key", "ts.key"]):
         assert main(argv) == 0
-    master, slave = os.openpty()
-    try:
-        proc = subprocess.run([sys.executable, "-m", "btrdelta", "update", "repo", "dest",
-                               "--key", "root.pub"], stdin=subprocess.DEVNULL, stdout=slave,
-                              stderr=slave, timeout=300, check=False)
-        os.set_blocking(master, False)
-        out = read_pty(master).decode()
-    finally:
-        os.close(master)
-        os.close(slave)
+    proc, out = _on_a_terminal(["update", "repo", "dest", "--key", "root.pub"], stdout_too=True)
     assert proc.returncode == 0, out
     at = out.index("plan: from nothing to 1: 1 hop")
     assert out[at - 1] in "\r\n", out  # (the bar cleared: it ends in a carriage return)
