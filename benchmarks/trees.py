@@ -9,10 +9,13 @@ mirror; when either is missing, ``fallback_pair()`` gives a real tree of this ma
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import random
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 CACHE = Path(os.environ.get("BTRDELTA_BENCH_CACHE", Path(__file__).parent / ".cache"))
@@ -35,13 +38,30 @@ def _clean_apt(root: Path) -> None:
         (root / f).unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def _building() -> Iterator[None]:
+    """One builder of the cache at a time (two benchmark runs, or a run and a test session,
+    on one machine: a second debootstrap into the same directory fails, and each would
+    delete the other's half-made tree); the caller checks again whether it is done."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def debian_pair() -> tuple[Path, Path]:
     """(OLD, NEW): bookworm minbase before and after ``apt-get upgrade`` (cached)."""
     old, new = CACHE / "debian-old", CACHE / "debian-new"
     done = CACHE / "debian.done"
     if done.exists():
         return old, new
-    CACHE.mkdir(parents=True, exist_ok=True)
+    with _building():
+        if not done.exists():
+            _build_debian_pair(old, new, done)
+    return old, new
+
+
+def _build_debian_pair(old: Path, new: Path, done: Path) -> None:
     for d in (old, new):
         if d.exists():
             shutil.rmtree(d)
@@ -59,7 +79,6 @@ def debian_pair() -> tuple[Path, Path]:
     _sh("chroot", str(new), "apt-get", "clean", env=env)
     _clean_apt(new)
     done.write_text("ok\n")
-    return old, new
 
 
 #: the packages of :func:`debian_install_pair` (27 packages with their dependencies, from
@@ -76,6 +95,13 @@ def debian_install_pair() -> tuple[Path, Path]:
     done = CACHE / "debian-install.done"
     if done.exists():
         return old, new
+    with _building():
+        if not done.exists():
+            _build_install(old, new, done)
+    return old, new
+
+
+def _build_install(old: Path, new: Path, done: Path) -> None:
     tmp = CACHE / "debian-install-new.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -90,7 +116,6 @@ def debian_install_pair() -> tuple[Path, Path]:
         shutil.rmtree(new)
     tmp.rename(new)
     done.write_text("ok\n")
-    return old, new
 
 
 def fallback_pair() -> tuple[Path, Path]:
