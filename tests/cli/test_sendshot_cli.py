@@ -344,3 +344,53 @@ def test_list_of_a_store_that_does_not_exist_says_so(tmp_path: Path,
                                        "(no such directory yet: a typo, or no send recorded "
                                        "there)\n")
     assert not store.exists()
+
+
+def test_forget_a_receiver_gone_for_good(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Two receivers replicated to; one moves on, the other is gone for good: prune keeps
+    the record the gone one holds until `sendshot forget` drops its cursor. Oracles: the
+    store's cursor file and record files, the replicated tree."""
+    store, src = tmp_path / "store", tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(9000))
+    dests = [tmp_path / "nas", tmp_path / "old-nas"]
+    for dest in dests:
+        dest.mkdir()
+        assert main(["replicate", "-q", str(src), str(dest), "--store", str(store)]) == 0
+    first = json.loads((store / "cursors.json").read_text())["receivers"]
+    assert len(first) == 2
+    assert {c["digest"] for c in first.values()} == _records(store)
+    (src / "f").write_bytes(os.urandom(9000))
+    stay = dests[0]
+    assert main(["replicate", "-q", str(src), str(stay), "--store", str(store)]) == 0
+    cursors = json.loads((store / "cursors.json").read_text())["receivers"]
+    (gone, old), = ((r, c["digest"]) for r, c in cursors.items() if c == first[r])
+    capsys.readouterr()
+    _json(capsys, "sendshot prune", "--store", str(store), "--json", "prune", "--keep", "1")
+    assert old in _records(store)  # held by the receiver that did not move on
+
+    # an unknown receiver: one line naming the ones there are, nothing changed
+    before = (store / "cursors.json").read_bytes()
+    assert main(["sendshot", "--store", str(store), "forget", "nosuch"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "no receiver 'nosuch'" in err
+    assert gone in err
+    assert (store / "cursors.json").read_bytes() == before
+
+    # a receiver with a transfer in flight (a replicate killed): refused without --force
+    SendshotStore(store).set_cursor("cut", None, inflight={"snapshot": "/pool/.snap-x"})
+    assert main(["sendshot", "--store", str(store), "forget", "cut"]) == 1
+    assert "/pool/.snap-x" in capsys.readouterr().err
+    assert _json(capsys, "sendshot forget", "--store", str(store), "--json", "forget",
+                 "cut", "--force") == {"forgotten": ["cut"]}
+
+    assert main(["sendshot", "--store", str(store), "forget", gone]) == 0
+    assert capsys.readouterr().out == f"forgot receiver {gone} (it held {old[:16]})\n"
+    assert gone not in json.loads((store / "cursors.json").read_text())["receivers"]
+    _json(capsys, "sendshot prune", "--store", str(store), "--json", "prune", "--keep", "1")
+    assert old not in _records(store)
+    assert len(_records(store)) == 1
+    (kept,) = json.loads((store / "cursors.json").read_text())["receivers"].values()
+    assert (stay / kept["name"] / "f").read_bytes() == (src / "f").read_bytes()

@@ -58,7 +58,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                   "it holds"),
     "repo": ("repo_cmd", "versions repository: publish releases, deltas and a signed index"),
     "send": ("send_cmd", "make a send stream from a directory tree (incremental with -p)"),
-    "sendshot": ("sendshot_cmd", "list, show, delete, prune or create sendshot records"),
+    "sendshot": ("sendshot_cmd", "list, show, delete, prune, forget or create sendshot records"),
     "serve": ("serve_cmd", "serve a directory over HTTP with Range support (tests and demos)"),
     "sign": ("sign_cmd", "sign a send stream or delta stream (detached FILE.sig)"),
     "stat": ("stat_cmd", "summarize a stream: commands, data bytes, compression, files "

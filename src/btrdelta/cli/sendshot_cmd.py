@@ -1,4 +1,4 @@
-"""``btrdelta sendshot list|show|delete|prune|create``: the sendshot store."""
+"""``btrdelta sendshot list|show|delete|prune|forget|create``: the sendshot store."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def _grid(text: str) -> list[tuple[int, int]]:
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``sendshot``."""
     p = sub.add_parser(
-        "sendshot", help="list, show, delete, prune or create sendshot records",
+        "sendshot", help="list, show, delete, prune, forget or create sendshot records",
         description=(
             "Sendshots are records of what a receiver holds after a send (metadata and "
             "block digests, no data): the base of an incremental `send --from-sendshot` "
@@ -97,8 +97,28 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                        "m (minutes), h, d, w, y; e.g. 1h:24,1d:7,1w:4")
     prune.add_argument("-n", "--dry-run", action="store_true", help="only say what would go")
     add_quiet_option(prune)
+    _add_forget(cmds)
     _add_create(cmds)
     p.set_defaults(func=run)
+
+
+def _add_forget(cmds: _Actions) -> None:
+    forget = cmds.add_parser("forget", help="drop a receiver's cursor (a receiver gone for "
+                                            "good): its record is no longer kept for it",
+                             description="Drop receivers' cursors: `replicate` keeps one per "
+                             "receiver, naming the record that receiver holds, and delete and "
+                             "prune keep every record a cursor names. Forget a receiver that "
+                             "is gone for good so that retention can delete its records. A "
+                             "receiver forgotten that comes back is sent against what it "
+                             "holds if the store still has its record, else in full. "
+                             "`sendshot list` shows which records each receiver holds.",
+                             epilog=examples("btrdelta sendshot forget nas-old"))
+    forget.add_argument("receivers", metavar="RECEIVER", nargs="+",
+                        help="receiver ids, as `sendshot list` shows them ('held by')")
+    forget.add_argument("--force", action="store_true",
+                        help="also a receiver with a transfer in flight (delete the "
+                             "temporary snapshot the error names yourself)")
+    add_quiet_option(forget)
 
 
 def _add_create(cmds: _Actions) -> None:
@@ -217,11 +237,24 @@ def run(args: argparse.Namespace) -> int:
                 print(f"nothing to prune: {len(every)} record"
                       f"{'' if len(every) == 1 else 's'} kept ({held} held by a receiver's "
                       f"cursor); store {store.path}")
+    elif args.action == "forget":
+        out = _forget(store, args)
     else:
         out = _create(store, args)
     if args.json:
         print(json.dumps(out))
     return 0
+
+
+def _forget(store: SendshotStore, args: argparse.Namespace) -> dict[str, Any]:
+    forgotten: list[str] = []
+    for receiver in args.receivers:
+        held = store.forget(receiver, force=args.force).get("digest")
+        forgotten.append(receiver)
+        if not args.json and not args.quiet:
+            print(f"forgot receiver {receiver} (it held "
+                  f"{held[:16] if isinstance(held, str) else 'nothing yet'})")
+    return {"forgotten": forgotten}
 
 
 def _create(store: SendshotStore, args: argparse.Namespace) -> dict[str, Any]:

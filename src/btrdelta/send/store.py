@@ -395,13 +395,43 @@ class SendshotStore:
                 cur.pop(receiver, None)
             else:
                 cur[receiver] = {"digest": digest, "updated": round(time.time(), 3), **extra}
-            import json
+            self._write_cursors(cur)
 
-            # whole or not at all, and durable (the rename too: a cursor that went back
-            # after a power cut names a sendshot the receiver no longer needs)
-            data = json.dumps({"version": 1, "receivers": cur}, indent=1, sort_keys=True)
-            write_atomic(os.path.join(self.path, "cursors.json"), (data + "\n").encode(),
-                         mode=0o600)
+    def _write_cursors(self, cursors: dict[str, dict[str, Any]]) -> None:
+        import json
+
+        # whole or not at all, and durable (the rename too: a cursor that went back after a
+        # power cut names a sendshot the receiver no longer needs)
+        data = json.dumps({"version": 1, "receivers": cursors}, indent=1, sort_keys=True)
+        write_atomic(os.path.join(self.path, "cursors.json"), (data + "\n").encode(),
+                     mode=0o600)
+
+    def forget(self, receiver: str, *, force: bool = False) -> dict[str, Any]:
+        """Drop ``receiver``'s cursor (a receiver gone for good): the record it named is no
+        longer kept for it. Returns the cursor dropped.
+
+        Raises:
+            BtrdeltaError: no such receiver, or one with a transfer in flight (its
+                temporary snapshot on this side would be left behind) unless ``force``.
+        """
+        if receiver not in self.cursors():  # (checked again under the lock: not made)
+            known = ", ".join(sorted(self.cursors())) or "none"
+            raise BtrdeltaError(f"no receiver {receiver!r} has a cursor in {self.path} "
+                                f"(the receivers: {known})")
+        with self.locked():
+            cursors = self.cursors()
+            cursor = cursors.pop(receiver, None)
+            if cursor is None:
+                raise BtrdeltaError(f"receiver {receiver!r}: its cursor went meanwhile")
+            flight = cursor.get("inflight")
+            if flight and not force:
+                snap = flight.get("snapshot") if isinstance(flight, dict) else None
+                raise BtrdeltaError(
+                    f"receiver {receiver!r} has a transfer in flight (its snapshot "
+                    f"{snap or '?'}): let `replicate` finish it, or delete that snapshot "
+                    "and forget it with --force")
+            self._write_cursors(cursors)
+            return cursor
 
     # -- retention ---------------------------------------------------------------------
 
