@@ -112,7 +112,8 @@ def _add_forget(cmds: _Actions) -> None:
                              "receiver forgotten that comes back is sent against what it "
                              "holds if the store still has its record, else in full. "
                              "`sendshot list` shows which records each receiver holds.",
-                             epilog=examples("btrdelta sendshot forget nas-old"))
+                             epilog=examples("btrdelta sendshot forget "
+                                             "596136b389804df0a9f8299ba9b79e5f"))
     forget.add_argument("receivers", metavar="RECEIVER", nargs="+",
                         help="receiver ids, as `sendshot list` shows them ('held by')")
     forget.add_argument("--force", action="store_true",
