@@ -77,8 +77,8 @@ def _module_found(name: str) -> bool:
     """``importlib.util.find_spec(name) is not None`` for a top-level ``name`` (a module
     looked for, not imported), without ``importlib``: the finders of ``sys.meta_path`` asked
     in turn, as ``find_spec`` asks them."""
-    if name in sys.modules:
-        return True
+    if name in sys.modules:  # (None there: blocked, which find_spec reports as not found)
+        return sys.modules[name] is not None
     for finder in sys.meta_path:
         find = getattr(finder, "find_spec", None)
         if find is not None and find(name, None) is not None:

@@ -381,11 +381,11 @@ def _check_install_order(fs: str, source: str) -> None:
     if not os.path.isfile(fs) or not os.path.exists(source):
         return
     from ..errors import UsageError
-    from ..update.identify import PEEK, Kind, identify_bytes
+    from ..update.identify import Kind, identify
 
     try:
         with open(fs, "rb") as f:
-            what = identify_bytes(f.read(PEEK))
+            what, _ = identify(f)
     except OSError:
         return  # (said by the command itself)
     if what.kind in (Kind.SEND_STREAM, Kind.DELTA_STREAM, Kind.CHUNK_ARCHIVE):

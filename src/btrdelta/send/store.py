@@ -414,8 +414,9 @@ class SendshotStore:
             BtrdeltaError: no such receiver, or one with a transfer in flight (its
                 temporary snapshot on this side would be left behind) unless ``force``.
         """
-        if receiver not in self.cursors():  # (checked again under the lock: not made)
-            known = ", ".join(sorted(self.cursors())) or "none"
+        before = self.cursors()  # (checked again under the lock, which makes the store)
+        if receiver not in before:
+            known = ", ".join(sorted(before)) or "none"
             raise BtrdeltaError(f"no receiver {receiver!r} has a cursor in {self.path} "
                                 f"(the receivers: {known})")
         with self.locked():
