@@ -512,3 +512,47 @@ def test_no_snapshot_is_made_ahead_without_a_known_parent_or_in_a_dry_run(
         dirs.snapshot_ahead((b"next", UUID_B, UUID_A))
     assert made == []
     assert _entries(dest) == []
+
+
+@pytest.mark.parametrize("other", ["taken", "uuid", "unused"])
+def test_a_copy_made_ahead_on_the_directory_backend(tmp_path: Path, other: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the directory backend :meth:`Subvolumes.snapshot_ahead` copies the parent in a
+    thread; ``begin`` of that name, UUID and parent takes the copy (no second copy), one
+    made for something else is removed and ``begin`` copies again, one never taken is
+    removed at close; the parent is untouched and no temporary is left in DEST."""
+    from btrdelta.receive import subvolumes
+
+    copies: list[str] = []
+    real = subvolumes.copy_tree
+
+    def spy(src: Path, dst: Path) -> None:
+        copies.append(threading.current_thread().name)
+        real(src, dst)
+
+    monkeypatch.setattr(subvolumes, "copy_tree", spy)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with Subvolumes(dest, backend="dir", parents={}) as subs:
+        parent = _parent_subvol(dest, subs)
+        assert subs.parents is not None
+        subs.parents[UUID_A] = parent
+        subs.snapshot_ahead((b"next", UUID_B, UUID_A))
+        if other == "unused":
+            deadline = time.monotonic() + 30
+            while not copies and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert copies == ["btrdelta-snapshot"]
+        else:
+            wanted = UUID_B if other == "taken" else uuid.UUID(int=0xC)
+            pending = subs.begin(b"next", wanted, 9, parent_uuid=UUID_A)
+            assert copies == (["btrdelta-snapshot"] if other == "taken"
+                              else ["btrdelta-snapshot", "MainThread"])
+            assert (pending.path / "os-release").read_bytes() == b"v1\n"
+            _write(pending.sandbox, b"os-release", b"v2\n")
+            done = subs.finish(pending)
+            assert (done.path / "os-release").read_bytes() == b"v2\n"
+            assert subs.find(wanted) == done.path
+    assert (parent / "os-release").read_bytes() == b"v1\n"
+    assert _entries(dest) == (["parent"] if other == "unused" else ["next", "parent"])
+    assert not [t for t in threading.enumerate() if t.name == "btrdelta-snapshot"]

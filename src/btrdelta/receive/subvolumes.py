@@ -504,14 +504,17 @@ class Subvolumes:
         numpy's repository hop). :meth:`begin`
         takes it when called with these and that parent, the same snapshot made earlier
         (the parent is a received, read-only subvolume); otherwise, or at :meth:`close`,
-        it is deleted. The sweep of dead receivers' temporaries runs here, first.
-        Nothing happens in a dry run, on the directory backend, or for a parent not in
-        :attr:`parents`."""
+        it is deleted. The sweep of dead receivers' temporaries runs here, first. On the
+        directory backend it is the parent's copy that is made ahead (``cp`` in its own
+        process: ~3 ms of a regex release's hop, while the expansion works out the first
+        batch, which holds the SNAPSHOT record and the library's patch; the read-only
+        flag's part of the thread is then not used). Nothing happens in a dry run or for
+        a parent not in :attr:`parents`."""
         if ahead is None:
             return
         name, uuid, parent_uuid = ahead
         parent = self.parents.get(parent_uuid) if self.parents is not None else None
-        if self.dry_run or not self.btrfs or parent is None or self._ahead is not None:
+        if self.dry_run or parent is None or self._ahead is not None:
             return
         if not self._swept:  # (before: the snapshot holds DEST's lock, which listing takes)
             self._swept = True
