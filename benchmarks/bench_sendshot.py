@@ -17,14 +17,22 @@ kept): stream bytes (goal <= 1.05x the kernel's, smaller where content moved), t
 
 * kernel ``send -p``: ``btrfs send -p PREV SNAP -f FILE`` alone (the process, the stream
   written, no fsync). Its workflow also makes SNAP each round (``btrfs subvolume snapshot
-  -r``, a transaction commit), timed apart as "snapshot";
+  -r``, a transaction commit), timed apart as "snapshot". It also deletes PREV once SNAP
+  was sent, which is not timed: the benchmark's own tree-sum and ``du`` of each snapshot
+  leave its inodes cached, which made that ``btrfs subvolume delete`` take 30-40 ms of CPU
+  (session 21; under 5 ms for a snapshot nothing read), more than a user's workflow pays;
 * ours (live): the whole ``btrdelta send LIVE -o FILE --from-sendshot latest --record``
   process: interpreter start and imports, a temporary read-only snapshot made and deleted,
-  the record loaded, the change sweep, the stream, the next record written (``fsync``-ed);
-  compared with snapshot + ``send -p``;
+  the record loaded, the change sweep, the stream, the next record written (not
+  ``fsync``-ed, as the stream is not); compared with snapshot + ``send -p`` (its temporary
+  snapshot's deletion, ~1 ms of its process, has no counterpart there);
 * ours (read-only): the same command on the kernel's read-only SNAP (no temporary snapshot;
   a store of its own, so the base is the record of PREV): like for like with ``send -p``.
   Its ``--json`` says how many bytes of files were read (unchanged files are not).
+
+Each time is printed with its CPU time (user + system, every thread): a round that another
+process or the kernel's own threads (writeback, the loop devices' workers) slowed shows a
+longer wall time for the same CPU (session 21: the rounds that missed 2x near idle).
 
 All three streams are received by ``btrfs receive`` and compared with tree-sum. After the
 rounds: what the kernel's kept snapshot pins (``btrfs filesystem du``), and, on the files
@@ -43,6 +51,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import resource
 import shutil
 import sqlite3
 import subprocess
@@ -50,6 +59,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import xxhash
 from pyfastcdc.cy import FastCDC
@@ -73,12 +83,18 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.2f} MiB"
 
 
-def _timed(cmd: list[str]) -> float:
-    t = time.monotonic()
+def _timed(cmd: list[str]) -> tuple[float, float, str]:
+    """(wall seconds, CPU seconds, standard output) of ``cmd``; raises on failure. The CPU
+    time (user + system of every thread, from the children's rusage: the benchmark runs
+    one command at a time) tells a round slowed by other work on the machine from one
+    that did more work."""
+    c0, t = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, check=False)
+    wall, c1 = time.monotonic() - t, resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode:
         raise RuntimeError(f"{cmd[:4]} failed: {proc.stderr.decode(errors='replace')[-400:]}")
-    return time.monotonic() - t
+    cpu = c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime
+    return wall, cpu, proc.stdout.decode(errors="replace")
 
 
 def _du(path: Path) -> int:
@@ -203,7 +219,11 @@ def _workload(name: str, setup: Callable[[Path, random.Random], Callable[[int], 
         change = setup(live, rng)
         for d in ("k", "b", "r"):
             (rcv / d).mkdir()
-        sums = {"k": 0, "b": 0, "kt": 0.0, "bt": 0.0, "rt": 0.0, "read": 0}
+        # wall and CPU seconds summed over the rounds: k kernel send -p, s its snapshot, b
+        # ours of the live subvolume, r ours read-only
+        wall = dict.fromkeys("ksbr", 0.0)
+        cpu = dict.fromkeys("ksbr", 0.0)
+        sums = {"k": 0, "b": 0, "read": 0}
         prev = None
         for i in range(ROUNDS + 1):
             if i:
@@ -212,24 +232,23 @@ def _workload(name: str, setup: Callable[[Path, random.Random], Callable[[int], 
             snap = mnt / f"snap{i}"
             # the kernel's workflow makes a snapshot each round too (btrdelta's time holds its
             # temporary one): shown beside the send-only ratio
-            st = _timed(["btrfs", "subvolume", "snapshot", "-r", str(live), str(snap)])
+            t = {"s": _timed(["btrfs", "subvolume", "snapshot", "-r", str(live), str(snap)])}
             kfile, bfile = mnt / f"k{i}", mnt / f"b{i}"
             kcmd = ["btrfs", "-q", "send", "-f", str(kfile), str(snap)]
             if prev is not None:
                 kcmd[3:3] = ["-p", str(prev)]
-            kt = _timed(kcmd)
+            t["k"] = _timed(kcmd)
             bcmd = [*BTRDELTA, "send", str(live), "-o", str(bfile), "--record",
                     "--store", str(store), "--name", f"live.{i}", "--proto", "2"]
             if i:
                 bcmd += ["--from-sendshot", "latest"]
-            bt = _timed(bcmd)
+            t["b"] = _timed(bcmd)
             rfile = mnt / f"r{i}"
             rcmd = [*BTRDELTA, "send", str(snap), "-o", str(rfile), "--record",
                     "--store", str(mnt / "store-ro"), "--name", f"ro.{i}", "--proto", "2",
                     "--json", *(["--from-sendshot", "latest"] if i else [])]
-            t = time.monotonic()
-            report = json.loads(sh(*rcmd))
-            rt = time.monotonic() - t
+            t["r"] = _timed(rcmd)
+            report = json.loads(t["r"][2])
             for f, d in ((kfile, "k"), (bfile, "b"), (rfile, "r")):
                 sh("btrfs", "receive", "-f", str(f), str(rcv / d))
             want = tree_sum(snap)
@@ -243,23 +262,16 @@ def _workload(name: str, setup: Callable[[Path, random.Random], Callable[[int], 
                 du = sh("btrfs", "filesystem", "du", "-s", "--raw", str(prev))
                 sums["pinned"] = max(sums.get("pinned", 0), int(du.splitlines()[-1].split()[1]))
             if i:
+                _round(name, i, t, out, bs, ks, report, data, rec, ok)
                 sums["k"] += ks
                 sums["b"] += bs
-                sums["kt"] += kt
-                sums["bt"] += bt
-                sums["st"] = sums.get("st", 0.0) + st
-                sums["rt"] += rt
                 sums["read"] += int(report["bytes_read"] or 0)
-                out(f"{name} round {i}: stream {_mib(bs)} vs kernel -p {_mib(ks)} "
-                    f"({bs / max(ks, 1):.2f}x); time read-only {rt:.3f} s vs send -p "
-                    f"{kt:.3f} s ({rt / max(kt, 1e-3):.2f}x), live {bt:.3f} s vs snapshot + "
-                    f"send -p {kt + st:.3f} s ({bt / max(kt + st, 1e-3):.2f}x); files read "
-                    f"{_mib(int(report['bytes_read'] or 0))} of {_mib(data)}; record "
-                    f"{_mib(rec)} = {100 * rec / max(data, 1):.2f} % of the data, "
-                    f"tree-sum {'equal' if ok else 'DIFFERENT'}")
+                for k, (w, c, _out) in t.items():
+                    wall[k] += w
+                    cpu[k] += c
             else:
-                out(f"{name} full: {_mib(bs)} vs kernel {_mib(ks)}, {bt:.2f} s vs {kt:.2f} s, "
-                    f"tree-sum {'equal' if ok else 'DIFFERENT'}")
+                out(f"{name} full: {_mib(bs)} vs kernel {_mib(ks)}, {t['b'][0]:.2f} s vs "
+                    f"{t['k'][0]:.2f} s, tree-sum {'equal' if ok else 'DIFFERENT'}")
             if prev is not None and i == ROUNDS:
                 fixed, cdc, nb, nc = _diff_stats(prev, snap)
                 out(f"{name} blocks vs chunks (last round): fixed 4 KiB sends {_mib(fixed)} "
@@ -270,15 +282,35 @@ def _workload(name: str, setup: Callable[[Path, random.Random], Callable[[int], 
             for f in (kfile, bfile, rfile):
                 f.unlink()
         listing = sh("btrfs", "subvolume", "list", str(mnt)).split()
+        kw, kc = wall["k"] + wall["s"], cpu["k"] + cpu["s"]
         out(f"{name} total: {sums['b'] / max(sums['k'], 1):.2f}x kernel bytes; time "
-            f"read-only {sums['rt']:.2f} s vs send -p {sums['kt']:.2f} s "
-            f"({sums['rt'] / max(sums['kt'], 1e-3):.2f}x), live {sums['bt']:.2f} s vs "
-            f"snapshot + send -p {sums['kt'] + sums.get('st', 0):.2f} s "
-            f"({sums['bt'] / max(sums['kt'] + sums.get('st', 0), 1e-3):.2f}x); files read "
-            f"{_mib(sums['read'])}; sender holds "
+            f"read-only {wall['r']:.2f} s vs send -p {wall['k']:.2f} s "
+            f"({wall['r'] / max(wall['k'], 1e-3):.2f}x; CPU {cpu['r']:.2f} vs {cpu['k']:.2f} s, "
+            f"{cpu['r'] / max(cpu['k'], 1e-3):.2f}x), live {wall['b']:.2f} s vs snapshot + "
+            f"send -p {kw:.2f} s ({wall['b'] / max(kw, 1e-3):.2f}x; CPU "
+            f"{cpu['b'] / max(kc, 1e-3):.2f}x); files read {_mib(sums['read'])}; sender holds "
             f"{'only the live subvolume' if listing.count('live') == 1 else listing} + "
             f"sendshots {_mib(_du(store / 'records'))} (all rounds' records); the kernel's "
             f"kept snapshot pins up to {_mib(sums.get('pinned', 0))} (exclusive)")
+
+
+def _round(name: str, i: int, t: dict[str, tuple[float, float, str]],
+           out: Callable[[str], None], bs: int, ks: int, report: dict[str, Any], data: int,
+           rec: int, ok: bool) -> None:
+    """One round's line: each side's wall time with its CPU time (user + system) beside it;
+    a round slowed by other work on the machine shows a longer wall time, not more CPU."""
+    def secs(*keys: str) -> tuple[float, float]:
+        return sum(t[k][0] for k in keys), sum(t[k][1] for k in keys)
+
+    (rw, rc), (kw, kc) = secs("r"), secs("k")
+    (bw, bc), (aw, ac) = secs("b"), secs("s", "k")
+    read = int(report["bytes_read"] or 0)
+    out(f"{name} round {i}: stream {_mib(bs)} vs kernel -p {_mib(ks)} ({bs / max(ks, 1):.2f}x); "
+        f"time read-only {rw:.3f} s (CPU {rc:.3f}) vs send -p {kw:.3f} s (CPU {kc:.3f}) "
+        f"({rw / max(kw, 1e-3):.2f}x), live {bw:.3f} s (CPU {bc:.3f}) vs snapshot + send -p "
+        f"{aw:.3f} s (CPU {ac:.3f}) ({bw / max(aw, 1e-3):.2f}x); "
+        f"files read {_mib(read)} of {_mib(data)}; record {_mib(rec)} = "
+        f"{100 * rec / max(data, 1):.2f} % of the data, tree-sum {'equal' if ok else 'DIFFERENT'}")
 
 
 def _replication(out: Callable[[str], None]) -> None:
@@ -294,9 +326,10 @@ def _replication(out: Callable[[str], None]) -> None:
         (rcv / "b").mkdir()
         size = sum(f.stat().st_size for f in live.rglob("*") if f.is_file()
                    and not f.is_symlink())
-        kt = _timed(["sh", "-c", f"btrfs -q send {mnt / 'S'} | btrfs -q receive {rcv / 'k'}"])
+        kt = _timed(["sh", "-c",
+                     f"btrfs -q send {mnt / 'S'} | btrfs -q receive {rcv / 'k'}"])[0]
         bt = _timed([*BTRDELTA, "replicate", str(live), str(rcv / "b"), "--store",
-                     str(mnt / "store"), "-q"])
+                     str(mnt / "store"), "-q"])[0]
         out(f"replicate full over a pipe: {_mib(size)} in {bt:.2f} s = {size / bt / 2**20:.0f} "
             f"MiB/s vs btrfs send | btrfs receive {kt:.2f} s = {size / kt / 2**20:.0f} MiB/s "
             f"({kt / bt:.2f}x throughput)")
