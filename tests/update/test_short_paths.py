@@ -5,6 +5,8 @@ release trees, the requests in nginx's access log."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 
 from btrdelta import trust
 from btrdelta.cli import main
+from btrdelta.repo.metadata import read_trusted
 from btrdelta.tree import tree_sum
 from tests.update.conftest import Nginx
 
@@ -64,3 +67,36 @@ def test_a_damaged_metadata_cache_is_fetched_again(
     assert any(uri.startswith("/bins/") for uri in fetched), fetched
     assert tree_sum(dest / f"v{N}") == tree_sum(releases[N - 1])
     assert all(p.read_bytes() for p in (dest / ".btrdelta" / "meta").iterdir())
+
+
+def test_the_trusted_state_is_written_only_when_it_changes(
+    signed: tuple[Path, Path], releases: list[Path], tmp_path: Path,
+) -> None:
+    """The state that guards against rollbacks (the index and timestamp versions trusted)
+    is replaced, durably, when an update trusts a newer one; an update against the index
+    it already trusts leaves the file as it is (no write, no ``fsync``); an older index
+    served again is still a rollback."""
+    root, pub = signed
+    repo = tmp_path / "www"
+    shutil.copytree(root, repo)
+    srv = Nginx(repo, tmp_path / "nginx")
+    try:
+        dest = tmp_path / "dest"
+        _update(srv.url, dest, "--to", "v2", "--key", str(pub))
+        (state,) = (dest / ".btrdelta" / "trusted").glob("*[0-9a-f].json")
+        first = state.stat()
+        _update(srv.url, dest, "--to", "v3")
+        assert tree_sum(dest / "v3") == tree_sum(releases[2])
+        again = state.stat()
+        assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
+        old_ts = (repo / "timestamp.json").read_bytes()
+        assert main(["repo", "sign", str(repo), "--key", str(pub.with_suffix(".pem"))]) == 0
+        _update(srv.url, dest, "--to", "v4")
+        assert state.stat().st_ino != first.st_ino
+        assert read_trusted(state).index_version == json.loads(
+            (repo / "timestamp.json").read_bytes())["signed"]["index"]["version"]
+        (repo / "timestamp.json").write_bytes(old_ts)
+        assert main(["update", srv.url, str(dest), "--quiet"]) == 5
+        assert not (dest / f"v{N}").exists()
+    finally:
+        srv.stop()

@@ -20,7 +20,7 @@ import blake3
 
 from .. import trust
 from .._value import Value
-from ..errors import ChecksumError, StreamFormatError, TransportError
+from ..errors import BtrdeltaError, ChecksumError, StreamFormatError, TransportError
 from ..fs.atomic import write_atomic
 from .canonical import Fields, parse_json
 from .freshness import TrustedState, check_index, check_timestamp
@@ -202,11 +202,16 @@ def full_index(mirrors: Mirrors, rec: VersionRecord, cache: MetaCache) -> FullIn
 
 
 def save_trusted(path: Path, verified: Verified | TrustedState) -> None:
-    """Remember ``verified`` as the newest trusted state (atomic)."""
+    """Remember ``verified`` as the newest trusted state (atomic, durable). A state equal to
+    the one kept is not written again (an update against an unchanged index: its two
+    ``fsync``s were ~2-5 ms of a short update on ext4)."""
     import json
 
     state = verified if isinstance(verified, TrustedState) else TrustedState(
         verified.index.version, verified.timestamp.version, verified.index_blake3)
+    with contextlib.suppress(BtrdeltaError, OSError):  # (unreadable: written again)
+        if read_trusted(path) == state and path.exists():
+            return
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, (json.dumps(state.encode()) + "\n").encode())
 
