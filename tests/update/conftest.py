@@ -127,3 +127,24 @@ http {{
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=20)
+
+
+@pytest.fixture(params=["dir", pytest.param("btrfs", marks=pytest.mark.btrfs)])
+def dest_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    """An empty DEST: a directory on this filesystem, or on a loop-mounted btrfs."""
+    if request.param == "dir":
+        yield tmp_path / "dest"
+        return
+    from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs
+
+    try:
+        ctx = loop_fs("btrfs", size="512M")
+        mnt = ctx.__enter__()
+    except BtrfsUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but btrfs is unavailable: {exc}")
+        pytest.skip(str(exc))
+    try:
+        yield mnt / "dest"
+    finally:
+        ctx.__exit__(None, None, None)

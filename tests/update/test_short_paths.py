@@ -6,7 +6,12 @@ release trees, the requests in nginx's access log."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,8 +23,8 @@ from btrdelta.repo.metadata import read_trusted
 from btrdelta.tree import tree_sum
 from tests.update.conftest import Nginx
 
-#: releases published (v1 .. v5): v1 -> v5 is a path of several delta hops
-N = 5
+#: releases published (v1 .. v9): v1 -> v9 is the path v1 -> v4 -> v8 -> v9 (3 delta hops)
+N = 9
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +105,143 @@ def test_the_trusted_state_is_written_only_when_it_changes(
         assert not (dest / f"v{N}").exists()
     finally:
         srv.stop()
+
+
+def _deltas(srv: Nginx) -> list[str]:
+    """The delta files served, in order (HTTP 200 and 206 alike)."""
+    return [uri for _status, _n, uri in srv.requests() if uri.startswith("/deltas/")]
+
+
+def _entries(dest: Path) -> list[str]:
+    return sorted(os.listdir(dest))
+
+
+def test_the_next_delta_is_downloaded_while_a_hop_is_applied(
+    signed: tuple[Path, Path], server: Nginx, releases: list[Path], dest_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Along v1 -> v4 -> v8 -> v9 the deltas of the second and third hops are downloaded
+    by a thread of their own (each once), the first by the update's thread; every event
+    reaches the caller in its own thread; the intermediates are gone at the end and the
+    result is the release."""
+    from btrdelta.repo.mirror import Mirrors
+    from btrdelta.update.versions import update
+
+    _, pub = signed
+    dest = dest_dir
+    _update(server.url, dest, "--to", "v1", "--key", str(pub))
+    v1 = tree_sum(dest / "v1")
+    by: list[str] = []
+    real = Mirrors.download
+
+    def download(self: Mirrors, *args: object, **kwargs: object) -> Path:
+        by.append(threading.current_thread().name)
+        return real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Mirrors, "download", download)
+    before = len(_deltas(server))
+    events: list[tuple[str, bool]] = []
+    res = update(server.url, dest, on_event=lambda ev: events.append(
+        (ev["event"], threading.current_thread() is threading.main_thread())))
+    assert [(s.source, s.target) for s in res.plan.steps] == [(1, 4), (4, 8), (8, 9)]
+    assert by == ["MainThread", "btrdelta-download", "btrdelta-download"]
+    served = _deltas(server)[before:]
+    assert len(served) == len(set(served)) == 3
+    assert all(main_thread for _kind, main_thread in events)
+    assert sum(kind == "bytes" for kind, _ in events) >= 3
+    assert tree_sum(dest / "v9") == tree_sum(releases[8])
+    assert tree_sum(dest / "v1") == v1
+    assert [e for e in _entries(dest) if not e.startswith(".btrdelta")] == ["v1", "v9"]
+    assert [e for e in _entries(dest) if e.startswith(".btrdelta-hop-")] == []
+    assert not [t for t in threading.enumerate()
+                if t.name in ("btrdelta-download", "btrdelta-remove")]
+
+
+def test_a_delta_downloaded_ahead_that_fails_is_said_when_its_hop_comes(
+    signed: tuple[Path, Path], releases: list[Path], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The last hop's delta, damaged on the server, fails its BLAKE3 in the thread that
+    fetched it ahead: the update stops with one line naming it when that hop comes, the
+    hops before it verified and kept (v8 as an intermediate, v4's removed), v1 untouched;
+    once the server is repaired the next run downloads only that delta and ends right."""
+    from btrdelta.update.publish import Repo
+
+    root, pub = signed
+    repo = tmp_path / "www"
+    shutil.copytree(root, repo)
+    digest, _ = Repo(repo).load().versions[8].deltas[8]
+    bad = repo / "deltas" / f"{digest}.delta"
+    good = bad.read_bytes()
+    bad.write_bytes(good[:100] + bytes([good[100] ^ 0x40]) + good[101:])
+    srv = Nginx(repo, tmp_path / "nginx")
+    try:
+        dest = tmp_path / "dest"
+        _update(srv.url, dest, "--to", "v1", "--key", str(pub))
+        v1 = tree_sum(dest / "v1")
+        capsys.readouterr()
+        assert main(["update", srv.url, str(dest), "--quiet"]) == 5
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        assert f"deltas/{digest}.delta" in err, err
+        assert "Traceback" not in err
+        assert tree_sum(dest / "v1") == v1
+        assert [e for e in _entries(dest) if e.startswith(("v", ".btrdelta-hop-"))] == [
+            ".btrdelta-hop-v8", "v1"]
+        assert tree_sum(dest / ".btrdelta-hop-v8") == tree_sum(releases[7])
+        assert not [t for t in threading.enumerate()
+                    if t.name in ("btrdelta-download", "btrdelta-remove")]
+        bad.write_bytes(good)
+        before = len(_deltas(srv))
+        _update(srv.url, dest)
+        assert _deltas(srv)[before:] == [f"/deltas/{digest}.delta"]
+        assert tree_sum(dest / "v9") == tree_sum(releases[8])
+        assert [e for e in _entries(dest) if e.startswith(("v", ".btrdelta-hop-"))] == [
+            "v1", "v9"]
+    finally:
+        srv.stop()
+
+
+_KILL_AT = """
+import os, signal, sys
+from btrdelta.update.versions import update
+
+def on_event(ev):
+    if ev["event"] == "apply" and ev["hop"] == int(sys.argv[3]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+update(sys.argv[1], sys.argv[2], on_event=on_event)
+"""
+
+
+@pytest.mark.parametrize("hop", [2, 3])
+def test_killed_while_a_hop_is_applied_then_run_again(
+    signed: tuple[Path, Path], server: Nginx, releases: list[Path], dest_dir: Path,
+    hop: int,
+) -> None:
+    """``kill -9`` of an update when hop 2 or 3 of v1 -> v4 -> v8 -> v9 starts applying
+    (the next delta downloading beside it, the intermediate before it being removed):
+    v1 is untouched, and the next run downloads no delta the killed one had (the one
+    downloading ahead at most again), starts from the newest verified version and ends
+    with only v1 and v9 in DEST."""
+    _, pub = signed
+    dest = dest_dir
+    _update(server.url, dest, "--to", "v1", "--key", str(pub))
+    v1 = tree_sum(dest / "v1")
+    before = len(_deltas(server))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
+    proc = subprocess.run([sys.executable, "-c", _KILL_AT, server.url, str(dest), str(hop)],
+                          env=env, check=False, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    killed = _deltas(server)[before:]
+    assert tree_sum(dest / "v1") == v1
+    assert os.path.isdir(dest / (".btrdelta-hop-v4" if hop == 2 else ".btrdelta-hop-v8"))
+    again = len(_deltas(server))
+    _update(server.url, dest)
+    fetched = _deltas(server)[again:]
+    assert len(killed) + len(fetched) <= 4, (killed, fetched)
+    assert not set(fetched) & set(killed[:hop])  # (the deltas of the hops reached)
+    assert tree_sum(dest / "v9") == tree_sum(releases[8])
+    assert tree_sum(dest / "v1") == v1
+    assert [e for e in _entries(dest) if e.startswith(("v", ".btrdelta-hop-"))] == [
+        "v1", "v9"]

@@ -460,27 +460,6 @@ def test_held_versions_are_checked_by_content_and_seed_the_full(
     assert tree_sum(dest / "v9") == tree_sum(releases[8])
 
 
-@pytest.fixture(params=["dir", pytest.param("btrfs", marks=pytest.mark.btrfs)])
-def dest_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
-    """An empty DEST: a directory on this filesystem, or on a loop-mounted btrfs."""
-    if request.param == "dir":
-        yield tmp_path / "dest"
-        return
-    from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs
-
-    try:
-        ctx = loop_fs("btrfs", size="512M")
-        mnt = ctx.__enter__()
-    except BtrfsUnavailable as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but btrfs is unavailable: {exc}")
-        pytest.skip(str(exc))
-    try:
-        yield mnt / "dest"
-    finally:
-        ctx.__exit__(None, None, None)
-
-
 def test_a_delta_hop_reads_only_the_files_its_stream_changed(
     signed: tuple[Path, Path, Path], server: Nginx, releases: list[Path], dest_dir: Path,
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,

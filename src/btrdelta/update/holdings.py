@@ -7,7 +7,8 @@ receive registry). A version counts as held only when its tree's content identit
 * a version being received is under a temporary name (``DEST/.btrdelta-tmp-…``, the
   receive's: :mod:`btrdelta.receive.subvolumes`) until its identity checked;
 * a verified intermediate version of a multi-hop path is ``DEST/.btrdelta-hop-<version>``
-  (held, so an interrupted update resumes from it; removed when the update is done);
+  (held, so an interrupted update resumes from it; removed once the next version is
+  verified, the last one when the update is done);
 * the wanted version gets ``DEST/<version>`` last, never over an existing entry.
 
 Existing versions are never written to. :func:`find_held` reads every file of each

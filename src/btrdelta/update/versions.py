@@ -15,8 +15,10 @@
 5. Apply hop by hop: download the artifact (resumable, every mirror in turn, hash
    checked), receive it (under a temporary name until the received tree's content
    identity checked) as ``DEST/.btrdelta-hop-<version>`` for an intermediate version, as
-   ``DEST/<version>`` for the target, last; intermediates, downloads and chunks are then
-   removed. A delta hop's identity is computed reading again only the files its stream
+   ``DEST/<version>`` for the target, last. Beside each hop (:mod:`.beside`) the next
+   hop's delta is downloaded, and the intermediate before it, no longer needed once this
+   one is verified, removed; downloads, chunks and the last intermediate go at the end.
+   A delta hop's identity is computed reading again only the files its stream
    may have changed (:mod:`btrdelta.tree.incremental`): the parent's file digests come
    from step 3 or from the hop before, in memory. The wanted version's digests are kept in
    ``DEST/.btrdelta/held/`` (:mod:`.heldsums`), so that step 3 of the next update does not
@@ -61,6 +63,7 @@ from ..repo.rootchain import current_root
 from ..transport.config import HttpConfig
 from ..tree.incremental import Digests
 from . import heldsums, holdings
+from .beside import Beside
 from .fullfetch import fetch_full, full_cost, store_stream
 from .streams import receive_version, write_release_stream
 
@@ -303,8 +306,8 @@ def update(
     if not dry_run:  # (a dry run writes nothing: no directory, lock, pin, cache or state)
         d.dest.mkdir(parents=True, exist_ok=True)
     emit = on_event or (lambda _e: None)
-    m = Mirrors([url, *mirrors], config=config, client=client,
-                on_bytes=lambda n: emit({"event": "bytes", "n": n}))
+    beside = Beside(d.dest, emit)
+    m = Mirrors([url, *mirrors], config=config, client=client, on_bytes=beside.on_bytes)
     if not dry_run:
         d.imports = _import_ahead()
     try:
@@ -312,7 +315,10 @@ def update(
             verified = _verified(d, m, key, now, made)
             if not dry_run:
                 holdings.cleanup(d.dest)
-            result = _run(d, m, verified, to, dry_run, emit)
+            try:
+                result = _run(d, m, verified, to, dry_run, emit, beside)
+            finally:
+                beside.wait(raising=False)  # (a failed run: its threads end first)
             result.metadata_bytes += verified.downloaded
     finally:
         m.close()
@@ -322,7 +328,7 @@ def update(
 
 
 def _run(d: _Dest, m: Mirrors, verified: Verified, to: str | None, dry_run: bool,
-         emit: Event) -> UpdateResult:
+         emit: Event, beside: Beside) -> UpdateResult:
     index = verified.index
     names = [v.name for v in index.versions]
     if not names:
@@ -349,24 +355,50 @@ def _run(d: _Dest, m: Mirrors, verified: Verified, to: str | None, dry_run: bool
         return res
     current = held.get(plan.start) if plan.start is not None else None
     seedable = {**unverified, **{p: h.root for p, h in held.items()}}
-    for i, step in enumerate(plan.steps, 1):
-        current = _apply(d, m, step, records, seedable, current, last=i == len(plan.steps),
-                         hop=(i, len(plan.steps)), emit=emit)
+    steps = plan.steps
+    for i, step in enumerate(steps, 1):
+        start = current
+        current = _apply(d, m, step, records, seedable, current, last=i == len(steps),
+                         hop=(i, len(steps)), emit=emit, beside=beside,
+                         after=steps[i] if i < len(steps) else None)
         res.applied += 1
+        if start is not None and start.root.name.startswith(holdings.HOP_PREFIX):
+            beside.remove(start.root.name)  # (the newer one is verified: resumed from)
     assert current is not None
     res.path = current.root
+    beside.wait()
     _finish(d)
     emit({"event": "done", "path": str(current.root)})
     heldsums.save(d.state, current)  # the next update does not hash it again
     return res
 
 
+def _delta_file(d: _Dest, m: Mirrors, step: Step, records: dict[int, VersionRecord]
+                ) -> tuple[Path, Callable[[], Path], int]:
+    """Where delta step ``step``'s artifact goes, the call that downloads it, its size."""
+    ref = next(x.ref for x in records[step.target].deltas if x.source == step.source)
+    out = d.downloads / ref.path.split("/")[1]
+
+    def download() -> Path:
+        d.downloads.mkdir(parents=True, exist_ok=True)
+        return m.download(ref.path, out, length=ref.length, digest=ref.blake3)
+
+    return out, download, ref.length
+
+
 def _apply(d: _Dest, m: Mirrors, step: Step, records: dict[int, VersionRecord],
            seedable: dict[int, Path], parent: Digests | None, *, last: bool,
-           hop: tuple[int, int], emit: Event) -> Digests:
+           hop: tuple[int, int], emit: Event, beside: Beside, after: Step | None
+           ) -> Digests:
     """Apply one step of the plan to ``parent`` (the digests of the version it starts from,
     hashed by this run: only the files the delta may change are read again to check the
-    result's identity); returns the new version's digests."""
+    result's identity); returns the new version's digests. The step ``after`` it, a delta,
+    is downloaded meanwhile (:meth:`.beside.Beside.fetch`)."""
+    def fetch_after() -> None:
+        if after is not None and after.kind == "delta":
+            out, download, length = _delta_file(d, m, after, records)
+            beside.fetch(out, length, download)
+
     rec = records[step.target]
     name = rec.name if last else f"{holdings.HOP_PREFIX}{rec.name}"
     if not last:  # an unverified leftover of an earlier run
@@ -379,10 +411,10 @@ def _apply(d: _Dest, m: Mirrors, step: Step, records: dict[int, VersionRecord],
             raise MissingBaseError("a delta hop without its parent version")
         src = records[step.source]
         parent_dir = holdings.ensure_parent(d.dest, parent, src.name)
+        out, download, _length = _delta_file(d, m, step, records)
+        path = beside.take(out, download)
         ref = next(x.ref for x in rec.deltas if x.source == step.source)
-        d.downloads.mkdir(parents=True, exist_ok=True)
-        path = m.download(ref.path, d.downloads / ref.path.split("/")[1],
-                          length=ref.length, digest=ref.blake3)
+        fetch_after()
         emit({"event": "apply", **info})
         d.imported()
         with open(path, "rb") as f:
@@ -401,6 +433,7 @@ def _apply(d: _Dest, m: Mirrors, step: Step, records: dict[int, VersionRecord],
         finally:
             for s in seeds:
                 s.unlink(missing_ok=True)
+        fetch_after()
         emit({"event": "apply", **info})
         d.imported()
         with store_stream(full.index, full.header.image_digest, d.store,
