@@ -370,18 +370,19 @@ def test_the_flag_is_waited_for_when_its_effect_cannot_be_seen(
         subs.abort(pending)
 
 
-def _made_by(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Names of the threads that create snapshots (the subvolumes module's calls)."""
+def _made_by(monkeypatch: pytest.MonkeyPatch, call: str = "create_snapshot") -> list[str]:
+    """Names of the threads that create snapshots (the subvolumes module's calls; or
+    copies: ``copy_tree``)."""
     from btrdelta.receive import subvolumes
 
     seen: list[str] = []
-    real = subvolumes.create_snapshot
+    real = getattr(subvolumes, call)
 
     def spy(*args: object, **kwargs: object) -> None:
         seen.append(threading.current_thread().name)
-        real(*args, **kwargs)  # type: ignore[arg-type]
+        real(*args, **kwargs)
 
-    monkeypatch.setattr(subvolumes, "create_snapshot", spy)
+    monkeypatch.setattr(subvolumes, call, spy)
     return seen
 
 
@@ -521,16 +522,7 @@ def test_a_copy_made_ahead_on_the_directory_backend(tmp_path: Path, other: str,
     thread; ``begin`` of that name, UUID and parent takes the copy (no second copy), one
     made for something else is removed and ``begin`` copies again, one never taken is
     removed at close; the parent is untouched and no temporary is left in DEST."""
-    from btrdelta.receive import subvolumes
-
-    copies: list[str] = []
-    real = subvolumes.copy_tree
-
-    def spy(src: Path, dst: Path) -> None:
-        copies.append(threading.current_thread().name)
-        real(src, dst)
-
-    monkeypatch.setattr(subvolumes, "copy_tree", spy)
+    copies = _made_by(monkeypatch, "copy_tree")
     dest = tmp_path / "dest"
     dest.mkdir()
     with Subvolumes(dest, backend="dir", parents={}) as subs:

@@ -130,11 +130,17 @@ http {{
 
 
 @pytest.fixture(params=["dir", pytest.param("btrfs", marks=pytest.mark.btrfs)])
-def dest_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+def dest_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
     """An empty DEST: a directory on this filesystem, or on a loop-mounted btrfs."""
     if request.param == "dir":
-        yield tmp_path / "dest"
-        return
+        return tmp_path / "dest"
+    dest: Path = request.getfixturevalue("btrfs_dest")
+    return dest
+
+
+@pytest.fixture
+def btrfs_dest() -> Iterator[Path]:
+    """An empty DEST on a loop-mounted btrfs of its own (512 MiB)."""
     from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs
 
     try:

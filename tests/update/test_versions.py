@@ -817,68 +817,57 @@ def test_root_key_rotation_through_the_cli(
 
 @pytest.mark.btrfs
 def test_btrfs_dest_gets_read_only_subvolumes(
-    signed: tuple[Path, Path, Path], server: Nginx, releases: list[Path],
+    signed: tuple[Path, Path, Path], server: Nginx, releases: list[Path], btrfs_dest: Path,
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from btrdelta.fs import btrfs as sv
     from btrdelta.repo.model import stream_uuid
-    from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs
     from btrdelta.update import holdings
 
     _, pub, _ = signed
+    dest = btrfs_dest
+    rc, _, err = _update(server.url, dest, pub, "--to", "v4", capsys=capsys)
+    assert rc == 0, err
+    # a plain directory copy of v6: not received, yet a parent for the deltas from it
+    shutil.copytree(releases[5], dest / "v6", symlinks=True)
+    rc, out, err = _update(server.url, dest, pub, "--json", capsys=capsys)
+    assert rc == 0, err
+    report = json.loads(out)
+    assert report["plan"]["start"] == "v6"
+    assert tree_sum(dest / "v9") == tree_sum(releases[8])
+    assert sorted(os.listdir(dest)) == [".btrdelta", "v4", "v6", "v9"]
+    for name, pos in (("v4", 4), ("v9", 9)):
+        assert (dest / name).stat().st_ino == 256  # a subvolume
+        with pytest.raises(OSError, match="Read-only"):
+            (dest / name / "new-file").write_text("x")
+        identity = Repo(signed[0]).load().versions[pos - 1].identity
+        assert sv.find_subvolumes_by_uuid(dest, stream_uuid(identity))[0].name == name
+    # v9 is held by its kept digests (no file read), until a write through a
+    # descriptor opened while it was writable: then it is not v9 any more
+    hashed: list[Path] = []
+    real = holdings.verified_digests
+    monkeypatch.setattr(holdings, "verified_digests",
+                        lambda path: hashed.append(path) or real(path))
+    rc, out, err = _update(server.url, dest, pub, "--json", capsys=capsys)
+    assert rc == 0, err
+    assert json.loads(out)["plan"]["steps"] == []
+    assert hashed == [dest / "v6"]  # (a directory)
+    victim = next(p for p in (dest / "v9").rglob("*.py") if p.stat().st_size > 10)
+    fd = os.open(dest / "v9", os.O_RDONLY | os.O_DIRECTORY)
     try:
-        ctx = loop_fs("btrfs", size="512M")
-        mnt = ctx.__enter__()
-    except BtrfsUnavailable as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but btrfs is unavailable: {exc}")
-        pytest.skip(str(exc))
-    try:
-        dest = mnt / "dest"
-        rc, _, err = _update(server.url, dest, pub, "--to", "v4", capsys=capsys)
-        assert rc == 0, err
-        # a plain directory copy of v6: not received, yet a parent for the deltas from it
-        shutil.copytree(releases[5], dest / "v6", symlinks=True)
-        rc, out, err = _update(server.url, dest, pub, "--json", capsys=capsys)
-        assert rc == 0, err
-        report = json.loads(out)
-        assert report["plan"]["start"] == "v6"
-        assert tree_sum(dest / "v9") == tree_sum(releases[8])
-        assert sorted(os.listdir(dest)) == [".btrdelta", "v4", "v6", "v9"]
-        for name, pos in (("v4", 4), ("v9", 9)):
-            assert (dest / name).stat().st_ino == 256  # a subvolume
-            with pytest.raises(OSError, match="Read-only"):
-                (dest / name / "new-file").write_text("x")
-            identity = Repo(signed[0]).load().versions[pos - 1].identity
-            assert sv.find_subvolumes_by_uuid(dest, stream_uuid(identity))[0].name == name
-        # v9 is held by its kept digests (no file read), until a write through a
-        # descriptor opened while it was writable: then it is not v9 any more
-        hashed: list[Path] = []
-        real = holdings.verified_digests
-        monkeypatch.setattr(holdings, "verified_digests",
-                            lambda path: hashed.append(path) or real(path))
-        rc, out, err = _update(server.url, dest, pub, "--json", capsys=capsys)
-        assert rc == 0, err
-        assert json.loads(out)["plan"]["steps"] == []
-        assert hashed == [dest / "v6"]  # (a directory)
-        victim = next(p for p in (dest / "v9").rglob("*.py") if p.stat().st_size > 10)
-        fd = os.open(dest / "v9", os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            sv.set_readonly(fd, False)
-            wfd = os.open(victim, os.O_WRONLY)
-            sv.set_readonly(fd, True)
-        finally:
-            os.close(fd)
-        try:
-            os.pwrite(wfd, b"#", 0)
-            rc, _, err = _update(server.url, dest, pub, capsys=capsys)
-        finally:
-            os.close(wfd)
-        assert rc == 1
-        assert "is not version 'v9'" in err
-        assert dest / "v9" in hashed
+        sv.set_readonly(fd, False)
+        wfd = os.open(victim, os.O_WRONLY)
+        sv.set_readonly(fd, True)
     finally:
-        ctx.__exit__(None, None, None)
+        os.close(fd)
+    try:
+        os.pwrite(wfd, b"#", 0)
+        rc, _, err = _update(server.url, dest, pub, capsys=capsys)
+    finally:
+        os.close(wfd)
+    assert rc == 1
+    assert "is not version 'v9'" in err
+    assert dest / "v9" in hashed
 
 
 def test_the_update_path_makes_its_value_classes_without_dataclasses() -> None:
