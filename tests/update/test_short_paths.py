@@ -122,8 +122,8 @@ def test_the_next_delta_is_downloaded_while_a_hop_is_applied(
 ) -> None:
     """Along v1 -> v4 -> v8 -> v9 the deltas of the second and third hops are downloaded
     by a thread of their own (each once), the first by the update's thread; every event
-    reaches the caller in its own thread; the intermediates are gone at the end and the
-    result is the release."""
+    reaches the caller in its own thread; the intermediates are gone at the end (in a
+    directory DEST never registered) and the result is the release."""
     from btrdelta.repo.mirror import Mirrors
     from btrdelta.update.versions import update
 
@@ -155,6 +155,9 @@ def test_the_next_delta_is_downloaded_while_a_hop_is_applied(
     assert [e for e in _entries(dest) if e.startswith(".btrdelta-hop-")] == []
     assert not [t for t in threading.enumerate()
                 if t.name in ("btrdelta-download", "btrdelta-remove")]
+    registry = dest / ".btrdelta-subvols.json"  # (directories: no entry of intermediates)
+    assert not registry.exists() or sorted(
+        e["name"] for e in json.loads(registry.read_bytes())["subvols"]) == ["v1", "v9"]
 
 
 def test_a_delta_downloaded_ahead_that_fails_is_said_when_its_hop_comes(

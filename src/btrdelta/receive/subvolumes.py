@@ -590,7 +590,10 @@ class Subvolumes:
         (:meth:`detach`), for a later ``finish(..., sealed=True)`` of it :meth:`reopen`-ed
         (which skips ``before_seal``). A btrfs subvolume read-only with its received UUID
         already (sealed by a receiver killed before it was renamed) is not sealed again
-        (the kernel refuses a received UUID on a read-only subvolume). In a dry run
+        (the kernel refuses a received UUID on a read-only subvolume). A ``pre_commit``
+        whose ``register`` is false leaves the directory backend's registry alone: a
+        tree its caller finds again by itself, by content (``update``'s intermediate
+        versions: the entry was 1.2-1.5 ms of two ``fsync``s a hop). In a dry run
         nothing happens (no hook either).
 
         Raises:
@@ -624,7 +627,8 @@ class Subvolumes:
                 finally:
                     if flag is not None:
                         flag.end(raising=False)
-                registry = None if self.btrfs else self._register(pending, sandbox.root_fd)
+                registry = None if self.btrfs or not getattr(pre_commit, "register", True) \
+                    else self._register(pending, sandbox.root_fd)
                 sandbox.close()
                 try:
                     rename_noreplace(self._dest_fd, pending.tmp, pending.name)

@@ -184,7 +184,7 @@ def receive_release(
 def receive_version(
     stream: BinaryIO, dest: Path, name: str, *, source: str, delta: bool, identity: str,
     parent: Digests | None = None, parent_at: tuple[UUID, Path] | None = None,
-    verified: bool = False,
+    verified: bool = False, register: bool = True,
 ) -> tuple[ReceivedSubvol, Digests]:
     """:func:`receive_release` checking ``identity``; returns the version and its file
     digests. With ``parent`` (the digests of the tree a delta applies to, hashed by the
@@ -194,10 +194,12 @@ def receive_version(
     parent and its directory, as the caller found it (the receive does not look it up
     again). ``verified``: the caller checked the stream's bytes (``update``: against the
     signed index's BLAKE3), so a delta's expansion is not hashed again for its DEND digest
-    (count and size are still checked; the tree is checked against ``identity``)."""
+    (count and size are still checked; the tree is checked against ``identity``). Not
+    ``register``: no entry in the directory backend's registry (a version the caller
+    finds again by its content and gives as ``parent_at``: ``update``'s intermediates)."""
     return _receive(stream, dest, name, source=source, delta=delta, identity=identity,
                     parent=parent, on_progress=None, parent_at=parent_at,
-                    verified=verified)
+                    verified=verified, register=register)
 
 
 def _receive(
@@ -205,6 +207,7 @@ def _receive(
     identity: str | None, parent: Digests | None,
     on_progress: Callable[[int, int], None] | None,
     parent_at: tuple[UUID, Path] | None = None, verified: bool = False,
+    register: bool = True,
 ) -> tuple[ReceivedSubvol, Digests]:
     from ..update.receive import open_events
 
@@ -218,6 +221,7 @@ def _receive(
                             source=source, offset=0)
     changes = Changes() if parent is not None and is_delta else None
     digests: list[Digests] = []
+    registered = register  # (`register = register` in a class body reads the module's)
 
     def incremental(pending: PendingSubvol) -> bool:
         return changes is not None and parent is not None and parent.same_root(
@@ -226,9 +230,11 @@ def _receive(
     class Check:
         """The pre-commit check: the content identity of the sealed subvolume; a delta's
         overlay digests start before the seal (:meth:`Changes.start`). It writes nothing, so
-        it runs while the read-only flag commits (``while_sealing``)."""
+        it runs while the read-only flag commits (``while_sealing``); ``register``: see
+        :meth:`~btrdelta.receive.subvolumes.Subvolumes.finish`."""
 
         while_sealing = True
+        register = registered
 
         def before_seal(self, pending: PendingSubvol) -> None:
             if identity is not None and changes is not None and parent is not None \

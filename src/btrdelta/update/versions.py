@@ -360,7 +360,7 @@ def _run(d: _Dest, m: Mirrors, verified: Verified, to: str | None, dry_run: bool
         start = current
         current = _apply(d, m, step, records, seedable, current, last=i == len(steps),
                          hop=(i, len(steps)), emit=emit, beside=beside,
-                         after=steps[i] if i < len(steps) else None)
+                         after=steps[i] if i < len(steps) else None, made=i > 1)
         res.applied += 1
         if start is not None and start.root.name.startswith(holdings.HOP_PREFIX):
             beside.remove(start.root.name)  # (the newer one is verified: resumed from)
@@ -388,12 +388,17 @@ def _delta_file(d: _Dest, m: Mirrors, step: Step, records: dict[int, VersionReco
 
 def _apply(d: _Dest, m: Mirrors, step: Step, records: dict[int, VersionRecord],
            seedable: dict[int, Path], parent: Digests | None, *, last: bool,
-           hop: tuple[int, int], emit: Event, beside: Beside, after: Step | None
-           ) -> Digests:
+           hop: tuple[int, int], emit: Event, beside: Beside, after: Step | None,
+           made: bool) -> Digests:
     """Apply one step of the plan to ``parent`` (the digests of the version it starts from,
     hashed by this run: only the files the delta may change are read again to check the
     result's identity); returns the new version's digests. The step ``after`` it, a delta,
-    is downloaded meanwhile (:meth:`.beside.Beside.fetch`)."""
+    is downloaded meanwhile (:meth:`.beside.Beside.fetch`). ``made``: ``parent`` is the
+    hop before, received by this run with the repository's UUID of its version (it needs
+    no alias or registry entry to be found: it is given to the receive as it is). An
+    intermediate gets no registry entry (directories): a run that resumes from it finds
+    it by content, as any held version, and :func:`.holdings.ensure_parent` registers it
+    then."""
     def fetch_after() -> None:
         if after is not None and after.kind == "delta":
             out, download, length = _delta_file(d, m, after, records)
@@ -410,7 +415,7 @@ def _apply(d: _Dest, m: Mirrors, step: Step, records: dict[int, VersionRecord],
         if parent is None or step.source is None:
             raise MissingBaseError("a delta hop without its parent version")
         src = records[step.source]
-        parent_dir = holdings.ensure_parent(d.dest, parent, src.name)
+        parent_dir = parent.root if made else holdings.ensure_parent(d.dest, parent, src.name)
         out, download, _length = _delta_file(d, m, step, records)
         path = beside.take(out, download)
         ref = next(x.ref for x in rec.deltas if x.source == step.source)
@@ -421,7 +426,7 @@ def _apply(d: _Dest, m: Mirrors, step: Step, records: dict[int, VersionRecord],
             return receive_version(f, d.dest, name, source=ref.path, delta=True,
                                    identity=rec.identity, parent=parent,
                                    parent_at=(stream_uuid(parent.identity), parent_dir),
-                                   verified=True)[1]
+                                   verified=True, register=last)[1]
     else:
         full = full_index(m, rec, d.meta)
         seeds = _seeds(d, seedable, records, emit)
@@ -440,7 +445,7 @@ def _apply(d: _Dest, m: Mirrors, step: Step, records: dict[int, VersionRecord],
                           source=rec.full.path) as stream:
             return receive_version(stream, d.dest, name,  # type: ignore[arg-type]
                                    source=rec.full.path, delta=False,
-                                   identity=rec.identity)[1]
+                                   identity=rec.identity, register=last)[1]
 
 
 def _seeds(d: _Dest, trees: dict[int, Path], records: dict[int, VersionRecord],
