@@ -548,3 +548,32 @@ def test_a_copy_made_ahead_on_the_directory_backend(tmp_path: Path, other: str,
     assert (parent / "os-release").read_bytes() == b"v1\n"
     assert _entries(dest) == (["parent"] if other == "unused" else ["next", "parent"])
     assert not [t for t in threading.enumerate() if t.name == "btrdelta-snapshot"]
+
+
+def test_a_hook_that_does_not_register_leaves_the_registry_alone(tmp_path: Path) -> None:
+    """On the directory backend a ``pre_commit`` whose ``register`` is false gets its tree
+    under its final name, checked, but no registry entry (nothing finds it by UUID); the
+    registry's other entries stay."""
+
+    class Unregistered:
+        register = False
+
+        def __init__(self) -> None:
+            self.seen: list[bytes] = []
+
+        def __call__(self, pending: PendingSubvol) -> None:
+            self.seen.append(pending.name)
+
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    hook = Unregistered()
+    with Subvolumes(dest, backend="dir") as subs:
+        parent = _parent_subvol(dest, subs)
+        pending = subs.begin(b"next", UUID_B, 9, parent=parent)
+        _write(pending.sandbox, b"os-release", b"v2\n")
+        done = subs.finish(pending, pre_commit=hook)
+        assert hook.seen == [b"next"]
+        assert (done.path / "os-release").read_bytes() == b"v2\n"
+        assert subs.find(UUID_B) is None
+        assert subs.find(UUID_A) == parent
+    assert _entries(dest) == ["next", "parent"]
