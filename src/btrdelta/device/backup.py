@@ -129,7 +129,7 @@ class _Store:
             doc = json.loads(raw)
             if doc.get("format") != _FORMAT or doc.get("version") != 1:
                 raise ValueError("not a btrdelta backup index")
-            return [dict(b) for b in doc["backups"]]
+            return _entries(doc["backups"])
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise StreamFormatError(f"invalid backup index: {exc}",
                                     source=f"{self.where}/{name}.backups.json") from exc
@@ -144,6 +144,38 @@ class _Store:
             else:
                 write_atomic(Path(self.where) / f"{name}.backups.json",
                              Path(f.name).read_bytes())
+
+
+def _entries(backups: Any) -> list[dict[str, Any]]:
+    """The entries of an index's ``backups``, each checked: ``n`` a number from 1 on, once;
+    ``file`` one plain name (never a path out of the location); ``parent`` none or an
+    earlier backup (so a chain ends: a parent naming itself or a later one made restore loop
+    forever, its memory growing); ``uuid`` and ``tree_sum`` strings.
+
+    Raises:
+        ValueError: what is wrong, naming the entry.
+    """
+    if not isinstance(backups, list):
+        raise ValueError("'backups' is not a list")
+    out: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    for i, b in enumerate(backups):
+        if not isinstance(b, dict):
+            raise ValueError(f"backups[{i}] is not an object")
+        n, file, parent = b.get("n"), b.get("file"), b.get("parent")
+        if type(n) is not int or n < 1 or n in seen:
+            raise ValueError(f"backups[{i}]: 'n' {n!r} is not a new number from 1 on")
+        if not isinstance(file, str) or file in ("", ".", "..") or "/" in file \
+                or "\0" in file:
+            raise ValueError(f"backups[{i}]: 'file' {str(file)[:80]!r} is not a plain name")
+        if parent is not None and (type(parent) is not int or not 1 <= parent < n):
+            raise ValueError(f"backups[{i}]: 'parent' {parent!r} is not an earlier backup")
+        for key in ("uuid", "tree_sum"):
+            if not isinstance(b.get(key), str):
+                raise ValueError(f"backups[{i}]: {key!r} missing or not a string")
+        seen.add(n)
+        out.append(dict(b))
+    return out
 
 
 def _snapshots(layout: Layout, name: str) -> list[tuple[int, Path]]:
