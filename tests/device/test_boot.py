@@ -4,6 +4,7 @@ fw_setenv/fw_printenv)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -12,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from btrdelta import device
-from btrdelta.device.boot import read_trial
+from btrdelta.device.boot import read_trial, select_root
+from btrdelta.device.layout import Layout
 
-from .conftest import Release
+from .conftest import Release, btrdelta
 
 pytestmark = pytest.mark.btrfs
 CONTRIB = Path(__file__).parents[2] / "contrib" / "boot"
@@ -144,3 +146,28 @@ def test_failing_hook_is_an_error(btrfs_dev: Path, small_release: Release,
     assert st["trial"] is None  # the bootloader was not told: nothing selected
     assert st["next_boot"] == "a"
     assert st["pending"] is None
+
+
+def test_the_running_roots_mark_good_keeps_an_install_made_since(
+        btrfs_dev: Path, small_release: Release, tmp_path: Path) -> None:
+    """The health check's ``mark-good`` of the running root (the default, a) comes after an
+    update was installed in the same boot (b on trial): it removed every trial file and
+    told the bootloader "good a" (GRUB and U-Boot drop their trial then), so the update
+    that `install` had reported as the next boot never booted, silently."""
+    r = small_release
+    hook = _hook(tmp_path)
+    device.init(btrfs_dev, r.old, state=[], hook=str(hook), tries=3)
+    device.install(btrfs_dev, r.delta)
+    st = json.loads(btrdelta("device", "mark-good", btrfs_dev, "--slot", "a",
+                             "--json").stdout)
+    assert st["default"] == "a"
+    assert st["roots"]["a"]["verdict"] == "good"
+    assert st["next_boot"] == "b"
+    assert st["trial"] == {"slot": "b", "tries_left": 3, "boots": 0}
+    want = {"btrdelta_default": "a", "btrdelta_try": "b", "btrdelta_left": "3"}
+    assert _env(tmp_path) == (want, want)
+    assert select_root(Layout(btrfs_dev))[0] == "b"
+    # b boots and is marked good: its own trial ends
+    device.mark_good(btrfs_dev, slot="b")
+    assert _env(tmp_path) == ({"btrdelta_default": "b"}, {"btrdelta_default": "b"})
+    assert device.status(btrfs_dev)["trial"] is None

@@ -332,16 +332,26 @@ def _which(layout: Layout, slot: str | None, booted: str | None, *,
 def mark_good(fs: str | os.PathLike[str], *, slot: str | None = None,
               booted: str | None = None) -> dict[str, Any]:
     """The booted root (or ``slot``) is good: it becomes the default subvolume (the commit
-    point) and its trial ends."""
+    point) and its trial ends (a pending trial of another slot, an install made since,
+    stays)."""
     with open_device(fs) as layout, layout.lock():
         st = load_state(layout)
         recover(layout, st)
         name = _which(layout, slot, booted)
         if not layout.is_subvolume(layout.root(name)):
             raise DeviceError(f"root {name} does not exist")
+        trial = read_trial(layout)
+        # a pending trial of another slot is an install made since (the health check's
+        # mark-good of the running root came after it): it stays, and the hook, whose
+        # "good" drops any trial, is told it again
+        later = trial if trial is not None and trial.slot != name and trial.left > 0 \
+            else None
         set_default_root(layout, name)
-        clear_trial(layout)
+        if later is None:
+            clear_trial(layout)
         call_hook(st.hook, "good", name)
+        if later is not None:
+            call_hook(st.hook, "try", later.slot, str(later.left))
         st.root(name).verdict = "good"
         st.note("mark-good", slot=name)
         save_state(layout, st)
