@@ -574,6 +574,8 @@ def _lying_sender(dest: Path, stream: bytes, plan_parent: object, *,
     digest = blake3.blake3(stream).hexdigest() if io.conn.version == 1 else \
         xxhash.xxh3_128_hexdigest(stream)
     chain = chain_next("00" * 32, digest)
+    if resume:  # (the chain the receiver holds: a resumed stream's own when it is the same)
+        chain = part.chain
     answer: object = Ack(0, len(stream))
     if not resume:
         try:
@@ -714,6 +716,29 @@ def _ok_stream(name: bytes = b"ok") -> bytes:
     return _stream([Subvol(path=name, uuid=_uuid.uuid4(), ctransid=1),
                     Mkfile(path=b"f", ino=257), Write(path=b"f", offset=0, data=b"x" * 9000),
                     End()])
+
+
+def test_a_resume_must_name_the_stream_the_partial_transfer_holds(tmp_path: Path) -> None:
+    """The session id is in the HOLDINGS any peer allowed to connect reads, and a resumed
+    stream's first record (name, UUID, base: checked against the first PLAN) is not sent
+    again: a PLAN resuming that session under another name and UUID was taken, and the
+    partial transfer of the first stream was committed as the second (its name, its
+    received UUID). It is refused now, and the partial transfer stays for its sender."""
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    good = _ok_stream()
+    assert _lying_sender(dest, good, None, after_end="close")[0] == "Ack"
+    [tmp] = _complete_partial(dest)
+    other = _ok_stream(b"no")  # as long: the PLAN's resume point matches
+    what, _code, text = _lying_sender(dest, other, None, resume=True)
+    assert what == "refused-plan", text
+    assert "not the partial transfer's" in text, text
+    assert _visible(dest) == set()
+    assert _complete_partial(dest) == [tmp]
+    what, code, text = _lying_sender(dest, good, None, resume=True)
+    assert (what, code) == ("Committed", 0), text
+    assert _visible(dest) == {"ok"}
+    assert (dest / "ok" / "f").read_bytes() == b"x" * 9000
 
 
 @pytest.mark.parametrize("damage", ["torn", "empty", "not-an-object", "no-offset"])

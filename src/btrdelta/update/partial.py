@@ -153,6 +153,22 @@ class PartialTransfer:
         write_atomic(self.path / META, json.dumps(doc).encode(), mode=0o600,
                      durable=synced or durable)
 
+    def holds(self, name: str, uuid: UUID, ctransid: int, parent_uuid: UUID | None) -> bool:
+        """Whether the partial transfer holds the start of the stream of subvolume ``name``
+        (``uuid``, ``ctransid``, incremental from ``parent_uuid``): a resume must name it.
+        Its first record was checked against the first PLAN and is not sent again, and the
+        session id is in the HOLDINGS any peer allowed to connect reads: a resume naming
+        another subvolume or base was taken (its records, cloning from that base, went on
+        in the first one's subvolume, which then took the new name and received UUID)."""
+        try:
+            doc = self.load()
+        except Damaged:
+            return False
+        parent = str(parent_uuid) if parent_uuid is not None else None
+        return doc is not None and (doc.get("name"), doc.get("uuid"), doc.get("ctransid"),
+                                    doc.get("parent_uuid")) == (name, str(uuid), ctransid,
+                                                                parent)
+
     def applied(self) -> int:
         """The records applied: the tmpfs counter's, else (after a restart) ``progress``."""
         counter = self.counter()

@@ -460,6 +460,10 @@ class Replica:
                                       or part.offset != plan.offset
                                       or part.segments != plan.segments):
             return Refuse("protocol", "no such partial transfer to resume")
+        if plan.kind == "resume" and not PartialTransfer(self.dest, self.backend).holds(
+                plan.name, plan.uuid, plan.ctransid, plan.parent_uuid):
+            return Refuse("protocol", "the resumed stream is not the partial transfer's "
+                                      "(another subvolume name, UUID, ctransid or base)")
         if plan.kind != "resume" and plan.offset:
             return Refuse("protocol", "a new transfer starts at offset 0")
         return None
