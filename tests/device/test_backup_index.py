@@ -55,3 +55,87 @@ def test_a_lying_backup_index_is_refused_in_one_line(tmp_path: Path, backups: An
     assert "SECRET" not in proc.stderr
     assert "53 45 43" not in proc.stderr
     assert list(out.iterdir()) == []
+
+
+def _restore(out: Path, src: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*BTRDELTA, "device", "restore", str(out), "home", src, "--to-dir"],
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def _index(backups: list[dict[str, Any]]) -> bytes:
+    return json.dumps({"format": "btrdelta-backups", "version": 1, "name": "home",
+                       "backups": backups}).encode()
+
+
+@pytest.mark.parametrize("planted", ["index-symlink", "index-fifo", "file-symlink",
+                                     "file-fifo"])
+def test_backup_files_are_read_only_as_regular_files(tmp_path: Path, planted: str) -> None:
+    """A symlink in the location (an untrusted USB stick) was followed: to a file of the
+    machine, whose first bytes the error showed ("starts 53 45 43 ..."); a FIFO made the
+    restore wait forever. Each is refused in one line naming it (exit 3)."""
+    import os
+
+    src, out = tmp_path / "backups", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"SECRET-BYTES" * 8)
+    index, stream = src / "home.backups.json", src / "home.1.stream"
+    victim = index if planted.startswith("index") else stream
+    if victim is stream:
+        index.write_bytes(_index([_GOOD]))
+    if planted.endswith("symlink"):
+        victim.symlink_to(secret if victim is stream else tmp_path / "real.json")
+        (tmp_path / "real.json").write_bytes(_index([_GOOD]))
+    else:
+        os.mkfifo(victim)
+    proc = _restore(out, str(src))
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert f"{victim}: " in proc.stderr, proc.stderr
+    assert "SECRET" not in proc.stderr
+    assert "53 45 43" not in proc.stderr
+    assert list(out.iterdir()) == []
+
+
+def test_an_endless_index_over_http_is_not_downloaded_whole(tmp_path: Path) -> None:
+    """An index is read up to 1 MiB: a server that sends an endless one (here 256 MiB) was
+    read whole into a temporary file before the first MiB was parsed."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    served = [0]
+
+    class Endless(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(256 << 20))
+            self.end_headers()
+            block = b'{"format": "btrdelta-backups", ' + b" " * ((1 << 16) - 31)
+            try:
+                for _ in range(256 << 4):
+                    self.wfile.write(block)
+                    served[0] += len(block)
+            except OSError:
+                pass  # the client went away
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Endless)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        out = tmp_path / "out"
+        out.mkdir()
+        url = f"http://127.0.0.1:{server.server_address[1]}/backups"
+        proc = _restore(out, url)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(30)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert f"{url}/home.backups.json: larger than 1048576 bytes" in proc.stderr, proc.stderr
+    assert served[0] < 16 << 20, served[0]
+    assert list(out.iterdir()) == []

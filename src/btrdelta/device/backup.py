@@ -21,9 +21,11 @@ Index (version 1)::
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -51,6 +53,8 @@ RESTORED = ".restored-"
 #: is whole); each kept snapshot holds the data changed since on the device
 KEEP_DESTINATIONS = 4
 _DESTINATIONS = "destinations.json"
+#: the largest index read (an index of 1 MiB lists thousands of backups)
+_INDEX_LIMIT = 1 << 20
 
 
 class _Store:
@@ -92,13 +96,37 @@ class _Store:
             raise TransportError(f"PUT answered {resp.status_code}", url=url,
                                  status=resp.status_code)
 
-    def get(self, name: str, dest: BinaryIO) -> None:
+    def get(self, name: str, dest: BinaryIO, *, limit: int | None = None) -> None:
+        """Copy backup file ``name`` into ``dest``: a regular file of the directory (never
+        through a symlink, a FIFO or a device: a USB stick is untrusted too), or the body
+        of a GET; with ``limit``, refused once it is larger (an index: never an endless
+        download into a temporary file)."""
+        copied = 0
+
+        def put(chunk: bytes) -> None:
+            nonlocal copied
+            copied += len(chunk)
+            if limit is not None and copied > limit:
+                raise StreamFormatError(f"larger than {limit} bytes",
+                                        source=f"{self.where}/{name}")
+            dest.write(chunk)
+
         if not self.http:
+            path = Path(self.where) / name
             try:
-                with open(Path(self.where) / name, "rb") as f:
-                    shutil.copyfileobj(f, dest, 1 << 20)
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
             except FileNotFoundError as exc:
                 raise DeviceError(f"{self.where}: no backup file {name}") from exc
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                raise StreamFormatError("a symlink, not a backup file", source=str(path)) \
+                    from None
+            with open(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise StreamFormatError("not a regular file", source=str(path))
+                while chunk := f.read(1 << 20):
+                    put(chunk)
             return
         import httpx
 
@@ -109,14 +137,14 @@ class _Store:
                     raise TransportError(f"GET answered {resp.status_code}", url=url,
                                          status=resp.status_code)
                 for chunk in resp.iter_bytes(1 << 20):
-                    dest.write(chunk)
+                    put(chunk)
         except httpx.HTTPError as exc:
             raise TransportError(f"GET failed: {exc}", url=url) from exc
 
     def index(self, name: str) -> list[dict[str, Any]]:
         with tempfile.TemporaryFile() as f:
             try:
-                self.get(f"{name}.backups.json", f)
+                self.get(f"{name}.backups.json", f, limit=_INDEX_LIMIT)
             except DeviceError:
                 return []
             except TransportError as exc:
@@ -124,7 +152,7 @@ class _Store:
                     return []
                 raise
             f.seek(0)
-            raw = f.read(1 << 20)
+            raw = f.read()
         try:
             doc = json.loads(raw)
             if doc.get("format") != _FORMAT or doc.get("version") != 1:
