@@ -490,6 +490,26 @@ def test_already_current_and_refusals(tmp_path: Path) -> None:
     assert len(_visible(dest)) == 2
 
 
+def test_a_name_the_destination_cannot_take_is_refused_before_the_stream(
+        tmp_path: Path) -> None:
+    """A source whose name (240 bytes) with the time stamp replicate adds is longer than the
+    destination's filesystem takes a name: the whole stream was sent and applied, then
+    refused at its end ("File name too long"), and every run sent it whole again. It is
+    refused at the PLAN now, saying why; nothing is left in DEST."""
+    src = tmp_path / ("s" * 240)
+    src.mkdir()
+    (src / "a").write_bytes(os.urandom(2 << 20))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    ch = spawn_local(str(dest))
+    res = replicate(src, ch, store=SendshotStore(tmp_path / "store"))
+    ch.close()
+    assert res.outcome == "refused", res
+    assert "longer than the destination's filesystem takes" in res.message, res.message
+    assert _visible(dest) == set()
+    assert not [n for n in os.listdir(dest) if n.startswith(".btrdelta-tmp-")]
+
+
 def test_an_unchanged_directory_is_already_current(tmp_path: Path) -> None:
     """A plain directory sent again unchanged: its incremental carries no change, so it is
     not committed (the receiver would hold the same tree twice): exit 0, `nothing to

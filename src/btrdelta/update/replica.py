@@ -450,6 +450,10 @@ class Replica:
             return Refuse("refused", f"unsafe subvolume name: {exc}")
         if plan.name.startswith("."):
             return Refuse("refused", "hidden subvolume names are not allowed")
+        size = len(os.fsencode(plan.name))  # (refused here, not after the whole stream)
+        if size > os.pathconf(self.dest, "PC_NAME_MAX"):
+            return Refuse("refused", f"a subvolume name of {size} bytes: longer than the "
+                                     "destination's filesystem takes")
         if os.path.lexists(self.dest / plan.name):
             return Refuse("exists", f"{plan.name} already exists in the destination")
         if plan.parent_uuid is not None and not any(
