@@ -16,7 +16,8 @@ case "$action" in
          cp "$dir/btrdelta-$slot.template" "$dir/.btrdelta-$slot.tmp"
          mv "$dir/.btrdelta-$slot.tmp" "$dir/btrdelta-$slot+$3.conf"
          bootctl --esp-path="$esp" set-oneshot "btrdelta-$slot+$3.conf" 2>/dev/null || true ;;
-    good) drop "$slot"
+    good) drop a; drop b; drop factory  # no trial of any slot (another's counted entry
+          # stayed the oneshot: after a factory reset the next boot was that trial's root)
           cp "$dir/btrdelta-$slot.template" "$dir/.btrdelta-$slot.tmp"
           mv "$dir/.btrdelta-$slot.tmp" "$dir/btrdelta-$slot.conf"
           bootctl --esp-path="$esp" set-default "btrdelta-$slot.conf" 2>/dev/null || true ;;

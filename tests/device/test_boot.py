@@ -171,3 +171,31 @@ def test_the_running_roots_mark_good_keeps_an_install_made_since(
     device.mark_good(btrfs_dev, slot="b")
     assert _env(tmp_path) == ({"btrdelta_default": "b"}, {"btrdelta_default": "b"})
     assert device.status(btrfs_dev)["trial"] is None
+
+
+def test_systemd_boot_entries_leave_no_trial_after_good(
+        btrfs_dev: Path, small_release: Release, tmp_path: Path) -> None:
+    """``good SLOT`` means no trial (docs/device.md, boot hooks): the systemd-boot hook
+    dropped only SLOT's counted entry, so after a factory reset with an update pending
+    (b on trial) ``btrdelta-b+3.conf`` stayed, the oneshot the ``try`` had set: the next
+    boot was b, not the factory base. Oracle: the entries systemd-boot reads."""
+    esp = tmp_path / "esp"
+    entries = esp / "loader" / "entries"
+    entries.mkdir(parents=True)
+    for slot in ("a", "b", "factory"):
+        (entries / f"btrdelta-{slot}.template").write_text(
+            f"title {slot}\nlinux /vmlinuz\noptions rootflags=subvol=roots/{slot} ro\n")
+    hook = tmp_path / "hook"
+    hook.write_text(f'#!/bin/sh\nESP={esp} exec {CONTRIB}/systemd-boot.sh "$@"\n')
+    hook.chmod(0o755)
+
+    def confs() -> list[str]:
+        return sorted(n for n in os.listdir(entries) if n.endswith(".conf"))
+
+    device.init(btrfs_dev, small_release.old, state=[], hook=str(hook), tries=3)
+    assert confs() == ["btrdelta-a.conf"]
+    device.install(btrfs_dev, small_release.delta)
+    assert confs() == ["btrdelta-a.conf", "btrdelta-b+3.conf"]
+    btrdelta("device", "factory-reset", btrfs_dev)
+    assert device.status(btrfs_dev)["next_boot"] == "factory"
+    assert confs() == ["btrdelta-a.conf", "btrdelta-factory.conf"]
