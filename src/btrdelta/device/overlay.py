@@ -65,20 +65,22 @@ def mount(fs: str | os.PathLike[str], target: str | os.PathLike[str], *,
     with open_device(fs) as layout:
         st = load_state(layout)
         name = _root_name(layout, root)
-        _run("mount", "--bind", "-o", "ro", str(layout.root(name)), str(target))
+        real = _inside(layout.top, f"roots/{name}", f"roots/{name}")
+        _run("mount", "--bind", "-o", "ro", str(real), str(target))
         done: list[tuple[str, str]] = []
         skipped: list[str] = []
         try:
             for s in st.state if state else []:
-                where = target / s.path.lstrip("/")
-                sub = layout.state(s.name)
+                where = _inside(target, s.path.lstrip("/"), f"root {name}: {s.path}")
+                sub = _inside(layout.top, f"state/{s.name}", f"state/{s.name}")
                 if not where.is_dir() or not sub.is_dir():
                     skipped.append(s.path)
                     continue
                 if s.mode == "overlay":
+                    upper, work = (_inside(layout.top, f"state/{s.name}/{d}",
+                                           f"state/{s.name}/{d}") for d in ("upper", "work"))
                     _run("mount", "-t", "overlay", "overlay", "-o",
-                         f"lowerdir={where},upperdir={sub / 'upper'},workdir={sub / 'work'}",
-                         str(where))
+                         f"lowerdir={where},upperdir={upper},workdir={work}", str(where))
                 else:
                     _run("mount", "--bind", str(sub), str(where))
                 done.append((s.mode, s.path))
@@ -86,6 +88,18 @@ def mount(fs: str | os.PathLike[str], target: str | os.PathLike[str], *,
             subprocess.run(["umount", "-R", str(target)], capture_output=True, check=False)
             raise
         return {"root": name, "mounts": done, "skipped": skipped}
+
+
+def _inside(top: Path, rel: str, what: str) -> Path:
+    """``top/rel`` as mount(8) resolves it (following symlinks), refused when that leaves
+    ``top``: a state path that is a symlink in the root (``/home -> /var/home``), or a
+    state subvolume's ``upper`` that is one on the device, mounted over (or wrote into)
+    the directory of the machine running the command."""
+    real = Path(os.path.realpath(top / rel))
+    if not real.is_relative_to(os.path.realpath(top)):
+        raise DeviceError(f"{what} leads out of {top} (to {real}, through a symbolic "
+                          "link): not mounted")
+    return real
 
 
 @dataclass(frozen=True)
