@@ -50,6 +50,11 @@ def test_device_mount_never_mounts_out_of_its_target(btrfs_dev: Path, small_rele
         assert not os.path.ismount(victim)
         assert os.listdir(victim) == ["mine"]
         assert not os.path.ismount(target)
+        if link == "upper":  # diff reads the upper as mount would use it: refused too
+            got = btrdelta("device", "diff", btrfs_dev, check=False)
+            assert got.returncode == 1, got.stderr
+            assert f"error: {what} leads out of " in got.stderr, got.stderr
+            assert "/mine" not in got.stdout
     finally:
         for p in (victim / "etc", victim, target):
             while os.path.ismount(p):

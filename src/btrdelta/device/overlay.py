@@ -163,8 +163,8 @@ def diff(fs: str | os.PathLike[str], *, root: str | None = None) -> list[Change]
         for s in st.state:
             if s.mode != "overlay":
                 continue
-            upper = layout.state(s.name) / "upper"
-            if upper.is_dir():
-                lower = layout.root(name) / s.path.lstrip("/")
+            upper = _inside(layout.top, f"state/{s.name}/upper", f"state/{s.name}/upper")
+            if upper.is_dir():  # (read as mount would use them: never out of the device)
+                lower = _inside(layout.root(name), s.path.lstrip("/"), f"root {name}: {s.path}")
                 _walk_upper(os.fsencode(upper), os.fsencode(lower), os.fsencode(s.path), out)
         return out
