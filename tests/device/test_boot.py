@@ -167,6 +167,8 @@ def test_the_running_roots_mark_good_keeps_an_install_made_since(
     want = {"btrdelta_default": "a", "btrdelta_try": "b", "btrdelta_left": "3"}
     assert _env(tmp_path) == (want, want)
     assert select_root(Layout(btrfs_dev))[0] == "b"
+    out = btrdelta("device", "mark-good", btrfs_dev, "--slot", "a").stdout.splitlines()
+    assert out[0] == "marked a good: it is the default; next boot: b, on trial", out
     # b boots and is marked good: its own trial ends
     device.mark_good(btrfs_dev, slot="b")
     assert _env(tmp_path) == ({"btrdelta_default": "b"}, {"btrdelta_default": "b"})

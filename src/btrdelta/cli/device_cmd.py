@@ -447,7 +447,9 @@ def _what_was_done(st: dict[str, Any]) -> str:
     last = log[-1] if log else {}
     event, slot = last.get("event"), last.get("slot")
     if event == "mark-good":
-        return f"marked {slot} good: it is the default"
+        later = st["next_boot"] if st["next_boot"] != slot else None  # (an install since)
+        return f"marked {slot} good: it is the default" + (
+            f"; next boot: {later}, on trial" if later else "")
     if event == "mark-bad":
         before = log[-2] if len(log) > 1 else {}
         if before.get("event") == "rollback" and before.get("reason") == f"{slot} marked bad":
