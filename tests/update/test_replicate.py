@@ -741,24 +741,54 @@ def _ok_stream(name: bytes = b"ok") -> bytes:
 def test_a_resume_must_name_the_stream_the_partial_transfer_holds(tmp_path: Path) -> None:
     """The session id is in the HOLDINGS any peer allowed to connect reads, and a resumed
     stream's first record (name, UUID, base: checked against the first PLAN) is not sent
-    again: a PLAN resuming that session under another name and UUID was taken, and the
-    partial transfer of the first stream was committed as the second (its name, its
-    received UUID). It is refused now, and the partial transfer stays for its sender."""
+    again: a PLAN resuming that session under another name and UUID (with the chain the
+    HOLDINGS gave) was taken, and the partial transfer of the first stream was committed
+    as the second (its name, its received UUID). It is refused now (``diverged``: what an
+    honest sender's stream made again from a changed directory gets too) and dropped."""
     dest = tmp_path / "dest"
     dest.mkdir()
     good = _ok_stream()
     assert _lying_sender(dest, good, None, after_end="close")[0] == "Ack"
-    [tmp] = _complete_partial(dest)
+    _complete_partial(dest)
     other = _ok_stream(b"no")  # as long: the PLAN's resume point matches
     what, _code, text = _lying_sender(dest, other, None, resume=True)
     assert what == "refused-plan", text
     assert "not the partial transfer's" in text, text
     assert _visible(dest) == set()
-    assert _complete_partial(dest) == [tmp]
-    what, code, text = _lying_sender(dest, good, None, resume=True)
+    assert not (dest / ".btrdelta-partial").exists()
+    assert not [n for n in os.listdir(dest) if n.startswith(".btrdelta-tmp-")]
+    what, code, text = _lying_sender(dest, good, None)
     assert (what, code) == ("Committed", 0), text
     assert _visible(dest) == {"ok"}
     assert (dest / "ok" / "f").read_bytes() == b"x" * 9000
+
+
+def test_a_directory_changed_after_a_cut_is_sent_again_whole(tmp_path: Path) -> None:
+    """A plain directory's stream is made again for a resume from the directory as it is
+    now: changed after the cut, the stream has another UUID (a digest of the content) and
+    the receiver refuses its PLAN (``diverged``; the partial transfer dropped); the sender
+    forgets the session and says ``diverged`` (the CLI then starts a new conversation),
+    and the next run sends the directory whole. (A receiver refusing the PLAN as a
+    ``protocol`` error left the sender resuming that session at every run.)"""
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    src.mkdir()
+    dest.mkdir()
+    (src / "big").write_bytes(random.Random(7).randbytes(6 * SEG))
+    store = SendshotStore(tmp_path / "store")
+    cut = _Cut(spawn_local(str(dest)), int(2.5 * SEG))
+    with pytest.raises(TransportError):
+        replicate(src, cut, store=store, segment=SEG)
+    cut.close()
+    (src / "small").write_bytes(b"changed after the cut")
+    outcomes = []
+    for _ in range(2):
+        ch = spawn_local(str(dest))
+        res = replicate(src, ch, store=store, segment=SEG)
+        ch.close()
+        outcomes.append((res.outcome, res.kind))
+    assert outcomes == [("diverged", "resume"), ("committed", "full")], outcomes
+    assert tree_sum(_newest(dest)) == tree_sum(src)
+    assert not (dest / ".btrdelta-partial").exists()
 
 
 @pytest.mark.parametrize("damage", ["torn", "empty", "not-an-object", "no-offset"])

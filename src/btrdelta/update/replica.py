@@ -464,9 +464,11 @@ class Replica:
                                       or part.offset != plan.offset
                                       or part.segments != plan.segments):
             return Refuse("protocol", "no such partial transfer to resume")
-        if plan.kind == "resume" and not PartialTransfer(self.dest, self.backend).holds(
-                plan.name, plan.uuid, plan.ctransid, plan.parent_uuid):
-            return Refuse("protocol", "the resumed stream is not the partial transfer's "
+        held = PartialTransfer(self.dest, self.backend)
+        if plan.kind == "resume" and not held.holds(plan.name, plan.uuid, plan.ctransid,
+                                                    plan.parent_uuid):
+            held.drop()  # (a stream made again from a changed directory: a new one follows)
+            return Refuse("diverged", "the resumed stream is not the partial transfer's "
                                       "(another subvolume name, UUID, ctransid or base)")
         if plan.kind != "resume" and plan.offset:
             return Refuse("protocol", "a new transfer starts at offset 0")

@@ -571,8 +571,13 @@ class _Sender:
             self._forget(flight)
             return ReplicateResult("diverged", "resume", flight["name"], self.rid,
                                    message="the regenerated stream differs")
-        except BaseException:
+        except BaseException as exc:
             wire.abort()
+            if wire.resume_at and isinstance(exc, PeerRefused) and \
+                    exc.refusal.code == "diverged":  # (the PLAN: the stream's name or UUID)
+                self._forget(flight)
+                return ReplicateResult("diverged", "resume", flight["name"], self.rid,
+                                       message=exc.refusal.message)
             if naming is not None:
                 named = naming.done()
                 if named and wire.plan is None:
