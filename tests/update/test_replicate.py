@@ -510,6 +510,36 @@ def test_a_name_the_destination_cannot_take_is_refused_before_the_stream(
     assert not [n for n in os.listdir(dest) if n.startswith(".btrdelta-tmp-")]
 
 
+@pytest.mark.btrfs
+def test_a_destination_of_many_subvolumes_still_receives(tmp_path: Path) -> None:
+    """The HOLDINGS list every subvolume of DEST (67 bytes each here, 100 with the sendshot
+    a replication received it as: 11,400 of those, 16 months of hourly replication kept):
+    past 1,114,112 bytes, the largest any message could be, every replication to that DEST
+    failed ("message length ... exceeds 1114112"). A sender now reads a HOLDINGS of up to
+    64 MiB."""
+    from btrdelta.fs.btrfs import create_subvolume
+
+    require_btrfs()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"a" * 5000)
+    with loop_fs("btrfs", size="1G") as rcv:
+        dest = rcv / "backup"
+        dest.mkdir()
+        fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for i in range(18_000):  # (3 s)
+                create_subvolume(fd, f"other.20250101T{i:06d}".encode())
+        finally:
+            os.close(fd)
+        ch = spawn_local(str(dest))
+        res = replicate(src, ch, store=SendshotStore(tmp_path / "store"))
+        ch.close()
+        assert (res.outcome, res.kind) == ("committed", "full"), res
+        assert tree_sum(dest / res.name) == tree_sum(src)
+        assert len(_visible(dest)) == 18_001
+
+
 def test_an_unchanged_directory_is_already_current(tmp_path: Path) -> None:
     """A plain directory sent again unchanged: its incremental carries no change, so it is
     not committed (the receiver would hold the same tree twice): exit 0, `nothing to

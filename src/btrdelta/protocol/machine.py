@@ -33,6 +33,7 @@ from .messages import (
     FRAMING,
     HEADER,
     NAMES,
+    SENDER_FRAMING,
     VERSIONS,
     Accept,
     Ack,
@@ -86,7 +87,7 @@ class Connection:
             raise ValueError(f"unknown role {role!r}")
         self.role = role
         self.peer_role = _ROLES[1 - _ROLES.index(role)]
-        self._in = Framer(FRAMING, source=source)
+        self._in = Framer(SENDER_FRAMING if role == "sender" else FRAMING, source=source)
         self._header_sent = False
         self._hellos = {"sent": False, "received": False}
         #: the conversation's phase: hello, holdings, plan, accept, stream, commit, done

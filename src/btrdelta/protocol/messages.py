@@ -28,6 +28,8 @@ from ..stream.framing import Framing, encode_frame, iter_tlvs
 
 __all__ = [
     "FRAMING",
+    "MAX_HOLDINGS",
+    "SENDER_FRAMING",
     "MAGIC",
     "MAX_DATA",
     "MAX_DATA_V3",
@@ -104,15 +106,30 @@ NAMES: Final = {HELLO: "HELLO", HOLDINGS: "HOLDINGS", PLAN: "PLAN", REFUSE: "REF
                 ACCEPT: "ACCEPT", DATA: "DATA", CHECKPOINT: "CHECKPOINT", ACK: "ACK",
                 COMMIT: "COMMIT", COMMITTED: "COMMITTED"}
 
-FRAMING: Final = Framing(
-    eof="connection closed",
-    short_header="connection closed inside a message header",
-    too_long="message length {length} exceeds {limit}",
-    truncated="connection closed inside a message of {total} bytes",
-    names=NAMES,
-    max_payload=lambda cmd, version: _MAX_PAYLOAD,
-    unknown_by_number=True,
-)
+#: the largest HOLDINGS a sender reads: one entry per subvolume of DEST (about 100 bytes:
+#: 640,000 of them). Until session 21 every message was held to :data:`_MAX_PAYLOAD`, and
+#: a DEST of 11,400 received subvolumes (16 months of hourly replication) failed every
+#: replication to it ("message length ... exceeds"); only a sender reads one
+MAX_HOLDINGS: Final = 64 << 20
+
+
+def _framing(max_payload: Any) -> Framing:
+    return Framing(
+        eof="connection closed",
+        short_header="connection closed inside a message header",
+        too_long="message length {length} exceeds {limit}",
+        truncated="connection closed inside a message of {total} bytes",
+        names=NAMES,
+        max_payload=max_payload,
+        unknown_by_number=True,
+    )
+
+
+#: what a receiver reads (every message up to :data:`_MAX_PAYLOAD`)
+FRAMING: Final = _framing(lambda cmd, version: _MAX_PAYLOAD)
+#: what a sender reads: a HOLDINGS up to :data:`MAX_HOLDINGS`
+SENDER_FRAMING: Final = _framing(
+    lambda cmd, version: MAX_HOLDINGS if cmd == HOLDINGS else _MAX_PAYLOAD)
 
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
