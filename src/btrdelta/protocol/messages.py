@@ -112,24 +112,20 @@ NAMES: Final = {HELLO: "HELLO", HOLDINGS: "HOLDINGS", PLAN: "PLAN", REFUSE: "REF
 #: replication to it ("message length ... exceeds"); only a sender reads one
 MAX_HOLDINGS: Final = 64 << 20
 
-
-def _framing(max_payload: Any) -> Framing:
-    return Framing(
-        eof="connection closed",
-        short_header="connection closed inside a message header",
-        too_long="message length {length} exceeds {limit}",
-        truncated="connection closed inside a message of {total} bytes",
-        names=NAMES,
-        max_payload=max_payload,
-        unknown_by_number=True,
-    )
-
-
 #: what a receiver reads (every message up to :data:`_MAX_PAYLOAD`)
-FRAMING: Final = _framing(lambda cmd, version: _MAX_PAYLOAD)
+FRAMING: Final = Framing(
+    eof="connection closed",
+    short_header="connection closed inside a message header",
+    too_long="message length {length} exceeds {limit}",
+    truncated="connection closed inside a message of {total} bytes",
+    names=NAMES,
+    max_payload=lambda cmd, version: _MAX_PAYLOAD,
+    unknown_by_number=True,
+)
 #: what a sender reads: a HOLDINGS up to :data:`MAX_HOLDINGS`
-SENDER_FRAMING: Final = _framing(
-    lambda cmd, version: MAX_HOLDINGS if cmd == HOLDINGS else _MAX_PAYLOAD)
+SENDER_FRAMING: Final = Framing(
+    FRAMING.eof, FRAMING.short_header, FRAMING.too_long, FRAMING.truncated, NAMES,
+    lambda cmd, version: MAX_HOLDINGS if cmd == HOLDINGS else _MAX_PAYLOAD, True)
 
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
