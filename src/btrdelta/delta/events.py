@@ -35,7 +35,7 @@ from .. import TYPE_CHECKING
 from ..errors import BtrdeltaError, StreamFormatError
 from ..stream.reader import EOF, NEED_DATA, Event, StreamParser
 from ..stream.records import Clone, End, Write
-from .expand import FLUSH, HEADER, WRITE, OldRoot, expand_items, open_delta
+from .expand import APPLY, FLUSH, HEADER, WRITE, OldRoot, expand_items, open_delta
 from .format import DEFAULT_MAX_FILE_SIZE, DeltaItem
 from .patching import SameEncodedWrite, SameWrite
 
@@ -132,7 +132,15 @@ def expand_batches(
                     batch = []
                     nbytes = 0
                 continue
-            if cls is SameWrite or cls is SameEncodedWrite:
+            if kind == APPLY:  # an extent left out: what is applied instead
+                if cls is Clone:
+                    _add(batch, rec)  # type: ignore[arg-type]
+                elif cls is tuple:  # WRITEs and CLONEs of a patched file's extent
+                    for piece in rec:  # type: ignore[union-attr]
+                        _add(batch, piece)  # type: ignore[arg-type]
+                elif rec is not None:
+                    _add(batch, rec)  # type: ignore[arg-type]
+            elif cls is SameWrite or cls is SameEncodedWrite:
                 apply = rec.apply  # type: ignore[union-attr]
                 if type(apply) is tuple:  # WRITEs and CLONEs of a patched file's extent
                     for piece in apply:

@@ -65,6 +65,7 @@ if TYPE_CHECKING:
     from typing import Any, BinaryIO
 
 __all__ = [
+    "APPLY",
     "DEFAULT_MAX_FILE_SIZE",
     "END",
     "FLUSH",
@@ -92,11 +93,14 @@ OldRoot = str | os.PathLike[str] | Callable[..., "str | os.PathLike[str]"]
 
 # output kinds of expand_items: a stream header, carried btrfs commands (a group of whole
 # commands), a regenerated WRITE or ENCODED_WRITE; with ``flush``, FLUSH (no bytes): a
-# long patch comes next, hand on what came before it
-HEADER, RAW, WRITE, FLUSH = 0, 1, 2, 6
+# long patch comes next, hand on what came before it; APPLY (no bytes): a command left
+# out, counted, and what ``receive`` applies instead (its record: a CLONE, a WRITE or a
+# tuple of them; only with ``clone_same`` and not ``hash_clones``)
+HEADER, RAW, WRITE, FLUSH, APPLY = 0, 1, 2, 6, 7
 # and of _Expander.run only: an ENCODED_WRITE being regenerated (a future), the DEND record,
-# an ENCODED_WRITE of unchanged content left to its CLONE (not regenerated: hash_clones)
-PENC, END, CLONED = 3, 4, 5
+# an ENCODED_WRITE of unchanged content left to its CLONE (not regenerated: hash_clones),
+# the same as (what is applied, its command's size) (Patcher.unread_clone)
+PENC, END, CLONED, SIZED = 3, 4, 5, 8
 #: a patch of new content this large (not a ``same`` one) comes after a FLUSH output
 #: (HDiffPatch: ~1 ms a MB, scipy's OpenBLAS ~30 ms)
 _FLUSH_MIN = 1 << 20
@@ -239,11 +243,18 @@ class _Expander:
         """The records of a ZCMDS piece: consecutive btrfs commands as one group of bytes,
         delta records handled in between."""
         carrier = self.carrier
+        unread_clone = self.patcher.unread_clone
         for sub in carrier.split(carrier.inflate(z), self.version, grouped=True):
             if carrier.count:
                 yield RAW, *carrier.take_group()
-            if sub is not None:  # None: the group is full (taken above)
-                yield from self.handle(sub, inner=True)
+            if sub is None:  # the group is full (taken above)
+                continue
+            if type(sub) is PEncoded:  # an unchanged file's extent, most often: no Pending
+                got = unread_clone(sub)
+                if got is not None:
+                    yield SIZED, *got
+                    continue
+            yield from self.handle(sub, inner=True)
         if carrier.count:
             yield RAW, *carrier.take_group()
 
@@ -378,14 +389,17 @@ class _Outputs:
         elif kind == RAW:
             pieces = [b]
             ex.count += a
+        elif kind == SIZED:
+            ex.left_out(b)
+            return APPLY, [], a
         elif kind == CLONED:
-            rec, size = ex.patcher.cloned(a)
-            ex.left_out(size)
-            return WRITE, [], rec
+            pending: Pending = a
+            ex.left_out(ex.patcher.cloned_size(pending))
+            return APPLY, [], pending.clone
         elif kind == FLUSH:
             return FLUSH, [], None
         else:
-            pending: Pending = a
+            pending = a
             rec, pieces = ex.patcher.regenerated(pending) if kind == PENC else (a, b)
             kind = WRITE
             ex.count += 1
@@ -443,7 +457,9 @@ def expand_items(
     check_digest: bool = True,
     flush: bool = False,
     records_only: bool = False,
-) -> Generator[tuple[int, list[Any], R.Record | StreamHeader | None], None, None]:
+) -> Generator[
+    tuple[int, list[Any], R.Record | StreamHeader | tuple[R.Record, ...] | None], None, None
+]:
     """Expand delta items to ``(kind, pieces, record)`` with the bytes of each output item.
 
     An output item is a stream header, a group of consecutive carried btrfs commands or
@@ -451,7 +467,8 @@ def expand_items(
     stream; ``record`` is the decoded header or WRITE, ``None`` for a group of carried
     commands (the caller decodes those if it needs them). The final DEND check runs before
     the generator ends. With ``clone_same`` and not ``hash_clones``, the ENCODED_WRITE of an
-    extent left to its CLONE comes with no pieces (its ``apply`` is the CLONE).
+    extent left to its CLONE comes as ``(APPLY, [], what receive applies instead)``: no
+    pieces, the CLONE (or the WRITE, or a tuple of them) as its record.
 
     Strategy: compressed extents (PENC) are recompressed in worker threads while the
     delta items after them are parsed. Outputs come out strictly in stream order

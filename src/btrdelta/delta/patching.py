@@ -177,7 +177,7 @@ class Patcher:
         clone_same: give unchanged content's records a CLONE from the parent snapshot.
         hash_clones: with ``clone_same``, still recompress the unchanged extents a CLONE
             stands for (their bytes are only hashed); ``False``: they are not regenerated
-            (:meth:`cloned`).
+            (:meth:`cloned_size`, :meth:`unread_clone`).
     """
 
     def __init__(
@@ -191,7 +191,7 @@ class Patcher:
         self.clone_same = clone_same
         self.hash_clones = hash_clones
         #: size of an ENCODED_WRITE without its data, by (path length, no encryption
-        #: attribute, version): see :meth:`cloned`
+        #: attribute, version): see :meth:`_clone_head`
         self.clone_heads: dict[tuple[int, bool, int], int] = {}
         #: version of the embedded btrfs stream, and its SNAPSHOT/SUBVOL (set by the caller)
         self.version = 0
@@ -453,6 +453,38 @@ class Patcher:
         return R.Clone(offset, length, a.patch.path, head.clone_uuid, head.clone_ctransid,
                        a.patch.base_path, old_offset)
 
+    def unread_clone(self, e: PEncoded) -> tuple[R.Clone, int] | None:
+        """:meth:`pencoded` and :meth:`cloned` in one for an extent of a file whose content
+        is cloned, not read (:meth:`_cloned_unread`: the usual record of an unchanged
+        file in a ``receive`` on btrfs): the CLONE applied instead and the size the command
+        has in the expanded stream, with :meth:`pencoded`'s checks; ``None`` for any other
+        PENC (then :meth:`pencoded`)."""
+        a = self.active
+        head = self.head
+        if a is None or a.content is not None or a.old_data is not None \
+                or type(head) is not R.Snapshot:
+            return None
+        if a.pos + e.length > a.size or e.length == 0:
+            raise StreamFormatError("PENC runs past the patched content")
+        version = self.version
+        if version < 2:
+            raise StreamFormatError("PENC in a v1 stream (ENCODED_WRITE needs v2)")
+        if e.disk_len > MAX_PAYLOAD[version]:
+            raise StreamFormatError(f"PENC disk length {e.disk_len} exceeds a command's payload")
+        p = a.patch
+        path, base = p.path, p.base_path
+        assert path is not None
+        assert base is not None
+        clone = R.Clone(e.offset, e.file_len, path, head.clone_uuid, head.clone_ctransid, base,
+                        a.pos + e.unencoded_offset)
+        a.pos += e.length
+        if a.pos == a.size:
+            self.active = None
+        size = self.clone_heads.get((len(path), e.encryption is None, version))
+        if size is None:
+            size = self._clone_head(path, e, version, self.index)
+        return clone, size + e.disk_len
+
     def pencoded(self, e: PEncoded, index: int) -> Pending:
         """Start regenerating the ENCODED_WRITE a PENC record (number ``index``) stands for:
         its extent is recompressed in a worker thread (a small one at once, which costs
@@ -552,24 +584,28 @@ class Patcher:
             and e.unencoded_offset + e.file_len <= e.length
         )
 
-    def cloned(self, p: Pending) -> tuple[R.EncodedWrite, int]:
-        """The record of a :meth:`pencoded` extent left to its CLONE (``packed`` is
-        ``None``): no data, ``apply`` its CLONE; and the size its command has in the
-        expanded stream (header and attributes, as encoded, and the extent's ``disk_len``
-        bytes)."""
+    def cloned_size(self, p: Pending) -> int:
+        """The size the command of a :meth:`pencoded` extent left to what ``p.clone`` is
+        (``packed`` is ``None``) has in the expanded stream: header and attributes, as
+        encoded, and the extent's ``disk_len`` bytes."""
         e = p.penc
-        rec = SameEncodedWrite(p.path, e.offset, e.file_len, e.unencoded_len,
-                               e.unencoded_offset, e.compression, b"", e.encryption)
-        rec.apply = p.clone
-        # header and attributes: their size depends only on these (the others are fixed)
-        key = (len(p.path), e.encryption is None, p.version)
-        head = self.clone_heads.get(key)
+        head = self.clone_heads.get((len(p.path), e.encryption is None, p.version))
         if head is None:
-            try:
-                head = self.clone_heads[key] = sum(map(len, encode_record(rec, p.version)))
-            except BtrdeltaError as exc:
-                raise exc.located(source=self.source, index=p.index) from None
-        return rec, head + e.disk_len
+            head = self._clone_head(p.path, e, p.version, p.index)
+        return head + e.disk_len
+
+    def _clone_head(self, path: bytes, e: PEncoded, version: int, index: int) -> int:
+        """The size of the header and attributes of the ENCODED_WRITE of ``e`` on ``path``
+        (as encoded: they depend only on the path's length, whether there is an encryption
+        attribute and the version; cached in :attr:`clone_heads`)."""
+        rec = R.EncodedWrite(path, e.offset, e.file_len, e.unencoded_len, e.unencoded_offset,
+                             e.compression, b"", e.encryption)
+        try:
+            head = sum(map(len, encode_record(rec, version)))
+        except BtrdeltaError as exc:
+            raise exc.located(source=self.source, index=index) from None
+        self.clone_heads[(len(path), e.encryption is None, version)] = head
+        return head
 
     def regenerated(self, p: Pending) -> tuple[R.EncodedWrite, list[Any]]:
         """The ENCODED_WRITE of a :meth:`pencoded` record and its exact bytes, checked
