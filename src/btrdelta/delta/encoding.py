@@ -460,6 +460,7 @@ def _penc_layout(encryption: bool) -> tuple[struct.Struct, tuple[int, ...]]:
 #: loop cost ~9 µs a record, 4,105 records on the Debian pair); any other layout takes
 #: the general path and its checks. By payload size: without, with ENCRYPTION.
 _PENC_LAYOUTS = {lay[0].size: lay for lay in (_penc_layout(False), _penc_layout(True))}
+_PENC, _CPATCH = int(DCmd.PENC), int(DCmd.CPATCH)
 
 
 def _decode_penc(mv: memoryview, start: int, end: int) -> PEncoded | None:
@@ -484,12 +485,13 @@ def decode_item(cmd: int, mv: memoryview, start: int, end: int) -> DeltaItem:
     Raises:
         StreamFormatError: unknown record, bad or missing attribute (no location).
     """
-    if cmd == DCmd.CPATCH:
-        return _decode_cpatch(mv, start, end)
-    if cmd == DCmd.PENC:
+    if cmd == _PENC:  # (the most frequent first; ints: an IntEnum member's lookup is a
+        # Python call on 3.11)
         penc = _decode_penc(mv, start, end)
         if penc is not None:
             return penc
+    elif cmd == _CPATCH:
+        return _decode_cpatch(mv, start, end)
     if cmd not in _REQUIRED:
         raise StreamFormatError(f"unknown delta record number {cmd}")
     a = _decode_attrs(cmd, mv, start, end)

@@ -243,17 +243,21 @@ class _Expander:
         """The records of a ZCMDS piece: consecutive btrfs commands as one group of bytes,
         delta records handled in between."""
         carrier = self.carrier
-        unread_clone = self.patcher.unread_clone
+        unread_clone, start = self.patcher.unread_clone, self.patcher.start
         for sub in carrier.split(carrier.inflate(z), self.version, grouped=True):
             if carrier.count:
                 yield RAW, *carrier.take_group()
             if sub is None:  # the group is full (taken above)
                 continue
-            if type(sub) is PEncoded:  # an unchanged file's extent, most often: no Pending
-                got = unread_clone(sub)
+            cls = type(sub)
+            if cls is PEncoded:  # an unchanged file's extent, most often: no Pending
+                got = unread_clone(sub)  # type: ignore[arg-type]
                 if got is not None:
                     yield SIZED, *got
                     continue
+            elif cls is Patch and sub.codec == SAME_CODEC and not sub.auto_chunk:  # type: ignore[union-attr]
+                start(sub)  # type: ignore[arg-type]  # (handle's case, with nothing to yield)
+                continue
             yield from self.handle(sub, inner=True)
         if carrier.count:
             yield RAW, *carrier.take_group()
@@ -504,7 +508,10 @@ def expand_items(
                 yield from outputs.drain()
                 ex.check_end(a)
                 return
-            yield from outputs.push(kind, a, b)
+            if kind != PENC and not outputs.waiting:  # (push's first case: no generator)
+                yield outputs.out(kind, a, b)
+            else:
+                yield from outputs.push(kind, a, b)
     finally:
         run.close()
         ex.close()

@@ -305,10 +305,39 @@ class Patcher:
             return fd, size, None
         return fd, size, [(off, off + n) for off, n in segs]
 
+    def _unread(self, root: str | os.PathLike[str], p: Patch) -> bool:
+        """:meth:`_finish` of a ``same`` patch whose content is cloned and not read
+        (:meth:`_cloned_unread`), where its old file is a regular file of the size the
+        patch says without holes: the file opened and handed to the background check,
+        ``True``; else ``False`` (nothing done: :meth:`_finish` goes the general way)."""
+        try:
+            got = open_regular_sized(root, p.base_path, self.dirs)
+        except (OSError, BtrdeltaError):
+            return False
+        if got is None:
+            return False
+        fd, size = got
+        try:
+            whole = size == p.old_size and (not size or data_segments(fd, size) == [(0, size)])
+        except OSError:
+            whole = False
+        if not whole:
+            os.close(fd)
+            return False
+        if self.content_checked:
+            os.close(fd)
+        else:  # checked in the background, from the fd open here (taken over)
+            self.checks.add(root, p.base_path, size, p.hash_algo, p.old_digest, self.index,
+                            fd)
+        self.active = _Active(p, None, size)
+        return True
+
     def _finish(self, p: Patch, patch: bytes) -> None:
         self.pending = None
         self.pdata = []
         root = self.root_of("PATCH")  # known since the PATCH came
+        if p.codec == SAME_CODEC and self._cloned_unread(p) and self._unread(root, p):
+            return
         # (its size looked up first: a missing or resized old file fails here, as below,
         # not in the CLONE of a range it does not have)
         same = self._open_same(root, p)

@@ -73,6 +73,8 @@ _MAX_CMD = max_command(3)
 #: the btrfs commands a carrier may hold (``legal(cmd, Place.CARRIER)`` as one lookup)
 _CARRIED = frozenset(c for c in RECORDS if legal(c, Place.CARRIER))
 _CRC_FIELD = struct.Struct("<I")
+#: (ints: an IntEnum member's lookup is a Python call on 3.11)
+_CPATCH, _BLAKE3_32 = int(DCmd.CPATCH), int(HashAlgo.BLAKE3_32)
 
 
 class CarrierReader:
@@ -227,7 +229,7 @@ class CarrierReader:
             raise StreamFormatError(f"carried delta record {cmd} is invalid")
         sub = decode_item(cmd, mv, pos + CMD_HEADER_SIZE, end)
         if type(sub) is Patch:
-            if cmd != DCmd.CPATCH and sub.hash_algo == HashAlgo.BLAKE3_32:
+            if cmd != _CPATCH and sub.hash_algo == _BLAKE3_32:
                 raise StreamFormatError("a 4-byte digest outside a CPATCH")
             if sub.bases and self._format < BASES_VERSION:
                 raise StreamFormatError(f"BASES in a format-{self._format} patch")
