@@ -60,6 +60,8 @@ def _decode_group(parser: StreamParser, group: bytearray, batch: list[Event]) ->
         got = parser.take_batch()
         if got:
             batch += got
+            if not parser.buffered:  # all of it (most groups: the next batch would be
+                return  # empty, then NEED_DATA)
             continue
         ev = parser.next_event()
         if ev is NEED_DATA or ev is EOF:  # EOF: never fed

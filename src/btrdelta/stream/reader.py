@@ -159,6 +159,11 @@ class StreamParser:
         """Absolute byte offset of the next unparsed byte."""
         return self._in.offset
 
+    @property
+    def buffered(self) -> int:
+        """Bytes fed and not parsed yet."""
+        return self._in.avail
+
     def needed(self) -> int:
         """Bytes still missing to complete the item being parsed (a hint for readers)."""
         return self._in.needed(STREAM_HEADER_SIZE if self._expect_header else 0)
