@@ -244,6 +244,59 @@ def test_c_applier_over_the_old_file_leaves_its_unchanged_pages_alone(tmp_path: 
     assert _anonymous_kib(path) == 0  # unmapped with the last reference
 
 
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("seed", range(6))
+def test_equal_runs_of_a_content_mapped_over_its_old_file(codec: str, seed: int,
+                                                          tmp_path: Path) -> None:
+    """``equal_runs`` of an ``Output`` given the old content ``apply`` was given counts the
+    blocks the patch never wrote as equal without comparing them (receive: scipy's
+    OpenBLAS): the runs are the ones a comparison of every block gives (the Python
+    reference on the content's bytes), whatever the patch did where: bytes changed in
+    place (the RLE stream), data inserted and removed (covers moved), a tail appended or
+    cut, a block changed and changed back by the patch's additions; another old buffer
+    of the same bytes, compared block by block, gives the same."""
+    import mmap
+
+    from btrdelta.delta import _hpatch  # type: ignore[attr-defined]
+    from btrdelta.delta.patching import _equal_runs
+
+    rng = random.Random(seed)
+    size = (1 << 20) + rng.randrange(0, 3 * 4096)
+    old = bytes(rng.randbytes(4096)) * (size // 4096) + rng.randbytes(size % 4096)
+    new = bytearray(old)
+    for _ in range(rng.randrange(0, 12)):  # in place: the RLE additions
+        at = rng.randrange(len(new))
+        new[at] ^= 1 << rng.randrange(8)
+    for _ in range(rng.randrange(0, 3)):  # moved: covers elsewhere, new data between
+        at = rng.randrange(len(new))
+        new[at:at] = rng.randbytes(rng.randrange(1, 9000))
+        cut = rng.randrange(len(new))
+        del new[cut : cut + rng.randrange(1, 5000)]
+    if seed % 3 == 1:
+        new += rng.randbytes(rng.randrange(1, 10000))
+    elif seed % 3 == 2:
+        del new[-rng.randrange(1, 10000) :]
+    patch = get_codec(codec).make(old, bytes(new))
+    path = tmp_path / "old"
+    path.write_bytes(old)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        mapped = mmap.mmap(fd, len(old), prot=mmap.PROT_READ)  # as receive maps it
+        out = get_codec(codec).apply_over(mapped, patch, new_size=len(new), old_fd=fd)
+    finally:
+        os.close(fd)
+    assert type(out) is _hpatch.Output
+    assert bytes(memoryview(out)) == new
+    for start, end, block, min_len in ((0, len(new), 4096, 65536), (0, len(new), 4096, 0),
+                                       (8192, len(new) // 2, 4096, 4096),
+                                       (0, len(new), 8192, 0), (0, len(new), 1024, 0)):
+        runs = _equal_runs(bytes(new), old, start, end, block, min_len)
+        assert _hpatch.equal_runs(out, mapped, start, end, block, min_len) == runs
+        assert _hpatch.equal_runs(out, bytes(old), start, end, block, min_len) == runs
+    del out
+    mapped.close()
+
+
 def test_c_applier_over_a_file_of_another_size_is_fresh_memory(tmp_path: Path) -> None:
     """The old file is checked: one whose size is not the old content's (it changed, or
     the wrong file) gets no mapping over it, the result is ordinary bytes."""
