@@ -131,7 +131,7 @@ class _Expander:
         self.count = 0
         self.size = 0
         self.hash: Any = None
-        #: False once a command was left out (CLONED): the digest is no longer computed;
+        #: False once a command was left out (CLONED, SIZED): the digest is no longer computed;
         #: never computed without ``check_digest``
         self.hashing = check_digest
         #: small pieces not hashed yet (see :meth:`add`)
@@ -281,7 +281,7 @@ class _Expander:
             self.hash.update(piece)
 
     def left_out(self, size: int) -> None:
-        """A command of ``size`` bytes that is counted but not produced (CLONED): the
+        """A command of ``size`` bytes that is counted but not produced (CLONED, SIZED): the
         digest can no longer be computed, so it is not (:meth:`check_end`)."""
         self.count += 1
         self.size += size

@@ -483,7 +483,7 @@ class Patcher:
                        a.patch.base_path, old_offset)
 
     def unread_clone(self, e: PEncoded) -> tuple[R.Clone, int] | None:
-        """:meth:`pencoded` and :meth:`cloned` in one for an extent of a file whose content
+        """:meth:`pencoded` and :meth:`cloned_size` in one for an extent of a file whose content
         is cloned, not read (:meth:`_cloned_unread`: the usual record of an unchanged
         file in a ``receive`` on btrfs): the CLONE applied instead and the size the command
         has in the expanded stream, with :meth:`pencoded`'s checks; ``None`` for any other
