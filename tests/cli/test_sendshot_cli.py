@@ -394,3 +394,39 @@ def test_forget_a_receiver_gone_for_good(tmp_path: Path,
     assert len(_records(store)) == 1
     (kept,) = json.loads((store / "cursors.json").read_text())["receivers"].values()
     assert (stay / kept["name"] / "f").read_bytes() == (src / "f").read_bytes()
+
+
+def test_list_names_receivers_whose_record_is_gone(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A receiver whose record was deleted with --force (or that holds none yet) is named
+    by `sendshot list`: no record line names it, and `forget` needs its id. Oracle: the
+    receivers replicate wrote into the store's cursor file."""
+    store, src = tmp_path / "store", tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(9000))
+    dest = tmp_path / "nas"
+    dest.mkdir()
+    assert main(["replicate", "-q", str(src), str(dest), "--store", str(store)]) == 0
+    (receiver, cursor), = json.loads((store / "cursors.json").read_text())["receivers"].items()
+    SendshotStore(store).set_cursor("new-one", None, inflight={"snapshot": "/pool/.snap-y"})
+    capsys.readouterr()
+    assert main(["sendshot", "--store", str(store), "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("1 sendshot, ")
+    assert "; 2 receiver cursors; " in lines[0]
+    assert lines[1].endswith(f"held by {receiver}")
+    assert lines[2].startswith("receiver new-one: it holds no sendshot yet")
+    assert len(lines) == 3
+
+    assert main(["sendshot", "--store", str(store), "delete", "--force", cursor["digest"]]) == 0
+    capsys.readouterr()
+    assert main(["sendshot", "--store", str(store), "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("0 sendshots, 0 B; 2 receiver cursors")
+    assert lines[1:] == [
+        f"receiver {receiver}: its record {cursor['digest'][:16]} is gone (its next "
+        f"replicate chooses a base from what it holds, or sends in full; `sendshot forget "
+        f"{receiver}` drops it)",
+        "receiver new-one: it holds no sendshot yet (its next replicate chooses a base from "
+        "what it holds, or sends in full; `sendshot forget new-one` drops it)"]
+    assert main(["sendshot", "--store", str(store), "forget", receiver]) == 0

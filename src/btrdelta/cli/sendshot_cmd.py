@@ -171,6 +171,19 @@ def _line(s: StoredSendshot) -> str:
             f"{s.head.stream_uuid}  {s.size} B{parent}{held}")
 
 
+def _orphans(cursors: dict[str, dict[str, Any]], listed: set[str]) -> None:
+    """Print the receivers whose cursor names no record listed (none yet, or one deleted
+    with --force): no record line names them, and `forget` needs their ids."""
+    for receiver, cursor in sorted(cursors.items()):
+        digest = cursor.get("digest")
+        if digest in listed:
+            continue
+        what = (f"its record {str(digest)[:16]} is gone" if digest else
+                "it holds no sendshot yet")
+        print(f"receiver {receiver}: {what} (its next replicate chooses a base from what it "
+              f"holds, or sends in full; `sendshot forget {receiver}` drops it)")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run one action."""
     store = SendshotStore(args.store or DEFAULT_STORE)
@@ -179,15 +192,16 @@ def run(args: argparse.Namespace) -> int:
         every = store.records_list()
         out = [s.to_json() for s in every]
         if not args.json:  # a summary first, as `repo ls`
-            cursors = len(store.cursors())
+            cursors = store.cursors()
             total = human_bytes(sum(s.size for s in every))
             print(f"{len(every)} sendshot{'' if len(every) == 1 else 's'}, {total}; "
-                  f"{cursors} receiver cursor{'' if cursors == 1 else 's'}; store "
+                  f"{len(cursors)} receiver cursor{'' if len(cursors) == 1 else 's'}; store "
                   f"{store.path}" + ("" if os.path.isdir(store.path) else
                                      " (no such directory yet: a typo, or no send "
                                      "recorded there)"))
             for s in every:
                 print(_line(s))
+            _orphans(cursors, {s.digest for s in every})
     elif args.action == "show":
         s = store.resolve(args.id)
         reader, f = store.open(s)
