@@ -84,7 +84,7 @@ def header() -> str:
         f"enum {{ SAME_PATH = 0x{carrier.SAME_PATH_MARK:04X}, ORPHAN = 0x{carrier.ORPHAN_TLV:04X},"
         f" TIMES = 0x{carrier.TIMES_TLV:04X},"
         f" NEXT_INO = 0x{carrier.NEXT_INO_TLV:04X}, NAMEREF = 0x{carrier.NAMEREF_TLV:04X},"
-        f" OLDREF = 0x{carrier.OLDREF_TLV:04X} }};",
+        f" OLDREF = 0x{carrier.OLDREF_TLV:04X}, OLDNAME = 0x{carrier.OLDNAME_TLV:04X} }};",
         "",
         "/* casync's chunker: window and buzhash table (btrdelta.chunk.buzhash); the table is",
         " * an initializer, so that only the file that uses it holds it */",

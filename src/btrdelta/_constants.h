@@ -116,7 +116,7 @@ enum {
 #define DIRS_TRIM 256 /* cached directories before starting over */
 
 /* TLV markers of carried commands in delta streams (btrdelta.delta.carrier) */
-enum { SAME_PATH = 0xFFFF, ORPHAN = 0xFFFE, TIMES = 0xFFFD, NEXT_INO = 0xFFFA, NAMEREF = 0xFFFC, OLDREF = 0xFFFB };
+enum { SAME_PATH = 0xFFFF, ORPHAN = 0xFFFE, TIMES = 0xFFFD, NEXT_INO = 0xFFFA, NAMEREF = 0xFFFC, OLDREF = 0xFFFB, OLDNAME = 0xFFF9 };
 
 /* casync's chunker: window and buzhash table (btrdelta.chunk.buzhash); the table is
  * an initializer, so that only the file that uses it holds it */

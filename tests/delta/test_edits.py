@@ -176,10 +176,10 @@ def rebuilt(tmp_path: Path) -> tuple[Path, bytes]:
     return old, _stream(files)
 
 
-def test_rebuilt_files_are_edits2_patches_in_format_8(rebuilt: tuple[Path, bytes]) -> None:
+def test_rebuilt_files_are_edits2_patches_from_format_8(rebuilt: tuple[Path, bytes]) -> None:
     old, stream = rebuilt
     delta, stats = _make(stream, old)
-    assert delta[17:21] == (8).to_bytes(4, "little")
+    assert delta[17:21] == (9).to_bytes(4, "little")
     assert stats.files_by_codec == {"edits2": 20}
     assert _expand(delta, old) == stream
     patches = _carried_patches(delta)

@@ -200,8 +200,8 @@ def test_format2_same_files_paths_and_renamed_dirs(tmp_path: Path) -> None:
     assert st.patched_files["same"] == 1
     assert sum(st.patched_files.values()) == 2  # RECORD found in the renamed directory
     assert len(delta) < 2_000 < len(stream) // 50
-    # the version field says 8; the development formats 1-3 (never released) are refused
-    assert delta[17:21] == (8).to_bytes(4, "little")
+    # the version field says 9; the development formats 1-3 (never released) are refused
+    assert delta[17:21] == (9).to_bytes(4, "little")
     for version in (3, 1, 2):
         with pytest.raises(UnsupportedVersionError, match=f"version {version} .*again"):
             _expand(delta[:17] + version.to_bytes(4, "little") + delta[21:], old)

@@ -38,6 +38,7 @@ def _patches(delta: bytes) -> list[Patch]:
     """Every PATCH and CPATCH of a delta, carried or not."""
     out: list[Patch] = []
     carrier = CarrierReader(None)
+    carrier.state.lenient = True  # no old tree: names from its listings are not resolved
     codecs = set()
     for item in iter_items(io.BytesIO(delta).read):
         if isinstance(item, Patch):
@@ -82,7 +83,7 @@ def test_format_6_against_the_kernel(tmp_path: Path) -> None:
         make_delta(io.BufferedReader(io.BytesIO(stream)), a, out.append,  # type: ignore[arg-type]
                    MakeOptions(carrier="xz", jobs=2))
         delta = b"".join(bytes(p) for p in out)
-        assert delta[17:21] == (8).to_bytes(4, "little")
+        assert delta[17:21] == (9).to_bytes(4, "little")
 
         # oracle 1: the expansion is the kernel's stream, byte for byte
         back: list[bytes] = []

@@ -564,6 +564,11 @@ run(PyObject *self, PyObject *args)
                 set_pos = 1;
                 new_pos = k;
             }
+            else if (t == OLDNAME && fmt >= 9) {
+                /* format 9: a name of an old listing near the previous path (Python's
+                   resolve_old_name) */
+                break;
+            }
             else {
                 as_is = 1;
                 has_path = 0;

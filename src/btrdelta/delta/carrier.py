@@ -25,12 +25,19 @@ was unlinked before (a rebuilt file put back where the old one was) writes its P
 ``(0xfffc, n)`` + the zigzag LEB128 difference between the list index and the last
 referenced index + 1; an UNLINK in the directory of the previous one writes its PATH as
 ``(0xfffb, n)`` + a reference into the sorted listing of that directory in the old
-snapshot. The read side (inflating, splitting, the C path) is :mod:`.unpack`.
+snapshot. Format 9: any other carried command whose PATH is not the previous path may
+write it as ``(0xfff9, n)`` + LEB128 ``up`` + zigzag LEB128 ``d``: the name at index
+``b + 1 + d`` of the old listing of the directory ``D`` that holds ``A``, where ``A`` is the
+previous path with ``up`` trailing components taken off and ``b`` where ``A``'s base name
+sorts in that listing (a file kept in place, whose UTIMES or CHOWN names its next
+neighbour, costs one byte before compression instead of its name). The read side
+(inflating, splitting, the C path) is :mod:`.unpack`.
 """
 
 from __future__ import annotations
 
 import struct
+from bisect import bisect_left
 from collections.abc import Callable
 from operator import attrgetter
 
@@ -40,7 +47,7 @@ from ..stream.constants import CMD_HEADER, CMD_HEADER_SIZE, Attr, Cmd
 from ..tree.pathmap import PathMap
 from .encoding import read_uvarint
 from .encoding import uvarint as _uvarint
-from .format import DELTA_VERSION_PACKED, DELTA_VERSION_WRITTEN
+from .format import DELTA_VERSION_OLDNAMES, DELTA_VERSION_PACKED, DELTA_VERSION_WRITTEN
 
 __all__ = ["NAME_CMDS", "CarrierState", "fold", "unfold", "SAME_PATH_TLV"]
 
@@ -60,6 +67,12 @@ NAMEREF_TLV = 0xFFFC
 OLDREF_TLV = 0xFFFB
 #: format 8: an orphan name whose inode number is the previous one's + 1 (no INO TLV)
 NEXT_INO_TLV = 0xFFFA
+#: format 9: a PATH named by its place in an old directory listing near the previous path
+OLDNAME_TLV = 0xFFF9
+#: trailing components of the previous path an OLDNAME reference may take off
+_OLDNAME_UP = 2
+#: components of a path an OLDNAME reference names, at most
+_OLDNAME_DOWN = 8
 
 _CREATES = frozenset(
     {int(Cmd.MKFILE), int(Cmd.MKDIR), int(Cmd.MKNOD), int(Cmd.MKFIFO), int(Cmd.MKSOCK),
@@ -148,6 +161,74 @@ class CarrierState(Value):
         self.unlink_pos = k
         value = _uvarint(delta * 2 if delta >= 0 else -delta * 2 - 1)
         return _TLV.pack(OLDREF_TLV, len(value)) + value
+
+    def old_name_ref(self, path: bytes) -> bytes | None:
+        """The OLDNAME TLV (format 9) standing for ``path``, or ``None``: its components
+        found in the old listings from the directory that holds the previous path (or one
+        of its first :data:`_OLDNAME_UP` ancestors) down. Reads the state only."""
+        a = self.last_path
+        if a is None or self.lister is None:
+            return None
+        for up in range(_OLDNAME_UP + 1):
+            c = a.rfind(b"/")
+            d, aname = (a[:c], a[c + 1 :]) if c >= 0 else (b"", a)
+            if not d or path.startswith(d + b"/"):
+                comps = (path[len(d) + 1 :] if d else path).split(b"/")
+                if len(comps) > _OLDNAME_DOWN:
+                    return None
+                value = _uvarint(up)
+                for i, name in enumerate(comps):
+                    listing = self._listing(d)
+                    k = None if listing is None else listing[1].get(name)
+                    if k is None or listing is None:
+                        return None
+                    if i == 0:
+                        k -= bisect_left(listing[0], aname) + 1
+                        k = k * 2 if k >= 0 else -k * 2 - 1
+                    value += _uvarint(k)
+                    d = d + b"/" + name if d else name
+                return _TLV.pack(OLDNAME_TLV, len(value)) + value
+            if c < 0:
+                return None
+            a = d
+        return None
+
+    def resolve_old_name(self, value: memoryview) -> bytes:
+        """The PATH a carried command wrote as an OLDNAME TLV of ``value`` (format 9)."""
+        up, pos = read_uvarint(value, 0, len(value))
+        a = self.last_path
+        if a is None or up > _OLDNAME_UP or pos == len(value):
+            raise StreamFormatError("invalid old-name reference")
+        for _ in range(up):
+            c = a.rfind(b"/")
+            if c < 0:
+                raise StreamFormatError("old-name reference above the top directory")
+            a = a[:c]
+        c = a.rfind(b"/")
+        d, aname = (a[:c], a[c + 1 :]) if c >= 0 else (b"", a)
+        first = True
+        while pos < len(value):
+            k, pos = read_uvarint(value, pos, len(value))
+            listing = self._listing(d)
+            if listing is None:
+                if self.lenient:
+                    return d + b"/?" if d else b"?"
+                raise StreamFormatError(
+                    f"old-name reference to the listing of directory "
+                    f"{d.decode(errors='replace')!r} of the old snapshot, which has none "
+                    "(not the delta's old snapshot?)"
+                )
+            if first:
+                k = bisect_left(listing[0], aname) + 1 + (k >> 1 if not k & 1 else
+                                                          -((k + 1) >> 1))
+                first = False
+            if not 0 <= k < len(listing[0]):
+                raise StreamFormatError(
+                    f"old-name reference out of range of directory "
+                    f"{d.decode(errors='replace')!r} (not the delta's old snapshot?)"
+                )
+            d = d + b"/" + listing[0][k] if d else listing[0][k]
+        return d
 
     def resolve_unlink(self, value: memoryview) -> bytes:
         """The PATH of an UNLINK written with an OLDREF TLV of ``value``."""
@@ -297,6 +378,9 @@ def fold(cmd: int, raw: memoryview, state: CarrierState) -> list[bytes | memoryv
                         mark, after = NEXT_INO_TLV, rest + 12
                     first = _TLV.pack(mark, len(tail)) + tail
                     state.last_ino = ino
+        if (cmd != _UNLINK and type(first) is memoryview
+                and state.format >= DELTA_VERSION_OLDNAMES):
+            first = state.old_name_ref(path) or first
         state.last_path = path
     tail_parts: list[bytes | memoryview] = [raw[after:]]
     to: bytes | None = None
@@ -393,6 +477,11 @@ def unfold(
         if rest > end:
             raise StreamFormatError("UNLINK name reference overruns the command")
         path = state.resolve_unlink(mv[p + 4 : rest])
+    elif t == OLDNAME_TLV and state.format >= DELTA_VERSION_OLDNAMES and cmd != _UNLINK:
+        rest = p + 4 + n
+        if rest > end:
+            raise StreamFormatError("old-name reference overruns the command")
+        path = state.resolve_old_name(mv[p + 4 : rest])
     else:
         return None
     if cmd == _UNLINK and t != OLDREF_TLV:

@@ -43,6 +43,7 @@ __all__ = [
     "DELTA_MAGIC",
     "DELTA_VERSION",
     "DELTA_VERSIONS",
+    "DELTA_VERSION_OLDNAMES",
     "RETIRED_VERSIONS",
     "DIGEST_SIZE",
     "INNER_RECORDS",
@@ -76,7 +77,7 @@ DELTA_VERSION: Final = 4
 DELTA_VERSION_CODEC: Final = 5
 #: format versions this reader reads. Format 4 is frozen: a change to what it means needs a
 #: new version, read next to it (``docs/formats/delta-stream.md``, "Versions")
-DELTA_VERSIONS: Final = frozenset({4, 5, 6, 7, 8})
+DELTA_VERSIONS: Final = frozenset({4, 5, 6, 7, 8, 9})
 #: format 6: format 5 with one more carrier codec, raw LZMA2 after the x86 branch
 #: converter (:mod:`.bcj`); written by ``--carrier xz``
 DELTA_VERSION_X86: Final = 6
@@ -92,8 +93,12 @@ EDITS_CODEC: Final = 5
 DELTA_VERSION_PACKED: Final = 8
 #: the patch codec of format 8
 EDITS2_CODEC: Final = 6
+#: format 9: format 8 whose carried commands may name their path by its place in the old
+#: snapshot's listing of a directory near the previous path (:mod:`.carrier`, marker
+#: 0xfff9); written whenever the carrier is on
+DELTA_VERSION_OLDNAMES: Final = 9
 #: the format ``delta make`` writes
-DELTA_VERSION_WRITTEN: Final = DELTA_VERSION_PACKED
+DELTA_VERSION_WRITTEN: Final = DELTA_VERSION_OLDNAMES
 #: carrier codecs (the CODEC of a format-5/6 ZCMDS; format 4 is zstd only)
 CARRIER_ZSTD: Final = 1
 CARRIER_LZMA2: Final = 2
@@ -103,7 +108,8 @@ CARRIER_LZMA2_X86: Final = 3
 CARRIER_CODECS: Final = {5: (CARRIER_ZSTD, CARRIER_LZMA2),
                          6: (CARRIER_ZSTD, CARRIER_LZMA2, CARRIER_LZMA2_X86),
                          7: (CARRIER_ZSTD, CARRIER_LZMA2, CARRIER_LZMA2_X86),
-                         8: (CARRIER_ZSTD, CARRIER_LZMA2, CARRIER_LZMA2_X86)}
+                         8: (CARRIER_ZSTD, CARRIER_LZMA2, CARRIER_LZMA2_X86),
+                         9: (CARRIER_ZSTD, CARRIER_LZMA2, CARRIER_LZMA2_X86)}
 #: format versions that were written during development only (never released): refused
 #: with a message saying to make the delta again
 RETIRED_VERSIONS: Final = frozenset({1, 2, 3})
