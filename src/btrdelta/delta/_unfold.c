@@ -1,5 +1,5 @@
 /*
- * btrdelta.delta._unfold: the common carried commands of a format-4..8 delta stream unfolded
+ * btrdelta.delta._unfold: the common carried commands of a format-4..9 delta stream unfolded
  * in C (see carrier.py for the carrier form).
  *
  * Strategy: carrier.unfold() in Python stays the reference and the only place with error
@@ -13,8 +13,9 @@
  * folded as differences (0xfffd) in UTIMES, a RENAME's PATH_TO as a reference to an
  * unlinked name (0xfffc), and commands stored as they are; the name commands (UNLINK,
  * RENAME, MKDIR, RMDIR) update CarrierState's name model as carrier.unfold does. Left to
- * Python: SUBVOL/SNAPSHOT (a new old root), a RENAME without PATH_TO, and every delta
- * record.
+ * Python: SUBVOL/SNAPSHOT (a new old root), a RENAME without PATH_TO, format 9's names
+ * from the old listings (0xfff9, carrier.resolve_old_name: the run stops before each such
+ * command, a few microseconds more for each in Python), and every delta record.
  *
  * The state shared with Python: CarrierState.last_path, .last_ino and .times are read at
  * the start of a run and written back at its end; the name model (names, name_at,

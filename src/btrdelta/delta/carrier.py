@@ -25,13 +25,14 @@ was unlinked before (a rebuilt file put back where the old one was) writes its P
 ``(0xfffc, n)`` + the zigzag LEB128 difference between the list index and the last
 referenced index + 1; an UNLINK in the directory of the previous one writes its PATH as
 ``(0xfffb, n)`` + a reference into the sorted listing of that directory in the old
-snapshot. Format 9: any other carried command whose PATH is not the previous path may
-write it as ``(0xfff9, n)`` + LEB128 ``up`` + zigzag LEB128 ``d``: the name at index
-``b + 1 + d`` of the old listing of the directory ``D`` that holds ``A``, where ``A`` is the
-previous path with ``up`` trailing components taken off and ``b`` where ``A``'s base name
-sorts in that listing (a file kept in place, whose UTIMES or CHOWN names its next
-neighbour, costs one byte before compression instead of its name). The read side
-(inflating, splitting, the C path) is :mod:`.unpack`.
+snapshot. Format 9: any carried command whose PATH is neither the previous path nor an
+orphan name (nor an UNLINK reference) may write it as ``(0xfff9, n)`` + LEB128 ``up`` +
+zigzag LEB128 ``d`` [+ LEB128 indexes]: from the directory ``D`` that holds ``A`` (the
+previous path with ``up`` trailing components taken off), the name at index ``b + 1 + d``
+of ``D``'s old listing (``b``: where ``A``'s base name sorts in it), then the name at each
+further index in the old listing of the directory named so far (a file kept in place,
+whose UTIMES or CHOWN names its next neighbour, costs a byte or two before compression
+instead of its name). The read side (inflating, splitting, the C path) is :mod:`.unpack`.
 """
 
 from __future__ import annotations
@@ -378,8 +379,7 @@ def fold(cmd: int, raw: memoryview, state: CarrierState) -> list[bytes | memoryv
                         mark, after = NEXT_INO_TLV, rest + 12
                     first = _TLV.pack(mark, len(tail)) + tail
                     state.last_ino = ino
-        if (cmd != _UNLINK and type(first) is memoryview
-                and state.format >= DELTA_VERSION_OLDNAMES):
+        if type(first) is memoryview and state.format >= DELTA_VERSION_OLDNAMES:
             first = state.old_name_ref(path) or first
         state.last_path = path
     tail_parts: list[bytes | memoryview] = [raw[after:]]
@@ -477,7 +477,7 @@ def unfold(
         if rest > end:
             raise StreamFormatError("UNLINK name reference overruns the command")
         path = state.resolve_unlink(mv[p + 4 : rest])
-    elif t == OLDNAME_TLV and state.format >= DELTA_VERSION_OLDNAMES and cmd != _UNLINK:
+    elif t == OLDNAME_TLV and state.format >= DELTA_VERSION_OLDNAMES:
         rest = p + 4 + n
         if rest > end:
             raise StreamFormatError("old-name reference overruns the command")

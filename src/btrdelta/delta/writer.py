@@ -227,7 +227,7 @@ class DeltaWriter:
             self._start(carrier)
 
     def _start(self, carrier: str) -> None:
-        """Set up the carrier's compressor and write the header (format 8)."""
+        """Set up the carrier's compressor and write the header (format 9)."""
         self.carrier = carrier
         if carrier == "xz":
             from .lanes import Lanes
