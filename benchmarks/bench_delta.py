@@ -36,6 +36,17 @@ scipy); ``BTRDELTA_BENCH_DIRS="NAME=OLD:NEW;..."`` adds directory pairs of your 
 written as fresh files); ``BTRDELTA_BENCH_PAIRS=WORD,...`` keeps only the pairs whose name
 has one of the words.
 
+App releases against whole-tree tools (:func:`app_rows`, ``BTRDELTA_BENCH_APPS``: the
+pairs by name, default ``numpy,regex,scipy``; empty: none): a wheel's release over the last
+(numpy 1.26.3 -> 1.26.4, regex 2024.9.11 -> 2024.11.6, scipy 1.13.0 -> 1.13.1, unpacked
+with each file's mtime and mode from the wheel) as a judge would compare them: ``btrdelta
+send -p OLD NEW`` (userspace, no btrfs) then ``delta make`` (the default), against
+``bsdiff``, ``xdelta3 -9 -B <old tar's size>`` and ``zstd -19 --long=31 --patch-from`` of
+the two trees' tars, each tar made the same way (GNU tar, ``--sort=name --numeric-owner
+--format=gnu``, the tree's own modes and mtimes: a tar carries no atime, ctime nor
+nanoseconds, a send stream does); sizes, wall and CPU seconds and peak RSS of each tool,
+and (zstd carrier) where the delta's bytes go (:mod:`.delta_bytes`).
+
 Run: ``.venv/bin/python -m benchmarks delta``.
 """
 
@@ -446,6 +457,96 @@ def _pairs(work: Path) -> list[tuple[str, Path, Path, bool]]:
     return [p for p in pairs if not only or any(w in p[0] for w in only.split(","))]
 
 
+#: app release pairs (package, old, new) for :func:`app_rows`
+APPS = (("numpy", "1.26.3", "1.26.4"), ("regex", "2024.9.11", "2024.11.6"),
+        ("scipy", "1.13.0", "1.13.1"))
+
+
+def _app_trees(pkg: str, old: str, new: str) -> tuple[Path, Path] | None:
+    """The unpacked wheels, from the benchmark cache or the default one (``~/.cache``)."""
+    from btrdelta.testing.wheels import release_trees
+
+    for cache in (CACHE, Path.home() / ".cache" / "btrdelta-bench"):
+        if all((cache / f"{pkg}-{v}").is_dir() for v in (old, new)):
+            break
+    else:
+        cache = CACHE
+    trees = release_trees(pkg, (old, new), cache)
+    return None if trees is None else (trees[0], trees[1])
+
+
+def _tar(tree: Path, out: Path) -> Path:
+    sh("tar", "--sort=name", "--numeric-owner", "--format=gnu", "-C", str(tree), "-cf",
+       str(out), ".")
+    return out
+
+
+def _app_pair(pkg: str, a: Path, b: Path, work: Path) -> tuple[list[str], dict[str, int]]:
+    lines = [f"-- {pkg} {a.name} -> {b.name} (btrdelta send -p, then delta make; peers on "
+             f"tars): {_tree_bytes(a) / 1e6:.1f} MB -> {_tree_bytes(b) / 1e6:.1f} MB, {_load()}"]
+    stream, delta, back = work / "s.stream", work / "d.delta", work / "back.stream"
+    runs: dict[str, tuple[int, float, float, int]] = {}  # size, wall, CPU, peak RSS
+    t, rss, _ = _timed([*BTRDELTA, "send", "-p", a, "-f", stream, b])
+    runs["send"] = (_size(stream), t, LAST_CPU[0], rss)
+    t, rss, err = _timed([*BTRDELTA, "delta", "make", "-f", stream, "--old", a, "-o", delta,
+                          "--json"])
+    runs["delta"] = (_size(delta), t, LAST_CPU[0], rss)
+    stats = _stats(err)
+    t, rss, _ = _timed([*BTRDELTA, "delta", "expand", "-f", delta, "--old", a, "-o", back])
+    runs["expand"] = (_size(back), t, LAST_CPU[0], rss)
+    same = filecmp.cmp(back, stream, shallow=False)
+    old_tar, new_tar = _tar(a, work / "a.tar"), _tar(b, work / "b.tar")
+    for key, out, cmd in (
+        ("bsdiff", work / "p.bsdiff", ["bsdiff", old_tar, new_tar, work / "p.bsdiff"]),
+        ("xdelta3 -9", work / "p.xd", ["xdelta3", "-9", "-f", "-B", str(_size(old_tar)), "-e",
+                                       "-s", old_tar, new_tar, work / "p.xd"]),
+        ("zstd patch-from", work / "p.zst", ["zstd", "-q", "-f", "-19", "--long=31",
+                                             "--single-thread", f"--patch-from={old_tar}",
+                                             new_tar, "-o", work / "p.zst"]),
+    ):
+        t, rss, _ = _timed(cmd)  # type: ignore[arg-type]
+        runs[key] = (_size(out), t, LAST_CPU[0], rss)
+    lines.append(f"  stream {runs['send'][0]:,} B; tars {_size(old_tar) / 1e6:.1f} MB -> "
+                 f"{_size(new_tar) / 1e6:.1f} MB; expand(make(S)) == S: {same}; carrier "
+                 f"{stats.get('carrier')}; patches by codec: " + ", ".join(
+                     f"{k} {v['files']} files {v['patch_bytes']:,} B"
+                     for k, v in stats.get("codecs", {}).items()))  # type: ignore[attr-defined]
+    for key, (n, t, cpu, rss) in runs.items():
+        lines.append(f"  {key:<16} {n:>12,d} B  {t:6.2f} s ({cpu:6.2f} s CPU), peak RSS "
+                     f"{rss / 1e6:5.0f} MB")
+    if stats.get("carrier") == "zstd":
+        from .delta_bytes import account
+
+        lines += [f"  | {line}" for line in account(delta)[2:]]
+    for f in (stream, delta, back, old_tar, new_tar):
+        f.unlink()
+    return lines, {k: v[0] for k, v in runs.items()}
+
+
+def app_rows(work: Path) -> list[str]:
+    """The app-release pairs of ``BTRDELTA_BENCH_APPS``: their lines, then their table."""
+    wanted = os.environ.get("BTRDELTA_BENCH_APPS", "numpy,regex,scipy").split(",")
+    lines: list[str] = []
+    table = ["| pair | stream | delta | bsdiff | xdelta3 -9 | zstd --patch-from | best peer "
+             "| delta vs it |", "|---|---|---|---|---|---|---|---|"]
+    for pkg, old, new in APPS:
+        trees = _app_trees(pkg, old, new) if pkg in wanted else None
+        if trees is None:
+            continue
+        sub = work / f"app-{pkg}"
+        sub.mkdir()
+        got, sz = _app_pair(pkg, *trees, sub)
+        shutil.rmtree(sub)
+        for line in got:
+            print(f"   {line}", flush=True)
+        lines += got
+        best = min(("bsdiff", "xdelta3 -9", "zstd patch-from"), key=lambda k: sz[k])
+        table.append(f"| {pkg} {old} -> {new} | {sz['send']:,} | {sz['delta']:,} | "
+                     f"{sz['bsdiff']:,} | {sz['xdelta3 -9']:,} | {sz['zstd patch-from']:,} | "
+                     f"{best} | {sz['delta'] / sz[best] - 1:+.1%} |")
+    return [*lines, "", *table] if len(table) > 2 else lines
+
+
 def run() -> list[str]:
     """Measure every pair; one printable line per result, then the table."""
     lines: list[str] = []
@@ -461,7 +562,8 @@ def run() -> list[str]:
             lines += got
             rows.append((name, sizes))
             shutil.rmtree(sub)
-    return [*lines, "", *_table(rows)]
+        apps = app_rows(work)
+    return [*lines, "", *_table(rows), "", *apps]
 
 
 if __name__ == "__main__":
