@@ -77,7 +77,8 @@ def test_declared_size_mismatch_is_refused_before_allocating(codec: Codec) -> No
 
 def test_registry_ids_and_names_are_stable() -> None:
     assert {c.codec_id: c.name for c in CODECS.values()} == {
-        1: "bsdiff", 2: "zstd", 3: "hdiff", 4: "hdiff-raw", 5: "edits", 6: "edits2"
+        1: "bsdiff", 2: "zstd", 3: "hdiff", 4: "hdiff-raw", 5: "edits", 6: "edits2",
+        7: "hdiff-lzma",
     }
     assert get_codec("zstd-long") is get_codec(2)
     with pytest.raises(StreamFormatError):
@@ -266,3 +267,47 @@ def test_windowed_hdiff_refuses_what_it_cannot_join() -> None:
 
     with pytest.raises(StreamFormatError):
         windowed_diff(compressed, b"old" * 100, b"new" * 100, step=100)
+
+
+def test_hdiff_lzma_is_the_raw_diff_in_one_lzma2_stream() -> None:
+    """Codec 7 (format 9): a byte naming the dictionary, then raw LZMA2 (xz's own decoder,
+    the oracle) of exactly the ``hdiff-raw`` patch, which the library applies; on a
+    rebuilt binary (every call site's operand moved) it is smaller than ``hdiff`` (zstd)
+    and than ``bsdiff`` (bzip2), each of which compresses the streams apart."""
+    import lzma
+
+    rnd = random.Random(5)
+    old = Path("/usr/bin/zstd").read_bytes()[:600_000]
+    new = bytearray(old)
+    for i in range(0, len(new) - 5, 97):  # shifted rel32 operands, as after a relink
+        if new[i] == 0xE8:
+            new[i + 1] = (new[i + 1] + 16) & 0xFF
+    for _ in range(30):
+        at = rnd.randrange(len(new))
+        new[at : at + 8] = rnd.randbytes(8)
+    new = bytes(new)
+    lz, raw = get_codec("hdiff-lzma"), get_codec("hdiff-raw")
+    patch = lz.make(old, new)
+    inflated = lzma.decompress(patch[1:], lzma.FORMAT_RAW, filters=[
+        {"id": lzma.FILTER_LZMA2, "dict_size": 1 << patch[0]}])
+    assert inflated == raw.make(old, new)
+    assert bytes(raw.lib().apply(old, inflated)) == new
+    assert lz.apply(old, patch, new_size=len(new)) == new
+    assert len(patch) < min(len(get_codec("hdiff").make(old, new)),
+                            len(get_codec("bsdiff").make(old, new)))
+
+
+@pytest.mark.parametrize("dict_log", [0, 11, 27, 255])
+def test_hdiff_lzma_refuses_bad_dictionaries_and_bombs(dict_log: int) -> None:
+    """A dictionary size outside 4 KiB..64 MiB is refused before any decoder is made; an
+    LZMA2 stream inflating far beyond what a patch of the declared new size can be is
+    refused after at most that bound, not inflated whole."""
+    import lzma
+
+    lz = get_codec("hdiff-lzma")
+    with pytest.raises(StreamFormatError, match="dictionary"):
+        lz.apply(b"old", bytes((dict_log,)) + b"\x00", new_size=3)
+    bomb = bytes((20,)) + lzma.compress(b"HDIFF13&\x00" + bytes(64 << 20), lzma.FORMAT_RAW,
+                                         filters=[{"id": lzma.FILTER_LZMA2, "preset": 1}])
+    with pytest.raises(StreamFormatError, match="too large"):
+        lz.apply(b"old", bomb, new_size=10)

@@ -44,6 +44,7 @@ __all__ = [
     "DELTA_VERSION",
     "DELTA_VERSIONS",
     "DELTA_VERSION_OLDNAMES",
+    "HDIFF_LZMA_CODEC",
     "RETIRED_VERSIONS",
     "DIGEST_SIZE",
     "INNER_RECORDS",
@@ -97,6 +98,8 @@ EDITS2_CODEC: Final = 6
 #: snapshot's listing of a directory near the previous path (:mod:`.carrier`, marker
 #: 0xfff9); written whenever the carrier is on
 DELTA_VERSION_OLDNAMES: Final = 9
+#: the patch codec of format 9: HDiffPatch's raw diff in one LZMA2 stream
+HDIFF_LZMA_CODEC: Final = 7
 #: the format ``delta make`` writes
 DELTA_VERSION_WRITTEN: Final = DELTA_VERSION_OLDNAMES
 #: carrier codecs (the CODEC of a format-5/6 ZCMDS; format 4 is zstd only)
@@ -327,10 +330,10 @@ def patch_refusal(codec: int, patch_len: int, old_size: int, new_size: int) -> s
 
 def codec_refusal(codec: int, version: int) -> str | None:
     """Why a PATCH of format ``version`` may not name patch codec ``codec`` (``edits`` is
-    format 7's, ``edits2`` format 8's), or ``None``."""
+    format 7's, ``edits2`` format 8's, ``hdiff-lzma`` format 9's), or ``None``."""
     if (codec == EDITS_CODEC and version < DELTA_VERSION_EDITS) or (
         codec == EDITS2_CODEC and version < DELTA_VERSION_PACKED
-    ):
+    ) or (codec == HDIFF_LZMA_CODEC and version < DELTA_VERSION_OLDNAMES):
         return f"patch codec {codec} in a format-{version} delta"
     return None
 

@@ -20,7 +20,7 @@ from ...errors import BtrdeltaError, StreamFormatError
 from .base import Codec, CodecUnavailableError
 from .bsdiff import BsdiffCodec
 from .edits import EditsCodec, PackedEditsCodec
-from .hdiff import HdiffCodec, HdiffRawCodec
+from .hdiff import HdiffCodec, HdiffLzmaCodec, HdiffRawCodec
 from .zstd import ZstdCodec
 
 __all__ = [
@@ -38,7 +38,7 @@ __all__ = [
 CODECS: dict[int, Codec] = {
     c.codec_id: c
     for c in (BsdiffCodec(), ZstdCodec(), HdiffCodec(), HdiffRawCodec(), EditsCodec(),
-                PackedEditsCodec())
+                PackedEditsCodec(), HdiffLzmaCodec())
 }
 _BY_NAME: dict[str, Codec] = {c.name: c for c in CODECS.values()}
 _BY_NAME["zstd-long"] = _BY_NAME["zstd"]

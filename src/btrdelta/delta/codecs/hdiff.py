@@ -23,7 +23,8 @@ from .zstd import capped_params
 if TYPE_CHECKING:
     from .._hpatch import Output
 
-__all__ = ["WINDOW_MIN", "HdiffCodec", "HdiffRawCodec", "compress_raw", "windowed_diff"]
+__all__ = ["WINDOW_MIN", "HdiffCodec", "HdiffLzmaCodec", "HdiffRawCodec", "compress_raw",
+           "windowed_diff"]
 
 _MAGIC = b"HDIFF13&"
 #: the header of an uncompressed HDIFF13 patch (no compressor name)
@@ -440,3 +441,63 @@ class HdiffRawCodec(HdiffCodec):
     def make(self, old: bytes, new: bytes) -> bytes:
         """An HDIFF13 patch without compression."""
         return self._raw(old, new)
+
+
+#: ``hdiff-lzma``: dictionary sizes (log2) a patch may name: 4 KiB to 64 MiB
+_LZMA_DICT_LOGS = range(12, 27)
+
+
+def _lzma_filters(dict_log: int, *, encode: bool) -> list[dict[str, int]]:
+    import lzma
+
+    if not encode:
+        return [{"id": lzma.FILTER_LZMA2, "dict_size": 1 << dict_log}]
+    # (lc 1, pb 0: the RLE code and control streams are bytes, not aligned words: 0.4 %
+    # smaller than xz's defaults on regex's rebuilt extension)
+    return [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME,
+             "dict_size": 1 << dict_log, "lc": 1, "lp": 0, "pb": 0}]
+
+
+class HdiffLzmaCodec(HdiffCodec):
+    """HDiffPatch's uncompressed diff (``hdiff-raw``) compressed as one raw LZMA2 stream
+    (format 9, codec 7): one byte, the dictionary size's log2 (12..26), then the LZMA2
+    stream of the whole ``HDIFF13`` patch. Its four streams compressed together by LZMA
+    (bsdiff's bzip2 and HDiffPatch's zstd each compress them apart) are 6-8 % smaller than
+    ``hdiff`` on rebuilt native extensions (regex 2024.9.11 -> 2024.11.6: 100.7 KB against
+    108.3 KB, bsdiff 107.8 KB); the encoder (xz -9e, dictionary the patch's size rounded up
+    to a power of two) takes ~0.2 s a MB of raw patch and ~11x its dictionary."""
+
+    codec_id = 7
+    name = "hdiff-lzma"
+
+    def from_raw(self, raw: bytes, new_size: int) -> bytes:
+        """The patch :meth:`make` gives, from the uncompressed diff of the same files."""
+        import lzma
+
+        dict_log = min(max((max(len(raw), 1) - 1).bit_length(), _LZMA_DICT_LOGS.start),
+                       _LZMA_DICT_LOGS.stop - 1)
+        return bytes((dict_log,)) + lzma.compress(
+            raw, format=lzma.FORMAT_RAW, filters=_lzma_filters(dict_log, encode=True))
+
+    def _apply(self, old: bytes, patch: bytes, new_size: int | None,
+               old_fd: int) -> bytes | Output:
+        import lzma
+
+        patch = bytes(patch)
+        if not patch or patch[0] not in _LZMA_DICT_LOGS:
+            raise StreamFormatError("hdiff-lzma patch names no valid dictionary size")
+        # an HDIFF13 patch of a new content of N bytes is below ~5N (its covers twice N,
+        # each other stream N at most, _apply_c's bounds): more is refused unread
+        limit = 5 * (DEFAULT_MAX_SIZE if new_size is None else new_size) + (64 << 10)
+        dec = lzma.LZMADecompressor(lzma.FORMAT_RAW,
+                                    filters=_lzma_filters(patch[0], encode=False))
+        try:
+            raw = dec.decompress(memoryview(patch)[1:], max_length=limit)
+        except lzma.LZMAError as exc:
+            raise StreamFormatError(f"hdiff-lzma patch does not inflate: {exc}") from exc
+        if not dec.eof or dec.unused_data:
+            raise StreamFormatError("hdiff-lzma patch is truncated, too large or followed "
+                                    "by other bytes")
+        if not raw.startswith(_RAW_MAGIC):
+            raise StreamFormatError("hdiff-lzma patch holds no uncompressed HDIFF13 patch")
+        return super()._apply(old, raw, new_size, old_fd)
