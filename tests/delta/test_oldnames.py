@@ -2,7 +2,7 @@
 
 An app release unpacked over the old one keeps most files in place with new times: the
 stream then holds one UTIMES per file, and its path was most of what such a record cost
-(numpy 1.26.3 -> 1.26.4: 6.7 of the delta's 36.7 KB). Oracles: the userspace send's
+(numpy 1.26.3 -> 1.26.4: 6.9 of the delta's 36.7 KB). Oracles: the userspace send's
 stream (the expansion must be it byte for byte, and the records a receiver gets must be
 its records, with and without the C unfold path), zstd of the names alone (what naming
 them literally costs at least), and a changed old tree (refused, nothing written).
