@@ -25,7 +25,9 @@ from btrdelta.testing.tarballs import extract_tar
 OUT = Path(__file__).parent / "deltas"
 
 
-def main() -> None:
+def main(fmt: int = 8) -> None:
+    """Add the fixtures of format ``fmt``, what ``delta make`` writes today (format 9's
+    script calls this one)."""
     manifest = json.loads((OUT / "MANIFEST.json").read_text())
     have = {e["file"] for e in manifest["deltas"]}
     with tempfile.TemporaryDirectory() as tmp:
@@ -35,13 +37,13 @@ def main() -> None:
             if entry.get("format", 4) != 4 or entry["level"] == 0:
                 continue
             for carrier in ("zstd", "xz"):
-                _add(manifest, have, entry, old, carrier)
+                _add(manifest, have, entry, old, carrier, fmt)
     (OUT / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
 
 def _add(manifest: dict[str, Any], have: set[str], entry: dict[str, Any], old: Path,
-         carrier: str) -> None:
-        name = entry["file"].removesuffix(".delta") + f".{carrier}8.delta"
+         carrier: str, fmt: int) -> None:
+        name = entry["file"].removesuffix(".delta") + f".{carrier}{fmt}.delta"
         if name in have:
             return
         back = io.BytesIO()
@@ -56,7 +58,7 @@ def _add(manifest: dict[str, Any], have: set[str], entry: dict[str, Any], old: P
         manifest["deltas"].append({
             **{k: entry[k] for k in ("stream_proto", "compressed_data", "level",
                                      "expanded")},
-            "file": name, "format": 8, "carrier": carrier,
+            "file": name, "format": fmt, "carrier": carrier,
             "patched_files": stats.patched_files,
             "files_by_codec": dict(sorted(stats.files_by_codec.items())),
         })
