@@ -145,12 +145,15 @@ def _utimes(value: bytes) -> bytes:
     (b"\x02\x00", "above the top directory"),  # the previous path has one component
     (b"\x00\x06", "out of range of directory 'd'"),  # b + 1 + 3 = 4: 3 names
     (b"\x01\x00", "which has none"),  # listing of the top: none given
+    (b"\x00\x01" + b"\x00" * 8, "more than 8 names"),  # a/a/.../a: 9 names
 ])
 def test_malformed_references_are_located_errors(value: bytes, message: str) -> None:
     listings = {b"d": [b"f1", b"f2", b"f3"]}
     state = CarrierState(lister=listings.get, last_path=b"d/f1")
     if value == b"\x02\x00":
         state.last_path = b"d"
+    if message == "more than 8 names":  # every directory holds "a"
+        state = CarrierState(lister=lambda d: [b"a"], last_path=b"a")
     raw = _utimes(value)
     with pytest.raises(StreamFormatError, match=message):
         unfold(int(Cmd.UTIMES), memoryview(raw), 0, len(raw), state, 1 << 16)

@@ -208,7 +208,9 @@ class CarrierState(Value):
         c = a.rfind(b"/")
         d, aname = (a[:c], a[c + 1 :]) if c >= 0 else (b"", a)
         first = True
-        while pos < len(value):
+        for _ in range(_OLDNAME_DOWN):
+            if pos == len(value):
+                break
             k, pos = read_uvarint(value, pos, len(value))
             listing = self._listing(d)
             if listing is None:
@@ -229,6 +231,8 @@ class CarrierState(Value):
                     f"{d.decode(errors='replace')!r} (not the delta's old snapshot?)"
                 )
             d = d + b"/" + listing[0][k] if d else listing[0][k]
+        if pos != len(value):
+            raise StreamFormatError(f"old-name reference of more than {_OLDNAME_DOWN} names")
         return d
 
     def resolve_unlink(self, value: memoryview) -> bytes:
