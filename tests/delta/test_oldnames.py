@@ -25,6 +25,7 @@ import zstandard
 from btrdelta import _native
 from btrdelta.delta import MakeOptions, expand_events, expand_to, make_delta, open_delta
 from btrdelta.delta.carrier import OLDNAME_TLV, CarrierState, unfold
+from btrdelta.delta.stats import collect_delta_stats
 from btrdelta.errors import StreamFormatError
 from btrdelta.send import send_stream
 from btrdelta.stream import StreamReader
@@ -104,6 +105,18 @@ def test_files_kept_in_place_are_named_from_the_old_listings(
     # each (161 files: ~2.6 KB); the whole delta, times and patches included, is less
     names = zstandard.ZstdCompressor(level=19).compress(b"\n".join(sorted(paths)))
     assert len(delta) < len(names)
+
+
+def test_stat_counts_them_without_the_old_tree(
+    release: tuple[Path, Path, list[bytes]]
+) -> None:
+    """``stat`` reads no old tree: names from its listings are not resolved (nor the
+    references after them, which count from them), but every command is counted."""
+    old, new, _ = release
+    stream = _stream(new, old)
+    st = collect_delta_stats(open_delta(io.BytesIO(_make(stream, old))))
+    assert st.expanded_commands == sum(1 for _ in StreamReader(io.BytesIO(stream)))
+    assert st.carried_commands > 100
 
 
 def test_changed_old_tree_is_refused_by_the_cli(

@@ -195,7 +195,17 @@ class CarrierState(Value):
         return None
 
     def resolve_old_name(self, value: memoryview) -> bytes:
-        """The PATH a carried command wrote as an OLDNAME TLV of ``value`` (format 9)."""
+        """The PATH a carried command wrote as an OLDNAME TLV of ``value`` (format 9);
+        ``lenient`` (no old tree: ``stat``): ``?`` where it cannot be resolved (the previous
+        paths are then ``?`` names too, so the references after one are not resolved)."""
+        try:
+            return self._old_name(value)
+        except StreamFormatError:
+            if self.lenient:
+                return b"?"
+            raise
+
+    def _old_name(self, value: memoryview) -> bytes:
         up, pos = read_uvarint(value, 0, len(value))
         a = self.last_path
         if a is None or up > _OLDNAME_UP or pos == len(value):
@@ -214,8 +224,6 @@ class CarrierState(Value):
             k, pos = read_uvarint(value, pos, len(value))
             listing = self._listing(d)
             if listing is None:
-                if self.lenient:
-                    return d + b"/?" if d else b"?"
                 raise StreamFormatError(
                     f"old-name reference to the listing of directory "
                     f"{d.decode(errors='replace')!r} of the old snapshot, which has none "
