@@ -201,3 +201,27 @@ def test_systemd_boot_entries_leave_no_trial_after_good(
     btrdelta("device", "factory-reset", btrfs_dev)
     assert device.status(btrfs_dev)["next_boot"] == "factory"
     assert confs() == ["btrdelta-a.conf", "btrdelta-factory.conf"]
+
+
+def test_a_hook_failing_to_take_the_trial_again_leaves_none(
+        btrfs_dev: Path, small_release: Release, tmp_path: Path) -> None:
+    """mark-good of the running root tells the hook ``good`` (which drops the bootloader's
+    trial), then ``try`` of the trial it keeps; when that fails, the trial file goes too
+    (as an install's failed ``try``): the initramfs and the bootloader agree, the default
+    boots next."""
+    hook = tmp_path / "hook"
+    hook.write_text(f"""#!/bin/sh
+echo "$@" >> {tmp_path}/calls
+if [ "$1" = try ] && [ -e {tmp_path}/broken ]; then echo 'no environment' >&2; exit 1; fi
+""")
+    hook.chmod(0o755)
+    device.init(btrfs_dev, small_release.old, state=[], hook=str(hook), tries=3)
+    device.install(btrfs_dev, small_release.delta)
+    (tmp_path / "broken").touch()
+    got = btrdelta("device", "mark-good", btrfs_dev, "--slot", "a", check=False)
+    assert got.returncode == 1, got.stderr
+    assert "boot hook" in got.stderr
+    assert "no environment" in got.stderr
+    st = device.status(btrfs_dev)
+    assert (st["default"], st["trial"], st["next_boot"]) == ("a", None, "a")
+    assert (tmp_path / "calls").read_text().splitlines()[-2:] == ["good a", "try b 3"]

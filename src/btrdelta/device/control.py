@@ -351,7 +351,11 @@ def mark_good(fs: str | os.PathLike[str], *, slot: str | None = None,
             clear_trial(layout)
         call_hook(st.hook, "good", name)
         if later is not None:
-            call_hook(st.hook, "try", later.slot, str(later.left))
+            try:
+                call_hook(st.hook, "try", later.slot, str(later.left))
+            except DeviceError:
+                clear_trial(layout)  # the bootloader was not told it again: no trial at all
+                raise
         st.root(name).verdict = "good"
         st.note("mark-good", slot=name)
         save_state(layout, st)
