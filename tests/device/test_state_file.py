@@ -50,6 +50,8 @@ def _checked(st: DeviceState) -> None:
     assert type(st.generation) is int
     assert st.pending is None or isinstance(st.pending, dict)
     assert all(isinstance(e, dict) for e in st.log)
+    assert all(isinstance(e[k], str) for e in st.log for k in ("event", "slot", "root")
+               if k in e)
     for s in st.state:
         assert all(isinstance(v, str) for v in (s.name, s.path, s.mode))
     for info in st.roots.values():
@@ -87,6 +89,9 @@ def test_round_trip(tmp_path: Path) -> None:
     ("pending a list", lambda doc: json.dumps({**doc, "pending": ["install"]})),
     ("generation a string", lambda doc: json.dumps({**doc, "generation": "7"})),
     ("log entries numbers", lambda doc: json.dumps({**doc, "log": [1, 2]})),
+    ("log event a list", lambda doc: json.dumps({**doc, "log": [{"event": ["init"]}]})),
+    ("log slot an object", lambda doc: json.dumps(
+        {**doc, "log": [{"event": "mark-good", "slot": {"a": 1}}]})),
     ("not UTF-8", lambda doc: b"\xff" + json.dumps(doc).encode()),
 ])
 def test_damaged_fields_are_one_error_naming_the_file(tmp_path: Path, what: str,

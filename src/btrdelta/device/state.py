@@ -138,6 +138,17 @@ def _root_info(name: str, info: Any) -> RootInfo:
     return root
 
 
+def _log_entry(entry: Any) -> dict[str, Any]:
+    """A log entry: an object whose fields the commands read (``event``, ``slot``, ``root``:
+    which root was made the default, for a rollback's choice) are strings when present
+    (a list there was an internal error of ``rollback`` and ``mark-bad``)."""
+    _typed(entry, dict, "log entry")
+    for key in ("event", "slot", "root"):
+        if key in entry:
+            _typed(entry[key], str, f"log entry's {key}")
+    return dict(entry)
+
+
 def _parse(doc: Any) -> DeviceState:
     """The state from a decoded document: every field of its type (a damaged file is
     refused here, never found out by a command halfway through its steps)."""
@@ -168,7 +179,7 @@ def _parse(doc: Any) -> DeviceState:
         roots=roots,
         pending=pending,
         generation=_typed(doc.get("generation", 0), int, "generation"),
-        log=[_typed(e, dict, "log entry") for e in _typed(doc.get("log", []), list, "log")],
+        log=[_log_entry(e) for e in _typed(doc.get("log", []), list, "log")],
     )
     if st.tries < 1:
         raise ValueError(f"tries: {st.tries}")
