@@ -188,3 +188,42 @@ def test_no_recompress_carries_extents(compressed_pairs: dict[str, Pair], tmp_pa
     assert _expand(delta.read_bytes(), pair.a) == stream.read_bytes()
     # regenerating is what makes the compressed stream small
     assert len(_make(stream, pair.a)[0]) < delta.stat().st_size / 5
+
+
+@pytest.mark.btrfs
+def test_compressed_extents_get_no_lzma_patch(tmp_path: Path) -> None:
+    """A rebuilt binary gets an ``hdiff-lzma`` patch (codec 7) in the delta of the plain
+    stream, but not in that of the ``--compressed-data`` stream of the same snapshots,
+    whose receive would pay LZMA's inflation (both expand to their kernel stream)."""
+    from btrdelta.testing.loopfs import run
+
+    old = Path("/usr/bin/zstd").read_bytes()[:600_000]
+    new = bytearray(old)
+    for i in range(0, len(new) - 5, 13):  # shifted rel32 operands, as after a relink
+        if new[i] == 0xE8:  # (946 bytes as hdiff-lzma, ~1,036 as hdiff-raw in the carrier)
+            new[i + 1] = (new[i + 1] + 16) & 0xFF
+    require_btrfs()
+    try:
+        with loop_fs("btrfs", size="512M", options="compress-force=zstd") as mnt:
+            vol = mnt / "vol"
+            run("btrfs", "-q", "subvolume", "create", vol)
+            (vol / "prog").write_bytes(old)
+            run("sync")
+            run("btrfs", "-q", "subvolume", "snapshot", "-r", vol, mnt / "A")
+            (vol / "prog").write_bytes(bytes(new))
+            run("sync")
+            run("btrfs", "-q", "subvolume", "snapshot", "-r", vol, mnt / "B")
+            codecs = {}
+            for name, compressed in (("plain", False), ("compressed", True)):
+                stream = send(mnt / "B", tmp_path / name, parent=mnt / "A", proto=2,
+                              compressed=compressed)
+                delta, stats = _make(stream, mnt / "A")
+                assert _expand(delta, mnt / "A") == stream.read_bytes()
+                codecs[name] = stats.files_by_codec  # type: ignore[attr-defined]
+    except BtrfsUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but btrfs is unavailable: {exc}")
+        pytest.skip(str(exc))
+    assert codecs["plain"] == {"hdiff-lzma": 1}
+    assert "hdiff-lzma" not in codecs["compressed"]
+    assert sum(codecs["compressed"].values()) == 1
