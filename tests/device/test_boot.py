@@ -225,3 +225,29 @@ if [ "$1" = try ] && [ -e {tmp_path}/broken ]; then echo 'no environment' >&2; e
     st = device.status(btrfs_dev)
     assert (st["default"], st["trial"], st["next_boot"]) == ("a", None, "a")
     assert (tmp_path / "calls").read_text().splitlines()[-2:] == ["good a", "try b 3"]
+
+
+def test_a_trial_the_bootloader_ran_out_is_not_armed_again(
+        btrfs_dev: Path, small_release: Release, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Behind a hook the bootloader counts the tries (GRUB: ``btrdelta_left``); the trial
+    file keeps the count the install gave. b was tried 3 times in later boots and failed,
+    a came back: the running root's mark-good must not arm b's trial again (it kept the
+    trial of another slot whatever its age, and GRUB tried the bad b again after every
+    boot of a). A trial is kept behind a hook only when its install was made in this
+    boot."""
+    from btrdelta.update import partial
+
+    r = small_release
+    hook = _hook(tmp_path)
+    device.init(btrfs_dev, r.old, state=[], hook=str(hook), tries=3)
+    device.install(btrfs_dev, r.delta)
+    monkeypatch.setattr(partial, "boot_id", lambda: "a-later-boot")
+    grubenv = str(tmp_path / "grubenv")
+    for left in ("2", "1", "0"):  # GRUB's three tries of b, each a failed boot
+        subprocess.run(["grub-editenv", grubenv, "set", f"btrdelta_left={left}"], check=True)
+    st = device.mark_good(btrfs_dev, slot="a")
+    assert (st["default"], st["trial"], st["next_boot"]) == ("a", None, "a")
+    grub, _uboot = _env(tmp_path)
+    assert grub == {"btrdelta_default": "a"}
+    assert (tmp_path / "calls").read_text().splitlines()[-1] == "good a"

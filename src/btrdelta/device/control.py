@@ -333,7 +333,7 @@ def mark_good(fs: str | os.PathLike[str], *, slot: str | None = None,
               booted: str | None = None) -> dict[str, Any]:
     """The booted root (or ``slot``) is good: it becomes the default subvolume (the commit
     point) and its trial ends (a pending trial of another slot, an install made since,
-    stays)."""
+    stays; behind a hook, one installed in this boot)."""
     with open_device(fs) as layout, layout.lock():
         st = load_state(layout)
         recover(layout, st)
@@ -343,9 +343,11 @@ def mark_good(fs: str | os.PathLike[str], *, slot: str | None = None,
         trial = read_trial(layout)
         # a pending trial of another slot is an install made since (the health check's
         # mark-good of the running root came after it): it stays, and the hook, whose
-        # "good" drops any trial, is told it again
-        later = trial if trial is not None and trial.slot != name and trial.left > 0 \
-            else None
+        # "good" drops any trial, is told it again; behind a hook only one made in this
+        # boot (a bootloader that counts the tries itself leaves the file's count as it
+        # was: one tried already, run out, would be armed again at every mark-good)
+        later = trial if trial is not None and trial.slot != name and trial.left > 0 and (
+            not st.hook or _installed_this_boot(st, trial.slot)) else None
         set_default_root(layout, name)
         if later is None:
             clear_trial(layout)
@@ -360,6 +362,16 @@ def mark_good(fs: str | os.PathLike[str], *, slot: str | None = None,
         st.note("mark-good", slot=name)
         save_state(layout, st)
         return status_of(layout, st, booted)
+
+
+def _installed_this_boot(st: DeviceState, slot: str) -> bool:
+    """Whether the last install into ``slot`` was made in this boot (the log's ``boot``):
+    no bootloader can have tried it yet."""
+    from ..update.partial import boot_id
+
+    last = next((e for e in reversed(st.log)
+                 if e.get("event") == "install" and e.get("slot") == slot), None)
+    return last is not None and bool(last.get("boot")) and last.get("boot") == boot_id()
 
 
 def _fallback(layout: Layout, st: DeviceState, bad: str) -> str:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ApplyError, BtrdeltaError, MissingBaseError
+from ..update.partial import boot_id
 from .boot import (
     booted_root,
     call_hook,
@@ -202,7 +203,8 @@ def _commit(layout: Layout, st: DeviceState, built: Built, slot: str, n: int,
         save_state(layout, st)
         raise
     st.pending = None
-    st.note("install", slot=slot, release=built.release, tree_sum=built.tree_sum, tries=n)
+    st.note("install", slot=slot, release=built.release, tree_sum=built.tree_sum, tries=n,
+            boot=boot_id())  # (mark-good keeps a trial made in this boot: control.mark_good)
     save_state(layout, st)
     step("done")
 
