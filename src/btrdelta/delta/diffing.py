@@ -407,7 +407,7 @@ def _diff_bases(
             pieces.append(data)
         old = b"".join(pieces)
         del pieces
-        best = _best_patch(old, new, opts, replaced, lzma=not encoded)
+        best = _best_patch(old, new, opts, replaced, lzma=opts.lzma_patches and not encoded)
         if best is None:
             return None
         cost, codec, patch = best
@@ -436,7 +436,7 @@ def _diff_base(
         if len(old) == len(new) and old == new:
             return Result(None, b"", len(old), old_digest, old_digest, len(new), replaced,
                           encoded, base=base)
-        best = _best_patch(old, new, opts, replaced, lzma=not encoded)
+        best = _best_patch(old, new, opts, replaced, lzma=opts.lzma_patches and not encoded)
         if best is None:
             return None
         cost, codec, patch = best
