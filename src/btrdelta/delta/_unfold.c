@@ -13,9 +13,9 @@
  * folded as differences (0xfffd) in UTIMES, a RENAME's PATH_TO as a reference to an
  * unlinked name (0xfffc), and commands stored as they are; the name commands (UNLINK,
  * RENAME, MKDIR, RMDIR) update CarrierState's name model as carrier.unfold does. Left to
- * Python: SUBVOL/SNAPSHOT (a new old root), a RENAME without PATH_TO, format 9's names
- * from the old listings (0xfff9, carrier.resolve_old_name: the run stops before each such
- * command, a few microseconds more for each in Python), and every delta record.
+ * Python: SUBVOL/SNAPSHOT (a new old root), a RENAME without PATH_TO, and every delta
+ * record; format 9's names from the old listings (0xfff9) are resolved by a call of
+ * carrier.resolve_old_name, the rest of their command here.
  *
  * The state shared with Python: CarrierState.last_path, .last_ino and .times are read at
  * the start of a run and written back at its end; the name model (names, name_at,
@@ -268,7 +268,8 @@ is_create(unsigned cmd)
 /* ---- the name commands: CarrierState's name model (carrier.py), on its own objects ---- */
 
 static PyObject *s_unlink_dir, *s_unlink_pos, *s_names, *s_name_at, *s_name_pos,
-    *s_rename_dir, *s_moves, *s_pathmap, *s_listing, *s_rename, *s_create, *s_remove;
+    *s_rename_dir, *s_moves, *s_pathmap, *s_listing, *s_rename, *s_create, *s_remove,
+    *s_resolve_old_name;
 
 /* a name reference's value v[0:n]: one LEB128 value spanning it exactly, of at most 63
  * bits, zigzag-decoded into *out; -1 for anything else (Python decides then) */
@@ -566,9 +567,33 @@ run(PyObject *self, PyObject *args)
                 new_pos = k;
             }
             else if (t == OLDNAME && fmt >= 9) {
-                /* format 9: a name of an old listing near the previous path (Python's
-                   resolve_old_name) */
-                break;
+                /* format 9: a name of an old listing near the previous path, resolved by
+                   Python's resolve_old_name (the listings are Python's) once the previous
+                   path is set there; anything it refuses is left to Python's unfold */
+                rest = q + 4 + n;
+                if (rest > end || !have_last)
+                    break;
+                PyObject *lpv = PyBytes_FromStringAndSize((const char *)last.p,
+                                                          (Py_ssize_t)last.n);
+                if (lpv == NULL || PyObject_SetAttr(state, s_last_path, lpv) < 0) {
+                    Py_XDECREF(lpv);
+                    PyErr_Clear();
+                    break;
+                }
+                Py_DECREF(lpv);
+                PyObject *v = PyBytes_FromStringAndSize((const char *)(b + q + 4),
+                                                        (Py_ssize_t)n);
+                PyObject *rp = v ? PyObject_CallMethodOneArg(state, s_resolve_old_name, v)
+                                 : NULL;
+                Py_XDECREF(v);
+                if (rp == NULL || !PyBytes_Check(rp) ||
+                    buf_set(&path, (const uint8_t *)PyBytes_AS_STRING(rp),
+                            (size_t)PyBytes_GET_SIZE(rp)) < 0) {
+                    Py_XDECREF(rp);
+                    PyErr_Clear();
+                    break;
+                }
+                Py_DECREF(rp);
             }
             else {
                 as_is = 1;
@@ -874,6 +899,7 @@ PyInit__unfold(void)
         {&s_name_at, "name_at"}, {&s_name_pos, "name_pos"}, {&s_rename_dir, "rename_dir"},
         {&s_moves, "moves"}, {&s_pathmap, "pathmap"}, {&s_listing, "_listing"},
         {&s_rename, "rename"}, {&s_create, "create"}, {&s_remove, "remove"},
+        {&s_resolve_old_name, "resolve_old_name"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if ((*names[i].slot = PyUnicode_InternFromString(names[i].name)) == NULL)

@@ -194,8 +194,9 @@ class CarrierState(Value):
             a = d
         return None
 
-    def resolve_old_name(self, value: memoryview) -> bytes:
-        """The PATH a carried command wrote as an OLDNAME TLV of ``value`` (format 9);
+    def resolve_old_name(self, value: memoryview | bytes) -> bytes:
+        """The PATH a carried command wrote as an OLDNAME TLV of ``value`` (format 9; also
+        called by ``_unfold.c``, with bytes);
         ``lenient`` (no old tree: ``stat``): ``?`` where it cannot be resolved (the previous
         paths are then ``?`` names too, so the references after one are not resolved)."""
         try:
@@ -205,7 +206,7 @@ class CarrierState(Value):
                 return b"?"
             raise
 
-    def _old_name(self, value: memoryview) -> bytes:
+    def _old_name(self, value: memoryview | bytes) -> bytes:
         up, pos = read_uvarint(value, 0, len(value))
         a = self.last_path
         if a is None or up > _OLDNAME_UP or pos == len(value):
