@@ -141,16 +141,7 @@ def dest_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
 @pytest.fixture
 def btrfs_dest() -> Iterator[Path]:
     """An empty DEST on a loop-mounted btrfs of its own (512 MiB)."""
-    from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs
+    from tests.conftest import btrfs_loop
 
-    try:
-        ctx = loop_fs("btrfs", size="512M")
-        mnt = ctx.__enter__()
-    except BtrfsUnavailable as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but btrfs is unavailable: {exc}")
-        pytest.skip(str(exc))
-    try:
+    with btrfs_loop("512M") as mnt:
         yield mnt / "dest"
-    finally:
-        ctx.__exit__(None, None, None)

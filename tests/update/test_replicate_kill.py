@@ -232,18 +232,9 @@ def test_a_sender_killed_after_its_commit_on_btrfs(tmp_path: Path, shim: Path,
     session's snapshot gone (the final cursor and the snapshot's deletion are concurrent:
     a kill before the deletion leaves a snapshot no cursor names, which the next run
     deletes)."""
-    from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs
-    from tests.conftest import require_btrfs
+    from tests.conftest import btrfs_loop
 
-    require_btrfs()
-    try:
-        ctx = loop_fs("btrfs", size="400M")
-        fs = ctx.__enter__()
-    except BtrfsUnavailable as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but btrfs is unavailable: {exc}")
-        pytest.skip(str(exc))
-    try:
+    with btrfs_loop("400M") as fs:
         live = fs / "vol"
         subprocess.run(["btrfs", "subvolume", "create", str(live)], check=True,
                        capture_output=True)
@@ -263,8 +254,6 @@ def test_a_sender_killed_after_its_commit_on_btrfs(tmp_path: Path, shim: Path,
                                  capture_output=True, text=True).stdout
         assert [ln.split()[-1] for ln in subvols.splitlines() if "dest/" not in ln] == \
             ["vol"], subvols
-    finally:
-        ctx.__exit__(None, None, None)
 
 
 def _dead_pid() -> int:
