@@ -46,7 +46,7 @@ from .._value import Value, field
 from ..errors import StreamFormatError
 from ..stream.constants import CMD_HEADER, CMD_HEADER_SIZE, Attr, Cmd
 from ..tree.pathmap import PathMap
-from .encoding import read_uvarint
+from .encoding import read_uvarint, unzigzag, zigzag
 from .encoding import uvarint as _uvarint
 from .format import DELTA_VERSION_OLDNAMES, DELTA_VERSION_PACKED, DELTA_VERSION_WRITTEN
 
@@ -160,7 +160,7 @@ class CarrierState(Value):
         k = listing[1][name]
         delta = k - (self.unlink_pos + 1)
         self.unlink_pos = k
-        value = _uvarint(delta * 2 if delta >= 0 else -delta * 2 - 1)
+        value = _uvarint(zigzag(delta))
         return _TLV.pack(OLDREF_TLV, len(value)) + value
 
     def old_name_ref(self, path: bytes) -> bytes | None:
@@ -185,7 +185,7 @@ class CarrierState(Value):
                         return None
                     if i == 0:
                         k -= bisect_left(listing[0], aname) + 1
-                        k = k * 2 if k >= 0 else -k * 2 - 1
+                        k = zigzag(k)
                     value += _uvarint(k)
                     d = d + b"/" + name if d else name
                 return _TLV.pack(OLDNAME_TLV, len(value)) + value
@@ -231,8 +231,7 @@ class CarrierState(Value):
                     "(not the delta's old snapshot?)"
                 )
             if first:
-                k = bisect_left(listing[0], aname) + 1 + (k >> 1 if not k & 1 else
-                                                          -((k + 1) >> 1))
+                k = bisect_left(listing[0], aname) + 1 + unzigzag(k)
                 first = False
             if not 0 <= k < len(listing[0]):
                 raise StreamFormatError(
@@ -258,7 +257,7 @@ class CarrierState(Value):
                 f"UNLINK refers to the listing of directory {d.decode(errors='replace')!r} of "
                 "the old snapshot, which has none (not the delta's old snapshot?)"
             )
-        k = self.unlink_pos + 1 + (z >> 1 if not z & 1 else -((z + 1) >> 1))
+        k = self.unlink_pos + 1 + unzigzag(z)
         if not 0 <= k < len(listing[0]):
             raise StreamFormatError(
                 f"UNLINK name reference out of range of directory "
@@ -286,7 +285,7 @@ class CarrierState(Value):
         k = min(at, key=lambda i: abs(i - want)) if len(at) > 1 else at[0]
         delta = k - want
         self.name_pos = k
-        value = _uvarint(delta * 2 if delta >= 0 else -delta * 2 - 1)
+        value = _uvarint(zigzag(delta))
         return _TLV.pack(NAMEREF_TLV, len(value)) + value
 
     def resolve_ref(self, value: memoryview) -> bytes:
@@ -294,7 +293,7 @@ class CarrierState(Value):
         z, end = read_uvarint(value, 0, len(value))
         if end != len(value) or self.rename_dir is None:
             raise StreamFormatError("invalid RENAME name reference")
-        k = self.name_pos + 1 + (z >> 1 if not z & 1 else -((z + 1) >> 1))
+        k = self.name_pos + 1 + unzigzag(z)
         if not 0 <= k < len(self.names):
             raise StreamFormatError("RENAME name reference out of range")
         self.name_pos = k

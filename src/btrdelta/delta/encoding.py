@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "can_compact", "decode_bases", "decode_item", "encode_bases", "encode_item",
-    "read_uvarint", "uvarint",
+    "read_uvarint", "unzigzag", "uvarint", "zigzag",
 ]
 
 _TLV = struct.Struct("<HH")
@@ -94,6 +94,17 @@ def read_uvarint(mv: Any, pos: int, end: int) -> tuple[int, int]:
 
 
 uvarint = _uvarint
+
+
+def zigzag(n: int) -> int:
+    """A signed difference as the unsigned value its LEB128 carries (0, -1, 1, -2, ... as
+    0, 1, 2, 3, ...)."""
+    return n * 2 if n >= 0 else -n * 2 - 1
+
+
+def unzigzag(z: int) -> int:
+    """:func:`zigzag` undone."""
+    return z >> 1 if not z & 1 else -((z + 1) >> 1)
 
 
 def encode_bases(bases: tuple[bytes, ...]) -> bytes:
@@ -159,7 +170,7 @@ def _encode_cpatch(item: Patch, omit_path: bool, omit_base: bool) -> list[Any]:
         d = item.new_size - item.old_size  # zigzag: sizes usually change by a few bytes
         parts += [
             _uvarint(item.codec), _uvarint(item.old_size),
-            _uvarint(d * 2 if d >= 0 else -d * 2 - 1), item.old_digest, item.new_digest,
+            _uvarint(zigzag(d)), item.old_digest, item.new_digest,
         ]
     if item.auto_chunk:
         parts.append(_uvarint(item.auto_chunk))
@@ -215,7 +226,7 @@ def _decode_cpatch(mv: memoryview, pos: int, end: int) -> Patch:
         codec, pos = read_uvarint(mv, pos, end)
         old_size, pos = read_uvarint(mv, pos, end)
         z, pos = read_uvarint(mv, pos, end)
-        new_size = old_size + (z >> 1 if not z & 1 else -((z + 1) >> 1))
+        new_size = old_size + unzigzag(z)
         if new_size < 0:
             raise StreamFormatError("CPATCH new size is negative")
         k, j = DIGEST_SIZE[CP_OLD_ALGO], DIGEST_SIZE[CP_NEW_ALGO]

@@ -482,6 +482,15 @@ class Patcher:
         return R.Clone(offset, length, a.patch.path, head.clone_uuid, head.clone_ctransid,
                        a.patch.base_path, old_offset)
 
+    def _check_penc(self, a: _Active, e: PEncoded) -> None:
+        """A PENC record's bounds against the patched content ``a`` and the stream."""
+        if a.pos + e.length > a.size or e.length == 0:
+            raise StreamFormatError("PENC runs past the patched content")
+        if self.version < 2:
+            raise StreamFormatError("PENC in a v1 stream (ENCODED_WRITE needs v2)")
+        if e.disk_len > MAX_PAYLOAD[self.version]:
+            raise StreamFormatError(f"PENC disk length {e.disk_len} exceeds a command's payload")
+
     def unread_clone(self, e: PEncoded) -> tuple[R.Clone, int] | None:
         """:meth:`pencoded` and :meth:`cloned_size` in one for an extent of a file whose content
         is cloned, not read (:meth:`_cloned_unread`: the usual record of an unchanged
@@ -493,13 +502,8 @@ class Patcher:
         if a is None or a.content is not None or a.old_data is not None \
                 or type(head) is not R.Snapshot:
             return None
-        if a.pos + e.length > a.size or e.length == 0:
-            raise StreamFormatError("PENC runs past the patched content")
+        self._check_penc(a, e)
         version = self.version
-        if version < 2:
-            raise StreamFormatError("PENC in a v1 stream (ENCODED_WRITE needs v2)")
-        if e.disk_len > MAX_PAYLOAD[version]:
-            raise StreamFormatError(f"PENC disk length {e.disk_len} exceeds a command's payload")
         p = a.patch
         path, base = p.path, p.base_path
         assert path is not None
@@ -521,12 +525,7 @@ class Patcher:
         a = self.active
         if a is None:
             raise StreamFormatError("PENC without a patched content")
-        if a.pos + e.length > a.size or e.length == 0:
-            raise StreamFormatError("PENC runs past the patched content")
-        if self.version < 2:
-            raise StreamFormatError("PENC in a v1 stream (ENCODED_WRITE needs v2)")
-        if e.disk_len > MAX_PAYLOAD[self.version]:
-            raise StreamFormatError(f"PENC disk length {e.disk_len} exceeds a command's payload")
+        self._check_penc(a, e)
         clone: Applied | None = self._same_clone(
             a, e.offset, e.file_len, a.pos + e.unencoded_offset)
         if clone is None and self._written_plain(a, e):

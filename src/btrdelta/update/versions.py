@@ -57,7 +57,7 @@ from ..repo.metadata import (
     version_records,
 )
 from ..repo.mirror import Mirrors
-from ..repo.model import VersionRecord, stream_uuid
+from ..repo.model import ArtifactRef, VersionRecord, stream_uuid
 from ..repo.plan import Plan, Step, plan_update
 from ..repo.rootchain import current_root
 from ..transport.config import HttpConfig
@@ -374,8 +374,9 @@ def _run(d: _Dest, m: Mirrors, verified: Verified, to: str | None, dry_run: bool
 
 
 def _delta_file(d: _Dest, m: Mirrors, step: Step, records: dict[int, VersionRecord]
-                ) -> tuple[Path, Callable[[], Path], int]:
-    """Where delta step ``step``'s artifact goes, the call that downloads it, its size."""
+                ) -> tuple[Path, Callable[[], Path], ArtifactRef]:
+    """Where delta step ``step``'s artifact goes, the call that downloads it, its
+    reference in the index."""
     ref = next(x.ref for x in records[step.target].deltas if x.source == step.source)
     out = d.downloads / ref.path.split("/")[1]
 
@@ -383,7 +384,7 @@ def _delta_file(d: _Dest, m: Mirrors, step: Step, records: dict[int, VersionReco
         d.downloads.mkdir(parents=True, exist_ok=True)
         return m.download(ref.path, out, length=ref.length, digest=ref.blake3)
 
-    return out, download, ref.length
+    return out, download, ref
 
 
 def _apply(d: _Dest, m: Mirrors, step: Step, records: dict[int, VersionRecord],
@@ -401,8 +402,8 @@ def _apply(d: _Dest, m: Mirrors, step: Step, records: dict[int, VersionRecord],
     then."""
     def fetch_after() -> None:
         if after is not None and after.kind == "delta":
-            out, download, length = _delta_file(d, m, after, records)
-            beside.fetch(out, length, download)
+            out, download, ref = _delta_file(d, m, after, records)
+            beside.fetch(out, ref.length, download)
 
     rec = records[step.target]
     name = rec.name if last else f"{holdings.HOP_PREFIX}{rec.name}"
@@ -416,9 +417,8 @@ def _apply(d: _Dest, m: Mirrors, step: Step, records: dict[int, VersionRecord],
             raise MissingBaseError("a delta hop without its parent version")
         src = records[step.source]
         parent_dir = parent.root if made else holdings.ensure_parent(d.dest, parent, src.name)
-        out, download, _length = _delta_file(d, m, step, records)
+        out, download, ref = _delta_file(d, m, step, records)
         path = beside.take(out, download)
-        ref = next(x.ref for x in rec.deltas if x.source == step.source)
         fetch_after()
         emit({"event": "apply", **info})
         d.imported()
