@@ -15,8 +15,10 @@ import pytest
 from btrdelta import device
 from btrdelta.device.boot import read_trial, select_root
 from btrdelta.device.layout import Layout
+from btrdelta.device.state import load_state
 
 from .conftest import Release, btrdelta
+from .crash import crash_install
 
 pytestmark = pytest.mark.btrfs
 CONTRIB = Path(__file__).parents[2] / "contrib" / "boot"
@@ -251,3 +253,53 @@ def test_a_trial_the_bootloader_ran_out_is_not_armed_again(
     grub, _uboot = _env(tmp_path)
     assert grub == {"btrdelta_default": "a"}
     assert (tmp_path / "calls").read_text().splitlines()[-1] == "good a"
+
+
+def test_an_install_cut_before_its_hook_tells_it_in_the_same_boot(
+        btrfs_dev: Path, small_release: Release, tmp_path: Path) -> None:
+    """SIGKILL after the commit point, before ``HOOK try``: the trial file is there but the
+    bootloader was never told. The next command of the same boot (nothing booted since)
+    tells the hook, and the install counts as made in this boot: mark-good of the running
+    root keeps it (docs/device.md, boot hooks)."""
+    r = small_release
+    hook = _hook(tmp_path)
+    device.init(btrfs_dev, r.old, state=[], hook=str(hook), tries=3)
+    assert crash_install(btrfs_dev, r.delta, step="hook")
+    assert (tmp_path / "calls").read_text().splitlines() == ["good a"]
+    assert _env(tmp_path)[0] == {"btrdelta_default": "a"}  # the bootloader does not know
+    st = device.mark_good(btrfs_dev, slot="a", booted="a")
+    assert (st["default"], st["next_boot"]) == ("a", "b")
+    want = {"btrdelta_default": "a", "btrdelta_try": "b", "btrdelta_left": "3"}
+    assert _env(tmp_path) == (want, want)
+    assert (tmp_path / "calls").read_text().splitlines() == [
+        "good a", "try b 3", "good a", "try b 3"]
+    notes = [e.get("what", "") for e in load_state(Layout(btrfs_dev)).log
+             if e.get("event") == "recover"]
+    assert any(n.startswith("told the boot hook of the trial of b") for n in notes), notes
+
+
+@pytest.mark.parametrize("booted", ["a", "b"])
+def test_an_install_cut_before_its_hook_in_a_later_boot(
+        btrfs_dev: Path, small_release: Release, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, booted: str) -> None:
+    """The same cut, then a reboot. Booted into a, the bootloader never heard of b's trial
+    (or tried it and spent it): the trial file goes, and status says a boots next. Booted
+    into b, the bootloader was told and counts the tries: the trial stays and mark-good of
+    b ends it."""
+    from btrdelta.update import partial
+
+    r = small_release
+    hook = _hook(tmp_path)
+    device.init(btrfs_dev, r.old, state=[], hook=str(hook), tries=3)
+    assert crash_install(btrfs_dev, r.delta, step="hook")
+    monkeypatch.setattr(partial, "boot_id", lambda: "a-later-boot")
+    st = device.mark_good(btrfs_dev, slot=booted, booted=booted)
+    assert (st["default"], st["trial"], st["next_boot"]) == (booted, None, booted)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls == ["good a", f"good {booted}"]
+    assert _env(tmp_path)[0] == {"btrdelta_default": booted}
+    assert read_trial(Layout(btrfs_dev)) is None
+    assert st["pending"] is None
+    notes = [e.get("what", "") for e in load_state(Layout(btrfs_dev)).log
+             if e.get("event") == "recover"]
+    assert any(n.startswith("dropped the trial of b") for n in notes) == (booted == "a")

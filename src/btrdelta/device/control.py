@@ -175,7 +175,7 @@ def _prepare_empty(layout: Layout, force: bool) -> None:
     layout.meta.mkdir(exist_ok=True)
 
 
-def recover(layout: Layout, st: DeviceState) -> list[str]:
+def recover(layout: Layout, st: DeviceState, booted: str | None = None) -> list[str]:
     """Finish or undo what an interrupted command left; returns what was done.
 
     Hidden work in ``roots/`` goes; an install that did not reach its commit point loses
@@ -183,7 +183,9 @@ def recover(layout: Layout, st: DeviceState) -> list[str]:
     (noting whether it committed); what a cut reset or restore left is removed; a trial of
     the default root is cleared and a default still recorded ``new`` is recorded good (a
     mark-good cut short after its commit point); records of roots that no longer exist are
-    dropped.
+    dropped. Behind a boot hook, the trial of an install cut short after its commit point
+    is told to the hook again in the same boot, dropped in a later one unless ``booted``
+    (default: the running root) is its slot.
     """
     done: list[str] = []
     for entry in sorted(os.listdir(layout.roots)) if layout.roots.is_dir() else []:
@@ -200,6 +202,9 @@ def recover(layout: Layout, st: DeviceState) -> list[str]:
             layout.delete(layout.root(slot), wait=True)
             st.roots.pop(slot, None)
             done.append(f"removed slot {slot} of an install cut short")
+        elif st.hook and trial is not None and trial.slot == slot:
+            done += _hook_after_cut(layout, st, pending, trial, booted)
+            trial = read_trial(layout)
         st.pending = None
     elif pending.get("op") == "factory-reset":
         from .reset import finish_reset
@@ -236,6 +241,37 @@ def recover(layout: Layout, st: DeviceState) -> list[str]:
             st.note("recover", what=what)
         save_state(layout, st)
     return done
+
+
+def _hook_after_cut(layout: Layout, st: DeviceState, pending: dict[str, Any],
+                    trial: Trial, booted: str | None) -> list[str]:
+    """An install cut short between its commit point and its end may not have told the
+    boot hook (``try SLOT N``): the trial file is there, the bootloader may not know it.
+    In the boot the install ran in nothing has booted since, so the hook is told now
+    (``try`` sets the trial: telling it twice is telling it once) and the install recorded
+    as made. In a later boot the bootloader either booted the slot (it was told, and counts
+    the tries) or did not: told and the tries spent, or never told. Both leave no trial,
+    so the trial file goes too, and the state says what the bootloader does."""
+    from ..update.partial import boot_id
+
+    slot = trial.slot
+    if pending.get("boot") and pending.get("boot") == boot_id():
+        try:
+            call_hook(st.hook, "try", slot, str(trial.left))
+        except DeviceError as exc:
+            clear_trial(layout)
+            return [f"dropped the trial of {slot} (an install cut short before its end; "
+                    f"{exc})"]
+        info = st.roots.get(slot)
+        st.note("install", slot=slot, release=info.release if info else None,
+                tree_sum=info.tree_sum if info else None, tries=trial.left, boot=boot_id())
+        return [f"told the boot hook of the trial of {slot} (an install cut short before "
+                "its end)"]
+    if (booted or booted_root(layout)) == slot:
+        return []
+    clear_trial(layout)
+    return [f"dropped the trial of {slot}: the install was cut short before its end and "
+            "the boot hook may never have heard of it (install it again)"]
 
 
 def _rolled_back(pending: dict[str, Any], trial: Trial | None, default: str | None) -> bool:
@@ -336,7 +372,7 @@ def mark_good(fs: str | os.PathLike[str], *, slot: str | None = None,
     stays; behind a hook, one installed in this boot)."""
     with open_device(fs) as layout, layout.lock():
         st = load_state(layout)
-        recover(layout, st)
+        recover(layout, st, booted)
         name = _which(layout, slot, booted)
         if not layout.is_subvolume(layout.root(name)):
             raise DeviceError(f"root {name} does not exist")
@@ -400,7 +436,7 @@ def mark_bad(fs: str | os.PathLike[str], *, slot: str | None = None,
     the default); if it is the default, the default goes back to the previous good root."""
     with open_device(fs) as layout, layout.lock():
         st = load_state(layout)
-        recover(layout, st)
+        recover(layout, st, booted)
         name = _which(layout, slot, booted, ended=True)
         trial = read_trial(layout)
         if trial is not None and trial.slot == name:
@@ -423,7 +459,7 @@ def rollback(fs: str | os.PathLike[str], *, booted: str | None = None) -> dict[s
     with open_device(fs) as layout, layout.lock():
         st = load_state(layout)
         cut = st.pending if (st.pending or {}).get("op") == "rollback" else None
-        done = recover(layout, st)
+        done = recover(layout, st, booted)
         if cut is not None and any(w.startswith("finished a rollback") for w in done):
             return status_of(layout, st, booted)  # a re-run does not go back twice
         trial = read_trial(layout)

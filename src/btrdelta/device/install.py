@@ -132,7 +132,7 @@ def install(
     step = on_step or (lambda _name: None)
     with open_device(fs) as layout, layout.lock():
         st = load_state(layout)
-        recover(layout, st)
+        recover(layout, st, booted)
         booted = booted or booted_root(layout)
         slot = pick_slot(layout, st, booted)
         n = tries if tries is not None else st.tries
@@ -169,7 +169,8 @@ def install(
 def _intend(layout: Layout, st: DeviceState, slot: str) -> None:
     """Write the intent; then a pending trial of ``slot`` is cancelled (a full disk that
     refuses the intent leaves the trial as it was)."""
-    st.pending = {"op": "install", "slot": slot, "started": round(time.time(), 3)}
+    st.pending = {"op": "install", "slot": slot, "started": round(time.time(), 3),
+                  "boot": boot_id()}
     try:
         save_state(layout, st)
     except OSError as exc:
