@@ -343,3 +343,32 @@ def test_backup_to_ext4_and_http_restore_elsewhere(btrfs_dev: Path, small_releas
         (other / "r").mkdir()
         got = restore_to_dir(dav, "home", other / "r")
         assert tree_sum(got) == tree_sum(home)
+
+
+def test_init_force_refuses_the_device_the_running_system_booted_from(
+        btrfs_dev: Path, small_release: Release, sysroot: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``device init --force`` deletes every root and state subvolume: on the device the
+    running system booted from, its / and its overlays' upper layers. Refused with one line
+    (nothing touched); from another system (a rescue boot) it lays the device out anew."""
+    from btrdelta.device import boot
+
+    device.init(btrfs_dev, small_release.old, state=STATE)
+    mount(btrfs_dev, sysroot)
+    (sysroot / "etc/local.conf").write_text("local\n")
+    monkeypatch.setattr(boot, "RUNNING_ROOT", str(sysroot))  # booted from roots/a
+    before = tree_sum(btrfs_dev / "state")
+    argv = ["device", "init", str(btrfs_dev), "--factory", str(small_release.new), "--force"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "the running system booted from its root a" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+    assert device.status(btrfs_dev)["default"] == "a"
+    assert tree_sum(btrfs_dev / "state") == before
+    assert (sysroot / "etc/local.conf").read_text() == "local\n"
+    _umount(sysroot)
+    monkeypatch.setattr(boot, "RUNNING_ROOT", "/")
+    assert main([*argv, "--state", "etc:/etc:overlay"]) == 0
+    assert tree_sum(btrfs_dev / "roots/a") == small_release.new_sum
+    assert os.listdir(btrfs_dev / "state") == ["etc"]

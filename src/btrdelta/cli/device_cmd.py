@@ -226,7 +226,8 @@ def _add_init(dsub: Any) -> None:
     i.add_argument("--expect-sum", metavar="TREESUM",
                    help="the factory release's tree-sum (btrdelta tree-sum); refuse others")
     i.add_argument("--force", action="store_true",
-                   help="lay out anew: deletes every root and state subvolume")
+                   help="lay out anew: deletes every root and state subvolume (refused on the "
+                   "device the running system booted from)")
     i.add_argument("--json", action="store_true", help="print the status as JSON")
     add_progress_options(i)
     i.set_defaults(func=run_init)

@@ -163,6 +163,10 @@ def _prepare_empty(layout: Layout, force: bool) -> None:
     if present and not force:
         raise DeviceError(f"{layout.name} holds {', '.join(p.name for p in present)} from an "
                           "unfinished init (--force deletes them)")
+    if force and layout.initialized() and (running := booted_root(layout)) is not None:
+        raise DeviceError(f"{layout.name}: the running system booted from its root "
+                          f"{running}: --force would delete the root and the state under "
+                          "it; lay it out anew from a rescue system or another root")
     if force:
         # the default subvolume is a root, which btrfs refuses to delete (EPERM: --force on
         # a device failed after dropping its state file, and every re-run failed the same)
