@@ -85,6 +85,9 @@ def header() -> str:
         f" TIMES = 0x{carrier.TIMES_TLV:04X},"
         f" NEXT_INO = 0x{carrier.NEXT_INO_TLV:04X}, NAMEREF = 0x{carrier.NAMEREF_TLV:04X},"
         f" OLDREF = 0x{carrier.OLDREF_TLV:04X}, OLDNAME = 0x{carrier.OLDNAME_TLV:04X} }};",
+        "/* an OLDNAME reference: trailing components it may take off, names it may give */",
+        f"#define OLDNAME_UP {carrier._OLDNAME_UP}",
+        f"#define OLDNAME_DOWN {carrier._OLDNAME_DOWN}",
         "",
         "/* casync's chunker: window and buzhash table (btrdelta.chunk.buzhash); the table is",
         " * an initializer, so that only the file that uses it holds it */",

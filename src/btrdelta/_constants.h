@@ -117,6 +117,9 @@ enum {
 
 /* TLV markers of carried commands in delta streams (btrdelta.delta.carrier) */
 enum { SAME_PATH = 0xFFFF, ORPHAN = 0xFFFE, TIMES = 0xFFFD, NEXT_INO = 0xFFFA, NAMEREF = 0xFFFC, OLDREF = 0xFFFB, OLDNAME = 0xFFF9 };
+/* an OLDNAME reference: trailing components it may take off, names it may give */
+#define OLDNAME_UP 2
+#define OLDNAME_DOWN 8
 
 /* casync's chunker: window and buzhash table (btrdelta.chunk.buzhash); the table is
  * an initializer, so that only the file that uses it holds it */

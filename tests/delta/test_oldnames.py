@@ -105,7 +105,7 @@ def test_files_kept_in_place_are_named_from_the_old_listings(
     with _native.use_backend(backend, "unfold"), \
             mock.patch.object(unpack, "unfold", counted):
         assert _expand(delta, old) == stream
-    if backend == "c":  # the C path resolves them itself (a call of resolve_old_name)
+    if backend == "c":  # the C path resolves them itself
         assert calls.count(Cmd.UTIMES) < len(utimes) // 10
     with _native.use_backend(backend, "unfold"):
         got = [(type(ev).__name__, getattr(ev, "path", None))
@@ -198,3 +198,76 @@ def test_reference_resolves_up_and_down() -> None:
     writer = CarrierState(lister=listings.get, last_path=b"a/y")
     assert writer.old_name_ref(b"b/q/z") == raw[10:]
     assert writer.old_name_ref(b"b/q/none") is None
+
+
+def _read(raw: bytes, listings: dict[bytes, list[bytes]], last: bytes, backend: str
+          ) -> tuple[object, int]:
+    """What a format-9 delta's reader makes of carried commands ``raw`` after the previous
+    path ``last``, with the ``backend`` unfold path: (the commands unfolded and the previous
+    path after them, or the error's message), and how many reached Python's unfold."""
+    calls = []
+    python_unfold = unpack.unfold
+
+    def counted(*args: object) -> object:
+        calls.append(args[0])
+        return python_unfold(*args)  # type: ignore[arg-type]
+
+    with _native.use_backend(backend, "unfold"), mock.patch.object(unpack, "unfold", counted):
+        reader = unpack.CarrierReader(listings.get)
+        reader.state.last_path = last
+        reader.state.format = reader._format = 9
+        try:
+            for _ in reader.split(bytearray(raw), 2, grouped=True):
+                pass
+        except StreamFormatError as exc:
+            return str(exc), len(calls)
+    return (bytes(reader.group), reader.state.last_path), len(calls)
+
+
+def _leb(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append(n & 0x7F | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def test_c_and_python_paths_resolve_references_alike() -> None:
+    """Random references, valid and hostile (indexes out of range, of 64 bits and more,
+    cut short, too many names, listings missing), against listings whose names sort as
+    bytes (prefixes, bytes above 0x7f): the C path gives what Python's gives, the same
+    commands or the same error, and resolves itself every reference Python resolves."""
+    if not _native.available("unfold"):
+        pytest.skip("the C unfold path (_unfold.c) is not built")
+    rnd = random.Random(22)
+    alphabet = [b"f", b"f1", b"f\xff", b"F", b"f0", b"g", b"\xc3\xa9", b"a.py"]
+    listings: dict[bytes, list[bytes]] = {}
+    dirs = [b""]
+    for d in dirs:
+        names = sorted(rnd.sample(alphabet, rnd.randrange(1, len(alphabet))))
+        listings[d] = names
+        for name in names[:2]:
+            if len(dirs) < 12:
+                dirs.append(d + b"/" + name if d else name)
+    del listings[dirs[-1]]  # a directory the old snapshot has no listing of
+    resolved = 0
+    for _ in range(400):
+        d = rnd.choice(dirs)
+        last = (d + b"/" if d else b"") + rnd.choice([*alphabet, b"zz", b"0"])
+        value = _leb(rnd.choice([0, 0, 0, 1, 2, 3]))
+        for _ in range(rnd.choice([1, 1, 1, 1, 2, 3, 9])):
+            value += _leb(rnd.choice([0, 0, 1, 1, 2, 3, 5, 1 << 62, (1 << 64) - 1, 1 << 70])
+                          if rnd.random() < 0.1 else rnd.randrange(3))
+        if rnd.random() < 0.05:
+            value += b"\x80"
+        if rnd.random() < 0.05:
+            value = value[:1]
+        raw = _utimes(value)
+        want, _ = _read(raw, listings, last, "python")
+        got, calls = _read(raw, listings, last, "c")
+        assert got == want, (last, value)
+        if not isinstance(want, str):
+            resolved += 1
+            assert calls == 0, (last, value)
+    assert 80 < resolved < 350, resolved

@@ -14,8 +14,8 @@
  * unlinked name (0xfffc), and commands stored as they are; the name commands (UNLINK,
  * RENAME, MKDIR, RMDIR) update CarrierState's name model as carrier.unfold does. Left to
  * Python: SUBVOL/SNAPSHOT (a new old root), a RENAME without PATH_TO, and every delta
- * record; format 9's names from the old listings (0xfff9) are resolved by a call of
- * carrier.resolve_old_name, the rest of their command here.
+ * record; format 9's names from the old listings (0xfff9) are resolved here too (old_name:
+ * the listings asked of CarrierState._listing(), every index checked).
  *
  * The state shared with Python: CarrierState.last_path, .last_ino and .times are read at
  * the start of a run and written back at its end; the name model (names, name_at,
@@ -268,8 +268,7 @@ is_create(unsigned cmd)
 /* ---- the name commands: CarrierState's name model (carrier.py), on its own objects ---- */
 
 static PyObject *s_unlink_dir, *s_unlink_pos, *s_names, *s_name_at, *s_name_pos,
-    *s_rename_dir, *s_moves, *s_pathmap, *s_listing, *s_rename, *s_create, *s_remove,
-    *s_resolve_old_name;
+    *s_rename_dir, *s_moves, *s_pathmap, *s_listing, *s_rename, *s_create, *s_remove;
 
 /* a name reference's value v[0:n]: one LEB128 value spanning it exactly, of at most 63
  * bits, zigzag-decoded into *out; -1 for anything else (Python decides then) */
@@ -411,6 +410,118 @@ follow(PyObject *state, PyObject *method, PyObject *a, PyObject *b)
     }
     Py_DECREF(r);
     return 0;
+}
+
+/* a LEB128 value at v[*pos:n] of at most 10 bytes (read_uvarint) that fits in 64 bits,
+ * *pos moved past it; -1 for anything else (Python decides then) */
+static int
+uvarint(const uint8_t *v, size_t n, size_t *pos, uint64_t *out)
+{
+    uint64_t x = 0;
+    for (size_t i = *pos, s = 0; i < n && i < *pos + 10; i++, s += 7) {
+        if (s == 63 && (v[i] & 0x7E))
+            return -1;
+        x |= (uint64_t)(v[i] & 0x7F) << s;
+        if (!(v[i] & 0x80)) {
+            *out = x;
+            *pos = i + 1;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+/* bytes a[0:an] against the bytes object b, as Python orders them */
+static int
+bytes_cmp(const uint8_t *a, size_t an, PyObject *b)
+{
+    size_t bn = (size_t)PyBytes_GET_SIZE(b);
+    int c = memcmp(a, PyBytes_AS_STRING(b), an < bn ? an : bn);
+    return c ? c : (an > bn) - (an < bn);
+}
+
+/* format 9: resolve_old_name(), the PATH an OLDNAME TLV of value v[0:n] stands for, into
+ * *path from the previous path last[0:ln]; the listings are CarrierState._listing()'s (a
+ * list of bytes each, indexed here: every index checked against its length). 0, or -1
+ * (error cleared) for anything Python's unfold is left to resolve or refuse, with the
+ * same message as ever */
+static int
+old_name(PyObject *state, const uint8_t *last, size_t ln, const uint8_t *v, size_t n,
+         Buf *path)
+{
+    size_t pos = 0;
+    uint64_t up, z;
+    if (uvarint(v, n, &pos, &up) < 0 || up > OLDNAME_UP || pos == n)
+        return -1;
+    size_t an = ln;
+    for (uint64_t i = 0; i < up; i++) {
+        Py_ssize_t c = last_slash(last, an);
+        if (c < 0)
+            return -1;
+        an = (size_t)c;
+    }
+    Py_ssize_t c = last_slash(last, an);
+    size_t dn = c < 0 ? 0 : (size_t)c;
+    const uint8_t *aname = c < 0 ? last : last + c + 1;
+    size_t aname_n = an - (c < 0 ? 0 : (size_t)c + 1);
+    if (buf_set(path, last, dn) < 0)
+        return -1;
+    int first = 1;
+    for (int i = 0; i < OLDNAME_DOWN && pos < n; i++) {
+        if (uvarint(v, n, &pos, &z) < 0)
+            return -1;
+        PyObject *d = PyBytes_FromStringAndSize((const char *)path->p, (Py_ssize_t)path->n);
+        PyObject *got = NULL;
+        int r = d ? listing(state, d, &got) : -1;
+        Py_XDECREF(d);
+        if (r != 0) {
+            PyErr_Clear();
+            return -1;
+        }
+        PyObject *names = PyTuple_GET_ITEM(got, 0);
+        Py_ssize_t len = PyList_GET_SIZE(names), k;
+        if (first) {
+            /* bisect_left(names, aname) + 1 + unzigzag(z) */
+            Py_ssize_t lo = 0, hi = len;
+            while (lo < hi) {
+                Py_ssize_t mid = lo + (hi - lo) / 2;
+                PyObject *nm = PyList_GET_ITEM(names, mid);
+                if (!PyBytes_Check(nm)) {
+                    Py_DECREF(got);
+                    return -1;
+                }
+                if (bytes_cmp(aname, aname_n, nm) > 0)
+                    lo = mid + 1;
+                else
+                    hi = mid;
+            }
+            if (z > (uint64_t)PY_SSIZE_T_MAX) {
+                Py_DECREF(got);
+                return -1;
+            }
+            Py_ssize_t half = (Py_ssize_t)(z >> 1);
+            k = z & 1 ? lo - half : lo + 1 + half; /* -(half + 1) + lo + 1 */
+            first = 0;
+        }
+        else
+            k = z > (uint64_t)PY_SSIZE_T_MAX ? -1 : (Py_ssize_t)z;
+        if (k < 0 || k >= len || !PyBytes_Check(PyList_GET_ITEM(names, k))) {
+            Py_DECREF(got);
+            return -1;
+        }
+        PyObject *nm = PyList_GET_ITEM(names, k);
+        size_t nn = (size_t)PyBytes_GET_SIZE(nm);
+        if (buf_reserve(path, path->n + 1 + nn) < 0) {
+            Py_DECREF(got);
+            return -1;
+        }
+        if (path->n)
+            path->p[path->n++] = '/';
+        memcpy(path->p + path->n, PyBytes_AS_STRING(nm), nn);
+        path->n += nn;
+        Py_DECREF(got);
+    }
+    return pos == n ? 0 : -1;
 }
 
 static PyObject *
@@ -567,33 +678,12 @@ run(PyObject *self, PyObject *args)
                 new_pos = k;
             }
             else if (t == OLDNAME && fmt >= 9) {
-                /* format 9: a name of an old listing near the previous path, resolved by
-                   Python's resolve_old_name (the listings are Python's) once the previous
-                   path is set there; anything it refuses is left to Python's unfold */
+                /* format 9: a name of an old listing near the previous path (old_name);
+                   anything it does not resolve is left to Python's unfold */
                 rest = q + 4 + n;
-                if (rest > end || !have_last)
+                if (rest > end || !have_last ||
+                    old_name(state, last.p, last.n, b + q + 4, n, &path) < 0)
                     break;
-                PyObject *lpv = PyBytes_FromStringAndSize((const char *)last.p,
-                                                          (Py_ssize_t)last.n);
-                if (lpv == NULL || PyObject_SetAttr(state, s_last_path, lpv) < 0) {
-                    Py_XDECREF(lpv);
-                    PyErr_Clear();
-                    break;
-                }
-                Py_DECREF(lpv);
-                PyObject *v = PyBytes_FromStringAndSize((const char *)(b + q + 4),
-                                                        (Py_ssize_t)n);
-                PyObject *rp = v ? PyObject_CallMethodOneArg(state, s_resolve_old_name, v)
-                                 : NULL;
-                Py_XDECREF(v);
-                if (rp == NULL || !PyBytes_Check(rp) ||
-                    buf_set(&path, (const uint8_t *)PyBytes_AS_STRING(rp),
-                            (size_t)PyBytes_GET_SIZE(rp)) < 0) {
-                    Py_XDECREF(rp);
-                    PyErr_Clear();
-                    break;
-                }
-                Py_DECREF(rp);
             }
             else {
                 as_is = 1;
@@ -899,7 +989,6 @@ PyInit__unfold(void)
         {&s_name_at, "name_at"}, {&s_name_pos, "name_pos"}, {&s_rename_dir, "rename_dir"},
         {&s_moves, "moves"}, {&s_pathmap, "pathmap"}, {&s_listing, "_listing"},
         {&s_rename, "rename"}, {&s_create, "create"}, {&s_remove, "remove"},
-        {&s_resolve_old_name, "resolve_old_name"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if ((*names[i].slot = PyUnicode_InternFromString(names[i].name)) == NULL)
