@@ -50,3 +50,31 @@ def test_replicate_into_its_own_source(tmp_path: Path,
     assert _listing(src) == before
     assert [p.name.startswith("data.") for p in beside.iterdir()
             if not p.name.startswith(".")] == [True]
+
+
+@pytest.mark.btrfs
+def test_image_clone_that_fills_its_output_or_store_names_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: 'btrdelta image clone: error: No space left on device' and nothing more (a
+    chunk's pwrite into --output, or into the store, does not say where)."""
+    from btrdelta.testing.loopfs import loop_fs
+    from tests.conftest import require_btrfs
+
+    require_btrfs()  # loop devices
+    image = tmp_path / "rootfs.img"
+    image.write_bytes(os.urandom(24 << 20))  # nothing compresses it: 24 MiB of chunks
+    archive = tmp_path / "rootfs.bdar"
+    assert main(["image", "compress", "-q", "-i", str(image), "-o", str(archive)]) == 0
+    roomy = tmp_path / "store"
+    roomy.mkdir()
+    with loop_fs("ext4", size="16M") as small:
+        for target, output, named in (
+                ([], ["--output", str(small / "out.img")], small / "out.img"),
+                ([str(small / "store" / "v1")], [], small / "store"),
+                ([str(roomy / "v1")], ["--output", str(small / "out.img")],
+                 small / "out.img")):
+            capsys.readouterr()
+            assert main(["image", "clone", "-q", str(archive), *target, *output]) == 1
+            err = _err(capsys)
+            assert err == f"btrdelta image clone: error: {named}: No space left on device\n"
+            assert not (small / "out.img").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import signal
 import sys
@@ -318,7 +319,8 @@ def run_clone(args: argparse.Namespace) -> int:
                          f"btrdelta image clone {shlex.quote(args.target)} "
                          f"{shlex.quote(args.source)}")
     key = load_public_key(args.key) if args.key else None
-    with Phases("clone", progress_wanted(args), {"check": "chunks"}) as progress:
+    with naming_output(_written(args)), \
+            Phases("clone", progress_wanted(args), {"check": "chunks"}) as progress:
         report = clone_image(
             args.source, target=args.target, output=args.output, seeds=args.seed,
             castr=args.castr, dry_run=args.dry_run, public_key=key,
@@ -332,6 +334,25 @@ def run_clone(args: argparse.Namespace) -> int:
     if not args.quiet:
         _print_clone(args, report)
     return 0
+
+
+def _written(args: argparse.Namespace) -> str:
+    """What a clone that runs out of space names (a chunk's ``pwrite`` says "No space left
+    on device", not where): --output, else the store of STORE/NAME; with both, the one on
+    the fuller filesystem (chunks go to the store, the image to --output)."""
+    store = (os.path.dirname(os.path.normpath(args.target)) or ".") if args.target else None
+    places = [p for p in (args.output, store) if p]
+    if len(places) < 2:
+        return places[0] if places else "the output"
+
+    def free(path: str) -> int:
+        try:
+            st = os.statvfs(path if os.path.exists(path) else os.path.dirname(path) or ".")
+        except OSError:
+            return 1 << 62
+        return st.f_bavail * st.f_frsize
+
+    return min(places, key=free)
 
 
 def _print_clone(args: argparse.Namespace, report: CloneReport) -> None:
