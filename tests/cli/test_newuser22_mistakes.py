@@ -78,3 +78,36 @@ def test_image_clone_that_fills_its_output_or_store_names_it(
             err = _err(capsys)
             assert err == f"btrdelta image clone: error: {named}: No space left on device\n"
             assert not (small / "out.img").exists()
+
+
+def test_a_timestamp_that_is_not_json_is_malformed_input_named_by_its_url(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A mirror's timestamp.json cut short (a sync that stopped half-way): `repo ls URL`
+    said 'timestamp.json: not valid JSON' (no URL), while `repo ls --key` and `update` said
+    the URL but exit 5, a checksum or signature mismatch; now all three exit 3 (malformed
+    input, the README's table) and name the file by its URL; DEST is left as it was."""
+    from btrdelta.transport.server import StaticServer
+
+    tree, repo, dest = tmp_path / "tree", tmp_path / "repo", tmp_path / "dest"
+    tree.mkdir()
+    (tree / "f").write_bytes(os.urandom(10_000))
+    key = str(tmp_path / "root")
+    for argv in (["key", "generate", "-o", key], ["repo", "init", str(repo)],
+                 ["repo", "add", str(repo), "1.0", str(tree)],
+                 ["repo", "sign", str(repo), "--key", f"{key}.key"]):
+        assert main([*argv, "-q"]) == 0, argv
+    stamp = repo / "timestamp.json"
+    stamp.write_bytes(stamp.read_bytes()[:40])
+    dest.mkdir()
+    server = StaticServer(repo)
+    with server.running():
+        url = server.url.rstrip("/")
+        for argv in (["repo", "ls", url], ["repo", "ls", url, "--key", f"{key}.pub"],
+                     ["update", "-q", url, str(dest), "--key", f"{key}.pub"]):
+            capsys.readouterr()
+            assert main(argv) == 3, argv
+            err = _err(capsys)
+            command = "update" if argv[0] == "update" else "repo ls"
+            assert err.startswith(f"btrdelta {command}: error: {url}/timestamp.json: "
+                                  "not valid JSON: "), err
+    assert os.listdir(dest) == []

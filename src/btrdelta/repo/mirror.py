@@ -217,8 +217,8 @@ class Mirrors:
             source, text = _where(self.urls[0], *where[0])
         else:
             source, text = path, f"every mirror failed: {'; '.join(problems)}"
-        if isinstance(wrong, ChecksumError):  # signatures, freshness: keep the class
-            raise type(wrong)(text, source=source)
+        if isinstance(wrong, StreamFormatError):  # signatures, freshness, a file that is
+            raise type(wrong)(text, source=source)  # not JSON (exit 3): keep the class
         if wrong is not None:
             raise ChecksumError(text, source=source)
         # the path first even when a reason names it again (`repo sign` writes timestamp.json);

@@ -61,12 +61,12 @@ def _remote_listing(url: str, *, key: str | None) -> dict[str, Any]:
             index, ts, note = v.index, v.timestamp, "signatures verified"
         else:
             raw = get_timestamp(mirrors, mirrors.urls[0])
-            ts = Timestamp.decode(Fields(parse_json(raw, "timestamp.json"),
-                                         "timestamp.json").get("signed"), "timestamp.json")
+            name = f"{mirrors.urls[0].rstrip('/')}/timestamp.json"  # (it said timestamp.json)
+            ts = Timestamp.decode(Fields(parse_json(raw, name), name).get("signed"), name)
             data = mirrors.fetch(ts.index_path, length=ts.index_length,
                                  digest=ts.index_blake3)
-            index = Index.decode(Fields(parse_json(data, ts.index_path),
-                                        ts.index_path).get("signed"), ts.index_path)
+            name = f"{mirrors.urls[0].rstrip('/')}/{ts.index_path}"
+            index = Index.decode(Fields(parse_json(data, name), name).get("signed"), name)
             note = "signatures NOT verified (give --key)"
         records = version_records(mirrors, index, cache, range(1, len(index.versions) + 1))
     finally:
