@@ -46,7 +46,7 @@ def test_a_store_of_root_s(world: Path) -> None:
     proc = _as_nobody("sendshot", "--store", str(store), "list")
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1, proc.stderr
-    assert proc.stderr.startswith("btrdelta sendshot: error: ")
+    assert proc.stderr.startswith("btrdelta sendshot list: error: ")
     assert proc.stderr.rstrip().endswith(HINT)
 
 

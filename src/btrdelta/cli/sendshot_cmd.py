@@ -53,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     after.add_argument("--store", metavar="DIR", default=argparse.SUPPRESS, help=store_help)
     after.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                        help="print JSON on standard output")
-    cmds = _Actions(p.add_subparsers(dest="action", metavar="ACTION", required=True), after)
+    cmds = _Actions(p.add_subparsers(dest="sendshot_command", metavar="ACTION", required=True), after)
     cmds.add_parser("list", help="every record, oldest first",
                     description="List the records of the store, oldest first: id, time, "
                     "kind, source, the stream's UUID, size, the record it was sent against, "
@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     """Run one action."""
     store = SendshotStore(args.store or DEFAULT_STORE)
     out: Any = None
-    if args.action == "list":
+    if args.sendshot_command == "list":
         every = store.records_list()
         out = [s.to_json() for s in every]
         if not args.json:  # a summary first, as `repo ls`
@@ -202,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
             for s in every:
                 print(_line(s))
             _orphans(cursors, {s.digest for s in every})
-    elif args.action == "show":
+    elif args.sendshot_command == "show":
         s = store.resolve(args.id)
         reader, f = store.open(s)
         try:
@@ -224,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
                     "tree_digest": out["tree_digest"] or "(none)"}
             for k, v in text.items():
                 print(f"{k}: {'(none)' if v is None else v}")
-    elif args.action == "delete":
+    elif args.sendshot_command == "delete":
         done = []
         for ident in args.ids:
             s = store.resolve(ident)
@@ -233,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
             if not args.json and not args.quiet:
                 print("deleted " + _line(s))
         out = {"deleted": done}
-    elif args.action == "prune":
+    elif args.sendshot_command == "prune":
         if args.keep is None and args.grid is None:
             raise UsageError("prune needs --keep N or --grid GRID")
         gone = store.prune(keep=args.keep, grid=args.grid, dry_run=args.dry_run)
@@ -252,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"nothing to prune: {len(every)} record"
                       f"{'' if len(every) == 1 else 's'} kept ({held} held by a receiver's "
                       f"cursor); store {store.path}")
-    elif args.action == "forget":
+    elif args.sendshot_command == "forget":
         out = _forget(store, args)
     else:
         out = _create(store, args)
