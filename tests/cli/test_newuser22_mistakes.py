@@ -111,3 +111,24 @@ def test_a_timestamp_that_is_not_json_is_malformed_input_named_by_its_url(
             assert err.startswith(f"btrdelta {command}: error: {url}/timestamp.json: "
                                   "not valid JSON: "), err
     assert os.listdir(dest) == []
+
+
+@pytest.mark.parametrize("given", ["3de7c545", "49a0...", "3de7c545fe9b15ea" * 3,
+                                   "z" * 64])
+def test_device_expect_sum_that_is_not_a_tree_sum(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], given: str) -> None:
+    """Before: a prefix of the tree-sum (``device status`` shows 16 digits; the docs wrote
+    '49a09e77...') was taken, the whole release received, then refused (exit 5, 'the
+    release's is 3de7c545'). Now a usage error before anything is read."""
+    (tmp_path / "v1-v2.delta").write_bytes(b"")
+    for argv in (["device", "install", str(tmp_path), str(tmp_path / "v1-v2.delta")],
+                 ["device", "init", str(tmp_path), "--factory", str(tmp_path)]):
+        try:
+            rc = main([*argv, "--expect-sum", given])
+        except SystemExit as exc:  # argparse's
+            rc = exc.code
+        assert rc == 2, argv
+        err = _err(capsys)
+        assert err.startswith(f"btrdelta {argv[0]} {argv[1]}: error: argument --expect-sum: "
+                              f"{given!r} is not a tree-sum: the 64 hex digits "), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v1-v2.delta"]

@@ -20,6 +20,16 @@ _FS_HELP = ("the device's btrfs: where its top-level subvolume is mounted (subvo
             "a block device or image file (mounted privately for the command)")
 
 
+def _tree_sum_arg(text: str) -> str:
+    """A --expect-sum: the 64 hex digits ``btrdelta tree-sum`` prints (a prefix, such as
+    the 16 digits ``device status`` shows, was refused only after the whole install)."""
+    digits = text.strip().lower()
+    if len(digits) != 64 or any(c not in "0123456789abcdef" for c in digits):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a tree-sum: the 64 hex digits `btrdelta tree-sum DIR` prints")
+    return digits
+
+
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``device`` and its subcommands."""
     p = sub.add_parser(
@@ -223,7 +233,7 @@ def _add_init(dsub: Any) -> None:
     i.add_argument("--tries", type=int, default=3, help="boots a new slot gets (default 3)")
     i.add_argument("--hook", metavar="PROGRAM",
                    help="boot hook: called as PROGRAM try|good|cancel SLOT [TRIES]")
-    i.add_argument("--expect-sum", metavar="TREESUM",
+    i.add_argument("--expect-sum", metavar="TREESUM", type=_tree_sum_arg,
                    help="the factory release's tree-sum (btrdelta tree-sum); refuse others")
     i.add_argument("--force", action="store_true",
                    help="lay out anew: deletes every root and state subvolume (refused on the "
@@ -248,7 +258,8 @@ def _add_install(dsub: Any) -> None:
         "next boot by one atomic step: the boot-counting file try-SLOT+TRIES. Interrupted at "
         "any point, the device still boots the old root; a re-run cleans up and completes.",
         epilog=examples(
-            "btrdelta device install /mnt/top v1-v2.delta --expect-sum 49a0...",
+            "btrdelta device install /mnt/top v1-v2.delta "
+            "--expect-sum \"$(btrdelta tree-sum v2 | cut -d' ' -f1)\"",
             "btrdelta device install /dev/mmcblk0p3 v1-v2.delta --key release.pub",
             "btrdelta device install /mnt/top https://updates.example.com/os --key root.pub "
             "--to 2.1",
@@ -260,7 +271,7 @@ def _add_install(dsub: Any) -> None:
     n.add_argument("source", metavar="SOURCE", type=location,
                    help="delta stream, send stream ('-': stdin), directory tree, repository URL "
                    "or chunk archive (.bdar)")
-    n.add_argument("--expect-sum", metavar="TREESUM",
+    n.add_argument("--expect-sum", metavar="TREESUM", type=_tree_sum_arg,
                    help="the release's tree-sum (btrdelta tree-sum NEW; for a stream made by "
                         "btrfs send -p, tree-sum --ignore-root-mtime NEW: the kernel may not "
                         "send the top directory's mtime)")

@@ -53,7 +53,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     after.add_argument("--store", metavar="DIR", default=argparse.SUPPRESS, help=store_help)
     after.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                        help="print JSON on standard output")
-    cmds = _Actions(p.add_subparsers(dest="sendshot_command", metavar="ACTION", required=True), after)
+    cmds = _Actions(p.add_subparsers(dest="sendshot_command", metavar="ACTION", required=True),
+                    after)
     cmds.add_parser("list", help="every record, oldest first",
                     description="List the records of the store, oldest first: id, time, "
                     "kind, source, the stream's UUID, size, the record it was sent against, "
