@@ -259,7 +259,7 @@ def _add_install(dsub: Any) -> None:
         "any point, the device still boots the old root; a re-run cleans up and completes.",
         epilog=examples(
             "btrdelta device install /mnt/top v1-v2.delta "
-            "--expect-sum \"$(btrdelta tree-sum v2 | cut -d' ' -f1)\"",
+            "--expect-sum \"$(btrdelta tree-sum v2 | cut -c1-64)\"",
             "btrdelta device install /dev/mmcblk0p3 v1-v2.delta --key release.pub",
             "btrdelta device install /mnt/top https://updates.example.com/os --key root.pub "
             "--to 2.1",
