@@ -8,12 +8,14 @@ loop btrfs of its own on which all scenarios are built; for each, the kernel's v
 as a ``-c`` clone source and no ``-p``), and with the kernel as the oracle:
 
 * ``btrdelta dump`` == ``btrfs receive --dump``, byte for byte;
-* ``receive`` into btrfs and into ext4 gives ``btrfs receive``'s trees (tree-sum; for v2
-  with the hole layout; on ext4 without the ``btrfs.*`` properties, skipped there), and the
-  atimes too (but A's on ext4, where B is made as a copy of A, whose reading moves them); a
+* ``receive`` into btrfs, ext4 and tmpfs gives ``btrfs receive``'s trees (tree-sum; for v2
+  with the hole layout; on ext4 and tmpfs without the ``btrfs.*`` properties, skipped
+  there), and the atimes too (but A's off btrfs, where B is made as a copy of A, whose
+  reading moves them); a
   stream ``btrfs receive`` refuses (a ``--no-data`` stream's clones:
   btrfs-progs issue 787) ours refuses as well;
-* ``delta make`` then ``delta expand`` gives the incremental stream bit for bit;
+* ``delta make`` then ``delta expand`` gives the incremental stream bit for bit, and the
+  delta received (applied) after A into btrfs and into ext4 gives the kernel's B;
 * btrdelta's send of the kernel's snapshots (A, then B from A) is received by ``btrfs
   receive`` as them.
 
@@ -101,10 +103,21 @@ class Targets:
     kernel: Path
     btrfs: Path
     ext4: Path
+    tmpfs: Path
 
 
 @contextlib.contextmanager
-def _targets(v: Variant) -> Iterator[Targets]:
+def _tmpfs(where: Path) -> Iterator[Path]:
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3G", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+@contextlib.contextmanager
+def _targets(v: Variant, tmp: Path) -> Iterator[Targets]:
     require_btrfs()
     try:
         with ExitStack() as stack:
@@ -112,7 +125,8 @@ def _targets(v: Variant) -> Iterator[Targets]:
                                               mkfs_args=v.mkfs))
             kernel, btrfs = (stack.enter_context(loop_fs("btrfs", size="3G")) for _ in "ab")
             ext4 = stack.enter_context(loop_fs("ext4", size="3G", mkfs_args=("-O", "ea_inode")))
-            yield Targets(src, kernel, btrfs, ext4)
+            tmpfs = stack.enter_context(_tmpfs(tmp / "tmpfs"))
+            yield Targets(src, kernel, btrfs, ext4, tmpfs)
     except BtrfsUnavailable as exc:
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI=true but btrfs is unavailable: {exc}")
@@ -187,7 +201,9 @@ def _check(v: Variant, t: Targets, pair: SnapshotPair, tag: str, out: Path,
     problems = [f"{tag}: dump of {s.name} differs from btrfs receive --dump"
                 for s in (a, b) if _our_dump(s) != progs_dump(s).stdout]
     dirs = {}
-    for key, root in (("kernel", t.kernel), ("btrfs", t.btrfs), ("ext4", t.ext4)):
+    ours = ("btrfs", "ext4", "tmpfs")
+    for key, root in (("kernel", t.kernel), ("btrfs", t.btrfs), ("ext4", t.ext4),
+                      ("tmpfs", t.tmpfs)):
         dirs[key] = root / tag
         dirs[key].mkdir()
     for s in (a, b):
@@ -196,7 +212,7 @@ def _check(v: Variant, t: Targets, pair: SnapshotPair, tag: str, out: Path,
             refused = None
         except RuntimeError as exc:
             refused = str(exc)
-        for key in ("btrfs", "ext4"):
+        for key in ours:
             try:
                 _our_receive(s, dirs[key])
                 if refused:
@@ -209,9 +225,9 @@ def _check(v: Variant, t: Targets, pair: SnapshotPair, tag: str, out: Path,
     # B is a snapshot of A in every mode (btrfs send -c without -p picks A as the parent)
     for snap, root_mtime in ((pair.a.name, True), (pair.b.name, False)):
         kernel_atimes = _atimes(dirs["kernel"] / snap)
-        for key in ("btrfs", "ext4"):
-            # A's atimes after B on ext4: B is a copy of A there, whose reading moved them
-            if key == "ext4" and snap == pair.a.name:
+        for key in ours:
+            # A's atimes after B off btrfs: B is a copy of A there, whose reading moved them
+            if key != "btrfs" and snap == pair.a.name:
                 continue
             got = _atimes(dirs[key] / snap)
             moved = [p for p, ns in kernel_atimes.items() if p != "./" and got.get(p) != ns]
@@ -220,26 +236,40 @@ def _check(v: Variant, t: Targets, pair: SnapshotPair, tag: str, out: Path,
         if v.mode != "no-data" and pair.scenario.name not in _KERNEL_DIFFERS:
             problems += _compare(f"{tag}: kernel {snap} vs source", pair.b.parent / snap,
                                  dirs["kernel"] / snap, holes=False, root_mtime=root_mtime)
-        for key in ("btrfs", "ext4"):
+        for key in ours:
             problems += _compare(f"{tag}: {key} {snap}", dirs["kernel"] / snap,
                                  dirs[key] / snap, holes=proto == 2, root_mtime=root_mtime,
-                                 props=key != "ext4")
+                                 props=key == "btrfs")
     if v.mode == "incremental":
-        problems += _delta_and_send(t, pair, tag, out, proto, b)
+        problems += _delta_and_send(t, pair, tag, out, proto, a, b)
     return problems
 
 
 def _delta_and_send(t: Targets, pair: SnapshotPair, tag: str, out: Path, proto: int,
-                    incr: Path) -> list[str]:
+                    full: Path, incr: Path) -> list[str]:
     problems = []
     parts: list[bytes] = []
     with open(incr, "rb") as f:
         make_delta(f, pair.a, parts.append, MakeOptions(min_file_size=1))
+    delta = b"".join(bytes(p) for p in parts)
     expanded: list[bytes] = []
-    expand_to(open_delta(io.BytesIO(b"".join(bytes(p) for p in parts))), pair.a,
-              expanded.append)
+    expand_to(open_delta(io.BytesIO(delta)), pair.a, expanded.append)
     if b"".join(bytes(p) for p in expanded) != incr.read_bytes():
         problems.append(f"{tag}: delta make + expand is not the stream")
+    (out / "B.delta").write_bytes(delta)
+    for key, root in (("btrfs", t.btrfs), ("ext4", t.ext4)):
+        dest = root / (tag + ".delta")
+        dest.mkdir()
+        _our_receive(full, dest)
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            code = main(["receive", "-q", "-f", str(out / "B.delta"), str(dest)])
+        if code:
+            problems.append(f"{tag}: {key} receive of the delta: exit {code}: "
+                            f"{err.getvalue().strip()}")
+            continue
+        problems += _compare(f"{tag}: {key} delta applied", t.kernel / tag / pair.b.name,
+                             dest / pair.b.name, holes=proto == 2, root_mtime=False,
+                             props=key == "btrfs")
     ours = (out / "our-A", out / "our-B")
     for path, (new, parent) in zip(ours, ((pair.a, None), (pair.b, pair.a)), strict=True):
         with open(path, "wb") as f:
@@ -263,7 +293,7 @@ def test_every_scenario(variant: Variant, tmp_path: Path) -> None:
     if _WANTED != "all" and variant.name not in _WANTED.split(","):
         pytest.skip(f"not in BTRDELTA_MATRIX={_WANTED}")
     problems: list[str] = []
-    with _targets(variant) as t:
+    with _targets(variant, tmp_path) as t:
         for sc in SCENARIOS:
             if (_ONLY and sc.name not in _ONLY) or sc.name in variant.skip:
                 continue

@@ -359,5 +359,68 @@ BEYOND: list[Scenario] = [
       " truncate -s 150000 g; xfs_io -c 'falloc -k 300000 100000' f2; truncate -s 350000 f2;"
       " xfs_io -c 'pwrite -S 0x63 340000 100' f2; xfs_io -f -c 'reflink f2 0 0 299008' f3;"
       " truncate -s 4097 s; truncate -s 12288 s"),
+    # -- session 22 --
+    # hard links taking the paths of their removed parents (a file where its directory
+    # was, a link where an ancestor two levels up was), a link taking its parent's name
+    S("links-replace-parents",
+      "mkdir -p p/q/r s/t; echo x > p/q/r/f; echo y > p/g; echo z > s/t/h; ln s/t/h s/h2",
+      "mv p/q/r/f top; rm -r p; ln top p; mkdir q; ln top q/r; mv s/t/h s/hh; rmdir s/t;"
+      " ln s/hh s/t; mv s/h2 tmp; mv s s2; mv tmp s"),
+    # a chain of 40 directories, each with a file, turned inside out (the deepest becomes
+    # the outermost) and its top renamed to the name the old top had
+    S("deep-chain-reversed",
+      "p=.; for i in $(seq 1 40); do p=$p/d$i; mkdir $p; echo $i > $p/f; done",
+      "for i in $(seq 40 -1 2); do mv \"$(find . -type d -name d$i)\" x$i; done;"
+      " mv d1 x2/; for i in $(seq 2 39); do mv x$i x$((i + 1))/; done; mv x40 d1"),
+    # rename(2) over existing targets: a file over a file with another link, a directory
+    # over an empty one (mv -T), a symlink over a file, a file over a removed directory's
+    # name, a directory and a file exchanging names through a temporary one
+    S("rename-over-existing",
+      "echo a > a; echo b > b; ln b b2; mkdir d empty e; echo c > d/c; ln -s a s; echo t > t;"
+      " echo f > f; mkdir g; echo gg > g/gg",
+      "mv -f a b; mv -T d empty; mv -f s t; rmdir e; mv -T b2 e; mv g tmp; mv f g;"
+      " mv tmp f; mv -f empty/c g"),
+    # clones whose source file B renamed or removed: the clone source is the parent
+    # snapshot's file at its old path
+    S("clone-from-renamed-removed",
+      "head -c 1M /dev/urandom > f; head -c 512K /dev/urandom > g; mkdir d",
+      "mv f d/f2; cp --reflink=always d/f2 h; xfs_io -f -c 'reflink g 0 0 256K' k; rm g;"
+      " xfs_io -c 'reflink d/f2 0 512K 128K' h; xfs_io -c 'pwrite -S 0x5a 0 4K' d/f2"),
+    # preallocation and sizes: past EOF only (a sparse file), within EOF (falloc without
+    # -k reads as zeros), a file grown into and written past its preallocation, zeroed
+    # ranges kept past EOF, a clone past EOF leaving a hole before it
+    S("prealloc-eof-sequences",
+      "xfs_io -f -c 'pwrite -S 0x61 0 10K' -c 'falloc -k 10K 1M' a;"
+      " xfs_io -f -c 'falloc 0 64K' b; xfs_io -f -c 'truncate 1M' -c 'falloc -k 2M 1M' c;"
+      " xfs_io -f -c 'pwrite -S 0x62 0 64K' src",
+      "truncate -s 600K a; xfs_io -c 'pwrite -S 0x63 700K 4K' a;"
+      " xfs_io -c 'fpunch 16K 16K' -c 'falloc -k 128K 64K' -c 'pwrite -S 0x64 8K 1K' b;"
+      " truncate -s 2500K c; xfs_io -c 'fzero -k 3M 64K' c;"
+      " xfs_io -c 'reflink src 0 1M 64K' b"),
+    # xattrs on directories through their lives: one removed and made again (another
+    # inode, other xattrs), one moved under a directory moved under it first, one replaced
+    # by a file of its name with the same xattr name, the root's changed
+    S("xattrs-dirs-lifecycle",
+      "mkdir -p a/b c z; setfattr -n user.x -v 1 a; setfattr -n user.y -v 2 a/b;"
+      " setfattr -n user.c -v old c; setfattr -n user.z -v dir z; setfattr -n user.r -v r .",
+      "rmdir c; mkdir c; setfattr -n user.c2 -v new c; mv a/b b; mv a b/a;"
+      " setfattr -n user.y -v 3 b; rmdir z; echo f > z; setfattr -n user.z -v file z;"
+      " setfattr -x user.r .; setfattr -n user.r2 -v q ."),
+    # subvolumes inside the sent one (empty directories in its stream) renamed, moved,
+    # deleted and replaced by a directory, and a snapshot of the subvolume inside itself
+    S("nested-subvolumes-moved",
+      "btrfs -q subvolume create sv; mkdir d; btrfs -q subvolume create d/sv2;"
+      " echo x > sv/f; echo y > d/y",
+      "mv sv d/sv-moved; btrfs -q subvolume delete d/sv2; mkdir d/sv2; echo z > d/sv2/z;"
+      " btrfs -q subvolume snapshot . self",
+      btrfs_only=True),
+    # many directories with many hard links each to a few files, most directories removed
+    # (with their links), the rest renamed, links added in new directories
+    S("many-dirs-many-links",
+      "echo 1 > f1; echo 2 > f2; head -c 20000 /dev/urandom > f3;"
+      " for d in $(seq 1 30); do mkdir d$d;"
+      " for i in $(seq 1 15); do ln f1 d$d/a$i; ln f2 d$d/b$i; done; ln f3 d$d/c; done",
+      "for d in $(seq 1 24); do rm -r d$d; done; for d in $(seq 25 30); do mv d$d e$d; done;"
+      " mkdir n; for i in $(seq 1 40); do ln f1 n/x$i; done; rm f2; ln f3 n/f2"),
 ]
 del S
