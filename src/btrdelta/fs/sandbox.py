@@ -490,7 +490,13 @@ def list_dir(root: str | os.PathLike[str], path: bytes,
     """Sorted entry names of the directory ``root/path`` (``b""``: the root itself), walked
     without following symlinks; ``None`` if it is not a directory or the path is unsafe.
     ``cache``: the directory is looked up with it (and kept there: the files of a directory
-    listed for a delta's UNLINKs are read next)."""
+    listed for a delta's UNLINKs are read next).
+
+    Directories on another device are left out: a subvolume inside a btrfs subvolume (in a
+    snapshot, the empty directory standing for it, inode 2) or a mount point. btrfs send
+    leaves them out, so the tree a receiver made of a snapshot has none of them: with them
+    the sender's and the receiver's listings of the old snapshot would differ (a delta's
+    old-name and UNLINK references are positions in them)."""
     try:
         parts = split_path(path)
     except UnsafePathError:
@@ -502,7 +508,11 @@ def list_dir(root: str | os.PathLike[str], path: bytes,
     if fd is None:
         return None
     try:
-        return sorted(os.fsencode(name) for name in os.listdir(fd))
+        dev = os.fstat(fd).st_dev
+        with os.scandir(fd) as entries:
+            return sorted(os.fsencode(e.name) for e in entries
+                          if not e.is_dir(follow_symlinks=False)
+                          or e.stat(follow_symlinks=False).st_dev == dev)
     except OSError:
         return None
     finally:
