@@ -422,5 +422,14 @@ BEYOND: list[Scenario] = [
       " for i in $(seq 1 15); do ln f1 d$d/a$i; ln f2 d$d/b$i; done; ln f3 d$d/c; done",
       "for d in $(seq 1 24); do rm -r d$d; done; for d in $(seq 25 30); do mv d$d e$d; done;"
       " mkdir n; for i in $(seq 1 40); do ln f1 n/x$i; done; rm f2; ln f3 n/f2"),
+    # nestings rotated: a directory moved under what was its sibling's child while that
+    # sibling moves under it, two directories swapping parent and child with their names,
+    # a directory moved ten levels up past one moved ten levels down
+    S("nesting-rotations",
+      "mkdir -p a/b c/d e/f/g k/1/2/3/4/5/6/7/8/9/10 m; echo 1 > a/b/x; echo 2 > c/d/y;"
+      " echo 3 > e/f/g/z; echo 4 > k/1/2/3/4/5/6/7/8/9/10/w",
+      "mv a/b t; mv c/d a/b; mv c t/c; mv t c; mv e/f/g g; mv e g/e; mv g/e/f g/f;"
+      " mv k/1/2/3/4/5/6/7/8/9/10 m/ten;"
+      " mv m k/1/2/3/4/5/6/7/8/9/m; mv k/1 one"),
 ]
 del S
