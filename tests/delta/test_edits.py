@@ -13,6 +13,7 @@ import random
 import uuid
 from pathlib import Path
 
+import blake3
 import pytest
 import zstandard
 
@@ -179,7 +180,7 @@ def rebuilt(tmp_path: Path) -> tuple[Path, bytes]:
 def test_rebuilt_files_are_edits2_patches_from_format_8(rebuilt: tuple[Path, bytes]) -> None:
     old, stream = rebuilt
     delta, stats = _make(stream, old)
-    assert delta[17:21] == (9).to_bytes(4, "little")
+    assert delta[17:21] == (10).to_bytes(4, "little")
     assert stats.files_by_codec == {"edits2": 20}
     assert _expand(delta, old) == stream
     patches = _carried_patches(delta)
@@ -198,6 +199,41 @@ def test_rebuilt_files_are_edits2_patches_from_format_8(rebuilt: tuple[Path, byt
     before, before_stats = _make(stream, old, codec="hdiff-raw")
     assert before_stats.files_by_codec == {"hdiff-raw": 20}
     assert len(delta) < 0.8 * len(before)
+
+
+def test_edits2_patches_of_compressed_extents_carry_their_new_digest_from_format_10(
+    rebuilt: tuple[Path, bytes],
+) -> None:
+    """Format 10: where the new content goes out as regenerated compressed extents (a
+    ``--compressed-data`` stream), a short ``edits2`` CPATCH carries its new content's
+    4-byte digest instead of the old file's (flag 128; the same size); the expansion gives
+    the stream back; a wrong old file is refused (the patched content differs, naming the
+    file); format 9 refuses the flag."""
+    old, _ = rebuilt
+    rnd = random.Random(7)
+    files = {}
+    for i in range(20):  # the fixture's edits, sent as zstd-compressed extents
+        body = (old / "lib" / f"m{i}.py").read_bytes()
+        files[f"lib/m{i}.py".encode()] = rebuilt_edit(body, rnd)
+    stream = _stream(files, encoded=True)
+    delta, stats = _make(stream, old)
+    assert delta[17:21] == (10).to_bytes(4, "little")
+    assert stats.files_by_codec == {"edits2": 20}
+    patches = _carried_patches(delta)
+    assert len(patches) == 20
+    for p, new in zip(patches, files.values(), strict=True):
+        assert (p.codec, p.hash_algo, p.old_digest, p.new_algo) == (
+            EDITS2_CODEC, NO_DIGEST, b"", HashAlgo.BLAKE3_32)
+        assert p.new_digest == blake3.blake3(new).digest()[:4]
+    assert _expand(delta, old) == stream
+    with pytest.raises(StreamFormatError, match="new digest in a format-9 delta"):
+        _expand(delta[:17] + (9).to_bytes(4, "little") + delta[21:], old)
+    victim = old / "lib" / "m3.py"
+    body = bytearray(victim.read_bytes())
+    body[100] ^= 1
+    victim.write_bytes(body)
+    with pytest.raises(ChecksumError, match=r"lib/m3\.py.*patched content differs"):
+        _expand(delta, old)
 
 
 def test_a_one_write_file_gets_the_same_implied_chunk(rebuilt: tuple[Path, bytes]) -> None:

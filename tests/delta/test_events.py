@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from btrdelta import _native, receive_any
+from btrdelta.delta import diffing, expand_events, expand_to, open_delta, patching
 from btrdelta.delta import events as events_mod
-from btrdelta.delta import expand_events, expand_to, open_delta, patching
 from btrdelta.delta.encoding import encode_item
 from btrdelta.delta.format import DeltaEnd
 from btrdelta.delta.recompress import compress_extent
@@ -85,17 +85,27 @@ def _dests(pair: Pair, tmp_path: Path, *names: str) -> list[Path]:
     return dests
 
 
+@pytest.mark.parametrize("short", [False, True], ids=["now", "short-edits"])
 def test_receive_leaves_unchanged_extents_to_clones(
-    delta_pairs: dict[str, Pair], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    delta_pairs: dict[str, Pair], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    short: bool,
 ) -> None:
     """A release rebuilt with most files unchanged (new inodes), sent by the kernel with
-    ``--compressed-data`` from a compress=zstd file system: ``receive`` recompresses only
-    the extents of the files whose content changed (as many as the kernel sent for them),
-    writes those compressed where the kernel's receive has them compressed, and gives
-    ``btrfs receive``'s tree; ``delta expand`` still regenerates every extent, bit for bit."""
+    ``--compressed-data`` from a compress=zstd file system: ``receive`` recompresses no
+    extent of an unchanged file and gives ``btrfs receive``'s tree; ``delta expand`` still
+    regenerates every extent, bit for bit. The changed files get ``edits2`` patches: as
+    ``delta make`` writes them now, with their new content's digest (format 10), whose
+    extents are written as data (nothing recompressed); as it wrote them before format 10
+    (``short``: the short CPATCH with the old file's digest, no new digest), whose extents
+    are recompressed for their CRC (as many as the kernel sent for them) and written
+    compressed where the kernel's receive has them compressed."""
     pair = delta_pairs["rebuilt-same"]
     stream = pair.streams["v2"]
-    delta = make(stream, pair.a)[0]
+    if short:
+        monkeypatch.setattr(diffing, "new_digest_only", lambda res: False)
+    delta, stats = make(stream, pair.a)
+    monkeypatch.undo()
+    assert stats.files_by_codec["edits2"] > 0, stats.files_by_codec  # type: ignore[attr-defined]
     kernel_dest, ours_dest = _dests(pair, tmp_path, "k", "o")
     btrfs_receive(stream, kernel_dest)
     kernel, ours = kernel_dest / pair.b.name, ours_dest / pair.b.name
@@ -112,10 +122,10 @@ def test_receive_leaves_unchanged_extents_to_clones(
 
     calls = _counting(monkeypatch)
     receive_any(io.BytesIO(delta), ours_dest)
-    assert len(calls) == expected
+    assert len(calls) == (expected if short else 0)
     assert tree_sum(ours, ignore_root_mtime=True, holes=True) == tree_sum(
         kernel, ignore_root_mtime=True, holes=True)
-    for path in sorted(changed):
+    for path in sorted(changed) if short else ():
         assert _encoded_layout(ours / path.decode()) == _encoded_layout(kernel / path.decode())
         assert _encoded_layout(kernel / path.decode())  # the kernel's are compressed
 

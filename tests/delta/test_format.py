@@ -200,8 +200,8 @@ def test_format2_same_files_paths_and_renamed_dirs(tmp_path: Path) -> None:
     assert st.patched_files["same"] == 1
     assert sum(st.patched_files.values()) == 2  # RECORD found in the renamed directory
     assert len(delta) < 2_000 < len(stream) // 50
-    # the version field says 9; the development formats 1-3 (never released) are refused
-    assert delta[17:21] == (9).to_bytes(4, "little")
+    # the version field says 10; the development formats 1-3 (never released) are refused
+    assert delta[17:21] == (10).to_bytes(4, "little")
     for version in (3, 1, 2):
         with pytest.raises(UnsupportedVersionError, match=f"version {version} .*again"):
             _expand(delta[:17] + version.to_bytes(4, "little") + delta[21:], old)
@@ -554,6 +554,36 @@ def test_cpatch_round_trip() -> None:
     back = decode_item(DCmd.CPATCH, memoryview(raw), 10, len(raw))
     assert isinstance(back, Patch)
     assert (back.path, back.codec, back.old_size, back.old_digest) == (None, 0, 9, b"abcd")
+
+
+def test_cpatch_with_the_new_digest_only_round_trip() -> None:
+    """Format 10: a short ``edits2`` CPATCH with its new content's digest (flag 128, no old
+    digest) decodes to the patch it was encoded from, as large as the short form with the
+    old file's digest; flag 128 without a short patch's flag is refused."""
+    from btrdelta.delta.encoding import decode_item, encode_item
+    from btrdelta.delta.format import CP_NEW, NO_DIGEST, OLD_SIZE_UNKNOWN, DCmd
+
+    patch = memoryview(b"\x05\x10abcd")  # copy 5, substitute 4 bytes: 9 bytes made
+    p = Patch(b"a/b", None, 6, NO_DIGEST, OLD_SIZE_UNKNOWN, b"", 9, b"wxyz", len(patch),
+              patch, HashAlgo.BLAKE3_32)
+    raw = b"".join(bytes(x) for x in encode_item(p, inner=True, compact=True,
+                                                  omit_base=True))
+    assert raw[4] | raw[5] << 8 == DCmd.CPATCH
+    assert raw[10] & CP_NEW
+    back = decode_item(DCmd.CPATCH, memoryview(raw), 10, len(raw))
+    assert isinstance(back, Patch)
+    assert (back.path, back.codec, back.hash_algo, back.old_digest, back.new_size,
+            back.new_digest, back.new_algo, bytes(back.data or b"")) == (
+        b"a/b", 6, NO_DIGEST, b"", 9, b"wxyz", HashAlgo.BLAKE3_32, b"\x05\x10abcd")
+    old_form = Patch(b"a/b", None, 6, HashAlgo.BLAKE3_32, OLD_SIZE_UNKNOWN, b"wxyz", 9, b"",
+                     len(patch), patch, NO_DIGEST)
+    assert len(raw) == len(b"".join(bytes(x) for x in encode_item(
+        old_form, inner=True, compact=True, omit_base=True)))
+    for flags in (CP_NEW | 1, CP_NEW | 4 | 1):  # not with a full patch, nor with 'same'
+        bad = bytearray(raw[10:])
+        bad[0] = flags
+        with pytest.raises(StreamFormatError, match="unknown flags"):
+            decode_item(DCmd.CPATCH, memoryview(bytes(bad)), 0, len(bad))
 
 
 @pytest.mark.parametrize("encryption", [None, 0])

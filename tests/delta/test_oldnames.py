@@ -94,7 +94,7 @@ def test_files_kept_in_place_are_named_from_the_old_listings(
     utimes = [r for r in StreamReader(io.BytesIO(stream)) if r.cmd == Cmd.UTIMES]
     assert len(utimes) >= len(paths)
     delta = _make(stream, old)
-    assert delta[17:21] == (9).to_bytes(4, "little")
+    assert delta[17:21] == (10).to_bytes(4, "little")
     calls = []
     python_unfold = unpack.unfold
 

@@ -83,7 +83,7 @@ def test_format_6_against_the_kernel(tmp_path: Path) -> None:
         make_delta(io.BufferedReader(io.BytesIO(stream)), a, out.append,  # type: ignore[arg-type]
                    MakeOptions(carrier="xz", jobs=2))
         delta = b"".join(bytes(p) for p in out)
-        assert delta[17:21] == (9).to_bytes(4, "little")
+        assert delta[17:21] == (10).to_bytes(4, "little")
 
         # oracle 1: the expansion is the kernel's stream, byte for byte
         back: list[bytes] = []

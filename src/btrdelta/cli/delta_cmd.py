@@ -137,7 +137,7 @@ def _add_make(dsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                         "(+12%%), 18-20 CPU s and 90 MB, expand 150-170; zstd --level "
                         "11 15.99 MB (+23%%), 4.5-4.7 CPU s and 84 MB. No choice has the "
                         "size, the speed and the memory at once; on an upgrade (mostly "
-                        "patches) they differ by 0.4%%. Each writes format 9 "
+                        "patches) they differ by 0.4%%. Each writes format 10 "
                         "(docs/formats/delta-stream.md 7.9-7.10)")
     m.add_argument("--verify", action="store_true",
                    help="expand the delta made against --old before exiting 0 (as long as "

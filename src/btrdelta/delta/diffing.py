@@ -65,7 +65,7 @@ from .recompress import LevelGuesser, natural_extent, regenerable
 from .writer import INNER_PATCH_MAX
 
 __all__ = ["RAW_MAX_FILE", "Group", "Result", "canonical_write", "diff_group", "patched_items",
-           "raw_commands"]
+           "new_digest_only", "raw_commands"]
 
 
 # --- groups -----------------------------------------------------------------------------
@@ -539,6 +539,15 @@ def _runs(group: Group, items: list[DeltaItem], encoded: dict[int, tuple[int, in
     close()
 
 
+def new_digest_only(res: Result) -> bool:
+    """Whether an ``edits`` / ``edits2`` patch on one old file carries its new content's
+    4-byte digest instead of the old file's (format 10, CPATCH flag ``CP_NEW``): where that
+    content goes out as regenerated compressed extents (PENC, a ``--compressed-data``
+    stream), which ``receive`` then writes as data instead of recompressing them for the
+    one check they have otherwise, their CRC (``docs/formats/delta-stream.md`` §2.3)."""
+    return bool(res.encoded)
+
+
 def patched_items(group: Group, res: Result, opts: MakeOptions) -> list[DeltaItem]:
     view = memoryview(res.patch)
     inline = len(view) <= PDATA_CHUNK
@@ -553,10 +562,17 @@ def patched_items(group: Group, res: Result, opts: MakeOptions) -> list[DeltaIte
         if res.codec is None:
             algo, old_digest = CP_SAME_ALGO, old_digest[: DIGEST_SIZE[CP_SAME_ALGO]]
         elif res.codec.codec_id in (EDITS_CODEC, EDITS2_CODEC) and not res.bases:
-            # formats 7 and 8: a 4-byte old digest, no new digest (the codec is exactly specified;
-            # the DEND digest covers the expanded stream)
-            algo, old_digest = CP_EDITS_ALGO, old_digest[: DIGEST_SIZE[CP_EDITS_ALGO]]
-            new_algo, new_digest = NO_DIGEST, b""
+            if new_digest_only(res):
+                # format 10: the new content's 4-byte digest instead of the old file's, where
+                # it goes out as regenerated compressed extents (PENC): checked, they are
+                # written as data by ``receive`` instead of recompressed for their CRC
+                algo, old_digest = NO_DIGEST, b""
+                new_algo, new_digest = CP_NEW_ALGO, new_digest[: DIGEST_SIZE[CP_NEW_ALGO]]
+            else:
+                # formats 7 and 8: a 4-byte old digest, no new digest (the codec is exactly
+                # specified; the DEND digest covers the expanded stream)
+                algo, old_digest = CP_EDITS_ALGO, old_digest[: DIGEST_SIZE[CP_EDITS_ALGO]]
+                new_algo, new_digest = NO_DIGEST, b""
         else:
             algo, old_digest = CP_OLD_ALGO, old_digest[: DIGEST_SIZE[CP_OLD_ALGO]]
             new_algo, new_digest = CP_NEW_ALGO, new_digest[: DIGEST_SIZE[CP_NEW_ALGO]]

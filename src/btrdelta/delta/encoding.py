@@ -25,6 +25,7 @@ from .format import (
     CP_EDITS,
     CP_EDITS2,
     CP_EDITS_ALGO,
+    CP_NEW,
     CP_NEW_ALGO,
     CP_OLD_ALGO,
     CP_PATH,
@@ -130,7 +131,8 @@ def decode_bases(mv: Any, pos: int, end: int) -> tuple[tuple[bytes, ...], int]:
     return tuple(out), pos
 
 
-#: CPATCH flag of a short patch (4-byte old digest, no sizes, no new digest) by codec
+#: CPATCH flag of a short patch (a 4-byte old digest, or with CP_NEW the new content's;
+#: no sizes) by codec
 _SHORT = {EDITS_CODEC: CP_EDITS, EDITS2_CODEC: CP_EDITS2}
 
 
@@ -138,6 +140,9 @@ def can_compact(item: Patch) -> bool:
     """Whether a PATCH can be written as a CPATCH (inside the carrier)."""
     if item.codec == SAME_CODEC:
         return item.hash_algo == CP_SAME_ALGO
+    if item.hash_algo == NO_DIGEST:  # format 10: a short patch with its new digest
+        return item.data is not None and item.codec in _SHORT and (
+            item.new_algo == CP_NEW_ALGO) and not item.bases
     if item.new_algo == NO_DIGEST:
         return item.data is not None and item.codec in _SHORT and (
             item.hash_algo == CP_EDITS_ALGO) and not item.bases
@@ -152,7 +157,9 @@ def _encode_cpatch(item: Patch, omit_path: bool, omit_base: bool) -> list[Any]:
     flags |= (CP_SAME if item.codec == SAME_CODEC else 0) | (CP_AUTO if item.auto_chunk else 0)
     flags |= CP_BASES if item.bases else 0
     edits = item.new_algo == NO_DIGEST
-    flags |= _SHORT[item.codec] if edits else 0
+    new_only = item.hash_algo == NO_DIGEST  # format 10: the new digest instead of the old
+    flags |= _SHORT[item.codec] if edits or new_only else 0
+    flags |= CP_NEW if new_only else 0
     parts = [bytes([flags])]
     if not omit_path:
         parts += [_uvarint(len(item.path)), item.path]
@@ -166,6 +173,8 @@ def _encode_cpatch(item: Patch, omit_path: bool, omit_base: bool) -> list[Any]:
     elif edits:  # formats 7 / 8: codec 5 / 6 implied, no sizes, a 4-byte old digest, no
         # new digest
         parts.append(item.old_digest)
+    elif new_only:  # format 10: as the short form, the new content's 4-byte digest
+        parts.append(item.new_digest)
     else:
         d = item.new_size - item.old_size  # zigzag: sizes usually change by a few bytes
         parts += [
@@ -185,9 +194,11 @@ def _decode_cpatch(mv: memoryview, pos: int, end: int) -> Patch:
     pos += 1
     short = flags & (CP_EDITS | CP_EDITS2)
     if (
-        flags & ~(CP_PATH | CP_BASE | CP_SAME | CP_AUTO | CP_BASES | CP_EDITS | CP_EDITS2)
+        flags & ~(CP_PATH | CP_BASE | CP_SAME | CP_AUTO | CP_BASES | CP_EDITS | CP_EDITS2
+                  | CP_NEW)
         or (flags & CP_SAME and flags & (CP_BASES | CP_EDITS | CP_EDITS2))
         or (flags & CP_BASES and short) or short == CP_EDITS | CP_EDITS2
+        or (flags & CP_NEW and not short)
     ):
         raise StreamFormatError(f"CPATCH has unknown flags {flags:#x}")
     paths: list[bytes | None] = []
@@ -219,8 +230,13 @@ def _decode_cpatch(mv: memoryview, pos: int, end: int) -> Patch:
         if pos + k > end:
             raise StreamFormatError("CPATCH digest overruns the record")
         codec = EDITS_CODEC if short == CP_EDITS else EDITS2_CODEC
-        patch = Patch(paths[0], paths[1], codec, CP_EDITS_ALGO, OLD_SIZE_UNKNOWN,
-                      mv[pos : pos + k].tobytes(), 0, b"", 0, None, NO_DIGEST)
+        dig = mv[pos : pos + k].tobytes()
+        if flags & CP_NEW:  # format 10: the new content's digest, no old digest
+            patch = Patch(paths[0], paths[1], codec, NO_DIGEST, OLD_SIZE_UNKNOWN, b"", 0, dig,
+                          0, None, CP_NEW_ALGO)
+        else:
+            patch = Patch(paths[0], paths[1], codec, CP_EDITS_ALGO, OLD_SIZE_UNKNOWN, dig, 0,
+                          b"", 0, None, NO_DIGEST)
         pos += k
     else:
         codec, pos = read_uvarint(mv, pos, end)

@@ -43,6 +43,7 @@ __all__ = [
     "DELTA_MAGIC",
     "DELTA_VERSION",
     "DELTA_VERSIONS",
+    "DELTA_VERSION_NEWDIGEST",
     "DELTA_VERSION_OLDNAMES",
     "HDIFF_LZMA_CODEC",
     "RETIRED_VERSIONS",
@@ -78,7 +79,7 @@ DELTA_VERSION: Final = 4
 DELTA_VERSION_CODEC: Final = 5
 #: format versions this reader reads. Format 4 is frozen: a change to what it means needs a
 #: new version, read next to it (``docs/formats/delta-stream.md``, "Versions")
-DELTA_VERSIONS: Final = frozenset({4, 5, 6, 7, 8, 9})
+DELTA_VERSIONS: Final = frozenset({4, 5, 6, 7, 8, 9, 10})
 #: format 6: format 5 with one more carrier codec, raw LZMA2 after the x86 branch
 #: converter (:mod:`.bcj`); written by ``--carrier xz``
 DELTA_VERSION_X86: Final = 6
@@ -100,8 +101,12 @@ EDITS2_CODEC: Final = 6
 DELTA_VERSION_OLDNAMES: Final = 9
 #: the patch codec of format 9: HDiffPatch's raw diff in one LZMA2 stream
 HDIFF_LZMA_CODEC: Final = 7
+#: format 10: format 9 whose short ``edits`` / ``edits2`` CPATCH may carry the new
+#: content's 4-byte digest instead of the old file's (:data:`CP_NEW`); written whenever the
+#: carrier is on
+DELTA_VERSION_NEWDIGEST: Final = 10
 #: the format ``delta make`` writes
-DELTA_VERSION_WRITTEN: Final = DELTA_VERSION_OLDNAMES
+DELTA_VERSION_WRITTEN: Final = DELTA_VERSION_NEWDIGEST
 #: carrier codecs (the CODEC of a format-5/6 ZCMDS; format 4 is zstd only)
 CARRIER_ZSTD: Final = 1
 CARRIER_LZMA2: Final = 2
@@ -112,7 +117,8 @@ CARRIER_CODECS: Final = {5: (CARRIER_ZSTD, CARRIER_LZMA2),
                          6: (CARRIER_ZSTD, CARRIER_LZMA2, CARRIER_LZMA2_X86),
                          7: (CARRIER_ZSTD, CARRIER_LZMA2, CARRIER_LZMA2_X86),
                          8: (CARRIER_ZSTD, CARRIER_LZMA2, CARRIER_LZMA2_X86),
-                         9: (CARRIER_ZSTD, CARRIER_LZMA2, CARRIER_LZMA2_X86)}
+                         9: (CARRIER_ZSTD, CARRIER_LZMA2, CARRIER_LZMA2_X86),
+                         10: (CARRIER_ZSTD, CARRIER_LZMA2, CARRIER_LZMA2_X86)}
 #: format versions that were written during development only (never released): refused
 #: with a message saying to make the delta again
 RETIRED_VERSIONS: Final = frozenset({1, 2, 3})
@@ -297,6 +303,11 @@ INNER_RECORDS: Final = frozenset(c for c in DCmd if legal(c, Place.CARRIER))
 CP_PATH, CP_BASE, CP_SAME, CP_AUTO, CP_BASES, CP_EDITS = 1, 2, 4, 8, 16, 32
 #: format 8: an ``edits2`` patch with a 4-byte old digest and no new digest (as CP_EDITS)
 CP_EDITS2 = 64
+#: format 10, with CP_EDITS or CP_EDITS2 only: the 4-byte digest is the new content's
+#: (CP_NEW_ALGO), not the old file's (the patch's ``hash_algo`` is :data:`NO_DIGEST`): what
+#: ``delta make`` writes where the new content goes out as regenerated compressed extents,
+#: so that ``receive`` can write them as data instead of recompressing them for their CRC
+CP_NEW = 128
 #: most old files one patch's old content is made of (BASE_PATH + BASES)
 MAX_BASES: Final = 8
 #: the first format version whose patches may have BASES

@@ -676,8 +676,9 @@ class Patcher:
 
 def _check_old(p: Patch, old: bytes | mmap.mmap) -> None:
     """Raise the old-file error of a patch that failed if its old content is not the one
-    the patch was made against (the old files of a patch with BASES were checked before)."""
-    if p.bases:
+    the patch was made against (the old files of a patch with BASES were checked before;
+    a format-10 short patch names no old digest, only its new content's)."""
+    if p.bases or p.hash_algo == NO_DIGEST:
         return
     actual = digest(p.hash_algo, old)
     if actual != p.old_digest:

@@ -35,8 +35,10 @@ from .format import (
     BASES_VERSION,
     CARRIER_LZMA2_X86,
     CARRIER_ZSTD,
+    DELTA_VERSION_NEWDIGEST,
     DELTA_VERSION_WRITTEN,
     INNER_RECORDS,
+    NO_DIGEST,
     BtrfsCommand,
     DCmd,
     DeltaItem,
@@ -236,6 +238,9 @@ class CarrierReader:
             why = codec_refusal(sub.codec, self._format)
             if why is not None:
                 raise StreamFormatError(why)
+            if sub.hash_algo == NO_DIGEST and self._format < DELTA_VERSION_NEWDIGEST:
+                raise StreamFormatError(
+                    f"a short CPATCH with a new digest in a format-{self._format} delta")
         return sub
 
     def _command(
