@@ -163,6 +163,13 @@ def _carried_patches(delta: bytes) -> list[Patch]:
     return out
 
 
+def _flip_a_bit(path: Path) -> None:
+    """An old file edited after the delta was made (one bit of its 101st byte)."""
+    body = bytearray(path.read_bytes())
+    body[100] ^= 1
+    path.write_bytes(body)
+
+
 @pytest.fixture
 def rebuilt(tmp_path: Path) -> tuple[Path, bytes]:
     """An old tree of 20 text files and a stream rewriting each with a few edits."""
@@ -228,10 +235,7 @@ def test_edits2_patches_of_compressed_extents_carry_their_new_digest_from_format
     assert _expand(delta, old) == stream
     with pytest.raises(StreamFormatError, match="new digest in a format-9 delta"):
         _expand(delta[:17] + (9).to_bytes(4, "little") + delta[21:], old)
-    victim = old / "lib" / "m3.py"
-    body = bytearray(victim.read_bytes())
-    body[100] ^= 1
-    victim.write_bytes(body)
+    _flip_a_bit(old / "lib" / "m3.py")
     with pytest.raises(ChecksumError, match=r"lib/m3\.py.*patched content differs"):
         _expand(delta, old)
 
@@ -251,10 +255,7 @@ def test_a_one_write_file_gets_the_same_implied_chunk(rebuilt: tuple[Path, bytes
 def test_an_edited_old_file_is_refused_naming_it(rebuilt: tuple[Path, bytes]) -> None:
     old, stream = rebuilt
     delta, _ = _make(stream, old)
-    victim = old / "lib" / "m3.py"
-    body = bytearray(victim.read_bytes())
-    body[100] ^= 1
-    victim.write_bytes(body)
+    _flip_a_bit(old / "lib" / "m3.py")
     with pytest.raises(ChecksumError, match=r"lib/m3\.py"):
         _expand(delta, old)
 
