@@ -25,7 +25,8 @@ Run one pair at a time (``BTRDELTA_BENCH_PAIRS`` takes words of the pair's name:
 1 GiB plus room for every round's streams, ~2.7 GB for scipy). On that small file system
 ``btrdelta receive`` waits for btrfs's metadata reservations (tickets: 0-65 ms a scipy
 receive, in about half of them), ``btrfs receive`` never: see docs/performance.md, issue 12,
-session 15. ``BTRDELTA_BENCH_CDKEEP=DIR`` keeps (and reuses) the streams and deltas in ``DIR``;
+session 15. ``BTRDELTA_BENCH_CDKEEP=DIR`` keeps (and reuses) the streams and deltas in ``DIR``
+(a kept delta of another format version than ``delta make`` writes is made again);
 ``BTRDELTA_BENCH_BEFORE=CHECKOUT`` adds, in the same rounds, ``btrdelta receive`` of
 another checkout (its ``.venv``: the code before a change). Both packages' byte code is
 compiled first, as it is in an installed package.
@@ -42,6 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from btrdelta.delta.format import DELTA_HEADER, DELTA_HEADER_SIZE, DELTA_VERSION_WRITTEN
 from btrdelta.testing.loopfs import loop_fs
 from btrdelta.testing.loopfs import run as sh
 
@@ -87,6 +89,8 @@ def _streams(name: str, old: Path, new: Path, in_place: bool, work: Path) -> dic
     """The compressed stream, the parent's full stream and the delta (made once, kept)."""
     d = work / name
     delta = d / "c.delta"
+    if delta.exists() and not _current(delta):
+        delta.unlink()  # kept from another format version: made again, as delta make writes
     if not delta.exists():
         d.mkdir(parents=True, exist_ok=True)
         got = _kernel_streams(old, new, d, in_place)
@@ -96,6 +100,15 @@ def _streams(name: str, old: Path, new: Path, in_place: bool, work: Path) -> dic
                        stdout=subprocess.DEVNULL)
         (d / "c.delta.tmp").rename(delta)
     return {"compressed": d / "AB.cstream", "full-A": d / "A.full", "delta": delta}
+
+
+def _current(delta: Path) -> bool:
+    """Whether a kept delta is of the format ``delta make`` writes now (an older one is
+    still read, but it is not what a receive of a delta made today has to do)."""
+    with open(delta, "rb") as f:
+        head = f.read(DELTA_HEADER_SIZE)
+    return len(head) == DELTA_HEADER_SIZE and DELTA_HEADER.unpack(head)[1] == (
+        DELTA_VERSION_WRITTEN)
 
 
 def _timed(cmd: list[str | os.PathLike[str]]) -> tuple[float, float]:
