@@ -372,3 +372,24 @@ def test_init_force_refuses_the_device_the_running_system_booted_from(
     assert main([*argv, "--state", "etc:/etc:overlay"]) == 0
     assert tree_sum(btrfs_dev / "roots/a") == small_release.new_sum
     assert os.listdir(btrfs_dev / "state") == ["etc"]
+
+
+def test_init_refuses_a_filesystem_whose_default_subvolume_boots_something(
+        btrfs_dev: Path, small_release: Release, capsys: pytest.CaptureFixture[str]) -> None:
+    """A filesystem whose default subvolume is not the top level boots that subvolume
+    (snapper-style root filesystems): `device init` would make roots/a the default and the
+    host's next boot would come up in it. Refused with one line, nothing laid out; --force
+    takes the filesystem over."""
+    subprocess.run(["btrfs", "subvolume", "create", str(btrfs_dev / "@")], check=True,
+                   capture_output=True)
+    subprocess.run(["btrfs", "subvolume", "set-default", str(btrfs_dev / "@")], check=True)
+    argv = ["device", "init", str(btrfs_dev), "--factory", str(small_release.old)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "its default subvolume is not the top level" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert progs_default(btrfs_dev) == "@"
+    assert not {"roots", "state"} & set(os.listdir(btrfs_dev))  # nothing laid out
+    assert main([*argv, "--force", "--state", "etc:/etc:overlay"]) == 0
+    assert progs_default(btrfs_dev) == "roots/a"
+    assert (btrfs_dev / "@").is_dir()

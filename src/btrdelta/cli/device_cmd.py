@@ -237,7 +237,8 @@ def _add_init(dsub: Any) -> None:
                    help="the factory release's tree-sum (btrdelta tree-sum); refuse others")
     i.add_argument("--force", action="store_true",
                    help="lay out anew: deletes every root and state subvolume (refused on the "
-                   "device the running system booted from)")
+                   "device the running system booted from); also takes over a filesystem "
+                   "whose default subvolume is not the top level (a system boots it)")
     i.add_argument("--json", action="store_true", help="print the status as JSON")
     add_progress_options(i)
     i.set_defaults(func=run_init)

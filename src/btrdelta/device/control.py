@@ -159,6 +159,16 @@ def _prepare_empty(layout: Layout, force: bool) -> None:
     if layout.initialized() and not force:
         raise DeviceError(f"{layout.name} is already a btrdelta device (--force lays it out "
                           "anew: every root and state subvolume is deleted)")
+    if not layout.initialized() and not force:
+        with layout.fd() as fd:
+            default = sv.default_subvolume(fd)
+        if default != _TOP_LEVEL and default_root(layout) is None:
+            # a host's own btrfs (snapper-style set-ups boot the default subvolume): init
+            # would make roots/a the default, and that host's next boot would come up in it
+            # (an init cut after its set-default left a root of its own: the check below)
+            raise DeviceError(f"{layout.name}: its default subvolume is not the top level "
+                              f"(subvolume id {default}: a system boots it); device init "
+                              "makes roots/a the default (--force takes the filesystem over)")
     present = [p for p in ours[1:] if os.path.lexists(p)]
     if present and not force:
         raise DeviceError(f"{layout.name} holds {', '.join(p.name for p in present)} from an "
