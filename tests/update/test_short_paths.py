@@ -286,3 +286,38 @@ def test_a_download_fsyncs_every_piece_but_the_last(
     assert len(server.requests()) > before
     assert tree_sum(dest / "v4") == tree_sum(releases[3])
 
+
+def test_the_last_intermediate_is_removed_while_the_downloads_are(
+    signed: tuple[Path, Path], server: Nginx, releases: list[Path], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At the end of v1 -> v4 -> v8 -> v9, the last intermediate (v8) is removed by its
+    thread while the update's thread removes the downloads: that removal can wait until
+    the downloads are gone (it waited 5 s for nothing when the update waited for it
+    first); the update then ends as before, with v1 and v9 only."""
+    import time
+
+    from btrdelta.update import holdings
+
+    _, pub = signed
+    dest = tmp_path / "dest"
+    downloads = dest / ".btrdelta" / "downloads"
+    _update(server.url, dest, "--to", "v1", "--key", str(pub))
+    real = holdings.remove_entry
+    seen: list[tuple[str, bool]] = []
+
+    def remove_entry(where: Path, name: str) -> None:
+        if name == f"{holdings.HOP_PREFIX}v8" and \
+                threading.current_thread().name == "btrdelta-remove":
+            deadline = time.monotonic() + 5
+            while downloads.exists() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            seen.append((name, not downloads.exists()))
+        real(where, name)
+
+    monkeypatch.setattr(holdings, "remove_entry", remove_entry)
+    _update(server.url, dest)
+    assert seen == [(f"{holdings.HOP_PREFIX}v8", True)]
+    assert [e for e in _entries(dest) if not e.startswith(".btrdelta")] == ["v1", f"v{N}"]
+    assert [e for e in _entries(dest) if e.startswith(holdings.HOP_PREFIX)] == []
+    assert tree_sum(dest / f"v{N}") == tree_sum(releases[N - 1])

@@ -106,18 +106,21 @@ class Beside:
         self._removals.append(_Job(lambda: holdings.remove_entry(self.dest, name),
                                    "btrdelta-remove"))
 
-    def wait(self, *, raising: bool = True) -> None:
-        """Wait for every thread; raise the first removal's error (not with ``raising``:
-        on the way out of a failed run). A download not taken is left as it ended: whole,
-        or its ``.part`` for the next run to resume."""
+    def wait(self, *, raising: bool = True, removals: bool = True) -> None:
+        """Wait for every thread (not the removals without ``removals``); raise the first
+        removal's error (not with ``raising``: on the way out of a failed run). A download
+        not taken is left as it ended: whole, or its ``.part`` for the next run to
+        resume."""
         jobs, self._fetches = list(self._fetches.values()), {}
         for job in jobs:
             with contextlib.suppress(Exception):  # (its hop was not reached)
                 job.result()
         self._say()
-        removals, self._removals = self._removals, []
+        if not removals:
+            return
+        pending, self._removals = self._removals, []
         errors = []
-        for job in removals:
+        for job in pending:
             try:
                 job.result()
             except Exception as exc:

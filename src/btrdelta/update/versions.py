@@ -366,8 +366,7 @@ def _run(d: _Dest, m: Mirrors, verified: Verified, to: str | None, dry_run: bool
             beside.remove(start.root.name)  # (the newer one is verified: resumed from)
     assert current is not None
     res.path = current.root
-    beside.wait()
-    _finish(d)
+    _finish(d, beside)
     emit({"event": "done", "path": str(current.root)})
     heldsums.save(d.state, current)  # the next update does not hash it again
     return res
@@ -464,10 +463,14 @@ def _seeds(d: _Dest, trees: dict[int, Path], records: dict[int, VersionRecord],
     return out
 
 
-def _finish(d: _Dest) -> None:
-    """Drop what only this update needed: intermediates, downloads, chunks, aliases."""
+def _finish(d: _Dest, beside: Beside) -> None:
+    """Drop what only this update needed: downloads, chunks and temporary files while the
+    last intermediate is removed (by ``beside``'s thread: the two overlap), then any
+    intermediate or alias left (of an earlier run)."""
+    beside.wait(removals=False)  # (every download taken: none is written any more)
+    for sub in (d.downloads, d.tmp, d.store.root):
+        remove_path(sub, ignore_errors=True)
+    beside.wait()
     for entry in os.listdir(d.dest):
         if entry.startswith((holdings.HOP_PREFIX, holdings.BASE_PREFIX)):
             holdings.remove_entry(d.dest, entry)
-    for sub in (d.downloads, d.tmp, d.store.root):
-        remove_path(sub, ignore_errors=True)
