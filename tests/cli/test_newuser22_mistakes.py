@@ -132,3 +132,36 @@ def test_device_expect_sum_that_is_not_a_tree_sum(
         assert err.startswith(f"btrdelta {argv[0]} {argv[1]}: error: argument --expect-sum: "
                               f"{given!r} is not a tree-sum: the 64 hex digits "), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v1-v2.delta"]
+
+
+def test_update_into_its_repository_and_repo_add_of_a_tree_holding_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: ``update REPO REPO`` (the same path twice) wrote REPO/1.0 and the client's
+    state (root.pub, download cache) into the publisher's REPO/.btrdelta, exit 0; ``repo
+    add REPO V TREE`` with REPO inside TREE failed with 'the release tree does not survive
+    a send stream round trip: differs: REPO/.btrdelta/tmp/full-N.stream ...' (exit 5)."""
+    tree, repo = tmp_path / "tree", tmp_path / "repo"
+    tree.mkdir()
+    (tree / "f").write_bytes(os.urandom(10_000))
+    key = str(tmp_path / "root")
+    for argv in (["key", "generate", "-o", key], ["repo", "init", str(repo)],
+                 ["repo", "add", str(repo), "1.0", str(tree)],
+                 ["repo", "sign", str(repo), "--key", f"{key}.key"]):
+        assert main([*argv, "-q"]) == 0, argv
+    capsys.readouterr()
+    before = _listing(repo)
+    for dest, how in ((repo, "is"), (repo / "sub", "is inside")):
+        for url in (str(repo), f"file://{repo}"):
+            assert main(["update", url, str(dest), "--key", f"{key}.pub"]) == 2
+            assert _err(capsys).startswith(
+                f"btrdelta update: error: DEST {dest} {how} the repository "), (dest, url)
+            assert _listing(repo) == before
+    # the tree holding the repository (or being it)
+    inner = tree / "www"
+    assert main(["repo", "init", "-q", str(inner)]) == 0
+    made = _listing(inner)
+    for where, source, how in ((inner, tree, "is inside"), (inner, inner, "is")):
+        assert main(["repo", "add", str(where), "1.0", str(source)]) == 2
+        assert _err(capsys).startswith(
+            f"btrdelta repo add: error: REPO {where} {how} SOURCE {source}: "), where
+        assert _listing(inner) == made

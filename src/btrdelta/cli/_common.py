@@ -259,6 +259,21 @@ def refuse_same_file(name: str, output: str | None, option: str = "-o") -> None:
                          "(give it another name)")
 
 
+def refuse_inside(inner: str, outer: str, words: str) -> None:
+    """A directory argument that is another one or inside it where that mixes them up
+    (``replicate SRC SRC/backup``, ``update REPO REPO``, ``repo add REPO V TREE`` with REPO
+    in TREE): a usage error, ``words`` its text (``inner`` and ``outer`` are formatted in:
+    ``{inner}``, ``{outer}``, ``{how}`` "is" or "is inside").
+
+    Raises:
+        UsageError: ``inner`` is ``outer`` or below it (symbolic links resolved).
+    """
+    a, b = os.path.realpath(inner), os.path.realpath(outer)
+    if a == b or a.startswith(b.rstrip(os.sep) + os.sep):
+        how = "is" if a == b else "is inside"
+        raise UsageError(words.format(inner=inner, outer=outer, how=how))
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an integer of at least 1."""
     try:

@@ -10,7 +10,7 @@ from typing import Any
 
 from .._defaults import DEFAULT_STORE
 from ..errors import BtrdeltaError, ProtocolError, TransportError, UsageError
-from ._common import human_bytes, parse_size
+from ._common import human_bytes, parse_size, refuse_inside
 from .progress import Progress, add_progress_options, progress_wanted
 
 _EPILOG = """\
@@ -199,7 +199,9 @@ def _connect(args: argparse.Namespace) -> tuple[Any, str]:
         key, peer = load_private_key(args.key), load_public_key(args.peer)
         sock = channels.connect_tcp(host, port, timeout=args.timeout)
         return channels.tls_client(sock, key, peer, dest), dest
-    _check_not_inside(args.source, dest)
+    # (a replica in what it copies: SRC/SRC.DATE, the receiver's state files in SRC)
+    refuse_inside(dest, args.source, "DEST {inner} {how} SOURCE {outer}: the replica would "
+                  "be part of what it copies; give a directory outside it")
     if not os.path.isdir(dest):  # (else the receiver's exit: 'the peer closed', exit 7)
         import shlex
 
@@ -210,17 +212,6 @@ def _connect(args: argparse.Namespace) -> tuple[Any, str]:
 
     argv = ["replicate", *extra, "--serve", dest]  # (--serve takes DEST: options first)
     return channels.fork_local(dest, lambda: main(argv), extra), dest
-
-
-def _check_not_inside(source: str, dest: str) -> None:
-    """A local DEST that is SOURCE or inside it is a usage error: the replica would land in
-    what it copies (it did: SOURCE/SOURCE-NAME.DATE, and the receiver's state files in
-    SOURCE, sent the next time)."""
-    src, dst = os.path.realpath(source), os.path.realpath(dest)
-    if dst == src or dst.startswith(src.rstrip(os.sep) + os.sep):
-        what = "is SOURCE" if dst == src else f"is inside SOURCE {source}"
-        raise UsageError(f"DEST {dest} {what}: the replica would be part of what it copies; "
-                         "give a directory outside it")
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from ._common import (
     human_bytes,
     location,
     parse_size,
+    refuse_inside,
 )
 from .progress import add_progress_options, add_quiet_option, progress_wanted
 
@@ -227,6 +228,9 @@ def run_add(args: argparse.Namespace) -> int:
         raise UsageError(f"VERSION {args.version} is a path: the version's name comes first: "
                          f"btrdelta repo add {shlex.quote(args.repo)} {name} "
                          f"{shlex.quote(args.version)}")
+    if args.source and os.path.isdir(args.source):
+        refuse_inside(args.repo, args.source, "REPO {inner} {how} SOURCE {outer}: the release "
+                      "would hold the repository being written; give a tree outside it")
     return_freed_memory()  # the delta jobs read whole files for diffing
     shown = progress_wanted(args)
     started = time.monotonic()

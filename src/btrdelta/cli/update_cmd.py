@@ -9,7 +9,15 @@ import shlex
 from typing import Any
 
 from ..errors import UsageError
-from ._common import add_json, check_location, check_not_url, human_bytes, location, naming_output
+from ._common import (
+    add_json,
+    check_location,
+    check_not_url,
+    human_bytes,
+    location,
+    naming_output,
+    refuse_inside,
+)
 from .http_options import add_http_options, http_config
 from .progress import Progress, add_progress_options, progress_wanted
 
@@ -111,6 +119,10 @@ def run(args: argparse.Namespace) -> int:
                          "DEST/VERSION (made if missing)")
     for where in (args.url, *args.mirror):
         check_location(where, "URL" if where == args.url else "--mirror")
+        if "://" not in where and os.path.isdir(where):  # (DEST/.btrdelta is the client's)
+            refuse_inside(args.dest, where, "DEST {inner} {how} the repository {outer}: the "
+                          "versions and the client's state would be written among its files; "
+                          "give a DEST outside it")
     config = http_config(args)
     progress = Progress("update", enabled=progress_wanted(args) and not args.dry_run)
     reporter = _Reporter(progress, args.json or args.quiet, args.dest)
