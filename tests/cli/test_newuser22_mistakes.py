@@ -165,3 +165,26 @@ def test_update_into_its_repository_and_repo_add_of_a_tree_holding_it(
         assert _err(capsys).startswith(
             f"btrdelta repo add: error: REPO {where} {how} SOURCE {source}: "), where
         assert _listing(inner) == made
+
+
+def test_a_stream_given_as_a_url(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: ``receive -f http://server/A.stream DEST`` (image clone, update and device
+    install take URLs; receive does not) said 'http://server/A.stream: No such file or
+    directory', exit 1. Now a usage error saying how to read it (curl ... | receive)."""
+    url = "http://updates.example/A-B.stream"
+    dest = tmp_path / "my dest"
+    dest.mkdir()
+    cases = ((["receive", "-f", url, str(dest)], f"btrdelta receive '{dest}'"),
+             (["receive", url, str(dest)], f"btrdelta receive '{dest}'"),
+             (["receive", "--dump", url], "btrdelta receive --dump"),
+             (["dump", url], "btrdelta dump ... -"),
+             (["verify", url], "btrdelta verify ... -"),
+             (["delta", "make", "--old", str(tmp_path), "-f", url, "-o", str(tmp_path / "d")],
+              "btrdelta delta make ... -"))
+    for argv, piped in cases:
+        assert main(argv) == 2, argv
+        assert _err(capsys) == (f"btrdelta {' '.join(argv[:2]) if argv[0] == 'delta' else argv[0]}"
+                                f": error: {url} is a URL: streams are read from a file or "
+                                f"standard input; download it, or pipe it in: curl -fsS {url} "
+                                f"| {piped}\n"), argv
+    assert sorted(tmp_path.rglob("*")) == [dest]

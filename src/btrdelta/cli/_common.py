@@ -179,7 +179,25 @@ def input_name(args: argparse.Namespace) -> str:
     """
     if args.file and args.input:
         raise UsageError("give the input either with -f or as an argument, not both")
-    return str(args.file or args.input or "-")
+    name = str(args.file or args.input or "-")
+    refuse_url_input(name, args.command, "...", "-")
+    return name
+
+
+def refuse_url_input(name: str, command: str, *words: str) -> None:
+    """A stream input given as an ``http(s)://`` URL (it said 'No such file or
+    directory'): a usage error saying how to read it, ``btrdelta COMMAND WORDS`` the
+    command line that reads standard input.
+
+    Raises:
+        UsageError: see above.
+    """
+    if name.startswith(("http://", "https://")) and not os.path.exists(name):
+        import shlex
+
+        piped = " ".join(["btrdelta", command, *map(shlex.quote, words)])
+        raise UsageError(f"{name} is a URL: streams are read from a file or standard input; "
+                         f"download it, or pipe it in: curl -fsS {shlex.quote(name)} | {piped}")
 
 
 #: (compiled by the first check, in re's cache: ~1 M instructions of every start otherwise)

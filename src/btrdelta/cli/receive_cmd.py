@@ -22,6 +22,7 @@ from ._common import (
     open_input,
     parse_size,
     quick_parse,
+    refuse_url_input,
 )
 from .progress import Progress, add_progress_options, progress_wanted
 
@@ -210,7 +211,9 @@ def _names(args: argparse.Namespace) -> tuple[str, str | None]:
         raise UsageError("--dump takes no DEST")
     if not args.dump and args.dest is None:
         raise UsageError("DEST is required (unless --dump)")
-    return str(args.file or args.input or "-"), args.dest
+    name = str(args.file or args.input or "-")
+    refuse_url_input(name, "receive", "--dump" if args.dump else str(args.dest))
+    return name, args.dest
 
 
 def run(args: argparse.Namespace) -> int:
