@@ -3,6 +3,7 @@ what and where, the documented exit code, nothing made or left half-written."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -188,3 +189,44 @@ def test_a_stream_given_as_a_url(tmp_path: Path, capsys: pytest.CaptureFixture[s
                                 f"standard input; download it, or pipe it in: curl -fsS {url} "
                                 f"| {piped}\n"), argv
     assert sorted(tmp_path.rglob("*")) == [dest]
+
+
+@pytest.mark.btrfs
+def test_device_install_from_a_repository_without_its_key(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: ``device install FS file:///REPO`` (the help: 'a versions repository URL
+    (http(s)://, or file:// for a directory)') installed the repository's own files as a
+    tree, exit 0 (the file:// was taken off before the source was looked at); over http,
+    FS an image file, 'no root key: give --key ROOT_PUB (it is remembered in
+    /tmp/btrdelta-device-XXXX/.btrdelta/fetch/.btrdelta/root.pub)', a temporary mount
+    point gone when the command ends. Given once, the key is remembered."""
+    import subprocess
+
+    from tests.conftest import require_btrfs
+
+    require_btrfs()
+    tree, repo = tmp_path / "tree", tmp_path / "repo"
+    for d in ("etc", "var", "home"):
+        (tree / d).mkdir(parents=True)
+    (tree / "etc/hostname").write_text("device\n")
+    key = str(tmp_path / "root")
+    for argv in (["key", "generate", "-o", key], ["repo", "init", str(repo)],
+                 ["repo", "add", str(repo), "1.0", str(tree)],
+                 ["repo", "sign", str(repo), "--key", f"{key}.key"]):
+        assert main([*argv, "-q"]) == 0, argv
+    image = tmp_path / "dev.img"
+    with open(image, "wb") as f:
+        f.truncate(256 << 20)
+    subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True, capture_output=True)
+    assert main(["device", "init", "-q", str(image), "--factory", str(tree)]) == 0
+    capsys.readouterr()
+    url = f"file://{repo}"
+    assert main(["device", "install", "-q", str(image), url]) == 1
+    assert _err(capsys) == (f"btrdelta device install: error: {url}: no root key: give --key "
+                            "ROOT_PUB (the device remembers it once an install from the "
+                            "repository verified with it)\n")
+    assert main(["device", "install", "-q", str(image), url, "--key", f"{key}.pub"]) == 0
+    assert main(["device", "install", "-q", str(image), url]) == 0
+    capsys.readouterr()
+    assert main(["device", "status", str(image), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["roots"]["b"]["release"] == "1.0"

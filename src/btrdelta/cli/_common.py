@@ -246,6 +246,14 @@ def location(text: str) -> str:
         f"{text.split('://')[0]}:// is not supported here)")
 
 
+def location_keeping_file_url(text: str) -> str:
+    """:func:`location` for an argument where a ``file://`` URL of a directory means
+    something else than its path (``device install FS file:///media/usb/os``: a
+    repository; the path alone is a tree to install): checked, then kept as given."""
+    path = location(text)
+    return text if text.startswith("file://") else path
+
+
 def check_not_url(path: str, what: str, hint: str) -> None:
     """``path`` (a local directory argument) given as a URL: the arguments swapped.
 

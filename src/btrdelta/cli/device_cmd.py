@@ -13,7 +13,14 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ._common import add_json, examples, human_bytes, location, set_extra_hint
+from ._common import (
+    add_json,
+    examples,
+    human_bytes,
+    location,
+    location_keeping_file_url,
+    set_extra_hint,
+)
 from .progress import Phases, add_progress_options, add_quiet_option, progress_wanted
 
 _FS_HELP = ("the device's btrfs: where its top-level subvolume is mounted (subvolid=5), or "
@@ -269,7 +276,7 @@ def _add_install(dsub: Any) -> None:
                  "by release.pub."),
     )
     n.add_argument("fs", metavar="FS", help=_FS_HELP)
-    n.add_argument("source", metavar="SOURCE", type=location,
+    n.add_argument("source", metavar="SOURCE", type=location_keeping_file_url,
                    help="delta stream, send stream ('-': stdin), directory tree, repository URL "
                    "or chunk archive (.bdar)")
     n.add_argument("--expect-sum", metavar="TREESUM", type=_tree_sum_arg,

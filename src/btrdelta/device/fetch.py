@@ -124,6 +124,11 @@ def from_repository(
 
     work = work_dir(layout)
     key = _one_key(keys, "a repository's index")
+    if key is None and not (work / ".btrdelta" / "root.pub").exists():
+        # (update's own words named the fetch area, below a temporary mount point when FS
+        # is an image or a block device)
+        raise DeviceError(f"{url}: no root key: give --key ROOT_PUB (the device remembers "
+                          "it once an install from the repository verified with it)")
     if parent is not None:
         parent_release = _version_of(url, key, parent_sum) or parent_release
     if parent is not None and parent_release and _plain_name(parent_release):
