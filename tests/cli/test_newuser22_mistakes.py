@@ -230,3 +230,26 @@ def test_device_install_from_a_repository_without_its_key(
     capsys.readouterr()
     assert main(["device", "status", str(image), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["roots"]["b"]["release"] == "1.0"
+
+
+def test_a_repository_named_by_one_of_its_files(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: ``update https://host/app/timestamp.json DEST`` (the file a user finds on
+    the mirror) said '.../timestamp.json/timestamp.json: HTTP 404: no signed repository
+    here' after the connection attempts (exit 7). Now a usage error naming the base URL."""
+    dest = tmp_path / "dest"
+    base = "http://updates.invalid/app"
+    cases = ((["update", f"{base}/timestamp.json", str(dest)], "URL", "timestamp.json"),
+             (["update", base, str(dest), "--mirror", f"{base}/index.html"], "--mirror",
+              "index.html"),
+             (["repo", "ls", f"{base}/index.html?x=1"], "REPO|URL", "index.html"),
+             (["device", "install", str(tmp_path), f"{base}/timestamp.json"], "SOURCE",
+              "timestamp.json"))
+    for argv, what, leaf in cases:
+        assert main(argv) == 2, argv
+        named = next(w for w in argv if w.startswith(f"{base}/"))
+        command = " ".join(argv[:1] if argv[0] == "update" else argv[:2])
+        assert _err(capsys) == (f"btrdelta {command}: error: {what} {named} names the "
+                                f"repository's {leaf}: give the repository's base URL: "
+                                f"{base}\n"), argv
+    assert list(tmp_path.iterdir()) == []

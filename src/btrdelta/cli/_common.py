@@ -209,9 +209,19 @@ def check_location(location: str, what: str = "URL") -> None:
     scheme but reads as ``host[:port]/path`` (``127.0.0.1:8000/app``, ``updates.example/app``)
     is a URL whose scheme was left out: a usage error naming the URL meant.
 
+    A location that names one of the repository's files (``.../app/timestamp.json``, the
+    ``index.html`` a browser shows) is a usage error naming the base URL meant (the client
+    looked for ``.../timestamp.json/timestamp.json``: 'no signed repository here').
+
     Raises:
         UsageError: see above.
     """
+    bare = location.split("?")[0].split("#")[0].rstrip("/")
+    leaf = bare.rsplit("/", 1)[-1]
+    if leaf in ("timestamp.json", "index.html") and "/" in bare \
+            and not os.path.isdir(location):
+        raise UsageError(f"{what} {location} names the repository's {leaf}: give the "
+                         f"repository's base URL: {bare[:-len(leaf) - 1]}")
     if "://" in location or os.path.exists(location):
         return
     import re

@@ -15,6 +15,7 @@ from typing import Any
 
 from ._common import (
     add_json,
+    check_location,
     examples,
     human_bytes,
     location,
@@ -364,6 +365,9 @@ def run_install(args: argparse.Namespace) -> int:
     from ..device import install
 
     _check_install_order(args.fs, args.source)
+    for where in (args.source, *(args.mirror or ())):
+        if where.startswith(("http://", "https://", "file://")):
+            check_location(where, "SOURCE" if where == args.source else "--mirror")
     with Phases("install", progress_wanted(args)) as progress:
 
         def on_step(name: str) -> None:
