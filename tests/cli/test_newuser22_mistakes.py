@@ -253,3 +253,15 @@ def test_a_repository_named_by_one_of_its_files(
                                 f"repository's {leaf}: give the repository's base URL: "
                                 f"{base}\n"), argv
     assert list(tmp_path.iterdir()) == []
+
+
+def test_repo_gc_keeping_no_index_is_a_usage_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: exit 1 (an 'other error'), as if the repository had failed."""
+    repo = tmp_path / "repo"
+    assert main(["repo", "init", "-q", str(repo)]) == 0
+    made = _listing(repo)
+    assert main(["repo", "gc", str(repo), "--keep-indexes", "0"]) == 2
+    assert _err(capsys) == ("btrdelta repo gc: error: --keep-indexes must be at least 1 (the "
+                            "current index)\n")
+    assert _listing(repo) == made

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Any
 
-from ..errors import BtrdeltaError, UsageError
+from ..errors import UsageError
 from ._common import (
     add_jobs,
     add_json,
@@ -329,7 +329,7 @@ def run_gc(args: argparse.Namespace) -> int:
     from ..update.gc import collect_garbage
 
     if args.keep_indexes < 1:
-        raise BtrdeltaError("--keep-indexes must be at least 1 (the current index)")
+        raise UsageError("--keep-indexes must be at least 1 (the current index)")
     report = collect_garbage(args.repo, keep_indexes=args.keep_indexes, dry_run=args.dry_run)
     if args.json:
         print(json.dumps(report.to_json(), indent=1))
