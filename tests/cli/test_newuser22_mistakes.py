@@ -265,3 +265,27 @@ def test_repo_gc_keeping_no_index_is_a_usage_error(
     assert _err(capsys) == ("btrdelta repo gc: error: --keep-indexes must be at least 1 (the "
                             "current index)\n")
     assert _listing(repo) == made
+
+
+def test_replicate_listen_and_tcp_addresses(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: ``--listen 127.0.0.1:99999`` was 'internal error: OverflowError: bind(): port
+    must be 0-65535' (exit 1), an address without a port exit 1 (not a usage error), and
+    ``--listen ADDR DEST`` with DEST not made 'destination DEST is not a directory'."""
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    src = tmp_path / "src"
+    src.mkdir()
+    for argv, text in (
+            (["--listen", "127.0.0.1:99999", "--no-auth", str(dest)], "'127.0.0.1:99999'"),
+            (["--listen", "127.0.0.1", "--no-auth", str(dest)], "'127.0.0.1'"),
+            ([str(src), "tcp://127.0.0.1:70000", "--no-auth"], "'127.0.0.1:70000'"),
+            ([str(src), "tcp://127.0.0.1", "--no-auth"], "'127.0.0.1'")):
+        assert main(["replicate", "--store", str(tmp_path / "store"), *argv]) == 2, argv
+        assert _err(capsys) == ("btrdelta replicate: error: not HOST:PORT (a port 0-65535): "
+                                f"{text}\n"), argv
+    missing = tmp_path / "not made"
+    assert main(["replicate", "--listen", "127.0.0.1:0", "--no-auth", str(missing)]) == 1
+    assert _err(capsys) == (f"btrdelta replicate: error: destination {missing} does not exist "
+                            f"(make it first: mkdir -p '{missing}')\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dest", "src"]

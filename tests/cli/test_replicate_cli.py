@@ -320,8 +320,8 @@ def test_a_forked_receiver_killed_or_failing_is_reported(tmp_path: Path) -> None
     ch.close()
     assert ch.proc is not None
     assert ch.proc.returncode == 1  # (as the command's: `replicate --serve` of it)
-    assert ch.err == f"btrdelta replicate: error: destination {tmp_path / 'missing'} is " \
-                     "not a directory"
+    assert ch.err == f"btrdelta replicate: error: destination {tmp_path / 'missing'} does " \
+                     f"not exist (make it first: mkdir -p {tmp_path / 'missing'})"
     (tmp_path / "d").mkdir()
     ch = fork_local(str(tmp_path / "d"), lambda: serve(tmp_path / "d"))
     assert ch.read(18).startswith(b"btrdelta-repl")  # (its HELLO)

@@ -402,10 +402,15 @@ class SocketChannel:
 
 
 def parse_address(text: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` -> (host, port)."""
+    """``host:port`` or ``[v6]:port`` -> (host, port).
+
+    Raises:
+        UsageError: not that, or a port past 65535 (``--listen HOST:99999`` was an internal
+            error: bind()'s OverflowError).
+    """
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise BtrdeltaError(f"not HOST:PORT: {text!r}")
+    if not sep or not port.isdigit() or not host or int(port) > 65535:
+        raise UsageError(f"not HOST:PORT (a port 0-65535): {text!r}")
     return host.strip("[]"), int(port)
 
 

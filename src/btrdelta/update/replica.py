@@ -284,7 +284,11 @@ class Replica:
         self.dest = Path(dest)
         self.warn = on_warning or _warn_default
         if not self.dest.is_dir():
-            raise BtrdeltaError(f"destination {dest} is not a directory")
+            import shlex
+
+            raise BtrdeltaError(f"destination {dest} " + (
+                "is not a directory" if os.path.lexists(dest) else
+                f"does not exist (make it first: mkdir -p {shlex.quote(os.fspath(dest))})"))
         self.backend = backend
         self.btrfs = _uses_btrfs(self.dest, backend)
         #: a new DEST's state file being made durable (:meth:`_create`)
