@@ -289,3 +289,46 @@ def test_replicate_listen_and_tcp_addresses(tmp_path: Path,
     assert _err(capsys) == (f"btrdelta replicate: error: destination {missing} does not exist "
                             f"(make it first: mkdir -p '{missing}')\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dest", "src"]
+
+
+def test_levels_chunk_sizes_and_tries_out_of_range_are_usage_errors(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: ``image compress --level 99`` 'internal error: ValueError: level must be less
+    than 23' (exit 1); ``repo init --level 99`` made a repository whose every ``repo add``
+    then failed 'catalog.json: level: not an integer in [-100, 22]' (exit 3); ``--avg-chunk
+    1`` exit 3, as if an input were malformed; ``device init/install --tries 0`` exit 1."""
+    image = tmp_path / "img"
+    image.write_bytes(os.urandom(1 << 16))
+    repo = tmp_path / "repo"
+    for argv, said in (
+            (["image", "compress", "-i", str(image), "-o", str(tmp_path / "a.bdar"),
+              "--level", "99"], "argument --level: not a zstd level (-100 to 22): '99'"),
+            (["image", "compress", "-i", str(image), "-o", str(tmp_path / "a.bdar"),
+              "--avg-chunk", "1"],
+             "argument --avg-chunk: not an average chunk size the chunker takes (256 to 4M): "
+             "'1'"),
+            (["repo", "init", str(repo), "--level", "23"],
+             "argument --level: not a zstd level (-100 to 22): '23'"),
+            (["repo", "init", str(repo), "--avg-chunk", "8M"],
+             "argument --avg-chunk: not an average chunk size the chunker takes (256 to 4M): "
+             "'8M'"),
+            (["device", "init", str(tmp_path), "--factory", str(image), "--tries", "0"],
+             "argument --tries: not a positive number: '0'"),
+            (["device", "install", str(tmp_path), str(image), "--tries", "-1"],
+             "argument --tries: not a positive number: '-1'")):
+        try:
+            rc = main(argv)
+        except SystemExit as exc:  # argparse's
+            rc = exc.code
+        assert rc == 2, argv
+        err = _err(capsys)
+        assert err.startswith(f"btrdelta {argv[0]} {argv[1]}: error: {said}"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img"]
+    # the range's ends are taken, and the repository made at them takes a release
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "f").write_bytes(os.urandom(5000))
+    assert main(["repo", "init", "-q", str(repo), "--level", "-100", "--avg-chunk", "256"]) == 0
+    assert main(["repo", "add", "-q", str(repo), "1.0", str(tree)]) == 0
+    assert main(["image", "compress", "-q", "-i", str(image), "-o", str(tmp_path / "b.bdar"),
+                 "--level", "22", "--avg-chunk", "4M"]) == 0

@@ -492,6 +492,38 @@ def parse_size(text: str) -> int:
     return value
 
 
+def avg_chunk_size(text: str) -> int:
+    """An argparse type: a ``--avg-chunk`` size (:func:`parse_size`) the chunker takes (one
+    out of its range was exit 3, 'chunker avg_size 1 outside [256, 4194304]', as if an
+    input were malformed)."""
+    from ..chunk.chunker import ChunkerParams
+    from ..errors import StreamFormatError
+    from ._lean import argparse
+
+    value = parse_size(text)
+    try:
+        ChunkerParams.from_avg(value)
+    except StreamFormatError:
+        raise argparse.ArgumentTypeError(
+            f"not an average chunk size the chunker takes (256 to 4M): {text!r}") from None
+    return value
+
+
+def zstd_level(text: str) -> int:
+    """An argparse type: a zstd level, -100 to 22 (what a repository's catalog accepts;
+    ``image compress --level 99`` was an internal error, ``repo init --level 99`` made a
+    repository every ``repo add`` then refused)."""
+    from ._lean import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 99
+    if not -100 <= value <= 22:
+        raise argparse.ArgumentTypeError(f"not a zstd level (-100 to 22): {text!r}")
+    return value
+
+
 def sniff_input(f: BinaryIO, name: str, *accept: Kind) -> tuple[Identified, BinaryIO]:
     """What input ``f`` is, and a file reading it from its start; refused with one line
     unless it is one of ``accept`` (unknown data passes: the parser then names the bad

@@ -20,6 +20,7 @@ from ._common import (
     human_bytes,
     location,
     location_keeping_file_url,
+    positive_int,
     set_extra_hint,
 )
 from .progress import Phases, add_progress_options, add_quiet_option, progress_wanted
@@ -238,7 +239,8 @@ def _add_init(dsub: Any) -> None:
     i.add_argument("--state", action="append", metavar="NAME:/PATH[:overlay|bind]",
                    help="a state subvolume (repeatable; default etc:/etc:overlay, "
                         "var:/var:overlay, home:/home:bind)")
-    i.add_argument("--tries", type=int, default=3, help="boots a new slot gets (default 3)")
+    i.add_argument("--tries", type=positive_int, default=3,
+                   help="boots a new slot gets (default 3)")
     i.add_argument("--hook", metavar="PROGRAM",
                    help="boot hook: called as PROGRAM try|good|cancel SLOT [TRIES]")
     i.add_argument("--expect-sum", metavar="TREESUM", type=_tree_sum_arg,
@@ -284,7 +286,8 @@ def _add_install(dsub: Any) -> None:
                    help="the release's tree-sum (btrdelta tree-sum NEW; for a stream made by "
                         "btrfs send -p, tree-sum --ignore-root-mtime NEW: the kernel may not "
                         "send the top directory's mtime)")
-    n.add_argument("--tries", type=int, help="boots the new slot gets (default: the device's)")
+    n.add_argument("--tries", type=positive_int,
+                   help="boots the new slot gets (default: the device's)")
     n.add_argument("--booted", metavar="ROOT", help="the booted root, when / does not tell")
     n.add_argument("--key", action="append", metavar="PUBKEY",
                    help="refuse SOURCE unless signed by this Ed25519 public key "

@@ -27,6 +27,7 @@ from ..update.image import RepairReport, compress_archive, gc_store, image_info,
 from ._common import (
     add_jobs,
     add_json,
+    avg_chunk_size,
     default_signals,
     examples,
     free_words,
@@ -34,9 +35,9 @@ from ._common import (
     location,
     meant,
     naming_output,
-    parse_size,
     refuse_same_file,
     set_missing_hint,
+    zstd_level,
 )
 from .http_options import add_http_options, http_config
 from .progress import (
@@ -182,9 +183,9 @@ def _add_compress(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     c.add_argument("-i", "--input", required=True, metavar="IMAGE", help="image file or device")
     c.add_argument("-o", "--output", required=True, metavar="ARCHIVE",
                    help="archive to write (*.bdar)")
-    c.add_argument("--avg-chunk", type=parse_size, default=64 << 10, metavar="SIZE",
+    c.add_argument("--avg-chunk", type=avg_chunk_size, default=64 << 10, metavar="SIZE",
                    help="average chunk size (default 64K; min = avg/4, max = avg*4)")
-    c.add_argument("--level", type=int, default=DEFAULT_LEVEL,
+    c.add_argument("--level", type=zstd_level, default=DEFAULT_LEVEL,
                    help=f"zstd level (default {DEFAULT_LEVEL}: compressed once, fetched often)")
     c.add_argument("--sign", metavar="KEY", help="Ed25519 private key (PEM) to sign with")
     add_jobs(c, None, "compression threads (default: CPUs)")

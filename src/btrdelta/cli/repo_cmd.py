@@ -14,12 +14,13 @@ from ..errors import UsageError
 from ._common import (
     add_jobs,
     add_json,
+    avg_chunk_size,
     check_location,
     examples,
     human_bytes,
     location,
-    parse_size,
     refuse_inside,
+    zstd_level,
 )
 from .progress import add_progress_options, add_quiet_option, progress_wanted
 
@@ -74,9 +75,10 @@ def _add_init(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                         epilog=examples("btrdelta repo init www/app",
                                         "btrdelta repo init www/app --avg-chunk 256K"))
     i.add_argument("repo", metavar="REPO", help="directory to make (empty or new)")
-    i.add_argument("--avg-chunk", type=parse_size, default=64 << 10, metavar="SIZE",
+    i.add_argument("--avg-chunk", type=avg_chunk_size, default=64 << 10, metavar="SIZE",
                    help="average chunk size of fulls (default 64K)")
-    i.add_argument("--level", type=int, default=12, help="zstd level of chunks (default 12)")
+    i.add_argument("--level", type=zstd_level, default=12,
+                   help="zstd level of chunks (default 12)")
     add_json(i, "the repository made")
     add_quiet_option(i)
     i.set_defaults(func=run_init)
