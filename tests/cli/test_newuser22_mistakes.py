@@ -332,3 +332,18 @@ def test_levels_chunk_sizes_and_tries_out_of_range_are_usage_errors(
     assert main(["repo", "add", "-q", str(repo), "1.0", str(tree)]) == 0
     assert main(["image", "compress", "-q", "-i", str(image), "-o", str(tmp_path / "b.bdar"),
                  "--level", "22", "--avg-chunk", "4M"]) == 0
+
+
+def test_a_dash_meant_as_the_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``delta make --old OLD -f A-B.stream -`` (the README writes ``delta make ... -``; the
+    '-' meant as standard output) said only 'give the input either with -f or as an
+    argument, not both'."""
+    stream = tmp_path / "A-B.stream"
+    stream.write_bytes(b"")
+    for sub in ("make", "expand"):
+        assert main(["delta", sub, "--old", str(tmp_path), "-f", str(stream), "-"]) == 2
+        assert _err(capsys) == (f"btrdelta delta {sub}: error: give the input either with -f "
+                                "or as an argument, not both: the output is -o FILE ('-o -': "
+                                "standard output)\n")
+    assert main(["verify", "-f", str(stream), "-"]) == 2  # (no output there: no hint)
+    assert _err(capsys).endswith("not both\n")

@@ -178,7 +178,10 @@ def input_name(args: argparse.Namespace) -> str:
         UsageError: both were given.
     """
     if args.file and args.input:
-        raise UsageError("give the input either with -f or as an argument, not both")
+        # `delta make -f A-B.stream -`: the '-' meant as the output, standard output
+        hint = (": the output is -o FILE ('-o -': standard output)"
+                if args.input == "-" and "output" in vars(args) else "")
+        raise UsageError(f"give the input either with -f or as an argument, not both{hint}")
     name = str(args.file or args.input or "-")
     refuse_url_input(name, args.command, "...", "-")
     return name
