@@ -298,19 +298,31 @@ def refuse_same_file(name: str, output: str | None, option: str = "-o") -> None:
                          "(give it another name)")
 
 
-def refuse_inside(inner: str, outer: str, words: str) -> None:
+def refuse_inside(inner: str, outer: str, words: str, *, mounts_apart: bool = False) -> None:
     """A directory argument that is another one or inside it where that mixes them up
     (``replicate SRC SRC/backup``, ``update REPO REPO``, ``repo add REPO V TREE`` with REPO
     in TREE): a usage error, ``words`` its text (``inner`` and ``outer`` are formatted in:
-    ``{inner}``, ``{outer}``, ``{how}`` "is" or "is inside").
+    ``{inner}``, ``{outer}``, ``{how}`` "is" or "is inside"). ``mounts_apart``: ``inner``
+    below ``outer`` but on another filesystem (a mount point, a nested subvolume) is apart
+    from it, as a send of ``outer`` leaves it out.
 
     Raises:
         UsageError: ``inner`` is ``outer`` or below it (symbolic links resolved).
     """
     a, b = os.path.realpath(inner), os.path.realpath(outer)
-    if a == b or a.startswith(b.rstrip(os.sep) + os.sep):
-        how = "is" if a == b else "is inside"
-        raise UsageError(words.format(inner=inner, outer=outer, how=how))
+    if a != b and not a.startswith(b.rstrip(os.sep) + os.sep):
+        return
+    if a != b and mounts_apart:
+        near = a  # (the nearest part of it that exists)
+        while not os.path.exists(near) and near != b:
+            near = os.path.dirname(near)
+        try:
+            if os.stat(near).st_dev != os.stat(b).st_dev:
+                return
+        except OSError:
+            pass
+    how = "is" if a == b else "is inside"
+    raise UsageError(words.format(inner=inner, outer=outer, how=how))
 
 
 def positive_int(text: str) -> int:

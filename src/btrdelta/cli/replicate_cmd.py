@@ -201,7 +201,7 @@ def _connect(args: argparse.Namespace) -> tuple[Any, str]:
         return channels.tls_client(sock, key, peer, dest), dest
     # (a replica in what it copies: SRC/SRC.DATE, the receiver's state files in SRC)
     refuse_inside(dest, args.source, "DEST {inner} {how} SOURCE {outer}: the replica would "
-                  "be part of what it copies; give a directory outside it")
+                  "be part of what it copies; give a directory outside it", mounts_apart=True)
     if not os.path.isdir(dest):  # (else the receiver's exit: 'the peer closed', exit 7)
         import shlex
 

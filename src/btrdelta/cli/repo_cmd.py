@@ -232,7 +232,8 @@ def run_add(args: argparse.Namespace) -> int:
                          f"{shlex.quote(args.version)}")
     if args.source and os.path.isdir(args.source):
         refuse_inside(args.repo, args.source, "REPO {inner} {how} SOURCE {outer}: the release "
-                      "would hold the repository being written; give a tree outside it")
+                      "would hold the repository being written; give a tree outside it",
+                      mounts_apart=True)
     return_freed_memory()  # the delta jobs read whole files for diffing
     shown = progress_wanted(args)
     started = time.monotonic()
