@@ -22,6 +22,17 @@ def _listing(top: Path) -> list[str]:
     return sorted(str(p.relative_to(top)) for p in top.rglob("*"))
 
 
+def _signed_repo(tmp_path: Path, tree: Path, repo: Path) -> str:
+    """REPO holding TREE as version 1.0, signed by a root key made in ``tmp_path``: that
+    key's path without ``.key``/``.pub``."""
+    key = str(tmp_path / "root")
+    for argv in (["key", "generate", "-o", key], ["repo", "init", str(repo)],
+                 ["repo", "add", str(repo), "1.0", str(tree)],
+                 ["repo", "sign", str(repo), "--key", f"{key}.key"]):
+        assert main([*argv, "-q"]) == 0, argv
+    return key
+
+
 def test_replicate_into_its_own_source(tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     """Before: ``replicate SRC SRC`` (and ``replicate SRC SRC/sub``) exited 0 having made
@@ -107,11 +118,7 @@ def test_a_timestamp_that_is_not_json_is_malformed_input_named_by_its_url(
     tree, repo, dest = tmp_path / "tree", tmp_path / "repo", tmp_path / "dest"
     tree.mkdir()
     (tree / "f").write_bytes(os.urandom(10_000))
-    key = str(tmp_path / "root")
-    for argv in (["key", "generate", "-o", key], ["repo", "init", str(repo)],
-                 ["repo", "add", str(repo), "1.0", str(tree)],
-                 ["repo", "sign", str(repo), "--key", f"{key}.key"]):
-        assert main([*argv, "-q"]) == 0, argv
+    key = _signed_repo(tmp_path, tree, repo)
     stamp = repo / "timestamp.json"
     stamp.write_bytes(stamp.read_bytes()[:40])
     dest.mkdir()
@@ -159,11 +166,7 @@ def test_update_into_its_repository_and_repo_add_of_a_tree_holding_it(
     tree, repo = tmp_path / "tree", tmp_path / "repo"
     tree.mkdir()
     (tree / "f").write_bytes(os.urandom(10_000))
-    key = str(tmp_path / "root")
-    for argv in (["key", "generate", "-o", key], ["repo", "init", str(repo)],
-                 ["repo", "add", str(repo), "1.0", str(tree)],
-                 ["repo", "sign", str(repo), "--key", f"{key}.key"]):
-        assert main([*argv, "-q"]) == 0, argv
+    key = _signed_repo(tmp_path, tree, repo)
     capsys.readouterr()
     before = _listing(repo)
     for dest, how in ((repo, "is"), (repo / "sub", "is inside")):
@@ -224,11 +227,7 @@ def test_device_install_from_a_repository_without_its_key(
     for d in ("etc", "var", "home"):
         (tree / d).mkdir(parents=True)
     (tree / "etc/hostname").write_text("device\n")
-    key = str(tmp_path / "root")
-    for argv in (["key", "generate", "-o", key], ["repo", "init", str(repo)],
-                 ["repo", "add", str(repo), "1.0", str(tree)],
-                 ["repo", "sign", str(repo), "--key", f"{key}.key"]):
-        assert main([*argv, "-q"]) == 0, argv
+    key = _signed_repo(tmp_path, tree, repo)
     image = tmp_path / "dev.img"
     with open(image, "wb") as f:
         f.truncate(256 << 20)
