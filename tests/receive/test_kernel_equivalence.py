@@ -116,6 +116,8 @@ def test_dedupe_between_the_snapshots_is_in_the_stream(received: dict[str, Group
         clones = sum(isinstance(r, Clone) for r in recs)
         written = sum(len(r.data) for r in recs if isinstance(r, Write))
         # 40 + 20 files deduplicated: a clone each, or more where the file's extent was
-        # written back in two (once in a full run under load: 61)
+        # written back in two (once in a full run under load: 61 clones; once the kernel
+        # wrote a 4 KiB piece of one file, 3,936,256 bytes); without the dedupe B's 100 new
+        # files would all be written (6,553,600 bytes)
         assert clones >= 60, (variant, clones)
-        assert written == 60 * 65536, (variant, written)
+        assert 60 * 65536 <= written < 61 * 65536, (variant, written)

@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -136,6 +137,32 @@ def _sender_killed_at(src: Path, dest: Path, store: SendshotStore, point: str) -
                            "--store", store.path, "--segment", str(SEG), "-q"], env=env,
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == -9, proc.stderr
+    _receiver_ended(dest)
+
+
+def _receiver_ended(dest: Path, timeout: float = 60.0) -> None:
+    """Wait until the killed sender's local receiver (its child, left reading the end of
+    its stdin) has let go of DEST's lock: a run started before is refused ``busy`` (under
+    load, before that receiver even marked its lock "closing"), as it must be."""
+    from btrdelta.update.replica import LOCK_FILE
+
+    path = dest / LOCK_FILE
+    if not path.exists():
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                assert time.monotonic() < deadline, "the killed sender's receiver never ended"
+                time.sleep(0.05)
+                continue
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return
+    finally:
+        os.close(fd)
 
 
 def _receiver_killed_at(src: Path, dest: Path, store: SendshotStore,
