@@ -31,6 +31,8 @@ class Pair:
     b: Path
     streams: dict[str, Path]
     mnt: Path
+    #: a ``clones`` scenario's snapshot C (B's clone source besides A)
+    c: Path | None = None
 
 
 def delta_items(delta: bytes) -> list[object]:
@@ -157,7 +159,7 @@ def delta_pairs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
                     "v2": send(sp.b, out / f"{sc.name}.v2", parent=sp.a, proto=2,
                                compressed=True),
                 }
-                pairs[sc.name] = Pair(sc.name, sp.a, sp.b, streams, mnt)
+                pairs[sc.name] = Pair(sc.name, sp.a, sp.b, streams, mnt, sp.c)
             pairs["rebuilt-release"] = _make_release_pair(mnt, out)
             pairs["rebuilt-same"] = _make_same_pair(mnt, out)
             yield pairs

@@ -16,6 +16,8 @@ import pytest
 from btrdelta.delta import MakeOptions, expand_to, make_delta, open_delta
 from btrdelta.delta.stats import collect_delta_stats
 from btrdelta.errors import BtrdeltaError, ChecksumError
+from btrdelta.stream import StreamReader
+from btrdelta.stream.records import Clone, Snapshot
 from btrdelta.testing.scenarios import SCENARIOS, send
 from btrdelta.testing.scenarios import kernel_receive as btrfs_receive
 from btrdelta.tree.treesum import tree_sum
@@ -133,6 +135,45 @@ def test_receive_delta_matches_btrfs_receive(
     pair = delta_pairs[name]
     kernel, ours = _receive_both(pair, "v2", tmp_path)
     assert tree_sum(ours, ignore_root_mtime=True) == tree_sum(kernel, ignore_root_mtime=True)
+
+
+@pytest.mark.parametrize("name", [sc.name for sc in SCENARIOS if sc.clones])
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_delta_of_stream_with_clone_source_received(
+    delta_pairs: dict[str, Pair], name: str, version: str, tmp_path: Path
+) -> None:
+    """``btrfs send -p A -c C B``: its delta (made against A) received after A and C, into
+    btrfs and into a directory, gives the kernel's tree of B (clones from C come as clones
+    from another subvolume than the parent)."""
+    pair = delta_pairs[name]
+    assert pair.c is not None
+    proto, compressed = (2, True) if version == "v2" else (1, False)
+    a, c = (send(s, tmp_path / f"{s.name}.full", proto=proto, compressed=compressed)
+            for s in (pair.a, pair.c))
+    bc = send(pair.b, tmp_path / "Bc", parent=pair.a, extra=("-c", str(pair.c)), proto=proto,
+              compressed=compressed)
+    recs = list(StreamReader(io.BytesIO(bc.read_bytes())))
+    head = recs[0]
+    assert isinstance(head, Snapshot)
+    # not vacuous: some of B's clones come from C, not from A or B
+    assert any(isinstance(r, Clone) and r.clone_uuid not in (head.uuid, head.clone_uuid)
+               for r in recs)
+    delta, _ = make(bc, pair.a)
+    assert expand(delta, pair.a) == bc.read_bytes()
+    (tmp_path / "Bc.delta").write_bytes(delta)
+    kernel = pair.mnt / f"kc-{name}-{version}"
+    kernel.mkdir()
+    for s in (a, c, bc):
+        btrfs_receive(s, kernel)
+    want = tree_sum(kernel / pair.b.name, ignore_root_mtime=True, holes=version == "v2")
+    for dest in (pair.mnt / f"oc-{name}-{version}", tmp_path / "dir-target"):
+        dest.mkdir()
+        for s in (a, c, tmp_path / "Bc.delta"):
+            proc = subprocess.run([sys.executable, "-m", "btrdelta", "receive", "-q", "-f",
+                                   str(s), str(dest)], capture_output=True, check=False)
+            assert proc.returncode == 0, proc.stderr.decode()
+        got = tree_sum(dest / pair.b.name, ignore_root_mtime=True, holes=version == "v2")
+        assert got == want, dest
 
 
 def _shared_bytes(path: Path) -> int:
