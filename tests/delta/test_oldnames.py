@@ -27,7 +27,7 @@ from btrdelta import _native
 from btrdelta.delta import MakeOptions, expand_events, expand_to, make_delta, open_delta, unpack
 from btrdelta.delta.carrier import OLDNAME_TLV, CarrierState, unfold
 from btrdelta.delta.stats import collect_delta_stats
-from btrdelta.errors import StreamFormatError
+from btrdelta.errors import BtrdeltaError, MissingBaseError, StreamFormatError
 from btrdelta.send import send_stream
 from btrdelta.stream import StreamReader
 from btrdelta.stream.constants import Cmd
@@ -169,7 +169,7 @@ def _utimes(value: bytes) -> bytes:
     (b"\x00\x80", "truncated"),  # an index cut short
     (b"\x02\x00", "above the top directory"),  # the previous path has one component
     (b"\x00\x06", "out of range of directory 'd'"),  # b + 1 + 3 = 4: 3 names
-    (b"\x01\x00", "which has none"),  # listing of the top: none given
+    (b"\x01\x00", "lists directory '', which it has not"),  # listing of the top: none given
     (b"\x00\x01" + b"\x00" * 8, "more than 8 names"),  # a/a/.../a: 9 names
 ])
 def test_malformed_references_are_located_errors(value: bytes, message: str) -> None:
@@ -180,8 +180,38 @@ def test_malformed_references_are_located_errors(value: bytes, message: str) -> 
     if message == "more than 8 names":  # every directory holds "a"
         state = CarrierState(lister=lambda d: [b"a"], last_path=b"a")
     raw = _utimes(value)
-    with pytest.raises(StreamFormatError, match=message):
+    with pytest.raises(BtrdeltaError, match=message) as got:
         unfold(int(Cmd.UTIMES), memoryview(raw), 0, len(raw), state, 1 << 16)
+    # a listing the old tree lacks or too short: not the delta's old snapshot (exit 6)
+    wrong_base = "directory '" in message
+    assert isinstance(got.value, MissingBaseError if wrong_base else StreamFormatError)
+
+
+def test_another_tree_as_the_old_one_is_a_missing_base(
+    release: tuple[Path, Path, list[bytes]], tmp_path: Path
+) -> None:
+    """The new tree given as ``--old`` (a plain directory has no UUID to check): its
+    listings cannot resolve the delta's references (a directory it lacks), which says the
+    base is wrong: exit 6 as for a wrong parent subvolume, one line naming the record, no
+    output. (It was exit 3, a malformed delta, and named a file a directory.)"""
+    old, new, _ = release
+    delta = tmp_path / "d.delta"
+    delta.write_bytes(_make(_stream(new, old), old))
+    wrong = tmp_path / "wrong"
+    shutil.copytree(new, wrong)
+    shutil.rmtree(wrong / "pkg/a")
+    out = tmp_path / "out.stream"
+    proc = subprocess.run(
+        [sys.executable, "-m", "btrdelta", "delta", "expand", "-f", str(delta), "--old",
+         str(wrong), "-o", str(out)],
+        capture_output=True, text=True, check=False,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert proc.returncode == 6, proc.stderr
+    assert "the old tree is not the delta's old snapshot" in proc.stderr
+    assert "record " in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not out.exists()
 
 
 def test_reference_resolves_up_and_down() -> None:
@@ -219,7 +249,7 @@ def _read(raw: bytes, listings: dict[bytes, list[bytes]], last: bytes, backend: 
         try:
             for _ in reader.split(bytearray(raw), 2, grouped=True):
                 pass
-        except StreamFormatError as exc:
+        except BtrdeltaError as exc:
             return str(exc), len(calls)
     return (bytes(reader.group), reader.state.last_path), len(calls)
 

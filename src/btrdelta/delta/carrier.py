@@ -43,7 +43,7 @@ from collections.abc import Callable
 from operator import attrgetter
 
 from .._value import Value, field
-from ..errors import StreamFormatError
+from ..errors import MissingBaseError, StreamFormatError
 from ..stream.constants import CMD_HEADER, CMD_HEADER_SIZE, Attr, Cmd
 from ..tree.pathmap import PathMap
 from .encoding import read_uvarint, unzigzag, zigzag
@@ -92,6 +92,13 @@ _INO_TLV = _TLV.pack(_INO, 8)
 #: largest timespec as nanoseconds (u64 seconds, nanoseconds below 10**9)
 _MAX_NS = (1 << 64) * _NS - 1
 _MAX_WIDTH = 13
+
+
+def _not_the_base(what: str) -> MissingBaseError:
+    """A name reference the old tree cannot resolve. The record passed its CRC, so the old
+    tree given is nearly always not the delta's old snapshot (exit 6, as a wrong parent),
+    rarely a forged delta; either way nothing is applied from it."""
+    return MissingBaseError(f"the old tree is not the delta's old snapshot: {what}")
 
 
 class CarrierState(Value):
@@ -201,7 +208,7 @@ class CarrierState(Value):
         paths are then ``?`` names too, so the references after one are not resolved)."""
         try:
             return self._old_name(value)
-        except StreamFormatError:
+        except (StreamFormatError, MissingBaseError):
             if self.lenient:
                 return b"?"
             raise
@@ -225,19 +232,14 @@ class CarrierState(Value):
             k, pos = read_uvarint(value, pos, len(value))
             listing = self._listing(d)
             if listing is None:
-                raise StreamFormatError(
-                    f"old-name reference to the listing of directory "
-                    f"{d.decode(errors='replace')!r} of the old snapshot, which has none "
-                    "(not the delta's old snapshot?)"
-                )
+                raise _not_the_base(f"an old-name reference lists directory "
+                                    f"{d.decode(errors='replace')!r}, which it has not")
             if first:
                 k = bisect_left(listing[0], aname) + 1 + unzigzag(k)
                 first = False
             if not 0 <= k < len(listing[0]):
-                raise StreamFormatError(
-                    f"old-name reference out of range of directory "
-                    f"{d.decode(errors='replace')!r} (not the delta's old snapshot?)"
-                )
+                raise _not_the_base(f"an old-name reference is out of range of directory "
+                                    f"{d.decode(errors='replace')!r}")
             d = d + b"/" + listing[0][k] if d else listing[0][k]
         if pos != len(value):
             raise StreamFormatError(f"old-name reference of more than {_OLDNAME_DOWN} names")
@@ -253,16 +255,12 @@ class CarrierState(Value):
         if end != len(value) or d is None:
             raise StreamFormatError("invalid UNLINK name reference")
         if listing is None:
-            raise StreamFormatError(
-                f"UNLINK refers to the listing of directory {d.decode(errors='replace')!r} of "
-                "the old snapshot, which has none (not the delta's old snapshot?)"
-            )
+            raise _not_the_base(f"an UNLINK lists directory {d.decode(errors='replace')!r}, "
+                                "which it has not")
         k = self.unlink_pos + 1 + unzigzag(z)
         if not 0 <= k < len(listing[0]):
-            raise StreamFormatError(
-                f"UNLINK name reference out of range of directory "
-                f"{d.decode(errors='replace')!r} (not the delta's old snapshot?)"
-            )
+            raise _not_the_base(f"an UNLINK name reference is out of range of directory "
+                                f"{d.decode(errors='replace')!r}")
         self.unlink_pos = k
         return d + b"/" + listing[0][k] if d else listing[0][k]
 
