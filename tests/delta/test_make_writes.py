@@ -73,3 +73,40 @@ def test_a_file_of_runs_alone_is_not_searched(
     require_btrfs()
     sc = next(s for s in SCENARIOS if s.name == "many-extents-sparse")
     assert _diffed(tmp_path, sc, proto, monkeypatch) == []
+
+
+#: the second half of a 3 MiB file of random bytes rewritten in place, every other 4 KiB
+#: block with 8 bytes changed: 192 WRITEs, the blocks between them left as they were
+_HALF = ("python3 -c 'import os\n"
+         "fd = os.open(\"f\", os.O_RDWR)\n"
+         "for i in range(384, 768, 2): os.pwrite(fd, os.urandom(8), i * 4096 + 100)'")
+
+
+def test_blocks_changed_in_place_are_diffed_where_they_are_in_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large old file is diffed in windows; the new content of a file changed in place
+    is its changed blocks alone, each window of it is lined up with the old bytes where
+    those blocks are in the file (their WRITEs' offsets), not where the content's size
+    puts them. Here (windows scaled down) the content, 768 KiB, lined up by size would
+    put its first window at the old file's start, 1.5 MiB before its blocks: the patch
+    would be mostly its random bytes again (before: a delta of 509 KB, now ~2 KB)."""
+    require_btrfs()
+    from btrdelta.delta.codecs import hdiff as mod
+
+    monkeypatch.setattr(mod, "WINDOW_MIN", 1 << 20)
+    monkeypatch.setattr(mod, "WINDOW_STEP", 256 << 10)
+    monkeypatch.setattr(mod, "WINDOW_OVERLAP", 32 << 10)
+    sc = Scenario("half-in-place", "head -c 3M /dev/urandom > f", _HALF)
+    with loop_fs("btrfs", size="512M") as mnt:
+        pair = make_snapshots(mnt, sc)
+        stream = send(pair.b, tmp_path / "s.stream", parent=pair.a)
+        out: list[bytes] = []
+        with open(stream, "rb") as f:
+            make_delta(f, pair.a, out.append, MakeOptions(jobs=1))
+        delta = b"".join(bytes(p) for p in out)
+        back: list[bytes] = []
+        expand_to(open_delta(io.BytesIO(delta)), pair.a, back.append)
+    assert b"".join(bytes(p) for p in back) == stream.read_bytes()
+    assert len(stream.read_bytes()) > 700_000
+    assert len(delta) < 20_000

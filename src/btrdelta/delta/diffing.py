@@ -64,7 +64,7 @@ from .options import MakeOptions
 from .recompress import LevelGuesser, natural_extent, regenerable
 from .writer import INNER_PATCH_MAX
 
-__all__ = ["RAW_MAX_FILE", "Group", "Result", "canonical_write", "diff_group", "patched_items",
+__all__ = ["Group", "Result", "canonical_write", "diff_group", "patched_items",
            "new_digest_only", "raw_commands"]
 
 
@@ -170,6 +170,23 @@ def _content(
     return pieces, replaced, encoded
 
 
+def _places(group: Group, encoded: dict[int, tuple[int, int]]) -> list[tuple[int, int]]:
+    """(content position, file offset) of each piece of the group's new content, in order
+    (:func:`_content`'s pieces): where a diff in windows lines its parts up
+    (:func:`~.codecs.hdiff.windowed_diff`)."""
+    out = []
+    pos = 0
+    for i, r in enumerate(group.records):
+        rec = r.rec
+        if type(rec) is R.Write:
+            out.append((pos, rec.offset))
+            pos += len(rec.data)
+        elif i in encoded:
+            out.append((pos, rec.offset))  # type: ignore[union-attr]
+            pos += encoded[i][1]
+    return out
+
+
 def _hold_content(group: Group, new: bytes, encoded: dict[int, tuple[int, int]]) -> None:
     """Make the group's WRITE records views of ``new``, the content joined from their data
     (and regenerated extents, in record order), keeping only their headers, so their own
@@ -240,10 +257,6 @@ class _Budget:
 
 #: old + new bytes diffed concurrently (HDiffPatch needs ~4x the old file besides)
 _BIG = _Budget(48 << 20)
-#: largest new content diffed as ``hdiff-raw`` first (the compressed ``hdiff`` candidate is
-#: recompressed from it); larger files are diffed by ``hdiff`` directly (their raw patches
-#: rarely fit inside the carrier)
-RAW_MAX_FILE = 4 << 20
 
 
 #: CHUNK of a PWRITE standing for one WRITE no longer than this (the v1 kernel's WRITE size)
@@ -310,6 +323,7 @@ def diff_group(
     pieces, replaced, encoded = _content(group, guesser)
     if not pieces:
         return None
+    places = _places(group, encoded)
     size = sum(len(p) for p in pieces)
     if group.base is not None and size == group.old_size:
         same = _same_as_old(old_root, group.base, pieces, size, opts)
@@ -323,7 +337,7 @@ def diff_group(
         return None
     best: Result | None = None
     if group.base is not None:
-        best = _diff_base(old_root, group.base, new, opts, replaced, encoded)
+        best = _diff_base(old_root, group.base, new, opts, replaced, encoded, places)
         if best is not None and best.cost <= POOR_BASE * size:
             return best
     if index is None:
@@ -337,7 +351,7 @@ def diff_group(
                   if c not in (f[0] for f in found)]
     alone: int | None = None
     for base, same_name in found:
-        res = _diff_base(old_root, base, new, opts, replaced, encoded)
+        res = _diff_base(old_root, base, new, opts, replaced, encoded, places)
         if res is None or (best is not None and res.cost >= best.cost):
             continue
         if not same_name:
@@ -420,8 +434,10 @@ def _diff_bases(
 def _diff_base(
     old_root: str | os.PathLike[str], base: bytes, new: bytes, opts: MakeOptions,
     replaced: int, encoded: dict[int, tuple[int, int]],
+    places: list[tuple[int, int]] | None = None,
 ) -> Result | None:
-    """The patch from the old file ``base`` to ``new``, if one is worth writing."""
+    """The patch from the old file ``base`` to ``new``, if one is worth writing
+    (``places``: :func:`_places`)."""
     old_size = old_file_size(old_root, base)
     if not old_size or old_size > opts.max_file_size:
         return None
@@ -436,7 +452,8 @@ def _diff_base(
         if len(old) == len(new) and old == new:
             return Result(None, b"", len(old), old_digest, old_digest, len(new), replaced,
                           encoded, base=base)
-        best = _best_patch(old, new, opts, replaced, lzma=opts.lzma_patches and not encoded)
+        best = _best_patch(old, new, opts, replaced, lzma=opts.lzma_patches and not encoded,
+                           places=places)
         if best is None:
             return None
         cost, codec, patch = best
@@ -445,23 +462,30 @@ def _diff_base(
 
 
 def _best_patch(
-    old: bytes, new: bytes, opts: MakeOptions, replaced: int, *, lzma: bool = True
+    old: bytes, new: bytes, opts: MakeOptions, replaced: int, *, lzma: bool = True,
+    places: list[tuple[int, int]] | None = None,
 ) -> tuple[int, Codec, bytes] | None:
     """The cheapest allowed patch from ``old`` to ``new``: (its cost in the delta, codec,
     patch bytes), or ``None`` if none costs less than the ``replaced`` stream bytes (or the
     patch does not give ``new`` back: a codec bug never reaches a delta). ``lzma``: an
     ``hdiff-lzma`` patch may be tried (not for a new content of compressed extents: see
-    :data:`LZMA_TRY`)."""
+    :data:`LZMA_TRY`). ``places``: where the pieces of ``new`` are in its file
+    (:func:`_places`)."""
     # (cost in the delta, codec, patch bytes)
     candidates: list[tuple[int, Codec, bytes]] = []
     if opts.codec == "auto":
         raw_codec = CODECS[4]
         raw: bytes | None = None
-        if opts.level and len(new) <= RAW_MAX_FILE and raw_codec.available():
-            # one diff gives both HDiffPatch candidates (hdiff is recompressed from it)
-            raw = raw_codec.make(old, new)
-        codec, patch = make_auto(old, new, AUTO, hdiff_raw=raw)
+        if raw_codec.available():
+            # one diff gives every HDiffPatch candidate (hdiff is recompressed from it)
+            raw = raw_codec.make_raw(old, new, places)  # type: ignore[attr-defined]
+        if not opts.level:  # (no carrier: every patch is stored as it is)
+            lzma = False
+        codec, patch = make_auto(old, new, AUTO, hdiff_raw=raw,
+                                 lzma_next=lzma and raw is not None)
         candidates.append((len(patch), codec, patch))
+        if not opts.level:
+            raw = None
         # inside the carrier an uncompressed patch is compressed with everything else
         if raw is not None and len(raw) <= INNER_PATCH_MAX:
             candidates.append((_carried_cost(raw), raw_codec, raw))
