@@ -185,23 +185,31 @@ def _aligned_shift(covers: list[tuple[int, int, int]], scale: float,
     return shifts[-1][0]  # pragma: no cover - the loop always returns
 
 
-def _placer(places: Sequence[tuple[int, int]] | None,
-            n_new: int) -> tuple[Callable[[int], int], int]:
-    """(where a new-content position is in the new file, the new file's size as far as
-    ``places`` tell) from ``places``: (content position, file offset) of each piece of a
-    new content made of pieces of the file (the WRITEs of a file changed in place, the
-    blocks between them left out), in content order. Without places, or with pieces that
-    follow each other from offset 0, the content is the file."""
+def _placer(places: Sequence[tuple[int, int]] | None, n_new: int,
+            ) -> tuple[Callable[[int], int], Callable[[int], int], int] | None:
+    """From ``places``, (content position, file offset) of each piece of a new content
+    made of pieces of its file (the WRITEs of a file changed in place, the blocks between
+    them left out), in content order: (where a content position is in the file, the
+    content position where a file position is or the next piece begins, the file's size
+    as far as the pieces tell). ``None`` when the content is the file (no places, or
+    pieces that follow each other from offset 0) or the pieces are not in file order."""
     if not places or all(pos == off for pos, off in places):
-        return (lambda pos: pos), n_new
+        return None
     starts = [pos for pos, _ in places]
     offsets = [off for _, off in places]
+    ends = [*starts[1:], n_new]
+    if any(offsets[i] + ends[i] - starts[i] > offsets[i + 1] for i in range(len(places) - 1)):
+        return None
 
     def place(pos: int) -> int:
         i = max(bisect.bisect_right(starts, pos) - 1, 0)
         return offsets[i] + pos - starts[i]
 
-    return place, max(place(max(n_new - 1, 0)) + 1, n_new)
+    def unplace(off: int) -> int:
+        i = bisect.bisect_right(offsets, off) - 1
+        return 0 if i < 0 else min(starts[i] + off - offsets[i], ends[i])
+
+    return place, unplace, offsets[-1] + n_new - starts[-1]
 
 
 def windowed_diff(
@@ -219,18 +227,19 @@ def windowed_diff(
     of the whole old content.
 
     ``places`` (:func:`_placer`): the new content is pieces of the new file, at these
-    offsets; a window then lines up with the old bytes where its pieces are in the file
-    (the file's size, not the content's, against the old size), its old part as long as
-    the file range its pieces span (at most twice its share). Lined up by the content's
-    size, a file changed in place loses the code its left-out blocks shift out of the
-    windows: libnode.so.108 of nodejs 18.20.4 deb12u2 -> deb12u3 (47 MB, 41 MB of changed
+    offsets; the windows are then parts of the file (at most ``step`` bytes of it, at
+    least ``least``), each with the pieces in it, against the old bytes that part lines up
+    with (the file's size, not the content's, against the old size). Lined up by the
+    content's size, a file changed in place loses the code its left-out blocks shift out
+    of the windows: libnode.so.108 of nodejs 18.20.4 deb12u2 -> deb12u3 (47 MB, 41 MB of changed
     blocks in 845 WRITEs) gave 5,842,552 B of raw diff (1,002,949 with ``hdiff-lzma``)
     against 4,784,502 (693,813) for a diff of the whole old content."""
     step = WINDOW_STEP if step is None else step
     overlap = WINDOW_OVERLAP if overlap is None else overlap
     n_old, n_new = len(old), len(new)
-    count = max(WINDOW_COUNT if least is None else least, -(-n_new // step))
-    place, n_file = _placer(places, n_new)
+    placer = _placer(places, n_new)
+    place, unplace, n_file = placer or ((lambda pos: pos), (lambda pos: pos), n_new)
+    count = max(WINDOW_COUNT if least is None else least, -(-n_file // step))
     scale = n_old / n_file if n_file else 1.0
     shift = 0
     parts: list[bytes] = []
@@ -240,10 +249,12 @@ def windowed_diff(
     covers = 0
     old_end = new_end = 0
     for k in range(count):
-        a, b = k * n_new // count, (k + 1) * n_new // count
-        spread = place(b - 1) + 1 - place(a) if b > a else 0
-        span = round(min(spread, 2 * (b - a)) * scale) + 2 * overlap
-        start = min(max(0, round(place(a) * scale) + shift - overlap), max(0, n_old - span))
+        fa, fb = k * n_file // count, (k + 1) * n_file // count
+        a, b = unplace(fa), (unplace(fb) if k < count - 1 else n_new)
+        if a >= b and placer is not None:
+            continue
+        span = round((fb - fa) * scale) + 2 * overlap
+        start = min(max(0, round(fa * scale) + shift - overlap), max(0, n_old - span))
         end = min(n_old, start + span)
         patch = _RawPatch(diff(old[start:end], new[a:b]))
         found = [(o + start, n + a, length) for o, n, length in patch.cover_list()]
@@ -489,12 +500,13 @@ class HdiffRawCodec(HdiffCodec):
 
 #: ``hdiff-lzma``: dictionary sizes (log2) a patch may name: 4 KiB to 64 MiB
 _LZMA_DICT_LOGS = range(12, 27)
-#: the largest dictionary ``make`` gives an ``hdiff-lzma`` patch (4 MiB: the encoder takes
-#: ~11x it, ~45 MiB, beside the old and new files and the raw diff; a 64 MiB dictionary
-#: would take ~700 MiB for one large file's diff): a raw diff of more is compressed with a
-#: window of 4 MiB (raw diffs are matched mostly near themselves: cryptography 43.0.1's
-#: 2.1 MB raw diff packs to 789,295 B with a 1, 2, 4 or 8 MiB dictionary alike)
-_LZMA_MAKE_DICT_LOG = 22
+#: the largest dictionary ``make`` gives an ``hdiff-lzma`` patch: an eighth of the new
+#: content (rounded down to a power of two), at least 1 MiB and at most 4 MiB (log2). The
+#: encoder takes ~11x it beside the old and new contents and the raw diff, within
+#: ``delta make``'s goal of 64 MiB + 4x the file (a 64 MiB dictionary would take ~700 MiB);
+#: raw diffs are matched mostly near themselves (cryptography 43.0.1's 10.8 MB extension:
+#: its 2.1 MB raw diff packs to 789,295 B with a 1, 2, 4 or 8 MiB dictionary alike)
+_LZMA_MAKE_DICT_LOGS = (20, 22)
 
 
 def _lzma_filters(dict_log: int, *, encode: bool) -> list[dict[str, int]]:
@@ -524,8 +536,9 @@ class HdiffLzmaCodec(HdiffCodec):
         """The patch :meth:`make` gives, from the uncompressed diff of the same files."""
         import lzma
 
-        dict_log = min(max((max(len(raw), 1) - 1).bit_length(), _LZMA_DICT_LOGS.start),
-                       _LZMA_MAKE_DICT_LOG)
+        cap = min(max(max(new_size, 1).bit_length() - 4, _LZMA_MAKE_DICT_LOGS[0]),
+                  _LZMA_MAKE_DICT_LOGS[1])
+        dict_log = min(max((max(len(raw), 1) - 1).bit_length(), _LZMA_DICT_LOGS.start), cap)
         return bytes((dict_log,)) + lzma.compress(
             raw, format=lzma.FORMAT_RAW, filters=_lzma_filters(dict_log, encode=True))
 
