@@ -311,3 +311,36 @@ def test_hdiff_lzma_refuses_bad_dictionaries_and_bombs(dict_log: int) -> None:
                                          filters=[{"id": lzma.FILTER_LZMA2, "preset": 1}])
     with pytest.raises(StreamFormatError, match="too large"):
         lz.apply(b"old", bomb, new_size=10)
+
+
+@pytest.mark.parametrize("stride", [1, 40])
+def test_windowed_hdiff_of_pieces_lines_windows_up_where_they_are_in_the_file(
+    stride: int,
+) -> None:
+    """A new content made of pieces of its file (the changed blocks of a file changed in
+    place) is diffed in windows of the file, each against the old bytes where its pieces
+    are: as small as a diff of the whole old content, and it applies. Dense pieces (every
+    block of the second half) and sparse ones (15 blocks anywhere in the file): lined
+    up by the content's size, the first put every window 1.5 windows before its blocks,
+    the second gave a window of pieces spread over the file the old part of its first."""
+    from btrdelta.delta.codecs.hdiff import windowed_diff
+
+    rng = random.Random(stride)
+    block = 4096
+    old = rng.randbytes(600 * block)
+    new_file = bytearray(old)
+    blocks = range(300, 600) if stride == 1 else sorted(rng.sample(range(600), 600 // stride))
+    places: list[tuple[int, int]] = []
+    pieces = []
+    for i in blocks:
+        new_file[i * block + 100 : i * block + 108] = rng.randbytes(8)
+        places.append((len(places) * block, i * block))
+        pieces.append(bytes(new_file[i * block : (i + 1) * block]))
+    new = b"".join(pieces)
+    whole = len(_hdiff_raw(old, new))
+    patch = windowed_diff(_hdiff_raw, old, new, step=64 * block, overlap=8 * block,
+                          places=places)
+    assert get_codec("hdiff-raw").apply(old, patch, new_size=len(new)) == new
+    assert len(patch) < whole + whole // 10 + 200
+    blind = windowed_diff(_hdiff_raw, old, new, step=64 * block, overlap=8 * block)
+    assert len(blind) > 2 * len(patch)  # (what the places are for)
