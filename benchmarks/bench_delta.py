@@ -37,9 +37,11 @@ written as fresh files); ``BTRDELTA_BENCH_PAIRS=WORD,...`` keeps only the pairs 
 has one of the words.
 
 App releases against whole-tree tools (:func:`app_rows`, ``BTRDELTA_BENCH_APPS``: the
-pairs by name, default ``numpy,regex,scipy``; empty: none): a wheel's release over the last
-(numpy 1.26.3 -> 1.26.4, regex 2024.9.11 -> 2024.11.6, scipy 1.13.0 -> 1.13.1, unpacked
-with each file's mtime and mode from the wheel) as a judge would compare them: ``btrdelta
+pairs by name, default all of :data:`APPS`; empty: none): a wheel's release over the last
+(numpy 1.26.3 -> 1.26.4, regex 2024.9.11 -> 2024.11.6, scipy 1.13.0 -> 1.13.1, pandas,
+cryptography, django, unpacked with each file's mtime and mode from the wheel), or a
+package's (typescript from npm, nodejs and containerd from Debian: :data:`.trees.ARCHIVES`,
+downloaded once, their SHA-256 checked) as a judge would compare them: ``btrdelta
 send -p OLD NEW`` (userspace, no btrfs) then ``delta make`` (the default), against
 ``bsdiff``, ``xdelta3 -9 -B <old tar's size>`` and ``zstd -19 --long=31 --patch-from`` of
 the two trees' tars, each tar made the same way (GNU tar, ``--sort=name --numeric-owner
@@ -53,6 +55,7 @@ Run: ``.venv/bin/python -m benchmarks delta``.
 from __future__ import annotations
 
 import filecmp
+import hashlib
 import json
 import os
 import shutil
@@ -457,22 +460,55 @@ def _pairs(work: Path) -> list[tuple[str, Path, Path, bool]]:
     return [p for p in pairs if not only or any(w in p[0] for w in only.split(","))]
 
 
-#: app release pairs (package, old, new) for :func:`app_rows`
+#: app release pairs (package, old, new) for :func:`app_rows`: wheels (from PyPI, unpacked
+#: as scipy's), and the archives of :data:`.trees.ARCHIVES` (npm and Debian packages).
+#: Session 22 added releases nobody had tuned for: pandas (43 of 44 extensions rebuilt),
+#: cryptography (one 10.8 MB Rust extension), Django (pure Python, 2,700 files, 11
+#: changed), TypeScript (four 2-9 MB JavaScript bundles with a version bump), Node.js
+#: 18 (Debian's libnode108 + nodejs security update: a 47 MB C++ library) and
+#: containerd (Debian's, five Go static binaries, 97 MB)
 APPS = (("numpy", "1.26.3", "1.26.4"), ("regex", "2024.9.11", "2024.11.6"),
-        ("scipy", "1.13.0", "1.13.1"))
+        ("scipy", "1.13.0", "1.13.1"), ("pandas", "2.2.2", "2.2.3"),
+        ("cryptography", "43.0.0", "43.0.1"), ("django", "5.0.6", "5.0.7"),
+        ("typescript", "5.4.4", "5.4.5"),
+        ("nodejs", "18.20.4+dfsg-1~deb12u2", "18.20.4+dfsg-1~deb12u3"),
+        ("containerd", "1.6.20~ds1-1+deb12u2", "1.6.20~ds1-1+deb12u3"))
+#: SHA-256 of the wheels session 22 added (pip checks them against PyPI's index too)
+WHEEL_SHA256 = {
+    "pandas-2.2.2": "6d2123dc9ad6a814bcdea0f099885276b31b24f7edf40f6cdbc0912672e22eee",
+    "pandas-2.2.3": "c124333816c3a9b03fbeef3a9f230ba9a737e9e5bb4060aa2107a86cc0a497fc",
+    "cryptography-43.0.0": "299d3da8e00b7e2b54bb02ef58d73cd5f55fb31f33ebbf33bd00d9aa6807df7e",
+    "cryptography-43.0.1": "58d4e9129985185a06d849aa6df265bdd5a74ca6e1b736a77959b498e0505b85",
+    "django-5.0.6": "8363ac062bb4ef7c3f12d078f6fa5d154031d129a15170a1066412af49d30905",
+    "django-5.0.7": "f216510ace3de5de01329463a315a629f33480e893a9024fc93d8c32c22913da",
+}
 
 
 def _app_trees(pkg: str, old: str, new: str) -> tuple[Path, Path] | None:
-    """The unpacked wheels, from the benchmark cache or the default one (``~/.cache``)."""
+    """The unpacked wheels (or archives), from the benchmark cache or the default one
+    (``~/.cache``)."""
     from btrdelta.testing.wheels import release_trees
 
+    from .trees import ARCHIVES, archive_tree
+
+    if (pkg, old) in ARCHIVES:
+        a, b = archive_tree(pkg, old), archive_tree(pkg, new)
+        return None if a is None or b is None else (a, b)
     for cache in (CACHE, Path.home() / ".cache" / "btrdelta-bench"):
         if all((cache / f"{pkg}-{v}").is_dir() for v in (old, new)):
             break
     else:
         cache = CACHE
     trees = release_trees(pkg, (old, new), cache)
-    return None if trees is None else (trees[0], trees[1])
+    if trees is None:
+        return None
+    for ver in (old, new):
+        want = WHEEL_SHA256.get(f"{pkg}-{ver}")
+        for whl in (cache / "wheels").glob("*.whl"):
+            if want and whl.name.lower().startswith(f"{pkg}-{ver}-") and hashlib.sha256(
+                    whl.read_bytes()).hexdigest() != want:
+                raise RuntimeError(f"{whl}: not the wheel measured before (SHA-256)")
+    return trees[0], trees[1]
 
 
 def _tar(tree: Path, out: Path) -> Path:
@@ -525,13 +561,15 @@ def _app_pair(pkg: str, a: Path, b: Path, work: Path) -> tuple[list[str], dict[s
 
 def app_rows(work: Path) -> list[str]:
     """The app-release pairs of ``BTRDELTA_BENCH_APPS``: their lines, then their table."""
-    wanted = os.environ.get("BTRDELTA_BENCH_APPS", "numpy,regex,scipy").split(",")
+    wanted = os.environ.get("BTRDELTA_BENCH_APPS", ",".join(a[0] for a in APPS)).split(",")
     lines: list[str] = []
     table = ["| pair | stream | delta | bsdiff | xdelta3 -9 | zstd --patch-from | best peer "
              "| delta vs it |", "|---|---|---|---|---|---|---|---|"]
     for pkg, old, new in APPS:
         trees = _app_trees(pkg, old, new) if pkg in wanted else None
         if trees is None:
+            if pkg in wanted:
+                print(f"# {pkg} {old} -> {new} unavailable (download failed)", flush=True)
             continue
         sub = work / f"app-{pkg}"
         sub.mkdir()

@@ -159,3 +159,97 @@ def rebuilt_copy(src: Path, dst: Path) -> Path:
         shutil.rmtree(dst)
     _sh("cp", "-a", "--reflink=never", str(src), str(dst))
     return dst
+
+
+#: app releases that are not wheels (``benchmarks delta``'s app rows): (name, version) ->
+#: the archives unpacked into one tree, each (URL, fallback URL, SHA-256). Debian's pool
+#: drops a version once superseded: snapshot.debian.org keeps every file by its SHA-1
+_DEBIAN = "http://deb.debian.org/debian/pool/main/"
+_SECURITY = "http://deb.debian.org/debian-security/pool/updates/main/"
+_SNAPSHOT = "https://snapshot.debian.org/file/"
+_NPM = "https://registry.npmjs.org/"
+ARCHIVES: dict[tuple[str, str], tuple[tuple[str, str, str], ...]] = {
+    ("typescript", "5.4.4"): ((
+        _NPM + "typescript/-/typescript-5.4.4.tgz", "",
+        "0a5b3b80f055936eef797431778bbb3c39c1a4d3fcdbea16f9ac9dc343454c48"),),
+    ("typescript", "5.4.5"): ((
+        _NPM + "typescript/-/typescript-5.4.5.tgz", "",
+        "154fae77169f04155ac52d521ac59abb07c9be29ea3744732adbf9f14abb2440"),),
+    ("nodejs", "18.20.4+dfsg-1~deb12u2"): (
+        (_DEBIAN + "n/nodejs/libnode108_18.20.4+dfsg-1~deb12u2_amd64.deb",
+         _SNAPSHOT + "128655242efd46b2ba2031c0bc2cf7a65c1d2eb3",
+         "49c281c5fa259fa453a257e9cb0fcfb4385917ee21008ef1acbb5de2a9bb88a6"),
+        (_DEBIAN + "n/nodejs/nodejs_18.20.4+dfsg-1~deb12u2_amd64.deb",
+         _SNAPSHOT + "389fb3ff856691e07c911f7ab60c36620ade8240",
+         "ed733bcac17b24e6a1642f0dc2b71ae95513388197395a7736940df6c3c24cfc")),
+    ("nodejs", "18.20.4+dfsg-1~deb12u3"): (
+        (_SECURITY + "n/nodejs/libnode108_18.20.4+dfsg-1~deb12u3_amd64.deb",
+         _SNAPSHOT + "0a0f6122acad276fda1dfa914f4dc40c9b55f7e6",
+         "4d1b4ba623b2f65a1b8a9524d3ecccd535388acbac1f9ce810eab017bbc01036"),
+        (_SECURITY + "n/nodejs/nodejs_18.20.4+dfsg-1~deb12u3_amd64.deb",
+         _SNAPSHOT + "0597e22ea6a42a70e9edd1f04c17c4569baef2f4",
+         "97d0944c0da81b0acd4c6d58e7d5a2894f89aa66067400a86c9ecb0b76969ecc")),
+    ("containerd", "1.6.20~ds1-1+deb12u2"): ((
+        _SECURITY + "c/containerd/containerd_1.6.20~ds1-1+deb12u2_amd64.deb",
+        _SNAPSHOT + "0adaed412ba059ae427eadd1c17bc5885184676b",
+        "97a18ebff2326b96ce9bd7b1904bba4204525b678744294ab78d76acb6f3af62"),),
+    ("containerd", "1.6.20~ds1-1+deb12u3"): ((
+        _DEBIAN + "c/containerd/containerd_1.6.20~ds1-1+deb12u3_amd64.deb",
+        _SNAPSHOT + "e02e060cfddc39750c77c0be214518335f8b82f1",
+        "8669d264eeb0fcdb4a0b1ba436ab88ec5dafde4a66e1278ec279d830db4c2216"),),
+}
+#: the time every directory of an unpacked archive gets (as wheels' trees)
+_DIR_TIME = 1_700_000_000
+
+
+def _fetch(urls: tuple[str, ...], sha256: str, dest: Path) -> bool:
+    """``dest`` downloaded from the first of ``urls`` that gives the SHA-256 (kept if it
+    has it already)."""
+    import hashlib
+    import urllib.request
+
+    def good(p: Path) -> bool:
+        return p.exists() and hashlib.sha256(p.read_bytes()).hexdigest() == sha256
+
+    if good(dest):
+        return True
+    tmp = dest.with_name(dest.name + ".part")
+    for url in filter(None, urls):
+        try:
+            with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as f:
+                shutil.copyfileobj(resp, f)
+        except OSError:
+            continue
+        if good(tmp):
+            tmp.rename(dest)
+            return True
+    tmp.unlink(missing_ok=True)
+    return False
+
+
+def archive_tree(name: str, version: str) -> Path | None:
+    """The tree of :data:`ARCHIVES`' ``(name, version)`` below the cache (downloaded, its
+    checksums checked, and unpacked on first use: ``.deb`` files by ``dpkg-deb -x``, npm
+    ``.tgz`` by ``tar``, each file's mode and mtime from the archive, directories at a fixed
+    time); ``None`` when it cannot be downloaded."""
+    dest = CACHE / "apps" / f"{name}-{version}"
+    if dest.is_dir():
+        return dest
+    dl = CACHE / "apps" / "dl"
+    dl.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for url, alt, sha in ARCHIVES[(name, version)]:
+        f = dl / url.rsplit("/", 1)[1]
+        if not _fetch((url, alt), sha, f):
+            shutil.rmtree(tmp)
+            return None
+        if f.suffix == ".deb":
+            _sh("dpkg-deb", "-x", str(f), str(tmp))
+        else:
+            _sh("tar", "-xzf", str(f), "-C", str(tmp), "--no-same-owner")
+    for root, _dirs, _files in os.walk(tmp, topdown=False):
+        os.utime(root, (_DIR_TIME, _DIR_TIME), follow_symlinks=False)
+    tmp.rename(dest)
+    return dest
