@@ -270,6 +270,14 @@ EDITS_TRY = 4 << 10
 #: receive is on the line: scipy's with 9 such patches took 0.34-0.35 CPU s instead of
 #: 0.31, for a delta 5 % smaller)
 LZMA_TRY = 512
+#: files above this whose raw diff is at least :data:`LZMA_ONLY_RAW` long get the
+#: ``hdiff-lzma`` patch alone of the compressed HDiffPatch ones (no ``hdiff``, nor zstd):
+#: of 36 changed files with raw diffs of 16 KiB or more (six pairs, session 22), ``hdiff``
+#: was smaller for 3, all below 88 KB and by 1.2 % at most, and of pandas 2.2.2 -> 2.2.3,
+#: Node.js 18 and containerd's large binaries none; its level 19 took 1.0 of pandas's 4.8
+#: CPU seconds
+LZMA_ONLY_FILE = 128 << 10
+LZMA_ONLY_RAW = 64 << 10
 
 
 def _same_as_old(
@@ -481,19 +489,27 @@ def _best_patch(
             raw = raw_codec.make_raw(old, new, places)  # type: ignore[attr-defined]
         if not opts.level:  # (no carrier: every patch is stored as it is)
             lzma = False
-        codec, patch = make_auto(old, new, AUTO, hdiff_raw=raw,
-                                 lzma_next=lzma and raw is not None)
-        candidates.append((len(patch), codec, patch))
+        lzma_codec = CODECS[HDIFF_LZMA_CODEC]
+        packed: bytes | None = None
+        if (lzma and raw is not None and len(new) > LZMA_ONLY_FILE
+                and len(raw) >= LZMA_ONLY_RAW):
+            packed = lzma_codec.from_raw(raw, len(new))  # type: ignore[attr-defined]
+            if patch_refusal(lzma_codec.codec_id, len(packed), len(old), len(new)):
+                packed = None
+        if packed is None:
+            codec, patch = make_auto(old, new, AUTO, hdiff_raw=raw,
+                                     lzma_next=lzma and raw is not None)
+            candidates.append((len(patch), codec, patch))
         if not opts.level:
             raw = None
         # inside the carrier an uncompressed patch is compressed with everything else
         if raw is not None and len(raw) <= INNER_PATCH_MAX:
             candidates.append((_carried_cost(raw), raw_codec, raw))
-        if lzma and raw is not None and len(patch) >= LZMA_TRY:
+        if packed is None and lzma and raw is not None and len(patch) >= LZMA_TRY:
             # HDiffPatch's four streams compressed together by LZMA: 6-8 % below hdiff's
             # zstd on rebuilt native code (numpy, regex), where bsdiff's bzip2 is ~3 %
-            lzma_codec = CODECS[HDIFF_LZMA_CODEC]
             packed = lzma_codec.from_raw(raw, len(new))  # type: ignore[attr-defined]
+        if packed is not None:
             candidates.append((len(packed), lzma_codec, packed))
         if raw is not None and len(raw) <= EDITS_TRY:
             # a few edits: their bytes and positions alone (format 8's edits2)
