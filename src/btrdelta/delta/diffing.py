@@ -270,12 +270,15 @@ EDITS_TRY = 4 << 10
 #: receive is on the line: scipy's with 9 such patches took 0.34-0.35 CPU s instead of
 #: 0.31, for a delta 5 % smaller)
 LZMA_TRY = 512
-#: files above this whose raw diff is at least :data:`LZMA_ONLY_RAW` long get the
-#: ``hdiff-lzma`` patch alone of the compressed HDiffPatch ones (no ``hdiff``, nor zstd):
-#: of 36 changed files with raw diffs of 16 KiB or more (six pairs, session 22), ``hdiff``
-#: was smaller for 3, all below 88 KB and by 1.2 % at most, and of pandas 2.2.2 -> 2.2.3,
-#: Node.js 18 and containerd's large binaries none; its level 19 took 1.0 of pandas's 4.8
-#: CPU seconds
+#: files above this whose raw diff is at least :data:`LZMA_ONLY_RAW` long get their
+#: ``hdiff-lzma`` patch first, and if it is at most half the raw diff, alone of the
+#: compressed HDiffPatch ones (no ``hdiff``, nor zstd): of 36 changed files with raw diffs
+#: of 16 KiB or more (six pairs, session 22), ``hdiff`` was smaller for 3, all below 88 KB
+#: and by 1.2 % at most, and of pandas 2.2.2 -> 2.2.3, Node.js 18 and containerd's large
+#: binaries none (their LZMA patches 14-37 % of the raw diffs); its level 19 took 1.0 of
+#: pandas's 4.8 CPU seconds. (A raw diff LZMA packs poorly is mostly new data, which
+#: ``hdiff``'s zstd, its window the whole file, may pack better: a 12 MiB file of 4 KiB
+#: blocks drawn from 4 MiB of random ones, tests/delta/test_make_memory.py.)
 LZMA_ONLY_FILE = 128 << 10
 LZMA_ONLY_RAW = 64 << 10
 
@@ -494,9 +497,8 @@ def _best_patch(
         if (lzma and raw is not None and len(new) > LZMA_ONLY_FILE
                 and len(raw) >= LZMA_ONLY_RAW):
             packed = lzma_codec.from_raw(raw, len(new))  # type: ignore[attr-defined]
-            if patch_refusal(lzma_codec.codec_id, len(packed), len(old), len(new)):
-                packed = None
-        if packed is None:
+        if packed is None or raw is None or 2 * len(packed) > len(raw) or patch_refusal(
+                lzma_codec.codec_id, len(packed), len(old), len(new)):
             codec, patch = make_auto(old, new, AUTO, hdiff_raw=raw,
                                      lzma_next=lzma and raw is not None)
             candidates.append((len(patch), codec, patch))
