@@ -27,6 +27,19 @@ _WRITES = ("python3 -c 'import os, sys\n"
 _REAL_DIFF = hdiffpatch.diff
 
 
+def _round_trip(stream: Path, old: Path) -> bytes:
+    """The delta of ``stream`` against ``old`` (one diff worker), after checking that it
+    expands back to the stream."""
+    out: list[bytes] = []
+    with open(stream, "rb") as f:
+        make_delta(f, old, out.append, MakeOptions(jobs=1))
+    delta = b"".join(bytes(p) for p in out)
+    back: list[bytes] = []
+    expand_to(open_delta(io.BytesIO(delta)), old, back.append)
+    assert b"".join(bytes(p) for p in back) == stream.read_bytes()
+    return delta
+
+
 def _diffed(tmp: Path, scenario: Scenario, proto: int,
             monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     """(old bytes, new bytes) of every HDiffPatch diff ``delta make`` ran on the
@@ -41,12 +54,7 @@ def _diffed(tmp: Path, scenario: Scenario, proto: int,
     with loop_fs("btrfs", size="512M") as mnt:
         pair = make_snapshots(mnt, scenario)
         stream = send(pair.b, tmp / f"{scenario.name}.stream", parent=pair.a, proto=proto)
-        out: list[bytes] = []
-        with open(stream, "rb") as f:
-            make_delta(f, pair.a, out.append, MakeOptions(jobs=1))
-        back: list[bytes] = []
-        expand_to(open_delta(io.BytesIO(b"".join(bytes(p) for p in out))), pair.a, back.append)
-        assert b"".join(bytes(p) for p in back) == stream.read_bytes()
+        _round_trip(stream, pair.a)
     return calls
 
 
@@ -101,12 +109,6 @@ def test_blocks_changed_in_place_are_diffed_where_they_are_in_the_file(
     with loop_fs("btrfs", size="512M") as mnt:
         pair = make_snapshots(mnt, sc)
         stream = send(pair.b, tmp_path / "s.stream", parent=pair.a)
-        out: list[bytes] = []
-        with open(stream, "rb") as f:
-            make_delta(f, pair.a, out.append, MakeOptions(jobs=1))
-        delta = b"".join(bytes(p) for p in out)
-        back: list[bytes] = []
-        expand_to(open_delta(io.BytesIO(delta)), pair.a, back.append)
-    assert b"".join(bytes(p) for p in back) == stream.read_bytes()
+        delta = _round_trip(stream, pair.a)
     assert len(stream.read_bytes()) > 700_000
     assert len(delta) < 20_000
