@@ -494,11 +494,16 @@ def _best_patch(
             lzma = False
         lzma_codec = CODECS[HDIFF_LZMA_CODEC]
         packed: bytes | None = None
+        # the length of an LZMA patch made and let go (the memory: a poor one is about as
+        # long as the raw diff), made again below only if it is the smaller after all
+        poor = -1
         if (lzma and raw is not None and len(new) > LZMA_ONLY_FILE
                 and len(raw) >= LZMA_ONLY_RAW):
             packed = lzma_codec.from_raw(raw, len(new))  # type: ignore[attr-defined]
-        if packed is None or raw is None or 2 * len(packed) > len(raw) or patch_refusal(
-                lzma_codec.codec_id, len(packed), len(old), len(new)):
+            if 2 * len(packed) > len(raw):
+                poor, packed = len(packed), None
+        if packed is None or patch_refusal(lzma_codec.codec_id, len(packed), len(old),
+                                           len(new)):
             codec, patch = make_auto(old, new, AUTO, hdiff_raw=raw,
                                      lzma_next=lzma and raw is not None)
             candidates.append((len(patch), codec, patch))
@@ -507,7 +512,8 @@ def _best_patch(
         # inside the carrier an uncompressed patch is compressed with everything else
         if raw is not None and len(raw) <= INNER_PATCH_MAX:
             candidates.append((_carried_cost(raw), raw_codec, raw))
-        if packed is None and lzma and raw is not None and len(patch) >= LZMA_TRY:
+        if (packed is None and lzma and raw is not None and len(patch) >= LZMA_TRY
+                and poor < len(patch)):
             # HDiffPatch's four streams compressed together by LZMA: 6-8 % below hdiff's
             # zstd on rebuilt native code (numpy, regex), where bsdiff's bzip2 is ~3 %
             packed = lzma_codec.from_raw(raw, len(new))  # type: ignore[attr-defined]
