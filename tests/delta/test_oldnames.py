@@ -131,25 +131,34 @@ def test_stat_counts_them_without_the_old_tree(
     assert st.carried_commands > 100
 
 
+def _expand_cli(release: tuple[Path, Path, list[bytes]], old_dir: Path, tmp_path: Path
+                ) -> tuple[subprocess.CompletedProcess[str], Path, Path]:
+    """The release's delta (made against its old tree) expanded by the CLI with ``--old
+    old_dir``: the process, the delta file and the output path."""
+    old, new, _ = release
+    delta = tmp_path / "d.delta"
+    delta.write_bytes(_make(_stream(new, old), old))
+    out = tmp_path / "out.stream"
+    proc = subprocess.run(
+        [sys.executable, "-m", "btrdelta", "delta", "expand", "-f", str(delta), "--old",
+         str(old_dir), "-o", str(out)],
+        capture_output=True, text=True, check=False,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    return proc, delta, out
+
+
 def test_changed_old_tree_is_refused_by_the_cli(
     release: tuple[Path, Path, list[bytes]], tmp_path: Path
 ) -> None:
     """A name taken from a listing that differs (one old file more, which shifts every
     index after it) gives another stream, which the DEND digest refuses: one line, exit
     code non-zero, no output file."""
-    old, new, _ = release
-    delta = tmp_path / "d.delta"
-    delta.write_bytes(_make(_stream(new, old), old))
+    old, _, _ = release
     other = tmp_path / "other"
     shutil.copytree(old, other)
     (other / "pkg/a/0000-first").write_bytes(b"x")
-    out = tmp_path / "out.stream"
-    proc = subprocess.run(
-        [sys.executable, "-m", "btrdelta", "delta", "expand", "-f", str(delta), "--old",
-         str(other), "-o", str(out)],
-        capture_output=True, text=True, check=False,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-    )
+    proc, delta, out = _expand_cli(release, other, tmp_path)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
@@ -194,19 +203,11 @@ def test_another_tree_as_the_old_one_is_a_missing_base(
     listings cannot resolve the delta's references (a directory it lacks), which says the
     base is wrong: exit 6 as for a wrong parent subvolume, one line naming the record, no
     output. (It was exit 3, a malformed delta, and named a file a directory.)"""
-    old, new, _ = release
-    delta = tmp_path / "d.delta"
-    delta.write_bytes(_make(_stream(new, old), old))
+    _, new, _ = release
     wrong = tmp_path / "wrong"
     shutil.copytree(new, wrong)
     shutil.rmtree(wrong / "pkg/a")
-    out = tmp_path / "out.stream"
-    proc = subprocess.run(
-        [sys.executable, "-m", "btrdelta", "delta", "expand", "-f", str(delta), "--old",
-         str(wrong), "-o", str(out)],
-        capture_output=True, text=True, check=False,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-    )
+    proc, _, out = _expand_cli(release, wrong, tmp_path)
     assert proc.returncode == 6, proc.stderr
     assert "the old tree is not the delta's old snapshot" in proc.stderr
     assert "record " in proc.stderr
