@@ -264,8 +264,9 @@ def _hook_after_cut(layout: Layout, st: DeviceState, pending: dict[str, Any],
     In the boot the install ran in nothing has booted since, so the hook is told now
     (``try`` sets the trial: telling it twice is telling it once) and the install recorded
     as made. In a later boot the bootloader either booted the slot (it was told, and counts
-    the tries) or did not: told and the tries spent, or never told. Both leave no trial,
-    so the trial file goes too, and the state says what the bootloader does."""
+    the tries) or did not: told and the tries spent, never told, or (a rescue boot) told
+    and not yet booted. The trial file goes and the hook hears ``cancel`` (harmless where
+    it has no trial), so the state and the bootloader agree."""
     from ..update.partial import boot_id
 
     slot = trial.slot
@@ -284,6 +285,11 @@ def _hook_after_cut(layout: Layout, st: DeviceState, pending: dict[str, Any],
     if (booted or booted_root(layout)) == slot:
         return []
     clear_trial(layout)
+    try:  # (a bootloader that was told and did not boot it yet, e.g. a rescue boot: no more)
+        call_hook(st.hook, "cancel", slot)
+    except DeviceError as exc:
+        return [f"dropped the trial of {slot}: the install was cut short before its end "
+                f"(install it again; {exc})"]
     return [f"dropped the trial of {slot}: the install was cut short before its end and "
             "the boot hook may never have heard of it (install it again)"]
 
