@@ -533,8 +533,8 @@ def zstd_level(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = 99
-    if not -100 <= value <= 22:
+        value = None
+    if value is None or not -100 <= value <= 22:
         raise argparse.ArgumentTypeError(f"not a zstd level (-100 to 22): {text!r}")
     return value
 
