@@ -398,10 +398,11 @@ class HdiffCodec(Codec):
     #: the library was found (:meth:`require` with the C applier live)
     _found = False
 
-    def _raw(self, old: bytes, new: bytes,
-             places: Sequence[tuple[int, int]] | None = None) -> bytes:
-        """The uncompressed patch: one diff, or windows of a large old content (``places``:
-        :func:`windowed_diff`'s)."""
+    def make_raw(self, old: bytes, new: bytes,
+                 places: Sequence[tuple[int, int]] | None = None) -> bytes:
+        """The uncompressed patch (``hdiff-raw``'s) of which :meth:`from_raw` makes this
+        codec's: one diff, or windows of a large old content (``places``: where the pieces
+        of ``new`` are in its file, :func:`windowed_diff`)."""
         h = self.lib()
 
         def diff(o: bytes, n: bytes) -> bytes:
@@ -412,16 +413,9 @@ class HdiffCodec(Codec):
             return windowed_diff(diff, old, new, places=places)
         return diff(old, new)
 
-    def make_raw(self, old: bytes, new: bytes,
-                 places: Sequence[tuple[int, int]] | None = None) -> bytes:
-        """The uncompressed patch (``hdiff-raw``'s) of which :meth:`from_raw` makes this
-        codec's; ``places``: where the pieces of ``new`` are in its file
-        (:func:`windowed_diff`)."""
-        return self._raw(old, new, places)
-
     def make(self, old: bytes, new: bytes) -> bytes:
         """An HDIFF13 patch with zstd-compressed streams (:func:`compress_raw`)."""
-        return self.from_raw(self._raw(old, new), len(new))
+        return self.from_raw(self.make_raw(old, new), len(new))
 
     def from_raw(self, raw: bytes, new_size: int) -> bytes:
         """The patch :meth:`make` gives, from the uncompressed diff of the same files
@@ -495,7 +489,7 @@ class HdiffRawCodec(HdiffCodec):
 
     def make(self, old: bytes, new: bytes) -> bytes:
         """An HDIFF13 patch without compression."""
-        return self._raw(old, new)
+        return self.make_raw(old, new)
 
 
 #: ``hdiff-lzma``: dictionary sizes (log2) a patch may name: 4 KiB to 64 MiB
