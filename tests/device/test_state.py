@@ -393,3 +393,31 @@ def test_init_refuses_a_filesystem_whose_default_subvolume_boots_something(
     assert main([*argv, "--force", "--state", "etc:/etc:overlay"]) == 0
     assert progs_default(btrfs_dev) == "roots/a"
     assert (btrfs_dev / "@").is_dir()
+
+
+def test_init_refuses_a_filesystem_that_holds_other_things(
+        btrfs_dev: Path, small_release: Release, capsys: pytest.CaptureFixture[str]) -> None:
+    """A host's own btrfs whose default subvolume is still the top level (its root mounted
+    with ``subvol=@``, as Debian's and Ubuntu's installers lay it out), or a disk holding
+    data: `device init` would make roots/a the default and lay the device out beside them.
+    Refused with one line naming what is there, nothing laid out, the default unchanged;
+    --force lays the device out and keeps what was there."""
+    subprocess.run(["btrfs", "subvolume", "create", str(btrfs_dev / "@")], check=True,
+                   capture_output=True)
+    (btrfs_dev / "@" / "etc").mkdir()
+    (btrfs_dev / "notes.txt").write_text("mine\n")
+    before = tree_sum(btrfs_dev)
+    argv = ["device", "init", str(btrfs_dev), "--factory", str(small_release.old)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "is not empty (it holds @, notes.txt)" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+    assert "ID 5 (FS_TREE)" in subprocess.run(
+        ["btrfs", "subvolume", "get-default", str(btrfs_dev)], capture_output=True, text=True,
+        check=True).stdout
+    assert tree_sum(btrfs_dev) == before  # nothing laid out (not even .btrdelta)
+    assert main([*argv, "--force", "--state", "etc:/etc:overlay"]) == 0
+    assert progs_default(btrfs_dev) == "roots/a"
+    assert (btrfs_dev / "notes.txt").read_text() == "mine\n"
+    assert (btrfs_dev / "@" / "etc").is_dir()

@@ -248,7 +248,8 @@ def _add_init(dsub: Any) -> None:
     i.add_argument("--force", action="store_true",
                    help="lay out anew: deletes every root and state subvolume (refused on the "
                    "device the running system booted from); also takes over a filesystem "
-                   "whose default subvolume is not the top level (a system boots it)")
+                   "that is not empty or whose default subvolume is not the top level (a "
+                   "system boots it): what is there is kept")
     i.add_argument("--json", action="store_true", help="print the status as JSON")
     add_progress_options(i)
     i.set_defaults(func=run_init)

@@ -80,38 +80,49 @@ def init(
     if tries < 1:
         raise DeviceError("tries must be at least 1")
     _check_factory(os.fspath(factory))
-    with open_device(fs) as layout, layout.lock():
-        _prepare_empty(layout, force)
-        layout.roots.mkdir()
-        layout.state_dir.mkdir()
-        try:
-            built = build_root(layout, factory, FACTORY, expect_sum=expect_sum,
-                               keys=[key] if key else None, fetch=Fetch(to, tuple(mirrors)),
-                               on_progress=on_progress)
-            clear_work(layout)
-            place_root(layout, built, FACTORY)
-            for slot in SLOTS:
-                layout.snapshot(layout.root(FACTORY), layout.root(slot), readonly=True)
-            for s in specs:
-                fresh_state_subvol(layout, s, layout.state(s.name))
-            st = DeviceState(tries=tries, hook=hook, state=specs)
-            now = time.time()
-            for name in BOOTABLE:
-                st.roots[name] = RootInfo(built.release, str(built.uuid), built.tree_sum,
-                                          now, "good", built.source)
-            st.note("init", release=built.release, tree_sum=built.tree_sum)
-            layout.sync()
-            set_default_root(layout, SLOTS[0])
-            save_state(layout, st)  # last: a device exists once its state file does
-        except BaseException:
-            # nothing to keep before the state file: a re-run needs no --force (a wrong
-            # key, source or option, and Ctrl-C or SIGTERM, left roots/ and state/ as "an
-            # unfinished init"); a download of the fetch area stays: the re-run resumes it
-            if not layout.initialized():
-                _undo_init(layout)
-            raise
-        call_hook(hook, "good", SLOTS[0])
-        return status_of(layout, st)
+    with open_device(fs) as layout:
+        _refuse_foreign(layout, force)
+        with layout.lock():
+            _prepare_empty(layout, force)
+            return _init_locked(layout, factory, specs, tries, hook, expect_sum, key, to,
+                                mirrors, on_progress)
+
+
+def _init_locked(layout: Layout, factory: str | os.PathLike[str], specs: list[Any],
+                 tries: int, hook: str | None, expect_sum: str | None, key: str | None,
+                 to: str | None, mirrors: Sequence[str],
+                 on_progress: Callable[[int, int], None] | None) -> dict[str, Any]:
+    """:func:`init` once the device is locked and its filesystem ready."""
+    layout.roots.mkdir()
+    layout.state_dir.mkdir()
+    try:
+        built = build_root(layout, factory, FACTORY, expect_sum=expect_sum,
+                           keys=[key] if key else None, fetch=Fetch(to, tuple(mirrors)),
+                           on_progress=on_progress)
+        clear_work(layout)
+        place_root(layout, built, FACTORY)
+        for slot in SLOTS:
+            layout.snapshot(layout.root(FACTORY), layout.root(slot), readonly=True)
+        for s in specs:
+            fresh_state_subvol(layout, s, layout.state(s.name))
+        st = DeviceState(tries=tries, hook=hook, state=specs)
+        now = time.time()
+        for name in BOOTABLE:
+            st.roots[name] = RootInfo(built.release, str(built.uuid), built.tree_sum,
+                                      now, "good", built.source)
+        st.note("init", release=built.release, tree_sum=built.tree_sum)
+        layout.sync()
+        set_default_root(layout, SLOTS[0])
+        save_state(layout, st)  # last: a device exists once its state file does
+    except BaseException:
+        # nothing to keep before the state file: a re-run needs no --force (a wrong
+        # key, source or option, and Ctrl-C or SIGTERM, left roots/ and state/ as "an
+        # unfinished init"); a download of the fetch area stays: the re-run resumes it
+        if not layout.initialized():
+            _undo_init(layout)
+        raise
+    call_hook(hook, "good", SLOTS[0])
+    return status_of(layout, st)
 
 
 def _check_factory(source: str) -> None:
@@ -154,21 +165,39 @@ def _undo_init(layout: Layout) -> None:
         layout.delete(p, wait=True)
 
 
+def _refuse_foreign(layout: Layout, force: bool) -> None:
+    """Refuse (without ``force``) a filesystem that is not a device and holds another
+    system or data; checked before the device lock, which makes ``.btrdelta``: a refused
+    init leaves the filesystem as it was."""
+    if force or layout.initialized():
+        return
+    with layout.fd() as fd:
+        default = sv.default_subvolume(fd)
+    if default != _TOP_LEVEL and default_root(layout) is None:
+        # a host's own btrfs (snapper-style set-ups boot the default subvolume): init
+        # would make roots/a the default, and that host's next boot would come up in it
+        # (an init cut after its set-default left a root of its own: _prepare_empty)
+        raise DeviceError(f"{layout.name}: its default subvolume is not the top level "
+                          f"(subvolume id {default}: a system boots it); device init "
+                          "makes roots/a the default (--force takes the filesystem over)")
+    ours = {p.name for p in (layout.meta, layout.roots, layout.state_dir)}
+    others = sorted(n for n in os.listdir(layout.top) if n not in ours)
+    if others:
+        # a host's own btrfs whose default is still the top level (its root mounted with
+        # subvol=, as Debian's and Ubuntu's installers lay it out), or a disk of data:
+        # init would make roots/a the default and lay the device out beside them
+        listed = ", ".join(others[:3]) + (f" and {len(others) - 3} more"
+                                           if len(others) > 3 else "")
+        raise DeviceError(f"{layout.name} is not empty (it holds {listed}): device init "
+                          "lays out an empty btrfs filesystem (--force lays the device out "
+                          "beside what is there, which is kept)")
+
+
 def _prepare_empty(layout: Layout, force: bool) -> None:
     ours = [layout.meta, layout.roots, layout.state_dir]
     if layout.initialized() and not force:
         raise DeviceError(f"{layout.name} is already a btrdelta device (--force lays it out "
                           "anew: every root and state subvolume is deleted)")
-    if not layout.initialized() and not force:
-        with layout.fd() as fd:
-            default = sv.default_subvolume(fd)
-        if default != _TOP_LEVEL and default_root(layout) is None:
-            # a host's own btrfs (snapper-style set-ups boot the default subvolume): init
-            # would make roots/a the default, and that host's next boot would come up in it
-            # (an init cut after its set-default left a root of its own: the check below)
-            raise DeviceError(f"{layout.name}: its default subvolume is not the top level "
-                              f"(subvolume id {default}: a system boots it); device init "
-                              "makes roots/a the default (--force takes the filesystem over)")
     present = [p for p in ours[1:] if os.path.lexists(p)]
     if present and not force:
         raise DeviceError(f"{layout.name} holds {', '.join(p.name for p in present)} from an "
