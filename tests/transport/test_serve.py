@@ -186,3 +186,30 @@ def test_a_repository_page_opens_in_a_browser(tmp_path: Path) -> None:
             assert resp.status == 404
         finally:
             c.close()
+
+
+def test_hidden_files_are_not_served(tmp_path: Path) -> None:
+    """A repository's directory served whole holds the publisher's state (REPO/.btrdelta:
+    its catalog, temporary files) that no client needs; nor should a .git or a key beside
+    it go out. Every path with a component starting with '.' is a 404, encoded or not."""
+    (tmp_path / ".btrdelta").mkdir()
+    (tmp_path / ".btrdelta" / "catalog.json").write_bytes(b"{}")
+    (tmp_path / ".key").write_bytes(b"secret")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / ".hidden").write_bytes(b"x")
+    (tmp_path / "ok.json").write_bytes(b"{}")
+    srv = StaticServer(tmp_path, log=lambda line: None)
+    with srv.running():
+        host, port = srv.server_address[:2]
+        c = http.client.HTTPConnection(str(host), int(port), timeout=10)
+        try:
+            for path in ("/.btrdelta/catalog.json", "/%2Ebtrdelta/catalog.json", "/.key",
+                         "/sub/.hidden", "/sub/%2ehidden", "/sub/../.key", "/./ok.json"):
+                c.request("GET", path)
+                resp = c.getresponse()
+                assert (resp.status, resp.read()) == (404, b""), path
+            c.request("GET", "/ok.json")
+            resp = c.getresponse()
+            assert (resp.status, resp.read()) == (200, b"{}")
+        finally:
+            c.close()

@@ -39,7 +39,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "serve",
         help="serve a directory over HTTP with Range support (tests and demos)",
         description=(
-            "Serve the files below DIR over HTTP/1.1 with single and multi-range requests. "
+            "Serve the files below DIR over HTTP/1.1 with single and multi-range requests "
+            "(not those whose path has a name starting with '.': a publisher's "
+            "REPO/.btrdelta, a .git, keys are 404). "
             "Logs one line per request with the body bytes sent on stderr; stops cleanly on "
             "SIGINT or SIGTERM and prints the total. Production uses any web server or CDN."
         ),

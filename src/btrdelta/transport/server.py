@@ -68,8 +68,8 @@ class StaticRequestHandler(BaseHTTPRequestHandler):
 
     def _resolve(self) -> str | None:
         path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
-        if "\0" in path:
-            return None
+        if "\0" in path or any(part.startswith(".") for part in path.split("/")):
+            return None  # (hidden files: a publisher's .btrdelta/, a .git, keys: 404)
         full = os.path.realpath(os.path.join(self.server.root, path.lstrip("/")))
         if os.path.commonpath([full, self.server.root]) != self.server.root:
             return None
