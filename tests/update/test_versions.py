@@ -663,6 +663,32 @@ def test_repo_ls_over_http_and_timestamp_keys(
     assert "not one the current index lists" in capsys.readouterr().err
 
 
+def test_repo_ls_of_the_publishers_directory_with_key_verifies_it(
+    signed: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`repo ls REPO --key ROOT_PUB` of the publisher's own directory listed its catalog and
+    ignored the key (newuser22): it now verifies the signed index as a client would, and
+    refuses another key, or a repository not signed yet, with one line."""
+    root, pub, _ = signed
+    capsys.readouterr()
+    assert main(["repo", "ls", str(root), "--key", str(pub), "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert "verified" in listing["signed"]
+    assert [v["name"] for v in listing["versions"]] == [f"v{i}" for i in range(1, N + 1)]
+    stranger = tmp_path / "k"
+    trust.save_key_pair(trust.generate_key(), str(stranger) + ".pem", str(stranger) + ".pub")
+    assert main(["repo", "ls", str(root), "--key", str(stranger) + ".pub"]) == 5
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "not signed by a trusted key" in err, err
+    www = _copy_repo(signed, tmp_path / "www")
+    (www / "timestamp.json").unlink()  # `repo add` done, `repo sign` not yet
+    assert main(["repo", "ls", str(www), "--key", str(pub)]) == 1
+    err = capsys.readouterr().err
+    assert "has none yet (btrdelta repo sign" in err, err
+    assert main(["repo", "ls", str(www)]) == 0  # without --key: the catalog, as before
+
+
 def test_no_timestamp_says_there_is_no_signed_repository(
     signed: tuple[Path, Path, Path], server: Nginx, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],

@@ -169,7 +169,9 @@ def _add_ls(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "btrdelta repo ls https://mirror.example/app --key root.pub --json"))
     ls.add_argument("repo", metavar="REPO|URL", type=location,
                     help="repository directory or base URL")
-    ls.add_argument("--key", metavar="ROOT_PUB", help="verify the index (URLs)")
+    ls.add_argument("--key", metavar="ROOT_PUB",
+                    help="verify the signed index and list it as a client sees it (a URL, a "
+                    "mirror's copy, or a publisher's directory instead of its catalog)")
     add_json(ls, "the listing")
     ls.set_defaults(func=run_ls)
 

@@ -105,9 +105,15 @@ def list_repo(location: str, *, key: str | None = None) -> dict[str, Any]:
     from .publish import Repo
 
     repo = Repo(directory)
-    if not repo.catalog_path.exists() and os.path.exists(os.path.join(directory,
-                                                                      "timestamp.json")):
-        return _remote_listing(directory, key=key)  # a mirror's copy: no publisher catalog
+    published = os.path.exists(os.path.join(directory, "timestamp.json"))
+    if published and (key is not None or not repo.catalog_path.exists()):
+        # a mirror's copy (no publisher catalog), or --key: the signed index, verified, as
+        # a client sees it (not the publisher's catalog, which nothing signs)
+        return _remote_listing(directory, key=key)
+    if key is not None and repo.catalog_path.exists():
+        raise BtrdeltaError("--key verifies the signed index, and this repository has none "
+                            "yet (btrdelta repo sign REPO --key ROOT_KEY)",
+                            path=os.fspath(directory))
     if not os.path.isdir(directory):
         raise BtrdeltaError("no such directory" if not os.path.exists(directory)
                             else "not a directory", path=os.fspath(directory))
