@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -161,3 +162,37 @@ def test_a_killed_writers_temporary_registry_is_removed_by_the_next(tmp_path: Pa
     code, err = _receive(_full(tmp_path, "a", uuid.uuid4()), dest)
     assert code == 0, err
     assert sorted(os.listdir(dest)) == [REGISTRY_NAME, "a"]
+
+
+def test_entries_of_replaced_directories_are_dropped(tmp_path: Path) -> None:
+    """A version deleted with ``rm -rf`` and received again under its name left its old
+    entry behind (a benchmark's DEST grew to 276 entries, each read by every ``find``). A
+    registration drops the entries of its name that a newer one replaced: the name holds a
+    directory the newer one owns, or the directory is gone and the newer one came over a
+    minute later. An entry whose directory is just missing stays (a rename to come), and
+    the incremental against the current version still finds its parent."""
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    u = uuid.uuid4()
+    registry = Registry(dest)
+    long_ago = time.time() - 3000
+    for n in range(3):  # earlier receives of "sv" whose directories were deleted since
+        registry.add(RegistryEntry("sv", uuid.uuid4(), 7, received_at=long_ago + n,
+                                   ino=(1 << 40) + n))
+    registry.add(RegistryEntry("gone", uuid.uuid4(), 7, received_at=long_ago, ino=1 << 41))
+    code, err = _receive(_full(tmp_path, "sv", u), dest)  # (registered before its rename)
+    assert code == 0, err
+
+    def entries(name: str) -> list[int]:
+        doc = json.loads((dest / REGISTRY_NAME).read_bytes())
+        return [e["ino"] for e in doc["subvols"] if e["name"] == name]
+
+    assert entries("sv") == [os.stat(dest / "sv").st_ino]
+    assert entries("gone") == [1 << 41]  # no newer entry of its name: kept
+    registry.add(RegistryEntry("sv", uuid.uuid4(), 7, received_at=time.time() - 1,
+                               ino=1 << 42))  # older than the current one, not its directory
+    assert entries("sv") == [os.stat(dest / "sv").st_ino]
+    assert _receive(_full(tmp_path, "other", uuid.uuid4()), dest)[0] == 0
+    assert set(_registered(dest)) == {"sv", "gone", "other"}
+    code, err = _receive(_incremental(tmp_path, "inc", u), dest)
+    assert code == 0, err
