@@ -22,10 +22,12 @@ for cmd in "${!need[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("${need[$cmd]}")
 done
 # `btrdelta image mount` (mfusepy, ctypes) loads libfuse 2 or 3 at run time: check the files
+# (the tests drive both). Their packages are named by release: Debian 12 libfuse2 and
+# libfuse3-3 (libfuse3.so.3), Debian 13 libfuse2t64 and libfuse3-4 (libfuse3.so.4): the
+# first name this system's apt has is installed ("a|b" entries, resolved after the update)
 libs=$(/sbin/ldconfig -p)
-for lib in libfuse.so.2:libfuse2 libfuse3.so.3:libfuse3-3; do
-  [[ $libs == *"${lib%%:*} "* ]] || missing+=("${lib#*:}")
-done
+[[ $libs == *"libfuse.so.2 "* ]] || missing+=("libfuse2|libfuse2t64")
+[[ $libs == *"libfuse3.so."[0-9]" "* ]] || missing+=("libfuse3-3|libfuse3-4")
 # python3-venv is needed to make the venv on Debian's own python (the Makefile's PY)
 PY=${PY:-python3}
 if ! "$PY" -c 'import ensurepip' >/dev/null 2>&1; then missing+=(python3-venv); fi
@@ -33,7 +35,9 @@ if ! "$PY" -c 'import ensurepip' >/dev/null 2>&1; then missing+=(python3-venv); 
 # python3-dev only helps Debian's own python (headers under /usr/include)
 command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || missing+=(gcc)
 pyinc=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>/dev/null || true)
-if [ -n "$pyinc" ] && [ ! -f "$pyinc/Python.h" ]; then
+if [ -z "$pyinc" ]; then
+  missing+=(python3-dev)  # no python3 at all (a minimal system): it comes with its headers
+elif [ ! -f "$pyinc/Python.h" ]; then
   case "$pyinc" in /usr/include/*) missing+=(python3-dev) ;; esac
 fi
 # the block-digest accelerator (btrdelta.send._blockhash) inlines xxHash from its header
@@ -43,7 +47,17 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "sysdeps: missing packages ${missing[*]} and not root; install them first" >&2
   exit 1
 fi
-echo "sysdeps: installing ${missing[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+packages=()
+for p in "${missing[@]}"; do
+  if [[ $p != *"|"* ]]; then packages+=("$p"); continue; fi
+  for name in ${p//|/ }; do
+    if apt-cache policy "$name" 2>/dev/null | grep -q 'Candidate: [^(]'; then
+      packages+=("$name"); continue 2
+    fi
+  done
+  packages+=("${p%%|*}")  # (none known: apt-get names the first)
+done
+echo "sysdeps: installing ${packages[*]}" >&2
+apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
