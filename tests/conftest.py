@@ -185,22 +185,61 @@ def run_peak_rss(argv: list[str], env: dict[str, str]) -> tuple[int, str, int]:
 
 
 _NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-_nobody_ok: list[bool] = []
+_nobody_python: list[str] = []
 
 
-def nobody_prefix() -> list[str]:
-    """The prefix that runs a command as user nobody (``setpriv``), once nobody was seen to
-    run this interpreter with btrdelta: a venv made from an interpreter nobody cannot reach
-    (pyenv's under a 0700 /root) failed each such test with exit 127 and a loader error."""
-    if not _nobody_ok:
-        probe = subprocess.run([*_NOBODY, sys.executable, "-c", "import btrdelta"],
-                               capture_output=True, text=True, check=False)
-        if probe.returncode != 0:
-            pytest.fail(f"user nobody cannot run {sys.executable} (exit {probe.returncode}: "
-                        f"{probe.stderr.strip()[-160:]}): make the venv from an interpreter "
-                        "every user can reach (make PY=...)", pytrace=False)
-        _nobody_ok.append(True)
-    return list(_NOBODY)
+def nobody_python() -> list[str]:
+    """The command that runs this venv's Python with btrdelta as user nobody (``setpriv``,
+    then the interpreter: follow it with ``-m btrdelta ...``).
+
+    A clone under a 0700 home (Debian's ``/root``: a fresh machine's root clones there)
+    has a venv nobody cannot reach; nobody then runs a venv of the base interpreter made
+    for the session in a world-readable temporary directory, whose ``.pth`` names hard
+    links (or copies) of this venv's packages and of the sources (removed at exit)."""
+    if not _nobody_python:
+        _nobody_python.append(_reachable_python())
+    return [*_NOBODY, _nobody_python[0]]
+
+
+def _nobody_can_run(python: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*_NOBODY, python, "-c", "import btrdelta, zstandard"],
+                          capture_output=True, text=True, check=False, cwd="/")
+
+
+def _reachable_python() -> str:
+    if _nobody_can_run(sys.executable).returncode == 0:
+        return sys.executable
+    import atexit
+    import shutil
+    import sysconfig
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(prefix="btrdelta-nobody-venv-"))
+    atexit.register(shutil.rmtree, top, True)
+    top.chmod(0o755)
+    base = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([base, "-m", "venv", "--without-pip", str(top / "venv")], check=True)
+    sources = Path(__file__).resolve().parents[1] / "src"
+    paths = []
+    for name, src in (("src", sources), ("site", Path(sysconfig.get_paths()["purelib"]))):
+        dest = top / name
+        if subprocess.run(["cp", "-al", str(src), str(dest)], capture_output=True,
+                          check=False).returncode != 0:
+            shutil.rmtree(dest, ignore_errors=True)
+            subprocess.run(["cp", "-a", str(src), str(dest)], check=True)
+        paths.append(str(dest))
+    site = subprocess.run([str(top / "venv" / "bin" / "python"), "-c",
+                           "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "btrdelta-nobody.pth").write_text("\n".join(paths) + "\n")
+    python = str(top / "venv" / "bin" / "python")
+    probe = _nobody_can_run(python)
+    if probe.returncode != 0:
+        pytest.fail(f"user nobody cannot run {sys.executable} nor a venv beside it "
+                    f"(exit {probe.returncode}: {probe.stderr.strip()[-160:]}): make the "
+                    "venv from an interpreter every user can reach (make PY=...)",
+                    pytrace=False)
+    return python
 
 
 def require_btrfs() -> None:

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from btrdelta.chunk.store import ChunkStore
 from btrdelta.cli import main
 from tests.chunk.images import ImagePair, make_ext4, make_trees
-from tests.conftest import nobody_prefix
+from tests.conftest import nobody_python
 
 
 @pytest.fixture(scope="module")
@@ -337,8 +337,8 @@ def test_compress_never_writes_through_a_planted_symlink(
     assert out.read_bytes() == images.arc1.read_bytes()
 
 
-def _as_nobody(*cmd: str) -> list[str]:
-    return [*nobody_prefix(), *cmd]
+def _as_nobody(*argv: str) -> list[str]:
+    return [*nobody_python(), "-m", "btrdelta", *argv]
 
 
 def test_mount_as_a_user_without_fuse_access_is_one_line(
@@ -359,7 +359,7 @@ def test_mount_as_a_user_without_fuse_access_is_one_line(
             p.chmod(0o755 if p.is_dir() else 0o644)
         (base / "mnt").mkdir()
         proc = subprocess.run(
-            _as_nobody(sys.executable, "-m", "btrdelta", "image", "mount", f"{base}/store/v1",
+            _as_nobody("image", "mount", f"{base}/store/v1",
                        str(base / "mnt")), capture_output=True, text=True, timeout=60, check=False)
         assert proc.returncode == 1, proc.stderr
         assert proc.stderr.count("\n") == 1, proc.stderr

@@ -27,7 +27,7 @@ import pytest
 
 from btrdelta.cli import build_parser
 from btrdelta.errors import exit_codes
-from tests.conftest import committed_streams, nobody_prefix, read_pty
+from tests.conftest import committed_streams, nobody_python, read_pty
 
 STREAM = next(s for s in committed_streams() if ".A." in s.name)  # a full stream
 CODES = {code for code, _ in exit_codes()}
@@ -109,9 +109,7 @@ def _argv(words: tuple[str, ...], parser: argparse.ArgumentParser, value: str,
 
 def run_cli(argv: list[str], *, nobody: bool = False, cwd: Path | None = None,
             stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    cmd = [sys.executable, "-m", "btrdelta", *argv]
-    if nobody:
-        cmd = [*nobody_prefix(), *cmd]
+    cmd = [*(nobody_python() if nobody else [sys.executable]), "-m", "btrdelta", *argv]
     return subprocess.run(cmd, input=stdin, stdin=None if stdin is not None else
                           subprocess.DEVNULL, capture_output=True, timeout=60, cwd=cwd,
                           check=False)

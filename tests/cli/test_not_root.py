@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import nobody_prefix
+from tests.conftest import nobody_python
 
 HINT = "(not running as root: btrfs subvolumes, mounts and the default stores need root)"
 
@@ -34,7 +33,7 @@ def _as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
 
     if os.geteuid() != 0:
         pytest.skip("needs root to become another user")
-    return subprocess.run([*nobody_prefix(), sys.executable, "-m", "btrdelta", *argv],
+    return subprocess.run([*nobody_python(), "-m", "btrdelta", *argv],
                           capture_output=True, text=True, timeout=120, check=False)
 
 

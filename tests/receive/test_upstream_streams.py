@@ -71,7 +71,7 @@ from btrdelta.stream.records import Chmod, End, Mkfile, Subvol, Truncate, Utimes
 from btrdelta.testing.loopfs import run
 from btrdelta.testing.scenarios import kernel_receive, send
 from btrdelta.tree.treesum import diff_manifests, tree_manifest
-from tests.conftest import DATA, btrfs_loop, nobody_prefix, progs_dump, require_btrfs
+from tests.conftest import DATA, btrfs_loop, nobody_python, progs_dump, require_btrfs
 
 from .conftest import Targets, our_receive
 
@@ -81,8 +81,8 @@ _T_016 = 1478650020 * 10**9
 #: the streams' names, in order
 _SNAPS_016 = ["subv-snap1_2", "subv-snap1_3", "subv-snap2_2", "subv-snap2_3"]
 def _cli(*argv: str, stdin: bytes | None = None,
-         prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([*prefix, sys.executable, "-m", "btrdelta", *argv], input=stdin,
+         python: tuple[str, ...] = (sys.executable,)) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([*python, "-m", "btrdelta", *argv], input=stdin,
                           capture_output=True, check=False, timeout=120,
                           env={**os.environ, "TZ": "UTC"})
 
@@ -389,7 +389,7 @@ def test_dump_of_a_stream_another_user_owns(tmp_path: Path) -> None:
         stream = world / "s.stream"
         shutil.copy(DATA / "streams" / "inversion-030.B.v2.stream", stream)
         stream.chmod(0o644)  # root's, readable by all (btrfs/339's chmod a+r)
-        ours = _cli("dump", "-f", str(stream), prefix=tuple(nobody_prefix()))
+        ours = _cli("dump", "-f", str(stream), python=tuple(nobody_python()))
         assert ours.returncode == 0, ours.stderr
         want = (DATA / "streams" / "inversion-030.B.v2.dump").read_bytes()
         assert ours.stdout == want
