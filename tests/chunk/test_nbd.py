@@ -245,7 +245,8 @@ def test_tls_with_client_certificates(
         refused = subprocess.run(["nbdinfo", "--size", plain], capture_output=True, text=True,
                                  timeout=60, check=False)
         assert refused.returncode != 0  # TLS is required
-        assert "TLS" in refused.stderr
+        # (libnbd 1.14 says so; 1.22 only that it got no export size)
+        assert "TLS" in refused.stderr or "export size" in refused.stderr, refused.stderr
         no_cert = subprocess.run(["nbdinfo", "--size", uri], capture_output=True,
                                  text=True, timeout=60, check=False)
         assert no_cert.returncode != 0  # a client certificate is required

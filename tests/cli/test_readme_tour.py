@@ -35,8 +35,8 @@ def _mounted(path: Path) -> bool:
 @pytest.mark.btrfs
 def test_the_tour_runs_as_written(tmp_path: Path) -> None:
     require_btrfs()
-    if not Path("/usr/lib/python3.11/json").is_dir():
-        pytest.skip("the tour's set-up copies /usr/lib/python3.11 (Debian bookworm)")
+    if not list(Path("/usr/lib").glob("python3.1?/json")):
+        pytest.skip("the tour's set-up copies Debian's /usr/lib/python3.1X")
     readme = (ROOT / "README.md").read_text()
     script = _block(readme, "TOUR SET-UP") + _block(readme, "TOUR")
     script = PLACES.sub(lambda m: f"{tmp_path}{m.group(0)}", script)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import sysconfig
 import threading
 import time
 from collections.abc import Iterator
@@ -61,11 +62,15 @@ def rebuilt_edit(data: bytes, rnd: random.Random) -> bytes:
     return bytes(buf)
 
 
+#: the base interpreter's standard library (/usr/lib/python3.X: 3.11 on Debian 12, 3.13 on 13)
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
 def build_release(root: Path) -> None:
     """A small 'release': stdlib modules and a few binaries."""
     (root / "lib").mkdir(parents=True)
     (root / "bin").mkdir()
-    for src in sorted(Path("/usr/lib/python3.11").glob("*.py"))[:120]:
+    for src in sorted(STDLIB.glob("*.py"))[:120]:
         shutil.copy2(src, root / "lib" / src.name)
     for name in ("bash", "zstd", "btrfs"):
         path = shutil.which(name)
