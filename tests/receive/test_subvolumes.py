@@ -577,3 +577,138 @@ def test_a_hook_that_does_not_register_leaves_the_registry_alone(tmp_path: Path)
         assert subs.find(UUID_B) is None
         assert subs.find(UUID_A) == parent
     assert _entries(dest) == ["next", "parent"]
+
+
+class _Ahead:
+    """A pre-commit hook whose entry is written while it runs (``register_ahead``): it
+    waits (up to 30 s) until the registry names the new tree, then does ``then``."""
+
+    register_ahead = True
+
+    def __init__(self, subs: Subvolumes, then: Callable[[], None] = lambda: None) -> None:
+        self.subs = subs
+        self.then = then
+        self.seen: list[tuple[bool, Path | None]] = []
+
+    def __call__(self, pending: PendingSubvol) -> None:
+        deadline = time.monotonic() + 30
+        listed = False
+        while not listed and time.monotonic() < deadline:
+            listed = any(e.name == "next" for e in Registry(self.subs.dest).entries())
+            time.sleep(0.001)
+        self.seen.append((listed, self.subs.find(UUID_B)))
+        self.then()
+
+
+def test_the_entry_is_written_while_the_check_runs(tmp_path: Path) -> None:
+    """On the directory backend a ``pre_commit`` whose ``register_ahead`` is true sees the
+    registry entry of the tree it checks written while it runs (its ``fsync``s off the
+    path); the entry finds nothing until the rename, then the tree under its final name."""
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with Subvolumes(dest, backend="dir") as subs:
+        parent = _parent_subvol(dest, subs)
+        hook = _Ahead(subs)
+        pending = subs.begin(b"next", UUID_B, 9, parent=parent)
+        _write(pending.sandbox, b"os-release", b"v2\n")
+        done = subs.finish(pending, pre_commit=hook)
+        assert hook.seen == [(True, None)]
+        assert subs.find(UUID_B) == done.path == dest / "next"
+        assert (done.path / "os-release").read_bytes() == b"v2\n"
+    assert _entries(dest) == ["next", "parent"]
+    assert not [t for t in threading.enumerate() if t.name == "btrdelta-register"]
+
+
+def test_a_failed_check_takes_the_entry_written_ahead_back(tmp_path: Path) -> None:
+    """A check that fails after the entry was written ahead: the tree is removed, the entry
+    taken back (the registry as before), the parent's entry kept."""
+    dest = tmp_path / "dest"
+    dest.mkdir()
+
+    def fail() -> None:
+        raise ChecksumError("received next does not have its content identity")
+
+    with Subvolumes(dest, backend="dir") as subs:
+        parent = _parent_subvol(dest, subs)
+        hook = _Ahead(subs, fail)
+        pending = subs.begin(b"next", UUID_B, 9, parent=parent)
+        with pytest.raises(ChecksumError):
+            subs.finish(pending, pre_commit=hook)
+        assert hook.seen == [(True, None)]
+        assert [e.name for e in Registry(dest).entries()] == ["parent"]
+        assert subs.find(UUID_A) == parent
+    assert _entries(dest) == ["parent"]
+
+
+def test_a_receiver_killed_during_the_check_leaves_an_entry_that_finds_nothing(
+        tmp_path: Path) -> None:
+    """``kill -9`` (as a power cut) while the check runs, the entry already written ahead:
+    nothing is under the final name, the entry finds nothing, and the next receive of
+    that name sweeps the temporary and is found by its UUID."""
+    import signal
+    import subprocess
+    import sys
+
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with Subvolumes(dest, backend="dir") as subs:
+        parent = _parent_subvol(dest, subs)
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from tests.receive.test_subvolumes import UUID_B, _Ahead, _write\n"
+        "from btrdelta.receive import Subvolumes\n"
+        "dest = Path(sys.argv[1])\n"
+        "with Subvolumes(dest, backend='dir') as subs:\n"
+        "    pending = subs.begin(b'next', UUID_B, 9, parent=dest / 'parent')\n"
+        "    _write(pending.sandbox, b'os-release', b'v2\\n')\n"
+        "    subs.finish(pending, pre_commit=_Ahead(subs, lambda: os.kill(os.getpid(), "
+        "signal.SIGKILL)))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", script, str(dest)], env=env,
+                          capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert "next" in [e.name for e in Registry(dest).entries()]
+    assert not (dest / "next").exists()
+    left = [n for n in _entries(dest) if n != "parent"]
+    assert len(left) == 1
+    assert left[0].startswith(TMP_PREFIX)
+    with Subvolumes(dest, backend="dir") as subs:
+        assert subs.find(UUID_B) is None
+        pending = subs.begin(b"next", UUID_B, 9, parent=parent)
+        _write(pending.sandbox, b"os-release", b"v3\n")
+        done = subs.finish(pending)
+        assert subs.find(UUID_B) == done.path == dest / "next"
+    assert (dest / "next" / "os-release").read_bytes() == b"v3\n"
+    assert _entries(dest) == ["next", "parent"]
+
+
+def test_an_entry_written_ahead_of_a_receive_that_fails_is_taken_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through ``receive()`` a hook whose ``register_ahead`` is true has the entry written
+    from the subvolume's first record on (by the thread ``begin`` started); a record that
+    fails before the end takes it back: the registry as before, nothing left in DEST."""
+    from btrdelta.stream.records import Write
+
+    calls: list[tuple[str, str]] = []
+    add, remove = Registry.add, Registry.remove
+    monkeypatch.setattr(Registry, "add", lambda self, e: (calls.append(("add", e.name)),
+                                                          add(self, e))[1])
+    monkeypatch.setattr(Registry, "remove", lambda self, n, u: (calls.append(("remove", n)),
+                                                                remove(self, n, u))[1])
+
+    class Check:
+        register_ahead = True
+
+        def __call__(self, pending: PendingSubvol) -> None:
+            raise AssertionError("not reached")
+
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    broken = [*FULL[:-1], Write(path=b"no/such/file", offset=0, data=b"x"), FULL[-1]]
+    with pytest.raises(ApplyError):
+        receive(events(broken), dest, pre_commit=Check(), backend="dir")
+    assert calls == [("add", "A"), ("remove", "A")]
+    assert Registry(dest).entries() == []
+    assert _entries(dest) == []
+    assert not [t for t in threading.enumerate() if t.name == "btrdelta-register"]

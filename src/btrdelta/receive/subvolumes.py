@@ -107,7 +107,7 @@ class PendingSubvol:
     """A subvolume being made under its temporary name (see :meth:`Subvolumes.begin`)."""
 
     __slots__ = ("ctransid", "data_bytes", "done", "flag", "name", "parent_path",
-                 "parent_uuid", "path", "records", "sandbox", "tmp", "uuid")
+                 "parent_uuid", "path", "records", "registering", "sandbox", "tmp", "uuid")
 
     def __init__(self, name: bytes, tmp: bytes, path: Path, uuid: UUID, ctransid: int,
                  parent_uuid: UUID | None, parent_path: Path | None) -> None:
@@ -129,6 +129,8 @@ class PendingSubvol:
         self.done = False
         #: the thread that made the snapshot ahead, to set the read-only flag
         self.flag: _ReadOnly | None = None
+        #: its registry entry being written ahead (:meth:`Subvolumes.register_ahead`)
+        self.registering: _Registering | None = None
 
 
 #: what :meth:`Subvolumes.snapshot_ahead` is told: the (final) name, received UUID and
@@ -237,6 +239,41 @@ def _stop_flag(pending: PendingSubvol) -> None:
     flag, pending.flag = pending.flag, None
     if flag is not None:
         flag.end(raising=False)
+
+
+class _Registering:
+    """The registry entry of a directory subvolume written (two ``fsync``s) by a thread of
+    its own while the tree is still filled and checked (:meth:`Subvolumes.register_ahead`):
+    :meth:`result` waits for it before the rename, :meth:`undo` takes it back when
+    anything before the rename failed. Until the rename nothing is under the entry's
+    name, so the entry finds nothing (:mod:`.registry`: the leftover of a receiver killed
+    before its rename)."""
+
+    def __init__(self, subvols: Subvolumes, pending: PendingSubvol, ino: int) -> None:
+        self._pending = pending
+        self._registry: Registry | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(subvols, ino),
+                                        name="btrdelta-register", daemon=True)
+        self._thread.start()
+
+    def _run(self, subvols: Subvolumes, ino: int) -> None:
+        try:
+            self._registry = subvols._register(self._pending, ino)
+        except BaseException as exc:  # raised by result(), in the caller's thread
+            self._error = exc
+
+    def result(self) -> Registry:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._registry is not None
+        return self._registry
+
+    def undo(self) -> None:
+        self._thread.join()
+        if self._registry is not None:
+            self._registry.remove(os.fsdecode(self._pending.name), self._pending.uuid)
 
 
 def _seal(root_fd: int, pending: PendingSubvol, pre_commit: PreCommit | None,
@@ -564,12 +601,33 @@ class Subvolumes:
         pending.sandbox = sandbox
         return pending
 
+    def register_ahead(self, pending: PendingSubvol) -> None:
+        """On the directory backend, start writing ``pending``'s registry entry now, in a
+        thread (:class:`_Registering`), for :meth:`finish` to wait for before the rename
+        (its ``fsync``s overlap the filling and the check instead of following them);
+        taken back if ``pending`` is aborted or detached. Nothing on btrfs or in a dry
+        run."""
+        if self.btrfs or self.dry_run or pending.done or pending.registering is not None:
+            return
+        assert pending.sandbox is not None
+        pending.registering = _Registering(self, pending,
+                                           os.fstat(pending.sandbox.root_fd).st_ino)
+
+    @staticmethod
+    def _unregister(pending: PendingSubvol) -> None:
+        """Take back the entry :meth:`register_ahead` wrote (or is writing)."""
+        ahead, pending.registering = pending.registering, None
+        if ahead is not None:
+            with contextlib.suppress(Exception):  # (what failed is raised by the caller)
+                ahead.undo()
+
     def detach(self, pending: PendingSubvol) -> None:
         """Leave ``pending`` unfinished under its temporary name (closed and unlocked),
         for :meth:`reopen`."""
         if pending.done:
             return
         pending.done = True
+        self._unregister(pending)
         _stop_flag(pending)
         if pending.sandbox is not None:
             pending.sandbox.close()
@@ -594,7 +652,9 @@ class Subvolumes:
         whose ``register`` is false leaves the directory backend's registry alone: a
         tree its caller finds again by itself, by content (``update``'s intermediate
         versions: the entry was 1.2-1.5 ms of two ``fsync``s a hop). In a dry run
-        nothing happens (no hook either).
+        nothing happens (no hook either). One whose ``register_ahead`` is true has the
+        entry written while it runs, if :meth:`register_ahead` did not start it before
+        (taken back if anything before the rename fails).
 
         Raises:
             OSError: a system call failed (or what ``pre_commit`` raised).
@@ -605,6 +665,11 @@ class Subvolumes:
             try:
                 sandbox = pending.sandbox
                 assert sandbox is not None
+                register = not self.btrfs and getattr(pre_commit, "register", True)
+                if not register:
+                    self._unregister(pending)
+                elif getattr(pre_commit, "register_ahead", False):
+                    self.register_ahead(pending)
                 # (the flag's thread starts before before_seal gives other threads work)
                 flag, pending.flag = pending.flag, None
                 if not (self.btrfs and getattr(pre_commit, "while_sealing", False)):
@@ -627,8 +692,12 @@ class Subvolumes:
                 finally:
                     if flag is not None:
                         flag.end(raising=False)
-                registry = None if self.btrfs or not getattr(pre_commit, "register", True) \
-                    else self._register(pending, sandbox.root_fd)
+                if pending.registering is not None:
+                    registry: Registry | None = pending.registering.result()
+                    pending.registering = None  # (taken back below if the rename fails)
+                else:
+                    registry = self._register(pending, os.fstat(sandbox.root_fd).st_ino) \
+                        if register else None
                 sandbox.close()
                 try:
                     rename_noreplace(self._dest_fd, pending.tmp, pending.name)
@@ -637,6 +706,7 @@ class Subvolumes:
                         registry.remove(os.fsdecode(pending.name), pending.uuid)
                     raise
             except BaseException:
+                self._unregister(pending)
                 self.abort(pending)
                 raise
         pending.done = True
@@ -654,7 +724,7 @@ class Subvolumes:
         info = subvol_info(pending.sandbox.root_fd)
         return info.readonly and info.received_uuid == pending.uuid
 
-    def _register(self, pending: PendingSubvol, root_fd: int) -> Registry:
+    def _register(self, pending: PendingSubvol, ino: int) -> Registry:
         """Record ``pending`` in the registry under its final name before the rename gives
         it that name (the rename keeps the inode the entry records): a crash after the
         rename leaves it registered, one before leaves nothing under the final name."""
@@ -662,7 +732,7 @@ class Subvolumes:
 
         registry = Registry(self.dest)
         registry.add(RegistryEntry(os.fsdecode(pending.name), pending.uuid, pending.ctransid,
-                                   pending.parent_uuid, ino=os.fstat(root_fd).st_ino))
+                                   pending.parent_uuid, ino=ino))
         return registry
 
     def sweep(self) -> list[str]:
@@ -707,6 +777,7 @@ class Subvolumes:
         if pending.done:
             return
         pending.done = True
+        self._unregister(pending)
         _stop_flag(pending)
         if pending.sandbox is not None:
             pending.sandbox.close()

@@ -231,10 +231,12 @@ def _receive(
         """The pre-commit check: the content identity of the sealed subvolume; a delta's
         overlay digests start before the seal (:meth:`Changes.start`). It writes nothing, so
         it runs while the read-only flag commits (``while_sealing``); ``register``: see
-        :meth:`~btrdelta.receive.subvolumes.Subvolumes.finish`."""
+        :meth:`~btrdelta.receive.subvolumes.Subvolumes.finish`, which writes the entry
+        while the check runs (``register_ahead``: its two ``fsync``s off the path)."""
 
         while_sealing = True
         register = registered
+        register_ahead = True
 
         def before_seal(self, pending: PendingSubvol) -> None:
             if identity is not None and changes is not None and parent is not None \
