@@ -321,3 +321,34 @@ def test_the_last_intermediate_is_removed_while_the_downloads_are(
     assert [e for e in _entries(dest) if not e.startswith(".btrdelta")] == ["v1", f"v{N}"]
     assert [e for e in _entries(dest) if e.startswith(holdings.HOP_PREFIX)] == []
     assert tree_sum(dest / f"v{N}") == tree_sum(releases[N - 1])
+
+
+def test_an_update_keeps_one_connection_to_its_mirror(
+    signed: tuple[Path, Path], server: Nginx, releases: list[Path], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every update asks for the next root of the chain, which is not there (HTTP 404):
+    its error page is read, so the connection is kept, and the whole path (timestamp,
+    index, bins, three deltas) goes over one connection to nginx (was: one more after
+    each refused request). Oracle: the connections made to nginx's port, and the tree."""
+    import socket
+
+    _, pub = signed
+    dest = tmp_path / "dest"
+    _update(server.url, dest, "--to", "v1", "--key", str(pub))
+    made: list[object] = []
+    connect = socket.socket.connect
+
+    def counted(sock: socket.socket, addr: object) -> None:
+        if isinstance(addr, tuple) and addr[1] == server.port:
+            made.append(addr)
+        connect(sock, addr)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket.socket, "connect", counted)
+    before = len(server.requests())
+    _update(server.url, dest)
+    asked = server.requests()[before:]
+    assert {status for status, _n, _uri in asked} - {200, 206} == {404}
+    assert len(asked) >= 5, asked
+    assert len(made) == 1, asked
+    assert tree_sum(dest / f"v{N}") == tree_sum(releases[N - 1])

@@ -264,6 +264,7 @@ class Mirrors:
                         self.client.stream("GET", full,
                                            headers={"Accept-Encoding": "identity"}) as resp:
                     if resp.status_code != 200:
+                        _drain(resp)
                         raise TransportError(f"HTTP {resp.status_code}", url=full,
                                              status=resp.status_code)
                     chunks, n = [], 0
@@ -397,6 +398,20 @@ def _where(mirror: str, at: str, why: str) -> tuple[str, str]:
     if sep and at.startswith(mirror) and _FILE.fullmatch(name):
         return f"{mirror}/{name}", rest
     return at, why
+
+
+def _drain(resp: httpx.Response, limit: int = 1 << 16) -> None:
+    """Read the body of a refused request (a 404 page: the next root of a chain that did
+    not rotate, asked by every update) so that its connection is kept for the next
+    request, not closed and made again (one more connection, and nginx's accept, before
+    the timestamp); a body over ``limit`` bytes, or one that fails, is dropped with its
+    connection."""
+    n = 0
+    with contextlib.suppress(httpx.HTTPError):
+        for block in resp.iter_raw(1 << 14):
+            n += len(block)
+            if n > limit:
+                return
 
 
 def _file_blake3(path: Path) -> str:
