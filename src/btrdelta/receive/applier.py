@@ -355,9 +355,7 @@ class Applier:
         cur = self.subvols.begin(rec.path, rec.uuid, rec.ctransid, parent_uuid=parent_uuid,
                                  tmp=self.temp_name)
         self._cur = cur
-        if getattr(self.pre_commit, "register_ahead", False) \
-                and getattr(self.pre_commit, "register", True):
-            self.subvols.register_ahead(cur)  # (directories: its fsyncs beside the records)
+        self.subvols.register_ahead(cur, self.pre_commit)  # (its fsyncs beside the records)
         if cur.sandbox is not None:
             self._fast_reset(cur.sandbox.root_fd)
 

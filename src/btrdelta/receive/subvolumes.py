@@ -601,17 +601,30 @@ class Subvolumes:
         pending.sandbox = sandbox
         return pending
 
-    def register_ahead(self, pending: PendingSubvol) -> None:
-        """On the directory backend, start writing ``pending``'s registry entry now, in a
-        thread (:class:`_Registering`), for :meth:`finish` to wait for before the rename
-        (its ``fsync``s overlap the filling and the check instead of following them);
-        taken back if ``pending`` is aborted or detached. Nothing on btrfs or in a dry
-        run."""
-        if self.btrfs or self.dry_run or pending.done or pending.registering is not None:
+    def register_ahead(self, pending: PendingSubvol, pre_commit: PreCommit | None) -> None:
+        """On the directory backend, when ``pre_commit`` (the hook :meth:`finish` will be
+        given) has a true ``register_ahead`` (and no false ``register``), start writing
+        ``pending``'s registry entry now, in a thread (:class:`_Registering`), for
+        :meth:`finish` to wait for before the rename (its ``fsync``s overlap the filling
+        and the check instead of following them); taken back if ``pending`` is aborted or
+        detached. Nothing on btrfs or in a dry run."""
+        if self.btrfs or self.dry_run or pending.done or pending.registering is not None \
+                or not getattr(pre_commit, "register_ahead", False) \
+                or not getattr(pre_commit, "register", True):
             return
         assert pending.sandbox is not None
         pending.registering = _Registering(self, pending,
                                            os.fstat(pending.sandbox.root_fd).st_ino)
+
+    def _entry(self, pending: PendingSubvol, register: bool) -> Registry | None:
+        """``pending``'s registry entry before its rename: the one written ahead (waited
+        for), else written now; none without ``register``."""
+        ahead, pending.registering = pending.registering, None
+        if ahead is not None:
+            return ahead.result()
+        assert pending.sandbox is not None
+        return self._register(pending, os.fstat(pending.sandbox.root_fd).st_ino) \
+            if register else None
 
     @staticmethod
     def _unregister(pending: PendingSubvol) -> None:
@@ -666,10 +679,7 @@ class Subvolumes:
                 sandbox = pending.sandbox
                 assert sandbox is not None
                 register = not self.btrfs and getattr(pre_commit, "register", True)
-                if not register:
-                    self._unregister(pending)
-                elif getattr(pre_commit, "register_ahead", False):
-                    self.register_ahead(pending)
+                self.register_ahead(pending, pre_commit)
                 # (the flag's thread starts before before_seal gives other threads work)
                 flag, pending.flag = pending.flag, None
                 if not (self.btrfs and getattr(pre_commit, "while_sealing", False)):
@@ -692,12 +702,7 @@ class Subvolumes:
                 finally:
                     if flag is not None:
                         flag.end(raising=False)
-                if pending.registering is not None:
-                    registry: Registry | None = pending.registering.result()
-                    pending.registering = None  # (taken back below if the rename fails)
-                else:
-                    registry = self._register(pending, os.fstat(sandbox.root_fd).st_ino) \
-                        if register else None
+                registry = self._entry(pending, register)  # (taken back if the rename fails)
                 sandbox.close()
                 try:
                     rename_noreplace(self._dest_fd, pending.tmp, pending.name)
