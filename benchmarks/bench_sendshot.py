@@ -1,11 +1,18 @@
 """Sendshots vs keeping the old snapshot (``btrfs send -p``), and replication throughput.
 
-Three workloads on a loop-mounted btrfs, each over ``ROUNDS`` rounds of changes to one live
-subvolume (``BTRDELTA_BENCH_ROUNDS``, default 3):
+Four workloads on a loop-mounted btrfs, each over ``ROUNDS`` rounds of changes to one live
+subvolume (``BTRDELTA_BENCH_ROUNDS``, default 3; ``BTRDELTA_BENCH_WORKLOADS``: a comma-separated
+subset of the names below and ``replicate``, default all):
 
 * ``in-place``: a tree of the Debian bookworm files of ``benchmarks.trees.real_pair()``
   changed in place (appends, overwrites in the middle, truncations, renames, hard links,
   deletions, xattrs, punched holes);
+* ``in-place-large``: the same changes to the same files in a tree 7 times as large
+  (beside them :data:`LARGE_COPIES` copies of ``debian-install-new`` of
+  ``benchmarks.trees.debian_install_pair()``: 42,401 inodes, ~800 MB, against 5,965 and
+  110 MiB), which none of the changes touch: the kernel's ``send -p`` costs what changed,
+  and the time of ours beside it says how much of it grows with the tree (issue 15: 3-5x
+  the kernel's here, session 23, against ~2x on the small tree);
 * ``sqlite``: a SQLite database under a write load between rounds;
 * ``rebuilt``: a directory removed and written again with mostly the same content.
 
@@ -64,7 +71,7 @@ from typing import Any
 import xxhash
 from pyfastcdc.cy import FastCDC
 
-from benchmarks.trees import real_pair
+from benchmarks.trees import debian_install_pair, real_pair
 from btrdelta.testing.loopfs import loop_fs
 from btrdelta.testing.loopfs import run as sh
 from btrdelta.tree.treesum import tree_sum
@@ -77,6 +84,9 @@ _SCRIPT = Path(PY).parent / "btrdelta"
 BTRDELTA = [str(_SCRIPT)] if os.access(_SCRIPT, os.X_OK) else [PY, "-m", "btrdelta"]
 ROUNDS = int(os.environ.get("BTRDELTA_BENCH_ROUNDS", "3"))
 WORKDIR = os.environ.get("BTRDELTA_BENCH_WORKDIR")
+#: copies of the Debian tree with packages installed beside the in-place tree's files
+#: (``in-place-large``)
+LARGE_COPIES = 4
 
 
 def _mib(n: float) -> str:
@@ -143,6 +153,13 @@ def _in_place(live: Path, rng: random.Random) -> Callable[[int], None]:
                                check=True)
 
     return change
+
+
+def _in_place_large(live: Path, rng: random.Random) -> Callable[[int], None]:
+    _old, extra = debian_install_pair()
+    for c in range(LARGE_COPIES):
+        sh("cp", "-a", "--reflink=never", str(extra), str(live / f"copy{c}"))
+    return _in_place(live, rng)
 
 
 def _sqlite(live: Path, rng: random.Random) -> Callable[[int], None]:
@@ -361,7 +378,13 @@ def run() -> list[str]:
     # PYTHONDONTWRITEBYTECODE=1 would otherwise compile every module on every run
     subprocess.run([PY, "-m", "compileall", "-q", str(Path(__file__).parents[1] / "src")],
                    stdout=subprocess.DEVNULL, check=False)
-    for name, setup in (("in-place", _in_place), ("sqlite", _sqlite), ("rebuilt", _rebuilt)):
-        _workload(name, setup, out)
-    _replication(out)
+    workloads = {"in-place": _in_place, "in-place-large": _in_place_large, "sqlite": _sqlite,
+                 "rebuilt": _rebuilt}
+    chosen = os.environ.get("BTRDELTA_BENCH_WORKLOADS")
+    names = chosen.split(",") if chosen else [*workloads, "replicate"]
+    for name in names:
+        if name == "replicate":
+            _replication(out)
+        else:
+            _workload(name, workloads[name], out)
     return lines
