@@ -301,6 +301,7 @@ _LAYOUT = {
     "clones-new-files-one-transaction", "many-extents-sparse", "truncate-to-zero",
     "clone-source-c-new-files", "deleted-open-file-168", "tmpfile-orphan-in-snapshot-058",
     "encoded-every-compression-holes", "nocow-clones", "truncate-extend-unaligned",
+    "reflinks-across-subvolumes", "recompressed-same-content", "same-file-clones-unaligned-eof",
 }
 
 #: (name, mount options, the scenarios it applies to or None for all); every variant's

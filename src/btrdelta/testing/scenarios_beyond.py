@@ -431,5 +431,96 @@ BEYOND: list[Scenario] = [
       "mv a/b t; mv c/d a/b; mv c t/c; mv t c; mv e/f/g g; mv e g/e; mv g/e/f g/f;"
       " mv k/1/2/3/4/5/6/7/8/9/10 m/ten;"
       " mv m k/1/2/3/4/5/6/7/8/9/m; mv k/1 one"),
+    # -- session 23 --
+    # many files replaced by directories of their names (some taking the file inside) and
+    # directories replaced by files (some by their only file), in one incremental
+    S("files-to-dirs-and-back",
+      "for i in $(seq 1 40); do echo f$i > f$i; done;"
+      " for i in $(seq 1 20); do mkdir d$i; echo in$i > d$i/in; done; mkdir keep; echo k > keep/f1",
+      "for i in $(seq 1 30); do rm f$i; mkdir f$i; echo new$i > f$i/x; done;"
+      " for i in $(seq 31 40); do mv f$i t; mkdir f$i; mv t f$i/f$i; done;"
+      " for i in $(seq 1 10); do rm -r d$i; echo file$i > d$i; done;"
+      " for i in $(seq 11 20); do mv d$i/in t; rmdir d$i; mv t d$i; done;"
+      " mv keep/f1 f1/f1; rmdir keep; echo k2 > keep"),
+    # a directory renamed to a name its own child or grandchild had: q/q/q's three names
+    # rotated (each takes the name of another), p moved under its child as c/c, s moved
+    # under its grandchild as u
+    S("dir-takes-child-name",
+      "mkdir -p q/q/q p/c/g s/t/u; echo 1 > q/q/q/f; echo 2 > p/c/g/f; echo 3 > s/t/u/f",
+      "mv q/q/q q3; mv q/q q2; mv q q2/q; mv q2 q; mv q3 q/q/q; mv p/c c; mv p c/c;"
+      " mv s/t/u x; mv s x/u"),
+    # owner, mode, times and xattrs changed on inodes that are then unlinked: a file with
+    # a link left elsewhere, one removed whole, a directory, a renamed file whose second
+    # link goes, a symlink replaced
+    S("metadata-then-unlinked",
+      "echo a > f; mkdir d e; ln f d/f-link; echo b > g; echo c > e/h; echo x > h; ln h h2;"
+      " ln -s t sl",
+      "chown 5:6 f; touch -d '2005-05-05' f; setfattr -n user.m -v 1 f; rm f;"
+      " touch -d '2006-06-06' g; chmod 600 g; chown 7 g; rm g;"
+      " touch -d '2007-07-07' e/h e; chown 8 e; rm -r e;"
+      " chmod 640 h; touch -d '2008-08-08' h; mv h h3; rm h2;"
+      " touch -h -d '2009-09-09' sl; chown -h 9 sl; rm sl; ln -s t2 sl"),
+    # the read-only snapshots made writable, changed and read-only again before the sends
+    # (A: the parent then differs from what B was made of), B toggled without a change
+    S("ro-toggled-snapshots",
+      "echo a > f; mkdir d; echo b > d/g; echo keep > k; mkdir e",
+      "echo c >> f; touch n; mkdir e/sub",
+      btrfs_only=True,
+      after="btrfs property set $A ro false; echo changed > $A/d/g; rm $A/k; mkdir $A/added;"
+      " mv $A/e $A/d/e; btrfs property set $A ro true;"
+      " btrfs property set $B ro false; btrfs property set $B ro true"),
+    # extents shared with subvolumes outside the sent one (a sibling subvolume, a nested
+    # one): no clone source holds them, so the kernel writes them
+    S("reflinks-across-subvolumes",
+      'x=../ext-$(basename "$PWD"); btrfs -q subvolume create $x;'
+      " head -c 512K /dev/urandom > $x/big; xfs_io -f -c 'pwrite -S 0x71 0 128K' $x/small;"
+      " cp --reflink=always $x/big f; btrfs -q subvolume create inner;"
+      " head -c 256K /dev/urandom > inner/data; cp --reflink=always inner/data g",
+      'x=../ext-$(basename "$PWD"); xfs_io -c "reflink $x/big 128K 0 128K" g;'
+      ' xfs_io -f -c "reflink $x/small 0 64K 64K" -c "reflink inner/data 0 0 64K" h;'
+      " xfs_io -c 'reflink g 0 512K 256K' f; cp --reflink=always inner/data inner-copy;"
+      " head -c 64K /dev/urandom > $x/more; cp --reflink=always $x/more m",
+      btrfs_only=True),
+    # files recompressed in place (defragment -c: the same content, other extents), files
+    # whose compression property has a level, a property changed between two appends,
+    # a hole punched in a compressed file, an inline extent grown
+    S("recompressed-same-content",
+      "seq 1 40000 > f; seq 2 40000 > g; seq 3 40000 > h; touch p q;"
+      " btrfs property set p compression zstd:15; btrfs property set q compression zlib:9;"
+      " seq 1 30000 > p; seq 5 30000 > q; printf 'inline%.0s' $(seq 1 300) > i",
+      "btrfs filesystem defragment -czstd f; btrfs filesystem defragment -clzo g h;"
+      " btrfs filesystem defragment -czlib p; seq 1 100 >> q;"
+      " btrfs property set q compression lzo; seq 1 100 >> q;"
+      " xfs_io -c 'fpunch 8K 8K' p; printf x >> i",
+      btrfs_only=True),
+    # clones inside one file of ranges ending at its unaligned EOF, past the EOF (growing
+    # it) and of an aligned block to the start
+    S("same-file-clones-unaligned-eof",
+      "head -c 100001 /dev/urandom > f; head -c 5000 /dev/urandom > g;"
+      " head -c 12289 /dev/urandom > h",
+      'xfs_io -c "reflink f 0 204800 100001" f;'
+      ' xfs_io -c "reflink g 0 8192 5000" -c "reflink g 12288 16384 904" g;'
+      ' xfs_io -c "reflink h 8192 0 4096" -c "reflink h 12288 20480 1" h'),
+    # paths made again after their directories went: a/b/c moved out, its ancestors
+    # removed and made again, moved back; x's child moved up to take x's place, a new
+    # directory of the child's name made in it
+    S("rmdir-recreated-same-path",
+      "mkdir -p a/b/c x/y; echo 1 > a/b/c/f; echo 2 > x/y/g",
+      "mv a/b/c c; rm -r a; mkdir -p a/b; mv c a/b/c; echo 3 >> a/b/c/f;"
+      " mv x/y y; rmdir x; mv y x; mkdir x/y"),
+    # 300 files' names shifted by one (each takes the next one's; the last the first's),
+    # and a cycle of 60 directories, each with its file, renamed the same way
+    S("names-shifted-cycles",
+      "for i in $(seq 1 300); do echo $i > f$i; done;"
+      " for i in $(seq 1 60); do mkdir d$i; echo $i > d$i/in; done",
+      "mv f300 tmp; for i in $(seq 299 -1 1); do mv f$i f$((i + 1)); done; mv tmp f1;"
+      " mv d60 tmp; for i in $(seq 59 -1 1); do mv d$i d$((i + 1)); done; mv tmp d1"),
+    # names that change type in a rotation: a file, a directory and a symlink (to the
+    # directory) exchange their names, a directory becomes a symlink to its own old name's
+    # new place, a FIFO a directory, and a directory of one file becomes that file
+    S("types-swap-names",
+      "echo f > a; mkdir b; echo in > b/in; ln -s b c; mkfifo p; mkdir q; echo q > q/only",
+      "mv a t; mv b a; mv c b; mv t c; mv a d; ln -s d a; rm p; mkdir p; mv c p/c;"
+      " mv q/only t; rmdir q; mv t q"),
 ]
 del S
