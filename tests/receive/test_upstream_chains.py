@@ -5,7 +5,9 @@
   was itself received, found by its received UUID: a cascade, as upstream's btrfs/
   send tests relay snapshots between filesystems);
 * a snapshot sent with ``-c`` clone sources from two other subvolumes' snapshots (its
-  files reflinked from both), full and incremental.
+  files reflinked from both), full and incremental; btrdelta's sends of it with ``-c``
+  too, and ``send -p --parent-uuid btrfs -c ...`` received after the kernel's streams
+  (which named the clone sources by our own UUIDs, not btrfs's: refused before).
 
 For each stream: ``btrdelta dump`` == ``btrfs receive --dump``; our receive into btrfs, ext4
 and tmpfs gives ``btrfs receive``'s trees (tree-sum), the kernel's received trees the
@@ -41,7 +43,7 @@ from btrdelta.testing.scenarios import send as kernel_send
 from tests.conftest import btrfs_loop, progs_dump
 from tests.matrix.test_matrix import _compare, _our_dump, _our_receive, _tmpfs, delta_round_trip
 
-pytestmark = [pytest.mark.btrfs, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.btrfs, pytest.mark.timeout(1800)]
 
 #: the chain's steps, run in turn in one live subvolume, a read-only snapshot after each:
 #: a tree made, its ancestors removed and made again, a file turned into a directory that
@@ -153,7 +155,7 @@ def test_chain_of_incrementals_and_its_relay(roots: Roots, tmp_path: Path) -> No
     names, snaps, recorded = [], [], []
     for i, step in enumerate(STEPS):
         _bash(step, vol)
-        run("sync")
+        run("btrfs", "filesystem", "sync", roots.src)
         names.append(f"S{i}")
         snaps.append(roots.src / names[-1])
         run("btrfs", "-q", "subvolume", "snapshot", "-r", vol, snaps[-1])
@@ -183,6 +185,14 @@ def test_chain_of_incrementals_and_its_relay(roots: Roots, tmp_path: Path) -> No
     for i in range(1, len(names)):
         # a parent found by its received UUID: level 2's parent is level 1's subvolume
         assert _uuids(level2[i])[1] == _uuids(level1[i - 1])[0]
+    # ... and from the snapshots our receive made on btrfs (their received UUIDs ours)
+    relay = roots.kernel3 / "relay-of-ours"
+    relay.mkdir()
+    mine = [roots.btrfs / "level1" / n for n in names]
+    for s, p in zip(mine, [None, *mine[:-1]], strict=True):
+        kernel_receive(kernel_send(s, out2 / f"ours-{s.name}", parent=p), relay)
+    problems += [p for n, s in zip(names, snaps, strict=True)
+                 for p in _same(f"kernel relay of our {n}", s, relay / n)]
     for key in ours:
         ours[key] = getattr(roots, key) / "level2"
         ours[key].mkdir()
@@ -239,18 +249,18 @@ def test_clone_sources_from_two_subvolumes(roots: Roots, tmp_path: Path) -> None
                                " 'pwrite -S 0x79 0 192K' y2")):
         run("btrfs", "-q", "subvolume", "create", src / f"live{name}")
         _bash(script, src / f"live{name}")
-        run("sync")
+        run("btrfs", "filesystem", "sync", roots.src)
         run("btrfs", "-q", "subvolume", "snapshot", "-r", src / f"live{name}", src / name)
     vol = src / "clones"
     run("btrfs", "-q", "subvolume", "create", vol)
     _bash("cp --reflink=always ../X/x1 a; xfs_io -f -c 'reflink ../Y/y1 0 0 128K'"
-          " -c 'reflink ../X/x2 0 128K 64K' b; echo own > c", vol)
-    run("sync")
+          " -c 'reflink ../X/x2 0 128K 64K' b; echo own > c; cp --reflink=always ../Y/y2 g", vol)
+    run("btrfs", "filesystem", "sync", src)
     run("btrfs", "-q", "subvolume", "snapshot", "-r", vol, src / "CA")
     _bash("xfs_io -f -c 'reflink ../Y/y2 0 0 192K' -c 'reflink ../X/x1 64K 256K 128K' d;"
           " xfs_io -c 'reflink ../Y/y1 128K 0 128K' a; cp --reflink=always ../X/x2 e;"
           " mkdir dir; mv b dir/b; rm c", vol)
-    run("sync")
+    run("btrfs", "filesystem", "sync", src)
     run("btrfs", "-q", "subvolume", "snapshot", "-r", vol, src / "CB")
     clones = ("-c", str(src / "X"), "-c", str(src / "Y"))
     problems = []
@@ -290,4 +300,33 @@ def test_clone_sources_from_two_subvolumes(roots: Roots, tmp_path: Path) -> None
         problems += _cli_receive(delta, dest)
         problems += _same(f"v{proto} delta applied", kernel / "CB", dest / "CB", holes=proto == 2,
                           props=False)
+    # btrdelta's send of CB from CA and X, Y, all named as btrfs send names them
+    # (--parent-uuid btrfs), received by the kernel after its own streams of X, Y and CA
+    named = tmp_path / "CB.parent-uuid"
+    assert main(["send", "-q", "-p", str(src / "CA"), "--parent-uuid", "btrfs", "-c",
+                 str(src / "X"), "-c", str(src / "Y"), str(src / "CB"), "-o", str(named)]) == 0
+    dest = roots.kernel / "clones-parent-uuid"
+    dest.mkdir()
+    for s in (*streams[:3], named):
+        kernel_receive(s, dest)
+    problems += _same("send -p CA --parent-uuid btrfs -c X -c Y", src / "CB", dest / "CB")
+    # btrdelta's sends of the same: X and Y full, CA full with X and Y as clone sources, CB
+    # from CA with them (which name each source by the UUID our full stream of it names),
+    # received by the kernel
+    dest = roots.kernel / "our-send-clones"
+    dest.mkdir()
+    for name, parent, sources in (("X", None, ()), ("Y", None, ()), ("CA", None, "XY"),
+                                  ("CB", "CA", "XY")):
+        ours_s = tmp_path / f"our-{name}"
+        with open(ours_s, "wb") as f:
+            send_stream(f.write, src / name, parent and src / parent,
+                        clone_sources=[src / c for c in sources])
+        recs = list(StreamReader(io.BytesIO(ours_s.read_bytes())))
+        if sources:  # not vacuous: whole files cloned from the sources (CA: from both)
+            head = recs[0]
+            own = {getattr(head, "uuid", None), getattr(head, "clone_uuid", None)}
+            assert len({r.clone_uuid for r in recs if isinstance(r, Clone)} - own) >= (
+                2 if name == "CA" else 1), name
+        kernel_receive(ours_s, dest)
+        problems += _same(f"our send of {name}", src / name, dest / name)
     assert not problems, "\n".join(problems)

@@ -26,6 +26,7 @@ from .progress import Progress, add_progress_options, progress_wanted
 
 if TYPE_CHECKING:
     import argparse
+    from uuid import UUID
 
     from ..send import SendStats, StreamIds
     from ..update.signed import StreamSigner
@@ -61,7 +62,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "becomes clones (from the parent, from NEW_DIR itself, or from a clone source "
             "given with -c). Subvolume UUIDs are derived from the trees, so the stream for "
             "the next version names this one as its parent, and a clone source is found by "
-            "the receiver that received a full stream of it. With --sign, a detached "
+            "the receiver that received a full stream of it (with --parent-uuid btrfs: "
+            "received from btrfs send). With --sign, a detached "
             "signature over the stream's content is written next to it (see `btrdelta sign`)."
         ),
         epilog=_EPILOG,
@@ -108,7 +110,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--parent-uuid", metavar="UUID[:CTRANSID]|btrfs",
                    help="the UUID (and ctransid) the receiver knows the parent by, e.g. the "
                         "UUID a kernel send of it named; 'btrfs': take it from the parent "
-                        "subvolume as btrfs send does (received UUID, else UUID)")
+                        "subvolume as btrfs send does (received UUID, else UUID), and the -c "
+                        "clone sources' UUIDs too")
     p.add_argument("--sign", metavar="KEY",
                    help="also write a detached Ed25519 signature of the stream (FILE.sig)")
     p.add_argument("--signature", metavar="SIG",
@@ -327,15 +330,9 @@ def _parent_ids(args: argparse.Namespace) -> StreamIds | None:
     if not args.parent:
         raise UsageError("--parent-uuid needs -p PARENT")
     if text == "btrfs":
-        from ..send.live import frozen
-
-        with frozen(args.parent, snapshot=False) as fz:
-            if fz.info is None:
-                raise BtrdeltaError("--parent-uuid btrfs: the parent is not a btrfs subvolume",
-                                    path=args.parent)
-            uuid = fz.stream_uuid
-            assert uuid is not None
-            return StreamIds(parent_uuid=uuid, parent_ctransid=fz.info.ctransid)
+        uuid, ctransid = _btrfs_ids(args.parent, "parent")
+        return StreamIds(parent_uuid=uuid, parent_ctransid=ctransid, clone_ids=tuple(
+            _btrfs_ids(src, "clone source") for src in args.clone_src or ()))
     uuid_text, _, stamp = text.partition(":")
     try:
         return StreamIds(parent_uuid=UUID(uuid_text), parent_ctransid=int(stamp or 0))
@@ -347,6 +344,18 @@ def _tmpdir() -> str | None:
     """Where large temporary files go: $TMPDIR, else /var/tmp (meant for them; /tmp is
     often in memory)."""
     return os.environ.get("TMPDIR") or ("/var/tmp" if os.path.isdir("/var/tmp") else None)
+
+
+def _btrfs_ids(path: str, what: str) -> tuple[UUID, int]:
+    """The UUID and ctransid btrfs send names the subvolume ``path`` by (``--parent-uuid
+    btrfs``): its received UUID, else its UUID."""
+    from ..send.live import frozen
+
+    with frozen(path, snapshot=False) as fz:
+        if fz.info is None or fz.stream_uuid is None:
+            raise BtrdeltaError(f"--parent-uuid btrfs: the {what} is not a btrfs subvolume",
+                                path=path)
+        return fz.stream_uuid, fz.info.ctransid
 
 
 def _send_full(args: argparse.Namespace, version: int, compress: str | None,

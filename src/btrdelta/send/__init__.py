@@ -102,7 +102,8 @@ def send_records(
         name: subvolume name in the stream (default: basename of ``new_dir``).
         on_progress: called with :class:`SendStats` now and then.
         scan: a :class:`TreeScan` of the same trees the caller started already.
-        ids: UUIDs/ctransids to name instead of the derived ones (``--parent-uuid``).
+        ids: UUIDs/ctransids to name instead of the derived ones (``--parent-uuid``; its
+            ``clone_ids``, one per clone source, only in an incremental stream).
         clone_sources: more trees the receiver has (``btrfs send -c``): files found there
             whole are sent as ``CLONE`` from them (the receiver finds them by the UUID a full
             stream of each names).
@@ -133,6 +134,11 @@ def send_records(
         name=name, on_progress=on_progress, scan=scan, ids=ids, clone_sources=clone_sources,
         no_data=no_data, tmpdir=tmpdir,
     )
+    if ids is not None and ids.clone_ids:  # the sources named as the receiver knows them
+        from .._value import replace
+
+        sender.sources = [replace(src, uuid=uuid, ctransid=ctransid) for src, (uuid, ctransid)
+                          in zip(sender.sources, ids.clone_ids, strict=True)]
     yield from sender.records()
 
 

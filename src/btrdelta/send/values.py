@@ -17,12 +17,15 @@ __all__ = ["SendStats", "StreamIds"]
 class StreamIds(Value, frozen=True):
     """UUIDs and ctransids a stream names, when they are not derived from the trees: the
     new subvolume's (a btrfs snapshot's, a record's) and the parent's (what the receiver
-    knows the parent by: a received UUID, a record's stream UUID, ``--parent-uuid``)."""
+    knows the parent by: a received UUID, a record's stream UUID, ``--parent-uuid``), and
+    the clone sources' (``send -c``), in their order, as btrfs send names them (else each
+    source is named by the UUID a full stream of it by btrdelta names)."""
 
     uuid: UUID | None = None
     ctransid: int = 0
     parent_uuid: UUID | None = None
     parent_ctransid: int = 0
+    clone_ids: tuple[tuple[UUID, int], ...] = ()
 
 
 class SendStats(Value):
