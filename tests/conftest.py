@@ -403,6 +403,21 @@ def committed_streams() -> list[Path]:
     return sorted((DATA / "streams").glob("*.stream"))
 
 
+#: the two formats of ``btrfs receive --dump`` (btrdelta.stream.dump): btrfs-progs up to 6.9
+#: (Debian 12's 6.2) and from 6.9.1 (Debian 13's 6.14)
+DUMP_FORMATS = ((6, 2), (6, 14))
+
+
+def committed_dump(stream: Path, progs: tuple[int, ...]) -> bytes:
+    """What btrfs-progs ``progs`` printed for the committed ``stream`` (TZ=UTC): its
+    ``.dump`` (6.2's), or for 6.9.1 and later its ``.dump-6.14`` where the two differ
+    (xattrs, clones, encoded writes; printed by Debian 13's btrfs-progs 6.14)."""
+    newer = stream.with_suffix(".dump-6.14")
+    if progs >= (6, 9, 1) and newer.exists():
+        return newer.read_bytes()
+    return stream.with_suffix(".dump").read_bytes()
+
+
 def progs_dump(path: Path) -> subprocess.CompletedProcess[bytes]:
     """`btrfs receive --dump -f path` (the oracle for dump text)."""
     return subprocess.run(["btrfs", "receive", "--dump", "-f", str(path)], capture_output=True,

@@ -10,9 +10,16 @@ from pathlib import Path
 import pytest
 
 from btrdelta.cli import main
+from btrdelta.cli._common import installed_progs
 from btrdelta.stream import EOF, NEED_DATA, StreamParser, StreamReader, StreamWriter
 from btrdelta.stream.records import End
-from tests.conftest import KernelStream, committed_streams, progs_dump
+from tests.conftest import (
+    DUMP_FORMATS,
+    KernelStream,
+    committed_dump,
+    committed_streams,
+    progs_dump,
+)
 
 # every test runs with the C accelerator and with pure Python (tests/stream/conftest.py)
 pytestmark = [pytest.mark.btrfs, pytest.mark.usefixtures("backend")]
@@ -100,26 +107,30 @@ def test_verify_cli_accepts_every_kernel_stream(kernel_streams: list[KernelStrea
         assert main(["verify", "-q", "-f", str(ks.path)]) == 0
 
 
+@pytest.mark.parametrize("progs", DUMP_FORMATS, ids=lambda v: ".".join(map(str, v)))
 @pytest.mark.parametrize("path", committed_streams(), ids=lambda p: p.name)
 def test_committed_streams_still_match_their_dump(
-    path: Path, capfdbinary: pytest.CaptureFixture[bytes]
+    path: Path, progs: tuple[int, ...], capfdbinary: pytest.CaptureFixture[bytes]
 ) -> None:
-    # committed kernel streams with the dump progs printed when they were made (TZ=UTC):
-    # checks the codec without root, and the installed progs against the committed text
+    # committed kernel streams with the dump each btrfs-progs printed (TZ=UTC): checks
+    # the codec without root, and both formats against the text the tools printed
     data = path.read_bytes()
     assert _roundtrip(data) == data
-    code, ours = _our_dump(path, capfdbinary)
+    code = main(["dump", "--progs-version", ".".join(map(str, progs)), "-f", str(path)])
     assert code == 0
-    assert ours == path.with_suffix(".dump").read_bytes()
+    assert capfdbinary.readouterr().out == committed_dump(path, progs)
 
 
 def test_progs_agrees_with_committed_dumps() -> None:
-    for path in committed_streams()[:4]:
-        try:
-            ref = progs_dump(path)
-        except FileNotFoundError:
-            pytest.skip("btrfs-progs not installed")
-        assert ref.stdout == path.with_suffix(".dump").read_bytes()
+    """The installed btrfs-progs prints the committed text of its format (and `dump`
+    without --progs-version follows it: test_dump_matches_btrfs_progs)."""
+    version = installed_progs()
+    if version is None:
+        pytest.skip("btrfs-progs not installed")
+    paths = committed_streams()
+    newer = [p for p in paths if p.with_suffix(".dump-6.14").exists()]
+    for path in [*paths[:4], *newer[:4]]:
+        assert progs_dump(path).stdout == committed_dump(path, version), path.name
 
 
 def test_dump_json_lines(kernel_streams: list[KernelStream],
@@ -177,3 +188,11 @@ def test_closed_pipe_is_quiet(tmp_path: Path) -> None:
     assert proc.stderr == b""
     assert len(proc.stdout.splitlines()) == 1
     assert proc.returncode in (0, 141)  # quiet: no traceback, SIGPIPE-style status
+
+
+def test_progs_version_is_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    path = committed_streams()[0]
+    with pytest.raises(SystemExit) as exc:
+        main(["dump", "--progs-version", "latest", "-f", str(path)])
+    assert exc.value.code == 2
+    assert "not a btrfs-progs version: 'latest'" in capsys.readouterr().err

@@ -24,7 +24,7 @@ from btrdelta import _native
 from btrdelta.errors import BtrdeltaError
 from btrdelta.stream import StreamParser, StreamReader, StreamWriter, TextDumper, btrfs_crc32c
 from btrdelta.stream.records import End, Mkfile, Snapshot, Subvol, Utimes, Write
-from tests.conftest import KernelStream, committed_streams
+from tests.conftest import DUMP_FORMATS, KernelStream, committed_dump, committed_streams
 from tests.stream.conftest import c_available
 from tests.stream.test_bad_input import _CORPUS, _OPS, mutate
 from tests.stream.test_codec import records
@@ -55,11 +55,11 @@ def _both(data: bytes, **kw: Any) -> tuple[Any, Any]:
     return _outcome(data, "python", **kw), _outcome(data, "c", **kw)
 
 
-def _dump_both(recs: list[Any]) -> tuple[Any, Any]:
+def _dump_both(recs: list[Any], progs: tuple[int, ...] = (6, 2)) -> tuple[Any, Any]:
     out = []
     for backend in ("python", "c"):
         with _native.use_backend(backend, "speedups"):
-            dumper = TextDumper()
+            dumper = TextDumper(progs)
         try:
             out.append(dumper.render(recs))
         except Exception as exc:  # the same failure, whatever it is (e.g. a time localtime
@@ -88,9 +88,11 @@ def test_backends_agree_on_committed_kernel_streams(path: Any) -> None:
     py, c = _both(data)
     assert not isinstance(py, tuple)
     assert c == py
-    text_py, text_c = _dump_both([e for e in py if not isinstance(e, stream.StreamHeader)])
-    assert text_c == text_py
-    assert text_c.encode("latin-1") == path.with_suffix(".dump").read_bytes()
+    for progs in DUMP_FORMATS:
+        text_py, text_c = _dump_both([e for e in py if not isinstance(e, stream.StreamHeader)],
+                                     progs)
+        assert text_c == text_py
+        assert text_c.encode("latin-1") == committed_dump(path, progs)
 
 
 @pytest.mark.btrfs
@@ -101,8 +103,9 @@ def test_backends_agree_on_every_kernel_stream(kernel_streams: list[KernelStream
         assert not isinstance(py, tuple), ks.name
         assert c == py, ks.name
         recs = [e for e in py if not isinstance(e, stream.StreamHeader)]
-        text_py, text_c = _dump_both(recs)
-        assert text_c == text_py, ks.name
+        for progs in DUMP_FORMATS:
+            text_py, text_c = _dump_both(recs, progs)
+            assert text_c == text_py, ks.name
 
 
 @given(st.integers(0, len(_CORPUS) - 1), _OPS, st.booleans(), st.integers(0, 4096))
@@ -139,9 +142,9 @@ def dump_records(draw: st.DrawFn) -> list[Any]:
     return out
 
 
-@given(dump_records())
-def test_dump_rendering_is_identical(recs: list[Any]) -> None:
-    py, c = _dump_both(recs)
+@given(dump_records(), st.sampled_from(DUMP_FORMATS))
+def test_dump_rendering_is_identical(recs: list[Any], progs: tuple[int, ...]) -> None:
+    py, c = _dump_both(recs, progs)
     assert c == py
 
 

@@ -555,10 +555,31 @@ def sniff_input(f: BinaryIO, name: str, *accept: Kind) -> tuple[Identified, Bina
 # -- printers shared by several commands ------------------------------------------------
 
 
+_installed: list[tuple[int, ...] | None] = []
+
+
+def installed_progs() -> tuple[int, ...] | None:
+    """The version of ``btrfs`` on ``PATH`` (``btrfs --version``, asked once), or None:
+    the ``receive --dump`` format ``dump`` prints by default."""
+    if not _installed:
+        import subprocess
+
+        from ..stream.dump import parse_progs_version
+
+        try:
+            out = subprocess.run(["btrfs", "--version"], capture_output=True, text=True,
+                                 timeout=10, check=False).stdout
+            _installed.append(parse_progs_version(out))
+        except (OSError, ValueError, subprocess.SubprocessError):
+            _installed.append(None)
+    return _installed[0]
+
+
 def dump_stream(f: BinaryIO, name: str, *, as_json: bool = False,
-                all_streams: bool = False) -> None:
+                all_streams: bool = False, progs: tuple[int, ...] | None = None) -> None:
     """Print the stream in ``f`` as ``btrfs receive --dump`` does (or as JSON lines) on
-    standard output (``dump``, ``receive --dump``)."""
+    standard output (``dump``, ``receive --dump``); ``progs``: the btrfs-progs version
+    whose format (default: the installed one's)."""
     from ..stream import StreamReader
     from ..stream.dump import JsonDumpSink, TextDumpSink
     from ..stream.sink import feed
@@ -566,7 +587,8 @@ def dump_stream(f: BinaryIO, name: str, *, as_json: bool = False,
 
     _, f = sniff_input(f, name, Kind.SEND_STREAM)
     out = sys.stdout.buffer
-    sink = JsonDumpSink(out.write) if as_json else TextDumpSink(out.write)
+    sink = JsonDumpSink(out.write) if as_json else \
+        TextDumpSink(out.write, progs=progs or installed_progs())
     with naming_output("standard output"):
         try:
             feed(StreamReader(f, source=name), sink, stop_at_end=not all_streams)

@@ -873,13 +873,16 @@ typedef struct {
     Py_ssize_t prefix_len;
     int pre_nul;      /* the prefix holds a NUL: escaping cuts there, leave it to Python */
     PyObject *times;  /* dict: seconds -> text */
+    int escaping;     /* btrfs-progs >= 6.9.1's dump: xattrs, clones and encoded writes
+                         are rendered by Python (dumper._escaping) */
 } DumpState;
 
 static PyObject *s_path, *s_path_to, *s_path_link, *s_target, *s_name, *s_data, *s_offset,
     *s_length, *s_clone_path, *s_clone_offset, *s_size, *s_mode, *s_rdev, *s_uid, *s_gid,
     *s_atime, *s_mtime, *s_ctime, *s_fileattr, *s_unencoded_file_len, *s_unencoded_len,
     *s_unencoded_offset, *s_compression, *s_encryption, *s_algorithm, *s_block_size,
-    *s_salt, *s_sig, *s__pre, *s_prefix, *s__times, *s__time, *s__render_py;
+    *s_salt, *s_sig, *s__pre, *s_prefix, *s__times, *s__time, *s__render_py,
+    *s__escaping;
 
 static int
 dump_state_load(DumpState *ds)
@@ -1225,6 +1228,9 @@ render_one(Out *o, DumpState *ds, PyObject *rec, int c)
     const char *title = titles[c];
     if (title == NULL || ds->pre_nul)
         return 1;
+    if (ds->escaping && (c == C_SET_XATTR || c == C_REMOVE_XATTR || c == C_CLONE ||
+                         c == C_ENCODED_WRITE))
+        return 1;
     PyObject *path = PyObject_GetAttr(rec, s_path);
     if (path == NULL) {
         PyErr_Clear();
@@ -1318,13 +1324,20 @@ render_dump(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     PyObject *seq = PySequence_Fast(args[0], "records must be iterable");
     if (seq == NULL)
         return NULL;
-    DumpState ds = {args[1], NULL, 0, 0, NULL};
+    DumpState ds = {args[1], NULL, 0, 0, NULL, 0};
     Out o = {NULL, 0, 0};
     PyObject *result = NULL;
     if (dump_state_load(&ds) < 0)
         goto finish;
     ds.times = PyObject_GetAttr(ds.state, s__times);
     if (ds.times == NULL)
+        goto finish;
+    PyObject *escaping = PyObject_GetAttr(ds.state, s__escaping);
+    if (escaping == NULL)
+        goto finish;
+    ds.escaping = PyObject_IsTrue(escaping);
+    Py_DECREF(escaping);
+    if (ds.escaping < 0)
         goto finish;
     if (!PyDict_Check(ds.times)) {
         PyErr_SetString(PyExc_TypeError, "dumper._times must be a dict");
@@ -2032,6 +2045,7 @@ intern_names(void)
     I(s__times, "_times");
     I(s__time, "_time");
     I(s__render_py, "_render_py");
+    I(s__escaping, "_escaping");
     I(s_bytes_attr, "bytes");
 #undef I
     return 0;
@@ -2052,6 +2066,11 @@ PyInit__speedups(void)
 #else
     const char *impl = "table";
 #endif
+    /* render_dump reads dumper._escaping (btrfs-progs >= 6.9.1's dump format) */
+    if (PyModule_AddIntConstant(m, "DUMP_ESCAPING", 1) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     if (PyModule_AddStringConstant(m, "CRC_IMPL", impl) < 0) {
         Py_DECREF(m);
         return NULL;

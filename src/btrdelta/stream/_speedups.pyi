@@ -5,6 +5,7 @@ from typing import Any
 
 #: "sse4.2" (hardware CRC32C, three interleaved streams) or "table" (slicing-by-8)
 CRC_IMPL: str
+DUMP_ESCAPING: int
 
 def configure(
     uuid_cls: type[Any],

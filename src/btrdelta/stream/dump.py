@@ -1,11 +1,14 @@
 """Text and JSON renderings of records.
 
-:class:`TextDumper` reproduces ``btrfs receive --dump`` of btrfs-progs 6.2 byte for byte
-(the version Debian bookworm ships): ``%-16s`` title, the escaped full path, padding to
-column 32 (at least one space), then the command's arguments; see
-``docs/formats/send-stream.md`` for the quirks kept on purpose (raw xattr names and values,
-unescaped clone sources, ``fileattr=0x<decimal>``, commas in ``encoded_write``, local-time
-timestamps). Lines are ``bytes``; non-UTF-8 names pass through unchanged.
+:class:`TextDumper` reproduces ``btrfs receive --dump`` byte for byte: ``%-16s`` title, the
+escaped full path, padding to column 32 (at least one space), then the command's arguments,
+as the btrfs-progs version asked for prints them (the CLI asks the installed one's). Two
+formats:
+btrfs-progs up to 6.9 (Debian 12 ships 6.2) prints xattr names and values raw (``data=``,
+up to a NUL), clone sources unescaped and commas in ``encoded_write``; from 6.9.1 (June
+2024; Debian 13 ships 6.14) it escapes them as paths, drops ``data=`` and the commas. See
+``docs/formats/send-stream.md`` for the quirks kept on purpose (``fileattr=0x<decimal>``,
+local-time timestamps). Lines are ``bytes``; non-UTF-8 names pass through unchanged.
 
 :func:`record_to_json` gives one JSON-serialisable dict per record for ``--json``: paths as
 ``path`` when they are UTF-8, else ``path_b64``.
@@ -53,7 +56,8 @@ from .records import (
     Write,
 )
 
-__all__ = ["JsonDumpSink", "TextDumpSink", "TextDumper", "escape_path", "record_to_json"]
+__all__ = ["ESCAPING", "JsonDumpSink", "TextDumpSink", "TextDumper", "escape_path",
+           "parse_progs_version", "record_to_json"]
 
 PATH_MAX = 4096
 _NS = 1_000_000_000
@@ -77,6 +81,28 @@ def escape_path(path: bytes) -> str:
     return path.decode("latin-1").translate(_TABLE)
 
 
+def _escaped(value: bytes) -> str:
+    """Every byte escaped as progs' ``string_print_escape_special_len`` (NULs too)."""
+    return value.decode("latin-1").translate(_TABLE)
+
+
+#: the first btrfs-progs whose dump escapes xattr names and values and clone sources and
+#: prints encoded writes without commas (its commits 31286d3b and d88acfba)
+ESCAPING = (6, 9, 1)
+
+
+def parse_progs_version(text: str) -> tuple[int, ...]:
+    """``6.2``, ``v6.9.1`` or ``btrfs-progs v6.14`` as a tuple of integers.
+
+    Raises:
+        ValueError: no version in ``text``.
+    """
+    m = re.search(r"(?:^|[\sv])(\d+)\.(\d+)(?:\.(\d+))?", text)
+    if m is None:
+        raise ValueError(f"not a btrfs-progs version: {text!r}")
+    return tuple(int(g) for g in m.groups() if g is not None)
+
+
 def _cstr(value: bytes) -> str:
     """A raw C string as printf ``%s`` prints it: up to the first NUL, bytes unchanged."""
     nul = value.find(b"\0")
@@ -98,13 +124,20 @@ class TextDumper:
     """Renders records as ``btrfs receive --dump`` lines (latin-1 ``str``: bytes 1:1).
 
     State carried between records: the current subvolume prefix (``./<subvol>``), exactly
-    as progs keeps ``full_subvol_path``.
+    as progs keeps ``full_subvol_path``. ``progs``: the btrfs-progs version whose format to
+    print (default: the newest; the CLI passes the installed one's).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, progs: tuple[int, ...] | None = None) -> None:
         self._set_prefix(b".")  # progs: full_subvol_path starts as "."
+        if progs is None:
+            progs = ESCAPING
+        #: btrfs-progs >= 6.9.1's format (the C renderer leaves those commands to Python)
+        self._escaping = progs >= ESCAPING
         # the C renderer (``_speedups.render_dump``) when it is live (btrdelta._native)
         self._c = _native.live("speedups")
+        if self._c is not None and self._escaping and not getattr(self._c, "DUMP_ESCAPING", 0):
+            self._c = None  # (an accelerator built before it knew the format)
         self._times: dict[int, str] = {}
         steps: dict[type[Any], tuple[str, Callable[[Any], str | None] | None]] = {
             Subvol: ("subvol", self._subvol),
@@ -133,6 +166,11 @@ class TextDumper:
             EncodedWrite: ("encoded_write", _encoded_write),
             EnableVerity: ("enable_verity", _enable_verity),
         }
+        if self._escaping:
+            steps.update({SetXattr: ("set_xattr", _set_xattr_escaped),
+                          RemoveXattr: ("remove_xattr", _remove_xattr_escaped),
+                          Clone: ("clone", self._clone_escaped),
+                          EncodedWrite: ("encoded_write", _encoded_write_spaced)})
         self._plan = {cls: (f"{title:<16}", fn) for cls, (title, fn) in steps.items()}
 
     def _set_prefix(self, prefix: bytes) -> None:
@@ -210,6 +248,10 @@ class TextDumper:
         src = self._full(r.clone_path).decode("latin-1")
         return f"offset={r.offset} len={r.length} from={src} clone_offset={r.clone_offset}"
 
+    def _clone_escaped(self, r: Clone) -> str:
+        src = escape_path(self._full(r.clone_path))
+        return f"offset={r.offset} len={r.length} from={src} clone_offset={r.clone_offset}"
+
     def _utimes(self, r: Utimes) -> str:
         times = self._times
         a = times.get(r.atime // _NS) or self._time(r.atime)
@@ -255,6 +297,14 @@ def _remove_xattr(r: RemoveXattr) -> str:
     return f"name={_cstr(r.name)}"
 
 
+def _set_xattr_escaped(r: SetXattr) -> str:
+    return f"name={escape_path(r.name)} {_escaped(r.data)} len={len(r.data)}"
+
+
+def _remove_xattr_escaped(r: RemoveXattr) -> str:
+    return f"name={escape_path(r.name)}"
+
+
 def _write(r: Write) -> str:
     return f"offset={r.offset} len={len(r.data)}"
 
@@ -291,6 +341,14 @@ def _encoded_write(r: EncodedWrite) -> str:
     )
 
 
+def _encoded_write_spaced(r: EncodedWrite) -> str:
+    return (
+        f"offset={r.offset} len={len(r.data)} unencoded_file_len={r.unencoded_file_len}"
+        f" unencoded_len={r.unencoded_len} unencoded_offset={r.unencoded_offset}"
+        f" compression={r.compression} encryption={r.encryption or 0}"
+    )
+
+
 def _enable_verity(r: EnableVerity) -> str:
     return (
         f"algorithm={r.algorithm} block_size={r.block_size} salt_len={len(r.salt)}"
@@ -303,9 +361,10 @@ class TextDumpSink:
     ``write`` (latin-1 bytes), rendering ``batch`` records at a time; :meth:`close` writes
     what is left (after an error too: progs prints what it read before it)."""
 
-    def __init__(self, write: Callable[[bytes], object], batch: int = 4096) -> None:
+    def __init__(self, write: Callable[[bytes], object], batch: int = 4096,
+                 progs: tuple[int, ...] | None = None) -> None:
         self._write = write
-        self._dumper = TextDumper()
+        self._dumper = TextDumper(progs)
         self._recs: list[Record] = []
         self._batch = batch
 
