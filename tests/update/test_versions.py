@@ -663,6 +663,46 @@ def test_repo_ls_over_http_and_timestamp_keys(
     assert "not one the current index lists" in capsys.readouterr().err
 
 
+def test_a_version_a_power_cut_damaged_is_replaced_not_a_strangers(
+    signed: tuple[Path, Path, Path], server: Nginx, releases: list[Path], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """No received tree is synced before its rename (docs/repository.md): a power cut
+    after it can leave DEST/V with lost data, and every later update refused V ("not
+    touching it"), the device stuck. A V this DEST's updates made (its registry entry owns
+    the directory) is now replaced, with one line; a directory a person put under a
+    version's name is still refused untouched; --dry-run says so and changes nothing."""
+    _, pub, _ = signed
+    dest = tmp_path / "d"
+    rc, _, err = _update(server.url, dest, pub, "--to", "v3", capsys=capsys)
+    assert rc == 0, err
+    # what a power cut after the rename can leave: names and sizes, the data gone
+    victim = max((p for p in (dest / "v3").rglob("*") if p.is_file() and not p.is_symlink()),
+                 key=lambda p: p.stat().st_size)
+    with open(victim, "r+b") as f:
+        f.write(bytes(victim.stat().st_size))
+    before = _entries(dest)
+    rc, _, err = _update(server.url, dest, pub, "--to", "v3", "--dry-run", capsys=capsys)
+    assert rc == 0, err
+    assert "is not version 'v3' any more" in err, err
+    assert "would replace it" in err, err
+    assert _entries(dest) == before
+    rc, _, err = _update(server.url, dest, pub, "--to", "v3", capsys=capsys)
+    assert rc == 0, err
+    assert err.count("replacing it") == 1, err
+    assert tree_sum(dest / "v3") == tree_sum(releases[2])
+    rc, _, err = _update(server.url, dest, pub, "--to", "v4", capsys=capsys)  # (swept)
+    assert rc == 0, err
+    assert not [n for n in os.listdir(dest) if "broken" in n]
+    # someone else's directory under a version's name: refused, left as it is
+    (dest / "v5").mkdir()
+    (dest / "v5" / "mine").write_text("mine\n")
+    rc, _, err = _update(server.url, dest, pub, "--to", "v5", capsys=capsys)
+    assert rc == 1
+    assert "not touching it" in err, err
+    assert (dest / "v5" / "mine").read_text() == "mine\n"
+
+
 def test_repo_ls_of_the_publishers_directory_with_key_verifies_it(
     signed: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:

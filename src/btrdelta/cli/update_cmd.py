@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import shlex
+import sys
 from typing import Any
 
 from ..errors import UsageError
@@ -85,6 +86,11 @@ class _Reporter:
         elif kind == "bytes":
             self.done += int(ev["n"])
             self.progress.update(self.done, note=self.hop)
+        elif kind == "replace":  # (said whatever the output: it changes DEST)
+            how = "would replace it" if ev["dry_run"] else "replacing it"
+            print(f"btrdelta update: {ev['path']} is not version {ev['version']!r} any more "
+                  "(an update here made it; a power cut lost its data?): " + how,
+                  file=sys.stderr, flush=True)
         elif kind == "seed":
             self.hop = f"regenerating {ev['version']} as a seed"
             self.progress.update(self.done, note=self.hop)

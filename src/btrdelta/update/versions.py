@@ -46,6 +46,7 @@ from ..chunk.store import ChunkStore
 from ..errors import BtrdeltaError, MissingBaseError
 from ..fs.atomic import write_atomic
 from ..fs.remove import remove_path
+from ..receive.subvolumes import TMP_PREFIX
 from ..repo.metadata import (
     MetaCache,
     Verified,
@@ -346,10 +347,21 @@ def _run(d: _Dest, m: Mirrors, verified: Verified, to: str | None, dry_run: bool
     res.to_download = _missing_bytes(d, m, plan, records, bool(held))
     res.metadata_bytes = m.stats.bytes_received - before
     final = d.dest / names[target - 1]
-    if target not in held and os.path.lexists(final):
+    broken = target not in held and os.path.lexists(final)
+    if broken and not holdings.made_here(d.dest, final):
         raise BtrdeltaError(f"{final} exists and is not version {names[target - 1]!r} "
                             "(its content identity differs); not touching it")
     emit({"event": "plan", **res.to_json()})
+    if broken:
+        # made by an update of this DEST (its registry entry owns the directory), then no
+        # longer the version: data a power cut lost after its rename (no received tree is
+        # synced); replaced (kept, under a name the next run removes, with --dry-run)
+        emit({"event": "replace", "path": str(final), "version": names[target - 1],
+              "dry_run": dry_run})
+        if not dry_run:  # (still a seed of a full's chunks: removed after the last hop)
+            aside = d.dest / f"{TMP_PREFIX}broken-{os.getpid()}"
+            os.rename(final, aside)
+            unverified = {p: aside if path == final else path for p, path in unverified.items()}
     if dry_run or not plan.steps:
         res.path = held[target].root if target in held else None
         return res
@@ -366,6 +378,8 @@ def _run(d: _Dest, m: Mirrors, verified: Verified, to: str | None, dry_run: bool
             beside.remove(start.root.name)  # (the newer one is verified: resumed from)
     assert current is not None
     res.path = current.root
+    if broken:
+        beside.remove(f"{TMP_PREFIX}broken-{os.getpid()}")
     _finish(d, beside)
     emit({"event": "done", "path": str(current.root)})
     heldsums.save(d.state, current)  # the next update does not hash it again
