@@ -12,7 +12,7 @@ from collections.abc import Callable, Container, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from .._value import Value, field
-from .chunker import Chunking, map_file
+from .chunker import Chunking, FileMap, open_map
 
 __all__ = ["SeedMap", "scan_seeds"]
 
@@ -52,18 +52,18 @@ def scan_seeds(
             seed_map.paths.append(seed)
             at: dict[int, bytes] = {}
             seed_map.at.append(at)
-            with map_file(seed) as view:
-                _scan_one(view, k, chunking, wanted, seed_map, pool, on_new, on_progress)
+            with open_map(seed) as fm:
+                _scan_one(fm, k, chunking, wanted, seed_map, pool, on_new, on_progress)
     return seed_map
 
 
 def _scan_one(
-    view: memoryview, k: int, chunking: Chunking, wanted: Container[bytes], seed_map: SeedMap,
+    fm: FileMap, k: int, chunking: Chunking, wanted: Container[bytes], seed_map: SeedMap,
     pool: ThreadPoolExecutor, on_new: Callable[[bytes, memoryview], None] | None,
     on_progress: Callable[[str, int, int], None] | None,
 ) -> None:
     # a function of its own so that no chunk view outlives the map
-    at, where = seed_map.at[k], seed_map.where
+    at, where, view = seed_map.at[k], seed_map.where, fm.view
     for batch in chunking.hash_chunks(view, pool):
         for offset, data, digest in zip(batch.offsets, batch.views, batch.digests, strict=True):
             if digest not in wanted:
@@ -73,5 +73,8 @@ def _scan_one(
                 where[digest] = (k, offset)
                 if on_new is not None:
                     on_new(digest, data)
+        # what is before this batch's end was cut, hashed and looked up: out of the
+        # resident set (a 2 GB seed kept 1.9 GB of it mapped until the scan's end)
+        fm.drop(batch.end)
         if on_progress is not None:
             on_progress("seed", batch.end, len(view))
