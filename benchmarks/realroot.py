@@ -8,10 +8,8 @@ copy of OLD after ``apt-get upgrade`` with bookworm-updates and bookworm-securit
 (months of security updates after the point release) and :data:`MORE` installed: the update a
 real server receives. Cached under ``$BTRDELTA_BENCH_CACHE/realroot-{old,new}``; building
 needs root and the Debian mirror (5-20 min). ``python -m benchmarks.realroot`` builds them;
-with ``BTRDELTA_BENCH_REALROOT=1`` :func:`benchmarks.trees.real_pair` returns them, so
-``BTRDELTA_BENCH_REALROOT=1 python -m benchmarks receive send delta chunk sendshot
-replicate`` runs those benchmarks on them (loop images of 4-8 GB on disk: set
-``BTRDELTA_BENCH_WORKDIR`` to a disk directory, /dev/shm cannot hold them beside the trees).
+``BTRDELTA_BENCH_REALROOT=1 python -m benchmarks realroot`` runs every engine on them
+(:mod:`benchmarks.bench_realroot`).
 """
 
 from __future__ import annotations

@@ -144,13 +144,7 @@ def fallback_pair() -> tuple[Path, Path]:
 
 
 def real_pair() -> tuple[str, Path, Path]:
-    """(name, OLD, NEW): the Debian pair if it can be built here, else the local one; with
-    ``BTRDELTA_BENCH_REALROOT=1``, the server roots of :mod:`benchmarks.realroot` (1.2 GB,
-    47 k files) instead, for every benchmark that takes its trees from here."""
-    if os.environ.get("BTRDELTA_BENCH_REALROOT") == "1":
-        from benchmarks.realroot import realroot_pair
-
-        return ("debian-bookworm-server-realroot", *realroot_pair())
+    """(name, OLD, NEW): the Debian pair if it can be built here, else the local one."""
     try:
         return ("debian-bookworm-minbase-upgrade", *debian_pair())
     except (subprocess.CalledProcessError, FileNotFoundError, PermissionError) as exc:
