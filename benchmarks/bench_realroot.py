@@ -169,6 +169,7 @@ def _images(w: Path, old: Path, new: Path, out: list[str]) -> None:
     finally:
         srv.srv.stop()
     shutil.rmtree(img)
+    shutil.rmtree(www)
 
 
 def _repo(w: Path, src: Path, dst: Path, out: list[str]) -> None:
@@ -190,6 +191,16 @@ def _repo(w: Path, src: Path, dst: Path, out: list[str]) -> None:
     finally:
         srv.srv.stop()
     out.append(f"  v2 equal: {_sum(up / 'v2') == _sum(src / 'B')}")
+    shutil.rmtree(repo.parent)
+
+
+def _clear(mnt: Path) -> None:
+    """Delete what a step received under ``mnt`` (a disk is short of room for all of it)."""
+    for d in mnt.iterdir():
+        for sub in d.iterdir() if d.is_dir() else ():
+            if sub.is_dir() and sub.stat().st_ino == 256:
+                sh("btrfs", "-q", "subvolume", "delete", sub)
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _fill(vol: Path, tree: Path, *, rsync: bool = False) -> None:
@@ -241,7 +252,7 @@ def run() -> list[str]:
     w = Path(tempfile.mkdtemp(prefix="bench-realroot-", dir=base))
     try:
         with loop_fs("btrfs", size="10G", workdir=base) as src, \
-                loop_fs("btrfs", size="12G", workdir=base) as dst, \
+                loop_fs("btrfs", size="8G", workdir=base) as dst, \
                 loop_fs("ext4", size="4G", workdir=base) as ext:
             _fill(src / "vol", old)
             sh("btrfs", "-q", "subvolume", "snapshot", "-r", src / "vol", src / "A")
@@ -254,6 +265,7 @@ def run() -> list[str]:
                          lambda: _repo(w, src, dst, out),
                          lambda: _sendshots(w, src, dst, old, new, out)):
                 step()
+                _clear(dst)
             out.append(f"# load {os.getloadavg()[0]:.1f} at the end")
     finally:
         shutil.rmtree(w, ignore_errors=True)

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from benchmarks.trees import CACHE, MIRROR, SECURITY, _building, _clean_apt, _sh
+from benchmarks.trees import CACHE, MIRROR, SECURITY, _clean_apt, _sh, cached_pair
 
 #: OLD's packages (installed with their dependencies and recommendations into the
 #: ``debootstrap`` of priority important and above)
@@ -40,14 +40,8 @@ _ENV = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/
 
 def realroot_pair() -> tuple[Path, Path]:
     """(OLD, NEW): the bookworm server root before and after its update (cached)."""
-    old, new = CACHE / "realroot-old", CACHE / "realroot-new"
-    done = CACHE / "realroot.done"
-    if done.exists():
-        return old, new
-    with _building():
-        if not done.exists():
-            _build(old, new, done)
-    return old, new
+    return cached_pair(CACHE / "realroot-old", CACHE / "realroot-new",
+                       CACHE / "realroot.done", _build)
 
 
 def _apt(root: Path, *args: str) -> None:

@@ -15,7 +15,7 @@ import os
 import random
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 CACHE = Path(os.environ.get("BTRDELTA_BENCH_CACHE", Path(__file__).parent / ".cache"))
@@ -49,16 +49,21 @@ def _building() -> Iterator[None]:
         yield
 
 
+def cached_pair(old: Path, new: Path, done: Path,
+                build: Callable[[Path, Path, Path], None]) -> tuple[Path, Path]:
+    """(OLD, NEW), made by ``build(old, new, done)`` unless ``done`` says they are (one
+    builder at a time: :func:`_building`; ``build`` writes ``done`` last)."""
+    if not done.exists():
+        with _building():
+            if not done.exists():
+                build(old, new, done)
+    return old, new
+
+
 def debian_pair() -> tuple[Path, Path]:
     """(OLD, NEW): bookworm minbase before and after ``apt-get upgrade`` (cached)."""
-    old, new = CACHE / "debian-old", CACHE / "debian-new"
-    done = CACHE / "debian.done"
-    if done.exists():
-        return old, new
-    with _building():
-        if not done.exists():
-            _build_debian_pair(old, new, done)
-    return old, new
+    return cached_pair(CACHE / "debian-old", CACHE / "debian-new", CACHE / "debian.done",
+                       _build_debian_pair)
 
 
 def _build_debian_pair(old: Path, new: Path, done: Path) -> None:
@@ -90,15 +95,8 @@ def debian_install_pair() -> tuple[Path, Path]:
     """(OLD, NEW): the bookworm minbase root of :func:`debian_pair` (OLD, shared, never
     modified) and a copy of it into which :data:`INSTALL` was installed with ``apt-get
     install --no-install-recommends`` in a chroot (an update that is mostly new files)."""
-    old, _ = debian_pair()
-    new = CACHE / "debian-install-new"
-    done = CACHE / "debian-install.done"
-    if done.exists():
-        return old, new
-    with _building():
-        if not done.exists():
-            _build_install(old, new, done)
-    return old, new
+    return cached_pair(debian_pair()[0], CACHE / "debian-install-new",
+                       CACHE / "debian-install.done", _build_install)
 
 
 def _build_install(old: Path, new: Path, done: Path) -> None:
