@@ -15,6 +15,7 @@ import secrets
 import threading
 from array import array
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,14 +124,7 @@ def pack_stream(
     (the new packs start at its end).
     """
     workers = threads or os.cpu_count() or 1
-    local = threading.local()
-
-    def compress(data: memoryview) -> bytes:
-        cctx = getattr(local, "cctx", None)
-        if cctx is None:
-            cctx = local.cctx = zstandard.ZstdCompressor(level=level, write_content_size=True)
-        return bytes(cctx.compress(data))
-
+    compress = _compressor(level)
     end = packs[-1].base + packs[-1].length if packs else 160
     writer = _PackWriter(repo / "packs", tmp_dir, end, limit)
     res = PackResult(b"")
@@ -140,8 +134,8 @@ def pack_stream(
     pending: deque[tuple[int, bytes, int, Future[bytes], int]] = deque()
     records: list[bytes] = []
 
-    def drain(keep: int) -> None:
-        while len(pending) > keep:
+    def drain(keep: int) -> None:  # (and every chunk compressed already, in order)
+        while len(pending) > keep or (pending and pending[0][3].done()):
             entry, digest, size, fut, _at = pending.popleft()
             blob = fut.result()
             offset = writer.append(blob)
@@ -157,11 +151,7 @@ def pack_stream(
                 ThreadPoolExecutor(2, thread_name_prefix="blake3") as hashers, \
                 ThreadPoolExecutor(1, thread_name_prefix="blake3-whole") as in_order:
             view = fm.view
-            # the whole stream's digest, a batch at a time in order (one call over the
-            # whole view mapped every page of it at once)
-            whole = blake3.blake3()
-            hashing: deque[tuple[int, Future[object]]] = deque()
-            hashed = done = 0
+            whole = _WholeDigest(view, in_order)
             for batch in hash_chunks(view, params, pool=hashers):
                 for at, data, digest in zip(batch.offsets, batch.views, batch.digests,
                                             strict=True):
@@ -182,24 +172,15 @@ def pack_stream(
                             drain(4 * workers)
                     order.append(entry)
                     res.chunks += 1
-                hashing.append((batch.end, in_order.submit(whole.update, view[hashed:batch.end])))
-                hashed = batch.end
-                while hashing and hashing[0][1].done():
-                    done = hashing.popleft()[0]
-                while pending and pending[0][3].done():  # (no new chunk may come for long)
-                    drain(len(pending) - 1)
-                # behind the oldest chunk still being compressed and what the whole digest
-                # has taken: out of the resident set (repo add of a 1.2 GB Debian root's
-                # full kept all of it mapped: 1.17 GB RSS; a page dropped is mapped again
-                # from the page cache if read again)
-                fm.drop(min(pending[0][4] if pending else batch.end, done))
+                whole.upto(batch.end)
+                drain(4 * workers)  # (no new chunk may come for long: a run of repeats)
+                # behind the chunks being compressed and the whole digest: out of the resident
+                # set (a 1.2 GB Debian root's full: 1.17 GB RSS; a page read again maps again)
+                fm.drop(min(pending[0][4] if pending else batch.end, whole.done))
                 del batch
             drain(0)
             writer.close()
             res.stream_size = len(view)
-            for _end, job in hashing:
-                job.result()
-            hashing.clear()
             stream_digest = whole.digest()
     except BaseException:
         writer.abort()
@@ -210,6 +191,44 @@ def pack_stream(
     res.full_index = _full_index(params, res.stream_size, stream_digest, digests, offsets,
                                  comp, raw, order, packs + writer.done)
     return res
+
+
+def _compressor(level: int) -> Callable[[memoryview], bytes]:
+    """zstd at ``level`` with a compressor per thread."""
+    local = threading.local()
+
+    def compress(data: memoryview) -> bytes:
+        cctx = getattr(local, "cctx", None)
+        if cctx is None:
+            cctx = local.cctx = zstandard.ZstdCompressor(level=level, write_content_size=True)
+        return bytes(cctx.compress(data))
+
+    return compress
+
+
+class _WholeDigest:
+    """BLAKE3 of a mapped input, a range at a time in order on a thread of its own (one
+    call over the whole view mapped every page of it at once); :attr:`done`: how far it
+    has hashed."""
+
+    def __init__(self, view: memoryview, pool: ThreadPoolExecutor) -> None:
+        self._view, self._pool, self._hash = view, pool, blake3.blake3()
+        self._jobs: deque[tuple[int, Future[object]]] = deque()
+        self._sent = self.done = 0
+
+    def upto(self, end: int) -> None:
+        """Hash up to offset ``end`` next."""
+        self._jobs.append((end, self._pool.submit(self._hash.update,
+                                                  self._view[self._sent:end])))
+        self._sent = end
+        while self._jobs and self._jobs[0][1].done():
+            self.done = self._jobs.popleft()[0]
+
+    def digest(self) -> bytes:
+        while self._jobs:
+            self._jobs[0][1].result()
+            self.done = self._jobs.popleft()[0]
+        return self._hash.digest()
 
 
 def _full_index(params: ChunkerParams, size: int, digest: bytes, digests: list[bytes],
