@@ -355,7 +355,8 @@ def _run(d: _Dest, m: Mirrors, verified: Verified, to: str | None, dry_run: bool
     if broken:
         # made by an update of this DEST (its registry entry owns the directory), then no
         # longer the version: data a power cut lost after its rename (no received tree is
-        # synced); replaced (kept, under a name the next run removes, with --dry-run)
+        # synced). Moved aside (a run that dies leaves a name the next one's cleanup
+        # removes), made again, removed after the last hop; --dry-run only says so
         emit({"event": "replace", "path": str(final), "version": names[target - 1],
               "dry_run": dry_run})
         if not dry_run:  # (still a seed of a full's chunks: removed after the last hop)
