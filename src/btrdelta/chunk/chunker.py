@@ -267,6 +267,10 @@ class FastCdcChunking(Value, frozen=True):
         return chunk_digest(data)
 
 
+#: bytes read per call by :meth:`FileMap.digest`
+_DIGEST_BLOCK = 8 << 20
+
+
 class FileMap:
     """A regular file or block device mapped read-only (:func:`open_map`).
 
@@ -279,6 +283,27 @@ class FileMap:
         self.fd, self._mm = fd, mm
         self.view = memoryview(mm) if mm is not None else memoryview(b"")
         self._dropped = 0
+
+    def digest(self) -> bytes:
+        """The BLAKE3 of the whole file, read with ``preadv`` beside the map (a pass over the
+        map on its own thread would hold every page it read mapped, the whole input, however
+        far behind it a reader's :meth:`drop` released them).
+
+        Raises:
+            BtrdeltaError: the file shrank while it was read.
+        """
+        h = blake3.blake3()
+        size = len(self.view)
+        buf = memoryview(bytearray(_DIGEST_BLOCK))
+        pos = 0
+        while pos < size:
+            n = os.preadv(self.fd, [buf[:min(_DIGEST_BLOCK, size - pos)]], pos)
+            if n == 0:
+                raise BtrdeltaError(f"the input shrank to {pos} bytes while it was read "
+                                    f"(it had {size})")
+            h.update(buf[:n])
+            pos += n
+        return h.digest()
 
     def drop(self, end: int) -> None:
         """Unmap the pages before offset ``end`` from this process (``MADV_DONTNEED``;

@@ -22,11 +22,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
 
-import blake3
 import zstandard
 
 from .._value import replace
-from ..errors import BtrdeltaError
 from ..trust import PrivateKey
 from .archive import (
     HEADER_SIZE,
@@ -38,15 +36,13 @@ from .archive import (
 )
 from .chunker import ChunkBatch, ChunkerParams, FileMap, hash_chunks, open_map
 
-__all__ = ["DEFAULT_LEVEL", "CompressReport", "compress_image"]
+__all__ = ["DEFAULT_LEVEL", "CompressReport", "compress_image", "thread_compressor"]
 
 #: zstd level: an archive is compressed once and fetched by every device, so a tighter
 #: level pays. On the Debian minbase upgrade pair, level 6 fetches 3% fewer bytes for v2
 #: than level 3 (9: 4%), at ~110 MB/s per core (9: ~75); a 2 GiB image takes ~27 CPU
 #: seconds at 6, ~33 at 9, ~11 at 3.
 DEFAULT_LEVEL = 6
-#: bytes read per call for the whole-image digest
-_DIGEST_BLOCK = 8 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,22 +55,18 @@ class CompressReport:
     compressed_bytes: int
 
 
-def _digest(fd: int, size: int) -> bytes:
-    """The BLAKE3 of the input's ``size`` bytes, read with ``preadv`` beside the map (a
-    pass over the map on its own thread would hold every page it read mapped, the whole
-    input, however far behind it the cut released them)."""
-    h = blake3.blake3()
-    buf = bytearray(_DIGEST_BLOCK)
-    view = memoryview(buf)
-    pos = 0
-    while pos < size:
-        n = os.preadv(fd, [view[:min(_DIGEST_BLOCK, size - pos)]], pos)
-        if n == 0:
-            raise BtrdeltaError(f"the image shrank to {pos} bytes while it was read "
-                                f"(it had {size})")
-        h.update(view[:n])
-        pos += n
-    return h.digest()
+def thread_compressor(level: int) -> Callable[[memoryview], bytes]:
+    """A chunk's zstd frame at ``level`` (its size declared), with a compressor per thread
+    of the pool that calls it."""
+    local = threading.local()
+
+    def compress(data: memoryview) -> bytes:
+        cctx = getattr(local, "cctx", None)
+        if cctx is None:
+            cctx = local.cctx = zstandard.ZstdCompressor(level=level, write_content_size=True)
+        return cctx.compress(data)
+
+    return compress
 
 
 class _ChunkWriter:
@@ -83,22 +75,14 @@ class _ChunkWriter:
     def __init__(self, out: BinaryIO, pool: ThreadPoolExecutor, level: int, workers: int) -> None:
         self.out = out
         self.pool = pool
-        self.level = level
         self.workers = workers
-        self.local = threading.local()
+        self._compress = thread_compressor(level)
         self.seen: dict[bytes, int] = {}
         self.digests: list[bytes] = []
         self.raw_sizes, self.comp_sizes = array("I"), array("I")
         self.offsets, self.order = array("Q"), array("I")
         self.pos = HEADER_SIZE
         self.pending: deque[Future[bytes]] = deque()
-
-    def _compress(self, data: memoryview) -> bytes:
-        cctx = getattr(self.local, "cctx", None)
-        if cctx is None:
-            cctx = self.local.cctx = zstandard.ZstdCompressor(level=self.level,
-                                                              write_content_size=True)
-        return cctx.compress(data)
 
     def drain(self, limit: int = 0) -> None:
         """Write finished frames until at most ``limit`` are pending."""
@@ -171,7 +155,7 @@ def compress_image(
         size = len(fm.view)
         writer = _ChunkWriter(out, pool, level, workers)
         # the whole-image digest: one more pass over the input, on its own thread
-        image_digest = hashers.submit(_digest, fm.fd, size)
+        image_digest = hashers.submit(fm.digest)
         cut_all(fm, writer, hashers)
         writer.drain()
         image_hash = image_digest.result()

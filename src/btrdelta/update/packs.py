@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import os
 import secrets
-import threading
 from array import array
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +30,7 @@ from ..chunk.archive import (
     with_index_digest,
 )
 from ..chunk.chunker import ChunkerParams, chunk_digest, hash_chunks, open_map
+from ..chunk.compress import thread_compressor
 from ..errors import ChecksumError, StreamFormatError
 from ..fs.atomic import fsync_dir
 from ..repo.catalog import CHUNK_RECORD, PackEntry
@@ -124,19 +123,19 @@ def pack_stream(
     (the new packs start at its end).
     """
     workers = threads or os.cpu_count() or 1
-    compress = _compressor(level)
+    compress = thread_compressor(level)
     end = packs[-1].base + packs[-1].length if packs else 160
     writer = _PackWriter(repo / "packs", tmp_dir, end, limit)
     res = PackResult(b"")
     entries: dict[bytes, int] = {}
     digests: list[bytes] = []
     offsets, comp, raw, order = array("Q"), array("I"), array("I"), array("I")
-    pending: deque[tuple[int, bytes, int, Future[bytes], int]] = deque()
+    pending: deque[tuple[int, bytes, int, Future[bytes]]] = deque()
     records: list[bytes] = []
 
-    def drain(keep: int) -> None:  # (and every chunk compressed already, in order)
-        while len(pending) > keep or (pending and pending[0][3].done()):
-            entry, digest, size, fut, _at = pending.popleft()
+    def drain(keep: int) -> None:
+        while len(pending) > keep:
+            entry, digest, size, fut = pending.popleft()
             blob = fut.result()
             offset = writer.append(blob)
             offsets[entry], comp[entry] = offset, len(blob)
@@ -148,13 +147,11 @@ def pack_stream(
     try:
         with open_map(stream) as fm, \
                 ThreadPoolExecutor(workers, thread_name_prefix="zstd") as pool, \
-                ThreadPoolExecutor(2, thread_name_prefix="blake3") as hashers, \
-                ThreadPoolExecutor(1, thread_name_prefix="blake3-whole") as in_order:
+                ThreadPoolExecutor(2, thread_name_prefix="blake3") as hashers:
             view = fm.view
-            whole = _WholeDigest(view, in_order)
+            whole = hashers.submit(fm.digest)  # (read beside the map, not through it)
             for batch in hash_chunks(view, params, pool=hashers):
-                for at, data, digest in zip(batch.offsets, batch.views, batch.digests,
-                                            strict=True):
+                for data, digest in zip(batch.views, batch.digests, strict=True):
                     entry = entries.get(digest)
                     if entry is None:
                         entry = entries[digest] = len(digests)
@@ -168,20 +165,18 @@ def pack_stream(
                             offsets.append(0)
                             comp.append(0)
                             pending.append((entry, digest, len(data),
-                                            pool.submit(compress, data), at))
+                                            pool.submit(compress, data)))
                             drain(4 * workers)
                     order.append(entry)
                     res.chunks += 1
-                whole.upto(batch.end)
-                drain(4 * workers)  # (no new chunk may come for long: a run of repeats)
-                # behind the chunks being compressed and the whole digest: out of the resident
-                # set (a 1.2 GB Debian root's full: 1.17 GB RSS; a page read again maps again)
-                fm.drop(min(pending[0][4] if pending else batch.end, whole.done))
+                # before this batch: out of the resident set, as image compress does (a 1.2 GB
+                # Debian root's full: 1.17 GB RSS; a chunk still compressing maps again)
+                fm.drop(batch.offsets[0])
                 del batch
             drain(0)
             writer.close()
             res.stream_size = len(view)
-            stream_digest = whole.digest()
+            stream_digest = whole.result()
     except BaseException:
         writer.abort()
         raise
@@ -191,44 +186,6 @@ def pack_stream(
     res.full_index = _full_index(params, res.stream_size, stream_digest, digests, offsets,
                                  comp, raw, order, packs + writer.done)
     return res
-
-
-def _compressor(level: int) -> Callable[[memoryview], bytes]:
-    """zstd at ``level`` with a compressor per thread."""
-    local = threading.local()
-
-    def compress(data: memoryview) -> bytes:
-        cctx = getattr(local, "cctx", None)
-        if cctx is None:
-            cctx = local.cctx = zstandard.ZstdCompressor(level=level, write_content_size=True)
-        return bytes(cctx.compress(data))
-
-    return compress
-
-
-class _WholeDigest:
-    """BLAKE3 of a mapped input, a range at a time in order on a thread of its own (one
-    call over the whole view mapped every page of it at once); :attr:`done`: how far it
-    has hashed."""
-
-    def __init__(self, view: memoryview, pool: ThreadPoolExecutor) -> None:
-        self._view, self._pool, self._hash = view, pool, blake3.blake3()
-        self._jobs: deque[tuple[int, Future[object]]] = deque()
-        self._sent = self.done = 0
-
-    def upto(self, end: int) -> None:
-        """Hash up to offset ``end`` next."""
-        self._jobs.append((end, self._pool.submit(self._hash.update,
-                                                  self._view[self._sent:end])))
-        self._sent = end
-        while self._jobs and self._jobs[0][1].done():
-            self.done = self._jobs.popleft()[0]
-
-    def digest(self) -> bytes:
-        while self._jobs:
-            self._jobs[0][1].result()
-            self.done = self._jobs.popleft()[0]
-        return self._hash.digest()
 
 
 def _full_index(params: ChunkerParams, size: int, digest: bytes, digests: list[bytes],
