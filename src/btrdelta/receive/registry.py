@@ -131,6 +131,17 @@ class Registry:
                 return self.dest / entry.name
         return None
 
+    def made(self, name: str) -> bool:
+        """Whether directory ``DEST/name`` is one a receive here made: an entry of its name
+        owns its inode (not a directory someone put there under that name); False where
+        the registry cannot be read."""
+        ino = _ino(self.dest / name)
+        try:
+            return ino is not None and any(e.name == name and e.ino == ino
+                                           for e in self.entries())
+        except (OSError, StreamFormatError):
+            return False
+
     def _valid(self, entry: RegistryEntry, entries: list[RegistryEntry]) -> bool:
         ino = _ino(self.dest / entry.name)
         return ino is not None and _owns(entry, ino, entries)

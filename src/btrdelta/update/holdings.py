@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import stat
 from pathlib import Path
 
-from ..errors import BtrdeltaError
 from ..fs import btrfs as sv
 from ..fs.atomic import pid_alive
 from ..fs.copy import copy_tree
@@ -69,21 +67,6 @@ def remove_entry(dest: Path, name: str) -> None:
         remove_tree(fd, name)  # any depth: a tree that failed its check is untrusted
     finally:
         os.close(fd)
-
-
-def made_here(dest: Path, path: Path) -> bool:
-    """Whether directory ``path`` of a directory DEST is one a receive here made: DEST's
-    registry has an entry of its name that owns its inode (not a directory a person put
-    there under a version's name). A btrfs DEST keeps no registry: False."""
-    from ..receive.registry import Registry
-
-    try:
-        st = os.lstat(path)
-        entries = Registry(dest).entries()
-    except (OSError, BtrdeltaError):
-        return False
-    return stat.S_ISDIR(st.st_mode) and any(
-        e.name == path.name and e.ino == st.st_ino for e in entries)
 
 
 def cleanup(dest: Path) -> None:

@@ -328,6 +328,14 @@ def update(
     return result
 
 
+def _made_here(dest: Path, name: str) -> bool:
+    """:meth:`~..receive.registry.Registry.made` (its module imported on this rare path
+    only: the update's start makes no dataclass)."""
+    from ..receive.registry import Registry
+
+    return Registry(dest).made(name)
+
+
 def _run(d: _Dest, m: Mirrors, verified: Verified, to: str | None, dry_run: bool,
          emit: Event, beside: Beside) -> UpdateResult:
     index = verified.index
@@ -347,8 +355,9 @@ def _run(d: _Dest, m: Mirrors, verified: Verified, to: str | None, dry_run: bool
     res.to_download = _missing_bytes(d, m, plan, records, bool(held))
     res.metadata_bytes = m.stats.bytes_received - before
     final = d.dest / names[target - 1]
+    aside = d.dest / f"{TMP_PREFIX}broken-{os.getpid()}"
     broken = target not in held and os.path.lexists(final)
-    if broken and not holdings.made_here(d.dest, final):
+    if broken and not _made_here(d.dest, final.name):
         raise BtrdeltaError(f"{final} exists and is not version {names[target - 1]!r} "
                             "(its content identity differs); not touching it")
     emit({"event": "plan", **res.to_json()})
@@ -360,7 +369,6 @@ def _run(d: _Dest, m: Mirrors, verified: Verified, to: str | None, dry_run: bool
         emit({"event": "replace", "path": str(final), "version": names[target - 1],
               "dry_run": dry_run})
         if not dry_run:  # (still a seed of a full's chunks: removed after the last hop)
-            aside = d.dest / f"{TMP_PREFIX}broken-{os.getpid()}"
             os.rename(final, aside)
             unverified = {p: aside if path == final else path for p, path in unverified.items()}
     if dry_run or not plan.steps:
@@ -380,7 +388,7 @@ def _run(d: _Dest, m: Mirrors, verified: Verified, to: str | None, dry_run: bool
     assert current is not None
     res.path = current.root
     if broken:
-        beside.remove(f"{TMP_PREFIX}broken-{os.getpid()}")
+        beside.remove(aside.name)
     _finish(d, beside)
     emit({"event": "done", "path": str(current.root)})
     heldsums.save(d.state, current)  # the next update does not hash it again
