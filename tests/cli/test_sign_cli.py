@@ -65,6 +65,19 @@ def test_key_generate_and_show(tmp_path: Path) -> None:
     assert "key generate -o" in help_text
 
 
+def test_key_generate_output_named_like_the_private_key(tmp_path: Path) -> None:
+    """`-o ci.key` (a new user naming the file they want) makes ci.key + ci.pub, not
+    ci.key.key; the pair works: a payload signed with one verifies with the other."""
+    for given in ("ci.key", "ci2.pub"):
+        made = json.loads(run("key", "generate", "-o", tmp_path / given, "--json").stdout)
+        stem = given.split(".")[0]
+        assert made["private_key"] == str(tmp_path / f"{stem}.key")
+        assert made["public_key"] == str(tmp_path / f"{stem}.pub")
+        shown = json.loads(run("key", "show", "--json", tmp_path / f"{stem}.pub").stdout)
+        assert shown["key_id"] == made["key_id"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ci.key", "ci.pub", "ci2.key", "ci2.pub"]
+
+
 def test_send_sign_verify_and_receive(tmp_path: Path, keys: tuple[Path, Path, Path],
                                       trees: tuple[Path, Path]) -> None:
     priv, pub, other = keys

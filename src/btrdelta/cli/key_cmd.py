@@ -51,7 +51,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                         "btrdelta key generate -o release --json"),
     )
     g.add_argument("-o", "--output", required=True, metavar="NAME",
-                   help="write NAME.key and NAME.pub")
+                   help="write NAME.key and NAME.pub (a NAME ending in .key or .pub "
+                        "names the same pair)")
     g.add_argument("--json", action="store_true", help="print the result as JSON")
     add_quiet_option(g)
     g.set_defaults(func=run_generate)
@@ -70,7 +71,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def run_generate(args: argparse.Namespace) -> int:
     """``key generate``."""
     key = generate_key()
-    private, public = f"{args.output}.key", f"{args.output}.pub"
+    stem = args.output.removesuffix(".key").removesuffix(".pub")  # -o release.key: release
+    private, public = f"{stem}.key", f"{stem}.pub"
     save_key_pair(key, private, public)
     kid = key_id(key)
     if args.json:

@@ -323,7 +323,8 @@ def _listen(args: argparse.Namespace) -> int:
                           file=sys.stderr, flush=True)
                 elif not args.quiet:
                     print(f"replicate: {name} ({who[:16]}): {result.outcome}, "
-                          f"{result.received_bytes} bytes received {result.message}".rstrip(),
+                          f"{result.received_bytes} bytes received"
+                          + (f" ({result.message})" if result.message else ""),
                           file=sys.stderr, flush=True)
             except BtrdeltaError as exc:
                 sock.close()
