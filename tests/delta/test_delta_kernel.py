@@ -413,7 +413,7 @@ def test_the_holes_of_a_sparse_old_file_are_not_read(
     (SEEK_DATA/SEEK_HOLE), and the delta is byte for byte the one made when the old file
     is read whole, and expands to the kernel's stream."""
     from btrdelta.delta import oldfiles
-    from btrdelta.fs import copy as fs_copy
+    from btrdelta.fs import content as fs_content
     from tests.conftest import btrfs_loop
 
     mib = 1 << 20
@@ -457,7 +457,7 @@ def test_the_holes_of_a_sparse_old_file_are_not_read(
         before = _rchar()
         assert expand(delta, old) == stream.read_bytes()
         assert _rchar() - before < 8 * mib  # (both files patched: 192 MiB of old content)
-        monkeypatch.setattr(fs_copy, "data_segments", lambda fd, size: [(0, size)])
+        monkeypatch.setattr(fs_content, "data_segments", lambda fd, size: [(0, size)])
         before = _rchar()
         assert make(stream, old)[0] == delta
         assert _rchar() - before > sparse_reads + 150 * mib  # (the holes read this time)

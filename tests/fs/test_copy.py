@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from btrdelta.errors import ApplyError
-from btrdelta.fs.copy import copy_range, copy_tree, data_segments, write_zeros
+from btrdelta.fs.content import data_segments
+from btrdelta.fs.copy import copy_range, copy_tree, write_zeros
 
 _BLOCK = 1 << 16  # larger than any filesystem block: holes are kept as holes
 

@@ -15,7 +15,7 @@ import zstandard
 
 from btrdelta.errors import ApplyError, StreamFormatError
 from btrdelta.fs.btrfs import get_fsflags, set_fsflags
-from btrdelta.fs.copy import data_segments
+from btrdelta.fs.content import data_segments
 from btrdelta.receive import receive
 from btrdelta.stream.records import (
     Chmod,

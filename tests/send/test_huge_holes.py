@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from btrdelta.fs.copy import data_segments
+from btrdelta.fs.content import data_segments
 from btrdelta.tree.treesum import tree_sum
 from tests.conftest import HUGE_PIECES, huge_sparse_tree
 

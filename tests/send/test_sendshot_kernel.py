@@ -281,12 +281,13 @@ def test_a_full_send_hashes_the_files_it_sends_as_it_reads_them(
 #: modules a `send --from-sendshot` of a btrfs snapshot does without (each costs ms of start-up
 #: that `btrfs send -p` does not have): dataclasses (inspect, ast, dis, tokenize), ctypes,
 #: tempfile (shutil, random, bz2, lzma), thread pools, `signal` (its three enums: the CLI
-#: takes `_signal`), and what other commands use
+#: takes `_signal`), the copy module (fs.content has what a send takes of it), and what
+#: other commands use
 _NOT_ON_THE_SEND_PATH = {
     "dataclasses", "inspect", "ast", "dis", "tokenize", "ctypes", "tempfile", "shutil",
     "random", "bz2", "lzma", "concurrent.futures", "textwrap", "json", "pathlib",
     "subprocess", "hashlib", "pyfastcdc", "signal", "crc32c", "btrdelta.update", "btrdelta.receive",
-    "btrdelta.delta", "btrdelta.cli.receive_cmd",
+    "btrdelta.delta", "btrdelta.cli.receive_cmd", "btrdelta.fs.copy", "btrdelta.fs.remove",
 }
 _IMPORTED = ("import sys\nfrom btrdelta.cli import main\ncode = main({argv!r})\n"
              "print(code, sorted(set(sys.modules) & {heavy!r}))")

@@ -203,7 +203,7 @@ def _old_content(
             return None
         segments = [(0, size)]
         if size >= MAP_MIN:
-            from ..fs.copy import data_segments
+            from ..fs.content import data_segments
 
             segments = data_segments(fd, size)
         if mapped and size >= MAP_MIN and segments == [(0, size)] and _frozen(fd):

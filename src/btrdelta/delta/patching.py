@@ -32,7 +32,7 @@ from .. import TYPE_CHECKING, _native
 from .._pool import Pool, Task
 from .._value import Value
 from ..errors import BtrdeltaError, ChecksumError, MissingBaseError, StreamFormatError
-from ..fs.copy import data_segments
+from ..fs.content import data_segments
 from ..fs.sandbox import DirCache, open_regular, open_regular_sized
 from ..stream import records as R
 from ..stream.codec import encode_record

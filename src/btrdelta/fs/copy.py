@@ -1,7 +1,6 @@
-"""Copies and holes, in the kernel (no Python byte loops).
+"""Copies that keep holes, in the kernel (no Python byte loops).
 
-``data_segments`` lists the data (non-hole) ranges of a file with ``SEEK_DATA``/``SEEK_HOLE``
-(send and tree-sum read only those). ``copy_range`` copies a byte range between two files
+``copy_range`` copies a byte range between two files
 with ``copy_file_range`` one data segment at a time and punches holes where the source has
 them, so a CLONE that cannot be a reflink still gives the same hole layout.
 ``copy_tree`` copies a received directory for an incremental stream with
@@ -24,65 +23,16 @@ import stat
 from .. import TYPE_CHECKING
 from ..errors import ApplyError
 from .btrfs import fallocate
+from .content import data_segments
 from .remove import remove_tree
-
-#: xattrs that are not part of a tree, skipped as ``cp -a`` and rsync skip them (libattr's
-#: /etc/xattr.conf): XFS lists to root its own stored form of the POSIX ACLs besides
-#: ``system.posix_acl_*``; anywhere else they would be plain trusted xattrs of no meaning
-NOT_COPIED_XATTRS = frozenset({"trusted.SGI_ACL_FILE", "trusted.SGI_ACL_DEFAULT"})
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-__all__ = ["NOT_COPIED_XATTRS", "copy_range", "copy_tree", "data_segments", "within_source",
-           "write_zeros"]
+__all__ = ["copy_range", "copy_tree", "within_source", "write_zeros"]
 
 _FALLOC_PUNCH = 0x02 | 0x01  # PUNCH_HOLE | KEEP_SIZE
 _ZEROS = bytes(1 << 20)
-
-
-def data_segments(fd: int, size: int) -> list[tuple[int, int]]:
-    """``(offset, length)`` of the data (non-hole) ranges of the open file, below ``size``.
-
-    A file without holes (nearly every file) takes one ``lseek``: the first hole from 0
-    at or after ``size``."""
-    out: list[tuple[int, int]] = []
-    pos = 0
-    if size > 0:
-        try:
-            hole = os.lseek(fd, 0, os.SEEK_HOLE)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # empty
-                return out
-            if exc.errno == errno.EINVAL:  # no SEEK_HOLE support: all data
-                return [(0, size)]
-            raise
-        if hole > 0:  # data from 0 to the first hole
-            pos = min(hole, size)
-            out.append((0, pos))
-    while pos < size:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:
-                break
-            if exc.errno == errno.EINVAL:  # no SEEK_DATA support: all data
-                data = pos
-            else:
-                raise
-        if data >= size:
-            break
-        try:
-            hole = os.lseek(fd, data, os.SEEK_HOLE)
-        except OSError:
-            hole = size
-        hole = min(hole, size)
-        if out and out[-1][0] + out[-1][1] == data:
-            out[-1] = (out[-1][0], hole - out[-1][0])
-        else:
-            out.append((data, hole - data))
-        pos = hole
-    return out
 
 
 def write_zeros(fd: int, offset: int, length: int) -> None:

@@ -52,7 +52,7 @@ from .._optional import need
 from .._value import Value, field
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
-from ..fs.copy import data_segments
+from ..fs.content import data_segments
 from .diff import Compared, compare_files
 from .hashing import _WHOLE, _hash_file, lstat_root, open_dir
 from .onepass import Stopped, content_hasher

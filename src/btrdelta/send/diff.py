@@ -34,7 +34,7 @@ from .._optional import need
 from .._value import Value, field
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
-from ..fs.copy import data_segments
+from ..fs.content import data_segments
 from .scan import ROOT, Node, Tree, open_file, open_to_read
 
 if TYPE_CHECKING:

@@ -47,7 +47,7 @@ from uuid import UUID
 
 from .. import TYPE_CHECKING, _native
 from ..errors import BtrdeltaError
-from ..fs.copy import data_segments
+from ..fs.content import data_segments
 from ..stream.records import (
     Chmod,
     Chown,

@@ -31,7 +31,7 @@ from .. import TYPE_CHECKING
 from .._optional import need
 from ..errors import BtrdeltaError
 from ..fs.btrfs import EXTENT, file_extents, get_fileattr
-from ..fs.copy import data_segments
+from ..fs.content import data_segments
 from ..tree.sendshot import RecordInode
 
 if TYPE_CHECKING:

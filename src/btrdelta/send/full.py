@@ -41,7 +41,7 @@ from .. import TYPE_CHECKING, _native
 from .._optional import need
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
-from ..fs.copy import data_segments
+from ..fs.content import data_segments
 from ..stream.codec import decode_payload, encode_record, encode_stream_header
 from ..stream.reader import StreamReader
 from ..stream.records import (

@@ -25,7 +25,7 @@ from .. import TYPE_CHECKING
 from .._optional import need
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
-from ..fs.copy import data_segments
+from ..fs.content import data_segments
 from ..tree.content import no_zero_block
 from .extents import SEARCH_MIN, extents_of
 from .onepass import BLOCK, BlockHasher, Stopped, content_hasher, digests_of

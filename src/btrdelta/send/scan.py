@@ -48,7 +48,7 @@ from .._optional import need
 from .._value import Value, field, field_names
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
-from ..fs.copy import NOT_COPIED_XATTRS
+from ..fs.content import NOT_COPIED_XATTRS
 from .hashing import (
     ContentHasher,
     block_segments,

@@ -34,7 +34,7 @@ import threading
 
 import blake3
 
-from ..fs.copy import data_segments
+from ..fs.content import data_segments
 
 __all__ = ["BLOCK", "ContentDigest", "Stopped", "content_digest", "file_content_digest",
            "no_zero_block"]

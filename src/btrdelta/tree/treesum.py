@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 
 import blake3
 
-from ..fs.copy import NOT_COPIED_XATTRS, data_segments
+from ..fs.content import NOT_COPIED_XATTRS, data_segments
 from .content import Stopped, file_content_digest
 
 __all__ = ["FORMATS", "Entry", "EntryMaker", "Known", "Reuse", "diff_manifests",
