@@ -20,8 +20,9 @@ all: test
 sysdeps:
 	@PY=$(PY) scripts/sysdeps.sh
 
-#: the C accelerators and the header they share (scripts/gen_constants.py writes it)
-CSRC    := $(wildcard src/btrdelta/*/*.c) src/btrdelta/_constants.h
+#: the C accelerators (and _hugepages.c) and the header they share (scripts/gen_constants.py
+#: writes it)
+CSRC    := $(wildcard src/btrdelta/*.c src/btrdelta/*/*.c) src/btrdelta/_constants.h
 #: send/_blockhash.c needs xxHash's header (the build skips it without): a venv made before
 #: it was installed is built again once (the marker is new then; the header's own time is
 #: its package's)

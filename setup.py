@@ -2,10 +2,11 @@
 
 ``btrdelta.stream._speedups``, ``btrdelta.receive._fastapply``, ``btrdelta.delta._unfold``,
 ``btrdelta.chunk._buzhash``, ``btrdelta.tree._treewalk``, ``btrdelta.tree._columns``,
-``btrdelta.send._blockhash`` and ``btrdelta.fs._sweep`` are optional: without a C compiler
-or Python headers (or, for ``_blockhash``, ``xxhash.h``: Debian's libxxhash-dev) the build
-skips them and btrdelta runs on its pure-Python code paths. They include
-``src/btrdelta/_constants.h``, generated from the Python tables by
+``btrdelta.send._blockhash``, ``btrdelta.fs._sweep`` and ``btrdelta._hugepages`` (not an
+accelerator: a ``send`` process's memory in huge pages, see ``btrdelta._malloc``) are
+optional: without a C compiler or Python headers (or, for ``_blockhash``, ``xxhash.h``:
+Debian's libxxhash-dev) the build skips them and btrdelta runs on its pure-Python code
+paths. They include ``src/btrdelta/_constants.h``, generated from the Python tables by
 ``scripts/gen_constants.py``.
 """
 
@@ -35,6 +36,8 @@ setup(
         Extension("btrdelta.tree._columns", ["src/btrdelta/tree/_columns.c"],
                   extra_compile_args=_FLAGS, **_SHARED),  # type: ignore[arg-type]
         Extension("btrdelta.fs._sweep", ["src/btrdelta/fs/_sweep.c"],
+                  extra_compile_args=_FLAGS, **_SHARED),  # type: ignore[arg-type]
+        Extension("btrdelta._hugepages", ["src/btrdelta/_hugepages.c"],
                   extra_compile_args=_FLAGS, **_SHARED),  # type: ignore[arg-type]
         # xxHash from the system's header (libxxhash-dev), inlined: nothing linked
         Extension("btrdelta.send._blockhash", ["src/btrdelta/send/_blockhash.c"],

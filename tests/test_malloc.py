@@ -94,3 +94,101 @@ def test_a_send_keeps_its_freed_buffers(tmp_path: object,
     (src / "f").write_bytes(b"x" * 5000)
     assert main(["send", str(src), "-o", str(Path(str(tmp_path)) / "s"), "-q"]) == 0
     assert calls == [8 << 20]
+
+
+def _thp_mode() -> str:
+    """The kernel's transparent huge page mode (``always``, ``madvise``, ``never``)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+    except OSError:
+        return "never"
+    return text[text.index("[") + 1:text.index("]")] if "[" in text else "never"
+
+
+# the arenas from a region of 4 MiB (4 of pymalloc's 1 MiB arenas), then ~35 MiB of small
+# objects (the others from mmap, as before), all freed (the region's given back, the others
+# unmapped) and made again (the region's cut again): prints the huge pages' growth while the
+# first objects lived, and whether every object made again holds what it was made with
+_ARENAS = r"""
+import sys
+from btrdelta import _hugepages
+
+def huge():
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("AnonHugePages:")) << 10
+
+before = huge()
+assert _hugepages.arenas(4 << 20)
+assert not _hugepages.arenas(4 << 20)  # once
+keep = [(i, str(i)) for i in range(300_000)]
+grew = huge() - before
+del keep
+keep = [(i, str(i)) for i in range(300_000)]
+print(grew, all(int(s) == i for i, s in keep), len(keep))
+sys._debugmallocstats()
+"""
+
+
+def test_huge_pages_arenas_cut_given_back_and_cut_again() -> None:
+    pytest.importorskip("btrdelta._hugepages")
+    proc = subprocess.run([sys.executable, "-c", _ARENAS], capture_output=True, text=True,
+                          check=True)
+    grew, intact, n = proc.stdout.split()
+    assert intact == "True"
+    assert n == "300000"
+    stats = {k.strip("# "): int(v) for k, v in (line.rsplit("=", 1) for line in
+             proc.stderr.splitlines() if line.startswith("# arenas"))}
+    assert stats["arenas reclaimed"] >= 30  # the first objects' arenas were freed (both kinds)
+    if _thp_mode() != "never":
+        assert int(grew) >= 2 << 20  # the region's arenas in huge pages
+
+
+_HEAP = r"""
+from btrdelta import _hugepages, _malloc
+
+def huge():
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("AnonHugePages:")) << 10
+
+advised = _hugepages.heap(32 << 20)
+_malloc.keep_freed_memory()  # (buffers up to 32 MiB from the heap, as a send has them)
+before = huge()
+buf = bytearray(8 << 20)  # written whole (zeros)
+print(advised, huge() - before)
+"""
+
+
+def test_huge_pages_heap_grows_ahead_in_huge_pages() -> None:
+    pytest.importorskip("btrdelta._hugepages")
+    advised, grew = map(int, subprocess.run([sys.executable, "-c", _HEAP],
+                                            capture_output=True, text=True,
+                                            check=True).stdout.split())
+    assert 28 << 20 <= advised <= 32 << 20  # the next 32 MiB, but the unaligned ends
+    if _thp_mode() != "never":
+        assert grew >= 6 << 20
+
+
+def test_a_send_takes_huge_pages_before_the_cli_s_imports() -> None:
+    """The console entry puts a ``send``'s memory in huge pages (``_HUGE_PAGES``), before
+    the CLI's modules are imported; another command's, or a library caller's, stays as it
+    is."""
+    pytest.importorskip("btrdelta._hugepages")
+    code = ("import atexit, sys\n"
+            "atexit.register(lambda: print(sorted(m for m in sys.modules if m.startswith("
+            "('btrdelta._hugepages', 'btrdelta.cli'))), file=sys.stderr))\n"
+            "from btrdelta import _malloc\n"
+            "took = _malloc.huge_pages\n"
+            "_malloc.huge_pages = lambda: print('cli' in sys.modules, 'btrdelta.cli' in "
+            "sys.modules, took()) or True\n"
+            "sys.argv = ['btrdelta', *sys.argv[1:]]\n"
+            "from btrdelta.__main__ import entry\n"
+            "entry()")
+    for argv, want in ((["--debug", "send", "--help"], "False False True"),
+                       (["dump", "--help"], "")):
+        proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True,
+                              text=True, check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.splitlines()[0] == want if want else \
+            not proc.stdout.startswith(("True", "False"))
+        assert ("btrdelta._hugepages" in proc.stderr) == bool(want)
