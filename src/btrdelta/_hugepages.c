@@ -12,13 +12,12 @@
  *
  * arenas(nbytes) -> bool: reserve nbytes of address space (rounded up to 2 MiB, aligned,
  * MAP_NORESERVE: nothing is used until it is touched), advise it MADV_HUGEPAGE, and make it
- * where pymalloc's arenas come from (PyObject_SetArenaAllocator): arenas of the size
- * pymalloc asks first are cut from it in order; a freed one is given back to the kernel
- * (MADV_DONTNEED, as munmap would) and cut again later; once it is full, and for arenas
- * made before the call, the previous allocator (mmap) is used as before. Call it once,
- * early (every arena made before stays a plain mmap); False if already called or if the
- * kernel has no transparent huge pages (then nothing is changed). pymalloc calls the
- * allocator with the GIL held: no lock here.
+ * where pymalloc's arenas come from (PyObject_SetArenaAllocator): its arenas (1 MiB) are cut
+ * from it in order; a freed one is given back to the kernel (MADV_DONTNEED, as munmap
+ * would) and cut again later; once it is full, and for arenas made before the call, the
+ * previous allocator (mmap) is used as before. Call it once, early (every arena made before
+ * stays a plain mmap); False if already called or if the kernel has no transparent huge
+ * pages (then nothing is changed). pymalloc calls the allocator with the GIL held: no lock.
  *
  * heap(pad) -> int: glibc only (0 elsewhere): make every growth of the heap ask the kernel
  * for pad bytes more than needed (M_TOP_PAD: fewer brk calls; the heap is trimmed to pad
@@ -44,19 +43,19 @@
 #endif
 
 #define HUGE_PAGE ((size_t)2 << 20)
-/* freed arenas kept for reuse, at most (a 64 MiB region holds 64 arenas of 1 MiB) */
+/* pymalloc's ARENA_SIZE on 64-bit CPython 3.10 and later; the allocator is also asked for
+ * the frames' data stack chunks (16 KiB and more): any other size goes to the previous one */
+#define ARENA_SIZE ((size_t)1 << 20)
+/* freed arenas kept for reuse, at most (a 64 MiB region holds 64 arenas) */
 #define MAX_FREED 256
 
 static char *region, *region_next, *region_end;
-static size_t arena_size;
 static void *freed[MAX_FREED];
 static int nfreed;
 static PyObjectArenaAllocator previous;
 
 static void *arena_alloc(void *ctx, size_t size) {
-    if (arena_size == 0 && size >= (size_t)(region_end - region) / MAX_FREED)
-        arena_size = size; /* pymalloc's ARENA_SIZE: every arena it asks for */
-    if (size == arena_size) {
+    if (size == ARENA_SIZE) {
         if (nfreed > 0)
             return freed[--nfreed];
         if ((size_t)(region_end - region_next) >= size) {
