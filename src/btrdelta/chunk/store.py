@@ -253,14 +253,19 @@ class ChunkStore:
         if create:
             os.makedirs(self.root, exist_ok=True)
         path = os.path.join(self.root, _LOCK)
-        flags = os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        flags = os.O_NOFOLLOW | os.O_CLOEXEC
+        if create or os.path.isdir(self.chunks_dir):  # (never a .lock in a directory that
+            flags |= os.O_CREAT                        # is no store: verify, mount of a file)
         try:
             try:
                 fd = os.open(path, flags | os.O_RDWR, 0o644)
             except PermissionError:
                 fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise MissingBaseError("no chunk store here", path=self.root) from None
+            if not os.path.isdir(self.root):
+                raise MissingBaseError("no chunk store here", path=self.root) from None
+            yield  # a directory without chunks or lock: nothing to hold (what is read there
+            return  # says what it is)
         mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
         deadline = time.monotonic() + wait
         try:

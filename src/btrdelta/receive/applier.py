@@ -323,8 +323,8 @@ class Applier:
                               path=getattr(rec, "path", None)) from exc.__cause__
         except OSError as exc:
             op = rec.cmd.name.lower()
-            where = (f" ({os.fsdecode(exc.filename)})"
-                     if exc.filename and op in ("subvol", "snapshot") else "")
+            name = exc.filename if isinstance(exc.filename, str | bytes) else ""  # (not fd's)
+            where = f" ({os.fsdecode(name)})" if name and op in ("subvol", "snapshot") else ""
             raise ApplyError(f"{op} failed: {exc.strerror or exc}{where}", op=op, index=index,
                              command=op, path=getattr(rec, "path", None)) from exc
         except OverflowError as exc:  # a u64 of the stream a system call cannot take

@@ -93,35 +93,60 @@ class Registry:
                 raise
             raise StreamFormatError("invalid subvolume registry: a symlink",
                                     source=str(self.path)) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # (before open(): a directory's fd)
+            os.close(fd)
+            raise StreamFormatError("invalid subvolume registry: not a regular file",
+                                    source=str(self.path))
         with open(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise StreamFormatError("invalid subvolume registry: not a regular file",
-                                        source=str(self.path))
             raw = f.read(_MAX_SIZE + 1)
+        if len(raw) > _MAX_SIZE:
+            raise StreamFormatError("invalid subvolume registry: too large",
+                                    source=str(self.path))
         try:
-            if len(raw) > _MAX_SIZE:
-                raise ValueError("too large")
             doc = json.loads(raw)
-            out = []
-            for item in doc["subvols"]:
-                name = str(item["name"])
-                check_name(os.fsencode(name), "registry entry")
-                parent = item.get("parent_uuid")
-                out.append(
-                    RegistryEntry(
-                        name=name,
-                        uuid=UUID(item["uuid"]),
-                        ctransid=int(item["ctransid"]),
-                        parent_uuid=UUID(parent) if parent else None,
-                        received_at=float(item.get("received_at", 0.0)),
-                        ino=int(item["ino"]) if item.get("ino") is not None else None,
-                    )
-                )
-            return out
-        except (ValueError, KeyError, TypeError, AttributeError, OverflowError,
-                RecursionError) as exc:  # (UUID(5): AttributeError; int(1e999): Overflow)
+        except (ValueError, RecursionError) as exc:  # (json's messages are one line)
             raise StreamFormatError(f"invalid subvolume registry: {exc}",
                                     source=str(self.path)) from exc
+        items = doc.get("subvols") if isinstance(doc, dict) else None
+        if not isinstance(items, list):
+            raise StreamFormatError('invalid subvolume registry: not an object with a '
+                                    '"subvols" list', source=str(self.path))
+        return [self._entry(i, item) for i, item in enumerate(items)]
+
+    def _entry(self, i: int, item: object) -> RegistryEntry:
+        """Entry ``i`` of the file, checked field by field."""
+        field = ""
+        try:
+            if not isinstance(item, dict):
+                raise TypeError("not an object")
+            field = "name"
+            name = item["name"]
+            if not isinstance(name, str):
+                raise TypeError("not a string")
+            check_name(os.fsencode(name), "registry entry")
+            field = "uuid"
+            uuid = UUID(_text(item["uuid"]))
+            field = "ctransid"
+            ctransid = _integer(item["ctransid"])
+            field = "parent_uuid"
+            parent = item.get("parent_uuid")
+            parent_uuid = UUID(_text(parent)) if parent else None
+            field = "received_at"
+            received = item.get("received_at", 0.0)
+            if isinstance(received, bool) or not isinstance(received, int | float):
+                raise TypeError("not a number")
+            field = "ino"
+            ino = item.get("ino")
+            return RegistryEntry(name=name, uuid=uuid, ctransid=ctransid,
+                                 parent_uuid=parent_uuid, received_at=float(received),
+                                 ino=_integer(ino) if ino is not None else None)
+        except KeyError:
+            raise StreamFormatError(f"invalid subvolume registry: entry {i}: no {field!r}",
+                                    source=str(self.path)) from None
+        except (ValueError, TypeError, OverflowError) as exc:
+            where = f"entry {i}, {field}" if field else f"entry {i}"
+            raise StreamFormatError(f"invalid subvolume registry: {where}: {exc}",
+                source=str(self.path)) from exc
 
     def find(self, wanted: UUID) -> Path | None:
         """Directory of the newest valid subvolume received with UUID ``wanted``."""
@@ -242,3 +267,17 @@ def _owns(entry: RegistryEntry, ino: int, entries: list[RegistryEntry]) -> bool:
     if entry.ino is None or entry.ino == ino:
         return True
     return not any(e.name == entry.name and e.ino == ino for e in entries)
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError("not a string")
+    return value
+
+
+def _integer(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError("not an integer")
+    if not 0 <= value < 1 << 64:
+        raise ValueError(f"{value} is out of range")
+    return value

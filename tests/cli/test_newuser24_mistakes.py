@@ -1,0 +1,108 @@
+"""What session 24's new-user trial found, each through the CLI: damaged or misplaced files
+get one line naming what and where and the documented exit code; nothing is made where it
+does not belong."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from btrdelta.cli import main
+from btrdelta.receive.registry import REGISTRY_NAME
+from tests.chunk.images import ImagePair
+
+
+def _err(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "Traceback" not in err, err
+    assert "internal error" not in err, err
+    return err
+
+
+def _listing(top: Path) -> list[str]:
+    return sorted(str(p.relative_to(top)) for p in top.rglob("*"))
+
+
+@pytest.fixture
+def received(tmp_path: Path) -> tuple[Path, Path]:
+    """DEST holding v1 (received from `btrdelta send`'s stream of a plain tree) and the
+    incremental stream v1 -> v2."""
+    v1, v2 = tmp_path / "v1", tmp_path / "v2"
+    for tree, data in ((v1, b"one\n"), (v2, b"two\n")):
+        (tree / "d").mkdir(parents=True)
+        (tree / "d" / "f").write_bytes(data * 1000)
+    assert main(["send", "-q", str(v1), "-o", str(tmp_path / "v1.stream")]) == 0
+    assert main(["send", "-q", "-p", str(v1), str(v2), "-o", str(tmp_path / "v2.stream")]) == 0
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    assert main(["receive", "-q", "-f", str(tmp_path / "v1.stream"), str(dest)]) == 0
+    return dest, tmp_path / "v2.stream"
+
+
+def test_receive_into_dest_whose_registry_is_a_directory(
+        received: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: an incremental receive said 'internal error: TypeError: expected str, bytes
+    or os.PathLike object, not int' (exit 1): the failed open of the registry carried a
+    descriptor, not a name."""
+    dest, stream = received
+    registry = dest / REGISTRY_NAME
+    registry.unlink()
+    registry.mkdir()
+    before = _listing(dest)
+    assert main(["receive", "-f", str(stream), str(dest)]) == 3
+    err = _err(capsys)
+    assert err.startswith(f"btrdelta receive: error: {registry}: "), err
+    assert err.rstrip().endswith("invalid subvolume registry: not a regular file"), err
+    assert _listing(dest) == before
+
+
+@pytest.mark.parametrize(("change", "said"), [
+    (lambda e: e.update(name=7), "entry 0, name: not a string"),
+    (lambda e: e.pop("uuid"), "entry 0: no 'uuid'"),
+    (lambda e: e.update(parent_uuid=1.5), "entry 0, parent_uuid: not a string"),
+    (lambda e: e.update(received_at=None), "entry 0, received_at: not a number"),
+    (lambda e: e.update(ctransid=-1), "entry 0, ctransid: -1 is out of range"),
+], ids=["name", "uuid", "parent_uuid", "received_at", "ctransid"])
+def test_receive_into_dest_whose_registry_entry_is_damaged(
+        received: tuple[Path, Path], capsys: pytest.CaptureFixture[str],
+        change: object, said: str) -> None:
+    """Before: Python's own words ("'uuid'", "'float' object has no attribute 'replace'",
+    "float() argument must be ...") after 'invalid subvolume registry:', or (a number as the
+    name) the entry taken as "7" and the parent reported missing (exit 6)."""
+    dest, stream = received
+    registry = dest / REGISTRY_NAME
+    doc = json.loads(registry.read_bytes())
+    change(doc["subvols"][0])  # type: ignore[operator]
+    registry.write_text(json.dumps(doc))
+    before = _listing(dest)
+    assert main(["receive", "-f", str(stream), str(dest)]) == 3
+    err = _err(capsys)
+    assert err.startswith(f"btrdelta receive: error: {registry}: "), err
+    assert err.rstrip().endswith(f"invalid subvolume registry: {said}"), err
+    assert _listing(dest) == before
+
+
+def test_image_verify_of_an_archive_makes_no_lock_beside_it(
+        image_pair: ImagePair, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: `image verify www/rootfs.bdar` (an archive, not a store's STORE/NAME) and a
+    damaged or foreign file given to it left an empty `.lock` in the archive's directory, a
+    file the web server then served."""
+    www = tmp_path / "www"
+    www.mkdir()
+    shutil.copyfile(image_pair.arc1, www / "rootfs.bdar")
+    (www / "notes.txt").write_text("mine\n")
+    before = _listing(www)
+    assert main(["image", "verify", str(www / "rootfs.bdar")]) == 3
+    assert "a whole chunk archive, not a store's image description" in _err(capsys)
+    assert main(["image", "verify", str(www / "notes.txt")]) == 3
+    assert "archive header truncated" in _err(capsys)
+    assert _listing(www) == before
+    # a store image clone made is still locked as before
+    assert main(["image", "clone", "-q", str(www / "rootfs.bdar"),
+                 str(tmp_path / "store" / "v1")]) == 0
+    assert main(["image", "verify", "-q", str(tmp_path / "store" / "v1")]) == 0
+    assert (tmp_path / "store" / ".lock").is_file()
