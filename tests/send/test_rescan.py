@@ -7,7 +7,6 @@ of the same snapshot."""
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 from collections.abc import Callable, Iterable, Iterator
@@ -17,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from btrdelta._value import replace
 from btrdelta.fs.btrfs import changed_inodes
 from btrdelta.send.record import record_inodes, stamp_generations
 from btrdelta.send.rescan import rescan
@@ -24,7 +24,7 @@ from btrdelta.send.scan import TreeScan
 from btrdelta.send.sendshot import load_base, send_with_sendshots
 from btrdelta.send.store import SendshotStore
 from btrdelta.tree import tree_sum
-from btrdelta.tree.sendshot import RecordInode, RecordReader, write_record
+from btrdelta.tree.sendshot import PATCH, Patch, RecordInode
 from tests.send.conftest import run
 
 pytestmark = pytest.mark.btrfs
@@ -178,8 +178,9 @@ def test_each_kind_of_change(two_fs: tuple[Path, Path], tmp_path: Path) -> None:
 
 def test_patched_record_equals_a_full_scan(two_fs: tuple[Path, Path], tmp_path: Path) -> None:
     """Every kind of change at once: the changed part is small (few directories listed,
-    small trees), and the record made by patching the base with it holds the same inodes as
-    the record of a full scan of the same snapshot (through the encoder and the reader)."""
+    small trees), and the record made by patching the base with it (a patch record, read
+    back with its base) holds the same inodes as the record of a full scan of the same
+    snapshot (through the encoder and the reader)."""
     snd, _rcv = two_fs
     live = snd / "live"
     run("btrfs", "subvolume", "create", live)
@@ -205,9 +206,10 @@ def test_patched_record_equals_a_full_scan(two_fs: tuple[Path, Path], tmp_path: 
     dirs = [n for n in full.new.nodes.values() if n.is_dir]
     assert 0 < changes.listed < len(dirs)
     assert len(changes.new.nodes) < len(full.new.nodes)
-    out = io.BytesIO()
-    write_record(out.write, base.head, changes.record())
-    got = RecordReader(io.BytesIO(out.getvalue())).inodes()
+    # (a patch record of the base: read back with it)
+    patch = changes.record()
+    assert isinstance(patch, Patch)
+    got = store.view(store.save(replace(base.head, version=PATCH, base=base.digest), patch)).rows()
 
     def model(rows: Iterable[RecordInode]) -> dict[int, RecordInode]:
         out = {r.ino: r for r in rows}
@@ -316,7 +318,12 @@ def test_a_damaged_newest_record_is_swept_since_the_older_one(
     store = SendshotStore(tmp_path / "store")
     stream = tmp_path / "s"
     digests = []
-    for i, change in enumerate((lambda: None, lambda: _append(live / "a/f1", b"between"),
+    def between() -> None:  # (and every file of many/: a whole record, not a small patch)
+        _append(live / "a/f1", b"between")
+        for i in range(1500):
+            (live / "many" / f"n{i}").write_bytes(os.urandom(40))
+
+    for i, change in enumerate((lambda: None, between,
                                 lambda: _overwrite(live / "a/f2", 4096, b"later" * 100))):
         change()
         run("sync")

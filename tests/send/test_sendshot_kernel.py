@@ -367,7 +367,8 @@ def test_prune_counts_an_adopted_base_with_the_sends_of_its_source(
 ) -> None:
     """A receiver's copy adopted with ``--source`` is of that source's lineage for
     ``prune`` as for ``send --from-sendshot latest``: ``prune --keep 1`` deletes it once
-    two sends followed. It was grouped apart (no subvolume UUID) and kept forever."""
+    two sends followed (and the second, a patch record of the first, keeps it). It was
+    grouped apart (no subvolume UUID) and kept forever."""
     snd, rcv = two_fs
     store = str(tmp_path / "store")
     live = snd / "live"
@@ -386,8 +387,10 @@ def test_prune_counts_an_adopted_base_with_the_sends_of_its_source(
     ids = [r["id"] for r in json.loads(capsys.readouterr().out)]
     assert len(ids) == 3
     assert main(["sendshot", "--store", store, "--json", "prune", "--keep", "1"]) == 0
-    assert sorted(json.loads(capsys.readouterr().out)["deleted"]) == sorted(ids[:2])
-    assert [s.digest for s in SendshotStore(store).records_list()] == ids[2:]
+    # (C is a patch record of B, a whole one: B is kept with it)
+    assert SendshotStore(store).records_list()[-1].head.base == ids[1]
+    assert sorted(json.loads(capsys.readouterr().out)["deleted"]) == sorted(ids[:1])
+    assert [s.digest for s in SendshotStore(store).records_list()] == ids[1:]
 
 
 def test_a_killed_senders_snapshot_is_deleted_by_the_next_send(two_fs: tuple[Path, Path],

@@ -1,5 +1,6 @@
 """Rounds of incremental sends of a live subvolume against the record of the previous one,
-each record made by patching its base (`btrdelta.send.rescan`, `Columns.patched`): the files
+each record a patch record of its base (`btrdelta.send.rescan`, `btrdelta.tree.chain`; the
+ninth of a chain a whole record made by `Columns.patched`): the files
 opened are only those of inodes the round changed (os.open watched in process), the kernel's
 `btrfs receive` of every stream gives a tree equal to the source (tree-sum), and after each
 round the record carries every unchanged inode over as a full scan of the same snapshot
@@ -22,7 +23,8 @@ from btrdelta.send.store import SendshotStore
 from btrdelta.stream import StreamReader
 from btrdelta.stream.records import Clone
 from btrdelta.tree import tree_sum
-from btrdelta.tree.sendshot import RecordInode
+from btrdelta.tree.chain import MAX_DEPTH
+from btrdelta.tree.sendshot import PATCH, RecordInode
 from tests.send.conftest import run
 from tests.send.test_rescan import _watched
 
@@ -88,7 +90,8 @@ def test_rounds_carry_unchanged_rows_over(two_fs: tuple[Path, Path], tmp_path: P
     with open(stream, "wb") as f:
         send_with_sendshots(f.write, live, store=store, name=b"r0")
     run("btrfs", "receive", "-f", stream, rcv)
-    for i in range(1, 5):
+    sizes: list[int] = []
+    for i in range(1, MAX_DEPTH + 3):  # a chain of patch records, compacted once
         touched = _round(live, rng, i)
         full: list[list[RecordInode]] = []
         opened: list[set[str]] = []
@@ -116,6 +119,10 @@ def test_rounds_carry_unchanged_rows_over(two_fs: tuple[Path, Path], tmp_path: P
         assert res.reused >= 40, i  # patched, not scanned whole
         assert res.recorded is not None
         assert not res.recorded.head.tree_digest  # made by patching
+        # a patch record of its base (version 5), but the chain's ninth: a whole record
+        assert res.recorded.head.version == (4 if i == MAX_DEPTH + 1 else PATCH), i
+        assert (res.recorded.head.base is None) == (i == MAX_DEPTH + 1), i
+        sizes.append(res.recorded.size)
         assert read <= touched, (i, read - touched)
         assert not {v for v in visited if v.startswith("quiet")}, visited
         with open(stream, "rb") as f:
@@ -137,6 +144,7 @@ def test_rounds_carry_unchanged_rows_over(two_fs: tuple[Path, Path], tmp_path: P
                 assert row.blocks == want[ino].blocks, (i, ino)
                 row.digest, row.bdigest = want[ino].digest, want[ino].bdigest
         assert got == want, i
+    assert max(sizes[:MAX_DEPTH]) < sizes[MAX_DEPTH] / 2, sizes  # a patch: what changed
 
 
 def test_a_new_small_file_is_read_once(two_fs: tuple[Path, Path], tmp_path: Path,

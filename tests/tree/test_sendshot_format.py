@@ -228,6 +228,8 @@ def test_version_3_is_written_for_its_lineage_and_read_as_such() -> None:
     assert (reader.version, reader.head.version, reader.head.content3) == (3, 3, False)
     assert list(reader.inodes())[1] == _inodes()[1]
     assert reader.digest == digest != _encode()[1]
-    for version in (1, 2, 5):
+    for version in (1, 2, 6):
         with pytest.raises(ValueError, match=f"version {version} are not written"):
             write_record(io.BytesIO().write, replace(HEAD, version=version), iter(_inodes()))
+    with pytest.raises(ValueError, match="a patch record is version 5"):  # (a Patch's)
+        write_record(io.BytesIO().write, replace(HEAD, version=5), iter(_inodes()))

@@ -201,7 +201,12 @@ def _completes(src: Path, dest: Path, store: SendshotStore, old_sum: str) -> obj
     assert not (dest / ".btrdelta-partial").exists()
     cursor = store.cursors()[Replica(dest).ident]
     assert not cursor.get("inflight"), cursor
-    assert [r.digest for r in store.records_list()] == [cursor["digest"]]  # pruned
+    # pruned: the cursor's record and, a patch record, the bases it is read with
+    every = {r.digest: r for r in store.records_list()}
+    chain = [cursor["digest"]]
+    while every[chain[-1]].head.base is not None:
+        chain.append(str(every[chain[-1]].head.base))
+    assert sorted(every) == sorted(chain)
     assert cursor["name"] == new, cursor
     held = cursor["digest"]
     (src / "after").write_bytes(b"a" * 3000)

@@ -205,17 +205,13 @@ def run(args: argparse.Namespace) -> int:
             _orphans(cursors, {s.digest for s in every})
     elif args.sendshot_command == "show":
         s = store.resolve(args.id)
-        reader, f = store.open(s)
-        try:
-            inodes = files = data = blocks = 0
-            for node in reader.inodes():
-                inodes += 1
-                if node.segments is not None:
-                    files += 1
-                    data += node.size
-                    blocks += len(node.blocks) // 16
-        finally:
-            f.close()
+        inodes = files = data = blocks = 0
+        for node in store.view(s).rows():  # (a patch record: with its chain of bases)
+            inodes += 1
+            if node.segments is not None:
+                files += 1
+                data += node.size
+                blocks += len(node.blocks) // 16
         out = {**s.to_json(), "inodes": inodes, "files": files, "data_bytes": data,
                "blocks": blocks, "seed": f"{s.head.seed:016x}",
                "tree_digest": s.head.tree_digest.hex()}

@@ -23,7 +23,7 @@ The result (:class:`Changes`) is two small trees: the part of the record (old) a
 snapshot (new) that the changes touch, with every ancestor directory up to the root on both
 sides, so :class:`~.emit.Sender` matches and emits only those; and the next record, made from
 the old one by dropping the rows of changed and deleted inodes and appending the new ones
-(:meth:`~btrdelta.tree.columns.Columns.patched`) once the new files are hashed.
+(:meth:`~btrdelta.tree.chain.View.patched`) once the new files are hashed.
 
 Owns the change finding only; the sweep is :mod:`btrdelta.fs.btrfs`, hashing
 :class:`~.scan.ContentHasher`, the stream :mod:`.emit`.
@@ -38,8 +38,9 @@ from itertools import compress
 from uuid import UUID
 
 from ..fs.btrfs import dir_path, get_fileattr
-from ..tree.columns import Columns, Encoded
-from ..tree.sendshot import C_GEN, RecordInode, SendshotHead
+from ..tree.chain import View
+from ..tree.columns import Encoded
+from ..tree.sendshot import C_GEN, Patch, RecordInode, SendshotHead
 from .record import node_of, record_inode
 from .scan import ROOT, Node, Tree, read_node
 
@@ -135,8 +136,9 @@ class Changes:
         gone_files = sum(1 for r in self._drop if cols.modes[r] & _FMT == stat.S_IFREG)
         self.reused = len(cols.file_rows) - gone_files
 
-    def record(self) -> Encoded:
-        """The columns of the record of the new tree (after :meth:`build`)."""
+    def record(self) -> Encoded | Patch:
+        """The record of the new tree (after :meth:`build`): a patch of the base's, or its
+        columns whole (:meth:`~btrdelta.tree.chain.View.patched`)."""
         nodes = self.new.nodes
         rows: list[RecordInode] = []
         root: RecordInode | None = None
@@ -152,7 +154,7 @@ class Changes:
 class _Delta:
     """One :func:`rescan`: the record, the changes, what was found so far."""
 
-    def __init__(self, cols: Columns, root: bytes, fd: int,
+    def __init__(self, cols: View, root: bytes, fd: int,
                  changed: dict[int, tuple[int, int]]) -> None:
         self.cols, self.root, self.fd, self.changed = cols, root, fd, changed
         self.row_of = cols.row_of()
@@ -472,7 +474,7 @@ def _tree(root: bytes, nodes: dict[int, Node], dentries: dict[int, list[tuple[in
     return tree
 
 
-def rescan(cols: Columns, root: bytes, fd: int, changed: dict[int, tuple[int, int]]
+def rescan(cols: View, root: bytes, fd: int, changed: dict[int, tuple[int, int]]
            ) -> Changes:
     """The changes of the snapshot at ``root`` (``fd``: open on it) against the record
     ``cols`` of an earlier snapshot of the same subvolume, given ``changed``, the inodes

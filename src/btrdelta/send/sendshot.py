@@ -28,8 +28,8 @@ from .._value import Value
 from ..errors import BtrdeltaError, MissingBaseError, StreamFormatError
 from ..fs.btrfs import changed_inodes, largest_item
 from ..stream.records import Record
-from ..tree.columns import Columns
-from ..tree.sendshot import SendshotHead
+from ..tree.chain import View
+from ..tree.sendshot import PATCH, Patch, SendshotHead
 from .emit import Sender
 from .extents import EXTENT_MIN, Planned, plan_changed
 from .hashing import direct_buffer
@@ -73,14 +73,15 @@ class SendshotResult(Value):
 def load_base(store: SendshotStore, ident: str, source: bytes, lineage: object,
               candidates: Any = None, damaged: list[str] | None = None,
               found: Callable[[StoredSendshot], object] | None = None
-              ) -> tuple[StoredSendshot, Columns]:
+              ) -> tuple[StoredSendshot, View]:
     """The record ``ident`` (``latest``: the newest of this source) and its columns, checked
-    whole against the digest that names it.
+    whole against the digest that names it (a patch record's with its chain of bases:
+    :meth:`~.store.SendshotStore.view`).
 
     With ``latest``, a record that cannot be read whole (a power cut before the disk had it:
-    ``send --record`` does not wait for it) is absent: the newest one that can is used,
-    and a line saying so is added to ``damaged``. ``found`` is called with each record
-    chosen (its head read) before its columns are read.
+    ``send --record`` does not wait for it; or a base of it missing or damaged) is absent:
+    the newest one that can is used, and a line saying so is added to ``damaged``.
+    ``found`` is called with each record chosen (its head read) before its columns are read.
 
     Raises:
         MissingBaseError: no such record (``latest``: none that can be read).
@@ -94,7 +95,7 @@ def load_base(store: SendshotStore, ident: str, source: bytes, lineage: object,
         rec = store.resolve(ident, lineage=mine, candidates=candidates)
         if found is not None:
             found(rec)
-        return rec, _columns(store, rec)
+        return rec, store.view(rec)
     skipped: set[str] = set()
     first: StreamFormatError | None = None
     while True:
@@ -108,7 +109,7 @@ def load_base(store: SendshotStore, ident: str, source: bytes, lineage: object,
         if found is not None:
             found(rec)
         try:
-            cols = _columns(store, rec)
+            cols = store.view(rec)
         except StreamFormatError as exc:
             first = first or exc
             skipped.add(rec.digest)
@@ -117,19 +118,6 @@ def load_base(store: SendshotStore, ident: str, source: bytes, lineage: object,
                                "an older one is used")
             continue
         return rec, cols
-
-
-def _columns(store: SendshotStore, rec: StoredSendshot) -> Columns:
-    """The columns of ``rec``, whose content must be what its name (digest) says."""
-    reader, f = store.open(rec)
-    try:
-        cols = reader.columns()
-    finally:
-        f.close()
-    if reader.digest is not None and reader.digest != rec.digest:
-        raise StreamFormatError(f"the record's content is not the one its name says "
-                                f"(digest {reader.digest[:12]})", source=rec.path)
-    return cols
 
 
 class _Sweep:
@@ -174,7 +162,7 @@ class _Sweep:
 
 def _load_swept(store: SendshotStore, ident: str | None, src: bytes, fz: Frozen,
                 candidates: Any, damaged: list[str]
-                ) -> tuple[StoredSendshot | None, Columns | None, _Sweep | None]:
+                ) -> tuple[StoredSendshot | None, View | None, _Sweep | None]:
     """:func:`load_base` (``ident`` None: no base), and the change sweep since the first
     record chosen, started once its head is read where :func:`_scan` will use it
     (:class:`_Sweep`; :func:`_scan` joins it, and sweeps again when another record was
@@ -215,7 +203,7 @@ def _stamp(fz: Frozen, extents: bool = False) -> Callable[[Tree], None]:
     return prepare
 
 
-def _scan(fz: Frozen, base: StoredSendshot | None, cols: Columns | None,
+def _scan(fz: Frozen, base: StoredSendshot | None, cols: View | None,
           seed: int, scanned: ScanStream | None = None, sweep: _Sweep | None = None
           ) -> tuple[TreeScan, Tree | None, Changes | None]:
     """The new tree's scan, the old tree, and the changes when only they were visited.
@@ -236,7 +224,7 @@ def _scan(fz: Frozen, base: StoredSendshot | None, cols: Columns | None,
             sweep.join()
 
 
-def _scan_with(fz: Frozen, base: StoredSendshot | None, cols: Columns | None, seed: int,
+def _scan_with(fz: Frozen, base: StoredSendshot | None, cols: View | None, seed: int,
                scanned: ScanStream | None, sweep: _Sweep | None
                ) -> tuple[TreeScan, Tree | None, Changes | None]:
     # a record's digests are compared with the base's: of the base's kind (a version 3
@@ -265,7 +253,7 @@ def _scan_with(fz: Frozen, base: StoredSendshot | None, cols: Columns | None, se
                     extents=extents, order=order, content3=content3), old, None
 
 
-def _changes(fz: Frozen, base: StoredSendshot, cols: Columns, seed: int,
+def _changes(fz: Frozen, base: StoredSendshot, cols: View, seed: int,
              sweep: _Sweep | None = None, content3: bool = True
              ) -> tuple[TreeScan, Changes] | None:
     """The changes since ``base`` (:func:`~.rescan.rescan`; ``sweep``: its change sweep,
@@ -461,7 +449,8 @@ def _sender(fz: Frozen, base: StoredSendshot | None, src: bytes, scan: TreeScan,
 
 def _stream_and_record(sender: Sender, write: Callable[[Any], object], version: int,
                        on_record: Callable[[Record | Encoded], None] | None, store: SendshotStore,
-                       head: Callable[[Changes | None], SendshotHead], changes: Changes | None,
+                       head: Callable[[Changes | None, Any], SendshotHead],
+                       changes: Changes | None,
                        record: bool, durable: bool,
                        stamp: Callable[[Tree], None] | None = None) -> StoredSendshot | None:
     """Write the stream, then (``record``) store its record. The record of a change sweep is
@@ -470,8 +459,9 @@ def _stream_and_record(sender: Sender, write: Callable[[Any], object], version: 
     did not end). ``stamp``: gives a full stream's tree its inode generations (and its smaller
     files their extent items) before its record is made (a sweep of every inode: 11-14 ms of
     CPU for Debian's ``/usr``, after the stream rather than before its first byte)."""
-    pending = store.begin(head(changes), changes.record(), durable=durable) \
-        if record and changes is not None else None
+    encoded = changes.record() if record and changes is not None else None
+    pending = store.begin(head(changes, encoded), encoded, durable=durable) \
+        if encoded is not None else None
     try:
         _write_stream(sender, write, version, on_record)
     except BaseException:
@@ -484,7 +474,7 @@ def _stream_and_record(sender: Sender, write: Callable[[Any], object], version: 
         return None
     if stamp is not None:
         stamp(sender.new)
-    return store.save(head(None), record_inodes(sender.new), durable=durable)
+    return store.save(head(None, None), record_inodes(sender.new), durable=durable)
 
 
 def _write_stream(sender: Sender, write: Callable[[Any], object], version: int,
@@ -507,17 +497,20 @@ def _write_stream(sender: Sender, write: Callable[[Any], object], version: int,
 
 
 def _head(sender: Sender, fz: Frozen, base: StoredSendshot | None, src: bytes, name: bytes,
-          seed: int, changes: Changes | None) -> SendshotHead:
+          seed: int, changes: Changes | None, encoded: Any) -> SendshotHead:
     """The head of the record of what ``sender`` sends: the base record patched with the
-    changes, or the whole tree scanned. A patched record has no tree identity (the stream
-    named the snapshot's UUID, not one derived from the tree)."""
+    changes (``encoded``: a patch record of it, or the whole record), or the whole tree
+    scanned. A patched record has no tree identity (the stream named the snapshot's UUID,
+    not one derived from the tree)."""
     uuid, ctransid = sender.new_ids()
+    patch = isinstance(encoded, Patch) and base is not None
     return SendshotHead(
         stream_uuid=uuid, stream_ctransid=ctransid, name=name, created_ns=time.time_ns(),
         kind="sent", subvol_uuid=fz.lineage, parent=base.digest if base is not None else None,
         source=src, generation=fz.generation, seed=seed,
         tree_digest=b"" if changes is not None else sender.new.identity(),
-        version=4 if base is None or base.head.content3 else 3,
+        version=PATCH if patch else 4 if base is None or base.head.content3 else 3,
+        base=base.digest if patch and base is not None else None,
     )
 
 

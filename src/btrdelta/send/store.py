@@ -49,7 +49,9 @@ from ..tree.sendshot import (
 if TYPE_CHECKING:
     from typing import Any
 
+    from ..tree.chain import View
     from ..tree.columns import Encoded
+    from ..tree.sendshot import Patch
 
 __all__ = [
     "DEFAULT_STORE",
@@ -74,6 +76,9 @@ _HEADS_MAGIC = b"btrdelta sendshot heads 2\n"  # (1: without the record's versio
 #: an entry: digest (hex), size, mtime (ns), inode, length of the head's bytes that follow
 _ENTRY = struct.Struct("<64sQqQI")
 _BLAKE3 = 32
+#: the most patch records read on the way to a chain's whole record (writers compact a
+#: chain at :data:`~..tree.chain.MAX_DEPTH`)
+_MAX_CHAIN = 64
 _UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
 
 
@@ -157,7 +162,7 @@ class SendshotStore:
             with open(p) as f:
                 return int(f.read().strip(), 16)
 
-    def save(self, head: SendshotHead, inodes: Iterable[RecordInode] | Encoded, *,
+    def save(self, head: SendshotHead, inodes: Iterable[RecordInode] | Encoded | Patch, *,
              durable: bool = True) -> StoredSendshot:
         """Write a record (temporary file, then its digest name); returns it. ``inodes``:
         every inode, or the columns already encoded. ``durable``: ``fsync`` it before it
@@ -171,7 +176,7 @@ class SendshotStore:
             raise
         return self._publish(tmp, digest, head, durable)
 
-    def begin(self, head: SendshotHead, encoded: Encoded, *, durable: bool = True
+    def begin(self, head: SendshotHead, encoded: Encoded | Patch, *, durable: bool = True
               ) -> PendingRecord:
         """:meth:`save` in a thread, named only when :meth:`PendingRecord.commit` says so:
         the record of a stream is encoded and written (``durable``: and ``fsync``-ed) while
@@ -345,17 +350,75 @@ class SendshotStore:
             f.close()
             raise
 
+    def view(self, record: StoredSendshot) -> View:
+        """The columns of ``record``, checked whole against the digest that names it; a
+        patch record's with its chain of bases (each checked so) applied.
+
+        Raises:
+            StreamFormatError: the record or a base of it is damaged, missing, of another
+                subvolume or seed, or the bases form a cycle.
+        """
+        from ..tree.chain import View
+
+        chain = [record]
+        while (named := chain[-1].head.base) is not None:
+            cur = chain[-1]
+            if len(chain) > _MAX_CHAIN or named in {s.digest for s in chain}:
+                raise StreamFormatError("its bases form a cycle, or a chain of more than "
+                                        f"{_MAX_CHAIN} patch records", source=cur.path)
+            base = self._stored(named, cur.path)
+            h, b = cur.head, base.head
+            if (h.seed, h.subvol_uuid) != (b.seed, b.subvol_uuid) or not b.content3:
+                raise StreamFormatError(f"its base {base.digest[:12]} is of "
+                                        "another subvolume, seed or kind of digests",
+                                        source=cur.path)
+            chain.append(base)
+        whole = chain.pop()
+        reader, f = self.open(whole)
+        try:
+            got = View(_checked(reader, reader.columns(), whole), patches=whole.head.content3)
+        finally:
+            f.close()
+        for link in reversed(chain):
+            reader, f = self.open(link)
+            try:
+                got.apply(_checked(reader, reader.patch(), link), link.path)
+            finally:
+                f.close()
+        return got
+
+    def _stored(self, digest: str, named_by: str) -> StoredSendshot:
+        """The record ``digest`` (named by the record ``named_by`` as its base)."""
+        p = self._file(digest)
+        try:
+            with open(p, "rb") as f:
+                head = read_head(f, source=p)
+            size = os.stat(p).st_size
+        except FileNotFoundError:
+            raise StreamFormatError(f"its base {digest[:12]} is missing",
+                                    source=named_by) from None
+        except OSError as exc:
+            raise StreamFormatError(f"its base {digest[:12]} cannot be read ({exc})",
+                                    source=named_by) from None
+        return StoredSendshot(digest, head, size, p)
+
     def delete(self, digest: str, *, force: bool = False) -> None:
         """Delete one record.
 
         Raises:
-            BtrdeltaError: a receiver's cursor names it (unless ``force``).
+            BtrdeltaError: a receiver's cursor names it, or it is the base of a patch record
+                (unless ``force``: that record can then not be read).
         """
         with self.locked():
             held = [r for r, c in self.cursors().items() if c.get("digest") == digest]
             if held and not force:
                 raise BtrdeltaError(f"sendshot {digest[:12]} is held by receiver(s) "
                                     f"{', '.join(sorted(held))} (use --force)")
+            based = [s.digest[:12] for s in self.records_list() if s.head.base == digest]
+            if based and not force:
+                raise BtrdeltaError(f"sendshot {digest[:12]} is the base of patch record(s) "
+                                    f"{', '.join(based)}: delete them first (or --force: "
+                                    "they can then not be read)")
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._file(digest))
 
@@ -443,7 +506,8 @@ class SendshotStore:
         returns what was (or, with ``dry_run``, would be) deleted. ``only``: consider only
         the records it accepts (one source)."""
         with self.locked():
-            every = [s for s in self.records_list() if only is None or only(s)]
+            listed = self.records_list()
+            every = [s for s in listed if only is None or only(s)]
             needed = {str(c.get("digest")) for c in self.cursors().values()}
             # an in-flight transfer's base, and the sendshot it recorded (named before
             # its COMMIT: the receiver may hold it although the COMMITTED was lost)
@@ -453,6 +517,7 @@ class SendshotStore:
             for members in _lineages(every):
                 doomed += plan_prune(members, needed, keep=keep, grid=grid,
                                      now=time.time() if now is None else now)
+            doomed = _without_bases(doomed, listed)
             if not dry_run:
                 for s in doomed:
                     with contextlib.suppress(FileNotFoundError):
@@ -501,8 +566,8 @@ _LEFTOVER = (r"\.tmp-(\d+)-[0-9a-f]+|\.(?:cursors\.json|heads)\.tmp-(\d+)-[0-9a-
 _LEFTOVER_AGE = 3600.0
 
 
-def _write_record(tmp: str, head: SendshotHead, inodes: Iterable[RecordInode] | Encoded,
-                  durable: bool) -> str:
+def _write_record(tmp: str, head: SendshotHead,
+                  inodes: Iterable[RecordInode] | Encoded | Patch, durable: bool) -> str:
     """Write a record to the new file ``tmp`` (``durable``: and ``fsync`` it); its digest."""
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600)
@@ -519,7 +584,7 @@ class PendingRecord:
     (:meth:`SendshotStore.begin`). :meth:`commit` waits and names it; :meth:`abort` waits
     and deletes it. One of them must be called."""
 
-    def __init__(self, store: SendshotStore, head: SendshotHead, encoded: Encoded,
+    def __init__(self, store: SendshotStore, head: SendshotHead, encoded: Encoded | Patch,
                  durable: bool = True) -> None:
         import threading
 
@@ -531,7 +596,7 @@ class PendingRecord:
                                         name="btrdelta-record", daemon=True)
         self._thread.start()
 
-    def _run(self, encoded: Encoded) -> None:
+    def _run(self, encoded: Encoded | Patch) -> None:
         try:
             self._digest = _write_record(self._tmp, self._head, encoded, self._durable)
         except BaseException as exc:  # handed to commit() in the caller's thread
@@ -567,6 +632,29 @@ def parse_grid(text: str) -> list[tuple[int, int]]:
             raise BtrdeltaError(f"bad retention grid {text!r} (e.g. 1h:24,1d:7,1w:4)")
         out.append((int(m.group(1)) * _UNITS[m.group(2)], int(m.group(3))))
     return out
+
+
+def _checked(reader: RecordReader, got: Any, record: StoredSendshot) -> Any:
+    """``got``, read whole by ``reader``, if the record's content is what its name says."""
+    if reader.digest is not None and reader.digest != record.digest:
+        raise StreamFormatError(f"the record's content is not the one its name says "
+                                f"(digest {reader.digest[:12]})", source=record.path)
+    return got
+
+
+def _without_bases(doomed: list[StoredSendshot], every: list[StoredSendshot]
+                   ) -> list[StoredSendshot]:
+    """``doomed`` without the bases (and theirs) of the records kept: a patch record is
+    read with its chain."""
+    by_digest = {s.digest: s for s in every}
+    gone = {s.digest for s in doomed}
+    todo = [s for s in every if s.digest not in gone]
+    while todo:
+        base = todo.pop().head.base
+        if base is not None and base in gone:
+            gone.discard(base)
+            todo.append(by_digest[base])
+    return [s for s in doomed if s.digest in gone]
 
 
 def _lineages(records: list[StoredSendshot]) -> list[list[StoredSendshot]]:

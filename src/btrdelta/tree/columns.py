@@ -220,15 +220,17 @@ class _Out:
         return cols, (self.count, len(self.nsegs), self.nbytes, nblocks)
 
 
-def encode_rows(inodes: Iterable[RecordInode]) -> Encoded:
-    """The columns of ``inodes`` (the root first) and the END counts.
+def encode_rows(inodes: Iterable[RecordInode], index: dict[int, int] | None = None
+                ) -> Encoded:
+    """The columns of ``inodes`` (the root first) and the END counts. ``index``: the row of
+    each directory named (inode number -> row; default: the rows of ``inodes``).
 
     Raises:
-        ValueError: a name in a directory that is not among ``inodes``.
+        ValueError: a name in a directory that is not among ``inodes`` (``index``).
     """
     rows = list(inodes)
     out = _Out()
-    out.add(rows, {r.ino: i for i, r in enumerate(rows)})
+    out.add(rows, {r.ino: i for i, r in enumerate(rows)} if index is None else index)
     return out.encoded()
 
 
@@ -241,7 +243,10 @@ class Columns:
             the record, names, targets, xattrs, segments or block digests that do not add up.
     """
 
-    def __init__(self, cols: dict[int, memoryview | bytes], count: int, nblk: int) -> None:
+    def __init__(self, cols: dict[int, memoryview | bytes], count: int, nblk: int, *,
+                 span: int | None = None) -> None:
+        # (span: the rows of a patch record, whose PARENT values are rows of the result of
+        # ``span`` rows, checked by :mod:`.chain`)
         f = {c: _unpack(cols[c], code, count, c) for c, code in PER_INODE}
         self.count = count
         self.fixed = f
@@ -266,8 +271,9 @@ class Columns:
         self.toff = prefix(f[C_TARGETLEN])
         if self.noff[-1] != len(self.names) or self.toff[-1] != len(self.targets):
             raise StreamFormatError("columns NAMES or TARGETS do not match their lengths")
-        if nd and max(self.parents) >= count:
-            raise StreamFormatError(f"a dentry names a parent beyond the {count} inodes")
+        limit = count if span is None else span
+        if nd and max(self.parents) >= limit:
+            raise StreamFormatError(f"a dentry names a parent beyond the {limit} inodes")
         if native is not None:
             rows, foff = native.where(self.modes, _FMT, _REG, True)
             #: row -> its file index (regular files), and the rows of the files
@@ -384,12 +390,14 @@ class Columns:
             pos = raw.find(want, pos + 4)
         return out
 
-    def inode(self, r: int) -> RecordInode:
-        """Row ``r`` whole."""
+    def inode(self, r: int, by_row: bool = False) -> RecordInode:
+        """Row ``r`` whole (``by_row``: its names' directories as rows, not inode numbers:
+        a patch record's rows, whose directories are rows of its result)."""
         f, inos = self.fixed, self.inos
+        names = self.dentries(r)
         node = RecordInode(
             inos[r], self.modes[r], f[C_UID][r], f[C_GID][r], self.sizes[r], f[C_ATIME][r],
-            f[C_MTIME][r], f[C_CTIME][r], [(inos[p], n) for p, n in self.dentries(r)],
+            f[C_MTIME][r], f[C_CTIME][r], names if by_row else [(inos[p], n) for p, n in names],
             f[C_GEN][r], f[C_TRANSID][r], f[C_RDEV][r], f[C_FLAGS][r],
             self.targets[self.toff[r]:self.toff[r + 1]])
         if self.xoff[r] != self.xoff[r + 1]:

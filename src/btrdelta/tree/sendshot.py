@@ -30,8 +30,9 @@ binary file: the head alone, or every inode). Knows nothing of where records are
 from __future__ import annotations
 
 import struct
+import sys
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import blake3
 
@@ -50,8 +51,10 @@ if TYPE_CHECKING:
 __all__ = [
     "BLOCK",
     "MAGIC",
+    "PATCH",
     "READS",
     "VERSION",
+    "Patch",
     "RecordInode",
     "RecordReader",
     "SendshotHead",
@@ -63,12 +66,16 @@ __all__ = [
 
 MAGIC: Final = b"btrdelta-sendshot\0"
 VERSION: Final = 4
+#: the version of a *patch record*: a record that names its base record (HEAD's BASE)
+#: and holds only the rows dropped from it and the rows replaced or added (its digests are
+#: version 4's kind); :mod:`.chain` reads a base with its patches
+PATCH: Final = 5
 #: the versions :class:`RecordInode` reads
-READS: Final = (1, 2, 3, 4)
+READS: Final = (1, 2, 3, 4, 5)
 #: the versions written: 4, whose DIGESTS hold tree-sum-3 content digests
 #: (:mod:`.content`); 3, whose DIGESTS hold BLAKE3 of the whole content (a record
-#: sent against a version 3 base keeps its kind of digests: they are compared)
-WRITES: Final = (3, 4)
+#: sent against a version 3 base keeps its kind of digests: they are compared); 5, a patch
+WRITES: Final = (3, 4, 5)
 _HEADER = struct.Struct("<18sI")
 #: bytes per block digest
 BLOCK: Final = 4096
@@ -76,20 +83,21 @@ _DIGEST = 16
 #: the largest payload of a record frame (a BLOCKS frame holds up to 4095 digests)
 _MAX_PAYLOAD = 1 << 20
 
-# record numbers
-_HEAD, _INODE, _BLOCKS, _END = 1, 2, 3, 4
-_NAMES = {_HEAD: "HEAD", _INODE: "INODE", _BLOCKS: "BLOCKS", _END: "END"}
+# record numbers (DROP and SLOTS: version 5's)
+_HEAD, _INODE, _BLOCKS, _END, _DROP, _SLOTS = 1, 2, 3, 4, 5, 6
+_NAMES = {_HEAD: "HEAD", _INODE: "INODE", _BLOCKS: "BLOCKS", _END: "END", _DROP: "DROP",
+          _SLOTS: "SLOTS"}
 
 # HEAD attributes
 (H_STREAM_UUID, H_CTRANSID, H_SUBVOL_UUID, H_PARENT, H_CREATED, H_NAME, H_SOURCE, H_GEN,
- H_SEED, H_KIND, H_TREE, H_VERSION) = range(1, 13)
+ H_SEED, H_KIND, H_TREE, H_VERSION, H_BASE) = range(1, 14)
 # INODE attributes
 I_FIXED, I_TARGET, I_XATTR, I_DENTRY, I_SEGMENTS, I_DIGESTS = range(1, 7)
 #: INODE's fixed fields: ino, generation, transid, mode, uid, gid, rdev, size, atime, mtime,
 #: ctime (i64 ns), flags
 _FIXED = struct.Struct("<QQQIIIQQqqqQ")
-# END attributes
-E_INODES, E_FILES, E_BYTES, E_BLOCKS = range(1, 5)
+# END attributes (SPAN and LIVE: version 5's)
+E_INODES, E_FILES, E_BYTES, E_BLOCKS, E_SPAN, E_LIVE = range(1, 7)
 
 _U64 = struct.Struct("<Q")
 _I64 = struct.Struct("<q")
@@ -127,11 +135,35 @@ class SendshotHead(Value):
     #: the record format version (:data:`WRITES` when written): 4's DIGESTS hold
     #: tree-sum-3 content digests, the others' BLAKE3 of the whole content
     version: int = VERSION
+    #: a patch record (version 5): the digest (hex) of the record it patches
+    base: str | None = None
 
     @property
     def content3(self) -> bool:
         """Whether the files' BLAKE3 digests are tree-sum-3 content digests."""
         return self.version >= 4
+
+
+class Patch:
+    """What a patch record (version 5) holds beside its head: the rows of its base's view
+    dropped (``drop``, sorted), the row each of its rows takes (``slots``: a row of the
+    base's view it replaces, or the next new row), its rows (``rows``: columns whose
+    PARENT values are rows of the result) and the result's number of rows (``span``,
+    dropped ones included) and of inodes (``live``)."""
+
+    __slots__ = ("drop", "live", "rows", "slots", "span", "where")
+
+    def __init__(self, drop: Sequence[int], slots: Sequence[int], rows: Any, span: int,
+                 live: int, where: dict[int, int] | None = None) -> None:
+        self.drop, self.slots, self.rows, self.span, self.live = drop, slots, rows, span, live
+        #: read from a record: the offset of each record (DROP, SLOTS, a column) in it
+        self.where = where or {}
+
+    def at(self, record: int, index: int, size: int) -> int:
+        """The offset in the record of value ``index`` (of ``size`` bytes) of ``record``
+        (its values are cut into TLVs of 65535 bytes)."""
+        pos = index * size
+        return self.where.get(record, 0) + CMD_HEADER_SIZE + 4 * (pos // 0xFFFF + 1) + pos
 
 
 class RecordInode(Value):
@@ -186,12 +218,14 @@ def _head_attrs(head: SendshotHead) -> list[tuple[int, bytes]]:
         attrs.append((H_SUBVOL_UUID, head.subvol_uuid.bytes))
     if head.parent is not None:
         attrs.append((H_PARENT, bytes.fromhex(head.parent)))
+    if head.base is not None:
+        attrs.append((H_BASE, bytes.fromhex(head.base)))
     return attrs
 
 
 def write_record(
     write: Callable[[bytes], object], head: SendshotHead,
-    inodes: Iterable[RecordInode] | Encoded, *, level: int = 1,
+    inodes: Iterable[RecordInode] | Encoded | Patch, *, level: int = 1,
 ) -> tuple[str, int]:
     """Encode a record onto ``write`` (compressed); returns ``(digest hex, inodes)``.
 
@@ -199,7 +233,8 @@ def write_record(
         write: where the encoded bytes go.
         head: the record's head.
         inodes: every inode, the root first; or the record's columns already encoded
-            (:meth:`~.columns.Columns.patched`).
+            (:meth:`~.columns.Columns.patched`); or, for a patch record (``head.base``
+            set, version 5), the :class:`Patch`.
         level: zstd level. 1: most of a record is digests, which do not compress; level 3
             made records 1% smaller (names, metadata) for 50% more time, and its larger
             window and tables cost ~1,000 more page faults to write and read a record of
@@ -207,17 +242,26 @@ def write_record(
     """
     from .columns import encode_rows
 
-    encoded = inodes if isinstance(inodes, tuple) else encode_rows(inodes)
+    patch = inodes if isinstance(inodes, Patch) else None
+    if (patch is not None) != (head.version == PATCH) or \
+            (patch is not None) != (head.base is not None):
+        raise ValueError("a patch record is version 5 and names its base; others are not")
+    encoded = patch.rows if patch is not None else inodes if isinstance(inodes, tuple) \
+        else encode_rows(inodes)  # type: ignore[arg-type]
     cols, (count, files, nbytes, nblocks) = encoded
     # every frame's pieces first (views of the columns, not copies), so that the zstd frame
     # says its content size: a reader decompresses the record at once into one buffer
     pieces = encode_frame_parts(_HEAD, _head_attrs(head))
+    ends = [(E_INODES, _u64(count)), (E_FILES, _u64(files)), (E_BYTES, _u64(nbytes)),
+            (E_BLOCKS, _u64(nblocks))]
+    if patch is not None:
+        cols = [(_DROP, _packed(patch.drop)), (_SLOTS, _packed(patch.slots)), *cols]
+        ends += [(E_SPAN, _u64(patch.span)), (E_LIVE, _u64(patch.live))]
     for c, data in cols:
         view = memoryview(data)
         pieces += encode_frame_parts(c, [(1, view[i:i + 0xFFFF])
                                          for i in range(0, len(view), 0xFFFF)])
-    pieces += encode_frame_parts(_END, [(E_INODES, _u64(count)), (E_FILES, _u64(files)),
-                                        (E_BYTES, _u64(nbytes)), (E_BLOCKS, _u64(nblocks))])
+    pieces += encode_frame_parts(_END, ends)
     if head.version not in WRITES:
         raise ValueError(f"sendshot records of version {head.version} are not written")
     header = _HEADER.pack(MAGIC, head.version)
@@ -255,6 +299,11 @@ def write_record(
     return digest.hexdigest(), count
 
 
+def _packed(values: Sequence[int]) -> bytes:
+    """``values`` as u32 little-endian."""
+    return struct.pack(f"<{len(values)}I", *values)
+
+
 # -- versions 2 and 3: columns-------------------------------------------------------------
 
 #: NSEGS value: the file is one data segment ``(0, SIZE)``
@@ -275,7 +324,7 @@ COLUMNS: Final = {
 }
 #: the columns of each version that has columns (version 3 added the extents)
 VERSION_COLUMNS: Final = {2: tuple(range(C_INO, C_NEXTENTS)), 3: tuple(COLUMNS),
-                          4: tuple(COLUMNS)}
+                          4: tuple(COLUMNS), 5: tuple(COLUMNS)}
 #: struct code of the fixed-width per-inode columns
 PER_INODE = ((C_INO, "Q"), (C_GEN, "Q"), (C_TRANSID, "Q"), (C_MODE, "I"), (C_UID, "I"),
              (C_GID, "I"), (C_RDEV, "Q"), (C_SIZE, "Q"), (C_ATIME, "q"), (C_MTIME, "q"),
@@ -303,7 +352,7 @@ _FRAMING = Framing(
     too_long="record length {length} exceeds {limit}",
     truncated="truncated record: {total} bytes announced",
     names=_NAMES,
-    max_payload=lambda cmd, version: _MAX_PAYLOAD if cmd < FIRST_COLUMN else 0xFFFFFFFF,
+    max_payload=lambda cmd, version: _MAX_PAYLOAD if cmd < _DROP else 0xFFFFFFFF,
     unknown_by_number=True,
 )
 
@@ -334,7 +383,9 @@ def _decode_head(mv: memoryview, start: int, end: int, version: int | None) -> S
     for need in (H_STREAM_UUID, H_CTRANSID, H_NAME, H_CREATED):
         if need not in f:
             raise StreamFormatError(f"HEAD lacks attribute {need}")
-    parent = f.get(H_PARENT)
+    parent, base = f.get(H_PARENT), f.get(H_BASE)
+    if (version == PATCH) != (base is not None) or (base is not None and len(base) != 32):
+        raise StreamFormatError("a version 5 record names its base (32 bytes), no other does")
     return SendshotHead(
         stream_uuid=_uuid(f[H_STREAM_UUID]), stream_ctransid=_int(f[H_CTRANSID]),
         name=bytes(f[H_NAME]), created_ns=_int(f[H_CREATED]),
@@ -343,7 +394,7 @@ def _decode_head(mv: memoryview, start: int, end: int, version: int | None) -> S
         parent=bytes(parent).hex() if parent is not None else None,
         source=bytes(f.get(H_SOURCE, b"")), generation=_int(f[H_GEN]) if H_GEN in f else 0,
         seed=_int(f[H_SEED]) if H_SEED in f else 0, tree_digest=bytes(f.get(H_TREE, b"")),
-        version=version,
+        version=version, base=bytes(base).hex() if base is not None else None,
     )
 
 
@@ -565,14 +616,67 @@ class RecordReader:
         if self.version == 1:
             cols, (count, _f, _b, nblk) = encode_rows(self._inodes_v1())
             return Columns(dict(cols), count, nblk)
+        if self.version == PATCH:
+            self._framer.fail(StreamFormatError("a patch record (version 5) is read with its "
+                                                "base"), indexed=False)
+        cols_in, ends, _where = self._records(VERSION_COLUMNS[self.version])
+        try:
+            got = Columns(cols_in, ends.get(E_INODES, 0), ends.get(E_BLOCKS, 0))
+        except StreamFormatError as exc:
+            self._framer.fail(exc, indexed=False)
+        self.digest = self._digest.hexdigest()
+        return got
+
+    def patch(self) -> Patch:
+        """A patch record's (version 5) DROP, SLOTS, rows (:class:`~.columns.Columns`
+        whose PARENT values are below END's SPAN) and counts, checked as one record;
+        :attr:`digest` is then set. Its base's view checks the rest (:mod:`.chain`).
+
+        Raises:
+            StreamFormatError: bad bytes, not a patch record, counts that do not add up.
+        """
+        from array import array
+
+        from .columns import Columns
+
+        if self.version != PATCH:
+            raise StreamFormatError(f"a version {self.version} record is not a patch",
+                                    source=self.source)
+        cols_in, ends, where = self._records((_DROP, _SLOTS, *VERSION_COLUMNS[PATCH]))
+        count, span = ends.get(E_INODES, 0), ends.get(E_SPAN, 0)
+        lists = []
+        for c in (_DROP, _SLOTS):
+            got = array("I")
+            got.frombytes(cols_in.pop(c))
+            if sys.byteorder == "big":
+                got.byteswap()
+            lists.append(got)
+        try:
+            if len(lists[1]) != count:
+                raise StreamFormatError(f"SLOTS holds {len(lists[1])} rows, END {count}")
+            rows = Columns(cols_in, count, ends.get(E_BLOCKS, 0), span=span)
+        except (StreamFormatError, ValueError) as exc:
+            self._framer.fail(exc if isinstance(exc, StreamFormatError)
+                              else StreamFormatError(str(exc)), indexed=False)
+        self.digest = self._digest.hexdigest()
+        return Patch(lists[0], lists[1], rows, span, ends.get(E_LIVE, 0), where)
+
+    def _records(self, numbers: Iterable[int]
+                 ) -> tuple[dict[int, memoryview | bytes], dict[int, int], dict[int, int]]:
+        """The records ``numbers`` (each a column: TLVs of type 1 joined), then END, then
+        nothing: (their values, END's counts, the offset of each)."""
         self._at_once()
         fr = self._framer
         cols_in: dict[int, memoryview | bytes] = {}
-        for c in VERSION_COLUMNS[self.version]:
+        where: dict[int, int] = {}
+        for c in numbers:
+            where[c] = fr.offset
             cmd, mv, start, end = self._next()
             if cmd != c:
-                fr.fail(StreamFormatError(f"expected column {COLUMNS[c]}"), cmd=cmd)
+                fr.fail(StreamFormatError(f"expected {_NAMES.get(c) or COLUMNS[c]}"), cmd=cmd)
             cols_in[c] = self._decode(_column, mv, start, end, cmd)
+            if len(cols_in[c]) % 4 and c in (_DROP, _SLOTS):
+                fr.fail(StreamFormatError("not a whole number of u32"), cmd=cmd)
             self._done()
         cmd, mv, start, end = self._next()
         if cmd != _END:
@@ -580,12 +684,7 @@ class RecordReader:
         ends = self._decode(_ends, mv, start, end, cmd)
         self._done()
         self._check_end()
-        try:
-            got = Columns(cols_in, ends.get(E_INODES, 0), ends.get(E_BLOCKS, 0))
-        except StreamFormatError as exc:
-            fr.fail(exc, indexed=False)
-        self.digest = self._digest.hexdigest()
-        return got
+        return cols_in, ends, where
 
     def _check_end(self) -> None:
         if self._framer.avail or (self._reader is not None and self._reader.read(1)):

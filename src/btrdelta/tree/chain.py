@@ -1,0 +1,335 @@
+"""A whole sendshot record with its patch records applied: the view a send compares with.
+
+A *patch record* (version 5, ``docs/formats/sendshot.md`` §2b) names its base record and
+holds only what changed since: the rows of the base's view dropped, and its own rows, each
+replacing a row of the base's view (the same inode, changed) or added after the last row.
+Rows keep their number along a chain (no renumbering: a dropped row leaves a hole), so a
+patch costs what changed to write, and applying it costs what it holds plus C-speed copies
+of four small columns (inode numbers, modes, sizes, generations) and of the files' digests.
+
+:class:`View` has the interface of :class:`~.columns.Columns` that a send uses (``row_of``,
+``inos``, ``modes``, ``sizes``, ``fixed[C_GEN]``, ``file_rows``, ``digests``,
+``children``, ``dentries``, ``inode``, ``rows``) and :meth:`View.patched` makes the next
+record: a :class:`~.sendshot.Patch`, or a whole record (*compaction*) once the chain has
+:data:`MAX_DEPTH` patches or its patches hold more than a tenth of the rows.
+
+Knows the column layout and the patch's meaning; reading files is :mod:`~.sendshot`'s and
+finding the records of a chain the store's.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterator, Sequence
+
+from .. import TYPE_CHECKING
+from .._value import replace
+from ..errors import StreamFormatError
+from .columns import Columns, Encoded, encode_rows
+from .sendshot import _DROP, _SLOTS, C_GEN, C_INO, C_MODE, C_PARENT, C_SIZE, Patch, RecordInode
+
+if TYPE_CHECKING:
+    from typing import Final
+
+__all__ = ["MAX_DEPTH", "View"]
+
+#: a chain is compacted (a whole record written) when it would hold more patches than this
+MAX_DEPTH: Final = 8
+#: ... or when its patches hold more rows than a tenth of the tree's and this many
+_SLACK = 256
+_FMT, _DIR, _REG = 0o170000, 0o040000, 0o100000
+
+
+class View:
+    """``base`` (a whole record's columns) with patches applied (:meth:`apply`).
+
+    Args:
+        base: the columns of the chain's whole record.
+        patches: whether :meth:`patched` may make patch records (a version 3 base's lineage
+            keeps whole records of version 3).
+    """
+
+    def __init__(self, base: Columns, patches: bool = True) -> None:
+        self.base, self.patches = base, patches
+        #: patches applied, rows they hold (replaced or added, and dropped)
+        self.depth = self.held = 0
+        #: rows (dropped ones included), and the rows dropped
+        self.span = base.count
+        self.dead: set[int] = set()
+        #: rows replaced or added: the inode (its names' directories as rows)
+        self.ext: dict[int, RecordInode] = {}
+        self._row_of: dict[int, int] | None = None
+        self._children: dict[int, list[tuple[bytes, int]]] = {}
+        self._ext_kids: dict[int, list[tuple[bytes, int]]] | None = None
+        #: the columns a send reads whole (:meth:`_columns`), made again after a patch
+        self._cols: tuple[dict[int, array[int]], array[int], bytes] | None = None
+
+    @property
+    def live(self) -> int:
+        """The inodes of the view."""
+        return self.span - len(self.dead)
+
+    # -- applying a patch -------------------------------------------------------------------
+
+    def apply(self, patch: Patch, source: str | None = None) -> None:
+        """Apply a patch read from a record (``source``: its name in errors).
+
+        Raises:
+            StreamFormatError: the patch is not one of this view (a drop beyond it, a row
+                that is not its inode, a directory that is not one or is dropped, counts
+                that do not add up), naming the record and the offset.
+        """
+        def bad(message: str, record: int, index: int, size: int = 4) -> StreamFormatError:
+            return StreamFormatError(message, source=source, offset=patch.at(record, index, size))
+
+        span, dead, rows = self.span, self.dead, patch.rows
+        drop = set(patch.drop)
+        gone = drop | dead
+        row_of = self.row_of()
+        prev = 0
+        for i, d in enumerate(patch.drop):
+            if d <= prev or d >= span or d in dead:
+                raise bad(f"DROP row {d} is not a row of its base's {span} (or not in order)",
+                          _DROP, i)
+            prev = d
+        nxt, taken = span, set()
+        for i, (s, ino) in enumerate(zip(patch.slots, rows.inos, strict=True)):
+            if s == nxt:
+                nxt += 1
+                old = row_of.get(ino)
+                if old is not None and old not in drop:
+                    raise bad(f"SLOTS: inode {ino} added twice", _SLOTS, i)
+            elif s >= span or s in gone or s in taken or self.ino(s) != ino:
+                raise bad(f"SLOTS row {s} is neither a row of its base holding inode {ino} "
+                          "nor the next new row", _SLOTS, i)
+            taken.add(s)
+        if nxt != patch.span or self.live - len(drop) + nxt - span != patch.live:
+            raise StreamFormatError(f"END counts {patch.span} rows, {patch.live} inodes; the "
+                                    f"patch makes {nxt} and {self.live - len(drop) + nxt - span}",
+                                    source=source)
+        slot_of = dict(zip(patch.slots, range(len(patch.slots)), strict=True))
+        for d, parent in enumerate(rows.parents):
+            k = slot_of.get(parent)
+            mode = rows.modes[k] if k is not None else \
+                self._mode(parent) if parent < span and parent not in gone else 0
+            if mode & _FMT != _DIR:
+                raise bad(f"PARENT row {parent} is not a directory of the result",
+                          C_PARENT, d)
+        kept = self._kept(drop, taken)
+        if kept is not None:
+            raise StreamFormatError(f"DROP: {kept}", source=source)
+        for d in drop:
+            ino = self.ino(d)
+            if row_of.get(ino) == d:
+                del row_of[ino]
+            dead.add(d)
+            self.ext.pop(d, None)
+        for k, s in enumerate(patch.slots):
+            self.ext[s] = rows.inode(k, by_row=True)
+            row_of[self.ext[s].ino] = s
+        self.span = nxt
+        self.depth += 1
+        self.held += len(drop) + len(patch.slots)
+        self._children, self._ext_kids = {}, None
+        self._cols = None
+
+    def _kept(self, drop: set[int], taken: set[int]) -> str | None:
+        """A row kept as it is that stays named in a directory of ``drop`` (``taken``: the
+        rows replaced), said, or None."""
+        for d in drop:
+            if self._mode(d) & _FMT == _DIR:
+                for name, c in self.children(d):
+                    if c not in drop and c not in taken:
+                        return f"directory row {d} is dropped but its entry {name!r} is kept"
+        return None
+
+    def _mode(self, r: int) -> int:
+        node = self.ext.get(r)
+        return node.mode if node is not None else int(self.base.modes[r])
+
+    def ino(self, r: int) -> int:
+        """The inode number of row ``r``."""
+        node = self.ext.get(r)
+        return node.ino if node is not None else int(self.base.inos[r]) \
+            if r < self.base.count else 0
+
+    @property
+    def fixed(self) -> dict[int, array[int]]:
+        """Columns INO, MODE, SIZE and GEN of the view (the others: :meth:`inode`)."""
+        return self._columns()[0]
+
+    @property
+    def inos(self) -> array[int]:
+        return self._columns()[0][C_INO]
+
+    @property
+    def modes(self) -> array[int]:
+        return self._columns()[0][C_MODE]
+
+    @property
+    def sizes(self) -> array[int]:
+        return self._columns()[0][C_SIZE]
+
+    @property
+    def file_rows(self) -> array[int]:
+        """The row of each regular file (in the order of :attr:`digests`)."""
+        return self._columns()[1]
+
+    @property
+    def digests(self) -> bytes:
+        """DIGESTS of the files of :attr:`file_rows`."""
+        return self._columns()[2]
+
+    def _columns(self) -> tuple[dict[int, array[int]], array[int], bytes]:
+        """The columns a send reads whole, of the view (copies of the base's, patched)."""
+        if self._cols is None:
+            self._cols = self._make_columns()
+        return self._cols
+
+    def _make_columns(self) -> tuple[dict[int, array[int]], array[int], bytes]:
+        base, ext, dead = self.base, self.ext, self.dead
+        if not ext and not dead:
+            return base.fixed, base.file_rows, base.digests
+        n, added = base.count, range(base.count, self.span)
+        cols = {}
+        for c, field in ((C_INO, "ino"), (C_MODE, "mode"), (C_SIZE, "size"),
+                         (C_GEN, "generation")):
+            col = array(base.fixed[c].typecode, base.fixed[c])
+            col.extend(getattr(ext[r], field) if r in ext else 0 for r in added)
+            for r, node in ext.items():
+                if r < n:
+                    col[r] = getattr(node, field)
+            cols[c] = col
+        # the base's files but those dropped or replaced, then the view's own
+        stale = sorted(base.foff[r] for r in (dead | ext.keys()) if r < n
+                       and base.modes[r] & _FMT == _REG)
+        rows, digests = array("Q"), []
+        start = 0
+        for k in [*stale, len(base.file_rows)]:
+            rows += base.file_rows[start:k]
+            digests.append(base.digests[48 * start:48 * k])
+            start = k + 1
+        for r in sorted(ext):
+            node = ext[r]
+            if node.mode & _FMT == _REG:
+                rows.append(r)
+                digests.append(node.digest + node.bdigest)
+        return cols, rows, b"".join(digests)
+
+    # -- the Columns interface ---------------------------------------------------------------
+
+    def row_of(self) -> dict[int, int]:
+        """inode number -> row, of the live rows."""
+        if self._row_of is None:  # (made once, from the base: patches keep it up to date)
+            got = dict(zip(self.inos, range(self.span), strict=True))
+            for r in self.dead:
+                ino = self.inos[r]
+                if got.get(ino) == r:
+                    del got[ino]
+            self._row_of = got
+        return self._row_of
+
+    def dentries(self, r: int) -> list[tuple[int, bytes]]:
+        """Row ``r``'s names as (row of the directory, name)."""
+        node = self.ext.get(r)
+        return list(node.dentries) if node is not None else self.base.dentries(r)
+
+    def children(self, r: int) -> list[tuple[bytes, int]]:
+        """The entries of directory row ``r`` as (name, row)."""
+        out = self._children.get(r)
+        if out is None:
+            ext, dead = self.ext, self.dead
+            if self._ext_kids is None:  # (the rows of the patches, by directory: once)
+                self._ext_kids = {}
+                for c, node in ext.items():
+                    for p, name in node.dentries:
+                        self._ext_kids.setdefault(p, []).append((name, c))
+            out = [] if r >= self.base.count else [
+                (name, c) for name, c in self.base.children(r) if c not in ext and c not in dead]
+            out += self._ext_kids.get(r, ())
+            self._children[r] = out
+        return out
+
+    def inode(self, r: int) -> RecordInode:
+        """Row ``r`` whole (its names' directories as inode numbers)."""
+        node = self.ext.get(r)
+        if node is None:
+            return self.base.inode(r)
+        inos = self.inos
+        return replace(node, dentries=[(int(inos[p]), name) for p, name in node.dentries])
+
+    def rows(self) -> Iterator[RecordInode]:
+        """Every live row, in row order (the root first)."""
+        dead = self.dead
+        for r in range(self.span):
+            if r not in dead:
+                yield self.inode(r)
+
+    # -- the next record ---------------------------------------------------------------------
+
+    def patched(self, drop: Sequence[int], added: Sequence[RecordInode],
+                root: RecordInode | None = None) -> Encoded | Patch:
+        """The record of this view without the rows ``drop``, with ``root`` instead of row 0
+        (None: kept) and ``added``: a :class:`~.sendshot.Patch` of this view, or (the chain
+        long enough, or a version 3 lineage) the whole record's columns.
+
+        Raises:
+            ValueError: an inode both kept and added, a kept inode named in a directory
+                dropped, a name in a directory that is not in the result.
+        """
+        held = self.held + len(drop) + len(added) + (root is not None)
+        if not self.patches or self.depth + 1 > MAX_DEPTH or \
+                held > self.live // 10 + _SLACK or (root is not None and root.ino != self.ino(0)):
+            return self._whole(drop, added, root)
+        row_of = self.row_of()
+        gone = set(drop)
+        slots: list[int] = []
+        rows: list[RecordInode] = []
+        index: dict[int, int] = {}
+        nxt = self.span
+        for rec in ([root] if root is not None else []) + list(added):
+            r = row_of.get(rec.ino)
+            if r is not None and r not in gone and not (rec is root and r == 0):
+                raise ValueError(f"inode {rec.ino} is both kept and added")
+            if r is None:
+                r, nxt = nxt, nxt + 1
+            gone.discard(r)
+            index[rec.ino] = r
+            slots.append(r)
+            rows.append(rec)
+        kept = self._kept(gone, set(slots))
+        if kept is not None:
+            raise ValueError(kept)
+        lookup = _Rows(index, row_of, gone)
+        encoded = encode_rows(rows, lookup)
+        return Patch(sorted(gone), slots, encoded, nxt, self.live - len(gone) + nxt - self.span)
+
+    def _whole(self, drop: Sequence[int], added: Sequence[RecordInode],
+               root: RecordInode | None) -> Encoded:
+        """The whole record (the base's columns patched once, rows renumbered)."""
+        base, ext, n = self.base, self.ext, self.base.count
+        if not ext and not self.dead:
+            return base.patched(drop, added, root)
+        gone = set(drop)
+        if root is None and 0 in ext:
+            root = self.inode(0)
+        carried = [self.inode(r) for r in sorted(ext) if r and r not in gone]
+        base_drop = {r for r in gone | self.dead | ext.keys() if 0 < r < n}
+        base._row_of = None  # (the view's: the base's own is made again)
+        return base.patched(sorted(base_drop), carried + list(added), root)
+
+
+class _Rows(dict[int, int]):
+    """inode number -> row of the result, for the names of a patch's rows: its own rows
+    first, then the view's rows that are not dropped."""
+
+    def __init__(self, index: dict[int, int], row_of: dict[int, int], gone: set[int]) -> None:
+        super().__init__(index)
+        self.row_of, self.gone = row_of, gone
+
+    def get(self, ino: int, default: int | None = None) -> int | None:  # type: ignore[override]
+        got = super().get(ino)
+        if got is not None:
+            return got
+        r = self.row_of.get(ino)
+        return default if r is None or r in self.gone else r
