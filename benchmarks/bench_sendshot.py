@@ -20,7 +20,8 @@ Each round, side by side: the kernel (a read-only snapshot per round, the previo
 ``btrfs send -p``) and ``btrdelta send LIVE --from-sendshot latest --record`` (no snapshot
 kept): stream bytes (goal <= 1.05x the kernel's, smaller where content moved), time (goal
 <= 2x, unchanged files never read), the record's size against the subvolume's data (goal
-<= 1 %). What each time includes:
+<= 1 %; since session 24 a patch record, shown with the records it is read with: its chain
+of bases, what the store keeps for the next send). What each time includes:
 
 * kernel ``send -p``: ``btrfs send -p PREV SNAP -f FILE`` alone (the process, the stream
   written, no fsync). Its workflow also makes SNAP each round (``btrfs subvolume snapshot
@@ -72,6 +73,7 @@ import xxhash
 from pyfastcdc.cy import FastCDC
 
 from benchmarks.trees import debian_install_pair, real_pair
+from btrdelta.send.store import SendshotStore
 from btrdelta.testing.loopfs import loop_fs
 from btrdelta.testing.loopfs import run as sh
 from btrdelta.tree.treesum import tree_sum
@@ -273,13 +275,12 @@ def _workload(name: str, setup: Callable[[Path, random.Random], Callable[[int], 
             ks, bs = kfile.stat().st_size, bfile.stat().st_size
             data = sum(f.stat().st_size for f in live.rglob("*") if f.is_file()
                        and not f.is_symlink())
-            rec = max((store / "records").iterdir(), key=lambda f: f.stat().st_mtime_ns
-                      ).stat().st_size  # this round's record
+            rec, chain = _chain(store)  # this round's record, with its bases
             if prev is not None:  # what the kernel's kept snapshot pins now
                 du = sh("btrfs", "filesystem", "du", "-s", "--raw", str(prev))
                 sums["pinned"] = max(sums.get("pinned", 0), int(du.splitlines()[-1].split()[1]))
             if i:
-                _round(name, i, t, out, bs, ks, report, data, rec, ok)
+                _round(name, i, t, out, bs, ks, report, data, rec, chain, ok)
                 sums["k"] += ks
                 sums["b"] += bs
                 sums["read"] += int(report["bytes_read"] or 0)
@@ -311,9 +312,22 @@ def _workload(name: str, setup: Callable[[Path, random.Random], Callable[[int], 
             f"kept snapshot pins up to {_mib(sums.get('pinned', 0))} (exclusive)")
 
 
+def _chain(store: Path) -> tuple[int, tuple[int, int]]:
+    """The size of the newest record of ``store``, and (records, bytes) of it with the
+    records it is read with (a patch record's bases, ``docs/formats/sendshot.md`` §2b):
+    what the store must keep for the next send."""
+    every = {s.digest: s for s in SendshotStore(store).records_list()}
+    cur = max(every.values(), key=lambda s: s.head.created_ns)
+    newest, n, total = cur.size, 1, cur.size
+    while cur.head.base is not None:
+        cur = every[cur.head.base]
+        n, total = n + 1, total + cur.size
+    return newest, (n, total)
+
+
 def _round(name: str, i: int, t: dict[str, tuple[float, float, str]],
            out: Callable[[str], None], bs: int, ks: int, report: dict[str, Any], data: int,
-           rec: int, ok: bool) -> None:
+           rec: int, chain: tuple[int, int], ok: bool) -> None:
     """One round's line: each side's wall time with its CPU time (user + system) beside it;
     a round slowed by other work on the machine shows a longer wall time, not more CPU."""
     def secs(*keys: str) -> tuple[float, float]:
@@ -326,8 +340,9 @@ def _round(name: str, i: int, t: dict[str, tuple[float, float, str]],
         f"time read-only {rw:.3f} s (CPU {rc:.3f}) vs send -p {kw:.3f} s (CPU {kc:.3f}) "
         f"({rw / max(kw, 1e-3):.2f}x), live {bw:.3f} s (CPU {bc:.3f}) vs snapshot + send -p "
         f"{aw:.3f} s (CPU {ac:.3f}) ({bw / max(aw, 1e-3):.2f}x); "
-        f"files read {_mib(read)} of {_mib(data)}; record {_mib(rec)} = "
-        f"{100 * rec / max(data, 1):.2f} % of the data, tree-sum {'equal' if ok else 'DIFFERENT'}")
+        f"files read {_mib(read)} of {_mib(data)}; record {_mib(rec)}, with the "
+        f"{chain[0] - 1} records it patches {_mib(chain[1])} = {100 * chain[1] / max(data, 1):.2f} "
+        f"% of the data, tree-sum {'equal' if ok else 'DIFFERENT'}")
 
 
 def _replication(out: Callable[[str], None]) -> None:

@@ -199,6 +199,13 @@ HOSTILE = {
     "rows SLOTS do not place": (
         lambda v: Patch([], [], encode_rows([_root_file(v, rng0)], {v.ino(0): 0}),
                         v.span, v.live), "SLOTS holds", True),
+    "a root that is no directory": (
+        lambda v: Patch([], [0], encode_rows([replace(_root_file(v, rng0), ino=v.ino(0),
+                                                      dentries=[])], {}), v.span, v.live),
+        "the root is replaced", True),
+    "a directory made a file, its entries kept": (
+        lambda v: Patch([], [1], encode_rows([replace(_root_file(v, rng0), ino=v.ino(1))],
+                                             {v.ino(0): 0}), v.span, v.live), "is kept", False),
     "a dropped directory's kept entry": (
         lambda v: Patch([next(r for r in range(1, v.span) if v.modes[r] & 0o170000 == _DIR)],
                         [], encode_rows([], {}), v.span, v.live - 1), "is kept", False),

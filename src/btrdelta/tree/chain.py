@@ -23,7 +23,6 @@ from array import array
 from collections.abc import Iterator, Sequence
 
 from .. import TYPE_CHECKING
-from .._value import replace
 from ..errors import StreamFormatError
 from .columns import Columns, Encoded, encode_rows
 from .sendshot import _DROP, _SLOTS, C_GEN, C_INO, C_MODE, C_PARENT, C_SIZE, Patch, RecordInode
@@ -56,8 +55,9 @@ class View:
         #: rows (dropped ones included), and the rows dropped
         self.span = base.count
         self.dead: set[int] = set()
-        #: rows replaced or added: the inode (its names' directories as rows)
-        self.ext: dict[int, RecordInode] = {}
+        #: rows replaced or added: the patch's rows and the row there (materialised when
+        #: asked: a chain's patches hold a few thousand rows, a send reads few of them)
+        self.ext: dict[int, tuple[Columns, int]] = {}
         self._row_of: dict[int, int] | None = None
         self._children: dict[int, list[tuple[bytes, int]]] = {}
         self._ext_kids: dict[int, list[tuple[bytes, int]]] | None = None
@@ -115,7 +115,13 @@ class View:
             if mode & _FMT != _DIR:
                 raise bad(f"PARENT row {parent} is not a directory of the result",
                           C_PARENT, d)
-        kept = self._kept(drop, taken)
+        # a directory replaced by another type names nothing either (the root stays one)
+        retyped = {s for k, s in enumerate(patch.slots)
+                   if s < span and self._mode(s) & _FMT == _DIR and rows.modes[k] & _FMT != _DIR}
+        if 0 in retyped:
+            raise bad("SLOTS: the root is replaced by an inode that is not a directory",
+                      _SLOTS, list(patch.slots).index(0))
+        kept = self._kept(drop | retyped, taken)
         if kept is not None:
             raise StreamFormatError(f"DROP: {kept}", source=source)
         for d in drop:
@@ -125,8 +131,8 @@ class View:
             dead.add(d)
             self.ext.pop(d, None)
         for k, s in enumerate(patch.slots):
-            self.ext[s] = rows.inode(k, by_row=True)
-            row_of[self.ext[s].ino] = s
+            self.ext[s] = (rows, k)
+            row_of[rows.inos[k]] = s
         self.span = nxt
         self.depth += 1
         self.held += len(drop) + len(patch.slots)
@@ -144,13 +150,13 @@ class View:
         return None
 
     def _mode(self, r: int) -> int:
-        node = self.ext.get(r)
-        return node.mode if node is not None else int(self.base.modes[r])
+        got = self.ext.get(r)
+        return int(got[0].modes[got[1]] if got is not None else self.base.modes[r])
 
     def ino(self, r: int) -> int:
         """The inode number of row ``r``."""
-        node = self.ext.get(r)
-        return node.ino if node is not None else int(self.base.inos[r]) \
+        got = self.ext.get(r)
+        return int(got[0].inos[got[1]]) if got is not None else int(self.base.inos[r]) \
             if r < self.base.count else 0
 
     @property
@@ -192,13 +198,12 @@ class View:
             return base.fixed, base.file_rows, base.digests
         n, added = base.count, range(base.count, self.span)
         cols = {}
-        for c, field in ((C_INO, "ino"), (C_MODE, "mode"), (C_SIZE, "size"),
-                         (C_GEN, "generation")):
+        for c in (C_INO, C_MODE, C_SIZE, C_GEN):
             col = array(base.fixed[c].typecode, base.fixed[c])
-            col.extend(getattr(ext[r], field) if r in ext else 0 for r in added)
-            for r, node in ext.items():
+            col.extend(ext[r][0].fixed[c][ext[r][1]] if r in ext else 0 for r in added)
+            for r, (got, k) in ext.items():
                 if r < n:
-                    col[r] = getattr(node, field)
+                    col[r] = got.fixed[c][k]
             cols[c] = col
         # the base's files but those dropped or replaced, then the view's own
         stale = sorted(base.foff[r] for r in (dead | ext.keys()) if r < n
@@ -210,10 +215,11 @@ class View:
             digests.append(base.digests[48 * start:48 * k])
             start = k + 1
         for r in sorted(ext):
-            node = ext[r]
-            if node.mode & _FMT == _REG:
+            cols_of, k = ext[r]
+            if cols_of.modes[k] & _FMT == _REG:
                 rows.append(r)
-                digests.append(node.digest + node.bdigest)
+                f = cols_of.foff[k]
+                digests.append(cols_of.digests[48 * f:48 * f + 48])
         return cols, rows, b"".join(digests)
 
     # -- the Columns interface ---------------------------------------------------------------
@@ -231,8 +237,8 @@ class View:
 
     def dentries(self, r: int) -> list[tuple[int, bytes]]:
         """Row ``r``'s names as (row of the directory, name)."""
-        node = self.ext.get(r)
-        return list(node.dentries) if node is not None else self.base.dentries(r)
+        got = self.ext.get(r)
+        return got[0].dentries(got[1]) if got is not None else self.base.dentries(r)
 
     def children(self, r: int) -> list[tuple[bytes, int]]:
         """The entries of directory row ``r`` as (name, row)."""
@@ -241,8 +247,8 @@ class View:
             ext, dead = self.ext, self.dead
             if self._ext_kids is None:  # (the rows of the patches, by directory: once)
                 self._ext_kids = {}
-                for c, node in ext.items():
-                    for p, name in node.dentries:
+                for c, (rows, k) in ext.items():
+                    for p, name in rows.dentries(k):
                         self._ext_kids.setdefault(p, []).append((name, c))
             out = [] if r >= self.base.count else [
                 (name, c) for name, c in self.base.children(r) if c not in ext and c not in dead]
@@ -252,11 +258,12 @@ class View:
 
     def inode(self, r: int) -> RecordInode:
         """Row ``r`` whole (its names' directories as inode numbers)."""
-        node = self.ext.get(r)
-        if node is None:
+        got = self.ext.get(r)
+        if got is None:
             return self.base.inode(r)
-        inos = self.inos
-        return replace(node, dentries=[(int(inos[p]), name) for p, name in node.dentries])
+        node = got[0].inode(got[1], by_row=True)
+        node.dentries = [(self.ino(p), name) for p, name in node.dentries]
+        return node
 
     def rows(self) -> Iterator[RecordInode]:
         """Every live row, in row order (the root first)."""
