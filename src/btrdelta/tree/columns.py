@@ -237,6 +237,8 @@ def encode_rows(inodes: Iterable[RecordInode], index: dict[int, int] | None = No
 class Columns:
     """The decoded columns of a version 2 or 3 record (``count`` inodes, ``nblk`` block
     digests; without columns NEXTENTS and EXTENTS, a version 2 record's: no extents).
+    ``span``: the rows of a patch record, whose PARENT values are rows of its result (of
+    ``span`` rows; :mod:`.chain` checks the rest).
 
     Raises:
         StreamFormatError: a column of the wrong length, a parent that is not an inode of
@@ -245,8 +247,6 @@ class Columns:
 
     def __init__(self, cols: dict[int, memoryview | bytes], count: int, nblk: int, *,
                  span: int | None = None) -> None:
-        # (span: the rows of a patch record, whose PARENT values are rows of the result of
-        # ``span`` rows, checked by :mod:`.chain`)
         f = {c: _unpack(cols[c], code, count, c) for c, code in PER_INODE}
         self.count = count
         self.fixed = f
