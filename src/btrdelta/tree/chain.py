@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 
 from .. import TYPE_CHECKING
 from ..errors import StreamFormatError
-from .columns import Columns, Encoded, encode_rows
+from .columns import Columns, Encoded, _Lookup, encode_rows
 from .sendshot import _DROP, _SLOTS, C_GEN, C_INO, C_MODE, C_PARENT, C_SIZE, Patch, RecordInode
 
 if TYPE_CHECKING:
@@ -307,7 +307,7 @@ class View:
         kept = self._kept(gone, set(slots))
         if kept is not None:
             raise ValueError(kept)
-        lookup = _Rows(index, row_of, gone)
+        lookup = _Lookup(index, row_of, _Kept(gone))  # type: ignore[arg-type]
         encoded = encode_rows(rows, lookup)
         return Patch(sorted(gone), slots, encoded, nxt, self.live - len(gone) + nxt - self.span)
 
@@ -326,17 +326,11 @@ class View:
         return base.patched(sorted(base_drop), carried + list(added), root)
 
 
-class _Rows(dict[int, int]):
-    """inode number -> row of the result, for the names of a patch's rows: its own rows
-    first, then the view's rows that are not dropped."""
+class _Kept:
+    """The row of each row of a view in the result of a patch: the same, -1 if dropped."""
 
-    def __init__(self, index: dict[int, int], row_of: dict[int, int], gone: set[int]) -> None:
-        super().__init__(index)
-        self.row_of, self.gone = row_of, gone
+    def __init__(self, gone: set[int]) -> None:
+        self.gone = gone
 
-    def get(self, ino: int, default: int | None = None) -> int | None:  # type: ignore[override]
-        got = super().get(ino)
-        if got is not None:
-            return got
-        r = self.row_of.get(ino)
-        return default if r is None or r in self.gone else r
+    def __getitem__(self, r: int) -> int:
+        return -1 if r in self.gone else r

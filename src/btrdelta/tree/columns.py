@@ -528,10 +528,11 @@ class Columns:
 
 
 class _Lookup(dict[int, int]):
-    """inode number -> new row, for names of new rows: new inodes first, then kept rows."""
+    """inode number -> new row, for names of new rows: new inodes first, then kept rows
+    (``new_row``: the new row of each old one, -1 for one dropped)."""
 
     def __init__(self, index: dict[int, int], row_of: dict[int, int],
-                 new_row: list[int]) -> None:
+                 new_row: Sequence[int]) -> None:
         super().__init__(index)
         self.row_of, self.new_row = row_of, new_row
 
