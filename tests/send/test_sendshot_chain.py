@@ -100,7 +100,9 @@ def _save(store: SendshotStore, prev: StoredSendshot, got: object, k: int) -> St
 def _chain(tmp_path: Path, steps: int) -> tuple[SendshotStore, list[StoredSendshot],
                                                 list[dict[int, RecordInode]]]:
     """The committed record and ``steps`` records after it, each read back and checked
-    against the whole-record patching of the same changes; the rows after each."""
+    against the whole-record patching of the same changes; the rows after each (a chain
+    compacted by its length: the tree is too small for the rows' rule,
+    ``test_a_chain_is_compacted_when_its_rows_outweigh_the_tree``)."""
     store, rec = _store(tmp_path)
     reader, f = store.open(rec)
     with f:
@@ -120,6 +122,31 @@ def _chain(tmp_path: Path, steps: int) -> tuple[SendshotStore, list[StoredSendsh
         wants.append(_rows(whole.rows()))
         assert _rows(view.rows()) == wants[-1], k
     return store, records, wants
+
+
+@pytest.fixture(autouse=True)
+def _long_chains(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("btrdelta.tree.chain.SLACK", 10_000)
+
+
+def test_a_chain_is_compacted_when_its_rows_outweigh_the_tree(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("btrdelta.tree.chain.SLACK", 12)
+    store, rec = _store(tmp_path)
+    view = store.view(rec)
+    rng = random.Random(3)
+    kinds = []
+    for k in range(1, 5):
+        held = view.held
+        got = _apply(view, *_step(view, rng, k))
+        kinds.append(isinstance(got, Patch))
+        rec = _save(store, rec, got, k)
+        view = store.view(rec)
+        # a patch holds its rows on top of the chain's; a whole record starts a new chain
+        assert view.held > held if kinds[-1] else (view.held, view.depth) == (0, 0), k
+    # ~7-10 rows a step, a tree of ~20: the second patch would hold more than 12 + 20 // 16
+    assert kinds[0], kinds
+    assert not kinds[1], kinds
 
 
 def test_a_chain_reads_back_what_whole_records_hold(tmp_path: Path) -> None:

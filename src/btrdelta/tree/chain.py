@@ -11,7 +11,8 @@ of four small columns (inode numbers, modes, sizes, generations) and of the file
 ``inos``, ``modes``, ``sizes``, ``fixed[C_GEN]``, ``file_rows``, ``digests``,
 ``children``, ``dentries``, ``inode``, ``rows``) and :meth:`View.patched` makes the next
 record: a :class:`~.sendshot.Patch`, or a whole record (*compaction*) once the chain has
-:data:`MAX_DEPTH` patches or its patches hold more than a tenth of the rows.
+:data:`MAX_DEPTH` patches or its patches hold more than a sixteenth of the rows
+(:data:`SPREAD`, plus :data:`SLACK`).
 
 Knows the column layout and the patch's meaning; reading files is :mod:`~.sendshot`'s and
 finding the records of a chain the store's.
@@ -30,12 +31,18 @@ from .sendshot import _DROP, _SLOTS, C_GEN, C_INO, C_MODE, C_PARENT, C_SIZE, Pat
 if TYPE_CHECKING:
     from typing import Final
 
-__all__ = ["MAX_DEPTH", "View"]
+__all__ = ["MAX_DEPTH", "SLACK", "SPREAD", "View"]
 
 #: a chain is compacted (a whole record written) when it would hold more patches than this
 MAX_DEPTH: Final = 8
-#: ... or when its patches hold more rows than a tenth of the tree's and this many
-_SLACK = 256
+#: ... or when its patches hold more rows (dropped, replaced, added) than the tree's divided
+#: by this, plus :data:`SLACK`. Costs measured (session 24, medians under load 6): a chain's
+#: rows cost ~6.5 µs each to load (a patch read, checked, applied: ~5 ms for 7 patches of
+#: 766 rows in all), a whole record ~0.45 µs a row of the tree to write (13 ms waited for
+#: and 4.5 ms of patching on 42,402 rows; ~3 ms on 5,965): a chain pays while it holds
+#: fewer rows than ~1/14 of the tree's
+SPREAD: Final = 16
+SLACK: Final = 64
 _FMT, _DIR, _REG = 0o170000, 0o040000, 0o100000
 
 
@@ -286,7 +293,8 @@ class View:
         """
         held = self.held + len(drop) + len(added) + (root is not None)
         if not self.patches or self.depth + 1 > MAX_DEPTH or \
-                held > self.live // 10 + _SLACK or (root is not None and root.ino != self.ino(0)):
+                held > self.live // SPREAD + SLACK or \
+                (root is not None and root.ino != self.ino(0)):
             return self._whole(drop, added, root)
         row_of = self.row_of()
         gone = set(drop)
