@@ -26,7 +26,18 @@ from collections.abc import Iterator, Sequence
 from .. import TYPE_CHECKING
 from ..errors import StreamFormatError
 from .columns import Columns, Encoded, _Lookup, encode_rows
-from .sendshot import _DROP, _SLOTS, C_GEN, C_INO, C_MODE, C_PARENT, C_SIZE, Patch, RecordInode
+from .sendshot import (
+    _DROP,
+    _END,
+    _SLOTS,
+    C_GEN,
+    C_INO,
+    C_MODE,
+    C_PARENT,
+    C_SIZE,
+    Patch,
+    RecordInode,
+)
 
 if TYPE_CHECKING:
     from typing import Final
@@ -113,7 +124,7 @@ class View:
         if nxt != patch.span or self.live - len(drop) + nxt - span != patch.live:
             raise StreamFormatError(f"END counts {patch.span} rows, {patch.live} inodes; the "
                                     f"patch makes {nxt} and {self.live - len(drop) + nxt - span}",
-                                    source=source)
+                                    source=source, offset=patch.where.get(_END))
         slot_of = dict(zip(patch.slots, range(len(patch.slots)), strict=True))
         for d, parent in enumerate(rows.parents):
             k = slot_of.get(parent)
@@ -130,7 +141,9 @@ class View:
                       _SLOTS, list(patch.slots).index(0))
         kept = self._kept(drop | retyped, taken)
         if kept is not None:
-            raise StreamFormatError(f"DROP: {kept}", source=source)
+            d, said = kept
+            raise bad(said, *((_DROP, list(patch.drop).index(d)) if d in drop
+                              else (_SLOTS, list(patch.slots).index(d))))
         for d in drop:
             ino = self.ino(d)
             if row_of.get(ino) == d:
@@ -146,14 +159,14 @@ class View:
         self._children, self._ext_kids = {}, None
         self._cols = None
 
-    def _kept(self, drop: set[int], taken: set[int]) -> str | None:
+    def _kept(self, drop: set[int], taken: set[int]) -> tuple[int, str] | None:
         """A row kept as it is that stays named in a directory of ``drop`` (``taken``: the
-        rows replaced), said, or None."""
+        rows replaced): the directory's row and what is wrong, or None."""
         for d in drop:
             if self._mode(d) & _FMT == _DIR:
                 for name, c in self.children(d):
                     if c not in drop and c not in taken:
-                        return f"directory row {d} is dropped but its entry {name!r} is kept"
+                        return d, f"directory row {d} goes but its entry {name!r} is kept"
         return None
 
     def _mode(self, r: int) -> int:
@@ -314,7 +327,7 @@ class View:
             rows.append(rec)
         kept = self._kept(gone, set(slots))
         if kept is not None:
-            raise ValueError(kept)
+            raise ValueError(kept[1])
         lookup = _Lookup(index, row_of, _Kept(gone))  # type: ignore[arg-type]
         encoded = encode_rows(rows, lookup)
         return Patch(sorted(gone), slots, encoded, nxt, self.live - len(gone) + nxt - self.span)

@@ -678,6 +678,7 @@ class RecordReader:
             if len(cols_in[c]) % 4 and c in (_DROP, _SLOTS):
                 fr.fail(StreamFormatError("not a whole number of u32"), cmd=cmd)
             self._done()
+        where[_END] = fr.offset
         cmd, mv, start, end = self._next()
         if cmd != _END:
             fr.fail(StreamFormatError("expected END after the columns"), cmd=cmd)
