@@ -111,7 +111,8 @@ class StoredSendshot(Value):
             "name": os.fsdecode(h.name), "source": os.fsdecode(h.source),
             "stream_uuid": str(h.stream_uuid), "stream_ctransid": h.stream_ctransid,
             "subvol_uuid": str(h.subvol_uuid) if h.subvol_uuid else None,
-            "parent": h.parent, "generation": h.generation, "bytes": self.size,
+            "parent": h.parent, "base": h.base, "generation": h.generation,
+            "bytes": self.size,
             "held_by": self.held_by,
         }
 
