@@ -340,8 +340,8 @@ def _round(name: str, i: int, t: dict[str, tuple[float, float, str]],
         f"time read-only {rw:.3f} s (CPU {rc:.3f}) vs send -p {kw:.3f} s (CPU {kc:.3f}) "
         f"({rw / max(kw, 1e-3):.2f}x), live {bw:.3f} s (CPU {bc:.3f}) vs snapshot + send -p "
         f"{aw:.3f} s (CPU {ac:.3f}) ({bw / max(aw, 1e-3):.2f}x); "
-        f"files read {_mib(read)} of {_mib(data)}; record {_mib(rec)}, with the "
-        f"{chain[0] - 1} records it patches {_mib(chain[1])} = {100 * chain[1] / max(data, 1):.2f} "
+        f"files read {_mib(read)} of {_mib(data)}; record {_mib(rec)}, with its chain "
+        f"({chain[0]} records) {_mib(chain[1])} = {100 * chain[1] / max(data, 1):.2f} "
         f"% of the data, tree-sum {'equal' if ok else 'DIFFERENT'}")
 
 
