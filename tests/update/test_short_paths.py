@@ -75,6 +75,30 @@ def test_a_damaged_metadata_cache_is_fetched_again(
     assert all(p.read_bytes() for p in (dest / ".btrdelta" / "meta").iterdir())
 
 
+def test_cached_metadata_is_not_written_again(
+    signed: tuple[Path, Path], server: Nginx, releases: list[Path], tmp_path: Path,
+) -> None:
+    """An update whose index and bins are in the cache of verified metadata reads them
+    there (nginx is not asked for them) and writes none of them again: every cached file
+    keeps its inode and mtime (the index was rewritten under its name each run)."""
+    _, pub = signed
+    dest = tmp_path / "dest"
+    _update(server.url, dest, "--to", "v2", "--key", str(pub))
+    meta = dest / ".btrdelta" / "meta"
+    kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in meta.iterdir()}
+    assert len(kept) >= 2  # the index and a bin at least
+    before = len(server.requests())
+    _update(server.url, dest, "--to", "v2")
+    fetched = [uri for _status, _n, uri in server.requests()[before:]]
+    assert not [uri for uri in fetched if uri.startswith(("/index/", "/bins/"))], fetched
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in meta.iterdir()} == kept
+    _update(server.url, dest)
+    assert tree_sum(dest / f"v{N}") == tree_sum(releases[N - 1])
+    for name, stamp in kept.items():
+        path = meta / name
+        assert (path.stat().st_ino, path.stat().st_mtime_ns) == stamp, name
+
+
 def test_the_trusted_state_is_written_only_when_it_changes(
     signed: tuple[Path, Path], releases: list[Path], tmp_path: Path,
 ) -> None:

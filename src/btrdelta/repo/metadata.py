@@ -134,8 +134,11 @@ def load_index(mirrors: Mirrors, keys: Sequence[trust.PublicKey], trusted: Trust
 def _verify(mirrors: Mirrors, keys: Sequence[trust.PublicKey], trusted: TrustedState,
             cache: MetaCache, ts_bytes: bytes, claimed: Timestamp, when: float) -> Verified:
     """The index ``claimed`` names (cached, or fetched from any mirror), verified, and the
-    timestamp verified with the keys it lists."""
+    timestamp verified with the keys it lists. A fetched index is cached once verified; a
+    cached one is not written again (a file rewritten under its name each update: ~0.9 ms
+    of the regex path's start on ext4, where a rename over a file starts its writeback)."""
     data = cache.get(claimed.index_blake3)
+    cached = data is not None
     if data is None:
         data = mirrors.fetch(claimed.index_path, length=claimed.index_length,
                              digest=claimed.index_blake3)
@@ -145,7 +148,8 @@ def _verify(mirrors: Mirrors, keys: Sequence[trust.PublicKey], trusted: TrustedS
                                         CONTEXT_TIMESTAMP), "timestamp.json")
     check_timestamp(ts, now=when, trusted=trusted)
     check_index(index, ts, claimed.index_blake3, now=when, trusted=trusted, source=source)
-    cache.put(claimed.index_blake3, data)
+    if not cached:
+        cache.put(claimed.index_blake3, data)
     return Verified(index, ts, claimed.index_blake3, len(data), len(ts_bytes))
 
 
