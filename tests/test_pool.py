@@ -1,12 +1,15 @@
-"""btrdelta._pool: the small thread pool of the delta expansion."""
+"""btrdelta._pool: the small thread pool of the delta expansion, threads started without
+waiting for them to run."""
 
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 
 import pytest
 
-from btrdelta._pool import Pool
+from btrdelta._pool import Pool, StartedThread
 
 
 def _workers(name: str) -> int:
@@ -115,3 +118,53 @@ def test_started_threads_carry_their_name_for_the_kernel() -> None:
     assert threading.active_count() == count
     gate.set()
     t.join()
+
+
+class _Held:
+    """A :class:`~btrdelta._pool.StartedThread` whose new thread waits for ``gate`` before
+    it runs anything (``threading``'s own start-up included)."""
+
+    @staticmethod
+    def make(gate: threading.Event, target: Callable[[], object], name: str) -> StartedThread:
+        class Held(StartedThread):
+            def _bootstrap(self) -> None:
+                gate.wait(5)
+                super()._bootstrap()  # type: ignore[misc]
+
+        return Held(target, name)
+
+
+def test_started_thread_start_returns_before_the_thread_runs() -> None:
+    """``StartedThread.start`` returns before the new thread has run at all (held back
+    here: ``Thread.start`` waited the 5 s of the gate); it is alive and listed by
+    ``threading`` from then on, a daemon; ``join`` waits for it to start and end; the
+    target runs in it under its name; a second start is refused."""
+    gate, seen = threading.Event(), []
+    t = _Held.make(gate, lambda: seen.append(threading.current_thread().name), "held-thread")
+    began = time.monotonic()
+    t.start()
+    assert time.monotonic() - began < 2
+    assert t.is_alive()
+    assert t in threading.enumerate()
+    assert t.daemon
+    assert seen == []
+    with pytest.raises(RuntimeError, match="only be started once"):
+        t.start()
+    threading.Timer(0.05, gate.set).start()
+    t.join()
+    assert seen == ["held-thread"]
+    assert not t.is_alive()
+    assert t not in threading.enumerate()
+
+
+def test_started_thread_join_with_a_timeout_before_it_runs() -> None:
+    """``join(timeout)`` of a started thread that has not run yet returns after the
+    timeout (as for one still running), not ``Thread.join``'s error."""
+    gate = threading.Event()
+    t = _Held.make(gate, lambda: None, "held-join")
+    t.start()
+    t.join(0.05)
+    assert t.is_alive()
+    gate.set()
+    t.join()
+    assert not t.is_alive()

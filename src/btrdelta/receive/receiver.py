@@ -19,6 +19,7 @@ from pathlib import Path
 from uuid import UUID
 
 from .. import TYPE_CHECKING
+from .._pool import StartedThread
 from ..errors import BtrdeltaError, StreamFormatError
 from ..stream.reader import Event, StreamHeader
 from ..stream.records import End, Snapshot, Subvol
@@ -116,7 +117,7 @@ def prefetch(batches: Iterable[list[Event]]) -> Iterator[list[Event]]:
         except BaseException as exc:  # handed to the consumer
             put(exc)
 
-    thread = threading.Thread(target=produce, name="btrdelta-receive-reader", daemon=True)
+    thread = StartedThread(produce, "btrdelta-receive-reader")
     thread.start()
     try:
         while True:

@@ -40,6 +40,7 @@ from pathlib import Path
 from uuid import UUID
 
 from .. import TYPE_CHECKING
+from .._pool import StartedThread
 from .._value import Value
 from ..errors import ApplyError, BtrdeltaError, MissingBaseError, UnsafePathError
 from ..fs.atomic import pid_alive
@@ -161,8 +162,7 @@ class _ReadOnly:
         self._error: BaseException | None = None
         self._first = threading.Event()
         self._first_ok = False
-        self._thread = threading.Thread(target=self._run, args=(first,), name=name,
-                                        daemon=True)
+        self._thread = StartedThread(self._run, name, (first,))
         self._thread.start()
 
     def _run(self, first: Callable[[], None] | None) -> None:
@@ -253,8 +253,7 @@ class _Registering:
         self._pending = pending
         self._registry: Registry | None = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(subvols, ino),
-                                        name="btrdelta-register", daemon=True)
+        self._thread = StartedThread(self._run, "btrdelta-register", (subvols, ino))
         self._thread.start()
 
     def _run(self, subvols: Subvolumes, ino: int) -> None:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .._pool import StartedThread
 from . import holdings
 
 __all__ = ["AHEAD_MAX", "Beside"]
@@ -40,8 +41,7 @@ class _Job:
     def __init__(self, func: Callable[[], Any], name: str) -> None:
         self._result: Any = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(func,), name=name,
-                                        daemon=True)
+        self._thread = StartedThread(self._run, name, (func,))
         self._thread.start()
 
     def _run(self, func: Callable[[], Any]) -> None:

@@ -41,6 +41,7 @@ from typing import Any
 
 from .. import TYPE_CHECKING, _native, trust
 from .._optional import lazy
+from .._pool import StartedThread
 from .._value import Value, field
 from ..chunk.store import ChunkStore
 from ..errors import BtrdeltaError, MissingBaseError
@@ -258,7 +259,7 @@ def _import_ahead() -> threading.Thread:
             for name in ("fastapply", "unfold", "treewalk", "hpatch"):
                 _native.live(name)
 
-    thread = threading.Thread(target=run, name="btrdelta-imports", daemon=True)
+    thread = StartedThread(run, "btrdelta-imports")
     thread.start()
     return thread
 
