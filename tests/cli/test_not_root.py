@@ -70,3 +70,14 @@ def test_an_error_that_names_root_already_is_not_told_twice(world: Path) -> None
     proc = _as_nobody("sendshot", "--store", str(world / "store"), "list")
     assert proc.returncode == 0, proc.stderr  # an empty store the user may make: no refusal
     assert HINT not in proc.stderr
+
+
+def test_serve_of_a_directory_the_user_cannot_read(world: Path) -> None:
+    """Before: 'serving DIR on http://...' and every request answered 404 until stopped."""
+    private = world / "www"
+    private.mkdir(mode=0o700)
+    proc = _as_nobody("serve", str(private), "--port", "0")
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"btrdelta serve: error: {private}: Permission denied")
+    assert proc.stderr.rstrip().endswith(HINT)

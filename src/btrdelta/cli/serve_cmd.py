@@ -69,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.dir):
         raise BtrdeltaError("not a directory" if os.path.lexists(args.dir) else
                             "does not exist", path=args.dir)
+    with os.scandir(args.dir):  # (one it cannot read is refused now, not served as 404s)
+        pass
     server = StaticServer(args.dir, (args.bind, args.port), log=log,
                           idle_timeout=args.idle_timeout)
     stop = threading.Event()
