@@ -128,7 +128,9 @@ def _add_overlay(dsub: Any) -> None:
     )
     m.add_argument("fs", metavar="FS", help=_FS_HELP)
     m.add_argument("target", metavar="TARGET", help="an empty directory")
-    m.add_argument("--root", choices=("a", "b", "factory"), help="the root to mount")
+    m.add_argument("--root", choices=("a", "b", "factory"),
+                   help="the root to mount (default: the one the next boot takes; no try "
+                        "spent)")
     m.add_argument("--no-state", action="store_true", help="the root alone, no state")
     add_json(m, "the root and the mounts made")
     add_quiet_option(m)
@@ -140,7 +142,8 @@ def _add_overlay(dsub: Any) -> None:
         epilog=examples("btrdelta device diff /mnt/top"),
     )
     d.add_argument("fs", metavar="FS", help=_FS_HELP)
-    d.add_argument("--root", choices=("a", "b", "factory"), help="the root to compare with")
+    d.add_argument("--root", choices=("a", "b", "factory"),
+                   help="the root to compare with (default: the next boot's)")
     d.add_argument("--json", action="store_true", help="JSON lines: {kind, path}")
     d.set_defaults(func=run_diff)
 
