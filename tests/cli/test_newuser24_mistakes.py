@@ -5,14 +5,18 @@ does not belong."""
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
 import pytest
 
+from btrdelta.chunk.castr import read_caibx
+from btrdelta.chunk.casync import chunk_file_name
 from btrdelta.cli import main
 from btrdelta.receive.registry import REGISTRY_NAME
 from tests.chunk.images import ImagePair
+from tests.chunk.test_casync import casync_make
 
 
 def _err(capsys: pytest.CaptureFixture[str]) -> str:
@@ -106,3 +110,22 @@ def test_image_verify_of_an_archive_makes_no_lock_beside_it(
                  str(tmp_path / "store" / "v1")]) == 0
     assert main(["image", "verify", "-q", str(tmp_path / "store" / "v1")]) == 0
     assert (tmp_path / "store" / ".lock").is_file()
+
+
+def test_image_clone_of_a_casync_index_whose_chunk_file_is_a_directory(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: 'btrdelta image clone: error: Is a directory' (exit 1), naming nothing."""
+    blob = tmp_path / "blob"
+    blob.write_bytes(random.Random(24).randbytes(200_000))
+    index_path, store = casync_make(blob, tmp_path, "--chunk-size=16384")
+    index, _ = read_caibx(str(index_path))
+    chunk = store / chunk_file_name(index.digests[0])
+    chunk.unlink()
+    chunk.mkdir()
+    out = tmp_path / "out.img"
+    assert main(["image", "clone", str(index_path), "--castr", str(store),
+                 "--output", str(out)]) == 3
+    err = _err(capsys)
+    assert err == (f"btrdelta image clone: error: {chunk}: a chunk file that is not a regular "
+                   "file\n"), err
+    assert not out.exists()

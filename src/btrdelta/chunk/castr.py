@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+import stat
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -73,7 +74,10 @@ def _read_local(path: str, max_size: int) -> bytes | None:
     except FileNotFoundError:
         return None
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # (a directory's read said only "Is a directory")
+            raise StreamFormatError("a chunk file that is not a regular file", source=path)
+        size = st.st_size
         if size > max_size:
             raise StreamFormatError(f"{size} bytes, at most {max_size} expected", source=path)
         return os.read(fd, max_size + 1)
