@@ -17,6 +17,7 @@ from btrdelta.cli import main
 from btrdelta.receive.registry import REGISTRY_NAME
 from tests.chunk.images import ImagePair
 from tests.chunk.test_casync import casync_make
+from tests.cli.test_newuser22_mistakes import _signed_repo
 
 
 def _err(capsys: pytest.CaptureFixture[str]) -> str:
@@ -129,3 +130,23 @@ def test_image_clone_of_a_casync_index_whose_chunk_file_is_a_directory(
     assert err == (f"btrdelta image clone: error: {chunk}: a chunk file that is not a regular "
                    "file\n"), err
     assert not out.exists()
+
+
+def test_update_from_a_repository_directory_whose_pack_is_a_directory(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: 'btrdelta update: error: Is a directory' (exit 1), naming nothing."""
+    tree = tmp_path / "v1"
+    (tree / "d").mkdir(parents=True)
+    (tree / "d" / "f").write_bytes(random.Random(1).randbytes(300_000))
+    repo = tmp_path / "repo"
+    key = _signed_repo(tmp_path, tree, repo)
+    packs = sorted((repo / "packs").iterdir())
+    for pack in packs:
+        pack.unlink()
+        pack.mkdir()
+    dest = tmp_path / "dest"
+    assert main(["update", "-q", str(repo), str(dest), "--key", f"{key}.pub"]) == 7
+    err = _err(capsys)
+    assert err.startswith("btrdelta update: error: "), err
+    assert any(err.endswith(f"{pack}: Is a directory\n") for pack in packs), err
+    assert not (dest / "1.0").exists()

@@ -80,7 +80,10 @@ class _FileRanges:
             raise TransportError(f"{exc.strerror}", url=self.path) from None
         try:
             for span in spans:
-                data = os.pread(fd, span.end - span.start, span.start)
+                try:
+                    data = os.pread(fd, span.end - span.start, span.start)
+                except OSError as exc:  # (a directory under the file's name: EISDIR)
+                    raise TransportError(f"{exc.strerror}", url=self.path) from None
                 self.stats.requests += 1
                 self.stats.bytes_received += len(data)
                 if len(data) != span.end - span.start:
