@@ -233,6 +233,58 @@ def test_a_missing_or_damaged_newest_record_is_absent_to_latest(
         assert says in err[-1]
 
 
+def test_a_newest_record_left_empty_is_listed_warned_and_deletable(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A power cut can leave the newest record named but empty (or shorter than its head):
+    it was skipped in silence (`list` did not show it, `latest` used the older one without a
+    word, `show`/`delete` said 'no sendshot matches'). It is listed as unreadable, `latest`
+    says it used an older one (and the receiver of that one applies the stream: tree-sum),
+    naming it is a one-line error (exit 3) and `delete` removes it."""
+    from btrdelta.tree.treesum import tree_sum
+
+    src, rcv, store = tmp_path / "src", tmp_path / "rcv", tmp_path / "store"
+    src.mkdir()
+    rcv.mkdir()
+    ids = []
+    for i in range(2):
+        (src / f"f{i}").write_bytes(os.urandom(5000 + i))
+        assert main(["send", str(src), "-o", str(tmp_path / f"s{i}"), "--record", "--store",
+                     str(store), "--name", f"src.{i}", "--json",
+                     *(["--from-sendshot", "latest"] if i else [])]) == 0
+        ids.append(json.loads(capsys.readouterr().out)["sendshot"])
+    assert main(["receive", "-f", str(tmp_path / "s0"), str(rcv)]) == 0
+    for cut in (0, 10):  # empty, then a few bytes of the header
+        f1 = store / "records" / f"{ids[1]}.sendshot"
+        with open(f1, "r+b") as f:
+            f.truncate(cut)
+        os.utime(f1)  # (written after the record it was sent against)
+        capsys.readouterr()
+        assert main(["sendshot", "--store", str(store), "list"]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("1 sendshot,")
+        assert ids[0][:16] in out
+        assert f"{ids[1][:16]}  cannot be read (" in out
+        for argv in (["sendshot", "--store", str(store), "show", ids[1][:12]],
+                     ["send", str(src), "-o", str(tmp_path / "sx"), "--store", str(store),
+                      "--from-sendshot", ids[1][:12]]):
+            assert main(argv) == 3
+            err = capsys.readouterr().err.splitlines()
+            assert len(err) == 1, err
+            assert f"sendshot {ids[1][:16]} cannot be read" in err[0]
+    assert main(["send", str(src), "-o", str(tmp_path / "s2"), "--store", str(store),
+                 "--name", "src.2", "--from-sendshot", "latest", "--json"]) == 0
+    got = capsys.readouterr()
+    assert json.loads(got.out)["from_sendshot"] == ids[0]
+    assert f"sendshot {ids[1][:12]} cannot be read" in got.err
+    assert main(["receive", "-f", str(tmp_path / "s2"), str(rcv)]) == 0
+    assert tree_sum(rcv / "src.2") == tree_sum(src)
+    assert main(["sendshot", "--store", str(store), "delete", ids[1][:12]]) == 0
+    assert sorted(p.name for p in (store / "records").iterdir()) == [f"{ids[0]}.sendshot"]
+    capsys.readouterr()
+    assert main(["sendshot", "--store", str(store), "list"]) == 0
+    assert "cannot be read" not in capsys.readouterr().out
+
+
 def test_prune_removes_leftovers_of_killed_writers(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A record or cursor file a killed send left unnamed goes with `prune` once its process

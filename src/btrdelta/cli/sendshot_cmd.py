@@ -203,6 +203,9 @@ def run(args: argparse.Namespace) -> int:
                                      "recorded there)"))
             for s in every:
                 print(_line(s))
+            for digest, (why, _mtime) in sorted(store.unreadable.items()):
+                print(f"{digest[:16]}  cannot be read ({why}): `btrdelta sendshot delete "
+                      f"{digest[:16]}` removes it")
             _orphans(cursors, {s.digest for s in every})
     elif args.sendshot_command == "show":
         s = store.resolve(args.id)
@@ -223,14 +226,7 @@ def run(args: argparse.Namespace) -> int:
             for k, v in text.items():
                 print(f"{k}: {'(none)' if v is None else v}")
     elif args.sendshot_command == "delete":
-        done = []
-        for ident in args.ids:
-            s = store.resolve(ident)
-            store.delete(s.digest, force=args.force)
-            done.append(s.digest)
-            if not args.json and not args.quiet:
-                print("deleted " + _line(s))
-        out = {"deleted": done}
+        out = _delete(store, args)
     elif args.sendshot_command == "prune":
         if args.keep is None and args.grid is None:
             raise UsageError("prune needs --keep N or --grid GRID")
@@ -257,6 +253,27 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out))
     return 0
+
+
+def _delete(store: SendshotStore, args: argparse.Namespace) -> dict[str, Any]:
+    """``sendshot delete``: records by id, name or ``latest``; one that cannot be read by
+    its id (the only way left to name it)."""
+    done = []
+    for ident in args.ids:
+        readable = store.records_list()  # (and which cannot be read: deleted too)
+        bad = store.damaged(ident)
+        if bad is not None and not any(r.digest.startswith(ident) for r in readable):
+            store.delete(bad, force=args.force)
+            done.append(bad)
+            if not args.json and not args.quiet:
+                print(f"deleted {bad[:16]} (it could not be read)")
+            continue
+        s = store.resolve(ident)
+        store.delete(s.digest, force=args.force)
+        done.append(s.digest)
+        if not args.json and not args.quiet:
+            print("deleted " + _line(s))
+    return {"deleted": done}
 
 
 def _forget(store: SendshotStore, args: argparse.Namespace) -> dict[str, Any]:

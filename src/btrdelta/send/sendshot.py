@@ -117,6 +117,9 @@ def load_base(store: SendshotStore, ident: str, source: bytes, lineage: object,
                 damaged.append(f"sendshot {rec.digest[:12]} cannot be read ({exc}): "
                                "an older one is used")
             continue
+        if damaged is not None:  # (newer records whose very head is gone: not listed)
+            damaged.extend(f"sendshot {d[:12]} cannot be read ({why}): an older one is used"
+                           for d, why in store.newer_unreadable(rec))
         return rec, cols
 
 

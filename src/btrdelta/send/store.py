@@ -127,6 +127,9 @@ class SendshotStore:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         self.records = os.path.join(self.path, "records")
+        #: records whose head could not be read at the last listing: digest -> (why, the
+        #: file's mtime in ns); listed apart (``sendshot list``), deletable by id
+        self.unreadable: dict[str, tuple[str, int]] = {}
 
     # -- locking and files ------------------------------------------------------------
 
@@ -225,13 +228,16 @@ class SendshotStore:
             held.setdefault(str(cur.get("digest")), []).append(rid)
         cached = self._heads()
         entries: dict[str, tuple[int, int, int, bytes]] = {}
+        self.unreadable = {}
         for name in names:
             if not name.endswith(_SUFFIX) or not _is_ident(name[: -len(_SUFFIX)]):
                 continue
             p = os.path.join(self.records, name)
             digest = name[: -len(_SUFFIX)]
+            mtime = 0
             try:
                 st = os.stat(p)
+                mtime = st.st_mtime_ns
                 entry = cached.get(digest)
                 if entry is not None and entry[:3] == (st.st_size, st.st_mtime_ns, st.st_ino):
                     head = decode_head(entry[3])
@@ -239,7 +245,8 @@ class SendshotStore:
                     with open(p, "rb") as f:
                         head = read_head(f, source=p)
                     entry = (st.st_size, st.st_mtime_ns, st.st_ino, encode_head(head))
-            except (OSError, BtrdeltaError):
+            except (OSError, BtrdeltaError) as exc:
+                self.unreadable[digest] = (str(exc).replace(f"{p}: ", ""), mtime)
                 continue
             entries[digest] = entry
             out.append(StoredSendshot(digest, head, st.st_size, p, sorted(held.get(digest, []))))
@@ -313,10 +320,26 @@ class SendshotStore:
         if not _is_ident(ident):
             return self._named(every, ident, lineage)
         found = [s for s in every if s.digest.startswith(ident)]
+        if not found and (bad := self.damaged(ident)) is not None:
+            raise StreamFormatError(f"sendshot {bad[:16]} cannot be read "
+                                    f"({self.unreadable[bad][0]}): `btrdelta sendshot "
+                                    f"delete {bad[:16]}` removes it")
         if len(found) != 1:
             what = "no" if not found else f"{len(found)}"
             raise MissingBaseError(f"{what} sendshot matches {ident!r} in {self.path}")
         return found[0]
+
+    def damaged(self, ident: str) -> str | None:
+        """The digest of the one unreadable record (:attr:`unreadable`, as of the last
+        listing) whose digest starts with ``ident``, else None."""
+        found = [d for d in self.unreadable if _is_ident(ident) and d.startswith(ident)]
+        return found[0] if len(found) == 1 else None
+
+    def newer_unreadable(self, record: StoredSendshot) -> list[tuple[str, str]]:
+        """``(digest, why)`` of each unreadable record written after ``record`` (as of the
+        last listing): a newest record a power cut left empty or short under its name."""
+        return [(d, why) for d, (why, mtime) in sorted(self.unreadable.items())
+                if mtime > record.head.created_ns]
 
     def _named(self, every: list[StoredSendshot], name: str,
                lineage: Callable[[StoredSendshot], bool] | None) -> StoredSendshot:
