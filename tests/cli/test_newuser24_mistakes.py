@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from btrdelta.cli import main
 from btrdelta.receive.registry import REGISTRY_NAME
 from tests.chunk.images import ImagePair
 from tests.chunk.test_casync import casync_make
+from tests.cli.test_mutations import N, copy, mutations, run, snapshot
 from tests.cli.test_newuser22_mistakes import _signed_repo
 
 
@@ -150,3 +152,85 @@ def test_update_from_a_repository_directory_whose_pack_is_a_directory(
     assert err.startswith("btrdelta update: error: "), err
     assert any(err.endswith(f"{pack}: Is a directory\n") for pack in packs), err
     assert not (dest / "1.0").exists()
+
+
+def _json_mutations(doc: object, n: int, seed: str) -> Iterator[tuple[str, bytes]]:
+    """``n`` copies of JSON ``doc`` with one value replaced by one of another type, or one
+    key deleted, named by what was done."""
+    def paths(obj: object, at: tuple[object, ...] = ()) -> Iterator[tuple[object, ...]]:
+        yield at
+        items = obj.items() if isinstance(obj, dict) else enumerate(obj) \
+            if isinstance(obj, list) else ()
+        for k, v in items:
+            yield from paths(v, (*at, k))
+
+    rng = random.Random(seed)
+    every = [p for p in paths(doc) if p]
+    for i in range(n):
+        copy_ = json.loads(json.dumps(doc))
+        at = rng.choice(every)
+        parent = copy_
+        for k in at[:-1]:
+            parent = parent[k]
+        if i % 3 == 0 and isinstance(parent, dict):
+            del parent[at[-1]]
+            what = f"{at} deleted"
+        else:
+            value = rng.choice([None, -1, 2 ** 70, 1.5, "", "../x", [], {}, True])
+            parent[at[-1]] = value
+            what = f"{at} = {value!r}"
+        yield what, json.dumps(copy_).encode()
+
+
+def test_damaged_registry_of_dest(received: tuple[Path, Path], tmp_path: Path,
+                                  capfd: pytest.CaptureFixture[str]) -> None:
+    """DEST's registry damaged (bytes and JSON values) under an incremental receive: an
+    exit code of the table with one error line, DEST as it was; or the new version."""
+    from btrdelta.tree import tree_sum
+
+    dest, stream = received
+    pristine = tmp_path / "pristine"
+    copy(dest, pristine)
+    expected = tree_sum(tmp_path / "v2")
+    data = (pristine / REGISTRY_NAME).read_bytes()
+    damaged = [*mutations(data, N, "registry"),
+               *_json_mutations(json.loads(data), N, "registry")]
+    for what, content in damaged:
+        shutil.rmtree(dest)
+        copy(pristine, dest)
+        (dest / REGISTRY_NAME).write_bytes(content)
+        before = snapshot(dest)
+        if run(capfd, ["receive", "-q", "-f", str(stream), str(dest)], what):
+            assert snapshot(dest) == before, f"{what}: DEST changed"
+        else:
+            assert tree_sum(dest / "v2") == expected, what
+
+
+def test_damaged_fulls_of_a_repository(tmp_path: Path,
+                                       capfd: pytest.CaptureFixture[str]) -> None:
+    """A version's full (its chunk index and its packs) damaged under `update` into an empty
+    DEST (test_mutations damages a delta hop): one error line and no DEST/VERSION, or the
+    version exactly."""
+    from btrdelta.tree import tree_sum
+
+    tree = tmp_path / "v1"
+    (tree / "d").mkdir(parents=True)
+    (tree / "d" / "f").write_bytes(random.Random(2).randbytes(200_000) * 2)
+    (tree / "small").write_text("small\n")
+    repo = tmp_path / "repo"
+    pub = f"{_signed_repo(tmp_path, tree, repo)}.pub"
+    expected = tree_sum(tree)
+    dest = tmp_path / "dest"
+    for path in [*(repo / "fulls").iterdir(), *(repo / "packs").iterdir()]:
+        data = path.read_bytes()
+        try:
+            for what, content in mutations(data, N // 2, path.name):
+                what = f"{path.parent.name}: {what}"
+                path.write_bytes(content)
+                if run(capfd, ["update", "-q", str(repo), str(dest), "--key", pub], what):
+                    assert not (dest / "1.0").exists(), what
+                else:
+                    assert tree_sum(dest / "1.0") == expected, what
+                shutil.rmtree(dest)
+        finally:
+            path.write_bytes(data)
