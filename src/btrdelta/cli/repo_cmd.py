@@ -117,9 +117,9 @@ def _add_add(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _add_run_job(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     j = rsub.add_parser("run-job", help="run one delta job written by `repo add --plan-only`",
                         description="Make the one delta a job file of repo add --plan-only "
-                        "describes, on any machine that can read the repository, and write "
-                        "it next to the job; repo add REPO VERSION then checks it and "
-                        "publishes it.",
+                        "describes, on any machine that can read the repository (at the "
+                        "path the job names), and write it next to the job; repo add REPO "
+                        "VERSION then checks it and publishes it.",
                         epilog=examples("btrdelta repo run-job www/app/.btrdelta/jobs/1.3/"
                                         "1.1-1.3.json --work /scratch"))
     j.add_argument("job", metavar="JOB.json", help="a job file that repo add --plan-only wrote")
