@@ -12,7 +12,8 @@ of four small columns (inode numbers, modes, sizes, generations) and of the file
 ``children``, ``dentries``, ``inode``, ``rows``) and :meth:`View.patched` makes the next
 record: a :class:`~.sendshot.Patch`, or a whole record (*compaction*) once the chain has
 :data:`MAX_DEPTH` patches or its patches hold more than a sixteenth of the rows
-(:data:`SPREAD`, plus :data:`SLACK`).
+(:data:`SPREAD`, plus :data:`SLACK`) or of the base's bytes of file digests (plus
+:data:`BYTES_SLACK`).
 
 Knows the column layout and the patch's meaning; reading files is :mod:`~.sendshot`'s and
 finding the records of a chain the store's.
@@ -42,7 +43,7 @@ from .sendshot import (
 if TYPE_CHECKING:
     from typing import Final
 
-__all__ = ["MAX_DEPTH", "SLACK", "SPREAD", "View"]
+__all__ = ["BYTES_SLACK", "MAX_DEPTH", "SLACK", "SPREAD", "View"]
 
 #: a chain is compacted (a whole record written) when it would hold more patches than this
 MAX_DEPTH: Final = 8
@@ -54,6 +55,12 @@ MAX_DEPTH: Final = 8
 #: fewer rows than ~1/14 of the tree's
 SPREAD: Final = 16
 SLACK: Final = 64
+#: ... or when its patches hold more bytes of file digests (BLOCKS and DIGESTS: most of a
+#: record) than the base's divided by :data:`SPREAD`, plus this: a few large files changed
+#: all over each round (a database) make patches as large as the whole record, and a chain
+#: of them would grow the store by a whole record a round (SQLite's rounds in `benchmarks
+#: sendshot`: a chain of 4 held 1.66 % of the data against 0.42 % for one whole record)
+BYTES_SLACK: Final = 64 << 10
 _FMT, _DIR, _REG = 0o170000, 0o040000, 0o100000
 
 
@@ -70,6 +77,8 @@ class View:
         self.base, self.patches = base, patches
         #: patches applied, rows they hold (replaced or added, and dropped)
         self.depth = self.held = 0
+        #: bytes of file digests (BLOCKS, DIGESTS) the patches hold, and the base
+        self.held_bytes, self.base_bytes = 0, len(base.blocks) + len(base.digests)
         #: rows (dropped ones included), and the rows dropped
         self.span = base.count
         self.dead: set[int] = set()
@@ -156,6 +165,7 @@ class View:
         self.span = nxt
         self.depth += 1
         self.held += len(drop) + len(patch.slots)
+        self.held_bytes += len(rows.blocks) + len(rows.digests)
         self._children, self._ext_kids = {}, None
         self._cols = None
 
@@ -305,8 +315,11 @@ class View:
                 dropped, a name in a directory that is not in the result.
         """
         held = self.held + len(drop) + len(added) + (root is not None)
+        nbytes = self.held_bytes + sum(len(r.blocks) + 48 * (r.segments is not None)
+                                       for r in added)
         if not self.patches or self.depth + 1 > MAX_DEPTH or \
                 held > self.live // SPREAD + SLACK or \
+                nbytes > self.base_bytes // SPREAD + BYTES_SLACK or \
                 (root is not None and root.ino != self.ino(0)):
             return self._whole(drop, added, root)
         row_of = self.row_of()
