@@ -234,3 +234,19 @@ def test_damaged_fulls_of_a_repository(tmp_path: Path,
                 shutil.rmtree(dest)
         finally:
             path.write_bytes(data)
+
+
+def test_key_generate_into_a_directory(tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: `key generate -o keys` (a directory) wrote keys.key and keys.pub beside it,
+    and `-o keys/` wrote the hidden keys/.key and keys/.pub, exit 0."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    for given in (str(keys), f"{keys}/", f"{tmp_path}/new/"):
+        assert main(["key", "generate", "-o", given]) == 2
+        err = _err(capsys)
+        assert err.startswith(f"btrdelta key generate: error: -o {given} names a directory: "
+                              "-o names the pair without its suffix, e.g. -o "), err
+    assert _listing(tmp_path) == ["keys"]
+    assert main(["key", "generate", "-q", "-o", str(keys / "release")]) == 0
+    assert _listing(keys) == ["release.key", "release.pub"]

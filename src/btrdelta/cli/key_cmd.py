@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
+from ..errors import UsageError
 from ..trust import generate_key, key_id, load_public_key, public_key_text, save_key_pair
 from ._common import examples
 from .progress import add_quiet_option
@@ -70,8 +72,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def run_generate(args: argparse.Namespace) -> int:
     """``key generate``."""
-    key = generate_key()
     stem = args.output.removesuffix(".key").removesuffix(".pub")  # -o release.key: release
+    if os.path.isdir(stem) or not os.path.basename(stem):  # (-o DIR wrote DIR.key, DIR/ .key)
+        raise UsageError(f"-o {args.output} names a directory: -o names the pair without its "
+                         f"suffix, e.g. -o {os.path.join(stem, 'release')} (release.key and "
+                         "release.pub there)")
+    key = generate_key()
     private, public = f"{stem}.key", f"{stem}.pub"
     save_key_pair(key, private, public)
     kid = key_id(key)
