@@ -250,3 +250,34 @@ def test_key_generate_into_a_directory(tmp_path: Path,
     assert _listing(tmp_path) == ["keys"]
     assert main(["key", "generate", "-q", "-o", str(keys / "release")]) == 0
     assert _listing(keys) == ["release.key", "release.pub"]
+
+
+def test_a_damaged_repository_file_is_named_once(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: 'REPO/REPO/index/1.json: wrong bytes ...' (a path that does not exist),
+    'REPO/timestamp.json: timestamp.json: signatures[0]: ...', 'REPO/bins/H.json:
+    bins/H.json is larger than N bytes'."""
+    tree = tmp_path / "v1"
+    tree.mkdir()
+    (tree / "f").write_text("one\n")
+    repo = tmp_path / "repo"
+    pub = f"{_signed_repo(tmp_path, tree, repo)}.pub"
+    timestamp, index = repo / "timestamp.json", repo / "index" / "1.json"
+    (the_bin,) = (repo / "bins").iterdir()
+    kept = {p: p.read_bytes() for p in (timestamp, index, the_bin)}
+    doc = json.loads(kept[timestamp])
+    doc["signatures"][0]["key_id"] = "x"
+    for path, damaged, said in (
+            (index, b"", f"{index}: wrong bytes (0 bytes, expected"),
+            (timestamp, json.dumps(doc).encode(), f"{timestamp}: signatures[0]: malformed "
+                                                  "signature: key_id is not 64"),
+            (the_bin, kept[the_bin] * 2, f"{the_bin}: larger than {len(kept[the_bin])} "
+                                         "bytes")):
+        path.write_bytes(damaged)
+        for argv in (["repo", "ls", str(repo), "--key", pub],
+                     ["update", "-q", str(repo), str(tmp_path / "dest"), "--key", pub]):
+            assert main(argv) in (3, 5), (path, argv)
+            err = _err(capsys)
+            assert err.startswith(f"btrdelta {' '.join(argv[:2]).removesuffix(' -q')}: "
+                                  f"error: {said}"), err
+        path.write_bytes(kept[path])

@@ -255,7 +255,7 @@ class Mirrors:
         else:
             data = self._http_get(f"{url}/{path}", max_size)
         if len(data) > max_size:
-            raise _WrongBytes(f"{path} is larger than {max_size} bytes")
+            raise _WrongBytes(f"{path}: larger than {max_size} bytes")
         self._count(len(data))
         return data
 
@@ -340,7 +340,7 @@ class Mirrors:
                 while have < length:
                     data = f.read(min(PIECE, length - have))
                     if not data:
-                        raise _WrongBytes(f"{path} is shorter than {length} bytes")
+                        raise _WrongBytes(f"{path}: shorter than {length} bytes")
                     out.write(data)
                     have += len(data)
                     self._count(len(data))
@@ -398,6 +398,8 @@ def _where(mirror: str, at: str, why: str) -> tuple[str, str]:
     if why.startswith(f"{at}: "):
         return at, why[len(at) + 2:]
     name, sep, rest = why.partition(": ")
+    if sep and name.startswith(f"{mirror}/"):  # placed under the mirror already: not twice
+        return name, rest
     if sep and at.startswith(mirror) and _FILE.fullmatch(name):
         return f"{mirror}/{name}", rest
     return at, why

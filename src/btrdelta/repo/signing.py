@@ -65,8 +65,8 @@ def open_document(
     for i, obj in enumerate(sigs):
         try:
             sig = trust.Signature.from_json(obj, source=f"{source}: signatures[{i}]")
-        except SignatureError as exc:
-            problems.append(str(exc))
+        except SignatureError as exc:  # (its place once: SOURCE is named when raised)
+            problems.append(str(exc).removeprefix(f"{source}: "))
             continue
         if sig.key_id not in trusted:
             continue
