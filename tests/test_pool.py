@@ -168,3 +168,19 @@ def test_started_thread_join_with_a_timeout_before_it_runs() -> None:
     gate.set()
     t.join()
     assert not t.is_alive()
+
+
+def test_started_thread_join_timeout_covers_the_start_and_the_run() -> None:
+    """``join(timeout)`` waits ``timeout`` in all: the wait for the thread to start and the
+    wait for it to end share it (each had its own: up to twice the timeout)."""
+    gate, done = threading.Event(), threading.Event()
+    t = _Held.make(gate, lambda: done.wait(5), "held-deadline")
+    t.start()
+    threading.Timer(0.6, gate.set).start()
+    began = time.monotonic()
+    t.join(1.0)
+    took = time.monotonic() - began
+    assert t.is_alive()
+    assert took < 1.4, took  # (two waits of their own: 1.6 s)
+    done.set()
+    t.join()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import _thread
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -208,8 +209,12 @@ class StartedThread(threading.Thread):
         return started
 
     def join(self, timeout: float | None = None) -> None:
-        if self._launched and not self._began().wait(timeout):
-            return  # (not even running yet at the timeout)
+        if self._launched:
+            until = None if timeout is None else time.monotonic() + timeout
+            if not self._began().wait(timeout):
+                return  # (not even running yet at the timeout)
+            if until is not None:  # (one timeout for both waits)
+                timeout = max(0.0, until - time.monotonic())
         super().join(timeout)
 
     def is_alive(self) -> bool:
