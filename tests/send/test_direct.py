@@ -168,7 +168,8 @@ def test_a_small_send_against_a_record_leaves_the_pages_it_read(
         if i == 1:  # 50 KB changed: read, and still cached
             assert _cached(snd / "S1" / "f1")
             assert not _cached(snd / "S1" / "f2")  # (unchanged: not read at all)
-        if i == 2:  # 9 MB of new files: dropped once read
-            assert [n for n in range(10) if _cached(snd / "S2" / f"g{n}")] == []
+        if i == 2:  # 9 MB of new files: dropped once read (all 10 cached without it; a
+            # read ahead asked for (WILLNEED) may land after a file's drop: one seen in a CI)
+            assert len([n for n in range(10) if _cached(snd / "S2" / f"g{n}")]) <= 2
         run("btrfs", "receive", "-f", tmp_path / "s", rcv)
         assert tree_sum(rcv / f"S{i}") == tree_sum(snd / f"S{i}")
