@@ -9,7 +9,7 @@ import shlex
 import time
 from typing import Any
 
-from ..errors import BtrdeltaError, UsageError
+from ..errors import BtrdeltaError, StreamFormatError, UsageError
 from ..send.store import DEFAULT_STORE, SendshotStore, StoredSendshot, parse_grid
 from ._common import examples, human_bytes, positive_int
 from .progress import Phases, add_progress_options, add_quiet_option, progress_wanted
@@ -257,22 +257,20 @@ def run(args: argparse.Namespace) -> int:
 
 def _delete(store: SendshotStore, args: argparse.Namespace) -> dict[str, Any]:
     """``sendshot delete``: records by id, name or ``latest``; one that cannot be read by
-    its id (the only way left to name it)."""
+    its id (the only way left to name it: ``resolve`` says it cannot be read)."""
     done = []
     for ident in args.ids:
-        readable = store.records_list()  # (and which cannot be read: deleted too)
-        bad = store.damaged(ident)
-        if bad is not None and not any(r.digest.startswith(ident) for r in readable):
-            store.delete(bad, force=args.force)
-            done.append(bad)
-            if not args.json and not args.quiet:
-                print(f"deleted {bad[:16]} (it could not be read)")
-            continue
-        s = store.resolve(ident)
-        store.delete(s.digest, force=args.force)
-        done.append(s.digest)
+        try:
+            s = store.resolve(ident)
+            digest, said = s.digest, _line(s)
+        except StreamFormatError:
+            if (bad := store.damaged(ident)) is None:  # (as of resolve's listing)
+                raise
+            digest, said = bad, f"{bad[:16]} (it could not be read)"
+        store.delete(digest, force=args.force)
+        done.append(digest)
         if not args.json and not args.quiet:
-            print("deleted " + _line(s))
+            print("deleted " + said)
     return {"deleted": done}
 
 
