@@ -22,9 +22,9 @@
  * heap(pad) -> int: glibc only (0 elsewhere): make every growth of the heap ask the kernel
  * for pad bytes more than needed (M_TOP_PAD: fewer brk calls; the heap is trimmed to pad
  * instead of to 128 KiB), grow it once now, and advise the new part MADV_HUGEPAGE; returns
- * the bytes advised (0: the heap did not grow within 4 MiB of 64 KiB blocks, or the
- * advice was refused). The part advised is the region the next pad bytes of heap buffers
- * come from (a send raises glibc's mmap threshold to 32 MiB: its buffers are heap memory);
+ * the bytes advised (0: the heap did not grow within 4 MiB of 64 KiB blocks, which is
+ * where brk is refused and glibc maps its memory instead, or the advice was refused). The
+ * part advised is the region the next pad bytes of heap buffers come from (a send raises glibc's mmap threshold to 32 MiB: its buffers are heap memory);
  * the heap beyond it is a new mapping of 4 KiB pages (brk does not extend an advised one).
  *
  * What it costs: memory is taken 2 MiB at a time where it is touched (a small send's peak
@@ -115,8 +115,11 @@ static PyObject *heap(PyObject *self, PyObject *arg) {
 #if defined(__GLIBC__) && defined(MADV_HUGEPAGE)
     if (pad > INT_MAX || !mallopt(M_TOP_PAD, (int)pad))
         return PyLong_FromLong(0);
-    /* allocate 64 KiB blocks (below any mmap threshold) until the heap grows: the top's
-     * free space is used up, then one brk adds what was asked plus pad */
+    /* give the top's free space back first (an earlier large block freed may have raised
+     * glibc's trim threshold: the top could hold megabytes), then allocate 64 KiB blocks
+     * (below any mmap threshold) until the heap grows: what is left of the top is used up,
+     * then one brk adds what was asked plus pad */
+    malloc_trim(0);
     char *before = sbrk(0), *after = before;
     void *held[64];
     int k = 0;
