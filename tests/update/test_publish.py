@@ -3,8 +3,11 @@ artifact content-addressed; checked by receiving them with the public CLI (tree-
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import blake3
@@ -225,3 +228,35 @@ def test_refusals(repo: Path, releases: list[Path], tmp_path: Path,
     assert main(["repo", "ls", str(repo), "--json"]) == 0
     listing = checked("repo ls", json.loads(capsys.readouterr().out))
     assert [v["name"] for v in listing["versions"]] == [f"v{i}" for i in range(1, N + 1)]
+
+
+def test_init_on_a_full_disk_leaves_nothing(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """``repo init`` on a filesystem with no space left: one line naming the error, and no
+    half-made repository (before: an empty REPO/.btrdelta stayed, and the next `repo init`
+    said "directory is not empty"); the existing empty directory stays, emptied again."""
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(fs)], check=True)
+    try:
+        fd = os.open(fs / "filler", os.O_WRONLY | os.O_CREAT)
+        with pytest.raises(OSError, match="No space left") as full:  # noqa: PT012
+            while True:
+                os.write(fd, b"\0" * 4096)
+        os.close(fd)
+        assert full.value.errno == errno.ENOSPC
+        (fs / "empty").mkdir()
+        for repo, left in ((fs / "new" / "repo", {"filler", "empty"}),
+                           (fs / "empty", {"filler", "empty"})):
+            capsys.readouterr()
+            assert main(["repo", "init", str(repo)]) == 1
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1, err
+            assert "No space left on device" in err, err
+            assert {p.name for p in fs.iterdir()} == left
+            assert not any((fs / "empty").iterdir())
+        (fs / "filler").unlink()
+        assert main(["repo", "init", str(fs / "empty")]) == 0
+        assert main(["repo", "ls", str(fs / "empty")]) == 0
+    finally:
+        subprocess.run(["umount", str(fs)], check=True)

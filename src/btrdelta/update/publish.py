@@ -122,10 +122,18 @@ def init_repo(root: str | os.PathLike[str], *, avg_chunk: int = 64 << 10,
     if repo.root.exists() and any(repo.root.iterdir()):
         raise BtrdeltaError("directory is not empty", path=str(repo.root))
     params = ChunkerParams.from_avg(avg_chunk)
-    repo.meta.mkdir(parents=True)
-    cat = Catalog(params, level)
-    repo.save(cat)
-    repo.write_html(cat)
+    made = None if repo.root.exists() else repo.root.absolute()  # the first dir made
+    while made is not None and not made.parent.exists():
+        made = made.parent
+    try:
+        repo.meta.mkdir(parents=True)
+        cat = Catalog(params, level)
+        repo.save(cat)
+        repo.write_html(cat)
+    except BaseException:  # (a full disk, Ctrl-C): leave no half-made repository behind
+        for entry in [made] if made else list(repo.root.iterdir()):  # (or empty it again)
+            remove_path(entry, ignore_errors=True)
+        raise
     return repo
 
 
