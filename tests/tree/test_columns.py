@@ -247,3 +247,49 @@ def test_the_c_copies_are_the_references() -> None:
         c.gather(values, array("Q", [1, 2, 3]), 4)  # not pairs
     with pytest.raises(TypeError):
         c.remap(values, flat, array("Q", [1] * 50))  # new must be signed
+
+
+def test_row_index_is_the_map_of_inode_numbers_to_rows(backend: str) -> None:
+    """`row_index` (the accelerator's open-addressing table, else a dict) against a dict
+    made by hand: the last row of a repeated number, lookups of numbers absent and beyond
+    u64, then 50,000 random sets, deletions and lookups (the table grows, reuses deleted
+    slots); `Columns.row_of` is it."""
+    rng = random.Random(7)
+    inos = array("Q", (rng.randrange(256, 1 << 40) for _ in range(3000)))
+    inos[2999] = inos[10]  # a number repeated: its last row
+    ix = columns_mod.row_index(inos)
+    assert (type(ix).__name__ == "Index") == (backend == "c")
+    want = {ino: r for r, ino in enumerate(inos)}
+    assert ix[inos[10]] == 2999
+    assert len(ix) == len(want) == 2999
+    for k in [*want, 0, 255, (1 << 64) - 1, 1 << 64, -1]:
+        assert ix.get(k) == want.get(k)
+        assert (k in ix) == (k in want)
+    keys = list(want)[:500] + [rng.randrange(1 << 64) for _ in range(500)]
+    for _ in range(50_000):
+        k, op = rng.choice(keys), rng.random()
+        if op < 0.4:
+            v = rng.randrange(1 << 32)
+            ix[k] = want[k] = v
+        elif op < 0.7:
+            if k in want:
+                del ix[k], want[k]
+            else:
+                with pytest.raises(KeyError):
+                    del ix[k]
+        else:
+            assert ix.get(k) == want.get(k)
+    assert len(ix) == len(want)
+    assert all(ix[k] == v for k, v in want.items())
+    with pytest.raises(KeyError):
+        ix[1 << 64]
+    if backend == "c":
+        with pytest.raises(OverflowError):
+            ix[-1] = 3
+        with pytest.raises(OverflowError):
+            ix[5] = -3
+        with pytest.raises(TypeError):
+            ix.get("5")  # type: ignore[arg-type]
+    cols = _columns(encode_rows(_inodes()))
+    assert {r.ino: cols.row_of()[r.ino] for r in cols.rows()} == \
+        {r.ino: k for k, r in enumerate(cols.rows())}

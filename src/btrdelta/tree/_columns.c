@@ -32,6 +32,13 @@
  *   instead of a search of the stored column and a bisection of doff per entry (a
  *   directory's entries, for each directory a send lists). A dentry beyond doff's last
  *   count is an IndexError.
+ * index(inos) -> Index: the map of each value of inos (a buffer of unsigned integers) to its
+ *   position (the last one where a value repeats), as dict(zip(inos, range(len(inos))))
+ *   makes it, without a Python int per entry: an open-addressing table of u64 keys and i64
+ *   values (View.row_of: every inode of a record, ~2.8 ms for 42,000 as a dict, ~0.2 ms
+ *   so). An Index has get(key[, default]), [key], [key] = row, del [key], `in` and len();
+ *   a key that is not an integer in [0, 2**64) is absent (TypeError for a non-integer) and
+ *   cannot be set (OverflowError), a row must be in [0, 2**63).
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -367,6 +374,234 @@ done:
     return result;
 }
 
+/* ---- index: inode number -> row ------------------------------------------------------ */
+
+#define SLOT_EMPTY (-1)
+#define SLOT_GONE (-2)
+
+typedef struct {
+    PyObject_HEAD
+    uint64_t *keys;
+    int64_t *vals;    /* SLOT_EMPTY, SLOT_GONE, or the row */
+    Py_ssize_t mask;  /* capacity - 1 (a power of 2) */
+    Py_ssize_t used;  /* keys present */
+    Py_ssize_t fill;  /* keys present and slots of deleted ones */
+} Index;
+
+static PyTypeObject IndexType;
+
+static Py_ssize_t slot_of(const Index *ix, uint64_t key) {
+    Py_ssize_t i = (Py_ssize_t)((key * 0x9E3779B97F4A7C15ULL) >> 17) & ix->mask;
+    while (ix->vals[i] != SLOT_EMPTY && (ix->vals[i] == SLOT_GONE || ix->keys[i] != key))
+        i = (i + 1) & ix->mask;
+    return i;
+}
+
+/* The slot holding key, else -1. */
+static Py_ssize_t find(const Index *ix, uint64_t key) {
+    Py_ssize_t i = slot_of(ix, key);
+    return ix->vals[i] == SLOT_EMPTY ? -1 : i;
+}
+
+static int resize(Index *ix, Py_ssize_t want) {
+    Py_ssize_t cap = 16;
+    while (cap * 2 < want * 3 + 3)  /* at most two thirds full */
+        cap *= 2;
+    uint64_t *keys = PyMem_Malloc(sizeof(uint64_t) * (size_t)cap);
+    int64_t *vals = PyMem_Malloc(sizeof(int64_t) * (size_t)cap);
+    if (keys == NULL || vals == NULL) {
+        PyMem_Free(keys);
+        PyMem_Free(vals);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < cap; i++)
+        vals[i] = SLOT_EMPTY;
+    uint64_t *old_keys = ix->keys;
+    int64_t *old_vals = ix->vals;
+    Py_ssize_t old_cap = old_vals ? ix->mask + 1 : 0;
+    ix->keys = keys;
+    ix->vals = vals;
+    ix->mask = cap - 1;
+    ix->fill = ix->used;
+    for (Py_ssize_t i = 0; i < old_cap; i++) {
+        if (old_vals[i] >= 0) {
+            Py_ssize_t j = slot_of(ix, old_keys[i]);
+            keys[j] = old_keys[i];
+            vals[j] = old_vals[i];
+        }
+    }
+    PyMem_Free(old_keys);
+    PyMem_Free(old_vals);
+    return 0;
+}
+
+/* Set key to row (row >= 0). */
+static int put(Index *ix, uint64_t key, int64_t row) {
+    if ((ix->fill + 1) * 3 > (ix->mask + 1) * 2 && resize(ix, ix->used + 1) < 0)
+        return -1;
+    Py_ssize_t i = slot_of(ix, key);
+    if (ix->vals[i] == SLOT_EMPTY) {
+        ix->keys[i] = key;
+        ix->used++;
+        ix->fill++;
+    }
+    ix->vals[i] = row;
+    return 0;
+}
+
+/* The key as a u64: 1, 0 when it is an integer no key can be (negative, too large), -1 with
+   TypeError for anything else. */
+static int key_of(PyObject *obj, uint64_t *key) {
+    if (!PyLong_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "an inode number is an int, not %.100s",
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    unsigned long long v = PyLong_AsUnsignedLongLong(obj);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return -1;
+        PyErr_Clear();
+        return 0;
+    }
+    *key = (uint64_t)v;
+    return 1;
+}
+
+static void index_dealloc(Index *ix) {
+    PyMem_Free(ix->keys);
+    PyMem_Free(ix->vals);
+    Py_TYPE(ix)->tp_free((PyObject *)ix);
+}
+
+static PyObject *index_new(PyObject *self, PyObject *args) {
+    PyObject *obj;
+    if (!PyArg_ParseTuple(args, "O", &obj))
+        return NULL;
+    Py_buffer inos;
+    if (get_uints(obj, &inos) < 0)
+        return NULL;
+    Py_ssize_t n = inos.len / inos.itemsize;
+    Index *ix = PyObject_New(Index, &IndexType);
+    if (ix == NULL) {
+        PyBuffer_Release(&inos);
+        return NULL;
+    }
+    ix->keys = NULL;
+    ix->vals = NULL;
+    ix->mask = 0;
+    ix->used = ix->fill = 0;
+    int bad = resize(ix, n);
+    for (Py_ssize_t r = 0; !bad && r < n; r++)
+        bad = put(ix, item(&inos, r), (int64_t)r);
+    PyBuffer_Release(&inos);
+    if (bad) {
+        Py_DECREF(ix);
+        return NULL;
+    }
+    return (PyObject *)ix;
+}
+
+static Py_ssize_t index_len(Index *ix) { return ix->used; }
+
+static PyObject *index_subscript(Index *ix, PyObject *obj) {
+    uint64_t key = 0;
+    int ok = key_of(obj, &key);
+    if (ok < 0)
+        return NULL;
+    Py_ssize_t i = ok ? find(ix, key) : -1;
+    if (i < 0) {
+        PyErr_SetObject(PyExc_KeyError, obj);
+        return NULL;
+    }
+    return PyLong_FromLongLong(ix->vals[i]);
+}
+
+static int index_ass_subscript(Index *ix, PyObject *obj, PyObject *value) {
+    uint64_t key = 0;
+    int ok = key_of(obj, &key);
+    if (ok < 0)
+        return -1;
+    if (value == NULL) {
+        Py_ssize_t i = ok ? find(ix, key) : -1;
+        if (i < 0) {
+            PyErr_SetObject(PyExc_KeyError, obj);
+            return -1;
+        }
+        ix->vals[i] = SLOT_GONE;
+        ix->used--;
+        return 0;
+    }
+    if (!ok) {
+        PyErr_SetString(PyExc_OverflowError, "an inode number is in [0, 2**64)");
+        return -1;
+    }
+    if (!PyLong_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "a row is an int");
+        return -1;
+    }
+    long long row = PyLong_AsLongLong(value);
+    if (row == -1 && PyErr_Occurred())
+        return -1;
+    if (row < 0) {
+        PyErr_SetString(PyExc_OverflowError, "a row is in [0, 2**63)");
+        return -1;
+    }
+    return put(ix, key, (int64_t)row);
+}
+
+static int index_contains(Index *ix, PyObject *obj) {
+    uint64_t key = 0;
+    int ok = key_of(obj, &key);
+    if (ok <= 0)
+        return ok;
+    return find(ix, key) >= 0;
+}
+
+static PyObject *index_get(Index *ix, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "get(key[, default])");
+        return NULL;
+    }
+    uint64_t key = 0;
+    int ok = key_of(args[0], &key);
+    if (ok < 0)
+        return NULL;
+    Py_ssize_t i = ok ? find(ix, key) : -1;
+    if (i >= 0)
+        return PyLong_FromLongLong(ix->vals[i]);
+    PyObject *dflt = nargs == 2 ? args[1] : Py_None;
+    Py_INCREF(dflt);
+    return dflt;
+}
+
+static PyMethodDef index_methods[] = {
+    {"get", (PyCFunction)(void (*)(void))index_get, METH_FASTCALL,
+     "get(key[, default]) -> the row of inode key, else default (None)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMappingMethods index_mapping = {
+    (lenfunc)index_len, (binaryfunc)index_subscript, (objobjargproc)index_ass_subscript,
+};
+
+static PySequenceMethods index_sequence = {
+    .sq_contains = (objobjproc)index_contains,
+};
+
+static PyTypeObject IndexType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "btrdelta.tree._columns.Index",
+    .tp_basicsize = sizeof(Index),
+    .tp_dealloc = (destructor)index_dealloc,
+    .tp_as_mapping = &index_mapping,
+    .tp_as_sequence = &index_sequence,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "inode number -> row (index(inos)).",
+    .tp_methods = index_methods,
+};
+
 static PyMethodDef methods[] = {
     {"gather", gather, METH_VARARGS,
      "gather(values, runs, unit) -> the bytes of values' runs [a, b) of unit-byte elements."},
@@ -382,6 +617,8 @@ static PyMethodDef methods[] = {
      "blocks(sizes, rows, block) -> per row, ceil(sizes[row] / block) from block bytes on."},
     {"members", members, METH_VARARGS,
      "members(parents, doff, want) -> (dentry, row) pairs (native u64) of parents == want."},
+    {"index", index_new, METH_VARARGS,
+     "index(inos) -> Index: each value of inos -> its (last) position."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -390,4 +627,8 @@ static struct PyModuleDef module = {
     "The offsets of a sendshot record's columns (btrdelta.tree.columns).", -1, methods,
 };
 
-PyMODINIT_FUNC PyInit__columns(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__columns(void) {
+    if (PyType_Ready(&IndexType) < 0)
+        return NULL;
+    return PyModule_Create(&module);
+}

@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 
 from .. import TYPE_CHECKING
 from ..errors import StreamFormatError
-from .columns import Columns, Encoded, _Lookup, encode_rows
+from .columns import Columns, Encoded, _Lookup, encode_rows, row_index
 from .sendshot import (
     _DROP,
     _END,
@@ -42,6 +42,8 @@ from .sendshot import (
 
 if TYPE_CHECKING:
     from typing import Final
+
+    from .columns import RowOf
 
 __all__ = ["BYTES_SLACK", "MAX_DEPTH", "SLACK", "SPREAD", "View"]
 
@@ -85,7 +87,7 @@ class View:
         #: rows replaced or added: the patch's rows and the row there (materialised when
         #: asked: a chain's patches hold a few thousand rows, a send reads few of them)
         self.ext: dict[int, tuple[Columns, int]] = {}
-        self._row_of: dict[int, int] | None = None
+        self._row_of: RowOf | None = None
         self._children: dict[int, list[tuple[bytes, int]]] = {}
         self._ext_kids: dict[int, list[tuple[bytes, int]]] | None = None
         #: the columns a send reads whole (:meth:`_columns`), made again after a patch
@@ -254,10 +256,13 @@ class View:
 
     # -- the Columns interface ---------------------------------------------------------------
 
-    def row_of(self) -> dict[int, int]:
+    def row_of(self) -> RowOf:
         """inode number -> row, of the live rows."""
         if self._row_of is None:  # (made once, from the base: patches keep it up to date)
-            got = dict(zip(self.inos, range(self.span), strict=True))
+            inos = self.inos
+            if len(inos) != self.span:
+                raise ValueError(f"{len(inos)} inode numbers for {self.span} rows")
+            got = row_index(inos)
             for r in self.dead:
                 ino = self.inos[r]
                 if got.get(ino) == r:

@@ -68,9 +68,20 @@ from .sendshot import (
 )
 
 if TYPE_CHECKING:
-    from typing import Any, Final
+    from typing import Any, Final, Protocol
 
-__all__ = ["Columns", "encode_rows"]
+    class RowOf(Protocol):
+        """inode number -> row (:func:`row_index`): a dict, or the columns accelerator's
+        ``Index``."""
+
+        def get(self, key: int, /) -> int | None: ...
+        def __getitem__(self, key: int, /) -> int: ...
+        def __setitem__(self, key: int, value: int, /) -> None: ...
+        def __delitem__(self, key: int, /) -> None: ...
+        def __contains__(self, key: object, /) -> bool: ...
+        def __len__(self) -> int: ...
+
+__all__ = ["Columns", "encode_rows", "row_index"]
 
 _D = 16  # bytes per block digest
 #: bytes per extent item (``btrdelta.fs.btrfs.EXTENT``)
@@ -324,7 +335,7 @@ class Columns:
                 mul, self.nexts, map(NO_EXTENTS.__ne__, self.nexts))))  # (C loops, no Python)
         if self.eoff[-1] != len(self.exts):
             raise StreamFormatError("column EXTENTS does not match NEXTENTS")
-        self._row_of: dict[int, int] | None = None
+        self._row_of: RowOf | None = None
 
     def _xattr_offsets(self, prefix: Callable[[array[int]], array[int]]) -> array[int]:
         lengths = array("Q", bytes(8 * self.count))
@@ -345,10 +356,10 @@ class Columns:
             raise StreamFormatError("column XATTRS holds more than the inodes")
         return prefix(lengths)
 
-    def row_of(self) -> dict[int, int]:
+    def row_of(self) -> RowOf:
         """inode number -> row."""
         if self._row_of is None:
-            self._row_of = dict(zip(self.inos, range(self.count), strict=True))
+            self._row_of = row_index(self.inos)
         return self._row_of
 
     def dentries(self, r: int) -> list[tuple[int, bytes]]:
@@ -527,11 +538,22 @@ class Columns:
         out.count += sum(b - a for a, b in runs)
 
 
+def row_index(inos: array[int]) -> RowOf:
+    """Each inode number of ``inos`` -> its row (the last one, should one repeat): the
+    columns accelerator's ``index`` (a table of u64 keys: no Python int per row, ~0.5 ms
+    for the 42,000 inodes of issue 15's large tree), else a dict (~2.8 ms)."""
+    make = getattr(_native.live("columns"), "index", None)
+    if make is not None:
+        got: RowOf = make(inos)
+        return got
+    return dict(zip(inos, range(len(inos)), strict=True))
+
+
 class _Lookup(dict[int, int]):
     """inode number -> new row, for names of new rows: new inodes first, then kept rows
     (``new_row``: the new row of each old one, -1 for one dropped)."""
 
-    def __init__(self, index: dict[int, int], row_of: dict[int, int],
+    def __init__(self, index: dict[int, int], row_of: RowOf,
                  new_row: Sequence[int]) -> None:
         super().__init__(index)
         self.row_of, self.new_row = row_of, new_row
