@@ -157,6 +157,34 @@ def test_permanent_failure_is_a_clear_error(archive, tmp_path: Path) -> None:  #
             _clone(f"{server.url}/missing.bdar", ChunkStore(tmp_path / "s"))
 
 
+def test_retries_wait_exponentially_with_jitter_then_succeed(archive, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A range that fails 3 times is fetched at the 4th attempt; before attempt n + 1 the
+    fetcher waits backoff * 2 ** (n - 1) seconds (at most retry_max_wait) plus up to one
+    backoff at random, and says so in one line each."""
+    import re
+    import time
+
+    root, data = archive
+    lines: list[str] = []
+    for server in _flaky(root, "500", faults=3):
+        fetcher = RangeFetcher(f"{server.url}/img", HttpConfig(backoff=0.1, retry_max_wait=0.25,
+                                                               retries=5), log=lines.append)
+        t = time.monotonic()
+        try:
+            assert fetcher.get_range(100, 5000) == data[100:5000]
+        finally:
+            fetcher.close()
+        took = time.monotonic() - t
+        assert server.fault_log == ["500"] * 3
+    assert [re.sub(r" in [0-9.]+ s$", "", line).split("; ")[1] for line in lines] == \
+        [f"attempt {n} of 6" for n in (2, 3, 4)]
+    waits = [float(re.findall(r" in ([0-9.]+) s$", line)[0]) for line in lines]
+    for wait, low in zip(waits, (0.1, 0.2, 0.25), strict=True):  # (the third one capped)
+        assert low - 0.05 <= wait <= low + 0.1 + 0.05, (wait, low)
+    assert took >= 0.55
+    assert fetcher.stats.retries == 3
+
+
 def test_corrupted_chunk_from_server_is_refused(archive, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     root, _ = archive
     bad_root = tmp_path / "bad"

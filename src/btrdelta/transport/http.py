@@ -12,12 +12,14 @@ before reading, a longer body is cut off); a request must also finish within its
 (:mod:`.pacing`), so a server that trickles bytes is cut off too.
 
 Transient failures (connection refused, dropped or timed out, 5xx/429, truncated bodies,
-ranges missing from a reply) are retried by ``tenacity`` with exponential back-off and
-jitter, ``config.retries`` times; permanent ones (4xx, a certificate that does not verify,
-a redirect loop, an oversized reply) fail at once. A server that answers a multi-range
-request with the whole resource makes the fetcher fall back to one range per request; one
-that ignores ``Range`` altogether is detected by :meth:`RangeFetcher.get_range` (it raises
-:class:`RangesNotSupported`), so the caller can download the whole resource instead.
+ranges missing from a reply) are retried with exponential back-off and jitter,
+``config.retries`` times (:meth:`RangeFetcher._retried`, a loop of its own: ``tenacity``'s
+import cost every process that fetches ~4 ms); permanent ones (4xx, a certificate that
+does not verify, a redirect loop, an oversized reply) fail at once. A server that answers
+a multi-range request with the whole resource makes the fetcher fall back to one range per
+request; one that ignores ``Range`` altogether is detected by
+:meth:`RangeFetcher.get_range` (it raises :class:`RangesNotSupported`), so the caller can
+download the whole resource instead.
 """
 
 from __future__ import annotations
@@ -30,9 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from typing import BinaryIO, NoReturn
-
-import tenacity
+from typing import BinaryIO, TypeVar
 
 from .. import TYPE_CHECKING
 from .._optional import lazy
@@ -55,6 +55,8 @@ else:
     httpx = lazy("httpx")  # (40-60 ms: only when HTTP is used)
 
 __all__ = ["FetchStats", "RangeFetcher", "RangesNotSupported", "describe_http_error"]
+
+_T = TypeVar("_T")
 
 _RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 #: multipart framing allowed per part (boundary, Content-Type, Content-Range lines)
@@ -152,17 +154,36 @@ class RangeFetcher:
             self.stats.bytes_received += received
             self.stats.retries += retries
 
-    def _retrying(self) -> tenacity.Retrying:
+    def _retried(self, call: Callable[..., _T], *args: object) -> _T:
+        """``call(*args)``, called again while it raises :class:`_Retry`, up to
+        ``config.retries`` more times: before attempt ``n + 1`` a wait of ``backoff *
+        2 ** (n - 1)`` seconds (at most ``retry_max_wait``) plus up to ``backoff`` more at
+        random, said in one line; any other exception goes through at once.
+
+        Raises:
+            TransportError: the last attempt failed too ("giving up after N attempts: ...");
+                the fetch was cancelled while waiting.
+        """
         cfg = self.config
-        return tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(_Retry),
-            stop=tenacity.stop_after_attempt(cfg.retries + 1),
-            wait=tenacity.wait_exponential(multiplier=cfg.backoff, max=cfg.retry_max_wait)
-            + tenacity.wait_random(0, cfg.backoff),
-            sleep=self._sleep,
-            before_sleep=self._before_sleep,
-            retry_error_callback=self._give_up,
-        )
+        attempts = cfg.retries + 1
+        n = 1
+        while True:
+            try:
+                return call(*args)
+            except _Retry as exc:
+                why = _one_line(exc)
+                if n >= attempts:
+                    tried = f"giving up after {n} attempts" if n > 1 else \
+                        "no retries asked (--retries 0)"
+                    raise TransportError(f"{tried}: {why}", url=self.url) from exc
+            import random  # (only when a request failed)
+
+            wait = max(0.0, min(cfg.backoff * 2 ** (n - 1), cfg.retry_max_wait)) + \
+                random.uniform(0, cfg.backoff)
+            self._count(retries=1)
+            self._log(f"{self.url}: {why}; attempt {n + 1} of {attempts} in {wait:.1f} s")
+            self._sleep(wait)
+            n += 1
 
     def _stderr(self, line: str) -> None:
         # one write: lines of threads retrying at once do not run into each other
@@ -172,17 +193,6 @@ class RangeFetcher:
     def _sleep(self, seconds: float) -> None:
         if self._cancel.wait(seconds):
             raise TransportError("cancelled", url=self.url)
-
-    def _before_sleep(self, state: tenacity.RetryCallState) -> None:
-        self._count(retries=1)
-        wait = state.next_action.sleep if state.next_action else 0.0
-        self._log(f"{self.url}: {_outcome(state)}; attempt {state.attempt_number + 1} of "
-                  f"{self.config.retries + 1} in {wait:.1f} s")
-
-    def _give_up(self, state: tenacity.RetryCallState) -> NoReturn:
-        n = state.attempt_number
-        tried = f"giving up after {n} attempts" if n > 1 else "no retries asked (--retries 0)"
-        raise TransportError(f"{tried}: {_outcome(state)}", url=self.url)
 
     def _begin(self, ranges: Sequence[tuple[int, int]]) -> tuple[dict[str, str], int, int]:
         """A range request about to be made (counted): its headers, the bytes asked for and
@@ -256,8 +266,7 @@ class RangeFetcher:
             RangesNotSupported: the server answered with the whole resource (not read).
             TransportError: permanent failure or retries exhausted.
         """
-        data: bytes = self._retrying()(self._get_range_once, start, end)
-        return data
+        return self._retried(self._get_range_once, start, end)
 
     def _get_range_once(self, start: int, end: int) -> bytes:
         resp = self._request([(start, end)])
@@ -301,8 +310,7 @@ class RangeFetcher:
         The body goes to ``out`` (not memory); a server's ``Content-Length`` bounds it, and
         ``limit`` when given (a longer body is refused, not retried).
         """
-        n: int = self._retrying()(self._download_once, out, limit)
-        return n
+        return self._retried(self._download_once, out, limit)
 
     def _download_once(self, out: BinaryIO, limit: int | None = None) -> int:
         out.seek(0)
@@ -363,7 +371,7 @@ class RangeFetcher:
                   "for the parts wanted")
         self._cancel.clear()
         done = [0]
-        self._retrying()(self._stream_once, todo, done, on_span)
+        self._retried(self._stream_once, todo, done, on_span)
 
     def _stream_once(self, todo: list[Span], done: list[int],
                      on_span: Callable[[Span, memoryview], None]) -> None:
@@ -425,23 +433,25 @@ class RangeFetcher:
                      ) -> None:
         """Fetch ``batch`` (one request, retried for the parts still missing)."""
         wanted = _Wanted(batch)
-        for attempt in self._retrying():
-            with attempt:
-                pending = wanted.spans()
-                if len(pending) > 1 and not self._multi:
-                    for span in pending:
-                        self._fetch_batch([span], on_span)
-                    return
-                multi = self._multi
-                self._fetch_once(wanted, on_span)
-                if multi and not self._multi and len(wanted.spans()) > 1:
-                    # the server answered several ranges otherwise: ask one by one now,
-                    # not after a retry's wait and warning
-                    for span in wanted.spans():
-                        self._fetch_batch([span], on_span)
-                    return
-                if wanted.spans():
-                    raise _Retry("server did not send every range asked for")
+
+        def attempt() -> None:
+            pending = wanted.spans()
+            if len(pending) > 1 and not self._multi:
+                for span in pending:
+                    self._fetch_batch([span], on_span)
+                return
+            multi = self._multi
+            self._fetch_once(wanted, on_span)
+            if multi and not self._multi and len(wanted.spans()) > 1:
+                # the server answered several ranges otherwise: ask one by one now,
+                # not after a retry's wait and warning
+                for span in wanted.spans():
+                    self._fetch_batch([span], on_span)
+                return
+            if wanted.spans():
+                raise _Retry("server did not send every range asked for")
+
+        self._retried(attempt)
 
     def _fetch_once(self, wanted: _Wanted, on_span: Callable[[Span, memoryview], None]
                     ) -> None:
@@ -629,11 +639,6 @@ def _status(code: int) -> str:
 def _one_line(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return " ".join(text.split())
-
-
-def _outcome(state: tenacity.RetryCallState) -> str:
-    exc = state.outcome.exception() if state.outcome is not None else None
-    return _one_line(exc) if exc is not None else "no result"
 
 
 
