@@ -5,9 +5,8 @@ import sys
 
 #: the commands whose memory is put in transparent huge pages before the CLI's imports
 #: (:func:`btrdelta._malloc.huge_pages`): a small ``send --from-sendshot`` is mostly its
-#: start-up, ~2,000 of its page faults fewer (~3.5 ms of ~45 of CPU); an ``update`` of the
-#: regex path (3 hops) ~4,000 fewer (~8 ms of ~190 of CPU, at SCHED_FIFO on a busy machine)
-_HUGE_PAGES = frozenset({"send", "update"})
+#: start-up, ~2,000 of its page faults fewer (~3.5 ms of ~45 of CPU)
+_HUGE_PAGES = frozenset({"send"})
 
 
 def entry() -> None:
