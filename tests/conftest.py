@@ -206,6 +206,15 @@ def _nobody_can_run(python: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, check=False, cwd="/")
 
 
+def _all_readable(top: Path) -> bool:
+    """Whether every file and directory under ``top`` can be read by any user."""
+    for where, dirs, files in os.walk(top):
+        for name in (".", *dirs, *files):
+            if os.lstat(os.path.join(where, name)).st_mode & 0o004 == 0:
+                return False
+    return True
+
+
 def _reachable_python() -> str:
     if _nobody_can_run(sys.executable).returncode == 0:
         return sys.executable
@@ -223,15 +232,21 @@ def _reachable_python() -> str:
     paths = []
     for name, src in (("src", sources), ("site", Path(sysconfig.get_paths()["purelib"]))):
         dest = top / name
-        if subprocess.run(["cp", "-al", str(src), str(dest)], capture_output=True,
-                          check=False).returncode != 0:
+        if not _all_readable(src) or subprocess.run(
+                ["cp", "-al", str(src), str(dest)], capture_output=True,
+                check=False).returncode != 0:
+            # (files a umask such as 077 or 027 made: copies, made readable, not hard links
+            # whose mode is the clone's own)
             shutil.rmtree(dest, ignore_errors=True)
             subprocess.run(["cp", "-a", str(src), str(dest)], check=True)
+            subprocess.run(["chmod", "-R", "a+rX", str(dest)], check=True)
         paths.append(str(dest))
     site = subprocess.run([str(top / "venv" / "bin" / "python"), "-c",
                            "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
     Path(site, "btrdelta-nobody.pth").write_text("\n".join(paths) + "\n")
+    # (made under the session's umask: 0700 and 0600 under umask 077)
+    subprocess.run(["chmod", "-R", "a+rX", str(top / "venv")], check=True)
     python = str(top / "venv" / "bin" / "python")
     probe = _nobody_can_run(python)
     if probe.returncode != 0:

@@ -358,6 +358,7 @@ def test_mount_as_a_user_without_fuse_access_is_one_line(
         for p in [base / "store", *(base / "store").rglob("*")]:
             p.chmod(0o755 if p.is_dir() else 0o644)
         (base / "mnt").mkdir()
+        (base / "mnt").chmod(0o755)  # (whatever the umask: nobody reaches it, as root's)
         proc = subprocess.run(
             _as_nobody("image", "mount", f"{base}/store/v1",
                        str(base / "mnt")), capture_output=True, text=True, timeout=60, check=False)
