@@ -3,6 +3,7 @@ wheel, installed where ``man`` and the shells look, and working."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -68,9 +69,12 @@ def test_wheel_ships_and_installs_them(tmp_path: Path) -> None:
     # a fresh environment (pip with --prefix would uninstall the one running the tests)
     prefix = tmp_path / "prefix"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(prefix)], check=True)
+    # (without PYTHONPATH: with src on it, as the suite is often run, pip finds
+    # src/btrdelta.egg-info, takes btrdelta for installed and installs nothing)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run([sys.executable, "-m", "pip", "--python", str(prefix / "bin" / "python"),
                     "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True,
-                   capture_output=True)
+                   capture_output=True, env=env)
     found = subprocess.run(["man", "--manpath", str(prefix / "share" / "man"), "-w",
                             "btrdelta-send"], capture_output=True, text=True, check=True)
     assert found.stdout.strip() == str(prefix / "share/man/man1/btrdelta-send.1")
