@@ -54,24 +54,25 @@ def old_state_in_use(layout: Layout, boot: str | None = None) -> bool:
 
 
 def fresh_state_subvol(layout: Layout, s: StateSubvol, dest: os.PathLike[str]) -> None:
-    """A new state subvolume ``dest``: empty; for an overlay, with ``upper`` and ``work``,
-    ``upper`` taking mode, owner and times of the factory root's directory (an overlay's
-    top directory shows its upper directory's own attributes)."""
-    path = Path(dest)
+    """A new state subvolume ``dest``: empty; for an overlay, with ``upper`` and ``work``.
+    What the mount shows as the directory (``upper``: an overlay's top directory shows its
+    upper directory's own attributes; a bind's, the subvolume's root) takes mode, owner and
+    times of the factory root's directory, not the caller's umask (077: a bound ``/home``
+    was 0700 where the release's is 0755)."""
+    path = shown = Path(dest)
     layout.create_subvolume(path)
-    if s.mode != "overlay":
-        return
-    upper = path / "upper"
-    upper.mkdir()
-    (path / "work").mkdir()
+    if s.mode == "overlay":
+        shown = path / "upper"
+        shown.mkdir()
+        (path / "work").mkdir()
     like = layout.root(FACTORY) / s.path.lstrip("/")
     try:
         st = os.lstat(like)
     except FileNotFoundError:
         return
-    os.chown(upper, st.st_uid, st.st_gid)
-    os.chmod(upper, stat.S_IMODE(st.st_mode))
-    os.utime(upper, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.chown(shown, st.st_uid, st.st_gid)
+    os.chmod(shown, stat.S_IMODE(st.st_mode))
+    os.utime(shown, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def _generation(path: os.PathLike[str]) -> int | None:
