@@ -107,15 +107,21 @@ def serve(images: ImagePair, tmp_path: Path) -> Iterator[tuple[str, Path]]:
     assert "stopped:" in log.read_text()
 
 
-def _served(log: Path, kind: str) -> int:
-    """Body bytes the server logged (nginx: '$status $bytes'; ours: '... status bytes')."""
-    time.sleep(0.2)  # let the server flush its log line
-    total = 0
-    for line in log.read_text().splitlines():
-        fields = line.split()
-        if kind == "nginx" or (len(fields) >= 5 and fields[1] in ("GET", "HEAD")):
-            total += int(fields[-1])
-    return total
+def _served(log: Path, kind: str, requests: int) -> int:
+    """Body bytes the server logged (nginx: '$status $bytes'; ours: '... status bytes'),
+    once it has logged ``requests`` requests (the clients' count) or 10 s have passed: the
+    server writes a line after its reply (a fixed 0.2 s could end first under load, and a
+    late line of one clone was counted as the next one's)."""
+    deadline = time.monotonic() + 10
+    while True:
+        sizes = []
+        for line in log.read_text().splitlines():
+            fields = line.split()
+            if kind == "nginx" or (len(fields) >= 5 and fields[1] in ("GET", "HEAD")):
+                sizes.append(int(fields[-1]))
+        if len(sizes) >= requests or time.monotonic() > deadline:
+            return sum(sizes)
+        time.sleep(0.05)
 
 
 def _clone_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, object]:
@@ -132,16 +138,19 @@ def test_clone_v1_then_v2_over_http(
 ) -> None:
     url, log = request.getfixturevalue(server)
     store = tmp_path / "store"
-    _clone_json(capsys, f"{url}/v1.bdar", f"{store}/v1", "--output", str(tmp_path / "v1.img"))
+    v1 = _clone_json(capsys, f"{url}/v1.bdar", f"{store}/v1", "--output",
+                     str(tmp_path / "v1.img"))
     assert (tmp_path / "v1.img").read_bytes() == images.img1.read_bytes()
-    v1_bytes = _served(log, server)
+    v1_requests = int(v1["requests"])  # type: ignore[call-overload]
+    v1_bytes = _served(log, server, v1_requests)
     assert v1_bytes <= images.arc1.stat().st_size * 1.01
 
     dry = _clone_json(capsys, "--dry-run", f"{url}/v2.bdar", f"{store}/v2")
     report = _clone_json(capsys, f"{url}/v2.bdar", f"{store}/v2", "--output",
                          str(tmp_path / "v2.img"))
     assert (tmp_path / "v2.img").read_bytes() == images.img2.read_bytes()
-    v2_bytes = _served(log, server) - v1_bytes
+    v2_bytes = _served(log, server, v1_requests + int(dry["requests"])  # type: ignore[call-overload]
+                       + int(report["requests"])) - v1_bytes  # type: ignore[call-overload]
     assert report["fetch_bytes"] == dry["fetch_bytes"]
     # what the server sent for v2 (dry run included): chunks v1 lacked + index, and
     # multipart framing; far less than the full v2 archive
