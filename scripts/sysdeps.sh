@@ -10,7 +10,7 @@ declare -A need=(
   [casync]=casync [nginx]=nginx-light [sshd]=openssh-server [ssh-keygen]=openssh-client
   [debootstrap]=debootstrap [losetup]=mount [chromium]=chromium [busybox]=busybox-static
   [grub-editenv]=grub-common [fw_setenv]=libubootenv-tool [findmnt]=mount
-  [zsh]=zsh [man]=man-db
+  [zsh]=zsh [man]=man-db [ip]=iproute2
 )
 # `make vmtest` (scripts/sysdeps.sh --vm): qemu, cpio and modinfo for the initramfs
 if [ "${1:-}" = "--vm" ]; then
