@@ -23,6 +23,7 @@ def test_same_content_same_uuid_changed_content_other_uuid(tmp_path: Path) -> No
     a.mkdir()
     (a / "f").write_bytes(b"x" * 10000)
     (a / "d").mkdir()
+    os.chmod(a / "d", 0o755)  # (not the umask's: 0700 under 077, and the chmod below no change)
     os.symlink("f", a / "d" / "l")
     os.utime(a / "f", ns=(10**18, 10**18))
     subprocess.run(["cp", "-a", str(a), str(tmp_path / "b")], check=True)
