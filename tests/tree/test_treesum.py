@@ -18,6 +18,7 @@ def _make(root: Path) -> Path:
     (root / "d").mkdir(parents=True)
     (root / "d/f").write_bytes(b"hello" * 1000)
     (root / "g").write_bytes(b"")
+    os.chmod(root / "g", 0o644)  # (not the umask's: 0600 under 077, which _chmod sets)
     os.link(root / "d/f", root / "d/hard")
     os.symlink("d/f", root / "l")
     with open(root / "sparse", "wb") as f:

@@ -105,11 +105,16 @@ def test_catalog_follows_the_layout_and_names_are_content_hashes(repo: Path) -> 
 
 def test_a_web_server_of_another_user_may_read_every_published_file(repo: Path) -> None:
     """What mirrors carry is world-readable (less the umask, 022 here), as nginx, running
-    as www-data, needs: packs were made 0600 (mkstemp), so every full's range got 403."""
+    as www-data, needs: packs were made 0600 (mkstemp), so every full's range got 403.
+    (Under a umask that keeps others out, 077, they are readable as far as it allows.)"""
+    umask = os.umask(0)
+    os.umask(umask)
+    want = 0o444 & ~umask
     published = [p for p in repo.rglob("*") if p.is_file() and ".btrdelta" not in p.parts]
     assert {p.parent.name for p in published} >= {"packs", "fulls", "deltas"}
-    unreadable = [str(p.relative_to(repo)) for p in published if not p.stat().st_mode & 0o004]
-    assert not unreadable, unreadable
+    unreadable = [str(p.relative_to(repo)) for p in published
+                  if p.stat().st_mode & want != want]
+    assert not unreadable, (oct(umask), unreadable)
 
 
 def test_fulls_rebuild_the_release_trees(repo: Path, releases: list[Path],
