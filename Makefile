@@ -63,11 +63,13 @@ demo: sysdeps venv
 # pytest's temporary directories live in a fresh directory of this run only (never the
 # shared /tmp/pytest-of-USER, whose cleanup of other runs' trees can fail) and are removed
 # after it, pass, fail or killed (trap; the exit code is 128 + the signal's number, as the
-# CLI's); `rm -rf` deletes trees of any depth
+# CLI's); `rm -rf` deletes trees of any depth. In /var/tmp, on the disk: the tests' trees
+# held ~5 GB by the run's end (session 25), and /tmp is a tmpfs in RAM on some machines
+# (Debian 13's default), where the `where` fixture's disk case would be a tmpfs too
 test: sysdeps venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	@tmp=$$(mktemp -d /tmp/btrdelta-test.XXXXXX); \
+	@tmp=$$(mktemp -d /var/tmp/btrdelta-test.XXXXXX); \
 	trap 'rm -rf --one-file-system "$$tmp"' EXIT; \
 	trap 'exit 130' INT; trap 'exit 143' TERM; trap 'exit 129' HUP; \
 	$(BIN)/python -m pytest --basetemp="$$tmp/t"

@@ -93,8 +93,9 @@ def huge_sparse_tree(tree: Path) -> None:
 
 @pytest.fixture(params=["tmp", "tmpfs"])
 def where(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
-    """The test's directory (``/tmp``: ext4 here), then one on tmpfs (``/dev/shm``): a
-    test of sparse files run on both (their holes and ``SEEK_DATA`` differ)."""
+    """The test's directory (``make test``'s are under ``/var/tmp``: ext4 here), then one
+    on tmpfs (``/dev/shm``): a test of sparse files run on both (their holes and
+    ``SEEK_DATA`` differ)."""
     if request.param == "tmp":
         yield tmp_path
         return
