@@ -132,6 +132,9 @@ static PyObject *heap(PyObject *self, PyObject *arg) {
     }
     while (k > 0)
         free(held[--k]);
+    if (after != before) /* the frees trim the top back to pad: advise what stays mapped
+                          * (the end of the growth may be gone: madvise refused it) */
+        after = sbrk(0);
     char *lo = (char *)(((uintptr_t)before + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1));
     char *hi = (char *)((uintptr_t)after & ~(uintptr_t)(HUGE_PAGE - 1));
     if (before == (char *)-1 || hi <= lo || madvise(lo, (size_t)(hi - lo), MADV_HUGEPAGE) != 0)
