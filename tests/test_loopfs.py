@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -82,15 +83,19 @@ def test_mounted_image_returns_once_the_filesystem_is_gone(tmp_path: Path) -> No
         f.truncate(256 << 20)
     subprocess.run(["mkfs.btrfs", "-q", "-f", str(image)], check=True)
     holder: subprocess.Popen[bytes] | None = None
+    released = threading.Event()
     try:
         with loopfs.mounted_image(image) as mnt:
             (mnt / "f").write_bytes(b"x" * 100_000)
             # a process copies the mount table (unshare -m, a browser's sandbox) and keeps it
-            holder = subprocess.Popen(["unshare", "-m", "sh", "-c", "echo ready; exec sleep 2"],
+            holder = subprocess.Popen(["unshare", "-m", "sh", "-c", "echo ready; exec sleep 60"],
                                       stdout=subprocess.PIPE)
             assert holder.stdout is not None
             assert holder.stdout.readline() == b"ready\n"
-        assert holder.poll() is not None, "returned while another namespace held the mount"
+            # it lets the copy go 1 s later (a poll() of its exit once the loop device was
+            # gone could come first: the copy goes early in the holder's exit; CI run)
+            threading.Timer(1.0, lambda: (released.set(), holder.kill())).start()
+        assert released.is_set(), "returned while another namespace held the mount"
         assert not _attached(image)
         assert not os.path.ismount(mnt)
     finally:
