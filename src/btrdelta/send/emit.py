@@ -530,7 +530,7 @@ class Sender(CloneFinder):
         is_link = node.fmt == 0o120000
         created = onode is None
         # xattrs other than capabilities (a created inode: the ACLs it inherited)
-        old_x = onode.xattrs if onode is not None else ns.inherited_acls(node)
+        old_x = ns.xattrs_before(node, onode)
         for xname in sorted(old_x):
             if xname not in node.xattrs:
                 yield self._count(RemoveXattr(path=path, name=xname))

@@ -25,6 +25,7 @@ data and metadata afterwards (all names are then final).
 
 from __future__ import annotations
 
+import os
 import stat
 from array import array
 from collections.abc import Iterator
@@ -40,8 +41,10 @@ from ..stream.records import (
     Mknod,
     Mksock,
     Record,
+    RemoveXattr,
     Rename,
     Rmdir,
+    SetXattr,
     Symlink,
     Unlink,
 )
@@ -56,6 +59,8 @@ __all__ = ["FullInos", "Namespace", "full_order", "inherited_acls", "order_names
 Dentry = tuple[int, bytes]
 ACL_ACCESS = b"system.posix_acl_access"
 ACL_DEFAULT = b"system.posix_acl_default"
+#: the property btrfs copies from a directory to each file and directory made in it
+COMPRESSION = b"btrfs.compression"
 #: ACL entry tags a mode expresses (owner, owning group, other): an ACL of only these is a mode
 _MODE_TAGS = (1, 4, 0x20)
 
@@ -90,11 +95,21 @@ class Namespace(Value):
     #: new ids of created inodes -> the default ACL of the directory they were created in,
     #: which the receiver gave them ACLs from (:func:`inherited_acls`)
     inherited: dict[int, bytes] = field(default_factory=dict)
+    #: old directories whose ``btrfs.compression`` the stream changed before its names ->
+    #: the value it set (None: removed), :func:`order_namespace`
+    early: dict[int, bytes | None] = field(default_factory=dict)
 
-    def inherited_acls(self, node: Node) -> dict[bytes, bytes]:
-        """The ACL xattrs created inode ``node`` got from its directory
-        (:func:`inherited_acls`)."""
-        return inherited_acls(node, self.inherited.get(node.id))
+    def xattrs_before(self, node: Node, onode: Node | None) -> dict[bytes, bytes]:
+        """The xattrs ``node`` has on the receiver once the names are made: an old inode's
+        (with its early ``btrfs.compression``), a created one's ACLs it got from its
+        directory (:func:`inherited_acls`)."""
+        if onode is None:
+            return inherited_acls(node, self.inherited.get(node.id))
+        if onode.id not in self.early:
+            return onode.xattrs
+        value = self.early[onode.id]
+        xattrs = {k: v for k, v in onode.xattrs.items() if k != COMPRESSION}
+        return xattrs if value is None else {**xattrs, COMPRESSION: value}
 
     def dir_path(self, key: int) -> bytes:
         """Current path of directory ``key``."""
@@ -276,9 +291,19 @@ class _Orderer:
         while True:
             name = b"o%d-0-%d" % (ino, idx)
             idx += 1
-            if name not in self.root_names and name not in self.ns.children[ROOT]:
+            if name not in self.root_names and name not in self.ns.children[ROOT] \
+                    and not self._in_new_root(name):
                 self.orphan_seq[key] = idx
                 return name
+
+    def _in_new_root(self, name: bytes) -> bool:
+        """Whether ``name`` is in the new tree's root on disk: a sendshot's trees list what
+        changed, not a name both keep (btrfs receive: ``rename ... Not a directory``)."""
+        try:
+            os.lstat(os.path.join(self.new.root, name))
+        except (OSError, ValueError):
+            return False
+        return True
 
     def evict(self, parent: int, name: bytes, key: int) -> None:
         """Free ``name`` in ``parent``: unlink a doomed file, else move it to an orphan."""
@@ -371,6 +396,18 @@ def order_namespace(old: Tree, new: Tree, match: Match) -> tuple[list[Record], N
         :class:`Namespace` (which inodes were created, which directories touched).
     """
     o = _Orderer(old, new, match)
+    # a directory's btrfs.compression changed or removed goes first: btrfs gives what the
+    # stream makes in it the value the directory has then (a value added goes last, with
+    # its other xattrs, as in the source the files made before it do not have it)
+    for oid, nid in match.o2n.items():
+        onode = old.nodes.get(oid)
+        value = onode.xattrs.get(COMPRESSION) if onode is not None and onode.is_dir else None
+        if value is None or new.nodes[nid].xattrs.get(COMPRESSION) == value:
+            continue
+        now = o.ns.early[oid] = new.nodes[nid].xattrs.get(COMPRESSION)
+        path = o.ns.dir_path(oid)
+        o.out.append(RemoveXattr(path=path, name=COMPRESSION) if now is None
+                     else SetXattr(path=path, name=COMPRESSION, data=now))
     stack = [ROOT]
     while stack:
         d = stack.pop()

@@ -522,5 +522,25 @@ BEYOND: list[Scenario] = [
       "echo f > a; mkdir b; echo in > b/in; ln -s b c; mkfifo p; mkdir q; echo q > q/only",
       "mv a t; mv b a; mv c b; mv t c; mv a d; ln -s d a; rm p; mkdir p; mv c p/c;"
       " mv q/only t; rmdir q; mv t q"),
+    # session 25: names in the root that look like the orphan names a sender picks
+    # (o<ino>-<gen>-<idx>, for the inode numbers and generations this recipe's inodes get),
+    # some removed, some made, while a swap and a deletion need orphans
+    S("orphan-like-names",
+      "mkdir a b c; echo 1 > a/f; echo 2 > b/g; echo 3 > c/h;"
+      " for i in $(seq 256 262); do for g in $(seq 0 30); do touch o$i-$g-0; done;"
+      " touch o$i-0-1 o$i-0-2; done",
+      "mv a t; mv b a; mv t b; for i in $(seq 256 262); do for g in $(seq 0 2 30); do"
+      " rm o$i-$g-0; done; mkdir o$i-1-1; done; mv c/h o257-0-3; rmdir c; mkdir c;"
+      " mv o256-1-0 c/moved"),
+    # compression properties removed from the root and a directory, then files and
+    # directories made in them: new inodes inherit a directory's property when they are
+    # made, so a stream must remove the property before it makes them
+    S("compression-property-removed-new-files",
+      "mkdir d e; btrfs property set . compression zstd; btrfs property set d compression lzo;"
+      " btrfs property set e compression zlib; echo x > d/old; echo y > e/old",
+      "btrfs property set . compression ''; btrfs property set d compression '';"
+      " echo y > d/new; mkdir newdir; echo z > newdir/f; echo w > top; mkdir d/sub;"
+      " btrfs property set e compression zstd; echo v > e/new",
+      btrfs_only=True),
 ]
 del S
