@@ -433,6 +433,13 @@ SCENARIOS: list[Scenario] = [
     S("delayed-move-new-parent-7b119a8",
       "mkdir A B C; mv C A; mv B A/C; mkdir A/C/D",
       "mv A/C/D A/D2; mv A/C/B A/D2/B2; mv A/C A/D2/B2/C2"),
+    S("dir-renames-ancestors-f959492",
+      "mkdir -p a/b a/c/d; mkdir a/b/e a/c/d/f; mv a/b a/c/d/2b; mkdir a/x a/y",
+      "mv a/x a/y; mv a/c/d/2b/e a/c/d/2b/2e; mkdir a/h; mv a/c/d a/h/2d;"
+      " mv a/c a/h/2d/2b/2c"),
+    S("orphan-dirs-path-strings-c992ec9",
+      "mkdir -p a/b/c/d; mkdir a/b/e; mv a/b/c a/b/e/CC; mkdir a/b/e/CC/d/f; mkdir a/g",
+      "mkdir a/g/h; mv a/b/e a/g/h/EE; mv a/g/h/EE/CC/d a/g/h/EE/DD"),
     # names, link and symlink targets, xattr names and values, clone sources with a newline
     # then 'failed': upstream checks that no dump line starts so, which btrfs-progs >= 6.10
     # meets; 6.2's dump, and so ours, escape names and targets but not xattrs or clone paths
