@@ -542,5 +542,12 @@ BEYOND: list[Scenario] = [
       " echo y > d/new; mkdir newdir; echo z > newdir/f; echo w > top; mkdir d/sub;"
       " btrfs property set e compression zstd; echo v > e/new",
       btrfs_only=True),
+    # the root's compression property set once the tree exists (its directories do not
+    # have it), then files and directories made in those directories: btrfs send makes
+    # them as orphans in the root, where they inherit the property, and never removes it
+    S("compression-property-root-new-files",
+      "mkdir -p d/e; echo x > d/old; btrfs property set . compression zstd",
+      "echo y > d/new; mkdir d/sub; echo z > d/e/f; mkdir top; echo w > top/g",
+      btrfs_only=True),
 ]
 del S
