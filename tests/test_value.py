@@ -257,7 +257,7 @@ def test_generated_and_compiled_shapes_are_the_same_code(frozen: bool) -> None:
     """A shape written out ahead and one compiled when first used make the same
     ``__init__`` (the generated code is :func:`shape_source`'s text); a shape not written
     out (13 fields, a factory) is compiled and works."""
-    for shape in [(5, (False, False, True, True, True), False), (4, (False,) * 4, True),
+    for shape in [(6, (False, False, True, True, True, True), False), (4, (False,) * 4, True),
                   (0, (), False)]:
         made = _value._GENERATED[_value.shape_name(shape)].__code__
         scope: dict[str, object] = {}

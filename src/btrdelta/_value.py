@@ -373,14 +373,6 @@ def _init5_00010(self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any) -> None
     self.f4 = f4
 
 
-def _init5_00111(self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any) -> None:
-    self.f0 = f0
-    self.f1 = f1
-    self.f2 = _d_f2.make() if f2 is _d_f2 else f2
-    self.f3 = _d_f3.make() if f3 is _d_f3 else f3
-    self.f4 = _d_f4.make() if f4 is _d_f4 else f4
-
-
 def _init5_01111(self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any) -> None:
     self.f0 = f0
     self.f1 = _d_f1.make() if f1 is _d_f1 else f1
@@ -404,6 +396,15 @@ def _init6_000001(self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any, f5: An
     self.f2 = f2
     self.f3 = f3
     self.f4 = f4
+    self.f5 = _d_f5.make() if f5 is _d_f5 else f5
+
+
+def _init6_001111(self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any, f5: Any) -> None:
+    self.f0 = f0
+    self.f1 = f1
+    self.f2 = _d_f2.make() if f2 is _d_f2 else f2
+    self.f3 = _d_f3.make() if f3 is _d_f3 else f3
+    self.f4 = _d_f4.make() if f4 is _d_f4 else f4
     self.f5 = _d_f5.make() if f5 is _d_f5 else f5
 
 
@@ -738,10 +739,10 @@ _GENERATED: dict[str, Callable[..., None]] = {
     "_frozen5_00000": _frozen5_00000,
     "_init5_00001": _init5_00001,
     "_init5_00010": _init5_00010,
-    "_init5_00111": _init5_00111,
     "_init5_01111": _init5_01111,
     "_init6_000000": _init6_000000,
     "_init6_000001": _init6_000001,
+    "_init6_001111": _init6_001111,
     "_init7_0000000": _init7_0000000,
     "_frozen7_0000000": _frozen7_0000000,
     "_init8_00000000": _init8_00000000,
