@@ -37,6 +37,16 @@ def btrfs_ws() -> Iterator[Workspace]:
         yield Workspace(mnt)
 
 
+@pytest.fixture(scope="module")
+def fs_pair() -> Iterator[tuple[Path, Path]]:
+    """A module's two btrfs for the scenario tests: the source (compress=zstd, as the
+    kernel's scenario streams) and the receiver's."""
+    require_btrfs()
+    with loop_fs("btrfs", size="1G", options="compress=zstd") as src, \
+            loop_fs("btrfs", size="1G") as dst:
+        yield src, dst
+
+
 def bash(script: str, cwd: Path) -> None:
     """Run a recipe with bash -euo pipefail in ``cwd``."""
     proc = subprocess.run(

@@ -6,29 +6,17 @@ by ``btrfs receive``, give the snapshots (tree-sum as the oracle)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from btrdelta.send import send_stream
-from btrdelta.testing.loopfs import loop_fs
 from btrdelta.testing.scenarios import SCENARIOS, kernel_receive, make_snapshots
 from btrdelta.tree.treesum import diff_manifests, tree_manifest
-from tests.conftest import require_btrfs
 
 pytestmark = pytest.mark.btrfs
 
 ONLY = [sc for sc in SCENARIOS if sc.btrfs_only]
-
-
-@pytest.fixture(scope="module")
-def fs_pair() -> Iterator[tuple[Path, Path]]:
-    """The source btrfs (compress=zstd, as the kernel's scenario streams) and the receiver's."""
-    require_btrfs()
-    with loop_fs("btrfs", size="1G", options="compress=zstd") as src, \
-            loop_fs("btrfs", size="1G") as dst:
-        yield src, dst
 
 
 @pytest.mark.parametrize("scenario", ONLY, ids=[sc.name for sc in ONLY])

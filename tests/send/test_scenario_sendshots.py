@@ -5,31 +5,19 @@ takes both streams and gives the read-only snapshots A and B (tree-sum as the or
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from btrdelta.cli import main
-from btrdelta.testing.loopfs import loop_fs
 from btrdelta.testing.scenarios import SCENARIOS, kernel_receive, make_snapshots
 from btrdelta.testing.scenarios_beyond import BEYOND
 from btrdelta.tree.treesum import diff_manifests, tree_manifest
-from tests.conftest import require_btrfs
 
 pytestmark = pytest.mark.btrfs
 
 SHOTS = [sc for sc in SCENARIOS if (sc in BEYOND or "\nREMOUNT\n" in sc.b)
          and not (sc.a_held or sc.b_held or sc.a_open or sc.after)]
-
-
-@pytest.fixture(scope="module")
-def fs_pair() -> Iterator[tuple[Path, Path]]:
-    """The source btrfs (compress=zstd, as the kernel's scenario streams) and the receiver's."""
-    require_btrfs()
-    with loop_fs("btrfs", size="1G", options="compress=zstd") as src, \
-            loop_fs("btrfs", size="1G") as dst:
-        yield src, dst
 
 
 @pytest.mark.parametrize("scenario", SHOTS, ids=[sc.name for sc in SHOTS])
