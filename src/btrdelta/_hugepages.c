@@ -24,8 +24,9 @@
  * instead of to 128 KiB), grow it once now, and advise the new part MADV_HUGEPAGE; returns
  * the bytes advised (0: the heap did not grow within 4 MiB of 64 KiB blocks, which is
  * where brk is refused and glibc maps its memory instead, or the advice was refused). The
- * part advised is the region the next pad bytes of heap buffers come from (a send raises glibc's mmap threshold to 32 MiB: its buffers are heap memory);
- * the heap beyond it is a new mapping of 4 KiB pages (brk does not extend an advised one).
+ * part advised is the region the next pad bytes of heap buffers come from (a send raises
+ * glibc's mmap threshold to 32 MiB: its buffers are heap memory); the heap beyond it is a
+ * new mapping of 4 KiB pages (brk does not extend an advised one).
  *
  * What it costs: memory is taken 2 MiB at a time where it is touched (a small send's peak
  * RSS 21.8 -> 25.7 MB); where memory is fragmented the kernel gives 4 KiB pages instead
