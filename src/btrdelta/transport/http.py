@@ -641,8 +641,6 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
-
-
 def _boundary(content_type: str) -> bytes:
     for param in content_type.split(";")[1:]:
         name, _, value = param.strip().partition("=")
