@@ -19,11 +19,11 @@ from typing import Any, NoReturn
 
 from ..errors import StreamFormatError
 
-__all__ = ["Fields", "canonical", "parse_json"]
+__all__ = ["HEX64", "Fields", "canonical", "parse_json"]
 
 #: metadata files are small; a larger one is refused before it is parsed
 MAX_METADATA = 16 << 20
-_HEX64 = re.compile(r"[0-9a-f]{64}")
+HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def _check(value: Any, where: str) -> None:
@@ -112,7 +112,7 @@ class Fields:
 
     def hex64(self, key: str) -> str:
         """64 lowercase hex digits."""
-        return self.text(key, _HEX64)
+        return self.text(key, HEX64)
 
     def array(self, key: str, max_len: int = 1 << 24) -> list[Any]:
         """A required array of at most ``max_len`` items."""

@@ -23,7 +23,7 @@ import uuid
 from typing import Any, NoReturn
 
 from .._value import Value
-from .canonical import Fields
+from .canonical import HEX64, Fields
 
 __all__ = [
     "BIN_SIZE",
@@ -56,7 +56,6 @@ _ARTIFACT = re.compile(r"(deltas|fulls|packs|bins)/([0-9a-f]{64})\.(delta|fidx|p
 _KIND_EXT = {"deltas": "delta", "fulls": "fidx", "packs": "pack", "bins": "json"}
 _TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 _KEY = re.compile(r"[A-Za-z0-9+/]{43}=")
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 _MAX_LEN = (1 << 53) - 1
 
 
@@ -191,7 +190,7 @@ class Index(Value, frozen=True):
         for i, b in enumerate(f.array("bins")):
             if not (isinstance(b, list) and len(b) == 3 and type(b[0]) is int
                     and 1 <= b[0] <= BIN_SIZE and type(b[1]) is int and 0 < b[1] <= _MAX_LEN
-                    and isinstance(b[2], str) and _HEX64.fullmatch(b[2])):
+                    and isinstance(b[2], str) and HEX64.fullmatch(b[2])):
                 f.fail("not [count, length, blake3]", f"bins[{i}]")
             bins.append(BinRef(expect_first, b[0], ArtifactRef.make("bins", b[2], b[1])))
             expect_first += b[0]
