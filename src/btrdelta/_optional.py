@@ -16,13 +16,10 @@ from __future__ import annotations
 import sys
 from types import ModuleType
 
-from . import TYPE_CHECKING, _import_module
+from . import _import_module
 from .errors import MissingDependencyError
 
-if TYPE_CHECKING:
-    from typing import Any
-
-__all__ = ["EXTRAS", "OPTIONAL", "lazy", "missing", "need"]
+__all__ = ["EXTRAS", "OPTIONAL", "missing", "need"]
 
 #: optional distribution (its import name) -> the extras that bring it, the one to suggest
 #: first; ``[all]`` brings every one
@@ -58,27 +55,3 @@ def need(module: str, extra: str | None = None) -> ModuleType:
         return _import_module(module)
     except ImportError as exc:
         raise missing(module.split(".")[0], extra) from exc
-
-
-
-class _Deferred:
-    """A module imported when one of its attributes is first used (by any thread:
-    ``importlib.import_module`` holds the module's import lock)."""
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self._module: ModuleType | None = None
-
-    def __getattr__(self, attr: str) -> Any:
-        module = self._module
-        if module is None:
-            module = self._module = _import_module(self._name)
-        return getattr(module, attr)
-
-
-def lazy(module: str) -> Any:
-    """``module`` (a core dependency), imported when one of its attributes is first used:
-    httpx takes 40-60 ms to import, which a command reading a local repository, stream or
-    archive never needs."""
-    got = sys.modules.get(module)
-    return got if got is not None else _Deferred(module)

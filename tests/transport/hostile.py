@@ -17,6 +17,7 @@ class _Handler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         sock: socket.socket = self.request
+        self.server.connections.append(self.client_address)
         sock.settimeout(30)
         data = b""
         try:
@@ -38,7 +39,8 @@ class _Handler(socketserver.BaseRequestHandler):
 
 
 class HostileServer(socketserver.ThreadingTCPServer):
-    """Calls ``reply(sock, path, headers)`` for each request; records what it saw."""
+    """Calls ``reply(sock, path, headers)`` for each request; records what it saw (requests,
+    connections)."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -46,6 +48,7 @@ class HostileServer(socketserver.ThreadingTCPServer):
     def __init__(self, reply: Reply) -> None:
         self.reply = reply
         self.seen: list[tuple[str, dict[str, str]]] = []
+        self.connections: list[tuple[str, int]] = []
         super().__init__(("127.0.0.1", 0), _Handler)
 
     @property

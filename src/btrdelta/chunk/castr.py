@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 from .. import TYPE_CHECKING
-from .._optional import lazy
 from ..errors import BtrdeltaError, MissingBaseError, StreamFormatError, TransportError
 from ..transport.config import HttpConfig
 from ..transport.http import FetchStats, RangeFetcher
@@ -26,9 +25,7 @@ from .casync import MAX_INDEX_SIZE, CasyncIndex, chunk_file_name, decode_caibx, 
 from .source import is_url
 
 if TYPE_CHECKING:
-    import httpx
-else:
-    httpx = lazy("httpx")  # (40-60 ms: only when HTTP is used)
+    from ..transport.client import Client
 
 __all__ = ["CastrChunks", "default_store", "read_caibx"]
 
@@ -50,7 +47,7 @@ class _Bounded(io.BytesIO):
 
 
 def _http_get(url: str, max_size: int, config: HttpConfig | None,
-              client: httpx.Client | None, stats: FetchStats) -> bytes | None:
+              client: Client | None, stats: FetchStats) -> bytes | None:
     """The whole file at ``url`` (``None`` on 404/410), bounded, with the fetcher's retries
     and deadline; requests and bytes are added to ``stats``."""
     fetcher = RangeFetcher(url, config, client=client)

@@ -21,6 +21,7 @@ Index (version 1)::
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -84,17 +85,19 @@ class _Store:
             with open(path, "rb") as src, atomic_output(Path(self.where) / name) as out:
                 shutil.copyfileobj(src, out, 1 << 20)
             return
-        import httpx
+        from ..transport.client import Client, HTTPError
 
         url = f"{self.where}/{name}"
         try:
-            with open(path, "rb") as f:
-                resp = httpx.put(url, content=f, timeout=60)
-        except httpx.HTTPError as exc:
+            with open(path, "rb") as f, Client(timeout=60, follow_redirects=False) as client, \
+                    client.stream("PUT", url, content=f) as resp:
+                status = resp.status_code
+                with contextlib.suppress(HTTPError):
+                    resp.read(1 << 16)
+        except HTTPError as exc:
             raise TransportError(f"PUT failed: {exc}", url=url) from exc
-        if resp.status_code not in (200, 201, 204):
-            raise TransportError(f"PUT answered {resp.status_code}", url=url,
-                                 status=resp.status_code)
+        if status not in (200, 201, 204):
+            raise TransportError(f"PUT answered {status}", url=url, status=status)
 
     def get(self, name: str, dest: BinaryIO, *, limit: int | None = None) -> None:
         """Copy backup file ``name`` into ``dest``: a regular file of the directory (never
@@ -128,17 +131,18 @@ class _Store:
                 while chunk := f.read(1 << 20):
                     put(chunk)
             return
-        import httpx
+        from ..transport.client import Client, HTTPError
 
         url = f"{self.where}/{name}"
         try:
-            with httpx.stream("GET", url, timeout=60) as resp:
+            with Client(timeout=60, follow_redirects=False) as client, \
+                    client.stream("GET", url) as resp:
                 if resp.status_code != 200:
                     raise TransportError(f"GET answered {resp.status_code}", url=url,
                                          status=resp.status_code)
-                for chunk in resp.iter_bytes(1 << 20):
+                for chunk in resp.iter_raw(1 << 20):
                     put(chunk)
-        except httpx.HTTPError as exc:
+        except HTTPError as exc:
             raise TransportError(f"GET failed: {exc}", url=url) from exc
 
     def index(self, name: str) -> list[dict[str, Any]]:

@@ -36,19 +36,13 @@ from typing import TypeVar
 
 import blake3
 
-from .. import TYPE_CHECKING
-from .._optional import lazy
 from ..chunk.source import file_url_path
 from ..errors import BtrdeltaError, ChecksumError, StreamFormatError, TransportError
+from ..transport.client import Client, HTTPError, NetworkError, RemoteProtocolError, Response
 from ..transport.config import HttpConfig
 from ..transport.http import FetchStats, RangeFetcher, RangesNotSupported, describe_http_error
 from ..transport.pacing import deadline
 from ..transport.plan import Span
-
-if TYPE_CHECKING:
-    import httpx
-else:
-    httpx = lazy("httpx")  # (40-60 ms: only when HTTP is used)
 
 __all__ = ["PIECE", "Mirrors", "local_path"]
 
@@ -105,13 +99,13 @@ class Mirrors:
         urls: mirror base URLs (``http(s)://…``) or directories, in order of preference.
         config: HTTP settings (TLS, headers, timeouts, retries per request and mirror,
             rate limit); default: 2 retries, then the next mirror.
-        client: an ``httpx.Client`` (tests inject transports); made from ``config`` if
+        client: a :class:`~btrdelta.transport.client.Client`; made from ``config`` if
             omitted.
         on_bytes: called with the number of body bytes each time some arrive.
     """
 
     def __init__(self, urls: Sequence[str], *, config: HttpConfig | None = None,
-                 client: httpx.Client | None = None,
+                 client: Client | None = None,
                  on_bytes: Callable[[int], None] | None = None) -> None:
         if not urls:
             raise BtrdeltaError("no mirror given")
@@ -130,9 +124,8 @@ class Mirrors:
         self._nested = threading.local()  # in an attempt of :meth:`each` (this thread)
 
     @property
-    def client(self) -> httpx.Client:
-        """The HTTP client, made at its first use (mirrors that are directories need none:
-        nor httpx, 40-60 ms to import)."""
+    def client(self) -> Client:
+        """The HTTP client, made at its first use (mirrors that are directories need none)."""
         with self._lock:
             if self._client is None:
                 self._client = self.config.client()
@@ -195,7 +188,7 @@ class Mirrors:
                 failed(url, exc.message, exc.url)
                 dead = exc.status is None or exc.status >= 500
                 missing += exc.status == 404
-            except httpx.HTTPError as exc:
+            except HTTPError as exc:
                 failed(url, describe_http_error(exc))
                 dead = True
             else:
@@ -280,9 +273,9 @@ class Mirrors:
                     length = resp.headers.get("content-length")
                     if n <= max_size and length is not None and length.isdigit() \
                             and int(length) != n:
-                        raise httpx.ReadError(f"body truncated ({n} of {length} bytes)")
+                        raise RemoteProtocolError(f"body truncated ({n} of {length} bytes)")
                     return data
-            except httpx.TransportError as exc:
+            except NetworkError as exc:
                 last = describe_http_error(exc)
         raise TransportError(last, url=full)
 
@@ -405,14 +398,14 @@ def _where(mirror: str, at: str, why: str) -> tuple[str, str]:
     return at, why
 
 
-def _drain(resp: httpx.Response, limit: int = 1 << 16) -> None:
+def _drain(resp: Response, limit: int = 1 << 16) -> None:
     """Read the body of a refused request (a 404 page: the next root of a chain that did
     not rotate, asked by every update) so that its connection is kept for the next
     request, not closed and made again (one more connection, and nginx's accept, before
     the timestamp); a body over ``limit`` bytes, or one that fails, is dropped with its
     connection."""
     n = 0
-    with contextlib.suppress(httpx.HTTPError):
+    with contextlib.suppress(HTTPError):
         for block in resp.iter_raw(1 << 14):
             n += len(block)
             if n > limit:

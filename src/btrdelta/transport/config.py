@@ -1,8 +1,8 @@
-"""HTTP client settings shared by every fetcher, and the ``httpx.Client`` built from them.
+"""HTTP client settings shared by every fetcher, and the :class:`.client.Client` built from them.
 
 This module owns :class:`HttpConfig` (TLS trust and client certificate, extra headers,
 timeouts and the per-request deadline, retry patience, parallel connections, rate limit,
-redirects) and turns it into one ``httpx.Client`` whose socket reads obey the deadline and
+redirects) and turns it into one :class:`.client.Client` whose socket reads obey the deadline and
 the shared rate limit (:mod:`.pacing`). Every command that fetches takes one config; the CLI
 builds it in one place (``cli/http_options.py``). It knows nothing of what is fetched
 (:mod:`.http` fetches ranges, :mod:`.plan` decides which).
@@ -12,22 +12,17 @@ from __future__ import annotations
 
 import os
 import re
-import ssl
-from collections.abc import Callable
-from typing import Any
 
 from .. import TYPE_CHECKING
-from .._optional import lazy
 from .._value import Value
 from ..errors import BtrdeltaError
-from .pacing import RateLimiter, paced_transport
+from .client import Client
+from .pacing import RateLimiter
 
 if TYPE_CHECKING:
-    import httpx
-else:
-    httpx = lazy("httpx")  # (40-60 ms: only when HTTP is used)
+    import ssl
 
-__all__ = ["HttpConfig", "LazyTLS", "parse_header"]
+__all__ = ["HttpConfig", "parse_header"]
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
@@ -96,14 +91,17 @@ class HttpConfig(Value, frozen=True):
             raise BtrdeltaError("a client key needs a client certificate (--client-cert)")
 
     def ssl_context(self) -> ssl.SSLContext:
-        """The TLS context: the CA file (or the default trust store) and the client cert.
+        """The TLS context: the CA file (or the system's trust store, which ``SSL_CERT_FILE``
+        and ``SSL_CERT_DIR`` can name) and the client cert.
 
         Raises:
             BtrdeltaError: a file that is missing or not PEM, naming which.
         """
+        import ssl  # (only for https://: ~10 ms)
+
         try:
             if self.ca_cert is None:
-                ctx = httpx.create_ssl_context()
+                ctx = ssl.create_default_context()
             elif os.path.isdir(self.ca_cert):
                 ctx = ssl.create_default_context(capath=self.ca_cert)
             else:
@@ -119,22 +117,19 @@ class HttpConfig(Value, frozen=True):
                                     path=self.client_cert) from None
         return ctx
 
-    def client(self) -> httpx.Client:
+    def client(self) -> Client:
         """A pooled client: ``jobs`` connections, the deadline and the rate limit applied.
         With the default trust store, the TLS context is made at the first HTTPS
-        connection (:class:`LazyTLS`); a CA file or a client certificate is loaded now, so a
-        bad one is named before anything is fetched."""
-        limits = httpx.Limits(max_connections=self.jobs, max_keepalive_connections=self.jobs)
-        limiter = RateLimiter(self.rate_limit) if self.rate_limit else None
-        tls: Any = self.ssl_context() if self.ca_cert or self.client_cert else LazyTLS(
-            self.ssl_context)
-        transport = paced_transport(verify=tls, limits=limits, limiter=limiter)
-        return httpx.Client(
-            transport=transport,
-            timeout=httpx.Timeout(self.timeout),
+        connection (loading it costs 20-70 ms, which a client of plain-HTTP mirrors never
+        needs to pay); a CA file or a client certificate is loaded now, so a bad one is
+        named before anything is fetched."""
+        return Client(
             headers=dict(self.headers),
-            follow_redirects=True,
+            timeout=self.timeout,
+            max_connections=self.jobs,
             max_redirects=self.max_redirects,
+            tls=self.ssl_context() if self.ca_cert or self.client_cert else self.ssl_context,
+            limiter=RateLimiter(self.rate_limit) if self.rate_limit else None,
         )
 
     @property
@@ -144,21 +139,6 @@ class HttpConfig(Value, frozen=True):
         if self.rate_limit is None:
             return float(self.min_speed)
         return min(float(self.min_speed), self.rate_limit / self.jobs / 4)
-
-
-class LazyTLS:
-    """Stands for the ``ssl.SSLContext`` that ``make()`` returns, made when first used:
-    loading the default trust store costs 20-70 ms, which a client of plain-HTTP mirrors
-    never needs to pay."""
-
-    def __init__(self, make: Callable[[], ssl.SSLContext]) -> None:
-        self._make = make
-        self._ctx: ssl.SSLContext | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        if self._ctx is None:
-            self._ctx = self._make()
-        return getattr(self._ctx, name)
 
 
 def _why(exc: BaseException) -> str:

@@ -1,7 +1,7 @@
-"""Fetching byte ranges over HTTP(S) with ``httpx``: bounded reads, retries, parallel requests.
+"""Fetching byte ranges over HTTP(S): bounded reads, retries, parallel requests.
 
 Strategy: spans (from :mod:`.plan`) are grouped into requests of several ranges each; a
-thread pool keeps ``config.jobs`` requests in flight on one pooled ``httpx.Client`` (built by
+thread pool keeps ``config.jobs`` requests in flight on one pooled :class:`.client.Client` (built by
 :class:`.config.HttpConfig`: TLS, headers, deadline, rate limit). Each response is checked
 (status, ``Content-Range``, multipart parts, exact length) and every span it delivers goes
 to the caller's ``on_span`` callback in the worker thread.
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import ssl
 import sys
 import threading
 import time
@@ -34,10 +33,19 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import BinaryIO, TypeVar
 
-from .. import TYPE_CHECKING
-from .._optional import lazy
 from .._value import Value
 from ..errors import TransportError
+from .client import (
+    Client,
+    ConnectError,
+    Headers,
+    HTTPError,
+    InvalidURL,
+    NetworkError,
+    Response,
+    TooManyRedirects,
+    UnsupportedResponse,
+)
 from .config import HttpConfig
 from .pacing import Deadline, deadline
 from .plan import (
@@ -48,11 +56,6 @@ from .plan import (
     format_range_header,
     parse_content_range,
 )
-
-if TYPE_CHECKING:
-    import httpx
-else:
-    httpx = lazy("httpx")  # (40-60 ms: only when HTTP is used)
 
 __all__ = ["FetchStats", "RangeFetcher", "RangesNotSupported", "describe_http_error"]
 
@@ -85,7 +88,7 @@ class _Response(Value, frozen=True):
     """Status, headers and body of one finished request."""
 
     status_code: int
-    headers: httpx.Headers
+    headers: Headers
     content: bytes
 
 
@@ -103,7 +106,8 @@ class RangeFetcher:
     Args:
         url: the resource.
         config: TLS, headers, timeouts, retries, parallel requests, rate limit.
-        client: an ``httpx.Client`` (tests inject one); made from ``config`` if omitted.
+        client: a :class:`.client.Client` (shared by several fetchers); made from
+            ``config`` if omitted.
         max_ranges: ranges per request (1 disables multi-range requests).
         max_request_bytes: bytes asked for in one request.
         log: called with one line per retry (default: standard error).
@@ -118,7 +122,7 @@ class RangeFetcher:
         url: str,
         config: HttpConfig | None = None,
         *,
-        client: httpx.Client | None = None,
+        client: Client | None = None,
         max_ranges: int = 16,
         max_request_bytes: int = 16 << 20,
         log: Callable[[str], None] | None = None,
@@ -225,10 +229,8 @@ class RangeFetcher:
                 if status == 200:
                     return _Response(200, resp.headers, b"")
                 content = self._read_bounded(resp, asked, limit) if status == 206 else b""
-        except httpx.HTTPError as exc:
+        except HTTPError as exc:
             raise _classify(exc, self) from exc
-        except httpx.InvalidURL as exc:
-            raise TransportError(f"invalid URL: {exc}", url=self.url) from None
         if status in _RETRY_STATUS:
             raise _Retry(f"HTTP {status}")
         if status != 206:
@@ -239,7 +241,7 @@ class RangeFetcher:
             raise _Retry(f"body truncated ({len(content)} of {length} bytes)")
         return _Response(status, resp.headers, content)
 
-    def _read_bounded(self, resp: httpx.Response, asked: int, limit: int) -> bytes:
+    def _read_bounded(self, resp: Response, asked: int, limit: int) -> bytes:
         """The body, refused if the server announces or sends more than ``limit`` bytes."""
         length = resp.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
@@ -286,7 +288,7 @@ class RangeFetcher:
             raise _Retry(f"body is {len(resp.content)} bytes, Content-Range says {end - first}")
         return first, memoryview(resp.content)
 
-    def _content_range(self, headers: httpx.Headers) -> tuple[int, int]:
+    def _content_range(self, headers: Headers) -> tuple[int, int]:
         """``[first, end)`` of a single-range 206 reply (the resource's size noted when
         given).
 
@@ -331,13 +333,13 @@ class RangeFetcher:
                 if length is not None and length.isdigit() and int(length) != n:
                     raise _Retry(f"body truncated ({n} of {length} bytes)")
                 return n
-        except httpx.HTTPError as exc:
+        except HTTPError as exc:
             raise _classify(exc, self) from exc
         finally:
             self._count(received=n)
 
     def _whole(self, stack: contextlib.ExitStack[bool | None],
-               headers: dict[str, str] | None = None) -> httpx.Response:
+               headers: dict[str, str] | None = None) -> Response:
         """A GET of the whole resource, open in ``stack``: its response once it is a 200
         (a status worth a retry raises :class:`_Retry`, any other :class:`TransportError`)."""
         cfg = self.config
@@ -399,7 +401,7 @@ class RangeFetcher:
                         done[0] = i
                     if i == len(todo):
                         return
-        except httpx.HTTPError as exc:
+        except HTTPError as exc:
             raise _classify(exc, self) from exc
         raise _Retry(f"body ended at byte {pos}, before byte {todo[i].end}")
 
@@ -473,10 +475,8 @@ class RangeFetcher:
                 raise
             self._multi = False  # e.g. a server coalescing distant ranges: ask one by one
             return
-        except httpx.HTTPError as exc:
+        except HTTPError as exc:
             raise _classify(exc, self) from exc
-        except httpx.InvalidURL as exc:
-            raise TransportError(f"invalid URL: {exc}", url=self.url) from None
         if status == 200:
             if len(batch) > 1:
                 self._multi = False
@@ -490,7 +490,7 @@ class RangeFetcher:
         if len(batch) > 1 and len(regions.regions) == 1 and wanted.spans():
             self._multi = False  # answered a multi-range request with one range
 
-    def _regions(self, resp: httpx.Response, asked: int, limit: int) -> BodyRegions:
+    def _regions(self, resp: Response, asked: int, limit: int) -> BodyRegions:
         """How the 206 reply ``resp`` lays out its ranges (from its headers)."""
         length = resp.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
@@ -501,7 +501,7 @@ class RangeFetcher:
             return BodyRegions(_boundary(ctype))
         return BodyRegions(None, self._content_range(resp.headers))
 
-    def _stream_body(self, resp: httpx.Response, regions: BodyRegions, wanted: _Wanted,
+    def _stream_body(self, resp: Response, regions: BodyRegions, wanted: _Wanted,
                      limit: int, on_span: Callable[[Span, memoryview], None],
                      budget: Deadline) -> None:
         """Read the body block by block; after each block, deliver every wanted part whose
@@ -574,7 +574,7 @@ def _locate(regions: list[tuple[int, int, int]], part: Part) -> int | None:
     return None
 
 
-def _paced(resp: httpx.Response, cfg: HttpConfig) -> Iterator[bytes]:
+def _paced(resp: Response, cfg: HttpConfig) -> Iterator[bytes]:
     """The raw body in blocks, each block read under the request deadline."""
     it = resp.iter_raw(1 << 20)
     while True:
@@ -589,28 +589,30 @@ def describe_http_error(exc: BaseException) -> str:
     """One line for an HTTP client error: ``cannot connect: Connection refused`` (was
     ``ConnectError: [Errno 111] Connection refused``), else its class and text."""
     text = _one_line(exc)
+    ssl = sys.modules.get("ssl")  # (imported for https:// only: no TLS error without it)
     cause: BaseException | None = exc
-    while cause is not None:  # https:// to a plain HTTP server: "wrong version number"
+    while ssl is not None and cause is not None:  # https:// to a plain HTTP server
         if isinstance(cause, ssl.SSLError) and cause.reason == "WRONG_VERSION_NUMBER":
             return ("TLS: the server did not answer in TLS (WRONG_VERSION_NUMBER): a plain "
                     "HTTP server? (its URL is then http://)")
         cause = cause.__cause__ or cause.__context__
-    if isinstance(exc, httpx.ConnectError):
+    if isinstance(exc, ConnectError):
         return "cannot connect: " + re.sub(r"^\[Errno -?\d+\] ", "", text)
     return f"{type(exc).__name__}: {text}"
 
 
-def _classify(exc: httpx.HTTPError, fetcher: RangeFetcher) -> Exception:
+def _classify(exc: HTTPError, fetcher: RangeFetcher) -> Exception:
     """A transient :class:`_Retry` or a permanent :class:`TransportError` for ``exc``."""
-    why = describe_http_error(exc)
-    if isinstance(exc, httpx.TooManyRedirects):
+    if isinstance(exc, TooManyRedirects):
         return TransportError(
             f"more than {fetcher.config.max_redirects} redirects (a redirect loop?)",
             url=fetcher.url)
-    if isinstance(exc, httpx.UnsupportedProtocol | httpx.DecodingError | httpx.LocalProtocolError):
-        return TransportError(why, url=fetcher.url)
+    if isinstance(exc, InvalidURL | UnsupportedResponse):
+        return TransportError(_one_line(exc), url=fetcher.url)
+    why = describe_http_error(exc)
+    ssl = sys.modules.get("ssl")
     cause: BaseException | None = exc
-    while cause is not None:
+    while ssl is not None and cause is not None:
         if isinstance(cause, ssl.SSLCertVerificationError):
             return TransportError(
                 f"TLS: server certificate not trusted ({cause.verify_message or cause.reason}); "
@@ -621,7 +623,7 @@ def _classify(exc: httpx.HTTPError, fetcher: RangeFetcher) -> Exception:
             return TransportError(f"TLS: the server refused the handshake ({cause.reason})",
                                   url=fetcher.url)
         cause = cause.__cause__ or cause.__context__
-    if isinstance(exc, httpx.TransportError):
+    if isinstance(exc, NetworkError):
         return _Retry(why)
     return TransportError(why, url=fetcher.url)
 

@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 from .. import TYPE_CHECKING, _native, trust
-from .._optional import lazy
 from .._pool import StartedThread
 from .._value import Value, field
 from ..chunk.store import ChunkStore
@@ -70,9 +69,7 @@ from .fullfetch import fetch_full, full_cost, store_stream
 from .streams import receive_version, write_release_stream
 
 if TYPE_CHECKING:
-    import httpx
-else:
-    httpx = lazy("httpx")  # (40-60 ms: only when HTTP is used)
+    from ..transport.client import Client
 
 __all__ = ["UpdateResult", "update"]
 
@@ -290,7 +287,7 @@ def _verified(d: _Dest, m: Mirrors, key: str | None, now: float | None,
 
 def update(
     url: str, dest: str | os.PathLike[str], *, to: str | None = None, key: str | None = None,
-    mirrors: Sequence[str] = (), dry_run: bool = False, client: httpx.Client | None = None,
+    mirrors: Sequence[str] = (), dry_run: bool = False, client: Client | None = None,
     on_event: Event | None = None, now: float | None = None,
     config: HttpConfig | None = None,
 ) -> UpdateResult:
