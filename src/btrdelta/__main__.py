@@ -22,7 +22,8 @@ def entry() -> None:
     btrdelta`` imports nothing, so this runs first on both paths. So does the choice of
     huge pages (:data:`_HUGE_PAGES`), by the command word as the CLI finds it (the first
     word that is not an option), and of a fixed mmap threshold (:data:`_RETURN_FREED`,
-    by the first two)."""
+    by the first two). A ``send --from-sendshot`` has its base record read ahead
+    meanwhile (:func:`_read_ahead`)."""
     gc.set_threshold(20_000, *gc.get_threshold()[1:])
     words = tuple(w for w in sys.argv[1:] if not w.startswith("-"))
     if words[:1] and words[0] in _HUGE_PAGES:
@@ -34,6 +35,9 @@ def entry() -> None:
 
         return_freed_memory()
     try:
+        if words[:1] == ("send",) and any(
+                w == "--from-sendshot" or w.startswith("--from-sendshot=") for w in sys.argv):
+            _read_ahead(sys.argv)
         from .cli import entry as run
 
         run()
@@ -42,6 +46,37 @@ def entry() -> None:
         # runs (under load the first ~0.2 s): nothing was made; it printed a traceback
         print("btrdelta: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def _read_ahead(argv: list[str]) -> None:
+    """``send --from-sendshot``: its base record read, inflated and hashed by a thread
+    while the CLI's modules are imported (:mod:`btrdelta.tree.early`), from the store of
+    ``--store`` (as the words give it: the parser checks them later), else the default."""
+    import os
+
+    # (the CLI's package first: its ``_lean`` imports ``uuid`` without ``platform``, which
+    # the stream package's import of ``uuid`` would import: ~5 ms)
+    from . import cli  # noqa: F401
+    from ._defaults import DEFAULT_STORE
+    from ._malloc import keep_freed_memory, one_arena
+    from .tree.early import start
+
+    try:
+        from .stream._speedups import mallopt
+    except ImportError:
+        return  # (ctypes' mallopt would cost more than is read ahead)
+    # the record inflated in the heap (its huge pages), as by the send itself (send_cmd)
+    keep_freed_memory(trim=8 << 20, mallopt=mallopt)
+    one_arena(mallopt)
+    store = DEFAULT_STORE
+    for i, w in enumerate(argv):
+        if w == "--":
+            break
+        if w == "--store" and i + 1 < len(argv):
+            store = argv[i + 1]
+        elif w.startswith("--store="):
+            store = w.partition("=")[2]
+    start(os.path.join(store, "records"))
 
 
 if __name__ == "__main__":

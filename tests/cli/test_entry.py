@@ -176,6 +176,43 @@ def test_a_sendshot_send_imports_no_thread_pool_or_logging(tmp_path: Path) -> No
     assert len(os.listdir(store / "records")) == 2
 
 
+def test_a_sendshot_send_reads_its_base_ahead_as_the_cli_would(tmp_path: Path) -> None:
+    """``btrdelta send --from-sendshot`` from the console entry has its base record read
+    ahead by a thread (btrdelta/tree/early.py) while the CLI's modules load: the stream
+    is the one ``main`` makes without it, and the entry still imports
+    neither ``platform`` nor ``gettext`` (the CLI's package is imported before the stream's,
+    whose ``uuid`` would import ``platform``: cli/_lean.py)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(30):
+        (src / f"f{i}").write_bytes(os.urandom(3000 + 977 * i))
+    streams = {}
+    for how in ("main", "entry"):
+        store = tmp_path / f"store-{how}"
+        assert main(["send", str(src), "-o", str(tmp_path / "full"), "--record", "--store",
+                     str(store), "--name", "s0", "-q"]) == 0
+    (src / "f3").write_bytes(b"changed")
+    (src / "new").write_bytes(os.urandom(5000))
+    for how in ("main", "entry"):
+        out = tmp_path / f"inc-{how}"
+        argv = ["send", str(src), "-o", str(out), "--record", f"--store={tmp_path}/store-{how}",
+                "--name", "s1", "--from-sendshot", "latest", "--json"]
+        if how == "main":
+            assert main(argv) == 0
+            continue
+        proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "btrdelta", *argv],
+                              capture_output=True, text=True, check=False, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        imported = [line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines()
+                    if line.startswith("import time:") and "imported package" not in line]
+        assert "btrdelta.tree.early" in imported
+        assert not {"platform", "gettext"} & set(imported)
+    for how in ("main", "entry"):
+        streams[how] = (tmp_path / f"inc-{how}").read_bytes()
+        assert len(os.listdir(tmp_path / f"store-{how}" / "records")) == 2
+    assert streams["main"] == streams["entry"]
+
+
 def test_a_delta_receive_imports_no_typing_dataclasses_or_thread_pool(tmp_path: Path) -> None:
     """``btrdelta receive`` of a delta stream (the command's module, the receive, the
     expansion with its patch codecs, the recompression and the old files' checks) imports

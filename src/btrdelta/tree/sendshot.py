@@ -42,6 +42,7 @@ from .._zstd import zstd
 from ..errors import StreamFormatError, UnsupportedVersionError
 from ..stream.constants import CMD_HEADER_SIZE
 from ..stream.framing import NEED_DATA, Framer, Framing, encode_frame_parts, iter_tlvs
+from .early import MAGIC, MAX_RATIO, PATCH, take
 
 if TYPE_CHECKING:
     from typing import Any, BinaryIO, Final
@@ -64,12 +65,7 @@ __all__ = [
     "write_record",
 ]
 
-MAGIC: Final = b"btrdelta-sendshot\0"
 VERSION: Final = 4
-#: the version of a *patch record*: a record that names its base record (HEAD's BASE)
-#: and holds only the rows dropped from it and the rows replaced or added (its digests are
-#: version 4's kind); :mod:`.chain` reads a base with its patches
-PATCH: Final = 5
 #: the versions :class:`RecordInode` reads
 READS: Final = (1, 2, 3, 4, 5)
 #: the versions written: 4, whose DIGESTS hold tree-sum-3 content digests
@@ -332,9 +328,6 @@ PER_INODE = ((C_INO, "Q"), (C_GEN, "Q"), (C_TRANSID, "Q"), (C_MODE, "I"), (C_UID
              (C_NXATTRS, "I"))
 
 
-#: a record whose zstd frame declares more than this many times its compressed size is
-#: decoded as a stream (a size that cannot be true is not allocated up front)
-_MAX_RATIO = 1024
 #: bytes of a record hashed and compressed at a time (:func:`write_record`; below glibc's
 #: 128 KiB mmap threshold)
 _COALESCE = 120 << 10
@@ -460,6 +453,19 @@ def _column(mv: memoryview, start: int, end: int) -> bytes | memoryview:
     return values[0] if len(values) == 1 else b"".join(values)
 
 
+class _Known:
+    """A digest computed already (:mod:`.early`) in place of the hasher of each frame."""
+
+    def __init__(self, digest: str) -> None:
+        self._hex = digest
+
+    def update(self, _data: object) -> None:
+        pass
+
+    def hexdigest(self) -> str:
+        return self._hex
+
+
 def _ends(mv: memoryview, start: int, end: int) -> dict[int, int]:
     """The counts of an END record."""
     return {t: _int(v) for t, v in iter_tlvs(mv, start, end)}
@@ -499,6 +505,9 @@ class RecordReader:
                 f"{', '.join(map(str, READS))}: a newer btrdelta made it)", source=source)
         self.version = version
         self._file, self._header = file, header
+        #: the digest of all of the record, hashed by the thread that read it ahead
+        #: (:mod:`.early`): it is the reader's once every frame was decoded, nothing after
+        self._known: str | None = None
         #: whether the body was read (at once if it could be) after the header
         self._reread = whole
         got = self._body() if whole else None
@@ -516,7 +525,8 @@ class RecordReader:
     def _start(self, reader: Any, whole: Any = None) -> None:
         """Decode from the first frame after the header: decompressed by ``reader``, or
         (``whole``) all of it already."""
-        self._digest = blake3.blake3(self._header)
+        self._digest: Any = blake3.blake3(self._header) if self._known is None else \
+            _Known(self._known)
         self._reader = reader
         self._framer = Framer(_FRAMING, source=self.source)
         self._framer.version = self.version
@@ -539,6 +549,10 @@ class RecordReader:
         its zstd frame says its size, else ``(a stream reader of it, None)``; None for a
         file that cannot be read again."""
         f = self._file
+        early = take(f, self._header)  # (read ahead by a thread: .early)
+        if early is not None:
+            self._known = early[1]
+            return None, early[0]
         try:  # (read, not mapped: a record truncated under a mapping would be a SIGBUS)
             f.seek(_HEADER.size)
             data = f.read()
@@ -547,7 +561,7 @@ class RecordReader:
         try:
             size = zstd.frame_content_size(data)
             # (a size the data cannot hold is not allocated: the stream decoder reports it)
-            if 0 <= size <= _MAX_RATIO * len(data):
+            if 0 <= size <= MAX_RATIO * len(data):
                 return None, zstd.ZstdDecompressor().decompress(data, allow_extra_data=False)
         except (zstd.ZstdError, MemoryError):
             pass  # several frames, or damaged: decoded as a stream (which says where)
