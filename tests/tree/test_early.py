@@ -23,9 +23,11 @@ from .test_sendshot_format import HEAD, _inodes
 
 @pytest.fixture(autouse=True)
 def _fresh(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test starts its own read-ahead (once a process otherwise)."""
+    """Each test starts its own read-ahead (once a process otherwise), of records of any
+    size (these are ~1 MB)."""
     monkeypatch.setattr(early, "_busy", None)
     monkeypatch.setattr(early, "_got", {})
+    monkeypatch.setattr(early, "LEAST", 0)
 
 
 def _save(store: SendshotStore, i: int, size: int) -> StoredSendshot:
@@ -108,6 +110,19 @@ def test_a_patch_record_is_not_read_ahead(tmp_path: Path) -> None:
     early.start(store.records)
     with open(new.path, "rb", buffering=0) as f:
         assert early.take(f, data[:22]) is not None
+
+
+def test_a_small_record_is_left_to_its_reader(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record below :data:`~btrdelta.tree.early.LEAST` is not read ahead."""
+    store, (_old, new) = _store(tmp_path)
+    size = os.path.getsize(new.path)
+    for least, ahead in ((size + 1, False), (size, True)):
+        early._busy = None
+        monkeypatch.setattr(early, "LEAST", least)
+        early.start(store.records)
+        with open(new.path, "rb", buffering=0) as f:
+            assert (early.take(f, f.read(22)) is not None) == ahead
 
 
 def _damage(rec: StoredSendshot, how: str, tmp_path: Path) -> None:
