@@ -135,13 +135,28 @@ def entry() -> NoReturn:
         sys.stdout.flush()
         sys.stderr.flush()
     except OSError:
-        sys.exit(code)  # the usual shutdown reports it
+        if code == 0:
+            sys.exit(code)  # the usual shutdown reports it
+        # the command failed and said why (a full standard output): Python 3.13 keeps what
+        # a failed flush could not write, and the shutdown's flush would fail again
+        # ("Exception ignored on flushing sys.stdout", exit 120): dropped
+        _stdout_to_devnull()
     threading = sys.modules.get("threading")
     callbacks = getattr(atexit, "_ncallbacks", None)
     if (threading is None or threading.active_count() == 1) and callbacks is not None \
             and callbacks() == 0:
         os._exit(code)
     sys.exit(code)
+
+
+def _stdout_to_devnull() -> None:
+    """Point standard output at /dev/null: what its buffers hold goes nowhere, quietly."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -174,11 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except BrokenPipeError:
         # the reader went away (`btrdelta dump | head`): exit quietly, like coreutils
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-        except OSError:
-            pass
+        _stdout_to_devnull()
         return 128 + signal.SIGPIPE
     except KeyboardInterrupt as exc:
         print(f"btrdelta {args.command}: interrupted", file=sys.stderr)
