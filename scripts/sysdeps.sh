@@ -10,12 +10,11 @@ declare -A need=(
   [casync]=casync [nginx]=nginx-light [sshd]=openssh-server [ssh-keygen]=openssh-client
   [debootstrap]=debootstrap [losetup]=mount [chromium]=chromium [busybox]=busybox-static
   [grub-editenv]=grub-common [fw_setenv]=libubootenv-tool [findmnt]=mount
-  [zsh]=zsh [man]=man-db [ip]=iproute2
+  [zsh]=zsh [man]=man-db [ip]=iproute2 [xz]=xz-utils [bzip2]=bzip2
 )
 # `make vmtest` (scripts/sysdeps.sh --vm): qemu, cpio and modinfo for the initramfs
 if [ "${1:-}" = "--vm" ]; then
-  need+=([qemu-system-x86_64]=qemu-system-x86 [cpio]=cpio [modinfo]=kmod [xz]=xz-utils
-         [zstd]=zstd)
+  need+=([qemu-system-x86_64]=qemu-system-x86 [cpio]=cpio [modinfo]=kmod)
 fi
 missing=()
 for cmd in "${!need[@]}"; do
