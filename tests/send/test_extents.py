@@ -352,13 +352,12 @@ def test_full_send_takes_small_files_extents_from_its_sweep(two_fs: tuple[Path, 
 @pytest.mark.btrfs
 def test_nocow_file_overwritten_in_place(two_fs: tuple[Path, Path], tmp_path: Path) -> None:
     """A NOCOW file overwritten in place keeps its extent items: only the inode flag tells,
-    and the file is read whole. The subvolume is read-only when sent (no temporary snapshot)
-    and made writable for the write: from Linux 6.12 or so a write over an extent no newer
-    than the subvolume's last snapshot gets a new extent, even once that snapshot is deleted
-    (check_committed_ref's heuristic; older kernels wrote in place then). Until session 26
-    this test sent with a temporary snapshot and passed on Python 3.11 only, where its write
-    sat in Python's buffer until after the fsync and the extents' check (Debian 13's 3.13
-    wrote first: a new extent)."""
+    and the file is read whole. The subvolume is sent read-only (no temporary snapshot) and
+    made writable for the write: btrfs writes a NOCOW file in place only over an extent newer
+    than the subvolume's last snapshot (can_nocow_file_extent, check_committed_ref), even
+    once that snapshot is deleted. Until session 26 this test sent with a temporary snapshot
+    and passed on Python 3.11 only, where its write sat in Python's buffer until after the
+    fsync and the extents' check (Debian 13's 3.13 wrote first: a new extent)."""
     snd, rcv = two_fs
     live = snd / "live"
     run("btrfs", "subvolume", "create", live)
