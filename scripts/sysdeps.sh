@@ -52,7 +52,10 @@ packages=()
 for p in "${missing[@]}"; do
   if [[ $p != *"|"* ]]; then packages+=("$p"); continue; fi
   for name in ${p//|/ }; do
-    if apt-cache policy "$name" 2>/dev/null | grep -q 'Candidate: [^(]'; then
+    # (read whole, not piped into `grep -q`: under pipefail its early exit could fail
+    # apt-cache with SIGPIPE, and a name with a candidate was passed over at random)
+    policy=$(apt-cache policy "$name" 2>/dev/null || true)
+    if [[ $policy =~ Candidate:\ [^\(] ]]; then
       packages+=("$name"); continue 2
     fi
   done
