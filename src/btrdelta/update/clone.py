@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
@@ -583,6 +582,8 @@ def _clone_downloaded(
         size = refused.size or 0
         return CloneReport(full_download=True, fetch_bytes=size, archive_size=size,
                            requests=1)
+    import tempfile  # (this rare path only: not on every update's start)
+
     if store is not None:
         os.makedirs(store.root, exist_ok=True)
         where = store.root
