@@ -8,6 +8,7 @@ import socketserver
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Self
 
 Reply = Callable[[socket.socket, str, dict[str, str]], None]
 
@@ -38,18 +39,11 @@ class _Handler(socketserver.BaseRequestHandler):
             pass  # the client gave up on us: what the tests want
 
 
-class HostileServer(socketserver.ThreadingTCPServer):
-    """Calls ``reply(sock, path, headers)`` for each request; records what it saw (requests,
-    connections)."""
+class Served(socketserver.ThreadingTCPServer):
+    """A threaded test server on a loopback port: its ``url``, served while in ``running()``."""
 
     daemon_threads = True
     allow_reuse_address = True
-
-    def __init__(self, reply: Reply) -> None:
-        self.reply = reply
-        self.seen: list[tuple[str, dict[str, str]]] = []
-        self.connections: list[tuple[str, int]] = []
-        super().__init__(("127.0.0.1", 0), _Handler)
 
     @property
     def url(self) -> str:
@@ -57,7 +51,7 @@ class HostileServer(socketserver.ThreadingTCPServer):
         return f"http://{host!s}:{port}"
 
     @contextlib.contextmanager
-    def running(self) -> Iterator[HostileServer]:
+    def running(self) -> Iterator[Self]:
         thread = threading.Thread(target=self.serve_forever, daemon=True)
         thread.start()
         try:
@@ -66,6 +60,17 @@ class HostileServer(socketserver.ThreadingTCPServer):
             self.shutdown()
             thread.join()
             self.server_close()
+
+
+class HostileServer(Served):
+    """Calls ``reply(sock, path, headers)`` for each request; records what it saw (requests,
+    connections)."""
+
+    def __init__(self, reply: Reply) -> None:
+        self.reply = reply
+        self.seen: list[tuple[str, dict[str, str]]] = []
+        self.connections: list[tuple[str, int]] = []
+        super().__init__(("127.0.0.1", 0), _Handler)
 
 
 def endless(sock: socket.socket, block: bytes = b"\0" * 65536, limit: float = 20.0) -> None:

@@ -27,16 +27,16 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, BinaryIO, overload
-from urllib.parse import quote, unquote, urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
-from . import pacing
+from . import pacing, proxy
 
 if TYPE_CHECKING:
     import ssl
 
 __all__ = ["MAX_FIELDS", "MAX_HEAD", "Client", "ConnectError", "HTTPError", "Headers",
-           "InvalidURL", "NetworkError", "ReadTimeout", "RemoteProtocolError", "Response",
-           "TooManyRedirects", "UnsupportedResponse"]
+           "InvalidURL", "NetworkError", "ProxyRefused", "ReadTimeout", "RemoteProtocolError",
+           "Response", "TooManyRedirects", "UnsupportedResponse"]
 
 #: the most bytes a status line and its header fields may take
 MAX_HEAD = 64 << 10
@@ -83,6 +83,10 @@ class TooManyRedirects(HTTPError):
 
 class UnsupportedResponse(HTTPError):
     """A reply framed in a way this client refuses (an unknown ``Transfer-Encoding``)."""
+
+
+class ProxyRefused(HTTPError):
+    """The proxy refused the request (a 4xx to ``CONNECT``, a 407 to any request)."""
 
 
 class Headers:
@@ -295,13 +299,20 @@ class Client:
             ``https://`` connection: the default trust store takes 20-70 ms to load);
             ``None``: the system's trust store.
         limiter: the rate limit every byte received is paid in.
+        proxies: the proxies to go through (:mod:`.proxy`); ``True``: the environment's
+            (``http_proxy``, ``https_proxy``, ``all_proxy``, ``no_proxy``), read now;
+            ``False``: none.
+
+    Raises:
+        InvalidURL: a proxy variable that cannot be used (naming it).
     """
 
     def __init__(self, *, headers: dict[str, str] | None = None, timeout: float = 30.0,
                  max_connections: int = 4, max_redirects: int = 10,
                  follow_redirects: bool = True,
                  tls: ssl.SSLContext | Callable[[], ssl.SSLContext] | None = None,
-                 limiter: pacing.RateLimiter | None = None) -> None:
+                 limiter: pacing.RateLimiter | None = None,
+                 proxies: proxy.Proxies | bool = True) -> None:
         for name, value in (headers or {}).items():
             if any(c in f"{name}{value}" for c in "\r\n\0"):
                 raise InvalidURL(f"header {name!r} with a line break or NUL")
@@ -316,6 +327,10 @@ class Client:
         self._idle: list[_Conn] = []
         self._lock = threading.Lock()
         self._closed = False
+        try:
+            self._proxies = proxy.from_environ() if proxies is True else (proxies or None)
+        except proxy.InvalidProxy as exc:
+            raise InvalidURL(str(exc)) from None
 
     def __enter__(self) -> Client:
         return self
@@ -368,6 +383,10 @@ class Client:
               content: BinaryIO | None) -> Response:
         scheme, host, port, target, auth = _split(url)
         key = (scheme, host, port)
+        via = None if self._proxies is None else self._proxies.for_url(scheme, host, port)
+        if via is not None and scheme == "http":  # absolute form, the proxy's connections
+            target, key = f"http://{_host_field(host, port, scheme)}{target}", \
+                ("http", via.host, via.port)
         extra = {k: v for k, v in fields.items() if k.lower() not in _OURS}
         named = {k.lower() for k in extra}
         head = [f"{method} {target} HTTP/1.1", "Accept-Encoding: identity"]
@@ -377,7 +396,10 @@ class Client:
             head.append("User-Agent: btrdelta")
         if auth and "authorization" not in named:
             head.append(f"Authorization: {auth}")
-        head += [f"{k}: {v}" for k, v in extra.items()]
+        head += [f"{k}: {v}" for k, v in extra.items()
+                 if via is None or not via.auth or k.lower() != "proxy-authorization"]
+        if via is not None and scheme == "http" and via.auth:
+            head.append(f"Proxy-Authorization: {via.auth}")
         if content is not None:
             import os
 
@@ -389,14 +411,17 @@ class Client:
             raise ReadTimeout(f"no connection free in {self.timeout:g} s")
         try:
             while True:
-                conn = self._connection(key)
+                conn = self._connection(key, via)
                 answered = conn.answered
                 try:
                     conn.send(request)
                     if content is not None:
                         while block := content.read(1 << 20):
                             conn.send(block)
-                    return self._response(conn, method)
+                    resp = self._response(conn, method)
+                    if via is not None and scheme == "http" and resp.status_code == 407:
+                        raise ProxyRefused(_refused(via, "the request", 407))
+                    return resp
                 except (_Stale, RemoteProtocolError) as exc:
                     conn.close()
                     # a kept connection the server closed meanwhile: asked again on another
@@ -443,7 +468,9 @@ class Client:
         return Response(conn, status, headers, keep=keep, length=length, chunked=chunked,
                         release=self._give_back)
 
-    def _connection(self, key: tuple[str, str, int]) -> _Conn:
+    def _connection(self, key: tuple[str, str, int], via: proxy.Proxy | None) -> _Conn:
+        """A connection for ``key``: a kept one, else a new one (through ``via``: to it for
+        ``http://``, whose key is the proxy's; a ``CONNECT`` tunnel for ``https://``)."""
         while True:  # the connection kept last first (the likeliest to be open still)
             with self._lock:
                 conn = next((c for c in reversed(self._idle) if c.key == key), None)
@@ -454,15 +481,19 @@ class Client:
                 return conn
             conn.close()
         scheme, host, port = key
+        to_host, to_port = (host, port) if via is None else (via.host, via.port)
         _, timeout = _budget(self.timeout)
         try:
-            sock = socket.create_connection((host, port), timeout)
+            sock = socket.create_connection((to_host, to_port), timeout)
         except TimeoutError:
-            raise ConnectError(f"timed out connecting to {host}:{port}") from None
+            raise ConnectError(f"timed out connecting to {to_host}:{to_port}"
+                               + _through(via)) from None
         except OSError as exc:
-            raise ConnectError(_os_text(exc)) from exc
+            raise ConnectError(_os_text(exc) + _through(via)) from exc
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if via is not None and scheme == "https":
+                self._connect(sock, via, host, port)
             if scheme == "https":
                 _, timeout = _budget(self.timeout)
                 sock.settimeout(timeout)
@@ -477,6 +508,25 @@ class Client:
             sock.close()
             raise
         return _Conn(sock, key, self.timeout, self._limiter)
+
+    def _connect(self, sock: socket.socket, via: proxy.Proxy, host: str, port: int) -> None:
+        """``CONNECT host:port`` through the proxy on ``sock``: a 2xx, and nothing more, or
+        :class:`ProxyRefused` (4xx) or :class:`ConnectError` (else)."""
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        head = [f"CONNECT {where} HTTP/1.1", f"Host: {where}", "User-Agent: btrdelta"]
+        if via.auth:
+            head.append(f"Proxy-Authorization: {via.auth}")
+        conn = _Conn(sock, ("http", via.host, via.port), self.timeout, self._limiter)
+        conn.send(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+        try:
+            status, _, _ = _read_head(conn)
+        except RemoteProtocolError as exc:
+            raise ConnectError(f"the {via} answered CONNECT badly: {exc}") from None
+        if not 200 <= status < 300:
+            raise (ProxyRefused if 400 <= status < 500 else ConnectError)(
+                _refused(via, f"CONNECT {where}", status))
+        if conn.buf:
+            raise ConnectError(f"the {via} sent bytes after its answer to CONNECT")
 
     def _context(self) -> ssl.SSLContext:
         with self._lock:
@@ -555,13 +605,18 @@ def _split(url: str) -> tuple[str, str, int, str, str | None]:
     target = quote(parts.path or "/", safe=_SAFE)
     if parts.query:
         target += "?" + quote(parts.query, safe=_SAFE + "?")
-    auth = None
-    if parts.username is not None:
-        import base64
+    return scheme, host, port or (443 if scheme == "https" else 80), target, \
+        proxy.basic_auth(parts)
 
-        pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-        auth = "Basic " + base64.b64encode(pair.encode()).decode()
-    return scheme, host, port or (443 if scheme == "https" else 80), target, auth
+
+def _through(via: proxy.Proxy | None) -> str:
+    return "" if via is None else f"; through the {via}"
+
+
+def _refused(via: proxy.Proxy, what: str, status: int) -> str:
+    why = ("proxy credentials needed or wrong (user:password@ in the variable's URL)"
+           if status == 407 else "refused")
+    return f"the {via} answered {what} with {status}: {why}"
 
 
 def _host_field(host: str, port: int, scheme: str) -> str:

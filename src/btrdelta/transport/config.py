@@ -15,8 +15,8 @@ import re
 
 from .. import TYPE_CHECKING
 from .._value import Value
-from ..errors import BtrdeltaError
-from .client import Client
+from ..errors import BtrdeltaError, UsageError
+from .client import Client, InvalidURL
 from .pacing import RateLimiter
 
 if TYPE_CHECKING:
@@ -122,15 +122,24 @@ class HttpConfig(Value, frozen=True):
         With the default trust store, the TLS context is made at the first HTTPS
         connection (loading it costs 20-70 ms, which a client of plain-HTTP mirrors never
         needs to pay); a CA file or a client certificate is loaded now, so a bad one is
-        named before anything is fetched."""
-        return Client(
-            headers=dict(self.headers),
-            timeout=self.timeout,
-            max_connections=self.jobs,
-            max_redirects=self.max_redirects,
-            tls=self.ssl_context() if self.ca_cert or self.client_cert else self.ssl_context,
-            limiter=RateLimiter(self.rate_limit) if self.rate_limit else None,
-        )
+        named before anything is fetched. The environment's proxies (``https_proxy``...,
+        :mod:`.proxy`) are read now too.
+
+        Raises:
+            UsageError: a proxy variable that cannot be used, naming it.
+        """
+        tls = self.ssl_context() if self.ca_cert or self.client_cert else self.ssl_context
+        try:
+            return Client(
+                headers=dict(self.headers),
+                timeout=self.timeout,
+                max_connections=self.jobs,
+                max_redirects=self.max_redirects,
+                tls=tls,
+                limiter=RateLimiter(self.rate_limit) if self.rate_limit else None,
+            )
+        except InvalidURL as exc:
+            raise UsageError(str(exc)) from None
 
     @property
     def deadline_speed(self) -> float:
