@@ -132,6 +132,10 @@ class VmResult:
         return None
 
 
+#: the kits :meth:`VmKit.prepare` made, by cache directory
+_PREPARED: dict[Path, VmKit] = {}
+
+
 class VmKit:
     """Kernel, initramfs and qemu settings for device power-cut tests."""
 
@@ -142,7 +146,16 @@ class VmKit:
 
     @classmethod
     def prepare(cls, cache: Path) -> VmKit:
-        """Fetch and extract the kernel, build the initramfs, pick the accelerator."""
+        """Fetch and extract the kernel, build the initramfs, pick the accelerator; once per
+        process and cache (each test module asks: the probe of KVM takes up to 30 s where
+        ``/dev/kvm`` is there but does not boot, as in a VM without nested virtualization)."""
+        key = cache.resolve()
+        if key not in _PREPARED:
+            _PREPARED[key] = cls._prepare(cache)
+        return _PREPARED[key]
+
+    @classmethod
+    def _prepare(cls, cache: Path) -> VmKit:
         cache.mkdir(parents=True, exist_ok=True)
         kver, root = _kernel(cache)
         vmlinux = cache / "vmlinux"
@@ -236,6 +249,9 @@ class VmKit:
                     if kill_after is not None:
                         timer = threading.Timer(kill_after, kill)
                         timer.start()
+        except BaseException:  # Ctrl-C, a failed on_line: no qemu left running its command
+            kill()
+            raise
         finally:
             proc.wait()
             proc.stdout.close()
