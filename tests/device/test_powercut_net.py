@@ -367,8 +367,14 @@ def _replicate_into_vm(kit: VmKit, rep: Replication, image: Path, store: Path,
                            "--rate-limit", "4M", "--timeout", "60"),
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
 
-    cut = kit.run(image, "run", command, net=True, mount=AT, forward=(port, 7447),
-                  on_line=on_line, kill_after=delay)
+    try:
+        cut = kit.run(image, "run", command, net=True, mount=AT, forward=(port, 7447),
+                      on_line=on_line, kill_after=delay)
+    except BaseException:  # Ctrl-C: no sender left behind
+        for sender in senders:
+            sender.kill()
+            sender.communicate()
+        raise
     if not senders:
         assert cut.killed, "\n".join(cut.lines[-30:])
         return cut, None, "", ""
