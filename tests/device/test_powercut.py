@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from btrdelta import device
-from btrdelta.device.backup import backup, restore
+from btrdelta.device.backup import backup, restore, restore_to_dir
 from btrdelta.device.reset import factory_reset
 from btrdelta.testing.loopfs import mounted_image
 from btrdelta.testing.vm import VmKit
@@ -266,6 +266,14 @@ def test_atomic_writes_survive_a_power_cut(kit: VmKit) -> None:
 HOME_PARTS = ("etc", "var/lib/dpkg", "usr/bin")
 
 
+def _home_parts(tree: Path, home: Path) -> None:
+    """``home/data`` made the parts of release tree ``tree``."""
+    for part in HOME_PARTS:
+        (home / "data" / part).parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["rsync", "-aHAX", "--delete", f"{tree}/{part}/",
+                        f"{home}/data/{part}/"], check=True)
+
+
 @dataclass(frozen=True)
 class Backups:
     where: Path  # the backups of state/home: whole (the old parts), a delta (the new ones)
@@ -281,10 +289,7 @@ def backups(releases: Releases, base_image: Path) -> Backups:
     with mounted(image) as mnt:
         home = mnt / "state/home"
         for name in ("old", "new"):
-            for part in HOME_PARTS:
-                (home / "data" / part).parent.mkdir(parents=True, exist_ok=True)
-                subprocess.run(["rsync", "-aHAX", "--delete", f"{releases.trees[name]}/{part}/",
-                                f"{home}/data/{part}/"], check=True)
+            _home_parts(releases.trees[name], home)
             backup(mnt, "home", str(where))
         restored = tree_sum(home)
         shutil.rmtree(home / "data/usr")
@@ -348,6 +353,100 @@ def test_power_cut_during_restore(kit: VmKit, backups: Backups) -> None:
         f"uninterrupted restore in the VM: {length:.1f} s ({kit.accel}); cuts: half uniform "
         f"in [0, {length:.1f}] s, half in [{length - 4:.1f}, {length + 1:.1f}] s; "
         f"seed {SEED + 6}"]
+    _write_figures()
+
+
+STICK = "/run/stick"  # where the guest mounts the USB stick (a second disk, ext4)
+
+
+@dataclass(frozen=True)
+class Stick:
+    image: Path  # ext4, holding backup 1 of state/home (whole)
+    sums: dict[int, str]  # the tree-sum of each backup: 1 on the stick, 2 the next
+    base: Path  # the device image, state/home changed since backup 1
+
+
+@pytest.fixture(scope="module")
+def stick(releases: Releases, base_image: Path) -> Stick:
+    image = CACHE / "stick-base.img"
+    image.unlink(missing_ok=True)
+    with open(image, "wb") as f:
+        f.truncate(256 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
+    device_image = fresh(base_image, "backup-base")
+    sums = {}
+    with mounted(device_image) as mnt, mounted_image(image) as usb:
+        for n, name in ((1, "old"), (2, "new")):
+            _home_parts(releases.trees[name], mnt / "state/home")
+            if n == 1:
+                backup(mnt, "home", str(usb))
+            sums[n] = tree_sum(mnt / "state/home")
+    return Stick(image, sums, device_image)
+
+
+def _check_stick(usb: Path, sums: dict[int, str], work: Path) -> list[int]:
+    """The backups the stick's index lists, its last one restored (into ``work``) to its
+    tree-sum: a cut never lists a backup whose file is missing or partial."""
+    index = json.loads((usb / "home.backups.json").read_text())
+    listed = [int(e["n"]) for e in index["backups"]]
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    got = restore_to_dir(str(usb), "home", work)
+    assert tree_sum(got) == sums[listed[-1]]
+    shutil.rmtree(work)
+    return listed
+
+
+def test_power_cut_during_backup(kit: VmKit, stick: Stick, tmp_path: Path) -> None:
+    """``device backup`` of state/home onto a USB stick (ext4, the guest's second disk)
+    holding its previous backup: an incremental, delta-compressed. After a cut the device
+    boots as before, home untouched; the stick's index lists backup 1, or 1 and 2, and
+    its last one restores to that backup's tree-sum; the re-run backs up home and its
+    backup restores to it."""
+    command = f"device backup /dev/vda home {STICK}"
+    image = fresh(stick.base, "backup")
+    usb = fresh(stick.image, "stick")
+    ran = kit.run(image, "run", command, stick=(usb, STICK))
+    assert ran.done_rc() == 0, "\n".join(ran.lines[-30:])
+    assert ran.started is not None
+    length = ran.seconds - ran.started
+    with mounted_image(usb) as at:
+        assert _check_stick(at, stick.sums, tmp_path / "restored") == [1, 2]
+        assert (at / "home.2.delta").exists()
+    rng = random.Random(SEED + 7)
+    outcomes: Counter[str] = Counter()
+    for i in range(RUNS):
+        # half the cuts anywhere, half in the last 4 s (the index written after the file)
+        delay = rng.uniform(0.0, length) if i % 2 else rng.uniform(length - 4, length + 1)
+        image = fresh(stick.base, "backup")
+        usb = fresh(stick.image, "stick")
+        cut = kit.run(image, "run", command, stick=(usb, STICK), kill_after=delay)
+        if not cut.killed:
+            assert cut.done_rc() == 0, (i, delay, "\n".join(cut.lines[-40:]))
+        got = boot(kit, image)
+        assert (got["release"], got["state"], got["etc"]) == ("old", "ok", "local"), got
+        with mounted(image) as mnt, mounted_image(usb) as at:
+            assert tree_sum(mnt / "state/home") == stick.sums[2]
+            listed = _check_stick(at, stick.sums, tmp_path / "restored")
+            assert listed in ([1], [1, 2]), (i, delay, listed)
+            if not cut.killed:
+                assert listed == [1, 2], (i, delay)
+            files = sorted(p.name for p in at.iterdir() if p.name != "lost+found")
+            entry = backup(mnt, "home", str(at))  # the re-run completes
+            # the next number: 3 when the cut left backup 2 listed, or its snapshot on the
+            # device (the file on the stick unlisted)
+            again = _check_stick(at, {**stick.sums, entry["n"]: stick.sums[2]},
+                                 tmp_path / "restored")
+            assert again == [*listed, entry["n"]], (i, delay, again, entry)
+        what = f"{'cut' if cut.killed else 'finished'}: backups {'+'.join(map(str, listed))}"
+        outcomes[what] += 1
+        print(f"backup run {i + 1}/{RUNS}: power cut {delay:.1f} s after start: {what}; "
+              f"stick {', '.join(files)}; re-run: backup {entry['n']} {entry['file']}",
+              flush=True)
+    FIGURES["backup"] = [f"{n} x {what}" for what, n in sorted(outcomes.items())] + [
+        f"uninterrupted backup in the VM: {length:.1f} s ({kit.accel}); cuts: half uniform "
+        f"in [0, {length:.1f}] s, half in [{length - 4:.1f}, {length + 1:.1f}] s; "
+        f"seed {SEED + 7}"]
     _write_figures()
 
 

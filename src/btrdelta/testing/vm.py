@@ -18,7 +18,8 @@ script of ``contrib/boot`` and an ``/init`` that acts by the kernel command line
   after; power off. ``btrdelta.mount=/run/vda`` mounts the disk's btrfs there first (the
   host's ``/run`` is a tmpfs in the guest); ``btrdelta.net=1`` brings up a virtio NIC on
   qemu's user network (the guest 10.0.2.15; the host's loopback is 10.0.2.2 from there; a
-  host port can be forwarded to one of the guest's).
+  host port can be forwarded to one of the guest's); ``btrdelta.stick=/run/stick`` mounts
+  a second disk, ext4 (a USB stick), there.
 
 ``VmKit.run(image, mode, ...)`` boots qemu (KVM when it works, else TCG) and returns the
 serial console's lines; ``kill_after`` kills qemu (SIGKILL: a power cut) that many seconds
@@ -45,13 +46,13 @@ __all__ = ["VmKit", "VmResult"]
 
 _MODULES = ("virtio_pci", "virtio_blk", "btrfs", "overlay", "9pnet_virtio", "9p",
             "crc32c_generic", "crc32c-intel", "blake2b_generic", "xxhash_generic",
-            "sha256_generic", "virtio_net")
+            "sha256_generic", "virtio_net", "ext4")
 _CONTRIB = Path(__file__).resolve().parents[3] / "contrib" / "boot"
 
 _INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-modprobe -a virtio_pci virtio_blk btrfs overlay 9pnet_virtio 9p virtio_net 2>/dev/null
+modprobe -a virtio_pci virtio_blk btrfs overlay 9pnet_virtio 9p virtio_net ext4 2>/dev/null
 for i in $(seq 100); do [ -b /dev/vda ] && break; sleep 0.1; done
 arg() { sed -n "s/.*btrdelta\.$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
 mode=$(arg mode)
@@ -87,6 +88,9 @@ if [ "$mode" = run ]; then
     fi
     at=$(arg mount)
     [ -n "$at" ] && mkdir -p "/host$at" && mount -t btrfs /dev/vda "/host$at"
+    at=$(arg stick)
+    for i in $(seq 100); do [ -z "$at" ] || [ -b /dev/vdb ] && break; sleep 0.1; done
+    [ -n "$at" ] && mkdir -p "/host$at" && mount -t ext4 /dev/vdb "/host$at"
     py=$(arg python); cwd=$(arg cwd); module=$(arg module)
     if [ -n "$good" ]; then args="device mark-good /dev/vda --slot $good"; module=
     else args=$(arg args | tr + ' '); fi
@@ -183,8 +187,8 @@ class VmKit:
         return "kvm" if any("BTRDELTA-END" in line for line in res.lines) else "tcg"
 
     def command(self, image: Path, mode: str, args: str = "", module: str = "", *,
-                net: bool = False, mount: str = "",
-                forward: tuple[int, int] | None = None) -> list[str]:
+                net: bool = False, mount: str = "", forward: tuple[int, int] | None = None,
+                stick: tuple[Path, str] | None = None) -> list[str]:
         """The qemu command line.
 
         ``no_timer_check``: under TCG on a loaded host the kernel's check of the timer
@@ -197,30 +201,35 @@ class VmKit:
                   f"btrdelta.args={args.replace(' ', '+')}"
                   + (f" btrdelta.module={module}" if module else "")
                   + (" btrdelta.net=1" if net else "")
-                  + (f" btrdelta.mount={mount}" if mount else ""))
+                  + (f" btrdelta.mount={mount}" if mount else "")
+                  + (f" btrdelta.stick={stick[1]}" if stick else ""))
         user = "user,id=n0" + (f",hostfwd=tcp:127.0.0.1:{forward[0]}-:{forward[1]}"
                                if forward else "")
         nic = ["-netdev", user, "-device", "virtio-net-pci,netdev=n0"] if net else []
+        second = ["-drive", f"file={stick[0]},format=raw,if=virtio,cache=none,aio=threads"
+                  ] if stick else []
         return ["qemu-system-x86_64", *accel, "-m", "1024", "-smp", "1", "-nodefaults",
                 "-no-reboot", "-display", "none", "-serial", "stdio",
                 "-kernel", str(self.vmlinux), "-initrd", str(self.initrd),
                 "-append", append,
                 "-drive", f"file={image},format=raw,if=virtio,cache=none,aio=threads",
                 "-virtfs", "local,path=/,mount_tag=host,security_model=none,readonly=on,"
-                "multidevs=remap", *nic]
+                "multidevs=remap", *second, *nic]
 
     def run(self, image: Path, mode: str, args: str = "", *, kill_after: float | None = None,
             timeout: float = 900, module: str = "", net: bool = False,
             mount: str = "", forward: tuple[int, int] | None = None,
+            stick: tuple[Path, str] | None = None,
             on_line: Callable[[str], None] | None = None) -> VmResult:
         """Boot once; with ``kill_after``, SIGKILL qemu that long after BTRDELTA-START;
         ``module``: run ``python -m MODULE ARGS`` instead of ``btrdelta ARGS``; ``net``: a
         NIC on qemu's user network, ``forward``: (host port, guest port) forwarded to it;
-        ``mount``: where the disk's btrfs is mounted first; ``on_line``: called with each
-        console line as it comes."""
+        ``mount``: where the disk's btrfs is mounted first; ``stick``: (image, where) a
+        second disk, ext4, mounted at ``where``; ``on_line``: called with each console line
+        as it comes."""
         t0 = time.monotonic()
         proc = subprocess.Popen(self.command(image, mode, args, module, net=net, mount=mount,
-                                             forward=forward),
+                                             forward=forward, stick=stick),
                                 stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         assert proc.stdout is not None
