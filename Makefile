@@ -81,11 +81,12 @@ test: sysdeps venv
 # power cuts in qemu (docs/device.md §9): not part of `make test` (tens of minutes under TCG)
 vmtest: sysdeps venv
 	@PY=$(PY) scripts/sysdeps.sh --vm
-	@echo "vmtest: $${BTRDELTA_VMTEST_RUNS:-12} power cuts of each device operation, image" \
-		"clone and update," \
-		"seed $${BTRDELTA_VMTEST_SEED:-from the clock}, kernel and images in" \
-		"$${BTRDELTA_VM_CACHE:-/var/tmp/btrdelta-vm}; started $$(date -u '+%F %T') UTC"
-	CI=true BTRDELTA_VMTEST=1 $(BIN)/python -m pytest -q -s -p no:cacheprovider \
+	@echo "vmtest: $${BTRDELTA_VMTEST_RUNS:-12} power cuts each of device install, factory" \
+		"reset, restore, image clone, update and replicate (both sides) in qemu (KVM if it" \
+		"boots, else TCG: ~1 h on 2 cores), seed $${BTRDELTA_VMTEST_SEED:-from the clock}," \
+		"kernel and images (~3 GB) in $${BTRDELTA_VM_CACHE:-/var/tmp/btrdelta-vm};" \
+		"started $$(date -u '+%F %T') UTC"
+	@exec env BIN=$(BIN) BTRDELTA_VMTEST=1 scripts/longrun.sh vmtest -s \
 		tests/device/test_powercut.py tests/device/test_powercut_net.py
 
 # The long targets run pytest through scripts/longrun.sh (CI=true, a temporary basetemp removed
