@@ -49,7 +49,7 @@ from btrdelta.tree import tree_sum
 from tests.chunk.images import make_ext4
 
 from .conftest import BTRDELTA, btrdelta
-from .test_powercut import CACHE, ENABLED, FIGURES, RUNS, SEED, _write_figures, mounted
+from .test_powercut import CACHE, ENABLED, FIGURES, RUNS, SEED, Span, _write_figures, mounted
 
 pytestmark = [pytest.mark.btrfs, pytest.mark.timeout(5400),
               pytest.mark.skipif(not ENABLED, reason="power-cut VM test: make vmtest")]
@@ -115,13 +115,13 @@ def sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def cut_point(rng: random.Random, i: int, length: float, start: float | None) -> float:
-    """Cut ``i``: anywhere in the command (odd ``i``), or from ``start`` (when the command
+def cut_point(rng: random.Random, i: int, span: Span) -> float:
+    """Cut ``i``: anywhere in the command (odd ``i``), or from ``span.mark`` (when the command
     began writing or receiving, seen in the uninterrupted run) to its end: Python's start
     over 9p under TCG takes half the command or more."""
-    if i % 2 or start is None:
-        return rng.uniform(0.0, length)
-    return rng.uniform(min(start, length), length)
+    if i % 2 or span.mark is None:
+        return rng.uniform(0.0, span.length)
+    return rng.uniform(min(span.mark, span.length), span.length)
 
 
 # -- image clone ----------------------------------------------------------------------------
@@ -176,21 +176,21 @@ def test_power_cut_during_image_clone(kit: VmKit, www: Served, images: Images) -
     image = fresh(images.base, "clone")
     ran = kit.run(image, "run", command, net=True, mount=AT)
     assert ran.done_rc() == 0, "\n".join(ran.lines[-30:])
-    assert ran.started is not None
-    length = ran.seconds - ran.started
     # a progress bar reaches the console as one line when its phase ends: the store's check
     # ends where the fetch begins
     marks = [t for t in map(ran.when, ("clone check", "clone fetch", "clone output"))
              if t is not None]
+    span = Span(ran, min(marks, default=None))
     with mounted(image) as mnt:
         full, state = _check_clone_cut(mnt, images)
         assert state == "description, output"
     rng = random.Random(SEED + 2)
     outcomes: Counter[str] = Counter()
     for i in range(RUNS):
-        delay = cut_point(rng, i, length, min(marks, default=None))
+        delay = cut_point(rng, i, span)
         image = fresh(images.base, "clone")
         cut = kit.run(image, "run", command, net=True, mount=AT, kill_after=delay)
+        span.ran(cut)
         if not cut.killed:
             assert cut.done_rc() == 0, (i, delay, "\n".join(cut.lines[-40:]))
         with mounted(image) as mnt:
@@ -206,7 +206,7 @@ def test_power_cut_during_image_clone(kit: VmKit, www: Served, images: Images) -
               f"{named}/{full} chunk files, re-run fetched {again.get('fetched')} chunks",
               flush=True)
     FIGURES["image clone"] = [f"{n} x {what}" for what, n in sorted(outcomes.items())] + [
-        f"uninterrupted clone in the VM: {length:.1f} s, check, fetch and output ending at "
+        f"uninterrupted clone in the VM: {span}, check, fetch and output ending at "
         f"{', '.join(f'{t:.1f}' for t in marks)} s ({kit.accel}); "
         f"seed {SEED + 2}"]
     _write_figures()
@@ -262,7 +262,6 @@ def test_power_cut_during_multi_hop_update(kit: VmKit, www: Served, repo: Repo) 
     ran = kit.run(image, "run", command, net=True, mount=AT)
     assert ran.done_rc() == 0, "\n".join(ran.lines[-30:])
     assert ran.started is not None
-    length = ran.seconds - ran.started
     plan = next((m[0] for m in map(re.compile(r"plan: from [^\r]*").search, ran.lines) if m),
                 "")
     hops = [t - ran.started for line, t in zip(ran.lines, ran.times or [], strict=False)
@@ -270,15 +269,17 @@ def test_power_cut_during_multi_hop_update(kit: VmKit, www: Served, repo: Repo) 
     with mounted(image) as mnt:
         landed = _check_update_cut(mnt / "dest", repo)
         assert landed == [repo.versions[0], newest], landed  # intermediates removed
+    span = Span(ran, min(hops, default=None))
     m = re.search(r"(\d+) hops", plan)
     assert m, "\n".join(ran.lines[-40:])
     assert int(m[1]) >= 2, plan
     rng = random.Random(SEED + 3)
     outcomes: Counter[str] = Counter()
     for i in range(RUNS):
-        delay = cut_point(rng, i, length, min(hops, default=None))
+        delay = cut_point(rng, i, span)
         image = fresh(repo.base, "update")
         cut = kit.run(image, "run", command, net=True, mount=AT, kill_after=delay)
+        span.ran(cut)
         if not cut.killed:
             assert cut.done_rc() == 0, (i, delay, "\n".join(cut.lines[-40:]))
         with mounted(image) as mnt:
@@ -294,7 +295,7 @@ def test_power_cut_during_multi_hop_update(kit: VmKit, www: Served, repo: Repo) 
               f"({', '.join(landed[1:]) or 'none'}); temporary left after the re-run: "
               f"{left or 'none'}", flush=True)
     FIGURES["update"] = [f"{n} x {what}" for what, n in sorted(outcomes.items())] + [
-        f"uninterrupted update in the VM: {length:.1f} s ({kit.accel}); {plan}; "
+        f"uninterrupted update in the VM: {span} ({kit.accel}); {plan}; "
         f"seed {SEED + 3}"]
     _write_figures()
 
@@ -387,10 +388,10 @@ def test_power_cut_on_the_receiving_side_of_replicate(kit: VmKit, replication: R
     rep = replication
     rng = random.Random(SEED + 4)
     outcomes: Counter[str] = Counter()
-    length, start = 0.0, None
+    span: Span | None = None
     store = CACHE / "replicate" / "store"
     for i in range(RUNS + 1):  # the first one uninterrupted: its length sets the range
-        delay = None if i == 0 else cut_point(rng, i, length, start)
+        delay = None if span is None else cut_point(rng, i, span)
         image = fresh(rep.base, "replicate")
         shutil.rmtree(store, ignore_errors=True)
         shutil.copytree(rep.store, store, symlinks=True)
@@ -401,8 +402,10 @@ def test_power_cut_on_the_receiving_side_of_replicate(kit: VmKit, replication: R
             assert sender.returncode == 0, (i, delay, err)
         if delay is None:
             assert cut.started is not None
-            length, start = cut.seconds - cut.started, cut.when("listening on")
+            span = Span(cut, cut.when("listening on"))
             sent = json.loads(out)
+        elif span is not None:
+            span.ran(cut)
         with mounted(image) as mnt:
             seen = _check_replica_cut(mnt / "bk", rep)
             if delay is None:
@@ -428,7 +431,8 @@ def test_power_cut_on_the_receiving_side_of_replicate(kit: VmKit, replication: R
               f"{again.get('size')} bytes; temporary left after it: {left or 'none'}",
               flush=True)
     FIGURES["replicate"] = [f"{n} x {what}" for what, n in sorted(outcomes.items())] + [
-        f"uninterrupted replication in the VM: {length:.1f} s, listening from {start} s "
+        f"uninterrupted replication in the VM: {span}, listening from "
+        f"{span and span.mark} s "
         f"({kit.accel}), "
         f"{sent.get('kind')} of {sent.get('size')} bytes at 4 MB/s; seed {SEED + 4}"]
     _write_figures()
@@ -519,23 +523,25 @@ def test_power_cut_on_the_sending_side_of_replicate(kit: VmKit, sending: Sending
     snd = sending
     rng = random.Random(SEED + 5)
     outcomes: Counter[str] = Counter()
-    length = 0.0
+    span: Span | None = None
     dest = CACHE / "sending" / "dest"
     for i in range(RUNS + 1):  # the first one uninterrupted: its length sets the range
         # (the sender prints no line as it starts sending, its progress bar is one console
         # line: half the cuts in the second half of the command, where it sends and records)
-        delay = None if i == 0 else cut_point(rng, i, length, length / 2)
+        delay = None if span is None else cut_point(rng, i, span)
         image = fresh(snd.base, "sending")
         shutil.rmtree(dest, ignore_errors=True)
         subprocess.run(["cp", "-a", str(snd.dest), str(dest)], check=True)
         cut = _send_from_vm(kit, snd, image, dest, delay)
+        if span is not None:
+            span.ran(cut)
         if delay is None or not cut.killed:
             assert cut.done_rc() == 0, (i, delay, "\n".join(cut.lines[-40:]))
         with mounted(image) as mnt:
             seen = _check_sender_cut(mnt, dest, snd)
             if delay is None:
                 assert cut.started is not None
-                length = cut.seconds - cut.started
+                span = Span(cut, (cut.seconds - cut.started) / 2)
                 assert seen == ["old", "new"], seen
                 continue
             rerun = btrdelta("replicate", mnt / "data", dest, "--store", mnt / "ss", "--json",
@@ -552,5 +558,5 @@ def test_power_cut_on_the_sending_side_of_replicate(kit: VmKit, sending: Sending
               flush=True)
     FIGURES["replicate, sending side"] = [
         f"{n} x {what}" for what, n in sorted(outcomes.items())] + [
-        f"uninterrupted replication from the VM: {length:.1f} s ({kit.accel}); seed {SEED + 5}"]
+        f"uninterrupted replication from the VM: {span} ({kit.accel}); seed {SEED + 5}"]
     _write_figures()
