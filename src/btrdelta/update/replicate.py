@@ -327,6 +327,23 @@ def _session_snapshot(source: bytes, session: str, store: SendshotStore) -> byte
     return keep_snapshot(source, name)
 
 
+def _where_now(source: bytes, inflight: dict[str, Any]) -> dict[str, Any] | None:
+    """``inflight`` with its session's snapshot where it is now: the cursor names it by
+    path, which a filesystem mounted elsewhere since (a device's disk checked on another
+    machine after a power cut) or a renamed directory above the source made wrong; it is
+    looked up by name next to or inside ``source``, where :func:`keep_snapshot` makes it.
+    ``None``: the snapshot is gone (the transfer cannot go on from it)."""
+    recorded = inflight.get("snapshot")
+    if not recorded:
+        return inflight
+    name = os.path.basename(os.fsencode(recorded))
+    path = source.rstrip(b"/") or b"/"
+    for where in (os.path.dirname(path) or b".", path):
+        if os.path.isdir(snap := os.path.join(where, name)):
+            return {**inflight, "snapshot": os.fsdecode(snap)}
+    return inflight if os.path.isdir(recorded) else None
+
+
 def _drop_leftovers(source: bytes, uuid: UUID, store: SendshotStore) -> list[bytes]:
     """Delete the session snapshots of ``source`` (subvolume ``uuid``) that a sender of
     ``store`` killed between taking one and naming it in a cursor, or after its last cursor
@@ -485,8 +502,9 @@ class _Sender:
         self.rid, self.holdings = hello.ident, holdings
         cursor = self.store.cursors().get(self.rid, {})
         inflight = cursor.get("inflight") or None
-        if inflight and self._adopt(inflight, holdings, records):
-            cursor, inflight = self.store.cursors().get(self.rid, {}), None
+        found = _where_now(self.source, inflight) if inflight else None
+        if inflight and self._adopt(found or inflight, holdings, records):
+            cursor, inflight, found = self.store.cursors().get(self.rid, {}), None, None
             records = self._mine(lineage)  # (what the adoption's prune left)
         current = None
         if records and info is not None and records[-1].head.subvol_uuid == lineage and (
@@ -494,7 +512,7 @@ class _Sender:
             current = records[-1].digest  # nothing written since its snapshot
         choice = choose(_known(records), holdings.held, name=self.name,
                         partial=holdings.partial,
-                        inflight_session=inflight.get("session") if inflight else None,
+                        inflight_session=found.get("session") if found else None,
                         current=current, allow_full=self.o.get("allow_full", False))
         if choice.kind == "refuse":
             io.send(Refuse(choice.code, choice.message))
@@ -503,12 +521,13 @@ class _Sender:
             return ReplicateResult("refused", receiver=self.rid,
                                    message=f"{choice.code}: {choice.message}", pruned=pruned)
         if choice.kind == "resume":
-            assert inflight is not None
+            assert found is not None
             assert holdings.partial is not None
-            return self._stream(inflight, holdings.partial.offset, holdings.partial.segments,
+            return self._stream(found, holdings.partial.offset, holdings.partial.segments,
                                 holdings.partial.chain)
-        if inflight:  # an abandoned session (the receiver did not commit it)
-            self._abandon(inflight, choice.base.digest if choice.base else None)
+        if inflight:  # an abandoned session (the receiver did not commit it; or its
+            # snapshot gone: the receiver's partial transfer of it is dropped)
+            self._abandon(found or inflight, choice.base.digest if choice.base else None)
         scanned: ScanStream | None = None
         snap: bytes | None
         if early is not None:
