@@ -137,6 +137,12 @@ class Span:
                 self.mark *= took / self.length
             self.length = took
 
+    def near_end(self, rng: random.Random, i: int) -> float:
+        """Cut ``i``: anywhere (odd ``i``), or in the last 4 s (up to 1 s after: a run
+        slower than the last)."""
+        end = self.length
+        return rng.uniform(0.0, end) if i % 2 else rng.uniform(end - 4, end + 1)
+
     def __str__(self) -> str:
         shorter = (f", {self.length:.1f} s after the runs that ended before their cut"
                    if self.length < self.first else "")
@@ -356,8 +362,7 @@ def test_power_cut_during_restore(kit: VmKit, backups: Backups) -> None:
         # half the cuts anywhere, half in its last 4 s: the swap comes after the receive and
         # the check of the tree-sum, a tree-sum (~1 s under TCG) and the state file before
         # the end (Python's start over 9p under TCG takes the first half)
-        end = span.length
-        delay = rng.uniform(0.0, end) if i % 2 else rng.uniform(end - 4, end + 1)
+        delay = span.near_end(rng, i)
         image = fresh(backups.base, "restore")
         cut = kit.run(image, "run", command, kill_after=delay)
         span.ran(cut)
@@ -446,8 +451,7 @@ def test_power_cut_during_backup(kit: VmKit, stick: Stick, tmp_path: Path) -> No
     outcomes: Counter[str] = Counter()
     for i in range(RUNS):
         # half the cuts anywhere, half in the last 4 s (the index written after the file)
-        end = span.length
-        delay = rng.uniform(0.0, end) if i % 2 else rng.uniform(end - 4, end + 1)
+        delay = span.near_end(rng, i)
         image = fresh(stick.base, "backup")
         usb = fresh(stick.image, "stick")
         cut = kit.run(image, "run", command, stick=(usb, STICK), kill_after=delay)

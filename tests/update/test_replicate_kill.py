@@ -267,17 +267,8 @@ def test_a_sender_killed_after_its_commit_on_btrfs(tmp_path: Path, shim: Path,
     from tests.conftest import btrfs_loop
 
     with btrfs_loop("400M") as fs:
-        live = fs / "vol"
-        subprocess.run(["btrfs", "subvolume", "create", str(live)], check=True,
-                       capture_output=True)
-        (live / "big").write_bytes(os.urandom(2 * SEG))
-        dest = fs / "dest"
-        dest.mkdir()
-        store = SendshotStore(tmp_path / "store")
-        ch = spawn_local(str(dest))
-        assert replicate(live, ch, store=store, segment=SEG).outcome == "committed"
-        ch.close()
-        [old] = _visible(dest)
+        live, dest, store = fs / "vol", fs / "dest", SendshotStore(tmp_path / "store")
+        old = replicated_subvolume(live, dest, store)
         old_sum = tree_sum(dest / old)
         (live / "more").write_bytes(os.urandom(SEG))
         _sender_killed_at(live, dest, store, f"cursors.json:{n}:{when}")
@@ -286,6 +277,20 @@ def test_a_sender_killed_after_its_commit_on_btrfs(tmp_path: Path, shim: Path,
                                  capture_output=True, text=True).stdout
         assert [ln.split()[-1] for ln in subvols.splitlines() if "dest/" not in ln] == \
             ["vol"], subvols
+
+
+def replicated_subvolume(live: Path, dest: Path, store: SendshotStore) -> str:
+    """A writable subvolume ``live`` (two segments of data) replicated once into a new
+    directory ``dest``; the name it has there."""
+    subprocess.run(["btrfs", "subvolume", "create", str(live)], check=True,
+                   capture_output=True)
+    (live / "big").write_bytes(os.urandom(2 * SEG))
+    dest.mkdir()
+    ch = spawn_local(str(dest))
+    assert replicate(live, ch, store=store, segment=SEG).outcome == "committed"
+    ch.close()
+    [old] = _visible(dest)
+    return old
 
 
 def _dead_pid() -> int:

@@ -20,7 +20,13 @@ from btrdelta.tree import tree_sum
 from btrdelta.update.channels import spawn_local
 from btrdelta.update.replica import Replica
 from btrdelta.update.replicate import replicate
-from tests.update.test_replicate_kill import SEG, _sender_killed_at, _visible, shim
+from tests.update.test_replicate_kill import (
+    SEG,
+    _sender_killed_at,
+    _visible,
+    replicated_subvolume,
+    shim,
+)
 
 __all__ = ["shim"]  # (the fixture, used by name)
 
@@ -48,17 +54,9 @@ def test_a_cut_transfer_goes_on_from_where_the_source_is_now(tmp_path: Path, shi
     with btrfs_loop("400M") as fs:
         disk = fs / "run-vda"
         disk.mkdir()
-        live = disk / "vol"
-        subprocess.run(["btrfs", "subvolume", "create", str(live)], check=True,
-                       capture_output=True)
-        (live / "big").write_bytes(os.urandom(2 * SEG))
-        dest = fs / "dest"
-        dest.mkdir()
+        live, dest = disk / "vol", fs / "dest"
         store = SendshotStore(disk / "store")
-        ch = spawn_local(str(dest))
-        assert replicate(live, ch, store=store, segment=SEG).outcome == "committed"
-        ch.close()
-        [old] = _visible(dest)
+        old = replicated_subvolume(live, dest, store)
         (live / "more").write_bytes(os.urandom(2 * SEG))
         _sender_killed_at(live, dest, store, point)
         [snap] = _snapshots(disk)
