@@ -292,7 +292,8 @@ def test_power_cut_during_multi_hop_update(kit: VmKit, www: Served, repo: Repo) 
         what = f"{'cut' if cut.killed else 'finished'}: {len(landed) - 1} landed"
         outcomes[what] += 1
         print(f"update run {i + 1}/{RUNS}: power cut {delay:.1f} s after start: {what} "
-              f"({', '.join(landed[1:]) or 'none'}); temporary left after the re-run: "
+              f"({', '.join(n for n in landed if n != repo.versions[0]) or 'none'}); "
+              f"temporary left after the re-run: "
               f"{left or 'none'}", flush=True)
     FIGURES["update"] = [f"{n} x {what}" for what, n in sorted(outcomes.items())] + [
         f"uninterrupted update in the VM: {span} ({kit.accel}); {plan}; "
