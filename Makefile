@@ -83,7 +83,7 @@ vmtest: sysdeps venv
 	@PY=$(PY) scripts/sysdeps.sh --vm
 	@echo "vmtest: $${BTRDELTA_VMTEST_RUNS:-12} power cuts each of device install, factory" \
 		"reset, backup, restore, image clone, update and replicate (both sides) in qemu (KVM if" \
-		"it boots, else TCG: ~1 h on 2 cores), seed $${BTRDELTA_VMTEST_SEED:-from the clock}," \
+		"it boots, else TCG: ~46 min on 2 cores), seed $${BTRDELTA_VMTEST_SEED:-from the clock}," \
 		"kernel and images (~3 GB) in $${BTRDELTA_VM_CACHE:-/var/tmp/btrdelta-vm};" \
 		"started $$(date -u '+%F %T') UTC"
 	@exec env BIN=$(BIN) BTRDELTA_VMTEST=1 scripts/longrun.sh vmtest -s \
