@@ -72,7 +72,11 @@ def test_a_kept_connection_closed_by_the_server_is_replaced() -> None:
     with HostileServer(reply).running() as server, Client() as client:
         assert client.get(f"{server.url}/then-close") == (200, BODY)
         assert client.get(f"{server.url}/next") == (200, BODY)
-    assert [p for p, _ in server.seen] == ["/then-close", "/next"]
+    # seen closed before it was used, or asked on it before the close arrived (the server
+    # read it, but could not answer) and asked again on a new one
+    paths = [p for p, _ in server.seen]
+    assert paths[:2] == ["/then-close", "/next"], paths
+    assert paths[2:] in ([], ["/next"]), paths
     assert len(server.connections) == 2
 
 
