@@ -145,10 +145,35 @@ def test_redirects_keep_credentials_on_their_origin_only() -> None:
 
 
 @pytest.mark.parametrize("url", ["ftp://example.org/x", "http:///x", "http://h:99999/",
-                                 "http://h/a b\r\nX: y"])
+                                 "http://h/a b\r\nX: y", "http://a..\u65e5\u672c/x",
+                                 "https://\u65e5" + "x" * 70 + ".example/"])
 def test_a_bad_url_is_refused_before_connecting(url: str) -> None:
     with Client() as client, pytest.raises(InvalidURL):
         client.get(url)
+
+
+@pytest.mark.parametrize("value", ["\u65e5\u672c", "a\tb", "caf\u00e9"])
+def test_a_header_that_is_not_printable_ascii_is_refused(value: str) -> None:
+    with pytest.raises(InvalidURL, match="not printable ASCII"):
+        Client(headers={"X-Token": value})
+
+
+def test_an_internationalised_host_goes_on_the_wire_in_its_ascii_form(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def reply(sock: socket.socket, path: str, headers: dict[str, str]) -> None:
+        _send(sock, "HTTP/1.1 200 OK\nContent-Length: 2\n", b"ok")
+
+    for name in ("no_proxy", "NO_PROXY", "REQUEST_METHOD"):
+        monkeypatch.delenv(name, raising=False)
+    with HostileServer(reply).running() as server:  # the proxy: it sees the name as sent
+        monkeypatch.setenv("http_proxy", server.url)
+        with Client() as client:
+            assert client.get("http://B\u00fccher.\u65e5\u672c.example:8080/p\u00e4th") \
+                == (200, b"ok")
+    (path, headers), = server.seen
+    assert path == "http://xn--bcher-kva.xn--wgv71a.example:8080/p%C3%A4th"
+    assert headers["host"] == "xn--bcher-kva.xn--wgv71a.example:8080"
 
 
 _CODE = """

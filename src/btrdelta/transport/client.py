@@ -316,6 +316,8 @@ class Client:
         for name, value in (headers or {}).items():
             if any(c in f"{name}{value}" for c in "\r\n\0"):
                 raise InvalidURL(f"header {name!r} with a line break or NUL")
+            if not (name.isascii() and value.isprintable() and value.isascii()):
+                raise InvalidURL(f"header {name!r}: not printable ASCII")
         self.headers = dict(headers or {})
         self.timeout = timeout
         self.max_redirects = max_redirects
@@ -602,6 +604,11 @@ def _split(url: str) -> tuple[str, str, int, str, str | None]:
     host = parts.hostname
     if not host or any(c in url for c in "\r\n\0 \t"):
         raise InvalidURL(f"invalid URL {url!r}")
+    if not host.isascii():  # an internationalised name: its ASCII (IDNA) form on the wire
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise InvalidURL(f"invalid host name in URL {url!r}") from None
     target = quote(parts.path or "/", safe=_SAFE)
     if parts.query:
         target += "?" + quote(parts.query, safe=_SAFE + "?")
