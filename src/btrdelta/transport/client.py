@@ -44,7 +44,8 @@ MAX_HEAD = 64 << 10
 MAX_FIELDS = 128
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _STATUS = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([^\r\n]*))?")
-_FIELD = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n\0]*?)[ \t]*")
+_FIELD = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):([^\r\n\0]*)")  # (value stripped after:
+# a lazy value before optional blanks backtracks quadratically on a long run of blanks)
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _RECV = 1 << 18
 _SAFE = "/%:@!$&'()*+,;=-._~"
@@ -559,7 +560,8 @@ class _Stale(Exception):
 def _read_head(conn: _Conn) -> tuple[int, int, Headers]:
     """Status, minor version and header fields of the next reply on ``conn``."""
     data = b""
-    while (end := _HEAD_END.search(data)) is None:
+    start = 0  # (where the end may begin: a slow server's bytes are not scanned again)
+    while (end := _HEAD_END.search(data, start)) is None:
         if len(data) > MAX_HEAD:
             raise RemoteProtocolError(f"reply headers longer than {MAX_HEAD} bytes")
         more = conn.recv()
@@ -569,6 +571,7 @@ def _read_head(conn: _Conn) -> tuple[int, int, Headers]:
             raise RemoteProtocolError("the server closed the connection without answering"
                                       if not data else "the server closed the connection "
                                       "in the reply's headers")
+        start = max(0, len(data) - 3)
         data += more
     if end.start() > MAX_HEAD:
         raise RemoteProtocolError(f"reply headers longer than {MAX_HEAD} bytes")
@@ -584,7 +587,7 @@ def _read_head(conn: _Conn) -> tuple[int, int, Headers]:
         field = _FIELD.fullmatch(raw.rstrip(b"\r"))
         if field is None:
             raise RemoteProtocolError(f"malformed header field {raw[:60]!r}")
-        name, value = field[1].decode().lower(), field[2].decode("latin-1")
+        name, value = field[1].decode().lower(), field[2].strip(b" \t").decode("latin-1")
         fields[name] = f"{fields[name]}, {value}" if name in fields else value
     return int(status[2]), int(status[1]), Headers(fields)
 
