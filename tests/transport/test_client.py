@@ -97,6 +97,10 @@ def test_a_kept_connection_closed_by_the_server_is_replaced() -> None:
     ("HTTP/1.1 200 OK\n" + "X: 1\n" * 200, b"", RemoteProtocolError,
      "more than 128 header fields"),
     ("ICY 200 OK\n", b"", RemoteProtocolError, "not an HTTP/1.x status line"),
+    ("HTTP/1.1 302 Found\nLocation: http://[::1/x\n", b"", RemoteProtocolError,
+     "a redirect to a bad URL 'http://[::1/x'"),
+    ("HTTP/1.1 301 x\nLocation: gopher://h/\n", b"", RemoteProtocolError,
+     "a redirect to a bad URL 'gopher://h/'"),
     ("HTTP/1.1 200 OK\n folded: no\n", b"", RemoteProtocolError, "malformed header field"),
 ])
 def test_a_malformed_reply_is_one_error(head: str, body: bytes, error: type[Exception],

@@ -361,7 +361,13 @@ class Client:
             if hops >= self.max_redirects:
                 resp.close()
                 raise TooManyRedirects(f"more than {self.max_redirects} redirects")
-            target = urljoin(url, resp.headers["location"])
+            try:
+                target = urljoin(url, resp.headers["location"])
+                _split(target)
+            except (ValueError, InvalidURL):
+                resp.close()
+                raise RemoteProtocolError(
+                    f"a redirect to a bad URL {resp.headers['location'][:80]!r}") from None
             with contextlib.suppress(HTTPError):
                 resp.read(64 << 10)  # (its connection is kept for the next request)
             resp.close()
