@@ -59,7 +59,7 @@ def _read_ahead(argv: list[str]) -> None:
     from . import cli  # noqa: F401
     from ._defaults import DEFAULT_STORE
     from ._malloc import keep_freed_memory, one_arena
-    from .tree.early import start
+    from .tree.early import RECORDS, start
 
     try:
         from .stream._speedups import mallopt
@@ -76,7 +76,7 @@ def _read_ahead(argv: list[str]) -> None:
             store = argv[i + 1]
         elif w.startswith("--store="):
             store = w.partition("=")[2]
-    start(os.path.join(store, "records"))
+    start(os.path.join(store, RECORDS))
 
 
 if __name__ == "__main__":

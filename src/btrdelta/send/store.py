@@ -36,6 +36,8 @@ from .._defaults import DEFAULT_STORE
 from .._value import Value, field
 from ..errors import BtrdeltaError, MissingBaseError, StreamFormatError
 from ..fs.atomic import fsync_dir, pid_alive, write_atomic
+from ..tree.early import RECORDS
+from ..tree.early import SUFFIX as _SUFFIX
 from ..tree.sendshot import (
     RecordInode,
     RecordReader,
@@ -62,7 +64,6 @@ __all__ = [
     "plan_prune",
 ]
 
-_SUFFIX = ".sendshot"
 #: the head cache: each record's head (:func:`~..tree.sendshot.encode_head`) with the size,
 #: mtime and inode its file had. Listing a store read every record's head from its start
 #: (a zstd context and window each: ~0.25 ms a record, the first ~0.6 ms), and a store
@@ -126,7 +127,7 @@ class SendshotStore:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
-        self.records = os.path.join(self.path, "records")
+        self.records = os.path.join(self.path, RECORDS)
         #: records whose head could not be read at the last listing: digest -> (why, the
         #: file's mtime in ns); listed apart (``sendshot list``), deletable by id
         self.unreadable: dict[str, tuple[str, int]] = {}

@@ -43,7 +43,8 @@ from .. import TYPE_CHECKING
 if TYPE_CHECKING:
     from typing import Any, BinaryIO, Final
 
-__all__ = ["LEAST", "MAGIC", "MAX_RATIO", "PATCH", "start", "take"]
+__all__ = ["LEAST", "MAGIC", "MAX_RATIO", "PATCH", "RECORDS", "SUFFIX", "inflate", "start",
+           "take"]
 
 MAGIC: Final = b"btrdelta-sendshot\0"
 #: the version of a *patch record*: a record that names its base record (HEAD's BASE)
@@ -53,8 +54,9 @@ PATCH: Final = 5
 #: a record whose zstd frame declares more than this many times its compressed size is
 #: decoded as a stream (a size that cannot be true is not allocated up front)
 MAX_RATIO: Final = 1024
-#: the records' file names end so (``send.store``)
-_SUFFIX = ".sendshot"
+#: a store's directory of records, and how their file names end (``send.store``)
+RECORDS: Final = "records"
+SUFFIX: Final = ".sendshot"
 #: the newest records whose headers are read to find one that is not a patch record
 _LOOK = 16
 #: a store of more records than this is not looked at (each one's ``stat``, under the
@@ -95,7 +97,7 @@ def start(records: str) -> None:
 
 def _run(records: str, busy: Any, zstd: Any, blake3: Any) -> None:
     try:
-        names = [n for n in os.listdir(records) if n.endswith(_SUFFIX)]
+        names = [n for n in os.listdir(records) if n.endswith(SUFFIX)]
         if len(names) > _MANY:
             return
         newest = sorted(((os.stat(p := os.path.join(records, n)).st_mtime_ns, p)
@@ -110,9 +112,7 @@ def _run(records: str, busy: Any, zstd: Any, blake3: Any) -> None:
                 if st.st_size < LEAST:
                     return
                 data = f.read()
-            size = zstd.frame_content_size(data)
-            if 0 <= size <= MAX_RATIO * len(data):
-                body = zstd.ZstdDecompressor().decompress(data, allow_extra_data=False)
+            if (body := inflate(zstd, data)) is not None:
                 digest = blake3.blake3(header)
                 digest.update(body)
                 _got[st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns] = \
@@ -122,6 +122,21 @@ def _run(records: str, busy: Any, zstd: Any, blake3: Any) -> None:
         pass  # (the reader reads the file itself, and says what is wrong with it)
     finally:
         busy.release()
+
+
+def inflate(zstd: Any, data: bytes) -> bytes | None:
+    """A record's body inflated in one piece, if its one frame declares a size it can hold
+    (at most :data:`MAX_RATIO` times the compressed bytes: a size that cannot be true is
+    not allocated); None: to be decoded as a stream (which says where it is damaged).
+
+    Raises:
+        zstd.ZstdError: a damaged frame, or bytes after it.
+    """
+    size = zstd.frame_content_size(data)
+    if 0 <= size <= MAX_RATIO * len(data):
+        body: bytes = zstd.ZstdDecompressor().decompress(data, allow_extra_data=False)
+        return body
+    return None
 
 
 def take(file: BinaryIO, header: bytes) -> tuple[bytes, str] | None:

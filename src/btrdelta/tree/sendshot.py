@@ -42,7 +42,7 @@ from .._zstd import zstd
 from ..errors import StreamFormatError, UnsupportedVersionError
 from ..stream.constants import CMD_HEADER_SIZE
 from ..stream.framing import NEED_DATA, Framer, Framing, encode_frame_parts, iter_tlvs
-from .early import MAGIC, MAX_RATIO, PATCH, take
+from .early import MAGIC, PATCH, inflate, take
 
 if TYPE_CHECKING:
     from typing import Any, BinaryIO, Final
@@ -559,10 +559,8 @@ class RecordReader:
         except (AttributeError, OSError, ValueError):
             return None
         try:
-            size = zstd.frame_content_size(data)
-            # (a size the data cannot hold is not allocated: the stream decoder reports it)
-            if 0 <= size <= MAX_RATIO * len(data):
-                return None, zstd.ZstdDecompressor().decompress(data, allow_extra_data=False)
+            if (body := inflate(zstd, data)) is not None:
+                return None, body
         except (zstd.ZstdError, MemoryError):
             pass  # several frames, or damaged: decoded as a stream (which says where)
         return zstd.ZstdDecompressor().stream_reader(data, read_across_frames=True), None
