@@ -131,3 +131,24 @@ def test_an_endless_index_over_http_is_not_downloaded_whole(tmp_path: Path) -> N
         thread.join(30)
     _refused(proc, f"{url}/home.backups.json: larger than 1048576 bytes", out)
     assert served[0] < 16 << 20, served[0]
+
+
+@pytest.mark.parametrize("variable", ["http_proxy", "all_proxy"])
+def test_a_malformed_proxy_variable_is_a_usage_error(tmp_path: Path, variable: str) -> None:
+    """``device restore`` from a URL under a proxy variable that cannot be used: exit 2
+    naming the variable, as ``update`` and ``image clone`` do (it was a failed transfer:
+    exit 7), nothing made."""
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    proc = subprocess.run(
+        [*BTRDELTA, "device", "restore", str(out), "home", "http://127.0.0.1:9/backups",
+         "--to-dir"], capture_output=True, text=True, timeout=120, check=False,
+        env={**env, variable: "socks5://127.0.0.1:1080"})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert f"{variable}='socks5://127.0.0.1:1080': socks5:// proxies are not supported" \
+        in proc.stderr, proc.stderr
+    assert list(out.iterdir()) == []

@@ -30,16 +30,19 @@ import stat
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..chunk.source import file_url_path
-from ..errors import StreamFormatError, TransportError
+from ..errors import StreamFormatError, TransportError, UsageError
 from ..fs import btrfs as sv
 from ..fs.atomic import atomic_output, write_atomic
 from ..receive import ReceivedSubvol
 from ..tree import tree_sum
 from .layout import DeviceError, Layout, open_device
 from .state import load_state
+
+if TYPE_CHECKING:
+    from ..transport.client import Client
 
 __all__ = ["KEEP_DESTINATIONS", "RESTORED", "RESTORE_WORK", "backup", "restore",
            "restore_to_dir", "restored_in_use"]
@@ -56,6 +59,18 @@ KEEP_DESTINATIONS = 4
 _DESTINATIONS = "destinations.json"
 #: the largest index read (an index of 1 MiB lists thousands of backups)
 _INDEX_LIMIT = 1 << 20
+
+
+def _client() -> Client:
+    """An HTTP client for one request to the backup location; a proxy variable that cannot
+    be used (``https_proxy=socks5://...``) is a usage error (exit 2), as for ``update``,
+    not a failed transfer."""
+    from ..transport.client import Client, InvalidURL
+
+    try:
+        return Client(timeout=60, follow_redirects=False)
+    except InvalidURL as exc:
+        raise UsageError(str(exc)) from None
 
 
 class _Store:
@@ -85,11 +100,11 @@ class _Store:
             with open(path, "rb") as src, atomic_output(Path(self.where) / name) as out:
                 shutil.copyfileobj(src, out, 1 << 20)
             return
-        from ..transport.client import Client, HTTPError
+        from ..transport.client import HTTPError
 
         url = f"{self.where}/{name}"
         try:
-            with open(path, "rb") as f, Client(timeout=60, follow_redirects=False) as client, \
+            with open(path, "rb") as f, _client() as client, \
                     client.stream("PUT", url, content=f) as resp:
                 status = resp.status_code
                 with contextlib.suppress(HTTPError):
@@ -131,11 +146,11 @@ class _Store:
                 while chunk := f.read(1 << 20):
                     put(chunk)
             return
-        from ..transport.client import Client, HTTPError
+        from ..transport.client import HTTPError
 
         url = f"{self.where}/{name}"
         try:
-            with Client(timeout=60, follow_redirects=False) as client, \
+            with _client() as client, \
                     client.stream("GET", url) as resp:
                 if resp.status_code != 200:
                     raise TransportError(f"GET answered {resp.status_code}", url=url,
