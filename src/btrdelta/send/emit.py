@@ -86,9 +86,7 @@ __all__ = ["CAPS", "COMPRESSORS", "SendStats", "Sender", "StreamIds", "encode_pi
            "option_problem"]
 
 CAPS = b"security.capability"
-_ENCODED_MAX = 128 * 1024
 _PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
-_ZEROS = bytes(_ENCODED_MAX)
 
 
 class Sender(CloneFinder):
@@ -764,7 +762,7 @@ class Sender(CloneFinder):
                 pos = off
                 while pos < off + length:
                     n = min(self.chunk, off + length - pos)
-                    yield self._count(Write(path=path, offset=pos, data=memoryview(_ZEROS)[:n]))
+                    yield self._count(Write(path=path, offset=pos, data=bytes(n)))
                     pos += n
 
     def _write_range(

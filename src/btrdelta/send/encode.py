@@ -16,8 +16,6 @@ from ..stream.records import EncodedWrite
 __all__ = ["COMPRESSORS", "SECTOR", "encode_piece", "option_problem"]
 
 SECTOR = 4096
-_ENCODED_MAX = 128 * 1024
-_ZEROS = bytes(_ENCODED_MAX)
 
 
 def _zstd() -> Callable[[bytes], bytes]:
@@ -65,12 +63,12 @@ def encode_piece(compress: Callable[[bytes], bytes], compression: int, path: byt
     if pos % SECTOR or (n % SECTOR and pos + n != size) or n <= SECTOR:
         return None
     ram = _round_up(n)
-    plain = buf if ram == n else buf + _ZEROS[: ram - n]
+    plain = buf if ram == n else buf + bytes(ram - n)
     packed = compress(plain)
     disk = _round_up(len(packed))
     if disk >= ram:
         return None
-    data = packed + _ZEROS[: disk - len(packed)]
+    data = packed + bytes(disk - len(packed))
     return EncodedWrite(
         path=path,
         offset=pos,
