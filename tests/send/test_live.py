@@ -1,9 +1,11 @@
 """``frozen(..., meanwhile=f)`` (send/live.py): ``f`` runs once, in the caller's thread,
-while another thread makes the temporary snapshot of a live subvolume (the CLI imports the
-send's modules meanwhile); an error of ``f`` (an exception, Ctrl-C, an ``OSError``) is
-raised as it is and the snapshot made beside it is deleted; where no snapshot is made
-(read-only subvolume, ``snapshot=False``, a plain directory) ``f`` runs at once. Oracle:
-``btrfs subvolume list``."""
+while another thread makes the temporary snapshot of a live subvolume, given the snapshot's
+lineage (the CLI imports the send's modules and loads the base record meanwhile); an error
+of ``f`` (an exception, Ctrl-C, an ``OSError``) is raised as it is and the snapshot made
+beside it is deleted; where no snapshot is made (read-only subvolume, ``snapshot=False``, a
+plain directory) ``f`` runs at once, given None. The CLI's live send loads its base record
+once, while the snapshot is made, and sends what the kernel receives as the tree. Oracles:
+``btrfs subvolume list``, ``btrfs subvolume show``, ``btrfs receive`` and tree-sum."""
 
 from __future__ import annotations
 
@@ -19,6 +21,11 @@ from tests.send.conftest import run
 
 def _subvolumes(mnt: Path) -> list[str]:
     return [ln.split()[-1] for ln in run("btrfs", "subvolume", "list", mnt).splitlines()]
+
+
+def _uuid_of(subvolume: Path) -> str:
+    return next(ln.split()[-1] for ln in run("btrfs", "subvolume", "show", subvolume
+                                             ).splitlines() if ln.strip().startswith("UUID:"))
 
 
 def _live(mnt: Path) -> Path:
@@ -47,11 +54,16 @@ def test_meanwhile_runs_while_the_snapshot_is_made(
 
     monkeypatch.setattr(live_mod, "create_snapshot", held)
 
-    def meanwhile() -> None:
+    lineages: list[object] = []
+
+    def meanwhile(lineage: object) -> None:
         seen.append([t.name for t in threading.enumerate()])
+        lineages.append(lineage)
         looked.set()
 
     with frozen(live, meanwhile=meanwhile) as fz:
+        assert lineages == [fz.lineage]
+        assert str(fz.lineage) == _uuid_of(live)  # (btrfs-progs' word for the subvolume)
         assert fz.temporary
         assert fz.info is not None
         assert fz.info.readonly
@@ -74,7 +86,7 @@ def test_an_error_meanwhile_deletes_the_snapshot(two_fs: tuple[Path, Path],
     snd, _rcv = two_fs
     live = _live(snd)
 
-    def meanwhile() -> None:
+    def meanwhile(_lineage: object) -> None:
         raise exc("meanwhile")
 
     with pytest.raises(exc, match="meanwhile"), frozen(live, meanwhile=meanwhile):
@@ -87,10 +99,70 @@ def test_meanwhile_runs_at_once_where_no_snapshot_is_made(two_fs: tuple[Path, Pa
     snd, _rcv = two_fs
     live = _live(snd)
     run("btrfs", "subvolume", "snapshot", "-r", live, snd / "ro")
-    calls: list[str] = []
+    calls: list[object] = []
     for source, snapshot in ((snd / "ro", True), (live, False), (tmp_path, True)):
-        with frozen(source, snapshot=snapshot, meanwhile=lambda: calls.append("x")) as fz:
+        with frozen(source, snapshot=snapshot, meanwhile=calls.append) as fz:
             assert not fz.temporary
             assert fz.path == os.fsencode(source)
-    assert calls == ["x"] * 3
+    assert calls == [None] * 3
     assert sorted(_subvolumes(snd)) == ["live", "ro"]
+
+
+def test_a_live_send_loads_its_base_while_the_snapshot_is_made(
+        two_fs: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``send LIVE --from-sendshot latest`` reads its base record once, while the snapshot
+    is made (before the send itself starts), and the kernel's ``btrfs receive`` of each
+    stream is the live tree; a damaged newest record passed over meanwhile is still said,
+    and the older base it fell back to received."""
+    import json
+
+    from btrdelta.cli import main
+    from btrdelta.send import sendshot
+    from btrdelta.tree.treesum import tree_sum
+
+    snd, rcv = two_fs
+    live = _live(snd)
+    store = tmp_path / "store"
+    for i in range(300):  # (a record of a few zstd blocks: a torn one's head still reads)
+        (live / f"n{i}").write_bytes(os.urandom(40))
+    calls: list[str] = []
+    real_load, real_send = sendshot.load_base, sendshot.send_with_sendshots
+
+    def load_base(*args: object, **kw: object) -> object:
+        calls.append("load")
+        return real_load(*args, **kw)  # type: ignore[arg-type]
+
+    def send_with_sendshots(*args: object, **kw: object) -> object:
+        calls.append("send")
+        return real_send(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sendshot, "load_base", load_base)
+    monkeypatch.setattr(sendshot, "send_with_sendshots", send_with_sendshots)
+
+    def send(i: int) -> tuple[dict[str, object], str]:
+        (live / "f").write_bytes(os.urandom(10_000 + i))
+        capsys.readouterr()
+        calls.clear()
+        assert main(["send", str(live), "-o", str(tmp_path / f"s{i}"), "--record", "--store",
+                     str(store), "--name", f"live.{i}", "--json",
+                     *(["--from-sendshot", "latest"] if i else [])]) == 0
+        got = capsys.readouterr()
+        assert calls == (["load", "send"] if i else ["send"])
+        return json.loads(got.out), got.err
+
+    def received(i: int) -> None:
+        run("btrfs", "receive", "-f", tmp_path / f"s{i}", rcv)
+        assert tree_sum(rcv / f"live.{i}") == tree_sum(live)
+
+    r0 = send(0)[0]["sendshot"]
+    received(0)
+    r1 = send(1)[0]["sendshot"]
+    received(1)
+    f1 = store / "records" / f"{r1}.sendshot"
+    os.truncate(f1, f1.stat().st_size * 2 // 3)
+    got, err = send(2)
+    assert got["from_sendshot"] == r0
+    assert f"sendshot {str(r1)[:12]} cannot be read" in err
+    received(2)
+    assert _subvolumes(snd) == ["live"]

@@ -107,7 +107,7 @@ def subvolume_uuid(path: str | bytes | os.PathLike[str]) -> UUID | None:
 
 @contextlib.contextmanager
 def frozen(source: str | bytes | os.PathLike[str], *, snapshot: bool = True,
-           meanwhile: Callable[[], object] | None = None) -> Iterator[Frozen]:
+           meanwhile: Callable[[UUID | None], object] | None = None) -> Iterator[Frozen]:
     """The tree to read for ``source`` (see the module docstring).
 
     Args:
@@ -115,8 +115,9 @@ def frozen(source: str | bytes | os.PathLike[str], *, snapshot: bool = True,
         snapshot: take a temporary snapshot of a writable subvolume (False: read it live).
         meanwhile: called once before the tree is given: in this thread while another one
             makes the snapshot (the kernel commits a transaction: 6-15 ms, the GIL released;
-            the CLI imports the send's modules meanwhile), else at once. The snapshot is
-            deleted when it raises.
+            the CLI imports the send's modules and loads the base record meanwhile), with
+            the snapshot's :attr:`Frozen.lineage` (the subvolume's UUID), else at once, with
+            None. The snapshot is deleted when it raises.
 
     Raises:
         BtrdeltaError: ``source`` is not a directory, or the snapshot cannot be made.
@@ -128,7 +129,7 @@ def frozen(source: str | bytes | os.PathLike[str], *, snapshot: bool = True,
     info = _subvol_of(path)
     if info is None or info.readonly or not snapshot:
         if meanwhile is not None:
-            meanwhile()
+            meanwhile(None)
         yield Frozen(path, info, warning="" if info is not None and info.readonly
                      else LIVE_WARNING)
         return
@@ -136,7 +137,8 @@ def frozen(source: str | bytes | os.PathLike[str], *, snapshot: bool = True,
     name = f"{TMP_PREFIX}{os.getpid()}-{os.urandom(4).hex()}".encode()
     src_fd = os.open(path, _DIR)
     try:
-        where, dir_fd = _snapshot_next_to(path, name, src_fd, meanwhile)
+        where, dir_fd = _snapshot_next_to(
+            path, name, src_fd, partial(meanwhile, info.uuid) if meanwhile is not None else None)
         try:
             snap = os.path.join(where, name)
             snap_fd = -1

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
     from ..stream.writer import Encoded
 
-__all__ = ["SendshotResult", "adopt", "load_base", "send_with_sendshots"]
+__all__ = ["Preloaded", "SendshotResult", "adopt", "load_base", "preload", "send_with_sendshots"]
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 #: at most this many files read in parts are left open for the stream (the others are
@@ -123,6 +123,33 @@ def load_base(store: SendshotStore, ident: str, source: bytes, lineage: object,
         return rec, cols
 
 
+class Preloaded(Value):
+    """A base record loaded while a live subvolume's snapshot was made (:func:`preload`)."""
+
+    #: the lineage it was chosen for (the snapshot's :attr:`~.live.Frozen.lineage`)
+    lineage: object
+    base: StoredSendshot
+    cols: View
+    #: :func:`load_base`'s lines about the newer records it passed over
+    damaged: list[str]
+
+
+def preload(store: SendshotStore, ident: str, source: str | bytes | os.PathLike[str],
+            lineage: object) -> Preloaded | None:
+    """:func:`load_base` of ``ident`` for ``source`` before its tree is frozen, for the
+    snapshot of lineage ``lineage`` being made (the kernel commits a transaction: 6-15 ms
+    that the CLI's thread otherwise waits for: :func:`~.live.frozen`'s ``meanwhile``).
+    :func:`send_with_sendshots` takes it where the frozen tree has that lineage; None
+    where no base is found or it cannot be read: the send looks again and says why."""
+    damaged: list[str] = []
+    try:
+        base, cols = load_base(store, ident, os.path.abspath(os.fsencode(source)), lineage,
+                               damaged=damaged)
+    except (BtrdeltaError, OSError):
+        return None
+    return Preloaded(lineage, base, cols, damaged)
+
+
 class _Sweep:
     """The change sweep (:func:`~..fs.btrfs.changed_inodes`) of a snapshot since a record's
     generation, run by a thread while the record is read: the sweep is ioctls (the kernel
@@ -164,12 +191,12 @@ class _Sweep:
 
 
 def _load_swept(store: SendshotStore, ident: str | None, src: bytes, fz: Frozen,
-                candidates: Any, damaged: list[str]
+                candidates: Any, damaged: list[str], preloaded: Preloaded | None = None
                 ) -> tuple[StoredSendshot | None, View | None, _Sweep | None]:
-    """:func:`load_base` (``ident`` None: no base), and the change sweep since the first
-    record chosen, started once its head is read where :func:`_scan` will use it
-    (:class:`_Sweep`; :func:`_scan` joins it, and sweeps again when another record was
-    used: the chosen one was damaged)."""
+    """:func:`load_base` (``ident`` None: no base; ``preloaded``: its result already, if of
+    ``fz``'s lineage), and the change sweep since the first record chosen, started once its
+    head is read where :func:`_scan` will use it (:class:`_Sweep`; :func:`_scan` joins it,
+    and sweeps again when another record was used: the chosen one was damaged)."""
     if ident is None:
         return None, None, None
     sweeps: list[_Sweep] = []
@@ -179,6 +206,10 @@ def _load_swept(store: SendshotStore, ident: str | None, src: bytes, fz: Frozen,
                 usable(rec.head, fz.lineage, fz.generation, fz.info.readonly):
             sweeps.append(_Sweep(fz.path, rec.head.generation))
 
+    if preloaded is not None and preloaded.lineage == fz.lineage:
+        sweep(preloaded.base)
+        damaged += preloaded.damaged
+        return preloaded.base, preloaded.cols, sweeps[0] if sweeps else None
     try:
         base, cols = load_base(store, ident, src, fz.lineage, candidates, damaged, sweep)
     except BaseException:
@@ -378,6 +409,7 @@ def send_with_sendshots(
     durable: bool = True,
     scanned: ScanStream | None = None,
     tree: Frozen | None = None,
+    preloaded: Preloaded | None = None,
 ) -> SendshotResult:
     """Send ``source`` (full, or against the sendshot ``from_sendshot``) to ``write``.
 
@@ -401,6 +433,8 @@ def send_with_sendshots(
         scanned: a walk of ``source`` started already (:class:`~.scan.ScanStream`).
         tree: ``source`` frozen already (:func:`~.live.frozen`, by a caller that imported
             the send's modules while its snapshot was made); ``snapshot`` is not used.
+        preloaded: the base, loaded meanwhile (:func:`preload`; with ``candidates`` None),
+            used where ``tree`` has its lineage.
 
     Raises:
         MissingBaseError: no such sendshot.
@@ -411,7 +445,8 @@ def send_with_sendshots(
     stream_name = name or os.path.basename(src) or b"subvol"
     with nullcontext(tree) if tree is not None else frozen(path, snapshot=snapshot) as fz:
         damaged: list[str] = []
-        base, cols, sweep = _load_swept(store, from_sendshot, src, fz, candidates, damaged)
+        base, cols, sweep = _load_swept(store, from_sendshot, src, fz, candidates, damaged,
+                                        preloaded)
         seed = base.head.seed if base is not None else store.seed()
         scan, old, changes = _scan(fz, base, cols, seed, scanned, sweep)
         try:
