@@ -112,26 +112,48 @@ def test_a_live_send_loads_its_base_while_the_snapshot_is_made(
         two_fs: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     """``send LIVE --from-sendshot latest`` reads its base record once, while the snapshot
-    is made (before the send itself starts), and the kernel's ``btrfs receive`` of each
-    stream is the live tree; a damaged newest record passed over meanwhile is still said,
-    and the older base it fell back to received."""
+    is made (before the send itself starts); the snapshot's thread, once it made it, sweeps
+    the changes since that base; the kernel's ``btrfs receive`` of each stream is the live
+    tree. A damaged newest record passed over meanwhile is still said, and the older base
+    it fell back to received (swept again from its own generation)."""
     import json
 
     from btrdelta.cli import main
+    from btrdelta.send import live as live_mod
     from btrdelta.send import sendshot
     from btrdelta.tree.treesum import tree_sum
 
     snd, rcv = two_fs
     live = _live(snd)
     store = tmp_path / "store"
-    for i in range(300):  # (a record of a few zstd blocks: a torn one's head still reads)
+    for i in range(1500):  # (a record of several zstd blocks: a torn one's head still reads)
         (live / f"n{i}").write_bytes(os.urandom(40))
     calls: list[str] = []
     real_load, real_send = sendshot.load_base, sendshot.send_with_sendshots
 
+    loaded = threading.Event()
+    real_snapshot, real_sweep = live_mod.create_snapshot, sendshot.changed_inodes
+    swept_in: list[str] = []
+
     def load_base(*args: object, **kw: object) -> object:
         calls.append("load")
-        return real_load(*args, **kw)  # type: ignore[arg-type]
+        try:
+            return real_load(*args, **kw)  # type: ignore[arg-type]
+        finally:
+            loaded.set()
+
+    def create_snapshot(*args: object, **kw: object) -> object:
+        # (held until the base is loaded: on a quiet machine the snapshot is often made
+        # before the send's modules are imported, and the send then sweeps itself)
+        assert loaded.wait(30)
+        return real_snapshot(*args, **kw)  # type: ignore[arg-type]
+
+    def changed_inodes(*args: object, **kw: object) -> object:
+        swept_in.append(threading.current_thread().name)
+        return real_sweep(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(live_mod, "create_snapshot", create_snapshot)
+    monkeypatch.setattr(sendshot, "changed_inodes", changed_inodes)
 
     def send_with_sendshots(*args: object, **kw: object) -> object:
         calls.append("send")
@@ -144,11 +166,16 @@ def test_a_live_send_loads_its_base_while_the_snapshot_is_made(
         (live / "f").write_bytes(os.urandom(10_000 + i))
         capsys.readouterr()
         calls.clear()
+        swept_in.clear()
+        loaded.clear()
+        if not i:
+            loaded.set()  # (a full send loads no base)
         assert main(["send", str(live), "-o", str(tmp_path / f"s{i}"), "--record", "--store",
                      str(store), "--name", f"live.{i}", "--json",
                      *(["--from-sendshot", "latest"] if i else [])]) == 0
         got = capsys.readouterr()
         assert calls == (["load", "send"] if i else ["send"])
+        assert swept_in[:1] == (["btrdelta-snapshot"] if i else []), swept_in
         return json.loads(got.out), got.err
 
     def received(i: int) -> None:
@@ -164,5 +191,6 @@ def test_a_live_send_loads_its_base_while_the_snapshot_is_made(
     got, err = send(2)
     assert got["from_sendshot"] == r0
     assert f"sendshot {str(r1)[:12]} cannot be read" in err
+    assert swept_in == ["btrdelta-snapshot", "MainThread"]  # (since r1's, then r0's)
     received(2)
     assert _subvolumes(snd) == ["live"]

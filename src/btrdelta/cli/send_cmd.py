@@ -271,19 +271,25 @@ def _send_sendshot(args: argparse.Namespace, version: int, compress: str | None,
                          "or --kernel (the base is the sendshot)")
     report = _report(args, version)
     written = [0]
-    loaded: list[Preloaded | None] = [None]
+    early: list[Preloaded] = []
 
     def meanwhile(lineage: UUID | None) -> None:
-        """The send's modules imported, and the base loaded while a snapshot is made."""
-        from ..send.sendshot import preload
+        """The send's modules imported; the base loaded while a snapshot is made."""
+        from ..send.sendshot import Preloaded
         from ..send.store import SendshotStore
 
-        if lineage is not None and args.from_sendshot is not None:
-            loaded[0] = preload(SendshotStore(args.store or DEFAULT_STORE),
-                                args.from_sendshot, args.new_dir, lineage)
+        if args.from_sendshot is not None:
+            early.append(Preloaded(SendshotStore(args.store or DEFAULT_STORE),
+                                   args.from_sendshot, args.new_dir))
+            early[0].load(lineage)
+
+    def made(snapshot: bytes) -> None:
+        """The change sweep since the base chosen, if chosen yet (the snapshot's thread)."""
+        if early:
+            early[0].sweep(snapshot)
 
     with frozen(os.path.abspath(os.fsencode(args.new_dir)), snapshot=not args.no_snapshot,
-                meanwhile=meanwhile) as fz:
+                meanwhile=meanwhile, made=made) as fz:
         from ..send.sendshot import send_with_sendshots
         from ..send.store import SendshotStore
 
@@ -304,7 +310,7 @@ def _send_sendshot(args: argparse.Namespace, version: int, compress: str | None,
                 # like the stream (open_output(durable=False)), the record is not waited for on
                 # the disk: a missing or damaged newest record is absent to --from-sendshot
                 # latest (docs/formats/sendshot.md §4)
-                durable=False, tree=fz, preloaded=loaded[0],
+                durable=False, tree=fz, preloaded=early[0] if early else None,
             )
     if result.warning:
         progress.message(f"btrdelta send: warning: {result.warning}")

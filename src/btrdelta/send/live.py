@@ -107,7 +107,8 @@ def subvolume_uuid(path: str | bytes | os.PathLike[str]) -> UUID | None:
 
 @contextlib.contextmanager
 def frozen(source: str | bytes | os.PathLike[str], *, snapshot: bool = True,
-           meanwhile: Callable[[UUID | None], object] | None = None) -> Iterator[Frozen]:
+           meanwhile: Callable[[UUID | None], object] | None = None,
+           made: Callable[[bytes], object] | None = None) -> Iterator[Frozen]:
     """The tree to read for ``source`` (see the module docstring).
 
     Args:
@@ -118,6 +119,8 @@ def frozen(source: str | bytes | os.PathLike[str], *, snapshot: bool = True,
             the CLI imports the send's modules and loads the base record meanwhile), with
             the snapshot's :attr:`Frozen.lineage` (the subvolume's UUID), else at once, with
             None. The snapshot is deleted when it raises.
+        made: called with the temporary snapshot's path once it is made, in the thread
+            that made it (the CLI's change sweep: beside ``meanwhile``); it must not raise.
 
     Raises:
         BtrdeltaError: ``source`` is not a directory, or the snapshot cannot be made.
@@ -138,7 +141,8 @@ def frozen(source: str | bytes | os.PathLike[str], *, snapshot: bool = True,
     src_fd = os.open(path, _DIR)
     try:
         where, dir_fd = _snapshot_next_to(
-            path, name, src_fd, partial(meanwhile, info.uuid) if meanwhile is not None else None)
+            path, name, src_fd, partial(meanwhile, info.uuid) if meanwhile is not None else None,
+            made)
         try:
             snap = os.path.join(where, name)
             snap_fd = -1
@@ -204,10 +208,12 @@ def drop_leftovers(path: bytes, uuid: UUID, stale: Callable[[bytes], bool]) -> l
 
 
 def _snapshot_next_to(path: bytes, name: bytes, src_fd: int,
-                      meanwhile: Callable[[], object] | None = None) -> tuple[bytes, int]:
+                      meanwhile: Callable[[], object] | None = None,
+                      made: Callable[[bytes], object] | None = None) -> tuple[bytes, int]:
     """Make the read-only snapshot ``name`` in the parent directory of ``path`` (else, when
     that is another filesystem or not writable, inside ``path``); (directory, its fd).
-    ``meanwhile``: called while the first snapshot is made (:func:`frozen`)."""
+    ``meanwhile``: called while the first snapshot is made, ``made`` with its path once it
+    is made, in the thread that made it (:func:`frozen`)."""
     last: OSError | None = None
     for where in (os.path.dirname(path) or b".", path):
         try:
@@ -215,7 +221,7 @@ def _snapshot_next_to(path: bytes, name: bytes, src_fd: int,
         except OSError as exc:
             last = exc
             continue
-        make = partial(create_snapshot, dir_fd, name, src_fd, readonly=True)
+        make = partial(_make, dir_fd, name, src_fd, os.path.join(where, name), made)
         try:
             failed = _made(make) if meanwhile is None else _beside(make, meanwhile)
         except BaseException:  # (``meanwhile``'s: the snapshot made beside it goes)
@@ -230,6 +236,14 @@ def _snapshot_next_to(path: bytes, name: bytes, src_fd: int,
         last = failed
     assert last is not None
     raise BtrdeltaError(f"cannot snapshot the subvolume: {last.strerror}", path=path) from last
+
+
+def _make(dir_fd: int, name: bytes, src_fd: int, path: bytes,
+          made: Callable[[bytes], object] | None) -> None:
+    """The read-only snapshot ``name`` made; ``made(path)`` then."""
+    create_snapshot(dir_fd, name, src_fd, readonly=True)
+    if made is not None:
+        made(path)
 
 
 def _made(make: Callable[[], None]) -> OSError | None:

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
     from ..stream.writer import Encoded
 
-__all__ = ["Preloaded", "SendshotResult", "adopt", "load_base", "preload", "send_with_sendshots"]
+__all__ = ["Preloaded", "SendshotResult", "adopt", "load_base", "send_with_sendshots"]
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 #: at most this many files read in parts are left open for the stream (the others are
@@ -123,31 +123,43 @@ def load_base(store: SendshotStore, ident: str, source: bytes, lineage: object,
         return rec, cols
 
 
-class Preloaded(Value):
-    """A base record loaded while a live subvolume's snapshot was made (:func:`preload`)."""
+class Preloaded:
+    """What a live send does while the kernel makes its snapshot (a transaction commit:
+    6-15 ms that the CLI's thread otherwise waits for, :func:`~.live.frozen`): :meth:`load`
+    (its ``meanwhile``: the base record, as :func:`load_base`, for the snapshot's lineage)
+    and :meth:`sweep` (its ``made``, in the snapshot's thread: the change sweep since the
+    base's generation, when the base was chosen by then). :func:`send_with_sendshots`
+    takes both where the frozen tree has that lineage; where no base is found or it cannot
+    be read, the send looks again and says why."""
 
-    #: the lineage it was chosen for (the snapshot's :attr:`~.live.Frozen.lineage`)
-    lineage: object
-    base: StoredSendshot
-    cols: View
-    #: :func:`load_base`'s lines about the newer records it passed over
-    damaged: list[str]
+    def __init__(self, store: SendshotStore, ident: str,
+                 source: str | bytes | os.PathLike[str]) -> None:
+        self.store, self.ident = store, ident
+        self.source = os.path.abspath(os.fsencode(source))
+        #: (the lineage it was chosen for, the base, its columns), once loaded
+        self.loaded: tuple[object, StoredSendshot, View] | None = None
+        #: :func:`load_base`'s lines about the newer records it passed over
+        self.damaged: list[str] = []
+        #: the generation of the first record chosen, and the sweep since it
+        self.since: list[int] = []
+        self.swept: _Sweep | None = None
 
+    def load(self, lineage: object) -> None:
+        if lineage is None:
+            return  # (no snapshot is made: the send loads it, the sweep beside it)
+        try:
+            base, cols = load_base(self.store, self.ident, self.source, lineage,
+                                   damaged=self.damaged,
+                                   found=lambda rec: self.since.append(rec.head.generation))
+        except (BtrdeltaError, OSError):
+            return
+        self.loaded = (lineage, base, cols)
 
-def preload(store: SendshotStore, ident: str, source: str | bytes | os.PathLike[str],
-            lineage: object) -> Preloaded | None:
-    """:func:`load_base` of ``ident`` for ``source`` before its tree is frozen, for the
-    snapshot of lineage ``lineage`` being made (the kernel commits a transaction: 6-15 ms
-    that the CLI's thread otherwise waits for: :func:`~.live.frozen`'s ``meanwhile``).
-    :func:`send_with_sendshots` takes it where the frozen tree has that lineage; None
-    where no base is found or it cannot be read: the send looks again and says why."""
-    damaged: list[str] = []
-    try:
-        base, cols = load_base(store, ident, os.path.abspath(os.fsencode(source)), lineage,
-                               damaged=damaged)
-    except (BtrdeltaError, OSError):
-        return None
-    return Preloaded(lineage, base, cols, damaged)
+    def sweep(self, snapshot: bytes) -> None:
+        if self.since:  # (else the snapshot was made first: the send sweeps)
+            swept = _Sweep(self.since[0])
+            swept.run(snapshot)
+            self.swept = swept
 
 
 class _Sweep:
@@ -159,17 +171,23 @@ class _Sweep:
     :meth:`result` waits for it and raises what the sweep raised (``PermissionError``: not
     root)."""
 
-    def __init__(self, path: bytes, since: int) -> None:
-        import threading
-
+    def __init__(self, since: int) -> None:
         self.since = since
         self._got: dict[int, tuple[int, int]] | None = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(path,), name="btrdelta-sweep",
+        self._thread: Any = None
+
+    def start(self, path: bytes) -> _Sweep:
+        """:meth:`run` in a thread of its own."""
+        import threading
+
+        self._thread = threading.Thread(target=self.run, args=(path,), name="btrdelta-sweep",
                                         daemon=True)
         self._thread.start()
+        return self
 
-    def _run(self, path: bytes) -> None:
+    def run(self, path: bytes) -> None:
+        """Sweep the snapshot at ``path`` (what it raises is :meth:`result`'s)."""
         try:
             fd = os.open(path, _DIR)
             try:
@@ -180,10 +198,11 @@ class _Sweep:
             self._error = exc
 
     def join(self) -> None:
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
 
     def result(self) -> dict[int, tuple[int, int]]:
-        self._thread.join()
+        self.join()
         if self._error is not None:
             raise self._error
         assert self._got is not None
@@ -204,12 +223,18 @@ def _load_swept(store: SendshotStore, ident: str | None, src: bytes, fz: Frozen,
     def sweep(rec: StoredSendshot) -> None:
         if not sweeps and fz.info is not None and \
                 usable(rec.head, fz.lineage, fz.generation, fz.info.readonly):
-            sweeps.append(_Sweep(fz.path, rec.head.generation))
+            sweeps.append(_Sweep(rec.head.generation).start(fz.path))
 
-    if preloaded is not None and preloaded.lineage == fz.lineage:
-        sweep(preloaded.base)
+    if preloaded is not None and preloaded.loaded is not None and \
+            preloaded.loaded[0] == fz.lineage:
+        _lineage, base, cols = preloaded.loaded
+        swept = preloaded.swept
+        if swept is not None and fz.info is not None and \
+                usable(base.head, fz.lineage, fz.generation, fz.info.readonly):
+            sweeps.append(swept)  # (made in the snapshot's thread, of fz.path)
+        sweep(base)
         damaged += preloaded.damaged
-        return preloaded.base, preloaded.cols, sweeps[0] if sweeps else None
+        return base, cols, sweeps[0] if sweeps else None
     try:
         base, cols = load_base(store, ident, src, fz.lineage, candidates, damaged, sweep)
     except BaseException:
@@ -433,8 +458,9 @@ def send_with_sendshots(
         scanned: a walk of ``source`` started already (:class:`~.scan.ScanStream`).
         tree: ``source`` frozen already (:func:`~.live.frozen`, by a caller that imported
             the send's modules while its snapshot was made); ``snapshot`` is not used.
-        preloaded: the base, loaded meanwhile (:func:`preload`; with ``candidates`` None),
-            used where ``tree`` has its lineage.
+        preloaded: the base, and the sweep, made while ``tree``'s snapshot was made
+            (:class:`Preloaded`; with ``candidates`` None), used where ``tree`` has its
+            lineage.
 
     Raises:
         MissingBaseError: no such sendshot.
