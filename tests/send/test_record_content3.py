@@ -21,7 +21,7 @@ from btrdelta.cli import main
 from btrdelta.send.store import SendshotStore, StoredSendshot
 from btrdelta.stream import StreamReader
 from btrdelta.stream.records import Clone, Write
-from btrdelta.tree.sendshot import RecordInode, RecordReader
+from btrdelta.tree.sendshot import VERSION, RecordInode, RecordReader
 from btrdelta.tree.treesum import tree_sum
 from tests.conftest import HUGE_PIECES
 from tests.tree.test_content import _expect_huge, reference
@@ -112,7 +112,7 @@ def test_a_record_of_a_1tib_sparse_file_costs_its_data(btrfs_ws: Workspace,
                  "--name", "v1"]) == 0
     assert _cpu() - cpu < 60
     rec, inodes = _record(store)
-    assert rec.head.version == 4
+    assert rec.head.version == VERSION
     by_ino = _files(tree)
     regs = [n for n in inodes if stat.S_ISREG(n.mode)]
     assert len(regs) == len(by_ino) == 10
@@ -128,7 +128,7 @@ def test_a_record_of_a_1tib_sparse_file_costs_its_data(btrfs_ws: Workspace,
     assert main(["send", str(tree), "-o", str(inc), "--from-sendshot", "latest", "--record",
                  "--store", str(store), "-q", "--name", "v2"]) == 0
     assert _cpu() - cpu < 60
-    assert _record(store)[0].head.version == 4
+    assert _record(store)[0].head.version == VERSION
     assert ("Write", b"vm.img") in _ops(inc)
     _check_sent_changes(inc)
     dest = btrfs_ws.fresh("c3")
@@ -153,7 +153,8 @@ def test_a_version_3_record_is_a_base_and_its_lineage_stays_version_3(
     """A record of version 3 as the base: unchanged files found unchanged by its BLAKE3
     digests (a file rewritten with its own bytes: no WRITE; a copy of a recorded file: a
     CLONE), the kernel receives the incremental on top of the full stream; the new record
-    is of version 3 with BLAKE3 of the whole content; a full send starts version 4."""
+    is of version 3 with BLAKE3 of the whole content; a full send starts version 6 (4 until
+    session 27)."""
     tree, store = tmp_path / "tree", tmp_path / "store"
     _tree(tree)
     full, inc, again = tmp_path / "full", tmp_path / "inc", tmp_path / "again"
@@ -177,7 +178,7 @@ def test_a_version_3_record_is_a_base_and_its_lineage_stays_version_3(
     assert tree_sum(dest / "v2") == tree_sum(tree)
     assert main(["send", str(tree), "-o", str(again), "--record", "--store", str(store),
                  "-q", "--name", "v3"]) == 0
-    assert _record(store)[0].head.version == 4
+    assert _record(store)[0].head.version == VERSION
 
 
 def test_files_hashed_as_they_are_sent_get_tree_sum_3_digests(btrfs_ws: Workspace,
@@ -202,7 +203,7 @@ def test_files_hashed_as_they_are_sent_get_tree_sum_3_digests(btrfs_ws: Workspac
         out = bytearray()
         sent = send_with_sendshots(out.extend, base / "S", store=SendshotStore(tmp_path / "s"))
         assert sent.recorded is not None
-        assert sent.recorded.head.version == 4
+        assert sent.recorded.head.version == VERSION
         _rec, inodes = _record(tmp_path / "s", sent.recorded.digest)
         by_ino = _files(base / "S")
         regs = [n for n in inodes if stat.S_ISREG(n.mode)]

@@ -1,5 +1,6 @@
-"""Patch records (version 5, ``docs/formats/sendshot.md`` §2b) on a committed version 4
-record: a chain read back gives the rows that whole-record patching (``Columns.patched``, what
+"""Patch records (versions 5 and 7, ``docs/formats/sendshot.md`` §2b) on a committed
+version 4 record (a chain of both kinds of patches, compacted into a version 6 record): a
+chain read back gives the rows that whole-record patching (``Columns.patched``, what
 every earlier release wrote) gives for the same changes; the store keeps the bases of what
 it keeps, refuses to delete a base, and ``latest`` falls back past a broken chain; hostile
 patches are refused with the record and the offset named.
@@ -23,7 +24,7 @@ from btrdelta.send.sendshot import load_base
 from btrdelta.send.store import SendshotStore, StoredSendshot
 from btrdelta.tree.chain import MAX_DEPTH, View
 from btrdelta.tree.columns import Columns, encode_rows
-from btrdelta.tree.sendshot import PATCH, Patch, RecordInode
+from btrdelta.tree.sendshot import PATCH, PATCH_WRITTEN, VERSION, Patch, RecordInode
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "sendshot"
 V4 = "acce0a8bb4b7a7b3a63a7749ebb85c1c626604a3e30d49be9ab4e0914c7ee2af"
@@ -87,12 +88,15 @@ def _apply(cols: View | Columns, gone: set[int], added: list[RecordInode],
 
 
 def _save(store: SendshotStore, prev: StoredSendshot, got: object, k: int) -> StoredSendshot:
+    """A patch of version 5 (odd ``k``) or 7 (even: a mixed chain, as a lineage's that moves
+    to version 7), or a whole record of version 6."""
     h = prev.head
     if isinstance(got, Patch):
-        head = replace(h, version=PATCH, base=prev.digest, parent=prev.digest, kind="sent",
+        head = replace(h, version=PATCH if k % 2 else PATCH_WRITTEN, base=prev.digest,
+                       parent=prev.digest, kind="sent",
                        created_ns=h.created_ns + 1, tree_digest=b"", stream_ctransid=k)
     else:
-        head = replace(h, version=4, base=None, parent=prev.digest, kind="sent",
+        head = replace(h, version=VERSION, base=None, parent=prev.digest, kind="sent",
                        created_ns=h.created_ns + 1, tree_digest=b"", stream_ctransid=k)
     return store.save(head, got)  # type: ignore[arg-type]
 
@@ -152,7 +156,8 @@ def test_a_chain_is_compacted_when_its_rows_outweigh_the_tree(
 def test_a_chain_reads_back_what_whole_records_hold(tmp_path: Path) -> None:
     _s, records, _wants = _chain(tmp_path, MAX_DEPTH + 2)
     versions = [r.head.version for r in records]
-    assert versions == [4] + [5] * MAX_DEPTH + [4, 5]
+    # a mixed chain: patches of both versions on a version 4 base, compacted into version 6
+    assert versions == [4] + [5, 7] * (MAX_DEPTH // 2) + [6, 7]
     # a patch holds what changed: a small part of the whole record of the same tree
     assert max(r.size for r in records[1:9]) < records[9].size
     assert all(records[k].head.base == records[k - 1].digest for k in range(1, 9))
@@ -192,11 +197,12 @@ def test_latest_falls_back_past_a_broken_chain(tmp_path: Path) -> None:
         load_base(store, records[10].digest, b"", None)
 
 
-def _hostile(tmp_path: Path, make: object) -> tuple[SendshotStore, StoredSendshot]:
+def _hostile(tmp_path: Path, make: object, version: int
+             ) -> tuple[SendshotStore, StoredSendshot]:
     store, rec = _store(tmp_path)
     view = store.view(rec)
     patch = make(view)  # type: ignore[operator]
-    head = replace(rec.head, version=PATCH, base=rec.digest, parent=rec.digest,
+    head = replace(rec.head, version=version, base=rec.digest, parent=rec.digest,
                    created_ns=rec.head.created_ns + 1)
     return store, store.save(head, patch)
 
@@ -239,11 +245,12 @@ HOSTILE = {
 }
 
 
+@pytest.mark.parametrize("version", [PATCH, PATCH_WRITTEN])
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_a_hostile_patch_is_refused_naming_the_record(
-        tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, case: str, version: int, capsys: pytest.CaptureFixture[str]) -> None:
     make, says, located = HOSTILE[case]
-    store, rec = _hostile(tmp_path, make)
+    store, rec = _hostile(tmp_path, make, version)
     with pytest.raises(StreamFormatError, match=says) as got:
         store.view(rec)
     assert got.value.source == rec.path

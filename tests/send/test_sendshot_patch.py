@@ -24,7 +24,7 @@ from btrdelta.stream import StreamReader
 from btrdelta.stream.records import Clone
 from btrdelta.tree import tree_sum
 from btrdelta.tree.chain import MAX_DEPTH
-from btrdelta.tree.sendshot import PATCH, RecordInode
+from btrdelta.tree.sendshot import PATCH_WRITTEN, VERSION, RecordInode
 from tests.send.conftest import run
 from tests.send.test_rescan import _watched
 
@@ -122,8 +122,8 @@ def test_rounds_carry_unchanged_rows_over(two_fs: tuple[Path, Path], tmp_path: P
         assert res.reused >= 40, i  # patched, not scanned whole
         assert res.recorded is not None
         assert not res.recorded.head.tree_digest  # made by patching
-        # a patch record of its base (version 5), but the chain's ninth: a whole record
-        assert res.recorded.head.version == (4 if i == MAX_DEPTH + 1 else PATCH), i
+        # a patch record of its base (version 7), but the chain's ninth: a whole record
+        assert res.recorded.head.version == (VERSION if i == MAX_DEPTH + 1 else PATCH_WRITTEN), i
         assert (res.recorded.head.base is None) == (i == MAX_DEPTH + 1), i
         sizes.append(res.recorded.size)
         assert read <= touched, (i, read - touched)

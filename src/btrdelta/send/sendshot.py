@@ -29,7 +29,7 @@ from ..errors import BtrdeltaError, MissingBaseError, StreamFormatError
 from ..fs.btrfs import changed_inodes, largest_item
 from ..stream.records import Record
 from ..tree.chain import View
-from ..tree.sendshot import PATCH, Patch, SendshotHead
+from ..tree.sendshot import PATCH_WRITTEN, VERSION, Patch, SendshotHead
 from .emit import Sender
 from .extents import EXTENT_MIN, Planned, plan_changed
 from .hashing import direct_buffer
@@ -573,7 +573,7 @@ def _head(sender: Sender, fz: Frozen, base: StoredSendshot | None, src: bytes, n
         kind="sent", subvol_uuid=fz.lineage, parent=base.digest if base is not None else None,
         source=src, generation=fz.generation, seed=seed,
         tree_digest=b"" if changes is not None else sender.new.identity(),
-        version=PATCH if patch else 4 if base is None or base.head.content3 else 3,
+        version=PATCH_WRITTEN if patch else VERSION if base is None or base.head.content3 else 3,
         base=base.digest if patch and base is not None else None,
     )
 

@@ -81,6 +81,7 @@ __all__ = [
     "Sentinel",
     "encode_frame",
     "encode_frame_parts",
+    "frame_parts",
     "iter_tlvs",
     "legal",
     "max_command",
@@ -451,20 +452,24 @@ def encode_frame(cmd: int, attrs: Iterable[tuple[int, Any]]) -> bytes:
 def encode_frame_parts(cmd: int, attrs: Iterable[tuple[int, Any]]) -> list[Any]:
     """:func:`encode_frame` as its pieces, in order: the 10-byte header, then each TLV's
     header and value (the values themselves: a large frame is not copied to be joined)."""
-    parts: list[Any] = [b""]
-    length = 0
+    parts: list[Any] = []
     for typ, value in attrs:
         n = len(value)
         if n > 0xFFFF:
             raise ValueError(f"TLV {typ} of {n} bytes does not fit a u16 length")
         parts.append(_TLV.pack(typ, n))
         parts.append(value)
-        length += 4 + n
+    return frame_parts(cmd, parts)
+
+
+def frame_parts(cmd: int, payload: list[Any]) -> list[Any]:
+    """A frame of ``cmd`` whose payload is the pieces ``payload`` (any bytes, not TLVs), as
+    its pieces: the 10-byte header, then ``payload`` itself (not copied)."""
+    length = sum(map(len, payload))
     crc = _crc(_ZERO_CRC, _crc(_HDR6(length, cmd), 0xFFFFFFFF))
-    for piece in parts:
+    for piece in payload:
         crc = _crc(piece, crc)
-    parts[0] = _FRAME_HDR.pack(length, cmd, crc ^ 0xFFFFFFFF)
-    return parts
+    return [_FRAME_HDR.pack(length, cmd, crc ^ 0xFFFFFFFF), *payload]
 
 
 def iter_tlvs(mv: memoryview, start: int, end: int) -> Iterator[tuple[int, memoryview]]:

@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 
 from .. import TYPE_CHECKING
 from ..errors import StreamFormatError
-from .columns import Columns, Encoded, _Lookup, encode_rows, row_index
+from .columns import Columns, Encoded, _copy, _Lookup, encode_rows, raw, row_index
 from .sendshot import (
     _DROP,
     _END,
@@ -43,7 +43,7 @@ from .sendshot import (
 if TYPE_CHECKING:
     from typing import Final
 
-    from .columns import RowOf
+    from .columns import Ints, RowOf
 
 __all__ = ["BYTES_SLACK", "MAX_DEPTH", "SLACK", "SPREAD", "View"]
 
@@ -91,7 +91,7 @@ class View:
         self._children: dict[int, list[tuple[bytes, int]]] = {}
         self._ext_kids: dict[int, list[tuple[bytes, int]]] | None = None
         #: the columns a send reads whole (:meth:`_columns`), made again after a patch
-        self._cols: tuple[dict[int, array[int]], array[int], bytes] | None = None
+        self._cols: tuple[dict[int, Ints], Ints, bytes | memoryview] | None = None
 
     @property
     def live(self) -> int:
@@ -192,46 +192,46 @@ class View:
             if r < self.base.count else 0
 
     @property
-    def fixed(self) -> dict[int, array[int]]:
+    def fixed(self) -> dict[int, Ints]:
         """Columns INO, MODE, SIZE and GEN of the view (the others: :meth:`inode`)."""
         return self._columns()[0]
 
     @property
-    def inos(self) -> array[int]:
+    def inos(self) -> Ints:
         return self._columns()[0][C_INO]
 
     @property
-    def modes(self) -> array[int]:
+    def modes(self) -> Ints:
         return self._columns()[0][C_MODE]
 
     @property
-    def sizes(self) -> array[int]:
+    def sizes(self) -> Ints:
         return self._columns()[0][C_SIZE]
 
     @property
-    def file_rows(self) -> array[int]:
+    def file_rows(self) -> Ints:
         """The row of each regular file (in the order of :attr:`digests`)."""
         return self._columns()[1]
 
     @property
-    def digests(self) -> bytes:
+    def digests(self) -> bytes | memoryview:
         """DIGESTS of the files of :attr:`file_rows`."""
         return self._columns()[2]
 
-    def _columns(self) -> tuple[dict[int, array[int]], array[int], bytes]:
+    def _columns(self) -> tuple[dict[int, Ints], Ints, bytes | memoryview]:
         """The columns a send reads whole, of the view (copies of the base's, patched)."""
         if self._cols is None:
             self._cols = self._make_columns()
         return self._cols
 
-    def _make_columns(self) -> tuple[dict[int, array[int]], array[int], bytes]:
+    def _make_columns(self) -> tuple[dict[int, Ints], Ints, bytes | memoryview]:
         base, ext, dead = self.base, self.ext, self.dead
         if not ext and not dead:
             return base.fixed, base.file_rows, base.digests
         n, added = base.count, range(base.count, self.span)
-        cols = {}
+        cols: dict[int, Ints] = {}
         for c in (C_INO, C_MODE, C_SIZE, C_GEN):
-            col = array(base.fixed[c].typecode, base.fixed[c])
+            col = _copy(base.fixed[c])
             col.extend(ext[r][0].fixed[c][ext[r][1]] if r in ext else 0 for r in added)
             for r, (got, k) in ext.items():
                 if r < n:
@@ -243,7 +243,7 @@ class View:
         rows, digests = array("Q"), []
         start = 0
         for k in [*stale, len(base.file_rows)]:
-            rows += base.file_rows[start:k]
+            rows.frombytes(raw(base.file_rows[start:k]))
             digests.append(base.digests[48 * start:48 * k])
             start = k + 1
         for r in sorted(ext):

@@ -5,9 +5,13 @@ version 3 adds the file extent items of each file, a version 2 record has none).
 :class:`Columns` keeps them decoded (tuples of integers, byte strings) with the prefix sums
 that locate each row's names, target, xattrs, segments and block digests, so that:
 
-* the columns are kept as ``array.array`` (one C array per column: loading a record makes
-  no Python object per inode and value; the ~40 k integers of a 6,000-inode record as
-  tuples cost 2 ms and ~800 page faults);
+* the columns are kept as typed ``memoryview`` s of the record's inflated body (a version
+  6 or 7 record's columns lie 8-aligned there: no join, no copy; an older record's are
+  views of its TLVs joined), or ``array.array`` (a big-endian machine's swapped values):
+  loading a record makes no Python object per inode and value (the ~40 k integers of a
+  6,000-inode record as tuples cost 2 ms and ~800 page faults), and since session 27 no
+  copy of the record's ~10 MB of columns (the large tree of issue 15: copies and their
+  page faults were most of the ~11 ms its load took beside zstd and BLAKE3);
 * :meth:`Columns.inode` materialises one row (:class:`~.sendshot.RecordInode`) and
   :meth:`Columns.rows` all of them (a full load);
 * :meth:`Columns.patched` encodes the next record from this one: some rows dropped (inodes
@@ -68,7 +72,10 @@ from .sendshot import (
 )
 
 if TYPE_CHECKING:
-    from typing import Any, Final, Protocol
+    from typing import Any, Final, Protocol, TypeAlias
+
+    #: a column of integers: a typed view of a record's bytes, or an array
+    Ints: TypeAlias = array[int] | memoryview
 
     class RowOf(Protocol):
         """inode number -> row (:func:`row_index`): a dict, or the columns accelerator's
@@ -81,7 +88,7 @@ if TYPE_CHECKING:
         def __contains__(self, key: object, /) -> bool: ...
         def __len__(self) -> int: ...
 
-__all__ = ["Columns", "encode_rows", "row_index"]
+__all__ = ["Columns", "encode_rows", "raw", "row_index", "u32s"]
 
 _D = 16  # bytes per block digest
 #: bytes per extent item (``btrdelta.fs.btrfs.EXTENT``)
@@ -107,7 +114,7 @@ _FIELDS: Final = ((C_INO, "ino"), (C_GEN, "generation"), (C_TRANSID, "transid"),
 Encoded = tuple[list[tuple[int, bytes | memoryview]], tuple[int, int, int, int]]
 
 
-def _prefix(values: Iterable[int]) -> array[int]:
+def _prefix(values: Iterable[int]) -> Ints:
     """The running sums of ``values`` from 0: the reference of the ``columns``
     accelerator's ``prefix`` (``tree/_columns.c``)."""
     return array("Q", accumulate(values, initial=0))
@@ -118,11 +125,9 @@ def _prefix(values: Iterable[int]) -> array[int]:
 _I64 = 1 << 63
 
 
-def _q(raw: bytes) -> array[int]:
-    """An array of the native u64 values in ``raw`` (what ``_columns.c`` returns)."""
-    out = array("Q")
-    out.frombytes(raw)
-    return out
+def _q(raw: bytes) -> Ints:
+    """The native u64 values in ``raw`` (what ``_columns.c`` returns), in place."""
+    return memoryview(raw).cast("Q")
 
 
 def _new(code: str) -> array[int]:
@@ -130,23 +135,53 @@ def _new(code: str) -> array[int]:
     return array(code)
 
 
-def _unpack(data: memoryview | bytes, code: str, count: int, name: int) -> array[int]:
+def _unpack(data: memoryview | bytes, code: str, count: int, name: int) -> Ints:
     if len(data) != count * struct.calcsize("<" + code):
         raise StreamFormatError(f"column {COLUMNS[name]} holds {len(data)} bytes, not {count} "
                                 f"values")
+    return _cast(data, code)
+
+
+def _cast(data: memoryview | bytes, code: str) -> Ints:
+    """The little-endian values of ``data`` (a whole number of them): a view of it, not a
+    copy (a swapped copy on a big-endian machine)."""
+    if not _SWAP:
+        return memoryview(data).cast(code)  # type: ignore[call-overload,no-any-return]
     out = _new(code)
     out.frombytes(data)
-    if _SWAP:
-        out.byteswap()
+    out.byteswap()
     return out
 
 
-def _pack(values: array[int]) -> bytes | memoryview:
+def u32s(data: memoryview | bytes) -> Ints:
+    """The u32 values of ``data`` (a patch record's DROP or SLOTS), in place."""
+    return _cast(data, "I")
+
+
+def _kept(data: memoryview | bytes) -> bytes | memoryview:
+    """A column of bytes kept as it is (a view of the record), or copied if its buffer
+    could change (a frame assembled from pieces): its slices can then be dict keys."""
+    return data if isinstance(data, bytes) or data.readonly else bytes(data)
+
+
+def _copy(values: Ints) -> array[int]:
+    """An array holding ``values`` (copied whole: one ``memcpy``)."""
+    out = _new(values.typecode if isinstance(values, array) else values.format)
+    out.frombytes(raw(values))
+    return out
+
+
+def raw(values: Ints) -> memoryview:
+    """The bytes of ``values`` (a view: what ``array.frombytes`` takes)."""
+    return memoryview(values).cast("B")
+
+
+def _pack(values: Ints) -> bytes | memoryview:
     """The column's bytes: a view of ``values`` (not a copy, on a little-endian machine)."""
     if _SWAP:
-        values = array(values.typecode, values)
-        values.byteswap()
-        return values.tobytes()
+        swapped = _copy(values)
+        swapped.byteswap()
+        return swapped.tobytes()
     return memoryview(values).cast("B")
 
 
@@ -166,8 +201,9 @@ class _Out:
         self.nsegs, self.segs = _new("I"), _new("Q")
         self.nexts = _new("I")
         self.nbytes = 0
-        self.pieces: dict[int, list[bytes]] = {C_NAMES: [], C_TARGETS: [], C_XATTRS: [],
-                                               C_DIGESTS: [], C_BLOCKS: [], C_EXTENTS: []}
+        self.pieces: dict[int, list[bytes | memoryview]] = {
+            C_NAMES: [], C_TARGETS: [], C_XATTRS: [], C_DIGESTS: [], C_BLOCKS: [],
+            C_EXTENTS: []}
         self.count = 0
 
     def add(self, rows: Sequence[RecordInode], index: dict[int, int]) -> None:
@@ -247,7 +283,9 @@ def encode_rows(inodes: Iterable[RecordInode], index: dict[int, int] | None = No
 
 class Columns:
     """The decoded columns of a version 2 or 3 record (``count`` inodes, ``nblk`` block
-    digests; without columns NEXTENTS and EXTENTS, a version 2 record's: no extents).
+    digests; without columns NEXTENTS and EXTENTS, a version 2 record's: no extents), in
+    place (views of ``cols``: a row's digests, blocks and extents are copied out by
+    :meth:`inode`).
     ``span``: the rows of a patch record, whose PARENT values are rows of its result (of
     ``span`` rows; :mod:`.chain` checks the rest).
 
@@ -258,9 +296,8 @@ class Columns:
 
     def __init__(self, cols: dict[int, memoryview | bytes], count: int, nblk: int, *,
                  span: int | None = None) -> None:
-        f = {c: _unpack(cols[c], code, count, c) for c, code in PER_INODE}
-        self.count = count
-        self.fixed = f
+        self.count, self.fixed = count, (f := {c: _unpack(cols[c], code, count, c)
+                                              for c, code in PER_INODE})
         self.inos, self.modes, self.sizes = f[C_INO], f[C_MODE], f[C_SIZE]
         # (C-level loops over the columns: no Python code per row; with the columns
         # accelerator no Python object per value either)
@@ -271,8 +308,8 @@ class Columns:
         nd = self.doff[-1]
         self.parents = _unpack(cols[C_PARENT], "I", nd, C_PARENT)
         #: the PARENT column as stored (u32 little-endian), searched by children() without
-        #: the accelerator, and the accelerator's search of the column
-        self._parent_bytes = bytes(cols[C_PARENT])
+        #: the accelerator (copied to bytes then), and the accelerator's search of the column
+        self._parent_bytes: bytes | memoryview = cols[C_PARENT]
         self._members = None if native is None else native.members
         self._children: dict[int, list[tuple[bytes, int]]] = {}
         self.namelens = _unpack(cols[C_NAMELEN], "H", nd, C_NAMELEN)
@@ -305,13 +342,14 @@ class Columns:
                 segs2[k] = 2 * self.nsegs[k]
             self.soff = _prefix(segs2)
         self.segs = _unpack(cols[C_SEGMENTS], "Q", self.soff[-1], C_SEGMENTS)
-        self.digests, self.blocks = bytes(cols[C_DIGESTS]), bytes(cols[C_BLOCKS])
+        self.digests, self.blocks = _kept(cols[C_DIGESTS]), _kept(cols[C_BLOCKS])
         if len(self.digests) != 48 * files or len(self.blocks) != _D * nblk:
             raise StreamFormatError("columns DIGESTS or BLOCKS do not match the files")
         # where each file's segments and block digests start
-        counts: list[int] | array[int]
+        counts: list[int] | Ints
         if native is not None:
             counts = _q(native.blocks(self.sizes, self.file_rows, BLOCK))
+            counts = _copy(counts) if holed else counts  # (changed below)
         else:
             sizes = list(map(self.sizes.__getitem__, self.file_rows))
             counts = [(s + BLOCK - 1) // BLOCK if s >= BLOCK else 0 for s in sizes]
@@ -324,7 +362,7 @@ class Columns:
         self.xoff = self._xattr_offsets(prefix)
         if C_NEXTENTS in cols:
             self.nexts = _unpack(cols[C_NEXTENTS], "I", files, C_NEXTENTS)
-            self.exts = bytes(cols[C_EXTENTS])
+            self.exts = _kept(cols[C_EXTENTS])
         else:
             self.nexts, self.exts = array("I", [NO_EXTENTS]) * files, b""
         #: where each file's extent items start (bytes)
@@ -337,7 +375,7 @@ class Columns:
             raise StreamFormatError("column EXTENTS does not match NEXTENTS")
         self._row_of: RowOf | None = None
 
-    def _xattr_offsets(self, prefix: Callable[[array[int]], array[int]]) -> array[int]:
+    def _xattr_offsets(self, prefix: Callable[[Ints], Ints]) -> Ints:
         lengths = array("Q", bytes(8 * self.count))
         v, pos = self.xattrs, 0
         nxattrs = self.fixed[C_NXATTRS]
@@ -390,6 +428,8 @@ class Columns:
                     for d, row in zip(pairs[::2], pairs[1::2], strict=True)]
         out: list[tuple[bytes, int]] = []
         raw = self._parent_bytes
+        if not isinstance(raw, bytes):
+            raw = self._parent_bytes = bytes(raw)
         want = _U32.pack(r)
         pos = raw.find(want)
         while pos >= 0:
@@ -421,11 +461,11 @@ class Columns:
             else:
                 s = self.segs
                 node.segments = [(s[j], s[j + 1]) for j in range(self.soff[k], self.soff[k + 1], 2)]
-            node.digest = self.digests[48 * k:48 * k + 16]
-            node.bdigest = self.digests[48 * k + 16:48 * k + 48]
-            node.blocks = self.blocks[_D * self.boff[k]:_D * self.boff[k + 1]]
+            node.digest = bytes(self.digests[48 * k:48 * k + 16])
+            node.bdigest = bytes(self.digests[48 * k + 16:48 * k + 48])
+            node.blocks = bytes(self.blocks[_D * self.boff[k]:_D * self.boff[k + 1]])
             if self.nexts[k] != NO_EXTENTS:
-                node.extents = self.exts[self.eoff[k]:self.eoff[k + 1]]
+                node.extents = bytes(self.exts[self.eoff[k]:self.eoff[k + 1]])
         return node
 
     def rows(self) -> Iterator[RecordInode]:
@@ -484,7 +524,7 @@ class Columns:
         f, doff, noff, foff = self.fixed, self.doff, self.noff, self.foff
         for a, b in runs:
             for c, _code in PER_INODE:
-                out.fixed[c] += f[c][a:b]
+                out.fixed[c].frombytes(raw(f[c][a:b]))
             out.nbytes += sum(self.sizes[a:b])
             da, db = doff[a], doff[b]
             parents = list(map(new_row.__getitem__, self.parents[da:db]))
@@ -492,16 +532,16 @@ class Columns:
                 bad = self.inos[self.parents[da + parents.index(min(parents))]]
                 raise ValueError(f"a kept inode is named in directory {bad}, which is not")
             out.parents.extend(parents)
-            out.namelens += self.namelens[da:db]
+            out.namelens.frombytes(raw(self.namelens[da:db]))
             out.pieces[C_NAMES].append(self.names[noff[da]:noff[db]])
             out.pieces[C_TARGETS].append(self.targets[self.toff[a]:self.toff[b]])
             out.pieces[C_XATTRS].append(self.xattrs[self.xoff[a]:self.xoff[b]])
             fa, fb = foff[a], foff[b]
-            out.nsegs += self.nsegs[fa:fb]
-            out.segs += self.segs[self.soff[fa]:self.soff[fb]]
+            out.nsegs.frombytes(raw(self.nsegs[fa:fb]))
+            out.segs.frombytes(raw(self.segs[self.soff[fa]:self.soff[fb]]))
             out.pieces[C_DIGESTS].append(self.digests[48 * fa:48 * fb])
             out.pieces[C_BLOCKS].append(self.blocks[_D * self.boff[fa]:_D * self.boff[fb]])
-            out.nexts += self.nexts[fa:fb]
+            out.nexts.frombytes(raw(self.nexts[fa:fb]))
             out.pieces[C_EXTENTS].append(self.exts[self.eoff[fa]:self.eoff[fb]])
             out.count += b - a
 
@@ -511,7 +551,7 @@ class Columns:
         the names' directories renumbered in one C call (not ~12 slices a run)."""
         rows = array("Q", [x for run in runs for x in run])
 
-        def via(offsets: array[int], spans: array[int]) -> array[int]:
+        def via(offsets: Ints, spans: Ints) -> array[int]:
             return array("Q", map(offsets.__getitem__, spans))
 
         for c, _code in PER_INODE:
@@ -538,7 +578,7 @@ class Columns:
         out.count += sum(b - a for a, b in runs)
 
 
-def row_index(inos: array[int]) -> RowOf:
+def row_index(inos: Ints) -> RowOf:
     """Each inode number of ``inos`` -> its row (the last one, should one repeat): the
     columns accelerator's ``index`` (a table of u64 keys: no Python int per row, ~0.5 ms
     for the 42,000 inodes of issue 15's large tree), else a dict (~2.8 ms)."""

@@ -43,14 +43,20 @@ from .. import TYPE_CHECKING
 if TYPE_CHECKING:
     from typing import Any, BinaryIO, Final
 
-__all__ = ["LEAST", "MAGIC", "MAX_RATIO", "PATCH", "RECORDS", "SUFFIX", "inflate", "start",
-           "take"]
+__all__ = ["ALIGNED", "LEAST", "MAGIC", "MAX_RATIO", "PATCH", "PATCHES", "RECORDS", "SUFFIX",
+           "inflate", "start", "take"]
 
 MAGIC: Final = b"btrdelta-sendshot\0"
 #: the version of a *patch record*: a record that names its base record (HEAD's BASE)
 #: and holds only the rows dropped from it and the rows replaced or added (its digests are
 #: version 4's kind); :mod:`.chain` reads a base with its patches
 PATCH: Final = 5
+#: the versions whose columns (and a patch's DROP and SLOTS) are each one record of the
+#: column's bytes, 8-aligned in the body: read where they lie (version 6: a whole record,
+#: version 4's kind; 7: a patch record, version 5's)
+ALIGNED: Final = (6, 7)
+#: the versions of patch records
+PATCHES: Final = (PATCH, 7)
 #: a record whose zstd frame declares more than this many times its compressed size is
 #: decoded as a stream (a size that cannot be true is not allocated up front)
 MAX_RATIO: Final = 1024
@@ -106,7 +112,7 @@ def _run(records: str, busy: Any, zstd: Any, blake3: Any) -> None:
             with open(path, "rb", buffering=0) as f:
                 header = f.read(len(MAGIC) + 4)
                 if not header.startswith(MAGIC) or \
-                        int.from_bytes(header[len(MAGIC):], "little") == PATCH:
+                        int.from_bytes(header[len(MAGIC):], "little") in PATCHES:
                     continue
                 st = os.fstat(f.fileno())
                 if st.st_size < LEAST:

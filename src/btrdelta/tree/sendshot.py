@@ -14,12 +14,12 @@ Encoding (``docs/formats/sendshot.md``): a 22-byte header (``btrdelta-sendshot\\
 u32 version), then zstd frames holding frames of TLVs on the send stream's framing
 (:mod:`btrdelta.stream.framing`: u32 length, u16 record, u32 CRC32C, TLVs): ``HEAD``, the
 inodes in scan order (root first, then depth first by sorted names) and ``END`` with the
-counts. Versions 2 to 4 (3 adds each file's extent items, 4 the tree-sum-3 content
-digests; 4 is written, and 3 for a record sent against a version 3 one) store the inodes as
-*columns*, one record per field of every inode (compact, decoded with one ``struct`` call
-per column); version 1 (still read) as one ``INODE`` record per inode, each regular
-file's ``BLOCKS`` right after it. The record's *digest* (its name in a store) is the
-BLAKE3-256 of the uncompressed bytes (header included).
+counts. Versions 2 to 7 (3 adds each file's extent items, 4 the tree-sum-3 content
+digests, 6 puts each column's bytes 8-aligned in its record, read in place; 6 is written,
+and 3 for a record sent against a version 3 one; 5 and 7: patch records) store the inodes
+as *columns*, one record per field of every inode; version 1 (still read) as one ``INODE``
+record per inode, each regular file's ``BLOCKS`` right after it. The record's *digest* (its
+name in a store) is the BLAKE3-256 of the uncompressed bytes (header included).
 
 Owns: the model (:class:`SendshotHead`, :class:`RecordInode`), :func:`write_record` (a
 streaming encoder onto any ``write``) and :class:`RecordReader` (a streaming decoder of a
@@ -30,7 +30,6 @@ binary file: the head alone, or every inode). Knows nothing of where records are
 from __future__ import annotations
 
 import struct
-import sys
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -41,8 +40,8 @@ from .._value import Value
 from .._zstd import zstd
 from ..errors import StreamFormatError, UnsupportedVersionError
 from ..stream.constants import CMD_HEADER_SIZE
-from ..stream.framing import NEED_DATA, Framer, Framing, encode_frame_parts, iter_tlvs
-from .early import MAGIC, PATCH, inflate, take
+from ..stream.framing import NEED_DATA, Framer, Framing, encode_frame_parts, frame_parts, iter_tlvs
+from .early import ALIGNED, MAGIC, PATCH, PATCHES, inflate, take
 
 if TYPE_CHECKING:
     from typing import Any, BinaryIO, Final
@@ -50,9 +49,11 @@ if TYPE_CHECKING:
     from .columns import Columns, Encoded
 
 __all__ = [
+    "ALIGNED",
     "BLOCK",
     "MAGIC",
     "PATCH",
+    "PATCHES",
     "READS",
     "VERSION",
     "Patch",
@@ -65,13 +66,16 @@ __all__ = [
     "write_record",
 ]
 
-VERSION: Final = 4
+VERSION: Final = 6
+#: the version of a patch record written (version 5's, its columns as version 6's)
+PATCH_WRITTEN: Final = 7
 #: the versions :class:`RecordInode` reads
-READS: Final = (1, 2, 3, 4, 5)
-#: the versions written: 4, whose DIGESTS hold tree-sum-3 content digests
-#: (:mod:`.content`); 3, whose DIGESTS hold BLAKE3 of the whole content (a record
-#: sent against a version 3 base keeps its kind of digests: they are compared); 5, a patch
-WRITES: Final = (3, 4, 5)
+READS: Final = (1, 2, 3, 4, 5, 6, 7)
+#: the versions written: 6 (4 until session 27: the same but for the layout of its
+#: columns), whose DIGESTS hold tree-sum-3 content digests (:mod:`.content`); 3, whose
+#: DIGESTS hold BLAKE3 of the whole content (a record sent against a version 3 base keeps
+#: its kind of digests: they are compared); 7 (5 until session 27), a patch
+WRITES: Final = (3, 4, 5, 6, 7)
 _HEADER = struct.Struct("<18sI")
 #: bytes per block digest
 BLOCK: Final = 4096
@@ -147,19 +151,24 @@ class Patch:
     PARENT values are rows of the result) and the result's number of rows (``span``,
     dropped ones included) and of inodes (``live``)."""
 
-    __slots__ = ("drop", "live", "rows", "slots", "span", "where")
+    __slots__ = ("aligned", "drop", "live", "rows", "slots", "span", "where")
 
     def __init__(self, drop: Sequence[int], slots: Sequence[int], rows: Any, span: int,
-                 live: int, where: dict[int, int] | None = None) -> None:
+                 live: int, where: dict[int, int] | None = None, aligned: bool = False) -> None:
         self.drop, self.slots, self.rows, self.span, self.live = drop, slots, rows, span, live
         #: read from a record: the offset of each record (DROP, SLOTS, a column) in it
         self.where = where or {}
+        #: read from a record of version 7 (columns in place, not cut into TLVs)
+        self.aligned = aligned
 
     def at(self, record: int, index: int, size: int) -> int:
         """The offset in the record of value ``index`` (of ``size`` bytes) of ``record``
-        (its values are cut into TLVs of 65535 bytes)."""
+        (its values cut into TLVs of 65535 bytes; version 7: after the payload's padding)."""
         pos = index * size
-        return self.where.get(record, 0) + CMD_HEADER_SIZE + 4 * (pos // 0xFFFF + 1) + pos
+        start = self.where.get(record, 0) + CMD_HEADER_SIZE
+        if self.aligned:
+            return start + -start % 8 + pos
+        return start + 4 * (pos // 0xFFFF + 1) + pos
 
 
 class RecordInode(Value):
@@ -230,7 +239,7 @@ def write_record(
         head: the record's head.
         inodes: every inode, the root first; or the record's columns already encoded
             (:meth:`~.columns.Columns.patched`); or, for a patch record (``head.base``
-            set, version 5), the :class:`Patch`.
+            set, version 5 or 7), the :class:`Patch`.
         level: zstd level. 1: most of a record is digests, which do not compress; level 3
             made records 1% smaller (names, metadata) for 50% more time, and its larger
             window and tables cost ~1,000 more page faults to write and read a record of
@@ -239,9 +248,9 @@ def write_record(
     from .columns import encode_rows
 
     patch = inodes if isinstance(inodes, Patch) else None
-    if (patch is not None) != (head.version == PATCH) or \
+    if (patch is not None) != (head.version in PATCHES) or \
             (patch is not None) != (head.base is not None):
-        raise ValueError("a patch record is version 5 and names its base; others are not")
+        raise ValueError("a patch record is version 5 or 7 and names its base; others are not")
     encoded = patch.rows if patch is not None else inodes if isinstance(inodes, tuple) \
         else encode_rows(inodes)  # type: ignore[arg-type]
     cols, (count, files, nbytes, nblocks) = encoded
@@ -253,10 +262,7 @@ def write_record(
     if patch is not None:
         cols = [(_DROP, _packed(patch.drop)), (_SLOTS, _packed(patch.slots)), *cols]
         ends += [(E_SPAN, _u64(patch.span)), (E_LIVE, _u64(patch.live))]
-    for c, data in cols:
-        view = memoryview(data)
-        pieces += encode_frame_parts(c, [(1, view[i:i + 0xFFFF])
-                                         for i in range(0, len(view), 0xFFFF)])
+    pieces += _column_frames(cols, sum(map(len, pieces)), head.version in ALIGNED)
     pieces += encode_frame_parts(_END, ends)
     if head.version not in WRITES:
         raise ValueError(f"sendshot records of version {head.version} are not written")
@@ -295,6 +301,23 @@ def write_record(
     return digest.hexdigest(), count
 
 
+def _column_frames(cols: Iterable[tuple[int, Any]], at: int, aligned: bool) -> list[Any]:
+    """The frames of the columns ``cols`` (record number, bytes), the first at offset ``at``
+    of the body, as pieces: each column's bytes cut into TLVs of 65535 bytes, or
+    (``aligned``: versions 6 and 7) at the payload's first 8-aligned offset of the body."""
+    pieces: list[Any] = []
+    for c, data in cols:
+        view = memoryview(data).cast("B")
+        if aligned:
+            frame = frame_parts(c, [bytes(-(at + CMD_HEADER_SIZE) % 8), view])
+        else:
+            frame = encode_frame_parts(c, [(1, view[i:i + 0xFFFF])
+                                           for i in range(0, len(view), 0xFFFF)])
+        at += sum(map(len, frame))
+        pieces += frame
+    return pieces
+
+
 def _packed(values: Sequence[int]) -> bytes:
     """``values`` as u32 little-endian."""
     return struct.pack(f"<{len(values)}I", *values)
@@ -320,7 +343,8 @@ COLUMNS: Final = {
 }
 #: the columns of each version that has columns (version 3 added the extents)
 VERSION_COLUMNS: Final = {2: tuple(range(C_INO, C_NEXTENTS)), 3: tuple(COLUMNS),
-                          4: tuple(COLUMNS), 5: tuple(COLUMNS)}
+                          4: tuple(COLUMNS), 5: tuple(COLUMNS), 6: tuple(COLUMNS),
+                          7: tuple(COLUMNS)}
 #: struct code of the fixed-width per-inode columns
 PER_INODE = ((C_INO, "Q"), (C_GEN, "Q"), (C_TRANSID, "Q"), (C_MODE, "I"), (C_UID, "I"),
              (C_GID, "I"), (C_RDEV, "Q"), (C_SIZE, "Q"), (C_ATIME, "q"), (C_MTIME, "q"),
@@ -344,7 +368,7 @@ _FRAMING = Framing(
     short_header="truncated sendshot record (no END record)",
     too_long="record length {length} exceeds {limit}",
     truncated="truncated record: {total} bytes announced",
-    names=_NAMES,
+    names={**_NAMES, **COLUMNS},
     max_payload=lambda cmd, version: _MAX_PAYLOAD if cmd < _DROP else 0xFFFFFFFF,
     unknown_by_number=True,
 )
@@ -377,8 +401,9 @@ def _decode_head(mv: memoryview, start: int, end: int, version: int | None) -> S
         if need not in f:
             raise StreamFormatError(f"HEAD lacks attribute {need}")
     parent, base = f.get(H_PARENT), f.get(H_BASE)
-    if (version == PATCH) != (base is not None) or (base is not None and len(base) != 32):
-        raise StreamFormatError("a version 5 record names its base (32 bytes), no other does")
+    if (version in PATCHES) != (base is not None) or (base is not None and len(base) != 32):
+        raise StreamFormatError("a patch record (version 5 or 7) names its base (32 bytes), "
+                                "no other does")
     return SendshotHead(
         stream_uuid=_uuid(f[H_STREAM_UUID]), stream_ctransid=_int(f[H_CTRANSID]),
         name=bytes(f[H_NAME]), created_ns=_int(f[H_CREATED]),
@@ -444,6 +469,17 @@ def _decode_inode(mv: memoryview, start: int, end: int) -> RecordInode:
     if node is None:
         raise StreamFormatError("INODE lacks its fixed fields")
     return node
+
+
+def _in_place(mv: memoryview, start: int, end: int, at: int, whole: bool) -> memoryview:
+    """A column's bytes in a record of version 6 or 7: the payload ``mv[start:end]`` (at
+    offset ``at`` of the body) after its padding (zeros to the first 8-aligned offset). A
+    view of the body when the body is ``mv`` whole (``whole``: then aligned in memory as in
+    the body), else a copy (a frame assembled from pieces of a stream)."""
+    first = start + -at % 8
+    if first > end or any(mv[start:first]):
+        raise StreamFormatError(f"the column's padding is not {-at % 8} zero bytes")
+    return mv[first:end] if whole else memoryview(bytes(mv[first:end]))
 
 
 def _column(mv: memoryview, start: int, end: int) -> bytes | memoryview:
@@ -528,6 +564,8 @@ class RecordReader:
         self._digest: Any = blake3.blake3(self._header) if self._known is None else \
             _Known(self._known)
         self._reader = reader
+        #: the body was fed whole: a frame's payload is a view of it at its body offset
+        self._whole = whole is not None
         self._framer = Framer(_FRAMING, source=self.source)
         self._framer.version = self.version
         if whole is not None:
@@ -628,9 +666,9 @@ class RecordReader:
         if self.version == 1:
             cols, (count, _f, _b, nblk) = encode_rows(self._inodes_v1())
             return Columns(dict(cols), count, nblk)
-        if self.version == PATCH:
-            self._framer.fail(StreamFormatError("a patch record (version 5) is read with its "
-                                                "base"), indexed=False)
+        if self.version in PATCHES:
+            self._framer.fail(StreamFormatError(f"a patch record (version {self.version}) is "
+                                                "read with its base"), indexed=False)
         cols_in, ends, _where = self._records(VERSION_COLUMNS[self.version])
         try:
             got = Columns(cols_in, ends.get(E_INODES, 0), ends.get(E_BLOCKS, 0))
@@ -647,22 +685,14 @@ class RecordReader:
         Raises:
             StreamFormatError: bad bytes, not a patch record, counts that do not add up.
         """
-        from array import array
+        from .columns import Columns, u32s
 
-        from .columns import Columns
-
-        if self.version != PATCH:
+        if self.version not in PATCHES:
             raise StreamFormatError(f"a version {self.version} record is not a patch",
                                     source=self.source)
         cols_in, ends, where = self._records((_DROP, _SLOTS, *VERSION_COLUMNS[PATCH]))
         count, span = ends.get(E_INODES, 0), ends.get(E_SPAN, 0)
-        lists = []
-        for c in (_DROP, _SLOTS):
-            got = array("I")
-            got.frombytes(cols_in.pop(c))
-            if sys.byteorder == "big":
-                got.byteswap()
-            lists.append(got)
+        lists = [u32s(cols_in.pop(c)) for c in (_DROP, _SLOTS)]
         try:
             if len(lists[1]) != count:
                 raise StreamFormatError(f"SLOTS holds {len(lists[1])} rows, END {count}")
@@ -671,7 +701,8 @@ class RecordReader:
             self._framer.fail(exc if isinstance(exc, StreamFormatError)
                               else StreamFormatError(str(exc)), indexed=False)
         self.digest = self._digest.hexdigest()
-        return Patch(lists[0], lists[1], rows, span, ends.get(E_LIVE, 0), where)
+        return Patch(lists[0], lists[1], rows, span, ends.get(E_LIVE, 0), where,
+                     self.version in ALIGNED)
 
     def _records(self, numbers: Iterable[int]
                  ) -> tuple[dict[int, memoryview | bytes], dict[int, int], dict[int, int]]:
@@ -681,12 +712,14 @@ class RecordReader:
         fr = self._framer
         cols_in: dict[int, memoryview | bytes] = {}
         where: dict[int, int] = {}
+        column = _column if self.version not in ALIGNED else \
+            lambda mv, a, b: _in_place(mv, a, b, fr.offset + CMD_HEADER_SIZE, self._whole)
         for c in numbers:
             where[c] = fr.offset
             cmd, mv, start, end = self._next()
             if cmd != c:
                 fr.fail(StreamFormatError(f"expected {_NAMES.get(c) or COLUMNS[c]}"), cmd=cmd)
-            cols_in[c] = self._decode(_column, mv, start, end, cmd)
+            cols_in[c] = self._decode(column, mv, start, end, cmd)
             if len(cols_in[c]) % 4 and c in (_DROP, _SLOTS):
                 fr.fail(StreamFormatError("not a whole number of u32"), cmd=cmd)
             self._done()
