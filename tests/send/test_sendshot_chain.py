@@ -288,3 +288,20 @@ def test_a_base_that_is_not_the_one_named_or_a_cycle_is_refused(tmp_path: Path) 
     other = store.save(head, Patch([], [], encode_rows([], {}), view.span, view.live))
     with pytest.raises(StreamFormatError, match="another subvolume, seed"):
         store.view(other)
+
+
+@pytest.mark.parametrize("version", [PATCH, PATCH_WRITTEN])
+def test_a_hostile_patch_names_the_offset_of_its_value(tmp_path: Path, version: int) -> None:
+    """The offset an error of a patch names is the one of the value it names, in BODY (in
+    version 7 after the column's padding): the u32 there is that row."""
+    import zstandard
+
+    for case, row in (("drops out of order", 2), ("a row that is not its inode", 2)):
+        store, rec = _hostile(tmp_path / case.replace(" ", "-"), HOSTILE[case][0], version)
+        with pytest.raises(StreamFormatError, match=f"row {row} ") as got:
+            store.view(rec)
+        data = Path(rec.path).read_bytes()
+        body = zstandard.ZstdDecompressor().decompressobj().decompress(data[22:])
+        at = got.value.offset
+        assert at is not None
+        assert int.from_bytes(body[at:at + 4], "little") == row, case
