@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from time import time_ns
 
 import pytest
 
@@ -160,3 +161,29 @@ def test_a_record_dated_past_2262_is_listed_its_head_read_each_time(
     assert main(["send", str(tmp_path / "src"), "-o", str(tmp_path / "s9"), "--record",
                  "--store", str(store), "-q", "--from-sendshot", "latest"]) == 0
     assert _listed(store, monkeypatch)[1] == 1
+
+
+def test_a_fifo_among_the_records_is_unreadable_not_waited_for(tmp_path: Path) -> None:
+    """A FIFO named as the newest record made ``sendshot list`` and ``send --from-sendshot
+    latest`` (the listing, and the read-ahead of ``python -m btrdelta``) wait forever in its
+    open: it is listed as one that cannot be read, and the send takes the newest record."""
+    import subprocess
+    import sys
+
+    store = _store(tmp_path, rounds=2)
+    fifo = store / "records" / ("f" * 64 + ".sendshot")
+    os.mkfifo(fifo)
+    later = time_ns() + 3600 * 10**9
+    os.utime(fifo, ns=(later, later))
+    cli = [sys.executable, "-m", "btrdelta"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
+    got = subprocess.run([*cli, "sendshot", "list", "--store", str(store)], env=env,
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert got.returncode == 0, got.stderr
+    assert f"{'f' * 16}  cannot be read (not a regular file)" in got.stdout, got.stdout
+    out = tmp_path / "s.stream"
+    got = subprocess.run([*cli, "send", str(tmp_path / "src"), "-o", str(out), "--store",
+                          str(store), "--from-sendshot", "latest", "-q"], env=env,
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert got.returncode == 0, got.stderr
+    assert out.stat().st_size > 0

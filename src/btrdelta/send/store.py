@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -239,6 +240,8 @@ class SendshotStore:
             try:
                 st = os.stat(p)
                 mtime = st.st_mtime_ns
+                if not stat.S_ISREG(st.st_mode):  # (a FIFO: its open waited forever)
+                    raise OSError("not a regular file")
                 entry = cached.get(digest)
                 if entry is not None and entry[:3] == (st.st_size, st.st_mtime_ns, st.st_ino):
                     head = decode_head(entry[3])
@@ -416,6 +419,8 @@ class SendshotStore:
         """The record ``digest`` (named by the record ``named_by`` as its base)."""
         p = self._file(digest)
         try:
+            if not stat.S_ISREG(os.stat(p).st_mode):
+                raise OSError("not a regular file")
             with open(p, "rb") as f:
                 head = read_head(f, source=p)
             size = os.stat(p).st_size

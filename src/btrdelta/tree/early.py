@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import _thread
 import os
+from stat import S_ISREG
 
 from .. import TYPE_CHECKING
 
@@ -106,8 +107,10 @@ def _run(records: str, busy: Any, zstd: Any, blake3: Any) -> None:
         names = [n for n in os.listdir(records) if n.endswith(SUFFIX)]
         if len(names) > _MANY:
             return
-        newest = sorted(((os.stat(p := os.path.join(records, n)).st_mtime_ns, p)
-                         for n in names), reverse=True)
+        # (regular files only: a FIFO's open would wait forever)
+        newest = sorted(((st.st_mtime_ns, p) for n in names
+                         if S_ISREG((st := os.stat(p := os.path.join(records, n))).st_mode)),
+                        reverse=True)
         for _mtime, path in newest[:_LOOK]:
             with open(path, "rb", buffering=0) as f:
                 header = f.read(len(MAGIC) + 4)
