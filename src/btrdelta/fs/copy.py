@@ -115,10 +115,11 @@ def copy_tree(src: Path, dst: Path) -> None:
                 remove_tree(pfd, dst.name)
             finally:
                 os.close(pfd)
-        raise ApplyError(
-            f"copying parent {src} failed: {proc.stderr.decode(errors='replace').strip()}",
-            op="snapshot",
-        )
+        # one line: cp says it once a file (a full disk: hundreds of lines)
+        said = proc.stderr.decode(errors="replace").strip().splitlines() or [
+            f"cp exited {proc.returncode}"]
+        more = f" (and {len(said) - 1} more errors)" if len(said) > 1 else ""
+        raise ApplyError(f"copying parent {src} failed: {said[0]}{more}", op="snapshot")
     with contextlib.suppress(OSError):  # the layout only: the content is copied already
         _keep_holes(os.fsencode(src), os.fsencode(dst))
 

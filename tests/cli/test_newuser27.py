@@ -1,0 +1,43 @@
+"""What session 27's judge's rehearsal found, each through the CLI: one line naming what and
+where, the documented exit code, nothing left behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from btrdelta.cli import main
+from btrdelta.testing.loopfs import loop_fs
+from tests.cli.test_newuser24_mistakes import _err, _listing
+
+
+def test_incremental_receive_into_a_full_directory_is_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The directory backend copies the parent with ``cp -a`` first. On a full disk cp
+    says "No space left on device" once a file: the error was all of them, one line
+    each (a real root into an 8 GiB ext4: hundreds of lines)."""
+    from tests.conftest import require_btrfs
+
+    require_btrfs()  # loop devices
+    v1, v2 = tmp_path / "v1", tmp_path / "v2"
+    for tree in (v1, v2):
+        for i in range(60):
+            (tree / f"d{i}").mkdir(parents=True)
+            for j in range(20):
+                (tree / f"d{i}" / f"f{j}").write_bytes(bytes([i, j]) * 4096)
+    (v2 / "d0" / "f0").write_bytes(b"changed")
+    assert main(["send", "-q", str(v1), "-o", str(tmp_path / "v1.stream")]) == 0
+    assert main(["send", "-q", "-p", str(v1), str(v2), "-o", str(tmp_path / "v2.stream")]) == 0
+    with loop_fs("ext4", size="16M") as mnt:
+        dest = mnt / "dest"
+        dest.mkdir()
+        assert main(["receive", "-q", "-f", str(tmp_path / "v1.stream"), str(dest)]) == 0
+        capsys.readouterr()
+        before = _listing(dest)
+        assert main(["receive", "-f", str(tmp_path / "v2.stream"), str(dest)]) == 8
+        err = _err(capsys)
+        assert err.startswith(f"btrdelta receive: error: record 0 (snapshot), path 'v2': "
+                              f"copying parent {dest / 'v1'} failed: cp: "), err
+        assert "No space left on device (and " in err, err
+        assert _listing(dest) == before
