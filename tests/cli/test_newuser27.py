@@ -3,6 +3,10 @@ where, the documented exit code, nothing left behind."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -41,3 +45,28 @@ def test_incremental_receive_into_a_full_directory_is_one_line(
                               f"copying parent {dest / 'v1'} failed: cp: "), err
         assert "No space left on device (and " in err, err
         assert _listing(dest) == before
+
+
+def test_fileattr_a_filesystem_refuses_names_the_file(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`receive --fileattr` of the kernel's stream (NOATIME and NODUMP with NOCOMPRESS) on
+    tmpfs, which takes NOATIME alone: the warning said "cannot set file attributes:
+    Operation not supported", not of which file nor which flags."""
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    streams = Path(__file__).parent.parent / "data" / "streams"
+    dest = Path(tempfile.mkdtemp(prefix="btrdelta-j27-", dir="/dev/shm"))
+    try:
+        assert main(["receive", "-q", "-f", str(streams / "fileattr-chattr.A.v2.stream"),
+                     str(dest)]) == 0
+        assert main(["receive", "--fileattr", "-f",
+                     str(streams / "fileattr-chattr.B.v2.stream"), str(dest)]) == 0
+        err = capsys.readouterr().err.splitlines()
+        assert err == ["btrdelta receive: warning: cannot set file attributes 0x480 of 'f': "
+                       "Operation not supported", "At snapshot fileattr-chattr-B"], err
+        lsattr = subprocess.run(["lsattr", "-d", "fileattr-chattr-B/d", "fileattr-chattr-B/f"],
+                                cwd=dest, capture_output=True, text=True, check=True).stdout
+        flags = [set(line.split()[0]) for line in lsattr.splitlines()]
+        assert flags == [{"-", "A"}, {"-"}], lsattr  # d: NOATIME; f: none (refused)
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)

@@ -166,8 +166,8 @@ class Applier:
         self.warn = on_warning or _warn_default
         self.received: list[ReceivedSubvol] = []
         self._cur: PendingSubvol | None = None
-        #: (descriptor, FS_IOC_SETFLAGS flags) applied when the subvolume is finished
-        self._fileattrs: list[tuple[int, int]] = []
+        #: (descriptor, FS_IOC_SETFLAGS flags, path) applied when the subvolume is finished
+        self._fileattrs: list[tuple[int, int, bytes]] = []
         self._wpath: bytes | None = None
         self._wfd = -1
         self._clone_roots: dict[UUID, Sandbox] = {}
@@ -382,12 +382,13 @@ class Applier:
             self._fast_reset(-1)
             self._close_write()
             self._close_clone_roots()
-            for fd, flags in self._fileattrs:
+            for fd, flags, path in self._fileattrs:
                 try:
                     old = btrfs.get_fsflags(fd)
                     btrfs.set_fsflags(fd, (old & ~FS_FLAGS_KNOWN) | flags)
-                except OSError as exc:
-                    self._warn_once("fileattr", f"cannot set file attributes: {exc.strerror}")
+                except OSError as exc:  # (once: the first file it failed on named)
+                    self._warn_once("fileattr", f"cannot set file attributes {flags:#x} of "
+                                    f"{path.decode('utf-8', 'backslashreplace')!r}: {exc.strerror}")
                 finally:
                     os.close(fd)
             self._fileattrs.clear()
@@ -409,7 +410,7 @@ class Applier:
         self._fast_reset(-1)
         self._close_write()
         self._close_clone_roots()
-        for fd, _ in self._fileattrs:
+        for fd, _, _ in self._fileattrs:
             os.close(fd)
         self._fileattrs.clear()
         return cur
@@ -696,13 +697,12 @@ class Applier:
         sb = self._sb
         pfd = sb.open_path(rec.path)
         try:
-            st = os.fstat(pfd)
-            if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            if not (stat.S_ISREG(mode := os.fstat(pfd).st_mode) or stat.S_ISDIR(mode)):
                 return
             fd = os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         finally:
             os.close(pfd)
-        self._fileattrs.append((fd, flags))
+        self._fileattrs.append((fd, flags, rec.path))
 
     def encoded_write(self, rec: EncodedWrite) -> None:
         """ENCODED_WRITE: encoded-write ioctl on btrfs; else decompress and ``pwrite``."""
