@@ -18,8 +18,7 @@ fails, back to the Python handlers here, which stay the reference for every comm
 every error.
 FILEATTR is ignored by default, exactly as btrfs-progs does; with ``apply_fileattr=True``
 the flags that have a ``chattr`` equivalent are set with ``FS_IOC_SETFLAGS`` when the
-subvolume is finished (so an immutable or append-only flag cannot block the stream's own
-later commands).
+subvolume is finished, an incremental's from the parent's (:mod:`.fileattrs`).
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from uuid import UUID
 from .. import TYPE_CHECKING, _native
 from ..errors import ApplyError, BtrdeltaError, MissingBaseError, StreamFormatError
 from ..fs import btrfs
-from ..fs.btrfs import FS_FLAGS_KNOWN, fileattr_to_fsflags
+from ..fs.btrfs import fileattr_to_fsflags
 from ..fs.copy import copy_range, within_source, write_zeros
 from ..fs.sandbox import Sandbox, split_path
 from ..stream.reader import StreamHeader
@@ -67,6 +66,7 @@ from ..stream.records import (
     Utimes,
     Write,
 )
+from . import fileattrs
 from .encoded import MAX_UNENCODED, decode_extent
 from .subvolumes import PendingSubvol, PreCommit, ReceivedSubvol, Subvolumes
 
@@ -358,6 +358,9 @@ class Applier:
         self.subvols.register_ahead(cur, self.pre_commit)  # (its fsyncs beside the records)
         if cur.sandbox is not None:
             self._fast_reset(cur.sandbox.root_fd)
+            if self.apply_fileattr and cur.parent_path is not None:  # (see .fileattrs)
+                self._fileattrs += fileattrs.from_parent(cur.parent_path, cur.sandbox.root_fd,
+                                                         copied=not self.btrfs)
 
     def subvol(self, rec: Subvol) -> None:
         """SUBVOL: start a new empty subvolume (or directory)."""
@@ -382,16 +385,7 @@ class Applier:
             self._fast_reset(-1)
             self._close_write()
             self._close_clone_roots()
-            for fd, flags, path in self._fileattrs:
-                try:
-                    old = btrfs.get_fsflags(fd)
-                    btrfs.set_fsflags(fd, (old & ~FS_FLAGS_KNOWN) | flags)
-                except OSError as exc:  # (once: the first file it failed on named)
-                    self._warn_once("fileattr", f"cannot set file attributes {flags:#x} of "
-                                    f"{path.decode('utf-8', 'backslashreplace')!r}: {exc.strerror}")
-                finally:
-                    os.close(fd)
-            self._fileattrs.clear()
+            fileattrs.set_all(self._fileattrs, lambda msg: self._warn_once("fileattr", msg))
         done = self.subvols.finish(cur, pre_commit=self.pre_commit, keep_on=self.detach_on)
         self._cur = None
         self.received.append(done)
