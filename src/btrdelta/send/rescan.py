@@ -158,7 +158,8 @@ class _Delta:
                  changed: dict[int, tuple[int, int]]) -> None:
         self.cols, self.root, self.fd, self.changed = cols, root, fd, changed
         self.row_of = cols.row_of()
-        self.inos, self.modes = cols.inos, cols.modes
+        # (the columns as arrays, once: the view makes each by a property and a call)
+        self.inos, self.modes, self.gens = cols.inos, cols.modes, cols.fixed[C_GEN]
         self.dev = os.lstat(root).st_dev
         #: listed directories (inode number) -> path, and their entries (name -> inode)
         self.listed: dict[int, bytes] = {}
@@ -175,7 +176,7 @@ class _Delta:
         if r is None:
             return None
         got = self.changed.get(ino)
-        gen = self.cols.fixed[C_GEN][r]
+        gen = self.gens[r]
         if got is not None and gen and got[0] != gen:
             return None
         return r
