@@ -22,7 +22,7 @@ import blake3
 
 from .._optional import need
 from .._value import Value
-from ..errors import MissingDependencyError, ProtocolError
+from ..errors import MissingDependencyError, ProtocolError, StreamFormatError
 from ..stream.crc import crc32c
 from ..stream.framing import Framing, encode_frame, iter_tlvs
 
@@ -505,7 +505,10 @@ def decode(cmd: int, mv: memoryview, start: int, end: int, version: int = 0) -> 
             raise ProtocolError("DATA without its bytes")
         return Data(offset, mv[start + _RAW_HEAD.size:end])
     if cmd == DATA:  # the hot path: no dict
-        items = list(iter_tlvs(mv, start, end))
+        try:
+            items = list(iter_tlvs(mv, start, end))
+        except StreamFormatError as exc:
+            raise ProtocolError(f"DATA: {exc.message}") from None
         if not items or items[0][0] != _DOFF:
             raise ProtocolError("DATA without its offset")
         offset = _int(items[0][1], "offset")
