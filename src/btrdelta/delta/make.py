@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from .._optional import need
-from ..errors import BtrdeltaError
+from ..errors import BtrdeltaError, UnsafePathError
 from ..fs.sandbox import file_size as old_file_size
 from ..stream import records as R
 from ..tree.pathmap import PathMap
@@ -149,6 +149,7 @@ class _Maker:
         self.on_progress = on_progress
         self.guesser = LevelGuesser() if opts.recompress else None
         self.stats = MakeStats()
+        self.source = source
         self.reader = RawCommands(src, source, HashAlgo.BLAKE3)
         self.write = write
         self.check: OutputCheck | FullCheck | None = (
@@ -238,7 +239,14 @@ class _Maker:
                 origin = self.pathmap.origin(r.rec.path)  # type: ignore[union-attr]
                 if origin:
                     self.hints.parent_path(origin)
-            self.pathmap.feed(r.rec)
+            try:
+                self.pathmap.feed(r.rec)
+            except ValueError:  # (a path naming the subvolume root: '', '.', '/')
+                raise UnsafePathError(
+                    "this command cannot apply to the subvolume root",
+                    source=self.source, index=self.reader.index - 1,
+                    command=r.rec.cmd.name.lower(), path=r.rec.path,  # type: ignore[union-attr]
+                ) from None
         self.put_raw(r)
         return cls is not R.End
 
