@@ -130,12 +130,15 @@ matrix: sysdeps venv
 
 # damaged inputs through the CLI (tests/cli/test_mutations.py) and the device state file
 # (tests/device/test_state_file.py) at 1,000 offsets per input and command instead of make
-# test's 24 (~34 minutes at load 6-14 on 2 cores, session 12); not part of `make test`
+# test's 24, and 1,000 streams of hostile records of each kind
+# (tests/cli/test_hostile_records.py) (~34 minutes at load 6-14 on 2 cores, session 12);
+# not part of `make test`
 fuzz: sysdeps venv
 	@echo "fuzz: $${BTRDELTA_MUTATIONS:-1000} mutations per input and command;" \
 		"started $$(date -u '+%F %T') UTC"
 	@exec env BIN=$(BIN) BTRDELTA_MUTATIONS=$${BTRDELTA_MUTATIONS:-1000} scripts/longrun.sh fuzz \
-		tests/cli/test_mutations.py tests/device/test_state_file.py
+		tests/cli/test_mutations.py tests/device/test_state_file.py \
+		tests/cli/test_hostile_records.py
 
 lint: venv
 	$(BIN)/ruff check .

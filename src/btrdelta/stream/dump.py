@@ -367,26 +367,53 @@ class TextDumpSink:
         self._dumper = TextDumper(progs)
         self._recs: list[Record] = []
         self._batch = batch
+        #: the number of the first record held
+        self._first = 0
 
     def start(self, header: StreamHeader) -> None:
         pass
 
     def apply(self, rec: Record, index: int) -> None:
+        if not self._recs:
+            self._first = index
         self._recs.append(rec)
         if len(self._recs) >= self._batch:
             self.flush()
 
     def apply_batch(self, recs: list[Record], index: int) -> None:
         """Records ``index``, ``index + 1``, ... at once (see :func:`.sink.feed`)."""
+        if not self._recs:
+            self._first = index
         self._recs += recs
         if len(self._recs) >= self._batch:
             self.flush()
 
     def flush(self) -> None:
-        """Render and write the records held."""
-        if self._recs:
-            self._write(self._dumper.render(self._recs).encode("latin-1"))
-            self._recs.clear()
+        """Render and write the records held.
+
+        Raises:
+            StreamFormatError: a path progs cannot print (too long), after the lines of
+                the records before it (as progs prints them), naming its record.
+        """
+        if not self._recs:
+            return
+        dumper, recs = self._dumper, self._recs
+        prefix = dumper.prefix
+        try:
+            text = dumper.render(recs)
+        except StreamFormatError:
+            dumper._set_prefix(prefix)  # (again from the first: one record at a time)
+            for i, rec in enumerate(recs):
+                try:
+                    text = dumper.render((rec,))
+                except StreamFormatError as exc:
+                    recs.clear()
+                    raise exc.located(index=self._first + i,
+                                      command=rec.cmd.name.lower()) from None
+                self._write(text.encode("latin-1"))
+            raise  # pragma: no cover - (a record refused once is refused again)
+        self._write(text.encode("latin-1"))
+        recs.clear()
 
     def close(self) -> None:
         self.flush()
