@@ -505,6 +505,45 @@ def test_damaged_replication_messages(conversation: tuple[bytes, str, str], tmp_
         shutil.rmtree(dest)
 
 
+@pytest.mark.parametrize("damage", ["crc", "cut", "checkpoint"])
+def test_a_damaged_commit_waits_for_the_write_out(
+        damage: str, conversation: tuple[bytes, str, str], tmp_path: Path,
+        capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sender's side whose COMMIT is damaged (a bit of it flipped, cut in its middle, or
+    a CHECKPOINT with its CRC32C right where the COMMIT was), after the whole stream was
+    acknowledged and the subvolume sealed: `replicate --serve` fails or returns only once
+    DEST's write-out, a thread started at the seal, ended (made slow here). It was left
+    running past the command's end, which closes the standard input and output that the
+    thread's files could then take (make fuzz: an unclosed descriptor 0, then EBADF)."""
+    from btrdelta.update.replica import Replica
+
+    data, _, _ = conversation
+    slow, told = Replica._write_out, []
+
+    def write_out(self: Replica) -> None:
+        told.append("start")
+        time.sleep(0.3)
+        slow(self)
+        told.append("end")
+
+    monkeypatch.setattr(Replica, "_write_out", write_out)
+    at = next(off for off, n in _messages(data) if n == 9)
+    b = bytearray(data)
+    if damage == "crc":
+        b[at + 12] ^= 1
+    elif damage == "cut":
+        del b[at + 14:]
+    else:
+        struct.pack_into("<HI", b, at + 4, 7, 0)
+        length = struct.unpack_from("<I", b, at)[0]
+        struct.pack_into("<I", b, at + 6, btrfs_crc32c([bytes(b[at:at + 10 + length])]))
+    (tmp_path / "dest").mkdir()
+    _replay(capfd, data, bytes(b), tmp_path / "dest", damage, patience=60)
+    ended = told.count("end")
+    assert told.count("start") == ended >= 1, told
+    assert not visible(tmp_path / "dest"), damage
+
+
 @pytest.fixture(scope="module")
 def repository(made: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
                ) -> dict[str, Path]:

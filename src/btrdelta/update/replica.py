@@ -692,15 +692,21 @@ class Replica:
                     raise ProtocolError("data after the stream's END")
                 replica._record(pending, events.inbox, self.written)
 
+        committed = Committed()
         try:
             got = receive(events, self.dest, stop_at_end=True, backend=self.backend,
                           progress=progress, resume=point, temp_name=events.tmp,
-                          detach_on=(TransportError,), pre_commit=Committed(),
+                          detach_on=(TransportError,), pre_commit=committed,
                           write_behind=True)
         except (TransportError, ProtocolError):
             raise
         except BtrdeltaError as exc:
             raise ProtocolError(f"the stream cannot be applied: {exc}") from exc
+        finally:  # DEST's write-out ends before the conversation does (a COMMIT damaged or
+            # cut off after the seal: it was not waited for; the command's end then closed
+            # its standard input and output while the thread opened and wrote files)
+            if committed.writing is not None:
+                committed.writing.join()
         if not got:
             raise ProtocolError("the stream held no subvolume")
         return got[0]
