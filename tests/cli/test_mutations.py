@@ -544,6 +544,33 @@ def test_a_damaged_commit_waits_for_the_write_out(
     assert not visible(tmp_path / "dest"), damage
 
 
+def test_a_cut_before_the_accept_waits_for_the_new_state_file(
+        conversation: tuple[bytes, str, str], tmp_path: Path,
+        capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sender's side cut off after its HELLO, to a new DEST: `replicate --serve` ends
+    once the thread making DEST's new state file durable (its fsyncs, made slow here)
+    ended. It was waited for only before the ACCEPT: a conversation ended before it left
+    the thread opening and closing files past the command's end (make fuzz: EBUSY and
+    EBADF on descriptors 0 and 1 in the next run)."""
+    import btrdelta.update.replica as replica
+
+    data, _, _ = conversation
+    real, told = os.fsync, []
+
+    def fsync(fd: int) -> None:
+        told.append("start")
+        time.sleep(0.5)
+        real(fd)
+        told.append("end")
+
+    monkeypatch.setattr(replica.os, "fsync", fsync)
+    plan = next(off for off, n in _messages(data) if n == 3)
+    (tmp_path / "dest").mkdir()
+    _replay(capfd, data, data[:plan], tmp_path / "dest", "cut", patience=0.05)
+    ended = told.count("end")
+    assert told.count("start") == ended >= 2, told
+
+
 @pytest.fixture(scope="module")
 def repository(made: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
                ) -> dict[str, Path]:

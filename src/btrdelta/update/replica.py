@@ -544,6 +544,8 @@ class Replica:
                                    str(exc)[:2000]))
             return ServeResult("failed", str(exc))
         finally:
+            if self._syncing is not None:  # (a new DEST's state file: its fsyncs end with
+                self._syncing[0].join()  # the conversation, one refused before the ACCEPT too)
             if lock is not None:  # (the conversation is over: a receiver may wait for us)
                 with contextlib.suppress(OSError):
                     os.pwrite(lock, f"{os.getpid()} closing\n".encode(), 0)
