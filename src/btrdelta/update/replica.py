@@ -49,16 +49,10 @@ from queue import SimpleQueue
 from typing import Any
 from uuid import UUID, uuid4
 
-from .. import TYPE_CHECKING
+from .. import TYPE_CHECKING, errors
 from .._pool import Started
 from .._value import Value
-from ..errors import (
-    BtrdeltaError,
-    ProtocolError,
-    StreamFormatError,
-    TransportError,
-    UnsafePathError,
-)
+from ..errors import BtrdeltaError, ProtocolError, StreamFormatError, TransportError
 from ..fs.atomic import discard_written, link_written, pid_alive, write_atomic, write_unnamed
 from ..fs.btrfs import delete_subvolume, is_btrfs, subvol_info, syncfs
 from ..fs.remove import remove_tree
@@ -450,7 +444,7 @@ class Replica:
     def _check_plan(self, plan: Plan, holdings: Holdings) -> Refuse | None:
         try:
             check_name(os.fsencode(plan.name), "subvolume name")
-        except UnsafePathError as exc:
+        except errors.UnsafePathError as exc:
             return Refuse("refused", f"unsafe subvolume name: {exc}")
         if plan.name.startswith("."):
             return Refuse("refused", "hidden subvolume names are not allowed")
@@ -632,23 +626,22 @@ class Replica:
                  meta: dict[str, Any], partial: PartialTransfer) -> ReceivedSubvol:
         """Apply the stream as it is read (a cut leaves the subvolume to a resume); the
         complete subvolume takes its final name only after the sender's COMMIT."""
-
         from ..receive import receive
 
         replica = self
 
         class Committed:
-            """Before the final name: END's segment acknowledged, then the COMMIT (size
-            and chain checked) and the state naming its sendshot. A sender that refuses
-            or lies here leaves nothing under the final name (the subvolume is removed);
-            one cut off here (a TransportError) leaves the complete subvolume under its
-            temporary name and the partial transfer marked complete, acknowledged to
-            the stream's end: the next PLAN resumes there, with nothing to resend.
-
-            END's segment is acknowledged before the seal (:meth:`before_seal`; the seal
-            commits a transaction: 40-120 ms for Debian's ``/usr``), so that the sender's
-            COMMIT comes while the subvolume is sealed; a cut meanwhile is raised after
-            the seal, where it keeps the subvolume for a resume."""
+            """Before the final name: END's segment acknowledged, then the COMMIT (size and
+            chain checked) and the state naming its sendshot. A sender that refuses or lies
+            here leaves nothing under the final name (the subvolume is removed); one cut off
+            here (a TransportError) leaves the complete subvolume under its temporary name
+            and the partial transfer marked complete, acknowledged to the stream's end: the
+            next PLAN resumes there, with nothing to resend. END's segment is acknowledged
+            before the seal (:meth:`before_seal`; the seal commits a transaction: 40-120 ms
+            for Debian's ``/usr``), so that the sender's COMMIT comes while the subvolume is
+            sealed; a cut meanwhile is raised after the seal, where it keeps the subvolume
+            for a resume. The write-out started then is waited for however the receive ends
+            (not left running past the command's end, which closes its descriptors 0, 1)."""
 
             def __init__(self) -> None:
                 self.cut: TransportError | None = None
@@ -694,19 +687,16 @@ class Replica:
                     raise ProtocolError("data after the stream's END")
                 replica._record(pending, events.inbox, self.written)
 
-        committed = Committed()
         try:
             got = receive(events, self.dest, stop_at_end=True, backend=self.backend,
                           progress=progress, resume=point, temp_name=events.tmp,
-                          detach_on=(TransportError,), pre_commit=committed,
+                          detach_on=(TransportError,), pre_commit=(committed := Committed()),
                           write_behind=True)
         except (TransportError, ProtocolError):
             raise
         except BtrdeltaError as exc:
             raise ProtocolError(f"the stream cannot be applied: {exc}") from exc
-        finally:  # DEST's write-out ends before the conversation does (a COMMIT damaged or
-            # cut off after the seal: it was not waited for; the command's end then closed
-            # its standard input and output while the thread opened and wrote files)
+        finally:  # (a COMMIT damaged or cut off after the seal: see Committed)
             if committed.writing is not None:
                 committed.writing.join()
         if not got:
