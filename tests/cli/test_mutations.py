@@ -37,7 +37,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -505,6 +505,19 @@ def test_damaged_replication_messages(conversation: tuple[bytes, str, str], tmp_
         shutil.rmtree(dest)
 
 
+def _slowed(fn: Callable[..., object], delay: float, told: list[str]) -> Callable[..., None]:
+    """``fn`` made ``delay`` seconds slower, noting in ``told`` when each call starts and
+    when it ends."""
+
+    def slow(*args: object) -> None:
+        told.append("start")
+        time.sleep(delay)
+        fn(*args)
+        told.append("end")
+
+    return slow
+
+
 @pytest.mark.parametrize("damage", ["crc", "cut", "checkpoint"])
 def test_a_damaged_commit_waits_for_the_write_out(
         damage: str, conversation: tuple[bytes, str, str], tmp_path: Path,
@@ -518,15 +531,8 @@ def test_a_damaged_commit_waits_for_the_write_out(
     from btrdelta.update.replica import Replica
 
     data, _, _ = conversation
-    slow, told = Replica._write_out, []
-
-    def write_out(self: Replica) -> None:
-        told.append("start")
-        time.sleep(0.3)
-        slow(self)
-        told.append("end")
-
-    monkeypatch.setattr(Replica, "_write_out", write_out)
+    told: list[str] = []
+    monkeypatch.setattr(Replica, "_write_out", _slowed(Replica._write_out, 0.3, told))
     at = next(off for off, n in _messages(data) if n == 9)
     b = bytearray(data)
     if damage == "crc":
@@ -555,15 +561,8 @@ def test_a_cut_before_the_accept_waits_for_the_new_state_file(
     import btrdelta.update.replica as replica
 
     data, _, _ = conversation
-    real, told = os.fsync, []
-
-    def fsync(fd: int) -> None:
-        told.append("start")
-        time.sleep(0.5)
-        real(fd)
-        told.append("end")
-
-    monkeypatch.setattr(replica.os, "fsync", fsync)
+    told: list[str] = []
+    monkeypatch.setattr(replica.os, "fsync", _slowed(os.fsync, 0.5, told))
     plan = next(off for off, n in _messages(data) if n == 3)
     (tmp_path / "dest").mkdir()
     _replay(capfd, data, data[:plan], tmp_path / "dest", "cut", patience=0.05)
