@@ -202,7 +202,9 @@ def _add_reset_backup(dsub: Any) -> None:
     r.add_argument("src", metavar="SRC", type=location,
                    help="directory or http(s) URL of the backups")
     r.add_argument("--upto", type=int, metavar="N", help="restore backup N (default: last)")
-    r.add_argument("--as", dest="as_name", metavar="NAME", help="restore as state/NAME")
+    r.add_argument("--as", dest="as_name", metavar="NAME",
+                   help="restore in place of state/NAME, another of the device's state "
+                   "subvolumes (default: state/SUBVOL)")
     r.add_argument("--to-dir", action="store_true",
                    help="FS is a plain directory: receive the tree below it")
     add_json(r, "what was restored")
