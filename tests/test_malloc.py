@@ -163,8 +163,8 @@ from btrdelta import _hugepages
 
 first = control()
 before = huge()
-assert _hugepages.arenas(4 << 20)
-assert not _hugepages.arenas(4 << 20)  # once
+assert _hugepages.arenas(4 << 20, 10**15, 0)  # (none slow; whatever memory is free)
+assert not _hugepages.arenas(4 << 20, 10**15, 0)  # once
 keep = [(i, str(i)) for i in range(300_000)]
 grew = huge() - before
 held = inside([id(o) for pair in keep for o in pair])
@@ -236,6 +236,87 @@ def test_huge_pages_heap_grows_ahead_in_huge_pages() -> None:
         assert grew >= 6 << 20, out
 
 
+# the arenas from a region of 8 MiB whose huge pages count as slow past SLOW_NS of CPU time
+# to fault, and the heap advised, then ~20 MiB of small objects and an 8 MiB buffer: prints
+# whether it declined, how many objects lie in mappings advised MADV_HUGEPAGE and
+# MADV_NOHUGEPAGE (``nh``), the same for two addresses in the buffer's second half, and
+# whether every object holds what it was made with
+_DECLINE = _PRELUDE + r"""
+import ctypes, sys
+from btrdelta import _hugepages, _malloc
+
+def inside_flag(addrs, flag):
+    ranges = []
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+            elif head == "VmFlags:" and flag in line.split()[1:]:
+                ranges.append((lo, hi))
+    return sum(any(lo <= a < hi for lo, hi in ranges) for a in addrs)
+
+assert _hugepages.arenas(8 << 20, int(sys.argv[1]), 0)
+advised_bytes = _hugepages.heap(32 << 20)
+_malloc.keep_freed_memory()
+keep = [(i, str(i)) for i in range(200_000)]
+addrs = [id(o) for pair in keep for o in pair]
+buf = bytearray(8 << 20)
+at = ctypes.addressof((ctypes.c_char * 1).from_buffer(buf))
+ends = [at + (4 << 20), at + (8 << 20) - 1]
+print(_hugepages.declined(), inside_flag(addrs, "hg"), inside_flag(addrs, "nh"),
+      advised_bytes > 0, inside_flag(ends, "hg"), inside_flag(ends, "nh"),
+      all(int(s) == i for i, s in keep))
+"""
+
+
+def test_huge_pages_declined_after_a_slow_one() -> None:
+    """Once a huge page of the arenas' region takes more than ``slow_ns`` of CPU time to
+    fault (0 here: every one; a huge page cut where memory is short compacts first, ~2-4
+    ms, or on a VM whose free blocks went back to the host pays its faults, ~5 ms), the
+    rest of the region and the heap's advised part are advised MADV_NOHUGEPAGE: the objects
+    made after the first huge page and the heap's buffer lie in 4 KiB-page mappings; with
+    no page slow, none."""
+    pytest.importorskip("btrdelta._hugepages")
+    _thp_mode()
+    runs = {}
+    for slow in (0, 10**15):
+        out = subprocess.run([sys.executable, "-c", _DECLINE, str(slow)], capture_output=True,
+                             text=True, check=True).stdout.split()
+        runs[slow] = out
+        assert out[-1] == "True"  # the objects intact
+    declined, hg, nh, heap, heap_hg, heap_nh = runs[0][:6]
+    # the region (8 MiB) holds ~105,000 of these 400,000 objects: those of its first huge
+    # page (two 1 MiB arenas, ~26,000) stay in an advised mapping, the others (~78,000) not
+    assert declined == "True"
+    assert 0 < int(hg) <= 40_000
+    assert int(nh) >= 60_000
+    if heap == "True":
+        assert (heap_hg, heap_nh) == ("0", "2")
+    declined, hg, nh, heap, heap_hg, heap_nh = runs[10**15][:6]
+    assert declined == "False"
+    assert int(hg) >= 90_000
+    assert int(nh) == 0
+    if heap == "True":
+        assert (heap_hg, heap_nh) == ("2", "0")
+
+
+def test_huge_pages_declined_where_no_free_block_holds_one() -> None:
+    """Where the kernel has fewer free blocks of 2 MiB than ``min_free`` (/proc/buddyinfo),
+    every huge-page fault would compact memory first: ``arenas`` takes none and changes
+    nothing (a later call can still take them)."""
+    pytest.importorskip("btrdelta._hugepages")
+    _thp_mode()
+    if not os.path.exists("/proc/buddyinfo"):
+        pytest.skip("no /proc/buddyinfo")
+    code = ("from btrdelta import _hugepages\n"
+            "print(_hugepages.arenas(8 << 20, 10**15, 1 << 40), "
+            "_hugepages.arenas(8 << 20, 10**15, 0), _hugepages.declined())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["False", "True", "False"]
+
+
 def test_a_send_takes_huge_pages_before_the_cli_s_imports() -> None:
     """The console entry puts a ``send``'s memory in huge pages (``_HUGE_PAGES``), before
     the CLI's modules are imported; another command's, or a library caller's, stays as it
@@ -247,7 +328,7 @@ def test_a_send_takes_huge_pages_before_the_cli_s_imports() -> None:
             "from btrdelta import _malloc\n"
             "took = _malloc.huge_pages\n"
             "_malloc.huge_pages = lambda: print('cli' in sys.modules, 'btrdelta.cli' in "
-            "sys.modules, took()) or True\n"
+            "sys.modules, isinstance(took(), bool)) or True\n"
             "sys.argv = ['btrdelta', *sys.argv[1:]]\n"
             "from btrdelta.__main__ import entry\n"
             "entry()")

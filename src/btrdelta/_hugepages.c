@@ -10,14 +10,16 @@
  * each) and its buffers in glibc's heap (docs/performance.md, session 24). Debian and most
  * distributions set transparent huge pages to "madvise": only regions advised get them.
  *
- * arenas(nbytes) -> bool: reserve nbytes of address space (rounded up to 2 MiB, aligned,
- * MAP_NORESERVE: nothing is used until it is touched), advise it MADV_HUGEPAGE, and make it
- * where pymalloc's arenas come from (PyObject_SetArenaAllocator): its arenas (1 MiB) are cut
- * from it in order; a freed one is given back to the kernel (MADV_DONTNEED, as munmap
- * would) and cut again later; once it is full, and for arenas made before the call, the
- * previous allocator (mmap) is used as before. Call it once, early (every arena made before
- * stays a plain mmap); False if already called or if the kernel has no transparent huge
- * pages (then nothing is changed). pymalloc calls the allocator with the GIL held: no lock.
+ * arenas(nbytes[, slow_ns[, min_free]]) -> bool: reserve nbytes of address space (rounded
+ * up to 2 MiB, aligned, MAP_NORESERVE: nothing is used until it is touched), advise it
+ * MADV_HUGEPAGE, and make it where pymalloc's arenas come from (PyObject_SetArenaAllocator):
+ * its arenas (1 MiB) are cut from it in order; a freed one is given back to the kernel
+ * (MADV_DONTNEED, as munmap would) and cut again later; once it is full, and for arenas
+ * made before the call, the previous allocator (mmap) is used as before. Call it once,
+ * early (every arena made before stays a plain mmap); False if already called, if the
+ * kernel has no transparent huge pages, or if it has fewer than min_free (default 8) free
+ * blocks of a huge page or more (below) (then nothing is changed). pymalloc calls the
+ * allocator with the GIL held: no lock.
  *
  * heap(pad) -> int: glibc only (0 elsewhere): make every growth of the heap ask the kernel
  * for pad bytes more than needed (M_TOP_PAD: fewer brk calls; the heap is trimmed to pad
@@ -31,13 +33,35 @@
  * What it costs: memory is taken 2 MiB at a time where it is touched (a small send's peak
  * RSS 21.8 -> 25.7 MB); where memory is fragmented the kernel gives 4 KiB pages instead
  * (the "defer+madvise" and "madvise" defrag settings may compact first, in the fault).
+ *
+ * And a huge page can cost far more than the 512 faults of 4 KiB pages it saves (~0.6-1.2
+ * ms here; docs/performance.md, issue 15, session 27):
+ * - where free memory is short or fragmented (the page cache filling it), no free block of
+ *   2 MiB is left, and every huge-page fault of an advised region first compacts memory,
+ *   in the fault, then often falls back to a 4 KiB page all the same (a large send: ~17
+ *   such faults, ~50 compaction stalls, its system time 18 -> 30-130 ms). So arenas()
+ *   first counts the free blocks of 2 MiB or more (/proc/buddyinfo, ~8 us) and declines
+ *   with fewer than min_free (a send takes ~18 huge pages; with fewer the rest compacts);
+ * - on a virtual machine that hands its free 2 MiB blocks back to the host (virtio-balloon
+ *   free page reporting: page_reporting_order 9), a huge page cut from such a block pays
+ *   the host's faults as it is zeroed (~5 ms against ~0.1), and once the blocks reached
+ *   are such, the next ones are too. So every huge page the arenas' region gives is timed
+ *   as it is first written (the thread's CPU time around a write of its first byte, when
+ *   its first arena is cut): once one took more than slow_ns (default 1 ms), the rest of
+ *   the region and the heap's advised part are advised MADV_NOHUGEPAGE (the huge pages
+ *   given stay): 4 KiB pages from there on, which come from small free blocks, without
+ *   compaction. declined() says whether that happened.
  */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 #ifdef __GLIBC__
 #include <malloc.h>
@@ -54,14 +78,46 @@ static char *region, *region_next, *region_end;
 static void *freed[MAX_FREED];
 static int nfreed;
 static PyObjectArenaAllocator previous;
+/* a huge page's first write that took more of the thread's CPU time than this was slow */
+static long long slow_ns;
+/* the heap's part advised MADV_HUGEPAGE (heap()); whether a slow huge page was seen */
+static char *heap_lo, *heap_hi;
+static int declined;
+
+static long long thread_ns(void) {
+    struct timespec t;
+    if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t) != 0)
+        return 0;
+    return (long long)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+#ifdef MADV_NOHUGEPAGE
+/* the region's huge pages after `from` and the heap's advised part in 4 KiB pages */
+static void decline(char *from) {
+    declined = 1;
+    if (from < region_end)
+        madvise(from, (size_t)(region_end - from), MADV_NOHUGEPAGE);
+    if (heap_hi > heap_lo)
+        madvise(heap_lo, (size_t)(heap_hi - heap_lo), MADV_NOHUGEPAGE);
+}
+#endif
 
 static void *arena_alloc(void *ctx, size_t size) {
     if (size == ARENA_SIZE) {
         if (nfreed > 0)
             return freed[--nfreed];
         if ((size_t)(region_end - region_next) >= size) {
-            void *p = region_next;
+            char *p = region_next;
             region_next += size;
+#ifdef MADV_NOHUGEPAGE
+            if (!declined && ((uintptr_t)p & (HUGE_PAGE - 1)) == 0) {
+                /* a fresh huge page (a zero byte written on zeros: pymalloc sees no change) */
+                long long t = thread_ns();
+                *(volatile char *)p = 0;
+                if (thread_ns() - t > slow_ns)
+                    decline(p + HUGE_PAGE);
+            }
+#endif
             return p;
         }
     }
@@ -78,13 +134,63 @@ static void arena_free(void *ctx, void *ptr, size_t size) {
     previous.free(previous.ctx, ptr, size);
 }
 
-static PyObject *arenas(PyObject *self, PyObject *arg) {
-    size_t n = PyLong_AsSize_t(arg);
-    if (n == (size_t)-1 && PyErr_Occurred())
+/* the free blocks of a huge page or more, in huge pages, of the zones a process's memory
+ * comes from (/proc/buddyinfo, but the DMA zone's); -1 where it cannot be read */
+static long long free_huge_blocks(void) {
+    FILE *f = fopen("/proc/buddyinfo", "r");
+    if (f == NULL)
+        return -1;
+    long page = sysconf(_SC_PAGESIZE);
+    int order = 0;
+    while (page > 0 && order < 20 && ((size_t)page << order) < HUGE_PAGE)
+        order++;
+    char line[512];
+    long long total = 0;
+    while (fgets(line, sizeof line, f) != NULL) {
+        char *p = strstr(line, "zone");
+        if (p == NULL)
+            continue;
+        p += 4;
+        while (*p == ' ')
+            p++;
+        char *name = p;
+        while (*p != '\0' && *p != ' ')
+            p++;
+        if (p - name == 3 && strncmp(name, "DMA", 3) == 0)
+            continue;
+        for (int k = 0; k < 40; k++) {
+            char *end;
+            long long count = strtoll(p, &end, 10);
+            if (end == p)
+                break;
+            if (k >= order)
+                total += count << (k - order < 20 ? k - order : 20);
+            p = end;
+        }
+    }
+    fclose(f);
+    return total;
+}
+
+static PyObject *arenas(PyObject *self, PyObject *args) {
+    Py_ssize_t want;
+    long long slow = 1000000, min_free = 8;
+    if (!PyArg_ParseTuple(args, "n|LL", &want, &slow, &min_free))
         return NULL;
+    if (want < 0 || slow < 0) {
+        PyErr_SetString(PyExc_ValueError, "nbytes and slow_ns must not be negative");
+        return NULL;
+    }
+    size_t n = (size_t)want;
 #ifdef MADV_HUGEPAGE
     if (region != NULL || n == 0)
         Py_RETURN_FALSE;
+    if (min_free > 0) {
+        long long blocks = free_huge_blocks();
+        if (blocks >= 0 && blocks < min_free)
+            Py_RETURN_FALSE;
+    }
+    slow_ns = slow;
     n = (n + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1);
     char *p = mmap(NULL, n + HUGE_PAGE, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -138,18 +244,29 @@ static PyObject *heap(PyObject *self, PyObject *arg) {
         after = sbrk(0);
     char *lo = (char *)(((uintptr_t)before + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1));
     char *hi = (char *)((uintptr_t)after & ~(uintptr_t)(HUGE_PAGE - 1));
-    if (before == (char *)-1 || hi <= lo || madvise(lo, (size_t)(hi - lo), MADV_HUGEPAGE) != 0)
+    if (before == (char *)-1 || hi <= lo || declined ||
+        madvise(lo, (size_t)(hi - lo), MADV_HUGEPAGE) != 0)
         return PyLong_FromLong(0);
+    heap_lo = lo;
+    heap_hi = hi;
     return PyLong_FromSize_t((size_t)(hi - lo));
 #else
     return PyLong_FromLong(0);
 #endif
 }
 
+static PyObject *declined_(PyObject *self, PyObject *unused) {
+    return PyBool_FromLong(declined);
+}
+
 static PyMethodDef methods[] = {
-    {"arenas", arenas, METH_O,
-     "arenas(nbytes) -> bool: pymalloc's arenas from nbytes of address space advised "
-     "MADV_HUGEPAGE."},
+    {"arenas", arenas, METH_VARARGS,
+     "arenas(nbytes, slow_ns=1000000, min_free=8) -> bool: pymalloc's arenas from nbytes "
+     "of address space advised MADV_HUGEPAGE, unless the kernel has fewer than min_free "
+     "free blocks of a huge page; once a huge page's first write takes more than slow_ns "
+     "of CPU time, the rest of it and the heap's advised part in 4 KiB pages."},
+    {"declined", declined_, METH_NOARGS,
+     "declined() -> bool: whether a slow huge page put the rest in 4 KiB pages."},
     {"heap", heap, METH_O,
      "heap(pad) -> int: glibc's heap grown by pad bytes more than asked (M_TOP_PAD), its "
      "next pad bytes advised MADV_HUGEPAGE; the bytes advised."},
