@@ -256,8 +256,11 @@ def inside_flag(addrs, flag):
                 ranges.append((lo, hi))
     return sum(any(lo <= a < hi for lo, hi in ranges) for a in addrs)
 
+first = control()
 assert _hugepages.arenas(8 << 20, int(sys.argv[1]), 0)
-advised_bytes = _hugepages.heap(32 << 20)
+at_heap = huge()
+advised_bytes = _hugepages.heap(32 << 20) if sys.argv[2] == "heap" else 0
+heap_grew = huge() - at_heap  # (faulted in by heap() itself, after arenas())
 _malloc.keep_freed_memory()
 keep = [(i, str(i)) for i in range(200_000)]
 addrs = [id(o) for pair in keep for o in pair]
@@ -266,39 +269,48 @@ at = ctypes.addressof((ctypes.c_char * 1).from_buffer(buf))
 ends = [at + (4 << 20), at + (8 << 20) - 1]
 print(_hugepages.declined(), inside_flag(addrs, "hg"), inside_flag(addrs, "nh"),
       advised_bytes > 0, inside_flag(ends, "hg"), inside_flag(ends, "nh"),
-      all(int(s) == i for i, s in keep))
+      heap_grew >= advised_bytes, min(first, control()), all(int(s) == i for i, s in keep))
 """
 
 
 def test_huge_pages_declined_after_a_slow_one() -> None:
-    """Once a huge page of the arenas' region takes more than ``slow_ns`` of CPU time to
-    fault (0 here: every one; a huge page cut where memory is short compacts first, ~2-4
-    ms, or on a VM whose free blocks went back to the host pays its faults, ~5 ms), the
-    rest of the region and the heap's advised part are advised MADV_NOHUGEPAGE: the objects
-    made after the first huge page and the heap's buffer lie in 4 KiB-page mappings; with
-    no page slow, none."""
+    """Once a huge page of the arenas' region, or of the heap's advised part (faulted in as
+    it is advised), takes more than ``slow_ns`` of CPU time to fault (0 here: every one; a
+    huge page cut where memory is short compacts first, ~2-4 ms, or on a VM whose free
+    blocks went back to the host pays its faults, ~5 ms), the rest of the region and the
+    heap's advised part are advised MADV_NOHUGEPAGE: the objects made after that page and
+    the heap's buffer lie in 4 KiB-page mappings; with no page slow, none."""
     pytest.importorskip("btrdelta._hugepages")
-    _thp_mode()
-    runs = {}
-    for slow in (0, 10**15):
-        out = subprocess.run([sys.executable, "-c", _DECLINE, str(slow)], capture_output=True,
-                             text=True, check=True).stdout.split()
-        runs[slow] = out
+
+    def run(slow: int, heap: str) -> list[str]:
+        out = subprocess.run([sys.executable, "-c", _DECLINE, str(slow), heap],
+                             capture_output=True, text=True, check=True).stdout.split()
         assert out[-1] == "True"  # the objects intact
-    declined, hg, nh, heap, heap_hg, heap_nh = runs[0][:6]
-    # the region (8 MiB) holds ~105,000 of these 400,000 objects: those of its first huge
-    # page (two 1 MiB arenas, ~26,000) stay in an advised mapping, the others (~78,000) not
+        return out[:8]
+
+    # the arenas alone: the region (8 MiB) holds ~105,000 of these 400,000 objects; those of
+    # its first huge page (two 1 MiB arenas, ~26,000) stay in an advised mapping, the
+    # others (~78,000) not
+    mode = _thp_mode()
+    declined, hg, nh = run(0, "noheap")[:3]
     assert declined == "True"
     assert 0 < int(hg) <= 40_000
     assert int(nh) >= 60_000
-    if heap == "True":
-        assert (heap_hg, heap_nh) == ("0", "2")
-    declined, hg, nh, heap, heap_hg, heap_nh = runs[10**15][:6]
+    # with the heap: its first huge page, faulted as it is advised (before any arena of the
+    # region is cut), was slow: the whole region and the heap's part in 4 KiB pages
+    declined, hg, nh, heap, heap_hg, heap_nh = run(0, "heap")[:6]
+    assert (declined, hg, heap, heap_hg) == ("True", "0", "False", "0")
+    assert int(nh) >= 90_000
+    brk_moves = heap_nh == "2"  # (else glibc maps its memory: nothing advised)
+    # none slow: every object of the region and the heap's buffer in advised mappings
+    declined, hg, nh, heap, heap_hg, heap_nh, heap_faulted, control = run(10**15, "heap")
+    if mode != "never" and _huge_pages_given(int(control)):
+        assert heap_faulted == "True"  # the heap's part in huge pages as it was advised
     assert declined == "False"
     assert int(hg) >= 90_000
     assert int(nh) == 0
-    if heap == "True":
-        assert (heap_hg, heap_nh) == ("2", "0")
+    assert (heap, heap_hg, heap_nh) == (("True", "2", "0") if brk_moves else
+                                        (heap, heap_hg, "0"))
 
 
 def test_huge_pages_declined_where_no_free_block_holds_one() -> None:

@@ -17,7 +17,7 @@
  * (MADV_DONTNEED, as munmap would) and cut again later; once it is full, and for arenas
  * made before the call, the previous allocator (mmap) is used as before. Call it once,
  * early (every arena made before stays a plain mmap); False if already called, if the
- * kernel has no transparent huge pages, or if it has fewer than min_free (default 8) free
+ * kernel has no transparent huge pages, or if it has fewer than min_free (default 1) free
  * blocks of a huge page or more (below) (then nothing is changed). pymalloc calls the
  * allocator with the GIL held: no lock.
  *
@@ -25,7 +25,8 @@
  * for pad bytes more than needed (M_TOP_PAD: fewer brk calls; the heap is trimmed to pad
  * instead of to 128 KiB), grow it once now, and advise the new part MADV_HUGEPAGE; returns
  * the bytes advised (0: the heap did not grow within 4 MiB of 64 KiB blocks, which is
- * where brk is refused and glibc maps its memory instead, or the advice was refused). The
+ * where brk is refused and glibc maps its memory instead, the advice was refused, or one
+ * of its huge pages was slow after arenas(): below). The
  * part advised is the region the next pad bytes of heap buffers come from (a send raises
  * glibc's mmap threshold to 32 MiB: its buffers are heap memory); the heap beyond it is a
  * new mapping of 4 KiB pages (brk does not extend an advised one).
@@ -41,15 +42,20 @@
  *   in the fault, then often falls back to a 4 KiB page all the same (a large send: ~17
  *   such faults, ~50 compaction stalls, its system time 18 -> 30-130 ms). So arenas()
  *   first counts the free blocks of 2 MiB or more (/proc/buddyinfo, ~8 us) and declines
- *   with fewer than min_free (a send takes ~18 huge pages; with fewer the rest compacts);
+ *   with fewer than min_free (1 by default: none at all; the huge pages a process just
+ *   freed likely wait in per-CPU lists, which /proc/buddyinfo does not count, and the next
+ *   process takes them cheaply: a read-only send after the live one, 6 free blocks listed,
+ *   had its 17 huge pages without a stall);
  * - on a virtual machine that hands its free 2 MiB blocks back to the host (virtio-balloon
  *   free page reporting: page_reporting_order 9), a huge page cut from such a block pays
  *   the host's faults as it is zeroed (~5 ms against ~0.1), and once the blocks reached
  *   are such, the next ones are too. So every huge page the arenas' region gives is timed
  *   as it is first written (the thread's CPU time around a write of its first byte, when
- *   its first arena is cut): once one took more than slow_ns (default 1 ms), the rest of
- *   the region and the heap's advised part are advised MADV_NOHUGEPAGE (the huge pages
- *   given stay): 4 KiB pages from there on, which come from small free blocks, without
+ *   its first arena is cut), and heap() faults the heap's advised part in at once, page by
+ *   page, each timed (a send writes all of it: ~16 of its ~17 huge pages, one the
+ *   arenas'): once one took more than slow_ns (default 1 ms), the rest of the region and
+ *   the heap's advised part are advised MADV_NOHUGEPAGE (the huge pages given stay), and
+ *   heap() returns 0: 4 KiB pages from there on, which come from small free blocks, without
  *   compaction. declined() says whether that happened.
  */
 
@@ -92,10 +98,12 @@ static long long thread_ns(void) {
 }
 
 #ifdef MADV_NOHUGEPAGE
-/* the region's huge pages after `from` and the heap's advised part in 4 KiB pages */
+/* the region's huge pages from `from` (rounded up to one) and the heap's advised part in
+ * 4 KiB pages */
 static void decline(char *from) {
     declined = 1;
-    if (from < region_end)
+    from = (char *)(((uintptr_t)from + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1));
+    if (region != NULL && from < region_end)
         madvise(from, (size_t)(region_end - from), MADV_NOHUGEPAGE);
     if (heap_hi > heap_lo)
         madvise(heap_lo, (size_t)(heap_hi - heap_lo), MADV_NOHUGEPAGE);
@@ -174,7 +182,7 @@ static long long free_huge_blocks(void) {
 
 static PyObject *arenas(PyObject *self, PyObject *args) {
     Py_ssize_t want;
-    long long slow = 1000000, min_free = 8;
+    long long slow = 1000000, min_free = 1;
     if (!PyArg_ParseTuple(args, "n|LL", &want, &slow, &min_free))
         return NULL;
     if (want < 0 || slow < 0) {
@@ -249,6 +257,18 @@ static PyObject *heap(PyObject *self, PyObject *arg) {
         return PyLong_FromLong(0);
     heap_lo = lo;
     heap_hi = hi;
+    if (region != NULL) {
+        /* its huge pages faulted now, each timed, up to a slow one (the top's free memory:
+         * zeros, no chunk's header yet): most of a send's huge pages are the heap's */
+        for (char *q = lo; q < hi; q += HUGE_PAGE) {
+            long long t = thread_ns();
+            *(volatile char *)q = 0;
+            if (thread_ns() - t > slow_ns) {
+                decline(region_next);
+                return PyLong_FromLong(0);
+            }
+        }
+    }
     return PyLong_FromSize_t((size_t)(hi - lo));
 #else
     return PyLong_FromLong(0);
