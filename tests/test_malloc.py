@@ -108,9 +108,10 @@ def _thp_mode() -> str:
 
 
 # a probe's first lines: the process's huge pages; whether the mapping holding an address
-# is advised MADV_HUGEPAGE (``hg`` among its VmFlags: what the advice leaves, whatever the
-# kernel then gives); and the huge pages the kernel gives, now, to a region of 6 MiB (two
-# aligned 2 MiB pages at least) advised so and written whole without btrdelta: fewer than
+# is advised MADV_HUGEPAGE (``hg`` among its VmFlags, or ``nh``: MADV_NOHUGEPAGE; what the
+# advice leaves, whatever the kernel then gives); and the huge pages the kernel gives,
+# now, to a region of 6 MiB (two aligned 2 MiB pages at least) advised so and written
+# whole without btrdelta: fewer than
 # two where memory is too fragmented and the defrag setting does not compact in the fault,
 # or where THP is disabled for the process (prctl, a container's policy)
 _PRELUDE = r"""
@@ -120,19 +121,19 @@ def huge():
     with open("/proc/self/smaps_rollup") as f:
         return next(int(l.split()[1]) for l in f if l.startswith("AnonHugePages:")) << 10
 
-def advised():
+def advised(flag="hg"):
     ranges = []
     with open("/proc/self/smaps") as f:
         for line in f:
             head = line.split()[0]
             if "-" in head and not head.endswith(":"):
                 lo, hi = (int(x, 16) for x in head.split("-"))
-            elif head == "VmFlags:" and "hg" in line.split()[1:]:
+            elif head == "VmFlags:" and flag in line.split()[1:]:
                 ranges.append((lo, hi))
     return ranges
 
-def inside(addrs):
-    ranges = advised()
+def inside(addrs, flag="hg"):
+    ranges = advised(flag)
     return sum(any(lo <= a < hi for lo, hi in ranges) for a in addrs)
 
 def control():
@@ -245,17 +246,6 @@ _DECLINE = _PRELUDE + r"""
 import ctypes, sys
 from btrdelta import _hugepages, _malloc
 
-def inside_flag(addrs, flag):
-    ranges = []
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(x, 16) for x in head.split("-"))
-            elif head == "VmFlags:" and flag in line.split()[1:]:
-                ranges.append((lo, hi))
-    return sum(any(lo <= a < hi for lo, hi in ranges) for a in addrs)
-
 first = control()
 assert _hugepages.arenas(8 << 20, int(sys.argv[1]), 0)
 at_heap = huge()
@@ -267,8 +257,8 @@ addrs = [id(o) for pair in keep for o in pair]
 buf = bytearray(8 << 20)
 at = ctypes.addressof((ctypes.c_char * 1).from_buffer(buf))
 ends = [at + (4 << 20), at + (8 << 20) - 1]
-print(_hugepages.declined(), inside_flag(addrs, "hg"), inside_flag(addrs, "nh"),
-      advised_bytes > 0, inside_flag(ends, "hg"), inside_flag(ends, "nh"),
+print(_hugepages.declined(), inside(addrs, "hg"), inside(addrs, "nh"),
+      advised_bytes > 0, inside(ends, "hg"), inside(ends, "nh"),
       heap_grew >= advised_bytes, min(first, control()), all(int(s) == i for i, s in keep))
 """
 
