@@ -51,9 +51,10 @@
  *   the host's faults as it is zeroed (~5 ms against ~0.1), and once the blocks reached
  *   are such, the next ones are too. So every huge page the arenas' region gives is timed
  *   as it is first written (the thread's CPU time around a write of its first byte, when
- *   its first arena is cut), and heap() faults the heap's advised part in at once, page by
- *   page, each timed (a send writes all of it: ~16 of its ~17 huge pages, one the
- *   arenas'): once one took more than slow_ns (default 1 ms), the rest of the region and
+ *   its first arena is cut), and heap() faults the first 16 MiB of the heap's advised part
+ *   in at once, page by page, each timed (most of a send's ~17 huge pages are the heap's,
+ *   one the arenas'; a send writes those 16 MiB anyway, the rest is glibc's, untimed):
+ *   once one took more than slow_ns (default 1 ms), the rest of the region and
  *   the heap's advised part are advised MADV_NOHUGEPAGE (the huge pages given stay), and
  *   heap() returns 0: 4 KiB pages from there on, which come from small free blocks, without
  *   compaction. declined() says whether that happened.
@@ -77,6 +78,9 @@
 /* pymalloc's ARENA_SIZE on 64-bit CPython 3.10 and later; the allocator is also asked for
  * the frames' data stack chunks (16 KiB and more): any other size goes to the previous one */
 #define ARENA_SIZE ((size_t)1 << 20)
+/* the heap's advised part faulted in and timed by heap(), at most: what a small send writes
+ * of it (a send on a Debian root: ~20 MiB; all of 32 MiB was ~10 MB of peak RSS more) */
+#define HEAP_TIMED ((size_t)16 << 20)
 /* freed arenas kept for reuse, at most (a 64 MiB region holds 64 arenas) */
 #define MAX_FREED 256
 
@@ -260,7 +264,7 @@ static PyObject *heap(PyObject *self, PyObject *arg) {
     if (region != NULL) {
         /* its huge pages faulted now, each timed, up to a slow one (the top's free memory:
          * zeros, no chunk's header yet): most of a send's huge pages are the heap's */
-        for (char *q = lo; q < hi; q += HUGE_PAGE) {
+        for (char *q = lo; q < hi && q < lo + HEAP_TIMED; q += HUGE_PAGE) {
             long long t = thread_ns();
             *(volatile char *)q = 0;
             if (thread_ns() - t > slow_ns) {
