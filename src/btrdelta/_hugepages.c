@@ -285,7 +285,7 @@ static PyObject *declined_(PyObject *self, PyObject *unused) {
 
 static PyMethodDef methods[] = {
     {"arenas", arenas, METH_VARARGS,
-     "arenas(nbytes, slow_ns=1000000, min_free=8) -> bool: pymalloc's arenas from nbytes "
+     "arenas(nbytes, slow_ns=1000000, min_free=1) -> bool: pymalloc's arenas from nbytes "
      "of address space advised MADV_HUGEPAGE, unless the kernel has fewer than min_free "
      "free blocks of a huge page; once a huge page's first write takes more than slow_ns "
      "of CPU time, the rest of it and the heap's advised part in 4 KiB pages."},
