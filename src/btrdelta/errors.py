@@ -46,6 +46,7 @@ __all__ = [
     "UnsupportedVersionError",
     "UsageError",
     "exit_codes",
+    "warn",
 ]
 
 #: exit codes no error class carries (the CLI's own)
@@ -56,6 +57,24 @@ EXIT_USAGE = 2
 EXIT_HANGUP = 129
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
+
+#: what the CLI names itself by while a command runs (``btrdelta repo add``): a warning of
+#: library code given no ``on_warning`` is then one line ``btrdelta repo add: warning: ...``
+#: on standard error, not Python's ``file:line: RuntimeWarning`` and the line of code
+warn_as: str | None = None
+
+
+def warn(msg: str) -> None:
+    """The default ``on_warning`` of the library (a receive's skipped xattr, flag, mode):
+    one line on standard error under the CLI (:data:`warn_as`), else ``warnings.warn``."""
+    if warn_as is not None:
+        import sys
+
+        print(f"{warn_as}: warning: {msg}", file=sys.stderr, flush=True)
+        return
+    import warnings
+
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def _show_path(path: bytes | str) -> str:

@@ -265,3 +265,33 @@ def test_init_on_a_full_disk_leaves_nothing(tmp_path: Path,
         assert main(["repo", "ls", str(fs / "empty")]) == 0
     finally:
         subprocess.run(["umount", str(fs)], check=True)
+
+
+def test_a_receive_warning_is_one_line_of_the_cli(tmp_path: Path) -> None:
+    """``repo add`` of a stream with an xattr this filesystem refuses (``btrfs.compression``
+    off btrfs): the receive's warning is one line ``btrdelta repo add: warning: ...``; it
+    came in Python's warnings format (``.../applier.py:567: RuntimeWarning: ...`` and the
+    line of code), as the CLI gave the library no ``on_warning``."""
+    import sys
+
+    from btrdelta.stream.records import End, Mkfile, SetXattr, Write
+    from tests.receive.helpers import stream_bytes, subvol
+
+    if "btrfs" in subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)],
+                                 capture_output=True, text=True, check=False).stdout:
+        pytest.skip("the xattr is kept on btrfs: nothing to warn about")
+    stream = tmp_path / "a.stream"
+    stream.write_bytes(stream_bytes([
+        subvol(b"A"), Mkfile(path=b"f", ino=257), Write(path=b"f", offset=0, data=b"x\n"),
+        SetXattr(path=b"", name=b"btrfs.compression", data=b"zlib"), End()]))
+    root = tmp_path / "repo"
+    assert main(["repo", "init", str(root)]) == 0
+    got = subprocess.run([sys.executable, "-m", "btrdelta", "repo", "add", str(root), "a",
+                          str(stream)], capture_output=True, text=True, check=False,
+                         timeout=120)
+    assert got.returncode == 0, got.stderr
+    warned = [ln for ln in got.stderr.splitlines() if "btrfs.compression" in ln]
+    assert warned == ["btrdelta repo add: warning: extended attribute btrfs.compression not "
+                      "supported here; skipped"], got.stderr
+    assert "RuntimeWarning" not in got.stderr
+    assert Repo(root).load().versions[0].name == "a"

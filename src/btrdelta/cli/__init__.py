@@ -19,7 +19,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .. import TYPE_CHECKING, __version__, _import_module
+from .. import TYPE_CHECKING, __version__, _import_module, errors
 from .._optional import OPTIONAL, missing
 from ..errors import BtrdeltaError, exit_codes
 from . import _lean  # noqa: F401  (first: ``uuid`` without ``platform``)
@@ -179,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # is 128 + the signal's number (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP) for all of them.
     # The servers (serve, image nbd/mount) take the signals as their normal stop (exit 0).
     handlers = stop_on_signals()
+    errors.warn_as = f"btrdelta {args.command}"
     try:
         return int(args.func(args) or 0)
     except BtrdeltaError as exc:
@@ -213,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "(--debug shows the traceback)", file=sys.stderr)
         return 1
     finally:
+        errors.warn_as = None
         for sig, handler in handlers.items():  # (main() called in a process that goes on)
             signal.signal(sig, handler)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from uuid import UUID
 
 from .. import TYPE_CHECKING, _native
-from ..errors import ApplyError, BtrdeltaError, MissingBaseError, StreamFormatError
+from ..errors import ApplyError, BtrdeltaError, MissingBaseError, StreamFormatError, warn
 from ..fs import btrfs
 from ..fs.btrfs import fileattr_to_fsflags
 from ..fs.copy import copy_range, within_source, write_zeros
@@ -111,12 +111,6 @@ def _check_xattr_name(name: bytes) -> None:
         raise StreamFormatError("empty extended attribute name or NUL in it")
 
 
-def _warn_default(msg: str) -> None:
-    import warnings
-
-    warnings.warn(msg, RuntimeWarning, stacklevel=3)
-
-
 class Applier:
     """Apply records to the destination directory ``dest``.
 
@@ -163,7 +157,7 @@ class Applier:
         self.detach_on = detach_on
         self.apply_fileattr = apply_fileattr
         self.force_decompress = force_decompress
-        self.warn = on_warning or _warn_default
+        self.warn = on_warning or warn
         self.received: list[ReceivedSubvol] = []
         self._cur: PendingSubvol | None = None
         #: (descriptor, FS_IOC_SETFLAGS flags, path) applied when the subvolume is finished

@@ -52,7 +52,7 @@ from uuid import UUID, uuid4
 from .. import TYPE_CHECKING, errors
 from .._pool import Started
 from .._value import Value
-from ..errors import BtrdeltaError, ProtocolError, StreamFormatError, TransportError
+from ..errors import BtrdeltaError, ProtocolError, StreamFormatError, TransportError, warn
 from ..fs.atomic import discard_written, link_written, pid_alive, write_atomic, write_unnamed
 from ..fs.btrfs import delete_subvolume, is_btrfs, subvol_info, syncfs
 from ..fs.remove import remove_tree
@@ -91,11 +91,6 @@ LOCK_FILE = ".btrdelta-replica.lock"
 CLOSING_WAIT = 60.0
 _ZERO_CHAIN = bytes(32).hex()
 _TMP_PREFIX = ".btrdelta-tmp-"
-
-def _warn_default(msg: str) -> None:
-    import warnings
-
-    warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 class ServeResult(Value):
@@ -276,7 +271,7 @@ class Replica:
     def __init__(self, dest: str | os.PathLike[str], *, backend: str = "auto",
                  on_warning: Callable[[str], None] | None = None) -> None:
         self.dest = Path(dest)
-        self.warn = on_warning or _warn_default
+        self.warn = on_warning or warn
         if not self.dest.is_dir():
             import shlex
 
