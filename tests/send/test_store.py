@@ -187,3 +187,35 @@ def test_a_fifo_among_the_records_is_unreadable_not_waited_for(tmp_path: Path) -
                          capture_output=True, text=True, timeout=60, check=False)
     assert got.returncode == 0, got.stderr
     assert out.stat().st_size > 0
+
+
+def test_a_base_and_its_patch_named_together_are_both_deleted(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``sendshot delete BASE PATCH`` was refused ("the base of patch record(s)"), though
+    the patch was named too: the patch goes first. A mistyped id among them deletes none."""
+    import subprocess
+
+    from tests.conftest import btrfs_loop
+
+    store = tmp_path / "store"
+    with btrfs_loop() as mnt:
+        src = mnt / "live"
+        subprocess.run(["btrfs", "subvolume", "create", str(src)], check=True,
+                       capture_output=True)
+        for i in range(100):
+            (src / f"f{i}").write_bytes(os.urandom(100))
+        for i in range(2):
+            (src / "f0").write_bytes(os.urandom(100))
+            assert main(["send", str(src), "-o", str(tmp_path / f"s{i}"), "--record",
+                         "--store", str(store), "-q",
+                         *(["--from-sendshot", "latest"] if i else [])]) == 0
+    base, patch = sorted(SendshotStore(store).records_list(), key=lambda s: s.head.base or "")
+    assert patch.head.base == base.digest  # (the second send wrote a patch record)
+    capsys.readouterr()
+    assert main(["sendshot", "delete", "--store", str(store), base.digest[:16], "nosuch"]) == 6
+    assert len(SendshotStore(store).records_list()) == 2
+    assert main(["sendshot", "delete", "--store", str(store), base.digest[:16],
+                 patch.digest[:16]]) == 0
+    assert SendshotStore(store).records_list() == []
+    out = capsys.readouterr().out.splitlines()
+    assert [ln.split()[1][:16] for ln in out] == [patch.digest[:16], base.digest[:16]], out

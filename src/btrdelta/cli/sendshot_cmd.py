@@ -257,16 +257,24 @@ def run(args: argparse.Namespace) -> int:
 
 def _delete(store: SendshotStore, args: argparse.Namespace) -> dict[str, Any]:
     """``sendshot delete``: records by id, name or ``latest``; one that cannot be read by
-    its id (the only way left to name it: ``resolve`` says it cannot be read)."""
-    done = []
+    its id (the only way left to name it: ``resolve`` says it cannot be read). Every id is
+    resolved before any record is deleted (a mistyped one deletes nothing), and a patch
+    record goes before its base when both are named (``delete BASE PATCH`` was refused:
+    "the base of patch record(s)")."""
+    named: dict[str, tuple[str, str | None]] = {}  # digest -> (what is said, its base)
     for ident in args.ids:
         try:
             s = store.resolve(ident)
-            digest, said = s.digest, _line(s)
+            named.setdefault(s.digest, (_line(s), s.head.base))
         except StreamFormatError:
             if (bad := store.damaged(ident)) is None:  # (as of resolve's listing)
                 raise
-            digest, said = bad, f"{bad[:16]} (it could not be read)"
+            named.setdefault(bad, (f"{bad[:16]} (it could not be read)", None))
+    done = []
+    while named:
+        bases = {base for _said, base in named.values()}
+        digest = next((d for d in named if d not in bases), next(iter(named)))
+        said, _base = named.pop(digest)
         store.delete(digest, force=args.force)
         done.append(digest)
         if not args.json and not args.quiet:
