@@ -75,7 +75,7 @@ def _record(rng: random.Random, version: int) -> R.Record:
         R.Mkfile(p, num()), R.Mkdir(p, num()), R.Rename(p, path()), R.Link(p, path()),
         R.Symlink(p, num(), rng.choice([b"..", b"/", b"../outside", b"d", b"o/passwd"])),
         R.Unlink(p), R.Rmdir(p), R.SetXattr(p, rng.choice(XATTRS), rng.randbytes(
-            rng.choice([0, 3, 100, 65000]))), R.RemoveXattr(p, rng.choice(XATTRS)),
+            rng.choice([0, 3, 100, 60000]))), R.RemoveXattr(p, rng.choice(XATTRS)),
         R.Write(p, num(), rng.randbytes(rng.choice([0, 1, 100, 5000]))),
         R.Clone(num(), num(), p, rng.choice([BASE, NEW]), 7, path(), num()),
         R.Truncate(p, num()), R.Chmod(p, num()), R.Chown(p, num(), num()),
