@@ -362,7 +362,9 @@ class _Delta:
         firsts = {int.from_bytes(n.digest[:8], sys.byteorder) for n in wanted}
         near = compress(range(len(cols.file_rows)),
                         map(firsts.__contains__, memoryview(digests).cast("Q")[::6]))
-        at = {digests[48 * k:48 * k + 16]: k for k in near}
+        # (bytes keys: hashing a slice of a memoryview hashes the object it views first,
+        # the record's whole inflated body: ~1.6 ms for a 42,000-inode record)
+        at = {bytes(digests[48 * k:48 * k + 16]): k for k in near}
         out: list[int] = []
         for node in wanted:
             k = at.get(node.digest)
