@@ -32,7 +32,8 @@ name           module                          what it runs instead of the Pytho
                                                sums, the rows of the files) without a Python
                                                int per value; the kept rows' runs copied
                                                into the next record; a directory's entries
-                                               and their rows
+                                               and their rows; the files whose digest
+                                               starts as a changed file's
 =============  ==============================  ===============================================
 
 One setting picks the backend of all nine: ``BTRDELTA_PURE_PYTHON=1`` makes it

@@ -257,6 +257,49 @@ def test_inode_number_reused_after_a_delete(two_fs: tuple[Path, Path], tmp_path:
 
 
 @pytest.mark.parametrize("backend", ["c", "python"])
+def test_a_changed_file_with_an_unchanged_files_content_is_a_clone(
+        two_fs: tuple[Path, Path], tmp_path: Path, backend: str) -> None:
+    """New files whose content equals an unchanged file's (found among
+    the record's digests by the columns accelerator's ``leading`` or by the Python scan) are
+    a whole-file CLONE of it, not data; a file equal to nothing is written. Oracle: the
+    kernel's receive on its copy of the base, tree-sum equal to the source."""
+    from btrdelta import _native
+    from btrdelta.stream import StreamReader
+    from btrdelta.stream.records import Clone, Write
+
+    if backend == "c" and not _native.available("columns") and os.environ.get("CI") != "true":
+        pytest.skip("the columns accelerator is not built")
+    snd, rcv = two_fs
+    run("mount", "-o", "remount,noatime", snd)
+    live = snd / "live"
+    run("btrfs", "subvolume", "create", live)
+    _build(live)
+    store = SendshotStore(tmp_path / "store")
+    stream = tmp_path / "s"
+    with open(stream, "wb") as f:
+        send_with_sendshots(f.write, live, store=store, name=b"r0")
+    run("btrfs", "receive", "-f", stream, rcv)
+    (live / "c/copy").write_bytes((live / "a/b/big").read_bytes())
+    (live / "a/dup").write_bytes((live / "c/x").read_bytes())
+    (live / "c/own").write_bytes(os.urandom(70_000))
+    with _native.use_backend(backend, "columns"), open(stream, "wb") as f:  # type: ignore[arg-type]
+        res = send_with_sendshots(f.write, live, store=store, from_sendshot="latest",
+                                  name=b"r1")
+    assert res.reused >= 8
+    with open(stream, "rb") as f:
+        events = list(StreamReader(f).events())
+    clones = {e.path: (e.clone_path, e.length) for e in events if isinstance(e, Clone)}
+    assert clones.keys() == {b"c/copy", b"a/dup"}
+    assert clones[b"c/copy"] == (b"a/b/big", 300_000)
+    assert clones[b"a/dup"] in {(b"c/x", 70_000), (b"a/x-link", 70_000)}  # (one inode)
+    written = {e.path for e in events if isinstance(e, Write)}
+    assert b"c/own" in written
+    assert not written & {b"c/copy", b"a/dup"}
+    run("btrfs", "receive", "-f", stream, rcv)
+    assert tree_sum(rcv / "r1") == tree_sum(live)
+
+
+@pytest.mark.parametrize("backend", ["c", "python"])
 def test_change_sweep_in_big_and_small_buffers(two_fs: tuple[Path, Path],
                                                monkeypatch: pytest.MonkeyPatch,
                                                backend: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 import random
+import sys
 from array import array
 from collections.abc import Iterator
 
@@ -207,6 +208,20 @@ def test_the_c_offsets_are_the_references() -> None:
         assert c.members(wide, doff, 3) == c.members(parents, doff, 3)
     assert c.members(parents, doff, 2**32 + 3) == b""  # (not 3: no u32 equals it)
     assert c.members(array("Q", parents), doff, 2**32 + 3) == b""
+    # leading: the records whose first 8 bytes are a key (the oracle: a Python scan); keys
+    # that share their low 16 bits with most records' (the C loop's first test) but not
+    # their value, repeated keys, any integer buffer, a partial last record ignored
+    firsts = [rng.choice([5, 2**64 - 1, rng.randrange(2**64), (rng.randrange(8) << 16) | 7])
+              for _ in range(400)]
+    recs = b"".join(x.to_bytes(8, sys.byteorder) + rng.randbytes(40) for x in firsts)
+    for keys in ([5, 7, 5, 2**64 - 1, (3 << 16) | 7, firsts[17]], [], [7], list(range(70))):
+        got = list(columns_mod._q(c.leading(recs + b"part", 48, array("Q", keys))))
+        assert got == [k for k, x in enumerate(firsts) if x in keys], keys
+    assert list(columns_mod._q(c.leading(recs, 48, array("B", [5])))) == \
+        [k for k, x in enumerate(firsts) if x == 5]
+    assert c.leading(recs[:47], 48, array("Q", [5])) == b""
+    with pytest.raises(ValueError, match="at least 8 bytes"):
+        c.leading(recs, 7, array("Q", [5]))
     with pytest.raises(TypeError):
         c.prefix(array("i", [1]), 1, None)  # signed
     with pytest.raises(TypeError):

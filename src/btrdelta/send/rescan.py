@@ -34,9 +34,12 @@ from __future__ import annotations
 import os
 import stat
 import sys
+from array import array
+from collections.abc import Iterable
 from itertools import compress
 from uuid import UUID
 
+from .. import _native
 from ..fs.btrfs import dir_path, get_fileattr
 from ..tree.chain import View
 from ..tree.columns import Encoded
@@ -357,11 +360,17 @@ class _Delta:
             return []
         digests = cols.digests
         # the files whose XXH3 digest starts as a wanted one's (its first 8 bytes as an
-        # integer, compared in a C loop: no slice of every file's digest), then by the
-        # whole digest, the last such file for each (as a mapping of every file's would)
+        # integer): one pass of the columns accelerator (33,000 files: ~0.06 ms), else C
+        # iterators with a Python int per file (~1.1 ms); then by the whole digest, the
+        # last such file for each (as a mapping of every file's would)
         firsts = {int.from_bytes(n.digest[:8], sys.byteorder) for n in wanted}
-        near = compress(range(len(cols.file_rows)),
-                        map(firsts.__contains__, memoryview(digests).cast("Q")[::6]))
+        native = _native.live("columns")
+        near: Iterable[int]
+        if native is not None:
+            near = memoryview(native.leading(digests, 48, array("Q", firsts))).cast("Q")
+        else:
+            near = compress(range(len(cols.file_rows)),
+                            map(firsts.__contains__, memoryview(digests).cast("Q")[::6]))
         # (bytes keys: hashing a slice of a memoryview hashes the object it views first,
         # the record's whole inflated body: ~1.6 ms for a 42,000-inode record)
         at = {bytes(digests[48 * k:48 * k + 16]): k for k in near}

@@ -32,6 +32,12 @@
  *   instead of a search of the stored column and a bisection of doff per entry (a
  *   directory's entries, for each directory a send lists). A dentry beyond doff's last
  *   count is an IndexError.
+ * leading(records, size, keys) -> bytes: the positions k (native u64, ascending) of the
+ *   size-byte records of records (any buffer; size >= 8, a partial last record ignored)
+ *   whose first 8 bytes, as a native u64, are one of keys (a buffer of unsigned integers):
+ *   the files whose XXH3 digest starts as a changed file's (Delta.copies_of), one pass in C
+ *   over every file's digest instead of a Python int per file (a 42,000-inode record:
+ *   ~2.7 ms a send, ~0.1 ms so).
  * index(inos) -> Index: the map of each value of inos (a buffer of unsigned integers) to its
  *   position (the last one where a value repeats), as dict(zip(inos, range(len(inos))))
  *   makes it, without a Python int per entry: an open-addressing table of u64 keys and i64
@@ -374,6 +380,85 @@ done:
     return result;
 }
 
+static int cmp_u64(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+static PyObject *leading(PyObject *self, PyObject *args) {
+    PyObject *records_obj, *keys_obj;
+    Py_ssize_t size;
+    if (!PyArg_ParseTuple(args, "OnO", &records_obj, &size, &keys_obj))
+        return NULL;
+    if (size < 8) {
+        PyErr_SetString(PyExc_ValueError, "records of at least 8 bytes are needed");
+        return NULL;
+    }
+    Py_buffer keys;
+    if (get_uints(keys_obj, &keys) < 0)
+        return NULL;
+    Py_ssize_t nk = keys.len / keys.itemsize;
+    uint64_t *sorted = PyMem_Malloc((nk ? nk : 1) * sizeof(uint64_t));
+    if (sorted == NULL) {
+        PyBuffer_Release(&keys);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < nk; i++)
+        sorted[i] = item(&keys, i);
+    PyBuffer_Release(&keys);
+    qsort(sorted, (size_t)nk, sizeof(uint64_t), cmp_u64);
+    Py_buffer recs;
+    if (PyObject_GetBuffer(records_obj, &recs, PyBUF_C_CONTIGUOUS) < 0) {
+        PyMem_Free(sorted);
+        return NULL;
+    }
+    Py_ssize_t n = recs.len / size, count = 0, cap = 64;
+    uint64_t *found = PyMem_Malloc((size_t)cap * sizeof(uint64_t));
+    PyObject *out = NULL;
+    if (found == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    /* a bit per value of the low 16 bits of the keys: most records fail this test, a
+     * predictable branch, instead of a bisection's unpredictable ones (~3x faster) */
+    uint64_t seen[1024] = {0};
+    for (Py_ssize_t i = 0; i < nk; i++)
+        seen[(sorted[i] & 0xFFFF) >> 6] |= (uint64_t)1 << (sorted[i] & 63);
+    const char *base = (const char *)recs.buf;
+    for (Py_ssize_t k = 0; k < n && nk; k++) {
+        uint64_t x;
+        memcpy(&x, base + k * size, 8);
+        if (!((seen[(x & 0xFFFF) >> 6] >> (x & 63)) & 1))
+            continue;
+        Py_ssize_t lo = 0, hi = nk;
+        while (lo < hi) {  /* the first key >= x */
+            Py_ssize_t mid = lo + (hi - lo) / 2;
+            if (sorted[mid] < x)
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+        if (sorted[lo] != x)
+            continue;
+        if (count == cap) {
+            uint64_t *more = PyMem_Realloc(found, (size_t)cap * 2 * sizeof(uint64_t));
+            if (more == NULL) {
+                PyErr_NoMemory();
+                goto done;
+            }
+            found = more;
+            cap *= 2;
+        }
+        found[count++] = (uint64_t)k;
+    }
+    out = PyBytes_FromStringAndSize((const char *)found, count * 8);
+done:
+    PyMem_Free(found);
+    PyMem_Free(sorted);
+    PyBuffer_Release(&recs);
+    return out;
+}
+
 /* ---- index: inode number -> row ------------------------------------------------------ */
 
 #define SLOT_EMPTY (-1)
@@ -617,6 +702,9 @@ static PyMethodDef methods[] = {
      "blocks(sizes, rows, block) -> per row, ceil(sizes[row] / block) from block bytes on."},
     {"members", members, METH_VARARGS,
      "members(parents, doff, want) -> (dentry, row) pairs (native u64) of parents == want."},
+    {"leading", leading, METH_VARARGS,
+     "leading(records, size, keys) -> positions (native u64) of the size-byte records whose "
+     "first 8 bytes (native u64) are one of keys."},
     {"index", index_new, METH_VARARGS,
      "index(inos) -> Index: each value of inos -> its (last) position."},
     {NULL, NULL, 0, NULL},
