@@ -148,9 +148,10 @@ def _watched() -> Iterator[dict[str, set[str]]]:
             real_scandir
 
 
-def test_each_kind_of_change(two_fs: tuple[Path, Path], tmp_path: Path) -> None:
-    snd, rcv = two_fs
-    # reading the source for tree-sum would change atimes: every inode (correctly) changed
+def _first_round(snd: Path, rcv: Path, tmp_path: Path) -> tuple[Path, SendshotStore, Path]:
+    """The subvolume ``live`` of :func:`_build` on ``snd`` (mounted noatime: reading the
+    source for tree-sum would change atimes, and every inode would (correctly) change),
+    sent whole to ``rcv`` with its first record: (live, the store, the stream's path)."""
     run("mount", "-o", "remount,noatime", snd)
     live = snd / "live"
     run("btrfs", "subvolume", "create", live)
@@ -160,6 +161,12 @@ def test_each_kind_of_change(two_fs: tuple[Path, Path], tmp_path: Path) -> None:
     with open(stream, "wb") as f:
         send_with_sendshots(f.write, live, store=store, name=b"r0")
     run("btrfs", "receive", "-f", stream, rcv)
+    return live, store, stream
+
+
+def test_each_kind_of_change(two_fs: tuple[Path, Path], tmp_path: Path) -> None:
+    snd, rcv = two_fs
+    live, store, stream = _first_round(snd, rcv, tmp_path)
     quiet = {f"q{i}" for i in range(4)}  # files of a directory no change touches
     for i, (what, change, touched) in enumerate(CHANGES, 1):
         change(live)
@@ -270,15 +277,7 @@ def test_a_changed_file_with_an_unchanged_files_content_is_a_clone(
     if backend == "c" and not _native.available("columns") and os.environ.get("CI") != "true":
         pytest.skip("the columns accelerator is not built")
     snd, rcv = two_fs
-    run("mount", "-o", "remount,noatime", snd)
-    live = snd / "live"
-    run("btrfs", "subvolume", "create", live)
-    _build(live)
-    store = SendshotStore(tmp_path / "store")
-    stream = tmp_path / "s"
-    with open(stream, "wb") as f:
-        send_with_sendshots(f.write, live, store=store, name=b"r0")
-    run("btrfs", "receive", "-f", stream, rcv)
+    live, store, stream = _first_round(snd, rcv, tmp_path)
     (live / "c/copy").write_bytes((live / "a/b/big").read_bytes())
     (live / "a/dup").write_bytes((live / "c/x").read_bytes())
     (live / "c/own").write_bytes(os.urandom(70_000))
