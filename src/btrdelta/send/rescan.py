@@ -111,7 +111,7 @@ class Changes:
         r = self._delta.same_row(node.st_ino)
         if r is None or self._delta.modes[r] & _FMT != stat.S_IFREG:
             return None
-        return self._delta.cols.inode(r)
+        return self._delta.inode(r)
 
     def sent_whole(self, node: Node) -> bool:
         """Whether changed regular file ``node`` (of :attr:`to_hash`) is a new inode, whose
@@ -171,6 +171,17 @@ class _Delta:
         self.fresh: dict[int, Node] = {}
         self.names: dict[int, list[tuple[int, bytes]]] = {}
         self._alive: dict[int, bool] = {0: True}
+        #: rows read whole, by row: most are asked twice (by :meth:`Changes.recorded` or
+        #: the new tree, and the old tree: 348 reads of 198 rows in an in-place round)
+        self._whole: dict[int, RecordInode] = {}
+
+    def inode(self, r: int) -> RecordInode:
+        """Row ``r`` of the record whole (read once; not to be changed: several trees'
+        nodes are made of it)."""
+        got = self._whole.get(r)
+        if got is None:
+            got = self._whole[r] = self.cols.inode(r)
+        return got
 
     def same_row(self, ino: int) -> int | None:
         """The record's row of inode ``ino`` if it is still that inode (not a reused
@@ -423,7 +434,7 @@ class _Delta:
         """The record's rows ``rows`` as a tree (root first; paths as recorded)."""
         order = [0, *sorted(rows - {0})]
         nid_of = {r: nid for nid, r in enumerate(order)}
-        nodes = {nid: node_of(self.cols.inode(r), nid) for nid, r in enumerate(order)}
+        nodes = {nid: node_of(self.inode(r), nid) for nid, r in enumerate(order)}
         dentries = {nid_of[r]: [(nid_of[p], name) for p, name in self.cols.dentries(r)]
                     for r in order}
         return _tree(b"", nodes, dentries)
@@ -446,7 +457,7 @@ class _Delta:
                 names = self.names[ino]
             else:
                 r = self.row_of[ino]
-                node = node_of(self.cols.inode(r), nid)
+                node = node_of(self.inode(r), nid)
                 names = [(self.inos[p], name) for p, name in self.cols.dentries(r)]
             nodes[nid] = node
             dentries[nid] = [(nid_of[p], name) for p, name in names]
