@@ -23,6 +23,7 @@ import pytest
 from btrdelta import _native
 from btrdelta.fs.btrfs import (
     EXTENT,
+    EXTENT_SEARCH,
     FILEATTR_FLAGS,
     FS_FLAGS_KNOWN,
     FS_TREE,
@@ -327,8 +328,10 @@ def _scattered(path: Path, n: int) -> list[int]:
     return offsets
 
 
-def _extents_searched(path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], int]:
-    """The offsets of ``path``'s extent items (:func:`file_extents`) and the searches made."""
+def _extents_searched(path: Path, monkeypatch: pytest.MonkeyPatch,
+                      into: bytearray | None = None) -> tuple[list[int], int]:
+    """The offsets of ``path``'s extent items (:func:`file_extents`, searching with buffer
+    ``into``) and the searches made."""
     from btrdelta.fs import btrfs
 
     calls = []
@@ -342,7 +345,7 @@ def _extents_searched(path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list
     try:
         with monkeypatch.context() as m:
             m.setattr(btrfs, "_ioctl", counted)
-            got = file_extents(fd, os.fstat(fd).st_ino)
+            got = file_extents(fd, os.fstat(fd).st_ino, into=into)
     finally:
         os.close(fd)
     assert got is not None
@@ -356,7 +359,8 @@ def test_file_extents_ends_after_one_search_only_when_nothing_can_follow(
     """A search result that leaves room for the largest item the filesystem holds is every
     item (one ``TREE_SEARCH_V2``); one that leaves less is searched on, and every item is
     found: files whose items (85 bytes each in the result) fill the 64 KiB buffer to just
-    under, at and just over that room, exactly (771 items: 65,535 bytes), and twice over."""
+    under, at and just over that room, exactly (771 items: 65,535 bytes), and twice over;
+    the same with one buffer for every search (what the last one left in it is not read)."""
     with btrfs_loop(size="256M", mkfs_args=("-n", str(nodesize))) as mnt:
         fd = os.open(mnt, os.O_RDONLY)
         try:
@@ -365,11 +369,14 @@ def test_file_extents_ends_after_one_search_only_when_nothing_can_follow(
             os.close(fd)
         assert item_max == nodesize - 101 - 25  # BTRFS_MAX_ITEM_SIZE
         most = ((1 << 16) - 32 - item_max) // 85  # items a result can have and be whole
-        for n in sorted({1, 2, max(most - 1, 1), most, most + 1, 771, 772, 1600}):
+        kept = bytearray(EXTENT_SEARCH)
+        for n in sorted({1, 2, max(most - 1, 1), most, most + 1, 771, 772, 1600}, reverse=True):
             want = _scattered(mnt / f"f{n}", n)
             got, searches = _extents_searched(mnt / f"f{n}", monkeypatch)
             assert got == want, n
             assert searches == _searches_needed(n, most), n
+            assert _extents_searched(mnt / f"f{n}", monkeypatch, kept) == (got, searches), n
+        assert any(kept)  # (searched with, not replaced)
 
 
 def _searches_needed(n: int, most: int) -> int:

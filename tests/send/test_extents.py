@@ -68,14 +68,14 @@ def test_extents_recorded_only_for_large_cow_files_not_too_fragmented(
     from btrdelta.send import extents
 
     items = b"".join(_ext(k * 16384, 16384, (1 << 30) + k * 16384) for k in range(400))
-    monkeypatch.setattr(extents, "file_extents", lambda fd, ino, item_max=0: items)
+    monkeypatch.setattr(extents, "file_extents", lambda fd, ino, item_max=0, into=None: items)
     assert extents.extents_of(0, 257, 8 * MIB, 0) == items  # 20,000 bytes: 0.24 %
     assert extents.extents_of(0, 257, extents.EXTENT_MIN - 1, 0) is None
     assert extents.extents_of(0, 257, 4 * MIB, extents.NOCOW) is None
     assert extents.extents_of(0, 257, len(items) * 199, 0) is None  # over 0.5 %
     assert extents.extents_of(0, 257, len(items) * 200, 0) == items
 
-    def denied(fd: int, ino: int, item_max: int = 0) -> bytes:
+    def denied(fd: int, ino: int, item_max: int = 0, into: object = None) -> bytes:
         raise PermissionError(1, "Operation not permitted")
 
     monkeypatch.setattr(extents, "file_extents", denied)

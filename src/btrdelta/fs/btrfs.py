@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BTRFS_SUPER_MAGIC",
     "EXTENT",
+    "EXTENT_SEARCH",
     "FILEATTR_FLAGS",
     "FS_FLAGS_KNOWN",
     "FS_TREE",
@@ -294,14 +295,10 @@ def subvol_info(fd: int) -> SubvolInfo:
     (flags,) = struct.unpack_from("<Q", buf, 288)
     ctransid, otransid, stransid = struct.unpack_from("<3Q", buf, 344)
     return SubvolInfo(
-        id=treeid,
-        uuid=UUID(bytes=bytes(buf[296:312])),
-        parent_uuid=_opt_uuid(bytes(buf[312:328])),
-        received_uuid=_opt_uuid(bytes(buf[328:344])),
-        ctransid=ctransid,
-        stransid=stransid,
+        id=treeid, uuid=UUID(bytes=bytes(buf[296:312])),
+        parent_uuid=_opt_uuid(bytes(buf[312:328])), received_uuid=_opt_uuid(bytes(buf[328:344])),
+        ctransid=ctransid, stransid=stransid, otransid=otransid,
         readonly=bool(flags & 1),  # BTRFS_ROOT_SUBVOL_RDONLY in the root item
-        otransid=otransid,
     )
 
 
@@ -312,10 +309,8 @@ def _tree_search(
     """Items ``(key offset, data)`` of ``(objectid, key_type, offset_min..offset_max)``."""
     while True:
         buf = bytearray(4096)
-        _SEARCH_KEY.pack_into(
-            buf, 0, tree, objectid, objectid, offset_min, offset_max, 0, _U64_MAX,
-            key_type, key_type, 4096, 0, 0, 0, 0, 0,
-        )
+        _SEARCH_KEY.pack_into(buf, 0, tree, objectid, objectid, offset_min, offset_max, 0,
+                              _U64_MAX, key_type, key_type, 4096, 0, 0, 0, 0, 0)
         _ioctl(fd, _TREE_SEARCH, buf)
         nr_items = struct.unpack_from("<I", buf, 64)[0]
         if not nr_items:
@@ -436,14 +431,16 @@ def _sweep_py(buf: bytearray, pos: int, nr_items: int, key_type: int, since: int
     return obj, typ, off
 
 
-def _searches(fd: int, size: int, key: Callable[[bytearray], None]
-              ) -> Iterator[tuple[bytearray, int, int]]:
+def _searches(fd: int, size: int, key: Callable[[bytearray], None],
+              buf: bytearray | None = None) -> Iterator[tuple[bytearray, int, int]]:
     """The results of ``TREE_SEARCH_V2`` calls with a ``size``-byte result buffer
     (``TREE_SEARCH`` and its 4 KiB on kernels without it), one ``(buffer, offset of its first
     item, number of items)`` per call, until a call finds none. ``key(buffer)`` packs the
-    search key before each call: the caller moves it past the last item it was given."""
+    search key before each call: the caller moves it past the last item it was given.
+    ``buf``: the buffer to use, if it has the size (the header's and ``size``)."""
     request, start = _TREE_SEARCH_V2, _SEARCH_KEY.size + 8
-    buf = bytearray(start + size)
+    if buf is None or len(buf) != start + size:
+        buf = bytearray(start + size)
     while True:
         key(buf)
         if request == _TREE_SEARCH_V2:
@@ -474,6 +471,7 @@ EXTENT = struct.Struct("<QQQQQQBB")
 EXTENT_INLINE, EXTENT_REG, EXTENT_PREALLOC = 0, 1, 2
 _EXTENT_BUFFER = 1 << 16
 _V2_START = _SEARCH_KEY.size + 8  # (a TREE_SEARCH_V2 result's first item)
+EXTENT_SEARCH = _V2_START + _EXTENT_BUFFER  # (a buffer for file_extents' searches)
 _LEAF_OVERHEAD = 101 + 25  # (BTRFS_MAX_ITEM_SIZE: the node size less a leaf's, an item's header)
 
 
@@ -487,7 +485,8 @@ def largest_item(fd: int) -> int:
     return (nodesize if 0 < nodesize <= 1 << 16 else 1 << 16) - _LEAF_OVERHEAD
 
 
-def file_extents(fd: int, ino: int, item_max: int = 0) -> bytes | None:
+def file_extents(fd: int, ino: int, item_max: int = 0, into: bytearray | None = None
+                 ) -> bytes | None:
     """The file extent items (``EXTENT_DATA``) of inode ``ino`` of the subvolume holding
     ``fd``, in file order, each packed as :data:`EXTENT`; None when one of them cannot be
     compared by its fields (inline data, encryption or another encoding, an unknown type).
@@ -499,7 +498,8 @@ def file_extents(fd: int, ino: int, item_max: int = 0) -> bytes | None:
     the buffer (its 32-byte header and the item; or when 2^32 - 1 items were found), so a
     result that leaves room for a header and the largest item the filesystem can hold
     (:func:`largest_item`; ``item_max``: it, asked already) is every item there is.
-    ``TREE_SEARCH`` (4 KiB, older kernels) is searched until it finds none.
+    ``TREE_SEARCH`` (4 KiB, older kernels) is searched until it finds none. ``into``: a
+    buffer of :data:`EXTENT_SEARCH` bytes to search with, else one is made (and zeroed).
     """
     out: list[bytes] = []
     min_off = 0
@@ -510,7 +510,7 @@ def file_extents(fd: int, ino: int, item_max: int = 0) -> bytes | None:
                               _EXTENT_DATA_KEY, _EXTENT_DATA_KEY, 0xFFFFFFFF, 0, 0, 0, 0, 0)
 
     header = _SEARCH_HDR.unpack_from
-    for buf, pos, nr_items in _searches(fd, _EXTENT_BUFFER, key):
+    for buf, pos, nr_items in _searches(fd, _EXTENT_BUFFER, key, into):
         off, first = 0, pos
         for _ in range(nr_items):
             _transid, obj, off, typ, length = header(buf, pos)
