@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 import random
+import subprocess
 import sys
 from array import array
 from collections.abc import Iterator
@@ -226,6 +227,26 @@ def test_the_c_offsets_are_the_references() -> None:
         c.prefix(array("i", [1]), 1, None)  # signed
     with pytest.raises(TypeError):
         c.prefix("text", 1, None)
+
+
+@pytest.mark.skipif(not _BUILT, reason="the columns accelerator is not built")
+def test_leading_reads_no_key_past_the_last() -> None:
+    """A record above every key, with a key's low 16 bits, is no match: the C bisection
+    ends past the last key and must not read ``sorted[nk]``. Under ``PYTHONMALLOC=debug``
+    the 8 bytes after a block are 0xFD, so a read there matched 0xFDFD...FD."""
+    code = (
+        "import sys\n"
+        "from array import array\n"
+        "from btrdelta import _native\n"
+        "c = _native.live('columns')\n"
+        "recs = (0xFDFDFDFDFDFDFDFD).to_bytes(8, sys.byteorder) + bytes(40)\n"
+        "print(repr(bytes(c.leading(recs, 48, array('Q', [0xFDFD])))),"
+        " repr(bytes(c.leading(recs, 48, array('Q', [0xFDFD, 0xFDFDFDFDFDFDFDFD])))))\n"
+    )
+    env = dict(os.environ, PYTHONMALLOC="debug")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == ["b''", repr(bytes(8))]
 
 
 def test_the_c_copies_are_the_references() -> None:

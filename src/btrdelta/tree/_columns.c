@@ -438,7 +438,7 @@ static PyObject *leading(PyObject *self, PyObject *args) {
             else
                 hi = mid;
         }
-        if (sorted[lo] != x)
+        if (lo == nk || sorted[lo] != x)  /* x above every key: no sorted[nk] */
             continue;
         if (count == cap) {
             uint64_t *more = PyMem_Realloc(found, (size_t)cap * 2 * sizeof(uint64_t));
