@@ -160,8 +160,8 @@ class Applier:
         self.warn = on_warning or warn
         self.received: list[ReceivedSubvol] = []
         self._cur: PendingSubvol | None = None
-        #: (descriptor, FS_IOC_SETFLAGS flags, path) applied when the subvolume is finished
-        self._fileattrs: list[tuple[int, int, bytes]] = []
+        #: the FS_IOC_SETFLAGS flags set when the subvolume is finished
+        self._fileattrs = fileattrs.Pending()
         self._wpath: bytes | None = None
         self._wfd = -1
         self._clone_roots: dict[UUID, Sandbox] = {}
@@ -353,8 +353,8 @@ class Applier:
         if cur.sandbox is not None:
             self._fast_reset(cur.sandbox.root_fd)
             if self.apply_fileattr and cur.parent_path is not None:  # (see .fileattrs)
-                self._fileattrs += fileattrs.from_parent(cur.parent_path, cur.sandbox.root_fd,
-                                                         copied=not self.btrfs)
+                self._fileattrs.from_parent(cur.parent_path, cur.sandbox.root_fd,
+                                            copied=not self.btrfs)
 
     def subvol(self, rec: Subvol) -> None:
         """SUBVOL: start a new empty subvolume (or directory)."""
@@ -379,7 +379,9 @@ class Applier:
             self._fast_reset(-1)
             self._close_write()
             self._close_clone_roots()
-            fileattrs.set_all(self._fileattrs, lambda msg: self._warn_once("fileattr", msg))
+            if self._fileattrs:
+                self._fileattrs.apply(self._sb.root_fd,
+                                      lambda msg: self._warn_once("fileattr", msg))
         done = self.subvols.finish(cur, pre_commit=self.pre_commit, keep_on=self.detach_on)
         self._cur = None
         self.received.append(done)
@@ -398,9 +400,7 @@ class Applier:
         self._fast_reset(-1)
         self._close_write()
         self._close_clone_roots()
-        for fd, _, _ in self._fileattrs:
-            os.close(fd)
-        self._fileattrs.clear()
+        self._fileattrs.close()
         return cur
 
     # -- helpers -----------------------------------------------------------------------
@@ -690,7 +690,7 @@ class Applier:
             fd = os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         finally:
             os.close(pfd)
-        self._fileattrs.append((fd, flags, rec.path))
+        self._fileattrs.add(fd, flags, rec.path)
 
     def encoded_write(self, rec: EncodedWrite) -> None:
         """ENCODED_WRITE: encoded-write ioctl on btrfs; else decompress and ``pwrite``."""
