@@ -355,8 +355,8 @@ class Sender(CloneFinder):
             if self._stream is not None:  # (every directory was sent: the walk is over)
                 new = self._stream.join()
                 self.stats.files_scanned, self.stats.bytes_scanned = new.files, new.data_bytes
-                self.estimate = self._estimate(old, match)
             self._hasher.wait(on_bytes)  # every file was waited for: the threads end
+            self.estimate = self._estimate(old, match)  # (its data ranges now known)
         yield self._count(End())
         self.stats.phase = "done"
         self._progress()
@@ -369,10 +369,11 @@ class Sender(CloneFinder):
         """Bytes of file data the stream will carry at most: in record mode the blocks that
         differ from the receiver's and are not found in old files (the block diffs are kept
         for sending), else every changed file whole."""
-        if self.streaming:  # (not hashed yet: every file whole, holes too)
+        if self.streaming:  # (a file not hashed yet: whole, holes too)
             if self._stream is not None and self._stream.walking:
                 return 0  # (not scanned yet either: unknown)
-            return sum(n.size for nid, n in self.new.nodes.items()
+            return sum(n.size if n.segments is None else sum(k for _o, k in n.segments)
+                       for nid, n in self.new.nodes.items()
                        if n.is_reg and nid not in match.unchanged)
         total = 0
         olds = {(o.bdigest, o.size) for o in old.nodes.values()

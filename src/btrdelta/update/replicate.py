@@ -631,7 +631,7 @@ class _Sender:
                 dropping.join()
         return ReplicateResult("committed", plan.kind, done.name, self.rid, plan.base or None,
                                recorded, sent, plan.offset, offset, pruned=pruned,
-                               estimate=plan.estimate or wire.estimate)
+                               estimate=wire.estimate or plan.estimate)
 
     def _unchanged(self, flight: dict[str, Any], result: Any, plan: Plan, sent: int,
                    size: int) -> ReplicateResult:
