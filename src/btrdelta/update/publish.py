@@ -39,7 +39,7 @@ from ..repo.canonical import parse_json
 from ..repo.catalog import Catalog, CatalogVersion, decode_chunk_map
 from ..repo.layout import delta_sources, future_sources
 from ..repo.model import check_version_name
-from ..tree import diff_manifests, tree_manifest, tree_sum
+from ..tree import Entry, diff_manifests, tree_manifest, tree_sum
 from .packs import pack_stream
 from .streams import receive_release, write_release_stream
 
@@ -177,10 +177,30 @@ def _remove_tree(path: Path) -> None:
 
 def _check_same(received: Path, source: Path, identity: str) -> None:
     if tree_sum(received) != identity:
-        diffs = diff_manifests(tree_manifest(source), tree_manifest(received), limit=3)
+        want, got = tree_manifest(source), tree_manifest(received)
+        diffs = _lost_properties(want, got, source) \
+            or diff_manifests(want, got, limit=3)
         raise ChecksumError(
             "the release tree does not survive a send stream round trip: "
             + "; ".join(diffs), path=str(source))
+
+
+def _lost_properties(want: list[Entry], got: list[Entry], source: Path) -> list[str]:
+    """What to do about the btrfs properties (``btrfs.*`` extended attributes, e.g.
+    ``btrfs property set F compression zstd``) of ``want`` that the receive into the
+    repository did not keep (not btrfs there): one line naming the first path, or none."""
+    kept = {e.path: {name for name, _ in e.xattrs} for e in got}
+    lost = [(e.path, name, value) for e in want for name, value in e.xattrs
+            if name.startswith(b"btrfs.") and name not in kept.get(e.path, ())]
+    if not lost:
+        return []
+    path, name, value = lost[0]
+    prop, where = name[6:].decode(errors="replace"), os.fsdecode(source / os.fsdecode(path))
+    more = f" (and {len(lost) - 1} more path(s))" if len(lost) > 1 else ""
+    return [f"{os.fsdecode(path)!r} has the btrfs property {prop}="
+            f"{value.decode(errors='replace')}{more}, which the repository's filesystem (not "
+            f"btrfs) cannot keep: clear it (btrfs property set {where} {prop} '') or keep "
+            "the repository on btrfs"]
 
 
 def _source_tree(repo: Repo, name: str, source: Path) -> tuple[Path, bool]:
