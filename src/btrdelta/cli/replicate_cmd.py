@@ -221,8 +221,10 @@ def _serve(args: argparse.Namespace) -> int:
     replica = Replica(args.serve, backend=args.backend, on_warning=_warner(args, "--serve"))
     ch = PipeChannel(os.fdopen(0, "rb", buffering=0), os.fdopen(1, "wb", buffering=0),
                      name="stdio")
-    result = replica.serve(ch, peer="sender")
-    ch.close()
+    try:
+        result = replica.serve(ch, peer="sender")
+    finally:  # (raised: its error line and code are main's)
+        ch.close()
     if result.outcome in ("failed", "busy"):  # one error line, as every command's
         print(f"btrdelta {args.command}: error: {result.message}", file=sys.stderr)
         return ProtocolError.exit_code

@@ -523,14 +523,14 @@ class Replica:
             cut = inbox is not None
             return ServeResult("interrupted", str(exc),
                                received_bytes=inbox.added if inbox else 0)
-        except (ProtocolError, OSError) as exc:
+        except Exception as exc:  # (a damaged state file, a bug: the peer hears it, raised)
             if acks is not None:
                 acks.drain(check=False)  # (nothing else writes while it does)
             if inbox is not None:
                 partial.drop()
-            with contextlib.suppress(BtrdeltaError):
-                io.send_raw(Refuse("protocol" if isinstance(exc, ProtocolError) else "failed",
-                                   str(exc)[:2000]))
+            self._refuse(io, exc)
+            if not isinstance(exc, ProtocolError | OSError):
+                raise
             return ServeResult("failed", str(exc))
         finally:
             if self._syncing is not None:  # (a new DEST's state file: its fsyncs end with
@@ -546,6 +546,13 @@ class Replica:
                 self._keep(partial)
             if lock is not None:
                 os.close(lock)
+
+    @staticmethod
+    def _refuse(io: MessageIO, exc: Exception) -> None:
+        """Tell the peer why the conversation failed (if it still listens)."""
+        with contextlib.suppress(BtrdeltaError):
+            io.send_raw(Refuse("protocol" if isinstance(exc, ProtocolError) else "failed",
+                               str(exc)[:2000] or type(exc).__name__))
 
     def _lock(self) -> tuple[int | None, str]:
         """Lock DEST for one conversation (two would share its partial transfer): the lock
