@@ -45,9 +45,10 @@ def _counters() -> set[str]:
 
 @pytest.fixture(autouse=True)
 def _no_counter_left(request: pytest.FixtureRequest) -> Iterator[None]:
-    """A test that leaves a partial transfer in its DEST (a cut never resumed) leaves its
-    record counter in ``/dev/shm``, as a DEST deleted by hand would: removed with the
-    test's temporary tree (only the counters of partial transfers under it)."""
+    """A test that leaves a partial transfer of a killed receiver in its DEST (never
+    resumed) leaves its record counter in ``/dev/shm``, as a DEST deleted by hand would:
+    removed with the test's temporary tree (only the counters of partial transfers under
+    it)."""
     before = _counters()
     yield
     new = _counters() - before

@@ -44,7 +44,7 @@ def test_the_record_counter_is_mapped_in_tmpfs_and_outlives_a_restart_once_synce
         tmp_path: Path) -> None:
     """The counter the applier stores into is a tmpfs file (a mapping of a file on DEST
     can SIGBUS on a full btrfs); a synced meta's count is in DEST too, where a restart
-    (no tmpfs file) finds it; drop removes both."""
+    (no tmpfs file) finds it, and the tmpfs file is removed then; drop removes both."""
     part = PartialTransfer(tmp_path, "dir")
     counter = part.start()
     counter[:8] = (41).to_bytes(8, sys.byteorder)
@@ -55,8 +55,9 @@ def test_the_record_counter_is_mapped_in_tmpfs_and_outlives_a_restart_once_synce
     assert not (part.path / "progress").exists()  # (nothing on DEST until it must last)
     part.save({"version": 2, "offset": 1}, synced=True)
     assert (part.path / "progress").read_bytes() == (41).to_bytes(8, sys.byteorder)
-    counter[:8] = (42).to_bytes(8, sys.byteorder)
-    os.unlink(f"/dev/shm/{shm[0]}")  # a restart
+    # no record is applied after it (a cut-off receiver's last words, or END's): the
+    # tmpfs file goes (none left by a cut), as after a restart
+    assert not os.path.exists(f"/dev/shm/{shm[0]}")
     assert part.applied() == 41  # the synced count
     again = part.start()  # a resume after it: the counter starts from that count
     assert int.from_bytes(again[:8], sys.byteorder) == 41

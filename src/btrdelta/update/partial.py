@@ -11,8 +11,10 @@ restart), written once before it is mapped so that its page exists: a store into
 mapping of a file on DEST faults again after each write-back, and on a full btrfs that
 fault cannot reserve space and kills the receiver with ``SIGBUS`` (no error, no cleanup).
 ``progress`` in DEST holds the count where it must outlive a restart: it is written and
-``fsync``-ed before a meta that says "written out" (``synced``). Where ``/dev/shm`` cannot
-be used, ``progress`` itself is mapped, as before.
+``fsync``-ed before a meta that says "written out" (``synced``), and the tmpfs file is
+removed then (a receiver cut off by its sender leaves none; only a killed one does, for the
+resume that removes it with the partial transfer). Where ``/dev/shm`` cannot be used,
+``progress`` itself is mapped, as before.
 """
 
 from __future__ import annotations
@@ -152,6 +154,14 @@ class PartialTransfer:
                 os.close(fd)
         write_atomic(self.path / META, json.dumps(doc).encode(), mode=0o600,
                      durable=synced or durable)
+        if synced:  # (``progress`` counts what it did; the next receiver maps a new one)
+            self._forget_counter()
+
+    def _forget_counter(self) -> None:
+        counter = self.counter()
+        if counter is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(counter)
 
     def holds(self, name: str, uuid: UUID, ctransid: int, parent_uuid: UUID | None) -> bool:
         """Whether the partial transfer holds the start of the stream of subvolume ``name``
@@ -219,8 +229,5 @@ class PartialTransfer:
                     if os.path.lexists(self.dest / name):
                         subvols.abort(PendingSubvol(b"", os.fsencode(name), self.dest / name,
                                                     UUID(int=0), 0, None, None))
-        counter = self.counter()
-        if counter is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(counter)
+        self._forget_counter()
         remove_path(self.path, ignore_errors=True)
