@@ -455,13 +455,42 @@ def open_output(name: str | None, *, binary: bool = True,
         if binary:
             refuse_terminal_output(name)
         with naming_output("standard output"):
-            yield sys.stdout.buffer
+            yield stdout_bytes()
             sys.stdout.buffer.flush()
         return
     if os.path.isdir(name):
         raise BtrdeltaError("is a directory (give a file name)", source=name)
     with naming_output(name), atomic_output(name, durable=durable) as f:
         yield f
+
+
+class _WholeWrites:
+    """Standard output's binary buffer whose ``write`` writes every byte or raises.
+
+    Python 3.11's ``BufferedWriter.write`` of more than its buffer returns a short count,
+    the rest dropped, when the reader of a pipe goes away during the ``write(2)`` (the
+    kernel's partial count): ``btrdelta dump | head`` went on and exited 0. Written again
+    from there, the next ``write(2)`` fails with ``EPIPE``: ``BrokenPipeError``, which
+    :func:`btrdelta.cli.main` turns into exit 141 (128 + SIGPIPE), as ``btrfs receive
+    --dump | head`` (killed by SIGPIPE) and Python 3.13 give."""
+
+    def __init__(self, buffer: BinaryIO) -> None:
+        self._buffer = buffer
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        done = self._buffer.write(view)
+        while done < len(view):
+            done += self._buffer.write(view[done:])
+        return len(view)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._buffer, name)
+
+
+def stdout_bytes() -> BinaryIO:
+    """Standard output for bytes (:class:`_WholeWrites`)."""
+    return _WholeWrites(sys.stdout.buffer)  # type: ignore[return-value]
 
 
 #: errors of a write that say the output is full (or too large for it), not where
@@ -586,7 +615,7 @@ def dump_stream(f: BinaryIO, name: str, *, as_json: bool = False,
     from ..update.identify import Kind
 
     _, f = sniff_input(f, name, Kind.SEND_STREAM)
-    out = sys.stdout.buffer
+    out = stdout_bytes()
     sink = JsonDumpSink(out.write) if as_json else \
         TextDumpSink(out.write, progs=progs or installed_progs())
     with naming_output("standard output"):
