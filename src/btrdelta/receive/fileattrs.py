@@ -130,7 +130,10 @@ class Pending:
         found: dict[int, bytes] = {}
         if not want:
             return found
-        dev = os.fstat(root_fd).st_dev
+        root = os.fstat(root_fd)
+        dev = root.st_dev
+        if root.st_ino in want:  # (the root: no entry names it)
+            found[root.st_ino] = b"."
         stack = [b"."]
         while stack and len(found) < len(want):
             rel = stack.pop()
@@ -165,8 +168,8 @@ class Pending:
             fd = os.open(path, _OPEN, dir_fd=root_fd)
         except OSError:
             return -1
-        if _identity(fd) != (ino, gen):
-            os.close(fd)
+        if _identity(fd) != (ino, gen) or os.fstat(fd).st_dev != os.fstat(root_fd).st_dev:
+            os.close(fd)  # (another inode now, or a nested subvolume's root)
             return -1
         return fd
 
