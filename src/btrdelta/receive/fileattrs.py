@@ -13,7 +13,8 @@ Paths break on the stream's later renames, so an inode is kept as an open descri
 :data:`HELD` of them (a parent with thousands of flagged inodes would meet the default
 ``RLIMIT_NOFILE`` of 1,024) as its inode number and generation (``FS_IOC_GETVERSION``),
 found again at the end by one walk of the new subvolume (an inode the stream deleted is not
-found; a number the filesystem reused for a new inode has another generation).
+found; a number the filesystem reused for a new inode has another generation, on the
+filesystems that keep one: btrfs, ext4, XFS).
 """
 
 from __future__ import annotations
