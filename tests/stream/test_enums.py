@@ -17,7 +17,7 @@ from btrdelta.stream import constants, framing
 from btrdelta.stream.constants import Attr, Cmd, Kind, simple_enum
 
 MADE = [constants.Cmd, constants.Attr, constants.Compression, constants.Kind,
-        framing.Sentinel, framing.DCmd]
+        framing.Sentinel, framing.DCmd, framing.Place]
 
 
 def _classic(cls: Any) -> Any:
@@ -61,6 +61,15 @@ def test_they_behave_as_enums() -> None:
     assert len(Attr) == 36
     with pytest.raises(ValueError, match="99 is not a valid Cmd"):
         Cmd(99)
+    place = framing.Place  # a Flag: its composite and its combinations as a Flag's
+    assert [p.name for p in place] == ["SEND_V1", "SEND_V2", "SEND_V3", "DELTA", "CARRIER"]
+    assert repr(place.SEND) == "<Place.SEND: 7>"
+    assert place.SEND_V2 in place.SEND
+    assert place.DELTA not in place.SEND
+    assert place(3) is place.SEND_V1 | place.SEND_V2
+    assert repr(place(3)) == "<Place.SEND_V1|SEND_V2: 3>"
+    assert ~place.DELTA == place.SEND | place.CARRIER
+    assert not place(0)
 
 
 def test_the_functional_fallback_makes_the_same_enum(monkeypatch: pytest.MonkeyPatch) -> None:

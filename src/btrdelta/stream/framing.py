@@ -65,8 +65,9 @@ if TYPE_CHECKING:
 
     _IntEnum = enum.IntEnum
     _Enum = enum.Enum
+    _Flag = enum.Flag
 else:
-    _IntEnum = _Enum = object
+    _IntEnum = _Enum = _Flag = object
 
 __all__ = [
     "EOF",
@@ -106,16 +107,17 @@ EOF: Final[Literal[Sentinel.EOF]] = Sentinel.EOF
 # --- which record is legal where ---------------------------------------------------------
 
 
-class Place(enum.Flag):
+@simple_enum(enum.Flag)
+class Place(_Flag):
     """Where a record may appear."""
 
-    SEND_V1 = enum.auto()
-    SEND_V2 = enum.auto()
-    SEND_V3 = enum.auto()
+    SEND_V1 = 1
+    SEND_V2 = 2
+    SEND_V3 = 4
     #: the top level of a delta stream (btrfs commands there are raw, CRC included)
-    DELTA = enum.auto()
+    DELTA = 8
     #: inside a delta stream's zstd carrier (CRC field 0; btrfs commands may be folded)
-    CARRIER = enum.auto()
+    CARRIER = 16
     #: any send-stream version (what makes a record a btrfs command)
     SEND = SEND_V1 | SEND_V2 | SEND_V3
 
