@@ -8,7 +8,7 @@ import gc
 import subprocess
 import sys
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 
@@ -274,3 +274,45 @@ def test_generated_and_compiled_shapes_are_the_same_code(frozen: bool) -> None:
     assert field_names(cls) == (*names, "tags")
     assert (a.x11, a.tags, a == b, a.tags is not b.tags) == (11, [], True, True)
     assert cls.__init__.__code__.co_name == "__init__"
+
+
+def test_named_tuple_is_a_namedtuple_without_its_compiled_new() -> None:
+    """``_value.named_tuple`` against ``collections.namedtuple`` (the oracle), for the
+    tables of the send's path (``stream.constants.Field``, ``fs.btrfs.FileattrFlag``)."""
+    import collections
+    import pickle
+
+    from btrdelta.fs.btrfs import FILEATTR_FLAGS
+    from btrdelta.stream.constants import COMMAND_SPECS, Field
+
+    def new(_cls: Any, attr: int, name: str, optional: bool = False) -> tuple[Any, ...]:
+        return tuple.__new__(_cls, (attr, name, optional))
+
+    ours = _value.named_tuple("Pair", new, __name__)
+    theirs = collections.namedtuple("Pair", ["attr", "name", "optional"], defaults=[False])
+    for args, kwargs in (((1, "a"), {}), ((1, "a", True), {}), ((2,), {"name": "b"}),
+                         ((), {"attr": 3, "name": "c", "optional": True})):
+        a, b = ours(*args, **kwargs), theirs(*args, **kwargs)
+        assert repr(a) == repr(b)
+        assert a == b
+        assert hash(a) == hash(b)
+        assert tuple(a) == tuple(b)
+        assert (a.attr, a.name, a.optional) == (b.attr, b.name, b.optional)
+    assert ours._fields == theirs._fields == ours.__match_args__
+    assert isinstance(ours(1, "a"), tuple)
+    assert ours.__module__ == __name__
+    for bad in ((), (1, 2, 3, 4)):
+        with pytest.raises(TypeError):
+            ours(*bad)
+    with pytest.raises(AttributeError):
+        ours(1, "a").attr = 2  # type: ignore[misc]
+    # the module's own: the same tables as namedtuple made them
+    made = collections.namedtuple("Field", ["attr", "name", "optional"], defaults=[False])
+    for spec in COMMAND_SPECS.values():
+        assert all(repr(f) == repr(made(*f)) for f in spec.fields)
+    assert Field(1, "x") == made(1, "x")
+    flag = collections.namedtuple("FileattrFlag", ["name", "bit", "fs_name", "fs_bit"])
+    assert [repr(f) for f in FILEATTR_FLAGS] == [repr(flag(*f)) for f in FILEATTR_FLAGS]
+    copy = pickle.loads(pickle.dumps(FILEATTR_FLAGS[0]))
+    assert copy == FILEATTR_FLAGS[0]
+    assert type(copy) is type(FILEATTR_FLAGS[0])

@@ -33,8 +33,9 @@ class again from the class the ``class`` statement made (a ``send --from-sendsho
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Mapping
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from types import CodeType, FunctionType
 
 from . import TYPE_CHECKING
@@ -50,7 +51,11 @@ else:
     def dataclass_transform(**_kwargs: object) -> Callable[[object], object]:
         return lambda f: f
 
-__all__ = ["Value", "field", "field_names", "replace", "value_class"]
+#: namedtuple's field accessor (its fallback, a property, where ``collections`` has none)
+_tuplegetter: Any = getattr(collections, "_tuplegetter", None) or (
+    lambda index, doc: property(itemgetter(index), doc=doc))
+
+__all__ = ["Value", "field", "field_names", "named_tuple", "replace", "value_class"]
 
 
 class _Factory:
@@ -255,6 +260,32 @@ class Value(metaclass=_ValueType):
     65 classes in btrdelta, 43 of them on the path of a ``send``)."""
 
     __slots__ = ()
+
+
+def named_tuple(name: str, new: Callable[..., tuple[Any, ...]], module: str) -> type:
+    """``collections.namedtuple(name, fields, defaults=...)`` from its ``__new__``, written
+    out (``def new(_cls, a, b=0): return tuple.__new__(_cls, (a, b))``: the fields are its
+    parameters): namedtuple compiles that function at each call (~30 µs, three on the path
+    of a ``send``). Fields by name and index, ``_fields``, repr and pickling as
+    namedtuple's; not its ``_make``/``_replace``/``_asdict``."""
+    code = new.__code__
+    names = code.co_varnames[1:code.co_argcount]
+    new.__name__ = new.__qualname__ = "__new__"
+    body: dict[str, Any] = {
+        "__slots__": (), "__module__": module, "_fields": names, "__match_args__": names,
+        "__new__": new, "__repr__": _tuple_repr, "__getnewargs__": _getnewargs,
+    }
+    body.update((n, _tuplegetter(i, f"Alias for field number {i}")) for i, n in enumerate(names))
+    return type(name, (tuple,), body)
+
+
+def _tuple_repr(self: Any) -> str:
+    args = ", ".join(f"{n}={v!r}" for n, v in zip(self._fields, self, strict=True))
+    return f"{type(self).__name__}({args})"
+
+
+def _getnewargs(self: Any) -> tuple[Any, ...]:
+    return tuple(self)
 
 
 def field_names(cls: type) -> tuple[str, ...]:

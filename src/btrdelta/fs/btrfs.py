@@ -29,12 +29,11 @@ import fcntl
 import functools
 import os
 import struct
-from collections import namedtuple
 from collections.abc import Callable, Iterator
 from uuid import UUID
 
 from .. import TYPE_CHECKING, _native
-from .._value import Value
+from .._value import Value, named_tuple
 from .libc import fallocate, fs_type, rename_exchange, rename_noreplace, syncfs
 
 if TYPE_CHECKING:
@@ -130,7 +129,6 @@ _IOC_SYNC = IOCTLS["SYNC"]
 _FS_INFO = IOCTLS["FS_INFO"]
 
 
-
 #: One btrfs inode-item flag that has a ``chattr`` equivalent: ``BTRFS_INODE_<name>`` and
 #: its ``bit`` in the inode item (and in a stream's FILEATTR), the ``FS_IOC_GETFLAGS`` /
 #: ``SETFLAGS`` flag ``fs_name`` and its ``fs_bit`` (``<linux/fs.h>``). (The call form: this
@@ -139,7 +137,8 @@ if TYPE_CHECKING:
     FileattrFlag = NamedTuple(  # noqa: UP014 (see above)
         "FileattrFlag", [("name", str), ("bit", int), ("fs_name", str), ("fs_bit", int)])
 else:  # (typing is not imported at start-up)
-    FileattrFlag = namedtuple("FileattrFlag", ["name", "bit", "fs_name", "fs_bit"])
+    FileattrFlag = named_tuple("FileattrFlag", lambda _cls, name, bit, fs_name, fs_bit:
+                               tuple.__new__(_cls, (name, bit, fs_name, fs_bit)), __name__)
 FileattrFlag.__doc__ = "One btrfs inode-item flag that has a ``chattr`` equivalent."
 
 

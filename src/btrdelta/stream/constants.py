@@ -5,19 +5,19 @@ The values are those of the kernel's ``fs/btrfs/send.h`` (and btrfs-progs
 the kernel emits them, of which type) lives in :data:`COMMAND_SPECS`; records, codec and the
 docs are all driven by it. This module owns no behaviour.
 
-:class:`Field` and :class:`CommandSpec` are made by ``collections.namedtuple`` (type checkers
-see them as ``typing.NamedTuple`` classes): a small ``send`` imports no ``typing``, which is
-~12 M instructions, ~3 % of it (a ``typing.NamedTuple`` class would also compile each of its
-string annotations at import).
+:class:`Field` and :class:`CommandSpec` are named tuples made by ``_value.named_tuple``
+(type checkers see them as ``typing.NamedTuple`` classes): a small ``send`` imports no
+``typing``, which is ~12 M instructions, ~3 % of it (a ``typing.NamedTuple`` class would also
+compile each of its string annotations at import).
 """
 
 from __future__ import annotations
 
 import enum
 import struct
-from collections import namedtuple
 
 from .. import TYPE_CHECKING
+from .._value import named_tuple
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -245,10 +245,16 @@ if TYPE_CHECKING:
         fields: tuple[Field, ...]
         version: int
 else:
-    Field = namedtuple("Field", ["attr", "name", "optional"], defaults=[False])
+    def _field(_cls, attr, name, optional=False):
+        return tuple.__new__(_cls, (attr, name, optional))
+
+    def _command_spec(_cls, cmd, fields, version):
+        return tuple.__new__(_cls, (cmd, fields, version))
+
+    Field = named_tuple("Field", _field, __name__)
     Field.__doc__ = "One attribute of a command: its record field name, and whether it may " \
         "be absent."
-    CommandSpec = namedtuple("CommandSpec", ["cmd", "fields", "version"])
+    CommandSpec = named_tuple("CommandSpec", _command_spec, __name__)
     CommandSpec.__doc__ = "A command's attributes in the order the kernel emits them."
 
 
