@@ -88,3 +88,26 @@ def test_the_functional_fallback_makes_the_same_enum(monkeypatch: pytest.MonkeyP
     assert [(m.name, m.value) for m in made] == [("RED", 1), ("BLUE", 2)]
     assert made.__doc__ == "Two colours."
     assert made.__qualname__ == Colour.__qualname__
+
+
+def test_made_as_the_standard_library_makes_it() -> None:
+    """``simple_enum``'s own conversion (Python 3.11) against ``enum._simple_enum``'s, on
+    the same plain classes: the class's namespace and each member's attributes."""
+
+    def plain(doc: str | None) -> Any:
+        return type("Colour", (), {"__module__": __name__, "__qualname__": "Colour",
+                                   "__doc__": doc, "RED": 1, "BLUE": 2, "AZURE": 2})
+
+    for etype in (enum.IntEnum, enum.Enum):
+        for doc in ("Colours.", None):
+            ours = simple_enum(etype)(plain(doc))
+            theirs = enum._simple_enum(etype)(plain(doc))  # type: ignore[attr-defined]
+            enum._test_simple_enum(theirs, ours)  # type: ignore[attr-defined]
+            assert sorted(vars(ours)) == sorted(vars(theirs))
+            assert ours.__doc__ == theirs.__doc__
+            assert ours.AZURE is ours.BLUE
+            for name, member in ours.__members__.items():
+                mine = {k: (v if k != "__objclass__" else "cls") for k, v in vars(member).items()}
+                other = vars(theirs[name])
+                assert mine == {k: (v if k != "__objclass__" else "cls") for k, v in other.items()}
+                assert member.__objclass__ is ours
