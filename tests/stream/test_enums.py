@@ -96,7 +96,8 @@ def test_made_as_the_standard_library_makes_it() -> None:
 
     def plain(doc: str | None) -> Any:
         return type("Colour", (), {"__module__": __name__, "__qualname__": "Colour",
-                                   "__doc__": doc, "RED": 1, "BLUE": 2, "AZURE": 2})
+                                   "__doc__": doc, "RED": 1, "BLUE": 2, "AZURE": 2,
+                                   "label": lambda self: self.name.lower()})
 
     for etype in (enum.IntEnum, enum.Enum):
         for doc in ("Colours.", None):
@@ -106,6 +107,8 @@ def test_made_as_the_standard_library_makes_it() -> None:
             assert sorted(vars(ours)) == sorted(vars(theirs))
             assert ours.__doc__ == theirs.__doc__
             assert ours.AZURE is ours.BLUE
+            assert list(ours.__members__) == ["RED", "BLUE", "AZURE"]
+            assert ours.RED.label() == "red"
             for name, member in ours.__members__.items():
                 mine = {k: (v if k != "__objclass__" else "cls") for k, v in vars(member).items()}
                 other = vars(theirs[name])

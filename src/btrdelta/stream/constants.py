@@ -72,12 +72,15 @@ def _simple_enum_311(etype: Any, cls: Any, make: Any) -> Any:
             continue
         if name in ("__new__", "__init__") or isinstance(obj, enum.auto):
             return make(etype)(cls)
-        if std._is_dunder(name) or std._is_private(cls.__name__, name) \
-                or std._is_sunder(name) or std._is_descriptor(obj):
-            body[name] = obj
-        else:
+        member = not (std._is_dunder(name) or std._is_private(cls.__name__, name)
+                      or std._is_sunder(name))
+        if member and type(obj) not in (int, str):  # (an int or a str is no descriptor)
+            member = not std._is_descriptor(obj)
+        if member:
             attrs[name] = obj
             body[name] = enum.property()
+        else:
+            body[name] = obj
     new_member = etype._member_type_.__new__
     member_names: list[str] = []
     member_map: dict[str, Any] = {}
