@@ -1,6 +1,6 @@
 """Sendshots vs keeping the old snapshot (``btrfs send -p``), and replication throughput.
 
-Four workloads on a loop-mounted btrfs, each over ``ROUNDS`` rounds of changes to one live
+Workloads on a loop-mounted btrfs, each over ``ROUNDS`` rounds of changes to one live
 subvolume (``BTRDELTA_BENCH_ROUNDS``, default 3; ``BTRDELTA_BENCH_WORKLOADS``: a comma-separated
 subset of the names below and ``replicate``, default all):
 
@@ -13,6 +13,14 @@ subset of the names below and ``replicate``, default all):
   110 MiB), which none of the changes touch: the kernel's ``send -p`` costs what changed,
   and the time of ours beside it says how much of it grows with the tree (issue 15: 3-5x
   the kernel's here, session 23, against ~2x on the small tree);
+* ``in-place-read``, ``in-place-large-du`` and ``in-place-large-read``: the changes of
+  ``in-place`` (``in-place-large``), then a read of the live subvolume as a user checking it
+  does (issue 15, session 28): ``du`` (every directory listed: what ``find``, ``du`` or a
+  daily ``updatedb`` do) or ``find -type f -exec cat`` (every directory listed and every
+  file read: ``diff -r``, a backup). The subvolume is mounted ``strictatime`` for these (on
+  the default ``relatime`` a read moves an atime once a day or after a change: every round
+  here is such a first read): each directory's and file's inode item is written again for
+  its atime alone, so its transid moves (the kernel's ``send -p`` sends their ``utimes``);
 * ``sqlite``: a SQLite database under a write load between rounds;
 * ``rebuilt``: a directory removed and written again with mostly the same content.
 
@@ -162,6 +170,25 @@ def _in_place_large(live: Path, rng: random.Random) -> Callable[[int], None]:
     for c in range(LARGE_COPIES):
         sh("cp", "-a", "--reflink=never", str(extra), str(live / f"copy{c}"))
     return _in_place(live, rng)
+
+
+def _reading(setup: Callable[[Path, random.Random], Callable[[int], None]], files: bool
+             ) -> Callable[[Path, random.Random], Callable[[int], None]]:
+    """``setup``'s workload, each round's changes followed by a read of the live tree (its
+    directories listed, and ``files``: every file read), on a ``strictatime`` mount."""
+    def reading(live: Path, rng: random.Random) -> Callable[[int], None]:
+        change = setup(live, rng)
+        sh("mount", "-o", "remount,strictatime", str(live.parent))
+        read = (f"find '{live}' -type f -exec cat {{}} + > /dev/null" if files
+                else f"du -s '{live}' > /dev/null")
+
+        def change_and_read(i: int) -> None:
+            change(i)
+            sh("sh", "-c", read)
+
+        return change_and_read
+
+    return reading
 
 
 def _sqlite(live: Path, rng: random.Random) -> Callable[[int], None]:
@@ -393,8 +420,11 @@ def run() -> list[str]:
     # PYTHONDONTWRITEBYTECODE=1 would otherwise compile every module on every run
     subprocess.run([PY, "-m", "compileall", "-q", str(Path(__file__).parents[1] / "src")],
                    stdout=subprocess.DEVNULL, check=False)
-    workloads = {"in-place": _in_place, "in-place-large": _in_place_large, "sqlite": _sqlite,
-                 "rebuilt": _rebuilt}
+    workloads = {"in-place": _in_place, "in-place-large": _in_place_large,
+                 "in-place-read": _reading(_in_place, True),
+                 "in-place-large-du": _reading(_in_place_large, False),
+                 "in-place-large-read": _reading(_in_place_large, True),
+                 "sqlite": _sqlite, "rebuilt": _rebuilt}
     chosen = os.environ.get("BTRDELTA_BENCH_WORKLOADS")
     names = chosen.split(",") if chosen else [*workloads, "replicate"]
     for name in names:
