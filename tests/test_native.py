@@ -78,12 +78,12 @@ def _sweep_runs_c() -> bool:
         return real_walk(*args)  # type: ignore[arg-type]
 
     def searches(fd: int, size: int, key: object) -> Iterator[tuple[bytearray, int, int]]:
-        item = struct.pack("<QQQII", 9, 300, 0, 1, 16) + struct.pack("<QQ", 3, 60)
+        item = struct.pack("<QQQII", 9, 300, 0, 1, 80) + struct.pack("<QQ56xQ", 3, 60, 5)
         yield bytearray(item), 0, 1
 
     btrfs._sweep_py, btrfs._searches = spy, searches  # type: ignore[assignment]
     try:
-        assert btrfs.changed_inodes(-1, 50) == {300: (3, 60)}
+        assert btrfs.changed_inodes(-1, 50) == {300: (3, 60, 5)}
     finally:
         btrfs._sweep_py, btrfs._searches = real_walk, real_searches  # type: ignore[assignment]
     return not calls

@@ -665,10 +665,10 @@ def _init16_0001110001000100(
     self.f15 = f15
 
 
-def _init20_00000000000000000000(
+def _init21_000000000000000000000(
     self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any, f5: Any, f6: Any,
     f7: Any, f8: Any, f9: Any, f10: Any, f11: Any, f12: Any, f13: Any, f14: Any,
-    f15: Any, f16: Any, f17: Any, f18: Any, f19: Any,
+    f15: Any, f16: Any, f17: Any, f18: Any, f19: Any, f20: Any,
 ) -> None:
     self.f0 = f0
     self.f1 = f1
@@ -690,6 +690,7 @@ def _init20_00000000000000000000(
     self.f17 = f17
     self.f18 = f18
     self.f19 = f19
+    self.f20 = f20
 
 
 def _init22_0000000000000000000000(
@@ -721,11 +722,11 @@ def _init22_0000000000000000000000(
     self.f21 = f21
 
 
-def _init24_000000000000110000000000(
+def _init25_0000000000001100000000000(
     self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any, f5: Any, f6: Any,
     f7: Any, f8: Any, f9: Any, f10: Any, f11: Any, f12: Any, f13: Any, f14: Any,
     f15: Any, f16: Any, f17: Any, f18: Any, f19: Any, f20: Any, f21: Any, f22: Any,
-    f23: Any,
+    f23: Any, f24: Any,
 ) -> None:
     self.f0 = f0
     self.f1 = f1
@@ -751,6 +752,7 @@ def _init24_000000000000110000000000(
     self.f21 = f21
     self.f22 = f22
     self.f23 = f23
+    self.f24 = f24
 
 
 #: the shapes written out above, by name (:func:`shape_name`)
@@ -788,8 +790,8 @@ _GENERATED: dict[str, Callable[..., None]] = {
     "_init13_0000000000000": _init13_0000000000000,
     "_frozen13_0000000000000": _frozen13_0000000000000,
     "_init16_0001110001000100": _init16_0001110001000100,
-    "_init20_00000000000000000000": _init20_00000000000000000000,
+    "_init21_000000000000000000000": _init21_000000000000000000000,
     "_init22_0000000000000000000000": _init22_0000000000000000000000,
-    "_init24_000000000000110000000000": _init24_000000000000110000000000,
+    "_init25_0000000000001100000000000": _init25_0000000000001100000000000,
 }
 # --- end of generated code ---------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The change sweep's items walked in C (``fs/_sweep.c``, the ``sweep`` accelerator) give what
 the Python reference (``btrfs._sweep_py``) gives, on search results made here: inode items
-written before, at and after the transid, other item types, short items, and items that
-run past the buffer."""
+written before, at and after the transid (with their sequence), file extent items written
+before, at and after it (``written``), other item types, short items, and items that run
+past the buffer."""
 
 from __future__ import annotations
 
@@ -25,23 +26,26 @@ pytestmark = pytest.mark.skipif(
 _HDR = struct.Struct("<QQQII")  # transid, objectid, offset, type, len
 
 
-def _results(rng: random.Random, n: int) -> tuple[bytearray, dict[int, tuple[int, int]]]:
+def _results(rng: random.Random, n: int) -> tuple[bytearray, dict[int, tuple[int, int, int]]]:
     """``n`` search results after a 16-byte prefix, and (roughly: an objectid may come
     back) the inodes written after 50."""
     buf = bytearray(rng.randbytes(16))
-    want: dict[int, tuple[int, int]] = {}
+    want: dict[int, tuple[int, int, int]] = {}
     for i in range(n):
         obj = rng.choice([256 + i, rng.randrange(2**64)])
-        typ = rng.choice([1, 1, 1, 12, 84, 96, 108, 255])
+        typ = rng.choice([1, 1, 1, 12, 84, 96, 108, 108, 255])
         gen, transid = rng.randrange(2**64), rng.choice([49, 50, 51, 2**64 - 1])
+        seq = rng.randrange(2**64)
         if typ == 1:
-            item = struct.pack("<QQ", gen, transid) + rng.randbytes(rng.choice([0, 144]))
+            item = struct.pack("<QQ56xQ", gen, transid, seq) + rng.randbytes(rng.choice([0, 80]))
             if transid > 50:
-                want[obj] = (gen, transid)
+                want[obj] = (gen, transid, seq)
+        elif typ == 108:  # a file extent item: its generation first
+            item = struct.pack("<Q", transid) + rng.randbytes(rng.choice([0, 13, 45]))
         else:
             item = rng.randbytes(rng.randrange(40))
-        if rng.random() < 0.05:  # an inode item too short to hold its transid: skipped
-            typ, item = 1, item[:rng.randrange(16)]
+        if rng.random() < 0.05:  # an inode item too short to hold its sequence: skipped
+            typ, item = 1, item[:rng.randrange(80)]
             want.pop(obj, None)
         buf += _HDR.pack(rng.randrange(2**64), obj, rng.randrange(2**64), typ, len(item))
         buf += item
@@ -57,13 +61,17 @@ def test_c_walks_the_items_as_the_reference_does() -> None:
         nr = rng.randrange(1, 200)
         nr = min(nr, _count(buf))
         for since in (0, 49, 50, 2**64 - 2):
-            got_c: dict[int, tuple[int, int]] = {}
-            got_py: dict[int, tuple[int, int]] = {}
-            last_c = c.inodes(buf, 16, nr, 1, since, got_c)
-            last_py = btrfs._sweep_py(buf, 16, nr, 1, since, got_py)
+            got_c: dict[int, tuple[int, int, int]] = {}
+            got_py: dict[int, tuple[int, int, int]] = {}
+            written_c: set[int] = set()
+            written_py: set[int] = set()
+            last_c = c.inodes(buf, 16, nr, 1, since, got_c, written_c)
+            last_py = btrfs._sweep_py(buf, 16, nr, 1, since, got_py, written_py)
             assert last_c == last_py
             assert got_c == got_py
             assert list(got_c) == list(got_py)  # the same order: the kernel's key order
+            assert written_c == written_py
+            assert c.inodes(buf, 16, nr, 1, since, {}) == last_c  # (written: optional)
 
 
 def test_the_inodes_written_after_since() -> None:
@@ -72,25 +80,30 @@ def test_the_inodes_written_after_since() -> None:
     for backend in ("c", "python"):
         with _native.use_backend(backend, "sweep"):  # type: ignore[arg-type]
             items = _native.live("sweep")
-            got: dict[int, tuple[int, int]] = {}
+            got: dict[int, tuple[int, int, int]] = {}
+            written: set[int] = set()
             walk = items.inodes if items is not None else btrfs._sweep_py
-            walk(buf, 16, 300, 1, 50, got)
+            walk(buf, 16, 300, 1, 50, got, written)
             # a later item of the same objectid wins in both (a dict); the model too
-            assert got == _model(buf, 300)
+            assert (got, written) == _model(buf, 300)
+            assert written  # the buffer holds some
     assert want  # the buffer holds some
 
 
-def _model(buf: bytearray, nr: int) -> dict[int, tuple[int, int]]:
-    out: dict[int, tuple[int, int]] = {}
+def _model(buf: bytearray, nr: int) -> tuple[dict[int, tuple[int, int, int]], set[int]]:
+    out: dict[int, tuple[int, int, int]] = {}
+    written: set[int] = set()
     pos = 16
     for _ in range(nr):
         _t, obj, _off, typ, length = _HDR.unpack_from(buf, pos)
-        if typ == 1 and length >= 16:
+        if typ == 1 and length >= 80:
             gen, transid = struct.unpack_from("<QQ", buf, pos + 32)
             if transid > 50:
-                out[obj] = (gen, transid)
+                out[obj] = (gen, transid, struct.unpack_from("<Q", buf, pos + 32 + 72)[0])
+        elif typ == 108 and length >= 8 and struct.unpack_from("<Q", buf, pos + 32)[0] > 50:
+            written.add(obj)
         pos += 32 + length
-    return out
+    return out, written
 
 
 def _count(buf: bytearray) -> int:
@@ -121,6 +134,8 @@ def test_c_refuses_what_is_not_a_buffer_and_a_dict() -> None:
         c.inodes("text", 0, 0, 1, 0, {})
     with pytest.raises(TypeError):
         c.inodes(b"", 0, 0, 1, 0, [])
+    with pytest.raises(TypeError):
+        c.inodes(b"", 0, 0, 1, 0, {}, [])
 
 
 def test_c_search_fails_as_fcntl_ioctl_does(tmp_path: Path) -> None:

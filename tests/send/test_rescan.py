@@ -21,10 +21,10 @@ from btrdelta.fs.btrfs import changed_inodes
 from btrdelta.send.record import record_inodes, stamp_generations
 from btrdelta.send.rescan import rescan
 from btrdelta.send.scan import TreeScan
-from btrdelta.send.sendshot import load_base, send_with_sendshots
+from btrdelta.send.sendshot import SendshotResult, load_base, send_with_sendshots
 from btrdelta.send.store import SendshotStore
 from btrdelta.tree import tree_sum
-from btrdelta.tree.sendshot import PATCH, Patch, RecordInode
+from btrdelta.tree.sendshot import PATCH_WRITTEN, Patch, RecordInode
 from tests.send.conftest import run
 
 pytestmark = pytest.mark.btrfs
@@ -148,39 +148,53 @@ def _watched() -> Iterator[dict[str, set[str]]]:
             real_scandir
 
 
-def _first_round(snd: Path, rcv: Path, tmp_path: Path) -> tuple[Path, SendshotStore, Path]:
-    """The subvolume ``live`` of :func:`_build` on ``snd`` (mounted noatime: reading the
-    source for tree-sum would change atimes, and every inode would (correctly) change),
-    sent whole to ``rcv`` with its first record: (live, the store, the stream's path)."""
-    run("mount", "-o", "remount,noatime", snd)
-    live = snd / "live"
-    run("btrfs", "subvolume", "create", live)
-    _build(live)
-    store = SendshotStore(tmp_path / "store")
-    stream = tmp_path / "s"
-    with open(stream, "wb") as f:
-        send_with_sendshots(f.write, live, store=store, name=b"r0")
-    run("btrfs", "receive", "-f", stream, rcv)
-    return live, store, stream
+def first_send(two_fs: tuple[Path, Path], tmp_path: Path, atime: str) -> SendshotResult:
+    """The sender of ``two_fs`` mounted ``atime``, its subvolume ``live`` built (``_build``),
+    sent whole with a record (store ``tmp_path/store``, stream ``tmp_path/s``), received."""
+    snd, rcv = two_fs
+    run("mount", "-o", f"remount,{atime}", snd)
+    run("btrfs", "subvolume", "create", snd / "live")
+    _build(snd / "live")
+    with open(tmp_path / "s", "wb") as f:
+        res = send_with_sendshots(f.write, snd / "live", store=SendshotStore(tmp_path / "store"),
+                                  name=b"r0")
+    run("btrfs", "receive", "-f", tmp_path / "s", rcv)
+    return res
+
+
+def send_round(two_fs: tuple[Path, Path], tmp_path: Path, i: int, what: str
+               ) -> tuple[SendshotResult, dict[str, set[str]]]:
+    """Round ``i`` of :func:`first_send`'s subvolume (the change made): sent against the
+    latest record, received, checked (tree-sum); the result and what it opened."""
+    snd, rcv = two_fs
+    with open(tmp_path / "s", "wb") as f, _watched() as seen:
+        res = send_with_sendshots(f.write, snd / "live", store=SendshotStore(tmp_path / "store"),
+                                  from_sendshot="latest", name=f"r{i}".encode())
+    run("btrfs", "receive", "-f", tmp_path / "s", rcv)
+    assert tree_sum(rcv / f"r{i}") == tree_sum(snd / "live"), what
+    return res, seen
+
+
+def only_touched(snd: Path, what: str, touched: set[str], res: SendshotResult,
+                 seen: dict[str, set[str]]) -> None:
+    """The round read only the files ``touched`` and nothing of directory ``quiet``."""
+    quiet = {f"q{i}" for i in range(4)}  # files of a directory no change touches
+    assert res.reused >= 8, what  # the record was used: no full walk
+    read = {os.path.basename(p) for p in seen["open"] if p.startswith(str(snd))}
+    assert read <= touched, (what, read)
+    assert not (seen["lstat"] | read) & quiet, (what, seen)
+    assert "quiet" not in seen["listdir"], (what, seen)
+    assert res.stats.bytes_read <= 400_000, what
 
 
 def test_each_kind_of_change(two_fs: tuple[Path, Path], tmp_path: Path) -> None:
-    snd, rcv = two_fs
-    live, store, stream = _first_round(snd, rcv, tmp_path)
-    quiet = {f"q{i}" for i in range(4)}  # files of a directory no change touches
+    # reading the source for tree-sum would change atimes: every inode changed (before
+    # record version 8, tests/send/test_rescan_atime.py)
+    first_send(two_fs, tmp_path, "noatime")
     for i, (what, change, touched) in enumerate(CHANGES, 1):
-        change(live)
-        with open(stream, "wb") as f, _watched() as seen:
-            res = send_with_sendshots(f.write, live, store=store, from_sendshot="latest",
-                                      name=f"r{i}".encode())
-        run("btrfs", "receive", "-f", stream, rcv)
-        assert tree_sum(rcv / f"r{i}") == tree_sum(live), what
-        assert res.reused >= 8, what  # the record was used: no full walk
-        read = {os.path.basename(p) for p in seen["open"] if p.startswith(str(snd))}
-        assert read <= touched, (what, read)
-        assert not (seen["lstat"] | read) & quiet, (what, seen)
-        assert "quiet" not in seen["listdir"], (what, seen)
-        assert res.stats.bytes_read <= 400_000, what
+        change(two_fs[0] / "live")
+        res, seen = send_round(two_fs, tmp_path, i, what)
+        only_touched(two_fs[0], what, touched, res, seen)
 
 
 def test_patched_record_equals_a_full_scan(two_fs: tuple[Path, Path], tmp_path: Path,
@@ -219,7 +233,8 @@ def test_patched_record_equals_a_full_scan(two_fs: tuple[Path, Path], tmp_path: 
     monkeypatch.setattr("btrdelta.tree.chain.SLACK", 10_000)
     patch = changes.record()
     assert isinstance(patch, Patch)
-    got = store.view(store.save(replace(base.head, version=PATCH, base=base.digest), patch)).rows()
+    head = replace(base.head, version=PATCH_WRITTEN, base=base.digest)
+    got = store.view(store.save(head, patch)).rows()
 
     def model(rows: Iterable[RecordInode]) -> dict[int, RecordInode]:
         out = {r.ino: r for r in rows}
@@ -277,7 +292,8 @@ def test_a_changed_file_with_an_unchanged_files_content_is_a_clone(
     if backend == "c" and not _native.available("columns") and os.environ.get("CI") != "true":
         pytest.skip("the columns accelerator is not built")
     snd, rcv = two_fs
-    live, store, stream = _first_round(snd, rcv, tmp_path)
+    first_send(two_fs, tmp_path, "noatime")
+    live, store, stream = snd / "live", SendshotStore(tmp_path / "store"), tmp_path / "s"
     (live / "c/copy").write_bytes((live / "a/b/big").read_bytes())
     (live / "a/dup").write_bytes((live / "c/x").read_bytes())
     (live / "c/own").write_bytes(os.urandom(70_000))

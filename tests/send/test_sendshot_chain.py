@@ -88,8 +88,8 @@ def _apply(cols: View | Columns, gone: set[int], added: list[RecordInode],
 
 
 def _save(store: SendshotStore, prev: StoredSendshot, got: object, k: int) -> StoredSendshot:
-    """A patch of version 5 (odd ``k``) or 7 (even: a mixed chain, as a lineage's that moves
-    to version 7), or a whole record of version 6."""
+    """A patch of version 5 (odd ``k``) or 9 (even: a mixed chain, as a lineage's that moves
+    to version 9), or a whole record of version 8."""
     h = prev.head
     if isinstance(got, Patch):
         head = replace(h, version=PATCH if k % 2 else PATCH_WRITTEN, base=prev.digest,
@@ -156,8 +156,8 @@ def test_a_chain_is_compacted_when_its_rows_outweigh_the_tree(
 def test_a_chain_reads_back_what_whole_records_hold(tmp_path: Path) -> None:
     _s, records, _wants = _chain(tmp_path, MAX_DEPTH + 2)
     versions = [r.head.version for r in records]
-    # a mixed chain: patches of both versions on a version 4 base, compacted into version 6
-    assert versions == [4] + [5, 7] * (MAX_DEPTH // 2) + [6, 7]
+    # a mixed chain: patches of both versions on a version 4 base, compacted into version 8
+    assert versions == [4] + [PATCH, PATCH_WRITTEN] * (MAX_DEPTH // 2) + [VERSION, PATCH_WRITTEN]
     # a patch holds what changed: a small part of the whole record of the same tree
     assert max(r.size for r in records[1:9]) < records[9].size
     assert all(records[k].head.base == records[k - 1].digest for k in range(1, 9))

@@ -1,7 +1,8 @@
-"""Sendshot records of versions 6 and 7 (``docs/formats/sendshot.md`` §2c): each column one
-record of the column's bytes at an 8-aligned offset of the body, read where they lie (no
-join, no copy); the same rows as version 4's; hostile records refused with the record and
-the offset named, and one line from the CLI."""
+"""Sendshot records of versions 6 and 7, and 8 and 9 (the same with column SEQUENCE)
+(``docs/formats/sendshot.md`` §2c, §2d): each column one record of the column's bytes at an
+8-aligned offset of the body, read where they lie (no join, no copy); the same rows as
+version 4's; hostile records refused with the record and the offset named, and one line
+from the CLI."""
 
 from __future__ import annotations
 
@@ -19,8 +20,11 @@ from btrdelta.cli import main
 from btrdelta.errors import ChecksumError, StreamFormatError, UnsupportedVersionError
 from btrdelta.stream import btrfs_crc32c
 from btrdelta.tree.sendshot import (
+    C_SEQUENCE,
     COLUMNS,
+    NO_SEQUENCE,
     VERSION,
+    VERSION_COLUMNS,
     RecordReader,
     write_record,
 )
@@ -30,9 +34,14 @@ from .test_sendshot_format import HEAD, _inodes
 _FRAME = struct.Struct("<IHI")
 
 
+def _rows() -> list:  # type: ignore[type-arg]
+    """The rows of ``_inodes`` with a sequence each (a version 8 record keeps them)."""
+    return [replace(r, sequence=(7 << 40) + i) for i, r in enumerate(_inodes())]
+
+
 def _record(version: int) -> bytes:
     out = io.BytesIO()
-    write_record(out.write, replace(HEAD, version=version), iter(_inodes()))
+    write_record(out.write, replace(HEAD, version=version), iter(_rows()))
     return out.getvalue()
 
 
@@ -83,7 +92,7 @@ def test_columns_lie_aligned_and_hold_version_4s_bytes() -> None:
     """Each column of a version 6 record is its payload after zeros up to an 8-aligned
     offset of the body, the bytes a version 4 record of the same rows joins from its TLVs;
     the reader gives the same rows, its integer columns views of the inflated body."""
-    v4, v6 = _record(4), _record(VERSION)
+    v4, v6 = _record(4), _record(6)
     b4, b6 = _body(v4), _body(v6)
     cols4 = {cmd: _tlv_values(b4[off + 10:off + 10 + n]) for off, cmd, n in _frames(b4)
              if cmd in COLUMNS}
@@ -96,43 +105,70 @@ def test_columns_lie_aligned_and_hold_version_4s_bytes() -> None:
         assert not any(b6[off + 10:start])
         assert bytes(b6[start:off + 10 + n]) == cols4[cmd], COLUMNS[cmd]
         seen.append(cmd)
-    assert seen == sorted(COLUMNS)
+    assert seen == sorted(VERSION_COLUMNS[6]) == sorted(set(COLUMNS) - {C_SEQUENCE})
     rows = {}
     for data in (v4, v6):
         reader = RecordReader(io.BytesIO(data), source="r", whole=True)
         cols = reader.columns()
         rows[reader.version] = list(cols.rows())
-        if reader.version == VERSION:  # (in place: a view of the body, not a copy)
+        if reader.version == 6:  # (in place: a view of the body, not a copy)
             for col in (cols.inos, cols.sizes, cols.parents, cols.segs):
                 assert isinstance(col, memoryview)
                 assert isinstance(col.obj, bytes)
                 assert len(col.obj) == len(b6)
-    assert rows[4] == rows[VERSION]
+    assert rows[4] == rows[6]
     assert len(rows[4]) == 8
+
+
+def test_version_8_is_version_6_and_a_sequence_column() -> None:
+    """A version 8 record's frames are version 6's (the same bytes) and SEQUENCE last: u64
+    per row, 8-aligned, read back into each row's ``sequence``; a version 6 record's rows
+    read with every sequence unknown (``NO_SEQUENCE``)."""
+    def payloads(body: bytearray) -> dict[int, bytes]:
+        out = {}
+        for off, cmd, n in _frames(body):
+            start = off + 10 + -(off + 10) % 8 if cmd in COLUMNS else off + 10
+            assert not any(body[off + 10:start])
+            out[cmd] = bytes(body[start:off + 10 + n])
+        return out
+
+    six, eight = payloads(_body(_record(6))), payloads(_body(_record(VERSION)))
+    assert list(eight) == [1, *sorted(COLUMNS), 4]
+    for cmd in set(COLUMNS) - {C_SEQUENCE}:
+        assert eight[cmd] == six[cmd], COLUMNS[cmd]
+    want = _rows()
+    assert bytes(eight[C_SEQUENCE]) == struct.pack(f"<{len(want)}Q",
+                                                   *(r.sequence for r in want))
+    got = list(RecordReader(io.BytesIO(_record(VERSION)), source="r").inodes())
+    assert got == want
+    old = list(RecordReader(io.BytesIO(_record(6)), source="r").inodes())
+    assert [r.sequence for r in old] == [NO_SEQUENCE] * len(want)
+    assert old == [replace(r, sequence=NO_SEQUENCE) for r in want]
 
 
 def test_a_reader_of_versions_up_to_5_would_refuse_it() -> None:
     """The versions read, and the words of a reader that does not read one (what readers of
-    earlier releases say of version 6: "a newer btrdelta made it")."""
+    earlier releases say of versions 6 and 8: "a newer btrdelta made it")."""
     data = _record(VERSION)
-    assert int.from_bytes(data[18:22], "little") == 6
+    assert int.from_bytes(data[18:22], "little") == 8
     with pytest.raises(UnsupportedVersionError, match="a newer btrdelta made it"):
-        RecordReader(io.BytesIO(data[:18] + b"\x08\0\0\0" + data[22:]))
+        RecordReader(io.BytesIO(data[:18] + b"\x0a\0\0\0" + data[22:]))
 
 
 def _damaged(how: str) -> bytes:
     data = _record(VERSION)
     body = _body(data)
-    off, n = _frame_of(body, 16)  # INO: 8 values, its payload padded by 7 bytes
+    # INO: 8 values, its payload padded by 7 bytes (or SEQUENCE's, version 8's own)
+    off, n = _frame_of(body, C_SEQUENCE if "SEQUENCE" in how else 16)
     pad = -(off + 10) % 8
-    assert pad
+    assert pad or "SEQUENCE" in how
     if how == "a flipped byte":
         body[off + 10 + pad + 3] ^= 0x40
         return _pack(data, body)
     if how == "padding not zeros":
         body[off + 10] = 1
-    elif how in ("a column too short", "a column too long"):
-        delta = -8 if how == "a column too short" else 8
+    elif how.startswith(("a column too", "SEQUENCE too")):
+        delta = -8 if how.endswith("short") else 8
         at = off + 10 + n
         body[at:at] = bytes(8) if delta > 0 else b""
         if delta < 0:
@@ -155,6 +191,8 @@ HOSTILE = {
     "padding not zeros": ("padding is not 7 zero bytes", "(INO)"),
     "a column too short": ("column INO holds 56 bytes, not 8 values", ""),
     "a column too long": ("column INO holds 72 bytes, not 8 values", ""),
+    "SEQUENCE too short": ("column SEQUENCE holds 56 bytes, not 8 values", ""),
+    "SEQUENCE too long": ("column SEQUENCE holds 72 bytes, not 8 values", ""),
     "misaligned (no padding)": ("", ""),
     "a count that overflows": ("holds", ""),
     "truncated": ("truncated", ""),

@@ -54,7 +54,7 @@ def test_round_trip_and_digest() -> None:
     data, digest = _encode()
     reader = RecordReader(io.BytesIO(data), source="r")
     assert reader.head == HEAD
-    assert reader.version == 6
+    assert reader.version == VERSION
     assert reader.head.content3
     got = list(reader.inodes())
     want = _inodes()
@@ -228,7 +228,7 @@ def test_version_3_is_written_for_its_lineage_and_read_as_such() -> None:
     assert (reader.version, reader.head.version, reader.head.content3) == (3, 3, False)
     assert list(reader.inodes())[1] == _inodes()[1]
     assert reader.digest == digest != _encode()[1]
-    for version in (1, 2, 8):
+    for version in (1, 2, 10):
         with pytest.raises(ValueError, match=f"version {version} are not written"):
             write_record(io.BytesIO().write, replace(HEAD, version=version), iter(_inodes()))
     with pytest.raises(ValueError, match="a patch record is version 5"):  # (a Patch's)

@@ -8,13 +8,17 @@
  * reference, _sweep_py, used when this module is not built: ~1,700 instructions an item,
  * 16.7 M for that sweep); this module walks a whole buffer in one call.
  *
- * inodes(buf, pos, nr_items, key_type, since, out) -> (objectid, type, offset):
+ * inodes(buf, pos, nr_items, key_type, since, out, written=None) -> (objectid, type, offset):
  *   buf holds nr_items search results from offset pos, each a 32-byte header (u64 transid,
  *   objectid, offset, u32 type, len; little-endian, struct btrfs_ioctl_search_header) and
- *   len bytes of item. For each item of type key_type of at least 16 bytes (an inode item
- *   starts with u64 generation, transid) whose transid is greater than since,
- *   out[objectid] = (generation, transid). Returns the key of the last item (where the next
- *   search resumes). An item that runs past the buffer is a ValueError.
+ *   len bytes of item. For each item of type key_type of at least 80 bytes (an inode item
+ *   starts with u64 generation, transid; its u64 sequence, the inode's i_version, is at
+ *   byte 72) whose transid is greater than since, out[objectid] = (generation, transid,
+ *   sequence). With the set written, the objectid of each file extent item (EXTENT_DATA) whose
+ *   generation (its first u64) is greater than since is added to it: the file's data was
+ *   written since (a write through a mapping need not move the sequence). Returns the
+ *   key of the last item (where the next search resumes). An item that runs past the
+ *   buffer is a ValueError.
  *
  * search(fd, request, buf) -> None:
  *   ioctl(fd, request, buf) on the writable buffer buf (a TREE_SEARCH_V2 argument and its
@@ -47,6 +51,7 @@
 #include "_constants.h"
 
 #define HEADER 32 /* sizeof(struct btrfs_ioctl_search_header) */
+#define EXTENT_DATA 108 /* BTRFS_EXTENT_DATA_KEY */
 
 static uint64_t le64(const uint8_t *p) {
     uint64_t v = 0;
@@ -64,10 +69,15 @@ static PyObject *inodes(PyObject *self, PyObject *args) {
     Py_ssize_t pos, nr;
     unsigned int key_type;
     unsigned long long since;
-    PyObject *out;
-    if (!PyArg_ParseTuple(args, "y*nnIKO!", &buf, &pos, &nr, &key_type, &since, &PyDict_Type,
-                          &out))
+    PyObject *out, *written = Py_None;
+    if (!PyArg_ParseTuple(args, "y*nnIKO!|O", &buf, &pos, &nr, &key_type, &since, &PyDict_Type,
+                          &out, &written))
         return NULL;
+    if (written != Py_None && !PySet_Check(written)) {
+        PyBuffer_Release(&buf);
+        PyErr_SetString(PyExc_TypeError, "written must be a set or None");
+        return NULL;
+    }
     const uint8_t *p = buf.buf;
     Py_ssize_t len = buf.len;
     uint64_t obj = 0, off = 0;
@@ -87,18 +97,26 @@ static PyObject *inodes(PyObject *self, PyObject *args) {
             PyErr_SetString(PyExc_ValueError, "a search result runs past the buffer");
             goto done;
         }
-        if (typ == key_type && length >= 16) {
+        if (typ == key_type && length >= 80) {
             uint64_t generation = le64(h + HEADER), transid = le64(h + HEADER + 8);
             if (transid > since) {
                 PyObject *key = PyLong_FromUnsignedLongLong(obj);
-                PyObject *value = key == NULL ? NULL : Py_BuildValue("(KK)",
-                    (unsigned long long)generation, (unsigned long long)transid);
+                PyObject *value = key == NULL ? NULL : Py_BuildValue("(KKK)",
+                    (unsigned long long)generation, (unsigned long long)transid,
+                    (unsigned long long)le64(h + HEADER + 72));
                 int bad = value == NULL || PyDict_SetItem(out, key, value) < 0;
                 Py_XDECREF(key);
                 Py_XDECREF(value);
                 if (bad)
                     goto done;
             }
+        } else if (typ == EXTENT_DATA && written != Py_None && length >= 8
+                   && le64(h + HEADER) > since) {
+            PyObject *key = PyLong_FromUnsignedLongLong(obj);
+            int bad = key == NULL || PySet_Add(written, key) < 0;
+            Py_XDECREF(key);
+            if (bad)
+                goto done;
         }
         pos += HEADER + (Py_ssize_t)length;
     }
@@ -167,8 +185,9 @@ static PyMethodDef methods[] = {
      "search(fd, request, buf): ioctl(fd, request, buf) on a writable buffer, the GIL "
      "released."},
     {"inodes", inodes, METH_VARARGS,
-     "inodes(buf, pos, nr_items, key_type, since, out) -> the key of the last item; "
-     "out[objectid] = (generation, transid) for each inode item written after since."},
+     "inodes(buf, pos, nr_items, key_type, since, out, written=None) -> the key of the last "
+     "item; out[objectid] = (generation, transid, sequence) for each inode item written "
+     "after since; written: the objectids of file extent items written after since."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -87,8 +87,7 @@ __all__ = [
 BTRFS_SUPER_MAGIC = 0x9123683E
 
 #: ioctl request numbers (``_IOW``/``_IOR``/``_IOWR`` of the structs used below), by the
-#: kernel's name without ``BTRFS_IOC_``/``FS_IOC_``; the generated C header has them as
-#: ``IOC_<name>``
+#: kernel's name without ``BTRFS_IOC_``/``FS_IOC_`` (the generated C header's ``IOC_<name>``)
 IOCTLS: Final = {
     "SUBVOL_CREATE": 0x5000940E,
     "SNAP_CREATE_V2": 0x50009417,
@@ -240,8 +239,7 @@ def set_default_subvolume(fd: int, subvol_id: int | None = None) -> None:
     fcntl.ioctl(fd, _DEFAULT_SUBVOL, struct.pack("<Q", subvol_id))
 
 
-#: struct btrfs_dir_item: location key (objectid, type, offset), transid, data_len,
-#: name_len, type; the name follows
+#: struct btrfs_dir_item: location key, transid, data_len, name_len, type; the name follows
 _DIR_ITEM = struct.Struct("<QBQQHHB")
 
 
@@ -329,36 +327,34 @@ def _tree_search(
 
 
 _INODE_ITEM_KEY = 1
-_INODE_ITEM = struct.Struct("<QQ")  # generation, transid (the start of btrfs_inode_item)
-#: a search result item's header (:data:`_SEARCH_HDR`) read in parts: its type and length,
-#: its objectid
+_INODE_ITEM = struct.Struct("<QQ56xQ")  # generation, transid, (at byte 72) sequence
+#: a search result's header (:data:`_SEARCH_HDR`) in parts: its type and length, objectid
 _ITEM_KIND = struct.Struct("<24xII")
 _ITEM_OBJECTID = struct.Struct("<8xQ")
 
-
-#: the result buffer of a change sweep (TREE_SEARCH_V2): an incremental of a few thousand
-#: changed inodes in a handful of calls (TREE_SEARCH's 4 KiB took hundreds); not 1 MiB: the
-#: kernel faults the whole buffer in (256 page faults), docs/performance.md "Session 18"
+#: the result buffer of a change sweep (TREE_SEARCH_V2): a few thousand changed inodes in a
+#: handful of calls (TREE_SEARCH's 4 KiB took hundreds); not 1 MiB: the kernel faults the
+#: whole buffer in (256 page faults), docs/performance.md "Session 18"
 _SWEEP_BUFFER = 128 << 10
 
 
-def changed_inodes(fd: int, since: int, extents: dict[int, list[bytes | None]] | None = None
-                   ) -> dict[int, tuple[int, int]]:
+def changed_inodes(fd: int, since: int, extents: dict[int, list[bytes | None]] | None = None,
+                   written: set[int] | None = None) -> dict[int, tuple[int, int, int]]:
     """Inodes of the subvolume holding ``fd`` whose inode item changed after transaction
-    ``since``: ``{ino: (generation, transid)}`` (needs ``CAP_SYS_ADMIN``).
+    ``since``: ``{ino: (generation, transid, sequence)}`` (needs ``CAP_SYS_ADMIN``).
 
     One ``TREE_SEARCH_V2`` sweep (``TREE_SEARCH`` on kernels without it) with
     ``min_transid = since + 1``: the kernel skips every tree block not written since (as
     ``btrfs subvolume find-new`` does), so the cost follows the changes, not the size of the
     subvolume. An inode item's transid is the transaction that last wrote it: any change of
-    data, metadata or names (ctime) rewrites it.
+    data, metadata or names (ctime) rewrites it, an atime too (not its sequence: ``rescan``).
 
     ``extents``: also collect the file extent items the sweep returns (every one of the
     subvolume when ``since`` is 0), ``{ino: [item packed as EXTENT, or None (cannot be
     compared: extent_item), ...]}`` in file order: a whole tree's items without a search
-    per file.
+    per file. ``written``: also collect the inodes with file extent items written since.
     """
-    out: dict[int, tuple[int, int]] = {}
+    out: dict[int, tuple[int, int, int]] = {}
     min_obj, min_type, min_off = 0, 0, 0
 
     def key(buf: bytearray) -> None:
@@ -368,7 +364,7 @@ def changed_inodes(fd: int, since: int, extents: dict[int, list[bytes | None]] |
     native = _native.live("sweep")
     items = native.inodes if native is not None else _sweep_py
     for buf, pos, nr_items in _searches(fd, _SWEEP_BUFFER, key):
-        obj, typ, off = items(buf, pos, nr_items, _INODE_ITEM_KEY, since, out)
+        obj, typ, off = items(buf, pos, nr_items, _INODE_ITEM_KEY, since, out, written)
         if extents is not None:
             _extent_items(buf, pos, nr_items, extents)
         # the next key after the last one returned
@@ -400,12 +396,13 @@ def _extent_items(buf: bytearray, pos: int, nr_items: int,
 
 
 def _sweep_py(buf: bytearray, pos: int, nr_items: int, key_type: int, since: int,
-              out: dict[int, tuple[int, int]]) -> tuple[int, int, int]:
-    """The ``nr_items`` search results in ``buf`` from ``pos``: ``out[objectid] =
-    (generation, transid)`` for each inode item (``key_type``) written after ``since``;
-    returns the key (objectid, type, offset) of the last item. The reference of the
-    ``sweep`` C accelerator (``fs/_sweep.c``: one call a buffer instead of ~1,700
-    instructions an item).
+              out: dict[int, tuple[int, int, int]], written: set[int] | None = None
+              ) -> tuple[int, int, int]:
+    """The ``nr_items`` search results in ``buf`` from ``pos``: ``out[objectid] = (generation,
+    transid, sequence)`` for each inode item (``key_type``) written after ``since``, and
+    ``written`` those of file extent items written after it; returns the key of the last
+    item. The reference of the ``sweep`` C accelerator (``fs/_sweep.c``: one call a buffer
+    instead of ~1,700 instructions an item).
 
     Raises:
         ValueError: an item runs past the buffer.
@@ -420,10 +417,13 @@ def _sweep_py(buf: bytearray, pos: int, nr_items: int, key_type: int, since: int
         typ, length = kind(buf, pos)
         if pos + 32 + length > size:
             raise ValueError("a search result runs past the buffer")
-        if typ == key_type and length >= 16:
-            generation, transid = inode_item(buf, pos + 32)
+        if typ == key_type and length >= 80:
+            generation, transid, sequence = inode_item(buf, pos + 32)
             if transid > since:
-                out[objectid(buf, pos)[0]] = (generation, transid)
+                out[objectid(buf, pos)[0]] = (generation, transid, sequence)
+        elif typ == _EXTENT_DATA_KEY and written is not None and length >= 8 and \
+                int.from_bytes(buf[pos + 32:pos + 40], "little") > since:  # (its generation)
+            written.add(objectid(buf, pos)[0])
         last = pos
         pos += 32 + length
     _transid, obj, off, typ, _length = _SEARCH_HDR.unpack_from(buf, last)

@@ -39,7 +39,7 @@ def node_of(rec: RecordInode, nid: int) -> Node:
                 rec.size, rec.atime_ns, rec.mtime_ns, rec.ctime_ns, b"", rec.rdev,
                 rec.target, rec.xattrs or {}, [], rec.flags, rec.digest, rec.ino,
                 rec.generation, rec.transid, rec.segments, rec.blocks, rec.bdigest,
-                rec.extents)
+                rec.extents, sequence=rec.sequence)
 
 
 def tree_from_record(inodes: Iterable[RecordInode], head: SendshotHead,
@@ -111,10 +111,10 @@ def record_inode(n: Node, dentries: list[tuple[int, bytes]]) -> RecordInode:
         return RecordInode(n.st_ino, n.mode, n.uid, n.gid, n.size, n.atime_ns, n.mtime_ns,
                            n.ctime_ns, dentries, n.generation, n.transid, n.rdev, n.flags,
                            n.target, n.xattrs or None, n.segments, n.digest, n.bdigest,
-                           n.blocks, n.extents)
+                           n.blocks, n.extents, n.sequence)
     return RecordInode(n.st_ino, n.mode, n.uid, n.gid, 0, n.atime_ns, n.mtime_ns,
                        n.ctime_ns, dentries, n.generation, n.transid, n.rdev, n.flags,
-                       n.target, n.xattrs or None)
+                       n.target, n.xattrs or None, sequence=n.sequence)
 
 
 def record_inodes(tree: Tree) -> Iterator[RecordInode]:
@@ -126,7 +126,8 @@ def record_inodes(tree: Tree) -> Iterator[RecordInode]:
 
 
 def stamp_generations(tree: Tree, snapshot_fd: int, extents: bool = False) -> None:
-    """Give every inode of ``tree`` its btrfs generation and transid (a full sweep).
+    """Give every inode of ``tree`` its btrfs generation, transid and sequence (a full
+    sweep).
     ``extents`` (a tree hashed from the read-only snapshot, its files' flags known): also the
     extent items of its files below :data:`~.extents.SEARCH_MIN` that have none yet, from
     the same sweep (:func:`~.extents.from_sweep`)."""
@@ -135,7 +136,7 @@ def stamp_generations(tree: Tree, snapshot_fd: int, extents: bool = False) -> No
     for node in tree.nodes.values():
         got = found.get(node.st_ino)
         if got is not None:
-            node.generation, node.transid = got
+            node.generation, node.transid, node.sequence = got
         if items is not None and node.is_reg and node.extents is None and \
                 node.segments is not None:
             node.extents = from_sweep(items.get(node.st_ino), node.size, node.flags)

@@ -15,6 +15,16 @@ since; everything else is as the record says and is neither stat'ed nor read.
   entry btrfs calls unchanged makes the tree :class:`Stale`;
 * a changed inode is stat'ed (a regular file then read by the hasher); its names are those the
   listings show plus those in directories that did not change;
+* an inode whose sequence (``i_version``, record version 8) is the recorded one changed
+  nothing but its atime (a read on a ``relatime`` mount: ``find``, ``du``, ``diff -r``,
+  ``updatedb``), which rewrites its inode item (its transid moves) but moves no sequence:
+  it is not listed, stat'ed or read, and its record row is kept (a stream sends no change
+  of atime alone, so the receiver keeps the recorded one); btrfs moves it (forced) for every
+  change of entries (create, link, unlink, rename into or out of a directory), names,
+  mode, owner, times set, size, xattrs, flags and ``write``. Not for data written through
+  a mapping when the file's timestamps had that tick already: a regular file with a file
+  extent item written since (:func:`~btrdelta.fs.btrfs.changed_inodes`' ``written``) or
+  ``NOCOW`` (written in place, no new item) is never taken as unchanged so;
 * an inode number reused after a delete is another generation: a new inode;
 * deleted inodes are the recorded entries of listed directories that are gone and not found
   elsewhere, and everything below a deleted directory.
@@ -43,11 +53,20 @@ from .. import _native
 from ..fs.btrfs import dir_path, get_fileattr
 from ..tree.chain import View
 from ..tree.columns import Encoded
-from ..tree.sendshot import C_GEN, Patch, RecordInode, SendshotHead
+from ..tree.sendshot import (
+    C_FLAGS,
+    C_GEN,
+    C_SEQUENCE,
+    NO_SEQUENCE,
+    Patch,
+    RecordInode,
+    SendshotHead,
+)
+from .extents import NOCOW
 from .record import node_of, record_inode
 from .scan import ROOT, Node, Tree, read_node
 
-__all__ = ["Changes", "Stale", "rescan", "usable"]
+__all__ = ["Changes", "Stale", "loud", "rescan", "usable"]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FMT = 0o170000
@@ -158,7 +177,7 @@ class _Delta:
     """One :func:`rescan`: the record, the changes, what was found so far."""
 
     def __init__(self, cols: View, root: bytes, fd: int,
-                 changed: dict[int, tuple[int, int]]) -> None:
+                 changed: dict[int, tuple[int, int, int]]) -> None:
         self.cols, self.root, self.fd, self.changed = cols, root, fd, changed
         self.row_of = cols.row_of()
         # (the columns as arrays, once: the view makes each by a property and a call)
@@ -216,7 +235,8 @@ class _Delta:
         node = self.fresh.get(st.st_ino)
         if node is None:
             node = read_node(0, st, full, rel, dfd, name)
-            node.generation, node.transid = self.changed.get(st.st_ino, (0, 0))
+            node.generation, node.transid, node.sequence = self.changed.get(
+                st.st_ino, (0, 0, NO_SEQUENCE))
             self.fresh[st.st_ino] = node
             self.names[st.st_ino] = []
         return node
@@ -497,18 +517,37 @@ def _tree(root: bytes, nodes: dict[int, Node], dentries: dict[int, list[tuple[in
     return tree
 
 
-def rescan(cols: View, root: bytes, fd: int, changed: dict[int, tuple[int, int]]
-           ) -> Changes:
+def loud(cols: View, changed: dict[int, tuple[int, int, int]], written: set[int] | None
+         ) -> dict[int, tuple[int, int, int]]:
+    """``changed`` without the inodes whose only change since the record ``cols`` is their
+    atime (see the module docstring): the same generation and the recorded sequence, and
+    for a regular file no file extent item in ``written`` (None: not known, every file is
+    kept) and not ``NOCOW``."""
+    row_of, gens, modes = cols.row_of(), cols.fixed[C_GEN], cols.modes
+    seqs, flags = cols.fixed[C_SEQUENCE], cols.fixed[C_FLAGS]
+    out: dict[int, tuple[int, int, int]] = {}
+    for ino, got in changed.items():
+        r = row_of.get(ino)
+        if r is None or got[2] != seqs[r] or got[2] == NO_SEQUENCE or got[0] != gens[r] or \
+                (modes[r] & _FMT == stat.S_IFREG and (written is None or ino in written
+                                                      or flags[r] & NOCOW)):
+            out[ino] = got
+    return out
+
+
+def rescan(cols: View, root: bytes, fd: int, changed: dict[int, tuple[int, int, int]],
+           written: set[int] | None = None) -> Changes:
     """The changes of the snapshot at ``root`` (``fd``: open on it) against the record
     ``cols`` of an earlier snapshot of the same subvolume, given ``changed``, the inodes
-    written since (``{ino: (generation, transid)}``); hash :attr:`Changes.to_hash`, then
+    written since (``{ino: (generation, transid, sequence)}``) and ``written``, the inodes
+    with file extent items written since (:func:`loud`); hash :attr:`Changes.to_hash`, then
     call :meth:`Changes.build`.
 
     Raises:
         Stale: the tree disagrees with the record (scan it whole instead).
         OSError: the tree cannot be read (PermissionError: not root).
     """
-    delta = _Delta(cols, root, fd, changed)
+    delta = _Delta(cols, root, fd, loud(cols, changed, written))
     delta.list_changed()
     delta.stat_changed()
     return Changes(delta, delta.deleted())

@@ -62,26 +62,9 @@ from .onepass import BLOCK
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = [
-    "BLOCK",
-    "ROOT",
-    "ContentHasher",
-    "ForkedScan",
-    "ScanStream",
-    "TreeScan",
-    "Node",
-    "Tree",
-    "hash_contents",
-    "inode_order",
-    "kernel_rdev",
-    "node_identity",
-    "block_segments",
-    "open_file",
-    "open_to_read",
-    "read_node",
-    "scan_tree",
-    "uuid_of",
-]
+__all__ = ["BLOCK", "ROOT", "ContentHasher", "ForkedScan", "ScanStream", "TreeScan", "Node",
+           "Tree", "hash_contents", "inode_order", "kernel_rdev", "node_identity",
+           "block_segments", "open_file", "open_to_read", "read_node", "scan_tree", "uuid_of"]
 
 #: node id of the tree's root directory
 ROOT = 0
@@ -137,6 +120,8 @@ class Node(Value):
     #: segment, in order; its other blocks are the record's at the same offsets. None:
     #: hashed whole
     read_ranges: list[tuple[int, int]] | None = None
+    #: btrfs: the inode's sequence (i_version); all ones: not known (``NO_SEQUENCE``)
+    sequence: int = 0xFFFF_FFFF_FFFF_FFFF
 
     @property
     def fmt(self) -> int:

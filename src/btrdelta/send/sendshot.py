@@ -173,7 +173,9 @@ class _Sweep:
 
     def __init__(self, since: int) -> None:
         self.since = since
-        self._got: dict[int, tuple[int, int]] | None = None
+        self._got: dict[int, tuple[int, int, int]] | None = None
+        #: the inodes with file extent items written since (:func:`~.rescan.loud`)
+        self.written: set[int] = set()
         self._error: BaseException | None = None
         self._thread: Any = None
 
@@ -191,7 +193,7 @@ class _Sweep:
         try:
             fd = os.open(path, _DIR)
             try:
-                self._got = changed_inodes(fd, self.since)
+                self._got = changed_inodes(fd, self.since, written=self.written)
             finally:
                 os.close(fd)
         except BaseException as exc:  # raised in the caller's thread by result()
@@ -201,7 +203,7 @@ class _Sweep:
         if self._thread is not None:
             self._thread.join()
 
-    def result(self) -> dict[int, tuple[int, int]]:
+    def result(self) -> dict[int, tuple[int, int, int]]:
         self.join()
         if self._error is not None:
             raise self._error
@@ -322,9 +324,12 @@ def _changes(fz: Frozen, base: StoredSendshot, cols: View, seed: int,
     sender finds them hashed."""
     fd = os.open(fz.path, _DIR)
     try:
-        changed = sweep.result() if sweep is not None else \
-            changed_inodes(fd, base.head.generation)
-        changes = rescan(cols, fz.path, fd, changed)
+        if sweep is not None:
+            changed, written = sweep.result(), sweep.written
+        else:
+            written = set()
+            changed = changed_inodes(fd, base.head.generation, written=written)
+        changes = rescan(cols, fz.path, fd, changed, written)
     except (PermissionError, Stale):
         return None
     finally:

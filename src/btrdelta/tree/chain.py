@@ -5,15 +5,16 @@ holds only what changed since: the rows of the base's view dropped, and its own 
 replacing a row of the base's view (the same inode, changed) or added after the last row.
 Rows keep their number along a chain (no renumbering: a dropped row leaves a hole), so a
 patch costs what changed to write, and applying it costs what it holds plus C-speed copies
-of four small columns (inode numbers, modes, sizes, generations) and of the files' digests.
+of six small columns (inode numbers, modes, sizes, generations, flags, sequences) and of the
+files' digests.
 
 :class:`View` has the interface of :class:`~.columns.Columns` that a send uses (``row_of``,
-``inos``, ``modes``, ``sizes``, ``fixed[C_GEN]``, ``file_rows``, ``digests``,
-``children``, ``dentries``, ``inode``, ``rows``) and :meth:`View.patched` makes the next
-record: a :class:`~.sendshot.Patch`, or a whole record (*compaction*) once the chain has
-:data:`MAX_DEPTH` patches or its patches hold more than a sixteenth of the rows
-(:data:`SPREAD`, plus :data:`SLACK`) or of the base's bytes of file digests (plus
-:data:`BYTES_SLACK`).
+``inos``, ``modes``, ``sizes``, ``fixed[C_GEN]``, ``[C_FLAGS]``, ``[C_SEQUENCE]``,
+``file_rows``, ``digests``, ``children``, ``dentries``, ``inode``, ``rows``) and
+:meth:`View.patched` makes the next record: a :class:`~.sendshot.Patch`, or a whole record
+(*compaction*) once the chain has :data:`MAX_DEPTH` patches or its patches hold more than a
+sixteenth of the rows (:data:`SPREAD`, plus :data:`SLACK`) or of the base's bytes of file
+digests (plus :data:`BYTES_SLACK`).
 
 Knows the column layout and the patch's meaning; reading files is :mod:`~.sendshot`'s and
 finding the records of a chain the store's.
@@ -31,10 +32,12 @@ from .sendshot import (
     _DROP,
     _END,
     _SLOTS,
+    C_FLAGS,
     C_GEN,
     C_INO,
     C_MODE,
     C_PARENT,
+    C_SEQUENCE,
     C_SIZE,
     Patch,
     RecordInode,
@@ -230,7 +233,7 @@ class View:
             return base.fixed, base.file_rows, base.digests
         n, added = base.count, range(base.count, self.span)
         cols: dict[int, Ints] = {}
-        for c in (C_INO, C_MODE, C_SIZE, C_GEN):
+        for c in (C_INO, C_MODE, C_SIZE, C_GEN, C_FLAGS, C_SEQUENCE):
             col = _copy(base.fixed[c])
             col.extend(ext[r][0].fixed[c][ext[r][1]] if r in ext else 0 for r in added)
             for r, (got, k) in ext.items():

@@ -59,6 +59,7 @@ from .sendshot import (
     C_PARENT,
     C_RDEV,
     C_SEGMENTS,
+    C_SEQUENCE,
     C_SIZE,
     C_TARGETLEN,
     C_TARGETS,
@@ -108,7 +109,7 @@ if [array(c).itemsize for c in "QqIH"] != [8, 8, 4, 2]:  # as on every Linux pla
 _FIELDS: Final = ((C_INO, "ino"), (C_GEN, "generation"), (C_TRANSID, "transid"),
                   (C_MODE, "mode"), (C_UID, "uid"), (C_GID, "gid"), (C_RDEV, "rdev"),
                   (C_SIZE, "size"), (C_ATIME, "atime_ns"), (C_MTIME, "mtime_ns"),
-                  (C_CTIME, "ctime_ns"), (C_FLAGS, "flags"))
+                  (C_CTIME, "ctime_ns"), (C_FLAGS, "flags"), (C_SEQUENCE, "sequence"))
 #: result of an encoding: the columns (record number, bytes) and the END counts (inodes,
 #: regular files, their bytes, block digests)
 Encoded = tuple[list[tuple[int, bytes | memoryview]], tuple[int, int, int, int]]
@@ -151,6 +152,12 @@ def _cast(data: memoryview | bytes, code: str) -> Ints:
     out.frombytes(data)
     out.byteswap()
     return out
+
+
+def _column(cols: dict[int, memoryview | bytes], c: int, count: int) -> memoryview | bytes:
+    """Column ``c`` of ``cols``; SEQUENCE, of a record before version 8: every value unknown
+    (all ones)."""
+    return cols[c] if c in cols or c != C_SEQUENCE else b"\xff" * (8 * count)
 
 
 def u32s(data: memoryview | bytes) -> Ints:
@@ -296,7 +303,7 @@ class Columns:
 
     def __init__(self, cols: dict[int, memoryview | bytes], count: int, nblk: int, *,
                  span: int | None = None) -> None:
-        self.count, self.fixed = count, (f := {c: _unpack(cols[c], code, count, c)
+        self.count, self.fixed = count, (f := {c: _unpack(_column(cols, c, count), code, count, c)
                                               for c, code in PER_INODE})
         self.inos, self.modes, self.sizes = f[C_INO], f[C_MODE], f[C_SIZE]
         # (C-level loops over the columns: no Python code per row; with the columns
@@ -450,7 +457,7 @@ class Columns:
             inos[r], self.modes[r], f[C_UID][r], f[C_GID][r], self.sizes[r], f[C_ATIME][r],
             f[C_MTIME][r], f[C_CTIME][r], names if by_row else [(inos[p], n) for p, n in names],
             f[C_GEN][r], f[C_TRANSID][r], f[C_RDEV][r], f[C_FLAGS][r],
-            self.targets[self.toff[r]:self.toff[r + 1]])
+            self.targets[self.toff[r]:self.toff[r + 1]], sequence=f[C_SEQUENCE][r])
         if self.xoff[r] != self.xoff[r + 1]:
             node.xattrs = _parse_xattrs(self.xattrs, self.xoff[r], self.xoff[r + 1])
         if node.mode & _FMT == _REG:

@@ -54,10 +54,10 @@ MAGIC: Final = b"btrdelta-sendshot\0"
 PATCH: Final = 5
 #: the versions whose columns (and a patch's DROP and SLOTS) are each one record of the
 #: column's bytes, 8-aligned in the body: read where they lie (version 6: a whole record,
-#: version 4's kind; 7: a patch record, version 5's)
-ALIGNED: Final = (6, 7)
+#: version 4's kind; 7: a patch record, version 5's; 8 and 9: the same with SEQUENCE)
+ALIGNED: Final = (6, 7, 8, 9)
 #: the versions of patch records
-PATCHES: Final = (PATCH, 7)
+PATCHES: Final = (PATCH, 7, 9)
 #: a record whose zstd frame declares more than this many times its compressed size is
 #: decoded as a stream (a size that cannot be true is not allocated up front)
 MAX_RATIO: Final = 1024

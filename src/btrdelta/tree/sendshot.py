@@ -48,34 +48,22 @@ if TYPE_CHECKING:
 
     from .columns import Columns, Encoded
 
-__all__ = [
-    "ALIGNED",
-    "BLOCK",
-    "MAGIC",
-    "PATCH",
-    "PATCHES",
-    "READS",
-    "VERSION",
-    "Patch",
-    "RecordInode",
-    "RecordReader",
-    "SendshotHead",
-    "decode_head",
-    "encode_head",
-    "read_head",
-    "write_record",
-]
+__all__ = ["ALIGNED", "BLOCK", "MAGIC", "NO_SEQUENCE", "PATCH", "PATCHES", "READS", "VERSION",
+           "Patch", "RecordInode", "RecordReader", "SendshotHead", "decode_head", "encode_head",
+           "read_head", "write_record"]
 
-VERSION: Final = 6
-#: the version of a patch record written (version 5's, its columns as version 6's)
-PATCH_WRITTEN: Final = 7
+VERSION: Final = 8
+#: the version of a patch record written (version 5's, its columns as version 8's)
+PATCH_WRITTEN: Final = 9
 #: the versions :class:`RecordInode` reads
-READS: Final = (1, 2, 3, 4, 5, 6, 7)
-#: the versions written: 6 (4 until session 27: the same but for the layout of its
-#: columns), whose DIGESTS hold tree-sum-3 content digests (:mod:`.content`); 3, whose
-#: DIGESTS hold BLAKE3 of the whole content (a record sent against a version 3 base keeps
-#: its kind of digests: they are compared); 7 (5 until session 27), a patch
-WRITES: Final = (3, 4, 5, 6, 7)
+READS: Final = (1, 2, 3, 4, 5, 6, 7, 8, 9)
+#: the versions written: 8 (6 until session 28, 4 until 27), whose DIGESTS hold tree-sum-3
+#: content digests (:mod:`.content`); 3, whose DIGESTS hold BLAKE3 of the whole content (a
+#: record sent against a version 3 base keeps its kind of digests: they are compared); 9
+#: (7, 5), a patch
+WRITES: Final = (3, 4, 5, 6, 7, 8, 9)
+#: a SEQUENCE value: not known (a record of a version before 8, or not read from btrfs)
+NO_SEQUENCE: Final = 0xFFFF_FFFF_FFFF_FFFF
 _HEADER = struct.Struct("<18sI")
 #: bytes per block digest
 BLOCK: Final = 4096
@@ -200,6 +188,8 @@ class RecordInode(Value):
     #: regular files on btrfs (version 3): the file extent items the content was read
     #: with, packed as ``btrdelta.fs.btrfs.EXTENT`` (50 bytes each); None: not recorded
     extents: bytes | None = None
+    #: btrfs (version 8): the inode's sequence (``i_version``); :data:`NO_SEQUENCE`: unknown
+    sequence: int = NO_SEQUENCE
 
 
 def _u64(v: int) -> bytes:
@@ -250,10 +240,12 @@ def write_record(
     patch = inodes if isinstance(inodes, Patch) else None
     if (patch is not None) != (head.version in PATCHES) or \
             (patch is not None) != (head.base is not None):
-        raise ValueError("a patch record is version 5 or 7 and names its base; others are not")
+        raise ValueError("a patch record is version 5, 7 or 9 and names its base; others not")
     encoded = patch.rows if patch is not None else inodes if isinstance(inodes, tuple) \
         else encode_rows(inodes)  # type: ignore[arg-type]
     cols, (count, files, nbytes, nblocks) = encoded
+    if C_SEQUENCE not in VERSION_COLUMNS.get(head.version, COLUMNS):  # (before version 8)
+        cols = [(c, data) for c, data in cols if c != C_SEQUENCE]
     # every frame's pieces first (views of the columns, not copies), so that the zstd frame
     # says its content size: a reader decompresses the record at once into one buffer
     pieces = encode_frame_parts(_HEAD, _head_attrs(head))
@@ -331,7 +323,8 @@ WHOLE: Final = 0xFFFFFFFF
 #: record number of each column, in the order they are written
 (C_INO, C_GEN, C_TRANSID, C_MODE, C_UID, C_GID, C_RDEV, C_SIZE, C_ATIME, C_MTIME, C_CTIME,
  C_FLAGS, C_NNAMES, C_PARENT, C_NAMELEN, C_NAMES, C_TARGETLEN, C_TARGETS, C_NXATTRS,
- C_XATTRS, C_NSEGS, C_SEGMENTS, C_DIGESTS, C_BLOCKS, C_NEXTENTS, C_EXTENTS) = range(16, 42)
+ C_XATTRS, C_NSEGS, C_SEGMENTS, C_DIGESTS, C_BLOCKS, C_NEXTENTS, C_EXTENTS,
+ C_SEQUENCE) = range(16, 43)
 FIRST_COLUMN: Final = C_INO
 COLUMNS: Final = {
     C_INO: "INO", C_GEN: "GEN", C_TRANSID: "TRANSID", C_MODE: "MODE", C_UID: "UID",
@@ -340,16 +333,16 @@ COLUMNS: Final = {
     C_NAMELEN: "NAMELEN", C_NAMES: "NAMES", C_TARGETLEN: "TARGETLEN", C_TARGETS: "TARGETS",
     C_NXATTRS: "NXATTRS", C_XATTRS: "XATTRS", C_NSEGS: "NSEGS", C_SEGMENTS: "SEGMENTS",
     C_DIGESTS: "DIGESTS", C_BLOCKS: "BLOCKS", C_NEXTENTS: "NEXTENTS", C_EXTENTS: "EXTENTS",
-}
-#: the columns of each version that has columns (version 3 added the extents)
-VERSION_COLUMNS: Final = {2: tuple(range(C_INO, C_NEXTENTS)), 3: tuple(COLUMNS),
-                          4: tuple(COLUMNS), 5: tuple(COLUMNS), 6: tuple(COLUMNS),
-                          7: tuple(COLUMNS)}
+    C_SEQUENCE: "SEQUENCE"}
+#: the columns of each version that has columns (version 3 added the extents, 8 SEQUENCE)
+VERSION_COLUMNS: Final = {2: tuple(range(C_INO, C_NEXTENTS)),
+                          **dict.fromkeys((3, 4, 5, 6, 7), tuple(range(C_INO, C_SEQUENCE))),
+                          8: tuple(COLUMNS), 9: tuple(COLUMNS)}
 #: struct code of the fixed-width per-inode columns
 PER_INODE = ((C_INO, "Q"), (C_GEN, "Q"), (C_TRANSID, "Q"), (C_MODE, "I"), (C_UID, "I"),
              (C_GID, "I"), (C_RDEV, "Q"), (C_SIZE, "Q"), (C_ATIME, "q"), (C_MTIME, "q"),
              (C_CTIME, "q"), (C_FLAGS, "Q"), (C_NNAMES, "I"), (C_TARGETLEN, "I"),
-             (C_NXATTRS, "I"))
+             (C_NXATTRS, "I"), (C_SEQUENCE, "Q"))
 
 
 #: bytes of a record hashed and compressed at a time (:func:`write_record`; below glibc's
@@ -402,7 +395,7 @@ def _decode_head(mv: memoryview, start: int, end: int, version: int | None) -> S
             raise StreamFormatError(f"HEAD lacks attribute {need}")
     parent, base = f.get(H_PARENT), f.get(H_BASE)
     if (version in PATCHES) != (base is not None) or (base is not None and len(base) != 32):
-        raise StreamFormatError("a patch record (version 5 or 7) names its base (32 bytes), "
+        raise StreamFormatError("a patch record (version 5, 7 or 9) names its base (32 bytes), "
                                 "no other does")
     return SendshotHead(
         stream_uuid=_uuid(f[H_STREAM_UUID]), stream_ctransid=_int(f[H_CTRANSID]),
@@ -690,7 +683,7 @@ class RecordReader:
         if self.version not in PATCHES:
             raise StreamFormatError(f"a version {self.version} record is not a patch",
                                     source=self.source)
-        cols_in, ends, where = self._records((_DROP, _SLOTS, *VERSION_COLUMNS[PATCH]))
+        cols_in, ends, where = self._records((_DROP, _SLOTS, *VERSION_COLUMNS[self.version]))
         count, span = ends.get(E_INODES, 0), ends.get(E_SPAN, 0)
         lists = [u32s(cols_in.pop(c)) for c in (_DROP, _SLOTS)]
         try:
