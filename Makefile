@@ -14,11 +14,16 @@ PREFIX  ?= /usr/local
 SHARE_FILES := $(wildcard share/man/man1/*.1) share/bash-completion/completions/btrdelta \
                share/zsh/site-functions/_btrdelta
 
-.PHONY: all sysdeps venv demo test lint bench vmtest soak fuzz randwork fsstress matrix clean cli-files install-cli-files sizes
+.PHONY: all sysdeps sysdeps-demo venv demo test lint bench vmtest soak fuzz randwork fsstress matrix clean cli-files install-cli-files sizes
 all: test
 
 sysdeps:
 	@PY=$(PY) scripts/sysdeps.sh
+
+#: the demo's packages only (and the venv's build): `make demo` on a fresh machine does not
+#: wait for the tests' peers (chromium, qemu-utils, nginx, ...), which `make test` installs
+sysdeps-demo:
+	@PY=$(PY) scripts/sysdeps.sh --demo
 
 #: the C accelerators (and _hugepages.c) and the header they share (scripts/gen_constants.py
 #: writes it)
@@ -57,7 +62,7 @@ $(VENV)/.no-setuptools: $(STAMP)
 
 venv: $(STAMP) $(VENV)/.cli-files $(VENV)/.no-setuptools
 
-demo: sysdeps venv
+demo: sysdeps-demo venv
 	@PATH="$(CURDIR)/$(BIN):$$PATH" scripts/demo.sh
 
 # pytest's temporary directories live in a fresh directory of this run only (never the

@@ -16,6 +16,13 @@ declare -A need=(
 if [ "${1:-}" = "--vm" ]; then
   need+=([qemu-system-x86_64]=qemu-system-x86 [cpio]=cpio [modinfo]=kmod)
 fi
+# `make demo` (scripts/sysdeps.sh --demo): only what the demo runs (and the venv's build,
+# below), not the tests' peers (chromium, qemu-utils, nginx, casync, openssh-server, man-db:
+# most of a first run's time on a minimal Debian 12; `make test` installs them)
+if [ "${1:-}" = "--demo" ]; then
+  need=([btrfs]=btrfs-progs [mkfs.ext4]=e2fsprogs [zstd]=zstd [busybox]=busybox-static
+        [losetup]=mount)
+fi
 missing=()
 for cmd in "${!need[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("${need[$cmd]}")
@@ -24,9 +31,11 @@ done
 # (the tests drive both). Their packages are named by release: Debian 12 libfuse2 and
 # libfuse3-3 (libfuse3.so.3), Debian 13 libfuse2t64 and libfuse3-4 (libfuse3.so.4): the
 # first name this system's apt has is installed ("a|b" entries, resolved after the update)
-libs=$(/sbin/ldconfig -p)
-[[ $libs == *"libfuse.so.2 "* ]] || missing+=("libfuse2|libfuse2t64")
-[[ $libs == *"libfuse3.so."[0-9]" "* ]] || missing+=("libfuse3-3|libfuse3-4")
+if [ "${1:-}" != "--demo" ]; then
+  libs=$(/sbin/ldconfig -p)
+  [[ $libs == *"libfuse.so.2 "* ]] || missing+=("libfuse2|libfuse2t64")
+  [[ $libs == *"libfuse3.so."[0-9]" "* ]] || missing+=("libfuse3-3|libfuse3-4")
+fi
 # python3-venv is needed to make the venv on Debian's own python (the Makefile's PY)
 PY=${PY:-python3}
 if ! "$PY" -c 'import ensurepip' >/dev/null 2>&1; then missing+=(python3-venv); fi
