@@ -30,7 +30,9 @@ sysdeps-demo:
 CSRC    := $(wildcard src/btrdelta/*.c src/btrdelta/*/*.c) src/btrdelta/_constants.h
 #: send/_blockhash.c needs xxHash's header (the build skips it without): a venv made before
 #: it was installed is built again once (the marker is new then; the header's own time is
-#: its package's)
+#: its package's). The build leaves the marker where the header was there: make reads this
+#: file before `sysdeps` installs the header, and `make test` after the first `make demo`
+#: built the venv a second time
 XXHASH  := $(if $(wildcard /usr/include/xxhash.h),$(VENV)/.xxhash)
 
 $(VENV)/.xxhash:
@@ -44,6 +46,7 @@ $(STAMP): pyproject.toml setup.py $(CSRC) $(XXHASH)
 	@$(BIN)/python -m pip install -q --upgrade pip >/dev/null
 	@$(BIN)/python -m pip install -q -e '.[all,test,dev]'
 	@$(BIN)/python -m compileall -q src >/dev/null
+	@if [ -f /usr/include/xxhash.h ]; then touch $(VENV)/.xxhash; fi
 	@touch $(STAMP)
 
 # man pages and completions into the venv (an editable install skips data files)
