@@ -72,3 +72,15 @@ for p in "${missing[@]}"; do
 done
 echo "sysdeps: installing ${packages[*]}" >&2
 apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+# The tests run nginx and sshd as programs with configurations of their own, never as the
+# system's services, which Debian's packages enable and start: a server this script
+# installed is stopped and disabled (a judge's machine is left with no new web server on
+# port 80 or sshd on 22, now or after a reboot)
+if [ -d /run/systemd/system ]; then
+  for unit in nginx-light:nginx openssh-server:ssh; do
+    if [[ " ${packages[*]} " == *" ${unit%%:*} "* ]]; then
+      echo "sysdeps: ${unit#*:}.service disabled and stopped (the tests start their own)" >&2
+      systemctl disable --now --quiet "${unit#*:}.service" || true
+    fi
+  done
+fi
