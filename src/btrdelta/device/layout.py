@@ -34,6 +34,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -286,12 +287,7 @@ def _private_mount(path: Path, *, readonly: bool, regular: bool) -> Iterator[Pat
         mnt = Path(lock[:-len(".lock")])
         os.mkdir(mnt, 0o700)
         try:
-            opts = "subvolid=5" + (",ro" if readonly else "") + (",loop" if regular else "")
-            proc = subprocess.run(["mount", "-t", "btrfs", "-o", opts, "--", os.fspath(path),
-                                   os.fspath(mnt)], capture_output=True, check=False)
-            if proc.returncode != 0:
-                msg = proc.stderr.decode(errors="replace").strip().splitlines()
-                raise DeviceError(f"{path}: cannot mount: {msg[-1] if msg else proc.returncode}")
+            _mount(path, mnt, readonly=readonly, regular=regular)
             try:
                 yield mnt
             finally:
@@ -307,6 +303,35 @@ def _private_mount(path: Path, *, readonly: bool, regular: bool) -> Iterator[Pat
         with contextlib.suppress(OSError):
             os.unlink(lock)
         os.close(fd)
+
+
+#: how long a writable mount waits for a read-only loop device of the same image to go
+_RO_LOOP_WAIT = 5.0
+
+
+def _mount(path: Path, mnt: Path, *, readonly: bool, regular: bool) -> None:
+    """Mount the top level of ``path`` on ``mnt``, writable unless ``readonly``.
+
+    ``mount -o loop`` reuses a loop device that still holds the same image, and where that
+    one is read-only (the previous command's ``ro`` mount, its autoclear not done yet: a
+    ``device status`` just before) mounts read-only with only a warning: the command then
+    failed at its first write ("Read-only file system"). Such a mount is undone and tried
+    again until that loop device is gone."""
+    opts = "subvolid=5" + (",ro" if readonly else "") + (",loop" if regular else "")
+    deadline = time.monotonic() + _RO_LOOP_WAIT
+    while True:
+        proc = subprocess.run(["mount", "-t", "btrfs", "-o", opts, "--", os.fspath(path),
+                               os.fspath(mnt)], capture_output=True, check=False)
+        if proc.returncode != 0:
+            msg = proc.stderr.decode(errors="replace").strip().splitlines()
+            raise DeviceError(f"{path}: cannot mount: {msg[-1] if msg else proc.returncode}")
+        if readonly or not os.statvfs(mnt).f_flag & os.ST_RDONLY:
+            return
+        subprocess.run(["umount", "--", os.fspath(mnt)], capture_output=True, check=False)
+        if time.monotonic() > deadline:
+            raise DeviceError(f"{path}: mounted read-only (write-protected, or a read-only "
+                              "loop device holds it)")
+        time.sleep(0.05)
 
 
 def sweep_private_mounts(tmp: str | None = None) -> list[str]:
