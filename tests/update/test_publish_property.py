@@ -2,8 +2,8 @@
 into a repository on ext4: the receive cannot keep the property's ``btrfs.compression``
 extended attribute, so the tree does not survive the round trip. The error (exit 5, one
 line) said only the differing attribute in hex; it names the path and the property and
-says how to proceed, and following it makes the add pass (oracle: tree-sum of the tree
-is the identity the repository reports)."""
+says how to proceed, and following it (a shell command, the path quoted) makes the add
+pass (oracle: tree-sum of the tree is the identity the repository reports)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def test_a_btrfs_property_the_repository_cannot_keep_is_named_with_the_way_out()
     from tests.conftest import btrfs_loop
 
     with btrfs_loop("200M") as fs, loop_fs("ext4", size="64M") as ext4:
-        tree = fs / "tree"
+        tree = fs / "a tree"  # (a space: the way out is one shell command still)
         (tree / "d").mkdir(parents=True)
         (tree / "d" / "f").write_bytes(b"x" * 10000)
         (tree / "g").write_bytes(b"y" * 100)
@@ -43,7 +43,8 @@ def test_a_btrfs_property_the_repository_cannot_keep_is_named_with_the_way_out()
                 f"btrdelta repo add: error: path '{tree}': the release tree does not survive "
                 f"a send stream round trip: '{first}' has the btrfs property compression="
                 f"{algo}{more}, which the repository's filesystem (not btrfs) cannot keep: "
-                f"clear it (btrfs property set {tree / first} compression '') or keep the "
+                f"clear it (btrfs property set {shlex.quote(str(tree / first))} compression '') "
+                "or keep the "
                 "repository on btrfs"), run.stderr
             way_out = re.search(r"clear it \((btrfs property set .*)\) or keep", last)
             assert way_out is not None

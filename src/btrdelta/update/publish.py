@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shlex
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -195,7 +196,8 @@ def _lost_properties(want: list[Entry], got: list[Entry], source: Path) -> list[
     if not lost:
         return []
     path, name, value = lost[0]
-    prop, where = name[6:].decode(errors="replace"), os.fsdecode(source / os.fsdecode(path))
+    prop = name[6:].decode(errors="replace")
+    where = shlex.quote(os.fsdecode(source / os.fsdecode(path)))  # (a command to paste)
     more = f" (and {len(lost) - 1} more path(s))" if len(lost) > 1 else ""
     return [f"{os.fsdecode(path)!r} has the btrfs property {prop}="
             f"{value.decode(errors='replace')}{more}, which the repository's filesystem (not "
