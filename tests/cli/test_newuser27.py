@@ -82,6 +82,17 @@ def _flags(top: Path) -> dict[str, str]:
             if line.strip() and not line.endswith(":") and not line.endswith(("/.", "/.."))}
 
 
+def _sent(snaps: tuple[Path, ...], tmp_path: Path) -> list[Path]:
+    """The kernel's streams (protocol 2: FILEATTR) of ``snaps``, each from the one before."""
+    streams = []
+    for i, s in enumerate(snaps):
+        streams.append(tmp_path / f"{i}.stream")
+        parent = ["-p", str(snaps[i - 1])] if i else []
+        subprocess.run(["btrfs", "-q", "send", "--proto", "2", *parent, "-f",
+                        str(streams[-1]), str(s)], check=True)
+    return streams
+
+
 @pytest.mark.btrfs
 @pytest.mark.parametrize("backend", ["btrfs", "dir"])
 def test_fileattr_incremental_keeps_and_changes_immutable_files(
@@ -123,12 +134,7 @@ def test_fileattr_incremental_keeps_and_changes_immutable_files(
         chattr("+i", "imm", "d")
         chattr("+a", "app")
         snap(3)
-        streams = []
-        for i, s in enumerate(snaps):
-            streams.append(tmp_path / f"{i}.stream")
-            parent = ["-p", str(snaps[i - 1])] if i else []
-            subprocess.run(["btrfs", "-q", "send", "--proto", "2", *parent, "-f",
-                            str(streams[-1]), str(s)], check=True)
+        streams = _sent(tuple(snaps), tmp_path)
         dest = fs / "dest" if backend == "btrfs" else tmp_path / "dest"
         dest.mkdir()
         try:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from btrdelta.testing.loopfs import loop_fs
-from tests.cli.test_newuser27 import _flags
+from tests.cli.test_newuser27 import _flags, _sent
 
 N = 1500
 
@@ -26,6 +26,11 @@ def _limit() -> None:
 def _contents(top: Path) -> dict[str, bytes]:
     return {str(p.relative_to(top)): p.read_bytes() if p.is_file() else b"/"
             for p in sorted(top.rglob("*"))}
+
+
+def _received_on(fs: Path, backend: str) -> AbstractContextManager[Path]:
+    """Where the streams are received: ``fs`` itself (btrfs), or a loop ext4 (dir)."""
+    return nullcontext(fs) if backend == "btrfs" else loop_fs("ext4", size="64M")
 
 
 @pytest.mark.btrfs
@@ -65,15 +70,8 @@ def test_fileattr_of_more_inodes_than_descriptors(tmp_path: Path, backend: str) 
         (src / "a").rename(src / "b")
         (src / "b/new").write_bytes(b"new")  # (no FILEATTR for a new inode: kernel's)
         s2 = snap("s2")
-        streams = []
-        for i, s in enumerate((s0, s1, s2)):
-            streams.append(tmp_path / f"{i}.stream")
-            parent = ["-p", str(fs / f"s{i - 1}")] if i else []
-            subprocess.run(["btrfs", "-q", "send", "--proto", "2", *parent, "-f",
-                            str(streams[-1]), str(s)], check=True)
-        where: AbstractContextManager[Path] = (
-            nullcontext(fs) if backend == "btrfs" else loop_fs("ext4", size="64M"))
-        with where as top:
+        streams = _sent((s0, s1, s2), tmp_path)
+        with _received_on(fs, backend) as top:
             dest = top / "dest"
             dest.mkdir()
             env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
@@ -137,15 +135,8 @@ def test_every_inode_found_again_by_number(tmp_path: Path, backend: str,
         (src / "new").write_bytes(b"new")  # (possibly the deleted one's number, on ext4)
         subprocess.run(["chattr", "+a", "g"], cwd=src, check=True)
         s2 = snap("s2")
-        streams = []
-        for i, s in enumerate((s0, s1, s2)):
-            streams.append(tmp_path / f"{i}.stream")
-            parent = ["-p", str(fs / f"s{i - 1}")] if i else []
-            subprocess.run(["btrfs", "-q", "send", "--proto", "2", *parent, "-f",
-                            str(streams[-1]), str(s)], check=True)
-        where: AbstractContextManager[Path] = (
-            nullcontext(fs) if backend == "btrfs" else loop_fs("ext4", size="64M"))
-        with where as top:
+        streams = _sent((s0, s1, s2), tmp_path)
+        with _received_on(fs, backend) as top:
             dest = top / "dest"
             dest.mkdir()
             try:
