@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import enum
 import struct
-import sys
 
 from .. import TYPE_CHECKING
 from .._value import named_tuple
@@ -42,8 +41,6 @@ def simple_enum(etype: type[enum.Enum]) -> Callable[[_C], _C]:
     API makes the same enum.
     """
     make = getattr(enum, "_simple_enum", None)
-    if make is not None and sys.version_info[:2] == (3, 11) and not issubclass(etype, enum.Flag):
-        return lambda cls: _simple_enum_311(etype, cls, make)
     if make is not None:
         return make(etype)  # type: ignore[no-any-return]
 
@@ -56,58 +53,6 @@ def simple_enum(etype: type[enum.Enum]) -> Callable[[_C], _C]:
 
     return functional
 
-
-def _simple_enum_311(etype: Any, cls: Any, make: Any) -> Any:
-    """Python 3.11's ``enum._simple_enum(etype)(cls)`` for an ``Enum`` or ``IntEnum`` (not a
-    ``Flag``), with the members' class attributes (``enum.property``) put in the class body
-    (``type`` names each) instead of set one by one on the class made, and each member's
-    attributes set in one update (``convert_class``' own: the stream package's enums 2.9 ->
-    1.8 M instructions). A class it does not cover (``__new__``, ``__init__``, ``auto``) is
-    made by ``make``, the standard library's."""
-    std: Any = enum  # (its private helpers: which names of the body are members)
-    attrs: dict[str, Any] = {}
-    body: dict[str, Any] = {}
-    for name, obj in cls.__dict__.items():
-        if name in ("__dict__", "__weakref__"):
-            continue
-        if name in ("__new__", "__init__") or isinstance(obj, enum.auto):
-            return make(etype)(cls)
-        member = not (std._is_dunder(name) or std._is_private(cls.__name__, name)
-                      or std._is_sunder(name))
-        if member and type(obj) not in (int, str):  # (an int or a str is no descriptor)
-            member = not std._is_descriptor(obj)
-        if member:
-            attrs[name] = obj
-            body[name] = enum.property()
-        else:
-            body[name] = obj
-    new_member = etype._member_type_.__new__
-    member_names: list[str] = []
-    member_map: dict[str, Any] = {}
-    value2member_map: dict[Any, Any] = {}
-    body.update(
-        _new_member_=new_member, _use_args_=etype._use_args_,
-        _generate_next_value_=etype._generate_next_value_, _member_names_=member_names,
-        _member_map_=member_map, _value2member_map_=value2member_map, _unhashable_values_=[],
-        _member_type_=etype._member_type_, _value_repr_=etype._value_repr_)
-    if cls.__dict__.get("__doc__") is None:
-        body["__doc__"] = "An enumeration."
-    made: Any = type(cls.__name__, (etype,), body, boundary=None, _simple=True)
-    for name in ("__repr__", "__str__", "__format__", "__reduce_ex__"):
-        if name not in body and getattr(made, name) in (
-                getattr(etype._member_type_, name), getattr(object, name)):
-            setattr(made, name, getattr(etype, name))
-    for name, value in attrs.items():
-        if value in value2member_map:  # an alias
-            member_map[name] = value2member_map[value]
-            continue
-        member = new_member(made, value) if etype._use_args_ else new_member(made)
-        vars(member).update(_value_=value, _name_=name, __objclass__=made,
-                            _sort_order_=len(member_names))
-        member_map[name] = value2member_map[value] = member
-        member_names.append(name)
-    made.__new__ = enum.Enum.__new__
-    return made
 
 MAGIC: Final = b"btrfs-stream\x00"
 STREAM_HEADER: Final = struct.Struct("<13sI")  # magic, version
