@@ -23,11 +23,21 @@ finding the records of a chain the store's.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from .. import TYPE_CHECKING
 from ..errors import StreamFormatError
-from .columns import Columns, Encoded, _copy, _Lookup, encode_rows, raw, row_index
+from .columns import (
+    Columns,
+    Encoded,
+    _copy,
+    _Lookup,
+    assemble,
+    encode_rows,
+    kept_rows,
+    raw,
+    row_index,
+)
 from .sendshot import (
     _DROP,
     _END,
@@ -355,17 +365,53 @@ class View:
 
     def _whole(self, drop: Sequence[int], added: Sequence[RecordInode],
                root: RecordInode | None) -> Encoded:
-        """The whole record (the base's columns patched once, rows renumbered)."""
+        """The whole record: the root, the base's rows kept, the rows of each patch kept
+        (copied by column runs, as the base's: no :class:`~.sendshot.RecordInode` made of
+        a row carried), then ``added``; rows renumbered."""
         base, ext, n = self.base, self.ext, self.base.count
         if not ext and not self.dead:
             return base.patched(drop, added, root)
         gone = set(drop)
         if root is None and 0 in ext:
             root = self.inode(0)
-        carried = [self.inode(r) for r in sorted(ext) if r and r not in gone]
-        base_drop = {r for r in gone | self.dead | ext.keys() if 0 < r < n}
-        base._row_of = None  # (the view's: the base's own is made again)
-        return base.patched(sorted(base_drop), carried + list(added), root)
+        head = [root] if root is not None else []
+        skip = gone | self.dead | ext.keys() | ({0} if root is not None else set())
+        runs: list[tuple[int, int]] = []
+        start = 0
+        for r in sorted(x for x in skip if x < n):
+            if r > start:
+                runs.append((start, r))
+            start = r + 1
+        if start < n:
+            runs.append((start, n))
+        new_row = kept_rows(self.span, runs, len(head))
+        pos = len(head) + sum(b - a for a, b in runs)
+        # each patch's rows still in the view, by patch (a few sources, each copied at once)
+        rows_of: dict[int, tuple[Columns, list[tuple[int, int]]]] = {}
+        for r in sorted(ext):
+            if r and r not in gone:
+                cols, k = ext[r]
+                got = rows_of.setdefault(id(cols), (cols, []))[1]
+                got.append((k, r))
+        sources: list[tuple[Columns, list[tuple[int, int]]]] = [(base, runs)]
+        for cols, rows in rows_of.values():
+            rows.sort()
+            for _k, r in rows:
+                new_row[r] = pos
+                pos += 1
+            sources.append((cols, _runs(k for k, _r in rows)))
+        return assemble(sources, new_row, head, added, self.row_of())
+
+
+def _runs(rows: Iterable[int]) -> list[tuple[int, int]]:
+    """Increasing ``rows`` as runs ``[a, b)``."""
+    out: list[tuple[int, int]] = []
+    for r in rows:
+        if out and out[-1][1] == r:
+            out[-1] = (out[-1][0], r + 1)
+        else:
+            out.append((r, r + 1))
+    return out
 
 
 class _Kept:

@@ -89,7 +89,7 @@ if TYPE_CHECKING:
         def __contains__(self, key: object, /) -> bool: ...
         def __len__(self) -> int: ...
 
-__all__ = ["Columns", "encode_rows", "raw", "row_index", "u32s"]
+__all__ = ["Columns", "assemble", "encode_rows", "kept_rows", "raw", "row_index", "u32s"]
 
 _D = 16  # bytes per block digest
 #: bytes per extent item (``btrdelta.fs.btrfs.EXTENT``)
@@ -501,28 +501,10 @@ class Columns:
         if start < n:
             runs.append((start, n))
         head = [root] if root is not None else []
-        # the new row of each old row (-1: dropped) and of each new inode
-        new_row = [-1] * n
-        pos = len(head)
-        for a, b in runs:
-            new_row[a:b] = range(pos, pos + b - a)
-            pos += b - a
-        index = {r.ino: i for i, r in enumerate(head)}
-        index.update((r.ino, pos + i) for i, r in enumerate(added))
-        row_of = self.row_of()
-        for ino, i in index.items():
-            old = row_of.get(ino)
-            if old is not None:
-                if new_row[old] != -1:
-                    raise ValueError(f"inode {ino} is both kept and added")
-                new_row[old] = i
-        out = _Out()
-        out.add(head, _Lookup(index, row_of, new_row))
-        self._copy_runs(out, runs, new_row)
-        out.add(added, _Lookup(index, row_of, new_row))
-        return out.encoded()
+        return assemble([(self, runs)], kept_rows(n, runs, len(head)), head, added,
+                        self.row_of())
 
-    def _copy_runs(self, out: _Out, runs: list[tuple[int, int]], new_row: list[int]) -> None:
+    def _copy_runs(self, out: _Out, runs: list[tuple[int, int]], new_row: array[int]) -> None:
         """Append the rows of ``runs`` (column slices) to ``out``."""
         native = _native.live("columns")
         if native is not None:
@@ -553,7 +535,7 @@ class Columns:
             out.count += b - a
 
     def _copy_runs_c(self, native: Any, out: _Out, runs: list[tuple[int, int]],
-                     new_row: list[int]) -> None:
+                     new_row: array[int]) -> None:
         """:meth:`_copy_runs` with the columns accelerator: each column's runs copied and
         the names' directories renumbered in one C call (not ~12 slices a run)."""
         rows = array("Q", [x for run in runs for x in run])
@@ -566,7 +548,7 @@ class Columns:
             out.fixed[c].frombytes(native.gather(col, rows, col.itemsize))
         out.nbytes += sum(sum(self.sizes[a:b]) for a, b in runs)
         names = via(self.doff, rows)
-        parents, bad = native.remap(self.parents, names, array("q", new_row))
+        parents, bad = native.remap(self.parents, names, new_row)
         if bad >= 0:
             raise ValueError(f"a kept inode is named in directory "
                              f"{self.inos[self.parents[bad]]}, which is not")
@@ -583,6 +565,65 @@ class Columns:
         out.nexts.frombytes(native.gather(self.nexts, files, 4))
         out.pieces[C_EXTENTS].append(native.gather(self.exts, via(self.eoff, files), 1))
         out.count += sum(b - a for a, b in runs)
+
+
+def kept_rows(span: int, runs: Sequence[tuple[int, int]], first: int = 0) -> array[int]:
+    """The new row of each of ``span`` old rows: those of ``runs`` ``[a, b)`` (in order,
+    not overlapping) numbered from ``first`` in order, the others -1 (dropped)."""
+    native = _native.live("columns")
+    if native is None:
+        new_row = array("q", [-1]) * span
+        pos = first
+        for a, b in runs:
+            new_row[a:b] = array("q", range(pos, pos + b - a))
+            pos += b - a
+        return new_row
+    # the running count of the rows kept, after ``first`` (one C pass, no Python int per
+    # row); the others made -1 by run
+    kept = bytearray(b"\x01" * first) + bytearray(span)
+    for a, b in runs:
+        kept[first + a:first + b] = b"\x01" * (b - a)
+    new_row = array("q")
+    new_row.frombytes(memoryview(native.prefix(kept, 1, None))[8 * first:8 * (first + span)])
+    start = 0
+    for a, b in [*runs, (span, span)]:
+        if a > start:
+            new_row[start:a] = array("q", [-1]) * (a - start)
+        start = b
+    return new_row
+
+
+def assemble(sources: Sequence[tuple[Columns, list[tuple[int, int]]]], new_row: array[int],
+             head: Sequence[RecordInode], added: Sequence[RecordInode], row_of: RowOf
+             ) -> Encoded:
+    """The columns of a whole record made of ``head`` (the root when it is replaced: no
+    row or one), the rows of ``sources`` (columns and their runs of rows ``[a, b)``, copied
+    as they are: no :class:`RecordInode` made) and ``added``, in that order, and its END
+    counts.
+
+    The PARENT values of every source are rows of one numbering (a whole record's rows, or
+    the view of a chain of patches: :mod:`.chain`); ``new_row`` gives the new row of each
+    of them (-1: not in the result) and ``row_of`` the row of each inode number in it.
+
+    Raises:
+        ValueError: a kept or added name in a directory that is not in the result, or an
+            inode number both kept and added.
+    """
+    pos = len(head) + sum(b - a for _cols, runs in sources for a, b in runs)
+    index = {r.ino: i for i, r in enumerate(head)}
+    index.update((r.ino, pos + i) for i, r in enumerate(added))
+    for ino, i in index.items():
+        old = row_of.get(ino)
+        if old is not None:
+            if new_row[old] != -1:
+                raise ValueError(f"inode {ino} is both kept and added")
+            new_row[old] = i
+    out = _Out()
+    out.add(head, _Lookup(index, row_of, new_row))
+    for cols, runs in sources:
+        cols._copy_runs(out, runs, new_row)
+    out.add(added, _Lookup(index, row_of, new_row))
+    return out.encoded()
 
 
 def row_index(inos: Ints) -> RowOf:
