@@ -301,3 +301,32 @@ def test_a_file_of_many_names_is_read_once(
                                                         if holes else None}
     monkeypatch.undo()
     assert tree_sum(tree, holes=holes) == tree_sum(_copy(tree, tmp_path / "copy"), holes=holes)
+
+
+def test_a_symlink_given_as_the_tree_is_followed(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``tree-sum LINK`` (and ``--compare``) sums the directory LINK points to, as ``du`` and
+    ``find -H`` take their argument; the symlink inside the tree stays a symlink. Oracle: the
+    sum of the directory itself, and ``find -H``'s count of its entries."""
+    a = _make(tmp_path / "a")
+    os.setxattr(a, "user.root", b"r")  # (the root's own: a symlink cannot hold user.*)
+    os.utime(a, ns=(1, 1_500_000_000_123_456_789))
+    link = tmp_path / "link"
+    os.symlink("a", link)
+    assert tree_sum(link) == tree_sum(a)
+    assert main(["tree-sum", str(link)]) == 0
+    assert capsys.readouterr().out == f"{tree_sum(a)}  {link}\n"
+    assert main(["tree-sum", "--manifest", str(link)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(". d ")
+    assert "xattr:user.root" in lines[0]
+    assert any(x.startswith("l l ") for x in lines)  # the link inside: not followed
+    found = subprocess.run(["find", "-H", str(link)], capture_output=True, check=True)
+    assert len(lines) == len(found.stdout.splitlines())
+    assert main(["tree-sum", str(link), "--compare", str(_copy(a, tmp_path / "b"))]) == 0
+    assert main(["tree-sum", str(a), "--compare", str(link)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"trees are equal: {a} {link}"
+    os.symlink("nowhere", tmp_path / "dangling")
+    assert main(["tree-sum", str(tmp_path / "dangling")]) == 1
+    assert capsys.readouterr().err.strip().endswith(
+        f"{tmp_path / 'dangling'}: No such file or directory")

@@ -31,7 +31,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                         "btrdelta tree-sum /mnt/received/B --compare /mnt/src/B",
                         "btrdelta tree-sum --json --holes /mnt/received/B"),
     )
-    p.add_argument("dir", metavar="DIR", help="root of the tree")
+    p.add_argument("dir", metavar="DIR",
+                   help="root of the tree; a symlink given here (or as --compare's OTHER) is "
+                        "followed, as du and find -H do for their arguments, and as send does; "
+                        "the symlinks inside a tree are summed as links")
     p.add_argument("--holes", action="store_true", help="also cover the data/hole layout")
     p.add_argument("--format", type=int, choices=(2, 3), default=2,
                    help="2 (default): each file's content as one BLAKE3 of its whole apparent "

@@ -229,8 +229,13 @@ def _kind(mode: int) -> str:
 
 
 def _walk(root: bytes) -> Iterator[tuple[bytes, bytes, os.stat_result]]:
-    """(relative path, absolute path, lstat) in sorted depth-first order."""
+    """(relative path, absolute path, lstat) in sorted depth-first order. A symlink given
+    as ``root`` is followed (as ``find -H`` and ``du`` do for their argument, and ``send``
+    for its snapshot); the symlinks inside the tree are not."""
     st = os.lstat(root)
+    if stat.S_ISLNK(st.st_mode):
+        st = os.stat(root)  # (a dangling link: ENOENT naming the argument)
+        root = os.path.realpath(root)
     dev = st.st_dev
     yield b".", root, st
     stack: list[tuple[bytes, bytes]] = [(b"", root)]
@@ -368,7 +373,8 @@ def tree_manifest(
     on_progress: Callable[[int, int], None] | None = None,
     version: int = 2,
 ) -> list[Entry]:
-    """Every entry of the tree at ``path`` as :class:`Entry` values, sorted by path.
+    """Every entry of the tree at ``path`` as :class:`Entry` values, sorted by path
+    (``path`` a symlink: the tree it points to; the symlinks inside are entries).
 
     ``reuse`` (not with ``holes``) is asked for what it knows of each entry's content,
     extended attributes and symlink target before they are read (see :data:`Reuse`),
