@@ -25,7 +25,7 @@ from btrdelta.testing.loopfs import loop_fs
 from btrdelta.tree import diff_manifests, tree_manifest, tree_sum
 from tests.jsondoc import checked
 
-from .conftest import Release, btrdelta, copy_tree
+from .conftest import BTRDELTA, Release, btrdelta, copy_tree
 from .test_install import progs_default
 
 pytestmark = pytest.mark.btrfs
@@ -421,3 +421,41 @@ def test_init_refuses_a_filesystem_that_holds_other_things(
     assert progs_default(btrfs_dev) == "roots/a"
     assert (btrfs_dev / "notes.txt").read_text() == "mine\n"
     assert (btrfs_dev / "@" / "etc").is_dir()
+
+
+def test_a_backup_to_a_btrdelta_serve_url_says_serve_takes_no_put(
+        btrfs_dev: Path, small_release: Release, tmp_path: Path) -> None:
+    """``btrdelta serve`` answers GET and HEAD only: a ``device backup`` to its URL fails
+    with one line that says the server takes no PUT (and which server does), exit 7,
+    nothing written below the served directory. The stream is larger than the sockets'
+    buffers: the server's 501 comes before the whole body was sent, and was lost in the
+    broken pipe ('PUT failed: [Errno 32] Broken pipe')."""
+    device.init(btrfs_dev, small_release.old, state=STATE)
+    # (more than a socket's buffers: the server answers before the body has been sent)
+    (btrfs_dev / "state/home/big").write_bytes(os.urandom(32 << 20))
+    www = tmp_path / "www"
+    (www / "backups").mkdir(parents=True)
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as logf:
+        server = subprocess.Popen([*BTRDELTA, "serve", str(www), "--port", str(port)],
+                                  stdout=subprocess.DEVNULL, stderr=logf)
+    try:
+        for _ in range(400):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert server.poll() is None, log.read_text()
+                time.sleep(0.05)
+        url = f"http://127.0.0.1:{port}/backups"
+        proc = btrdelta("device", "backup", btrfs_dev, "home", url, check=False)
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+    assert proc.returncode == 7, proc.stderr
+    assert proc.stderr == (
+        f"btrdelta device backup: error: {url}/home.1.stream: PUT answered 501: btrdelta "
+        "serve answers GET and HEAD only; a backup destination over HTTP needs a server "
+        "taking PUT and serving GET (nginx: dav_methods PUT)\n")
+    assert list((www / "backups").iterdir()) == []

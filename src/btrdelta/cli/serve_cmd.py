@@ -41,7 +41,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description=(
             "Serve the files below DIR over HTTP/1.1 with single and multi-range requests "
             "(not those whose path has a name starting with '.': a publisher's "
-            "REPO/.btrdelta, a .git, keys are 404). "
+            "REPO/.btrdelta, a .git, keys are 404). GET and HEAD only: it takes no PUT "
+            "(501), so it is no destination for `device backup` to an http(s) URL (a server "
+            "taking PUT is: nginx with dav_methods PUT). "
             "Logs one line per request with the body bytes sent on stderr; stops cleanly on "
             "SIGINT or SIGTERM and prints the total. Production uses any web server or CDN."
         ),

@@ -107,10 +107,17 @@ class _Store:
             with open(path, "rb") as f, _client() as client, \
                     client.stream("PUT", url, content=f) as resp:
                 status = resp.status_code
+                server = resp.headers.get("server") or ""
                 with contextlib.suppress(HTTPError):
                     resp.read(1 << 16)
         except HTTPError as exc:
             raise TransportError(f"PUT failed: {exc}", url=url) from exc
+        if status in (405, 501):  # (Method Not Allowed, Not Implemented)
+            who = ("btrdelta serve answers GET and HEAD only"
+                   if server.startswith("btrdelta-serve") else "the server takes no PUT there")
+            raise TransportError(
+                f"PUT answered {status}: {who}; a backup destination over HTTP needs a server "
+                "taking PUT and serving GET (nginx: dav_methods PUT)", url=url, status=status)
         if status not in (200, 201, 204):
             raise TransportError(f"PUT answered {status}", url=url, status=status)
 

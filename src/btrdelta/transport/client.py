@@ -425,8 +425,14 @@ class Client:
                 try:
                     conn.send(request)
                     if content is not None:
-                        while block := content.read(1 << 20):
-                            conn.send(block)
+                        try:
+                            while block := content.read(1 << 20):
+                                conn.send(block)
+                        except RemoteProtocolError:
+                            resp = self._early_answer(conn, method)
+                            if resp is None:
+                                raise
+                            return resp
                     resp = self._response(conn, method)
                     if via is not None and scheme == "http" and resp.status_code == 407:
                         raise ProxyRefused(_refused(via, "the request", 407))
@@ -446,6 +452,18 @@ class Client:
         except BaseException:
             self._slots.release()
             raise
+
+    def _early_answer(self, conn: _Conn, method: str) -> Response | None:
+        """The answer a server sent before the whole request body and closed the connection
+        (a 405, 413 or 501: why it took no upload; RFC 9112: a client sending a body watches
+        for an error response), where it came in time:
+        it says more than the broken pipe. None: no answer came."""
+        try:
+            resp = self._response(conn, method)
+        except (HTTPError, _Stale):
+            return None
+        resp._keep = False  # (the connection is broken)
+        return resp
 
     def _response(self, conn: _Conn, method: str) -> Response:
         for _ in range(8):  # informational replies (100 Continue) before the answer
