@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..chunk.chunker import ChunkerParams
-from ..errors import BtrdeltaError, ChecksumError
+from ..errors import BtrdeltaError, ChecksumError, warn
 from ..fs.atomic import write_atomic
 from ..fs.remove import remove_path
 from ..repo.canonical import parse_json
@@ -235,9 +235,16 @@ def _ingest(repo: Repo, cat: Catalog, name: str, source: Path, report: AddReport
                              chunk_map=chunk_map, packs=cat.packs)
         say(f"{name}: receiving the full")
         _remove_tree(repo.trees / name)
+        # the receive's warnings (a btrfs property skipped off btrfs) only where the tree
+        # survived the round trip: else the check's error says what was lost, and how to
+        # proceed, in its one line
+        warned: list[str] = []
         with open(stream, "rb") as f:
-            receive_release(f, repo.trees, name, source=str(stream), delta=False)
+            receive_release(f, repo.trees, name, source=str(stream), delta=False,
+                            on_warning=warned.append)
         _check_same(repo.trees / name, tree, identity)
+        for msg in warned:
+            warn(msg)
     finally:
         stream.unlink(missing_ok=True)
         if temporary:

@@ -171,14 +171,16 @@ class _Renamed:
 def receive_release(
     stream: BinaryIO, dest: Path, name: str, *, source: str, delta: bool,
     identity: str | None = None, on_progress: Callable[[int, int], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> ReceivedSubvol:
     """Receive one release stream (plain, or a delta against its parent below ``dest``) as
     ``dest/name``; returns it. The subvolume is made under a temporary name and gets
     ``name`` only when complete and, with ``identity``, when its tree-sum is that identity
     (:meth:`btrdelta.receive.subvolumes.Subvolumes.finish`'s pre-commit check). A failure
-    leaves nothing under ``name``."""
+    leaves nothing under ``name``. ``on_warning``: the receive's (a skipped extended
+    attribute; default :func:`btrdelta.errors.warn`)."""
     return _receive(stream, dest, name, source=source, delta=delta, identity=identity,
-                    parent=None, on_progress=on_progress)[0]
+                    parent=None, on_progress=on_progress, on_warning=on_warning)[0]
 
 
 def receive_version(
@@ -207,7 +209,7 @@ def _receive(
     identity: str | None, parent: Digests | None,
     on_progress: Callable[[int, int], None] | None,
     parent_at: tuple[UUID, Path] | None = None, verified: bool = False,
-    register: bool = True,
+    register: bool = True, on_warning: Callable[[str], None] | None = None,
 ) -> tuple[ReceivedSubvol, Digests]:
     from ..update.receive import open_events
 
@@ -263,7 +265,7 @@ def _receive(
         warm = changes is not None and identity is not None
         done = receive(_Renamed(events, name.encode(), changes, warm), dest, stop_at_end=True,
                        read_ahead=is_delta, on_progress=on_progress, pre_commit=Check(),
-                       parents=parents, snapshot_ahead=ahead)
+                       parents=parents, snapshot_ahead=ahead, on_warning=on_warning)
     finally:
         if changes is not None:
             changes.close()
