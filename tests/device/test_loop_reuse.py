@@ -7,6 +7,7 @@ the exit code, ``btrfs subvolume list`` of the image."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import btrdelta
+from .conftest import BTRDELTA, btrdelta
 
 pytestmark = pytest.mark.btrfs
 
@@ -77,3 +78,49 @@ def test_an_image_that_stays_read_only_is_one_line(tmp_path: Path) -> None:
         f"btrdelta device init: error: {img}: mounted read-only (write-protected, or a "
         "read-only loop device holds it)"]
     assert waited < 60
+
+
+def _mounts_below(root: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if line.split()[4].startswith(f"{root}/")]
+
+
+def test_a_read_only_mount_whose_umount_fails_says_so_in_one_line(
+        tmp_path: Path) -> None:
+    """The read-only mount is unmounted before the next try: where that ``umount`` fails
+    (a busy mount; here a ``umount`` on PATH failing as busy for a plain one), the command
+    stops at once with one line saying so, its mount detached (``umount -l``); it mounted
+    again on that mount, which mount refused as 'cannot mount: ... disk.img is already
+    mounted', a wrong reason. Oracle: /proc/self/mountinfo, the umount calls logged."""
+    img, stream, dev = _image_with_a_read_only_loop_device(tmp_path)
+    shims, tmp = tmp_path / "bin", tmp_path / "tmp"
+    shims.mkdir()
+    tmp.mkdir()
+    log = tmp_path / "umount.log"
+    (shims / "umount").write_text(f"""#!/bin/sh
+case " $* " in *" -l "*) exec /usr/bin/umount "$@";; esac
+echo "$*" >> {log}
+for last; do :; done
+echo "umount: $last: target is busy." >&2
+exit 32
+""")
+    (shims / "umount").chmod(0o755)
+    env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "TMPDIR": str(tmp)}
+    try:
+        got = subprocess.run([*BTRDELTA, "device", "init", str(img), "--factory", str(stream)],
+                             capture_output=True, text=True, env=env, timeout=120, check=False)
+        left = _mounts_below(tmp)
+        calls = log.read_text().splitlines() if log.exists() else []
+    finally:
+        for mnt in reversed(_mounts_below(tmp)):
+            subprocess.run(["umount", "-l", mnt], capture_output=True, check=False)
+        _detach(dev)
+    assert got.returncode == 1, got.stderr
+    mnt = calls[0].split()[-1]
+    assert got.stderr.splitlines() == [
+        f"btrdelta device init: error: {img}: mounted read-only (write-protected, or a "
+        f"read-only loop device holds it), and its umount failed: umount: {mnt}: target is "
+        "busy."]
+    assert len(calls) == 1, calls
+    assert left == []
+    assert not os.path.exists(mnt)

@@ -316,7 +316,8 @@ def _mount(path: Path, mnt: Path, *, readonly: bool, regular: bool) -> None:
     one is read-only (the previous command's ``ro`` mount, its autoclear not done yet: a
     ``device status`` just before) mounts read-only with only a warning: the command then
     failed at its first write ("Read-only file system"). Such a mount is undone and tried
-    again until that loop device is gone."""
+    again until that loop device is gone; where that ``umount`` fails, the mount is
+    detached (``umount -l``) and the command stops, saying so."""
     opts = "subvolid=5" + (",ro" if readonly else "") + (",loop" if regular else "")
     deadline = time.monotonic() + _RO_LOOP_WAIT
     while True:
@@ -327,10 +328,17 @@ def _mount(path: Path, mnt: Path, *, readonly: bool, regular: bool) -> None:
             raise DeviceError(f"{path}: cannot mount: {msg[-1] if msg else proc.returncode}")
         if readonly or not os.statvfs(mnt).f_flag & os.ST_RDONLY:
             return
-        subprocess.run(["umount", "--", os.fspath(mnt)], capture_output=True, check=False)
+        why = f"{path}: mounted read-only (write-protected, or a read-only loop device holds it)"
+        done = subprocess.run(["umount", "--", os.fspath(mnt)], capture_output=True,
+                              check=False)
+        if done.returncode != 0:  # (not mounted again on it: stop, and let it go)
+            subprocess.run(["umount", "-l", "--", os.fspath(mnt)], capture_output=True,
+                           check=False)
+            msg = done.stderr.decode(errors="replace").strip().splitlines()
+            raise DeviceError(f"{why}, and its umount failed: "
+                              f"{msg[-1] if msg else f'exit {done.returncode}'}")
         if time.monotonic() > deadline:
-            raise DeviceError(f"{path}: mounted read-only (write-protected, or a read-only "
-                              "loop device holds it)")
+            raise DeviceError(why)
         time.sleep(0.05)
 
 
