@@ -20,15 +20,43 @@ from btrdelta.cli import main
 
 
 def _cut_after_one_byte(argv: list[str]) -> tuple[int, str]:
-    """Run ``argv`` with its standard output read for one byte, then closed."""
+    """Run ``argv`` with its standard output read for one byte, then closed. However it
+    ends (nothing read, a timeout), the child is gone when this returns or raises."""
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None
     assert proc.stderr is not None
-    assert len(proc.stdout.read(1)) == 1
-    proc.stdout.close()
-    err = proc.stderr.read().decode()
-    proc.stderr.close()
-    return proc.wait(timeout=120), err
+    try:
+        first = proc.stdout.read(1)
+        if not first:
+            proc.kill()  # (no output: what it said, and nothing left running)
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert len(first) == 1, (code, err)
+    return code, err
+
+
+def test_the_cut_leaves_no_child_when_nothing_comes(tmp_path: Path) -> None:
+    """A child that writes nothing and goes on (its output closed): the helper fails, and
+    the child is gone (it was left running, holding the pipes)."""
+    pidfile = tmp_path / "pid"
+    with pytest.raises(AssertionError):
+        _cut_after_one_byte(["sh", "-c", f"echo $$ > {pidfile}; exec >&-; exec sleep 60"])
+    pid = int(pidfile.read_text())
+    try:
+        alive = os.waitpid(pid, os.WNOHANG) == (0, 0)
+    except ChildProcessError:
+        alive = False  # (reaped)
+    if alive:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert not alive
 
 
 @pytest.fixture(scope="module")
