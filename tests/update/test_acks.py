@@ -1,4 +1,4 @@
-"""The receiver's ACKs from a thread of their own (``update.replica._Acks``): each one
+"""The receiver's ACKs from a thread of their own (``update.replica.AckWriter``): each one
 written after the meta naming its segment's end was saved, in order; a failure ends the
 stream in the applier's thread once and is raised by every later call; ``drain`` waits for
 every ACK queued."""
@@ -12,7 +12,7 @@ import pytest
 
 from btrdelta.errors import TransportError
 from btrdelta.protocol import Ack
-from btrdelta.update.replica import _Acks
+from btrdelta.update.partial import AckWriter
 
 
 class _Log:
@@ -36,8 +36,8 @@ class _Log:
         self.log.append(("ack", msg.offset))
 
 
-def _acks(log: _Log) -> _Acks:
-    return _Acks(log, log, log.failed.append)  # type: ignore[arg-type]
+def _acks(log: _Log) -> AckWriter:
+    return AckWriter(log, log, log.failed.append)  # type: ignore[arg-type]
 
 
 def test_each_ack_follows_its_saved_meta_in_order() -> None:

@@ -1657,10 +1657,11 @@ def _busy(first: PipeChannel, src: Path, dest: Path, store: list[object]) -> Non
 
 def test_a_full_destination_is_an_error_not_a_killed_receiver(tmp_path: Path) -> None:
     """DEST on a btrfs with too little space for the tree: the replicate fails with one
-    line naming ENOSPC, and nothing but DEST's state is left there (the record counter was
-    a mapping of a file in DEST: on a full btrfs a store into it, after a write-back, made
-    the kernel kill the receiver with SIGBUS, and the sender said only `the peer closed
-    the connection`)."""
+    line naming ENOSPC (the record counter was a mapping of a file in DEST: on a full btrfs
+    a store into it, after a write-back, made the kernel kill the receiver with SIGBUS,
+    and the sender said only `the peer closed the connection`). The full disk is not the
+    peer's fault: the partial transfer is kept (it was dropped), and once space is made
+    the next run resumes it (oracle: bytes sent, tree-sum)."""
     require_btrfs()
     src = tmp_path / "src"
     src.mkdir()
@@ -1679,6 +1680,18 @@ def test_a_full_destination_is_an_error_not_a_killed_receiver(tmp_path: Path) ->
             assert proc.stderr.count("\n") == 1, proc.stderr
             assert "No space left on device" in proc.stderr, proc.stderr
             assert _visible(dest) == set()
+            acked = json.loads((dest / ".btrdelta-partial/meta.json").read_text())["offset"]
+            assert acked > 0
+            (mnt / "fill").unlink()
+            proc = subprocess.run(
+                [sys.executable, "-m", "btrdelta", "replicate", str(src), str(dest),
+                 "--store", str(tmp_path / "store"), "--json"],
+                capture_output=True, text=True, check=False, timeout=300)
+            assert proc.returncode == 0, proc.stderr
+            res = json.loads(proc.stdout)
+            assert res["resumed_from"] == acked, res
+            assert res["sent"] == res["size"] - acked, res
+            assert tree_sum(dest / res["name"]) == tree_sum(src)
             assert [n for n in os.listdir(dest) if n.startswith(".btrdelta-tmp")] == []
             assert not (dest / ".btrdelta-partial").exists()
             counters = f"btrdelta-progress-{os.stat(dest).st_dev:x}-"  # (this filesystem's)

@@ -268,18 +268,15 @@ class _Run:
 
 
 def receive(
-    events: Iterable[Event],
-    dest: Path,
-    *,
-    stop_at_end: bool = False, max_errors: int = 1, dry_run: bool = False,
-    backend: str = "auto", apply_fileattr: bool = False, force_decompress: bool = False,
-    on_progress: Callable[[int, int], None] | None = None,
-    on_warning: Callable[[str], None] | None = None,
-    on_subvol: Callable[[ReceivedSubvol], None] | None = None, read_ahead: bool = False,
+    events: Iterable[Event], dest: Path, *, stop_at_end: bool = False, max_errors: int = 1,
+    dry_run: bool = False, backend: str = "auto", apply_fileattr: bool = False,
+    force_decompress: bool = False, on_progress: Callable[[int, int], None] | None = None,
+    on_warning: Callable[[str], None] | None = None, read_ahead: bool = False,
+    on_subvol: Callable[[ReceivedSubvol], None] | None = None, write_behind: bool = False,
     pre_commit: PreCommit | None = None, search_root: Path | None = None,
-    progress: Any = None, resume: ResumePoint | None = None, write_behind: bool = False,
-    detach_on: tuple[type[BaseException], ...] = (), temp_name: bytes | None = None,
-    parents: dict[UUID, Path] | None = None, snapshot_ahead: Ahead | None = None,
+    progress: Any = None, resume: ResumePoint | None = None, temp_name: bytes | None = None,
+    detach_on: tuple[type[BaseException], ...] = (), parents: dict[UUID, Path] | None = None,
+    snapshot_ahead: Ahead | None = None, detach_if: Callable[[BaseException], bool] | None = None,
 ) -> list[ReceivedSubvol]:
     """Apply a stream of events (stream headers and records) below ``dest``.
 
@@ -305,8 +302,9 @@ def receive(
             name, before its final name; raising aborts it (not ``detach_on``) and receive.
         search_root: find parents and clone sources below this directory of ``dest``'s
             btrfs, not below ``dest`` (``btrfs receive -m``).
-        progress, resume, detach_on, temp_name: a resumable receive of one stream (see
-            :mod:`.resume`: records applied counted, the subvolume kept, gone on with).
+        progress, resume, detach_on, detach_if, temp_name: a resumable receive of one
+            stream (see :mod:`.resume`: records applied counted, the subvolume kept where
+            the apply raised ``detach_on`` or what ``detach_if`` is true of, gone on with).
         parents: parents by (received) UUID, taken as found, shared with a delta
             stream's expansion (see :class:`.subvolumes.Subvolumes`).
         write_behind: write large files' data out as it comes (see
@@ -335,8 +333,9 @@ def receive(
         source = prefetch(batches) if read_ahead else batches
         try:
             run.apply(source)
-        except detach_on:
-            applier.detach()
+        except BaseException as exc:
+            if isinstance(exc, detach_on) or (detach_if is not None and detach_if(exc)):
+                applier.detach()
             raise
         finally:
             close = getattr(source, "close", None)

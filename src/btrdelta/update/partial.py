@@ -15,6 +15,9 @@ fault cannot reserve space and kills the receiver with ``SIGBUS`` (no error, no 
 removed then (a receiver cut off by its sender leaves none; only a killed one does, for the
 resume that removes it with the partial transfer). Where ``/dev/shm`` cannot be used,
 ``progress`` itself is mapped, as before.
+
+:class:`AckWriter` sends each ACK once the meta naming its segment is saved; whether a
+failed conversation keeps its partial transfer for a resume: :func:`peers_fault`.
 """
 
 from __future__ import annotations
@@ -27,15 +30,24 @@ import os
 import re
 import stat
 import struct
+from collections.abc import Callable
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Any
 from uuid import UUID
 
+from .. import TYPE_CHECKING
+from .._pool import Started
+from ..errors import BtrdeltaError
 from ..fs.atomic import write_atomic
 from ..fs.remove import remove_path
 
-__all__ = ["META", "META_VERSION", "PARTIAL_DIR", "PROGRESS", "Damaged", "PartialTransfer",
-           "boot_id"]
+if TYPE_CHECKING:
+    from ..protocol import Ack
+    from .channels import MessageIO
+
+__all__ = ["META", "META_VERSION", "PARTIAL_DIR", "PROGRESS", "AckWriter", "Damaged",
+           "PartialTransfer", "boot_id", "peers_fault"]
 
 PARTIAL_DIR = ".btrdelta-partial"
 META_VERSION = 2
@@ -231,3 +243,69 @@ class PartialTransfer:
                                                     UUID(int=0), 0, None, None))
         self._forget_counter()
         remove_path(self.path, ignore_errors=True)
+
+
+class AckWriter:
+    """The ACKs of one conversation, each written after the partial meta naming its
+    segment's end is saved (:meth:`PartialTransfer.save`), by a thread of its own on a channel two
+    threads may use at once: the applier goes on with the next segment meanwhile (two are
+    in flight) instead of waiting for the meta at every segment. In order; a failure ends the
+    stream in the applier's thread (``fail``) and every later :meth:`put` or
+    :meth:`drain` raises it. :meth:`drain` before anything else is saved or written."""
+
+    def __init__(self, io: MessageIO, partial: PartialTransfer,
+                 fail: Callable[[BaseException], None]) -> None:
+        self._io, self._partial, self._fail = io, partial, fail
+        self._queue: SimpleQueue[tuple[dict[str, Any], Ack] | None] = SimpleQueue()
+        self._thread: Started | None = None
+        self.error: BaseException | None = None
+
+    def put(self, doc: dict[str, Any], ack: Ack) -> None:
+        """Save ``doc`` (a copy of the meta), then send ``ack``."""
+        if self.error is not None:
+            raise self.error
+        if self._thread is None:  # (the applier does not wait for it to run)
+            self._thread = Started(self._run, "ack-writer")
+        self._queue.put((doc, ack))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self.error is not None:
+                continue  # (a failure: nothing more is saved or sent)
+            try:
+                self._partial.save(item[0])
+                self._io.send(item[1])
+            except BaseException as exc:  # raised again in the applier's thread
+                self.error = exc
+                self._fail(exc)
+
+    def drain(self, *, check: bool = True) -> None:
+        """Until every ACK queued is sent (``check``: raise what the thread raised)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        if check and self.error is not None:
+            raise self.error
+
+
+#: failures of this machine, not of the stream, where applying a record meets them
+_LOCAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ENOMEM,
+                           errno.EMFILE, errno.ENFILE})
+
+
+def peers_fault(exc: BaseException) -> bool:
+    """Whether the conversation failed because of what the peer sent (a damaged stream, a
+    lying peer: its partial transfer is dropped), not because of this side (its disk full
+    or failing, a bug: kept for a resume). An error applying a record is the stream's
+    (ENOENT: it names a path that is not there) unless the system said the fault is here
+    (:data:`_LOCAL_ERRNOS`); an :class:`OSError` of the receiver's own files and any
+    exception that is no :class:`~btrdelta.errors.BtrdeltaError` (a bug) are this side's."""
+    if isinstance(exc, OSError) or not isinstance(exc, BtrdeltaError):
+        return False
+    cause = exc.__cause__
+    while cause is not None:
+        if isinstance(cause, OSError):
+            return cause.errno not in _LOCAL_ERRNOS
+        cause = cause.__cause__
+    return True

@@ -29,9 +29,10 @@ temporary name, the partial transfer acknowledged to the stream's end and marked
 A cut connection or a killed sender or receiver leaves the temporary subvolume: the next
 PLAN for the same session resumes after the last acknowledged segment, skipping the records
 the progress file counts (the one after them is looked at: see
-:func:`~btrdelta.receive.resume.already_applied`). A peer that lies (bad CRC or
-digest, unknown or misplaced messages, a stream for another base) gets a typed REFUSE, the
-partial transfer is dropped and nothing is applied.
+:func:`~btrdelta.receive.resume.already_applied`). A peer that lies (bad CRC or digest,
+unknown or misplaced messages, a stream for another base) gets a typed REFUSE, the partial
+transfer is dropped and nothing is applied; a failure of this side's (a full disk, a bug:
+:func:`~.partial.peers_fault`) keeps it, as a cut does, the peer told why.
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from queue import SimpleQueue
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -74,7 +74,16 @@ from ..protocol.messages import spoken
 from ..stream.records import Clone, End, Snapshot, Subvol
 from .channels import Channel, MessageIO, PeerRefused
 from .inbox import Inbox, chain_next
-from .partial import META, META_VERSION, PARTIAL_DIR, PROGRESS, Damaged, PartialTransfer
+from .partial import (
+    META,
+    META_VERSION,
+    PARTIAL_DIR,
+    PROGRESS,
+    AckWriter,
+    Damaged,
+    PartialTransfer,
+    peers_fault,
+)
 
 if TYPE_CHECKING:
     from ..receive import ReceivedSubvol
@@ -105,50 +114,6 @@ class ServeResult(Value):
     received_bytes: int = 0
 
 
-class _Acks:
-    """The ACKs of one conversation, each written after the partial meta naming its
-    segment's end is saved (:meth:`PartialTransfer.save`), by a thread of its own on a channel two
-    threads may use at once: the applier goes on with the next segment meanwhile (two are
-    in flight) instead of waiting for the meta at every segment. In order; a failure ends the
-    stream in the applier's thread (``fail``) and every later :meth:`put` or
-    :meth:`drain` raises it. :meth:`drain` before anything else is saved or written."""
-
-    def __init__(self, io: MessageIO, partial: PartialTransfer,
-                 fail: Callable[[BaseException], None]) -> None:
-        self._io, self._partial, self._fail = io, partial, fail
-        self._queue: SimpleQueue[tuple[dict[str, Any], Ack] | None] = SimpleQueue()
-        self._thread: Started | None = None
-        self.error: BaseException | None = None
-
-    def put(self, doc: dict[str, Any], ack: Ack) -> None:
-        """Save ``doc`` (a copy of the meta), then send ``ack``."""
-        if self.error is not None:
-            raise self.error
-        if self._thread is None:  # (the applier does not wait for it to run)
-            self._thread = Started(self._run, "ack-writer")
-        self._queue.put((doc, ack))
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            if self.error is not None:
-                continue  # (a failure: nothing more is saved or sent)
-            try:
-                self._partial.save(item[0])
-                self._io.send(item[1])
-            except BaseException as exc:  # raised again in the applier's thread
-                self.error = exc
-                self._fail(exc)
-
-    def drain(self, *, check: bool = True) -> None:
-        """Until every ACK queued is sent (``check``: raise what the thread raised)."""
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
-        if check and self.error is not None:
-            raise self.error
-
-
 class _Events:
     """The records of the inbox's bytes, in batches (a :class:`~btrdelta.receive.receiver.
     BatchedEvents`), checked to be the planned stream: its first record is ``SUBVOL`` (full)
@@ -156,7 +121,7 @@ class _Events:
     subvolume or the parent. A resumed stream starts after its header (``version``)."""
 
     def __init__(self, inbox: Inbox, version: int, tmp: bytes,
-                 acks: _Acks | None = None) -> None:
+                 acks: AckWriter | None = None) -> None:
         from ..stream.reader import StreamParser
 
         self.inbox, self.tmp, self.acks = inbox, tmp, acks
@@ -472,9 +437,9 @@ class Replica:
         conn = Connection("receiver", source=peer)
         io = MessageIO(ch, conn)
         inbox: Inbox | None = None
-        acks: _Acks | None = None
+        acks: AckWriter | None = None
         partial = PartialTransfer(self.dest, self.backend)
-        cut = False
+        cut = kept = False
         lock: int | None = None
         try:
             io.send(Hello("receiver", spoken(), ("encoded",), self.ident, str(self.dest)))
@@ -526,7 +491,8 @@ class Replica:
         except Exception as exc:  # (a damaged state file, a bug: the peer hears it, raised)
             if acks is not None:
                 acks.drain(check=False)  # (nothing else writes while it does)
-            if inbox is not None:
+            kept = inbox is not None and not peers_fault(exc)  # (for a resume, as a cut)
+            if inbox is not None and not kept:
                 partial.drop()
             self._refuse(io, exc)
             if not isinstance(exc, ProtocolError | OSError):
@@ -542,7 +508,7 @@ class Replica:
                 acks.drain(check=False)
             if inbox is not None:
                 inbox.stop()
-            if cut:
+            if cut or kept:
                 self._keep(partial)
             if lock is not None:
                 os.close(lock)
@@ -585,15 +551,17 @@ class Replica:
         (``syncfs``: the records applied, the progress count), then ``meta.json`` says so
         (no boot id), so that the transfer is resumed after a restart too. (One whose
         receiver was killed or lost its power keeps the boot id it was written in: after a
-        restart what it counts may not be on the disk, and it is discarded.)"""
+        restart what it counts may not be on the disk, and it is discarded; so is one whose
+        write-out failed: a full disk.)"""
         try:
             doc = partial.load()
         except Damaged:
             return  # (the next conversation discards it and says why)
         if doc is None or not doc.get("boot"):
             return
-        self._write_out()
-        partial.save(doc, synced=True)
+        with contextlib.suppress(OSError):
+            self._write_out()
+            partial.save(doc, synced=True)
 
     def _record(self, pending: PendingSubvol, inbox: Inbox,
                 written: Callable[[], None] | None = None) -> None:
@@ -693,7 +661,7 @@ class Replica:
             got = receive(events, self.dest, stop_at_end=True, backend=self.backend,
                           progress=progress, resume=point, temp_name=events.tmp,
                           detach_on=(TransportError,), pre_commit=(committed := Committed()),
-                          write_behind=True)
+                          write_behind=True, detach_if=lambda exc: not peers_fault(exc))
         except (TransportError, ProtocolError):
             raise
         except BtrdeltaError as exc:
@@ -773,7 +741,7 @@ class Replica:
 
         concurrent = getattr(io.ch, "concurrent", False)
         inbox = Inbox(io, plan, version, at, segments, chain, acknowledge, threaded=concurrent)
-        acks = _Acks(io, partial, inbox.fail) if concurrent else None
+        acks = AckWriter(io, partial, inbox.fail) if concurrent else None
         events = _Events(inbox, stream_version, os.fsencode(tmp), acks)
         return inbox, events, point, progress, meta
 

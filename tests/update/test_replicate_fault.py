@@ -1,0 +1,103 @@
+"""`replicate`: a receiver failing mid-stream keeps the partial transfer when the fault is
+its own (a bug, a full disk: the next run resumes it, as after a cut) and drops it when it
+is the peer's (a damaged stream, a lying sender: the next run starts again). It dropped it
+for every error, and a bug's progress was sent again whole. Oracles: the next run's
+``resumed_from`` and bytes sent, tree-sum of the received tree against the source's, the
+partial transfer's directory."""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from btrdelta.errors import BtrdeltaError, ProtocolError
+from btrdelta.send.store import SendshotStore
+from btrdelta.tree import tree_sum
+from btrdelta.update import replica
+from btrdelta.update.channels import SocketChannel
+from btrdelta.update.replica import Replica
+from btrdelta.update.replicate import ReplicateResult, replicate
+
+SEG = 1 << 20
+MIB = 1 << 20
+
+
+def _run(src: Path, dest: Path, store: Path) -> tuple[ReplicateResult | BaseException,
+                                                       object]:
+    """One ``replicate`` over a socket pair, the receiver a :class:`Replica` in a thread:
+    each side's result, or what it raised."""
+    a, b = socket.socketpair()
+    served: list[object] = []
+
+    def serve() -> None:
+        try:
+            served.append(Replica(dest).serve(SocketChannel(a, "sender")))
+        except BaseException as exc:  # (the test looks at it)
+            served.append(exc)
+        finally:
+            a.close()  # (the sender hears the end)
+
+    receiver = threading.Thread(target=serve)
+    receiver.start()
+    sent: ReplicateResult | BaseException
+    try:
+        sent = replicate(src, SocketChannel(b, "receiver"), store=SendshotStore(store),
+                         segment=SEG)
+    except BtrdeltaError as exc:
+        sent = exc
+    finally:
+        receiver.join(60)
+        b.close()
+    return sent, served[0]
+
+
+@pytest.mark.parametrize(("fault", "text", "kept"), [
+    (RuntimeError, "a bug of the receiver", True),
+    (ProtocolError, "a second subvolume in the stream", False),  # (a lying peer's)
+])
+def test_a_receiver_failing_mid_stream_keeps_its_partial_only_when_the_fault_is_its_own(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: type[Exception], text: str,
+        kept: bool) -> None:
+    src, dest, store = tmp_path / "src", tmp_path / "dest", tmp_path / "store"
+    src.mkdir()
+    dest.mkdir()
+    for i in range(4):
+        (src / f"f{i}").write_bytes(os.urandom(8 * MIB))
+    batches = replica._Events.batches
+
+    def failing(self: Any) -> Iterator[Any]:
+        for batch in batches(self):
+            if self.inbox.added > 20 * MIB:
+                raise fault(text)
+            yield batch
+
+    monkeypatch.setattr(replica._Events, "batches", failing)
+    sent, served = _run(src, dest, store)
+    assert isinstance(sent, ReplicateResult), sent
+    assert sent.outcome == "refused", sent
+    assert sent.message.endswith(f": {text}"), sent
+    if kept:  # (a bug is raised, after the peer was told)
+        assert (type(served), str(served)) == (fault, text)
+    else:
+        assert getattr(served, "outcome", None) == "failed", served
+    served = None  # (the bug's traceback holds the receive's frames in a cycle, and in
+    gc.collect()  # them the record counter's mapping: its descriptor, until collected)
+    assert (dest / ".btrdelta-partial").exists() == kept
+    monkeypatch.undo()
+    res, served = _run(src, dest, store)
+    assert isinstance(res, ReplicateResult), res
+    assert res.outcome == "committed", res
+    if kept:  # (resumed after what was acknowledged: at least two thirds of it not sent)
+        assert res.resumed_from > 12 * MIB, res
+        assert res.sent < res.size - 12 * MIB, res
+    else:
+        assert (res.resumed_from, res.sent) == (0, res.size), res
+    assert tree_sum(dest / res.name) == tree_sum(src)
+    assert not (dest / ".btrdelta-partial").exists()
