@@ -73,12 +73,13 @@ demo: sysdeps-demo venv
 # after it, pass, fail or killed (trap; the exit code is 128 + the signal's number, as the
 # CLI's); `rm -rf` deletes trees of any depth. In /var/tmp, on the disk: the tests' trees
 # held ~5 GB by the run's end (session 25), and /tmp is a tmpfs in RAM on some machines
-# (Debian 13's default), where the `where` fixture's disk case would be a tmpfs too
+# (Debian 13's default), where the `where` fixture's disk case would be a tmpfs too; the
+# removal says so, with the size (scripts/cleanup.sh: it takes ~30 s after the summary)
 test: sysdeps venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	@tmp=$$(mktemp -d /var/tmp/btrdelta-test.XXXXXX); \
-	trap 'rm -rf --one-file-system "$$tmp"' EXIT; \
+	trap 'scripts/cleanup.sh "make test" "$$tmp"' EXIT; \
 	trap 'exit 130' INT; trap 'exit 143' TERM; trap 'exit 129' HUP; \
 	$(BIN)/python -m pytest --basetemp="$$tmp/t"
 

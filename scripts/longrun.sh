@@ -7,7 +7,7 @@
 name=$1
 shift
 tmp=$(mktemp -d "/tmp/btrdelta-$name.XXXXXX") || exit 1
-trap 'rm -rf --one-file-system "$tmp"' EXIT
+trap '"$(dirname "$0")/cleanup.sh" "make $name" "$tmp"' EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 trap 'exit 129' HUP

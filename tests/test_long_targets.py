@@ -25,6 +25,7 @@ case "$*" in
 esac
 touch {log}.ready
 [ -e {log}.wait ] && exec sleep 60
+[ -e {log}.fail ] && exit 3
 exit 0
 """
 TARGETS = {"fuzz": ("fuzz: 7 mutations per input and command", "BTRDELTA_MUTATIONS=7"),
@@ -77,6 +78,26 @@ def test_says_what_it_runs_with_ci_and_cleans_up(target: str, tmp_path: Path) ->
     tmp = Path(_field(log, "TMP"))
     assert tmp.name.startswith(f"btrdelta-{target}."), tmp
     assert not tmp.exists()
+    assert re.fullmatch(_removing(target, tmp), out.splitlines()[-1]), out
+
+
+def _removing(target: str, tmp: Path) -> str:
+    """The line the removal of the run's temporary directory says (scripts/cleanup.sh)."""
+    return (rf"make {target}: removing the run's temporary files "
+            rf"\([0-9.,]+[KMGT]?B in {re.escape(str(tmp))}\)")
+
+
+def test_a_failed_run_keeps_pytests_exit_code_and_cleans_up(tmp_path: Path) -> None:
+    """pytest's exit code (here 3) is the recipe's, after the removal that says so."""
+    bin_, log = _fake_bin(tmp_path)
+    Path(f"{log}.fail").touch()
+    proc = _make("soak", bin_)
+    out, _ = proc.communicate(timeout=120)
+    tmp = Path(_field(log, "TMP"))
+    assert proc.returncode == 2, out  # (make's, for a recipe that failed)
+    assert re.search(r"\[Makefile:\d+: soak\] Error 3$", out, re.M), out
+    assert re.search(_removing("soak", tmp), out), out
+    assert not tmp.exists()
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -101,6 +122,7 @@ def test_ctrl_c_exits_130_and_cleans_up(target: str, tmp_path: Path) -> None:
     # GNU make itself sometimes loses the race between its SIGINT handler and reaping the
     # recipe ("wait: No child processes. Stop.", seen once in session 14's CI): then make,
     # not the recipe, chose the exit code, and the recipe must still have cleaned up
+    assert re.search(_removing(target, tmp), out), out
     assert (re.search(rf"\[Makefile:\d+: {target}\] Error 130", out)
             or (re.search(r"\*\*\* wait: No child processes\.\s+Stop\.", out)
                 and proc.returncode != 0)), out
