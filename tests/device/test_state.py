@@ -213,6 +213,17 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _wait_port(port: int, server: subprocess.Popen[bytes]) -> None:
+    """Until ``server`` listens on ``port`` (20 s at most; it must not exit meanwhile)."""
+    for _ in range(400):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            assert server.poll() is None, "the server exited"
+            time.sleep(0.05)
+
+
 @pytest.fixture
 def dav(tmp_path: Path) -> Iterator[str]:
     """nginx taking PUT (WebDAV module) and serving GET: an HTTP backup location."""
@@ -241,12 +252,7 @@ http {{
     proc = subprocess.Popen([binary, "-c", str(conf), "-e", str(tmp_path / "error.log")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+        _wait_port(port, proc)
         yield f"http://127.0.0.1:{port}/backups"
     finally:
         proc.terminate()
@@ -441,13 +447,7 @@ def test_a_backup_to_a_btrdelta_serve_url_says_serve_takes_no_put(
         server = subprocess.Popen([*BTRDELTA, "serve", str(www), "--port", str(port)],
                                   stdout=subprocess.DEVNULL, stderr=logf)
     try:
-        for _ in range(400):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert server.poll() is None, log.read_text()
-                time.sleep(0.05)
+        _wait_port(port, server)
         url = f"http://127.0.0.1:{port}/backups"
         proc = btrdelta("device", "backup", btrfs_dev, "home", url, check=False)
     finally:
