@@ -65,6 +65,27 @@ def test_job_files_are_written_whole_and_durably(repo: Path, monkeypatch: pytest
     assert str(torn) in err, err
 
 
+def test_job_files_are_named_as_run_jobs_help_says(
+        repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``REPO/.btrdelta/jobs/V/from-P.json``, P the older version's position (1: the first
+    added), as ``repo run-job --help``'s example shows it (it showed
+    ``jobs/1.3/1.1-1.3.json``, a name no job has)."""
+    import json
+    import re
+
+    names = [v.name for v in Repo(repo).load().versions]
+    jobs = sorted((repo / ".btrdelta" / "jobs" / f"v{N}").glob("*.json"))
+    assert jobs
+    for job in jobs:
+        source = json.loads(job.read_text())["from"]
+        assert job.name == f"from-{names.index(source) + 1}.json", (job.name, source)
+    with pytest.raises(SystemExit):
+        main(["repo", "run-job", "--help"])
+    example = re.search(r"repo run-job \S*/jobs/([^/\s]+)/(\S+)", capsys.readouterr().out)
+    assert example is not None
+    assert re.fullmatch(r"from-[1-9][0-9]*\.json", example[2]), example[0]
+
+
 def test_a_pack_is_named_durably(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A pack was fsync-ed and renamed into packs/, but packs/ was never fsync-ed: after a
     power cut the catalog (written after it, durably) could name a pack that is not there."""

@@ -121,7 +121,7 @@ def _add_run_job(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                         "path the job names), and write it next to the job; repo add REPO "
                         "VERSION then checks it and publishes it.",
                         epilog=examples("btrdelta repo run-job www/app/.btrdelta/jobs/1.3/"
-                                        "1.1-1.3.json --work /scratch"))
+                                        "from-2.json --work /scratch  # 1.3 from the 2nd"))
     j.add_argument("job", metavar="JOB.json", help="a job file that repo add --plan-only wrote")
     j.add_argument("--work", metavar="DIR", help="scratch directory (default: $TMPDIR)")
     add_jobs(j, None, "diff threads (default: CPUs)")
