@@ -114,3 +114,34 @@ def test_kernel_mode_runs_btrfs_send(tmp_path: Path) -> None:
         assert isinstance(recs[0], Snapshot)
         assert recs[0].path == b"B"
         assert main(["verify", str(out)]) == 0
+
+
+def test_a_symlink_given_as_a_tree_is_followed(tmp_path: Path) -> None:
+    """``send LINK`` (and ``-p LINK``) sends the tree the link leads to, as ``tree-sum LINK``
+    sums it and ``du``/``find -H`` take their arguments; it said 'not a directory'. Oracle:
+    the streams of the directories themselves (the same bytes), the kernel's receive of
+    both against the trees' sums; the link inside stays a link."""
+    require_btrfs()
+    from btrdelta.testing.loopfs import loop_fs
+    from btrdelta.tree import tree_sum
+
+    old = _tree(tmp_path / "old")
+    subprocess.run(["cp", "-a", str(old), str(tmp_path / "new")], check=True)
+    new = tmp_path / "new"
+    (new / "d" / "added").write_bytes(b"x" * 5000)
+    for name, target in (("old-link", old), ("new-link", new)):
+        (tmp_path / name).symlink_to(target.name)
+    pairs = {"inc": (["send", str(tmp_path / "new-link"), "-p", str(tmp_path / "old-link")],
+                     ["send", str(new), "-p", str(old)]),
+             "full": (["send", str(tmp_path / "old-link")], ["send", str(old)])}
+    for kind, (via_link, direct) in pairs.items():
+        assert main([*via_link, "-o", str(tmp_path / f"{kind}-link.s")]) == 0
+        assert main([*direct, "-o", str(tmp_path / f"{kind}.s")]) == 0
+        assert (tmp_path / f"{kind}-link.s").read_bytes() == (tmp_path / f"{kind}.s").read_bytes()
+    with loop_fs("btrfs", size="256M") as mnt:
+        for stream in ("full-link.s", "inc-link.s"):
+            subprocess.run(["btrfs", "receive", "-q", "-f", str(tmp_path / stream), str(mnt)],
+                           check=True)
+        assert tree_sum(mnt / "old") == tree_sum(old)
+        assert tree_sum(mnt / "new") == tree_sum(new)
+        assert (mnt / "new" / "link").is_symlink()

@@ -69,7 +69,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         ),
         epilog=_EPILOG,
     )
-    p.add_argument("new_dir", metavar="NEW_DIR", help="the tree to send")
+    p.add_argument("new_dir", metavar="NEW_DIR",
+                   help="the tree to send; a symlink given here (or as PARENT, CLONE_SRC) is "
+                        "followed, as du, find -H and tree-sum take their arguments: the "
+                        "stream is of the tree it leads to, named after it")
     p.add_argument("-p", "--parent", metavar="PARENT", help="the tree the receiver already has")
     p.add_argument("-c", "--clone-src", action="append", default=[], metavar="CLONE_SRC",
                    help="another tree the receiver has (received from a full stream of it): "
@@ -215,6 +218,8 @@ def _keep_freed_buffers() -> None:
 def run(args: argparse.Namespace) -> int:
     """Send."""
     _keep_freed_buffers()
+    args.new_dir, args.parent = _followed(args.new_dir), args.parent and _followed(args.parent)
+    args.clone_src = [_followed(src) for src in args.clone_src]
     version, compress = _options(args)
     refuse_terminal_output(args.output)  # before the progress display starts
     signer = None
@@ -248,6 +253,12 @@ def run(args: argparse.Namespace) -> int:
     if report["sendshot"] is not None and not args.quiet and not args.json:
         progress.message(f"sendshot {report['sendshot']}")
     return 0
+
+
+def _followed(path: str) -> str:
+    """``path``, or where it leads where it is a symlink (the links inside a tree are sent
+    as links)."""
+    return os.path.realpath(path) if os.path.islink(path) else path
 
 
 def _report(args: argparse.Namespace, version: int) -> dict[str, object]:
