@@ -141,6 +141,15 @@ def test_both_backends_give_the_same_offsets(seed: int, backend: str) -> None:
     # every row's entries, in the record's order, found the same way (asked twice: cached)
     for r in range(want.count):
         assert got.children(r) == want.children(r) == got.children(r), r
+    # several directories' entries found at once (one pass of the accelerator), then asked
+    # one by one: the lists of one search each; rows asked twice, or with no entries
+    rng = random.Random(seed)
+    batch = _columns(enc)
+    some = [*rng.sample(range(want.count), min(12, want.count)), 0, 0]
+    batch.children_of(some)
+    batch.children_of([])
+    for r in range(want.count):
+        assert batch.children(r) == want.children(r), r
 
 
 def _corrupt(enc: Encoded, column: int, data: bytes) -> Encoded:
@@ -227,6 +236,60 @@ def test_the_c_offsets_are_the_references() -> None:
         c.prefix(array("i", [1]), 1, None)  # signed
     with pytest.raises(TypeError):
         c.prefix("text", 1, None)
+
+
+_FUZZ_MEMBERS = """
+import random, sys
+from array import array
+from btrdelta import _native
+from btrdelta.tree.columns import _prefix, _q
+c = _native.live("columns")
+rng = random.Random(int(sys.argv[1]))
+top = {"B": 255, "H": 2**16 - 1, "I": 2**32 - 1, "Q": 2**64 - 1}
+for _ in range(300):
+    counts = [rng.choice([0, 0, 1, 1, 2, 5]) for _ in range(rng.randrange(60))]
+    doff = _prefix(counts)
+    owner = [r for r, n in enumerate(counts) for _ in range(n)]
+    code = rng.choice("BHIQ")
+    pool = [0, 1, 2, 3, 7, top[code], top[code] - 1, rng.randrange(top[code] + 1)]
+    parents = array(code, [rng.choice(pool) for _ in range(doff[-1])])
+    raw = parents.tobytes()
+    if code == "I" and rng.random() < 0.3:  # (a u32 column not aligned: read by item)
+        parents = memoryview(bytearray(b"x" + raw))[1:].cast("B").cast("I")
+    assert c.most(parents) == max(parents, default=0)
+    wcode = rng.choice("BHIQ")
+    wants = array(wcode, [rng.choice(pool) & top[wcode] for _ in range(rng.randrange(20))])
+    want_set = set(wants)
+    pairs = list(_q(c.members(parents, doff, wants)))
+    assert pairs == [x for d, p in enumerate(parents) if p in want_set
+                     for x in (d, owner[d])], (list(parents), list(wants))
+    one = rng.choice(pool)
+    assert list(_q(c.members(parents, doff, one))) == \
+        [x for d, p in enumerate(parents) if p == one for x in (d, owner[d])]
+    if len(parents) and len(wants):  # a dentry beyond the counts: refused, nothing read
+        try:
+            c.members(array(code, [*parents, wants[0]]), doff, wants)
+        except IndexError:
+            pass
+        else:
+            raise AssertionError("a dentry beyond the counts was taken")
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not _BUILT, reason="the columns accelerator is not built")
+@pytest.mark.parametrize("seed", range(3))
+def test_members_of_several_rows_and_most_fuzzed(seed: int) -> None:
+    """``members`` with several rows (a set looked up per dentry; a row repeated, absent,
+    the largest value of its type) and with one, and ``most``, against Python scans of
+    random columns of every width (an unaligned u32 one too), under
+    ``PYTHONMALLOC=debug``: a read past a buffer or a set's last slot changes a result or
+    fails a check."""
+    env = dict(os.environ, PYTHONMALLOC="debug")
+    out = subprocess.run([sys.executable, "-c", _FUZZ_MEMBERS, str(seed)], env=env,
+                         capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["ok"]
 
 
 @pytest.mark.skipif(not _BUILT, reason="the columns accelerator is not built")

@@ -219,12 +219,15 @@ class _Delta:
     def list_changed(self) -> None:
         """List every changed directory and the new directories below them."""
         queue: list[tuple[int, bytes]] = []
+        rows: list[int] = []
         for ino in self.changed:
             r = self.same_row(ino)
             if r is not None and self.modes[r] & _FMT == _DIR:
                 rel = dir_path(self.fd, ino)
                 if rel is not None:
                     queue.append((ino, rel))
+                    rows.append(r)
+        self.cols.children_of(rows)  # (their recorded entries: one pass of the record)
         while queue:
             ino, rel = queue.pop()
             if ino not in self.listed:

@@ -327,7 +327,7 @@ class Columns:
         if self.noff[-1] != len(self.names) or self.toff[-1] != len(self.targets):
             raise StreamFormatError("columns NAMES or TARGETS do not match their lengths")
         limit = count if span is None else span
-        if nd and max(self.parents) >= limit:
+        if nd and (max(self.parents) if native is None else native.most(self.parents)) >= limit:
             raise StreamFormatError(f"a dentry names a parent beyond the {limit} inodes")
         if native is not None:
             rows, foff = native.where(self.modes, _FMT, _REG, True)
@@ -366,7 +366,7 @@ class Columns:
         self.boff = prefix(counts)
         if self.boff[-1] != nblk:
             raise StreamFormatError("column BLOCKS does not match the files' segments")
-        self.xoff = self._xattr_offsets(prefix)
+        self.xoff = self._xattr_offsets(prefix, None if native is None else native.where)
         if C_NEXTENTS in cols:
             self.nexts = _unpack(cols[C_NEXTENTS], "I", files, C_NEXTENTS)
             self.exts = _kept(cols[C_EXTENTS])
@@ -382,11 +382,15 @@ class Columns:
             raise StreamFormatError("column EXTENTS does not match NEXTENTS")
         self._row_of: RowOf | None = None
 
-    def _xattr_offsets(self, prefix: Callable[[Ints], Ints]) -> Ints:
+    def _xattr_offsets(self, prefix: Callable[[Ints], Ints], where: Any = None) -> Ints:
+        """Where each row's xattrs start; ``where``: the accelerator's, which finds the rows
+        that have any (a Python int per row otherwise, ~0.4-0.9 ms for 42,000 rows)."""
         lengths = array("Q", bytes(8 * self.count))
         v, pos = self.xattrs, 0
         nxattrs = self.fixed[C_NXATTRS]
-        for r in compress(range(self.count), nxattrs):
+        rows: Iterable[int] = compress(range(self.count), nxattrs) if where is None else \
+            _q(where(nxattrs, _ALL, 0, False)[0])
+        for r in rows:
             nx = nxattrs[r]
             start = pos
             for _ in range(nx):
@@ -426,6 +430,23 @@ class Columns:
         if out is None:
             out = self._children[r] = self._find_children(r)
         return out
+
+    def children_of(self, rows: Iterable[int]) -> None:
+        """Find the entries of the directory rows ``rows`` (for :meth:`children`) in one
+        pass of the columns accelerator over the PARENT column, not one a directory (a
+        send lists every changed directory: 36 passes of a 42,000-inode record's column in
+        an in-place round)."""
+        todo = array("Q", sorted({r for r in rows if r not in self._children}))
+        if len(todo) < 2 or self._members is None:
+            for r in todo:
+                self.children(r)
+            return
+        names, noff, parents = self.names, self.noff, self.parents
+        found: dict[int, list[tuple[bytes, int]]] = {r: [] for r in todo}
+        pairs = _q(self._members(parents, self.doff, todo))
+        for d, row in zip(pairs[::2], pairs[1::2], strict=True):
+            found[parents[d]].append((names[noff[d]:noff[d + 1]], row))
+        self._children.update(found)
 
     def _find_children(self, r: int) -> list[tuple[bytes, int]]:
         names, noff, doff = self.names, self.noff, self.doff
