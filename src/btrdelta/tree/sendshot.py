@@ -517,10 +517,15 @@ class RecordReader:
         source: its name in error messages.
         whole: the record is read whole: decompress it at once from the start (else the
             head is decoded from its start alone, and the rest read again when wanted).
+        digest: the digest that names the record (hex). Read whole at once, a record is
+            hashed before its frames are decoded; when that is its digest, every byte is the
+            one written and its frames' CRC32Cs are not computed again (~0.7 ms for a
+            42,000-inode record, in every send against it); otherwise they are checked, and
+            say where it is damaged.
     """
 
     def __init__(self, file: BinaryIO, *, source: str | None = None,
-                 whole: bool = False) -> None:
+                 whole: bool = False, digest: str | None = None) -> None:
         self.source = source
         header = file.read(_HEADER.size)
         if len(header) != _HEADER.size:
@@ -537,6 +542,7 @@ class RecordReader:
         #: the digest of all of the record, hashed by the thread that read it ahead
         #: (:mod:`.early`): it is the reader's once every frame was decoded, nothing after
         self._known: str | None = None
+        self._expect = digest
         #: whether the body was read (at once if it could be) after the header
         self._reread = whole
         got = self._body() if whole else None
@@ -561,6 +567,9 @@ class RecordReader:
         self._whole = whole is not None
         self._framer = Framer(_FRAMING, source=self.source)
         self._framer.version = self.version
+        # (the digest covers every CRC: checked only where it is not the name's)
+        self._framer.verify_crc = whole is None or self._known is None or \
+            self._known != self._expect
         if whole is not None:
             self._framer.feed(whole)
             self._framer.feed(b"")
@@ -591,6 +600,10 @@ class RecordReader:
             return None
         try:
             if (body := inflate(zstd, data)) is not None:
+                if self._expect is not None:  # (hashed at once: see digest)
+                    hasher = blake3.blake3(self._header)
+                    hasher.update(body)
+                    self._known = hasher.hexdigest()
                 return None, body
         except (zstd.ZstdError, MemoryError):
             pass  # several frames, or damaged: decoded as a stream (which says where)
