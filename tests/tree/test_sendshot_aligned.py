@@ -222,19 +222,26 @@ def _tree(root: Path) -> None:
     os.symlink("d/f1", root / "ln")
 
 
-@pytest.mark.parametrize("how", ["a flipped byte", "a column too long"])
-def test_the_cli_says_one_line_of_a_hostile_record(
-        tmp_path: Path, how: str, capsys: pytest.CaptureFixture[str]) -> None:
-    """``send --record`` writes version 6; damaged (its CRC, or a column's length with the
-    CRC made right), ``sendshot show`` and ``send --from-sendshot`` of it are one line
-    naming the record, exit 5 (a CRC) or 3."""
+def _recorded(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+              ) -> tuple[Path, Path, str, Path, bytes]:
+    """``_tree`` at ``tmp_path/src`` sent with ``--record`` into ``tmp_path/store``: the
+    source, the store, the record's digest, its file and its bytes."""
     src, store = tmp_path / "src", tmp_path / "store"
     _tree(src)
     assert main(["send", str(src), "-o", str(tmp_path / "s0"), "--record", "--store",
                  str(store), "--json"]) == 0
     digest = json.loads(capsys.readouterr().out)["sendshot"]
     path = store / "records" / f"{digest}.sendshot"
-    data = path.read_bytes()
+    return src, store, digest, path, path.read_bytes()
+
+
+@pytest.mark.parametrize("how", ["a flipped byte", "a column too long"])
+def test_the_cli_says_one_line_of_a_hostile_record(
+        tmp_path: Path, how: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``send --record`` writes version 6; damaged (its CRC, or a column's length with the
+    CRC made right), ``sendshot show`` and ``send --from-sendshot`` of it are one line
+    naming the record, exit 5 (a CRC) or 3."""
+    src, store, digest, path, data = _recorded(tmp_path, capsys)
     assert int.from_bytes(data[18:22], "little") == VERSION
     body = _body(data)
     off, n = _frame_of(body, 23)  # SIZE
@@ -304,13 +311,7 @@ def test_a_record_named_by_its_digest_has_its_crcs_left_unchecked(
 
     from btrdelta.send.store import SendshotStore
 
-    src, store = tmp_path / "src", tmp_path / "store"
-    _tree(src)
-    assert main(["send", str(src), "-o", str(tmp_path / "s0"), "--record", "--store",
-                 str(store), "--json"]) == 0
-    digest = json.loads(capsys.readouterr().out)["sendshot"]
-    path = store / "records" / f"{digest}.sendshot"
-    data = path.read_bytes()
+    src, store, digest, path, data = _recorded(tmp_path, capsys)
     st = SendshotStore(store)
     want = list(st.view(next(s for s in st.records_list() if s.digest == digest)).rows())
     body = _body(data)
