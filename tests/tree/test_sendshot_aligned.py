@@ -305,8 +305,9 @@ def test_a_record_named_by_its_digest_has_its_crcs_left_unchecked(
     every byte is the one written and its frames' CRC32Cs are not computed again (~0.7 ms
     of every send against a 42,000-inode record); a record whose digest is not its name
     has them checked, which say where it is damaged. The oracle: one frame's CRC field
-    alone made wrong; under its old name, one line naming the CRC and the record, exit 5;
-    named by its new digest, the rows of the intact record, and a send against it."""
+    alone made wrong; read with no name, or under its old name (one line naming the CRC and
+    the record, exit 5), it is refused; named by its new digest, the rows of the intact
+    record, and a send against it."""
     import blake3
 
     from btrdelta.send.store import SendshotStore
@@ -318,6 +319,8 @@ def test_a_record_named_by_its_digest_has_its_crcs_left_unchecked(
     off, _n = _frame_of(body, 23)  # SIZE
     body[off + 6] ^= 0xFF  # its CRC field, not a byte it covers
     path.write_bytes(_pack(data, body))
+    with pytest.raises(ChecksumError, match="CRC32C"):  # (no name to compare with: checked)
+        RecordReader(io.BytesIO(path.read_bytes()), whole=True).columns()
     assert main(["sendshot", "show", digest, "--store", str(store)]) == 5
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
