@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -47,3 +48,44 @@ def test_the_estimate_of_sparse_files_counts_their_data_not_their_holes() -> Non
                 f.seek(100 * MIB)
                 f.write(os.urandom(MIB))
             allocated = MIB
+
+
+@pytest.mark.btrfs
+def test_the_plans_estimate_of_an_incremental_counts_data_not_holes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The PLAN, before the stream, of an incremental with a sparse file changed and a new
+    sparse one: its estimate (as the receiver reads it off the wire) is the data written,
+    not the files' sizes. Oracles: the bytes written since, the bytes sent, tree-sum."""
+    from btrdelta.update.replica import Replica
+    from tests.conftest import btrfs_loop
+    from tests.update.test_replicate_fault import _run
+
+    plans: list[int] = []
+    check = Replica._check_plan
+
+    def seen(self: Replica, plan: Any, holdings: Any) -> Any:
+        plans.append(plan.estimate)
+        return check(self, plan, holdings)
+
+    monkeypatch.setattr(Replica, "_check_plan", seen)
+    with btrfs_loop("300M") as fs:
+        src, dest = fs / "src", fs / "dest"
+        subprocess.run(["btrfs", "-q", "subvolume", "create", str(src)], check=True)
+        dest.mkdir()
+        with open(src / "sparse", "wb") as f:
+            f.truncate(256 * MIB)
+            f.write(os.urandom(MIB))
+        first, _ = _run(src, dest, fs / "store")
+        assert getattr(first, "kind", None) == "full", first
+        with open(src / "sparse", "r+b") as f:  # 1 MiB written at 100 MiB
+            f.seek(100 * MIB)
+            f.write(os.urandom(MIB))
+        with open(src / "new", "wb") as f:  # 512 MiB, 1 MiB of data
+            f.truncate(512 * MIB)
+            f.seek(3 * MIB)
+            f.write(os.urandom(MIB))
+        res, _ = _run(src, dest, fs / "store")
+        assert getattr(res, "kind", None) == "incremental", res
+        estimate = plans[-1]
+        assert 2 * MIB <= estimate <= min(res.sent, 2 * MIB + 64 * 1024), (estimate, res)
+        assert tree_sum(dest / res.name) == tree_sum(src)
