@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 import shutil
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -92,7 +93,7 @@ def _save(store: SendshotStore, prev: StoredSendshot, got: object, k: int) -> St
     to version 9), or a whole record of version 8."""
     h = prev.head
     if isinstance(got, Patch):
-        head = replace(h, version=PATCH if k % 2 else PATCH_WRITTEN, base=prev.digest,
+        head = replace(h, version=PATCH if k % 2 else PATCH_WRITTEN, base=got.base or prev.digest,
                        parent=prev.digest, kind="sent",
                        created_ns=h.created_ns + 1, tree_digest=b"", stream_ctransid=k)
     else:
@@ -101,12 +102,16 @@ def _save(store: SendshotStore, prev: StoredSendshot, got: object, k: int) -> St
     return store.save(head, got)  # type: ignore[arg-type]
 
 
-def _chain(tmp_path: Path, steps: int) -> tuple[SendshotStore, list[StoredSendshot],
-                                                list[dict[int, RecordInode]]]:
+def _chain(tmp_path: Path, steps: int, squash: bool = False
+           ) -> tuple[SendshotStore, list[StoredSendshot], list[dict[int, RecordInode]]]:
     """The committed record and ``steps`` records after it, each read back and checked
     against the whole-record patching of the same changes; the rows after each (a chain
     compacted by its length: the tree is too small for the rows' rule,
-    ``test_a_chain_is_compacted_when_its_rows_outweigh_the_tree``)."""
+    ``test_a_chain_is_compacted_when_its_rows_outweigh_the_tree``; into a whole record, or
+    with ``squash`` into one patch of the committed record)."""
+    if not squash:
+        with mock.patch.object(View, "_squashed", return_value=None):
+            return _chain(tmp_path, steps, True)
     store, rec = _store(tmp_path)
     reader, f = store.open(rec)
     with f:
@@ -117,7 +122,11 @@ def _chain(tmp_path: Path, steps: int) -> tuple[SendshotStore, list[StoredSendsh
     for k in range(1, steps + 1):
         gone, added, root = _step(view, rng, k)
         got = _apply(view, gone, added, root)
-        assert isinstance(got, Patch) == (k != MAX_DEPTH + 1), k  # compacted once
+        squashed = View._squashed is _SQUASHED  # (else the mock of a whole compaction)
+        assert isinstance(got, Patch) == (k != MAX_DEPTH + 1 or squashed), k  # compacted once
+        if k == MAX_DEPTH + 1 and squashed:
+            assert isinstance(got, Patch)
+            assert got.base == rec.digest
         cols, n = _apply(whole, gone, added, root), None  # the oracle: a whole record
         enc, (n, _f, _b, nblk) = cols  # type: ignore[misc]
         whole = Columns(dict(enc), n, nblk)
@@ -126,6 +135,9 @@ def _chain(tmp_path: Path, steps: int) -> tuple[SendshotStore, list[StoredSendsh
         wants.append(_rows(whole.rows()))
         assert _rows(view.rows()) == wants[-1], k
     return store, records, wants
+
+
+_SQUASHED = View._squashed
 
 
 @pytest.fixture(autouse=True)
@@ -191,6 +203,29 @@ def test_a_compaction_copies_the_chains_rows_by_column(
     _s, records, _wants = _chain(tmp_path, MAX_DEPTH + 1)
     assert records[-1].head.base is None  # (compacted)
     assert made == []
+
+
+def test_a_long_chain_is_squashed_into_one_patch_of_its_whole_record(tmp_path: Path) -> None:
+    """A chain at its length whose rows would fit in half of what a chain may hold is
+    compacted into one patch of its whole record (its BASE), not a whole record: read
+    back (a chain of one), it holds what the whole-record patching gives (``_chain``'s
+    oracle), and the next send patches it; the records between are no longer needed."""
+    store, records, wants = _chain(tmp_path, MAX_DEPTH + 3, squash=True)
+    versions = [r.head.version for r in records]
+    assert versions == [4] + [PATCH, PATCH_WRITTEN] * (MAX_DEPTH // 2) + \
+        [PATCH, PATCH_WRITTEN, PATCH]
+    squash = records[MAX_DEPTH + 1]
+    assert squash.head.base == records[0].digest
+    assert squash.head.parent == records[MAX_DEPTH].digest  # (what it was sent against)
+    # it holds the chain's rows once: less than the chain's patches together
+    assert squash.size < sum(r.size for r in records[1:MAX_DEPTH + 1])
+    view = store.view(squash)
+    assert (view.depth, view.whole) == (1, records[0].digest)
+    assert store.view(records[-1]).depth == 3
+    doomed = {s.digest for s in store.prune(keep=1, dry_run=True)}
+    assert doomed == {r.digest for r in records[1:MAX_DEPTH + 1]}
+    store.prune(keep=1)
+    assert _rows(store.view(store.resolve(records[-1].digest)).rows()) == wants[-1]
 
 
 def test_the_store_keeps_the_bases_of_what_it_keeps(tmp_path: Path,

@@ -23,7 +23,7 @@ from btrdelta.send.store import SendshotStore
 from btrdelta.stream import StreamReader
 from btrdelta.stream.records import Clone
 from btrdelta.tree import tree_sum
-from btrdelta.tree.chain import MAX_DEPTH
+from btrdelta.tree.chain import MAX_DEPTH, View
 from btrdelta.tree.sendshot import PATCH_WRITTEN, VERSION, RecordInode
 from tests.send.conftest import run
 from tests.send.test_rescan import _watched
@@ -73,10 +73,18 @@ def _round(live: Path, rng: random.Random, i: int) -> set[str]:
     return {p.name for p in live.rglob("*") if p.is_file() and p.stat().st_ino in touched}
 
 
+@pytest.mark.parametrize("compaction", ["whole", "squash"])
 def test_rounds_carry_unchanged_rows_over(two_fs: tuple[Path, Path], tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+                                          monkeypatch: pytest.MonkeyPatch,
+                                          compaction: str) -> None:
+    """Rounds of sends against the newest record, each received by the kernel (tree-sum)
+    and its record read back equal to a full scan's; the ninth compacts the chain: into a
+    whole record, or (``squash``: the chain's rows fit in half of what a chain may hold,
+    the rule's choice here) into one patch of the chain's whole record."""
     # (a tree this small would be compacted every few rounds: the chain's rows outweigh it)
     monkeypatch.setattr("btrdelta.tree.chain.SLACK", 10_000)
+    if compaction == "whole":
+        monkeypatch.setattr(View, "_squashed", lambda *_a: None)
     snd, rcv = two_fs
     run("mount", "-o", "remount,noatime", snd)  # tree-sum's reads must not change atimes
     live = snd / "live"
@@ -91,7 +99,8 @@ def test_rounds_carry_unchanged_rows_over(two_fs: tuple[Path, Path], tmp_path: P
     store = SendshotStore(tmp_path / "store")
     stream = tmp_path / "s"
     with open(stream, "wb") as f:
-        send_with_sendshots(f.write, live, store=store, name=b"r0")
+        first = send_with_sendshots(f.write, live, store=store, name=b"r0").recorded
+    assert first is not None
     run("btrfs", "receive", "-f", stream, rcv)
     sizes: list[int] = []
     for i in range(1, MAX_DEPTH + 3):  # a chain of patch records, compacted once
@@ -122,9 +131,12 @@ def test_rounds_carry_unchanged_rows_over(two_fs: tuple[Path, Path], tmp_path: P
         assert res.reused >= 40, i  # patched, not scanned whole
         assert res.recorded is not None
         assert not res.recorded.head.tree_digest  # made by patching
-        # a patch record of its base (version 7), but the chain's ninth: a whole record
-        assert res.recorded.head.version == (VERSION if i == MAX_DEPTH + 1 else PATCH_WRITTEN), i
-        assert (res.recorded.head.base is None) == (i == MAX_DEPTH + 1), i
+        # a patch record of its base (version 9), but the chain's ninth: a whole record,
+        # or a patch of the whole record the chain started from (the first round's base)
+        whole = i == MAX_DEPTH + 1 and compaction == "whole"
+        assert res.recorded.head.version == (VERSION if whole else PATCH_WRITTEN), i
+        assert res.recorded.head.base == (None if whole else first.digest
+                                          if i == MAX_DEPTH + 1 else res.base.digest), i
         sizes.append(res.recorded.size)
         assert read <= touched, (i, read - touched)
         assert not {v for v in visited if v.startswith("quiet")}, visited
@@ -147,7 +159,10 @@ def test_rounds_carry_unchanged_rows_over(two_fs: tuple[Path, Path], tmp_path: P
                 assert row.blocks == want[ino].blocks, (i, ino)
                 row.digest, row.bdigest = want[ino].digest, want[ino].bdigest
         assert got == want, i
-    assert max(sizes[:MAX_DEPTH]) < sizes[MAX_DEPTH] / 2, sizes  # a patch: what changed
+    if compaction == "whole":
+        assert max(sizes[:MAX_DEPTH]) < sizes[MAX_DEPTH] / 2, sizes  # a patch: what changed
+    else:  # the chain's rows once
+        assert max(sizes[:MAX_DEPTH]) < sizes[MAX_DEPTH] < sum(sizes[:MAX_DEPTH]), sizes
 
 
 def test_a_file_changed_all_over_each_round_gets_whole_records(

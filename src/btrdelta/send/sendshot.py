@@ -579,7 +579,7 @@ def _head(sender: Sender, fz: Frozen, base: StoredSendshot | None, src: bytes, n
         source=src, generation=fz.generation, seed=seed,
         tree_digest=b"" if changes is not None else sender.new.identity(),
         version=PATCH_WRITTEN if patch else VERSION if base is None or base.head.content3 else 3,
-        base=base.digest if patch and base is not None else None,
+        base=(encoded.base or base.digest) if patch and base is not None else None,
     )
 
 

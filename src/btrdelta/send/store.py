@@ -405,6 +405,7 @@ class SendshotStore:
         reader, f = self.open(whole)
         try:
             got = View(_checked(reader, reader.columns(), whole), patches=whole.head.content3)
+            got.whole = whole.digest
         finally:
             f.close()
         for link in reversed(chain):

@@ -34,7 +34,9 @@ from .columns import (
     _Lookup,
     assemble,
     encode_rows,
+    gaps,
     kept_rows,
+    numbered,
     raw,
     row_index,
 )
@@ -77,6 +79,7 @@ SLACK: Final = 64
 #: sendshot`: a chain of 4 held 1.66 % of the data against 0.42 % for one whole record)
 BYTES_SLACK: Final = 64 << 10
 _FMT, _DIR, _REG = 0o170000, 0o040000, 0o100000
+_D = 16  # bytes of a block digest
 
 
 class View:
@@ -103,6 +106,9 @@ class View:
         self._row_of: RowOf | None = None
         self._children: dict[int, list[tuple[bytes, int]]] = {}
         self._ext_kids: dict[int, list[tuple[bytes, int]]] | None = None
+        #: the digest of the whole record (``base``), when read from a store: a chain may
+        #: then be squashed into one patch of it (:meth:`_squashed`)
+        self.whole: str | None = None
         #: the columns a send reads whole (:meth:`_columns`), made again after a patch
         self._cols: tuple[dict[int, Ints], Ints, bytes | memoryview] | None = None
 
@@ -334,8 +340,9 @@ class View:
     def patched(self, drop: Sequence[int], added: Sequence[RecordInode],
                 root: RecordInode | None = None) -> Encoded | Patch:
         """The record of this view without the rows ``drop``, with ``root`` instead of row 0
-        (None: kept) and ``added``: a :class:`~.sendshot.Patch` of this view, or (the chain
-        long enough, or a version 3 lineage) the whole record's columns.
+        (None: kept) and ``added``: a :class:`~.sendshot.Patch` of this view; or, the chain
+        long enough, one of its whole record that holds the chain's rows and these
+        (:meth:`_squashed`), else (or a version 3 lineage) the whole record's columns.
 
         Raises:
             ValueError: an inode both kept and added, a kept inode named in a directory
@@ -344,11 +351,11 @@ class View:
         held = self.held + len(drop) + len(added) + (root is not None)
         nbytes = self.held_bytes + sum(len(r.blocks) + 48 * (r.segments is not None)
                                        for r in added)
-        if not self.patches or self.depth + 1 > MAX_DEPTH or \
-                held > self.live // SPREAD + SLACK or \
-                nbytes > self.base_bytes // SPREAD + BYTES_SLACK or \
-                (root is not None and root.ino != self.ino(0)):
+        if not self.patches or (root is not None and root.ino != self.ino(0)):
             return self._whole(drop, added, root)
+        if self.depth + 1 > MAX_DEPTH or held > self._rows_limit() or \
+                nbytes > self._bytes_limit():
+            return self._squashed(drop, added, root) or self._whole(drop, added, root)
         row_of = self.row_of()
         gone = set(drop)
         slots: list[int] = []
@@ -372,6 +379,89 @@ class View:
         encoded = encode_rows(rows, lookup)
         return Patch(sorted(gone), slots, encoded, nxt, self.live - len(gone) + nxt - self.span)
 
+    def _rows_limit(self) -> int:
+        return self.live // SPREAD + SLACK
+
+    def _bytes_limit(self) -> int:
+        return self.base_bytes // SPREAD + BYTES_SLACK
+
+    def _carried(self, gone: set[int], root: RecordInode | None
+                 ) -> list[tuple[Columns, list[tuple[int, int]]]]:
+        """The rows of the patches still in the view (not in ``gone``; row 0 only when
+        ``root`` is None), by patch: ``(its columns, [(its row, row of the view)])``, each
+        sorted by its row."""
+        by_patch: dict[int, tuple[Columns, list[tuple[int, int]]]] = {}
+        for r, (cols, k) in self.ext.items():
+            if r not in gone and (r or root is None):
+                by_patch.setdefault(id(cols), (cols, []))[1].append((k, r))
+        for _cols, rows in by_patch.values():
+            rows.sort()
+        return list(by_patch.values())
+
+    def _squashed(self, drop: Sequence[int], added: Sequence[RecordInode],
+                  root: RecordInode | None) -> Patch | None:
+        """The record of :meth:`patched` as a patch of the chain's whole record (its
+        ``base`` that record's digest, :attr:`whole`): the rows the chain's patches still
+        hold (copied by column runs), ``root`` and ``added``; the rows the base's view
+        dropped since. None when it would hold more than half of what a chain may (rows
+        or bytes of digests: a chain that changed that much is compacted whole), or the
+        whole record's digest is not known.
+
+        A chain that changes the same rows each round (a file written all over, its
+        directory) squashes to one patch the size of a round's, where a whole record
+        costs what the tree holds to make, compress, hash and write (issue 15's large
+        tree: ~5 MB, ~17 ms of CPU a compaction)."""
+        if self.whole is None:
+            return None
+        n, span, ext, dead = self.base.count, self.span, self.ext, self.dead
+        gone = set(drop)
+        row_of = self.row_of()
+        carried = self._carried(gone, root)
+        # the rows of the result: the base's rows (< n) keep their number, the others are
+        # numbered again from n in the order of the patch's rows
+        new_row = kept_rows(span, [(0, n)])
+        nxt, slots = n, [0] if root is not None else []
+        nbytes = 0
+        for cols, rows in carried:
+            for k, r in rows:
+                if r >= n:
+                    new_row[r], nxt = nxt, nxt + 1
+                slots.append(int(new_row[r]))
+                if cols.modes[k] & _FMT == _REG:
+                    f = cols.foff[k]
+                    nbytes += 48 + _D * (cols.boff[f + 1] - cols.boff[f])
+        index: dict[int, int] = {}
+        if root is not None:
+            index[root.ino] = 0
+        again: set[int] = set()  # the rows of the view dropped and added again (changed)
+        for rec in added:
+            old = row_of.get(rec.ino)
+            if old is not None and old not in gone:
+                raise ValueError(f"inode {rec.ino} is both kept and added")
+            r = old if old is not None and old < n else nxt
+            if old is not None:
+                again.add(old)
+                new_row[old] = r
+            if r == nxt:
+                nxt += 1
+            index[rec.ino] = r
+            slots.append(r)
+            nbytes += len(rec.blocks) + 48 * (rec.segments is not None)
+        taken = set(slots)
+        # the base's rows gone since (dropped, or changed and dropped now) and not taken again
+        dropped = sorted(r for r in (gone | dead | ext.keys()) if 0 < r < n and r not in taken)
+        if len(dropped) + len(slots) > self._rows_limit() // 2 or \
+                nbytes > self._bytes_limit() // 2:
+            return None
+        kept = self._kept(gone - again, again)
+        if kept is not None:
+            raise ValueError(kept[1])
+        for r in dropped:
+            new_row[r] = -1
+        encoded = assemble([(cols, _runs(k for k, _r in rows)) for cols, rows in carried],
+                           new_row, [root] if root is not None else [], added, index, row_of)
+        return Patch(dropped, slots, encoded, nxt, n - len(dropped) + nxt - n, base=self.whole)
+
     def _whole(self, drop: Sequence[int], added: Sequence[RecordInode],
                root: RecordInode | None) -> Encoded:
         """The whole record: the root, the base's rows kept, the rows of each patch kept
@@ -385,31 +475,18 @@ class View:
             root = self.inode(0)
         head = [root] if root is not None else []
         skip = gone | self.dead | ext.keys() | ({0} if root is not None else set())
-        runs: list[tuple[int, int]] = []
-        start = 0
-        for r in sorted(x for x in skip if x < n):
-            if r > start:
-                runs.append((start, r))
-            start = r + 1
-        if start < n:
-            runs.append((start, n))
+        runs = gaps(sorted(r for r in skip if r < n), n)
         new_row = kept_rows(self.span, runs, len(head))
         pos = len(head) + sum(b - a for a, b in runs)
-        # each patch's rows still in the view, by patch (a few sources, each copied at once)
-        rows_of: dict[int, tuple[Columns, list[tuple[int, int]]]] = {}
-        for r in sorted(ext):
-            if r and r not in gone:
-                cols, k = ext[r]
-                got = rows_of.setdefault(id(cols), (cols, []))[1]
-                got.append((k, r))
-        sources: list[tuple[Columns, list[tuple[int, int]]]] = [(base, runs)]
-        for cols, rows in rows_of.values():
-            rows.sort()
+        carried = self._carried(gone, root)
+        for _cols, rows in carried:
             for _k, r in rows:
-                new_row[r] = pos
-                pos += 1
-            sources.append((cols, _runs(k for k, _r in rows)))
-        return assemble(sources, new_row, head, added, self.row_of())
+                new_row[r], pos = pos, pos + 1
+        row_of = self.row_of()
+        index = numbered(new_row, head, added, row_of, pos)
+        return assemble([(base, runs)] + [(cols, _runs(k for k, _r in rows))
+                                          for cols, rows in carried],
+                        new_row, head, added, index, row_of)
 
 
 def _runs(rows: Iterable[int]) -> list[tuple[int, int]]:

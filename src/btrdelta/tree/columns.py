@@ -89,7 +89,8 @@ if TYPE_CHECKING:
         def __contains__(self, key: object, /) -> bool: ...
         def __len__(self) -> int: ...
 
-__all__ = ["Columns", "assemble", "encode_rows", "kept_rows", "raw", "row_index", "u32s"]
+__all__ = ["Columns", "assemble", "encode_rows", "gaps", "kept_rows", "numbered", "raw",
+           "row_index", "u32s"]
 
 _D = 16  # bytes per block digest
 #: bytes per extent item (``btrdelta.fs.btrfs.EXTENT``)
@@ -514,18 +515,11 @@ class Columns:
                 inode number twice.
         """
         n = self.count
-        gone = sorted(set(drop) | ({0} if root is not None else set()))
-        runs: list[tuple[int, int]] = []
-        start = 0
-        for r in gone:
-            if r > start:
-                runs.append((start, r))
-            start = r + 1
-        if start < n:
-            runs.append((start, n))
+        runs = gaps(sorted(set(drop) | ({0} if root is not None else set())), n)
         head = [root] if root is not None else []
-        return assemble([(self, runs)], kept_rows(n, runs, len(head)), head, added,
-                        self.row_of())
+        new_row, row_of = kept_rows(n, runs, len(head)), self.row_of()
+        index = numbered(new_row, head, added, row_of, len(head) + sum(b - a for a, b in runs))
+        return assemble([(self, runs)], new_row, head, added, index, row_of)
 
     def _copy_runs(self, out: _Out, runs: list[tuple[int, int]], new_row: array[int]) -> None:
         """Append the rows of ``runs`` (column slices) to ``out``."""
@@ -590,6 +584,19 @@ class Columns:
         out.count += sum(b - a for a, b in runs)
 
 
+def gaps(skip: Iterable[int], n: int) -> list[tuple[int, int]]:
+    """The runs ``[a, b)`` of the rows below ``n`` that are not in ``skip`` (increasing)."""
+    runs: list[tuple[int, int]] = []
+    start = 0
+    for r in skip:
+        if r > start:
+            runs.append((start, r))
+        start = r + 1
+    if start < n:
+        runs.append((start, n))
+    return runs
+
+
 def kept_rows(span: int, runs: Sequence[tuple[int, int]], first: int = 0) -> array[int]:
     """The new row of each of ``span`` old rows: those of ``runs`` ``[a, b)`` (in order,
     not overlapping) numbered from ``first`` in order, the others -1 (dropped)."""
@@ -616,23 +623,14 @@ def kept_rows(span: int, runs: Sequence[tuple[int, int]], first: int = 0) -> arr
     return new_row
 
 
-def assemble(sources: Sequence[tuple[Columns, list[tuple[int, int]]]], new_row: array[int],
-             head: Sequence[RecordInode], added: Sequence[RecordInode], row_of: RowOf
-             ) -> Encoded:
-    """The columns of a whole record made of ``head`` (the root when it is replaced: no
-    row or one), the rows of ``sources`` (columns and their runs of rows ``[a, b)``, copied
-    as they are: no :class:`RecordInode` made) and ``added``, in that order, and its END
-    counts.
-
-    The PARENT values of every source are rows of one numbering (a whole record's rows, or
-    the view of a chain of patches: :mod:`.chain`); ``new_row`` gives the new row of each
-    of them (-1: not in the result) and ``row_of`` the row of each inode number in it.
+def numbered(new_row: array[int], head: Sequence[RecordInode], added: Sequence[RecordInode],
+             row_of: RowOf, pos: int) -> dict[int, int]:
+    """The row of each inode of ``head`` (from 0) and ``added`` (from ``pos``) in a whole
+    record; ``new_row`` (of the old rows) gets the new row of each old row they replace.
 
     Raises:
-        ValueError: a kept or added name in a directory that is not in the result, or an
-            inode number both kept and added.
+        ValueError: an inode both kept (``new_row``) and added.
     """
-    pos = len(head) + sum(b - a for _cols, runs in sources for a, b in runs)
     index = {r.ino: i for i, r in enumerate(head)}
     index.update((r.ino, pos + i) for i, r in enumerate(added))
     for ino, i in index.items():
@@ -641,11 +639,30 @@ def assemble(sources: Sequence[tuple[Columns, list[tuple[int, int]]]], new_row: 
             if new_row[old] != -1:
                 raise ValueError(f"inode {ino} is both kept and added")
             new_row[old] = i
+    return index
+
+
+def assemble(sources: Sequence[tuple[Columns, list[tuple[int, int]]]], new_row: array[int],
+             head: Sequence[RecordInode], added: Sequence[RecordInode], index: dict[int, int],
+             row_of: RowOf) -> Encoded:
+    """The columns of ``head``, the rows of ``sources`` (columns and their runs of rows
+    ``[a, b)``, copied as they are: no :class:`RecordInode` made) and ``added``, in that
+    order, and the END counts.
+
+    The PARENT values of every source are rows of one numbering (a whole record's rows, or
+    the view of a chain of patches: :mod:`.chain`); ``new_row`` gives the row of the result
+    of each of them (-1: not in it), ``row_of`` the row of each inode number in that
+    numbering and ``index`` the row of the result of each inode of ``head`` and ``added``.
+
+    Raises:
+        ValueError: a name in a directory that is not in the result.
+    """
+    lookup = _Lookup(index, row_of, new_row)
     out = _Out()
-    out.add(head, _Lookup(index, row_of, new_row))
+    out.add(head, lookup)
     for cols, runs in sources:
         cols._copy_runs(out, runs, new_row)
-    out.add(added, _Lookup(index, row_of, new_row))
+    out.add(added, lookup)
     return out.encoded()
 
 

@@ -139,11 +139,13 @@ class Patch:
     PARENT values are rows of the result) and the result's number of rows (``span``,
     dropped ones included) and of inodes (``live``)."""
 
-    __slots__ = ("aligned", "drop", "live", "rows", "slots", "span", "where")
+    __slots__ = ("aligned", "base", "drop", "live", "rows", "slots", "span", "where")
 
     def __init__(self, drop: Sequence[int], slots: Sequence[int], rows: Any, span: int,
-                 live: int, where: dict[int, int] | None = None, aligned: bool = False) -> None:
+                 live: int, where: dict[int, int] | None = None, aligned: bool = False,
+                 base: str | None = None) -> None:
         self.drop, self.slots, self.rows, self.span, self.live = drop, slots, rows, span, live
+        self.base = base  # (a writer's: the record it patches, if not the one sent against)
         #: read from a record: the offset of each record (DROP, SLOTS, a column) in it
         self.where = where or {}
         #: read from a record of version 7 (columns in place, not cut into TLVs)
