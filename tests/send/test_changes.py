@@ -198,7 +198,7 @@ def test_reading_stops_when_the_walk_ends(tmp_path: Path, monkeypatch: pytest.Mo
     import threading
 
     from btrdelta.errors import BtrdeltaError
-    from btrdelta.send import changes, diff
+    from btrdelta.send import changes, compare
     from btrdelta.send.onepass import Stopped
 
     old, new = tmp_path / "old", tmp_path / "new"
@@ -211,8 +211,8 @@ def test_reading_stops_when_the_walk_ends(tmp_path: Path, monkeypatch: pytest.Mo
     stopped = threading.Event()
     stopped.set()
     with pytest.raises(Stopped, match="reading stopped"):
-        diff.compare_files(bytes(old / "same-name"), bytes(new / "same-name"),
-                           len(data), len(data), stopped)
+        compare.compare_files(bytes(old / "same-name"), bytes(new / "same-name"),
+                              len(data), len(data), stopped)
     node = changes.Node(1, 257, 0o100644, 0, 0, len(data), 0, 0, 0, path=b"new-file")
     with pytest.raises(Stopped, match="reading stopped"):
         changes._read_single(node, bytes(new / "new-file"), bytearray(1 << 20), False,

@@ -175,7 +175,7 @@ def test_a_moved_and_copied_sparse_file(tmp_path: Path) -> None:
 def test_files_equal_reads_only_data_and_sees_every_difference(tmp_path: Path) -> None:
     """``files_equal`` compares where either file has data: written zeros equal a hole,
     a byte in the other's hole or past its end differs, two 64 GiB holes are equal."""
-    from btrdelta.send.diff import files_equal
+    from btrdelta.send.compare import files_equal
 
     def make(name: str, size: int, pieces: list[tuple[int, bytes]]) -> bytes:
         with open(tmp_path / name, "wb") as f:

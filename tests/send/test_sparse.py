@@ -29,7 +29,7 @@ def tmpfs_dir(tmp_path: Path) -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-#: the chunker's largest chunk for a 256 MiB file (``send.diff``: 8 KiB on average, 64 at most)
+#: the chunker's largest chunk for a 256 MiB file (``send.compare``: 8 KiB on average, 64 at most)
 MAX_CHUNK = 64 * 1024
 
 

@@ -23,7 +23,7 @@ trees' identities (:meth:`.scan.Tree.identity`) are computed as the walk goes
 (:class:`TreeIdentity`), so the stream names the UUIDs a full send of each tree names.
 
 Each regular file of either tree is opened and read once here (its digest feeds the
-identity); two files of the same name are read side by side (:func:`.diff.compare_files`),
+identity); two files of the same name are read side by side (:func:`.compare.compare_files`),
 which also gives the blocks that differ, so the emitter never compares the two versions
 again; a file without a counterpart of its name also gets a BLAKE3 digest (a move is
 confirmed by it, not by reading both files again). The differing blocks of a changed file
@@ -53,7 +53,7 @@ from .._value import Value, field
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
 from ..fs.content import data_segments
-from .diff import Compared, compare_files
+from .compare import Compared, compare_files
 from .hashing import _WHOLE, _hash_file, lstat_root, open_dir
 from .onepass import Stopped, content_hasher
 from .scan import (

@@ -13,7 +13,6 @@ import stat
 
 from .. import TYPE_CHECKING
 from ..stream.records import Clone
-from .diff import files_equal
 from .scan import Node, Tree
 
 if TYPE_CHECKING:
@@ -47,6 +46,8 @@ class CloneFinder:
         clone source, or one sent already (``new_by_digest``)."""
         if node.size < self.clone_min:
             return None
+        from .compare import files_equal  # (a record's round compares digests: not at import)
+
         new_abs = self.new.abspath(node.path)
         onode = self._old_file(node.digest)
         if onode is not None and self._same_as_old(onode, node):
@@ -90,8 +91,20 @@ class CloneFinder:
         assert self.old is not None
         if onode.bdigest and node.bdigest:  # both read while walking (.changes)
             return onode.bdigest == node.bdigest and onode.size == node.size
+        from .compare import files_equal
+
         return files_equal(self.old.abspath(onode.path), self.new.abspath(node.path),
                            node.size)
+
+    def _shifted_clones(self, old_path: bytes, new_path: bytes, old_size: int, new_size: int,
+                        writes: list[tuple[int, int]]
+                        ) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]]]:
+        """:func:`.compare.shifted_clones` of at least ``shift_min`` bytes (imported for a
+        file with an old version on disk: a record's round compares digests)."""
+        from .compare import shifted_clones
+
+        return shifted_clones(old_path, new_path, old_size, new_size, writes,
+                              min_len=self.shift_min)
 
     def _similar_old_file(self, node: Node) -> Node | None:
         """An old file to look for pieces of a new file in: one with the same name (a file

@@ -22,7 +22,7 @@ A new file whose whole content equals a file of the old tree or one already sent
 ``CLONE`` (from the parent subvolume at its *old* path, which the receiver keeps intact, or
 from the new subvolume, or from a clone source: ``send -c``, a tree the receiver has under
 the UUID a full stream of it names). In a changed file, ranges found in its old version at a
-4 KiB-aligned shift (:func:`~btrdelta.send.diff.shifted_clones`) become partial ``CLONE``
+4 KiB-aligned shift (:func:`~btrdelta.send.compare.shifted_clones`) become partial ``CLONE``
 records from the parent, the rest ``WRITE`` records. With ``no_data`` (the kernel's
 ``NO_FILE_DATA``, ``send --no-data``) no file data is sent: each range that would be
 written, and each hole that would be punched, becomes one ``UPDATE_EXTENT`` (path, offset,
@@ -68,7 +68,7 @@ from ..stream.records import (
     Write,
 )
 from .clones import CloneFinder
-from .diff import Match, changed_ranges, match_trees, shifted_clones
+from .diff import Match, match_trees
 from .encode import COMPRESSORS, encode_piece, option_problem
 from .hashing import DirectReader, direct_buffer, reader, uncache
 from .onepass import BlockHasher, hashed_as_sent
@@ -629,10 +629,8 @@ class Sender(CloneFinder):
             source = self._similar_old_file(node)
             if source is not None:
                 assert self.old is not None
-                found, segs = shifted_clones(
-                    self.old.abspath(source.path), new_abs, source.size, node.size, segs,
-                    min_len=self.shift_min,
-                )
+                found, segs = self._shifted_clones(
+                    self.old.abspath(source.path), new_abs, source.size, node.size, segs)
                 clones = [(o, n, source, src) for o, n, src in found]
             spooled = self.changes.spooled(node.id, whole=True) if self.changes else None
             # a large file of a read-only snapshot, read once (hashed as sent): directly
@@ -737,15 +735,16 @@ class Sender(CloneFinder):
             writes, holes = known[1], known[2]
             spooled = self.changes.spooled(node.id) if self.changes is not None else None
         else:
+            from .compare import changed_ranges  # (a parent's files: not at import)
+
             writes, holes = changed_ranges(old_path, new_abs, onode.size, node.size)
             self._read += node.size + onode.size
         changed = bool(writes or holes) or onode.size != node.size
         yield from self._punch(path, holes)
         clones: list[tuple[int, int, Node, int]] = []
         if self.shift_min and writes:
-            found, writes = shifted_clones(
-                old_path, new_abs, onode.size, node.size, writes, min_len=self.shift_min
-            )
+            found, writes = self._shifted_clones(
+                old_path, new_abs, onode.size, node.size, writes)
             clones = [(o, n, onode, src) for o, n, src in found]
         yield from self._emit_blocks(node, path, writes, clones, spooled)
         if onode.size != node.size:

@@ -570,7 +570,7 @@ class FullSend:
 
 def _same(a: bytes, b: bytes, size: int, data: bytes | None) -> bool:
     """Whether file ``a`` has the content ``data`` (or that of file ``b``)."""
-    from .diff import files_equal
+    from .compare import files_equal
 
     if data is None:
         return files_equal(a, b, size)
