@@ -66,19 +66,21 @@ def test_the_table_follows_the_send_stream_versions() -> None:
 def test_the_start_up_tables_are_the_flags_and_no_decoder_is_made_ahead() -> None:
     """The table of each place is made from the flags' values read once (a flag's ``&``
     and ``.value`` run Python code: ~1.7 M instructions of every start-up, with the
-    C accelerator's limits); it is what the flags' ``&`` says. Importing the codec makes
-    no decoding plan (a send decodes nothing): a plan is made at a command's first
-    decoding."""
+    C accelerator's limits); it is what the flags' ``&`` says. The stream package, its
+    writer and the encoder import no decoder (a send decodes nothing), and importing the
+    decoder makes no decoding plan: a plan is made at a command's first decoding."""
     for place in Place:
         assert _LEGAL_AT[place] == frozenset(c for c, w in RECORDS.items() if w & place)
-    code = ("from btrdelta.stream import Cmd, codec\nprint(len(codec._DECODERS))\n"
+    code = ("import sys\nfrom btrdelta.stream import Cmd, codec, writer\n"
+            "print('btrdelta.stream.decode' in sys.modules)\n"
+            "from btrdelta.stream import decode\nprint(len(decode._DECODERS))\n"
             "from btrdelta.stream.records import Chmod\n"
             "payload = b''.join(codec.encode_record(Chmod(b'a', 0o644), 1)[1:])\n"
-            "print(codec.decode_payload(Cmd.CHMOD, memoryview(payload), 0, len(payload), 1),"
-            " sorted(codec._DECODERS) == [Cmd.CHMOD])")
+            "print(decode.decode_payload(Cmd.CHMOD, memoryview(payload), 0, len(payload), 1),"
+            " sorted(decode._DECODERS) == [Cmd.CHMOD])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.splitlines()
-    assert out == ["0", "Chmod(path=b'a', mode=420) True"]
+    assert out == ["False", "0", "Chmod(path=b'a', mode=420) True"]
 
 
 def test_the_table_places_the_delta_records() -> None:

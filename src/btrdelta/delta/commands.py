@@ -15,8 +15,8 @@ from __future__ import annotations
 from typing import BinaryIO
 
 from ..errors import BtrdeltaError, StreamFormatError
-from ..stream.codec import decode_payload, decode_stream_header
 from ..stream.constants import CMD_HEADER_SIZE, STREAM_HEADER_SIZE
+from ..stream.decode import decode_payload, decode_stream_header
 from ..stream.framing import NEED_DATA, Framer
 from ..stream.reader import SEND_FRAMING
 from ..stream.records import Record

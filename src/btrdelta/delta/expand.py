@@ -38,9 +38,10 @@ from .. import TYPE_CHECKING
 from ..errors import BtrdeltaError, ChecksumError, StreamFormatError
 from ..fs.sandbox import list_dir as list_old_dir
 from ..stream import records as R
-from ..stream.codec import decode_payload, encode_record
+from ..stream.codec import encode_record
 from ..stream.constants import CMD_HEADER, CMD_HEADER_SIZE, MAGIC, MAX_PAYLOAD, STREAM_HEADER, Attr
 from ..stream.crc import crc32c
+from ..stream.decode import decode_payload
 from ..stream.reader import StreamHeader
 from .format import (
     DEFAULT_MAX_FILE_SIZE,

@@ -13,7 +13,7 @@ comparing content), :mod:`.order` (namespace changes in a valid order, orphans),
 :mod:`.sendshot` (sendshot records: the old side of an incremental send without the old
 tree).
 
-Importing this package is cheap: :mod:`.scan`, :mod:`.emit` (and with it the stream codec)
+Importing this package is cheap: :mod:`.scan`, :mod:`.emit` (and with it the stream encoder)
 and :mod:`.kernel` load on first use, so a caller can start a :class:`TreeScan` (child
 process, hashing threads) first and import the rest while the trees are being read, or
 freeze a live subvolume (:mod:`.live`) and import the rest while the kernel snapshots it.

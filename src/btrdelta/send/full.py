@@ -42,7 +42,8 @@ from .._optional import need
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
 from ..fs.content import data_segments
-from ..stream.codec import decode_payload, encode_record, encode_stream_header
+from ..stream.codec import encode_record, encode_stream_header
+from ..stream.decode import decode_payload
 from ..stream.reader import StreamReader
 from ..stream.records import (
     Chmod,

@@ -13,7 +13,7 @@ parsers and dumpers made inside it); ``BACKEND`` says which is live now (``"c"``
 from __future__ import annotations
 
 from .. import TYPE_CHECKING, _native
-from .codec import btrfs_crc32c, decode_payload, encode_record, encode_stream_header
+from .codec import btrfs_crc32c, encode_record, encode_stream_header
 from .constants import MAGIC, Attr, Cmd, Compression
 from .framing import EOF, NEED_DATA
 from .records import *  # noqa: F403
@@ -23,6 +23,7 @@ from .writer import StreamWriter, write_stream
 if TYPE_CHECKING:
     from typing import Any
 
+    from .decode import decode_payload
     from .dump import TextDumper, record_to_json
     from .reader import StreamParser, StreamReader, iter_records
 
@@ -60,7 +61,7 @@ def __getattr__(name: str) -> Any:
         # "python" (see btrdelta._native)
         return "c" if _native.live("speedups") is not None else "python"
     # the dump renderer is imported on first use (it is not needed to read or receive),
-    # and so is the reader (it is not needed to write: a send)
+    # and so are the reader and the decoder (they are not needed to write: a send)
     if name in ("TextDumper", "record_to_json"):
         from . import dump
 
@@ -69,4 +70,8 @@ def __getattr__(name: str) -> Any:
         from . import reader
 
         return getattr(reader, name)
+    if name == "decode_payload":
+        from .decode import decode_payload
+
+        return decode_payload
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

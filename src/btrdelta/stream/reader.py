@@ -29,13 +29,7 @@ from collections.abc import Generator, Iterator
 
 from .. import TYPE_CHECKING, _native
 from ..errors import BtrdeltaError, StreamFormatError, UnsupportedVersionError
-from .codec import (
-    _ZERO_CRC,
-    decode_payload,
-    decode_payload_fast,
-    decode_stream_header,
-    fast_decoder,
-)
+from .codec import _ZERO_CRC
 from .constants import (
     CMD_HEADER,
     CMD_HEADER_SIZE,
@@ -45,6 +39,7 @@ from .constants import (
     Cmd,
 )
 from .crc import crc32c
+from .decode import decode_payload, decode_payload_fast, decode_stream_header, fast_decoder
 from .framing import EOF, NEED_DATA, Framer, Framing, Sentinel, legal, send_place
 from .records import End, Event, Record, StreamHeader
 
