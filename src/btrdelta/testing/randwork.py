@@ -27,7 +27,8 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from ..fs.btrfs import clone_range, fallocate
+from ..fs.btrfs import clone_range
+from ..fs.libc import fallocate
 
 __all__ = ["build", "mutate"]
 
