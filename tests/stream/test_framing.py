@@ -15,8 +15,9 @@ from btrdelta.delta import parser as delta_parser
 from btrdelta.delta.format import INNER_RECORDS
 from btrdelta.errors import ChecksumError, StreamFormatError
 from btrdelta.stream import EOF, NEED_DATA, Cmd, reader
-from btrdelta.stream.codec import command_crc, decode_payload
+from btrdelta.stream.codec import command_crc
 from btrdelta.stream.constants import COMMAND_SPECS, MAX_PAYLOAD
+from btrdelta.stream.decode import decode_payload
 from btrdelta.stream.framing import (
     _LEGAL_AT,
     RECORDS,
