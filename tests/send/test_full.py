@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from btrdelta.send import send_records, send_stream
-from btrdelta.send.scan import hash_contents, scan_tree
+from btrdelta.send.scan import hash_contents
+from btrdelta.send.walk import scan_tree
 from btrdelta.tree.treesum import tree_sum
 
 from .conftest import Workspace, count_reads

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from btrdelta.send.scan import hash_contents, scan_tree
+from btrdelta.send.scan import hash_contents
+from btrdelta.send.walk import scan_tree
 
 _SCRIPT = """
 import os, signal, sys

@@ -1,4 +1,4 @@
-"""A full send streamed while its tree is walked (send/scan.py ``ScanStream``,
+"""A full send streamed while its tree is walked (send/walk.py ``ScanStream``,
 ``TreeScan(stream=...)``): the same stream and digests as a send that scanned and hashed the
 whole tree first, records out before the walk ends, the walk's errors and stops."""
 
@@ -15,7 +15,7 @@ from uuid import UUID
 import pytest
 
 from btrdelta.errors import BtrdeltaError
-from btrdelta.send import hashing, scan
+from btrdelta.send import hashing, walk
 from btrdelta.send.emit import Sender, StreamIds
 from btrdelta.send.onepass import SentWhole
 from btrdelta.send.scan import TreeScan
@@ -109,7 +109,7 @@ def _gate(monkeypatch: pytest.MonkeyPatch, where: bytes, *,
           fail: bool = False) -> threading.Event:
     """Hold (or fail) the walk where it reads directory ``where``, until the event."""
     gate = threading.Event()
-    real = scan._Scanner.scan_dir
+    real = walk._Scanner.scan_dir
 
     def held(self: Any, dir_id: int, absdir: bytes, reldir: bytes) -> Any:
         if reldir == where:
@@ -118,7 +118,7 @@ def _gate(monkeypatch: pytest.MonkeyPatch, where: bytes, *,
                 raise BtrdeltaError("cannot read directory: Permission denied", path=absdir)
         return real(self, dir_id, absdir, reldir)
 
-    monkeypatch.setattr(scan._Scanner, "scan_dir", held)
+    monkeypatch.setattr(walk._Scanner, "scan_dir", held)
     return gate
 
 

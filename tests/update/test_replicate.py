@@ -210,16 +210,16 @@ def test_a_first_replication_scans_while_the_receiver_starts(
         fs2: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # the session's snapshot is taken and scanned before the receiver's answer: the send
     # does not walk it again; refused, or resuming another session, the snapshot is deleted
-    from btrdelta.send import scan as scan_mod
+    from btrdelta.send import walk as walk_mod
 
     walks: list[bytes] = []
-    real = scan_mod.scan_tree
+    real = walk_mod.scan_tree
 
     def counted(path: object, **kw: object) -> object:
         walks.append(os.fsencode(path))  # type: ignore[arg-type]
         return real(path, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(scan_mod, "scan_tree", counted)
+    monkeypatch.setattr(walk_mod, "scan_tree", counted)
     snd, rcv = fs2
     live = snd / "vol"
     _sh("btrfs", "subvolume", "create", live)

@@ -33,8 +33,9 @@ if TYPE_CHECKING:
     from ..stream.writer import StreamWriter
     from .emit import COMPRESSORS, Sender
     from .kernel import is_readonly_snapshot, kernel_send
-    from .scan import Tree, TreeScan, hash_contents, scan_tree
+    from .scan import Tree, TreeScan, hash_contents
     from .values import SendStats, StreamIds
+    from .walk import scan_tree
 
 __all__ = [
     "COMPRESSORS",
@@ -61,7 +62,7 @@ _LAZY = {
     "hash_contents": ".scan",
     "is_readonly_snapshot": ".kernel",
     "kernel_send": ".kernel",
-    "scan_tree": ".scan",
+    "scan_tree": ".walk",
 }
 
 PathArg = str | bytes | os.PathLike[str]

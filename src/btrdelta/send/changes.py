@@ -1,7 +1,7 @@
 """Incremental sends in bounded memory: what changed between two trees, found in one walk.
 
 :func:`find_changes` walks the parent tree and the new tree in lockstep, one directory at a
-time (entries sorted by name: the order and node numbering of :func:`.scan.scan_tree`, so
+time (entries sorted by name: the order and node numbering of :func:`.walk.scan_tree`, so
 node ids, synthetic inode numbers and orphan names are those of the whole-tree model), and
 compares the two entries of each name as it meets them. A pair that is provably unchanged
 (the same type, one link each, equal mode, owner, mtime, xattrs, inode flags, symlink target
@@ -269,7 +269,7 @@ class _Side:
         return got is not None and got[0] is node
 
     def entries(self, dnode: Node) -> list[Entry]:
-        """Number the entries of directory ``dnode`` as :func:`.scan.scan_tree` does (a
+        """Number the entries of directory ``dnode`` as :func:`.walk.scan_tree` does (a
         further name of a hard-linked inode is added to its node's dentries)."""
         absdir = self.tree.abspath(dnode.path)
         try:

@@ -35,7 +35,7 @@ a thread pool, so an incremental send uses two cores like rsync's sender/receive
 full record-mode send whose UUID is not the content's (a btrfs snapshot's) starts at once
 instead: its files are hashed in the order they are sent, each waited for as it is sent
 (``TreeScan(order=...)``), or also its tree walked as it is sent, each directory waited for
-(``TreeScan(stream=...)``: :class:`~.scan.ScanStream`).
+(``TreeScan(stream=...)``: :class:`~.walk.ScanStream`).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ from .values import SendStats, StreamIds
 if TYPE_CHECKING:
     from ..stream.writer import Encoded
     from .changes import Changes, SourceIndex
-    from .scan import ScanStream
+    from .walk import ScanStream
 
 __all__ = ["CAPS", "COMPRESSORS", "SendStats", "Sender", "StreamIds", "encode_piece",
            "option_problem"]

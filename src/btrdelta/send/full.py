@@ -2,7 +2,7 @@
 
 A full stream recreates a tree on an empty receiver: there is no old tree to match and no
 namespace to order around, so :class:`FullSend` walks the tree top-down one directory at a
-time (entries sorted by name: the order and node numbering of :func:`.scan.scan_tree`) and
+time (entries sorted by name: the order and node numbering of :func:`.walk.scan_tree`) and
 emits, per entry, its create record (``LINK`` for a further name of a hard-linked inode) and
 its xattrs, data and metadata in the order of :mod:`.emit`. A regular file is opened once and
 read once: its content digest is computed from the same reads that make its ``WRITE``

@@ -658,7 +658,7 @@ class ContentHasher:
             self._queue(cur, keeping, ordered)
 
     def stream(self, tree: Tree) -> None:
-        """Files of ``tree`` (a scan that is still walking it: :class:`~.scan.ScanStream`)
+        """Files of ``tree`` (a scan that is still walking it: :class:`~.walk.ScanStream`)
         come by :meth:`add` in the order they are wanted (:meth:`ready`), their bytes kept
         (as ``submit(tree, keep=True, order=...)``)."""
         self._trees.append(tree)

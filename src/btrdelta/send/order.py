@@ -52,7 +52,7 @@ from .diff import Match
 from .scan import ROOT, Node, Tree
 
 if TYPE_CHECKING:
-    from .scan import ScanStream
+    from .walk import ScanStream
 
 __all__ = ["FullInos", "Namespace", "full_order", "inherited_acls", "order_namespace"]
 
@@ -440,7 +440,7 @@ def full_order(old: Tree, new: Tree, match: Match, stream: ScanStream | None = N
 
     ``old`` is the tree of a full send (its root only). The namespace returned stays empty:
     a full send's inodes are all created (nothing in it is ``touched``). With ``stream``
-    (``new`` is still being scanned: :class:`~.scan.ScanStream`) each directory is waited
+    (``new`` is still being scanned: :class:`~.walk.ScanStream`) each directory is waited
     for before its entries are read; the walk is the scan's, so the stream does not wait
     for the scan of anything after what it sends.
     """

@@ -37,7 +37,7 @@ from .live import Frozen, frozen, subvolume_uuid
 from .onepass import SentWhole
 from .record import record_inodes, stamp_generations, tree_from_record
 from .rescan import Changes, Stale, rescan, usable
-from .scan import ScanStream, Tree, TreeScan, inode_order
+from .scan import Tree, TreeScan, inode_order
 from .store import SendshotStore, StoredSendshot
 from .values import SendStats, StreamIds
 
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from ..stream.writer import Encoded
+    from .walk import ScanStream
 
 __all__ = ["Preloaded", "SendshotResult", "adopt", "load_base", "send_with_sendshots"]
 
@@ -273,7 +274,7 @@ def _scan(fz: Frozen, base: StoredSendshot | None, cols: View | None,
     changed since is visited and sent (:func:`_changes`: both trees are then the changed
     part); otherwise the tree is walked whole and every file read, against the whole record.
     A full stream on btrfs (its UUID the subvolume's) starts at once and goes on while the
-    tree is walked (:class:`~.scan.ScanStream`: ``scanned``, a walk started already, or one
+    tree is walked (:class:`~.walk.ScanStream`: ``scanned``, a walk started already, or one
     started here), its files hashed as the walk finds them, in the order they are sent.
     ``sweep``: the change sweep since ``base``, started already (joined before this returns:
     the snapshot may be deleted after).
@@ -460,7 +461,7 @@ def send_with_sendshots(
         source_name: the path to record (default ``source``; the live path, for a caller
             that froze it).
         durable: ``fsync`` the new record before naming it (``docs/formats/sendshot.md`` §4).
-        scanned: a walk of ``source`` started already (:class:`~.scan.ScanStream`).
+        scanned: a walk of ``source`` started already (:class:`~.walk.ScanStream`).
         tree: ``source`` frozen already (:func:`~.live.frozen`, by a caller that imported
             the send's modules while its snapshot was made); ``snapshot`` is not used.
         preloaded: the base, and the sweep, made while ``tree``'s snapshot was made

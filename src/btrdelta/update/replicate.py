@@ -64,9 +64,9 @@ from ..protocol import (
 from ..protocol.messages import max_data, segment_hasher, spoken
 from ..protocol.plan import Known, choose
 from ..send.live import drop_leftovers, drop_snapshot, frozen, keep_snapshot
-from ..send.scan import ScanStream
 from ..send.sendshot import send_with_sendshots
 from ..send.store import SendshotStore, StoredSendshot
+from ..send.walk import ScanStream
 from ..stream.records import End, Record, Snapshot, Subvol
 from ..stream.writer import Encoded
 from .channels import Channel, MessageIO, PeerRefused
