@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from btrdelta.cli import main
-from btrdelta.cli._common import installed_progs
+from btrdelta.cli._input import installed_progs
 from btrdelta.stream import EOF, NEED_DATA, StreamParser, StreamReader, StreamWriter
 from btrdelta.stream.records import End
 from tests.conftest import (

@@ -1,5 +1,6 @@
-"""Helpers shared by subcommands: the parser class and help layout, inputs and outputs,
-``--json``, sizes, and printers several commands share. Progress lives in :mod:`.progress`.
+"""Helpers shared by subcommands: the parser class and help layout, outputs, ``--json``,
+sizes, signals. The input of the commands that read a stream or a delta is :mod:`._input`'s,
+the checks of path and URL arguments :mod:`._paths`'; progress lives in :mod:`.progress`.
 """
 
 from __future__ import annotations
@@ -7,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from types import SimpleNamespace
@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     import signal
     from typing import Any, BinaryIO
 
-    from ..update.identify import Identified, Kind
 
     #: a command's hint after "unrecognized arguments": (arguments parsed, words left
     #: over, the command's words) -> what was meant, or None
@@ -161,170 +160,6 @@ def examples(*lines: str, note: str = "") -> str:
     return f"{text}\n\n{note}" if note else text
 
 
-def add_input(parser: argparse.ArgumentParser, what: str = "stream") -> None:
-    """Add ``-f/--file FILE`` (default ``-``, stdin) and an optional positional FILE."""
-    parser.add_argument(
-        "-f", "--file", dest="file", metavar="FILE", default=None,
-        help=f"read the {what} from FILE ('-' or omitted: standard input)",
-    )
-    parser.add_argument("input", nargs="?", metavar="FILE",
-                        help=f"the {what} (same as -f FILE)")
-
-
-def input_name(args: argparse.Namespace) -> str:
-    """The input named by ``-f`` or the positional argument (default ``-``).
-
-    Raises:
-        UsageError: both were given.
-    """
-    if args.file and args.input:
-        # `delta make -f A-B.stream -`: the '-' meant as the output, standard output
-        hint = (": the output is -o FILE ('-o -': standard output)"
-                if args.input == "-" and "output" in vars(args) else "")
-        raise UsageError(f"give the input either with -f or as an argument, not both{hint}")
-    name = str(args.file or args.input or "-")
-    refuse_url_input(name, args.command, "...", "-")
-    return name
-
-
-def refuse_url_input(name: str, command: str, *words: str) -> None:
-    """A stream input given as an ``http(s)://`` URL (it said 'No such file or
-    directory'): a usage error saying how to read it, ``btrdelta COMMAND WORDS`` the
-    command line that reads standard input.
-
-    Raises:
-        UsageError: see above.
-    """
-    if name.startswith(("http://", "https://")) and not os.path.exists(name):
-        import shlex
-
-        piped = " ".join(["btrdelta", command, *map(shlex.quote, words)])
-        raise UsageError(f"{name} is a URL: streams are read from a file or standard input; "
-                         f"download it, or pipe it in: curl -fsS {shlex.quote(name)} | {piped}")
-
-
-#: (compiled by the first check, in re's cache: ~1 M instructions of every start otherwise)
-_HOST_PATH = r"(?:localhost|[\w-]+(?:\.[\w-]+)+|\[[0-9a-fA-F:]+\])(?::\d+)?(?:/.*)?"
-
-
-def check_location(location: str, what: str = "URL") -> None:
-    """A repository location (``URL``, ``--mirror``) that is no directory here and has no
-    scheme but reads as ``host[:port]/path`` (``127.0.0.1:8000/app``, ``updates.example/app``)
-    is a URL whose scheme was left out: a usage error naming the URL meant.
-
-    A location that names one of the repository's files (``.../app/timestamp.json``, the
-    ``index.html`` a browser shows) is a usage error naming the base URL meant (the client
-    looked for ``.../timestamp.json/timestamp.json``: 'no signed repository here').
-
-    Raises:
-        UsageError: see above.
-    """
-    bare = location.split("?")[0].split("#")[0].rstrip("/")
-    leaf = bare.rsplit("/", 1)[-1]
-    if leaf in ("timestamp.json", "index.html") and "/" in bare \
-            and not os.path.isdir(location):
-        raise UsageError(f"{what} {location} names the repository's {leaf}: give the "
-                         f"repository's base URL: {bare[:-len(leaf) - 1]}")
-    if "://" in location or os.path.exists(location):
-        return
-    import re
-
-    if re.fullmatch(_HOST_PATH, location):
-        raise UsageError(f"{what} {location}: no such directory; a URL needs its scheme: "
-                         f"http://{location} (or https://)")
-
-
-def location(text: str) -> str:
-    """An argument that is a path or an ``http(s)://`` URL (``type=`` of argparse): a
-    ``file://`` URL is read as the path it names; any other ``scheme://`` is refused (it
-    would otherwise be taken as a relative path, and a destination made under ``./ftp:``).
-
-    Raises:
-        argparse.ArgumentTypeError: see above.
-    """
-    import argparse
-    import re
-
-    if text.startswith(("http://", "https://")) or not re.match(r"[a-zA-Z][\w+.-]*://", text):
-        return text
-    from ..chunk.source import file_url_path
-
-    if text.startswith("file://"):
-        try:
-            return file_url_path(text)
-        except BtrdeltaError as e:
-            raise argparse.ArgumentTypeError(f"{text}: {e.args[0]}") from None
-    raise argparse.ArgumentTypeError(
-        f"{text}: not a path or an http(s):// URL (file:// URLs are read as paths; "
-        f"{text.split('://')[0]}:// is not supported here)")
-
-
-def location_keeping_file_url(text: str) -> str:
-    """:func:`location` for an argument where a ``file://`` URL of a directory means
-    something else than its path (``device install FS file:///media/usb/os``: a
-    repository; the path alone is a tree to install): checked, then kept as given."""
-    path = location(text)
-    return text if text.startswith("file://") else path
-
-
-def check_not_url(path: str, what: str, hint: str) -> None:
-    """``path`` (a local directory argument) given as a URL: the arguments swapped.
-
-    Raises:
-        UsageError: ``path`` has a scheme (``http://...``).
-    """
-    import re
-
-    if re.match(r"[a-zA-Z][\w+.-]*://", path):
-        raise UsageError(f"{what} {path} is a URL: {hint}")
-
-
-def refuse_same_file(name: str, output: str | None, option: str = "-o") -> None:
-    """The output named as the input file (``delta make -f X -o X``, ``image compress -i
-    IMG -o IMG``): it would replace the input (outputs are written beside and renamed
-    over), so a usage error instead.
-
-    Raises:
-        UsageError: ``output`` is the file ``name`` is.
-    """
-    if output in (None, "-") or name == "-":
-        return
-    try:
-        same = os.path.samefile(name, output)
-    except OSError:  # (either missing: said where it is opened)
-        return
-    if same:
-        raise UsageError(f"{option} {output} is the input file: the output would replace it "
-                         "(give it another name)")
-
-
-def refuse_inside(inner: str, outer: str, words: str, *, mounts_apart: bool = False) -> None:
-    """A directory argument that is another one or inside it where that mixes them up
-    (``replicate SRC SRC/backup``, ``update REPO REPO``, ``repo add REPO V TREE`` with REPO
-    in TREE): a usage error, ``words`` its text (``inner`` and ``outer`` are formatted in:
-    ``{inner}``, ``{outer}``, ``{how}`` "is" or "is inside"). ``mounts_apart``: ``inner``
-    below ``outer`` but on another filesystem (a mount point, a nested subvolume) is apart
-    from it, as a send of ``outer`` leaves it out.
-
-    Raises:
-        UsageError: ``inner`` is ``outer`` or below it (symbolic links resolved).
-    """
-    a, b = os.path.realpath(inner), os.path.realpath(outer)
-    if a != b and not a.startswith(b.rstrip(os.sep) + os.sep):
-        return
-    if a != b and mounts_apart:
-        near = a  # (the nearest part of it that exists)
-        while not os.path.exists(near) and near != b:
-            near = os.path.dirname(near)
-        try:
-            if os.stat(near).st_dev != os.stat(b).st_dev:
-                return
-        except OSError:
-            pass
-    how = "is" if a == b else "is inside"
-    raise UsageError(words.format(inner=inner, outer=outer, how=how))
-
-
 def positive_int(text: str) -> int:
     """An argparse type: an integer of at least 1."""
     try:
@@ -399,46 +234,6 @@ def json_needs_stdout(args: argparse.Namespace, output: str | None) -> None:
     """Refuse ``--json`` when the payload itself goes to standard output."""
     if getattr(args, "json", False) and output in (None, "-"):
         raise UsageError("--json prints on standard output: write the stream to a file (-o)")
-
-
-@contextlib.contextmanager
-def open_input(name: str) -> Iterator[BinaryIO]:
-    """Open ``name`` for binary reading; ``-`` is standard input.
-
-    Raises:
-        BtrdeltaError: standard input is a terminal.
-        UsageError: ``name`` is a directory (a tree given where its stream is read).
-        OSError: ``name`` cannot be opened.
-    """
-    if name == "-":
-        if sys.stdin.isatty():
-            raise BtrdeltaError("refusing to read a binary stream from a terminal (use -f FILE)")
-        yield sys.stdin.buffer
-        return
-    if os.path.isdir(name):
-        import shlex  # (this mistake only)
-
-        raise UsageError(f"{name} is a directory, not a stream file (a stream of a tree: "
-                         f"btrdelta send {shlex.quote(name)} -o FILE)")
-    with open(name, "rb", buffering=0) as f:
-        yield f
-
-
-def input_size(f: BinaryIO) -> int | None:
-    """The size of a regular file (what progress shows a percentage of), else ``None``."""
-    try:
-        st = os.fstat(f.fileno())
-    except (OSError, ValueError, AttributeError):
-        return None
-    return st.st_size if stat.S_ISREG(st.st_mode) else None
-
-
-def input_position(f: BinaryIO) -> int:
-    """How far ``f`` (a regular file) has been read: its descriptor's offset (0 if none)."""
-    try:
-        return os.lseek(f.fileno(), 0, os.SEEK_CUR)
-    except (OSError, ValueError, AttributeError):
-        return 0
 
 
 @contextlib.contextmanager
@@ -568,86 +363,7 @@ def zstd_level(text: str) -> int:
     return value
 
 
-def sniff_input(f: BinaryIO, name: str, *accept: Kind) -> tuple[Identified, BinaryIO]:
-    """What input ``f`` is, and a file reading it from its start; refused with one line
-    unless it is one of ``accept`` (unknown data passes: the parser then names the bad
-    magic and its offset)."""
-    from ..update.identify import Kind, identify
-
-    what, f = identify(f)
-    if what.kind not in accept and what.kind is not Kind.UNKNOWN:
-        wanted = " or ".join(f"a {k.value}" for k in accept)
-        raise what.refuse(wanted, source=name)
-    return what, f
-
-
-# -- printers shared by several commands ------------------------------------------------
-
-
-_installed: list[tuple[int, ...] | None] = []
-
-
-def installed_progs() -> tuple[int, ...] | None:
-    """The version of ``btrfs`` on ``PATH`` (``btrfs --version``, asked once), or None:
-    the ``receive --dump`` format ``dump`` prints by default."""
-    if not _installed:
-        import subprocess
-
-        from ..stream.dump import parse_progs_version
-
-        try:
-            out = subprocess.run(["btrfs", "--version"], capture_output=True, text=True,
-                                 timeout=10, check=False).stdout
-            _installed.append(parse_progs_version(out))
-        except (OSError, ValueError, subprocess.SubprocessError):
-            _installed.append(None)
-    return _installed[0]
-
-
-def dump_stream(f: BinaryIO, name: str, *, as_json: bool = False,
-                all_streams: bool = False, progs: tuple[int, ...] | None = None) -> None:
-    """Print the stream in ``f`` as ``btrfs receive --dump`` does (or as JSON lines) on
-    standard output (``dump``, ``receive --dump``); ``progs``: the btrfs-progs version
-    whose format (default: the installed one's)."""
-    from ..stream import StreamReader
-    from ..stream.dump import JsonDumpSink, TextDumpSink
-    from ..stream.sink import feed
-    from ..update.identify import Kind
-
-    _, f = sniff_input(f, name, Kind.SEND_STREAM)
-    out = stdout_bytes()
-    sink = JsonDumpSink(out.write) if as_json else \
-        TextDumpSink(out.write, progs=progs or installed_progs())
-    with naming_output("standard output"):
-        try:
-            feed(StreamReader(f, source=name), sink, stop_at_end=not all_streams)
-        finally:
-            sink.close()  # what was read before an error is printed, as progs prints it
-            out.flush()
-
-
-def print_delta_stats(st: object, name: str, *, as_json: bool) -> None:
-    """Print a :class:`~btrdelta.delta.stats.DeltaStats` (``delta stat``, ``stat``)."""
-    import json
-
-    from ..delta.stats import DeltaStats
-
-    assert isinstance(st, DeltaStats)
-    if as_json:
-        print(json.dumps({"kind": "delta", **st.as_json()}))
-        return
-    print(f"delta stream:  {name} ({human_bytes(st.size)}, {st.size} bytes)")
-    print(f"expands to:    {human_bytes(st.expanded_size)} ({st.expanded_commands} commands, "
-          f"{st.streams} stream(s), version {', '.join(map(str, st.versions))})")
-    print(f"carried:       {st.carried_commands} commands, {human_bytes(st.carried_raw_bytes)}"
-          f" stored in {human_bytes(st.carried_stored_bytes)}")
-    total = sum(st.patched_files.values())
-    print(f"patched files: {total} ({st.regenerated_writes} writes and "
-          f"{st.regenerated_encoded} compressed extents regenerated)")
-    for codec in sorted(st.patched_files):
-        print(f"  {codec:<9} {st.patched_files[codec]:>6} files  "
-              f"{human_bytes(st.replaced_bytes[codec])} as {human_bytes(st.patch_bytes[codec])}"
-              f" of patches, saved {human_bytes(st.saved_bytes[codec])}")
+# -- signals -----------------------------------------------------------------------------
 
 
 class Interrupted(KeyboardInterrupt):

@@ -16,26 +16,28 @@ from ..delta.options import DEFAULT_MAX_FILE_SIZE, MakeOptions
 from ..errors import ChecksumError, MissingBaseError
 from ..update.identify import Kind
 from ._common import (
-    add_input,
     add_jobs,
     add_json,
     examples,
     free_words,
     human_bytes,
+    json_needs_stdout,
+    meant,
+    open_output,
+    parse_size,
+    set_extra_hint,
+    set_missing_hint,
+)
+from ._input import (
+    add_input,
     input_name,
     input_position,
     input_size,
-    json_needs_stdout,
-    meant,
     open_input,
-    open_output,
-    parse_size,
     print_delta_stats,
-    refuse_same_file,
-    set_extra_hint,
-    set_missing_hint,
     sniff_input,
 )
+from ._paths import refuse_same_file
 from .progress import Progress, add_progress_options, progress_wanted
 
 

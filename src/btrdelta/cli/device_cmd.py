@@ -13,16 +13,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ._common import (
-    add_json,
-    check_location,
-    examples,
-    human_bytes,
-    location,
-    location_keeping_file_url,
-    positive_int,
-    set_extra_hint,
-)
+from ._common import add_json, examples, human_bytes, positive_int, set_extra_hint
+from ._paths import check_location, location, location_keeping_file_url
 from .progress import Phases, add_progress_options, add_quiet_option, progress_wanted
 
 _FS_HELP = ("the device's btrfs: where its top-level subvolume is mounted (subvolid=5), or "
@@ -407,7 +399,7 @@ def _check_install_order(fs: str, source: str) -> None:
     """
     import os
 
-    from ._common import check_not_url
+    from ._paths import check_not_url
 
     again = f"btrdelta device install {shlex.quote(source)} {shlex.quote(fs)}"
     check_not_url(fs, "FS", f"the device's filesystem comes first: {again}")

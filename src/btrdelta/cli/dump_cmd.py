@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_input, dump_stream, examples, input_name, open_input
+from ._common import examples
+from ._input import add_input, dump_stream, input_name, open_input
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

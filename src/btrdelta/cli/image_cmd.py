@@ -32,13 +32,12 @@ from ._common import (
     examples,
     free_words,
     human_bytes,
-    location,
     meant,
     naming_output,
-    refuse_same_file,
     set_missing_hint,
     zstd_level,
 )
+from ._paths import location, refuse_same_file
 from .http_options import add_http_options, http_config
 from .progress import (
     Phases,

@@ -13,17 +13,8 @@ from .. import TYPE_CHECKING
 from ..errors import ApplyError, BtrdeltaError, UsageError
 from ..receive import ReceivedSubvol
 from ..update.receive import receive_any
-from ._common import (
-    Quick,
-    add_json,
-    dump_stream,
-    input_position,
-    input_size,
-    open_input,
-    parse_size,
-    quick_parse,
-    refuse_url_input,
-)
+from ._common import Quick, add_json, parse_size, quick_parse
+from ._input import dump_stream, input_position, input_size, open_input, refuse_url_input
 from .progress import Progress, add_progress_options, progress_wanted
 
 if TYPE_CHECKING:

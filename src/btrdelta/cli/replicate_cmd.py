@@ -10,7 +10,8 @@ from typing import Any
 
 from .._defaults import DEFAULT_STORE
 from ..errors import BtrdeltaError, ProtocolError, TransportError, UsageError
-from ._common import human_bytes, parse_size, refuse_inside
+from ._common import human_bytes, parse_size
+from ._paths import refuse_inside
 from .progress import Progress, add_progress_options, progress_wanted
 
 _EPILOG = """\

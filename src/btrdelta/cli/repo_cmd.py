@@ -11,17 +11,8 @@ import time
 from typing import Any
 
 from ..errors import UsageError
-from ._common import (
-    add_jobs,
-    add_json,
-    avg_chunk_size,
-    check_location,
-    examples,
-    human_bytes,
-    location,
-    refuse_inside,
-    zstd_level,
-)
+from ._common import add_jobs, add_json, avg_chunk_size, examples, human_bytes, zstd_level
+from ._paths import check_location, location, refuse_inside
 from .progress import add_progress_options, add_quiet_option, progress_wanted
 
 _EPILOG = """\

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._common import add_input, add_json, examples, input_name, open_input
+from ._common import add_json, examples
+from ._input import add_input, input_name, open_input
 from .progress import add_quiet_option
 
 

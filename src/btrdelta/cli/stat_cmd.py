@@ -9,16 +9,8 @@ from ..stream import StreamReader
 from ..stream.constants import Compression
 from ..stream.stats import collect_stats
 from ..update.identify import Kind
-from ._common import (
-    add_input,
-    add_json,
-    examples,
-    human_bytes,
-    input_name,
-    open_input,
-    print_delta_stats,
-    sniff_input,
-)
+from ._common import add_json, examples, human_bytes
+from ._input import add_input, input_name, open_input, print_delta_stats, sniff_input
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

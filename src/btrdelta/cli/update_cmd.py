@@ -10,15 +10,8 @@ import sys
 from typing import Any
 
 from ..errors import UsageError
-from ._common import (
-    add_json,
-    check_location,
-    check_not_url,
-    human_bytes,
-    location,
-    naming_output,
-    refuse_inside,
-)
+from ._common import add_json, human_bytes, naming_output
+from ._paths import check_location, check_not_url, location, refuse_inside
 from .http_options import add_http_options, http_config
 from .progress import Progress, add_progress_options, progress_wanted
 

@@ -10,17 +10,8 @@ from ..stream import StreamReader
 from ..stream.records import Record
 from ..stream.sink import VerifySink, feed
 from ..update.identify import Kind
-from ._common import (
-    add_input,
-    add_json,
-    examples,
-    human_bytes,
-    input_name,
-    input_position,
-    input_size,
-    open_input,
-    sniff_input,
-)
+from ._common import add_json, examples, human_bytes
+from ._input import add_input, input_name, input_position, input_size, open_input, sniff_input
 from .progress import Progress, add_progress_options, progress_wanted
 
 
