@@ -112,11 +112,14 @@ def test_version_and_help_import_no_command(argv: list[str]) -> None:
 
 
 def test_a_command_imports_only_its_module() -> None:
+    """A command imports its module and the CLI's shared ones it uses (``dump``: the input's,
+    :mod:`btrdelta.cli._input`), no other command's."""
     proc = subprocess.run([sys.executable, "-c", _IMPORTED.format(argv=["dump", "--help"])],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[-1] == ("['btrdelta.cli._common', 'btrdelta.cli._lean', "
-                                            "'btrdelta.cli._parser', 'btrdelta.cli.dump_cmd']")
+    assert proc.stdout.splitlines()[-1] == (
+        "['btrdelta.cli._common', 'btrdelta.cli._input', 'btrdelta.cli._lean', "
+        "'btrdelta.cli._parser', 'btrdelta.cli.dump_cmd']")
 
 
 

@@ -283,15 +283,15 @@ def test_a_full_send_hashes_the_files_it_sends_as_it_reads_them(
 #: tempfile (shutil, random, bz2, lzma), thread pools, `signal` (its three enums: the CLI
 #: takes `_signal`), the copy module (fs.content has what a send takes of it), what other
 #: commands use, and the parts of the send's own packages for other sends: a file compared
-#: with its old version on disk, a tree walked, a stream decoded (session 29), libc's calls
-#: of other commands, the CLI's inputs and path checks
+#: with its old version on disk, a tree walked, a stream decoded, the CLI's inputs and path
+#: checks (session 29)
 _NOT_ON_THE_SEND_PATH = {
     "dataclasses", "inspect", "ast", "dis", "tokenize", "ctypes", "tempfile", "shutil",
     "random", "bz2", "lzma", "concurrent.futures", "textwrap", "json", "pathlib",
     "subprocess", "hashlib", "pyfastcdc", "signal", "crc32c", "btrdelta.update", "btrdelta.receive",
     "btrdelta.delta", "btrdelta.cli.receive_cmd", "btrdelta.fs.copy", "btrdelta.fs.remove",
     "btrdelta.send.compare", "btrdelta.send.walk", "btrdelta.stream.decode",
-    "btrdelta.stream.reader", "btrdelta.fs.libc", "btrdelta.cli._input", "btrdelta.cli._paths",
+    "btrdelta.stream.reader", "btrdelta.cli._input", "btrdelta.cli._paths",
 }
 #: the byte code of btrdelta's modules such a send imports (compiled, marshalled: what its
 #: start-up unmarshals and runs, ~1.7 µs a KB unmarshalled): 1,006 KB in session 28, 917 KB

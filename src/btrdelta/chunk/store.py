@@ -56,7 +56,7 @@ from ..fs.atomic import (
     write_atomic,
     write_unnamed,
 )
-from ..fs.libc import syncfs
+from ..fs.btrfs import syncfs
 from ..trust import PublicKey
 from .archive import MAGIC, ArchiveHeader, ArchiveIndex, decode_description
 from .chunker import DIGEST_SIZE, chunk_digest

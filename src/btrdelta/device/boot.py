@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..fs import btrfs as sv
-from ..fs import libc
 from .layout import BOOTABLE, FACTORY, ROOTS, DeviceError, Layout
 
 __all__ = [
@@ -140,9 +139,9 @@ def set_default_root(layout: Layout, name: str) -> None:
     """Make ``roots/NAME`` the default subvolume, durably (one atomic commit)."""
     sid = layout.subvol_id(layout.root(name))
     with layout.fd() as fd:
-        libc.syncfs(fd)  # what the root holds is on disk before it is selected
+        sv.syncfs(fd)  # what the root holds is on disk before it is selected
         sv.set_default_subvolume(fd, sid)
-        libc.syncfs(fd)
+        sv.syncfs(fd)
 
 
 #: the running system's ``/`` (tests put a root mounted by ``device mount`` here)

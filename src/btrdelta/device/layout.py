@@ -40,7 +40,6 @@ from pathlib import Path
 
 from ..errors import BtrdeltaError
 from ..fs import btrfs as sv
-from ..fs import libc
 
 __all__ = [
     "BOOTABLE",
@@ -110,7 +109,7 @@ class Layout:
     def sync(self) -> None:
         """Commit everything written so far (one btrfs transaction)."""
         with self.fd() as fd:
-            libc.syncfs(fd)
+            sv.syncfs(fd)
 
     def subvol_id(self, path: Path) -> int:
         """The subvolume id of ``path`` (a subvolume's root directory)."""
@@ -186,12 +185,12 @@ class Layout:
             if replace:
                 os.rename(src.name, dst.name, src_dir_fd=dfd, dst_dir_fd=dfd)
             else:
-                libc.rename_noreplace(dfd, os.fsencode(src.name), os.fsencode(dst.name))
+                sv.rename_noreplace(dfd, os.fsencode(src.name), os.fsencode(dst.name))
 
     def exchange(self, a: Path, b: Path) -> None:
         """Swap two names of one directory in one atomic step (``RENAME_EXCHANGE``)."""
         with self.fd(a.parent) as dfd:
-            libc.rename_exchange(dfd, os.fsencode(a.name), os.fsencode(b.name))
+            sv.rename_exchange(dfd, os.fsencode(a.name), os.fsencode(b.name))
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:

@@ -18,7 +18,7 @@ Struct layouts and request numbers were checked against ``<linux/btrfs.h>`` and
 ``ENOTTY``, never silently); the C accelerators take the numbers they use from here through
 the generated ``_constants.h``. Nothing here knows about streams; errors are plain
 :class:`OSError`. The libc calls Python lacks (``fstatfs``'s type, ``syncfs``,
-``fallocate``, ``renameat2``) are in :mod:`.libc`.
+``fallocate``, ``renameat2``) are in :mod:`.libc` (imported here too).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from uuid import UUID
 
 from .. import TYPE_CHECKING, _native
 from .._value import Value, named_tuple
+from .libc import fallocate, fs_type, rename_exchange, rename_noreplace, syncfs
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -62,19 +63,24 @@ __all__ = [
     "delete_subvolume",
     "encoded_write",
     "enable_verity",
+    "fallocate",
     "fileattr_to_fsflags",
     "find_subvolumes_by_uuid",
+    "fs_type",
     "fs_uuid",
     "fsflags_to_fileattr",
     "get_fileattr",
     "get_fsflags",
     "is_btrfs",
+    "rename_exchange",
+    "rename_noreplace",
     "set_default_subvolume",
     "set_fsflags",
     "set_readonly",
     "set_received",
     "subvol_info",
     "subvol_path",
+    "syncfs",
     "wait_subvolumes_gone",
 ]
 
@@ -193,8 +199,6 @@ def _vol_args(name: bytes, fd: int = 0) -> bytearray:
 
 def is_btrfs(fd: int) -> bool:
     """True when ``fd`` lives on a btrfs filesystem."""
-    from .libc import fs_type  # (not at import: a send from a record has no use for libc)
-
     return fs_type(fd) == BTRFS_SUPER_MAGIC
 
 

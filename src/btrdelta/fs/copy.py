@@ -22,8 +22,8 @@ import stat
 
 from .. import TYPE_CHECKING
 from ..errors import ApplyError
+from .btrfs import fallocate
 from .content import data_segments
-from .libc import fallocate
 from .remove import remove_tree
 
 if TYPE_CHECKING:

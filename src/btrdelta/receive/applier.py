@@ -32,7 +32,7 @@ from uuid import UUID
 
 from .. import TYPE_CHECKING, _native
 from ..errors import ApplyError, BtrdeltaError, MissingBaseError, StreamFormatError, warn
-from ..fs import btrfs, libc
+from ..fs import btrfs
 from ..fs.btrfs import fileattr_to_fsflags
 from ..fs.copy import copy_range, within_source, write_zeros
 from ..fs.sandbox import Sandbox, split_path
@@ -665,7 +665,7 @@ class Applier:
             return
         fd = self._write_fd(rec.path)
         try:
-            libc.fallocate(fd, rec.mode, rec.offset, rec.size)
+            btrfs.fallocate(fd, rec.mode, rec.offset, rec.size)
         except OSError as exc:
             if exc.errno != errno.EOPNOTSUPP:
                 raise

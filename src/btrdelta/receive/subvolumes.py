@@ -50,12 +50,12 @@ from ..fs.btrfs import (
     delete_subvolume,
     find_subvolumes_by_uuid,
     is_btrfs,
+    rename_noreplace,
     set_readonly,
     set_received,
     subvol_info,
 )
 from ..fs.copy import copy_tree
-from ..fs.libc import rename_noreplace
 from ..fs.remove import remove_tree
 from ..fs.sandbox import Sandbox, check_name
 

@@ -27,8 +27,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from ..fs.btrfs import clone_range
-from ..fs.libc import fallocate
+from ..fs.btrfs import clone_range, fallocate
 
 __all__ = ["build", "mutate"]
 

@@ -54,8 +54,7 @@ from .._pool import Started
 from .._value import Value
 from ..errors import BtrdeltaError, ProtocolError, StreamFormatError, TransportError, warn
 from ..fs.atomic import discard_written, link_written, pid_alive, write_atomic, write_unnamed
-from ..fs.btrfs import delete_subvolume, is_btrfs, subvol_info
-from ..fs.libc import syncfs
+from ..fs.btrfs import delete_subvolume, is_btrfs, subvol_info, syncfs
 from ..fs.remove import remove_tree
 from ..fs.sandbox import check_name
 from ..protocol import (

@@ -49,8 +49,7 @@ from .._pool import Started
 from .._value import Value
 from ..errors import BtrdeltaError
 from ..fs.atomic import pid_alive
-from ..fs.btrfs import subvol_info
-from ..fs.libc import syncfs
+from ..fs.btrfs import subvol_info, syncfs
 from ..protocol import (
     Accept,
     Checkpoint,
