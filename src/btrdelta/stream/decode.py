@@ -20,6 +20,7 @@ from collections.abc import Callable
 from .. import TYPE_CHECKING
 from .._value import field_names
 from ..errors import StreamFormatError, UnsupportedVersionError
+from .codec import _DATA, _NS, _TIMESPEC, _U16, _U32, _U64
 from .constants import (
     ATTR_KIND,
     COMMAND_SPECS,
@@ -40,14 +41,6 @@ if TYPE_CHECKING:
     from typing import Any
 
 __all__ = ["decode_payload", "decode_payload_fast", "decode_stream_header", "fast_decoder"]
-
-_U16 = struct.Struct("<H")
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
-_TIMESPEC = struct.Struct("<qI")
-_NS = 1_000_000_000
-_DATA = int(Attr.DATA)
-
 
 def decode_stream_header(buf: Any) -> int:
     """Validate a 17-byte stream header and return its version."""
