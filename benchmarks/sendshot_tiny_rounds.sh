@@ -5,14 +5,14 @@
 #
 #   benchmarks/sendshot_tiny_rounds.sh [TREE] [ROUNDS]
 #
-# TREE (default $BTRDELTA_BENCH_CACHE/realroot-new, the Debian root `benchmarks realroot`
-# builds) is copied into a subvolume of a new 10 GiB loop btrfs under $TMPDIR (or /var/tmp),
-# recorded once, then each round appends a line to etc/motd, touches usr/bin/ls and rewrites
-# one 4 KiB block of the largest file under usr/lib, takes a read-only snapshot and times
-# both sends (bash's $EPOCHREALTIME; no interpreter around either). Prints every round and
-# the medians. Root; cleans its mount and loop device on exit.
+# TREE (default $BTRDELTA_BENCH_CACHE/realroot-new, else benchmarks/.cache/realroot-new: the
+# Debian root `benchmarks realroot` builds, where benchmarks/trees.py caches it) is copied
+# into a subvolume of a new 10 GiB loop btrfs under $TMPDIR (or /var/tmp), recorded once,
+# then each round appends a line to etc/motd, touches usr/bin/ls and rewrites one 4 KiB
+# block of the largest file under usr/lib, takes a read-only snapshot and times both sends
+# (bash's $EPOCHREALTIME; no interpreter around either). Prints every round and the medians. Root; cleans its mount and loop device on exit.
 set -eu
-TREE=${1:-${BTRDELTA_BENCH_CACHE:-$HOME/.cache/btrdelta-bench}/realroot-new}
+TREE=${1:-${BTRDELTA_BENCH_CACHE:-$(dirname "$0")/.cache}/realroot-new}
 ROUNDS=${2:-12}
 BTRDELTA=${BTRDELTA:-$(dirname "$0")/../.venv/bin/btrdelta}
 [ -d "$TREE" ] || { echo "no tree $TREE (BTRDELTA_BENCH_REALROOT=1 .venv/bin/python -m benchmarks realroot builds it; or give a tree)" >&2; exit 2; }
