@@ -10,7 +10,8 @@
 # into a subvolume of a new 10 GiB loop btrfs under $TMPDIR (or /var/tmp), recorded once,
 # then each round appends a line to etc/motd, touches usr/bin/ls and rewrites one 4 KiB
 # block of the largest file under usr/lib, takes a read-only snapshot and times both sends
-# (bash's $EPOCHREALTIME; no interpreter around either). Prints every round and the medians. Root; cleans its mount and loop device on exit.
+# (bash's $EPOCHREALTIME; no interpreter around either). Prints every round and the medians.
+# Root; cleans its mount and loop device on exit.
 set -eu
 TREE=${1:-${BTRDELTA_BENCH_CACHE:-$(dirname "$0")/.cache}/realroot-new}
 ROUNDS=${2:-12}
