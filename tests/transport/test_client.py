@@ -223,3 +223,27 @@ def test_a_plain_http_fetch_imports_no_http_library_nor_ssl(tmp_path: Path) -> N
         out = subprocess.run([sys.executable, "-c", _CODE, server.url, f"{server.url}/hi"],
                              capture_output=True, text=True, check=True).stdout
     assert out.split() == []
+
+
+@pytest.mark.parametrize(("status", "early"), [(501, True), (201, False), (100, False)])
+def test_an_answer_before_the_whole_body_is_taken_only_as_a_refusal(
+        status: int, early: bool, tmp_path: Path) -> None:
+    """A server that answers a ``PUT`` before it read the body and closes: its refusal (a
+    4xx or 5xx) says why the body was not taken; a success, or nothing final, for a body it
+    never read is the broken connection's error, not a request that succeeded."""
+    def reply(sock: socket.socket, path: str, headers: dict[str, str]) -> None:
+        _send(sock, f"HTTP/1.1 {status} Whatever\nContent-Length: 0\n")
+        sock.close()  # (unread data: a reset)
+
+    body = tmp_path / "body"
+    body.write_bytes(bytes(64 << 20))  # (more than the sockets' buffers)
+    with HostileServer(reply).running() as server, Client() as client, \
+            body.open("rb") as content:
+        if early:
+            with client.stream("PUT", f"{server.url}/x", content=content) as resp:
+                assert resp.status_code == status
+        else:
+            with pytest.raises(RemoteProtocolError) as info, \
+                    client.stream("PUT", f"{server.url}/x", content=content):
+                pass
+            assert "\n" not in str(info.value)

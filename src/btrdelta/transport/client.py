@@ -457,11 +457,15 @@ class Client:
         """The answer a server sent before the whole request body and closed the connection
         (a 405, 413 or 501: why it took no upload; RFC 9112: a client sending a body watches
         for an error response), where it came in time:
-        it says more than the broken pipe. None: no answer came."""
+        it says more than the broken pipe. None: no answer came, or one that is not a
+        refusal (a success or a redirect for a body the server did not read all of is
+        not one: the broken pipe is what happened)."""
         try:
             resp = self._response(conn, method)
         except (HTTPError, _Stale):
             return None
+        if resp.status_code < 400:
+            return None  # (the caller closes the connection and gives its slot back)
         resp._keep = False  # (the connection is broken)
         return resp
 
