@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from btrdelta.cli import main
 from btrdelta.send.extents import EXTENT_MIN, parts_digests
 from btrdelta.send.live import Frozen
 from btrdelta.send.record import record_inodes, stamp_generations
@@ -76,6 +77,7 @@ def _round(live: Path, rng: random.Random, i: int) -> set[str]:
 @pytest.mark.parametrize("compaction", ["whole", "squash"])
 def test_rounds_carry_unchanged_rows_over(two_fs: tuple[Path, Path], tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str],
                                           compaction: str) -> None:
     """Rounds of sends against the newest record, each received by the kernel (tree-sum)
     and its record read back equal to a full scan's; the ninth compacts the chain: into a
@@ -137,6 +139,14 @@ def test_rounds_carry_unchanged_rows_over(two_fs: tuple[Path, Path], tmp_path: P
         assert res.recorded.head.version == (VERSION if whole else PATCH_WRITTEN), i
         assert res.recorded.head.base == (None if whole else first.digest
                                           if i == MAX_DEPTH + 1 else res.base.digest), i
+        if i == MAX_DEPTH + 1:  # (what `sendshot list` says of it: the record it patches)
+            assert main(["sendshot", "list", "--store", store.path]) == 0
+            out = capsys.readouterr().out
+            lines = [x for x in out.splitlines() if x.startswith(res.recorded.digest[:16])]
+            assert len(lines) == 1, out
+            line = lines[0]
+            assert line.endswith(f" <- {res.base.digest[:12]}" + (
+                "" if whole else f" (a patch of {first.digest[:12]})")), line
         sizes.append(res.recorded.size)
         assert read <= touched, (i, read - touched)
         assert not {v for v in visited if v.startswith("quiet")}, visited

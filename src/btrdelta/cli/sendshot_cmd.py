@@ -168,7 +168,9 @@ def _line(s: StoredSendshot) -> str:
     when = _when(s.created)
     held = f"  held by {','.join(s.held_by)}" if s.held_by else ""
     parent = f" <- {s.head.parent[:12]}" if s.head.parent else ""
-    parent += " (a patch of it)" if s.head.base else ""
+    if s.head.base:  # (a chain squashed: a patch of its whole record, sent against another)
+        parent += " (a patch of it)" if s.head.base == s.head.parent else \
+            f" (a patch of {s.head.base[:12]})"
     return (f"{s.digest[:16]}  {when}  {s.head.kind:7}  {os.fsdecode(s.head.source)}  "
             f"{s.head.stream_uuid}  {s.size} B{parent}{held}")
 
