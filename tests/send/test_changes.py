@@ -230,3 +230,28 @@ def test_reading_stops_when_the_walk_ends(tmp_path: Path, monkeypatch: pytest.Mo
         changes.find_changes(old, new)
     assert seen
     assert all(stop is not None and stop.is_set() for stop in seen)
+
+
+@pytest.mark.parametrize("how", ["changed_ranges", "files_equal", "shifted_clones"])
+def test_a_comparison_whose_second_file_is_gone_leaves_no_descriptor_open(
+        tmp_path: Path, how: str) -> None:
+    """A file deleted under a send of a live tree between its scan and its comparison: the
+    comparison's error, and the old file it opened first closed (oracle: /proc/self/fd;
+    ``changed_ranges`` left it open)."""
+    import os
+
+    from btrdelta.send import compare
+
+    old, gone = tmp_path / "old", tmp_path / "gone"
+    old.write_bytes(random.Random(3).randbytes(1 << 20))
+    size = old.stat().st_size
+    call = {"changed_ranges": lambda: compare.changed_ranges(bytes(old), bytes(gone), size,
+                                                             size),
+            "files_equal": lambda: compare.files_equal(bytes(old), bytes(gone), size),
+            "shifted_clones": lambda: compare.shifted_clones(
+                bytes(old), bytes(gone), size, size, [(0, size)])}[how]
+    before = sorted(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(FileNotFoundError):
+            call()
+    assert sorted(os.listdir("/proc/self/fd")) == before

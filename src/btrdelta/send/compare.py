@@ -9,6 +9,7 @@ the changed files it reads against an old tree on disk (a send with a parent sna
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 from collections.abc import Iterator
 
@@ -48,13 +49,7 @@ def files_equal(a: bytes, b: bytes, size: int) -> bool:
     both (two sparse files of 1 TiB compare in their data's time, not in minutes)."""
     if size == 0:
         return True
-    fa = open_file(a)
-    try:
-        fb = open_file(b)
-    except OSError:
-        os.close(fa)
-        raise
-    try:
+    with _both(a, b) as (fa, fb):
         for start, end in _regions(data_segments(fa, size), data_segments(fb, size), size):
             pos = start
             while pos < end:
@@ -63,6 +58,20 @@ def files_equal(a: bytes, b: bytes, size: int) -> bool:
                     return False
                 pos += len(x)
         return all(len(os.pread(f, 2, size - 1)) == 1 for f in (fa, fb))  # (both: size)
+
+
+@contextlib.contextmanager
+def _both(a: bytes, b: bytes) -> Iterator[tuple[int, int]]:
+    """Files ``a`` and ``b`` open for reading, closed after (``a`` too where ``b`` cannot be
+    opened: a file deleted under a send of a live tree)."""
+    fa = open_file(a)
+    try:
+        fb = open_file(b)
+    except BaseException:
+        os.close(fa)
+        raise
+    try:
+        yield fa, fb
     finally:
         os.close(fa)
         os.close(fb)
@@ -87,8 +96,7 @@ def changed_ranges(
         differ from the old content (block aligned, except at EOF), and ranges that are holes
         in the new file but data in the old one (to punch), both below ``new_size``.
     """
-    fo, fn = open_file(old_path), open_file(new_path)
-    try:
+    with _both(old_path, new_path) as (fo, fn):
         new_segs = data_segments(fn, new_size)
         old_segs = data_segments(fo, old_size)
         writes: list[tuple[int, int]] = []
@@ -117,9 +125,6 @@ def changed_ranges(
                             add(pos + b0, pos + b1)
                 pos += len(y)
         return writes, punched(new_segs, old_segs, old_size, new_size)
-    finally:
-        os.close(fo)
-        os.close(fn)
 
 
 def punched(new_segs: list[tuple[int, int]], old_segs: list[tuple[int, int]], old_size: int,
@@ -364,18 +369,9 @@ def shifted_clones(
     if old_size < min_len or sum(n for _o, n in writes) < min_len:
         return [], writes
     cdc = _cdc_for(max(old_size, new_size))
-    fo = open_file(old_path)
-    try:
-        fn = open_file(new_path)
-    except OSError:
-        os.close(fo)
-        raise
-    try:
+    with _both(old_path, new_path) as (fo, fn):
         runs = _shifted_runs(fo, fn, old_path, new_path, old_size,
                              _around(writes, new_size, 2 * cdc.max_size), writes, cdc)
-    finally:
-        os.close(fo)
-        os.close(fn)
     aligned = [
         (a, b, sh)
         for a0, b0, sh in runs
