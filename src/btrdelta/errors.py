@@ -15,6 +15,7 @@ CLI uses. ``str(err)`` is a single line naming what and where, e.g.
     │   └── UnsupportedVersionError exit 3
     ├── UnsafePathError           exit 4  '..', absolute, NUL, symlinked parent, outside DEST
     ├── MissingBaseError          exit 6  parent subvolume, delta base file, chunk not found
+    │   └── MissingParentError    exit 6  an incremental stream's parent subvolume (``uuid``)
     ├── ApplyError                exit 8  an OSError while applying, with op and path
     ├── TransportError            exit 7  HTTP / network failure (url, status)
     ├── ProtocolError             exit 9  sender/receiver negotiation
@@ -37,6 +38,7 @@ __all__ = [
     "BtrdeltaError",
     "ChecksumError",
     "MissingBaseError",
+    "MissingParentError",
     "MissingDependencyError",
     "ProtocolError",
     "SignatureError",
@@ -182,6 +184,16 @@ class MissingBaseError(BtrdeltaError):
 
     exit_code = 6
     meaning = "missing parent subvolume, delta base or chunk"
+
+
+class MissingParentError(MissingBaseError):
+    """The parent subvolume ``uuid`` of an incremental stream is not where a receive looks
+    (``where``)."""
+
+    def __init__(self, uuid: object, where: object, *, path: bytes | str | None = None) -> None:
+        super().__init__(f"cannot find parent subvolume {uuid} in {where}: this is an "
+                         "incremental stream; receive its parent there first", path=path)
+        self.uuid = str(uuid)
 
 
 class ApplyError(BtrdeltaError):

@@ -596,3 +596,23 @@ def test_an_output_on_a_read_only_filesystem_is_named(
     finally:
         subprocess.run(["umount", str(ro)], check=True)
     assert list(ro.iterdir()) == []
+
+
+def test_repo_add_of_an_incremental_stream_says_what_it_takes(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`repo add` of an incremental stream (session 29's trial: its parent not a release
+    there) named the repository's staging subvolume and said to receive the parent into
+    ``.btrdelta/trees``; it says what it is and what `repo add` takes, and adds nothing."""
+    _, stream, _ = _release(tmp_path)
+    repo = tmp_path / "www" / "app"
+    assert main(["repo", "init", "-q", str(repo)]) == 0
+    capsys.readouterr()
+    assert main(["repo", "add", str(repo), "2", str(stream)]) == 6
+    err = _err(capsys)
+    assert err.startswith(f"btrdelta repo add: error: {stream}: an incremental stream"), err
+    assert "a directory, a read-only snapshot or a full stream" in err, err
+    assert ".incoming" not in err, err
+    assert ".btrdelta" not in err, err
+    assert not [p.name for p in (repo / ".btrdelta" / "trees").iterdir()]
+    assert main(["repo", "ls", "--json", str(repo)]) == 0
+    assert json.loads(capsys.readouterr().out)["versions"] == []

@@ -42,7 +42,7 @@ from uuid import UUID
 from .. import TYPE_CHECKING
 from .._pool import StartedThread
 from .._value import Value
-from ..errors import ApplyError, BtrdeltaError, MissingBaseError, UnsafePathError
+from ..errors import ApplyError, BtrdeltaError, MissingParentError, UnsafePathError
 from ..fs.atomic import pid_alive
 from ..fs.btrfs import (
     create_snapshot,
@@ -73,12 +73,6 @@ __all__ = [
     "find_subvolume",
     "uses_btrfs",
 ]
-
-
-def missing_parent(uuid: object, where: object) -> str:
-    """What a receive says when the parent of an incremental stream is not there."""
-    return (f"cannot find parent subvolume {uuid} in {where}: this is an incremental "
-            "stream; receive its parent there first")
 
 
 #: the temporary names of subvolumes being received start with this (never found as parents)
@@ -367,7 +361,7 @@ def find_parent(dest: Path, snapshot: Snapshot, *, backend: str = "auto",
             one found here is added (see :class:`Subvolumes`).
 
     Raises:
-        MissingBaseError: no such subvolume below ``dest`` (``search_root``; on btrfs
+        MissingParentError: no such subvolume below ``dest`` (``search_root``; on btrfs
             without ``search_root``: nor elsewhere on its filesystem, as ``btrfs receive``
             looks; a subvolume below ``dest`` comes first).
     """
@@ -377,8 +371,7 @@ def find_parent(dest: Path, snapshot: Snapshot, *, backend: str = "auto",
     found = find_subvolume(dest, snapshot.clone_uuid, btrfs=uses_btrfs(dest, backend),
                            search_root=search_root, anywhere=True)
     if found is None:
-        raise MissingBaseError(missing_parent(snapshot.clone_uuid, search_root or dest),
-                               path=snapshot.path)
+        raise MissingParentError(snapshot.clone_uuid, search_root or dest, path=snapshot.path)
     if parents is not None:
         parents[snapshot.clone_uuid] = found
     return found
@@ -464,7 +457,7 @@ class Subvolumes:
             UnsafePathError: ``name`` is not one safe path component, or a name btrdelta
                 reserves (``.btrdelta-tmp-*``, the registry's).
             ApplyError: DEST already has ``name``.
-            MissingBaseError: no subvolume ``parent_uuid`` in DEST.
+            MissingParentError: no subvolume ``parent_uuid`` in DEST.
             OSError: creating, snapshotting or copying failed (nothing is left behind).
         """
         check_name(name, "subvolume name")
@@ -481,7 +474,7 @@ class Subvolumes:
             if parent is None:
                 parent = self.find(parent_uuid, anywhere=True)
                 if parent is None:
-                    raise MissingBaseError(missing_parent(parent_uuid, self.dest))
+                    raise MissingParentError(parent_uuid, self.dest)
                 if known is not None:
                     known[parent_uuid] = parent
         if not self.dry_run and not self._swept:

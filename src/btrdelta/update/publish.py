@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..chunk.chunker import ChunkerParams
-from ..errors import BtrdeltaError, ChecksumError, warn
+from ..errors import BtrdeltaError, ChecksumError, MissingBaseError, MissingParentError, warn
 from ..fs.atomic import write_atomic
 from ..fs.remove import remove_path
 from ..repo.canonical import parse_json
@@ -211,8 +211,13 @@ def _source_tree(repo: Repo, name: str, source: Path) -> tuple[Path, bool]:
         return source, False
     stage = f".incoming-{name}"
     _remove_tree(repo.trees / stage)
-    with open(source, "rb") as f:
-        receive_release(f, repo.trees, stage, source=str(source), delta=False)
+    try:
+        with open(source, "rb") as f:
+            receive_release(f, repo.trees, stage, source=str(source), delta=False)
+    except MissingParentError as exc:
+        raise MissingBaseError(f"an incremental stream (its parent {exc.uuid} is no release "
+                               "here): repo add takes a directory, a read-only snapshot or a "
+                               "full stream", source=str(source)) from None
     return repo.trees / stage, True
 
 
