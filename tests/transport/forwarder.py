@@ -30,8 +30,8 @@ def _head(sock: socket.socket) -> tuple[bytes, bytes]:
 def _pipe(src: socket.socket, dst: socket.socket, counted: list[int]) -> None:
     with contextlib.suppress(OSError):
         while data := src.recv(65536):
+            counted[0] += len(data)  # (first: the peer may have it and be done before)
             dst.sendall(data)
-            counted[0] += len(data)
     with contextlib.suppress(OSError):
         dst.shutdown(socket.SHUT_WR)
 
