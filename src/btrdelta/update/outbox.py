@@ -78,7 +78,11 @@ class Outbox:
 
     def data(self, offset: int, pieces: Sequence[Any]) -> None:
         """Send ``Data(offset, b"".join(pieces))`` (the pieces must not change later)."""
-        frame = self.io.conn.send_data(offset, pieces)
+        try:
+            frame = self.io.conn.send_data(offset, pieces)
+        except ProtocolError:
+            self._raise_theirs()
+            raise
         size = sum(len(p) for p in pieces)
         if self._thread is None:
             self._write_data(frame, size)
@@ -88,11 +92,27 @@ class Outbox:
     def checkpoint(self, cp: Checkpoint) -> None:
         """Send ``cp``; its ACK is awaited before the next segment's bytes are written
         (with a ``window``: before data would leave more than the window unacknowledged)."""
-        frame = self.io.conn.send(cp)
+        try:
+            frame = self.io.conn.send(cp)
+        except ProtocolError:
+            self._raise_theirs()
+            raise
         if self._thread is None:
             self._write_checkpoint(frame, cp)
             return
         self._put(("checkpoint", frame, cp), len(frame))
+
+    def _raise_theirs(self) -> None:
+        """Raise what the writing thread raised where the connection took no more of our
+        messages because that thread read the peer's end of the conversation (a REFUSE
+        among the ACKs: PeerRefused, not "DATA is not allowed now"). The thread sets its
+        error just after the connection saw the message: waited for, briefly."""
+        if self._thread is None:
+            return
+        with self._cond:
+            self._cond.wait_for(lambda: self._error is not None, timeout=10)
+            if self._error is not None:
+                raise self._error
 
     def finish(self) -> None:
         """Until everything is written and every CHECKPOINT acknowledged (the caller's
