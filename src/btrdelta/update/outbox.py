@@ -107,7 +107,7 @@ class Outbox:
         messages because that thread read the peer's end of the conversation (a REFUSE
         among the ACKs: PeerRefused, not "DATA is not allowed now"). The thread sets its
         error just after the connection saw the message: waited for, briefly."""
-        if self._thread is None:
+        if self._thread is None or self.io.conn.phase != "done":
             return
         with self._cond:
             self._cond.wait_for(lambda: self._error is not None, timeout=10)
