@@ -205,3 +205,60 @@ def test_a_silent_first_mirror_is_waited_for_once(
             s.close()
     assert len(held) == 1, (len(held), took)  # the next root's lookup only
     assert tree_sum(tmp_path / "dest" / "v1") == tree_sum(releases[0])
+
+
+def test_a_first_mirror_that_answers_every_path_with_a_page(
+    releases: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A first mirror that answers 200 with an HTML page for every path (a captive portal,
+    a host's 'soft 404'), the repository second: the update comes from the second mirror,
+    the first one named once. Before, the lookup of the next root (root/2.json, which the
+    repository lacks: its key never rotated) failed the update (exit 3, 'every mirror
+    failed: ... not valid JSON ...; REPO: ... No such file'), although the second mirror
+    serves every file; after a rotation (the next root is root/3.json) as well."""
+    import http.server
+    import threading
+
+    page = b"<html><body>Sign in to use this network</body></html>"
+
+    class Portal(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    root = _published(tmp_path, releases[:2])
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Portal)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        portal = f"http://127.0.0.1:{server.server_address[1]}/app"
+        dest = tmp_path / "dest"
+        capsys.readouterr()
+        args = ["update", portal, str(dest), "--mirror", str(root)]
+        assert main([*args, "--key", str(tmp_path / "root.pub"), "--to", "v1"]) == 0, \
+            capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert portal in err, err  # the broken mirror is said
+        assert tree_sum(dest / "v1") == tree_sum(releases[0])
+        # the key rotated: the device follows root/2.json and looks for root/3.json
+        new_key, new_pub = tmp_path / "new.pem", tmp_path / "new.pub"
+        trust.save_key_pair(trust.generate_key(), str(new_key), str(new_pub))
+        assert main(["repo", "sign", str(root), "--key", str(new_key), "--previous-key",
+                     str(tmp_path / "root.pem")]) == 0
+        capsys.readouterr()
+        assert main(args) == 0, capsys.readouterr().err
+        assert tree_sum(dest / "v2") == tree_sum(releases[1])
+        # an update that only a new key signed: the device trusts root 2 now
+        assert main(["update", portal, str(tmp_path / "dest2"), "--mirror", str(root),
+                     "--key", str(new_pub)]) == 0, capsys.readouterr().err
+        assert tree_sum(tmp_path / "dest2" / "v2") == tree_sum(releases[1])
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()

@@ -120,7 +120,18 @@ def _check(data: bytes, source: str, version: int, current: list[trust.PublicKey
 
 def _fetch_check(mirrors: Mirrors, path: str, version: int, current: list[trust.PublicKey],
                  advanced: bool, url: str) -> Root | None:
-    return _check(mirrors.get(url, path, _MAX_ROOT), path, version, current, advanced)
+    data = mirrors.get(url, path, _MAX_ROOT)
+    try:
+        open_document(data, path, [], CONTEXT_ROOT)
+    except SignatureError:
+        pass  # a signed document: checked below
+    except StreamFormatError as exc:
+        # no signed document at all (a captive portal's page, a host's page for a file it
+        # lacks): as a 404, the chain ends here unless another mirror has the document
+        # (the index must still verify with the keys of the chain so far)
+        raise TransportError(f"{path}: no root document ({exc.message})",
+                             url=f"{url}/{path}") from None
+    return _check(data, path, version, current, advanced)
 
 
 def current_root(mirrors: Mirrors, pinned: Sequence[trust.PublicKey],
