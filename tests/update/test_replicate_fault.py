@@ -8,6 +8,7 @@ partial transfer's directory."""
 from __future__ import annotations
 
 import gc
+import json
 import os
 import socket
 import threading
@@ -101,3 +102,59 @@ def test_a_receiver_failing_mid_stream_keeps_its_partial_only_when_the_fault_is_
         assert (res.resumed_from, res.sent) == (0, res.size), res
     assert tree_sum(dest / res.name) == tree_sum(src)
     assert not (dest / ".btrdelta-partial").exists()
+
+
+def test_a_partial_that_fails_the_same_way_each_resume_is_dropped_after_the_third(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug of this side's that a resume meets each time (here: the resumed conversation's
+    first batch) kept the partial transfer for ever, every run resuming it and failing. The
+    third failure in a row at the same acknowledged offset drops it, says so to both sides,
+    and the next run starts again (and, the bug gone, commits the source's tree)."""
+    src, dest, store = tmp_path / "src", tmp_path / "dest", tmp_path / "store"
+    src.mkdir()
+    dest.mkdir()
+    for i in range(4):
+        (src / f"f{i}").write_bytes(os.urandom(8 * MIB))
+    batches = replica._Events.batches
+
+    def failing(self: Any) -> Iterator[Any]:
+        resumed = not self.first  # (a resumed stream starts after its SUBVOL)
+        for batch in batches(self):
+            if resumed or self.inbox.added > 20 * MIB:
+                raise RuntimeError("a bug of the resume")
+            yield batch
+
+    monkeypatch.setattr(replica._Events, "batches", failing)
+    warned: list[str] = []
+    monkeypatch.setattr(replica, "warn", warned.append)
+    partial = dest / ".btrdelta-partial"
+    offsets = []
+    for run in range(1, 4):
+        sent, served = _run(src, dest, store)
+        assert isinstance(sent, ReplicateResult), sent
+        assert sent.outcome == "refused", sent
+        assert (type(served), str(served)) == (RuntimeError, "a bug of the resume")
+        served = None
+        gc.collect()  # (see above: the record counter's mapping)
+        if run < 3:
+            assert sent.message.endswith(": a bug of the resume"), sent
+            assert not warned
+            meta = json.loads((partial / "meta.json").read_bytes())
+            assert meta["offset"] > 12 * MIB, meta
+            assert meta["failed"] == [meta["offset"], run], meta
+            offsets.append(meta["offset"])
+        else:
+            assert "failed 3 times in a row at the same point" in sent.message, sent
+            assert "dropped, the next run starts again" in sent.message, sent
+            assert len(warned) == 1, warned
+            assert "a bug of the resume (failed 3 times" in warned[0], warned
+            assert not partial.exists()
+            assert not [n for n in os.listdir(dest) if n.startswith(".btrdelta-tmp-")]
+    assert offsets[0] == offsets[1]
+    monkeypatch.undo()
+    res, served = _run(src, dest, store)
+    assert isinstance(res, ReplicateResult), res
+    assert res.outcome == "committed", res
+    assert (res.resumed_from, res.sent) == (0, res.size), res
+    assert tree_sum(dest / res.name) == tree_sum(src)
+    assert not partial.exists()

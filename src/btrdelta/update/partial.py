@@ -46,8 +46,8 @@ if TYPE_CHECKING:
     from ..protocol import Ack
     from .channels import MessageIO
 
-__all__ = ["META", "META_VERSION", "PARTIAL_DIR", "PROGRESS", "AckWriter", "Damaged",
-           "PartialTransfer", "boot_id", "peers_fault"]
+__all__ = ["META", "META_VERSION", "OWN_FAILURES", "PARTIAL_DIR", "PROGRESS", "AckWriter",
+           "Damaged", "PartialTransfer", "boot_id", "peers_fault"]
 
 PARTIAL_DIR = ".btrdelta-partial"
 META_VERSION = 2
@@ -60,6 +60,10 @@ META = "meta.json"
 #: reads once a segment was acknowledged (``offset`` > 0)
 _META_FIELDS: dict[str, type] = {"session": str, "offset": int, "segments": int, "chain": str}
 _META_RESUME: dict[str, type] = {"records": int, "stream_version": int, "tmp": str}
+#: failures of this side's (:func:`peers_fault` False) at one acknowledged offset after
+#: which the partial transfer is dropped, not kept for another resume: a stream that meets a
+#: receiver's bug each time (or a bug of the resume) would be resumed, and fail, forever
+OWN_FAILURES = 3
 #: the temporary subvolume of a partial transfer (12 hex of its UUID)
 _PARTIAL_TMP = re.compile(r"\.btrdelta-tmp-[0-9a-f]{12}-partial")
 
@@ -168,6 +172,32 @@ class PartialTransfer:
                      durable=synced or durable)
         if synced:  # (``progress`` counts what it did; the next receiver maps a new one)
             self._forget_counter()
+
+    def own_failure(self, exc: BaseException) -> int:
+        """Count ``exc``, a failure of this side's, in ``meta.json`` (``failed``: the
+        acknowledged offset and the failures there in a row; a segment acknowledged since
+        starts again at 1): returns the count. 0: not counted, a failure of the machine
+        (:data:`_LOCAL_ERRNOS`: a full disk is made room on, not started again) or no meta
+        to count in (none, damaged, or it cannot be written: the disk is full)."""
+        if _local(exc):
+            return 0
+        try:
+            doc = self.load()
+        except Damaged:
+            return 0
+        if doc is None:
+            return 0
+        last = doc.get("failed")
+        count = 1
+        if isinstance(last, list) and len(last) == 2 and last[0] == doc["offset"] and \
+                isinstance(last[1], int):
+            count = last[1] + 1
+        doc["failed"] = [doc["offset"], count]
+        try:
+            self.save(doc)  # (this boot's: Replica._keep writes it out, then says so)
+        except OSError:
+            return 0
+        return count
 
     def _forget_counter(self) -> None:
         counter = self.counter()
@@ -292,6 +322,17 @@ class AckWriter:
 #: failures of this machine, not of the stream, where applying a record meets them
 _LOCAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ENOMEM,
                            errno.EMFILE, errno.ENFILE})
+
+
+def _local(exc: BaseException) -> bool:
+    """Whether ``exc`` or one of its causes is an :class:`OSError` of
+    :data:`_LOCAL_ERRNOS`."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in _LOCAL_ERRNOS:
+            return True
+        cause = cause.__cause__
+    return False
 
 
 def peers_fault(exc: BaseException) -> bool:

@@ -32,7 +32,8 @@ the progress file counts (the one after them is looked at: see
 :func:`~btrdelta.receive.resume.already_applied`). A peer that lies (bad CRC or digest,
 unknown or misplaced messages, a stream for another base) gets a typed REFUSE, the partial
 transfer is dropped and nothing is applied; a failure of this side's (a full disk, a bug:
-:func:`~.partial.peers_fault`) keeps it, as a cut does, the peer told why.
+:func:`~.partial.peers_fault`) keeps it, as a cut does, the peer told why (but not the
+:data:`~.partial.OWN_FAILURES`-th in a row at one point: that drops it).
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ from .inbox import Inbox, chain_next
 from .partial import (
     META,
     META_VERSION,
+    OWN_FAILURES,
     PARTIAL_DIR,
     PROGRESS,
     AckWriter,
@@ -491,10 +493,10 @@ class Replica:
         except Exception as exc:  # (a damaged state file, a bug: the peer hears it, raised)
             if acks is not None:
                 acks.drain(check=False)  # (nothing else writes while it does)
-            kept = inbox is not None and not peers_fault(exc)  # (for a resume, as a cut)
+            kept, note = self._kept(partial, exc) if inbox is not None else (False, "")
             if inbox is not None and not kept:
                 partial.drop()
-            self._refuse(io, exc)
+            self._refuse(io, exc, note)
             if not isinstance(exc, ProtocolError | OSError):
                 raise
             return ServeResult("failed", str(exc))
@@ -513,12 +515,28 @@ class Replica:
             if lock is not None:
                 os.close(lock)
 
+    def _kept(self, partial: PartialTransfer, exc: Exception) -> tuple[bool, str]:
+        """Whether a conversation's partial transfer is kept for a resume, as a cut's, after
+        it failed with ``exc``: a failure of this side's (not :func:`~.partial.peers_fault`)
+        but the :data:`~.partial.OWN_FAILURES`-th in a row at one point (resumed and failed
+        there each time: a bug it meets); and what to add to the peer's REFUSE (and warn
+        here) when it is that one, else ""."""
+        if peers_fault(exc):
+            return False, ""
+        n = partial.own_failure(exc)
+        if n < OWN_FAILURES:
+            return True, ""
+        note = (f" (failed {n} times in a row at the same point of this transfer: its "
+                f"partial transfer is dropped, the next run starts again)")
+        self.warn(f"{self.dest}: {str(exc) or type(exc).__name__}{note}")
+        return False, note
+
     @staticmethod
-    def _refuse(io: MessageIO, exc: Exception) -> None:
+    def _refuse(io: MessageIO, exc: Exception, note: str = "") -> None:
         """Tell the peer why the conversation failed (if it still listens)."""
         with contextlib.suppress(BtrdeltaError):
             io.send_raw(Refuse("protocol" if isinstance(exc, ProtocolError) else "failed",
-                               str(exc)[:2000] or type(exc).__name__))
+                               (str(exc)[:2000] or type(exc).__name__) + note))
 
     def _lock(self) -> tuple[int | None, str]:
         """Lock DEST for one conversation (two would share its partial transfer): the lock
