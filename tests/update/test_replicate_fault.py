@@ -59,6 +59,16 @@ def _run(src: Path, dest: Path, store: Path) -> tuple[ReplicateResult | BaseExce
     return sent, served[0]
 
 
+def _dirs(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """The source (32 MiB in four files), an empty DEST, the sender's store."""
+    src, dest, store = tmp_path / "src", tmp_path / "dest", tmp_path / "store"
+    src.mkdir()
+    dest.mkdir()
+    for i in range(4):
+        (src / f"f{i}").write_bytes(os.urandom(8 * MIB))
+    return src, dest, store
+
+
 @pytest.mark.parametrize(("fault", "text", "kept"), [
     (RuntimeError, "a bug of the receiver", True),
     (ProtocolError, "a second subvolume in the stream", False),  # (a lying peer's)
@@ -66,11 +76,7 @@ def _run(src: Path, dest: Path, store: Path) -> tuple[ReplicateResult | BaseExce
 def test_a_receiver_failing_mid_stream_keeps_its_partial_only_when_the_fault_is_its_own(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: type[Exception], text: str,
         kept: bool) -> None:
-    src, dest, store = tmp_path / "src", tmp_path / "dest", tmp_path / "store"
-    src.mkdir()
-    dest.mkdir()
-    for i in range(4):
-        (src / f"f{i}").write_bytes(os.urandom(8 * MIB))
+    src, dest, store = _dirs(tmp_path)
     batches = replica._Events.batches
 
     def failing(self: Any) -> Iterator[Any]:
@@ -110,11 +116,7 @@ def test_a_partial_that_fails_the_same_way_each_resume_is_dropped_after_the_thir
     first batch) kept the partial transfer for ever, every run resuming it and failing. The
     third failure in a row at the same acknowledged offset drops it, says so to both sides,
     and the next run starts again (and, the bug gone, commits the source's tree)."""
-    src, dest, store = tmp_path / "src", tmp_path / "dest", tmp_path / "store"
-    src.mkdir()
-    dest.mkdir()
-    for i in range(4):
-        (src / f"f{i}").write_bytes(os.urandom(8 * MIB))
+    src, dest, store = _dirs(tmp_path)
     batches = replica._Events.batches
 
     def failing(self: Any) -> Iterator[Any]:
