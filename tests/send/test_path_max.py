@@ -44,6 +44,23 @@ def _deep(top: Path, levels: int) -> Path:
     return Path(*[_NAME] * levels)
 
 
+def _move_deeper(vol: Path, bottom: Path) -> None:
+    """x's subtree (``bottom``: 19 levels) moved under y's bottom (6 levels: 25 in all), its
+    file written there."""
+    deep_y = "/".join([_NAME] * 6)
+    fd = os.open(vol, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.rename(f"x/{_NAME}", f"y/{deep_y}/sub", src_dir_fd=fd, dst_dir_fd=fd)
+        for part in ["y", *[_NAME] * 6, "sub", *bottom.parts[1:]]:
+            nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        with open(os.open("file", os.O_WRONLY | os.O_APPEND, dir_fd=fd), "ab") as f:
+            f.write(b"deeper\n")
+    finally:
+        os.close(fd)
+
+
 def _our_send(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "btrdelta", "send", "-q", *map(str, args)],
                           capture_output=True, text=True, check=False)
@@ -87,18 +104,7 @@ def test_incremental_send_of_a_rename_past_path_max(btrfs_ws: Workspace,
     (vol / "y").mkdir()
     _deep(vol / "y", 6)
     run("btrfs", "-q", "subvolume", "snapshot", "-r", vol, top / "A")
-    deep_y = "/".join([_NAME] * 6)
-    fd = os.open(vol, os.O_RDONLY | os.O_DIRECTORY)
-    try:  # x's subtree moved under y's bottom (25 levels), its file written there
-        os.rename(f"x/{_NAME}", f"y/{deep_y}/sub", src_dir_fd=fd, dst_dir_fd=fd)
-        for part in ["y", *[_NAME] * 6, "sub", *bottom.parts[1:]]:
-            nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = nfd
-        with open(os.open("file", os.O_WRONLY | os.O_APPEND, dir_fd=fd), "ab") as f:
-            f.write(b"deeper\n")
-    finally:
-        os.close(fd)
+    _move_deeper(vol, bottom)
     run("btrfs", "-q", "subvolume", "snapshot", "-r", vol, top / "B")
     kernel = subprocess.run(["btrfs", "send", "-p", str(top / "A"), "-f", str(tmp_path / "k"),
                              str(top / "B")], capture_output=True, text=True, check=False)
@@ -107,3 +113,28 @@ def test_incremental_send_of_a_rename_past_path_max(btrfs_ws: Workspace,
     assert len(str(bottom)) < 4096
     _refused(_our_send("--parent", top / "A", top / "B", "-o", tmp_path / "ours"),
              tmp_path / "ours")
+
+
+def test_sendshot_send_of_a_write_past_path_max(btrfs_ws: Workspace, tmp_path: Path) -> None:
+    """--from-sendshot lists what changed instead of walking both trees: a write below a
+    directory moved past PATH_MAX is refused there alike (one line, no output file)."""
+    top = btrfs_ws.fresh("pathmax-shot")
+    vol = top / "vol"
+    run("btrfs", "-q", "subvolume", "create", vol)
+    (vol / "x").mkdir()
+    bottom = _deep(vol / "x", 19)
+    (vol / "y").mkdir()
+    _deep(vol / "y", 6)
+    store = tmp_path / "store"
+    first = _our_send("--record", "--store", store, vol, "-o", tmp_path / "first")
+    assert first.returncode == 0, first.stderr
+    _move_deeper(vol, bottom)
+    proc = _our_send("--from-sendshot", "latest", "--store", store, "--name", "vol.2", vol,
+                     "-o", tmp_path / "ours")
+    assert proc.returncode not in (0, 2), proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("btrdelta send: error: "), lines[0]
+    assert re.search(r"\.\.\.\(\d{4} characters\)\.\.\.d{90,}/file: File name too long$",
+                     lines[0]), lines[0]
+    assert not (tmp_path / "ours").exists()

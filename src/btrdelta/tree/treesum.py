@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 import blake3
 
 from ..fs.content import NOT_COPIED_XATTRS, data_segments
+from ..fs.longpath import listdir_at, short_path
 from .content import Stopped, file_content_digest
 
 __all__ = ["FORMATS", "Entry", "EntryMaker", "Known", "Reuse", "diff_manifests",
@@ -127,6 +128,11 @@ def _show(b: bytes) -> str:
 
 
 def _xattrs(path: bytes, exclude: frozenset[bytes]) -> tuple[tuple[bytes, bytes], ...]:
+    with short_path(path) as short:
+        return _xattrs_of(short, exclude)
+
+
+def _xattrs_of(path: bytes, exclude: frozenset[bytes]) -> tuple[tuple[bytes, bytes], ...]:
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError as exc:
@@ -159,7 +165,8 @@ def _file_digest(
     zeros; 3: :func:`.content.file_content_digest`) and, if asked, the data extents;
     ``stop`` set ends it within 1 MiB (:class:`_Stopped`): a file of terabytes, sparse or
     not, would else keep an interrupted command alive until it is hashed."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with short_path(path) as short:
+        fd = os.open(short, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         if version == 3:
             digest = file_content_digest(fd, size, stop, path).hex()
@@ -228,6 +235,11 @@ def _kind(mode: int) -> str:
     }.get(fmt, "?")
 
 
+def _readlink(path: bytes) -> bytes:
+    with short_path(path) as short:
+        return os.readlink(short)
+
+
 def _walk(root: bytes) -> Iterator[tuple[bytes, bytes, os.stat_result]]:
     """(relative path, absolute path, lstat) in sorted depth-first order. A symlink given
     as ``root`` is followed (as ``find -H`` and ``du`` do for their argument, and ``send``
@@ -241,20 +253,25 @@ def _walk(root: bytes) -> Iterator[tuple[bytes, bytes, os.stat_result]]:
     stack: list[tuple[bytes, bytes]] = [(b"", root)]
     while stack:
         rel, absdir = stack.pop()
-        with os.scandir(absdir) as it:
-            names = sorted(e.name for e in it)
-        subdirs = []
-        for name in names:
-            full = os.path.join(absdir, name)
-            est = os.lstat(full)
-            if est.st_dev != dev:
-                continue  # another subvolume / mount
-            if stat.S_ISDIR(est.st_mode) and est.st_ino == 2 and not os.listdir(full):
-                continue  # btrfs empty-subvolume stub in a snapshot
-            r = rel + b"/" + name if rel else name
-            yield r, full, est
-            if stat.S_ISDIR(est.st_mode):
-                subdirs.append((r, full))
+        with short_path(absdir) as short:  # (a path longer than PATH_MAX too)
+            dfd = os.open(short, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            names = sorted(map(os.fsencode, os.listdir(dfd)))
+            subdirs = []
+            for name in names:
+                full = absdir + b"/" + name
+                est = os.lstat(name, dir_fd=dfd)
+                if est.st_dev != dev:
+                    continue  # another subvolume / mount
+                if stat.S_ISDIR(est.st_mode) and est.st_ino == 2 and \
+                        not listdir_at(dfd, name):
+                    continue  # btrfs empty-subvolume stub in a snapshot
+                r = rel + b"/" + name if rel else name
+                yield r, full, est
+                if stat.S_ISDIR(est.st_mode):
+                    subdirs.append((r, full))
+        finally:
+            os.close(dfd)
         stack.extend(reversed(subdirs))
 
 
@@ -325,7 +342,7 @@ class EntryMaker:
             elif digest is None:
                 digest, layout = _file_digest(full, st.st_size, holes, None, self.version)
         elif kind == "l":
-            target = whole.target if whole is not None else os.readlink(full)
+            target = whole.target if whole is not None else _readlink(full)
         elif kind in "cb":
             rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
         if kind != "d":
