@@ -113,6 +113,30 @@ def crash_op(op: str, mnt: Path, k: int, **kwargs: Any) -> bool:
     return False
 
 
+def _at_child(op: str, mnt: str, at: str, kwargs: dict[str, Any]) -> None:
+    module, _, attr = at.partition(":")
+    owner: Any = importlib.import_module(module)
+    *outer, name = attr.split(".")
+    for o in outer:
+        owner = getattr(owner, o)
+
+    def kill(*args: Any, **kw: Any) -> Any:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    setattr(owner, name, kill)
+    module, _, fn = op.rpartition(".")
+    getattr(importlib.import_module(module), fn)(mnt, **kwargs)
+
+
+def crash_at(op: str, mnt: Path, at: str, **kwargs: Any) -> None:
+    """Run ``op`` as :func:`crash_op` does, killed when it calls ``at``
+    (``module:Class.method`` or ``module:function``): it must get there."""
+    proc = _CTX.Process(target=_at_child, args=(op, str(mnt), at, kwargs))
+    proc.start()
+    proc.join()
+    assert proc.exitcode == -signal.SIGKILL, f"{op} did not reach {at} ({proc.exitcode})"
+
+
 # a fork server started without threads: each crash is a fork of it, modules preloaded (a
 # fork of the test process could inherit locks held by its threads)
 _CTX = multiprocessing.get_context("forkserver")

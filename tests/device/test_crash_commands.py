@@ -8,6 +8,7 @@ rollback cut after its commit point does not go back a second time."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from btrdelta.device.layout import Layout
 from btrdelta.tree import tree_sum
 
 from .conftest import Release, btrdelta, copy_tree
-from .crash import crash_op
+from .crash import crash_at, crash_op
 
 pytestmark = pytest.mark.btrfs
 STATE = ["etc:/etc:overlay", "home:/home:bind"]
@@ -180,3 +181,55 @@ def test_kill_restore_at_every_step(btrfs_dev: Path, small_release: Release,
         k += 1
     assert k > 4
     assert tree_sum(home) == want
+
+
+def _work(meta: Path) -> list[str]:
+    """What .btrdelta holds beside its lasting files."""
+    return [e for e in os.listdir(meta) if e not in ("backups", "lock", "mounts", "state.json")]
+
+
+def test_backups_killed_before_their_index_leave_nothing_behind(
+        btrfs_dev: Path, small_release: Release, tmp_path: Path) -> None:
+    """A backup killed as it puts its file (its work directory on the device holding the
+    whole stream and its delta), then one killed after its file reached the destination,
+    before the index listing it was written (steps a power cut can stop at too): the next
+    backup leaves on the device no work directory (it stayed in .btrdelta for ever) and at
+    the destination no file the index does not list (``home.3.delta`` stayed for ever);
+    restore gives the backed-up trees (oracle: their tree-sums)."""
+    device.init(btrfs_dev, small_release.old, state=STATE)
+    home = btrfs_dev / "state/home"
+    copy_tree(small_release.new / "usr/lib/apt", home / "apt")
+    dest = tmp_path / "backups"
+    first = backup(btrfs_dev, "home", str(dest))["tree_sum"]
+    meta = btrfs_dev / ".btrdelta"
+    for k, at in enumerate(("_Store.put", "_Store.put_index")):
+        (home / "notes").write_text(f"changed after backup {k + 1}\n")
+        crash_at("btrdelta.device.backup.backup", btrfs_dev, f"btrdelta.device.backup:{at}",
+                 name="home", dest=str(dest))
+        work = _work(meta)
+        if at == "_Store.put":  # (what any next device command removes)
+            assert work == ["backup-work"], work
+            assert sorted(os.listdir(meta / "backup-work")) == ["delta", "stream"]
+        else:
+            assert work == [], work
+    assert sorted(os.listdir(dest)) == ["home.1.stream", "home.3.delta", "home.backups.json"]
+    out = tmp_path / "restored"
+    out.mkdir()
+    btrdelta("device", "restore", "--to-dir", out, "home", dest)  # (the index's: not 3)
+    assert [e for e in os.listdir(out) if e.startswith("home")] == ["home.1"]
+    assert tree_sum(out / "home.1") == first
+    (home / "notes").write_text("changed again\n")
+    want = tree_sum(home)
+    got = btrdelta("device", "backup", btrfs_dev, "home", dest)
+    assert "removed home.3.delta (not in the index: a backup cut short)" in got.stderr, \
+        got.stderr
+    index = json.loads((dest / "home.backups.json").read_text())
+    files = [e["file"] for e in index["backups"]]
+    assert files == ["home.1.stream", "home.4.delta"], files
+    assert sorted(os.listdir(dest)) == sorted([*files, "home.backups.json"])
+    assert sorted(os.listdir(meta / "backups/home")) == ["destinations.json", "home.4"]
+    assert _work(meta) == []
+    again = tmp_path / "again"
+    again.mkdir()
+    btrdelta("device", "restore", "--to-dir", again, "home", dest)
+    assert tree_sum(again / "home.4") == want

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..chunk.source import file_url_path
-from ..errors import StreamFormatError, TransportError, UsageError
+from ..errors import StreamFormatError, TransportError, UsageError, warn
 from ..fs import btrfs as sv
 from ..fs.atomic import atomic_output, write_atomic
 from ..receive import ReceivedSubvol
@@ -44,7 +44,7 @@ from .state import load_state
 if TYPE_CHECKING:
     from ..transport.client import Client
 
-__all__ = ["KEEP_DESTINATIONS", "RESTORED", "RESTORE_WORK", "backup", "restore",
+__all__ = ["BACKUP_WORK", "KEEP_DESTINATIONS", "RESTORED", "RESTORE_WORK", "backup", "restore",
            "restore_to_dir", "restored_in_use"]
 
 _FORMAT = "btrdelta-backups"
@@ -52,6 +52,9 @@ _FORMAT = "btrdelta-backups"
 #: (after the swap: the old one); recovery removes both when a restore was cut short
 RESTORE_WORK = "restore"
 RESTORED = ".restored-"
+#: a backup's work directory in ``.btrdelta/`` (its stream and delta before they are put):
+#: recovery removes it when a backup was cut short
+BACKUP_WORK = "backup-work"
 #: destinations (directories, URLs) whose last backup's snapshot stays on the device as the
 #: parent of their next incremental backup: the ones used last (an older one's next backup
 #: is whole); each kept snapshot holds the data changed since on the device
@@ -188,6 +191,25 @@ class _Store:
             raise StreamFormatError(f"invalid backup index: {exc}",
                                     source=f"{self.where}/{name}.backups.json") from exc
 
+    def drop_unlisted(self, name: str, entries: list[dict[str, Any]]) -> list[str]:
+        """Remove the backup files of ``name`` (``NAME.N.stream``, ``NAME.N.delta``) in a
+        directory that ``entries`` (its index) does not list: a backup cut short after its
+        file was put, before the index named it, left it. Returns their names. (Over HTTP
+        nothing is listed or removed.)"""
+        if self.http:
+            return []
+        listed = {e["file"] for e in entries}
+        dropped = []
+        for entry in sorted(os.listdir(self.where)):
+            head, _, kind = entry.rpartition(".")
+            stem, _, num = head.rpartition(".")
+            if stem == name and num.isdigit() and kind in ("stream", "delta") and \
+                    entry not in listed:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(Path(self.where) / entry)
+                    dropped.append(entry)
+        return dropped
+
     def put_index(self, name: str, entries: list[dict[str, Any]]) -> None:
         doc = {"format": _FORMAT, "version": 1, "name": name, "backups": entries}
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
@@ -272,6 +294,8 @@ def backup(fs: str | os.PathLike[str], name: str, dest: str, *,
             layout.delete(snap)
             raise
         store.put_index(name, [*entries, entry])
+        for dropped in store.drop_unlisted(name, [*entries, entry]):
+            warn(f"removed {dropped} (not in the index: a backup cut short)")
         keep = _remember(layout.backups / name, store.key, n)
         for k, old in local:  # only each destination's newest one is a next parent
             if k not in keep:
@@ -308,8 +332,11 @@ def _remember(base: Path, key: str, n: int) -> set[int]:
 
 def _send(layout: Layout, snap: Path, prev: tuple[int, Path] | None, store: _Store,
           name: str, n: int, kernel_send: Any, make_delta: Any) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(dir=layout.meta) as tmp:
-        stream = Path(tmp) / "stream"
+    tmp = layout.meta / BACKUP_WORK
+    shutil.rmtree(tmp, ignore_errors=True)  # (recover removed a cut backup's already)
+    tmp.mkdir(mode=0o700)
+    try:
+        stream = tmp / "stream"
         with open(stream, "wb") as f:
             kernel_send(f.write, snap, prev[1] if prev else None, version=2,
                         compressed=True)
@@ -317,7 +344,7 @@ def _send(layout: Layout, snap: Path, prev: tuple[int, Path] | None, store: _Sto
         if prev is None:
             file, out = f"{name}.{n}.stream", stream
         else:
-            file, out = f"{name}.{n}.delta", Path(tmp) / "delta"
+            file, out = f"{name}.{n}.delta", tmp / "delta"
             with open(stream, "rb") as src, open(out, "wb") as dst:
                 make_delta(src, prev[1], dst.write, source=str(snap))
         store.put(file, out)
@@ -326,6 +353,8 @@ def _send(layout: Layout, snap: Path, prev: tuple[int, Path] | None, store: _Sto
         return {"n": n, "file": file, "parent": prev[0] if prev else None, "uuid": str(uuid),
                 "tree_sum": tree_sum(snap), "bytes": out.stat().st_size,
                 "time": round(time.time(), 3)}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _end_with_root_times(stream: Path, snap: Path, version: int) -> None:

@@ -332,10 +332,12 @@ def _rolled_back(pending: dict[str, Any], trial: Trial | None, default: str | No
 
 
 def _restore_leftovers(layout: Layout) -> list[Path]:
-    """What a restore cut short leaves: its work directory, the swapped-out subvolume."""
-    from .backup import RESTORE_WORK, RESTORED, restored_in_use
+    """What a restore cut short leaves: its work directory, the swapped-out subvolume; and
+    a backup cut short: its work directory (the stream and delta not yet put)."""
+    from .backup import BACKUP_WORK, RESTORE_WORK, RESTORED, restored_in_use
 
-    out = [layout.meta / RESTORE_WORK] if os.path.lexists(layout.meta / RESTORE_WORK) else []
+    out = [layout.meta / w for w in (RESTORE_WORK, BACKUP_WORK)
+           if os.path.lexists(layout.meta / w)]
     if layout.state_dir.is_dir():  # (the old one the running system uses: until next boot)
         out += [layout.state_dir / e for e in sorted(os.listdir(layout.state_dir))
                 if e.startswith(RESTORED) and not restored_in_use(layout, e[len(RESTORED):])]
