@@ -213,3 +213,43 @@ def test_hidden_files_are_not_served(tmp_path: Path) -> None:
             assert (resp.status, resp.read()) == (200, b"{}")
         finally:
             c.close()
+
+
+def test_the_request_log_reaches_a_file_while_serving(tmp_path: Path) -> None:
+    """stderr into a file (not a terminal, no PYTHONUNBUFFERED): each request's line is in
+    the file while the server still runs, as a user tailing it expects (session 29 saw
+    lines late: each is written once its reply is sent, so right after a client read the
+    reply its line may still be on the way; none waits for a buffer to fill)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "f").write_bytes(b"hello")
+    log = tmp_path / "access.log"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "btrdelta", "serve",
+                                 str(tmp_path / "www"), "--port", "0"], stderr=out, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while "serving " not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        port = int(log.read_text().split("http://127.0.0.1:")[1].split("/")[0])
+        for n in range(1, 4):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/f", timeout=10) as resp:
+                assert resp.read() == b"hello"
+            deadline = time.monotonic() + 5
+            while log.read_text().count(" GET /f 200 5\n") < n and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert log.read_text().count(" GET /f 200 5\n") == n, log.read_text()
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
