@@ -616,3 +616,31 @@ def test_repo_add_of_an_incremental_stream_says_what_it_takes(
     assert not [p.name for p in (repo / ".btrdelta" / "trees").iterdir()]
     assert main(["repo", "ls", "--json", str(repo)]) == 0
     assert json.loads(capsys.readouterr().out)["versions"] == []
+
+
+def test_sendshot_prune_says_which_records_it_keeps_as_bases(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Sends of a btrfs subvolume record patch records, each on the one before; `prune
+    --keep 1` (or a --grid) keeps the newest with its chain of bases. Before, the line
+    said '4 records kept (0 held by a receiver's cursor)' and nothing of why: the grid
+    seemed not to work."""
+    with btrfs_loop(size="256M") as fs:
+        subprocess.run(["btrfs", "subvolume", "create", str(fs / "src")], check=True,
+                       capture_output=True)
+        store = tmp_path / "store"
+        for i in range(4):
+            (fs / "src" / "f").write_text(f"{i}\n" * (i + 1))
+            subprocess.run(["sync", "-f", str(fs / "src")], check=True)
+            assert main(["send", str(fs / "src"), "-o", os.devnull, "--record", "--name",
+                         f"src.{i}", "--store", str(store), "-q",
+                         *(["--from-sendshot", "latest"] if i else [])]) == 0
+        capsys.readouterr()
+        assert main(["sendshot", "list", "--store", str(store), "--json"]) == 0
+        records = json.loads(capsys.readouterr().out)
+        bases = {r["base"] for r in records} - {None}
+        assert len(records) == 4, records
+        assert len(bases) == 3, records  # one chain: 3 patch records
+        assert main(["sendshot", "prune", "--keep", "1", "--store", str(store), "-n"]) == 0
+        assert capsys.readouterr().out == (
+            "nothing to prune: 4 records kept (0 held by a receiver's cursor, 3 the base "
+            f"of a kept patch record); store {store}\n")

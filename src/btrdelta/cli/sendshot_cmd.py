@@ -245,9 +245,14 @@ def run(args: argparse.Namespace) -> int:
             if not gone and not stale:  # (silence read as "did it run?")
                 every = store.records_list()
                 held = sum(1 for s in every if s.held_by)
+                # a patch record's chain of bases stays with it: say so, or a --grid or
+                # --keep that keeps one record per interval seems not to have worked
+                bases = {s.head.base for s in every}
+                kept = sum(1 for s in every if s.digest in bases and not s.held_by)
                 print(f"nothing to prune: {len(every)} record"
                       f"{'' if len(every) == 1 else 's'} kept ({held} held by a receiver's "
-                      f"cursor); store {store.path}")
+                      f"cursor" + (f", {kept} the base of a kept patch record" if kept
+                                   else "") + f"); store {store.path}")
     elif args.sendshot_command == "forget":
         out = _forget(store, args)
     else:
