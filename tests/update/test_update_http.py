@@ -240,6 +240,11 @@ def test_a_first_mirror_that_answers_every_path_with_a_page(
         portal = f"http://127.0.0.1:{server.server_address[1]}/app"
         dest = tmp_path / "dest"
         capsys.readouterr()
+        # the portal alone: one line naming the file (exit 3, update --help), DEST not made
+        assert main(["update", portal, str(dest), "--key", str(tmp_path / "root.pub")]) == 3
+        assert capsys.readouterr().err == f"btrdelta update: error: {portal}/timestamp.json: " \
+            "not valid JSON: Expecting value: line 1 column 1 (char 0)\n"
+        assert not dest.exists()
         args = ["update", portal, str(dest), "--mirror", str(root)]
         assert main([*args, "--key", str(tmp_path / "root.pub"), "--to", "v1"]) == 0, \
             capsys.readouterr().err

@@ -24,9 +24,10 @@ examples:
 DEST holds versions as DEST/VERSION (btrfs subvolumes, or directories elsewhere). The root
 key given once is remembered in DEST/.btrdelta/root.pub (once the index verified with it:
 a wrong --key changes nothing). An interrupted update resumes.
-Exit codes: 2 a usage mistake (URL and DEST swapped, a URL without its scheme); 5 a
-signature, hash, expiry or rollback check failed; 6 --to names no version of the
-repository; 7 every mirror failed; 1 DEST/VERSION exists but is not that version.
+Exit codes: 2 a usage mistake (URL and DEST swapped, a URL without its scheme); 3 a file
+the mirrors served is not what it should be (not JSON: a portal's page); 5 a signature,
+hash, expiry or rollback check failed; 6 --to names no version of the repository; 7 every
+mirror failed; 1 DEST/VERSION exists but is not that version.
 """
 
 
