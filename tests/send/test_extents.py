@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from btrdelta._value import replace
 from btrdelta.fs.btrfs import EXTENT, clone_range, file_extents
-from btrdelta.send.extents import EXTENT_MIN, same_ranges
+from btrdelta.send.extents import CELL, EXTENT_MIN, bounded, is_cells, same_in_cells, same_ranges
 from btrdelta.send.scan import Node
 from btrdelta.send.sendshot import SendshotResult, send_with_sendshots
 from btrdelta.send.store import SendshotStore
@@ -59,6 +59,81 @@ def test_same_ranges_follow_extents_not_items() -> None:
     assert same_ranges(holed, b"", 4 * MIB) == [(MIB, 3 * MIB)]
     # only below the limit (the smaller of the two sizes)
     assert same_ranges(old, old, 5000) == [(0, 5000)]
+
+
+def _fragmented(n: int) -> bytes:
+    """``n`` items of one block each, every other one a piece of one large extent."""
+    return b"".join(_ext(k * 4096, 4096, (1 << 30) + k * 8192, gen=5 + k % 3) if k % 2 else
+                    _ext(k * 4096, 4096, 1 << 32, ext_off=k * 4096, disk=n * 4096)
+                    for k in range(n))
+
+
+def _within(inner: list[tuple[int, int]], outer: list[tuple[int, int]]) -> bool:
+    return all(any(a <= x and y <= b for a, b in outer) for x, y in inner)
+
+
+def test_items_past_the_bound_kept_as_cells() -> None:
+    """Items up to the bound are kept as they are; past it, at most bound / 50 cells that
+    cover the file, each a range starting at an item; a cell compares equal only where the
+    file's items map it the same way (every range said the same is one same_ranges says),
+    and exactly where nothing in it changed."""
+    items = _fragmented(1000)
+    size = 1000 * 4096 - 100
+    assert bounded(items, size, len(items)) == items
+    cells = bounded(items, size, 50 * 64)
+    assert cells is not None
+    assert is_cells(cells)
+    assert not is_cells(items)
+    got = list(EXTENT.iter_unpack(cells))
+    assert len(got) <= 64
+    assert {c[6] for c in got} == {CELL}
+    assert got[0][0] == 0
+    assert got[-1][0] + got[-1][1] == size
+    assert all(a[0] + a[1] == b[0] and b[0] % 4096 == 0 for a, b in pairwise(got))
+    assert all(c[2] for c in got)  # (never a hole to a reader that does not know cells)
+    assert same_in_cells(cells, items, size) == [(0, size)]
+    assert bounded(cells, size, 50 * 64) == cells  # (kept through a send that changes nothing)
+    assert bounded(cells, size, 50 * 10) is None  # (a bound below what a record kept)
+    assert bounded(items, size, 49) is None
+    # one block rewritten (a new extent), one split by a write in its middle: only their
+    # cells differ
+    k = 437
+    new = bytearray(items)
+    new[k * 50:(k + 1) * 50] = _ext(k * 4096, 4096, 9 << 30, gen=99)
+    same = same_in_cells(cells, bytes(new), size)
+    cell = next((a, a + n) for a, n, *_r in got if a <= k * 4096 < a + n)
+    assert same == [(0, cell[0]), (cell[1], size)]
+    assert _within(same, same_ranges(items, bytes(new), size))
+    # the file grown: the cells below the old size are compared; cut: those below the new
+    assert same_in_cells(cells, items + _ext(1000 * 4096, 4096, 7 << 30), size) == [(0, size)]
+    cut = same_in_cells(cells, items[:500 * 50], 500 * 4096)
+    assert cut
+    assert cut[0][0] == 0
+    assert cut[-1][1] <= 500 * 4096
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 299), st.integers(0, 3)), max_size=12),
+       st.integers(50, 50 * 40))
+def test_cells_said_the_same_read_the_same(edits: list[tuple[int, int]], most: int) -> None:
+    """Whatever changes (a new extent, a hole, the same extent at another place, another
+    generation), a cell said unchanged lies within what the exact items say reads the same."""
+    items = _fragmented(300)
+    size = 300 * 4096
+    cells = bounded(items, size, most)
+    assert cells is not None
+    assert len(cells) <= most
+    new = [items[i * 50:(i + 1) * 50] for i in range(300)]
+    for k, how in edits:
+        off, num, bytenr, disk, ext_off, gen, kind, comp = EXTENT.unpack(new[k])
+        new[k] = [_ext(off, num, 9 << 30, gen=99), _ext(off, num, 0),
+                  _ext(off, num, bytenr, gen, ext_off + 4096, kind, comp, disk),
+                  _ext(off, num, bytenr, gen + 1, ext_off, kind, comp, disk)][how]
+    after = b"".join(new)
+    same = same_in_cells(cells, after, size)
+    assert _within(same, same_ranges(items, after, size))
+    if not edits:
+        assert same == [(0, size)]
 
 
 def test_extents_recorded_only_for_large_cow_files(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -162,9 +237,10 @@ class _Rounds:
     """A live subvolume sent round after round against its latest record, each stream
     received by the kernel on its copy of the base and compared with the source."""
 
-    def __init__(self, snd: Path, rcv: Path, store: Path, stream: Path) -> None:
+    def __init__(self, snd: Path, rcv: Path, store: Path, stream: Path,
+                 extent_max: int | None = None) -> None:
         self.live, self.rcv, self.stream = snd / "live", rcv, stream
-        self.store = SendshotStore(store)
+        self.store = SendshotStore(store, extent_max)
         self.i = 0
 
     def send(self) -> SendshotResult:
@@ -328,6 +404,69 @@ def test_database_rewritten_in_pages_read_where_it_changed(two_fs: tuple[Path, P
         read = rounds.send().stats.bytes_read
         assert changed <= read <= 2 * changed, (r, items, read)
     assert items * 50 > 0.005 * db.stat().st_size  # (past the old limit)
+
+
+@pytest.mark.btrfs
+def test_file_fragmented_past_the_bound_read_by_cells(two_fs: tuple[Path, Path],
+                                                     tmp_path: Path) -> None:
+    """A file of ~3,000 extents of 4 KiB, its items over the record's bound (lowered to 64
+    items' worth): each record keeps at most 64 cells for it, and each send reads only the
+    cells where blocks were rewritten, a range was cloned in from another file (an extent
+    older than the record) or the file grew, not the file (sent whole before the bound
+    existed: its items 1.2 % of its size in every record). The kernel receives each stream
+    to the source (_Rounds)."""
+    snd, rcv = two_fs
+    run("mount", "-o", "remount,noatime", snd)
+    live = snd / "live"
+    run("btrfs", "subvolume", "create", live)
+    img, donor, page, n = live / "vm.img", live / "donor", 4096, 3072
+    img.write_bytes(b"")
+    _write(img, 0, os.urandom(n * page))  # (written back: one extent)
+    donor.write_bytes(os.urandom(64 * page))
+    fd = os.open(img, os.O_WRONLY)
+    try:
+        for k in range(1, n, 2):  # every other block its own extent, the rest split
+            os.pwrite(fd, os.urandom(page), k * page)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert len(_items(img)) > 2900
+    most = 64 * EXTENT.size
+    rounds = _Rounds(snd, rcv, tmp_path / "store", tmp_path / "s", most)
+
+    def cells(res: SendshotResult) -> list[tuple[int, int]]:
+        """The cells the record ``res`` made keeps for the image (its chain's view)."""
+        assert res.recorded is not None
+        row = next(r for r in rounds.store.view(res.recorded).rows()
+                   if r.ino == img.stat().st_ino)
+        assert row.extents is not None, rounds.i
+        assert is_cells(row.extents), rounds.i
+        assert len(row.extents) <= most
+        return [(a, a + num) for a, num, *_r in EXTENT.iter_unpack(row.extents)]
+
+    res = rounds.send()
+    for r in range(4):
+        before = cells(res)
+        size = img.stat().st_size
+        pages = [(97 + 613 * j + 211 * r) % n for j in range(5)]
+        for p in pages:
+            _write(img, p * page, os.urandom(page))
+        touched = [p * page for p in pages]
+        if r == 1:  # an older extent cloned over a range
+            _clone(donor, 0, img, 40 * page, 16 * page)
+            touched += [(40 + k) * page for k in range(16)]
+        if r == 2:  # grown
+            _write(img, size, os.urandom(3 * page))
+        hit = {c for c in before for t in touched if c[0] <= t < c[1]}
+        if r == 2:
+            hit.add(before[-1])
+        changed = len(touched) * page
+        res = rounds.send()
+        read = res.stats.bytes_read
+        most_read = sum(b - a for a, b in hit) + 2 * changed + (3 * page if r == 2 else 0)
+        assert changed <= read <= most_read, (r, read, most_read)
+        assert read < size // 4, (r, read)
+    cells(res)
 
 
 @pytest.mark.btrfs

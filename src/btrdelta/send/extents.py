@@ -8,7 +8,9 @@ ones and reads and hashes only the 4 KiB blocks that are not proven unchanged; t
 blocks keep the record's digests. Why a range mapped by the same extent in the same way
 holds the same bytes (and which cases are never trusted: ``NOCOW`` files, inline data,
 encrypted or otherwise encoded extents, files below the size) is argued in
-``docs/formats/sendshot.md`` §3a.
+``docs/formats/sendshot.md`` §3a. A file whose items take more than :data:`EXTENT_MAX`
+bytes is recorded as *cells* (:func:`bounded`): ranges with a digest of the extents they
+map, compared by :func:`same_in_cells` (a changed cell is read whole).
 
 A file hashed in parts has no whole-content digests (they would need every byte): its
 DIGESTS are the *parts digests* (:func:`parts_digests`), a function of its size, data
@@ -40,8 +42,9 @@ if TYPE_CHECKING:
 
     from .scan import Node
 
-__all__ = ["EXTENT_MIN", "NOCOW", "SEARCH_MIN", "Planned", "extents_of",
-           "first_blocks", "from_sweep", "hash_changed", "parts_digests", "plan_changed"]
+__all__ = ["CELL", "EXTENT_MAX", "EXTENT_MIN", "NOCOW", "SEARCH_MIN", "Planned", "bounded",
+           "extents_of", "first_blocks", "from_sweep", "hash_changed", "is_cells",
+           "parts_digests", "plan_changed", "same_in_cells"]
 
 #: smallest file whose extent items a record keeps (smaller files are read whole: a few
 #: blocks). Since session 16 16 KiB (was 1 MiB): the changed files of the sendshot
@@ -54,6 +57,15 @@ EXTENT_MIN = 16 << 10
 #: stamps its inodes (:func:`from_sweep`: every item of the snapshot in a few searches),
 #: which a search a file would have cost ~18 ms of CPU for Debian's ``/usr``
 SEARCH_MIN = 1 << 20
+#: the most bytes of extent items a record keeps for one file (a store's ``extent_max``):
+#: 4 MiB, ~84,000 items, every item of a file of up to ~330 MiB however fragmented. A file
+#: with more is recorded as at most as many *cells* (:func:`bounded`): a 100 GiB image in 4
+#: KiB extents takes 4 MiB of the record, not 1.3 GB, and a change of one block reads the
+#: ~1.2 MiB of its cell, not the file
+EXTENT_MAX = 4 << 20
+#: the type byte of a *cell* in place of an extent item's (1 regular, 2 prealloc): a range of
+#: the file and a digest of the extents it maps (:func:`bounded`)
+CELL = 0x80
 #: ``BTRFS_INODE_NODATACOW`` in FILEATTR encoding: written in place, items unchanged
 NOCOW = 0x2
 _BLOCK = 4096
@@ -62,6 +74,12 @@ _PIECE = 1 << 20
 _PARTS = b"btrdelta-parts\0"
 _U64 = struct.Struct("<Q")
 _PAIR = struct.Struct("<QQ")
+#: a cell's digest input, each data range in it: start, end, then the key :func:`_spans`
+#: gives (disk bytenr, disk length, generation, type, compression, where the extent starts in
+#: the file: negative for a clone that put the extent's middle at the file's start)
+_CELLSPAN = struct.Struct("<QQQQQBBq")
+_CELLSUM = struct.Struct("<QQQQ")
+_CELLS = b"btrdelta-cells\0"
 
 #: each thread's buffer for :func:`~btrdelta.fs.btrfs.file_extents` (one made per file: 64
 #: KiB zeroed, ~5 M of the ~210 M instructions of an in-place round's 70 changed files)
@@ -120,6 +138,98 @@ def _spans(items: bytes, limit: int) -> list[_Span]:
         end = min(off + num, limit)
         key = None if bytenr == 0 else (bytenr, disk, gen, kind, comp, off - ext_off)
         out.append((off, end, key))
+    return out
+
+
+def _runs(items: bytes, limit: int) -> list[_Span]:
+    """The data ranges of extent ``items`` below ``limit`` as maximal runs of one key (the
+    same extent, at the same place): how the file reads, one way only (holes left out)."""
+    out: list[_Span] = []
+    for start, end, key in _spans(items, limit):
+        if key is None:
+            continue
+        if out and out[-1][1] == start and out[-1][2] == key:
+            out[-1] = (out[-1][0], end, key)
+        else:
+            out.append((start, end, key))
+    return out
+
+
+def _cell_sums(runs: list[_Span], cells: list[tuple[int, int]]) -> list[tuple[int, ...]]:
+    """Each cell's digest (4 u64: BLAKE3-256 of ``"btrdelta-cells\0"`` and its data ranges,
+    clipped to it, with their keys; the lowest bit of the first set, so that no cell reads
+    as a hole to a reader that does not know cells): ``cells`` (start, end) in order."""
+    out: list[tuple[int, ...]] = []
+    j = 0
+    for a, b in cells:
+        while j < len(runs) and runs[j][1] <= a:
+            j += 1
+        parts = [_CELLS]
+        k = j
+        while k < len(runs) and runs[k][0] < b:
+            start, end, key = runs[k]
+            assert key is not None
+            parts.append(_CELLSPAN.pack(max(start, a), min(end, b), *key))
+            k += 1
+        d = _CELLSUM.unpack(blake3.blake3(b"".join(parts)).digest())
+        out.append((d[0] | 1, *d[1:]))
+    return out
+
+
+def is_cells(items: bytes | None) -> bool:
+    """Whether recorded ``items`` are cells (:func:`bounded`), not extent items."""
+    return bool(items) and items[EXTENT.size - 2] == CELL  # type: ignore[index]
+
+
+def bounded(items: bytes | None, size: int, most: int | None = None) -> bytes | None:
+    """The extent ``items`` of a file of ``size`` bytes as a record keeps them: themselves
+    when they take at most ``most`` bytes; else at most ``most // 50`` *cells*, each a range
+    of the file that starts at an item and holds the same number of items (the last: up to
+    the size), with a digest of the data ranges it maps and their extents (packed as
+    :data:`~btrdelta.fs.btrfs.EXTENT`: the range's start and length, the digest in place of
+    disk bytenr, disk length, offset and generation, type :data:`CELL`). A send against the
+    record proves a cell unchanged when the file's items now give it the same digest
+    (:func:`same_in_cells`) and reads only the changed cells. Cells over ``most`` (a record
+    made with a larger bound), or a bound below one cell: None (not recorded). ``most``
+    None: :data:`EXTENT_MAX`."""
+    most = EXTENT_MAX if most is None else most
+    if items is None or len(items) <= most:
+        return items
+    cap = most // EXTENT.size
+    if is_cells(items) or cap < 1 or size <= 0:
+        return None
+    n = len(items) // EXTENT.size
+    per = -(-n // cap)
+    starts = [0]
+    for i in range(per, n, per):
+        off = _U64.unpack_from(items, i * EXTENT.size)[0]
+        if starts[-1] < off < size:
+            starts.append(off)
+    cells = list(zip(starts, [*starts[1:], size], strict=True))
+    sums = _cell_sums(_runs(items, size), cells)
+    return b"".join(EXTENT.pack(a, b - a, *d, CELL, 0) for (a, b), d in zip(cells, sums,
+                                                                             strict=True))
+
+
+def same_in_cells(cells: bytes, new: bytes, limit: int) -> list[tuple[int, int]]:
+    """As :func:`same_ranges`, against a record's ``cells`` (:func:`bounded`): the cells below
+    ``limit`` whose digest the file's extent items ``new`` give again, merged, in order."""
+    spans: list[tuple[int, int]] = []
+    want: list[tuple[int, ...]] = []
+    for off, num, d0, d1, d2, d3, _kind, _comp in EXTENT.iter_unpack(cells):
+        if off + num > limit:
+            break
+        spans.append((off, off + num))
+        want.append((d0, d1, d2, d3))
+    got = _cell_sums(_runs(new, limit), spans)
+    out: list[tuple[int, int]] = []
+    for (a, b), w, g in zip(spans, want, got, strict=True):
+        if w != g:
+            continue
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
     return out
 
 
@@ -328,7 +438,9 @@ def _plan(fd: int, node: Node, old: RecordInode, item_max: int = 0
     if new_ext is None:
         return None
     size = node.size
-    same = same_ranges(old.extents or b"", new_ext, min(size, old.size))
+    recorded = old.extents or b""
+    same = (same_in_cells if is_cells(recorded) else same_ranges)(
+        recorded, new_ext, min(size, old.size))
     if not same:
         return None
     segs = block_segments(data_segments(fd, size), size)

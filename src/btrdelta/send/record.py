@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from ..errors import StreamFormatError
 from ..fs.btrfs import changed_inodes
 from ..tree.sendshot import RecordInode, SendshotHead
-from .extents import first_blocks, from_sweep
+from .extents import bounded, first_blocks, from_sweep
 from .scan import BLOCK, ROOT, Node, Tree
 
 __all__ = ["BlockIndex", "Diff", "block_diff", "node_of", "record_inode", "record_inodes",
@@ -104,25 +104,28 @@ def _set_paths(tree: Tree) -> None:
             done.add(c)
 
 
-def record_inode(n: Node, dentries: list[tuple[int, bytes]]) -> RecordInode:
+def record_inode(n: Node, dentries: list[tuple[int, bytes]], extent_max: int | None = None
+                 ) -> RecordInode:
     """Node ``n`` (hashed in record mode) as a record stores it, named by ``dentries``
-    (directory inode number, name)."""
+    (directory inode number, name); a file's extent items over ``extent_max`` bytes as cells
+    (:func:`~.extents.bounded`)."""
     if n.is_reg:
         return RecordInode(n.st_ino, n.mode, n.uid, n.gid, n.size, n.atime_ns, n.mtime_ns,
                            n.ctime_ns, dentries, n.generation, n.transid, n.rdev, n.flags,
                            n.target, n.xattrs or None, n.segments, n.digest, n.bdigest,
-                           n.blocks, n.extents, n.sequence)
+                           n.blocks, bounded(n.extents, n.size, extent_max), n.sequence)
     return RecordInode(n.st_ino, n.mode, n.uid, n.gid, 0, n.atime_ns, n.mtime_ns,
                        n.ctime_ns, dentries, n.generation, n.transid, n.rdev, n.flags,
                        n.target, n.xattrs or None, sequence=n.sequence)
 
 
-def record_inodes(tree: Tree) -> Iterator[RecordInode]:
-    """The inodes of ``tree`` (scanned and hashed in record mode) as a record stores them."""
+def record_inodes(tree: Tree, extent_max: int | None = None) -> Iterator[RecordInode]:
+    """The inodes of ``tree`` (scanned and hashed in record mode) as a record stores them
+    (``extent_max``: as :func:`record_inode`)."""
     nodes = tree.nodes
     for nid in range(len(nodes)):
         n = nodes[nid]
-        yield record_inode(n, [(nodes[p].st_ino, name) for p, name in n.dentries])
+        yield record_inode(n, [(nodes[p].st_ino, name) for p, name in n.dentries], extent_max)
 
 
 def stamp_generations(tree: Tree, snapshot_fd: int, extents: bool = False) -> None:

@@ -158,14 +158,16 @@ class Changes:
         gone_files = sum(1 for r in self._drop if cols.modes[r] & _FMT == stat.S_IFREG)
         self.reused = len(cols.file_rows) - gone_files
 
-    def record(self) -> Encoded | Patch:
+    def record(self, extent_max: int | None = None) -> Encoded | Patch:
         """The record of the new tree (after :meth:`build`): a patch of the base's, or its
-        columns whole (:meth:`~btrdelta.tree.chain.View.patched`)."""
+        columns whole (:meth:`~btrdelta.tree.chain.View.patched`); ``extent_max``: as
+        :func:`~.record.record_inode`."""
         nodes = self.new.nodes
         rows: list[RecordInode] = []
         root: RecordInode | None = None
         for node in self._fresh.values():
-            rec = record_inode(node, [(nodes[p].st_ino, name) for p, name in node.dentries])
+            rec = record_inode(node, [(nodes[p].st_ino, name) for p, name in node.dentries],
+                               extent_max)
             if node.id == ROOT:
                 root = rec
             else:

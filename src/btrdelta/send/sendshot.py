@@ -529,7 +529,7 @@ def _stream_and_record(sender: Sender, write: Callable[[Any], object], version: 
     did not end). ``stamp``: gives a full stream's tree its inode generations (and its smaller
     files their extent items) before its record is made (a sweep of every inode: 11-14 ms of
     CPU for Debian's ``/usr``, after the stream rather than before its first byte)."""
-    encoded = changes.record() if record and changes is not None else None
+    encoded = changes.record(store.extent_max) if record and changes is not None else None
     pending = store.begin(head(changes, encoded), encoded, durable=durable) \
         if encoded is not None else None
     try:
@@ -544,7 +544,8 @@ def _stream_and_record(sender: Sender, write: Callable[[Any], object], version: 
         return None
     if stamp is not None:
         stamp(sender.new)
-    return store.save(head(None, None), record_inodes(sender.new), durable=durable)
+    return store.save(head(None, None), record_inodes(sender.new, store.extent_max),
+                      durable=durable)
 
 
 def _write_stream(sender: Sender, write: Callable[[Any], object], version: int,
@@ -641,4 +642,4 @@ def adopt(store: SendshotStore, path: str | bytes | os.PathLike[str], *,
             generation=fz.generation if lineage is not None else 0,
             seed=seed, tree_digest=tree.identity(),
         )
-        return store.save(head, record_inodes(tree))
+        return store.save(head, record_inodes(tree, store.extent_max))

@@ -124,10 +124,13 @@ class SendshotStore:
 
     Args:
         path: the store's directory.
+        extent_max: the most bytes of a file's extent items the records written keep as
+            they are, more as cells (:func:`~.extents.bounded`); None: ``EXTENT_MAX``.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], extent_max: int | None = None) -> None:
         self.path = os.fspath(path)
+        self.extent_max = extent_max
         self.records = os.path.join(self.path, RECORDS)
         #: records whose head could not be read at the last listing: digest -> (why, the
         #: file's mtime in ns); listed apart (``sendshot list``), deletable by id
