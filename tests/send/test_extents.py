@@ -106,6 +106,11 @@ def test_items_past_the_bound_kept_as_cells() -> None:
     assert _within(same, same_ranges(items, bytes(new), size))
     # the file grown: the cells below the old size are compared; cut: those below the new
     assert same_in_cells(cells, items + _ext(1000 * 4096, 4096, 7 << 30), size) == [(0, size)]
+    # cells not one after another from 0 (not a record btrdelta wrote): compared up to there
+    swapped = cells[50:100] + cells[:50] + cells[100:]
+    assert same_in_cells(swapped, items, size) == []
+    gap = cells[:50] + cells[100:]
+    assert same_in_cells(gap, items, size) == [(0, got[0][1])]
     cut = same_in_cells(cells, items[:500 * 50], 500 * 4096)
     assert cut
     assert cut[0][0] == 0

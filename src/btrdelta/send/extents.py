@@ -213,11 +213,12 @@ def bounded(items: bytes | None, size: int, most: int | None = None) -> bytes | 
 
 def same_in_cells(cells: bytes, new: bytes, limit: int) -> list[tuple[int, int]]:
     """As :func:`same_ranges`, against a record's ``cells`` (:func:`bounded`): the cells below
-    ``limit`` whose digest the file's extent items ``new`` give again, merged, in order."""
+    ``limit`` whose digest the file's extent items ``new`` give again, merged, in order.
+    Cells that do not follow each other from 0 (not :func:`bounded`'s) end the comparison."""
     spans: list[tuple[int, int]] = []
     want: list[tuple[int, ...]] = []
     for off, num, d0, d1, d2, d3, _kind, _comp in EXTENT.iter_unpack(cells):
-        if off + num > limit:
+        if off != (spans[-1][1] if spans else 0) or not num or off + num > limit:
             break
         spans.append((off, off + num))
         want.append((d0, d1, d2, d3))
