@@ -117,7 +117,8 @@ def test_incremental_send_of_a_rename_past_path_max(btrfs_ws: Workspace,
 
 def test_sendshot_send_of_a_write_past_path_max(btrfs_ws: Workspace, tmp_path: Path) -> None:
     """--from-sendshot lists what changed instead of walking both trees: a write below a
-    directory moved past PATH_MAX is refused there alike (one line, no output file)."""
+    directory moved past PATH_MAX is refused there alike (one line, no output file),
+    naming the path in the source (it named the temporary snapshot's, which is gone)."""
     top = btrfs_ws.fresh("pathmax-shot")
     vol = top / "vol"
     run("btrfs", "-q", "subvolume", "create", vol)
@@ -137,4 +138,7 @@ def test_sendshot_send_of_a_write_past_path_max(btrfs_ws: Workspace, tmp_path: P
     assert lines[0].startswith("btrdelta send: error: "), lines[0]
     assert re.search(r"\.\.\.\(\d{4} characters\)\.\.\.d{90,}/file: File name too long$",
                      lines[0]), lines[0]
+    # the path in the source, not in the temporary snapshot read (gone by now)
+    assert f"error: {vol}/y/ddd" in lines[0], lines[0]
+    assert ".btrdelta-send-" not in lines[0], lines[0]
     assert not (tmp_path / "ours").exists()

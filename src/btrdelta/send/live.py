@@ -10,7 +10,9 @@
   turns SIGTERM and SIGHUP into the same exception). One a killed sender left (``kill -9``,
   a power cut) is deleted by the next send of that subvolume: a read-only snapshot of it
   under such a name whose pid is gone and that no process holds (the sender keeps a shared
-  ``flock`` on its snapshot's root while it reads);
+  ``flock`` on its snapshot's root while it reads). An error raised in the block that names
+  a path in the snapshot names it in the subvolume instead: the snapshot is gone when the
+  error is shown;
 * anything else: the live tree, with a warning that the result is only as consistent as the
   tree was still while it was read.
 
@@ -150,7 +152,11 @@ def frozen(source: str | bytes | os.PathLike[str], *, snapshot: bool = True,
                 snap_fd = os.open(snap, _DIR | os.O_NOFOLLOW)
                 fcntl.flock(snap_fd, fcntl.LOCK_SH)  # in use: not a leftover
                 snap_info = subvol_info(snap_fd)
-                yield Frozen(snap, snap_info, temporary=True)
+                try:
+                    yield Frozen(snap, snap_info, temporary=True)
+                except (BtrdeltaError, OSError) as exc:
+                    _name_source(exc, snap, path)
+                    raise
             finally:
                 if snap_fd >= 0:
                     os.close(snap_fd)
@@ -160,6 +166,18 @@ def frozen(source: str | bytes | os.PathLike[str], *, snapshot: bool = True,
             os.close(dir_fd)
     finally:
         os.close(src_fd)
+
+
+def _name_source(exc: BtrdeltaError | OSError, snap: bytes, source: bytes) -> None:
+    """An error naming a path in the temporary snapshot names it in ``source`` instead:
+    the snapshot is gone once the error is shown."""
+    attr = "path" if isinstance(exc, BtrdeltaError) else "filename"
+    where = getattr(exc, attr, None)
+    if isinstance(where, str | bytes):
+        raw = os.fsencode(where)
+        if raw == snap or raw.startswith(snap + b"/"):
+            named = source + raw[len(snap):]
+            setattr(exc, attr, named if isinstance(where, bytes) else os.fsdecode(named))
 
 
 def _drop_leftovers(path: bytes, uuid: UUID) -> None:
