@@ -545,6 +545,8 @@ def run_backup(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(entry, indent=1))
     elif not args.quiet:
+        for name in entry["removed"]:
+            print(f"removed {name} (not in the index: a backup cut short)", file=sys.stderr)
         kind = "whole" if entry["parent"] is None else f"delta from backup {entry['parent']}"
         print(f"backup {entry['n']} of {args.subvol}: {entry['file']} ({kind}, "
               f"{human_bytes(entry['bytes'])})")

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..chunk.source import file_url_path
-from ..errors import StreamFormatError, TransportError, UsageError, warn
+from ..errors import StreamFormatError, TransportError, UsageError
 from ..fs import btrfs as sv
 from ..fs.atomic import atomic_output, write_atomic
 from ..receive import ReceivedSubvol
@@ -268,7 +268,9 @@ def backup(fs: str | os.PathLike[str], name: str, dest: str, *,
            full: bool = False) -> dict[str, Any]:
     """Back up state subvolume ``name`` to ``dest`` (directory or URL): incremental against
     the previous backup when it is both on the device and in ``dest``'s index, as a delta
-    stream against its files; else a whole stream. Returns the new index entry."""
+    stream against its files; else a whole stream. Returns the new index entry, and in
+    ``removed`` the files of backups cut short it removed from a directory ``dest``
+    (:meth:`_Store.drop_unlisted`)."""
     from ..delta import make_delta
     from ..send import kernel_send
     from .control import recover
@@ -294,13 +296,12 @@ def backup(fs: str | os.PathLike[str], name: str, dest: str, *,
             layout.delete(snap)
             raise
         store.put_index(name, [*entries, entry])
-        for dropped in store.drop_unlisted(name, [*entries, entry]):
-            warn(f"removed {dropped} (not in the index: a backup cut short)")
+        removed = store.drop_unlisted(name, [*entries, entry])
         keep = _remember(layout.backups / name, store.key, n)
         for k, old in local:  # only each destination's newest one is a next parent
             if k not in keep:
                 layout.delete(old)
-        return entry
+        return {**entry, "removed": removed}
 
 
 def _parent(layout: Layout, local: list[tuple[int, Path]],
