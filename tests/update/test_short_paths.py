@@ -376,3 +376,48 @@ def test_an_update_keeps_one_connection_to_its_mirror(
     assert len(asked) >= 5, asked
     assert len(made) == 1, asked
     assert tree_sum(dest / f"v{N}") == tree_sum(releases[N - 1])
+
+
+def test_a_version_held_only_as_an_intermediate_is_given_its_name(
+    signed: tuple[Path, Path], releases: list[Path], dest_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An update to v9 that stopped after hop v4 -> v8 (the last delta damaged on the
+    server) keeps v8 as the intermediate ``.btrdelta-hop-v8``. ``update --to v1`` (held)
+    then left it there, and ``update --to v8`` said 'v8 is already in DEST/v8: nothing to
+    download' (exit 0) with no DEST/v8 at all. Now the intermediate is given its name
+    (in a directory DEST registered first, as a received version is) and a leftover
+    intermediate goes, as at the end of any update."""
+    from btrdelta.update.holdings import remove_entry
+    from btrdelta.update.publish import Repo
+
+    root, pub = signed
+    repo = dest_dir.parent / "www"
+    shutil.copytree(root, repo)
+    digest, _ = Repo(repo).load().versions[8].deltas[8]
+    bad = repo / "deltas" / f"{digest}.delta"
+    good = bad.read_bytes()
+    damaged = good[:100] + bytes([good[100] ^ 0x40]) + good[101:]
+    dest, versions = dest_dir, ("v", ".btrdelta-hop-")
+    _update(str(repo), dest, "--to", "v1", "--key", str(pub))
+    for target in ("v1", "v8"):
+        bad.write_bytes(damaged)
+        capsys.readouterr()
+        assert main(["update", str(repo), str(dest), "--quiet"]) == 5
+        capsys.readouterr()
+        assert [e for e in _entries(dest) if e.startswith(versions)] == [
+            ".btrdelta-hop-v8", "v1"]
+        bad.write_bytes(good)
+        assert main(["update", str(repo), str(dest), "--to", target]) == 0
+        assert capsys.readouterr().out == \
+            f"{target} is already in {dest / target}: nothing to download\n"
+        assert [e for e in _entries(dest) if e.startswith(versions)] == sorted({"v1", target})
+    assert tree_sum(dest / "v8") == tree_sum(releases[7])
+    registry = dest / ".btrdelta-subvols.json"  # a directory DEST: v8 registered
+    assert not registry.exists() or "v8" in [
+        e["name"] for e in json.loads(registry.read_bytes())["subvols"]]
+    # v8 is the parent of the next delta, as any version an update received
+    _update(str(repo), dest, "--to", "v9")
+    assert tree_sum(dest / "v9") == tree_sum(releases[8])
+    remove_entry(dest, "v9")
+    assert [e for e in _entries(dest) if e.startswith(versions)] == ["v1", "v8"]

@@ -9,7 +9,9 @@ receive registry). A version counts as held only when its tree's content identit
 * a verified intermediate version of a multi-hop path is ``DEST/.btrdelta-hop-<version>``
   (held, so an interrupted update resumes from it; removed once the next version is
   verified, the last one when the update is done);
-* the wanted version gets ``DEST/<version>`` last, never over an existing entry.
+* the wanted version gets ``DEST/<version>`` last, never over an existing entry (or, held
+  only as an intermediate of a run that stopped, the intermediate is renamed to it:
+  :func:`promote`).
 
 Existing versions are never written to. :func:`find_held` reads every file of each
 candidate and returns its digests (:class:`~btrdelta.tree.incremental.Digests`), which the
@@ -30,7 +32,7 @@ import os
 from pathlib import Path
 
 from ..fs import btrfs as sv
-from ..fs.atomic import pid_alive
+from ..fs.atomic import fsync_dir, pid_alive
 from ..fs.copy import copy_tree
 from ..fs.remove import remove_tree
 from ..receive.subvolumes import TMP_PREFIX, Subvolumes
@@ -44,6 +46,7 @@ __all__ = [
     "cleanup",
     "ensure_parent",
     "find_held",
+    "promote",
     "remove_entry",
 ]
 
@@ -131,3 +134,21 @@ def ensure_parent(dest: Path, held: Digests, name: str) -> Path:
                 subs.abort(pending)
                 raise
         return subs.finish(pending).path
+
+
+def promote(dest: Path, held: Digests, name: str) -> Path:
+    """Give intermediate ``held`` (``DEST/.btrdelta-hop-<name>``, checked by content) its
+    name ``DEST/<name>``, as the last hop would have received it: in a directory DEST its
+    registry entry (the repository's UUID of the version) is written whole first, so a
+    crash leaves it registered or not named; a btrfs subvolume carries that UUID already.
+    Returns the new path."""
+    path = dest / name
+    with Subvolumes(dest) as subs:
+        if not subs.btrfs:
+            from ..receive.registry import Registry, RegistryEntry
+
+            Registry(dest).add(RegistryEntry(name, stream_uuid(held.identity), 0,
+                                             ino=os.lstat(held.root).st_ino))
+    os.rename(held.root, path)
+    fsync_dir(str(dest))
+    return path

@@ -354,7 +354,8 @@ def _run(d: _Dest, m: Mirrors, verified: Verified, to: str | None, dry_run: bool
     res.metadata_bytes = m.stats.bytes_received - before
     final = d.dest / names[target - 1]
     aside = d.dest / f"{TMP_PREFIX}broken-{os.getpid()}"
-    broken = target not in held and os.path.lexists(final)
+    # (a version held only as an intermediate of a run that stopped gets the name below)
+    broken = os.path.lexists(final) and (target not in held or held[target].root != final)
     if broken and not _made_here(d.dest, final.name):
         raise BtrdeltaError(f"{final} exists and is not version {names[target - 1]!r} "
                             "(its content identity differs); not touching it")
@@ -371,6 +372,12 @@ def _run(d: _Dest, m: Mirrors, verified: Verified, to: str | None, dry_run: bool
             unverified = {p: aside if path == final else path for p, path in unverified.items()}
     if dry_run or not plan.steps:
         res.path = held[target].root if target in held else None
+        if not dry_run and res.path is not None:  # (no steps: the target is held)
+            if res.path != final:
+                res.path = holdings.promote(d.dest, held[target], final.name)
+            if broken:
+                beside.remove(aside.name)
+            _finish(d, beside)  # (what a stopped run left: downloads, intermediates)
         return res
     current = held.get(plan.start) if plan.start is not None else None
     seedable = {**unverified, **{p: h.root for p, h in held.items()}}
