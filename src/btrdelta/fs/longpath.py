@@ -2,8 +2,9 @@
 
 The kernel refuses a path of ``PATH_MAX`` (4096) bytes or more with ``ENAMETOOLONG``
 before it looks at any component, but a tree may hold deeper entries (each name is at
-most 255 bytes, the depth is not bounded: ``mkdir`` relative to a directory makes them),
-and btrfs send carries them. A directory on the way is opened through a chain of
+most 255 bytes, the depth is not bounded: ``mkdir`` relative to a directory makes them,
+and ``btrdelta receive`` of a stream holding such paths, which the kernel's send refuses
+to write). A directory on the way is opened through a chain of
 descriptors (``openat`` of parts of the path, each shorter than ``PATH_MAX``) and the
 entry named ``/proc/self/fd/N/REST``: a path every call takes, those without a
 descriptor form too (``listxattr``, ``getxattr``). Symlinks are followed where the
