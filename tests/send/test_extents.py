@@ -141,6 +141,49 @@ def test_cells_said_the_same_read_the_same(edits: list[tuple[int, int]], most: i
         assert same == [(0, size)]
 
 
+def _key_at(items: bytes, p: int) -> tuple[int, ...] | None:
+    """What byte ``p`` reads through ``items``, found by looking at every item."""
+    for off, num, bytenr, disk, ext_off, gen, kind, comp in EXTENT.iter_unpack(items):
+        if off <= p < off + num and bytenr:
+            return bytenr, disk, gen, kind, comp, off - ext_off
+    return None
+
+
+_U = 1024  # (the unit the random items below are made of)
+
+
+@st.composite
+def _layouts(draw: st.DrawFn) -> bytes:
+    """Items in file order, units of 1 KiB, from a few extents, with holes (no item, or an
+    item of bytenr 0) and pieces of one extent at their place or elsewhere."""
+    out, pos = [], draw(st.integers(0, 3))
+    for _ in range(draw(st.integers(0, 12))):
+        num = draw(st.integers(1, 4))
+        ext = draw(st.integers(0, 3))
+        out.append(_ext(pos * _U, num * _U, ext << 30, gen=7 + ext % 2,
+                        ext_off=draw(st.sampled_from([pos, pos + 1, 0])) * _U % (1 << 20)))
+        pos += num + draw(st.integers(0, 2))
+    return b"".join(out)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_layouts(), _layouts(), st.integers(1, 60), st.integers(50, 400))
+def test_same_ranges_and_cells_against_every_byte(old: bytes, new: bytes, limit_units: int,
+                                                  most: int) -> None:
+    """same_ranges says the same exactly where each byte reads the same extent at the same
+    place on both sides (or a hole on both), found byte by byte; cells say the same only
+    there, and everywhere (below both sizes) for the items they were made of."""
+    limit = limit_units * _U
+    same = {p for a, b in same_ranges(old, new, limit) for p in range(a // _U, b // _U)}
+    assert same == {p for p in range(limit_units)
+                    if _key_at(old, p * _U) == _key_at(new, p * _U)}
+    cells = bounded(old, limit, most)
+    if cells is not None and is_cells(cells):
+        said = {p for a, b in same_in_cells(cells, new, limit) for p in range(a // _U, b // _U)}
+        assert said <= same
+        assert [(0, limit)] == same_in_cells(cells, old, limit)
+
+
 def test_extents_recorded_only_for_large_cow_files(monkeypatch: pytest.MonkeyPatch) -> None:
     """Files below EXTENT_MIN and NOCOW files keep no extents (read whole next time); a file
     of one item a block keeps them all (until session 29 not: over 0.5 % of its size); no

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
+from collections.abc import Iterator
 
 import blake3
 
@@ -129,48 +130,50 @@ def from_sweep(items: list[bytes | None] | None, size: int, flags: int) -> bytes
     return b"".join(items)  # type: ignore[arg-type]
 
 
-def _spans(items: bytes, limit: int) -> list[_Span]:
-    """The mapped ranges of packed extent ``items`` below ``limit`` (holes: key None)."""
-    out: list[_Span] = []
+def _spans(items: bytes, limit: int) -> Iterator[_Span]:
+    """The mapped ranges of packed extent ``items`` below ``limit`` (holes: key None), made
+    one at a time (a file's items may be millions)."""
     for off, num, bytenr, disk, ext_off, gen, kind, comp in EXTENT.iter_unpack(items):
         if off >= limit:
-            break
-        end = min(off + num, limit)
-        key = None if bytenr == 0 else (bytenr, disk, gen, kind, comp, off - ext_off)
-        out.append((off, end, key))
-    return out
+            return
+        yield off, min(off + num, limit), \
+            None if bytenr == 0 else (bytenr, disk, gen, kind, comp, off - ext_off)
 
 
-def _runs(items: bytes, limit: int) -> list[_Span]:
+def _runs(items: bytes, limit: int) -> Iterator[_Span]:
     """The data ranges of extent ``items`` below ``limit`` as maximal runs of one key (the
     same extent, at the same place): how the file reads, one way only (holes left out)."""
-    out: list[_Span] = []
+    cur: _Span | None = None
     for start, end, key in _spans(items, limit):
         if key is None:
             continue
-        if out and out[-1][1] == start and out[-1][2] == key:
-            out[-1] = (out[-1][0], end, key)
-        else:
-            out.append((start, end, key))
-    return out
+        if cur is not None and cur[1] == start and cur[2] == key:
+            cur = (cur[0], end, key)
+            continue
+        if cur is not None:
+            yield cur
+        cur = (start, end, key)
+    if cur is not None:
+        yield cur
 
 
-def _cell_sums(runs: list[_Span], cells: list[tuple[int, int]]) -> list[tuple[int, ...]]:
+def _cell_sums(runs: Iterator[_Span], cells: list[tuple[int, int]]) -> list[tuple[int, ...]]:
     """Each cell's digest (4 u64: BLAKE3-256 of ``"btrdelta-cells\0"`` and its data ranges,
     clipped to it, with their keys; the lowest bit of the first set, so that no cell reads
     as a hole to a reader that does not know cells): ``cells`` (start, end) in order."""
     out: list[tuple[int, ...]] = []
-    j = 0
+    run = next(runs, None)
     for a, b in cells:
-        while j < len(runs) and runs[j][1] <= a:
-            j += 1
+        while run is not None and run[1] <= a:
+            run = next(runs, None)
         parts = [_CELLS]
-        k = j
-        while k < len(runs) and runs[k][0] < b:
-            start, end, key = runs[k]
+        while run is not None and run[0] < b:
+            start, end, key = run
             assert key is not None
             parts.append(_CELLSPAN.pack(max(start, a), min(end, b), *key))
-            k += 1
+            if end > b:
+                break  # (on into the next cell)
+            run = next(runs, None)
         d = _CELLSUM.unpack(blake3.blake3(b"".join(parts)).digest())
         out.append((d[0] | 1, *d[1:]))
     return out
@@ -239,19 +242,19 @@ def same_ranges(old: bytes, new: bytes, limit: int) -> list[tuple[int, int]]:
     ``new`` of one inode: the same extent (disk bytenr and length, generation, type,
     compression) at the same place in it, or a hole on both sides; merged, in order."""
     a, b = _spans(old, limit), _spans(new, limit)
+    sa, sb = next(a, None), next(b, None)
     out: list[tuple[int, int]] = []
-    i = j = 0
     pos = 0
     while pos < limit:
-        while i < len(a) and a[i][1] <= pos:
-            i += 1
-        while j < len(b) and b[j][1] <= pos:
-            j += 1
+        while sa is not None and sa[1] <= pos:
+            sa = next(a, None)
+        while sb is not None and sb[1] <= pos:
+            sb = next(b, None)
         # what each side holds at pos, and up to where
-        ka, ea = (a[i][2], a[i][1]) if i < len(a) and a[i][0] <= pos else \
-            (None, a[i][0] if i < len(a) else limit)
-        kb, eb = (b[j][2], b[j][1]) if j < len(b) and b[j][0] <= pos else \
-            (None, b[j][0] if j < len(b) else limit)
+        ka, ea = (sa[2], sa[1]) if sa is not None and sa[0] <= pos else \
+            (None, sa[0] if sa is not None else limit)
+        kb, eb = (sb[2], sb[1]) if sb is not None and sb[0] <= pos else \
+            (None, sb[0] if sb is not None else limit)
         end = min(ea, eb, limit)
         if ka == kb:
             if out and out[-1][1] == pos:
