@@ -500,7 +500,7 @@ def file_extents(fd: int, ino: int, item_max: int = 0, into: bytearray | None = 
     ``TREE_SEARCH`` (4 KiB, older kernels) is searched until it finds none. ``into``: a
     buffer of :data:`EXTENT_SEARCH` bytes to search with, else one is made (and zeroed).
     """
-    out: list[bytes] = []
+    out = bytearray()  # (50 bytes an item: a list of them took ~140 while joined)
     min_off = 0
     room = 0  # (what a complete result leaves: asked when needed)
 
@@ -518,7 +518,7 @@ def file_extents(fd: int, ino: int, item_max: int = 0, into: bytearray | None = 
                 item = extent_item(buf, pos, length, off)
                 if item is None:
                     return None
-                out.append(item)
+                out += item
             pos += length
         if off >= _U64_MAX:
             break
@@ -527,7 +527,7 @@ def file_extents(fd: int, ino: int, item_max: int = 0, into: bytearray | None = 
             if pos - first + room <= _EXTENT_BUFFER:
                 break  # every item fitted with room to spare: there is no other
         min_off = off + 1
-    return b"".join(out)
+    return bytes(out)
 
 
 def extent_item(buf: bytearray, pos: int, length: int, off: int) -> bytes | None:
