@@ -7,6 +7,7 @@ partial transfer's directory."""
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import os
@@ -158,5 +159,56 @@ def test_a_partial_that_fails_the_same_way_each_resume_is_dropped_after_the_thir
     assert isinstance(res, ReplicateResult), res
     assert res.outcome == "committed", res
     assert (res.resumed_from, res.sent) == (0, res.size), res
+    assert tree_sum(dest / res.name) == tree_sum(src)
+    assert not partial.exists()
+
+
+@pytest.mark.parametrize("how", ["progressing", "disk full"])
+def test_failures_that_progress_or_are_the_machines_never_drop_the_partial(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """The count of OWN_FAILURES is of failures at one acknowledged offset in a row: a bug
+    met after each resume acknowledged more starts it again at 1, and a full disk (ENOSPC,
+    the machine's: room is made, the same point fails until then) is not counted at all;
+    four such failures keep the partial transfer, and the run after them resumes it."""
+    src, dest, store = _dirs(tmp_path)
+    batches = replica._Events.batches
+
+    def failing(self: Any) -> Iterator[Any]:
+        resumed = not self.first
+        for batch in batches(self):
+            if how == "progressing" and self.inbox.added > 5 * MIB:
+                raise RuntimeError("a bug met further on each time")
+            if how == "disk full" and (resumed or self.inbox.added > 12 * MIB):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            yield batch
+
+    monkeypatch.setattr(replica._Events, "batches", failing)
+    warned: list[str] = []
+    monkeypatch.setattr(replica, "warn", warned.append)
+    partial = dest / ".btrdelta-partial"
+    offsets = []
+    for _ in range(4):
+        sent, served = _run(src, dest, store)
+        assert isinstance(sent, ReplicateResult), sent
+        assert sent.outcome == "refused", sent
+        del served  # (see above: the record counter's mapping)
+        gc.collect()
+        meta = json.loads((partial / "meta.json").read_bytes())
+        offsets.append(meta["offset"])
+        if how == "progressing":
+            assert meta["failed"] == [meta["offset"], 1], meta
+        else:
+            assert "failed" not in meta, meta
+    assert not warned, warned
+    if how == "progressing":
+        assert offsets == sorted(set(offsets)), offsets  # (each run acknowledged more)
+    else:
+        assert len(set(offsets)) == 1, offsets
+        assert offsets[0] > 6 * MIB, offsets
+    monkeypatch.undo()
+    res, _served = _run(src, dest, store)
+    assert isinstance(res, ReplicateResult), res
+    assert res.outcome == "committed", res
+    assert res.resumed_from == offsets[-1], (res, offsets)
     assert tree_sum(dest / res.name) == tree_sum(src)
     assert not partial.exists()
