@@ -97,13 +97,14 @@ def extents_of(fd: int, ino: int, size: int, flags: int, least: int = SEARCH_MIN
     inode flags ``flags``), or None: below ``least`` (:data:`SEARCH_MIN`: the smaller files
     of a full send get theirs from :func:`from_sweep`), ``NOCOW``, items that cannot be
     compared (:func:`~btrdelta.fs.btrfs.file_extents`), no right to search the tree (not
-    root). However fragmented the file, its items are recorded: each covers at least a
-    block, so they take at most 50 bytes a 4 KiB block (1.2 % of the size, less once the
-    record is compressed), and a file without them is read whole when it changes (until
-    session 29 items over 0.5 % of the size were not recorded: a SQLite database of 100 MiB
-    written in ~2,500 pages a round lost them after three rounds and was read whole from
-    then on). ``item_max``: :func:`~btrdelta.fs.btrfs.largest_item` of the filesystem, asked
-    already."""
+    root). However fragmented the file, its items are returned and recorded, up to
+    :data:`EXTENT_MAX` bytes as they are and past it as cells (:func:`bounded`): each covers
+    at least a block, so they take at most 50 bytes a 4 KiB block (1.2 % of the size, less
+    once the record is compressed), and a file without them is read whole when it changes
+    (until session 29 items over 0.5 % of the size were not recorded: a SQLite database of
+    100 MiB written in ~2,500 pages a round lost them after three rounds and was read whole
+    from then on). ``item_max``: :func:`~btrdelta.fs.btrfs.largest_item` of the
+    filesystem, asked already."""
     if size < max(least, EXTENT_MIN) or flags & NOCOW:
         return None
     buf = getattr(_searching, "buf", None)
