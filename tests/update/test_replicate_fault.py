@@ -13,7 +13,7 @@ import json
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,26 @@ def _dirs(tmp_path: Path) -> tuple[Path, Path, Path]:
     return src, dest, store
 
 
+def _fail_when(monkeypatch: pytest.MonkeyPatch,
+               fault: Callable[[Any, bool], BaseException | None]) -> list[str]:
+    """The receiver's batches raise what ``fault(events, resumed)`` gives before each one
+    (None: on); returns the list of what the receiver warns."""
+    batches = replica._Events.batches
+
+    def failing(self: Any) -> Iterator[Any]:
+        resumed = not self.first  # (a resumed stream starts after its SUBVOL)
+        for batch in batches(self):
+            exc = fault(self, resumed)
+            if exc is not None:
+                raise exc
+            yield batch
+
+    monkeypatch.setattr(replica._Events, "batches", failing)
+    warned: list[str] = []
+    monkeypatch.setattr(replica, "warn", warned.append)
+    return warned
+
+
 @pytest.mark.parametrize(("fault", "text", "kept"), [
     (RuntimeError, "a bug of the receiver", True),
     (ProtocolError, "a second subvolume in the stream", False),  # (a lying peer's)
@@ -78,15 +98,8 @@ def test_a_receiver_failing_mid_stream_keeps_its_partial_only_when_the_fault_is_
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: type[Exception], text: str,
         kept: bool) -> None:
     src, dest, store = _dirs(tmp_path)
-    batches = replica._Events.batches
-
-    def failing(self: Any) -> Iterator[Any]:
-        for batch in batches(self):
-            if self.inbox.added > 20 * MIB:
-                raise fault(text)
-            yield batch
-
-    monkeypatch.setattr(replica._Events, "batches", failing)
+    _fail_when(monkeypatch, lambda ev, _resumed: fault(text) if ev.inbox.added > 20 * MIB
+               else None)
     sent, served = _run(src, dest, store)
     assert isinstance(sent, ReplicateResult), sent
     assert sent.outcome == "refused", sent
@@ -118,18 +131,8 @@ def test_a_partial_that_fails_the_same_way_each_resume_is_dropped_after_the_thir
     third failure in a row at the same acknowledged offset drops it, says so to both sides,
     and the next run starts again (and, the bug gone, commits the source's tree)."""
     src, dest, store = _dirs(tmp_path)
-    batches = replica._Events.batches
-
-    def failing(self: Any) -> Iterator[Any]:
-        resumed = not self.first  # (a resumed stream starts after its SUBVOL)
-        for batch in batches(self):
-            if resumed or self.inbox.added > 20 * MIB:
-                raise RuntimeError("a bug of the resume")
-            yield batch
-
-    monkeypatch.setattr(replica._Events, "batches", failing)
-    warned: list[str] = []
-    monkeypatch.setattr(replica, "warn", warned.append)
+    warned = _fail_when(monkeypatch, lambda ev, resumed: RuntimeError("a bug of the resume")
+                        if resumed or ev.inbox.added > 20 * MIB else None)
     partial = dest / ".btrdelta-partial"
     offsets = []
     for run in range(1, 4):
@@ -171,20 +174,15 @@ def test_failures_that_progress_or_are_the_machines_never_drop_the_partial(
     the machine's: room is made, the same point fails until then) is not counted at all;
     four such failures keep the partial transfer, and the run after them resumes it."""
     src, dest, store = _dirs(tmp_path)
-    batches = replica._Events.batches
 
-    def failing(self: Any) -> Iterator[Any]:
-        resumed = not self.first
-        for batch in batches(self):
-            if how == "progressing" and self.inbox.added > 5 * MIB:
-                raise RuntimeError("a bug met further on each time")
-            if how == "disk full" and (resumed or self.inbox.added > 12 * MIB):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            yield batch
+    def fault(ev: Any, resumed: bool) -> BaseException | None:
+        if how == "progressing" and ev.inbox.added > 5 * MIB:
+            return RuntimeError("a bug met further on each time")
+        if how == "disk full" and (resumed or ev.inbox.added > 12 * MIB):
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return None
 
-    monkeypatch.setattr(replica._Events, "batches", failing)
-    warned: list[str] = []
-    monkeypatch.setattr(replica, "warn", warned.append)
+    warned = _fail_when(monkeypatch, fault)
     partial = dest / ".btrdelta-partial"
     offsets = []
     for _ in range(4):
