@@ -135,6 +135,9 @@ class SendshotStore:
         #: records whose head could not be read at the last listing: digest -> (why, the
         #: file's mtime in ns); listed apart (``sendshot list``), deletable by id
         self.unreadable: dict[str, tuple[str, int]] = {}
+        #: the records of the last listing, by digest: a chain's bases are taken from it
+        #: (:meth:`view`), their heads not read from their files again
+        self._listed: dict[str, StoredSendshot] = {}
 
     # -- locking and files ------------------------------------------------------------
 
@@ -260,6 +263,7 @@ class SendshotStore:
         if entries != cached:
             self._write_heads(entries)
         out.sort(key=lambda s: (s.head.created_ns, s.digest))
+        self._listed = {s.digest: s for s in out}
         return out
 
     def _heads(self) -> dict[str, tuple[int, int, int, bytes]]:
@@ -397,7 +401,7 @@ class SendshotStore:
             if len(chain) > _MAX_CHAIN or named in {s.digest for s in chain}:
                 raise StreamFormatError("its bases form a cycle, or a chain of more than "
                                         f"{_MAX_CHAIN} patch records", source=cur.path)
-            base = self._stored(named, cur.path)
+            base = self._listed.get(named) or self._stored(named, cur.path)
             h, b = cur.head, base.head
             if (h.seed, h.subvol_uuid) != (b.seed, b.subvol_uuid) or not b.content3:
                 raise StreamFormatError(f"its base {base.digest[:12]} is of "
@@ -405,19 +409,33 @@ class SendshotStore:
                                         source=cur.path)
             chain.append(base)
         whole = chain.pop()
-        reader, f = self.open(whole)
+        reader, f = self._open_base(whole, chain[-1] if chain else None)
         try:
             got = View(_checked(reader, reader.columns(), whole), patches=whole.head.content3)
             got.whole = whole.digest
         finally:
             f.close()
-        for link in reversed(chain):
-            reader, f = self.open(link)
+        for k in range(len(chain) - 1, -1, -1):
+            link = chain[k]
+            reader, f = self._open_base(link, chain[k - 1] if k else None)
             try:
                 got.apply(_checked(reader, reader.patch(), link), link.path)
             finally:
                 f.close()
         return got
+
+    def _open_base(self, record: StoredSendshot, named_by: StoredSendshot | None
+                   ) -> tuple[RecordReader, Any]:
+        """:meth:`open` of a record of a chain, the base of ``named_by`` (None: the record
+        asked for): one the last listing had but gone since is missing as :meth:`_stored`
+        says."""
+        try:
+            return self.open(record)
+        except FileNotFoundError:
+            if named_by is None:
+                raise
+            raise StreamFormatError(f"its base {record.digest[:12]} is missing",
+                                    source=named_by.path) from None
 
     def _stored(self, digest: str, named_by: str) -> StoredSendshot:
         """The record ``digest`` (named by the record ``named_by`` as its base)."""
