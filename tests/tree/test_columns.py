@@ -392,3 +392,22 @@ def test_row_index_is_the_map_of_inode_numbers_to_rows(backend: str) -> None:
     cols = _columns(encode_rows(_inodes()))
     assert {r.ino: cols.row_of()[r.ino] for r in cols.rows()} == \
         {r.ino: k for k, r in enumerate(cols.rows())}
+
+
+def test_a_rows_names_are_made_once_and_not_kept_for_every_row() -> None:
+    """dentries() gives the same list again for a row (a send asks ~5 times for each row
+    it visits); reading every row whole (rows(): a full scan's old tree) keeps none."""
+    cols = _columns(encode_rows(_inodes()))
+    want = {r.ino: r for r in _inodes()}
+    for r in range(cols.count):
+        names = cols.dentries(r)
+        assert cols.dentries(r) is names
+        assert [(cols.inos[p], n) for p, n in names] == want[cols.inos[r]].dentries
+    fresh = _columns(encode_rows(_inodes()))
+    assert [r.dentries for r in fresh.rows()] == [want[i].dentries for i in fresh.inos]
+    assert fresh._names == {}
+    # a row read whole after its names were asked for: its own list, not the one given
+    got = fresh.dentries(1)
+    node = fresh.inode(1, by_row=True)
+    assert node.dentries == got
+    assert node.dentries is not got
