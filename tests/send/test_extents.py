@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
 
@@ -454,20 +455,13 @@ def test_database_rewritten_in_pages_read_where_it_changed(two_fs: tuple[Path, P
     assert items * 50 > 0.005 * db.stat().st_size  # (past the old limit)
 
 
-@pytest.mark.btrfs
-def test_file_fragmented_past_the_bound_read_by_cells(two_fs: tuple[Path, Path],
-                                                     tmp_path: Path) -> None:
-    """A file of ~3,000 extents of 4 KiB, its items over the record's bound (lowered to 64
-    items' worth): each record keeps at most 64 cells for it, and each send reads only the
-    cells where blocks were rewritten, a range was cloned in from another file (an extent
-    older than the record) or the file grew, not the file (sent whole before the bound
-    existed: its items 1.2 % of its size in every record). The kernel receives each stream
-    to the source (_Rounds)."""
-    snd, rcv = two_fs
+def _fragmented_image(snd: Path, n: int = 3072) -> tuple[Path, Path]:
+    """A subvolume ``live`` on ``snd`` (noatime) holding ``vm.img``: ``n`` blocks of 4 KiB,
+    every other one its own extent, the others pieces of one; and ``donor``, 64 blocks."""
     run("mount", "-o", "remount,noatime", snd)
     live = snd / "live"
     run("btrfs", "subvolume", "create", live)
-    img, donor, page, n = live / "vm.img", live / "donor", 4096, 3072
+    img, donor, page = live / "vm.img", live / "donor", 4096
     img.write_bytes(b"")
     _write(img, 0, os.urandom(n * page))  # (written back: one extent)
     donor.write_bytes(os.urandom(64 * page))
@@ -478,7 +472,22 @@ def test_file_fragmented_past_the_bound_read_by_cells(two_fs: tuple[Path, Path],
         os.fsync(fd)
     finally:
         os.close(fd)
-    assert len(_items(img)) > 2900
+    assert len(_items(img)) > n * 0.95
+    return img, donor
+
+
+@pytest.mark.btrfs
+def test_file_fragmented_past_the_bound_read_by_cells(two_fs: tuple[Path, Path],
+                                                     tmp_path: Path) -> None:
+    """A file of ~3,000 extents of 4 KiB, its items over the record's bound (lowered to 64
+    items' worth): each record keeps at most 64 cells for it, and each send reads only the
+    cells where blocks were rewritten, a range was cloned in from another file (an extent
+    older than the record) or the file grew, not the file (sent whole before the bound
+    existed: its items 1.2 % of its size in every record). The kernel receives each stream
+    to the source (_Rounds)."""
+    img, donor = _fragmented_image(two_fs[0])
+    snd, rcv = two_fs
+    page, n = 4096, 3072
     most = 64 * EXTENT.size
     rounds = _Rounds(snd, rcv, tmp_path / "store", tmp_path / "s", most)
 
@@ -515,6 +524,49 @@ def test_file_fragmented_past_the_bound_read_by_cells(two_fs: tuple[Path, Path],
         assert changed <= read <= most_read, (r, read, most_read)
         assert read < size // 4, (r, read)
     cells(res)
+
+
+@pytest.mark.btrfs
+def test_cells_through_cuts_clones_holes_and_other_bounds(two_fs: tuple[Path, Path],
+                                                         tmp_path: Path) -> None:
+    """Changes across cells, each followed by a send against the last record, received by
+    the kernel equal to the source (_Rounds): the file cut mid-block across a cell, a range
+    of it cloned into another cell (the same extents at another place), a hole punched
+    over cells, blocks preallocated in it and half written, the file grown by truncate and
+    written at its unaligned end, and records made with other bounds (cells of another
+    length compared, then items as they are); never the whole file read."""
+    img, _donor = _fragmented_image(two_fs[0])
+    snd, rcv = two_fs
+    page, store = 4096, tmp_path / "store"
+    rounds = _Rounds(snd, rcv, store, tmp_path / "s", 16 * EXTENT.size)
+    rounds.send()
+
+    def rebound(most: int | None, at: int, n: int) -> None:
+        """Records made with bound ``most`` from now on; ``n`` bytes written at ``at``."""
+        rounds.store = SendshotStore(store, most)
+        _write(img, at, os.urandom(n))
+
+    changes: list[tuple[str, Callable[[], object]]] = [
+        ("cut", lambda: os.truncate(img, img.stat().st_size - 700 * page - 1234)),
+        ("cloned into another cell", lambda: _clone(img, 100 * page, img, 1500 * page,
+                                                   40 * page)),
+        ("hole", lambda: run("fallocate", "-p", "-o", str(600 * page), "-l",
+                             str(300 * page), img)),
+        ("preallocated", lambda: run("fallocate", "-o", str(650 * page), "-l",
+                                     str(100 * page), img)),
+        ("half written", lambda: _write(img, 690 * page + 17, os.urandom(30 * page))),
+        ("grown", lambda: os.truncate(img, img.stat().st_size + 50 * page)),
+        ("written at the end", lambda: _write(img, img.stat().st_size - 5 * page + 3,
+                                              os.urandom(9 * page))),
+        ("a smaller bound", lambda: rebound(4 * EXTENT.size, 1234 * page, page)),
+        ("a larger bound", lambda: rebound(40 * EXTENT.size, 2000 * page, page)),
+        ("the default bound", lambda: rebound(None, 77 * page, 2 * page)),
+        ("items", lambda: _write(img, 1000 * page, os.urandom(page))),
+    ]
+    for what, change in changes:
+        change()
+        res = rounds.send()  # (the kernel's receive of it equal to the source)
+        assert res.stats.bytes_read < img.stat().st_size, what
 
 
 @pytest.mark.btrfs
