@@ -7,6 +7,7 @@ partial transfer's directory."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import json
@@ -26,6 +27,7 @@ from btrdelta.update import replica
 from btrdelta.update.channels import SocketChannel
 from btrdelta.update.replica import Replica
 from btrdelta.update.replicate import ReplicateResult, replicate
+from tests.conftest import btrfs_loop
 
 SEG = 1 << 20
 MIB = 1 << 20
@@ -210,3 +212,49 @@ def test_failures_that_progress_or_are_the_machines_never_drop_the_partial(
     assert res.resumed_from == offsets[-1], (res, offsets)
     assert tree_sum(dest / res.name) == tree_sum(src)
     assert not partial.exists()
+
+
+def _fill(fs: Path) -> None:
+    """Fill btrfs ``fs`` up (``fs/fill``): a write of a few bytes to a file there fails."""
+    fd = os.open(fs / "fill", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        block = os.urandom(MIB)
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, block)
+    finally:
+        os.close(fd)
+    os.sync()
+
+
+@pytest.mark.btrfs
+def test_a_receiver_that_met_a_full_disk_serves_the_next_conversation(
+        tmp_path: Path) -> None:
+    """One receiving process (a --listen's), its DEST's filesystem full: each conversation
+    fails naming ENOSPC, and once room is made the next one commits. Before, the lock
+    taken for a conversation whose pid could not be written in the lock file (ENOSPC) was
+    never released: every later conversation was refused 'busy: ... receiving another
+    transfer (process ?)' until the process ended, room made or not."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(os.urandom(MIB))
+    with btrfs_loop() as fs:
+        dest = fs / "dest"
+        dest.mkdir()
+        res, _served = _run(src, dest, tmp_path / "store")
+        assert isinstance(res, ReplicateResult), res
+        assert res.outcome == "committed", res
+        (src / "b").write_bytes(os.urandom(2 * MIB))
+        _fill(fs)
+        for _ in range(2):
+            sent, served = _run(src, dest, tmp_path / "store")
+            assert isinstance(sent, ReplicateResult), sent
+            assert sent.outcome == "refused", sent
+            assert getattr(served, "outcome", None) == "failed", served
+            assert "No space left on device" in sent.message, sent
+        (fs / "fill").unlink()
+        os.sync()
+        res, _served = _run(src, dest, tmp_path / "store")
+        assert isinstance(res, ReplicateResult), res
+        assert res.outcome == "committed", res
+        assert tree_sum(dest / res.name) == tree_sum(src)

@@ -560,8 +560,12 @@ class Replica:
         except BaseException:
             os.close(fd)
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        # (its pid only names the holder to a refused receiver: not written on a full
+        # disk, where raising kept the lock held, by a descriptor no one closed: every
+        # later conversation of a --listen was refused 'busy' until it ended)
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return fd, ""
 
     def _keep(self, partial: PartialTransfer) -> None:
