@@ -20,10 +20,13 @@ from tests.conftest import require_btrfs
 
 pytestmark = pytest.mark.btrfs
 
-#: random 4 KiB writes, every STEP blocks (the argument), into a 2 MiB file of random bytes
+#: 4 KiB writes of text, every STEP blocks (the argument), into a 2 MiB file of random
+#: bytes (random bytes written are not diffed at all since session 30: no patch can pay,
+#: ``diffing._unrelated``)
 _WRITES = ("python3 -c 'import os, sys\n"
            "fd = os.open(\"f\", os.O_WRONLY)\n"
-           "for i in range(0, 512, int(sys.argv[1])): os.pwrite(fd, os.urandom(4096), i * 4096)'")
+           "for i in range(0, 512, int(sys.argv[1])):\n"
+           "    os.pwrite(fd, (b\"block %d \" % i * 600)[:4096], i * 4096)'")
 _REAL_DIFF = hdiffpatch.diff
 
 

@@ -62,7 +62,7 @@ from .nearest import MIN_SKETCH, OldIndex
 from .oldfiles import digest, hasher, read_old_file
 from .options import MakeOptions
 from .recompress import LevelGuesser, natural_extent, regenerable
-from .writer import INNER_PATCH_MAX
+from .writer import INNER_PATCH_MAX, RAW_RATIO
 
 __all__ = ["Group", "Result", "canonical_write", "diff_group", "patched_items",
            "new_digest_only", "raw_commands"]
@@ -400,6 +400,27 @@ def _runs_only(new: bytes) -> bool:
     return len(zstandard.ZstdCompressor(level=1).compress(new)) <= len(new) >> 10
 
 
+#: new contents from this size on are first checked for being unrelated to the old file
+UNRELATED_MIN = 1 << 20
+#: pieces of the new content looked for in the old one, and their length
+UNRELATED_SAMPLES = 64
+UNRELATED_PIECE = 64
+
+
+def _unrelated(old: bytes, new: bytes) -> bool:
+    """Whether no patch can pay: ``new`` does not compress (zstd's fastest level leaves
+    :data:`RAW_RATIO` of it: random bytes, media, encrypted data) and none of
+    :data:`UNRELATED_SAMPLES` pieces spread over it is found in ``old`` (a file of such
+    data written anew). HDiffPatch searched it position by position for nothing: a 32 MiB
+    file of random bytes rewritten cost a ``device backup`` ~20 s of CPU (session 30).
+    A new content sharing a tenth of the old one is missed with odds 0.9**64 (0.1 %)."""
+    if len(zstandard.ZstdCompressor(level=1).compress(new)) < RAW_RATIO * len(new):
+        return False
+    step = (len(new) - UNRELATED_PIECE) // (UNRELATED_SAMPLES - 1)
+    return all(old.find(new[i * step : i * step + UNRELATED_PIECE]) < 0
+               for i in range(UNRELATED_SAMPLES))
+
+
 #: largest old content made of several old files (read whole, and ~4x that diffed)
 MULTI_MAX = 32 << 20
 
@@ -463,6 +484,8 @@ def _diff_base(
         if len(old) == len(new) and old == new:
             return Result(None, b"", len(old), old_digest, old_digest, len(new), replaced,
                           encoded, base=base)
+        if len(new) >= UNRELATED_MIN and _unrelated(old, new):
+            return None
         best = _best_patch(old, new, opts, replaced, lzma=opts.lzma_patches and not encoded,
                            places=places)
         if best is None:
