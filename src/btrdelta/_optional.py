@@ -49,8 +49,10 @@ def need(module: str, extra: str | None = None) -> ModuleType:
         MissingDependencyError: it is not installed (names the extra to install).
     """
     got = sys.modules.get(module)  # imported already: ~10x faster than import_module
-    if got is not None:
+    if got is not None and not getattr(getattr(got, "__spec__", None), "_initializing", False):
         return got
+    # (one another thread is still importing: the import waits for it, as `import` does;
+    # taken from sys.modules it was used unfinished, 'partially initialized module')
     try:
         return _import_module(module)
     except ImportError as exc:
