@@ -117,7 +117,6 @@ _WRITE = int(Cmd.WRITE)
 #: nothing (a 32 MiB file of random bytes in a ``device backup``: 16.5 s; session 30)
 RAW_WRITE_MIN = 16 << 10
 RAW_RATIO = 0.97
-_probe = zstandard.ZstdCompressor(level=1)
 
 
 #: output tasks (a ZCMDS record to compress, records to write) waiting for the background
@@ -191,6 +190,10 @@ class DeltaWriter:
         workers: int = 1,
     ) -> None:
         self._write = write
+        #: what tells incompressible WRITEs (:data:`RAW_RATIO`): one a writer, a zstd
+        #: context is not to be used by two threads at once (one of the module for every
+        #: writer: deltas made at once in threads of one process crashed it, SIGSEGV)
+        self._probe = zstandard.ZstdCompressor(level=1)
         workers = self._workers = max(1, min(workers, XZ_WORKERS_MAX))
         # with LZMA2 workers, the output thread waits for one block's pieces while the
         # next blocks' are being compressed: room for them
@@ -303,7 +306,7 @@ class DeltaWriter:
         cmd = int(_U16.unpack_from(raw, 4)[0])
         if cmd == _WRITE:
             if len(raw) >= RAW_WRITE_MIN and \
-                    len(_probe.compress(raw)) >= RAW_RATIO * len(raw):
+                    len(self._probe.compress(raw)) >= RAW_RATIO * len(raw):
                 self.flush()  # (the carried commands before it keep their place)
                 self._emit([memoryview(raw)])
                 return
