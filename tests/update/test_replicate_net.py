@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -187,6 +187,14 @@ def _received(log: str) -> list[int]:
     return [int(n) for n in re.findall(r"(\d+) bytes received", log)]
 
 
+def _wait_log(log: Path, ended: Callable[[str], bool], what: str) -> None:
+    """Until ``ended(log's text)`` (60 s at most: a loaded machine's)."""
+    end = time.monotonic() + 60
+    while not ended(log.read_text()):
+        assert time.monotonic() < end, f"{what}: {log.read_text()}"
+        time.sleep(0.05)
+
+
 def test_tls_between_namespaces_with_cuts(netns: tuple[str, str], tmp_path: Path) -> None:
     a, b = netns
     tag = a[len("btd-a"):]
@@ -203,10 +211,7 @@ def test_tls_between_namespaces_with_cuts(netns: tuple[str, str], tmp_path: Path
              "--key", str(tmp_path / "server.key"), "--allow", str(tmp_path / "client.pub"),
              "--timeout", "3", str(dest)], stderr=logf, env=_env())
     try:
-        for _ in range(100):
-            if "listening" in log.read_text():
-                break
-            time.sleep(0.05)
+        _wait_log(log, lambda text: "listening" in text, "the receiver did not start")
 
         def client(*extra: str, key: str = "client") -> subprocess.Popen[str]:
             return subprocess.Popen(
@@ -228,7 +233,9 @@ def test_tls_between_namespaces_with_cuts(netns: tuple[str, str], tmp_path: Path
         assert first.returncode == 7, err  # a transport error
         assert _visible(dest) == []
         subprocess.run(["ip", "-n", a, "link", "set", f"va{tag}", "up"], check=True)
-        time.sleep(4)  # the server's side of the dead connection times out too
+        # the receiver's side of the dead connection times out too: it takes one
+        # conversation at a time, and said how this one ended
+        _wait_log(log, lambda text: len(_received(text)) == 1, "the cut was not seen")
         # 2. the sender killed mid-stream
         done = json.loads((dest / ".btrdelta-partial" / "meta.json").read_text())["offset"]
         second = client("--rate-limit", "2M")
@@ -236,7 +243,7 @@ def test_tls_between_namespaces_with_cuts(netns: tuple[str, str], tmp_path: Path
         second.send_signal(signal.SIGKILL)
         second.communicate()
         assert _visible(dest) == []
-        time.sleep(4)
+        _wait_log(log, lambda text: len(_received(text)) == 2, "the kill was not seen")
         third = client()
         out, err = third.communicate(timeout=120)
         assert third.returncode == 0, err
@@ -244,11 +251,8 @@ def test_tls_between_namespaces_with_cuts(netns: tuple[str, str], tmp_path: Path
         assert report["kind"] == "resume", log.read_text()
         (got,) = _visible(dest)
         assert tree_sum(dest / got) == tree_sum(src)
-        for _ in range(50):
-            received = _received(log.read_text())
-            if len(received) >= 3:
-                break
-            time.sleep(0.1)
+        _wait_log(log, lambda text: len(_received(text)) == 3, "the last run was not said")
+        received = _received(log.read_text())
         # every byte the receiver got beyond the stream is at most a segment per cut
         assert sum(received) - report["size"] <= 2 * SEG, (received, report)
         assert max(received[:-1]) > 0
