@@ -93,10 +93,13 @@ def sshd(tmp_path: Path) -> Iterator[tuple[int, str]]:
                             stderr=subprocess.DEVNULL)
     ssh = (f"ssh -i {d / 'client'} -o StrictHostKeyChecking=no -o BatchMode=yes "
            f"-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR")
-    for _ in range(100):
+    end = time.monotonic() + 60  # (a loaded machine's start)
+    while True:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 break
+        assert proc.poll() is None, "sshd exited"
+        assert time.monotonic() < end, "sshd did not start"
         time.sleep(0.05)
     try:
         yield port, ssh
