@@ -2,7 +2,7 @@
 
 ``btrdelta.stream._speedups``, ``btrdelta.receive._fastapply``, ``btrdelta.delta._unfold``,
 ``btrdelta.chunk._buzhash``, ``btrdelta.tree._treewalk``, ``btrdelta.tree._columns``,
-``btrdelta.send._blockhash``, ``btrdelta.fs._sweep`` and ``btrdelta._hugepages`` (not an
+``btrdelta.send._blockhash``, ``btrdelta.fs._sweep``, ``btrdelta.send._cells`` and ``btrdelta._hugepages`` (not an
 accelerator: a ``send`` process's memory in huge pages, see ``btrdelta._malloc``) are
 optional: without a C compiler or Python headers (or, for ``_blockhash``, ``xxhash.h``:
 Debian's libxxhash-dev) the build skips them and btrdelta runs on its pure-Python code
@@ -36,6 +36,8 @@ setup(
         Extension("btrdelta.tree._columns", ["src/btrdelta/tree/_columns.c"],
                   extra_compile_args=_FLAGS, **_SHARED),  # type: ignore[arg-type]
         Extension("btrdelta.fs._sweep", ["src/btrdelta/fs/_sweep.c"],
+                  extra_compile_args=_FLAGS, **_SHARED),  # type: ignore[arg-type]
+        Extension("btrdelta.send._cells", ["src/btrdelta/send/_cells.c"],
                   extra_compile_args=_FLAGS, **_SHARED),  # type: ignore[arg-type]
         Extension("btrdelta._hugepages", ["src/btrdelta/_hugepages.c"],
                   extra_compile_args=_FLAGS, **_SHARED),  # type: ignore[arg-type]

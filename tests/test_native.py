@@ -39,7 +39,28 @@ def _live_in(dest: Path) -> dict[str, bool]:
         "hpatch": _hpatch_runs_c(),
         "sweep": _sweep_runs_c(),
         "columns": _columns_run_c(),
+        "cells": _cells_run_c(),
     }
+
+
+def _cells_run_c() -> bool:
+    """Whether a file's cells are made from its extent items in C now (the Python reference
+    not called)."""
+    from btrdelta.send import extents
+
+    calls: list[int] = []
+    real = extents._inputs_py
+
+    def spy(*args: object) -> tuple[bytes, bytes, int, int]:
+        calls.append(1)
+        return real(*args)  # type: ignore[arg-type]
+
+    extents._inputs_py = spy  # type: ignore[assignment]
+    try:
+        assert extents.same_in_cells(b"", b"", 0) == []
+    finally:
+        extents._inputs_py = real  # type: ignore[assignment]
+    return not calls
 
 
 def _columns_run_c() -> bool:
@@ -165,11 +186,11 @@ def test_one_setting_picks_every_accelerator() -> None:
         out[value] = subprocess.run([sys.executable, "-c", code], env={**env, **extra},
                                     capture_output=True, text=True, check=True).stdout.split()
     assert out[None] == out["0"]
-    assert out[None][:11] == ["c", "['c',", "'c',", "'c',", "'c',", "'c',", "'c',", "'c',",
-                              "'c',", "'c']", "c"]
+    assert out[None][:12] == ["c", "['c',", "'c',", "'c',", "'c',", "'c',", "'c',", "'c',",
+                              "'c',", "'c',", "'c']", "c"]
     assert out["1"] == ["python", "['python',", "'python',", "'python',", "'python',",
-                        "'python',", "'python',", "'python',", "'python',", "'python']",
-                        "python", "crc32c", "package"]
+                        "'python',", "'python',", "'python',", "'python',", "'python',",
+                        "'python']", "python", "crc32c", "package"]
 
 
 def test_use_backend_reaches_objects_made_inside(tmp_path: Path) -> None:
@@ -182,14 +203,15 @@ def test_use_backend_reaches_objects_made_inside(tmp_path: Path) -> None:
             assert _live_in(tmp_path) == {"speedups": False, "fastapply": False, "unfold": True,
                                           "buzhash": False, "treewalk": False,
                                           "blockhash": False, "hpatch": False,
-                                          "sweep": False, "columns": False}
+                                          "sweep": False, "columns": False, "cells": False}
     assert _native.BACKEND == "c"
     with _native.use_backend("python", "fastapply"):
         assert _native.BACKEND == "c"
         assert _native.backends()["fastapply"] == "python"
         assert _live_in(tmp_path) == {"speedups": True, "fastapply": False, "unfold": True,
                                       "buzhash": True, "treewalk": True, "blockhash": True,
-                                      "hpatch": True, "sweep": True, "columns": True}
+                                      "hpatch": True, "sweep": True, "columns": True,
+                                      "cells": True}
     assert _live_in(tmp_path) == dict.fromkeys(_native.ACCELERATORS, True)
 
 

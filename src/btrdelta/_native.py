@@ -1,6 +1,6 @@
 """The one switch between btrdelta's C accelerators and its pure-Python code (floor 0).
 
-Nine optional C modules are built when a compiler is present:
+Ten optional C modules are built when a compiler is present:
 
 =============  ==============================  ===============================================
 name           module                          what it runs instead of the Python code
@@ -34,9 +34,12 @@ name           module                          what it runs instead of the Pytho
                                                into the next record; a directory's entries
                                                and their rows; the files whose digest
                                                starts as a changed file's
+``cells``      ``btrdelta.send._cells``        the digest input of a file's cells (a record's
+                                               extent items past its bound) from a batch of
+                                               its extent items, not Python per item
 =============  ==============================  ===============================================
 
-One setting picks the backend of all nine: ``BTRDELTA_PURE_PYTHON=1`` makes it
+One setting picks the backend of all ten: ``BTRDELTA_PURE_PYTHON=1`` makes it
 ``"python"``, otherwise it is ``"c"`` and every accelerator that is built is used. This
 module reads that variable once, at import: it is the only module besides ``cli`` that reads
 the environment. The Python code stays the reference: it handles what the C code hands
@@ -48,7 +51,7 @@ every object made after it::
 
     from btrdelta import _native
 
-    with _native.use_backend("python"):          # all nine
+    with _native.use_backend("python"):          # all ten
         ...
     with _native.use_backend("python", "fastapply"):   # only the applier's
         ...
@@ -103,6 +106,7 @@ ACCELERATORS: Final[dict[str, str]] = {
     "hpatch": "btrdelta.delta._hpatch",
     "sweep": "btrdelta.fs._sweep",
     "columns": "btrdelta.tree._columns",
+    "cells": "btrdelta.send._cells",
 }
 
 #: the backend asked for: ``"python"`` when ``BTRDELTA_PURE_PYTHON`` is set (not ``0``),

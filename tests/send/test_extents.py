@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from itertools import pairwise
 from pathlib import Path
 
@@ -192,16 +192,18 @@ def test_extents_recorded_only_for_large_cow_files(monkeypatch: pytest.MonkeyPat
     from btrdelta.send import extents
 
     items = b"".join(_ext(k * 4096, 4096, (1 << 30) + k * 8192) for k in range(400))
-    monkeypatch.setattr(extents, "file_extents", lambda fd, ino, item_max=0, into=None: items)
+    monkeypatch.setattr(extents, "file_extent_batches",
+                        lambda fd, ino, item_max=0, into=None: iter([items[:5000], items[5000:]]))
     assert extents.extents_of(0, 257, 400 * 4096, 0) == items  # 20,000 bytes: 1.2 %
     assert extents.extents_of(0, 257, extents.EXTENT_MIN - 1, 0) is None
     assert extents.extents_of(0, 257, 4 * MIB, extents.NOCOW) is None
     assert extents.from_sweep([items[:50], items[50:]], 64 << 10, 0) == items
 
-    def denied(fd: int, ino: int, item_max: int = 0, into: object = None) -> bytes:
+    def denied(fd: int, ino: int, item_max: int = 0, into: object = None) -> Iterator[bytes]:
         raise PermissionError(1, "Operation not permitted")
+        yield b""
 
-    monkeypatch.setattr(extents, "file_extents", denied)
+    monkeypatch.setattr(extents, "file_extent_batches", denied)
     assert extents.extents_of(0, 257, 8 * MIB, 0) is None
 
 

@@ -489,7 +489,21 @@ def file_extents(fd: int, ino: int, item_max: int = 0, into: bytearray | None = 
     """The file extent items (``EXTENT_DATA``) of inode ``ino`` of the subvolume holding
     ``fd``, in file order, each packed as :data:`EXTENT`; None when one of them cannot be
     compared by its fields (inline data, encryption or another encoding, an unknown type).
-    Needs ``CAP_SYS_ADMIN`` (``TREE_SEARCH_V2``, ``TREE_SEARCH`` on kernels without it).
+    :func:`file_extent_batches`' batches joined (a file's items may be millions: a send
+    takes the batches)."""
+    out = bytearray()  # (50 bytes an item: a list of them took ~140 while joined)
+    for batch in file_extent_batches(fd, ino, item_max, into):
+        if batch is None:
+            return None
+        out += batch
+    return bytes(out)
+
+
+def file_extent_batches(fd: int, ino: int, item_max: int = 0, into: bytearray | None = None
+                        ) -> Iterator[bytes | None]:
+    """:func:`file_extents` of inode ``ino`` one search at a time: the items of each search
+    (up to ~1,300), packed; a None ends them when an item cannot be compared. Needs
+    ``CAP_SYS_ADMIN`` (``TREE_SEARCH_V2``, ``TREE_SEARCH`` on kernels without it).
 
     Most files take one search, not a second that finds nothing: the kernel
     (``search_ioctl``/``copy_to_sk``, ``fs/btrfs/ioctl.c``) ends a ``TREE_SEARCH_V2`` before
@@ -499,8 +513,9 @@ def file_extents(fd: int, ino: int, item_max: int = 0, into: bytearray | None = 
     (:func:`largest_item`; ``item_max``: it, asked already) is every item there is.
     ``TREE_SEARCH`` (4 KiB, older kernels) is searched until it finds none. ``into``: a
     buffer of :data:`EXTENT_SEARCH` bytes to search with, else one is made (and zeroed).
+    The items of a buffer are read in C (the ``sweep`` accelerator's ``extents``) or by
+    :func:`_extents_py`.
     """
-    out = bytearray()  # (50 bytes an item: a list of them took ~140 while joined)
     min_off = 0
     room = 0  # (what a complete result leaves: asked when needed)
 
@@ -508,26 +523,45 @@ def file_extents(fd: int, ino: int, item_max: int = 0, into: bytearray | None = 
         _SEARCH_KEY.pack_into(buf, 0, 0, ino, ino, min_off, _U64_MAX, 0, _U64_MAX,
                               _EXTENT_DATA_KEY, _EXTENT_DATA_KEY, 0xFFFFFFFF, 0, 0, 0, 0, 0)
 
-    header = _SEARCH_HDR.unpack_from
-    for buf, pos, nr_items in _searches(fd, _EXTENT_BUFFER, key, into):
-        off, first = 0, pos
-        for _ in range(nr_items):
-            _transid, obj, off, typ, length = header(buf, pos)
-            pos += 32
-            if obj == ino and typ == _EXTENT_DATA_KEY:
-                item = extent_item(buf, pos, length, off)
-                if item is None:
-                    return None
-                out += item
-            pos += length
+    native = _native.live("sweep")
+    parse = _extents_py if native is None else native.extents
+    for buf, first, nr_items in _searches(fd, _EXTENT_BUFFER, key, into):
+        items, off, pos = parse(buf, first, nr_items, ino)
+        yield items
+        if items is None:
+            return
         if off >= _U64_MAX:
-            break
+            return
         if first == _V2_START:
             room = room or _SEARCH_HDR.size + (item_max or largest_item(fd))
             if pos - first + room <= _EXTENT_BUFFER:
-                break  # every item fitted with room to spare: there is no other
+                return  # every item fitted with room to spare: there is no other
         min_off = off + 1
-    return bytes(out)
+
+
+def _extents_py(buf: bytearray, pos: int, nr_items: int, ino: int
+                ) -> tuple[bytes | None, int, int]:
+    """The file extent items of inode ``ino`` among the ``nr_items`` search results in
+    ``buf`` from ``pos``, packed as :data:`EXTENT` (None: one cannot be compared), the key
+    offset of the last result and where the results end. The reference of the ``sweep``
+    C accelerator's ``extents`` (``fs/_sweep.c``)."""
+    header, size = _SEARCH_HDR.unpack_from, len(buf)
+    out = bytearray()
+    off = 0
+    for _ in range(nr_items):
+        if pos + 32 > size:
+            raise ValueError("a search result runs past the buffer")
+        _transid, obj, off, typ, length = header(buf, pos)
+        pos += 32
+        if pos + length > size:
+            raise ValueError("a search result runs past the buffer")
+        if obj == ino and typ == _EXTENT_DATA_KEY:
+            item = extent_item(buf, pos, length, off)
+            if item is None:
+                return None, off, pos + length
+            out += item
+        pos += length
+    return bytes(out), off, pos
 
 
 def extent_item(buf: bytearray, pos: int, length: int, off: int) -> bytes | None:

@@ -27,14 +27,14 @@ from __future__ import annotations
 import os
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import blake3
 
-from .. import TYPE_CHECKING
+from .. import TYPE_CHECKING, _native
 from .._optional import need
 from ..errors import BtrdeltaError
-from ..fs.btrfs import EXTENT, EXTENT_SEARCH, file_extents, get_fileattr
+from ..fs.btrfs import EXTENT, EXTENT_SEARCH, file_extent_batches, get_fileattr
 from ..fs.content import data_segments
 from ..tree.sendshot import RecordInode
 
@@ -92,29 +92,38 @@ _Span = tuple[int, int, tuple[int, ...] | None]
 
 
 def extents_of(fd: int, ino: int, size: int, flags: int, least: int = SEARCH_MIN,
-               item_max: int = 0) -> bytes | None:
+               item_max: int = 0, most: int | None = None) -> bytes | None:
     """The extent items to record for open file ``fd`` (inode ``ino`` of ``size`` bytes,
     inode flags ``flags``), or None: below ``least`` (:data:`SEARCH_MIN`: the smaller files
     of a full send get theirs from :func:`from_sweep`), ``NOCOW``, items that cannot be
     compared (:func:`~btrdelta.fs.btrfs.file_extents`), no right to search the tree (not
-    root). However fragmented the file, its items are returned and recorded, up to
-    :data:`EXTENT_MAX` bytes as they are and past it as cells (:func:`bounded`): each covers
-    at least a block, so they take at most 50 bytes a 4 KiB block (1.2 % of the size, less
-    once the record is compressed), and a file without them is read whole when it changes
-    (until session 29 items over 0.5 % of the size were not recorded: a SQLite database of
-    100 MiB written in ~2,500 pages a round lost them after three rounds and was read whole
-    from then on). ``item_max``: :func:`~btrdelta.fs.btrfs.largest_item` of the
-    filesystem, asked already."""
+    root). However fragmented the file, its items are returned and recorded, up to ``most``
+    bytes (None: :data:`EXTENT_MAX`) as they are and past it as cells (:func:`bounded`), cut
+    as the searches give them (never all held): each covers at least a block, so they take
+    at most 50 bytes a 4 KiB block (1.2 % of the size, less once the record is compressed),
+    and a file without them is read whole when it changes (until session 29 items over 0.5 %
+    of the size were not recorded: a SQLite database of 100 MiB written in ~2,500 pages a
+    round lost them after three rounds and was read whole from then on). ``item_max``:
+    :func:`~btrdelta.fs.btrfs.largest_item` of the filesystem, asked already."""
     if size < max(least, EXTENT_MIN) or flags & NOCOW:
         return None
+    cut = _Cut(size, most)
+    try:
+        for batch in _searched(fd, ino, item_max):
+            if batch is None:
+                return None
+            cut.add(batch)
+    except OSError:
+        return None
+    return cut.result()
+
+
+def _searched(fd: int, ino: int, item_max: int) -> Iterator[bytes | None]:
+    """:func:`~btrdelta.fs.btrfs.file_extent_batches` with this thread's search buffer."""
     buf = getattr(_searching, "buf", None)
     if buf is None:
         buf = _searching.buf = bytearray(EXTENT_SEARCH)
-    try:
-        got = file_extents(fd, ino, item_max, buf)
-    except OSError:
-        return None
-    return got
+    return file_extent_batches(fd, ino, item_max, buf)
 
 
 def from_sweep(items: list[bytes | None] | None, size: int, flags: int) -> bytes | None:
@@ -131,14 +140,15 @@ def from_sweep(items: list[bytes | None] | None, size: int, flags: int) -> bytes
     return b"".join(items)  # type: ignore[arg-type]
 
 
-def _spans(items: bytes, limit: int) -> Iterator[_Span]:
-    """The mapped ranges of packed extent ``items`` below ``limit`` (holes: key None), made
-    one at a time (a file's items may be millions)."""
-    for off, num, bytenr, disk, ext_off, gen, kind, comp in EXTENT.iter_unpack(items):
-        if off >= limit:
-            return
-        yield off, min(off + num, limit), \
-            None if bytenr == 0 else (bytenr, disk, gen, kind, comp, off - ext_off)
+def _spans(items: bytes | Iterable[bytes], limit: int) -> Iterator[_Span]:
+    """The mapped ranges of packed extent ``items`` (or their batches, in file order) below
+    ``limit`` (holes: key None), made one at a time (a file's items may be millions)."""
+    for batch in _batches(items):
+        for off, num, bytenr, disk, ext_off, gen, kind, comp in EXTENT.iter_unpack(batch):
+            if off >= limit:
+                return
+            yield off, min(off + num, limit), \
+                None if bytenr == 0 else (bytenr, disk, gen, kind, comp, off - ext_off)
 
 
 def _runs(items: bytes, limit: int) -> Iterator[_Span]:
@@ -161,7 +171,9 @@ def _runs(items: bytes, limit: int) -> Iterator[_Span]:
 def _cell_sums(runs: Iterator[_Span], cells: list[tuple[int, int]]) -> list[tuple[int, ...]]:
     """Each cell's digest (4 u64: BLAKE3-256 of ``"btrdelta-cells\0"`` and its data ranges,
     clipped to it, with their keys; the lowest bit of the first set, so that no cell reads
-    as a hole to a reader that does not know cells): ``cells`` (start, end) in order."""
+    as a hole to a reader that does not know cells): ``cells`` (start, end) in order. The
+    reference of :class:`_Sums` (the runs merged before they are clipped: another way to
+    the same input), kept for the tests."""
     out: list[tuple[int, ...]] = []
     run = next(runs, None)
     for a, b in cells:
@@ -180,6 +192,138 @@ def _cell_sums(runs: Iterator[_Span], cells: list[tuple[int, int]]) -> list[tupl
     return out
 
 
+def _inputs_py(items: bytes | bytearray, bounds: bytes, k: int, final: bool
+               ) -> tuple[bytes, bytes, int, int]:
+    """The digest input of the cells from ``k`` on (edges ``bounds``, u64 each) that the
+    extent ``items`` complete: ``(data, ends of each cell's input in it (u64 each), the
+    first cell not completed, the index of the first item it needs)``. The reference of the
+    ``cells`` C accelerator (``send/_cells.c``, which documents it; one call a batch)."""
+    edges = [e for (e,) in _U64.iter_unpack(bounds)]
+    its = list(EXTENT.iter_unpack(items))
+    last = its[-1][0] + its[-1][1] if its else 0
+    data, ends, i = bytearray(), bytearray(), 0
+    while k < len(edges) - 1:
+        a, e = edges[k], edges[k + 1]
+        if not final and last < e:
+            break
+        while i < len(its) and its[i][0] + its[i][1] <= a:
+            i += 1
+        data += _CELLS
+        cur: list[int] | None = None
+        for off, num, bytenr, disk, ext_off, gen, kind, comp in its[i:]:
+            if off >= e:
+                break
+            s, t = max(off, a), min(off + num, e)
+            if not bytenr or s >= t:
+                continue
+            key = [bytenr, disk, gen, kind, comp, off - ext_off]
+            if cur is not None and cur[1] == s and cur[2:] == key:
+                cur[1] = t
+                continue
+            if cur is not None:
+                data += _CELLSPAN.pack(*cur)
+            cur = [s, t, *key]
+        if cur is not None:
+            data += _CELLSPAN.pack(*cur)
+        ends += _U64.pack(len(data))
+        k += 1
+    if k < len(edges) - 1:
+        while i < len(its) and its[i][0] + its[i][1] <= edges[k]:
+            i += 1
+    else:
+        i = len(its)
+    return bytes(data), bytes(ends), k, i
+
+
+class _Sums:
+    """The digests of cells (edges ``bounds``: cell j is ``[bounds[j], bounds[j + 1])``) of
+    a file's extent items given batch by batch in file order (:meth:`add`): each cell's is
+    made once the items complete it, and only the items that meet a cell not yet made are
+    kept, so that however many items a file has, they are never all held."""
+
+    __slots__ = ("_inputs", "bounds", "held", "k", "sums")
+
+    def __init__(self, bounds: list[int]) -> None:
+        native = _native.live("cells")
+        self._inputs = _inputs_py if native is None else native.inputs
+        self.bounds = struct.pack(f"<{len(bounds)}Q", *bounds)
+        self.k = 0
+        self.held: bytes | bytearray = b""
+        #: each cell's digest made so far (32 bytes, the lowest bit of the first set)
+        self.sums = bytearray()
+
+    def add(self, items: bytes | bytearray, final: bool = False) -> None:
+        """Take the next extent ``items`` (``final``: no more follow)."""
+        items = self.held + items if self.held else items
+        data, ends, self.k, keep = self._inputs(items, self.bounds, self.k, final)
+        self.held = items[keep * EXTENT.size:]
+        view, start = memoryview(data), 0
+        for end in memoryview(ends).cast("Q"):
+            d = bytearray(blake3.blake3(view[start:end]).digest())
+            d[0] |= 1
+            self.sums += d
+            start = end
+
+    def finish(self) -> bytes:
+        """Every cell's digest, 32 bytes each: the items have all been given."""
+        self.add(b"", True)
+        return bytes(self.sums)
+
+
+def _grid(size: int, most: int) -> list[int] | None:
+    """The edges of the cells a file of ``size`` bytes is recorded as past the bound
+    ``most``: at most ``most // 50`` cells of one length, a multiple of 4 KiB (the last up
+    to the size); None: no cell fits the bound, or an empty file."""
+    cap = most // EXTENT.size
+    if cap < 1 or size <= 0:
+        return None
+    step = -(-size // cap)
+    step = -(-step // _BLOCK) * _BLOCK
+    return [*range(0, size, step), size]
+
+
+class _Cut:
+    """A file's extent items, given batch by batch (:meth:`add`), as a record keeps them
+    (:func:`bounded`): held while they take at most ``most`` bytes, then cut to cells as
+    they come (:class:`_Sums`): a send holds at most the bound and a batch of a file's
+    items, not all of them (26 M items, 1.3 GB, for a 100 GiB image in 4 KiB extents)."""
+
+    __slots__ = ("dropped", "edges", "held", "most", "size", "sums")
+
+    def __init__(self, size: int, most: int | None = None) -> None:
+        self.size, self.most = size, EXTENT_MAX if most is None else most
+        self.held = bytearray()
+        self.edges: list[int] | None = None
+        self.sums: _Sums | None = None
+        self.dropped = False
+
+    def add(self, items: bytes | bytearray) -> None:
+        if self.dropped:
+            return
+        if self.sums is None:
+            self.held += items
+            if len(self.held) <= self.most:
+                return
+            self.edges = _grid(self.size, self.most)
+            if self.edges is None:
+                self.dropped, self.held = True, bytearray()
+                return
+            self.sums = _Sums(self.edges)
+            items, self.held = self.held, bytearray()
+        self.sums.add(items)
+
+    def result(self) -> bytes | None:
+        """The items (at most ``most`` bytes), else cells; None: not recorded."""
+        if self.dropped:
+            return None
+        if self.sums is None or self.edges is None:
+            return bytes(self.held)
+        sums, edges = self.sums.finish(), self.edges
+        return b"".join(EXTENT.pack(edges[j], edges[j + 1] - edges[j],
+                                    *_CELLSUM.unpack_from(sums, 32 * j), CELL, 0)
+                        for j in range(len(edges) - 1))
+
+
 def is_cells(items: bytes | None) -> bool:
     """Whether recorded ``items`` are cells (:func:`bounded`), not extent items."""
     return bool(items) and items[EXTENT.size - 2] == CELL  # type: ignore[index]
@@ -187,50 +331,54 @@ def is_cells(items: bytes | None) -> bool:
 
 def bounded(items: bytes | None, size: int, most: int | None = None) -> bytes | None:
     """The extent ``items`` of a file of ``size`` bytes as a record keeps them: themselves
-    when they take at most ``most`` bytes; else at most ``most // 50`` *cells*, each a range
-    of the file that starts at an item and holds the same number of items (the last: up to
-    the size), with a digest of the data ranges it maps and their extents (packed as
+    when they take at most ``most`` bytes; else at most ``most // 50`` *cells*, ranges of the
+    file of one length (a multiple of 4 KiB; the last up to the size: :func:`_grid`), each
+    with a digest of the data ranges it maps and their extents (packed as
     :data:`~btrdelta.fs.btrfs.EXTENT`: the range's start and length, the digest in place of
     disk bytenr, disk length, offset and generation, type :data:`CELL`). A send against the
     record proves a cell unchanged when the file's items now give it the same digest
     (:func:`same_in_cells`) and reads only the changed cells. Cells over ``most`` (a record
     made with a larger bound), or a bound below one cell: None (not recorded). ``most``
-    None: :data:`EXTENT_MAX`."""
+    None: :data:`EXTENT_MAX`. (:class:`_Cut` does the same with the items given in
+    batches, as a send reads them.)"""
     most = EXTENT_MAX if most is None else most
     if items is None or len(items) <= most:
         return items
-    cap = most // EXTENT.size
-    if is_cells(items) or cap < 1 or size <= 0:
+    if is_cells(items):
         return None
-    n = len(items) // EXTENT.size
-    per = -(-n // cap)
-    starts = [0]
-    for i in range(per, n, per):
-        off = _U64.unpack_from(items, i * EXTENT.size)[0]
-        if starts[-1] < off < size:
-            starts.append(off)
-    cells = list(zip(starts, [*starts[1:], size], strict=True))
-    sums = _cell_sums(_runs(items, size), cells)
-    return b"".join(EXTENT.pack(a, b - a, *d, CELL, 0) for (a, b), d in zip(cells, sums,
-                                                                             strict=True))
+    cut = _Cut(size, most)
+    cut.add(items)
+    return cut.result()
 
 
-def same_in_cells(cells: bytes, new: bytes, limit: int) -> list[tuple[int, int]]:
+def _batches(items: bytes | Iterable[bytes]) -> Iterable[bytes]:
+    return (items,) if isinstance(items, bytes | bytearray) else items
+
+
+def same_in_cells(cells: bytes, new: bytes | Iterable[bytes], limit: int
+                  ) -> list[tuple[int, int]]:
     """As :func:`same_ranges`, against a record's ``cells`` (:func:`bounded`): the cells below
-    ``limit`` whose digest the file's extent items ``new`` give again, merged, in order.
-    Cells that do not follow each other from 0 (not :func:`bounded`'s) end the comparison."""
-    spans: list[tuple[int, int]] = []
-    want: list[tuple[int, ...]] = []
-    for off, num, d0, d1, d2, d3, _kind, _comp in EXTENT.iter_unpack(cells):
-        if off != (spans[-1][1] if spans else 0) or not num or off + num > limit:
+    ``limit`` whose digest the file's extent items ``new`` (or its batches, in file order)
+    give again, merged, in order. Cells that do not follow each other from 0 (not
+    :func:`bounded`'s) end the comparison. Any cells compare (ext30's of session 30 started
+    at an item, each holding as many; they are now of one length)."""
+    edges = [0]
+    for off, num, *_d in EXTENT.iter_unpack(cells):
+        if off != edges[-1] or not num or off + num > limit:
             break
-        spans.append((off, off + num))
-        want.append((d0, d1, d2, d3))
-    got = _cell_sums(_runs(new, limit), spans)
+        edges.append(off + num)
+    want = bytearray()
+    for j in range(len(edges) - 1):
+        want += cells[j * EXTENT.size + 16:j * EXTENT.size + 48]
+    sums = _Sums(edges)
+    for batch in _batches(new):
+        sums.add(batch)
+    got = sums.finish()
     out: list[tuple[int, int]] = []
-    for (a, b), w, g in zip(spans, want, got, strict=True):
-        if w != g:
+    for j in range(len(edges) - 1):
+        if got[32 * j:32 * j + 32] != want[32 * j:32 * j + 32]:
             continue
+        a, b = edges[j], edges[j + 1]
         if out and out[-1][1] == a:
             out[-1] = (out[-1][0], b)
         else:
@@ -238,10 +386,13 @@ def same_in_cells(cells: bytes, new: bytes, limit: int) -> list[tuple[int, int]]
     return out
 
 
-def same_ranges(old: bytes, new: bytes, limit: int) -> list[tuple[int, int]]:
+def same_ranges(old: bytes, new: bytes | Iterable[bytes], limit: int, most: int = 0
+                ) -> list[tuple[int, int]]:
     """The ranges below ``limit`` that read the same through the extent items ``old`` and
-    ``new`` of one inode: the same extent (disk bytenr and length, generation, type,
-    compression) at the same place in it, or a hole on both sides; merged, in order."""
+    ``new`` (or its batches, in file order) of one inode: the same extent (disk bytenr and
+    length, generation, type, compression) at the same place in it, or a hole on both
+    sides; merged, in order. ``most``: at most so many ranges, the first (the others are
+    read: a file of millions of items against a record of a few can have millions)."""
     a, b = _spans(old, limit), _spans(new, limit)
     sa, sb = next(a, None), next(b, None)
     out: list[tuple[int, int]] = []
@@ -260,6 +411,8 @@ def same_ranges(old: bytes, new: bytes, limit: int) -> list[tuple[int, int]]:
         if ka == kb:
             if out and out[-1][1] == pos:
                 out[-1] = (out[-1][0], end)
+            elif most and len(out) >= most:
+                break
             else:
                 out.append((pos, end))
         pos = end
@@ -394,14 +547,14 @@ class Planned:
             self.fd = -1
 
 
-def plan_changed(node: Node, path: bytes, old: RecordInode, item_max: int = 0
-                 ) -> Planned | None:
+def plan_changed(node: Node, path: bytes, old: RecordInode, item_max: int = 0,
+                 most: int | None = None) -> Planned | None:
     """Plan the read of changed file ``node`` (at ``path``) where its blocks are not proven
     unchanged against its record ``old`` (the same inode): the blocks to read are asked of
     the device at once (``POSIX_FADV_WILLNEED``), so the reads of several files planned
     before the first is made overlap. None: the file is not eligible (see the module
-    docstring) or nothing is proven unchanged; the caller hashes it whole. ``item_max``: as
-    :func:`extents_of`.
+    docstring) or nothing is proven unchanged; the caller hashes it whole. ``item_max``,
+    ``most``: as :func:`extents_of`.
 
     Raises:
         BtrdeltaError: the file cannot be opened.
@@ -413,7 +566,7 @@ def plan_changed(node: Node, path: bytes, old: RecordInode, item_max: int = 0
         return None
     fd = open_to_read(path)
     try:
-        plan = _plan(fd, node, old, item_max)
+        plan = _plan(fd, node, old, item_max, most)
         if plan is None:
             return None
         flags, new_ext, segs, ops = plan
@@ -429,24 +582,44 @@ def plan_changed(node: Node, path: bytes, old: RecordInode, item_max: int = 0
             os.close(fd)
 
 
-def _plan(fd: int, node: Node, old: RecordInode, item_max: int = 0
+def _plan(fd: int, node: Node, old: RecordInode, item_max: int = 0, most: int | None = None
           ) -> tuple[int, bytes, list[tuple[int, int]], list[tuple[int, int]]] | None:
-    """(inode flags, extent items, data segments, what to do in file order) of open file
-    ``fd`` against its record ``old``; each thing to do is ``(-1 - first digest, blocks)``
-    taken from the record or ``(offset, end)`` to read. None: nothing proven unchanged."""
+    """(inode flags, extent items as the record keeps them (``most``: as :func:`bounded`),
+    data segments, what to do in file order) of open file ``fd`` against its record
+    ``old``; each thing to do is ``(-1 - first digest, blocks)`` taken from the record or
+    ``(offset, end)`` to read. None: nothing proven unchanged."""
     from .hashing import block_segments
 
     if os.fstat(fd).st_ino != node.st_ino:
         return None
     flags = get_fileattr(fd)
-    new_ext = extents_of(fd, node.st_ino, node.size, flags, EXTENT_MIN, item_max)
-    if new_ext is None:
-        return None
     size = node.size
-    recorded = old.extents or b""
-    same = (same_in_cells if is_cells(recorded) else same_ranges)(
-        recorded, new_ext, min(size, old.size))
-    if not same:
+    if size < EXTENT_MIN or flags & NOCOW:
+        return None
+    # the items compared as the searches give them, and cut to what the new record keeps
+    # (:class:`_Cut`): a file's items are never all held
+    cut = _Cut(size, most)
+    searched = _searched(fd, node.st_ino, item_max)
+
+    def batches() -> Iterator[bytes]:
+        for batch in searched:
+            if batch is None:
+                cut.dropped = True
+                return
+            cut.add(batch)
+            yield batch
+
+    recorded, limit = old.extents or b"", min(size, old.size)
+    given = batches()
+    try:
+        same = same_in_cells(recorded, given, limit) if is_cells(recorded) else \
+            same_ranges(recorded, given, limit, 2 * (cut.most // EXTENT.size) + 1)
+        for _ in given:  # (the items past the comparison, for the record)
+            pass
+    except OSError:
+        return None
+    new_ext = cut.result()
+    if new_ext is None or not same:
         return None
     segs = block_segments(data_segments(fd, size), size)
     runs = _reusable(same, old, size, segs)

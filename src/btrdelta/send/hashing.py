@@ -371,7 +371,7 @@ def block_segments(segs: list[tuple[int, int]], size: int) -> list[tuple[int, in
 def _hash_file_blocks(
     path: bytes, size: int, buf: bytearray | mmap.mmap, seed: int, keep: bool = False, ino: int = 0,
     fd: int = -1, whole_blocks: bool = False, drop: bool = True, extent_min: int = SEARCH_MIN,
-    stop: threading.Event | None = None, content3: bool = True,
+    stop: threading.Event | None = None, content3: bool = True, extent_max: int | None = None,
 ) -> tuple[bytes, int, list[tuple[int, int]], bytes, bytes, bytes | None, bytes | None]:
     """Record mode: (XXH3-128 digest, flags, block-aligned data segments, seeded XXH3-128 of
     each 4 KiB block of them, content digest (``content3``: tree-sum-3's; else BLAKE3-256),
@@ -398,7 +398,7 @@ def _hash_file_blocks(
         fd = open_to_read(path)
     try:
         flags = get_fileattr(fd)
-        extents = extents_of(fd, ino, size, flags, extent_min) if ino else None
+        extents = extents_of(fd, ino, size, flags, extent_min, most=extent_max) if ino else None
         if keep and whole_blocks and 0 < size <= KEEP_MAX:
             content = os.pread(fd, size + 1, 0)
             if len(content) != size:
@@ -502,6 +502,9 @@ class ContentHasher:
         #: ... of files from this size on (a search a file; a full send's smaller files get
         #: theirs from the sweep that stamps its inodes: :func:`~.extents.from_sweep`)
         self.extent_min = SEARCH_MIN
+        #: ... and past this many bytes of a file's items, cells (the record's bound: a
+        #: store's ``extent_max``; None: :data:`~.extents.EXTENT_MAX`), cut as searched
+        self.extent_max: int | None = None
         #: drop the pages of a snapshot's files once read for the stream (:func:`uncache`):
         #: a read-only snapshot's, unless the caller knows the send reads little (then the
         #: ~13 µs of each call, ~1 ms of a small round, buy nothing: the few MiB left cached
@@ -576,7 +579,8 @@ class ContentHasher:
                          content, node.extents) = _hash_file_blocks(
                             path, node.size, buf, seed, keep,
                             node.st_ino if self.extents else 0, fd, self.whole_blocks,
-                            self.uncache, self.extent_min, self._stop, self.content3)
+                            self.uncache, self.extent_min, self._stop, self.content3,
+                            self.extent_max)
                     except BaseException:
                         if still >= 0:
                             os.close(still)

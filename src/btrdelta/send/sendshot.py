@@ -266,8 +266,8 @@ def _stamp(fz: Frozen, extents: bool = False) -> Callable[[Tree], None]:
 
 
 def _scan(fz: Frozen, base: StoredSendshot | None, cols: View | None,
-          seed: int, scanned: ScanStream | None = None, sweep: _Sweep | None = None
-          ) -> tuple[TreeScan, Tree | None, Changes | None]:
+          seed: int, scanned: ScanStream | None = None, sweep: _Sweep | None = None,
+          extent_max: int | None = None) -> tuple[TreeScan, Tree | None, Changes | None]:
     """The new tree's scan, the old tree, and the changes when only they were visited.
 
     On btrfs, against a record of an earlier snapshot of the same subvolume, only what
@@ -277,18 +277,19 @@ def _scan(fz: Frozen, base: StoredSendshot | None, cols: View | None,
     tree is walked (:class:`~.walk.ScanStream`: ``scanned``, a walk started already, or one
     started here), its files hashed as the walk finds them, in the order they are sent.
     ``sweep``: the change sweep since ``base``, started already (joined before this returns:
-    the snapshot may be deleted after).
+    the snapshot may be deleted after). ``extent_max``: the store's bound on a file's
+    extent items (past it cut to cells as they are searched).
     """
     try:
-        return _scan_with(fz, base, cols, seed, scanned, sweep)
+        return _scan_with(fz, base, cols, seed, scanned, sweep, extent_max)
     finally:
         if sweep is not None:
             sweep.join()
 
 
 def _scan_with(fz: Frozen, base: StoredSendshot | None, cols: View | None, seed: int,
-               scanned: ScanStream | None, sweep: _Sweep | None
-               ) -> tuple[TreeScan, Tree | None, Changes | None]:
+               scanned: ScanStream | None, sweep: _Sweep | None,
+               extent_max: int | None = None) -> tuple[TreeScan, Tree | None, Changes | None]:
     # a record's digests are compared with the base's: of the base's kind (a version 3
     # base's lineage keeps BLAKE3 of the whole content until a full send or an adoption)
     content3 = base is None or base.head.content3
@@ -299,7 +300,7 @@ def _scan_with(fz: Frozen, base: StoredSendshot | None, cols: View | None, seed:
             usable(base.head, fz.lineage, fz.generation, fz.info.readonly):
         got = _changes(fz, base, cols, seed,
                        sweep if sweep is not None and sweep.since == base.head.generation
-                       else None, content3)
+                       else None, content3, extent_max)
         if got is not None:
             return got[0], got[1].old, got[1]
     old = tree_from_record(cols.rows(), base.head, base.path) \
@@ -307,16 +308,20 @@ def _scan_with(fz: Frozen, base: StoredSendshot | None, cols: View | None, seed:
     extents = fz.info is not None and fz.info.readonly
     if base is None and fz.info is not None:
         # its inodes' generations (only its record's) are read after it (send_with_sendshots)
-        return TreeScan(fz.path, None, seed=seed, extents=extents, stream=scanned or True,
-                        hash_as_sent=SentWhole(fz.path), content3=content3), None, None
+        scan = TreeScan(fz.path, None, seed=seed, extents=extents, stream=scanned or True,
+                        hash_as_sent=SentWhole(fz.path), content3=content3)
+        scan.hasher.extent_max = extent_max
+        return scan, None, None
     # a full stream of a plain directory (its UUID the content's) is hashed before it starts
     order = inode_order if base is None else None
-    return TreeScan(fz.path, None, seed=seed, prepare=_stamp(fz) if base is not None else None,
-                    extents=extents, order=order, content3=content3), old, None
+    scan = TreeScan(fz.path, None, seed=seed, prepare=_stamp(fz) if base is not None else None,
+                    extents=extents, order=order, content3=content3)
+    scan.hasher.extent_max = extent_max
+    return scan, old, None
 
 
 def _changes(fz: Frozen, base: StoredSendshot, cols: View, seed: int,
-             sweep: _Sweep | None = None, content3: bool = True
+             sweep: _Sweep | None = None, content3: bool = True, extent_max: int | None = None
              ) -> tuple[TreeScan, Changes] | None:
     """The changes since ``base`` (:func:`~.rescan.rescan`; ``sweep``: its change sweep,
     started already) and the scan holding them, or None when they cannot be found (not
@@ -339,7 +344,7 @@ def _changes(fz: Frozen, base: StoredSendshot, cols: View, seed: int,
     # they stay open for the stream, which reads their changed blocks again
     opened: dict[int, int] = {}
     try:
-        read = _hash_in_parts(changes, fz.path, seed, opened)
+        read = _hash_in_parts(changes, fz.path, seed, opened, extent_max)
     except BaseException:
         _close_all(opened)
         raise
@@ -355,6 +360,7 @@ def _changes(fz: Frozen, base: StoredSendshot, cols: View, seed: int,
     scan.hasher.opened = opened
     scan.hasher.keep_open = _KEEP_OPEN
     scan.hasher.extent_min = EXTENT_MIN  # (a few files: a search each, as a full send records)
+    scan.hasher.extent_max = extent_max
     # (a small change's pages stay cached: dropping them file by file costs more than the
     # snapshot's deletion takes to drop a few MiB)
     scan.hasher.uncache = not small
@@ -379,14 +385,15 @@ def _close_all(opened: dict[int, int]) -> None:
 
 
 def _hash_in_parts(changes: Changes, root: bytes, seed: int,
-                   opened: dict[int, int] | None = None) -> int:
+                   opened: dict[int, int] | None = None, extent_max: int | None = None) -> int:
     """Hash the changed files whose record keeps their extent items where those changed
     (:func:`~.extents.plan_changed`); the others are left to the hasher. Bytes read. Every
     file's reads are planned (asked of the device) before the first is made: the files of a
     new snapshot are not in the page cache, and one read after another each waited for the
     device (~30 µs a file). ``opened``: the files read are left open there (by ``id`` of
     their node, up to :data:`_KEEP_OPEN`), for the stream (each open and close of a file
-    of a new snapshot, by path, ~15 µs)."""
+    of a new snapshot, by path, ~15 µs). ``extent_max``: the store's bound (the items of a
+    file past it are cut to cells as they are searched)."""
     plans: list[Planned] = []
     item_max = 0  # (the filesystem's largest item, asked once)
     try:
@@ -402,7 +409,7 @@ def _hash_in_parts(changes: Changes, root: bytes, seed: int,
                     item_max = largest_item(fd)
                 finally:
                     os.close(fd)
-            planned = plan_changed(node, root + b"/" + node.path, old, item_max)
+            planned = plan_changed(node, root + b"/" + node.path, old, item_max, extent_max)
             if planned is not None:
                 plans.append(planned)
         if not plans:
@@ -480,7 +487,7 @@ def send_with_sendshots(
         base, cols, sweep = _load_swept(store, from_sendshot, src, fz, candidates, damaged,
                                         preloaded)
         seed = base.head.seed if base is not None else store.seed()
-        scan, old, changes = _scan(fz, base, cols, seed, scanned, sweep)
+        scan, old, changes = _scan(fz, base, cols, seed, scanned, sweep, store.extent_max)
         try:
             ids, sender = _sender(fz, base, src, scan, old, version=version, compress=compress,
                                   name=stream_name, on_progress=on_progress)
@@ -614,6 +621,7 @@ def adopt(store: SendshotStore, path: str | bytes | os.PathLike[str], *,
         scan = TreeScan(fz.path, None, seed=seed, prepare=_stamp(fz), on_entry=on_entry,
                         extents=lineage is not None and fz.info is not None
                         and fz.info.readonly)
+        scan.hasher.extent_max = store.extent_max
         try:
             scan.hasher.wait(on_bytes)
             tree = scan.new
