@@ -159,3 +159,57 @@ def test_c_search_fails_as_fcntl_ioctl_does(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="Bad file descriptor") as caught:
         c.search(fd, btrfs._TREE_SEARCH_V2, bytearray(4096))
     assert caught.value.errno == errno.EBADF
+
+
+def _extent_results(rng: random.Random, n: int, ino: int) -> bytearray:
+    """``n`` search results after a 16-byte prefix: mostly file extent items of inode
+    ``ino`` (regular, prealloc; now and then inline, encrypted, encoded, of an unknown type
+    or short), some of other inodes and types."""
+    buf = bytearray(rng.randbytes(16))
+    off = 0
+    for _ in range(n):
+        obj = rng.choice([ino, ino, ino, ino + 1])
+        typ = rng.choice([108, 108, 108, 108, 1, 12])
+        kind = rng.choice([1, 2]) if rng.random() > 0.005 else rng.choice([0, 3])
+        bad = rng.random() < 0.005
+        head = struct.pack("<QQBBHB", rng.randrange(2**64), rng.randrange(2**64),
+                           rng.randrange(4), int(bad and rng.random() < 0.5),
+                           int(bad and rng.random() < 0.5), kind)
+        body = struct.pack("<QQQQ", *(rng.randrange(2**64) for _ in range(4)))
+        item = head + body + rng.randbytes(rng.choice([0, 0, 0, 7]))
+        if rng.random() < 0.005:
+            item = item[:rng.randrange(53)]
+        off += rng.randrange(1, 1 << 20)
+        buf += _HDR.pack(rng.randrange(2**64), obj, off, typ, len(item)) + item
+    return buf
+
+
+def test_c_reads_a_file_s_extent_items_as_the_reference_does() -> None:
+    """A search buffer's file extent items (``file_extent_batches``), in C and in Python:
+    the same packed items (or None at the first that cannot be compared), the same last key
+    offset and end, over random results; and the same error for a result past the buffer."""
+    c = _native.live("sweep")
+    assert c is not None
+    refused = 0
+    for seed in range(300):
+        rng = random.Random(seed)
+        n = rng.randrange(0, 120)
+        buf = _extent_results(rng, n, 257)
+        got = c.extents(buf, 16, n, 257)
+        assert got == btrfs._extents_py(buf, 16, n, 257), seed
+        refused += got[0] is None
+        if n:
+            assert got[2] <= len(buf)
+            cut = buf[:rng.randrange(16, len(buf))]
+            try:
+                want: object = btrfs._extents_py(cut, 16, n, 257)
+            except ValueError:
+                want = ValueError
+            if want is ValueError:
+                with pytest.raises(ValueError, match="past the buffer"):
+                    c.extents(cut, 16, n, 257)
+            else:
+                assert c.extents(cut, 16, n, 257) == want
+    assert 20 < refused < 280  # (both kinds of buffer were made)
+    with pytest.raises(ValueError, match="past the buffer"):
+        c.extents(bytearray(40), 16, 2, 257)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+from array import array
 from collections.abc import Callable, Iterator
 from itertools import pairwise
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from btrdelta import _native
 from btrdelta._value import replace
 from btrdelta.fs.btrfs import EXTENT, clone_range, file_extents
 from btrdelta.send.extents import CELL, EXTENT_MIN, bounded, is_cells, same_in_cells, same_ranges
@@ -786,3 +788,125 @@ def test_changed_files_are_opened_once(two_fs: tuple[Path, Path], tmp_path: Path
     else:  # (the chmod-ed file may be one of those kept)
         got = len(changed & set(reopened))
         assert len(changed) - keep_open <= got <= len(changed) + 1 - keep_open
+
+
+@settings(max_examples=300, deadline=None)
+@given(_layouts(), st.integers(1, 60), st.lists(st.integers(1, 59), max_size=8),
+       st.lists(st.integers(0, 12), max_size=4))
+def test_cells_made_batch_by_batch_in_c_and_python(items: bytes, limit_units: int,
+                                                  inner: list[int], cuts: list[int]) -> None:
+    """Each cell's digest made from the items given in batches cut anywhere (as a send's
+    searches give them), in C (``send/_cells.c``) and in Python (``_inputs_py``), is the one
+    the items give whole through the reference (runs merged first, then clipped to each
+    cell: ``_cell_sums``), for any edges; C and Python make the same input."""
+    from btrdelta.send import extents
+
+    limit = limit_units * _U
+    edges = sorted({0, limit, *(u * _U for u in inner if u < limit_units)})
+    cells = list(pairwise(edges))
+    want = b"".join(EXTENT.pack(a, b - a, *d, CELL, 0) for (a, b), d in
+                    zip(cells, extents._cell_sums(extents._runs(items, limit), cells),
+                        strict=True))
+    n = len(items) // EXTENT.size
+    stops = sorted({0, n, *(c for c in cuts if c < n)})
+    batches = [items[a * EXTENT.size:b * EXTENT.size] for a, b in pairwise(stops)]
+    for backend in ("c", "python"):
+        with _native.use_backend(backend, "cells"):  # type: ignore[arg-type]
+            sums = extents._Sums(array("Q", edges))
+            for batch in batches:
+                sums.add(batch)
+            assert sums.finish() == want, backend
+    c = _native.live("cells")
+    assert c is not None
+    bounds = array("Q", edges)
+    for k in range(len(cells) + 1):
+        for final in (False, True):
+            assert c.inputs(items, bounds, k, final) == \
+                extents._inputs_py(items, bounds, k, final)
+
+
+def _peak(fn: Callable[[], object]) -> tuple[object, int]:
+    """``fn()`` and the most memory Python allocated while it ran (tracemalloc: C
+    allocations through Python's allocator too)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        got = fn()
+        return got, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.btrfs
+def test_items_cut_to_cells_as_searched_in_bounded_memory(two_fs: tuple[Path, Path],
+                                                          tmp_path: Path) -> None:
+    """A file of 40,000 extents (a block of another file cloned at each 4 KiB), its items
+    (2 MB) 20 times a record's bound: its items are cut to cells as the searches give them
+    (the cells those of all its items cut whole by the Python reference), and neither that
+    nor a partial read's plan against a record of cells holds more than about twice the
+    bound (all the items held: 2 MB); over rounds of writes and a clone, each send reads
+    only the touched cells, and the kernel receives each stream equal to the source."""
+    from btrdelta.send import extents
+
+    snd, rcv = two_fs
+    run("mount", "-o", "remount,noatime", snd)
+    live = snd / "live"
+    run("btrfs", "subvolume", "create", live)
+    img, donor, page, n = live / "vm.img", live / "donor", 4096, 40_000
+    donor.write_bytes(os.urandom(page))
+    img.write_bytes(b"")
+    s, d = os.open(donor, os.O_RDONLY), os.open(img, os.O_RDWR)
+    try:
+        for k in range(n):
+            clone_range(d, k * page, s, 0, page)
+        os.fsync(d)
+    finally:
+        os.close(s)
+        os.close(d)
+    most = 2000 * EXTENT.size
+    fd = os.open(img, os.O_RDONLY)
+    try:
+        ino, size = os.fstat(fd).st_ino, os.fstat(fd).st_size
+        extents.extents_of(fd, ino, size, 0, most=most)  # (this thread's search buffer made)
+        whole, held = _peak(lambda: file_extents(fd, ino))
+        assert isinstance(whole, bytes)
+        assert len(whole) == n * EXTENT.size
+        assert held > 20 * most
+        with _native.use_backend("python", "cells"):
+            want = bounded(whole, size, most)
+        for backend in ("c", "python"):
+            with _native.use_backend(backend):  # type: ignore[arg-type]
+                cut, peak = _peak(lambda: extents.extents_of(fd, ino, size, 0, most=most))
+            assert cut == want, backend
+            # (beyond twice the bound: a search's items, 64 KiB; the Python reference makes
+            # copies of them, and tuples of a piece's items)
+            assert peak < 2 * most + ((64 if backend == "c" else 128) << 10), (backend, peak)
+    finally:
+        os.close(fd)
+    assert want is not None
+    assert is_cells(want)
+    assert len(want) <= most
+    rounds = _Rounds(snd, rcv, tmp_path / "store", tmp_path / "s", most)
+    res = rounds.send()
+    for r in range(3):
+        assert res.recorded is not None
+        old = next(row for row in rounds.store.view(res.recorded).rows() if row.ino == ino)
+        assert old.extents is not None
+        assert is_cells(old.extents)
+        assert len(old.extents) <= most
+        node = Node(1, ino, 0o100644, 0, 0, size, 0, 0, 0, st_ino=ino)
+        planned, peak = _peak(lambda: extents.plan_changed(
+            node, os.fsencode(img), old, 0, most))  # noqa: B023
+        assert isinstance(planned, extents.Planned)
+        planned.close()
+        assert peak < 2 * most + (64 << 10), peak
+        touched = [(7919 * (j + 1) + 101 * r) % n for j in range(4)]
+        for p in touched:
+            _write(img, p * page, os.urandom(page))
+        if r == 1:
+            _clone(donor, 0, img, 20_000 * page, page)  # (the donor's block again: a new key)
+            touched.append(20_000)
+        res = rounds.send()
+        cell = old.extents and EXTENT.unpack_from(old.extents)[1]
+        assert res.stats.bytes_read <= len(touched) * (cell + page), (r, res.stats.bytes_read)

@@ -154,17 +154,17 @@ static PyObject *extents(PyObject *self, PyObject *args) {
         return NULL;
     const uint8_t *p = buf.buf;
     Py_ssize_t len = buf.len;
-    PyObject *result = NULL;
-    uint8_t *out = NULL;
-    if (nr < 0 || nr > len / HEADER) {
+    PyObject *result = NULL, *items = NULL;
+    if (nr < 0) {
         PyErr_SetString(PyExc_ValueError, "a search result runs past the buffer");
         goto done;
     }
-    out = PyMem_Malloc(nr ? (size_t)nr * ITEM : 1);
-    if (out == NULL) {
-        PyErr_NoMemory();
+    /* (each result takes a header at least: no more fit; made in place, then cut) */
+    Py_ssize_t most = nr < len / HEADER ? nr : len / HEADER;
+    items = PyBytes_FromStringAndSize(NULL, most * ITEM);
+    if (items == NULL)
         goto done;
-    }
+    uint8_t *out = (uint8_t *)PyBytes_AS_STRING(items);
     Py_ssize_t n = 0;
     uint64_t off = 0;
     int bad = 0;
@@ -205,10 +205,10 @@ static PyObject *extents(PyObject *self, PyObject *args) {
     }
     if (bad)
         result = Py_BuildValue("(OKn)", Py_None, (unsigned long long)off, pos);
-    else
-        result = Py_BuildValue("(y#Kn)", (char *)out, n * ITEM, (unsigned long long)off, pos);
+    else if (_PyBytes_Resize(&items, n * ITEM) == 0)
+        result = Py_BuildValue("(OKn)", items, (unsigned long long)off, pos);
 done:
-    PyMem_Free(out);
+    Py_XDECREF(items);
     PyBuffer_Release(&buf);
     return result;
 }

@@ -57,31 +57,7 @@ typedef struct {
     uint8_t kind, comp;
 } span_t;
 
-typedef struct {
-    uint8_t *buf;
-    size_t len, cap;
-} out_t;
-
-static int grow(out_t *o, size_t more) {
-    if (o->len + more <= o->cap)
-        return 0;
-    size_t cap = o->cap ? o->cap : 4096;
-    while (cap < o->len + more)
-        cap *= 2;
-    uint8_t *b = PyMem_Realloc(o->buf, cap);
-    if (b == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    o->buf = b;
-    o->cap = cap;
-    return 0;
-}
-
-static int put_span(out_t *o, const span_t *s) {
-    if (grow(o, SPAN) < 0)
-        return -1;
-    uint8_t *p = o->buf + o->len;
+static void put_span(uint8_t *p, const span_t *s) {
     put64(p, s->start);
     put64(p + 8, s->end);
     put64(p + 16, s->bytenr);
@@ -90,35 +66,26 @@ static int put_span(out_t *o, const span_t *s) {
     p[40] = s->kind;
     p[41] = s->comp;
     put64(p + 42, s->base);
-    o->len += SPAN;
-    return 0;
 }
 
-static PyObject *inputs(PyObject *self, PyObject *args) {
-    Py_buffer items, bounds;
-    Py_ssize_t k;
-    int final;
-    if (!PyArg_ParseTuple(args, "y*y*np", &items, &bounds, &k, &final))
-        return NULL;
-    PyObject *result = NULL;
-    out_t data = {0}, ends = {0};
-    const uint8_t *it = items.buf, *bd = bounds.buf;
-    Py_ssize_t n = items.len / ITEM, ncells = bounds.len / 8 - 1, i = 0;
-    if (items.len % ITEM || bounds.len % 8 || k < 0) {
-        PyErr_SetString(PyExc_ValueError, "items of 50 bytes, bounds of 8, k >= 0");
-        goto done;
-    }
+/* The cells from *k on that the n items complete, their input written to data and each
+ * one's end to ends when these are not NULL (a first walk only measures: the output is
+ * made once, at its size); returns the input's length, and sets *k, *keep and *nends. */
+static size_t walk(const uint8_t *it, Py_ssize_t n, const uint8_t *bd, Py_ssize_t ncells,
+                   int final, Py_ssize_t *k, Py_ssize_t *keep, Py_ssize_t *nends,
+                   uint8_t *data, uint8_t *ends) {
+    size_t len = 0;
+    Py_ssize_t i = 0, c = *k, m = 0;
     uint64_t last = n ? item_end(it + (n - 1) * ITEM) : 0;
-    for (; k < ncells; k++) {
-        uint64_t a = le64(bd + 8 * k), e = le64(bd + 8 * (k + 1));
+    for (; c < ncells; c++) {
+        uint64_t a = le64(bd + 8 * c), e = le64(bd + 8 * (c + 1));
         if (!final && last < e)
             break;
         while (i < n && item_end(it + i * ITEM) <= a)
             i++;
-        if (grow(&data, PREFIX_LEN) < 0)
-            goto done;
-        memcpy(data.buf + data.len, PREFIX, PREFIX_LEN);
-        data.len += PREFIX_LEN;
+        if (data)
+            memcpy(data + len, PREFIX, PREFIX_LEN);
+        len += PREFIX_LEN;
         span_t cur;
         int have = 0;
         for (Py_ssize_t j = i; j < n; j++) {
@@ -139,30 +106,61 @@ static PyObject *inputs(PyObject *self, PyObject *args) {
                 cur.end = t;
                 continue;
             }
-            if (have && put_span(&data, &cur) < 0)
-                goto done;
+            if (have) {
+                if (data)
+                    put_span(data + len, &cur);
+                len += SPAN;
+            }
             cur = (span_t){s, t, bytenr, disk, gen, base, kind, comp};
             have = 1;
         }
-        if (have && put_span(&data, &cur) < 0)
-            goto done;
-        if (grow(&ends, 8) < 0)
-            goto done;
-        put64(ends.buf + ends.len, data.len);
-        ends.len += 8;
+        if (have) {
+            if (data)
+                put_span(data + len, &cur);
+            len += SPAN;
+        }
+        if (ends)
+            put64(ends + 8 * m, len);
+        m++;
     }
-    if (k < ncells) {
-        uint64_t a = le64(bd + 8 * k);
+    if (c < ncells) {
+        uint64_t a = le64(bd + 8 * c);
         while (i < n && item_end(it + i * ITEM) <= a)
             i++;
     } else {
         i = n;
     }
-    result = Py_BuildValue("(y#y#nn)", data.buf ? (char *)data.buf : "", (Py_ssize_t)data.len,
-                           ends.buf ? (char *)ends.buf : "", (Py_ssize_t)ends.len, k, i);
+    *k = c;
+    *keep = i;
+    *nends = m;
+    return len;
+}
+
+static PyObject *inputs(PyObject *self, PyObject *args) {
+    Py_buffer items, bounds;
+    Py_ssize_t k;
+    int final;
+    if (!PyArg_ParseTuple(args, "y*y*np", &items, &bounds, &k, &final))
+        return NULL;
+    PyObject *result = NULL, *data = NULL, *ends = NULL;
+    Py_ssize_t n = items.len / ITEM, ncells = bounds.len / 8 - 1;
+    if (items.len % ITEM || bounds.len % 8 || k < 0) {
+        PyErr_SetString(PyExc_ValueError, "items of 50 bytes, bounds of 8, k >= 0");
+        goto done;
+    }
+    Py_ssize_t k2 = k, keep, nends;
+    size_t len = walk(items.buf, n, bounds.buf, ncells, final, &k2, &keep, &nends, NULL,
+                      NULL);
+    data = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)len);
+    ends = data ? PyBytes_FromStringAndSize(NULL, nends * 8) : NULL;
+    if (ends == NULL)
+        goto done;
+    walk(items.buf, n, bounds.buf, ncells, final, &k, &keep, &nends,
+         (uint8_t *)PyBytes_AS_STRING(data), (uint8_t *)PyBytes_AS_STRING(ends));
+    result = Py_BuildValue("(OOnn)", data, ends, k, keep);
 done:
-    PyMem_Free(data.buf);
-    PyMem_Free(ends.buf);
+    Py_XDECREF(data);
+    Py_XDECREF(ends);
     PyBuffer_Release(&items);
     PyBuffer_Release(&bounds);
     return result;

@@ -27,7 +27,8 @@ from __future__ import annotations
 import os
 import struct
 import threading
-from collections.abc import Iterable, Iterator
+from array import array
+from collections.abc import Callable, Iterable, Iterator
 
 import blake3
 
@@ -81,6 +82,9 @@ _PAIR = struct.Struct("<QQ")
 _CELLSPAN = struct.Struct("<QQQQQBBq")
 _CELLSUM = struct.Struct("<QQQQ")
 _CELLS = b"btrdelta-cells\0"
+_CELLTYPE = bytes([0x80, 0])  # (CELL, then compression 0: a cell's last two bytes)
+#: extent items cut to cells this many at a time (:class:`_Sums`)
+_CUT_PIECE = 320 * EXTENT.size
 
 #: each thread's buffer for :func:`~btrdelta.fs.btrfs.file_extents` (one made per file: 64
 #: KiB zeroed, ~5 M of the ~210 M instructions of an in-place round's 70 changed files)
@@ -192,25 +196,31 @@ def _cell_sums(runs: Iterator[_Span], cells: list[tuple[int, int]]) -> list[tupl
     return out
 
 
-def _inputs_py(items: bytes | bytearray, bounds: bytes, k: int, final: bool
+def _inputs_py(items: bytes | bytearray | memoryview, bounds: array[int], k: int, final: bool
                ) -> tuple[bytes, bytes, int, int]:
     """The digest input of the cells from ``k`` on (edges ``bounds``, u64 each) that the
     extent ``items`` complete: ``(data, ends of each cell's input in it (u64 each), the
     first cell not completed, the index of the first item it needs)``. The reference of the
     ``cells`` C accelerator (``send/_cells.c``, which documents it; one call a batch)."""
-    edges = [e for (e,) in _U64.iter_unpack(bounds)]
-    its = list(EXTENT.iter_unpack(items))
-    last = its[-1][0] + its[-1][1] if its else 0
+    item, size, n = EXTENT.unpack_from, EXTENT.size, len(items) // EXTENT.size
+    ncells = len(bounds) - 1
+
+    def end_of(j: int) -> int:
+        off, num = _PAIR.unpack_from(items, j * size)
+        return off + num  # type: ignore[no-any-return]
+
+    last = end_of(n - 1) if n else 0
     data, ends, i = bytearray(), bytearray(), 0
-    while k < len(edges) - 1:
-        a, e = edges[k], edges[k + 1]
+    while k < ncells:
+        a, e = bounds[k], bounds[k + 1]
         if not final and last < e:
             break
-        while i < len(its) and its[i][0] + its[i][1] <= a:
+        while i < n and end_of(i) <= a:
             i += 1
         data += _CELLS
         cur: list[int] | None = None
-        for off, num, bytenr, disk, ext_off, gen, kind, comp in its[i:]:
+        for j in range(i, n):
+            off, num, bytenr, disk, ext_off, gen, kind, comp = item(items, j * size)
             if off >= e:
                 break
             s, t = max(off, a), min(off + num, e)
@@ -227,101 +237,128 @@ def _inputs_py(items: bytes | bytearray, bounds: bytes, k: int, final: bool
             data += _CELLSPAN.pack(*cur)
         ends += _U64.pack(len(data))
         k += 1
-    if k < len(edges) - 1:
-        while i < len(its) and its[i][0] + its[i][1] <= edges[k]:
+    if k < ncells:
+        while i < n and end_of(i) <= bounds[k]:
             i += 1
     else:
-        i = len(its)
+        i = n
     return bytes(data), bytes(ends), k, i
 
 
 class _Sums:
-    """The digests of cells (edges ``bounds``: cell j is ``[bounds[j], bounds[j + 1])``) of
-    a file's extent items given batch by batch in file order (:meth:`add`): each cell's is
-    made once the items complete it, and only the items that meet a cell not yet made are
-    kept, so that however many items a file has, they are never all held."""
+    """A file's cells (edges ``bounds``, u64 each: cell j is ``[bounds[j], bounds[j + 1])``)
+    as a record keeps them (:data:`~btrdelta.fs.btrfs.EXTENT` each, type :data:`CELL`, in
+    :attr:`out`), from the file's extent items given batch by batch in file order
+    (:meth:`add`): each cell once the items complete it; only the items that meet a cell
+    not yet made are kept, so that however many items a file has, they are never all
+    held."""
 
-    __slots__ = ("_inputs", "bounds", "held", "k", "sums")
+    __slots__ = ("_inputs", "bounds", "held", "k", "out")
 
-    def __init__(self, bounds: list[int]) -> None:
+    _inputs: Callable[[bytes | bytearray | memoryview, array[int], int, bool],
+                      tuple[bytes, bytes, int, int]]
+
+    def __init__(self, bounds: array[int]) -> None:
         native = _native.live("cells")
         self._inputs = _inputs_py if native is None else native.inputs
-        self.bounds = struct.pack(f"<{len(bounds)}Q", *bounds)
+        self.bounds = bounds
         self.k = 0
-        self.held: bytes | bytearray = b""
-        #: each cell's digest made so far (32 bytes, the lowest bit of the first set)
-        self.sums = bytearray()
+        self.held = b""
+        #: the cells made so far
+        self.out = bytearray()
 
-    def add(self, items: bytes | bytearray, final: bool = False) -> None:
-        """Take the next extent ``items`` (``final``: no more follow)."""
+    def add(self, items: bytes | bytearray | memoryview, final: bool = False) -> None:
+        """Take the next extent ``items`` (``final``: no more follow), a piece at a time
+        (the input of a piece's cells: ~1.3 times its items)."""
+        view = memoryview(items)
+        for i in range(0, len(view), _CUT_PIECE):
+            self._add(view[i:i + _CUT_PIECE], final and i + _CUT_PIECE >= len(view))
+        if final and not view:
+            self._add(view, True)
+
+    def _add(self, items: bytes | bytearray | memoryview, final: bool) -> None:
         items = self.held + items if self.held else items
-        data, ends, self.k, keep = self._inputs(items, self.bounds, self.k, final)
-        self.held = items[keep * EXTENT.size:]
-        view, start = memoryview(data), 0
+        k = self.k
+        data, ends, self.k, keep = self._inputs(items, self.bounds, k, final)
+        self.held = bytes(items[keep * EXTENT.size:])
+        view, start, out, bounds = memoryview(data), 0, self.out, self.bounds
         for end in memoryview(ends).cast("Q"):
-            d = bytearray(blake3.blake3(view[start:end]).digest())
-            d[0] |= 1
-            self.sums += d
-            start = end
+            at = len(out) + 16
+            out += _PAIR.pack(bounds[k], bounds[k + 1] - bounds[k])
+            out += blake3.blake3(view[start:end]).digest()
+            out[at] |= 1  # (never a hole to a reader that does not know cells)
+            out += _CELLTYPE
+            start, k = end, k + 1
 
-    def finish(self) -> bytes:
-        """Every cell's digest, 32 bytes each: the items have all been given."""
+    def finish(self) -> bytearray:
+        """The cells with every digest: the items have all been given."""
         self.add(b"", True)
-        return bytes(self.sums)
+        return self.out
 
 
-def _grid(size: int, most: int) -> list[int] | None:
+def _grid(size: int, most: int) -> array[int] | None:
     """The edges of the cells a file of ``size`` bytes is recorded as past the bound
     ``most``: at most ``most // 50`` cells of one length, a multiple of 4 KiB (the last up
-    to the size); None: no cell fits the bound, or an empty file."""
+    to the size); None: not one cell fits the bound, or an empty file."""
     cap = most // EXTENT.size
     if cap < 1 or size <= 0:
         return None
     step = -(-size // cap)
     step = -(-step // _BLOCK) * _BLOCK
-    return [*range(0, size, step), size]
+    edges = array("Q", range(0, size, step))  # (no list of ints: 40 bytes a cell)
+    edges.append(size)
+    return edges
 
 
 class _Cut:
     """A file's extent items, given batch by batch (:meth:`add`), as a record keeps them
     (:func:`bounded`): held while they take at most ``most`` bytes, then cut to cells as
-    they come (:class:`_Sums`): a send holds at most the bound and a batch of a file's
-    items, not all of them (26 M items, 1.3 GB, for a 100 GiB image in 4 KiB extents)."""
+    they come (:class:`_Sums`, on :func:`_grid`): a send holds about twice the bound at
+    most (the items up to it, then the cells), not all of a file's items (26 M, 1.3 GB, for
+    a 100 GiB image in 4 KiB extents). ``given``: past the bound the cells are made
+    elsewhere (by the comparison against a record of the same cells) and handed to
+    :meth:`result`."""
 
-    __slots__ = ("dropped", "edges", "held", "most", "size", "sums")
+    __slots__ = ("dropped", "given", "held", "most", "over", "size", "sums")
 
     def __init__(self, size: int, most: int | None = None) -> None:
         self.size, self.most = size, EXTENT_MAX if most is None else most
         self.held = bytearray()
-        self.edges: list[int] | None = None
         self.sums: _Sums | None = None
-        self.dropped = False
+        self.dropped = self.given = self.over = False
 
     def add(self, items: bytes | bytearray) -> None:
-        if self.dropped:
+        if self.dropped or (self.over and self.given):
             return
         if self.sums is None:
-            self.held += items
-            if len(self.held) <= self.most:
+            if len(self.held) + len(items) <= self.most and not self.over:
+                self.held += items
                 return
-            self.edges = _grid(self.size, self.most)
-            if self.edges is None:
+            edges = _grid(self.size, self.most)
+            if edges is None:
                 self.dropped, self.held = True, bytearray()
                 return
-            self.sums = _Sums(self.edges)
-            items, self.held = self.held, bytearray()
+            self.over = True
+            if self.given:
+                self.held = bytearray()
+                return
+            self.sums = _Sums(edges)
+            held, self.held = self.held, bytearray()
+            self.sums.add(held)
+            del held
         self.sums.add(items)
 
-    def result(self) -> bytes | None:
-        """The items (at most ``most`` bytes), else cells; None: not recorded."""
+    def result(self, cells: bytearray | None = None) -> bytes | None:
+        """The items (at most ``most`` bytes), else cells (``given``: ``cells``); None: not
+        recorded."""
         if self.dropped:
             return None
-        if self.sums is None or self.edges is None:
+        if not self.over:
             return bytes(self.held)
-        sums, edges = self.sums.finish(), self.edges
-        return b"".join(EXTENT.pack(edges[j], edges[j + 1] - edges[j],
-                                    *_CELLSUM.unpack_from(sums, 32 * j), CELL, 0)
-                        for j in range(len(edges) - 1))
+        if self.sums is not None:
+            cells, self.sums = self.sums.finish(), None
+        assert cells is not None
+        return bytes(cells)
 
 
 def is_cells(items: bytes | None) -> bool:
@@ -355,35 +392,45 @@ def _batches(items: bytes | Iterable[bytes]) -> Iterable[bytes]:
     return (items,) if isinstance(items, bytes | bytearray) else items
 
 
+def _edges(cells: bytes, limit: int) -> array[int]:
+    """The edges of a record's ``cells`` that follow each other from 0 and end by
+    ``limit``, up to the first that does not."""
+    edges = array("Q", [0])  # (u64 each: not a list of ints, 40 bytes a cell)
+    for off, num, *_d in EXTENT.iter_unpack(cells):
+        if off != edges[-1] or not num or off + num > limit:
+            break
+        edges.append(off + num)
+    return edges
+
+
 def same_in_cells(cells: bytes, new: bytes | Iterable[bytes], limit: int
                   ) -> list[tuple[int, int]]:
     """As :func:`same_ranges`, against a record's ``cells`` (:func:`bounded`): the cells below
     ``limit`` whose digest the file's extent items ``new`` (or its batches, in file order)
     give again, merged, in order. Cells that do not follow each other from 0 (not
-    :func:`bounded`'s) end the comparison. Any cells compare (ext30's of session 30 started
-    at an item, each holding as many; they are now of one length)."""
-    edges = [0]
-    for off, num, *_d in EXTENT.iter_unpack(cells):
-        if off != edges[-1] or not num or off + num > limit:
-            break
-        edges.append(off + num)
-    want = bytearray()
-    for j in range(len(edges) - 1):
-        want += cells[j * EXTENT.size + 16:j * EXTENT.size + 48]
+    :func:`bounded`'s) end the comparison. Any cells compare (until ext30's of session 30
+    started at an item and held as many items each; they are now of one length)."""
+    return _same_cells(cells, _edges(cells, limit), new)[0]
+
+
+def _same_cells(cells: bytes, edges: array[int], new: bytes | Iterable[bytes]
+                ) -> tuple[list[tuple[int, int]], bytearray]:
+    """:func:`same_in_cells` of the cells with ``edges``, and those cells made of ``new``."""
     sums = _Sums(edges)
     for batch in _batches(new):
         sums.add(batch)
     got = sums.finish()
     out: list[tuple[int, int]] = []
     for j in range(len(edges) - 1):
-        if got[32 * j:32 * j + 32] != want[32 * j:32 * j + 32]:
+        at = EXTENT.size * j
+        if got[at + 16:at + 48] != cells[at + 16:at + 48]:
             continue
         a, b = edges[j], edges[j + 1]
         if out and out[-1][1] == a:
             out[-1] = (out[-1][0], b)
         else:
             out.append((a, b))
-    return out
+    return out, got
 
 
 def same_ranges(old: bytes, new: bytes | Iterable[bytes], limit: int, most: int = 0
@@ -610,15 +657,24 @@ def _plan(fd: int, node: Node, old: RecordInode, item_max: int = 0, most: int | 
             yield batch
 
     recorded, limit = old.extents or b"", min(size, old.size)
-    given = batches()
+    given, cells = batches(), None
     try:
-        same = same_in_cells(recorded, given, limit) if is_cells(recorded) else \
-            same_ranges(recorded, given, limit, 2 * (cut.most // EXTENT.size) + 1)
+        if is_cells(recorded):
+            edges = _edges(recorded, limit)
+            # the record's cells those this record makes past the bound (the size and the
+            # bound the same): made once, by the comparison
+            cut.given = size == old.size and edges == _grid(size, cut.most)
+            same, cells = _same_cells(recorded, edges, given)
+            if not cut.given:
+                cells = None
+        else:
+            same = same_ranges(recorded, given, limit, 2 * (cut.most // EXTENT.size) + 1)
         for _ in given:  # (the items past the comparison, for the record)
             pass
     except OSError:
         return None
-    new_ext = cut.result()
+    new_ext = cut.result(cells)
+    del cells
     if new_ext is None or not same:
         return None
     segs = block_segments(data_segments(fd, size), size)
