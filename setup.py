@@ -3,11 +3,11 @@
 ``btrdelta.stream._speedups``, ``btrdelta.receive._fastapply``, ``btrdelta.delta._unfold``,
 ``btrdelta.chunk._buzhash``, ``btrdelta.tree._treewalk``, ``btrdelta.tree._columns``,
 ``btrdelta.send._blockhash``, ``btrdelta.fs._sweep``, ``btrdelta.send._cells`` and
-``btrdelta._hugepages`` (not an accelerator: a ``send`` process's memory in huge pages, see ``btrdelta._malloc``) are
-optional: without a C compiler or Python headers (or, for ``_blockhash``, ``xxhash.h``:
-Debian's libxxhash-dev) the build skips them and btrdelta runs on its pure-Python code
-paths. They include ``src/btrdelta/_constants.h``, generated from the Python tables by
-``scripts/gen_constants.py``.
+``btrdelta._hugepages`` (not an accelerator: a ``send`` process's memory in huge pages,
+see ``btrdelta._malloc``) are optional: without a C compiler or Python headers (or, for
+``_blockhash``, ``xxhash.h``: Debian's libxxhash-dev) the build skips them and btrdelta
+runs on its pure-Python code paths. They include ``src/btrdelta/_constants.h``, generated
+from the Python tables by ``scripts/gen_constants.py``.
 """
 
 from setuptools import Extension, setup
