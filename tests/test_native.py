@@ -89,10 +89,10 @@ def _sweep_runs_c() -> bool:
     called): ``changed_inodes`` on a fake search whose one buffer holds one inode item."""
     import struct
 
-    from btrdelta.fs import btrfs
+    from btrdelta.fs import btrfs, sweepref
 
     calls: list[int] = []
-    real_walk, real_searches = btrfs._sweep_py, btrfs._searches
+    real_walk, real_searches = sweepref.inodes, btrfs._searches
 
     def spy(*args: object) -> tuple[int, int, int]:
         calls.append(1)
@@ -102,11 +102,11 @@ def _sweep_runs_c() -> bool:
         item = struct.pack("<QQQII", 9, 300, 0, 1, 80) + struct.pack("<QQ56xQ", 3, 60, 5)
         yield bytearray(item), 0, 1
 
-    btrfs._sweep_py, btrfs._searches = spy, searches  # type: ignore[assignment]
+    sweepref.inodes, btrfs._searches = spy, searches  # type: ignore[assignment]
     try:
         assert btrfs.changed_inodes(-1, 50) == {300: (3, 60, 5)}
     finally:
-        btrfs._sweep_py, btrfs._searches = real_walk, real_searches  # type: ignore[assignment]
+        sweepref.inodes, btrfs._searches = real_walk, real_searches  # type: ignore[assignment]
     return not calls
 
 

@@ -1,5 +1,5 @@
 """The change sweep's items walked in C (``fs/_sweep.c``, the ``sweep`` accelerator) give what
-the Python reference (``btrfs._sweep_py``) gives, on search results made here: inode items
+the Python reference (``sweepref.inodes``) gives, on search results made here: inode items
 written before, at and after the transid (with their sequence), file extent items written
 before, at and after it (``written``), other item types, short items, and items that run
 past the buffer."""
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from btrdelta import _native
-from btrdelta.fs import btrfs
+from btrdelta.fs import btrfs, sweepref
 
 pytestmark = pytest.mark.skipif(
     not _native.available("sweep") and os.environ.get("CI") != "true",
@@ -66,7 +66,7 @@ def test_c_walks_the_items_as_the_reference_does() -> None:
             written_c: set[int] = set()
             written_py: set[int] = set()
             last_c = c.inodes(buf, 16, nr, 1, since, got_c, written_c)
-            last_py = btrfs._sweep_py(buf, 16, nr, 1, since, got_py, written_py)
+            last_py = sweepref.inodes(buf, 16, nr, 1, since, got_py, written_py)
             assert last_c == last_py
             assert got_c == got_py
             assert list(got_c) == list(got_py)  # the same order: the kernel's key order
@@ -82,7 +82,7 @@ def test_the_inodes_written_after_since() -> None:
             items = _native.live("sweep")
             got: dict[int, tuple[int, int, int]] = {}
             written: set[int] = set()
-            walk = items.inodes if items is not None else btrfs._sweep_py
+            walk = items.inodes if items is not None else sweepref.inodes
             walk(buf, 16, 300, 1, 50, got, written)
             # a later item of the same objectid wins in both (a dict); the model too
             assert (got, written) == _model(buf, 300)
@@ -120,7 +120,7 @@ def test_an_item_past_the_buffer_is_an_error_on_both(cut: int) -> None:
     buf = buf[:len(buf) - 48 + cut] if cut < 48 else buf
     c = _native.live("sweep")
     assert c is not None
-    for walk in (c.inodes, btrfs._sweep_py):
+    for walk in (c.inodes, sweepref.inodes):
         with pytest.raises(ValueError, match="past the buffer"):
             walk(buf, 16, 1, 1, 50, {})
         with pytest.raises(ValueError, match="past the buffer"):
@@ -196,13 +196,13 @@ def test_c_reads_a_file_s_extent_items_as_the_reference_does() -> None:
         n = rng.randrange(0, 120)
         buf = _extent_results(rng, n, 257)
         got = c.extents(buf, 16, n, 257)
-        assert got == btrfs._extents_py(buf, 16, n, 257), seed
+        assert got == sweepref.extents(buf, 16, n, 257), seed
         refused += got[0] is None
         if n:
             assert got[2] <= len(buf)
             cut = buf[:rng.randrange(16, len(buf))]
             try:
-                want: object = btrfs._extents_py(cut, 16, n, 257)
+                want: object = sweepref.extents(cut, 16, n, 257)
             except ValueError:
                 want = ValueError
             if want is ValueError:

@@ -4,9 +4,9 @@
  * btrdelta.fs.btrfs.changed_inodes sweeps a subvolume's tree with TREE_SEARCH_V2 and
  * min_transid: the kernel returns every item of every leaf written since (a small
  * incremental of a 6,000-file tree: ~9,600 items for ~110 changed inodes), and the inode
- * items among them name the inodes written since. btrfs.py walks the items in Python (the
- * reference, _sweep_py, used when this module is not built: ~1,700 instructions an item,
- * 16.7 M for that sweep); this module walks a whole buffer in one call.
+ * items among them name the inodes written since. fs/sweepref.py walks the items in Python
+ * (the reference, used when this module is not built: ~1,700 instructions an item, 16.7 M
+ * for that sweep); this module walks a whole buffer in one call.
  *
  * inodes(buf, pos, nr_items, key_type, since, out, written=None) -> (objectid, type, offset):
  *   buf holds nr_items search results from offset pos, each a 32-byte header (u64 transid,
@@ -27,7 +27,7 @@
  *   items when one cannot be compared (shorter than a regular extent's 53 bytes,
  *   encrypted or otherwise encoded, a type other than regular or prealloc: inline data);
  *   offset: the key offset of the last result; end: where the results end. The reference
- *   is btrfs._extents_py (~1 us an item in Python: a 100 GiB image in 4 KiB extents has
+ *   is sweepref.extents (~1 us an item in Python: a 100 GiB image in 4 KiB extents has
  *   26 M). An item that runs past the buffer is a ValueError.
  *
  * search(fd, request, buf) -> None:

@@ -52,6 +52,7 @@ __all__ = [
     "SubvolInfo",
     "changed_inodes",
     "extent_item",
+    "file_extent_batches",
     "file_extents",
     "largest_item",
     "dir_path",
@@ -327,10 +328,6 @@ def _tree_search(
 
 
 _INODE_ITEM_KEY = 1
-_INODE_ITEM = struct.Struct("<QQ56xQ")  # generation, transid, (at byte 72) sequence
-#: a search result's header (:data:`_SEARCH_HDR`) in parts: its type and length, objectid
-_ITEM_KIND = struct.Struct("<24xII")
-_ITEM_OBJECTID = struct.Struct("<8xQ")
 
 #: the result buffer of a change sweep (TREE_SEARCH_V2): a few thousand changed inodes in a
 #: handful of calls (TREE_SEARCH's 4 KiB took hundreds); not 1 MiB: the kernel faults the
@@ -362,7 +359,9 @@ def changed_inodes(fd: int, since: int, extents: dict[int, list[bytes | None]] |
                               _U64_MAX, min_type, 255, 0xFFFFFFFF, 0, 0, 0, 0, 0)
 
     native = _native.live("sweep")
-    items = native.inodes if native is not None else _sweep_py
+    if native is None:
+        from . import sweepref
+    items = native.inodes if native is not None else sweepref.inodes
     for buf, pos, nr_items in _searches(fd, _SWEEP_BUFFER, key):
         obj, typ, off = items(buf, pos, nr_items, _INODE_ITEM_KEY, since, out, written)
         if extents is not None:
@@ -383,6 +382,15 @@ def _extent_items(buf: bytearray, pos: int, nr_items: int,
                   out: dict[int, list[bytes | None]]) -> None:
     """Append the file extent items among the ``nr_items`` search results in ``buf`` from
     ``pos`` to ``out[objectid]`` (:func:`changed_inodes`' ``extents``)."""
+    for obj, off, typ, at, length in _results(buf, pos, nr_items):
+        if typ == _EXTENT_DATA_KEY:
+            out.setdefault(obj, []).append(extent_item(buf, at, length, off))
+
+
+def _results(buf: bytearray, pos: int, nr_items: int
+             ) -> Iterator[tuple[int, int, int, int, int]]:
+    """(objectid, offset, type, where its item starts, its length) of each of the
+    ``nr_items`` search results in ``buf`` from ``pos``; a ValueError past the buffer."""
     header, size = _SEARCH_HDR.unpack_from, len(buf)
     for _ in range(nr_items):
         if pos + 32 > size:
@@ -390,44 +398,11 @@ def _extent_items(buf: bytearray, pos: int, nr_items: int,
         _transid, obj, off, typ, length = header(buf, pos)
         if pos + 32 + length > size:
             raise ValueError("a search result runs past the buffer")
-        if typ == _EXTENT_DATA_KEY:
-            out.setdefault(obj, []).append(extent_item(buf, pos + 32, length, off))
+        yield obj, off, typ, pos + 32, length
         pos += 32 + length
 
 
-def _sweep_py(buf: bytearray, pos: int, nr_items: int, key_type: int, since: int,
-              out: dict[int, tuple[int, int, int]], written: set[int] | None = None
-              ) -> tuple[int, int, int]:
-    """The ``nr_items`` search results in ``buf`` from ``pos``: ``out[objectid] = (generation,
-    transid, sequence)`` for each inode item (``key_type``) written after ``since``, and
-    ``written`` those of file extent items written after it; returns the key of the last
-    item. The reference of the ``sweep`` C accelerator (``fs/_sweep.c``: one call a buffer
-    instead of ~1,700 instructions an item).
 
-    Raises:
-        ValueError: an item runs past the buffer.
-    """
-    kind, objectid, inode_item = (_ITEM_KIND.unpack_from, _ITEM_OBJECTID.unpack_from,
-                                  _INODE_ITEM.unpack_from)
-    last, size = pos, len(buf)
-    for _ in range(nr_items):
-        if pos + 32 > size:
-            raise ValueError("a search result runs past the buffer")
-        # only the type and length of each item (small ints, no object made for them)
-        typ, length = kind(buf, pos)
-        if pos + 32 + length > size:
-            raise ValueError("a search result runs past the buffer")
-        if typ == key_type and length >= 80:
-            generation, transid, sequence = inode_item(buf, pos + 32)
-            if transid > since:
-                out[objectid(buf, pos)[0]] = (generation, transid, sequence)
-        elif typ == _EXTENT_DATA_KEY and written is not None and length >= 8 and \
-                int.from_bytes(buf[pos + 32:pos + 40], "little") > since:  # (its generation)
-            written.add(objectid(buf, pos)[0])
-        last = pos
-        pos += 32 + length
-    _transid, obj, off, typ, _length = _SEARCH_HDR.unpack_from(buf, last)
-    return obj, typ, off
 
 
 def _searches(fd: int, size: int, key: Callable[[bytearray], None],
@@ -463,14 +438,14 @@ _EXTENT_DATA_KEY = 108
 #: disk_num_bytes, offset, num_bytes
 _FE_HEAD = struct.Struct("<QQBBHB")
 _FE_BODY = struct.Struct("<QQQQ")
-#: one extent as :func:`file_extents` gives it: file offset, num_bytes, disk_bytenr,
+#: one extent as :func:`file_extent_batches` gives it: file offset, num_bytes, disk_bytenr,
 #: disk_num_bytes, offset in the extent, generation, type, compression (50 bytes)
 EXTENT = struct.Struct("<QQQQQQBB")
 #: ``BTRFS_FILE_EXTENT_INLINE``, ``_REG``, ``_PREALLOC``
 EXTENT_INLINE, EXTENT_REG, EXTENT_PREALLOC = 0, 1, 2
 _EXTENT_BUFFER = 1 << 16
 _V2_START = _SEARCH_KEY.size + 8  # (a TREE_SEARCH_V2 result's first item)
-EXTENT_SEARCH = _V2_START + _EXTENT_BUFFER  # (a buffer for file_extents' searches)
+EXTENT_SEARCH = _V2_START + _EXTENT_BUFFER  # (a buffer for file_extent_batches' searches)
 _LEAF_OVERHEAD = 101 + 25  # (BTRFS_MAX_ITEM_SIZE: the node size less a leaf's, an item's header)
 
 
@@ -486,11 +461,8 @@ def largest_item(fd: int) -> int:
 
 def file_extents(fd: int, ino: int, item_max: int = 0, into: bytearray | None = None
                  ) -> bytes | None:
-    """The file extent items (``EXTENT_DATA``) of inode ``ino`` of the subvolume holding
-    ``fd``, in file order, each packed as :data:`EXTENT`; None when one of them cannot be
-    compared by its fields (inline data, encryption or another encoding, an unknown type).
-    :func:`file_extent_batches`' batches joined (a file's items may be millions: a send
-    takes the batches)."""
+    """All of :func:`file_extent_batches` joined, or None (a send takes them a batch at a
+    time: a file's items may be millions)."""
     out = bytearray()  # (50 bytes an item: a list of them took ~140 while joined)
     for batch in file_extent_batches(fd, ino, item_max, into):
         if batch is None:
@@ -501,8 +473,10 @@ def file_extents(fd: int, ino: int, item_max: int = 0, into: bytearray | None = 
 
 def file_extent_batches(fd: int, ino: int, item_max: int = 0, into: bytearray | None = None
                         ) -> Iterator[bytes | None]:
-    """:func:`file_extents` of inode ``ino`` one search at a time: the items of each search
-    (up to ~1,300), packed; a None ends them when an item cannot be compared. Needs
+    """The file extent items (``EXTENT_DATA``) of inode ``ino`` of the subvolume holding
+    ``fd``, in file order, each packed as :data:`EXTENT`, one search's at a time (up to
+    ~1,300: a file's items may be millions); a None ends them when one cannot be compared
+    by its fields (inline data, encryption or another encoding, an unknown type). Needs
     ``CAP_SYS_ADMIN`` (``TREE_SEARCH_V2``, ``TREE_SEARCH`` on kernels without it).
 
     Most files take one search, not a second that finds nothing: the kernel
@@ -513,8 +487,7 @@ def file_extent_batches(fd: int, ino: int, item_max: int = 0, into: bytearray | 
     (:func:`largest_item`; ``item_max``: it, asked already) is every item there is.
     ``TREE_SEARCH`` (4 KiB, older kernels) is searched until it finds none. ``into``: a
     buffer of :data:`EXTENT_SEARCH` bytes to search with, else one is made (and zeroed).
-    The items of a buffer are read in C (the ``sweep`` accelerator's ``extents``) or by
-    :func:`_extents_py`.
+    A buffer's items are read in C (the ``sweep`` accelerator) or by :func:`.sweepref.extents`.
     """
     min_off = 0
     room = 0  # (what a complete result leaves: asked when needed)
@@ -524,13 +497,13 @@ def file_extent_batches(fd: int, ino: int, item_max: int = 0, into: bytearray | 
                               _EXTENT_DATA_KEY, _EXTENT_DATA_KEY, 0xFFFFFFFF, 0, 0, 0, 0, 0)
 
     native = _native.live("sweep")
-    parse = _extents_py if native is None else native.extents
+    if native is None:
+        from . import sweepref
+    parse = sweepref.extents if native is None else native.extents
     for buf, first, nr_items in _searches(fd, _EXTENT_BUFFER, key, into):
         items, off, pos = parse(buf, first, nr_items, ino)
         yield items
-        if items is None:
-            return
-        if off >= _U64_MAX:
+        if items is None or off >= _U64_MAX:
             return
         if first == _V2_START:
             room = room or _SEARCH_HDR.size + (item_max or largest_item(fd))
@@ -539,29 +512,7 @@ def file_extent_batches(fd: int, ino: int, item_max: int = 0, into: bytearray | 
         min_off = off + 1
 
 
-def _extents_py(buf: bytearray, pos: int, nr_items: int, ino: int
-                ) -> tuple[bytes | None, int, int]:
-    """The file extent items of inode ``ino`` among the ``nr_items`` search results in
-    ``buf`` from ``pos``, packed as :data:`EXTENT` (None: one cannot be compared), the key
-    offset of the last result and where the results end. The reference of the ``sweep``
-    C accelerator's ``extents`` (``fs/_sweep.c``)."""
-    header, size = _SEARCH_HDR.unpack_from, len(buf)
-    out = bytearray()
-    off = 0
-    for _ in range(nr_items):
-        if pos + 32 > size:
-            raise ValueError("a search result runs past the buffer")
-        _transid, obj, off, typ, length = header(buf, pos)
-        pos += 32
-        if pos + length > size:
-            raise ValueError("a search result runs past the buffer")
-        if obj == ino and typ == _EXTENT_DATA_KEY:
-            item = extent_item(buf, pos, length, off)
-            if item is None:
-                return None, off, pos + length
-            out += item
-        pos += length
-    return bytes(out), off, pos
+
 
 
 def extent_item(buf: bytearray, pos: int, length: int, off: int) -> bytes | None:

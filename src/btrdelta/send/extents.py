@@ -19,7 +19,7 @@ A file whose blocks are all taken from the record, with the same size and data r
 keeps the record's digests.
 
 Owns this comparison and the partial read only; the items come from
-:func:`btrdelta.fs.btrfs.file_extents`, the rest of the hashing is :mod:`.hashing`'s.
+:func:`btrdelta.fs.btrfs.file_extent_batches`, the rest of the hashing is :mod:`.hashing`'s.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ _CELLTYPE = bytes([0x80, 0])  # (CELL, then compression 0: a cell's last two byt
 #: extent items cut to cells this many at a time (:class:`_Sums`)
 _CUT_PIECE = 320 * EXTENT.size
 
-#: each thread's buffer for :func:`~btrdelta.fs.btrfs.file_extents` (one made per file: 64
+#: each thread's buffer for :func:`~btrdelta.fs.btrfs.file_extent_batches` (one made per file: 64
 #: KiB zeroed, ~5 M of the ~210 M instructions of an in-place round's 70 changed files)
 _searching = threading.local()
 
@@ -100,7 +100,7 @@ def extents_of(fd: int, ino: int, size: int, flags: int, least: int = SEARCH_MIN
     """The extent items to record for open file ``fd`` (inode ``ino`` of ``size`` bytes,
     inode flags ``flags``), or None: below ``least`` (:data:`SEARCH_MIN`: the smaller files
     of a full send get theirs from :func:`from_sweep`), ``NOCOW``, items that cannot be
-    compared (:func:`~btrdelta.fs.btrfs.file_extents`), no right to search the tree (not
+    compared (:func:`~btrdelta.fs.btrfs.file_extent_batches`), no right to search the tree (not
     root). However fragmented the file, its items are returned and recorded, up to ``most``
     bytes (None: :data:`EXTENT_MAX`) as they are and past it as cells (:func:`bounded`), cut
     as the searches give them (never all held): each covers at least a block, so they take
