@@ -114,9 +114,9 @@ def test_a_tree_hashed_while_a_thread_hashes_a_huge_file(tmp_path: Path) -> None
         _blocked_in(proc, "futex")  # the walk done, it waits for the hashing thread
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
-    finally:
+    finally:  # (its pipes closed too: left open, a later test fails on them)
         proc.kill()
-        proc.wait()
+        proc.communicate()
     assert (proc.returncode, out, err) == (143, b"", b"btrdelta tree-sum: interrupted\n")
 
 
@@ -157,9 +157,9 @@ def test_send_record_of_a_huge_sparse_file(tmp_path: Path) -> None:
         start = time.monotonic()
         out_, err = proc.communicate(timeout=30)
         took = time.monotonic() - start
-    finally:
+    finally:  # (its pipes closed too: left open, a later test fails on them)
         proc.kill()
-        proc.wait()
+        proc.communicate()
     assert (proc.returncode, out_, err) == (143, b"", b"btrdelta send: interrupted\n"), took
     assert not out.exists()
     assert not list((store / "records").iterdir()) if (store / "records").exists() else True

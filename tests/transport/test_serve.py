@@ -149,10 +149,10 @@ def test_serve_says_where_clients_find_it(tmp_path: Path) -> None:
             assert resp.read() == b"hello"
         proc.send_signal(signal.SIGTERM)
         _, rest = proc.communicate(timeout=20)
-    finally:
+    finally:  # (its pipe closed too: left open, a later test fails on it)
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+        proc.communicate()
     assert proc.returncode == 0
     assert rest.strip().splitlines()[-1] == "stopped: 1 request, 5 bytes served"
 
