@@ -20,6 +20,7 @@ from tests.jsondoc import checked
 from tests.update.conftest import Nginx
 
 from .conftest import BTRDELTA, Release, btrdelta, copy_tree
+from .crash import crash_at
 from .test_install import subvolumes
 
 pytestmark = pytest.mark.btrfs
@@ -388,3 +389,116 @@ def test_init_from_a_file_url_and_a_failed_init_leaves_nothing(
              "--to", "old")
     for root in ("factory", "a", "b"):
         assert tree_sum(btrfs_dev / "roots" / root) == small_release.old_sum
+
+
+_ARTIFACTS = ("/repo/deltas/", "/repo/fulls/", "/repo/packs/")
+
+
+def _artifact_bytes(srv: Nginx) -> int:
+    """Bytes nginx served of deltas, fulls and packs (not the signed metadata)."""
+    time.sleep(0.1)  # nginx writes its log line after the response
+    return sum(n for _status, n, uri in srv.requests() if uri.startswith(_ARTIFACTS))
+
+
+def _uuid(subvolume: Path) -> str:
+    """The subvolume's own UUID, as btrfs-progs shows it."""
+    out = subprocess.run(["btrfs", "subvolume", "show", str(subvolume)], capture_output=True,
+                         text=True, check=True).stdout
+    return next(line.split()[-1] for line in out.splitlines()
+                if line.strip().startswith("UUID:"))
+
+
+def test_installing_a_version_the_slot_holds_downloads_nothing(
+    btrfs_dev: Path, small_release: Release, served: tuple[Nginx, Path],
+) -> None:
+    """`device install --to V` run again: slot b holds V on trial. No artifact is fetched,
+    b is not rebuilt (the same subvolume), and it is the next boot again with the tries
+    asked for.
+    A slot whose content was changed behind the state file's back is rebuilt."""
+    r = small_release
+    srv, www = served
+    url = f"{srv.url}/repo"
+    device.init(btrfs_dev, r.old, state=[])
+    btrdelta("device", "install", btrfs_dev, url, "--key", www / "root.pub", "--to", "new")
+    first = _uuid(btrfs_dev / "roots/b")
+    assert device.status(btrfs_dev)["trial"]["tries_left"] == 3
+    before = _artifact_bytes(srv)
+    proc = btrdelta("device", "install", btrfs_dev, url, "--to", "new", "--tries", "2")
+    assert "slot b already holds new" in proc.stdout, proc.stdout
+    assert _artifact_bytes(srv) == before
+    assert _uuid(btrfs_dev / "roots/b") == first  # not rebuilt
+    assert tree_sum(btrfs_dev / "roots/b") == r.new_sum
+    st = device.status(btrfs_dev)
+    assert (st["next_boot"], st["trial"]["slot"], st["trial"]["tries_left"]) == ("b", "b", 2)
+    assert st["roots"]["b"]["release"] == "new"
+    assert subvolumes(btrfs_dev) == CLEAN
+    assert sorted(p.name for p in (btrfs_dev / ".btrdelta/fetch").iterdir()) == [".btrdelta"]
+    # --json says it kept the slot
+    res = checked("device install", json.loads(btrdelta(
+        "device", "install", btrfs_dev, url, "--to", "new", "--json").stdout))
+    assert (res["slot"], res["release"], res["kept"], res["hops"]) == ("b", "new", True, 0)
+    assert _artifact_bytes(srv) == before
+    # a slot changed behind the state file's back (made writable, a file appended to,
+    # read-only again): its content is not the version, it is rebuilt
+    b = btrfs_dev / "roots/b"
+    subprocess.run(["btrfs", "property", "set", "-f", str(b), "ro", "false"], check=True)
+    victim = next(p for p in sorted(b.rglob("*")) if p.is_file() and not p.is_symlink())
+    with open(victim, "ab") as f:
+        f.write(b"tampered\n")
+    subprocess.run(["btrfs", "property", "set", str(b), "ro", "true"], check=True)
+    assert tree_sum(b) != r.new_sum
+    res = checked("device install", json.loads(btrdelta(
+        "device", "install", btrfs_dev, url, "--to", "new", "--json").stdout))
+    assert (res["slot"], res["kept"], res["hops"]) == ("b", False, 1)
+    assert _artifact_bytes(srv) > before
+    assert tree_sum(b) == r.new_sum
+    assert _uuid(b) != first
+    assert subvolumes(btrfs_dev) == CLEAN
+
+
+def test_a_reinstall_after_a_kill_past_the_commit_point_downloads_nothing(
+    btrfs_dev: Path, small_release: Release, served: tuple[Nginx, Path],
+) -> None:
+    r = small_release
+    srv, www = served
+    url = f"{srv.url}/repo"
+    device.init(btrfs_dev, r.old, state=[])
+    # killed as it tells the boot hook: the trial of b is committed
+    crash_at("btrdelta.device.install.install", btrfs_dev, "btrdelta.device.install:call_hook",
+             source=url, keys=[str(www / "root.pub")], to="new")
+    assert device.status(btrfs_dev)["trial"]["slot"] == "b"
+    before = _artifact_bytes(srv)
+    proc = btrdelta("device", "install", btrfs_dev, url, "--to", "new")
+    assert "slot b already holds new" in proc.stdout, proc.stdout
+    assert _artifact_bytes(srv) == before
+    assert tree_sum(btrfs_dev / "roots/b") == r.new_sum
+    st = device.status(btrfs_dev)
+    assert (st["next_boot"], st["trial"]["slot"]) == ("b", "b")
+    assert subvolumes(btrfs_dev) == CLEAN
+
+
+def test_a_downgrade_to_the_factory_version_snapshots_the_factory_root(
+    btrfs_dev: Path, small_release: Release, served: tuple[Nginx, Path], tmp_path: Path,
+) -> None:
+    """Factory "old", slot b "new" made the default, slot a some other tree: `install --to
+    old` takes the factory root as it is (no full downloaded) and rebuilds a from it."""
+    r = small_release
+    srv, www = served
+    url = f"{srv.url}/repo"
+    device.init(btrfs_dev, r.old, state=[])
+    btrdelta("device", "install", btrfs_dev, url, "--key", www / "root.pub", "--to", "new")
+    btrdelta("device", "mark-good", btrfs_dev, "--slot", "b")
+    other = tmp_path / "other"
+    copy_tree(r.new, other)
+    (other / "local-change").write_text("not a release of the repository\n")
+    btrdelta("device", "install", btrfs_dev, other, "--booted", "b")
+    assert tree_sum(btrfs_dev / "roots/a") == tree_sum(other)
+    before = _artifact_bytes(srv)
+    out = btrdelta("device", "install", btrfs_dev, url, "--to", "old", "--booted", "b",
+                   "--json").stdout
+    assert _artifact_bytes(srv) == before
+    res = checked("device install", json.loads(out))
+    assert (res["slot"], res["release"], res["kept"], res["hops"]) == ("a", "old", False, 0)
+    assert tree_sum(btrfs_dev / "roots/a") == r.old_sum
+    assert device.status(btrfs_dev)["next_boot"] == "a"
+    assert subvolumes(btrfs_dev) == CLEAN

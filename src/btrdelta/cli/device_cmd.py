@@ -381,6 +381,10 @@ def run_install(args: argparse.Namespace) -> int:
                       on_progress=_fetch_then_receive(progress))
     if args.json:
         print(json.dumps(res.to_json(), indent=1))
+    elif not args.quiet and res.kept:
+        print(f"slot {res.slot} already holds {res.release} (its content is the identity the "
+              f"index names): nothing to download or receive; next boot: {res.slot}, "
+              f"{res.tries} tries; tree-sum {res.tree_sum}")
     elif not args.quiet:
         what = (f"{res.hops} hop{'s' if res.hops != 1 else ''}, "
                 f"{human_bytes(res.downloaded)} downloaded" if res.hops else

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ..fs import btrfs as sv
+from ..tree.incremental import Digests
+from ..update import heldsums
 from .boot import (
     Trial,
     booted_root,
@@ -103,6 +105,9 @@ def _init_locked(layout: Layout, factory: str | os.PathLike[str], specs: list[An
         place_root(layout, built, FACTORY)
         for slot in SLOTS:
             layout.snapshot(layout.root(FACTORY), layout.root(slot), readonly=True)
+            if built.entries is not None:  # (its digests: the factory's, kept)
+                heldsums.save(layout.meta, Digests(layout.root(slot), built.tree_sum,
+                                                   built.entries))
         for s in specs:
             fresh_state_subvol(layout, s, layout.state(s.name))
         st = DeviceState(tries=tries, hook=hook, state=specs)

@@ -30,18 +30,24 @@ import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from ..chunk.archive import MAGIC
 from ..chunk.source import file_url_path, is_url
 from ..chunk.store import ChunkStore
 from ..fs import btrfs as sv
 from ..receive import ReceivedSubvol
+from ..tree.incremental import Digests, verified_digests
 from ..trust import load_public_key
+from ..update import heldsums
 from ..update.holdings import HOP_PREFIX
 from .layout import DeviceError, Layout
 
-__all__ = ["WORK", "archive_stream", "clear_work", "from_repository", "source_kind"]
+if TYPE_CHECKING:
+    from ..update.versions import UpdateResult
+
+__all__ = ["WORK", "archive_stream", "clear_work", "from_repository", "slot_holds",
+           "source_kind"]
 
 #: the device's fetch area, below the metadata directory
 WORK = "fetch"
@@ -93,49 +99,117 @@ def _one_key(keys: Sequence[str] | None, what: str) -> str | None:
     return keys[0] if keys else None
 
 
-def _version_of(url: str, key: str | None, tree_sum: str | None) -> str | None:
-    """The name of the repository's version whose identity is ``tree_sum``, if any: a hint
-    only (the update checks the held tree's content against the verified index); a
-    repository that cannot be listed gives none, and the update says why."""
+def _identities(url: str, key: str | None) -> list[tuple[str, str]]:
+    """The repository's versions (name, identity), oldest first: hints only (the update
+    checks a held tree's content against the verified index); a repository that cannot be
+    listed gives none, and the update says why."""
     from ..errors import BtrdeltaError
     from ..update.listing import list_repo
 
-    if not tree_sum:
-        return None
     try:
         listing = list_repo(url, key=key)
     except (BtrdeltaError, OSError):
+        return []
+    return [(str(v["name"]), str(v.get("identity"))) for v in listing["versions"]]
+
+
+def _target(versions: list[tuple[str, str]], to: str | None) -> tuple[str, str] | None:
+    """The (name, identity) of version ``to`` (default: the newest) in the hint."""
+    return next((v for v in reversed(versions) if to is None or v[0] == to), None)
+
+
+def _offer(layout: Layout, root: Path, held: Path, identity: str) -> bool:
+    """Snapshot device root ``root`` (read-only) as ``held``, an entry of the fetch area the
+    update counts as held, when its content is ``identity``: checked by the digests kept
+    for it in ``.btrdelta/held/`` (:mod:`btrdelta.update.heldsums`: the same read-only
+    subvolume, unchanged), else every file read once (and the digests kept). The
+    snapshot's digests are kept for the update too, which then reads no file of it."""
+    digests = heldsums.load(layout.meta, root, identity)
+    if digests is None:
+        digests = verified_digests(root)
+        if digests.identity != identity:
+            return False  # a root changed behind the state file's back: not held
+        heldsums.save(layout.meta, digests)
+    if os.path.lexists(held):
+        layout.delete(held)
+    layout.snapshot(root, held, readonly=True)
+    from ..update.versions import STATE
+
+    heldsums.save(held.parent / STATE, Digests(held, identity, digests.entries))
+    return True
+
+
+def slot_holds(layout: Layout, url: str, slot: Path, recorded: str, *, to: str | None,
+               mirrors: Sequence[str], keys: Sequence[str] | None) -> UpdateResult | None:
+    """The plan of an update to version ``to`` (default: the newest) of the repository when
+    ``slot`` (its tree-sum recorded as ``recorded`` in the state file) holds that version,
+    else None. Held means: the slot's content is the identity the verified index names,
+    the slot snapshotted into the fetch area and checked there by the update's own
+    dry run (its kept digests, else every file read once); nothing is downloaded but
+    the repository's metadata."""
+    from ..update.versions import update
+
+    work = work_dir(layout)
+    key = _repository_key(work, url, keys)
+    target = _target(_identities(url, key), to)
+    if target is None or target[1] != recorded or not _plain_name(target[0]):
         return None
-    return next((str(v["name"]) for v in listing["versions"]
-                 if v.get("identity") == tree_sum), None)
+    held = work / target[0]
+    if not _offer(layout, slot, held, recorded):
+        return None
+    try:
+        res = update(url, work, to=to, key=key, mirrors=mirrors, dry_run=True)
+    finally:
+        layout.delete(held)
+    return res if res.target in res.held else None
+
+
+def _repository_key(work: Path, url: str, keys: Sequence[str] | None) -> str | None:
+    """The root key file given, or None when the fetch area pinned one."""
+    from ..update.versions import STATE
+
+    key = _one_key(keys, "a repository's index")
+    if key is None and not (work / STATE / "root.pub").exists():
+        # (update's own words named the fetch area, below a temporary mount point when FS
+        # is an image or a block device)
+        raise DeviceError(f"{url}: no root key: give --key ROOT_PUB (the device remembers "
+                          "it once an install from the repository verified with it)")
+    return key
 
 
 def from_repository(
     layout: Layout, url: str, staged: Path, *, parent: Path | None, parent_release: str | None,
     to: str | None, mirrors: Sequence[str], keys: Sequence[str] | None,
     on_progress: Callable[[int, int], None] | None = None, parent_sum: str | None = None,
+    holders: Sequence[tuple[Path, str]] = (),
 ) -> ReceivedSubvol:
     """Bring version ``to`` (default: the newest) of the repository at ``url`` to
     ``staged`` (a read-only subvolume, its tree-sum checked against the signed index).
     ``parent`` (release ``parent_release``, tree-sum ``parent_sum``) is offered to the
-    planner as held. The result's ``records`` are the hops applied, its ``data_bytes`` the
-    bytes downloaded."""
+    planner as held, and so is a root of ``holders`` (path, recorded tree-sum) whose
+    content is the version wanted. The result's ``records`` are the hops applied, its
+    ``data_bytes`` the bytes downloaded."""
     from ..update.versions import update
 
     work = work_dir(layout)
-    key = _one_key(keys, "a repository's index")
-    if key is None and not (work / ".btrdelta" / "root.pub").exists():
-        # (update's own words named the fetch area, below a temporary mount point when FS
-        # is an image or a block device)
-        raise DeviceError(f"{url}: no root key: give --key ROOT_PUB (the device remembers "
-                          "it once an install from the repository verified with it)")
-    if parent is not None:
-        parent_release = _version_of(url, key, parent_sum) or parent_release
-    if parent is not None and parent_release and _plain_name(parent_release):
+    key = _repository_key(work, url, keys)
+    versions = _identities(url, key)
+    target = _target(versions, to)
+    offered = None
+    if target is not None and _plain_name(target[0]):
+        # a root of the device holding the version wanted (the factory root, the other
+        # slot): taken as it is, nothing downloaded
+        offered = next((target[0] for root, recorded in holders if recorded == target[1]
+                        and _offer(layout, root, work / target[0], recorded)), None)
+    named = next((n for n, i in versions if i == parent_sum), None) if parent_sum else None
+    parent_release = named or parent_release
+    if parent is not None and parent_release and _plain_name(parent_release) \
+            and parent_release != offered:
         held = work / parent_release
-        if os.path.lexists(held):
-            layout.delete(held)
-        layout.snapshot(parent, held, readonly=True)
+        if named is None or parent_sum is None or not _offer(layout, parent, held, parent_sum):
+            if os.path.lexists(held):
+                layout.delete(held)
+            layout.snapshot(parent, held, readonly=True)  # (the update checks it)
     received = 0
 
     def on_event(ev: dict[str, object]) -> None:

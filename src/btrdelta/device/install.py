@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from uuid import UUID
 
 from ..errors import ApplyError, BtrdeltaError, MissingBaseError
 from ..update.partial import boot_id
@@ -40,7 +41,7 @@ from .boot import (
     start_trial,
 )
 from .control import recover
-from .fetch import clear_work, source_kind
+from .fetch import clear_work, slot_holds, source_kind
 from .layout import SLOTS, DeviceError, Layout, is_enospc, open_device
 from .roots import Built, Fetch, build_root, place_root
 from .state import DeviceState, RootInfo, load_state, save_state
@@ -63,6 +64,8 @@ class InstallResult:
     #: from a repository: hops applied, bytes downloaded (records, data_bytes: 0)
     hops: int = 0
     downloaded: int = 0
+    #: the slot already held the version (from a repository): nothing received or placed
+    kept: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """As a JSON object."""
@@ -138,32 +141,46 @@ def install(
         n = tries if tries is not None else st.tries
         if n < 1:
             raise DeviceError("tries must be at least 1")
+        built = _kept(layout, st, slot, os.fspath(source), expect_sum, to, mirrors, keys)
+        kept = built is not None  # the slot holds the version: nothing to receive or place
         _intend(layout, st, slot)
-        step("receive")
-        parent_name = booted or default_root(layout)
-        parent = layout.root(parent_name) if parent_name else None
-        info = st.roots.get(parent_name) if parent_name else None
-        fetch = Fetch(to, tuple(mirrors), info.release if info else None,
-                      info.tree_sum if info else None)
-        try:
-            built = build_root(layout, source, slot, parent=parent, expect_sum=expect_sum,
-                               keys=keys, signature=signature, fetch=fetch,
-                               on_progress=on_progress)
-        except BaseException as exc:
-            _abandon(layout, st, slot)
-            with contextlib.suppress(OSError, BtrdeltaError):  # the first error is the news
-                clear_work(layout, resumable=not is_enospc(exc))
-            if is_enospc(exc):
-                raise ApplyError(f"disk full while installing into slot {slot} (nothing "
-                                 f"selected, space given back): {exc}") from exc
-            if isinstance(exc, MissingBaseError) and source_kind(os.fspath(source)) == "local":
-                raise _not_on_device(exc, source, st) from exc
-            raise
+        if built is None:
+            step("receive")
+            parent_name = booted or default_root(layout)
+            parent = layout.root(parent_name) if parent_name else None
+            try:
+                built = build_root(layout, source, slot, parent=parent, expect_sum=expect_sum,
+                                   keys=keys, signature=signature,
+                                   fetch=_fetch(layout, st, slot, parent_name, to, mirrors),
+                                   on_progress=on_progress)
+            except BaseException as exc:
+                _abandon(layout, st, slot)
+                with contextlib.suppress(OSError, BtrdeltaError):  # the first error is news
+                    clear_work(layout, resumable=not is_enospc(exc))
+                if is_enospc(exc):
+                    raise ApplyError(f"disk full while installing into slot {slot} (nothing "
+                                     f"selected, space given back): {exc}") from exc
+                if isinstance(exc, MissingBaseError) and \
+                        source_kind(os.fspath(source)) == "local":
+                    raise _not_on_device(exc, source, st) from exc
+                raise
         _commit(layout, st, built, slot, n, step)
         clear_work(layout)
         return InstallResult(slot, built.release, str(built.uuid), built.tree_sum, n,
                              built.records, built.data_bytes, built.seconds,
-                             hops=built.hops, downloaded=built.downloaded)
+                             hops=built.hops, downloaded=built.downloaded, kept=kept)
+
+
+def _fetch(layout: Layout, st: DeviceState, slot: str, parent_name: str | None,
+           to: str | None, mirrors: Sequence[str]) -> Fetch:
+    """What a repository gives: version ``to``, the parent's release and tree-sum, the
+    device's other roots with their recorded tree-sums (taken when one holds ``to``)."""
+    info = st.roots.get(parent_name) if parent_name else None
+    holders = tuple((layout.root(name), held.tree_sum) for name, held in st.roots.items()
+                    if name not in (slot, parent_name) and held.tree_sum
+                    and layout.is_subvolume(layout.root(name)))
+    return Fetch(to, tuple(mirrors), info.release if info else None,
+                 info.tree_sum if info else None, holders)
 
 
 def _intend(layout: Layout, st: DeviceState, slot: str) -> None:
@@ -187,9 +204,11 @@ def _intend(layout: Layout, st: DeviceState, slot: str) -> None:
 
 def _commit(layout: Layout, st: DeviceState, built: Built, slot: str, n: int,
             step: Callable[[str], None]) -> None:
-    """Place the built root, commit the trial, tell the hook, record it."""
+    """Place the built root (unless it is the slot's own), commit the trial, tell the
+    hook, record it."""
     step("place")
-    place_root(layout, built, slot)
+    if built.path != layout.root(slot):
+        place_root(layout, built, slot)
     st.roots[slot] = RootInfo(built.release, str(built.uuid), built.tree_sum, time.time(),
                               "new", built.source)
     save_state(layout, st)
@@ -208,6 +227,32 @@ def _commit(layout: Layout, st: DeviceState, built: Built, slot: str, n: int,
             boot=boot_id())  # (mark-good keeps a trial made in this boot: control.mark_good)
     save_state(layout, st)
     step("done")
+
+
+def _kept(layout: Layout, st: DeviceState, slot: str, source: str, expect_sum: str | None,
+          to: str | None, mirrors: Sequence[str], keys: list[str] | None) -> Built | None:
+    """The slot as its own build when it holds the repository's version wanted: the
+    state file records it with that version's identity, and its content is that identity
+    (:func:`.fetch.slot_holds`: the verified index, the slot's kept digests or every file
+    read). A slot whose content differs is rebuilt."""
+    info = st.roots.get(slot)
+    path = layout.root(slot)
+    if source_kind(source) != "repository" or info is None or not info.tree_sum \
+            or (expect_sum and expect_sum.lower() != info.tree_sum) \
+            or not layout.is_subvolume(path):
+        return None
+    start = time.monotonic()
+    try:
+        res = slot_holds(layout, source, path, info.tree_sum, to=to, mirrors=mirrors,
+                         keys=keys)
+    except BaseException:
+        with contextlib.suppress(OSError, BtrdeltaError):  # the first error is the news
+            clear_work(layout, resumable=True)
+        raise
+    if res is None:
+        return None
+    return Built(path, res.target, UUID(info.uuid), info.tree_sum, 0, 0,
+                 time.monotonic() - start, source, downloaded=res.received)
 
 
 def _not_on_device(exc: MissingBaseError, source: str | os.PathLike[str],

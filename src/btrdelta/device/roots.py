@@ -27,6 +27,8 @@ from ..receive.receiver import BatchedEvents
 from ..stream.reader import Event, StreamReader
 from ..stream.records import Clone, Snapshot, Subvol
 from ..tree import tree_sum
+from ..tree.incremental import Digests, verified_digests
+from ..update import heldsums
 from ..update.receive import open_events
 from .fetch import archive_stream, from_repository, source_kind
 from .layout import DeviceError, Layout
@@ -45,6 +47,8 @@ class Fetch:
     mirrors: tuple[str, ...] = ()
     parent_release: str | None = None
     parent_sum: str | None = None
+    #: other roots of the device (path, recorded tree-sum), offered when they hold it
+    holders: tuple[tuple[Path, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,9 @@ class Built:
     #: data_bytes are not counted there)
     hops: int = 0
     downloaded: int = 0
+    #: the root's manifest entries with the lstat each was read with (kept by
+    #: :func:`place_root`: a later install checks the root by them, reading no file)
+    entries: dict[bytes, Any] | None = None
 
 
 def staged_path(layout: Layout, name: str) -> Path:
@@ -184,7 +191,8 @@ def build_root(
     try:
         done = _receive(layout, source, staged.name, parent, label, on_progress,
                         keys, signature, fetch or Fetch())
-        digest = tree_sum(staged)
+        digests = verified_digests(staged)
+        digest = digests.identity
         if expect_sum and digest != expect_sum.lower():
             _check_loose_sum(staged, expect_sum, digest, label)
     except BaseException:
@@ -194,9 +202,9 @@ def build_root(
     seconds = time.monotonic() - start
     if source_kind(label) == "repository":  # from_repository: its hops and downloads
         return Built(staged, done.name, done.uuid, digest, 0, 0, seconds, label,
-                     hops=done.records, downloaded=done.data_bytes)
+                     hops=done.records, downloaded=done.data_bytes, entries=digests.entries)
     return Built(staged, done.name, done.uuid, digest, done.records, done.data_bytes,
-                 seconds, label)
+                 seconds, label, entries=digests.entries)
 
 
 def _check_loose_sum(staged: Path, expect_sum: str, digest: str, label: str) -> None:
@@ -241,7 +249,7 @@ def _receive(layout: Layout, source: str | os.PathLike[str], staged: str,
         return from_repository(layout, label, layout.roots / staged, parent=parent,
                                parent_release=fetch.parent_release, to=fetch.to,
                                mirrors=fetch.mirrors, keys=keys, on_progress=on_progress,
-                               parent_sum=fetch.parent_sum)
+                               parent_sum=fetch.parent_sum, holders=fetch.holders)
     if fetch.to is not None or fetch.mirrors:
         raise DeviceError(f"{label}: --to and --mirror are for a repository URL (http(s)://, "
                           "or file:// for a directory)")
@@ -296,7 +304,8 @@ def _one(done: list[ReceivedSubvol], original: bytes, label: str) -> ReceivedSub
 def place_root(layout: Layout, built: Built, name: str) -> None:
     """Move a built root to ``roots/NAME``, replacing what is there (never the running or
     selected root: the caller checked). The old one goes to ``.old-NAME`` first and is
-    deleted after, so a crash between the steps leaves hidden work for recovery."""
+    deleted after, so a crash between the steps leaves hidden work for recovery. The root's
+    digests are kept (:mod:`btrdelta.update.heldsums`, in ``.btrdelta/held/``)."""
     final = layout.roots / name
     old = layout.roots / f".old-{name}"
     if os.path.lexists(old):
@@ -307,3 +316,5 @@ def place_root(layout: Layout, built: Built, name: str) -> None:
     layout.sync()
     if os.path.lexists(old):
         layout.delete(old)
+    if built.entries is not None:  # (in .btrdelta/held/: fetch._offer reads them)
+        heldsums.save(layout.meta, Digests(final, built.tree_sum, built.entries))
