@@ -9,11 +9,17 @@ and turning it into a received root under the staging name:
   repository's version whose identity is the root's recorded tree-sum, else its release
   name: the planner counts it as held only when its tree-sum is the index's identity of that
   version; a factory base received from a stream or a tree carries the stream's name, not
-  the repository's). The planner picks the cheapest path (deltas, or the full reusing that root's
-  chunks); the version arrives verified against the signed index and is moved to the
-  staging name. The pinned root key and the trusted index state stay in
-  ``.btrdelta/fetch/.btrdelta/`` (rollback protection across installs); downloads and
-  verified intermediates stay there while an install is unfinished, so a re-run resumes.
+  the repository's). A root holding the version wanted (the factory root, the other slot:
+  its recorded tree-sum is the listing's identity of it) is snapshotted in under that
+  version's name too; a root's content is checked by the digests kept for it in
+  ``.btrdelta/held/`` (:mod:`btrdelta.update.heldsums`), else every file read once, and the
+  snapshot's digests are kept for the update, which then reads none of its files
+  (:func:`slot_holds`: the same for the slot to rebuild, by a dry run). The planner picks
+  the cheapest path (deltas, or the full reusing that root's chunks); the version arrives
+  verified against the signed index and is moved to the staging name. The pinned root key
+  and the trusted index state stay in ``.btrdelta/fetch/.btrdelta/`` (rollback protection
+  across installs); downloads and verified intermediates stay there while an install is
+  unfinished, so a re-run resumes.
 * a **chunk archive** (``.bdar``, a path or URL) whose image is a plain send stream of the
   root: cloned into the chunk store ``.btrdelta/fetch/chunks`` (every chunk checked against
   its id; chunks of the plain stream of the root the slot is rebuilt from are reused as

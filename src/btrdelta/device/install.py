@@ -4,6 +4,9 @@ The steps, in order (``docs/device.md`` has the crash analysis of each)::
 
     recover        hidden work of an earlier run removed, a half-made slot deleted
     pick           the slot that is neither the default nor the booted root
+    held?          from a repository: the slot already holds the version wanted (its
+                   content checked against the verified index, :func:`.fetch.slot_holds`):
+                   intent, then on at COMMIT (nothing received or placed)
     intent         state file: {"pending": {"op": "install", "slot": S}}
     receive        roots/.staged-S: snapshot of the parent + the stream (a delta's old
                    files verified before they are patched), received UUID, read-only
@@ -16,7 +19,8 @@ The steps, in order (``docs/device.md`` has the crash analysis of each)::
 
 Before COMMIT a crash leaves the device booting the default root exactly as before (the
 new slot is never selectable); the next command (or a re-run) removes the half-made slot.
-After COMMIT the trial is in place; the re-run finds nothing to redo.
+After COMMIT the trial is in place; a re-run from a repository finds the slot holding the
+version and commits its trial again (nothing downloaded).
 """
 
 from __future__ import annotations
