@@ -199,7 +199,7 @@ def from_repository(
 
     work = work_dir(layout)
     key = _repository_key(work, url, keys)
-    versions = _identities(url, key)
+    versions = _identities(url, key) if parent is not None or holders else []
     target = _target(versions, to)
     offered = None
     if target is not None and _plain_name(target[0]):
