@@ -185,7 +185,8 @@ def test_kill_restore_at_every_step(btrfs_dev: Path, small_release: Release,
 
 def _work(meta: Path) -> list[str]:
     """What .btrdelta holds beside its lasting files."""
-    return [e for e in os.listdir(meta) if e not in ("backups", "lock", "mounts", "state.json")]
+    return [e for e in os.listdir(meta) if e not in ("backups", "held", "lock", "mounts",
+                                                   "state.json")]
 
 
 def test_backups_killed_before_their_index_leave_nothing_behind(
