@@ -74,12 +74,12 @@ def test_ctrl_c_during_a_full_s_download_stops_at_once(tmp_path: Path, signame: 
         (tree / f"f{i}").write_bytes(os.urandom(4 << 20))
     root = _published(tmp_path, [tree], init=("--level", "1"))
     srv = Nginx(root, tmp_path / "nginx", limit_rate="256k")
+    dest = tmp_path / "dest"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "btrdelta", "update", srv.url, str(dest), "--key",
+         str(tmp_path / "root.pub")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        dest = tmp_path / "dest"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "btrdelta", "update", srv.url, str(dest), "--key",
-             str(tmp_path / "root.pub")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         assert proc.stdout is not None
         assert proc.stdout.readline().startswith("plan: from nothing to v1")  # then the full
         time.sleep(1.5)  # its ranges are arriving
@@ -87,7 +87,10 @@ def test_ctrl_c_during_a_full_s_download_stops_at_once(tmp_path: Path, signame: 
         t0 = time.monotonic()
         _, err = proc.communicate(timeout=90)
         took = time.monotonic() - t0
-    finally:
+    finally:  # (failed: the update stopped, its pipes closed, not left to a later test)
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
         srv.stop()
     assert proc.returncode == 128 + getattr(signal, signame), err
     assert err == "btrdelta update: interrupted\n"
