@@ -47,14 +47,22 @@ def _as_in_a_terminal(ignored: signal.Signals | None = None) -> Callable[[], Non
 
 
 def _blocked_in(proc: subprocess.Popen[bytes], where: str) -> None:
+    """Until ``proc``'s main thread waits in the kernel function ``where``; when it never
+    does, ``proc`` is ended and its pipes closed (left open, a later test failed on
+    their ResourceWarning) before the test fails."""
     deadline = time.monotonic() + 30
-    while True:
-        assert proc.poll() is None, proc.returncode
-        with open(f"/proc/{proc.pid}/wchan") as f:
-            if where in f.read():
-                return
-        assert time.monotonic() < deadline, f"never blocked in {where}"
-        time.sleep(0.02)
+    try:
+        while True:
+            assert proc.poll() is None, proc.returncode
+            with open(f"/proc/{proc.pid}/wchan") as f:
+                if where in f.read():
+                    return
+            assert time.monotonic() < deadline, f"never blocked in {where}"
+            time.sleep(0.02)
+    except AssertionError:
+        proc.kill()
+        proc.communicate()
+        raise
 
 
 def _stream() -> bytes:
