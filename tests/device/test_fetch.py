@@ -502,3 +502,24 @@ def test_a_downgrade_to_the_factory_version_snapshots_the_factory_root(
     assert tree_sum(btrfs_dev / "roots/a") == r.old_sum
     assert device.status(btrfs_dev)["next_boot"] == "a"
     assert subvolumes(btrfs_dev) == CLEAN
+
+
+def test_a_first_install_that_finds_the_version_held_pins_the_key(
+    btrfs_dev: Path, small_release: Release, served: tuple[Nginx, Path],
+) -> None:
+    """A device made from the tree of "new" (every root holds it): the first install from
+    the repository, `--to new --key`, finds slot b holding it and fetches no artifact; the
+    key it verified with is pinned, so the next install needs no --key."""
+    r = small_release
+    srv, www = served
+    url = f"{srv.url}/repo"
+    device.init(btrfs_dev, r.new, state=[])
+    before = _artifact_bytes(srv)
+    proc = btrdelta("device", "install", btrfs_dev, url, "--key", www / "root.pub", "--to",
+                    "new")
+    assert "slot b already holds new" in proc.stdout, proc.stdout
+    assert _artifact_bytes(srv) == before
+    res = device.install(btrfs_dev, url, to="old")
+    assert (res.slot, res.release, res.kept) == ("b", "old", False)
+    assert tree_sum(btrfs_dev / "roots/b") == r.old_sum
+    assert subvolumes(btrfs_dev) == CLEAN

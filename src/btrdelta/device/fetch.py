@@ -14,7 +14,7 @@ and turning it into a received root under the staging name:
   version's name too; a root's content is checked by the digests kept for it in
   ``.btrdelta/held/`` (:mod:`btrdelta.update.heldsums`), else every file read once, and the
   snapshot's digests are kept for the update, which then reads none of its files
-  (:func:`slot_holds`: the same for the slot to rebuild, by a dry run). The planner picks
+  (:func:`slot_holds`: the same for the slot to rebuild). The planner picks
   the cheapest path (deltas, or the full reusing that root's chunks); the version arrives
   verified against the signed index and is moved to the staging name. The pinned root key
   and the trusted index state stay in ``.btrdelta/fetch/.btrdelta/`` (rollback protection
@@ -147,12 +147,13 @@ def _offer(layout: Layout, root: Path, held: Path, identity: str) -> bool:
 
 def slot_holds(layout: Layout, url: str, slot: Path, recorded: str, *, to: str | None,
                mirrors: Sequence[str], keys: Sequence[str] | None) -> UpdateResult | None:
-    """The plan of an update to version ``to`` (default: the newest) of the repository when
-    ``slot`` (its tree-sum recorded as ``recorded`` in the state file) holds that version,
-    else None. Held means: the slot's content is the identity the verified index names,
-    the slot snapshotted into the fetch area and checked there by the update's own
-    dry run (its kept digests, else every file read once); nothing is downloaded but
-    the repository's metadata."""
+    """The result of an update to version ``to`` (default: the newest) of the repository
+    when ``slot`` (its tree-sum recorded as ``recorded`` in the state file) holds that
+    version, else None. Held means: the slot's content is the identity the verified index
+    names, the slot snapshotted into the fetch area and found held there by the update
+    (its kept digests, else every file read once), which then has nothing to download
+    but the repository's metadata (the root key given is pinned, the trusted index state
+    kept, as by any install)."""
     from ..update.versions import update
 
     work = work_dir(layout)
@@ -163,11 +164,11 @@ def slot_holds(layout: Layout, url: str, slot: Path, recorded: str, *, to: str |
     held = work / target[0]
     if not _offer(layout, slot, held, recorded):
         return None
-    try:
-        res = update(url, work, to=to, key=key, mirrors=mirrors, dry_run=True)
-    finally:
-        layout.delete(held)
-    return res if res.target in res.held else None
+    res = update(url, work, to=to, key=key, mirrors=mirrors)
+    if res.applied or res.path != held:
+        return None  # (what it fetched stays for the install's own update)
+    layout.delete(held)
+    return res
 
 
 def _repository_key(work: Path, url: str, keys: Sequence[str] | None) -> str | None:
