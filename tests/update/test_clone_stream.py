@@ -68,14 +68,17 @@ def test_kill_9_inside_one_range_keeps_every_chunk_that_arrived(
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "no chunk was named while its range arrived"
             time.sleep(0.05)
-        # nginx logs a request when it is done: only the header and the index are
+        # nginx logs a request once it has written it whole (the header, the index)
         done_requests = slow.requests(idle=False)
         os.kill(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=30)
     finally:
         slow.stop()
-    assert len(done_requests) == 2, done_requests  # the chunks' range was still arriving
-    assert sum(n for _, n, _ in done_requests) == head
+    # the header and the index, and the chunks' range only if nginx had written all of it
+    # into the connection's buffers, which a loaded client was still reading (kept, below,
+    # is the client's side: fewer chunks than the range holds)
+    assert len(done_requests) in (2, 3), done_requests
+    assert sum(n for _, n, _ in done_requests[:2]) == head
     kept = _named(store)
     assert 40 <= len(kept) < len(digests)
     whole = ChunkStore(store).check({bytes.fromhex(p.name): p.stat().st_size for p in kept})
