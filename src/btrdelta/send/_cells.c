@@ -30,6 +30,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "_constants.h"
+
 #define ITEM 50
 #define SPAN 50
 static const char PREFIX[] = "btrdelta-cells"; /* and its NUL: 15 bytes */
