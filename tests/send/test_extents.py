@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 from array import array
 from collections.abc import Callable, Iterator
 from itertools import pairwise
 from pathlib import Path
 
+import blake3
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,6 +23,7 @@ from hypothesis import strategies as st
 from btrdelta import _native
 from btrdelta._value import replace
 from btrdelta.fs.btrfs import EXTENT, clone_range, file_extents
+from btrdelta.send import extents
 from btrdelta.send.extents import CELL, EXTENT_MIN, bounded, is_cells, same_in_cells, same_ranges
 from btrdelta.send.scan import Node
 from btrdelta.send.sendshot import SendshotResult, send_with_sendshots
@@ -790,6 +793,51 @@ def test_changed_files_are_opened_once(two_fs: tuple[Path, Path], tmp_path: Path
         assert len(changed) - keep_open <= got <= len(changed) + 1 - keep_open
 
 
+_Span = tuple[int, int, tuple[int, ...] | None]
+_CELLSUM = struct.Struct("<QQQQ")
+
+
+def _runs(items: bytes, limit: int) -> Iterator[_Span]:
+    """The data ranges of extent ``items`` below ``limit`` as maximal runs of one key (the
+    same extent, at the same place): how the file reads, one way only (holes left out)."""
+    cur: _Span | None = None
+    for start, end, key in extents._spans(items, limit):
+        if key is None:
+            continue
+        if cur is not None and cur[1] == start and cur[2] == key:
+            cur = (cur[0], end, key)
+            continue
+        if cur is not None:
+            yield cur
+        cur = (start, end, key)
+    if cur is not None:
+        yield cur
+
+
+def _cell_sums(runs: Iterator[_Span], cells: list[tuple[int, int]]) -> list[tuple[int, ...]]:
+    """Each cell's digest (4 u64: BLAKE3-256 of ``"btrdelta-cells\0"`` and its data ranges,
+    clipped to it, with their keys; the lowest bit of the first set, so that no cell reads
+    as a hole to a reader that does not know cells): ``cells`` (start, end) in order. The
+    tests' reference of ``extents._Sums`` (the runs merged before they are clipped:
+    another way to the same input)."""
+    out: list[tuple[int, ...]] = []
+    run = next(runs, None)
+    for a, b in cells:
+        while run is not None and run[1] <= a:
+            run = next(runs, None)
+        parts = [extents._CELLS]
+        while run is not None and run[0] < b:
+            start, end, key = run
+            assert key is not None
+            parts.append(extents._CELLSPAN.pack(max(start, a), min(end, b), *key))
+            if end > b:
+                break  # (on into the next cell)
+            run = next(runs, None)
+        d = _CELLSUM.unpack(blake3.blake3(b"".join(parts)).digest())
+        out.append((d[0] | 1, *d[1:]))
+    return out
+
+
 @settings(max_examples=300, deadline=None)
 @given(_layouts(), st.integers(1, 60), st.lists(st.integers(1, 59), max_size=8),
        st.lists(st.integers(0, 12), max_size=4))
@@ -799,13 +847,11 @@ def test_cells_made_batch_by_batch_in_c_and_python(items: bytes, limit_units: in
     searches give them), in C (``send/_cells.c``) and in Python (``_inputs_py``), is the one
     the items give whole through the reference (runs merged first, then clipped to each
     cell: ``_cell_sums``), for any edges; C and Python make the same input."""
-    from btrdelta.send import extents
-
     limit = limit_units * _U
     edges = sorted({0, limit, *(u * _U for u in inner if u < limit_units)})
     cells = list(pairwise(edges))
     want = b"".join(EXTENT.pack(a, b - a, *d, CELL, 0) for (a, b), d in
-                    zip(cells, extents._cell_sums(extents._runs(items, limit), cells),
+                    zip(cells, _cell_sums(_runs(items, limit), cells),
                         strict=True))
     n = len(items) // EXTENT.size
     stops = sorted({0, n, *(c for c in cuts if c < n)})

@@ -4,7 +4,7 @@
  * A record keeps the extent items of a file past its bound as cells (btrdelta.send.extents,
  * docs/formats/sendshot.md 3a): ranges of the file, each with a BLAKE3 digest of the data
  * ranges it maps, as maximal runs of one key (the same extent, at the same place) clipped to
- * it. extents.py makes that input in Python (_cell_sums_py: the reference, used when this
+ * it. extents.py makes that input in Python (_inputs_py: the reference, used when this
  * module is not built; ~1.3 us an item, 35 s for the 26 M items of a 100 GiB image in 4 KiB
  * extents); this module walks a whole batch of items in one call. The digest stays BLAKE3 of
  * the Python module, one call a cell.

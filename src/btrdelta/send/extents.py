@@ -80,7 +80,6 @@ _PAIR = struct.Struct("<QQ")
 #: gives (disk bytenr, disk length, generation, type, compression, where the extent starts in
 #: the file: negative for a clone that put the extent's middle at the file's start)
 _CELLSPAN = struct.Struct("<QQQQQBBq")
-_CELLSUM = struct.Struct("<QQQQ")
 _CELLS = b"btrdelta-cells\0"
 _CELLTYPE = bytes([0x80, 0])  # (CELL, then compression 0: a cell's last two bytes)
 #: extent items cut to cells this many at a time (:class:`_Sums`)
@@ -153,47 +152,6 @@ def _spans(items: bytes | Iterable[bytes], limit: int) -> Iterator[_Span]:
                 return
             yield off, min(off + num, limit), \
                 None if bytenr == 0 else (bytenr, disk, gen, kind, comp, off - ext_off)
-
-
-def _runs(items: bytes, limit: int) -> Iterator[_Span]:
-    """The data ranges of extent ``items`` below ``limit`` as maximal runs of one key (the
-    same extent, at the same place): how the file reads, one way only (holes left out)."""
-    cur: _Span | None = None
-    for start, end, key in _spans(items, limit):
-        if key is None:
-            continue
-        if cur is not None and cur[1] == start and cur[2] == key:
-            cur = (cur[0], end, key)
-            continue
-        if cur is not None:
-            yield cur
-        cur = (start, end, key)
-    if cur is not None:
-        yield cur
-
-
-def _cell_sums(runs: Iterator[_Span], cells: list[tuple[int, int]]) -> list[tuple[int, ...]]:
-    """Each cell's digest (4 u64: BLAKE3-256 of ``"btrdelta-cells\0"`` and its data ranges,
-    clipped to it, with their keys; the lowest bit of the first set, so that no cell reads
-    as a hole to a reader that does not know cells): ``cells`` (start, end) in order. The
-    reference of :class:`_Sums` (the runs merged before they are clipped: another way to
-    the same input), kept for the tests."""
-    out: list[tuple[int, ...]] = []
-    run = next(runs, None)
-    for a, b in cells:
-        while run is not None and run[1] <= a:
-            run = next(runs, None)
-        parts = [_CELLS]
-        while run is not None and run[0] < b:
-            start, end, key = run
-            assert key is not None
-            parts.append(_CELLSPAN.pack(max(start, a), min(end, b), *key))
-            if end > b:
-                break  # (on into the next cell)
-            run = next(runs, None)
-        d = _CELLSUM.unpack(blake3.blake3(b"".join(parts)).digest())
-        out.append((d[0] | 1, *d[1:]))
-    return out
 
 
 def _inputs_py(items: bytes | bytearray | memoryview, bounds: array[int], k: int, final: bool
