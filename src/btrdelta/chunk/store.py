@@ -422,9 +422,16 @@ class ChunkStore:
     def writing(self) -> Iterator[ChunkStore]:
         """Put chunks inside the block: on success they are all named and durable
         (:meth:`sync`); on failure, the chunks already checked are still named (a re-run
-        does not fetch them again) unless that fails too."""
+        does not fetch them again) unless that fails too. Interrupted (Ctrl-C, SIGTERM),
+        the batch not yet named is dropped and no ``syncfs`` waited for: it writes out the
+        whole file system's dirty data, which took 2 s beside one writer and up to 6.7 s
+        at load 9 (a batch holds at most half a second's or 8 MiB of arrivals)."""
         try:
             yield self
+        except KeyboardInterrupt:
+            self.discard()
+            self._flush_error = None
+            raise
         except BaseException:
             try:
                 self.flush()
