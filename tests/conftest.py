@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,55 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         if key.startswith("BTRDELTA_"):
             monkeypatch.delenv(key)
     monkeypatch.setenv("TZ", "UTC")
+
+
+def reap(proc: subprocess.Popen[Any]) -> None:
+    """Kill ``proc`` if it still runs, close its pipes and wait for it. Left running or
+    with a pipe open by a failed test, a child failed a later one: its ``ResourceWarning``
+    at a garbage collection there (warnings are errors), or a loop btrfs it held busy. The
+    pipes are closed, not read to their end, which a grandchild holding them would
+    stop."""
+    if proc.poll() is None:
+        proc.kill()
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            with suppress(OSError, ValueError):  # (input not yet taken by a dead child)
+                pipe.close()
+    proc.wait()
+
+
+class Children:
+    """The child processes a test starts (:meth:`start`), each reaped (:func:`reap`) at
+    the test's end (the :func:`children` fixture), whatever ended it: an assertion, a
+    timeout of ``communicate``, pytest-timeout; or at the end of a ``with`` block (one that
+    must end before a mount the children use is unmounted)."""
+
+    def __init__(self) -> None:
+        self._procs: list[subprocess.Popen[Any]] = []
+
+    def __enter__(self) -> Children:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.reap()
+
+    def start(self, *args: Any, **kwargs: Any) -> subprocess.Popen[Any]:
+        """``subprocess.Popen(*args, **kwargs)``, reaped at the test's end."""
+        proc = subprocess.Popen(*args, **kwargs)
+        self._procs.append(proc)
+        return proc
+
+    def reap(self) -> None:
+        """Reap every child started, the last one first."""
+        while self._procs:
+            reap(self._procs.pop())
+
+
+@pytest.fixture
+def children() -> Iterator[Children]:
+    """:class:`Children` of the test."""
+    with Children() as kids:
+        yield kids
 
 
 #: a TiB, and the data pieces (offset, bytes) of :func:`huge_sparse_tree`'s ``vm.img``

@@ -23,6 +23,7 @@ from btrdelta.chunk.store import ChunkStore, ImageReader
 from btrdelta.cli import main
 from btrdelta.transport.listen import server_tls
 from btrdelta.update.clone import clone_image
+from tests.conftest import Children
 from tests.transport.certs import Certs, make_certs
 
 from .images import ImagePair
@@ -165,30 +166,24 @@ def _wait_for(pred, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-d
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
-def test_cli_unix_socket_removed_on_exit(store: ChunkStore, tmp_path: Path, sig: int) -> None:
+def test_cli_unix_socket_removed_on_exit(store: ChunkStore, tmp_path: Path, sig: int,
+                                         children: Children) -> None:
     _need("nbdinfo")
     sock = tmp_path / "v2.sock"
     sock_stale = socket.socket(socket.AF_UNIX)
     sock_stale.bind(str(sock))  # a stale socket file, as a killed server leaves
     sock_stale.close()
-    proc = subprocess.Popen(
+    proc = children.start(
         [sys.executable, "-m", "btrdelta", "image", "nbd", f"{store.root}/v2", "--listen",
          f"unix:{sock}"], stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stderr is not None
-        line = proc.stderr.readline()
-        assert f"nbd+unix:///v2?socket={sock}" in line, line
-        size = _run("nbdinfo", "--size", f"nbd+unix:///v2?socket={sock}")
-        assert int(size) > 0
-        proc.send_signal(sig)
-        assert proc.wait(timeout=30) == 0
-        assert not sock.exists()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+    assert proc.stderr is not None
+    line = proc.stderr.readline()
+    assert f"nbd+unix:///v2?socket={sock}" in line, line
+    size = _run("nbdinfo", "--size", f"nbd+unix:///v2?socket={sock}")
+    assert int(size) > 0
+    proc.send_signal(sig)
+    assert proc.wait(timeout=30) == 0
+    assert not sock.exists()
 
 
 def test_cli_listen_errors_are_one_line(

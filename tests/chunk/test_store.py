@@ -14,17 +14,18 @@ import pytest
 from btrdelta.chunk.chunker import chunk_digest
 from btrdelta.chunk.store import ChunkStore, StoreBusyError
 from btrdelta.errors import ChecksumError, MissingBaseError
+from tests.conftest import Children
 
 
-def _holder(store: Path, exclusive: bool) -> subprocess.Popen[str]:
+def _holder(children: Children, store: Path, exclusive: bool) -> subprocess.Popen[str]:
     """Another process holding the store's lock until its stdin closes."""
     code = (
         "import sys\nfrom btrdelta.chunk.store import ChunkStore\n"
         f"with ChunkStore({str(store)!r}).locked(exclusive={exclusive}):\n"
         "    print('held', flush=True)\n    sys.stdin.read()\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = children.start([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     assert proc.stdout.readline() == "held\n"
     return proc
@@ -38,13 +39,13 @@ def _release(proc: subprocess.Popen[str]) -> None:
     proc.stdout.close()
 
 
-def test_lock_modes_exclude_what_they_must(tmp_path: Path) -> None:
+def test_lock_modes_exclude_what_they_must(tmp_path: Path, children: Children) -> None:
     store = ChunkStore(tmp_path / "store")
     with pytest.raises(MissingBaseError), store.locked():  # no store, and not asked to create
         pass
     with store.locked(create=True):
         pass
-    clone = _holder(tmp_path / "store", exclusive=False)  # a clone or verify running
+    clone = _holder(children, tmp_path / "store", exclusive=False)  # a clone or verify running
     try:
         with store.locked():  # another clone may run alongside
             pass
@@ -56,7 +57,7 @@ def test_lock_modes_exclude_what_they_must(tmp_path: Path) -> None:
         _release(clone)
     with store.locked(exclusive=True):  # and runs once the clone is done
         pass
-    gc = _holder(tmp_path / "store", exclusive=True)
+    gc = _holder(children, tmp_path / "store", exclusive=True)
     try:
         with pytest.raises(StoreBusyError), store.locked():
             pass  # nothing runs during gc

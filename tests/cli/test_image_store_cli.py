@@ -17,6 +17,7 @@ import pytest
 from btrdelta.chunk.store import ChunkStore
 from btrdelta.transport.server import StaticRequestHandler, StaticServer
 from tests.chunk.images import ImagePair
+from tests.conftest import Children
 
 
 class _SlowHandler(StaticRequestHandler):
@@ -51,11 +52,12 @@ def _chunk_files(store: Path) -> set[Path]:
     return {p for p in (store / "chunks").rglob("*") if p.is_file()}
 
 
-def _clone_in_background(url: str, store: Path, seed: Path) -> subprocess.Popen[str]:
+def _clone_in_background(children: Children, url: str, store: Path,
+                         seed: Path) -> subprocess.Popen[str]:
     """A clone of v2 that stored v1's chunks (from the seed) and is now fetching the rest."""
-    proc = subprocess.Popen(_btrdelta("image", "clone", "--json", url, f"{store}/v2",
-                                      "--seed", str(seed)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = children.start(_btrdelta("image", "clone", "--json", url, f"{store}/v2",
+                                    "--seed", str(seed)),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while len(_chunk_files(store)) < 100:
         assert proc.poll() is None, proc.communicate()
@@ -66,18 +68,18 @@ def _clone_in_background(url: str, store: Path, seed: Path) -> subprocess.Popen[
 
 
 def test_gc_during_a_clone_is_refused_or_waits(
-    slow_server: str, image_pair: ImagePair, tmp_path: Path
+    slow_server: str, image_pair: ImagePair, tmp_path: Path, children: Children
 ) -> None:
     store = tmp_path / "store"
-    clone = _clone_in_background(slow_server, store, image_pair.img1)
+    clone = _clone_in_background(children, slow_server, store, image_pair.img1)
     before = _chunk_files(store)
     gc = _run("image", "gc", str(store))
     assert gc.returncode == 1
     assert "busy" in gc.stderr
     assert gc.stderr.count("\n") == 1
     assert _chunk_files(store) >= before  # nothing the clone wrote was removed
-    waiting = subprocess.Popen(_btrdelta("image", "gc", "--wait", "100", "--json", str(store)),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    waiting = children.start(_btrdelta("image", "gc", "--wait", "100", "--json", str(store)),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = clone.communicate(timeout=120)
     assert clone.returncode == 0, err
     gc_out, gc_err = waiting.communicate(timeout=120)
@@ -89,10 +91,10 @@ def test_gc_during_a_clone_is_refused_or_waits(
 
 
 def test_kill_9_in_the_middle_of_a_clone_then_clone_again(
-    slow_server: str, image_pair: ImagePair, tmp_path: Path
+    slow_server: str, image_pair: ImagePair, tmp_path: Path, children: Children
 ) -> None:
     store = tmp_path / "store"
-    clone = _clone_in_background(slow_server, store, image_pair.img1)
+    clone = _clone_in_background(children, slow_server, store, image_pair.img1)
     os.kill(clone.pid, signal.SIGKILL)
     clone.communicate(timeout=30)
     assert clone.returncode == -signal.SIGKILL

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from btrdelta.stream.records import End, Mkfile, Subvol, Write
+from tests.conftest import Children
 from tests.receive.helpers import stream_bytes
 
 SIGNALS = [signal.SIGTERM, signal.SIGHUP, signal.SIGINT]
@@ -47,22 +48,15 @@ def _as_in_a_terminal(ignored: signal.Signals | None = None) -> Callable[[], Non
 
 
 def _blocked_in(proc: subprocess.Popen[bytes], where: str) -> None:
-    """Until ``proc``'s main thread waits in the kernel function ``where``; when it never
-    does, ``proc`` is ended and its pipes closed (left open, a later test failed on
-    their ResourceWarning) before the test fails."""
+    """Until ``proc``'s main thread waits in the kernel function ``where``."""
     deadline = time.monotonic() + 30
-    try:
-        while True:
-            assert proc.poll() is None, proc.returncode
-            with open(f"/proc/{proc.pid}/wchan") as f:
-                if where in f.read():
-                    return
-            assert time.monotonic() < deadline, f"never blocked in {where}"
-            time.sleep(0.02)
-    except AssertionError:
-        proc.kill()
-        proc.communicate()
-        raise
+    while True:
+        assert proc.poll() is None, proc.returncode
+        with open(f"/proc/{proc.pid}/wchan") as f:
+            if where in f.read():
+                return
+        assert time.monotonic() < deadline, f"never blocked in {where}"
+        time.sleep(0.02)
 
 
 def _stream() -> bytes:
@@ -72,11 +66,11 @@ def _stream() -> bytes:
 
 
 @pytest.mark.parametrize("sig", SIGNALS)
-def test_a_stream_read(sig: signal.Signals) -> None:
+def test_a_stream_read(sig: signal.Signals, children: Children) -> None:
     data = _stream()
-    proc = subprocess.Popen([sys.executable, "-m", "btrdelta", "dump", "-"],
-                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, preexec_fn=_as_in_a_terminal())
+    proc = children.start([sys.executable, "-m", "btrdelta", "dump", "-"],
+                          stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, preexec_fn=_as_in_a_terminal())
     assert proc.stdin is not None
     proc.stdin.write(data[:-100])
     proc.stdin.flush()
@@ -88,13 +82,13 @@ def test_a_stream_read(sig: signal.Signals) -> None:
 
 
 @pytest.mark.parametrize("sig", SIGNALS)
-def test_a_stream_written(tmp_path: Path, sig: signal.Signals) -> None:
+def test_a_stream_written(tmp_path: Path, sig: signal.Signals, children: Children) -> None:
     tree = tmp_path / "tree"
     tree.mkdir()
     (tree / "f").write_bytes(os.urandom(4 << 20))  # more than a pipe holds
-    proc = subprocess.Popen([sys.executable, "-m", "btrdelta", "send", str(tree)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=_as_in_a_terminal())
+    proc = children.start([sys.executable, "-m", "btrdelta", "send", str(tree)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          preexec_fn=_as_in_a_terminal())
     _blocked_in(proc, "pipe_write")  # nobody reads the stream
     proc.send_signal(sig)
     assert proc.stdout is not None
@@ -106,7 +100,8 @@ def test_a_stream_written(tmp_path: Path, sig: signal.Signals) -> None:
     assert err == b"btrdelta send: interrupted\n"
 
 
-def test_a_tree_hashed_while_a_thread_hashes_a_huge_file(tmp_path: Path) -> None:
+def test_a_tree_hashed_while_a_thread_hashes_a_huge_file(tmp_path: Path,
+                                                         children: Children) -> None:
     """``tree-sum`` of a tree holding a sparse file of 1 TiB, which a worker thread hashes
     (minutes of zeros): the signal ends the command within a few MiB of hashing, not when
     the file is hashed (until session 17 it waited for that; ``send --record``: the next
@@ -115,16 +110,12 @@ def test_a_tree_hashed_while_a_thread_hashes_a_huge_file(tmp_path: Path) -> None
     tree.mkdir()
     with open(tree / "huge", "wb") as f:
         f.truncate(1 << 40)
-    proc = subprocess.Popen([sys.executable, "-m", "btrdelta", "tree-sum", str(tree)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=_as_in_a_terminal())
-    try:
-        _blocked_in(proc, "futex")  # the walk done, it waits for the hashing thread
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-    finally:  # (its pipes closed too: left open, a later test fails on them)
-        proc.kill()
-        proc.communicate()
+    proc = children.start([sys.executable, "-m", "btrdelta", "tree-sum", str(tree)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          preexec_fn=_as_in_a_terminal())
+    _blocked_in(proc, "futex")  # the walk done, it waits for the hashing thread
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
     assert (proc.returncode, out, err) == (143, b"", b"btrdelta tree-sum: interrupted\n")
 
 
@@ -134,7 +125,7 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def test_send_record_of_a_huge_sparse_file(tmp_path: Path) -> None:
+def test_send_record_of_a_huge_sparse_file(tmp_path: Path, children: Children) -> None:
     """``send --record`` of a tree holding a sparse file of 8 TiB (its record's digest hashes
     the holes by length: ~3 s of CPU a TiB in session 25, so the send still runs after the
     1.5 s of CPU the test waits for on a machine several times faster; 1 TiB left a factor
@@ -150,24 +141,20 @@ def test_send_record_of_a_huge_sparse_file(tmp_path: Path) -> None:
         f.truncate(8 << 40)  # (ext4's largest: 16 TiB)
     (tree / "small").write_bytes(b"x")
     out = tmp_path / "out.stream"
-    proc = subprocess.Popen([sys.executable, "-m", "btrdelta", "send", str(tree), "-o",
-                             str(out), "--record", "--store", str(store), "-q"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "TMPDIR": str(tmp)},
-                            preexec_fn=_as_in_a_terminal())
-    try:
-        deadline = time.monotonic() + 60
-        while _cpu_seconds(proc.pid) < 1.5:  # past start-up: hashing the file
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "never started hashing"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        start = time.monotonic()
-        out_, err = proc.communicate(timeout=30)
-        took = time.monotonic() - start
-    finally:  # (its pipes closed too: left open, a later test fails on them)
-        proc.kill()
-        proc.communicate()
+    proc = children.start([sys.executable, "-m", "btrdelta", "send", str(tree), "-o",
+                           str(out), "--record", "--store", str(store), "-q"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env={**os.environ, "TMPDIR": str(tmp)},
+                          preexec_fn=_as_in_a_terminal())
+    deadline = time.monotonic() + 60
+    while _cpu_seconds(proc.pid) < 1.5:  # past start-up: hashing the file
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "never started hashing"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    start = time.monotonic()
+    out_, err = proc.communicate(timeout=30)
+    took = time.monotonic() - start
     assert (proc.returncode, out_, err) == (143, b"", b"btrdelta send: interrupted\n"), took
     assert not out.exists()
     assert not list((store / "records").iterdir()) if (store / "records").exists() else True
@@ -180,21 +167,22 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _listener(prelude: str, dest: Path) -> subprocess.Popen[bytes]:
+def _listener(children: Children, prelude: str, dest: Path) -> subprocess.Popen[bytes]:
     """``replicate --listen`` on a free loopback port into ``dest``, in a Python that runs
     ``prelude`` first."""
     code = prelude + "sys.argv[0] = 'btrdelta'\nfrom btrdelta.__main__ import entry\nentry()\n"
-    return subprocess.Popen([sys.executable, "-c", code, "replicate", "--listen",
-                             f"127.0.0.1:{_free_port()}", "--no-auth", str(dest)],
-                            stderr=subprocess.PIPE, preexec_fn=_as_in_a_terminal())
+    return children.start([sys.executable, "-c", code, "replicate", "--listen",
+                           f"127.0.0.1:{_free_port()}", "--no-auth", str(dest)],
+                          stderr=subprocess.PIPE, preexec_fn=_as_in_a_terminal())
 
 
 @pytest.mark.parametrize("sig", SIGNALS)
-def test_the_receiving_side_of_replication(tmp_path: Path, sig: signal.Signals) -> None:
+def test_the_receiving_side_of_replication(tmp_path: Path, sig: signal.Signals,
+                                           children: Children) -> None:
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "btrdelta", "replicate", "--listen",
-                             f"127.0.0.1:{port}", "--no-auth", str(tmp_path)],
-                            stderr=subprocess.PIPE, preexec_fn=_as_in_a_terminal())
+    proc = children.start([sys.executable, "-m", "btrdelta", "replicate", "--listen",
+                           f"127.0.0.1:{port}", "--no-auth", str(tmp_path)],
+                          stderr=subprocess.PIPE, preexec_fn=_as_in_a_terminal())
     assert proc.stderr is not None
     assert b"listening" in proc.stderr.readline()
     proc.send_signal(sig)
@@ -218,7 +206,8 @@ def _names(pid: int) -> list[str]:
     return names
 
 
-def test_the_listener_waits_with_no_thread_of_its_own(tmp_path: Path) -> None:
+def test_the_listener_waits_with_no_thread_of_its_own(tmp_path: Path,
+                                                      children: Children) -> None:
     """A new DEST's state file is made durable by a thread (``Replica``); the listener waits
     for it before it listens. Else a signal sent while it still ran could be lost (CPython
     3.11: the thread taking the GIL resets the main thread's signal check, which then stays
@@ -230,7 +219,7 @@ def test_the_listener_waits_with_no_thread_of_its_own(tmp_path: Path) -> None:
             "    time.sleep(0.5)\n"
             "    fsync(fd)\n"
             "os.fsync = slow\n")
-    proc = _listener(code, tmp_path)
+    proc = _listener(children, code, tmp_path)
     assert proc.stderr is not None
     try:
         assert b"listening" in proc.stderr.readline()
@@ -252,7 +241,8 @@ def test_the_listener_waits_with_no_thread_of_its_own(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("sig", SIGNALS)
 def test_the_listener_ends_on_a_signal_another_thread_took(tmp_path: Path,
-                                                          sig: signal.Signals) -> None:
+                                                          sig: signal.Signals,
+                                                          children: Children) -> None:
     """A signal the kernel gives to another thread of the listener (here sent to one with
     ``pthread_kill``) does not interrupt ``accept()`` in the main thread: the listener
     still ends at once, as for one the main thread took (it waited for the next connection:
@@ -272,24 +262,19 @@ def test_the_listener_ends_on_a_signal_another_thread_took(tmp_path: Path,
             "        go.set()\n"
             "    return n\n"
             "sys.stderr.write = write\n")
-    proc = _listener(code, tmp_path)
-    try:
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    proc = _listener(children, code, tmp_path)
+    _, err = proc.communicate(timeout=30)
     assert proc.returncode == 128 + sig, err
     assert err.endswith(b"btrdelta replicate: interrupted\n"), err
 
 
-def test_a_signal_ignored_at_the_start_stays_ignored() -> None:
+def test_a_signal_ignored_at_the_start_stays_ignored(children: Children) -> None:
     """``nohup``: SIGHUP ignored when the command started does not end it."""
     data = _stream()
-    proc = subprocess.Popen([sys.executable, "-m", "btrdelta", "dump", "-"],
-                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE,
-                            preexec_fn=_as_in_a_terminal(signal.SIGHUP))
+    proc = children.start([sys.executable, "-m", "btrdelta", "dump", "-"],
+                          stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE,
+                          preexec_fn=_as_in_a_terminal(signal.SIGHUP))
     assert proc.stdin is not None
     proc.stdin.write(data[:-100])
     proc.stdin.flush()

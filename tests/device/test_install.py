@@ -17,6 +17,7 @@ from btrdelta import device
 from btrdelta.device.boot import select_root
 from btrdelta.device.layout import Layout
 from btrdelta.tree import tree_sum
+from tests.conftest import Children
 from tests.jsondoc import checked
 
 from .conftest import BTRDELTA, Release, btrdelta
@@ -235,7 +236,8 @@ def test_install_refuses_unsigned_or_wrongly_signed(btrfs_dev: Path, small_relea
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_an_init_interrupted_leaves_nothing_and_a_rerun_completes(
-        btrfs_dev: Path, small_release: Release, sig: signal.Signals) -> None:
+        btrfs_dev: Path, small_release: Release, sig: signal.Signals,
+        children: Children) -> None:
     """Ctrl-C (or SIGTERM) while `device init` receives the factory stream: one line, exit
     130 (143), and no roots/ or state/ left: they were, and the re-run was refused as "an
     unfinished init" until --force (only an error, not an interrupt, removed them)."""
@@ -244,9 +246,9 @@ def test_an_init_interrupted_leaves_nothing_and_a_rerun_completes(
     def default() -> None:
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # (a background run inherits SIG_IGN)
 
-    proc = subprocess.Popen([*BTRDELTA, "device", "init", str(btrfs_dev), "--factory", "-"],
-                            stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=False,
-                            preexec_fn=default)
+    proc = children.start([*BTRDELTA, "device", "init", str(btrfs_dev), "--factory", "-"],
+                          stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=False,
+                          preexec_fn=default)
     assert proc.stdin is not None
     proc.stdin.write(data[:len(data) // 2])
     proc.stdin.flush()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from btrdelta.stream.records import End, Snapshot, Write
 from btrdelta.tree.treesum import tree_sum
+from tests.conftest import Children
 
 from .helpers import UUID_A, UUID_B, stream_bytes
 from .test_failures import FULL, _entries
@@ -33,7 +34,8 @@ exec sleep 60
 """
 
 
-def test_ctrl_c_while_the_parent_is_copied_leaves_no_copy(tmp_path: Path) -> None:
+def test_ctrl_c_while_the_parent_is_copied_leaves_no_copy(tmp_path: Path,
+                                                          children: Children) -> None:
     dest = tmp_path / "dest"
     dest.mkdir()
     (tmp_path / "full").write_bytes(stream_bytes(FULL))
@@ -50,9 +52,9 @@ def test_ctrl_c_while_the_parent_is_copied_leaves_no_copy(tmp_path: Path) -> Non
            "BTRDELTA_TEST_MARK": str(mark)}
     # SIGINT at its default in the receiver: a suite started in the background (``&``)
     # has it ignored, and so would its children
-    proc = subprocess.Popen([*cli, "-f", str(tmp_path / "incr"), str(dest)], env=env,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = children.start([*cli, "-f", str(tmp_path / "incr"), str(dest)], env=env,
+                          stderr=subprocess.PIPE, text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not mark.exists():
         assert proc.poll() is None, proc.communicate()

@@ -20,6 +20,7 @@ import pytest
 from btrdelta.receive.registry import REGISTRY_NAME, Registry, RegistryEntry
 from btrdelta.receive.subvolumes import _REGISTRY
 from btrdelta.stream.records import End, Mkfile, Snapshot, Subvol, Write
+from tests.conftest import Children
 
 from .helpers import stream_bytes
 
@@ -51,13 +52,13 @@ def _registered(dest: Path) -> dict[str, str]:
     return {e["name"]: e["uuid"] for e in doc["subvols"]}
 
 
-def test_concurrent_receives_keep_every_entry(tmp_path: Path) -> None:
+def test_concurrent_receives_keep_every_entry(tmp_path: Path, children: Children) -> None:
     dest = tmp_path / "dest"
     dest.mkdir()
     subvols = {f"sv{i:02d}": uuid.uuid4() for i in range(24)}
-    procs = [subprocess.Popen([sys.executable, "-m", "btrdelta", "receive", "--backend", "dir",
-                               "-f", str(_full(tmp_path, name, u)), str(dest)],
-                              stderr=subprocess.PIPE)
+    procs = [children.start([sys.executable, "-m", "btrdelta", "receive", "--backend", "dir",
+                             "-f", str(_full(tmp_path, name, u)), str(dest)],
+                            stderr=subprocess.PIPE)
              for name, u in subvols.items()]
     for p in procs:
         _, err = p.communicate()

@@ -11,7 +11,6 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from btrdelta.receive.registry import REGISTRY_NAME
 from btrdelta.receive.subvolumes import TMP_PREFIX
 from btrdelta.stream.records import End, Mkfile, Subvol, Write
 from btrdelta.testing.loopfs import loop_fs
+from tests.conftest import Children
 
 from .helpers import stream_bytes
 
@@ -46,32 +46,15 @@ def _ctrl_c_as_in_a_terminal() -> None:
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
-def _reap(proc: subprocess.Popen[bytes]) -> None:
-    """Kill ``proc`` if it still runs and wait for it (its pipes closed)."""
-    if proc.poll() is None:
-        proc.kill()
-    proc.communicate()
-
-
-@pytest.fixture
-def children() -> Iterator[ExitStack]:
-    """Receives started by a test: whatever ends the test (an assertion, a timeout of
-    ``communicate``, pytest-timeout), none is left running or unreaped (one left running
-    held the loop btrfs busy and the fixture's umount failed)."""
-    with ExitStack() as stack:
-        yield stack
-
-
-def _started(children: ExitStack, dest: Path,
+def _started(children: Children, dest: Path,
              name: str) -> tuple[subprocess.Popen[bytes], bytes]:
     """A receive of ``name`` from a pipe, blocked before its END (its temporary made);
     returns it and the bytes still to send. ``children`` kills and reaps it at the end."""
     data = _stream(name)
     before = set(_temps(dest))
-    proc = subprocess.Popen([sys.executable, "-m", "btrdelta", "receive", str(dest)],
-                            stdin=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=_ctrl_c_as_in_a_terminal)
-    children.callback(_reap, proc)
+    proc = children.start([sys.executable, "-m", "btrdelta", "receive", str(dest)],
+                          stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+                          preexec_fn=_ctrl_c_as_in_a_terminal)
     assert proc.stdin is not None
     proc.stdin.write(data[: -(1 << 20)])
     proc.stdin.flush()
@@ -122,7 +105,7 @@ def _listing(dest: Path) -> list[str]:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_a_signal_removes_the_temporary(dest: Path, sig: signal.Signals,
-                                        children: ExitStack) -> None:
+                                        children: Children) -> None:
     proc, _ = _started(children, dest, "sv")
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
@@ -134,7 +117,7 @@ def test_a_signal_removes_the_temporary(dest: Path, sig: signal.Signals,
 
 
 def test_kill_9_leftovers_are_swept_not_a_live_receivers(dest: Path,
-                                                         children: ExitStack) -> None:
+                                                         children: Children) -> None:
     live, rest = _started(children, dest, "live")
     live_tmp = _temps(dest)
     dead, _ = _started(children, dest, "dead")

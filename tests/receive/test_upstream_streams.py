@@ -71,7 +71,14 @@ from btrdelta.stream.records import Chmod, End, Mkfile, Subvol, Truncate, Utimes
 from btrdelta.testing.loopfs import run
 from btrdelta.testing.scenarios import kernel_receive, send
 from btrdelta.tree.treesum import diff_manifests, tree_manifest
-from tests.conftest import DATA, btrfs_loop, nobody_python, progs_dump, require_btrfs
+from tests.conftest import (
+    DATA,
+    Children,
+    btrfs_loop,
+    nobody_python,
+    progs_dump,
+    require_btrfs,
+)
 
 from .conftest import Targets, our_receive
 
@@ -659,10 +666,10 @@ def test_send_and_receive_between_clones_of_one_filesystem_fstests_314(
             run("losetup", "-d", dev)
 
 
-def _popen_ours(stream: Path, dest: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "btrdelta", "receive", "-q", "-f", str(stream),
-                             str(dest)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "TZ": "UTC"})
+def _popen_ours(kids: Children, stream: Path, dest: Path) -> subprocess.Popen[bytes]:
+    return kids.start([sys.executable, "-m", "btrdelta", "receive", "-q", "-f", str(stream),
+                       str(dest)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                      env={**os.environ, "TZ": "UTC"})
 
 
 @pytest.mark.btrfs
@@ -670,7 +677,7 @@ def test_concurrent_incremental_receives_with_quotas_fstests_152(tmp_path: Path)
     """Quotas on; two subvolumes' snapshots received incrementally, four receives at a time
     (upstream: ten rounds, here three). Each parent is found on the filesystem itself by its
     UUID (recv2_* never received subvol2's first snapshot: upstream sends subvol1's to all)."""
-    with btrfs_loop("512M") as mnt:
+    with btrfs_loop("512M") as mnt, Children() as kids:  # (the receives end before umount)
         run("btrfs", "quota", "enable", mnt)
         for sv in ("subvol1", "subvol2", "recv1_1", "recv1_2", "recv2_1", "recv2_2"):
             run("btrfs", "-q", "subvolume", "create", mnt / sv)
@@ -689,7 +696,7 @@ def test_concurrent_incremental_receives_with_quotas_fstests_152(tmp_path: Path)
                     mnt / sv / f".snapshots/{i + 1}")
                 streams[sv] = send(mnt / sv / f".snapshots/{i + 1}", tmp_path / f"{sv}.{i + 1}",
                                    parent=mnt / sv / f".snapshots/{i}")
-            procs = [(recv, _popen_ours(streams[f"subvol{recv[4]}"], mnt / recv))
+            procs = [(recv, _popen_ours(kids, streams[f"subvol{recv[4]}"], mnt / recv))
                      for recv in ("recv1_1", "recv1_2", "recv2_1", "recv2_2")]
             for recv, proc in procs:
                 _, err = proc.communicate(timeout=120)
@@ -990,7 +997,8 @@ def test_parent_found_where_the_mount_reaches_it_progs_649(tmp_path: Path,
 
 
 @pytest.mark.btrfs
-def test_snapshot_deleted_while_we_send_it_progs_041(tmp_path: Path, targets: Targets) -> None:
+def test_snapshot_deleted_while_we_send_it_progs_041(tmp_path: Path, targets: Targets,
+                                                     children: Children) -> None:
     """btrfs-progs misc-tests/041: deleting a snapshot the kernel is sending fails (EPERM
     while the send runs). Our send reads the tree, which the kernel lets go: deleted while
     our send is stopped on a full pipe, the snapshot stays readable through what the send
@@ -1003,9 +1011,9 @@ def test_snapshot_deleted_while_we_send_it_progs_041(tmp_path: Path, targets: Ta
     snap = sv.with_name("progs-041-snap1")
     run("btrfs", "-q", "subvolume", "snapshot", "-r", sv, snap)
     want = tree_manifest(snap, ignore_root_mtime=True)
-    proc = subprocess.Popen([sys.executable, "-m", "btrdelta", "send", "-f", "-", str(snap)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
-                            env={**os.environ, "TZ": "UTC"})
+    proc = children.start([sys.executable, "-m", "btrdelta", "send", "-f", "-", str(snap)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+                          env={**os.environ, "TZ": "UTC"})
     assert proc.stdout is not None
     first = proc.stdout.read(4096)  # the send has started, and now waits on the full pipe
     assert first

@@ -15,6 +15,7 @@ import pytest
 
 from btrdelta.cli import main
 from btrdelta.transport.server import StaticServer
+from tests.conftest import Children
 
 SIZE = 300_000
 
@@ -125,7 +126,7 @@ def test_serve_start_up_errors_are_one_line(
         assert "error: argument" in capsys.readouterr().err
 
 
-def test_serve_says_where_clients_find_it(tmp_path: Path) -> None:
+def test_serve_says_where_clients_find_it(tmp_path: Path, children: Children) -> None:
     """A wildcard bind is not an address a client can use: the start line names the port
     and this host; the last line counts requests in the singular for one."""
     import os
@@ -135,24 +136,19 @@ def test_serve_says_where_clients_find_it(tmp_path: Path) -> None:
     import urllib.request
 
     (tmp_path / "f").write_bytes(b"hello")
-    proc = subprocess.Popen([sys.executable, "-m", "btrdelta", "serve", str(tmp_path),
-                             "--port", "0", "--bind", "0.0.0.0"],
-                            stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        assert proc.stderr is not None
-        first = proc.stderr.readline()
-        port = int(first.split("port ")[1].split()[0])
-        assert first.strip() == (f"serving {tmp_path} on port {port} of every address of "
-                                 f"this host (e.g. http://{socket.gethostname()}:{port}/)")
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/f", timeout=10) as resp:
-            assert resp.read() == b"hello"
-        proc.send_signal(signal.SIGTERM)
-        _, rest = proc.communicate(timeout=20)
-    finally:  # (its pipe closed too: left open, a later test fails on it)
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
+    proc = children.start([sys.executable, "-m", "btrdelta", "serve", str(tmp_path),
+                           "--port", "0", "--bind", "0.0.0.0"],
+                          stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stderr is not None
+    first = proc.stderr.readline()
+    port = int(first.split("port ")[1].split()[0])
+    assert first.strip() == (f"serving {tmp_path} on port {port} of every address of "
+                             f"this host (e.g. http://{socket.gethostname()}:{port}/)")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/f", timeout=10) as resp:
+        assert resp.read() == b"hello"
+    proc.send_signal(signal.SIGTERM)
+    _, rest = proc.communicate(timeout=20)
     assert proc.returncode == 0
     assert rest.strip().splitlines()[-1] == "stopped: 1 request, 5 bytes served"
 
@@ -215,14 +211,13 @@ def test_hidden_files_are_not_served(tmp_path: Path) -> None:
             c.close()
 
 
-def test_the_request_log_reaches_a_file_while_serving(tmp_path: Path) -> None:
+def test_the_request_log_reaches_a_file_while_serving(tmp_path: Path, children: Children) -> None:
     """stderr into a file (not a terminal, no PYTHONUNBUFFERED): each request's line is in
     the file while the server still runs, as a user tailing it expects (session 29 saw
     lines late: each is written once its reply is sent, so right after a client read the
     reply its line may still be on the way; none waits for a buffer to fill)."""
     import os
     import signal
-    import subprocess
     import sys
     import time
     import urllib.request
@@ -232,24 +227,19 @@ def test_the_request_log_reaches_a_file_while_serving(tmp_path: Path) -> None:
     log = tmp_path / "access.log"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "btrdelta", "serve",
-                                 str(tmp_path / "www"), "--port", "0"], stderr=out, env=env)
-    try:
-        deadline = time.monotonic() + 30
-        while "serving " not in log.read_text() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        port = int(log.read_text().split("http://127.0.0.1:")[1].split("/")[0])
-        for n in range(1, 4):
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/f", timeout=10) as resp:
-                assert resp.read() == b"hello"
-            deadline = time.monotonic() + 5
-            while log.read_text().count(" GET /f 200 5\n") < n and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert log.read_text().count(" GET /f 200 5\n") == n, log.read_text()
-        assert proc.poll() is None
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        proc = children.start([sys.executable, "-m", "btrdelta", "serve",
+                               str(tmp_path / "www"), "--port", "0"], stderr=out, env=env)
+    deadline = time.monotonic() + 30
+    while "serving " not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    port = int(log.read_text().split("http://127.0.0.1:")[1].split("/")[0])
+    for n in range(1, 4):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/f", timeout=10) as resp:
+            assert resp.read() == b"hello"
+        deadline = time.monotonic() + 5
+        while log.read_text().count(" GET /f 200 5\n") < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert log.read_text().count(" GET /f 200 5\n") == n, log.read_text()
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0

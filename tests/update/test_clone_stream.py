@@ -24,6 +24,7 @@ from btrdelta.chunk.store import ChunkStore
 from btrdelta.cli import main, progress
 from btrdelta.update.clone import clone_image
 from tests.chunk.images import ImagePair
+from tests.conftest import Children
 from tests.update.conftest import Nginx
 
 SRC = str(Path(__file__).parents[2] / "src")
@@ -54,15 +55,15 @@ def _clone(*args: str) -> list[str]:
 
 
 def test_kill_9_inside_one_range_keeps_every_chunk_that_arrived(
-    www: Path, image_pair: ImagePair, tmp_path: Path
+    www: Path, image_pair: ImagePair, tmp_path: Path, children: Children
 ) -> None:
     head, digests, comp, size = _index(image_pair.arc2)
     slow = Nginx(www, tmp_path / "slow", limit_rate="256k")
     store = tmp_path / "store"
     env = {**os.environ, "PYTHONPATH": SRC}
     try:
-        proc = subprocess.Popen(_clone(f"{slow.url}/v2.bdar", f"{store}/v2"), env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = children.start(_clone(f"{slow.url}/v2.bdar", f"{store}/v2"), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60
         while not store.exists() or len(_named(store)) < 40:
             assert proc.poll() is None, proc.communicate()

@@ -14,7 +14,7 @@ from btrdelta.chunk.archive import MAGIC as CHUNK_MAGIC
 from btrdelta.delta.format import DELTA_MAGIC
 from btrdelta.stream.constants import MAGIC as STREAM_MAGIC
 from btrdelta.update.identify import PEEK, Kind, identify, identify_bytes
-from tests.conftest import committed_streams
+from tests.conftest import Children, committed_streams
 
 STREAM = committed_streams()[0]
 
@@ -61,7 +61,8 @@ def test_kinds() -> None:
     assert identify_bytes(CHUNK_MAGIC + bytes(8)).kind is Kind.CHUNK_ARCHIVE
 
 
-def test_file_pipe_and_unrewindable_give_every_byte_back(tmp_path: Path) -> None:
+def test_file_pipe_and_unrewindable_give_every_byte_back(tmp_path: Path,
+                                                         children: Children) -> None:
     data = STREAM.read_bytes()
     with open(STREAM, "rb", buffering=0) as raw:
         what, f = identify(raw)
@@ -74,7 +75,7 @@ def test_file_pipe_and_unrewindable_give_every_byte_back(tmp_path: Path) -> None
     # a pipe whose writer sends the magic in two short writes: the peek sees only part
     code = ("import sys,time; d=open(sys.argv[1],'rb').read(); o=sys.stdout.buffer; "
             "o.write(d[:3]); o.flush(); time.sleep(0.2); o.write(d[3:]); o.flush()")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(STREAM)], stdout=subprocess.PIPE)
+    proc = children.start([sys.executable, "-c", code, str(STREAM)], stdout=subprocess.PIPE)
     assert proc.stdout is not None
     what, f = identify(proc.stdout)  # type: ignore[arg-type]
     assert what.kind is Kind.SEND_STREAM

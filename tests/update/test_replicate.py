@@ -39,7 +39,7 @@ from btrdelta.update.outbox import Outbox
 from btrdelta.update.partial import PartialTransfer
 from btrdelta.update.replica import Replica, chain_next
 from btrdelta.update.replicate import replicate
-from tests.conftest import require_btrfs, spy_fsync
+from tests.conftest import Children, require_btrfs, spy_fsync
 
 SEG = 1 << 20
 
@@ -1067,16 +1067,17 @@ def _cli(*args: object, timeout: float = 60) -> subprocess.CompletedProcess[str]
                           capture_output=True, text=True, check=False, timeout=timeout)
 
 
-def _listen(port: int, dest: Path, *extra: object) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, "-m", "btrdelta", "replicate", "--listen",
-                             f"127.0.0.1:{port}", *map(str, extra), str(dest)],
-                            stderr=subprocess.PIPE, text=True)
+def _listen(children: Children, port: int, dest: Path, *extra: object
+            ) -> subprocess.Popen[str]:
+    proc = children.start([sys.executable, "-m", "btrdelta", "replicate", "--listen",
+                           f"127.0.0.1:{port}", *map(str, extra), str(dest)],
+                          stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     assert "listening" in proc.stderr.readline()
     return proc
 
 
-def test_tcp_peers_must_authenticate(tmp_path: Path) -> None:
+def test_tcp_peers_must_authenticate(tmp_path: Path, children: Children) -> None:
     skey, spub = _keys(tmp_path, "server")
     ckey, cpub = _keys(tmp_path, "client")
     okey, _opub = _keys(tmp_path, "other")
@@ -1086,7 +1087,7 @@ def test_tcp_peers_must_authenticate(tmp_path: Path) -> None:
     dest = tmp_path / "dest"
     dest.mkdir()
     port = _free_port()
-    srv = _listen(port, dest, "--key", skey, "--allow", cpub)
+    srv = _listen(children, port, dest, "--key", skey, "--allow", cpub)
     try:
         store = ["--store", tmp_path / "store"]
         url = f"tcp://127.0.0.1:{port}"
@@ -1123,14 +1124,14 @@ def test_tcp_peers_must_authenticate(tmp_path: Path) -> None:
     assert _cli("replicate", src, "tcp://10.1.2.3:9", "--no-auth").returncode == 2
 
 
-def test_unauthenticated_loopback(tmp_path: Path) -> None:
+def test_unauthenticated_loopback(tmp_path: Path, children: Children) -> None:
     src = tmp_path / "src"
     src.mkdir()
     (src / "a").write_bytes(b"x" * 10)
     dest = tmp_path / "dest"
     dest.mkdir()
     port = _free_port()
-    srv = _listen(port, dest, "--no-auth", "--once")
+    srv = _listen(children, port, dest, "--no-auth", "--once")
     ok = _cli("replicate", src, f"tcp://127.0.0.1:{port}", "--no-auth", "--store",
               tmp_path / "store", "--json")
     assert ok.returncode == 0, ok.stderr
@@ -1141,7 +1142,7 @@ def test_unauthenticated_loopback(tmp_path: Path) -> None:
 
 @pytest.mark.btrfs
 def test_a_listener_with_nothing_to_receive_says_so(fs2: tuple[Path, Path],
-                                                    tmp_path: Path) -> None:
+                                                    tmp_path: Path, children: Children) -> None:
     """A subvolume replicated again unchanged: the sender says 'nothing to send' and exits
     0; the listener said 'refused, 0 bytes received already-current: ...' and with --once
     exited 9. It says 'nothing to receive' and exits 0."""
@@ -1154,7 +1155,7 @@ def test_a_listener_with_nothing_to_receive_says_so(fs2: tuple[Path, Path],
     store = ["--store", tmp_path / "store"]
     for round_ in ("first", "again"):
         port = _free_port()
-        srv = _listen(port, dest, "--no-auth", "--once")
+        srv = _listen(children, port, dest, "--no-auth", "--once")
         sent = _cli("replicate", live, f"tcp://127.0.0.1:{port}", "--no-auth", *store)
         assert sent.returncode == 0, sent.stderr
         assert srv.wait(timeout=30) == 0
@@ -1543,7 +1544,8 @@ def test_a_cut_after_the_commit_is_adopted_on_btrfs(fs2: tuple[Path, Path],
     assert tree_sum(_newest(dest)) == tree_sum(live)
 
 
-def test_one_conversation_at_a_time_on_a_destination(tmp_path: Path) -> None:
+def test_one_conversation_at_a_time_on_a_destination(tmp_path: Path,
+                                                     children: Children) -> None:
     """Two receivers on one DEST (a `--serve` in a conversation, then another `--serve` or a
     `--listen`) would share its partial transfer: the second is refused (`busy`, exit 9,
     one line naming the process that holds DEST), nothing is touched; once the first ends
@@ -1556,7 +1558,7 @@ def test_one_conversation_at_a_time_on_a_destination(tmp_path: Path) -> None:
     store = ["--store", tmp_path / "store"]
     first = spawn_local(str(dest))
     try:
-        _busy(first, src, dest, store)
+        _busy(children, first, src, dest, store)
     finally:
         assert first.proc is not None
         first.proc.kill()
@@ -1621,7 +1623,8 @@ def test_a_receiver_waits_for_one_that_is_closing(tmp_path: Path) -> None:
     assert tree_sum(dest / got) == tree_sum(src)
 
 
-def _busy(first: PipeChannel, src: Path, dest: Path, store: list[object]) -> None:
+def _busy(children: Children, first: PipeChannel, src: Path, dest: Path,
+          store: list[object]) -> None:
     io = MessageIO(first, Connection("sender", source="test"))
     io.send(Hello("sender", (1, 2, 3), (), "test", str(src)))
     io.expect(Hello)
@@ -1635,7 +1638,7 @@ def _busy(first: PipeChannel, src: Path, dest: Path, store: list[object]) -> Non
     assert line.startswith("btrdelta replicate: error: "), line
     assert f"busy: {dest} is receiving another transfer (process {first.proc.pid})" in line
     port = _free_port()
-    srv = _listen(port, dest, "--no-auth", "--once")
+    srv = _listen(children, port, dest, "--no-auth", "--once")
     listened = _cli("replicate", src, f"tcp://127.0.0.1:{port}", "--no-auth", *store)
     assert listened.returncode == 9, listened.stderr
     assert "busy" in listened.stderr

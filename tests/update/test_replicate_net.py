@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from btrdelta.tree import tree_sum
+from tests.conftest import Children
 from tests.jsondoc import checked
 
 SEG = 1 << 20
@@ -108,7 +109,7 @@ def sshd(tmp_path: Path) -> Iterator[tuple[int, str]]:
         proc.wait()
 
 
-def test_over_openssh(sshd: tuple[int, str], tmp_path: Path) -> None:
+def test_over_openssh(sshd: tuple[int, str], tmp_path: Path, children: Children) -> None:
     port, ssh = sshd
     src = _tree(tmp_path / "src", 6)
     dest = tmp_path / "dest"
@@ -123,8 +124,8 @@ def test_over_openssh(sshd: tuple[int, str], tmp_path: Path) -> None:
     assert checked("replicate", json.loads(first.stdout))["kind"] == "full"
     # killed mid-stream (rate-limited so it is surely in the middle), then resumed
     (src / "big").write_bytes(os.urandom(5 * SEG))
-    proc = subprocess.Popen([*BTRDELTA, "replicate", str(src), url, *common, "--rate-limit",
-                             "2M"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+    proc = children.start([*BTRDELTA, "replicate", str(src), url, *common, "--rate-limit",
+                           "2M"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
     _wait_partial(dest, SEG)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
@@ -198,7 +199,8 @@ def _wait_log(log: Path, ended: Callable[[str], bool], what: str) -> None:
         time.sleep(0.05)
 
 
-def test_tls_between_namespaces_with_cuts(netns: tuple[str, str], tmp_path: Path) -> None:
+def test_tls_between_namespaces_with_cuts(netns: tuple[str, str], tmp_path: Path,
+                                          children: Children) -> None:
     a, b = netns
     tag = a[len("btd-a"):]
     for name in ("server", "client", "intruder"):
@@ -217,7 +219,7 @@ def test_tls_between_namespaces_with_cuts(netns: tuple[str, str], tmp_path: Path
         _wait_log(log, lambda text: "listening" in text, "the receiver did not start")
 
         def client(*extra: str, key: str = "client") -> subprocess.Popen[str]:
-            return subprocess.Popen(
+            return children.start(
                 ["ip", "netns", "exec", a, *BTRDELTA, "replicate", str(src),
                  "tcp://10.77.0.2:7447", "--key", str(tmp_path / f"{key}.key"), "--peer",
                  str(tmp_path / "server.pub"), "--store", str(tmp_path / "store"),

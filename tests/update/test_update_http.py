@@ -10,6 +10,7 @@ import pytest
 from btrdelta import trust
 from btrdelta.cli import main
 from btrdelta.tree import tree_sum
+from tests.conftest import Children
 from tests.transport.certs import make_certs
 from tests.transport.nginx import nginx
 
@@ -55,11 +56,15 @@ def test_update_over_mutual_tls_with_a_token(
 
 
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
-def test_ctrl_c_during_a_full_s_download_stops_at_once(tmp_path: Path, signame: str) -> None:
+def test_ctrl_c_during_a_full_s_download_stops_at_once(tmp_path: Path, signame: str,
+                                                       children: Children) -> None:
     """Ctrl-C (or SIGTERM) while the ranges of a full arrive: exit 130 (143) in about a
     second, one line. (Until session 9 the fetch threads went on reading and storing their
     ranges, up to 16 MiB each: 8 s on a Debian full at load 5, and here, a server sending
-    256 KiB/s a connection, ~20 s.)"""
+    256 KiB/s a connection, ~20 s. Until session 31 it waited for a ``syncfs`` of the
+    chunks not yet named, which writes out the whole file system's dirty data: 4.4 and
+    6.7 s in 2 of ~14 runs at load 9, ~2 s in 3 of 8 beside a writer of 1.5 GB; now they
+    are dropped, tests/chunk/test_store.py.)"""
     import os
     import signal
     import subprocess
@@ -75,7 +80,7 @@ def test_ctrl_c_during_a_full_s_download_stops_at_once(tmp_path: Path, signame: 
     root = _published(tmp_path, [tree], init=("--level", "1"))
     srv = Nginx(root, tmp_path / "nginx", limit_rate="256k")
     dest = tmp_path / "dest"
-    proc = subprocess.Popen(
+    proc = children.start(
         [sys.executable, "-m", "btrdelta", "update", srv.url, str(dest), "--key",
          str(tmp_path / "root.pub")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -87,10 +92,7 @@ def test_ctrl_c_during_a_full_s_download_stops_at_once(tmp_path: Path, signame: 
         t0 = time.monotonic()
         _, err = proc.communicate(timeout=90)
         took = time.monotonic() - t0
-    finally:  # (failed: the update stopped, its pipes closed, not left to a later test)
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
+    finally:
         srv.stop()
     assert proc.returncode == 128 + getattr(signal, signame), err
     assert err == "btrdelta update: interrupted\n"
