@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from btrdelta.chunk.store import ChunkStore
 from btrdelta.cli import main
 from tests.chunk.images import ImagePair, make_ext4, make_trees
-from tests.conftest import nobody_python
+from tests.conftest import Children, nobody_python
 
 
 @pytest.fixture(scope="module")
@@ -388,3 +388,51 @@ def test_compress_counts_one_chunk_in_the_singular(tmp_path: Path,
     assert main(["image", "compress", "-i", str(small), "-o", str(tmp_path / "s.bdar")]) == 0
     out = capsys.readouterr().out
     assert ", 1 chunk (1 distinct), archive " in out, out
+
+
+def test_ctrl_c_while_the_server_stalls_in_a_range_stops_at_once(
+    images: ImagePair, tmp_path: Path, children: Children
+) -> None:
+    """Ctrl-C while the fetch threads wait for a stalled server's next byte (each range of
+    chunks: its head and 100 bytes, then nothing): exit 130 and one line at once. Before,
+    the clone waited for the reads' timeout (``--timeout``, 20 s here), then printed a retry
+    line per thread."""
+    import threading
+
+    from btrdelta.chunk.archive import HEADER_SIZE, decode_header
+    from tests.transport.hostile import HostileServer
+
+    data = images.arc2.read_bytes()
+    chunks_end = decode_header(data[:HEADER_SIZE], source="test").index_offset
+    stalled, release = threading.Event(), threading.Event()
+
+    def reply(sock: socket.socket, _path: str, headers: dict[str, str]) -> None:
+        first, last = map(int, headers["range"].removeprefix("bytes=").split("-"))
+        body = data[first : last + 1]
+        head = (f"HTTP/1.1 206 Partial Content\r\nContent-Length: {len(body)}\r\n"
+                f"Content-Range: bytes {first}-{last}/{len(data)}\r\n\r\n").encode()
+        if not HEADER_SIZE <= first < chunks_end:  # the header, the index: whole
+            sock.sendall(head + body)
+            return
+        sock.sendall(head + body[:100])
+        stalled.set()
+        release.wait(60)
+
+    server = HostileServer(reply)
+    with server.running():
+        try:
+            proc = children.start(
+                [sys.executable, "-m", "btrdelta", "image", "clone", f"{server.url}/v2.bdar",
+                 f"{tmp_path}/store/v2", "--timeout", "20", "-j", "2"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+            assert stalled.wait(60), "no range of chunks was asked for"
+            proc.send_signal(signal.SIGINT)
+            t0 = time.monotonic()
+            _, err = proc.communicate(timeout=60)
+            took = time.monotonic() - t0
+        finally:
+            release.set()
+    assert proc.returncode == 130, err
+    assert err == "btrdelta image clone: interrupted\n"
+    assert took < 5, took

@@ -267,6 +267,12 @@ class Response:
             if conn.line():
                 raise RemoteProtocolError("a chunk not followed by its line end")
 
+    def abort(self) -> None:
+        """End the body's reading from another thread: a read blocked in it returns at
+        once, the body cut short (the connection is shut down; closed by :meth:`close`)."""
+        with contextlib.suppress(OSError):  # (the socket's own: not a TLS close_notify)
+            socket.socket.shutdown(self._conn.sock, socket.SHUT_RDWR)
+
     def read(self, limit: int | None = None) -> bytes:
         """The whole body (:class:`UnsupportedResponse` past ``limit`` bytes)."""
         out = bytearray()

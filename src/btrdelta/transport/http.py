@@ -139,6 +139,7 @@ class RangeFetcher:
         self._lock = threading.Lock()
         self._multi = self.max_ranges > 1
         self._cancel = threading.Event()
+        self._reading: set[Response] = set()  # bodies being read by fetch threads
 
     def close(self) -> None:
         """Close the client if this fetcher made it."""
@@ -176,6 +177,8 @@ class RangeFetcher:
                 return call(*args)
             except _Retry as exc:
                 why = _one_line(exc)
+                if self._cancel.is_set():  # (a read cut by the cancel: no retry, no line)
+                    raise TransportError("cancelled", url=self.url) from exc
                 if n >= attempts:
                     tried = f"giving up after {n} attempts" if n > 1 else \
                         "no retries asked (--retries 0)"
@@ -429,7 +432,30 @@ class RangeFetcher:
                 self._cancel.set()
                 for fut in futures:
                     fut.cancel()
+                self._abort_reads()
                 raise
+
+    @contextlib.contextmanager
+    def _body_read(self, resp: Response) -> Iterator[None]:
+        """``resp``'s body read by a fetch thread in the block, which a cancel cuts short
+        (:meth:`_abort_reads`): a thread waiting for a stalled server's next byte held
+        Ctrl-C for up to ``config.timeout`` seconds (its socket's timeout)."""
+        with self._lock:
+            self._reading.add(resp)
+        try:
+            if self._cancel.is_set():  # (set before it was added)
+                raise TransportError("cancelled", url=self.url)
+            yield
+        finally:
+            with self._lock:
+                self._reading.discard(resp)
+
+    def _abort_reads(self) -> None:
+        """End every body read in progress (:meth:`_body_read`)."""
+        with self._lock:
+            reading = list(self._reading)
+        for resp in reading:
+            resp.abort()
 
     def _fetch_batch(self, batch: list[Span], on_span: Callable[[Span, memoryview], None]
                      ) -> None:
@@ -469,7 +495,8 @@ class RangeFetcher:
                 status = resp.status_code
                 if status == 206:
                     regions = self._regions(resp, asked, limit)
-                    self._stream_body(resp, regions, wanted, limit, on_span, budget)
+                    with self._body_read(resp):
+                        self._stream_body(resp, regions, wanted, limit, on_span, budget)
         except _Oversize:
             if len(batch) == 1:
                 raise
