@@ -69,12 +69,15 @@ _LOOK = 16
 #: a store of more records than this is not looked at (each one's ``stat``, under the
 #: GIL, is time taken from the imports: ~5 µs)
 _MANY = 256
-#: a record smaller than this (compressed) is left to the reader: inflated and hashed in
-#: under a millisecond (the in-place tree's 0.7 MB: ~0.5 ms), less than the other core's
-#: time is worth to a live send, whose snapshot's commit waits for the kernel's threads
-#: (its live rounds took 3-5 ms more wall time with it read ahead; the large tree's 5.1 MB,
-#: ~7.5 ms of its reader's, are read ahead)
-LEAST: Final = 2 << 20
+#: a record whose body is smaller than this (inflated: what inflating and hashing cost, as
+#: its zstd frame declares it; a record that does not declare it is decoded as a stream) is
+#: left to the reader: inflated and hashed in under a millisecond (the in-place tree's 1.48 MB
+#: body: ~0.5 ms), less than the other core's time is worth to a live send, whose
+#: snapshot's commit waits for the kernel's threads (its live rounds took 3-5 ms more wall
+#: time with it read ahead; the large tree's 10.5 MB body, ~7.5 ms of its reader's, is read
+#: ahead). Until session 31 this was 2 MiB of the file, which a record written with a wide
+#: window (``sendshot._window_log``: the large tree's in 1.72 MB) no longer says
+LEAST: Final = 4 << 20
 
 #: the thread's work: the identity of the file read -> (its header, the inflated body,
 #: the digest in hex); and the lock it holds until it is done (None: not started)
@@ -118,7 +121,7 @@ def _run(records: str, busy: Any, zstd: Any, blake3: Any) -> None:
                         int.from_bytes(header[len(MAGIC):], "little") in PATCHES:
                     continue
                 st = os.fstat(f.fileno())
-                if st.st_size < LEAST:
+                if _declared(zstd, os.pread(f.fileno(), 18, len(header))) < LEAST:
                     return
                 data = f.read()
             if (body := inflate(zstd, data)) is not None:
@@ -131,6 +134,17 @@ def _run(records: str, busy: Any, zstd: Any, blake3: Any) -> None:
         pass  # (the reader reads the file itself, and says what is wrong with it)
     finally:
         busy.release()
+
+
+def _declared(zstd: Any, frame: bytes) -> int:
+    """The content size the zstd frame starting ``frame`` (its first 18 bytes: a frame
+    header at most) declares; -1 if none (a record that does not is decoded as a stream by
+    its reader: :func:`inflate` would not inflate it)."""
+    try:
+        size: int = zstd.frame_content_size(frame)
+    except zstd.ZstdError:
+        return -1
+    return size
 
 
 def inflate(zstd: Any, data: bytes) -> bytes | None:
