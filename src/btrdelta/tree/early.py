@@ -76,7 +76,7 @@ _MANY = 256
 #: snapshot's commit waits for the kernel's threads (its live rounds took 3-5 ms more wall
 #: time with it read ahead; the large tree's 10.5 MB body, ~7.5 ms of its reader's, is read
 #: ahead). Until session 31 this was 2 MiB of the file, which a record written with a wide
-#: window (``sendshot._window_log``: the large tree's in 1.72 MB) no longer says
+#: window (``sendshot._WIDE_LOG``: the large tree's in 1.72 MB) no longer says
 LEAST: Final = 4 << 20
 
 #: the thread's work: the identity of the file read -> (its header, the inflated body,

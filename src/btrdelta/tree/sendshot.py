@@ -235,7 +235,7 @@ def write_record(
         level: zstd level. 1: most of a record is digests, which do not compress; level 3
             made records 1% smaller (names, metadata) for 50% more time, and its larger
             window and tables cost ~1,000 more page faults to write and read a record of
-            6,000 inodes. The window is :func:`_window_log`'s whatever the level.
+            6,000 inodes. The window is :data:`_WINDOW_LOG`'s (or larger) whatever the level.
     """
     from .columns import encode_rows
 
@@ -263,8 +263,8 @@ def write_record(
     header = _HEADER.pack(MAGIC, head.version)
     digest = blake3.blake3(header)
     size = sum(map(len, pieces))
-    params = zstd.ZstdCompressionParameters.from_level(level, source_size=size,
-                                                       window_log=_window_log(size))
+    wlog = _WIDE_LOG if size >= _WIDE_FROM else _WINDOW_LOG
+    params = zstd.ZstdCompressionParameters.from_level(level, source_size=size, window_log=wlog)
     comp = zstd.ZstdCompressor(compression_params=params).compressobj(size=size)
     write(header)
 
@@ -350,31 +350,13 @@ PER_INODE = ((C_INO, "Q"), (C_GEN, "Q"), (C_TRANSID, "Q"), (C_MODE, "I"), (C_UID
 #: bytes of a record hashed and compressed at a time (:func:`write_record`; below glibc's
 #: 128 KiB mmap threshold)
 _COALESCE = 120 << 10
-#: the zstd window of a record written (64 KiB): what is compressible in a record is local
-#: (a column's neighbouring names, times, modes), and a streaming compressor copies its input
-#: into a buffer of the window and a block. Level 1's own window for a record of 1.43 MB
-#: (the sendshot benchmark's in-place tree) is 512 KiB: writing it took 2.78 ms and 334 page
-#: faults, with a 64 KiB one 2.32 ms and 189 faults, the record 0.3 % larger (medians of 10
-#: processes each, session 21)
-_WINDOW_LOG = 16
-#: ... and of a record whose body is at least :data:`_WIDE_FROM` bytes (4 MiB): a large tree
-#: holds copies (of a tree, of a package's files, of container layers) whose block and file
-#: digests, names and extent items repeat farther apart in the columns than 64 KiB. The
-#: sendshot benchmark's large tree (four copies of one Debian tree beside the in-place
-#: files; body 10.5 MB): 5.23 MB with 64 KiB, 1.72 MB with 4 MiB, written in the same time
-#: (~10 ms, 600 page faults more for the window, fewer bytes out) and inflated in 1.6
-#: against 2.3 ms; read again every round (session 31). The small tree's 1.48 MB body
-#: keeps 64 KiB: 0.9 % smaller with 4 MiB, for 0.85 ms and 380 page faults more to write
-_WIDE_LOG = 22
-_WIDE_FROM = 4 << 20
-
-
-def _window_log(size: int) -> int:
-    """The zstd window (log2 of its bytes) a record whose body is ``size`` bytes is written
-    with (:data:`_WINDOW_LOG`, :data:`_WIDE_LOG`); a reader of the frame needs no more than
-    the body's size when it inflates it at once, and zstd's default limit (128 MiB) when it
-    decodes it as a stream."""
-    return _WIDE_LOG if size >= _WIDE_FROM else _WINDOW_LOG
+#: the zstd window of a record written: 64 KiB, 4 MiB for a body of 4 MiB or more. A streaming
+#: compressor copies its input into a buffer of the window: the in-place tree's 1.48 MB body
+#: with 512 KiB (level 1's) 2.78 ms and 334 page faults, with 64 KiB 2.32 ms and 189 (session
+#: 21), with 4 MiB 0.9 % smaller for 0.85 ms more. A large tree's copies repeat digests, names
+#: and extents farther apart: the benchmark's large tree (four copies, body 10.5 MB) 5.23 MB
+#: with 64 KiB, 1.72 MB with 4 MiB, as fast to write, inflated in 1.6 against 2.3 ms (s. 31)
+_WINDOW_LOG, _WIDE_LOG, _WIDE_FROM = 16, 22, 4 << 20
 
 _FRAMING = Framing(
     eof="truncated sendshot record (no END record)",
