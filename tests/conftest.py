@@ -373,6 +373,8 @@ _LAYOUT = {
     "clone-source-c-new-files", "deleted-open-file-168", "tmpfile-orphan-in-snapshot-058",
     "encoded-every-compression-holes", "nocow-clones", "truncate-extend-unaligned",
     "reflinks-across-subvolumes", "recompressed-same-content", "same-file-clones-unaligned-eof",
+    "inline-extent-then-hole", "punch-whole-fill-holes", "prealloc-inside-data",
+    "copy-range-unaligned",
 }
 
 #: (name, mount options, the scenarios it applies to or None for all); every variant's
@@ -384,14 +386,16 @@ _FS_VARIANTS: list[tuple[str, str | None, set[str] | None]] = [
                              "clone-compressed-094", "compressed-partial-share-281",
                              "compressed-extent-merge-312",
                              "unaligned-then-fallocated-progs-e3209f8",
-                             "encoded-write-unaligned-offset-progs-6f4a518"}),
+                             "encoded-write-unaligned-offset-progs-6f4a518",
+                             "copy-range-unaligned"}),
     ("zlib", "compress-force=zlib", {"compressible-data-W6", "prealloc-punch-169",
                                      "write-into-prealloc-046", "odd-names-W8",
                                      "reflink-compressed-overwrite-109",
                                      "shared-sector-at-zero-149", "eof-block-clone-189",
                                      "shrunk-by-clone-322",
                                      "unaligned-then-fallocated-progs-e3209f8",
-                                     "encoded-write-unaligned-offset-progs-6f4a518"}),
+                                     "encoded-write-unaligned-offset-progs-6f4a518",
+                                     "inline-extent-then-hole"}),
     ("plain", None, _LAYOUT),
 ]
 _V1_VARIANTS = {"zstd", "plain"}

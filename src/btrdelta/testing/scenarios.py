@@ -55,7 +55,7 @@ SCENARIOS: list[Scenario] = [
       "rmdir testdir; btrfs -q subvolume create testdir;"
       " btrfs -q subvolume delete first_subvol; mkdir first_subvol",
       btrfs_only=True),
-    S("file-to-dir-221",
+    S("file-to-dir-same-name",
       "echo data > x; mkdir y; touch y/inner",
       "rm x; mkdir x; touch x/f; rm -r y; echo now-a-file > y"),
     S("name-rotation-links-144",
@@ -73,7 +73,7 @@ SCENARIOS: list[Scenario] = [
     S("links-names-reused-241",
       "touch file1 file2 file3; mkdir A; ln file3 A/hard_link",
       "mv file1 A/file1; mv A/hard_link tmp; mv file2 A/hard_link; mv A B; ln B/hard_link A"),
-    S("name-location-swap-222",
+    S("name-location-swap-221",
       "touch a b; mkdir testdir; mv a testdir/a",
       "mv testdir/a a2; touch testdir/a; mv b b2; ln a2 b; mv testdir testdir_2; mv a2 testdir"),
     S("many-links-272",
@@ -327,6 +327,22 @@ SCENARIOS: list[Scenario] = [
       'xfs_io -c "pwrite -S 0xab 512K 64K" -c "pwrite -S 0xcd 576K 64K"'
       ' -c "pwrite -S 0xef 640K 64K" -c "pwrite -S 0x64 704K 64K"'
       ' -c "pwrite -S 0x73 768K 64K" -c "reflink foobar 448K 192K 192K" foobar'),
+    # btrfs/222: a file with a new hard link swaps names with a directory and with that
+    # directory's child
+    S("dir-file-swap-links-222",
+      "touch f1 f2; mkdir -p d1/d2",
+      "ln f2 d1/f2_link; mv f1 d1/d2/f1; mv d1 tmp; mv f2 d1; mv tmp f2; mv f2/d2 tmp;"
+      " mv f2/f2_link f2/d2; mv tmp f2/f2_link"),
+    # Linux 84471e2 ("incremental send, don't rename a directory too soon"): a directory
+    # named "file" moves with its parent into a directory that takes a new name
+    S("dir-named-file-moved-84471e2",
+      "mkdir a b c a/file",
+      "mv c x; mv a x/y; mv b q"),
+    # inode numbers of a hard-linked file, a directory with children and a symlink reused
+    # after a remount by inodes of other types under the same and other names
+    S("ino-reuse-hardlinked",
+      "touch a; ln a b; mkdir d; echo x > d/in; ln -s a s",
+      "rm -r a b d s\nREMOUNT\nmkdir a; echo y > b; ln b d; ln -s b s2; mkdir s"),
     S("rm-dir-remount-new-inode-227",
       "mkdir dir; touch dir/file1 dir/file2 dir/file3",
       "rm -fr dir\nREMOUNT\ntouch newfile"),
