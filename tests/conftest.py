@@ -374,7 +374,7 @@ _LAYOUT = {
     "encoded-every-compression-holes", "nocow-clones", "truncate-extend-unaligned",
     "reflinks-across-subvolumes", "recompressed-same-content", "same-file-clones-unaligned-eof",
     "inline-extent-then-hole", "punch-whole-fill-holes", "prealloc-inside-data",
-    "copy-range-unaligned",
+    "copy-range-unaligned", "punch-inline",
 }
 
 #: (name, mount options, the scenarios it applies to or None for all); every variant's

@@ -91,7 +91,8 @@ VARIANTS = [
                                                       "compression-property-removed-new-files",
                                                       "compression-property-root-new-files",
                                                       "encoded-every-compression-holes",
-                                                      "recompressed-same-content"})),
+                                                      "recompressed-same-content",
+                                                      "chattr-compress-flag"})),
     # sent the other way (btrfs send -p B A) and from an unrelated parent (session 25).
     # btrfs send refuses the reverse of deleted-open-file-168 (an unlinked inode in A). The
     # kernel's trees differ from the source's (docs/upstream-tests.md): a full stream sets

@@ -21,15 +21,18 @@ def _fileattr_lines(dump: str) -> list[str]:
 
 
 @pytest.mark.btrfs
-def test_fileattr_like_kernel(btrfs_ws: Workspace) -> None:
-    sc = next(s for s in SCENARIOS if s.name == "fileattr-chattr")
+@pytest.mark.parametrize("name", ["fileattr-chattr", "chattr-compress-flag"])
+def test_fileattr_like_kernel(btrfs_ws: Workspace, name: str) -> None:
+    # fileattr-chattr: f (+A), g (+d), d (+A); chattr-compress-flag: f and e (-c: 0),
+    # d (-c +m: NOCOMPRESS), their btrfs.compression properties removed
+    sc = next(s for s in SCENARIOS if s.name == name)
     sp = make_snapshots(btrfs_ws.mnt, sc, tag="-" + uuid.uuid4().hex[:6])
-    base = btrfs_ws.fresh("fileattr")
+    base = btrfs_ws.fresh("fileattr-" + name)
     kernel = kernel_send_file(sp.b, base / "kernel.s", parent=sp.a, proto=2)
     ours = make_stream(base / "ours.s", sp.b, sp.a, version=2)
     want = _fileattr_lines(progs_dump_ok(kernel))
     got = _fileattr_lines(progs_dump_ok(ours))
-    assert len(want) == 3, want  # f (+A), g (+d), d (+A)
+    assert len(want) == 3, want
     assert got == want, (got, want)
     # v1 cannot carry FILEATTR; a full stream never does (like the kernel)
     assert not [r for r in send_records(sp.b, sp.a, version=1) if isinstance(r, Fileattr)]

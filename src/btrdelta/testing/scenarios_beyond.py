@@ -12,6 +12,12 @@ Session 18: device numbers at the ends of their fields, every byte in names, fil
 the inline limit, 255-byte xattr names, immutable and append-only inodes. Session 19: one
 file's extents under every compression with holes between, nodatacow files cloned, a
 directory rotation with hard links moved across it, unaligned truncations and extensions.
+Session 31: explicit times after directory changes, access ACLs and chmod, capabilities
+the kernel clears (chown, write) and version 3 ones, xattrs on renamed hard links, inline
+extents followed by holes or punched, whole files punched and holes filled, whiteouts,
+O_TMPFILE files linked in, delayed directory moves with metadata, a removed directory's
+name taken, preallocation inside data, copy_file_range, special files' owner and mode,
+``chattr +c``/``+m``, 3,900-byte symlink targets.
 :mod:`btrdelta.testing.scenarios` runs them with the upstream ones (none of these remounts
 or holds files open).
 """
@@ -662,5 +668,29 @@ BEYOND: list[Scenario] = [
       " python3 -c 'import socket; socket.socket(socket.AF_UNIX).bind(\"sock\")'",
       "chown 3:4 p; chmod 600 p; chown -h 5:6 l; chmod 1750 c; chown 7 sock; chmod 700 sock;"
       " touch -d @1000000000 p c sock; touch -h -d @1100000000 l"),
+    # chattr +c / -c / +m: the COMPRESS flag sets the btrfs.compression property (an xattr
+    # in the stream), NOCOMPRESS is a flag alone (FILEATTR, which v2 streams carry too);
+    # new inodes inherit both from their directory
+    S("chattr-compress-flag",
+      "mkdir d e; echo x > f; chattr +c d; chattr +c f; echo y > d/in; chattr +c e",
+      "chattr -c f; chattr -c +m d; echo z > d/new; mkdir d/sub; touch g; chattr +c g;"
+      " echo w > e/new; mkdir e/sub2; chattr -c e",
+      btrfs_only=True),
+    # holes punched and zeroed inside inline extents (btrfs writes the zeros inline)
+    S("punch-inline",
+      "xfs_io -f -c 'pwrite -S 0x61 0 3000' p1; xfs_io -f -c 'pwrite -S 0x62 0 3000' p2;"
+      " xfs_io -f -c 'pwrite -S 0x63 0 2000' p3",
+      "xfs_io -c 'fpunch 1000 500' p1; xfs_io -c 'fpunch 0 3000' p2;"
+      " xfs_io -c 'fzero 100 100' -c 'fpunch 1500 1000' p3"),
+    # symlink targets of 3,900 bytes (near what a 4 KiB node's inline item holds), one
+    # replaced by another of the same name, one renamed
+    S("long-symlink-targets",
+      "ln -s $(printf 'd/%.0s' $(seq 1 1950)) l1; ln -s $(printf 'x%.0s' $(seq 1 255)) l2",
+      "rm l1; ln -s $(printf 'e/%.0s' $(seq 1 1950))t l1; mv l2 l3;"
+      " ln -s $(printf 'y/%.0s' $(seq 1 1000)) l4"),
+    # namespaced (version 3) file capabilities, whose xattr holds a root user id
+    S("caps-v3-rootid",
+      "printf a > f; printf b > g; setcap -n 1000 cap_net_raw+ep f",
+      "setcap -n 2000 cap_net_raw+ep f; setcap -n 1000 cap_sys_nice+ep g"),
 ]
 del S
