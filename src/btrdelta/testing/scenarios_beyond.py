@@ -656,12 +656,13 @@ BEYOND: list[Scenario] = [
       "xfs_io -c 'pwrite -S 0x63 20K 4K' -c 'falloc 128K 32K' f;"
       " xfs_io -c 'fpunch 8K 4K' -c 'falloc 40K 8K' g"),
     # copy_file_range(2) between files and within one: block-aligned ranges become
-    # reflinks, unaligned ones copies
+    # reflinks, unaligned ones copies; B also sent with a clone source (-p A -c C)
     S("copy-range-unaligned",
       "xfs_io -f -c 'pwrite -S 0x71 0 192K' src; xfs_io -f -c 'pwrite -S 0x72 0 64K' dst",
       "xfs_io -c 'copy_range -s 4097 -d 10000 -l 50000 src' dst;"
       " xfs_io -c 'copy_range -s 64K -d 128K -l 64K src' dst;"
-      " xfs_io -c 'copy_range -s 0 -d 200K -l 12345 src' src"),
+      " xfs_io -c 'copy_range -s 0 -d 200K -l 12345 src' src",
+      clones=True),
     # owner, mode and times of a fifo, a socket, a device and a symlink changed alone
     S("owner-mode-on-special-files",
       "mkfifo p; mknod c c 1 3; ln -s target l;"
