@@ -213,7 +213,8 @@ def test_backups_killed_before_their_index_leave_nothing_behind(
             assert sorted(os.listdir(meta / "backup-work")) == ["delta", "stream"]
         else:
             assert work == [], work
-    assert sorted(os.listdir(dest)) == ["home.1.stream", "home.3.delta", "home.backups.json"]
+    assert sorted(os.listdir(dest)) == ["home.1.stream", "home.3.delta", "home.backups.json",
+                                        "home.backups.lock"]
     out = tmp_path / "restored"
     out.mkdir()
     btrdelta("device", "restore", "--to-dir", out, "home", dest)  # (the index's: not 3)
@@ -227,7 +228,7 @@ def test_backups_killed_before_their_index_leave_nothing_behind(
     index = json.loads((dest / "home.backups.json").read_text())
     files = [e["file"] for e in index["backups"]]
     assert files == ["home.1.stream", "home.4.delta"], files
-    assert sorted(os.listdir(dest)) == sorted([*files, "home.backups.json"])
+    assert sorted(os.listdir(dest)) == sorted([*files, "home.backups.json", "home.backups.lock"])
     assert sorted(os.listdir(meta / "backups/home")) == ["destinations.json", "home.4"]
     assert _work(meta) == []
     again = tmp_path / "again"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -42,6 +43,8 @@ from .layout import DeviceError, Layout, open_device
 from .state import load_state
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from ..transport.client import Client
 
 __all__ = ["BACKUP_WORK", "KEEP_DESTINATIONS", "RESTORED", "RESTORE_WORK", "backup", "restore",
@@ -191,11 +194,34 @@ class _Store:
             raise StreamFormatError(f"invalid backup index: {exc}",
                                     source=f"{self.where}/{name}.backups.json") from exc
 
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """Hold ``NAME.backups.lock`` of a directory (an ``flock``, waited for) from the
+        index read to the removal of unlisted files: two devices backing up NAME into one
+        directory at once took the same number, one's file replaced the other's, and each
+        removed the other's new file as unlisted. Over HTTP nothing is locked; where the
+        filesystem has no locks (``ENOLCK``: NFS without lockd) neither."""
+        if self.http:
+            yield
+            return
+        fd = os.open(Path(self.where) / f"{name}.backups.lock",
+                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
+                    raise
+            yield
+        finally:
+            os.close(fd)
+
     def drop_unlisted(self, name: str, entries: list[dict[str, Any]]) -> list[str]:
-        """Remove the backup files of ``name`` (``NAME.N.stream``, ``NAME.N.delta``) in a
-        directory that ``entries`` (its index) does not list: a backup cut short after its
-        file was put, before the index named it, left it. Returns their names. (Over HTTP
-        nothing is listed or removed.)"""
+        """Remove the backup files of ``name`` (``NAME.N.stream``, ``NAME.N.delta``: regular
+        files; a directory or symlink of that name is not one) in a directory that
+        ``entries`` (its index) does not list: a backup cut short after its file was put,
+        before the index named it, left it. Returns their names. (Over HTTP nothing is
+        listed or removed.)"""
         if self.http:
             return []
         listed = {e["file"] for e in entries}
@@ -203,10 +229,13 @@ class _Store:
         for entry in sorted(os.listdir(self.where)):
             head, _, kind = entry.rpartition(".")
             stem, _, num = head.rpartition(".")
-            if stem == name and num.isdigit() and kind in ("stream", "delta") and \
-                    entry not in listed:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(Path(self.where) / entry)
+            if stem != name or not num.isdigit() or kind not in ("stream", "delta") or \
+                    entry in listed:
+                continue
+            path = Path(self.where) / entry
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISREG(os.lstat(path).st_mode):
+                    os.unlink(path)
                     dropped.append(entry)
         return dropped
 
@@ -276,7 +305,7 @@ def backup(fs: str | os.PathLike[str], name: str, dest: str, *,
     from .control import recover
 
     store = _Store(dest, create=True)
-    with open_device(fs) as layout, layout.lock():
+    with open_device(fs) as layout, layout.lock(), store.lock(name):
         st = load_state(layout)
         recover(layout, st)
         if name not in {s.name for s in st.state} or not layout.is_subvolume(layout.state(name)):
@@ -296,12 +325,11 @@ def backup(fs: str | os.PathLike[str], name: str, dest: str, *,
             layout.delete(snap)
             raise
         store.put_index(name, [*entries, entry])
-        removed = store.drop_unlisted(name, [*entries, entry])
         keep = _remember(layout.backups / name, store.key, n)
         for k, old in local:  # only each destination's newest one is a next parent
             if k not in keep:
                 layout.delete(old)
-        return {**entry, "removed": removed}
+        return {**entry, "removed": store.drop_unlisted(name, [*entries, entry])}
 
 
 def _parent(layout: Layout, local: list[tuple[int, Path]],
