@@ -157,17 +157,38 @@ def _xattrs_of(path: bytes, exclude: frozenset[bytes]) -> tuple[tuple[bytes, byt
 _Stopped = Stopped  # a hashing thread told to stop (EntryMaker.close before the walk's end)
 
 
+def _same_inode(fd: int, ident: tuple[int, int], path: bytes) -> None:
+    """Raise unless ``fd`` is the inode ``ident`` (``st_dev``, ``st_ino``) the walk's lstat
+    saw at ``path``: a directory on the way swapped for a symlink (or for another
+    directory) between that lstat and this open made the walk read entries outside the
+    tree (as ``fts`` checks after it enters a directory).
+
+    Raises:
+        OSError: ``ESTALE``, naming ``path``.
+    """
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != ident:
+        raise _replaced(path)
+
+
+def _replaced(path: bytes) -> OSError:
+    return OSError(errno.ESTALE, "replaced by another file while the tree was read (the "
+                   "tree changed: sum it again)", path)
+
+
 def _file_digest(
-    path: bytes, size: int, want_layout: bool, stop: threading.Event | None = None,
-    version: int = 2,
+    path: bytes, size: int, want_layout: bool, ident: tuple[int, int],
+    stop: threading.Event | None = None, version: int = 2,
 ) -> tuple[str, tuple[tuple[int, int], ...] | None]:
     """The content digest of format ``version`` (2: BLAKE3 of the content, holes read as
-    zeros; 3: :func:`.content.file_content_digest`) and, if asked, the data extents;
-    ``stop`` set ends it within 1 MiB (:class:`_Stopped`): a file of terabytes, sparse or
-    not, would else keep an interrupted command alive until it is hashed."""
+    zeros; 3: :func:`.content.file_content_digest`) and, if asked, the data extents, of
+    the file at ``path`` that is inode ``ident`` (:func:`_same_inode`); ``stop`` set ends
+    it within 1 MiB (:class:`_Stopped`): a file of terabytes, sparse or not, would else
+    keep an interrupted command alive until it is hashed."""
     with short_path(path) as short:
         fd = os.open(short, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
+        _same_inode(fd, ident, path)
         if version == 3:
             digest = file_content_digest(fd, size, stop, path).hex()
             return digest, (_layout(data_segments(fd, size), size) if want_layout else None)
@@ -243,19 +264,27 @@ def _readlink(path: bytes) -> bytes:
 def _walk(root: bytes) -> Iterator[tuple[bytes, bytes, os.stat_result]]:
     """(relative path, absolute path, lstat) in sorted depth-first order. A symlink given
     as ``root`` is followed (as ``find -H`` and ``du`` do for their argument, and ``send``
-    for its snapshot); the symlinks inside the tree are not."""
+    for its snapshot); the symlinks inside the tree are not, nor a directory swapped for
+    a symlink after its lstat (each directory listed is the inode its lstat saw)."""
     st = os.lstat(root)
     if stat.S_ISLNK(st.st_mode):
         st = os.stat(root)  # (a dangling link: ENOENT naming the argument)
         root = os.path.realpath(root)
     dev = st.st_dev
     yield b".", root, st
-    stack: list[tuple[bytes, bytes]] = [(b"", root)]
+    stack: list[tuple[bytes, bytes, int]] = [(b"", root, st.st_ino)]
     while stack:
-        rel, absdir = stack.pop()
-        with short_path(absdir) as short:  # (a path longer than PATH_MAX too)
-            dfd = os.open(short, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        rel, absdir, ino = stack.pop()
         try:
+            with short_path(absdir) as short:  # (a path longer than PATH_MAX too)
+                dfd = os.open(short,
+                              os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except NotADirectoryError:
+            if not rel:  # (the tree given is a file)
+                raise
+            raise _replaced(absdir) from None  # (a symlink now: not followed)
+        try:
+            _same_inode(dfd, (dev, ino), absdir)
             names = sorted(map(os.fsencode, os.listdir(dfd)))
             subdirs = []
             for name in names:
@@ -269,7 +298,7 @@ def _walk(root: bytes) -> Iterator[tuple[bytes, bytes, os.stat_result]]:
                 r = rel + b"/" + name if rel else name
                 yield r, full, est
                 if stat.S_ISDIR(est.st_mode):
-                    subdirs.append((r, full))
+                    subdirs.append((r, full, est.st_ino))
         finally:
             os.close(dfd)
         stack.extend(reversed(subdirs))
@@ -338,9 +367,11 @@ class EntryMaker:
                 if self.pool is None:
                     self.pool = ThreadPoolExecutor(_WORKERS, "btrdelta-treesum")
                 self.hashing.append((len(out), self.pool.submit(
-                    _file_digest, full, size, False, self.stop, self.version)))
+                    _file_digest, full, size, False, (st.st_dev, st.st_ino), self.stop,
+                    self.version)))
             elif digest is None:
-                digest, layout = _file_digest(full, st.st_size, holes, None, self.version)
+                digest, layout = _file_digest(full, st.st_size, holes, (st.st_dev, st.st_ino),
+                                              None, self.version)
         elif kind == "l":
             target = whole.target if whole is not None else _readlink(full)
         elif kind in "cb":
