@@ -1602,7 +1602,7 @@ def test_a_receiver_waits_for_one_that_is_closing(tmp_path: Path) -> None:
     import threading
     import time
 
-    from btrdelta.update.replica import LOCK_FILE
+    from btrdelta.update.replicalock import LOCK_FILE
 
     src = tmp_path / "src"
     src.mkdir()
@@ -1621,6 +1621,40 @@ def test_a_receiver_waits_for_one_that_is_closing(tmp_path: Path) -> None:
     assert time.monotonic() - t0 >= 1.5
     (got,) = _visible(dest)
     assert tree_sum(dest / got) == tree_sum(src)
+
+
+def test_a_closing_mark_left_by_a_full_disk_is_not_waited_for(tmp_path: Path) -> None:
+    """A receiver in a conversation whose lock file still says `PID closing` (its process's
+    previous conversation wrote it; on a full disk this one could not write its pid over
+    it): a second receiver is refused `busy` at once, not after CLOSING_WAIT (60 s)."""
+    import time
+
+    from btrdelta.update.replicalock import CLOSING_WAIT, LOCK_FILE
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"data" * 1000)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    first = spawn_local(str(dest))
+    try:
+        io = MessageIO(first, Connection("sender", source="test"))
+        io.send(Hello("sender", (1, 2, 3), (), "test", str(src)))
+        io.expect(Hello)
+        io.expect(Holdings)  # the first receiver holds DEST, waiting for a PLAN
+        assert first.proc is not None
+        (dest / LOCK_FILE).write_text(f"{first.proc.pid} closing\n")  # (what a full disk left)
+        t0 = time.monotonic()
+        second = _cli("replicate", src, dest, "--store", tmp_path / "store")
+        took = time.monotonic() - t0
+        assert second.returncode == 9, second.stderr
+        assert f"busy: {dest} is receiving another transfer (process {first.proc.pid})" \
+            in second.stderr, second.stderr
+        assert took < CLOSING_WAIT / 3, took
+    finally:
+        assert first.proc is not None
+        first.proc.kill()
+        first.close()
 
 
 def _busy(children: Children, first: PipeChannel, src: Path, dest: Path,

@@ -144,7 +144,7 @@ def _receiver_ended(dest: Path, timeout: float = 60.0) -> None:
     """Wait until the killed sender's local receiver (its child, left reading the end of
     its stdin) has let go of DEST's lock: a run started before is refused ``busy`` (under
     load, before that receiver even marked its lock "closing"), as it must be."""
-    from btrdelta.update.replica import LOCK_FILE
+    from btrdelta.update.replicalock import LOCK_FILE
 
     path = dest / LOCK_FILE
     if not path.exists():

@@ -8,8 +8,8 @@ how far it is acknowledged; ``progress``: the records applied). One conversation
 time: each holds an exclusive ``flock`` on ``DEST/.btrdelta-replica.lock``, another process
 is refused ``busy`` (and reads the state again once it holds the lock). A holder whose
 conversation is over (a sender cut off: its partial transfer is being written out) says
-``closing`` in the lock file; the next receiver waits for it (up to :data:`CLOSING_WAIT`
-seconds) instead of refusing a sender re-run at once.
+``closing``; the next receiver waits for it instead of refusing a sender re-run at once
+(:mod:`.replicalock`).
 
 :meth:`Replica.serve` runs one conversation (:class:`~btrdelta.protocol.Connection`, role
 receiver): HELLO, HOLDINGS, a PLAN checked against what is held, then the stream. A thread
@@ -40,11 +40,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import stat
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -86,6 +84,7 @@ from .partial import (
     PartialTransfer,
     peers_fault,
 )
+from .replicalock import lock_dest, say_closing
 
 if TYPE_CHECKING:
     from ..receive import ReceivedSubvol
@@ -93,13 +92,9 @@ if TYPE_CHECKING:
     from ..receive.subvolumes import PendingSubvol
     from ..stream.reader import Event
 
-__all__ = ["LOCK_FILE", "PARTIAL_DIR", "STATE_FILE", "Replica", "ServeResult", "chain_next"]
+__all__ = ["PARTIAL_DIR", "STATE_FILE", "Replica", "ServeResult", "chain_next"]
 
 STATE_FILE = ".btrdelta-replica.json"
-#: flock(2)-ed by the process in a conversation on DEST (its pid in it, for the message)
-LOCK_FILE = ".btrdelta-replica.lock"
-#: seconds a receiver waits for a holder that says it is closing (then: ``busy``)
-CLOSING_WAIT = 60.0
 _ZERO_CHAIN = bytes(32).hex()
 _TMP_PREFIX = ".btrdelta-tmp-"
 
@@ -446,7 +441,7 @@ class Replica:
         try:
             io.send(Hello("receiver", spoken(), ("encoded",), self.ident, str(self.dest)))
             io.expect(Hello)
-            lock, holder = self._lock()
+            lock, holder = lock_dest(self.dest)
             if lock is None:
                 busy = Refuse("busy", f"{self.dest} is receiving another transfer (process "
                                       f"{holder or '?'}): try again when it ends")
@@ -504,8 +499,7 @@ class Replica:
             if self._syncing is not None:  # (a new DEST's state file: its fsyncs end with
                 self._syncing[0].join()  # the conversation, one refused before the ACCEPT too)
             if lock is not None:  # (the conversation is over: a receiver may wait for us)
-                with contextlib.suppress(OSError):
-                    os.pwrite(lock, f"{os.getpid()} closing\n".encode(), 0)
+                say_closing(lock)
             if acks is not None:
                 acks.drain(check=False)
             if inbox is not None:
@@ -537,36 +531,6 @@ class Replica:
         with contextlib.suppress(BtrdeltaError):
             io.send_raw(Refuse("protocol" if isinstance(exc, ProtocolError) else "failed",
                                (str(exc)[:2000] or type(exc).__name__) + note))
-
-    def _lock(self) -> tuple[int | None, str]:
-        """Lock DEST for one conversation (two would share its partial transfer): the lock
-        file's descriptor, or None and the pid written in it when another process holds
-        it."""
-        fd = os.open(self.dest / LOCK_FILE,
-                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        deadline = time.monotonic() + CLOSING_WAIT
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    holder, _, closing = os.pread(fd, 32, 0).decode("ascii", "replace") \
-                        .strip().partition(" ")
-                    if closing != "closing" or time.monotonic() > deadline:
-                        os.close(fd)
-                        return None, holder if holder.isdigit() else ""
-                    time.sleep(0.05)
-        except BaseException:
-            os.close(fd)
-            raise
-        # (its pid only names the holder to a refused receiver: not written on a full
-        # disk, where raising kept the lock held, by a descriptor no one closed: every
-        # later conversation of a --listen was refused 'busy' until it ended)
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        return fd, ""
 
     def _keep(self, partial: PartialTransfer) -> None:
         """A cut conversation leaves its partial transfer to a resume: DEST is written out
@@ -786,5 +750,4 @@ class Replica:
                     remove_tree(fd, entry.name)  # any depth: an unfinished, untrusted tree
             finally:
                 os.close(fd)
-
 
