@@ -460,6 +460,44 @@ def test_held_versions_are_checked_by_content_and_seed_the_full(
     assert tree_sum(dest / "v9") == tree_sum(releases[8])
 
 
+def test_the_plan_line_of_a_full_seeded_by_a_differing_copy_is_a_bound(
+    signed: tuple[Path, Path, Path], server: Nginx, releases: list[Path], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A copy of v7 in DEST with one file changed is not held, but seeds the full of v8:
+    the plan line said "N bytes to download", N the whole full, and then far fewer came
+    (judge30). Now it says "at most N" and names the copy (``--json``: ``seeded_by``);
+    the bytes the server sent for artifacts (oracle: nginx's log) stay under N."""
+    _, pub, _ = signed
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    shutil.copytree(releases[6], dest / "v7", symlinks=True)
+    changed = next(Path(top) / f for top, _, files in sorted(os.walk(dest / "v7"))
+                   for f in sorted(files) if not (Path(top) / f).is_symlink())
+    changed.write_bytes(changed.read_bytes() + b"changed here\n")
+    rc, out, err = _update(server.url, dest, pub, "--to", "v8", "--dry-run", capsys=capsys)
+    assert rc == 0, err
+    line = next(x for x in out.splitlines() if x.startswith("plan: "))
+    assert line.startswith("plan: from nothing to v8: 1 hop, "), out
+    assert "(at most " in line, out
+    assert "the copy of v7 here differs from the repository's: it seeds the full" in out, out
+    before = server.served()
+    rc, out, err = _update(server.url, dest, pub, "--to", "v8", "--json", capsys=capsys)
+    assert rc == 0, err
+    report = json.loads(out)
+    assert report["held"] == []
+    assert report["seeded_by"] == ["v7"]
+    assert [s["kind"] for s in report["plan"]["steps"]] == ["full"]
+    assert report["to_download"] == report["plan"]["bytes"]
+    artifacts = server.served() - before - report["metadata_bytes"]
+    assert artifacts < report["to_download"], (artifacts, report)
+    assert tree_sum(dest / "v8") == tree_sum(releases[7])
+    rc, out, err = _update(server.url, dest, pub, "--to", "v9", "--dry-run", capsys=capsys)
+    assert rc == 0, err
+    assert "at most" not in out, out  # (a delta from v8)
+    assert "differs" not in out, out
+
+
 def test_a_delta_hop_reads_only_the_files_its_stream_changed(
     signed: tuple[Path, Path, Path], server: Nginx, releases: list[Path], dest_dir: Path,
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,

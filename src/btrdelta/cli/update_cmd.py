@@ -100,8 +100,16 @@ def _plan_text(ev: dict[str, Any], dest: str) -> str:
         return (f"{ev['target']} is already in {os.path.join(dest, ev['target'])}: "
                 "nothing to download\n")
     hops = f"{plan['hops']} hop" + ("s" if plan["hops"] != 1 else "")
+    seeds = ev.get("seeded_by") or []
+    bound = "at most " if seeds else ""
     lines = [f"plan: from {start} to {ev['target']}: {hops}, "
-             f"{human_bytes(plan['bytes'])} ({ev['to_download']} bytes to download)"]
+             f"{human_bytes(plan['bytes'])} ({bound}{ev['to_download']} bytes to download)"]
+    if seeds:
+        them = (f"the copy of {seeds[0]} here differs from the repository's: it seeds"
+                if len(seeds) == 1 else
+                f"the copies of {', '.join(seeds)} here differ from the repository's: they "
+                "seed")
+        lines.append(f"  ({them} the full, and what it holds of it is not downloaded)")
     for s in plan["steps"]:
         what = f"delta {s['from']} -> {s['to']}" if s["kind"] == "delta" else f"full {s['to']}"
         lines.append(f"  {what}: {human_bytes(s['bytes'])}")

@@ -87,8 +87,12 @@ class UpdateResult(Value):
     #: metadata bytes downloaded (timestamp, index, bins, full indexes)
     metadata_bytes: int = 0
     #: artifact bytes still to download when the plan was made (resumed downloads count
-    #: what is missing)
+    #: what is missing); with ``seeded_by``, at most that
     to_download: int = 0
+    #: the versions whose copies in DEST differ in content (not held) and seed the plan's
+    #: full: what they hold is not downloaded, and ``to_download`` does not count it (only
+    #: regenerating their streams would tell)
+    seeded_by: list[str] = field(default_factory=list)
     #: every byte received from the mirrors by this run
     received: int = 0
     applied: int = 0
@@ -100,6 +104,7 @@ class UpdateResult(Value):
         return {
             "target": self.target, "held": self.held, "index_version": self.index_version,
             "plan": self.plan.to_json(self.names), "to_download": self.to_download,
+            "seeded_by": self.seeded_by,
             "metadata_bytes": self.metadata_bytes, "received": self.received,
             "hops_applied": self.applied, "seconds": round(self.seconds, 3),
             "path": str(self.path) if self.path else None,
@@ -351,6 +356,8 @@ def _run(d: _Dest, m: Mirrors, verified: Verified, to: str | None, dry_run: bool
     res = UpdateResult(names[target - 1], plan, names, [names[p - 1] for p in sorted(held)],
                        index_version=index.version)
     res.to_download = _missing_bytes(d, m, plan, records, bool(held))
+    if any(s.kind == "full" for s in plan.steps):
+        res.seeded_by = [names[p - 1] for p in sorted(unverified)]
     res.metadata_bytes = m.stats.bytes_received - before
     final = d.dest / names[target - 1]
     aside = d.dest / f"{TMP_PREFIX}broken-{os.getpid()}"
