@@ -93,6 +93,41 @@ def test_install_from_a_repository_takes_the_delta(
     assert sorted(p.name for p in (btrfs_dev / ".btrdelta/fetch").iterdir()) == [".btrdelta"]
 
 
+def test_a_repository_install_reads_the_new_root_once(
+    btrfs_dev: Path, small_release: Release, served: tuple[Nginx, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The update checks the version it received against the signed index (reading the
+    files its delta wrote); the staged root, a snapshot of it, is not hashed whole again
+    (slot30: every file of it was read a second time) when every entry is as the update
+    read it. Oracles: the tree-sum of the installed root (a walk of its own), and the
+    digests kept for it, which the next install finds valid."""
+    from btrdelta.tree import treesum
+    from btrdelta.update import heldsums
+
+    r = small_release
+    srv, www = served
+    device.init(btrfs_dev, r.old, state=[])
+    read: list[str] = []
+    real = treesum._file_digest
+
+    def spy(path: bytes, *args: object) -> tuple[str, object]:
+        read.append(os.fsdecode(path))
+        return real(path, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(treesum, "_file_digest", spy)
+    res = device.install(btrfs_dev, f"{srv.url}/repo", keys=[str(www / "root.pub")])
+    monkeypatch.undo()
+    assert (res.slot, res.release, res.tree_sum, res.hops) == ("b", "new", r.new_sum, 1)
+    staged = str(btrfs_dev / "roots/.staged-b")
+    assert [p for p in read if p.startswith(staged + "/")] == []
+    assert 0 < len(read) < sum(len(f) for _, _, f in os.walk(r.new)), read  # (the delta's)
+    assert tree_sum(btrfs_dev / "roots/b") == r.new_sum
+    kept = heldsums.load(btrfs_dev / ".btrdelta", btrfs_dev / "roots/b", r.new_sum)
+    assert kept is not None
+    assert kept.identity == r.new_sum
+
+
 def test_a_factory_base_from_a_stream_is_held_by_its_content_not_its_name(
     btrfs_dev: Path, small_release: Release, served: tuple[Nginx, Path], tmp_path: Path,
 ) -> None:
@@ -453,6 +488,34 @@ def test_installing_a_version_the_slot_holds_downloads_nothing(
     assert _artifact_bytes(srv) > before
     assert tree_sum(b) == r.new_sum
     assert _uuid(b) != first
+    assert subvolumes(btrfs_dev) == CLEAN
+
+
+def test_a_slot_marked_bad_that_holds_the_version_is_rebuilt(
+    btrfs_dev: Path, small_release: Release, served: tuple[Nginx, Path],
+) -> None:
+    """Slot b holds "new" and was marked bad (its boot failed): `install --to new` again
+    rebuilds it from the repository (it made a new trial of the same subvolume: its
+    digests prove its content, not that its blocks still read). Oracles: the subvolume's
+    UUID (btrfs subvolume show), the bytes nginx served, the tree-sum."""
+    r = small_release
+    srv, www = served
+    url = f"{srv.url}/repo"
+    device.init(btrfs_dev, r.old, state=[])
+    btrdelta("device", "install", btrfs_dev, url, "--key", www / "root.pub", "--to", "new")
+    first = _uuid(btrfs_dev / "roots/b")
+    btrdelta("device", "mark-bad", btrfs_dev, "--slot", "b")
+    assert device.status(btrfs_dev)["roots"]["b"]["verdict"] == "bad"
+    before = _artifact_bytes(srv)
+    res = checked("device install", json.loads(btrdelta(
+        "device", "install", btrfs_dev, url, "--to", "new", "--json").stdout))
+    assert (res["slot"], res["release"], res["kept"], res["hops"]) == ("b", "new", False, 1)
+    assert _artifact_bytes(srv) > before
+    assert _uuid(btrfs_dev / "roots/b") != first
+    assert tree_sum(btrfs_dev / "roots/b") == r.new_sum
+    st = device.status(btrfs_dev)
+    assert (st["next_boot"], st["trial"]["slot"], st["roots"]["b"]["verdict"]) == \
+        ("b", "b", "new")
     assert subvolumes(btrfs_dev) == CLEAN
 
 

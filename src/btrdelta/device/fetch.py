@@ -189,13 +189,15 @@ def from_repository(
     to: str | None, mirrors: Sequence[str], keys: Sequence[str] | None,
     on_progress: Callable[[int, int], None] | None = None, parent_sum: str | None = None,
     holders: Sequence[tuple[Path, str]] = (),
-) -> ReceivedSubvol:
+) -> tuple[ReceivedSubvol, Digests | None]:
     """Bring version ``to`` (default: the newest) of the repository at ``url`` to
     ``staged`` (a read-only subvolume, its tree-sum checked against the signed index).
     ``parent`` (release ``parent_release``, tree-sum ``parent_sum``) is offered to the
     planner as held, and so is a root of ``holders`` (path, recorded tree-sum) whose
     content is the version wanted. The result's ``records`` are the hops applied, its
-    ``data_bytes`` the bytes downloaded."""
+    ``data_bytes`` the bytes downloaded; with it the digests the update checked the
+    version with, carried over to ``staged`` (:func:`.heldsums.carried`; None: not every
+    entry of it is as they were read, hash it)."""
     from ..update.versions import update
 
     work = work_dir(layout)
@@ -238,8 +240,9 @@ def from_repository(
             sv.set_received(fd, info.received_uuid, info.stransid)
         sv.set_readonly(fd, True)
     layout.delete(res.path)
-    return ReceivedSubvol(res.target, staged, info.received_uuid or info.uuid,
-                          info.stransid, None, None, True, res.applied, res.received)
+    got = ReceivedSubvol(res.target, staged, info.received_uuid or info.uuid,
+                         info.stransid, None, None, True, res.applied, res.received)
+    return got, heldsums.carried(res.digests, staged) if res.digests is not None else None
 
 
 def _plain_name(name: str) -> bool:

@@ -178,11 +178,12 @@ def install(
 def _fetch(layout: Layout, st: DeviceState, slot: str, parent_name: str | None,
            to: str | None, mirrors: Sequence[str]) -> Fetch:
     """What a repository gives: version ``to``, the parent's release and tree-sum, the
-    device's other roots with their recorded tree-sums (taken when one holds ``to``)."""
+    device's other roots with their recorded tree-sums (taken when one holds ``to``; not
+    one marked bad, see :func:`_kept`)."""
     info = st.roots.get(parent_name) if parent_name else None
     holders = tuple((layout.root(name), held.tree_sum) for name, held in st.roots.items()
                     if name not in (slot, parent_name) and held.tree_sum
-                    and layout.is_subvolume(layout.root(name)))
+                    and held.verdict != "bad" and layout.is_subvolume(layout.root(name)))
     return Fetch(to, tuple(mirrors), info.release if info else None,
                  info.tree_sum if info else None, holders)
 
@@ -238,10 +239,14 @@ def _kept(layout: Layout, st: DeviceState, slot: str, source: str, expect_sum: s
     """The slot as its own build when it holds the repository's version wanted: the
     state file records it with that version's identity, and its content is that identity
     (:func:`.fetch.slot_holds`: the verified index, the slot's kept digests or every file
-    read). A slot whose content differs is rebuilt."""
+    read). A slot whose content differs is rebuilt, and so is one marked bad: the digests
+    kept for it prove its content without reading it, not that its blocks still read (a
+    boot that failed on a block gone bad would fail again), and a rebuild costs one
+    download."""
     info = st.roots.get(slot)
     path = layout.root(slot)
     if source_kind(source) != "repository" or info is None or not info.tree_sum \
+            or info.verdict == "bad" \
             or (expect_sum and expect_sum.lower() != info.tree_sum) \
             or not layout.is_subvolume(path):
         return None

@@ -189,9 +189,10 @@ def build_root(
     start = time.monotonic()
     label = os.fspath(source)
     try:
-        done = _receive(layout, source, staged.name, parent, label, on_progress,
-                        keys, signature, fetch or Fetch())
-        digests = verified_digests(staged)
+        done, carried = _receive(layout, source, staged.name, parent, label, on_progress,
+                                 keys, signature, fetch or Fetch())
+        # (from a repository: as the update checked it against the signed index)
+        digests = carried or verified_digests(staged)
         digest = digests.identity
         if expect_sum and digest != expect_sum.lower():
             _check_loose_sum(staged, expect_sum, digest, label)
@@ -242,7 +243,8 @@ class _Signed:
 def _receive(layout: Layout, source: str | os.PathLike[str], staged: str,
              parent: Path | None, label: str,
              on_progress: Callable[[int, int], None] | None, keys: list[str] | None,
-             signature: str | None, fetch: Fetch) -> ReceivedSubvol:
+             signature: str | None, fetch: Fetch) -> tuple[ReceivedSubvol, Digests | None]:
+    """The received root, and from a repository the digests it was checked with."""
     path = Path(source)
     kind = source_kind(label)
     if kind == "repository":
@@ -258,7 +260,7 @@ def _receive(layout: Layout, source: str | os.PathLike[str], staged: str,
                             on_progress=on_progress) as stream:
             # (an error's offset is the image's: say so)
             return _receive_stream(layout, stream, staged, f"{label} (the archive's image)",
-                                   on_progress, None)
+                                   on_progress, None), None
     signed = _Signed(keys, signature, label) if keys else None
     if label != "-" and path.is_dir():
         if signed is not None:
@@ -268,12 +270,12 @@ def _receive(layout: Layout, source: str | os.PathLike[str], staged: str,
         renamed = _Renamed(events, staged.encode(),
                            _local_uuid(parent) if parent is not None else None)
         done = receive(renamed, layout.roots, on_progress=on_progress, read_ahead=True)
-        return _one(done, path.name.encode(), label)
+        return _one(done, path.name.encode(), label), None
     import sys
 
     f: Any = sys.stdin.buffer if label == "-" else open(path, "rb", buffering=0)  # noqa: SIM115
     try:
-        return _receive_stream(layout, f, staged, label, on_progress, signed)
+        return _receive_stream(layout, f, staged, label, on_progress, signed), None
     finally:
         if f is not sys.stdin.buffer:
             f.close()

@@ -50,7 +50,7 @@ from ..repo.model import IDENTITY_ALGORITHM
 from ..tree.incremental import Digests, key_of, stamp_of
 from ..tree.treesum import Entry, EntryMaker, manifest_sum
 
-__all__ = ["FORMAT", "load", "save"]
+__all__ = ["FORMAT", "carried", "load", "save"]
 
 FORMAT = "btrdelta-held-1"
 _DIR = "held"
@@ -164,6 +164,26 @@ def load(state: Path, path: Path, identity: str) -> Digests | None:
             RecursionError):
         return None
     return None if still is None else Digests(path, identity, still, info.ctransid)
+
+
+def carried(digests: Digests, path: Path) -> Digests | None:
+    """``digests`` as the digests of ``path``, a read-only snapshot of their tree made
+    after they were taken, when every entry of it is still as they were read (the rules
+    above: a snapshot keeps every inode, size and time; the root is made again), else None
+    (the caller hashes it)."""
+    try:
+        fd = os.open(path, _OPEN)
+    except OSError:
+        return None
+    try:
+        if _subvolume(fd) is None:
+            return None
+        still = _still(path, digests.entries)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return None if still is None else Digests(path, digests.identity, still)
 
 
 def save(state: Path, digests: Digests) -> bool:

@@ -95,6 +95,9 @@ class UpdateResult(Value):
     seeded_by: list[str] = field(default_factory=list)
     #: every byte received from the mirrors by this run
     received: int = 0
+    #: the digests of the target at ``path`` as this run checked them against the index
+    #: (None: a dry run); not in the JSON
+    digests: Digests | None = None
     applied: int = 0
     seconds: float = 0.0
     path: Path | None = None
@@ -382,6 +385,7 @@ def _run(d: _Dest, m: Mirrors, verified: Verified, to: str | None, dry_run: bool
         if not dry_run and res.path is not None:  # (no steps: the target is held)
             if res.path != final:
                 res.path = holdings.promote(d.dest, held[target], final.name)
+            res.digests = held[target]
             if broken:
                 beside.remove(aside.name)
             _finish(d, beside)  # (what a stopped run left: downloads, intermediates)
@@ -398,7 +402,7 @@ def _run(d: _Dest, m: Mirrors, verified: Verified, to: str | None, dry_run: bool
         if start is not None and start.root.name.startswith(holdings.HOP_PREFIX):
             beside.remove(start.root.name)  # (the newer one is verified: resumed from)
     assert current is not None
-    res.path = current.root
+    res.path, res.digests = current.root, current
     if broken:
         beside.remove(aside.name)
     _finish(d, beside)
