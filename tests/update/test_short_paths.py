@@ -275,6 +275,54 @@ def test_killed_while_a_hop_is_applied_then_run_again(
         "v1", "v9"]
 
 
+_CTRL_C_AT = """
+import os, signal, sys, time
+from btrdelta.transport.config import HttpConfig
+from btrdelta.update.versions import update
+
+def on_event(ev):
+    if ev["event"] == "apply" and ev["hop"] == 2:
+        global t0
+        t0 = time.monotonic()
+        os.kill(os.getpid(), signal.SIGINT)
+
+try:
+    update(sys.argv[1], sys.argv[2], on_event=on_event,
+           config=HttpConfig(timeout=10, retries=0))
+except KeyboardInterrupt:
+    print(f"{time.monotonic() - t0:.3f}")
+"""
+
+
+def test_ctrl_c_while_a_hop_is_applied_ends_the_download_beside_it(
+    signed: tuple[Path, Path], releases: list[Path], tmp_path: Path,
+) -> None:
+    """Ctrl-C when hop 2 of v1 -> v4 -> v8 -> v9 starts applying, the last delta
+    downloading beside it from a server that sends it at 1 byte a second: the update ends
+    at once, with no line (no retry, no next mirror). It waited for that download: until
+    its timeout (10 s here), with a Debian delta of up to 4 MiB on a slow link until it
+    was whole."""
+    from btrdelta.update.publish import Repo
+    from tests.transport.nginx import nginx
+
+    root, pub = signed
+    digest, _ = Repo(root).load().versions[8].deltas[8]
+    block = f"""listen 127.0.0.1:{{port}}; root {root};
+                location = /deltas/{digest}.delta {{ limit_rate 1; }}"""
+    dest = tmp_path / "dest"
+    with nginx(tmp_path / "nginx", block) as port:
+        url = f"http://127.0.0.1:{port}"
+        _update(url, dest, "--to", "v1", "--key", str(pub))
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
+        proc = subprocess.run([sys.executable, "-c", _CTRL_C_AT, url, str(dest)], env=env,
+                              check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert float(proc.stdout) < 5, proc.stdout
+    assert os.path.isdir(dest / ".btrdelta-hop-v4")  # (hop 1 was applied)
+    assert not [e for e in _entries(dest) if e in ("v8", "v9", ".btrdelta-hop-v8")]
+
+
 def test_a_download_fsyncs_every_piece_but_the_last(
     signed: tuple[Path, Path], server: Nginx, releases: list[Path], tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,

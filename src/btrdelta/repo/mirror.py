@@ -30,6 +30,7 @@ import os
 import re
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -122,6 +123,8 @@ class Mirrors:
         self._failed: dict[str, int] = {}
         self._lock = threading.Lock()
         self._nested = threading.local()  # in an attempt of :meth:`each` (this thread)
+        self._fetchers: weakref.WeakSet[RangeFetcher] = weakref.WeakSet()
+        self._stopped = False
 
     @property
     def client(self) -> Client:
@@ -134,6 +137,27 @@ class Mirrors:
     def close(self) -> None:
         if self._own and self._client is not None:
             self._client.close()
+
+    def stop(self) -> None:
+        """End the downloads in progress, from any thread (those of threads beside a failed
+        or interrupted update: a delta of up to 4 MiB on a slow link held its Ctrl-C until
+        it was whole): each fails at once, and no line says so. For good: the mirrors are
+        not used after it."""
+        with self._lock:
+            self._stopped = True
+            fetchers = list(self._fetchers)
+        for fetcher in fetchers:
+            fetcher.cancel()
+
+    def _range_fetcher(self, url: str) -> RangeFetcher:
+        """A :class:`RangeFetcher` of ``url`` on this client, which :meth:`stop` cancels."""
+        fetcher = RangeFetcher(url, self.config, client=self.client)
+        with self._lock:
+            self._fetchers.add(fetcher)
+            stopped = self._stopped
+        if stopped:
+            fetcher.cancel()
+        return fetcher
 
     def order(self) -> list[str]:
         """Mirrors to try: those that failed before last, a dead or silent one after one
@@ -177,6 +201,8 @@ class Mirrors:
         said: set[int] = set()  # failures said already: a mirror found dead, at once
         missing = 0  # mirrors that lacked the file (HTTP 404, no such file)
         for n, url in enumerate(order):
+            if self._stopped:
+                raise TransportError(f"{path}: stopped", url=url)
             try:
                 self._nested.on = True
                 result = attempt(url)
@@ -207,7 +233,7 @@ class Mirrors:
                 return result
             finally:
                 self._nested.on = not outer
-            if dead and n + 1 < len(order) and self._failed.get(url) != 2:
+            if dead and n + 1 < len(order) and self._failed.get(url) != 2 and not self._stopped:
                 # dead or silent: said once, whatever the file (it is tried last from now
                 # on, and the next root's lookup, which no mirror answers, would hide it)
                 at, why = _where(url, *where[-1])
@@ -338,7 +364,7 @@ class Mirrors:
                     have += len(data)
                     self._count(len(data))
             return
-        fetcher = RangeFetcher(f"{url}/{path}", self.config, client=self.client)
+        fetcher = self._range_fetcher(f"{url}/{path}")
         with open(part, "ab") as out:
             while have < length:
                 end = min(length, have + PIECE)
@@ -371,7 +397,7 @@ class Mirrors:
         local = self._local.get(url, local_path(url))
         if local is not None:
             return _FileRanges(os.path.join(local, path))
-        return RangeFetcher(f"{url}/{path}", self.config, client=self.client)
+        return self._range_fetcher(f"{url}/{path}")
 
     def note_bytes(self, n: int) -> None:
         """Count ``n`` bytes received by a caller's own fetcher."""

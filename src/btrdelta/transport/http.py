@@ -231,7 +231,10 @@ class RangeFetcher:
                 status = resp.status_code
                 if status == 200:
                     return _Response(200, resp.headers, b"")
-                content = self._read_bounded(resp, asked, limit) if status == 206 else b""
+                content = b""
+                if status == 206:
+                    with self._body_read(resp):
+                        content = self._read_bounded(resp, asked, limit)
         except HTTPError as exc:
             raise _classify(exc, self) from exc
         if status in _RETRY_STATUS:
@@ -429,17 +432,24 @@ class RangeFetcher:
                     if fut.done():
                         fut.result()  # the first failure, if any, is raised here
             except BaseException:
-                self._cancel.set()
                 for fut in futures:
                     fut.cancel()
-                self._abort_reads()
+                self.cancel()
                 raise
+
+    def cancel(self) -> None:
+        """Stop this fetcher's work, from any thread: its requests fail at once ("cancelled",
+        not retried nor said), and the bodies its threads are reading are cut short (a
+        stalled server's read would wait for ``config.timeout``). A later
+        :meth:`fetch_spans` or :meth:`stream_spans` starts afresh."""
+        self._cancel.set()
+        self._abort_reads()
 
     @contextlib.contextmanager
     def _body_read(self, resp: Response) -> Iterator[None]:
-        """``resp``'s body read by a fetch thread in the block, which a cancel cuts short
-        (:meth:`_abort_reads`): a thread waiting for a stalled server's next byte held
-        Ctrl-C for up to ``config.timeout`` seconds (its socket's timeout)."""
+        """``resp``'s body read in the block, which :meth:`cancel` cuts short: a fetch thread
+        waiting for a stalled server's next byte held Ctrl-C for up to ``config.timeout``
+        seconds (its socket's timeout)."""
         with self._lock:
             self._reading.add(resp)
         try:

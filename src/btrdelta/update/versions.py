@@ -324,6 +324,9 @@ def update(
                 holdings.cleanup(d.dest)
             try:
                 result = _run(d, m, verified, to, dry_run, emit, beside)
+            except BaseException:
+                m.stop()  # (its downloads beside it end at once: Ctrl-C waited for them)
+                raise
             finally:
                 beside.wait(raising=False)  # (a failed run: its threads end first)
             result.metadata_bytes += verified.downloaded
