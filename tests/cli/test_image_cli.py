@@ -160,6 +160,33 @@ def test_clone_v1_then_v2_over_http(
     assert main(["image", "verify", f"{store}/v2"]) == 0
 
 
+@pytest.mark.parametrize("server", ["nginx", "serve"])
+def test_an_archive_shorter_than_its_header_over_http(
+    server: str, images: ImagePair, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    request: pytest.FixtureRequest,
+) -> None:
+    """A server answers a range that runs past the end with what there is (206, `bytes
+    0-99/100`): a truncated archive, exit 3 at once as for a local file. It was taken for a
+    transient failure: six attempts over ~7 s, a line each, then exit 7 ("server sent a
+    different range than asked")."""
+    url, _ = request.getfixturevalue(server)
+    short = images.arc1.parent / f"short-{server}.bdar"
+    short.write_bytes(images.arc1.read_bytes()[:100])
+    store, output = tmp_path / "store", tmp_path / "v1.img"
+    try:
+        for argv in (["image", "info", f"{url}/{short.name}"],
+                     ["image", "clone", f"{url}/{short.name}", f"{store}/v1", "--output",
+                      str(output)]):
+            err = _one_line_error(capsys, 3, argv)
+            assert "offset 100: archive truncated: wanted [0, 160), file is 100 bytes" in err
+        # as the local file is (exit 3)
+        assert "truncated" in _one_line_error(capsys, 3, ["image", "info", str(short)])
+    finally:
+        short.unlink()
+    assert not store.exists()
+    assert not output.exists()
+
+
 def test_info_gc_and_errors(
     images: ImagePair, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

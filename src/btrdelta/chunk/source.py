@@ -103,12 +103,7 @@ class FileSource:
         data = os.pread(self._fd, end - start, start)
         self.stats.requests += 1
         self.stats.bytes_received += len(data)
-        if len(data) != end - start:
-            raise StreamFormatError(
-                f"archive truncated: wanted [{start}, {end}), file is {self.size} bytes",
-                source=self.name, offset=self.size,
-            )
-        return data
+        return _whole(self, start, end, data)
 
     def fetch(self, spans: Sequence[Span], on_span: Callable[[Span, memoryview], None]) -> None:
         """Read each span and deliver it."""
@@ -135,8 +130,9 @@ class HttpSource:
         return self.fetcher.size
 
     def read(self, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)`` (raises ``RangesNotSupported`` if the server ignores Range)."""
-        return self.fetcher.get_range(start, end)
+        """Bytes ``[start, end)`` (raises ``RangesNotSupported`` if the server ignores Range);
+        a resource that ends before ``end`` is a truncated archive."""
+        return _whole(self, start, end, self.fetcher.get_range(start, end))
 
     def fetch(self, spans: Sequence[Span], on_span: Callable[[Span, memoryview], None]) -> None:
         """Fetch spans in parallel with retries."""
@@ -145,6 +141,20 @@ class HttpSource:
     def close(self) -> None:
         """Close the HTTP client."""
         self.fetcher.close()
+
+
+def _whole(source: FileSource | HttpSource, start: int, end: int, data: bytes) -> bytes:
+    """``data``, read as ``[start, end)`` of ``source``, unless it is short.
+
+    Raises:
+        StreamFormatError: the archive ends before ``end``.
+    """
+    if len(data) != end - start:
+        raise StreamFormatError(
+            f"archive truncated: wanted [{start}, {end}), file is {source.size} bytes",
+            source=source.name, offset=source.size,
+        )
+    return data
 
 
 def open_source(location: str, config: HttpConfig | None = None) -> ArchiveSource:

@@ -268,7 +268,9 @@ class RangeFetcher:
 
     # -- public API ------------------------------------------------------------------------
     def get_range(self, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)``, retrying transient failures.
+        """Bytes ``[start, end)``, retrying transient failures; fewer when the resource
+        ends before ``end`` (its ``Content-Range`` says so: a server answers a range past
+        the end with what there is), as a read at the end of a file.
 
         Raises:
             RangesNotSupported: the server answered with the whole resource (not read).
@@ -284,7 +286,8 @@ class RangeFetcher:
             exc.size = int(length) if length.isdigit() else None
             raise exc
         first, data = self._single_part(resp)
-        if first != start or len(data) != end - start:
+        ends_there = self.size is not None and first + len(data) == self.size < end
+        if first != start or (len(data) != end - start and not ends_there):
             raise _Retry("server sent a different range than asked")
         return bytes(data)
 
