@@ -534,6 +534,33 @@ def test_file_fragmented_past_the_bound_read_by_cells(two_fs: tuple[Path, Path],
 
 
 @pytest.mark.btrfs
+def test_full_send_cuts_a_file_hashed_as_sent_to_the_store_s_bound(
+        two_fs: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full send hashes a large file as it sends it; its items, past the default bound
+    (lowered to 1,000 items' worth: the ~3,000-extent image stands for a file of over
+    84,000), are cut to the store's cells (64), not the default's: the record keeps them
+    (cut to the default's 1,000 cells, the store's bound dropped them and the next send read
+    the whole file), and the next round reads only the touched cells. The kernel receives
+    each stream equal to the source (_Rounds)."""
+    monkeypatch.setattr(extents, "EXTENT_MAX", 1000 * EXTENT.size)
+    img, _donor = _fragmented_image(two_fs[0])
+    snd, rcv = two_fs
+    page, most = 4096, 64 * EXTENT.size
+    rounds = _Rounds(snd, rcv, tmp_path / "store", tmp_path / "s", most)
+    res = rounds.send()
+    assert res.recorded is not None
+    row = next(r for r in rounds.store.view(res.recorded).rows() if r.ino == img.stat().st_ino)
+    assert row.extents is not None
+    assert is_cells(row.extents)
+    assert len(row.extents) <= most
+    cell = EXTENT.unpack_from(row.extents)[1]
+    for p in (5, 1700):
+        _write(img, p * page, os.urandom(page))
+    res = rounds.send()
+    assert page * 2 <= res.stats.bytes_read <= 2 * (cell + page), res.stats.bytes_read
+
+
+@pytest.mark.btrfs
 def test_cells_through_cuts_clones_holes_and_other_bounds(two_fs: tuple[Path, Path],
                                                          tmp_path: Path) -> None:
     """Changes across cells, each followed by a send against the last record, received by

@@ -642,9 +642,9 @@ class Sender(CloneFinder):
             finally:
                 if direct is not None:
                     direct.close()
-            if hasher is not None:
-                hashed_as_sent(fd, node, segs, hasher, self.chunk,
-                               extents=self._hasher is not None and self._hasher.extents)
+            if hasher is not None and h is not None:  # (the store's bound: as the threads')
+                hashed_as_sent(fd, node, segs, hasher, self.chunk, extents=h.extents,
+                               extent_max=h.extent_max)
             if direct is None and fd >= 0 and self._hasher is not None and self._hasher.uncache:
                 uncache(fd)
         finally:

@@ -217,9 +217,10 @@ def digests_of(content: bytes, seed: int, content3: bool = True, no_zeros: bool 
 
 
 def hashed_as_sent(fd: int, node: Node, segs: list[tuple[int, int]], hasher: BlockHasher,
-                   chunk: int, *, extents: bool = False) -> None:
+                   chunk: int, *, extents: bool = False, extent_max: int | None = None) -> None:
     """Fill in ``node``'s record digests (and flags, data ranges ``segs``; with ``extents``,
-    the file being in a read-only btrfs snapshot, its extent items) from the bytes a send
+    the file being in a read-only btrfs snapshot, its extent items, past ``extent_max``
+    bytes cut to cells: the record's bound, :func:`~.extents.extents_of`) from the bytes a send
     fed ``hasher`` in pieces of ``chunk`` bytes (read again only if they did not come in
     order).
 
@@ -241,7 +242,7 @@ def hashed_as_sent(fd: int, node: Node, segs: list[tuple[int, int]], hasher: Blo
                 pos += len(buf)
     node.flags = get_fileattr(fd)
     if extents:
-        node.extents = extents_of(fd, node.st_ino, node.size, node.flags)
+        node.extents = extents_of(fd, node.st_ino, node.size, node.flags, most=extent_max)
     node.digest, node.blocks, node.bdigest = hasher.finish(node.size)
     node.segments = segs
 
