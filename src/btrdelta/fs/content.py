@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
 
-__all__ = ["NOT_COPIED_XATTRS", "data_segments"]
+__all__ = ["NOT_COPIED_XATTRS", "data_segments", "iter_data_segments"]
 
 #: xattrs that are not part of a tree, skipped as ``cp -a`` and rsync skip them (libattr's
 #: /etc/xattr.conf): XFS lists to root its own stored form of the POSIX ACLs besides
@@ -22,24 +23,38 @@ NOT_COPIED_XATTRS = frozenset({"trusted.SGI_ACL_FILE", "trusted.SGI_ACL_DEFAULT"
 
 
 def data_segments(fd: int, size: int) -> list[tuple[int, int]]:
-    """``(offset, length)`` of the data (non-hole) ranges of the open file, below ``size``.
+    """``(offset, length)`` of the data (non-hole) ranges of the open file, below ``size``
+    (:func:`iter_data_segments`, those that touch merged)."""
+    out: list[tuple[int, int]] = []
+    for data, n in iter_data_segments(fd, size):
+        if out and out[-1][0] + out[-1][1] == data:
+            out[-1] = (out[-1][0], data + n - out[-1][0])
+        else:
+            out.append((data, n))
+    return out
+
+
+def iter_data_segments(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """``(offset, length)`` of the data (non-hole) ranges of the open file, below ``size``,
+    in order, found one at a time (a file of millions of holes is not listed whole; two
+    may touch).
 
     A file without holes (nearly every file) takes one ``lseek``: the first hole from 0
     at or after ``size``."""
-    out: list[tuple[int, int]] = []
     pos = 0
     if size > 0:
         try:
             hole = os.lseek(fd, 0, os.SEEK_HOLE)
         except OSError as exc:
             if exc.errno == errno.ENXIO:  # empty
-                return out
+                return
             if exc.errno == errno.EINVAL:  # no SEEK_HOLE support: all data
-                return [(0, size)]
+                yield 0, size
+                return
             raise
         if hole > 0:  # data from 0 to the first hole
             pos = min(hole, size)
-            out.append((0, pos))
+            yield 0, pos
     while pos < size:
         try:
             data = os.lseek(fd, pos, os.SEEK_DATA)
@@ -57,9 +72,5 @@ def data_segments(fd: int, size: int) -> list[tuple[int, int]]:
         except OSError:
             hole = size
         hole = min(hole, size)
-        if out and out[-1][0] + out[-1][1] == data:
-            out[-1] = (out[-1][0], hole - out[-1][0])
-        else:
-            out.append((data, hole - data))
+        yield data, hole - data
         pos = hole
-    return out

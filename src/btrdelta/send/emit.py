@@ -47,7 +47,7 @@ from uuid import UUID
 
 from .. import TYPE_CHECKING, _native
 from ..errors import BtrdeltaError
-from ..fs.content import data_segments
+from ..fs.content import data_segments, iter_data_segments
 from ..stream.records import (
     Chmod,
     Chown,
@@ -71,7 +71,7 @@ from .clones import CloneFinder
 from .diff import Match, match_trees
 from .encode import COMPRESSORS, encode_piece, option_problem
 from .hashing import DirectReader, direct_buffer, reader, uncache
-from .onepass import BlockHasher, hashed_as_sent
+from .onepass import BlockHasher, hashed_as_sent, segment_max
 from .order import Namespace, full_order, order_namespace
 from .record import BlockIndex, Diff, block_diff
 from .scan import ROOT, ContentHasher, Node, Tree, TreeScan, block_segments, inode_order, open_file
@@ -619,11 +619,11 @@ class Sender(CloneFinder):
         # a new file read whole while walking: its data ranges were kept, as they were read
         fd = open_file(new_abs) if kept is None and content is None else -1
         try:
-            segs = data_segments(fd, node.size) if fd >= 0 else [(0, node.size)] \
-                if kept is None else [(o, n) for o, n, _ in kept]
             hasher = BlockHasher(seed, content3=c3) if later and seed is not None else None
-            if hasher is not None:
-                segs = block_segments(segs, node.size)
+            data = (iter_data_segments if hasher else data_segments)(fd, node.size) if fd >= 0 \
+                else [(0, node.size)] if kept is None else [(o, n) for o, n, _ in kept]
+            segs = list(data) if hasher is None or h is None else \
+                block_segments(data, node.size, segment_max(h.extent_max))  # (record's bound)
             end = segs[-1][0] + segs[-1][1] if segs else 0
             clones: list[tuple[int, int, Node, int]] = []
             source = self._similar_old_file(node)

@@ -36,7 +36,7 @@ from .. import TYPE_CHECKING, _native
 from .._optional import need
 from ..errors import BtrdeltaError
 from ..fs.btrfs import EXTENT, EXTENT_SEARCH, file_extent_batches, get_fileattr
-from ..fs.content import data_segments
+from ..fs.content import iter_data_segments
 from ..tree.sendshot import RecordInode
 
 if TYPE_CHECKING:
@@ -593,7 +593,7 @@ def _plan(fd: int, node: Node, old: RecordInode, item_max: int = 0, most: int | 
     data segments, what to do in file order) of open file ``fd`` against its record
     ``old``; each thing to do is ``(-1 - first digest, blocks)`` taken from the record or
     ``(offset, end)`` to read. None: nothing proven unchanged."""
-    from .hashing import block_segments
+    from .onepass import block_segments, segment_max
 
     if os.fstat(fd).st_ino != node.st_ino:
         return None
@@ -635,7 +635,7 @@ def _plan(fd: int, node: Node, old: RecordInode, item_max: int = 0, most: int | 
     del cells
     if new_ext is None or not same:
         return None
-    segs = block_segments(data_segments(fd, size), size)
+    segs = block_segments(iter_data_segments(fd, size), size, segment_max(cut.most))
     runs = _reusable(same, old, size, segs)
     if not runs:
         return None

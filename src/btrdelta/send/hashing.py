@@ -25,10 +25,18 @@ from .. import TYPE_CHECKING
 from .._optional import need
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
-from ..fs.content import data_segments
+from ..fs.content import data_segments, iter_data_segments
 from ..tree.content import no_zero_block
 from .extents import SEARCH_MIN, extents_of
-from .onepass import BLOCK, BlockHasher, Stopped, content_hasher, digests_of
+from .onepass import (
+    BLOCK,
+    BlockHasher,
+    Stopped,
+    block_segments,
+    content_hasher,
+    digests_of,
+    segment_max,
+)
 
 if TYPE_CHECKING:
     from .scan import Node, Tree
@@ -355,19 +363,6 @@ class _Batches:
             self._closed = False  # (a batch queued later starts new threads)
 
 
-def block_segments(segs: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
-    """Data segments widened to whole 4 KiB blocks (the last one ends at ``size``), merged."""
-    out: list[tuple[int, int]] = []
-    for off, length in segs:
-        a = off - off % BLOCK
-        b = min(size, -(-(off + length) // BLOCK) * BLOCK)
-        if out and a <= out[-1][0] + out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][0] + out[-1][1], b) - out[-1][0])
-        else:
-            out.append((a, b - a))
-    return out
-
-
 def _hash_file_blocks(
     path: bytes, size: int, buf: bytearray | mmap.mmap, seed: int, keep: bool = False, ino: int = 0,
     fd: int = -1, whole_blocks: bool = False, drop: bool = True, extent_min: int = SEARCH_MIN,
@@ -408,9 +403,9 @@ def _hash_file_blocks(
                 if ino and drop:
                     uncache(fd)
                 return digest, flags, [(0, size)], blocks, bdigest, content, extents
-        data = data_segments(fd, size) if size else []
-        segs = block_segments(data, size)
-        if keep and size <= KEEP_MAX and (not size or data == [(0, size)]):
+        # (past the bound, holes as data: the kept file's digests are of its bytes read)
+        segs = block_segments(iter_data_segments(fd, size), size, segment_max(extent_max))
+        if keep and size <= KEEP_MAX and (not size or segs == [(0, size)]):
             content = os.pread(fd, size + 1, 0) if size else b""
             if len(content) != size:
                 raise BtrdeltaError("file changed while sending (size differs)", path=path)

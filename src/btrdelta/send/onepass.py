@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterable
 
 import blake3
 
@@ -27,15 +28,15 @@ from .._optional import need
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
 from ..tree.content import ContentDigest, content_digest
-from .extents import extents_of
+from .extents import EXTENT_MAX, extents_of
 
 if TYPE_CHECKING:
     from typing import Any
 
     from .scan import Node
 
-__all__ = ["BLOCK", "BlockHasher", "SentWhole", "Stopped", "block_digests_py", "content_hasher",
-           "digests_of", "hashed_as_sent"]
+__all__ = ["BLOCK", "BlockHasher", "SentWhole", "Stopped", "block_digests_py", "block_segments",
+           "content_hasher", "digests_of", "hashed_as_sent", "segment_max"]
 
 #: size of the blocks a sendshot record digests
 BLOCK = 4096
@@ -136,6 +137,42 @@ def content_hasher(holes: int = 1, data: int = 0) -> _ZerosFed | _ZerosByLength:
     if native is not None and hasattr(native, "x3_zeros"):
         return _ZerosByLength(native)
     return _ZerosFed()
+
+
+def segment_max(extent_max: int | None = None) -> int:
+    """The most data segments a record keeps for one file: as many as it keeps cells of
+    its extent items (``extent_max``, a store's bound: bytes of 50-byte items; None:
+    :data:`~.extents.EXTENT_MAX`, 83,886), at least one."""
+    return max(1, (EXTENT_MAX if extent_max is None else extent_max) // 50)
+
+
+def block_segments(segs: Iterable[tuple[int, int]], size: int, most: int | None = None
+                   ) -> list[tuple[int, int]]:
+    """Data segments (in order) widened to whole 4 KiB blocks (the last one ends at
+    ``size``), merged; at most ``most`` of them (a file of more holes: those shorter than
+    the least length of 8 KiB times a power of two that leaves no more are taken as data,
+    its zeros read and hashed as data). ``segs`` is taken one at a time (a file of
+    millions of holes is never listed whole)."""
+    out: list[tuple[int, int]] = []
+    gap = 1  # holes shorter than this are data (at first: none)
+    for off, length in segs:
+        a = off - off % BLOCK
+        b = min(size, -(-(off + length) // BLOCK) * BLOCK)
+        if out and a < out[-1][0] + out[-1][1] + gap:
+            out[-1] = (out[-1][0], max(out[-1][0] + out[-1][1], b) - out[-1][0])
+            continue
+        out.append((a, b - a))
+        while most is not None and len(out) > most:
+            gap = max(2 * BLOCK, 2 * gap)
+            merged = out[:1]
+            for a, n in out[1:]:
+                last = merged[-1]
+                if a < last[0] + last[1] + gap:
+                    merged[-1] = (last[0], a + n - last[0])
+                else:
+                    merged.append((a, n))
+            out = merged
+    return out
 
 
 class BlockHasher:
