@@ -661,10 +661,8 @@ class Sender(CloneFinder):
             self._index = BlockIndex()
             match, old = self._match, self.old
             if match is not None and old is not None:
-                for o in old.nodes.values():
-                    nid = match.o2n.get(o.id)
-                    if o.is_reg and (nid is None or nid not in match.unchanged):
-                        self._index.add(o)
+                self._index.add_all(o for o in old.nodes.values() if o.is_reg and (
+                    (nid := match.o2n.get(o.id)) is None or nid not in match.unchanged))
         return self._index
 
     def _emit_blocks(self, node: Node, path: bytes, writes: list[tuple[int, int]],

@@ -24,8 +24,8 @@ from ..tree.sendshot import RecordInode, SendshotHead
 from .extents import bounded, first_blocks, from_sweep
 from .scan import BLOCK, ROOT, Node, Tree
 
-__all__ = ["BlockIndex", "Diff", "block_diff", "node_of", "record_inode", "record_inodes",
-           "stamp_generations", "tree_from_record"]
+__all__ = ["INDEX_MAX", "BlockIndex", "Diff", "block_diff", "node_of", "record_inode",
+           "record_inodes", "stamp_generations", "tree_from_record"]
 
 _D = 16  # bytes per block digest
 
@@ -145,18 +145,36 @@ def stamp_generations(tree: Tree, snapshot_fd: int, extents: bool = False) -> No
             node.extents = from_sweep(items.get(node.st_ino), node.size, node.flags)
 
 
-class BlockIndex:
-    """Where each block digest of some old files is: ``digest -> (old node, offset)``."""
+#: the most block digests a :class:`BlockIndex` holds: 1 GiB of old files' blocks (~170
+#: bytes a digest in its dict, ~45 MB)
+INDEX_MAX = 1 << 18
 
-    def __init__(self) -> None:
+
+class BlockIndex:
+    """Where each block digest of some old files is: ``digest -> (old node, offset)``; of
+    at most ``most`` digests (:data:`INDEX_MAX`), a file's all or none: a changed VM image
+    of 4 GiB (1 M blocks, ~170 MB in the dict) is left out; its blocks found nowhere else
+    are sent as data, as the kernel's ``send -p`` sends what was written."""
+
+    def __init__(self, most: int | None = None) -> None:
         self._where: dict[bytes, tuple[Node, int]] = {}
         self._done: set[int] = set()
+        #: digests that may still be added
+        self.room = INDEX_MAX if most is None else most
+
+    def add_all(self, nodes: Iterable[Node]) -> None:
+        """:meth:`add` each of ``nodes``, the smallest first (the most files in the room)."""
+        for node in sorted(nodes, key=lambda n: n.size):
+            self.add(node)
 
     def add(self, node: Node) -> None:
-        """Index the blocks of old file ``node`` (once)."""
+        """Index the blocks of old file ``node`` (once), if they fit in the room left."""
         if node.id in self._done or not _has_blocks(node):
             return
         self._done.add(node.id)
+        if len(node.blocks) // _D > self.room:
+            return
+        self.room -= len(node.blocks) // _D
         where = self._where
         i = 0
         blocks = node.blocks
