@@ -429,9 +429,11 @@ def parts_digests(size: int, segments: list[tuple[int, int]], blocks: bytes
     """The DIGESTS of a file hashed in parts: XXH3-128 and BLAKE3-256 of ``"btrdelta-parts\\0"``,
     u64 size, the data ranges (u64 pairs) and the block digests."""
     xxhash = need("xxhash", "make")
-    data = b"".join([_PARTS, _U64.pack(size), *(_PAIR.pack(o, n) for o, n in segments),
-                     blocks])
-    return xxhash.xxh3_128_digest(data), blake3.blake3(data).digest()
+    head = b"".join([_PARTS, _U64.pack(size), *(_PAIR.pack(o, n) for o, n in segments)])
+    x3, b3 = xxhash.xxh3_128(head), blake3.blake3(head)  # (the blocks not copied after it)
+    x3.update(blocks)
+    b3.update(blocks)
+    return x3.digest(), b3.digest()
 
 
 def first_blocks(segments: list[tuple[int, int]]) -> tuple[list[int], list[int], list[int]]:
@@ -510,8 +512,9 @@ class Planned:
         xxhash = need("xxhash", "make")
         node, path, fd, old, size = self.node, self.path, self.fd, self.old, self.node.size
         try:
-            bhash, view, oblocks = xxhash.xxh3_128_digest, memoryview(buf), old.blocks
-            pieces: list[bytes] = []
+            # (the record's digests taken as views, not copied once more before the join)
+            bhash, view, oblocks = xxhash.xxh3_128_digest, memoryview(buf), memoryview(old.blocks)
+            pieces: list[bytes | memoryview] = []
             read = 0
             for pos, stop in self.ops:
                 if pos < 0:
