@@ -718,6 +718,22 @@ class MessageIO:
             pos += n
         return pos
 
+    def refusal(self, seconds: float = 5.0) -> Refuse | None:
+        """The REFUSE a peer sent before it closed the connection a write found closed
+        (:class:`PeerClosed`): the reason the broken pipe does not say (a receiver whose
+        disk was full), where it is among what is still to be read. A socket's is read
+        for ``seconds`` at most; None: no REFUSE, or a pipe (not read: a peer that closed
+        only its end of it could keep this waiting)."""
+        if getattr(self.ch, "sock", None) is None:
+            return None
+        settimeout(self.ch, seconds)
+        try:
+            while not isinstance(msg := self.next(), Refuse):
+                pass
+        except BtrdeltaError:  # (the end, silence, a message out of order)
+            return None
+        return msg
+
     def expect(self, *kinds: type) -> Any:
         msg = self.next()
         if isinstance(msg, Refuse) and Refuse not in kinds:
