@@ -17,9 +17,11 @@ result must have the newer release's content identity.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import multiprocessing
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,7 +33,7 @@ import blake3
 
 from ..delta import MakeOptions, make_delta
 from ..errors import BtrdeltaError, ChecksumError
-from ..fs.atomic import atomic_output, write_atomic
+from ..fs.atomic import atomic_output, fsync_dir, write_atomic
 from ..repo.canonical import Fields, parse_json
 from ..repo.catalog import Catalog
 from ..repo.fullindex import decode_full_index
@@ -193,15 +195,39 @@ def _record(repo: Any, cat: Catalog, pos: int, a: int, output: Path, report: Any
             secs: float) -> None:
     """Publish the delta ``a -> pos`` made in ``output`` and record it."""
     entry = cat.versions[pos - 1]
-    data = output.read_bytes()
-    digest = blake3.blake3(data).hexdigest()
-    repo.write_artifact("deltas", digest, "delta", data)
-    entry.deltas[a] = (digest, len(data))
+    digest, size = _publish_file(output, repo.root / "deltas", "delta")
+    entry.deltas[a] = (digest, size)
     if a in entry.pending:
         entry.pending.remove(a)
     repo.save(cat)
-    output.unlink()
-    report.deltas.append((cat.versions[a - 1].name, len(data), secs))
+    report.deltas.append((cat.versions[a - 1].name, size, secs))
+
+
+def _publish_file(path: Path, directory: Path, ext: str) -> tuple[str, int]:
+    """Move the finished file ``path`` to ``directory/<its BLAKE3>.ext``, durably; returns
+    (hex BLAKE3, length). Read in blocks and renamed, never held whole: a delta of new
+    incompressible files is as large as they are (a 55 MiB delta took 55 MiB of ``repo
+    add``'s memory, then as much again for its copy)."""
+    h = blake3.blake3()
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+            size += len(block)
+        os.fsync(f.fileno())  # (a job's output may come from another machine's run-job)
+    digest = h.hexdigest()
+    directory.mkdir(exist_ok=True)
+    target = directory / f"{digest}.{ext}"
+    try:
+        os.replace(path, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        with open(path, "rb") as src, atomic_output(target) as dst:  # (another file system)
+            shutil.copyfileobj(src, dst, 1 << 20)
+        path.unlink()
+    fsync_dir(str(directory))
+    return digest, size
 
 
 def _extras(cat: Catalog) -> int:
