@@ -27,11 +27,14 @@ Where a position's bytes come from, in order of preference:
 Every chunk read from a seed, the store or the output is checked against its id before it
 is written (a mismatch makes it a ``FETCH``); at the end the whole output is read back and
 checked (the image's BLAKE3, or every chunk's id when the format has no image digest).
+A new output (not written in place) is a file of the image's size made empty: chunks of
+zeros are not written there, so it stays sparse where the image is zeros.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import os
 import threading
 from collections import deque
@@ -234,6 +237,13 @@ class OutputReport(Value):
     fetched: int = 0
 
 
+@functools.cache
+def _zeros() -> bytes:
+    """Zeros a chunk is compared with (chunks up to 1 MiB: ``--avg-chunk`` 256K's largest;
+    a larger chunk of zeros is written)."""
+    return bytes(1 << 20)
+
+
 class OutputWriter:
     """Writes an image into an open descriptor following an :class:`OutputPlan`.
 
@@ -259,11 +269,14 @@ class OutputWriter:
         self._lock = threading.Lock()
 
     def _put(self, data: bytes | memoryview, start: int) -> bool:
-        """Write ``data`` at ``start`` unless (in place) it is already there."""
+        """Write ``data`` at ``start`` unless (in place) it is already there; zeros are
+        not written into a new output (it reads zeros there: a hole)."""
         if self.in_place and os.pread(self.fd, len(data), start) == data:
             with self._lock:
                 self.report.in_place += len(data)
             return False
+        if not self.in_place and _zeros().startswith(data):
+            return True
         view = memoryview(data)
         while view:
             start += (n := os.pwrite(self.fd, view, start))
