@@ -2,7 +2,8 @@
 delta is as large as the new data (its WRITEs go beside the carrier, as they are), and
 ``repo add`` must not hold it whole. Measured on the CLI in a child (``wait4``'s peak RSS,
 ``tests.conftest.run_peak_rss``); oracles: the published delta is named by its BLAKE3,
-and ``update`` through it gives the release's tree-sum."""
+and ``update`` through it gives the release's tree-sum. Also the mode of a delta
+published so (a job output made under a strict umask)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ import sys
 from pathlib import Path
 
 import blake3
+import pytest
 
+from btrdelta import trust
+from btrdelta.cli import main
 from btrdelta.tree import tree_sum
 from tests.conftest import run_peak_rss
 
@@ -75,3 +79,40 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_a_job_output_made_under_a_strict_umask_is_published_readable(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A job run elsewhere (``repo run-job`` under a umask of 077, as a batch system's may
+    be) makes its output 0600; published by renaming it, the delta kept that mode and a
+    web server running as another user answered 403 for it. Published, it is 0644 less
+    ``repo add``'s umask, as every other file of the repository; ``update`` through it
+    gives the release."""
+    v1, v2 = tmp_path / "v1", tmp_path / "v2"
+    for tree, text in ((v1, "one\n" * 500), (v2, "one\n" * 400 + "two\n" * 200)):
+        (tree / "etc").mkdir(parents=True)
+        (tree / "etc" / "release").write_text(text)
+    repo = tmp_path / "repo"
+    assert main(["repo", "init", str(repo), "-q"]) == 0
+    assert main(["repo", "add", str(repo), "1", str(v1), "-q"]) == 0
+    assert main(["repo", "add", str(repo), "2", str(v2), "--plan-only", "-q"]) == 0
+    (job,) = (repo / ".btrdelta" / "jobs" / "2").glob("*.json")
+    strict = os.umask(0o077)
+    try:
+        assert main(["repo", "run-job", str(job), "--work", str(tmp_path), "-q"]) == 0
+    finally:
+        os.umask(strict)
+    assert main(["repo", "add", str(repo), "2", "-q"]) == 0
+    (delta,) = (repo / "deltas").glob("*.delta")
+    assert oct(delta.stat().st_mode & 0o777) == oct(0o644 & ~_umask())
+    assert delta.name == f"{blake3.blake3(delta.read_bytes()).hexdigest()}.delta"
+    trust.save_key_pair(trust.generate_key(), str(tmp_path / "root.pem"),
+                        str(tmp_path / "root.pub"))
+    assert main(["repo", "sign", str(repo), "--key", str(tmp_path / "root.pem"), "-q"]) == 0
+    dest, key = tmp_path / "dest", ["--key", str(tmp_path / "root.pub"), "-q"]
+    assert main(["update", str(repo), str(dest), "--to", "1", *key]) == 0
+    capsys.readouterr()
+    assert main(["update", str(repo), str(dest), "--to", "2", "--json", *key]) == 0
+    steps = json.loads(capsys.readouterr().out)["plan"]["steps"]
+    assert [(s["kind"], s["from"]) for s in steps] == [("delta", "1")]
+    assert tree_sum(dest / "2") == tree_sum(v2)

@@ -204,30 +204,43 @@ def _record(repo: Any, cat: Catalog, pos: int, a: int, output: Path, report: Any
 
 
 def _publish_file(path: Path, directory: Path, ext: str) -> tuple[str, int]:
-    """Move the finished file ``path`` to ``directory/<its BLAKE3>.ext``, durably; returns
-    (hex BLAKE3, length). Read in blocks and renamed, never held whole: a delta of new
-    incompressible files is as large as they are (a 55 MiB delta took 55 MiB of ``repo
-    add``'s memory, then as much again for its copy)."""
+    """Move the finished file ``path`` to ``directory/<its BLAKE3>.ext``, durably, 0644 less
+    the umask as every other file of the repository (a web server runs as another user: a
+    job run elsewhere under a umask of 077 made its output 0600, and nginx answered 403);
+    returns (hex BLAKE3, length). Read in blocks and renamed, never held whole: a delta of
+    new incompressible files is as large as they are (a 55 MiB delta took 55 MiB of ``repo
+    add``'s memory, then as much again for its copy). Copied where it cannot be renamed
+    (another file system) or its mode set (another user's file)."""
     h = blake3.blake3()
     size = 0
+    directory.mkdir(exist_ok=True)
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
             h.update(block)
             size += len(block)
-        os.fsync(f.fileno())  # (a job's output may come from another machine's run-job)
-    digest = h.hexdigest()
-    directory.mkdir(exist_ok=True)
-    target = directory / f"{digest}.{ext}"
-    try:
-        os.replace(path, target)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        with open(path, "rb") as src, atomic_output(target) as dst:  # (another file system)
-            shutil.copyfileobj(src, dst, 1 << 20)
-        path.unlink()
+        target = directory / f"{h.hexdigest()}.{ext}"
+        try:
+            os.fchmod(f.fileno(), 0o644 & ~_umask())
+            os.fsync(f.fileno())  # (a job's output may come from another machine's run-job)
+            os.replace(path, target)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM):
+                raise
+            f.seek(0)
+            with atomic_output(target) as dst:
+                shutil.copyfileobj(f, dst, 1 << 20)
+            path.unlink()
     fsync_dir(str(directory))
-    return digest, size
+    return h.hexdigest(), size
+
+
+def _umask() -> int:
+    """This process's umask (read, not set: ``os.umask`` would change it for a moment)."""
+    with open("/proc/self/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022  # (a kernel before 4.7 does not say)
 
 
 def _extras(cat: Catalog) -> int:
