@@ -490,6 +490,10 @@ class RangeFetcher:
                     self._fetch_batch([span], on_span)
                 return
             if wanted.spans():
+                end = max(span.end for span in wanted.spans())
+                if self.size is not None and end > self.size:  # (not a transient failure)
+                    raise TransportError(f"the file is {self.size} bytes, shorter than the "
+                                         f"ranges asked for (to byte {end})", url=self.url)
                 raise _Retry("server did not send every range asked for")
 
         self._retried(attempt)
