@@ -430,8 +430,8 @@ _ARTIFACTS = ("/repo/deltas/", "/repo/fulls/", "/repo/packs/")
 
 
 def _artifact_bytes(srv: Nginx) -> int:
-    """Bytes nginx served of deltas, fulls and packs (not the signed metadata)."""
-    time.sleep(0.1)  # nginx writes its log line after the response
+    """Bytes nginx served of deltas, fulls and packs (not the signed metadata), once nginx
+    is idle (:meth:`Nginx.requests`: its log line comes after the response)."""
     return sum(n for _status, n, uri in srv.requests() if uri.startswith(_ARTIFACTS))
 
 
