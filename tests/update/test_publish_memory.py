@@ -13,6 +13,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import blake3
 import pytest
@@ -81,13 +82,10 @@ def _umask() -> int:
     return mask
 
 
-def test_a_job_output_made_under_a_strict_umask_is_published_readable(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A job run elsewhere (``repo run-job`` under a umask of 077, as a batch system's may
-    be) makes its output 0600; published by renaming it, the delta kept that mode and a
-    web server running as another user answered 403 for it. Published, it is 0644 less
-    ``repo add``'s umask, as every other file of the repository; ``update`` through it
-    gives the release."""
+
+def _job_of_release_2(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A repository of release 1, release 2 planned (``--plan-only``): the repository,
+    release 2's tree and the job file of its delta."""
     v1, v2 = tmp_path / "v1", tmp_path / "v2"
     for tree, text in ((v1, "one\n" * 500), (v2, "one\n" * 400 + "two\n" * 200)):
         (tree / "etc").mkdir(parents=True)
@@ -97,15 +95,12 @@ def test_a_job_output_made_under_a_strict_umask_is_published_readable(
     assert main(["repo", "add", str(repo), "1", str(v1), "-q"]) == 0
     assert main(["repo", "add", str(repo), "2", str(v2), "--plan-only", "-q"]) == 0
     (job,) = (repo / ".btrdelta" / "jobs" / "2").glob("*.json")
-    strict = os.umask(0o077)
-    try:
-        assert main(["repo", "run-job", str(job), "--work", str(tmp_path), "-q"]) == 0
-    finally:
-        os.umask(strict)
-    assert main(["repo", "add", str(repo), "2", "-q"]) == 0
-    (delta,) = (repo / "deltas").glob("*.delta")
-    assert oct(delta.stat().st_mode & 0o777) == oct(0o644 & ~_umask())
-    assert delta.name == f"{blake3.blake3(delta.read_bytes()).hexdigest()}.delta"
+    return repo, v2, job
+
+
+def _update_through_the_delta(repo: Path, v2: Path, tmp_path: Path,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    """The repository signed, ``update`` to 1 then 2 takes the delta and gives ``v2``."""
     trust.save_key_pair(trust.generate_key(), str(tmp_path / "root.pem"),
                         str(tmp_path / "root.pub"))
     assert main(["repo", "sign", str(repo), "--key", str(tmp_path / "root.pem"), "-q"]) == 0
@@ -116,3 +111,57 @@ def test_a_job_output_made_under_a_strict_umask_is_published_readable(
     steps = json.loads(capsys.readouterr().out)["plan"]["steps"]
     assert [(s["kind"], s["from"]) for s in steps] == [("delta", "1")]
     assert tree_sum(dest / "2") == tree_sum(v2)
+
+
+def test_a_job_output_made_under_a_strict_umask_is_published_readable(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A job run elsewhere (``repo run-job`` under a umask of 077, as a batch system's may
+    be) makes its output 0600; published by renaming it, the delta kept that mode and a
+    web server running as another user answered 403 for it. Published, it is 0644 less
+    ``repo add``'s umask, as every other file of the repository; ``update`` through it
+    gives the release."""
+    repo, v2, job = _job_of_release_2(tmp_path)
+    strict = os.umask(0o077)
+    try:
+        assert main(["repo", "run-job", str(job), "--work", str(tmp_path), "-q"]) == 0
+    finally:
+        os.umask(strict)
+    assert main(["repo", "add", str(repo), "2", "-q"]) == 0
+    (delta,) = (repo / "deltas").glob("*.delta")
+    assert oct(delta.stat().st_mode & 0o777) == oct(0o644 & ~_umask())
+    assert delta.name == f"{blake3.blake3(delta.read_bytes()).hexdigest()}.delta"
+    _update_through_the_delta(repo, v2, tmp_path, capsys)
+
+
+def test_a_job_output_replaced_while_it_is_published_is_not_published(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second run of the job (elsewhere) renames its output over the one ``repo add`` has
+    just hashed, before ``repo add`` renames it into ``deltas/``: what was renamed is not
+    the file hashed, and it was published under the other's name (a client downloading it
+    failed its check). Now nothing is published, one line says why, the delta stays
+    pending; the next ``repo add`` makes it, and ``update`` through it gives the release."""
+    repo, v2, job = _job_of_release_2(tmp_path)
+    output = Path(json.loads(job.read_text())["output"])
+    assert main(["repo", "run-job", str(job), "--work", str(tmp_path), "-q"]) == 0
+    real = os.replace
+
+    def late_run_job(src: Any, dst: Any) -> None:  # (its output renamed over the first)
+        if Path(src) == output:
+            late = output.with_name("late")
+            late.write_bytes(output.read_bytes() + b"a late run's other bytes")
+            real(late, output)
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", late_run_job)
+    capsys.readouterr()
+    assert main(["repo", "add", str(repo), "2", "-q"]) == 5
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "replaced while it was published" in err
+    monkeypatch.setattr(os, "replace", real)
+    assert not list((repo / "deltas").glob("*"))
+    assert main(["repo", "add", str(repo), "2", "-q"]) == 0
+    (delta,) = (repo / "deltas").glob("*.delta")
+    assert delta.name == f"{blake3.blake3(delta.read_bytes()).hexdigest()}.delta"
+    _update_through_the_delta(repo, v2, tmp_path, capsys)

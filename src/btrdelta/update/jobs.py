@@ -210,7 +210,8 @@ def _publish_file(path: Path, directory: Path, ext: str) -> tuple[str, int]:
     returns (hex BLAKE3, length). Read in blocks and renamed, never held whole: a delta of
     new incompressible files is as large as they are (a 55 MiB delta took 55 MiB of ``repo
     add``'s memory, then as much again for its copy). Copied where it cannot be renamed
-    (another file system) or its mode set (another user's file)."""
+    (another file system) or its mode set (another user's file). The file renamed must be
+    the one hashed, else nothing is published (:class:`ChecksumError`)."""
     h = blake3.blake3()
     size = 0
     directory.mkdir(exist_ok=True)
@@ -230,6 +231,12 @@ def _publish_file(path: Path, directory: Path, ext: str) -> tuple[str, int]:
             with atomic_output(target) as dst:
                 shutil.copyfileobj(f, dst, 1 << 20)
             path.unlink()
+        else:
+            hashed, now = os.fstat(f.fileno()), os.lstat(target)
+            if (now.st_dev, now.st_ino) != (hashed.st_dev, hashed.st_ino):
+                target.unlink()  # (a job's second run renamed its output over the first)
+                raise ChecksumError("replaced while it was published (a second run of its "
+                                    "job?): run repo add again", source=str(path))
     fsync_dir(str(directory))
     return h.hexdigest(), size
 
