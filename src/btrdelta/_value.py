@@ -587,23 +587,6 @@ def _init11_00000000001(
     self.f10 = _d_f10.make() if f10 is _d_f10 else f10
 
 
-def _init11_00010000000(
-    self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any, f5: Any, f6: Any,
-    f7: Any, f8: Any, f9: Any, f10: Any,
-) -> None:
-    self.f0 = f0
-    self.f1 = f1
-    self.f2 = f2
-    self.f3 = _d_f3.make() if f3 is _d_f3 else f3
-    self.f4 = f4
-    self.f5 = f5
-    self.f6 = f6
-    self.f7 = f7
-    self.f8 = f8
-    self.f9 = f9
-    self.f10 = f10
-
-
 def _init13_0000000000000(
     self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any, f5: Any, f6: Any,
     f7: Any, f8: Any, f9: Any, f10: Any, f11: Any, f12: Any,
@@ -640,6 +623,25 @@ def _frozen13_0000000000000(
     _set(self, 'f10', f10)
     _set(self, 'f11', f11)
     _set(self, 'f12', f12)
+
+
+def _init13_0001001000000(
+    self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any, f5: Any, f6: Any,
+    f7: Any, f8: Any, f9: Any, f10: Any, f11: Any, f12: Any,
+) -> None:
+    self.f0 = f0
+    self.f1 = f1
+    self.f2 = f2
+    self.f3 = _d_f3.make() if f3 is _d_f3 else f3
+    self.f4 = f4
+    self.f5 = f5
+    self.f6 = _d_f6.make() if f6 is _d_f6 else f6
+    self.f7 = f7
+    self.f8 = f8
+    self.f9 = f9
+    self.f10 = f10
+    self.f11 = f11
+    self.f12 = f12
 
 
 def _init16_0001110001000100(
@@ -786,9 +788,9 @@ _GENERATED: dict[str, Callable[..., None]] = {
     "_init10_0011110110": _init10_0011110110,
     "_init11_00000000000": _init11_00000000000,
     "_init11_00000000001": _init11_00000000001,
-    "_init11_00010000000": _init11_00010000000,
     "_init13_0000000000000": _init13_0000000000000,
     "_frozen13_0000000000000": _frozen13_0000000000000,
+    "_init13_0001001000000": _init13_0001001000000,
     "_init16_0001110001000100": _init16_0001110001000100,
     "_init21_000000000000000000000": _init21_000000000000000000000,
     "_init22_0000000000000000000000": _init22_0000000000000000000000,
