@@ -285,3 +285,59 @@ def test_server_ignoring_range_with_a_bad_archive_names_the_url(
         assert ".tmp-download" not in err
         assert err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["www"]
+
+
+def test_ctrl_c_while_batches_are_submitted_cuts_the_started_reads(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C that reaches :meth:`RangeFetcher.fetch_spans` while it is still handing
+    batches to its threads (one of them already reading a stalled server's body) cancels
+    the started reads at once. Before, the interrupt left the ``try`` that cancels them:
+    the pool's exit waited for the stalled read's timeout and its retries (the mid-session
+    CI of session 31: `image clone` went on for over 60 s after 'interrupted')."""
+    import socket
+    import time
+
+    from btrdelta.transport import http as http_mod
+    from btrdelta.transport.plan import Part, Span
+
+    from .hostile import HostileServer
+
+    data = bytes(range(256)) * 64
+    stalled, release = threading.Event(), threading.Event()
+
+    def reply(sock: socket.socket, _path: str, headers: dict[str, str]) -> None:
+        first, last = map(int, headers["range"].removeprefix("bytes=").split("-"))
+        head = (f"HTTP/1.1 206 Partial Content\r\nContent-Length: {last + 1 - first}\r\n"
+                f"Content-Range: bytes {first}-{last}/{len(data)}\r\n\r\n").encode()
+        sock.sendall(head + data[first : first + 10])
+        stalled.set()
+        release.wait(60)
+
+    submitted = [0]
+
+    class Interrupted(http_mod.ThreadPoolExecutor):
+        def submit(self, *args, **kwargs):  # type: ignore[no-untyped-def,override]
+            submitted[0] += 1
+            if submitted[0] > 1:  # the first batch's read stalls, then Ctrl-C comes
+                assert stalled.wait(30), "no range was asked for"
+                raise KeyboardInterrupt
+            return super().submit(*args, **kwargs)
+
+    monkeypatch.setattr(http_mod, "ThreadPoolExecutor", Interrupted)
+    spans = [Span(start, start + 100, (Part(k, start, 100),))
+             for k, start in enumerate(range(0, 4000, 1000))]
+    lines: list[str] = []
+    server = HostileServer(reply)
+    with server.running():
+        fetcher = RangeFetcher(f"{server.url}/img", HttpConfig(timeout=20, jobs=2, retries=5),
+                               max_ranges=1, log=lines.append)
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                fetcher.fetch_spans(spans, lambda span, view: None)
+            took = time.monotonic() - t0
+        finally:
+            release.set()
+            fetcher.close()
+    assert took < 5, took
+    assert lines == []

@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import BinaryIO, TypeVar
 
 from .._value import Value
@@ -428,8 +428,10 @@ class RangeFetcher:
                               max_bytes=self.max_request_bytes)
         self._cancel.clear()
         with ThreadPoolExecutor(self.config.jobs, thread_name_prefix="fetch") as pool:
-            futures = [pool.submit(self._fetch_batch, b, on_span) for b in batches]
-            try:
+            futures: list[Future[None]] = []
+            try:  # (a Ctrl-C while batches are still submitted cancels the started ones too:
+                # extend keeps each future as it is made)
+                futures.extend(pool.submit(self._fetch_batch, b, on_span) for b in batches)
                 wait(futures, return_when=FIRST_EXCEPTION)
                 for fut in futures:
                     if fut.done():
