@@ -289,11 +289,12 @@ def test_server_ignoring_range_with_a_bad_archive_names_the_url(
 
 def test_ctrl_c_while_batches_are_submitted_cuts_the_started_reads(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A Ctrl-C that reaches :meth:`RangeFetcher.fetch_spans` while it is still handing
-    batches to its threads (one of them already reading a stalled server's body) cancels
-    the started reads at once. Before, the interrupt left the ``try`` that cancels them:
-    the pool's exit waited for the stalled read's timeout and its retries (the mid-session
-    CI of session 31: `image clone` went on for over 60 s after 'interrupted')."""
+    """A Ctrl-C that reaches :meth:`RangeFetcher.fetch_spans` inside its first ``submit``
+    (``Thread.start`` waits for the new worker, which meanwhile took the batch and stalls in
+    a server's body) cancels the started read at once. Before, the interrupt left the ``try``
+    that cancels: the mid-session CI of session 31 saw `image clone` print "interrupted"
+    and go on for over 60 s, its worker (started, not yet registered with the pool, so not
+    joined by its shutdown; joined at the interpreter's exit) retrying into the timeouts."""
     import socket
     import time
 
@@ -313,15 +314,11 @@ def test_ctrl_c_while_batches_are_submitted_cuts_the_started_reads(
         stalled.set()
         release.wait(60)
 
-    submitted = [0]
-
     class Interrupted(http_mod.ThreadPoolExecutor):
         def submit(self, *args, **kwargs):  # type: ignore[no-untyped-def,override]
-            submitted[0] += 1
-            if submitted[0] > 1:  # the first batch's read stalls, then Ctrl-C comes
-                assert stalled.wait(30), "no range was asked for"
-                raise KeyboardInterrupt
-            return super().submit(*args, **kwargs)
+            super().submit(*args, **kwargs)  # its worker takes the batch; the read stalls
+            assert stalled.wait(30), "no range was asked for"
+            raise KeyboardInterrupt  # (before submit returned the future)
 
     monkeypatch.setattr(http_mod, "ThreadPoolExecutor", Interrupted)
     spans = [Span(start, start + 100, (Part(k, start, 100),))
