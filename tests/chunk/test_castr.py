@@ -44,3 +44,33 @@ def test_http_store_falls_back_and_is_bounded(tmp_path: Path) -> None:
         with pytest.raises(TransportError, match="larger than"):
             chunks.fetch([1], lambda e, data: None)
         chunks.close()
+
+
+def test_ctrl_c_stops_the_fetch_of_chunks_not_yet_begun(tmp_path: Path) -> None:
+    """A Ctrl-C while a .castr's chunks are fetched ends the fetch once the chunks in hand
+    are done. Before, the pool's exit ran every chunk still queued: the whole image was
+    fetched after the Ctrl-C."""
+    import signal
+    import threading
+    import time
+
+    blob = tmp_path / "blob"
+    blob.write_bytes(random.Random(8).randbytes(800_000))
+    index_path, store = casync_make(blob, tmp_path, "--chunk-size=16384")
+    index, _ = read_caibx(str(index_path))
+    got: list[int] = []
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def on_chunk(entry: int, _data: bytes) -> None:
+        got.append(entry)
+        if len(got) == 3:
+            signal.pthread_kill(main, signal.SIGINT)
+        time.sleep(0.02)
+
+    chunks = CastrChunks(index, [str(store)], config=HttpConfig(jobs=2))
+    with pytest.raises(KeyboardInterrupt):
+        chunks.fetch(range(len(index.digests)), on_chunk)
+    chunks.close()
+    assert len(index.digests) > 30
+    assert len(got) <= 6, (len(got), len(index.digests))

@@ -15,7 +15,7 @@ import posixpath
 import stat
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 
 from .. import TYPE_CHECKING
 from ..errors import BtrdeltaError, MissingBaseError, StreamFormatError, TransportError
@@ -188,8 +188,14 @@ class CastrChunks:
             on_chunk(entry, self._one(entry))
 
         with ThreadPoolExecutor(self.config.jobs, thread_name_prefix="castr") as pool:
-            futures = [pool.submit(task, e) for e in entries]
-            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            futures: list[Future[None]] = []
+            try:  # (extend keeps each future as it is made)
+                futures.extend(pool.submit(task, e) for e in entries)
+                done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            except BaseException:  # Ctrl-C: the chunks not yet begun are not fetched
+                for fut in futures:
+                    fut.cancel()
+                raise
             for fut in pending:
                 fut.cancel()
             for fut in done:
