@@ -71,6 +71,18 @@ def _subvolume(fd: int) -> sv.SubvolInfo | None:
     return info if info.readonly else None
 
 
+def _subvolume_at(path: Path) -> sv.SubvolInfo | None:
+    """:func:`_subvolume` of the directory at ``path`` (None when it cannot be opened)."""
+    try:
+        fd = os.open(path, _OPEN)
+    except OSError:
+        return None
+    try:
+        return _subvolume(fd)
+    finally:
+        os.close(fd)
+
+
 def _root_entry(path: Path) -> tuple[Entry, os.stat_result]:
     """The root's manifest entry as tree-sum makes it now, and its lstat."""
     full = os.fsencode(path)
@@ -139,14 +151,7 @@ def _decode(row: list[Any]) -> tuple[Entry, Any]:
 def load(state: Path, path: Path, identity: str) -> Digests | None:
     """The digests of the tree at ``path`` kept in ``state`` when they are still its own
     and its identity is ``identity`` (see the module docstring), else None."""
-    try:
-        fd = os.open(path, _OPEN)
-    except OSError:
-        return None
-    try:
-        info = _subvolume(fd)
-    finally:
-        os.close(fd)
+    info = _subvolume_at(path)
     if info is None:
         return None
     try:
@@ -171,18 +176,12 @@ def carried(digests: Digests, path: Path) -> Digests | None:
     after they were taken, when every entry of it is still as they were read (the rules
     above: a snapshot keeps every inode, size and time; the root is made again), else None
     (the caller hashes it)."""
-    try:
-        fd = os.open(path, _OPEN)
-    except OSError:
+    if _subvolume_at(path) is None:
         return None
     try:
-        if _subvolume(fd) is None:
-            return None
         still = _still(path, digests.entries)
     except OSError:
         return None
-    finally:
-        os.close(fd)
     return None if still is None else Digests(path, digests.identity, still)
 
 
