@@ -70,6 +70,9 @@ def _add_init(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="average chunk size of fulls (default 64K)")
     i.add_argument("--level", type=zstd_level, default=12,
                    help="zstd level of chunks (default 12)")
+    i.add_argument("--solid-level", type=zstd_level, default=19, metavar="LEVEL",
+                   help="zstd level of each release's solid full, the ~32 MiB frames a "
+                   "first install downloads (default 19; 0: none)")
     add_json(i, "the repository made")
     add_quiet_option(i)
     i.set_defaults(func=run_init)
@@ -204,10 +207,11 @@ def run_init(args: argparse.Namespace) -> int:
     """``repo init``."""
     from ..update.publish import init_repo
 
-    repo = init_repo(args.repo, avg_chunk=args.avg_chunk, level=args.level)
+    repo = init_repo(args.repo, avg_chunk=args.avg_chunk, level=args.level,
+                     solid_level=args.solid_level)
     if args.json:
         print(json.dumps({"repo": str(repo.root), "avg_chunk": args.avg_chunk,
-                          "level": args.level}))
+                          "level": args.level, "solid_level": args.solid_level}))
     elif not args.quiet:
         print(f"initialized empty repository {args.repo}")
     return 0
@@ -254,6 +258,7 @@ def run_add(args: argparse.Namespace) -> int:
             "identity": report.identity, "stream_size": report.stream_size,
             "chunks": report.chunks, "new_chunks": report.new_chunks,
             "new_chunk_bytes": report.new_chunk_bytes, "full_bytes": report.full_bytes,
+            "solid_bytes": report.solid_bytes,
             "deltas": [{"from": a, "bytes": n, "seconds": round(t, 3)}
                        for a, n, t in report.deltas],
             "seconds": round(report.seconds, 3)}, indent=1))
@@ -266,7 +271,8 @@ def run_add(args: argparse.Namespace) -> int:
               f"({human_bytes(report.new_chunk_bytes)})" if report.chunks else
               "its full stored by the repo add that began it")
     print(f"{report.version} (#{report.position}): stream {human_bytes(report.stream_size)}, "
-          f"{stored}, full download {human_bytes(report.full_bytes)}")
+          f"{stored}, full download {human_bytes(report.full_bytes)}"
+          + (f" (solid {human_bytes(report.solid_bytes)})" if report.solid_bytes else ""))
     for source, n, secs in report.deltas:
         print(f"  delta from {source}: {human_bytes(n)} ({secs:.1f} s)")
     print(f"  {report.seconds:.1f} s")

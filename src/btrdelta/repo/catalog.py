@@ -32,6 +32,7 @@ from .model import (
     IndexVersion,
     VersionRecord,
 )
+from .solid import DEFAULT_SOLID_LEVEL, Solid
 
 __all__ = [
     "CHUNK_RECORD",
@@ -76,9 +77,11 @@ class CatalogVersion:
     pending: list[int] = field(default_factory=list)
     #: the measured extra deltas were tried (``repo.layout.next_trial``)
     measured: bool = True
+    #: the solid full (None: added before solid fulls, or with ``--solid-level 0``)
+    solid: Solid | None = None
 
     def encode(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name, "identity": self.identity, "stream_size": self.stream_size,
             "full": {"id": self.full_id, "length": self.full_length},
             "full_bytes": self.full_bytes, "packs": self.packs,
@@ -86,6 +89,9 @@ class CatalogVersion:
                        for a, (h, n) in sorted(self.deltas.items(), reverse=True)],
             "pending": sorted(self.pending, reverse=True), "measured": self.measured,
         }
+        if self.solid is not None:
+            out["solid"] = self.solid.encode()
+        return out
 
     @classmethod
     def decode(cls, f: Fields) -> CatalogVersion:
@@ -95,9 +101,10 @@ class CatalogVersion:
         pending = [int(x) for x in f.array("pending")]
         packs = [str(x) for x in f.array("packs")]
         raw = f.get("measured") if "measured" in f.obj else True  # older catalogs: done
+        solid = Solid.decode(f.sub("solid")) if "solid" in f.obj else None
         return cls(f.text("name"), f.hex64("identity"), f.integer("stream_size"),
                    full.hex64("id"), full.integer("length"), f.integer("full_bytes"),
-                   packs, deltas, pending, raw is True)
+                   packs, deltas, pending, raw is True, solid)
 
 
 @dataclass(slots=True)
@@ -114,6 +121,8 @@ class Catalog:
     timestamp_expires: int = 0
     #: versions the signed index holds
     signed_versions: int = 0
+    #: zstd level of each new release's solid full (0: none)
+    solid_level: int = DEFAULT_SOLID_LEVEL
 
     @property
     def pack_end(self) -> int:
@@ -142,6 +151,7 @@ class Catalog:
             "index_expires": self.index_expires,
             "timestamp_expires": self.timestamp_expires,
             "signed_versions": self.signed_versions,
+            "solid_level": self.solid_level,
         }
         return canonical(doc) + b"\n"
 
@@ -160,7 +170,10 @@ class Catalog:
         return cls(params, f.integer("level", -100, 22), packs, versions,
                    f.integer("index_version"), f.integer("timestamp_version"),
                    f.integer("index_expires"), f.integer("timestamp_expires"),
-                   f.integer("signed_versions"))
+                   f.integer("signed_versions"),
+                   # (a catalog made before solid fulls: its next releases get one)
+                   f.integer("solid_level", -100, 22) if "solid_level" in f.obj
+                   else DEFAULT_SOLID_LEVEL)
 
 
 def decode_chunk_map(data: bytes, pack_end: int) -> tuple[dict[bytes, tuple[int, int, int]], int]:
@@ -188,6 +201,7 @@ def build_metadata(
             ArtifactRef.make("fulls", v.full_id, v.full_length),
             tuple(DeltaRef(a, ArtifactRef.make("deltas", h, n))
                   for a, (h, n) in sorted(v.deltas.items(), reverse=True)),
+            v.solid,
         )
         for v in catalog.versions
     ]

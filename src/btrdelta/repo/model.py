@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 
 from .._value import Value
 from .canonical import HEX64, Fields
+from .solid import Solid
 
 __all__ = [
     "BIN_SIZE",
@@ -273,15 +274,21 @@ class VersionRecord(Value, frozen=True):
     #: the full index (chunk description + pack table)
     full: ArtifactRef
     deltas: tuple[DeltaRef, ...]
+    #: the solid full (``repo/solid.py``); None in releases added before it existed (a
+    #: reader that does not know the key ignores it and fetches the chunked full)
+    solid: Solid | None = None
 
     def encode(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name,
             "identity": self.identity,
             "stream_size": self.stream_size,
             "full": self.full.encode(),
             "deltas": [{"from": d.source, **d.ref.encode()} for d in self.deltas],
         }
+        if self.solid is not None:
+            out["solid"] = self.solid.encode()
+        return out
 
     @classmethod
     def decode(cls, f: Fields) -> VersionRecord:
@@ -292,8 +299,9 @@ class VersionRecord(Value, frozen=True):
             check_version_name(name)
         except ValueError as exc:
             f.fail(str(exc), "name")
+        solid = Solid.decode(f.sub("solid")) if "solid" in f.obj else None
         return cls(name, f.hex64("identity"), f.integer("stream_size", 0, _MAX_LEN),
-                   ArtifactRef.decode(f.sub("full"), "fulls"), deltas)
+                   ArtifactRef.decode(f.sub("full"), "fulls"), deltas, solid)
 
 
 class Bin(Value, frozen=True):

@@ -10,6 +10,13 @@ full index, chunk ranges from the pack files, mirror after mirror.
 Seeds are the plain streams of versions the device holds, regenerated from their trees
 (:func:`btrdelta.update.streams.write_release_stream` writes the publisher's stream byte for
 byte), so every chunk two releases share is reused without knowing where it is.
+
+A release with a *solid full* (``repo/solid.py``) is fetched frame by frame first
+(:func:`fetch_solid`): each frame the device is better off downloading whole
+(:func:`~btrdelta.repo.solid.choose_frames`: all of them from nothing) is decompressed, cut
+by the full index's chunk sizes, and every chunk checked against its id as it is stored;
+the chunk ranges then fetch only what is still missing. A frame that no mirror serves right
+costs its chunks from the packs instead (one warning line naming the file and the frame).
 """
 
 from __future__ import annotations
@@ -20,15 +27,18 @@ from pathlib import Path
 
 from ..chunk.archive import HEADER_SIZE, ArchiveIndex
 from ..chunk.store import ChunkStore, ImageReader
-from ..errors import ChecksumError, StreamFormatError, TransportError
+from ..errors import ChecksumError, StreamFormatError, TransportError, warn
 from ..repo.fullindex import FullIndex, PackSlot
 from ..repo.mirror import Mirrors
+from ..repo.solid import Frame, Solid, choose_frames
 from ..transport.http import FetchStats, RangeFetcher, RangesNotSupported
 from ..transport.plan import Part, Span
 from .clone import CloneReport, clone_image
+from .solids import frame_chunks
 from .streams import ChunkConcat
 
-__all__ = ["PackSource", "fetch_full", "full_cost", "store_stream"]
+__all__ = ["PackSource", "fetch_full", "fetch_solid", "full_cost", "solid_frames",
+           "store_stream"]
 
 
 class PackSource:
@@ -135,16 +145,95 @@ def _merge(pieces: list[Span]) -> list[Span]:
 
 
 def full_cost(target: FullIndex, held: Sequence[FullIndex], store: ChunkStore,
-              index_length: int) -> int:
+              index_length: int, solid: Solid | None = None) -> int:
     """Bytes to download the full of ``target`` given the chunks of the ``held`` versions'
-    fulls (their regenerated streams) and of the local store."""
+    fulls (their regenerated streams) and of the local store; with ``solid``, the frames
+    :func:`solid_frames` takes count instead of their chunks."""
     have: set[bytes] = set()
     for f in held:
         have.update(f.index.digests)
+    if solid is not None:
+        return index_length + solid_frames(target, solid, have, store)[1]
     idx = target.index
     return index_length + sum(
         idx.comp_sizes[i] for i, d in enumerate(idx.digests)
         if d not in have and not store.has(d))
+
+
+def solid_frames(full: FullIndex, solid: Solid, have: set[bytes], store: ChunkStore
+                 ) -> tuple[list[Frame], int]:
+    """The frames of ``solid`` worth downloading given the chunks ``have`` (of versions
+    held) and the store's, and the bytes of those frames and of the chunks left (no full
+    index)."""
+    idx = full.index
+    if sum(f.count for f in solid.frames) != len(idx.order):
+        raise StreamFormatError(f"its frames hold {sum(f.count for f in solid.frames)} "
+                                f"chunks, the full index {len(idx.order)}", source=solid.path)
+    return choose_frames(solid, idx.order, idx.comp_sizes, idx.digests,
+                         lambda d: d in have or store.has(d))
+
+
+def fetch_solid(full: FullIndex, solid: Solid, frames: Sequence[Frame], mirrors: Mirrors,
+                store: ChunkStore, *,
+                on_progress: Callable[[str, int, int], None] | None = None) -> int:
+    """Bring the chunks of ``frames`` into ``store``, frame by frame (the unit of retry:
+    mirror after mirror); a frame every mirror fails is left to the chunk ranges, with a
+    warning. Returns the frames stored."""
+    idx = full.index
+    number = {f: i for i, f in enumerate(solid.frames)}
+    total = sum(f.length for f in frames)
+    done = stored = 0
+    with store.locked(create=True), store.writing():
+        for frame in frames:
+            entries = idx.order[frame.first : frame.first + frame.count]
+            if all(store.has(idx.digests[e]) for e in entries):  # (a run cut before)
+                done += frame.length
+                continue
+            try:
+                mirrors.each(solid.path, lambda url, frame=frame, entries=entries:  # type: ignore[misc]
+                             _fetch_frame(url, mirrors, solid, frame, number[frame],
+                                          entries, full, store))
+                stored += 1
+            except (ChecksumError, StreamFormatError, TransportError) as exc:
+                warn(f"{exc}; its chunks come from the packs instead")
+            done += frame.length
+            if on_progress is not None:
+                on_progress("solid", done, total)
+    return stored
+
+
+def _fetch_frame(url: str, mirrors: Mirrors, solid: Solid, frame: Frame, index: int,
+                 entries: Sequence[int], full: FullIndex, store: ChunkStore) -> None:
+    """Frame ``frame`` (number ``index``) of ``solid`` from mirror ``url`` into ``store``."""
+    idx = full.index
+    sizes = [idx.raw_sizes[e] for e in entries]
+    fetcher = mirrors.fetcher(url, solid.path)
+    noted = 0
+
+    def deliver(_span: Span, data: memoryview) -> None:
+        nonlocal noted
+        n = fetcher.stats.bytes_received - noted
+        noted += n
+        mirrors.note_bytes(n)
+        chunks = frame_chunks(bytes(data), frame, index, sizes, source=solid.path)
+        for pos, (entry, chunk) in enumerate(zip(entries, chunks, strict=True)):
+            try:
+                store.put(idx.digests[entry], chunk)
+            except ChecksumError:
+                raise ChecksumError(f"frame {index}: chunk {frame.first + pos} does not "
+                                    "match its id", source=solid.path) from None
+
+    span = [Span(frame.offset, frame.offset + frame.length,
+                 (Part(index, frame.offset, frame.length),))]
+    try:
+        try:
+            fetcher.fetch_spans(span, deliver)
+        except RangesNotSupported:
+            if not isinstance(fetcher, RangeFetcher):
+                raise
+            fetcher.stream_spans(span, deliver)
+    finally:  # (what a failed attempt received counts too)
+        mirrors.note_bytes(fetcher.stats.bytes_received - noted)
 
 
 def fetch_full(full: FullIndex, mirrors: Mirrors, store: ChunkStore, name: str,

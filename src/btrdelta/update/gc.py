@@ -33,7 +33,7 @@ from .publish import Repo
 __all__ = ["GcReport", "collect_garbage"]
 
 _INDEX_NAME = re.compile(r"(\d+)\.json")
-_KINDS = ("packs", "fulls", "deltas", "bins", "index")
+_KINDS = ("packs", "fulls", "solids", "deltas", "bins", "index")
 
 
 @dataclass(slots=True)
@@ -71,6 +71,8 @@ def _referenced(cat: Catalog) -> set[str]:
     out = {f"packs/{p.id}.pack" for p in cat.packs}
     for v in cat.versions:
         out.add(f"fulls/{v.full_id}.fidx")
+        if v.solid is not None:
+            out.add(v.solid.path)
         out.update(f"deltas/{h}.delta" for h, _n in v.deltas.values())
     return out
 

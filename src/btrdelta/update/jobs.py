@@ -17,11 +17,9 @@ result must have the newer release's content identity.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import multiprocessing
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,13 +31,13 @@ import blake3
 
 from ..delta import MakeOptions, make_delta
 from ..errors import BtrdeltaError, ChecksumError
-from ..fs.atomic import atomic_output, fsync_dir, write_atomic
+from ..fs.atomic import atomic_output, write_atomic
 from ..repo.canonical import Fields, parse_json
 from ..repo.catalog import Catalog
 from ..repo.fullindex import decode_full_index
 from ..repo.layout import delta_sources, extra_budget, next_trial, paths_to
 from ..tree import tree_sum
-from .packs import LocalPacks, open_full
+from .packs import LocalPacks, open_full, publish_file
 from .streams import receive_release, write_release_stream
 
 __all__ = ["make_delta_file", "plan_jobs", "run_job_file", "run_pending"]
@@ -195,59 +193,12 @@ def _record(repo: Any, cat: Catalog, pos: int, a: int, output: Path, report: Any
             secs: float) -> None:
     """Publish the delta ``a -> pos`` made in ``output`` and record it."""
     entry = cat.versions[pos - 1]
-    digest, size = _publish_file(output, repo.root / "deltas", "delta")
+    digest, size = publish_file(output, repo.root / "deltas", "delta")
     entry.deltas[a] = (digest, size)
     if a in entry.pending:
         entry.pending.remove(a)
     repo.save(cat)
     report.deltas.append((cat.versions[a - 1].name, size, secs))
-
-
-def _publish_file(path: Path, directory: Path, ext: str) -> tuple[str, int]:
-    """Move the finished file ``path`` to ``directory/<its BLAKE3>.ext``, durably, 0644 less
-    the umask as every other file of the repository (a web server runs as another user: a
-    job run elsewhere under a umask of 077 made its output 0600, and nginx answered 403);
-    returns (hex BLAKE3, length). Read in blocks and renamed, never held whole: a delta of
-    new incompressible files is as large as they are (a 55 MiB delta took 55 MiB of ``repo
-    add``'s memory, then as much again for its copy). Copied where it cannot be renamed
-    (another file system) or its mode set (another user's file). The file renamed must be
-    the one hashed, else nothing is published (:class:`ChecksumError`)."""
-    h = blake3.blake3()
-    size = 0
-    directory.mkdir(exist_ok=True)
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-            size += len(block)
-        target = directory / f"{h.hexdigest()}.{ext}"
-        try:
-            os.fchmod(f.fileno(), 0o644 & ~_umask())
-            os.fsync(f.fileno())  # (a job's output may come from another machine's run-job)
-            os.replace(path, target)
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.EPERM):
-                raise
-            f.seek(0)
-            with atomic_output(target) as dst:
-                shutil.copyfileobj(f, dst, 1 << 20)
-            path.unlink()
-        else:
-            hashed, now = os.fstat(f.fileno()), os.lstat(target)
-            if (now.st_dev, now.st_ino) != (hashed.st_dev, hashed.st_ino):
-                target.unlink()  # (a job's second run renamed its output over the first)
-                raise ChecksumError("replaced while it was published (a second run of its "
-                                    "job?): run repo add again", source=str(path))
-    fsync_dir(str(directory))
-    return h.hexdigest(), size
-
-
-def _umask() -> int:
-    """This process's umask (read, not set: ``os.umask`` would change it for a moment)."""
-    with open("/proc/self/status", "rb") as f:
-        for line in f:
-            if line.startswith(b"Umask:"):
-                return int(line.split()[1], 8)
-    return 0o022  # (a kernel before 4.7 does not say)
 
 
 def _extras(cat: Catalog) -> int:

@@ -10,8 +10,10 @@ checked against its id, the whole against the stream digest.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
+import shutil
 from array import array
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,12 +34,20 @@ from ..chunk.archive import (
 from ..chunk.chunker import ChunkerParams, chunk_digest, hash_chunks, open_map
 from ..chunk.compress import thread_compressor
 from ..errors import ChecksumError, StreamFormatError
-from ..fs.atomic import fsync_dir
+from ..fs.atomic import atomic_output, fsync_dir
 from ..repo.catalog import CHUNK_RECORD, PackEntry
 from ..repo.fullindex import FullIndex, PackSlot, encode_pack_table
 from .streams import ChunkConcat
 
-__all__ = ["PACK_LIMIT", "LocalPacks", "PackReader", "PackResult", "open_full", "pack_stream"]
+__all__ = [
+    "PACK_LIMIT",
+    "LocalPacks",
+    "PackReader",
+    "PackResult",
+    "open_full",
+    "pack_stream",
+    "publish_file",
+]
 
 #: a pack file is closed when it reaches this size (mirrors and object stores prefer
 #: files of bounded size)
@@ -268,3 +278,50 @@ class LocalPacks:
         fds, self._fds = self._fds, {}
         for fd in fds.values():
             os.close(fd)
+
+
+def publish_file(path: Path, directory: Path, ext: str) -> tuple[str, int]:
+    """Move the finished file ``path`` to ``directory/<its BLAKE3>.ext``, durably, 0644 less
+    the umask as every other file of the repository (a web server runs as another user: a
+    job run elsewhere under a umask of 077 made its output 0600, and nginx answered 403);
+    returns (hex BLAKE3, length). Read in blocks and renamed, never held whole: a delta of
+    new incompressible files is as large as they are (a 55 MiB delta took 55 MiB of ``repo
+    add``'s memory, then as much again for its copy). Copied where it cannot be renamed
+    (another file system) or its mode set (another user's file). The file renamed must be
+    the one hashed, else nothing is published (:class:`ChecksumError`)."""
+    h = blake3.blake3()
+    size = 0
+    directory.mkdir(exist_ok=True)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+            size += len(block)
+        target = directory / f"{h.hexdigest()}.{ext}"
+        try:
+            os.fchmod(f.fileno(), 0o644 & ~_umask())
+            os.fsync(f.fileno())  # (a job's output may come from another machine's run-job)
+            os.replace(path, target)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM):
+                raise
+            f.seek(0)
+            with atomic_output(target) as dst:
+                shutil.copyfileobj(f, dst, 1 << 20)
+            path.unlink()
+        else:
+            hashed, now = os.fstat(f.fileno()), os.lstat(target)
+            if (now.st_dev, now.st_ino) != (hashed.st_dev, hashed.st_ino):
+                target.unlink()  # (a job's second run renamed its output over the first)
+                raise ChecksumError("replaced while it was published (a second run of its "
+                                    "job?): run repo add again", source=str(path))
+    fsync_dir(str(directory))
+    return h.hexdigest(), size
+
+
+def _umask() -> int:
+    """This process's umask (read, not set: ``os.umask`` would change it for a moment)."""
+    with open("/proc/self/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022  # (a kernel before 4.7 does not say)

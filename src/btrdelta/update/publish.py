@@ -38,10 +38,13 @@ from ..fs.atomic import write_atomic
 from ..fs.remove import remove_path
 from ..repo.canonical import parse_json
 from ..repo.catalog import Catalog, CatalogVersion, decode_chunk_map
+from ..repo.fullindex import decode_full_index
 from ..repo.layout import delta_sources, future_sources
 from ..repo.model import check_version_name
+from ..repo.solid import DEFAULT_SOLID_LEVEL, Solid
 from ..tree import Entry, diff_manifests, tree_manifest, tree_sum
 from .packs import pack_stream
+from .solids import write_solid
 from .streams import receive_release, write_release_stream
 
 __all__ = ["AddReport", "Repo", "add_release", "init_repo"]
@@ -114,7 +117,7 @@ class Repo:
 
 
 def init_repo(root: str | os.PathLike[str], *, avg_chunk: int = 64 << 10,
-              level: int = DEFAULT_LEVEL) -> Repo:
+              level: int = DEFAULT_LEVEL, solid_level: int = DEFAULT_SOLID_LEVEL) -> Repo:
     """Create an empty repository (the directory may exist, empty)."""
     repo = Repo(root)
     if repo.catalog_path.exists():
@@ -128,7 +131,7 @@ def init_repo(root: str | os.PathLike[str], *, avg_chunk: int = 64 << 10,
         made = made.parent
     try:
         repo.meta.mkdir(parents=True)
-        cat = Catalog(params, level)
+        cat = Catalog(params, level, solid_level=solid_level)
         repo.save(cat)
         repo.write_html(cat)
     except BaseException:  # (a full disk, Ctrl-C): leave no half-made repository behind
@@ -150,6 +153,8 @@ class AddReport:
     new_chunks: int = 0
     new_chunk_bytes: int = 0
     full_bytes: int = 0
+    #: bytes of the solid full (0: none made)
+    solid_bytes: int = 0
     #: (source version, delta bytes, seconds)
     deltas: list[tuple[str, int, float]] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)
@@ -222,7 +227,7 @@ def _source_tree(repo: Repo, name: str, source: Path) -> tuple[Path, bool]:
 
 
 def _ingest(repo: Repo, cat: Catalog, name: str, source: Path, report: AddReport,
-            say: Progress) -> CatalogVersion:
+            say: Progress, threads: int) -> CatalogVersion:
     """Steps 1-2 of the module docstring; returns the new catalog entry."""
     repo.trees.mkdir(exist_ok=True)
     repo.tmp.mkdir(exist_ok=True)
@@ -250,6 +255,12 @@ def _ingest(repo: Repo, cat: Catalog, name: str, source: Path, report: AddReport
         _check_same(repo.trees / name, tree, identity)
         for msg in warned:
             warn(msg)
+        solid: Solid | None = None
+        if cat.solid_level:
+            say(f"{name}: solid full")
+            idx = decode_full_index(packed.full_index, source=str(stream)).index
+            solid = write_solid(stream, idx.order, idx.raw_sizes, repo.root, repo.tmp,
+                                level=cat.solid_level, threads=threads)
     finally:
         stream.unlink(missing_ok=True)
         if temporary:
@@ -269,8 +280,9 @@ def _ingest(repo: Repo, cat: Catalog, name: str, source: Path, report: AddReport
     entry = CatalogVersion(
         name, identity, packed.stream_size, full_hex, len(packed.full_index),
         len(packed.full_index) + packed.chunk_bytes, [p.id for p in packed.new_packs],
-        pending=delta_sources(len(cat.versions) + 1), measured=False)
+        pending=delta_sources(len(cat.versions) + 1), measured=False, solid=solid)
     report.full_bytes = entry.full_bytes
+    report.solid_bytes = solid.length if solid is not None else 0
     return entry
 
 
@@ -301,7 +313,10 @@ def add_release(
             if source is None:
                 raise BtrdeltaError(f"version {name!r} is new: give its SOURCE")
             report = AddReport(name, len(cat.versions) + 1)
-            entry = _ingest(repo, cat, name, Path(source), report, say)
+            # (the solid full's frames on as many threads, at least 2: level 19 is ~0.4 s
+            # of CPU per MB; each thread's compressor holds ~100 MiB)
+            threads = min(max(2, parallel), os.cpu_count() or 1)
+            entry = _ingest(repo, cat, name, Path(source), report, say, threads)
             cat.versions.append(entry)
             repo.save(cat)
             pos = len(cat.versions)

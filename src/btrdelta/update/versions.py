@@ -47,6 +47,7 @@ from ..errors import BtrdeltaError, MissingBaseError
 from ..fs.atomic import write_atomic
 from ..fs.remove import remove_path
 from ..receive.subvolumes import TMP_PREFIX
+from ..repo.fullindex import FullIndex
 from ..repo.metadata import (
     MetaCache,
     Verified,
@@ -65,7 +66,7 @@ from ..transport.config import HttpConfig
 from ..tree.incremental import Digests
 from . import heldsums, holdings
 from .beside import Beside
-from .fullfetch import fetch_full, full_cost, store_stream
+from .fullfetch import fetch_full, fetch_solid, full_cost, solid_frames, store_stream
 from .streams import receive_version, write_release_stream
 
 if TYPE_CHECKING:
@@ -201,22 +202,42 @@ def _holdings(d: _Dest, mirrors: Mirrors, verified: Verified
 
 
 def _plan(d: _Dest, mirrors: Mirrors, verified: Verified, held: dict[int, Digests],
-          records: dict[int, VersionRecord], target: int) -> Plan:
+          records: dict[int, VersionRecord], target: int, seeded: bool) -> Plan:
+    """The cheapest plan; a full the plan would use is priced given what DEST holds (the
+    chunks of the held versions and of the local store) and, with nothing to seed it but
+    those (``seeded``: entries whose content differs seed it too), by its solid frames
+    (:func:`.fullfetch.solid_frames`), and the plan made again."""
     index = verified.index
     plan = plan_update(index, set(held), target)
-    if not held or target in held or not plan.steps:
+    if target in held or not plan.steps:
         return plan
     records.update(version_records(mirrors, index, d.meta, [target]))
-    rec = records[target]
-    if plan.bytes <= rec.full.length:  # the full cannot beat it even reusing every chunk
+    if plan.bytes <= records[target].full.length:  # a full cannot beat it, even all reused
         return plan
-    fulls = [full_index(mirrors, records[p], d.meta) for p in sorted(held)]
-    cost = full_cost(full_index(mirrors, rec, d.meta), fulls, d.store, rec.full.length)
-    return plan_update(index, set(held), target, full_cost={target: cost})
+    costs: dict[int, int] = {}
+    fulls: list[FullIndex] | None = None
+    for _ in range(3):  # (a full priced lower may make the plan take another version's)
+        todo = [p for p in dict.fromkeys([target] + [s.target for s in plan.steps
+                                                     if s.kind == "full"]) if p not in costs]
+        records.update(version_records(mirrors, index, d.meta, todo))
+        todo = [p for p in todo if held or (records[p].solid is not None and not seeded)]
+        if not todo:
+            break
+        if fulls is None:
+            fulls = [full_index(mirrors, records[p], d.meta) for p in sorted(held)]
+        for p in todo:
+            rec = records[p]
+            if not held and rec.solid is not None:  # every frame (a resumed run's chunks
+                costs[p] = rec.full.length + rec.solid.length  # are `to_download`'s)
+                continue
+            costs[p] = full_cost(full_index(mirrors, rec, d.meta), fulls, d.store,
+                                 rec.full.length, None if seeded else rec.solid)
+        plan = plan_update(index, set(held), target, full_cost=costs)
+    return plan
 
 
 def _missing_bytes(d: _Dest, m: Mirrors, plan: Plan, records: dict[int, VersionRecord],
-                   held: bool) -> int:
+                   held: bool, seeded: bool) -> int:
     """What the plan still has to download: a delta less what a cut run kept of it, a full
     less the chunks the local store holds (with versions held, the plan priced the full
     with the store already; without, its price is the whole full, and a run cut during a
@@ -236,7 +257,9 @@ def _missing_bytes(d: _Dest, m: Mirrors, plan: Plan, records: dict[int, VersionR
                 part.stat().st_size if part.exists() else 0)
             total += max(0, ref.length - have)
         elif stored:  # its full index fetched now (metadata): its chunks still missing
-            total += full_cost(full_index(m, records[step.target], d.meta), [], d.store, 0)
+            rec = records[step.target]
+            total += full_cost(full_index(m, rec, d.meta), [], d.store, 0,
+                               None if seeded else rec.solid)
         else:
             total += step.bytes
     return total
@@ -357,11 +380,11 @@ def _run(d: _Dest, m: Mirrors, verified: Verified, to: str | None, dry_run: bool
                                f"{names[-1]!r})")
     before = m.stats.bytes_received
     held, unverified, records = _holdings(d, m, verified)
-    plan = _plan(d, m, verified, held, records, target)
+    plan = _plan(d, m, verified, held, records, target, bool(unverified))
     records.update(version_records(m, index, d.meta, [s.target for s in plan.steps]))
     res = UpdateResult(names[target - 1], plan, names, [names[p - 1] for p in sorted(held)],
                        index_version=index.version)
-    res.to_download = _missing_bytes(d, m, plan, records, bool(held))
+    res.to_download = _missing_bytes(d, m, plan, records, bool(held), bool(unverified))
     if any(s.kind == "full" for s in plan.steps):
         res.seeded_by = [names[p - 1] for p in sorted(unverified)]
     res.metadata_bytes = m.stats.bytes_received - before
@@ -395,10 +418,14 @@ def _run(d: _Dest, m: Mirrors, verified: Verified, to: str | None, dry_run: bool
         return res
     current = held.get(plan.start) if plan.start is not None else None
     seedable = {**unverified, **{p: h.root for p, h in held.items()}}
+    # (the solid frames of a full are chosen knowing the chunks of the versions held; not
+    # with entries whose content differs: what they hold is known only once regenerated)
+    solid_held = None if unverified else sorted(held)
     steps = plan.steps
     for i, step in enumerate(steps, 1):
         start = current
-        current = _apply(d, m, step, records, seedable, current, last=i == len(steps),
+        current = _apply(d, m, step, records, seedable, solid_held, current,
+                         last=i == len(steps),
                          hop=(i, len(steps)), emit=emit, beside=beside,
                          after=steps[i] if i < len(steps) else None, made=i > 1)
         res.applied += 1
@@ -429,7 +456,8 @@ def _delta_file(d: _Dest, m: Mirrors, step: Step, records: dict[int, VersionReco
 
 
 def _apply(d: _Dest, m: Mirrors, step: Step, records: dict[int, VersionRecord],
-           seedable: dict[int, Path], parent: Digests | None, *, last: bool,
+           seedable: dict[int, Path], solid_held: list[int] | None, parent: Digests | None,
+           *, last: bool,
            hop: tuple[int, int], emit: Event, beside: Beside, after: Step | None,
            made: bool) -> Digests:
     """Apply one step of the plan to ``parent`` (the digests of the version it starts from,
@@ -470,12 +498,21 @@ def _apply(d: _Dest, m: Mirrors, step: Step, records: dict[int, VersionRecord],
                                    verified=True, register=last)[1]
     else:
         full = full_index(m, rec, d.meta)
+        def progress(phase: str, done: int, total: int) -> None:
+            emit({"event": "progress", "phase": phase, "done": done, "total": total, **info})
+
+        if rec.solid is not None and solid_held is not None:
+            have: set[bytes] = set()
+            for p in solid_held:
+                have.update(full_index(m, records[p], d.meta).index.digests)
+            frames = solid_frames(full, rec.solid, have, d.store)[0]
+            if frames:
+                fetch_solid(full, rec.solid, frames, m, d.store, on_progress=progress)
+        if all(d.store.has(x) for x in full.index.digests):
+            seedable = {}  # (every chunk is here: no stream to regenerate)
         seeds = _seeds(d, seedable, records, emit)
         try:
-            fetch_full(full, m, d.store, rec.name, seeds,
-                       on_progress=lambda phase, done, total: emit(
-                           {"event": "progress", "phase": phase, "done": done,
-                            "total": total, **info}))
+            fetch_full(full, m, d.store, rec.name, seeds, on_progress=progress)
         finally:
             for s in seeds:
                 s.unlink(missing_ok=True)

@@ -1,0 +1,119 @@
+"""Writing a release's solid full (``repo add``) and reading one frame of it back (a device).
+
+The format is ``repo/solid.py``'s: the release's plain stream as zstd frames of consecutive
+chunks of the full index's order, ~32 MiB each, every frame with its content size in the
+header and a window as large as the frame. :func:`write_solid` compresses the frames on a
+thread pool (each frame alone: zstd's own threads would cut a 32 MiB frame into jobs of a
+smaller window), writes them in order and names the file by its BLAKE3.
+:func:`frame_chunks` decompresses one downloaded frame and cuts it into its chunks, every
+failure a one-line error naming the file and the frame.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import blake3
+import zstandard
+
+from ..errors import ChecksumError, StreamFormatError
+from ..repo.solid import DEFAULT_SOLID_LEVEL, MAX_FRAME, Frame, Solid, cut_frames
+from .packs import publish_file
+
+__all__ = ["frame_chunks", "write_solid"]
+
+
+def _compress(data: bytes, level: int) -> bytes:
+    window = max(10, min(27, (len(data) - 1).bit_length()))  # the whole frame
+    params = zstandard.ZstdCompressionParameters.from_level(
+        level, source_size=len(data), window_log=window, write_content_size=True,
+        write_checksum=False)
+    return zstandard.ZstdCompressor(compression_params=params).compress(data)
+
+
+def write_solid(stream: Path, order: Sequence[int], raw_sizes: Sequence[int], root: Path,
+                tmp: Path, *, level: int = DEFAULT_SOLID_LEVEL, threads: int = 2) -> Solid:
+    """Compress ``stream`` (whose chunks in order are the entries ``order``, sized by
+    ``raw_sizes``) into ``root/solids/<blake3>.zst``; the record naming it."""
+    sizes = [raw_sizes[e] for e in order]
+    cuts = cut_frames(sizes)
+    frames: list[Frame] = []
+    hasher = blake3.blake3()
+    part = tmp / f"solid-{os.getpid()}.zst"
+    fd = os.open(stream, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with ThreadPoolExecutor(max(1, threads), thread_name_prefix="btrdelta-solid") as pool, \
+                open(part, "wb") as out:
+            todo: deque[tuple[int, int, Future[bytes]]] = deque()
+            pos = offset = 0
+
+            def drain(keep: int) -> None:
+                nonlocal offset
+                while len(todo) > keep:
+                    first, count, fut = todo.popleft()
+                    blob = fut.result()
+                    out.write(blob)
+                    hasher.update(blob)
+                    frames.append(Frame(offset, len(blob), first, count))
+                    offset += len(blob)
+
+            for first, count in cuts:
+                n = sum(sizes[first : first + count])
+                data = os.pread(fd, n, pos)
+                if len(data) != n:
+                    raise StreamFormatError(f"stream ends at {pos + len(data)}, its chunks "
+                                            f"at {pos + n}", source=str(stream))
+                pos += n
+                todo.append((first, count, pool.submit(_compress, data, level)))
+                drain(max(1, threads))
+            drain(0)
+        digest, _size = publish_file(part, root / "solids", "zst")
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+    if digest != hasher.hexdigest():  # (what was renamed is what was written)
+        raise ChecksumError("the solid full changed while it was published", source=str(part))
+    return Solid.make(digest, frames)
+
+
+def frame_chunks(blob: bytes, frame: Frame, index: int, sizes: Sequence[int], *,
+                 source: str) -> list[memoryview]:
+    """The chunks of frame number ``index`` (``blob``: its downloaded bytes; ``sizes``: its
+    chunks' sizes in order), unchecked against their ids (the store's ``put`` checks).
+
+    Raises:
+        StreamFormatError: not one zstd frame of exactly those bytes (one line naming
+            ``source`` and the frame).
+    """
+    want = sum(sizes)
+    where = f"frame {index} ([{frame.offset}, {frame.offset + frame.length}))"
+    try:
+        declared = zstandard.frame_content_size(blob)
+    except zstandard.ZstdError as exc:
+        raise StreamFormatError(f"{where}: not a zstd frame ({exc})", source=source) from None
+    if declared != want or want > MAX_FRAME:
+        raise StreamFormatError(f"{where}: says {declared} bytes, its chunks are {want}",
+                                source=source)
+    dobj = zstandard.ZstdDecompressor(max_window_size=MAX_FRAME).decompressobj()
+    try:
+        data = dobj.decompress(blob)
+    except zstandard.ZstdError as exc:
+        raise StreamFormatError(f"{where}: {exc}", source=source) from None
+    if not dobj.eof or dobj.unused_data or len(data) != want:
+        raise StreamFormatError(f"{where}: decompresses to {len(data)} bytes of {want}"
+                                + (" and is cut short" if not dobj.eof else "")
+                                + (" with bytes after it" if dobj.unused_data else ""),
+                                source=source)
+    mv = memoryview(data)
+    out = []
+    pos = 0
+    for n in sizes:
+        out.append(mv[pos : pos + n])
+        pos += n
+    return out

@@ -1,0 +1,270 @@
+"""A first install from a repository's solid full (``repo/solid.py``): real MarkupSafe
+releases published with ``repo add``, served by nginx, installed with ``btrdelta update``.
+Oracles: tree-sum of the release trees, the bytes and paths nginx's access log shows."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import blake3
+import pytest
+import zstandard
+
+from btrdelta import trust
+from btrdelta.cli import main
+from btrdelta.repo.fullindex import decode_full_index
+from btrdelta.repo.solid import Frame, Solid, cut_frames
+from btrdelta.tree import tree_sum
+from btrdelta.update.publish import Repo
+from tests.update.conftest import Nginx
+
+
+def _publish(base: Path, trees: list[Path], *init: str, sign: bool = True) -> Path:
+    """``base/repo`` with the trees as v1, v2, ... (signed with ``base/root.pem`` unless
+    ``sign`` is false)."""
+    root = base / "repo"
+    base.mkdir(parents=True, exist_ok=True)
+    if not (base / "root.pem").exists():
+        trust.save_key_pair(trust.generate_key(), str(base / "root.pem"),
+                            str(base / "root.pub"))
+    assert main(["repo", "init", str(root), "--avg-chunk", "4K", *init]) == 0
+    for i, tree in enumerate(trees, 1):
+        assert main(["repo", "add", "-q", str(root), f"v{i}", str(tree)]) == 0
+    if sign:
+        _sign(base)
+    return root
+
+
+def _sign(base: Path) -> None:
+    assert main(["repo", "sign", "-q", str(base / "repo"), "--key", str(base / "root.pem")]) == 0
+
+
+def _install(srv: Nginx, dest: Path, base: Path, capsys: pytest.CaptureFixture[str],
+             *args: str) -> tuple[dict[str, object], list[str], int, str]:
+    """An update of ``dest`` (``--json``): its report, the paths nginx served for it, the
+    body bytes of its artifacts (full index, solid full, packs, deltas), standard error."""
+    before = len(srv.requests())
+    capsys.readouterr()
+    rc = main(["update", srv.url, str(dest), "--json", "--key", str(base / "root.pub"), *args])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    report = json.loads(out)
+    served = srv.requests()[before:]
+    paths = [uri.lstrip("/") for _status, _n, uri in served]
+    artifacts = sum(n for _status, n, uri in served
+                    if uri.startswith(("/fulls/", "/solids/", "/packs/", "/deltas/")))
+    return report, paths, artifacts, err
+
+
+def test_a_first_install_downloads_the_solid_full_and_fewer_bytes(
+    releases: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """From nothing, v3's full comes as its solid frames (no pack is read): fewer bytes
+    than the chunked full of the same repository published without solid fulls
+    (``--solid-level 0``), what the plan said, and the tree is the release's."""
+    solid_root = _publish(tmp_path / "s", releases[:3])
+    chunked_root = _publish(tmp_path / "c", releases[:3], "--solid-level", "0")
+    assert not (chunked_root / "solids").exists()
+    rec = Repo(solid_root).load().versions[2]
+    assert rec.solid is not None
+    sizes = {}
+    for name, root in (("solid", solid_root), ("chunked", chunked_root)):
+        srv = Nginx(root, tmp_path / f"nginx-{name}")
+        try:
+            dest = tmp_path / f"dest-{name}"
+            report, paths, artifacts, _err = _install(srv, dest, tmp_path / name[0], capsys)
+        finally:
+            srv.stop()
+        assert tree_sum(dest / "v3") == tree_sum(releases[2])
+        plan = report["plan"]
+        assert isinstance(plan, dict)
+        assert [s["kind"] for s in plan["steps"]] == ["full"]
+        got = [p for p in paths if p.startswith(("solids/", "packs/"))]
+        if name == "solid":
+            assert got == [rec.solid.path]  # one frame, one range
+            # its full index and its one frame: what the plan said
+            assert artifacts == plan["bytes"] == rec.full_length + rec.solid.length
+        else:
+            assert got
+            assert all(p.startswith("packs/") for p in got)
+        sizes[name] = artifacts
+    assert sizes["solid"] < sizes["chunked"] * 0.95, sizes
+
+
+def _corrupt_middle(path: Path, at: int | None = None) -> None:
+    data = bytearray(path.read_bytes())
+    i = len(data) // 2 if at is None else at
+    data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated", "missing"])
+def test_a_bad_solid_file_on_the_mirror_costs_its_chunks_instead(
+    releases: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str
+) -> None:
+    """A mirror whose solid file is corrupt, cut short or absent: one warning line naming
+    the file (and the frame, where it was read), the frame's chunks from the packs, the
+    release installed all the same (every chunk checked against its id)."""
+    root = _publish(tmp_path, releases[:1])
+    rec = Repo(root).load().versions[0]
+    assert rec.solid is not None
+    bad = tmp_path / "bad"
+    shutil.copytree(root, bad, ignore=shutil.ignore_patterns(".btrdelta"))
+    solid = bad / rec.solid.path
+    if damage == "corrupt":
+        _corrupt_middle(solid)
+    elif damage == "truncated":
+        with open(solid, "r+b") as f:
+            f.truncate(solid.stat().st_size // 2)
+    else:
+        solid.unlink()
+    srv = Nginx(bad, tmp_path / "nginx")
+    try:
+        _report, paths, _artifacts, err = _install(srv, tmp_path / "dest", tmp_path, capsys)
+    finally:
+        srv.stop()
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert rec.solid.path in lines[0]
+    assert "its chunks come from the packs instead" in lines[0]
+    if damage == "corrupt":
+        assert "frame 0 " in lines[0], err
+    assert any(p.startswith("packs/") for p in paths)
+    assert tree_sum(tmp_path / "dest" / "v1") == tree_sum(releases[0])
+
+
+def test_a_frame_is_retried_on_the_next_mirror(
+    releases: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The first mirror's solid file is corrupt, the second's is good: the frame comes from
+    the second, no pack is read anywhere."""
+    root = _publish(tmp_path, releases[:1])
+    rec = Repo(root).load().versions[0]
+    assert rec.solid is not None
+    bad = tmp_path / "bad"
+    shutil.copytree(root, bad, ignore=shutil.ignore_patterns(".btrdelta"))
+    _corrupt_middle(bad / rec.solid.path)
+    srv = Nginx(bad, tmp_path / "nginx")
+    try:
+        _report, paths, _artifacts, err = _install(srv, tmp_path / "dest", tmp_path, capsys,
+                                                    "--mirror", str(root))
+    finally:
+        srv.stop()
+    assert f"the next mirror, {root}, served it" in err, err
+    assert "packs instead" not in err
+    assert not any(p.startswith("packs/") for p in paths)
+    assert rec.solid.path in paths
+    assert tree_sum(tmp_path / "dest" / "v1") == tree_sum(releases[0])
+
+
+def _stream_and_sizes(root: Path, position: int) -> tuple[bytes, list[int]]:
+    """The release's plain stream (from its solid full) and its chunk sizes in order."""
+    v = Repo(root).load().versions[position - 1]
+    assert v.solid is not None
+    stream = b"".join(zstandard.ZstdDecompressor().decompressobj().decompress(
+        (root / v.solid.path).read_bytes()[f.offset : f.offset + f.length])
+        for f in v.solid.frames)
+    idx = decode_full_index((root / f"fulls/{v.full_id}.fidx").read_bytes(), source="x").index
+    return stream, [idx.raw_sizes[e] for e in idx.order]
+
+
+def _forge(root: Path, position: int, frames: list[bytes], counts: list[int]) -> Solid:
+    """Publish ``frames`` (each one zstd frame of ``counts`` chunks) as the version's solid
+    full in the catalog: what ``repo sign`` then signs."""
+    repo = Repo(root)
+    cat = repo.load()
+    blob = b"".join(frames)
+    made, offset, first = [], 0, 0
+    for data, count in zip(frames, counts, strict=True):
+        made.append(Frame(offset, len(data), first, count))
+        offset += len(data)
+        first += count
+    solid = Solid.make(blake3.blake3(blob).hexdigest(), made)
+    (root / solid.path).write_bytes(blob)
+    cat.versions[position - 1].solid = solid
+    repo.save(cat)
+    return solid
+
+
+@pytest.mark.parametrize("forgery", ["short", "flipped"])
+def test_a_signed_solid_that_does_not_decompress_to_the_release_is_not_installed(
+    releases: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], forgery: str
+) -> None:
+    """A solid full signed by the index whose frame decompresses to fewer bytes than its
+    chunks, or to the right size with one byte changed: one warning line naming the file
+    and the frame, nothing of it stored, the chunks from the packs."""
+    root = _publish(tmp_path, releases[:1], sign=False)
+    stream, sizes = _stream_and_sizes(root, 1)
+    changed = bytearray(stream)
+    if forgery == "short":
+        del changed[-1]
+    else:
+        changed[len(changed) // 2] ^= 1
+    solid = _forge(root, 1, [zstandard.ZstdCompressor(level=3).compress(bytes(changed))],
+                   [len(sizes)])
+    _sign(tmp_path)
+    srv = Nginx(root, tmp_path / "nginx")
+    try:
+        _report, paths, _artifacts, err = _install(srv, tmp_path / "dest", tmp_path, capsys)
+    finally:
+        srv.stop()
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert solid.path in lines[0], err
+    if forgery == "short":
+        assert f"frame 0 ([0, {solid.length})): says {len(stream) - 1} bytes, its chunks " \
+               f"are {len(stream)}" in lines[0], err
+    else:
+        assert "frame 0: chunk " in lines[0], err
+        assert "does not match its id" in lines[0], err
+    assert solid.path in paths
+    assert any(p.startswith("packs/") for p in paths)
+    assert tree_sum(tmp_path / "dest" / "v1") == tree_sum(releases[0])
+
+
+def test_only_the_frame_that_fails_costs_its_chunks(
+    releases: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A solid full of two frames (cut at a chunk boundary near the middle), the second
+    corrupt on the mirror: the first frame's chunks are not fetched from the packs, the
+    second's are (fewer pack bytes than the chunked full's)."""
+    root = _publish(tmp_path, releases[:1], sign=False)
+    stream, sizes = _stream_and_sizes(root, 1)
+    cuts = cut_frames(sizes, len(stream) // 2)
+    assert len(cuts) == 2
+    frames, pos = [], 0
+    for first, count in cuts:
+        n = sum(sizes[first : first + count])
+        frames.append(zstandard.ZstdCompressor(level=19).compress(stream[pos : pos + n]))
+        pos += n
+    solid = _forge(root, 1, frames, [c for _f, c in cuts])
+    _sign(tmp_path)
+    _corrupt_middle(root / solid.path, solid.frames[1].offset + solid.frames[1].length // 2)
+    v = Repo(root).load().versions[0]
+    srv = Nginx(root, tmp_path / "nginx")
+    try:
+        before = len(srv.requests())
+        _report, _paths, _artifacts, err = _install(srv, tmp_path / "dest", tmp_path, capsys)
+        packs = sum(n for _s, n, uri in srv.requests()[before:] if uri.startswith("/packs/"))
+    finally:
+        srv.stop()
+    assert "frame 1 " in err, err
+    assert "frame 0" not in err, err
+    assert 0 < packs < v.full_bytes - v.full_length
+    assert tree_sum(tmp_path / "dest" / "v1") == tree_sum(releases[0])
+
+
+def test_repo_gc_keeps_the_solid_fulls_and_removes_a_stray_one(
+    releases: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _publish(tmp_path, releases[:2])
+    kept = sorted(p.name for p in (root / "solids").iterdir())
+    assert len(kept) == 2
+    stray = root / "solids" / f"{'0' * 64}.zst"
+    stray.write_bytes(b"x")
+    capsys.readouterr()
+    assert main(["repo", "gc", str(root), "--json"]) == 0
+    assert "solids/" + stray.name in json.loads(capsys.readouterr().out)["removed"]
+    assert sorted(p.name for p in (root / "solids").iterdir()) == kept
