@@ -275,7 +275,7 @@ def test_repo_init_and_sign_json(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     made = checked("repo init", json.loads(_run("repo", "init", "--json", "--avg-chunk", "4K",
                                                 repo).stdout))
-    assert made == {"repo": str(repo), "avg_chunk": 4096, "level": 12}
+    assert made == {"repo": str(repo), "avg_chunk": 4096, "level": 12, "solid_level": 19}
     assert _run("repo", "add", "-q", repo, "1", tree).returncode == 0
     signed = _run("repo", "sign", "--json", repo, "--key", tmp_path / "root.pem")
     assert signed.returncode == 0, signed.stderr

@@ -283,7 +283,8 @@ def test_a_mirror_holding_a_truncated_pack(
     a line each, before the next mirror; alone, the same lines and exit 7."""
     import shutil
 
-    root = _published(tmp_path, releases[:1])
+    # (no solid full: the pack is what a first install reads)
+    root = _published(tmp_path, releases[:1], init=("--avg-chunk", "4K", "--solid-level", "0"))
     bad = tmp_path / "bad"
     shutil.copytree(root, bad, ignore=shutil.ignore_patterns(".btrdelta"))
     pack = max((bad / "packs").iterdir(), key=lambda p: p.stat().st_size)

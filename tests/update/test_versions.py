@@ -169,6 +169,9 @@ def test_tampering_is_refused_and_dest_unchanged(
             before = _snapshot(dest)
             for pack in (repo / "packs").iterdir():
                 _flip(pack, 100)
+            for solid in (repo / "solids").iterdir():  # (no frame: the packs instead)
+                _flip(solid, 0)  # (its zstd magic: of a later byte, the chunks before it
+                # in the frame would check, be kept, and maybe be the damaged ones)
             what = "packs/"
         elif damage == "expired":
             # the cron job stopped: the timestamp ran out (signed an hour ago for a minute)
@@ -187,6 +190,9 @@ def test_tampering_is_refused_and_dest_unchanged(
         rc, _out, err = _update(srv.url, dest, pub, *args, capsys=capsys)
         assert rc == 5, (damage, rc, err)
         line = err.strip().splitlines()
+        if damage == "pack":  # the solid full's line first: its chunks from the packs
+            assert "solids/" in line[0], err
+            assert "its chunks come from the packs instead" in line.pop(0), err
         assert len(line) == 1, err
         assert what in line[0], line[0]
         assert "Traceback" not in err
@@ -318,9 +324,12 @@ def test_a_resumed_full_counts_the_chunks_it_holds(
     assert rc == 0, err
     plan = checked("update", json.loads(out))
     assert plan["plan"]["steps"][0]["kind"] == "full"
-    # the full less its index (fetched by the plan: metadata) and the chunks held
+    # the full's chunks less those held (the plan's full index is metadata): fewer bytes
+    # than its solid frame, which the plan priced (from nothing), so by chunk ranges
     held = sum(idx.comp_sizes[e] for e in entries)
-    assert plan["to_download"] == plan["plan"]["bytes"] - v.full_length - held
+    assert v.solid is not None
+    assert plan["plan"]["bytes"] == v.full_length + v.solid.length
+    assert plan["to_download"] == v.full_bytes - v.full_length - held < v.solid.length
     before = server.served()
     rc, out, err = _update(server.url, dest, pub, "--to", "v1", "--json", capsys=capsys)
     assert rc == 0, err
@@ -809,10 +818,12 @@ def test_a_local_directory_or_file_url_is_a_mirror(
     assert rc == 0, err
     assert {s["kind"] for s in json.loads(out)["plan"]["steps"]} == {"delta"}
     assert tree_sum(tmp_path / "a" / "v9") == tree_sum(releases[8])
-    # a local mirror without its packs: the full's chunks come from the next mirror
+    # a local mirror without its packs (nor solid fulls): the full's chunks come from the
+    # next mirror
     broken = tmp_path / "broken"
     shutil.copytree(www, broken)
     shutil.rmtree(broken / "packs")
+    shutil.rmtree(broken / "solids")
     rc, out, err = _update(str(broken), tmp_path / "b", pub, "--mirror", url, "--json",
                            capsys=capsys)
     assert rc == 0, err

@@ -318,6 +318,9 @@ def _print_listing(doc: dict[str, Any]) -> None:
     for v in doc["versions"]:
         print(f"{v['position']:>5}  {v['name']:<24} full {human_bytes(v['full_bytes']):>10}  "
               f"stream {human_bytes(v['stream_size']):>10}  {v['identity'][:16]}")
+        if v["solid"]:
+            print(f"         {'solid full':<31} {human_bytes(v['solid']['bytes']):>10}  "
+                  f"{v['solid']['path']}")
         for d in v["deltas"]:
             print(f"         delta from {d['from']:<20} {human_bytes(d['bytes']):>10}  "
                   f"{d['path']}")

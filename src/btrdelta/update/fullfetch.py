@@ -30,15 +30,14 @@ from ..chunk.store import ChunkStore, ImageReader
 from ..errors import ChecksumError, StreamFormatError, TransportError, warn
 from ..repo.fullindex import FullIndex, PackSlot
 from ..repo.mirror import Mirrors
-from ..repo.solid import Frame, Solid, choose_frames
+from ..repo.solid import MAX_FRAME, Frame, Solid, choose_frames
 from ..transport.http import FetchStats, RangeFetcher, RangesNotSupported
 from ..transport.plan import Part, Span
 from .clone import CloneReport, clone_image
-from .solids import frame_chunks
 from .streams import ChunkConcat
 
-__all__ = ["PackSource", "fetch_full", "fetch_solid", "full_cost", "solid_frames",
-           "store_stream"]
+__all__ = ["PackSource", "fetch_full", "fetch_solid", "frame_chunks", "full_cost",
+           "solid_frames", "store_stream"]
 
 
 class PackSource:
@@ -257,3 +256,42 @@ def store_stream(index: ArchiveIndex, digest: bytes, store: ChunkStore, *,
         return reader.read_chunk(entry, sizes[entry])
 
     return ChunkConcat(len(order), get, digest, source=source, on_close=reader.close)
+
+
+def frame_chunks(blob: bytes, frame: Frame, index: int, sizes: Sequence[int], *,
+                 source: str) -> list[memoryview]:
+    """The chunks of frame number ``index`` (``blob``: its downloaded bytes; ``sizes``: its
+    chunks' sizes in order), unchecked against their ids (the store's ``put`` checks).
+
+    Raises:
+        StreamFormatError: not one zstd frame of exactly those bytes (one line naming
+            ``source`` and the frame).
+    """
+    import zstandard  # (only a full from a solid file needs it)
+
+    want = sum(sizes)
+    where = f"frame {index} ([{frame.offset}, {frame.offset + frame.length}))"
+    try:
+        declared = zstandard.frame_content_size(blob)
+    except zstandard.ZstdError as exc:
+        raise StreamFormatError(f"{where}: not a zstd frame ({exc})", source=source) from None
+    if declared != want or want > MAX_FRAME:
+        raise StreamFormatError(f"{where}: says {declared} bytes, its chunks are {want}",
+                                source=source)
+    dobj = zstandard.ZstdDecompressor(max_window_size=MAX_FRAME).decompressobj()
+    try:
+        data = dobj.decompress(blob)
+    except zstandard.ZstdError as exc:
+        raise StreamFormatError(f"{where}: {exc}", source=source) from None
+    if not dobj.eof or dobj.unused_data or len(data) != want:
+        raise StreamFormatError(f"{where}: decompresses to {len(data)} bytes of {want}"
+                                + (" and is cut short" if not dobj.eof else "")
+                                + (" with bytes after it" if dobj.unused_data else ""),
+                                source=source)
+    mv = memoryview(data)
+    out = []
+    pos = 0
+    for n in sizes:
+        out.append(mv[pos : pos + n])
+        pos += n
+    return out

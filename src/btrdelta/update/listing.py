@@ -9,8 +9,14 @@ from typing import Any
 from ..errors import BtrdeltaError
 from ..repo.catalog import Catalog
 from ..repo.model import ArtifactRef
+from ..repo.solid import Solid
 
 __all__ = ["list_repo"]
+
+
+def _solid(solid: Solid | None) -> dict[str, Any] | None:
+    return None if solid is None else {"path": solid.path, "bytes": solid.length,
+                                       "frames": len(solid.frames)}
 
 
 def _catalog_listing(cat: Catalog, where: str) -> dict[str, Any]:
@@ -20,6 +26,7 @@ def _catalog_listing(cat: Catalog, where: str) -> dict[str, Any]:
             "position": pos, "name": v.name, "identity": v.identity,
             "stream_size": v.stream_size, "full_bytes": v.full_bytes,
             "full": ArtifactRef.make("fulls", v.full_id, v.full_length).path,
+            "solid": _solid(v.solid),
             "packs": [f"packs/{k}.pack" for k in v.packs],
             "deltas": [{"from": cat.versions[a - 1].name, "bytes": n,
                         "path": ArtifactRef.make("deltas", h, n).path}
@@ -37,6 +44,7 @@ def _catalog_listing(cat: Catalog, where: str) -> dict[str, Any]:
         "storage": {
             "packs": sum(p.length for p in cat.packs),
             "full_indexes": sum(v.full_length for v in cat.versions),
+            "solids": sum(v.solid.length for v in cat.versions if v.solid is not None),
             "deltas": sum(n for v in cat.versions for _h, n in v.deltas.values()),
         },
         "versions": versions,
@@ -78,6 +86,7 @@ def _remote_listing(url: str, *, key: str | None) -> dict[str, Any]:
             "position": pos, "name": rec.name, "identity": rec.identity,
             "stream_size": rec.stream_size, "full_bytes": index.versions[pos - 1].full_bytes,
             "full": rec.full.path,
+            "solid": _solid(rec.solid),
             "deltas": [{"from": names[d.source - 1], "bytes": d.ref.length,
                         "path": d.ref.path} for d in rec.deltas],
             "pending": [],
@@ -89,6 +98,7 @@ def _remote_listing(url: str, *, key: str | None) -> dict[str, Any]:
         "versions_count": len(versions), "deltas_count": sum(len(v["deltas"]) for v in versions),
         "storage": {
             "full_indexes": sum(r.full.length for r in records.values()),
+            "solids": sum(r.solid.length for r in records.values() if r.solid is not None),
             "deltas": sum(d.ref.length for r in records.values() for d in r.deltas),
         },
         "versions": versions,

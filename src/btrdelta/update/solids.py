@@ -1,12 +1,10 @@
-"""Writing a release's solid full (``repo add``) and reading one frame of it back (a device).
+"""Writing a release's solid full (``repo add``; a device reads it: ``fullfetch.py``).
 
 The format is ``repo/solid.py``'s: the release's plain stream as zstd frames of consecutive
 chunks of the full index's order, ~32 MiB each, every frame with its content size in the
 header and a window as large as the frame. :func:`write_solid` compresses the frames on a
 thread pool (each frame alone: zstd's own threads would cut a 32 MiB frame into jobs of a
 smaller window), writes them in order and names the file by its BLAKE3.
-:func:`frame_chunks` decompresses one downloaded frame and cuts it into its chunks, every
-failure a one-line error naming the file and the frame.
 """
 
 from __future__ import annotations
@@ -21,10 +19,10 @@ import blake3
 import zstandard
 
 from ..errors import ChecksumError, StreamFormatError
-from ..repo.solid import DEFAULT_SOLID_LEVEL, MAX_FRAME, Frame, Solid, cut_frames
+from ..repo.solid import DEFAULT_SOLID_LEVEL, Frame, Solid, cut_frames
 from .packs import publish_file
 
-__all__ = ["frame_chunks", "write_solid"]
+__all__ = ["write_solid"]
 
 
 def _compress(data: bytes, level: int) -> bytes:
@@ -80,40 +78,3 @@ def write_solid(stream: Path, order: Sequence[int], raw_sizes: Sequence[int], ro
     if digest != hasher.hexdigest():  # (what was renamed is what was written)
         raise ChecksumError("the solid full changed while it was published", source=str(part))
     return Solid.make(digest, frames)
-
-
-def frame_chunks(blob: bytes, frame: Frame, index: int, sizes: Sequence[int], *,
-                 source: str) -> list[memoryview]:
-    """The chunks of frame number ``index`` (``blob``: its downloaded bytes; ``sizes``: its
-    chunks' sizes in order), unchecked against their ids (the store's ``put`` checks).
-
-    Raises:
-        StreamFormatError: not one zstd frame of exactly those bytes (one line naming
-            ``source`` and the frame).
-    """
-    want = sum(sizes)
-    where = f"frame {index} ([{frame.offset}, {frame.offset + frame.length}))"
-    try:
-        declared = zstandard.frame_content_size(blob)
-    except zstandard.ZstdError as exc:
-        raise StreamFormatError(f"{where}: not a zstd frame ({exc})", source=source) from None
-    if declared != want or want > MAX_FRAME:
-        raise StreamFormatError(f"{where}: says {declared} bytes, its chunks are {want}",
-                                source=source)
-    dobj = zstandard.ZstdDecompressor(max_window_size=MAX_FRAME).decompressobj()
-    try:
-        data = dobj.decompress(blob)
-    except zstandard.ZstdError as exc:
-        raise StreamFormatError(f"{where}: {exc}", source=source) from None
-    if not dobj.eof or dobj.unused_data or len(data) != want:
-        raise StreamFormatError(f"{where}: decompresses to {len(data)} bytes of {want}"
-                                + (" and is cut short" if not dobj.eof else "")
-                                + (" with bytes after it" if dobj.unused_data else ""),
-                                source=source)
-    mv = memoryview(data)
-    out = []
-    pos = 0
-    for n in sizes:
-        out.append(mv[pos : pos + n])
-        pos += n
-    return out
