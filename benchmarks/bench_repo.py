@@ -151,6 +151,7 @@ def bench_storage(trees: list[Path], root: Path, times: list[float], work: Path)
     cat = Repo(root).load()
     packs = sum(p.length for p in cat.packs)
     fidx = sum(v.full_length for v in cat.versions)
+    solids = sum(v.solid.length for v in cat.versions if v.solid is not None)
     deltas = sum(n for v in cat.versions for _h, n in v.deltas.values())
     count = sum(len(v.deltas) for v in cat.versions)
     fulls_alone = sum(v.full_bytes for v in cat.versions)
@@ -158,10 +159,11 @@ def bench_storage(trees: list[Path], root: Path, times: list[float], work: Path)
     for w in range(2, len(trees) + 1):
         for u in range(1, w):
             all_pairs += _direct(trees[u - 1], trees[w - 1], work)[0]
-    ours = packs + fidx + deltas
+    ours = packs + fidx + solids + deltas
     return [
         f"storage: ours {_kib(ours)} (packs {_kib(packs)}, full indexes {_kib(fidx)}, "
-        f"{count} deltas {_kib(deltas)}); every full alone {_kib(fulls_alone)} "
+        f"solid fulls {_kib(solids)}, {count} deltas {_kib(deltas)}); every full alone "
+        f"{_kib(fulls_alone)} "
         f"({ours / fulls_alone:.2f}x); all-pairs deltas + dedup fulls "
         f"{_kib(all_pairs + packs + fidx)} ({ours / (all_pairs + packs + fidx):.2f}x)",
         f"deltas per release: {count / len(cat.versions):.2f} (goal <= 2.2)",

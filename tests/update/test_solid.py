@@ -268,3 +268,30 @@ def test_repo_gc_keeps_the_solid_fulls_and_removes_a_stray_one(
     assert main(["repo", "gc", str(root), "--json"]) == 0
     assert "solids/" + stray.name in json.loads(capsys.readouterr().out)["removed"]
     assert sorted(p.name for p in (root / "solids").iterdir()) == kept
+
+
+def test_a_device_holding_another_release_takes_the_cheaper_of_frame_and_chunks(
+    releases: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """DEST holds v3 and wants v1 (no delta goes back): the full of v1 is priced and
+    fetched given v3's chunks. The chunks v1 lacks cost fewer bytes as ranges of the packs
+    than its solid frame, so no frame is read; the plan says what nginx then serves."""
+    root = _publish(tmp_path, releases[:3])
+    v1 = Repo(root).load().versions[0]
+    assert v1.solid is not None
+    srv = Nginx(root, tmp_path / "nginx")
+    try:
+        dest = tmp_path / "dest"
+        _install(srv, dest, tmp_path, capsys, "--to", "v3")
+        report, paths, artifacts, _err = _install(srv, dest, tmp_path, capsys, "--to", "v1")
+    finally:
+        srv.stop()
+    assert report["held"] == ["v3"]
+    assert not any(p.startswith("solids/") for p in paths)
+    assert any(p.startswith("packs/") for p in paths)
+    plan = report["plan"]
+    assert isinstance(plan, dict)
+    assert plan["bytes"] < v1.full_length + v1.solid.length
+    # (the full index was fetched to plan: metadata; nginx's multipart framing on top)
+    assert plan["bytes"] - v1.full_length <= artifacts <= plan["bytes"] * 1.02 + 1024
+    assert tree_sum(dest / "v1") == tree_sum(releases[0])
