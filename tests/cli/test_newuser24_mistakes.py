@@ -143,12 +143,17 @@ def test_update_from_a_repository_directory_whose_pack_is_a_directory(
     repo = tmp_path / "repo"
     key = _signed_repo(tmp_path, tree, repo)
     packs = sorted((repo / "packs").iterdir())
-    for pack in packs:
+    solids = sorted((repo / "solids").iterdir())
+    for pack in packs + solids:
         pack.unlink()
         pack.mkdir()
     dest = tmp_path / "dest"
     assert main(["update", "-q", str(repo), str(dest), "--key", f"{key}.pub"]) == 7
-    err = _err(capsys)
+    warning, err = capsys.readouterr().err.split("\n", 1)  # (the solid full, the packs)
+    assert err.count("\n") == 1, err
+    assert "Traceback" not in err, err
+    assert warning.startswith("btrdelta update: warning: "), warning
+    assert f"{solids[0]}: Is a directory; its chunks come from the packs instead" in warning
     assert err.startswith("btrdelta update: error: "), err
     assert any(err.endswith(f"{pack}: Is a directory\n") for pack in packs), err
     assert not (dest / "1.0").exists()

@@ -58,6 +58,16 @@ def _install(srv: Nginx, dest: Path, base: Path, capsys: pytest.CaptureFixture[s
     return report, paths, artifacts, err
 
 
+def _install_from(root: Path, base: Path, capsys: pytest.CaptureFixture[str], *args: str
+                  ) -> tuple[dict[str, object], list[str], int, str]:
+    """:func:`_install` into ``base/dest`` from nginx serving ``root``."""
+    srv = Nginx(root, base / "nginx")
+    try:
+        return _install(srv, base / "dest", base, capsys, *args)
+    finally:
+        srv.stop()
+
+
 def test_a_first_install_downloads_the_solid_full_and_fewer_bytes(
     releases: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -120,11 +130,7 @@ def test_a_bad_solid_file_on_the_mirror_costs_its_chunks_instead(
             f.truncate(solid.stat().st_size // 2)
     else:
         solid.unlink()
-    srv = Nginx(bad, tmp_path / "nginx")
-    try:
-        _report, paths, _artifacts, err = _install(srv, tmp_path / "dest", tmp_path, capsys)
-    finally:
-        srv.stop()
+    _report, paths, _artifacts, err = _install_from(bad, tmp_path, capsys)
     lines = err.splitlines()
     assert len(lines) == 1, err
     assert rec.solid.path in lines[0]
@@ -146,12 +152,8 @@ def test_a_frame_is_retried_on_the_next_mirror(
     bad = tmp_path / "bad"
     shutil.copytree(root, bad, ignore=shutil.ignore_patterns(".btrdelta"))
     _corrupt_middle(bad / rec.solid.path)
-    srv = Nginx(bad, tmp_path / "nginx")
-    try:
-        _report, paths, _artifacts, err = _install(srv, tmp_path / "dest", tmp_path, capsys,
-                                                    "--mirror", str(root))
-    finally:
-        srv.stop()
+    _report, paths, _artifacts, err = _install_from(bad, tmp_path, capsys, "--mirror",
+                                                    str(root))
     assert f"the next mirror, {root}, served it" in err, err
     assert "packs instead" not in err
     assert not any(p.startswith("packs/") for p in paths)
@@ -205,11 +207,7 @@ def test_a_signed_solid_that_does_not_decompress_to_the_release_is_not_installed
     solid = _forge(root, 1, [zstandard.ZstdCompressor(level=3).compress(bytes(changed))],
                    [len(sizes)])
     _sign(tmp_path)
-    srv = Nginx(root, tmp_path / "nginx")
-    try:
-        _report, paths, _artifacts, err = _install(srv, tmp_path / "dest", tmp_path, capsys)
-    finally:
-        srv.stop()
+    _report, paths, _artifacts, err = _install_from(root, tmp_path, capsys)
     lines = err.splitlines()
     assert len(lines) == 1, err
     assert solid.path in lines[0], err
