@@ -426,12 +426,13 @@ def test_init_from_a_file_url_and_a_failed_init_leaves_nothing(
         assert tree_sum(btrfs_dev / "roots" / root) == small_release.old_sum
 
 
-_ARTIFACTS = ("/repo/deltas/", "/repo/fulls/", "/repo/packs/")
+_ARTIFACTS = ("/repo/deltas/", "/repo/fulls/", "/repo/packs/", "/repo/solids/")
 
 
 def _artifact_bytes(srv: Nginx) -> int:
-    """Bytes nginx served of deltas, fulls and packs (not the signed metadata), once nginx
-    is idle (:meth:`Nginx.requests`: its log line comes after the response)."""
+    """Bytes nginx served of deltas, fulls, packs and solid fulls (not the signed
+    metadata), once nginx is idle (:meth:`Nginx.requests`: its log line comes after the
+    response)."""
     return sum(n for _status, n, uri in srv.requests() if uri.startswith(_ARTIFACTS))
 
 
