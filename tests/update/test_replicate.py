@@ -1698,7 +1698,9 @@ def test_a_full_destination_is_an_error_not_a_killed_receiver(tmp_path: Path) ->
     a store into it, after a write-back, made the kernel kill the receiver with SIGBUS,
     and the sender said only `the peer closed the connection`). The full disk is not the
     peer's fault: the partial transfer is kept (it was dropped), and once space is made
-    the next run resumes it (oracle: bytes sent, tree-sum)."""
+    the next run resumes it (oracle: bytes sent, tree-sum). The sender hears `failed`
+    and that the transfer is kept (until session 32 the REFUSE said `protocol: the stream
+    cannot be applied`, which reads as the sender's fault and a transfer dropped)."""
     require_btrfs()
     src = tmp_path / "src"
     src.mkdir()
@@ -1716,6 +1718,11 @@ def test_a_full_destination_is_an_error_not_a_killed_receiver(tmp_path: Path) ->
             assert proc.returncode not in (0, 7), proc.stderr  # (7: the peer closed)
             assert proc.stderr.count("\n") == 1, proc.stderr
             assert "No space left on device" in proc.stderr, proc.stderr
+            # the receiver's own failure, not the peer's: `failed` (`protocol` says the
+            # sender broke the protocol, whose partial transfer is dropped), and kept
+            assert ": failed: " in proc.stderr, proc.stderr
+            assert "protocol" not in proc.stderr, proc.stderr
+            assert "the next run resumes it" in proc.stderr, proc.stderr
             assert _visible(dest) == set()
             acked = json.loads((dest / ".btrdelta-partial/meta.json").read_text())["offset"]
             assert acked > 0

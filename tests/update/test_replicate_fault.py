@@ -105,7 +105,9 @@ def test_a_receiver_failing_mid_stream_keeps_its_partial_only_when_the_fault_is_
     sent, served = _run(src, dest, store)
     assert isinstance(sent, ReplicateResult), sent
     assert sent.outcome == "refused", sent
-    assert sent.message.endswith(f": {text}"), sent
+    # (the REFUSE's code: `failed` for this side's fault, kept; `protocol` for the peer's)
+    assert sent.message.endswith(f"failed: {text} (its partial transfer is kept: the next "
+                                 "run resumes it)" if kept else f"protocol: {text}"), sent
     if kept:  # (a bug is raised, after the peer was told)
         assert (type(served), str(served)) == (fault, text)
     else:
@@ -145,7 +147,8 @@ def test_a_partial_that_fails_the_same_way_each_resume_is_dropped_after_the_thir
         served = None
         gc.collect()  # (see above: the record counter's mapping)
         if run < 3:
-            assert sent.message.endswith(": a bug of the resume"), sent
+            assert sent.message.endswith(": a bug of the resume (its partial transfer is "
+                                         "kept: the next run resumes it)"), sent
             assert not warned
             meta = json.loads((partial / "meta.json").read_bytes())
             assert meta["offset"] > 12 * MIB, meta

@@ -513,13 +513,13 @@ class Replica:
         """Whether a conversation's partial transfer is kept for a resume, as a cut's, after
         it failed with ``exc``: a failure of this side's (not :func:`~.partial.peers_fault`)
         but the :data:`~.partial.OWN_FAILURES`-th in a row at one point (resumed and failed
-        there each time: a bug it meets); and what to add to the peer's REFUSE (and warn
-        here) when it is that one, else ""."""
+        there each time: a bug it meets); and what to add to the peer's REFUSE: that it
+        is kept, or (also warned here) that it is dropped for the failures in a row."""
         if peers_fault(exc):
             return False, ""
         n = partial.own_failure(exc)
         if n < OWN_FAILURES:
-            return True, ""
+            return True, " (its partial transfer is kept: the next run resumes it)"
         note = (f" (failed {n} times in a row at the same point of this transfer: its "
                 f"partial transfer is dropped, the next run starts again)")
         self.warn(f"{self.dest}: {str(exc) or type(exc).__name__}{note}")
@@ -527,9 +527,12 @@ class Replica:
 
     @staticmethod
     def _refuse(io: MessageIO, exc: Exception, note: str = "") -> None:
-        """Tell the peer why the conversation failed (if it still listens)."""
+        """Tell the peer why the conversation failed (if it still listens): ``protocol``
+        when the peer broke it (:func:`~.partial.peers_fault`), else ``failed`` (this
+        side's own: a full disk while applying the stream, a damaged state file, a bug)."""
         with contextlib.suppress(BtrdeltaError):
-            io.send_raw(Refuse("protocol" if isinstance(exc, ProtocolError) else "failed",
+            io.send_raw(Refuse("protocol" if isinstance(exc, ProtocolError)
+                               and peers_fault(exc) else "failed",
                                (str(exc)[:2000] or type(exc).__name__) + note))
 
     def _keep(self, partial: PartialTransfer) -> None:
