@@ -64,6 +64,7 @@ __all__ = [
     "key_id",
     "load_private_key",
     "load_public_key",
+    "load_peer_key",
     "load_root_key",
     "parse_public_key",
     "public_key_text",
@@ -349,15 +350,30 @@ def load_public_key(path: str) -> Ed25519PublicKey:
     return parse_public_key(_read_small(path, "a key file"), source=path)
 
 
+def _load_pinned(path: str, what: str) -> Ed25519PublicKey:
+    """The public key another party is pinned by; a private key file here is a mistake
+    to say, not to use (:class:`UsageError`: it names ``what`` to give instead)."""
+    data = _read_small(path, "a key file")
+    if data.lstrip().startswith(b"-----BEGIN") and b"PRIVATE KEY-----" in data:
+        raise UsageError(f"{path} is a private key: give {what}")
+    return parse_public_key(data, source=path)
+
+
 def load_root_key(path: str) -> Ed25519PublicKey:
     """A repository's root public key for a client to pin (:func:`load_public_key`'s
     forms but a private key file: a device holds the public half only, and its private
     key there is a mistake to say, not to use: :class:`UsageError`)."""
-    data = _read_small(path, "a key file")
-    if data.lstrip().startswith(b"-----BEGIN") and b"PRIVATE KEY-----" in data:
-        raise UsageError(f"{path} is a private key: give the repository's root public key "
-                         "(NAME.pub beside NAME.key; a client never needs the private one)")
-    return parse_public_key(data, source=path)
+    return _load_pinned(path, "the repository's root public key (NAME.pub beside NAME.key; "
+                              "a client never needs the private one)")
+
+
+def load_peer_key(path: str) -> Ed25519PublicKey:
+    """A replication peer's public key (``replicate --peer``, ``--allow``): as
+    :func:`load_root_key`, a private key file is refused (the other side's secret copied
+    here)."""
+    stem = os.path.basename(path).removesuffix(".key")
+    return _load_pinned(path, f"the other side's public key ({stem}.pub beside it; a "
+                              "private key never leaves its machine)")
 
 
 # -- signatures -----------------------------------------------------------------------

@@ -644,3 +644,37 @@ def test_sendshot_prune_says_which_records_it_keeps_as_bases(
         assert capsys.readouterr().out == (
             "nothing to prune: 4 records kept (0 held by a receiver's cursor, 3 the base "
             f"of a kept patch record); store {store}\n")
+
+
+
+@pytest.mark.parametrize("side", ["--peer", "--allow"])
+def test_replicate_given_the_other_sides_private_key_refuses_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], side: str) -> None:
+    """Session 32's trial: `--peer nas.key` (the server's private key copied to the
+    client, where its public key belongs) was taken silently and the replication went
+    on, and `--listen --allow laptop.key` listened; a private key here is the other
+    side's secret in the wrong place: said in one line (exit 2), nothing connected or
+    listened on. (`--key laptop.pub`, the reverse mix-up, was already refused.)"""
+    for name in ("nas", "laptop"):
+        assert main(["key", "generate", "-q", "-o", str(tmp_path / name)]) == 0
+    (tmp_path / "src").mkdir()
+    (tmp_path / "dest").mkdir()
+    capsys.readouterr()
+    if side == "--peer":  # (port 9, discard: a refusal after a connect would say so)
+        argv = ["replicate", "src", "tcp://127.0.0.1:9", "--key", "laptop.key", "--peer",
+                "nas.key", "--store", "store"]
+    else:
+        argv = ["replicate", "--listen", "127.0.0.1:0", "--key", "nas.key", "--allow",
+                "laptop.key", "dest"]
+    key = "nas.key" if side == "--peer" else "laptop.key"
+    # (a child with a timeout: before, the listener listened until killed)
+    proc = subprocess.run([sys.executable, "-m", "btrdelta", *argv], cwd=tmp_path,
+                          capture_output=True, text=True, check=False, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (
+        f"btrdelta replicate: error: {key} is a private key: give the other side's public "
+        f"key ({key[:-4]}.pub beside it; a private key never leaves its machine)\n")
+    assert sorted(os.listdir(tmp_path)) == ["dest", "laptop.key", "laptop.pub", "nas.key",
+                                            "nas.pub", "src"]
+    assert os.listdir(tmp_path / "dest") == []
+

@@ -195,9 +195,9 @@ def _connect(args: argparse.Namespace) -> tuple[Any, str]:
         if not args.key or not args.peer:
             raise UsageError("tcp:// needs --key (this side's key) and --peer (the "
                                 "server's public key), or --no-auth on loopback")
-        from ..trust import load_private_key, load_public_key
+        from ..trust import load_peer_key, load_private_key
 
-        key, peer = load_private_key(args.key), load_public_key(args.peer)
+        key, peer = load_private_key(args.key), load_peer_key(args.peer)
         sock = channels.connect_tcp(host, port, timeout=args.timeout)
         return channels.tls_client(sock, key, peer, dest), dest
     # (a replica in what it copies: SRC/SRC.DATE, the receiver's state files in SRC)
@@ -292,10 +292,10 @@ def _listen(args: argparse.Namespace) -> int:
     elif not args.key or not args.allow:
         raise UsageError("--listen needs --key and --allow PUBKEY... (or --no-auth on "
                             "loopback)")
-    from ..trust import load_private_key, load_public_key
+    from ..trust import load_peer_key, load_private_key
 
     key = load_private_key(args.key) if not args.no_auth else None
-    allowed = [load_public_key(p) for p in args.allow]
+    allowed = [load_peer_key(p) for p in args.allow]
     replica = Replica(dest, backend=args.backend, on_warning=_warner(args, "--listen"))
     replica.settle()  # (no thread of ours left while we wait: a signal's handler runs)
     try:
