@@ -678,3 +678,26 @@ def test_replicate_given_the_other_sides_private_key_refuses_it(
                                             "nas.pub", "src"]
     assert os.listdir(tmp_path / "dest") == []
 
+
+def test_replicate_with_a_lost_store_names_the_option_that_goes_on(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Session 32's trial: a sender whose sendshot store is gone (or another store) meets
+    a receiver holding this source: `no-common-base` said '(allow a full stream to add
+    one)' without naming how; it names `--full`, which then adds a full one (exit 0)."""
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    src.mkdir()
+    dest.mkdir()
+    (src / "f").write_text("one\n")
+    assert main(["replicate", str(src), str(dest), "--store", str(tmp_path / "s1"),
+                 "-q"]) == 0
+    held = sorted(os.listdir(dest))
+    capsys.readouterr()
+    lost = ["replicate", str(src), str(dest), "--store", str(tmp_path / "s2"), "-q"]
+    assert main(lost) == 9
+    err = _err(capsys)
+    assert err.startswith("btrdelta replicate: error: no-common-base: the receiver holds "
+                          "src."), err
+    assert err.endswith("(replicate --full adds a full one beside them)\n"), err
+    assert sorted(os.listdir(dest)) == held
+    assert main([*lost, "--full"]) == 0
+    assert len(os.listdir(dest)) == len(held) + 1

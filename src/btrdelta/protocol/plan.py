@@ -90,5 +90,6 @@ def choose(
     if mine and not allow_full:
         return Choice("refuse", None, "no-common-base",
                       f"the receiver holds {', '.join(h.name for h in mine[:3])} but no "
-                      "state the sender has a sendshot of (allow a full stream to add one)")
+                      "state the sender has a sendshot of (replicate --full adds a full one "
+                      "beside them)")
     return Choice("full")
