@@ -398,6 +398,37 @@ def test_list_of_a_store_that_does_not_exist_says_so(tmp_path: Path,
     assert not store.exists()
 
 
+def test_list_says_where_each_receiver_is(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Session 32's trial: with three receivers `sendshot list` said `held by
+    160d13de7c324a0cb27b1156dc0d0b04` and nothing named which receiver that was (the
+    cursor kept no DEST): to forget the one gone for good a user had to read each
+    receiver's `.btrdelta-replica.json`. The cursor keeps the DEST its last replicate
+    gave, and list names it beside the id (also for a receiver whose record is gone).
+    Oracle: each DEST's own receiver id (its state file)."""
+    store, src = tmp_path / "store", tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(9000))
+    dests = [tmp_path / "nas", tmp_path / "usb"]
+    for dest in dests:
+        dest.mkdir()
+        assert main(["replicate", "-q", str(src), str(dest), "--store", str(store)]) == 0
+    ids = {dest: json.loads((dest / ".btrdelta-replica.json").read_text())["id"]
+           for dest in dests}
+    capsys.readouterr()
+    assert main(["sendshot", "--store", str(store), "list"]) == 0
+    out = capsys.readouterr().out
+    for dest, rid in ids.items():
+        assert f"held by {rid} ({dest})" in out, out
+    # a receiver whose record is gone (deleted with --force) is named with it too
+    held = SendshotStore(store).cursors()[ids[dests[1]]]["digest"]
+    assert main(["sendshot", "--store", str(store), "delete", held, "--force", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["sendshot", "--store", str(store), "list"]) == 0
+    out = capsys.readouterr().out
+    assert f"receiver {ids[dests[1]]} ({dests[1]}): its record {held[:16]} is gone" in out, out
+
+
 def test_forget_a_receiver_gone_for_good(tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     """Two receivers replicated to; one moves on, the other is gone for good: prune keeps
@@ -466,7 +497,7 @@ def test_list_names_receivers_whose_record_is_gone(tmp_path: Path,
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("1 sendshot, ")
     assert "; 2 receiver cursors; " in lines[0]
-    assert lines[1].endswith(f"held by {receiver}")
+    assert lines[1].endswith(f"held by {receiver} ({dest})")  # (where: since session 32)
     assert lines[2].startswith("receiver new-one: it holds no sendshot yet")
     assert len(lines) == 3
 
@@ -476,7 +507,7 @@ def test_list_names_receivers_whose_record_is_gone(tmp_path: Path,
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("0 sendshots, 0 B; 2 receiver cursors")
     assert lines[1:] == [
-        f"receiver {receiver}: its record {cursor['digest'][:16]} is gone (its next "
+        f"receiver {receiver} ({dest}): its record {cursor['digest'][:16]} is gone (its next "
         f"replicate chooses a base from what it holds, or sends in full; `sendshot forget "
         f"{receiver}` drops it)",
         "receiver new-one: it holds no sendshot yet (its next replicate chooses a base from "

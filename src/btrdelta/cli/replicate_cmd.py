@@ -116,6 +116,8 @@ def _replicate(args: argparse.Namespace, ch: Any, peer: str) -> int:
         "segment": args.segment, "allow_full": args.full,
         "prune": not args.no_prune, "compress": None if args.compress == "none" else "zstd",
         "rate_limit": args.rate_limit or None,
+        # (kept in the receiver's cursor: `sendshot list` says where each receiver is)
+        "dest": args.dest if "://" in args.dest else os.path.abspath(args.dest),
     }
     # bytes of the stream the receiver holds (resumed ones included) and the rate, after
     # each checkpointed segment; the size is known only at the end

@@ -164,9 +164,16 @@ def _when(created: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created))
 
 
-def _line(s: StoredSendshot) -> str:
+def _receiver(rid: str, cursors: dict[str, dict[str, Any]] | None) -> str:
+    """A receiver's id and, when its cursor says, where it is (the DEST replicate gave)."""
+    dest = (cursors or {}).get(rid, {}).get("dest")
+    return f"{rid} ({dest})" if isinstance(dest, str) else rid
+
+
+def _line(s: StoredSendshot, cursors: dict[str, dict[str, Any]] | None = None) -> str:
     when = _when(s.created)
-    held = f"  held by {','.join(s.held_by)}" if s.held_by else ""
+    held = (f"  held by {', '.join(_receiver(r, cursors) for r in s.held_by)}"
+            if s.held_by else "")
     parent = f" <- {s.head.parent[:12]}" if s.head.parent else ""
     if s.head.base:  # (a chain squashed: a patch of its whole record, sent against another)
         parent += " (a patch of it)" if s.head.base == s.head.parent else \
@@ -184,8 +191,9 @@ def _orphans(cursors: dict[str, dict[str, Any]], listed: set[str]) -> None:
             continue
         what = (f"its record {str(digest)[:16]} is gone" if digest else
                 "it holds no sendshot yet")
-        print(f"receiver {receiver}: {what} (its next replicate chooses a base from what it "
-              f"holds, or sends in full; `sendshot forget {receiver}` drops it)")
+        print(f"receiver {_receiver(receiver, cursors)}: {what} (its next replicate chooses "
+              f"a base from what it holds, or sends in full; `sendshot forget {receiver}` "
+              "drops it)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -204,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
                                      " (no such directory yet: a typo, or no send "
                                      "recorded there)"))
             for s in every:
-                print(_line(s))
+                print(_line(s, cursors))
             for digest, (why, _mtime) in sorted(store.unreadable.items()):
                 print(f"{digest[:16]}  cannot be read ({why}): `btrdelta sendshot delete "
                       f"{digest[:16]}` removes it")
@@ -223,7 +231,8 @@ def run(args: argparse.Namespace) -> int:
                "tree_digest": s.head.tree_digest.hex()}
         if not args.json:
             text = {**out, "created": _when(s.created),
-                    "held_by": ", ".join(s.held_by) or "no receiver's cursor",
+                    "held_by": ", ".join(_receiver(r, store.cursors()) for r in s.held_by)
+                    or "no receiver's cursor",
                     "tree_digest": out["tree_digest"] or "(none)"}
             for k, v in text.items():
                 print(f"{k}: {'(none)' if v is None else v}")

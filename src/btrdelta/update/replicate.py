@@ -453,6 +453,13 @@ class _Sender:
         self.io, self.store, self.o = io, store, options
         self.name = os.fsdecode(os.path.basename(self.source) or b"subvol")
 
+    def _cursor(self, digest: str | None, **extra: Any) -> None:
+        """Set this receiver's cursor (:meth:`SendshotStore.set_cursor`), naming where it
+        is (the ``dest`` option) when given; None and no ``extra`` still forgets it."""
+        if self.o.get("dest") and (digest is not None or extra):
+            extra["dest"] = self.o["dest"]
+        self.store.set_cursor(self.rid, digest, **extra)
+
     # -- before the stream ------------------------------------------------------------
 
     def _mine(self, lineage: object) -> list[StoredSendshot]:
@@ -553,7 +560,7 @@ class _Sender:
         if choice.base is None:
             self.store.seed()  # (made before the cursor's thread holds the store's lock)
         naming = _Naming(
-            lambda: self.store.set_cursor(self.rid, cursor.get("digest"), inflight=flight),
+            lambda: self._cursor(cursor.get("digest"), inflight=flight),
             lambda: self.store.set_cursor(self.rid, cursor.get("digest"), **{
                 k: v for k, v in cursor.items() if k not in ("digest", "updated")}))
         return self._stream(flight, 0, 0, _ZERO_CHAIN, scanned, naming)
@@ -623,7 +630,7 @@ class _Sender:
         dropping = (Started(lambda: drop_snapshot(os.fsencode(snap)), "snapshot-drop")
                     if snap else None)
         try:
-            self.store.set_cursor(self.rid, recorded, name=done.name, uuid=str(done.uuid))
+            self._cursor(recorded, name=done.name, uuid=str(done.uuid))
             lineage = result.recorded.head.subvol_uuid if result.recorded else None
             pruned = self._prune(lineage)
         finally:
@@ -646,7 +653,7 @@ class _Sender:
         said = f"the receiver holds {held.name if held else base[:16]}, the current state"
         self.io.send(Refuse("already-current", said))
         extra = {"name": held.name, "uuid": str(held.uuid)} if held is not None else {}
-        self.store.set_cursor(self.rid, base or None, **extra)
+        self._cursor(base or None, **extra)
         if result.recorded is not None and result.recorded.digest != base:
             with contextlib.suppress(BtrdeltaError):
                 self.store.delete(result.recorded.digest)
@@ -675,7 +682,7 @@ class _Sender:
             return flight
         flight = {**flight, "sendshot": recorded}
         cursor = self.store.cursors().get(self.rid, {})
-        self.store.set_cursor(self.rid, cursor.get("digest"), inflight=flight)
+        self._cursor(cursor.get("digest"), inflight=flight)
         return flight
 
     def _prune(self, lineage: object) -> int:
@@ -706,7 +713,7 @@ class _Sender:
             return False
         if inflight.get("snapshot"):
             drop_snapshot(os.fsencode(inflight["snapshot"]))
-        self.store.set_cursor(self.rid, digest, name=held.name, uuid=str(held.uuid))
+        self._cursor(digest, name=held.name, uuid=str(held.uuid))
         self._prune(mine[digest].head.subvol_uuid)
         self.adopted = held.name
         return True
@@ -734,7 +741,8 @@ def replicate(source: str | os.PathLike[str], ch: Channel, *, store: SendshotSto
               peer: str = "receiver", **options: Any) -> ReplicateResult:
     """Replicate ``source`` to the receiver at the other end of ``ch``.
 
-    Options: ``segment`` (bytes unacknowledged at most, what a cut may cost again: a
+    Options: ``dest`` (where the receiver is, kept in its cursor for ``sendshot list``),
+    ``segment`` (bytes unacknowledged at most, what a cut may cost again: a
     CHECKPOINT every half of it; default 8 MiB), ``rate_limit`` (bytes/s),
     ``allow_full`` (send a full stream although the receiver holds other states of this
     source), ``version`` (stream version, default 2), ``compress`` (``"zstd"``: data as
