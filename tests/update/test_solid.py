@@ -229,16 +229,7 @@ def test_only_the_frame_that_fails_costs_its_chunks(
     corrupt on the mirror: the first frame's chunks are not fetched from the packs, the
     second's are (fewer pack bytes than the chunked full's)."""
     root = _publish(tmp_path, releases[:1], sign=False)
-    stream, sizes = _stream_and_sizes(root, 1)
-    cuts = cut_frames(sizes, len(stream) // 2)
-    assert len(cuts) == 2
-    frames, pos = [], 0
-    for first, count in cuts:
-        n = sum(sizes[first : first + count])
-        frames.append(zstandard.ZstdCompressor(level=19).compress(stream[pos : pos + n]))
-        pos += n
-    solid = _forge(root, 1, frames, [c for _f, c in cuts])
-    _sign(tmp_path)
+    solid = _two_frames(root, tmp_path)[0]
     _corrupt_middle(root / solid.path, solid.frames[1].offset + solid.frames[1].length // 2)
     v = Repo(root).load().versions[0]
     srv = Nginx(root, tmp_path / "nginx")
@@ -293,3 +284,44 @@ def test_a_device_holding_another_release_takes_the_cheaper_of_frame_and_chunks(
     # (the full index was fetched to plan: metadata; nginx's multipart framing on top)
     assert plan["bytes"] - v1.full_length <= artifacts <= plan["bytes"] * 1.02 + 1024
     assert tree_sum(dest / "v1") == tree_sum(releases[0])
+
+
+def _two_frames(root: Path, base: Path) -> tuple[Solid, bytes, list[int]]:
+    """v1's solid full made again as two frames (cut at a chunk boundary near the middle)
+    and signed; its stream and chunk sizes."""
+    stream, sizes = _stream_and_sizes(root, 1)
+    cuts = cut_frames(sizes, len(stream) // 2)
+    assert len(cuts) == 2
+    frames, pos = [], 0
+    for first, count in cuts:
+        n = sum(sizes[first : first + count])
+        frames.append(zstandard.ZstdCompressor(level=19).compress(stream[pos : pos + n]))
+        pos += n
+    solid = _forge(root, 1, frames, [c for _f, c in cuts])
+    _sign(base)
+    return solid, stream, sizes
+
+
+def test_a_first_install_cut_short_resumes_at_the_frame_it_had_not_stored(
+    releases: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run cut after its first frame left that frame's chunks in DEST's chunk store: the
+    next run downloads the second frame only (or its chunks, were they cheaper), and its
+    plan's "to download" says so."""
+    from btrdelta.chunk.chunker import chunk_digest
+    from btrdelta.chunk.store import ChunkStore
+
+    root = _publish(tmp_path, releases[:1], sign=False)
+    solid, stream, sizes = _two_frames(root, tmp_path)
+    store = ChunkStore(tmp_path / "dest" / ".btrdelta" / "chunks")  # what the cut run kept
+    pos = 0
+    for n in sizes[: solid.frames[0].count]:
+        store.put(chunk_digest(stream[pos : pos + n]), stream[pos : pos + n])
+        pos += n
+    store.sync()
+    report, paths, artifacts, _err = _install_from(root, tmp_path, capsys)
+    fetched = [p for p in paths if p.startswith(("solids/", "packs/"))]
+    assert fetched, paths
+    full = Repo(root).load().versions[0].full_length
+    assert report["to_download"] == artifacts - full <= solid.frames[1].length
+    assert tree_sum(tmp_path / "dest" / "v1") == tree_sum(releases[0])
