@@ -5,6 +5,7 @@ Oracles: tree-sum of the release trees, the bytes and paths nginx's access log s
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -325,3 +326,34 @@ def test_a_first_install_cut_short_resumes_at_the_frame_it_had_not_stored(
     full = Repo(root).load().versions[0].full_length
     assert report["to_download"] == artifacts - full <= solid.frames[1].length
     assert tree_sum(tmp_path / "dest" / "v1") == tree_sum(releases[0])
+
+
+def test_a_frame_is_cut_into_its_chunks_and_a_bad_one_named_in_one_line() -> None:
+    """``frame_chunks`` on frames made here (the device's decoder, without a mirror): the
+    chunks of a good frame, in pieces of the decoder's input; a frame cut short, one with
+    bytes after it, one whose header says another size, and bytes that are no frame are
+    refused naming the file and the frame (the chunks before the damage delivered)."""
+    from btrdelta.errors import StreamFormatError
+    from btrdelta.update.fullfetch import frame_chunks
+
+    rng = random.Random(32)
+    sizes = [70_000, 300_000, 5, 200_000]
+    chunks = [rng.randbytes(n // 2) * 2 + rng.randbytes(n % 2) for n in sizes]
+    blob = zstandard.ZstdCompressor(level=19).compress(b"".join(chunks))
+    frame = Frame(1000, len(blob), 7, len(sizes))
+    assert list(frame_chunks(blob, frame, 2, sizes, source="solids/s.zst")) == chunks
+
+    def refused(data: bytes, sizes: list[int] = sizes) -> str:
+        with pytest.raises(StreamFormatError) as info:
+            list(frame_chunks(data, frame, 2, sizes, source="solids/s.zst"))
+        text = str(info.value)
+        assert "\n" not in text
+        assert "solids/s.zst" in text
+        assert f"frame 2 ([1000, {1000 + len(blob)}))" in text
+        return text
+
+    assert "is cut short" in refused(blob[: len(blob) - 10])
+    assert "with bytes after it" in refused(blob + b"\0" * 3)
+    assert "with bytes after it" in refused(blob + blob)
+    assert "says 570005 bytes, its chunks are 570004" in refused(blob, [*sizes[:-1], 199_999])
+    assert "not a zstd frame" in refused(b"\0" * 64)
