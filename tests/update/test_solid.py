@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -287,12 +288,12 @@ def test_a_device_holding_another_release_takes_the_cheaper_of_frame_and_chunks(
     assert tree_sum(dest / "v1") == tree_sum(releases[0])
 
 
-def _two_frames(root: Path, base: Path) -> tuple[Solid, bytes, list[int]]:
-    """v1's solid full made again as two frames (cut at a chunk boundary near the middle)
-    and signed; its stream and chunk sizes."""
+def _two_frames(root: Path, base: Path, parts: int = 2) -> tuple[Solid, bytes, list[int]]:
+    """v1's solid full made again as two frames (cut at a chunk boundary near the middle;
+    or about ``parts`` frames) and signed; its stream and chunk sizes."""
     stream, sizes = _stream_and_sizes(root, 1)
-    cuts = cut_frames(sizes, len(stream) // 2)
-    assert len(cuts) == 2
+    cuts = cut_frames(sizes, len(stream) // parts)
+    assert len(cuts) == parts if parts == 2 else len(cuts) >= parts - 1
     frames, pos = [], 0
     for first, count in cuts:
         n = sum(sizes[first : first + count])
@@ -357,3 +358,66 @@ def test_a_frame_is_cut_into_its_chunks_and_a_bad_one_named_in_one_line() -> Non
     assert "with bytes after it" in refused(blob + blob)
     assert "says 570005 bytes, its chunks are 570004" in refused(blob, [*sizes[:-1], 199_999])
     assert "not a zstd frame" in refused(b"\0" * 64)
+
+
+@pytest.mark.parametrize("damaged", [False, True])
+def test_a_server_without_range_streams_the_solid_file_once(
+    releases: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], damaged: bool
+) -> None:
+    """``python3 -m http.server`` answers a Range request with the whole file: the frames
+    after the one asked are taken as the file streams past, so a first install reads the
+    solid file once, not once per frame from its start (4 frames read it 2.5 times over,
+    and a 126 MB release of 4 frames received 328 MB). Oracles: the server's own log of
+    GET requests of the solid file, the bytes received against the plan, tree-sum. A
+    damaged frame met on the way is asked again in its own turn, then its chunks come
+    from the packs (one warning naming it), the others' do not."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    root = _publish(tmp_path, releases[:1], sign=False)
+    solid = _two_frames(root, tmp_path, parts=4)[0]
+    assert len(solid.frames) >= 3
+    if damaged:
+        _corrupt_middle(root / solid.path,
+                        solid.frames[1].offset + solid.frames[1].length // 2)
+    gets: list[str] = []
+
+    class Logged(SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            if self.command == "GET":
+                gets.append(self.path)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0),
+                                 functools.partial(Logged, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        capsys.readouterr()
+        dest = tmp_path / "dest"
+        assert main(["update", f"http://127.0.0.1:{server.server_address[1]}", str(dest),
+                     "--json", "--key", str(tmp_path / "root.pub")]) == 0
+        out, err = capsys.readouterr()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    report = json.loads(out)
+    assert tree_sum(dest / "v1") == tree_sum(releases[0])
+    if damaged:
+        warned = [line for line in err.splitlines() if "packs instead" in line]
+        assert len(warned) == 1, err
+        assert re.search(r"frame 1\b", warned[0]), err
+        assert not re.search(r"frame [02]\b", err), err
+        # the pass of frame 0, then frame 1's own; the packs for its chunks
+        assert gets.count("/" + solid.path) == 4, gets
+        assert any(p.startswith("/packs/") for p in gets), gets
+        return
+    assert err.count("ignores Range requests") == 1, err
+    # the ranged request answered whole (cut off), then one read of the whole file
+    assert gets.count("/" + solid.path) == 2, gets
+    assert not any(p.startswith("/packs/") for p in gets), gets
+    plan = report["plan"]["bytes"]
+    assert plan == Repo(root).load().versions[0].full_length + solid.length
+    # (what the cut-off first answer brought: at most the whole file once more)
+    assert report["received"] - report["metadata_bytes"] <= plan + solid.length, report

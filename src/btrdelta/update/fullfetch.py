@@ -17,6 +17,8 @@ A release with a *solid full* (``repo/solid.py``) is fetched frame by frame firs
 by the full index's chunk sizes, and every chunk checked against its id as it is stored;
 the chunk ranges then fetch only what is still missing. A frame that no mirror serves right
 costs its chunks from the packs instead (one warning line naming the file and the frame).
+From a server that ignores Range the solid file is read once, every frame taken as it
+streams past.
 """
 
 from __future__ import annotations
@@ -177,60 +179,81 @@ def fetch_solid(full: FullIndex, solid: Solid, frames: Sequence[Frame], mirrors:
                 on_progress: Callable[[str, int, int], None] | None = None) -> int:
     """Bring the chunks of ``frames`` into ``store``, frame by frame (the unit of retry:
     mirror after mirror); a frame every mirror fails is left to the chunk ranges, with a
-    warning. Returns the frames stored."""
+    warning. A server that ignores Range sends the whole file for the first frame asked:
+    the frames after it are taken as it streams past (each read again from the file's
+    start, n frames cost ~(n+1)/2 times the file). Returns the frames stored."""
     idx = full.index
     number = {f: i for i, f in enumerate(solid.frames)}
     total = sum(f.length for f in frames)
-    done = stored = 0
+    done = 0
+    brought: set[int] = set()
+
+    def held(frame: Frame) -> bool:  # (a chunk put is named only once its batch is synced)
+        return number[frame] in brought or all(store.has(idx.digests[e])
+                   for e in idx.order[frame.first : frame.first + frame.count])
+
     with store.locked(create=True), store.writing():
-        for frame in frames:
-            entries = idx.order[frame.first : frame.first + frame.count]
-            if all(store.has(idx.digests[e]) for e in entries):  # (a run cut before)
-                done += frame.length
-                continue
-            try:
-                mirrors.each(solid.path, lambda url, frame=frame, entries=entries:  # type: ignore[misc]
-                             _fetch_frame(url, mirrors, solid, frame, number[frame],
-                                          entries, full, store))
-                stored += 1
-            except (ChecksumError, StreamFormatError, TransportError) as exc:
-                warn(f"{exc}; its chunks come from the packs instead")
+        for k, frame in enumerate(frames):
+            if not held(frame):  # (else a run cut before, or the pass of a frame before)
+                later = [f for f in frames[k + 1 :] if not held(f)]
+                try:
+                    mirrors.each(solid.path, lambda url, todo=[frame, *later]:  # type: ignore[misc]
+                                 _fetch_frames(url, mirrors, solid, todo, number, full,
+                                               store, brought))
+                except (ChecksumError, StreamFormatError, TransportError) as exc:
+                    warn(f"{exc}; its chunks come from the packs instead")
             done += frame.length
             if on_progress is not None:
                 on_progress("solid", done, total)
-    return stored
+    return len(brought)
 
 
-def _fetch_frame(url: str, mirrors: Mirrors, solid: Solid, frame: Frame, index: int,
-                 entries: Sequence[int], full: FullIndex, store: ChunkStore) -> None:
-    """Frame ``frame`` (number ``index``) of ``solid`` from mirror ``url`` into ``store``."""
+def _fetch_frames(url: str, mirrors: Mirrors, solid: Solid, todo: Sequence[Frame],
+                  number: dict[Frame, int], full: FullIndex, store: ChunkStore,
+                  brought: set[int]) -> None:
+    """Frame ``todo[0]`` of ``solid`` from mirror ``url`` into ``store`` (its errors
+    raised); from a server that ignores Range, also the frames after it in ``todo`` as the
+    file streams past (their errors left to their own turn). ``brought``: the numbers of
+    the frames stored."""
     idx = full.index
-    sizes = [idx.raw_sizes[e] for e in entries]
+    by_start = {f.offset: f for f in todo}
     fetcher = mirrors.fetcher(url, solid.path)
     noted = 0
 
-    def deliver(_span: Span, data: memoryview) -> None:
+    def deliver(span: Span, data: memoryview) -> None:
         nonlocal noted
         n = fetcher.stats.bytes_received - noted
         noted += n
         mirrors.note_bytes(n)
-        chunks = frame_chunks(data, frame, index, sizes, source=solid.path)
-        for pos, (entry, chunk) in enumerate(zip(entries, chunks, strict=True)):
-            try:
-                store.put(idx.digests[entry], chunk)
-            except ChecksumError:
-                raise ChecksumError(f"frame {index}: chunk {frame.first + pos} does not "
-                                    "match its id", source=solid.path) from None
+        frame = by_start[span.start]
+        index = number[frame]
+        entries = idx.order[frame.first : frame.first + frame.count]
+        sizes = [idx.raw_sizes[e] for e in entries]
+        try:
+            chunks = frame_chunks(data, frame, index, sizes, source=solid.path)
+            for pos, (entry, chunk) in enumerate(zip(entries, chunks, strict=True)):
+                try:
+                    store.put(idx.digests[entry], chunk)
+                except ChecksumError:
+                    raise ChecksumError(f"frame {index}: chunk {frame.first + pos} does "
+                                        "not match its id", source=solid.path) from None
+        except (ChecksumError, StreamFormatError):
+            if frame is todo[0]:
+                raise
+            return  # (asked again in its own turn, mirror after mirror)
+        brought.add(index)
 
-    span = [Span(frame.offset, frame.offset + frame.length,
-                 (Part(index, frame.offset, frame.length),))]
+    def span(frame: Frame) -> Span:
+        return Span(frame.offset, frame.offset + frame.length,
+                    (Part(number[frame], frame.offset, frame.length),))
+
     try:
         try:
-            fetcher.fetch_spans(span, deliver)
+            fetcher.fetch_spans([span(todo[0])], deliver)
         except RangesNotSupported:
             if not isinstance(fetcher, RangeFetcher):
                 raise
-            fetcher.stream_spans(span, deliver)
+            fetcher.stream_spans([span(f) for f in todo], deliver)
     finally:  # (what a failed attempt received counts too)
         mirrors.note_bytes(fetcher.stats.bytes_received - noted)
 
