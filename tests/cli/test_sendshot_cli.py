@@ -429,6 +429,49 @@ def test_list_says_where_each_receiver_is(tmp_path: Path,
     assert f"receiver {ids[dests[1]]} ({dests[1]}): its record {held[:16]} is gone" in out, out
 
 
+def test_a_receiver_of_two_sources_keeps_a_base_of_each(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Session 32's trial: two sources replicated into one DEST (`/pool/data` and
+    `/pool/etc` into `/backup`, as btrbk users do) with one store. The receiver's cursor
+    named one record, the last sent: replicating the second source moved it off the
+    first one's, a replicate of the first source to another receiver then pruned that
+    record, and the first DEST, which still held its tree, could only be sent a full one
+    again (`no-common-base`). The cursor keeps the record it holds of each source.
+    Oracles: the kind of the next run (incremental), its base (the record the DEST's own
+    state names), the tree-sum of the result."""
+    from btrdelta.tree import tree_sum
+
+    store = tmp_path / "store"
+    app, etc, nas, usb = (tmp_path / n for n in ("app", "etc", "nas", "usb"))
+    for d in (app, etc, nas, usb):
+        d.mkdir()
+    (app / "f").write_bytes(os.urandom(9000))
+    (etc / "g").write_bytes(os.urandom(9000))
+
+    def rep(src: Path, dest: Path) -> dict[str, Any]:
+        capsys.readouterr()
+        assert main(["replicate", str(src), str(dest), "--store", str(store), "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    first = rep(app, nas)
+    other = rep(etc, nas)
+    (app / "f").write_bytes(os.urandom(9000))
+    rep(app, usb)  # (prunes what no receiver needs of app's records)
+    held = {s.digest: s.held_by for s in SendshotStore(store).records_list()}
+    assert held[first["sendshot"]] == held[other["sendshot"]] == [first["receiver"]], held
+    (app / "f").write_bytes(os.urandom(9000))
+    again = rep(app, nas)
+    assert again["kind"] == "incremental", again
+    assert again["base"] == first["sendshot"], again
+    state = json.loads((nas / ".btrdelta-replica.json").read_text())
+    assert state["received"][first["name"]] == first["sendshot"]
+    assert tree_sum(nas / again["name"]) == tree_sum(app)
+    # nas moved on of app: the record it held of app goes, the one of etc stays
+    held = {s.digest: s.held_by for s in SendshotStore(store).records_list()}
+    assert first["sendshot"] not in held, held
+    assert held[other["sendshot"]] == held[again["sendshot"]] == [first["receiver"]], held
+
+
 def test_forget_a_receiver_gone_for_good(tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     """Two receivers replicated to; one moves on, the other is gone for good: prune keeps

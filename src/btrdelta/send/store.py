@@ -3,7 +3,8 @@
 Layout (``docs/formats/sendshot.md``)::
 
     STORE/records/<digest>.sendshot   one record, named by the BLAKE3-256 of its content
-    STORE/cursors.json                {"version": 1, "receivers": {ID: {"digest": ..., ...}}}
+    STORE/cursors.json                {"version": 1, "receivers": {ID: {"digest": ...,
+                                      "sources": {SOURCE: digest, ...}, ...}}}
     STORE/seed                        the block-digest seed of this store (hex, 0600)
     STORE/heads                       a cache of the records' heads (:data:`_HEADS`)
     STORE/.lock                       flock(2) while the store is changed
@@ -61,6 +62,7 @@ __all__ = [
     "PendingRecord",
     "SendshotStore",
     "StoredSendshot",
+    "cursor_digests",
     "parse_grid",
     "plan_prune",
 ]
@@ -117,6 +119,16 @@ class StoredSendshot(Value):
             "bytes": self.size,
             "held_by": self.held_by,
         }
+
+
+def cursor_digests(cursor: dict[str, Any]) -> set[str]:
+    """The records a receiver's cursor holds: its ``digest`` (the last sent to it) and, in
+    ``sources``, the one it holds of each source sent to it (a DEST receiving two)."""
+    out = {str(cursor["digest"])} if cursor.get("digest") else set()
+    sources = cursor.get("sources")
+    if isinstance(sources, dict):
+        out |= {str(d) for d in sources.values() if d}
+    return out
 
 
 class SendshotStore:
@@ -233,7 +245,8 @@ class SendshotStore:
             return out
         held: dict[str, list[str]] = {}
         for rid, cur in self.cursors().items():
-            held.setdefault(str(cur.get("digest")), []).append(rid)
+            for digest in cursor_digests(cur):
+                held.setdefault(digest, []).append(rid)
         cached = self._heads()
         entries: dict[str, tuple[int, int, int, bytes]] = {}
         self.unreadable = {}
@@ -462,7 +475,7 @@ class SendshotStore:
                 (unless ``force``: that record can then not be read).
         """
         with self.locked():
-            held = [r for r, c in self.cursors().items() if c.get("digest") == digest]
+            held = [r for r, c in self.cursors().items() if digest in cursor_digests(c)]
             if held and not force:
                 raise BtrdeltaError(f"sendshot {digest[:12]} is held by receiver(s) "
                                     f"{', '.join(sorted(held))} (use --force)")
@@ -560,7 +573,7 @@ class SendshotStore:
         with self.locked():
             listed = self.records_list()
             every = [s for s in listed if only is None or only(s)]
-            needed = {str(c.get("digest")) for c in self.cursors().values()}
+            needed = {d for c in self.cursors().values() for d in cursor_digests(c)}
             # an in-flight transfer's base, and the sendshot it recorded (named before
             # its COMMIT: the receiver may hold it although the COMMITTED was lost)
             needed |= {str(c["inflight"].get(key)) for c in self.cursors().values()

@@ -453,9 +453,28 @@ class _Sender:
         self.io, self.store, self.o = io, store, options
         self.name = os.fsdecode(os.path.basename(self.source) or b"subvol")
 
-    def _cursor(self, digest: str | None, **extra: Any) -> None:
-        """Set this receiver's cursor (:meth:`SendshotStore.set_cursor`), naming where it
-        is (the ``dest`` option) when given; None and no ``extra`` still forgets it."""
+    def _cursor(self, digest: str | None, *, holds: bool = False, **extra: Any) -> None:
+        """Set this receiver's cursor (:meth:`SendshotStore.set_cursor`): ``digest`` (with
+        ``holds``: the record it now holds of this source), the record it holds of each
+        other source sent to it kept (``sources``: one DEST receiving two sources, whose
+        records prune must keep), where it is (the ``dest`` option) when given; None and
+        no ``extra`` or other source forgets it."""
+        cursor = self.store.cursors().get(self.rid, {})
+        sources = cursor.get("sources")
+        sources = dict(sources) if isinstance(sources, dict) else {}
+        old = cursor.get("digest")
+        if old and old != digest and old not in sources.values():  # (a cursor of before)
+            rec = next((r for r in self.store.records_list() if r.digest == old), None)
+            if rec is not None and rec.head.source != self.source:
+                sources[os.fsdecode(rec.head.source)] = old
+        if holds:
+            me = os.fsdecode(self.source)
+            if digest:
+                sources[me] = digest
+            else:
+                sources.pop(me, None)
+        if sources:
+            extra["sources"] = sources
         if self.o.get("dest") and (digest is not None or extra):
             extra["dest"] = self.o["dest"]
         self.store.set_cursor(self.rid, digest, **extra)
@@ -630,7 +649,7 @@ class _Sender:
         dropping = (Started(lambda: drop_snapshot(os.fsencode(snap)), "snapshot-drop")
                     if snap else None)
         try:
-            self._cursor(recorded, name=done.name, uuid=str(done.uuid))
+            self._cursor(recorded, holds=True, name=done.name, uuid=str(done.uuid))
             lineage = result.recorded.head.subvol_uuid if result.recorded else None
             pruned = self._prune(lineage)
         finally:
@@ -653,7 +672,7 @@ class _Sender:
         said = f"the receiver holds {held.name if held else base[:16]}, the current state"
         self.io.send(Refuse("already-current", said))
         extra = {"name": held.name, "uuid": str(held.uuid)} if held is not None else {}
-        self._cursor(base or None, **extra)
+        self._cursor(base or None, holds=True, **extra)
         if result.recorded is not None and result.recorded.digest != base:
             with contextlib.suppress(BtrdeltaError):
                 self.store.delete(result.recorded.digest)
@@ -713,7 +732,7 @@ class _Sender:
             return False
         if inflight.get("snapshot"):
             drop_snapshot(os.fsencode(inflight["snapshot"]))
-        self._cursor(digest, name=held.name, uuid=str(held.uuid))
+        self._cursor(digest, holds=True, name=held.name, uuid=str(held.uuid))
         self._prune(mine[digest].head.subvol_uuid)
         self.adopted = held.name
         return True
@@ -732,7 +751,7 @@ class _Sender:
 
     def _forget(self, flight: dict[str, Any]) -> None:
         cursor = self.store.cursors().get(self.rid, {})
-        self.store.set_cursor(self.rid, cursor.get("digest"))
+        self._cursor(cursor.get("digest"))
         if flight.get("snapshot"):
             drop_snapshot(os.fsencode(flight["snapshot"]))
 
