@@ -121,15 +121,18 @@ class Pool:
                 task = queue.popleft()
             task._run()
 
-    def shutdown(self, *, cancel_futures: bool = True) -> None:
+    def shutdown(self, *, cancel_futures: bool = True, wait: bool = True) -> None:
         """Stop the threads and wait for them: tasks not started are cancelled (with
-        ``cancel_futures``, else run first), running ones end."""
+        ``cancel_futures``, else run first), running ones end. ``wait=False``: return at
+        once (a Ctrl-C; the threads are daemons: a running task's result is dropped)."""
         with self._cond:
             self._stopping = True
             if cancel_futures:
                 while self._queue:
                     self._queue.popleft()._cancel()
             self._cond.notify_all()
+        if not wait:
+            return
         for t in self._threads:
             t.join()
         self._threads = []

@@ -20,6 +20,7 @@ from btrdelta.repo.fullindex import decode_full_index
 from btrdelta.repo.solid import Frame, Solid, cut_frames
 from btrdelta.tree import tree_sum
 from btrdelta.update.publish import Repo
+from tests.conftest import Children
 from tests.update.conftest import Nginx
 
 
@@ -421,3 +422,44 @@ def test_a_server_without_range_streams_the_solid_file_once(
     assert plan == Repo(root).load().versions[0].full_length + solid.length
     # (what the cut-off first answer brought: at most the whole file once more)
     assert report["received"] - report["metadata_bytes"] <= plan + solid.length, report
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_while_the_solid_full_is_compressed_stops_at_once(
+    tmp_path: Path, signame: str, children: Children
+) -> None:
+    """Ctrl-C (or SIGTERM) of ``repo add`` while its solid full's frames are compressed:
+    exit 130 (143) at once, one line, no solid full published. It waited for every frame
+    submitted to its thread pool (~10 s of CPU each at level 19 for 32 MiB of random
+    bytes; a Debian release: 103 s at load 11)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for i in range(9):  # random: the slowest frames (34 MiB of stream: two frames)
+        (tree / f"f{i}").write_bytes(os.urandom(4 << 20))
+    root = tmp_path / "repo"
+    assert main(["repo", "init", "-q", str(root)]) == 0
+    proc = children.start(
+        [sys.executable, "-m", "btrdelta", "repo", "add", "--progress", str(root), "v1",
+         str(tree)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert proc.stderr is not None
+    lines = []
+    while not (line := proc.stderr.readline()).endswith(")\n") or "solid full" not in line:
+        assert line, lines
+        lines.append(line)
+    time.sleep(1)  # (its first frame is being compressed)
+    proc.send_signal(getattr(signal, signame))
+    t0 = time.monotonic()
+    _, err = proc.communicate(timeout=120)
+    took = time.monotonic() - t0
+    assert proc.returncode == 128 + getattr(signal, signame), err
+    assert err == "btrdelta repo add: interrupted\n"
+    assert took < 4, took
+    assert not (root / "solids").exists()
+    assert not list((root / ".btrdelta" / "tmp").iterdir())

@@ -3,8 +3,9 @@
 The format is ``repo/solid.py``'s: the release's plain stream as zstd frames of consecutive
 chunks of the full index's order, ~32 MiB each, every frame with its content size in the
 header and a window as large as the frame. :func:`write_solid` compresses the frames on a
-thread pool (each frame alone: zstd's own threads would cut a 32 MiB frame into jobs of a
-smaller window), writes them in order and names the file by its BLAKE3.
+pool of daemon threads (each frame alone: zstd's own threads would cut a 32 MiB frame into
+jobs of a smaller window; a Ctrl-C does not wait for them), writes them in order and names
+the file by its BLAKE3.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import blake3
 import zstandard
 
+from .._pool import Pool, Task
 from ..errors import ChecksumError, StreamFormatError
 from ..repo.solid import DEFAULT_SOLID_LEVEL, Frame, Solid, cut_frames
 from .packs import publish_file
@@ -43,17 +44,17 @@ def write_solid(stream: Path, order: Sequence[int], raw_sizes: Sequence[int], ro
     hasher = blake3.blake3()
     part = tmp / f"solid-{os.getpid()}.zst"
     fd = os.open(stream, os.O_RDONLY | os.O_CLOEXEC)
+    pool = Pool(max(1, threads), "btrdelta-solid")
     try:
-        with ThreadPoolExecutor(max(1, threads), thread_name_prefix="btrdelta-solid") as pool, \
-                open(part, "wb") as out:
-            todo: deque[tuple[int, int, Future[bytes]]] = deque()
+        with open(part, "wb") as out:
+            todo: deque[tuple[int, int, Task[bytes]]] = deque()
             pos = offset = 0
 
             def drain(keep: int) -> None:
                 nonlocal offset
                 while len(todo) > keep:
-                    first, count, fut = todo.popleft()
-                    blob = fut.result()
+                    first, count, task = todo.popleft()
+                    blob = task.result()
                     out.write(blob)
                     hasher.update(blob)
                     frames.append(Frame(offset, len(blob), first, count))
@@ -71,10 +72,13 @@ def write_solid(stream: Path, order: Sequence[int], raw_sizes: Sequence[int], ro
             drain(0)
         digest, _size = publish_file(part, root / "solids", "zst")
     except BaseException:
+        # (a Ctrl-C: the frames being compressed are not waited for, ~10 s of CPU each)
+        pool.shutdown(wait=False)
         part.unlink(missing_ok=True)
         raise
     finally:
         os.close(fd)
+    pool.shutdown()
     if digest != hasher.hexdigest():  # (what was renamed is what was written)
         raise ChecksumError("the solid full changed while it was published", source=str(part))
     return Solid.make(digest, frames)
