@@ -701,3 +701,19 @@ def test_replicate_with_a_lost_store_names_the_option_that_goes_on(
     assert sorted(os.listdir(dest)) == held
     assert main([*lost, "--full"]) == 0
     assert len(os.listdir(dest)) == len(held) + 1
+
+
+def test_replicate_serve_on_a_terminal_says_what_runs_it(tmp_path: Path) -> None:
+    """Session 32's trial: `btrdelta replicate --serve /backup` typed at a terminal wrote
+    the protocol's binary HELLO onto it (and the receiver's state file into DEST), then
+    said 'interrupted ...; the transfer can resume'. The protocol cannot cross a terminal
+    (its line discipline changes bytes), so a standard output that is one is refused: one
+    line naming who runs --serve, exit 2, nothing written into DEST."""
+    dest = tmp_path / "backup"
+    dest.mkdir()
+    proc, shown = _on_a_terminal(["replicate", "--serve", str(dest)], stdout_too=True)
+    assert proc.returncode == 2, shown
+    assert shown == ("btrdelta replicate: error: --serve speaks the replication protocol on "
+                     "its standard input and output, not to a terminal: it is what `btrdelta "
+                     f"replicate SOURCE {dest}` (or ssh://HOST{dest}) runs\r\n"), shown
+    assert os.listdir(dest) == []

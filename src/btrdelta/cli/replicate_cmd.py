@@ -221,6 +221,10 @@ def _serve(args: argparse.Namespace) -> int:
     from ..update.channels import PipeChannel
     from ..update.replica import Replica
 
+    if os.isatty(1):  # (a person typed it: binary messages on a terminal, which mangles them)
+        raise UsageError("--serve speaks the replication protocol on its standard input and "
+                         "output, not to a terminal: it is what `btrdelta replicate SOURCE "
+                         f"{args.serve}` (or ssh://HOST{args.serve}) runs")
     replica = Replica(args.serve, backend=args.backend, on_warning=_warner(args, "--serve"))
     ch = PipeChannel(os.fdopen(0, "rb", buffering=0), os.fdopen(1, "wb", buffering=0),
                      name="stdio")
