@@ -215,6 +215,9 @@ def test_jobs_run_elsewhere_are_adopted(repo: Path, releases: list[Path], tmp_pa
     assert {d["from"] for d in report["deltas"]} == {f"v{a}" for a in delta_sources(N)}
     cat = Repo(repo).load()
     assert cat.versions[-1].pending == []
+    solid = cat.versions[-1].solid  # (made by the --plan-only add that stored the full)
+    assert solid is not None
+    assert report["solid_bytes"] == solid.length == (repo / solid.path).stat().st_size
     assert not (repo / ".btrdelta" / "jobs" / f"v{N}").exists()
 
 

@@ -326,7 +326,8 @@ def add_release(
                 raise BtrdeltaError(f"version {name!r} is already in the repository "
                                     "(published artifacts never change)")
             report = AddReport(name, pos, entry.identity, entry.stream_size,
-                               full_bytes=entry.full_bytes)
+                               full_bytes=entry.full_bytes,
+                               solid_bytes=entry.solid.length if entry.solid else 0)
         if plan_only:
             report.pending = [cat.versions[a - 1].name for a in entry.pending]
             plan_jobs(repo, cat, pos)
