@@ -53,6 +53,8 @@ def test_a_reader_takes_the_record_without_the_keys_it_does_not_know() -> None:
     (lambda s: s["frames"][0].__setitem__(3, 0), "or is empty"),
     (lambda s: s["frames"].append([1000, 1]), "not [offset, length, first chunk, chunks]"),
     (lambda s: s.update(frames=[]), "frames cover 0 bytes of 1000"),
+    (lambda s: s.update(length=700 + (1 << 28), frames=[[0, 700, 0, 3], [700, 1 << 28, 3, 2]]),
+     f"frame 1 is {1 << 28} bytes, more than a frame of {1 << 27} bytes compresses to"),
 ])
 def test_a_solid_whose_frames_do_not_tile_is_refused_in_one_line(change: Any,
                                                                  message: str) -> None:

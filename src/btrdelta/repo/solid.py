@@ -33,6 +33,9 @@ DEFAULT_SOLID_LEVEL = 19
 FRAME_TARGET = 32 << 20
 #: a frame's stream bytes at most (a zstd window of 2^27, the decoders' default limit)
 MAX_FRAME = 1 << 27
+#: a frame's bytes at most: zstd's bound on the compressed size of MAX_FRAME (a frame of
+#: incompressible bytes is stored raw, a few bytes a block more)
+MAX_FRAME_BYTES = MAX_FRAME + (MAX_FRAME >> 8) + (1 << 17)
 _PATH = re.compile(r"solids/([0-9a-f]{64})\.zst")
 _MAX_LEN = (1 << 53) - 1
 _MAX_FRAMES = 1 << 20
@@ -87,6 +90,9 @@ class Solid(Value, frozen=True):
                     or frame.count < 1:
                 f.fail(f"frame {i} does not follow frame {i - 1} (offset {offset}, chunk "
                        f"{first}) or is empty", "frames")
+            if frame.length > MAX_FRAME_BYTES:  # (a device holds a frame while it is cut)
+                f.fail(f"frame {i} is {frame.length} bytes, more than a frame of "
+                       f"{MAX_FRAME} bytes compresses to", "frames")
             frames.append(frame)
             offset += frame.length
             first += frame.count
