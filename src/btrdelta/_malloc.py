@@ -46,7 +46,7 @@ from . import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["huge_pages", "keep_freed_memory", "return_freed_memory"]
+__all__ = ["give_back_freed_memory", "huge_pages", "keep_freed_memory", "return_freed_memory"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -84,6 +84,31 @@ def keep_freed_memory(trim: int = 256 << 20, *,
     Returns whether the C library took the setting (False off glibc).
     """
     return _mallopt(((_M_MMAP_THRESHOLD, _MMAP_MAX), (_M_TRIM_THRESHOLD, trim)), mallopt)
+
+
+def give_back_freed_memory() -> bool:
+    """Give the memory freed in every arena back to the kernel now (glibc's
+    ``malloc_trim(0)``): a process that keeps freed memory (:func:`keep_freed_memory`) and
+    then waits, as ``replicate --every`` between its rounds (else each new thread's arena
+    keeps what its round freed: 25 MB after the first round, 88 MB after the 40th, then no
+    more, on a 40-file tree).
+
+    Returns whether the C library had it (False off glibc).
+    """
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return False
+    except (OSError, ValueError):
+        return False
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
+    return True
 
 
 def one_arena(mallopt: Callable[[int, int], bool]) -> bool:

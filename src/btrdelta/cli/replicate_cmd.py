@@ -21,10 +21,17 @@ examples:
   btrdelta replicate --listen 0.0.0.0:7447 --key nas.key --allow laptop.pub /pool/data
   btrdelta replicate /data tcp://nas:7447 --key laptop.key --peer nas.pub
   btrdelta replicate --serve /pool/data                  # what ssh runs on the other side
+  btrdelta replicate /data ssh://nas/pool/data --every 5m --json   # a service (systemd)
 
 Each run sends what changed since the newest sendshot the receiver holds (a full stream the
 first time), in checkpointed segments: run it again after a cut and it resumes. The sender
 keeps a cursor per receiver and prunes the sendshots no receiver needs.
+
+--every INTERVAL runs in one process until SIGTERM or Ctrl-C: a round now, then one every
+INTERVAL (30s, 5m, 1h), each what one run does (a one-shot run can follow it, and it one);
+a line per round (--json: a JSON line). A failed round is one line and is tried again
+after 1 s, 2 s, 4 s ... up to INTERVAL; it resumes. SIGTERM exits 0 (in a round: once its
+transfer is left resumable). A systemd unit: docs/replicate.md.
 
 Exit codes: 0 also when the receiver is already current; 2 a usage mistake; 5 a key not
 allowed (--allow) or not the pinned one (--peer); 7 the connection (ssh, TCP, a receiver
@@ -57,6 +64,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--peer", metavar="PUBKEY", help="the server's public key (tcp://)")
     p.add_argument("--no-auth", action="store_true",
                    help="plain TCP without authentication (loopback addresses only)")
+    p.add_argument("--every", metavar="INTERVAL", type=_interval,
+                   help="replicate now and then every INTERVAL (30s, 5m, 1h) until SIGTERM "
+                        "or Ctrl-C, in this one process; a failed round is tried again "
+                        "after 1 s, 2 s, 4 s ... up to INTERVAL")
     p.add_argument("--once", action="store_true", help="(--listen) exit after one transfer")
     p.add_argument("--store", metavar="DIR", help=f"the sendshot store (default {DEFAULT_STORE})")
     p.add_argument("--segment", metavar="SIZE", default="8M", type=parse_size,
@@ -92,6 +103,10 @@ def run(args: argparse.Namespace) -> int:
     from .._malloc import keep_freed_memory
 
     if args.serve or args.listen:
+        if args.every is not None:
+            raise UsageError("--every is the sending side's (replicate SOURCE DEST --every "
+                             "INTERVAL); --serve and --listen receive one transfer after "
+                             "another already")
         keep_freed_memory()  # the stream goes through Python buffers on both sides
         return _serve(args) if args.serve else _listen(args)
     if not args.source or not args.dest:
@@ -99,6 +114,18 @@ def run(args: argparse.Namespace) -> int:
     # the receiver (a local child, ssh) starts while this side imports and sets up the send
     # side: its start-up is what the first byte waits for (a local one is a fork of this
     # process, which has imported the CLI and the protocol: no interpreter to start)
+    if args.every is not None:
+        from .replicate_loop import one_heap, run_every
+
+        keep_freed_memory()
+        one_heap()
+        try:  # (a first connection that fails is a failed round: tried again)
+            first: tuple[Any, str] = _connect(args)
+        except UsageError:
+            raise
+        except BtrdeltaError:
+            first = (None, args.dest)
+        return run_every(args, *first)
     ch, peer = _connect(args)
     try:
         keep_freed_memory()
@@ -107,11 +134,32 @@ def run(args: argparse.Namespace) -> int:
         ch.close()
 
 
+def _interval(text: str) -> float:
+    from .replicate_loop import parse_interval
+
+    return parse_interval(text)
+
+
 def _replicate(args: argparse.Namespace, ch: Any, peer: str) -> int:
     from ..send.store import SendshotStore
-    from ..update.replicate import replicate
 
     store = SendshotStore(args.store or DEFAULT_STORE)
+    result = replicate_round(args, store, ch, peer)
+    if args.json:
+        print(json.dumps(result_json(result)))
+    elif not args.quiet:
+        say_result(args, result)
+    if failed(result):
+        raise ProtocolError(result.message)
+    return 0
+
+
+def replicate_round(args: argparse.Namespace, store: Any, ch: Any, peer: str) -> Any:
+    """One replication over ``ch`` (connected to ``peer``): the ``ReplicateResult``, once
+    more on a new connection when a resume's stream diverged. Raises what the transfer
+    raises (a ``TransportError`` with the receiver's last line added)."""
+    from ..update.replicate import replicate
+
     options: dict[str, Any] = {
         "segment": args.segment, "allow_full": args.full,
         "prune": not args.no_prune, "compress": None if args.compress == "none" else "zstd",
@@ -147,35 +195,41 @@ def _replicate(args: argparse.Namespace, ch: Any, peer: str) -> int:
                 ch.close()
             if result.outcome != "diverged":
                 break
-    report = {k: getattr(result, k) for k in result.__match_args__}
-    # a stream made again for a resume that diverged twice is a failure too (the receiver
-    # holds nothing new)
-    failed = (result.outcome == "diverged"
-              or (result.outcome == "refused" and "already-current" not in result.message))
-    if args.json:
-        print(json.dumps(report))
-    elif not args.quiet:
-        if result.adopted:
-            print(f"replicate: the receiver had committed {result.adopted} (the last run was "
-                  "cut before it heard so): adopted", file=sys.stderr)
-        if result.outcome == "committed":
-            resumed = (f", resumed at {human_bytes(result.resumed_from)}"
-                       if result.resumed_from else "")
-            print(f"replicate: {result.kind} -> {result.name}: {human_bytes(result.sent)} "
-                  f"sent of {human_bytes(result.size)} (file data estimated "
-                  f"{human_bytes(result.estimate)}){resumed}; sendshot "
-                  f"{(result.sendshot or '')[:16]}", file=sys.stderr)
-            if args.verbose:
-                base = f"sendshot {result.base[:16]}" if result.base else "none (a full stream)"
-                print(f"  receiver {result.receiver}, base {base}, {result.pruned} "
-                      f"sendshot(s) pruned", file=sys.stderr)
-        elif not failed:  # (a refusal is the error line below, once)
-            said = result.message.removeprefix("already-current: ")
-            what = "nothing to send" if said != result.message else result.outcome
-            print(f"replicate: {what}: {said}", file=sys.stderr)
-    if failed:
-        raise ProtocolError(result.message)
-    return 0
+    return result
+
+
+def failed(result: Any) -> bool:
+    """Whether ``result`` is a failure: a stream made again for a resume that diverged
+    twice, or a refusal other than ``already-current`` (the receiver holds nothing new)."""
+    return (result.outcome == "diverged"
+            or (result.outcome == "refused" and "already-current" not in result.message))
+
+
+def result_json(result: Any) -> dict[str, Any]:
+    """``--json``'s keys of a ``ReplicateResult``."""
+    return {k: getattr(result, k) for k in result.__match_args__}
+
+
+def say_result(args: argparse.Namespace, result: Any, who: str = "replicate") -> None:
+    """The lines of a round on stderr (a refusal is the caller's error line, once)."""
+    if result.adopted:
+        print(f"{who}: the receiver had committed {result.adopted} (the last run was "
+              "cut before it heard so): adopted", file=sys.stderr)
+    if result.outcome == "committed":
+        resumed = (f", resumed at {human_bytes(result.resumed_from)}"
+                   if result.resumed_from else "")
+        print(f"{who}: {result.kind} -> {result.name}: {human_bytes(result.sent)} "
+              f"sent of {human_bytes(result.size)} (file data estimated "
+              f"{human_bytes(result.estimate)}){resumed}; sendshot "
+              f"{(result.sendshot or '')[:16]}", file=sys.stderr)
+        if args.verbose:
+            base = f"sendshot {result.base[:16]}" if result.base else "none (a full stream)"
+            print(f"  receiver {result.receiver}, base {base}, {result.pruned} "
+                  f"sendshot(s) pruned", file=sys.stderr)
+    elif not failed(result):
+        said = result.message.removeprefix("already-current: ")
+        what = "nothing to send" if said != result.message else result.outcome
+        print(f"{who}: {what}: {said}", file=sys.stderr)
 
 
 def _connect(args: argparse.Namespace) -> tuple[Any, str]:
@@ -346,27 +400,46 @@ def _listen(args: argparse.Namespace) -> int:
 
 
 def _accept(server: Any) -> tuple[Any, Any]:
-    """``server.accept()``, woken by a signal whichever thread the kernel gave it to.
+    """``server.accept()``, woken by a signal whichever thread the kernel gave it to
+    (:func:`wait_signalled`)."""
+    wait_signalled(server)
+    return server.accept()  # type: ignore[no-any-return]
+
+
+def wait_signalled(readable: Any = None, timeout: float | None = None) -> bool:
+    """Until ``readable`` (a socket, or None) can be read or ``timeout`` seconds passed
+    (None: no limit); whether it can be read. A signal's handler runs at once in this
+    thread, whichever thread the kernel gave the signal to.
 
     A signal taken by another thread (a library's, or one still leaving the kernel) trips
-    Python's flag but does not interrupt ``accept()`` in this one, so its handler would wait
-    for the next connection (a fresh-clone CI run: SIGTERM ignored for 60 s at load 9-13).
-    The signal's number reaches a wakeup socket from any thread; the wait is a ``select`` on
-    both, and a number read there is raised again in this thread, where ``raise_signal``
-    runs the handler (one call for both: a signal's flag is one bit)."""
+    Python's flag but does not interrupt ``accept()`` or a sleep in this one, so its handler
+    would wait for the next connection (a fresh-clone CI run: SIGTERM ignored for 60 s at
+    load 9-13) or the sleep's end. The signal's number reaches a wakeup socket from any
+    thread; the wait is a ``select`` on both, and a number read there is raised again in
+    this thread, where ``raise_signal`` runs the handler (one call for both: a signal's flag
+    is one bit)."""
     import select
     import signal
     import socket
+    import time
 
+    end = None if timeout is None else time.monotonic() + timeout
     wake, wake_w = socket.socketpair()
     with wake, wake_w:
         wake.setblocking(False)
         wake_w.setblocking(False)
         old = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
         try:
-            while server not in select.select([server, wake], [], [])[0]:
-                for signum in wake.recv(64):
-                    signal.raise_signal(signum)
+            while True:
+                left = None if end is None else max(0.0, end - time.monotonic())
+                ready = select.select([wake] if readable is None else [readable, wake],
+                                      [], [], left)[0]
+                if readable is not None and readable in ready:
+                    return True
+                if not ready:  # (the timeout)
+                    return False
+                if wake in ready:
+                    for signum in wake.recv(64):
+                        signal.raise_signal(signum)
         finally:
             signal.set_wakeup_fd(old)
-    return server.accept()  # type: ignore[no-any-return]

@@ -1,0 +1,148 @@
+"""``btrdelta replicate SOURCE DEST --every INTERVAL``: one process that replicates now and
+then every INTERVAL (a service: systemd, a container), each round what a one-shot
+``replicate`` does (the same protocol, sendshots, cursors and live snapshots: a one-shot
+run or ``send --from-sendshot`` can follow a round, and a round them).
+
+What stays warm between rounds: the interpreter and every module (the send side, and for a
+local DEST the receive engine too, imported here once so each round's forked receiver has
+it), the sendshot store's object. Each round opens its own connection (a fork for a local
+DEST, an ssh session, a TCP/TLS connection): the protocol is one conversation per transfer.
+
+A round that fails (the peer gone, a cut, a full disk, a refusal) is one line (or one JSON
+line) and is tried again after 1 s, then 2, 4, ... up to INTERVAL; the protocol's resume
+makes a retry go on after what the receiver acknowledged. SIGTERM or SIGHUP stop the loop
+with exit 0: at once between rounds (the wait is woken whichever thread took the signal),
+during a round after the round's clean-up (the transfer resumable: the session's snapshot
+named in the cursor until the receiver committed, the receiver's partial transfer kept).
+SIGINT stops it alike: exit 0 between rounds, 130 during a round (as a one-shot run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from .._defaults import DEFAULT_STORE
+from ..errors import BtrdeltaError, ProtocolError, UsageError
+from ._common import Interrupted
+
+#: the first retry of a failed round after this many seconds, doubling up to the interval
+_BACKOFF = 1.0
+
+
+def parse_interval(text: str) -> float:
+    """An argparse type: '5m' -> 300.0 seconds (``ms``, ``s``, ``m``, ``h``, ``d``; a plain
+    number is seconds; fractions allowed: ``0.5s``), more than 0."""
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+    t = text.strip().lower()
+    unit = next((u for u in ("ms", "s", "m", "h", "d") if t.endswith(u)), "")
+    try:
+        value = float(t[:len(t) - len(unit)]) * units.get(unit, 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an interval: {text!r} (e.g. 30s, 5m, 1h)"
+                                         ) from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"not an interval: {text!r} (more than 0, e.g. 5m)")
+    return value
+
+
+def one_heap() -> None:
+    """Every thread's memory from the heap's one arena (``M_ARENA_MAX`` 1): the threads of
+    each round are new ones, and glibc gives new threads arenas of their own (up to 8 a
+    core) that keep what their rounds freed; with one, what a round frees is reused by the
+    next and given back while the loop waits (:func:`give_back_freed_memory`)."""
+    from .._malloc import one_arena
+
+    try:
+        from ..stream._speedups import mallopt
+    except ImportError:
+        return
+    one_arena(mallopt)
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.3f} s" if value < 10 else f"{value:.0f} s"
+
+
+def run_every(args: argparse.Namespace, ch: Any, peer: str) -> int:
+    """Replicate every ``args.every`` seconds until a signal; ``ch``: the first round's
+    connection (made before the send side was imported, as a one-shot run's)."""
+    from .._malloc import give_back_freed_memory
+    from ..send.store import SendshotStore
+    from ..update.replicate import ReplicateResult
+    from . import describe_os_error
+    from .replicate_cmd import _connect, failed, replicate_round, wait_signalled
+
+    store = SendshotStore(args.store or DEFAULT_STORE)
+    failures = 0
+    for n in range(1, sys.maxsize):
+        began, cpu = time.monotonic(), time.process_time()
+        error, code = "", 0
+        try:
+            if ch is None:
+                ch, peer = _connect(args)
+            result = replicate_round(args, store, ch, peer)
+            if failed(result):
+                error, code = result.message, ProtocolError.exit_code
+        except UsageError:
+            raise  # (the same mistake every round)
+        except KeyboardInterrupt as exc:
+            stopped = exc.signum if isinstance(exc, Interrupted) else None
+            if not args.quiet:
+                print(f"replicate round {n}: interrupted; stopped (the next run resumes the "
+                      "transfer)", file=sys.stderr, flush=True)
+            return 0 if stopped is not None else 130
+        except BtrdeltaError as exc:
+            result, error, code = ReplicateResult("failed"), str(exc), exc.exit_code
+        except OSError as exc:
+            result, error, code = ReplicateResult("failed"), describe_os_error(exc), 1
+        ch = None
+        took = time.monotonic() - began
+        failures = failures + 1 if error else 0
+        wait = (args.every - took if not failures
+                else min(args.every - took, _BACKOFF * 2 ** min(failures - 1, 30)))
+        wait = max(wait, 0.0)
+        try:  # (a signal from here on is between rounds)
+            _say(args, n, result, error, code, took, time.process_time() - cpu, wait)
+            if n == 1 and not args.dest.startswith(("ssh://", "tcp://")):
+                _receive_engine()
+            give_back_freed_memory()  # (what the round freed: the loop waits)
+            wait_signalled(timeout=max(0.0, began + took + wait - time.monotonic()))
+        except KeyboardInterrupt:
+            if not args.quiet:
+                print(f"replicate: stopped after {n} round(s)", file=sys.stderr, flush=True)
+            return 0
+    return 0
+
+
+def _receive_engine() -> None:
+    """Import the receiving side here, once: a local DEST's receiver is a fork of this
+    process each round, which then has it."""
+    import btrdelta.receive.resume
+    import btrdelta.receive.subvolumes
+    import btrdelta.stream.reader
+    import btrdelta.update.replica  # noqa: F401
+
+
+def _say(args: argparse.Namespace, n: int, result: Any, error: str, code: int, took: float,
+         cpu: float, wait: float) -> None:
+    """A round's JSON line, or its lines on stderr (a failure's even with ``-q``)."""
+    from .replicate_cmd import result_json, say_result
+
+    if args.json:
+        report = result_json(result)
+        if error:
+            report["message"] = error
+        print(json.dumps({**report, "round": n, "seconds": round(took, 6),
+                          "cpu_seconds": round(cpu, 6), "exit_code": code,
+                          "next_in": round(wait, 3)}), flush=True)
+        return
+    if error:
+        print(f"replicate round {n}: failed (exit code {code} in a one-shot run): {error}; "
+              f"trying again in {_seconds(wait)}", file=sys.stderr, flush=True)
+    elif not args.quiet:
+        say_result(args, result, f"replicate round {n} ({_seconds(took)})")
+        sys.stderr.flush()
