@@ -5,8 +5,11 @@ run or ``send --from-sendshot`` can follow a round, and a round them).
 
 What stays warm between rounds: the interpreter and every module (the send side, and for a
 local DEST the receive engine too, imported here once so each round's forked receiver has
-it), the sendshot store's object. Each round opens its own connection (a fork for a local
-DEST, an ssh session, a TCP/TLS connection): the protocol is one conversation per transfer.
+it), the sendshot store's object with the records of the last base decoded (the next
+round's base is the record this round wrote, a patch on them: only it is read;
+:meth:`~btrdelta.send.store.SendshotStore.keep_decoded`). Each round opens its own
+connection (a fork for a local DEST, an ssh session, a TCP/TLS connection): the protocol
+is one conversation per transfer.
 
 A round that fails (the peer gone, a cut, a full disk, a refusal) is one line (or one JSON
 line) and is tried again after 1 s, then 2, 4, ... up to INTERVAL; the protocol's resume
@@ -77,6 +80,7 @@ def run_every(args: argparse.Namespace, ch: Any, peer: str) -> int:
     from .replicate_cmd import _connect, failed, replicate_round, wait_signalled
 
     store = SendshotStore(args.store or DEFAULT_STORE)
+    store.keep_decoded()  # (the next round's base is a patch on this round's)
     failures = 0
     for n in range(1, sys.maxsize):
         began, cpu = time.monotonic(), time.process_time()

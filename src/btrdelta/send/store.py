@@ -150,6 +150,17 @@ class SendshotStore:
         #: the records of the last listing, by digest: a chain's bases are taken from it
         #: (:meth:`view`), their heads not read from their files again
         self._listed: dict[str, StoredSendshot] = {}
+        #: the records :meth:`view` read last, decoded, by digest (:meth:`keep_decoded`)
+        self._decoded: dict[str, Any] | None = None
+
+    def keep_decoded(self) -> None:
+        """Keep the records :meth:`view` reads decoded in memory (those of its last chain:
+        the whole record and its patches), for a process that sends round after round
+        (``replicate --every``): the next round's base is a patch on the last one's, and
+        only that new record is read then (the rest were checked against their digests
+        when read; a record's content is what its name says, and a record whose file is
+        gone is read, and missing, as without this)."""
+        self._decoded = {}
 
     # -- locking and files ------------------------------------------------------------
 
@@ -422,19 +433,32 @@ class SendshotStore:
                                         source=cur.path)
             chain.append(base)
         whole = chain.pop()
-        reader, f = self._open_base(whole, chain[-1] if chain else None)
-        try:
-            got = View(_checked(reader, reader.columns(), whole), patches=whole.head.content3)
-            got.whole = whole.digest
-        finally:
-            f.close()
+        got = View(self._decode(whole, chain[-1] if chain else None),
+                   patches=whole.head.content3)
+        got.whole = whole.digest
         for k in range(len(chain) - 1, -1, -1):
             link = chain[k]
-            reader, f = self._open_base(link, chain[k - 1] if k else None)
-            try:
-                got.apply(_checked(reader, reader.patch(), link), link.path)
-            finally:
-                f.close()
+            got.apply(self._decode(link, chain[k - 1] if k else None), link.path)
+        if self._decoded is not None:  # (this chain's only)
+            mine = {whole.digest, *(r.digest for r in chain)}
+            self._decoded = {k: v for k, v in self._decoded.items() if k in mine}
+        return got
+
+    def _decode(self, record: StoredSendshot, named_by: StoredSendshot | None) -> Any:
+        """The columns of a whole ``record``, or the patch of a patch record, checked
+        whole against its digest (kept by :meth:`keep_decoded`: not read again while its
+        file is there)."""
+        kept = self._decoded
+        if kept is not None and record.digest in kept and os.path.exists(record.path):
+            return kept[record.digest]
+        reader, f = self._open_base(record, named_by)
+        try:
+            got = _checked(reader, reader.patch() if record.head.base is not None
+                           else reader.columns(), record)
+        finally:
+            f.close()
+        if kept is not None:
+            kept[record.digest] = got
         return got
 
     def _open_base(self, record: StoredSendshot, named_by: StoredSendshot | None
