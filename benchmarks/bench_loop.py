@@ -26,6 +26,9 @@ Each round, after the change, side by side (the order alternated round by round)
   this process (imported and run once before, the store's object kept with its last chain
   decoded, ``keep_decoded``: what a loop's send side costs; like for like with ``send
   -p``);
+* ours, one-shot ``send``: the ``btrdelta send SNAP --from-sendshot latest --record -o
+  /dev/null`` process of ``benchmarks/sendshot_tiny_rounds.sh`` (a store of its own): what
+  each round costs without a loop (the interpreter and imports, the base read);
 * ours, a ``replicate --every`` round: the loop (a process started once, stopped with
   SIGSTOP as soon as it printed a round's JSON line and let go on with SIGCONT once the
   change is made) replicates LIVE to a DEST on the same filesystem: its ``seconds`` (the
@@ -160,6 +163,9 @@ def _workload(name: str, setup: Callable[[Path, random.Random], Callable[[int], 
         store = SendshotStore(mnt / "store-warm")
         store.keep_decoded()  # (as the loop's)
         _warm_send(mnt / "s0", store, True)
+        once = [*BTRDELTA, "send", "--record", "--store", str(mnt / "store-once"), "-o",
+                "/dev/null"]
+        sh(*once, str(mnt / "s0"))
         # the full replication by a one-shot run (a round longer than the interval would
         # be followed by the next at once); the loop's first round finds it current
         full = json.loads(sh(*BTRDELTA, "replicate", "--json", "--store",
@@ -168,7 +174,8 @@ def _workload(name: str, setup: Callable[[Path, random.Random], Callable[[int], 
         loop = _Loop(live, rdest, mnt / "store-loop")
         got = loop.round("refused")
         t: dict[str, list[float]] = {k: [] for k in
-                                     ("snap", "k", "kr", "sync", "w", "wcpu", "loop", "lcpu")}
+                                     ("snap", "k", "kr", "sync", "w", "wcpu", "once",
+                                               "loop", "lcpu")}
         for i in range(1, ROUNDS + 1):
             change(i)
             sh("sync")
@@ -185,6 +192,7 @@ def _workload(name: str, setup: Callable[[Path, random.Random], Callable[[int], 
                 w, c = _warm_send(snap, store, False)
                 t["w"].append(w)
                 t["wcpu"].append(c)
+                t["once"].append(_wall([*once, "--from-sendshot", "latest", str(snap)]))
 
             if i % 2:
                 kernel()
@@ -207,8 +215,10 @@ def _workload(name: str, setup: Callable[[Path, random.Random], Callable[[int], 
         out(f"{name} ({files} inodes, medians of {ROUNDS} rounds, load {load:.1f}): kernel "
             f"snapshot {snap_ms:.1f} ms, send -p {k:.1f} ms, send -p | receive {kr:.1f} ms "
             f"(+ sync -f {krs:.1f} ms)")
+        one = _ms(t["once"])
         out(f"{name} send side: warm send {w:.1f} ms (CPU {_ms(t['wcpu']):.1f} ms) vs send "
-            f"-p {k:.1f} ms: {w / k:.2f}x")
+            f"-p {k:.1f} ms: {w / k:.2f}x; a one-shot send process {one:.1f} ms: "
+            f"{one / k:.2f}x")
         kw, kws = snap_ms + kr, snap_ms + krs
         out(f"{name} replicate --every round: {lp:.1f} ms (its CPU {_ms(t['lcpu']):.1f} ms, "
             f"the forked receiver's not counted) vs snapshot + send -p | receive {kw:.1f} "

@@ -193,13 +193,20 @@ def test_a_round_cut_at_the_receiver_resumes_at_the_next_tick(
 
 
 @pytest.mark.btrfs
+@pytest.mark.parametrize("group", [False, True], ids=["loop", "loop-and-receiver"])
 def test_sigterm_in_a_round_leaves_it_resumable_and_in_a_sleep_stops_at_once(
-        fs: Path, children: Children) -> None:
+        fs: Path, children: Children, group: bool) -> None:
+    """SIGTERM to the loop alone (systemd's ``KillMode=mixed``), or to the loop and its
+    forked local receiver at once (the default, ``control-group``)."""
     live, dest, store = fs / "live", fs / "dest", fs / "store"
     (live / "big").write_bytes(os.urandom(16 << 20))
     proc = _loop(children, live, str(dest), store, "--every", "1h", "--segment", "1M",
                  "--rate-limit", "4M")
     _acked(dest, 1 << 20)  # in the round's stream
+    kids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert len(kids) == 1  # (the receiver)
+    if group:
+        os.kill(int(kids[0]), signal.SIGTERM)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
     assert proc.stderr is not None
