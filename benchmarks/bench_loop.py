@@ -71,7 +71,8 @@ CACHE = Path(os.environ.get("BTRDELTA_BENCH_CACHE") or Path(__file__).parent / "
 
 def _wall(cmd: list[str] | str) -> float:
     t = time.monotonic()
-    subprocess.run(cmd, check=True, shell=isinstance(cmd, str), stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, shell=isinstance(cmd, str), stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
     return time.monotonic() - t
 
 
