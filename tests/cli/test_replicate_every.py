@@ -2,7 +2,7 @@
 live subvolume round after round while it changes (each round's subvolume at the receiver
 equal, by tree-sum, to the source as the round found it), a round cut by the receiver's end
 and resumed at the next tick, SIGTERM between rounds and during one (the transfer resumed
-by a one-shot run after it), 60 rounds with RSS and open descriptors bounded.
+by a one-shot run after it), 50 rounds with RSS and open descriptors bounded.
 
 The rounds are kept in step with the test's changes by stopping the loop (SIGSTOP) as soon
 as it printed a round's JSON line, changing the source, and letting it go on (SIGCONT): the
@@ -236,24 +236,26 @@ def _rss_fds(pid: int) -> tuple[int, int]:
     return rss, len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def test_sixty_rounds_keep_memory_and_descriptors_bounded(tmp_path: Path,
+def test_fifty_rounds_keep_memory_and_descriptors_bounded(tmp_path: Path,
                                                           children: Children) -> None:
     """A plain directory changed between rounds (a round a commit: a walk, a stream, a
     record, a forked receiver; one that took so long that the next began at once finds
-    nothing changed): RSS and open descriptors of the loop asleep in rounds 46-60 as in
-    rounds 6-20."""
+    nothing changed): RSS and open descriptors of the loop asleep in rounds 36-50 as in
+    rounds 6-20; SIGTERM then stops it (the collection after each round once swallowed it:
+    an exception raised in a weakref callback is dropped)."""
     src, dest = tmp_path / "src", tmp_path / "dest"
     src.mkdir()
     dest.mkdir()
     for i in range(40):
         (src / f"f{i}").write_bytes(os.urandom(3000 * i))
-    proc = _loop(children, src, str(dest), tmp_path / "store", "--every", "0.3s")
+    # (a round takes 0.1-0.4 s: most are sampled asleep)
+    proc = _loop(children, src, str(dest), tmp_path / "store", "--every", "0.5s")
     seen: dict[int, tuple[int, int]] = {}
-    for n in range(1, 61):
+    for n in range(1, 51):
         got = _next(proc, stop=False)
         assert (got["round"], got["exit_code"]) == (n, 0), got
         assert got["outcome"] == "committed" or got["message"].startswith("already-current")
-        if got["next_in"] > 0.1:  # (a round that took less than 0.2 s: it sleeps)
+        if got["next_in"] > 0.1:  # (a round that took less than 0.4 s: it sleeps)
             time.sleep(0.05)
             os.kill(proc.pid, signal.SIGSTOP)
             seen[n] = _rss_fds(proc.pid)
@@ -262,16 +264,17 @@ def test_sixty_rounds_keep_memory_and_descriptors_bounded(tmp_path: Path,
             (src / f"f{n % 40}").write_bytes(os.urandom(4000 + n))
             _go(proc)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 0
+    assert proc.wait(timeout=30) == 0  # (the signal not lost in the collection)
     early = [v for n, v in seen.items() if 6 <= n <= 20]
-    late = [v for n, v in seen.items() if 46 <= n <= 60]
+    late = [v for n, v in seen.items() if 36 <= n <= 50]
     assert early, seen
     assert late, seen
     assert min(f for _r, f in early) == min(f for _r, f in late)
-    # (KiB; 25-33 MB at rest over 80 rounds; 45 MB at round 10, 88 MB at 60 before the
-    # loop kept every thread on one arena and gave what a round freed back between rounds)
+    # (KiB; 24.3 MB at rest from round 5 to 40 on this tree; before the loop collected
+    # each round's cyclic garbage, a send's hasher and its buffers among it, 29 MB at round
+    # 4 and 94 MB at round 36: the CLI's collections are rare)
     rss_early, rss_late = max(r for r, _f in early), max(r for r, _f in late)
-    assert rss_late - rss_early < 16 << 10, (rss_early, rss_late)
+    assert rss_late - rss_early < 16 << 10, sorted(seen.items())
     names = sorted(n for n in os.listdir(dest) if not n.startswith("."))
     assert len(names) >= len(seen)
 

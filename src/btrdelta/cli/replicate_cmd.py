@@ -402,14 +402,15 @@ def _listen(args: argparse.Namespace) -> int:
 def _accept(server: Any) -> tuple[Any, Any]:
     """``server.accept()``, woken by a signal whichever thread the kernel gave it to
     (:func:`wait_signalled`)."""
-    wait_signalled(server)
+    while not wait_signalled(server):  # (a signal whose handler did not raise)
+        pass
     return server.accept()  # type: ignore[no-any-return]
 
 
 def wait_signalled(readable: Any = None, timeout: float | None = None) -> bool:
-    """Until ``readable`` (a socket, or None) can be read or ``timeout`` seconds passed
-    (None: no limit); whether it can be read. A signal's handler runs at once in this
-    thread, whichever thread the kernel gave the signal to.
+    """Until ``readable`` (a socket, or None) can be read, ``timeout`` seconds passed (None:
+    no limit) or a signal was handled; whether it can be read. A signal's handler runs at
+    once in this thread, whichever thread the kernel gave the signal to.
 
     A signal taken by another thread (a library's, or one still leaving the kernel) trips
     Python's flag but does not interrupt ``accept()`` or a sleep in this one, so its handler
@@ -441,5 +442,6 @@ def wait_signalled(readable: Any = None, timeout: float | None = None) -> bool:
                 if wake in ready:
                     for signum in wake.recv(64):
                         signal.raise_signal(signum)
+                    return False  # (its handler did not raise)
         finally:
             signal.set_wakeup_fd(old)

@@ -23,7 +23,9 @@ SIGINT stops it alike: exit 0 between rounds, 130 during a round (as a one-shot 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import signal
 import sys
 import time
 from typing import Any
@@ -70,6 +72,36 @@ def _seconds(value: float) -> str:
     return f"{value:.3f} s" if value < 10 else f"{value:.0f} s"
 
 
+class _Stop:
+    """The loop's SIGTERM, SIGHUP and SIGINT: noted, and while a round runs (``armed``)
+    raised as the CLI's are (:class:`Interrupted`; ``KeyboardInterrupt``), so the round
+    stops as a one-shot run's does. Between rounds nothing is raised: an exception raised
+    where Python runs a finalizer or a weakref callback (the collection after each round)
+    is printed and dropped, and the loop went on (a SIGTERM lost 1 time in 3 in a test);
+    the note stops it."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.armed = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Stop:
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                self._old[sig] = signal.signal(sig, self._on)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def _on(self, signum: int, _frame: object) -> None:
+        self.signum = signum
+        if self.armed:
+            self.armed = False
+            raise KeyboardInterrupt if signum == signal.SIGINT else Interrupted(signum)
+
+
 def run_every(args: argparse.Namespace, ch: Any, peer: str) -> int:
     """Replicate every ``args.every`` seconds until a signal; ``ch``: the first round's
     connection (made before the send side was imported, as a one-shot run's)."""
@@ -82,43 +114,50 @@ def run_every(args: argparse.Namespace, ch: Any, peer: str) -> int:
     store = SendshotStore(args.store or DEFAULT_STORE)
     store.keep_decoded()  # (the next round's base is a patch on this round's)
     failures = 0
-    for n in range(1, sys.maxsize):
-        began, cpu = time.monotonic(), time.process_time()
-        error, code = "", 0
-        try:
-            if ch is None:
-                ch, peer = _connect(args)
-            result = replicate_round(args, store, ch, peer)
-            if failed(result):
-                error, code = result.message, ProtocolError.exit_code
-        except UsageError:
-            raise  # (the same mistake every round)
-        except KeyboardInterrupt as exc:
-            stopped = exc.signum if isinstance(exc, Interrupted) else None
-            if not args.quiet:
-                print(f"replicate round {n}: interrupted; stopped (the next run resumes the "
-                      "transfer)", file=sys.stderr, flush=True)
-            return 0 if stopped is not None else 130
-        except BtrdeltaError as exc:
-            result, error, code = ReplicateResult("failed"), str(exc), exc.exit_code
-        except OSError as exc:
-            result, error, code = ReplicateResult("failed"), describe_os_error(exc), 1
-        ch = None
-        took = time.monotonic() - began
-        failures = failures + 1 if error else 0
-        wait = (args.every - took if not failures
-                else min(args.every - took, _BACKOFF * 2 ** min(failures - 1, 30)))
-        wait = max(wait, 0.0)
-        try:  # (a signal from here on is between rounds)
+    with _Stop() as stop:
+        for n in range(1, sys.maxsize):
+            began, cpu = time.monotonic(), time.process_time()
+            error, code = "", 0
+            try:
+                stop.armed = stop.signum is None
+                if ch is None:
+                    ch, peer = _connect(args)
+                result = replicate_round(args, store, ch, peer)
+                stop.armed = False
+                if failed(result):
+                    error, code = result.message, ProtocolError.exit_code
+            except UsageError:
+                raise  # (the same mistake every round)
+            except KeyboardInterrupt:
+                if not args.quiet:
+                    print(f"replicate round {n}: interrupted; stopped (the next run resumes "
+                          "the transfer)", file=sys.stderr, flush=True)
+                return 130 if stop.signum == signal.SIGINT else 0
+            except BtrdeltaError as exc:
+                result, error, code = ReplicateResult("failed"), str(exc), exc.exit_code
+            except OSError as exc:
+                result, error, code = ReplicateResult("failed"), describe_os_error(exc), 1
+            stop.armed, ch = False, None
+            took = time.monotonic() - began
+            failures = failures + 1 if error else 0
+            wait = (args.every - took if not failures
+                    else min(args.every - took, _BACKOFF * 2 ** min(failures - 1, 30)))
+            wait = max(wait, 0.0)
             _say(args, n, result, error, code, took, time.process_time() - cpu, wait)
             if n == 1 and not args.dest.startswith(("ssh://", "tcp://")):
                 _receive_engine()
-            give_back_freed_memory()  # (what the round freed: the loop waits)
-            wait_signalled(timeout=max(0.0, began + took + wait - time.monotonic()))
-        except KeyboardInterrupt:
-            if not args.quiet:
-                print(f"replicate: stopped after {n} round(s)", file=sys.stderr, flush=True)
-            return 0
+            # the round's cyclic garbage (the CLI collects rarely: gc.set_threshold in
+            # __main__; a round's left file bytes to its next full collection: 94 MB after
+            # 36 rounds of a 2.3 MB directory), then what it freed given back
+            gc.collect()
+            give_back_freed_memory()
+            if stop.signum is None:  # (woken by a signal)
+                wait_signalled(timeout=max(0.0, began + took + wait - time.monotonic()))
+            if stop.signum is not None:
+                if not args.quiet:
+                    print(f"replicate: stopped after {n} round(s)", file=sys.stderr,
+                          flush=True)
+                return 0
     return 0
 
 
