@@ -88,3 +88,21 @@ def test_graph_labels_are_inside_the_drawing(tmp_path: Path, names: list[str]) -
     clipped = re.search(r'data-clipped="([^"]*)"', proc.stdout)
     assert clipped is not None, proc.stdout[-2000:]
     assert clipped.group(1) == "none"
+
+
+def test_a_version_s_full_download_is_its_solid_full_and_the_storage_counts_it() -> None:
+    """A version with a solid full: its row says what a first install downloads (full
+    index + solid full), not its chunks; the storage table lists the solid fulls and its
+    total counts them."""
+    from btrdelta.repo.solid import Frame, Solid
+
+    cat = _catalog(2)
+    cat.versions[1].solid = Solid.make("cd" * 32, [Frame(0, 70000, 0, 3)])
+    page = render_html(cat)
+    rows = re.findall(r'<tr class="version">.*?</tr>', page)
+    assert "<td class=n>244.1 KiB</td>" in rows[0]  # (250,001 B: its chunks)
+    assert "<td class=n>69.2 KiB</td>" in rows[1]  # (900 + 70,000 B)
+    assert re.search(r"solid fulls[^<]*</td><td class=n>68\.4 KiB<", page)
+    packs, fidx, deltas = 5000, 2 * 900, sum(1000 * (2 - a) for a in delta_sources(2))
+    total = (packs + fidx + 70000 + deltas) / 1024
+    assert f"<tr><td>total</td><td class=n>{total:.1f} KiB</td></tr>" in page

@@ -3,8 +3,9 @@
 One static page, no script: the versions, the delta graph drawn as SVG (versions on a line,
 oldest left; each delta an arc from its source to its target, thicker for more bytes; under
 each version a bar for the size of its full), a table of every version with the size of its
-full and of each delta into it, and what the mirror stores. Text is HTML-escaped; version
-names are restricted to safe characters anyway.
+full download (its solid full where there is one) and of each delta into it, and what the
+mirror stores. Text is HTML-escaped; version names are restricted to safe characters
+anyway.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import math
 from html import escape
 
-from .catalog import Catalog
+from .catalog import Catalog, CatalogVersion
 from .model import format_time
 
 __all__ = ["render_html"]
@@ -85,6 +86,12 @@ def _svg(cat: Catalog) -> str:
     return note + "".join(parts)
 
 
+def _first_install(v: CatalogVersion) -> int:
+    """What a device that holds nothing downloads for version ``v``: its full index and
+    solid full, or (none made) its chunks."""
+    return v.full_length + v.solid.length if v.solid is not None else v.full_bytes
+
+
 def render_html(cat: Catalog) -> str:
     """The page for the catalog (and its signed state)."""
     rows = []
@@ -96,10 +103,11 @@ def render_html(cat: Catalog) -> str:
         rows.append(
             f'<tr class="version"><td class="n">{pos}</td><td>{escape(v.name)}</td>'
             f"<td><code>{v.identity[:16]}</code></td><td class=n>{_size(v.stream_size)}</td>"
-            f"<td class=n>{_size(v.full_bytes)}</td><td>{deltas or '-'}</td></tr>")
+            f"<td class=n>{_size(_first_install(v))}</td><td>{deltas or '-'}</td></tr>")
     packs = sum(p.length for p in cat.packs)
     deltas_total = sum(n for v in cat.versions for _h, n in v.deltas.values())
     fidx = sum(v.full_length for v in cat.versions)
+    solids = sum(v.solid.length for v in cat.versions if v.solid is not None)
     all_fulls = sum(v.full_bytes for v in cat.versions)
     count = sum(len(v.deltas) for v in cat.versions)
     if cat.index_version:
@@ -125,8 +133,9 @@ def render_html(cat: Catalog) -> str:
 <table id="storage">
 <tr><td>chunk packs (every full, deduplicated)</td><td class=n>{_size(packs)}</td></tr>
 <tr><td>full indexes</td><td class=n>{_size(fidx)}</td></tr>
+<tr><td>solid fulls (what a first install downloads)</td><td class=n>{_size(solids)}</td></tr>
 <tr><td>deltas</td><td class=n>{_size(deltas_total)}</td></tr>
-<tr><td>total</td><td class=n>{_size(packs + fidx + deltas_total)}</td></tr>
+<tr><td>total</td><td class=n>{_size(packs + fidx + solids + deltas_total)}</td></tr>
 <tr><td>every full stored on its own, for comparison</td><td class=n>{_size(all_fulls)}</td></tr>
 </table>
 <p>Update a device: <code>btrdelta update URL DEST --key root.pub</code>.
