@@ -25,7 +25,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "btrdelta"
 
 FLOORS: dict[str, int] = {
     "errors": 0, "trust": 0, "_native": 0, "_value": 0, "_optional": 0, "_malloc": 0,
-    "_defaults": 0, "_zstd": 0, "_pool": 0, "_pathlib": 0,
+    "_defaults": 0, "_zstd": 0, "_pool": 0, "_futures": 0, "_pathlib": 0,
     "stream": 1, "tree": 1, "fs": 1, "transport": 1,
     "send": 2, "delta": 2, "receive": 2, "chunk": 2,
     "repo": 3, "protocol": 3,

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from . import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import signal as _signal
     from typing import Any, Generic, TypeVar
 
     _T = TypeVar("_T")
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
     class _Generic(Generic[_T]):
         pass
 else:
+    import _signal  # (``signal`` without its enums; built in)
+
     _T = None
 
     class _Generic:
@@ -35,7 +38,7 @@ else:
         def __class_getitem__(cls, _item: object) -> type:
             return cls
 
-__all__ = ["Pool", "Started", "StartedThread", "Task"]
+__all__ = ["Pool", "Started", "StartedThread", "Task", "signal_held", "signals_held"]
 
 _PENDING, _RUNNING, _DONE, _CANCELLED = range(4)
 
@@ -98,7 +101,7 @@ class Pool:
     def submit(self, fn: Callable[..., _T], *args: Any) -> Task[_T]:
         """Run ``fn(*args)`` in a worker thread."""
         task: Task[_T] = Task(lambda: fn(*args))
-        with self._cond:
+        with signals_held(), self._cond:
             if self._stopping:
                 raise RuntimeError("submit after shutdown")
             self._queue.append(task)
@@ -136,6 +139,63 @@ class Pool:
         for t in self._threads:
             t.join()
         self._threads = []
+
+
+_MAIN = threading.main_thread().ident
+
+
+class _Hold:
+    """The main thread's :class:`signals_held` blocks open, and the first signal held."""
+
+    depth = 0
+    signum = 0
+
+
+def signal_held(signum: int) -> bool:
+    """For a signal handler that raises (the CLI's): true if the main thread is in a
+    :class:`signals_held` block, which then raises it as it ends (the handler returns at
+    once without raising); false: raise now."""
+    if not _Hold.depth:
+        return False
+    _Hold.signum = _Hold.signum or signum
+    return True
+
+
+class signals_held:
+    """A signal whose handler raises (Ctrl-C, SIGTERM and SIGHUP in the CLI: see
+    :func:`signal_held`) raises as the block ends, not inside it.
+
+    A Ctrl-C raises ``KeyboardInterrupt`` at whatever line the main thread runs: inside a
+    ``with lock:`` after the lock was taken but before the block began (a ``Condition``'s
+    or ``Semaphore``'s ``__enter__``; ``concurrent.futures``' ``_AcquireFutures``, which
+    takes every future's lock in a loop), the lock is never released. A pool's submission
+    takes locks its workers need: a Ctrl-C in ``ThreadPoolExecutor.submit`` left its idle
+    semaphore's lock taken, each worker blocked for ever on finishing a task, and the
+    pool's shutdown waiting for them (``image clone`` hung in 1 run of 5 on a Ctrl-C while
+    it checked its store). For blocks that take locks and do not wait long. Outside the
+    main thread (where no signal handler runs) it does nothing."""
+
+    __slots__ = ("_main",)
+
+    def __init__(self) -> None:
+        self._main = False
+
+    def __enter__(self) -> None:
+        if threading.get_ident() == _MAIN:
+            self._main = True
+            _Hold.depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._main:
+            return
+        self._main = False
+        _Hold.depth -= 1
+        if _Hold.depth or not _Hold.signum:
+            return
+        signum, _Hold.signum = _Hold.signum, 0
+        handler = _signal.getsignal(signum)
+        if callable(handler):
+            handler(signum, None)
 
 
 class Started:
@@ -197,7 +257,8 @@ class StartedThread(threading.Thread):
         if self._launched:
             raise RuntimeError("threads can only be started once")
         self._launched = True
-        with _THREADING._active_limbo_lock:  # (the thread takes itself out when it runs)
+        # (the thread takes itself out when it runs; a Ctrl-C must not leave the lock taken)
+        with signals_held(), _THREADING._active_limbo_lock:
             _THREADING._limbo[self] = self
         try:
             _thread.start_new_thread(self._bootstrap, ())  # type: ignore[attr-defined]

@@ -312,3 +312,46 @@ entry()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           preexec_fn=_as_in_a_terminal(), timeout=60, check=False)
     assert (proc.returncode, proc.stderr) == (130, "btrdelta: interrupted\n")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_a_pool_takes_a_task(tmp_path: Path, sig: signal.Signals,
+                                            children: Children) -> None:
+    """A signal that comes while ``ThreadPoolExecutor.submit`` holds its idle semaphore's
+    lock (in ``_adjust_thread_count``, the second task an ``image compress`` gives a pool).
+    The ``KeyboardInterrupt`` was raised there, the lock stayed taken, the worker blocked
+    on it as it finished its task and the pool's shutdown waited for the worker: the
+    command never ended (an ``image clone`` hung so in 1 Ctrl-C of 5 while it checked its
+    store). Now the submission holds the signal back: exit 128 + it, one line. The child
+    raises the signal itself at that point (``signal.raise_signal``: its handler runs
+    there, as a real Ctrl-C's does at the next bytecode)."""
+    image = tmp_path / "image"
+    image.write_bytes(os.urandom(1 << 20))
+    code = f"""
+import signal, sys
+import concurrent.futures.thread as cft
+real = cft.ThreadPoolExecutor._adjust_thread_count
+def adjust(self):
+    if not self._threads:  # (a worker that will finish a task first)
+        return real(self)
+    cft.ThreadPoolExecutor._adjust_thread_count = real
+    lock = self._idle_semaphore._cond  # (what Semaphore.acquire's `with` takes)
+    lock.acquire()
+    signal.raise_signal({int(sig)})
+    lock.release()
+    return real(self)
+cft.ThreadPoolExecutor._adjust_thread_count = adjust
+sys.argv = ["btrdelta", "image", "compress", "-q", "-i", {str(image)!r}, "-o",
+            {str(tmp_path / "a.bdar")!r}]
+from btrdelta.__main__ import entry
+entry()
+"""
+    proc = children.start([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, preexec_fn=_as_in_a_terminal())
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the command did not end: a pool's worker waits for the lock taken")
+    assert (proc.returncode, out, err) == (128 + sig, b"",
+                                           b"btrdelta image compress: interrupted\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image"]

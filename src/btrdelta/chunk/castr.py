@@ -15,9 +15,10 @@ import posixpath
 import stat
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future
 
 from .. import TYPE_CHECKING
+from .._futures import ThreadPoolExecutor, cancel_all, wait_first_error
 from ..errors import BtrdeltaError, MissingBaseError, StreamFormatError, TransportError
 from ..transport.config import HttpConfig
 from ..transport.http import FetchStats, RangeFetcher
@@ -191,12 +192,11 @@ class CastrChunks:
             futures: list[Future[None]] = []
             try:  # (extend keeps each future as it is made)
                 futures.extend(pool.submit(task, e) for e in entries)
-                done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+                wait_first_error(futures)
             except BaseException:  # Ctrl-C: the chunks not yet begun are not fetched
-                for fut in futures:
-                    fut.cancel()
+                cancel_all(futures)
                 raise
-            for fut in pending:
-                fut.cancel()
-            for fut in done:
-                fut.result()
+            cancel_all(futures)  # (after a failure: those not begun)
+            for fut in futures:
+                if fut.done() and not fut.cancelled():
+                    fut.result()

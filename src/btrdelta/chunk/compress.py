@@ -18,12 +18,13 @@ import threading
 from array import array
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import BinaryIO
 
 import zstandard
 
+from .._futures import ThreadPoolExecutor
 from .._value import replace
 from ..trust import PrivateKey
 from .archive import (

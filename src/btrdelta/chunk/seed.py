@@ -9,8 +9,8 @@ chunk the image wants is recorded with where it sits. It reads seeds and nothing
 from __future__ import annotations
 
 from collections.abc import Callable, Container, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
+from .._futures import ThreadPoolExecutor
 from .._value import Value, field
 from .chunker import Chunking, FileMap, open_map
 

@@ -37,10 +37,10 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 
 import blake3
 
+from .._futures import ThreadPoolExecutor
 from .._value import Value, field
 from ..errors import (
     BtrdeltaError,

@@ -378,12 +378,16 @@ class Interrupted(KeyboardInterrupt):
 def stop_on_signals() -> dict[int, Any]:
     """SIGTERM and SIGHUP end the command like Ctrl-C (:class:`Interrupted`, a
     ``KeyboardInterrupt``), so what it made for the run (temporary snapshots, partial files)
-    is removed on the way out; not one ignored when the command started (``nohup``). Returns
-    the handlers replaced (empty outside the main thread, where none can be set)."""
+    is removed on the way out; not one ignored when the command started (``nohup``). Ctrl-C
+    (at Python's default) too, so that all three wait for a
+    :class:`~btrdelta._pool.signals_held` block to end (a pool's submission: its locks).
+    Returns the handlers replaced (empty outside the main thread, where none can be set)."""
     old: dict[int, Any] = {}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         try:
-            if signal.getsignal(sig) is not signal.SIG_IGN:
+            now = signal.getsignal(sig)
+            if (now is signal.default_int_handler if sig == signal.SIGINT
+                    else now is not signal.SIG_IGN):
                 old[sig] = signal.signal(sig, _stop)
         except ValueError:  # not the main thread
             break
@@ -391,7 +395,9 @@ def stop_on_signals() -> dict[int, Any]:
 
 
 def _stop(signum: int, _frame: object) -> None:
-    raise Interrupted(signum)
+    pool = sys.modules.get("btrdelta._pool")  # (no block is open before it is imported)
+    if pool is None or not pool.signal_held(signum):
+        raise Interrupted(signum)
 
 
 @contextlib.contextmanager

@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import queue
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
+from .._futures import ThreadPoolExecutor
 from .lzma2 import Lzma2Encoder
 
 __all__ = ["Lanes"]

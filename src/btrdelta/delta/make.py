@@ -24,10 +24,11 @@ from __future__ import annotations
 import os
 from collections import Counter, deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from .._futures import ThreadPoolExecutor
 from .._optional import need
 from ..errors import BtrdeltaError, UnsafePathError
 from ..fs.sandbox import file_size as old_file_size

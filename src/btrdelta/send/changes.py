@@ -67,7 +67,7 @@ from .scan import (
 )
 
 if TYPE_CHECKING:
-    from concurrent.futures import ThreadPoolExecutor
+    from .._futures import ThreadPoolExecutor
 
 __all__ = ["Changes", "SourceIndex", "TreeIdentity", "find_changes", "index_source"]
 
@@ -524,7 +524,7 @@ class _Walk:
             results = self._jobs(jobs)  # small files: threads would only pass the GIL around
         else:  # one slice a thread, big files spread over them
             if self.pool is None:
-                from concurrent.futures import ThreadPoolExecutor
+                from .._futures import ThreadPoolExecutor
 
                 self.pool = ThreadPoolExecutor(self.workers,
                                                thread_name_prefix="btrdelta-read")

@@ -30,9 +30,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future
 from typing import BinaryIO, TypeVar
 
+from .._futures import ThreadPoolExecutor, cancel_all, wait_first_error
 from .._value import Value
 from ..errors import TransportError
 from .client import (
@@ -432,13 +433,12 @@ class RangeFetcher:
             try:  # (a Ctrl-C while batches are still submitted cancels the started ones too:
                 # extend keeps each future as it is made)
                 futures.extend(pool.submit(self._fetch_batch, b, on_span) for b in batches)
-                wait(futures, return_when=FIRST_EXCEPTION)
+                wait_first_error(futures)
                 for fut in futures:
                     if fut.done():
                         fut.result()  # the first failure, if any, is raised here
             except BaseException:
-                for fut in futures:
-                    fut.cancel()
+                cancel_all(futures)
                 self.cancel()
                 raise
 

@@ -43,13 +43,14 @@ import os
 import stat
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from .. import _native
 from .. import stream as _s
+from .._futures import ThreadPoolExecutor
 from .._value import Value
 from ..fs.btrfs import subvol_info
 from .overlay import Overlay, overlay_digest

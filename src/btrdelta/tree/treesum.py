@@ -21,11 +21,12 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
 import blake3
 
+from .._futures import ThreadPoolExecutor
 from ..fs.content import NOT_COPIED_XATTRS, data_segments
 from ..fs.longpath import listdir_at, short_path
 from .content import Stopped, file_content_digest

@@ -16,7 +16,7 @@ import secrets
 import shutil
 from array import array
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -24,6 +24,7 @@ from typing import Protocol
 import blake3
 import zstandard
 
+from .._futures import ThreadPoolExecutor
 from ..chunk.archive import (
     ArchiveHeader,
     decode_chunk,
