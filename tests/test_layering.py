@@ -200,3 +200,21 @@ def test_a_crowded_room_is_caught(tmp_path: Path) -> None:
     body = "".join(f"    x{i} = {i}\n" for i in range(80))
     (tmp_path / "btrdelta" / "m.py").write_text(f"def f():\n{body}")
     assert crowded(tmp_path / "btrdelta") == ["btrdelta/m.py:1: f is 81 lines"]
+
+
+def test_thread_pools_come_from_futures() -> None:
+    """Every thread pool of the package is ``btrdelta._futures.ThreadPoolExecutor``, whose
+    ``submit`` a Ctrl-C cannot cut while it holds a lock its workers need (concurrent.futures'
+    own pool hung ``image clone`` so). ``concurrent.futures`` may still give ``Future``."""
+    wrong = []
+    for path in sorted(SRC.rglob("*.py")):
+        if path.name == "_futures.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            imported = (isinstance(node, ast.ImportFrom) and node.module == "concurrent.futures"
+                        and any(a.name == "ThreadPoolExecutor" for a in node.names))
+            named = (isinstance(node, ast.Attribute) and node.attr == "ThreadPoolExecutor"
+                     and isinstance(node.value, ast.Name) and node.value.id == "futures")
+            if imported or named:
+                wrong.append(f"{path.relative_to(SRC)}:{getattr(node, 'lineno', 0)}")
+    assert wrong == []
