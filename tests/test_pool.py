@@ -193,3 +193,31 @@ def test_started_thread_join_timeout_covers_the_start_and_the_run() -> None:
     assert took < 1.4, took  # (two waits of their own: 1.6 s)
     done.set()
     t.join()
+
+
+def test_wait_first_error_ends_at_a_failure_or_when_all_are_done() -> None:
+    """``_futures.wait_first_error`` waits as ``wait(fs, FIRST_EXCEPTION)``: not for a task
+    still blocked once another failed; for every task when none fails."""
+    from btrdelta._futures import ThreadPoolExecutor, cancel_all, wait_first_error
+
+    release = threading.Event()
+
+    def fail() -> None:
+        raise ValueError("bad")
+
+    with ThreadPoolExecutor(2) as pool:
+        blocked = pool.submit(release.wait, 30)
+        failed = pool.submit(fail)
+        queued = pool.submit(time.sleep, 0)  # (no free worker: not begun)
+        wait_first_error([blocked, failed, queued])
+        assert failed.done()
+        assert not blocked.done()
+        cancel_all([blocked, failed, queued])
+        release.set()
+    assert isinstance(failed.exception(), ValueError)
+    assert blocked.result() is True
+    with ThreadPoolExecutor(2) as pool:
+        fs = [pool.submit(time.sleep, 0.01 * i) for i in range(4)]
+        wait_first_error(fs)
+        assert all(f.done() for f in fs)
+    wait_first_error([])

@@ -37,8 +37,8 @@ class ThreadPoolExecutor(futures.ThreadPoolExecutor):
 
 
 def wait_first_error(fs: Sequence[futures.Future[Any]]) -> None:
-    """Until every future of ``fs`` is done, or one failed or was cancelled (not raised
-    here: the caller asks each future)."""
+    """Until every future of ``fs`` is done, or one failed (its exception not raised here:
+    the caller asks each future), as ``wait(fs, return_when=FIRST_EXCEPTION)``."""
     ended = threading.Event()
     left = [len(fs)]
     lock = threading.Lock()
@@ -47,7 +47,7 @@ def wait_first_error(fs: Sequence[futures.Future[Any]]) -> None:
         with lock:
             left[0] -= 1
             last = not left[0]
-        if last or f.cancelled() or f.exception() is not None:
+        if last or (not f.cancelled() and f.exception() is not None):
             ended.set()
 
     if not fs:
