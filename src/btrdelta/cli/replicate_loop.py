@@ -31,6 +31,7 @@ import time
 from typing import Any
 
 from .._defaults import DEFAULT_STORE
+from .._pool import signal_held
 from ..errors import BtrdeltaError, ProtocolError, UsageError
 from ._common import Interrupted
 
@@ -97,7 +98,7 @@ class _Stop:
 
     def _on(self, signum: int, _frame: object) -> None:
         self.signum = signum
-        if self.armed:
+        if self.armed and not signal_held(signum):  # (else raised as the held block ends)
             self.armed = False
             raise KeyboardInterrupt if signum == signal.SIGINT else Interrupted(signum)
 
