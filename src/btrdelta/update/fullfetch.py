@@ -253,7 +253,11 @@ def _fetch_frames(url: str, mirrors: Mirrors, solid: Solid, todo: Sequence[Frame
         except RangesNotSupported:
             if not isinstance(fetcher, RangeFetcher):
                 raise
-            fetcher.stream_spans([span(f) for f in todo], deliver)
+            try:
+                fetcher.stream_spans([span(f) for f in todo], deliver)
+            except TransportError:
+                if number[todo[0]] not in brought:
+                    raise  # (else cut past it: the frames after it ask in their own turn)
     finally:  # (what a failed attempt received counts too)
         mirrors.note_bytes(fetcher.stats.bytes_received - noted)
 
