@@ -315,3 +315,34 @@ def test_over_openssh_the_backend_goes_to_the_remote_side(sshd: tuple[int, str],
     assert tcp.returncode == 2, tcp.stderr
     assert tcp.stderr.count("\n") == 1, tcp.stderr
     assert "replicate --listen" in tcp.stderr, tcp.stderr
+
+
+def test_every_over_openssh(sshd: tuple[int, str], tmp_path: Path, children: Children) -> None:
+    """``replicate --every`` to an ssh:// DEST: an ssh session (and a remote ``--serve``)
+    per round; each round's tree is the source's, SIGTERM between rounds exits 0 and leaves
+    no remote receiver."""
+    port, ssh = sshd
+    src = _tree(tmp_path / "src", 2)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    url = f"ssh://root@127.0.0.1:{port}{dest}"
+    proc = children.start([*BTRDELTA, "replicate", str(src), url, "--ssh", ssh,
+                           "--remote-cmd", f"{sys.executable} -m btrdelta", "--store",
+                           str(tmp_path / "store"), "--json", "--every", "5s"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=_env())
+    assert proc.stdout is not None
+    kinds = []
+    for i in range(3):
+        got = checked("replicate --every", json.loads(proc.stdout.readline()))
+        os.kill(proc.pid, signal.SIGSTOP)  # (changed between rounds)
+        assert (got["round"], got["outcome"]) == (i + 1, "committed"), got
+        assert tree_sum(dest / got["name"]) == tree_sum(src)
+        kinds.append(got["kind"])
+        (src / f"new{i}").write_bytes(os.urandom(70000))
+        os.kill(proc.pid, signal.SIGCONT)
+    assert kinds == ["full", "incremental", "incremental"]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    _wait_gone(str(dest))
+    assert len(_visible(dest)) == 3
