@@ -295,3 +295,19 @@ def test_every_is_a_sender_option_with_an_interval(tmp_path: Path) -> None:
                             text=True, timeout=60, check=True).stdout
     assert "--every INTERVAL" in helped
     assert "systemd" in helped
+
+
+def test_ctrl_c_between_rounds_stops_at_once_with_exit_0(tmp_path: Path,
+                                                          children: Children) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    src.mkdir()
+    dest.mkdir()
+    (src / "f").write_bytes(os.urandom(10000))
+    proc = _loop(children, src, str(dest), tmp_path / "store", "--every", "1h")
+    assert _next(proc, stop=False)["outcome"] == "committed"
+    t = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0
+    assert time.monotonic() - t < 5
+    assert proc.stderr is not None
+    assert proc.stderr.read().splitlines() == ["replicate: stopped after 1 round(s)"]
