@@ -165,6 +165,34 @@ def test_a_frame_is_retried_on_the_next_mirror(
     assert tree_sum(tmp_path / "dest" / "v1") == tree_sum(releases[0])
 
 
+@pytest.mark.parametrize("mirror", ["nginx", "directory"])
+def test_a_solid_file_no_mirror_has_is_one_line_not_one_per_frame(
+    releases: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], mirror: str
+) -> None:
+    """A mirror copied without ``solids/`` (an rsync filter of the directories it knew):
+    the first frame's 404 (no such file, from a directory) sends the chunks of every
+    frame to the packs in one warning line; the file is not asked again for each frame
+    (one line and one request a frame). Oracles: nginx's log, tree-sum."""
+    root = _publish(tmp_path, releases[:1], sign=False)
+    solid = _two_frames(root, tmp_path, parts=4)[0]
+    assert len(solid.frames) >= 3
+    (root / solid.path).unlink()
+    if mirror == "nginx":
+        _report, paths, _artifacts, err = _install_from(root, tmp_path, capsys)
+        assert paths.count(solid.path) == 1, paths
+    else:
+        capsys.readouterr()
+        assert main(["update", str(root), str(tmp_path / "dest"),
+                     "--key", str(tmp_path / "root.pub")]) == 0
+        err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert solid.path in lines[0], err
+    assert "its chunks come from the packs instead (and those of the " \
+           f"{len(solid.frames) - 1} frames after it: no mirror has the file)" in lines[0], err
+    assert tree_sum(tmp_path / "dest" / "v1") == tree_sum(releases[0])
+
+
 def _stream_and_sizes(root: Path, position: int) -> tuple[bytes, list[int]]:
     """The release's plain stream (from its solid full) and its chunk sizes in order."""
     v = Repo(root).load().versions[position - 1]

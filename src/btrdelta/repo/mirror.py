@@ -71,8 +71,10 @@ class _FileRanges:
                     on_span: Callable[[Span, memoryview], None]) -> None:
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise TransportError(f"{exc.strerror}", url=self.path) from None
+        except OSError as exc:  # (no such file: a server's 404, the mirror is not dead)
+            raise TransportError(f"{exc.strerror}", url=self.path,
+                                 status=404 if isinstance(exc, FileNotFoundError) else None
+                                 ) from None
         try:
             for span in spans:
                 try:

@@ -179,9 +179,10 @@ def fetch_solid(full: FullIndex, solid: Solid, frames: Sequence[Frame], mirrors:
                 on_progress: Callable[[str, int, int], None] | None = None) -> int:
     """Bring the chunks of ``frames`` into ``store``, frame by frame (the unit of retry:
     mirror after mirror); a frame every mirror fails is left to the chunk ranges, with a
-    warning. A server that ignores Range sends the whole file for the first frame asked:
-    the frames after it are taken as it streams past (each read again from the file's
-    start, n frames cost ~(n+1)/2 times the file). Returns the frames stored."""
+    warning (one for them all when no mirror has the file). A server that ignores Range
+    sends the whole file for the first frame asked: the frames after it are taken as it
+    streams past (each read again from the file's start, n frames cost ~(n+1)/2 times the
+    file). Returns the frames stored."""
     idx = full.index
     number = {f: i for i, f in enumerate(solid.frames)}
     total = sum(f.length for f in frames)
@@ -192,16 +193,20 @@ def fetch_solid(full: FullIndex, solid: Solid, frames: Sequence[Frame], mirrors:
         return number[frame] in brought or all(store.has(idx.digests[e])
                    for e in idx.order[frame.first : frame.first + frame.count])
 
+    absent = False  # (no mirror has the file: its frames are not asked one by one)
     with store.locked(create=True), store.writing():
         for k, frame in enumerate(frames):
-            if not held(frame):  # (else a run cut before, or the pass of a frame before)
-                later = [f for f in frames[k + 1 :] if not held(f)]
+            if not absent and not held(frame):  # (else a run cut before, or the pass of
+                later = [f for f in frames[k + 1 :] if not held(f)]  # a frame before)
                 try:
                     mirrors.each(solid.path, lambda url, todo=[frame, *later]:  # type: ignore[misc]
                                  _fetch_frames(url, mirrors, solid, todo, number, full,
                                                store, brought))
                 except (ChecksumError, StreamFormatError, TransportError) as exc:
-                    warn(f"{exc}; its chunks come from the packs instead")
+                    absent = isinstance(exc, TransportError) and exc.status == 404
+                    warn(f"{exc}; its chunks come from the packs instead"
+                         + (f" (and those of the {len(later)} frames after it: no mirror "
+                            "has the file)" if absent and later else ""))
             done += frame.length
             if on_progress is not None:
                 on_progress("solid", done, total)
