@@ -338,3 +338,39 @@ def test_ctrl_c_while_batches_are_submitted_cuts_the_started_reads(
             fetcher.close()
     assert took < 5, took
     assert lines == []
+
+
+def test_a_stop_before_the_fetch_is_kept(archive) -> None:  # type: ignore[no-untyped-def]
+    """``Mirrors.stop()`` cancels a fetcher made after it; its ``fetch_spans`` used to clear
+    that cancel at its start and fetch anyway (rev31). It now fails at once, asking the
+    server nothing; a fetch failed by its own batch does not carry over to the next."""
+    from btrdelta.repo.mirror import Mirrors
+    from btrdelta.transport.plan import Part, coalesce
+
+    root, data = archive
+    (root / "plain").write_bytes(data)
+    spans = coalesce([Part(i, i * 8192, 100) for i in range(8)], max_span=1)
+    server = StaticServer(root)
+    with server.running():
+        mirrors = Mirrors([server.url], config=HttpConfig(backoff=0.01, jobs=2))
+        try:
+            good = mirrors.fetcher(server.url, "plain")
+
+            def bad(span: object, got: memoryview) -> None:
+                raise StreamFormatError("refused")
+
+            with pytest.raises(StreamFormatError):
+                good.fetch_spans(spans, bad)
+            got: dict[int, bytes] = {}
+            good.fetch_spans(spans, lambda s, b: got.update({s.start: bytes(b)}))
+            assert got == {s.start: data[s.start:s.end] for s in spans}
+            served = server.bytes_served
+            mirrors.stop()
+            late = mirrors.fetcher(server.url, "plain")
+            with pytest.raises(TransportError, match="cancelled"):
+                late.fetch_spans(spans, lambda s, b: None)
+            with pytest.raises(TransportError, match="cancelled"):
+                good.fetch_spans(spans, lambda s, b: None)
+            assert server.bytes_served == served
+        finally:
+            mirrors.close()

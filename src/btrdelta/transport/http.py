@@ -139,7 +139,10 @@ class RangeFetcher:
         self._log = log or self._stderr
         self._lock = threading.Lock()
         self._multi = self.max_ranges > 1
+        #: set by :meth:`cancel` (for good) or by a failed batch (that call only: each
+        #: :meth:`fetch_spans` and :meth:`stream_spans` starts with a new one)
         self._cancel = threading.Event()
+        self._cancelled = False  # :meth:`cancel` was called
         self._reading: set[Response] = set()  # bodies being read by fetch threads
 
     def close(self) -> None:
@@ -381,7 +384,7 @@ class RangeFetcher:
             return
         self._log(f"{self.url}: the server ignores Range requests: reading the whole file "
                   "for the parts wanted")
-        self._cancel.clear()
+        self._new_call()
         done = [0]
         self._retried(self._stream_once, todo, done, on_span)
 
@@ -427,7 +430,7 @@ class RangeFetcher:
         """
         batches = batch_spans(spans, max_ranges=self.max_ranges if self._multi else 1,
                               max_bytes=self.max_request_bytes)
-        self._cancel.clear()
+        self._new_call()
         with ThreadPoolExecutor(self.config.jobs, thread_name_prefix="fetch") as pool:
             futures: list[Future[None]] = []
             try:  # (a Ctrl-C while batches are still submitted cancels the started ones too:
@@ -439,15 +442,28 @@ class RangeFetcher:
                         fut.result()  # the first failure, if any, is raised here
             except BaseException:
                 cancel_all(futures)
-                self.cancel()
+                self._cancel.set()  # (this call's batches only: a later call starts afresh)
+                self._abort_reads()
                 raise
 
+    def _new_call(self) -> None:
+        """A new cancel state for a fetch starting: one that a failed batch of an earlier
+        call had set is left behind, one that :meth:`cancel` set is not (before, the start
+        cleared it: a :meth:`cancel` just before the call was lost and the call ran)."""
+        with self._lock:
+            self._cancel = threading.Event()
+            if self._cancelled:
+                self._cancel.set()
+
     def cancel(self) -> None:
-        """Stop this fetcher's work, from any thread: its requests fail at once ("cancelled",
-        not retried nor said), and the bodies its threads are reading are cut short (a
-        stalled server's read would wait for ``config.timeout``). A later
-        :meth:`fetch_spans` or :meth:`stream_spans` starts afresh."""
-        self._cancel.set()
+        """Stop this fetcher's work for good, from any thread: its requests fail at once
+        ("cancelled", not retried nor said), the bodies its threads are reading are cut
+        short (a stalled server's read would wait for ``config.timeout``), and a later
+        :meth:`fetch_spans` or :meth:`stream_spans` fails the same way."""
+        with self._lock:
+            self._cancelled = True
+            cancel = self._cancel
+        cancel.set()
         self._abort_reads()
 
     @contextlib.contextmanager
