@@ -5,9 +5,16 @@ receive`` of the kernel's send streams under ``device restore --to-dir``)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import re
+import select
+import signal
+import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +22,13 @@ import pytest
 
 from btrdelta import device
 from btrdelta.device import backup as backup_mod
+from btrdelta.device import backuplock
 from btrdelta.device.backup import backup, restore_to_dir
 from btrdelta.tree import tree_sum
 from tests.conftest import btrfs_loop
+from tests.transport.nginx import nginx
 
-from .conftest import Release, btrdelta, copy_tree
+from .conftest import BTRDELTA, Release, btrdelta, copy_tree
 
 STATE = ["etc:/etc:overlay", "home:/home:bind"]
 
@@ -111,3 +120,184 @@ def test_a_directory_named_like_a_backup_file_is_left_alone(
     out = tmp_path / "restored"
     out.mkdir()
     assert tree_sum(restore_to_dir(str(dest), "home", out)) == want
+
+
+def _dav(workdir: Path, methods: str = "PUT MOVE DELETE") -> contextlib.AbstractContextManager[int]:
+    """nginx taking ``methods`` (WebDAV) below ``/backups/`` of ``workdir/www``."""
+    (workdir / "www/backups").mkdir(parents=True, exist_ok=True)
+    return nginx(workdir / "nginx", f"""listen 127.0.0.1:{{port}}; root {workdir}/www;
+        client_max_body_size 0;
+        location /backups/ {{ dav_methods {methods}; create_full_put_path on; }}""")
+
+
+def test_two_devices_backing_up_one_name_over_http_at_once(
+        btrfs_dev: Path, small_release: Release, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above over HTTP (nginx's WebDAV): before, nothing was locked there; B took A's
+    number, its stream replaced A's, and the index B wrote first was replaced by A's (B's
+    entry lost). Now B waits for A's ``home.backups.lock`` (taken by MOVE with
+    ``Overwrite: F``) and says so once, naming A's PID; the index lists both, each
+    restores to its device's tree, and no lock is left on the server."""
+    paused, go = threading.Event(), threading.Event()
+    real = backup_mod._Store.put_index
+
+    def put_index(self: Any, name: str, entries: list[dict[str, Any]]) -> None:
+        if threading.current_thread().name == "A":
+            paused.set()
+            assert go.wait(60)
+        real(self, name, entries)
+
+    monkeypatch.setattr(backup_mod._Store, "put_index", put_index)
+    lines: list[str] = []
+    with btrfs_loop(size="2G") as other, _dav(tmp_path) as port:
+        dest = f"http://127.0.0.1:{port}/backups"
+        homes = {"A": _device(btrfs_dev, small_release, "device A\n"),
+                 "B": _device(other, small_release, "device B\n")}
+        want = {k: tree_sum(h) for k, h in homes.items()}
+        got: dict[str, Any] = {}
+
+        def run(who: str, fs: Path) -> None:
+            try:
+                got[who] = backup(fs, "home", dest, on_wait=lines.append)
+            except BaseException as exc:  # (seen by the assertions below)
+                got[who] = exc
+
+        a = threading.Thread(target=run, args=("A", btrfs_dev), name="A")
+        b = threading.Thread(target=run, args=("B", other), name="B")
+        a.start()
+        assert paused.wait(120)
+        b.start()
+        b.join(4)  # (B ends here without the lock, or waits for A with it)
+        go.set()
+        a.join(120)
+        b.join(120)
+        assert not a.is_alive()
+        assert not b.is_alive()
+        assert all(isinstance(r, dict) for r in got.values()), got
+        index = json.loads((tmp_path / "www/backups/home.backups.json").read_text())
+        numbers = {e["n"]: e["tree_sum"] for e in index["backups"]}
+        assert numbers == {got["A"]["n"]: want["A"], got["B"]["n"]: want["B"]}, numbers
+        assert sorted(os.listdir(tmp_path / "www/backups")) == sorted(
+            [*(e["file"] for e in index["backups"]), "home.backups.json"])
+        assert len(lines) == 1
+        assert re.fullmatch(rf"waiting for {dest}/home\.backups\.lock, held by PID "
+                            rf"{os.getpid()} on '.+' since \d{{4}}-.* UTC", lines[0]), lines
+        for who in ("A", "B"):
+            out = tmp_path / f"restored-{who}"
+            out.mkdir()
+            assert tree_sum(restore_to_dir(dest, "home", out, upto=got[who]["n"])) \
+                == want[who]
+
+
+def test_an_http_lock_left_by_a_cut_backup(
+        btrfs_dev: Path, small_release: Release, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lock left on the server by this device's backup cut short (its release never
+    ran, as at a power cut) is removed by its next backup there, which does not wait; a
+    lock another device left is waited for (said once, naming its holder) until it goes."""
+    _device(btrfs_dev, small_release, "first\n")
+    lock = tmp_path / "www/backups/home.backups.lock"
+    with _dav(tmp_path) as port:
+        dest = f"http://127.0.0.1:{port}/backups"
+        with monkeypatch.context() as m:
+            m.setattr(backuplock, "_release", lambda *a: None)
+            backup(btrfs_dev, "home", dest)
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        lines: list[str] = []
+        assert backup(btrfs_dev, "home", dest, on_wait=lines.append)["parent"] == 1
+        assert lines == []
+        assert not lock.exists()
+        assert sorted(os.listdir(lock.parent)) == [
+            "home.1.stream", "home.2.delta", "home.backups.json"]
+        lock.write_text(json.dumps({"pid": 4242, "host": "other", "since": 1.8e9,
+                                    "token": "theirs"}))
+        said = threading.Event()
+
+        def wait_line(line: str) -> None:
+            lines.append(line)
+            said.set()
+
+        got: list[Any] = []
+        t = threading.Thread(target=lambda: got.append(
+            backup(btrfs_dev, "home", dest, on_wait=wait_line)))
+        t.start()
+        assert said.wait(30)
+        assert lines == [f"waiting for {dest}/home.backups.lock, held by PID 4242 on "
+                         "'other' since 2027-01-15 08:00:00 UTC"]
+        assert t.is_alive()
+        lock.unlink()
+        t.join(60)
+        assert len(got) == 1
+        assert got[0]["n"] == 3
+        assert not lock.exists()
+
+
+def test_a_server_taking_no_move_is_refused(btrfs_dev: Path, small_release: Release,
+                                           tmp_path: Path) -> None:
+    """nginx with ``dav_methods PUT`` only cannot hold a lock (a conditional PUT is no lock
+    there: nginx ignores ``If-None-Match``): the backup is refused in one line saying what
+    the server must take, exit 7, nothing written on the server."""
+    _device(btrfs_dev, small_release, "first\n")
+    with _dav(tmp_path, "PUT") as port:
+        url = f"http://127.0.0.1:{port}/backups"
+        proc = btrdelta("device", "backup", btrfs_dev, "home", url, check=False)
+    assert proc.returncode == 7, proc.stderr
+    assert re.fullmatch(
+        rf"btrdelta device backup: error: {url}/home\.backups\.lock\.[0-9a-f]+: DELETE "
+        r"answered 405: a backup destination over HTTP needs a server taking PUT, MOVE and "
+        r"DELETE and serving GET \(nginx: dav_methods PUT MOVE DELETE\)\n", proc.stderr)
+    assert os.listdir(tmp_path / "www/backups") == []
+
+
+def test_a_directory_lock_wait_is_said_and_ctrl_c_ends_it(
+        btrfs_dev: Path, small_release: Release, tmp_path: Path) -> None:
+    """A backup into a directory whose lock another backup holds says so after about a
+    second, naming the holder (before: nothing, it looked hung), and a Ctrl-C ends the wait
+    (exit 130, nothing written); with the lock released it goes on."""
+    _device(btrfs_dev, small_release, "first\n")
+    dest = tmp_path / "backups"
+    dest.mkdir()
+    argv = [*BTRDELTA, "device", "backup", str(btrfs_dev), "home", str(dest)]
+    with open(dest / "home.backups.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write(json.dumps({"pid": 4242, "host": "other", "since": 1.8e9}))
+        held.flush()
+        for stop in (True, False):
+            with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) as proc:
+                t0 = time.monotonic()
+                assert proc.stderr is not None
+                ready = select.select([proc.stderr], [], [], 30)[0]
+                if not ready:
+                    proc.kill()
+                assert ready, "no line while waiting"
+                line = proc.stderr.readline()
+                assert 0.9 < time.monotonic() - t0 < 30
+                assert line == f"waiting for {dest}/home.backups.lock, held by PID 4242 " \
+                    "on 'other' since 2027-01-15 08:00:00 UTC\n"
+                if stop:
+                    proc.send_signal(signal.SIGINT)
+                    out, err = proc.communicate(timeout=30)
+                    assert proc.returncode == 130, err
+                    assert sorted(os.listdir(dest)) == ["home.backups.lock"]
+                else:
+                    fcntl.flock(held, fcntl.LOCK_UN)
+                    out, err = proc.communicate(timeout=120)
+                    assert proc.returncode == 0, err
+                    assert out.startswith("backup 1 of home: home.1.stream (whole")
+
+
+def test_numbers_skip_entries_of_any_type(btrfs_dev: Path, small_release: Release,
+                                          tmp_path: Path) -> None:
+    """A directory ``home.1.stream`` and a dangling symlink ``home.2.delta`` in DEST take
+    their numbers: the first backup is number 3 (before: number 1, which failed on the
+    directory after its snapshot was taken)."""
+    home = _device(btrfs_dev, small_release, "first\n")
+    dest = tmp_path / "backups"
+    (dest / "home.1.stream").mkdir(parents=True)
+    (dest / "home.2.delta").symlink_to("nowhere")
+    got = json.loads(btrdelta("device", "backup", btrfs_dev, "home", dest, "--json").stdout)
+    assert (got["n"], got["file"]) == (3, "home.3.stream")
+    out = tmp_path / "restored"
+    out.mkdir()
+    assert tree_sum(restore_to_dir(str(dest), "home", out)) == tree_sum(home)

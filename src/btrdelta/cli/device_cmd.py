@@ -545,7 +545,10 @@ def run_backup(args: argparse.Namespace) -> int:
     """Back up a state subvolume."""
     from ..device.backup import backup
 
-    entry = backup(args.fs, args.subvol, args.dest, full=args.full)
+    def waiting(line: str) -> None:  # (also under --quiet and --json: else it looks hung)
+        print(line, file=sys.stderr, flush=True)
+
+    entry = backup(args.fs, args.subvol, args.dest, full=args.full, on_wait=waiting)
     if args.json:
         print(json.dumps(entry, indent=1))
     elif not args.quiet:

@@ -43,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "(not those whose path has a name starting with '.': a publisher's "
             "REPO/.btrdelta, a .git, keys are 404). GET and HEAD only: it takes no PUT "
             "(501), so it is no destination for `device backup` to an http(s) URL (a server "
-            "taking PUT is: nginx with dav_methods PUT). "
+            "taking PUT, MOVE and DELETE is: nginx with dav_methods PUT MOVE DELETE). "
             "Logs one line per request with the body bytes sent on stderr; stops cleanly on "
             "SIGINT or SIGTERM and prints the total. Production uses any web server or CDN."
         ),

@@ -7,7 +7,7 @@ device for that: one per destination, the :data:`KEEP_DESTINATIONS` used last, n
 ``NAME/destinations.json``), and delta-compressed against its files (``NAME.N.delta``,
 ``btrdelta delta make``). The files
 and an index ``NAME.backups.json`` go to a directory (any filesystem) or an HTTP location
-that takes ``PUT`` (WebDAV, S3-style object stores behind a presigning proxy). Restore
+that takes ``PUT``, ``MOVE`` and ``DELETE`` (WebDAV: the lock, :mod:`.backuplock`). Restore
 reads the index, receives the chain from the last full stream on (a delta's old files are
 verified against the subvolume restored before it) and puts a writable snapshot of the
 result in place of ``state/NAME``, or leaves the received tree in any directory.
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import shutil
@@ -43,7 +42,7 @@ from .layout import DeviceError, Layout, open_device
 from .state import load_state
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from ..transport.client import Client
 
@@ -63,6 +62,8 @@ BACKUP_WORK = "backup-work"
 #: is whole); each kept snapshot holds the data changed since on the device
 KEEP_DESTINATIONS = 4
 _DESTINATIONS = "destinations.json"
+#: in ``.btrdelta/``: the HTTP locks of backup names this device takes (:mod:`.backuplock`)
+LOCK_NOTES = "backup-locks.json"
 #: the largest index read (an index of 1 MiB lists thousands of backups)
 _INDEX_LIMIT = 1 << 20
 
@@ -106,24 +107,11 @@ class _Store:
             with open(path, "rb") as src, atomic_output(Path(self.where) / name) as out:
                 shutil.copyfileobj(src, out, 1 << 20)
             return
-        from ..transport.client import HTTPError
+        from .backuplock import call
 
         url = f"{self.where}/{name}"
-        try:
-            with open(path, "rb") as f, _client() as client, \
-                    client.stream("PUT", url, content=f) as resp:
-                status = resp.status_code
-                server = resp.headers.get("server") or ""
-                with contextlib.suppress(HTTPError):
-                    resp.read(1 << 16)
-        except HTTPError as exc:
-            raise TransportError(f"PUT failed: {exc}", url=url) from exc
-        if status in (405, 501):  # (Method Not Allowed, Not Implemented)
-            who = ("btrdelta serve answers GET and HEAD only"
-                   if server.startswith("btrdelta-serve") else "the server takes no PUT there")
-            raise TransportError(
-                f"PUT answered {status}: {who}; a backup destination over HTTP needs a server "
-                "taking PUT and serving GET (nginx: dav_methods PUT)", url=url, status=status)
+        with open(path, "rb") as f:
+            status, _ = call(_client, "PUT", url, body=f)
         if status not in (200, 201, 204):
             raise TransportError(f"PUT answered {status}", url=url, status=status)
 
@@ -195,26 +183,27 @@ class _Store:
                                     source=f"{self.where}/{name}.backups.json") from exc
 
     @contextlib.contextmanager
-    def lock(self, name: str) -> Iterator[None]:
-        """Hold ``NAME.backups.lock`` of a directory (an ``flock``, waited for) from the
-        index read to the removal of unlisted files: two devices backing up NAME into one
-        directory at once took the same number, one's file replaced the other's, and each
-        removed the other's new file as unlisted. Over HTTP nothing is locked; where the
-        filesystem has no locks (``ENOLCK``: NFS without lockd) neither."""
+    def lock(self, name: str, notes: Path, on_wait: Callable[[str], None]) -> Iterator[None]:
+        """Hold ``NAME.backups.lock`` (:mod:`.backuplock`: waited for, said in ``on_wait``)
+        from the index read to the removal of unlisted files: two devices backing up NAME
+        to one place at once took the same number, one's file replaced the other's, and
+        one index entry was lost. ``notes``: the device's note of its HTTP locks."""
+        from .backuplock import held_in_directory, held_over_http
+
         if self.http:
-            yield
-            return
-        fd = os.open(Path(self.where) / f"{name}.backups.lock",
-                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            except OSError as exc:
-                if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
-                    raise
-            yield
-        finally:
-            os.close(fd)
+            with held_over_http(f"{self.where}/{name}.backups.lock", _client, notes,
+                                on_wait):
+                yield
+        else:
+            with held_in_directory(Path(self.where) / f"{name}.backups.lock", on_wait):
+                yield
+
+    def taken(self, name: str, n: int) -> bool:
+        """Whether a directory holds an entry of any type named like backup ``n``'s file
+        (a directory ``NAME.N.stream`` made a backup numbered N fail, its file not put)."""
+        return not self.http and any(
+            os.path.lexists(Path(self.where) / f"{name}.{n}.{kind}")
+            for kind in ("stream", "delta"))
 
     def drop_unlisted(self, name: str, entries: list[dict[str, Any]]) -> list[str]:
         """Remove the backup files of ``name`` (``NAME.N.stream``, ``NAME.N.delta``: regular
@@ -293,19 +282,21 @@ def _snapshots(layout: Layout, name: str) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def backup(fs: str | os.PathLike[str], name: str, dest: str, *,
-           full: bool = False) -> dict[str, Any]:
+def backup(fs: str | os.PathLike[str], name: str, dest: str, *, full: bool = False,
+           on_wait: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Back up state subvolume ``name`` to ``dest`` (directory or URL): incremental against
     the previous backup when it is both on the device and in ``dest``'s index, as a delta
     stream against its files; else a whole stream. Returns the new index entry, and in
     ``removed`` the files of backups cut short it removed from a directory ``dest``
-    (:meth:`_Store.drop_unlisted`)."""
+    (:meth:`_Store.drop_unlisted`). ``on_wait`` is told in one line when the backup waits
+    for another one's lock of ``name`` at ``dest`` (:mod:`.backuplock`)."""
     from ..delta import make_delta
     from ..send import kernel_send
     from .control import recover
 
     store = _Store(dest, create=True)
-    with open_device(fs) as layout, layout.lock(), store.lock(name):
+    with open_device(fs) as layout, layout.lock(), \
+            store.lock(name, layout.meta / LOCK_NOTES, on_wait or (lambda line: None)):
         st = load_state(layout)
         recover(layout, st)
         if name not in {s.name for s in st.state} or not layout.is_subvolume(layout.state(name)):
@@ -316,6 +307,8 @@ def backup(fs: str | os.PathLike[str], name: str, dest: str, *,
         known = {int(e["n"]): e.get("uuid") for e in entries}
         prev = None if full else _parent(layout, local, known)
         n = max([0, *known, *(k for k, _ in local)]) + 1
+        while store.taken(name, n):
+            n += 1
         (layout.backups / name).mkdir(parents=True, exist_ok=True)
         snap = layout.backups / name / f"{name}.{n}"
         layout.snapshot(layout.state(name), snap, readonly=True)

@@ -1,0 +1,230 @@
+"""The lock of one backup name at a destination: ``NAME.backups.lock``, held from a
+backup's read of the index to its last write there, so that devices backing up one NAME
+to one place take turns (at the same time two took the same number, one's file replaced
+the other's and one index entry was lost).
+
+- In a directory: an ``flock`` of the file, which then names its holder.
+- Over HTTP (WebDAV): the holder's line is ``PUT`` under a name of its own and ``MOVE``-d
+  to ``NAME.backups.lock`` with ``Overwrite: F``, which the server refuses (412) while the
+  lock exists; ``DELETE`` releases it. A server that takes no ``MOVE`` (nginx with
+  ``dav_methods PUT`` alone, an object store) is refused before anything is written: a
+  conditional ``PUT`` (``If-None-Match``) is no lock there, nginx ignores it. A device
+  notes the lock it takes in ``.btrdelta/backup-locks.json``; a lock left there by its own
+  backup cut short (a power cut) is removed by its next backup to that place.
+
+A backup that waits says so once, after :data:`SAY_AFTER` seconds ("waiting for ..., held
+by PID 1234 on host-a since ..."), and a Ctrl-C ends the wait.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import functools
+import json
+import os
+import secrets
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from ..errors import TransportError
+from ..fs.atomic import write_atomic
+
+if TYPE_CHECKING:
+    from ..transport.client import Client
+
+__all__ = ["NEEDS", "SAY_AFTER", "call", "held_in_directory", "held_over_http"]
+
+#: seconds a backup waits for the lock before it says so
+SAY_AFTER = 1.0
+#: seconds between an HTTP lock's tries
+_HTTP_POLL = 2.0
+#: the holder's line read from a lock (the rest is not shown)
+_HOLDER_LIMIT = 512
+#: what a server must take for HTTP backups
+NEEDS = ("a backup destination over HTTP needs a server taking PUT, MOVE and DELETE and "
+         "serving GET (nginx: dav_methods PUT MOVE DELETE)")
+
+
+def _holder(token: str = "") -> bytes:
+    """This process's line in a lock: who holds it, since when."""
+    doc = {"pid": os.getpid(), "host": socket.gethostname(), "since": round(time.time(), 3)}
+    if token:
+        doc["token"] = token
+    return json.dumps(doc).encode() + b"\n"
+
+
+def _who(raw: bytes) -> str:
+    """``held by PID 1234 on host-a since 2026-12-07 14:50:02 UTC`` from a lock's line (the
+    line of another device: shown, never trusted), or what is known."""
+    try:
+        doc = json.loads(raw[:_HOLDER_LIMIT])
+        pid, host, since = int(doc["pid"]), str(doc["host"])[:64], float(doc["since"])
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(since))
+        return f"held by PID {pid} on {host!r} since {when}"
+    except (ValueError, KeyError, TypeError, OverflowError, OSError):
+        return "held by a holder it does not name"
+
+
+def _token(raw: bytes) -> str | None:
+    try:
+        token = json.loads(raw[:_HOLDER_LIMIT]).get("token")
+    except (ValueError, AttributeError):
+        return None
+    return token if isinstance(token, str) else None
+
+
+@contextlib.contextmanager
+def held_in_directory(path: Path, on_wait: Callable[[str], None]) -> Iterator[None]:
+    """Hold the ``flock`` of lock file ``path`` (waited for; said once after
+    :data:`SAY_AFTER` seconds; Ctrl-C ends the wait). Where the filesystem has no locks
+    (``ENOLCK``: NFS without lockd) nothing is held."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            if not _try_flock(fd):
+                deadline = time.monotonic() + SAY_AFTER
+                while time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    if _try_flock(fd):
+                        break
+                else:
+                    on_wait(f"waiting for {path}, {_who(os.pread(fd, _HOLDER_LIMIT, 0))}")
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, _holder(), 0)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
+                raise
+        yield
+    finally:
+        os.close(fd)
+
+
+def _try_flock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def call(client: Callable[[], Client], method: str, url: str, *,
+         headers: dict[str, str] | None = None,
+         body: bytes | BinaryIO | None = None) -> tuple[int, bytes]:
+    """Status and (the start of) the body of one request to a backup location (a client of
+    its own: a lock's wait may be long).
+
+    Raises:
+        TransportError: it failed, or the server takes no such request (405, 501: what a
+            backup location must take).
+    """
+    from ..transport.client import HTTPError
+
+    try:
+        with contextlib.ExitStack() as stack:
+            content = body if body is None or not isinstance(body, bytes) else None
+            if isinstance(body, bytes):
+                content = stack.enter_context(tempfile.TemporaryFile())
+                content.write(body)
+                content.seek(0)
+            resp = stack.enter_context(stack.enter_context(client()).stream(
+                method, url, headers=headers, content=content))
+            status, server = resp.status_code, resp.headers.get("server") or ""
+            got = b""
+            with contextlib.suppress(HTTPError):
+                got = resp.read(_HOLDER_LIMIT)
+    except HTTPError as exc:
+        raise TransportError(f"{method} failed: {exc}", url=url) from exc
+    if status in (405, 501):  # (Method Not Allowed, Not Implemented)
+        who = "btrdelta serve answers GET and HEAD only; " \
+            if server.startswith("btrdelta-serve") else ""
+        raise TransportError(f"{method} answered {status}: {who}{NEEDS}", url=url,
+                             status=status)
+    return status, got
+
+
+def _move(http: Callable[..., tuple[int, bytes]], own: str, url: str) -> int:
+    return http("MOVE", own, headers={"Destination": url, "Overwrite": "F"})[0]
+
+
+@contextlib.contextmanager
+def held_over_http(url: str, client: Callable[[], Client], notes: Path,
+                   on_wait: Callable[[str], None]) -> Iterator[None]:
+    """Hold HTTP lock ``url`` (``.../NAME.backups.lock``; see the module docstring),
+    noted in the device's file ``notes`` from before it is taken until it is released.
+
+    Raises:
+        TransportError: the server takes no MOVE or DELETE there, or a request failed.
+    """
+    http = functools.partial(call, client)
+    old = _load(notes).get(url, [])  # of this device's backups cut short
+    for token in old:  # (their own names' leftovers)
+        http("DELETE", f"{url}.{token}")
+    token = secrets.token_hex(12)
+    own = f"{url}.{token}"
+    http("DELETE", own)  # (a server taking no DELETE or MOVE is refused here, at once)
+    # (a server taking MOVE: no such source, or the lock exists, as nginx checks first)
+    if (status := _move(http, own, url)) not in (404, 412):
+        raise TransportError(f"MOVE answered {status} (404 expected)", url=own, status=status)
+    _note(notes, url, [*old, token])
+    status, _ = http("PUT", own, body=_holder(token))
+    if status not in (200, 201, 204):
+        raise TransportError(f"PUT answered {status}", url=own, status=status)
+    said = False
+    waited = time.monotonic()
+    try:
+        while (status := _move(http, own, url)) not in (200, 201, 204):
+            if status != 412:  # (Precondition Failed: the lock exists)
+                raise TransportError(f"MOVE answered {status}", url=own, status=status)
+            got, line = http("GET", url)
+            if got == 200 and _token(line) in old:
+                http("DELETE", url)  # this device's, from a backup cut short
+                continue
+            if not said and time.monotonic() - waited >= SAY_AFTER:
+                on_wait(f"waiting for {url}, {_who(line) if got == 200 else 'held'}")
+                said = True
+            time.sleep(_HTTP_POLL if said else SAY_AFTER / 4)
+    except BaseException:
+        with contextlib.suppress(TransportError):
+            http("DELETE", own)
+        raise
+    _note(notes, url, [token])
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(TransportError):
+            _release(http, url, notes)
+        raise
+    _release(http, url, notes)
+
+
+def _release(http: Callable[..., tuple[int, bytes]], url: str, notes: Path) -> None:
+    status, _ = http("DELETE", url)
+    if status not in (200, 204, 404):
+        raise TransportError(f"DELETE answered {status}: the lock stays (the next backup "
+                             "of this device removes it)", url=url, status=status)
+    _note(notes, url, [])
+
+
+def _load(notes: Path) -> dict[str, list[str]]:
+    try:
+        doc = json.loads(notes.read_bytes())
+        return {str(k): [str(t) for t in v] for k, v in doc["locks"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}  # none, or damaged: a lock of this device left on a server waits
+
+
+def _note(notes: Path, url: str, tokens: list[str]) -> None:
+    """Note ``tokens`` as this device's (possible) locks at ``url``; none: forget it."""
+    locks = _load(notes)
+    locks.pop(url, None)
+    if tokens:
+        locks[url] = tokens
+    if locks or notes.exists():
+        write_atomic(notes, json.dumps({"locks": locks}, indent=1).encode() + b"\n")
