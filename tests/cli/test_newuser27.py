@@ -41,7 +41,8 @@ def test_incremental_receive_into_a_full_directory_is_one_line(
         before = _listing(dest)
         assert main(["receive", "-f", str(tmp_path / "v2.stream"), str(dest)]) == 8
         err = _err(capsys)
-        assert err.startswith(f"btrdelta receive: error: record 0 (snapshot), path 'v2': "
+        assert err.startswith(f"btrdelta receive: error: {tmp_path / 'v2.stream'}: record 0 "
+                              "(snapshot), path 'v2': "
                               f"copying parent {dest / 'v1'} failed: cp: "), err
         assert "No space left on device (and " in err, err
         assert _listing(dest) == before

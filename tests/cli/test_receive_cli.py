@@ -82,7 +82,9 @@ def test_missing_parent_exit_code(tmp_path: Path, dest: Path,
                                     clone_ctransid=1), End()])
     assert main(["receive", "-f", str(s), str(dest)]) == 6
     # where it looked and what to do (it said only "cannot find parent subvolume U")
-    assert (f"record 0 (snapshot), path 'B': cannot find parent subvolume {UUID_A} in "
+    # and which file's record (a delta's errors named it, a plain stream's did not)
+    assert (f"btrdelta receive: error: {s}: record 0 (snapshot), path 'B': cannot find "
+            f"parent subvolume {UUID_A} in "
             f"{dest}: this is an incremental stream; receive its parent there first\n"
             ) in capsys.readouterr().err
 

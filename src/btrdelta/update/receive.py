@@ -21,7 +21,7 @@ from pathlib import Path
 from uuid import UUID
 
 from .. import TYPE_CHECKING
-from ..errors import MissingBaseError
+from ..errors import BtrdeltaError, MissingBaseError
 from ..receive import ReceivedSubvol, find_parent, receive, uses_btrfs
 from ..stream.reader import Event, StreamReader
 from .identify import Kind, identify
@@ -126,4 +126,9 @@ def _receive_file(f: Any, source: str | None, dest: Path, backend: str,
                          max_file_size=options.pop("max_file_size", None), parents=parents)
     # a delta stream is expanded in a helper thread while C applies records
     options.setdefault("read_ahead", not isinstance(events, StreamReader))
-    return receive(events, dest, **options)
+    try:
+        return receive(events, dest, **options)
+    except BtrdeltaError as exc:
+        if exc.index is not None or exc.offset is not None:  # (a record's: of this input)
+            raise exc.located(source=source) from exc.__cause__
+        raise
