@@ -200,7 +200,7 @@ class ApplyError(BtrdeltaError):
     """An operating-system error while applying a record, with the operation and path."""
 
     exit_code = 8
-    meaning = "I/O error while applying"
+    meaning = "I/O error while applying; no space left (ENOSPC, EDQUOT, EFBIG) in any command"
 
     def __init__(self, message: str, *, op: str | None = None, **where: object) -> None:
         super().__init__(message, **where)  # type: ignore[arg-type]

@@ -152,3 +152,37 @@ def test_fileattr_incremental_keeps_and_changes_immutable_files(
         finally:
             subprocess.run(["chattr", "-R", "-i", "-a", str(dest)], capture_output=True,
                            check=False)
+
+
+def test_a_full_disk_is_one_exit_code_in_every_command(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A full 16 MiB ext4: ``send -o``, ``delta make -o`` and ``dump`` to a file there
+    exited 1 ("No space left on device"), ``receive`` into it 8: now all 8, the output
+    named, nothing left under its name."""
+    from tests.conftest import require_btrfs
+
+    require_btrfs()  # loop devices
+    v1, v2 = tmp_path / "v1", tmp_path / "v2"
+    for tree, seed in ((v1, b"a"), (v2, b"b")):
+        tree.mkdir()
+        (tree / "big").write_bytes(os.urandom(24 << 20) if seed == b"b" else seed * (1 << 20))
+    s1, s2 = tmp_path / "v1.stream", tmp_path / "v2.stream"
+    assert main(["send", "-q", str(v1), "-o", str(s1)]) == 0
+    assert main(["send", "-q", "-p", str(v1), str(v2), "-o", str(s2)]) == 0
+    with loop_fs("ext4", size="16M") as mnt:
+        dest = mnt / "dest"
+        dest.mkdir()
+        assert main(["receive", "-q", "-f", str(s1), str(dest)]) == 0
+        capsys.readouterr()
+        for argv, out in ((["send", "-q", str(v2), "-o"], mnt / "v2.stream"),
+                          (["delta", "make", "-q", "--old", str(v1), str(s2), "-o"],
+                           mnt / "v2.delta"),
+                          (["receive", "-q", "-f", str(s2), str(dest)], None)):
+            got = main([*argv, str(out)] if out else argv)
+            err = _err(capsys)
+            assert got == 8, (argv, err)
+            assert err.count("\n") == 1, err
+            assert "No space left on device" in err, err
+            if out is not None:
+                assert f"{out}: No space left on device" in err, err
+                assert not out.exists()

@@ -244,7 +244,7 @@ def test_a_full_dest_is_named_and_a_rerun_completes(
         subprocess.run(["btrfs", "filesystem", "sync", str(fs)], check=True)
         dest = fs / "app"
         args = ["update", str(repo), str(dest), "--key", str(tmp_path / "root.pub"), "-q"]
-        assert main(args) == 1
+        assert main(args) == 8
         err = _err(capsys)
         assert err.startswith(f"btrdelta update: error: {dest}"), err
         assert err.endswith(": No space left on device\n"), err

@@ -278,7 +278,7 @@ def test_init_on_a_full_disk_leaves_nothing(tmp_path: Path,
         for repo, left in ((fs / "new" / "repo", {"filler", "empty"}),
                            (fs / "empty", {"filler", "empty"})):
             capsys.readouterr()
-            assert main(["repo", "init", str(repo)]) == 1
+            assert main(["repo", "init", str(repo)]) == 8
             err = capsys.readouterr().err
             assert err.count("\n") == 1, err
             assert "No space left on device" in err, err

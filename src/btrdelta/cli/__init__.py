@@ -21,9 +21,9 @@ from collections.abc import Sequence
 
 from .. import TYPE_CHECKING, __version__, _import_module, errors
 from .._optional import OPTIONAL, missing
-from ..errors import BtrdeltaError, exit_codes
+from ..errors import ApplyError, BtrdeltaError, exit_codes
 from . import _lean  # noqa: F401  (first: ``uuid`` without ``platform``)
-from ._common import Interrupted, stop_on_signals
+from ._common import FULL, Interrupted, stop_on_signals
 
 if TYPE_CHECKING:
     import argparse
@@ -201,7 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = describe_os_error(exc)
         print(f"btrdelta {args.command}: error: {text}{_not_root(exc, text)}",
               file=sys.stderr)
-        return 1
+        # no space: the code of a receive's (send -o, dump, image clone exited 1)
+        return ApplyError.exit_code if exc.errno in FULL else 1
     except Exception as exc:  # a bug: still one line (the mistake tests look for these)
         if args.debug:
             raise

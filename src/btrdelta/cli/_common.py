@@ -289,7 +289,7 @@ def stdout_bytes() -> BinaryIO:
 
 
 #: errors of a write that say the output is full (or too large for it), not where
-_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 @contextlib.contextmanager
@@ -300,7 +300,7 @@ def naming_output(name: str) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        if exc.errno in _FULL and exc.filename is None:
+        if exc.errno in FULL and exc.filename is None:
             exc.filename = name
         raise
 
