@@ -225,13 +225,14 @@ def test_an_unchanged_inode_is_taken_whole_and_a_changed_one_is_read(
     file changed behind the update's back (same size, mtime put back) has a new ctime: it
     is read."""
     listed: list[bytes] = []
-    real = treesum._xattrs
+    real = treesum._target_and_xattrs
 
-    def spy(path: bytes, exclude: frozenset[bytes]) -> tuple[tuple[bytes, bytes], ...]:
+    def spy(path: bytes, ident: tuple[int, int], link: bool, exclude: frozenset[bytes]
+            ) -> tuple[bytes | None, tuple[tuple[bytes, bytes], ...]]:
         listed.append(path)
-        return real(path, exclude)
+        return real(path, ident, link, exclude)
 
-    monkeypatch.setattr(treesum, "_xattrs", spy)
+    monkeypatch.setattr(treesum, "_target_and_xattrs", spy)
     parent = _parent(tmp_path)
     digests = verified_digests(parent)
     changes = Changes()

@@ -63,3 +63,40 @@ def test_a_directory_swapped_for_a_symlink_is_not_followed(
     assert main(["tree-sum", "--manifest", str(tree)]) == 0
     now = capsys.readouterr().out.splitlines()
     assert [x.split()[:2] for x in now] == [[".", "d"], ["a", "l"], ["z", "f"]], now
+
+
+def test_a_parent_swapped_before_a_symlink_is_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Directory ``a`` swapped for a symlink to ``outside`` just before tree-sum reads its
+    last entry, symlink ``a/l``: its target and extended attributes were read by path, so
+    the outside symlink's (``outside-target``, ``trusted.secret``) went into the sum and
+    nothing noticed (exit 0: no later read below ``a``). Now they are read through a
+    descriptor checked to be the inode the walk saw: one line naming the path, exit 1."""
+    tree, outside = _tree(tmp_path)
+    os.symlink("inside-target", tree / "a/l")
+    os.symlink("outside-target", outside / "l")
+    os.setxattr(outside / "l", "trusted.secret", b"outside", follow_symlinks=False)
+    assert main(["tree-sum", "--manifest", str(tree)]) == 0
+    assert "inside-target" in capsys.readouterr().out
+    swapped = []
+    real = treesum.short_path
+
+    @contextlib.contextmanager
+    def short_path(path: bytes) -> Iterator[bytes]:
+        if path == os.fsencode(tree / "a/l") and not swapped:
+            os.rename(tree / "a", tmp_path / "a.moved")
+            os.symlink(outside, tree / "a")
+            swapped.append(path)
+        with real(path) as short:
+            yield short
+
+    monkeypatch.setattr(treesum, "short_path", short_path)
+    rc = main(["tree-sum", "--manifest", str(tree)])
+    out, err = capsys.readouterr()
+    assert swapped
+    assert "outside" not in out, out
+    assert "secret" not in out, out
+    assert rc == 1, out
+    assert err.count("\n") == 1, err
+    assert f"{tree / 'a/l'}: replaced by another file while the tree was read" in err, err

@@ -128,14 +128,12 @@ def _show(b: bytes) -> str:
             .replace("\n", "\\n").replace(" ", "\\x20"))
 
 
-def _xattrs(path: bytes, exclude: frozenset[bytes]) -> tuple[tuple[bytes, bytes], ...]:
-    with short_path(path) as short:
-        return _xattrs_of(short, exclude)
-
-
-def _xattrs_of(path: bytes, exclude: frozenset[bytes]) -> tuple[tuple[bytes, bytes], ...]:
+def _xattrs_of(path: bytes | str, exclude: frozenset[bytes], *, follow: bool = False
+               ) -> tuple[tuple[bytes, bytes], ...]:
+    """The extended attributes of ``path`` (``follow``: a ``/proc/self/fd/N`` of an
+    ``O_PATH`` descriptor, which names the inode itself, a symlink too)."""
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        names = os.listxattr(path, follow_symlinks=follow)
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.EPERM):
             return ()
@@ -146,7 +144,7 @@ def _xattrs_of(path: bytes, exclude: frozenset[bytes]) -> tuple[tuple[bytes, byt
         if name in exclude:
             continue
         try:
-            value = os.getxattr(path, name, follow_symlinks=False)
+            value = os.getxattr(path, name, follow_symlinks=follow)
         except OSError as exc:
             if exc.errno == errno.ENODATA:
                 continue
@@ -257,9 +255,30 @@ def _kind(mode: int) -> str:
     }.get(fmt, "?")
 
 
-def _readlink(path: bytes) -> bytes:
+def _target_and_xattrs(path: bytes, ident: tuple[int, int], link: bool,
+                       exclude: frozenset[bytes]
+                       ) -> tuple[bytes | None, tuple[tuple[bytes, bytes], ...]]:
+    """The target (``link``) and the extended attributes (but ``exclude``) of
+    the entry at ``path`` that is inode ``ident`` (:func:`_same_inode`), both read through
+    one ``O_PATH | O_NOFOLLOW`` descriptor of it: ``readlinkat(fd, "")`` and the xattr
+    calls on ``/proc/self/fd/FD`` (``flistxattr`` refuses an ``O_PATH`` descriptor,
+    EBADF, and a symlink or a FIFO is not opened otherwise). By path, a parent directory
+    swapped for a symlink after the walk's lstat gave another entry's target or
+    attributes. Without ``/proc`` they are read by path, after the inode check."""
     with short_path(path) as short:
-        return os.readlink(short)
+        fd = os.open(short, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            _same_inode(fd, ident, path)
+            target = os.readlink(b"", dir_fd=fd) if link else None
+            if _PROC_FD:
+                return target, _xattrs_of(f"/proc/self/fd/{fd}", exclude, follow=True)
+            return target, _xattrs_of(short, exclude)
+        finally:
+            os.close(fd)
+
+
+#: whether ``/proc/self/fd`` is there (not in an initramfs that did not mount /proc)
+_PROC_FD = os.path.isdir("/proc/self/fd")
 
 
 def _walk(root: bytes) -> Iterator[tuple[bytes, bytes, os.stat_result]]:
@@ -373,8 +392,6 @@ class EntryMaker:
             elif digest is None:
                 digest, layout = _file_digest(full, st.st_size, holes, (st.st_dev, st.st_ino),
                                               None, self.version)
-        elif kind == "l":
-            target = whole.target if whole is not None else _readlink(full)
         elif kind in "cb":
             rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
         if kind != "d":
@@ -386,9 +403,12 @@ class EntryMaker:
         if first is not None:
             xattrs = out[first].xattrs
         elif whole is not None:
-            xattrs = whole.xattrs
+            xattrs, target = whole.xattrs, whole.target
+        elif kind != "s":
+            target, xattrs = _target_and_xattrs(full, (st.st_dev, st.st_ino), kind == "l",
+                                                self.exclude)
         else:
-            xattrs = _xattrs(full, self.exclude) if kind != "s" else ()
+            xattrs = ()
         out.append(
             Entry(rel, kind, mode, st.st_uid, st.st_gid, mtime, size, digest, target,
                   rdev, nlink, group, xattrs, layout)
