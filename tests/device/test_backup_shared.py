@@ -41,15 +41,26 @@ def _device(mnt: Path, release: Release, note: str) -> Path:
     return home
 
 
-def test_two_devices_backing_up_one_name_into_one_directory_at_once(
+def _dav(workdir: Path, methods: str = "PUT MOVE DELETE") -> contextlib.AbstractContextManager[int]:
+    """nginx taking ``methods`` (WebDAV) below ``/backups/`` of ``workdir/www``."""
+    (workdir / "www/backups").mkdir(parents=True, exist_ok=True)
+    return nginx(workdir / "nginx", f"""listen 127.0.0.1:{{port}}; root {workdir}/www;
+        client_max_body_size 0;
+        location /backups/ {{ dav_methods {methods}; create_full_put_path on; }}""")
+
+
+@pytest.mark.parametrize("where", ["directory", "http"])
+def test_two_devices_backing_up_one_name_at_once(
         btrfs_dev: Path, small_release: Release, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, where: str) -> None:
     """Device A's backup of ``home`` stops after its file is put, before its index is
-    written; device B's backup of ``home`` to the same directory starts meanwhile. Before
-    the directory's lock, B took A's number, its file replaced A's, the index A wrote last
-    named B's file with A's tree-sum, and A's backup was lost (its restore failed its
-    check). Now B waits for A: the index lists both, each restores to its device's tree."""
-    dest = tmp_path / "shared"
+    written; device B's backup of ``home`` to the same place starts meanwhile. Before the
+    lock, B took A's number and its file replaced A's: in a directory the index A wrote
+    last named B's file with A's tree-sum (A's backup lost: its restore failed its check);
+    over HTTP (nginx's WebDAV, where nothing was locked) the index B wrote first was
+    replaced by A's (B's entry lost). Now B waits for A's ``home.backups.lock`` (over HTTP
+    taken by MOVE with ``Overwrite: F``) and says so once, naming A's PID: the index lists
+    both, each restores to its device's tree, no HTTP lock is left."""
     paused, go = threading.Event(), threading.Event()
     real = backup_mod._Store.put_index
 
@@ -60,7 +71,11 @@ def test_two_devices_backing_up_one_name_into_one_directory_at_once(
         real(self, name, entries)
 
     monkeypatch.setattr(backup_mod._Store, "put_index", put_index)
-    with btrfs_loop(size="2G") as other:
+    lines: list[str] = []
+    files = tmp_path / ("www/backups" if where == "http" else "shared")
+    with btrfs_loop(size="2G") as other, \
+            _dav(tmp_path) if where == "http" else contextlib.nullcontext(0) as port:
+        dest = f"http://127.0.0.1:{port}/backups" if where == "http" else str(files)
         homes = {"A": _device(btrfs_dev, small_release, "device A\n"),
                  "B": _device(other, small_release, "device B\n")}
         want = {k: tree_sum(h) for k, h in homes.items()}
@@ -68,7 +83,7 @@ def test_two_devices_backing_up_one_name_into_one_directory_at_once(
 
         def run(who: str, fs: Path) -> None:
             try:
-                got[who] = backup(fs, "home", str(dest))
+                got[who] = backup(fs, "home", dest, on_wait=lines.append)
             except BaseException as exc:  # (seen by the assertions below)
                 got[who] = exc
 
@@ -77,23 +92,27 @@ def test_two_devices_backing_up_one_name_into_one_directory_at_once(
         a.start()
         assert paused.wait(120)
         b.start()
-        b.join(3)  # (B ends here without the lock, or waits for A with it)
+        b.join(4)  # (B ends here without the lock, or waits for A with it)
         go.set()
         a.join(120)
         b.join(120)
         assert not a.is_alive()
         assert not b.is_alive()
-    assert all(isinstance(r, dict) for r in got.values()), got
-    index = json.loads((dest / "home.backups.json").read_text())
-    numbers = {e["n"]: e["tree_sum"] for e in index["backups"]}
-    assert numbers == {got["A"]["n"]: want["A"], got["B"]["n"]: want["B"]}, numbers
-    assert sorted(os.listdir(dest)) == sorted(
-        [*(e["file"] for e in index["backups"]), "home.backups.json", "home.backups.lock"])
-    for who in ("A", "B"):
-        out = tmp_path / f"restored-{who}"
-        out.mkdir()
-        assert tree_sum(restore_to_dir(str(dest), "home", out, upto=got[who]["n"])) \
-            == want[who]
+        assert all(isinstance(r, dict) for r in got.values()), got
+        index = json.loads((files / "home.backups.json").read_text())
+        numbers = {e["n"]: e["tree_sum"] for e in index["backups"]}
+        assert numbers == {got["A"]["n"]: want["A"], got["B"]["n"]: want["B"]}, numbers
+        left = [] if where == "http" else ["home.backups.lock"]
+        assert sorted(os.listdir(files)) == sorted(
+            [*(e["file"] for e in index["backups"]), "home.backups.json", *left])
+        assert len(lines) == 1
+        assert re.fullmatch(rf"waiting for {dest}/home\.backups\.lock, held by PID "
+                            rf"{os.getpid()} on '.+' since \d{{4}}-.* UTC", lines[0]), lines
+        for who in ("A", "B"):
+            out = tmp_path / f"restored-{who}"
+            out.mkdir()
+            assert tree_sum(restore_to_dir(dest, "home", out, upto=got[who]["n"])) \
+                == want[who]
 
 
 def test_a_directory_named_like_a_backup_file_is_left_alone(
@@ -120,73 +139,6 @@ def test_a_directory_named_like_a_backup_file_is_left_alone(
     out = tmp_path / "restored"
     out.mkdir()
     assert tree_sum(restore_to_dir(str(dest), "home", out)) == want
-
-
-def _dav(workdir: Path, methods: str = "PUT MOVE DELETE") -> contextlib.AbstractContextManager[int]:
-    """nginx taking ``methods`` (WebDAV) below ``/backups/`` of ``workdir/www``."""
-    (workdir / "www/backups").mkdir(parents=True, exist_ok=True)
-    return nginx(workdir / "nginx", f"""listen 127.0.0.1:{{port}}; root {workdir}/www;
-        client_max_body_size 0;
-        location /backups/ {{ dav_methods {methods}; create_full_put_path on; }}""")
-
-
-def test_two_devices_backing_up_one_name_over_http_at_once(
-        btrfs_dev: Path, small_release: Release, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """As above over HTTP (nginx's WebDAV): before, nothing was locked there; B took A's
-    number, its stream replaced A's, and the index B wrote first was replaced by A's (B's
-    entry lost). Now B waits for A's ``home.backups.lock`` (taken by MOVE with
-    ``Overwrite: F``) and says so once, naming A's PID; the index lists both, each
-    restores to its device's tree, and no lock is left on the server."""
-    paused, go = threading.Event(), threading.Event()
-    real = backup_mod._Store.put_index
-
-    def put_index(self: Any, name: str, entries: list[dict[str, Any]]) -> None:
-        if threading.current_thread().name == "A":
-            paused.set()
-            assert go.wait(60)
-        real(self, name, entries)
-
-    monkeypatch.setattr(backup_mod._Store, "put_index", put_index)
-    lines: list[str] = []
-    with btrfs_loop(size="2G") as other, _dav(tmp_path) as port:
-        dest = f"http://127.0.0.1:{port}/backups"
-        homes = {"A": _device(btrfs_dev, small_release, "device A\n"),
-                 "B": _device(other, small_release, "device B\n")}
-        want = {k: tree_sum(h) for k, h in homes.items()}
-        got: dict[str, Any] = {}
-
-        def run(who: str, fs: Path) -> None:
-            try:
-                got[who] = backup(fs, "home", dest, on_wait=lines.append)
-            except BaseException as exc:  # (seen by the assertions below)
-                got[who] = exc
-
-        a = threading.Thread(target=run, args=("A", btrfs_dev), name="A")
-        b = threading.Thread(target=run, args=("B", other), name="B")
-        a.start()
-        assert paused.wait(120)
-        b.start()
-        b.join(4)  # (B ends here without the lock, or waits for A with it)
-        go.set()
-        a.join(120)
-        b.join(120)
-        assert not a.is_alive()
-        assert not b.is_alive()
-        assert all(isinstance(r, dict) for r in got.values()), got
-        index = json.loads((tmp_path / "www/backups/home.backups.json").read_text())
-        numbers = {e["n"]: e["tree_sum"] for e in index["backups"]}
-        assert numbers == {got["A"]["n"]: want["A"], got["B"]["n"]: want["B"]}, numbers
-        assert sorted(os.listdir(tmp_path / "www/backups")) == sorted(
-            [*(e["file"] for e in index["backups"]), "home.backups.json"])
-        assert len(lines) == 1
-        assert re.fullmatch(rf"waiting for {dest}/home\.backups\.lock, held by PID "
-                            rf"{os.getpid()} on '.+' since \d{{4}}-.* UTC", lines[0]), lines
-        for who in ("A", "B"):
-            out = tmp_path / f"restored-{who}"
-            out.mkdir()
-            assert tree_sum(restore_to_dir(dest, "home", out, upto=got[who]["n"])) \
-                == want[who]
 
 
 def test_an_http_lock_left_by_a_cut_backup(

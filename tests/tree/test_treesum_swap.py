@@ -28,6 +28,26 @@ def _tree(tmp_path: Path) -> tuple[Path, Path]:
     return tree, outside
 
 
+def _swap_at(at: Path, outside: Path, monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Swap directory ``a`` (the tree's) for a symlink to ``outside`` (once) when tree-sum
+    is about to open ``at``; returns the list that holds ``at`` once it happened."""
+    tree = at if at.name == "a" else at.parent  # (the tree's directory a)
+    swapped: list[bytes] = []
+    real = treesum.short_path
+
+    @contextlib.contextmanager
+    def short_path(path: bytes) -> Iterator[bytes]:
+        if path == os.fsencode(at) and not swapped:
+            os.rename(tree, tree.parent.parent / "a.moved")
+            os.symlink(outside, tree)
+            swapped.append(path)
+        with real(path) as short:
+            yield short
+
+    monkeypatch.setattr(treesum, "short_path", short_path)
+    return swapped
+
+
 @pytest.mark.parametrize("at", ["a", "a/f"])
 def test_a_directory_swapped_for_a_symlink_is_not_followed(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -38,19 +58,7 @@ def test_a_directory_swapped_for_a_symlink_is_not_followed(
     tree, outside = _tree(tmp_path)
     assert main(["tree-sum", "--manifest", str(tree)]) == 0
     assert "a/f f " in capsys.readouterr().out
-    swapped = []
-    real = treesum.short_path
-
-    @contextlib.contextmanager
-    def short_path(path: bytes) -> Iterator[bytes]:
-        if path == os.fsencode(tree / at) and not swapped:
-            os.rename(tree / "a", tmp_path / "a.moved")
-            os.symlink(outside, tree / "a")
-            swapped.append(path)
-        with real(path) as short:
-            yield short
-
-    monkeypatch.setattr(treesum, "short_path", short_path)
+    swapped = _swap_at(tree / at, outside, monkeypatch)
     rc = main(["tree-sum", "--manifest", str(tree)])
     out, err = capsys.readouterr()
     assert swapped
@@ -79,19 +87,7 @@ def test_a_parent_swapped_before_a_symlink_is_read(
     os.setxattr(outside / "l", "trusted.secret", b"outside", follow_symlinks=False)
     assert main(["tree-sum", "--manifest", str(tree)]) == 0
     assert "inside-target" in capsys.readouterr().out
-    swapped = []
-    real = treesum.short_path
-
-    @contextlib.contextmanager
-    def short_path(path: bytes) -> Iterator[bytes]:
-        if path == os.fsencode(tree / "a/l") and not swapped:
-            os.rename(tree / "a", tmp_path / "a.moved")
-            os.symlink(outside, tree / "a")
-            swapped.append(path)
-        with real(path) as short:
-            yield short
-
-    monkeypatch.setattr(treesum, "short_path", short_path)
+    swapped = _swap_at(tree / "a/l", outside, monkeypatch)
     rc = main(["tree-sum", "--manifest", str(tree)])
     out, err = capsys.readouterr()
     assert swapped

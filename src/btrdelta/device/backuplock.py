@@ -183,8 +183,9 @@ def held_over_http(url: str, client: Callable[[], Client], notes: Path,
             if status != 412:  # (Precondition Failed: the lock exists)
                 raise TransportError(f"MOVE answered {status}", url=own, status=status)
             got, line = http("GET", url)
-            if got == 200 and _token(line) in old:
+            if got == 200 and (stale := _token(line)) in old:
                 http("DELETE", url)  # this device's, from a backup cut short
+                old = [t for t in old if t != stale]  # (once: a refused DELETE is waited)
                 continue
             if not said and time.monotonic() - waited >= SAY_AFTER:
                 on_wait(f"waiting for {url}, {_who(line) if got == 200 else 'held'}")
