@@ -79,6 +79,7 @@ def header() -> str:
         f"#define DIR_FLAGS {_flags(sandbox.DIR_OPEN)}",
         f"#define PATH_FLAGS {_flags(sandbox.PATH_OPEN)}",
         f"#define DIRS_TRIM {sandbox.CACHE_MAX} /* cached directories before starting over */",
+        f"#define WALK_KEEP {sandbox.WALK_KEEP} /* of one walk's directories, the deepest kept */",
         "",
         "/* TLV markers of carried commands in delta streams (btrdelta.delta.carrier) */",
         f"enum {{ SAME_PATH = 0x{carrier.SAME_PATH_MARK:04X}, ORPHAN = 0x{carrier.ORPHAN_TLV:04X},"

@@ -114,6 +114,7 @@ enum {
 #define DIR_FLAGS (O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
 #define PATH_FLAGS (O_PATH | O_NOFOLLOW | O_CLOEXEC)
 #define DIRS_TRIM 256 /* cached directories before starting over */
+#define WALK_KEEP 16 /* of one walk's directories, the deepest kept */
 
 /* TLV markers of carried commands in delta streams (btrdelta.delta.carrier) */
 enum { SAME_PATH = 0xFFFF, ORPHAN = 0xFFFE, TIMES = 0xFFFD, NEXT_INO = 0xFFFA, NAMEREF = 0xFFFC, OLDREF = 0xFFFB, OLDNAME = 0xFFF9 };

@@ -250,19 +250,33 @@ dir_fd(Fast *f, const char *p, size_t n)
             break;
         }
     }
+    /* only the deepest WALK_KEEP directories of the walk are cached (Sandbox.dir_fd) */
+    size_t left = 1;
+    for (const char *s = p + start; (s = memchr(s, '/', (size_t)(p + n - s))) != NULL; s++)
+        left++;
     char name[NAME_MAX + 1];
+    int loose = -1; /* an open directory on the way that is not kept */
     while (start < n) {
         const char *s = memchr(p + start, '/', n - start);
         size_t stop = s ? (size_t)(s - p) : n;
         size_t len = stop - start;
         if (len > NAME_MAX)
-            return -1;
+            goto fail;
         memcpy(name, p + start, len);
         name[len] = 0;
         int nfd = openat(cur, name, DIR_FLAGS);
+        if (loose >= 0) {
+            int e = errno;
+            close(loose);
+            errno = e;
+            loose = -1;
+        }
         if (nfd < 0)
             return -1;
-        if (dir_add(f, p, stop, hash_bytes(p, stop), nfd) < 0) {
+        if (left-- > WALK_KEEP) {
+            loose = nfd;
+        }
+        else if (dir_add(f, p, stop, hash_bytes(p, stop), nfd) < 0) {
             close(nfd);
             return -1;
         }
@@ -270,6 +284,10 @@ dir_fd(Fast *f, const char *p, size_t n)
         start = stop + 1;
     }
     return cur;
+fail:
+    if (loose >= 0)
+        close(loose);
+    return -1;
 }
 
 /* the last component of a checked path into `name` (NUL-terminated); the length of the
