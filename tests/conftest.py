@@ -374,7 +374,8 @@ _LAYOUT = {
     "encoded-every-compression-holes", "nocow-clones", "truncate-extend-unaligned",
     "reflinks-across-subvolumes", "recompressed-same-content", "same-file-clones-unaligned-eof",
     "inline-extent-then-hole", "punch-whole-fill-holes", "prealloc-inside-data",
-    "copy-range-unaligned", "punch-inline",
+    "copy-range-unaligned", "punch-inline", "clone-into-hole", "inline-encoded-levels",
+    "punch-zero-across-eof",
 }
 
 #: (name, mount options, the scenarios it applies to or None for all); every variant's
@@ -387,7 +388,7 @@ _FS_VARIANTS: list[tuple[str, str | None, set[str] | None]] = [
                              "compressed-extent-merge-312",
                              "unaligned-then-fallocated-progs-e3209f8",
                              "encoded-write-unaligned-offset-progs-6f4a518",
-                             "copy-range-unaligned"}),
+                             "copy-range-unaligned", "clone-into-hole"}),
     ("zlib", "compress-force=zlib", {"compressible-data-W6", "prealloc-punch-169",
                                      "write-into-prealloc-046", "odd-names-W8",
                                      "reflink-compressed-overwrite-109",
@@ -395,7 +396,7 @@ _FS_VARIANTS: list[tuple[str, str | None, set[str] | None]] = [
                                      "shrunk-by-clone-322",
                                      "unaligned-then-fallocated-progs-e3209f8",
                                      "encoded-write-unaligned-offset-progs-6f4a518",
-                                     "inline-extent-then-hole"}),
+                                     "inline-extent-then-hole", "punch-zero-across-eof"}),
     ("plain", None, _LAYOUT),
 ]
 _V1_VARIANTS = {"zstd", "plain"}

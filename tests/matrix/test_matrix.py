@@ -92,7 +92,8 @@ VARIANTS = [
                                                       "compression-property-root-new-files",
                                                       "encoded-every-compression-holes",
                                                       "recompressed-same-content",
-                                                      "chattr-compress-flag"})),
+                                                      "chattr-compress-flag",
+                                                      "inline-encoded-levels"})),
     # sent the other way (btrfs send -p B A) and from an unrelated parent (session 25).
     # btrfs send refuses the reverse of deleted-open-file-168 (an unlinked inode in A). The
     # kernel's trees differ from the source's (docs/upstream-tests.md): a full stream sets
