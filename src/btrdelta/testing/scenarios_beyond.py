@@ -17,7 +17,12 @@ the kernel clears (chown, write) and version 3 ones, xattrs on renamed hard link
 extents followed by holes or punched, whole files punched and holes filled, whiteouts,
 O_TMPFILE files linked in, delayed directory moves with metadata, a removed directory's
 name taken, preallocation inside data, copy_file_range, special files' owner and mode,
-``chattr +c``/``+m``, 3,900-byte symlink targets.
+``chattr +c``/``+m``, 3,900-byte symlink targets. Session 32: corner cases of the kernel's
+send.c (inode numbers reused across special types, paths near PATH_MAX, clones into holes,
+compressed inline extents of every algorithm and level, orphan directories, renames over
+special files, name swaps among hard links, RENAME_EXCHANGE with links) and stress (2,000
+renames into new directories, 1,000 entries made again, 600 255-byte names, a chain of
+600 directories inverted halfway).
 :mod:`btrdelta.testing.scenarios` runs them with the upstream ones (none of these remounts
 or holds files open).
 """
@@ -829,11 +834,20 @@ BEYOND: list[Scenario] = [
       "for i in range(1, 600, 4): os.unlink(\"d/\" + (\"%03d\" % i) * 85)\n"
       "for i in range(600, 700): open(\"d/\" + (\"%03d\" % i) * 85, \"w\")\n"
       "os.mkdir(\"e\"); os.rename(\"d\", \"e/d\")'"),
-    # a chain of 1,000 nested directories: its lower half moved to the top, the top's
-    # first directory moved below its old descendant (an inversion 500 levels deep)
-    S("deep-chain-1000",
-      "p=$(printf 'd/%.0s' $(seq 1000)); mkdir -p $p; echo bottom > ${p}f",
-      "h=$(printf 'd/%.0s' $(seq 500)); mv ${h%/} top;"
-      " mv d top/$(printf 'd/%.0s' $(seq 499))old-root"),
+    # a chain of 600 nested directories (deeper than a receiver's cache of 256, shallower
+    # than Python's recursion limit, which pytest's removal of old temporary trees meets):
+    # its lower half moved to the top, the top's first directory moved below its old
+    # descendant (an inversion 300 levels deep)
+    S("deep-chain-600",
+      "p=$(printf 'd/%.0s' $(seq 600)); mkdir -p $p; echo bottom > ${p}f",
+      "h=$(printf 'd/%.0s' $(seq 300)); mv ${h%/} top;"
+      " mv d top/$(printf 'd/%.0s' $(seq 299))old-root", root_mtime_lost=True),
+    # 70 directories that each get a file after the root's last entry: the kernel's full
+    # stream sends the root's times while it still makes orphans there (Linux 6.3's
+    # UTIMES cache of 64 directories), so btrfs receive gives the root the receive's time
+    S("root-mtime-past-utimes-cache",
+      "mkdir top; for i in $(seq 70); do mkdir top/s$i; done;"
+      " for i in $(seq 70); do echo $i > top/s$i/f; done; touch -d @1000000000 .",
+      "echo new > top/s1/g", root_mtime_lost=True),
 ]
 del S
