@@ -44,7 +44,12 @@ from btrdelta.receive import receive
 from btrdelta.send import send_stream
 from btrdelta.stream import StreamReader
 from btrdelta.testing.loopfs import BtrfsUnavailable, loop_fs
-from btrdelta.testing.scenarios import SCENARIOS, SnapshotPair, kernel_receive, make_snapshots
+from btrdelta.testing.scenarios import (
+    MATRIX_SCENARIOS,
+    SnapshotPair,
+    kernel_receive,
+    make_snapshots,
+)
 from btrdelta.testing.scenarios import send as kernel_send
 from btrdelta.tree.treesum import diff_manifests, tree_manifest
 from tests.conftest import layouts_elsewhere, progs_dump, require_btrfs
@@ -342,7 +347,7 @@ def test_every_scenario(variant: Variant, tmp_path: Path) -> None:
     problems: list[str] = []
     previous: SnapshotPair | None = None
     with _targets(variant, tmp_path) as t:
-        for sc in SCENARIOS:
+        for sc in MATRIX_SCENARIOS:
             if (_ONLY and sc.name not in _ONLY) or sc.name in variant.skip:
                 continue
             try:

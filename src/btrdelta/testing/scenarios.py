@@ -28,9 +28,10 @@ from pathlib import Path
 
 from .loopfs import held, hold, run
 from .recipe import Scenario
-from .scenarios_beyond import BEYOND
+from .scenarios_beyond import BEYOND, STRESS
 
-__all__ = ["SCENARIOS", "Scenario", "SnapshotPair", "kernel_receive", "make_snapshots", "send"]
+__all__ = ["MATRIX_SCENARIOS", "SCENARIOS", "Scenario", "SnapshotPair", "kernel_receive",
+           "make_snapshots", "send"]
 
 S = Scenario
 
@@ -557,6 +558,11 @@ SCENARIOS: list[Scenario] = [
       "print(\"ready\", flush=True)\nsys.stdin.read()'"),
 ]
 del S
+
+
+#: what ``make matrix`` runs: :data:`SCENARIOS` and the stress scenarios (session 32), whose
+#: cost ``make test`` does not take (docs/upstream-tests.md)
+MATRIX_SCENARIOS: list[Scenario] = [*SCENARIOS, *STRESS]
 
 
 @dataclass

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from .recipe import Scenario
 
-__all__ = ["BEYOND"]
+__all__ = ["BEYOND", "STRESS"]
 
 
 
@@ -765,15 +765,6 @@ BEYOND: list[Scenario] = [
       " setfattr -h -n security.s -v changed d/l2; setfattr -h -x trusted.b l3;"
       " setfattr -h -n trusted.b2 -v x l3; mv d e; setfattr -x trusted.d e; mkdir d;"
       " setfattr -n trusted.d -v newdir d; mv e/l4 d/l4"),
-    # 2,000 files moved into 20 new directories, which then take the first 20 files'
-    # names; the directory renamed and a new one made under its name
-    S("big-dir-into-buckets",
-      "mkdir d; python3 -c 'for i in range(2000):\n"
-      "    open(\"d/f%04d\" % i, \"w\").write(str(i) if i % 100 == 0 else \"\")'",
-      "python3 -c 'import os\nfor k in range(20): os.mkdir(\"d/b%02d\" % k)\n"
-      "for i in range(2000): os.rename(\"d/f%04d\" % i, \"d/b%02d/f%04d\" % (i % 20, i))\n"
-      "for k in range(20): os.rename(\"d/b%02d\" % k, \"d/f%04d\" % k)\n"
-      "os.rename(\"d\", \"e\"); os.mkdir(\"d\"); os.rename(\"e/f0000\", \"d/f0000\")'"),
     # holes punched and ranges zeroed across EOF (the size kept, or grown by fzero),
     # preallocation through EOF growing the file, written into
     S("punch-zero-across-eof",
@@ -799,13 +790,6 @@ BEYOND: list[Scenario] = [
     S("special-files-renamed-over",
       f"mkfifo p; mknod c c 1 3; mknod b b 7 1; ln -s tgt l; {_SOCKET} s; echo f > f",
       "mv p c; mv b l; mv s f; mkfifo p; mv f p"),
-    # a directory of 1,000 entries removed and made again with the same names (new inodes,
-    # every tenth a directory)
-    S("big-dir-replaced-same-names",
-      "mkdir d; python3 -c 'for i in range(1000): open(\"d/n%04d\" % i, \"w\").write(\"a%d\" % i)'",
-      "rm -r d; mkdir d; python3 -c 'import os\nfor i in range(1000):\n"
-      "    if i % 10: open(\"d/n%04d\" % i, \"w\").write(\"b%d\" % i)\n"
-      "    else: os.mkdir(\"d/n%04d\" % i)'"),
     # renameat2(RENAME_EXCHANGE) of two directories holding hard links of each other's
     # files, then of two of those links across them
     S("exchange-dirs-with-cross-links",
@@ -824,6 +808,34 @@ BEYOND: list[Scenario] = [
     S("dir-times-only-entries-back",
       "mkdir d e; echo 1 > d/k; touch -d @1000000000 d e",
       "touch d/tmp; rm d/tmp; mv e e2; touch e2/x; rm e2/x; mv d/k d/k2; mv d/k2 d/k"),
+    # 70 directories that each get a file after the root's last entry: the kernel's full
+    # stream sends the root's times while it still makes orphans there (Linux 6.3's
+    # UTIMES cache of 64 directories), so btrfs receive gives the root the receive's time
+    S("root-mtime-past-utimes-cache",
+      "mkdir top; for i in $(seq 70); do mkdir top/s$i; done;"
+      " for i in $(seq 70); do echo $i > top/s$i/f; done; touch -d @1000000000 .",
+      "echo new > top/s1/g", root_mtime_lost=True),
+]
+
+#: stress (session 32), in `make matrix` only: what they add to `make test` is large
+#: (docs/upstream-tests.md); their findings have tests of their own
+STRESS: list[Scenario] = [
+    # 2,000 files moved into 20 new directories, which then take the first 20 files'
+    # names; the directory renamed and a new one made under its name
+    S("big-dir-into-buckets",
+      "mkdir d; python3 -c 'for i in range(2000):\n"
+      "    open(\"d/f%04d\" % i, \"w\").write(str(i) if i % 100 == 0 else \"\")'",
+      "python3 -c 'import os\nfor k in range(20): os.mkdir(\"d/b%02d\" % k)\n"
+      "for i in range(2000): os.rename(\"d/f%04d\" % i, \"d/b%02d/f%04d\" % (i % 20, i))\n"
+      "for k in range(20): os.rename(\"d/b%02d\" % k, \"d/f%04d\" % k)\n"
+      "os.rename(\"d\", \"e\"); os.mkdir(\"d\"); os.rename(\"e/f0000\", \"d/f0000\")'"),
+    # a directory of 1,000 entries removed and made again with the same names (new inodes,
+    # every tenth a directory)
+    S("big-dir-replaced-same-names",
+      "mkdir d; python3 -c 'for i in range(1000): open(\"d/n%04d\" % i, \"w\").write(\"a%d\" % i)'",
+      "rm -r d; mkdir d; python3 -c 'import os\nfor i in range(1000):\n"
+      "    if i % 10: open(\"d/n%04d\" % i, \"w\").write(\"b%d\" % i)\n"
+      "    else: os.mkdir(\"d/n%04d\" % i)'"),
     # 600 names of 255 bytes in one directory: half renamed to other 255-byte names, a
     # quarter removed, new ones made, the directory moved
     S("many-255-byte-names",
@@ -842,12 +854,5 @@ BEYOND: list[Scenario] = [
       "p=$(printf 'd/%.0s' $(seq 600)); mkdir -p $p; echo bottom > ${p}f",
       "h=$(printf 'd/%.0s' $(seq 300)); mv ${h%/} top;"
       " mv d top/$(printf 'd/%.0s' $(seq 299))old-root", root_mtime_lost=True),
-    # 70 directories that each get a file after the root's last entry: the kernel's full
-    # stream sends the root's times while it still makes orphans there (Linux 6.3's
-    # UTIMES cache of 64 directories), so btrfs receive gives the root the receive's time
-    S("root-mtime-past-utimes-cache",
-      "mkdir top; for i in $(seq 70); do mkdir top/s$i; done;"
-      " for i in $(seq 70); do echo $i > top/s$i/f; done; touch -d @1000000000 .",
-      "echo new > top/s1/g", root_mtime_lost=True),
 ]
 del S
