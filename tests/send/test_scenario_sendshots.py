@@ -12,11 +12,12 @@ import pytest
 from btrdelta.cli import main
 from btrdelta.testing.scenarios import SCENARIOS, kernel_receive, make_snapshots
 from btrdelta.testing.scenarios_beyond import BEYOND
+from btrdelta.testing.scenarios_corners import CORNERS
 from btrdelta.tree.treesum import diff_manifests, tree_manifest
 
 pytestmark = pytest.mark.btrfs
 
-SHOTS = [sc for sc in SCENARIOS if (sc in BEYOND or "\nREMOUNT\n" in sc.b)
+SHOTS = [sc for sc in SCENARIOS if (sc in BEYOND or sc in CORNERS or "\nREMOUNT\n" in sc.b)
          and not (sc.a_held or sc.b_held or sc.a_open or sc.after)]
 
 

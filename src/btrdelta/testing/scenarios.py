@@ -28,7 +28,8 @@ from pathlib import Path
 
 from .loopfs import held, hold, run
 from .recipe import Scenario
-from .scenarios_beyond import BEYOND, STRESS
+from .scenarios_beyond import BEYOND
+from .scenarios_corners import CORNERS, STRESS
 
 __all__ = ["MATRIX_SCENARIOS", "SCENARIOS", "Scenario", "SnapshotPair", "kernel_receive",
            "make_snapshots", "send"]
@@ -524,6 +525,7 @@ SCENARIOS: list[Scenario] = [
       ' btrfs -q balance start -m .'),
     # classes the upstream tests leave thin (sessions 16 and 17): scenarios_beyond.py
     *BEYOND,
+    *CORNERS,  # session 32: scenarios_corners.py
     # held descriptors last: a later REMOUNT on the same filesystem would find it busy
     S("deleted-open-file-168",
       'xfs_io -f -c "pwrite -S 0xf1 0 64K" foo; xfs_io -f -c "pwrite -S 0x7b 0 90K" bar;'
