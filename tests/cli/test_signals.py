@@ -355,3 +355,39 @@ entry()
     assert (proc.returncode, out, err) == (128 + sig, b"",
                                            b"btrdelta image compress: interrupted\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["image"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_raised_in_a_finalizer_still_ends_the_command(tmp_path: Path,
+                                                               sig: signal.Signals) -> None:
+    """A signal whose handler runs while Python runs a finalizer (a ``__del__``, a weakref
+    callback, a generator closed by the collector; here a ``gc`` callback at a collection
+    as ``tree-sum`` begins): Python dropped the exception ("Exception ignored in ..." and a
+    traceback) and the command ran to its end, exit 0, as if no signal had come (here after
+    20 s). Now the signal is raised again in the main thread: exit 128 + it, one line, no
+    sum, at once."""
+    (tmp_path / "f").write_bytes(b"x")
+    code = f"""
+import gc, signal, sys, time
+import btrdelta.cli.treesum_cmd as cmd
+def collected(phase, info):
+    if phase == "start" and signal.getsignal({int(sig)}) is not signal.default_int_handler:
+        gc.callbacks.remove(collected)
+        signal.raise_signal({int(sig)})
+real = cmd.run
+def run(args):
+    gc.callbacks.append(collected)
+    gc.collect()
+    time.sleep(20)  # (the command goes on working: the signal has to end it)
+    return real(args)
+cmd.run = run
+sys.argv = ["btrdelta", "tree-sum", {str(tmp_path)!r}]
+from btrdelta.__main__ import entry
+entry()
+"""
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60,
+                          preexec_fn=_as_in_a_terminal(), check=False)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (
+        128 + sig, b"", b"btrdelta tree-sum: interrupted\n")
+    assert time.monotonic() - start < 15

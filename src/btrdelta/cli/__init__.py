@@ -23,7 +23,7 @@ from .. import TYPE_CHECKING, __version__, _import_module, errors
 from .._optional import OPTIONAL, missing
 from ..errors import ApplyError, BtrdeltaError, exit_codes
 from . import _lean  # noqa: F401  (first: ``uuid`` without ``platform``)
-from ._common import FULL, Interrupted, stop_on_signals
+from ._common import FULL, Interrupted, redelivering, stop_on_signals
 
 if TYPE_CHECKING:
     import argparse
@@ -179,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # is 128 + the signal's number (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP) for all of them.
     # The servers (serve, image nbd/mount) take the signals as their normal stop (exit 0).
     handlers = stop_on_signals()
+    unraisable, sys.unraisablehook = sys.unraisablehook, redelivering(sys.unraisablehook)
     errors.warn_as = f"btrdelta {args.command}"
     try:
         return int(args.func(args) or 0)
@@ -216,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         errors.warn_as = None
+        sys.unraisablehook = unraisable
         for sig, handler in handlers.items():  # (main() called in a process that goes on)
             signal.signal(sig, handler)
 

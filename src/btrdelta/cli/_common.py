@@ -394,7 +394,49 @@ def stop_on_signals() -> dict[int, Any]:
     return old
 
 
+def redelivering(previous: Callable[[Any], object]) -> Callable[[Any], None]:
+    """A ``sys.unraisablehook`` that gives a signal's exception back to the main thread when
+    it was raised where Python drops exceptions: in a finalizer (``__del__``, a weakref
+    callback, a generator closed by the collector). Python printed "Exception ignored in"
+    and a traceback, and the command went on as if no Ctrl-C or SIGTERM had come. The signal
+    is sent again to the main thread by a thread of its own (:func:`_resend`), when its
+    handler is the CLI's (:func:`_stop`). Anything else goes to ``previous``."""
+    import _thread
+
+    def hook(unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        signum = exc.signum if isinstance(exc, Interrupted) else int(signal.SIGINT)
+        if isinstance(exc, KeyboardInterrupt) and signal.getsignal(signum) is _stop:
+            _thread.start_new_thread(_resend, (_thread.get_ident(), signum, _Handled.count))
+            return
+        previous(unraisable)
+
+    return hook
+
+
+class _Handled:
+    """How many times :func:`_stop` ran."""
+
+    count = 0
+
+
+def _resend(thread: int, signum: int, seen: int) -> None:
+    """Send ``signum`` to ``thread`` (the main one) until its handler ran (every 50 ms, for
+    5 s at most). Sent from the main thread, the handler would run in the hook and be
+    dropped again; a real signal, not ``_thread.interrupt_main``, so that a main thread
+    waiting in a system call wakes; again, because one that comes as the main thread is
+    about to enter a system call waits with it."""
+    import time
+
+    for _ in range(100):
+        if _Handled.count != seen:
+            return
+        signal.pthread_kill(thread, signum)
+        time.sleep(0.05)
+
+
 def _stop(signum: int, _frame: object) -> None:
+    _Handled.count += 1
     pool = sys.modules.get("btrdelta._pool")  # (no block is open before it is imported)
     if pool is None or not pool.signal_held(signum):
         raise Interrupted(signum)
