@@ -421,6 +421,15 @@ def _init6_000000(self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any, f5: An
     self.f5 = f5
 
 
+def _frozen6_000000(self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any, f5: Any) -> None:
+    _set(self, 'f0', f0)
+    _set(self, 'f1', f1)
+    _set(self, 'f2', f2)
+    _set(self, 'f3', f3)
+    _set(self, 'f4', f4)
+    _set(self, 'f5', f5)
+
+
 def _init6_000001(self: Any, f0: Any, f1: Any, f2: Any, f3: Any, f4: Any, f5: Any) -> None:
     self.f0 = f0
     self.f1 = f1
@@ -776,6 +785,7 @@ _GENERATED: dict[str, Callable[..., None]] = {
     "_init5_00010": _init5_00010,
     "_init5_01111": _init5_01111,
     "_init6_000000": _init6_000000,
+    "_frozen6_000000": _frozen6_000000,
     "_init6_000001": _init6_000001,
     "_init6_001111": _init6_001111,
     "_init7_0000000": _init7_0000000,
