@@ -123,7 +123,9 @@ def test_receive_progress_in_a_file_is_plain_with_a_percentage(tmp_path: Path) -
     assert "\r" not in proc.stderr
     assert "\x1b" not in proc.stderr
     lines = proc.stderr.splitlines()
-    assert lines[0].startswith("At subvol ")
+    # the first line at once (the first read), then the stream's `At subvol`
+    assert lines[0].startswith("receive: ")
+    assert lines[1].startswith("At subvol ")
     assert "100%" in lines[-1]
     assert "records" in lines[-1]
 

@@ -6,6 +6,9 @@ import argparse
 import io
 import os
 
+import pytest
+
+from btrdelta.cli import progress
 from btrdelta.cli.progress import Progress, add_progress_options, progress_wanted
 from tests.conftest import read_pty
 
@@ -46,16 +49,30 @@ def test_terminal_gets_a_bar_with_percentage_and_eta() -> None:
 def test_a_file_gets_plain_lines_without_escapes() -> None:
     log = io.StringIO()
     p = Progress("clone", enabled=True, total=4 << 20, stream=log)
-    p.update(1 << 20)
+    p.update(0)  # the first line at once (no rate, no ETA yet)
+    p.update(1 << 20)  # within 5 s of it: none
     p.message("note")
-    p.close("done: 4 chunks")
+    p.close("done: 4 chunks")  # the last figures
     out = log.getvalue()
     assert "\r" not in out
     assert "\x1b" not in out
-    assert out.splitlines() == ["note", out.splitlines()[1], "done: 4 chunks"]
-    assert "1.0 MiB of 4.0 MiB" in out
-    assert "25%" in out
-    assert "ETA" in out
+    lines = out.splitlines()
+    assert lines[:2] == ["clone: 0 B of 4.0 MiB, 0%", "note"]
+    assert lines[2].startswith("clone: 1.0 MiB of 4.0 MiB, ")
+    assert lines[2].endswith("/s, 25%, ETA 0s")
+    assert lines[3:] == ["done: 4 chunks"]
+
+
+def test_plain_lines_after_the_first_come_every_few_seconds(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [100.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    log = io.StringIO()
+    p = Progress("send", enabled=True, unit="files", stream=log)
+    for done in range(1, 13):  # one a second for 12 s: at 1 s, 6 s and 11 s
+        clock[0] += 1.0
+        p.update(done)
+    assert log.getvalue().splitlines() == ["send: 1 files", "send: 6 files", "send: 11 files"]
 
 
 def test_disabled_prints_nothing() -> None:

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -386,3 +387,28 @@ def test_help_says_the_exit_codes_and_the_remote_command() -> None:
     assert "Exit codes: 0 also when the receiver is already current;" in text
     assert "9 refused by the protocol (no-common-base, diverged, exists, busy)" in text
     assert "default: btrdelta, found on the remote PATH" in text
+
+
+def test_progress_says_at_once_that_it_began(tmp_path: Path) -> None:
+    # a transfer slower than the 5 s between plain lines (a rate limit): its first line
+    # comes at the start, not only when it is done
+    _source(tmp_path)
+    (tmp_path / "slow").mkdir()
+    started = time.monotonic()
+    with subprocess.Popen([*BTRDELTA, "replicate", "--progress", "--segment", "1M",
+                           "--rate-limit", "1M", "--store", str(tmp_path / "store-slow"),
+                           str(tmp_path / "src"), str(tmp_path / "slow")],
+                          text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()
+        first_at = time.monotonic() - started
+        rest = proc.stderr.read()
+        ended_at = time.monotonic() - started
+        assert proc.wait(timeout=120) == 0, first + rest
+    assert first == "replicate: 0 B\n"  # (nothing sent yet: no rate)
+    assert ended_at - first_at > 2.0  # (3 MiB at 1 MiB/s: it came long before the end)
+    lines = rest.splitlines()
+    assert lines[-2].startswith("replicate: 3.0 MiB, ")
+    assert lines[-2].endswith("/s")
+    assert "sent of" in lines[-1]
+    _same_tree(tmp_path, "slow")

@@ -377,11 +377,13 @@ def test_create_shows_its_walk_then_its_reading(tmp_path: Path,
     capsys.readouterr()
     assert main([*st, "--progress"]) == 0
     lines = capsys.readouterr().err.splitlines()
-    assert lines[0] == "sendshot create walk: 300 files", lines
-    read = lines[1].split(": ")
+    # each phase's first line at once (the walk's first 256 entries), then its last figures
+    assert lines[:2] == ["sendshot create walk: 256 files", "sendshot create walk: 300 files"]
+    read = lines[-1].split(": ")
     assert read[0] == "sendshot create read", lines
     assert read[1].split(",")[0] == human_bytes(sum(1000 + i for i in range(300))), lines
-    assert len(lines) == 2, lines
+    assert lines[2].startswith("sendshot create read: "), lines
+    assert len(lines) == 4, lines
     assert main([*st, "-q"]) == 0
     assert capsys.readouterr() == ("", "")
 

@@ -1744,3 +1744,33 @@ def test_a_full_destination_is_an_error_not_a_killed_receiver(tmp_path: Path) ->
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI=true but btrfs is unavailable: {exc}")
         pytest.skip(str(exc))
+
+
+def test_an_interrupted_serve_says_whether_a_transfer_is_kept(tmp_path: Path) -> None:
+    """`replicate --serve` cut before a transfer began said "the transfer can resume" as
+    one cut in the middle of it did (session 32's trial): each now says what it keeps."""
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    # 1. the sender's side closes before its HELLO: nothing begun, nothing kept
+    proc = subprocess.run([sys.executable, "-m", "btrdelta", "replicate", "--serve",
+                           str(dest)], stdin=subprocess.DEVNULL, capture_output=True,
+                          text=False, timeout=60, check=False)
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err
+    assert err.startswith("replicate --serve: interrupted ("), err
+    assert err.endswith("); no transfer had begun, nothing is kept\n"), err
+    assert not (dest / ".btrdelta-partial").exists()
+    # 2. cut after the whole stream was acknowledged, before its COMMIT: kept, and resumed
+    errs: list[str] = []
+    good = _ok_stream()
+    assert _lying_sender(dest, good, None, after_end="close", err=errs)[0] == "Ack"
+    [err] = errs
+    assert err.startswith("replicate --serve: interrupted ("), err
+    from btrdelta.cli._common import human_bytes
+
+    assert err.rstrip("\n").endswith(f"); the partial transfer is kept ({human_bytes(len(good))} "
+                                      "received in this connection): the next run resumes it")
+    assert (dest / ".btrdelta-partial").exists()
+    what, code, text = _lying_sender(dest, good, None, resume=True)
+    assert (what, code) == ("Committed", 0), text
+    assert _visible(dest) == {"ok"}

@@ -4,9 +4,10 @@ Shown by default when standard error is a terminal, never with ``-q``, and also 
 or pipe with ``--progress``. On a terminal it is a ``tqdm`` bar (bytes or items, rate,
 percentage and ETA when the total is known, one line redrawn in place); elsewhere it is a
 plain line every few seconds (no carriage returns, no escape codes: a log file stays
-readable). :meth:`Progress.message` prints a line (e.g. ``At snapshot B``) without tearing
-the bar. The library code reports through callbacks (``on_progress(done, total)``) and never
-sees this class.
+readable), the first at the first update (a job that starts slowly is seen to have begun).
+:meth:`Progress.message` prints a line (e.g. ``At snapshot B``) without tearing the bar.
+The library code reports through callbacks (``on_progress(done, total)``) and never sees
+this class.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Phases", "Progress", "add_progress_options", "add_quiet_option", "progress_wanted"]
 
-#: seconds between plain lines when standard error is not a terminal
+#: seconds between plain lines when standard error is not a terminal (the first is at once)
 _PLAIN_EVERY = 5.0
 
 
@@ -95,7 +96,7 @@ class Progress:
         self._done = 0
         self._note = ""
         self._started = time.monotonic()
-        self._last_line = self._started
+        self._last_line: float | None = None  # (no plain line yet: the first update's is)
         if enabled and self._stream.isatty():
             from tqdm import tqdm
 
@@ -128,10 +129,11 @@ class Progress:
                 self._bar.set_postfix_str(note, refresh=False)
         else:
             now = time.monotonic()
-            if now - self._last_line >= _PLAIN_EVERY:
+            if self._last_line is None or now - self._last_line >= _PLAIN_EVERY:
+                first = self._last_line is None
                 self._last_line = now
                 self._done = done
-                self._print(self._line(done, now))
+                self._print(self._line(done, now, rate=not first))
         self._done = done
 
     def message(self, text: str) -> None:
@@ -173,21 +175,23 @@ class Progress:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _line(self, done: int, now: float) -> str:
-        secs = max(now - self._started, 1e-9)
+    def _line(self, done: int, now: float, rate: bool = True) -> str:
+        """The figures; ``rate``: with the rate and ETA (not in the first line, at the
+        start: its rate would be of a moment; nor while nothing is done)."""
+        per_sec = done / max(now - self._started, 1e-9) if rate and done else 0.0
         if self.unit == "B":
-            figures = f"{_human(done)}, {_human(done / secs)}/s"
-            if self.total:
-                figures = f"{_human(done)} of {_human(self.total)}, {_human(done / secs)}/s"
+            parts = [_human(done) + (f" of {_human(self.total)}" if self.total else "")]
+            if per_sec:
+                parts.append(f"{_human(per_sec)}/s")
         else:
-            figures = f"{done} {self.unit}" + (f" of {self.total}" if self.total else "")
+            parts = [f"{done} {self.unit}" + (f" of {self.total}" if self.total else "")]
         if self.total:
-            pct = 100.0 * done / self.total
-            rate = done / secs
-            eta = (self.total - done) / rate if rate > 0 else 0.0
-            figures += f", {pct:.0f}%, ETA {eta:.0f}s"
-        note = f", {self._note}" if self._note else ""
-        return f"{self.label}: {figures}{note}"
+            parts.append(f"{100.0 * done / self.total:.0f}%")
+            if per_sec:
+                parts.append(f"ETA {(self.total - done) / per_sec:.0f}s")
+        if self._note:
+            parts.append(self._note)
+        return f"{self.label}: {', '.join(parts)}"
 
     def _print(self, text: str) -> None:
         self._stream.write(text + "\n")

@@ -172,6 +172,7 @@ def replicate_round(args: argparse.Namespace, store: Any, ch: Any, peer: str) ->
     progress = Progress("replicate", enabled=progress_wanted(args))
     options["on_progress"] = lambda done, _total: progress.update(done)
     with progress:
+        progress.update(0)  # (a line at once: the connection and the send's set-up take time)
         for attempt in range(2):
             if attempt:  # the stream made again for a resume diverged: a new conversation
                 ch, peer = _connect(args)
@@ -290,11 +291,19 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"btrdelta {args.command}: error: {result.message}", file=sys.stderr)
         return ProtocolError.exit_code
     if result.outcome == "interrupted" and not args.quiet:
-        print(f"replicate --serve: interrupted ({result.message}); the transfer can resume",
+        print(f"replicate --serve: interrupted ({result.message}); {_what_is_kept(result)}",
               file=sys.stderr)
     elif args.verbose and not args.quiet:
         _say_served("replicate --serve", result)
     return 0
+
+
+def _what_is_kept(result: Any) -> str:
+    """What an interrupted conversation of the receiving side leaves (``ServeResult``)."""
+    if not result.kept:
+        return "no transfer had begun, nothing is kept"
+    return (f"the partial transfer is kept ({human_bytes(result.received_bytes)} received "
+            "in this connection): the next run resumes it")
 
 
 def _warner(args: argparse.Namespace, who: str) -> Any:
@@ -387,7 +396,9 @@ def _listen(args: argparse.Namespace) -> int:
                 elif not args.quiet:
                     print(f"replicate: {name} ({who[:16]}): {result.outcome}, "
                           f"{result.received_bytes} bytes received"
-                          + (f" ({result.message})" if result.message else ""),
+                          + (f" ({result.message})" if result.message else "")
+                          + (f"; {_what_is_kept(result)}"
+                             if result.outcome == "interrupted" else ""),
                           file=sys.stderr, flush=True)
             except BtrdeltaError as exc:
                 sock.close()

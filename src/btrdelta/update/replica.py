@@ -109,6 +109,9 @@ class ServeResult(Value):
     received: ReceivedSubvol | None = None
     #: bytes of stream this conversation added to the spool
     received_bytes: int = 0
+    #: "interrupted": a transfer had begun (its PLAN accepted) and is kept for the next
+    #: run to resume; else nothing began and nothing is kept
+    kept: bool = False
 
 
 class _Events:
@@ -483,7 +486,7 @@ class Replica:
             return ServeResult("refused", str(exc))
         except TransportError as exc:  # (PeerClosed too)
             cut = inbox is not None
-            return ServeResult("interrupted", str(exc),
+            return ServeResult("interrupted", str(exc), kept=cut,
                                received_bytes=inbox.added if inbox else 0)
         except Exception as exc:  # (a damaged state file, a bug: the peer hears it, raised)
             if acks is not None:
