@@ -511,3 +511,54 @@ def test_full_stream_creates_and_writes_each_file_at_once(two_fs: tuple[Path, Pa
     with open(stream, "rb") as f:
         receive(StreamReader(f).events(), mine, backend="dir")
     assert tree_sum(mine / "S") == tree_sum(snd / "S")
+
+
+def test_the_first_send_on_an_adopted_snapshot_repairs_the_root_mtime_the_kernel_left(
+        two_fs: tuple[Path, Path], tmp_path: Path) -> None:
+    """The kernel's `btrfs send -p` of a change that removes a directory (`srv/new`) moves
+    it to an orphan name in the root, removes it there and sends no UTIMES of the root: the
+    kernel's receive, and `btrdelta receive` as it must, leave the root's mtime at the time
+    of the receive. A record adopted from the sender's snapshot holds the source's root
+    mtime, so later btrdelta streams sent nothing for the root and never repaired it
+    (session 32's trial); the first send on an adopted record now sends the root's times."""
+    snd, rcv = two_fs
+    store = str(tmp_path / "store")
+    live = snd / "live"
+    run("btrfs", "subvolume", "create", live)
+    (live / "srv" / "new" / "x").mkdir(parents=True)
+    (live / "srv" / "new" / "x" / "f").write_bytes(b"gone soon")
+    (live / "srv" / "keep").write_bytes(b"kept")
+    os.utime(live, (1_500_000_000, 1_500_000_000))
+    run("btrfs", "subvolume", "snapshot", "-r", live, snd / "A")
+    subprocess.run(["rm", "-r", str(live / "srv" / "new")], check=True)
+    run("btrfs", "subvolume", "snapshot", "-r", live, snd / "B")
+    ours = rcv / "ours"
+    ours.mkdir()
+    for name, parent in (("A", []), ("B", ["-p", str(snd / "A")])):
+        stream = tmp_path / f"{name}.kernel"
+        run("btrfs", "send", "-q", *parent, "-f", stream, snd / name)
+        run("btrfs", "receive", "-q", "-f", stream, rcv)
+        assert main(["receive", "-q", "-f", str(stream), str(ours)]) == 0
+    # the kernel's behaviour, copied by our receive: the root's mtime is the receive's
+    assert os.stat(live).st_mtime_ns == 1_500_000_000 * 10**9
+    for got in (rcv / "B", ours / "B"):
+        assert os.stat(got).st_mtime_ns != os.stat(live).st_mtime_ns
+        assert tree_sum(got, ignore_root_mtime=True) == tree_sum(snd / "B",
+                                                                 ignore_root_mtime=True)
+    # the sender's snapshot adopted, a file changed, a btrdelta stream to both receivers
+    assert main(["sendshot", "--store", store, "create", "-q", str(snd / "B"),
+                 "--source", str(live)]) == 0
+    (live / "srv" / "keep").write_bytes(b"changed")
+    os.utime(live / "srv", (1_500_000_000, 1_500_000_000))  # (the root itself unchanged)
+    os.utime(live, (1_500_000_000, 1_500_000_000))
+    assert main(["send", "-q", str(live), "-o", str(tmp_path / "c"), "--from-sendshot",
+                 "latest", "--record", "--store", store, "--name", "C"]) == 0
+    run("btrfs", "receive", "-q", "-f", tmp_path / "c", rcv)
+    assert main(["receive", "-q", "-f", str(tmp_path / "c"), str(ours)]) == 0
+    assert tree_sum(rcv / "C") == tree_sum(live)
+    assert tree_sum(ours / "C") == tree_sum(live)
+    # once: the next send on the record it made sends nothing of the unchanged root
+    assert main(["send", "-q", str(live), "-o", str(tmp_path / "d"), "--from-sendshot",
+                 "latest", "--store", store, "--name", "D"]) == 0
+    with open(tmp_path / "d", "rb") as f:
+        assert not [ev for ev in StreamReader(f).events() if isinstance(ev, Utimes)]

@@ -126,6 +126,8 @@ class Sender(CloneFinder):
     _encode_inode: Callable[..., Encoded | None] | None = None
     #: a file's bytes taken from the hashing threads by :meth:`_encoded`, not encoded
     _content: bytes | None = None
+    #: send the root's times even where the parent has the same (the receiver's may differ)
+    root_times = False
 
     def __init__(
         self,
@@ -349,6 +351,8 @@ class Sender(CloneFinder):
         yield self._count(self.header())
         names, ns = full_order(old, self.new, match, self._stream) if self.old is None \
             else order_namespace(old, self.new, match)
+        if self.root_times and ROOT in match.n2o:  # (as a root the stream touched)
+            ns.touched.add(match.n2o[ROOT])
         yield from self._inodes(old, match, ns, names)
         if self.streaming:
             assert self._hasher is not None

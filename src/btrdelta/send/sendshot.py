@@ -520,8 +520,13 @@ def _sender(fz: Frozen, base: StoredSendshot | None, src: bytes, scan: TreeScan,
     same_tree = base is not None and (
         base.head.subvol_uuid == fz.lineage if fz.lineage is not None
         else base.head.source == src and base.head.kind == "sent")
-    return ids, Sender(fz.path, None, scan=scan, old_record=old, ids=ids,
-                       identities=same_tree, **options)
+    # a record `sendshot create` made describes the sender's tree: a receiver that got it
+    # by the kernel's `btrfs send -p` can hold another root mtime (a directory removed
+    # through an orphan name in the root, and no UTIMES of the root after it): sent once
+    sender = Sender(fz.path, None, scan=scan, old_record=old, ids=ids, identities=same_tree,
+                    **options)
+    sender.root_times = base is not None and base.head.kind == "adopted"
+    return ids, sender
 
 
 def _stream_and_record(sender: Sender, write: Callable[[Any], object], version: int,
