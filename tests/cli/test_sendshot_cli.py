@@ -558,3 +558,39 @@ def test_list_names_receivers_whose_record_is_gone(tmp_path: Path,
         "receiver new-one: it holds no sendshot yet (its next replicate chooses a base from "
         "what it holds, or sends in full; `sendshot forget new-one` drops it)"]
     assert main(["sendshot", "--store", str(store), "forget", receiver]) == 0
+
+
+def test_a_store_whose_first_run_met_a_full_disk_works_once_there_is_room(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A new sendshot store on a full file system (a 256 KiB tmpfs): its first replicate
+    exits 8 (no space); once room is made, the next one replicates. It left the store's
+    seed file empty (made, then its write failed), and every run after it failed, exit 3
+    'damaged seed file', until the file was deleted by hand. Oracle: tree-sum of DEST's
+    copy against the source."""
+    from btrdelta.tree import tree_sum
+    from tests.conftest import require_btrfs
+
+    require_btrfs()  # (root: a mount)
+    src, dest, mnt = tmp_path / "src", tmp_path / "dest", tmp_path / "small"
+    for d in (src, dest, mnt):
+        d.mkdir()
+    (src / "f").write_bytes(os.urandom(9000))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=True)
+    try:
+        filler = mnt / "filler"
+        with open(filler, "wb", buffering=0) as f:
+            while f.write(b"\1" * 4096):
+                if os.statvfs(mnt).f_bfree == 0:
+                    break
+        capsys.readouterr()
+        store = mnt / "store"
+        assert main(["replicate", "-q", str(src), str(dest), "--store", str(store)]) == 8
+        assert "No space left on device" in capsys.readouterr().err
+        filler.unlink()
+        assert main(["replicate", "-q", str(src), str(dest), "--store", str(store)]) == 0, \
+            capsys.readouterr().err
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    copies = [p for p in dest.iterdir() if not p.name.startswith(".")]
+    assert len(copies) == 1, copies
+    assert tree_sum(copies[0]) == tree_sum(src)

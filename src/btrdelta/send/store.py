@@ -131,6 +131,13 @@ def cursor_digests(cursor: dict[str, Any]) -> set[str]:
     return out
 
 
+def _read_seed(path: str) -> str:
+    """The seed file's text, stripped ("" when there is none)."""
+    with contextlib.suppress(FileNotFoundError), open(path) as f:
+        return f.read().strip()
+    return ""
+
+
 class SendshotStore:
     """A sendshot store directory (made on first write).
 
@@ -177,25 +184,21 @@ class SendshotStore:
             os.close(fd)
 
     def seed(self) -> int:
-        """The store's block-digest seed (made once, kept in ``STORE/seed``)."""
+        """The store's block-digest seed (made once, kept in ``STORE/seed``, written whole:
+        one a full disk cut was left empty and failed every run after it)."""
         p = os.path.join(self.path, "seed")
+        text = _read_seed(p)
+        if not text:  # none yet, or the empty one of a cut write: no record used it
+            with self.locked():
+                if not (text := _read_seed(p)):  # (os.urandom, as secrets does: importing
+                    # secrets, hashlib with it, took 5 ms of a first replication's start)
+                    text = f"{int.from_bytes(os.urandom(8), 'big') >> 1:016x}"
+                    write_atomic(p, f"{text}\n".encode(), mode=0o600)
         try:
-            with open(p) as f:
-                return int(f.read().strip(), 16)
-        except FileNotFoundError:
-            pass
+            return int(text, 16)
         except ValueError:
             raise StreamFormatError("damaged seed file: not a hexadecimal number",
                                     source=p) from None
-        with self.locked():
-            with contextlib.suppress(FileExistsError):
-                fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-                with os.fdopen(fd, "w") as f:
-                    # (os.urandom, as secrets does: importing secrets, hashlib with it,
-                    # took 5 ms of a first replication's start)
-                    f.write(f"{int.from_bytes(os.urandom(8), 'big') >> 1:016x}\n")
-            with open(p) as f:
-                return int(f.read().strip(), 16)
 
     def save(self, head: SendshotHead, inodes: Iterable[RecordInode] | Encoded | Patch, *,
              durable: bool = True) -> StoredSendshot:
