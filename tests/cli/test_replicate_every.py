@@ -311,3 +311,31 @@ def test_ctrl_c_between_rounds_stops_at_once_with_exit_0(tmp_path: Path,
     assert time.monotonic() - t < 5
     assert proc.stderr is not None
     assert proc.stderr.read().splitlines() == ["replicate: stopped after 1 round(s)"]
+
+
+def test_a_round_that_meets_a_full_disk_says_a_one_shot_runs_exit_code(
+        tmp_path: Path, children: Children) -> None:
+    """The sendshot store on a full file system (a 256 KiB tmpfs): the round fails with the
+    exit code a one-shot run has for it, 8 (no space), not 1; the loop goes on, and a
+    SIGTERM stops it (exit 0)."""
+    from tests.conftest import require_btrfs
+
+    require_btrfs()  # (root: a mount)
+    src, dest, small = tmp_path / "src", tmp_path / "dest", tmp_path / "small"
+    for d in (src, dest, small):
+        d.mkdir()
+    (src / "f").write_bytes(os.urandom(9000))
+    sh("mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small))
+    try:
+        with open(small / "filler", "wb", buffering=0) as f:
+            while f.write(b"\1" * 4096) and os.statvfs(small).f_bfree:
+                pass
+        proc = _loop(children, src, str(dest), small / "store", "--every", "1h")
+        got = _next(proc, stop=False)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        sh("umount", str(small))
+    assert got["outcome"] == "failed", got
+    assert "No space left on device" in got["message"], got
+    assert got["exit_code"] == 8, got

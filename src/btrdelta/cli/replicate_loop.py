@@ -32,8 +32,8 @@ from typing import Any
 
 from .._defaults import DEFAULT_STORE
 from .._pool import signal_held
-from ..errors import BtrdeltaError, ProtocolError, UsageError
-from ._common import Interrupted
+from ..errors import ApplyError, BtrdeltaError, ProtocolError, UsageError
+from ._common import FULL, Interrupted
 
 #: the first retry of a failed round after this many seconds, doubling up to the interval
 _BACKOFF = 1.0
@@ -136,8 +136,9 @@ def run_every(args: argparse.Namespace, ch: Any, peer: str) -> int:
                 return 130 if stop.signum == signal.SIGINT else 0
             except BtrdeltaError as exc:
                 result, error, code = ReplicateResult("failed"), str(exc), exc.exit_code
-            except OSError as exc:
-                result, error, code = ReplicateResult("failed"), describe_os_error(exc), 1
+            except OSError as exc:  # (the codes a one-shot run exits with: cli.main's)
+                result, error = ReplicateResult("failed"), describe_os_error(exc)
+                code = ApplyError.exit_code if exc.errno in FULL else 1
             stop.armed, ch = False, None
             took = time.monotonic() - began
             failures = failures + 1 if error else 0
