@@ -5,6 +5,7 @@ smallest files first."""
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -75,7 +76,7 @@ def test_a_changed_image_past_the_room_is_not_indexed(
 
     def counted(self: BlockIndex, node: Node) -> None:
         add(self, node)
-        held.append(len(self._where))
+        held.append(record.INDEX_MAX - self.room)  # (digests taken in)
 
     monkeypatch.setattr(BlockIndex, "add", counted)
 
@@ -92,3 +93,48 @@ def test_a_changed_image_past_the_room_is_not_indexed(
     res = rounds.send()  # (received equal to the source)
     assert res.stats.cloned_bytes >= 8 * BLOCK
     assert res.stats.data_bytes < 24 * BLOCK + len(small.read_bytes())
+
+
+def test_lookups_before_the_dict_answer_as_the_dict() -> None:
+    """Digests repeated within and across files, files of several data segments and a
+    partial last block: every lookup answered by scanning the added files (few lookups)
+    is the one the dict gives (many lookups), and a few lookups in a big file build no
+    dict."""
+    rng = random.Random(5)
+    pool = [rng.randbytes(16) for _ in range(40)]
+    # misaligned look-alikes: a digest's bytes across two neighbours
+    pool += [pool[0][8:] + pool[1][:8]]
+    nodes = []
+    for nid in range(1, 30):
+        segs, pos = [], 0
+        for _ in range(rng.randint(1, 4)):
+            pos += rng.choice([0, BLOCK, 3 * BLOCK])
+            n = rng.randint(1, 6) * BLOCK
+            segs.append((pos, n))
+            pos += n
+        size = pos - rng.choice([0, 0, 100])  # the last block partial at times
+        count = sum(n // BLOCK for _o, n in segs)
+        nodes.append(Node(nid, 300 + nid, 0o100644, 0, 0, size, 0, 0, 0, segments=segs,
+                          blocks=b"".join(rng.choice(pool) for _ in range(count))))
+    eager = BlockIndex()
+    eager.add_all(nodes)
+    eager._build()
+    for d in [*pool, bytes(16)]:
+        lazy = BlockIndex()
+        lazy.add_all(nodes)
+        assert lazy.get(d) == eager.get(d), d
+        assert lazy._where == {}  # (the first lookup scanned, no dict)
+    many = BlockIndex()
+    many.add_all(nodes)
+    for _ in range(2000):
+        d = rng.choice(pool)
+        assert many.get(d) == eager.get(d)
+    assert many._where  # (built once the scans cost more than the dict)
+
+    big = _old(99, [rng.randbytes(16) for _ in range(100_000)])
+    index = BlockIndex()
+    index.add(big)
+    assert index.get(big.blocks[16 * 70_000:16 * 70_001]) == (big, 70_000 * BLOCK)
+    assert index.get(bytes(16)) is None
+    assert index.room == record.INDEX_MAX - 100_000
+    assert index._where == {}
