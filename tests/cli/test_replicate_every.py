@@ -339,3 +339,28 @@ def test_a_round_that_meets_a_full_disk_says_a_one_shot_runs_exit_code(
     assert got["outcome"] == "failed", got
     assert "No space left on device" in got["message"], got
     assert got["exit_code"] == 8, got
+
+
+def test_a_signal_noted_just_before_the_wait_ends_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop's handler only notes a signal between rounds; one that is handled after the
+    loop looked at the note but before its wait's wakeup socket was in place (the final CI:
+    a SIGTERM sent as the loop began its hour's sleep, not seen for 30 s) ends the wait at
+    once: the wait asks ``stopped`` again once the socket is there."""
+    from btrdelta.cli.replicate_cmd import wait_signalled
+
+    noted: list[int] = []
+    old = signal.signal(signal.SIGUSR1, lambda signum, _frame: noted.append(signum))
+    pair = socket.socketpair
+
+    def late(*args: Any) -> Any:  # (the signal comes while the wait sets itself up)
+        signal.raise_signal(signal.SIGUSR1)
+        return pair(*args)
+
+    monkeypatch.setattr(socket, "socketpair", late)
+    began = time.monotonic()
+    try:
+        assert wait_signalled(timeout=20, stopped=lambda: bool(noted)) is False
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    assert noted == [signal.SIGUSR1]
+    assert time.monotonic() - began < 5

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from .._defaults import DEFAULT_STORE
@@ -418,7 +419,8 @@ def _accept(server: Any) -> tuple[Any, Any]:
     return server.accept()  # type: ignore[no-any-return]
 
 
-def wait_signalled(readable: Any = None, timeout: float | None = None) -> bool:
+def wait_signalled(readable: Any = None, timeout: float | None = None,
+                   stopped: Callable[[], bool] | None = None) -> bool:
     """Until ``readable`` (a socket, or None) can be read, ``timeout`` seconds passed (None:
     no limit) or a signal was handled; whether it can be read. A signal's handler runs at
     once in this thread, whichever thread the kernel gave the signal to.
@@ -429,7 +431,9 @@ def wait_signalled(readable: Any = None, timeout: float | None = None) -> bool:
     load 9-13) or the sleep's end. The signal's number reaches a wakeup socket from any
     thread; the wait is a ``select`` on both, and a number read there is raised again in
     this thread, where ``raise_signal`` runs the handler (one call for both: a signal's flag
-    is one bit)."""
+    is one bit). ``stopped``: asked once the wakeup socket is in place (a handler that only
+    notes its signal, having run between the caller's own look and that, would else leave
+    the wait to its timeout: ``replicate --every`` slept on after a SIGTERM so)."""
     import select
     import signal
     import socket
@@ -442,6 +446,8 @@ def wait_signalled(readable: Any = None, timeout: float | None = None) -> bool:
         wake_w.setblocking(False)
         old = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
         try:
+            if stopped is not None and stopped():
+                return False
             while True:
                 left = None if end is None else max(0.0, end - time.monotonic())
                 ready = select.select([wake] if readable is None else [readable, wake],

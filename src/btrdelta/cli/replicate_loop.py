@@ -154,7 +154,8 @@ def run_every(args: argparse.Namespace, ch: Any, peer: str) -> int:
             gc.collect()
             give_back_freed_memory()
             if stop.signum is None:  # (woken by a signal)
-                wait_signalled(timeout=max(0.0, began + took + wait - time.monotonic()))
+                wait_signalled(timeout=max(0.0, began + took + wait - time.monotonic()),
+                               stopped=lambda: stop.signum is not None)
             if stop.signum is not None:
                 if not args.quiet:
                     print(f"replicate: stopped after {n} round(s)", file=sys.stderr,
