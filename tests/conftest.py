@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -311,6 +312,25 @@ def _reachable_python() -> str:
                     "venv from an interpreter every user can reach (make PY=...)",
                     pytrace=False)
     return python
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A SIGTERM (``timeout``, ``kill``, a CI's cancel) ends the run as Ctrl-C does: pytest
+    then tears its fixtures down, so loop filesystems are unmounted and detached (killed by
+    the default action, a run left them mounted). A child a test forked takes the default
+    action: it must not run its parent's teardown."""
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+    runner = os.getpid()
+
+    def terminated(signum: int, _frame: object) -> None:
+        if os.getpid() != runner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, terminated)
 
 
 def require_btrfs() -> None:

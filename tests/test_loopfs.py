@@ -5,8 +5,11 @@ loop device that is no longer its own."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +107,46 @@ def test_mounted_image_returns_once_the_filesystem_is_gone(tmp_path: Path) -> No
             holder.wait()
             assert holder.stdout is not None
             holder.stdout.close()
+
+
+def test_a_sigterm_to_the_test_run_unmounts_its_loop_filesystems(tmp_path: Path) -> None:
+    """A pytest run killed by SIGTERM while a test holds a loop btrfs (a ``timeout`` of
+    the run) tears its fixtures down: the filesystem is unmounted and its loop device
+    detached (before tests/conftest.py's handler both were left)."""
+    said = tmp_path / "mounted"
+    child = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         f"--basetemp={tmp_path / 't'}",
+         f"{__file__}::test_holds_a_loop_filesystem_until_killed"],
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, "LOOPFS_TEST_HOLD": str(said)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        end = time.monotonic() + 120
+        while not said.exists() or not said.read_text().endswith("\n"):
+            assert child.poll() is None, "the run ended without a loop filesystem"
+            assert time.monotonic() < end, "no loop filesystem after 120 s"
+            time.sleep(0.1)
+        mnt, image = said.read_text().split()
+        assert _source(Path(mnt))
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=60) != 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert subprocess.run(["findmnt", mnt], capture_output=True).returncode != 0
+    assert not _attached(Path(image))
+
+
+def test_holds_a_loop_filesystem_until_killed() -> None:
+    """(The run the test above kills; skipped in any other run.)"""
+    said = os.environ.get("LOOPFS_TEST_HOLD")
+    if not said:
+        pytest.skip("run by test_a_sigterm_to_the_test_run_unmounts_its_loop_filesystems")
+    with btrfs_loop("256M") as mnt:
+        image = next(line.split("(")[-1].rstrip(")") for line in subprocess.run(
+            ["losetup", "-a"], capture_output=True, text=True, check=True).stdout.splitlines()
+            if line.startswith(_source(mnt) + ":"))
+        Path(said).write_text(f"{mnt} {image}\n")
+        time.sleep(300)
