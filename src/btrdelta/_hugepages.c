@@ -51,9 +51,12 @@
  *   the host's faults as it is zeroed (~5 ms against ~0.1), and once the blocks reached
  *   are such, the next ones are too. So every huge page the arenas' region gives is timed
  *   as it is first written (the thread's CPU time around a write of its first byte, when
- *   its first arena is cut), and heap() faults the first 16 MiB of the heap's advised part
- *   in at once, page by page, each timed (most of a send's ~17 huge pages are the heap's,
- *   one the arenas'; a send writes those 16 MiB anyway, the rest is glibc's, untimed):
+ *   its first arena is cut), and heap() faults the first 4 MiB of the heap's advised part
+ *   in at once, page by page, each timed (every send writes those two pages; the rest is
+ *   faulted as glibc hands it out, untimed: a small in-place round writes 4-8 MiB of the
+ *   heap, a tiny round on a Debian root ~20 MiB; the 16 MiB faulted here until session 33
+ *   zeroed 4-6 huge pages the small round never wrote, ~0.1 ms each, ~0.65 when this VM's
+ *   free blocks were slow, 1 ms counting as slow):
  *   once one took more than slow_ns (default 1 ms), the rest of the region and
  *   the heap's advised part are advised MADV_NOHUGEPAGE (the huge pages given stay), and
  *   heap() returns 0: 4 KiB pages from there on, which come from small free blocks, without
@@ -78,9 +81,10 @@
 /* pymalloc's ARENA_SIZE on 64-bit CPython 3.10 and later; the allocator is also asked for
  * the frames' data stack chunks (16 KiB and more): any other size goes to the previous one */
 #define ARENA_SIZE ((size_t)1 << 20)
-/* the heap's advised part faulted in and timed by heap(), at most: what a small send writes
- * of it (a send on a Debian root: ~20 MiB; all of 32 MiB was ~10 MB of peak RSS more) */
-#define HEAP_TIMED ((size_t)16 << 20)
+/* the heap's advised part faulted in and timed by heap(), at most: what every send writes
+ * of it (the small in-place round of `benchmarks sendshot` 4-8 MiB, a send on a Debian root
+ * ~20 MiB; all of 32 MiB was ~10 MB of peak RSS more) */
+#define HEAP_TIMED ((size_t)4 << 20)
 /* freed arenas kept for reuse, at most (a 64 MiB region holds 64 arenas) */
 #define MAX_FREED 256
 

@@ -140,8 +140,8 @@ def huge_pages(arenas: int = 64 << 20, heap: int = 32 << 20) -> bool:
     Huge pages only where they are cheap (``_hugepages``' notes): none where the kernel has
     no free block of 2 MiB (each fault would compact memory first), and 4 KiB pages for the
     rest once a huge page took more than 1 ms of CPU time to fault (compaction, or a virtual
-    machine's free blocks handed back to its host); the heap's first 16 MiB are faulted in
-    at once.
+    machine's free blocks handed back to its host); the heap's first 4 MiB are faulted in
+    at once (the rest as it is used).
 
     Returns whether the arenas took it (False: the module is not built, the kernel has no
     transparent huge pages or too few free blocks of one, or it was called already).
