@@ -4,16 +4,20 @@ stream's header, the record files in the store, the source tree's files (os.walk
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import btrdelta
 from btrdelta.cli import main
 from btrdelta.cli._common import human_bytes
 from btrdelta.send.store import SendshotStore
@@ -472,6 +476,77 @@ def test_a_receiver_of_two_sources_keeps_a_base_of_each(
     held = {s.digest: s.held_by for s in SendshotStore(store).records_list()}
     assert first["sendshot"] not in held, held
     assert held[other["sendshot"]] == held[again["sendshot"]] == [first["receiver"]], held
+
+
+def test_two_sources_ending_and_starting_at_once_keep_both_records(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two sources replicated into one DEST with one store, their runs overlapping: the
+    receiver lets the second conversation in once the first one's COMMITTED is out, while
+    the first sender still moves its cursor. That move was a read-modify-write of the
+    cursor's ``sources`` without the store's lock (session 32's rev32): the second run,
+    whole inside it, named its new record of etc and pruned the older one, and the first
+    run then wrote back the ``sources`` it had read, naming the pruned record of etc and
+    not the one the DEST holds (its next run: a full resend, a record of it pruned as no
+    receiver's). The first run is held between its read of the cursors and its write
+    while the second one runs in a process of its own (up to 4 s: with the lock it
+    waits). Oracles: the records the DEST's own state says it received, the store's
+    record files, the trees' sums."""
+    from btrdelta.tree import tree_sum
+    from btrdelta.update import replicate as replicate_mod
+
+    store = tmp_path / "store"
+    app, etc, nas = (tmp_path / n for n in ("app", "etc", "nas"))
+    for d in (app, etc, nas):
+        d.mkdir()
+    for d in (app, etc):
+        (d / "f").write_bytes(os.urandom(9000))
+        assert main(["replicate", "-q", str(d), str(nas), "--store", str(store)]) == 0
+        (d / "f").write_bytes(os.urandom(9000))
+    other: list[subprocess.Popen[bytes]] = []
+    pythonpath = str(Path(btrdelta.__file__).parents[1])
+    moving = threading.local()
+    cursor, read = replicate_mod._Sender._cursor, SendshotStore.cursors
+
+    def held_cursor(self: Any, digest: str | None, *, holds: bool = False,
+                    **extra: Any) -> None:
+        moving.on = holds and "name" in extra and not other  # (after the COMMITTED)
+        try:
+            cursor(self, digest, holds=holds, **extra)
+        finally:
+            moving.on = False
+
+    def cursors(self: SendshotStore) -> dict[str, dict[str, Any]]:
+        got = read(self)
+        if getattr(moving, "on", False) and not other:  # the other source's run, now
+            other.append(subprocess.Popen(
+                [sys.executable, "-m", "btrdelta", "replicate", "-q", str(etc), str(nas),
+                 "--store", str(store)], env={**os.environ, "PYTHONPATH": pythonpath}))
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                other[0].wait(4)
+        return got
+
+    monkeypatch.setattr(replicate_mod._Sender, "_cursor", held_cursor)
+    monkeypatch.setattr(SendshotStore, "cursors", cursors)
+    assert main(["replicate", "-q", str(app), str(nas), "--store", str(store)]) == 0
+    assert other
+    assert other[0].wait(60) == 0
+    monkeypatch.undo()
+    state = json.loads((nas / ".btrdelta-replica.json").read_text())["received"]
+    (cur,) = json.loads((store / "cursors.json").read_text())["receivers"].values()
+    held = cur["sources"]
+    assert set(held) == {str(app), str(etc)}, cur
+    for src, digest in held.items():
+        name = next(n for n, d in state.items() if d == digest)  # what the DEST holds
+        assert name.startswith(os.path.basename(src) + "."), (name, src)
+        assert tree_sum(nas / name) == tree_sum(Path(src))
+    assert set(held.values()) <= _records(store)
+    for d in (app, etc):  # each source's next run: an incremental on what the DEST holds
+        (d / "f").write_bytes(os.urandom(9000))
+        capsys.readouterr()
+        assert main(["replicate", str(d), str(nas), "--store", str(store), "--json"]) == 0
+        run = json.loads(capsys.readouterr().out)
+        assert (run["kind"], run["base"]) == ("incremental", held[str(d)]), run
 
 
 def test_forget_a_receiver_gone_for_good(tmp_path: Path,

@@ -452,14 +452,25 @@ class _Sender:
         self.source = os.path.abspath(os.fsencode(source))
         self.io, self.store, self.o = io, store, options
         self.name = os.fsdecode(os.path.basename(self.source) or b"subvol")
+        #: the sessions in flight this conversation found or started (what its cursor
+        #: writes may take back; another's, of a conversation with the same receiver
+        #: going on meanwhile, they keep)
+        self.sessions: set[object] = set()
 
     def _cursor(self, digest: str | None, *, holds: bool = False, **extra: Any) -> None:
-        """Set this receiver's cursor (:meth:`SendshotStore.set_cursor`): ``digest`` (with
-        ``holds``: the record it now holds of this source), the record it holds of each
-        other source sent to it kept (``sources``: one DEST receiving two sources, whose
-        records prune must keep), where it is (the ``dest`` option) when given; None and
-        no ``extra`` or other source forgets it."""
-        cursor = self.store.cursors().get(self.rid, {})
+        """Set this receiver's cursor (:meth:`SendshotStore.edit_cursor`, under the store's
+        lock): ``digest`` (with ``holds``: the record it now holds of this source), the
+        record it holds of each other source sent to it kept (``sources``: one DEST
+        receiving two sources, whose records prune must keep), another conversation's
+        transfer in flight kept (a session this one did not see or start: the other
+        source's, named while this one ended), where it is (the ``dest`` option) when
+        given; None and no ``extra`` or other source forgets it."""
+        self.store.edit_cursor(self.rid, lambda now: self._edited(now, digest, holds, extra))
+
+    def _edited(self, cursor: dict[str, Any], digest: str | None, holds: bool,
+                extra: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+        """:meth:`_cursor`'s edit of ``cursor``, the receiver's cursor now."""
+        extra = dict(extra)
         sources = cursor.get("sources")
         sources = dict(sources) if isinstance(sources, dict) else {}
         old = cursor.get("digest")
@@ -475,9 +486,13 @@ class _Sender:
                 sources.pop(me, None)
         if sources:
             extra["sources"] = sources
+        theirs = cursor.get("inflight")
+        if "inflight" not in extra and isinstance(theirs, dict) and (
+                theirs.get("session") not in self.sessions):
+            extra["inflight"] = theirs
         if self.o.get("dest") and (digest is not None or extra):
             extra["dest"] = self.o["dest"]
-        self.store.set_cursor(self.rid, digest, **extra)
+        return digest, extra
 
     # -- before the stream ------------------------------------------------------------
 
@@ -528,6 +543,8 @@ class _Sender:
         self.rid, self.holdings = hello.ident, holdings
         cursor = self.store.cursors().get(self.rid, {})
         inflight = cursor.get("inflight") or None
+        if isinstance(inflight, dict):
+            self.sessions.add(inflight.get("session"))
         found = _where_now(self.source, inflight) if inflight else None
         if inflight and self._adopt(found or inflight, holdings, records):
             cursor, inflight, found = self.store.cursors().get(self.rid, {}), None, None
@@ -578,10 +595,11 @@ class _Sender:
         # cursor names)
         if choice.base is None:
             self.store.seed()  # (made before the cursor's thread holds the store's lock)
+        self.sessions.add(session)
+        before = {k: v for k, v in cursor.items() if k in ("inflight", "name", "uuid")}
         naming = _Naming(
             lambda: self._cursor(cursor.get("digest"), inflight=flight),
-            lambda: self.store.set_cursor(self.rid, cursor.get("digest"), **{
-                k: v for k, v in cursor.items() if k not in ("digest", "updated")}))
+            lambda: self._cursor(cursor.get("digest"), **before))
         return self._stream(flight, 0, 0, _ZERO_CHAIN, scanned, naming)
 
     # -- the stream -------------------------------------------------------------------
