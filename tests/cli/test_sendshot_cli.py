@@ -90,7 +90,7 @@ def test_list_show_delete_prune(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert shown["blocks"] == 2 * len(files)  # two 4 KiB blocks each
 
     # a receiver's cursor holds round 1: delete refuses, prune keeps it
-    SendshotStore(store).set_cursor("nas", mine[1]["id"])
+    SendshotStore(store).edit_cursor("nas", lambda _: (mine[1]["id"], {}))
     capsys.readouterr()
     assert main(["sendshot", "--store", str(store), "delete", mine[1]["id"]]) == 1
     err = capsys.readouterr().err
@@ -583,7 +583,8 @@ def test_forget_a_receiver_gone_for_good(tmp_path: Path,
     assert (store / "cursors.json").read_bytes() == before
 
     # a receiver with a transfer in flight (a replicate killed): refused without --force
-    SendshotStore(store).set_cursor("cut", None, inflight={"snapshot": "/pool/.snap-x"})
+    SendshotStore(store).edit_cursor(
+        "cut", lambda _: (None, {"inflight": {"snapshot": "/pool/.snap-x"}}))
     assert main(["sendshot", "--store", str(store), "forget", "cut"]) == 1
     assert "/pool/.snap-x" in capsys.readouterr().err
     assert _json(capsys, "sendshot forget", "--store", str(store), "--json", "forget",
@@ -611,7 +612,8 @@ def test_list_names_receivers_whose_record_is_gone(tmp_path: Path,
     dest.mkdir()
     assert main(["replicate", "-q", str(src), str(dest), "--store", str(store)]) == 0
     (receiver, cursor), = json.loads((store / "cursors.json").read_text())["receivers"].items()
-    SendshotStore(store).set_cursor("new-one", None, inflight={"snapshot": "/pool/.snap-y"})
+    SendshotStore(store).edit_cursor(
+        "new-one", lambda _: (None, {"inflight": {"snapshot": "/pool/.snap-y"}}))
     capsys.readouterr()
     assert main(["sendshot", "--store", str(store), "list"]) == 0
     lines = capsys.readouterr().out.splitlines()

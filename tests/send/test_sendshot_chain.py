@@ -235,7 +235,7 @@ def test_the_store_keeps_the_bases_of_what_it_keeps(tmp_path: Path,
     digests = [r.digest for r in records]
     doomed = {s.digest for s in store.prune(keep=1, dry_run=True)}
     assert doomed == set(digests[:9])  # the newest (a patch) keeps its whole base
-    store.set_cursor("rx", digests[3])
+    store.edit_cursor("rx", lambda _: (digests[3], {}))
     doomed = {s.digest for s in store.prune(keep=1, dry_run=True)}
     assert doomed == set(digests[4:9])  # what the receiver holds needs its chain
     with pytest.raises(BtrdeltaError, match="is the base of patch record"):

@@ -1213,9 +1213,9 @@ def test_cursors_are_replaced_whole_and_durably(tmp_path: Path,
     fsync of the store: a power cut could take a cursor back (and then prune what the
     receiver holds). Now as fs.atomic writes files: the file, then the directory."""
     store = SendshotStore(tmp_path / "store")
-    store.set_cursor("r1", "ab" * 32)
+    store.edit_cursor("r1", lambda _: ("ab" * 32, {}))
     synced = spy_fsync(monkeypatch)
-    store.set_cursor("r2", "cd" * 32, inflight={"session": "s"})
+    store.edit_cursor("r2", lambda _: ("cd" * 32, {"inflight": {"session": "s"}}))
     assert len(synced) == 2, synced
     assert synced[1] == store.path
     assert {k: v["digest"] for k, v in store.cursors().items()} == \

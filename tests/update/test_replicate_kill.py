@@ -330,8 +330,8 @@ def test_a_sender_killed_before_its_first_cursor_leaks_no_snapshot(tmp_path: Pat
         for name, sub in kept.items():
             subprocess.run(["btrfs", "subvolume", "snapshot", "-r", str(sub), str(fs / name)],
                            check=True, capture_output=True)
-        store.set_cursor("elsewhere", None, inflight={
-            "session": "4" * 32, "snapshot": f"/moved/{'4' * 16}/.." + "/" + list(kept)[3]})
+        store.edit_cursor("elsewhere", lambda _: (None, {"inflight": {
+            "session": "4" * 32, "snapshot": f"/moved/{'4' * 16}/.." + "/" + list(kept)[3]}}))
         ch = spawn_local(str(dest))
         assert replicate(live, ch, store=store, segment=SEG).outcome == "committed"
         ch.close()

@@ -541,19 +541,10 @@ class SendshotStore:
                                     "objects", source=p)
         return {str(k): v for k, v in receivers.items()}
 
-    def set_cursor(self, receiver: str, digest: str | None, **extra: Any) -> None:
-        """Record that ``receiver`` holds ``digest`` (None: nothing yet) and ``extra`` (e.g.
-        ``inflight``: its transfer in flight); None and no ``extra``: forget the receiver."""
-        self.edit_cursor(receiver, lambda _now: (digest, extra))
-
-    def edit_cursor(self, receiver: str, edit: Callable[[dict[str, Any]],
-                                                        tuple[str | None, dict[str, Any]]]
-                    ) -> None:
-        """Set ``receiver``'s cursor to what ``edit`` makes of the one it has now (``{}``
-        when none): ``(digest, extra)`` as :meth:`set_cursor` takes them. The read, the edit
-        and the write hold the store's lock: two conversations with one receiver (two
-        sources replicated into one DEST, one's end and the other's start) lose no change
-        of each other's (``edit`` must not take the lock)."""
+    def edit_cursor(self, receiver: str, edit: Callable[[dict[str, Any]], Any]) -> None:
+        """``receiver``'s cursor set to ``(digest, extra) = edit(it now, or {})``: the record
+        it holds (None: none yet), ``extra`` (``inflight``...); None and no ``extra``: gone.
+        Under the store's lock (not ``edit``'s): two conversations lose no change."""
         with self.locked():
             cur = self.cursors()
             digest, extra = edit(cur.get(receiver, {}))

@@ -452,25 +452,20 @@ class _Sender:
         self.source = os.path.abspath(os.fsencode(source))
         self.io, self.store, self.o = io, store, options
         self.name = os.fsdecode(os.path.basename(self.source) or b"subvol")
-        #: the sessions in flight this conversation found or started (what its cursor
-        #: writes may take back; another's, of a conversation with the same receiver
-        #: going on meanwhile, they keep)
-        self.sessions: set[object] = set()
+        self.sessions: set[object] = set()  # (in flight: found or started by this one)
 
     def _cursor(self, digest: str | None, *, holds: bool = False, **extra: Any) -> None:
-        """Set this receiver's cursor (:meth:`SendshotStore.edit_cursor`, under the store's
-        lock): ``digest`` (with ``holds``: the record it now holds of this source), the
-        record it holds of each other source sent to it kept (``sources``: one DEST
-        receiving two sources, whose records prune must keep), another conversation's
-        transfer in flight kept (a session this one did not see or start: the other
-        source's, named while this one ended), where it is (the ``dest`` option) when
-        given; None and no ``extra`` or other source forgets it."""
+        """Set this receiver's cursor (:meth:`SendshotStore.edit_cursor`: under the store's
+        lock): ``digest`` (with ``holds``: the record it now holds of this source), the one
+        it holds of each other source kept (``sources``: one DEST receiving two sources),
+        another conversation's transfer in flight kept (a session this one neither found
+        nor started), where it is (the ``dest`` option) when given; None and no ``extra``
+        or other source forgets it."""
         self.store.edit_cursor(self.rid, lambda now: self._edited(now, digest, holds, extra))
 
     def _edited(self, cursor: dict[str, Any], digest: str | None, holds: bool,
                 extra: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
-        """:meth:`_cursor`'s edit of ``cursor``, the receiver's cursor now."""
-        extra = dict(extra)
+        extra = dict(extra)  # (:meth:`_cursor`'s edit of the cursor now)
         sources = cursor.get("sources")
         sources = dict(sources) if isinstance(sources, dict) else {}
         old = cursor.get("digest")
@@ -486,9 +481,8 @@ class _Sender:
                 sources.pop(me, None)
         if sources:
             extra["sources"] = sources
-        theirs = cursor.get("inflight")
-        if "inflight" not in extra and isinstance(theirs, dict) and (
-                theirs.get("session") not in self.sessions):
+        if "inflight" not in extra and isinstance(theirs := cursor.get("inflight"), dict) \
+                and theirs.get("session") not in self.sessions:
             extra["inflight"] = theirs
         if self.o.get("dest") and (digest is not None or extra):
             extra["dest"] = self.o["dest"]
@@ -543,8 +537,7 @@ class _Sender:
         self.rid, self.holdings = hello.ident, holdings
         cursor = self.store.cursors().get(self.rid, {})
         inflight = cursor.get("inflight") or None
-        if isinstance(inflight, dict):
-            self.sessions.add(inflight.get("session"))
+        self.sessions.add(inflight.get("session") if isinstance(inflight, dict) else None)
         found = _where_now(self.source, inflight) if inflight else None
         if inflight and self._adopt(found or inflight, holdings, records):
             cursor, inflight, found = self.store.cursors().get(self.rid, {}), None, None
