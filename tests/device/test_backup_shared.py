@@ -184,6 +184,138 @@ def test_an_http_lock_left_by_a_cut_backup(
         assert not lock.exists()
 
 
+def _held_by_a(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Backups in thread ``A`` stop before their index is written (holding their lock)
+    until the second event is set; the first says they stopped."""
+    paused, go = threading.Event(), threading.Event()
+    real = backup_mod._Store.put_index
+
+    def put_index(self: Any, name: str, entries: list[dict[str, Any]]) -> None:
+        if threading.current_thread().name == "A":
+            paused.set()
+            assert go.wait(60)
+        real(self, name, entries)
+
+    monkeypatch.setattr(backup_mod._Store, "put_index", put_index)
+    return paused, go
+
+
+def test_an_http_lock_taken_by_another_is_not_released_by_the_first(
+        btrfs_dev: Path, small_release: Release, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backup's HTTP lock removed by hand while it runs and taken by another device:
+    the first backup's release DELETE-d the lock URL whatever it held, so the other
+    device's lock went too (rev32). Now the release compares the lock's token with its own
+    first: the other's lock stays, and the first says so. Oracles: the lock file on the
+    server (nginx's WebDAV), the index, the restored tree."""
+    paused, go = _held_by_a(monkeypatch)
+    home = _device(btrfs_dev, small_release, "first\n")
+    want = tree_sum(home)
+    lock = tmp_path / "www/backups/home.backups.lock"
+    theirs = json.dumps({"pid": 4242, "host": "other", "since": 1.8e9, "token": "theirs"})
+    lines: list[str] = []
+    got: list[Any] = []
+    with _dav(tmp_path) as port:
+        dest = f"http://127.0.0.1:{port}/backups"
+        a = threading.Thread(target=lambda: got.append(
+            backup(btrfs_dev, "home", dest, on_wait=lines.append)), name="A")
+        a.start()
+        assert paused.wait(120)
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        lock.unlink()  # (by hand)
+        lock.write_text(theirs)  # (another device's backup takes it)
+        go.set()
+        a.join(120)
+        assert not a.is_alive()
+        assert lock.read_text() == theirs
+        assert lines == [f"{dest}/home.backups.lock is no longer this backup's lock (held "
+                         "by PID 4242 on 'other' since 2027-01-15 08:00:00 UTC): left to "
+                         "its holder"]
+        assert sorted(os.listdir(lock.parent)) == [
+            "home.1.stream", "home.backups.json", "home.backups.lock"]
+        out = tmp_path / "restored"
+        out.mkdir()
+        assert tree_sum(restore_to_dir(dest, "home", out, upto=got[0]["n"])) == want
+
+
+def test_a_stale_http_lock_ends_the_wait_and_break_lock_takes_it(
+        btrfs_dev: Path, small_release: Release, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A lock a device that is gone left on the server was waited for forever (rev32). Its
+    holder renews a live lock (a count PUT beside it, every ``RENEW`` s); a lock neither
+    changed nor renewed for ``LEASE`` s of the waiter's clock ends the wait in one line
+    naming its holder and ``--break-lock`` (exit 1, the lock left), and ``--break-lock``
+    takes it. A live holder's lock is not taken with ``--break-lock`` either: the waiter
+    waits for its end. (Lease and renewal shortened.) Oracles: the lock and index files
+    on the server (nginx's WebDAV), the restored trees."""
+    from btrdelta.cli import main
+
+    monkeypatch.setattr(backuplock, "LEASE", 3.0)
+    monkeypatch.setattr(backuplock, "RENEW", 0.3)
+    home = _device(btrfs_dev, small_release, "first\n")
+    lock = tmp_path / "www/backups/home.backups.lock"
+    gone = {"pid": 4242, "host": "other", "since": 1.8e9, "token": "theirs"}
+    with _dav(tmp_path) as port:
+        dest = f"http://127.0.0.1:{port}/backups"
+        argv = ["device", "backup", str(btrfs_dev), "home", dest]
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        lock.write_text(json.dumps(gone))
+        (lock.parent / "home.backups.lock.theirs").write_text("7\n")  # (renewed once)
+        capsys.readouterr()
+        t0 = time.monotonic()
+        assert main(argv) == 1
+        assert time.monotonic() - t0 >= 3.0
+        err = capsys.readouterr().err.splitlines()
+        held = "held by PID 4242 on 'other' since 2027-01-15 08:00:00 UTC"
+        assert err[0] == f"waiting for {dest}/home.backups.lock, {held}"
+        assert re.fullmatch(
+            rf"btrdelta device backup: error: {dest}/home\.backups\.lock: {held}, not renewed for "
+            r"\d+ s \(a live backup renews it every 0.3 s: .*\); if no backup of that name "
+            r"runs there, run again with --break-lock to take it", err[1]), err
+        assert len(err) == 2
+        assert json.loads(lock.read_text()) == gone
+        assert sorted(os.listdir(lock.parent)) == ["home.backups.lock",
+                                                   "home.backups.lock.theirs"]
+        assert main([*argv, "--break-lock"]) == 0
+        err = capsys.readouterr().err.splitlines()
+        assert err[1].startswith(f"removed {dest}/home.backups.lock ({held}, not renewed "), err
+        assert err[1].endswith(" s: --break-lock)"), err
+        assert sorted(os.listdir(lock.parent)) == ["home.1.stream", "home.backups.json"]
+
+        # a live holder (device A, stopped before its index while renewing) is waited for
+        # by device B's backup with --break-lock
+        paused, go = _held_by_a(monkeypatch)
+        (home / "notes").write_text("second\n")
+        want = tree_sum(home)
+        got: list[Any] = []
+        a = threading.Thread(target=lambda: got.append(backup(btrfs_dev, "home", dest)),
+                             name="A")
+        with btrfs_loop(size="2G") as other:
+            theirs = tree_sum(_device(other, small_release, "device B\n"))
+            a.start()
+            assert paused.wait(120)
+            threading.Timer(8.0, go.set).start()  # (past two leases)
+            t0 = time.monotonic()
+            assert main(["device", "backup", str(other), "home", dest, "--break-lock"]) == 0
+            assert time.monotonic() - t0 >= 7.0
+            a.join(120)
+            assert not a.is_alive()
+            err = capsys.readouterr().err.splitlines()
+            assert len(err) == 1, err
+            assert err[0].startswith(f"waiting for {dest}/home.backups.lock, held by PID "
+                                     f"{os.getpid()} "), err
+            index = json.loads((lock.parent / "home.backups.json").read_text())
+            assert [(e["n"], e["parent"]) for e in index["backups"]] == [
+                (1, None), (2, 1), (3, None)]
+            assert got[0]["n"] == 2
+            for n, tree in ((2, want), (3, theirs)):
+                out = tmp_path / f"restored-{n}"
+                out.mkdir()
+                assert tree_sum(restore_to_dir(dest, "home", out, upto=n)) == tree
+            assert sorted(os.listdir(lock.parent)) == [
+                "home.1.stream", "home.2.delta", "home.3.stream", "home.backups.json"]
+
+
 def test_a_server_taking_no_move_is_refused(btrfs_dev: Path, small_release: Release,
                                            tmp_path: Path) -> None:
     """nginx with ``dav_methods PUT`` only cannot hold a lock (a conditional PUT is no lock

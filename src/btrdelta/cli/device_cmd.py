@@ -175,6 +175,9 @@ def _add_reset_backup(dsub: Any) -> None:
     b.add_argument("subvol", metavar="SUBVOL", help="state subvolume name (e.g. home)")
     b.add_argument("dest", metavar="DEST", type=location, help="directory or http(s) URL")
     b.add_argument("--full", action="store_true", help="a whole stream, not incremental")
+    b.add_argument("--break-lock", action="store_true",
+                   help="over HTTP: take DEST's lock of SUBVOL if its holder has not renewed "
+                   "it for 2 minutes (its device gone); a live holder's is never taken")
     b.add_argument("--json", action="store_true", help="print the index entry as JSON")
     add_quiet_option(b)
     b.set_defaults(func=run_backup)
@@ -548,7 +551,8 @@ def run_backup(args: argparse.Namespace) -> int:
     def waiting(line: str) -> None:  # (also under --quiet and --json: else it looks hung)
         print(line, file=sys.stderr, flush=True)
 
-    entry = backup(args.fs, args.subvol, args.dest, full=args.full, on_wait=waiting)
+    entry = backup(args.fs, args.subvol, args.dest, full=args.full, on_wait=waiting,
+                   break_lock=args.break_lock)
     if args.json:
         print(json.dumps(entry, indent=1))
     elif not args.quiet:

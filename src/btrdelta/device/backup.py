@@ -183,16 +183,18 @@ class _Store:
                                     source=f"{self.where}/{name}.backups.json") from exc
 
     @contextlib.contextmanager
-    def lock(self, name: str, notes: Path, on_wait: Callable[[str], None]) -> Iterator[None]:
+    def lock(self, name: str, notes: Path, on_wait: Callable[[str], None],
+             break_lock: bool = False) -> Iterator[None]:
         """Hold ``NAME.backups.lock`` (:mod:`.backuplock`: waited for, said in ``on_wait``)
         from the index read to the removal of unlisted files: two devices backing up NAME
         to one place at once took the same number, one's file replaced the other's, and
-        one index entry was lost. ``notes``: the device's note of its HTTP locks."""
+        one index entry was lost. ``notes``: the device's note of its HTTP locks;
+        ``break_lock``: an HTTP lock not renewed for its lease is taken."""
         from .backuplock import held_in_directory, held_over_http
 
         if self.http:
             with held_over_http(f"{self.where}/{name}.backups.lock", _client, notes,
-                                on_wait):
+                                on_wait, break_lock=break_lock):
                 yield
         else:
             with held_in_directory(Path(self.where) / f"{name}.backups.lock", on_wait):
@@ -283,20 +285,24 @@ def _snapshots(layout: Layout, name: str) -> list[tuple[int, Path]]:
 
 
 def backup(fs: str | os.PathLike[str], name: str, dest: str, *, full: bool = False,
-           on_wait: Callable[[str], None] | None = None) -> dict[str, Any]:
+           on_wait: Callable[[str], None] | None = None,
+           break_lock: bool = False) -> dict[str, Any]:
     """Back up state subvolume ``name`` to ``dest`` (directory or URL): incremental against
     the previous backup when it is both on the device and in ``dest``'s index, as a delta
     stream against its files; else a whole stream. Returns the new index entry, and in
     ``removed`` the files of backups cut short it removed from a directory ``dest``
     (:meth:`_Store.drop_unlisted`). ``on_wait`` is told in one line when the backup waits
-    for another one's lock of ``name`` at ``dest`` (:mod:`.backuplock`)."""
+    for another one's lock of ``name`` at ``dest`` (:mod:`.backuplock`); ``break_lock``
+    takes an HTTP lock its holder has not renewed for :data:`.backuplock.LEASE` seconds
+    (without it such a lock ends the wait with an error)."""
     from ..delta import make_delta
     from ..send import kernel_send
     from .control import recover
 
     store = _Store(dest, create=True)
     with open_device(fs) as layout, layout.lock(), \
-            store.lock(name, layout.meta / LOCK_NOTES, on_wait or (lambda line: None)):
+            store.lock(name, layout.meta / LOCK_NOTES, on_wait or (lambda line: None),
+                       break_lock):
         st = load_state(layout)
         recover(layout, st)
         if name not in {s.name for s in st.state} or not layout.is_subvolume(layout.state(name)):

@@ -10,7 +10,15 @@ the other's and one index entry was lost).
   ``dav_methods PUT`` alone, an object store) is refused before anything is written: a
   conditional ``PUT`` (``If-None-Match``) is no lock there, nginx ignores it. A device
   notes the lock it takes in ``.btrdelta/backup-locks.json``; a lock left there by its own
-  backup cut short (a power cut) is removed by its next backup to that place.
+  backup cut short (a power cut) is removed by its next backup to that place. The holder
+  renews its lock: every :data:`RENEW` seconds it ``PUT``-s a count to its own name
+  (``NAME.backups.lock.TOKEN``), which a waiter reads. A lock neither changed nor renewed
+  for :data:`LEASE` seconds of a waiter's own clock (its device gone, or cut off) ends the
+  wait with an error naming its holder; ``break_lock`` (``--break-lock``) takes it then.
+  A live holder renews: its lock is never taken. The holder's release deletes the lock only
+  while it still names the holder's token (``GET``, compared, ``DELETE``: a lock removed by
+  hand and taken by another device stays that device's; on a server without conditional
+  requests another device taking it between the two, after a removal by hand, is not seen).
 
 A backup that waits says so once, after :data:`SAY_AFTER` seconds ("waiting for ..., held
 by PID 1234 on host-a since ..."), and a Ctrl-C ends the wait.
@@ -27,21 +35,29 @@ import os
 import secrets
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from ..errors import TransportError
+from .._pool import Started
+from ..errors import BtrdeltaError, TransportError
 from ..fs.atomic import write_atomic
 
 if TYPE_CHECKING:
     from ..transport.client import Client
 
-__all__ = ["NEEDS", "SAY_AFTER", "call", "held_in_directory", "held_over_http"]
+__all__ = ["LEASE", "NEEDS", "RENEW", "SAY_AFTER", "call", "held_in_directory",
+           "held_over_http"]
 
 #: seconds a backup waits for the lock before it says so
 SAY_AFTER = 1.0
+#: seconds between a holder's renewals of its HTTP lock
+RENEW = 20.0
+#: seconds a waiter sees an HTTP lock neither changed nor renewed before it ends its wait
+#: (or, told ``break_lock``, takes the lock): six renewals missed
+LEASE = 120.0
 #: seconds between an HTTP lock's tries
 _HTTP_POLL = 2.0
 #: the holder's line read from a lock (the rest is not shown)
@@ -155,9 +171,12 @@ def _move(http: Callable[..., tuple[int, bytes]], own: str, url: str) -> int:
 
 @contextlib.contextmanager
 def held_over_http(url: str, client: Callable[[], Client], notes: Path,
-                   on_wait: Callable[[str], None]) -> Iterator[None]:
+                   on_wait: Callable[[str], None], *,
+                   break_lock: bool = False) -> Iterator[None]:
     """Hold HTTP lock ``url`` (``.../NAME.backups.lock``; see the module docstring),
-    noted in the device's file ``notes`` from before it is taken until it is released.
+    noted in the device's file ``notes`` from before it is taken until it is released,
+    renewed while held. A lock not renewed for :data:`LEASE` seconds ends the wait
+    (BtrdeltaError), or with ``break_lock`` is taken.
 
     Raises:
         TransportError: the server takes no MOVE or DELETE there, or a request failed.
@@ -178,6 +197,7 @@ def held_over_http(url: str, client: Callable[[], Client], notes: Path,
         raise TransportError(f"PUT answered {status}", url=own, status=status)
     said = False
     waited = time.monotonic()
+    seen: tuple[bytes, bytes] | None = None  # (the lock's line and its renewal)
     try:
         while (status := _move(http, own, url)) not in (200, 201, 204):
             if status != 412:  # (Precondition Failed: the lock exists)
@@ -187,29 +207,97 @@ def held_over_http(url: str, client: Callable[[], Client], notes: Path,
                 http("DELETE", url)  # this device's, from a backup cut short
                 old = [t for t in old if t != stale]  # (once: a refused DELETE is waited)
                 continue
-            if not said and time.monotonic() - waited >= SAY_AFTER:
+            now = time.monotonic()
+            if not said and now - waited >= SAY_AFTER:
                 on_wait(f"waiting for {url}, {_who(line) if got == 200 else 'held'}")
                 said = True
+            if got == 200:
+                theirs = _token(line)
+                beat = http("GET", f"{url}.{theirs}")[1] if theirs else b""
+                if (line, beat) != seen:
+                    seen, since = (line, beat), now
+                elif now - since >= LEASE:
+                    _stale(http, url, line, theirs, now - since, break_lock, on_wait)
+                    seen = None
+                    continue
             time.sleep(_HTTP_POLL if said else SAY_AFTER / 4)
     except BaseException:
         with contextlib.suppress(TransportError):
             http("DELETE", own)
         raise
     _note(notes, url, [token])
+    renewing = _Renewal(http, own)
     try:
         yield
     except BaseException:
+        renewing.stop()
         with contextlib.suppress(TransportError):
-            _release(http, url, notes)
+            _release(http, url, token, notes, on_wait)
         raise
-    _release(http, url, notes)
+    renewing.stop()
+    _release(http, url, token, notes, on_wait)
 
 
-def _release(http: Callable[..., tuple[int, bytes]], url: str, notes: Path) -> None:
+def _stale(http: Callable[..., tuple[int, bytes]], url: str, line: bytes,
+           theirs: str | None, idle: float, break_lock: bool,
+           on_wait: Callable[[str], None]) -> None:
+    """A lock ``line`` neither changed nor renewed for ``idle`` seconds: with
+    ``break_lock`` deleted (while it is still that line: GET, compared, DELETE) and said,
+    else the end of the wait (BtrdeltaError, naming the holder and ``--break-lock``)."""
+    who = _who(line)
+    if not break_lock:
+        raise BtrdeltaError(
+            f"{url}: {who}, not renewed for {idle:.0f} s (a live backup renews it every "
+            f"{RENEW:g} s: its device is gone or cut off, or runs a btrdelta that does "
+            "not renew locks); if no backup of that name runs there, run again with "
+            "--break-lock to take it")
+    got, now = http("GET", url)
+    if got != 200 or now != line:  # (it changed meanwhile: judged again)
+        return
     status, _ = http("DELETE", url)
     if status not in (200, 204, 404):
-        raise TransportError(f"DELETE answered {status}: the lock stays (the next backup "
-                             "of this device removes it)", url=url, status=status)
+        raise TransportError(f"DELETE answered {status}: the lock stays", url=url,
+                             status=status)
+    if theirs:
+        http("DELETE", f"{url}.{theirs}")  # (its renewals)
+    on_wait(f"removed {url} ({who}, not renewed for {idle:.0f} s: --break-lock)")
+
+
+class _Renewal:
+    """A holder's renewals of its HTTP lock: a count ``PUT`` to its own name ``own`` every
+    :data:`RENEW` seconds, by a thread of its own until :meth:`stop` (a failed one is
+    tried again at the next; a waiter sees the lock stale only after :data:`LEASE`)."""
+
+    def __init__(self, http: Callable[..., tuple[int, bytes]], own: str) -> None:
+        self._stop = threading.Event()
+
+        def run() -> None:
+            n = 0
+            while not self._stop.wait(RENEW):
+                n += 1
+                with contextlib.suppress(BtrdeltaError):
+                    http("PUT", own, body=b"%d\n" % n)
+
+        self._thread = Started(run, "lock-renewal")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _release(http: Callable[..., tuple[int, bytes]], url: str, token: str, notes: Path,
+             on_wait: Callable[[str], None]) -> None:
+    """Delete lock ``url`` if it is still this holder's (``token``), and its renewals."""
+    got, line = http("GET", url)
+    if got == 200 and _token(line) != token:  # (removed by hand, and taken by another)
+        on_wait(f"{url} is no longer this backup's lock ({_who(line)}): left to its "
+                "holder")
+    elif got != 404:
+        status, _ = http("DELETE", url)
+        if status not in (200, 204, 404):
+            raise TransportError(f"DELETE answered {status}: the lock stays (the next "
+                                 "backup of this device removes it)", url=url, status=status)
+    http("DELETE", f"{url}.{token}")
     _note(notes, url, [])
 
 
