@@ -49,6 +49,22 @@ def _dav(workdir: Path, methods: str = "PUT MOVE DELETE") -> contextlib.Abstract
         location /backups/ {{ dav_methods {methods}; create_full_put_path on; }}""")
 
 
+def _held_by_a(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Backups in thread ``A`` stop before their index is written (holding their lock)
+    until the second event is set; the first says they stopped."""
+    paused, go = threading.Event(), threading.Event()
+    real = backup_mod._Store.put_index
+
+    def put_index(self: Any, name: str, entries: list[dict[str, Any]]) -> None:
+        if threading.current_thread().name == "A":
+            paused.set()
+            assert go.wait(60)
+        real(self, name, entries)
+
+    monkeypatch.setattr(backup_mod._Store, "put_index", put_index)
+    return paused, go
+
+
 @pytest.mark.parametrize("where", ["directory", "http"])
 def test_two_devices_backing_up_one_name_at_once(
         btrfs_dev: Path, small_release: Release, tmp_path: Path,
@@ -61,16 +77,7 @@ def test_two_devices_backing_up_one_name_at_once(
     replaced by A's (B's entry lost). Now B waits for A's ``home.backups.lock`` (over HTTP
     taken by MOVE with ``Overwrite: F``) and says so once, naming A's PID: the index lists
     both, each restores to its device's tree, no HTTP lock is left."""
-    paused, go = threading.Event(), threading.Event()
-    real = backup_mod._Store.put_index
-
-    def put_index(self: Any, name: str, entries: list[dict[str, Any]]) -> None:
-        if threading.current_thread().name == "A":
-            paused.set()
-            assert go.wait(60)
-        real(self, name, entries)
-
-    monkeypatch.setattr(backup_mod._Store, "put_index", put_index)
+    paused, go = _held_by_a(monkeypatch)
     lines: list[str] = []
     files = tmp_path / ("www/backups" if where == "http" else "shared")
     with btrfs_loop(size="2G") as other, \
@@ -182,22 +189,6 @@ def test_an_http_lock_left_by_a_cut_backup(
         assert len(got) == 1
         assert got[0]["n"] == 3
         assert not lock.exists()
-
-
-def _held_by_a(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
-    """Backups in thread ``A`` stop before their index is written (holding their lock)
-    until the second event is set; the first says they stopped."""
-    paused, go = threading.Event(), threading.Event()
-    real = backup_mod._Store.put_index
-
-    def put_index(self: Any, name: str, entries: list[dict[str, Any]]) -> None:
-        if threading.current_thread().name == "A":
-            paused.set()
-            assert go.wait(60)
-        real(self, name, entries)
-
-    monkeypatch.setattr(backup_mod._Store, "put_index", put_index)
-    return paused, go
 
 
 def test_an_http_lock_taken_by_another_is_not_released_by_the_first(
