@@ -262,7 +262,9 @@ def test_huge_pages_heap_faults_only_what_every_send_writes() -> None:
         check=True).stdout.split())
     if not advised_bytes:
         pytest.skip("brk does not grow the heap here: glibc maps its memory instead")
-    assert faulted <= 4 << 20, faulted
+    # (with THP "always" the heap's growth itself may take one huge page where glibc
+    # writes a chunk's header)
+    assert faulted <= (6 << 20 if mode == "always" else 4 << 20), faulted
     if mode != "never" and _huge_pages_given(control):
         assert faulted >= 2 << 20, (faulted, control)
 
