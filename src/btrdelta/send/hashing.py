@@ -18,6 +18,7 @@ import mmap
 import os
 import stat
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Sequence
 
@@ -289,6 +290,22 @@ class _Job:
 _LINGER = 0.5
 
 
+def _weakly(method: Callable[[list[tuple[Node, bytes]], bool], int]
+            ) -> Callable[[list[tuple[Node, bytes]], bool], int]:
+    """``method`` called through a weak reference to its object: the pool of a
+    :class:`ContentHasher` holding its bound method made a reference cycle that kept each
+    send's hasher, its trees and the bytes it kept until a full collection (a long
+    ``replicate --listen`` grew)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(batch: list[tuple[Node, bytes]], keeping: bool) -> int:
+        if (bound := ref()) is None:  # (its hasher is gone)
+            raise BtrdeltaError("hashing stopped")
+        return bound(batch, keeping)
+
+    return call
+
+
 class _Batches:
     """Up to ``workers`` threads running ``run(*args)`` over batches in the order queued.
 
@@ -518,7 +535,7 @@ class ContentHasher:
         self.workers = workers or min(4, os.cpu_count() or 1)
         #: set by :meth:`close`: the threads stop within a MiB of the file they hash
         self._stop = threading.Event()
-        self._pool = _Batches(self._run, self.workers) if self.workers > 1 else None
+        self._pool = _Batches(_weakly(self._run), self.workers) if self.workers > 1 else None
         self._local = threading.local()
         self._jobs: list[_Job] = []
         self._batches: list[tuple[list[tuple[Node, bytes]], bool]] = []
