@@ -19,7 +19,7 @@ from ..fs.atomic import atomic_output
 if TYPE_CHECKING:
     import argparse
     import signal
-    from typing import Any, BinaryIO
+    from typing import Any, BinaryIO, ClassVar
 
 
     #: a command's hint after "unrecognized arguments": (arguments parsed, words left
@@ -400,13 +400,14 @@ def redelivering(previous: Callable[[Any], object]) -> Callable[[Any], None]:
     callback, a generator closed by the collector). Python printed "Exception ignored in"
     and a traceback, and the command went on as if no Ctrl-C or SIGTERM had come. The signal
     is sent again to the main thread by a thread of its own (:func:`_resend`), when its
-    handler is the CLI's (:func:`_stop`). Anything else goes to ``previous``."""
+    handler is one of :func:`resent` (the CLI's, ``replicate --every``'s). Anything else
+    goes to ``previous``."""
     import _thread
 
     def hook(unraisable: Any) -> None:
         exc = unraisable.exc_value
         signum = exc.signum if isinstance(exc, Interrupted) else int(signal.SIGINT)
-        if isinstance(exc, KeyboardInterrupt) and signal.getsignal(signum) is _stop:
+        if isinstance(exc, KeyboardInterrupt) and signal.getsignal(signum) in _Handled.by:
             _thread.start_new_thread(_resend, (_thread.get_ident(), signum, _Handled.count))
             return
         previous(unraisable)
@@ -415,9 +416,23 @@ def redelivering(previous: Callable[[Any], object]) -> Callable[[Any], None]:
 
 
 class _Handled:
-    """How many times :func:`_stop` ran."""
+    """How many times a handler of :func:`resent` ran, and those handlers."""
 
     count = 0
+    by: ClassVar[set[Callable[[int, Any], None]]] = set()
+
+
+def resent(handler: Callable[[int, Any], None]) -> Callable[[int, Any], None]:
+    """Signal handler ``handler``, counted and known to :func:`redelivering`: an exception
+    it raises where Python drops it (a finalizer) is raised again, by the signal sent again
+    to the main thread."""
+
+    def run(signum: int, frame: Any) -> None:
+        _Handled.count += 1
+        handler(signum, frame)
+
+    _Handled.by.add(run)
+    return run
 
 
 def _resend(thread: int, signum: int, seen: int) -> None:
@@ -435,11 +450,13 @@ def _resend(thread: int, signum: int, seen: int) -> None:
         time.sleep(0.05)
 
 
-def _stop(signum: int, _frame: object) -> None:
-    _Handled.count += 1
+def _interrupt(signum: int, _frame: object) -> None:
     pool = sys.modules.get("btrdelta._pool")  # (no block is open before it is imported)
     if pool is None or not pool.signal_held(signum):
         raise Interrupted(signum)
+
+
+_stop = resent(_interrupt)
 
 
 @contextlib.contextmanager

@@ -33,7 +33,7 @@ from typing import Any
 from .._defaults import DEFAULT_STORE
 from .._pool import signal_held
 from ..errors import ApplyError, BtrdeltaError, ProtocolError, UsageError
-from ._common import FULL, Interrupted
+from ._common import FULL, Interrupted, resent
 
 #: the first retry of a failed round after this many seconds, doubling up to the interval
 _BACKOFF = 1.0
@@ -79,7 +79,9 @@ class _Stop:
     stops as a one-shot run's does. Between rounds nothing is raised: an exception raised
     where Python runs a finalizer or a weakref callback (the collection after each round)
     is printed and dropped, and the loop went on (a SIGTERM lost 1 time in 3 in a test);
-    the note stops it."""
+    the note stops it. In a round such a dropped exception is raised again as the CLI's is
+    (:func:`~._common.resent`: the signal sent again; before, the round ran on to its
+    end)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -87,9 +89,10 @@ class _Stop:
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _Stop:
+        on = resent(self._on)
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             if signal.getsignal(sig) is not signal.SIG_IGN:
-                self._old[sig] = signal.signal(sig, self._on)
+                self._old[sig] = signal.signal(sig, on)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -99,7 +102,6 @@ class _Stop:
     def _on(self, signum: int, _frame: object) -> None:
         self.signum = signum
         if self.armed and not signal_held(signum):  # (else raised as the held block ends)
-            self.armed = False
             raise KeyboardInterrupt if signum == signal.SIGINT else Interrupted(signum)
 
 
