@@ -307,6 +307,40 @@ def test_a_stale_http_lock_ends_the_wait_and_break_lock_takes_it(
                 "home.1.stream", "home.2.delta", "home.3.stream", "home.backups.json"]
 
 
+def test_a_lock_token_that_is_a_path_reaches_nothing_outside_the_lock(
+        btrfs_dev: Path, small_release: Release, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A lock's ``token`` is another device's text, put into the URLs of its renewals
+    (``NAME.backups.lock.TOKEN``): a stale lock whose token was ``/../work.backups.json``
+    made ``--break-lock`` DELETE the index of another backup name beside it (nginx resolves
+    the ``..``), and its waits GET it (rev33). A token that is not a plain word is no token:
+    the lock is broken, nothing else is touched. Oracles: the files on the server (nginx's
+    WebDAV), the restored tree."""
+    from btrdelta.cli import main
+
+    monkeypatch.setattr(backuplock, "LEASE", 2.0)
+    home = _device(btrfs_dev, small_release, "first\n")
+    want = tree_sum(home)
+    www = tmp_path / "www/backups"
+    lock = www / "home.backups.lock"
+    with _dav(tmp_path) as port:
+        dest = f"http://127.0.0.1:{port}/backups"
+        other = www / "work.backups.json"
+        other.write_text('{"backups": []}\n')  # (another name's index)
+        lock.write_text(json.dumps({"pid": 4242, "host": "other", "since": 1.8e9,
+                                    "token": "/../work.backups.json"}))
+        capsys.readouterr()
+        assert main(["device", "backup", str(btrfs_dev), "home", dest, "--break-lock"]) == 0
+        err = capsys.readouterr().err.splitlines()
+        assert err[1].startswith(f"removed {dest}/home.backups.lock (held by PID 4242 "), err
+        assert other.read_text() == '{"backups": []}\n'
+        assert sorted(os.listdir(www)) == ["home.1.stream", "home.backups.json",
+                                           "work.backups.json"]
+        out = tmp_path / "restored"
+        out.mkdir()
+        assert tree_sum(restore_to_dir(dest, "home", out, upto=1)) == want
+
+
 def test_a_server_taking_no_move_is_refused(btrfs_dev: Path, small_release: Release,
                                            tmp_path: Path) -> None:
     """nginx with ``dav_methods PUT`` only cannot hold a lock (a conditional PUT is no lock

@@ -32,6 +32,7 @@ import fcntl
 import functools
 import json
 import os
+import re
 import secrets
 import socket
 import tempfile
@@ -88,11 +89,16 @@ def _who(raw: bytes) -> str:
 
 
 def _token(raw: bytes) -> str | None:
+    """The token of a lock's line; None unless a plain word (it goes into URLs: a token
+    ``/../work.backups.json`` made ``--break-lock`` delete another name's index)."""
     try:
         token = json.loads(raw[:_HOLDER_LIMIT]).get("token")
     except (ValueError, AttributeError):
         return None
-    return token if isinstance(token, str) else None
+    return token if isinstance(token, str) and _WORD.fullmatch(token) else None
+
+
+_WORD = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
 
 @contextlib.contextmanager
