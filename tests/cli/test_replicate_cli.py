@@ -4,6 +4,7 @@ escape codes into a file). Oracle: tree-sum of what the receiver holds equals th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from btrdelta.tree import tree_sum
 from tests.conftest import read_pty
 from tests.jsondoc import checked
 
@@ -211,6 +213,47 @@ def test_a_damaged_cursor_file_exits_3_naming_it(tmp_path: Path) -> None:
         assert f"{store / 'cursors.json'}: damaged cursor file: " in proc.stderr
         assert not [p for p in (tmp_path / f"c{i}").iterdir() if not p.name.startswith(".")]
         assert (store / "cursors.json").read_text() == text  # left for the user to look at
+
+
+def _fill(mnt: Path, room: int) -> None:
+    """Fill file system ``mnt`` (as root: its reserved blocks too) but ``room`` KiB."""
+    (mnt / "room").write_bytes(b"x" * (room << 10))
+    with open(mnt / "filler", "ab", buffering=0) as f, contextlib.suppress(OSError):
+        while f.write(os.urandom(1024)):
+            pass
+    (mnt / "room").unlink()
+
+
+def test_a_store_on_a_full_disk_is_named(tmp_path: Path) -> None:
+    """A one-shot replicate whose sendshot store is on a full file system (a small loop
+    ext4) said only "No space left on device", not which file: the store's file is named
+    (a new store: its seed; one with a record, the source changed: its cursor file; 8 KiB
+    left: the directory of the new record, 13 KiB), exit 8 (as every command's full disk),
+    one line. With room again the next run replicates: the DEST's tree-sum is the
+    source's."""
+    from btrdelta.testing.loopfs import loop_fs
+    from tests.conftest import require_btrfs
+
+    require_btrfs()  # (root: a mount)
+    src = _source(tmp_path)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with loop_fs("ext4", size="8M") as small:
+        store = small / "store"
+        (store / "records").mkdir(parents=True)  # (else their mkdir fails: it names them)
+        argv = [*BTRDELTA, "replicate", "--store", str(store), str(src), str(dest)]
+        for room, named in ((0, "seed"), (0, "cursors.json"), (8, "records")):
+            _fill(small, room)
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=120,
+                                  check=False)
+            assert (proc.returncode, proc.stderr) == (8, f"btrdelta replicate: error: "
+                                                         f"{store}/{named}: No space left "
+                                                         "on device\n")
+            (small / "filler").unlink()
+            done = json.loads(subprocess.run([*argv, "--json"], capture_output=True,
+                                             check=True, timeout=120).stdout)
+            assert tree_sum(dest / done["name"]) == tree_sum(src), named
+            (src / "big").write_bytes(os.urandom(3 << 20))
 
 
 def test_a_damaged_key_file_exits_3_naming_it(tmp_path: Path) -> None:

@@ -46,6 +46,7 @@ __all__ = [
     "discard_written",
     "fsync_dir",
     "link_written",
+    "naming",
     "pid_alive",
     "remove_stale_temps",
     "write_atomic",
@@ -133,6 +134,9 @@ def _link_unnamed(fd: int, dir_fd: int, name: str) -> None:
 #: ~120 KiB at a time, not each by a system call (below glibc's 128 KiB mmap threshold:
 #: heap memory, not pages mapped and faulted in afresh for each output)
 _BUFFER = 120 << 10
+#: a write's errors that are the output's, wherever the caller's block wrote to it: the
+#: file is named in them (a full disk said only "No space left on device")
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 @contextlib.contextmanager
@@ -174,23 +178,49 @@ def atomic_output(path: str | os.PathLike[str], *, mode: int = 0o644,
                 fd, tmp = _open_new(dir_fd, base, mode)
         except OSError as exc:  # named '.' or a temporary name: say the file asked for
             raise OSError(exc.errno, exc.strerror, path) from None
-        with os.fdopen(fd, "w+b", buffering=_BUFFER) as f:
-            yield f
-            f.flush()
-            if tmp is None:
-                tmp = _tmp_name(base)
-                _link_unnamed(f.fileno(), dir_fd, tmp)
-            if durable:  # (after the link: see _sync_linked)
-                os.fsync(f.fileno())
-        os.rename(tmp, base, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        tmp = None
-        if durable:
-            os.fsync(dir_fd)
+        block = False
+        try:
+            with os.fdopen(fd, "w+b", buffering=_BUFFER) as f:
+                block = True
+                yield f
+                block = False
+                f.flush()
+                if tmp is None:
+                    tmp = _tmp_name(base)
+                    _link_unnamed(f.fileno(), dir_fd, tmp)
+                if durable:  # (after the link: see _sync_linked)
+                    os.fsync(f.fileno())
+            os.rename(tmp, base, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            tmp = None
+            if durable:
+                os.fsync(dir_fd)
+        except OSError as exc:  # (a write's, a flush's, an fsync's: they name no file)
+            if not block or exc.errno in _FULL:
+                _name(exc, path)
+            raise
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=dir_fd)
         os.close(dir_fd)
+
+
+def _name(exc: OSError, path: str) -> None:
+    """Raise ``exc`` naming ``path`` if it names no file."""
+    if exc.filename is None:
+        raise OSError(exc.errno, exc.strerror, path) from None
+
+
+@contextlib.contextmanager
+def naming(path: str) -> Iterator[None]:
+    """An ``OSError`` of the block that names no file (a write's, a flush's, an
+    ``fsync``'s) names ``path``, what it was writing (a full disk said only "No space left
+    on device", not where)."""
+    try:
+        yield
+    except OSError as exc:
+        _name(exc, path)
+        raise
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes | memoryview, *,

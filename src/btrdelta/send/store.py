@@ -37,7 +37,7 @@ from .. import TYPE_CHECKING
 from .._defaults import DEFAULT_STORE
 from .._value import Value, field
 from ..errors import BtrdeltaError, MissingBaseError, StreamFormatError
-from ..fs.atomic import fsync_dir, pid_alive, write_atomic
+from ..fs.atomic import fsync_dir, naming, pid_alive, write_atomic
 from ..tree.early import RECORDS
 from ..tree.early import SUFFIX as _SUFFIX
 from ..tree.sendshot import (
@@ -665,7 +665,7 @@ def _write_record(tmp: str, head: SendshotHead,
     """Write a record to the new file ``tmp`` (``durable``: and ``fsync`` it); its digest."""
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600)
-    with os.fdopen(fd, "wb") as f:
+    with naming(os.path.dirname(tmp)), os.fdopen(fd, "wb") as f:  # (a new record there)
         digest, _n = write_record(f.write, head, inodes)
         f.flush()
         if durable:
