@@ -18,6 +18,7 @@ import zstandard
 from btrdelta import trust
 from btrdelta.cli import main
 from btrdelta.repo.fullindex import decode_full_index
+from btrdelta.repo.html import _size
 from btrdelta.repo.solid import Frame, Solid, cut_frames
 from btrdelta.tree import tree_sum
 from btrdelta.update.publish import Repo
@@ -98,8 +99,12 @@ def test_a_first_install_downloads_the_solid_full_and_fewer_bytes(
         got = [p for p in paths if p.startswith(("solids/", "packs/"))]
         if name == "solid":
             assert got == [rec.solid.path]  # one frame, one range
-            # its full index and its one frame: what the plan said
+            # its full index and its one frame: what the plan said, and the publisher's
+            # page (its v3 row: the first install)
             assert artifacts == plan["bytes"] == rec.full_length + rec.solid.length
+            row = re.findall(r'<tr class="version">.*?</tr>',
+                             (solid_root / "index.html").read_text())[2]
+            assert f"<td class=n>{_size(plan['bytes'])}</td>" in row, row
         else:
             assert got
             assert all(p.startswith("packs/") for p in got)

@@ -87,9 +87,8 @@ def _svg(cat: Catalog) -> str:
 
 
 def _first_install(v: CatalogVersion) -> int:
-    """What a device that holds nothing downloads for version ``v``: its full index and
-    solid full, or (none made) its chunks."""
-    return v.full_length + v.solid.length if v.solid is not None else v.full_bytes
+    """What a device that holds nothing downloads for version ``v``."""
+    return v.solid.first_install(v.full_length) if v.solid is not None else v.full_bytes
 
 
 def render_html(cat: Catalog) -> str:

@@ -63,6 +63,12 @@ class Solid(Value, frozen=True):
         """The file's BLAKE3-256 (hex), from its name."""
         return self.path[len("solids/"):-len(".zst")]
 
+    def first_install(self, full_index: int) -> int:
+        """The bytes a device that holds nothing downloads for its version: the full index
+        (``full_index`` bytes) and every frame (the publisher's page says it, the client's
+        plan prices the full so; without a solid full, the chunks)."""
+        return full_index + self.length
+
     @classmethod
     def make(cls, digest_hex: str, frames: Sequence[Frame]) -> Solid:
         return cls(f"solids/{digest_hex}.zst", sum(f.length for f in frames), tuple(frames))

@@ -228,7 +228,7 @@ def _plan(d: _Dest, mirrors: Mirrors, verified: Verified, held: dict[int, Digest
         for p in todo:
             rec = records[p]
             if not held and rec.solid is not None:  # every frame (a resumed run's chunks
-                costs[p] = rec.full.length + rec.solid.length  # are `to_download`'s)
+                costs[p] = rec.solid.first_install(rec.full.length)  # are `to_download`'s)
                 continue
             costs[p] = full_cost(full_index(mirrors, rec, d.meta), fulls, d.store,
                                  rec.full.length, None if seeded else rec.solid)
