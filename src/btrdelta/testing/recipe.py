@@ -1,10 +1,25 @@
-"""The shape of a send/receive scenario (:mod:`btrdelta.testing.scenarios` runs them)."""
+"""The shape of a send/receive scenario (:mod:`btrdelta.testing.scenarios` runs them), and
+shell commands the recipes of several modules use."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Scenario"]
+__all__ = ["EXCHANGE", "PROP", "Scenario", "renameat2"]
+
+
+def renameat2(flags: int) -> str:
+    """A command renaming its arguments pairwise with renameat2(``flags``)."""
+    return ("python3 -c 'import ctypes, os, sys\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            "for a, b in zip(sys.argv[1::2], sys.argv[2::2]):\n"
+            f"    if libc.renameat2(-100, a.encode(), -100, b.encode(), {flags}):\n"
+            "        raise OSError(ctypes.get_errno(), a)'")
+
+
+#: exchange names pairwise with renameat2(RENAME_EXCHANGE): ``$EXCHANGE a b c d``
+EXCHANGE = renameat2(2)
+#: set a file's btrfs.compression property (zlib, lzo, zstd; ``no``: none)
+PROP = "btrfs property set"
 
 
 @dataclass(frozen=True)

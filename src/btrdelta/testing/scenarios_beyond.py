@@ -24,25 +24,13 @@ or holds files open).
 
 from __future__ import annotations
 
-from .recipe import Scenario
+from .recipe import EXCHANGE, PROP, Scenario, renameat2
 
 __all__ = ["BEYOND"]
 
-
-
-def _renameat2(flags: int) -> str:
-    """A command renaming its arguments pairwise with renameat2(``flags``)."""
-    return ("python3 -c 'import ctypes, os, sys\nlibc = ctypes.CDLL(None, use_errno=True)\n"
-            "for a, b in zip(sys.argv[1::2], sys.argv[2::2]):\n"
-            f"    if libc.renameat2(-100, a.encode(), -100, b.encode(), {flags}):\n"
-            "        raise OSError(ctypes.get_errno(), a)'")
-
-
-#: exchange names pairwise with renameat2(RENAME_EXCHANGE): ``$_EXCHANGE a b c d``
-_EXCHANGE = _renameat2(2)
 #: rename with renameat2(RENAME_WHITEOUT): a whiteout (a character device 0:0 of mode 0)
 #: takes the old name
-_WHITEOUT = _renameat2(4)
+_WHITEOUT = renameat2(4)
 #: O_TMPFILE files linked into the tree (``linkat`` of ``/proc/self/fd/N``): a new file
 #: ``linked``, and ``keep`` replaced atomically by one (linked as ``.tmp``, renamed over)
 #: (``dst_dir_fd`` makes os.link call linkat with AT_SYMLINK_FOLLOW)
@@ -63,9 +51,6 @@ _ACL_USER = ("0x02000000" "01000700ffffffff" "02000700e8030000" "04000500fffffff
 _ACL_GROUP = ("0x02000000" "01000700ffffffff" "04000500ffffffff" "0800060032000000"
               "10000700ffffffff" "20000000ffffffff")
 
-#: set a file's btrfs.compression property (zlib, lzo, zstd; ``no``: none)
-_PROP = "btrfs property set"
-
 S = Scenario
 
 BEYOND: list[Scenario] = [
@@ -77,7 +62,7 @@ BEYOND: list[Scenario] = [
     # across the swapped directories
     S("rename-exchange",
       "mkdir d1 d2 x; echo 1 > d1/f; echo 2 > d2/g; touch y; mkdir d1/sub; echo 3 > d1/sub/h",
-      _EXCHANGE + " d1 d2 x y d1/g d2/f; echo 4 >> d2/f"),
+      EXCHANGE + " d1 d2 x y d1/g d2/f; echo 4 >> d2/f"),
     # POSIX ACLs (their xattrs) on directories: a default ACL the receiver's new inodes
     # inherit unless told otherwise (a file created in such a directory, its ACL removed)
     S("acl-default-dirs",
@@ -338,24 +323,24 @@ BEYOND: list[Scenario] = [
     # (lzo), dedupes the file with itself
     S("encoded-every-compression-holes",
       "touch f g; seq 1 40000 > text;"
-      f" {_PROP} f compression zlib;"
+      f" {PROP} f compression zlib;"
       " xfs_io -c 'pwrite -S 0x61 0 200K' -c 'pwrite -i text 256K 100K' -c fsync f;"
-      f" {_PROP} f compression lzo;"
+      f" {PROP} f compression lzo;"
       " xfs_io -c 'pwrite -S 0x62 512K 200K' -c 'pwrite -i text 800K 60K' -c fsync f;"
-      f" {_PROP} f compression zstd; xfs_io -c 'pwrite -S 0x63 1M 300K' -c fsync f;"
-      f" {_PROP} f compression no; xfs_io -c 'pwrite -S 0x64 1536K 64K' -c fsync f;"
+      f" {PROP} f compression zstd; xfs_io -c 'pwrite -S 0x63 1M 300K' -c fsync f;"
+      f" {PROP} f compression no; xfs_io -c 'pwrite -S 0x64 1536K 64K' -c fsync f;"
       " head -c 70000 /dev/urandom > rnd; xfs_io -c 'pwrite -i rnd 1700K 70000' -c fsync f;"
-      f" truncate -s 2M f; {_PROP} g compression lzo;"
+      f" truncate -s 2M f; {PROP} g compression lzo;"
       " xfs_io -c 'pwrite -S 0x65 0 3000' -c fsync g",
-      f"{_PROP} f compression zstd; xfs_io -c 'pwrite -S 0x71 64K 8K' -c fsync f;"
-      f" {_PROP} f compression zlib;"
+      f"{PROP} f compression zstd; xfs_io -c 'pwrite -S 0x71 64K 8K' -c fsync f;"
+      f" {PROP} f compression zlib;"
       " xfs_io -c 'pwrite -S 0x72 600K 16K' -c 'pwrite -S 0x73 1300K 100K' -c fsync f;"
       " xfs_io -c 'fpunch 540K 40K' -c 'fpunch 1100K 24K' f;"
       " xfs_io -c 'reflink f 512K 2176K 128K' -c 'reflink f 0 2432K 64K' f;"
-      f" touch h; {_PROP} h compression lzo;"
+      f" touch h; {PROP} h compression lzo;"
       " xfs_io -c 'reflink f 1M 0 256K' -c 'pwrite -S 0x74 300K 4K' -c fsync h;"
       " xfs_io -c 'dedupe f 0 128K 64K' f; xfs_io -c 'pwrite -S 0x75 3000 1000' -c fsync g;"
-      f" {_PROP} g compression zlib; xfs_io -c 'pwrite -S 0x76 8K 4K' -c fsync g",
+      f" {PROP} g compression zlib; xfs_io -c 'pwrite -S 0x76 8K 4K' -c fsync g",
       btrfs_only=True),
     # chattr +C files and clones among them (reflinks, dedupe, a clone over preallocation):
     # a write into a shared nodatacow extent is copied on write after all

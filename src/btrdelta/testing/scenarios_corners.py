@@ -13,8 +13,7 @@ of 600 directories inverted halfway.
 
 from __future__ import annotations
 
-from .recipe import Scenario
-from .scenarios_beyond import _EXCHANGE, _PROP
+from .recipe import EXCHANGE, PROP, Scenario
 
 __all__ = ["CORNERS", "STRESS"]
 
@@ -61,10 +60,10 @@ CORNERS: list[Scenario] = [
     # another algorithm, cloned whole into a new file
     S("inline-encoded-levels",
       "for p in zlib:1 zlib:9 lzo zstd:1 zstd:15 zstd:-3; do f=i${p/:/_}; touch $f;"
-      f" {_PROP} $f compression $p; seq 1 500 > $f; done; touch big;"
-      f" {_PROP} big compression zstd:15; seq 1 100000 > big",
+      f" {PROP} $f compression $p; seq 1 500 > $f; done; touch big;"
+      f" {PROP} big compression zstd:15; seq 1 100000 > big",
       "seq 1 600 > izlib_1; seq 1 5000 >> izlib_9; truncate -s 1000 ilzo;"
-      f" {_PROP} izstd_1 compression zlib:3; seq 2 501 > izstd_1;"
+      f" {PROP} izstd_1 compression zlib:3; seq 2 501 > izstd_1;"
       " xfs_io -c 'pwrite -S 0x61 100 10' izstd_15; cp --reflink=always izstd_-3 copy;"
       " truncate -s 8K izstd_-3; xfs_io -c 'pwrite -S 0x62 64K 4K' big",
       btrfs_only=True),
@@ -116,11 +115,11 @@ CORNERS: list[Scenario] = [
     # files, then of two of those links across them
     S("exchange-dirs-with-cross-links",
       "mkdir a b; echo 1 > a/f; echo 2 > b/g; ln a/f b/fl; ln b/g a/gl; mkdir a/sub",
-      _EXCHANGE + " a b a/fl b/gl; mv b/sub a/sub; rm a/g"),
+      EXCHANGE + " a b a/fl b/gl; mv b/sub a/sub; rm a/g"),
     # a file exchanged with a directory that holds another link of it
     S("exchange-file-with-dir-holding-link",
       "mkdir d; echo x > f; ln f d/fl; echo y > d/other",
-      _EXCHANGE + " f d; echo z >> d; mv f/other o; ln d f/fl2"),
+      EXCHANGE + " f d; echo z >> d; mv f/other o; ln d f/fl2"),
     # a parent/child inversion of directories that hold links of one file
     S("inversion-with-links",
       "mkdir -p a/b; echo 1 > a/f; ln a/f a/b/fl",
