@@ -298,8 +298,11 @@ _NOT_ON_THE_SEND_PATH = {
 #: moves of what it did not run, 941 KB with them; a module or function added to the path
 #: must fit or move something else out (the figure is Python 3.11's); 979 KB at session 32's
 #: middle, raised by 2 KB for the block index's lookups before its dict (a changed 640 MiB
-#: file's round: ~40-200 ms of indexing spared; 2 KB unmarshalled: ~4 us)
-_SEND_PATH_CODE = 982_000
+#: file's round: ~40-200 ms of indexing spared; 2 KB unmarshalled: ~4 us); raised by 4 KB
+#: in session 33 for fix33's cursor edits under the store's lock, the hasher held weakly
+#: (no reference cycle per send) and full-disk errors naming their file (984.5 KB), and
+#: room for huge33's sparse-digest dispatch (its work in lazily imported modules)
+_SEND_PATH_CODE = 986_000
 _IMPORTED = ("import marshal, sys\nfrom btrdelta.cli import main\ncode = main({argv!r})\n"
              "py = [m.__file__ for n, m in list(sys.modules.items()) if n.startswith('btrdelta')"
              " and (getattr(m, '__file__', None) or '').endswith('.py')]\n"
