@@ -35,6 +35,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 import tempfile
 import threading
 import time
@@ -43,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from .._pool import Started
-from ..errors import BtrdeltaError, TransportError
+from ..errors import BtrdeltaError, StreamFormatError, TransportError
 from ..fs.atomic import write_atomic
 
 if TYPE_CHECKING:
@@ -106,7 +107,7 @@ def held_in_directory(path: Path, on_wait: Callable[[str], None]) -> Iterator[No
     """Hold the ``flock`` of lock file ``path`` (waited for; said once after
     :data:`SAY_AFTER` seconds; Ctrl-C ends the wait). Where the filesystem has no locks
     (``ENOLCK``: NFS without lockd) nothing is held."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    fd = _lock_file(path)
     try:
         try:
             if not _try_flock(fd):
@@ -126,6 +127,28 @@ def held_in_directory(path: Path, on_wait: Callable[[str], None]) -> Iterator[No
         yield
     finally:
         os.close(fd)
+
+
+def _lock_file(path: Path) -> int:
+    """The lock file ``path`` opened (made when there is none).
+
+    Raises:
+        StreamFormatError: it is no regular file (DEST may be a stick's: a FIFO failed
+            the backup as 'Invalid argument', naming nothing).
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.EISDIR):
+            raise
+        fd = -1
+    if fd < 0 or not stat.S_ISREG(os.fstat(fd).st_mode):
+        if fd >= 0:
+            os.close(fd)
+        raise StreamFormatError("not a regular file (a backup's lock must be one)",
+                                source=str(path))
+    return fd
 
 
 def _try_flock(fd: int) -> bool:
