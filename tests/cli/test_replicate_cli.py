@@ -455,3 +455,29 @@ def test_progress_says_at_once_that_it_began(tmp_path: Path) -> None:
     assert lines[-2].endswith("/s")
     assert "sent of" in lines[-1]
     _same_tree(tmp_path, "slow")
+
+
+def test_a_receivers_refusal_is_printed_as_one_line(tmp_path: Path) -> None:
+    """The receiver (``ssh://``: another machine) is a peer: its REFUSE text is printed in
+    the sender's error line. A newline in it printed a line of the peer's own ('btrdelta
+    replicate: ...' forged) and an ESC its terminal codes; now they are escaped, one line.
+    The receiver here is a fake ``ssh`` speaking the protocol by hand."""
+    _source(tmp_path)
+    fake = tmp_path / "fake_ssh.py"
+    fake.write_text(
+        "import os\n"
+        "from btrdelta.protocol import Connection, Refuse\n"
+        "from btrdelta.protocol.messages import Hello\n"
+        "from btrdelta.update.channels import MessageIO, PipeChannel\n"
+        "ch = PipeChannel(os.fdopen(0, 'rb', buffering=0), os.fdopen(1, 'wb', buffering=0))\n"
+        "io = MessageIO(ch, Connection('receiver'))\n"
+        "hello = io.expect(Hello)\n"
+        "io.send(Hello('receiver', hello.versions, (), 'fake', '/x'))\n"
+        "io.send(Refuse('failed', 'no room\\nbtrdelta replicate: forged \\x1b[31mred\\x1b[0m'))\n")
+    proc = subprocess.run(
+        [*BTRDELTA, "replicate", "--store", str(tmp_path / "store"), "--ssh",
+         f"{sys.executable} {fake}", str(tmp_path / "src"), "ssh://host/x"],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 9, proc
+    assert proc.stderr == ("btrdelta replicate: error: the peer refused: failed: no room\\n"
+                           "btrdelta replicate: forged \\x1b[31mred\\x1b[0m\n"), proc.stderr

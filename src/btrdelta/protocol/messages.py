@@ -411,6 +411,15 @@ def _str(v: memoryview) -> str:
     return bytes(v).decode("utf-8", "surrogateescape")
 
 
+def _shown(v: memoryview) -> str:
+    """A peer's text that is printed (a REFUSE's): its control characters escaped, as
+    ``repr`` writes them (a newline in it printed a line of the peer's own, an ESC its
+    terminal codes, under this side's error line)."""
+    s = _str(v)
+    return s if s.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1]
+                                             for c in s)
+
+
 def _int(v: memoryview, what: str) -> int:
     if len(v) == 8:
         return int(_U64.unpack(v)[0])
@@ -526,7 +535,8 @@ def decode(cmd: int, mv: memoryview, start: int, end: int, version: int = 0) -> 
     if cmd == PLAN:
         return _decode_plan(a)
     if cmd == REFUSE:
-        return Refuse(_str(_one(a, _CODE, "REFUSE code")), _str(_one(a, _MESSAGE, "REFUSE text")))
+        return Refuse(_shown(_one(a, _CODE, "REFUSE code")),
+                      _shown(_one(a, _MESSAGE, "REFUSE text")))
     if cmd == ACCEPT:
         return Accept(_digest(_one(a, _SESSION, "ACCEPT session"), "session"))
     if cmd == CHECKPOINT:
