@@ -24,6 +24,7 @@ from btrdelta import device
 from btrdelta.device import backup as backup_mod
 from btrdelta.device import backuplock
 from btrdelta.device.backup import backup, restore_to_dir
+from btrdelta.errors import BtrdeltaError
 from btrdelta.tree import tree_sum
 from tests.conftest import btrfs_loop
 from tests.transport.nginx import nginx
@@ -227,6 +228,63 @@ def test_an_http_lock_taken_by_another_is_not_released_by_the_first(
         out = tmp_path / "restored"
         out.mkdir()
         assert tree_sum(restore_to_dir(dest, "home", out, upto=got[0]["n"])) == want
+
+
+def test_a_backup_whose_http_lock_was_taken_writes_no_index(
+        btrfs_dev: Path, small_release: Release, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backup whose lock another device took while it sent (its own cut off from the
+    server past the lease and broken with ``--break-lock``, or removed by hand): it wrote
+    its index over the other's. Now it checks the lock before its index: one error naming
+    the holder, the index as the other left it. Oracles: the index and lock files on the
+    server (nginx's WebDAV)."""
+    home = _device(btrfs_dev, small_release, "first\n")
+    theirs = json.dumps({"pid": 4242, "host": "other", "since": 1.8e9, "token": "theirs"})
+    sent, go = threading.Event(), threading.Event()
+    real = backup_mod._send
+
+    def send(*args: Any) -> Any:
+        got = real(*args)
+        sent.set()
+        assert go.wait(60)
+        return got
+
+    lock = tmp_path / "www/backups/home.backups.lock"
+    index = lock.parent / "home.backups.json"
+    with _dav(tmp_path) as port:
+        dest = f"http://127.0.0.1:{port}/backups"
+        first = backup(btrfs_dev, "home", dest)
+        before = index.read_bytes()
+        monkeypatch.setattr(backup_mod, "_send", send)
+        (home / "notes").write_text("second\n")
+        lines: list[str] = []
+        got: list[Any] = []
+
+        def run() -> None:
+            try:
+                got.append(backup(btrfs_dev, "home", dest, on_wait=lines.append))
+            except BaseException as exc:  # (seen below)
+                got.append(exc)
+
+        a = threading.Thread(target=run)
+        a.start()
+        assert sent.wait(120)
+        lock.unlink()
+        lock.write_text(theirs)
+        go.set()
+        a.join(120)
+        assert not a.is_alive()
+        assert isinstance(got[0], BtrdeltaError), got
+        held = "held by PID 4242 on 'other' since 2027-01-15 08:00:00 UTC"
+        assert str(got[0]) == (
+            f"{dest}/home.backups.lock: no longer this backup's lock ({held}: broken with "
+            "--break-lock, or removed by hand and taken): nothing more written (the file "
+            "this backup put is not in the index)")
+        assert lines == [f"{dest}/home.backups.lock is no longer this backup's lock "
+                         f"({held}): left to its holder"]
+        assert index.read_bytes() == before
+        assert [e["n"] for e in json.loads(before)["backups"]] == [first["n"]]
+        assert lock.read_text() == theirs
 
 
 def test_a_stale_http_lock_ends_the_wait_and_break_lock_takes_it(

@@ -184,21 +184,23 @@ class _Store:
 
     @contextlib.contextmanager
     def lock(self, name: str, notes: Path, on_wait: Callable[[str], None],
-             break_lock: bool = False) -> Iterator[None]:
+             break_lock: bool = False) -> Iterator[Callable[[], None]]:
         """Hold ``NAME.backups.lock`` (:mod:`.backuplock`: waited for, said in ``on_wait``)
         from the index read to the removal of unlisted files: two devices backing up NAME
         to one place at once took the same number, one's file replaced the other's, and
         one index entry was lost. ``notes``: the device's note of its HTTP locks;
-        ``break_lock``: an HTTP lock not renewed for its lease is taken."""
+        ``break_lock``: an HTTP lock not renewed for its lease is taken. Yields the check
+        that the lock is still held (:func:`.backuplock.held_over_http`)."""
         from .backuplock import held_in_directory, held_over_http
 
         if self.http:
             with held_over_http(f"{self.where}/{name}.backups.lock", _client, notes,
-                                on_wait, break_lock=break_lock):
-                yield
+                                on_wait, break_lock=break_lock) as check:
+                yield check
         else:
-            with held_in_directory(Path(self.where) / f"{name}.backups.lock", on_wait):
-                yield
+            with held_in_directory(Path(self.where) / f"{name}.backups.lock",
+                                   on_wait) as check:
+                yield check
 
     def taken(self, name: str, n: int) -> bool:
         """Whether a directory holds an entry of any type named like backup ``n``'s file
@@ -302,7 +304,7 @@ def backup(fs: str | os.PathLike[str], name: str, dest: str, *, full: bool = Fal
     store = _Store(dest, create=True)
     with open_device(fs) as layout, layout.lock(), \
             store.lock(name, layout.meta / LOCK_NOTES, on_wait or (lambda line: None),
-                       break_lock):
+                       break_lock) as still_held:
         st = load_state(layout)
         recover(layout, st)
         if name not in {s.name for s in st.state} or not layout.is_subvolume(layout.state(name)):
@@ -323,6 +325,7 @@ def backup(fs: str | os.PathLike[str], name: str, dest: str, *, full: bool = Fal
         except BaseException:
             layout.delete(snap)
             raise
+        still_held()  # (else another backup may have written the index meanwhile)
         store.put_index(name, [*entries, entry])
         keep = _remember(layout.backups / name, store.key, n)
         for k, old in local:  # only each destination's newest one is a next parent

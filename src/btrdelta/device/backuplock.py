@@ -103,10 +103,12 @@ _WORD = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
 
 @contextlib.contextmanager
-def held_in_directory(path: Path, on_wait: Callable[[str], None]) -> Iterator[None]:
+def held_in_directory(path: Path, on_wait: Callable[[str], None]
+                      ) -> Iterator[Callable[[], None]]:
     """Hold the ``flock`` of lock file ``path`` (waited for; said once after
     :data:`SAY_AFTER` seconds; Ctrl-C ends the wait). Where the filesystem has no locks
-    (``ENOLCK``: NFS without lockd) nothing is held."""
+    (``ENOLCK``: NFS without lockd) nothing is held. Yields :func:`held_over_http`'s check,
+    here one with nothing to check (no one else takes an ``flock``)."""
     fd = _lock_file(path)
     try:
         try:
@@ -124,7 +126,7 @@ def held_in_directory(path: Path, on_wait: Callable[[str], None]) -> Iterator[No
         except OSError as exc:
             if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
                 raise
-        yield
+        yield lambda: None
     finally:
         os.close(fd)
 
@@ -201,11 +203,13 @@ def _move(http: Callable[..., tuple[int, bytes]], own: str, url: str) -> int:
 @contextlib.contextmanager
 def held_over_http(url: str, client: Callable[[], Client], notes: Path,
                    on_wait: Callable[[str], None], *,
-                   break_lock: bool = False) -> Iterator[None]:
+                   break_lock: bool = False) -> Iterator[Callable[[], None]]:
     """Hold HTTP lock ``url`` (``.../NAME.backups.lock``; see the module docstring),
     noted in the device's file ``notes`` from before it is taken until it is released,
     renewed while held. A lock not renewed for :data:`LEASE` seconds ends the wait
-    (BtrdeltaError), or with ``break_lock`` is taken.
+    (BtrdeltaError), or with ``break_lock`` is taken. Yields a check to call before a
+    write that needs the lock: it raises BtrdeltaError when another holder took it
+    meanwhile (this one cut off from the server past the lease, its lock broken).
 
     Raises:
         TransportError: the server takes no MOVE or DELETE there, or a request failed.
@@ -256,8 +260,17 @@ def held_over_http(url: str, client: Callable[[], Client], notes: Path,
         raise
     _note(notes, url, [token])
     renewing = _Renewal(http, own)
+
+    def check() -> None:
+        got, line = http("GET", url)
+        if got == 200 and _token(line) != token:
+            raise BtrdeltaError(f"{url}: no longer this backup's lock ({_who(line)}: "
+                                "broken with --break-lock, or removed by hand and taken): "
+                                "nothing more written (the file this backup put is not in "
+                                "the index)")
+
     try:
-        yield
+        yield check
     except BaseException:
         renewing.stop()
         with contextlib.suppress(TransportError):
