@@ -285,6 +285,16 @@ def test_every_is_a_sender_option_with_an_interval(tmp_path: Path) -> None:
                           str(tmp_path / "d")], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2
     assert "not an interval: 'soon'" in bad.stderr
+    # (past ~292 years the wait after the first round was an internal error: OverflowError)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src/f").write_text("x")
+    for far in ("200000d", "1e10"):
+        bad = subprocess.run([*BTRDELTA, "replicate", "--every", far, "--store",
+                              str(tmp_path / "store"), str(tmp_path / "src"),
+                              str(tmp_path / "d")], capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2, bad
+        assert f"not an interval: '{far}' (more than 0, at most 100 years" in bad.stderr
+    assert not os.listdir(tmp_path / "d")
     serve = subprocess.run([*BTRDELTA, "replicate", "--every", "5m", "--serve",
                             str(tmp_path / "d")], capture_output=True, text=True, timeout=60,
                            stdin=subprocess.DEVNULL)

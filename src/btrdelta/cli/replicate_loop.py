@@ -50,9 +50,14 @@ def parse_interval(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an interval: {text!r} (e.g. 30s, 5m, 1h)"
                                          ) from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"not an interval: {text!r} (more than 0, e.g. 5m)")
+    if not 0 < value <= _LONGEST:  # (a wait of 300 years overflowed: an internal error)
+        raise argparse.ArgumentTypeError(f"not an interval: {text!r} (more than 0, at most "
+                                         "100 years, e.g. 5m)")
     return value
+
+
+#: the longest interval (seconds): Python's waits take at most ~292 years
+_LONGEST = 100 * 365 * 86400.0
 
 
 def one_heap() -> None:
