@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -150,3 +151,34 @@ def test_holds_a_loop_filesystem_until_killed() -> None:
             if line.startswith(_source(mnt) + ":"))
         Path(said).write_text(f"{mnt} {image}\n")
         time.sleep(300)
+
+
+def test_an_image_stays_off_a_tmpfs_tmp() -> None:
+    """On Debian 13 /tmp is a tmpfs in RAM (half of it): a loop filesystem whose caller
+    names no directory keeps its image on the disk, and writing more than /tmp holds works
+    (with the image in /tmp the writes failed once the tmpfs was full; the send tests'
+    4G btrfs filled a 4 GiB /tmp, session 33). Here /tmp is a 64 MiB tmpfs of a mount
+    namespace of the child's own; btrfs scrub reads the 160 MiB back from the device."""
+    require_btrfs()
+    script = textwrap.dedent("""
+        import os, subprocess, sys
+        from btrdelta.testing.loopfs import loop_fs
+        with loop_fs("btrfs", size="512M") as mnt:
+            with open(mnt / "data", "wb") as f:
+                for _ in range(40):
+                    f.write(os.urandom(4 << 20))
+                f.flush()
+                os.fsync(f.fileno())
+            subprocess.run(["btrfs", "scrub", "start", "-Bq", str(mnt)], check=True)
+            print(subprocess.run(["stat", "-f", "-c", "%T", str(mnt.parent)], check=True,
+                                 capture_output=True, text=True).stdout.strip())
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TMPDIR"}
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c",
+         'mount -t tmpfs -o size=64m tmpfs /tmp && exec "$0" -c "$1"', sys.executable, script],
+        cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True,
+        timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split(), proc.stdout
+    assert proc.stdout.split()[-1] != "tmpfs", proc.stdout

@@ -1,8 +1,9 @@
 """Loop-mounted filesystems for tests, the demo and benchmarks (needs root).
 
 ``with loop_fs("btrfs", size="512M", options="compress=zstd") as mnt:`` makes a sparse image
-file, formats it, attaches it with ``losetup -f``, mounts it under a fresh directory and, on
-exit (also on error or Ctrl-C), unmounts, detaches and deletes everything. A registry of live
+file (in /var/tmp unless ``workdir`` or ``$TMPDIR`` says otherwise), formats it, attaches it
+with ``losetup -f``, mounts it under a fresh directory and, on exit (also on error or
+Ctrl-C), unmounts, detaches and deletes everything. A registry of live
 mounts is also cleaned at interpreter exit, so a crashed test does not leak loop devices.
 ``with mounted_image(image) as mnt:`` mounts an existing image file (a device image a virtual
 machine uses next) and returns only once its filesystem is really gone.
@@ -26,6 +27,14 @@ __all__ = ["BtrfsUnavailable", "btrfs_available", "hold", "held", "loop_fs", "mo
 _LIVE: list[tuple[str, str, str]] = []  # (mountpoint, loopdev, image)
 #: processes that keep files open on a mounted filesystem, by mountpoint (see :func:`hold`)
 _HELD: dict[str, list[subprocess.Popen[bytes]]] = {}
+
+
+def _image_dir() -> str:
+    """Where images go when the caller names no directory: ``$TMPDIR`` if set, else
+    /var/tmp, on the disk. An image holds as much as is written into it, up to its size (the
+    send tests' session btrfs is 4G), and /tmp is a tmpfs in RAM on Debian 13, half the RAM:
+    its 4 GiB filled there, and the runs' writes failed (session 33)."""
+    return os.environ.get("TMPDIR") or "/var/tmp"
 
 
 class BtrfsUnavailable(RuntimeError):
@@ -135,7 +144,8 @@ def loop_fs(
         reason = btrfs_available()
         if reason:
             raise BtrfsUnavailable(reason)
-    base = tempfile.mkdtemp(prefix=f"btrdelta-{fstype}-", dir=workdir)
+    base = tempfile.mkdtemp(prefix=f"btrdelta-{fstype}-",
+                            dir=_image_dir() if workdir is None else workdir)
     image = os.path.join(base, "fs.img")
     mnt = os.path.join(base, "mnt")
     os.mkdir(mnt)
