@@ -30,6 +30,7 @@ seconds); e.g. ``BTRDELTA_MUTATIONS=2000 .venv/bin/python -m pytest tests/cli/te
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -774,3 +775,202 @@ def test_damaged_replication_replies(made: dict[str, Path], tmp_path: Path) -> N
         stalls += ch.stalled
     assert tree_sum(source) == expected
     print(f"damaged replies: {len(cases)}, stalled: {stalls}")
+
+
+def _zstd_bomb(length: int, says: int) -> bytes:
+    """A zstd frame of exactly ``length`` bytes whose header says ``says`` bytes of content
+    and whose blocks (RLE: 4 bytes for 128 KiB each) decompress to ~32,000 times its size."""
+    header = b"\x28\xb5\x2f\xfd" + bytes([0x80, 0x88]) + struct.pack("<I", says)
+    blocks = (length - len(header) - 3) // 4
+    raw = length - len(header) - 4 * blocks - 3  # a last raw block of 0..3 bytes
+    rle = (128 << 10) << 3 | 1 << 1
+    return (header + (struct.pack("<I", rle)[:3] + b"\0") * blocks
+            + struct.pack("<I", raw << 3 | 1)[:3] + bytes(raw))
+
+
+@pytest.fixture(scope="module")
+def solid_repository(made: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+                     ) -> dict[str, Path]:
+    """A signed repository of ``v1`` whose solid full (``repo add``'s, made again as frames
+    of ~8 KiB of stream cut at its chunk boundaries) is what a first install downloads."""
+    import blake3
+    import zstandard
+
+    from btrdelta import trust
+    from btrdelta.repo.fullindex import decode_full_index
+    from btrdelta.repo.solid import Frame, Solid, cut_frames
+    from btrdelta.update.publish import Repo
+
+    base = tmp_path_factory.mktemp("solid")
+    root, key, pub = base / "repo", base / "root.pem", base / "root.pub"
+    trust.save_key_pair(trust.generate_key(), str(key), str(pub))
+    assert main(["repo", "init", str(root), "--avg-chunk", "4K"]) == 0
+    assert main(["repo", "add", "-q", str(root), "1", str(made["v1"])]) == 0
+    repo = Repo(root)
+    cat = repo.load()
+    v = cat.versions[0]
+    assert v.solid is not None
+    old = root / v.solid.path
+    stream = b"".join(zstandard.ZstdDecompressor().decompressobj().decompress(
+        old.read_bytes()[f.offset:f.offset + f.length]) for f in v.solid.frames)
+    idx = decode_full_index((root / f"fulls/{v.full_id}.fidx").read_bytes(), source="x").index
+    sizes = [idx.raw_sizes[e] for e in idx.order]
+    frames, blobs, offset, pos = [], [], 0, 0
+    for first, count in cut_frames(sizes, 8 << 10):
+        n = sum(sizes[first:first + count])
+        blobs.append(zstandard.ZstdCompressor(level=19).compress(stream[pos:pos + n]))
+        frames.append(Frame(offset, len(blobs[-1]), first, count))
+        offset, pos = offset + len(blobs[-1]), pos + n
+    assert len(frames) >= 4
+    blob = b"".join(blobs)
+    solid = Solid.make(blake3.blake3(blob).hexdigest(), frames)
+    old.unlink()
+    (root / solid.path).write_bytes(blob)
+    v.solid = solid
+    repo.save(cat)
+    assert main(["repo", "sign", "-q", str(root), "--key", str(key)]) == 0
+    return {"repo": root, "pub": pub, "solid": root / solid.path}
+
+
+def _solid_cases(root: Path, data: bytes, n: int) -> Iterator[tuple[str, bytes]]:
+    """The solid file damaged: at random, and as a hostile mirror would (frames swapped, a
+    frame that decompresses to far more than its header and its chunks say, a frame of
+    another stream's bytes, another file of the repository served under its name);
+    ``data``: the file as published."""
+    import zstandard
+
+    from btrdelta.update.publish import Repo
+
+    v = Repo(root).load().versions[0]
+    assert v.solid is not None
+    yield from mutations(data, n, "solid")
+    a, b = v.solid.frames[:2]
+    first = data[a.offset:a.offset + a.length]
+    yield "frames 0 and 1 swapped", data[b.offset:b.offset + b.length] + first + data[
+        b.offset + b.length:]
+    for k, f in enumerate(v.solid.frames[:2]):
+        says = zstandard.frame_content_size(data[f.offset:f.offset + f.length])
+        yield (f"frame {k} a zstd bomb saying {says} bytes",
+               data[:f.offset] + _zstd_bomb(f.length, says) + data[f.offset + f.length:])
+    other = zstandard.ZstdCompressor(level=1).compress(
+        random.Random(5).randbytes(zstandard.frame_content_size(first)))
+    yield "frame 0 another stream's bytes", other + data[len(other):]
+    yield "the full index as the solid file", (root / f"fulls/{v.full_id}.fidx").read_bytes()
+    yield "an empty file", b""
+
+
+def _lying_mirror(solid: str, lie: str) -> type:
+    """A static server's handler that answers a request of the file ``solid`` (a path of
+    the repository) falsely: ``short`` a 206 whose body stops halfway (the connection then
+    closed), ``shifted`` a 206 of the range one byte on (its Content-Range says so),
+    ``whole`` a 200 of another file of the repository."""
+    from btrdelta.transport.server import StaticRequestHandler
+
+    class Lying(StaticRequestHandler):
+        def do_GET(self) -> None:
+            if self.path != "/" + solid:
+                super().do_GET()
+                return
+            if lie == "whole":
+                self.path = "/timestamp.json"
+                super().do_GET()
+                return
+            data = Path(self.server.root, solid).read_bytes()
+            rng = self.headers.get("Range", f"bytes=0-{len(data) - 1}")
+            start, end = (int(x) for x in rng.removeprefix("bytes=").split(",")[0].split("-"))
+            if lie == "shifted":
+                start, end = start + 1, min(end + 1, len(data) - 1)
+            body = data[start:end + 1]
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[:len(body) // 2] if lie == "short" else body)
+            self.close_connection = lie == "short"
+            self._done(206, len(body))
+
+    return Lying
+
+
+def _max_rss_of_update(argv: list[str]) -> int:
+    """The peak RSS (KiB) of `btrdelta update ARGV` run alone (its exit status checked)."""
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "btrdelta", "update", "-q", *argv],
+                            stderr=subprocess.DEVNULL)
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0, argv
+    return usage.ru_maxrss
+
+
+@pytest.mark.parametrize("via", ["dir", "http", "lying mirror"])
+def test_damaged_solid_full(solid_repository: dict[str, Path], made: dict[str, Path],
+                            via: str, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+                            ) -> None:
+    """A first install (`update` into an empty DEST) whose release's solid full, named in
+    the signed bin record, is damaged on the mirror (or served falsely over HTTP: a short
+    206, a shifted range, another file): the packs are intact, so every run installs the
+    release exactly (tree-sum), the frames that fail costing their chunks, and writes
+    nothing outside DEST. A frame that is a zstd bomb (its header saying its chunks' size,
+    its blocks ~32,000 times its length) costs no more memory than a good one (the peak RSS
+    of the run against an undamaged one)."""
+    from contextlib import ExitStack
+
+    from btrdelta.transport.server import StaticServer
+    from btrdelta.tree import tree_sum
+
+    root, pub = solid_repository["repo"], str(solid_repository["pub"])
+    path = solid_repository["solid"]
+    solid = str(path.relative_to(root))
+    expected = tree_sum(made["v1"])
+    data = path.read_bytes()
+    work = tmp_path / "w"
+
+    def install(where: str, what: str) -> None:
+        work.mkdir()
+        dest = work / "dest"
+        code = run(capfd, ["update", "-q", where, str(dest), "--key", pub, "--retries", "0"],
+                   what)
+        assert code == 0, f"{what}: exit {code}"
+        assert tree_sum(dest / "1") == expected, f"{what}: another tree"
+        assert sorted(os.listdir(work)) == ["dest"], what
+        shutil.rmtree(work)
+
+    try:
+        if via == "lying mirror":
+            for lie in ("short", "shifted", "whole"):
+                server = StaticServer(root, handler=_lying_mirror(solid, lie))
+                with server.running():
+                    install(server.url, f"a mirror answering {lie}")
+            return
+        with ExitStack() as stack:
+            where = str(root)
+            if via == "http":
+                server = StaticServer(root)
+                stack.enter_context(server.running())
+                where = server.url
+            if via == "dir":  # (undamaged: the release comes as its solid frames alone)
+                from btrdelta.update.publish import Repo
+
+                v = Repo(root).load().versions[0]
+                capfd.readouterr()
+                assert main(["update", where, str(work / "dest"), "--key", pub,
+                             "--json"]) == 0
+                report = json.loads(capfd.readouterr().out)
+                assert v.solid is not None
+                assert report["plan"]["bytes"] == v.full_length + v.solid.length, report
+                shutil.rmtree(work)
+            for what, damaged in _solid_cases(root, data, N if via == "dir" else max(4, N // 4)):
+                path.write_bytes(damaged)
+                install(where, f"{via}: {what}")
+            if via == "dir":
+                rss = []
+                for _what, damaged in (("undamaged", data), *(
+                        c for c in _solid_cases(root, data, 0) if "bomb saying" in c[0])):
+                    path.write_bytes(damaged)
+                    rss.append(_max_rss_of_update([where, str(work / "dest"), "--key", pub]))
+                    shutil.rmtree(work)
+                assert max(rss[1:]) < rss[0] + (16 << 10), f"peak RSS (KiB): {rss}"
+    finally:
+        path.write_bytes(data)
