@@ -974,3 +974,129 @@ def test_damaged_solid_full(solid_repository: dict[str, Path], made: dict[str, P
                 assert max(rss[1:]) < rss[0] + (16 << 10), f"peak RSS (KiB): {rss}"
     finally:
         path.write_bytes(data)
+
+
+#: what a damaged JSON file's values become (``json_mutations``)
+HOSTILE_VALUES: list[object] = [None, 0, -1, 2**70, 1.5, True, "", "x", "../../etc/passwd",
+                                [], [1], {}, {"a": 1}]
+
+
+def json_mutations(doc: object, n: int, seed: str) -> Iterator[tuple[str, bytes]]:
+    """``n`` copies of the JSON document ``doc`` with one value (or the whole) replaced by
+    one of :data:`HOSTILE_VALUES` or removed: damage that leaves it JSON, so that its
+    readers' checks of each field are reached."""
+    import copy
+    import json
+
+    def where(d: object, at: tuple[object, ...] = ()) -> Iterator[tuple[object, ...]]:
+        yield at
+        items = d.items() if isinstance(d, dict) else enumerate(d) if isinstance(d, list) else ()
+        for k, v in items:
+            yield from where(v, (*at, k))
+
+    rng = random.Random(seed)
+    paths = list(where(doc))
+    for _ in range(n):
+        at = rng.choice(paths)
+        value = rng.choice([*HOSTILE_VALUES, *([KeyError] if at else [])])
+        if not at:
+            out = value
+        else:
+            out = copy.deepcopy(doc)
+            parent = out
+            for k in at[:-1]:
+                parent = parent[k]  # type: ignore[index]
+            if value is KeyError:
+                del parent[at[-1]]  # type: ignore[attr-defined]
+            else:
+                parent[at[-1]] = value  # type: ignore[index]
+        said = "removed" if value is KeyError else f"= {value!r}"
+        yield f"{'/'.join(map(str, at)) or 'the document'} {said}", json.dumps(out).encode()
+
+
+@pytest.fixture(scope="module")
+def replicated(made: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+               ) -> dict[str, Path]:
+    """A sendshot store and a DEST (a directory) after two `replicate`s of a copy of
+    ``v1`` (the second after a change): two records, the head cache, the seed, a cursor
+    with its ``sources``, and in it a transfer in flight as the format describes one (a
+    sender killed after naming its session: the base and the record it recorded, no
+    snapshot left); the receiver's state and subvolume registry."""
+    import json
+
+    base = tmp_path_factory.mktemp("replicated")
+    src, store, dest = base / "src", base / "store", base / "dest"
+    copy(made["v1"], src)
+    dest.mkdir()
+    for change in ("one", "two"):
+        (src / "changed").write_text(change)
+        assert main(["replicate", "-q", str(src), str(dest), "--store", str(store),
+                     "--no-prune", "--backend", "dir"]) == 0
+    cursors = json.loads((store / "cursors.json").read_bytes())
+    (cursor,) = cursors["receivers"].values()
+    first, second = sorted(p.name.split(".")[0] for p in (store / "records").iterdir())
+    cursor["inflight"] = {"session": "0" * 32, "snapshot": None, "base": first,
+                          "name": "src.20261207T000000", "segment": 4 << 20,
+                          "sendshot": second}
+    (store / "cursors.json").write_text(json.dumps(cursors))
+    return {"src": src, "store": store, "dest": dest}
+
+
+@pytest.mark.parametrize("part", ["cursors", "heads", "seed", "replica", "subvols"])
+def test_damaged_replication_state(part: str, replicated: dict[str, Path], tmp_path: Path,
+                                   capfd: pytest.CaptureFixture[str]) -> None:
+    """The sender's store files (its receivers' cursors, the head cache, the seed) and the
+    receiver's (its state, its subvolume registry), damaged at random and, for the JSON
+    ones, with a field of another type or value, through `sendshot list`, `show`, `prune`,
+    `forget` and a `replicate` of the source: one line or success; a replicate that exits
+    0 made the source's tree the newest one in DEST; nothing outside the store and DEST
+    changes (a damaged cursor naming a path is not followed); a damaged head cache is only
+    a cache: the listing is the same."""
+    import json
+
+    from btrdelta.tree import tree_sum
+
+    file = {"cursors": ("store", "cursors.json"), "heads": ("store", "heads"),
+            "seed": ("store", "seed"), "replica": ("dest", ".btrdelta-replica.json"),
+            "subvols": ("dest", ".btrdelta-subvols.json")}[part]
+    data = (replicated[file[0]] / file[1]).read_bytes()
+    cases = list(mutations(data, max(3, N // 4), part))
+    if file[1].endswith(".json"):
+        cases += json_mutations(json.loads(data), N // 2, part)
+    expected = tree_sum(replicated["src"])
+    (rid,) = json.loads((replicated["store"] / "cursors.json").read_bytes())["receivers"]
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "outside").write_text("kept")
+    st, dest = work / "store", work / "dest"
+
+    def listing() -> str:
+        capfd.readouterr()
+        assert main(["sendshot", "--store", str(st), "--json", "list"]) == 0
+        return capfd.readouterr().out
+
+    copy(replicated["store"], st)
+    listed = listing()
+    shutil.rmtree(st)
+    for what, damaged in cases:
+        for name in ("store", "dest"):
+            copy(replicated[name], work / name)
+        (work / file[0] / file[1]).write_bytes(damaged)
+        sendshot = ["sendshot", "--store", str(st)]
+        for argv in (["list"], ["--json", "list"], ["show", "latest"],
+                     ["prune", "--keep", "1", "-n"]):
+            run(capfd, [*sendshot, *argv], what)
+        if part == "heads":
+            assert listing() == listed, f"{what}: another listing"
+        code = run(capfd, ["replicate", "-q", str(replicated["src"]), str(dest), "--store",
+                           str(st), "--backend", "dir"], what)
+        if code == 0:
+            newest = max((p for p in dest.iterdir() if not p.name.startswith(".")),
+                         key=lambda p: p.name)
+            assert tree_sum(newest) == expected, f"{what}: another tree"
+        run(capfd, [*sendshot, "prune", "--keep", "1"], what)
+        run(capfd, [*sendshot, "forget", rid, "--force"], what)
+        assert sorted(os.listdir(work)) == ["dest", "outside", "store"], what
+        assert (work / "outside").read_text() == "kept", what
+        shutil.rmtree(st)
+        shutil.rmtree(dest)

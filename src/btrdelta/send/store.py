@@ -49,6 +49,7 @@ from ..tree.sendshot import (
     read_head,
     write_record,
 )
+from .cursors import cursor_digests, read_cursors
 
 if TYPE_CHECKING:
     from typing import Any
@@ -119,16 +120,6 @@ class StoredSendshot(Value):
             "bytes": self.size,
             "held_by": self.held_by,
         }
-
-
-def cursor_digests(cursor: dict[str, Any]) -> set[str]:
-    """The records a receiver's cursor holds: its ``digest`` (the last sent to it) and, in
-    ``sources``, the one it holds of each source sent to it (a DEST receiving two)."""
-    out = {str(cursor["digest"])} if cursor.get("digest") else set()
-    sources = cursor.get("sources")
-    if isinstance(sources, dict):
-        out |= {str(d) for d in sources.values() if d}
-    return out
 
 
 def _read_seed(path: str) -> str:
@@ -517,29 +508,8 @@ class SendshotStore:
     # -- cursors -----------------------------------------------------------------------
 
     def cursors(self) -> dict[str, dict[str, Any]]:
-        """``{receiver id: {"digest": ..., "updated": ..., ...}}``."""
-        p = os.path.join(self.path, "cursors.json")
-        try:
-            with open(p, "rb") as f:
-                data = f.read(16 << 20)
-        except FileNotFoundError:
-            return {}
-        import json  # only with receivers (replicate): not on every send's start
-
-        try:
-            doc = json.loads(data)
-        except (ValueError, RecursionError) as exc:  # (json's messages are one line)
-            raise StreamFormatError(f"damaged cursor file: not JSON ({exc})", source=p) from None
-        # a cursor file read as empty would let prune delete what receivers hold: refuse it
-        if not isinstance(doc, dict) or doc.get("version") != 1:
-            raise StreamFormatError("damaged cursor file: not a version 1 cursor object",
-                                    source=p)
-        receivers = doc.get("receivers", {})
-        if not isinstance(receivers, dict) or not all(
-                isinstance(v, dict) for v in receivers.values()):
-            raise StreamFormatError("damaged cursor file: 'receivers' is not an object of "
-                                    "objects", source=p)
-        return {str(k): v for k, v in receivers.items()}
+        """``{receiver id: {"digest": ..., ...}}`` (:func:`.cursors.read_cursors`)."""
+        return read_cursors(os.path.join(self.path, "cursors.json"))
 
     def edit_cursor(self, receiver: str, edit: Callable[[dict[str, Any]], Any]) -> None:
         """``receiver``'s cursor set to ``(digest, extra) = edit(it now, or {})``: the record

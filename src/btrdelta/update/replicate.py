@@ -62,6 +62,7 @@ from ..protocol import (
 )
 from ..protocol.messages import max_data, segment_hasher, spoken
 from ..protocol.plan import Known, choose
+from ..send.cursors import SESSION_PREFIX
 from ..send.live import drop_leftovers, drop_snapshot, frozen, keep_snapshot
 from ..send.sendshot import send_with_sendshots
 from ..send.store import SendshotStore, StoredSendshot
@@ -76,7 +77,6 @@ __all__ = ["DEFAULT_SEGMENT", "ReplicateResult", "replicate"]
 
 DEFAULT_SEGMENT = 8 << 20
 _ZERO_CHAIN = bytes(32).hex()
-_SNAP_PREFIX = b".btrdelta-replicate-"
 #: a session's snapshot: ``<prefix><session (16 hex)>-<store tag (8 hex)>-<pid>``
 _SNAP_NAME = re.compile(rb"\.btrdelta-replicate-[0-9a-f]{16}-([0-9a-f]{8})-([0-9]+)")
 
@@ -322,7 +322,7 @@ def _store_tag(store: SendshotStore) -> bytes:
 
 
 def _session_snapshot(source: bytes, session: str, store: SendshotStore) -> bytes | None:
-    name = b"%s%s-%s-%d" % (_SNAP_PREFIX, session[:16].encode(), _store_tag(store),
+    name = b"%s%s-%s-%d" % (SESSION_PREFIX, session[:16].encode(), _store_tag(store),
                             os.getpid())
     return keep_snapshot(source, name)
 
@@ -362,7 +362,7 @@ def _drop_leftovers(source: bytes, uuid: UUID, store: SendshotStore) -> list[byt
     tag = _store_tag(store)
 
     def stale(name: bytes) -> bool:
-        m = _SNAP_NAME.fullmatch(name) if name.startswith(_SNAP_PREFIX) else None
+        m = _SNAP_NAME.fullmatch(name) if name.startswith(SESSION_PREFIX) else None
         return (m is not None and m.group(1) == tag and name not in named
                 and not pid_alive(int(m.group(2))))
 
