@@ -1100,3 +1100,38 @@ def test_damaged_replication_state(part: str, replicated: dict[str, Path], tmp_p
         assert (work / "outside").read_text() == "kept", what
         shutil.rmtree(st)
         shutil.rmtree(dest)
+
+
+@pytest.mark.btrfs
+def test_a_damaged_cursor_naming_a_subvolume_does_not_delete_it(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """A cursor file whose transfer in flight names, as its snapshot, a subvolume that is
+    not a replication session's (a damaged or hostile store file): `replicate` refuses it
+    in one line naming the file, exit 3, and the subvolume is still there with its file
+    (the sender deleted a session's snapshot it abandoned by that path: any subvolume).
+    Oracle: the file system (btrfs-progs' `subvolume list`)."""
+    import json
+
+    from tests.conftest import btrfs_loop
+
+    with btrfs_loop("300M") as fs:
+        for name in ("vol", "precious"):
+            subprocess.run(["btrfs", "subvolume", "create", str(fs / name)], check=True,
+                           capture_output=True)
+            (fs / name / "f").write_text(name)
+        store, dest = fs / "store", fs / "dest"
+        dest.mkdir()
+        argv = ["replicate", "-q", str(fs / "vol"), str(dest), "--store", str(store)]
+        assert run(capfd, argv, "first") == 0
+        doc = json.loads((store / "cursors.json").read_bytes())
+        (cursor,) = doc["receivers"].values()
+        cursor["inflight"] = {"session": "0" * 32, "snapshot": str(fs / "precious"),
+                              "base": None, "name": "vol.20261207T000000"}
+        (store / "cursors.json").write_text(json.dumps(doc))
+        (fs / "vol" / "g").write_text("more")
+        code = run(capfd, argv, "a cursor naming another subvolume")
+        listed = subprocess.run(["btrfs", "subvolume", "list", str(fs)], check=True,
+                                capture_output=True, text=True).stdout
+        assert any(line.endswith(" path precious") for line in listed.splitlines()), listed
+        assert (fs / "precious" / "f").read_text() == "precious"
+        assert code == 3

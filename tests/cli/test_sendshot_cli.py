@@ -583,10 +583,10 @@ def test_forget_a_receiver_gone_for_good(tmp_path: Path,
     assert (store / "cursors.json").read_bytes() == before
 
     # a receiver with a transfer in flight (a replicate killed): refused without --force
-    SendshotStore(store).edit_cursor(
-        "cut", lambda _: (None, {"inflight": {"snapshot": "/pool/.btrdelta-replicate-0123456789abcdef-01234567-42"}}))
+    snap = "/pool/.btrdelta-replicate-0123456789abcdef-01234567-42"
+    SendshotStore(store).edit_cursor("cut", lambda _: (None, {"inflight": {"snapshot": snap}}))
     assert main(["sendshot", "--store", str(store), "forget", "cut"]) == 1
-    assert "/pool/.btrdelta-replicate-0123456789abcdef-01234567-42" in capsys.readouterr().err
+    assert snap in capsys.readouterr().err
     assert _json(capsys, "sendshot forget", "--store", str(store), "--json", "forget",
                  "cut", "--force") == {"forgotten": ["cut"]}
 
@@ -612,8 +612,9 @@ def test_list_names_receivers_whose_record_is_gone(tmp_path: Path,
     dest.mkdir()
     assert main(["replicate", "-q", str(src), str(dest), "--store", str(store)]) == 0
     (receiver, cursor), = json.loads((store / "cursors.json").read_text())["receivers"].items()
-    SendshotStore(store).edit_cursor(
-        "new-one", lambda _: (None, {"inflight": {"snapshot": "/pool/.btrdelta-replicate-0123456789abcdef-01234567-43"}}))
+    snap = "/pool/.btrdelta-replicate-0123456789abcdef-01234567-43"
+    SendshotStore(store).edit_cursor("new-one",
+                                     lambda _: (None, {"inflight": {"snapshot": snap}}))
     capsys.readouterr()
     assert main(["sendshot", "--store", str(store), "list"]) == 0
     lines = capsys.readouterr().out.splitlines()
