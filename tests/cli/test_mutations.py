@@ -1135,3 +1135,38 @@ def test_a_damaged_cursor_naming_a_subvolume_does_not_delete_it(
         assert any(line.endswith(" path precious") for line in listed.splitlines()), listed
         assert (fs / "precious" / "f").read_text() == "precious"
         assert code == 3
+
+
+def test_damaged_casync_index_and_chunks(made: dict[str, Path], tmp_path: Path,
+                                         capfd: pytest.CaptureFixture[str]) -> None:
+    """A casync index (``casync make``'s ``.caibx`` of the test image, 4 KiB chunks on
+    average) and a chunk file of its store (``.castr``), damaged, through `image info` and
+    `image clone --output`: one line, or the image byte for byte; a clone that fails
+    leaves no output and nothing else beside it."""
+    from tests.chunk.test_casync import casync_make
+
+    base = tmp_path / "made"
+    base.mkdir()
+    index, castr = casync_make(made["image"], base, "--chunk-size=4096")
+    image = made["image"].read_bytes()
+    chunk = max(castr.rglob("*.cacnk"), key=lambda p: p.stat().st_size)
+    work = tmp_path / "w"
+    work.mkdir()
+    out = work / "out.img"
+    for target, n in ((index, N), (chunk, N // 2)):
+        data = target.read_bytes()
+        try:
+            for what, damaged in mutations(data, n, f"casync-{target.suffix}"):
+                what = f"{target.name}: {what}"
+                target.write_bytes(damaged)
+                run(capfd, ["image", "info", str(index)], what)
+                code = run(capfd, ["image", "clone", "-q", str(index), "--output", str(out),
+                                   "--castr", str(castr)], what)
+                if code == 0:
+                    assert out.read_bytes() == image, f"{what}: exit 0 with another image"
+                else:
+                    assert not out.exists(), what
+                out.unlink(missing_ok=True)
+                assert os.listdir(work) == [], what
+        finally:
+            target.write_bytes(data)
