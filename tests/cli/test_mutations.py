@@ -1170,3 +1170,41 @@ def test_damaged_casync_index_and_chunks(made: dict[str, Path], tmp_path: Path,
                 assert os.listdir(work) == [], what
         finally:
             target.write_bytes(data)
+
+
+def test_damaged_full_index_and_pack(solid_repository: dict[str, Path], made: dict[str, Path],
+                                     tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """A first install from a mirror without the solid file (its chunks then come from the
+    packs), whose full index (``fulls/<blake3>.fidx``, named in the signed bin record) or
+    pack is damaged: one line and no version in DEST, or the release exactly; nothing
+    written outside DEST."""
+    from btrdelta.tree import tree_sum
+
+    root, pub = solid_repository["repo"], str(solid_repository["pub"])
+    solid = solid_repository["solid"]
+    expected = tree_sum(made["v1"])
+    work = tmp_path / "w"
+    hidden = tmp_path / "solid"
+    solid.rename(hidden)
+    try:
+        for part in ("fulls", "packs"):
+            (path,) = (root / part).iterdir()
+            data = path.read_bytes()
+            try:
+                for what, damaged in mutations(data, N // 2, f"repository-{part}"):
+                    what = f"{part}: {what}"
+                    path.write_bytes(damaged)
+                    work.mkdir()
+                    dest = work / "dest"
+                    code = run(capfd, ["update", "-q", str(root), str(dest), "--key", pub,
+                                       "--retries", "0"], what)
+                    if code == 0:
+                        assert tree_sum(dest / "1") == expected, f"{what}: another tree"
+                    else:
+                        assert not (dest / "1").exists(), what
+                    assert sorted(os.listdir(work)) in ([], ["dest"]), what
+                    shutil.rmtree(work)
+            finally:
+                path.write_bytes(data)
+    finally:
+        hidden.rename(solid)
