@@ -1208,3 +1208,68 @@ def test_damaged_full_index_and_pack(solid_repository: dict[str, Path], made: di
                 path.write_bytes(data)
     finally:
         hidden.rename(solid)
+
+
+@pytest.mark.parametrize("via", ["dir", "http"])
+def test_damaged_backups(made: dict[str, Path], via: str, tmp_path: Path,
+                         capfd: pytest.CaptureFixture[str]) -> None:
+    """A backup location (a USB stick's directory, or served over HTTP) holding backups 1
+    (the full stream of ``v1``) and 2 (the incremental to ``v2``) and their index
+    (``home.backups.json``, with their tree-sums), the index or backup 2 damaged (the
+    index also field by field, backup 2 also inside a record with its CRC32C fixed),
+    through `device restore --to-dir`: one line and no tree under a final name, or a tree
+    whose tree-sum is one of the two versions'; nothing outside the output directory."""
+    import json
+    from contextlib import ExitStack
+
+    from btrdelta.transport.server import StaticServer
+    from btrdelta.tree import tree_sum
+
+    src = tmp_path / "backups"
+    src.mkdir()
+    copy(made["full"], src / "home.1.stream")
+    copy(made["inc"], src / "home.2.stream")
+    sums = [tree_sum(made["v1"]), tree_sum(made["v2"])]
+    index = {"format": "btrdelta-backups", "version": 1, "name": "home", "backups": [
+        {"n": 1, "file": "home.1.stream", "parent": None, "uuid": "u1", "tree_sum": sums[0],
+         "bytes": (src / "home.1.stream").stat().st_size, "time": 1.0},
+        {"n": 2, "file": "home.2.stream", "parent": 1, "uuid": "u2", "tree_sum": sums[1],
+         "bytes": (src / "home.2.stream").stat().st_size, "time": 2.0}]}
+    (src / "home.backups.json").write_text(json.dumps(index))
+    n = N if via == "dir" else max(4, N // 4)
+    stream = (src / "home.2.stream").read_bytes()
+    raw = (src / "home.backups.json").read_bytes()
+    cases = [*(("home.backups.json", w, d) for w, d in json_mutations(index, n // 2, via)),
+             *(("home.backups.json", w, d) for w, d in mutations(raw, n // 4, via)),
+             *(("home.2.stream", w, d) for w, d in mutations(stream, n // 4, via)),
+             *(("home.2.stream", w, d) for w, d in record_mutations(stream, n // 4, via))]
+    work = tmp_path / "w"
+    out = work / "out"
+    with ExitStack() as stack:
+        where = str(src)
+        if via == "http":
+            server = StaticServer(src)
+            stack.enter_context(server.running())
+            where = server.url
+        work.mkdir()
+        out.mkdir()
+        assert run(capfd, ["device", "restore", str(out), "home", where, "--to-dir"],
+                   "undamaged") == 0
+        assert [tree_sum(out / v) for v in visible(out)] == [sums[1]]
+        shutil.rmtree(work)
+        for name, what, damaged in cases:
+            what = f"{via}: {name}: {what}"
+            (src / name).write_bytes(damaged)
+            work.mkdir()
+            out.mkdir()
+            code = run(capfd, ["device", "restore", str(out), "home", where, "--to-dir"],
+                       what)
+            got = [tree_sum(out / v) for v in visible(out)]
+            if code:
+                assert got == [], f"{what}: {visible(out)}"
+            else:
+                assert len(got) == 1, f"{what}: {visible(out)}"
+                assert got[0] in sums, f"{what}: another tree"
+            assert os.listdir(work) == ["out"], what
+            shutil.rmtree(work)
+            (src / name).write_bytes(stream if name == "home.2.stream" else raw)
