@@ -3,13 +3,17 @@
 The inputs are files nobody wrote by hand: streams the kernel's ``btrfs send`` made
 (committed under tests/data/streams) and a full stream, an incremental stream, a delta
 stream, an image archive, a sendshot record, a replication sender's side of a
-conversation (to a receiver) and a receiver's side (to a sender), and a versions
+conversation (to a receiver) and a receiver's side (to a sender), a versions
 repository's signed timestamp, index, version records and delta (read from its directory
-and over HTTP) made here by our own commands. Each is mutated at many offsets (truncated, one
+and over HTTP), a release's solid full, full index and pack (a first install), a sendshot
+store's cursors, head cache and seed and a replication receiver's state files, a backup
+location's index and backups, and a casync index and chunk file, made here by our own
+commands (and ``casync make``). Each is mutated at many offsets (truncated, one
 bit flipped, four bytes overwritten by a huge or zero length, garbage; a send stream's
 records, a sendshot record's (compressed again, under its new digest) and the replication
 messages also changed *with their CRC32C fixed*, so the damage reaches the decoders and the
-applier) and given to every command that reads it.
+applier; a JSON file's fields also replaced by values of other types) and given to
+every command that reads it.
 
 Every run must end with an exit code of the table, never an internal error or a
 traceback, and print at most one error line (exactly one on failure). Where the damage is
@@ -22,7 +26,8 @@ says, and one that exits 0 wrote a well-formed stream. A replication receiver sh
 the protocol did not commit, and what it committed is the sender's tree; a sender given a
 damaged receiver's side returns or fails with one error, its source as it was. An update from a
 damaged repository gives the version exactly or fails and leaves DEST's versions as they
-were.
+were; a first install from a damaged solid full installs the release exactly from the
+packs.
 
 ``BTRDELTA_MUTATIONS=N`` runs N mutations per input and command (default 24: a few
 seconds); e.g. ``BTRDELTA_MUTATIONS=2000 .venv/bin/python -m pytest tests/cli/test_mutations.py``.
