@@ -35,6 +35,7 @@ seconds); e.g. ``BTRDELTA_MUTATIONS=2000 .venv/bin/python -m pytest tests/cli/te
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -603,17 +604,22 @@ def test_damaged_repository(repository: dict[str, Path], made: dict[str, Path], 
     line, or version 2 exactly; an update that fails leaves DEST as it was (its download
     cache DEST/.btrdelta aside). Read from the directory, and over HTTP as a client of a
     mirror reads it (the built-in static server: ranges, the client's own caching)."""
-    from contextlib import ExitStack
+    with served(repository["repo"], via) as where:
+        _damaged_repository(repository, where, tmp_path, capfd)
 
+
+@contextlib.contextmanager
+def served(root: Path, via: str) -> Iterator[str]:
+    """``root`` as a command is given it: its path, or (``via`` "http") the URL of the
+    built-in static server serving it, while the context lasts."""
+    if via != "http":
+        yield str(root)
+        return
     from btrdelta.transport.server import StaticServer
 
-    with ExitStack() as stack:
-        where = str(repository["repo"])
-        if via == "http":
-            server = StaticServer(repository["repo"])
-            stack.enter_context(server.running())
-            where = server.url
-        _damaged_repository(repository, where, tmp_path, capfd)
+    server = StaticServer(root)
+    with server.running():
+        yield server.url
 
 
 def _damaged_repository(repository: dict[str, Path], where: str, tmp_path: Path,
@@ -920,7 +926,6 @@ def test_damaged_solid_full(solid_repository: dict[str, Path], made: dict[str, P
     nothing outside DEST. A frame that is a zstd bomb (its header saying its chunks' size,
     its blocks ~32,000 times its length) costs no more memory than a good one (the peak RSS
     of the run against an undamaged one)."""
-    from contextlib import ExitStack
 
     from btrdelta.transport.server import StaticServer
     from btrdelta.tree import tree_sum
@@ -949,12 +954,7 @@ def test_damaged_solid_full(solid_repository: dict[str, Path], made: dict[str, P
                 with server.running():
                     install(server.url, f"a mirror answering {lie}")
             return
-        with ExitStack() as stack:
-            where = str(root)
-            if via == "http":
-                server = StaticServer(root)
-                stack.enter_context(server.running())
-                where = server.url
+        with served(root, via) as where:
             if via == "dir":  # (undamaged: the release comes as its solid frames alone)
                 from btrdelta.update.publish import Repo
 
@@ -1225,9 +1225,7 @@ def test_damaged_backups(made: dict[str, Path], via: str, tmp_path: Path,
     through `device restore --to-dir`: one line and no tree under a final name, or a tree
     whose tree-sum is one of the two versions'; nothing outside the output directory."""
     import json
-    from contextlib import ExitStack
 
-    from btrdelta.transport.server import StaticServer
     from btrdelta.tree import tree_sum
 
     src = tmp_path / "backups"
@@ -1250,12 +1248,7 @@ def test_damaged_backups(made: dict[str, Path], via: str, tmp_path: Path,
              *(("home.2.stream", w, d) for w, d in record_mutations(stream, n // 4, via))]
     work = tmp_path / "w"
     out = work / "out"
-    with ExitStack() as stack:
-        where = str(src)
-        if via == "http":
-            server = StaticServer(src)
-            stack.enter_context(server.running())
-            where = server.url
+    with served(src, via) as where:
         work.mkdir()
         out.mkdir()
         assert run(capfd, ["device", "restore", str(out), "home", where, "--to-dir"],
