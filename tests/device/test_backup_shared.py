@@ -492,3 +492,45 @@ def test_a_lock_that_is_no_regular_file_is_named(btrfs_dev: Path, small_release:
                            "backup's lock must be one)\n")
     assert os.listdir(dest) == ["home.backups.lock"]
     assert target.read_text() == "mine\n"
+
+
+def test_a_backup_replaces_no_backup_file_over_http(btrfs_dev: Path, small_release: Release,
+                                                   tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over HTTP a file of a backup's number already on the server is never replaced. One
+    that a backup cut short put before its index takes its number (the backup is the next
+    one). One that appears after the number was chosen (another device's backup of that
+    number, put while this backup's lock was broken: rev33) makes the backup fail in one
+    line, its index not written, no part file left; before, its PUT replaced the other's
+    file. Oracles: the files on the server (nginx's WebDAV), the restored tree."""
+    home = _device(btrfs_dev, small_release, "first\n")
+    www = tmp_path / "www/backups"
+    with _dav(tmp_path) as port:
+        dest = f"http://127.0.0.1:{port}/backups"
+        (www / "home.1.stream").write_bytes(b"left by a backup cut short\n")
+        got = backup(btrfs_dev, "home", dest)
+        assert (got["n"], got["file"]) == (2, "home.2.stream")
+        out = tmp_path / "restored"
+        out.mkdir()
+        assert tree_sum(restore_to_dir(dest, "home", out)) == tree_sum(home)
+        index = (www / "home.backups.json").read_bytes()
+        theirs = b"another device's backup number 3\n"
+        real = backup_mod._send
+
+        def send(*args: Any) -> Any:  # (after this backup chose its number)
+            for kind in ("stream", "delta"):
+                (www / f"home.3.{kind}").write_bytes(theirs)
+            return real(*args)
+
+        monkeypatch.setattr(backup_mod, "_send", send)
+        (home / "notes").write_text("second\n")
+        with pytest.raises(BtrdeltaError) as caught:
+            backup(btrfs_dev, "home", dest)
+        assert re.fullmatch(
+            rf"{re.escape(dest)}/home\.3\.(stream|delta): another backup put a file of this "
+            r"number meanwhile \(this backup's lock was broken or removed while it sent\): "
+            r"left as it is, nothing more written", str(caught.value)), str(caught.value)
+        assert (www / "home.backups.json").read_bytes() == index
+        assert {p.name: p.read_bytes() for p in www.glob("home.3.*")} == {
+            "home.3.stream": theirs, "home.3.delta": theirs}
+        assert not list(www.glob("*.part"))

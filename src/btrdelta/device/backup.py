@@ -102,7 +102,12 @@ class _Store:
         elif not os.path.isdir(where):
             raise DeviceError(f"{where}: no such directory")
 
-    def put(self, name: str, path: Path) -> None:
+    def put(self, name: str, path: Path, *, replace: bool = True) -> None:
+        """Write file ``name`` whole from ``path``. Over HTTP with ``replace`` false (a
+        backup's file) it is put under a name of its own and ``MOVE``-d to ``name`` with
+        ``Overwrite: F``: a backup whose lock was broken while it sent (its number chosen
+        before the other device put its file of that number) fails instead of replacing
+        the other's file."""
         if not self.http:
             with open(path, "rb") as src, atomic_output(Path(self.where) / name) as out:
                 shutil.copyfileobj(src, out, 1 << 20)
@@ -110,10 +115,23 @@ class _Store:
         from .backuplock import call
 
         url = f"{self.where}/{name}"
+        part = url if replace else f"{url}.{os.urandom(8).hex()}.part"
         with open(path, "rb") as f:
-            status, _ = call(_client, "PUT", url, body=f)
+            status, _ = call(_client, "PUT", part, body=f)
         if status not in (200, 201, 204):
-            raise TransportError(f"PUT answered {status}", url=url, status=status)
+            raise TransportError(f"PUT answered {status}", url=part, status=status)
+        if replace:
+            return
+        status, _ = call(_client, "MOVE", part, headers={"Destination": url, "Overwrite": "F"})
+        if status in (201, 204):
+            return
+        with contextlib.suppress(TransportError):
+            call(_client, "DELETE", part)
+        if status == 412:  # (Precondition Failed: the name exists)
+            raise DeviceError(f"{url}: another backup put a file of this number meanwhile "
+                              "(this backup's lock was broken or removed while it sent): "
+                              "left as it is, nothing more written")
+        raise TransportError(f"MOVE answered {status}", url=part, status=status)
 
     def get(self, name: str, dest: BinaryIO, *, limit: int | None = None) -> None:
         """Copy backup file ``name`` into ``dest``: a regular file of the directory (never
@@ -203,11 +221,23 @@ class _Store:
                 yield check
 
     def taken(self, name: str, n: int) -> bool:
-        """Whether a directory holds an entry of any type named like backup ``n``'s file
-        (a directory ``NAME.N.stream`` made a backup numbered N fail, its file not put)."""
-        return not self.http and any(
-            os.path.lexists(Path(self.where) / f"{name}.{n}.{kind}")
-            for kind in ("stream", "delta"))
+        """Whether the location holds an entry of any type named like backup ``n``'s file
+        (a directory ``NAME.N.stream`` made a backup numbered N fail, its file not put;
+        over HTTP, a file a backup cut short put before its index, which a backup's
+        ``MOVE`` does not replace)."""
+        if not self.http:
+            return any(os.path.lexists(Path(self.where) / f"{name}.{n}.{kind}")
+                       for kind in ("stream", "delta"))
+        from .backuplock import call
+
+        for kind in ("stream", "delta"):
+            url = f"{self.where}/{name}.{n}.{kind}"
+            status, _ = call(_client, "HEAD", url)
+            if status == 200:
+                return True
+            if status != 404:
+                raise TransportError(f"HEAD answered {status}", url=url, status=status)
+        return False
 
     def drop_unlisted(self, name: str, entries: list[dict[str, Any]]) -> list[str]:
         """Remove the backup files of ``name`` (``NAME.N.stream``, ``NAME.N.delta``: regular
@@ -378,7 +408,7 @@ def _send(layout: Layout, snap: Path, prev: tuple[int, Path] | None, store: _Sto
             file, out = f"{name}.{n}.delta", tmp / "delta"
             with open(stream, "rb") as src, open(out, "wb") as dst:
                 make_delta(src, prev[1], dst.write, source=str(snap))
-        store.put(file, out)
+        store.put(file, out, replace=False)
         with layout.fd(snap) as fd:
             uuid = sv.subvol_info(fd).uuid
         return {"n": n, "file": file, "parent": prev[0] if prev else None, "uuid": str(uuid),
