@@ -534,3 +534,24 @@ def test_a_backup_replaces_no_backup_file_over_http(btrfs_dev: Path, small_relea
         assert {p.name: p.read_bytes() for p in www.glob("home.3.*")} == {
             "home.3.stream": theirs, "home.3.delta": theirs}
         assert not list(www.glob("*.part"))
+
+
+def test_a_damaged_destinations_file_is_read_as_none(btrfs_dev: Path, small_release: Release,
+                                                     tmp_path: Path) -> None:
+    """The device's note of the destinations its backups went to
+    (``backups/NAME/destinations.json``), damaged as a bad disk leaves a JSON file (a
+    number past a float's range, arrays nested past Python's recursion limit): read as
+    none, as a damaged file always was (it only says which snapshots other destinations'
+    next backups start from); it was an internal error (OverflowError, RecursionError) of
+    every backup. Oracle: the restore's tree-sum."""
+    home = _device(btrfs_dev, small_release, "first\n")
+    dest = tmp_path / "backups"
+    btrdelta("device", "backup", btrfs_dev, "home", dest)
+    (note,) = btrfs_dev.rglob("destinations.json")
+    for i, damaged in enumerate(['{"destinations": {"x": 1e400}}', "[" * 100_000]):
+        note.write_text(damaged)
+        (home / "notes").write_text(f"change {i}\n")
+        btrdelta("device", "backup", btrfs_dev, "home", dest)
+        out = tmp_path / f"restored-{i}"
+        out.mkdir()
+        assert tree_sum(restore_to_dir(str(dest), "home", out)) == tree_sum(home)

@@ -382,7 +382,9 @@ def _remember(base: Path, key: str, n: int) -> set[int]:
     try:
         doc = json.loads((base / _DESTINATIONS).read_bytes())
         held = {str(k): int(v) for k, v in doc["destinations"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    # (a damaged file's json RecursionError, a number past a float's OverflowError too)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ArithmeticError,
+            RecursionError):
         held = {}  # none yet, or damaged: the other destinations' next backups are whole
     held.pop(key, None)
     held = dict(list({key: n, **held}.items())[:KEEP_DESTINATIONS])
