@@ -395,7 +395,8 @@ _LAYOUT = {
     "reflinks-across-subvolumes", "recompressed-same-content", "same-file-clones-unaligned-eof",
     "inline-extent-then-hole", "punch-whole-fill-holes", "prealloc-inside-data",
     "copy-range-unaligned", "punch-inline", "clone-into-hole", "inline-encoded-levels",
-    "punch-zero-across-eof",
+    "punch-zero-across-eof", "compressed-data-offset-clones-038",
+    "write-into-prealloc-pieces-046",
 }
 
 #: (name, mount options, the scenarios it applies to or None for all); every variant's
@@ -408,7 +409,8 @@ _FS_VARIANTS: list[tuple[str, str | None, set[str] | None]] = [
                              "compressed-extent-merge-312",
                              "unaligned-then-fallocated-progs-e3209f8",
                              "encoded-write-unaligned-offset-progs-6f4a518",
-                             "copy-range-unaligned", "clone-into-hole"}),
+                             "copy-range-unaligned", "clone-into-hole",
+                             "compressed-data-offset-clones-038"}),
     ("zlib", "compress-force=zlib", {"compressible-data-W6", "prealloc-punch-169",
                                      "write-into-prealloc-046", "odd-names-W8",
                                      "reflink-compressed-overwrite-109",

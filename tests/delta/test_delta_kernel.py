@@ -63,7 +63,8 @@ _ROUND_TRIPPED = ["rebuilt-release", "compressible-data-W6", "hole-punch-016",
                   "inversions-all-030", "newlines-in-dump-misc054", "dir-to-subvolume-btrbk608",
                   "unaligned-then-fallocated-progs-e3209f8",
                   "encoded-write-unaligned-offset-progs-6f4a518", "dedupe-balance-snapshots-187",
-                  "link-existing-path-extrefs-272",
+                  "link-existing-path-extrefs-272", "compressed-data-offset-clones-038",
+                  "write-into-prealloc-pieces-046",
                   # subvolumes inside A: the kernel's tree of A has none of them (their
                   # listings differed from --old's before session 22: refused, or a wrong
                   # name caught by DEND's size only)

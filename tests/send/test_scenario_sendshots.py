@@ -1,7 +1,8 @@
 """``send --record`` of a live subvolume at a scenario's A, then ``send --from-sendshot`` at
-its B (what ``replicate`` sends), for the scenarios of classes beyond the upstream tests and
-those that make btrfs reuse inode numbers (a remount between A and B): ``btrfs receive``
-takes both streams and gives the read-only snapshots A and B (tree-sum as the oracle)."""
+its B (what ``replicate`` sends), for the scenarios of classes beyond the upstream tests, the
+upstream tests' parts added in session 33 and those that make btrfs reuse inode numbers (a
+remount between A and B): ``btrfs receive`` takes both streams and gives the read-only
+snapshots A and B (tree-sum as the oracle)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ from btrdelta.cli import main
 from btrdelta.testing.scenarios import SCENARIOS, kernel_receive, make_snapshots
 from btrdelta.testing.scenarios_beyond import BEYOND
 from btrdelta.testing.scenarios_corners import CORNERS
+from btrdelta.testing.scenarios_subcases import SUBCASES
 from btrdelta.tree.treesum import diff_manifests, tree_manifest
 
 pytestmark = pytest.mark.btrfs
 
-SHOTS = [sc for sc in SCENARIOS if (sc in BEYOND or sc in CORNERS or "\nREMOUNT\n" in sc.b)
+SHOTS = [sc for sc in SCENARIOS if (sc in BEYOND or sc in CORNERS or sc in SUBCASES
+                                     or "\nREMOUNT\n" in sc.b)
          and not (sc.a_held or sc.b_held or sc.a_open or sc.after)]
 
 

@@ -30,6 +30,7 @@ from .loopfs import held, hold, run
 from .recipe import Scenario
 from .scenarios_beyond import BEYOND
 from .scenarios_corners import CORNERS, STRESS
+from .scenarios_subcases import SUBCASES
 
 __all__ = ["MATRIX_SCENARIOS", "SCENARIOS", "Scenario", "SnapshotPair", "kernel_receive",
            "make_snapshots", "send"]
@@ -526,6 +527,7 @@ SCENARIOS: list[Scenario] = [
     # classes the upstream tests leave thin (sessions 16 and 17): scenarios_beyond.py
     *BEYOND,
     *CORNERS,  # session 32: scenarios_corners.py
+    *SUBCASES,  # session 33: scenarios_subcases.py
     # held descriptors last: a later REMOUNT on the same filesystem would find it busy
     S("deleted-open-file-168",
       'xfs_io -f -c "pwrite -S 0xf1 0 64K" foo; xfs_io -f -c "pwrite -S 0x7b 0 90K" bar;'
