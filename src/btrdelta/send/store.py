@@ -49,7 +49,6 @@ from ..tree.sendshot import (
     read_head,
     write_record,
 )
-from .cursors import cursor_digests, read_cursors
 
 if TYPE_CHECKING:
     from typing import Any
@@ -63,7 +62,6 @@ __all__ = [
     "PendingRecord",
     "SendshotStore",
     "StoredSendshot",
-    "cursor_digests",
     "parse_grid",
     "plan_prune",
 ]
@@ -249,9 +247,12 @@ class SendshotStore:
         except FileNotFoundError:
             return out
         held: dict[str, list[str]] = {}
-        for rid, cur in self.cursors().items():
-            for digest in cursor_digests(cur):
-                held.setdefault(digest, []).append(rid)
+        if cursors := self.cursors():
+            from .cursors import cursor_digests
+
+            for rid, cur in cursors.items():
+                for digest in cursor_digests(cur):
+                    held.setdefault(digest, []).append(rid)
         cached = self._heads()
         entries: dict[str, tuple[int, int, int, bytes]] = {}
         self.unreadable = {}
@@ -492,6 +493,8 @@ class SendshotStore:
             BtrdeltaError: a receiver's cursor names it, or it is the base of a patch record
                 (unless ``force``: that record can then not be read).
         """
+        from .cursors import cursor_digests
+
         with self.locked():
             held = [r for r, c in self.cursors().items() if digest in cursor_digests(c)]
             if held and not force:
@@ -508,8 +511,14 @@ class SendshotStore:
     # -- cursors -----------------------------------------------------------------------
 
     def cursors(self) -> dict[str, dict[str, Any]]:
-        """``{receiver id: {"digest": ..., ...}}`` (:func:`.cursors.read_cursors`)."""
-        return read_cursors(os.path.join(self.path, "cursors.json"))
+        """``{receiver id: {"digest": ..., ...}}`` (:func:`.cursors.read_cursors`; that
+        module is not imported where there is no cursor file: a send's start)."""
+        p = os.path.join(self.path, "cursors.json")
+        if not os.path.lexists(p):
+            return {}
+        from .cursors import read_cursors
+
+        return read_cursors(p)
 
     def edit_cursor(self, receiver: str, edit: Callable[[dict[str, Any]], Any]) -> None:
         """``receiver``'s cursor set to ``(digest, extra) = edit(it now, or {})``: the record
@@ -569,6 +578,8 @@ class SendshotStore:
         """Delete what the rule does not keep (per source, see :func:`plan_prune`);
         returns what was (or, with ``dry_run``, would be) deleted. ``only``: consider only
         the records it accepts (one source)."""
+        from .cursors import cursor_digests
+
         with self.locked():
             listed = self.records_list()
             every = [s for s in listed if only is None or only(s)]
