@@ -67,7 +67,7 @@ from ..stream.records import (
     Utimes,
     Write,
 )
-from .clones import CloneFinder
+from .clones import CloneFinder, cut_clone
 from .diff import Match, match_trees
 from .encode import COMPRESSORS, encode_piece, option_problem
 from .hashing import DirectReader, direct_buffer, reader, uncache
@@ -610,7 +610,8 @@ class Sender(CloneFinder):
         later = node.segments is None and seed is not None and kept is None
         clone = None if later else self._find_clone(node, new_by_digest)
         if clone is not None:
-            yield self._count(clone)
+            for rec in self._clone_records(node, clone):
+                yield self._count(rec)
             return True
         if self.virtual:  # (a small file's bytes, kept as hashed: not read again)
             writes, vclones, _holes = self._diff(node, None)
@@ -705,17 +706,10 @@ class Sender(CloneFinder):
                 continue
             clone_uuid, clone_ctransid = self.parent_ids()
             self.stats.cloned_bytes += length
-            yield self._count(
-                Clone(
-                    offset=off,
-                    length=length,
-                    path=path,
-                    clone_uuid=clone_uuid,
-                    clone_ctransid=clone_ctransid,
-                    clone_path=source.path,
-                    clone_offset=src,
-                )
-            )
+            for piece in cut_clone(Clone(offset=off, length=length, path=path,
+                                         clone_uuid=clone_uuid, clone_ctransid=clone_ctransid,
+                                         clone_path=source.path, clone_offset=src)):
+                yield self._count(piece)
 
     def _changed_data(self, node: Node, onode: Node, path: bytes) -> Generator[Record, None, bool]:
         assert self.old is not None

@@ -61,6 +61,7 @@ from ..stream.records import (
     Write,
 )
 from .changes import SourceIndex, TreeIdentity, dir_flags, index_source
+from .clones import whole_clones
 from .emit import CAPS, COMPRESSORS, SendStats, encode_piece, option_problem
 from .hashing import open_dir
 from .onepass import content_hasher
@@ -449,7 +450,7 @@ class FullSend:
                 if ino >= 0:
                     self._emit(Mkfile(path=node.path, ino=ino))
                 if clone:
-                    self._clone_record(node)
+                    self._clone_record(node, segs)
                     return False
                 view = memoryview(data)
                 for off, length in segs:
@@ -462,7 +463,7 @@ class FullSend:
                 if self._clone(node, full, None):
                     self.stats.data_bytes = sent
                     self._spool.rewind(mark)
-                    self._clone_record(node)
+                    self._clone_record(node, segs)
                     return False
             if not segs or sum(segs[-1]) < size:
                 self._emit(Truncate(path=node.path, size=size))
@@ -553,20 +554,23 @@ class FullSend:
             return False
         return _same(self.root + b"/" + first, full, node.size, data)
 
-    def _clone_record(self, node: Node) -> None:
-        """The ``CLONE`` of a file from the earlier one with its content (the new
-        subvolume's UUID is patched in at the end)."""
+    def _clone_record(self, node: Node, segs: list[tuple[int, int]]) -> None:
+        """The ``CLONE`` of a file (data ranges ``segs``) from the earlier one with its
+        content (:func:`.clones.whole_clones`; the new subvolume's UUID is patched in at
+        the end)."""
         assert self._spool is not None
         self.stats.cloned_bytes += node.size
         if self._from is not None:
             src, path = self._from
-            self._emit(Clone(offset=0, length=node.size, path=node.path, clone_uuid=src.uuid,
-                             clone_ctransid=src.ctransid, clone_path=path, clone_offset=0))
-            return
-        self._clones.append(self._spool.pos)
-        self._emit(Clone(offset=0, length=node.size, path=node.path, clone_uuid=_NIL,
-                         clone_ctransid=0, clone_path=self._by_digest[node.digest],
-                         clone_offset=0))
+            uuid, ctransid = src.uuid, src.ctransid
+        else:
+            uuid, ctransid, path = _NIL, 0, self._by_digest[node.digest]
+        for rec in whole_clones(Clone(offset=0, length=node.size, path=node.path,
+                                      clone_uuid=uuid, clone_ctransid=ctransid,
+                                      clone_path=path, clone_offset=0), segs):
+            if self._from is None and isinstance(rec, Clone):
+                self._clones.append(self._spool.pos)
+            self._emit(rec)
 
 
 def _same(a: bytes, b: bytes, size: int, data: bytes | None) -> bool:
