@@ -139,9 +139,10 @@ def test_record_then_from_sendshot_with_huge_holes(where: Path) -> None:
 
 def test_a_moved_and_copied_sparse_file(tmp_path: Path) -> None:
     """An incremental from plain directories where a 256 GiB sparse file was renamed and
-    copied: a ``RENAME`` and a ``CLONE`` of it from the parent (the copy confirmed by
-    comparing where either file has data, not by BLAKE3 of 256 GiB of zeros: ~3 min),
-    no ``WRITE``, the reads bounded by the data."""
+    copied: a ``RENAME`` and a ``CLONE`` from the parent of each of its data ranges (the
+    copy confirmed by comparing where either file has data, not by BLAKE3 of 256 GiB of
+    zeros: ~3 min; one CLONE of 256 GiB would be one of 0 bytes to btrfs-progs' receive,
+    which keeps a length's low 32 bits), no ``WRITE``, the reads bounded by the data."""
     from btrdelta.cli import main
     from btrdelta.stream import StreamReader
     from btrdelta.stream.records import Clone, Rename, Write
@@ -167,8 +168,9 @@ def test_a_moved_and_copied_sparse_file(tmp_path: Path) -> None:
     assert [(r.path, r.path_to) for r in recs if isinstance(r, Rename)] == \
         [(b"a.img", b"b.img")]
     clones = [r for r in recs if isinstance(r, Clone)]
-    assert [(c.path, c.clone_path, c.length) for c in clones] == \
-        [(b"c.img", b"a.img", 256 << 30)]
+    assert [(c.path, c.clone_path, c.offset, c.length, c.clone_offset) for c in clones] == \
+        [(b"c.img", b"a.img", off, n, off)
+         for off, n in ((0, 4096), (100 << 30, 65536), ((256 << 30) - 4096, 4096))]
     assert not [r for r in recs if isinstance(r, Write)]
 
 

@@ -52,7 +52,8 @@ from .._optional import need
 from .._value import Value, field
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
-from ..fs.content import data_segments
+from ..fs.content import data_segments, has_byte_at
+from ..tree.content import WHOLE_MAX
 from .compare import Compared, compare_files
 from .hashing import _WHOLE, _hash_file, lstat_root, open_dir
 from .onepass import Stopped, content_hasher
@@ -205,9 +206,10 @@ def _read_single(node: Node, path: bytes, buf: bytearray, keep: bool,
         segs = data_segments(fd, size)
         in_data = sum(n for _off, n in segs)
         h = content_hasher(size - in_data, in_data)
-        # a file mostly holes gets no BLAKE3 (its zeros: ~3 min of CPU per TiB of holes): a
-        # move or copy of it is confirmed by comparing the data of both files instead
-        b3 = blake3.blake3() if size - in_data < in_data else None
+        # a file mostly holes gets no BLAKE3 (its zeros: ~3 min of CPU per TiB of holes),
+        # nor one past 1 TiB: a move or copy of it is confirmed by comparing the data of
+        # both files instead
+        b3 = blake3.blake3() if size - in_data < in_data and size <= WHOLE_MAX else None
         view, pos = memoryview(buf), 0
         for off, length in [*segs, (size, 0)]:
             if pos < off:  # a hole: the zeros it reads as (XXH3 by length)
@@ -229,7 +231,7 @@ def _read_single(node: Node, path: bytes, buf: bytearray, keep: bool,
                 if b3 is not None:
                     b3.update(view[:k])
                 pos += k
-        if os.pread(fd, 1, size):
+        if has_byte_at(fd, size):
             raise BtrdeltaError("file changed while sending (size differs)", path=path)
         node.digest, node.bdigest = h.digest(), b3.digest() if b3 is not None else b""
         return None

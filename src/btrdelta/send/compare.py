@@ -18,7 +18,7 @@ from .._optional import need
 from .._value import Value
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
-from ..fs.content import data_segments
+from ..fs.content import data_segments, has_byte_at
 from .scan import open_file, open_to_read
 
 if TYPE_CHECKING:
@@ -57,7 +57,8 @@ def files_equal(a: bytes, b: bytes, size: int) -> bool:
                 if not x or x != os.pread(fb, len(x), pos):
                     return False
                 pos += len(x)
-        return all(len(os.pread(f, 2, size - 1)) == 1 for f in (fa, fb))  # (both: size)
+        return all(has_byte_at(f, size - 1) and not has_byte_at(f, size)  # (both: size)
+                   for f in (fa, fb))
 
 
 @contextlib.contextmanager
@@ -266,9 +267,9 @@ def _compare(fo: int, fn: int, old_path: bytes, new_path: bytes, old_size: int,
             pos += n
     zeros(ho, 0, old_size)
     zeros(hn, 1, new_size)
-    if os.pread(fo, 1, old_size):
+    if has_byte_at(fo, old_size):
         raise BtrdeltaError("file changed while sending (size differs)", path=old_path)
-    if os.pread(fn, 1, new_size):
+    if has_byte_at(fn, new_size):
         raise BtrdeltaError("file changed while sending (size differs)", path=new_path)
     odig, ndig = ho.digest(), hn.digest()
     if odig == ndig and old_size == new_size:

@@ -624,7 +624,8 @@ class Sender(CloneFinder):
         # a new file read whole while walking: its data ranges were kept, as they were read
         fd = open_file(new_abs) if kept is None and content is None else -1
         try:
-            hasher = BlockHasher(seed, content3=c3) if later and seed is not None else None
+            hasher = BlockHasher(seed, content3=c3, size=node.size) \
+                if later and seed is not None else None
             data = (iter_data_segments if hasher else data_segments)(fd, node.size) if fd >= 0 \
                 else [(0, node.size)] if kept is None else [(o, n) for o, n, _ in kept]
             segs = list(data) if hasher is None or h is None else \

@@ -36,7 +36,7 @@ from .. import TYPE_CHECKING, _native
 from .._optional import need
 from ..errors import BtrdeltaError
 from ..fs.btrfs import EXTENT, EXTENT_SEARCH, file_extent_batches, get_fileattr
-from ..fs.content import iter_data_segments
+from ..fs.content import has_byte_at, iter_data_segments
 from ..tree.sendshot import RecordInode
 
 if TYPE_CHECKING:
@@ -527,7 +527,7 @@ class Planned:
                 pieces += [bhash(view[i:min(i + _BLOCK, got)], seed)
                            for i in range(0, got, _BLOCK)]
                 read += got
-            if os.pread(fd, 1, size):
+            if has_byte_at(fd, size):
                 raise BtrdeltaError("file changed while sending (size differs)", path=path)
         except BaseException:
             self.close()

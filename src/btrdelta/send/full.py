@@ -41,7 +41,7 @@ from .. import TYPE_CHECKING, _native
 from .._optional import need
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
-from ..fs.content import data_segments
+from ..fs.content import data_segments, has_byte_at
 from ..stream.codec import encode_record, encode_stream_header
 from ..stream.decode import decode_payload
 from ..stream.reader import StreamReader
@@ -508,7 +508,7 @@ class FullSend:
             self._write_range(node, off, length, piece)
         if pos < node.size:
             h.zeros(node.size - pos)
-        if os.pread(fd, 1, node.size):
+        if has_byte_at(fd, node.size):
             raise BtrdeltaError("file changed while sending (size differs)", path=full)
         return h.digest()
 

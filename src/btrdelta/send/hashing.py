@@ -26,7 +26,7 @@ from .. import TYPE_CHECKING
 from .._optional import need
 from ..errors import BtrdeltaError
 from ..fs.btrfs import get_fileattr
-from ..fs.content import data_segments, iter_data_segments
+from ..fs.content import data_segments, has_byte_at, iter_data_segments
 from ..tree.content import no_zero_block
 from .extents import SEARCH_MIN, extents_of
 from .onepass import (
@@ -249,7 +249,7 @@ def _hash_file(path: bytes, size: int, buf: bytearray | mmap.mmap, fd: int = -1,
                     raise BtrdeltaError("file changed while sending (short read)", path=path)
                 h.update(view[:n])
                 pos += n
-        if os.pread(fd, 1, size):
+        if has_byte_at(fd, size):
             raise BtrdeltaError("file changed while sending (size differs)", path=path)
         return h.digest(), flags
     finally:
@@ -430,7 +430,7 @@ def _hash_file_blocks(
             if ino and size and drop:
                 uncache(fd)
             return digest, flags, segs, blocks, bdigest, content, extents
-        hasher = BlockHasher(seed, stop, content3)
+        hasher = BlockHasher(seed, stop, content3, size)
         view = memoryview(buf)
         for off, length in segs:
             pos, end = off, off + length
@@ -442,7 +442,7 @@ def _hash_file_blocks(
                     raise BtrdeltaError("file changed while sending (short read)", path=path)
                 hasher.update(pos, view[:n])
                 pos += n
-        if os.pread(fd, 1, size):
+        if has_byte_at(fd, size):
             raise BtrdeltaError("file changed while sending (size differs)", path=path)
         digest, blocks, bdigest = hasher.finish(size)
         return digest, flags, segs, blocks, bdigest, None, extents

@@ -53,6 +53,7 @@ from .. import stream as _s
 from .._futures import ThreadPoolExecutor
 from .._value import Value
 from ..fs.btrfs import subvol_info
+from .content import WHOLE_MAX
 from .overlay import Overlay, overlay_digest
 from .pathmap import PathMap
 from .treesum import Entry, EntryMaker, Known, Reuse, manifest_sum, tree_manifest
@@ -436,9 +437,10 @@ def _overlaid(new: bytes, st: os.stat_result, old: bytes, key: _Key,
               ov: Overlay) -> str | None:
     """The content digest of file ``new`` (lstat ``st``) made from parent file ``old``
     (hashed with ``key``) by the writes and truncations of ``ov``, or None when it cannot
-    be had that way (the caller reads the file)."""
+    be had that way (the caller reads the file; a file past
+    :data:`~.content.WHOLE_MAX`, whose digest is not BLAKE3 of its bytes, too)."""
     size, layout = ov.layout(key[1])
-    if size != st.st_size:
+    if size != st.st_size or size > WHOLE_MAX:
         return None
     try:
         old_fd = _open(old)

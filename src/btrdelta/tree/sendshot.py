@@ -251,8 +251,8 @@ def write_record(
     # every frame's pieces first (views of the columns, not copies), so that the zstd frame
     # says its content size: a reader decompresses the record at once into one buffer
     pieces = encode_frame_parts(_HEAD, _head_attrs(head))
-    ends = [(E_INODES, _u64(count)), (E_FILES, _u64(files)), (E_BYTES, _u64(nbytes)),
-            (E_BLOCKS, _u64(nblocks))]
+    ends = [(E_INODES, _u64(count)), (E_FILES, _u64(files)),  # (BYTES: at most 2^64 - 1)
+            (E_BYTES, _u64(min(nbytes, (1 << 64) - 1))), (E_BLOCKS, _u64(nblocks))]
     if patch is not None:
         cols = [(_DROP, _packed(patch.drop)), (_SLOTS, _packed(patch.slots)), *cols]
         ends += [(E_SPAN, _u64(patch.span)), (E_LIVE, _u64(patch.live))]

@@ -29,7 +29,7 @@ import blake3
 from .._futures import ThreadPoolExecutor
 from ..fs.content import NOT_COPIED_XATTRS, data_segments
 from ..fs.longpath import listdir_at, short_path
-from .content import Stopped, file_content_digest
+from .content import WHOLE_MAX, Stopped, file_content_digest
 
 __all__ = ["FORMATS", "Entry", "EntryMaker", "Known", "Reuse", "diff_manifests",
            "manifest_sum", "tree_manifest", "tree_sum"]
@@ -180,7 +180,8 @@ def _file_digest(
     stop: threading.Event | None = None, version: int = 2,
 ) -> tuple[str, tuple[tuple[int, int], ...] | None]:
     """The content digest of format ``version`` (2: BLAKE3 of the content, holes read as
-    zeros; 3: :func:`.content.file_content_digest`) and, if asked, the data extents, of
+    zeros, up to :data:`~.content.WHOLE_MAX` bytes; 3, and 2 past that:
+    :func:`.content.file_content_digest`) and, if asked, the data extents, of
     the file at ``path`` that is inode ``ident`` (:func:`_same_inode`); ``stop`` set ends
     it within 1 MiB (:class:`_Stopped`): a file of terabytes, sparse or not, would else
     keep an interrupted command alive until it is hashed."""
@@ -188,7 +189,7 @@ def _file_digest(
         fd = os.open(short, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         _same_inode(fd, ident, path)
-        if version == 3:
+        if version == 3 or size > WHOLE_MAX:
             digest = file_content_digest(fd, size, stop, path).hex()
             return digest, (_layout(data_segments(fd, size), size) if want_layout else None)
         return _digest2(fd, path, size, want_layout, stop)
