@@ -14,11 +14,7 @@ import errno
 import os
 from collections.abc import Iterator
 
-__all__ = ["MAX_FILE_SIZE", "NOT_COPIED_XATTRS", "data_segments", "has_byte_at",
-           "iter_data_segments"]
-
-#: the largest size a file can have on Linux (``MAX_LFS_FILESIZE``; btrfs's too)
-MAX_FILE_SIZE = (1 << 63) - 1
+__all__ = ["NOT_COPIED_XATTRS", "data_segments", "has_byte_at", "iter_data_segments"]
 
 #: xattrs that are not part of a tree, skipped as ``cp -a`` and rsync skip them (libattr's
 #: /etc/xattr.conf): XFS lists to root its own stored form of the POSIX ACLs besides
@@ -27,10 +23,10 @@ NOT_COPIED_XATTRS = frozenset({"trusted.SGI_ACL_FILE", "trusted.SGI_ACL_DEFAULT"
 
 
 def has_byte_at(fd: int, pos: int) -> bool:
-    """Whether the open file has a byte at offset ``pos`` (is longer than ``pos``: one
-    ``pread``); never at :data:`MAX_FILE_SIZE`, where Linux refuses the read (EINVAL: its
-    end would be past the largest offset), as no file is longer."""
-    return pos < MAX_FILE_SIZE and bool(os.pread(fd, 1, pos))
+    """Whether the open file is longer than ``pos``."""
+    # (none at 2^63 - 1, the largest size a file can have on Linux, MAX_LFS_FILESIZE: it
+    # refuses that read, EINVAL)
+    return pos < (1 << 63) - 1 and bool(os.pread(fd, 1, pos))
 
 
 def data_segments(fd: int, size: int) -> list[tuple[int, int]]:

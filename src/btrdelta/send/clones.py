@@ -2,69 +2,28 @@
 
 A new file whose whole content is found elsewhere becomes one ``CLONE``: a file of the
 parent (by content digest: BLAKE3 for a record, else confirmed byte by byte), of a clone
-source (``send -c``), or a file sent earlier in the same stream. One of more than
-:data:`CLONE_MAX` bytes becomes a ``CLONE`` of each of its data ranges instead, in pieces of
-at most that (:func:`whole_clones`): btrfs-progs' receive keeps only the low 32 bits of a
-``CLONE``'s length. A new file that is not
+source (``send -c``), or a file sent earlier in the same stream. A new file that is not
 a copy may still share pieces with an old file of the same name (a file that moved and
 changed, or a copy that grew): :meth:`CloneFinder._similar_old_file` picks it.
 """
 
 from __future__ import annotations
 
-import os
 import stat
-from collections.abc import Iterable
 
 from .. import TYPE_CHECKING
-from ..fs.content import data_segments
-from ..stream.records import Clone, Truncate
-from .onepass import block_segments
-from .scan import Node, Tree, open_file
+from ..stream.records import Clone
+from .scan import Node, Tree
 
 if TYPE_CHECKING:
     from uuid import UUID
 
     from .changes import Changes, SourceIndex
 
-__all__ = ["CLONE_MAX", "CloneFinder", "cut_clone", "whole_clones"]
+__all__ = ["CLONE_MAX", "CloneFinder"]
 
-#: the longest ``CLONE`` a stream of ours holds (4 GiB less a block): btrfs-progs' receive
-#: (6.2, Debian 12's) keeps only the low 32 bits of CLONE_LEN, so a 5 GiB file's clone made
-#: a file of 1 GiB without an error; the kernel's clones are of one extent each
+#: the longest ``CLONE`` a stream of ours holds (4 GiB less a block; :mod:`.clonecut`)
 CLONE_MAX = (1 << 32) - (1 << 12)
-
-
-def cut_clone(clone: Clone) -> list[Clone]:
-    """``clone`` in consecutive pieces of at most :data:`CLONE_MAX` bytes."""
-    if clone.length <= CLONE_MAX:
-        return [clone]
-    return [Clone(offset=clone.offset + k, length=min(CLONE_MAX, clone.length - k),
-                  path=clone.path, clone_uuid=clone.clone_uuid,
-                  clone_ctransid=clone.clone_ctransid, clone_path=clone.clone_path,
-                  clone_offset=clone.clone_offset + k)
-            for k in range(0, clone.length, CLONE_MAX)]
-
-
-def whole_clones(clone: Clone, data: Iterable[tuple[int, int]]) -> list[Clone | Truncate]:
-    """The records of ``clone``, a ``CLONE`` of a whole file into an empty one: itself
-    when it is at most :data:`CLONE_MAX` bytes long; else a ``CLONE`` of each of the
-    file's data ranges ``data`` (widened to 4 KiB blocks; its holes are holes in the
-    copy: a copy of 2^62 bytes is a few records, not 2^30), cut to that length, and a
-    ``TRUNCATE`` to the size when the last one ends before it."""
-    if clone.length <= CLONE_MAX:
-        return [clone]
-    size, end = clone.length, 0
-    out: list[Clone | Truncate] = []
-    for off, n in block_segments(data, size):
-        out += cut_clone(Clone(offset=off, length=n, path=clone.path,
-                               clone_uuid=clone.clone_uuid,
-                               clone_ctransid=clone.clone_ctransid,
-                               clone_path=clone.clone_path, clone_offset=off))
-        end = off + n
-    if end < size:
-        out.append(Truncate(path=clone.path, size=size))
-    return out
 
 
 class CloneFinder:
@@ -114,17 +73,6 @@ class CloneFinder:
             uuid, ctransid = self.new_ids()
             return _whole_clone(node, uuid, ctransid, self.new.nodes[nid].path)
         return None
-
-    def _clone_records(self, node: Node, clone: Clone) -> list[Clone | Truncate]:
-        """:func:`whole_clones` of ``clone``, of all of new file ``node`` (its data ranges:
-        recorded, else found with ``SEEK_DATA`` where they are needed)."""
-        if clone.length <= CLONE_MAX or node.segments is not None:
-            return whole_clones(clone, node.segments or ())
-        fd = open_file(self.new.abspath(node.path))
-        try:
-            return whole_clones(clone, data_segments(fd, node.size))
-        finally:
-            os.close(fd)
 
     def _old_file(self, digest: bytes) -> Node | None:
         """The first old file of at least ``clone_min`` bytes with this content digest."""

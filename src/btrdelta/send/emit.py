@@ -67,7 +67,7 @@ from ..stream.records import (
     Utimes,
     Write,
 )
-from .clones import CloneFinder, cut_clone
+from .clones import CLONE_MAX, CloneFinder
 from .diff import Match, match_trees
 from .encode import COMPRESSORS, encode_piece, option_problem
 from .hashing import DirectReader, direct_buffer, reader, uncache
@@ -610,8 +610,11 @@ class Sender(CloneFinder):
         later = node.segments is None and seed is not None and kept is None
         clone = None if later else self._find_clone(node, new_by_digest)
         if clone is not None:
-            for rec in self._clone_records(node, clone):
-                yield self._count(rec)
+            if clone.length > CLONE_MAX:  # (btrfs-progs' receive: its low 32 bits)
+                from .clonecut import clones_of
+                yield from map(self._count, clones_of(clone, node, self.new))
+                return True
+            yield self._count(clone)
             return True
         if self.virtual:  # (a small file's bytes, kept as hashed: not read again)
             writes, vclones, _holes = self._diff(node, None)
@@ -707,10 +710,12 @@ class Sender(CloneFinder):
                 continue
             clone_uuid, clone_ctransid = self.parent_ids()
             self.stats.cloned_bytes += length
-            for piece in cut_clone(Clone(offset=off, length=length, path=path,
-                                         clone_uuid=clone_uuid, clone_ctransid=clone_ctransid,
-                                         clone_path=source.path, clone_offset=src)):
-                yield self._count(piece)
+            clone = Clone(off, length, path, clone_uuid, clone_ctransid, source.path, src)
+            if length > CLONE_MAX:  # (btrfs-progs' receive: its low 32 bits)
+                from .clonecut import cut_clone
+                yield from map(self._count, cut_clone(clone))
+                continue
+            yield self._count(clone)
 
     def _changed_data(self, node: Node, onode: Node, path: bytes) -> Generator[Record, None, bool]:
         assert self.old is not None

@@ -61,7 +61,7 @@ from ..stream.records import (
     Write,
 )
 from .changes import SourceIndex, TreeIdentity, dir_flags, index_source
-from .clones import whole_clones
+from .clones import CLONE_MAX
 from .emit import CAPS, COMPRESSORS, SendStats, encode_piece, option_problem
 from .hashing import open_dir
 from .onepass import content_hasher
@@ -555,9 +555,9 @@ class FullSend:
         return _same(self.root + b"/" + first, full, node.size, data)
 
     def _clone_record(self, node: Node, segs: list[tuple[int, int]]) -> None:
-        """The ``CLONE`` of a file (data ranges ``segs``) from the earlier one with its
-        content (:func:`.clones.whole_clones`; the new subvolume's UUID is patched in at
-        the end)."""
+        """The ``CLONE`` of a file from the earlier one with its content (the new
+        subvolume's UUID is patched in at the end)."""
+        # (past CLONE_MAX: clonecut's CLONEs of its data ranges ``segs``)
         assert self._spool is not None
         self.stats.cloned_bytes += node.size
         if self._from is not None:
@@ -565,9 +565,11 @@ class FullSend:
             uuid, ctransid = src.uuid, src.ctransid
         else:
             uuid, ctransid, path = _NIL, 0, self._by_digest[node.digest]
-        for rec in whole_clones(Clone(offset=0, length=node.size, path=node.path,
-                                      clone_uuid=uuid, clone_ctransid=ctransid,
-                                      clone_path=path, clone_offset=0), segs):
+        clone = Clone(offset=0, length=node.size, path=node.path, clone_uuid=uuid,
+                      clone_ctransid=ctransid, clone_path=path, clone_offset=0)
+        if node.size > CLONE_MAX:
+            from .clonecut import whole_clones
+        for rec in [clone] if node.size <= CLONE_MAX else whole_clones(clone, segs):
             if self._from is None and isinstance(rec, Clone):
                 self._clones.append(self._spool.pos)
             self._emit(rec)

@@ -35,10 +35,10 @@ if TYPE_CHECKING:
     from typing import Any
 
     from .scan import Node
+    from .sparse import Sparse
 
-__all__ = ["BLOCK", "DENSE_MAX", "BlockHasher", "SentWhole", "Stopped", "block_digests_py",
-           "block_segments", "content_hasher", "digests_of", "hashed_as_sent", "segment_max",
-           "sparse_digest"]
+__all__ = ["BLOCK", "BlockHasher", "SentWhole", "Stopped", "block_digests_py", "block_segments",
+           "content_hasher", "digests_of", "hashed_as_sent", "segment_max"]
 
 #: size of the blocks a sendshot record digests
 BLOCK = 4096
@@ -52,10 +52,8 @@ _HASHED_AS_SENT = 1 << 20
 #: the largest file whose XXH3-128 content digest is XXH3-128 of its whole content, holes
 #: as zeros (32 TiB: at least 96 s of an idle core with the C accelerator, 3.0 s per TiB of
 #: holes, ~6.5 min with python-xxhash alone); a larger file's is its sparse form,
-#: :func:`sparse_digest` (docs/formats/sendshot.md, "Sparse form")
+#: :mod:`.sparse` (docs/formats/sendshot.md, "Sparse form")
 DENSE_MAX = 1 << 45
-_SPARSE_HEAD = b"btrdelta sparse content\0"
-_SPARSE_SEED = int.from_bytes(b"sparse\0\0", "little")
 
 
 def _zeros(n: int) -> memoryview:
@@ -134,54 +132,18 @@ class _ZerosByLength:
         return digest
 
 
-def sparse_digest(content3: bytes) -> bytes:
-    """The sparse form of the XXH3-128 content digest of a file (one of more than
-    :data:`DENSE_MAX` bytes) whose tree-sum-3 content digest is ``content3``: XXH3-128,
-    seeded, of ``"btrdelta sparse content\\0" || content3``. Work in proportion to the
-    data, not the size (holes and blocks of zeros taken by length), a function of the
-    content alone; seeded, so no file's whole-content XXH3-128 (unseeded) is it by
-    construction."""
-    digest: bytes = need("xxhash", "make").xxh3_128_digest(_SPARSE_HEAD + content3,
-                                                            _SPARSE_SEED)
-    return digest
-
-
-class _Sparse:
-    """The sparse form (:func:`sparse_digest`) of content fed in order: its tree-sum-3
-    content digest, holes by length."""
-
-    __slots__ = ("_c3", "_pos")
-
-    def __init__(self) -> None:
-        self._c3 = ContentDigest()
-        self._pos = 0
-
-    def update(self, data: Any) -> None:
-        self._c3.update(data)
-        self._pos += len(data)
-
-    def zeros(self, n: int, stop: threading.Event | None = None) -> None:
-        if stop is not None and stop.is_set():
-            raise Stopped("hashing stopped")
-        if n > 0:
-            self._c3.zeros(n)
-            self._pos += n
-
-    def digest(self) -> bytes:
-        return sparse_digest(self._c3.digest(self._pos))
-
-
-def content_hasher(holes: int = 1, data: int = 0) -> _ZerosFed | _ZerosByLength | _Sparse:
+def content_hasher(holes: int = 1, data: int = 0) -> _ZerosFed | _ZerosByLength | Sparse:
     """An XXH3-128 hasher of a file's content fed in order (``update(bytes)``,
     ``zeros(n)``: its holes, ``digest()``: canonical, 16 bytes; the digest is the same
     either way). For a file with ``holes`` bytes of holes and ``data`` bytes of data it is
     the ``blockhash`` C accelerator's when built and the holes are at least as many bytes
     as the data (its data path is slower than python-xxhash's: 0.8x near idle, ~0.3x under
     load; its holes ~5x faster than hashing their zeros), else python-xxhash's, zeros fed
-    as bytes; for a file of more than :data:`DENSE_MAX` bytes in all, the sparse form's
-    (:func:`sparse_digest`)."""
-    if holes + data > DENSE_MAX:
-        return _Sparse()
+    as bytes."""
+    if holes + data > DENSE_MAX:  # (the sparse form's)
+        from .sparse import Sparse
+
+        return Sparse()
     native = _native.live("blockhash") if holes >= data else None
     if native is not None and hasattr(native, "x3_zeros"):
         return _ZerosByLength(native)
@@ -229,9 +191,7 @@ class BlockHasher:
     (:func:`~.scan.block_segments`) at 4 KiB-aligned offsets, holes skipped: XXH3-128 and
     the content digest (``content3``: tree-sum-3's, holes by length; else BLAKE3-256 of the
     whole content, holes as zeros) and the seeded XXH3-128 of every block of the data
-    ranges. For a file of ``size`` bytes: past :data:`~btrdelta.tree.content.WHOLE_MAX` the
-    content digest is tree-sum-3's either way, past :data:`DENSE_MAX` the XXH3-128 digest
-    is its sparse form, made from it (:func:`sparse_digest`)."""
+    ranges."""
 
     __slots__ = ("_b3", "_blocks", "_blocks_of", "_c3", "_h", "_stop", "content3", "pos",
                  "seed")
@@ -244,7 +204,10 @@ class BlockHasher:
         self._stop = stop
         # (the C one if built: its slower data path costs ~4 % of a record's hashing beside
         # BLAKE3's and the block digests', its holes' zeros are free)
-        self._h = content_hasher() if size <= DENSE_MAX else None
+        # (a file of ``size`` bytes: past WHOLE_MAX the content digest is tree-sum-3's
+        # either way; past DENSE_MAX the XXH3-128 one is its sparse form, which hashes the
+        # data with BLAKE3 once more: such files are rare, the send path's code is not)
+        self._h = content_hasher(size)
         self._c3 = ContentDigest() if content3 or size > WHOLE_MAX else None
         self._b3 = None if self._c3 is not None else blake3.blake3()
         self._blocks_of = _block_digests_fn()
@@ -259,8 +222,7 @@ class BlockHasher:
             self.pos = -1
             return
         self._zeros(pos)
-        if self._h is not None:
-            self._h.update(data)
+        self._h.update(data)
         if self._c3 is not None:
             self._c3.update(data)
         else:
@@ -272,10 +234,7 @@ class BlockHasher:
     def _zeros(self, end: int) -> None:
         if self.pos >= end:
             return
-        if self._h is not None:
-            self._h.zeros(end - self.pos, self._stop)
-        elif self._stop is not None and self._stop.is_set():
-            raise Stopped("hashing stopped")
+        self._h.zeros(end - self.pos, self._stop)
         if self._c3 is not None:  # (by length)
             self._c3.zeros(end - self.pos)
             self.pos = end
@@ -294,8 +253,7 @@ class BlockHasher:
         self._zeros(size)
         whole = self._c3.digest(size) if self._c3 is not None else \
             self._b3.digest() if self._b3 is not None else b""
-        return self._h.digest() if self._h is not None else sparse_digest(whole), \
-            b"".join(self._blocks), whole
+        return self._h.digest(), b"".join(self._blocks), whole
 
 
 def digests_of(content: bytes, seed: int, content3: bool = True, no_zeros: bool = False

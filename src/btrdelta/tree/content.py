@@ -36,8 +36,8 @@ import blake3
 
 from ..fs.content import data_segments
 
-__all__ = ["BLOCK", "WHOLE_MAX", "ContentDigest", "Stopped", "content_digest",
-           "file_content_digest", "no_zero_block"]
+__all__ = ["BLOCK", "ContentDigest", "Stopped", "content_digest", "file_content_digest",
+           "no_zero_block"]
 
 BLOCK = 4096
 #: the largest file whose tree-sum-2 content digest is BLAKE3 of its whole content (1 TiB:

@@ -437,10 +437,9 @@ def _overlaid(new: bytes, st: os.stat_result, old: bytes, key: _Key,
               ov: Overlay) -> str | None:
     """The content digest of file ``new`` (lstat ``st``) made from parent file ``old``
     (hashed with ``key``) by the writes and truncations of ``ov``, or None when it cannot
-    be had that way (the caller reads the file; a file past
-    :data:`~.content.WHOLE_MAX`, whose digest is not BLAKE3 of its bytes, too)."""
+    be had that way (the caller reads the file)."""
     size, layout = ov.layout(key[1])
-    if size != st.st_size or size > WHOLE_MAX:
+    if size != st.st_size or size > WHOLE_MAX:  # (past it: not BLAKE3 of the bytes)
         return None
     try:
         old_fd = _open(old)

@@ -180,8 +180,8 @@ def _file_digest(
     stop: threading.Event | None = None, version: int = 2,
 ) -> tuple[str, tuple[tuple[int, int], ...] | None]:
     """The content digest of format ``version`` (2: BLAKE3 of the content, holes read as
-    zeros, up to :data:`~.content.WHOLE_MAX` bytes; 3, and 2 past that:
-    :func:`.content.file_content_digest`) and, if asked, the data extents, of
+    zeros, up to :data:`~.content.WHOLE_MAX` bytes; 3: :func:`.content.file_content_digest`)
+    and, if asked, the data extents, of
     the file at ``path`` that is inode ``ident`` (:func:`_same_inode`); ``stop`` set ends
     it within 1 MiB (:class:`_Stopped`): a file of terabytes, sparse or not, would else
     keep an interrupted command alive until it is hashed."""
