@@ -175,7 +175,9 @@ def test_a_sendshot_send_imports_no_typing(two_fs: tuple[Path, Path], tmp_path: 
     """``send --record`` and ``send --from-sendshot`` of a live subvolume (the change sweep)
     import neither ``typing`` (~3 % of a small send: btrdelta's annotations are not
     evaluated, zstandard's C backend is loaded without its package: ``btrdelta/_zstd.py``)
-    nor ``locale`` (argparse's messages are not looked up: ``cli/_common.py``)."""
+    nor ``locale`` (argparse's messages are not looked up: ``cli/_common.py``), also from
+    a store that replicates (a receiver's cursor file: ``send/cursors.py`` imported
+    ``typing``)."""
     snd, _rcv = two_fs
     live = snd / "live"
     run("btrfs", "subvolume", "create", live)
@@ -186,6 +188,11 @@ def test_a_sendshot_send_imports_no_typing(two_fs: tuple[Path, Path], tmp_path: 
         f"a = main(['send', {str(live)!r}, '-o', {str(out)!r}, '--record', '--store', "
         f"{str(store)!r}, '-q'])\n"
         f"open({str(live / 'd' / 'f1')!r}, 'ab').write(b'x')\n"
+        # (a store that replicates too: a receiver's cursor holds the first record)
+        f"d = [n for n in __import__('os').listdir({str(store / 'records')!r})\n"
+        "     if n.endswith('.sendshot')][0].split('.')[0]\n"
+        f"open({str(store / 'cursors.json')!r}, 'w').write("
+        "'{\"version\": 1, \"receivers\": {\"r\": {\"digest\": \"%s\"}}}' % d)\n"
         f"b = main(['send', {str(live)!r}, '-o', {str(out)!r}, '--record', '--store', "
         f"{str(store)!r}, '--from-sendshot', 'latest', '-q'])\n"
         "print(a, b, sorted(m for m in ('typing', 'zstandard', 'locale') if m in sys.modules))"
@@ -195,6 +202,7 @@ def test_a_sendshot_send_imports_no_typing(two_fs: tuple[Path, Path], tmp_path: 
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1] == "0 0 []"
     assert len(os.listdir(store / "records")) == 2
+    assert json.loads((store / "cursors.json").read_text())["receivers"]["r"]["digest"]
 
 
 def test_plain_directory_warns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

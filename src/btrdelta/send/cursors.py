@@ -12,9 +12,12 @@ named as a session's is not a transfer's.
 from __future__ import annotations
 
 import os
-from typing import Any
 
+from .. import TYPE_CHECKING
 from ..errors import StreamFormatError
+
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["SESSION_PREFIX", "cursor_digests", "read_cursors"]
 
