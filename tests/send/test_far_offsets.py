@@ -277,3 +277,23 @@ def _full_of(snap: Path, tmp_path: Path) -> Path:
     out = tmp_path / f"{snap.name}.full"
     _run("send", str(snap), "-o", str(out))
     return out
+
+
+@pytest.mark.btrfs
+def test_image_compress_of_a_file_of_2_62_bytes_is_one_line(btrfs_ws: Workspace,
+                                                           tmp_path: Path) -> None:
+    """``image compress`` chunks an image whole (holes included) through one mapping of
+    it: a file of 2^62 bytes cannot be mapped, said in one line naming the file and its
+    size ("error: Cannot allocate memory" before), exit 1, no archive left."""
+    base = btrfs_ws.fresh("image")
+    _write(base / "far", [(0, os.urandom(B)), (E62, os.urandom(B))])
+    out = tmp_path / "far.bdar"
+    proc = subprocess.run([sys.executable, "-m", "btrdelta", "image", "compress", "-i",
+                           str(base / "far"), "-o", str(out)], capture_output=True,
+                          text=True, timeout=SECONDS, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1
+    assert str(base / "far") in proc.stderr
+    assert f"cannot map its {E62 + B} bytes" in proc.stderr
+    assert not out.exists()
+    assert os.listdir(tmp_path) == []

@@ -322,7 +322,8 @@ def open_map(path: str | os.PathLike[str]) -> Iterator[FileMap]:
     """Map a regular file or block device read-only (``MADV_SEQUENTIAL``).
 
     Raises:
-        BtrdeltaError: ``path`` is neither a regular file nor a block device.
+        BtrdeltaError: ``path`` is neither a regular file nor a block device, or cannot be
+            mapped whole.
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -334,7 +335,11 @@ def open_map(path: str | os.PathLike[str]) -> Iterator[FileMap]:
         if size == 0:
             yield FileMap(fd, None)
             return
-        mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        try:
+            mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        except OSError as exc:  # (a sparse file past the address space: 2^62 bytes)
+            raise BtrdeltaError(f"cannot map its {size} bytes: {exc.strerror} (an image is "
+                                "chunked whole, holes included)", path=os.fspath(path)) from exc
         mm.madvise(mmap.MADV_SEQUENTIAL)
         fm = FileMap(fd, mm)
         try:
