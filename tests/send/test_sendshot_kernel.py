@@ -309,12 +309,16 @@ _NOT_ON_THE_SEND_PATH = {
 #: file's round: ~40-200 ms of indexing spared; 2 KB unmarshalled: ~4 us); raised by 4 KB
 #: in session 33 for fix33's cursor edits under the store's lock, the hasher held weakly
 #: (no reference cycle per send) and full-disk errors naming their file (984.5 KB), and
-#: room for huge33's sparse-digest dispatch (its work in lazily imported modules)
-_SEND_PATH_CODE = 986_000
+#: room for huge33's sparse-digest dispatch (its work in lazily imported modules); since
+#: then compiled under each module's name in the package (``btrdelta/send/store.py``), not
+#: its path, so the figure does not depend on where the checkout is (a longer path gave a
+#: few hundred bytes more): 982.7 KB at session 33's end
+_SEND_PATH_CODE = 985_500
 _IMPORTED = ("import marshal, sys\nfrom btrdelta.cli import main\ncode = main({argv!r})\n"
              "py = [m.__file__ for n, m in list(sys.modules.items()) if n.startswith('btrdelta')"
              " and (getattr(m, '__file__', None) or '').endswith('.py')]\n"
-             "size = sum(len(marshal.dumps(compile(open(f, 'rb').read(), f, 'exec')))\n"
+             "size = sum(len(marshal.dumps(compile(open(f, 'rb').read(),\n"
+             "                                     f[f.rindex('/btrdelta/') + 1:], 'exec')))\n"
              "           for f in py)\n"
              "print(code, size, sorted(set(sys.modules) & {heavy!r}))")
 
