@@ -555,3 +555,25 @@ def test_a_damaged_destinations_file_is_read_as_none(btrfs_dev: Path, small_rele
         out = tmp_path / f"restored-{i}"
         out.mkdir()
         assert tree_sum(restore_to_dir(str(dest), "home", out)) == tree_sum(home)
+
+
+def test_a_damaged_note_of_this_devices_locks_is_read_as_none(
+        btrfs_dev: Path, small_release: Release, tmp_path: Path) -> None:
+    """The device's note of its HTTP locks (``.btrdelta/backup-locks.json``) damaged:
+    arrays nested past the recursion limit were an internal error of every backup over
+    HTTP (json's RecursionError, fuzz33); now read as none, as any damaged note (a lock of
+    this device left on a server is then waited for as another's). Oracles: the files on
+    the server (nginx's WebDAV), the restored tree."""
+    home = _device(btrfs_dev, small_release, "first\n")
+    notes = btrfs_dev / ".btrdelta" / "backup-locks.json"
+    notes.write_text("[" * 100_000)
+    with _dav(tmp_path) as port:
+        dest = f"http://127.0.0.1:{port}/backups"
+        proc = subprocess.run([*BTRDELTA, "device", "backup", str(btrfs_dev), "home", dest,
+                               "-q"], capture_output=True, text=True, timeout=120)
+        assert (proc.returncode, proc.stderr) == (0, ""), proc
+        assert sorted(os.listdir(tmp_path / "www/backups")) == [
+            "home.1.stream", "home.backups.json"]
+        out = tmp_path / "restored"
+        out.mkdir()
+        assert tree_sum(restore_to_dir(dest, "home", out)) == tree_sum(home)

@@ -347,7 +347,8 @@ def _load(notes: Path) -> dict[str, list[str]]:
     try:
         doc = json.loads(notes.read_bytes())
         return {str(k): [str(t) for t in v] for k, v in doc["locks"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    # (json's RecursionError: arrays nested too deep were an internal error of a backup)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return {}  # none, or damaged: a lock of this device left on a server waits
 
 
