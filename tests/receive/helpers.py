@@ -97,7 +97,8 @@ def fiemap(path: str | os.PathLike[str], end: int = 1 << 62,
 _LAYOUT_FLAGS = 0x800 | 0x8
 
 
-def extent_sharing(root: Path) -> dict[str, list[tuple[int, int, int]]]:
+def extent_sharing(root: Path, ids: dict[tuple[object, ...], int] | None = None
+                   ) -> dict[str, list[tuple[int, int, int]]]:
     """Which 4 KiB blocks of the regular files below ``root`` share their data on disk,
     independent of where it lies: each file's mapped blocks as (block, id, flags), where
     ``id`` numbers the distinct disk blocks in the order of the walk (files by path, blocks
@@ -106,8 +107,9 @@ def extent_sharing(root: Path) -> dict[str, list[tuple[int, int, int]]]:
     flags still compared): FIEMAP gives a compressed extent's start on disk, not which part
     a file refers to, and btrfs (6.18) merges two of them into one record where the second
     starts on disk at the first's start plus its length in the file, as it may by chance
-    (seen: 109's B received on another filesystem)."""
-    ids: dict[tuple[object, ...], int] = {}
+    (seen: 109's B received on another filesystem). ``ids`` carries the numbering over
+    from the trees walked before (what a snapshot shares with its parent)."""
+    ids = {} if ids is None else ids
     out: dict[str, list[tuple[int, int, int]]] = {}
     for p in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
         blocks = []

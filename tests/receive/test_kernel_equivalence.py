@@ -83,21 +83,26 @@ def test_same_extent_sharing_as_kernel_receive(name: str, received: dict[str, Gr
     are shared where the stream cloned): in each snapshot btrdelta's receive into btrfs
     shares the same blocks as ``btrfs receive``'s (a CLONE is a reflink, a WRITE is not),
     and the blocks are preallocated and compressed alike (v2 encoded writes kept); B where
-    both receivers snapshot copies of A received from the same stream."""
+    both receivers snapshot copies of A received from the same stream, and what B shares
+    with A where both snapshot this group's A."""
     g = received[name]
     assert g.error is None, g.error
     # btrfs receive snapshots the first subvolume received as B's parent on its filesystem,
     # ours the one below DEST (docs/receive.md): the v1 group's A for a v2 stream of a
     # variant with both (received as raw data, the v2 group's compressed), alike otherwise
-    _scenario, comp, tag, *_clones = name.split(".")
+    _scenario, comp, tag, *clones = name.split(".")
     parent_alike = tag == "v1" or comp not in _V1_VARIANTS
+    # the first group to receive A (a .clones group receives it again): B's parent is its A
+    ids: dict[str, dict[tuple[object, ...], int]] = {}
     problems = []
     for snap in sorted(p.name for p in g.dirs["kernel"].iterdir()):
         if snap.endswith("-B") and not parent_alike:
             continue
-        want = extent_sharing(g.dirs["kernel"] / snap)
+        if clones or not parent_alike:
+            ids = {}
+        want = extent_sharing(g.dirs["kernel"] / snap, ids.setdefault("kernel", {}))
         for key in ("btrfs", "btrfs-python"):
-            got = extent_sharing(g.dirs[key] / snap)
+            got = extent_sharing(g.dirs[key] / snap, ids.setdefault(key, {}))
             for path in sorted(set(want) | set(got)):
                 w, o = want.get(path, []), got.get(path, [])
                 if w != o:
