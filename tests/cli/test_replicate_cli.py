@@ -481,3 +481,32 @@ def test_a_receivers_refusal_is_printed_as_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 9, proc
     assert proc.stderr == ("btrdelta replicate: error: the peer refused: failed: no room\\n"
                            "btrdelta replicate: forged \\x1b[31mred\\x1b[0m\n"), proc.stderr
+
+
+def test_a_receivers_id_is_shown_as_one_line(tmp_path: Path) -> None:
+    """A receiver's id is its own text (DEST's ``.btrdelta-replica.json``, another machine's
+    over ssh): ``replicate -v`` and ``sendshot list`` printed it raw, so an id with a
+    newline and an ESC printed a forged line and terminal codes. Now its control
+    characters are escaped as it is read (what ``sendshot forget`` then takes)."""
+    _source(tmp_path)
+    dest = tmp_path / "d"
+    dest.mkdir()
+    (dest / ".btrdelta-replica.json").write_text(json.dumps(
+        {"version": 1, "id": "evil\nbtrdelta replicate: forged \x1b[31mred", "received": {}}))
+    shown = "evil\\nbtrdelta replicate: forged \\x1b[31mred"
+    store = str(tmp_path / "store")
+    proc = subprocess.run([*BTRDELTA, "replicate", "-v", "--store", store,
+                           str(tmp_path / "src"), str(dest)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    summary, detail = proc.stderr.splitlines()
+    assert "sent of" in summary
+    assert detail.startswith(f"  receiver {shown}, base none"), detail
+    listed = subprocess.run([*BTRDELTA, "sendshot", "--store", store, "list"],
+                            capture_output=True, text=True, timeout=60, check=True).stdout
+    assert len(listed.splitlines()) == 2, listed
+    assert f"held by {shown} ({dest})" in listed
+    _same_tree(tmp_path, "d")
+    forgot = subprocess.run([*BTRDELTA, "sendshot", "--store", store, "forget", shown],
+                            capture_output=True, text=True, timeout=60)
+    assert forgot.returncode == 0, forgot.stderr

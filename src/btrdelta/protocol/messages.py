@@ -412,7 +412,8 @@ def _str(v: memoryview) -> str:
 
 
 def _shown(v: memoryview) -> str:
-    """A peer's text that is printed (a REFUSE's): its control characters escaped, as
+    """A peer's text that is printed (a REFUSE's, a HELLO's id and name: ``replicate -v``
+    and ``sendshot list`` show a receiver's id): its control characters escaped, as
     ``repr`` writes them (a newline in it printed a line of the peer's own, an ESC its
     terminal codes, under this side's error line)."""
     s = _str(v)
@@ -527,7 +528,8 @@ def decode(cmd: int, mv: memoryview, start: int, end: int, version: int = 0) -> 
         return Hello(_str(_one(a, _ROLE, "HELLO role")),
                      tuple(_int(v, "version") for v in a.get(_VERSION, [])),
                      tuple(_str(v) for v in a.get(_CAP, [])),
-                     _str(_one(a, _IDENT, "HELLO id")), _str(a.get(_NAME, [memoryview(b"")])[0]))
+                     _shown(_one(a, _IDENT, "HELLO id")),
+                     _shown(a.get(_NAME, [memoryview(b"")])[0]))
     if cmd == HOLDINGS:
         partial = a.get(_PARTIAL)
         return Holdings(tuple(_held(v) for v in a.get(_HELD, [])),
