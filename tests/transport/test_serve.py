@@ -243,3 +243,20 @@ def test_the_request_log_reaches_a_file_while_serving(tmp_path: Path, children: 
     assert proc.poll() is None
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
+
+
+def test_a_request_path_with_control_characters_is_logged_escaped(tmp_path: Path) -> None:
+    """A client's request target is its own text: one with an ESC wrote terminal codes
+    into ``serve``'s log (the stdlib escapes them in its own log lines; this log did
+    not). Now escaped, as ``repr`` writes them; the request is answered as before."""
+    lines: list[str] = []
+    srv = StaticServer(tmp_path, log=lines.append, idle_timeout=2)
+    with srv.running():
+        host, port = srv.server_address[:2]
+        with socket.create_connection((str(host), int(port)), timeout=10) as s:
+            s.sendall(b"GET /\x1b[31mred\x07 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+    assert reply.startswith(b"HTTP/1.1 404 ")
+    assert [line.split(" ", 1)[1] for line in lines] == ["GET /\\x1b[31mred\\x07 404 0"], lines
