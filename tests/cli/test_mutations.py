@@ -966,7 +966,8 @@ def test_damaged_solid_full(solid_repository: dict[str, Path], made: dict[str, P
                 assert v.solid is not None
                 assert report["plan"]["bytes"] == v.full_length + v.solid.length, report
                 shutil.rmtree(work)
-            for what, damaged in _solid_cases(root, data, N if via == "dir" else max(4, N // 4)):
+            n = N // 2 if via == "dir" else max(4, N // 6)
+            for what, damaged in _solid_cases(root, data, n):
                 path.write_bytes(damaged)
                 install(where, f"{via}: {what}")
             if via == "dir":
@@ -1065,9 +1066,9 @@ def test_damaged_replication_state(part: str, replicated: dict[str, Path], tmp_p
             "seed": ("store", "seed"), "replica": ("dest", ".btrdelta-replica.json"),
             "subvols": ("dest", ".btrdelta-subvols.json")}[part]
     data = (replicated[file[0]] / file[1]).read_bytes()
-    cases = list(mutations(data, max(3, N // 4), part))
+    cases = list(mutations(data, max(2, N // 6), part))
     if file[1].endswith(".json"):
-        cases += json_mutations(json.loads(data), N // 2, part)
+        cases += json_mutations(json.loads(data), N // 3, part)
     expected = tree_sum(replicated["src"])
     (rid,) = json.loads((replicated["store"] / "cursors.json").read_bytes())["receivers"]
     work = tmp_path / "w"
