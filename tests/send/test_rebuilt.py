@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+from btrdelta.cli import main
 from btrdelta.testing.scenarios import kernel_receive
 from btrdelta.testing.scenarios import send as kernel_send_file
 from tests.send.conftest import Workspace, make_stream
@@ -43,3 +44,35 @@ def test_rebuilt_release_is_much_smaller_than_kernel(btrfs_ws: Workspace) -> Non
     kernel_receive(make_stream(base / "full.s", base / "A"), dest)
     kernel_receive(ours, dest)
     assert_same_tree(base / "B", dest / "B")
+
+
+@pytest.mark.btrfs
+def test_two_trees_unpacked_in_one_transaction(btrfs_ws: Workspace) -> None:
+    """Two releases unpacked side by side into fresh subvolumes (session 33: pandas 2.2.2 and
+    2.2.3): their inodes share numbers and generations, so the kernel's `send -p` takes
+    inode 257, a directory in A and a file in B, for one inode and its stream links the file
+    onto the directory (`btrfs receive`: "link ... Operation not permitted"). `btrdelta send
+    -p` pairs files by path: the kernel receives its stream onto A and gets B."""
+    base = btrfs_ws.fresh("unpacked")
+    a, b = base / "A", base / "B"
+    for sub in (a, b):
+        subprocess.run(["btrfs", "-q", "subvolume", "create", str(sub)], check=True)
+    # the same shape as the wheels: B has a file first where A has its first directory
+    (a / "d1").mkdir()
+    (a / "d2" / "x").mkdir(parents=True)
+    (a / "f").write_bytes(b"a\n")
+    (b / "newfirst").write_bytes(b"")
+    (b / "d1").mkdir()
+    (b / "d2").mkdir()
+    (b / "d2" / "x").write_bytes(b"b\n")
+    (b / "f").write_bytes(b"a\n")
+    for sub in (a, b):
+        subprocess.run(["btrfs", "property", "set", "-ts", str(sub), "ro", "true"], check=True)
+    dest = base / "recv"
+    dest.mkdir()
+    kernel_receive(kernel_send_file(a, base / "full.s"), dest)
+    ours = base / "ours.s"
+    assert main(["send", "-q", "-p", str(a), str(b), "--parent-uuid", "btrfs",
+                 "-o", str(ours)]) == 0
+    kernel_receive(ours, dest)
+    assert_same_tree(b, dest / "B")
