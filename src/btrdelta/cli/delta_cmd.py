@@ -115,7 +115,10 @@ def _add_make(dsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="write the delta stream to DELTA (default '-': standard output)")
     m.add_argument("--codec", default="auto", choices=codecs, help=_CODEC_HELP)
     m.add_argument("--max-file-size", type=parse_size, default=MakeOptions.max_file_size,
-                   metavar="SIZE", help="do not diff files larger than SIZE (default 256M)")
+                   metavar="SIZE",
+                   help="do not diff files larger than SIZE (default 256M; a warning names "
+                        "those carried whole): a device expanding or receiving the delta "
+                        "needs --max-file-size as large")
     add_jobs(m, MakeOptions().jobs, "diff threads (default: number of CPUs)")
     m.add_argument("--level", type=int, default=MakeOptions.level, metavar="L",
                    help="zstd level of carried data, 0 = uncompressed (default 19); with "
