@@ -483,6 +483,27 @@ def test_a_receivers_refusal_is_printed_as_one_line(tmp_path: Path) -> None:
                            "btrdelta replicate: forged \\x1b[31mred\\x1b[0m\n"), proc.stderr
 
 
+def test_a_receivers_last_error_line_is_printed_escaped(tmp_path: Path) -> None:
+    """A receiver that ends the conversation (a missing DEST, ssh refused) has the last line
+    it wrote on its standard error quoted in the sender's error line: another machine's
+    text, printed raw before (an ESC wrote its terminal codes; a line of its own could not
+    come from it, being one line already). The receiver here is a fake ``ssh`` that writes
+    and exits."""
+    _source(tmp_path)
+    fake = tmp_path / "fake_ssh.py"
+    fake.write_text("import sys\n"
+                    "sys.stderr.write('btrdelta replicate: no \\x1b[31mred\\x1b[0m DEST\\n')\n"
+                    "sys.exit(1)\n")
+    proc = subprocess.run(
+        [*BTRDELTA, "replicate", "--store", str(tmp_path / "store"), "--ssh",
+         f"{sys.executable} {fake}", str(tmp_path / "src"), "ssh://host/x"],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode != 0, proc
+    assert proc.stderr == ("btrdelta replicate: error: ssh host: the peer closed the "
+                           "connection; ssh://host/x said: no \\x1b[31mred\\x1b[0m DEST\n"), \
+        proc.stderr
+
+
 def test_a_receivers_id_is_shown_as_one_line(tmp_path: Path) -> None:
     """A receiver's id is its own text (DEST's ``.btrdelta-replica.json``, another machine's
     over ssh): ``replicate -v`` and ``sendshot list`` printed it raw, so an id with a

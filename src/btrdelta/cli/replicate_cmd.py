@@ -185,7 +185,9 @@ def replicate_round(args: argparse.Namespace, store: Any, ch: Any, peer: str) ->
                 ch.close()
                 said = getattr(ch, "err", "").strip().splitlines()
                 if said:
-                    last = said[-1].removeprefix("btrdelta replicate: ")
+                    from ..protocol.messages import shown
+
+                    last = shown(said[-1].removeprefix("btrdelta replicate: "))
                     exc.message = f"{exc.message}; {peer} said: {last}"
                     cmd = (args.remote_cmd.split() or ["btrdelta"])[0]
                     if cmd in last and ("command not found" in last or "No such file" in last

@@ -51,6 +51,7 @@ __all__ = [
     "decode",
     "encode",
     "max_data",
+    "shown",
 ]
 
 MAGIC: Final = b"btrdelta-repl\0"
@@ -411,14 +412,18 @@ def _str(v: memoryview) -> str:
     return bytes(v).decode("utf-8", "surrogateescape")
 
 
-def _shown(v: memoryview) -> str:
+def shown(s: str) -> str:
     """A peer's text that is printed (a REFUSE's, a HELLO's id and name: ``replicate -v``
-    and ``sendshot list`` show a receiver's id): its control characters escaped, as
-    ``repr`` writes them (a newline in it printed a line of the peer's own, an ESC its
-    terminal codes, under this side's error line)."""
-    s = _str(v)
+    and ``sendshot list`` show a receiver's id; the last line a receiver wrote on its
+    standard error): its control characters escaped, as ``repr`` writes them (a newline in
+    it printed a line of the peer's own, an ESC its terminal codes, under this side's error
+    line)."""
     return s if s.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1]
                                              for c in s)
+
+
+def _shown(v: memoryview) -> str:
+    return shown(_str(v))
 
 
 def _int(v: memoryview, what: str) -> int:
