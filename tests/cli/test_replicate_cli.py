@@ -457,14 +457,25 @@ def test_progress_says_at_once_that_it_began(tmp_path: Path) -> None:
     _same_tree(tmp_path, "slow")
 
 
+def _replicate_to_fake_ssh(tmp_path: Path, script: str) -> subprocess.CompletedProcess[str]:
+    """``replicate`` of a new source to ``ssh://host/x`` whose ``ssh`` is the Python
+    ``script`` (speaking to the sender on its standard input and output)."""
+    _source(tmp_path)
+    fake = tmp_path / "fake_ssh.py"
+    fake.write_text(script)
+    return subprocess.run(
+        [*BTRDELTA, "replicate", "--store", str(tmp_path / "store"), "--ssh",
+         f"{sys.executable} {fake}", str(tmp_path / "src"), "ssh://host/x"],
+        capture_output=True, text=True, timeout=120, check=False)
+
+
 def test_a_receivers_refusal_is_printed_as_one_line(tmp_path: Path) -> None:
     """The receiver (``ssh://``: another machine) is a peer: its REFUSE text is printed in
     the sender's error line. A newline in it printed a line of the peer's own ('btrdelta
     replicate: ...' forged) and an ESC its terminal codes; now they are escaped, one line.
     The receiver here is a fake ``ssh`` speaking the protocol by hand."""
-    _source(tmp_path)
-    fake = tmp_path / "fake_ssh.py"
-    fake.write_text(
+    proc = _replicate_to_fake_ssh(
+        tmp_path,
         "import os\n"
         "from btrdelta.protocol import Connection, Refuse\n"
         "from btrdelta.protocol.messages import Hello\n"
@@ -474,10 +485,6 @@ def test_a_receivers_refusal_is_printed_as_one_line(tmp_path: Path) -> None:
         "hello = io.expect(Hello)\n"
         "io.send(Hello('receiver', hello.versions, (), 'fake', '/x'))\n"
         "io.send(Refuse('failed', 'no room\\nbtrdelta replicate: forged \\x1b[31mred\\x1b[0m'))\n")
-    proc = subprocess.run(
-        [*BTRDELTA, "replicate", "--store", str(tmp_path / "store"), "--ssh",
-         f"{sys.executable} {fake}", str(tmp_path / "src"), "ssh://host/x"],
-        capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 9, proc
     assert proc.stderr == ("btrdelta replicate: error: the peer refused: failed: no room\\n"
                            "btrdelta replicate: forged \\x1b[31mred\\x1b[0m\n"), proc.stderr
@@ -489,15 +496,10 @@ def test_a_receivers_last_error_line_is_printed_escaped(tmp_path: Path) -> None:
     text, printed raw before (an ESC wrote its terminal codes; a line of its own could not
     come from it, being one line already). The receiver here is a fake ``ssh`` that writes
     and exits."""
-    _source(tmp_path)
-    fake = tmp_path / "fake_ssh.py"
-    fake.write_text("import sys\n"
-                    "sys.stderr.write('btrdelta replicate: no \\x1b[31mred\\x1b[0m DEST\\n')\n"
-                    "sys.exit(1)\n")
-    proc = subprocess.run(
-        [*BTRDELTA, "replicate", "--store", str(tmp_path / "store"), "--ssh",
-         f"{sys.executable} {fake}", str(tmp_path / "src"), "ssh://host/x"],
-        capture_output=True, text=True, timeout=120, check=False)
+    proc = _replicate_to_fake_ssh(
+        tmp_path, "import sys\n"
+        "sys.stderr.write('btrdelta replicate: no \\x1b[31mred\\x1b[0m DEST\\n')\n"
+        "sys.exit(1)\n")
     assert proc.returncode != 0, proc
     assert proc.stderr == ("btrdelta replicate: error: ssh host: the peer closed the "
                            "connection; ssh://host/x said: no \\x1b[31mred\\x1b[0m DEST\n"), \
