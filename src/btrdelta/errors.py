@@ -48,6 +48,7 @@ __all__ = [
     "UnsupportedVersionError",
     "UsageError",
     "exit_codes",
+    "shown",
     "warn",
 ]
 
@@ -77,6 +78,15 @@ def warn(msg: str) -> None:
     import warnings
 
     warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def shown(text: str) -> str:
+    """Another side's text that is printed (a peer's REFUSE, HELLO id and name, the last
+    line a receiver wrote on its standard error, a client's request line in a server's
+    log): its control characters escaped, as ``repr`` writes them (a newline in it printed
+    a line of the peer's own, an ESC its terminal codes)."""
+    return text if text.isprintable() else "".join(
+        c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _show_path(path: bytes | str) -> str:

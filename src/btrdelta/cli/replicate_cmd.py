@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._defaults import DEFAULT_STORE
-from ..errors import BtrdeltaError, ProtocolError, TransportError, UsageError
+from ..errors import BtrdeltaError, ProtocolError, TransportError, UsageError, shown
 from ._common import human_bytes, parse_size
 from ._paths import refuse_inside
 from .progress import Progress, add_progress_options, progress_wanted
@@ -185,8 +185,6 @@ def replicate_round(args: argparse.Namespace, store: Any, ch: Any, peer: str) ->
                 ch.close()
                 said = getattr(ch, "err", "").strip().splitlines()
                 if said:
-                    from ..protocol.messages import shown
-
                     last = shown(said[-1].removeprefix("btrdelta replicate: "))
                     exc.message = f"{exc.message}; {peer} said: {last}"
                     cmd = (args.remote_cmd.split() or ["btrdelta"])[0]

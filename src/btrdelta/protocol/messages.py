@@ -22,7 +22,7 @@ import blake3
 
 from .._optional import need
 from .._value import Value
-from ..errors import MissingDependencyError, ProtocolError, StreamFormatError
+from ..errors import MissingDependencyError, ProtocolError, StreamFormatError, shown
 from ..stream.crc import crc32c
 from ..stream.framing import Framing, encode_frame, iter_tlvs
 
@@ -51,7 +51,6 @@ __all__ = [
     "decode",
     "encode",
     "max_data",
-    "shown",
 ]
 
 MAGIC: Final = b"btrdelta-repl\0"
@@ -412,17 +411,9 @@ def _str(v: memoryview) -> str:
     return bytes(v).decode("utf-8", "surrogateescape")
 
 
-def shown(s: str) -> str:
-    """A peer's text that is printed (a REFUSE's, a HELLO's id and name: ``replicate -v``
-    and ``sendshot list`` show a receiver's id; the last line a receiver wrote on its
-    standard error): its control characters escaped, as ``repr`` writes them (a newline in
-    it printed a line of the peer's own, an ESC its terminal codes, under this side's error
-    line)."""
-    return s if s.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1]
-                                             for c in s)
-
-
 def _shown(v: memoryview) -> str:
+    """A peer's text that is printed (a REFUSE's, a HELLO's id and name: ``replicate -v``
+    and ``sendshot list`` show a receiver's id), escaped (:func:`~btrdelta.errors.shown`)."""
     return shown(_str(v))
 
 

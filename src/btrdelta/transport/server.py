@@ -27,6 +27,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import BinaryIO
 
+from ..errors import shown
 from .listen import ListenAddress, bind_listener
 from .plan import coalesce_ranges, parse_range_header
 
@@ -41,13 +42,6 @@ _TYPES = {".html": "text/html; charset=utf-8", ".json": "application/json",
 def _content_type(name: object) -> str:
     return _TYPES.get(os.path.splitext(str(name))[1].lower(), "application/octet-stream")
 
-
-
-def _printable(text: str) -> str:
-    """A client's text (its request line) for the log: control characters escaped as
-    ``repr`` writes them (an ESC in a request's path wrote terminal codes into the log)."""
-    return text if text.isprintable() else "".join(
-        c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 class StaticRequestHandler(BaseHTTPRequestHandler):
     """Serve files of ``server.root`` with Range support."""
@@ -64,14 +58,14 @@ class StaticRequestHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:
         """Route stdlib messages to the server's log."""
-        self.server.log(f"{self.address_string()} {_printable(format % args)}")
+        self.server.log(f"{self.address_string()} {shown(format % args)}")
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         """Suppressed: :meth:`_done` logs each request with its byte count."""
 
     def _done(self, status: int, sent: int) -> None:
         self.server.count(sent)
-        self.server.log(f"{self.address_string()} {self.command} {_printable(self.path)} "
+        self.server.log(f"{self.address_string()} {self.command} {shown(self.path)} "
                         f"{status} {sent}")
 
     def _resolve(self) -> str | None:
