@@ -567,9 +567,12 @@ class FullSend:
             uuid, ctransid, path = _NIL, 0, self._by_digest[node.digest]
         clone = Clone(offset=0, length=node.size, path=node.path, clone_uuid=uuid,
                       clone_ctransid=ctransid, clone_path=path, clone_offset=0)
+        records: list[Record] = [clone]
         if node.size > CLONE_MAX:
             from .clonecut import whole_clones
-        for rec in [clone] if node.size <= CLONE_MAX else whole_clones(clone, segs):
+
+            records = whole_clones(clone, segs)
+        for rec in records:
             if self._from is None and isinstance(rec, Clone):
                 self._clones.append(self._spool.pos)
             self._emit(rec)
